@@ -1,0 +1,155 @@
+//! Who is calling: `authorization: Bearer <token>` checked by a
+//! [`SessionVerifier`].
+//!
+//! The sessions service owns tokens; every other service asks it through this
+//! trait. In the all-in-one process the verifier is a direct call into the
+//! sessions service ([`InProcessVerifier`]); in split mode it is a gRPC call
+//! to `SessionInternalService.IntrospectSession` ([`GrpcVerifier`]). Neither
+//! caches, so a revoked token fails at once everywhere.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use natter_proto::sessions::v1::{
+    IntrospectSessionRequest, IntrospectSessionResponse, session_internal_service_client::SessionInternalServiceClient,
+    session_internal_service_server::SessionInternalService,
+};
+use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+use uuid::Uuid;
+
+/// The authenticated caller of an RPC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// The user the token belongs to.
+    pub user_id: Uuid,
+    /// The session (device log-in) the token belongs to.
+    pub session_id: Uuid,
+    /// True for a guest user.
+    pub guest: bool,
+}
+
+/// Checks bearer tokens (OAuth 2.0 token introspection, RFC 7662, in spirit).
+#[async_trait]
+pub trait SessionVerifier: Send + Sync + 'static {
+    /// `Ok(None)` for an unknown, expired or revoked token; `Err` only when
+    /// the check itself failed (for example UNAVAILABLE).
+    async fn introspect(&self, token: &str) -> Result<Option<Principal>, Status>;
+}
+
+/// Extracts the token of `authorization: Bearer <token>` (scheme
+/// case-insensitive, RFC 6750 section 2.1). Missing or malformed:
+/// UNAUTHENTICATED.
+pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, Status> {
+    let value = metadata
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer token"))?
+        .to_str()
+        .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
+    let (scheme, token) =
+        value.split_once(' ').ok_or_else(|| Status::unauthenticated("malformed authorization header"))?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(Status::unauthenticated("authorization must be: Bearer <token>"));
+    }
+    Ok(token)
+}
+
+/// Authenticates requests with a [`SessionVerifier`].
+#[derive(Clone)]
+pub struct Authenticator {
+    verifier: Arc<dyn SessionVerifier>,
+}
+
+impl Authenticator {
+    /// Wraps a verifier.
+    pub fn new(verifier: Arc<dyn SessionVerifier>) -> Self {
+        Self { verifier }
+    }
+
+    /// The caller of `request`, or UNAUTHENTICATED (no token, or a token that
+    /// is unknown, expired or revoked), or the verifier's own failure.
+    pub async fn authenticate<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        self.authenticate_metadata(request.metadata()).await
+    }
+
+    /// As [`Authenticator::authenticate`], from metadata alone.
+    pub async fn authenticate_metadata(&self, metadata: &MetadataMap) -> Result<Principal, Status> {
+        let token = bearer_token(metadata)?;
+        self.check(token).await
+    }
+
+    /// Checks a token taken earlier from a request (for streams that
+    /// re-check their session).
+    pub async fn check(&self, token: &str) -> Result<Principal, Status> {
+        self.verifier
+            .introspect(token)
+            .await?
+            .ok_or_else(|| Status::unauthenticated("invalid, expired or revoked token"))
+    }
+}
+
+fn principal(response: IntrospectSessionResponse) -> Result<Option<Principal>, Status> {
+    if !response.active {
+        return Ok(None);
+    }
+    let user_id = Uuid::try_parse(&response.user_id).map_err(natter_kit::internal)?;
+    let session_id = Uuid::try_parse(&response.session_id).map_err(natter_kit::internal)?;
+    Ok(Some(Principal { user_id, session_id, guest: response.guest }))
+}
+
+/// Verifies tokens by calling the sessions service over gRPC.
+#[derive(Clone, Debug)]
+pub struct GrpcVerifier {
+    client: SessionInternalServiceClient<Channel>,
+}
+
+impl GrpcVerifier {
+    /// A verifier over an established (or lazy) channel to the sessions service.
+    pub fn new(channel: Channel) -> Self {
+        Self { client: SessionInternalServiceClient::new(channel) }
+    }
+}
+
+#[async_trait]
+impl SessionVerifier for GrpcVerifier {
+    async fn introspect(&self, token: &str) -> Result<Option<Principal>, Status> {
+        let request = IntrospectSessionRequest { token: token.to_owned() };
+        let response = self.client.clone().introspect_session(request).await?.into_inner();
+        principal(response)
+    }
+}
+
+/// Verifies tokens by calling the sessions service's implementation directly,
+/// in the same process.
+pub struct InProcessVerifier<S>(pub Arc<S>);
+
+#[async_trait]
+impl<S: SessionInternalService> SessionVerifier for InProcessVerifier<S> {
+    async fn introspect(&self, token: &str) -> Result<Option<Principal>, Status> {
+        let request = Request::new(IntrospectSessionRequest { token: token.to_owned() });
+        let response = self.0.introspect_session(request).await?.into_inner();
+        principal(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(value: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert("authorization", value.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn bearer_tokens_are_parsed_strictly() {
+        assert_eq!(bearer_token(&metadata("Bearer abc")).unwrap(), "abc");
+        assert_eq!(bearer_token(&metadata("bearer abc")).unwrap(), "abc");
+        assert_eq!(bearer_token(&metadata("Basic abc")).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(bearer_token(&metadata("Bearer ")).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(bearer_token(&MetadataMap::new()).unwrap_err().code(), tonic::Code::Unauthenticated);
+    }
+}

@@ -1,0 +1,293 @@
+//! One SQL code path over SQLite (the embedded default) and PostgreSQL.
+//!
+//! Queries go through sqlx's `Any` driver with `$1`-style placeholders, which
+//! both backends accept; ids are stored as TEXT (UUID strings), times as
+//! BIGINT microseconds since the epoch, flags as nullable times. That keeps
+//! every query identical on both engines; what differs (connection set-up,
+//! the SQLite single-writer rule, the PostgreSQL schema per service) lives
+//! here and nowhere else.
+//!
+//! Each service owns its tables: on SQLite a file per service, on PostgreSQL a
+//! schema per service (`search_path`), each with its own sqlx migrations.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, AssertSqlSafe, ConnectOptions, Connection, Executor};
+
+pub use sqlx;
+pub use sqlx::Any;
+
+/// Which engine a [`Db`] talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite in WAL mode, one writer connection.
+    Sqlite,
+    /// PostgreSQL, one schema per service.
+    Postgres,
+}
+
+/// Failure to open or migrate a database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL is neither `sqlite:` nor `postgres:`/`postgresql:`.
+    #[error("unsupported database url {0:?} (use sqlite:PATH or postgres://...)")]
+    UnsupportedUrl(String),
+    /// The schema name is not `[a-z_][a-z0-9_]*`.
+    #[error("invalid schema name {0:?}")]
+    InvalidSchema(String),
+    /// The database refused or failed.
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Connection settings for one service's store.
+#[derive(Clone, Debug)]
+pub struct DbConfig {
+    /// `sqlite:PATH` or `postgres://...`.
+    pub url: String,
+    /// PostgreSQL schema that holds this service's tables (ignored by SQLite).
+    pub schema: String,
+    /// Most connections in the pool.
+    pub max_connections: u32,
+}
+
+impl DbConfig {
+    /// A SQLite file `NAME.db` in `dir` (created if missing).
+    pub fn sqlite_in(dir: &Path, name: &str) -> Self {
+        Self {
+            url: format!("sqlite://{}?mode=rwc", dir.join(format!("{name}.db")).display()),
+            schema: name.to_owned(),
+            max_connections: 8,
+        }
+    }
+
+    /// A PostgreSQL URL with the service's schema.
+    pub fn postgres(url: &str, schema: &str) -> Self {
+        Self { url: url.to_owned(), schema: schema.to_owned(), max_connections: 16 }
+    }
+}
+
+/// Command-line options that choose a service's database.
+#[derive(Clone, Debug, clap::Args)]
+pub struct StoreArgs {
+    /// PostgreSQL URL (postgres://...); unset: SQLite files in --data-dir.
+    #[arg(long, env = "NATTER_DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Directory for the SQLite files (one per service), created if missing.
+    #[arg(long, env = "NATTER_DATA_DIR", default_value = "./natter-data")]
+    pub data_dir: std::path::PathBuf,
+
+    /// Prefix of each service's PostgreSQL schema (`<prefix>sessions`, ...).
+    #[arg(long, env = "NATTER_DATABASE_SCHEMA_PREFIX", default_value = "natter_")]
+    pub database_schema_prefix: String,
+}
+
+impl StoreArgs {
+    /// The database of the service `name` (`sessions`, `chats`, `messages`).
+    ///
+    /// Errors: the data directory cannot be created.
+    pub fn config(&self, name: &str) -> std::io::Result<DbConfig> {
+        match &self.database_url {
+            Some(url) => Ok(DbConfig::postgres(url, &format!("{}{name}", self.database_schema_prefix))),
+            None => {
+                std::fs::create_dir_all(&self.data_dir)?;
+                Ok(DbConfig::sqlite_in(&self.data_dir, name))
+            }
+        }
+    }
+}
+
+/// A service's database: a read pool and a write pool (the same pool on
+/// PostgreSQL; a single connection on SQLite, whose one-writer rule would
+/// otherwise surface as SQLITE_BUSY).
+#[derive(Clone, Debug)]
+pub struct Db {
+    read: AnyPool,
+    write: AnyPool,
+    dialect: Dialect,
+}
+
+impl Db {
+    /// Opens the database and runs `migrator` on it.
+    ///
+    /// Errors: [`DbError`] when the URL is unsupported, the server is
+    /// unreachable (after the pool's connect timeout) or a migration fails.
+    pub async fn connect(config: &DbConfig, migrator: &Migrator) -> Result<Self, DbError> {
+        sqlx::any::install_default_drivers();
+        let url = config.url.as_str();
+        if url.starts_with("sqlite:") {
+            Self::connect_sqlite(config, migrator).await
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Self::connect_postgres(config, migrator).await
+        } else {
+            Err(DbError::UnsupportedUrl(config.url.clone()))
+        }
+    }
+
+    async fn connect_sqlite(config: &DbConfig, migrator: &Migrator) -> Result<Self, DbError> {
+        let options = AnyConnectOptions::from_str(&config.url)?.disable_statement_logging();
+        // Durable commits (synchronous=FULL syncs the WAL on every commit), a
+        // wait instead of an error on a busy file, and enforced foreign keys.
+        let setup = "PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;";
+        let write = AnyPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA journal_mode = WAL;").await?;
+                    conn.execute(setup).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options.clone())
+            .await?;
+        migrator.run(&write).await?;
+        let read = AnyPoolOptions::new()
+            .max_connections(config.max_connections.max(1))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    conn.execute(setup).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        Ok(Self { read, write, dialect: Dialect::Sqlite })
+    }
+
+    async fn connect_postgres(config: &DbConfig, migrator: &Migrator) -> Result<Self, DbError> {
+        let schema = config.schema.clone();
+        if !valid_schema(&schema) {
+            return Err(DbError::InvalidSchema(schema));
+        }
+        let options = AnyConnectOptions::from_str(&config.url)?.disable_statement_logging();
+        {
+            let mut conn = sqlx::AnyConnection::connect_with(&options).await?;
+            let create = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
+            // Replicas starting together may race on the catalog; the loser
+            // sees a unique violation and the schema exists either way.
+            if let Err(e) = conn.execute(AssertSqlSafe(create)).await {
+                if !is_unique_violation(&e) {
+                    return Err(e.into());
+                }
+            }
+            conn.close().await?;
+        }
+        let set_path = format!("SET search_path TO {schema}");
+        let pool = AnyPoolOptions::new()
+            .max_connections(config.max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                let set_path = set_path.clone();
+                Box::pin(async move {
+                    conn.execute(AssertSqlSafe(set_path)).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        migrator.run(&pool).await?;
+        Ok(Self { read: pool.clone(), write: pool, dialect: Dialect::Postgres })
+    }
+
+    /// The pool for reads.
+    pub fn read(&self) -> &AnyPool {
+        &self.read
+    }
+
+    /// The pool for writes (begin transactions on it).
+    pub fn write(&self) -> &AnyPool {
+        &self.write
+    }
+
+    /// The engine behind this database.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Closes both pools, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        self.write.close().await;
+        self.read.close().await;
+    }
+}
+
+/// True for PostgreSQL schema names this crate accepts: `[a-z_][a-z0-9_]*`,
+/// at most 63 bytes (so they need no quoting).
+pub fn valid_schema(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().next().is_some_and(|b| b == b'_' || b.is_ascii_lowercase())
+        && name.bytes().all(|b| b == b'_' || b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// True when the error is a unique-constraint violation (on either engine).
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+/// Escapes `%`, `_` and `\` for a `LIKE ... ESCAPE '\'` pattern.
+pub fn escape_like(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Maps a database failure to an INTERNAL status, logging the cause.
+#[track_caller]
+pub fn internal(e: sqlx::Error) -> tonic::Status {
+    natter_kit::internal(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_need_no_quoting() {
+        assert!(valid_schema("natter_chats"));
+        assert!(valid_schema("t0123_messages"));
+        assert!(!valid_schema("Chats"));
+        assert!(!valid_schema("x; drop table users"));
+        assert!(!valid_schema(""));
+        assert!(!valid_schema("1abc"));
+    }
+
+    #[test]
+    fn like_patterns_are_escaped() {
+        assert_eq!(escape_like("50%_off\\"), "50\\%\\_off\\\\");
+    }
+
+    #[tokio::test]
+    async fn sqlite_store_opens_migrates_and_round_trips() {
+        static MIGRATOR: Migrator = Migrator::DEFAULT;
+        let dir = std::env::temp_dir().join(format!("natter-db-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Db::connect(&DbConfig::sqlite_in(&dir, "probe"), &MIGRATOR).await.unwrap();
+        sqlx::query("CREATE TABLE IF NOT EXISTS t (id TEXT PRIMARY KEY, n BIGINT NOT NULL)")
+            .execute(db.write())
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO t (id, n) VALUES ($1, $2)").bind("a").bind(7i64).execute(db.write()).await.unwrap();
+        let dup = sqlx::query("INSERT INTO t (id, n) VALUES ($1, $2)").bind("a").bind(8i64).execute(db.write()).await;
+        assert!(is_unique_violation(&dup.unwrap_err()));
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT n FROM t WHERE id = $1").bind("a").fetch_one(db.read()).await.unwrap();
+        assert_eq!(n, 7);
+        db.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

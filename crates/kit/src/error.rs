@@ -1,0 +1,100 @@
+//! Mapping errors onto gRPC status codes.
+//!
+//! INVALID_ARGUMENT carries a `google.rpc.BadRequest` detail (via tonic-types)
+//! whose field violations name each offending field, so clients can point at
+//! it. Internal failures are logged with their cause and reach the client only
+//! as `internal error`: no SQL, no stack, nothing to leak.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Collects field violations of one request, then turns them into a single
+/// INVALID_ARGUMENT status listing them all.
+#[derive(Debug, Default)]
+pub struct FieldViolations {
+    violations: Vec<(String, String)>,
+}
+
+impl FieldViolations {
+    /// An empty collection.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that `field` (a proto field path such as `attachments[2].url`)
+    /// is invalid, with a human description.
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.violations.push((field.into(), description.into()));
+    }
+
+    /// True when nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// `Ok(())` when empty, else the INVALID_ARGUMENT status.
+    pub fn check(self) -> Result<(), Status> {
+        if self.is_empty() { Ok(()) } else { Err(self.into_status()) }
+    }
+
+    /// The INVALID_ARGUMENT status: the message names the first field and its
+    /// problem; the BadRequest detail lists every violation.
+    pub fn into_status(self) -> Status {
+        let message = match self.violations.first() {
+            Some((field, description)) => format!("invalid {field}: {description}"),
+            None => "invalid argument".to_owned(),
+        };
+        let mut details = ErrorDetails::new();
+        for (field, description) in self.violations {
+            details.add_bad_request_violation(field, description);
+        }
+        Status::with_error_details(Code::InvalidArgument, message, details)
+    }
+}
+
+/// INVALID_ARGUMENT for one field, with a BadRequest field violation.
+pub fn invalid_argument(field: &str, description: impl Into<String>) -> Status {
+    let mut v = FieldViolations::new();
+    v.add(field, description);
+    v.into_status()
+}
+
+/// Logs an unexpected failure with its cause and returns a plain INTERNAL
+/// status that reveals nothing of it.
+#[track_caller]
+pub fn internal(cause: impl std::fmt::Display) -> Status {
+    let location = std::panic::Location::caller();
+    tracing::error!(%cause, at = %location, "internal error");
+    Status::internal("internal error")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn violations_name_every_field() {
+        let mut v = FieldViolations::new();
+        v.add("text", "must not be empty");
+        v.add("chat_id", "must be a UUID");
+        let status = v.into_status();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "invalid text: must not be empty");
+        let details = status.get_error_details();
+        let fields: Vec<_> = details
+            .bad_request()
+            .expect("bad request detail")
+            .field_violations
+            .iter()
+            .map(|f| f.field.clone())
+            .collect();
+        assert_eq!(fields, ["text", "chat_id"]);
+    }
+
+    #[test]
+    fn internal_hides_its_cause() {
+        let status = internal("UNIQUE constraint failed: users.username");
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("UNIQUE"));
+    }
+}

@@ -1,0 +1,19 @@
+//! The runtime every natter server shares: base configuration, logging, the
+//! mapping of errors onto gRPC status codes, page tokens, id and time
+//! conversions, and [`serve`], which wraps a set of tonic services with
+//! health, reflection, gRPC-web, CORS and per-RPC tracing.
+//!
+//! Services keep their domain logic elsewhere; this crate holds only what
+//! would otherwise be written once per binary.
+
+pub mod config;
+pub mod error;
+pub mod id;
+pub mod paging;
+pub mod serve;
+pub mod telemetry;
+pub mod time;
+
+pub use config::ServerArgs;
+pub use error::{FieldViolations, internal};
+pub use serve::{Server, shutdown_signal};

@@ -1,0 +1,218 @@
+//! [`Server`]: a set of tonic services plus what every natter server needs,
+//! served on one listener until a shutdown token fires.
+//!
+//! Every server gets grpc.health.v1, server reflection (v1 and v1alpha, so
+//! `grpcurl` and `buf curl` work with no proto files), gRPC-web with CORS on
+//! the same port (HTTP/1.1 and HTTP/2), a span per RPC, and a limit on the
+//! decoded request size. Shutdown is graceful: the listener closes, in-flight
+//! calls finish, streams are told to end through the same token, and after
+//! `shutdown_grace` the server stops regardless.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::service::{Routes, RoutesBuilder};
+use tonic::transport::server::TcpIncoming;
+use tonic_health::server::HealthReporter;
+use tower::ServiceBuilder;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::ServerArgs;
+
+/// Headers a gRPC-web browser client sends (Fetch/XHR needs them allowed).
+const CORS_ALLOW_HEADERS: [&str; 8] = [
+    "authorization",
+    "content-type",
+    "x-grpc-web",
+    "x-user-agent",
+    "grpc-timeout",
+    "traceparent",
+    "tracestate",
+    "connect-protocol-version",
+];
+
+/// Response headers a browser client must be able to read.
+const CORS_EXPOSE_HEADERS: [&str; 3] = ["grpc-status", "grpc-message", "grpc-status-details-bin"];
+
+/// Builder for one natter server: add services, then [`Server::serve`].
+pub struct Server {
+    args: ServerArgs,
+    routes: RoutesBuilder,
+    health: HealthReporter,
+}
+
+impl Server {
+    /// A server with health and reflection already registered.
+    pub fn new(args: &ServerArgs) -> Self {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let mut routes = RoutesBuilder::default();
+        routes.add_service(health_service);
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(natter_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("the compiled-in descriptor sets are valid");
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(natter_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .expect("the compiled-in descriptor sets are valid");
+        routes.add_service(reflection_v1).add_service(reflection_v1alpha);
+        Self { args: args.clone(), routes, health }
+    }
+
+    /// The server's configuration.
+    pub fn args(&self) -> &ServerArgs {
+        &self.args
+    }
+
+    /// The health reporter, to mark services serving or not.
+    pub fn health(&self) -> HealthReporter {
+        self.health.clone()
+    }
+
+    /// Adds a tonic service and reports it SERVING on grpc.health.v1.
+    pub async fn add_service<S>(&mut self, service: S) -> &mut Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.health.set_serving::<S>().await;
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Everything added so far, as routes (for a caller that adds a fallback).
+    pub fn into_routes(self) -> (ServerArgs, HealthReporter, Routes) {
+        (self.args, self.health, self.routes.routes())
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains as described above.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), tonic::transport::Error> {
+        let (args, health, routes) = self.into_routes();
+        serve_routes(&args, health, routes, listener, shutdown).await
+    }
+}
+
+/// Serves `routes` on `listener` with natter's layer stack until `shutdown`
+/// is cancelled (see the module docs).
+pub async fn serve_routes(
+    args: &ServerArgs,
+    health: HealthReporter,
+    routes: Routes,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let layers = ServiceBuilder::new()
+        // Outermost, so the span covers CORS and gRPC-web translation too.
+        .layer(TraceLayer::new_for_grpc().make_span_with(rpc_span))
+        // Before gRPC-web: a CORS preflight (OPTIONS) is answered here and
+        // never reaches a gRPC service.
+        .layer(cors(&args.cors_allow_origins))
+        // Turns gRPC-web (HTTP/1.1 or HTTP/2) into plain gRPC for the services.
+        .layer(tonic_web::GrpcWebLayer::new());
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let drain = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            tracing::info!("shutting down: draining in-flight calls");
+        }
+    };
+    let server = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(layers)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, drain);
+    let grace = args.shutdown_grace;
+    tokio::select! {
+        result = server => result,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace = ?grace, "shutdown grace period over; stopping with calls in flight");
+            Ok(())
+        }
+    }
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::POST, Method::OPTIONS])
+        .allow_headers(CORS_ALLOW_HEADERS.map(HeaderName::from_static))
+        .expose_headers(CORS_EXPOSE_HEADERS.map(HeaderName::from_static))
+        .max_age(Duration::from_secs(24 * 3600))
+}
+
+/// One span per RPC, named after the gRPC method, with the OpenTelemetry RPC
+/// semantic-convention attributes.
+fn rpc_span<B>(request: &http::Request<B>) -> tracing::Span {
+    let path = request.uri().path();
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+    tracing::info_span!(
+        "rpc",
+        otel.name = %path.trim_start_matches('/'),
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+    )
+}
+
+/// Resolves when the process gets Ctrl-C or SIGTERM.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    async {
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            () = ctrl_c => {},
+            () = term => {},
+        }
+    }
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM.
+pub fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let child = token.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        child.cancel();
+    });
+    token
+}

@@ -1,0 +1,203 @@
+//! Calls between natter services, each behind a small trait with two
+//! implementations: a tonic client (split mode, one process per service) and
+//! a direct call into the other service's internal API (the all-in-one).
+//!
+//! Both implementations run the same code on the serving side: the in-process
+//! one calls the very `*InternalService` trait method that the gRPC server
+//! exposes, minus the network. The messages are the generated protobuf types,
+//! so nothing is converted twice.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use natter_proto::chats::v1 as chats;
+use natter_proto::messages::v1 as messages;
+use natter_proto::sessions::v1 as sessions;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use chats::chat_internal_service_client::ChatInternalServiceClient;
+use chats::chat_internal_service_server::ChatInternalService;
+use messages::message_internal_service_client::MessageInternalServiceClient;
+use messages::message_internal_service_server::MessageInternalService;
+use sessions::session_internal_service_client::SessionInternalServiceClient;
+use sessions::session_internal_service_server::SessionInternalService;
+
+/// What the messages service asks the chats service.
+#[async_trait]
+pub trait ChatDirectory: Send + Sync + 'static {
+    /// Membership of `user_id` in `chat_id`, and the chat's state.
+    async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status>;
+    /// Every chat `user_id` is a member of.
+    async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status>;
+    /// Records the newest message of chats (for ordering by activity).
+    async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status>;
+}
+
+/// What the chats service asks the messages service.
+#[async_trait]
+pub trait MessageDirectory: Send + Sync + 'static {
+    /// Each chat's newest message and `user_id`'s unread count, in request order.
+    async fn chat_summaries(&self, chat_ids: Vec<String>, user_id: &str) -> Result<Vec<messages::ChatSummary>, Status>;
+    /// A chat's newest `page_size` messages, newest first.
+    async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status>;
+    /// Deletes every message and read position of a chat.
+    async fn purge_chat(&self, chat_id: &str) -> Result<(), Status>;
+}
+
+/// What the chats service asks the sessions service.
+#[async_trait]
+pub trait UserDirectory: Send + Sync + 'static {
+    /// The users among `user_ids` that exist.
+    async fn lookup_users(&self, user_ids: Vec<String>) -> Result<Vec<sessions::User>, Status>;
+}
+
+/// Calls another service over gRPC.
+#[derive(Clone, Debug)]
+pub struct Grpc(pub Channel);
+
+/// Calls another service's internal API in the same process.
+pub struct InProcess<S>(pub Arc<S>);
+
+#[async_trait]
+impl ChatDirectory for Grpc {
+    async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status> {
+        let request = chats::CheckMembershipRequest { chat_id: chat_id.to_owned(), user_id: user_id.to_owned() };
+        Ok(ChatInternalServiceClient::new(self.0.clone()).check_membership(request).await?.into_inner())
+    }
+
+    async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
+        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned() };
+        Ok(ChatInternalServiceClient::new(self.0.clone()).list_member_chat_ids(request).await?.into_inner().chat_ids)
+    }
+
+    async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status> {
+        let request = chats::RecordActivityRequest { activities };
+        ChatInternalServiceClient::new(self.0.clone()).record_activity(request).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<S: ChatInternalService> ChatDirectory for InProcess<S> {
+    async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status> {
+        let request = chats::CheckMembershipRequest { chat_id: chat_id.to_owned(), user_id: user_id.to_owned() };
+        Ok(self.0.check_membership(Request::new(request)).await?.into_inner())
+    }
+
+    async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
+        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned() };
+        Ok(self.0.list_member_chat_ids(Request::new(request)).await?.into_inner().chat_ids)
+    }
+
+    async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status> {
+        let request = chats::RecordActivityRequest { activities };
+        self.0.record_activity(Request::new(request)).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl MessageDirectory for Grpc {
+    async fn chat_summaries(&self, chat_ids: Vec<String>, user_id: &str) -> Result<Vec<messages::ChatSummary>, Status> {
+        let request = messages::GetChatSummariesRequest { chat_ids, user_id: user_id.to_owned() };
+        Ok(MessageInternalServiceClient::new(self.0.clone()).get_chat_summaries(request).await?.into_inner().summaries)
+    }
+
+    async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
+        let request = messages::ListRecentMessagesRequest { chat_id: chat_id.to_owned(), page_size };
+        Ok(MessageInternalServiceClient::new(self.0.clone()).list_recent_messages(request).await?.into_inner().messages)
+    }
+
+    async fn purge_chat(&self, chat_id: &str) -> Result<(), Status> {
+        let request = messages::PurgeChatRequest { chat_id: chat_id.to_owned() };
+        MessageInternalServiceClient::new(self.0.clone()).purge_chat(request).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<S: MessageInternalService> MessageDirectory for InProcess<S> {
+    async fn chat_summaries(&self, chat_ids: Vec<String>, user_id: &str) -> Result<Vec<messages::ChatSummary>, Status> {
+        let request = messages::GetChatSummariesRequest { chat_ids, user_id: user_id.to_owned() };
+        Ok(self.0.get_chat_summaries(Request::new(request)).await?.into_inner().summaries)
+    }
+
+    async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
+        let request = messages::ListRecentMessagesRequest { chat_id: chat_id.to_owned(), page_size };
+        Ok(self.0.list_recent_messages(Request::new(request)).await?.into_inner().messages)
+    }
+
+    async fn purge_chat(&self, chat_id: &str) -> Result<(), Status> {
+        let request = messages::PurgeChatRequest { chat_id: chat_id.to_owned() };
+        self.0.purge_chat(Request::new(request)).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl UserDirectory for Grpc {
+    async fn lookup_users(&self, user_ids: Vec<String>) -> Result<Vec<sessions::User>, Status> {
+        let request = sessions::LookupUsersRequest { user_ids };
+        Ok(SessionInternalServiceClient::new(self.0.clone()).lookup_users(request).await?.into_inner().users)
+    }
+}
+
+#[async_trait]
+impl<S: SessionInternalService> UserDirectory for InProcess<S> {
+    async fn lookup_users(&self, user_ids: Vec<String>) -> Result<Vec<sessions::User>, Status> {
+        let request = sessions::LookupUsersRequest { user_ids };
+        Ok(self.0.lookup_users(Request::new(request)).await?.into_inner().users)
+    }
+}
+
+/// A lazily connecting channel to another service at `url` (`http://host:port`).
+///
+/// Errors: a malformed URL, described for the caller's start-up error.
+pub fn channel(url: &str) -> Result<Channel, String> {
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(url.to_owned()).map_err(|e| format!("bad url {url:?}: {e}"))?;
+    Ok(endpoint
+        .tcp_nodelay(true)
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .connect_lazy())
+}
+
+/// A link whose target is set after construction, for services that call
+/// each other in one process (chats asks messages for previews, messages asks
+/// chats for membership): build one, hand it out, then [`Deferred::set`].
+/// Calls before `set` fail with UNAVAILABLE.
+pub struct Deferred<T: ?Sized>(std::sync::OnceLock<Arc<T>>);
+
+impl<T: ?Sized> Default for Deferred<T> {
+    fn default() -> Self {
+        Self(std::sync::OnceLock::new())
+    }
+}
+
+impl<T: ?Sized> Deferred<T> {
+    /// Sets the target; a second call is ignored.
+    pub fn set(&self, target: Arc<T>) {
+        let _ = self.0.set(target);
+    }
+
+    fn get(&self) -> Result<&Arc<T>, Status> {
+        self.0.get().ok_or_else(|| Status::unavailable("service link not ready"))
+    }
+}
+
+#[async_trait]
+impl MessageDirectory for Deferred<dyn MessageDirectory> {
+    async fn chat_summaries(&self, chat_ids: Vec<String>, user_id: &str) -> Result<Vec<messages::ChatSummary>, Status> {
+        self.get()?.chat_summaries(chat_ids, user_id).await
+    }
+
+    async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
+        self.get()?.recent_messages(chat_id, page_size).await
+    }
+
+    async fn purge_chat(&self, chat_id: &str) -> Result<(), Status> {
+        self.get()?.purge_chat(chat_id).await
+    }
+}

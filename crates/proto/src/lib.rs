@@ -1,0 +1,36 @@
+//! Generated code for natter's API: one module per protobuf package, plus the
+//! encoded file descriptor set that server reflection serves.
+//!
+//! Nothing here is written by hand except these module declarations.
+
+#![allow(unreachable_pub, clippy::all)]
+
+/// `natter.sessions.v1`: users, credentials, sessions.
+pub mod sessions {
+    /// Version 1 of the sessions API.
+    pub mod v1 {
+        tonic::include_proto!("natter.sessions.v1");
+    }
+}
+
+/// `natter.chats.v1`: chats and membership.
+pub mod chats {
+    /// Version 1 of the chats API.
+    pub mod v1 {
+        tonic::include_proto!("natter.chats.v1");
+    }
+}
+
+/// `natter.messages.v1`: messages, read positions, the event stream.
+pub mod messages {
+    /// Version 1 of the messages API.
+    pub mod v1 {
+        tonic::include_proto!("natter.messages.v1");
+    }
+}
+
+/// The encoded `google.protobuf.FileDescriptorSet` of every natter proto
+/// (and the well-known types they import), for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/natter_descriptor.bin"));
+
+pub use prost_types::{FieldMask, Timestamp};

@@ -1,0 +1,93 @@
+//! natter's chats service: direct chats (unique per pair), group chats,
+//! membership and chat state, ordered by last activity.
+//!
+//! Layers: [`domain`] (rules, no IO), [`store`] (SQL), [`service`] (the
+//! domain operations), [`grpc`] (the thin tonic translation). It reaches the
+//! sessions service (user look-ups) and the messages service (previews,
+//! unread counts) only through `natter-links`.
+
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod service;
+pub mod store;
+
+use std::sync::Arc;
+
+use natter_auth::Authenticator;
+use natter_bus::EventBus;
+use natter_db::{Db, DbConfig, DbError};
+use natter_kit::Server;
+use natter_links::{MessageDirectory, UserDirectory};
+use natter_proto::chats::v1::chat_internal_service_server::ChatInternalServiceServer;
+use natter_proto::chats::v1::chat_service_server::ChatServiceServer;
+
+pub use error::ChatsError;
+pub use grpc::{ChatApi, ChatInternalApi};
+pub use service::Chats;
+
+/// The chats schema, embedded at compile time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Options of the chats service (the limits DESIGN.md lists).
+#[derive(Clone, Debug, clap::Args)]
+pub struct ChatsArgs {
+    /// Longest chat title, in characters.
+    #[arg(long, env = "NATTER_MAX_TITLE_CHARS", default_value_t = 200)]
+    pub max_title_chars: usize,
+    /// Longest chat description, in characters.
+    #[arg(long, env = "NATTER_MAX_DESCRIPTION_CHARS", default_value_t = 2000)]
+    pub max_description_chars: usize,
+    /// Most members of a group chat, the owner included.
+    #[arg(long, env = "NATTER_MAX_GROUP_MEMBERS", default_value_t = 1000)]
+    pub max_group_members: usize,
+}
+
+impl Default for ChatsArgs {
+    fn default() -> Self {
+        let limits = domain::Limits::default();
+        Self {
+            max_title_chars: limits.title_chars,
+            max_description_chars: limits.description_chars,
+            max_group_members: limits.group_members,
+        }
+    }
+}
+
+impl ChatsArgs {
+    /// The limits these options set.
+    pub fn limits(&self) -> domain::Limits {
+        domain::Limits {
+            title_chars: self.max_title_chars,
+            description_chars: self.max_description_chars,
+            group_members: self.max_group_members,
+        }
+    }
+}
+
+/// Opens the chats store (running migrations) and builds the service.
+///
+/// Errors: the database cannot be opened or migrated.
+pub async fn open(
+    db: &DbConfig,
+    users: Arc<dyn UserDirectory>,
+    messages: Arc<dyn MessageDirectory>,
+    bus: Arc<dyn EventBus>,
+    args: &ChatsArgs,
+) -> Result<Arc<Chats>, DbError> {
+    let db = Db::connect(db, &MIGRATOR).await?;
+    Ok(Arc::new(Chats::new(store::Store::new(db), users, messages, bus, args.limits())))
+}
+
+/// Adds the public and internal chats services to `server`.
+pub async fn add_services(server: &mut Server, chats: &Arc<Chats>, auth: Authenticator) {
+    let limit = server.args().max_request_bytes;
+    server
+        .add_service(ChatServiceServer::new(ChatApi::new(chats.clone(), auth)).max_decoding_message_size(limit))
+        .await;
+    server
+        .add_service(
+            ChatInternalServiceServer::new(ChatInternalApi::new(chats.clone())).max_decoding_message_size(limit),
+        )
+        .await;
+}

@@ -1,0 +1,268 @@
+//! The chats service's SQL: keyset-paged listings, one transaction per
+//! change. Unique violations become domain outcomes; nothing else of the
+//! database leaves this module.
+
+use natter_db::{Any, Db, escape_like};
+use sqlx::QueryBuilder;
+
+use crate::domain::{Kind, Role};
+
+/// A row of `chats`.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct ChatRow {
+    pub id: String,
+    pub kind: String,
+    pub title: String,
+    pub description: String,
+    pub visibility: String,
+    pub owner_id: String,
+    pub creator_id: String,
+    pub member_count: i64,
+    pub archive_time: Option<i64>,
+    pub create_time: i64,
+    pub update_time: i64,
+    pub last_activity_time: i64,
+    pub last_seq: i64,
+    pub last_message_time: Option<i64>,
+}
+
+const CHAT_COLUMNS: &str = "c.id, c.kind, c.title, c.description, c.visibility, c.owner_id, c.creator_id, \
+    c.member_count, c.archive_time, c.create_time, c.update_time, c.last_activity_time, c.last_seq, c.last_message_time";
+
+/// A row of `members`.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct MemberRow {
+    pub chat_id: String,
+    pub user_id: String,
+    pub role: String,
+    pub join_time: i64,
+}
+
+/// A chat with the caller's role in it (if a member).
+#[derive(Clone, Debug)]
+pub struct ChatAccess {
+    pub chat: ChatRow,
+    pub role: Option<Role>,
+}
+
+/// Filters of ListChats.
+#[derive(Clone, Debug, Default)]
+pub struct ChatFilter {
+    /// Public chats instead of the caller's chats.
+    pub public: bool,
+    pub kind: Option<Kind>,
+    pub archived: Option<bool>,
+    pub last_message_after: Option<i64>,
+    pub last_message_before: Option<i64>,
+    /// Lower-cased substring of the title.
+    pub query: Option<String>,
+    /// Oldest activity first.
+    pub ascending: bool,
+}
+
+/// Outcome of inserting a chat.
+#[derive(Debug)]
+pub enum Inserted {
+    /// The chat is new.
+    Created,
+    /// A chat with this id or this direct pair already exists.
+    Conflict,
+}
+
+/// The chats tables.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: Db,
+}
+
+impl Store {
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Inserts a chat and its members in one transaction.
+    pub async fn insert_chat(
+        &self,
+        chat: &ChatRow,
+        title_key: &str,
+        direct_key: Option<&str>,
+        members: &[MemberRow],
+    ) -> Result<Inserted, sqlx::Error> {
+        let mut tx = self.db.write().begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO chats (id, kind, title, title_key, description, visibility, owner_id, creator_id, direct_key, \
+             member_count, archive_time, create_time, update_time, last_activity_time, last_seq, last_message_time) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, $11, $12, $13, 0, NULL)",
+        )
+        .bind(&chat.id)
+        .bind(&chat.kind)
+        .bind(&chat.title)
+        .bind(title_key)
+        .bind(&chat.description)
+        .bind(&chat.visibility)
+        .bind(&chat.owner_id)
+        .bind(&chat.creator_id)
+        .bind(direct_key)
+        .bind(chat.member_count)
+        .bind(chat.create_time)
+        .bind(chat.update_time)
+        .bind(chat.last_activity_time)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if natter_db::is_unique_violation(&e) => return Ok(Inserted::Conflict),
+            Err(e) => return Err(e),
+        }
+        if !members.is_empty() {
+            let mut q = QueryBuilder::<Any>::new("INSERT INTO members (chat_id, user_id, role, join_time) ");
+            q.push_values(members, |mut row, m| {
+                row.push_bind(m.chat_id.clone())
+                    .push_bind(m.user_id.clone())
+                    .push_bind(m.role.clone())
+                    .push_bind(m.join_time);
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(Inserted::Created)
+    }
+
+    pub async fn chat(&self, id: &str) -> Result<Option<ChatRow>, sqlx::Error> {
+        let mut q = QueryBuilder::<Any>::new("SELECT ");
+        q.push(CHAT_COLUMNS).push(" FROM chats c WHERE c.id = ").push_bind(id.to_owned());
+        q.build_query_as().fetch_optional(self.db.read()).await
+    }
+
+    pub async fn chat_by_direct_key(&self, key: &str) -> Result<Option<ChatRow>, sqlx::Error> {
+        let mut q = QueryBuilder::<Any>::new("SELECT ");
+        q.push(CHAT_COLUMNS).push(" FROM chats c WHERE c.direct_key = ").push_bind(key.to_owned());
+        q.build_query_as().fetch_optional(self.db.read()).await
+    }
+
+    /// A chat and the role of `user_id` in it.
+    pub async fn access(&self, chat_id: &str, user_id: &str) -> Result<Option<ChatAccess>, sqlx::Error> {
+        let Some(chat) = self.chat(chat_id).await? else { return Ok(None) };
+        let role = self.role(chat_id, user_id).await?;
+        Ok(Some(ChatAccess { chat, role }))
+    }
+
+    /// The role of `user_id` in `chat_id`, if a member.
+    pub async fn role(&self, chat_id: &str, user_id: &str) -> Result<Option<Role>, sqlx::Error> {
+        let row: Option<(String,)> = sqlx::query_as("SELECT role FROM members WHERE chat_id = $1 AND user_id = $2")
+            .bind(chat_id)
+            .bind(user_id)
+            .fetch_optional(self.db.read())
+            .await?;
+        Ok(row.map(|(r,)| Role::parse(&r)))
+    }
+
+    /// The ids of every chat `user_id` is in.
+    pub async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, sqlx::Error> {
+        let rows: Vec<(String,)> = sqlx::query_as("SELECT chat_id FROM members WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_all(self.db.read())
+            .await?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
+    /// A page of chats by last activity, after the keyset position `after`
+    /// (last_activity_time, id) in the listing's order.
+    pub async fn list_chats(
+        &self,
+        user_id: &str,
+        filter: &ChatFilter,
+        after: Option<(i64, String)>,
+        limit: u32,
+    ) -> Result<Vec<ChatRow>, sqlx::Error> {
+        let mut q = QueryBuilder::<Any>::new("SELECT ");
+        q.push(CHAT_COLUMNS).push(" FROM chats c");
+        if filter.public {
+            q.push(" WHERE c.visibility = 'public'");
+        } else {
+            q.push(" JOIN members m ON m.chat_id = c.id WHERE m.user_id = ").push_bind(user_id.to_owned());
+        }
+        if let Some(kind) = filter.kind {
+            q.push(" AND c.kind = ").push_bind(kind.as_str());
+        }
+        match filter.archived {
+            Some(true) => {
+                q.push(" AND c.archive_time IS NOT NULL");
+            }
+            Some(false) => {
+                q.push(" AND c.archive_time IS NULL");
+            }
+            None => {}
+        }
+        if let Some(t) = filter.last_message_after {
+            q.push(" AND c.last_message_time > ").push_bind(t);
+        }
+        if let Some(t) = filter.last_message_before {
+            q.push(" AND c.last_message_time < ").push_bind(t);
+        }
+        if let Some(query) = &filter.query {
+            q.push(" AND c.title_key LIKE ").push_bind(format!("%{}%", escape_like(query))).push(" ESCAPE '\\'");
+        }
+        let (cmp, dir) = if filter.ascending { (">", "ASC") } else { ("<", "DESC") };
+        if let Some((time, id)) = after {
+            q.push(" AND (c.last_activity_time ")
+                .push(cmp)
+                .push(" ")
+                .push_bind(time)
+                .push(" OR (c.last_activity_time = ")
+                .push_bind(time)
+                .push(" AND c.id ")
+                .push(cmp)
+                .push(" ")
+                .push_bind(id)
+                .push("))");
+        }
+        q.push(" ORDER BY c.last_activity_time ")
+            .push(dir)
+            .push(", c.id ")
+            .push(dir)
+            .push(" LIMIT ")
+            .push_bind(i64::from(limit));
+        q.build_query_as().fetch_all(self.db.read()).await
+    }
+
+    /// Moves a chat's last activity forward (never back).
+    pub async fn record_activity(&self, chat_id: &str, last_seq: i64, time: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE chats SET last_seq = $1, last_activity_time = $2, last_message_time = $2 \
+             WHERE id = $3 AND last_seq < $1",
+        )
+        .bind(last_seq)
+        .bind(time)
+        .bind(chat_id)
+        .execute(self.db.write())
+        .await?;
+        Ok(())
+    }
+
+    /// A page of a chat's members in join order, after `(join_time, user_id)`.
+    pub async fn members(
+        &self,
+        chat_id: &str,
+        after: Option<(i64, String)>,
+        limit: u32,
+    ) -> Result<Vec<MemberRow>, sqlx::Error> {
+        let mut q = QueryBuilder::<Any>::new("SELECT chat_id, user_id, role, join_time FROM members WHERE chat_id = ");
+        q.push_bind(chat_id.to_owned());
+        if let Some((time, user)) = after {
+            q.push(" AND (join_time > ")
+                .push_bind(time)
+                .push(" OR (join_time = ")
+                .push_bind(time)
+                .push(" AND user_id > ")
+                .push_bind(user)
+                .push("))");
+        }
+        q.push(" ORDER BY join_time, user_id LIMIT ").push_bind(i64::from(limit));
+        q.build_query_as().fetch_all(self.db.read()).await
+    }
+}

@@ -1,0 +1,136 @@
+//! Message rules in plain Rust: text and attachment limits, what a valid new
+//! message is. No IO, no tonic.
+
+use serde::{Deserialize, Serialize};
+
+/// Configurable limits of the messages service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest message text, in bytes of UTF-8 (DESIGN: 32 KiB).
+    pub text_bytes: usize,
+    /// Most attachments per message (DESIGN: 10).
+    pub attachments: usize,
+    /// Longest attachment URL, in bytes.
+    pub url_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { text_bytes: 32 * 1024, attachments: 10, url_bytes: 2048 }
+    }
+}
+
+/// An image attachment as stored (JSON in the `attachments` column).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub url: String,
+    pub mime_type: String,
+    pub width: i32,
+    pub height: i32,
+    pub size_bytes: i64,
+}
+
+/// Encodes attachments for the `attachments` column ('' for none).
+pub fn encode_attachments(a: &[Attachment]) -> String {
+    if a.is_empty() { String::new() } else { serde_json::to_string(a).unwrap_or_default() }
+}
+
+/// Decodes the `attachments` column.
+pub fn decode_attachments(s: &str) -> Vec<Attachment> {
+    if s.is_empty() { Vec::new() } else { serde_json::from_str(s).unwrap_or_default() }
+}
+
+/// A rule broken by one field: (field path, description).
+pub type Violation = (String, String);
+
+/// Checks a message text: at most `limits.text_bytes` bytes; empty only when
+/// `allow_empty` (a message with attachments).
+pub fn check_text(field: &str, text: &str, allow_empty: bool, limits: &Limits) -> Result<(), Violation> {
+    if text.is_empty() && !allow_empty {
+        return Err((field.to_owned(), "must not be empty".to_owned()));
+    }
+    if text.len() > limits.text_bytes {
+        return Err((field.to_owned(), format!("must be at most {} bytes (limit text_bytes)", limits.text_bytes)));
+    }
+    Ok(())
+}
+
+/// Checks one image attachment (`field` is its path, e.g. `attachments[2]`).
+pub fn check_attachment(field: &str, a: &Attachment, limits: &Limits) -> Vec<Violation> {
+    let mut v = Vec::new();
+    let url_ok = (a.url.starts_with("https://") || a.url.starts_with("http://"))
+        && a.url.len() > "https://".len()
+        && !a.url.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !url_ok {
+        v.push((format!("{field}.url"), "must be an http(s) URL".to_owned()));
+    } else if a.url.len() > limits.url_bytes {
+        v.push((format!("{field}.url"), format!("must be at most {} bytes", limits.url_bytes)));
+    }
+    let mime = a.mime_type.to_ascii_lowercase();
+    if !(mime.starts_with("image/") && mime.len() > "image/".len()) {
+        v.push((format!("{field}.mime_type"), "must be an image/* MIME type".to_owned()));
+    }
+    if a.width <= 0 {
+        v.push((format!("{field}.width"), "must be positive".to_owned()));
+    }
+    if a.height <= 0 {
+        v.push((format!("{field}.height"), "must be positive".to_owned()));
+    }
+    if a.size_bytes < 0 {
+        v.push((format!("{field}.size_bytes"), "must not be negative".to_owned()));
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> Attachment {
+        Attachment {
+            url: "https://img.example/a.png".into(),
+            mime_type: "image/png".into(),
+            width: 10,
+            height: 20,
+            size_bytes: 300,
+        }
+    }
+
+    #[test]
+    fn text_limits_count_bytes() {
+        let limits = Limits::default();
+        assert!(check_text("text", &"a".repeat(32 * 1024), false, &limits).is_ok());
+        assert!(check_text("text", &"a".repeat(32 * 1024 + 1), false, &limits).is_err());
+        // 3-byte characters: 11,000 of them exceed 32 KiB.
+        assert!(check_text("text", &"€".repeat(11_000), false, &limits).is_err());
+        assert!(check_text("text", "", false, &limits).is_err());
+        assert!(check_text("text", "", true, &limits).is_ok());
+    }
+
+    #[test]
+    fn attachments_are_checked_field_by_field() {
+        let limits = Limits::default();
+        assert!(check_attachment("attachments[0]", &image(), &limits).is_empty());
+        let bad =
+            Attachment { url: "ftp://x".into(), mime_type: "text/plain".into(), width: 0, height: -1, size_bytes: -5 };
+        let fields: Vec<_> = check_attachment("attachments[3]", &bad, &limits).into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            [
+                "attachments[3].url",
+                "attachments[3].mime_type",
+                "attachments[3].width",
+                "attachments[3].height",
+                "attachments[3].size_bytes"
+            ]
+        );
+    }
+
+    #[test]
+    fn attachments_round_trip_through_json() {
+        let a = vec![image(), image()];
+        assert_eq!(decode_attachments(&encode_attachments(&a)), a);
+        assert_eq!(encode_attachments(&[]), "");
+        assert!(decode_attachments("").is_empty());
+    }
+}

@@ -1,0 +1,59 @@
+//! The messages service's errors and their gRPC status codes.
+
+use tonic::Status;
+
+/// Everything that can go wrong in the messages service.
+#[derive(Debug, thiserror::Error)]
+pub enum MessagesError {
+    /// Request fields break rules (INVALID_ARGUMENT listing every field).
+    #[error("invalid {}", .0.first().map(|(f, _)| f.as_str()).unwrap_or("argument"))]
+    Invalid(Vec<(String, String)>),
+    /// No such chat (NOT_FOUND).
+    #[error("chat not found")]
+    ChatNotFound,
+    /// No such message (NOT_FOUND).
+    #[error("message not found")]
+    MessageNotFound,
+    /// The caller may not do this (PERMISSION_DENIED).
+    #[error("{0}")]
+    Denied(&'static str),
+    /// The chat or message state forbids this (FAILED_PRECONDITION).
+    #[error("{0}")]
+    Precondition(&'static str),
+    /// A client-chosen message id is used by another chat or author (ALREADY_EXISTS).
+    #[error("message_id already used by another message")]
+    MessageIdTaken,
+    /// Another service answered with an error; passed on as it is.
+    #[error("{0}")]
+    Upstream(#[from] Status),
+    /// The database failed (INTERNAL, cause logged only).
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl MessagesError {
+    /// One field violation.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid(vec![(field.into(), reason.into())])
+    }
+}
+
+impl From<MessagesError> for Status {
+    fn from(e: MessagesError) -> Self {
+        match e {
+            MessagesError::Invalid(violations) => {
+                let mut v = natter_kit::FieldViolations::new();
+                for (field, reason) in violations {
+                    v.add(field, reason);
+                }
+                v.into_status()
+            }
+            MessagesError::ChatNotFound | MessagesError::MessageNotFound => Status::not_found(e.to_string()),
+            MessagesError::Denied(_) => Status::permission_denied(e.to_string()),
+            MessagesError::Precondition(_) => Status::failed_precondition(e.to_string()),
+            MessagesError::MessageIdTaken => Status::already_exists(e.to_string()),
+            MessagesError::Upstream(status) => status,
+            MessagesError::Db(e) => natter_kit::internal(e),
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! The tonic face of the messages service: authenticate, validate and
+//! convert at the boundary, call [`Messages`], convert back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use natter_auth::Authenticator;
+use natter_kit::{id, paging};
+use natter_proto::messages::v1::{
+    self as pb, message_internal_service_server::MessageInternalService, message_service_server::MessageService,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::domain::{self, Attachment};
+use crate::error::MessagesError;
+use crate::service::{Messages, SendRequest, message_pb};
+use crate::store::Range;
+use crate::stream::{self, EventStream, Follow};
+
+fn send_request(r: pb::SendMessageRequest, messages: &Messages) -> Result<SendRequest, Status> {
+    let limits = messages.limits();
+    let mut violations = Vec::new();
+    if r.attachments.len() > limits.attachments {
+        violations.push((
+            "attachments".to_owned(),
+            format!("at most {} attachments (limit attachments)", limits.attachments),
+        ));
+    }
+    let mut attachments = Vec::with_capacity(r.attachments.len());
+    for (i, a) in r.attachments.into_iter().enumerate().take(limits.attachments) {
+        let field = format!("attachments[{i}]");
+        if a.kind != pb::AttachmentKind::Image as i32 {
+            violations.push((format!("{field}.kind"), "must be ATTACHMENT_KIND_IMAGE".to_owned()));
+        }
+        let a = Attachment {
+            url: a.url,
+            mime_type: a.mime_type,
+            width: a.width,
+            height: a.height,
+            size_bytes: a.size_bytes,
+        };
+        violations.extend(domain::check_attachment(&field, &a, limits));
+        attachments.push(a);
+    }
+    if let Err(v) = domain::check_text("text", &r.text, !attachments.is_empty(), limits) {
+        violations.push(v);
+    }
+    if r.reply_to_seq < 0 {
+        violations.push(("reply_to_seq".to_owned(), "must not be negative".to_owned()));
+    }
+    if !violations.is_empty() {
+        return Err(MessagesError::Invalid(violations).into());
+    }
+    Ok(SendRequest {
+        chat_id: id::parse("chat_id", &r.chat_id)?,
+        message_id: id::parse_optional("message_id", &r.message_id)?,
+        text: r.text,
+        attachments,
+        reply_to_seq: r.reply_to_seq,
+    })
+}
+
+/// `natter.messages.v1.MessageService`.
+#[derive(Clone)]
+pub struct MessageApi {
+    messages: Arc<Messages>,
+    auth: Authenticator,
+    shutdown: CancellationToken,
+}
+
+impl MessageApi {
+    /// The public API; open streams end when `shutdown` is cancelled.
+    pub fn new(messages: Arc<Messages>, auth: Authenticator, shutdown: CancellationToken) -> Self {
+        Self { messages, auth, shutdown }
+    }
+
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Uuid, Status> {
+        Ok(self.auth.authenticate(request).await?.user_id)
+    }
+}
+
+fn unimplemented(rpc: &str) -> Status {
+    Status::unimplemented(format!("{rpc} is not implemented yet"))
+}
+
+#[tonic::async_trait]
+impl MessageService for MessageApi {
+    async fn send_message(
+        &self,
+        request: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let send = send_request(request.into_inner(), &self.messages)?;
+        let row = self.messages.send(caller, send).await?;
+        Ok(Response::new(pb::SendMessageResponse { message: Some(message_pb(row, Vec::new())) }))
+    }
+
+    async fn list_messages(
+        &self,
+        request: Request<pb::ListMessagesRequest>,
+    ) -> Result<Response<pb::ListMessagesResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let chat = id::parse("chat_id", &r.chat_id)?;
+        let size = paging::page_size("page_size", r.page_size, 20, 200)?;
+        let ascending = match pb::SortOrder::try_from(r.order) {
+            Ok(pb::SortOrder::Unspecified | pb::SortOrder::Desc) => false,
+            Ok(pb::SortOrder::Asc) => true,
+            Err(_) => return Err(MessagesError::invalid("order", "unknown sort order").into()),
+        };
+        if r.before_seq < 0 {
+            return Err(MessagesError::invalid("before_seq", "must not be negative").into());
+        }
+        if r.after_seq < 0 {
+            return Err(MessagesError::invalid("after_seq", "must not be negative").into());
+        }
+        let range = Range {
+            before: (r.before_seq > 0).then_some(r.before_seq),
+            after: (r.after_seq > 0).then_some(r.after_seq),
+            ascending,
+        };
+        let fingerprint = paging::fingerprint(&[&chat, &range.before, &range.after, &ascending, &r.include_history]);
+        let from = paging::decode("page_token", &r.page_token, fingerprint)?;
+        let (messages, next) = self.messages.list(caller, chat, range, from, size, r.include_history).await?;
+        Ok(Response::new(pb::ListMessagesResponse {
+            messages,
+            next_page_token: next.map(|seq| paging::encode(&seq, fingerprint)).unwrap_or_default(),
+        }))
+    }
+
+    async fn get_message(
+        &self,
+        _request: Request<pb::GetMessageRequest>,
+    ) -> Result<Response<pb::GetMessageResponse>, Status> {
+        Err(unimplemented("GetMessage"))
+    }
+
+    async fn edit_message(
+        &self,
+        _request: Request<pb::EditMessageRequest>,
+    ) -> Result<Response<pb::EditMessageResponse>, Status> {
+        Err(unimplemented("EditMessage"))
+    }
+
+    async fn delete_message(
+        &self,
+        _request: Request<pb::DeleteMessageRequest>,
+    ) -> Result<Response<pb::DeleteMessageResponse>, Status> {
+        Err(unimplemented("DeleteMessage"))
+    }
+
+    async fn list_message_revisions(
+        &self,
+        _request: Request<pb::ListMessageRevisionsRequest>,
+    ) -> Result<Response<pb::ListMessageRevisionsResponse>, Status> {
+        Err(unimplemented("ListMessageRevisions"))
+    }
+
+    async fn mark_read(&self, request: Request<pb::MarkReadRequest>) -> Result<Response<pb::MarkReadResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let chat = id::parse("chat_id", &r.chat_id)?;
+        if r.seq < 0 {
+            return Err(MessagesError::invalid("seq", "must not be negative").into());
+        }
+        let (read_seq, unread_count) = self.messages.mark_read(caller, chat, r.seq).await?;
+        Ok(Response::new(pb::MarkReadResponse { read_seq, unread_count }))
+    }
+
+    type StreamEventsStream = EventStream;
+
+    async fn stream_events(&self, request: Request<pb::StreamEventsRequest>) -> Result<Response<EventStream>, Status> {
+        let principal = self.auth.authenticate(&request).await?;
+        let token = natter_auth::bearer_token(request.metadata())?.to_owned();
+        let r = request.into_inner();
+        let mut chat_ids = Vec::with_capacity(r.chat_ids.len());
+        for (i, c) in r.chat_ids.iter().enumerate() {
+            let chat = id::parse(&format!("chat_ids[{i}]"), c)?;
+            if !chat_ids.contains(&chat) {
+                chat_ids.push(chat);
+            }
+        }
+        let mut resume = HashMap::with_capacity(r.resume.len());
+        for (chat, seq) in &r.resume {
+            let chat = id::parse(&format!("resume[{chat}]"), chat)?;
+            if *seq < 0 {
+                return Err(MessagesError::invalid(format!("resume[{chat}]"), "must not be negative").into());
+            }
+            resume.insert(chat, *seq);
+        }
+        let follow = Follow { principal, token, chat_ids, resume };
+        let stream = stream::open(self.messages.clone(), self.auth.clone(), self.shutdown.clone(), follow).await?;
+        Ok(Response::new(stream))
+    }
+}
+
+/// `natter.messages.v1.MessageInternalService`: previews and clean-up for the
+/// chats service.
+#[derive(Clone)]
+pub struct MessageInternalApi {
+    messages: Arc<Messages>,
+}
+
+impl MessageInternalApi {
+    pub fn new(messages: Arc<Messages>) -> Self {
+        Self { messages }
+    }
+}
+
+#[tonic::async_trait]
+impl MessageInternalService for MessageInternalApi {
+    async fn get_chat_summaries(
+        &self,
+        request: Request<pb::GetChatSummariesRequest>,
+    ) -> Result<Response<pb::GetChatSummariesResponse>, Status> {
+        let r = request.into_inner();
+        let summaries = self.messages.summaries(&r.chat_ids, &r.user_id).await?;
+        Ok(Response::new(pb::GetChatSummariesResponse { summaries }))
+    }
+
+    async fn list_recent_messages(
+        &self,
+        request: Request<pb::ListRecentMessagesRequest>,
+    ) -> Result<Response<pb::ListRecentMessagesResponse>, Status> {
+        let r = request.into_inner();
+        let size = paging::page_size("page_size", r.page_size, 20, 200)?;
+        let messages = self.messages.recent(&r.chat_id, size).await?;
+        Ok(Response::new(pb::ListRecentMessagesResponse { messages }))
+    }
+
+    async fn purge_chat(
+        &self,
+        request: Request<pb::PurgeChatRequest>,
+    ) -> Result<Response<pb::PurgeChatResponse>, Status> {
+        self.messages.purge(&request.into_inner().chat_id).await?;
+        Ok(Response::new(pb::PurgeChatResponse {}))
+    }
+}

@@ -1,0 +1,98 @@
+//! natter's messages service: messages with gap-free per-chat sequence
+//! numbers, idempotent sends, read positions and StreamEvents with exact
+//! resume.
+//!
+//! Layers: [`domain`] (rules, no IO), [`store`] (SQL), [`service`] (the
+//! domain operations), [`stream`] (the live stream), [`grpc`] (the thin
+//! tonic translation). It reaches the chats service only through
+//! `natter-links`.
+
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod service;
+pub mod store;
+pub mod stream;
+
+use std::sync::Arc;
+
+use natter_auth::Authenticator;
+use natter_bus::EventBus;
+use natter_db::{Db, DbConfig, DbError};
+use natter_kit::Server;
+use natter_links::ChatDirectory;
+use natter_proto::messages::v1::message_internal_service_server::MessageInternalServiceServer;
+use natter_proto::messages::v1::message_service_server::MessageServiceServer;
+use tokio_util::sync::CancellationToken;
+
+pub use error::MessagesError;
+pub use grpc::{MessageApi, MessageInternalApi};
+pub use service::Messages;
+
+/// The messages schema, embedded at compile time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Options of the messages service (the limits DESIGN.md lists).
+#[derive(Clone, Debug, clap::Args)]
+pub struct MessagesArgs {
+    /// Longest message text, in bytes of UTF-8.
+    #[arg(long, env = "NATTER_MAX_TEXT_BYTES", default_value_t = 32 * 1024)]
+    pub max_text_bytes: usize,
+    /// Most attachments per message.
+    #[arg(long, env = "NATTER_MAX_ATTACHMENTS", default_value_t = 10)]
+    pub max_attachments: usize,
+}
+
+impl Default for MessagesArgs {
+    fn default() -> Self {
+        let limits = domain::Limits::default();
+        Self { max_text_bytes: limits.text_bytes, max_attachments: limits.attachments }
+    }
+}
+
+impl MessagesArgs {
+    /// The limits these options set.
+    pub fn limits(&self) -> domain::Limits {
+        domain::Limits {
+            text_bytes: self.max_text_bytes,
+            attachments: self.max_attachments,
+            ..domain::Limits::default()
+        }
+    }
+}
+
+/// Opens the messages store (running migrations) and builds the service.
+///
+/// Errors: the database cannot be opened or migrated.
+pub async fn open(
+    db: &DbConfig,
+    chats: Arc<dyn ChatDirectory>,
+    bus: Arc<dyn EventBus>,
+    args: &MessagesArgs,
+) -> Result<Arc<Messages>, DbError> {
+    let db = Db::connect(db, &MIGRATOR).await?;
+    Ok(Arc::new(Messages::new(store::Store::new(db), chats, bus, args.limits())))
+}
+
+/// Adds the public and internal messages services to `server`; open streams
+/// end when `shutdown` is cancelled.
+pub async fn add_services(
+    server: &mut Server,
+    messages: &Arc<Messages>,
+    auth: Authenticator,
+    shutdown: CancellationToken,
+) {
+    let limit = server.args().max_request_bytes;
+    server
+        .add_service(
+            MessageServiceServer::new(MessageApi::new(messages.clone(), auth, shutdown))
+                .max_decoding_message_size(limit),
+        )
+        .await;
+    server
+        .add_service(
+            MessageInternalServiceServer::new(MessageInternalApi::new(messages.clone()))
+                .max_decoding_message_size(limit),
+        )
+        .await;
+}

@@ -1,0 +1,279 @@
+//! The messages domain operations over the [`Store`], the chats link and the
+//! event bus.
+
+use std::sync::Arc;
+
+use natter_bus::{EventBus, Topic};
+use natter_kit::time::{now_micros, timestamp, timestamp_opt};
+use natter_links::ChatDirectory;
+use natter_proto::chats::v1 as cpb;
+use natter_proto::messages::v1 as pb;
+use pb::stream_events_response::Event;
+use uuid::Uuid;
+
+use crate::domain::{self, Attachment, Limits};
+use crate::error::MessagesError;
+use crate::store::{MessageRow, NewMessage, Range, RevisionRow, Sent, Store};
+
+/// A validated SendMessage request.
+#[derive(Clone, Debug)]
+pub struct SendRequest {
+    pub chat_id: Uuid,
+    pub message_id: Option<Uuid>,
+    pub text: String,
+    pub attachments: Vec<Attachment>,
+    pub reply_to_seq: i64,
+}
+
+/// The protobuf form of a stored message (tombstones carry no content).
+pub fn message_pb(row: MessageRow, history: Vec<pb::Revision>) -> pb::Message {
+    let attachments = domain::decode_attachments(&row.attachments)
+        .into_iter()
+        .map(|a| pb::Attachment {
+            kind: pb::AttachmentKind::Image as i32,
+            url: a.url,
+            mime_type: a.mime_type,
+            width: a.width,
+            height: a.height,
+            size_bytes: a.size_bytes,
+        })
+        .collect();
+    pb::Message {
+        id: row.id,
+        chat_id: row.chat_id,
+        seq: row.seq,
+        author_id: row.author_id,
+        text: row.text,
+        attachments,
+        reply_to_seq: row.reply_to_seq,
+        send_time: Some(timestamp(row.send_time)),
+        edit_time: timestamp_opt(row.edit_time),
+        revision: i32::try_from(row.revision).unwrap_or(i32::MAX),
+        deleted: row.delete_time.is_some(),
+        history,
+    }
+}
+
+/// The stream event announcing a new message.
+pub fn created_event(message: pb::Message) -> pb::StreamEventsResponse {
+    pb::StreamEventsResponse {
+        chat_id: message.chat_id.clone(),
+        seq: message.seq,
+        event: Some(Event::MessageCreated(message)),
+    }
+}
+
+/// The messages service's domain object; share it behind an `Arc`.
+pub struct Messages {
+    store: Store,
+    chats: Arc<dyn ChatDirectory>,
+    bus: Arc<dyn EventBus>,
+    limits: Limits,
+}
+
+impl Messages {
+    pub fn new(store: Store, chats: Arc<dyn ChatDirectory>, bus: Arc<dyn EventBus>, limits: Limits) -> Self {
+        Self { store, chats, bus, limits }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn bus(&self) -> &Arc<dyn EventBus> {
+        &self.bus
+    }
+
+    pub fn chats(&self) -> &Arc<dyn ChatDirectory> {
+        &self.chats
+    }
+
+    /// Membership of `user` in `chat`: NOT_FOUND / PERMISSION_DENIED unless a member.
+    pub async fn member(&self, chat: Uuid, user: Uuid) -> Result<cpb::CheckMembershipResponse, MessagesError> {
+        let m = self.chats.check_membership(&chat.to_string(), &user.to_string()).await?;
+        if !m.chat_exists {
+            Err(MessagesError::ChatNotFound)
+        } else if !m.member {
+            Err(MessagesError::Denied("not a member of this chat"))
+        } else {
+            Ok(m)
+        }
+    }
+
+    /// Read access: a member, or anyone for a public chat.
+    pub async fn readable(&self, chat: Uuid, user: Uuid) -> Result<cpb::CheckMembershipResponse, MessagesError> {
+        let m = self.chats.check_membership(&chat.to_string(), &user.to_string()).await?;
+        if !m.chat_exists {
+            Err(MessagesError::ChatNotFound)
+        } else if !m.member && m.visibility != cpb::Visibility::Public as i32 {
+            Err(MessagesError::Denied("not a member of this chat"))
+        } else {
+            Ok(m)
+        }
+    }
+
+    /// SendMessage: commits the message with the chat's next seq, announces
+    /// it, and records the chat's activity. A retry with the same
+    /// message_id returns the original.
+    #[tracing::instrument(skip_all, fields(chat_id = %req.chat_id))]
+    pub async fn send(&self, caller: Uuid, req: SendRequest) -> Result<MessageRow, MessagesError> {
+        if let Some(id) = req.message_id {
+            if let Some(existing) = self.store.message(&id.to_string()).await? {
+                return same_message(existing, &req, caller);
+            }
+        }
+        let membership = self.member(req.chat_id, caller).await?;
+        if membership.archived {
+            return Err(MessagesError::Precondition("chat is archived"));
+        }
+        let new = NewMessage {
+            id: req.message_id.unwrap_or_else(Uuid::now_v7).to_string(),
+            chat_id: req.chat_id.to_string(),
+            author_id: caller.to_string(),
+            text: req.text.clone(),
+            attachments: domain::encode_attachments(&req.attachments),
+            reply_to_seq: req.reply_to_seq,
+            send_time: now_micros(),
+        };
+        let row = match self.store.insert(&new).await? {
+            Sent::Created(row) => row,
+            Sent::NoSuchReply => {
+                return Err(MessagesError::invalid("reply_to_seq", "names no message of this chat"));
+            }
+            Sent::Duplicate => {
+                // A concurrent retry won the race: answer with its message.
+                let existing = self.store.message(&new.id).await?.ok_or(MessagesError::MessageNotFound)?;
+                return same_message(existing, &req, caller);
+            }
+        };
+        self.bus.publish(Topic::Chat(req.chat_id), Arc::new(created_event(message_pb(row.clone(), Vec::new()))));
+        let activity = cpb::Activity {
+            chat_id: row.chat_id.clone(),
+            last_seq: row.seq,
+            last_activity_time: Some(timestamp(row.send_time)),
+        };
+        // The message is committed; a failure here only delays the chat's
+        // place in ListChats until the next message.
+        if let Err(e) = self.chats.record_activity(vec![activity]).await {
+            tracing::warn!(chat_id = %row.chat_id, seq = row.seq, error = %e, "recording chat activity failed");
+        }
+        Ok(row)
+    }
+
+    /// A page of history with, when asked, every earlier revision.
+    pub async fn list(
+        &self,
+        caller: Uuid,
+        chat: Uuid,
+        range: Range,
+        from: Option<i64>,
+        page_size: u32,
+        include_history: bool,
+    ) -> Result<(Vec<pb::Message>, Option<i64>), MessagesError> {
+        self.readable(chat, caller).await?;
+        let mut rows = self.store.list(&chat.to_string(), range, from, page_size + 1).await?;
+        let next = if rows.len() > page_size as usize {
+            rows.truncate(page_size as usize);
+            rows.last().map(|m| m.seq)
+        } else {
+            None
+        };
+        Ok((self.with_history(rows, include_history).await?, next))
+    }
+
+    /// Converts rows, attaching their earlier revisions when asked.
+    pub async fn with_history(
+        &self,
+        rows: Vec<MessageRow>,
+        include_history: bool,
+    ) -> Result<Vec<pb::Message>, MessagesError> {
+        let edited: Vec<String> = if include_history {
+            rows.iter().filter(|r| r.revision > 1).map(|r| r.id.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        let mut revisions = self.store.revisions(&edited).await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let history: Vec<pb::Revision> =
+                    revisions.iter().filter(|r| r.message_id == row.id).map(revision_pb).collect();
+                revisions.retain(|r| r.message_id != row.id);
+                message_pb(row, history)
+            })
+            .collect())
+    }
+
+    /// MarkRead: moves the caller's read position forward (clamped to the
+    /// newest message) and returns it with the unread count.
+    pub async fn mark_read(&self, caller: Uuid, chat: Uuid, seq: i64) -> Result<(i64, i64), MessagesError> {
+        self.member(chat, caller).await?;
+        let chat_id = chat.to_string();
+        let user_id = caller.to_string();
+        let head = self.store.head(&chat_id).await?;
+        let read_seq = self.store.mark_read(&chat_id, &user_id, seq.min(head)).await?;
+        let unread = self.store.unread_count(&chat_id, &user_id, read_seq).await?;
+        let event = pb::StreamEventsResponse {
+            chat_id: chat_id.clone(),
+            seq: read_seq,
+            event: Some(Event::ReadUpdated(pb::ReadUpdated { user_id, read_seq })),
+        };
+        self.bus.publish(Topic::Chat(chat), Arc::new(event));
+        Ok((read_seq, unread))
+    }
+
+    /// Internal: each chat's newest message and the user's unread count.
+    pub async fn summaries(&self, chat_ids: &[String], user_id: &str) -> Result<Vec<pb::ChatSummary>, MessagesError> {
+        let mut out = Vec::with_capacity(chat_ids.len());
+        for chat_id in chat_ids {
+            let newest = self.store.list(chat_id, Range::default(), None, 1).await?.pop();
+            let read_seq = self.store.read_seq(chat_id, user_id).await?;
+            let unread_count = self.store.unread_count(chat_id, user_id, read_seq).await?;
+            out.push(match newest {
+                Some(m) => pb::ChatSummary {
+                    chat_id: chat_id.clone(),
+                    last_seq: m.seq,
+                    last_author_id: m.author_id,
+                    last_text: m.text.chars().take(200).collect(),
+                    last_send_time: Some(timestamp(m.send_time)),
+                    unread_count,
+                },
+                None => pb::ChatSummary { chat_id: chat_id.clone(), ..Default::default() },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Internal: a chat's newest messages, newest first.
+    pub async fn recent(&self, chat_id: &str, page_size: u32) -> Result<Vec<pb::Message>, MessagesError> {
+        let rows = self.store.list(chat_id, Range::default(), None, page_size).await?;
+        self.with_history(rows, false).await
+    }
+
+    /// Internal: deletes everything of a chat.
+    pub async fn purge(&self, chat_id: &str) -> Result<(), MessagesError> {
+        Ok(self.store.purge_chat(chat_id).await?)
+    }
+}
+
+fn revision_pb(r: &RevisionRow) -> pb::Revision {
+    pb::Revision {
+        revision: i32::try_from(r.revision).unwrap_or(i32::MAX),
+        text: r.text.clone(),
+        edit_time: Some(timestamp(r.edit_time)),
+    }
+}
+
+/// The answer to a retried send: the original message if it is the caller's
+/// in the same chat, else ALREADY_EXISTS.
+fn same_message(existing: MessageRow, req: &SendRequest, caller: Uuid) -> Result<MessageRow, MessagesError> {
+    if existing.chat_id == req.chat_id.to_string() && existing.author_id == caller.to_string() {
+        Ok(existing)
+    } else {
+        Err(MessagesError::MessageIdTaken)
+    }
+}

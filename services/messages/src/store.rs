@@ -1,0 +1,258 @@
+//! The messages service's SQL. A send is one short transaction whose first
+//! statement bumps the chat's head seq; history is a keyset walk of
+//! `(chat_id, seq)`.
+
+use natter_db::{Any, Db};
+use sqlx::QueryBuilder;
+
+/// A row of `messages`.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct MessageRow {
+    pub id: String,
+    pub chat_id: String,
+    pub seq: i64,
+    pub author_id: String,
+    pub text: String,
+    pub attachments: String,
+    pub reply_to_seq: i64,
+    pub send_time: i64,
+    pub edit_time: Option<i64>,
+    pub revision: i64,
+    pub delete_time: Option<i64>,
+}
+
+const MESSAGE_COLUMNS: &str =
+    "id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time";
+
+/// A row of `message_revisions`.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct RevisionRow {
+    pub message_id: String,
+    pub revision: i64,
+    pub text: String,
+    pub edit_time: i64,
+}
+
+/// A message to insert; the store assigns its seq.
+#[derive(Clone, Debug)]
+pub struct NewMessage {
+    pub id: String,
+    pub chat_id: String,
+    pub author_id: String,
+    pub text: String,
+    pub attachments: String,
+    pub reply_to_seq: i64,
+    pub send_time: i64,
+}
+
+/// Outcome of inserting a message.
+#[derive(Debug)]
+pub enum Sent {
+    /// Committed with this row.
+    Created(MessageRow),
+    /// A message with this id exists already (a retry).
+    Duplicate,
+    /// reply_to_seq names no message of the chat.
+    NoSuchReply,
+}
+
+/// Range and order of a history listing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Range {
+    /// Only seq < before.
+    pub before: Option<i64>,
+    /// Only seq > after.
+    pub after: Option<i64>,
+    pub ascending: bool,
+}
+
+/// The messages tables.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: Db,
+}
+
+impl Store {
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Inserts a message with the chat's next seq, in one transaction.
+    pub async fn insert(&self, m: &NewMessage) -> Result<Sent, sqlx::Error> {
+        let mut tx = self.db.write().begin().await?;
+        // First statement is a write: it takes the chat's lock before any read.
+        let (seq,): (i64,) = sqlx::query_as(
+            "INSERT INTO chat_heads (chat_id, last_seq) VALUES ($1, 1) \
+             ON CONFLICT (chat_id) DO UPDATE SET last_seq = chat_heads.last_seq + 1 RETURNING last_seq",
+        )
+        .bind(&m.chat_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if m.reply_to_seq > 0 {
+            let found: Option<(i64,)> = sqlx::query_as("SELECT seq FROM messages WHERE chat_id = $1 AND seq = $2")
+                .bind(&m.chat_id)
+                .bind(m.reply_to_seq)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if found.is_none() {
+                tx.rollback().await?;
+                return Ok(Sent::NoSuchReply);
+            }
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, 1, NULL)",
+        )
+        .bind(&m.id)
+        .bind(&m.chat_id)
+        .bind(seq)
+        .bind(&m.author_id)
+        .bind(&m.text)
+        .bind(&m.attachments)
+        .bind(m.reply_to_seq)
+        .bind(m.send_time)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if natter_db::is_unique_violation(&e) => {
+                // The rollback also undoes the seq bump: no gap.
+                tx.rollback().await?;
+                return Ok(Sent::Duplicate);
+            }
+            Err(e) => return Err(e),
+        }
+        tx.commit().await?;
+        Ok(Sent::Created(MessageRow {
+            id: m.id.clone(),
+            chat_id: m.chat_id.clone(),
+            seq,
+            author_id: m.author_id.clone(),
+            text: m.text.clone(),
+            attachments: m.attachments.clone(),
+            reply_to_seq: m.reply_to_seq,
+            send_time: m.send_time,
+            edit_time: None,
+            revision: 1,
+            delete_time: None,
+        }))
+    }
+
+    pub async fn message(&self, id: &str) -> Result<Option<MessageRow>, sqlx::Error> {
+        let mut q = QueryBuilder::<Any>::new("SELECT ");
+        q.push(MESSAGE_COLUMNS).push(" FROM messages WHERE id = ").push_bind(id.to_owned());
+        q.build_query_as().fetch_optional(self.db.read()).await
+    }
+
+    /// The newest seq of a chat (0 before the first message).
+    pub async fn head(&self, chat_id: &str) -> Result<i64, sqlx::Error> {
+        let row: Option<(i64,)> = sqlx::query_as("SELECT last_seq FROM chat_heads WHERE chat_id = $1")
+            .bind(chat_id)
+            .fetch_optional(self.db.read())
+            .await?;
+        Ok(row.map(|(s,)| s).unwrap_or(0))
+    }
+
+    /// Up to `limit` messages of a chat in `range`, after the keyset position
+    /// `from` (a seq) in the range's order.
+    pub async fn list(
+        &self,
+        chat_id: &str,
+        range: Range,
+        from: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<MessageRow>, sqlx::Error> {
+        let mut q = QueryBuilder::<Any>::new("SELECT ");
+        q.push(MESSAGE_COLUMNS).push(" FROM messages WHERE chat_id = ").push_bind(chat_id.to_owned());
+        if let Some(b) = range.before {
+            q.push(" AND seq < ").push_bind(b);
+        }
+        if let Some(a) = range.after {
+            q.push(" AND seq > ").push_bind(a);
+        }
+        if let Some(f) = from {
+            q.push(if range.ascending { " AND seq > " } else { " AND seq < " }).push_bind(f);
+        }
+        q.push(if range.ascending { " ORDER BY seq ASC" } else { " ORDER BY seq DESC" });
+        q.push(" LIMIT ").push_bind(i64::from(limit));
+        q.build_query_as().fetch_all(self.db.read()).await
+    }
+
+    /// Earlier revisions of the given messages, oldest first.
+    pub async fn revisions(&self, message_ids: &[String]) -> Result<Vec<RevisionRow>, sqlx::Error> {
+        if message_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = QueryBuilder::<Any>::new(
+            "SELECT message_id, revision, text, edit_time FROM message_revisions WHERE message_id IN (",
+        );
+        let mut list = q.separated(", ");
+        for id in message_ids {
+            list.push_bind(id.clone());
+        }
+        q.push(") ORDER BY message_id, revision");
+        q.build_query_as().fetch_all(self.db.read()).await
+    }
+
+    /// Moves a user's read position forward to `seq` (never back) and returns
+    /// the position after the call.
+    pub async fn mark_read(&self, chat_id: &str, user_id: &str, seq: i64) -> Result<i64, sqlx::Error> {
+        let (read_seq,): (i64,) = sqlx::query_as(
+            "INSERT INTO read_positions (chat_id, user_id, read_seq) VALUES ($1, $2, $3) \
+             ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = \
+             CASE WHEN excluded.read_seq > read_positions.read_seq THEN excluded.read_seq ELSE read_positions.read_seq END \
+             RETURNING read_seq",
+        )
+        .bind(chat_id)
+        .bind(user_id)
+        .bind(seq)
+        .fetch_one(self.db.write())
+        .await?;
+        Ok(read_seq)
+    }
+
+    /// A user's read position in a chat (0 if never marked).
+    pub async fn read_seq(&self, chat_id: &str, user_id: &str) -> Result<i64, sqlx::Error> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2")
+                .bind(chat_id)
+                .bind(user_id)
+                .fetch_optional(self.db.read())
+                .await?;
+        Ok(row.map(|(s,)| s).unwrap_or(0))
+    }
+
+    /// Messages after `read_seq`, not by `user_id`, not deleted.
+    pub async fn unread_count(&self, chat_id: &str, user_id: &str, read_seq: i64) -> Result<i64, sqlx::Error> {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM messages WHERE chat_id = $1 AND seq > $2 AND author_id <> $3 AND delete_time IS NULL",
+        )
+        .bind(chat_id)
+        .bind(read_seq)
+        .bind(user_id)
+        .fetch_one(self.db.read())
+        .await?;
+        Ok(n)
+    }
+
+    /// Deletes everything of a chat.
+    pub async fn purge_chat(&self, chat_id: &str) -> Result<(), sqlx::Error> {
+        let mut tx = self.db.write().begin().await?;
+        sqlx::query("DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = $1)")
+            .bind(chat_id)
+            .execute(&mut *tx)
+            .await?;
+        for sql in [
+            "DELETE FROM messages WHERE chat_id = $1",
+            "DELETE FROM read_positions WHERE chat_id = $1",
+            "DELETE FROM chat_heads WHERE chat_id = $1",
+        ] {
+            sqlx::query(sql).bind(chat_id).execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+}

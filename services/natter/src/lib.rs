@@ -1,0 +1,99 @@
+//! The all-in-one natter: the sessions, chats and messages services in one
+//! process on one port (gRPC and gRPC-web), linked by direct in-process calls
+//! and an in-process event bus, on SQLite files in a data directory (or on
+//! PostgreSQL with `--database-url`).
+//!
+//! Same code as the split binaries; only the wiring differs: every link is a
+//! `natter_links::InProcess` instead of a gRPC client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use natter_auth::{Authenticator, InProcessVerifier};
+use natter_bus::{EventBus, Hub};
+use natter_kit::{Server, ServerArgs};
+use natter_links::{Deferred, InProcess, MessageDirectory};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Everything `natter serve` accepts.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub store: natter_db::StoreArgs,
+    #[command(flatten)]
+    pub sessions: natter_sessions::SessionsArgs,
+    #[command(flatten)]
+    pub chats: natter_chats::ChatsArgs,
+    #[command(flatten)]
+    pub messages: natter_messages::MessagesArgs,
+}
+
+/// A built all-in-one server, bound to its listener, not yet serving.
+pub struct App {
+    listener: TcpListener,
+    server: Server,
+    shutdown: CancellationToken,
+    dbs: Vec<natter_db::Db>,
+}
+
+impl App {
+    /// Opens the three stores (running migrations), wires the services and
+    /// binds the listener. `shutdown` ends the server and its open streams.
+    ///
+    /// Errors: a store cannot be opened or the address cannot be bound.
+    pub async fn build(args: &ServeArgs, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let bus: Arc<dyn EventBus> = Arc::new(Hub::new());
+
+        let sessions = natter_sessions::open(&args.store.config("sessions")?, bus.clone(), &args.sessions).await?;
+        let session_internal = Arc::new(natter_sessions::SessionInternalApi::new(sessions.clone()));
+        let auth = Authenticator::new(Arc::new(InProcessVerifier(session_internal.clone())));
+
+        // chats and messages call each other: chats gets a deferred link to
+        // messages, set once messages exists.
+        let to_messages: Arc<Deferred<dyn MessageDirectory>> = Arc::new(Deferred::default());
+        let chats = natter_chats::open(
+            &args.store.config("chats")?,
+            Arc::new(InProcess(session_internal)),
+            to_messages.clone(),
+            bus.clone(),
+            &args.chats,
+        )
+        .await?;
+        let chat_internal = Arc::new(natter_chats::ChatInternalApi::new(chats.clone()));
+        let messages = natter_messages::open(
+            &args.store.config("messages")?,
+            Arc::new(InProcess(chat_internal)),
+            bus,
+            &args.messages,
+        )
+        .await?;
+        to_messages.set(Arc::new(InProcess(Arc::new(natter_messages::MessageInternalApi::new(messages.clone())))));
+
+        let mut server = Server::new(&args.server);
+        natter_sessions::add_services(&mut server, &sessions).await;
+        natter_chats::add_services(&mut server, &chats, auth.clone()).await;
+        natter_messages::add_services(&mut server, &messages, auth, shutdown.clone()).await;
+
+        let listener = TcpListener::bind(args.server.listen).await?;
+        let dbs = vec![sessions.store().db().clone(), chats.store().db().clone(), messages.store().db().clone()];
+        Ok(Self { listener, server, shutdown, dbs })
+    }
+
+    /// The address the server listens on (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until the shutdown token is cancelled, then drains and closes
+    /// the stores.
+    pub async fn run(self) -> anyhow::Result<()> {
+        self.server.serve(self.listener, self.shutdown).await?;
+        for db in &self.dbs {
+            db.close().await;
+        }
+        Ok(())
+    }
+}

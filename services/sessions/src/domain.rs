@@ -1,0 +1,148 @@
+//! Identity rules in plain Rust: what a valid username, password and display
+//! name are, how tokens are made and hashed, how passwords are hashed.
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::RngCore as _;
+use sha2::{Digest, Sha256};
+
+/// Username length bounds, in characters.
+pub const USERNAME_LEN: std::ops::RangeInclusive<usize> = 3..=32;
+/// Password length bounds, in characters.
+pub const PASSWORD_LEN: std::ops::RangeInclusive<usize> = 8..=1024;
+/// Longest display name, in characters.
+pub const DISPLAY_NAME_MAX: usize = 100;
+
+/// A validated username: 3..=32 of `[A-Za-z0-9_.-]`, kept as given; its
+/// [`Username::key`] (lower case) is what uniqueness is checked on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Username(String);
+
+impl Username {
+    /// Validates a username; the error describes the rule broken.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let len = s.chars().count();
+        if !USERNAME_LEN.contains(&len) {
+            return Err(format!("must be {} to {} characters", USERNAME_LEN.start(), USERNAME_LEN.end()));
+        }
+        if !s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
+            return Err("may contain only letters, digits, '_', '.' and '-'".to_owned());
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The username as given.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The case-insensitive uniqueness key.
+    pub fn key(&self) -> String {
+        self.0.to_ascii_lowercase()
+    }
+}
+
+/// Validates a password's length (8..=1024 characters, NIST SP 800-63B 5.1.1.2).
+pub fn check_password(p: &str) -> Result<(), String> {
+    let len = p.chars().count();
+    if PASSWORD_LEN.contains(&len) {
+        Ok(())
+    } else {
+        Err(format!("must be {} to {} characters", PASSWORD_LEN.start(), PASSWORD_LEN.end()))
+    }
+}
+
+/// Validates a display name: at most 100 characters, no control characters.
+pub fn check_display_name(s: &str) -> Result<(), String> {
+    if s.chars().count() > DISPLAY_NAME_MAX {
+        return Err(format!("must be at most {DISPLAY_NAME_MAX} characters"));
+    }
+    if s.chars().any(char::is_control) {
+        return Err("must not contain control characters".to_owned());
+    }
+    Ok(())
+}
+
+/// A new bearer token: 256 random bits from the OS-seeded CSPRNG, base64url
+/// without padding (43 characters).
+pub fn new_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The stored form of a token: SHA-256, lower-case hex. A fast hash is enough
+/// for 256-bit random secrets (no dictionary to search).
+pub fn token_hash(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// Hashes a password with argon2id (RFC 9106, default parameters
+/// m=19 MiB, t=2, p=1) into a PHC string. CPU-heavy: call off the runtime.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+    Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(|e| e.to_string())
+}
+
+/// Checks a password against a PHC string. CPU-heavy: call off the runtime.
+pub fn verify_password(password: &str, phc: &str) -> bool {
+    PasswordHash::new(phc).map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok()).unwrap_or(false)
+}
+
+/// A display name for a new guest: `Guest` and four hex digits of its id.
+pub fn guest_name(id: &uuid::Uuid) -> String {
+    let simple = id.simple().to_string();
+    format!("Guest {}", &simple[simple.len() - 4..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames_follow_the_rules() {
+        assert!(Username::parse("alice").is_ok());
+        assert!(Username::parse("a.b-c_d9").is_ok());
+        assert!(Username::parse("al").is_err());
+        assert!(Username::parse(&"x".repeat(33)).is_err());
+        assert!(Username::parse("alice smith").is_err());
+        assert!(Username::parse("ålice").is_err());
+        assert_eq!(Username::parse("Alice").unwrap().key(), "alice");
+    }
+
+    #[test]
+    fn passwords_hash_and_verify() {
+        let phc = hash_password("correct horse").unwrap();
+        assert!(phc.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse", &phc));
+        assert!(!verify_password("wrong horse", &phc));
+        assert!(!verify_password("x", "not a phc string"));
+    }
+
+    #[test]
+    fn tokens_are_256_bit_and_hashed() {
+        let t = new_token();
+        assert_eq!(t.len(), 43);
+        assert_ne!(t, new_token());
+        assert_eq!(token_hash(&t).len(), 64);
+        assert_eq!(token_hash(&t), token_hash(&t));
+    }
+
+    #[test]
+    fn display_names_are_bounded() {
+        assert!(check_display_name("Alice").is_ok());
+        assert!(check_display_name(&"x".repeat(101)).is_err());
+        assert!(check_display_name("a\u{0}b").is_err());
+        assert!(check_password("short").is_err());
+        assert!(check_password("long enough").is_ok());
+    }
+}

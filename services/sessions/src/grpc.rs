@@ -1,0 +1,225 @@
+//! The tonic face of the sessions service: convert, call [`Sessions`], convert.
+
+use std::sync::Arc;
+
+use natter_kit::paging;
+use natter_kit::time::timestamp;
+use natter_proto::sessions::v1::{
+    self as pb, session_internal_service_server::SessionInternalService, session_service_server::SessionService,
+};
+use tonic::{Request, Response, Status};
+
+use crate::error::SessionsError;
+use crate::service::{NewSession, Sessions};
+use crate::store::{SessionRow, TokenRow, UserRow};
+
+/// Largest BatchGetUsers / LookupUsers request.
+const MAX_BATCH: usize = 200;
+
+fn user(u: UserRow) -> pb::User {
+    pb::User {
+        guest: u.guest(),
+        id: u.id,
+        username: u.username.unwrap_or_default(),
+        display_name: u.display_name,
+        create_time: Some(timestamp(u.create_time)),
+    }
+}
+
+fn session(s: SessionRow, current_id: &str) -> pb::Session {
+    pb::Session {
+        current: s.id == current_id,
+        id: s.id,
+        user_id: s.user_id,
+        create_time: Some(timestamp(s.create_time)),
+        expire_time: Some(timestamp(s.expire_time)),
+    }
+}
+
+fn created(n: NewSession) -> pb::CreateSessionResponse {
+    let id = n.session.id.clone();
+    pb::CreateSessionResponse { session: Some(session(n.session, &id)), token: n.token, user: Some(user(n.user)) }
+}
+
+/// `natter.sessions.v1.SessionService`.
+#[derive(Clone)]
+pub struct SessionApi {
+    sessions: Arc<Sessions>,
+}
+
+impl SessionApi {
+    pub fn new(sessions: Arc<Sessions>) -> Self {
+        Self { sessions }
+    }
+
+    /// The caller's live session, or UNAUTHENTICATED.
+    async fn caller<T>(&self, request: &Request<T>) -> Result<TokenRow, Status> {
+        let token = natter_auth::bearer_token(request.metadata())?;
+        self.sessions
+            .introspect(token)
+            .await?
+            .ok_or_else(|| Status::unauthenticated("invalid, expired or revoked token"))
+    }
+}
+
+#[tonic::async_trait]
+impl SessionService for SessionApi {
+    async fn create_user(
+        &self,
+        request: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::CreateUserResponse>, Status> {
+        let r = request.into_inner();
+        let u = self.sessions.create_user(&r.username, &r.password, &r.display_name).await?;
+        Ok(Response::new(pb::CreateUserResponse { user: Some(user(u)) }))
+    }
+
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        let r = request.into_inner();
+        let new = match (r.username.is_empty(), r.password.is_empty()) {
+            (true, true) => self.sessions.create_guest().await?,
+            (false, false) => self.sessions.login(&r.username, &r.password).await?,
+            (true, false) => return Err(SessionsError::invalid("username", "is required with a password").into()),
+            (false, true) => return Err(SessionsError::invalid("password", "is required with a username").into()),
+        };
+        Ok(Response::new(created(new)))
+    }
+
+    async fn get_current_session(
+        &self,
+        request: Request<pb::GetCurrentSessionRequest>,
+    ) -> Result<Response<pb::GetCurrentSessionResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let u = self.sessions.user(&caller.user_id).await?;
+        let current = self.sessions.session(&caller.id).await?;
+        Ok(Response::new(pb::GetCurrentSessionResponse {
+            session: Some(session(current, &caller.id)),
+            user: Some(user(u)),
+        }))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let size = paging::page_size("page_size", r.page_size, 50, 200)?;
+        let filter = paging::fingerprint(&[&caller.user_id]);
+        let before: Option<String> = paging::decode("page_token", &r.page_token, filter)?;
+        let mut rows = self.sessions.sessions(&caller.user_id, before.as_deref(), size + 1).await?;
+        let next_page_token = if rows.len() > size as usize {
+            rows.truncate(size as usize);
+            rows.last().map(|s| paging::encode(&s.id, filter)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let sessions = rows.into_iter().map(|s| session(s, &caller.id)).collect();
+        Ok(Response::new(pb::ListSessionsResponse { sessions, next_page_token }))
+    }
+
+    async fn revoke_session(
+        &self,
+        request: Request<pb::RevokeSessionRequest>,
+    ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let target = if r.session_id.is_empty() {
+            caller.id.clone()
+        } else {
+            natter_kit::id::parse("session_id", &r.session_id)?.to_string()
+        };
+        self.sessions.revoke(&caller.user_id, Some(&target), r.all).await?;
+        Ok(Response::new(pb::RevokeSessionResponse {}))
+    }
+
+    async fn claim_account(
+        &self,
+        request: Request<pb::ClaimAccountRequest>,
+    ) -> Result<Response<pb::ClaimAccountResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let u = self.sessions.claim(&caller.user_id, &r.username, &r.password, &r.display_name).await?;
+        Ok(Response::new(pb::ClaimAccountResponse { user: Some(user(u)) }))
+    }
+
+    async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::GetUserResponse>, Status> {
+        self.caller(&request).await?;
+        let r = request.into_inner();
+        let u = match (r.user_id.is_empty(), r.username.is_empty()) {
+            (false, true) => self.sessions.user(&natter_kit::id::parse("user_id", &r.user_id)?.to_string()).await?,
+            (true, false) => self.sessions.user_by_username(&r.username).await?,
+            _ => return Err(SessionsError::invalid("user_id", "give exactly one of user_id and username").into()),
+        };
+        Ok(Response::new(pb::GetUserResponse { user: Some(user(u)) }))
+    }
+
+    async fn batch_get_users(
+        &self,
+        request: Request<pb::BatchGetUsersRequest>,
+    ) -> Result<Response<pb::BatchGetUsersResponse>, Status> {
+        self.caller(&request).await?;
+        let ids = parse_ids(request.into_inner().user_ids)?;
+        let users = self.sessions.users(&ids).await?.into_iter().map(user).collect();
+        Ok(Response::new(pb::BatchGetUsersResponse { users }))
+    }
+}
+
+fn parse_ids(ids: Vec<String>) -> Result<Vec<String>, Status> {
+    if ids.len() > MAX_BATCH {
+        return Err(SessionsError::invalid("user_ids", format!("at most {MAX_BATCH} ids")).into());
+    }
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| {
+            uuid::Uuid::try_parse(id)
+                .map(|u| u.to_string())
+                .map_err(|_| natter_kit::error::invalid_argument(&format!("user_ids[{i}]"), "must be a UUID"))
+        })
+        .collect()
+}
+
+/// `natter.sessions.v1.SessionInternalService`: token introspection and user
+/// look-ups for the other services.
+#[derive(Clone)]
+pub struct SessionInternalApi {
+    sessions: Arc<Sessions>,
+}
+
+impl SessionInternalApi {
+    pub fn new(sessions: Arc<Sessions>) -> Self {
+        Self { sessions }
+    }
+}
+
+#[tonic::async_trait]
+impl SessionInternalService for SessionInternalApi {
+    async fn introspect_session(
+        &self,
+        request: Request<pb::IntrospectSessionRequest>,
+    ) -> Result<Response<pb::IntrospectSessionResponse>, Status> {
+        let token = request.into_inner().token;
+        let response = match self.sessions.introspect(&token).await? {
+            Some(row) => pb::IntrospectSessionResponse {
+                active: true,
+                user_id: row.user_id,
+                session_id: row.id,
+                expire_time: Some(timestamp(row.expire_time)),
+                guest: row.guest != 0,
+            },
+            None => pb::IntrospectSessionResponse::default(),
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn lookup_users(
+        &self,
+        request: Request<pb::LookupUsersRequest>,
+    ) -> Result<Response<pb::LookupUsersResponse>, Status> {
+        let ids = parse_ids(request.into_inner().user_ids)?;
+        let users = self.sessions.users(&ids).await?.into_iter().map(user).collect();
+        Ok(Response::new(pb::LookupUsersResponse { users }))
+    }
+}

@@ -1,0 +1,63 @@
+//! natter's sessions service: users (password and guest), argon2id
+//! credentials, and opaque bearer-token sessions stored only as hashes.
+//!
+//! Layers: [`domain`] (rules, no IO), [`store`] (SQL), [`service`] (the
+//! domain operations), [`grpc`] (the thin tonic translation).
+
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod service;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use natter_bus::EventBus;
+use natter_db::{Db, DbConfig, DbError};
+use natter_kit::Server;
+use natter_proto::sessions::v1::session_internal_service_server::SessionInternalServiceServer;
+use natter_proto::sessions::v1::session_service_server::SessionServiceServer;
+
+pub use error::SessionsError;
+pub use grpc::{SessionApi, SessionInternalApi};
+pub use service::Sessions;
+
+/// The sessions schema, embedded at compile time.
+pub static MIGRATOR: natter_db::sqlx::migrate::Migrator = natter_db::sqlx::migrate!("./migrations");
+
+/// Options of the sessions service.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SessionsArgs {
+    /// How long a session (bearer token) stays valid after log-in.
+    #[arg(long, env = "NATTER_SESSION_TTL", value_parser = humantime::parse_duration, default_value = "30d")]
+    pub session_ttl: Duration,
+}
+
+impl Default for SessionsArgs {
+    fn default() -> Self {
+        Self { session_ttl: Duration::from_secs(30 * 86_400) }
+    }
+}
+
+/// Opens the sessions store (running migrations) and builds the service.
+///
+/// Errors: the database cannot be opened or migrated.
+pub async fn open(db: &DbConfig, bus: Arc<dyn EventBus>, args: &SessionsArgs) -> Result<Arc<Sessions>, DbError> {
+    let db = Db::connect(db, &MIGRATOR).await?;
+    Ok(Arc::new(Sessions::new(store::Store::new(db), bus, args.session_ttl)))
+}
+
+/// Adds the public and internal sessions services to `server`.
+pub async fn add_services(server: &mut Server, sessions: &Arc<Sessions>) {
+    let limit = server.args().max_request_bytes;
+    server
+        .add_service(SessionServiceServer::new(SessionApi::new(sessions.clone())).max_decoding_message_size(limit))
+        .await;
+    server
+        .add_service(
+            SessionInternalServiceServer::new(SessionInternalApi::new(sessions.clone()))
+                .max_decoding_message_size(limit),
+        )
+        .await;
+}

@@ -1,0 +1,215 @@
+//! The sessions domain: registration, log-in, token checks, revocation.
+//! Plain Rust over the [`Store`]; the gRPC layer only translates.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use natter_bus::{EventBus, Topic};
+use natter_kit::time::now_micros;
+use uuid::Uuid;
+
+use crate::domain::{self, Username};
+use crate::error::SessionsError;
+use crate::store::{SessionRow, Store, TokenRow, UserRow};
+
+/// A session just created, with its token (shown once).
+#[derive(Debug)]
+pub struct NewSession {
+    pub session: SessionRow,
+    pub token: String,
+    pub user: UserRow,
+}
+
+/// The sessions service's domain object; cheap to share behind an `Arc`.
+pub struct Sessions {
+    store: Store,
+    bus: Arc<dyn EventBus>,
+    session_ttl: Duration,
+}
+
+impl Sessions {
+    /// A service over `store`, announcing revocations on `bus`; sessions
+    /// expire `session_ttl` after log-in.
+    pub fn new(store: Store, bus: Arc<dyn EventBus>, session_ttl: Duration) -> Self {
+        Self { store, bus, session_ttl }
+    }
+
+    /// The store (for shutdown).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Registers a password user.
+    pub async fn create_user(
+        &self,
+        username: &str,
+        password: &str,
+        display_name: &str,
+    ) -> Result<UserRow, SessionsError> {
+        let username = Username::parse(username).map_err(|r| SessionsError::invalid("username", r))?;
+        domain::check_password(password).map_err(|r| SessionsError::invalid("password", r))?;
+        domain::check_display_name(display_name).map_err(|r| SessionsError::invalid("display_name", r))?;
+        let hash = hash_password(password.to_owned()).await?;
+        let display_name = if display_name.trim().is_empty() { username.as_str() } else { display_name.trim() };
+        let user = UserRow {
+            id: Uuid::now_v7().to_string(),
+            username: Some(username.as_str().to_owned()),
+            display_name: display_name.to_owned(),
+            password_hash: Some(hash),
+            create_time: now_micros(),
+        };
+        self.store.insert_user(&user, Some(&username.key())).await?;
+        tracing::info!(user_id = %user.id, "user created");
+        Ok(user)
+    }
+
+    /// Logs in with a username and password.
+    pub async fn login(&self, username: &str, password: &str) -> Result<NewSession, SessionsError> {
+        let key = username.to_ascii_lowercase();
+        let user = self.store.user_by_key(&key).await?;
+        // Verify against a dummy hash for unknown users so that timing does
+        // not tell which usernames exist.
+        let phc = match user.as_ref().and_then(|u| u.password_hash.clone()) {
+            Some(phc) => phc,
+            None => dummy_hash().to_owned(),
+        };
+        let ok = verify_password(password.to_owned(), phc).await?;
+        let Some(user) = user.filter(|_| ok) else {
+            return Err(SessionsError::BadCredentials);
+        };
+        let (session, token) = self.new_session(&user.id);
+        self.store.insert_session(&session, &domain::token_hash(&token)).await?;
+        Ok(NewSession { session, token, user })
+    }
+
+    /// Creates a guest user and its first session.
+    pub async fn create_guest(&self) -> Result<NewSession, SessionsError> {
+        let id = Uuid::now_v7();
+        let user = UserRow {
+            id: id.to_string(),
+            username: None,
+            display_name: domain::guest_name(&id),
+            password_hash: None,
+            create_time: now_micros(),
+        };
+        let (session, token) = self.new_session(&user.id);
+        self.store.insert_user_with_session(&user, &session, &domain::token_hash(&token)).await?;
+        tracing::info!(user_id = %user.id, "guest created");
+        Ok(NewSession { session, token, user })
+    }
+
+    fn new_session(&self, user_id: &str) -> (SessionRow, String) {
+        let now = now_micros();
+        let ttl = i64::try_from(self.session_ttl.as_micros()).unwrap_or(i64::MAX);
+        let session = SessionRow {
+            id: Uuid::now_v7().to_string(),
+            user_id: user_id.to_owned(),
+            create_time: now,
+            expire_time: now.saturating_add(ttl),
+        };
+        (session, domain::new_token())
+    }
+
+    /// The live session a token belongs to, or `None` (unknown, expired, revoked).
+    pub async fn introspect(&self, token: &str) -> Result<Option<TokenRow>, SessionsError> {
+        if token.is_empty() || token.len() > 256 {
+            return Ok(None);
+        }
+        let row = self.store.session_by_token(&domain::token_hash(token)).await?;
+        Ok(row.filter(|r| r.revoke_time.is_none() && r.expire_time > now_micros()))
+    }
+
+    /// A user by id.
+    pub async fn user(&self, user_id: &str) -> Result<UserRow, SessionsError> {
+        self.store.user_by_id(user_id).await?.ok_or(SessionsError::UserNotFound)
+    }
+
+    /// A user by username (case-insensitive).
+    pub async fn user_by_username(&self, username: &str) -> Result<UserRow, SessionsError> {
+        self.store.user_by_key(&username.to_ascii_lowercase()).await?.ok_or(SessionsError::UserNotFound)
+    }
+
+    /// The users among `ids` that exist, in the order of `ids`.
+    pub async fn users(&self, ids: &[String]) -> Result<Vec<UserRow>, SessionsError> {
+        let mut rows = self.store.users_by_ids(ids).await?;
+        rows.sort_by_key(|r| ids.iter().position(|id| *id == r.id));
+        Ok(rows)
+    }
+
+    /// One session by id.
+    pub async fn session(&self, session_id: &str) -> Result<SessionRow, SessionsError> {
+        self.store.session_by_id(session_id).await?.ok_or(SessionsError::SessionNotFound)
+    }
+
+    /// A page of a user's live sessions, newest first.
+    pub async fn sessions(
+        &self,
+        user_id: &str,
+        before_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<SessionRow>, SessionsError> {
+        self.store.live_sessions(user_id, now_micros(), before_id, limit).await
+    }
+
+    /// Revokes one of a user's sessions, or all of them; announces each
+    /// revocation so open streams of those sessions end.
+    pub async fn revoke(&self, user_id: &str, session_id: Option<&str>, all: bool) -> Result<(), SessionsError> {
+        let now = now_micros();
+        let revoked = if all {
+            self.store.revoke_all(user_id, now).await?
+        } else {
+            let session_id = session_id.ok_or_else(|| SessionsError::Internal("no session id".into()))?;
+            if !self.store.revoke(user_id, session_id, now).await? {
+                return Err(SessionsError::SessionNotFound);
+            }
+            vec![session_id.to_owned()]
+        };
+        for id in revoked {
+            if let Ok(id) = Uuid::try_parse(&id) {
+                self.bus.publish(Topic::Session(id), Arc::default());
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns a guest into a password user, keeping its id.
+    pub async fn claim(
+        &self,
+        user_id: &str,
+        username: &str,
+        password: &str,
+        display_name: &str,
+    ) -> Result<UserRow, SessionsError> {
+        let username = Username::parse(username).map_err(|r| SessionsError::invalid("username", r))?;
+        domain::check_password(password).map_err(|r| SessionsError::invalid("password", r))?;
+        domain::check_display_name(display_name).map_err(|r| SessionsError::invalid("display_name", r))?;
+        let current = self.user(user_id).await?;
+        if !current.guest() {
+            return Err(SessionsError::NotGuest);
+        }
+        let hash = hash_password(password.to_owned()).await?;
+        let display_name = if display_name.trim().is_empty() { username.as_str() } else { display_name.trim() };
+        if !self.store.claim(user_id, username.as_str(), &username.key(), display_name, &hash).await? {
+            return Err(SessionsError::NotGuest);
+        }
+        self.user(user_id).await
+    }
+}
+
+async fn hash_password(password: String) -> Result<String, SessionsError> {
+    tokio::task::spawn_blocking(move || domain::hash_password(&password))
+        .await
+        .map_err(|e| SessionsError::Internal(e.to_string()))?
+        .map_err(SessionsError::Internal)
+}
+
+async fn verify_password(password: String, phc: String) -> Result<bool, SessionsError> {
+    tokio::task::spawn_blocking(move || domain::verify_password(&password, &phc))
+        .await
+        .map_err(|e| SessionsError::Internal(e.to_string()))
+}
+
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| domain::hash_password("natter-dummy-password").unwrap_or_default())
+}

@@ -1,0 +1,246 @@
+//! The sessions service's SQL. Unique violations become domain errors;
+//! nothing else of the database leaves this module.
+
+use natter_db::sqlx::{self, QueryBuilder};
+use natter_db::{Any, Db};
+
+use crate::error::SessionsError;
+
+/// A row of `users`.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct UserRow {
+    pub id: String,
+    pub username: Option<String>,
+    pub display_name: String,
+    pub password_hash: Option<String>,
+    pub create_time: i64,
+}
+
+impl UserRow {
+    /// True for a guest (no password).
+    pub fn guest(&self) -> bool {
+        self.password_hash.is_none()
+    }
+}
+
+/// A row of `sessions`.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct SessionRow {
+    pub id: String,
+    pub user_id: String,
+    pub create_time: i64,
+    pub expire_time: i64,
+}
+
+/// What a token resolves to.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct TokenRow {
+    pub id: String,
+    pub user_id: String,
+    pub expire_time: i64,
+    pub revoke_time: Option<i64>,
+    pub guest: i64,
+}
+
+/// The sessions tables.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: Db,
+}
+
+impl Store {
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Inserts a user. Errors: UsernameTaken on a duplicate username key.
+    pub async fn insert_user(&self, user: &UserRow, username_key: Option<&str>) -> Result<(), SessionsError> {
+        sqlx::query(
+            "INSERT INTO users (id, username, username_key, display_name, password_hash, create_time) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&user.id)
+        .bind(&user.username)
+        .bind(username_key)
+        .bind(&user.display_name)
+        .bind(&user.password_hash)
+        .bind(user.create_time)
+        .execute(self.db.write())
+        .await
+        .map_err(taken_or_db)?;
+        Ok(())
+    }
+
+    /// Inserts a user and its first session in one transaction.
+    pub async fn insert_user_with_session(
+        &self,
+        user: &UserRow,
+        session: &SessionRow,
+        token_hash: &str,
+    ) -> Result<(), SessionsError> {
+        let mut tx = self.db.write().begin().await?;
+        sqlx::query(
+            "INSERT INTO users (id, username, username_key, display_name, password_hash, create_time) \
+             VALUES ($1, $2, NULL, $3, $4, $5)",
+        )
+        .bind(&user.id)
+        .bind(&user.username)
+        .bind(&user.display_name)
+        .bind(&user.password_hash)
+        .bind(user.create_time)
+        .execute(&mut *tx)
+        .await?;
+        insert_session(&mut *tx, session, token_hash).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Inserts a session.
+    pub async fn insert_session(&self, session: &SessionRow, token_hash: &str) -> Result<(), SessionsError> {
+        let mut conn = self.db.write().acquire().await?;
+        insert_session(&mut *conn, session, token_hash).await
+    }
+
+    pub async fn user_by_key(&self, key: &str) -> Result<Option<UserRow>, SessionsError> {
+        Ok(sqlx::query_as(
+            "SELECT id, username, display_name, password_hash, create_time FROM users WHERE username_key = $1",
+        )
+        .bind(key)
+        .fetch_optional(self.db.read())
+        .await?)
+    }
+
+    pub async fn user_by_id(&self, id: &str) -> Result<Option<UserRow>, SessionsError> {
+        Ok(sqlx::query_as("SELECT id, username, display_name, password_hash, create_time FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.db.read())
+            .await?)
+    }
+
+    /// The users among `ids` that exist, in no particular order.
+    pub async fn users_by_ids(&self, ids: &[String]) -> Result<Vec<UserRow>, SessionsError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = QueryBuilder::<Any>::new(
+            "SELECT id, username, display_name, password_hash, create_time FROM users WHERE id IN (",
+        );
+        let mut list = q.separated(", ");
+        for id in ids {
+            list.push_bind(id.clone());
+        }
+        q.push(")");
+        Ok(q.build_query_as().fetch_all(self.db.read()).await?)
+    }
+
+    /// The session a token hash belongs to, whatever its state.
+    pub async fn session_by_token(&self, token_hash: &str) -> Result<Option<TokenRow>, SessionsError> {
+        Ok(sqlx::query_as(
+            "SELECT s.id, s.user_id, s.expire_time, s.revoke_time, \
+                    CASE WHEN u.password_hash IS NULL THEN 1 ELSE 0 END AS guest \
+             FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = $1",
+        )
+        .bind(token_hash)
+        .fetch_optional(self.db.read())
+        .await?)
+    }
+
+    /// One session by id (live or not).
+    pub async fn session_by_id(&self, id: &str) -> Result<Option<SessionRow>, SessionsError> {
+        Ok(sqlx::query_as("SELECT id, user_id, create_time, expire_time FROM sessions WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.db.read())
+            .await?)
+    }
+
+    /// A user's live sessions, newest first, after the keyset position `before_id`.
+    pub async fn live_sessions(
+        &self,
+        user_id: &str,
+        now: i64,
+        before_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<SessionRow>, SessionsError> {
+        let mut q = QueryBuilder::<Any>::new(
+            "SELECT id, user_id, create_time, expire_time FROM sessions WHERE revoke_time IS NULL AND user_id = ",
+        );
+        q.push_bind(user_id.to_owned()).push(" AND expire_time > ").push_bind(now);
+        if let Some(before) = before_id {
+            q.push(" AND id < ").push_bind(before.to_owned());
+        }
+        q.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(limit));
+        Ok(q.build_query_as().fetch_all(self.db.read()).await?)
+    }
+
+    /// Revokes one live session of a user; false if there was none.
+    pub async fn revoke(&self, user_id: &str, session_id: &str, now: i64) -> Result<bool, SessionsError> {
+        let done =
+            sqlx::query("UPDATE sessions SET revoke_time = $1 WHERE id = $2 AND user_id = $3 AND revoke_time IS NULL")
+                .bind(now)
+                .bind(session_id)
+                .bind(user_id)
+                .execute(self.db.write())
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Revokes every live session of a user and returns their ids.
+    pub async fn revoke_all(&self, user_id: &str, now: i64) -> Result<Vec<String>, SessionsError> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "UPDATE sessions SET revoke_time = $1 WHERE user_id = $2 AND revoke_time IS NULL RETURNING id",
+        )
+        .bind(now)
+        .bind(user_id)
+        .fetch_all(self.db.write())
+        .await?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
+    /// Gives a guest a username and password. False if the user is not (or
+    /// no longer) a guest; UsernameTaken on a duplicate.
+    pub async fn claim(
+        &self,
+        user_id: &str,
+        username: &str,
+        username_key: &str,
+        display_name: &str,
+        password_hash: &str,
+    ) -> Result<bool, SessionsError> {
+        let done = sqlx::query(
+            "UPDATE users SET username = $1, username_key = $2, display_name = $3, password_hash = $4 \
+             WHERE id = $5 AND password_hash IS NULL",
+        )
+        .bind(username)
+        .bind(username_key)
+        .bind(display_name)
+        .bind(password_hash)
+        .bind(user_id)
+        .execute(self.db.write())
+        .await
+        .map_err(taken_or_db)?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+async fn insert_session<'c, E>(conn: E, session: &SessionRow, token_hash: &str) -> Result<(), SessionsError>
+where
+    E: sqlx::Executor<'c, Database = Any>,
+{
+    sqlx::query("INSERT INTO sessions (id, user_id, token_hash, create_time, expire_time) VALUES ($1, $2, $3, $4, $5)")
+        .bind(&session.id)
+        .bind(&session.user_id)
+        .bind(token_hash)
+        .bind(session.create_time)
+        .bind(session.expire_time)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+fn taken_or_db(e: sqlx::Error) -> SessionsError {
+    if natter_db::is_unique_violation(&e) { SessionsError::UsernameTaken } else { SessionsError::Db(e) }
+}

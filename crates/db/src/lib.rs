@@ -229,6 +229,81 @@ pub fn valid_schema(name: &str) -> bool {
         && name.bytes().all(|b| b == b'_' || b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
+/// Builds a query from static SQL fragments and bound values, numbering
+/// placeholders `$1, $2, ...` (which both engines accept; sqlx's own
+/// `QueryBuilder` writes `?` for the Any driver, which PostgreSQL rejects).
+/// Only `&'static str` fragments are accepted, so values can never be spliced
+/// into the SQL text.
+#[derive(Default)]
+pub struct SqlBuilder {
+    sql: String,
+    args: sqlx::any::AnyArguments,
+    count: usize,
+    error: Option<String>,
+}
+
+impl SqlBuilder {
+    /// Starts with `sql`.
+    pub fn new(sql: &'static str) -> Self {
+        Self { sql: sql.to_owned(), ..Self::default() }
+    }
+
+    /// Appends a static fragment.
+    pub fn push(&mut self, sql: &'static str) -> &mut Self {
+        self.sql.push_str(sql);
+        self
+    }
+
+    /// Appends the next placeholder and binds `value` to it.
+    pub fn bind<T>(&mut self, value: T) -> &mut Self
+    where
+        T: for<'q> sqlx::Encode<'q, Any> + sqlx::Type<Any>,
+    {
+        use sqlx::Arguments as _;
+        self.count += 1;
+        self.sql.push('$');
+        self.sql.push_str(&self.count.to_string());
+        if let Err(e) = self.args.add(value) {
+            self.error.get_or_insert(e.to_string());
+        }
+        self
+    }
+
+    /// Appends `(v1, v2, ...)`, binding each value.
+    pub fn bind_list<T, I>(&mut self, values: I) -> &mut Self
+    where
+        I: IntoIterator<Item = T>,
+        T: for<'q> sqlx::Encode<'q, Any> + sqlx::Type<Any>,
+    {
+        self.push("(");
+        for (i, v) in values.into_iter().enumerate() {
+            if i > 0 {
+                self.push(", ");
+            }
+            self.bind(v);
+        }
+        self.push(")")
+    }
+
+    /// The SQL so far (for logs and tests).
+    pub fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    /// A query that returns no rows of interest.
+    pub fn build(self) -> sqlx::query::Query<'static, Any, sqlx::any::AnyArguments> {
+        sqlx::query_with(AssertSqlSafe(self.sql), self.args)
+    }
+
+    /// A query whose rows decode into `O`.
+    pub fn build_as<O>(self) -> sqlx::query::QueryAs<'static, Any, O, sqlx::any::AnyArguments>
+    where
+        O: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow>,
+    {
+        sqlx::query_as_with(AssertSqlSafe(self.sql), self.args)
+    }
+}
+
 /// True when the error is a unique-constraint violation (on either engine).
 pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
@@ -264,6 +339,13 @@ mod tests {
         assert!(!valid_schema("x; drop table users"));
         assert!(!valid_schema(""));
         assert!(!valid_schema("1abc"));
+    }
+
+    #[test]
+    fn builder_numbers_placeholders() {
+        let mut q = SqlBuilder::new("SELECT * FROM t WHERE a = ");
+        q.bind(1i64).push(" AND b IN ").bind_list(["x".to_owned(), "y".to_owned()]);
+        assert_eq!(q.sql(), "SELECT * FROM t WHERE a = $1 AND b IN ($2, $3)");
     }
 
     #[test]

@@ -2,8 +2,7 @@
 //! change. Unique violations become domain outcomes; nothing else of the
 //! database leaves this module.
 
-use natter_db::{Any, Db, escape_like};
-use sqlx::QueryBuilder;
+use natter_db::{Db, SqlBuilder, escape_like};
 
 use crate::domain::{Kind, Role};
 
@@ -26,8 +25,9 @@ pub struct ChatRow {
     pub last_message_time: Option<i64>,
 }
 
-const CHAT_COLUMNS: &str = "c.id, c.kind, c.title, c.description, c.visibility, c.owner_id, c.creator_id, \
-    c.member_count, c.archive_time, c.create_time, c.update_time, c.last_activity_time, c.last_seq, c.last_message_time";
+const CHAT_SELECT: &str = "SELECT c.id, c.kind, c.title, c.description, c.visibility, c.owner_id, c.creator_id, \
+    c.member_count, c.archive_time, c.create_time, c.update_time, c.last_activity_time, c.last_seq, c.last_message_time \
+    FROM chats c";
 
 /// A row of `members`.
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -119,13 +119,12 @@ impl Store {
             Err(e) => return Err(e),
         }
         if !members.is_empty() {
-            let mut q = QueryBuilder::<Any>::new("INSERT INTO members (chat_id, user_id, role, join_time) ");
-            q.push_values(members, |mut row, m| {
-                row.push_bind(m.chat_id.clone())
-                    .push_bind(m.user_id.clone())
-                    .push_bind(m.role.clone())
-                    .push_bind(m.join_time);
-            });
+            let mut q = SqlBuilder::new("INSERT INTO members (chat_id, user_id, role, join_time) VALUES ");
+            for (i, m) in members.iter().enumerate() {
+                q.push(if i == 0 { "(" } else { ", (" });
+                q.bind(m.chat_id.clone()).push(", ").bind(m.user_id.clone()).push(", ");
+                q.bind(m.role.clone()).push(", ").bind(m.join_time).push(")");
+            }
             q.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
@@ -133,15 +132,15 @@ impl Store {
     }
 
     pub async fn chat(&self, id: &str) -> Result<Option<ChatRow>, sqlx::Error> {
-        let mut q = QueryBuilder::<Any>::new("SELECT ");
-        q.push(CHAT_COLUMNS).push(" FROM chats c WHERE c.id = ").push_bind(id.to_owned());
-        q.build_query_as().fetch_optional(self.db.read()).await
+        let mut q = SqlBuilder::new(CHAT_SELECT);
+        q.push(" WHERE c.id = ").bind(id.to_owned());
+        q.build_as().fetch_optional(self.db.read()).await
     }
 
     pub async fn chat_by_direct_key(&self, key: &str) -> Result<Option<ChatRow>, sqlx::Error> {
-        let mut q = QueryBuilder::<Any>::new("SELECT ");
-        q.push(CHAT_COLUMNS).push(" FROM chats c WHERE c.direct_key = ").push_bind(key.to_owned());
-        q.build_query_as().fetch_optional(self.db.read()).await
+        let mut q = SqlBuilder::new(CHAT_SELECT);
+        q.push(" WHERE c.direct_key = ").bind(key.to_owned());
+        q.build_as().fetch_optional(self.db.read()).await
     }
 
     /// A chat and the role of `user_id` in it.
@@ -179,55 +178,41 @@ impl Store {
         after: Option<(i64, String)>,
         limit: u32,
     ) -> Result<Vec<ChatRow>, sqlx::Error> {
-        let mut q = QueryBuilder::<Any>::new("SELECT ");
-        q.push(CHAT_COLUMNS).push(" FROM chats c");
+        let mut q = SqlBuilder::new(CHAT_SELECT);
         if filter.public {
             q.push(" WHERE c.visibility = 'public'");
         } else {
-            q.push(" JOIN members m ON m.chat_id = c.id WHERE m.user_id = ").push_bind(user_id.to_owned());
+            q.push(" JOIN members m ON m.chat_id = c.id WHERE m.user_id = ").bind(user_id.to_owned());
         }
         if let Some(kind) = filter.kind {
-            q.push(" AND c.kind = ").push_bind(kind.as_str());
+            q.push(" AND c.kind = ").bind(kind.as_str().to_owned());
         }
         match filter.archived {
-            Some(true) => {
-                q.push(" AND c.archive_time IS NOT NULL");
-            }
-            Some(false) => {
-                q.push(" AND c.archive_time IS NULL");
-            }
-            None => {}
-        }
+            Some(true) => q.push(" AND c.archive_time IS NOT NULL"),
+            Some(false) => q.push(" AND c.archive_time IS NULL"),
+            None => &mut q,
+        };
         if let Some(t) = filter.last_message_after {
-            q.push(" AND c.last_message_time > ").push_bind(t);
+            q.push(" AND c.last_message_time > ").bind(t);
         }
         if let Some(t) = filter.last_message_before {
-            q.push(" AND c.last_message_time < ").push_bind(t);
+            q.push(" AND c.last_message_time < ").bind(t);
         }
         if let Some(query) = &filter.query {
-            q.push(" AND c.title_key LIKE ").push_bind(format!("%{}%", escape_like(query))).push(" ESCAPE '\\'");
+            q.push(" AND c.title_key LIKE ").bind(format!("%{}%", escape_like(query))).push(" ESCAPE '\\'");
         }
-        let (cmp, dir) = if filter.ascending { (">", "ASC") } else { ("<", "DESC") };
+        let cmp = if filter.ascending { " > " } else { " < " };
         if let Some((time, id)) = after {
-            q.push(" AND (c.last_activity_time ")
-                .push(cmp)
-                .push(" ")
-                .push_bind(time)
-                .push(" OR (c.last_activity_time = ")
-                .push_bind(time)
-                .push(" AND c.id ")
-                .push(cmp)
-                .push(" ")
-                .push_bind(id)
-                .push("))");
+            q.push(" AND (c.last_activity_time").push(cmp).bind(time);
+            q.push(" OR (c.last_activity_time = ").bind(time).push(" AND c.id").push(cmp).bind(id).push("))");
         }
-        q.push(" ORDER BY c.last_activity_time ")
-            .push(dir)
-            .push(", c.id ")
-            .push(dir)
-            .push(" LIMIT ")
-            .push_bind(i64::from(limit));
-        q.build_query_as().fetch_all(self.db.read()).await
+        q.push(if filter.ascending {
+            " ORDER BY c.last_activity_time ASC, c.id ASC LIMIT "
+        } else {
+            " ORDER BY c.last_activity_time DESC, c.id DESC LIMIT "
+        });
+        q.bind(i64::from(limit));
+        q.build_as().fetch_all(self.db.read()).await
     }
 
     /// Moves a chat's last activity forward (never back).
@@ -251,18 +236,13 @@ impl Store {
         after: Option<(i64, String)>,
         limit: u32,
     ) -> Result<Vec<MemberRow>, sqlx::Error> {
-        let mut q = QueryBuilder::<Any>::new("SELECT chat_id, user_id, role, join_time FROM members WHERE chat_id = ");
-        q.push_bind(chat_id.to_owned());
+        let mut q = SqlBuilder::new("SELECT chat_id, user_id, role, join_time FROM members WHERE chat_id = ");
+        q.bind(chat_id.to_owned());
         if let Some((time, user)) = after {
-            q.push(" AND (join_time > ")
-                .push_bind(time)
-                .push(" OR (join_time = ")
-                .push_bind(time)
-                .push(" AND user_id > ")
-                .push_bind(user)
-                .push("))");
+            q.push(" AND (join_time > ").bind(time);
+            q.push(" OR (join_time = ").bind(time).push(" AND user_id > ").bind(user).push("))");
         }
-        q.push(" ORDER BY join_time, user_id LIMIT ").push_bind(i64::from(limit));
-        q.build_query_as().fetch_all(self.db.read()).await
+        q.push(" ORDER BY join_time, user_id LIMIT ").bind(i64::from(limit));
+        q.build_as().fetch_all(self.db.read()).await
     }
 }

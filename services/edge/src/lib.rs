@@ -1,1 +1,131 @@
-//! Placeholder.
+//! natter's edge: the one port browsers and terminals use in split mode.
+//!
+//! It accepts gRPC and gRPC-web (HTTP/1.1 and HTTP/2, CORS) with the same
+//! layer stack as every natter server, and forwards each call, by the
+//! service prefix of its path, to the upstream service over HTTP/2. Message
+//! bodies are streamed through both ways and never decoded, so the edge
+//! needs no knowledge of the API beyond three path prefixes; internal
+//! services (`*InternalService`) are not routed. Health and reflection are
+//! answered by the edge itself.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use http::{Request, Response, Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use natter_kit::{Server, ServerArgs};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Options of the edge.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EdgeArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// URL of the sessions service (http://host:port).
+    #[arg(long, env = "NATTER_SESSIONS_URL")]
+    pub sessions_url: String,
+    /// URL of the chats service.
+    #[arg(long, env = "NATTER_CHATS_URL")]
+    pub chats_url: String,
+    /// URL of the messages service.
+    #[arg(long, env = "NATTER_MESSAGES_URL")]
+    pub messages_url: String,
+}
+
+/// One route: calls whose path starts with `prefix` go to `upstream`.
+#[derive(Clone, Debug)]
+struct Route {
+    prefix: &'static str,
+    upstream: Uri,
+}
+
+/// The forwarding service behind the edge's own health and reflection.
+#[derive(Clone)]
+struct Forward {
+    routes: std::sync::Arc<[Route]>,
+    client: Client<HttpConnector, Body>,
+}
+
+impl Forward {
+    fn new(args: &EdgeArgs) -> anyhow::Result<Self> {
+        let parse = |name: &str, url: &str| -> anyhow::Result<Uri> {
+            let uri: Uri = url.parse().map_err(|e| anyhow::anyhow!("--{name}-url {url:?}: {e}"))?;
+            anyhow::ensure!(
+                uri.scheme_str() == Some("http") && uri.authority().is_some(),
+                "--{name}-url must be http://host:port"
+            );
+            Ok(uri)
+        };
+        let routes = vec![
+            Route { prefix: "/natter.sessions.v1.SessionService/", upstream: parse("sessions", &args.sessions_url)? },
+            Route { prefix: "/natter.chats.v1.ChatService/", upstream: parse("chats", &args.chats_url)? },
+            Route { prefix: "/natter.messages.v1.MessageService/", upstream: parse("messages", &args.messages_url)? },
+        ];
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new()).http2_only(true).build(connector);
+        Ok(Self { routes: routes.into(), client })
+    }
+
+    async fn call(self, request: Request<Body>) -> Result<Response<Body>, Infallible> {
+        let path = request.uri().path();
+        let Some(route) = self.routes.iter().find(|r| path.starts_with(r.prefix)) else {
+            let status = tonic::Status::unimplemented(format!("no service at {path}"));
+            return Ok(status.into_http::<Body>());
+        };
+        let (mut parts, body) = request.into_parts();
+        let mut uri = route.upstream.clone().into_parts();
+        uri.path_and_query = parts.uri.path_and_query().cloned();
+        parts.uri = Uri::from_parts(uri).unwrap_or_default();
+        // The client speaks HTTP/2 to the upstream whatever the browser used.
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(http::header::HOST);
+        parts.headers.remove(http::header::CONNECTION);
+        match self.client.request(Request::from_parts(parts, body)).await {
+            Ok(response) => Ok(response.map(Body::new)),
+            Err(e) => {
+                tracing::warn!(upstream = %route.upstream, error = %e, "upstream call failed");
+                Ok(tonic::Status::unavailable("upstream service unavailable").into_http::<Body>())
+            }
+        }
+    }
+}
+
+/// A built edge, bound to its listener, not yet serving.
+pub struct Edge {
+    listener: TcpListener,
+    server: Server,
+    forward: Forward,
+    shutdown: CancellationToken,
+}
+
+impl Edge {
+    /// Checks the upstream URLs and binds the listener.
+    ///
+    /// Errors: a malformed upstream URL, or the address cannot be bound.
+    pub async fn build(args: &EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let forward = Forward::new(args)?;
+        let listener = TcpListener::bind(args.server.listen).await?;
+        Ok(Self { listener, server: Server::new(&args.server), forward, shutdown })
+    }
+
+    /// The address the edge listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until the shutdown token is cancelled.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let (args, health, routes) = self.server.into_routes();
+        let forward = self.forward;
+        let router = routes
+            .into_axum_router()
+            .fallback_service(tower::service_fn(move |request: Request<Body>| forward.clone().call(request)));
+        natter_kit::serve::serve_routes(&args, health, router.into(), self.listener, self.shutdown).await?;
+        Ok(())
+    }
+}

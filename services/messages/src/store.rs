@@ -2,8 +2,7 @@
 //! statement bumps the chat's head seq; history is a keyset walk of
 //! `(chat_id, seq)`.
 
-use natter_db::{Any, Db};
-use sqlx::QueryBuilder;
+use natter_db::{Db, SqlBuilder};
 
 /// A row of `messages`.
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -21,8 +20,7 @@ pub struct MessageRow {
     pub delete_time: Option<i64>,
 }
 
-const MESSAGE_COLUMNS: &str =
-    "id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time";
+const MESSAGE_SELECT: &str = "SELECT id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time FROM messages";
 
 /// A row of `message_revisions`.
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -143,9 +141,9 @@ impl Store {
     }
 
     pub async fn message(&self, id: &str) -> Result<Option<MessageRow>, sqlx::Error> {
-        let mut q = QueryBuilder::<Any>::new("SELECT ");
-        q.push(MESSAGE_COLUMNS).push(" FROM messages WHERE id = ").push_bind(id.to_owned());
-        q.build_query_as().fetch_optional(self.db.read()).await
+        let mut q = SqlBuilder::new(MESSAGE_SELECT);
+        q.push(" WHERE id = ").bind(id.to_owned());
+        q.build_as().fetch_optional(self.db.read()).await
     }
 
     /// The newest seq of a chat (0 before the first message).
@@ -166,20 +164,20 @@ impl Store {
         from: Option<i64>,
         limit: u32,
     ) -> Result<Vec<MessageRow>, sqlx::Error> {
-        let mut q = QueryBuilder::<Any>::new("SELECT ");
-        q.push(MESSAGE_COLUMNS).push(" FROM messages WHERE chat_id = ").push_bind(chat_id.to_owned());
+        let mut q = SqlBuilder::new(MESSAGE_SELECT);
+        q.push(" WHERE chat_id = ").bind(chat_id.to_owned());
         if let Some(b) = range.before {
-            q.push(" AND seq < ").push_bind(b);
+            q.push(" AND seq < ").bind(b);
         }
         if let Some(a) = range.after {
-            q.push(" AND seq > ").push_bind(a);
+            q.push(" AND seq > ").bind(a);
         }
         if let Some(f) = from {
-            q.push(if range.ascending { " AND seq > " } else { " AND seq < " }).push_bind(f);
+            q.push(if range.ascending { " AND seq > " } else { " AND seq < " }).bind(f);
         }
-        q.push(if range.ascending { " ORDER BY seq ASC" } else { " ORDER BY seq DESC" });
-        q.push(" LIMIT ").push_bind(i64::from(limit));
-        q.build_query_as().fetch_all(self.db.read()).await
+        q.push(if range.ascending { " ORDER BY seq ASC LIMIT " } else { " ORDER BY seq DESC LIMIT " });
+        q.bind(i64::from(limit));
+        q.build_as().fetch_all(self.db.read()).await
     }
 
     /// Earlier revisions of the given messages, oldest first.
@@ -187,15 +185,10 @@ impl Store {
         if message_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut q = QueryBuilder::<Any>::new(
-            "SELECT message_id, revision, text, edit_time FROM message_revisions WHERE message_id IN (",
-        );
-        let mut list = q.separated(", ");
-        for id in message_ids {
-            list.push_bind(id.clone());
-        }
-        q.push(") ORDER BY message_id, revision");
-        q.build_query_as().fetch_all(self.db.read()).await
+        let mut q =
+            SqlBuilder::new("SELECT message_id, revision, text, edit_time FROM message_revisions WHERE message_id IN ");
+        q.bind_list(message_ids.iter().cloned()).push(" ORDER BY message_id, revision");
+        q.build_as().fetch_all(self.db.read()).await
     }
 
     /// Moves a user's read position forward to `seq` (never back) and returns

@@ -1,8 +1,8 @@
 //! The sessions service's SQL. Unique violations become domain errors;
 //! nothing else of the database leaves this module.
 
-use natter_db::sqlx::{self, QueryBuilder};
-use natter_db::{Any, Db};
+use natter_db::sqlx;
+use natter_db::{Any, Db, SqlBuilder};
 
 use crate::error::SessionsError;
 
@@ -126,15 +126,10 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut q = QueryBuilder::<Any>::new(
-            "SELECT id, username, display_name, password_hash, create_time FROM users WHERE id IN (",
-        );
-        let mut list = q.separated(", ");
-        for id in ids {
-            list.push_bind(id.clone());
-        }
-        q.push(")");
-        Ok(q.build_query_as().fetch_all(self.db.read()).await?)
+        let mut q =
+            SqlBuilder::new("SELECT id, username, display_name, password_hash, create_time FROM users WHERE id IN ");
+        q.bind_list(ids.iter().cloned());
+        Ok(q.build_as().fetch_all(self.db.read()).await?)
     }
 
     /// The session a token hash belongs to, whatever its state.
@@ -165,15 +160,15 @@ impl Store {
         before_id: Option<&str>,
         limit: u32,
     ) -> Result<Vec<SessionRow>, SessionsError> {
-        let mut q = QueryBuilder::<Any>::new(
+        let mut q = SqlBuilder::new(
             "SELECT id, user_id, create_time, expire_time FROM sessions WHERE revoke_time IS NULL AND user_id = ",
         );
-        q.push_bind(user_id.to_owned()).push(" AND expire_time > ").push_bind(now);
+        q.bind(user_id.to_owned()).push(" AND expire_time > ").bind(now);
         if let Some(before) = before_id {
-            q.push(" AND id < ").push_bind(before.to_owned());
+            q.push(" AND id < ").bind(before.to_owned());
         }
-        q.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(limit));
-        Ok(q.build_query_as().fetch_all(self.db.read()).await?)
+        q.push(" ORDER BY id DESC LIMIT ").bind(i64::from(limit));
+        Ok(q.build_as().fetch_all(self.db.read()).await?)
     }
 
     /// Revokes one live session of a user; false if there was none.

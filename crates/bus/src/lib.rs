@@ -62,11 +62,11 @@ impl Hub {
 impl EventBus for Hub {
     fn publish(&self, topic: Topic, event: Event) {
         let Ok(mut topics) = self.topics.lock() else { return };
-        if let Some(sender) = topics.get(&topic) {
-            if sender.send(event).is_err() {
-                // Nobody listens any more: drop the channel.
-                topics.remove(&topic);
-            }
+        if let Some(sender) = topics.get(&topic)
+            && sender.send(event).is_err()
+        {
+            // Nobody listens any more: drop the channel.
+            topics.remove(&topic);
         }
     }
 

@@ -174,10 +174,10 @@ impl Db {
             let create = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
             // Replicas starting together may race on the catalog; the loser
             // sees a unique violation and the schema exists either way.
-            if let Err(e) = conn.execute(AssertSqlSafe(create)).await {
-                if !is_unique_violation(&e) {
-                    return Err(e.into());
-                }
+            if let Err(e) = conn.execute(AssertSqlSafe(create)).await
+                && !is_unique_violation(&e)
+            {
+                return Err(e.into());
             }
             conn.close().await?;
         }

@@ -9,7 +9,6 @@
 //! `shutdown_grace` the server stops regardless.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::time::Duration;
 
 use http::{HeaderName, Method};
@@ -183,8 +182,8 @@ fn rpc_span<B>(request: &http::Request<B>) -> tracing::Span {
 }
 
 /// Resolves when the process gets Ctrl-C or SIGTERM.
-pub fn shutdown_signal() -> impl Future<Output = ()> {
-    async {
+pub async fn shutdown_signal() {
+    {
         let ctrl_c = async {
             let _ = tokio::signal::ctrl_c().await;
         };

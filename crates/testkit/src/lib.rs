@@ -1,1 +1,278 @@
-//! Placeholder.
+//! Starts natter for tests and talks to it over real sockets.
+//!
+//! [`Cluster::all_in_one`] runs the `natter` app on SQLite in a temporary
+//! directory; [`Cluster::split`] runs the sessions, chats and messages
+//! services as separate servers (each on its own port, linked over gRPC) on
+//! PostgreSQL, behind the edge. Both are configured through the binaries' own
+//! command-line parsers, bind `127.0.0.1:0` before anything starts, and stop
+//! through the same shutdown token a signal would cancel.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use clap::Parser as _;
+use natter_proto::chats::v1::chat_service_client::ChatServiceClient;
+use natter_proto::messages::v1::message_service_client::MessageServiceClient;
+use natter_proto::sessions::v1::{self as spb, session_service_client::SessionServiceClient};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub mod grpc_web;
+
+/// Which deployment a test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `natter serve` on SQLite: one process, one port.
+    AllInOne,
+    /// Separate service servers on PostgreSQL behind the edge.
+    Split,
+}
+
+/// A running natter and the way to reach it.
+pub struct Cluster {
+    /// Which deployment this is.
+    pub mode: Mode,
+    /// Where clients connect: the all-in-one's port or the edge's.
+    pub addr: SocketAddr,
+    channel: Channel,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    pg: Option<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+/// A user with a live session.
+#[derive(Clone, Debug)]
+pub struct TestUser {
+    pub id: String,
+    pub username: String,
+    pub token: String,
+    pub session_id: String,
+}
+
+async fn bind() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral port")
+}
+
+/// The PostgreSQL URL for tests, or `None` (outside CI) when unset. In CI
+/// (`CI` set) an unset URL is a failure, so split tests never skip silently.
+pub fn postgres_url() -> Option<String> {
+    match std::env::var("NATTER_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => panic!("CI must set NATTER_TEST_DATABASE_URL"),
+        _ => None,
+    }
+}
+
+fn spawn<F>(tasks: &mut Vec<JoinHandle<anyhow::Result<()>>>, f: F)
+where
+    F: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    tasks.push(tokio::spawn(f));
+}
+
+impl Cluster {
+    /// Starts the deployment `mode`; `None` for [`Mode::Split`] when no
+    /// PostgreSQL is configured outside CI.
+    pub async fn start(mode: Mode) -> Option<Self> {
+        match mode {
+            Mode::AllInOne => Some(Self::all_in_one(&[]).await),
+            Mode::Split => match postgres_url() {
+                Some(url) => Some(Self::split(&url, &[]).await),
+                None => {
+                    eprintln!("skipped: NATTER_TEST_DATABASE_URL is not set");
+                    None
+                }
+            },
+        }
+    }
+
+    /// `natter serve` on SQLite in a temporary directory, with `extra` flags.
+    pub async fn all_in_one(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let listener = bind().await;
+        let addr = listener.local_addr().expect("local addr");
+        let data_dir = dir.path().display().to_string();
+        let mut argv = vec!["natter", "--listen", "127.0.0.1:0", "--data-dir", &data_dir];
+        argv.extend_from_slice(extra);
+        let args = ServeCli::try_parse_from(argv).expect("valid flags").args;
+        let shutdown = CancellationToken::new();
+        let app = natter::App::build_on(&args, listener, shutdown.clone()).await.expect("natter starts");
+        let mut tasks = Vec::new();
+        spawn(&mut tasks, app.run());
+        Self::connected(Mode::AllInOne, addr, shutdown, tasks, None, dir).await
+    }
+
+    /// The three services on PostgreSQL at `url` (fresh schemas), each on
+    /// its own port and linked over gRPC, behind the edge; `extra` flags go
+    /// to every service.
+    pub async fn split(url: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let prefix = format!("t{}_", uuid::Uuid::new_v4().simple());
+        let (ls, lc, lm, le) = (bind().await, bind().await, bind().await, bind().await);
+        let [s, c, m] = [&ls, &lc, &lm].map(|l| format!("http://{}", l.local_addr().expect("addr")));
+        let addr = le.local_addr().expect("addr");
+        let common = ["--listen", "127.0.0.1:0", "--database-url", url, "--database-schema-prefix", &prefix];
+        let argv = |name: &'static str, more: &[&str]| -> Vec<String> {
+            std::iter::once(name)
+                .chain(common.iter().copied())
+                .chain(more.iter().copied())
+                .chain(extra.iter().copied())
+                .map(str::to_owned)
+                .collect()
+        };
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let sessions = natter_sessions::Config::try_parse_from(argv("natter-sessions", &[])).expect("valid flags");
+        let chats =
+            natter_chats::Config::try_parse_from(argv("natter-chats", &["--sessions-url", &s, "--messages-url", &m]))
+                .expect("valid flags");
+        let messages = natter_messages::Config::try_parse_from(argv(
+            "natter-messages",
+            &["--sessions-url", &s, "--chats-url", &c],
+        ))
+        .expect("valid flags");
+        let edge = natter_edge::EdgeArgs::try_parse_from([
+            "natter-edge",
+            "--listen",
+            "127.0.0.1:0",
+            "--sessions-url",
+            &s,
+            "--chats-url",
+            &c,
+            "--messages-url",
+            &m,
+        ])
+        .expect("valid flags");
+        spawn(&mut tasks, natter_sessions::run(sessions, ls, shutdown.clone()));
+        spawn(&mut tasks, natter_chats::run(chats, lc, shutdown.clone()));
+        spawn(&mut tasks, natter_messages::run(messages, lm, shutdown.clone()));
+        spawn(&mut tasks, natter_edge::run(edge, le, shutdown.clone()));
+        Self::connected(Mode::Split, addr, shutdown, tasks, Some((url.to_owned(), prefix)), dir).await
+    }
+
+    async fn connected(
+        mode: Mode,
+        addr: SocketAddr,
+        shutdown: CancellationToken,
+        tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+        pg: Option<(String, String)>,
+        dir: tempfile::TempDir,
+    ) -> Self {
+        // The listener is bound, so connecting cannot race the server's start.
+        let channel = Channel::from_shared(format!("http://{addr}")).expect("url").connect().await.expect("connect");
+        let cluster = Self { mode, addr, channel, shutdown, tasks, pg, _dir: dir };
+        // Split mode: wait until every service answers through the edge
+        // (their stores migrate concurrently after binding).
+        cluster.wait_ready().await;
+        cluster
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..200 {
+            let probe = self
+                .sessions()
+                .create_session(spb::CreateSessionRequest {
+                    username: "probe-x".into(),
+                    password: "probe-probe".into(),
+                })
+                .await;
+            match probe {
+                Err(s) if s.code() == tonic::Code::Unauthenticated => return,
+                Ok(_) => return,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(25)).await,
+            }
+        }
+        panic!("natter did not become ready");
+    }
+
+    /// A channel to the cluster's public port.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    pub fn sessions(&self) -> SessionServiceClient<Channel> {
+        SessionServiceClient::new(self.channel.clone())
+    }
+
+    pub fn chats(&self) -> ChatServiceClient<Channel> {
+        ChatServiceClient::new(self.channel.clone())
+    }
+
+    pub fn messages(&self) -> MessageServiceClient<Channel> {
+        MessageServiceClient::new(self.channel.clone())
+    }
+
+    /// Registers `name` (made unique) with a password and logs in.
+    pub async fn user(&self, name: &str) -> TestUser {
+        let username = format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let password = "correct horse battery".to_owned();
+        self.sessions()
+            .create_user(spb::CreateUserRequest {
+                username: username.clone(),
+                password: password.clone(),
+                display_name: name.into(),
+            })
+            .await
+            .expect("create user");
+        let s = self
+            .sessions()
+            .create_session(spb::CreateSessionRequest { username: username.clone(), password })
+            .await
+            .expect("log in")
+            .into_inner();
+        let session = s.session.expect("session");
+        TestUser { id: s.user.expect("user").id, username, token: s.token, session_id: session.id }
+    }
+
+    /// A new guest user with a session.
+    pub async fn guest(&self) -> TestUser {
+        let s = self.sessions().create_session(spb::CreateSessionRequest::default()).await.expect("guest").into_inner();
+        let session = s.session.expect("session");
+        TestUser { id: s.user.expect("user").id, username: String::new(), token: s.token, session_id: session.id }
+    }
+
+    /// Cancels the shutdown token, waits for every server to drain, and
+    /// drops the PostgreSQL schemas of a split cluster.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            task.await.expect("server task").expect("server ran cleanly");
+        }
+        if let Some((url, prefix)) = self.pg {
+            use sqlx::Connection as _;
+            sqlx::any::install_default_drivers();
+            let mut conn = sqlx::AnyConnection::connect(&url).await.expect("connect to drop schemas");
+            for name in ["sessions", "chats", "messages"] {
+                let sql = format!("DROP SCHEMA IF EXISTS {prefix}{name} CASCADE");
+                sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.expect("drop schema");
+            }
+        }
+    }
+
+    /// The shutdown token (to test graceful shutdown).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// A request carrying `authorization: Bearer <token>`.
+pub fn authed<T>(user: &TestUser, message: T) -> tonic::Request<T> {
+    with_token(&user.token, message)
+}
+
+/// A request carrying `authorization: Bearer <token>`.
+pub fn with_token<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {token}").parse().expect("ascii token");
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+#[derive(clap::Parser)]
+struct ServeCli {
+    #[command(flatten)]
+    args: natter::ServeArgs,
+}

@@ -91,3 +91,43 @@ pub async fn add_services(server: &mut Server, chats: &Arc<Chats>, auth: Authent
         )
         .await;
 }
+
+/// Command line of `natter-chats` (split mode).
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "natter-chats", version, about = "natter's chats service: chats, membership and chat state")]
+pub struct Config {
+    #[command(flatten)]
+    pub server: natter_kit::ServerArgs,
+    #[command(flatten)]
+    pub store: natter_db::StoreArgs,
+    #[command(flatten)]
+    pub chats: ChatsArgs,
+    /// URL of the sessions service (token checks, user look-ups).
+    #[arg(long, env = "NATTER_SESSIONS_URL")]
+    pub sessions_url: String,
+    /// URL of the messages service (previews, unread counts).
+    #[arg(long, env = "NATTER_MESSAGES_URL")]
+    pub messages_url: String,
+}
+
+/// Runs the chats service alone on `listener` until `shutdown`.
+///
+/// Errors: a malformed URL, the store cannot be opened, or serving fails.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let sessions = natter_links::channel(&config.sessions_url).map_err(anyhow::Error::msg)?;
+    let messages = natter_links::channel(&config.messages_url).map_err(anyhow::Error::msg)?;
+    let bus = Arc::new(natter_bus::Hub::new());
+    let users = Arc::new(natter_links::Grpc(sessions.clone()));
+    let chats =
+        open(&config.store.config("chats")?, users, Arc::new(natter_links::Grpc(messages)), bus, &config.chats).await?;
+    let auth = Authenticator::new(Arc::new(natter_auth::GrpcVerifier::new(sessions)));
+    let mut server = Server::new(&config.server);
+    add_services(&mut server, &chats, auth).await;
+    server.serve(listener, shutdown).await?;
+    chats.store().db().close().await;
+    Ok(())
+}

@@ -144,18 +144,18 @@ impl Chats {
         chat_id: Option<Uuid>,
         direct_key: Option<&str>,
     ) -> Result<Option<ChatRow>, ChatsError> {
-        if let Some(key) = direct_key {
-            if let Some(chat) = self.store.chat_by_direct_key(key).await? {
-                return Ok(Some(chat));
-            }
+        if let Some(key) = direct_key
+            && let Some(chat) = self.store.chat_by_direct_key(key).await?
+        {
+            return Ok(Some(chat));
         }
-        if let Some(id) = chat_id {
-            if let Some(chat) = self.store.chat(&id.to_string()).await? {
-                if chat.creator_id != caller.to_string() {
-                    return Err(ChatsError::ChatIdTaken);
-                }
-                return Ok(Some(chat));
+        if let Some(id) = chat_id
+            && let Some(chat) = self.store.chat(&id.to_string()).await?
+        {
+            if chat.creator_id != caller.to_string() {
+                return Err(ChatsError::ChatIdTaken);
             }
+            return Ok(Some(chat));
         }
         Ok(None)
     }

@@ -9,7 +9,6 @@
 //! answered by the edge itself.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 
 use axum::body::Body;
 use http::{Request, Response, Uri, Version};
@@ -20,8 +19,13 @@ use natter_kit::{Server, ServerArgs};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Options of the edge.
-#[derive(Clone, Debug, clap::Args)]
+/// Command line of `natter-edge`.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "natter-edge",
+    version,
+    about = "natter's edge: forwards gRPC and gRPC-web calls to the natter services"
+)]
 pub struct EdgeArgs {
     #[command(flatten)]
     pub server: ServerArgs,
@@ -95,37 +99,15 @@ impl Forward {
     }
 }
 
-/// A built edge, bound to its listener, not yet serving.
-pub struct Edge {
-    listener: TcpListener,
-    server: Server,
-    forward: Forward,
-    shutdown: CancellationToken,
-}
-
-impl Edge {
-    /// Checks the upstream URLs and binds the listener.
-    ///
-    /// Errors: a malformed upstream URL, or the address cannot be bound.
-    pub async fn build(args: &EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<Self> {
-        let forward = Forward::new(args)?;
-        let listener = TcpListener::bind(args.server.listen).await?;
-        Ok(Self { listener, server: Server::new(&args.server), forward, shutdown })
-    }
-
-    /// The address the edge listens on.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Serves until the shutdown token is cancelled.
-    pub async fn run(self) -> anyhow::Result<()> {
-        let (args, health, routes) = self.server.into_routes();
-        let forward = self.forward;
-        let router = routes
-            .into_axum_router()
-            .fallback_service(tower::service_fn(move |request: Request<Body>| forward.clone().call(request)));
-        natter_kit::serve::serve_routes(&args, health, router.into(), self.listener, self.shutdown).await?;
-        Ok(())
-    }
+/// Serves the edge on `listener` until `shutdown` is cancelled.
+///
+/// Errors: a malformed upstream URL, or serving fails.
+pub async fn run(args: EdgeArgs, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let forward = Forward::new(&args)?;
+    let (server_args, health, routes) = Server::new(&args.server).into_routes();
+    let router = routes
+        .into_axum_router()
+        .fallback_service(tower::service_fn(move |request: Request<Body>| forward.clone().call(request)));
+    natter_kit::serve::serve_routes(&server_args, health, router.into(), listener, shutdown).await?;
+    Ok(())
 }

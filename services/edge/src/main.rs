@@ -2,19 +2,11 @@
 
 use clap::Parser;
 
-/// natter's edge: forwards gRPC and gRPC-web calls to the natter services.
-#[derive(Debug, Parser)]
-#[command(name = "natter-edge", version)]
-struct Config {
-    #[command(flatten)]
-    edge: natter_edge::EdgeArgs,
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
-    natter_kit::telemetry::init(config.edge.server.log_format);
-    let edge = natter_edge::Edge::build(&config.edge, natter_kit::serve::shutdown_token()).await?;
-    tracing::info!(addr = %edge.local_addr()?, "natter-edge listening");
-    edge.run().await
+    let args = natter_edge::EdgeArgs::parse();
+    natter_kit::telemetry::init(args.server.log_format);
+    let listener = tokio::net::TcpListener::bind(args.server.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, "natter-edge listening");
+    natter_edge::run(args, listener, natter_kit::serve::shutdown_token()).await
 }

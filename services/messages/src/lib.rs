@@ -96,3 +96,42 @@ pub async fn add_services(
         )
         .await;
 }
+
+/// Command line of `natter-messages` (split mode).
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "natter-messages",
+    version,
+    about = "natter's messages service: messages, read positions and the event stream"
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub server: natter_kit::ServerArgs,
+    #[command(flatten)]
+    pub store: natter_db::StoreArgs,
+    #[command(flatten)]
+    pub messages: MessagesArgs,
+    /// URL of the sessions service (token checks).
+    #[arg(long, env = "NATTER_SESSIONS_URL")]
+    pub sessions_url: String,
+    /// URL of the chats service (membership, activity).
+    #[arg(long, env = "NATTER_CHATS_URL")]
+    pub chats_url: String,
+}
+
+/// Runs the messages service alone on `listener` until `shutdown`.
+///
+/// Errors: a malformed URL, the store cannot be opened, or serving fails.
+pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let sessions = natter_links::channel(&config.sessions_url).map_err(anyhow::Error::msg)?;
+    let chats = natter_links::channel(&config.chats_url).map_err(anyhow::Error::msg)?;
+    let bus = Arc::new(natter_bus::Hub::new());
+    let messages =
+        open(&config.store.config("messages")?, Arc::new(natter_links::Grpc(chats)), bus, &config.messages).await?;
+    let auth = Authenticator::new(Arc::new(natter_auth::GrpcVerifier::new(sessions)));
+    let mut server = Server::new(&config.server);
+    add_services(&mut server, &messages, auth, shutdown.clone()).await;
+    server.serve(listener, shutdown).await?;
+    messages.store().db().close().await;
+    Ok(())
+}

@@ -121,10 +121,10 @@ impl Messages {
     /// message_id returns the original.
     #[tracing::instrument(skip_all, fields(chat_id = %req.chat_id))]
     pub async fn send(&self, caller: Uuid, req: SendRequest) -> Result<MessageRow, MessagesError> {
-        if let Some(id) = req.message_id {
-            if let Some(existing) = self.store.message(&id.to_string()).await? {
-                return same_message(existing, &req, caller);
-            }
+        if let Some(id) = req.message_id
+            && let Some(existing) = self.store.message(&id.to_string()).await?
+        {
+            return same_message(existing, &req, caller);
         }
         let membership = self.member(req.chat_id, caller).await?;
         if membership.archived {

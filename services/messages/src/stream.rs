@@ -91,7 +91,7 @@ pub async fn open(
     }
     // Chats to replay from the store before going live.
     let replay: Vec<(Uuid, i64)> =
-        follow.resume.iter().filter_map(|(chat, _)| cursors.get(chat).map(|c| (*chat, *c))).collect();
+        follow.resume.keys().filter_map(|chat| cursors.get(chat).map(|c| (*chat, *c))).collect();
     tracing::debug!(user_id = %user, chats = chats.len(), replay = replay.len(), "stream opened");
 
     let token = follow.token;

@@ -45,6 +45,16 @@ impl App {
     ///
     /// Errors: a store cannot be opened or the address cannot be bound.
     pub async fn build(args: &ServeArgs, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(args.server.listen).await?;
+        Self::build_on(args, listener, shutdown).await
+    }
+
+    /// As [`App::build`], on a listener bound by the caller.
+    pub async fn build_on(
+        args: &ServeArgs,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let bus: Arc<dyn EventBus> = Arc::new(Hub::new());
 
         let sessions = natter_sessions::open(&args.store.config("sessions")?, bus.clone(), &args.sessions).await?;
@@ -77,7 +87,6 @@ impl App {
         natter_chats::add_services(&mut server, &chats, auth.clone()).await;
         natter_messages::add_services(&mut server, &messages, auth, shutdown.clone()).await;
 
-        let listener = TcpListener::bind(args.server.listen).await?;
         let dbs = vec![sessions.store().db().clone(), chats.store().db().clone(), messages.store().db().clone()];
         Ok(Self { listener, server, shutdown, dbs })
     }

@@ -61,3 +61,36 @@ pub async fn add_services(server: &mut Server, sessions: &Arc<Sessions>) {
         )
         .await;
 }
+
+/// Command line of `natter-sessions` (split mode).
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "natter-sessions",
+    version,
+    about = "natter's sessions service: users, credentials and bearer-token sessions"
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub server: natter_kit::ServerArgs,
+    #[command(flatten)]
+    pub store: natter_db::StoreArgs,
+    #[command(flatten)]
+    pub sessions: SessionsArgs,
+}
+
+/// Runs the sessions service alone on `listener` until `shutdown`.
+///
+/// Errors: the store cannot be opened, or serving fails.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let bus = Arc::new(natter_bus::Hub::new());
+    let sessions = open(&config.store.config("sessions")?, bus, &config.sessions).await?;
+    let mut server = Server::new(&config.server);
+    add_services(&mut server, &sessions).await;
+    server.serve(listener, shutdown).await?;
+    sessions.store().db().close().await;
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! Chats: creation rules, idempotency, listing by activity with previews.
+
+use natter_proto::chats::v1 as cpb;
+use natter_proto::messages::v1 as mpb;
+use natter_testkit::{Cluster, TestUser, authed};
+use tonic::Code;
+
+use crate::{code, violated_fields};
+
+crate::both_modes!(
+    direct_chats_are_unique_per_pair,
+    client_chosen_chat_ids_are_idempotent,
+    group_rules_and_bad_input,
+    list_chats_orders_by_activity_and_pages,
+    previews_and_unread_counts_follow_messages,
+    non_members_are_denied,
+);
+
+pub(crate) async fn direct(c: &Cluster, a: &TestUser, b: &TestUser) -> cpb::Chat {
+    let request = cpb::CreateChatRequest { member_ids: vec![b.id.clone()], ..Default::default() };
+    c.chats().create_chat(authed(a, request)).await.unwrap().into_inner().chat.unwrap()
+}
+
+pub(crate) async fn send(c: &Cluster, user: &TestUser, chat_id: &str, text: &str) -> mpb::Message {
+    let request = mpb::SendMessageRequest { chat_id: chat_id.to_owned(), text: text.to_owned(), ..Default::default() };
+    c.messages().send_message(authed(user, request)).await.unwrap().into_inner().message.unwrap()
+}
+
+async fn direct_chats_are_unique_per_pair(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let first = direct(c, &alice, &bob).await;
+    assert_eq!(first.kind, cpb::ChatKind::Direct as i32);
+    assert_eq!(first.owner_id, alice.id);
+    assert_eq!(first.member_count, 2);
+    assert_eq!(direct(c, &alice, &bob).await.id, first.id, "same pair, same chat");
+    assert_eq!(direct(c, &bob, &alice).await.id, first.id, "either side");
+    // Concurrent first requests of a new pair still make one chat.
+    let carol = c.user("carol").await;
+    let racers = futures::future::join_all((0..6).map(|_| direct(c, &alice, &carol))).await;
+    assert!(racers.iter().all(|chat| chat.id == racers[0].id));
+    assert_ne!(racers[0].id, first.id);
+}
+
+async fn client_chosen_chat_ids_are_idempotent(c: &Cluster) {
+    let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+    let id = uuid::Uuid::now_v7().to_string();
+    let request = cpb::CreateChatRequest {
+        chat_id: id.clone(),
+        title: "Trip".into(),
+        member_ids: vec![bob.id.clone()],
+        ..Default::default()
+    };
+    let first = c.chats().create_chat(authed(&alice, request.clone())).await.unwrap().into_inner().chat.unwrap();
+    assert_eq!(first.id, id);
+    assert_eq!(first.kind, cpb::ChatKind::Group as i32);
+    let retry = c.chats().create_chat(authed(&alice, request.clone())).await.unwrap().into_inner().chat.unwrap();
+    assert_eq!(retry.id, id);
+    assert_eq!(retry.create_time, first.create_time);
+    // Someone else reusing the id is refused, not handed the chat.
+    assert_eq!(code(c.chats().create_chat(authed(&carol, request)).await), Code::AlreadyExists);
+}
+
+async fn group_rules_and_bad_input(c: &Cluster) {
+    let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+    let untitled = cpb::CreateChatRequest { member_ids: vec![bob.id.clone(), carol.id.clone()], ..Default::default() };
+    let group = c.chats().create_chat(authed(&alice, untitled)).await.unwrap().into_inner().chat.unwrap();
+    assert_eq!(group.kind, cpb::ChatKind::Group as i32);
+    assert_eq!(group.member_count, 3);
+
+    let lonely = cpb::CreateChatRequest { kind: cpb::ChatKind::Group as i32, ..Default::default() };
+    assert_eq!(violated_fields(&c.chats().create_chat(authed(&alice, lonely)).await.unwrap_err()), ["title"]);
+    let long = cpb::CreateChatRequest { title: "x".repeat(201), ..Default::default() };
+    assert_eq!(violated_fields(&c.chats().create_chat(authed(&alice, long)).await.unwrap_err()), ["title"]);
+    let bad_id = cpb::CreateChatRequest { member_ids: vec!["not-a-uuid".into()], ..Default::default() };
+    assert_eq!(violated_fields(&c.chats().create_chat(authed(&alice, bad_id)).await.unwrap_err()), ["member_ids[0]"]);
+    let three_direct = cpb::CreateChatRequest {
+        kind: cpb::ChatKind::Direct as i32,
+        member_ids: vec![bob.id.clone(), carol.id.clone()],
+        ..Default::default()
+    };
+    assert_eq!(
+        violated_fields(&c.chats().create_chat(authed(&alice, three_direct)).await.unwrap_err()),
+        ["member_ids"]
+    );
+    let ghost = cpb::CreateChatRequest { member_ids: vec![uuid::Uuid::now_v7().to_string()], ..Default::default() };
+    assert_eq!(code(c.chats().create_chat(authed(&alice, ghost)).await), Code::NotFound);
+    let missing = cpb::GetChatRequest { chat_id: uuid::Uuid::now_v7().to_string(), ..Default::default() };
+    assert_eq!(code(c.chats().get_chat(authed(&alice, missing)).await), Code::NotFound);
+}
+
+async fn list_chats_orders_by_activity_and_pages(c: &Cluster) {
+    let alice = c.user("alice").await;
+    let mut chats = Vec::new();
+    for i in 0..5 {
+        let other = c.user(&format!("friend{i}")).await;
+        chats.push(direct(c, &alice, &other).await.id);
+    }
+    // Activity reorders: a message in the oldest chat makes it the newest.
+    send(c, &alice, &chats[0], "bump").await;
+    let expected_desc = vec![chats[0].clone(), chats[4].clone(), chats[3].clone(), chats[2].clone(), chats[1].clone()];
+
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let request = cpb::ListChatsRequest { page_size: 2, page_token: token.clone(), ..Default::default() };
+        let page = c.chats().list_chats(authed(&alice, request)).await.unwrap().into_inner();
+        assert!(page.chats.len() <= 2);
+        seen.extend(page.chats.into_iter().map(|ch| ch.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, expected_desc);
+
+    let asc = cpb::ListChatsRequest { order: cpb::SortOrder::Asc as i32, ..Default::default() };
+    let asc: Vec<_> = c
+        .chats()
+        .list_chats(authed(&alice, asc))
+        .await
+        .unwrap()
+        .into_inner()
+        .chats
+        .into_iter()
+        .map(|ch| ch.id)
+        .collect();
+    assert_eq!(asc, expected_desc.iter().rev().cloned().collect::<Vec<_>>());
+
+    let garbage = cpb::ListChatsRequest { page_token: "garbage".into(), ..Default::default() };
+    assert_eq!(violated_fields(&c.chats().list_chats(authed(&alice, garbage)).await.unwrap_err()), ["page_token"]);
+    // A token is bound to the filters it was issued for.
+    let first = c
+        .chats()
+        .list_chats(authed(&alice, cpb::ListChatsRequest { page_size: 1, ..Default::default() }))
+        .await
+        .unwrap()
+        .into_inner();
+    let switched = cpb::ListChatsRequest {
+        page_size: 1,
+        page_token: first.next_page_token,
+        order: cpb::SortOrder::Asc as i32,
+        ..Default::default()
+    };
+    assert_eq!(code(c.chats().list_chats(authed(&alice, switched)).await), Code::InvalidArgument);
+}
+
+async fn previews_and_unread_counts_follow_messages(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &alice, &bob).await;
+    assert!(chat.last_message.is_none());
+    for text in ["one", "two", "three"] {
+        send(c, &alice, &chat.id, text).await;
+    }
+    let listed = |u: TestUser| async move {
+        c.chats().list_chats(authed(&u, cpb::ListChatsRequest::default())).await.unwrap().into_inner().chats.remove(0)
+    };
+    let for_bob = listed(bob.clone()).await;
+    let last = for_bob.last_message.unwrap();
+    assert_eq!((last.seq, last.text.as_str(), last.author_id.as_str()), (3, "three", alice.id.as_str()));
+    assert_eq!(for_bob.unread_count, 3);
+    assert_eq!(listed(alice.clone()).await.unread_count, 0, "own messages are never unread");
+
+    let read = c
+        .messages()
+        .mark_read(authed(&bob, mpb::MarkReadRequest { chat_id: chat.id.clone(), seq: 2 }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((read.read_seq, read.unread_count), (2, 1));
+    // Never backwards, clamped to the newest message.
+    let back = c
+        .messages()
+        .mark_read(authed(&bob, mpb::MarkReadRequest { chat_id: chat.id.clone(), seq: 1 }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((back.read_seq, back.unread_count), (2, 1));
+    let beyond = c
+        .messages()
+        .mark_read(authed(&bob, mpb::MarkReadRequest { chat_id: chat.id.clone(), seq: 99 }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((beyond.read_seq, beyond.unread_count), (3, 0));
+    assert_eq!(listed(bob.clone()).await.unread_count, 0);
+
+    let screen = c
+        .chats()
+        .get_chat(authed(&bob, cpb::GetChatRequest { chat_id: chat.id.clone(), message_page_size: 2 }))
+        .await
+        .unwrap()
+        .into_inner();
+    let seqs: Vec<_> = screen.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [3, 2], "newest first");
+    assert_eq!(screen.chat.unwrap().last_message.unwrap().seq, 3);
+}
+
+async fn non_members_are_denied(c: &Cluster) {
+    let (alice, bob, eve) = (c.user("alice").await, c.user("bob").await, c.user("eve").await);
+    let chat = direct(c, &alice, &bob).await;
+    send(c, &alice, &chat.id, "private").await;
+    let get = cpb::GetChatRequest { chat_id: chat.id.clone(), message_page_size: 10 };
+    assert_eq!(code(c.chats().get_chat(authed(&eve, get)).await), Code::PermissionDenied);
+    let list = mpb::ListMessagesRequest { chat_id: chat.id.clone(), ..Default::default() };
+    assert_eq!(code(c.messages().list_messages(authed(&eve, list)).await), Code::PermissionDenied);
+    let post = mpb::SendMessageRequest { chat_id: chat.id.clone(), text: "let me in".into(), ..Default::default() };
+    assert_eq!(code(c.messages().send_message(authed(&eve, post)).await), Code::PermissionDenied);
+    let read = mpb::MarkReadRequest { chat_id: chat.id.clone(), seq: 1 };
+    assert_eq!(code(c.messages().mark_read(authed(&eve, read)).await), Code::PermissionDenied);
+    let stream = mpb::StreamEventsRequest { chat_ids: vec![chat.id.clone()], ..Default::default() };
+    assert_eq!(code(c.messages().stream_events(authed(&eve, stream)).await), Code::PermissionDenied);
+    let members = cpb::ListMembersRequest { chat_id: chat.id.clone(), ..Default::default() };
+    assert_eq!(code(c.chats().list_members(authed(&eve, members)).await), Code::PermissionDenied);
+    // Eve's own list does not show it.
+    assert!(
+        c.chats()
+            .list_chats(authed(&eve, cpb::ListChatsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner()
+            .chats
+            .is_empty()
+    );
+}

@@ -1,0 +1,56 @@
+//! End-to-end tests: every test runs against the all-in-one `natter` on
+//! SQLite and, when `NATTER_TEST_DATABASE_URL` is set (CI sets it and fails
+//! without it), against the split services on PostgreSQL behind the edge.
+//! Clients are the generated tonic stubs over real sockets.
+
+mod chats;
+mod messages;
+mod sessions;
+mod stream;
+mod wire;
+
+use tonic::{Code, Status};
+use tonic_types::StatusExt as _;
+
+/// Generates one test per deployment for each named `async fn(&Cluster)`.
+#[macro_export]
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod all_in_one {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(cluster) = natter_testkit::Cluster::start(natter_testkit::Mode::AllInOne).await else { return };
+                    super::$name(&cluster).await;
+                    cluster.stop().await;
+                }
+            )*
+        }
+        mod split {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(cluster) = natter_testkit::Cluster::start(natter_testkit::Mode::Split).await else { return };
+                    super::$name(&cluster).await;
+                    cluster.stop().await;
+                }
+            )*
+        }
+    };
+}
+
+/// The status code of a failed call (panics if it succeeded).
+#[track_caller]
+pub(crate) fn code<T: std::fmt::Debug>(result: Result<T, Status>) -> Code {
+    result.expect_err("call should fail").code()
+}
+
+/// The fields named by the BadRequest detail of an INVALID_ARGUMENT status.
+pub(crate) fn violated_fields(status: &Status) -> Vec<String> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}

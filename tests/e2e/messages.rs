@@ -1,0 +1,207 @@
+//! Messages: idempotent sends, gap-free seq, history paging, validation.
+
+use natter_proto::chats::v1 as cpb;
+use natter_proto::messages::v1 as mpb;
+use natter_testkit::{Cluster, authed};
+use tonic::Code;
+
+use crate::chats::{direct, send};
+use crate::{code, violated_fields};
+
+crate::both_modes!(
+    retries_with_one_message_id_create_one_message,
+    concurrent_senders_get_gap_free_seqs,
+    history_pages_both_ways,
+    bad_messages_name_the_field,
+    attachments_and_replies_round_trip,
+);
+
+async fn retries_with_one_message_id_create_one_message(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &alice, &bob).await;
+    send(c, &bob, &chat.id, "before").await;
+    let id = uuid::Uuid::now_v7().to_string();
+    let request = mpb::SendMessageRequest {
+        chat_id: chat.id.clone(),
+        message_id: id.clone(),
+        text: "once".into(),
+        ..Default::default()
+    };
+    // Eight concurrent retries of one send.
+    let results = futures::future::join_all((0..8).map(|_| {
+        let mut client = c.messages();
+        let request = authed(&alice, request.clone());
+        async move { client.send_message(request).await.map(|r| r.into_inner().message.unwrap()) }
+    }))
+    .await;
+    let messages: Vec<_> = results.into_iter().map(|r| r.expect("every retry succeeds")).collect();
+    assert!(messages.iter().all(|m| m.id == id && m.seq == 2 && m.send_time == messages[0].send_time));
+    // A later retry still returns the original.
+    let late = c.messages().send_message(authed(&alice, request.clone())).await.unwrap().into_inner().message.unwrap();
+    assert_eq!((late.id.as_str(), late.seq), (id.as_str(), 2));
+    let listed = c
+        .messages()
+        .list_messages(authed(&alice, mpb::ListMessagesRequest { chat_id: chat.id.clone(), ..Default::default() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [2, 1], "exactly one copy");
+    // The next message continues the sequence without a gap.
+    assert_eq!(send(c, &bob, &chat.id, "after").await.seq, 3);
+    // Another user cannot claim the id.
+    assert_eq!(code(c.messages().send_message(authed(&bob, request)).await), Code::AlreadyExists);
+}
+
+async fn concurrent_senders_get_gap_free_seqs(c: &Cluster) {
+    let users = futures::future::join_all(["ann", "ben", "cat", "dan"].map(|n| c.user(n))).await;
+    let members = users[1..].iter().map(|u| u.id.clone()).collect();
+    let request = cpb::CreateChatRequest { title: "busy".into(), member_ids: members, ..Default::default() };
+    let chat = c.chats().create_chat(authed(&users[0], request)).await.unwrap().into_inner().chat.unwrap();
+    let per_user = 15;
+    let sends = users.iter().flat_map(|u| (0..per_user).map(move |i| (u, i))).map(|(u, i)| {
+        let mut client = c.messages();
+        let request = authed(
+            u,
+            mpb::SendMessageRequest {
+                chat_id: chat.id.clone(),
+                text: format!("{} {i}", u.username),
+                ..Default::default()
+            },
+        );
+        async move { client.send_message(request).await.unwrap().into_inner().message.unwrap().seq }
+    });
+    let mut seqs = futures::future::join_all(sends).await;
+    seqs.sort_unstable();
+    let total = users.len() as i64 * per_user;
+    assert_eq!(seqs, (1..=total).collect::<Vec<_>>(), "every seq once, no gaps");
+}
+
+async fn history_pages_both_ways(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &alice, &bob).await;
+    for i in 1..=45 {
+        send(c, if i % 2 == 0 { &alice } else { &bob }, &chat.id, &format!("m{i}")).await;
+    }
+    let walk = |order: mpb::SortOrder, before: i64, after: i64| {
+        let chat_id = chat.id.clone();
+        let alice = alice.clone();
+        async move {
+            let mut seqs = Vec::new();
+            let mut token = String::new();
+            loop {
+                let request = mpb::ListMessagesRequest {
+                    chat_id: chat_id.clone(),
+                    page_size: 20,
+                    page_token: token.clone(),
+                    order: order as i32,
+                    before_seq: before,
+                    after_seq: after,
+                    ..Default::default()
+                };
+                let page = c.messages().list_messages(authed(&alice, request)).await.unwrap().into_inner();
+                assert!(page.messages.len() <= 20);
+                seqs.extend(page.messages.iter().map(|m| m.seq));
+                if page.next_page_token.is_empty() {
+                    return seqs;
+                }
+                token = page.next_page_token;
+            }
+        }
+    };
+    assert_eq!(walk(mpb::SortOrder::Unspecified, 0, 0).await, (1..=45).rev().collect::<Vec<_>>());
+    assert_eq!(walk(mpb::SortOrder::Asc, 0, 0).await, (1..=45).collect::<Vec<_>>());
+    assert_eq!(walk(mpb::SortOrder::Desc, 30, 0).await, (1..30).rev().collect::<Vec<_>>());
+    assert_eq!(walk(mpb::SortOrder::Asc, 0, 40).await, (41..=45).collect::<Vec<_>>());
+    assert_eq!(walk(mpb::SortOrder::Asc, 20, 10).await, (11..20).collect::<Vec<_>>());
+
+    let page = c
+        .messages()
+        .list_messages(authed(
+            &alice,
+            mpb::ListMessagesRequest { chat_id: chat.id.clone(), page_size: 1, ..Default::default() },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.messages[0].text, "m45");
+    let reused = mpb::ListMessagesRequest {
+        chat_id: chat.id.clone(),
+        page_size: 1,
+        page_token: page.next_page_token,
+        order: mpb::SortOrder::Asc as i32,
+        ..Default::default()
+    };
+    assert_eq!(violated_fields(&c.messages().list_messages(authed(&alice, reused)).await.unwrap_err()), ["page_token"]);
+}
+
+async fn bad_messages_name_the_field(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &alice, &bob).await;
+    let base = mpb::SendMessageRequest { chat_id: chat.id.clone(), text: "hi".into(), ..Default::default() };
+    let cases = [
+        (mpb::SendMessageRequest { text: String::new(), ..base.clone() }, vec!["text"]),
+        (mpb::SendMessageRequest { text: "x".repeat(32 * 1024 + 1), ..base.clone() }, vec!["text"]),
+        (mpb::SendMessageRequest { chat_id: "nope".into(), ..base.clone() }, vec!["chat_id"]),
+        (mpb::SendMessageRequest { message_id: "nope".into(), ..base.clone() }, vec!["message_id"]),
+        (mpb::SendMessageRequest { reply_to_seq: 7, ..base.clone() }, vec!["reply_to_seq"]),
+        (
+            mpb::SendMessageRequest {
+                attachments: vec![mpb::Attachment {
+                    kind: 1,
+                    url: "ftp://x/y".into(),
+                    mime_type: "image/png".into(),
+                    width: 1,
+                    height: 1,
+                    size_bytes: 1,
+                }],
+                ..base.clone()
+            },
+            vec!["attachments[0].url"],
+        ),
+        (mpb::SendMessageRequest { attachments: vec![image(); 11], ..base.clone() }, vec!["attachments"]),
+    ];
+    for (request, fields) in cases {
+        let status = c.messages().send_message(authed(&alice, request)).await.unwrap_err();
+        assert_eq!(violated_fields(&status), fields, "{status:?}");
+    }
+    // Exactly 32 KiB is fine, and nothing of the refused sends was written.
+    let max = send(c, &alice, &chat.id, &"x".repeat(32 * 1024)).await;
+    assert_eq!(max.seq, 1);
+}
+
+fn image() -> mpb::Attachment {
+    mpb::Attachment {
+        kind: mpb::AttachmentKind::Image as i32,
+        url: "https://img.example/cat.png".into(),
+        mime_type: "image/png".into(),
+        width: 640,
+        height: 480,
+        size_bytes: 12_345,
+    }
+}
+
+async fn attachments_and_replies_round_trip(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &alice, &bob).await;
+    let first = send(c, &alice, &chat.id, "look").await;
+    let request = mpb::SendMessageRequest {
+        chat_id: chat.id.clone(),
+        attachments: vec![image()],
+        reply_to_seq: first.seq,
+        ..Default::default()
+    };
+    let sent = c.messages().send_message(authed(&bob, request)).await.unwrap().into_inner().message.unwrap();
+    assert_eq!(sent.attachments, vec![image()]);
+    assert_eq!(sent.reply_to_seq, 1);
+    assert!(sent.text.is_empty());
+    let listed = c
+        .messages()
+        .list_messages(authed(
+            &alice,
+            mpb::ListMessagesRequest { chat_id: chat.id.clone(), page_size: 1, ..Default::default() },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.messages[0], sent);
+}

@@ -1,0 +1,211 @@
+//! Registration, log-in, guests, tokens and revocation.
+
+use natter_proto::chats::v1 as cpb;
+use natter_proto::messages::v1 as mpb;
+use natter_proto::sessions::v1 as spb;
+use natter_testkit::{Cluster, authed, with_token};
+use tonic::Code;
+
+use crate::{code, violated_fields};
+
+crate::both_modes!(
+    password_login_and_current_session,
+    guest_sessions_are_guests,
+    wrong_password_and_taken_username_are_refused,
+    bad_input_names_the_field,
+    missing_or_bad_tokens_are_unauthenticated_everywhere,
+    revoked_token_fails_at_once_in_every_service,
+    sessions_list_newest_first_and_users_resolve,
+);
+
+async fn password_login_and_current_session(c: &Cluster) {
+    let alice = c.user("alice").await;
+    let current =
+        c.sessions().get_current_session(authed(&alice, spb::GetCurrentSessionRequest {})).await.unwrap().into_inner();
+    let user = current.user.unwrap();
+    assert_eq!(user.id, alice.id);
+    assert_eq!(user.username, alice.username);
+    assert!(!user.guest);
+    let session = current.session.unwrap();
+    assert_eq!(session.id, alice.session_id);
+    assert!(session.current);
+    assert!(session.expire_time.unwrap().seconds > session.create_time.unwrap().seconds);
+    // Usernames are case-insensitive at log-in.
+    let again = c
+        .sessions()
+        .create_session(spb::CreateSessionRequest {
+            username: alice.username.to_uppercase(),
+            password: "correct horse battery".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.user.unwrap().id, alice.id);
+    assert_ne!(again.token, alice.token);
+}
+
+async fn guest_sessions_are_guests(c: &Cluster) {
+    let guest = c.guest().await;
+    let current =
+        c.sessions().get_current_session(authed(&guest, spb::GetCurrentSessionRequest {})).await.unwrap().into_inner();
+    let user = current.user.unwrap();
+    assert!(user.guest);
+    assert!(user.username.is_empty());
+    assert!(user.display_name.starts_with("Guest"));
+    assert_eq!(guest.token.len(), 43, "256-bit base64url token");
+    let other = c.guest().await;
+    assert_ne!(other.id, guest.id);
+}
+
+async fn wrong_password_and_taken_username_are_refused(c: &Cluster) {
+    let alice = c.user("alice").await;
+    let wrong = c
+        .sessions()
+        .create_session(spb::CreateSessionRequest {
+            username: alice.username.clone(),
+            password: "not the password".into(),
+        })
+        .await;
+    assert_eq!(code(wrong), Code::Unauthenticated);
+    let unknown = c
+        .sessions()
+        .create_session(spb::CreateSessionRequest { username: "nobody-here".into(), password: "whatever1".into() })
+        .await;
+    assert_eq!(code(unknown), Code::Unauthenticated);
+    let taken = c
+        .sessions()
+        .create_user(spb::CreateUserRequest {
+            username: alice.username.to_uppercase(),
+            password: "another password".into(),
+            display_name: String::new(),
+        })
+        .await;
+    assert_eq!(code(taken), Code::AlreadyExists);
+}
+
+async fn bad_input_names_the_field(c: &Cluster) {
+    let short = c
+        .sessions()
+        .create_user(spb::CreateUserRequest {
+            username: "ab".into(),
+            password: "long enough".into(),
+            display_name: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&short), ["username"]);
+    let weak = c
+        .sessions()
+        .create_user(spb::CreateUserRequest {
+            username: "carol-x".into(),
+            password: "short".into(),
+            display_name: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&weak), ["password"]);
+    let half = c
+        .sessions()
+        .create_session(spb::CreateSessionRequest { username: "carol-x".into(), password: String::new() })
+        .await;
+    assert_eq!(violated_fields(&half.unwrap_err()), ["password"]);
+}
+
+async fn missing_or_bad_tokens_are_unauthenticated_everywhere(c: &Cluster) {
+    let no_token = c.chats().list_chats(cpb::ListChatsRequest::default()).await;
+    assert_eq!(code(no_token), Code::Unauthenticated);
+    let bogus = c.messages().mark_read(with_token("not-a-token", mpb::MarkReadRequest::default())).await;
+    assert_eq!(code(bogus), Code::Unauthenticated);
+    let mut basic = tonic::Request::new(spb::GetCurrentSessionRequest {});
+    basic.metadata_mut().insert("authorization", "Basic YWxpY2U6cHc=".parse().unwrap());
+    assert_eq!(code(c.sessions().get_current_session(basic).await), Code::Unauthenticated);
+}
+
+async fn revoked_token_fails_at_once_in_every_service(c: &Cluster) {
+    let alice = c.user("alice").await;
+    let phone = c
+        .sessions()
+        .create_session(spb::CreateSessionRequest {
+            username: alice.username.clone(),
+            password: "correct horse battery".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Both sessions work.
+    c.chats().list_chats(authed(&alice, cpb::ListChatsRequest::default())).await.unwrap();
+    c.chats().list_chats(with_token(&phone.token, cpb::ListChatsRequest::default())).await.unwrap();
+    // Log out the current one: it fails at once in sessions, chats and messages.
+    c.sessions().revoke_session(authed(&alice, spb::RevokeSessionRequest::default())).await.unwrap();
+    assert_eq!(
+        code(c.sessions().get_current_session(authed(&alice, spb::GetCurrentSessionRequest {})).await),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code(c.chats().list_chats(authed(&alice, cpb::ListChatsRequest::default())).await),
+        Code::Unauthenticated
+    );
+    let send =
+        mpb::SendMessageRequest { chat_id: uuid::Uuid::now_v7().to_string(), text: "x".into(), ..Default::default() };
+    assert_eq!(code(c.messages().send_message(authed(&alice, send)).await), Code::Unauthenticated);
+    // The other session still works, until "all" logs out everywhere.
+    c.chats().list_chats(with_token(&phone.token, cpb::ListChatsRequest::default())).await.unwrap();
+    c.sessions()
+        .revoke_session(with_token(&phone.token, spb::RevokeSessionRequest { all: true, ..Default::default() }))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(c.chats().list_chats(with_token(&phone.token, cpb::ListChatsRequest::default())).await),
+        Code::Unauthenticated
+    );
+}
+
+async fn sessions_list_newest_first_and_users_resolve(c: &Cluster) {
+    let alice = c.user("alice").await;
+    for _ in 0..2 {
+        c.sessions()
+            .create_session(spb::CreateSessionRequest {
+                username: alice.username.clone(),
+                password: "correct horse battery".into(),
+            })
+            .await
+            .unwrap();
+    }
+    let first = c
+        .sessions()
+        .list_sessions(authed(&alice, spb::ListSessionsRequest { page_size: 2, ..Default::default() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.sessions.len(), 2);
+    assert!(first.sessions[0].id > first.sessions[1].id, "newest first");
+    let rest = c
+        .sessions()
+        .list_sessions(authed(&alice, spb::ListSessionsRequest { page_size: 2, page_token: first.next_page_token }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.sessions.len(), 1);
+    assert!(rest.next_page_token.is_empty());
+    assert!(rest.sessions[0].current, "the oldest is the test's own session");
+
+    let bob = c.user("bob").await;
+    let by_name = c
+        .sessions()
+        .get_user(authed(&alice, spb::GetUserRequest { username: bob.username.clone(), ..Default::default() }))
+        .await
+        .unwrap();
+    assert_eq!(by_name.into_inner().user.unwrap().id, bob.id);
+    let missing = uuid::Uuid::now_v7().to_string();
+    let batch = c
+        .sessions()
+        .batch_get_users(authed(
+            &alice,
+            spb::BatchGetUsersRequest { user_ids: vec![bob.id.clone(), missing, alice.id.clone()] },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<_> = batch.users.iter().map(|u| u.id.as_str()).collect();
+    assert_eq!(ids, [bob.id.as_str(), alice.id.as_str()]);
+}

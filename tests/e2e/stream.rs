@@ -1,0 +1,179 @@
+//! StreamEvents: live delivery, exact resume after a cut, following new
+//! chats, revocation and shutdown.
+
+use std::time::Duration;
+
+use natter_proto::chats::v1 as cpb;
+use natter_proto::messages::v1 as mpb;
+use natter_proto::sessions::v1 as spb;
+use natter_testkit::{Cluster, Mode, TestUser, authed};
+use tonic::Code;
+use tonic::codec::Streaming;
+
+use crate::chats::{direct, send};
+use mpb::stream_events_response::Event;
+
+crate::both_modes!(
+    live_messages_arrive_in_order,
+    cut_stream_resumes_exactly_once,
+    concurrent_senders_stream_in_seq_order,
+);
+
+/// The next event, waiting at most 10 s (a bound, not a sleep: it returns as
+/// soon as the event arrives).
+pub(crate) async fn next(stream: &mut Streaming<mpb::StreamEventsResponse>) -> mpb::StreamEventsResponse {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an event within 10 s")
+        .expect("stream ok")
+        .expect("stream open")
+}
+
+/// The seq of the next event, which must be a created message of `chat`.
+async fn next_created(stream: &mut Streaming<mpb::StreamEventsResponse>, chat: &str) -> (i64, String) {
+    let event = next(stream).await;
+    assert_eq!(event.chat_id, chat);
+    match event.event {
+        Some(Event::MessageCreated(m)) => {
+            assert_eq!(m.seq, event.seq);
+            (m.seq, m.text)
+        }
+        other => panic!("expected a created message, got {other:?}"),
+    }
+}
+
+async fn open(
+    c: &Cluster,
+    user: &TestUser,
+    chats: &[&str],
+    resume: &[(&str, i64)],
+) -> Streaming<mpb::StreamEventsResponse> {
+    let request = mpb::StreamEventsRequest {
+        chat_ids: chats.iter().map(|s| s.to_string()).collect(),
+        resume: resume.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+    };
+    c.messages().stream_events(authed(user, request)).await.expect("stream opens").into_inner()
+}
+
+async fn live_messages_arrive_in_order(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &alice, &bob).await;
+    let mut stream = open(c, &bob, &[&chat.id], &[]).await;
+    for i in 1..=3 {
+        send(c, &alice, &chat.id, &format!("live {i}")).await;
+    }
+    for i in 1..=3 {
+        assert_eq!(next_created(&mut stream, &chat.id).await, (i, format!("live {i}")));
+    }
+    let read = c
+        .messages()
+        .mark_read(authed(&bob, mpb::MarkReadRequest { chat_id: chat.id.clone(), seq: 3 }))
+        .await
+        .unwrap()
+        .into_inner();
+    let event = next(&mut stream).await;
+    assert_eq!(
+        event.event,
+        Some(Event::ReadUpdated(mpb::ReadUpdated { user_id: bob.id.clone(), read_seq: read.read_seq }))
+    );
+}
+
+async fn cut_stream_resumes_exactly_once(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &alice, &bob).await;
+    let mut stream = open(c, &bob, &[&chat.id], &[]).await;
+    for i in 1..=5 {
+        send(c, &alice, &chat.id, &format!("m{i}")).await;
+    }
+    let mut last = 0;
+    for _ in 0..5 {
+        last = next_created(&mut stream, &chat.id).await.0;
+    }
+    assert_eq!(last, 5);
+    drop(stream); // the connection drops
+
+    for i in 6..=12 {
+        send(c, &alice, &chat.id, &format!("m{i}")).await;
+    }
+    let mut resumed = open(c, &bob, &[&chat.id], &[(&chat.id, last)]).await;
+    for expected in 6..=12 {
+        assert_eq!(next_created(&mut resumed, &chat.id).await, (expected, format!("m{expected}")));
+    }
+    // Then live, with nothing repeated in between.
+    send(c, &alice, &chat.id, "m13").await;
+    assert_eq!(next_created(&mut resumed, &chat.id).await, (13, "m13".to_owned()));
+
+    // Resuming from 0 replays the whole history in order.
+    let mut full = open(c, &bob, &[&chat.id], &[(&chat.id, 0)]).await;
+    for expected in 1..=13 {
+        assert_eq!(next_created(&mut full, &chat.id).await.0, expected);
+    }
+}
+
+async fn concurrent_senders_stream_in_seq_order(c: &Cluster) {
+    let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+    let request = cpb::CreateChatRequest {
+        title: "race".into(),
+        member_ids: vec![bob.id.clone(), carol.id.clone()],
+        ..Default::default()
+    };
+    let chat = c.chats().create_chat(authed(&alice, request)).await.unwrap().into_inner().chat.unwrap();
+    let mut stream = open(c, &alice, &[&chat.id], &[]).await;
+    let total = 40;
+    let sends = (0..total).map(|i| {
+        let user = if i % 2 == 0 { &bob } else { &carol };
+        let mut client = c.messages();
+        let request = authed(
+            user,
+            mpb::SendMessageRequest { chat_id: chat.id.clone(), text: format!("c{i}"), ..Default::default() },
+        );
+        async move { client.send_message(request).await.unwrap() }
+    });
+    futures::future::join_all(sends).await;
+    for expected in 1..=total {
+        assert_eq!(next_created(&mut stream, &chat.id).await.0, expected, "in order, no gap, no duplicate");
+    }
+    send(c, &alice, &chat.id, "marker").await;
+    assert_eq!(next_created(&mut stream, &chat.id).await.0, total + 1);
+}
+
+// Cross-service announcements (a chat joined, a session revoked) travel on
+// the in-process bus today; the split services get them with the NATS bus.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_chats_stream_follows_new_chats() {
+    let c = Cluster::start(Mode::AllInOne).await.unwrap();
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let mut stream = open(&c, &bob, &[], &[]).await;
+    let chat = direct(&c, &alice, &bob).await;
+    let joined = next(&mut stream).await;
+    assert_eq!(joined.chat_id, chat.id);
+    assert!(matches!(joined.event, Some(Event::MembershipChanged(ref m)) if m.user_id == bob.id));
+    send(&c, &alice, &chat.id, "hello").await;
+    assert_eq!(next_created(&mut stream, &chat.id).await, (1, "hello".to_owned()));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_session_ends_its_stream() {
+    let c = Cluster::start(Mode::AllInOne).await.unwrap();
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(&c, &alice, &bob).await;
+    let mut stream = open(&c, &bob, &[&chat.id], &[]).await;
+    c.sessions().revoke_session(authed(&bob, spb::RevokeSessionRequest::default())).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("ends within 10 s");
+    assert_eq!(end.expect_err("ends with an error").code(), Code::Unauthenticated);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_open_streams_cleanly() {
+    let c = Cluster::start(Mode::AllInOne).await.unwrap();
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(&c, &alice, &bob).await;
+    let mut stream = open(&c, &bob, &[&chat.id], &[]).await;
+    c.shutdown_token().cancel();
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("ends within 10 s");
+    assert!(matches!(end, Ok(None)), "a clean end of stream, got {end:?}");
+    c.stop().await; // every server task finishes without error
+}

@@ -1,0 +1,66 @@
+//! The wire as outside clients see it: gRPC-web over HTTP/1.1 with CORS,
+//! health, and server reflection.
+
+use natter_proto::sessions::v1 as spb;
+use natter_testkit::{Cluster, Mode, grpc_web};
+use prost::Message as _;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+crate::both_modes!(grpc_web_over_http1_with_cors, health_reports_serving, reflection_lists_the_services,);
+
+async fn grpc_web_over_http1_with_cors(c: &Cluster) {
+    let path = "/natter.sessions.v1.SessionService/CreateSession";
+    let reply = grpc_web::unary(c.addr, path, &spb::CreateSessionRequest::default(), None).await;
+    assert_eq!(reply.http_status, 200);
+    assert_eq!(reply.grpc_status.as_deref(), Some("0"));
+    assert_eq!(reply.allow_origin.as_deref(), Some("*"));
+    let session = spb::CreateSessionResponse::decode(reply.message.expect("a message")).unwrap();
+    assert!(session.user.unwrap().guest);
+    // An error travels in the trailer frame.
+    let reply = grpc_web::unary(
+        c.addr,
+        "/natter.sessions.v1.SessionService/GetCurrentSession",
+        &spb::GetCurrentSessionRequest {},
+        Some("bogus"),
+    )
+    .await;
+    assert_eq!(reply.grpc_status.as_deref(), Some("16"), "UNAUTHENTICATED");
+}
+
+async fn health_reports_serving(c: &Cluster) {
+    let mut health = HealthClient::new(c.channel());
+    // The edge answers for itself; the all-in-one for each service it runs.
+    let services: &[&str] = match c.mode {
+        Mode::AllInOne => &["", "natter.sessions.v1.SessionService", "natter.messages.v1.MessageService"],
+        Mode::Split => &[""],
+    };
+    for service in services.iter().copied() {
+        let status = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+}
+
+async fn reflection_lists_the_services(c: &Cluster) {
+    let mut reflection = ServerReflectionClient::new(c.channel());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("{response:?}") };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "natter.sessions.v1.SessionService",
+        "natter.chats.v1.ChatService",
+        "natter.messages.v1.MessageService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == expected), "{expected} in {names:?}");
+    }
+}

@@ -167,13 +167,14 @@ async fn revoked_session_ends_its_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_ends_open_streams_cleanly() {
+async fn shutdown_ends_open_streams_with_unavailable() {
     let c = Cluster::start(Mode::AllInOne).await.unwrap();
     let (alice, bob) = (c.user("alice").await, c.user("bob").await);
     let chat = direct(&c, &alice, &bob).await;
     let mut stream = open(&c, &bob, &[&chat.id], &[]).await;
     c.shutdown_token().cancel();
     let end = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("ends within 10 s");
-    assert!(matches!(end, Ok(None)), "a clean end of stream, got {end:?}");
+    let status = end.expect_err("ends with a status telling the client to reconnect");
+    assert_eq!(status.code(), Code::Unavailable);
     c.stop().await; // every server task finishes without error
 }

@@ -64,3 +64,32 @@ async fn reflection_lists_the_services(c: &Cluster) {
         assert!(names.iter().any(|n| n == expected), "{expected} in {names:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_page_is_served_at_root_beside_the_api() {
+    let dir = tempfile_dir();
+    std::fs::write(dir.join("index.html"), "<!doctype html><title>natter</title>").unwrap();
+    let web_dir = dir.display().to_string();
+    let c = Cluster::all_in_one(&["--web-dir", &web_dir]).await;
+    let page = natter_testkit::http_get(c.addr, "/").await;
+    assert_eq!(page.0, 200);
+    assert!(page.1.contains("<title>natter</title>"));
+    assert_eq!(natter_testkit::http_get(c.addr, "/missing.js").await.0, 404);
+    // gRPC-web on the same port still works.
+    let reply = grpc_web::unary(
+        c.addr,
+        "/natter.sessions.v1.SessionService/CreateSession",
+        &spb::CreateSessionRequest::default(),
+        None,
+    )
+    .await;
+    assert_eq!(reply.grpc_status.as_deref(), Some("0"));
+    c.stop().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("natter-web-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

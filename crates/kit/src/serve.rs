@@ -9,6 +9,7 @@
 //! `shutdown_grace` the server stops regardless.
 
 use std::convert::Infallible;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderName, Method};
@@ -20,6 +21,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
 
 use crate::config::ServerArgs;
@@ -44,6 +46,16 @@ pub struct Server {
     args: ServerArgs,
     routes: RoutesBuilder,
     health: HealthReporter,
+    web_dir: Option<PathBuf>,
+}
+
+/// A [`Server`] taken apart, for a caller that adds a fallback route (the
+/// edge) before [`serve_routes`].
+pub struct Parts {
+    pub args: ServerArgs,
+    pub health: HealthReporter,
+    pub routes: Routes,
+    pub web_dir: Option<PathBuf>,
 }
 
 impl Server {
@@ -63,7 +75,17 @@ impl Server {
             .build_v1alpha()
             .expect("the compiled-in descriptor sets are valid");
         routes.add_service(reflection_v1).add_service(reflection_v1alpha);
-        Self { args: args.clone(), routes, health }
+        Self { args: args.clone(), routes, health, web_dir: None }
+    }
+
+    /// Serves the browser page from `dir` at `/` (GET and HEAD requests that
+    /// are not gRPC); a directory that does not exist leaves it API only.
+    pub fn set_web_dir(&mut self, dir: &Path) -> &mut Self {
+        if dir.is_dir() {
+            tracing::info!(web_dir = %dir.display(), "serving the web page at /");
+            self.web_dir = Some(dir.to_owned());
+        }
+        self
     }
 
     /// The server's configuration.
@@ -95,9 +117,9 @@ impl Server {
         self
     }
 
-    /// Everything added so far, as routes (for a caller that adds a fallback).
-    pub fn into_routes(self) -> (ServerArgs, HealthReporter, Routes) {
-        (self.args, self.health, self.routes.routes())
+    /// Everything added so far (for a caller that adds a fallback route).
+    pub fn into_parts(self) -> Parts {
+        Parts { args: self.args, health: self.health, routes: self.routes.routes(), web_dir: self.web_dir }
     }
 
     /// Serves until `shutdown` is cancelled, then drains as described above.
@@ -106,26 +128,27 @@ impl Server {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), tonic::transport::Error> {
-        let (args, health, routes) = self.into_routes();
-        serve_routes(&args, health, routes, listener, shutdown).await
+        serve_routes(self.into_parts(), listener, shutdown).await
     }
 }
 
 /// Serves `routes` on `listener` with natter's layer stack until `shutdown`
 /// is cancelled (see the module docs).
 pub async fn serve_routes(
-    args: &ServerArgs,
-    health: HealthReporter,
-    routes: Routes,
+    parts: Parts,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
+    let Parts { args, health, routes, web_dir } = parts;
     let layers = ServiceBuilder::new()
         // Outermost, so the span covers CORS and gRPC-web translation too.
         .layer(TraceLayer::new_for_grpc().make_span_with(rpc_span))
         // Before gRPC-web: a CORS preflight (OPTIONS) is answered here and
         // never reaches a gRPC service.
         .layer(cors(&args.cors_allow_origins))
+        // Plain GETs (the browser page) never reach gRPC-web, which refuses
+        // anything but gRPC on HTTP/1.1.
+        .layer(WebPageLayer { files: web_dir.map(ServeDir::new) })
         // Turns gRPC-web (HTTP/1.1 or HTTP/2) into plain gRPC for the services.
         .layer(tonic_web::GrpcWebLayer::new());
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -149,6 +172,57 @@ pub async fn serve_routes(
         () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(grace = ?grace, "shutdown grace period over; stopping with calls in flight");
             Ok(())
+        }
+    }
+}
+
+/// Serves GET and HEAD requests from a directory, passes the rest on.
+#[derive(Clone)]
+struct WebPageLayer {
+    files: Option<ServeDir>,
+}
+
+impl<S> tower::Layer<S> for WebPageLayer {
+    type Service = WebPage<S>;
+
+    fn layer(&self, inner: S) -> WebPage<S> {
+        WebPage { inner, files: self.files.clone() }
+    }
+}
+
+#[derive(Clone)]
+struct WebPage<S> {
+    inner: S,
+    files: Option<ServeDir>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for WebPage<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        match &self.files {
+            Some(files) if matches!(*request.method(), Method::GET | Method::HEAD) => {
+                let files = files.clone();
+                Box::pin(async move {
+                    let response = match tower::ServiceExt::oneshot(files, request).await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    };
+                    Ok(response.map(tonic::body::Body::new))
+                })
+            }
+            _ => Box::pin(self.inner.call(request)),
         }
     }
 }

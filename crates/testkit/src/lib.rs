@@ -276,3 +276,15 @@ struct ServeCli {
     #[command(flatten)]
     args: natter::ServeArgs,
 }
+
+/// A plain HTTP/1.1 GET: (status, body as text).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use http_body_util::BodyExt as _;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: http::Uri = format!("http://{addr}{path}").parse().expect("uri");
+    let response = client.get(uri).await.expect("GET");
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}

@@ -38,6 +38,9 @@ pub struct EdgeArgs {
     /// URL of the messages service.
     #[arg(long, env = "NATTER_MESSAGES_URL")]
     pub messages_url: String,
+    /// Directory of the browser page, served at `/`; missing: API only.
+    #[arg(long, env = "NATTER_WEB_DIR", default_value = "web/dist")]
+    pub web_dir: std::path::PathBuf,
 }
 
 /// One route: calls whose path starts with `prefix` go to `upstream`.
@@ -104,10 +107,11 @@ impl Forward {
 /// Errors: a malformed upstream URL, or serving fails.
 pub async fn run(args: EdgeArgs, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let forward = Forward::new(&args)?;
-    let (server_args, health, routes) = Server::new(&args.server).into_routes();
-    let router = routes
-        .into_axum_router()
-        .fallback_service(tower::service_fn(move |request: Request<Body>| forward.clone().call(request)));
-    natter_kit::serve::serve_routes(&server_args, health, router.into(), listener, shutdown).await?;
+    let mut server = Server::new(&args.server);
+    server.set_web_dir(&args.web_dir);
+    let mut parts = server.into_parts();
+    let proxy = tower::service_fn(move |request: Request<Body>| forward.clone().call(request));
+    parts.routes = parts.routes.into_axum_router().fallback_service(proxy).into();
+    natter_kit::serve::serve_routes(parts, listener, shutdown).await?;
     Ok(())
 }

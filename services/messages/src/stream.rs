@@ -76,9 +76,6 @@ pub async fn open(
         }
         follow.chat_ids.clone()
     };
-    if follow.resume.keys().any(|c| !chats.contains(c)) {
-        return Err(MessagesError::Denied("resume names a chat the caller does not follow"));
-    }
     let mut session_rx = bus.subscribe(Topic::Session(follow.principal.session_id));
 
     let mut live: StreamMap<Uuid, BroadcastStream<BusEvent>> = StreamMap::new();
@@ -89,7 +86,8 @@ pub async fn open(
         let start = follow.resume.get(chat).map_or(head, |seen| (*seen).clamp(0, head));
         cursors.insert(*chat, start);
     }
-    // Chats to replay from the store before going live.
+    // Chats to replay from the store before going live; resume entries for
+    // chats the caller no longer follows (left, removed, deleted) are ignored.
     let replay: Vec<(Uuid, i64)> =
         follow.resume.keys().filter_map(|chat| cursors.get(chat).map(|c| (*chat, *c))).collect();
     tracing::debug!(user_id = %user, chats = chats.len(), replay = replay.len(), "stream opened");
@@ -116,7 +114,10 @@ pub async fn open(
                 Some((chat, item)) = live.next() => Wake::Chat(chat, item),
             };
             match wake {
-                Wake::Shutdown => break,
+                Wake::Shutdown => {
+                    // UNAVAILABLE tells clients to reconnect (elsewhere) and resume.
+                    Err(Status::unavailable("server shutting down; reconnect and resume"))?;
+                }
                 Wake::Session(revoked) => {
                     if !matches!(revoked, Err(broadcast::error::RecvError::Closed)) {
                         auth.check(&token).await?;
@@ -127,10 +128,21 @@ pub async fn open(
                     let Ok(chat) = Uuid::try_parse(&event.chat_id) else { continue };
                     let Some(Event::MembershipChanged(change)) = &event.event else { continue };
                     if change.change == pb::MembershipChange::Joined as i32 && !live.contains_key(&chat) {
+                        // Subscribe, then catch up from the chat's newest seq
+                        // at the time of joining (the event's seq), so a
+                        // message sent right after the join is not missed.
                         live.insert(chat, BroadcastStream::new(bus.subscribe(Topic::Chat(chat))));
-                        let head = messages.store().head(&chat.to_string()).await.map_err(MessagesError::from)?;
-                        cursors.insert(chat, head);
+                        cursors.insert(chat, event.seq.max(0));
                         yield (*event).clone();
+                        loop {
+                            let (events, more) = fill(&messages, chat, &mut cursors, None).await?;
+                            for missed in events {
+                                yield missed;
+                            }
+                            if !more {
+                                break;
+                            }
+                        }
                     }
                 }
                 Wake::Chat(chat, Ok(event)) => match &event.event {

@@ -29,6 +29,10 @@ pub struct ServeArgs {
     pub chats: natter_chats::ChatsArgs,
     #[command(flatten)]
     pub messages: natter_messages::MessagesArgs,
+    /// Directory of the browser page, served at `/` (build it with
+    /// `npm --prefix web ci && npm --prefix web run build`); missing: API only.
+    #[arg(long, env = "NATTER_WEB_DIR", default_value = "web/dist")]
+    pub web_dir: std::path::PathBuf,
 }
 
 /// A built all-in-one server, bound to its listener, not yet serving.
@@ -88,6 +92,7 @@ impl App {
         natter_messages::add_services(&mut server, &messages, auth, shutdown.clone()).await;
 
         let dbs = vec![sessions.store().db().clone(), chats.store().db().clone(), messages.store().db().clone()];
+        server.set_web_dir(&args.web_dir);
         Ok(Self { listener, server, shutdown, dbs })
     }
 

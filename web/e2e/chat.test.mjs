@@ -1,0 +1,324 @@
+// End-to-end test of the chat page: a real natter server, the built page
+// (web/dist) served from another origin (so CORS is exercised), and two
+// people in headless Chromium chatting live over gRPC-web.
+//
+//   npm run build && npm run test:e2e
+//
+// Environment: NATTER_BIN (default target/debug/natter of this repo), CHROMIUM
+// (default /usr/bin/chromium), NATTER_UPDATE_SCREENSHOT=1 to refresh
+// web/screenshot.png from this run.
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { once } from "node:events";
+import { createReadStream, existsSync } from "node:fs";
+import { copyFile, mkdir, mkdtemp, rm } from "node:fs/promises";
+import http from "node:http";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import readline from "node:readline";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const webDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
+const distDir = path.join(webDir, "dist");
+const artifacts = path.join(webDir, "e2e", "artifacts");
+const natterBin = process.env.NATTER_BIN ? path.resolve(process.env.NATTER_BIN) : path.resolve(webDir, "../target/debug/natter");
+const chromiumBin = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const WAIT = 15_000; // the longest any single wait may take
+const suffix = Math.random().toString(36).slice(2, 8);
+const alice = { name: `alice-${suffix}`, password: "correct horse battery" };
+const bob = { name: `bob-${suffix}`, password: "staple battery horse" };
+
+// ---------------------------------------------------------------- the natter server
+
+let dataDir;
+let server; // { proc, port, log: string[] }
+
+/** Starts `natter serve` on `port` (0: any) and resolves once it logs its address. */
+async function startNatter(port = 0) {
+  if (!existsSync(natterBin)) {
+    throw new Error(`natter binary not found at ${natterBin}: run \`cargo build -p natter\` or set NATTER_BIN`);
+  }
+  const proc = spawn(natterBin, [
+    "serve", "--listen", `127.0.0.1:${port}`, "--data-dir", dataDir, "--log-format", "json",
+    "--shutdown-grace", "2s",
+  ], { stdio: ["ignore", "pipe", "pipe"] });
+  const log = [];
+  const exited = once(proc, "exit");
+  const listening = new Promise((resolve, reject) => {
+    for (const stream of [proc.stdout, proc.stderr]) {
+      readline.createInterface({ input: stream }).on("line", (line) => {
+        log.push(line);
+        let addr;
+        try {
+          const rec = JSON.parse(line);
+          if (rec.message === "natter listening" || rec.fields?.message === "natter listening") addr = rec.addr ?? rec.fields?.addr;
+        } catch {
+          addr = /natter listening.*addr=(\S+)/.exec(line.replace(/\x1b\[[0-9;]*m/g, ""))?.[1];
+        }
+        if (addr) resolve(Number(addr.split(":").pop()));
+      });
+    }
+    exited.then(([code]) => reject(new Error(`natter exited (${code}) before listening:\n${log.join("\n")}`)));
+    setTimeout(() => reject(new Error(`natter did not log its address within 30s:\n${log.join("\n")}`)), 30_000).unref();
+  });
+  const actualPort = await listening;
+  return { proc, port: actualPort, log, exited };
+}
+
+async function stopNatter(s) {
+  if (!s || s.proc.exitCode !== null || s.proc.signalCode !== null) return;
+  s.proc.kill("SIGTERM");
+  const timer = setTimeout(() => s.proc.kill("SIGKILL"), 10_000);
+  await s.exited;
+  clearTimeout(timer);
+}
+
+// ---------------------------------------------------------------- the page, from another origin
+
+let staticServer;
+let pageUrl;
+
+const types = { ".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".map": "application/json" };
+
+function serveDist() {
+  const srv = http.createServer((req, res) => {
+    const name = new URL(req.url, "http://x").pathname.replace(/^\/$/, "/index.html");
+    const file = path.join(distDir, path.normalize(name));
+    if (!file.startsWith(distDir + path.sep) || !existsSync(file)) {
+      res.writeHead(404).end("not found");
+      return;
+    }
+    res.writeHead(200, { "content-type": types[path.extname(file)] ?? "application/octet-stream" });
+    createReadStream(file).pipe(res);
+  });
+  return new Promise((resolve) => srv.listen(0, "127.0.0.1", () => resolve(srv)));
+}
+
+// ---------------------------------------------------------------- the browser
+
+let browser;
+const pageErrors = [];
+
+async function newPerson(label) {
+  const context = await browser.newContext({ viewport: { width: 1000, height: 700 } });
+  const page = await context.newPage();
+  page.setDefaultTimeout(WAIT);
+  page.on("pageerror", (err) => pageErrors.push(`${label}: ${err.stack ?? err}`));
+  page.on("console", (msg) => {
+    if (msg.type() === "error" || msg.type() === "warning") console.log(`  [${label} console.${msg.type()}] ${msg.text()}`);
+  });
+  await page.goto(pageUrl);
+  return page;
+}
+
+/** The rendered conversation: [{seq, text}] top to bottom (sent messages only). */
+const conversation = (page) =>
+  page.$$eval("#messages .message", (items) =>
+    items.map((li) => ({ seq: li.dataset.seq ? Number(li.dataset.seq) : null, text: li.querySelector(".text").textContent })),
+  );
+
+const escapeRe = (s) => s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+
+/** Waits until the open conversation shows a sent message with exactly this text. */
+const waitForMessage = (page, text) =>
+  page.locator("#messages .message[data-seq] .text", { hasText: new RegExp(`^${escapeRe(text)}$`) }).waitFor();
+
+async function send(page, text) {
+  await page.fill("#composer", text);
+  await page.press("#composer", "Enter");
+  await waitForMessage(page, text);
+}
+
+/** Asserts the conversation is exactly `texts` with seqs 1..n, oldest at the top, no duplicates. */
+async function assertConversation(page, texts, who) {
+  const got = await conversation(page);
+  assert.deepEqual(
+    got,
+    texts.map((text, i) => ({ seq: i + 1, text })),
+    `${who}'s conversation is not the whole history in order`,
+  );
+}
+
+async function signUp(page, person) {
+  await page.fill("#username", person.name);
+  await page.fill("#password", person.password);
+  await page.click("#register");
+  await page.locator("#me", { hasText: person.name }).waitFor();
+}
+
+const chatItem = (page, name) => page.locator(".chat-item", { has: page.locator(".chat-name", { hasText: name }) });
+
+async function openChatWith(page, name) {
+  await chatItem(page, name).click();
+  await page.locator("#chat-title", { hasText: name }).waitFor();
+}
+
+// ---------------------------------------------------------------- the story
+
+let alicePage;
+let bobPage;
+const history = []; // every text sent in the direct chat, in order
+let failed = false;
+
+/** A step of the story; once one fails the rest are skipped, not piled on. */
+function step(name, fn) {
+  test(name, { timeout: 120_000 }, async (t) => {
+    if (failed) return t.skip("an earlier step failed");
+    try {
+      await fn(t);
+    } catch (err) {
+      failed = true;
+      await mkdir(artifacts, { recursive: true });
+      for (const [who, page] of [["alice", alicePage], ["bob", bobPage]]) {
+        await page?.screenshot({ path: path.join(artifacts, `failure-${who}.png`) }).catch(() => {});
+      }
+      throw err;
+    }
+  });
+}
+
+before(async () => {
+  if (!existsSync(path.join(distDir, "index.html"))) throw new Error(`${distDir} has no index.html: run \`npm run build\` first`);
+  dataDir = await mkdtemp(path.join(tmpdir(), "natter-e2e-"));
+  server = await startNatter();
+  staticServer = await serveDist();
+  pageUrl = `http://127.0.0.1:${staticServer.address().port}/?server=http://127.0.0.1:${server.port}`;
+  browser = await chromium.launch({
+    executablePath: chromiumBin,
+    timeout: 30_000,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+  });
+});
+
+after(async () => {
+  await browser?.close().catch(() => {});
+  staticServer?.close();
+  await stopNatter(server);
+  if (failed && server) console.log(`natter log (last 40 lines):\n${server.log.slice(-40).join("\n")}`);
+  if (dataDir) await rm(dataDir, { recursive: true, force: true });
+});
+
+step("alice and bob register from a page on another origin", async () => {
+  alicePage = await newPerson("alice");
+  bobPage = await newPerson("bob");
+  await signUp(alicePage, alice);
+  await signUp(bobPage, bob);
+});
+
+step("alice starts a direct chat with bob by username", async () => {
+  await alicePage.fill("#new-chat-username", bob.name);
+  await alicePage.click("#new-chat");
+  await alicePage.locator("#chat-title", { hasText: bob.name }).waitFor();
+  await chatItem(alicePage, bob.name).waitFor();
+  await alicePage.locator("#composer").waitFor();
+});
+
+step("they chat both ways, live, without reloading", async () => {
+  await send(alicePage, (history[0] = "Hi Bob! Lunch today?"));
+  // Bob learns of the new chat from the event stream, with one unread message.
+  await chatItem(bobPage, alice.name).locator(".unread", { hasText: "1" }).waitFor();
+  await openChatWith(bobPage, alice.name);
+  await waitForMessage(bobPage, history[0]);
+  await chatItem(bobPage, alice.name).locator(".unread").waitFor({ state: "detached" });
+
+  await send(bobPage, (history[1] = "Sure, 12:30 at the usual place?"));
+  await waitForMessage(alicePage, history[1]);
+  await send(alicePage, (history[2] = "Perfect, see you there."));
+  await waitForMessage(bobPage, history[2]);
+  await send(bobPage, (history[3] = "Ça marche — <b>not bold</b> & “quoted”"));
+  await waitForMessage(alicePage, history[3]);
+
+  await assertConversation(alicePage, history, "alice");
+  await assertConversation(bobPage, history, "bob");
+  await mkdir(artifacts, { recursive: true });
+  await alicePage.screenshot({ path: path.join(artifacts, "chat.png") });
+  if (process.env.NATTER_UPDATE_SCREENSHOT === "1") {
+    await copyFile(path.join(artifacts, "chat.png"), path.join(webDir, "screenshot.png"));
+  }
+});
+
+step("after a reload bob still sees the whole history in order", async () => {
+  await bobPage.reload();
+  await bobPage.locator("#me", { hasText: bob.name }).waitFor(); // token kept in localStorage
+  await chatItem(bobPage, alice.name).locator(".chat-excerpt", { hasText: history[3] }).waitFor();
+  await openChatWith(bobPage, alice.name);
+  await waitForMessage(bobPage, history[3]);
+  await assertConversation(bobPage, history, "bob");
+});
+
+step("a restarted server and a dropped stream lose and duplicate nothing", async () => {
+  // Keep bob's page from reconnecting its stream while alice sends, so that
+  // it must catch up through `resume` when it comes back.
+  await bobPage.route("**/natter.messages.v1.MessageService/StreamEvents", (route) => route.abort());
+  // Restart the server on the same port: both pages' streams end.
+  await stopNatter(server);
+  server = await startNatter(server.port);
+  const streamFailed = bobPage.waitForEvent("requestfailed", { predicate: (r) => r.url().includes("/StreamEvents") });
+  await send(alicePage, (history[4] = "Sent while you were away"));
+  await streamFailed; // bob's page tried to reconnect, and failed
+  await bobPage.locator("#status", { hasText: "reconnecting" }).waitFor();
+  assert.equal(await bobPage.locator("#messages .text", { hasText: history[4] }).count(), 0);
+  await bobPage.unroute("**/natter.messages.v1.MessageService/StreamEvents");
+  await waitForMessage(bobPage, history[4]);
+  await bobPage.locator("#status", { hasText: "live" }).waitFor();
+  // And the stream is live again in both directions.
+  await send(bobPage, (history[5] = "Back again"));
+  await waitForMessage(alicePage, history[5]);
+  await assertConversation(alicePage, history, "alice");
+  await assertConversation(bobPage, history, "bob");
+});
+
+step("more than a page of messages: bob pages back with load older", async () => {
+  const first = history.length;
+  for (let i = 1; i <= 35; i++) await send(alicePage, (history[first + i - 1] = `Message ${i} of 35`));
+  await waitForMessage(bobPage, history.at(-1)); // arrived live
+  await assertConversation(bobPage, history, "bob");
+
+  await bobPage.reload();
+  await openChatWith(bobPage, alice.name);
+  await waitForMessage(bobPage, history.at(-1));
+  const page1 = await conversation(bobPage);
+  assert.equal(page1.length, 30, "the first page shows the newest 30 messages");
+  assert.deepEqual(page1, history.slice(-30).map((text, i) => ({ seq: history.length - 29 + i, text })));
+  await bobPage.click("#load-older");
+  await waitForMessage(bobPage, history[0]);
+  await assertConversation(bobPage, history, "bob");
+  await bobPage.locator("#load-older").waitFor({ state: "hidden" });
+});
+
+step("log out and back in", async () => {
+  await bobPage.click("#logout");
+  await bobPage.locator("#auth-view").waitFor();
+  await bobPage.reload(); // the token is gone, not just hidden
+  await bobPage.locator("#auth-view").waitFor();
+  await bobPage.fill("#username", bob.name);
+  await bobPage.fill("#password", "not the password");
+  await bobPage.click("#login");
+  await bobPage.locator("#error", { hasText: /invalid username or password/i }).waitFor(); // the server's own words
+  await bobPage.fill("#password", bob.password);
+  await bobPage.click("#login");
+  await bobPage.locator("#error").waitFor({ state: "hidden" });
+  await bobPage.locator("#me", { hasText: bob.name }).waitFor();
+  await chatItem(bobPage, alice.name).waitFor();
+});
+
+step("a guest can start chatting without an account", async () => {
+  const guest = await newPerson("guest");
+  try {
+    await guest.click("#guest");
+    await guest.locator("#me", { hasText: "(guest)" }).waitFor();
+    await guest.fill("#new-chat-username", alice.name);
+    await guest.click("#new-chat");
+    await guest.locator("#chat-title", { hasText: alice.name }).waitFor();
+    await send(guest, "hello from a guest");
+    await chatItem(alicePage, "guest").locator(".chat-excerpt", { hasText: "hello from a guest" }).waitFor();
+  } finally {
+    await guest.context().close();
+  }
+});
+
+step("no uncaught errors in the pages", () => {
+  assert.deepEqual(pageErrors, []);
+});

@@ -1,0 +1,579 @@
+// The natter chat page: sign-in, chat list, one open conversation and the
+// live event stream. Plain DOM; all server calls go through ./api.
+import { create } from "@bufbuild/protobuf";
+import { timestampDate } from "@bufbuild/protobuf/wkt";
+import * as api from "./api";
+import type { User } from "./gen/natter/sessions/v1/sessions_pb";
+import { ChatKind, LastMessageSchema, type Chat } from "./gen/natter/chats/v1/chats_pb";
+import {
+  MembershipChange,
+  SortOrder as MessageOrder,
+  type Message,
+  type StreamEventsResponse,
+} from "./gen/natter/messages/v1/messages_pb";
+
+const PAGE_SIZE = 30;
+const el = <T extends HTMLElement = HTMLElement>(id: string) => document.getElementById(id) as T;
+const input = (id: string) => el<HTMLInputElement>(id);
+
+// ---------------------------------------------------------------- state
+
+let me: User | null = null;
+const users = new Map<string, User>(); // user id -> user
+const chats = new Map<string, Chat>(); // chat id -> chat (with preview)
+const peers = new Map<string, string>(); // direct chat id -> the other member's id
+const fetchingChats = new Map<string, Promise<void>>(); // chats being fetched after a stream event
+/** Per chat, the newest seq delivered (list snapshot, then the stream): the resume point. */
+const lastSeq = new Map<string, bigint>();
+let stream: AbortController | null = null;
+
+interface Pending { id: string; chatId: string; text: string; error?: string }
+const pending = new Map<string, Pending>(); // client message id -> unsent message
+
+interface OpenChat { id: string; messages: Map<bigint, Message>; olderToken: string; loadingOlder: boolean }
+let open: OpenChat | null = null;
+
+// ---------------------------------------------------------------- helpers
+
+function userName(id: string | undefined): string {
+  if (!id) return "";
+  const u = users.get(id);
+  if (!u) return "…";
+  return u.displayName || u.username || `guest ${u.id.slice(-6)}`;
+}
+
+function chatName(chat: Chat): string {
+  if (chat.title) return chat.title;
+  if (chat.kind === ChatKind.DIRECT) return userName(peers.get(chat.id)) || "Direct chat";
+  return "Group chat";
+}
+
+function showError(message: string) {
+  const p = el("error");
+  p.textContent = message;
+  p.hidden = !message;
+}
+
+/** Runs a UI action: shows its error, and signs out when the token is no longer good. */
+async function act(what: () => Promise<void>) {
+  showError("");
+  try {
+    await what();
+  } catch (err) {
+    if (me && api.isUnauthenticated(err)) {
+      signOutLocally();
+      showError("Your session has ended; please sign in again.");
+    } else {
+      showError(api.describe(err));
+    }
+  }
+}
+
+const sleep = (ms: number, signal: AbortSignal) =>
+  new Promise<void>((resolve) => {
+    const t = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => { clearTimeout(t); resolve(); }, { once: true });
+  });
+
+/** Fetches the users we do not know yet, 200 ids a call. */
+async function ensureUsers(ids: Iterable<string>) {
+  const missing = [...new Set([...ids].filter((id) => id && !users.has(id)))];
+  for (let i = 0; i < missing.length; i += 200) {
+    const res = await api.sessions.batchGetUsers({ userIds: missing.slice(i, i + 200) });
+    for (const u of res.users) users.set(u.id, u);
+  }
+}
+
+/** Learns who the other member of each direct chat is, and their names. */
+async function resolveChats(list: Chat[]) {
+  await Promise.all(
+    list
+      .filter((c) => c.kind === ChatKind.DIRECT && !peers.has(c.id))
+      .map(async (c) => {
+        const res = await api.chats.listMembers({ chatId: c.id, pageSize: 2 });
+        const other = res.members.find((m) => m.userId !== me?.id);
+        if (other) peers.set(c.id, other.userId);
+      }),
+  );
+  await ensureUsers(list.flatMap((c) => [peers.get(c.id) ?? "", c.lastMessage?.authorId ?? ""]));
+}
+
+function addChat(chat: Chat) {
+  chats.set(chat.id, chat);
+  // A chat first seen now is resumed from its last message (0: from the start).
+  if (!lastSeq.has(chat.id)) lastSeq.set(chat.id, chat.lastMessage?.seq ?? 0n);
+}
+
+/** Moves a chat's preview forward to a newer message. */
+function notePreview(chat: Chat, m: Message) {
+  if (chat.lastMessage && chat.lastMessage.seq >= m.seq) return;
+  chat.lastMessage = create(LastMessageSchema, {
+    seq: m.seq, authorId: m.authorId, text: m.text.slice(0, 200), sendTime: m.sendTime,
+  });
+  if (m.sendTime) chat.lastActivityTime = m.sendTime;
+}
+
+// ---------------------------------------------------------------- rendering
+
+function renderChatList() {
+  const ul = el("chat-list");
+  const sorted = [...chats.values()].sort((a, b) => {
+    const ta = a.lastActivityTime ? timestampDate(a.lastActivityTime).getTime() : 0;
+    const tb = b.lastActivityTime ? timestampDate(b.lastActivityTime).getTime() : 0;
+    return tb - ta;
+  });
+  ul.replaceChildren(
+    ...sorted.map((chat) => {
+      const li = document.createElement("li");
+      li.className = "chat-item" + (open?.id === chat.id ? " active" : "");
+      li.dataset.chatId = chat.id;
+      li.dataset.testid = "chat-item";
+      const name = document.createElement("span");
+      name.className = "chat-name";
+      name.textContent = chatName(chat);
+      const excerpt = document.createElement("span");
+      excerpt.className = "chat-excerpt";
+      const last = chat.lastMessage;
+      excerpt.textContent = last ? `${last.authorId === me?.id ? "You" : userName(last.authorId)}: ${last.text}` : "No messages yet";
+      li.append(name, excerpt);
+      if (chat.unreadCount > 0n) {
+        const badge = document.createElement("span");
+        badge.className = "unread";
+        badge.textContent = String(chat.unreadCount);
+        li.append(badge);
+      }
+      li.addEventListener("click", () => act(() => openChat(chat.id)));
+      return li;
+    }),
+  );
+}
+
+function messageItem(m: Message): HTMLLIElement {
+  const li = document.createElement("li");
+  li.className = "message" + (m.authorId === me?.id ? " mine" : "") + (m.deleted ? " deleted" : "");
+  li.dataset.seq = String(m.seq);
+  li.dataset.testid = "message";
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const time = m.sendTime ? timestampDate(m.sendTime).toLocaleTimeString() : "";
+  meta.textContent = `${userName(m.authorId)} · ${time}${m.editTime ? " · edited" : ""}`;
+  const text = document.createElement("div");
+  text.className = "text";
+  text.textContent = m.deleted ? "message deleted" : m.text;
+  li.append(meta, text);
+  return li;
+}
+
+function pendingItem(p: Pending): HTMLLIElement {
+  const li = document.createElement("li");
+  li.className = "message mine pending" + (p.error ? " failed" : "");
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  meta.textContent = p.error ? `not sent: ${p.error} · click to retry` : "sending…";
+  const text = document.createElement("div");
+  text.className = "text";
+  text.textContent = p.text;
+  li.append(meta, text);
+  if (p.error) li.addEventListener("click", () => void send(p));
+  return li;
+}
+
+/** Redraws the open conversation; keeps the view at the bottom if it was there. */
+function renderMessages(scroll: "bottom" | "keep" | "auto" = "auto") {
+  const pane = el("messages-pane");
+  const atBottom = pane.scrollHeight - pane.scrollTop - pane.clientHeight < 40;
+  const fromBottom = pane.scrollHeight - pane.scrollTop;
+  const ol = el("messages");
+  if (!open) {
+    ol.replaceChildren();
+    return;
+  }
+  const sent = new Set([...open.messages.values()].map((m) => m.id));
+  const items = [...open.messages.values()].sort((a, b) => (a.seq < b.seq ? -1 : 1)).map(messageItem);
+  for (const p of pending.values()) if (p.chatId === open.id && !sent.has(p.id)) items.push(pendingItem(p));
+  ol.replaceChildren(...items);
+  el("load-older").hidden = !open.olderToken;
+  if (scroll === "bottom" || (scroll === "auto" && atBottom)) pane.scrollTop = pane.scrollHeight;
+  else pane.scrollTop = pane.scrollHeight - fromBottom;
+}
+
+// ---------------------------------------------------------------- chats and messages
+
+/** Lists the caller's chats afresh; chats no longer listed are forgotten. */
+async function loadChats() {
+  const list: Chat[] = [];
+  let pageToken = "";
+  do {
+    const res = await api.chats.listChats({ pageSize: 200, pageToken });
+    list.push(...res.chats);
+    pageToken = res.nextPageToken;
+  } while (pageToken && list.length < 1000);
+  await resolveChats(list);
+  const listed = new Set(list.map((c) => c.id));
+  for (const id of [...chats.keys(), ...lastSeq.keys()]) {
+    if (!listed.has(id)) {
+      chats.delete(id);
+      lastSeq.delete(id);
+    }
+  }
+  for (const c of list) addChat(c);
+  if (open && !listed.has(open.id)) closeChat();
+  renderChatList();
+}
+
+/** A stream event named a chat we have not listed (someone started it with us). */
+function fetchChat(chatId: string): Promise<void> {
+  let pending = fetchingChats.get(chatId);
+  if (!pending) {
+    pending = (async () => {
+      try {
+        const res = await api.chats.getChat({ chatId });
+        if (!res.chat) return;
+        await resolveChats([res.chat]);
+        addChat(res.chat);
+        renderChatList();
+      } finally {
+        fetchingChats.delete(chatId);
+      }
+    })();
+    fetchingChats.set(chatId, pending);
+  }
+  return pending;
+}
+
+async function openChat(chatId: string) {
+  const chat = chats.get(chatId);
+  if (!chat) return;
+  const state: OpenChat = { id: chatId, messages: new Map(), olderToken: "", loadingOlder: false };
+  open = state;
+  el("chat-title").textContent = chatName(chat);
+  el("composer-form").hidden = false;
+  renderChatList();
+  renderMessages("bottom");
+  const res = await api.messages.listMessages({ chatId, pageSize: PAGE_SIZE });
+  if (open !== state) return;
+  await ensureUsers(res.messages.map((m) => m.authorId));
+  for (const m of res.messages) state.messages.set(m.seq, m);
+  state.olderToken = res.nextPageToken;
+  renderMessages("bottom");
+  input("composer").focus();
+  await markRead();
+}
+
+async function loadOlder() {
+  const state = open;
+  if (!state || !state.olderToken || state.loadingOlder) return;
+  state.loadingOlder = true;
+  try {
+    const res = await api.messages.listMessages({ chatId: state.id, pageSize: PAGE_SIZE, pageToken: state.olderToken });
+    if (open !== state) return;
+    await ensureUsers(res.messages.map((m) => m.authorId));
+    for (const m of res.messages) state.messages.set(m.seq, m);
+    state.olderToken = res.nextPageToken;
+    renderMessages("keep");
+  } finally {
+    state.loadingOlder = false;
+  }
+}
+
+/** The stream skipped seqs (after, before) of the open chat: read them from the store. */
+async function fillGap(chatId: string, after: bigint, before: bigint) {
+  const res = await api.messages.listMessages({
+    chatId, afterSeq: after, beforeSeq: before, order: MessageOrder.ASC, pageSize: 200,
+  });
+  if (open?.id !== chatId) return;
+  await ensureUsers(res.messages.map((m) => m.authorId));
+  for (const m of res.messages) open.messages.set(m.seq, m);
+  renderMessages();
+}
+
+/** Marks the open chat read up to its newest message. */
+async function markRead() {
+  if (!open || document.visibilityState === "hidden") return;
+  const chat = chats.get(open.id);
+  let newest = 0n;
+  for (const seq of open.messages.keys()) if (seq > newest) newest = seq;
+  if (!chat || newest === 0n) return;
+  const res = await api.messages.markRead({ chatId: open.id, seq: newest });
+  chat.unreadCount = res.unreadCount;
+  renderChatList();
+}
+
+/** Sends (or re-sends) a message; the client-chosen id makes a retry safe. */
+async function send(p: Pending) {
+  p.error = undefined;
+  pending.set(p.id, p);
+  renderMessages("bottom");
+  for (let attempt = 0; ; attempt++) {
+    try {
+      const res = await api.messages.sendMessage({ chatId: p.chatId, messageId: p.id, text: p.text });
+      pending.delete(p.id);
+      const m = res.message;
+      if (m) {
+        const chat = chats.get(p.chatId);
+        if (chat) notePreview(chat, m);
+        if (open?.id === p.chatId) open.messages.set(m.seq, m);
+      }
+      renderChatList();
+      renderMessages();
+      return;
+    } catch (err) {
+      if (api.isUnauthenticated(err)) {
+        signOutLocally();
+        showError("Your session has ended; please sign in again.");
+        return;
+      }
+      if (api.isTransient(err) && attempt < 3) {
+        await new Promise((r) => setTimeout(r, 500 * 2 ** attempt));
+        continue;
+      }
+      p.error = api.describe(err);
+      renderMessages();
+      return;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- live events
+
+function handleEvent(ev: StreamEventsResponse) {
+  const { chatId } = ev;
+  const chat = chats.get(chatId);
+  switch (ev.event.case) {
+    case "messageCreated": {
+      const m = ev.event.value;
+      const seen = lastSeq.get(chatId);
+      if (seen !== undefined && m.seq <= seen) return; // already have it
+      lastSeq.set(chatId, m.seq);
+      if (seen !== undefined && m.seq > seen + 1n && open?.id === chatId) void act(() => fillGap(chatId, seen, m.seq));
+      if (!chat) {
+        // The chat is new to us: fetch it, then apply this message if the
+        // snapshot was taken before it.
+        void act(async () => {
+          await fetchChat(chatId);
+          const fetched = chats.get(chatId);
+          if (!fetched || (fetched.lastMessage && fetched.lastMessage.seq >= m.seq)) return;
+          notePreview(fetched, m);
+          if (m.authorId !== me?.id) fetched.unreadCount += 1n;
+          renderChatList();
+        });
+        return;
+      }
+      notePreview(chat, m);
+      if (open?.id === chatId) {
+        open.messages.set(m.seq, m);
+        void act(async () => {
+          await ensureUsers([m.authorId]);
+          renderMessages();
+          await markRead();
+        });
+      } else if (m.authorId !== me?.id) {
+        chat.unreadCount += 1n;
+      }
+      renderChatList();
+      return;
+    }
+    case "messageEdited":
+    case "messageDeleted": {
+      const m = ev.event.value;
+      if (open?.id === chatId && open.messages.has(m.seq)) {
+        open.messages.set(m.seq, m);
+        renderMessages();
+      }
+      if (chat?.lastMessage?.seq === m.seq) {
+        chat.lastMessage.text = m.deleted ? "" : m.text.slice(0, 200);
+        renderChatList();
+      }
+      return;
+    }
+    case "readUpdated": {
+      // Our own read position moved (maybe on another device).
+      const r = ev.event.value;
+      if (chat && r.userId === me?.id && chat.lastMessage && r.readSeq >= chat.lastMessage.seq) {
+        chat.unreadCount = 0n;
+        renderChatList();
+      }
+      return;
+    }
+    case "membershipChanged": {
+      const c = ev.event.value;
+      const gone = c.change === MembershipChange.LEFT || c.change === MembershipChange.REMOVED;
+      if (c.userId === me?.id && gone) {
+        chats.delete(chatId);
+        lastSeq.delete(chatId);
+        if (open?.id === chatId) closeChat();
+        renderChatList();
+      } else if (!chat) {
+        void act(() => fetchChat(chatId));
+      }
+      return;
+    }
+  }
+}
+
+function setStatus(text: string) {
+  el("status").textContent = text;
+}
+
+/** Keeps StreamEvents open; after an error or end, reconnects with backoff from the last seqs seen. */
+async function runStream(signal: AbortSignal) {
+  let backoff = 500;
+  while (!signal.aborted) {
+    setStatus("connecting…");
+    try {
+      const resume = Object.fromEntries(lastSeq);
+      const onHeader = () => {
+        setStatus("live");
+        backoff = 500;
+      };
+      for await (const ev of api.messages.streamEvents({ resume }, { signal, onHeader })) handleEvent(ev);
+    } catch (err) {
+      if (signal.aborted) return;
+      if (api.isUnauthenticated(err)) {
+        signOutLocally();
+        showError("Your session has ended; please sign in again.");
+        return;
+      }
+      console.warn("event stream:", err);
+      // `resume` named a chat we have left or that was deleted: re-list ours.
+      if (api.isDenied(err)) await loadChats().catch((e) => console.warn("list chats:", e));
+    }
+    if (signal.aborted) return;
+    const wait = backoff + Math.random() * backoff * 0.3;
+    setStatus(`reconnecting in ${Math.round(wait / 1000)}s…`);
+    await sleep(wait, signal);
+    backoff = Math.min(backoff * 2, 15_000);
+  }
+}
+
+// ---------------------------------------------------------------- sign-in
+
+function showAuth() {
+  el("auth-view").hidden = false;
+  el("chat-view").hidden = true;
+  el("logout").hidden = true;
+  el("me").textContent = "";
+  setStatus("");
+  input("username").focus();
+}
+
+async function enter(user: User) {
+  me = user;
+  users.set(user.id, user);
+  el("auth-view").hidden = true;
+  el("chat-view").hidden = false;
+  el("logout").hidden = false;
+  el("me").textContent = userName(user.id) + (user.guest ? " (guest)" : "");
+  await loadChats();
+  stream = new AbortController();
+  void runStream(stream.signal);
+}
+
+function closeChat() {
+  open = null;
+  el("chat-title").textContent = "Pick a chat or start one";
+  el("composer-form").hidden = true;
+  el("load-older").hidden = true;
+  renderMessages();
+}
+
+function signOutLocally() {
+  stream?.abort();
+  stream = null;
+  api.token.clear();
+  me = null;
+  for (const m of [users, chats, peers, lastSeq, pending]) m.clear();
+  closeChat();
+  renderChatList();
+  showAuth();
+}
+
+/** Runs an auth request with the sign-in buttons disabled. */
+async function signIn(how: () => Promise<{ token: string; user?: User }>) {
+  const buttons = ["login", "register", "guest"].map((id) => el<HTMLButtonElement>(id));
+  buttons.forEach((b) => (b.disabled = true));
+  try {
+    await act(async () => {
+      const res = await how();
+      if (!res.user) throw new Error("the server returned no user");
+      api.token.set(res.token);
+      await enter(res.user);
+    });
+  } finally {
+    buttons.forEach((b) => (b.disabled = false));
+  }
+}
+
+const credentials = () => ({ username: input("username").value.trim(), password: input("password").value });
+
+el("auth-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  void signIn(() => api.sessions.createSession(credentials()));
+});
+el("register").addEventListener("click", () => {
+  const form = el<HTMLFormElement>("auth-form");
+  if (!form.reportValidity()) return;
+  void signIn(async () => {
+    await api.sessions.createUser(credentials());
+    return api.sessions.createSession(credentials());
+  });
+});
+el("guest").addEventListener("click", () => void signIn(() => api.sessions.createSession({})));
+el("logout").addEventListener("click", () =>
+  void act(async () => {
+    stream?.abort(); // its end by revocation is not an error to show
+    try {
+      await api.sessions.revokeSession({});
+    } finally {
+      signOutLocally();
+    }
+  }),
+);
+
+// ---------------------------------------------------------------- chat actions
+
+el("new-chat-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  void act(async () => {
+    const username = input("new-chat-username").value.trim();
+    if (!username) return;
+    const { user } = await api.sessions.getUser({ username });
+    if (!user) return;
+    users.set(user.id, user);
+    const { chat } = await api.chats.createChat({ memberIds: [user.id] });
+    if (!chat) return;
+    peers.set(chat.id, user.id);
+    addChat(chat);
+    input("new-chat-username").value = "";
+    await openChat(chat.id);
+  });
+});
+
+el("composer-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const box = input("composer");
+  const text = box.value.trim();
+  if (!open || !text) return;
+  box.value = "";
+  void send({ id: api.newUuid(), chatId: open.id, text });
+});
+
+el("load-older").addEventListener("click", () => void act(loadOlder));
+document.addEventListener("visibilitychange", () => void act(markRead));
+
+// ---------------------------------------------------------------- start
+
+async function boot() {
+  if (!api.token.get()) return showAuth();
+  try {
+    const res = await api.sessions.getCurrentSession({});
+    if (!res.user) throw new Error("the server returned no user");
+    await enter(res.user);
+  } catch (err) {
+    if (api.isUnauthenticated(err)) api.token.clear();
+    else showError(`Cannot reach ${api.serverUrl}: ${api.describe(err)}`);
+    showAuth();
+  }
+}
+
+void boot();

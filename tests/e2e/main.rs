@@ -4,6 +4,7 @@
 //! Clients are the generated tonic stubs over real sockets.
 
 mod chats;
+mod manage;
 mod messages;
 mod sessions;
 mod stream;

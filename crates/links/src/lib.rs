@@ -43,6 +43,8 @@ pub trait MessageDirectory: Send + Sync + 'static {
     async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status>;
     /// Deletes every message and read position of a chat.
     async fn purge_chat(&self, chat_id: &str) -> Result<(), Status>;
+    /// Sets users' read positions to the chat's newest seq (they just joined).
+    async fn reset_read_positions(&self, chat_id: &str, user_ids: Vec<String>) -> Result<(), Status>;
 }
 
 /// What the chats service asks the sessions service.
@@ -114,6 +116,12 @@ impl MessageDirectory for Grpc {
         MessageInternalServiceClient::new(self.0.clone()).purge_chat(request).await?;
         Ok(())
     }
+
+    async fn reset_read_positions(&self, chat_id: &str, user_ids: Vec<String>) -> Result<(), Status> {
+        let request = messages::ResetReadPositionsRequest { chat_id: chat_id.to_owned(), user_ids };
+        MessageInternalServiceClient::new(self.0.clone()).reset_read_positions(request).await?;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -131,6 +139,12 @@ impl<S: MessageInternalService> MessageDirectory for InProcess<S> {
     async fn purge_chat(&self, chat_id: &str) -> Result<(), Status> {
         let request = messages::PurgeChatRequest { chat_id: chat_id.to_owned() };
         self.0.purge_chat(Request::new(request)).await?;
+        Ok(())
+    }
+
+    async fn reset_read_positions(&self, chat_id: &str, user_ids: Vec<String>) -> Result<(), Status> {
+        let request = messages::ResetReadPositionsRequest { chat_id: chat_id.to_owned(), user_ids };
+        self.0.reset_read_positions(Request::new(request)).await?;
         Ok(())
     }
 }
@@ -199,5 +213,9 @@ impl MessageDirectory for Deferred<dyn MessageDirectory> {
 
     async fn purge_chat(&self, chat_id: &str) -> Result<(), Status> {
         self.get()?.purge_chat(chat_id).await
+    }
+
+    async fn reset_read_positions(&self, chat_id: &str, user_ids: Vec<String>) -> Result<(), Status> {
+        self.get()?.reset_read_positions(chat_id, user_ids).await
     }
 }

@@ -141,10 +141,6 @@ impl ChatApi {
     }
 }
 
-fn unimplemented(rpc: &str) -> Status {
-    Status::unimplemented(format!("{rpc} is not implemented yet"))
-}
-
 #[tonic::async_trait]
 impl ChatService for ChatApi {
     async fn create_chat(
@@ -216,51 +212,132 @@ impl ChatService for ChatApi {
 
     async fn update_chat(
         &self,
-        _request: Request<pb::UpdateChatRequest>,
+        request: Request<pb::UpdateChatRequest>,
     ) -> Result<Response<pb::UpdateChatResponse>, Status> {
-        Err(unimplemented("UpdateChat"))
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let chat_id = id::parse("chat_id", &r.chat_id)?;
+        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        if paths.is_empty() {
+            return Err(ChatsError::invalid(
+                "update_mask",
+                "must name at least one of: title, description, visibility",
+            )
+            .into());
+        }
+        let chat = r.chat.unwrap_or_default();
+        let (mut title, mut description, mut visibility) = (None, None, None);
+        for (i, path) in paths.iter().enumerate() {
+            match path.as_str() {
+                "title" => {
+                    domain::check_title(&chat.title, self.chats.limits())
+                        .map_err(|e| ChatsError::invalid("chat.title", e))?;
+                    title = Some(chat.title.trim().to_owned());
+                }
+                "description" => {
+                    domain::check_description(&chat.description, self.chats.limits())
+                        .map_err(|e| ChatsError::invalid("chat.description", e))?;
+                    description = Some(chat.description.clone());
+                }
+                "visibility" => {
+                    visibility = Some(
+                        visibility_from_pb("chat.visibility", chat.visibility)?
+                            .ok_or_else(|| ChatsError::invalid("chat.visibility", "must be PRIVATE or PUBLIC"))?,
+                    );
+                }
+                other => {
+                    let reason =
+                        format!("{other:?} is not a field that can be updated (title, description, visibility)");
+                    return Err(ChatsError::invalid(format!("update_mask.paths[{i}]"), reason).into());
+                }
+            }
+        }
+        let view = self.chats.update_chat(caller, chat_id, title, description, visibility).await?;
+        Ok(Response::new(pb::UpdateChatResponse { chat: Some(chat_pb(view)) }))
     }
 
     async fn archive_chat(
         &self,
-        _request: Request<pb::ArchiveChatRequest>,
+        request: Request<pb::ArchiveChatRequest>,
     ) -> Result<Response<pb::ArchiveChatResponse>, Status> {
-        Err(unimplemented("ArchiveChat"))
+        let caller = self.caller(&request).await?;
+        let chat_id = id::parse("chat_id", &request.into_inner().chat_id)?;
+        let view = self.chats.set_archived(caller, chat_id, true).await?;
+        Ok(Response::new(pb::ArchiveChatResponse { chat: Some(chat_pb(view)) }))
     }
 
     async fn unarchive_chat(
         &self,
-        _request: Request<pb::UnarchiveChatRequest>,
+        request: Request<pb::UnarchiveChatRequest>,
     ) -> Result<Response<pb::UnarchiveChatResponse>, Status> {
-        Err(unimplemented("UnarchiveChat"))
+        let caller = self.caller(&request).await?;
+        let chat_id = id::parse("chat_id", &request.into_inner().chat_id)?;
+        let view = self.chats.set_archived(caller, chat_id, false).await?;
+        Ok(Response::new(pb::UnarchiveChatResponse { chat: Some(chat_pb(view)) }))
     }
 
     async fn delete_chat(
         &self,
-        _request: Request<pb::DeleteChatRequest>,
+        request: Request<pb::DeleteChatRequest>,
     ) -> Result<Response<pb::DeleteChatResponse>, Status> {
-        Err(unimplemented("DeleteChat"))
+        let caller = self.caller(&request).await?;
+        let chat_id = id::parse("chat_id", &request.into_inner().chat_id)?;
+        self.chats.delete_chat(caller, chat_id).await?;
+        Ok(Response::new(pb::DeleteChatResponse {}))
     }
 
     async fn add_members(
         &self,
-        _request: Request<pb::AddMembersRequest>,
+        request: Request<pb::AddMembersRequest>,
     ) -> Result<Response<pb::AddMembersResponse>, Status> {
-        Err(unimplemented("AddMembers"))
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let chat_id = id::parse("chat_id", &r.chat_id)?;
+        if r.user_ids.is_empty() {
+            return Err(ChatsError::invalid("user_ids", "must name at least one user").into());
+        }
+        if r.user_ids.len() > self.chats.limits().group_members {
+            let limit = self.chats.limits().group_members;
+            return Err(ChatsError::invalid("user_ids", format!("a chat has at most {limit} members")).into());
+        }
+        let user_ids = r
+            .user_ids
+            .iter()
+            .enumerate()
+            .map(|(i, u)| id::parse(&format!("user_ids[{i}]"), u))
+            .collect::<Result<Vec<_>, _>>()?;
+        let added = self.chats.add_members(caller, chat_id, user_ids).await?;
+        Ok(Response::new(pb::AddMembersResponse { members: added.into_iter().map(member_pb).collect() }))
     }
 
     async fn remove_member(
         &self,
-        _request: Request<pb::RemoveMemberRequest>,
+        request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
-        Err(unimplemented("RemoveMember"))
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let chat_id = id::parse("chat_id", &r.chat_id)?;
+        let user_id = id::parse("user_id", &r.user_id)?;
+        self.chats.remove_member(caller, chat_id, user_id).await?;
+        Ok(Response::new(pb::RemoveMemberResponse {}))
     }
 
     async fn update_member(
         &self,
-        _request: Request<pb::UpdateMemberRequest>,
+        request: Request<pb::UpdateMemberRequest>,
     ) -> Result<Response<pb::UpdateMemberResponse>, Status> {
-        Err(unimplemented("UpdateMember"))
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let chat_id = id::parse("chat_id", &r.chat_id)?;
+        let user_id = id::parse("user_id", &r.user_id)?;
+        let role = match pb::MemberRole::try_from(r.role) {
+            Ok(pb::MemberRole::Owner) => Role::Owner,
+            Ok(pb::MemberRole::Admin) => Role::Admin,
+            Ok(pb::MemberRole::Member) => Role::Member,
+            _ => return Err(ChatsError::invalid("role", "must be OWNER, ADMIN or MEMBER").into()),
+        };
+        let row = self.chats.update_member(caller, chat_id, user_id, role).await?;
+        Ok(Response::new(pb::UpdateMemberResponse { member: Some(member_pb(row)) }))
     }
 
     async fn list_members(

@@ -125,7 +125,7 @@ impl Chats {
             Inserted::Created => {
                 tracing::info!(chat_id = %id, kind = kind.as_str(), members = members.len(), "chat created");
                 for m in &members {
-                    self.announce_membership(&id, &m.user_id, mpb::MembershipChange::Joined);
+                    self.announce_membership(&id, &m.user_id, mpb::MembershipChange::Joined, 0);
                 }
                 Ok(ChatView { chat, summary: None })
             }
@@ -160,11 +160,14 @@ impl Chats {
         Ok(None)
     }
 
-    fn announce_membership(&self, chat_id: &str, user_id: &str, change: mpb::MembershipChange) {
+    /// Announces a membership change on the chat's topic and the user's
+    /// (whose streams follow the chats they join). `seq` is the chat's newest
+    /// seq at the time, from which a joining stream catches up.
+    fn announce_membership(&self, chat_id: &str, user_id: &str, change: mpb::MembershipChange, seq: i64) {
         let (Ok(chat), Ok(user)) = (Uuid::try_parse(chat_id), Uuid::try_parse(user_id)) else { return };
         let event = Arc::new(mpb::StreamEventsResponse {
             chat_id: chat_id.to_owned(),
-            seq: 0,
+            seq,
             event: Some(mpb::stream_events_response::Event::MembershipChanged(mpb::MembershipChanged {
                 user_id: user_id.to_owned(),
                 change: change as i32,
@@ -172,6 +175,217 @@ impl Chats {
         });
         self.bus.publish(Topic::User(user), event.clone());
         self.bus.publish(Topic::Chat(chat), event);
+    }
+
+    /// The chat and the caller's role: NOT_FOUND without the chat,
+    /// PERMISSION_DENIED when the caller is not a member.
+    async fn member(&self, caller: Uuid, chat_id: Uuid) -> Result<(ChatRow, Role), ChatsError> {
+        let access =
+            self.store.access(&chat_id.to_string(), &caller.to_string()).await?.ok_or(ChatsError::ChatNotFound)?;
+        match access.role {
+            Some(role) => Ok((access.chat, role)),
+            None => Err(ChatsError::Denied("not a member of this chat")),
+        }
+    }
+
+    /// As [`Chats::member`], requiring owner or admin (any member of a
+    /// direct chat, whose two members are equals).
+    async fn manager(&self, caller: Uuid, chat_id: Uuid) -> Result<(ChatRow, Role), ChatsError> {
+        let (chat, role) = self.member(caller, chat_id).await?;
+        if role.manages() || Kind::parse(&chat.kind) == Kind::Direct {
+            Ok((chat, role))
+        } else {
+            Err(ChatsError::Denied("only the owner or an admin may do this"))
+        }
+    }
+
+    /// UpdateChat: the fields named by the mask (None: unchanged).
+    pub async fn update_chat(
+        &self,
+        caller: Uuid,
+        chat_id: Uuid,
+        title: Option<String>,
+        description: Option<String>,
+        visibility: Option<Visibility>,
+    ) -> Result<ChatView, ChatsError> {
+        let (chat, role) = self.member(caller, chat_id).await?;
+        if Kind::parse(&chat.kind) == Kind::Direct {
+            return Err(ChatsError::Precondition("a direct chat has no title, description or visibility to change"));
+        }
+        if !role.manages() {
+            return Err(ChatsError::Denied("only the owner or an admin may do this"));
+        }
+        let row = self
+            .store
+            .update_chat(
+                &chat.id,
+                title.as_deref(),
+                description.as_deref(),
+                visibility.map(Visibility::as_str),
+                now_micros(),
+            )
+            .await?
+            .ok_or(ChatsError::ChatNotFound)?;
+        self.view(caller, row).await
+    }
+
+    /// ArchiveChat / UnarchiveChat (owner or admin; either member of a
+    /// direct chat). Idempotent.
+    pub async fn set_archived(&self, caller: Uuid, chat_id: Uuid, archived: bool) -> Result<ChatView, ChatsError> {
+        let (chat, _) = self.manager(caller, chat_id).await?;
+        let row = if chat.archive_time.is_some() == archived {
+            chat
+        } else {
+            let now = now_micros();
+            self.store.set_archived(&chat.id, archived.then_some(now), now).await?.ok_or(ChatsError::ChatNotFound)?
+        };
+        self.view(caller, row).await
+    }
+
+    /// DeleteChat (owner only): the chat, its memberships, then its messages.
+    pub async fn delete_chat(&self, caller: Uuid, chat_id: Uuid) -> Result<(), ChatsError> {
+        let (chat, role) = self.member(caller, chat_id).await?;
+        if role != Role::Owner {
+            return Err(ChatsError::Denied("only the owner may delete a chat"));
+        }
+        let members = self.store.delete_chat(&chat.id).await?;
+        for user in &members {
+            self.announce_membership(&chat.id, user, mpb::MembershipChange::Removed, chat.last_seq);
+        }
+        // The chat is gone, so its messages are unreachable already; a failed
+        // purge only leaves unreachable rows behind (logged).
+        if let Err(e) = self.messages.purge_chat(&chat.id).await {
+            tracing::warn!(chat_id = %chat.id, error = %e, "purging the messages of a deleted chat failed");
+        }
+        tracing::info!(chat_id = %chat.id, "chat deleted");
+        Ok(())
+    }
+
+    /// AddMembers: owner or admin adds anyone; anyone adds themselves to a
+    /// public chat (join). Returns the members actually added.
+    pub async fn add_members(
+        &self,
+        caller: Uuid,
+        chat_id: Uuid,
+        user_ids: Vec<Uuid>,
+    ) -> Result<Vec<MemberRow>, ChatsError> {
+        let access =
+            self.store.access(&chat_id.to_string(), &caller.to_string()).await?.ok_or(ChatsError::ChatNotFound)?;
+        let chat = access.chat;
+        let joining_self = user_ids.len() == 1 && user_ids[0] == caller;
+        let public = Visibility::parse(&chat.visibility) == Visibility::Public;
+        match access.role {
+            _ if Kind::parse(&chat.kind) == Kind::Direct => {
+                return Err(ChatsError::Precondition("a direct chat never changes members"));
+            }
+            Some(role) if role.manages() => {}
+            None if joining_self && public => {}
+            Some(_) => return Err(ChatsError::Denied("only the owner or an admin may add members")),
+            None => return Err(ChatsError::Denied("not a member of this chat")),
+        }
+        let mut ids: Vec<Uuid> = Vec::with_capacity(user_ids.len());
+        for id in user_ids {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        let others: Vec<String> = ids.iter().filter(|id| **id != caller).map(Uuid::to_string).collect();
+        if !others.is_empty() {
+            let found = self.users.lookup_users(others.clone()).await?;
+            if let Some(missing) = others.iter().find(|id| !found.iter().any(|u| u.id == **id)) {
+                return Err(ChatsError::UserNotFound(missing.clone()));
+            }
+        }
+        let now = now_micros();
+        let rows: Vec<MemberRow> = ids
+            .iter()
+            .map(|u| MemberRow {
+                chat_id: chat.id.clone(),
+                user_id: u.to_string(),
+                role: Role::Member.as_str().to_owned(),
+                join_time: now,
+            })
+            .collect();
+        let added =
+            self.store.add_members(&chat.id, &rows, self.limits.group_members, now).await?.ok_or_else(|| {
+                ChatsError::invalid("user_ids", format!("a chat has at most {} members", self.limits.group_members))
+            })?;
+        if !added.is_empty() {
+            let user_ids = added.iter().map(|m| m.user_id.clone()).collect();
+            self.messages.reset_read_positions(&chat.id, user_ids).await?;
+            for m in &added {
+                self.announce_membership(&chat.id, &m.user_id, mpb::MembershipChange::Joined, chat.last_seq);
+            }
+        }
+        Ok(added)
+    }
+
+    /// RemoveMember: oneself (leave; not the owner), or others by the owner
+    /// (anyone) or an admin (plain members).
+    pub async fn remove_member(&self, caller: Uuid, chat_id: Uuid, user_id: Uuid) -> Result<(), ChatsError> {
+        let (chat, role) = self.member(caller, chat_id).await?;
+        if Kind::parse(&chat.kind) == Kind::Direct {
+            return Err(ChatsError::Precondition("a direct chat never changes members"));
+        }
+        let change = if user_id == caller {
+            if role == Role::Owner {
+                return Err(ChatsError::Precondition(
+                    "the owner must hand ownership over (UpdateMember) before leaving",
+                ));
+            }
+            mpb::MembershipChange::Left
+        } else {
+            let target = self
+                .store
+                .role(&chat.id, &user_id.to_string())
+                .await?
+                .ok_or_else(|| ChatsError::MemberNotFound(user_id.to_string()))?;
+            let allowed = match role {
+                Role::Owner => true,
+                Role::Admin => target == Role::Member,
+                Role::Member => false,
+            };
+            if !allowed {
+                return Err(ChatsError::Denied("only the owner, or an admin for plain members, may remove members"));
+            }
+            mpb::MembershipChange::Removed
+        };
+        if !self.store.remove_member(&chat.id, &user_id.to_string(), now_micros()).await? {
+            return Err(ChatsError::MemberNotFound(user_id.to_string()));
+        }
+        self.announce_membership(&chat.id, &user_id.to_string(), change, chat.last_seq);
+        Ok(())
+    }
+
+    /// UpdateMember (owner only): sets a role; OWNER hands ownership over and
+    /// makes the previous owner an admin.
+    pub async fn update_member(
+        &self,
+        caller: Uuid,
+        chat_id: Uuid,
+        user_id: Uuid,
+        role: Role,
+    ) -> Result<MemberRow, ChatsError> {
+        let (chat, caller_role) = self.member(caller, chat_id).await?;
+        if Kind::parse(&chat.kind) == Kind::Direct {
+            return Err(ChatsError::Precondition("a direct chat has no roles to change"));
+        }
+        if caller_role != Role::Owner {
+            return Err(ChatsError::Denied("only the owner may change roles"));
+        }
+        if user_id == caller {
+            return Err(ChatsError::Precondition("the owner changes role only by making another member owner"));
+        }
+        let row = self
+            .store
+            .set_role(&chat.id, &user_id.to_string(), role, now_micros())
+            .await?
+            .ok_or_else(|| ChatsError::MemberNotFound(user_id.to_string()))?;
+        self.announce_membership(&chat.id, &row.user_id, mpb::MembershipChange::RoleChanged, chat.last_seq);
+        if role == Role::Owner {
+            self.announce_membership(&chat.id, &caller.to_string(), mpb::MembershipChange::RoleChanged, chat.last_seq);
+        }
+        Ok(row)
     }
 
     /// A chat the caller may see: a member, or anyone for a public chat.

@@ -229,6 +229,162 @@ impl Store {
         Ok(())
     }
 
+    /// Applies an update (None: leave the field as it is) and returns the row.
+    pub async fn update_chat(
+        &self,
+        id: &str,
+        title: Option<&str>,
+        description: Option<&str>,
+        visibility: Option<&str>,
+        now: i64,
+    ) -> Result<Option<ChatRow>, sqlx::Error> {
+        let mut q = SqlBuilder::new("UPDATE chats SET update_time = ");
+        q.bind(now);
+        if let Some(title) = title {
+            q.push(", title = ").bind(title.to_owned()).push(", title_key = ").bind(crate::domain::title_key(title));
+        }
+        if let Some(description) = description {
+            q.push(", description = ").bind(description.to_owned());
+        }
+        if let Some(visibility) = visibility {
+            q.push(", visibility = ").bind(visibility.to_owned());
+        }
+        q.push(" WHERE id = ").bind(id.to_owned());
+        q.build().execute(self.db.write()).await?;
+        self.chat(id).await
+    }
+
+    /// Sets or clears a chat's archive time.
+    pub async fn set_archived(
+        &self,
+        id: &str,
+        archive_time: Option<i64>,
+        now: i64,
+    ) -> Result<Option<ChatRow>, sqlx::Error> {
+        sqlx::query("UPDATE chats SET archive_time = $1, update_time = $2 WHERE id = $3")
+            .bind(archive_time)
+            .bind(now)
+            .bind(id)
+            .execute(self.db.write())
+            .await?;
+        self.chat(id).await
+    }
+
+    /// Deletes a chat and its memberships; returns the ids of its members.
+    pub async fn delete_chat(&self, id: &str) -> Result<Vec<String>, sqlx::Error> {
+        let mut tx = self.db.write().begin().await?;
+        let members: Vec<(String,)> = sqlx::query_as("DELETE FROM members WHERE chat_id = $1 RETURNING user_id")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM chats WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(members.into_iter().map(|(u,)| u).collect())
+    }
+
+    /// Adds members that are not in the chat yet, in one transaction, unless
+    /// the chat would then have more than `max_members`. Returns the rows
+    /// added, or `None` when the limit would be broken.
+    pub async fn add_members(
+        &self,
+        chat_id: &str,
+        members: &[MemberRow],
+        max_members: usize,
+        now: i64,
+    ) -> Result<Option<Vec<MemberRow>>, sqlx::Error> {
+        let mut tx = self.db.write().begin().await?;
+        // Lock the chat row first: concurrent adds to one chat queue here, so
+        // the member count they check is exact.
+        sqlx::query("UPDATE chats SET update_time = $1 WHERE id = $2")
+            .bind(now)
+            .bind(chat_id)
+            .execute(&mut *tx)
+            .await?;
+        let mut added = Vec::new();
+        for m in members {
+            let done = sqlx::query(
+                "INSERT INTO members (chat_id, user_id, role, join_time) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (chat_id, user_id) DO NOTHING",
+            )
+            .bind(&m.chat_id)
+            .bind(&m.user_id)
+            .bind(&m.role)
+            .bind(m.join_time)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 1 {
+                added.push(m.clone());
+            }
+        }
+        let count = recount(&mut tx, chat_id).await?;
+        if count as usize > max_members {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        tx.commit().await?;
+        Ok(Some(added))
+    }
+
+    /// Removes a member; false if they were not one.
+    pub async fn remove_member(&self, chat_id: &str, user_id: &str, now: i64) -> Result<bool, sqlx::Error> {
+        let mut tx = self.db.write().begin().await?;
+        sqlx::query("UPDATE chats SET update_time = $1 WHERE id = $2")
+            .bind(now)
+            .bind(chat_id)
+            .execute(&mut *tx)
+            .await?;
+        let done = sqlx::query("DELETE FROM members WHERE chat_id = $1 AND user_id = $2")
+            .bind(chat_id)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        recount(&mut tx, chat_id).await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Sets a member's role; making someone owner demotes the current owner
+    /// to admin in the same transaction. Returns the member's row.
+    pub async fn set_role(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        role: Role,
+        now: i64,
+    ) -> Result<Option<MemberRow>, sqlx::Error> {
+        let mut tx = self.db.write().begin().await?;
+        sqlx::query("UPDATE chats SET update_time = $1 WHERE id = $2")
+            .bind(now)
+            .bind(chat_id)
+            .execute(&mut *tx)
+            .await?;
+        if role == Role::Owner {
+            sqlx::query("UPDATE members SET role = 'admin' WHERE chat_id = $1 AND role = 'owner'")
+                .bind(chat_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE chats SET owner_id = $1 WHERE id = $2")
+                .bind(user_id)
+                .bind(chat_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let row: Option<MemberRow> = sqlx::query_as(
+            "UPDATE members SET role = $1 WHERE chat_id = $2 AND user_id = $3 RETURNING chat_id, user_id, role, join_time",
+        )
+        .bind(role.as_str())
+        .bind(chat_id)
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if row.is_some() {
+            tx.commit().await?;
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(row)
+    }
+
     /// A page of a chat's members in join order, after `(join_time, user_id)`.
     pub async fn members(
         &self,
@@ -245,4 +401,15 @@ impl Store {
         q.push(" ORDER BY join_time, user_id LIMIT ").bind(i64::from(limit));
         q.build_as().fetch_all(self.db.read()).await
     }
+}
+
+/// Recomputes a chat's member count inside a transaction and returns it.
+async fn recount(tx: &mut sqlx::Transaction<'static, natter_db::Any>, chat_id: &str) -> Result<i64, sqlx::Error> {
+    let (count,): (i64,) = sqlx::query_as(
+        "UPDATE chats SET member_count = (SELECT COUNT(*) FROM members WHERE chat_id = $1) WHERE id = $1 RETURNING member_count",
+    )
+    .bind(chat_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(count)
 }

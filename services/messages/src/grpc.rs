@@ -81,10 +81,6 @@ impl MessageApi {
     }
 }
 
-fn unimplemented(rpc: &str) -> Status {
-    Status::unimplemented(format!("{rpc} is not implemented yet"))
-}
-
 #[tonic::async_trait]
 impl MessageService for MessageApi {
     async fn send_message(
@@ -132,30 +128,45 @@ impl MessageService for MessageApi {
 
     async fn get_message(
         &self,
-        _request: Request<pb::GetMessageRequest>,
+        request: Request<pb::GetMessageRequest>,
     ) -> Result<Response<pb::GetMessageResponse>, Status> {
-        Err(unimplemented("GetMessage"))
+        let caller = self.caller(&request).await?;
+        let message_id = id::parse("message_id", &request.into_inner().message_id)?;
+        let message = self.messages.get(caller, message_id).await?;
+        Ok(Response::new(pb::GetMessageResponse { message: Some(message) }))
     }
 
     async fn edit_message(
         &self,
-        _request: Request<pb::EditMessageRequest>,
+        request: Request<pb::EditMessageRequest>,
     ) -> Result<Response<pb::EditMessageResponse>, Status> {
-        Err(unimplemented("EditMessage"))
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let message_id = id::parse("message_id", &r.message_id)?;
+        domain::check_text("text", &r.text, false, self.messages.limits())
+            .map_err(|v| MessagesError::Invalid(vec![v]))?;
+        let message = self.messages.edit(caller, message_id, &r.text).await?;
+        Ok(Response::new(pb::EditMessageResponse { message: Some(message) }))
     }
 
     async fn delete_message(
         &self,
-        _request: Request<pb::DeleteMessageRequest>,
+        request: Request<pb::DeleteMessageRequest>,
     ) -> Result<Response<pb::DeleteMessageResponse>, Status> {
-        Err(unimplemented("DeleteMessage"))
+        let caller = self.caller(&request).await?;
+        let message_id = id::parse("message_id", &request.into_inner().message_id)?;
+        let message = self.messages.delete(caller, message_id).await?;
+        Ok(Response::new(pb::DeleteMessageResponse { message: Some(message) }))
     }
 
     async fn list_message_revisions(
         &self,
-        _request: Request<pb::ListMessageRevisionsRequest>,
+        request: Request<pb::ListMessageRevisionsRequest>,
     ) -> Result<Response<pb::ListMessageRevisionsResponse>, Status> {
-        Err(unimplemented("ListMessageRevisions"))
+        let caller = self.caller(&request).await?;
+        let message_id = id::parse("message_id", &request.into_inner().message_id)?;
+        let revisions = self.messages.revisions(caller, message_id).await?;
+        Ok(Response::new(pb::ListMessageRevisionsResponse { revisions }))
     }
 
     async fn mark_read(&self, request: Request<pb::MarkReadRequest>) -> Result<Response<pb::MarkReadResponse>, Status> {
@@ -228,6 +239,15 @@ impl MessageInternalService for MessageInternalApi {
         let size = paging::page_size("page_size", r.page_size, 20, 200)?;
         let messages = self.messages.recent(&r.chat_id, size).await?;
         Ok(Response::new(pb::ListRecentMessagesResponse { messages }))
+    }
+
+    async fn reset_read_positions(
+        &self,
+        request: Request<pb::ResetReadPositionsRequest>,
+    ) -> Result<Response<pb::ResetReadPositionsResponse>, Status> {
+        let r = request.into_inner();
+        self.messages.reset_read_positions(&r.chat_id, &r.user_ids).await?;
+        Ok(Response::new(pb::ResetReadPositionsResponse {}))
     }
 
     async fn purge_chat(

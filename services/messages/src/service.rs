@@ -164,6 +164,91 @@ impl Messages {
         Ok(row)
     }
 
+    /// A message and the caller's membership of its chat (NOT_FOUND /
+    /// PERMISSION_DENIED as for its chat).
+    async fn message_for(
+        &self,
+        caller: Uuid,
+        message_id: Uuid,
+        write: bool,
+    ) -> Result<(MessageRow, cpb::CheckMembershipResponse), MessagesError> {
+        let row = self.store.message(&message_id.to_string()).await?.ok_or(MessagesError::MessageNotFound)?;
+        let chat = Uuid::try_parse(&row.chat_id).map_err(|_| MessagesError::MessageNotFound)?;
+        let membership = if write { self.member(chat, caller).await? } else { self.readable(chat, caller).await? };
+        Ok((row, membership))
+    }
+
+    /// GetMessage.
+    pub async fn get(&self, caller: Uuid, message_id: Uuid) -> Result<pb::Message, MessagesError> {
+        let (row, _) = self.message_for(caller, message_id, false).await?;
+        Ok(message_pb(row, Vec::new()))
+    }
+
+    /// EditMessage (author only): keeps every earlier revision; announces it.
+    pub async fn edit(&self, caller: Uuid, message_id: Uuid, text: &str) -> Result<pb::Message, MessagesError> {
+        let (row, membership) = self.message_for(caller, message_id, true).await?;
+        if row.author_id != caller.to_string() {
+            return Err(MessagesError::Denied("only the author may edit a message"));
+        }
+        if row.delete_time.is_some() {
+            return Err(MessagesError::Precondition("message is deleted"));
+        }
+        if membership.archived {
+            return Err(MessagesError::Precondition("chat is archived"));
+        }
+        let edited = self
+            .store
+            .edit(&row.id, text, now_micros())
+            .await?
+            .ok_or(MessagesError::Precondition("message is deleted"))?;
+        let message = message_pb(edited, Vec::new());
+        self.announce(Event::MessageEdited(message.clone()), &message);
+        Ok(message)
+    }
+
+    /// DeleteMessage (author, or the chat's owner or an admin): leaves a
+    /// tombstone; deleting a tombstone returns it.
+    pub async fn delete(&self, caller: Uuid, message_id: Uuid) -> Result<pb::Message, MessagesError> {
+        let (row, membership) = self.message_for(caller, message_id, true).await?;
+        let manager =
+            membership.role == cpb::MemberRole::Owner as i32 || membership.role == cpb::MemberRole::Admin as i32;
+        if row.author_id != caller.to_string() && !manager {
+            return Err(MessagesError::Denied("only the author, the owner or an admin may delete a message"));
+        }
+        if row.delete_time.is_some() {
+            return Ok(message_pb(row, Vec::new()));
+        }
+        self.store.delete(&row.id, now_micros()).await?;
+        let deleted = self.store.message(&row.id).await?.ok_or(MessagesError::MessageNotFound)?;
+        let message = message_pb(deleted, Vec::new());
+        self.announce(Event::MessageDeleted(message.clone()), &message);
+        Ok(message)
+    }
+
+    /// ListMessageRevisions: every revision, oldest first, the current one last.
+    pub async fn revisions(&self, caller: Uuid, message_id: Uuid) -> Result<Vec<pb::Revision>, MessagesError> {
+        let (row, _) = self.message_for(caller, message_id, false).await?;
+        if row.delete_time.is_some() {
+            return Ok(Vec::new());
+        }
+        let mut out: Vec<pb::Revision> =
+            self.store.revisions(std::slice::from_ref(&row.id)).await?.iter().map(revision_pb).collect();
+        out.push(pb::Revision {
+            revision: i32::try_from(row.revision).unwrap_or(i32::MAX),
+            text: row.text,
+            edit_time: Some(timestamp(row.edit_time.unwrap_or(row.send_time))),
+        });
+        Ok(out)
+    }
+
+    fn announce(&self, event: Event, message: &pb::Message) {
+        if let Ok(chat) = Uuid::try_parse(&message.chat_id) {
+            let event =
+                pb::StreamEventsResponse { chat_id: message.chat_id.clone(), seq: message.seq, event: Some(event) };
+            self.bus.publish(Topic::Chat(chat), Arc::new(event));
+        }
+    }
+
     /// A page of history with, when asked, every earlier revision.
     pub async fn list(
         &self,
@@ -252,6 +337,11 @@ impl Messages {
     pub async fn recent(&self, chat_id: &str, page_size: u32) -> Result<Vec<pb::Message>, MessagesError> {
         let rows = self.store.list(chat_id, Range::default(), None, page_size).await?;
         self.with_history(rows, false).await
+    }
+
+    /// Internal: users just joined; history before now is not unread.
+    pub async fn reset_read_positions(&self, chat_id: &str, user_ids: &[String]) -> Result<(), MessagesError> {
+        Ok(self.store.reset_read_positions(chat_id, user_ids).await?)
     }
 
     /// Internal: deletes everything of a chat.

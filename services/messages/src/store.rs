@@ -146,6 +146,56 @@ impl Store {
         q.build_as().fetch_optional(self.db.read()).await
     }
 
+    /// Replaces a live message's text, keeping the old one as a revision.
+    /// `None` if the message is deleted (or missing).
+    pub async fn edit(&self, id: &str, text: &str, now: i64) -> Result<Option<MessageRow>, sqlx::Error> {
+        let mut tx = self.db.write().begin().await?;
+        // Lock the row first so concurrent edits queue and each keeps the
+        // text it replaces.
+        let locked = sqlx::query("UPDATE messages SET revision = revision WHERE id = $1 AND delete_time IS NULL")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if locked.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        sqlx::query(
+            "INSERT INTO message_revisions (message_id, revision, text, edit_time) \
+             SELECT id, revision, text, COALESCE(edit_time, send_time) FROM messages WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE messages SET text = $1, revision = revision + 1, edit_time = $2 WHERE id = $3")
+            .bind(text)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let mut q = SqlBuilder::new(MESSAGE_SELECT);
+        q.push(" WHERE id = ").bind(id.to_owned());
+        let row = q.build_as().fetch_optional(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    /// Turns a message into a tombstone: seq stays, text, attachments and
+    /// earlier revisions go. True if it was live.
+    pub async fn delete(&self, id: &str, now: i64) -> Result<bool, sqlx::Error> {
+        let mut tx = self.db.write().begin().await?;
+        let done = sqlx::query(
+            "UPDATE messages SET text = '', attachments = '', delete_time = $1 WHERE id = $2 AND delete_time IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM message_revisions WHERE message_id = $1").bind(id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// The newest seq of a chat (0 before the first message).
     pub async fn head(&self, chat_id: &str) -> Result<i64, sqlx::Error> {
         let row: Option<(i64,)> = sqlx::query_as("SELECT last_seq FROM chat_heads WHERE chat_id = $1")
@@ -206,6 +256,24 @@ impl Store {
         .fetch_one(self.db.write())
         .await?;
         Ok(read_seq)
+    }
+
+    /// Sets users' read positions to the chat's newest seq (even backwards:
+    /// a rejoining member starts from now).
+    pub async fn reset_read_positions(&self, chat_id: &str, user_ids: &[String]) -> Result<(), sqlx::Error> {
+        let mut tx = self.db.write().begin().await?;
+        for user_id in user_ids {
+            sqlx::query(
+                "INSERT INTO read_positions (chat_id, user_id, read_seq) \
+                 VALUES ($1, $2, COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = $1), 0)) \
+                 ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq",
+            )
+            .bind(chat_id)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
     }
 
     /// A user's read position in a chat (0 if never marked).

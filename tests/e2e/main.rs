@@ -3,11 +3,13 @@
 //! without it), against the split services on PostgreSQL behind the edge.
 //! Clients are the generated tonic stubs over real sockets.
 
+mod authz;
 mod chats;
 mod manage;
 mod messages;
 mod sessions;
 mod stream;
+mod unread;
 mod wire;
 
 use tonic::{Code, Status};

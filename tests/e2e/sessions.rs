@@ -16,6 +16,7 @@ crate::both_modes!(
     missing_or_bad_tokens_are_unauthenticated_everywhere,
     revoked_token_fails_at_once_in_every_service,
     sessions_list_newest_first_and_users_resolve,
+    guests_claim_their_account_and_keep_their_chats,
 );
 
 async fn password_login_and_current_session(c: &Cluster) {
@@ -208,4 +209,46 @@ async fn sessions_list_newest_first_and_users_resolve(c: &Cluster) {
         .into_inner();
     let ids: Vec<_> = batch.users.iter().map(|u| u.id.as_str()).collect();
     assert_eq!(ids, [bob.id.as_str(), alice.id.as_str()]);
+}
+
+async fn guests_claim_their_account_and_keep_their_chats(c: &Cluster) {
+    let guest = c.guest().await;
+    let friend = c.user("friend").await;
+    let chat = crate::chats::direct(c, &guest, &friend).await;
+    crate::chats::send(c, &guest, &chat.id, "hi, I am new").await;
+    let username = format!("claimed-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let claim = spb::ClaimAccountRequest {
+        username: username.clone(),
+        password: "my new password".into(),
+        display_name: "Newcomer".into(),
+    };
+    let user = c.sessions().claim_account(authed(&guest, claim.clone())).await.unwrap().into_inner().user.unwrap();
+    assert_eq!(
+        (user.id.as_str(), user.guest, user.username.as_str(), user.display_name.as_str()),
+        (guest.id.as_str(), false, username.as_str(), "Newcomer")
+    );
+    assert_eq!(code(c.sessions().claim_account(authed(&guest, claim)).await), Code::FailedPrecondition, "only once");
+    // The guest token still works, and the password logs in as the same user with the same chats.
+    let login = c
+        .sessions()
+        .create_session(spb::CreateSessionRequest { username, password: "my new password".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(login.user.unwrap().id, guest.id);
+    let chats = c
+        .chats()
+        .list_chats(with_token(&login.token, cpb::ListChatsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .chats;
+    assert_eq!(chats.iter().map(|ch| ch.id.as_str()).collect::<Vec<_>>(), [chat.id.as_str()]);
+    let taken = spb::ClaimAccountRequest {
+        username: friend.username.clone(),
+        password: "whatever12".into(),
+        display_name: String::new(),
+    };
+    let other_guest = c.guest().await;
+    assert_eq!(code(c.sessions().claim_account(authed(&other_guest, taken)).await), Code::AlreadyExists);
 }

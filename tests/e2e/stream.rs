@@ -137,6 +137,64 @@ async fn concurrent_senders_stream_in_seq_order(c: &Cluster) {
     assert_eq!(next_created(&mut stream, &chat.id).await.0, total + 1);
 }
 
+async fn edits_deletes_and_reads_stream_in_order(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &alice, &bob).await;
+    let mut stream = open(c, &bob, &[&chat.id], &[]).await;
+    let first = send(c, &alice, &chat.id, "helo").await;
+    let edit = mpb::EditMessageRequest { message_id: first.id.clone(), text: "hello".into() };
+    c.messages().edit_message(authed(&alice, edit)).await.unwrap();
+    c.messages()
+        .delete_message(authed(&alice, mpb::DeleteMessageRequest { message_id: first.id.clone() }))
+        .await
+        .unwrap();
+    send(c, &alice, &chat.id, "second").await;
+    c.messages().mark_read(authed(&alice, mpb::MarkReadRequest { chat_id: chat.id.clone(), seq: 2 })).await.unwrap();
+    assert_eq!(next_created(&mut stream, &chat.id).await, (1, "helo".to_owned()));
+    match next(&mut stream).await.event {
+        Some(Event::MessageEdited(m)) => assert_eq!((m.seq, m.revision, m.text.as_str()), (1, 2, "hello")),
+        other => panic!("expected an edit, got {other:?}"),
+    }
+    match next(&mut stream).await.event {
+        Some(Event::MessageDeleted(m)) => assert!(m.seq == 1 && m.deleted && m.text.is_empty()),
+        other => panic!("expected a delete, got {other:?}"),
+    }
+    assert_eq!(next_created(&mut stream, &chat.id).await, (2, "second".to_owned()));
+    let read = next(&mut stream).await;
+    assert_eq!(read.event, Some(Event::ReadUpdated(mpb::ReadUpdated { user_id: alice.id.clone(), read_seq: 2 })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_stops_receiving_the_chat() {
+    let c = Cluster::start(Mode::AllInOne).await.unwrap();
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let request =
+        cpb::CreateChatRequest { title: "club".into(), member_ids: vec![bob.id.clone()], ..Default::default() };
+    let club = c.chats().create_chat(authed(&alice, request)).await.unwrap().into_inner().chat.unwrap();
+    let dm = direct(&c, &alice, &bob).await;
+    let mut stream = open(&c, &bob, &[], &[]).await;
+    let remove = cpb::RemoveMemberRequest { chat_id: club.id.clone(), user_id: bob.id.clone() };
+    c.chats().remove_member(authed(&alice, remove)).await.unwrap();
+    let removed = next(&mut stream).await;
+    assert_eq!(removed.chat_id, club.id);
+    assert!(
+        matches!(removed.event, Some(Event::MembershipChanged(ref m)) if m.user_id == bob.id && m.change == mpb::MembershipChange::Removed as i32)
+    );
+    send(&c, &alice, &club.id, "bob cannot see this").await;
+    send(&c, &alice, &dm.id, "but this").await;
+    assert_eq!(next_created(&mut stream, &dm.id).await, (1, "but this".to_owned()), "nothing of the club in between");
+    // Added back, the stream follows the club again from the join on.
+    let add = cpb::AddMembersRequest { chat_id: club.id.clone(), user_ids: vec![bob.id.clone()] };
+    c.chats().add_members(authed(&alice, add)).await.unwrap();
+    let joined = next(&mut stream).await;
+    assert!(
+        matches!(joined.event, Some(Event::MembershipChanged(ref m)) if m.change == mpb::MembershipChange::Joined as i32)
+    );
+    send(&c, &alice, &club.id, "welcome back").await;
+    assert_eq!(next_created(&mut stream, &club.id).await, (2, "welcome back".to_owned()));
+    c.stop().await;
+}
+
 // Cross-service announcements (a chat joined, a session revoked) travel on
 // the in-process bus today; the split services get them with the NATS bus.
 

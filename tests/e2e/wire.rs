@@ -93,3 +93,58 @@ fn tempfile_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_configurable_and_named_in_errors() {
+    use natter_proto::chats::v1 as cpb;
+    use natter_proto::messages::v1 as mpb;
+    use natter_testkit::authed;
+    let flags = [
+        "--max-text-bytes",
+        "10",
+        "--max-attachments",
+        "1",
+        "--max-title-chars",
+        "5",
+        "--max-group-members",
+        "3",
+        "--max-request-bytes",
+        "4096",
+    ];
+    let c = Cluster::all_in_one(&flags).await;
+    let (alice, bob, carol, dave) =
+        (c.user("alice").await, c.user("bob").await, c.user("carol").await, c.user("dave").await);
+    let title = c
+        .chats()
+        .create_chat(authed(&alice, cpb::CreateChatRequest { title: "too long".into(), ..Default::default() }))
+        .await
+        .unwrap_err();
+    assert_eq!(crate::violated_fields(&title), ["title"]);
+    assert!(title.message().contains("at most 5"), "{title:?}");
+    let crowd = cpb::CreateChatRequest {
+        title: "big".into(),
+        member_ids: vec![bob.id.clone(), carol.id.clone(), dave.id.clone()],
+        ..Default::default()
+    };
+    assert_eq!(
+        crate::violated_fields(&c.chats().create_chat(authed(&alice, crowd)).await.unwrap_err()),
+        ["member_ids"]
+    );
+    let chat = cpb::CreateChatRequest {
+        title: "ok".into(),
+        member_ids: vec![bob.id.clone(), carol.id.clone()],
+        ..Default::default()
+    };
+    let chat = c.chats().create_chat(authed(&alice, chat)).await.unwrap().into_inner().chat.unwrap();
+    let add = cpb::AddMembersRequest { chat_id: chat.id.clone(), user_ids: vec![dave.id.clone()] };
+    assert_eq!(crate::violated_fields(&c.chats().add_members(authed(&alice, add)).await.unwrap_err()), ["user_ids"]);
+    let long = mpb::SendMessageRequest { chat_id: chat.id.clone(), text: "eleven char".into(), ..Default::default() };
+    let status = c.messages().send_message(authed(&alice, long)).await.unwrap_err();
+    assert_eq!(crate::violated_fields(&status), ["text"]);
+    assert!(status.message().contains("10 bytes"), "{status:?}");
+    // A request over the decoded-size limit is refused before any handler runs.
+    let huge = mpb::SendMessageRequest { chat_id: chat.id.clone(), text: "x".repeat(8192), ..Default::default() };
+    let status = c.messages().send_message(authed(&alice, huge)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    c.stop().await;
+}

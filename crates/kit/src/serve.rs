@@ -150,7 +150,9 @@ pub async fn serve_routes(
         // anything but gRPC on HTTP/1.1.
         .layer(WebPageLayer { files: web_dir.map(ServeDir::new) })
         // Turns gRPC-web (HTTP/1.1 or HTTP/2) into plain gRPC for the services.
-        .layer(tonic_web::GrpcWebLayer::new());
+        .layer(tonic_web::GrpcWebLayer::new())
+        // Innermost, so gRPC-web clients see the corrected code too.
+        .map_response(oversized_is_resource_exhausted);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let drain = {
         let shutdown = shutdown.clone();
@@ -174,6 +176,24 @@ pub async fn serve_routes(
             Ok(())
         }
     }
+}
+
+/// tonic answers a request message over `max_decoding_message_size` with
+/// OUT_OF_RANGE; the gRPC status code table (grpc/doc/statuscodes.md) says a
+/// message larger than the configured limit is RESOURCE_EXHAUSTED, which is
+/// what DESIGN.md promises clients. The status travels trailers-only, in the
+/// response headers, so this rewrites just that code.
+fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let oversized = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers.get("grpc-message").is_some_and(|m| {
+            let m = m.as_bytes();
+            m.windows(13).any(|w| w == b"length%20too%" || w == b"length too la")
+        });
+    if oversized {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
 }
 
 /// Serves GET and HEAD requests from a directory, passes the rest on.

@@ -1,0 +1,225 @@
+//! The authorization matrix: every RPC called as the chat's owner, an
+//! admin, a plain member, a non-member, a guest (also a non-member) and
+//! without a token, each on a fresh chat, with the status code each cell must
+//! give.
+
+use natter_proto::FieldMask;
+use natter_proto::chats::v1 as cpb;
+use natter_proto::messages::v1 as mpb;
+use natter_proto::sessions::v1 as spb;
+use natter_testkit::{Cluster, TestUser, with_token};
+use tonic::{Code, Request};
+
+crate::both_modes!(every_rpc_allows_exactly_whom_it_should);
+
+/// One fresh chat: owner O, admin A, members M and X; M wrote `message`.
+struct Fixture {
+    chat: String,
+    message: String,
+}
+
+struct People {
+    owner: TestUser,
+    admin: TestUser,
+    member: TestUser,
+    extra: TestUser,
+    outsider: TestUser,
+    guest: TestUser,
+}
+
+fn req<T>(token: Option<&str>, message: T) -> Request<T> {
+    match token {
+        Some(t) => with_token(t, message),
+        None => Request::new(message),
+    }
+}
+
+async fn fixture(c: &Cluster, p: &People) -> Fixture {
+    let create = cpb::CreateChatRequest {
+        title: "matrix".into(),
+        member_ids: vec![p.admin.id.clone(), p.member.id.clone(), p.extra.id.clone()],
+        ..Default::default()
+    };
+    let chat = c.chats().create_chat(with_token(&p.owner.token, create)).await.unwrap().into_inner().chat.unwrap().id;
+    let promote = cpb::UpdateMemberRequest {
+        chat_id: chat.clone(),
+        user_id: p.admin.id.clone(),
+        role: cpb::MemberRole::Admin as i32,
+    };
+    c.chats().update_member(with_token(&p.owner.token, promote)).await.unwrap();
+    let send = mpb::SendMessageRequest { chat_id: chat.clone(), text: "by member".into(), ..Default::default() };
+    let message =
+        c.messages().send_message(with_token(&p.member.token, send)).await.unwrap().into_inner().message.unwrap().id;
+    Fixture { chat, message }
+}
+
+/// Calls `rpc` as the holder of `token` and returns the resulting code.
+async fn call(c: &Cluster, p: &People, f: &Fixture, rpc: &str, token: Option<&str>) -> Code {
+    let (chat, message) = (f.chat.clone(), f.message.clone());
+    let result: Result<(), tonic::Status> = match rpc {
+        "CreateChat" => c
+            .chats()
+            .create_chat(req(token, cpb::CreateChatRequest { title: "mine".into(), ..Default::default() }))
+            .await
+            .map(drop),
+        "GetChat" => {
+            c.chats().get_chat(req(token, cpb::GetChatRequest { chat_id: chat, message_page_size: 5 })).await.map(drop)
+        }
+        "ListChats" => c.chats().list_chats(req(token, cpb::ListChatsRequest::default())).await.map(drop),
+        "UpdateChat" => {
+            let r = cpb::UpdateChatRequest {
+                chat_id: chat,
+                chat: Some(cpb::Chat { title: "renamed".into(), ..Default::default() }),
+                update_mask: Some(FieldMask { paths: vec!["title".into()] }),
+            };
+            c.chats().update_chat(req(token, r)).await.map(drop)
+        }
+        "ArchiveChat" => c.chats().archive_chat(req(token, cpb::ArchiveChatRequest { chat_id: chat })).await.map(drop),
+        "UnarchiveChat" => {
+            c.chats().unarchive_chat(req(token, cpb::UnarchiveChatRequest { chat_id: chat })).await.map(drop)
+        }
+        "DeleteChat" => c.chats().delete_chat(req(token, cpb::DeleteChatRequest { chat_id: chat })).await.map(drop),
+        "AddMembers" => {
+            let r = cpb::AddMembersRequest { chat_id: chat, user_ids: vec![p.outsider.id.clone()] };
+            c.chats().add_members(req(token, r)).await.map(drop)
+        }
+        "RemoveMember(other)" => {
+            let r = cpb::RemoveMemberRequest { chat_id: chat, user_id: p.extra.id.clone() };
+            c.chats().remove_member(req(token, r)).await.map(drop)
+        }
+        "UpdateMember" => {
+            let r = cpb::UpdateMemberRequest {
+                chat_id: chat,
+                user_id: p.extra.id.clone(),
+                role: cpb::MemberRole::Admin as i32,
+            };
+            c.chats().update_member(req(token, r)).await.map(drop)
+        }
+        "ListMembers" => c
+            .chats()
+            .list_members(req(token, cpb::ListMembersRequest { chat_id: chat, ..Default::default() }))
+            .await
+            .map(drop),
+        "SendMessage" => {
+            let r = mpb::SendMessageRequest { chat_id: chat, text: "hi".into(), ..Default::default() };
+            c.messages().send_message(req(token, r)).await.map(drop)
+        }
+        "ListMessages" => c
+            .messages()
+            .list_messages(req(token, mpb::ListMessagesRequest { chat_id: chat, ..Default::default() }))
+            .await
+            .map(drop),
+        "GetMessage" => {
+            c.messages().get_message(req(token, mpb::GetMessageRequest { message_id: message })).await.map(drop)
+        }
+        "EditMessage(member's)" => {
+            let r = mpb::EditMessageRequest { message_id: message, text: "edited".into() };
+            c.messages().edit_message(req(token, r)).await.map(drop)
+        }
+        "DeleteMessage(member's)" => {
+            c.messages().delete_message(req(token, mpb::DeleteMessageRequest { message_id: message })).await.map(drop)
+        }
+        "ListMessageRevisions" => c
+            .messages()
+            .list_message_revisions(req(token, mpb::ListMessageRevisionsRequest { message_id: message }))
+            .await
+            .map(drop),
+        "MarkRead" => {
+            c.messages().mark_read(req(token, mpb::MarkReadRequest { chat_id: chat, seq: 1 })).await.map(drop)
+        }
+        "StreamEvents" => {
+            let r = mpb::StreamEventsRequest { chat_ids: vec![chat], ..Default::default() };
+            c.messages().stream_events(req(token, r)).await.map(drop)
+        }
+        "GetCurrentSession" => {
+            c.sessions().get_current_session(req(token, spb::GetCurrentSessionRequest {})).await.map(drop)
+        }
+        "ListSessions" => c.sessions().list_sessions(req(token, spb::ListSessionsRequest::default())).await.map(drop),
+        "GetUser" => c
+            .sessions()
+            .get_user(req(token, spb::GetUserRequest { user_id: p.owner.id.clone(), ..Default::default() }))
+            .await
+            .map(drop),
+        "BatchGetUsers" => c
+            .sessions()
+            .batch_get_users(req(token, spb::BatchGetUsersRequest { user_ids: vec![p.owner.id.clone()] }))
+            .await
+            .map(drop),
+        "ClaimAccount" => {
+            let r = spb::ClaimAccountRequest {
+                username: format!("claimed-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+                password: "long enough".into(),
+                display_name: String::new(),
+            };
+            c.sessions().claim_account(req(token, r)).await.map(drop)
+        }
+        other => panic!("no such row {other}"),
+    };
+    match result {
+        Ok(()) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+async fn every_rpc_allows_exactly_whom_it_should(c: &Cluster) {
+    use Code::{FailedPrecondition as Pre, Ok, PermissionDenied as Deny, Unauthenticated as Unauth};
+    let p = People {
+        owner: c.user("owner").await,
+        admin: c.user("admin").await,
+        member: c.user("member").await,
+        extra: c.user("extra").await,
+        outsider: c.user("outsider").await,
+        guest: c.guest().await,
+    };
+    // Columns: owner, admin, member, non-member, guest, no token.
+    let matrix: &[(&str, [Code; 6])] = &[
+        ("CreateChat", [Ok, Ok, Ok, Ok, Ok, Unauth]),
+        ("GetChat", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("ListChats", [Ok, Ok, Ok, Ok, Ok, Unauth]),
+        ("UpdateChat", [Ok, Ok, Deny, Deny, Deny, Unauth]),
+        ("ArchiveChat", [Ok, Ok, Deny, Deny, Deny, Unauth]),
+        ("UnarchiveChat", [Ok, Ok, Deny, Deny, Deny, Unauth]),
+        ("DeleteChat", [Ok, Deny, Deny, Deny, Deny, Unauth]),
+        ("AddMembers", [Ok, Ok, Deny, Deny, Deny, Unauth]),
+        ("RemoveMember(other)", [Ok, Ok, Deny, Deny, Deny, Unauth]),
+        ("UpdateMember", [Ok, Deny, Deny, Deny, Deny, Unauth]),
+        ("ListMembers", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("SendMessage", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("ListMessages", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("GetMessage", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("EditMessage(member's)", [Deny, Deny, Ok, Deny, Deny, Unauth]),
+        ("DeleteMessage(member's)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("ListMessageRevisions", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("MarkRead", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("StreamEvents", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("GetCurrentSession", [Ok, Ok, Ok, Ok, Ok, Unauth]),
+        ("ListSessions", [Ok, Ok, Ok, Ok, Ok, Unauth]),
+        ("GetUser", [Ok, Ok, Ok, Ok, Ok, Unauth]),
+        ("BatchGetUsers", [Ok, Ok, Ok, Ok, Ok, Unauth]),
+        ("ClaimAccount", [Pre, Pre, Pre, Pre, Ok, Unauth]),
+    ];
+    let mut wrong = Vec::new();
+    for (rpc, expected) in matrix {
+        let callers: [Option<&TestUser>; 6] =
+            [Some(&p.owner), Some(&p.admin), Some(&p.member), Some(&p.outsider), Some(&p.guest), None];
+        for (caller, want) in callers.iter().zip(expected) {
+            // ClaimAccount turns the guest into a password user: give that
+            // cell its own guest.
+            let fresh_guest;
+            let caller = match (*rpc, caller) {
+                ("ClaimAccount", Some(u)) if u.id == p.guest.id => {
+                    fresh_guest = c.guest().await;
+                    Some(&fresh_guest)
+                }
+                _ => *caller,
+            };
+            let f = fixture(c, &p).await;
+            let got = call(c, &p, &f, rpc, caller.map(|u| u.token.as_str())).await;
+            if got != *want {
+                let who = caller.map_or("no token".to_owned(), |u| u.username.clone());
+                wrong.push(format!("{rpc} as {who}: got {got:?}, want {want:?}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "authorization matrix mismatches:\n{}", wrong.join("\n"));
+}

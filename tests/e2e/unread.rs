@@ -1,0 +1,127 @@
+//! Unread counts against a brute-force model over random operation
+//! sequences (send, delete, mark read, leave, rejoin): a property test with
+//! fixed seeds, so a failure names the seed that reproduces it.
+
+use natter_proto::chats::v1 as cpb;
+use natter_proto::messages::v1 as mpb;
+use natter_testkit::{Cluster, TestUser, authed};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+crate::both_modes!(unread_counts_match_a_brute_force_model);
+
+/// The model: what unread counts must be.
+#[derive(Default)]
+struct Model {
+    /// (author index, deleted) per seq - 1.
+    messages: Vec<(usize, bool)>,
+    members: Vec<bool>,
+    read: Vec<i64>,
+}
+
+impl Model {
+    fn head(&self) -> i64 {
+        self.messages.len() as i64
+    }
+
+    fn unread(&self, user: usize) -> i64 {
+        self.messages
+            .iter()
+            .enumerate()
+            .filter(|(i, (author, deleted))| *i as i64 + 1 > self.read[user] && *author != user && !deleted)
+            .count() as i64
+    }
+}
+
+async fn unread_counts_match_a_brute_force_model(c: &Cluster) {
+    let users: Vec<TestUser> = futures::future::join_all(["own", "u1", "u2", "u3"].map(|n| c.user(n))).await;
+    for seed in 0..8u64 {
+        run_sequence(c, &users, seed, 40).await;
+    }
+}
+
+async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let request = cpb::CreateChatRequest {
+        title: format!("prop {seed}"),
+        member_ids: users[1..].iter().map(|u| u.id.clone()).collect(),
+        ..Default::default()
+    };
+    let chat = c.chats().create_chat(authed(&users[0], request)).await.unwrap().into_inner().chat.unwrap();
+    let mut model = Model { members: vec![true; users.len()], read: vec![0; users.len()], ..Model::default() };
+    let mut ids: Vec<String> = Vec::new();
+    let mut log: Vec<String> = Vec::new();
+    for step in 0..steps {
+        let u = rng.random_range(0..users.len());
+        let op = rng.random_range(0..10);
+        match op {
+            // Send (most common).
+            0..=3 if model.members[u] => {
+                let m = mpb::SendMessageRequest {
+                    chat_id: chat.id.clone(),
+                    text: format!("s{step}"),
+                    ..Default::default()
+                };
+                let sent = c.messages().send_message(authed(&users[u], m)).await.unwrap().into_inner().message.unwrap();
+                model.messages.push((u, false));
+                assert_eq!(sent.seq, model.head(), "seed {seed}: seq");
+                ids.push(sent.id);
+                log.push(format!("u{u} sends {}", sent.seq));
+            }
+            // Delete one of one's own live messages.
+            4 | 5 if model.members[u] => {
+                let own: Vec<usize> = (0..model.messages.len()).filter(|i| model.messages[*i] == (u, false)).collect();
+                if own.is_empty() {
+                    continue;
+                }
+                let i = own[rng.random_range(0..own.len())];
+                let d = mpb::DeleteMessageRequest { message_id: ids[i].clone() };
+                c.messages().delete_message(authed(&users[u], d)).await.unwrap();
+                model.messages[i].1 = true;
+                log.push(format!("u{u} deletes {}", i + 1));
+            }
+            // Mark read somewhere in (or past) the history.
+            6 | 7 if model.members[u] => {
+                let seq = rng.random_range(0..=model.head() + 2);
+                let r = mpb::MarkReadRequest { chat_id: chat.id.clone(), seq };
+                let read = c.messages().mark_read(authed(&users[u], r)).await.unwrap().into_inner();
+                model.read[u] = model.read[u].max(seq.min(model.head()));
+                log.push(format!("u{u} reads to {seq}"));
+                assert_eq!(read.read_seq, model.read[u], "seed {seed}: read_seq after {log:?}");
+                assert_eq!(read.unread_count, model.unread(u), "seed {seed}: MarkRead unread after {log:?}");
+            }
+            // Leave (not the owner) or be added back by the owner.
+            8 | 9 if u != 0 => {
+                if model.members[u] {
+                    let r = cpb::RemoveMemberRequest { chat_id: chat.id.clone(), user_id: users[u].id.clone() };
+                    c.chats().remove_member(authed(&users[u], r)).await.unwrap();
+                    model.members[u] = false;
+                    log.push(format!("u{u} leaves"));
+                } else {
+                    let r = cpb::AddMembersRequest { chat_id: chat.id.clone(), user_ids: vec![users[u].id.clone()] };
+                    c.chats().add_members(authed(&users[0], r)).await.unwrap();
+                    model.members[u] = true;
+                    model.read[u] = model.head();
+                    log.push(format!("u{u} rejoins"));
+                }
+            }
+            _ => continue,
+        }
+        // Every member's unread count, as ListChats and GetChat show it.
+        for (i, user) in users.iter().enumerate().filter(|(i, _)| model.members[*i]) {
+            let get = cpb::GetChatRequest { chat_id: chat.id.clone(), ..Default::default() };
+            let shown = c.chats().get_chat(authed(user, get)).await.unwrap().into_inner().chat.unwrap();
+            assert_eq!(shown.unread_count, model.unread(i), "seed {seed}: u{i} GetChat unread after {log:?}");
+            let listed = c
+                .chats()
+                .list_chats(authed(user, cpb::ListChatsRequest { page_size: 1, ..Default::default() }))
+                .await
+                .unwrap()
+                .into_inner();
+            let first = listed.chats.first().expect("the chat");
+            if first.id == chat.id {
+                assert_eq!(first.unread_count, model.unread(i), "seed {seed}: u{i} ListChats unread after {log:?}");
+            }
+        }
+    }
+}

@@ -7,6 +7,7 @@ mod authz;
 mod chats;
 mod manage;
 mod messages;
+mod otel;
 mod sessions;
 mod stream;
 mod unread;

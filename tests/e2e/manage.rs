@@ -104,8 +104,8 @@ async fn archived_chats_refuse_sends_and_filter(c: &Cluster) {
         }
     };
     assert_eq!(ids(None).await.len(), 2);
-    assert_eq!(ids(Some(true)).await, [archived.id.clone()]);
-    assert_eq!(ids(Some(false)).await, [active.id.clone()]);
+    assert_eq!(ids(Some(true)).await, [archived.id.as_str()]);
+    assert_eq!(ids(Some(false)).await, [active.id.as_str()]);
     assert_eq!(
         code(c.chats().archive_chat(authed(&bob, cpb::ArchiveChatRequest { chat_id: active.id.clone() })).await),
         Code::PermissionDenied
@@ -263,7 +263,7 @@ async fn list_chats_filters_combine(c: &Cluster) {
     let groups = cpb::ListChatsRequest { kind: cpb::ChatKind::Group as i32, ..Default::default() };
     assert_eq!(list(groups).await, [hiking.id.clone(), cooking.id.clone(), quiet.id.clone()]);
     let direct_only = cpb::ListChatsRequest { kind: cpb::ChatKind::Direct as i32, ..Default::default() };
-    assert_eq!(list(direct_only).await, [dm.id.clone()]);
+    assert_eq!(list(direct_only).await, [dm.id.as_str()]);
     let club = cpb::ListChatsRequest {
         query: "CLUB".into(),
         kind: cpb::ChatKind::Group as i32,
@@ -272,9 +272,9 @@ async fn list_chats_filters_combine(c: &Cluster) {
     };
     assert_eq!(list(club).await, [quiet.id.clone(), cooking.id.clone(), hiking.id.clone()]);
     let after = cpb::ListChatsRequest { last_message_after: before_hiking, ..Default::default() };
-    assert_eq!(list(after).await, [hiking.id.clone()], "strictly after, chats without messages excluded");
+    assert_eq!(list(after).await, [hiking.id.as_str()], "strictly after, chats without messages excluded");
     let before = cpb::ListChatsRequest { last_message_before: before_hiking, ..Default::default() };
-    assert_eq!(list(before).await, [dm.id.clone()]);
+    assert_eq!(list(before).await, [dm.id.as_str()]);
 }
 
 async fn edits_keep_every_revision(c: &Cluster) {

@@ -17,7 +17,17 @@ crate::both_modes!(
     live_messages_arrive_in_order,
     cut_stream_resumes_exactly_once,
     concurrent_senders_stream_in_seq_order,
+    edits_deletes_and_reads_stream_in_order,
+    a_removed_member_stops_receiving_the_chat,
+    all_chats_stream_follows_new_chats,
+    revoked_session_ends_its_stream,
 );
+
+/// Cross-service announcements (a chat joined, a member removed, a session
+/// revoked) reach the messages service in split mode over NATS only.
+fn crosses_services(c: &Cluster) -> bool {
+    c.mode == Mode::AllInOne || natter_testkit::nats_url().is_some()
+}
 
 /// The next event, waiting at most 10 s (a bound, not a sleep: it returns as
 /// soon as the event arrives).
@@ -164,15 +174,16 @@ async fn edits_deletes_and_reads_stream_in_order(c: &Cluster) {
     assert_eq!(read.event, Some(Event::ReadUpdated(mpb::ReadUpdated { user_id: alice.id.clone(), read_seq: 2 })));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_removed_member_stops_receiving_the_chat() {
-    let c = Cluster::start(Mode::AllInOne).await.unwrap();
+async fn a_removed_member_stops_receiving_the_chat(c: &Cluster) {
+    if !crosses_services(c) {
+        return;
+    }
     let (alice, bob) = (c.user("alice").await, c.user("bob").await);
     let request =
         cpb::CreateChatRequest { title: "club".into(), member_ids: vec![bob.id.clone()], ..Default::default() };
     let club = c.chats().create_chat(authed(&alice, request)).await.unwrap().into_inner().chat.unwrap();
-    let dm = direct(&c, &alice, &bob).await;
-    let mut stream = open(&c, &bob, &[], &[]).await;
+    let dm = direct(c, &alice, &bob).await;
+    let mut stream = open(c, &bob, &[], &[]).await;
     let remove = cpb::RemoveMemberRequest { chat_id: club.id.clone(), user_id: bob.id.clone() };
     c.chats().remove_member(authed(&alice, remove)).await.unwrap();
     let removed = next(&mut stream).await;
@@ -180,8 +191,8 @@ async fn a_removed_member_stops_receiving_the_chat() {
     assert!(
         matches!(removed.event, Some(Event::MembershipChanged(ref m)) if m.user_id == bob.id && m.change == mpb::MembershipChange::Removed as i32)
     );
-    send(&c, &alice, &club.id, "bob cannot see this").await;
-    send(&c, &alice, &dm.id, "but this").await;
+    send(c, &alice, &club.id, "bob cannot see this").await;
+    send(c, &alice, &dm.id, "but this").await;
     assert_eq!(next_created(&mut stream, &dm.id).await, (1, "but this".to_owned()), "nothing of the club in between");
     // Added back, the stream follows the club again from the join on.
     let add = cpb::AddMembersRequest { chat_id: club.id.clone(), user_ids: vec![bob.id.clone()] };
@@ -190,38 +201,34 @@ async fn a_removed_member_stops_receiving_the_chat() {
     assert!(
         matches!(joined.event, Some(Event::MembershipChanged(ref m)) if m.change == mpb::MembershipChange::Joined as i32)
     );
-    send(&c, &alice, &club.id, "welcome back").await;
+    send(c, &alice, &club.id, "welcome back").await;
     assert_eq!(next_created(&mut stream, &club.id).await, (2, "welcome back".to_owned()));
-    c.stop().await;
 }
 
-// Cross-service announcements (a chat joined, a session revoked) travel on
-// the in-process bus today; the split services get them with the NATS bus.
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn all_chats_stream_follows_new_chats() {
-    let c = Cluster::start(Mode::AllInOne).await.unwrap();
+async fn all_chats_stream_follows_new_chats(c: &Cluster) {
+    if !crosses_services(c) {
+        return;
+    }
     let (alice, bob) = (c.user("alice").await, c.user("bob").await);
-    let mut stream = open(&c, &bob, &[], &[]).await;
-    let chat = direct(&c, &alice, &bob).await;
+    let mut stream = open(c, &bob, &[], &[]).await;
+    let chat = direct(c, &alice, &bob).await;
     let joined = next(&mut stream).await;
     assert_eq!(joined.chat_id, chat.id);
     assert!(matches!(joined.event, Some(Event::MembershipChanged(ref m)) if m.user_id == bob.id));
-    send(&c, &alice, &chat.id, "hello").await;
+    send(c, &alice, &chat.id, "hello").await;
     assert_eq!(next_created(&mut stream, &chat.id).await, (1, "hello".to_owned()));
-    c.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoked_session_ends_its_stream() {
-    let c = Cluster::start(Mode::AllInOne).await.unwrap();
+async fn revoked_session_ends_its_stream(c: &Cluster) {
+    if !crosses_services(c) {
+        return;
+    }
     let (alice, bob) = (c.user("alice").await, c.user("bob").await);
-    let chat = direct(&c, &alice, &bob).await;
-    let mut stream = open(&c, &bob, &[&chat.id], &[]).await;
+    let chat = direct(c, &alice, &bob).await;
+    let mut stream = open(c, &bob, &[&chat.id], &[]).await;
     c.sessions().revoke_session(authed(&bob, spb::RevokeSessionRequest::default())).await.unwrap();
     let end = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("ends within 10 s");
     assert_eq!(end.expect_err("ends with an error").code(), Code::Unauthenticated);
-    c.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,4 +242,26 @@ async fn shutdown_ends_open_streams_with_unavailable() {
     let status = end.expect_err("ends with a status telling the client to reconnect");
     assert_eq!(status.code(), Code::Unavailable);
     c.stop().await; // every server task finishes without error
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_ends_its_stream_and_its_calls() {
+    let c = Cluster::all_in_one(&["--session-ttl", "1s"]).await;
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(&c, &alice, &bob).await;
+    let mut stream = open(&c, &bob, &[&chat.id], &[]).await;
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("ends within 10 s");
+    assert_eq!(end.expect_err("ends with a status").code(), Code::Unauthenticated);
+    let call = c.chats().list_chats(authed(&bob, cpb::ListChatsRequest::default())).await;
+    assert_eq!(call.expect_err("expired").code(), Code::Unauthenticated);
+    c.stop().await;
 }

@@ -2,7 +2,7 @@
 //! health, and server reflection.
 
 use natter_proto::sessions::v1 as spb;
-use natter_testkit::{Cluster, Mode, grpc_web};
+use natter_testkit::{Cluster, grpc_web};
 use prost::Message as _;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
@@ -34,12 +34,10 @@ async fn grpc_web_over_http1_with_cors(c: &Cluster) {
 
 async fn health_reports_serving(c: &Cluster) {
     let mut health = HealthClient::new(c.channel());
-    // The edge answers for itself; the all-in-one for each service it runs.
-    let services: &[&str] = match c.mode {
-        Mode::AllInOne => &["", "natter.sessions.v1.SessionService", "natter.messages.v1.MessageService"],
-        Mode::Split => &[""],
-    };
-    for service in services.iter().copied() {
+    // The edge reports a service SERVING while any of its replicas is.
+    let services =
+        ["", "natter.sessions.v1.SessionService", "natter.chats.v1.ChatService", "natter.messages.v1.MessageService"];
+    for service in services {
         let status = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
     }

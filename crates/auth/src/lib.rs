@@ -10,12 +10,12 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use natter_kit::telemetry::TracedChannel;
 use natter_proto::sessions::v1::{
     IntrospectSessionRequest, IntrospectSessionResponse, session_internal_service_client::SessionInternalServiceClient,
     session_internal_service_server::SessionInternalService,
 };
 use tonic::metadata::MetadataMap;
-use tonic::transport::Channel;
 use tonic::{Request, Status};
 use uuid::Uuid;
 
@@ -28,6 +28,8 @@ pub struct Principal {
     pub session_id: Uuid,
     /// True for a guest user.
     pub guest: bool,
+    /// When the session expires, in microseconds since the Unix epoch.
+    pub expire_micros: i64,
 }
 
 /// Checks bearer tokens (OAuth 2.0 token introspection, RFC 7662, in spirit).
@@ -96,18 +98,20 @@ fn principal(response: IntrospectSessionResponse) -> Result<Option<Principal>, S
     }
     let user_id = Uuid::try_parse(&response.user_id).map_err(natter_kit::internal)?;
     let session_id = Uuid::try_parse(&response.session_id).map_err(natter_kit::internal)?;
-    Ok(Some(Principal { user_id, session_id, guest: response.guest }))
+    let expire_micros = response.expire_time.as_ref().map(natter_kit::time::micros).unwrap_or(i64::MAX);
+    Ok(Some(Principal { user_id, session_id, guest: response.guest, expire_micros }))
 }
 
 /// Verifies tokens by calling the sessions service over gRPC.
 #[derive(Clone, Debug)]
 pub struct GrpcVerifier {
-    client: SessionInternalServiceClient<Channel>,
+    client: SessionInternalServiceClient<TracedChannel>,
 }
 
 impl GrpcVerifier {
-    /// A verifier over an established (or lazy) channel to the sessions service.
-    pub fn new(channel: Channel) -> Self {
+    /// A verifier over an established (or lazy) channel to the sessions
+    /// service (`natter_links::channel`: calls carry trace context).
+    pub fn new(channel: TracedChannel) -> Self {
         Self { client: SessionInternalServiceClient::new(channel) }
     }
 }

@@ -7,6 +7,13 @@
 //!
 //! Fan-out is one `tokio::sync::broadcast` channel per topic: an event is
 //! encoded once, shared by `Arc`, and each subscriber only clones the pointer.
+//!
+//! Two implementations: [`Hub`] (one process: the all-in-one) and
+//! [`NatsBus`] (replicas: core NATS carries each event to every other
+//! process, whose own hub fans it out). Core NATS, not JetStream: the store
+//! already keeps every event durably, so the bus needs no persistence of its
+//! own; what it loses (a reconnect, a slow consumer) is announced locally as
+//! a resync hint, and streams re-read the store.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -53,14 +60,27 @@ impl Hub {
         Self::default()
     }
 
+    /// Tells every local subscriber of every chat topic to re-read the store
+    /// (an event with no payload): announcements may have been lost.
+    pub fn resync(&self) {
+        let Ok(topics) = self.topics.lock() else { return };
+        for (topic, sender) in topics.iter() {
+            if let Topic::Chat(chat) = topic {
+                let hint = StreamEventsResponse { chat_id: chat.to_string(), ..Default::default() };
+                let _ = sender.send(Arc::new(hint));
+            }
+        }
+    }
+
     /// Number of topics with a channel (for tests and metrics).
     pub fn topic_count(&self) -> usize {
         self.topics.lock().map(|t| t.len()).unwrap_or(0)
     }
 }
 
-impl EventBus for Hub {
-    fn publish(&self, topic: Topic, event: Event) {
+impl Hub {
+    /// Delivers `event` to this process's subscribers of `topic`.
+    fn fan_out(&self, topic: Topic, event: Event) {
         let Ok(mut topics) = self.topics.lock() else { return };
         if let Some(sender) = topics.get(&topic)
             && sender.send(event).is_err()
@@ -69,10 +89,45 @@ impl EventBus for Hub {
             topics.remove(&topic);
         }
     }
+}
+
+impl EventBus for Hub {
+    fn publish(&self, topic: Topic, event: Event) {
+        natter_kit::metrics::bus_published(1);
+        self.fan_out(topic, event);
+    }
 
     fn subscribe(&self, topic: Topic) -> broadcast::Receiver<Event> {
         let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
         topics.entry(topic).or_insert_with(|| broadcast::channel(TOPIC_CAPACITY).0).subscribe()
+    }
+}
+
+mod nats;
+pub use nats::NatsBus;
+
+/// Command-line options that choose the bus.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct BusArgs {
+    /// NATS server URL (nats://host:4222) carrying events between replicas;
+    /// unset: events stay within this process.
+    #[arg(long, env = "NATTER_NATS_URL")]
+    pub nats_url: Option<String>,
+}
+
+impl BusArgs {
+    /// The bus these options choose: NATS when a URL is given, else an
+    /// in-process hub. `shutdown` stops the NATS tasks.
+    ///
+    /// Errors: the NATS server cannot be reached.
+    pub async fn connect(
+        &self,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<Arc<dyn EventBus>, async_nats::ConnectError> {
+        match &self.nats_url {
+            Some(url) => Ok(NatsBus::connect(url, shutdown).await?),
+            None => Ok(Arc::new(Hub::new())),
+        }
     }
 }
 

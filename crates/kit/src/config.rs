@@ -36,6 +36,16 @@ pub struct ServerArgs {
     /// How long in-flight calls may run after a shutdown signal before the server stops anyway.
     #[arg(long, env = "NATTER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
+
+    /// OTLP/gRPC endpoint to export trace spans to (`http://collector:4317`);
+    /// unset: the standard OTEL_EXPORTER_OTLP_ENDPOINT if set, else no export.
+    #[arg(long, env = "NATTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Address to serve Prometheus metrics on, at `GET /metrics` over plain
+    /// HTTP (for example 0.0.0.0:9090); unset: no metrics endpoint.
+    #[arg(long, env = "NATTER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerArgs {
@@ -46,6 +56,8 @@ impl Default for ServerArgs {
             cors_allow_origins: vec!["*".to_owned()],
             max_request_bytes: 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
+            otlp_endpoint: None,
+            metrics_listen: None,
         }
     }
 }

@@ -9,6 +9,8 @@
 pub mod config;
 pub mod error;
 pub mod id;
+pub mod metrics;
+mod observe;
 pub mod paging;
 pub mod serve;
 pub mod telemetry;

@@ -22,7 +22,6 @@ use tonic_health::server::HealthReporter;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::services::ServeDir;
-use tower_http::trace::TraceLayer;
 
 use crate::config::ServerArgs;
 
@@ -141,8 +140,6 @@ pub async fn serve_routes(
 ) -> Result<(), tonic::transport::Error> {
     let Parts { args, health, routes, web_dir } = parts;
     let layers = ServiceBuilder::new()
-        // Outermost, so the span covers CORS and gRPC-web translation too.
-        .layer(TraceLayer::new_for_grpc().make_span_with(rpc_span))
         // Before gRPC-web: a CORS preflight (OPTIONS) is answered here and
         // never reaches a gRPC service.
         .layer(cors(&args.cors_allow_origins))
@@ -151,6 +148,10 @@ pub async fn serve_routes(
         .layer(WebPageLayer { files: web_dir.map(ServeDir::new) })
         // Turns gRPC-web (HTTP/1.1 or HTTP/2) into plain gRPC for the services.
         .layer(tonic_web::GrpcWebLayer::new())
+        // The span and metrics of each call. Inside gRPC-web, so it reads
+        // the status of plain gRPC (gRPC-web moves trailers into the body);
+        // outside the status fix below, so it records the corrected code.
+        .layer(crate::observe::RpcLayer)
         // Innermost, so gRPC-web clients see the corrected code too.
         .map_response(oversized_is_resource_exhausted);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -261,18 +262,28 @@ fn cors(origins: &[String]) -> CorsLayer {
         .max_age(Duration::from_secs(24 * 3600))
 }
 
-/// One span per RPC, named after the gRPC method, with the OpenTelemetry RPC
-/// semantic-convention attributes.
-fn rpc_span<B>(request: &http::Request<B>) -> tracing::Span {
-    let path = request.uri().path();
-    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+/// One span per RPC, named after the gRPC method (`package.Service/Method`),
+/// with the OpenTelemetry RPC semantic-convention attributes; the status code
+/// is recorded when the call ends. Domain functions add the ids that matter
+/// (chat_id, seq) in child spans; never tokens, passwords or message text.
+pub(crate) fn rpc_span(path: &str) -> tracing::Span {
+    let (service, method) = split_path(path);
     tracing::info_span!(
         "rpc",
         otel.name = %path.trim_start_matches('/'),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
         rpc.system = "grpc",
         rpc.service = %service,
         rpc.method = %method,
+        rpc.grpc.status_code = tracing::field::Empty,
     )
+}
+
+/// `/package.Service/Method` as (`package.Service`, `Method`).
+pub(crate) fn split_path(path: &str) -> (&str, &str) {
+    let path = path.trim_start_matches('/');
+    path.split_once('/').unwrap_or((path, ""))
 }
 
 /// Resolves when the process gets Ctrl-C or SIGTERM.

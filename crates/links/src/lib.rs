@@ -13,7 +13,6 @@ use async_trait::async_trait;
 use natter_proto::chats::v1 as chats;
 use natter_proto::messages::v1 as messages;
 use natter_proto::sessions::v1 as sessions;
-use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use chats::chat_internal_service_client::ChatInternalServiceClient;
@@ -53,6 +52,10 @@ pub trait UserDirectory: Send + Sync + 'static {
     /// The users among `user_ids` that exist.
     async fn lookup_users(&self, user_ids: Vec<String>) -> Result<Vec<sessions::User>, Status>;
 }
+
+/// A channel to another service whose calls carry the caller's trace
+/// context (W3C `traceparent`), so the callee's spans join the caller's trace.
+pub type Channel = natter_kit::telemetry::TracedChannel;
 
 /// Calls another service over gRPC.
 #[derive(Clone, Debug)]
@@ -165,17 +168,20 @@ impl<S: SessionInternalService> UserDirectory for InProcess<S> {
     }
 }
 
-/// A lazily connecting channel to another service at `url` (`http://host:port`).
+/// A lazily connecting channel to another service at `url` (`http://host:port`);
+/// each call carries the current span's trace context.
 ///
 /// Errors: a malformed URL, described for the caller's start-up error.
 pub fn channel(url: &str) -> Result<Channel, String> {
     let endpoint =
         tonic::transport::Endpoint::from_shared(url.to_owned()).map_err(|e| format!("bad url {url:?}: {e}"))?;
-    Ok(endpoint
-        .tcp_nodelay(true)
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
-        .connect_lazy())
+    Ok(natter_kit::telemetry::traced(
+        endpoint
+            .tcp_nodelay(true)
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+            .connect_lazy(),
+    ))
 }
 
 /// A link whose target is set after construction, for services that call

@@ -66,6 +66,16 @@ pub fn postgres_url() -> Option<String> {
     }
 }
 
+/// The NATS URL for tests (`NATTER_TEST_NATS_URL`), or `None` outside CI
+/// when unset; in CI an unset URL is a failure.
+pub fn nats_url() -> Option<String> {
+    match std::env::var("NATTER_TEST_NATS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => panic!("CI must set NATTER_TEST_NATS_URL"),
+        _ => None,
+    }
+}
+
 fn spawn<F>(tasks: &mut Vec<JoinHandle<anyhow::Result<()>>>, f: F)
 where
     F: Future<Output = anyhow::Result<()>> + Send + 'static,
@@ -114,7 +124,13 @@ impl Cluster {
         let (ls, lc, lm, le) = (bind().await, bind().await, bind().await, bind().await);
         let [s, c, m] = [&ls, &lc, &lm].map(|l| format!("http://{}", l.local_addr().expect("addr")));
         let addr = le.local_addr().expect("addr");
-        let common = ["--listen", "127.0.0.1:0", "--database-url", url, "--database-schema-prefix", &prefix];
+        // Cross-service events (joins, removals, revocations) travel over
+        // NATS between the services when it is configured.
+        let nats = nats_url();
+        let mut common = vec!["--listen", "127.0.0.1:0", "--database-url", url, "--database-schema-prefix", &prefix];
+        if let Some(nats) = nats.as_deref() {
+            common.extend(["--nats-url", nats]);
+        }
         let argv = |name: &'static str, more: &[&str]| -> Vec<String> {
             std::iter::once(name)
                 .chain(common.iter().copied())

@@ -101,6 +101,8 @@ pub struct Config {
     #[command(flatten)]
     pub store: natter_db::StoreArgs,
     #[command(flatten)]
+    pub bus: natter_bus::BusArgs,
+    #[command(flatten)]
     pub chats: ChatsArgs,
     /// URL of the sessions service (token checks, user look-ups).
     #[arg(long, env = "NATTER_SESSIONS_URL")]
@@ -120,7 +122,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let sessions = natter_links::channel(&config.sessions_url).map_err(anyhow::Error::msg)?;
     let messages = natter_links::channel(&config.messages_url).map_err(anyhow::Error::msg)?;
-    let bus = Arc::new(natter_bus::Hub::new());
+    let bus = config.bus.connect(shutdown.clone()).await?;
     let users = Arc::new(natter_links::Grpc(sessions.clone()));
     let chats =
         open(&config.store.config("chats")?, users, Arc::new(natter_links::Grpc(messages)), bus, &config.chats).await?;

@@ -5,7 +5,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = natter_chats::Config::parse();
-    natter_kit::telemetry::init(config.server.log_format);
+    let _telemetry = natter_kit::telemetry::init("natter-chats", &config.server)?;
     let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "natter-chats listening");
     natter_chats::run(config, listener, natter_kit::serve::shutdown_token()).await

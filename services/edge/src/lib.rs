@@ -2,22 +2,37 @@
 //!
 //! It accepts gRPC and gRPC-web (HTTP/1.1 and HTTP/2, CORS) with the same
 //! layer stack as every natter server, and forwards each call, by the
-//! service prefix of its path, to the upstream service over HTTP/2. Message
-//! bodies are streamed through both ways and never decoded, so the edge
-//! needs no knowledge of the API beyond three path prefixes; internal
-//! services (`*InternalService`) are not routed. Health and reflection are
-//! answered by the edge itself.
+//! service prefix of its path, to an upstream replica over HTTP/2. Message
+//! bodies are never decoded, so the edge needs no knowledge of the API beyond
+//! three path prefixes; internal services (`*InternalService`) are not
+//! routed. Health and reflection are answered by the edge itself.
+//!
+//! Each service may have several replicas. The edge checks each one's
+//! grpc.health.v1 every `--upstream-health-interval`, sends calls round-robin
+//! to the healthy ones, and retries a call on the next replica when the
+//! connection to one fails before the call was sent (a killed replica), so
+//! clients do not see its death. Request bodies (one message per natter RPC)
+//! are buffered for that; responses, streams included, flow through.
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use axum::body::Body;
+use bytes::Bytes;
 use http::{Request, Response, Uri, Version};
+use http_body_util::{BodyExt as _, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use natter_kit::{Server, ServerArgs};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::server::HealthReporter;
 
 /// Command line of `natter-edge`.
 #[derive(Clone, Debug, clap::Parser)]
@@ -29,53 +44,97 @@ use tokio_util::sync::CancellationToken;
 pub struct EdgeArgs {
     #[command(flatten)]
     pub server: ServerArgs,
-    /// URL of the sessions service (http://host:port).
-    #[arg(long, env = "NATTER_SESSIONS_URL")]
-    pub sessions_url: String,
-    /// URL of the chats service.
-    #[arg(long, env = "NATTER_CHATS_URL")]
-    pub chats_url: String,
-    /// URL of the messages service.
-    #[arg(long, env = "NATTER_MESSAGES_URL")]
-    pub messages_url: String,
+    /// URLs of the sessions service replicas (http://host:port), comma separated.
+    #[arg(long, env = "NATTER_SESSIONS_URL", value_delimiter = ',', required = true)]
+    pub sessions_url: Vec<String>,
+    /// URLs of the chats service replicas, comma separated.
+    #[arg(long, env = "NATTER_CHATS_URL", value_delimiter = ',', required = true)]
+    pub chats_url: Vec<String>,
+    /// URLs of the messages service replicas, comma separated.
+    #[arg(long, env = "NATTER_MESSAGES_URL", value_delimiter = ',', required = true)]
+    pub messages_url: Vec<String>,
+    /// How often each upstream replica's health is checked.
+    #[arg(long, env = "NATTER_UPSTREAM_HEALTH_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub upstream_health_interval: Duration,
     /// Directory of the browser page, served at `/`; missing: API only.
     #[arg(long, env = "NATTER_WEB_DIR", default_value = "web/dist")]
     pub web_dir: std::path::PathBuf,
 }
 
-/// One route: calls whose path starts with `prefix` go to `upstream`.
-#[derive(Clone, Debug)]
+/// One replica of a service.
+#[derive(Debug)]
+struct Replica {
+    uri: Uri,
+    healthy: AtomicBool,
+}
+
+/// The replicas of one service and the calls routed to them.
+#[derive(Debug)]
 struct Route {
+    /// Path prefix of the service's calls, e.g. `/natter.chats.v1.ChatService/`.
     prefix: &'static str,
-    upstream: Uri,
+    /// Fully-qualified service name, for health checks.
+    service: &'static str,
+    replicas: Vec<Arc<Replica>>,
+    next: AtomicUsize,
+}
+
+impl Route {
+    /// Replicas to try, in order: healthy ones round-robin, then the others
+    /// (a health check may lag behind a replica coming back).
+    fn candidates(&self) -> Vec<Arc<Replica>> {
+        let n = self.replicas.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let ring = (0..n).map(|i| self.replicas[(start + i) % n].clone());
+        let (mut healthy, sick): (Vec<_>, Vec<_>) = ring.partition(|r| r.healthy.load(Ordering::Relaxed));
+        healthy.extend(sick);
+        healthy
+    }
 }
 
 /// The forwarding service behind the edge's own health and reflection.
 #[derive(Clone)]
 struct Forward {
-    routes: std::sync::Arc<[Route]>,
-    client: Client<HttpConnector, Body>,
+    routes: Arc<[Route]>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    max_request_bytes: usize,
 }
 
 impl Forward {
     fn new(args: &EdgeArgs) -> anyhow::Result<Self> {
-        let parse = |name: &str, url: &str| -> anyhow::Result<Uri> {
-            let uri: Uri = url.parse().map_err(|e| anyhow::anyhow!("--{name}-url {url:?}: {e}"))?;
-            anyhow::ensure!(
-                uri.scheme_str() == Some("http") && uri.authority().is_some(),
-                "--{name}-url must be http://host:port"
-            );
-            Ok(uri)
+        let parse = |name: &str, urls: &[String]| -> anyhow::Result<Vec<Arc<Replica>>> {
+            anyhow::ensure!(!urls.is_empty(), "--{name}-url needs at least one URL");
+            urls.iter()
+                .map(|url| {
+                    let uri: Uri = url.trim().parse().map_err(|e| anyhow::anyhow!("--{name}-url {url:?}: {e}"))?;
+                    anyhow::ensure!(
+                        uri.scheme_str() == Some("http") && uri.authority().is_some(),
+                        "--{name}-url must be http://host:port"
+                    );
+                    Ok(Arc::new(Replica { uri, healthy: AtomicBool::new(true) }))
+                })
+                .collect()
         };
+        let route = |prefix, service, replicas| Route { prefix, service, replicas, next: AtomicUsize::new(0) };
         let routes = vec![
-            Route { prefix: "/natter.sessions.v1.SessionService/", upstream: parse("sessions", &args.sessions_url)? },
-            Route { prefix: "/natter.chats.v1.ChatService/", upstream: parse("chats", &args.chats_url)? },
-            Route { prefix: "/natter.messages.v1.MessageService/", upstream: parse("messages", &args.messages_url)? },
+            route(
+                "/natter.sessions.v1.SessionService/",
+                "natter.sessions.v1.SessionService",
+                parse("sessions", &args.sessions_url)?,
+            ),
+            route("/natter.chats.v1.ChatService/", "natter.chats.v1.ChatService", parse("chats", &args.chats_url)?),
+            route(
+                "/natter.messages.v1.MessageService/",
+                "natter.messages.v1.MessageService",
+                parse("messages", &args.messages_url)?,
+            ),
         ];
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
         let client = Client::builder(TokioExecutor::new()).http2_only(true).build(connector);
-        Ok(Self { routes: routes.into(), client })
+        // A gRPC frame header (5 bytes) on top of the largest message.
+        Ok(Self { routes: routes.into(), client, max_request_bytes: args.server.max_request_bytes + 5 })
     }
 
     async fn call(self, request: Request<Body>) -> Result<Response<Body>, Infallible> {
@@ -85,19 +144,81 @@ impl Forward {
             return Ok(status.into_http::<Body>());
         };
         let (mut parts, body) = request.into_parts();
-        let mut uri = route.upstream.clone().into_parts();
-        uri.path_and_query = parts.uri.path_and_query().cloned();
-        parts.uri = Uri::from_parts(uri).unwrap_or_default();
+        let body = match Limited::new(body, self.max_request_bytes).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => return Ok(tonic::Status::resource_exhausted("request too large").into_http::<Body>()),
+        };
         // The client speaks HTTP/2 to the upstream whatever the browser used.
         parts.version = Version::HTTP_2;
         parts.headers.remove(http::header::HOST);
         parts.headers.remove(http::header::CONNECTION);
-        match self.client.request(Request::from_parts(parts, body)).await {
-            Ok(response) => Ok(response.map(Body::new)),
-            Err(e) => {
-                tracing::warn!(upstream = %route.upstream, error = %e, "upstream call failed");
-                Ok(tonic::Status::unavailable("upstream service unavailable").into_http::<Body>())
+        // The upstream's spans become children of the edge's span.
+        natter_kit::telemetry::inject_headers(&mut parts.headers);
+        for replica in route.candidates() {
+            let mut uri = replica.uri.clone().into_parts();
+            uri.path_and_query = parts.uri.path_and_query().cloned();
+            let mut attempt = Request::new(Full::new(body.clone()));
+            *attempt.method_mut() = parts.method.clone();
+            *attempt.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
+            *attempt.version_mut() = Version::HTTP_2;
+            *attempt.headers_mut() = parts.headers.clone();
+            match self.client.request(attempt).await {
+                Ok(response) => return Ok(response.map(Body::new)),
+                // Never sent: safe to try the next replica.
+                Err(e) if e.is_connect() => {
+                    if replica.healthy.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(upstream = %replica.uri, error = %e, "upstream unreachable; trying another replica");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(upstream = %replica.uri, error = %e, "upstream call failed");
+                    return Ok(tonic::Status::unavailable("upstream service unavailable").into_http::<Body>());
+                }
             }
+        }
+        Ok(tonic::Status::unavailable(format!("no replica of {} is reachable", route.service)).into_http::<Body>())
+    }
+}
+
+/// Checks every replica's health on an interval, records it for routing, and
+/// reports each service SERVING on the edge's own health while any replica is.
+async fn watch_health(routes: Arc<[Route]>, health: HealthReporter, interval: Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let channels: Vec<Vec<tonic::transport::Channel>> = routes
+        .iter()
+        .map(|r| {
+            r.replicas
+                .iter()
+                .map(|rep| {
+                    tonic::transport::Endpoint::from(rep.uri.clone())
+                        .connect_timeout(Duration::from_secs(1))
+                        .timeout(interval.max(Duration::from_millis(500)))
+                        .connect_lazy()
+                })
+                .collect()
+        })
+        .collect();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        for (route, channels) in routes.iter().zip(&channels) {
+            let checks = route.replicas.iter().zip(channels).map(|(replica, channel)| async move {
+                let request = HealthCheckRequest { service: route.service.to_owned() };
+                let up = matches!(
+                    HealthClient::new(channel.clone()).check(request).await,
+                    Ok(r) if r.get_ref().status == ServingStatus::Serving as i32
+                );
+                if replica.healthy.swap(up, Ordering::Relaxed) != up {
+                    tracing::info!(upstream = %replica.uri, service = route.service, healthy = up, "upstream health changed");
+                }
+                up
+            });
+            let any = futures::future::join_all(checks).await.into_iter().any(|up| up);
+            let status = if any { ServingStatus::Serving } else { ServingStatus::NotServing };
+            health.set_service_status(route.service, status).await;
         }
     }
 }
@@ -108,6 +229,16 @@ impl Forward {
 pub async fn run(args: EdgeArgs, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let forward = Forward::new(&args)?;
     let mut server = Server::new(&args.server);
+    // Replicas count as healthy until a check says otherwise.
+    for route in forward.routes.iter() {
+        server.health().set_service_status(route.service, ServingStatus::Serving).await;
+    }
+    tokio::spawn(watch_health(
+        forward.routes.clone(),
+        server.health(),
+        args.upstream_health_interval,
+        shutdown.clone(),
+    ));
     server.set_web_dir(&args.web_dir);
     let mut parts = server.into_parts();
     let proxy = tower::service_fn(move |request: Request<Body>| forward.clone().call(request));

@@ -5,7 +5,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = natter_edge::EdgeArgs::parse();
-    natter_kit::telemetry::init(args.server.log_format);
+    let _telemetry = natter_kit::telemetry::init("natter-edge", &args.server)?;
     let listener = tokio::net::TcpListener::bind(args.server.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "natter-edge listening");
     natter_edge::run(args, listener, natter_kit::serve::shutdown_token()).await

@@ -29,6 +29,9 @@ pub enum MessagesError {
     /// The database failed (INTERNAL, cause logged only).
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// A group commit failed (INTERNAL, cause logged only).
+    #[error("commit failed: {0}")]
+    Commit(std::sync::Arc<sqlx::Error>),
 }
 
 impl MessagesError {
@@ -54,6 +57,7 @@ impl From<MessagesError> for Status {
             MessagesError::MessageIdTaken => Status::already_exists(e.to_string()),
             MessagesError::Upstream(status) => status,
             MessagesError::Db(e) => natter_kit::internal(e),
+            MessagesError::Commit(e) => natter_kit::internal(e),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod grpc;
 pub mod service;
 pub mod store;
 pub mod stream;
+pub mod writer;
 
 use std::sync::Arc;
 
@@ -110,6 +111,8 @@ pub struct Config {
     #[command(flatten)]
     pub store: natter_db::StoreArgs,
     #[command(flatten)]
+    pub bus: natter_bus::BusArgs,
+    #[command(flatten)]
     pub messages: MessagesArgs,
     /// URL of the sessions service (token checks).
     #[arg(long, env = "NATTER_SESSIONS_URL")]
@@ -125,7 +128,7 @@ pub struct Config {
 pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let sessions = natter_links::channel(&config.sessions_url).map_err(anyhow::Error::msg)?;
     let chats = natter_links::channel(&config.chats_url).map_err(anyhow::Error::msg)?;
-    let bus = Arc::new(natter_bus::Hub::new());
+    let bus = config.bus.connect(shutdown.clone()).await?;
     let messages =
         open(&config.store.config("messages")?, Arc::new(natter_links::Grpc(chats)), bus, &config.messages).await?;
     let auth = Authenticator::new(Arc::new(natter_auth::GrpcVerifier::new(sessions)));

@@ -5,7 +5,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = natter_messages::Config::parse();
-    natter_kit::telemetry::init(config.server.log_format);
+    let _telemetry = natter_kit::telemetry::init("natter-messages", &config.server)?;
     let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "natter-messages listening");
     natter_messages::run(config, listener, natter_kit::serve::shutdown_token()).await

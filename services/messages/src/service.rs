@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::domain::{self, Attachment, Limits};
 use crate::error::MessagesError;
 use crate::store::{MessageRow, NewMessage, Range, RevisionRow, Sent, Store};
+use crate::writer::Writer;
 
 /// A validated SendMessage request.
 #[derive(Clone, Debug)]
@@ -66,6 +67,7 @@ pub fn created_event(message: pb::Message) -> pb::StreamEventsResponse {
 /// The messages service's domain object; share it behind an `Arc`.
 pub struct Messages {
     store: Store,
+    writer: Writer,
     chats: Arc<dyn ChatDirectory>,
     bus: Arc<dyn EventBus>,
     limits: Limits,
@@ -73,7 +75,7 @@ pub struct Messages {
 
 impl Messages {
     pub fn new(store: Store, chats: Arc<dyn ChatDirectory>, bus: Arc<dyn EventBus>, limits: Limits) -> Self {
-        Self { store, chats, bus, limits }
+        Self { writer: Writer::start(store.clone()), store, chats, bus, limits }
     }
 
     pub fn store(&self) -> &Store {
@@ -119,7 +121,7 @@ impl Messages {
     /// SendMessage: commits the message with the chat's next seq, announces
     /// it, and records the chat's activity. A retry with the same
     /// message_id returns the original.
-    #[tracing::instrument(skip_all, fields(chat_id = %req.chat_id))]
+    #[tracing::instrument(skip_all, fields(chat_id = %req.chat_id, message_id = tracing::field::Empty, seq = tracing::field::Empty))]
     pub async fn send(&self, caller: Uuid, req: SendRequest) -> Result<MessageRow, MessagesError> {
         if let Some(id) = req.message_id
             && let Some(existing) = self.store.message(&id.to_string()).await?
@@ -139,8 +141,11 @@ impl Messages {
             reply_to_seq: req.reply_to_seq,
             send_time: now_micros(),
         };
-        let row = match self.store.insert(&new).await? {
-            Sent::Created(row) => row,
+        let row = match self.writer.send(new.clone()).await.map_err(MessagesError::Commit)? {
+            Sent::Created(row) => {
+                tracing::Span::current().record("message_id", row.id.as_str()).record("seq", row.seq);
+                row
+            }
             Sent::NoSuchReply => {
                 return Err(MessagesError::invalid("reply_to_seq", "names no message of this chat"));
             }

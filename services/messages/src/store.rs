@@ -4,6 +4,10 @@
 
 use natter_db::{Db, SqlBuilder};
 
+/// Rows per multi-row statement (8 bound values each: well under both
+/// engines' limits on parameters).
+const CHUNK: usize = 256;
+
 /// A row of `messages`.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct MessageRow {
@@ -138,6 +142,117 @@ impl Store {
             revision: 1,
             delete_time: None,
         }))
+    }
+
+    /// Inserts a batch of messages in ONE transaction (group commit): per
+    /// chat, the head seq is bumped once for all of its messages, then all
+    /// rows go in with one statement per chunk. Results are in input order.
+    ///
+    /// Ids that exist already (or repeat within the batch) come back as
+    /// `Duplicate`, a reply to a missing message as `NoSuchReply`; neither
+    /// takes a seq. An error fails the whole batch and writes nothing (the
+    /// caller may then retry the messages one by one with [`Store::insert`]).
+    pub async fn insert_batch(&self, batch: &[NewMessage]) -> Result<Vec<Sent>, sqlx::Error> {
+        if batch.len() == 1 {
+            return Ok(vec![self.insert(&batch[0]).await?]);
+        }
+        let mut tx = self.db.write().begin().await?;
+        let mut outcome: Vec<Option<Sent>> = (0..batch.len()).map(|_| None).collect();
+
+        // Ids already stored, or used earlier in this batch: retries.
+        let mut existing = std::collections::HashSet::new();
+        for chunk in batch.chunks(CHUNK) {
+            let mut q = SqlBuilder::new("SELECT id FROM messages WHERE id IN ");
+            q.bind_list(chunk.iter().map(|m| m.id.clone()));
+            let rows: Vec<(String,)> = q.build_as().fetch_all(&mut *tx).await?;
+            existing.extend(rows.into_iter().map(|(id,)| id));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, m) in batch.iter().enumerate() {
+            if existing.contains(&m.id) || !seen.insert(m.id.as_str()) {
+                outcome[i] = Some(Sent::Duplicate);
+            }
+        }
+        for (i, m) in batch.iter().enumerate() {
+            if outcome[i].is_none() && m.reply_to_seq > 0 {
+                let found: Option<(i64,)> = sqlx::query_as("SELECT seq FROM messages WHERE chat_id = $1 AND seq = $2")
+                    .bind(&m.chat_id)
+                    .bind(m.reply_to_seq)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if found.is_none() {
+                    outcome[i] = Some(Sent::NoSuchReply);
+                }
+            }
+        }
+
+        // One seq range per chat, locked in chat-id order so that concurrent
+        // batches (other replicas) cannot deadlock.
+        let mut per_chat: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+        for (i, m) in batch.iter().enumerate() {
+            if outcome[i].is_none() {
+                *per_chat.entry(m.chat_id.as_str()).or_default() += 1;
+            }
+        }
+        let mut next_seq: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        for (chat, count) in &per_chat {
+            let (head,): (i64,) = sqlx::query_as(
+                "INSERT INTO chat_heads (chat_id, last_seq) VALUES ($1, $2) \
+                 ON CONFLICT (chat_id) DO UPDATE SET last_seq = chat_heads.last_seq + $2 RETURNING last_seq",
+            )
+            .bind(*chat)
+            .bind(*count)
+            .fetch_one(&mut *tx)
+            .await?;
+            next_seq.insert(chat, head - count + 1);
+        }
+
+        let mut rows = Vec::with_capacity(batch.len());
+        for (i, m) in batch.iter().enumerate() {
+            if outcome[i].is_some() {
+                continue;
+            }
+            let seq = next_seq.get_mut(m.chat_id.as_str()).expect("counted above");
+            rows.push((
+                i,
+                MessageRow {
+                    id: m.id.clone(),
+                    chat_id: m.chat_id.clone(),
+                    seq: *seq,
+                    author_id: m.author_id.clone(),
+                    text: m.text.clone(),
+                    attachments: m.attachments.clone(),
+                    reply_to_seq: m.reply_to_seq,
+                    send_time: m.send_time,
+                    edit_time: None,
+                    revision: 1,
+                    delete_time: None,
+                },
+            ));
+            *seq += 1;
+        }
+        for chunk in rows.chunks(CHUNK) {
+            let mut q = SqlBuilder::new(
+                "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time) VALUES ",
+            );
+            for (n, (_, r)) in chunk.iter().enumerate() {
+                q.push(if n == 0 { "(" } else { ", (" });
+                q.bind(r.id.clone()).push(", ").bind(r.chat_id.clone()).push(", ").bind(r.seq).push(", ");
+                q.bind(r.author_id.clone())
+                    .push(", ")
+                    .bind(r.text.clone())
+                    .push(", ")
+                    .bind(r.attachments.clone())
+                    .push(", ");
+                q.bind(r.reply_to_seq).push(", ").bind(r.send_time).push(", NULL, 1, NULL)");
+            }
+            q.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        for (i, row) in rows {
+            outcome[i] = Some(Sent::Created(row));
+        }
+        Ok(outcome.into_iter().map(|o| o.unwrap_or(Sent::Duplicate)).collect())
     }
 
     pub async fn message(&self, id: &str) -> Result<Option<MessageRow>, sqlx::Error> {
@@ -315,5 +430,66 @@ impl Store {
             sqlx::query(sql).bind(chat_id).execute(&mut *tx).await?;
         }
         tx.commit().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(id: &str, chat: &str, reply_to_seq: i64) -> NewMessage {
+        NewMessage {
+            id: id.into(),
+            chat_id: chat.into(),
+            author_id: "author".into(),
+            text: format!("text of {id}"),
+            attachments: String::new(),
+            reply_to_seq,
+            send_time: 1,
+        }
+    }
+
+    fn seq(s: &Sent) -> Option<i64> {
+        match s {
+            Sent::Created(row) => Some(row.seq),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_assigns_gap_free_seqs_per_chat_and_skips_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&natter_db::DbConfig::sqlite_in(dir.path(), "messages"), &crate::MIGRATOR).await.unwrap();
+        let store = Store::new(db);
+        assert_eq!(seq(&store.insert(&msg("m0", "a", 0)).await.unwrap()), Some(1));
+        let batch = [
+            msg("m1", "a", 0),
+            msg("m2", "b", 0),
+            msg("m0", "a", 0),  // stored already: a retry
+            msg("m3", "a", 1),  // a reply to a stored message
+            msg("m1", "a", 0),  // repeats m1 within the batch
+            msg("m4", "b", 99), // a reply to nothing
+            msg("m5", "b", 0),
+        ];
+        let out = store.insert_batch(&batch).await.unwrap();
+        assert_eq!(out.iter().map(seq).collect::<Vec<_>>(), [Some(2), Some(1), None, Some(3), None, None, Some(2)]);
+        assert!(
+            matches!(out[2], Sent::Duplicate)
+                && matches!(out[4], Sent::Duplicate)
+                && matches!(out[5], Sent::NoSuchReply)
+        );
+        assert_eq!(
+            (store.head("a").await.unwrap(), store.head("b").await.unwrap()),
+            (3, 2),
+            "no seq taken by a refused message"
+        );
+        let stored: Vec<i64> = store
+            .list("a", Range { ascending: true, ..Range::default() }, None, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(stored, [1, 2, 3]);
     }
 }

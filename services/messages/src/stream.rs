@@ -93,7 +93,14 @@ pub async fn open(
     tracing::debug!(user_id = %user, chats = chats.len(), replay = replay.len(), "stream opened");
 
     let token = follow.token;
+    // The stream ends when its session expires, as a new call would fail then.
+    let left = follow.principal.expire_micros.saturating_sub(natter_kit::time::now_micros()).max(0);
+    let expires = tokio::time::Instant::now()
+        + std::time::Duration::from_micros(left.min(i64::from(u32::MAX) * 1_000_000) as u64);
+    let active = natter_kit::metrics::StreamGuard::new();
     let stream = async_stream::try_stream! {
+        // Counted in natter_active_streams until the stream is dropped.
+        let _active = active;
         for (chat, _) in replay {
             loop {
                 let (events, more) = fill(&messages, chat, &mut cursors, None).await?;
@@ -109,6 +116,7 @@ pub async fn open(
             let wake = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => Wake::Shutdown,
+                () = tokio::time::sleep_until(expires) => Wake::Expired,
                 revoked = session_rx.recv() => Wake::Session(revoked),
                 joined = recv_opt(&mut user_rx) => Wake::User(joined),
                 Some((chat, item)) = live.next() => Wake::Chat(chat, item),
@@ -117,6 +125,9 @@ pub async fn open(
                 Wake::Shutdown => {
                     // UNAVAILABLE tells clients to reconnect (elsewhere) and resume.
                     Err(Status::unavailable("server shutting down; reconnect and resume"))?;
+                }
+                Wake::Expired => {
+                    Err(Status::unauthenticated("session expired"))?;
                 }
                 Wake::Session(revoked) => {
                     if !matches!(revoked, Err(broadcast::error::RecvError::Closed)) {
@@ -172,7 +183,17 @@ pub async fn open(
                         }
                     }
                     Some(_) => yield (*event).clone(),
-                    None => {}
+                    // A resync hint (the bus may have lost announcements):
+                    // whatever the store has beyond the cursor is missed.
+                    None => loop {
+                        let (events, more) = fill(&messages, chat, &mut cursors, None).await?;
+                        for missed in events {
+                            yield missed;
+                        }
+                        if !more {
+                            break;
+                        }
+                    },
                 },
                 // Fell behind the bus: the store has everything.
                 Wake::Chat(chat, Err(_lagged)) => loop {
@@ -193,6 +214,7 @@ pub async fn open(
 /// What woke a stream up.
 enum Wake {
     Shutdown,
+    Expired,
     Session(Result<BusEvent, broadcast::error::RecvError>),
     User(Option<Result<BusEvent, broadcast::error::RecvError>>),
     Chat(Uuid, Result<BusEvent, tokio_stream::wrappers::errors::BroadcastStreamRecvError>),

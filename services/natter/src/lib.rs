@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use natter_auth::{Authenticator, InProcessVerifier};
-use natter_bus::{EventBus, Hub};
+use natter_bus::EventBus;
 use natter_kit::{Server, ServerArgs};
 use natter_links::{Deferred, InProcess, MessageDirectory};
 use tokio::net::TcpListener;
@@ -23,6 +23,8 @@ pub struct ServeArgs {
     pub server: ServerArgs,
     #[command(flatten)]
     pub store: natter_db::StoreArgs,
+    #[command(flatten)]
+    pub bus: natter_bus::BusArgs,
     #[command(flatten)]
     pub sessions: natter_sessions::SessionsArgs,
     #[command(flatten)]
@@ -59,7 +61,9 @@ impl App {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let bus: Arc<dyn EventBus> = Arc::new(Hub::new());
+        // In process by default; over NATS when several all-in-ones share
+        // one PostgreSQL.
+        let bus: Arc<dyn EventBus> = args.bus.connect(shutdown.clone()).await?;
 
         let sessions = natter_sessions::open(&args.store.config("sessions")?, bus.clone(), &args.sessions).await?;
         let session_internal = Arc::new(natter_sessions::SessionInternalApi::new(sessions.clone()));

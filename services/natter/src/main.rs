@@ -1,8 +1,12 @@
-//! `natter`: the all-in-one binary.
+//! `natter`: one binary that runs every component together (`serve`) or any
+//! one of them (`sessions`, `chats`, `messages`, `edge`), as Loki and Mimir
+//! do; plus `health`, a grpc.health.v1 probe for container health checks.
+
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-/// natter, a chat backend: every service in one process.
+/// natter, a chat backend built as gRPC services.
 #[derive(Debug, Parser)]
 #[command(name = "natter", version)]
 struct Cli {
@@ -15,13 +19,87 @@ enum Command {
     /// Runs the sessions, chats and messages services on one port (gRPC and
     /// gRPC-web), on SQLite in --data-dir unless --database-url is given.
     Serve(natter::ServeArgs),
+    /// Runs the sessions service alone (as natter-sessions does).
+    Sessions(natter_sessions::Config),
+    /// Runs the chats service alone (as natter-chats does).
+    Chats(natter_chats::Config),
+    /// Runs the messages service alone (as natter-messages does).
+    Messages(natter_messages::Config),
+    /// Runs the edge (as natter-edge does).
+    Edge(natter_edge::EdgeArgs),
+    /// Checks a server's grpc.health.v1: exits 0 when it is SERVING, 1 otherwise.
+    Health(HealthArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct HealthArgs {
+    /// Address of the server to check (host:port).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    addr: String,
+    /// Service to ask about; empty: the server as a whole.
+    #[arg(long, default_value = "")]
+    service: String,
+    /// How long to wait for an answer.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    timeout: Duration,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Cli { command: Command::Serve(args) } = Cli::parse();
-    natter_kit::telemetry::init(args.server.log_format);
-    let app = natter::App::build(&args, natter_kit::serve::shutdown_token()).await?;
-    tracing::info!(addr = %app.local_addr()?, data_dir = %args.store.data_dir.display(), "natter listening");
-    app.run().await
+    match Cli::parse().command {
+        Command::Serve(args) => {
+            let _telemetry = natter_kit::telemetry::init("natter", &args.server)?;
+            let app = natter::App::build(&args, natter_kit::serve::shutdown_token()).await?;
+            tracing::info!(addr = %app.local_addr()?, data_dir = %args.store.data_dir.display(), "natter listening");
+            app.run().await
+        }
+        Command::Sessions(config) => {
+            let _telemetry = natter_kit::telemetry::init("natter-sessions", &config.server)?;
+            let listener = listen(config.server.listen, "natter sessions").await?;
+            natter_sessions::run(config, listener, natter_kit::serve::shutdown_token()).await
+        }
+        Command::Chats(config) => {
+            let _telemetry = natter_kit::telemetry::init("natter-chats", &config.server)?;
+            let listener = listen(config.server.listen, "natter chats").await?;
+            natter_chats::run(config, listener, natter_kit::serve::shutdown_token()).await
+        }
+        Command::Messages(config) => {
+            let _telemetry = natter_kit::telemetry::init("natter-messages", &config.server)?;
+            let listener = listen(config.server.listen, "natter messages").await?;
+            natter_messages::run(config, listener, natter_kit::serve::shutdown_token()).await
+        }
+        Command::Edge(args) => {
+            let _telemetry = natter_kit::telemetry::init("natter-edge", &args.server)?;
+            let listener = listen(args.server.listen, "natter edge").await?;
+            natter_edge::run(args, listener, natter_kit::serve::shutdown_token()).await
+        }
+        Command::Health(args) => std::process::exit(if health(&args).await { 0 } else { 1 }),
+    }
+}
+
+async fn listen(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "{name} listening");
+    Ok(listener)
+}
+
+async fn health(args: &HealthArgs) -> bool {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.addr))?.connect().await?;
+        let request = HealthCheckRequest { service: args.service.clone() };
+        let status = HealthClient::new(channel).check(request).await?.into_inner().status;
+        anyhow::Ok(status == ServingStatus::Serving as i32)
+    };
+    match tokio::time::timeout(args.timeout, check).await {
+        Ok(Ok(serving)) => serving,
+        Ok(Err(e)) => {
+            eprintln!("natter health: {e}");
+            false
+        }
+        Err(_) => {
+            eprintln!("natter health: no answer within {:?}", args.timeout);
+            false
+        }
+    }
 }

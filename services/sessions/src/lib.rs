@@ -75,6 +75,8 @@ pub struct Config {
     #[command(flatten)]
     pub store: natter_db::StoreArgs,
     #[command(flatten)]
+    pub bus: natter_bus::BusArgs,
+    #[command(flatten)]
     pub sessions: SessionsArgs,
 }
 
@@ -86,7 +88,7 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let bus = Arc::new(natter_bus::Hub::new());
+    let bus = config.bus.connect(shutdown.clone()).await?;
     let sessions = open(&config.store.config("sessions")?, bus, &config.sessions).await?;
     let mut server = Server::new(&config.server);
     add_services(&mut server, &sessions).await;

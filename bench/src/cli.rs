@@ -1,0 +1,184 @@
+//! Command-line flags and the settings they resolve to. Flags that `--smoke`
+//! shortens are `Option`s: an explicit flag always wins over the smoke value.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Benchmarks a running natter over loopback (or one it spawns itself) and
+/// prints one JSON object per scenario on stdout, a table on stderr.
+#[derive(Debug, clap::Parser)]
+#[command(name = "natter-bench", version)]
+pub(crate) struct Args {
+    /// URL of the server to drive (ignored with --spawn).
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    pub(crate) target: String,
+
+    /// Path of a `natter` binary: start `natter serve` on a free port with a
+    /// fresh data dir, benchmark it, stop it with SIGTERM. Implies the pid and
+    /// --seed-sqlite.
+    #[arg(long, value_name = "PATH_TO_NATTER")]
+    pub(crate) spawn: Option<PathBuf>,
+
+    /// Pid of the server process whose memory the `streams` scenario reads
+    /// (default: the process listening on the target's port, when found).
+    #[arg(long)]
+    pub(crate) server_pid: Option<u32>,
+
+    /// Scenarios to run, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "ceiling,send,fanout,history,streams")]
+    pub(crate) scenarios: Vec<Scenario>,
+
+    /// A very short run of every scenario, to prove the tool works.
+    #[arg(long)]
+    pub(crate) smoke: bool,
+
+    /// Measurement window of each figure [default: 5s; --smoke: 300ms].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) duration: Option<Duration>,
+
+    /// Unmeasured warm-up before each window [default: 1s; --smoke: 50ms].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) warmup: Option<Duration>,
+
+    /// HTTP/2 connections for unary calls (one tonic Channel each).
+    #[arg(long, default_value_t = 16)]
+    pub(crate) connections: usize,
+
+    /// In-flight calls per connection for `ceiling` and the loaded `history`
+    /// figure (total concurrency = connections x this).
+    #[arg(long, default_value_t = 16)]
+    pub(crate) streams_per_connection: usize,
+
+    /// Users the tool creates (CreateUser + CreateSession, argon2 on the
+    /// server), and so the number of chats `send` spreads over [default: 64; --smoke: 8].
+    #[arg(long)]
+    pub(crate) users: Option<usize>,
+
+    /// Closed-loop concurrency levels of `send`, comma separated [default: 1,16,64,256; --smoke: 1,16].
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) send_concurrency: Option<Vec<usize>>,
+
+    /// Live StreamEvents streams on the `fanout` chat [default: 1000; --smoke: 10].
+    #[arg(long)]
+    pub(crate) fanout_streams: Option<usize>,
+
+    /// Messages per second the `fanout` sender sends.
+    #[arg(long, default_value_t = 50.0)]
+    pub(crate) fanout_rate: f64,
+
+    /// StreamEvents streams per HTTP/2 connection (`fanout`, `streams`).
+    #[arg(long, default_value_t = 100)]
+    pub(crate) event_streams_per_connection: usize,
+
+    /// Depth of the deep `history` page: the page below the newest N messages [default: 1000000; --smoke: 1000].
+    #[arg(long)]
+    pub(crate) history_depth: Option<u64>,
+
+    /// Seed `history` by SQL straight into this SQLite messages store (the
+    /// server's `<data-dir>/messages.db`); the server may keep running.
+    #[arg(long, value_name = "PATH_TO_messages.db")]
+    pub(crate) seed_sqlite: Option<PathBuf>,
+
+    /// Seed `history` by SQL straight into this PostgreSQL database.
+    #[arg(long, value_name = "URL")]
+    pub(crate) seed_postgres: Option<String>,
+
+    /// PostgreSQL schema of the messages service (with --seed-postgres).
+    #[arg(long, default_value = "natter_messages")]
+    pub(crate) schema: String,
+
+    /// The target is the edge of the split services on PostgreSQL: `history`
+    /// seeds through --seed-postgres, `streams` needs --server-pid.
+    #[arg(long)]
+    pub(crate) postgres: bool,
+
+    /// Idle stream counts of `streams`, comma separated, ascending [default: 10000,50000; --smoke: 10,50].
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) idle_streams: Option<Vec<usize>>,
+}
+
+/// A benchmark scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Scenario {
+    /// grpc.health.v1 Check rate: the machine's limit for one unary call.
+    Ceiling,
+    /// SendMessage throughput and latency, many chats and one hot chat.
+    Send,
+    /// Delivery latency from SendMessage to every live stream of one chat.
+    Fanout,
+    /// ListMessages at the newest end and deep in one chat.
+    History,
+    /// Server memory per idle StreamEvents stream.
+    Streams,
+}
+
+/// Every knob of a run, resolved from the flags (printed with the results).
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Settings {
+    pub(crate) target: String,
+    pub(crate) spawned: bool,
+    pub(crate) smoke: bool,
+    pub(crate) postgres: bool,
+    #[serde(serialize_with = "as_secs")]
+    pub(crate) duration: Duration,
+    #[serde(serialize_with = "as_secs")]
+    pub(crate) warmup: Duration,
+    pub(crate) connections: usize,
+    pub(crate) streams_per_connection: usize,
+    pub(crate) users: usize,
+    pub(crate) send_concurrency: Vec<usize>,
+    pub(crate) fanout_streams: usize,
+    pub(crate) fanout_rate: f64,
+    pub(crate) event_streams_per_connection: usize,
+    pub(crate) history_depth: u64,
+    pub(crate) history_page_size: i32,
+    pub(crate) idle_streams: Vec<usize>,
+}
+
+impl Settings {
+    /// Resolves the flags; `target` is the URL actually driven.
+    pub(crate) fn resolve(args: &Args, target: String) -> Self {
+        let smoke = args.smoke;
+        let mut idle_streams =
+            args.idle_streams.clone().unwrap_or_else(|| pick(smoke, vec![10_000, 50_000], vec![10, 50]));
+        idle_streams.sort_unstable();
+        Self {
+            target,
+            spawned: args.spawn.is_some(),
+            smoke,
+            postgres: args.postgres,
+            duration: args.duration.unwrap_or(pick(smoke, Duration::from_secs(5), Duration::from_millis(300))),
+            warmup: args.warmup.unwrap_or(pick(smoke, Duration::from_secs(1), Duration::from_millis(50))),
+            connections: args.connections.max(1),
+            streams_per_connection: args.streams_per_connection.max(1),
+            users: args.users.unwrap_or(pick(smoke, 64, 8)).max(2),
+            send_concurrency: args
+                .send_concurrency
+                .clone()
+                .unwrap_or_else(|| pick(smoke, vec![1, 16, 64, 256], vec![1, 16])),
+            fanout_streams: args.fanout_streams.unwrap_or(pick(smoke, 1000, 10)).max(1),
+            fanout_rate: args.fanout_rate.max(0.1),
+            event_streams_per_connection: args.event_streams_per_connection.max(1),
+            history_depth: args.history_depth.unwrap_or(pick(smoke, 1_000_000, 1000)).max(1),
+            history_page_size: 50,
+            idle_streams,
+        }
+    }
+
+    /// Total in-flight unary calls of `ceiling` (connections x streams per connection).
+    pub(crate) fn unary_concurrency(&self) -> usize {
+        self.connections * self.streams_per_connection
+    }
+}
+
+/// `normal`, or `short` under --smoke.
+fn pick<T>(smoke: bool, normal: T, short: T) -> T {
+    if smoke { short } else { normal }
+}
+
+fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}

@@ -1,0 +1,132 @@
+//! `natter-bench`: drives a running natter (or one it spawns) over loopback
+//! through the generated tonic clients and prints one JSON object per
+//! scenario on stdout and a readable table on stderr. Every run measures the
+//! trivial-RPC ceiling too, so figures can be read as ratios to it.
+//!
+//! Client and server share the machine: the figures include the tool's own
+//! CPU use, which is also why the ceiling is measured under the same
+//! conditions. See bench/README.md.
+
+mod cli;
+mod client;
+mod load;
+mod scenarios;
+mod seed;
+mod server;
+
+use std::io::Write as _;
+use std::time::Instant;
+
+use anyhow::bail;
+use clap::Parser as _;
+
+use crate::cli::{Args, Scenario, Settings};
+use crate::scenarios::{Ctx, Report};
+use crate::server::Target;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.postgres && args.spawn.is_some() {
+        bail!("--postgres drives split services that are already running: it does not go with --spawn");
+    }
+    let started = Instant::now();
+    let nofile = server::raise_nofile_limit();
+    let target = match &args.spawn {
+        Some(natter) => Target::spawn(natter).await?,
+        None => Target::existing(args.target.clone(), args.server_pid),
+    };
+    let outcome = run(&args, &target, nofile).await;
+    target.stop().await?;
+    let failed = outcome?;
+    eprintln!("natter-bench: done in {:.1} s", started.elapsed().as_secs_f64());
+    if failed > 0 {
+        bail!("{failed} scenario(s) failed");
+    }
+    Ok(())
+}
+
+/// One line of stdout: the scenario's name first, its results, how long it
+/// took (seconds, set-up included) and the settings of the run.
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    scenario: Scenario,
+    #[serde(flatten)]
+    results: &'a serde_json::Value,
+    seconds: f64,
+    settings: &'a Settings,
+}
+
+/// Runs the selected scenarios in a fixed order (ceiling first, so the
+/// others can be given as ratios); returns how many failed.
+async fn run(args: &Args, target: &Target, nofile: u64) -> anyhow::Result<usize> {
+    let settings = Settings::resolve(args, target.url.clone());
+    let store = match (&target.data_dir, &args.seed_sqlite, &args.seed_postgres) {
+        (_, Some(path), _) => Some(seed::Store::Sqlite(path.clone())),
+        (_, None, Some(url)) => Some(seed::Store::Postgres { url: url.clone(), schema: args.schema.clone() }),
+        (Some(dir), None, None) => Some(seed::Store::Sqlite(dir.join("messages.db"))),
+        (None, None, None) => None,
+    };
+    let selected = |s: Scenario| args.scenarios.contains(&s);
+    let history_total = settings.history_depth + settings.history_page_size as u64;
+    if selected(Scenario::History) && store.is_none() && history_total > scenarios::history::API_SEED_MAX {
+        bail!(
+            "history at depth {} needs direct store access: --seed-sqlite PATH/messages.db, --seed-postgres URL (with --postgres), or --spawn",
+            settings.history_depth
+        );
+    }
+    if args.postgres && selected(Scenario::History) && args.seed_postgres.is_none() {
+        bail!("--postgres: history seeds through --seed-postgres URL (schema --schema)");
+    }
+
+    eprintln!(
+        "natter-bench: {} ({}), pid {}, {} users, open-file limit {nofile}",
+        settings.target,
+        if settings.spawned { "spawned" } else { "existing" },
+        target.pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+        settings.users
+    );
+    eprintln!("settings: {}", serde_json::to_string(&settings)?);
+    let setup = Instant::now();
+    let fixture = client::Fixture::setup(&settings.target, settings.connections, settings.users).await?;
+    eprintln!("setup: {} users with sessions in {:.1} s", settings.users, setup.elapsed().as_secs_f64());
+
+    let mut ctx = Ctx { settings: &settings, fixture: &fixture, target, store, ceiling: None };
+    let mut failed = 0;
+    for scenario in [Scenario::Ceiling, Scenario::Send, Scenario::Fanout, Scenario::History, Scenario::Streams] {
+        if !selected(scenario) {
+            continue;
+        }
+        let began = Instant::now();
+        let result = match scenario {
+            Scenario::Ceiling => scenarios::ceiling::run(&ctx).await.map(|(report, rate)| {
+                ctx.ceiling = Some(rate);
+                report
+            }),
+            Scenario::Send => scenarios::send::run(&ctx).await,
+            Scenario::Fanout => scenarios::fanout::run(&ctx).await,
+            Scenario::History => scenarios::history::run(&ctx).await,
+            Scenario::Streams => scenarios::streams::run(&ctx).await,
+        };
+        let report = result.unwrap_or_else(|e| {
+            failed += 1;
+            Report {
+                results: serde_json::json!({ "error": format!("{e:#}") }),
+                table: vec![format!("{scenario:?} FAILED: {e:#}")],
+            }
+        });
+        let line = Line {
+            scenario,
+            results: &report.results,
+            seconds: load::round3(began.elapsed().as_secs_f64()),
+            settings: &settings,
+        };
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", serde_json::to_string(&line)?)?;
+        out.flush()?;
+        for line in &report.table {
+            eprintln!("{line}");
+        }
+    }
+    Ok(failed)
+}

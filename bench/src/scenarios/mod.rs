@@ -1,0 +1,54 @@
+//! The scenarios. Each returns a [`Report`]: one JSON object for stdout and
+//! table lines for stderr. Rates are also given as a ratio to the `ceiling`
+//! (health Check calls per second measured in the same run), which survives
+//! a noisy or slower machine better than the raw figure.
+
+pub(crate) mod ceiling;
+pub(crate) mod fanout;
+pub(crate) mod history;
+pub(crate) mod send;
+pub(crate) mod streams;
+
+use serde::Serialize;
+
+use crate::cli::Settings;
+use crate::client::Fixture;
+use crate::seed;
+use crate::server::Target;
+
+/// What a scenario works with.
+pub(crate) struct Ctx<'a> {
+    pub(crate) settings: &'a Settings,
+    pub(crate) fixture: &'a Fixture,
+    pub(crate) target: &'a Target,
+    /// Direct access to the messages store, for seeding `history`.
+    pub(crate) store: Option<seed::Store>,
+    /// Health Check calls per second, when `ceiling` ran.
+    pub(crate) ceiling: Option<f64>,
+}
+
+impl Ctx<'_> {
+    /// `rate` as a fraction of the ceiling (None without one).
+    pub(crate) fn ratio(&self, rate: f64) -> Option<f64> {
+        self.ceiling.filter(|c| *c > 0.0).map(|c| (rate / c * 10_000.0).round() / 10_000.0)
+    }
+}
+
+/// A scenario's results.
+pub(crate) struct Report {
+    /// The results as a JSON object (its fields go after `"scenario"`).
+    pub(crate) results: serde_json::Value,
+    pub(crate) table: Vec<String>,
+}
+
+impl Report {
+    /// A report of `results` (a struct that serializes to an object).
+    pub(crate) fn new(results: impl Serialize, table: Vec<String>) -> anyhow::Result<Self> {
+        Ok(Self { results: serde_json::to_value(results)?, table })
+    }
+}
+
+/// Formats an optional ratio for the table.
+pub(crate) fn fmt_ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".to_owned(), |r| format!("{r:.3}"))
+}

@@ -1,0 +1,326 @@
+//! Prometheus metrics of one process, and the plain-HTTP endpoint that
+//! serves them (`GET /metrics`, text exposition format 0.0.4).
+//!
+//! Uses the `prometheus` crate (the Prometheus Go client's model: counters
+//! and histograms are atomics behind handles) rather than OpenTelemetry
+//! metrics with a Prometheus exporter: it needs no SDK pipeline, its handles
+//! are cheap enough for the per-RPC path, and its text output is the format
+//! every scraper reads. One registry per process: the all-in-one's three
+//! services share it, as they share one port.
+//!
+//! What is measured:
+//! - `natter_rpc_requests_total{service,method,code}`: finished RPCs by gRPC
+//!   status code name (`OK`, `NOT_FOUND`, ...); errors are the ones whose
+//!   code is not `OK`. A call the client abandoned counts as `CANCELLED`.
+//! - `natter_rpc_duration_seconds{service,method}`: time from the request's
+//!   arrival to its final status (for a stream: the stream's whole life).
+//! - `natter_active_streams`: open StreamEvents streams ([`StreamGuard`]).
+//! - `natter_store_batch_size`, `natter_store_commit_seconds`: messages per
+//!   write transaction and how long its commit took ([`observe_commit`]).
+//! - `natter_bus_published_total`, `natter_bus_received_total`: events put
+//!   on and taken off the event bus ([`bus_published`], [`bus_received`]).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{LazyLock, OnceLock, RwLock};
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Seconds; from half a millisecond (a cached read) to ten seconds.
+const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Distinct RPC paths tracked; calls to further (made-up) paths share one
+/// `service="other"` series, so a client cannot grow the registry unboundedly.
+const MAX_METHODS: usize = 512;
+
+/// gRPC status code names by number (grpc/doc/statuscodes.md).
+const CODE_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+struct Metrics {
+    registry: Registry,
+    rpc_requests: IntCounterVec,
+    rpc_duration: HistogramVec,
+    active_streams: IntGauge,
+    batch_size: Histogram,
+    commit_seconds: Histogram,
+    bus_published: IntCounter,
+    bus_received: IntCounter,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let registry = Registry::new();
+    let rpc_requests = IntCounterVec::new(
+        Opts::new("natter_rpc_requests_total", "RPCs finished, by service, method and gRPC status code."),
+        &["service", "method", "code"],
+    )
+    .expect("valid metric");
+    let rpc_duration = HistogramVec::new(
+        HistogramOpts::new("natter_rpc_duration_seconds", "Time from an RPC's arrival to its final status.")
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        &["service", "method"],
+    )
+    .expect("valid metric");
+    let active_streams =
+        IntGauge::new("natter_active_streams", "StreamEvents streams open now.").expect("valid metric");
+    let batch_size = Histogram::with_opts(
+        HistogramOpts::new("natter_store_batch_size", "Messages written per store transaction.")
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
+    )
+    .expect("valid metric");
+    let commit_seconds = Histogram::with_opts(
+        HistogramOpts::new("natter_store_commit_seconds", "Time to write and commit one store transaction.")
+            .buckets(LATENCY_BUCKETS.to_vec()),
+    )
+    .expect("valid metric");
+    let bus_published =
+        IntCounter::new("natter_bus_published_total", "Events published on the event bus.").expect("valid metric");
+    let bus_received =
+        IntCounter::new("natter_bus_received_total", "Events received from the event bus.").expect("valid metric");
+    for collector in [
+        Box::new(rpc_requests.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(rpc_duration.clone()),
+        Box::new(active_streams.clone()),
+        Box::new(batch_size.clone()),
+        Box::new(commit_seconds.clone()),
+        Box::new(bus_published.clone()),
+        Box::new(bus_received.clone()),
+    ] {
+        registry.register(collector).expect("metric names are unique");
+    }
+    Metrics {
+        registry,
+        rpc_requests,
+        rpc_duration,
+        active_streams,
+        batch_size,
+        commit_seconds,
+        bus_published,
+        bus_received,
+    }
+});
+
+/// Set once a metrics endpoint runs; until then the RPC layer skips its
+/// bookkeeping (metrics are off by default).
+static RECORDING: AtomicBool = AtomicBool::new(false);
+
+/// Whether per-RPC metrics are kept (a metrics endpoint was started).
+pub fn recording() -> bool {
+    RECORDING.load(Ordering::Relaxed)
+}
+
+/// Counts one open event stream while alive: create one when a StreamEvents
+/// stream starts and keep it in the stream, so it drops when the stream ends
+/// however it ends.
+#[derive(Debug)]
+#[must_use = "the stream counts as open only while the guard lives"]
+pub struct StreamGuard(());
+
+impl StreamGuard {
+    /// Counts a stream as open (`natter_active_streams` + 1).
+    pub fn new() -> Self {
+        METRICS.active_streams.inc();
+        Self(())
+    }
+}
+
+impl Default for StreamGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        METRICS.active_streams.dec();
+    }
+}
+
+/// Records one store write transaction: `batch_size` messages committed
+/// together, taking `duration` from the transaction's start to its commit.
+pub fn observe_commit(batch_size: usize, duration: Duration) {
+    let m = &*METRICS;
+    m.batch_size.observe(batch_size as f64);
+    m.commit_seconds.observe(duration.as_secs_f64());
+}
+
+/// Counts `count` events published on the event bus.
+pub fn bus_published(count: u64) {
+    METRICS.bus_published.inc_by(count);
+}
+
+/// Counts `count` events received from the event bus.
+pub fn bus_received(count: u64) {
+    METRICS.bus_received.inc_by(count);
+}
+
+/// Every metric in the text exposition format.
+pub fn render() -> String {
+    prometheus::TextEncoder::new().encode_to_string(&METRICS.registry.gather()).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "encoding metrics failed");
+        String::new()
+    })
+}
+
+/// The metric handles of one RPC path, resolved once: the per-call cost is
+/// one map lookup under a read lock, then atomics.
+pub(crate) struct MethodMetrics {
+    service: Box<str>,
+    method: Box<str>,
+    duration: Histogram,
+    by_code: [OnceLock<IntCounter>; 17],
+}
+
+impl MethodMetrics {
+    fn new(service: &str, method: &str) -> Self {
+        Self {
+            duration: METRICS.rpc_duration.with_label_values(&[service, method]),
+            service: service.into(),
+            method: method.into(),
+            by_code: Default::default(),
+        }
+    }
+
+    /// Records a finished call: its status `code` and `elapsed` time.
+    pub(crate) fn finish(&self, code: i32, elapsed: Duration) {
+        let index = usize::try_from(code).ok().filter(|&c| c < CODE_NAMES.len()).unwrap_or(2);
+        self.by_code[index]
+            .get_or_init(|| METRICS.rpc_requests.with_label_values(&[&self.service, &self.method, CODE_NAMES[index]]))
+            .inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// The handles for the RPC at `path` (`/package.Service/Method`). They live
+/// for the process: there are at most [`MAX_METHODS`] of them.
+pub(crate) fn for_path(path: &str) -> &'static MethodMetrics {
+    static PATHS: LazyLock<RwLock<HashMap<Box<str>, &'static MethodMetrics>>> = LazyLock::new(Default::default);
+    static OTHER: LazyLock<MethodMetrics> = LazyLock::new(|| MethodMetrics::new("other", "other"));
+    if let Some(m) = PATHS.read().unwrap_or_else(|e| e.into_inner()).get(path) {
+        return m;
+    }
+    let mut paths = PATHS.write().unwrap_or_else(|e| e.into_inner());
+    if let Some(m) = paths.get(path) {
+        return m;
+    }
+    if paths.len() >= MAX_METHODS {
+        return &OTHER;
+    }
+    let (service, method) = crate::serve::split_path(path);
+    let m: &'static MethodMetrics = Box::leak(Box::new(MethodMetrics::new(service, method)));
+    paths.insert(path.into(), m);
+    m
+}
+
+/// A running metrics endpoint; dropping it stops it.
+#[derive(Debug)]
+pub struct MetricsServer {
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl MetricsServer {
+    /// The address it listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Binds `addr` and serves `/metrics` there on a task of the current Tokio
+/// runtime until the returned handle drops (see [`crate::telemetry::init`],
+/// which calls it for `--metrics-listen`).
+///
+/// Errors: `addr` cannot be bound, or there is no Tokio runtime.
+pub fn serve_on(addr: SocketAddr) -> std::io::Result<MetricsServer> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let listener = {
+        let _entered = runtime.enter();
+        TcpListener::from_std(listener)?
+    };
+    let stop = CancellationToken::new();
+    RECORDING.store(true, Ordering::Relaxed);
+    runtime.spawn(serve(listener, stop.clone()));
+    Ok(MetricsServer { addr, stop })
+}
+
+/// Serves `GET /metrics` over plain HTTP/1.1 on `listener` until `shutdown`
+/// is cancelled, and turns per-RPC metrics on.
+pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
+    RECORDING.store(true, Ordering::Relaxed);
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: keep serving.
+                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                    continue;
+                }
+            },
+        };
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), hyper::service::service_fn(answer));
+            tokio::select! {
+                _ = connection => {}
+                () = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn answer(request: Request<Incoming>) -> Result<Response<String>, Infallible> {
+    let response = |status: StatusCode, body: String| {
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        response
+    };
+    Ok(match (request.method(), request.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            let mut ok = response(StatusCode::OK, render());
+            ok.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            ok
+        }
+        (_, "/metrics") => response(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n".into()),
+        _ => response(StatusCode::NOT_FOUND, "metrics are at /metrics\n".into()),
+    })
+}

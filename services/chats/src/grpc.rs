@@ -403,10 +403,16 @@ impl ChatInternalService for ChatInternalApi {
         &self,
         request: Request<pb::RecordActivityRequest>,
     ) -> Result<Response<pb::RecordActivityResponse>, Status> {
-        for a in request.into_inner().activities {
-            let time = a.last_activity_time.as_ref().map(micros).unwrap_or_default();
-            self.chats.record_activity(&a.chat_id, a.last_seq, time).await?;
-        }
+        let activities: Vec<(String, i64, i64)> = request
+            .into_inner()
+            .activities
+            .into_iter()
+            .map(|a| {
+                let time = a.last_activity_time.as_ref().map(micros).unwrap_or_default();
+                (a.chat_id, a.last_seq, time)
+            })
+            .collect();
+        self.chats.record_activity(&activities).await?;
         Ok(Response::new(pb::RecordActivityResponse {}))
     }
 }

@@ -74,9 +74,11 @@ pub async fn open(
     messages: Arc<dyn MessageDirectory>,
     bus: Arc<dyn EventBus>,
     args: &ChatsArgs,
+    only_instance: bool,
 ) -> Result<Arc<Chats>, DbError> {
     let db = Db::connect(db, &MIGRATOR).await?;
-    Ok(Arc::new(Chats::new(store::Store::new(db), users, messages, bus, args.limits())))
+    let chats = Chats::new(store::Store::new(db), users, messages, bus, args.limits());
+    Ok(Arc::new(if only_instance { chats.with_membership_cache() } else { chats }))
 }
 
 /// Adds the public and internal chats services to `server`.
@@ -124,8 +126,16 @@ pub async fn run(
     let messages = natter_links::channel(&config.messages_url).map_err(anyhow::Error::msg)?;
     let bus = config.bus.connect(shutdown.clone()).await?;
     let users = Arc::new(natter_links::Grpc(sessions.clone()));
-    let chats =
-        open(&config.store.config("chats")?, users, Arc::new(natter_links::Grpc(messages)), bus, &config.chats).await?;
+    let only_instance = config.bus.nats_url.is_none();
+    let chats = open(
+        &config.store.config("chats")?,
+        users,
+        Arc::new(natter_links::Grpc(messages)),
+        bus,
+        &config.chats,
+        only_instance,
+    )
+    .await?;
     let auth = Authenticator::new(Arc::new(natter_auth::GrpcVerifier::new(sessions)));
     let mut server = Server::new(&config.server);
     add_services(&mut server, &chats, auth).await;

@@ -2,7 +2,7 @@
 //! services. No tonic types except those the links carry.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use natter_bus::{EventBus, Topic};
 use natter_kit::time::now_micros;
@@ -40,6 +40,21 @@ pub struct Chats {
     messages: Arc<dyn MessageDirectory>,
     bus: Arc<dyn EventBus>,
     limits: Limits,
+    /// (chat, user) -> membership, for the messages service's checks; only
+    /// when this is the only chats instance (see [`Chats::with_membership_cache`]).
+    cache: Option<Mutex<Cache>>,
+}
+
+/// Most memberships the cache holds before it starts over.
+const CACHE_ENTRIES: usize = 100_000;
+
+/// Cached memberships, and a generation that every eviction bumps: a lookup
+/// that raced with a change (read the store before it, would cache after
+/// its eviction) sees the generation moved and does not cache.
+#[derive(Default)]
+struct Cache {
+    entries: HashMap<(String, String), ChatAccess>,
+    generation: u64,
 }
 
 impl Chats {
@@ -50,7 +65,26 @@ impl Chats {
         bus: Arc<dyn EventBus>,
         limits: Limits,
     ) -> Self {
-        Self { store, users, messages, bus, limits }
+        Self { store, users, messages, bus, limits, cache: None }
+    }
+
+    /// Caches membership checks in memory. Correct only when every change to
+    /// chats goes through this instance (the all-in-one without NATS): each
+    /// change evicts the chat's entries once committed, so the cache has no
+    /// stale window. Replicas never cache.
+    pub fn with_membership_cache(mut self) -> Self {
+        self.cache = Some(Mutex::new(Cache::default()));
+        self
+    }
+
+    /// Forgets everything cached about `chat_id` (call on every change,
+    /// after its commit).
+    fn evict(&self, chat_id: &str) {
+        if let Some(cache) = &self.cache {
+            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache.generation += 1;
+            cache.entries.retain(|(chat, _), _| chat != chat_id);
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -226,6 +260,7 @@ impl Chats {
             )
             .await?
             .ok_or(ChatsError::ChatNotFound)?;
+        self.evict(&chat.id);
         self.view(caller, row).await
     }
 
@@ -239,6 +274,7 @@ impl Chats {
             let now = now_micros();
             self.store.set_archived(&chat.id, archived.then_some(now), now).await?.ok_or(ChatsError::ChatNotFound)?
         };
+        self.evict(&row.id);
         self.view(caller, row).await
     }
 
@@ -249,6 +285,7 @@ impl Chats {
             return Err(ChatsError::Denied("only the owner may delete a chat"));
         }
         let members = self.store.delete_chat(&chat.id).await?;
+        self.evict(&chat.id);
         for user in &members {
             self.announce_membership(&chat.id, user, mpb::MembershipChange::Removed, chat.last_seq);
         }
@@ -310,6 +347,7 @@ impl Chats {
             self.store.add_members(&chat.id, &rows, self.limits.group_members, now).await?.ok_or_else(|| {
                 ChatsError::invalid("user_ids", format!("a chat has at most {} members", self.limits.group_members))
             })?;
+        self.evict(&chat.id);
         if !added.is_empty() {
             let user_ids = added.iter().map(|m| m.user_id.clone()).collect();
             self.messages.reset_read_positions(&chat.id, user_ids).await?;
@@ -350,7 +388,9 @@ impl Chats {
             }
             mpb::MembershipChange::Removed
         };
-        if !self.store.remove_member(&chat.id, &user_id.to_string(), now_micros()).await? {
+        let removed = self.store.remove_member(&chat.id, &user_id.to_string(), now_micros()).await?;
+        self.evict(&chat.id);
+        if !removed {
             return Err(ChatsError::MemberNotFound(user_id.to_string()));
         }
         self.announce_membership(&chat.id, &user_id.to_string(), change, chat.last_seq);
@@ -381,6 +421,7 @@ impl Chats {
             .set_role(&chat.id, &user_id.to_string(), role, now_micros())
             .await?
             .ok_or_else(|| ChatsError::MemberNotFound(user_id.to_string()))?;
+        self.evict(&chat.id);
         self.announce_membership(&chat.id, &row.user_id, mpb::MembershipChange::RoleChanged, chat.last_seq);
         if role == Role::Owner {
             self.announce_membership(&chat.id, &caller.to_string(), mpb::MembershipChange::RoleChanged, chat.last_seq);
@@ -483,7 +524,27 @@ impl Chats {
 
     /// Internal: membership and chat state, for the messages service.
     pub async fn membership(&self, chat_id: &str, user_id: &str) -> Result<Option<ChatAccess>, ChatsError> {
-        Ok(self.store.access(chat_id, user_id).await?)
+        let Some(cache) = &self.cache else { return Ok(self.store.access(chat_id, user_id).await?) };
+        let key = (chat_id.to_owned(), user_id.to_owned());
+        let generation = {
+            let cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(hit) = cache.entries.get(&key) {
+                return Ok(Some(hit.clone()));
+            }
+            cache.generation
+        };
+        let access = self.store.access(chat_id, user_id).await?;
+        // Only existing chats are cached: a chat created later needs no eviction.
+        if let Some(access) = &access {
+            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.generation == generation {
+                if cache.entries.len() >= CACHE_ENTRIES {
+                    cache.entries.clear();
+                }
+                cache.entries.insert(key, access.clone());
+            }
+        }
+        Ok(access)
     }
 
     /// Internal: every chat of a user.
@@ -491,8 +552,9 @@ impl Chats {
         Ok(self.store.member_chat_ids(user_id).await?)
     }
 
-    /// Internal: newest messages of chats, for ordering by activity.
-    pub async fn record_activity(&self, chat_id: &str, last_seq: i64, time: i64) -> Result<(), ChatsError> {
-        Ok(self.store.record_activity(chat_id, last_seq, time).await?)
+    /// Internal: newest messages of chats, for ordering by activity
+    /// (`(chat_id, last_seq, time)` each, one transaction).
+    pub async fn record_activity(&self, activities: &[(String, i64, i64)]) -> Result<(), ChatsError> {
+        Ok(self.store.record_activity(activities).await?)
     }
 }

@@ -215,18 +215,22 @@ impl Store {
         q.build_as().fetch_all(self.db.read()).await
     }
 
-    /// Moves a chat's last activity forward (never back).
-    pub async fn record_activity(&self, chat_id: &str, last_seq: i64, time: i64) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE chats SET last_seq = $1, last_activity_time = $2, last_message_time = $2 \
-             WHERE id = $3 AND last_seq < $1",
-        )
-        .bind(last_seq)
-        .bind(time)
-        .bind(chat_id)
-        .execute(self.db.write())
-        .await?;
-        Ok(())
+    /// Moves chats' last activity forward (never back), all in one
+    /// transaction: `(chat_id, last_seq, time)` each.
+    pub async fn record_activity(&self, activities: &[(String, i64, i64)]) -> Result<(), sqlx::Error> {
+        let mut tx = self.db.write().begin().await?;
+        for (chat_id, last_seq, time) in activities {
+            sqlx::query(
+                "UPDATE chats SET last_seq = $1, last_activity_time = $2, last_message_time = $2 \
+                 WHERE id = $3 AND last_seq < $1",
+            )
+            .bind(*last_seq)
+            .bind(*time)
+            .bind(chat_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
     }
 
     /// Applies an update (None: leave the field as it is) and returns the row.

@@ -75,7 +75,7 @@ pub struct Messages {
 
 impl Messages {
     pub fn new(store: Store, chats: Arc<dyn ChatDirectory>, bus: Arc<dyn EventBus>, limits: Limits) -> Self {
-        Self { writer: Writer::start(store.clone()), store, chats, bus, limits }
+        Self { writer: Writer::start(store.clone(), chats.clone()), store, chats, bus, limits }
     }
 
     pub fn store(&self) -> &Store {
@@ -123,14 +123,20 @@ impl Messages {
     /// message_id returns the original.
     #[tracing::instrument(skip_all, fields(chat_id = %req.chat_id, message_id = tracing::field::Empty, seq = tracing::field::Empty))]
     pub async fn send(&self, caller: Uuid, req: SendRequest) -> Result<MessageRow, MessagesError> {
-        if let Some(id) = req.message_id
-            && let Some(existing) = self.store.message(&id.to_string()).await?
-        {
-            return same_message(existing, &req, caller);
-        }
-        let membership = self.member(req.chat_id, caller).await?;
-        if membership.archived {
-            return Err(MessagesError::Precondition("chat is archived"));
+        // A retry is caught by the writer (the id exists); only when the
+        // send would now be refused (archived meanwhile, left the chat) is
+        // the original looked up first, so a retry still returns it.
+        let allowed = match self.member(req.chat_id, caller).await {
+            Ok(m) if m.archived => Err(MessagesError::Precondition("chat is archived")),
+            other => other.map(drop),
+        };
+        if let Err(refused) = allowed {
+            if let Some(id) = req.message_id
+                && let Some(existing) = self.store.message(&id.to_string()).await?
+            {
+                return same_message(existing, &req, caller);
+            }
+            return Err(refused);
         }
         let new = NewMessage {
             id: req.message_id.unwrap_or_else(Uuid::now_v7).to_string(),
@@ -156,16 +162,6 @@ impl Messages {
             }
         };
         self.bus.publish(Topic::Chat(req.chat_id), Arc::new(created_event(message_pb(row.clone(), Vec::new()))));
-        let activity = cpb::Activity {
-            chat_id: row.chat_id.clone(),
-            last_seq: row.seq,
-            last_activity_time: Some(timestamp(row.send_time)),
-        };
-        // The message is committed; a failure here only delays the chat's
-        // place in ListChats until the next message.
-        if let Err(e) = self.chats.record_activity(vec![activity]).await {
-            tracing::warn!(chat_id = %row.chat_id, seq = row.seq, error = %e, "recording chat activity failed");
-        }
         Ok(row)
     }
 

@@ -65,7 +65,11 @@ impl App {
         // one PostgreSQL.
         let bus: Arc<dyn EventBus> = args.bus.connect(shutdown.clone()).await?;
 
-        let sessions = natter_sessions::open(&args.store.config("sessions")?, bus.clone(), &args.sessions).await?;
+        // One instance of each service, unless NATS links several all-in-ones:
+        // then nothing may be cached that another instance could change.
+        let only_instance = args.bus.nats_url.is_none();
+        let sessions =
+            natter_sessions::open(&args.store.config("sessions")?, bus.clone(), &args.sessions, only_instance).await?;
         let session_internal = Arc::new(natter_sessions::SessionInternalApi::new(sessions.clone()));
         let auth = Authenticator::new(Arc::new(InProcessVerifier(session_internal.clone())));
 
@@ -78,6 +82,7 @@ impl App {
             to_messages.clone(),
             bus.clone(),
             &args.chats,
+            only_instance,
         )
         .await?;
         let chat_internal = Arc::new(natter_chats::ChatInternalApi::new(chats.clone()));

@@ -40,12 +40,20 @@ impl Default for SessionsArgs {
     }
 }
 
-/// Opens the sessions store (running migrations) and builds the service.
+/// Opens the sessions store (running migrations) and builds the service;
+/// `only_instance` (no other sessions replica: no NATS) lets it cache live
+/// tokens (see [`Sessions::with_token_cache`]).
 ///
 /// Errors: the database cannot be opened or migrated.
-pub async fn open(db: &DbConfig, bus: Arc<dyn EventBus>, args: &SessionsArgs) -> Result<Arc<Sessions>, DbError> {
+pub async fn open(
+    db: &DbConfig,
+    bus: Arc<dyn EventBus>,
+    args: &SessionsArgs,
+    only_instance: bool,
+) -> Result<Arc<Sessions>, DbError> {
     let db = Db::connect(db, &MIGRATOR).await?;
-    Ok(Arc::new(Sessions::new(store::Store::new(db), bus, args.session_ttl)))
+    let sessions = Sessions::new(store::Store::new(db), bus, args.session_ttl);
+    Ok(Arc::new(if only_instance { sessions.with_token_cache() } else { sessions }))
 }
 
 /// Adds the public and internal sessions services to `server`.
@@ -89,7 +97,8 @@ pub async fn run(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     let bus = config.bus.connect(shutdown.clone()).await?;
-    let sessions = open(&config.store.config("sessions")?, bus, &config.sessions).await?;
+    let only_instance = config.bus.nats_url.is_none();
+    let sessions = open(&config.store.config("sessions")?, bus, &config.sessions, only_instance).await?;
     let mut server = Server::new(&config.server);
     add_services(&mut server, &sessions).await;
     server.serve(listener, shutdown).await?;

@@ -1,7 +1,8 @@
 //! The sessions domain: registration, log-in, token checks, revocation.
 //! Plain Rust over the [`Store`]; the gRPC layer only translates.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use natter_bus::{EventBus, Topic};
@@ -25,13 +26,46 @@ pub struct Sessions {
     store: Store,
     bus: Arc<dyn EventBus>,
     session_ttl: Duration,
+    /// Live tokens by hash; only when this is the only sessions instance
+    /// (see [`Sessions::with_token_cache`]).
+    cache: Option<Mutex<TokenCache>>,
 }
+
+/// Cached live tokens by hash, and a generation that every eviction bumps: a
+/// look-up that raced with a revocation (read the store before it, would
+/// cache after its eviction) sees the generation moved and does not cache.
+#[derive(Default)]
+struct TokenCache {
+    entries: HashMap<String, TokenRow>,
+    generation: u64,
+}
+
+/// Most tokens the cache holds before it starts over.
+const CACHE_ENTRIES: usize = 100_000;
 
 impl Sessions {
     /// A service over `store`, announcing revocations on `bus`; sessions
     /// expire `session_ttl` after log-in.
     pub fn new(store: Store, bus: Arc<dyn EventBus>, session_ttl: Duration) -> Self {
-        Self { store, bus, session_ttl }
+        Self { store, bus, session_ttl, cache: None }
+    }
+
+    /// Caches live tokens in memory. Correct only when this instance is the
+    /// one that revokes them (the all-in-one without NATS): revocation, claim
+    /// and expiry are then all seen here, so the cache has no stale window.
+    /// Replicas never cache.
+    pub fn with_token_cache(mut self) -> Self {
+        self.cache = Some(Mutex::new(TokenCache::default()));
+        self
+    }
+
+    /// Drops cached tokens for which `keep` is false (after a change commits).
+    fn evict(&self, keep: impl Fn(&TokenRow) -> bool) {
+        if let Some(cache) = &self.cache {
+            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache.generation += 1;
+            cache.entries.retain(|_, row| keep(row));
+        }
     }
 
     /// The store (for shutdown).
@@ -115,8 +149,29 @@ impl Sessions {
         if token.is_empty() || token.len() > 256 {
             return Ok(None);
         }
-        let row = self.store.session_by_token(&domain::token_hash(token)).await?;
-        Ok(row.filter(|r| r.revoke_time.is_none() && r.expire_time > now_micros()))
+        let hash = domain::token_hash(token);
+        let now = now_micros();
+        let mut generation = 0;
+        if let Some(cache) = &self.cache {
+            let cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(row) = cache.entries.get(&hash)
+                && row.expire_time > now
+            {
+                return Ok(Some(row.clone()));
+            }
+            generation = cache.generation;
+        }
+        let row = self.store.session_by_token(&hash).await?.filter(|r| r.revoke_time.is_none() && r.expire_time > now);
+        if let (Some(cache), Some(row)) = (&self.cache, &row) {
+            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.generation == generation {
+                if cache.entries.len() >= CACHE_ENTRIES {
+                    cache.entries.clear();
+                }
+                cache.entries.insert(hash, row.clone());
+            }
+        }
+        Ok(row)
     }
 
     /// A user by id.
@@ -164,6 +219,7 @@ impl Sessions {
             }
             vec![session_id.to_owned()]
         };
+        self.evict(|row| !revoked.contains(&row.id));
         for id in revoked {
             if let Ok(id) = Uuid::try_parse(&id) {
                 self.bus.publish(Topic::Session(id), Arc::default());
@@ -192,6 +248,8 @@ impl Sessions {
         if !self.store.claim(user_id, username.as_str(), &username.key(), display_name, &hash).await? {
             return Err(SessionsError::NotGuest);
         }
+        // Cached tokens of this user still say "guest".
+        self.evict(|row| row.user_id != user_id);
         self.user(user_id).await
     }
 }

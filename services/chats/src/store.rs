@@ -215,22 +215,42 @@ impl Store {
         q.build_as().fetch_all(self.db.read()).await
     }
 
-    /// Moves chats' last activity forward (never back), all in one
-    /// transaction: `(chat_id, last_seq, time)` each.
+    /// Moves chats' last activity forward (never back), in one statement:
+    /// `(chat_id, last_seq, time)` each.
+    ///
+    /// Activity is derived data (the messages store has the truth), so this
+    /// commit skips the disk flush: `synchronous_commit = off` on PostgreSQL,
+    /// `synchronous = NORMAL` for this one transaction on SQLite (WAL). A
+    /// crash of the machine may lose the newest activity of a chat, which its
+    /// next message restores; it never loses a chat or a membership.
     pub async fn record_activity(&self, activities: &[(String, i64, i64)]) -> Result<(), sqlx::Error> {
-        let mut tx = self.db.write().begin().await?;
-        for (chat_id, last_seq, time) in activities {
-            sqlx::query(
-                "UPDATE chats SET last_seq = $1, last_activity_time = $2, last_message_time = $2 \
-                 WHERE id = $3 AND last_seq < $1",
-            )
-            .bind(*last_seq)
-            .bind(*time)
-            .bind(chat_id)
-            .execute(&mut *tx)
-            .await?;
+        if activities.is_empty() {
+            return Ok(());
         }
-        tx.commit().await
+        let mut q = SqlBuilder::new(
+            "UPDATE chats SET last_seq = v.column2, last_activity_time = v.column3, last_message_time = v.column3 FROM (VALUES ",
+        );
+        for (n, (chat_id, last_seq, time)) in activities.iter().enumerate() {
+            q.push(if n == 0 { "(" } else { ", (" });
+            q.bind(chat_id.clone()).push(", ").bind(*last_seq).push(", ").bind(*time).push(")");
+        }
+        q.push(") AS v WHERE chats.id = v.column1 AND chats.last_seq < v.column2");
+        let mut conn = self.db.write().acquire().await?;
+        match self.db.dialect() {
+            natter_db::Dialect::Sqlite => {
+                sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+                let done = q.build().execute(&mut *conn).await;
+                sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
+                done?;
+            }
+            natter_db::Dialect::Postgres => {
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                sqlx::query("SET LOCAL synchronous_commit TO OFF").execute(&mut *tx).await?;
+                q.build().execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(())
     }
 
     /// Applies an update (None: leave the field as it is) and returns the row.

@@ -194,17 +194,20 @@ impl Store {
                 *per_chat.entry(m.chat_id.as_str()).or_default() += 1;
             }
         }
-        let mut next_seq: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
-        for (chat, count) in &per_chat {
-            let (head,): (i64,) = sqlx::query_as(
-                "INSERT INTO chat_heads (chat_id, last_seq) VALUES ($1, $2) \
-                 ON CONFLICT (chat_id) DO UPDATE SET last_seq = chat_heads.last_seq + $2 RETURNING last_seq",
-            )
-            .bind(*chat)
-            .bind(*count)
-            .fetch_one(&mut *tx)
-            .await?;
-            next_seq.insert(chat, head - count + 1);
+        // One statement for every chat of the batch; rows are locked in the
+        // VALUES order, which is chat-id order.
+        let mut next_seq: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+        if !per_chat.is_empty() {
+            let mut q = SqlBuilder::new("INSERT INTO chat_heads (chat_id, last_seq) VALUES ");
+            for (n, (chat, count)) in per_chat.iter().enumerate() {
+                q.push(if n == 0 { "(" } else { ", (" }).bind(chat.to_string()).push(", ").bind(*count).push(")");
+            }
+            q.push(" ON CONFLICT (chat_id) DO UPDATE SET last_seq = chat_heads.last_seq + excluded.last_seq RETURNING chat_id, last_seq");
+            let heads: Vec<(String, i64)> = q.build_as().fetch_all(&mut *tx).await?;
+            for (chat, head) in heads {
+                let count = per_chat.get(chat.as_str()).copied().unwrap_or(0);
+                next_seq.insert(chat, head - count + 1);
+            }
         }
 
         let mut rows = Vec::with_capacity(batch.len());
@@ -212,7 +215,9 @@ impl Store {
             if outcome[i].is_some() {
                 continue;
             }
-            let seq = next_seq.get_mut(m.chat_id.as_str()).expect("counted above");
+            let Some(seq) = next_seq.get_mut(m.chat_id.as_str()) else {
+                return Err(sqlx::Error::Protocol("chat head missing from RETURNING".into()));
+            };
             rows.push((
                 i,
                 MessageRow {

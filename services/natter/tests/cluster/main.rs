@@ -7,6 +7,8 @@
 //! (`natter messages ...`), started with the same flags an operator would
 //! use; a replica is killed with SIGKILL mid-run and started again.
 
+mod operate;
+
 use std::collections::{BTreeMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

@@ -1,0 +1,89 @@
+//! The flag tables of README's "Operate" section are generated from the
+//! binaries' own `--help`, so they cannot drift: this test fails when they
+//! differ, and `NATTER_BLESS=1 cargo test -p natter --test cluster operate`
+//! rewrites them.
+
+use std::process::Command;
+
+/// (heading, `natter` arguments before `--help`, the separate binary).
+const COMMANDS: &[(&str, &[&str], &str)] = &[
+    ("natter serve", &["serve"], ""),
+    ("natter sessions", &["sessions"], "natter-sessions"),
+    ("natter chats", &["chats"], "natter-chats"),
+    ("natter messages", &["messages"], "natter-messages"),
+    ("natter edge", &["edge"], "natter-edge"),
+    ("natter health", &["health"], ""),
+];
+
+struct Flag {
+    name: String,
+    env: String,
+    default: String,
+    about: String,
+}
+
+fn flags(args: &[&str]) -> Vec<Flag> {
+    let output = Command::new(env!("CARGO_BIN_EXE_natter")).args(args).arg("--help").output().expect("natter --help");
+    let help = String::from_utf8(output.stdout).expect("utf-8 help");
+    let mut flags: Vec<Flag> = Vec::new();
+    for line in help.lines() {
+        let trimmed = line.trim();
+        if let Some(rest) =
+            trimmed.strip_prefix("--").filter(|_| line.starts_with("      --") || line.starts_with("  -"))
+        {
+            let name = rest.split([' ', '=']).next().unwrap_or_default().to_owned();
+            flags.push(Flag { name, env: String::new(), default: String::new(), about: String::new() });
+        } else if let Some(flag) = flags.last_mut() {
+            if let Some(env) = trimmed.strip_prefix("[env: ") {
+                flag.env = env.split('=').next().unwrap_or_default().to_owned();
+            } else if let Some(default) = trimmed.strip_prefix("[default: ") {
+                flag.default = default.trim_end_matches(']').to_owned();
+            } else if flag.about.is_empty() && !trimmed.is_empty() {
+                flag.about = trimmed.to_owned();
+            }
+        }
+    }
+    flags.retain(|f| f.name != "help" && f.name != "version");
+    flags
+}
+
+fn generated() -> String {
+    let mut out = String::new();
+    for (heading, args, binary) in COMMANDS {
+        out.push_str(&format!("#### `{heading}`"));
+        if !binary.is_empty() {
+            out.push_str(&format!(" (also `{binary}`)"));
+        }
+        out.push_str("\n\n| flag | environment | default | meaning |\n|---|---|---|---|\n");
+        for f in flags(args) {
+            let cell = |s: &str| if s.is_empty() { String::new() } else { format!("`{}`", s.replace('|', "\\\\|")) };
+            out.push_str(&format!(
+                "| `--{}` | {} | {} | {} |\n",
+                f.name,
+                cell(&f.env),
+                cell(&f.default),
+                f.about.replace('|', "\\\\|")
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn readme_operate_tables_match_the_binaries() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md");
+    let readme = std::fs::read_to_string(path).expect("README.md");
+    let (start, end) = ("<!-- operate:start -->\n", "<!-- operate:end -->");
+    let from = readme.find(start).expect("operate:start marker") + start.len();
+    let to = readme.find(end).expect("operate:end marker");
+    let want = generated();
+    if std::env::var_os("NATTER_BLESS").is_some() {
+        std::fs::write(path, format!("{}{want}{}", &readme[..from], &readme[to..])).expect("write README.md");
+        return;
+    }
+    assert!(
+        readme[from..to] == want,
+        "README's Operate tables differ from --help; run NATTER_BLESS=1 cargo test -p natter --test cluster operate\n{want}"
+    );
+}

@@ -254,7 +254,17 @@ impl Sessions {
     }
 }
 
+/// Argon2 takes 19 MiB and a core per hash: more at once than there are
+/// cores only queues in the blocking pool while the allocator keeps every
+/// block it handed out (a burst of 64 log-ins left 1.2 GB resident). One
+/// permit per core bounds both.
+fn argon2_permits() -> &'static tokio::sync::Semaphore {
+    static PERMITS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    PERMITS.get_or_init(|| tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())))
+}
+
 async fn hash_password(password: String) -> Result<String, SessionsError> {
+    let _permit = argon2_permits().acquire().await.map_err(|e| SessionsError::Internal(e.to_string()))?;
     tokio::task::spawn_blocking(move || domain::hash_password(&password))
         .await
         .map_err(|e| SessionsError::Internal(e.to_string()))?
@@ -262,6 +272,7 @@ async fn hash_password(password: String) -> Result<String, SessionsError> {
 }
 
 async fn verify_password(password: String, phc: String) -> Result<bool, SessionsError> {
+    let _permit = argon2_permits().acquire().await.map_err(|e| SessionsError::Internal(e.to_string()))?;
     tokio::task::spawn_blocking(move || domain::verify_password(&password, &phc))
         .await
         .map_err(|e| SessionsError::Internal(e.to_string()))

@@ -47,6 +47,25 @@ pub struct NewMessage {
     pub send_time: i64,
 }
 
+impl NewMessage {
+    /// The row this message becomes with `seq`.
+    fn row(&self, seq: i64) -> MessageRow {
+        MessageRow {
+            id: self.id.clone(),
+            chat_id: self.chat_id.clone(),
+            seq,
+            author_id: self.author_id.clone(),
+            text: self.text.clone(),
+            attachments: self.attachments.clone(),
+            reply_to_seq: self.reply_to_seq,
+            send_time: self.send_time,
+            edit_time: None,
+            revision: 1,
+            delete_time: None,
+        }
+    }
+}
+
 /// Outcome of inserting a message.
 #[derive(Debug)]
 pub enum Sent {
@@ -129,19 +148,7 @@ impl Store {
             Err(e) => return Err(e),
         }
         tx.commit().await?;
-        Ok(Sent::Created(MessageRow {
-            id: m.id.clone(),
-            chat_id: m.chat_id.clone(),
-            seq,
-            author_id: m.author_id.clone(),
-            text: m.text.clone(),
-            attachments: m.attachments.clone(),
-            reply_to_seq: m.reply_to_seq,
-            send_time: m.send_time,
-            edit_time: None,
-            revision: 1,
-            delete_time: None,
-        }))
+        Ok(Sent::Created(m.row(seq)))
     }
 
     /// Inserts a batch of messages in ONE transaction (group commit): per
@@ -218,22 +225,7 @@ impl Store {
             let Some(seq) = next_seq.get_mut(m.chat_id.as_str()) else {
                 return Err(sqlx::Error::Protocol("chat head missing from RETURNING".into()));
             };
-            rows.push((
-                i,
-                MessageRow {
-                    id: m.id.clone(),
-                    chat_id: m.chat_id.clone(),
-                    seq: *seq,
-                    author_id: m.author_id.clone(),
-                    text: m.text.clone(),
-                    attachments: m.attachments.clone(),
-                    reply_to_seq: m.reply_to_seq,
-                    send_time: m.send_time,
-                    edit_time: None,
-                    revision: 1,
-                    delete_time: None,
-                },
-            ));
+            rows.push((i, m.row(*seq)));
             *seq += 1;
         }
         for chunk in rows.chunks(CHUNK) {

@@ -89,6 +89,11 @@ impl NatsBus {
                 return Err(async_nats::ConnectError::new(async_nats::ConnectErrorKind::Io));
             }
         };
+        // Wait for the server to acknowledge the subscription (a PING/PONG
+        // round trip), so events published right after start-up reach us.
+        if let Err(e) = client.flush().await {
+            tracing::warn!(error = %e, "nats: flush after subscribe failed");
+        }
         let (outbox, mut queue) = mpsc::channel::<(Topic, Event)>(PUBLISH_QUEUE);
 
         let publisher = client.clone();

@@ -319,11 +319,7 @@ impl Store {
         let mut tx = self.db.write().begin().await?;
         // Lock the chat row first: concurrent adds to one chat queue here, so
         // the member count they check is exact.
-        sqlx::query("UPDATE chats SET update_time = $1 WHERE id = $2")
-            .bind(now)
-            .bind(chat_id)
-            .execute(&mut *tx)
-            .await?;
+        touch(&mut tx, chat_id, now).await?;
         let mut added = Vec::new();
         for m in members {
             let done = sqlx::query(
@@ -352,11 +348,7 @@ impl Store {
     /// Removes a member; false if they were not one.
     pub async fn remove_member(&self, chat_id: &str, user_id: &str, now: i64) -> Result<bool, sqlx::Error> {
         let mut tx = self.db.write().begin().await?;
-        sqlx::query("UPDATE chats SET update_time = $1 WHERE id = $2")
-            .bind(now)
-            .bind(chat_id)
-            .execute(&mut *tx)
-            .await?;
+        touch(&mut tx, chat_id, now).await?;
         let done = sqlx::query("DELETE FROM members WHERE chat_id = $1 AND user_id = $2")
             .bind(chat_id)
             .bind(user_id)
@@ -377,11 +369,7 @@ impl Store {
         now: i64,
     ) -> Result<Option<MemberRow>, sqlx::Error> {
         let mut tx = self.db.write().begin().await?;
-        sqlx::query("UPDATE chats SET update_time = $1 WHERE id = $2")
-            .bind(now)
-            .bind(chat_id)
-            .execute(&mut *tx)
-            .await?;
+        touch(&mut tx, chat_id, now).await?;
         if role == Role::Owner {
             sqlx::query("UPDATE members SET role = 'admin' WHERE chat_id = $1 AND role = 'owner'")
                 .bind(chat_id)
@@ -425,6 +413,17 @@ impl Store {
         q.push(" ORDER BY join_time, user_id LIMIT ").bind(i64::from(limit));
         q.build_as().fetch_all(self.db.read()).await
     }
+}
+
+/// Sets a chat's update time as the first write of a membership change, which
+/// takes the chat's row lock: concurrent changes to one chat queue here.
+async fn touch(
+    tx: &mut sqlx::Transaction<'static, natter_db::Any>,
+    chat_id: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE chats SET update_time = $1 WHERE id = $2").bind(now).bind(chat_id).execute(&mut **tx).await?;
+    Ok(())
 }
 
 /// Recomputes a chat's member count inside a transaction and returns it.

@@ -321,12 +321,6 @@ pub fn escape_like(s: &str) -> String {
     out
 }
 
-/// Maps a database failure to an INTERNAL status, logging the cause.
-#[track_caller]
-pub fn internal(e: sqlx::Error) -> tonic::Status {
-    natter_kit::internal(e)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,6 +29,18 @@ const CHAT_SELECT: &str = "SELECT c.id, c.kind, c.title, c.description, c.visibi
     c.member_count, c.archive_time, c.create_time, c.update_time, c.last_activity_time, c.last_seq, c.last_message_time \
     FROM chats c";
 
+/// A chat with one user's role in it (NULL: not a member); `$1` is the user.
+const CHAT_SELECT_WITH_ROLE: &str = "SELECT c.id, c.kind, c.title, c.description, c.visibility, c.owner_id, c.creator_id, \
+    c.member_count, c.archive_time, c.create_time, c.update_time, c.last_activity_time, c.last_seq, c.last_message_time, \
+    m.role FROM chats c LEFT JOIN members m ON m.chat_id = c.id AND m.user_id = ";
+
+#[derive(sqlx::FromRow)]
+struct AccessRow {
+    #[sqlx(flatten)]
+    chat: ChatRow,
+    role: Option<String>,
+}
+
 /// A row of `members`.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct MemberRow {
@@ -145,9 +157,11 @@ impl Store {
 
     /// A chat and the role of `user_id` in it.
     pub async fn access(&self, chat_id: &str, user_id: &str) -> Result<Option<ChatAccess>, sqlx::Error> {
-        let Some(chat) = self.chat(chat_id).await? else { return Ok(None) };
-        let role = self.role(chat_id, user_id).await?;
-        Ok(Some(ChatAccess { chat, role }))
+        // One query: this is on every send's path (membership check).
+        let mut q = SqlBuilder::new(CHAT_SELECT_WITH_ROLE);
+        q.bind(user_id.to_owned()).push(" WHERE c.id = ").bind(chat_id.to_owned());
+        let row: Option<AccessRow> = q.build_as().fetch_optional(self.db.read()).await?;
+        Ok(row.map(|r| ChatAccess { chat: r.chat, role: r.role.as_deref().map(Role::parse) }))
     }
 
     /// The role of `user_id` in `chat_id`, if a member.

@@ -317,8 +317,7 @@ impl Messages {
         let mut out = Vec::with_capacity(chat_ids.len());
         for chat_id in chat_ids {
             let newest = self.store.list(chat_id, Range::default(), None, 1).await?.pop();
-            let read_seq = self.store.read_seq(chat_id, user_id).await?;
-            let unread_count = self.store.unread_count(chat_id, user_id, read_seq).await?;
+            let (_, unread_count) = self.store.read_state(chat_id, user_id).await?;
             out.push(match newest {
                 Some(m) => pb::ChatSummary {
                     chat_id: chat_id.clone(),

@@ -388,17 +388,6 @@ impl Store {
         tx.commit().await
     }
 
-    /// A user's read position in a chat (0 if never marked).
-    pub async fn read_seq(&self, chat_id: &str, user_id: &str) -> Result<i64, sqlx::Error> {
-        let row: Option<(i64,)> =
-            sqlx::query_as("SELECT read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2")
-                .bind(chat_id)
-                .bind(user_id)
-                .fetch_optional(self.db.read())
-                .await?;
-        Ok(row.map(|(s,)| s).unwrap_or(0))
-    }
-
     /// Messages after `read_seq`, not by `user_id`, not deleted.
     pub async fn unread_count(&self, chat_id: &str, user_id: &str, read_seq: i64) -> Result<i64, sqlx::Error> {
         let (n,): (i64,) = sqlx::query_as(
@@ -410,6 +399,21 @@ impl Store {
         .fetch_one(self.db.read())
         .await?;
         Ok(n)
+    }
+
+    /// A user's read position in a chat (0 if never marked) and the
+    /// messages after it that are not the user's and not deleted, in one
+    /// query.
+    pub async fn read_state(&self, chat_id: &str, user_id: &str) -> Result<(i64, i64), sqlx::Error> {
+        sqlx::query_as(
+            "SELECT r.read_seq, (SELECT COUNT(*) FROM messages m WHERE m.chat_id = $1 AND m.seq > r.read_seq \
+                                 AND m.author_id <> $2 AND m.delete_time IS NULL) \
+             FROM (SELECT COALESCE((SELECT read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2), 0) AS read_seq) r",
+        )
+        .bind(chat_id)
+        .bind(user_id)
+        .fetch_one(self.db.read())
+        .await
     }
 
     /// Deletes everything of a chat.

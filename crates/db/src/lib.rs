@@ -113,6 +113,7 @@ pub struct Db {
     read: AnyPool,
     write: AnyPool,
     dialect: Dialect,
+    sqlite_path: Option<std::path::PathBuf>,
 }
 
 impl Db {
@@ -160,7 +161,8 @@ impl Db {
             })
             .connect_with(options)
             .await?;
-        Ok(Self { read, write, dialect: Dialect::Sqlite })
+        let path = sqlx::sqlite::SqliteConnectOptions::from_str(&config.url)?.get_filename().to_owned();
+        Ok(Self { read, write, dialect: Dialect::Sqlite, sqlite_path: Some(path) })
     }
 
     async fn connect_postgres(config: &DbConfig, migrator: &Migrator) -> Result<Self, DbError> {
@@ -195,7 +197,7 @@ impl Db {
             .connect_with(options)
             .await?;
         migrator.run(&pool).await?;
-        Ok(Self { read: pool.clone(), write: pool, dialect: Dialect::Postgres })
+        Ok(Self { read: pool.clone(), write: pool, dialect: Dialect::Postgres, sqlite_path: None })
     }
 
     /// The pool for reads.
@@ -211,6 +213,14 @@ impl Db {
     /// The engine behind this database.
     pub fn dialect(&self) -> Dialect {
         self.dialect
+    }
+
+    /// The SQLite file (None on PostgreSQL), for a caller that opens its own
+    /// connection to it beside the pools (the messages service's commit
+    /// thread). Such a writer must not write while the write pool does:
+    /// SQLite allows one writer at a time.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        self.sqlite_path.as_deref()
     }
 
     /// Closes both pools, waiting for connections in use to be returned.

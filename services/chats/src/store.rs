@@ -241,28 +241,34 @@ impl Store {
         if activities.is_empty() {
             return Ok(());
         }
-        let mut q = SqlBuilder::new(
-            "UPDATE chats SET last_seq = v.column2, last_activity_time = v.column3, last_message_time = v.column3 FROM (VALUES ",
-        );
+        // On SQLite the flush setting and the update travel as one script:
+        // one round trip to sqlx's worker thread instead of three.
+        let sqlite = self.db.dialect() == natter_db::Dialect::Sqlite;
+        let mut q = SqlBuilder::new(if sqlite {
+            "PRAGMA synchronous = NORMAL; UPDATE chats SET last_seq = v.column2, last_activity_time = v.column3, last_message_time = v.column3 FROM (VALUES "
+        } else {
+            "UPDATE chats SET last_seq = v.column2, last_activity_time = v.column3, last_message_time = v.column3 FROM (VALUES "
+        });
         for (n, (chat_id, last_seq, time)) in activities.iter().enumerate() {
             q.push(if n == 0 { "(" } else { ", (" });
             q.bind(chat_id.clone()).push(", ").bind(*last_seq).push(", ").bind(*time).push(")");
         }
         q.push(") AS v WHERE chats.id = v.column1 AND chats.last_seq < v.column2");
         let mut conn = self.db.write().acquire().await?;
-        match self.db.dialect() {
-            natter_db::Dialect::Sqlite => {
-                sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
-                let done = q.build().execute(&mut *conn).await;
+        if sqlite {
+            q.push("; PRAGMA synchronous = FULL");
+            let done = q.build().execute(&mut *conn).await;
+            if done.is_err() {
+                // The script stopped at the update: later commits on this
+                // connection must flush again.
                 sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
-                done?;
             }
-            natter_db::Dialect::Postgres => {
-                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-                sqlx::query("SET LOCAL synchronous_commit TO OFF").execute(&mut *tx).await?;
-                q.build().execute(&mut *tx).await?;
-                tx.commit().await?;
-            }
+            done?;
+        } else {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            sqlx::query("SET LOCAL synchronous_commit TO OFF").execute(&mut *tx).await?;
+            q.build().execute(&mut *tx).await?;
+            tx.commit().await?;
         }
         Ok(())
     }

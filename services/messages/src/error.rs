@@ -31,7 +31,7 @@ pub enum MessagesError {
     Db(#[from] sqlx::Error),
     /// A group commit failed (INTERNAL, cause logged only).
     #[error("commit failed: {0}")]
-    Commit(std::sync::Arc<sqlx::Error>),
+    Commit(crate::writer::CommitError),
 }
 
 impl MessagesError {

@@ -11,6 +11,7 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod service;
+pub mod sqlite_commit;
 pub mod store;
 pub mod stream;
 pub mod writer;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 
 use natter_auth::Authenticator;
 use natter_bus::EventBus;
-use natter_db::{Db, DbConfig, DbError};
+use natter_db::{Db, DbConfig};
 use natter_kit::Server;
 use natter_links::ChatDirectory;
 use natter_proto::messages::v1::message_internal_service_server::MessageInternalServiceServer;
@@ -70,9 +71,9 @@ pub async fn open(
     chats: Arc<dyn ChatDirectory>,
     bus: Arc<dyn EventBus>,
     args: &MessagesArgs,
-) -> Result<Arc<Messages>, DbError> {
+) -> anyhow::Result<Arc<Messages>> {
     let db = Db::connect(db, &MIGRATOR).await?;
-    Ok(Arc::new(Messages::new(store::Store::new(db), chats, bus, args.limits())))
+    Ok(Arc::new(Messages::new(store::Store::new(db), chats, bus, args.limits())?))
 }
 
 /// Adds the public and internal messages services to `server`; open streams

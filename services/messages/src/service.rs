@@ -74,8 +74,16 @@ pub struct Messages {
 }
 
 impl Messages {
-    pub fn new(store: Store, chats: Arc<dyn ChatDirectory>, bus: Arc<dyn EventBus>, limits: Limits) -> Self {
-        Self { writer: Writer::start(store.clone(), chats.clone()), store, chats, bus, limits }
+    /// Starts the message writer (see [`Writer::start`]) over `store`.
+    ///
+    /// Errors: the writer's SQLite connection cannot be opened.
+    pub fn new(
+        store: Store,
+        chats: Arc<dyn ChatDirectory>,
+        bus: Arc<dyn EventBus>,
+        limits: Limits,
+    ) -> std::io::Result<Self> {
+        Ok(Self { writer: Writer::start(store.clone(), chats.clone())?, store, chats, bus, limits })
     }
 
     pub fn store(&self) -> &Store {

@@ -2,7 +2,10 @@
 //! statement bumps the chat's head seq; history is a keyset walk of
 //! `(chat_id, seq)`.
 
-use natter_db::{Db, SqlBuilder};
+use std::sync::Arc;
+
+use natter_db::{Db, Dialect, SqlBuilder};
+use tokio::sync::{Mutex, MutexGuard};
 
 /// Rows per multi-row statement (8 bound values each: well under both
 /// engines' limits on parameters).
@@ -23,6 +26,11 @@ pub struct MessageRow {
     pub revision: i64,
     pub delete_time: Option<i64>,
 }
+
+/// Inserts one new message: `$1..$8` are id, chat_id, seq, author_id, text,
+/// attachments, reply_to_seq, send_time.
+pub(crate) const INSERT_MESSAGE: &str = "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, 1, NULL)";
 
 const MESSAGE_SELECT: &str = "SELECT id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time FROM messages";
 
@@ -49,7 +57,7 @@ pub struct NewMessage {
 
 impl NewMessage {
     /// The row this message becomes with `seq`.
-    fn row(&self, seq: i64) -> MessageRow {
+    pub(crate) fn row(&self, seq: i64) -> MessageRow {
         MessageRow {
             id: self.id.clone(),
             chat_id: self.chat_id.clone(),
@@ -91,11 +99,29 @@ pub struct Range {
 #[derive(Clone, Debug)]
 pub struct Store {
     db: Db,
+    turn: Arc<Mutex<()>>,
 }
 
 impl Store {
     pub fn new(db: Db) -> Self {
-        Self { db }
+        Self { db, turn: Arc::default() }
+    }
+
+    /// On SQLite, the writers' turn: held by every write of this store and
+    /// by the commit thread (see [`crate::sqlite_commit`]) for the length of
+    /// a transaction, so the two connections never meet SQLite's write lock
+    /// at once and wait in arrival order. None on PostgreSQL, which takes
+    /// row locks itself.
+    pub async fn write_turn(&self) -> Option<MutexGuard<'_, ()>> {
+        match self.db.dialect() {
+            Dialect::Sqlite => Some(self.turn.lock().await),
+            Dialect::Postgres => None,
+        }
+    }
+
+    /// The lock behind [`Store::write_turn`], for the commit thread.
+    pub(crate) fn turn(&self) -> Arc<Mutex<()>> {
+        self.turn.clone()
     }
 
     pub fn db(&self) -> &Db {
@@ -104,6 +130,7 @@ impl Store {
 
     /// Inserts a message with the chat's next seq, in one transaction.
     pub async fn insert(&self, m: &NewMessage) -> Result<Sent, sqlx::Error> {
+        let _turn = self.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         // First statement is a write: it takes the chat's lock before any read.
         let (seq,): (i64,) = sqlx::query_as(
@@ -124,20 +151,17 @@ impl Store {
                 return Ok(Sent::NoSuchReply);
             }
         }
-        let inserted = sqlx::query(
-            "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, 1, NULL)",
-        )
-        .bind(&m.id)
-        .bind(&m.chat_id)
-        .bind(seq)
-        .bind(&m.author_id)
-        .bind(&m.text)
-        .bind(&m.attachments)
-        .bind(m.reply_to_seq)
-        .bind(m.send_time)
-        .execute(&mut *tx)
-        .await;
+        let inserted = sqlx::query(INSERT_MESSAGE)
+            .bind(&m.id)
+            .bind(&m.chat_id)
+            .bind(seq)
+            .bind(&m.author_id)
+            .bind(&m.text)
+            .bind(&m.attachments)
+            .bind(m.reply_to_seq)
+            .bind(m.send_time)
+            .execute(&mut *tx)
+            .await;
         match inserted {
             Ok(_) => {}
             Err(e) if natter_db::is_unique_violation(&e) => {
@@ -163,6 +187,7 @@ impl Store {
         if batch.len() == 1 {
             return Ok(vec![self.insert(&batch[0]).await?]);
         }
+        let _turn = self.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         let mut outcome: Vec<Option<Sent>> = (0..batch.len()).map(|_| None).collect();
 
@@ -261,6 +286,7 @@ impl Store {
     /// Replaces a live message's text, keeping the old one as a revision.
     /// `None` if the message is deleted (or missing).
     pub async fn edit(&self, id: &str, text: &str, now: i64) -> Result<Option<MessageRow>, sqlx::Error> {
+        let _turn = self.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         // Lock the row first so concurrent edits queue and each keeps the
         // text it replaces.
@@ -295,6 +321,7 @@ impl Store {
     /// Turns a message into a tombstone: seq stays, text, attachments and
     /// earlier revisions go. True if it was live.
     pub async fn delete(&self, id: &str, now: i64) -> Result<bool, sqlx::Error> {
+        let _turn = self.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         let done = sqlx::query(
             "UPDATE messages SET text = '', attachments = '', delete_time = $1 WHERE id = $2 AND delete_time IS NULL",
@@ -356,6 +383,7 @@ impl Store {
     /// Moves a user's read position forward to `seq` (never back) and returns
     /// the position after the call.
     pub async fn mark_read(&self, chat_id: &str, user_id: &str, seq: i64) -> Result<i64, sqlx::Error> {
+        let _turn = self.write_turn().await;
         let (read_seq,): (i64,) = sqlx::query_as(
             "INSERT INTO read_positions (chat_id, user_id, read_seq) VALUES ($1, $2, $3) \
              ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = \
@@ -373,6 +401,7 @@ impl Store {
     /// Sets users' read positions to the chat's newest seq (even backwards:
     /// a rejoining member starts from now).
     pub async fn reset_read_positions(&self, chat_id: &str, user_ids: &[String]) -> Result<(), sqlx::Error> {
+        let _turn = self.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         for user_id in user_ids {
             sqlx::query(
@@ -418,6 +447,7 @@ impl Store {
 
     /// Deletes everything of a chat.
     pub async fn purge_chat(&self, chat_id: &str) -> Result<(), sqlx::Error> {
+        let _turn = self.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         sqlx::query("DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = $1)")
             .bind(chat_id)
@@ -457,13 +487,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_batch_assigns_gap_free_seqs_per_chat_and_skips_retries() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::connect(&natter_db::DbConfig::sqlite_in(dir.path(), "messages"), &crate::MIGRATOR).await.unwrap();
-        let store = Store::new(db);
-        assert_eq!(seq(&store.insert(&msg("m0", "a", 0)).await.unwrap()), Some(1));
-        let batch = [
+    /// A batch of retries, replies and two chats, after "m0" took seq 1 of
+    /// chat "a".
+    fn mixed_batch() -> [NewMessage; 7] {
+        [
             msg("m1", "a", 0),
             msg("m2", "b", 0),
             msg("m0", "a", 0),  // stored already: a retry
@@ -471,8 +498,11 @@ mod tests {
             msg("m1", "a", 0),  // repeats m1 within the batch
             msg("m4", "b", 99), // a reply to nothing
             msg("m5", "b", 0),
-        ];
-        let out = store.insert_batch(&batch).await.unwrap();
+        ]
+    }
+
+    /// What both commit paths must make of [`mixed_batch`].
+    async fn assert_mixed_batch_outcome(store: &Store, out: &[Sent]) {
         assert_eq!(out.iter().map(seq).collect::<Vec<_>>(), [Some(2), Some(1), None, Some(3), None, None, Some(2)]);
         assert!(
             matches!(out[2], Sent::Duplicate)
@@ -484,13 +514,40 @@ mod tests {
             (3, 2),
             "no seq taken by a refused message"
         );
-        let stored: Vec<i64> = store
+        let stored: Vec<(i64, String)> = store
             .list("a", Range { ascending: true, ..Range::default() }, None, 10)
             .await
             .unwrap()
-            .iter()
-            .map(|m| m.seq)
+            .into_iter()
+            .map(|m| (m.seq, m.id))
             .collect();
-        assert_eq!(stored, [1, 2, 3]);
+        assert_eq!(stored, [(1, "m0".to_owned()), (2, "m1".to_owned()), (3, "m3".to_owned())]);
+    }
+
+    async fn open_store(dir: &std::path::Path) -> Store {
+        let db = Db::connect(&natter_db::DbConfig::sqlite_in(dir, "messages"), &crate::MIGRATOR).await.unwrap();
+        Store::new(db)
+    }
+
+    #[tokio::test]
+    async fn a_batch_assigns_gap_free_seqs_per_chat_and_skips_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path()).await;
+        assert_eq!(seq(&store.insert(&msg("m0", "a", 0)).await.unwrap()), Some(1));
+        let out = store.insert_batch(&mixed_batch()).await.unwrap();
+        assert_mixed_batch_outcome(&store, &out).await;
+    }
+
+    #[tokio::test]
+    async fn the_sqlite_commit_thread_batches_exactly_like_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path()).await;
+        let mut committer = crate::sqlite_commit::SqliteCommitter::open(store.db().sqlite_path().unwrap()).unwrap();
+        assert_eq!(seq(&committer.insert_batch(&[msg("m0", "a", 0)]).unwrap()[0]), Some(1));
+        let out = committer.insert_batch(&mixed_batch()).unwrap();
+        assert_mixed_batch_outcome(&store, &out).await;
+        // A reply to a message earlier in the same batch is accepted.
+        let out = committer.insert_batch(&[msg("m6", "c", 0), msg("m7", "c", 1)]).unwrap();
+        assert_eq!(out.iter().map(seq).collect::<Vec<_>>(), [Some(1), Some(2)]);
     }
 }

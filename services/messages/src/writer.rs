@@ -1,18 +1,25 @@
 //! Group commit for SendMessage: concurrent sends share one transaction.
 //!
-//! Two stages, each a task, so that neither waits on the other:
+//! Two stages, each on a thread of its own, so that neither waits on the
+//! other and neither waits behind the request tasks for a turn on the
+//! runtime's workers (on two cores, a stage woken as a task would queue
+//! behind every in-flight call at each await):
 //!
 //! 1. **commit**: takes whatever sends queued up while the previous commit
-//!    ran, commits them as one batch ([`Store::insert_batch`]: one
-//!    transaction, one seq bump per chat, one fsync on SQLite), and hands the
-//!    outcomes on. Under light load a batch is one message and nothing waits;
-//!    under heavy load one commit serves many messages. No timer: a batch is
-//!    exactly what arrived during the last commit.
+//!    ran, commits them as one batch (one transaction, one seq bump per
+//!    chat, one WAL sync on SQLite), and hands the outcomes on. Under light
+//!    load a batch is one message and nothing waits; under heavy load one
+//!    commit serves many messages. No timer: a batch is exactly what arrived
+//!    during the last commit. On SQLite the thread owns its own connection
+//!    ([`SqliteCommitter`]), which spares every statement sqlx's hand-off to
+//!    its SQLite worker thread; on PostgreSQL it drives
+//!    [`Store::insert_batch`] to completion.
 //! 2. **announce**: tells the chats service, in one call for every batch
-//!    that is ready, the newest message of each chat they touched (ListChats
-//!    orders by it), then answers the callers. So a caller hears back only
-//!    after its message is durably committed and its chat's activity
-//!    recorded: a client that sends and then lists sees its chat on top.
+//!    that is ready, the newest message of each chat they touched
+//!    (ListChats orders by it), then answers the callers. So a caller hears
+//!    back only after its message is durably committed and its chat's
+//!    activity recorded: a client that sends and then lists sees its chat on
+//!    top.
 //!
 //! While stage 2 records one batch's activity, stage 1 already commits the
 //! next batch.
@@ -25,6 +32,7 @@ use natter_proto::chats::v1::Activity;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
 
+use crate::sqlite_commit::SqliteCommitter;
 use crate::store::{MessageRow, NewMessage, Sent, Store};
 
 /// Most messages in one batch.
@@ -36,7 +44,10 @@ const QUEUE: usize = 4096;
 /// How many committed batches may wait for stage 2.
 const COMMITTED: usize = 64;
 
-type Outcome = Result<Sent, Arc<sqlx::Error>>;
+/// Why a send's commit failed (the database's error, shared by the batch).
+pub type CommitError = Arc<dyn std::error::Error + Send + Sync>;
+
+type Outcome = Result<Sent, CommitError>;
 type Reply = oneshot::Sender<Outcome>;
 
 /// A queued send: the message, where to answer, and the caller's span.
@@ -56,74 +67,109 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts both stages over `store`, reporting activity to `chats`; they
-    /// end when every `Writer` clone is dropped.
-    pub fn start(store: Store, chats: Arc<dyn ChatDirectory>) -> Self {
+    /// Starts both stages over `store`, reporting activity to `chats`, on
+    /// the current tokio runtime's I/O; they end when every `Writer` clone
+    /// is dropped.
+    ///
+    /// Errors: on SQLite, the commit thread's connection cannot be opened;
+    /// a thread cannot be started. Panics outside a tokio runtime.
+    pub fn start(store: Store, chats: Arc<dyn ChatDirectory>) -> std::io::Result<Self> {
         let (queue, jobs) = mpsc::channel(QUEUE);
         let (committed, ready) = mpsc::channel(COMMITTED);
-        tokio::spawn(commit_stage(store, jobs, committed));
-        tokio::spawn(announce_stage(chats, ready));
-        Self { queue }
+        let runtime = tokio::runtime::Handle::current();
+        let committer = match store.db().sqlite_path() {
+            Some(path) => Committer::Sqlite(SqliteCommitter::open(path).map_err(std::io::Error::other)?, store.turn()),
+            None => Committer::Pool(store, runtime.clone()),
+        };
+        std::thread::Builder::new()
+            .name("natter-commit".into())
+            .spawn(move || commit_stage(committer, jobs, committed))?;
+        std::thread::Builder::new()
+            .name("natter-announce".into())
+            .spawn(move || announce_stage(&runtime, chats.as_ref(), ready))?;
+        Ok(Self { queue })
     }
 
     /// Commits one message (in whatever batch it lands in) and returns its
     /// outcome once that batch is committed and its activity recorded.
     pub async fn send(&self, message: NewMessage) -> Outcome {
         let (reply, answer) = oneshot::channel();
-        let closed = || Arc::new(sqlx::Error::PoolClosed);
+        let closed = || -> CommitError { Arc::new(std::io::Error::other("the message writer has stopped")) };
         self.queue.send((message, reply, tracing::Span::current())).await.map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
     }
 }
 
-async fn commit_stage(store: Store, mut jobs: mpsc::Receiver<Job>, committed: mpsc::Sender<Committed>) {
-    while let Some((message, reply, span)) = jobs.recv().await {
-        let mut messages = Vec::with_capacity(16);
-        let mut replies = Vec::with_capacity(16);
-        messages.push(message);
-        replies.push(reply);
-        while messages.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok((message, reply, _)) => {
-                    messages.push(message);
-                    replies.push(reply);
-                }
-                Err(_) => break,
+/// How the commit stage writes a batch.
+enum Committer {
+    /// Its own SQLite connection, taking the store's write turn per batch.
+    Sqlite(SqliteCommitter, Arc<tokio::sync::Mutex<()>>),
+    /// The store's pool (PostgreSQL), driven on the runtime.
+    Pool(Store, tokio::runtime::Handle),
+}
+
+impl Committer {
+    /// Commits one batch; the outcomes are in the batch's order. A batch
+    /// that fails writes nothing: its messages are then retried one by one,
+    /// so one bad message (or a race with another replica on an id) fails
+    /// only its own caller.
+    fn commit(&mut self, messages: &[NewMessage]) -> Vec<Outcome> {
+        let started = std::time::Instant::now();
+        let batch = match self {
+            Committer::Sqlite(committer, turn) => {
+                let _turn = turn.blocking_lock();
+                committer.insert_batch(messages).map_err(|e| Arc::new(e) as CommitError)
             }
+            Committer::Pool(store, runtime) => {
+                runtime.block_on(store.insert_batch(messages)).map_err(|e| Arc::new(e) as CommitError)
+            }
+        };
+        match batch {
+            Ok(outcomes) => {
+                natter_kit::metrics::observe_commit(messages.len(), started.elapsed());
+                outcomes.into_iter().map(Ok).collect()
+            }
+            Err(e) if messages.len() > 1 => {
+                tracing::warn!(batch = messages.len(), error = %e, "batch failed; committing one by one");
+                messages.iter().map(|m| self.commit(std::slice::from_ref(m)).pop().unwrap_or(Err(e.clone()))).collect()
+            }
+            Err(e) => vec![Err(e)],
         }
-        // The batch's work is traced under its first caller's span.
-        let outcomes = commit(&store, &messages).instrument(span.clone()).await;
-        if committed.send(Committed { outcomes, replies, span }).await.is_err() {
+    }
+}
+
+/// The next batch: `first` and whatever else is queued, up to [`MAX_BATCH`].
+/// The batch's work is traced under its first caller's span.
+fn gather(first: Job, jobs: &mut mpsc::Receiver<Job>) -> (Vec<NewMessage>, Vec<Reply>, tracing::Span) {
+    let (message, reply, span) = first;
+    let mut messages = Vec::with_capacity(16);
+    let mut replies = Vec::with_capacity(16);
+    messages.push(message);
+    replies.push(reply);
+    while messages.len() < MAX_BATCH {
+        match jobs.try_recv() {
+            Ok((message, reply, _)) => {
+                messages.push(message);
+                replies.push(reply);
+            }
+            Err(_) => break,
+        }
+    }
+    (messages, replies, span)
+}
+
+fn commit_stage(mut committer: Committer, mut jobs: mpsc::Receiver<Job>, committed: mpsc::Sender<Committed>) {
+    while let Some(first) = jobs.blocking_recv() {
+        let (messages, replies, span) = gather(first, &mut jobs);
+        let outcomes = span.in_scope(|| committer.commit(&messages));
+        if committed.blocking_send(Committed { outcomes, replies, span }).is_err() {
             return;
         }
     }
 }
 
-/// Commits one batch; the outcomes are in the batch's order.
-async fn commit(store: &Store, messages: &[NewMessage]) -> Vec<Outcome> {
-    let started = std::time::Instant::now();
-    match store.insert_batch(messages).await {
-        Ok(outcomes) => {
-            natter_kit::metrics::observe_commit(messages.len(), started.elapsed());
-            outcomes.into_iter().map(Ok).collect()
-        }
-        // A batch that failed wrote nothing: retry its messages one by one,
-        // so one bad message (or a race with another replica on an id) fails
-        // only its own caller.
-        Err(e) if messages.len() > 1 => {
-            tracing::warn!(batch = messages.len(), error = %e, "batch failed; committing one by one");
-            let mut outcomes = Vec::with_capacity(messages.len());
-            for message in messages {
-                outcomes.push(store.insert(message).await.map_err(Arc::new));
-            }
-            outcomes
-        }
-        Err(e) => vec![Err(Arc::new(e))],
-    }
-}
-
-async fn announce_stage(chats: Arc<dyn ChatDirectory>, mut ready: mpsc::Receiver<Committed>) {
-    while let Some(first) = ready.recv().await {
+fn announce_stage(runtime: &tokio::runtime::Handle, chats: &dyn ChatDirectory, mut ready: mpsc::Receiver<Committed>) {
+    while let Some(first) = ready.blocking_recv() {
         let span = first.span.clone();
         let mut batches = vec![first];
         while let Ok(more) = ready.try_recv() {
@@ -131,7 +177,7 @@ async fn announce_stage(chats: Arc<dyn ChatDirectory>, mut ready: mpsc::Receiver
         }
         let created: Vec<&Sent> =
             batches.iter().flat_map(|b| b.outcomes.iter()).filter_map(|o| o.as_ref().ok()).collect();
-        record_activity(chats.as_ref(), &created).instrument(span).await;
+        runtime.block_on(record_activity(chats, &created).instrument(span));
         for batch in batches {
             for (reply, outcome) in batch.replies.into_iter().zip(batch.outcomes) {
                 let _ = reply.send(outcome);

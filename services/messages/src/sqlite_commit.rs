@@ -26,8 +26,9 @@ pub struct SqliteCommitter {
 
 impl SqliteCommitter {
     /// Opens the messages database at `path`, which the store's pools have
-    /// created and migrated (its WAL mode is a property of the file). Commits
-    /// are durable: `synchronous = FULL` syncs the WAL at every commit.
+    /// created and migrated (its WAL mode is a property of the file), and
+    /// whose WAL they copy into the file in the background. Commits are durable: `synchronous = FULL`
+    /// syncs the WAL at every commit.
     ///
     /// Errors: the file cannot be opened.
     pub fn open(path: &Path) -> rusqlite::Result<Self> {

@@ -1,28 +1,27 @@
 //! Group commit for SendMessage: concurrent sends share one transaction.
 //!
-//! Two stages, each on a thread of its own, so that neither waits on the
-//! other and neither waits behind the request tasks for a turn on the
-//! runtime's workers (on two cores, a stage woken as a task would queue
-//! behind every in-flight call at each await):
+//! One thread, the writer, loops over three steps:
 //!
-//! 1. **commit**: takes whatever sends queued up while the previous commit
-//!    ran, commits them as one batch (one transaction, one seq bump per
-//!    chat, one WAL sync on SQLite), and hands the outcomes on. Under light
-//!    load a batch is one message and nothing waits; under heavy load one
-//!    commit serves many messages. No timer: a batch is exactly what arrived
-//!    during the last commit. On SQLite the thread owns its own connection
+//! 1. **gather**: whatever sends queued up while it worked on the last
+//!    batch (up to [`MAX_BATCH`]). Under light load a batch is one message
+//!    and nothing waits; under heavy load one round serves many messages. No
+//!    timer: a batch is exactly what arrived during the last round.
+//! 2. **commit** the batch: one transaction, one seq bump per chat, one WAL
+//!    sync on SQLite. On SQLite the thread owns its own connection
 //!    ([`SqliteCommitter`]), which spares every statement sqlx's hand-off to
 //!    its SQLite worker thread; on PostgreSQL it drives
 //!    [`Store::insert_batch`] to completion.
-//! 2. **announce**: tells the chats service, in one call for every batch
-//!    that is ready, the newest message of each chat they touched
-//!    (ListChats orders by it), then answers the callers. So a caller hears
-//!    back only after its message is durably committed and its chat's
-//!    activity recorded: a client that sends and then lists sees its chat on
-//!    top.
+//! 3. **announce**: tell the chats service, in one call, the newest message
+//!    of each chat the batch touched (ListChats orders by it), then answer
+//!    the callers. So a caller hears back only after its message is durably
+//!    committed and its chat's activity recorded: a client that sends and
+//!    then lists sees its chat on top.
 //!
-//! While stage 2 records one batch's activity, stage 1 already commits the
-//! next batch.
+//! The writer is a thread, not a task, so that it never waits behind the
+//! request tasks for a turn on the runtime's workers. Committing and
+//! announcing on one thread, rather than on two that hand batches over,
+//! measured faster on two cores: every hand-off between threads costs a
+//! wake-up that waits for a free core (see BENCHMARKS.md).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,9 +40,6 @@ pub const MAX_BATCH: usize = 512;
 /// How many sends may wait for the writer before callers queue in `send`.
 const QUEUE: usize = 4096;
 
-/// How many committed batches may wait for stage 2.
-const COMMITTED: usize = 64;
-
 /// Why a send's commit failed (the database's error, shared by the batch).
 pub type CommitError = Arc<dyn std::error::Error + Send + Sync>;
 
@@ -53,13 +49,6 @@ type Reply = oneshot::Sender<Outcome>;
 /// A queued send: the message, where to answer, and the caller's span.
 type Job = (NewMessage, Reply, tracing::Span);
 
-/// A committed batch on its way to its callers.
-struct Committed {
-    outcomes: Vec<Outcome>,
-    replies: Vec<Reply>,
-    span: tracing::Span,
-}
-
 /// The sending half: cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
@@ -67,26 +56,22 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts both stages over `store`, reporting activity to `chats`, on
-    /// the current tokio runtime's I/O; they end when every `Writer` clone
-    /// is dropped.
+    /// Starts the writer thread over `store`, reporting activity to
+    /// `chats` through the current tokio runtime; it ends when every
+    /// `Writer` clone is dropped.
     ///
-    /// Errors: on SQLite, the commit thread's connection cannot be opened;
-    /// a thread cannot be started. Panics outside a tokio runtime.
+    /// Errors: on SQLite, the writer's connection cannot be opened; the
+    /// thread cannot be started. Panics outside a tokio runtime.
     pub fn start(store: Store, chats: Arc<dyn ChatDirectory>) -> std::io::Result<Self> {
         let (queue, jobs) = mpsc::channel(QUEUE);
-        let (committed, ready) = mpsc::channel(COMMITTED);
         let runtime = tokio::runtime::Handle::current();
         let committer = match store.db().sqlite_path() {
             Some(path) => Committer::Sqlite(SqliteCommitter::open(path).map_err(std::io::Error::other)?, store.turn()),
-            None => Committer::Pool(store, runtime.clone()),
+            None => Committer::Pool(store),
         };
         std::thread::Builder::new()
-            .name("natter-commit".into())
-            .spawn(move || commit_stage(committer, jobs, committed))?;
-        std::thread::Builder::new()
-            .name("natter-announce".into())
-            .spawn(move || announce_stage(&runtime, chats.as_ref(), ready))?;
+            .name("natter-writer".into())
+            .spawn(move || write_loop(&runtime, committer, chats.as_ref(), jobs))?;
         Ok(Self { queue })
     }
 
@@ -104,8 +89,8 @@ impl Writer {
 enum Committer {
     /// Its own SQLite connection, taking the store's write turn per batch.
     Sqlite(SqliteCommitter, Arc<tokio::sync::Mutex<()>>),
-    /// The store's pool (PostgreSQL), driven on the runtime.
-    Pool(Store, tokio::runtime::Handle),
+    /// The store's pool (PostgreSQL).
+    Pool(Store),
 }
 
 impl Committer {
@@ -113,14 +98,14 @@ impl Committer {
     /// that fails writes nothing: its messages are then retried one by one,
     /// so one bad message (or a race with another replica on an id) fails
     /// only its own caller.
-    fn commit(&mut self, messages: &[NewMessage]) -> Vec<Outcome> {
+    fn commit(&mut self, runtime: &tokio::runtime::Handle, messages: &[NewMessage]) -> Vec<Outcome> {
         let started = std::time::Instant::now();
         let batch = match self {
             Committer::Sqlite(committer, turn) => {
                 let _turn = turn.blocking_lock();
                 committer.insert_batch(messages).map_err(|e| Arc::new(e) as CommitError)
             }
-            Committer::Pool(store, runtime) => {
+            Committer::Pool(store) => {
                 runtime.block_on(store.insert_batch(messages)).map_err(|e| Arc::new(e) as CommitError)
             }
         };
@@ -131,7 +116,10 @@ impl Committer {
             }
             Err(e) if messages.len() > 1 => {
                 tracing::warn!(batch = messages.len(), error = %e, "batch failed; committing one by one");
-                messages.iter().map(|m| self.commit(std::slice::from_ref(m)).pop().unwrap_or(Err(e.clone()))).collect()
+                messages
+                    .iter()
+                    .map(|m| self.commit(runtime, std::slice::from_ref(m)).pop().unwrap_or(Err(e.clone())))
+                    .collect()
             }
             Err(e) => vec![Err(e)],
         }
@@ -158,30 +146,19 @@ fn gather(first: Job, jobs: &mut mpsc::Receiver<Job>) -> (Vec<NewMessage>, Vec<R
     (messages, replies, span)
 }
 
-fn commit_stage(mut committer: Committer, mut jobs: mpsc::Receiver<Job>, committed: mpsc::Sender<Committed>) {
+fn write_loop(
+    runtime: &tokio::runtime::Handle,
+    mut committer: Committer,
+    chats: &dyn ChatDirectory,
+    mut jobs: mpsc::Receiver<Job>,
+) {
     while let Some(first) = jobs.blocking_recv() {
         let (messages, replies, span) = gather(first, &mut jobs);
-        let outcomes = span.in_scope(|| committer.commit(&messages));
-        if committed.blocking_send(Committed { outcomes, replies, span }).is_err() {
-            return;
-        }
-    }
-}
-
-fn announce_stage(runtime: &tokio::runtime::Handle, chats: &dyn ChatDirectory, mut ready: mpsc::Receiver<Committed>) {
-    while let Some(first) = ready.blocking_recv() {
-        let span = first.span.clone();
-        let mut batches = vec![first];
-        while let Ok(more) = ready.try_recv() {
-            batches.push(more);
-        }
-        let created: Vec<&Sent> =
-            batches.iter().flat_map(|b| b.outcomes.iter()).filter_map(|o| o.as_ref().ok()).collect();
+        let outcomes = span.in_scope(|| committer.commit(runtime, &messages));
+        let created: Vec<&Sent> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
         runtime.block_on(record_activity(chats, &created).instrument(span));
-        for batch in batches {
-            for (reply, outcome) in batch.replies.into_iter().zip(batch.outcomes) {
-                let _ = reply.send(outcome);
-            }
+        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+            let _ = reply.send(outcome);
         }
     }
 }

@@ -12,11 +12,13 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, AssertSqlSafe, ConnectOptions, Connection, Executor};
+use tokio::sync::{Mutex, MutexGuard};
 
 pub use sqlx;
 pub use sqlx::Any;
@@ -45,6 +47,9 @@ pub enum DbError {
     /// A migration failed.
     #[error(transparent)]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A connection of its own to a SQLite file could not be opened.
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
 }
 
 /// Connection settings for one service's store.
@@ -114,6 +119,7 @@ pub struct Db {
     write: AnyPool,
     dialect: Dialect,
     sqlite_path: Option<std::path::PathBuf>,
+    turn: Arc<Mutex<()>>,
 }
 
 impl Db {
@@ -135,11 +141,7 @@ impl Db {
 
     async fn connect_sqlite(config: &DbConfig, migrator: &Migrator) -> Result<Self, DbError> {
         let options = AnyConnectOptions::from_str(&config.url)?.disable_statement_logging();
-        // Durable commits (synchronous=FULL syncs the WAL on every commit), a
-        // wait instead of an error on a busy file, enforced foreign keys, and
-        // a WAL file cut back to 64 MiB when it starts over after a burst.
-        let setup = "PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
-                     PRAGMA journal_size_limit = 67108864;";
+        let setup = SQLITE_SETUP;
         let write = AnyPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
@@ -165,7 +167,7 @@ impl Db {
             .await?;
         tokio::spawn(checkpoint_in_background(read.clone()));
         let path = sqlx::sqlite::SqliteConnectOptions::from_str(&config.url)?.get_filename().to_owned();
-        Ok(Self { read, write, dialect: Dialect::Sqlite, sqlite_path: Some(path) })
+        Ok(Self { read, write, dialect: Dialect::Sqlite, sqlite_path: Some(path), turn: Arc::default() })
     }
 
     async fn connect_postgres(config: &DbConfig, migrator: &Migrator) -> Result<Self, DbError> {
@@ -200,7 +202,13 @@ impl Db {
             .connect_with(options)
             .await?;
         migrator.run(&pool).await?;
-        Ok(Self { read: pool.clone(), write: pool, dialect: Dialect::Postgres, sqlite_path: None })
+        Ok(Self {
+            read: pool.clone(),
+            write: pool,
+            dialect: Dialect::Postgres,
+            sqlite_path: None,
+            turn: Arc::default(),
+        })
     }
 
     /// The pool for reads.
@@ -218,12 +226,43 @@ impl Db {
         self.dialect
     }
 
-    /// The SQLite file (None on PostgreSQL), for a caller that opens its own
-    /// connection to it beside the pools (the messages service's commit
-    /// thread). Such a writer must not write while the write pool does:
-    /// SQLite allows one writer at a time.
+    /// The SQLite file (None on PostgreSQL).
     pub fn sqlite_path(&self) -> Option<&Path> {
         self.sqlite_path.as_deref()
+    }
+
+    /// On SQLite, a connection of the caller's own to this database, beside
+    /// the pools, for a hot path that should not hand every statement to
+    /// sqlx's worker thread (the messages writer, chat activity). It has the
+    /// pools' settings; `synchronous` is FULL unless the caller changes it.
+    /// Its writes must hold [`Db::write_turn`] like every other write.
+    /// None on PostgreSQL.
+    ///
+    /// Errors: the file cannot be opened.
+    pub fn sqlite_connection(&self) -> Result<Option<rusqlite::Connection>, DbError> {
+        let Some(path) = &self.sqlite_path else { return Ok(None) };
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = rusqlite::Connection::open_with_flags(path, flags)?;
+        conn.execute_batch(SQLITE_SETUP)?;
+        Ok(Some(conn))
+    }
+
+    /// On SQLite, the writers' turn: every write takes it for the length of
+    /// its transaction, so the write pool and the connections of
+    /// [`Db::sqlite_connection`] never meet SQLite's write lock at once and
+    /// wait in arrival order (tokio's mutex is fair) rather than in SQLite's
+    /// busy handler. None on PostgreSQL, which takes row locks itself.
+    pub async fn write_turn(&self) -> Option<MutexGuard<'_, ()>> {
+        match self.dialect {
+            Dialect::Sqlite => Some(self.turn.lock().await),
+            Dialect::Postgres => None,
+        }
+    }
+
+    /// The lock behind [`Db::write_turn`], for a thread that takes it with
+    /// `blocking_lock` (only on SQLite).
+    pub fn write_turn_lock(&self) -> Arc<Mutex<()>> {
+        self.turn.clone()
     }
 
     /// Closes both pools, waiting for connections in use to be returned.
@@ -232,6 +271,13 @@ impl Db {
         self.read.close().await;
     }
 }
+
+/// Settings of every SQLite connection: durable commits (synchronous=FULL
+/// syncs the WAL on every commit), a wait instead of an error on a busy
+/// file, enforced foreign keys, and a WAL file cut back to 64 MiB when it
+/// starts over after a burst.
+const SQLITE_SETUP: &str = "PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+                            PRAGMA journal_size_limit = 67108864;";
 
 /// How often the WAL of a SQLite database is copied into the database file
 /// in the background.

@@ -77,7 +77,7 @@ pub async fn open(
     only_instance: bool,
 ) -> Result<Arc<Chats>, DbError> {
     let db = Db::connect(db, &MIGRATOR).await?;
-    let chats = Chats::new(store::Store::new(db), users, messages, bus, args.limits());
+    let chats = Chats::new(store::Store::new(db)?, users, messages, bus, args.limits());
     Ok(Arc::new(if only_instance { chats.with_membership_cache() } else { chats }))
 }
 

@@ -2,6 +2,8 @@
 //! change. Unique violations become domain outcomes; nothing else of the
 //! database leaves this module.
 
+use std::sync::Arc;
+
 use natter_db::{Db, SqlBuilder, escape_like};
 
 use crate::domain::{Kind, Role};
@@ -82,14 +84,37 @@ pub enum Inserted {
 }
 
 /// The chats tables.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Store {
     db: Db,
+    /// On SQLite, the connection that records chat activity (see
+    /// [`Store::record_activity`]).
+    activity: Option<Arc<std::sync::Mutex<rusqlite::Connection>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("db", &self.db).finish_non_exhaustive()
+    }
 }
 
 impl Store {
-    pub fn new(db: Db) -> Self {
-        Self { db }
+    /// The store over `db`; on SQLite it opens the connection that records
+    /// chat activity.
+    ///
+    /// Errors: that connection cannot be opened.
+    pub fn new(db: Db) -> Result<Self, natter_db::DbError> {
+        let activity = match db.sqlite_connection()? {
+            Some(conn) => {
+                // Activity is derived data: its commits skip the WAL sync
+                // (see `record_activity`); a durable commit on the other
+                // connection syncs them along with its own.
+                conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
+                Some(Arc::new(std::sync::Mutex::new(conn)))
+            }
+            None => None,
+        };
+        Ok(Self { db, activity })
     }
 
     pub fn db(&self) -> &Db {
@@ -104,6 +129,7 @@ impl Store {
         direct_key: Option<&str>,
         members: &[MemberRow],
     ) -> Result<Inserted, sqlx::Error> {
+        let _turn = self.db.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO chats (id, kind, title, title_key, description, visibility, owner_id, creator_id, direct_key, \
@@ -229,48 +255,43 @@ impl Store {
         q.build_as().fetch_all(self.db.read()).await
     }
 
-    /// Moves chats' last activity forward (never back), in one statement:
-    /// `(chat_id, last_seq, time)` each.
+    /// Moves chats' last activity forward (never back): `(chat_id, last_seq,
+    /// time)` each, in one transaction.
     ///
     /// Activity is derived data (the messages store has the truth), so this
     /// commit skips the disk flush: `synchronous_commit = off` on PostgreSQL,
-    /// `synchronous = NORMAL` for this one transaction on SQLite (WAL). A
-    /// crash of the machine may lose the newest activity of a chat, which its
-    /// next message restores; it never loses a chat or a membership.
+    /// `synchronous = NORMAL` on SQLite (WAL). A crash of the machine may
+    /// lose the newest activity of a chat, which its next message restores;
+    /// it never loses a chat or a membership.
+    ///
+    /// On SQLite it runs on a connection of its own with a prepared
+    /// statement, inline: in the all-in-one the messages writer thread calls
+    /// it, and there it costs no hand-off to sqlx's worker thread. (A chats
+    /// service on SQLite alone runs it on the calling worker: one short
+    /// transaction without a sync.) Errors of that connection come back as
+    /// `sqlx::Error::Io`.
     pub async fn record_activity(&self, activities: &[(String, i64, i64)]) -> Result<(), sqlx::Error> {
         if activities.is_empty() {
             return Ok(());
         }
-        // On SQLite the flush setting and the update travel as one script:
-        // one round trip to sqlx's worker thread instead of three.
-        let sqlite = self.db.dialect() == natter_db::Dialect::Sqlite;
-        let mut q = SqlBuilder::new(if sqlite {
-            "PRAGMA synchronous = NORMAL; UPDATE chats SET last_seq = v.column2, last_activity_time = v.column3, last_message_time = v.column3 FROM (VALUES "
-        } else {
-            "UPDATE chats SET last_seq = v.column2, last_activity_time = v.column3, last_message_time = v.column3 FROM (VALUES "
-        });
+        if let Some(conn) = &self.activity {
+            let _turn = self.db.write_turn().await;
+            let mut conn = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            return record_activity_sqlite(&mut conn, activities)
+                .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)));
+        }
+        let mut q = SqlBuilder::new(
+            "UPDATE chats SET last_seq = v.column2, last_activity_time = v.column3, last_message_time = v.column3 FROM (VALUES ",
+        );
         for (n, (chat_id, last_seq, time)) in activities.iter().enumerate() {
             q.push(if n == 0 { "(" } else { ", (" });
             q.bind(chat_id.clone()).push(", ").bind(*last_seq).push(", ").bind(*time).push(")");
         }
         q.push(") AS v WHERE chats.id = v.column1 AND chats.last_seq < v.column2");
-        let mut conn = self.db.write().acquire().await?;
-        if sqlite {
-            q.push("; PRAGMA synchronous = FULL");
-            let done = q.build().execute(&mut *conn).await;
-            if done.is_err() {
-                // The script stopped at the update: later commits on this
-                // connection must flush again.
-                sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
-            }
-            done?;
-        } else {
-            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            sqlx::query("SET LOCAL synchronous_commit TO OFF").execute(&mut *tx).await?;
-            q.build().execute(&mut *tx).await?;
-            tx.commit().await?;
-        }
-        Ok(())
+        let mut tx = self.db.write().begin().await?;
+        sqlx::query("SET LOCAL synchronous_commit TO OFF").execute(&mut *tx).await?;
+        q.build().execute(&mut *tx).await?;
+        tx.commit().await
     }
 
     /// Applies an update (None: leave the field as it is) and returns the row.
@@ -294,7 +315,10 @@ impl Store {
             q.push(", visibility = ").bind(visibility.to_owned());
         }
         q.push(" WHERE id = ").bind(id.to_owned());
-        q.build().execute(self.db.write()).await?;
+        {
+            let _turn = self.db.write_turn().await;
+            q.build().execute(self.db.write()).await?;
+        }
         self.chat(id).await
     }
 
@@ -305,17 +329,21 @@ impl Store {
         archive_time: Option<i64>,
         now: i64,
     ) -> Result<Option<ChatRow>, sqlx::Error> {
-        sqlx::query("UPDATE chats SET archive_time = $1, update_time = $2 WHERE id = $3")
-            .bind(archive_time)
-            .bind(now)
-            .bind(id)
-            .execute(self.db.write())
-            .await?;
+        {
+            let _turn = self.db.write_turn().await;
+            sqlx::query("UPDATE chats SET archive_time = $1, update_time = $2 WHERE id = $3")
+                .bind(archive_time)
+                .bind(now)
+                .bind(id)
+                .execute(self.db.write())
+                .await?;
+        }
         self.chat(id).await
     }
 
     /// Deletes a chat and its memberships; returns the ids of its members.
     pub async fn delete_chat(&self, id: &str) -> Result<Vec<String>, sqlx::Error> {
+        let _turn = self.db.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         let members: Vec<(String,)> = sqlx::query_as("DELETE FROM members WHERE chat_id = $1 RETURNING user_id")
             .bind(id)
@@ -336,6 +364,7 @@ impl Store {
         max_members: usize,
         now: i64,
     ) -> Result<Option<Vec<MemberRow>>, sqlx::Error> {
+        let _turn = self.db.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         // Lock the chat row first: concurrent adds to one chat queue here, so
         // the member count they check is exact.
@@ -367,6 +396,7 @@ impl Store {
 
     /// Removes a member; false if they were not one.
     pub async fn remove_member(&self, chat_id: &str, user_id: &str, now: i64) -> Result<bool, sqlx::Error> {
+        let _turn = self.db.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         touch(&mut tx, chat_id, now).await?;
         let done = sqlx::query("DELETE FROM members WHERE chat_id = $1 AND user_id = $2")
@@ -388,6 +418,7 @@ impl Store {
         role: Role,
         now: i64,
     ) -> Result<Option<MemberRow>, sqlx::Error> {
+        let _turn = self.db.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         touch(&mut tx, chat_id, now).await?;
         if role == Role::Owner {
@@ -455,4 +486,21 @@ async fn recount(tx: &mut sqlx::Transaction<'static, natter_db::Any>, chat_id: &
     .fetch_one(&mut **tx)
     .await?;
     Ok(count)
+}
+
+/// [`Store::record_activity`] on SQLite: one prepared UPDATE per chat.
+fn record_activity_sqlite(conn: &mut rusqlite::Connection, activities: &[(String, i64, i64)]) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let mut update = tx.prepare_cached(
+            // `?N`, not `$N`: SQLite numbers `$N` by first appearance, and
+            // rusqlite binds by number.
+            "UPDATE chats SET last_seq = ?2, last_activity_time = ?3, last_message_time = ?3 \
+             WHERE id = ?1 AND last_seq < ?2",
+        )?;
+        for (chat_id, last_seq, time) in activities {
+            update.execute(rusqlite::params![chat_id, last_seq, time])?;
+        }
+    }
+    tx.commit()
 }

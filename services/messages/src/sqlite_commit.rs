@@ -9,13 +9,12 @@
 //!
 //! SQLite has one writer at a time. The store's other writes (edits, read
 //! positions, ...) go through sqlx's write pool, so they and this connection
-//! take turns through [`Store::write_turn`](crate::store::Store::write_turn),
-//! in arrival order, instead of waiting in SQLite's busy handler.
+//! take turns through [`natter_db::Db::write_turn`], in arrival order,
+//! instead of waiting in SQLite's busy handler.
 
 use std::collections::HashMap;
-use std::path::Path;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension as _, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 
 use crate::store::{INSERT_MESSAGE, NewMessage, Sent};
 
@@ -25,17 +24,11 @@ pub struct SqliteCommitter {
 }
 
 impl SqliteCommitter {
-    /// Opens the messages database at `path`, which the store's pools have
-    /// created and migrated (its WAL mode is a property of the file), and
-    /// whose WAL they copy into the file in the background. Commits are durable: `synchronous = FULL`
-    /// syncs the WAL at every commit.
-    ///
-    /// Errors: the file cannot be opened.
-    pub fn open(path: &Path) -> rusqlite::Result<Self> {
-        let conn =
-            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
-        conn.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
-        Ok(Self { conn })
+    /// Commits through `conn`, a connection to a migrated messages database
+    /// from [`natter_db::Db::sqlite_connection`] (durable commits:
+    /// `synchronous = FULL` syncs the WAL at every commit).
+    pub fn new(conn: Connection) -> Self {
+        Self { conn }
     }
 
     /// Inserts `batch` in ONE transaction, in order; the outcomes are in the
@@ -51,9 +44,12 @@ impl SqliteCommitter {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut outcomes = Vec::with_capacity(batch.len());
         {
-            let mut exists = tx.prepare_cached("SELECT 1 FROM messages WHERE id = $1")?;
-            let mut has_seq = tx.prepare_cached("SELECT 1 FROM messages WHERE chat_id = $1 AND seq = $2")?;
-            let mut read_head = tx.prepare_cached("SELECT last_seq FROM chat_heads WHERE chat_id = $1")?;
+            // rusqlite binds by number and SQLite numbers `$N` by first
+            // appearance, so these use `?N` (INSERT_MESSAGE, shared with
+            // the PostgreSQL path, names `$1..$8` in order).
+            let mut exists = tx.prepare_cached("SELECT 1 FROM messages WHERE id = ?1")?;
+            let mut has_seq = tx.prepare_cached("SELECT 1 FROM messages WHERE chat_id = ?1 AND seq = ?2")?;
+            let mut read_head = tx.prepare_cached("SELECT last_seq FROM chat_heads WHERE chat_id = ?1")?;
             let mut insert = tx.prepare_cached(INSERT_MESSAGE)?;
             // Heads of the chats this batch adds to.
             let mut heads: HashMap<&str, i64> = HashMap::new();
@@ -88,7 +84,7 @@ impl SqliteCommitter {
                 outcomes.push(Sent::Created(m.row(seq)));
             }
             let mut write_head = tx.prepare_cached(
-                "INSERT INTO chat_heads (chat_id, last_seq) VALUES ($1, $2) \
+                "INSERT INTO chat_heads (chat_id, last_seq) VALUES (?1, ?2) \
                  ON CONFLICT (chat_id) DO UPDATE SET last_seq = excluded.last_seq",
             )?;
             for (chat, head) in &heads {

@@ -2,10 +2,7 @@
 //! statement bumps the chat's head seq; history is a keyset walk of
 //! `(chat_id, seq)`.
 
-use std::sync::Arc;
-
-use natter_db::{Db, Dialect, SqlBuilder};
-use tokio::sync::{Mutex, MutexGuard};
+use natter_db::{Db, SqlBuilder};
 
 /// Rows per multi-row statement (8 bound values each: well under both
 /// engines' limits on parameters).
@@ -28,7 +25,8 @@ pub struct MessageRow {
 }
 
 /// Inserts one new message: `$1..$8` are id, chat_id, seq, author_id, text,
-/// attachments, reply_to_seq, send_time.
+/// attachments, reply_to_seq, send_time, in that order of appearance (the
+/// SQLite writer binds them by position).
 pub(crate) const INSERT_MESSAGE: &str = "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, 1, NULL)";
 
@@ -99,29 +97,17 @@ pub struct Range {
 #[derive(Clone, Debug)]
 pub struct Store {
     db: Db,
-    turn: Arc<Mutex<()>>,
 }
 
 impl Store {
     pub fn new(db: Db) -> Self {
-        Self { db, turn: Arc::default() }
+        Self { db }
     }
 
-    /// On SQLite, the writers' turn: held by every write of this store and
-    /// by the commit thread (see [`crate::sqlite_commit`]) for the length of
-    /// a transaction, so the two connections never meet SQLite's write lock
-    /// at once and wait in arrival order. None on PostgreSQL, which takes
-    /// row locks itself.
-    pub async fn write_turn(&self) -> Option<MutexGuard<'_, ()>> {
-        match self.db.dialect() {
-            Dialect::Sqlite => Some(self.turn.lock().await),
-            Dialect::Postgres => None,
-        }
-    }
-
-    /// The lock behind [`Store::write_turn`], for the commit thread.
-    pub(crate) fn turn(&self) -> Arc<Mutex<()>> {
-        self.turn.clone()
+    /// [`Db::write_turn`]: held by every write of this store, and by the
+    /// writer thread per batch (see [`crate::sqlite_commit`]).
+    pub async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        self.db.write_turn().await
     }
 
     pub fn db(&self) -> &Db {
@@ -542,7 +528,8 @@ mod tests {
     async fn the_sqlite_commit_thread_batches_exactly_like_the_pool() {
         let dir = tempfile::tempdir().unwrap();
         let store = open_store(dir.path()).await;
-        let mut committer = crate::sqlite_commit::SqliteCommitter::open(store.db().sqlite_path().unwrap()).unwrap();
+        let mut committer =
+            crate::sqlite_commit::SqliteCommitter::new(store.db().sqlite_connection().unwrap().unwrap());
         assert_eq!(seq(&committer.insert_batch(&[msg("m0", "a", 0)]).unwrap()[0]), Some(1));
         let out = committer.insert_batch(&mixed_batch()).unwrap();
         assert_mixed_batch_outcome(&store, &out).await;

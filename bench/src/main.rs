@@ -21,6 +21,7 @@ use anyhow::bail;
 use clap::Parser as _;
 
 use crate::cli::{Args, Scenario, Settings};
+use crate::scenarios::ceiling::At;
 use crate::scenarios::{Ctx, Report};
 use crate::server::Target;
 
@@ -93,14 +94,19 @@ async fn run(args: &Args, target: &Target, nofile: u64) -> anyhow::Result<usize>
 
     let mut ctx = Ctx { settings: &settings, fixture: &fixture, target, store, ceiling: None };
     let mut failed = 0;
-    for scenario in [Scenario::Ceiling, Scenario::Send, Scenario::Fanout, Scenario::History, Scenario::Streams] {
-        if !selected(scenario) {
-            continue;
-        }
+    // The ceiling again at the end, when other scenarios ran after it: the
+    // ratios use the first one, the second shows how far the machine's
+    // speed moved meanwhile.
+    let ceiling_again = selected(Scenario::Ceiling) && args.scenarios.len() > 1;
+    let order = [Scenario::Ceiling, Scenario::Send, Scenario::Fanout, Scenario::History, Scenario::Streams];
+    let steps = order.into_iter().filter(|s| selected(*s)).map(|s| (s, At::Start));
+    for (scenario, at) in steps.chain(ceiling_again.then_some((Scenario::Ceiling, At::End))) {
         let began = Instant::now();
         let result = match scenario {
-            Scenario::Ceiling => scenarios::ceiling::run(&ctx).await.map(|(report, rate)| {
-                ctx.ceiling = Some(rate);
+            Scenario::Ceiling => scenarios::ceiling::run(&ctx, at).await.map(|(report, rate)| {
+                if at == At::Start {
+                    ctx.ceiling = Some(rate);
+                }
                 report
             }),
             Scenario::Send => scenarios::send::run(&ctx).await,

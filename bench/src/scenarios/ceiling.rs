@@ -12,8 +12,22 @@ use tonic_health::pb::health_client::HealthClient;
 use super::{Ctx, Report};
 use crate::load::{self, Latency};
 
+/// When the ceiling is measured: first, or again after every other scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum At {
+    Start,
+    End,
+}
+
 #[derive(Serialize)]
 struct Results {
+    /// `start` (the figure the ratios use) or `end`.
+    at: At,
+    /// At the end: this rate over the start's, minus one (how much the
+    /// machine's speed moved while the run went on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drift_from_start: Option<f64>,
     connections: usize,
     concurrency: usize,
     calls_per_s: f64,
@@ -23,8 +37,9 @@ struct Results {
     first_error: Option<String>,
 }
 
-/// Measures the Check rate; returns the report and calls per second.
-pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<(Report, f64)> {
+/// Measures the Check rate; returns the report and calls per second. `at`
+/// End compares the rate with the start's (`ctx.ceiling`).
+pub(crate) async fn run(ctx: &Ctx<'_>, at: At) -> anyhow::Result<(Report, f64)> {
     let s = ctx.settings;
     let clients: Arc<Vec<_>> = Arc::new(ctx.fixture.channels.iter().cloned().map(HealthClient::new).collect());
     let concurrency = s.unary_concurrency();
@@ -34,7 +49,13 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<(Report, f64)> {
     })
     .await;
     let rate = out.per_sec();
+    let drift = match at {
+        At::End => ctx.ceiling.filter(|c| *c > 0.0).map(|c| load::round3(rate / c - 1.0)),
+        At::Start => None,
+    };
     let results = Results {
+        at,
+        drift_from_start: drift,
         connections: s.connections,
         concurrency,
         calls_per_s: load::round3(rate),
@@ -42,8 +63,13 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<(Report, f64)> {
         errors: out.errors,
         first_error: out.first_error,
     };
+    let label = match (at, drift) {
+        (At::Start, _) => String::new(),
+        (At::End, Some(d)) => format!(" at the end ({:+.0}% from the start)", d * 100.0),
+        (At::End, None) => " at the end".to_owned(),
+    };
     let table = vec![format!(
-        "ceiling  health Check  {} conns x {} = {concurrency} in flight: {rate:.0} calls/s  p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  errors {}",
+        "ceiling{label}  health Check  {} conns x {} = {concurrency} in flight: {rate:.0} calls/s  p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  errors {}",
         s.connections,
         s.streams_per_connection,
         results.latency.p50_ms,

@@ -9,6 +9,13 @@
 //!
 //! Each service owns its tables: on SQLite a file per service, on PostgreSQL a
 //! schema per service (`search_path`), each with its own sqlx migrations.
+//!
+//! One exception, for speed: on SQLite the two writes on the send path (the
+//! messages writer's batch and the chats' activity update) run on
+//! connections of their own ([`Db::sqlite_connection`], rusqlite), because
+//! sqlx hands every SQLite statement to a worker thread and back. They share
+//! the schema and the SQL shapes of the sqlx path, and take the same
+//! [`Db::write_turn`] as every other SQLite write.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -112,7 +119,8 @@ impl StoreArgs {
 
 /// A service's database: a read pool and a write pool (the same pool on
 /// PostgreSQL; a single connection on SQLite, whose one-writer rule would
-/// otherwise surface as SQLITE_BUSY).
+/// otherwise surface as SQLITE_BUSY), and on SQLite the writers' turn and a
+/// background checkpointer.
 #[derive(Clone, Debug)]
 pub struct Db {
     read: AnyPool,

@@ -85,9 +85,10 @@ impl Writer {
     }
 }
 
-/// How the commit stage writes a batch.
+/// How the writer commits a batch.
 enum Committer {
-    /// Its own SQLite connection, taking the store's write turn per batch.
+    /// Its own SQLite connection, taking the database's write turn
+    /// ([`natter_db::Db::write_turn`]) per batch.
     Sqlite(SqliteCommitter, Arc<tokio::sync::Mutex<()>>),
     /// The store's pool (PostgreSQL).
     Pool(Store),
@@ -146,6 +147,8 @@ fn gather(first: Job, jobs: &mut mpsc::Receiver<Job>) -> (Vec<NewMessage>, Vec<R
     (messages, replies, span)
 }
 
+/// The writer thread: gather, commit, record activity, answer; until every
+/// `Writer` is dropped.
 fn write_loop(
     runtime: &tokio::runtime::Handle,
     mut committer: Committer,

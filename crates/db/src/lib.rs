@@ -234,11 +234,6 @@ impl Db {
         self.dialect
     }
 
-    /// The SQLite file (None on PostgreSQL).
-    pub fn sqlite_path(&self) -> Option<&Path> {
-        self.sqlite_path.as_deref()
-    }
-
     /// On SQLite, a connection of the caller's own to this database, beside
     /// the pools, for a hot path that should not hand every statement to
     /// sqlx's worker thread (the messages writer, chat activity). It has the

@@ -104,19 +104,13 @@ impl Store {
         Self { db }
     }
 
-    /// [`Db::write_turn`]: held by every write of this store, and by the
-    /// writer thread per batch (see [`crate::sqlite_commit`]).
-    pub async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        self.db.write_turn().await
-    }
-
     pub fn db(&self) -> &Db {
         &self.db
     }
 
     /// Inserts a message with the chat's next seq, in one transaction.
     pub async fn insert(&self, m: &NewMessage) -> Result<Sent, sqlx::Error> {
-        let _turn = self.write_turn().await;
+        let _turn = self.db.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         // First statement is a write: it takes the chat's lock before any read.
         let (seq,): (i64,) = sqlx::query_as(
@@ -173,7 +167,7 @@ impl Store {
         if batch.len() == 1 {
             return Ok(vec![self.insert(&batch[0]).await?]);
         }
-        let _turn = self.write_turn().await;
+        let _turn = self.db.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         let mut outcome: Vec<Option<Sent>> = (0..batch.len()).map(|_| None).collect();
 
@@ -272,7 +266,7 @@ impl Store {
     /// Replaces a live message's text, keeping the old one as a revision.
     /// `None` if the message is deleted (or missing).
     pub async fn edit(&self, id: &str, text: &str, now: i64) -> Result<Option<MessageRow>, sqlx::Error> {
-        let _turn = self.write_turn().await;
+        let _turn = self.db.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         // Lock the row first so concurrent edits queue and each keeps the
         // text it replaces.
@@ -307,7 +301,7 @@ impl Store {
     /// Turns a message into a tombstone: seq stays, text, attachments and
     /// earlier revisions go. True if it was live.
     pub async fn delete(&self, id: &str, now: i64) -> Result<bool, sqlx::Error> {
-        let _turn = self.write_turn().await;
+        let _turn = self.db.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         let done = sqlx::query(
             "UPDATE messages SET text = '', attachments = '', delete_time = $1 WHERE id = $2 AND delete_time IS NULL",
@@ -369,7 +363,7 @@ impl Store {
     /// Moves a user's read position forward to `seq` (never back) and returns
     /// the position after the call.
     pub async fn mark_read(&self, chat_id: &str, user_id: &str, seq: i64) -> Result<i64, sqlx::Error> {
-        let _turn = self.write_turn().await;
+        let _turn = self.db.write_turn().await;
         let (read_seq,): (i64,) = sqlx::query_as(
             "INSERT INTO read_positions (chat_id, user_id, read_seq) VALUES ($1, $2, $3) \
              ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = \
@@ -387,7 +381,7 @@ impl Store {
     /// Sets users' read positions to the chat's newest seq (even backwards:
     /// a rejoining member starts from now).
     pub async fn reset_read_positions(&self, chat_id: &str, user_ids: &[String]) -> Result<(), sqlx::Error> {
-        let _turn = self.write_turn().await;
+        let _turn = self.db.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         for user_id in user_ids {
             sqlx::query(
@@ -433,7 +427,7 @@ impl Store {
 
     /// Deletes everything of a chat.
     pub async fn purge_chat(&self, chat_id: &str) -> Result<(), sqlx::Error> {
-        let _turn = self.write_turn().await;
+        let _turn = self.db.write_turn().await;
         let mut tx = self.db.write().begin().await?;
         sqlx::query("DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = $1)")
             .bind(chat_id)

@@ -45,6 +45,41 @@ pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// CPU time spent per successful call inside the measurement window, in
+/// microseconds (utime + stime from /proc, 10 ms resolution): the server's
+/// (when its pid is known) and this tool's own. Steadier than rates on a
+/// noisy machine, and it says which side a change made cheaper.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub(crate) struct CpuPerCall {
+    pub(crate) server_cpu_us_per_call: Option<f64>,
+    pub(crate) client_cpu_us_per_call: Option<f64>,
+}
+
+impl CpuPerCall {
+    /// `server / client µs per call` for a table cell.
+    pub(crate) fn cell(&self) -> String {
+        let f = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
+        format!("{} / {}", f(self.server_cpu_us_per_call), f(self.client_cpu_us_per_call))
+    }
+}
+
+/// CPU time of the server (`pid`) and of this process so far, µs.
+fn cpu_now(pid: Option<u32>) -> (Option<u64>, Option<u64>) {
+    (pid.and_then(crate::server::cpu_micros), crate::server::cpu_micros(std::process::id()))
+}
+
+/// Samples CPU time at `from` and at `until`; resolves to the differences.
+fn cpu_window(pid: Option<u32>, from: Instant, until: Instant) -> tokio::task::JoinHandle<(Option<u64>, Option<u64>)> {
+    tokio::spawn(async move {
+        tokio::time::sleep_until(from.into()).await;
+        let start = cpu_now(pid);
+        tokio::time::sleep_until(until.into()).await;
+        let end = cpu_now(pid);
+        let delta = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
+        (delta(start.0, end.0), delta(start.1, end.1))
+    })
+}
+
 /// What one measurement saw.
 #[derive(Clone, Debug)]
 pub(crate) struct Outcome {
@@ -57,11 +92,19 @@ pub(crate) struct Outcome {
     /// Latency of the successful calls, µs.
     pub(crate) latency: Histogram<u64>,
     pub(crate) window: Duration,
+    /// CPU used in the window, per successful call.
+    pub(crate) cpu: CpuPerCall,
 }
 
 impl Outcome {
     fn new(window: Duration) -> Self {
-        Self { ok: 0, errors: 0, first_error: None, latency: histogram(), window }
+        Self { ok: 0, errors: 0, first_error: None, latency: histogram(), window, cpu: CpuPerCall::default() }
+    }
+
+    /// Sets [`Outcome::cpu`] from the window's CPU time (µs) and `self.ok`.
+    fn set_cpu(&mut self, (server, client): (Option<u64>, Option<u64>)) {
+        let per_call = |us: Option<u64>| us.filter(|_| self.ok > 0).map(|us| round3(us as f64 / self.ok as f64));
+        self.cpu = CpuPerCall { server_cpu_us_per_call: per_call(server), client_cpu_us_per_call: per_call(client) };
     }
 
     fn add(&mut self, other: Self) {
@@ -93,14 +136,22 @@ impl Outcome {
 }
 
 /// Runs `callers` concurrent loops of `call(caller)` for `warmup + window`;
-/// counts the calls that complete inside the window.
-pub(crate) async fn closed_loop<F, Fut>(callers: usize, warmup: Duration, window: Duration, call: F) -> Outcome
+/// counts the calls that complete inside the window, and the CPU time the
+/// server (`pid`, when known) and this tool spent in it.
+pub(crate) async fn closed_loop<F, Fut>(
+    callers: usize,
+    warmup: Duration,
+    window: Duration,
+    pid: Option<u32>,
+    call: F,
+) -> Outcome
 where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<(), tonic::Status>> + Send + 'static,
 {
     let from = Instant::now() + warmup;
     let until = from + window;
+    let cpu = cpu_window(pid, from, until);
     let tasks: Vec<_> = (0..callers)
         .map(|i| {
             let call = call.clone();
@@ -125,6 +176,7 @@ where
     for task in tasks {
         total.add(task.await.expect("a load task panicked"));
     }
+    total.set_cpu(cpu.await.expect("the CPU sampler panicked"));
     total
 }
 
@@ -132,7 +184,14 @@ where
 /// as its own task, and measures each from its scheduled start. Calls still
 /// running 10 s after the window count as errors; more than 10,000 in flight
 /// means the server cannot keep up, and further calls are skipped as errors.
-pub(crate) async fn open_loop<F, Fut>(rate: f64, warmup: Duration, window: Duration, call: F) -> Outcome
+/// CPU time as for [`closed_loop`].
+pub(crate) async fn open_loop<F, Fut>(
+    rate: f64,
+    warmup: Duration,
+    window: Duration,
+    pid: Option<u32>,
+    call: F,
+) -> Outcome
 where
     F: Fn(usize) -> Fut + Send + 'static,
     Fut: Future<Output = Result<(), tonic::Status>> + Send + 'static,
@@ -142,6 +201,7 @@ where
     let from = start + warmup;
     let until = from + window;
     let period = Duration::from_secs_f64(1.0 / rate);
+    let cpu = cpu_window(pid, from, until);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut total = Outcome::new(window);
     let mut in_flight = 0usize;
@@ -187,5 +247,6 @@ where
         }
     }
     total.errors += in_flight as u64;
+    total.set_cpu(cpu.await.expect("the CPU sampler panicked"));
     total
 }

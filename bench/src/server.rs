@@ -113,6 +113,19 @@ pub(crate) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kib * 1024)
 }
 
+/// CPU time a process has used so far (user + system, fields 14 and 15 of
+/// /proc/PID/stat), in microseconds; None if it cannot be read.
+pub(crate) fn cpu_micros(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|t| *t > 0)?;
+    Some((utime + stime) * 1_000_000 / ticks)
+}
+
 /// The pid of the process with a listening TCP socket on `port`: the socket's
 /// inode from /proc/net/tcp{,6}, then the process holding that inode among
 /// /proc/*/fd. None when not found (or not permitted to look).
@@ -171,5 +184,10 @@ mod tests {
         assert_eq!(port_of("http://127.0.0.1:7070"), Some(7070));
         assert_eq!(port_of("http://[::1]:80/"), Some(80));
         assert!(rss_bytes(std::process::id()).unwrap() > 0);
+        let spent = cpu_micros(std::process::id()).unwrap();
+        let busy = Instant::now();
+        while cpu_micros(std::process::id()).unwrap() < spent + 20_000 {
+            assert!(busy.elapsed() < Duration::from_secs(10), "20 ms of CPU never showed in /proc");
+        }
     }
 }

@@ -10,7 +10,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use super::{Ctx, Report};
-use crate::load::{self, Latency};
+use crate::load::{self, CpuPerCall, Latency};
 
 /// When the ceiling is measured: first, or again after every other scenario.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -33,6 +33,8 @@ struct Results {
     calls_per_s: f64,
     #[serde(flatten)]
     latency: Latency,
+    #[serde(flatten)]
+    cpu: CpuPerCall,
     errors: u64,
     first_error: Option<String>,
 }
@@ -43,7 +45,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>, at: At) -> anyhow::Result<(Report, f64)> 
     let s = ctx.settings;
     let clients: Arc<Vec<_>> = Arc::new(ctx.fixture.channels.iter().cloned().map(HealthClient::new).collect());
     let concurrency = s.unary_concurrency();
-    let out = load::closed_loop(concurrency, s.warmup, s.duration, move |i| {
+    let out = load::closed_loop(concurrency, s.warmup, s.duration, ctx.target.pid, move |i| {
         let mut client = clients[i % clients.len()].clone();
         async move { client.check(HealthCheckRequest { service: String::new() }).await.map(drop) }
     })
@@ -60,6 +62,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>, at: At) -> anyhow::Result<(Report, f64)> 
         concurrency,
         calls_per_s: load::round3(rate),
         latency: Latency::of(&out.latency),
+        cpu: out.cpu,
         errors: out.errors,
         first_error: out.first_error,
     };
@@ -69,12 +72,13 @@ pub(crate) async fn run(ctx: &Ctx<'_>, at: At) -> anyhow::Result<(Report, f64)> 
         (At::End, None) => " at the end".to_owned(),
     };
     let table = vec![format!(
-        "ceiling{label}  health Check  {} conns x {} = {concurrency} in flight: {rate:.0} calls/s  p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  errors {}",
+        "ceiling{label}  health Check  {} conns x {} = {concurrency} in flight: {rate:.0} calls/s  p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  CPU µs/call server / client {}  errors {}",
         s.connections,
         s.streams_per_connection,
         results.latency.p50_ms,
         results.latency.p99_ms,
         results.latency.p999_ms,
+        results.cpu.cell(),
         results.errors
     )];
     Ok((Report::new(results, table)?, rate))

@@ -101,7 +101,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
     let client = f.messages(0);
     let send = {
         let (chat, sent, prefix) = (chat.clone(), sent.clone(), prefix.clone());
-        load::open_loop(s.fanout_rate, s.warmup, s.duration, move |_| {
+        load::open_loop(s.fanout_rate, s.warmup, s.duration, None, move |_| {
             let measured = Instant::now() >= measure_from;
             let text = format!("{prefix}{} {}", if measured { "m" } else { "w" }, now_micros());
             let request = sender.request(SendMessageRequest { chat_id: chat.clone(), text, ..Default::default() });

@@ -109,7 +109,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
             let readers = Arc::new([f.users[0].clone(), f.users[1].clone()]);
             let clients: Arc<Vec<_>> = Arc::new((0..s.connections).map(|i| f.messages(i)).collect());
             let chat = chat.clone();
-            let out = load::closed_loop(concurrency, s.warmup, s.duration, move |i| {
+            let out = load::closed_loop(concurrency, s.warmup, s.duration, ctx.target.pid, move |i| {
                 let request = readers[i % 2].request(list_request(&chat, page, before_seq));
                 let mut client = clients[i % clients.len()].clone();
                 async move { client.list_messages(request).await.map(drop) }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::{Ctx, Report, fmt_ratio};
 use crate::client::User;
-use crate::load::{self, Latency, Outcome};
+use crate::load::{self, CpuPerCall, Latency, Outcome};
 
 #[derive(Serialize)]
 struct ClosedRun {
@@ -22,6 +22,8 @@ struct ClosedRun {
     ratio_to_ceiling: Option<f64>,
     #[serde(flatten)]
     latency: Latency,
+    #[serde(flatten)]
+    cpu: CpuPerCall,
     errors: u64,
     first_error: Option<String>,
 }
@@ -36,6 +38,8 @@ struct HalfRate {
     ratio_to_ceiling: Option<f64>,
     #[serde(flatten)]
     latency: Latency,
+    #[serde(flatten)]
+    cpu: CpuPerCall,
     errors: u64,
     first_error: Option<String>,
 }
@@ -90,20 +94,20 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
     let mut closed = Vec::new();
     let mut half = Vec::new();
     let mut table = vec![format!(
-        "send     {:<10} {:>5} {:>6} {:>12} {:>8} {:>9} {:>9} {:>9} {:>7}",
-        "spread", "chats", "conc", "msgs/s", "ratio", "p50 ms", "p99 ms", "p999 ms", "errors"
+        "send     {:<10} {:>5} {:>6} {:>12} {:>8} {:>9} {:>9} {:>9} {:>13} {:>7}",
+        "spread", "chats", "conc", "msgs/s", "ratio", "p50 ms", "p99 ms", "p999 ms", "CPU µs s / c", "errors"
     )];
     for (spread, chats, plan) in &spreads {
         let mut base: Option<(usize, f64)> = None;
         for &concurrency in &s.send_concurrency {
             let plan = plan.clone();
-            let out = load::closed_loop(concurrency, s.warmup, s.duration, move |i| plan.call(i)).await;
+            let out = load::closed_loop(concurrency, s.warmup, s.duration, ctx.target.pid, move |i| plan.call(i)).await;
             if concurrency <= 64 || base.is_none() {
                 base = Some((concurrency, out.per_sec()));
             }
             let run = closed_run(ctx, spread, *chats, concurrency, out);
             table.push(format!(
-                "send     {:<10} {:>5} {:>6} {:>12.0} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>7}",
+                "send     {:<10} {:>5} {:>6} {:>12.0} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>13} {:>7}",
                 spread,
                 chats,
                 concurrency,
@@ -112,6 +116,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
                 run.latency.p50_ms,
                 run.latency.p99_ms,
                 run.latency.p999_ms,
+                run.cpu.cell(),
                 run.errors
             ));
             closed.push(run);
@@ -119,14 +124,15 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         if let Some((of_concurrency, rate)) = base.filter(|(_, r)| *r > 0.0) {
             let target = rate / 2.0;
             let plan = plan.clone();
-            let out = load::open_loop(target, s.warmup, s.duration, move |k| plan.call(k)).await;
+            let out = load::open_loop(target, s.warmup, s.duration, ctx.target.pid, move |k| plan.call(k)).await;
             let latency = Latency::of(&out.latency);
             table.push(format!(
-                "send     {spread:<10} {chats:>5}  open loop at half the conc-{of_concurrency} rate, {target:.0}/s: achieved {:.0}/s  p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  errors {}",
+                "send     {spread:<10} {chats:>5}  open loop at half the conc-{of_concurrency} rate, {target:.0}/s: achieved {:.0}/s  p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  CPU µs/call {}  errors {}",
                 out.per_sec(),
                 latency.p50_ms,
                 latency.p99_ms,
                 latency.p999_ms,
+                out.cpu.cell(),
                 out.errors
             ));
             half.push(HalfRate {
@@ -136,6 +142,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
                 achieved_per_s: load::round3(out.per_sec()),
                 ratio_to_ceiling: ctx.ratio(out.per_sec()),
                 latency,
+                cpu: out.cpu,
                 errors: out.errors,
                 first_error: out.first_error,
             });
@@ -152,6 +159,7 @@ fn closed_run(ctx: &Ctx<'_>, spread: &'static str, chats: usize, concurrency: us
         messages_per_s: load::round3(out.per_sec()),
         ratio_to_ceiling: ctx.ratio(out.per_sec()),
         latency: Latency::of(&out.latency),
+        cpu: out.cpu,
         errors: out.errors,
         first_error: out.first_error,
     }

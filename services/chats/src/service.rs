@@ -53,7 +53,7 @@ const CACHE_ENTRIES: usize = 100_000;
 /// its eviction) sees the generation moved and does not cache.
 #[derive(Default)]
 struct Cache {
-    entries: HashMap<(String, String), ChatAccess>,
+    entries: HashMap<(String, String), Arc<ChatAccess>>,
     generation: u64,
 }
 
@@ -523,8 +523,9 @@ impl Chats {
     }
 
     /// Internal: membership and chat state, for the messages service.
-    pub async fn membership(&self, chat_id: &str, user_id: &str) -> Result<Option<ChatAccess>, ChatsError> {
-        let Some(cache) = &self.cache else { return Ok(self.store.access(chat_id, user_id).await?) };
+    /// Shared with the cache: a hit costs no copy of the chat row.
+    pub async fn membership(&self, chat_id: &str, user_id: &str) -> Result<Option<Arc<ChatAccess>>, ChatsError> {
+        let Some(cache) = &self.cache else { return Ok(self.store.access(chat_id, user_id).await?.map(Arc::new)) };
         let key = (chat_id.to_owned(), user_id.to_owned());
         let generation = {
             let cache = cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -533,7 +534,7 @@ impl Chats {
             }
             cache.generation
         };
-        let access = self.store.access(chat_id, user_id).await?;
+        let access = self.store.access(chat_id, user_id).await?.map(Arc::new);
         // Only existing chats are cached: a chat created later needs no eviction.
         if let Some(access) = &access {
             let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());

@@ -359,6 +359,18 @@ impl SqlBuilder {
         self
     }
 
+    /// Appends ` LIMIT n`, the number written into the SQL rather than bound.
+    /// SQLite's planner looks at a bound LIMIT's value, so a prepared
+    /// statement whose LIMIT is a parameter expires each time it is bound
+    /// again and is compiled anew on every execution (`sqlite3Reprepare`,
+    /// about as costly as running a page query); a number cannot inject
+    /// anything. Each distinct limit is a statement of its own in the cache.
+    pub fn limit(&mut self, n: u32) -> &mut Self {
+        self.sql.push_str(" LIMIT ");
+        self.sql.push_str(&n.to_string());
+        self
+    }
+
     /// Appends `(v1, v2, ...)`, binding each value.
     pub fn bind_list<T, I>(&mut self, values: I) -> &mut Self
     where
@@ -430,6 +442,9 @@ mod tests {
         let mut q = SqlBuilder::new("SELECT * FROM t WHERE a = ");
         q.bind(1i64).push(" AND b IN ").bind_list(["x".to_owned(), "y".to_owned()]);
         assert_eq!(q.sql(), "SELECT * FROM t WHERE a = $1 AND b IN ($2, $3)");
+        // A limit is written in, not bound, and takes no placeholder number.
+        q.push(" AND c = ").bind(2i64).push(" ORDER BY a").limit(20);
+        assert_eq!(q.sql(), "SELECT * FROM t WHERE a = $1 AND b IN ($2, $3) AND c = $4 ORDER BY a LIMIT 20");
     }
 
     #[test]

@@ -247,11 +247,11 @@ impl Store {
             q.push(" OR (c.last_activity_time = ").bind(time).push(" AND c.id").push(cmp).bind(id).push("))");
         }
         q.push(if filter.ascending {
-            " ORDER BY c.last_activity_time ASC, c.id ASC LIMIT "
+            " ORDER BY c.last_activity_time ASC, c.id ASC"
         } else {
-            " ORDER BY c.last_activity_time DESC, c.id DESC LIMIT "
+            " ORDER BY c.last_activity_time DESC, c.id DESC"
         });
-        q.bind(i64::from(limit));
+        q.limit(limit);
         q.build_as().fetch_all(self.db.read()).await
     }
 
@@ -461,7 +461,7 @@ impl Store {
             q.push(" AND (join_time > ").bind(time);
             q.push(" OR (join_time = ").bind(time).push(" AND user_id > ").bind(user).push("))");
         }
-        q.push(" ORDER BY join_time, user_id LIMIT ").bind(i64::from(limit));
+        q.push(" ORDER BY join_time, user_id").limit(limit);
         q.build_as().fetch_all(self.db.read()).await
     }
 }

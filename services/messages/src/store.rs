@@ -344,8 +344,7 @@ impl Store {
         if let Some(f) = from {
             q.push(if range.ascending { " AND seq > " } else { " AND seq < " }).bind(f);
         }
-        q.push(if range.ascending { " ORDER BY seq ASC LIMIT " } else { " ORDER BY seq DESC LIMIT " });
-        q.bind(i64::from(limit));
+        q.push(if range.ascending { " ORDER BY seq ASC" } else { " ORDER BY seq DESC" }).limit(limit);
         q.build_as().fetch_all(self.db.read()).await
     }
 

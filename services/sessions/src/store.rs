@@ -167,7 +167,7 @@ impl Store {
         if let Some(before) = before_id {
             q.push(" AND id < ").bind(before.to_owned());
         }
-        q.push(" ORDER BY id DESC LIMIT ").bind(i64::from(limit));
+        q.push(" ORDER BY id DESC").limit(limit);
         Ok(q.build_as().fetch_all(self.db.read()).await?)
     }
 

@@ -54,9 +54,13 @@ pub enum DbError {
     /// A migration failed.
     #[error(transparent)]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    /// A connection of its own to a SQLite file could not be opened.
+    /// A connection of its own to a SQLite file could not be opened, or a
+    /// statement on it failed.
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
+    /// A blocking read was cancelled (the runtime is shutting down).
+    #[error("database read cancelled: shutting down")]
+    Cancelled,
 }
 
 /// Connection settings for one service's store.
@@ -128,6 +132,48 @@ pub struct Db {
     dialect: Dialect,
     sqlite_path: Option<std::path::PathBuf>,
     turn: Arc<Mutex<()>>,
+    /// On SQLite, idle connections of [`Db::sqlite_read`].
+    readers: Option<Arc<Readers>>,
+}
+
+/// Idle rusqlite connections for [`Db::sqlite_read`], reused across calls.
+#[derive(Debug)]
+struct Readers {
+    path: std::path::PathBuf,
+    idle: std::sync::Mutex<Vec<rusqlite::Connection>>,
+    /// One per connection: reads beyond the pool's size wait here (on the
+    /// runtime, holding no thread) rather than open connections of their own.
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Readers {
+    /// Runs `read` on an idle connection (or a new one), then keeps the
+    /// connection for the next call. Call it holding one of `permits`.
+    fn run<T>(&self, read: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>) -> Result<T, DbError> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let conn = open_sqlite(&self.path)?;
+                // Readers only: a write here would bypass the write turn.
+                conn.execute_batch("PRAGMA query_only = ON;")?;
+                conn.set_prepared_statement_cache_capacity(64);
+                conn
+            }
+        };
+        let out = read(&conn);
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+        Ok(out?)
+    }
+}
+
+/// A rusqlite connection to the SQLite file at `path` with the pools'
+/// settings ([`SQLITE_SETUP`]).
+fn open_sqlite(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = rusqlite::Connection::open_with_flags(path, flags)?;
+    conn.execute_batch(SQLITE_SETUP)?;
+    Ok(conn)
 }
 
 impl Db {
@@ -175,7 +221,19 @@ impl Db {
             .await?;
         tokio::spawn(checkpoint_in_background(read.clone()));
         let path = sqlx::sqlite::SqliteConnectOptions::from_str(&config.url)?.get_filename().to_owned();
-        Ok(Self { read, write, dialect: Dialect::Sqlite, sqlite_path: Some(path), turn: Arc::default() })
+        let readers = Arc::new(Readers {
+            path: path.clone(),
+            idle: std::sync::Mutex::default(),
+            permits: Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1) as usize)),
+        });
+        Ok(Self {
+            read,
+            write,
+            dialect: Dialect::Sqlite,
+            sqlite_path: Some(path),
+            turn: Arc::default(),
+            readers: Some(readers),
+        })
     }
 
     async fn connect_postgres(config: &DbConfig, migrator: &Migrator) -> Result<Self, DbError> {
@@ -215,6 +273,7 @@ impl Db {
             write: pool,
             dialect: Dialect::Postgres,
             sqlite_path: None,
+            readers: None,
             turn: Arc::default(),
         })
     }
@@ -244,10 +303,37 @@ impl Db {
     /// Errors: the file cannot be opened.
     pub fn sqlite_connection(&self) -> Result<Option<rusqlite::Connection>, DbError> {
         let Some(path) = &self.sqlite_path else { return Ok(None) };
-        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = rusqlite::Connection::open_with_flags(path, flags)?;
-        conn.execute_batch(SQLITE_SETUP)?;
-        Ok(Some(conn))
+        Ok(Some(open_sqlite(path)?))
+    }
+
+    /// On SQLite, runs `read` on a read-only rusqlite connection of this
+    /// crate's own (at most the read pool's size of them, kept for the next
+    /// call) on tokio's blocking pool, and returns what it returned. One
+    /// hand-off to a thread and one back per call, where a sqlx query hands
+    /// every row across threads and copies every value: for hot read paths
+    /// such as history pages. None on PostgreSQL (use the pools).
+    ///
+    /// Errors: a connection cannot be opened, `read` fails, or the runtime
+    /// is shutting down. A panic in `read` is resumed here.
+    pub async fn sqlite_read<T, F>(&self, read: F) -> Result<Option<T>, DbError>
+    where
+        F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let Some(readers) = self.readers.clone() else { return Ok(None) };
+        // Held by the blocking task, so a caller that goes away early does
+        // not free a connection still in use.
+        let permit = readers.permits.clone().acquire_owned().await.map_err(|_| DbError::Cancelled)?;
+        let result = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            readers.run(read)
+        })
+        .await;
+        match result {
+            Ok(out) => out.map(Some),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(DbError::Cancelled),
+        }
     }
 
     /// On SQLite, the writers' turn: every write takes it for the length of
@@ -468,6 +554,11 @@ mod tests {
         let (n,): (i64,) =
             sqlx::query_as("SELECT n FROM t WHERE id = $1").bind("a").fetch_one(db.read()).await.unwrap();
         assert_eq!(n, 7);
+        // The rusqlite readers see what the pools committed, and only read.
+        let read = db.sqlite_read(|c| c.query_row("SELECT n FROM t WHERE id = 'a'", [], |r| r.get::<_, i64>(0)));
+        assert_eq!(read.await.unwrap(), Some(7));
+        let write = db.sqlite_read(|c| c.execute("UPDATE t SET n = 9", []));
+        assert!(matches!(write.await, Err(DbError::Sqlite(_))), "a reader must not write");
         db.close().await;
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -29,6 +29,10 @@ pub enum MessagesError {
     /// The database failed (INTERNAL, cause logged only).
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// The database failed on a path of natter-db's own (INTERNAL, cause
+    /// logged only).
+    #[error("database error: {0}")]
+    Store(#[from] natter_db::DbError),
     /// A group commit failed (INTERNAL, cause logged only).
     #[error("commit failed: {0}")]
     Commit(crate::writer::CommitError),
@@ -57,6 +61,7 @@ impl From<MessagesError> for Status {
             MessagesError::MessageIdTaken => Status::already_exists(e.to_string()),
             MessagesError::Upstream(status) => status,
             MessagesError::Db(e) => natter_kit::internal(e),
+            MessagesError::Store(e) => natter_kit::internal(e),
             MessagesError::Commit(e) => natter_kit::internal(e),
         }
     }

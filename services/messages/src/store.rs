@@ -3,7 +3,7 @@
 //! `(chat_id, seq)`.
 
 use natter_db::sqlx::AssertSqlSafe;
-use natter_db::{Db, DbError, SqlBuilder};
+use natter_db::{Db, DbError, Dialect, SqlBuilder};
 
 /// Rows per multi-row statement (8 bound values each: well under both
 /// engines' limits on parameters).
@@ -381,8 +381,15 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<MessageRow>, DbError> {
         let (sql, bounds) = list_sql(range, from, limit);
+        if self.db.dialect() == Dialect::Postgres {
+            let mut query = sqlx::query_as(AssertSqlSafe(sql)).bind(chat_id.to_owned());
+            for bound in bounds {
+                query = query.bind(bound);
+            }
+            return Ok(query.fetch_all(self.db.read()).await?);
+        }
         let chat = chat_id.to_owned();
-        let sqlite = self
+        let rows = self
             .db
             .sqlite_read(move |conn| {
                 let mut statement = conn.prepare_cached(&sql)?;
@@ -391,15 +398,8 @@ impl Store {
                 statement.query_map(rusqlite::params_from_iter(params), message_row)?.collect()
             })
             .await?;
-        if let Some(rows) = sqlite {
-            return Ok(rows);
-        }
-        let (sql, bounds) = list_sql(range, from, limit);
-        let mut query = sqlx::query_as(AssertSqlSafe(sql)).bind(chat_id.to_owned());
-        for bound in bounds {
-            query = query.bind(bound);
-        }
-        Ok(query.fetch_all(self.db.read()).await?)
+        // Some on SQLite, always.
+        Ok(rows.unwrap_or_default())
     }
 
     /// Earlier revisions of the given messages, oldest first.

@@ -322,11 +322,11 @@ impl Messages {
 
     /// Internal: each chat's newest message and the user's unread count.
     pub async fn summaries(&self, chat_ids: &[String], user_id: &str) -> Result<Vec<pb::ChatSummary>, MessagesError> {
-        let mut out = Vec::with_capacity(chat_ids.len());
-        for chat_id in chat_ids {
-            let newest = self.store.list(chat_id, Range::default(), None, 1).await?.pop();
-            let (_, unread_count) = self.store.read_state(chat_id, user_id).await?;
-            out.push(match newest {
+        let summaries = self.store.summaries(chat_ids, user_id).await?;
+        Ok(chat_ids
+            .iter()
+            .zip(summaries)
+            .map(|(chat_id, (newest, unread_count))| match newest {
                 Some(m) => pb::ChatSummary {
                     chat_id: chat_id.clone(),
                     last_seq: m.seq,
@@ -336,9 +336,8 @@ impl Messages {
                     unread_count,
                 },
                 None => pb::ChatSummary { chat_id: chat_id.clone(), ..Default::default() },
-            });
-        }
-        Ok(out)
+            })
+            .collect())
     }
 
     /// Internal: a chat's newest messages, newest first.

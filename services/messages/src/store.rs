@@ -4,6 +4,7 @@
 
 use natter_db::sqlx::AssertSqlSafe;
 use natter_db::{Db, DbError, Dialect, SqlBuilder};
+use rusqlite::OptionalExtension as _;
 
 /// Rows per multi-row statement (8 bound values each: well under both
 /// engines' limits on parameters).
@@ -32,6 +33,13 @@ pub(crate) const INSERT_MESSAGE: &str = "INSERT INTO messages (id, chat_id, seq,
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, 1, NULL)";
 
 const MESSAGE_SELECT: &str = "SELECT id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time FROM messages";
+
+/// A user's read position in a chat and the messages after it that are not
+/// theirs and not deleted: `$1` chat id, `$2` user id (each used twice; first
+/// appearances in order, as rusqlite binds them).
+const READ_STATE: &str = "SELECT r.read_seq, (SELECT COUNT(*) FROM messages m WHERE m.chat_id = $1 AND m.seq > r.read_seq \
+                          AND m.author_id <> $2 AND m.delete_time IS NULL) \
+     FROM (SELECT COALESCE((SELECT read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2), 0) AS read_seq) r";
 
 /// A [`MESSAGE_SELECT`] row read through rusqlite.
 fn message_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRow> {
@@ -467,15 +475,45 @@ impl Store {
     /// messages after it that are not the user's and not deleted, in one
     /// query.
     pub async fn read_state(&self, chat_id: &str, user_id: &str) -> Result<(i64, i64), sqlx::Error> {
-        sqlx::query_as(
-            "SELECT r.read_seq, (SELECT COUNT(*) FROM messages m WHERE m.chat_id = $1 AND m.seq > r.read_seq \
-                                 AND m.author_id <> $2 AND m.delete_time IS NULL) \
-             FROM (SELECT COALESCE((SELECT read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2), 0) AS read_seq) r",
-        )
-        .bind(chat_id)
-        .bind(user_id)
-        .fetch_one(self.db.read())
-        .await
+        sqlx::query_as(READ_STATE).bind(chat_id).bind(user_id).fetch_one(self.db.read()).await
+    }
+
+    /// For each of `chat_ids`, in order: its newest message (None before the
+    /// first) and the number of messages `user_id` has not read (as
+    /// [`Store::read_state`]). On SQLite all of it is one trip to a reader
+    /// connection ([`Db::sqlite_read`]) instead of two sqlx queries a chat.
+    pub async fn summaries(
+        &self,
+        chat_ids: &[String],
+        user_id: &str,
+    ) -> Result<Vec<(Option<MessageRow>, i64)>, DbError> {
+        if self.db.dialect() == Dialect::Postgres {
+            let mut out = Vec::with_capacity(chat_ids.len());
+            for chat_id in chat_ids {
+                let newest = self.list(chat_id, Range::default(), None, 1).await?.pop();
+                let (_, unread) = self.read_state(chat_id, user_id).await?;
+                out.push((newest, unread));
+            }
+            return Ok(out);
+        }
+        let (chats, user) = (chat_ids.to_vec(), user_id.to_owned());
+        let rows = self
+            .db
+            .sqlite_read(move |conn| {
+                let mut newest = conn.prepare_cached(&list_sql(Range::default(), None, 1).0)?;
+                let mut state = conn.prepare_cached(READ_STATE)?;
+                chats
+                    .iter()
+                    .map(|chat| {
+                        let message = newest.query_row([chat], message_row).optional()?;
+                        let unread = state.query_row([chat, &user], |row| row.get(1))?;
+                        Ok((message, unread))
+                    })
+                    .collect()
+            })
+            .await?;
+        // Some on SQLite, always.
+        Ok(rows.unwrap_or_default())
     }
 
     /// Deletes everything of a chat.

@@ -27,7 +27,7 @@ pub(crate) struct Args {
     pub(crate) server_pid: Option<u32>,
 
     /// Scenarios to run, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "ceiling,send,fanout,history,streams")]
+    #[arg(long, value_delimiter = ',', default_value = "ceiling,send,fanout,history,chats,streams")]
     pub(crate) scenarios: Vec<Scenario>,
 
     /// A very short run of every scenario, to prove the tool works.
@@ -111,6 +111,8 @@ pub(crate) enum Scenario {
     Fanout,
     /// ListMessages at the newest end and deep in one chat.
     History,
+    /// ListChats pages of 20 chats with previews and unread counts.
+    Chats,
     /// Server memory per idle StreamEvents stream.
     Streams,
 }

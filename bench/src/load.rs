@@ -82,6 +82,33 @@ fn cpu_window(pid: Option<u32>, from: Instant, until: Instant) -> tokio::task::J
     })
 }
 
+/// What every measured loop reports besides its rate, flattened into each
+/// scenario's JSON: latency quantiles, CPU per call and failures.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Measured {
+    #[serde(flatten)]
+    pub(crate) latency: Latency,
+    #[serde(flatten)]
+    pub(crate) cpu: CpuPerCall,
+    pub(crate) errors: u64,
+    pub(crate) first_error: Option<String>,
+}
+
+impl Measured {
+    /// `p50 .. ms  p99 .. ms  p999 .. ms  CPU µs/<per> s / c  errors n`, for
+    /// a table line.
+    pub(crate) fn summary(&self, per: &str) -> String {
+        format!(
+            "p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  CPU µs/{per} {}  errors {}",
+            self.latency.p50_ms,
+            self.latency.p99_ms,
+            self.latency.p999_ms,
+            self.cpu.cell(),
+            self.errors
+        )
+    }
+}
+
 /// What one measurement saw.
 #[derive(Clone, Debug)]
 pub(crate) struct Outcome {
@@ -128,6 +155,16 @@ impl Outcome {
                     self.first_error = Some(format!("{:?}: {}", status.code(), status.message()));
                 }
             }
+        }
+    }
+
+    /// The latency, CPU and failure figures of this measurement.
+    pub(crate) fn measured(&self) -> Measured {
+        Measured {
+            latency: Latency::of(&self.latency),
+            cpu: self.cpu,
+            errors: self.errors,
+            first_error: self.first_error.clone(),
         }
     }
 

@@ -10,7 +10,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use super::{Ctx, Report};
-use crate::load::{self, CpuPerCall, Latency};
+use crate::load::{self, Measured};
 
 /// When the ceiling is measured: first, or again after every other scenario.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -32,11 +32,7 @@ struct Results {
     concurrency: usize,
     calls_per_s: f64,
     #[serde(flatten)]
-    latency: Latency,
-    #[serde(flatten)]
-    cpu: CpuPerCall,
-    errors: u64,
-    first_error: Option<String>,
+    measured: Measured,
 }
 
 /// Measures the Check rate; returns the report and calls per second. `at`
@@ -61,10 +57,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>, at: At) -> anyhow::Result<(Report, f64)> 
         connections: s.connections,
         concurrency,
         calls_per_s: load::round3(rate),
-        latency: Latency::of(&out.latency),
-        cpu: out.cpu,
-        errors: out.errors,
-        first_error: out.first_error,
+        measured: out.measured(),
     };
     let label = match (at, drift) {
         (At::Start, _) => String::new(),
@@ -72,14 +65,10 @@ pub(crate) async fn run(ctx: &Ctx<'_>, at: At) -> anyhow::Result<(Report, f64)> 
         (At::End, None) => " at the end".to_owned(),
     };
     let table = vec![format!(
-        "ceiling{label}  health Check  {} conns x {} = {concurrency} in flight: {rate:.0} calls/s  p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  CPU µs/call server / client {}  errors {}",
+        "ceiling{label}  health Check  {} conns x {} = {concurrency} in flight: {rate:.0} calls/s  {}",
         s.connections,
         s.streams_per_connection,
-        results.latency.p50_ms,
-        results.latency.p99_ms,
-        results.latency.p999_ms,
-        results.cpu.cell(),
-        results.errors
+        results.measured.summary("call (server / client)")
     )];
     Ok((Report::new(results, table)?, rate))
 }

@@ -17,7 +17,7 @@ use natter_proto::messages::v1::{ListMessagesRequest, SendMessageRequest};
 use serde::Serialize;
 
 use super::{Ctx, Report, fmt_ratio};
-use crate::load::{self, CpuPerCall, Latency};
+use crate::load::{self, Measured};
 use crate::seed;
 
 /// Deepest history seeded through SendMessage when there is no store access.
@@ -31,11 +31,7 @@ struct Page {
     pages_per_s: f64,
     ratio_to_ceiling: Option<f64>,
     #[serde(flatten)]
-    latency: Latency,
-    #[serde(flatten)]
-    cpu: CpuPerCall,
-    errors: u64,
-    first_error: Option<String>,
+    measured: Measured,
 }
 
 #[derive(Serialize)]
@@ -123,20 +119,13 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
                 concurrency,
                 pages_per_s: load::round3(out.per_sec()),
                 ratio_to_ceiling: ctx.ratio(out.per_sec()),
-                latency: Latency::of(&out.latency),
-                cpu: out.cpu,
-                errors: out.errors,
-                first_error: out.first_error,
+                measured: out.measured(),
             };
             table.push(format!(
-                "history  {name:<6} page of {page} (before_seq {before_seq}) conc {concurrency:>4}: {:.0} pages/s ratio {}  p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  CPU µs/page {}  errors {}",
+                "history  {name:<6} page of {page} (before_seq {before_seq}) conc {concurrency:>4}: {:.0} pages/s ratio {}  {}",
                 p.pages_per_s,
                 fmt_ratio(p.ratio_to_ceiling),
-                p.latency.p50_ms,
-                p.latency.p99_ms,
-                p.latency.p999_ms,
-                p.cpu.cell(),
-                p.errors
+                p.measured.summary("page")
             ));
             results.push(p);
         }

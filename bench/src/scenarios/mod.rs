@@ -4,6 +4,7 @@
 //! a noisy or slower machine better than the raw figure.
 
 pub(crate) mod ceiling;
+pub(crate) mod chats;
 pub(crate) mod fanout;
 pub(crate) mod history;
 pub(crate) mod send;

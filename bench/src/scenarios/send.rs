@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::{Ctx, Report, fmt_ratio};
 use crate::client::User;
-use crate::load::{self, CpuPerCall, Latency, Outcome};
+use crate::load::{self, Measured, Outcome};
 
 #[derive(Serialize)]
 struct ClosedRun {
@@ -21,11 +21,7 @@ struct ClosedRun {
     messages_per_s: f64,
     ratio_to_ceiling: Option<f64>,
     #[serde(flatten)]
-    latency: Latency,
-    #[serde(flatten)]
-    cpu: CpuPerCall,
-    errors: u64,
-    first_error: Option<String>,
+    measured: Measured,
 }
 
 #[derive(Serialize)]
@@ -37,11 +33,7 @@ struct HalfRate {
     achieved_per_s: f64,
     ratio_to_ceiling: Option<f64>,
     #[serde(flatten)]
-    latency: Latency,
-    #[serde(flatten)]
-    cpu: CpuPerCall,
-    errors: u64,
-    first_error: Option<String>,
+    measured: Measured,
 }
 
 #[derive(Serialize)]
@@ -113,11 +105,11 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
                 concurrency,
                 run.messages_per_s,
                 fmt_ratio(run.ratio_to_ceiling),
-                run.latency.p50_ms,
-                run.latency.p99_ms,
-                run.latency.p999_ms,
-                run.cpu.cell(),
-                run.errors
+                run.measured.latency.p50_ms,
+                run.measured.latency.p99_ms,
+                run.measured.latency.p999_ms,
+                run.measured.cpu.cell(),
+                run.measured.errors
             ));
             closed.push(run);
         }
@@ -125,15 +117,11 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
             let target = rate / 2.0;
             let plan = plan.clone();
             let out = load::open_loop(target, s.warmup, s.duration, ctx.target.pid, move |k| plan.call(k)).await;
-            let latency = Latency::of(&out.latency);
+            let measured = out.measured();
             table.push(format!(
-                "send     {spread:<10} {chats:>5}  open loop at half the conc-{of_concurrency} rate, {target:.0}/s: achieved {:.0}/s  p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  CPU µs/call {}  errors {}",
+                "send     {spread:<10} {chats:>5}  open loop at half the conc-{of_concurrency} rate, {target:.0}/s: achieved {:.0}/s  {}",
                 out.per_sec(),
-                latency.p50_ms,
-                latency.p99_ms,
-                latency.p999_ms,
-                out.cpu.cell(),
-                out.errors
+                measured.summary("call")
             ));
             half.push(HalfRate {
                 spread,
@@ -141,10 +129,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
                 target_per_s: load::round3(target),
                 achieved_per_s: load::round3(out.per_sec()),
                 ratio_to_ceiling: ctx.ratio(out.per_sec()),
-                latency,
-                cpu: out.cpu,
-                errors: out.errors,
-                first_error: out.first_error,
+                measured,
             });
         }
     }
@@ -158,9 +143,6 @@ fn closed_run(ctx: &Ctx<'_>, spread: &'static str, chats: usize, concurrency: us
         concurrency,
         messages_per_s: load::round3(out.per_sec()),
         ratio_to_ceiling: ctx.ratio(out.per_sec()),
-        latency: Latency::of(&out.latency),
-        cpu: out.cpu,
-        errors: out.errors,
-        first_error: out.first_error,
+        measured: out.measured(),
     }
 }

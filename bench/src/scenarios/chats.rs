@@ -46,8 +46,8 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         });
         f.messages(0).send_message(request).await?;
     }
-    let list = |user: usize| f.users[user].request(ListChatsRequest { page_size: PAGE, ..Default::default() });
-    let first = ChatServiceClient::new(f.channel(1)).list_chats(list(1)).await?.into_inner();
+    let list = || ListChatsRequest { page_size: PAGE, ..Default::default() };
+    let first = ChatServiceClient::new(f.channel(1)).list_chats(f.users[1].request(list())).await?.into_inner();
     ensure!(
         first.chats.len() == PAGE as usize && first.chats.iter().all(|c| c.unread_count >= 1),
         "chats: expected {PAGE} chats with unread messages for user 1, got {} ({:?} unread)",
@@ -59,12 +59,10 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
     let mut table = Vec::new();
     for concurrency in [1, s.unary_concurrency()] {
         // Users 0 and 1 share the chats: callers alternate them.
-        let requests = Arc::new([list(0), list(1)].map(|r| (r.metadata().clone(), r.into_inner())));
+        let readers = Arc::new([f.users[0].clone(), f.users[1].clone()]);
         let clients: Arc<Vec<_>> = Arc::new(f.channels.iter().cloned().map(ChatServiceClient::new).collect());
         let out = load::closed_loop(concurrency, s.warmup, s.duration, ctx.target.pid, move |i| {
-            let (metadata, message) = &requests[i % 2];
-            let mut request = tonic::Request::new(message.clone());
-            *request.metadata_mut() = metadata.clone();
+            let request = readers[i % 2].request(list());
             let mut client = clients[i % clients.len()].clone();
             async move { client.list_chats(request).await.map(drop) }
         })

@@ -10,12 +10,14 @@
 //! Each service owns its tables: on SQLite a file per service, on PostgreSQL a
 //! schema per service (`search_path`), each with its own sqlx migrations.
 //!
-//! One exception, for speed: on SQLite the two writes on the send path (the
-//! messages writer's batch and the chats' activity update) run on
-//! connections of their own ([`Db::sqlite_connection`], rusqlite), because
-//! sqlx hands every SQLite statement to a worker thread and back. They share
-//! the schema and the SQL shapes of the sqlx path, and take the same
-//! [`Db::write_turn`] as every other SQLite write.
+//! One exception, for speed: on SQLite the hot paths run on rusqlite
+//! connections of this crate's making, because sqlx hands every SQLite
+//! statement (and every row) to a worker thread and back. The two writes on
+//! the send path (the messages writer's batch and the chats' activity
+//! update) use [`Db::sqlite_connection`] and take the same
+//! [`Db::write_turn`] as every other SQLite write; history pages and chat
+//! summaries read through [`Db::sqlite_read`]. They share the schema and the
+//! SQL shapes of the sqlx path.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -130,13 +132,13 @@ pub struct Db {
     read: AnyPool,
     write: AnyPool,
     dialect: Dialect,
-    sqlite_path: Option<std::path::PathBuf>,
     turn: Arc<Mutex<()>>,
-    /// On SQLite, idle connections of [`Db::sqlite_read`].
+    /// On SQLite, the file and the connections of [`Db::sqlite_read`].
     readers: Option<Arc<Readers>>,
 }
 
-/// Idle rusqlite connections for [`Db::sqlite_read`], reused across calls.
+/// A SQLite database's file, and its idle rusqlite connections for
+/// [`Db::sqlite_read`], reused across calls.
 #[derive(Debug)]
 struct Readers {
     path: std::path::PathBuf,
@@ -222,18 +224,11 @@ impl Db {
         tokio::spawn(checkpoint_in_background(read.clone()));
         let path = sqlx::sqlite::SqliteConnectOptions::from_str(&config.url)?.get_filename().to_owned();
         let readers = Arc::new(Readers {
-            path: path.clone(),
+            path,
             idle: std::sync::Mutex::default(),
             permits: Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1) as usize)),
         });
-        Ok(Self {
-            read,
-            write,
-            dialect: Dialect::Sqlite,
-            sqlite_path: Some(path),
-            turn: Arc::default(),
-            readers: Some(readers),
-        })
+        Ok(Self { read, write, dialect: Dialect::Sqlite, turn: Arc::default(), readers: Some(readers) })
     }
 
     async fn connect_postgres(config: &DbConfig, migrator: &Migrator) -> Result<Self, DbError> {
@@ -268,14 +263,7 @@ impl Db {
             .connect_with(options)
             .await?;
         migrator.run(&pool).await?;
-        Ok(Self {
-            read: pool.clone(),
-            write: pool,
-            dialect: Dialect::Postgres,
-            sqlite_path: None,
-            readers: None,
-            turn: Arc::default(),
-        })
+        Ok(Self { read: pool.clone(), write: pool, dialect: Dialect::Postgres, readers: None, turn: Arc::default() })
     }
 
     /// The pool for reads.
@@ -302,8 +290,8 @@ impl Db {
     ///
     /// Errors: the file cannot be opened.
     pub fn sqlite_connection(&self) -> Result<Option<rusqlite::Connection>, DbError> {
-        let Some(path) = &self.sqlite_path else { return Ok(None) };
-        Ok(Some(open_sqlite(path)?))
+        let Some(readers) = &self.readers else { return Ok(None) };
+        Ok(Some(open_sqlite(&readers.path)?))
     }
 
     /// On SQLite, runs `read` on a read-only rusqlite connection of this

@@ -32,6 +32,10 @@ pub enum ChatsError {
     /// The database failed (INTERNAL, cause logged only).
     #[error("database error: {0}")]
     Db(#[from] natter_db::sqlx::Error),
+    /// The database failed on a path of natter-db's own (INTERNAL, cause
+    /// logged only).
+    #[error("database error: {0}")]
+    Store(#[from] natter_db::DbError),
 }
 
 impl ChatsError {
@@ -53,6 +57,7 @@ impl From<ChatsError> for Status {
             ChatsError::Precondition(_) => Status::failed_precondition(e.to_string()),
             ChatsError::Upstream(status) => status,
             ChatsError::Db(e) => natter_kit::internal(e),
+            ChatsError::Store(e) => natter_kit::internal(e),
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use natter_db::{Db, SqlBuilder, escape_like};
+use natter_db::{Db, DbError, SqlBuilder, escape_like};
 
 use crate::domain::{Kind, Role};
 
@@ -103,7 +103,7 @@ impl Store {
     /// chat activity.
     ///
     /// Errors: that connection cannot be opened.
-    pub fn new(db: Db) -> Result<Self, natter_db::DbError> {
+    pub fn new(db: Db) -> Result<Self, DbError> {
         let activity = match db.sqlite_connection()? {
             Some(conn) => {
                 // Activity is derived data: its commits skip the WAL sync
@@ -268,17 +268,15 @@ impl Store {
     /// statement, inline: in the all-in-one the messages writer thread calls
     /// it, and there it costs no hand-off to sqlx's worker thread. (A chats
     /// service on SQLite alone runs it on the calling worker: one short
-    /// transaction without a sync.) Errors of that connection come back as
-    /// `sqlx::Error::Io`.
-    pub async fn record_activity(&self, activities: &[(String, i64, i64)]) -> Result<(), sqlx::Error> {
+    /// transaction without a sync.)
+    pub async fn record_activity(&self, activities: &[(String, i64, i64)]) -> Result<(), DbError> {
         if activities.is_empty() {
             return Ok(());
         }
         if let Some(conn) = &self.activity {
             let _turn = self.db.write_turn().await;
             let mut conn = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            return record_activity_sqlite(&mut conn, activities)
-                .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)));
+            return Ok(record_activity_sqlite(&mut conn, activities)?);
         }
         let mut q = SqlBuilder::new(
             "UPDATE chats SET last_seq = v.column2, last_activity_time = v.column3, last_message_time = v.column3 FROM (VALUES ",
@@ -291,7 +289,7 @@ impl Store {
         let mut tx = self.db.write().begin().await?;
         sqlx::query("SET LOCAL synchronous_commit TO OFF").execute(&mut *tx).await?;
         q.build().execute(&mut *tx).await?;
-        tx.commit().await
+        Ok(tx.commit().await?)
     }
 
     /// Applies an update (None: leave the field as it is) and returns the row.

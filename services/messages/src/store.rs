@@ -3,7 +3,7 @@
 //! `(chat_id, seq)`.
 
 use natter_db::sqlx::AssertSqlSafe;
-use natter_db::{Db, DbError, Dialect, SqlBuilder};
+use natter_db::{Db, DbError, SqlBuilder};
 use rusqlite::OptionalExtension as _;
 
 /// Rows per multi-row statement (8 bound values each: well under both
@@ -388,26 +388,23 @@ impl Store {
         from: Option<i64>,
         limit: u32,
     ) -> Result<Vec<MessageRow>, DbError> {
-        let (sql, bounds) = list_sql(range, from, limit);
-        if self.db.dialect() == Dialect::Postgres {
-            let mut query = sqlx::query_as(AssertSqlSafe(sql)).bind(chat_id.to_owned());
-            for bound in bounds {
-                query = query.bind(bound);
-            }
-            return Ok(query.fetch_all(self.db.read()).await?);
-        }
         let chat = chat_id.to_owned();
-        let rows = self
-            .db
-            .sqlite_read(move |conn| {
-                let mut statement = conn.prepare_cached(&sql)?;
-                let params = std::iter::once(rusqlite::types::Value::Text(chat))
-                    .chain(bounds.into_iter().map(rusqlite::types::Value::Integer));
-                statement.query_map(rusqlite::params_from_iter(params), message_row)?.collect()
-            })
-            .await?;
-        // Some on SQLite, always.
-        Ok(rows.unwrap_or_default())
+        let sqlite = self.db.sqlite_read(move |conn| {
+            let (sql, bounds) = list_sql(range, from, limit);
+            let mut statement = conn.prepare_cached(&sql)?;
+            let params = std::iter::once(rusqlite::types::Value::Text(chat))
+                .chain(bounds.into_iter().map(rusqlite::types::Value::Integer));
+            statement.query_map(rusqlite::params_from_iter(params), message_row)?.collect()
+        });
+        if let Some(rows) = sqlite.await? {
+            return Ok(rows);
+        }
+        let (sql, bounds) = list_sql(range, from, limit);
+        let mut query = sqlx::query_as(AssertSqlSafe(sql)).bind(chat_id.to_owned());
+        for bound in bounds {
+            query = query.bind(bound);
+        }
+        Ok(query.fetch_all(self.db.read()).await?)
     }
 
     /// Earlier revisions of the given messages, oldest first.
@@ -487,33 +484,29 @@ impl Store {
         chat_ids: &[String],
         user_id: &str,
     ) -> Result<Vec<(Option<MessageRow>, i64)>, DbError> {
-        if self.db.dialect() == Dialect::Postgres {
-            let mut out = Vec::with_capacity(chat_ids.len());
-            for chat_id in chat_ids {
-                let newest = self.list(chat_id, Range::default(), None, 1).await?.pop();
-                let (_, unread) = self.read_state(chat_id, user_id).await?;
-                out.push((newest, unread));
-            }
-            return Ok(out);
-        }
         let (chats, user) = (chat_ids.to_vec(), user_id.to_owned());
-        let rows = self
-            .db
-            .sqlite_read(move |conn| {
-                let mut newest = conn.prepare_cached(&list_sql(Range::default(), None, 1).0)?;
-                let mut state = conn.prepare_cached(READ_STATE)?;
-                chats
-                    .iter()
-                    .map(|chat| {
-                        let message = newest.query_row([chat], message_row).optional()?;
-                        let unread = state.query_row([chat, &user], |row| row.get(1))?;
-                        Ok((message, unread))
-                    })
-                    .collect()
-            })
-            .await?;
-        // Some on SQLite, always.
-        Ok(rows.unwrap_or_default())
+        let sqlite = self.db.sqlite_read(move |conn| {
+            let mut newest = conn.prepare_cached(&list_sql(Range::default(), None, 1).0)?;
+            let mut state = conn.prepare_cached(READ_STATE)?;
+            chats
+                .iter()
+                .map(|chat| {
+                    let message = newest.query_row([chat], message_row).optional()?;
+                    let unread = state.query_row([chat, &user], |row| row.get(1))?;
+                    Ok((message, unread))
+                })
+                .collect()
+        });
+        if let Some(rows) = sqlite.await? {
+            return Ok(rows);
+        }
+        let mut out = Vec::with_capacity(chat_ids.len());
+        for chat_id in chat_ids {
+            let newest = self.list(chat_id, Range::default(), None, 1).await?.pop();
+            let (_, unread) = self.read_state(chat_id, user_id).await?;
+            out.push((newest, unread));
+        }
+        Ok(out)
     }
 
     /// Deletes everything of a chat.

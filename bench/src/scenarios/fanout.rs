@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use super::{Ctx, Report, fmt_ratio};
 use crate::client::{self, Fixture};
-use crate::load::{self, Latency};
+use crate::load::{self, CpuPerCall, Latency};
 
 /// Receivers record into one of these, by stream index, to keep lock
 /// contention low.
@@ -37,6 +37,11 @@ struct Results {
     deliveries_per_s: f64,
     deliveries_ratio_to_ceiling: Option<f64>,
     delivery: Latency,
+    /// CPU time of the server and of this tool (sender and receivers) over
+    /// the measurement window, per delivery: a send's CPU divided by the
+    /// streams it reaches.
+    server_cpu_us_per_delivery: Option<f64>,
+    client_cpu_us_per_delivery: Option<f64>,
     send: Latency,
     send_errors: u64,
     stream_errors: u64,
@@ -101,7 +106,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
     let client = f.messages(0);
     let send = {
         let (chat, sent, prefix) = (chat.clone(), sent.clone(), prefix.clone());
-        load::open_loop(s.fanout_rate, s.warmup, s.duration, None, move |_| {
+        load::open_loop(s.fanout_rate, s.warmup, s.duration, ctx.target.pid, move |_| {
             let measured = Instant::now() >= measure_from;
             let text = format!("{prefix}{} {}", if measured { "m" } else { "w" }, now_micros());
             let request = sender.request(SendMessageRequest { chat_id: chat.clone(), text, ..Default::default() });
@@ -143,6 +148,8 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         deliveries_per_s: load::round3(per_s),
         deliveries_ratio_to_ceiling: ctx.ratio(per_s),
         delivery: Latency::of(&delivery),
+        server_cpu_us_per_delivery: send.cpu.server_cpu_us_per_call.map(|us| load::round3(us / n as f64)),
+        client_cpu_us_per_delivery: send.cpu.client_cpu_us_per_call.map(|us| load::round3(us / n as f64)),
         send: Latency::of(&send.latency),
         send_errors: send.errors,
         stream_errors: stream_errors.load(Ordering::Relaxed),
@@ -157,11 +164,16 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
             fmt_ratio(results.deliveries_ratio_to_ceiling)
         ),
         format!(
-            "fanout   delivery p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  max {:.3} ms | send p50 {:.3} ms  p99 {:.3} ms | errors: send {}, stream {}",
+            "fanout   delivery p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  max {:.3} ms  CPU µs/delivery (server / client) {} | send p50 {:.3} ms  p99 {:.3} ms | errors: send {}, stream {}",
             results.delivery.p50_ms,
             results.delivery.p99_ms,
             results.delivery.p999_ms,
             results.delivery.max_ms,
+            CpuPerCall {
+                server_cpu_us_per_call: results.server_cpu_us_per_delivery,
+                client_cpu_us_per_call: results.client_cpu_us_per_delivery
+            }
+            .cell(),
             results.send.p50_ms,
             results.send.p99_ms,
             results.send_errors,

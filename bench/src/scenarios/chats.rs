@@ -12,25 +12,16 @@ use natter_proto::chats::v1::chat_service_client::ChatServiceClient;
 use natter_proto::messages::v1::SendMessageRequest;
 use serde::Serialize;
 
-use super::{Ctx, Report, fmt_ratio};
-use crate::load::{self, Measured};
+use super::{Ctx, PageRate, Report};
+use crate::load;
 
 /// Chats per page, and chats the two users share.
 const PAGE: i32 = 20;
 
 #[derive(Serialize)]
-struct Run {
-    concurrency: usize,
-    pages_per_s: f64,
-    ratio_to_ceiling: Option<f64>,
-    #[serde(flatten)]
-    measured: Measured,
-}
-
-#[derive(Serialize)]
 struct Results {
     page_size: i32,
-    runs: Vec<Run>,
+    runs: Vec<PageRate>,
 }
 
 /// Creates the chats, checks one page, then measures.
@@ -67,17 +58,10 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
             async move { client.list_chats(request).await.map(drop) }
         })
         .await;
-        let run = Run {
-            concurrency,
-            pages_per_s: load::round3(out.per_sec()),
-            ratio_to_ceiling: ctx.ratio(out.per_sec()),
-            measured: out.measured(),
-        };
+        let run = PageRate::of(ctx, concurrency, out);
         table.push(format!(
-            "chats    ListChats page of {PAGE} (previews, unread counts) conc {concurrency:>4}: {:.0} pages/s ratio {}  {}",
-            run.pages_per_s,
-            fmt_ratio(run.ratio_to_ceiling),
-            run.measured.summary("page")
+            "chats    ListChats page of {PAGE} (previews, unread counts) conc {concurrency:>4}: {}",
+            run.summary()
         ));
         runs.push(run);
     }

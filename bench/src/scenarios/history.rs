@@ -16,8 +16,8 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use natter_proto::messages::v1::{ListMessagesRequest, SendMessageRequest};
 use serde::Serialize;
 
-use super::{Ctx, Report, fmt_ratio};
-use crate::load::{self, Measured};
+use super::{Ctx, PageRate, Report};
+use crate::load;
 use crate::seed;
 
 /// Deepest history seeded through SendMessage when there is no store access.
@@ -27,11 +27,8 @@ pub(crate) const API_SEED_MAX: u64 = 20_000;
 struct Page {
     page: &'static str,
     before_seq: i64,
-    concurrency: usize,
-    pages_per_s: f64,
-    ratio_to_ceiling: Option<f64>,
     #[serde(flatten)]
-    measured: Measured,
+    rate: PageRate,
 }
 
 #[derive(Serialize)]
@@ -113,19 +110,10 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
                 async move { client.list_messages(request).await.map(drop) }
             })
             .await;
-            let p = Page {
-                page: name,
-                before_seq,
-                concurrency,
-                pages_per_s: load::round3(out.per_sec()),
-                ratio_to_ceiling: ctx.ratio(out.per_sec()),
-                measured: out.measured(),
-            };
+            let p = Page { page: name, before_seq, rate: PageRate::of(ctx, concurrency, out) };
             table.push(format!(
-                "history  {name:<6} page of {page} (before_seq {before_seq}) conc {concurrency:>4}: {:.0} pages/s ratio {}  {}",
-                p.pages_per_s,
-                fmt_ratio(p.ratio_to_ceiling),
-                p.measured.summary("page")
+                "history  {name:<6} page of {page} (before_seq {before_seq}) conc {concurrency:>4}: {}",
+                p.rate.summary()
             ));
             results.push(p);
         }

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::cli::Settings;
 use crate::client::Fixture;
+use crate::load::{self, Measured, Outcome};
 use crate::seed;
 use crate::server::Target;
 
@@ -32,6 +33,38 @@ impl Ctx<'_> {
     /// `rate` as a fraction of the ceiling (None without one).
     pub(crate) fn ratio(&self, rate: f64) -> Option<f64> {
         self.ceiling.filter(|c| *c > 0.0).map(|c| (rate / c * 10_000.0).round() / 10_000.0)
+    }
+}
+
+/// A closed loop of page reads (history, chats): its rate and what it cost.
+#[derive(Serialize)]
+pub(crate) struct PageRate {
+    pub(crate) concurrency: usize,
+    pub(crate) pages_per_s: f64,
+    pub(crate) ratio_to_ceiling: Option<f64>,
+    #[serde(flatten)]
+    pub(crate) measured: Measured,
+}
+
+impl PageRate {
+    /// The figures of `out`, a closed loop at `concurrency`.
+    pub(crate) fn of(ctx: &Ctx<'_>, concurrency: usize, out: Outcome) -> Self {
+        Self {
+            concurrency,
+            pages_per_s: load::round3(out.per_sec()),
+            ratio_to_ceiling: ctx.ratio(out.per_sec()),
+            measured: out.measured(),
+        }
+    }
+
+    /// `N pages/s ratio R  <latency and CPU per page>` for a table line.
+    pub(crate) fn summary(&self) -> String {
+        format!(
+            "{:.0} pages/s ratio {}  {}",
+            self.pages_per_s,
+            fmt_ratio(self.ratio_to_ceiling),
+            self.measured.summary("page")
+        )
     }
 }
 

@@ -32,6 +32,8 @@ use tokio::sync::{Mutex, MutexGuard};
 pub use sqlx;
 pub use sqlx::Any;
 
+mod wal_vfs;
+
 /// Which engine a [`Db`] talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
@@ -292,6 +294,24 @@ impl Db {
     pub fn sqlite_connection(&self) -> Result<Option<rusqlite::Connection>, DbError> {
         let Some(readers) = &self.readers else { return Ok(None) };
         Ok(Some(open_sqlite(&readers.path)?))
+    }
+
+    /// On SQLite, a connection for a single hot committer (the messages
+    /// writer): as [`Db::sqlite_connection`], but its WAL writes go through
+    /// a VFS that hands each transaction's frames to the kernel in one write
+    /// instead of two per frame (see `wal_vfs.rs`), which is safe only
+    /// because `synchronous` is FULL and stays so: the caller must not lower
+    /// it. None on PostgreSQL.
+    ///
+    /// Errors: the VFS cannot be registered or the file cannot be opened.
+    pub fn sqlite_commit_connection(&self) -> Result<Option<rusqlite::Connection>, DbError> {
+        let Some(readers) = &self.readers else { return Ok(None) };
+        let vfs = wal_vfs::register()
+            .map_err(|code| DbError::Sqlite(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None)))?;
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = rusqlite::Connection::open_with_flags_and_vfs(&readers.path, flags, vfs)?;
+        conn.execute_batch(SQLITE_SETUP)?;
+        Ok(Some(conn))
     }
 
     /// On SQLite, runs `read` on a read-only rusqlite connection of this

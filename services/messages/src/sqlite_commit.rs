@@ -25,7 +25,7 @@ pub struct SqliteCommitter {
 
 impl SqliteCommitter {
     /// Commits through `conn`, a connection to a migrated messages database
-    /// from [`natter_db::Db::sqlite_connection`] (durable commits:
+    /// from [`natter_db::Db::sqlite_commit_connection`] (durable commits:
     /// `synchronous = FULL` syncs the WAL at every commit).
     pub fn new(conn: Connection) -> Self {
         Self { conn }

@@ -607,7 +607,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open_store(dir.path()).await;
         let mut committer =
-            crate::sqlite_commit::SqliteCommitter::new(store.db().sqlite_connection().unwrap().unwrap());
+            crate::sqlite_commit::SqliteCommitter::new(store.db().sqlite_commit_connection().unwrap().unwrap());
         assert_eq!(seq(&committer.insert_batch(&[msg("m0", "a", 0)]).unwrap()[0]), Some(1));
         let out = committer.insert_batch(&mixed_batch()).unwrap();
         assert_mixed_batch_outcome(&store, &out).await;

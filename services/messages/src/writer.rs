@@ -65,7 +65,7 @@ impl Writer {
     pub fn start(store: Store, chats: Arc<dyn ChatDirectory>) -> std::io::Result<Self> {
         let (queue, jobs) = mpsc::channel(QUEUE);
         let runtime = tokio::runtime::Handle::current();
-        let committer = match store.db().sqlite_connection().map_err(std::io::Error::other)? {
+        let committer = match store.db().sqlite_commit_connection().map_err(std::io::Error::other)? {
             Some(conn) => Committer::Sqlite(SqliteCommitter::new(conn), store.db().write_turn_lock()),
             None => Committer::Pool(store),
         };

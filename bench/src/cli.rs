@@ -26,6 +26,13 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) server_pid: Option<u32>,
 
+    /// `host:port` of the server's Prometheus endpoint (natter's
+    /// `--metrics-listen`): the half-rate send loops then also report the
+    /// server's own latency histogram for their window. Set automatically
+    /// with --spawn.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) server_metrics: Option<String>,
+
     /// Scenarios to run, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "ceiling,send,fanout,history,chats,streams")]
     pub(crate) scenarios: Vec<Scenario>,

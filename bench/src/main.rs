@@ -13,6 +13,7 @@ mod load;
 mod scenarios;
 mod seed;
 mod server;
+mod server_latency;
 
 use std::io::Write as _;
 use std::time::Instant;
@@ -35,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
     let nofile = server::raise_nofile_limit();
     let target = match &args.spawn {
         Some(natter) => Target::spawn(natter).await?,
-        None => Target::existing(args.target.clone(), args.server_pid),
+        None => Target::existing(args.target.clone(), args.server_pid, args.server_metrics.clone()),
     };
     let outcome = run(&args, &target, nofile).await;
     target.stop().await?;

@@ -18,15 +18,17 @@ pub(crate) struct Target {
     pub(crate) pid: Option<u32>,
     /// Its data directory, when spawned (holds `messages.db`).
     pub(crate) data_dir: Option<PathBuf>,
+    /// `host:port` of its Prometheus endpoint, when known.
+    pub(crate) metrics: Option<String>,
     child: Option<Child>,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl Target {
     /// A server that is already running at `url`.
-    pub(crate) fn existing(url: String, pid: Option<u32>) -> Self {
+    pub(crate) fn existing(url: String, pid: Option<u32>, metrics: Option<String>) -> Self {
         let pid = pid.or_else(|| port_of(&url).and_then(listener_pid));
-        Self { url, pid, data_dir: None, child: None, _tmp: None }
+        Self { url, pid, data_dir: None, metrics, child: None, _tmp: None }
     }
 
     /// Starts `natter serve --listen 127.0.0.1:0 --data-dir <tmp> --log-format json`
@@ -39,8 +41,11 @@ impl Target {
         let data_dir = tmp.path().join("data");
         let log_path = tmp.path().join("natter.log");
         let log = std::fs::File::create(&log_path)?;
+        // A free port for the metrics endpoint (bound, read, released).
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
         let mut child = Command::new(natter)
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--metrics-listen", &metrics])
+            .arg("--data-dir")
             .arg(&data_dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -62,7 +67,14 @@ impl Target {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        Ok(Self { url: format!("http://{addr}"), pid, data_dir: Some(data_dir), child: Some(child), _tmp: Some(tmp) })
+        Ok(Self {
+            url: format!("http://{addr}"),
+            pid,
+            data_dir: Some(data_dir),
+            metrics: Some(metrics),
+            child: Some(child),
+            _tmp: Some(tmp),
+        })
     }
 
     /// Stops a spawned server with SIGTERM and waits for it (15 s, then

@@ -12,6 +12,7 @@ use serde::Serialize;
 use super::{Ctx, Report, fmt_ratio};
 use crate::client::User;
 use crate::load::{self, Measured, Outcome};
+use crate::server_latency::{self, ServerLatency};
 
 #[derive(Serialize)]
 struct ClosedRun {
@@ -34,6 +35,9 @@ struct HalfRate {
     ratio_to_ceiling: Option<f64>,
     #[serde(flatten)]
     measured: Measured,
+    /// The server's own histogram over the window (with `--server-metrics`
+    /// or `--spawn`).
+    server_latency: Option<ServerLatency>,
 }
 
 #[derive(Serialize)]
@@ -116,12 +120,16 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         if let Some((of_concurrency, rate)) = base.filter(|(_, r)| *r > 0.0) {
             let target = rate / 2.0;
             let plan = plan.clone();
+            let from = std::time::Instant::now() + s.warmup;
+            let server = server_latency::window(ctx.target.metrics.clone(), "SendMessage", from, from + s.duration);
             let out = load::open_loop(target, s.warmup, s.duration, ctx.target.pid, move |k| plan.call(k)).await;
             let measured = out.measured();
+            let server_latency = server.await.ok().flatten();
             table.push(format!(
-                "send     {spread:<10} {chats:>5}  open loop at half the conc-{of_concurrency} rate, {target:.0}/s: achieved {:.0}/s  {}",
+                "send     {spread:<10} {chats:>5}  open loop at half the conc-{of_concurrency} rate, {target:.0}/s: achieved {:.0}/s  {}{}",
                 out.per_sec(),
-                measured.summary("call")
+                measured.summary("call"),
+                server_latency.as_ref().map(|l| format!("  ({})", l.summary())).unwrap_or_default()
             ));
             half.push(HalfRate {
                 spread,
@@ -130,6 +138,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
                 achieved_per_s: load::round3(out.per_sec()),
                 ratio_to_ceiling: ctx.ratio(out.per_sec()),
                 measured,
+                server_latency,
             });
         }
     }

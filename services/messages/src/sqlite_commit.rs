@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 
-use crate::store::{INSERT_MESSAGE, NewMessage, Sent};
+use crate::store::{NewMessage, Sent, insert_message_sql};
 
 /// A writable connection to a migrated messages database.
 pub struct SqliteCommitter {
@@ -45,19 +45,16 @@ impl SqliteCommitter {
         let mut outcomes = Vec::with_capacity(batch.len());
         {
             // rusqlite binds by number and SQLite numbers `$N` by first
-            // appearance, so these use `?N` (INSERT_MESSAGE, shared with
-            // the PostgreSQL path, names `$1..$8` in order).
-            let mut exists = tx.prepare_cached("SELECT 1 FROM messages WHERE id = ?1")?;
+            // appearance, so these use `?N` (the insert, shared with the
+            // PostgreSQL path, names `$1..$8` in order).
             let mut has_seq = tx.prepare_cached("SELECT 1 FROM messages WHERE chat_id = ?1 AND seq = ?2")?;
             let mut read_head = tx.prepare_cached("SELECT last_seq FROM chat_heads WHERE chat_id = ?1")?;
-            let mut insert = tx.prepare_cached(INSERT_MESSAGE)?;
+            // A stored id (a retry) inserts nothing: one index lookup, where
+            // a SELECT first would walk the id index twice.
+            let mut insert = tx.prepare_cached(concat!(insert_message_sql!(), " ON CONFLICT (id) DO NOTHING"))?;
             // Heads of the chats this batch adds to.
             let mut heads: HashMap<&str, i64> = HashMap::new();
             for m in batch {
-                if exists.exists([&m.id])? {
-                    outcomes.push(Sent::Duplicate);
-                    continue;
-                }
                 if m.reply_to_seq > 0 && !has_seq.exists(params![m.chat_id, m.reply_to_seq])? {
                     outcomes.push(Sent::NoSuchReply);
                     continue;
@@ -70,7 +67,7 @@ impl SqliteCommitter {
                     }
                 };
                 let seq = *head + 1;
-                insert.execute(params![
+                let inserted = insert.execute(params![
                     m.id,
                     m.chat_id,
                     seq,
@@ -80,6 +77,11 @@ impl SqliteCommitter {
                     m.reply_to_seq,
                     m.send_time
                 ])?;
+                if inserted == 0 {
+                    // The id is stored already: it takes no seq.
+                    outcomes.push(Sent::Duplicate);
+                    continue;
+                }
                 *head = seq;
                 outcomes.push(Sent::Created(m.row(seq)));
             }

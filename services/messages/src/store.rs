@@ -26,11 +26,19 @@ pub struct MessageRow {
     pub delete_time: Option<i64>,
 }
 
+/// The SQL of [`INSERT_MESSAGE`], as a literal for `concat!`.
+macro_rules! insert_message_sql {
+    () => {
+        "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, 1, NULL)"
+    };
+}
+pub(crate) use insert_message_sql;
+
 /// Inserts one new message: `$1..$8` are id, chat_id, seq, author_id, text,
 /// attachments, reply_to_seq, send_time, in that order of appearance (the
 /// SQLite writer binds them by position).
-pub(crate) const INSERT_MESSAGE: &str = "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, 1, NULL)";
+pub(crate) const INSERT_MESSAGE: &str = insert_message_sql!();
 
 const MESSAGE_SELECT: &str = "SELECT id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time FROM messages";
 

@@ -14,8 +14,10 @@
 //! connections of this crate's making, because sqlx hands every SQLite
 //! statement (and every row) to a worker thread and back. The two writes on
 //! the send path (the messages writer's batch and the chats' activity
-//! update) use [`Db::sqlite_connection`] and take the same
-//! [`Db::write_turn`] as every other SQLite write; history pages and chat
+//! update) use [`Db::sqlite_commit_connection`] (WAL writes gathered into
+//! one per commit by the VFS of `wal_vfs.rs`) and [`Db::sqlite_connection`]
+//! and take the same [`Db::write_turn`] as every other SQLite write; history
+//! pages and chat
 //! summaries read through [`Db::sqlite_read`]. They share the schema and the
 //! SQL shapes of the sqlx path.
 

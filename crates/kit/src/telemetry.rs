@@ -188,7 +188,12 @@ impl Builder {
         let otel = provider
             .as_ref()
             .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(self.service_name)).with_level(true));
-        let installed = tracing_subscriber::registry().with(logs).with(otel).with(filter).try_init().is_ok();
+        // Without OTLP no layer wants spans: turn them off for the whole
+        // subscriber, so that `#[instrument]` and friends create nothing
+        // (else the registry allocates, enters and closes each one anyway).
+        let no_spans = provider.is_none().then(|| tracing_subscriber::filter::filter_fn(|meta| meta.is_event()));
+        let installed =
+            tracing_subscriber::registry().with(logs).with(otel).with(no_spans).with(filter).try_init().is_ok();
         let provider = match provider {
             Some(provider) if installed => {
                 EXPORTING.store(true, Ordering::Relaxed);

@@ -67,6 +67,11 @@ pub enum DbError {
     /// A blocking read was cancelled (the runtime is shutting down).
     #[error("database read cancelled: shutting down")]
     Cancelled,
+    /// The gathering WAL VFS could not be set up: SQLite refused to
+    /// register it (its result code), or a commit connection is not
+    /// `synchronous = FULL` (its setting), which the VFS relies on.
+    #[error("WAL VFS: {0}")]
+    WalVfs(String),
 }
 
 /// Connection settings for one service's store.
@@ -302,17 +307,22 @@ impl Db {
     /// writer): as [`Db::sqlite_connection`], but its WAL writes go through
     /// a VFS that hands each transaction's frames to the kernel in one write
     /// instead of two per frame (see `wal_vfs.rs`), which is safe only
-    /// because `synchronous` is FULL and stays so: the caller must not lower
-    /// it. None on PostgreSQL.
+    /// because `synchronous` is FULL (checked here) and stays so: the caller
+    /// must not lower it. None on PostgreSQL.
     ///
-    /// Errors: the VFS cannot be registered or the file cannot be opened.
+    /// Errors: the VFS cannot be registered, the file cannot be opened, or
+    /// the connection's `synchronous` is not FULL.
     pub fn sqlite_commit_connection(&self) -> Result<Option<rusqlite::Connection>, DbError> {
         let Some(readers) = &self.readers else { return Ok(None) };
-        let vfs = wal_vfs::register()
-            .map_err(|code| DbError::Sqlite(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None)))?;
+        let vfs = wal_vfs::register().map_err(|code| DbError::WalVfs(format!("registration failed (code {code})")))?;
         let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = rusqlite::Connection::open_with_flags_and_vfs(&readers.path, flags, vfs)?;
         conn.execute_batch(SQLITE_SETUP)?;
+        // 2 = FULL: the VFS relies on the sync before SQLite publishes frames.
+        let synchronous: i64 = conn.query_row("PRAGMA synchronous", [], |row| row.get(0))?;
+        if synchronous < 2 {
+            return Err(DbError::WalVfs(format!("needs synchronous = FULL (2), the connection has {synchronous}")));
+        }
         Ok(Some(conn))
     }
 

@@ -7,13 +7,15 @@
 //! updates. A group commit of 18 messages on 18 chats writes ~22 frames. This
 //! VFS wraps the platform's default one ("unix") and, for WAL files only,
 //! gathers writes that continue (or overwrite) the pending run of bytes in
-//! memory; the run goes to the file in one `pwrite` per 124 KiB before anything that
-//! could observe the file: a sync, a read, a size query or change, a file
-//! control, closing, a write elsewhere, or 1 MiB of pending bytes. Every other
-//! file (the database, its shared-memory index) is the default VFS's own.
+//! memory; the run goes to the file (one `pwrite` per 124 KiB) before
+//! anything that could observe the file: a sync, a read, a size query or
+//! change, a file control, closing, a write elsewhere, or 1 MiB of pending
+//! bytes. Every other file (the database, its shared-memory index) is the
+//! default VFS's own. A file object belongs to one connection, which SQLite
+//! calls from one thread at a time, so the pending run needs no lock.
 //!
-//! **Only for connections with `synchronous = FULL`** (what
-//! [`crate::Db::sqlite_commit_connection`] opens and pins). With FULL, SQLite
+//! **Only for connections with `synchronous = FULL`** (which
+//! [`crate::Db::sqlite_commit_connection`] sets and checks). With FULL, SQLite
 //! syncs the WAL at every commit *before* it publishes the new frames in the
 //! wal-index (`sqlite3WalFrames` in SQLite's wal.c), so the frames are in the
 //! file before any other connection can look for them. With NORMAL there is
@@ -216,13 +218,12 @@ unsafe impl Sync for Registered {}
 static REGISTERED: OnceLock<Result<Registered, c_int>> = OnceLock::new();
 
 unsafe extern "C" fn x_open(
-    vfs: *mut ffi::sqlite3_vfs,
+    _vfs: *mut ffi::sqlite3_vfs,
     name: ffi::sqlite3_filename,
     file: *mut ffi::sqlite3_file,
     flags: c_int,
     out_flags: *mut c_int,
 ) -> c_int {
-    let _ = vfs;
     let Some(Ok(registered)) = REGISTERED.get() else { return ffi::SQLITE_ERROR };
     unsafe {
         let default = &*registered.default;

@@ -31,9 +31,10 @@ impl Target {
         Self { url, pid, data_dir: None, metrics, child: None, _tmp: None }
     }
 
-    /// Starts `natter serve --listen 127.0.0.1:0 --data-dir <tmp> --log-format json`
-    /// and waits for its `natter listening` log line (30 s at most). Its logs
-    /// go to `natter.log` in the data dir.
+    /// Starts `natter serve --listen 127.0.0.1:0 --data-dir <tmp> --log-format json
+    /// --metrics-listen 127.0.0.1:0` and waits for its `natter listening` log
+    /// line (30 s at most); the metrics address comes from its `serving
+    /// metrics at /metrics` line. Its logs go to `natter.log` in the data dir.
     ///
     /// Errors: the binary does not start, exits, or never logs its address.
     pub(crate) async fn spawn(natter: &Path) -> anyhow::Result<Self> {
@@ -41,10 +42,8 @@ impl Target {
         let data_dir = tmp.path().join("data");
         let log_path = tmp.path().join("natter.log");
         let log = std::fs::File::create(&log_path)?;
-        // A free port for the metrics endpoint (bound, read, released).
-        let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
         let mut child = Command::new(natter)
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--metrics-listen", &metrics])
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(&data_dir)
             .stdin(Stdio::null())
@@ -56,8 +55,10 @@ impl Target {
         let pid = child.id();
         let started = Instant::now();
         let addr = loop {
-            if let Some(addr) = listening_addr(&std::fs::read_to_string(&log_path)?) {
-                break addr;
+            let log = std::fs::read_to_string(&log_path)?;
+            // The metrics line comes first (telemetry starts before serving).
+            if let Some(addr) = logged_addr(&log, "natter listening") {
+                break (addr, logged_addr(&log, "serving metrics at /metrics"));
             }
             if let Some(status) = child.try_wait()? {
                 bail!("natter exited ({status}) before listening; log: {}", log_path.display());
@@ -67,11 +68,12 @@ impl Target {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        let (addr, metrics) = addr;
         Ok(Self {
             url: format!("http://{addr}"),
             pid,
             data_dir: Some(data_dir),
-            metrics: Some(metrics),
+            metrics,
             child: Some(child),
             _tmp: Some(tmp),
         })
@@ -101,12 +103,12 @@ impl Target {
     }
 }
 
-/// The `addr` of a `"message":"natter listening"` JSON log line.
-fn listening_addr(log: &str) -> Option<String> {
+/// The `addr` field of the first JSON log line whose message is `message`
+/// (`natter listening`, `serving metrics at /metrics`).
+fn logged_addr(log: &str, message: &str) -> Option<String> {
     log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find_map(|v| {
         let fields = if v.get("message").is_some() { &v } else { v.get("fields")? };
-        (fields.get("message")?.as_str()? == "natter listening")
-            .then(|| fields.get("addr")?.as_str().map(str::to_owned))?
+        (fields.get("message")?.as_str()? == message).then(|| fields.get("addr")?.as_str().map(str::to_owned))?
     })
 }
 
@@ -184,11 +186,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_the_listening_line() {
-        let log = "{\"level\":\"INFO\",\"message\":\"opened\"}\n\
+    fn finds_the_listening_and_metrics_lines() {
+        let log = "{\"level\":\"INFO\",\"message\":\"serving metrics at /metrics\",\"addr\":\"127.0.0.1:9464\"}\n\
                    {\"timestamp\":\"t\",\"level\":\"INFO\",\"message\":\"natter listening\",\"addr\":\"127.0.0.1:4321\"}\n";
-        assert_eq!(listening_addr(log).as_deref(), Some("127.0.0.1:4321"));
-        assert_eq!(listening_addr("not json\n"), None);
+        assert_eq!(logged_addr(log, "natter listening").as_deref(), Some("127.0.0.1:4321"));
+        assert_eq!(logged_addr(log, "serving metrics at /metrics").as_deref(), Some("127.0.0.1:9464"));
+        assert_eq!(logged_addr("not json\n", "natter listening"), None);
     }
 
     #[test]

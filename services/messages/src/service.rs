@@ -155,7 +155,8 @@ impl Messages {
             reply_to_seq: req.reply_to_seq,
             send_time: now_micros(),
         };
-        let row = match self.writer.send(new.clone()).await.map_err(MessagesError::Commit)? {
+        let id = new.id.clone();
+        let row = match self.writer.send(new).await.map_err(MessagesError::Commit)? {
             Sent::Created(row) => {
                 tracing::Span::current().record("message_id", row.id.as_str()).record("seq", row.seq);
                 row
@@ -165,7 +166,7 @@ impl Messages {
             }
             Sent::Duplicate => {
                 // A concurrent retry won the race: answer with its message.
-                let existing = self.store.message(&new.id).await?.ok_or(MessagesError::MessageNotFound)?;
+                let existing = self.store.message(&id).await?.ok_or(MessagesError::MessageNotFound)?;
                 return same_message(existing, &req, caller);
             }
         };

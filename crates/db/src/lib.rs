@@ -165,7 +165,7 @@ impl Readers {
         let conn = match idle {
             Some(conn) => conn,
             None => {
-                let conn = open_sqlite(&self.path)?;
+                let conn = open_sqlite(&self.path, None)?;
                 // Readers only: a write here would bypass the write turn.
                 conn.execute_batch("PRAGMA query_only = ON;")?;
                 conn.set_prepared_statement_cache_capacity(64);
@@ -179,10 +179,14 @@ impl Readers {
 }
 
 /// A rusqlite connection to the SQLite file at `path` with the pools'
-/// settings ([`SQLITE_SETUP`]).
-fn open_sqlite(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+/// settings ([`SQLITE_SETUP`]), through the VFS named `vfs` (else the
+/// default one).
+fn open_sqlite(path: &Path, vfs: Option<&std::ffi::CStr>) -> rusqlite::Result<rusqlite::Connection> {
     let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = rusqlite::Connection::open_with_flags(path, flags)?;
+    let conn = match vfs {
+        Some(vfs) => rusqlite::Connection::open_with_flags_and_vfs(path, flags, vfs)?,
+        None => rusqlite::Connection::open_with_flags(path, flags)?,
+    };
     conn.execute_batch(SQLITE_SETUP)?;
     Ok(conn)
 }
@@ -300,7 +304,7 @@ impl Db {
     /// Errors: the file cannot be opened.
     pub fn sqlite_connection(&self) -> Result<Option<rusqlite::Connection>, DbError> {
         let Some(readers) = &self.readers else { return Ok(None) };
-        Ok(Some(open_sqlite(&readers.path)?))
+        Ok(Some(open_sqlite(&readers.path, None)?))
     }
 
     /// On SQLite, a connection for a single hot committer (the messages
@@ -315,9 +319,7 @@ impl Db {
     pub fn sqlite_commit_connection(&self) -> Result<Option<rusqlite::Connection>, DbError> {
         let Some(readers) = &self.readers else { return Ok(None) };
         let vfs = wal_vfs::register().map_err(|code| DbError::WalVfs(format!("registration failed (code {code})")))?;
-        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = rusqlite::Connection::open_with_flags_and_vfs(&readers.path, flags, vfs)?;
-        conn.execute_batch(SQLITE_SETUP)?;
+        let conn = open_sqlite(&readers.path, Some(vfs))?;
         // 2 = FULL: the VFS relies on the sync before SQLite publishes frames.
         let synchronous: i64 = conn.query_row("PRAGMA synchronous", [], |row| row.get(0))?;
         if synchronous < 2 {

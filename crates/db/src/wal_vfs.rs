@@ -290,6 +290,13 @@ mod tests {
         pub(super) static WRITES: Cell<usize> = const { Cell::new(0) };
     }
 
+    /// A fresh directory (removed when dropped) and a database path in it.
+    fn fresh_db() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        (dir, path)
+    }
+
     fn open(path: &std::path::Path, gather: bool) -> Connection {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = if gather {
@@ -310,10 +317,7 @@ mod tests {
 
     #[test]
     fn other_connections_see_every_commit_and_nothing_else() {
-        let dir = std::env::temp_dir().join(format!("natter-wal-vfs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("t.db");
-        let _ = std::fs::remove_file(&path);
+        let (_dir, path) = fresh_db();
         let mut writer = open(&path, true);
         // A tiny page cache: big transactions spill pages into the WAL
         // before they commit and then rewrite those frames.
@@ -363,15 +367,11 @@ mod tests {
         drop(writer);
         drop(reader);
         assert_eq!(seen(&open(&path, false)).0, rows);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_commit_reaches_the_wal_in_one_write() {
-        let dir = std::env::temp_dir().join(format!("natter-wal-vfs-one-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("t.db");
-        let _ = std::fs::remove_file(&path);
+        let (_dir, path) = fresh_db();
         let mut writer = open(&path, true);
         writer.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB NOT NULL);").unwrap();
         // ~40 pages of new rows (~165 KB of frames): ~80 writes on the
@@ -385,6 +385,5 @@ mod tests {
         assert_eq!(WRITES.with(Cell::get) - before, 2);
         let reader = open(&path, false);
         assert_eq!(seen(&reader), (40, 160_000));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

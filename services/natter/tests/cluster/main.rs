@@ -269,20 +269,7 @@ async fn replicas_keep_every_guarantee_through_a_crash() {
     let from_edge = sender(edge_ch.clone(), carol.clone(), "e");
 
     // Kill replica A mid-run, then bring it back on the same port.
-    let mut probe = MessageServiceClient::new(edge_ch.clone());
-    loop {
-        let listed = probe
-            .list_messages(authed(
-                &alice,
-                mpb::ListMessagesRequest { chat_id: chat.clone(), page_size: 1, ..Default::default() },
-            ))
-            .await
-            .unwrap();
-        if listed.into_inner().messages.first().is_some_and(|m| m.seq >= total / 3) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_seq(&edge_ch, &alice, &chat, total / 3).await;
     messages[0].kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
     messages[0].spawn();
@@ -307,27 +294,8 @@ async fn replicas_keep_every_guarantee_through_a_crash() {
 
     // The store has exactly one row per message.
     let mut rows: BTreeMap<i64, String> = BTreeMap::new();
-    let mut token = String::new();
-    loop {
-        let request = mpb::ListMessagesRequest {
-            chat_id: chat.clone(),
-            page_size: 200,
-            page_token: token.clone(),
-            order: mpb::SortOrder::Asc as i32,
-            ..Default::default()
-        };
-        let page = MessageServiceClient::new(edge_ch.clone())
-            .list_messages(authed(&alice, request))
-            .await
-            .unwrap()
-            .into_inner();
-        for m in page.messages {
-            assert!(rows.insert(m.seq, m.id).is_none(), "duplicate seq");
-        }
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
+    for (seq, id) in all_messages(&edge_ch, &alice, &chat).await {
+        assert!(rows.insert(seq, id).is_none(), "duplicate seq");
     }
     assert_eq!(rows.len() as i64, total);
 
@@ -425,15 +393,7 @@ async fn the_all_in_one_keeps_every_acknowledged_message_through_sigkill() {
         })
         .collect();
     // Kill once a third is in, while the writer is busy.
-    let mut probe = MessageServiceClient::new(ch.clone());
-    loop {
-        let request = mpb::ListMessagesRequest { chat_id: chat.clone(), page_size: 1, ..Default::default() };
-        let listed = probe.list_messages(authed(&alice, request)).await.unwrap().into_inner();
-        if listed.messages.first().is_some_and(|m| m.seq >= callers * each / 3) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_seq(&ch, &alice, &chat, callers * each / 3).await;
     node.kill();
     node.spawn();
     let ch = node.channel().await;
@@ -442,24 +402,7 @@ async fn the_all_in_one_keeps_every_acknowledged_message_through_sigkill() {
     for sender in senders {
         acked.extend(sender.await.unwrap());
     }
-    let mut stored: BTreeMap<i64, String> = BTreeMap::new();
-    let mut token = String::new();
-    loop {
-        let request = mpb::ListMessagesRequest {
-            chat_id: chat.clone(),
-            page_size: 200,
-            page_token: token,
-            order: mpb::SortOrder::Asc as i32,
-            ..Default::default()
-        };
-        let page = MessageServiceClient::new(ch.clone()).list_messages(authed(&alice, request)).await.unwrap();
-        let page = page.into_inner();
-        stored.extend(page.messages.into_iter().map(|m| (m.seq, m.id)));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let stored: BTreeMap<i64, String> = all_messages(&ch, &alice, &chat).await.into_iter().collect();
     let total = callers * each;
     assert_eq!(stored.keys().copied().collect::<Vec<_>>(), (1..=total).collect::<Vec<_>>(), "gap-free seqs");
     for m in &acked {
@@ -467,6 +410,42 @@ async fn the_all_in_one_keeps_every_acknowledged_message_through_sigkill() {
     }
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits until the chat's newest message has at least `seq` (polling the
+/// newest page of one).
+async fn wait_for_seq(channel: &Channel, token: &str, chat: &str, seq: i64) {
+    let mut probe = MessageServiceClient::new(channel.clone());
+    loop {
+        let request = mpb::ListMessagesRequest { chat_id: chat.to_owned(), page_size: 1, ..Default::default() };
+        let listed = probe.list_messages(authed(token, request)).await.unwrap().into_inner();
+        if listed.messages.first().is_some_and(|m| m.seq >= seq) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every stored message of the chat as (seq, id), oldest first, page by page.
+async fn all_messages(channel: &Channel, token: &str, chat: &str) -> Vec<(i64, String)> {
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = mpb::ListMessagesRequest {
+            chat_id: chat.to_owned(),
+            page_size: 200,
+            page_token,
+            order: mpb::SortOrder::Asc as i32,
+            ..Default::default()
+        };
+        let page = MessageServiceClient::new(channel.clone()).list_messages(authed(token, request)).await.unwrap();
+        let page = page.into_inner();
+        all.extend(page.messages.into_iter().map(|m| (m.seq, m.id)));
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 async fn next(

@@ -249,6 +249,13 @@ async fn metrics_endpoint_counts_and_times_rpcs() {
     }
     let refused = c.sessions().get_current_session(with_token("not-a-token", spb::GetCurrentSessionRequest {})).await;
     assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
+    // One send goes through the message writer: its commit and its answer
+    // are charged to their phases.
+    let request = cpb::CreateChatRequest { title: "metered".into(), ..Default::default() };
+    let chat = c.chats().create_chat(authed(&user, request)).await.unwrap().into_inner();
+    let request =
+        mpb::SendMessageRequest { chat_id: chat.chat.unwrap().id, text: "metered".into(), ..Default::default() };
+    c.messages().send_message(authed(&user, request)).await.unwrap();
 
     let (status, after) = natter_testkit::http_get(addr, "/metrics").await;
     assert_eq!(status, 200);
@@ -258,12 +265,17 @@ async fn metrics_endpoint_counts_and_times_rpcs() {
     assert!(grew("natter_rpc_requests_total", &denied) >= 1.0, "{after}");
     assert!(grew("natter_rpc_duration_seconds_count", &timed) >= 4.0, "{after}");
     assert!(sample(&after, "natter_rpc_duration_seconds_sum", &timed) > 0.0);
+    for phase in ["statements", "commit", "answer"] {
+        let label = format!(r#"phase="{phase}""#);
+        assert!(grew("natter_writer_seconds_total", &[&label]) > 0.0, "the writer's {phase} time grew: {after}");
+    }
     for name in [
         "natter_active_streams",
         "natter_store_batch_size",
         "natter_store_commit_seconds",
         "natter_bus_published_total",
         "natter_bus_received_total",
+        "natter_writer_seconds_total",
     ] {
         assert!(after.contains(&format!("# TYPE {name} ")), "{name} is exposed");
     }

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 
+use natter_kit::metrics::{PhaseClock, WriterPhase};
 use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 
 use crate::store::{NewMessage, Sent, insert_message_sql};
@@ -40,7 +41,10 @@ impl SqliteCommitter {
     /// `Duplicate`; a reply to a seq the chat does not have (counting the
     /// batch's earlier messages) is `NoSuchReply`. An error rolls the whole
     /// batch back: nothing of it is written.
-    pub fn insert_batch(&mut self, batch: &[NewMessage]) -> rusqlite::Result<Vec<Sent>> {
+    ///
+    /// Charges its time to `clock`: the statements, then the COMMIT (WAL
+    /// write and sync).
+    pub fn insert_batch(&mut self, batch: &[NewMessage], clock: &mut PhaseClock) -> rusqlite::Result<Vec<Sent>> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut outcomes = Vec::with_capacity(batch.len());
         {
@@ -93,7 +97,10 @@ impl SqliteCommitter {
                 write_head.execute(params![chat, head])?;
             }
         }
-        tx.commit()?;
+        clock.lap(WriterPhase::Statements);
+        let committed = tx.commit();
+        clock.lap(WriterPhase::Commit);
+        committed?;
         Ok(outcomes)
     }
 }

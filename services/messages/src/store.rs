@@ -616,11 +616,12 @@ mod tests {
         let store = open_store(dir.path()).await;
         let mut committer =
             crate::sqlite_commit::SqliteCommitter::new(store.db().sqlite_commit_connection().unwrap().unwrap());
-        assert_eq!(seq(&committer.insert_batch(&[msg("m0", "a", 0)]).unwrap()[0]), Some(1));
-        let out = committer.insert_batch(&mixed_batch()).unwrap();
+        let mut clock = natter_kit::metrics::PhaseClock::start();
+        assert_eq!(seq(&committer.insert_batch(&[msg("m0", "a", 0)], &mut clock).unwrap()[0]), Some(1));
+        let out = committer.insert_batch(&mixed_batch(), &mut clock).unwrap();
         assert_mixed_batch_outcome(&store, &out).await;
         // A reply to a message earlier in the same batch is accepted.
-        let out = committer.insert_batch(&[msg("m6", "c", 0), msg("m7", "c", 1)]).unwrap();
+        let out = committer.insert_batch(&[msg("m6", "c", 0), msg("m7", "c", 1)], &mut clock).unwrap();
         assert_eq!(out.iter().map(seq).collect::<Vec<_>>(), [Some(1), Some(2)]);
     }
 }

@@ -17,6 +17,11 @@
 //!    committed and its chat's activity recorded: a client that sends and
 //!    then lists sees its chat on top.
 //!
+//! The loop charges its wall-clock time to these steps
+//! (`natter_writer_seconds_total{phase}`, see
+//! [`natter_kit::metrics::WriterPhase`]): whether the writer waits for
+//! work, for the disk or for the chats service shows there.
+//!
 //! The writer is a thread, not a task, so that it never waits behind the
 //! request tasks for a turn on the runtime's workers. Committing and
 //! announcing on one thread, rather than on two that hand batches over,
@@ -26,6 +31,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use natter_kit::metrics::{PhaseClock, WriterPhase};
 use natter_links::ChatDirectory;
 use natter_proto::chats::v1::Activity;
 use tokio::sync::{mpsc, oneshot};
@@ -99,15 +105,23 @@ impl Committer {
     /// that fails writes nothing: its messages are then retried one by one,
     /// so one bad message (or a race with another replica on an id) fails
     /// only its own caller.
-    fn commit(&mut self, runtime: &tokio::runtime::Handle, messages: &[NewMessage]) -> Vec<Outcome> {
+    fn commit(
+        &mut self,
+        runtime: &tokio::runtime::Handle,
+        messages: &[NewMessage],
+        clock: &mut PhaseClock,
+    ) -> Vec<Outcome> {
         let started = std::time::Instant::now();
         let batch = match self {
             Committer::Sqlite(committer, turn) => {
                 let _turn = turn.blocking_lock();
-                committer.insert_batch(messages).map_err(|e| Arc::new(e) as CommitError)
+                clock.lap(WriterPhase::Turn);
+                committer.insert_batch(messages, clock).map_err(|e| Arc::new(e) as CommitError)
             }
             Committer::Pool(store) => {
-                runtime.block_on(store.insert_batch(messages)).map_err(|e| Arc::new(e) as CommitError)
+                let batch = runtime.block_on(store.insert_batch(messages));
+                clock.lap(WriterPhase::Commit);
+                batch.map_err(|e| Arc::new(e) as CommitError)
             }
         };
         match batch {
@@ -119,7 +133,7 @@ impl Committer {
                 tracing::warn!(batch = messages.len(), error = %e, "batch failed; committing one by one");
                 messages
                     .iter()
-                    .map(|m| self.commit(runtime, std::slice::from_ref(m)).pop().unwrap_or(Err(e.clone())))
+                    .map(|m| self.commit(runtime, std::slice::from_ref(m), clock).pop().unwrap_or(Err(e.clone())))
                     .collect()
             }
             Err(e) => vec![Err(e)],
@@ -155,14 +169,18 @@ fn write_loop(
     chats: &dyn ChatDirectory,
     mut jobs: mpsc::Receiver<Job>,
 ) {
+    let mut clock = PhaseClock::start();
     while let Some(first) = jobs.blocking_recv() {
+        clock.lap(WriterPhase::Idle);
         let (messages, replies, span) = gather(first, &mut jobs);
-        let outcomes = span.in_scope(|| committer.commit(runtime, &messages));
+        let outcomes = span.in_scope(|| committer.commit(runtime, &messages, &mut clock));
         let created: Vec<&Sent> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
         runtime.block_on(record_activity(chats, &created).instrument(span));
+        clock.lap(WriterPhase::Activity);
         for (reply, outcome) in replies.into_iter().zip(outcomes) {
             let _ = reply.send(outcome);
         }
+        clock.lap(WriterPhase::Answer);
     }
 }
 

@@ -1,7 +1,8 @@
-//! The server's own view of a loop's latency: natter's
-//! `natter_rpc_duration_seconds` histogram (time from a request's arrival to
-//! its final status), read from its Prometheus endpoint at the start and the
-//! end of the measurement window.
+//! The server's own view of a loop: natter's `natter_rpc_duration_seconds`
+//! histogram (time from a request's arrival to its final status) and its
+//! message writer's time by phase (`natter_writer_seconds_total`,
+//! `natter_store_batch_size`), read from its Prometheus endpoint at the
+//! start and the end of the measurement window.
 //!
 //! The tool's latencies are measured in the client, which shares the two
 //! cores with the server: a call whose response sits in the client's socket
@@ -9,6 +10,7 @@
 //! there. The histogram leaves that out, at the resolution of its buckets
 //! (0.5, 1, 2.5, 5, 10, 25 ms, ...).
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -38,23 +40,65 @@ impl ServerLatency {
     }
 }
 
-/// Reads the histogram of `method` at `from` and at `until` from the
-/// Prometheus endpoint at `addr` (`host:port`), and compares. None without
-/// an endpoint, or when a read fails (the failure is printed).
+/// Where the message writer's wall-clock time went in one window.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct WriterShares {
+    /// Share of the window (0..1) in each phase of `natter_writer_seconds_total`
+    /// (`idle`, `turn`, `statements`, `commit`, `activity`, `answer`); they
+    /// add up to ~1.
+    pub(crate) phases: BTreeMap<String, f64>,
+    /// Messages per committed batch, on average (`natter_store_batch_size`).
+    pub(crate) mean_batch: Option<f64>,
+}
+
+impl WriterShares {
+    /// `writer: idle 31%, commit 47%, ..., batch 16.3`, for a table line
+    /// (phases under 0.5% left out).
+    pub(crate) fn summary(&self) -> String {
+        let mut parts: Vec<String> = ["idle", "turn", "statements", "commit", "activity", "answer"]
+            .iter()
+            .filter_map(|phase| {
+                let share = *self.phases.get(*phase)?;
+                (share >= 0.005).then(|| format!("{phase} {:.0}%", share * 100.0))
+            })
+            .collect();
+        if let Some(batch) = self.mean_batch {
+            parts.push(format!("batch {batch:.1}"));
+        }
+        format!("writer: {}", parts.join(", "))
+    }
+}
+
+/// What the server's metrics say about one window.
+#[derive(Clone, Debug)]
+pub(crate) struct ServerWindow {
+    pub(crate) latency: ServerLatency,
+    /// None when the server exports no writer metrics (a process without
+    /// the messages service, or an older natter).
+    pub(crate) writer: Option<WriterShares>,
+}
+
+/// Reads the server's metrics at `from` and at `until` from the Prometheus
+/// endpoint at `addr` (`host:port`), and compares: `method`'s latency
+/// histogram and the writer's phases. None without an endpoint, or when a
+/// read fails (the failure is printed).
 pub(crate) fn window(
     addr: Option<String>,
     method: &'static str,
     from: Instant,
     until: Instant,
-) -> tokio::task::JoinHandle<Option<ServerLatency>> {
+) -> tokio::task::JoinHandle<Option<ServerWindow>> {
     tokio::spawn(async move {
         let addr = addr?;
         tokio::time::sleep_until(from.into()).await;
-        let start = scrape(&addr, method).await;
+        let start = scrape(&addr).await.map(|text| (Instant::now(), text));
         tokio::time::sleep_until(until.into()).await;
-        let end = scrape(&addr, method).await;
+        let end = scrape(&addr).await.map(|text| (Instant::now(), text));
         match (start, end) {
-            (Ok(start), Ok(end)) => Some(compare(&start, &end)),
+            (Ok((t0, start)), Ok((t1, end))) => Some(ServerWindow {
+                latency: compare(&parse(&start, method), &parse(&end, method)),
+                writer: writer_shares(&start, &end, (t1 - t0).as_secs_f64()),
+            }),
             (Err(e), _) | (_, Err(e)) => {
                 eprintln!("natter-bench: cannot read the server's metrics at {addr}: {e}");
                 None
@@ -63,13 +107,47 @@ pub(crate) fn window(
     })
 }
 
-/// One GET of `/metrics` (HTTP/1.0, so the server closes when done).
-async fn scrape(addr: &str, method: &str) -> std::io::Result<Buckets> {
+/// One GET of `/metrics` (HTTP/1.0, so the server closes when done): the
+/// response, headers and all.
+async fn scrape(addr: &str) -> std::io::Result<String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: natter\r\n\r\n").await?;
     let mut body = String::new();
     stream.read_to_string(&mut body).await?;
-    Ok(parse(&body, method))
+    Ok(body)
+}
+
+/// The samples of a Prometheus text exposition whose series name (labels
+/// included) starts with `prefix`: (the rest of the series, value).
+fn samples<'a>(text: &'a str, prefix: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+    text.lines().filter_map(move |line| {
+        let (series, value) = line.strip_prefix(prefix)?.rsplit_once(' ')?;
+        Some((series, value.trim().parse().ok()?))
+    })
+}
+
+/// The writer's shares of `seconds` of wall-clock time between two readings.
+fn writer_shares(start: &str, end: &str, seconds: f64) -> Option<WriterShares> {
+    let phases = |text| -> BTreeMap<String, f64> {
+        samples(text, "natter_writer_seconds_total{phase=\"")
+            .filter_map(|(rest, value)| Some((rest.split_once('"')?.0.to_owned(), value)))
+            .collect()
+    };
+    let (before, after) = (phases(start), phases(end));
+    if after.is_empty() || seconds <= 0.0 {
+        return None;
+    }
+    let phases = after
+        .iter()
+        .map(|(phase, value)| {
+            (phase.clone(), crate::load::round3((value - before.get(phase).unwrap_or(&0.0)) / seconds))
+        })
+        .collect();
+    let total = |text, name| samples(text, name).map(|(_, v)| v).sum::<f64>();
+    let messages = total(end, "natter_store_batch_size_sum") - total(start, "natter_store_batch_size_sum");
+    let batches = total(end, "natter_store_batch_size_count") - total(start, "natter_store_batch_size_count");
+    let mean_batch = (batches > 0.0).then(|| crate::load::round3(messages / batches));
+    Some(WriterShares { phases, mean_batch })
 }
 
 /// The buckets of `method` in a Prometheus text exposition, summed over
@@ -135,5 +213,23 @@ natter_rpc_duration_seconds_bucket{method=\"Check\",service=\"grpc.health.v1.Hea
         assert_eq!(seen.share_over_5ms, 0.01);
         assert_eq!(seen.p99_at_most_ms, Some(5.0));
         assert!(parse(BEFORE, "GetMessage").is_empty());
+    }
+
+    #[test]
+    fn writer_shares_are_the_phases_growth_over_the_window() {
+        let reading = |idle: f64, commit: f64, sum: f64, count: f64| {
+            format!(
+                "natter_writer_seconds_total{{phase=\"idle\"}} {idle}\n\
+                 natter_writer_seconds_total{{phase=\"commit\"}} {commit}\n\
+                 natter_store_batch_size_sum {sum}\nnatter_store_batch_size_count {count}\n"
+            )
+        };
+        // Over 2 s: 0.5 s more idle, 1.5 s more committing, 300 messages in 20 batches.
+        let shares = writer_shares(&reading(10.0, 4.0, 100.0, 10.0), &reading(10.5, 5.5, 400.0, 30.0), 2.0).unwrap();
+        assert_eq!(shares.phases["idle"], 0.25);
+        assert_eq!(shares.phases["commit"], 0.75);
+        assert_eq!(shares.mean_batch, Some(15.0));
+        assert_eq!(shares.summary(), "writer: idle 25%, commit 75%, batch 15.0");
+        assert!(writer_shares(BEFORE, BEFORE, 2.0).is_none(), "no writer metrics, no shares");
     }
 }

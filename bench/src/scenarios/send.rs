@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::{Ctx, Report, fmt_ratio};
 use crate::client::User;
 use crate::load::{self, Measured, Outcome};
-use crate::server_latency::{self, ServerLatency};
+use crate::server_latency::{self, ServerLatency, ServerWindow, WriterShares};
 
 #[derive(Serialize)]
 struct ClosedRun {
@@ -23,6 +23,11 @@ struct ClosedRun {
     ratio_to_ceiling: Option<f64>,
     #[serde(flatten)]
     measured: Measured,
+    /// The server's own histogram over the window (with `--server-metrics`
+    /// or `--spawn`).
+    server_latency: Option<ServerLatency>,
+    /// Where the server's message writer spent the window (likewise).
+    writer: Option<WriterShares>,
 }
 
 #[derive(Serialize)]
@@ -38,6 +43,8 @@ struct HalfRate {
     /// The server's own histogram over the window (with `--server-metrics`
     /// or `--spawn`).
     server_latency: Option<ServerLatency>,
+    /// Where the server's message writer spent the window (likewise).
+    writer: Option<WriterShares>,
 }
 
 #[derive(Serialize)]
@@ -97,13 +104,15 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         let mut base: Option<(usize, f64)> = None;
         for &concurrency in &s.send_concurrency {
             let plan = plan.clone();
+            let from = std::time::Instant::now() + s.warmup;
+            let server = server_latency::window(ctx.target.metrics.clone(), "SendMessage", from, from + s.duration);
             let out = load::closed_loop(concurrency, s.warmup, s.duration, ctx.target.pid, move |i| plan.call(i)).await;
             if concurrency <= 64 || base.is_none() {
                 base = Some((concurrency, out.per_sec()));
             }
-            let run = closed_run(ctx, spread, *chats, concurrency, out);
+            let run = closed_run(ctx, spread, *chats, concurrency, out, server.await.ok().flatten());
             table.push(format!(
-                "send     {:<10} {:>5} {:>6} {:>12.0} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>13} {:>7}",
+                "send     {:<10} {:>5} {:>6} {:>12.0} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>13} {:>7}{}",
                 spread,
                 chats,
                 concurrency,
@@ -113,7 +122,8 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
                 run.measured.latency.p99_ms,
                 run.measured.latency.p999_ms,
                 run.measured.cpu.cell(),
-                run.measured.errors
+                run.measured.errors,
+                run.writer.as_ref().map(|w| format!("  {}", w.summary())).unwrap_or_default()
             ));
             closed.push(run);
         }
@@ -124,12 +134,13 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
             let server = server_latency::window(ctx.target.metrics.clone(), "SendMessage", from, from + s.duration);
             let out = load::open_loop(target, s.warmup, s.duration, ctx.target.pid, move |k| plan.call(k)).await;
             let measured = out.measured();
-            let server_latency = server.await.ok().flatten();
+            let (server_latency, writer) = split(server.await.ok().flatten());
             table.push(format!(
-                "send     {spread:<10} {chats:>5}  open loop at half the conc-{of_concurrency} rate, {target:.0}/s: achieved {:.0}/s  {}{}",
+                "send     {spread:<10} {chats:>5}  open loop at half the conc-{of_concurrency} rate, {target:.0}/s: achieved {:.0}/s  {}{}{}",
                 out.per_sec(),
                 measured.summary("call"),
-                server_latency.as_ref().map(|l| format!("  ({})", l.summary())).unwrap_or_default()
+                server_latency.as_ref().map(|l| format!("  ({})", l.summary())).unwrap_or_default(),
+                writer.as_ref().map(|w| format!("  {}", w.summary())).unwrap_or_default()
             ));
             half.push(HalfRate {
                 spread,
@@ -139,13 +150,22 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
                 ratio_to_ceiling: ctx.ratio(out.per_sec()),
                 measured,
                 server_latency,
+                writer,
             });
         }
     }
     Report::new(Results { ceiling_per_s: ctx.ceiling.map(load::round3), closed_loop: closed, half_rate: half }, table)
 }
 
-fn closed_run(ctx: &Ctx<'_>, spread: &'static str, chats: usize, concurrency: usize, out: Outcome) -> ClosedRun {
+fn closed_run(
+    ctx: &Ctx<'_>,
+    spread: &'static str,
+    chats: usize,
+    concurrency: usize,
+    out: Outcome,
+    server: Option<ServerWindow>,
+) -> ClosedRun {
+    let (server_latency, writer) = split(server);
     ClosedRun {
         spread,
         chats,
@@ -153,5 +173,12 @@ fn closed_run(ctx: &Ctx<'_>, spread: &'static str, chats: usize, concurrency: us
         messages_per_s: load::round3(out.per_sec()),
         ratio_to_ceiling: ctx.ratio(out.per_sec()),
         measured: out.measured(),
+        server_latency,
+        writer,
     }
+}
+
+/// The server's view of a window as the report's two fields.
+fn split(server: Option<ServerWindow>) -> (Option<ServerLatency>, Option<WriterShares>) {
+    server.map_or((None, None), |w| (Some(w.latency), w.writer))
 }

@@ -233,6 +233,15 @@ impl WriterPhase {
     }
 }
 
+// `writer_time` indexes the handles, built in `ALL`'s order, by discriminant.
+const _: () = {
+    let mut i = 0;
+    while i < WriterPhase::ALL.len() {
+        assert!(WriterPhase::ALL[i] as usize == i, "WriterPhase::ALL is in declaration order");
+        i += 1;
+    }
+};
+
 /// Adds `duration` of wall-clock time to the writer's `phase`
 /// (`natter_writer_seconds_total{phase}`). Always recorded: one atomic add
 /// per phase and batch.

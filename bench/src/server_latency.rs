@@ -53,13 +53,14 @@ pub(crate) struct WriterShares {
 
 impl WriterShares {
     /// `writer: idle 31%, commit 47%, ..., batch 16.3`, for a table line
-    /// (phases under 0.5% left out).
+    /// (phases that round to 0% left out).
     pub(crate) fn summary(&self) -> String {
         let mut parts: Vec<String> = ["idle", "turn", "statements", "commit", "activity", "answer"]
             .iter()
             .filter_map(|phase| {
                 let share = *self.phases.get(*phase)?;
-                (share >= 0.005).then(|| format!("{phase} {:.0}%", share * 100.0))
+                let percent = (share * 100.0).round();
+                (percent >= 1.0).then(|| format!("{phase} {percent}%"))
             })
             .collect();
         if let Some(batch) = self.mean_batch {
@@ -230,6 +231,11 @@ natter_rpc_duration_seconds_bucket{method=\"Check\",service=\"grpc.health.v1.Hea
         assert_eq!(shares.phases["commit"], 0.75);
         assert_eq!(shares.mean_batch, Some(15.0));
         assert_eq!(shares.summary(), "writer: idle 25%, commit 75%, batch 15.0");
+        let mut tiny = shares.clone();
+        // Shares are rounded to 0.001: 0.005 shows as 1%, 0.004 not at all.
+        tiny.phases.insert("turn".into(), 0.005);
+        tiny.phases.insert("answer".into(), 0.004);
+        assert_eq!(tiny.summary(), "writer: idle 25%, turn 1%, commit 75%, batch 15.0");
         assert!(writer_shares(BEFORE, BEFORE, 2.0).is_none(), "no writer metrics, no shares");
     }
 }

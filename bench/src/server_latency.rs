@@ -156,14 +156,12 @@ fn writer_shares(start: &str, end: &str, seconds: f64) -> Option<WriterShares> {
 fn parse(text: &str, method: &str) -> Buckets {
     let label = format!("method=\"{method}\"");
     let mut buckets: Buckets = Vec::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("natter_rpc_duration_seconds_bucket{") else { continue };
-        let Some((labels, count)) = rest.split_once("} ") else { continue };
+    for (labels, count) in samples(text, "natter_rpc_duration_seconds_bucket{") {
+        let labels = labels.trim_end_matches('}');
         if !labels.split(',').any(|l| l == label) {
             continue;
         }
-        let le = labels.split(',').find_map(|l| l.strip_prefix("le=\"")?.strip_suffix('"'));
-        let (Some(le), Ok(count)) = (le, count.trim().parse::<f64>()) else { continue };
+        let Some(le) = labels.split(',').find_map(|l| l.strip_prefix("le=\"")?.strip_suffix('"')) else { continue };
         let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
         match buckets.iter_mut().find(|(bound, _)| *bound == le) {
             Some((_, total)) => *total += count,

@@ -202,7 +202,9 @@ pub enum WriterPhase {
     /// and then, an automatic checkpoint); on PostgreSQL the whole
     /// transaction, statements included.
     Commit,
-    /// Recording the chats' newest messages with the chats service.
+    /// Recording the chats' newest messages with the chats service (on
+    /// SQLite in the all-in-one, a map update: the chats store writes them
+    /// in the background).
     Activity,
     /// Answering the batch's callers.
     Answer,

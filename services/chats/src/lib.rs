@@ -6,6 +6,7 @@
 //! sessions service (user look-ups) and the messages service (previews,
 //! unread counts) only through `natter-links`.
 
+mod activity;
 pub mod domain;
 pub mod error;
 pub mod grpc;
@@ -13,6 +14,7 @@ pub mod service;
 pub mod store;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use natter_auth::Authenticator;
 use natter_bus::EventBus;
@@ -41,6 +43,11 @@ pub struct ChatsArgs {
     /// Most members of a group chat, the owner included.
     #[arg(long, env = "NATTER_MAX_GROUP_MEMBERS", default_value_t = 1000)]
     pub max_group_members: usize,
+    /// On SQLite, how long chat activity (the ListChats order) may stay in
+    /// memory before it is written; listings write it first. Keep it well
+    /// under 10s, the span the messages service re-announces after a crash
+    #[arg(long, env = "NATTER_ACTIVITY_FLUSH_INTERVAL", value_parser = humantime::parse_duration, default_value = "50ms")]
+    pub activity_flush_interval: Duration,
 }
 
 impl Default for ChatsArgs {
@@ -50,6 +57,7 @@ impl Default for ChatsArgs {
             max_title_chars: limits.title_chars,
             max_description_chars: limits.description_chars,
             max_group_members: limits.group_members,
+            activity_flush_interval: Duration::from_millis(50),
         }
     }
 }
@@ -77,7 +85,7 @@ pub async fn open(
     only_instance: bool,
 ) -> Result<Arc<Chats>, DbError> {
     let db = Db::connect(db, &MIGRATOR).await?;
-    let chats = Chats::new(store::Store::new(db)?, users, messages, bus, args.limits());
+    let chats = Chats::new(store::Store::new(db, args.activity_flush_interval)?, users, messages, bus, args.limits());
     Ok(Arc::new(if only_instance { chats.with_membership_cache() } else { chats }))
 }
 
@@ -140,6 +148,9 @@ pub async fn run(
     let mut server = Server::new(&config.server);
     add_services(&mut server, &chats, auth).await;
     server.serve(listener, shutdown).await?;
+    if let Err(e) = chats.store().flush_activity().await {
+        tracing::warn!(error = %e, "writing chat activity at shutdown failed");
+    }
     chats.store().db().close().await;
     Ok(())
 }

@@ -3,9 +3,11 @@
 //! database leaves this module.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use natter_db::{Db, DbError, SqlBuilder, escape_like};
 
+use crate::activity::ActivityBuffer;
 use crate::domain::{Kind, Role};
 
 /// A row of `chats`.
@@ -87,9 +89,9 @@ pub enum Inserted {
 #[derive(Clone)]
 pub struct Store {
     db: Db,
-    /// On SQLite, the connection that records chat activity (see
-    /// [`Store::record_activity`]).
-    activity: Option<Arc<std::sync::Mutex<rusqlite::Connection>>>,
+    /// On SQLite, chat activity not yet written (see
+    /// [`Store::record_activity`] and [`crate::activity`]).
+    activity: Option<Arc<ActivityBuffer>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -99,22 +101,43 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// The store over `db`; on SQLite it opens the connection that records
-    /// chat activity.
+    /// The store over `db`. On SQLite it opens the connection that writes
+    /// chat activity and keeps activity in memory between writes, which
+    /// happen every `activity_interval` (see [`crate::activity`]).
     ///
-    /// Errors: that connection cannot be opened.
-    pub fn new(db: Db) -> Result<Self, DbError> {
+    /// Errors: that connection cannot be opened. Panics on SQLite outside a
+    /// tokio runtime.
+    pub fn new(db: Db, activity_interval: Duration) -> Result<Self, DbError> {
         let activity = match db.sqlite_connection()? {
             Some(conn) => {
                 // Activity is derived data: its commits skip the WAL sync
                 // (see `record_activity`); a durable commit on the other
                 // connection syncs them along with its own.
                 conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
-                Some(Arc::new(std::sync::Mutex::new(conn)))
+                Some(ActivityBuffer::start(db.clone(), conn, activity_interval))
             }
             None => None,
         };
         Ok(Self { db, activity })
+    }
+
+    /// Lays pending chat activity over `row` (SQLite).
+    fn overlay(&self, mut row: ChatRow) -> ChatRow {
+        if let Some(activity) = &self.activity {
+            activity.overlay(&mut row);
+        }
+        row
+    }
+
+    /// Writes the chat activity kept in memory (SQLite; nothing to do on
+    /// PostgreSQL). Call before closing the store.
+    ///
+    /// Errors: the write failed; the activity stays in memory.
+    pub async fn flush_activity(&self) -> Result<(), DbError> {
+        match &self.activity {
+            Some(activity) => activity.flush().await,
+            None => Ok(()),
+        }
     }
 
     pub fn db(&self) -> &Db {
@@ -172,13 +195,15 @@ impl Store {
     pub async fn chat(&self, id: &str) -> Result<Option<ChatRow>, sqlx::Error> {
         let mut q = SqlBuilder::new(CHAT_SELECT);
         q.push(" WHERE c.id = ").bind(id.to_owned());
-        q.build_as().fetch_optional(self.db.read()).await
+        let row = q.build_as().fetch_optional(self.db.read()).await?;
+        Ok(row.map(|row| self.overlay(row)))
     }
 
     pub async fn chat_by_direct_key(&self, key: &str) -> Result<Option<ChatRow>, sqlx::Error> {
         let mut q = SqlBuilder::new(CHAT_SELECT);
         q.push(" WHERE c.direct_key = ").bind(key.to_owned());
-        q.build_as().fetch_optional(self.db.read()).await
+        let row = q.build_as().fetch_optional(self.db.read()).await?;
+        Ok(row.map(|row| self.overlay(row)))
     }
 
     /// A chat and the role of `user_id` in it.
@@ -187,7 +212,7 @@ impl Store {
         let mut q = SqlBuilder::new(CHAT_SELECT_WITH_ROLE);
         q.bind(user_id.to_owned()).push(" WHERE c.id = ").bind(chat_id.to_owned());
         let row: Option<AccessRow> = q.build_as().fetch_optional(self.db.read()).await?;
-        Ok(row.map(|r| ChatAccess { chat: r.chat, role: r.role.as_deref().map(Role::parse) }))
+        Ok(row.map(|r| ChatAccess { chat: self.overlay(r.chat), role: r.role.as_deref().map(Role::parse) }))
     }
 
     /// The role of `user_id` in `chat_id`, if a member.
@@ -210,7 +235,9 @@ impl Store {
     }
 
     /// A page of chats by last activity, after the keyset position `after`
-    /// (last_activity_time, id) in the listing's order.
+    /// (last_activity_time, id) in the listing's order. Activity recorded
+    /// before the call is written first, so the order includes it (a failed
+    /// write is logged and the page read as the database has it).
     pub async fn list_chats(
         &self,
         user_id: &str,
@@ -218,6 +245,9 @@ impl Store {
         after: Option<(i64, String)>,
         limit: u32,
     ) -> Result<Vec<ChatRow>, sqlx::Error> {
+        if let Err(e) = self.flush_activity().await {
+            tracing::warn!(error = %e, "writing chat activity before a listing failed");
+        }
         let mut q = SqlBuilder::new(CHAT_SELECT);
         if filter.public {
             q.push(" WHERE c.visibility = 'public'");
@@ -256,27 +286,24 @@ impl Store {
     }
 
     /// Moves chats' last activity forward (never back): `(chat_id, last_seq,
-    /// time)` each, in one transaction.
+    /// time)` each.
     ///
-    /// Activity is derived data (the messages store has the truth), so this
-    /// commit skips the disk flush: `synchronous_commit = off` on PostgreSQL,
-    /// `synchronous = NORMAL` on SQLite (WAL). A crash of the machine may
-    /// lose the newest activity of a chat, which its next message restores;
-    /// it never loses a chat or a membership.
+    /// On SQLite it only records them in memory ([`crate::activity`]): they
+    /// are written within the activity interval, before any listing and at
+    /// shutdown, and reads of a chat see them at once.
     ///
-    /// On SQLite it runs on a connection of its own with a prepared
-    /// statement, inline: in the all-in-one the messages writer thread calls
-    /// it, and there it costs no hand-off to sqlx's worker thread. (A chats
-    /// service on SQLite alone runs it on the calling worker: one short
-    /// transaction without a sync.)
+    /// On PostgreSQL it writes them in one transaction. Activity is derived
+    /// data (the messages store has the truth), so that commit skips the disk
+    /// flush (`synchronous_commit = off`): a crash of the database may lose a
+    /// chat's newest activity, which its next message restores; it never
+    /// loses a chat or a membership.
     pub async fn record_activity(&self, activities: &[(String, i64, i64)]) -> Result<(), DbError> {
         if activities.is_empty() {
             return Ok(());
         }
-        if let Some(conn) = &self.activity {
-            let _turn = self.db.write_turn().await;
-            let mut conn = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            return Ok(record_activity_sqlite(&mut conn, activities)?);
+        if let Some(activity) = &self.activity {
+            activity.record(activities);
+            return Ok(());
         }
         let mut q = SqlBuilder::new(
             "UPDATE chats SET last_seq = v.column2, last_activity_time = v.column3, last_message_time = v.column3 FROM (VALUES ",
@@ -484,21 +511,4 @@ async fn recount(tx: &mut sqlx::Transaction<'static, natter_db::Any>, chat_id: &
     .fetch_one(&mut **tx)
     .await?;
     Ok(count)
-}
-
-/// [`Store::record_activity`] on SQLite: one prepared UPDATE per chat.
-fn record_activity_sqlite(conn: &mut rusqlite::Connection, activities: &[(String, i64, i64)]) -> rusqlite::Result<()> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    {
-        let mut update = tx.prepare_cached(
-            // `?N`, not `$N`: SQLite numbers `$N` by first appearance, and
-            // rusqlite binds by number.
-            "UPDATE chats SET last_seq = ?2, last_activity_time = ?3, last_message_time = ?3 \
-             WHERE id = ?1 AND last_seq < ?2",
-        )?;
-        for (chat_id, last_seq, time) in activities {
-            update.execute(rusqlite::params![chat_id, last_seq, time])?;
-        }
-    }
-    tx.commit()
 }

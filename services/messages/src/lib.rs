@@ -73,7 +73,32 @@ pub async fn open(
     args: &MessagesArgs,
 ) -> anyhow::Result<Arc<Messages>> {
     let db = Db::connect(db, &MIGRATOR).await?;
-    Ok(Arc::new(Messages::new(store::Store::new(db), chats, bus, args.limits())?))
+    let messages = Arc::new(Messages::new(store::Store::new(db), chats, bus, args.limits())?);
+    announce_recent_activity(&messages).await;
+    Ok(messages)
+}
+
+/// [`Messages::announce_recent_activity`] at start-up; when the chats
+/// service cannot take it yet (split services starting together), tried again
+/// once a second in the background, ten times at most, then logged.
+async fn announce_recent_activity(messages: &Arc<Messages>) {
+    match messages.announce_recent_activity().await {
+        Ok(0) => {}
+        Ok(chats) => tracing::info!(chats, "re-announced recent chat activity"),
+        Err(first) => {
+            tracing::warn!(error = %first, "re-announcing recent chat activity failed; trying again");
+            let messages = messages.clone();
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    match messages.announce_recent_activity().await {
+                        Ok(_) => return,
+                        Err(e) => tracing::warn!(error = %e, "re-announcing recent chat activity failed"),
+                    }
+                }
+            });
+        }
+    }
 }
 
 /// Adds the public and internal messages services to `server`; open streams

@@ -16,6 +16,11 @@ use crate::error::MessagesError;
 use crate::store::{MessageRow, NewMessage, Range, RevisionRow, Sent, Store};
 use crate::writer::Writer;
 
+/// How far back from the newest message [`Messages::announce_recent_activity`]
+/// looks, in µs: far more than the chats store keeps activity in memory
+/// (50 ms by default), and than a message waits in the writer's queue.
+pub const RECOVERY_WINDOW_US: i64 = 10_000_000;
+
 /// A validated SendMessage request.
 #[derive(Clone, Debug)]
 pub struct SendRequest {
@@ -84,6 +89,31 @@ impl Messages {
         limits: Limits,
     ) -> std::io::Result<Self> {
         Ok(Self { writer: Writer::start(store.clone(), chats.clone())?, store, chats, bus, limits })
+    }
+
+    /// Re-announces to the chats service the newest message of every chat
+    /// sent within [`RECOVERY_WINDOW_US`] before the newest message stored
+    /// (SQLite only; see [`Store::recent_activity`]), so that activity the
+    /// chats store still held in memory when the process died is not lost.
+    /// The chats service ignores what it has already (a seq never moves
+    /// back). Call once at start-up, before serving.
+    ///
+    /// Errors: reading the store, or the chats service refused the call.
+    pub async fn announce_recent_activity(&self) -> Result<usize, MessagesError> {
+        let Some(recent) = self.store.recent_activity(RECOVERY_WINDOW_US).await? else { return Ok(0) };
+        let chats = recent.len();
+        let activities: Vec<cpb::Activity> = recent
+            .into_iter()
+            .map(|(chat_id, last_seq, time)| cpb::Activity {
+                chat_id,
+                last_seq,
+                last_activity_time: Some(timestamp(time)),
+            })
+            .collect();
+        for chunk in activities.chunks(1000) {
+            self.chats.record_activity(chunk.to_vec()).await.map_err(MessagesError::Upstream)?;
+        }
+        Ok(chats)
     }
 
     pub fn store(&self) -> &Store {

@@ -10,6 +10,10 @@ use rusqlite::OptionalExtension as _;
 /// engines' limits on parameters).
 const CHUNK: usize = 256;
 
+/// Most rows [`Store::recent_activity`] reads: a bound on start-up time
+/// (about a second) whatever the rate of sends before a crash.
+pub const RECENT_ACTIVITY_ROWS: usize = 1_000_000;
+
 /// A row of `messages`.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct MessageRow {
@@ -515,6 +519,40 @@ impl Store {
             out.push((newest, unread));
         }
         Ok(out)
+    }
+
+    /// On SQLite, the newest message of every chat that has one sent within
+    /// `window_us` µs before the newest message stored, as `(chat_id, seq,
+    /// send_time)`, read backwards through the table by rowid (commit
+    /// order) and at most [`RECENT_ACTIVITY_ROWS`] rows. None on PostgreSQL.
+    ///
+    /// For re-announcing chat activity after a crash: the chats store may
+    /// have held the newest of it in memory (`natter_chats::activity`). The
+    /// window is taken from the newest message, not the clock, so any time
+    /// may pass between the crash and the start.
+    pub async fn recent_activity(&self, window_us: i64) -> Result<Option<Vec<(String, i64, i64)>>, DbError> {
+        self.db
+            .sqlite_read(move |conn| {
+                let mut rows = conn.prepare("SELECT chat_id, seq, send_time FROM messages ORDER BY rowid DESC")?;
+                let mut rows = rows.query([])?;
+                let mut newest: std::collections::HashMap<String, (i64, i64)> = std::collections::HashMap::new();
+                let mut since = None;
+                let mut scanned = 0;
+                while let Some(row) = rows.next()? {
+                    let (chat_id, seq, time): (String, i64, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
+                    let since = *since.get_or_insert(time - window_us);
+                    scanned += 1;
+                    if time < since || scanned > RECENT_ACTIVITY_ROWS {
+                        break;
+                    }
+                    let entry = newest.entry(chat_id).or_insert((seq, time));
+                    if seq > entry.0 {
+                        *entry = (seq, time);
+                    }
+                }
+                Ok(newest.into_iter().map(|(chat, (seq, time))| (chat, seq, time)).collect())
+            })
+            .await
     }
 
     /// Deletes everything of a chat.

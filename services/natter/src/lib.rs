@@ -43,6 +43,8 @@ pub struct App {
     server: Server,
     shutdown: CancellationToken,
     dbs: Vec<natter_db::Db>,
+    /// For its chat activity, written at shutdown.
+    chats: Arc<natter_chats::Chats>,
 }
 
 impl App {
@@ -102,7 +104,7 @@ impl App {
 
         let dbs = vec![sessions.store().db().clone(), chats.store().db().clone(), messages.store().db().clone()];
         server.set_web_dir(&args.web_dir);
-        Ok(Self { listener, server, shutdown, dbs })
+        Ok(Self { listener, server, shutdown, dbs, chats })
     }
 
     /// The address the server listens on (useful with port 0).
@@ -110,10 +112,13 @@ impl App {
         self.listener.local_addr()
     }
 
-    /// Serves until the shutdown token is cancelled, then drains and closes
-    /// the stores.
+    /// Serves until the shutdown token is cancelled, then drains, writes the
+    /// chat activity still in memory and closes the stores.
     pub async fn run(self) -> anyhow::Result<()> {
         self.server.serve(self.listener, self.shutdown).await?;
+        if let Err(e) = self.chats.store().flush_activity().await {
+            tracing::warn!(error = %e, "writing chat activity at shutdown failed");
+        }
         for db in &self.dbs {
             db.close().await;
         }

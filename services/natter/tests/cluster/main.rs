@@ -412,6 +412,40 @@ async fn the_all_in_one_keeps_every_acknowledged_message_through_sigkill() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The all-in-one on SQLite keeps chat activity in memory between writes
+/// (here for an hour): killed with SIGKILL before it wrote any, it gets the
+/// activity back from the messages at start-up, so the chat that got the last
+/// message is on top of ListChats after the restart, at that message's time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_all_in_one_recovers_chat_activity_after_sigkill() {
+    let dir = std::env::temp_dir().join(format!("natter-activity-{}", uuid::Uuid::new_v4().simple()));
+    let port = free_port();
+    let args = vec!["--data-dir".into(), dir.display().to_string(), "--activity-flush-interval".into(), "1h".into()];
+    let mut node = Node::start("serve", port, args);
+    let ch = node.channel().await;
+    let (_, alice) = user(&ch, "alice").await;
+    let create = |title: &str| {
+        let request = cpb::CreateChatRequest { title: title.into(), ..Default::default() };
+        let mut chats = ChatServiceClient::new(ch.clone());
+        let request = authed(&alice, request);
+        async move { chats.create_chat(request).await.unwrap().into_inner().chat.unwrap().id }
+    };
+    let older = create("older").await;
+    let newer = create("newer").await;
+    // Nothing lists before the kill: a listing would write the activity.
+    let sent = send_until_acked(&ch, &alice, &older, "bump".into()).await;
+    node.kill();
+    node.spawn();
+    let ch = node.channel().await;
+
+    let request = cpb::ListChatsRequest::default();
+    let listed = ChatServiceClient::new(ch).list_chats(authed(&alice, request)).await.unwrap().into_inner().chats;
+    assert_eq!(listed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), [older.as_str(), newer.as_str()]);
+    assert_eq!(listed[0].last_activity_time, sent.send_time, "the older chat's activity is its message's");
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Waits until the chat's newest message has at least `seq` (polling the
 /// newest page of one).
 async fn wait_for_seq(channel: &Channel, token: &str, chat: &str, seq: i64) {

@@ -270,6 +270,13 @@ impl Db {
                 let set_path = set_path.clone();
                 Box::pin(async move {
                     conn.execute(AssertSqlSafe(set_path)).await?;
+                    // Every natter query is short. PostgreSQL compiles a plan
+                    // with LLVM when its estimated cost passes
+                    // `jit_above_cost`, and estimates over skewed chats (one of
+                    // a million messages beside many small ones) pass it for
+                    // queries that take a fraction of a millisecond: a page of
+                    // ListChats summaries then spent ~10 ms compiling.
+                    conn.execute("SET jit = off").await?;
                     Ok(())
                 })
             })

@@ -95,6 +95,42 @@ fn list_sql(range: Range, from: Option<i64>, limit: u32) -> (String, Vec<i64>) {
     (sql, bounds)
 }
 
+/// A row of [`Store::summaries`] on PostgreSQL: the chat's newest message
+/// (every column NULL before the first) and the caller's unread count.
+#[derive(sqlx::FromRow)]
+struct SummaryRow {
+    id: Option<String>,
+    chat_id: Option<String>,
+    seq: Option<i64>,
+    author_id: Option<String>,
+    text: Option<String>,
+    attachments: Option<String>,
+    reply_to_seq: Option<i64>,
+    send_time: Option<i64>,
+    edit_time: Option<i64>,
+    revision: Option<i64>,
+    delete_time: Option<i64>,
+    unread: i64,
+}
+
+impl SummaryRow {
+    fn message(self) -> Option<MessageRow> {
+        Some(MessageRow {
+            id: self.id?,
+            chat_id: self.chat_id?,
+            seq: self.seq?,
+            author_id: self.author_id?,
+            text: self.text?,
+            attachments: self.attachments?,
+            reply_to_seq: self.reply_to_seq?,
+            send_time: self.send_time?,
+            edit_time: self.edit_time,
+            revision: self.revision?,
+            delete_time: self.delete_time,
+        })
+    }
+}
+
 /// A row of `message_revisions`.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct RevisionRow {
@@ -512,11 +548,35 @@ impl Store {
         if let Some(rows) = sqlite.await? {
             return Ok(rows);
         }
+        // PostgreSQL: one statement for the whole page (a LATERAL join per
+        // chat), where a query per chat and value cost ~90 µs of this
+        // process's CPU each.
         let mut out = Vec::with_capacity(chat_ids.len());
-        for chat_id in chat_ids {
-            let newest = self.list(chat_id, Range::default(), None, 1).await?.pop();
-            let (_, unread) = self.read_state(chat_id, user_id).await?;
-            out.push((newest, unread));
+        for chunk in chat_ids.chunks(CHUNK) {
+            let mut q = SqlBuilder::new(
+                "SELECT m.id, m.chat_id, m.seq, m.author_id, m.text, m.attachments, m.reply_to_seq, m.send_time, \
+                 m.edit_time, m.revision, m.delete_time, \
+                 (SELECT COUNT(*) FROM messages u WHERE u.chat_id = v.chat_id AND u.seq > COALESCE(r.read_seq, 0) \
+                  AND u.author_id <> ",
+            );
+            q.bind(user_id.to_owned()).push(
+                " AND u.delete_time IS NULL) AS unread \
+                 FROM (VALUES ",
+            );
+            for (n, chat_id) in chunk.iter().enumerate() {
+                q.push(if n == 0 { "(" } else { ", (" }).bind(chat_id.clone()).push(", ").bind(n as i64).push(")");
+            }
+            q.push(
+                ") AS v (chat_id, ord) \
+                 LEFT JOIN LATERAL (SELECT * FROM messages WHERE chat_id = v.chat_id ORDER BY seq DESC LIMIT 1) m ON TRUE \
+                 LEFT JOIN read_positions r ON r.chat_id = v.chat_id AND r.user_id = ",
+            );
+            q.bind(user_id.to_owned()).push(" ORDER BY v.ord");
+            let rows: Vec<SummaryRow> = q.build_as().fetch_all(self.db.read()).await?;
+            out.extend(rows.into_iter().map(|r| {
+                let unread = r.unread;
+                (r.message(), unread)
+            }));
         }
         Ok(out)
     }

@@ -8,7 +8,7 @@ use natter_testkit::{Cluster, TestUser, authed};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-crate::both_modes!(unread_counts_match_a_brute_force_model);
+crate::both_modes!(unread_counts_match_a_brute_force_model, unread_counts_stop_at_a_thousand);
 
 /// The model: what unread counts must be.
 #[derive(Default)]
@@ -124,4 +124,34 @@ async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) 
             }
         }
     }
+}
+
+/// Unread counts count up to 1,000 (a client shows "999+"): a member 1,005
+/// messages behind sees 1,000 in ListChats and from MarkRead until fewer
+/// than 1,000 are left, then the exact count.
+async fn unread_counts_stop_at_a_thousand(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let request =
+        cpb::CreateChatRequest { title: "busy".into(), member_ids: vec![bob.id.clone()], ..Default::default() };
+    let chat = c.chats().create_chat(authed(&alice, request)).await.unwrap().into_inner().chat.unwrap().id;
+    for batch in 0..5 {
+        let sends = (0..201).map(|i| {
+            let m =
+                mpb::SendMessageRequest { chat_id: chat.clone(), text: format!("{batch}/{i}"), ..Default::default() };
+            let mut messages = c.messages();
+            let request = authed(&alice, m);
+            async move { messages.send_message(request).await.unwrap() }
+        });
+        futures::future::join_all(sends).await;
+    }
+    let listed = c.chats().list_chats(authed(&bob, cpb::ListChatsRequest::default())).await.unwrap().into_inner();
+    assert_eq!(listed.chats[0].unread_count, 1000, "1,005 unread count as 1,000");
+    assert_eq!(listed.chats[0].last_message.as_ref().unwrap().seq, 1005);
+    let mark = |seq| mpb::MarkReadRequest { chat_id: chat.clone(), seq };
+    let read = c.messages().mark_read(authed(&bob, mark(4))).await.unwrap().into_inner();
+    assert_eq!((read.read_seq, read.unread_count), (4, 1000), "1,001 left");
+    let read = c.messages().mark_read(authed(&bob, mark(6))).await.unwrap().into_inner();
+    assert_eq!((read.read_seq, read.unread_count), (6, 999), "999 left: exact again");
+    let listed = c.chats().list_chats(authed(&bob, cpb::ListChatsRequest::default())).await.unwrap().into_inner();
+    assert_eq!(listed.chats[0].unread_count, 999);
 }

@@ -139,7 +139,8 @@ function renderChatList() {
       if (chat.unreadCount > 0n) {
         const badge = document.createElement("span");
         badge.className = "unread";
-        badge.textContent = String(chat.unreadCount);
+        // natter counts unread messages up to 1000.
+        badge.textContent = chat.unreadCount >= 1000n ? "999+" : String(chat.unreadCount);
         li.append(badge);
       }
       li.addEventListener("click", () => act(() => openChat(chat.id)));

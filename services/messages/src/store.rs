@@ -46,12 +46,31 @@ pub(crate) const INSERT_MESSAGE: &str = insert_message_sql!();
 
 const MESSAGE_SELECT: &str = "SELECT id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time FROM messages";
 
+/// The most an unread count counts: [`UNREAD_COUNT_CAP`] as a literal for
+/// the SQL (`concat!`).
+macro_rules! unread_count_cap {
+    () => {
+        1000
+    };
+}
+
+/// The most an unread count counts: a count of this value means at least
+/// this many (a client shows "999+"). Counting walks the chat's index from
+/// the read position, so an uncapped count cost O(unread) on every ListChats
+/// entry, GetChat and MarkRead: a member a million messages behind made each
+/// of them a million-entry walk.
+pub const UNREAD_COUNT_CAP: i64 = unread_count_cap!();
+
 /// A user's read position in a chat and the messages after it that are not
-/// theirs and not deleted: `$1` chat id, `$2` user id (each used twice; first
-/// appearances in order, as rusqlite binds them).
-const READ_STATE: &str = "SELECT r.read_seq, (SELECT COUNT(*) FROM messages m WHERE m.chat_id = $1 AND m.seq > r.read_seq \
-                          AND m.author_id <> $2 AND m.delete_time IS NULL) \
-     FROM (SELECT COALESCE((SELECT read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2), 0) AS read_seq) r";
+/// theirs and not deleted, counted up to [`UNREAD_COUNT_CAP`]: `$1` chat id,
+/// `$2` user id (each used twice; first appearances in order, as rusqlite
+/// binds them).
+const READ_STATE: &str = concat!(
+    "SELECT r.read_seq, (SELECT COUNT(*) FROM (SELECT 1 FROM messages m WHERE m.chat_id = $1 AND m.seq > r.read_seq \
+     AND m.author_id <> $2 AND m.delete_time IS NULL LIMIT ",
+    unread_count_cap!(),
+    ") u) FROM (SELECT COALESCE((SELECT read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2), 0) AS read_seq) r"
+);
 
 /// A [`MESSAGE_SELECT`] row read through rusqlite.
 fn message_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRow> {
@@ -503,11 +522,15 @@ impl Store {
         tx.commit().await
     }
 
-    /// Messages after `read_seq`, not by `user_id`, not deleted.
+    /// Messages after `read_seq`, not by `user_id`, not deleted, counted up
+    /// to [`UNREAD_COUNT_CAP`].
     pub async fn unread_count(&self, chat_id: &str, user_id: &str, read_seq: i64) -> Result<i64, sqlx::Error> {
-        let (n,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM messages WHERE chat_id = $1 AND seq > $2 AND author_id <> $3 AND delete_time IS NULL",
-        )
+        let (n,): (i64,) = sqlx::query_as(concat!(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE chat_id = $1 AND seq > $2 AND author_id <> $3 \
+             AND delete_time IS NULL LIMIT ",
+            unread_count_cap!(),
+            ") u"
+        ))
         .bind(chat_id)
         .bind(read_seq)
         .bind(user_id)
@@ -556,13 +579,14 @@ impl Store {
             let mut q = SqlBuilder::new(
                 "SELECT m.id, m.chat_id, m.seq, m.author_id, m.text, m.attachments, m.reply_to_seq, m.send_time, \
                  m.edit_time, m.revision, m.delete_time, \
-                 (SELECT COUNT(*) FROM messages u WHERE u.chat_id = v.chat_id AND u.seq > COALESCE(r.read_seq, 0) \
-                  AND u.author_id <> ",
+                 (SELECT COUNT(*) FROM (SELECT 1 FROM messages u WHERE u.chat_id = v.chat_id \
+                  AND u.seq > COALESCE(r.read_seq, 0) AND u.author_id <> ",
             );
-            q.bind(user_id.to_owned()).push(
-                " AND u.delete_time IS NULL) AS unread \
-                 FROM (VALUES ",
-            );
+            q.bind(user_id.to_owned()).push(concat!(
+                " AND u.delete_time IS NULL LIMIT ",
+                unread_count_cap!(),
+                ") c) AS unread FROM (VALUES "
+            ));
             for (n, chat_id) in chunk.iter().enumerate() {
                 q.push(if n == 0 { "(" } else { ", (" }).bind(chat_id.clone()).push(", ").bind(n as i64).push(")");
             }

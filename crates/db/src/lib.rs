@@ -439,10 +439,15 @@ pub fn valid_schema(name: &str) -> bool {
 /// `QueryBuilder` writes `?` for the Any driver, which PostgreSQL rejects).
 /// Only `&'static str` fragments are accepted, so values can never be spliced
 /// into the SQL text.
+///
+/// It also keeps every bound value for rusqlite ([`SqlBuilder::sqlite`]): a
+/// hot read on SQLite can run the same SQL through [`Db::sqlite_read`]
+/// (SQLite numbers `$N` by first appearance, which is the order here).
 #[derive(Default)]
 pub struct SqlBuilder {
     sql: String,
     args: sqlx::any::AnyArguments,
+    values: Vec<rusqlite::types::Value>,
     count: usize,
     error: Option<String>,
 }
@@ -462,12 +467,18 @@ impl SqlBuilder {
     /// Appends the next placeholder and binds `value` to it.
     pub fn bind<T>(&mut self, value: T) -> &mut Self
     where
-        T: for<'q> sqlx::Encode<'q, Any> + sqlx::Type<Any>,
+        T: for<'q> sqlx::Encode<'q, Any> + sqlx::Type<Any> + rusqlite::ToSql,
     {
         use sqlx::Arguments as _;
         self.count += 1;
         self.sql.push('$');
         self.sql.push_str(&self.count.to_string());
+        match value.to_sql() {
+            Ok(v) => self.values.push(owned(v)),
+            Err(e) => {
+                self.error.get_or_insert(e.to_string());
+            }
+        }
         if let Err(e) = self.args.add(value) {
             self.error.get_or_insert(e.to_string());
         }
@@ -490,7 +501,7 @@ impl SqlBuilder {
     pub fn bind_list<T, I>(&mut self, values: I) -> &mut Self
     where
         I: IntoIterator<Item = T>,
-        T: for<'q> sqlx::Encode<'q, Any> + sqlx::Type<Any>,
+        T: for<'q> sqlx::Encode<'q, Any> + sqlx::Type<Any> + rusqlite::ToSql,
     {
         self.push("(");
         for (i, v) in values.into_iter().enumerate() {
@@ -507,6 +518,17 @@ impl SqlBuilder {
         &self.sql
     }
 
+    /// The SQL and its bound values, for rusqlite (a copy).
+    ///
+    /// Errors: a bound value could not be encoded (`sqlx::Error::Encode`,
+    /// as running the query through sqlx would fail).
+    pub fn sqlite(&self) -> Result<(String, Vec<rusqlite::types::Value>), sqlx::Error> {
+        match &self.error {
+            Some(e) => Err(sqlx::Error::Encode(e.clone().into())),
+            None => Ok((self.sql.clone(), self.values.clone())),
+        }
+    }
+
     /// A query that returns no rows of interest.
     pub fn build(self) -> sqlx::query::Query<'static, Any, sqlx::any::AnyArguments> {
         sqlx::query_with(AssertSqlSafe(self.sql), self.args)
@@ -518,6 +540,23 @@ impl SqlBuilder {
         O: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow>,
     {
         sqlx::query_as_with(AssertSqlSafe(self.sql), self.args)
+    }
+}
+
+/// A value rusqlite borrowed from a bound value, as its own.
+fn owned(v: rusqlite::types::ToSqlOutput<'_>) -> rusqlite::types::Value {
+    use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+    match v {
+        ToSqlOutput::Borrowed(r) => match r {
+            ValueRef::Null => Value::Null,
+            ValueRef::Integer(i) => Value::Integer(i),
+            ValueRef::Real(f) => Value::Real(f),
+            ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+            ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+        },
+        ToSqlOutput::Owned(v) => v,
+        // Only zeroblob and array outputs remain; natter binds neither.
+        _ => Value::Null,
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use natter_db::{Db, DbError, SqlBuilder, escape_like};
+use natter_db::{Db, DbError, Dialect, SqlBuilder, escape_like};
 
 use crate::activity::ActivityBuffer;
 use crate::domain::{Kind, Role};
@@ -37,6 +37,26 @@ const CHAT_SELECT: &str = "SELECT c.id, c.kind, c.title, c.description, c.visibi
 const CHAT_SELECT_WITH_ROLE: &str = "SELECT c.id, c.kind, c.title, c.description, c.visibility, c.owner_id, c.creator_id, \
     c.member_count, c.archive_time, c.create_time, c.update_time, c.last_activity_time, c.last_seq, c.last_message_time, \
     m.role FROM chats c LEFT JOIN members m ON m.chat_id = c.id AND m.user_id = ";
+
+/// A [`CHAT_SELECT`] row read through rusqlite.
+fn chat_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ChatRow> {
+    Ok(ChatRow {
+        id: row.get(0)?,
+        kind: row.get(1)?,
+        title: row.get(2)?,
+        description: row.get(3)?,
+        visibility: row.get(4)?,
+        owner_id: row.get(5)?,
+        creator_id: row.get(6)?,
+        member_count: row.get(7)?,
+        archive_time: row.get(8)?,
+        create_time: row.get(9)?,
+        update_time: row.get(10)?,
+        last_activity_time: row.get(11)?,
+        last_seq: row.get(12)?,
+        last_message_time: row.get(13)?,
+    })
+}
 
 #[derive(sqlx::FromRow)]
 struct AccessRow {
@@ -244,7 +264,7 @@ impl Store {
         filter: &ChatFilter,
         after: Option<(i64, String)>,
         limit: u32,
-    ) -> Result<Vec<ChatRow>, sqlx::Error> {
+    ) -> Result<Vec<ChatRow>, DbError> {
         if let Err(e) = self.flush_activity().await {
             tracing::warn!(error = %e, "writing chat activity before a listing failed");
         }
@@ -282,7 +302,20 @@ impl Store {
             " ORDER BY c.last_activity_time DESC, c.id DESC"
         });
         q.limit(limit);
-        q.build_as().fetch_all(self.db.read()).await
+        // On SQLite one trip to a rusqlite reader: sqlx would hand each row
+        // across threads (~45% of a ListChats page's CPU in a profile).
+        if self.db.dialect() == Dialect::Sqlite {
+            let (sql, values) = q.sqlite()?;
+            let sqlite = self.db.sqlite_read(move |conn| {
+                let mut page = conn.prepare_cached(&sql)?;
+                let rows = page.query_map(rusqlite::params_from_iter(values), chat_row)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            });
+            if let Some(rows) = sqlite.await? {
+                return Ok(rows);
+            }
+        }
+        Ok(q.build_as().fetch_all(self.db.read()).await?)
     }
 
     /// Moves chats' last activity forward (never back): `(chat_id, last_seq,

@@ -45,9 +45,18 @@ pub struct ChatsArgs {
     pub max_group_members: usize,
     /// On SQLite, how long chat activity (the ListChats order) may stay in
     /// memory before it is written; listings write it first. Keep it well
-    /// under 10s, the span the messages service re-announces after a crash
-    #[arg(long, env = "NATTER_ACTIVITY_FLUSH_INTERVAL", value_parser = humantime::parse_duration, default_value = "50ms")]
+    /// under 10s, the span the messages service re-announces after a crash.
+    #[arg(long, env = "NATTER_ACTIVITY_FLUSH_INTERVAL", value_parser = positive_duration, default_value = "50ms")]
     pub activity_flush_interval: Duration,
+}
+
+/// A humantime duration above zero (`50ms`, `1s`).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be more than 0".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl Default for ChatsArgs {
@@ -153,4 +162,24 @@ pub async fn run(
     }
     chats.store().db().close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        chats: super::ChatsArgs,
+    }
+
+    #[test]
+    fn the_activity_flush_interval_is_a_positive_duration() {
+        let parse = |v: &str| Cli::try_parse_from(["natter", "--activity-flush-interval", v]).map(|c| c.chats);
+        assert_eq!(parse("20ms").unwrap().activity_flush_interval, std::time::Duration::from_millis(20));
+        let zero = parse("0s").err().unwrap().to_string();
+        assert!(zero.contains("--activity-flush-interval") && zero.contains("must be more than 0"), "{zero}");
+        assert!(parse("soon").is_err());
+    }
 }

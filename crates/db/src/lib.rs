@@ -473,8 +473,11 @@ impl SqlBuilder {
         self.count += 1;
         self.sql.push('$');
         self.sql.push_str(&self.count.to_string());
-        match value.to_sql() {
-            Ok(v) => self.values.push(owned(v)),
+        match value.to_sql().map(owned) {
+            Ok(Some(v)) => self.values.push(v),
+            Ok(None) => {
+                self.error.get_or_insert("a bound value rusqlite cannot hold as its own".into());
+            }
             Err(e) => {
                 self.error.get_or_insert(e.to_string());
             }
@@ -543,20 +546,21 @@ impl SqlBuilder {
     }
 }
 
-/// A value rusqlite borrowed from a bound value, as its own.
-fn owned(v: rusqlite::types::ToSqlOutput<'_>) -> rusqlite::types::Value {
+/// A value rusqlite borrowed from a bound value, as its own; None for the
+/// outputs that are not plain values (zeroblobs, arrays), which natter never
+/// binds.
+fn owned(v: rusqlite::types::ToSqlOutput<'_>) -> Option<rusqlite::types::Value> {
     use rusqlite::types::{ToSqlOutput, Value, ValueRef};
     match v {
-        ToSqlOutput::Borrowed(r) => match r {
+        ToSqlOutput::Borrowed(r) => Some(match r {
             ValueRef::Null => Value::Null,
             ValueRef::Integer(i) => Value::Integer(i),
             ValueRef::Real(f) => Value::Real(f),
             ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
             ValueRef::Blob(b) => Value::Blob(b.to_vec()),
-        },
-        ToSqlOutput::Owned(v) => v,
-        // Only zeroblob and array outputs remain; natter binds neither.
-        _ => Value::Null,
+        }),
+        ToSqlOutput::Owned(v) => Some(v),
+        _ => None,
     }
 }
 
@@ -599,6 +603,15 @@ mod tests {
         // A limit is written in, not bound, and takes no placeholder number.
         q.push(" AND c = ").bind(2i64).push(" ORDER BY a").limit(20);
         assert_eq!(q.sql(), "SELECT * FROM t WHERE a = $1 AND b IN ($2, $3) AND c = $4 ORDER BY a LIMIT 20");
+        // The same SQL and values, in placeholder order, for rusqlite.
+        use rusqlite::types::Value;
+        let (sql, values) = q.sqlite().unwrap();
+        assert_eq!(sql, q.sql());
+        let expected = [Value::Integer(1), Value::Text("x".into()), Value::Text("y".into()), Value::Integer(2)];
+        assert_eq!(values, expected);
+        let mut nulls = SqlBuilder::new("SELECT ");
+        nulls.bind(None::<i64>);
+        assert_eq!(nulls.sqlite().unwrap().1, [Value::Null]);
     }
 
     #[test]

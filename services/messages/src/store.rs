@@ -539,17 +539,11 @@ impl Store {
         Ok(n)
     }
 
-    /// A user's read position in a chat (0 if never marked) and the
-    /// messages after it that are not the user's and not deleted, in one
-    /// query.
-    pub async fn read_state(&self, chat_id: &str, user_id: &str) -> Result<(i64, i64), sqlx::Error> {
-        sqlx::query_as(READ_STATE).bind(chat_id).bind(user_id).fetch_one(self.db.read()).await
-    }
-
     /// For each of `chat_ids`, in order: its newest message (None before the
-    /// first) and the number of messages `user_id` has not read (as
-    /// [`Store::read_state`]). On SQLite all of it is one trip to a reader
-    /// connection ([`Db::sqlite_read`]) instead of two sqlx queries a chat.
+    /// first) and the number of messages `user_id` has not read, counted up
+    /// to [`UNREAD_COUNT_CAP`]. On SQLite all of it is one trip to a reader
+    /// connection ([`Db::sqlite_read`]); on PostgreSQL one statement per
+    /// page.
     pub async fn summaries(
         &self,
         chat_ids: &[String],

@@ -10,10 +10,14 @@
 //! [`ActivityBuffer`] keeps the newest activity of each chat in a map
 //! instead and writes the map in one transaction:
 //! - every `interval` (50 ms by default), from a task of its own;
-//! - before every listing ([`ActivityBuffer::flush`] from
-//!   `Store::list_chats`), so a listing sees every activity recorded before
-//!   it began: a client that sends and then lists still finds its chat on
-//!   top;
+//! - before a listing, the pending activity of the chats that listing can
+//!   show (the caller's chats, or the public ones: [`listed`], then
+//!   [`ActivityBuffer::flush_some`] from `Store::list_chats`), so a listing
+//!   sees every activity of its chats recorded before it began: a client
+//!   that sends and then lists still finds its chat on top. (Writing
+//!   everything pending before every listing cost listings under send load
+//!   two thirds of their rate: BENCHMARKS.md.) Activity of chats a listing
+//!   cannot show is left to the timer;
 //! - at shutdown (`Store::flush_activity`).
 //!
 //! Reads of one chat do not wait for a write: they lay the pending activity
@@ -120,8 +124,27 @@ impl ActivityBuffer {
     /// flush).
     pub(crate) async fn flush(self: &Arc<Self>) -> Result<(), DbError> {
         let _one = self.writing.lock().await;
-        let batch: Vec<(String, i64, i64)> =
-            lock(&self.pending).iter().map(|(chat, n)| (chat.clone(), n.seq, n.time)).collect();
+        let batch = self.pending();
+        self.write_locked(batch).await
+    }
+
+    /// Writes `batch` (from [`ActivityBuffer::pending`]) as
+    /// [`ActivityBuffer::flush`] writes everything: what a listing can show.
+    ///
+    /// Errors: the write failed (the activity stays pending).
+    pub(crate) async fn flush_some(self: &Arc<Self>, batch: Vec<(String, i64, i64)>) -> Result<(), DbError> {
+        let _one = self.writing.lock().await;
+        self.write_locked(batch).await
+    }
+
+    /// The pending activity, as `(chat_id, last_seq, time)`.
+    pub(crate) fn pending(&self) -> Vec<(String, i64, i64)> {
+        lock(&self.pending).iter().map(|(chat, n)| (chat.clone(), n.seq, n.time)).collect()
+    }
+
+    /// Writes `batch` and forgets it, unless newer activity came meanwhile;
+    /// the caller holds `writing`.
+    async fn write_locked(self: &Arc<Self>, batch: Vec<(String, i64, i64)>) -> Result<(), DbError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -133,7 +156,6 @@ impl ActivityBuffer {
         })
         .await
         .map_err(|_| DbError::Cancelled)??;
-        // Forget what was written, unless a newer activity came meanwhile.
         let mut pending = lock(&self.pending);
         for (chat_id, seq, _) in &written {
             if pending.get(chat_id.as_str()).is_some_and(|n| n.seq <= *seq) {
@@ -142,6 +164,32 @@ impl ActivityBuffer {
         }
         Ok(())
     }
+}
+
+/// Of `pending` (`(chat_id, last_seq, time)`), the chats a listing can show:
+/// the public ones (`public`), else those `user_id` is a member of. One
+/// primary-key lookup each, on `conn` (any connection to the chats
+/// database).
+pub(crate) fn listed(
+    conn: &rusqlite::Connection,
+    pending: &[(String, i64, i64)],
+    public: bool,
+    user_id: &str,
+) -> rusqlite::Result<Vec<(String, i64, i64)>> {
+    let mut out = Vec::new();
+    if pending.is_empty() {
+        return Ok(out);
+    }
+    let mut is_public = conn.prepare_cached("SELECT 1 FROM chats WHERE id = ?1 AND visibility = 'public'")?;
+    let mut is_member = conn.prepare_cached("SELECT 1 FROM members WHERE chat_id = ?1 AND user_id = ?2")?;
+    for activity in pending {
+        let shown =
+            if public { is_public.exists([&activity.0])? } else { is_member.exists([activity.0.as_str(), user_id])? };
+        if shown {
+            out.push(activity.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// The background flush: every `interval` while the buffer lives.
@@ -185,19 +233,19 @@ mod tests {
     use crate::store::{ChatFilter, ChatRow, MemberRow, Store};
 
     /// A store on SQLite in `dir` with chats "a" (created at 1 µs) and "b"
-    /// (at 2 µs), both with member "u".
+    /// (at 2 µs) of member "u", and "c" (at 3 µs) of member "v".
     async fn store(dir: &std::path::Path, interval: Duration) -> Store {
         let db = Db::connect(&DbConfig::sqlite_in(dir, "chats"), &crate::MIGRATOR).await.unwrap();
         let store = Store::new(db, interval).unwrap();
-        for (id, time) in [("a", 1), ("b", 2)] {
+        for (id, time, user) in [("a", 1, "u"), ("b", 2, "u"), ("c", 3, "v")] {
             let chat = ChatRow {
                 id: id.into(),
                 kind: "group".into(),
                 title: id.into(),
                 description: String::new(),
                 visibility: "private".into(),
-                owner_id: "u".into(),
-                creator_id: "u".into(),
+                owner_id: user.into(),
+                creator_id: user.into(),
                 member_count: 1,
                 archive_time: None,
                 create_time: time,
@@ -206,7 +254,7 @@ mod tests {
                 last_seq: 0,
                 last_message_time: None,
             };
-            let member = MemberRow { chat_id: id.into(), user_id: "u".into(), role: "owner".into(), join_time: time };
+            let member = MemberRow { chat_id: id.into(), user_id: user.into(), role: "owner".into(), join_time: time };
             store.insert_chat(&chat, id, None, &[member]).await.unwrap();
         }
         store
@@ -230,15 +278,18 @@ mod tests {
     async fn a_listing_writes_pending_activity_first_and_a_read_sees_it_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path(), Duration::from_secs(3600)).await;
-        store.record_activity(&[("a".into(), 5, 10)]).await.unwrap();
+        store.record_activity(&[("a".into(), 5, 10), ("c".into(), 2, 50)]).await.unwrap();
         // Not written yet (the timer is an hour away), but a read of the
         // chat already has it.
         assert_eq!(stored(&store, "a").await, (0, 1));
         let a = store.chat("a").await.unwrap().unwrap();
         assert_eq!((a.last_seq, a.last_activity_time, a.last_message_time), (5, 10, Some(10)));
-        // A listing writes it first, so "a" is on top.
+        // A listing writes its chats' activity first, so "a" is on top; "c"
+        // is not u's, so its activity waits.
         assert_eq!(listed(&store).await, ["a", "b"]);
         assert_eq!(stored(&store, "a").await, (5, 10));
+        assert_eq!(stored(&store, "c").await, (0, 3));
+        assert_eq!(store.chat("c").await.unwrap().unwrap().last_seq, 2);
         // Activity never moves back, pending or stored.
         store.record_activity(&[("a".into(), 4, 20), ("b".into(), 1, 3)]).await.unwrap();
         store.record_activity(&[("b".into(), 0, 30)]).await.unwrap();
@@ -247,6 +298,7 @@ mod tests {
         store.flush_activity().await.unwrap();
         assert_eq!(stored(&store, "a").await, (5, 10));
         assert_eq!(stored(&store, "b").await, (1, 3));
+        assert_eq!(stored(&store, "c").await, (2, 50));
     }
 
     #[tokio::test]

@@ -38,6 +38,13 @@ const CHAT_SELECT_WITH_ROLE: &str = "SELECT c.id, c.kind, c.title, c.description
     c.member_count, c.archive_time, c.create_time, c.update_time, c.last_activity_time, c.last_seq, c.last_message_time, \
     m.role FROM chats c LEFT JOIN members m ON m.chat_id = c.id AND m.user_id = ";
 
+/// The rows of a listing's `sql` with `values` bound, through rusqlite.
+fn page(conn: &rusqlite::Connection, sql: &str, values: Vec<rusqlite::types::Value>) -> rusqlite::Result<Vec<ChatRow>> {
+    let mut page = conn.prepare_cached(sql)?;
+    let rows = page.query_map(rusqlite::params_from_iter(values), chat_row)?;
+    rows.collect()
+}
+
 /// A [`CHAT_SELECT`] row read through rusqlite.
 fn chat_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ChatRow> {
     Ok(ChatRow {
@@ -255,9 +262,10 @@ impl Store {
     }
 
     /// A page of chats by last activity, after the keyset position `after`
-    /// (last_activity_time, id) in the listing's order. Activity recorded
-    /// before the call is written first, so the order includes it (a failed
-    /// write is logged and the page read as the database has it).
+    /// (last_activity_time, id) in the listing's order. Pending activity of
+    /// the chats it can show is written first, so the order includes every
+    /// activity of them recorded before the call (a failed write is logged
+    /// and the page read as the database has it).
     pub async fn list_chats(
         &self,
         user_id: &str,
@@ -265,9 +273,6 @@ impl Store {
         after: Option<(i64, String)>,
         limit: u32,
     ) -> Result<Vec<ChatRow>, DbError> {
-        if let Err(e) = self.flush_activity().await {
-            tracing::warn!(error = %e, "writing chat activity before a listing failed");
-        }
         let mut q = SqlBuilder::new(CHAT_SELECT);
         if filter.public {
             q.push(" WHERE c.visibility = 'public'");
@@ -303,16 +308,30 @@ impl Store {
         });
         q.limit(limit);
         // On SQLite one trip to a rusqlite reader: sqlx would hand each row
-        // across threads (~45% of a ListChats page's CPU in a profile).
-        if self.db.dialect() == Dialect::Sqlite {
+        // across threads (~45% of a ListChats page's CPU in a profile). The
+        // same trip checks whether pending activity concerns chats this
+        // listing can show; only then is that activity written first and the
+        // page read again (see `crate::activity`).
+        if let (Dialect::Sqlite, Some(activity)) = (self.db.dialect(), &self.activity) {
             let (sql, values) = q.sqlite()?;
-            let sqlite = self.db.sqlite_read(move |conn| {
-                let mut page = conn.prepare_cached(&sql)?;
-                let rows = page.query_map(rusqlite::params_from_iter(values), chat_row)?;
-                rows.collect::<rusqlite::Result<Vec<_>>>()
+            let pending = activity.pending();
+            let (public, user) = (filter.public, user_id.to_owned());
+            let (first_sql, first_values) = (sql.clone(), values.clone());
+            let first = self.db.sqlite_read(move |conn| {
+                let shown = crate::activity::listed(conn, &pending, public, &user)?;
+                if shown.is_empty() { page(conn, &first_sql, first_values).map(Ok) } else { Ok(Err(shown)) }
             });
-            if let Some(rows) = sqlite.await? {
-                return Ok(rows);
+            match first.await? {
+                Some(Ok(rows)) => return Ok(rows),
+                Some(Err(shown)) => {
+                    if let Err(e) = activity.flush_some(shown).await {
+                        tracing::warn!(error = %e, "writing chat activity before a listing failed");
+                    }
+                    if let Some(rows) = self.db.sqlite_read(move |conn| page(conn, &sql, values)).await? {
+                        return Ok(rows);
+                    }
+                }
+                None => {}
             }
         }
         Ok(q.build_as().fetch_all(self.db.read()).await?)

@@ -341,8 +341,8 @@ impl Store {
     /// time)` each.
     ///
     /// On SQLite it only records them in memory ([`crate::activity`]): they
-    /// are written within the activity interval, before any listing and at
-    /// shutdown, and reads of a chat see them at once.
+    /// are written within the activity interval, before a listing that can
+    /// show their chats and at shutdown, and reads of a chat see them at once.
     ///
     /// On PostgreSQL it writes them in one transaction. Activity is derived
     /// data (the messages store has the truth), so that commit skips the disk

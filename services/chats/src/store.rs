@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use natter_db::{Db, DbError, Dialect, SqlBuilder, escape_like};
+use natter_db::{Db, DbError, SqlBuilder, escape_like};
 
 use crate::activity::ActivityBuffer;
 use crate::domain::{Kind, Role};
@@ -312,18 +312,17 @@ impl Store {
         // same trip checks whether pending activity concerns chats this
         // listing can show; only then is that activity written first and the
         // page read again (see `crate::activity`).
-        if let (Dialect::Sqlite, Some(activity)) = (self.db.dialect(), &self.activity) {
+        if let Some(activity) = &self.activity {
             let (sql, values) = q.sqlite()?;
-            let pending = activity.pending();
-            let (public, user) = (filter.public, user_id.to_owned());
-            let (first_sql, first_values) = (sql.clone(), values.clone());
+            let (pending, public, user) = (activity.pending(), filter.public, user_id.to_owned());
+            // The page, or the activity to write first (and the query back).
             let first = self.db.sqlite_read(move |conn| {
                 let shown = crate::activity::listed(conn, &pending, public, &user)?;
-                if shown.is_empty() { page(conn, &first_sql, first_values).map(Ok) } else { Ok(Err(shown)) }
+                Ok(if shown.is_empty() { Ok(page(conn, &sql, values)?) } else { Err((shown, sql, values)) })
             });
             match first.await? {
                 Some(Ok(rows)) => return Ok(rows),
-                Some(Err(shown)) => {
+                Some(Err((shown, sql, values))) => {
                     if let Err(e) = activity.flush_some(shown).await {
                         tracing::warn!(error = %e, "writing chat activity before a listing failed");
                     }

@@ -249,13 +249,17 @@ async fn metrics_endpoint_counts_and_times_rpcs() {
     }
     let refused = c.sessions().get_current_session(with_token("not-a-token", spb::GetCurrentSessionRequest {})).await;
     assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
-    // One send goes through the message writer: its commit and its answer
-    // are charged to their phases.
+    // A send goes through the message writer: its commit and its answer are
+    // charged to their phases. The writer charges a batch's answer after the
+    // replies have left, so the first reply can arrive before that; the
+    // second send's reply leaves only after the writer has finished the
+    // first batch, answer included (one thread, one batch at a time).
     let request = cpb::CreateChatRequest { title: "metered".into(), ..Default::default() };
-    let chat = c.chats().create_chat(authed(&user, request)).await.unwrap().into_inner();
-    let request =
-        mpb::SendMessageRequest { chat_id: chat.chat.unwrap().id, text: "metered".into(), ..Default::default() };
-    c.messages().send_message(authed(&user, request)).await.unwrap();
+    let chat_id = c.chats().create_chat(authed(&user, request)).await.unwrap().into_inner().chat.unwrap().id;
+    for text in ["metered", "and after it"] {
+        let request = mpb::SendMessageRequest { chat_id: chat_id.clone(), text: text.into(), ..Default::default() };
+        c.messages().send_message(authed(&user, request)).await.unwrap();
+    }
 
     let (status, after) = natter_testkit::http_get(addr, "/metrics").await;
     assert_eq!(status, 200);

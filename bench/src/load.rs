@@ -42,6 +42,11 @@ impl Latency {
     }
 }
 
+/// Rounds to four decimals (ratios).
+pub(crate) fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
 /// Rounds to three decimals (keeps the JSON readable).
 pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0

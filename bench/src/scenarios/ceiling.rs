@@ -10,7 +10,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use super::{Ctx, Report};
-use crate::load::{self, Measured};
+use crate::load::{self, Measured, Outcome};
 
 /// When the ceiling is measured: first, or again after every other scenario.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -35,17 +35,25 @@ struct Results {
     measured: Measured,
 }
 
+/// A closed loop of `concurrency` Check callers over the fixture's
+/// connections (caller i on connection i % connections, as `send` spreads
+/// its callers), for the settings' warm-up and window.
+pub(crate) async fn check_loop(ctx: &Ctx<'_>, concurrency: usize) -> Outcome {
+    let s = ctx.settings;
+    let clients: Arc<Vec<_>> = Arc::new(ctx.fixture.channels.iter().cloned().map(HealthClient::new).collect());
+    load::closed_loop(concurrency, s.warmup, s.duration, ctx.target.pid, move |i| {
+        let mut client = clients[i % clients.len()].clone();
+        async move { client.check(HealthCheckRequest { service: String::new() }).await.map(drop) }
+    })
+    .await
+}
+
 /// Measures the Check rate; returns the report and calls per second. `at`
 /// End compares the rate with the start's (`ctx.ceiling`).
 pub(crate) async fn run(ctx: &Ctx<'_>, at: At) -> anyhow::Result<(Report, f64)> {
     let s = ctx.settings;
-    let clients: Arc<Vec<_>> = Arc::new(ctx.fixture.channels.iter().cloned().map(HealthClient::new).collect());
     let concurrency = s.unary_concurrency();
-    let out = load::closed_loop(concurrency, s.warmup, s.duration, ctx.target.pid, move |i| {
-        let mut client = clients[i % clients.len()].clone();
-        async move { client.check(HealthCheckRequest { service: String::new() }).await.map(drop) }
-    })
-    .await;
+    let out = check_loop(ctx, concurrency).await;
     let rate = out.per_sec();
     let drift = match at {
         At::End => ctx.ceiling.filter(|c| *c > 0.0).map(|c| load::round3(rate / c - 1.0)),

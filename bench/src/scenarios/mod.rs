@@ -32,7 +32,7 @@ pub(crate) struct Ctx<'a> {
 impl Ctx<'_> {
     /// `rate` as a fraction of the ceiling (None without one).
     pub(crate) fn ratio(&self, rate: f64) -> Option<f64> {
-        self.ceiling.filter(|c| *c > 0.0).map(|c| (rate / c * 10_000.0).round() / 10_000.0)
+        self.ceiling.filter(|c| *c > 0.0).map(|c| load::round4(rate / c))
     }
 }
 

@@ -2,14 +2,16 @@
 //! spread over many chats (one per user, so sends of different chats can
 //! proceed together) and once on one hot chat (every send serializes on the
 //! chat's seq), then an open loop at half the concurrency-64 throughput for
-//! the latency a lightly loaded server gives ("p99 at half rate").
+//! the latency a lightly loaded server gives ("p99 at half rate"). Before
+//! each closed loop it measures Check at the same concurrency on the same
+//! connections: the ceiling at that concurrency.
 
 use std::sync::Arc;
 
 use natter_proto::messages::v1::SendMessageRequest;
 use serde::Serialize;
 
-use super::{Ctx, Report, fmt_ratio};
+use super::{Ctx, Report, ceiling, fmt_ratio};
 use crate::client::User;
 use crate::load::{self, Measured, Outcome};
 use crate::server_latency::{self, ServerLatency, ServerWindow, WriterShares};
@@ -20,7 +22,16 @@ struct ClosedRun {
     chats: usize,
     concurrency: usize,
     messages_per_s: f64,
+    /// Over the run's ceiling (Check at `connections x
+    /// streams_per_connection` in flight, measured first).
     ratio_to_ceiling: Option<f64>,
+    /// Check calls per second at this loop's concurrency on the same
+    /// connections, measured just before it: the ceiling at the same
+    /// concurrency, i.e. the most calls per second this many callers, each
+    /// waiting for its reply, get from the server for the cheapest RPC.
+    ceiling_at_concurrency_per_s: f64,
+    /// `messages_per_s` over `ceiling_at_concurrency_per_s`.
+    ratio_to_ceiling_at_concurrency: Option<f64>,
     #[serde(flatten)]
     measured: Measured,
     /// The server's own histogram over the window (with `--server-metrics`
@@ -97,12 +108,23 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
     let mut closed = Vec::new();
     let mut half = Vec::new();
     let mut table = vec![format!(
-        "send     {:<10} {:>5} {:>6} {:>12} {:>8} {:>9} {:>9} {:>9} {:>13} {:>7}",
-        "spread", "chats", "conc", "msgs/s", "ratio", "p50 ms", "p99 ms", "p999 ms", "CPU µs s / c", "errors"
+        "send     {:<10} {:>5} {:>6} {:>12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>13} {:>7}",
+        "spread",
+        "chats",
+        "conc",
+        "msgs/s",
+        "ratio",
+        "ratio@c",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "CPU µs s / c",
+        "errors"
     )];
     for (spread, chats, plan) in &spreads {
         let mut base: Option<(usize, f64)> = None;
         for &concurrency in &s.send_concurrency {
+            let check = ceiling::check_loop(ctx, concurrency).await.per_sec();
             let plan = plan.clone();
             let from = std::time::Instant::now() + s.warmup;
             let server = server_latency::window(ctx.target.metrics.clone(), "SendMessage", from, from + s.duration);
@@ -110,14 +132,15 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
             if concurrency <= 64 || base.is_none() {
                 base = Some((concurrency, out.per_sec()));
             }
-            let run = closed_run(ctx, spread, *chats, concurrency, out, server.await.ok().flatten());
+            let run = closed_run(ctx, spread, *chats, concurrency, check, out, server.await.ok().flatten());
             table.push(format!(
-                "send     {:<10} {:>5} {:>6} {:>12.0} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>13} {:>7}{}",
+                "send     {:<10} {:>5} {:>6} {:>12.0} {:>8} {:>9} {:>9.3} {:>9.3} {:>9.3} {:>13} {:>7}{}",
                 spread,
                 chats,
                 concurrency,
                 run.messages_per_s,
                 fmt_ratio(run.ratio_to_ceiling),
+                fmt_ratio(run.ratio_to_ceiling_at_concurrency),
                 run.measured.latency.p50_ms,
                 run.measured.latency.p99_ms,
                 run.measured.latency.p999_ms,
@@ -162,6 +185,7 @@ fn closed_run(
     spread: &'static str,
     chats: usize,
     concurrency: usize,
+    check_per_s: f64,
     out: Outcome,
     server: Option<ServerWindow>,
 ) -> ClosedRun {
@@ -172,6 +196,8 @@ fn closed_run(
         concurrency,
         messages_per_s: load::round3(out.per_sec()),
         ratio_to_ceiling: ctx.ratio(out.per_sec()),
+        ceiling_at_concurrency_per_s: load::round3(check_per_s),
+        ratio_to_ceiling_at_concurrency: (check_per_s > 0.0).then(|| load::round4(out.per_sec() / check_per_s)),
         measured: out.measured(),
         server_latency,
         writer,

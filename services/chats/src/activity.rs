@@ -18,7 +18,7 @@
 //!   everything pending before every listing cost listings under send load
 //!   two thirds of their rate: BENCHMARKS.md.) Activity of chats a listing
 //!   cannot show is left to the timer;
-//! - at shutdown (`Store::flush_activity`).
+//! - at shutdown (`Store::close`).
 //!
 //! Reads of one chat do not wait for a write: they lay the pending activity
 //! over the row they read ([`ActivityBuffer::overlay`]), so GetChat and the

@@ -157,10 +157,7 @@ pub async fn run(
     let mut server = Server::new(&config.server);
     add_services(&mut server, &chats, auth).await;
     server.serve(listener, shutdown).await?;
-    if let Err(e) = chats.store().flush_activity().await {
-        tracing::warn!(error = %e, "writing chat activity at shutdown failed");
-    }
-    chats.store().db().close().await;
+    chats.store().close().await;
     Ok(())
 }
 

@@ -157,14 +157,23 @@ impl Store {
     }
 
     /// Writes the chat activity kept in memory (SQLite; nothing to do on
-    /// PostgreSQL). Call before closing the store.
+    /// PostgreSQL).
     ///
     /// Errors: the write failed; the activity stays in memory.
-    pub async fn flush_activity(&self) -> Result<(), DbError> {
+    pub(crate) async fn flush_activity(&self) -> Result<(), DbError> {
         match &self.activity {
             Some(activity) => activity.flush().await,
             None => Ok(()),
         }
+    }
+
+    /// Writes the chat activity kept in memory (a failure is logged), then
+    /// closes the pools. Call once serving has stopped.
+    pub async fn close(&self) {
+        if let Err(e) = self.flush_activity().await {
+            tracing::warn!(error = %e, "writing chat activity at shutdown failed");
+        }
+        self.db.close().await;
     }
 
     pub fn db(&self) -> &Db {

@@ -17,8 +17,7 @@
 //!    committed and its chat's activity recorded: a client that sends and
 //!    then lists sees its chat on top. (On SQLite the chats store records it
 //!    in memory and writes it in the background and before a listing of its
-//!    chats, so
-//!    this step costs the writer a map update; see `natter_chats`'s
+//!    chats, so this step costs the writer a map update; see `natter_chats`'s
 //!    `activity` module. Activity lost in a crash is re-announced at
 //!    start-up: [`crate::Messages::announce_recent_activity`].)
 //!

@@ -42,8 +42,9 @@ pub struct App {
     listener: TcpListener,
     server: Server,
     shutdown: CancellationToken,
+    /// The sessions and messages databases, closed at shutdown.
     dbs: Vec<natter_db::Db>,
-    /// For its chat activity, written at shutdown.
+    /// Its store writes the chat activity still in memory at shutdown.
     chats: Arc<natter_chats::Chats>,
 }
 
@@ -102,7 +103,7 @@ impl App {
         natter_chats::add_services(&mut server, &chats, auth.clone()).await;
         natter_messages::add_services(&mut server, &messages, auth, shutdown.clone()).await;
 
-        let dbs = vec![sessions.store().db().clone(), chats.store().db().clone(), messages.store().db().clone()];
+        let dbs = vec![sessions.store().db().clone(), messages.store().db().clone()];
         server.set_web_dir(&args.web_dir);
         Ok(Self { listener, server, shutdown, dbs, chats })
     }
@@ -116,9 +117,7 @@ impl App {
     /// chat activity still in memory and closes the stores.
     pub async fn run(self) -> anyhow::Result<()> {
         self.server.serve(self.listener, self.shutdown).await?;
-        if let Err(e) = self.chats.store().flush_activity().await {
-            tracing::warn!(error = %e, "writing chat activity at shutdown failed");
-        }
+        self.chats.store().close().await;
         for db in &self.dbs {
             db.close().await;
         }

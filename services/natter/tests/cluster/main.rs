@@ -70,6 +70,17 @@ impl Node {
         }
     }
 
+    /// Stops the process with SIGTERM, as an orchestrator does, and waits
+    /// for it: it must exit with status 0.
+    fn terminate(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let pid = libc::pid_t::try_from(child.id()).unwrap();
+        // SAFETY: kill(2) with a pid we spawned and have not reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM");
+        let status = child.wait().expect("reaped");
+        assert!(status.success(), "natter exited with {status} on SIGTERM");
+    }
+
     async fn channel(&self) -> Channel {
         // Bounded wait for the process to bind and answer health.
         for _ in 0..300 {
@@ -443,6 +454,42 @@ async fn the_all_in_one_recovers_chat_activity_after_sigkill() {
     assert_eq!(listed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), [older.as_str(), newer.as_str()]);
     assert_eq!(listed[0].last_activity_time, sent.send_time, "the older chat's activity is its message's");
     drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The all-in-one on SQLite stopped with SIGTERM writes the chat activity
+/// it kept in memory (here for an hour) before it exits: `chats.db` itself
+/// holds the chat's newest seq and time afterwards. (A restart alone would
+/// not show a lost write: the start-up re-announcement puts it back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_all_in_one_writes_chat_activity_when_stopped() {
+    let dir = std::env::temp_dir().join(format!("natter-stop-{}", uuid::Uuid::new_v4().simple()));
+    let port = free_port();
+    let args = vec!["--data-dir".into(), dir.display().to_string(), "--activity-flush-interval".into(), "1h".into()];
+    let mut node = Node::start("serve", port, args);
+    let ch = node.channel().await;
+    let (_, alice) = user(&ch, "alice").await;
+    let request = cpb::CreateChatRequest { title: "stopped".into(), ..Default::default() };
+    let chat = ChatServiceClient::new(ch.clone()).create_chat(authed(&alice, request)).await.unwrap();
+    let chat = chat.into_inner().chat.unwrap().id;
+    send_until_acked(&ch, &alice, &chat, "first".into()).await;
+    let sent = send_until_acked(&ch, &alice, &chat, "last".into()).await;
+    drop(ch);
+    node.terminate();
+
+    use sqlx::Connection as _;
+    let url = format!("sqlite://{}?mode=ro", dir.join("chats.db").display());
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let (last_seq, last_message_time): (i64, Option<i64>) =
+        sqlx::query_as("SELECT last_seq, last_message_time FROM chats WHERE id = ?")
+            .bind(&chat)
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+    let sent_time = sent.send_time.unwrap();
+    let sent_micros = sent_time.seconds * 1_000_000 + i64::from(sent_time.nanos) / 1_000;
+    assert_eq!((last_seq, last_message_time), (sent.seq, Some(sent_micros)), "the activity in chats.db");
+    db.close().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

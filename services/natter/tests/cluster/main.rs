@@ -429,10 +429,7 @@ async fn the_all_in_one_keeps_every_acknowledged_message_through_sigkill() {
 /// message is on top of ListChats after the restart, at that message's time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_all_in_one_recovers_chat_activity_after_sigkill() {
-    let dir = std::env::temp_dir().join(format!("natter-activity-{}", uuid::Uuid::new_v4().simple()));
-    let port = free_port();
-    let args = vec!["--data-dir".into(), dir.display().to_string(), "--activity-flush-interval".into(), "1h".into()];
-    let mut node = Node::start("serve", port, args);
+    let (dir, mut node) = all_in_one_holding_activity("activity");
     let ch = node.channel().await;
     let (_, alice) = user(&ch, "alice").await;
     let create = |title: &str| {
@@ -463,10 +460,7 @@ async fn the_all_in_one_recovers_chat_activity_after_sigkill() {
 /// not show a lost write: the start-up re-announcement puts it back.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_all_in_one_writes_chat_activity_when_stopped() {
-    let dir = std::env::temp_dir().join(format!("natter-stop-{}", uuid::Uuid::new_v4().simple()));
-    let port = free_port();
-    let args = vec!["--data-dir".into(), dir.display().to_string(), "--activity-flush-interval".into(), "1h".into()];
-    let mut node = Node::start("serve", port, args);
+    let (dir, mut node) = all_in_one_holding_activity("stop");
     let ch = node.channel().await;
     let (_, alice) = user(&ch, "alice").await;
     let request = cpb::CreateChatRequest { title: "stopped".into(), ..Default::default() };
@@ -491,6 +485,17 @@ async fn the_all_in_one_writes_chat_activity_when_stopped() {
     assert_eq!((last_seq, last_message_time), (sent.seq, Some(sent_micros)), "the activity in chats.db");
     db.close().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `natter serve` on SQLite in a fresh data directory (`natter-<name>-<uuid>`
+/// under the temp dir, returned for cleanup) that keeps chat activity in
+/// memory for an hour, so only a listing, a restart's re-announcement or
+/// the shutdown writes it.
+fn all_in_one_holding_activity(name: &str) -> (std::path::PathBuf, Node) {
+    let dir = std::env::temp_dir().join(format!("natter-{name}-{}", uuid::Uuid::new_v4().simple()));
+    let args = vec!["--data-dir".into(), dir.display().to_string(), "--activity-flush-interval".into(), "1h".into()];
+    let node = Node::start("serve", free_port(), args);
+    (dir, node)
 }
 
 /// Waits until the chat's newest message has at least `seq` (polling the

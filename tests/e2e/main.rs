@@ -5,11 +5,13 @@
 
 mod authz;
 mod chats;
+mod exposure;
 mod manage;
 mod messages;
 mod otel;
 mod sessions;
 mod stream;
+mod transport;
 mod unread;
 mod wire;
 

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod error;
 pub mod id;
+pub mod internal;
 pub mod metrics;
 mod observe;
 pub mod paging;
@@ -16,6 +17,7 @@ pub mod serve;
 pub mod telemetry;
 pub mod time;
 
-pub use config::ServerArgs;
+pub use config::{ServerArgs, TransportArgs};
 pub use error::{FieldViolations, internal};
+pub use internal::{InternalArgs, Link, ServiceCredential};
 pub use serve::{Server, shutdown_signal};

@@ -274,13 +274,18 @@ fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::
 /// beyond loopback: fine for local development, not for production (README,
 /// "Security").
 fn warn_on_open_cors(origins: &[String], listener: &TcpListener) {
-    let exposed = listener.local_addr().is_ok_and(|a| !a.ip().is_loopback());
-    if exposed && origins.iter().any(|o| o == "*") {
+    if listener.local_addr().is_ok_and(|addr| cors_open_beyond_loopback(origins, addr)) {
         tracing::warn!(
             "CORS allows any origin (--cors-allow-origins '*') on a non-loopback address: \
              any web page can call this server from its visitors' browsers; list your origins"
         );
     }
+}
+
+/// Whether `origins` allow any origin while `addr` is reachable from other
+/// machines (a wildcard or unspecified address counts as reachable).
+fn cors_open_beyond_loopback(origins: &[String], addr: std::net::SocketAddr) -> bool {
+    !addr.ip().is_loopback() && origins.iter().any(|o| o == "*")
 }
 
 /// Ends a call that has not started answering within `timeout` (a unary
@@ -524,4 +529,29 @@ pub fn shutdown_token() -> CancellationToken {
         child.cancel();
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_cors_is_flagged_only_beyond_loopback() {
+        let any = ["*".to_owned()];
+        let listed = ["https://chat.example.com".to_owned()];
+        assert!(cors_open_beyond_loopback(&any, "0.0.0.0:7070".parse().unwrap()));
+        assert!(cors_open_beyond_loopback(&any, "10.1.2.3:7070".parse().unwrap()));
+        assert!(!cors_open_beyond_loopback(&any, "127.0.0.1:7070".parse().unwrap()));
+        assert!(!cors_open_beyond_loopback(&any, "[::1]:7070".parse().unwrap()));
+        assert!(!cors_open_beyond_loopback(&listed, "0.0.0.0:7070".parse().unwrap()));
+    }
+
+    #[test]
+    fn header_blocks_are_counted_as_http2_counts_them() {
+        let request = |value: &str| http::Request::get("/").header("x-big", value).body(()).unwrap().into_parts().0;
+        // "x-big" (5) + value + 32.
+        assert!(header_limit(5 + 10 + 32)(&request(&"v".repeat(10))).is_none());
+        let refused = header_limit(5 + 10 + 32)(&request(&"v".repeat(11))).expect("over the limit");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    }
 }

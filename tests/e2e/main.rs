@@ -10,6 +10,7 @@ mod messages;
 mod otel;
 mod sessions;
 mod stream;
+mod stream_abuse;
 mod unread;
 mod wire;
 

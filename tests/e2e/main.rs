@@ -11,6 +11,7 @@ mod messages;
 mod otel;
 mod sessions;
 mod stream;
+mod stream_abuse;
 mod transport;
 mod unread;
 mod wire;

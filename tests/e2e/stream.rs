@@ -7,8 +7,8 @@ use natter_proto::chats::v1 as cpb;
 use natter_proto::messages::v1 as mpb;
 use natter_proto::sessions::v1 as spb;
 use natter_testkit::{Cluster, Mode, TestUser, authed};
-use tonic::Code;
 use tonic::codec::Streaming;
+use tonic::{Code, Status};
 
 use crate::chats::{direct, send};
 use mpb::stream_events_response::Event;
@@ -37,6 +37,22 @@ pub(crate) async fn next(stream: &mut Streaming<mpb::StreamEventsResponse>) -> m
         .expect("an event within 10 s")
         .expect("stream ok")
         .expect("stream open")
+}
+
+/// How the stream ends (its status), skipping any events before; waits at
+/// most 10 s.
+pub(crate) async fn end_of(stream: &mut Streaming<mpb::StreamEventsResponse>) -> Status {
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("ends within 10 s");
+    end.expect_err("ends with a status")
 }
 
 /// The seq of the next event, which must be a created message of `chat`.
@@ -250,17 +266,8 @@ async fn an_expired_session_ends_its_stream_and_its_calls() {
     let (alice, bob) = (c.user("alice").await, c.user("bob").await);
     let chat = direct(&c, &alice, &bob).await;
     let mut stream = open(&c, &bob, &[&chat.id], &[]).await;
-    let end = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("ends within 10 s");
-    assert_eq!(end.expect_err("ends with a status").code(), Code::Unauthenticated);
+    let end = end_of(&mut stream).await;
+    assert_eq!(end.code(), Code::Unauthenticated);
     let call = c.chats().list_chats(authed(&bob, cpb::ListChatsRequest::default())).await;
     assert_eq!(call.expect_err("expired").code(), Code::Unauthenticated);
     c.stop().await;

@@ -7,6 +7,8 @@
 //!
 //! Fan-out is one `tokio::sync::broadcast` channel per topic: an event is
 //! encoded once, shared by `Arc`, and each subscriber only clones the pointer.
+//! A channel lives exactly as long as its topic has a [`Subscription`]: the
+//! last one to go drops it, so streams that come and go leave nothing behind.
 //!
 //! Two implementations: [`Hub`] (one process: the all-in-one) and
 //! [`NatsBus`] (replicas: core NATS carries each event to every other
@@ -16,42 +18,159 @@
 //! a resync hint, and streams re-read the store.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
 
+use futures::{Stream, StreamExt as _};
 use natter_proto::messages::v1::StreamEventsResponse;
 use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
 use uuid::Uuid;
 
-/// How many events a slow subscriber may fall behind before it lags (and
-/// then refills from the store).
+/// How many events a slow subscriber of a chat may fall behind before it
+/// lags (and then refills from the store).
 pub const TOPIC_CAPACITY: usize = 1024;
+
+/// The same for a user's topic (a few membership changes; a stream that lags
+/// on it re-reads the user's chats from the chats service).
+pub const USER_TOPIC_CAPACITY: usize = 64;
+
+/// The same for a session's topic (revocations only; a stream that lags on it
+/// re-checks its session).
+pub const SESSION_TOPIC_CAPACITY: usize = 8;
 
 /// What an event is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Topic {
     /// Events of one chat (messages, reads, membership).
     Chat(Uuid),
-    /// Events for one user across chats (joined or left a chat).
+    /// Events for one user across chats (joined, left or removed from a chat).
     User(Uuid),
     /// One session (revoked).
     Session(Uuid),
 }
 
+impl Topic {
+    /// Slots of this topic's channel: a broadcast channel allocates all of
+    /// them up front (about 40 bytes each), and every open stream holds a
+    /// user and a session topic of its own, so only chats get many.
+    pub fn capacity(self) -> usize {
+        match self {
+            Topic::Chat(_) => TOPIC_CAPACITY,
+            Topic::User(_) => USER_TOPIC_CAPACITY,
+            Topic::Session(_) => SESSION_TOPIC_CAPACITY,
+        }
+    }
+}
+
 /// An announced event, shared by every subscriber of its topic.
 pub type Event = Arc<StreamEventsResponse>;
+
+/// A subscriber fell this many events behind its topic; they are lost to it
+/// (the store has them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lagged(pub u64);
 
 /// Publishes and subscribes to events.
 pub trait EventBus: Send + Sync + 'static {
     /// Announces `event` to the current subscribers of `topic` (best effort).
     fn publish(&self, topic: Topic, event: Event);
-    /// Receives the events published to `topic` from now on.
-    fn subscribe(&self, topic: Topic) -> broadcast::Receiver<Event>;
+    /// Receives the events published to `topic` from now on, until dropped.
+    fn subscribe(&self, topic: Topic) -> Subscription;
+    /// Topics of this process with at least one subscriber (each holds one
+    /// channel); for tests and metrics.
+    fn topic_count(&self) -> usize;
 }
 
-/// In-process fan-out: one broadcast channel per topic with subscribers.
+type Topics = Mutex<HashMap<Topic, broadcast::Sender<Event>>>;
+
+fn lock(topics: &Topics) -> MutexGuard<'_, HashMap<Topic, broadcast::Sender<Event>>> {
+    // The map stays consistent whatever panicked while holding it.
+    topics.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// In-process fan-out: one broadcast channel per topic with subscribers,
+/// dropped with its last [`Subscription`].
 #[derive(Default)]
 pub struct Hub {
-    topics: Mutex<HashMap<Topic, broadcast::Sender<Event>>>,
+    topics: Arc<Topics>,
+}
+
+/// One subscriber of a topic: a stream of its events (`Err(Lagged)` when
+/// events were lost to it, the end only if the hub is gone). Dropping the
+/// last subscription of a topic drops the topic's channel at once.
+pub struct Subscription {
+    topic: Topic,
+    hub: Weak<Topics>,
+    /// `None` only while dropping.
+    events: Option<Receiving>,
+}
+
+/// A plain receiver while only [`Subscription::recv`] is used; boxed into a
+/// stream the first time it is polled as one (a `StreamMap` of chats), so a
+/// stream's session and user topics cost no allocation of their own.
+enum Receiving {
+    Receiver(broadcast::Receiver<Event>),
+    Stream(BroadcastStream<Event>),
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").field("topic", &self.topic).finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// The topic subscribed to.
+    pub fn topic(&self) -> Topic {
+        self.topic
+    }
+
+    /// The next event; `None` once the hub is gone.
+    pub async fn recv(&mut self) -> Option<Result<Event, Lagged>> {
+        if let Some(Receiving::Receiver(receiver)) = self.events.as_mut() {
+            return match receiver.recv().await {
+                Ok(event) => Some(Ok(event)),
+                Err(broadcast::error::RecvError::Lagged(n)) => Some(Err(Lagged(n))),
+                Err(broadcast::error::RecvError::Closed) => None,
+            };
+        }
+        self.next().await
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<Event, Lagged>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(Receiving::Receiver(_)) = self.events
+            && let Some(Receiving::Receiver(receiver)) = self.events.take()
+        {
+            self.events = Some(Receiving::Stream(BroadcastStream::new(receiver)));
+        }
+        let Some(Receiving::Stream(events)) = self.events.as_mut() else { return Poll::Ready(None) };
+        events.poll_next_unpin(cx).map(|next| {
+            next.map(|item| {
+                item.map_err(|tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)| Lagged(n))
+            })
+        })
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let Some(topics) = self.hub.upgrade() else { return };
+        let mut topics = lock(&topics);
+        // The receiver goes while the map is locked: a concurrent subscribe
+        // (which takes the lock too) either came before and keeps the
+        // channel alive, or comes after and finds no entry and makes a new
+        // one. No subscriber is ever left on a channel the map forgot.
+        drop(self.events.take());
+        if topics.get(&self.topic).is_some_and(|sender| sender.receiver_count() == 0) {
+            topics.remove(&self.topic);
+        }
+    }
 }
 
 impl Hub {
@@ -63,7 +182,7 @@ impl Hub {
     /// Tells every local subscriber of every chat topic to re-read the store
     /// (an event with no payload): announcements may have been lost.
     pub fn resync(&self) {
-        let Ok(topics) = self.topics.lock() else { return };
+        let topics = lock(&self.topics);
         for (topic, sender) in topics.iter() {
             if let Topic::Chat(chat) = topic {
                 let hint = StreamEventsResponse { chat_id: chat.to_string(), ..Default::default() };
@@ -74,20 +193,24 @@ impl Hub {
 
     /// Number of topics with a channel (for tests and metrics).
     pub fn topic_count(&self) -> usize {
-        self.topics.lock().map(|t| t.len()).unwrap_or(0)
+        lock(&self.topics).len()
     }
-}
 
-impl Hub {
     /// Delivers `event` to this process's subscribers of `topic`.
     fn fan_out(&self, topic: Topic, event: Event) {
-        let Ok(mut topics) = self.topics.lock() else { return };
-        if let Some(sender) = topics.get(&topic)
-            && sender.send(event).is_err()
-        {
-            // Nobody listens any more: drop the channel.
-            topics.remove(&topic);
+        let topics = lock(&self.topics);
+        if let Some(sender) = topics.get(&topic) {
+            // Fails only without receivers, which the last subscription's
+            // drop has already cleaned up.
+            let _ = sender.send(event);
         }
+    }
+
+    /// A subscription to `topic` on this hub.
+    fn subscribe_local(&self, topic: Topic) -> Subscription {
+        let receiver =
+            lock(&self.topics).entry(topic).or_insert_with(|| broadcast::channel(topic.capacity()).0).subscribe();
+        Subscription { topic, hub: Arc::downgrade(&self.topics), events: Some(Receiving::Receiver(receiver)) }
     }
 }
 
@@ -97,9 +220,12 @@ impl EventBus for Hub {
         self.fan_out(topic, event);
     }
 
-    fn subscribe(&self, topic: Topic) -> broadcast::Receiver<Event> {
-        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
-        topics.entry(topic).or_insert_with(|| broadcast::channel(TOPIC_CAPACITY).0).subscribe()
+    fn subscribe(&self, topic: Topic) -> Subscription {
+        self.subscribe_local(topic)
+    }
+
+    fn topic_count(&self) -> usize {
+        Hub::topic_count(self)
     }
 }
 
@@ -182,17 +308,95 @@ mod tests {
         let mut rb = hub.subscribe(Topic::Chat(b));
         hub.publish(Topic::Chat(a), event(1));
         hub.publish(Topic::Chat(b), event(2));
-        assert_eq!(ra.recv().await.unwrap().seq, 1);
-        assert_eq!(rb.recv().await.unwrap().seq, 2);
-        assert!(ra.try_recv().is_err());
+        assert_eq!(ra.recv().await.unwrap().unwrap().seq, 1);
+        assert_eq!(rb.recv().await.unwrap().unwrap().seq, 2);
+        assert!(futures::FutureExt::now_or_never(ra.recv()).is_none(), "nothing else for a");
     }
 
     #[tokio::test]
-    async fn topics_without_subscribers_are_dropped() {
+    async fn a_topic_goes_with_its_last_subscription_without_a_publish() {
         let hub = Hub::new();
-        let chat = Uuid::now_v7();
-        drop(hub.subscribe(Topic::Chat(chat)));
-        hub.publish(Topic::Chat(chat), event(1));
+        let chat = Topic::Chat(Uuid::now_v7());
+        let first = hub.subscribe(chat);
+        let mut second = hub.subscribe(chat);
+        drop(first);
+        assert_eq!(hub.topic_count(), 1, "still subscribed");
+        hub.publish(chat, event(1));
+        assert_eq!(second.recv().await.unwrap().unwrap().seq, 1);
+        drop(second);
         assert_eq!(hub.topic_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn ten_thousand_subscriptions_leave_no_channel_behind() {
+        let hub = Hub::new();
+        let shared = Topic::Chat(Uuid::now_v7());
+        let mut held = Vec::new();
+        for i in 0..10_000 {
+            // Half on one busy chat, half on topics of their own (a stream's
+            // user and session topics).
+            let topic = if i % 2 == 0 { shared } else { Topic::Session(Uuid::now_v7()) };
+            held.push(hub.subscribe(topic));
+        }
+        assert_eq!(hub.topic_count(), 5_001);
+        hub.publish(shared, event(7));
+        // Dropped in an order unlike the one they were made in.
+        while let Some(sub) = held.pop() {
+            if !held.is_empty() {
+                drop(held.swap_remove(held.len() / 2));
+            }
+            drop(sub);
+        }
+        assert_eq!(hub.topic_count(), 0);
+    }
+
+    #[test]
+    fn concurrent_subscribes_and_drops_never_orphan_a_subscriber() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(4).build().unwrap();
+        runtime.block_on(async {
+            let hub = Arc::new(Hub::new());
+            let topic = Topic::Chat(Uuid::now_v7());
+            let churn: Vec<_> = (0..4)
+                .map(|_| {
+                    let hub = hub.clone();
+                    tokio::spawn(async move {
+                        for _ in 0..5_000 {
+                            let sub = hub.subscribe(topic);
+                            tokio::task::yield_now().await;
+                            drop(sub);
+                        }
+                    })
+                })
+                .collect();
+            // Subscriptions taken while the others churn must stay connected
+            // to the channel that publishes reach.
+            let mut late = Vec::new();
+            for _ in 0..200 {
+                late.push(hub.subscribe(topic));
+                tokio::task::yield_now().await;
+            }
+            for task in churn {
+                task.await.unwrap();
+            }
+            hub.publish(topic, event(9));
+            for sub in &mut late {
+                assert_eq!(sub.recv().await.unwrap().unwrap().seq, 9);
+            }
+            assert_eq!(hub.topic_count(), 1);
+            drop(late);
+            assert_eq!(hub.topic_count(), 0);
+        });
+    }
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_is_told_how_many_it_lost() {
+        let hub = Hub::new();
+        let user = Topic::User(Uuid::now_v7());
+        let mut sub = hub.subscribe(user);
+        for seq in 0..(USER_TOPIC_CAPACITY as i64 + 3) {
+            hub.publish(user, event(seq));
+        }
+        assert_eq!(sub.recv().await.unwrap(), Err(Lagged(3)));
+        assert_eq!(sub.recv().await.unwrap().unwrap().seq, 3);
     }
 }

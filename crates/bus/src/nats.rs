@@ -24,11 +24,11 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use natter_proto::messages::v1::StreamEventsResponse;
 use prost::Message as _;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{Event, EventBus, Hub, Topic};
+use crate::{Event, EventBus, Hub, Subscription, Topic};
 
 /// Subject prefix of every natter event.
 const PREFIX: &str = "natter.events";
@@ -334,8 +334,12 @@ impl EventBus for NatsBus {
         }
     }
 
-    fn subscribe(&self, topic: Topic) -> broadcast::Receiver<Event> {
+    fn subscribe(&self, topic: Topic) -> Subscription {
         self.hub.subscribe(topic)
+    }
+
+    fn topic_count(&self) -> usize {
+        self.hub.topic_count()
     }
 }
 
@@ -388,13 +392,13 @@ mod tests {
                 Topic::Chat(chat),
                 Arc::new(StreamEventsResponse { chat_id: chat.to_string(), seq, event: None }),
             );
-            if let Ok(Ok(e)) = tokio::time::timeout(std::time::Duration::from_millis(100), on_b.recv()).await {
+            if let Ok(Some(Ok(e))) = tokio::time::timeout(std::time::Duration::from_millis(100), on_b.recv()).await {
                 got = Some(e.seq);
                 break;
             }
         }
         assert!(got.is_some(), "b received a's event over NATS");
-        assert_eq!(on_a.recv().await.unwrap().seq, 1, "a's own subscribers get it locally, once");
+        assert_eq!(on_a.recv().await.unwrap().unwrap().seq, 1, "a's own subscribers get it locally, once");
         stop.cancel();
     }
 }

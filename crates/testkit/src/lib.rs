@@ -48,6 +48,8 @@ pub struct Cluster {
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
     pg: Option<(String, String)>,
+    /// The all-in-one's event bus.
+    bus: Option<std::sync::Arc<dyn natter_bus::EventBus>>,
     _dir: tempfile::TempDir,
 }
 
@@ -125,15 +127,24 @@ impl Cluster {
         let args = ServeCli::try_parse_from(argv).expect("valid flags").args;
         let shutdown = CancellationToken::new();
         let app = natter::App::build_on(&args, listener, shutdown.clone()).await.expect("natter starts");
+        let bus = app.bus().clone();
         let mut tasks = Vec::new();
         spawn(&mut tasks, app.run());
-        Self::connected(Mode::AllInOne, addr, shutdown, tasks, None, dir).await
+        let mut cluster = Self::connected(Mode::AllInOne, addr, shutdown, tasks, None, dir).await;
+        cluster.bus = Some(bus);
+        cluster
     }
 
     /// The three services on PostgreSQL at `url` (fresh schemas), each on
     /// its own port and linked over gRPC, behind the edge; `extra` flags go
     /// to every service.
     pub async fn split(url: &str, extra: &[&str]) -> Self {
+        Self::split_with(url, extra, &[]).await
+    }
+
+    /// As [`Cluster::split`], with `messages_extra` flags for the messages
+    /// service only (flags the other services do not know).
+    pub async fn split_with(url: &str, extra: &[&str], messages_extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let prefix = format!("t{}_", uuid::Uuid::new_v4().simple());
         let (ls, lc, lm, le) = (bind().await, bind().await, bind().await, bind().await);
@@ -179,11 +190,10 @@ impl Cluster {
             &["--sessions-url", &internal_s, "--messages-url", &internal_m],
         ))
         .expect("valid flags");
-        let messages = natter_messages::Config::try_parse_from(argv(
-            "natter-messages",
-            &["--sessions-url", &internal_s, "--chats-url", &internal_c],
-        ))
-        .expect("valid flags");
+        let mut messages_flags = vec!["--sessions-url", internal_s.as_str(), "--chats-url", internal_c.as_str()];
+        messages_flags.extend_from_slice(messages_extra);
+        let messages =
+            natter_messages::Config::try_parse_from(argv("natter-messages", &messages_flags)).expect("valid flags");
         let edge = natter_edge::EdgeArgs::try_parse_from([
             "natter-edge",
             "--listen",
@@ -232,6 +242,7 @@ impl Cluster {
             shutdown,
             tasks,
             pg,
+            bus: None,
             _dir: dir,
         };
         // Split mode: wait until every service answers through the edge
@@ -320,6 +331,27 @@ impl Cluster {
                 sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.expect("drop schema");
             }
         }
+    }
+
+    /// Channels the all-in-one's event bus holds (one per topic with a
+    /// subscriber); `None` in split mode.
+    pub fn bus_topics(&self) -> Option<usize> {
+        self.bus.as_ref().map(|bus| bus.topic_count())
+    }
+
+    /// Revokes a session of a split cluster straight in the sessions store,
+    /// announcing nothing on the bus (as when the revocation's event is
+    /// lost); `false` in the all-in-one, whose sessions service caches
+    /// tokens and would not notice.
+    pub async fn revoke_session_silently(&self, session_id: &str) -> bool {
+        use sqlx::Connection as _;
+        let Some((url, prefix)) = &self.pg else { return false };
+        sqlx::any::install_default_drivers();
+        let mut conn = sqlx::AnyConnection::connect(url).await.expect("connect to the sessions store");
+        let sql = format!("UPDATE {prefix}sessions.sessions SET revoke_time = create_time WHERE id = '{session_id}'");
+        let done = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.expect("revoke in the store");
+        assert_eq!(done.rows_affected(), 1, "one session revoked");
+        true
     }
 
     /// The shutdown token (to test graceful shutdown).

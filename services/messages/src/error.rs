@@ -1,6 +1,7 @@
 //! The messages service's errors and their gRPC status codes.
 
 use tonic::Status;
+use tonic_types::StatusExt as _;
 
 /// Everything that can go wrong in the messages service.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,10 @@ pub enum MessagesError {
     /// logged only).
     #[error("database error: {0}")]
     Store(#[from] natter_db::DbError),
+    /// The caller holds as many open streams as allowed on this process
+    /// (RESOURCE_EXHAUSTED with RetryInfo).
+    #[error("too many open streams (at most {limit} per user)")]
+    TooManyStreams { limit: usize, retry_after: std::time::Duration },
     /// A group commit failed (INTERNAL, cause logged only).
     #[error("commit failed: {0}")]
     Commit(crate::writer::CommitError),
@@ -59,6 +64,10 @@ impl From<MessagesError> for Status {
             MessagesError::Denied(_) => Status::permission_denied(e.to_string()),
             MessagesError::Precondition(_) => Status::failed_precondition(e.to_string()),
             MessagesError::MessageIdTaken => Status::already_exists(e.to_string()),
+            MessagesError::TooManyStreams { retry_after, .. } => {
+                let details = tonic_types::ErrorDetails::with_retry_info(Some(retry_after));
+                Status::with_error_details(tonic::Code::ResourceExhausted, e.to_string(), details)
+            }
             MessagesError::Upstream(status) => status,
             MessagesError::Db(e) => natter_kit::internal(e),
             MessagesError::Store(e) => natter_kit::internal(e),

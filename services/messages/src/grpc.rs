@@ -1,7 +1,7 @@
 //! The tonic face of the messages service: authenticate, validate and
 //! convert at the boundary, call [`Messages`], convert back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use natter_auth::Authenticator;
@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::domain::{self, Attachment};
 use crate::error::MessagesError;
+use crate::registry::{StreamLimits, StreamRegistry};
 use crate::service::{Messages, SendRequest, message_pb};
 use crate::store::Range;
 use crate::stream::{self, EventStream, Follow};
@@ -62,18 +63,68 @@ fn send_request(r: pb::SendMessageRequest, messages: &Messages) -> Result<SendRe
     })
 }
 
+/// The chat ids of a StreamEvents request, parsed and de-duplicated (first
+/// occurrence kept, in linear time), and its resume points.
+///
+/// Errors: INVALID_ARGUMENT naming `chat_ids` or `resume` when either has
+/// more than `limits.chats_per_request` entries (checked before anything is
+/// parsed), or the first malformed id or negative seq.
+fn follow_request(
+    r: pb::StreamEventsRequest,
+    limits: &StreamLimits,
+) -> Result<(Vec<Uuid>, HashMap<Uuid, i64>), Status> {
+    let max = limits.chats_per_request;
+    let mut too_many = Vec::new();
+    for (field, len) in [("chat_ids", r.chat_ids.len()), ("resume", r.resume.len())] {
+        if len > max {
+            too_many.push((field.to_owned(), format!("at most {max} entries (limit max_stream_chats)")));
+        }
+    }
+    if !too_many.is_empty() {
+        return Err(MessagesError::Invalid(too_many).into());
+    }
+    let mut seen = HashSet::with_capacity(r.chat_ids.len());
+    let mut chat_ids = Vec::with_capacity(r.chat_ids.len());
+    for (i, c) in r.chat_ids.iter().enumerate() {
+        let chat = id::parse(&format!("chat_ids[{i}]"), c)?;
+        if seen.insert(chat) {
+            chat_ids.push(chat);
+        }
+    }
+    let mut resume = HashMap::with_capacity(r.resume.len());
+    for (chat, seq) in &r.resume {
+        let chat = id::parse(&format!("resume[{chat}]"), chat)?;
+        if *seq < 0 {
+            return Err(MessagesError::invalid(format!("resume[{chat}]"), "must not be negative").into());
+        }
+        resume.insert(chat, *seq);
+    }
+    Ok((chat_ids, resume))
+}
+
 /// `natter.messages.v1.MessageService`.
 #[derive(Clone)]
 pub struct MessageApi {
     messages: Arc<Messages>,
     auth: Authenticator,
     shutdown: CancellationToken,
+    streams: Arc<StreamRegistry>,
 }
 
 impl MessageApi {
-    /// The public API; open streams end when `shutdown` is cancelled.
+    /// The public API; open streams end when `shutdown` is cancelled. Starts
+    /// the periodic re-check of open streams' sessions (see
+    /// [`StreamRegistry::spawn_session_recheck`]); call within a Tokio
+    /// runtime.
     pub fn new(messages: Arc<Messages>, auth: Authenticator, shutdown: CancellationToken) -> Self {
-        Self { messages, auth, shutdown }
+        let streams = StreamRegistry::new(*messages.stream_limits());
+        streams.spawn_session_recheck(auth.clone(), shutdown.clone());
+        Self { messages, auth, shutdown, streams }
+    }
+
+    /// The open streams of this API (for tests).
+    pub fn streams(&self) -> &Arc<StreamRegistry> {
+        &self.streams
     }
 
     async fn caller<T>(&self, request: &Request<T>) -> Result<Uuid, Status> {
@@ -185,24 +236,11 @@ impl MessageService for MessageApi {
     async fn stream_events(&self, request: Request<pb::StreamEventsRequest>) -> Result<Response<EventStream>, Status> {
         let principal = self.auth.authenticate(&request).await?;
         let token = natter_auth::bearer_token(request.metadata())?.to_owned();
-        let r = request.into_inner();
-        let mut chat_ids = Vec::with_capacity(r.chat_ids.len());
-        for (i, c) in r.chat_ids.iter().enumerate() {
-            let chat = id::parse(&format!("chat_ids[{i}]"), c)?;
-            if !chat_ids.contains(&chat) {
-                chat_ids.push(chat);
-            }
-        }
-        let mut resume = HashMap::with_capacity(r.resume.len());
-        for (chat, seq) in &r.resume {
-            let chat = id::parse(&format!("resume[{chat}]"), chat)?;
-            if *seq < 0 {
-                return Err(MessagesError::invalid(format!("resume[{chat}]"), "must not be negative").into());
-            }
-            resume.insert(chat, *seq);
-        }
+        let (chat_ids, resume) = follow_request(request.into_inner(), self.streams.limits())?;
+        let ticket = self.streams.admit(&principal, &token)?;
         let follow = Follow { principal, token, chat_ids, resume };
-        let stream = stream::open(self.messages.clone(), self.auth.clone(), self.shutdown.clone(), follow).await?;
+        let stream =
+            stream::open(self.messages.clone(), self.auth.clone(), self.shutdown.clone(), ticket, follow).await?;
         Ok(Response::new(stream))
     }
 }
@@ -256,5 +294,52 @@ impl MessageInternalService for MessageInternalApi {
     ) -> Result<Response<pb::PurgeChatResponse>, Status> {
         self.messages.purge(&request.into_inner().chat_id).await?;
         Ok(Response::new(pb::PurgeChatResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(chat_ids: Vec<String>, resume: Vec<(String, i64)>) -> pb::StreamEventsRequest {
+        pb::StreamEventsRequest { chat_ids, resume: resume.into_iter().collect() }
+    }
+
+    #[test]
+    fn chat_ids_are_deduplicated_in_order() {
+        let ids: Vec<Uuid> = (0..500).map(|_| Uuid::now_v7()).collect();
+        // Every id three times, interleaved: 1,500 entries, 500 distinct.
+        let repeated: Vec<String> = ids.iter().chain(&ids).chain(ids.iter().rev()).map(Uuid::to_string).collect();
+        let (chat_ids, _) = follow_request(
+            request(repeated, Vec::new()),
+            &StreamLimits { chats_per_request: 1500, ..StreamLimits::default() },
+        )
+        .unwrap();
+        assert_eq!(chat_ids, ids);
+    }
+
+    #[test]
+    fn too_many_chat_ids_or_resume_entries_name_their_field() {
+        let limits = StreamLimits { chats_per_request: 3, ..StreamLimits::default() };
+        let ids = |n: usize| (0..n).map(|_| Uuid::now_v7().to_string()).collect::<Vec<_>>();
+        let fields = |r| {
+            let status = follow_request(r, &limits).expect_err("refused");
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            let details = tonic_types::StatusExt::get_error_details(&status);
+            details
+                .bad_request()
+                .expect("field violations")
+                .field_violations
+                .iter()
+                .map(|v| v.field.clone())
+                .collect::<Vec<_>>()
+        };
+        // Refused before parsing: the malformed ids are never looked at.
+        let mut bad = ids(3);
+        bad.push("not-a-uuid".into());
+        assert_eq!(fields(request(bad, Vec::new())), ["chat_ids"]);
+        let resume = ids(4).into_iter().map(|c| (c, 0)).collect();
+        assert_eq!(fields(request(Vec::new(), resume)), ["resume"]);
+        assert!(follow_request(request(ids(3), ids(3).into_iter().map(|c| (c, 1)).collect()), &limits).is_ok());
     }
 }

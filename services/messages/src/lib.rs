@@ -10,6 +10,7 @@
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod registry;
 pub mod service;
 pub mod sqlite_commit;
 pub mod store;
@@ -43,12 +44,37 @@ pub struct MessagesArgs {
     /// Most attachments per message.
     #[arg(long, env = "NATTER_MAX_ATTACHMENTS", default_value_t = 10)]
     pub max_attachments: usize,
+
+    // StreamEvents limits (see `registry`); per process, so in split mode
+    // per messages replica.
+    /// Most StreamEvents streams one user may hold open on this process (in
+    /// split mode: on each messages replica); more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "NATTER_MAX_STREAMS_PER_USER", default_value_t = 32)]
+    pub max_streams_per_user: usize,
+    /// Most entries in each of a StreamEvents request's chat_ids and resume;
+    /// more are refused with INVALID_ARGUMENT.
+    #[arg(long, env = "NATTER_MAX_STREAM_CHATS", default_value_t = 1000)]
+    pub max_stream_chats: usize,
+    /// Longest time between two checks of an open stream's session, so that
+    /// a revocation whose bus event was lost still ends its streams (each
+    /// session is checked at a random point of the period's second half);
+    /// 0s: never.
+    #[arg(long, env = "NATTER_STREAM_SESSION_RECHECK_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub stream_session_recheck_interval: std::time::Duration,
 }
 
 impl Default for MessagesArgs {
     fn default() -> Self {
         let limits = domain::Limits::default();
-        Self { max_text_bytes: limits.text_bytes, max_attachments: limits.attachments }
+        let streams = registry::StreamLimits::default();
+        Self {
+            max_text_bytes: limits.text_bytes,
+            max_attachments: limits.attachments,
+            max_streams_per_user: streams.streams_per_user,
+            max_stream_chats: streams.chats_per_request,
+            stream_session_recheck_interval: streams.session_recheck,
+        }
     }
 }
 
@@ -59,6 +85,15 @@ impl MessagesArgs {
             text_bytes: self.max_text_bytes,
             attachments: self.max_attachments,
             ..domain::Limits::default()
+        }
+    }
+
+    /// The StreamEvents limits these options set.
+    pub fn stream_limits(&self) -> registry::StreamLimits {
+        registry::StreamLimits {
+            streams_per_user: self.max_streams_per_user,
+            chats_per_request: self.max_stream_chats,
+            session_recheck: self.stream_session_recheck_interval,
         }
     }
 }
@@ -73,7 +108,7 @@ pub async fn open(
     args: &MessagesArgs,
 ) -> anyhow::Result<Arc<Messages>> {
     let db = Db::connect(db, &MIGRATOR).await?;
-    let messages = Arc::new(Messages::new(store::Store::new(db), chats, bus, args.limits())?);
+    let messages = Arc::new(Messages::new(store::Store::new(db), chats, bus, args.limits(), args.stream_limits())?);
     announce_recent_activity(&messages).await;
     Ok(messages)
 }

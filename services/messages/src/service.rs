@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::domain::{self, Attachment, Limits};
 use crate::error::MessagesError;
+use crate::registry::StreamLimits;
 use crate::store::{MessageRow, NewMessage, Range, RevisionRow, Sent, Store};
 use crate::writer::Writer;
 
@@ -76,6 +77,7 @@ pub struct Messages {
     chats: Arc<dyn ChatDirectory>,
     bus: Arc<dyn EventBus>,
     limits: Limits,
+    stream_limits: StreamLimits,
 }
 
 impl Messages {
@@ -87,8 +89,9 @@ impl Messages {
         chats: Arc<dyn ChatDirectory>,
         bus: Arc<dyn EventBus>,
         limits: Limits,
+        stream_limits: StreamLimits,
     ) -> std::io::Result<Self> {
-        Ok(Self { writer: Writer::start(store.clone(), chats.clone())?, store, chats, bus, limits })
+        Ok(Self { writer: Writer::start(store.clone(), chats.clone())?, store, chats, bus, limits, stream_limits })
     }
 
     /// Re-announces to the chats service the newest message of every chat
@@ -122,6 +125,11 @@ impl Messages {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The limits of StreamEvents.
+    pub fn stream_limits(&self) -> &StreamLimits {
+        &self.stream_limits
     }
 
     pub fn bus(&self) -> &Arc<dyn EventBus> {

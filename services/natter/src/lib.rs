@@ -46,6 +46,8 @@ pub struct App {
     dbs: Vec<natter_db::Db>,
     /// Its store writes the chat activity still in memory at shutdown.
     chats: Arc<natter_chats::Chats>,
+    /// The event bus the services share.
+    bus: Arc<dyn EventBus>,
 }
 
 impl App {
@@ -92,7 +94,7 @@ impl App {
         let messages = natter_messages::open(
             &args.store.config("messages")?,
             Arc::new(InProcess(chat_internal)),
-            bus,
+            bus.clone(),
             &args.messages,
         )
         .await?;
@@ -105,7 +107,12 @@ impl App {
 
         let dbs = vec![sessions.store().db().clone(), messages.store().db().clone()];
         server.set_web_dir(&args.web_dir);
-        Ok(Self { listener, server, shutdown, dbs, chats })
+        Ok(Self { listener, server, shutdown, dbs, chats, bus })
+    }
+
+    /// The event bus the services share (to read its size in tests).
+    pub fn bus(&self) -> &Arc<dyn EventBus> {
+        &self.bus
     }
 
     /// The address the server listens on (useful with port 0).

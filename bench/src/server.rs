@@ -10,6 +10,25 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use tokio::process::{Child, Command};
 
+/// Flags that turn off the per-user and per-address rate limits of a
+/// spawned server: the benchmark's seeding and load come from one address
+/// and a few users at far more than a person's pace. A server at
+/// `--target` needs the same (or limits as high) to be measured at all.
+pub(crate) const RATES_OFF: [&str; 12] = [
+    "--create-session-rate",
+    "off",
+    "--create-user-rate",
+    "off",
+    "--create-chat-rate",
+    "off",
+    "--send-message-rate",
+    "off",
+    "--edit-message-rate",
+    "off",
+    "--stream-open-rate",
+    "off",
+];
+
 /// A server to benchmark.
 pub(crate) struct Target {
     /// `http://host:port`.
@@ -32,7 +51,8 @@ impl Target {
     }
 
     /// Starts `natter serve --listen 127.0.0.1:0 --data-dir <tmp> --log-format json
-    /// --metrics-listen 127.0.0.1:0` and waits for its `natter listening` log
+    /// --metrics-listen 127.0.0.1:0` with its rate limits off ([`RATES_OFF`])
+    /// and waits for its `natter listening` log
     /// line (30 s at most); the metrics address comes from its `serving
     /// metrics at /metrics` line. Its logs go to `natter.log` in the data dir.
     ///
@@ -44,6 +64,7 @@ impl Target {
         let log = std::fs::File::create(&log_path)?;
         let mut child = Command::new(natter)
             .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--metrics-listen", "127.0.0.1:0"])
+            .args(RATES_OFF)
             .arg("--data-dir")
             .arg(&data_dir)
             .stdin(Stdio::null())

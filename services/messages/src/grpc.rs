@@ -1,7 +1,7 @@
 //! The tonic face of the messages service: authenticate, validate and
 //! convert at the boundary, call [`Messages`], convert back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use natter_auth::Authenticator;
@@ -13,14 +13,21 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::domain::{self, Attachment};
+use crate::domain::{self, Attachment, Limits};
 use crate::error::MessagesError;
 use crate::service::{Messages, SendRequest, message_pb};
 use crate::store::Range;
 use crate::stream::{self, EventStream, Follow};
 
-fn send_request(r: pb::SendMessageRequest, messages: &Messages) -> Result<SendRequest, Status> {
-    let limits = messages.limits();
+/// Most chat ids one StreamEvents request may list (empty follows all the
+/// caller's chats, however many).
+pub const STREAM_CHAT_IDS_MAX: usize = 1000;
+/// Most resume entries of one StreamEvents request.
+pub const STREAM_RESUME_MAX: usize = 10_000;
+
+/// Validates a SendMessage request against `limits`: INVALID_ARGUMENT listing
+/// every field at fault, before anything reaches the writer's batch.
+pub fn send_request(r: pb::SendMessageRequest, limits: &Limits) -> Result<SendRequest, Status> {
     let mut violations = Vec::new();
     if r.attachments.len() > limits.attachments {
         violations.push((
@@ -62,6 +69,43 @@ fn send_request(r: pb::SendMessageRequest, messages: &Messages) -> Result<SendRe
     })
 }
 
+/// Validates an EditMessage request: (message id, new text).
+pub fn edit_request(r: pb::EditMessageRequest, limits: &Limits) -> Result<(Uuid, String), Status> {
+    let message_id = id::parse("message_id", &r.message_id)?;
+    domain::check_text("text", &r.text, false, limits).map_err(|v| MessagesError::Invalid(vec![v]))?;
+    Ok((message_id, r.text))
+}
+
+/// Validates a StreamEvents request: the chats to follow (deduplicated,
+/// at most [`STREAM_CHAT_IDS_MAX`]) and the resume points (at most
+/// [`STREAM_RESUME_MAX`]).
+pub fn follow_request(r: pb::StreamEventsRequest) -> Result<(Vec<Uuid>, HashMap<Uuid, i64>), Status> {
+    if r.chat_ids.len() > STREAM_CHAT_IDS_MAX {
+        return Err(MessagesError::invalid("chat_ids", format!("at most {STREAM_CHAT_IDS_MAX} ids")).into());
+    }
+    if r.resume.len() > STREAM_RESUME_MAX {
+        return Err(MessagesError::invalid("resume", format!("at most {STREAM_RESUME_MAX} entries")).into());
+    }
+    let mut seen = HashSet::with_capacity(r.chat_ids.len());
+    let mut chat_ids = Vec::with_capacity(r.chat_ids.len());
+    for (i, c) in r.chat_ids.iter().enumerate() {
+        let chat = id::parse(&format!("chat_ids[{i}]"), c)?;
+        if seen.insert(chat) {
+            chat_ids.push(chat);
+        }
+    }
+    let mut resume = HashMap::with_capacity(r.resume.len());
+    for (chat, seq) in &r.resume {
+        // The key is not echoed: it may be anything up to the request size.
+        let chat = Uuid::try_parse(chat).map_err(|_| MessagesError::invalid("resume", "keys must be chat UUIDs"))?;
+        if *seq < 0 {
+            return Err(MessagesError::invalid(format!("resume[{chat}]"), "must not be negative").into());
+        }
+        resume.insert(chat, *seq);
+    }
+    Ok((chat_ids, resume))
+}
+
 /// `natter.messages.v1.MessageService`.
 #[derive(Clone)]
 pub struct MessageApi {
@@ -88,7 +132,7 @@ impl MessageService for MessageApi {
         request: Request<pb::SendMessageRequest>,
     ) -> Result<Response<pb::SendMessageResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let send = send_request(request.into_inner(), &self.messages)?;
+        let send = send_request(request.into_inner(), self.messages.limits())?;
         let row = self.messages.send(caller, send).await?;
         Ok(Response::new(pb::SendMessageResponse { message: Some(message_pb(row, Vec::new())) }))
     }
@@ -141,11 +185,8 @@ impl MessageService for MessageApi {
         request: Request<pb::EditMessageRequest>,
     ) -> Result<Response<pb::EditMessageResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let r = request.into_inner();
-        let message_id = id::parse("message_id", &r.message_id)?;
-        domain::check_text("text", &r.text, false, self.messages.limits())
-            .map_err(|v| MessagesError::Invalid(vec![v]))?;
-        let message = self.messages.edit(caller, message_id, &r.text).await?;
+        let (message_id, text) = edit_request(request.into_inner(), self.messages.limits())?;
+        let message = self.messages.edit(caller, message_id, &text).await?;
         Ok(Response::new(pb::EditMessageResponse { message: Some(message) }))
     }
 
@@ -164,9 +205,16 @@ impl MessageService for MessageApi {
         request: Request<pb::ListMessageRevisionsRequest>,
     ) -> Result<Response<pb::ListMessageRevisionsResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let message_id = id::parse("message_id", &request.into_inner().message_id)?;
-        let revisions = self.messages.revisions(caller, message_id).await?;
-        Ok(Response::new(pb::ListMessageRevisionsResponse { revisions }))
+        let r = request.into_inner();
+        let message_id = id::parse("message_id", &r.message_id)?;
+        let size = paging::page_size("page_size", r.page_size, 50, 200)?;
+        let fingerprint = paging::fingerprint(&[&message_id]);
+        let after = paging::decode("page_token", &r.page_token, fingerprint)?;
+        let (revisions, next) = self.messages.revisions(caller, message_id, after, size).await?;
+        Ok(Response::new(pb::ListMessageRevisionsResponse {
+            revisions,
+            next_page_token: next.map(|k| paging::encode(&k, fingerprint)).unwrap_or_default(),
+        }))
     }
 
     async fn mark_read(&self, request: Request<pb::MarkReadRequest>) -> Result<Response<pb::MarkReadResponse>, Status> {
@@ -185,22 +233,8 @@ impl MessageService for MessageApi {
     async fn stream_events(&self, request: Request<pb::StreamEventsRequest>) -> Result<Response<EventStream>, Status> {
         let principal = self.auth.authenticate(&request).await?;
         let token = natter_auth::bearer_token(request.metadata())?.to_owned();
-        let r = request.into_inner();
-        let mut chat_ids = Vec::with_capacity(r.chat_ids.len());
-        for (i, c) in r.chat_ids.iter().enumerate() {
-            let chat = id::parse(&format!("chat_ids[{i}]"), c)?;
-            if !chat_ids.contains(&chat) {
-                chat_ids.push(chat);
-            }
-        }
-        let mut resume = HashMap::with_capacity(r.resume.len());
-        for (chat, seq) in &r.resume {
-            let chat = id::parse(&format!("resume[{chat}]"), chat)?;
-            if *seq < 0 {
-                return Err(MessagesError::invalid(format!("resume[{chat}]"), "must not be negative").into());
-            }
-            resume.insert(chat, *seq);
-        }
+        let (chat_ids, resume) = follow_request(request.into_inner())?;
+        self.messages.admit_stream(principal.user_id)?;
         let follow = Follow { principal, token, chat_ids, resume };
         let stream = stream::open(self.messages.clone(), self.auth.clone(), self.shutdown.clone(), follow).await?;
         Ok(Response::new(stream))

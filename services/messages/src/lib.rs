@@ -22,6 +22,7 @@ use natter_auth::Authenticator;
 use natter_bus::EventBus;
 use natter_db::{Db, DbConfig};
 use natter_kit::Server;
+use natter_kit::limits::Rate;
 use natter_links::ChatDirectory;
 use natter_proto::messages::v1::message_internal_service_server::MessageInternalServiceServer;
 use natter_proto::messages::v1::message_service_server::MessageServiceServer;
@@ -35,6 +36,11 @@ pub use service::Messages;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Options of the messages service (the limits DESIGN.md lists).
+///
+/// The rate limits are counted in memory by each process: in split mode
+/// every messages replica admits its own share (a shared count would cost a
+/// PostgreSQL or Redis round trip per call), so N replicas admit up to N
+/// times a limit.
 #[derive(Clone, Debug, clap::Args)]
 pub struct MessagesArgs {
     /// Longest message text, in bytes of UTF-8.
@@ -43,12 +49,32 @@ pub struct MessagesArgs {
     /// Most attachments per message.
     #[arg(long, env = "NATTER_MAX_ATTACHMENTS", default_value_t = 10)]
     pub max_attachments: usize,
+    /// Most edits of one message; EditMessage is FAILED_PRECONDITION after.
+    #[arg(long, env = "NATTER_MAX_MESSAGE_EDITS", default_value_t = 100)]
+    pub max_message_edits: usize,
+    /// SendMessage calls per user (retries too): N/PERIOD admits N at once
+    /// and N per PERIOD; `off` admits all.
+    #[arg(long, env = "NATTER_SEND_MESSAGE_RATE", default_value = "1200/1m")]
+    pub send_message_rate: Rate,
+    /// EditMessage calls per user: N/PERIOD, or `off`.
+    #[arg(long, env = "NATTER_EDIT_MESSAGE_RATE", default_value = "600/1m")]
+    pub edit_message_rate: Rate,
+    /// StreamEvents streams opened per user: N/PERIOD, or `off`.
+    #[arg(long, env = "NATTER_STREAM_OPEN_RATE", default_value = "120/1m")]
+    pub stream_open_rate: Rate,
 }
 
 impl Default for MessagesArgs {
     fn default() -> Self {
         let limits = domain::Limits::default();
-        Self { max_text_bytes: limits.text_bytes, max_attachments: limits.attachments }
+        Self {
+            max_text_bytes: limits.text_bytes,
+            max_attachments: limits.attachments,
+            max_message_edits: limits.edits,
+            send_message_rate: Rate::parse("1200/1m").expect("valid rate"),
+            edit_message_rate: Rate::parse("600/1m").expect("valid rate"),
+            stream_open_rate: Rate::parse("120/1m").expect("valid rate"),
+        }
     }
 }
 
@@ -58,6 +84,7 @@ impl MessagesArgs {
         domain::Limits {
             text_bytes: self.max_text_bytes,
             attachments: self.max_attachments,
+            edits: self.max_message_edits,
             ..domain::Limits::default()
         }
     }
@@ -73,7 +100,7 @@ pub async fn open(
     args: &MessagesArgs,
 ) -> anyhow::Result<Arc<Messages>> {
     let db = Db::connect(db, &MIGRATOR).await?;
-    let messages = Arc::new(Messages::new(store::Store::new(db), chats, bus, args.limits())?);
+    let messages = Arc::new(Messages::new(store::Store::new(db), chats, bus, args)?);
     announce_recent_activity(&messages).await;
     Ok(messages)
 }

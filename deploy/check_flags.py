@@ -66,7 +66,7 @@ class Cli:
 
 OPTION_LINE = re.compile(r"^\s{1,8}(?:(-[A-Za-z0-9]),\s+)?(--[A-Za-z0-9][A-Za-z0-9-]*)\b")
 SHORT_ONLY_LINE = re.compile(r"^\s{1,8}(-[A-Za-z0-9])(?:\s|$)")
-ENV_NOTE = re.compile(r"\[env:\s*([A-Z][A-Z0-9_]*)=")
+ENV_NOTE = re.compile(r"\[env:\s*([A-Z][A-Z0-9_]*)[=\]]")  # `=` unless hide_env_values
 POSSIBLE_LONG = re.compile(r"^\s+-\s+([A-Za-z0-9][A-Za-z0-9_.-]*)(?::|$)")
 POSSIBLE_SHORT = re.compile(r"\[possible values:\s*([^\]]+)\]")
 COMMAND_LINE = re.compile(r"^\s{2}([a-z][a-z0-9-]*)(?:\s|$)")

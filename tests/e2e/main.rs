@@ -5,6 +5,7 @@
 
 mod authz;
 mod chats;
+mod exposure;
 mod fuzz;
 mod limits;
 mod manage;
@@ -12,6 +13,7 @@ mod messages;
 mod otel;
 mod sessions;
 mod stream;
+mod transport;
 mod unread;
 mod wire;
 

@@ -61,6 +61,21 @@ async fn reflection_lists_the_services(c: &Cluster) {
     ] {
         assert!(names.iter().any(|n| n == expected), "{expected} in {names:?}");
     }
+    assert!(!names.iter().any(|n| n.contains("Internal")), "reflection advertises an internal service: {names:?}");
+    // Nor does it describe one when asked by name.
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol("natter.chats.v1.ChatInternalService".into())),
+    };
+    let mut responses = reflection.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    match responses.message().await {
+        Ok(Some(response)) => assert!(
+            matches!(response.message_response, Some(MessageResponse::ErrorResponse(_))),
+            "reflection describes ChatInternalService: {response:?}"
+        ),
+        Ok(None) => panic!("reflection ended without an answer"),
+        Err(status) => assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

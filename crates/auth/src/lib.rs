@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use natter_kit::telemetry::TracedChannel;
+use natter_kit::Link;
 use natter_proto::sessions::v1::{
     IntrospectSessionRequest, IntrospectSessionResponse, session_internal_service_client::SessionInternalServiceClient,
     session_internal_service_server::SessionInternalService,
@@ -102,25 +102,26 @@ fn principal(response: IntrospectSessionResponse) -> Result<Option<Principal>, S
     Ok(Some(Principal { user_id, session_id, guest: response.guest, expire_micros }))
 }
 
-/// Verifies tokens by calling the sessions service over gRPC.
+/// Verifies tokens by calling the sessions service's internal listener over
+/// gRPC (with the service credential and a deadline).
 #[derive(Clone, Debug)]
 pub struct GrpcVerifier {
-    client: SessionInternalServiceClient<TracedChannel>,
+    link: Link,
 }
 
 impl GrpcVerifier {
-    /// A verifier over an established (or lazy) channel to the sessions
-    /// service (`natter_links::channel`: calls carry trace context).
-    pub fn new(channel: TracedChannel) -> Self {
-        Self { client: SessionInternalServiceClient::new(channel) }
+    /// A verifier over a link to the sessions service's internal listener.
+    pub fn new(link: Link) -> Self {
+        Self { link }
     }
 }
 
 #[async_trait]
 impl SessionVerifier for GrpcVerifier {
     async fn introspect(&self, token: &str) -> Result<Option<Principal>, Status> {
-        let request = IntrospectSessionRequest { token: token.to_owned() };
-        let response = self.client.clone().introspect_session(request).await?.into_inner();
+        let request = self.link.request(IntrospectSessionRequest { token: token.to_owned() });
+        let response =
+            self.link.call(SessionInternalServiceClient::new(self.link.channel()).introspect_session(request)).await?;
         principal(response)
     }
 }

@@ -104,28 +104,62 @@ impl EventBus for Hub {
 }
 
 mod nats;
-pub use nats::NatsBus;
+pub use nats::{ConnectError, Credentials, NatsBus, redact_url, split_url};
 
 /// Command-line options that choose the bus.
-#[derive(Clone, Debug, Default, clap::Args)]
+///
+/// `Debug` shows `nats_url` with any password replaced by `***`.
+#[derive(Clone, Default, clap::Args)]
 pub struct BusArgs {
     /// NATS server URL (nats://host:4222) carrying events between replicas;
-    /// unset: events stay within this process.
+    /// unset: events stay within this process. It may carry credentials
+    /// (nats://user:password@host:4222); --nats-user with
+    /// --nats-password-file keeps the password off the command line and out
+    /// of the environment
     #[arg(long, env = "NATTER_NATS_URL")]
     pub nats_url: Option<String>,
+    /// NATS user to log in as (with --nats-password-file); the NATS server
+    /// should let only this user publish on natter.events.>
+    #[arg(long, env = "NATTER_NATS_USER", requires = "nats_password_file")]
+    pub nats_user: Option<String>,
+    /// File holding the password of --nats-user (its whole content, without a
+    /// final line break), such as a mounted Kubernetes Secret; read at
+    /// start-up
+    #[arg(long, env = "NATTER_NATS_PASSWORD_FILE", value_name = "PATH", requires = "nats_user")]
+    pub nats_password_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for BusArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusArgs")
+            .field("nats_url", &self.nats_url.as_deref().map(redact_url))
+            .field("nats_user", &self.nats_user)
+            .field("nats_password_file", &self.nats_password_file)
+            .finish()
+    }
 }
 
 impl BusArgs {
     /// The bus these options choose: NATS when a URL is given, else an
-    /// in-process hub. `shutdown` stops the NATS tasks.
+    /// in-process hub. `shutdown` stops the NATS tasks (and a start-up still
+    /// waiting for the server).
     ///
-    /// Errors: the NATS server cannot be reached.
+    /// Errors: a malformed URL, credentials without a URL, a user without a
+    /// password file (or the reverse), an unreadable password file, the
+    /// server refuses the log-in, or `shutdown` fires while waiting for it.
     pub async fn connect(
         &self,
         shutdown: tokio_util::sync::CancellationToken,
-    ) -> Result<Arc<dyn EventBus>, async_nats::ConnectError> {
+    ) -> Result<Arc<dyn EventBus>, ConnectError> {
+        let credentials = match (&self.nats_user, &self.nats_password_file) {
+            (None, None) => None,
+            (Some(user), Some(path)) => Some(Credentials::from_password_file(user.clone(), path.clone())?),
+            (Some(_), None) => return Err(ConnectError::Options("--nats-user needs --nats-password-file")),
+            (None, Some(_)) => return Err(ConnectError::Options("--nats-password-file needs --nats-user")),
+        };
         match &self.nats_url {
-            Some(url) => Ok(NatsBus::connect(url, shutdown).await?),
+            Some(url) => Ok(NatsBus::connect(url, credentials, shutdown).await?),
+            None if credentials.is_some() => Err(ConnectError::Options("--nats-user needs --nats-url")),
             None => Ok(Arc::new(Hub::new())),
         }
     }

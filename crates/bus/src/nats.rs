@@ -7,9 +7,19 @@
 //! their order); the connection is opened with `no_echo`, so a process never
 //! receives its own events twice. Every process subscribes to
 //! `natter.events.>` and fans what arrives out to its local subscribers.
+//!
+//! Anyone who may publish on `natter.events.>` can forge events, so a shared
+//! NATS server should require a log-in and grant that subject to natter's
+//! user only: natter logs in with a user and password ([`Credentials`]),
+//! given as flags (the password in a file) or in the URL. The password never
+//! reaches a log line: the URL is stripped of it before the client sees it.
 
+use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use async_nats::{ConnectErrorKind, ServerAddr};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use natter_proto::messages::v1::StreamEventsResponse;
@@ -27,10 +37,138 @@ const PREFIX: &str = "natter.events";
 /// dropped (the store has them; streams fill gaps).
 const PUBLISH_QUEUE: usize = 16 * 1024;
 
+/// First and longest pause between start-up attempts while the NATS server
+/// cannot be reached (it may still be starting).
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Events over core NATS, fanned out locally by a [`Hub`].
 pub struct NatsBus {
     hub: Arc<Hub>,
     outbox: mpsc::Sender<(Topic, Event)>,
+}
+
+/// A NATS user and its password (the server's `authorization { users }`).
+///
+/// `Debug` shows the user only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The NATS user name.
+    pub user: String,
+    password: String,
+}
+
+impl Credentials {
+    /// A user and its password.
+    pub fn new(user: impl Into<String>, password: impl Into<String>) -> Self {
+        Self { user: user.into(), password: password.into() }
+    }
+
+    /// Reads the password from `path`: the whole file, without the line
+    /// break at its end (a mounted Kubernetes Secret or a compose secret).
+    ///
+    /// Errors: the file cannot be read, or holds no password.
+    pub fn from_password_file(user: impl Into<String>, path: PathBuf) -> Result<Self, ConnectError> {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ConnectError::PasswordFile { path: path.clone(), reason: e.to_string() })?;
+        let password = text.trim_end_matches(['\r', '\n']);
+        if password.is_empty() {
+            return Err(ConnectError::PasswordFile { path, reason: "the file is empty".into() });
+        }
+        Ok(Self::new(user, password))
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials").field("user", &self.user).field("password", &"<redacted>").finish()
+    }
+}
+
+/// Why the bus could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// `--nats-url` is no NATS URL (`nats://host:4222`).
+    #[error("invalid --nats-url: {0}")]
+    Url(String),
+    /// The credential options contradict each other or lack a part.
+    #[error("{0}")]
+    Options(&'static str),
+    /// `--nats-password-file` cannot be read or is empty.
+    #[error("cannot read --nats-password-file {}: {reason}", path.display())]
+    PasswordFile {
+        /// The file named by the flag.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The server refused the log-in: wrong or missing credentials.
+    #[error("nats at {server} refused {}: {error} (check --nats-user and --nats-password-file)",
+        user.as_deref().map_or_else(|| "a client without credentials".to_owned(), |u| format!("user {u}")))]
+    Refused {
+        /// The server's URL, without credentials.
+        server: String,
+        /// The user natter logged in as, if any.
+        user: Option<String>,
+        /// The client's error (shown in the message, so not a `source`).
+        error: async_nats::ConnectError,
+    },
+    /// The connection was set up but subscribing failed.
+    #[error("nats at {server}: cannot subscribe to {PREFIX}.>: {reason}")]
+    Subscribe {
+        /// The server's URL, without credentials.
+        server: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Shut down before the server could be reached.
+    #[error("nats at {server}: shut down while waiting for the server")]
+    ShutDown {
+        /// The server's URL, without credentials.
+        server: String,
+    },
+}
+
+/// Splits a NATS URL (`nats://[user:password@]host[:port]`; the scheme may
+/// be left out) into the server's address without credentials and the
+/// credentials it carried (percent-decoded).
+///
+/// Errors: not a NATS URL, or a user without a password (token log-ins are
+/// not supported).
+pub fn split_url(url: &str) -> Result<(ServerAddr, Option<Credentials>), ConnectError> {
+    let addr: ServerAddr = url.trim().parse().map_err(|e: std::io::Error| ConnectError::Url(e.to_string()))?;
+    let user = addr.username().map(decode);
+    let password = addr.password().map(decode);
+    let mut bare = addr.into_inner();
+    // Cannot fail for nats://, tls://, ws:// and wss:// URLs (they have a host).
+    let _ = bare.set_password(None);
+    let _ = bare.set_username("");
+    let bare = ServerAddr::from_url(bare).map_err(|e| ConnectError::Url(e.to_string()))?;
+    let credentials = match (user, password) {
+        (None, None) => None,
+        (Some(user), Some(password)) if !password.is_empty() => Some(Credentials::new(user, password)),
+        _ => return Err(ConnectError::Url("a user needs a password (user:password@host)".into())),
+    };
+    Ok((bare, credentials))
+}
+
+/// `url` with any password replaced by `***`, for logs and `Debug`.
+pub fn redact_url(url: &str) -> String {
+    match split_url(url) {
+        Ok((addr, Some(c))) => {
+            let mut shown = addr.into_inner();
+            let _ = shown.set_username(&c.user);
+            let _ = shown.set_password(Some("***"));
+            shown.to_string()
+        }
+        Ok((addr, None)) => addr.as_url_str().to_owned(),
+        Err(_) if url.contains('@') => "<unparsable URL with credentials>".to_owned(),
+        Err(_) => url.to_owned(),
+    }
+}
+
+fn decode(part: &str) -> String {
+    percent_encoding::percent_decode_str(part).decode_utf8_lossy().into_owned()
 }
 
 fn subject(topic: Topic) -> String {
@@ -54,43 +192,45 @@ fn topic(subject: &str) -> Option<Topic> {
 }
 
 impl NatsBus {
-    /// Connects to NATS at `url` and starts the publisher and subscriber
-    /// tasks, which end when `shutdown` is cancelled.
+    /// Connects to NATS at `url` as `credentials` (or as the user and
+    /// password in `url`) and starts the publisher and subscriber tasks,
+    /// which end when `shutdown` is cancelled.
     ///
-    /// Errors: the first connection fails (later disconnects are retried by
-    /// the client and answered with a resync).
-    pub async fn connect(url: &str, shutdown: CancellationToken) -> Result<Arc<Self>, async_nats::ConnectError> {
+    /// While the server cannot be reached, start-up waits for it (retrying
+    /// with a growing pause, logged); a refused log-in ends it at once.
+    ///
+    /// Errors: `url` is malformed, credentials are given both in `url` and
+    /// as `credentials`, the server refuses the log-in, subscribing fails,
+    /// or `shutdown` fires first. Later disconnects are retried by the
+    /// client and answered with a resync.
+    pub async fn connect(
+        url: &str,
+        credentials: Option<Credentials>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, ConnectError> {
+        let (addr, in_url) = split_url(url)?;
+        let credentials = match (credentials, in_url) {
+            (Some(_), Some(_)) => {
+                return Err(ConnectError::Options(
+                    "nats credentials given twice: in --nats-url and as --nats-user/--nats-password-file",
+                ));
+            }
+            (given, in_url) => given.or(in_url),
+        };
+        let server = addr.as_url_str().to_owned();
+        let user = credentials.as_ref().map(|c| c.user.clone());
         let hub = Arc::new(Hub::new());
-        let on_event = hub.clone();
-        let client = async_nats::ConnectOptions::new()
-            .no_echo()
-            .name("natter")
-            .retry_on_initial_connect()
-            .event_callback(move |event| {
-                let hub = on_event.clone();
-                async move {
-                    match event {
-                        // Announcements may have been lost while away, or
-                        // dropped for a slow consumer: re-read the store.
-                        async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) => {
-                            tracing::info!(%event, "nats: resync streams from the store");
-                            hub.resync();
-                        }
-                        other => tracing::warn!(event = %other, "nats"),
-                    }
-                }
-            })
-            .connect(url)
-            .await?;
+        let client = Self::first_connection(&addr, credentials.as_ref(), &hub, &shutdown).await?;
+        tracing::info!(%server, user = user.as_deref().unwrap_or("-"), "nats: connected");
         let subscriber = match client.subscribe(format!("{PREFIX}.>")).await {
             Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "nats: subscribe failed");
-                return Err(async_nats::ConnectError::new(async_nats::ConnectErrorKind::Io));
-            }
+            Err(e) => return Err(ConnectError::Subscribe { server, reason: e.to_string() }),
         };
-        // Wait for the server to acknowledge the subscription (a PING/PONG
-        // round trip), so events published right after start-up reach us.
+        // Send the subscription before serving. (async-nats 0.51's flush
+        // only writes it to the socket; the server may still be processing
+        // it when this returns, and an event published in that moment is
+        // missed, like any lost announcement: a stream finds the gap at the
+        // chat's next event and fills it from the store.)
         if let Err(e) = client.flush().await {
             tracing::warn!(error = %e, "nats: flush after subscribe failed");
         }
@@ -132,6 +272,57 @@ impl NatsBus {
 
         Ok(Arc::new(Self { hub, outbox }))
     }
+
+    /// Opens the client's first connection: retried while the server cannot
+    /// be reached, given up when it refuses the log-in (async-nats's own
+    /// `retry_on_initial_connect` would retry a refused log-in for ever).
+    async fn first_connection(
+        addr: &ServerAddr,
+        credentials: Option<&Credentials>,
+        hub: &Arc<Hub>,
+        shutdown: &CancellationToken,
+    ) -> Result<async_nats::Client, ConnectError> {
+        let server = addr.as_url_str().to_owned();
+        let mut pause = RETRY_FIRST;
+        loop {
+            let mut options = async_nats::ConnectOptions::new().no_echo().name("natter");
+            if let Some(c) = credentials {
+                options = options.user_and_password(c.user.clone(), c.password.clone());
+            }
+            let on_event = hub.clone();
+            let options = options.event_callback(move |event| {
+                let hub = on_event.clone();
+                async move {
+                    match event {
+                        // Announcements may have been lost while away, or
+                        // dropped for a slow consumer: re-read the store.
+                        async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) => {
+                            tracing::info!(%event, "nats: resync streams from the store");
+                            hub.resync();
+                        }
+                        other => tracing::warn!(event = %other, "nats"),
+                    }
+                }
+            });
+            let error = tokio::select! {
+                () = shutdown.cancelled() => return Err(ConnectError::ShutDown { server }),
+                result = options.connect(addr.clone()) => match result {
+                    Ok(client) => return Ok(client),
+                    Err(e) => e,
+                },
+            };
+            if matches!(error.kind(), ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication) {
+                let user = credentials.map(|c| c.user.clone());
+                return Err(ConnectError::Refused { server, user, error });
+            }
+            tracing::warn!(%server, %error, retry_in = ?pause, "nats: cannot connect yet");
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(ConnectError::ShutDown { server }),
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(RETRY_MAX);
+        }
+    }
 }
 
 impl EventBus for NatsBus {
@@ -162,6 +353,19 @@ mod tests {
         assert_eq!(topic("other.chat.x"), None);
     }
 
+    #[test]
+    fn urls_lose_their_credentials_and_redact_them() {
+        let (addr, c) = split_url("nats://us%40er:p%3Ass%2Fw@nats:4222").unwrap();
+        assert_eq!(addr.as_url_str(), "nats://nats:4222");
+        assert_eq!(c, Some(Credentials::new("us@er", "p:ss/w")), "percent-decoded");
+        let (addr, c) = split_url("nats:4222").unwrap();
+        assert_eq!((addr.as_url_str(), c), ("nats://nats:4222", None));
+        assert_eq!(redact_url("nats://natter:s3cret@nats:4222"), "nats://natter:***@nats:4222");
+        assert_eq!(redact_url("nats://nats:4222"), "nats://nats:4222");
+        assert!(!redact_url("http://natter:s3cret@[bad").contains("s3cret"));
+        assert!(!format!("{:?}", Credentials::new("natter", "s3cret")).contains("s3cret"));
+    }
+
     /// Two buses on one NATS server: what one publishes, the other's
     /// subscribers receive (runs when NATTER_TEST_NATS_URL is set).
     #[tokio::test]
@@ -171,8 +375,8 @@ mod tests {
             return;
         };
         let stop = CancellationToken::new();
-        let a = NatsBus::connect(&url, stop.clone()).await.unwrap();
-        let b = NatsBus::connect(&url, stop.clone()).await.unwrap();
+        let a = NatsBus::connect(&url, None, stop.clone()).await.unwrap();
+        let b = NatsBus::connect(&url, None, stop.clone()).await.unwrap();
         let chat = Uuid::now_v7();
         let mut on_b = b.subscribe(Topic::Chat(chat));
         let mut on_a = a.subscribe(Topic::Chat(chat));

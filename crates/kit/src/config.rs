@@ -46,6 +46,65 @@ pub struct ServerArgs {
     /// HTTP (for example 0.0.0.0:9090); unset: no metrics endpoint.
     #[arg(long, env = "NATTER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub transport: TransportArgs,
+}
+
+/// Limits of the HTTP/2 and HTTP/1.1 transport, applied by hyper and tonic
+/// to every connection of a server (public and internal listeners alike).
+#[derive(Clone, Debug, clap::Args)]
+pub struct TransportArgs {
+    /// Most concurrent HTTP/2 streams (calls) a client may open on one
+    /// connection (SETTINGS_MAX_CONCURRENT_STREAMS, RFC 9113 section 6.5.2).
+    #[arg(long, env = "NATTER_MAX_CONCURRENT_STREAMS", default_value_t = 128)]
+    pub max_concurrent_streams: u32,
+
+    /// Largest request header block, in bytes: HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE,
+    /// and the same limit checked on HTTP/1.1 (gRPC-web) requests (larger: 431).
+    #[arg(long, env = "NATTER_MAX_HEADER_LIST_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_list_bytes: u32,
+
+    /// How long a call may take to start answering: a unary call whose
+    /// request body never arrives, or whose handler hangs, ends with
+    /// DEADLINE_EXCEEDED then (a client's shorter grpc-timeout wins). Streams
+    /// only need to start within it.
+    #[arg(long, env = "NATTER_REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub request_timeout: Duration,
+
+    /// How often an HTTP/2 connection is pinged when no frame arrived
+    /// (finds dead peers behind NATs and load balancers).
+    #[arg(long, env = "NATTER_HTTP2_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub http2_keepalive_interval: Duration,
+
+    /// How long a ping may go unanswered before the connection is closed.
+    #[arg(long, env = "NATTER_HTTP2_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "20s")]
+    pub http2_keepalive_timeout: Duration,
+
+    /// Age after which a connection is asked to close (HTTP/2 GOAWAY): no
+    /// new calls on it; clients reconnect, as with gRPC's MAX_CONNECTION_AGE.
+    /// Bounds how long any connection, idle or not, is held.
+    #[arg(long, env = "NATTER_MAX_CONNECTION_AGE", value_parser = humantime::parse_duration, default_value = "1h")]
+    pub max_connection_age: Duration,
+
+    /// How long calls on a connection past its age may still run before it
+    /// is closed (open streams then end with UNAVAILABLE; clients resume).
+    #[arg(long, env = "NATTER_MAX_CONNECTION_AGE_GRACE", value_parser = humantime::parse_duration, default_value = "10m")]
+    pub max_connection_age_grace: Duration,
+}
+
+impl Default for TransportArgs {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 128,
+            max_header_list_bytes: 16 * 1024,
+            request_timeout: Duration::from_secs(30),
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(20),
+            max_connection_age: Duration::from_secs(3600),
+            max_connection_age_grace: Duration::from_secs(600),
+        }
+    }
 }
 
 impl Default for ServerArgs {
@@ -58,6 +117,7 @@ impl Default for ServerArgs {
             shutdown_grace: Duration::from_secs(10),
             otlp_endpoint: None,
             metrics_listen: None,
+            transport: TransportArgs::default(),
         }
     }
 }

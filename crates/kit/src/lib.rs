@@ -10,6 +10,7 @@
 pub mod config;
 pub mod error;
 pub mod id;
+pub mod internal;
 pub mod limits;
 pub mod metrics;
 mod observe;
@@ -18,7 +19,8 @@ pub mod serve;
 pub mod telemetry;
 pub mod time;
 
-pub use config::ServerArgs;
+pub use config::{ServerArgs, TransportArgs};
 pub use error::{FieldViolations, internal};
+pub use internal::{InternalArgs, Link, ServiceCredential};
 pub use limits::client_ip;
 pub use serve::{Server, shutdown_signal};

@@ -3,8 +3,12 @@
 //!
 //! Every server gets grpc.health.v1, server reflection (v1 and v1alpha, so
 //! `grpcurl` and `buf curl` work with no proto files), gRPC-web with CORS on
-//! the same port (HTTP/1.1 and HTTP/2), a span per RPC, and a limit on the
-//! decoded request size. Shutdown is graceful: the listener closes, in-flight
+//! the same port (HTTP/1.1 and HTTP/2), a span per RPC, a limit on the
+//! decoded request size and the transport limits of
+//! [`crate::config::TransportArgs`]. A public server ([`Server::new`])
+//! never serves an internal service and its reflection lists public ones
+//! only; an internal listener ([`Server::internal`]) answers only calls that
+//! carry the service credential. Shutdown is graceful: the listener closes, in-flight
 //! calls finish, streams are told to end through the same token, and after
 //! `shutdown_grace` the server stops regardless.
 
@@ -24,6 +28,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::services::ServeDir;
 
 use crate::config::ServerArgs;
+use crate::internal::ServiceCredential;
 
 /// Headers a gRPC-web browser client sends (Fetch/XHR needs them allowed).
 const CORS_ALLOW_HEADERS: [&str; 8] = [
@@ -46,6 +51,7 @@ pub struct Server {
     routes: RoutesBuilder,
     health: HealthReporter,
     web_dir: Option<PathBuf>,
+    credential: Option<ServiceCredential>,
 }
 
 /// A [`Server`] taken apart, for a caller that adds a fallback route (the
@@ -55,26 +61,43 @@ pub struct Parts {
     pub health: HealthReporter,
     pub routes: Routes,
     pub web_dir: Option<PathBuf>,
+    /// Set for an internal listener: every call but health must carry it.
+    pub credential: Option<ServiceCredential>,
 }
 
 impl Server {
-    /// A server with health and reflection already registered.
+    /// A public server (what clients and the edge reach) with health and
+    /// reflection already registered; reflection lists the public services
+    /// only.
     pub fn new(args: &ServerArgs) -> Self {
+        Self::with_reflection(args, natter_proto::FILE_DESCRIPTOR_SET, None)
+    }
+
+    /// An internal listener's server: only calls carrying `credential` get
+    /// past it (health excepted), and its reflection also describes the
+    /// internal services. Add the `*InternalService`s here, never to
+    /// [`Server::new`].
+    pub fn internal(args: &ServerArgs, credential: ServiceCredential) -> Self {
+        let args = ServerArgs { cors_allow_origins: Vec::new(), ..args.clone() };
+        Self::with_reflection(&args, natter_proto::INTERNAL_FILE_DESCRIPTOR_SET, Some(credential))
+    }
+
+    fn with_reflection(args: &ServerArgs, descriptors: &[u8], credential: Option<ServiceCredential>) -> Self {
         let (health, health_service) = tonic_health::server::health_reporter();
         let mut routes = RoutesBuilder::default();
         routes.add_service(health_service);
         let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(natter_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(descriptors)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .expect("the compiled-in descriptor sets are valid");
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(natter_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(descriptors)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .expect("the compiled-in descriptor sets are valid");
         routes.add_service(reflection_v1).add_service(reflection_v1alpha);
-        Self { args: args.clone(), routes, health, web_dir: None }
+        Self { args: args.clone(), routes, health, web_dir: None, credential }
     }
 
     /// Serves the browser page from `dir` at `/` (GET and HEAD requests that
@@ -118,7 +141,13 @@ impl Server {
 
     /// Everything added so far (for a caller that adds a fallback route).
     pub fn into_parts(self) -> Parts {
-        Parts { args: self.args, health: self.health, routes: self.routes.routes(), web_dir: self.web_dir }
+        Parts {
+            args: self.args,
+            health: self.health,
+            routes: self.routes.routes(),
+            web_dir: self.web_dir,
+            credential: self.credential,
+        }
     }
 
     /// Serves until `shutdown` is cancelled, then drains as described above.
@@ -131,6 +160,21 @@ impl Server {
     }
 }
 
+/// Serves a split service until `shutdown`: its public server (the API the
+/// edge routes to) and its internal server ([`Server::internal`]) on their
+/// own listeners. Either failing stops both.
+pub async fn serve_split(
+    public: (Server, TcpListener),
+    internal: (Server, TcpListener),
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    if let Ok(addr) = internal.1.local_addr() {
+        tracing::info!(%addr, "internal listener (other natter services only)");
+    }
+    tokio::try_join!(public.0.serve(public.1, shutdown.clone()), internal.0.serve(internal.1, shutdown))?;
+    Ok(())
+}
+
 /// Serves `routes` on `listener` with natter's layer stack until `shutdown`
 /// is cancelled (see the module docs).
 pub async fn serve_routes(
@@ -138,8 +182,19 @@ pub async fn serve_routes(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let Parts { args, health, routes, web_dir } = parts;
+    let Parts { args, health, routes, web_dir, credential } = parts;
+    if credential.is_none() {
+        warn_on_open_cors(&args.cors_allow_origins, &listener);
+    }
+    let transport = &args.transport;
     let layers = ServiceBuilder::new()
+        // Outermost on an internal listener: nothing without the service
+        // credential gets any further, not even a CORS preflight.
+        .option_layer(credential.map(|c| GateLayer::new(crate::internal::require_credential(c))))
+        // Before anything reads headers: a header block over the limit is
+        // refused (HTTP/2 peers are told the limit in SETTINGS; this also
+        // holds it on HTTP/1.1, where hyper alone would take ~400 KB).
+        .layer(GateLayer::new(header_limit(transport.max_header_list_bytes as usize)))
         // Before gRPC-web: a CORS preflight (OPTIONS) is answered here and
         // never reaches a gRPC service.
         .layer(cors(&args.cors_allow_origins))
@@ -152,6 +207,8 @@ pub async fn serve_routes(
         // the status of plain gRPC (gRPC-web moves trailers into the body);
         // outside the status fix below, so it records the corrected code.
         .layer(crate::observe::RpcLayer)
+        // Inside the span, so a timed-out call is recorded as one.
+        .layer(RequestTimeoutLayer { timeout: transport.request_timeout })
         // Innermost, so gRPC-web clients see the corrected code too.
         .map_response(oversized_is_resource_exhausted);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -165,7 +222,13 @@ pub async fn serve_routes(
     };
     let server = tonic::transport::Server::builder()
         .accept_http1(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // Transport limits (see `TransportArgs`): hyper and h2 enforce them.
+        .max_concurrent_streams(transport.max_concurrent_streams)
+        .http2_max_header_list_size(transport.max_header_list_bytes)
+        .http2_keepalive_interval(Some(transport.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(transport.http2_keepalive_timeout))
+        .max_connection_age(transport.max_connection_age)
+        .max_connection_age_grace(transport.max_connection_age_grace)
         .layer(layers)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, drain);
@@ -179,22 +242,169 @@ pub async fn serve_routes(
     }
 }
 
-/// tonic answers a request message over `max_decoding_message_size` with
-/// OUT_OF_RANGE; the gRPC status code table (grpc/doc/statuscodes.md) says a
-/// message larger than the configured limit is RESOURCE_EXHAUSTED, which is
-/// what DESIGN.md promises clients. The status travels trailers-only, in the
-/// response headers, so this rewrites just that code.
+/// Two of tonic's own answers carry the wrong code by the gRPC status code
+/// table (grpc/doc/statuscodes.md), which DESIGN.md promises clients:
+/// - a request message over `max_decoding_message_size` is OUT_OF_RANGE in
+///   tonic, RESOURCE_EXHAUSTED by the table;
+/// - a call that outlives the client's grpc-timeout is CANCELLED ("Timeout
+///   expired") in tonic, DEADLINE_EXCEEDED by the table.
+///
+/// Both travel trailers-only, in the response headers, so this rewrites just
+/// that code.
 fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
-    let oversized = headers.get("grpc-status").is_some_and(|s| s == "11")
-        && headers.get("grpc-message").is_some_and(|m| {
+    let message_has = |needles: &[&[u8]]| {
+        headers.get("grpc-message").is_some_and(|m| {
             let m = m.as_bytes();
-            m.windows(13).any(|w| w == b"length%20too%" || w == b"length too la")
-        });
-    if oversized {
-        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+            needles.iter().any(|n| m.windows(n.len()).any(|w| w == *n))
+        })
+    };
+    let fixed = match headers.get("grpc-status").map(http::HeaderValue::as_bytes) {
+        Some(b"11") if message_has(&[b"length%20too%", b"length too la"]) => Some("8"),
+        Some(b"1") if message_has(&[b"Timeout%20expired", b"Timeout expired"]) => Some("4"),
+        _ => None,
+    };
+    if let Some(code) = fixed {
+        headers.insert("grpc-status", http::HeaderValue::from_static(code));
     }
     response
+}
+
+/// Logs a warning when any browser origin may call a server that listens
+/// beyond loopback: fine for local development, not for production (README,
+/// "Security").
+fn warn_on_open_cors(origins: &[String], listener: &TcpListener) {
+    if listener.local_addr().is_ok_and(|addr| cors_open_beyond_loopback(origins, addr)) {
+        tracing::warn!(
+            "CORS allows any origin (--cors-allow-origins '*') on a non-loopback address: \
+             any web page can call this server from its visitors' browsers; list your origins"
+        );
+    }
+}
+
+/// Whether `origins` allow any origin while `addr` is reachable from other
+/// machines (a wildcard or unspecified address counts as reachable).
+fn cors_open_beyond_loopback(origins: &[String], addr: std::net::SocketAddr) -> bool {
+    !addr.ip().is_loopback() && origins.iter().any(|o| o == "*")
+}
+
+/// Ends a call that has not started answering within `timeout` (a unary
+/// request whose body never arrives, a handler stuck on a dependency) with
+/// DEADLINE_EXCEEDED. A stream only has to start within it. (tonic's own
+/// `Server::timeout` sits outside natter's layers and answers CANCELLED.)
+#[derive(Clone, Copy, Debug)]
+struct RequestTimeoutLayer {
+    timeout: Duration,
+}
+
+impl<S> tower::Layer<S> for RequestTimeoutLayer {
+    type Service = RequestTimeout<S>;
+
+    fn layer(&self, inner: S) -> RequestTimeout<S> {
+        RequestTimeout { inner, timeout: self.timeout }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct RequestTimeout<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for RequestTimeout<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let timeout = self.timeout;
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, call).await {
+                Ok(result) => result,
+                Err(_elapsed) => {
+                    Ok(tonic::Status::deadline_exceeded(format!("the call did not start answering within {timeout:?}"))
+                        .into_http())
+                }
+            }
+        })
+    }
+}
+
+/// A tower layer that answers a request itself, with the [`tonic::Status`]
+/// its check returns, instead of passing it on: the shape of every "refuse
+/// before the service sees it" rule (header limits, the service credential).
+#[derive(Clone)]
+pub(crate) struct GateLayer<F> {
+    check: F,
+}
+
+impl<F> GateLayer<F>
+where
+    F: Fn(&http::request::Parts) -> Option<tonic::Status> + Clone,
+{
+    pub(crate) fn new(check: F) -> Self {
+        Self { check }
+    }
+}
+
+impl<S, F: Clone> tower::Layer<S> for GateLayer<F> {
+    type Service = Gate<S, F>;
+
+    fn layer(&self, inner: S) -> Gate<S, F> {
+        Gate { inner, check: self.check.clone() }
+    }
+}
+
+/// See [`GateLayer`].
+#[derive(Clone)]
+pub(crate) struct Gate<S, F> {
+    inner: S,
+    check: F,
+}
+
+impl<S, F, B> tower::Service<http::Request<B>> for Gate<S, F>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    F: Fn(&http::request::Parts) -> Option<tonic::Status>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::Either<S::Future, std::future::Ready<Result<Self::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let (parts, body) = request.into_parts();
+        match (self.check)(&parts) {
+            Some(status) => futures::future::Either::Right(std::future::ready(Ok(status.into_http()))),
+            None => futures::future::Either::Left(self.inner.call(http::Request::from_parts(parts, body))),
+        }
+    }
+}
+
+/// Refuses a request whose header block is larger than `max_bytes`, counted
+/// as HTTP/2 counts SETTINGS_MAX_HEADER_LIST_SIZE (RFC 9113 section 6.5.2:
+/// name + value + 32 per field), with RESOURCE_EXHAUSTED.
+fn header_limit(max_bytes: usize) -> impl Fn(&http::request::Parts) -> Option<tonic::Status> + Clone {
+    move |parts| {
+        let size: usize = parts.headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 32).sum();
+        (size > max_bytes).then(|| {
+            tonic::Status::resource_exhausted(format!(
+                "request headers of {size} bytes are over the limit of {max_bytes}"
+            ))
+        })
+    }
 }
 
 /// Serves GET and HEAD requests from a directory, passes the rest on.
@@ -319,4 +529,29 @@ pub fn shutdown_token() -> CancellationToken {
         child.cancel();
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_cors_is_flagged_only_beyond_loopback() {
+        let any = ["*".to_owned()];
+        let listed = ["https://chat.example.com".to_owned()];
+        assert!(cors_open_beyond_loopback(&any, "0.0.0.0:7070".parse().unwrap()));
+        assert!(cors_open_beyond_loopback(&any, "10.1.2.3:7070".parse().unwrap()));
+        assert!(!cors_open_beyond_loopback(&any, "127.0.0.1:7070".parse().unwrap()));
+        assert!(!cors_open_beyond_loopback(&any, "[::1]:7070".parse().unwrap()));
+        assert!(!cors_open_beyond_loopback(&listed, "0.0.0.0:7070".parse().unwrap()));
+    }
+
+    #[test]
+    fn header_blocks_are_counted_as_http2_counts_them() {
+        let request = |value: &str| http::Request::get("/").header("x-big", value).body(()).unwrap().into_parts().0;
+        // "x-big" (5) + value + 32.
+        assert!(header_limit(5 + 10 + 32)(&request(&"v".repeat(10))).is_none());
+        let refused = header_limit(5 + 10 + 32)(&request(&"v".repeat(11))).expect("over the limit");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    }
 }

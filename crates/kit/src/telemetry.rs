@@ -286,14 +286,31 @@ impl<S> tower::Layer<S> for PropagateLayer {
     type Service = Propagate<S>;
 
     fn layer(&self, inner: S) -> Propagate<S> {
-        Propagate { inner }
+        Propagate { inner, credential: None }
     }
 }
 
-/// See [`PropagateLayer`].
-#[derive(Clone, Debug)]
+/// See [`PropagateLayer`]. Calls to another natter service's internal
+/// listener also carry the service credential ([`Propagate::with_credential`]).
+#[derive(Clone)]
 pub struct Propagate<S> {
     inner: S,
+    credential: Option<http::HeaderValue>,
+}
+
+impl<S> Propagate<S> {
+    /// Every request also carries `credential` as
+    /// [`crate::internal::CREDENTIAL_HEADER`] metadata.
+    pub fn with_credential(mut self, credential: &crate::internal::ServiceCredential) -> Self {
+        self.credential = Some(credential.header_value());
+        self
+    }
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Propagate<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Propagate").field("inner", &self.inner).finish_non_exhaustive()
+    }
 }
 
 impl<S, B> tower::Service<http::Request<B>> for Propagate<S>
@@ -310,6 +327,9 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> S::Future {
         inject_headers(request.headers_mut());
+        if let Some(credential) = &self.credential {
+            request.headers_mut().insert(crate::internal::CREDENTIAL_HEADER, credential.clone());
+        }
         self.inner.call(request)
     }
 }
@@ -320,5 +340,5 @@ pub type TracedChannel = Propagate<tonic::transport::Channel>;
 
 /// Wraps `channel` so its calls carry trace context.
 pub fn traced(channel: tonic::transport::Channel) -> TracedChannel {
-    Propagate { inner: channel }
+    Propagate { inner: channel, credential: None }
 }

@@ -53,13 +53,12 @@ pub trait UserDirectory: Send + Sync + 'static {
     async fn lookup_users(&self, user_ids: Vec<String>) -> Result<Vec<sessions::User>, Status>;
 }
 
-/// A channel to another service whose calls carry the caller's trace
-/// context (W3C `traceparent`), so the callee's spans join the caller's trace.
-pub type Channel = natter_kit::telemetry::TracedChannel;
-
-/// Calls another service over gRPC.
+/// Calls another service's internal listener over gRPC: each call carries
+/// the caller's trace context (W3C `traceparent`, so the callee's spans join
+/// the caller's trace) and the service credential, and has a deadline
+/// (see [`natter_kit::Link`]).
 #[derive(Clone, Debug)]
-pub struct Grpc(pub Channel);
+pub struct Grpc(pub natter_kit::Link);
 
 /// Calls another service's internal API in the same process.
 pub struct InProcess<S>(pub Arc<S>);
@@ -68,17 +67,21 @@ pub struct InProcess<S>(pub Arc<S>);
 impl ChatDirectory for Grpc {
     async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status> {
         let request = chats::CheckMembershipRequest { chat_id: chat_id.to_owned(), user_id: user_id.to_owned() };
-        Ok(ChatInternalServiceClient::new(self.0.clone()).check_membership(request).await?.into_inner())
+        self.0.call(ChatInternalServiceClient::new(self.0.channel()).check_membership(self.0.request(request))).await
     }
 
     async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
         let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned() };
-        Ok(ChatInternalServiceClient::new(self.0.clone()).list_member_chat_ids(request).await?.into_inner().chat_ids)
+        Ok(self
+            .0
+            .call(ChatInternalServiceClient::new(self.0.channel()).list_member_chat_ids(self.0.request(request)))
+            .await?
+            .chat_ids)
     }
 
     async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status> {
         let request = chats::RecordActivityRequest { activities };
-        ChatInternalServiceClient::new(self.0.clone()).record_activity(request).await?;
+        self.0.call(ChatInternalServiceClient::new(self.0.channel()).record_activity(self.0.request(request))).await?;
         Ok(())
     }
 }
@@ -106,23 +109,33 @@ impl<S: ChatInternalService> ChatDirectory for InProcess<S> {
 impl MessageDirectory for Grpc {
     async fn chat_summaries(&self, chat_ids: Vec<String>, user_id: &str) -> Result<Vec<messages::ChatSummary>, Status> {
         let request = messages::GetChatSummariesRequest { chat_ids, user_id: user_id.to_owned() };
-        Ok(MessageInternalServiceClient::new(self.0.clone()).get_chat_summaries(request).await?.into_inner().summaries)
+        Ok(self
+            .0
+            .call(MessageInternalServiceClient::new(self.0.channel()).get_chat_summaries(self.0.request(request)))
+            .await?
+            .summaries)
     }
 
     async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
         let request = messages::ListRecentMessagesRequest { chat_id: chat_id.to_owned(), page_size };
-        Ok(MessageInternalServiceClient::new(self.0.clone()).list_recent_messages(request).await?.into_inner().messages)
+        Ok(self
+            .0
+            .call(MessageInternalServiceClient::new(self.0.channel()).list_recent_messages(self.0.request(request)))
+            .await?
+            .messages)
     }
 
     async fn purge_chat(&self, chat_id: &str) -> Result<(), Status> {
         let request = messages::PurgeChatRequest { chat_id: chat_id.to_owned() };
-        MessageInternalServiceClient::new(self.0.clone()).purge_chat(request).await?;
+        self.0.call(MessageInternalServiceClient::new(self.0.channel()).purge_chat(self.0.request(request))).await?;
         Ok(())
     }
 
     async fn reset_read_positions(&self, chat_id: &str, user_ids: Vec<String>) -> Result<(), Status> {
         let request = messages::ResetReadPositionsRequest { chat_id: chat_id.to_owned(), user_ids };
-        MessageInternalServiceClient::new(self.0.clone()).reset_read_positions(request).await?;
+        self.0
+            .call(MessageInternalServiceClient::new(self.0.channel()).reset_read_positions(self.0.request(request)))
+            .await?;
         Ok(())
     }
 }
@@ -156,7 +169,11 @@ impl<S: MessageInternalService> MessageDirectory for InProcess<S> {
 impl UserDirectory for Grpc {
     async fn lookup_users(&self, user_ids: Vec<String>) -> Result<Vec<sessions::User>, Status> {
         let request = sessions::LookupUsersRequest { user_ids };
-        Ok(SessionInternalServiceClient::new(self.0.clone()).lookup_users(request).await?.into_inner().users)
+        Ok(self
+            .0
+            .call(SessionInternalServiceClient::new(self.0.channel()).lookup_users(self.0.request(request)))
+            .await?
+            .users)
     }
 }
 
@@ -166,22 +183,6 @@ impl<S: SessionInternalService> UserDirectory for InProcess<S> {
         let request = sessions::LookupUsersRequest { user_ids };
         Ok(self.0.lookup_users(Request::new(request)).await?.into_inner().users)
     }
-}
-
-/// A lazily connecting channel to another service at `url` (`http://host:port`);
-/// each call carries the current span's trace context.
-///
-/// Errors: a malformed URL, described for the caller's start-up error.
-pub fn channel(url: &str) -> Result<Channel, String> {
-    let endpoint =
-        tonic::transport::Endpoint::from_shared(url.to_owned()).map_err(|e| format!("bad url {url:?}: {e}"))?;
-    Ok(natter_kit::telemetry::traced(
-        endpoint
-            .tcp_nodelay(true)
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .http2_keep_alive_interval(std::time::Duration::from_secs(30))
-            .connect_lazy(),
-    ))
 }
 
 /// A link whose target is set after construction, for services that call

@@ -29,8 +29,14 @@ pub mod messages {
     }
 }
 
-/// The encoded `google.protobuf.FileDescriptorSet` of every natter proto
-/// (and the well-known types they import), for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/natter_descriptor.bin"));
+/// The encoded `google.protobuf.FileDescriptorSet` of natter's public API
+/// (`SessionService`, `ChatService`, `MessageService` and the well-known
+/// types they import): what server reflection on a public port serves.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/natter_public_descriptor.bin"));
+
+/// The encoded `google.protobuf.FileDescriptorSet` of every natter proto,
+/// the `*InternalService`s included: what reflection on an internal listener
+/// serves.
+pub const INTERNAL_FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/natter_descriptor.bin"));
 
 pub use prost_types::{FieldMask, Timestamp};

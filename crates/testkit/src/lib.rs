@@ -55,6 +55,14 @@ pub struct Cluster {
     pub mode: Mode,
     /// Where clients connect: the all-in-one's port or the edge's.
     pub addr: SocketAddr,
+    /// Split mode: the services' own public ports (sessions, chats,
+    /// messages), which the edge forwards to; empty for the all-in-one.
+    pub service_addrs: Vec<SocketAddr>,
+    /// Split mode: the services' internal listeners (sessions, chats,
+    /// messages); empty for the all-in-one.
+    pub internal_addrs: Vec<SocketAddr>,
+    /// Split mode: the service credential file the services share.
+    pub credential_file: Option<String>,
     channel: Channel,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
@@ -158,12 +166,29 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let prefix = format!("t{}_", uuid::Uuid::new_v4().simple());
         let (ls, lc, lm, le) = (bind().await, bind().await, bind().await, bind().await);
+        // Each service's internal listener, which the others call with the
+        // service credential (the edge never does).
+        let (is, ic, im) = (bind().await, bind().await, bind().await);
         let [s, c, m] = [&ls, &lc, &lm].map(|l| format!("http://{}", l.local_addr().expect("addr")));
+        let [internal_s, internal_c, internal_m] =
+            [&is, &ic, &im].map(|l| format!("http://{}", l.local_addr().expect("addr")));
         let addr = le.local_addr().expect("addr");
+        let credential = write_credential(dir.path());
         // Cross-service events (joins, removals, revocations) travel over
         // NATS between the services when it is configured.
         let nats = nats_url();
-        let mut common = vec!["--listen", "127.0.0.1:0", "--database-url", url, "--database-schema-prefix", &prefix];
+        let mut common = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--internal-listen",
+            "127.0.0.1:0",
+            "--service-credential-file",
+            &credential,
+            "--database-url",
+            url,
+            "--database-schema-prefix",
+            &prefix,
+        ];
         if let Some(nats) = nats.as_deref() {
             common.extend(["--nats-url", nats]);
         }
@@ -182,13 +207,13 @@ impl Cluster {
             natter_sessions::Config::try_parse_from(argv("natter-sessions", &[], flags.sessions)).expect("valid flags");
         let chats = natter_chats::Config::try_parse_from(argv(
             "natter-chats",
-            &["--sessions-url", &s, "--messages-url", &m],
+            &["--sessions-url", &internal_s, "--messages-url", &internal_m],
             flags.chats,
         ))
         .expect("valid flags");
         let messages = natter_messages::Config::try_parse_from(argv(
             "natter-messages",
-            &["--sessions-url", &s, "--chats-url", &c],
+            &["--sessions-url", &internal_s, "--chats-url", &internal_c],
             flags.messages,
         ))
         .expect("valid flags");
@@ -204,11 +229,20 @@ impl Cluster {
             &m,
         ])
         .expect("valid flags");
-        spawn(&mut tasks, natter_sessions::run(sessions, ls, shutdown.clone()));
-        spawn(&mut tasks, natter_chats::run(chats, lc, shutdown.clone()));
-        spawn(&mut tasks, natter_messages::run(messages, lm, shutdown.clone()));
+        spawn(&mut tasks, natter_sessions::run(sessions, ls, is, shutdown.clone()));
+        spawn(&mut tasks, natter_chats::run(chats, lc, ic, shutdown.clone()));
+        spawn(&mut tasks, natter_messages::run(messages, lm, im, shutdown.clone()));
         spawn(&mut tasks, natter_edge::run(edge, le, shutdown.clone()));
-        Self::connected(Mode::Split, addr, shutdown, tasks, Some((url.to_owned(), prefix)), dir).await
+        let mut cluster =
+            Self::connected(Mode::Split, addr, shutdown, tasks, Some((url.to_owned(), prefix)), dir).await;
+        cluster.service_addrs =
+            [s, c, m].iter().map(|u| u.trim_start_matches("http://").parse().expect("addr")).collect();
+        cluster.internal_addrs = [internal_s, internal_c, internal_m]
+            .iter()
+            .map(|u| u.trim_start_matches("http://").parse().expect("addr"))
+            .collect();
+        cluster.credential_file = Some(credential);
+        cluster
     }
 
     async fn connected(
@@ -221,7 +255,18 @@ impl Cluster {
     ) -> Self {
         // The listener is bound, so connecting cannot race the server's start.
         let channel = Channel::from_shared(format!("http://{addr}")).expect("url").connect().await.expect("connect");
-        let cluster = Self { mode, addr, channel, shutdown, tasks, pg, _dir: dir };
+        let cluster = Self {
+            mode,
+            addr,
+            service_addrs: Vec::new(),
+            internal_addrs: Vec::new(),
+            credential_file: None,
+            channel,
+            shutdown,
+            tasks,
+            pg,
+            _dir: dir,
+        };
         // Split mode: wait until every service answers through the edge
         // (their stores migrate concurrently after binding).
         cluster.wait_ready().await;
@@ -316,6 +361,15 @@ impl Cluster {
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
+}
+
+/// Writes a fresh random service credential to `dir/service-credential`
+/// and returns the file's path, for `--service-credential-file`.
+pub fn write_credential(dir: &std::path::Path) -> String {
+    let path = dir.join("service-credential");
+    let secret = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    std::fs::write(&path, secret).expect("write the service credential");
+    path.display().to_string()
 }
 
 /// A request carrying `authorization: Bearer <token>`.

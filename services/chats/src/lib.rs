@@ -109,12 +109,18 @@ pub async fn open(
     Ok(Arc::new(if only_instance { chats.with_membership_cache() } else { chats }))
 }
 
-/// Adds the public and internal chats services to `server`.
+/// Adds the public chats service to `server`.
 pub async fn add_services(server: &mut Server, chats: &Arc<Chats>, auth: Authenticator) {
     let limit = server.args().max_request_bytes;
     server
         .add_service(ChatServiceServer::new(ChatApi::new(chats.clone(), auth)).max_decoding_message_size(limit))
         .await;
+}
+
+/// Adds the internal chats service to `server`, an internal listener
+/// ([`Server::internal`]); never to a public one.
+pub async fn add_internal_services(server: &mut Server, chats: &Arc<Chats>) {
+    let limit = server.args().max_request_bytes;
     server
         .add_service(
             ChatInternalServiceServer::new(ChatInternalApi::new(chats.clone())).max_decoding_message_size(limit),
@@ -134,24 +140,33 @@ pub struct Config {
     pub bus: natter_bus::BusArgs,
     #[command(flatten)]
     pub chats: ChatsArgs,
-    /// URL of the sessions service (token checks, user look-ups).
+    #[command(flatten)]
+    pub internal: natter_kit::InternalArgs,
+    /// URL of the sessions service's internal listener (token checks, user
+    /// look-ups), e.g. http://sessions:7071.
     #[arg(long, env = "NATTER_SESSIONS_URL")]
     pub sessions_url: String,
-    /// URL of the messages service (previews, unread counts).
+    /// URL of the messages service's internal listener (previews, unread
+    /// counts), e.g. http://messages:7071.
     #[arg(long, env = "NATTER_MESSAGES_URL")]
     pub messages_url: String,
 }
 
-/// Runs the chats service alone on `listener` until `shutdown`.
+/// Runs the chats service alone until `shutdown`: the public API on
+/// `listener`, the internal one on `internal_listener`.
 ///
-/// Errors: a malformed URL, the store cannot be opened, or serving fails.
+/// Errors: no service credential, a malformed URL, the store cannot be
+/// opened, or serving fails.
 pub async fn run(
     config: Config,
     listener: tokio::net::TcpListener,
+    internal_listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let sessions = natter_links::channel(&config.sessions_url).map_err(anyhow::Error::msg)?;
-    let messages = natter_links::channel(&config.messages_url).map_err(anyhow::Error::msg)?;
+    let credential = config.internal.credential()?;
+    let deadline = config.internal.internal_call_timeout;
+    let sessions = natter_kit::Link::connect(&config.sessions_url, &credential, deadline)?;
+    let messages = natter_kit::Link::connect(&config.messages_url, &credential, deadline)?;
     let bus = config.bus.connect(shutdown.clone()).await?;
     let users = Arc::new(natter_links::Grpc(sessions.clone()));
     let only_instance = config.bus.nats_url.is_none();
@@ -165,9 +180,11 @@ pub async fn run(
     )
     .await?;
     let auth = Authenticator::new(Arc::new(natter_auth::GrpcVerifier::new(sessions)));
-    let mut server = Server::new(&config.server);
-    add_services(&mut server, &chats, auth).await;
-    server.serve(listener, shutdown).await?;
+    let mut public = Server::new(&config.server);
+    add_services(&mut public, &chats, auth).await;
+    let mut internal = Server::internal(&config.server, credential);
+    add_internal_services(&mut internal, &chats).await;
+    natter_kit::serve::serve_split((public, listener), (internal, internal_listener), shutdown).await?;
     chats.store().close().await;
     Ok(())
 }

@@ -143,6 +143,10 @@ impl Forward {
             let status = tonic::Status::unimplemented(format!("no service at {path}"));
             return Ok(status.into_http::<Body>());
         };
+        let peer = request
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(tonic::transport::server::TcpConnectInfo::remote_addr);
         let (mut parts, body) = request.into_parts();
         let body = match Limited::new(body, self.max_request_bytes).collect().await {
             Ok(collected) => collected.to_bytes(),
@@ -152,6 +156,12 @@ impl Forward {
         parts.version = Version::HTTP_2;
         parts.headers.remove(http::header::HOST);
         parts.headers.remove(http::header::CONNECTION);
+        // The client's address, for per-address rate limits upstream; never
+        // what the client claims (a forged header is replaced, not extended).
+        parts.headers.remove(FORWARDED_FOR);
+        if let Some(value) = peer.and_then(|p| http::HeaderValue::from_str(&p.ip().to_string()).ok()) {
+            parts.headers.insert(FORWARDED_FOR, value);
+        }
         // The upstream's spans become children of the edge's span.
         natter_kit::telemetry::inject_headers(&mut parts.headers);
         for replica in route.candidates() {
@@ -163,7 +173,10 @@ impl Forward {
             *attempt.version_mut() = Version::HTTP_2;
             *attempt.headers_mut() = parts.headers.clone();
             match self.client.request(attempt).await {
-                Ok(response) => return Ok(response.map(Body::new)),
+                Ok(response) => {
+                    let upstream = replica.uri.clone();
+                    return Ok(response.map(|body| Body::new(UpstreamBody::new(body, upstream))));
+                }
                 // Never sent: safe to try the next replica.
                 Err(e) if e.is_connect() => {
                     if replica.healthy.swap(false, Ordering::Relaxed) {
@@ -177,6 +190,69 @@ impl Forward {
             }
         }
         Ok(tonic::Status::unavailable(format!("no replica of {} is reachable", route.service)).into_http::<Body>())
+    }
+}
+
+/// `x-forwarded-for`: set by the edge to the client's IP address alone.
+const FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+
+pin_project_lite::pin_project! {
+    /// An upstream's response body, passed through frame by frame; when the
+    /// upstream fails mid-response (a replica killed, its connection reset),
+    /// the body ends with trailers `grpc-status: 14` (UNAVAILABLE: "reconnect
+    /// and resume", as the protos promise) instead of a reset that clients
+    /// would see as INTERNAL.
+    struct UpstreamBody<B> {
+        #[pin]
+        inner: B,
+        upstream: Uri,
+        failed: bool,
+    }
+}
+
+impl<B> UpstreamBody<B> {
+    fn new(inner: B, upstream: Uri) -> Self {
+        Self { inner, upstream, failed: false }
+    }
+}
+
+impl<B> http_body::Body for UpstreamBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        let this = self.project();
+        if *this.failed {
+            return std::task::Poll::Ready(None);
+        }
+        match std::task::ready!(this.inner.poll_frame(cx)) {
+            Some(Ok(frame)) => std::task::Poll::Ready(Some(Ok(frame))),
+            None => std::task::Poll::Ready(None),
+            Some(Err(e)) => {
+                *this.failed = true;
+                tracing::warn!(upstream = %this.upstream, error = %e, "upstream failed mid-response");
+                // grpc-message may carry printable ASCII but `%` unencoded
+                // (gRPC over HTTP/2, "Responses").
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+                trailers.insert(
+                    "grpc-message",
+                    http::HeaderValue::from_static("upstream service failed mid-call; reconnect and resume"),
+                );
+                std::task::Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
     }
 }
 

@@ -128,8 +128,8 @@ async fn announce_recent_activity(messages: &Arc<Messages>) {
     }
 }
 
-/// Adds the public and internal messages services to `server`; open streams
-/// end when `shutdown` is cancelled.
+/// Adds the public messages service to `server`; open streams end when
+/// `shutdown` is cancelled.
 pub async fn add_services(
     server: &mut Server,
     messages: &Arc<Messages>,
@@ -143,6 +143,12 @@ pub async fn add_services(
                 .max_decoding_message_size(limit),
         )
         .await;
+}
+
+/// Adds the internal messages service to `server`, an internal listener
+/// ([`Server::internal`]); never to a public one.
+pub async fn add_internal_services(server: &mut Server, messages: &Arc<Messages>) {
+    let limit = server.args().max_request_bytes;
     server
         .add_service(
             MessageInternalServiceServer::new(MessageInternalApi::new(messages.clone()))
@@ -167,27 +173,42 @@ pub struct Config {
     pub bus: natter_bus::BusArgs,
     #[command(flatten)]
     pub messages: MessagesArgs,
-    /// URL of the sessions service (token checks).
+    #[command(flatten)]
+    pub internal: natter_kit::InternalArgs,
+    /// URL of the sessions service's internal listener (token checks), e.g.
+    /// http://sessions:7071.
     #[arg(long, env = "NATTER_SESSIONS_URL")]
     pub sessions_url: String,
-    /// URL of the chats service (membership, activity).
+    /// URL of the chats service's internal listener (membership, activity),
+    /// e.g. http://chats:7071.
     #[arg(long, env = "NATTER_CHATS_URL")]
     pub chats_url: String,
 }
 
-/// Runs the messages service alone on `listener` until `shutdown`.
+/// Runs the messages service alone until `shutdown`: the public API on
+/// `listener`, the internal one on `internal_listener`.
 ///
-/// Errors: a malformed URL, the store cannot be opened, or serving fails.
-pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let sessions = natter_links::channel(&config.sessions_url).map_err(anyhow::Error::msg)?;
-    let chats = natter_links::channel(&config.chats_url).map_err(anyhow::Error::msg)?;
+/// Errors: no service credential, a malformed URL, the store cannot be
+/// opened, or serving fails.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    internal_listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let credential = config.internal.credential()?;
+    let deadline = config.internal.internal_call_timeout;
+    let sessions = natter_kit::Link::connect(&config.sessions_url, &credential, deadline)?;
+    let chats = natter_kit::Link::connect(&config.chats_url, &credential, deadline)?;
     let bus = config.bus.connect(shutdown.clone()).await?;
     let messages =
         open(&config.store.config("messages")?, Arc::new(natter_links::Grpc(chats)), bus, &config.messages).await?;
     let auth = Authenticator::new(Arc::new(natter_auth::GrpcVerifier::new(sessions)));
-    let mut server = Server::new(&config.server);
-    add_services(&mut server, &messages, auth, shutdown.clone()).await;
-    server.serve(listener, shutdown).await?;
+    let mut public = Server::new(&config.server);
+    add_services(&mut public, &messages, auth, shutdown.clone()).await;
+    let mut internal = Server::internal(&config.server, credential);
+    add_internal_services(&mut internal, &messages).await;
+    natter_kit::serve::serve_split((public, listener), (internal, internal_listener), shutdown).await?;
     messages.store().db().close().await;
     Ok(())
 }

@@ -65,17 +65,20 @@ async fn main() -> anyhow::Result<()> {
         Command::Sessions(config) => {
             let _telemetry = natter_kit::telemetry::init("natter-sessions", &config.server)?;
             let listener = listen(config.server.listen, "natter sessions").await?;
-            natter_sessions::run(config, listener, natter_kit::serve::shutdown_token()).await
+            let internal = tokio::net::TcpListener::bind(config.internal.internal_listen).await?;
+            natter_sessions::run(config, listener, internal, natter_kit::serve::shutdown_token()).await
         }
         Command::Chats(config) => {
             let _telemetry = natter_kit::telemetry::init("natter-chats", &config.server)?;
             let listener = listen(config.server.listen, "natter chats").await?;
-            natter_chats::run(config, listener, natter_kit::serve::shutdown_token()).await
+            let internal = tokio::net::TcpListener::bind(config.internal.internal_listen).await?;
+            natter_chats::run(config, listener, internal, natter_kit::serve::shutdown_token()).await
         }
         Command::Messages(config) => {
             let _telemetry = natter_kit::telemetry::init("natter-messages", &config.server)?;
             let listener = listen(config.server.listen, "natter messages").await?;
-            natter_messages::run(config, listener, natter_kit::serve::shutdown_token()).await
+            let internal = tokio::net::TcpListener::bind(config.internal.internal_listen).await?;
+            natter_messages::run(config, listener, internal, natter_kit::serve::shutdown_token()).await
         }
         Command::Edge(args) => {
             let _telemetry = natter_kit::telemetry::init("natter-edge", &args.server)?;

@@ -103,12 +103,18 @@ pub async fn open(
     Ok(Arc::new(if only_instance { sessions.with_token_cache() } else { sessions }))
 }
 
-/// Adds the public and internal sessions services to `server`.
+/// Adds the public sessions service to `server`.
 pub async fn add_services(server: &mut Server, sessions: &Arc<Sessions>) {
     let limit = server.args().max_request_bytes;
     server
         .add_service(SessionServiceServer::new(SessionApi::new(sessions.clone())).max_decoding_message_size(limit))
         .await;
+}
+
+/// Adds the internal sessions service to `server`, an internal listener
+/// ([`Server::internal`]); never to a public one.
+pub async fn add_internal_services(server: &mut Server, sessions: &Arc<Sessions>) {
+    let limit = server.args().max_request_bytes;
     server
         .add_service(
             SessionInternalServiceServer::new(SessionInternalApi::new(sessions.clone()))
@@ -133,22 +139,30 @@ pub struct Config {
     pub bus: natter_bus::BusArgs,
     #[command(flatten)]
     pub sessions: SessionsArgs,
+    #[command(flatten)]
+    pub internal: natter_kit::InternalArgs,
 }
 
-/// Runs the sessions service alone on `listener` until `shutdown`.
+/// Runs the sessions service alone until `shutdown`: the public API on
+/// `listener`, the internal one on `internal_listener`.
 ///
-/// Errors: the store cannot be opened, or serving fails.
+/// Errors: no service credential, the store cannot be opened, or serving
+/// fails.
 pub async fn run(
     config: Config,
     listener: tokio::net::TcpListener,
+    internal_listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
+    let credential = config.internal.credential()?;
     let bus = config.bus.connect(shutdown.clone()).await?;
     let only_instance = config.bus.nats_url.is_none();
     let sessions = open(&config.store.config("sessions")?, bus, &config.sessions, only_instance).await?;
-    let mut server = Server::new(&config.server);
-    add_services(&mut server, &sessions).await;
-    server.serve(listener, shutdown).await?;
+    let mut public = Server::new(&config.server);
+    add_services(&mut public, &sessions).await;
+    let mut internal = Server::internal(&config.server, credential);
+    add_internal_services(&mut internal, &sessions).await;
+    natter_kit::serve::serve_split((public, listener), (internal, internal_listener), shutdown).await?;
     sessions.store().db().close().await;
     Ok(())
 }

@@ -8,5 +8,6 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = natter_kit::telemetry::init("natter-sessions", &config.server)?;
     let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "natter-sessions listening");
-    natter_sessions::run(config, listener, natter_kit::serve::shutdown_token()).await
+    let internal = tokio::net::TcpListener::bind(config.internal.internal_listen).await?;
+    natter_sessions::run(config, listener, internal, natter_kit::serve::shutdown_token()).await
 }

@@ -156,12 +156,13 @@ async fn send_until_acked(channel: &Channel, token: &str, chat: &str, text: Stri
 }
 
 /// A stream that reconnects with `resume` after errors and records what
-/// arrives, until `total` messages were seen.
-async fn collect(channels: Vec<Channel>, token: String, chat: String, total: i64) -> Vec<i64> {
+/// arrives, until `total` messages were seen. Each channel says whether it
+/// goes through the edge.
+async fn collect(channels: Vec<(Channel, bool)>, token: String, chat: String, total: i64) -> Vec<i64> {
     let mut seen = Vec::new();
     let mut attempt = 0usize;
     while (seen.len() as i64) < total {
-        let channel = channels[attempt % channels.len()].clone();
+        let (channel, via_edge) = channels[attempt % channels.len()].clone();
         attempt += 1;
         let last = seen.last().copied().unwrap_or(0);
         let request = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], resume: [(chat.clone(), last)].into() };
@@ -182,7 +183,16 @@ async fn collect(channels: Vec<Channel>, token: String, chat: String, total: i64
                         }
                     }
                 }
-                Ok(Ok(None)) | Ok(Err(_)) => break,
+                Ok(Ok(None)) => break,
+                // Through the edge, a killed replica is UNAVAILABLE: what the
+                // protos tell clients to resume after. (Seen directly, the
+                // client library reports the broken connection itself.)
+                Ok(Err(status)) => {
+                    if via_edge {
+                        assert_eq!(status.code(), Code::Unavailable, "a stream cut by a crash: {status:?}");
+                    }
+                    break;
+                }
                 Err(_) => panic!("stream stalled after {} messages", seen.len()),
             }
         }
@@ -197,7 +207,14 @@ async fn replicas_keep_every_guarantee_through_a_crash() {
         return;
     };
     let prefix = format!("r{}_", uuid::Uuid::new_v4().simple());
-    let common = |more: &[String]| -> Vec<String> {
+    // The shared secret the services authenticate each other's calls with.
+    let secrets = tempfile::tempdir().unwrap();
+    let credential = secrets.path().join("service-credential").display().to_string();
+    std::fs::write(&credential, format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())).unwrap();
+    let ports: Vec<u16> = (0..7).map(|_| free_port()).collect();
+    // Each service replica's internal listener, which the other services call.
+    let internal: BTreeMap<u16, u16> = ports[..6].iter().map(|p| (*p, free_port())).collect();
+    let common = |port: u16, more: &[String]| -> Vec<String> {
         let mut v = vec![
             "--database-url".into(),
             db.clone(),
@@ -205,19 +222,30 @@ async fn replicas_keep_every_guarantee_through_a_crash() {
             prefix.clone(),
             "--nats-url".into(),
             nats.clone(),
+            "--internal-listen".into(),
+            format!("127.0.0.1:{}", internal[&port]),
+            "--service-credential-file".into(),
+            credential.clone(),
         ];
         v.extend_from_slice(more);
         v
     };
-    let ports: Vec<u16> = (0..7).map(|_| free_port()).collect();
     let url = |p: u16| format!("http://127.0.0.1:{p}");
+    let internal_url = |p: u16| url(internal[&p]);
     let (s1, s2, c1, c2, m1, m2, edge_port) = (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5], ports[6]);
-    let sessions = vec![Node::start("sessions", s1, common(&[])), Node::start("sessions", s2, common(&[]))];
-    let chats_args = |s: u16, m: u16| common(&["--sessions-url".into(), url(s), "--messages-url".into(), url(m)]);
-    let chats = vec![Node::start("chats", c1, chats_args(s1, m1)), Node::start("chats", c2, chats_args(s2, m2))];
-    let messages_args = |s: u16, c: u16| common(&["--sessions-url".into(), url(s), "--chats-url".into(), url(c)]);
-    let mut messages =
-        vec![Node::start("messages", m1, messages_args(s1, c1)), Node::start("messages", m2, messages_args(s2, c2))];
+    let sessions = vec![Node::start("sessions", s1, common(s1, &[])), Node::start("sessions", s2, common(s2, &[]))];
+    let chats_args = |c: u16, s: u16, m: u16| {
+        common(c, &["--sessions-url".into(), internal_url(s), "--messages-url".into(), internal_url(m)])
+    };
+    let chats =
+        vec![Node::start("chats", c1, chats_args(c1, s1, m1)), Node::start("chats", c2, chats_args(c2, s2, m2))];
+    let messages_args = |m: u16, s: u16, c: u16| {
+        common(m, &["--sessions-url".into(), internal_url(s), "--chats-url".into(), internal_url(c)])
+    };
+    let mut messages = vec![
+        Node::start("messages", m1, messages_args(m1, s1, c1)),
+        Node::start("messages", m2, messages_args(m2, s2, c2)),
+    ];
     let list = |a: u16, b: u16| format!("{},{}", url(a), url(b));
     let edge = Node::start(
         "edge",
@@ -260,9 +288,10 @@ async fn replicas_keep_every_guarantee_through_a_crash() {
     // Streams held on each replica, and one through the edge.
     let per_sender = 25i64;
     let total = per_sender * 3;
-    let on_a = tokio::spawn(collect(vec![m1_ch.clone(), edge_ch.clone()], bob.clone(), chat.clone(), total));
-    let on_b = tokio::spawn(collect(vec![m2_ch.clone()], carol.clone(), chat.clone(), total));
-    let via_edge = tokio::spawn(collect(vec![edge_ch.clone()], alice.clone(), chat.clone(), total));
+    let on_a =
+        tokio::spawn(collect(vec![(m1_ch.clone(), false), (edge_ch.clone(), true)], bob.clone(), chat.clone(), total));
+    let on_b = tokio::spawn(collect(vec![(m2_ch.clone(), false)], carol.clone(), chat.clone(), total));
+    let via_edge = tokio::spawn(collect(vec![(edge_ch.clone(), true)], alice.clone(), chat.clone(), total));
 
     // Concurrent senders on both replicas directly, and through the edge.
     let sender = |channel: Channel, token: String, tag: &'static str| {

@@ -1,0 +1,277 @@
+//! The NATS bus against a real nats-server that requires log-ins and lets
+//! only natter's user publish events: natter logs in with the credentials
+//! from its flags or URL, start-up fails at once without them, other users
+//! cannot inject events, and passwords never reach a log line.
+//!
+//! Each test starts its own server (skipped only when nats-server is not
+//! installed and CI is unset).
+
+mod server;
+
+use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser as _;
+use natter_bus::{BusArgs, ConnectError, Credentials, Event, EventBus, NatsBus, Topic};
+use natter_proto::messages::v1::StreamEventsResponse;
+use prost::Message as _;
+use server::{INTRUDER_USER, NATTER_USER, NatsServer, RELAY_USER};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How long start-up may take to fail before it counts as a hang.
+const START_UP: Duration = Duration::from_secs(10);
+/// How long an event may take to cross the server.
+const DELIVERY: Duration = Duration::from_secs(5);
+
+/// The bus flags as a binary parses them.
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    bus: BusArgs,
+}
+
+fn parse(args: &[&str]) -> Result<BusArgs, clap::Error> {
+    Cli::try_parse_from(std::iter::once("natter").chain(args.iter().copied())).map(|c| c.bus)
+}
+
+/// `nats://user:password@127.0.0.1:<port>`.
+fn url_with(server: &NatsServer, user: &str, password: &str) -> String {
+    server.url.replacen("nats://", &format!("nats://{user}:{password}@"), 1)
+}
+
+fn event(chat: Uuid, seq: i64) -> Event {
+    Arc::new(StreamEventsResponse { chat_id: chat.to_string(), seq, event: None })
+}
+
+/// The seq of the next event on `rx` within DELIVERY, passing over resync
+/// hints (seq 0: the bus asks streams to re-read the store, as it does
+/// whenever a connection is made).
+async fn next_seq(rx: &mut broadcast::Receiver<Event>) -> Option<i64> {
+    let deadline = tokio::time::Instant::now() + DELIVERY;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(e)) if e.seq == 0 => continue,
+            Ok(Ok(e)) => return Some(e.seq),
+            _ => return None,
+        }
+    }
+}
+
+/// Publishes on `from` until `to` receives one of its events (bounded):
+/// `to`'s subscription reaches the server asynchronously (async-nats's
+/// flush writes it to the socket; nothing waits for the server to process
+/// it). Returns the seq `to` received.
+async fn until_crossed(from: &Arc<dyn EventBus>, to: &Arc<dyn EventBus>) -> Option<i64> {
+    let chat = Uuid::now_v7();
+    let mut rx = to.subscribe(Topic::Chat(chat));
+    for seq in 1..=50 {
+        from.publish(Topic::Chat(chat), event(chat, seq));
+        match tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+            Ok(Ok(e)) if e.seq != 0 => return Some(e.seq),
+            _ => {}
+        }
+    }
+    None
+}
+
+async fn connect_fails(args: &BusArgs) -> ConnectError {
+    match tokio::time::timeout(START_UP, args.connect(CancellationToken::new())).await {
+        Ok(Ok(_)) => panic!("connected without valid credentials"),
+        Ok(Err(e)) => e,
+        Err(_) => panic!("start-up hung for {START_UP:?} instead of failing"),
+    }
+}
+
+#[tokio::test]
+async fn natter_logs_in_from_flags_or_url_and_events_cross() {
+    let Some(server) = NatsServer::start().await else { return };
+    let file = server.file("nats-password", &format!("{}\n", server.password));
+    let stop = CancellationToken::new();
+    let from_flags =
+        parse(&["--nats-url", &server.url, "--nats-user", NATTER_USER, "--nats-password-file", file.to_str().unwrap()])
+            .unwrap();
+    let a = from_flags.connect(stop.clone()).await.expect("natter logs in with --nats-user and --nats-password-file");
+    let from_url = parse(&["--nats-url", &url_with(&server, NATTER_USER, &server.password)]).unwrap();
+    let b = from_url.connect(stop.clone()).await.expect("natter logs in with the credentials in --nats-url");
+
+    assert!(until_crossed(&a, &b).await.is_some(), "b received a's events through the server");
+    assert!(until_crossed(&b, &a).await.is_some(), "a received b's events through the server");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn start_up_fails_at_once_without_credentials_or_with_a_wrong_password() {
+    let Some(server) = NatsServer::start().await else { return };
+
+    let none = parse(&["--nats-url", &server.url]).unwrap();
+    let e = connect_fails(&none).await;
+    assert!(matches!(e, ConnectError::Refused { user: None, .. }), "{e:?}");
+    assert!(e.to_string().contains("without credentials"), "{e}");
+
+    let wrong = server.file("wrong-password", "not-the-password");
+    let flags = parse(&[
+        "--nats-url",
+        &server.url,
+        "--nats-user",
+        NATTER_USER,
+        "--nats-password-file",
+        wrong.to_str().unwrap(),
+    ])
+    .unwrap();
+    let e = connect_fails(&flags).await;
+    assert!(matches!(&e, ConnectError::Refused { user: Some(u), .. } if u == NATTER_USER), "{e:?}");
+    assert!(!e.to_string().contains("not-the-password"), "the error shows no password: {e}");
+
+    let in_url = parse(&["--nats-url", &url_with(&server, NATTER_USER, "wrong-in-url")]).unwrap();
+    let e = connect_fails(&in_url).await;
+    assert!(matches!(e, ConnectError::Refused { .. }), "{e:?}");
+    assert!(!e.to_string().contains("wrong-in-url"), "the error shows no password: {e}");
+}
+
+/// A user without publish permission on natter.events.> publishes a forged
+/// event: the server refuses it and natter never sees it. The control (a
+/// user the server does let publish there) shows a forged event would
+/// arrive.
+#[tokio::test]
+async fn other_users_cannot_inject_events() {
+    let Some(server) = NatsServer::start().await else { return };
+    let stop = CancellationToken::new();
+    let natter = |s: &NatsServer| parse(&["--nats-url", &url_with(s, NATTER_USER, &s.password)]).unwrap();
+    let a = natter(&server).connect(stop.clone()).await.unwrap();
+    let b = natter(&server).connect(stop.clone()).await.unwrap();
+
+    assert!(until_crossed(&a, &b).await.is_some(), "b's subscription is in place");
+
+    // forge(user, chat) publishes seq 1 of `chat` as `user` and returns the
+    // server's errors to that client: a refused publish is answered with
+    // -ERR once the server has handled it.
+    let forge = |user: &'static str, chat: Uuid| {
+        let (url, password) = (server.url.clone(), server.password.clone());
+        async move {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password)
+                .event_callback(move |e| {
+                    let tx = tx.clone();
+                    async move {
+                        let _ = tx.send(e.to_string());
+                    }
+                })
+                .connect(url)
+                .await
+                .unwrap_or_else(|e| panic!("{user} logs in: {e}"));
+            let forged = StreamEventsResponse { chat_id: chat.to_string(), seq: 1, event: None };
+            client.publish(format!("natter.events.chat.{chat}"), forged.encode_to_vec().into()).await.unwrap();
+            client.flush().await.unwrap();
+            let mut said = Vec::new();
+            while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+                said.push(e);
+                if said.last().is_some_and(|e| e.to_lowercase().contains("permissions violation")) {
+                    break;
+                }
+            }
+            said
+        }
+    };
+
+    let control = Uuid::now_v7();
+    let mut on_b = b.subscribe(Topic::Chat(control));
+    forge(RELAY_USER, control).await;
+    assert_eq!(next_seq(&mut on_b).await, Some(1), "control: a permitted publisher's forged event arrives");
+
+    let chat = Uuid::now_v7();
+    let mut on_b = b.subscribe(Topic::Chat(chat));
+    let said = forge(INTRUDER_USER, chat).await;
+    assert!(
+        said.iter().any(|e| e.to_lowercase().contains("permissions violation")),
+        "the server refused the intruder's publish: {said:?}"
+    );
+    // The server handled (and dropped) the forged event before its -ERR, so
+    // before natter's next one: had it been delivered, b would see it first.
+    a.publish(Topic::Chat(chat), event(chat, 100));
+    assert_eq!(next_seq(&mut on_b).await, Some(100), "natter's event arrives, the forged one never did");
+    assert!(on_b.try_recv().is_err(), "and nothing after it");
+    stop.cancel();
+}
+
+/// Everything the bus and async-nats log (at TRACE) while connecting with a
+/// password in the URL, and while failing with a wrong one, and the
+/// options' `Debug`: no password anywhere.
+#[tokio::test]
+async fn passwords_never_reach_logs_or_debug_output() {
+    let Some(server) = NatsServer::start().await else { return };
+    let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || LogSink(sink.clone()))
+        .finish();
+    // This test runs on a current-thread runtime: the client's tasks log
+    // on this thread, into this subscriber.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let stop = CancellationToken::new();
+    let good = parse(&["--nats-url", &url_with(&server, NATTER_USER, &server.password)]).unwrap();
+    let bus = good.connect(stop.clone()).await.unwrap();
+    let chat = Uuid::now_v7();
+    let mut rx = bus.subscribe(Topic::Chat(chat));
+    bus.publish(Topic::Chat(chat), event(chat, 1));
+    assert_eq!(next_seq(&mut rx).await, Some(1));
+    let bad = parse(&["--nats-url", &url_with(&server, NATTER_USER, "wrong-secret-123")]).unwrap();
+    let error = connect_fails(&bad).await;
+    tracing::error!(%error, "logged as a binary would");
+    stop.cancel();
+
+    let debug = format!("{good:?} {bad:?}");
+    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("nats: connected") && logs.contains("refused"), "the logs were captured: {logs}");
+    for secret in [server.password.as_str(), "wrong-secret-123"] {
+        assert!(!logs.contains(secret), "a password in the logs:\n{logs}");
+        assert!(!debug.contains(secret), "a password in Debug: {debug}");
+    }
+    assert!(debug.contains("natter:***@127.0.0.1"), "Debug shows the user and hides the password: {debug}");
+}
+
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn credential_flags_come_in_pairs_and_files_must_hold_a_password() {
+    let user_only = parse(&["--nats-url", "nats://x:4222", "--nats-user", NATTER_USER]);
+    assert!(user_only.is_err(), "--nats-user without --nats-password-file is refused");
+    let file_only = parse(&["--nats-url", "nats://x:4222", "--nats-password-file", "/x"]);
+    assert!(file_only.is_err(), "--nats-password-file without --nats-user is refused");
+
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::File::create(&empty).unwrap().write_all(b"\n").unwrap();
+    let e = Credentials::from_password_file(NATTER_USER, empty).unwrap_err();
+    assert!(e.to_string().contains("--nats-password-file") && e.to_string().contains("empty"), "{e}");
+    let e = Credentials::from_password_file(NATTER_USER, dir.path().join("missing")).unwrap_err();
+    assert!(e.to_string().contains("--nats-password-file"), "{e}");
+}
+
+#[tokio::test]
+async fn credentials_given_twice_are_refused_before_connecting() {
+    let stop = CancellationToken::new();
+    let e = NatsBus::connect("nats://natter:pw@127.0.0.1:1", Some(Credentials::new("natter", "pw")), stop)
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("given twice"), "{e}");
+    assert!(
+        matches!(natter_bus::split_url("nats://natter@127.0.0.1:4222"), Err(ConnectError::Url(_))),
+        "a user without a password"
+    );
+}

@@ -1,0 +1,126 @@
+//! A throw-away `nats-server` on a free loopback port, configured like the
+//! deploy files: log-ins required, only natter's user may publish events.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+/// natter's user: publishes and subscribes on natter.events.>, nothing else
+/// (as in deploy/k8s/dev/nats.conf).
+pub(crate) const NATTER_USER: &str = "natter";
+/// A user of the same server that may read events but publish only on its
+/// own subjects.
+pub(crate) const INTRUDER_USER: &str = "intruder";
+/// A user allowed to publish events although it is not natter: the control
+/// that shows a forged event would be noticed.
+pub(crate) const RELAY_USER: &str = "relay";
+
+/// A running nats-server; killed when dropped.
+pub(crate) struct NatsServer {
+    child: Child,
+    /// `nats://127.0.0.1:<port>`, no credentials.
+    pub(crate) url: String,
+    /// The password of every user (one per test server).
+    pub(crate) password: String,
+    dir: tempfile::TempDir,
+}
+
+/// The nats-server binary: on PATH, else Debian's /usr/sbin/nats-server.
+fn binary() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.is_file());
+    on_path.or_else(|| Some(PathBuf::from("/usr/sbin/nats-server")).filter(|p| p.is_file()))
+}
+
+impl NatsServer {
+    /// Starts a server; `None` (the test skips) only when nats-server is not
+    /// installed and CI is unset. Panics in CI without it.
+    pub(crate) async fn start() -> Option<Self> {
+        let Some(binary) = binary() else {
+            assert!(std::env::var_os("CI").is_none(), "CI must have nats-server installed (on PATH or /usr/sbin)");
+            eprintln!("skipped: nats-server is not installed");
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Letters first: the server parses an unquoted value starting with a
+        // digit as a number (see deploy/README.md on generating one).
+        let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+        let config = dir.path().join("nats.conf");
+        std::fs::write(&config, config_text(&password)).expect("write nats.conf");
+        let mut child = Command::new(binary)
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start nats-server");
+        // The server logs the port it picked (listen: 127.0.0.1:-1).
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let port = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await.expect("read nats-server log") {
+                if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
+                    return addr.trim().rsplit(':').next().map(str::to_owned);
+                }
+            }
+            None
+        })
+        .await
+        .expect("nats-server started within 20s")
+        .expect("nats-server logged its client port");
+        // Keep draining the log so the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Some(Self { child, url: format!("nats://127.0.0.1:{port}"), password, dir })
+    }
+
+    /// Writes `content` to a file in the server's temp dir; returns its path.
+    pub(crate) fn file(&self, name: &str, content: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, content).expect("write file");
+        path
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+fn config_text(password: &str) -> String {
+    format!(
+        r#"
+listen: "127.0.0.1:-1"
+authorization {{
+  users = [
+    {{
+      user: "{NATTER_USER}", password: "{password}"
+      permissions {{
+        publish: {{ allow: ["natter.events.>"] }}
+        subscribe: {{ allow: ["natter.events.>"] }}
+      }}
+    }}
+    {{
+      user: "{INTRUDER_USER}", password: "{password}"
+      permissions {{
+        publish: {{ allow: ["intruder.>"] }}
+        subscribe: {{ allow: ["natter.events.>", "intruder.>"] }}
+      }}
+    }}
+    {{
+      user: "{RELAY_USER}", password: "{password}"
+      permissions {{
+        publish: {{ allow: ["natter.events.>"] }}
+      }}
+    }}
+  ]
+}}
+"#
+    )
+}

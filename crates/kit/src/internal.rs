@@ -1,0 +1,212 @@
+//! The internal side of a split natter service: the listener that serves its
+//! `*InternalService` to the other natter services, and the service
+//! credential every call to it carries.
+//!
+//! The credential is a shared secret read from a file (a Kubernetes or
+//! compose secret), sent as `natter-service-credential` metadata and compared
+//! in constant time. We chose a shared secret over mutual TLS: it needs no
+//! certificate authority or rotation machinery to run, and the network
+//! policies in deploy/ already keep the internal ports away from everything
+//! but natter pods; a service mesh (Linkerd, Istio) adds mTLS underneath
+//! without any change here. The public listener never serves an internal
+//! service, and the all-in-one does not serve them at all.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use subtle::ConstantTimeEq as _;
+
+use crate::telemetry::TracedChannel;
+
+/// Metadata key of the service credential on internal calls.
+pub const CREDENTIAL_HEADER: &str = "natter-service-credential";
+
+/// Shortest accepted secret, in bytes (256 bits, as for session tokens).
+pub const MIN_CREDENTIAL_BYTES: usize = 32;
+
+/// Flags of a split service's internal side.
+#[derive(Clone, Debug, clap::Args)]
+pub struct InternalArgs {
+    /// Address of the internal listener, which serves only this service's
+    /// `*InternalService` (and grpc.health.v1) to the other natter services;
+    /// the edge never routes to it. Port 0 picks a free port.
+    #[arg(long, env = "NATTER_INTERNAL_LISTEN", default_value = "127.0.0.1:7071")]
+    pub internal_listen: std::net::SocketAddr,
+
+    /// File holding the service credential: a shared secret of at least 32
+    /// bytes (surrounding whitespace ignored) that every internal call
+    /// carries and every internal listener checks. Generate one with
+    /// `head -c 32 /dev/urandom | base64`.
+    #[arg(long, env = "NATTER_SERVICE_CREDENTIAL_FILE")]
+    pub service_credential_file: Option<PathBuf>,
+
+    /// Deadline of every call to another natter service: a dependency that
+    /// does not answer within it fails the caller's call with
+    /// DEADLINE_EXCEEDED instead of hanging it.
+    #[arg(long, env = "NATTER_INTERNAL_CALL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "3s")]
+    pub internal_call_timeout: Duration,
+}
+
+impl InternalArgs {
+    /// The credential from `--service-credential-file`.
+    ///
+    /// Errors: the flag is missing, the file cannot be read, or the secret is
+    /// shorter than [`MIN_CREDENTIAL_BYTES`] or not a valid header value.
+    pub fn credential(&self) -> anyhow::Result<ServiceCredential> {
+        let path = self.service_credential_file.as_deref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "--service-credential-file (NATTER_SERVICE_CREDENTIAL_FILE) is required: the split services \
+                 authenticate each other with it"
+            )
+        })?;
+        ServiceCredential::from_file(path)
+    }
+}
+
+/// The shared secret of natter's internal calls (see the module docs).
+#[derive(Clone)]
+pub struct ServiceCredential {
+    value: HeaderValue,
+}
+
+impl std::fmt::Debug for ServiceCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServiceCredential(..)")
+    }
+}
+
+impl ServiceCredential {
+    /// A credential from a secret string (trimmed).
+    ///
+    /// Errors: shorter than [`MIN_CREDENTIAL_BYTES`], or characters a header
+    /// value cannot carry.
+    pub fn new(secret: &str) -> anyhow::Result<Self> {
+        let secret = secret.trim();
+        anyhow::ensure!(
+            secret.len() >= MIN_CREDENTIAL_BYTES,
+            "the service credential must be at least {MIN_CREDENTIAL_BYTES} bytes"
+        );
+        let mut value = HeaderValue::from_str(secret)
+            .map_err(|_| anyhow::anyhow!("the service credential must be printable ASCII (base64 works)"))?;
+        value.set_sensitive(true);
+        Ok(Self { value })
+    }
+
+    /// Reads the secret from `path`.
+    ///
+    /// Errors: as [`ServiceCredential::new`], or the file cannot be read.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let secret = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading the service credential {}: {e}", path.display()))?;
+        Self::new(&secret)
+    }
+
+    /// The metadata value internal calls carry.
+    pub fn header_value(&self) -> HeaderValue {
+        self.value.clone()
+    }
+
+    /// Whether `presented` is this credential, compared in constant time.
+    pub fn matches(&self, presented: Option<&HeaderValue>) -> bool {
+        presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(self.value.as_bytes())))
+    }
+}
+
+/// A lazily connecting link to another natter service's internal listener:
+/// every call carries the trace context and the service credential, and has
+/// a deadline (`--internal-call-timeout`), sent along as `grpc-timeout` so
+/// the callee gives up too.
+#[derive(Clone, Debug)]
+pub struct Link {
+    channel: TracedChannel,
+    deadline: Duration,
+    target: Arc<str>,
+}
+
+impl Link {
+    /// A link to `url` (`http://host:port`, the callee's `--internal-listen`).
+    ///
+    /// Errors: a malformed URL, described for the caller's start-up error.
+    pub fn connect(url: &str, credential: &ServiceCredential, deadline: Duration) -> anyhow::Result<Self> {
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|e| anyhow::anyhow!("bad url {url:?}: {e}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(deadline.min(Duration::from_secs(5)))
+            .http2_keep_alive_interval(Duration::from_secs(30));
+        let channel = crate::telemetry::traced(endpoint.connect_lazy()).with_credential(credential);
+        Ok(Self { channel, deadline, target: url.into() })
+    }
+
+    /// The channel, for a generated client.
+    pub fn channel(&self) -> TracedChannel {
+        self.channel.clone()
+    }
+
+    /// `message` as a request with this link's deadline.
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.deadline);
+        request
+    }
+
+    /// Awaits a call made with [`Link::request`]; a callee that does not
+    /// answer within the deadline is DEADLINE_EXCEEDED naming it.
+    pub async fn call<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        let late = || {
+            tracing::warn!(target_url = %self.target, deadline = ?self.deadline, "internal call timed out");
+            tonic::Status::deadline_exceeded(format!("{} did not answer within {:?}", self.target, self.deadline))
+        };
+        match tokio::time::timeout(self.deadline, call).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            // The callee's own deadline fired first (tonic reports it as CANCELLED).
+            Ok(Err(status)) if status.code() == tonic::Code::Cancelled => Err(late()),
+            Ok(Err(status)) => Err(status),
+            Err(_elapsed) => Err(late()),
+        }
+    }
+}
+
+/// The check of an internal listener (a [`crate::serve`] gate): a call
+/// without the right credential ends with UNAUTHENTICATED before reaching a
+/// service, except grpc.health.v1 (probes carry no secret and learn nothing
+/// from it). Refusals are logged at most once a minute.
+pub(crate) fn require_credential(
+    credential: ServiceCredential,
+) -> impl Fn(&http::request::Parts) -> Option<tonic::Status> + Clone {
+    let last_warning = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+    move |parts| {
+        let health = parts.uri.path().starts_with("/grpc.health.v1.Health/");
+        if health || credential.matches(parts.headers.get(CREDENTIAL_HEADER)) {
+            return None;
+        }
+        if let Ok(mut last) = last_warning.lock()
+            && last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            *last = Some(std::time::Instant::now());
+            tracing::warn!(path = parts.uri.path(), "internal call without a valid service credential refused");
+        }
+        Some(tonic::Status::unauthenticated("internal call without a valid service credential"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_must_be_long_and_match_exactly() {
+        assert!(ServiceCredential::new("short").is_err());
+        let secret = "0123456789abcdef0123456789abcdef";
+        let credential = ServiceCredential::new(&format!("  {secret}\n")).expect("32 bytes, trimmed");
+        assert!(credential.matches(Some(&HeaderValue::from_static("0123456789abcdef0123456789abcdef"))));
+        assert!(!credential.matches(Some(&HeaderValue::from_static("0123456789abcdef0123456789abcdeF"))));
+        assert!(!credential.matches(Some(&HeaderValue::from_static("0123456789abcdef"))));
+        assert!(!credential.matches(None));
+        assert_eq!(format!("{credential:?}"), "ServiceCredential(..)", "the secret never reaches a log");
+    }
+}

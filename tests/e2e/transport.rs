@@ -1,0 +1,220 @@
+//! Transport limits and failures as a client on a bad network, or a hostile
+//! one, meets them: stream and header limits, a request body that never
+//! comes, a dependency that hangs, an upstream that dies mid-stream behind
+//! the edge.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser as _;
+use natter_proto::messages::v1 as mpb;
+use natter_proto::sessions::v1 as spb;
+use natter_testkit::{Cluster, authed, grpc_web};
+use prost::Message as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+/// A guard against a hang: every wait in this module ends within it.
+const GUARD: Duration = Duration::from_secs(20);
+
+/// An HTTP/2 connection to `addr` with the h2 crate, so a test can do what
+/// tonic would not (advertised settings, a request body that never comes).
+async fn h2_connect(addr: std::net::SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    send
+}
+
+fn grpc_request(addr: std::net::SocketAddr, path: &str) -> http::Request<()> {
+    http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_limit_is_advertised_and_a_silent_body_times_out() {
+    let c = Cluster::all_in_one(&["--max-concurrent-streams", "7", "--request-timeout", "300ms"]).await;
+    let mut send = h2_connect(c.addr).await.ready().await.unwrap();
+
+    // A unary call whose body never comes: headers sent, stream left open.
+    let (response, _body_never_sent) =
+        send.send_request(grpc_request(c.addr, "/natter.sessions.v1.SessionService/CreateSession"), false).unwrap();
+    let response = tokio::time::timeout(GUARD, response).await.expect("the server answers").unwrap();
+    let status = response.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(status.as_deref(), Some("4"), "DEADLINE_EXCEEDED: {response:?}");
+
+    // By now the server's SETTINGS frame has been read: SETTINGS_MAX_CONCURRENT_STREAMS.
+    assert_eq!(send.current_max_send_streams(), 7);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_are_refused_on_both_transports() {
+    let c = Cluster::all_in_one(&["--max-header-list-bytes", "8192"]).await;
+    let big = "x".repeat(16 * 1024);
+    let path = "/natter.sessions.v1.SessionService/GetCurrentSession";
+    // gRPC-web over HTTP/1.1: hyper alone would take ~400 KB of headers.
+    let reply = grpc_web::unary(c.addr, path, &spb::GetCurrentSessionRequest {}, Some(&big)).await;
+    assert_eq!(reply.grpc_status.as_deref(), Some("8"), "RESOURCE_EXHAUSTED: {reply:?}");
+    let reply = grpc_web::unary(c.addr, path, &spb::GetCurrentSessionRequest {}, Some("small")).await;
+    assert_eq!(reply.grpc_status.as_deref(), Some("16"), "a normal request still reaches the service");
+    // gRPC over HTTP/2.
+    let status =
+        c.sessions().get_current_session(natter_testkit::with_token(&big, spb::GetCurrentSessionRequest {})).await;
+    assert_ne!(status.map(|_| ()).unwrap_err().code(), Code::Unauthenticated, "refused before authentication");
+    c.stop().await;
+}
+
+/// A split messages service whose chats dependency accepts connections but
+/// never answers (a stopped process): a send fails with DEADLINE_EXCEEDED
+/// within `--internal-call-timeout` instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_dependency_fails_the_call_within_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let credential = natter_testkit::write_credential(dir.path());
+    let data = dir.path().display().to_string();
+    let bind = || async { TcpListener::bind("127.0.0.1:0").await.unwrap() };
+    let (sessions_public, sessions_internal) = (bind().await, bind().await);
+    let (messages_public, messages_internal) = (bind().await, bind().await);
+    // The kernel completes the handshake; nobody ever reads.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sessions_url = format!("http://{}", sessions_internal.local_addr().unwrap());
+    let hung_url = format!("http://{}", hung.local_addr().unwrap());
+    let common = ["--data-dir", &data, "--service-credential-file", &credential, "--internal-call-timeout", "300ms"];
+    let shutdown = CancellationToken::new();
+    let sessions = natter_sessions::Config::try_parse_from(["natter-sessions"].iter().chain(&common)).unwrap();
+    let sessions_addr = sessions_public.local_addr().unwrap();
+    let sessions_task =
+        tokio::spawn(natter_sessions::run(sessions, sessions_public, sessions_internal, shutdown.clone()));
+    let messages = natter_messages::Config::try_parse_from(
+        ["natter-messages", "--sessions-url", &sessions_url, "--chats-url", &hung_url].iter().chain(&common),
+    )
+    .unwrap();
+    let messages_addr = messages_public.local_addr().unwrap();
+    let messages_task =
+        tokio::spawn(natter_messages::run(messages, messages_public, messages_internal, shutdown.clone()));
+
+    let sessions_channel = connect_when_ready(sessions_addr).await;
+    let guest = spb::session_service_client::SessionServiceClient::new(sessions_channel)
+        .create_session(spb::CreateSessionRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let user = natter_testkit::TestUser {
+        id: guest.user.unwrap().id,
+        username: String::new(),
+        token: guest.token,
+        session_id: guest.session.unwrap().id,
+    };
+    let mut messages_client =
+        mpb::message_service_client::MessageServiceClient::new(connect_when_ready(messages_addr).await);
+    let send =
+        mpb::SendMessageRequest { chat_id: uuid::Uuid::now_v7().to_string(), text: "hi".into(), ..Default::default() };
+    let status = tokio::time::timeout(GUARD, messages_client.send_message(authed(&user, send)))
+        .await
+        .expect("the call ends instead of hanging")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains(&hung_url), "names the dependency: {status:?}");
+    drop(hung);
+    shutdown.cancel();
+    sessions_task.await.unwrap().unwrap();
+    messages_task.await.unwrap().unwrap();
+}
+
+async fn connect_when_ready(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for _ in 0..400 {
+        let check = health.check(tonic_health::pb::HealthCheckRequest::default()).await;
+        if check.is_ok_and(|r| r.get_ref().status == 1) {
+            return channel;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{addr} did not become healthy");
+}
+
+/// The edge in front of an upstream that sends one event of a stream and
+/// then fails (its connection reset, as when a replica is killed): the
+/// client sees the event, then UNAVAILABLE ("reconnect and resume"), not
+/// INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_reports_an_upstream_failing_mid_stream_as_unavailable() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
+    let crash = std::sync::Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(serve_failing_stream(upstream, crash.clone()));
+    let edge_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let edge_addr = edge_listener.local_addr().unwrap();
+    let args = natter_edge::EdgeArgs::try_parse_from([
+        "natter-edge",
+        "--sessions-url",
+        &upstream_url,
+        "--chats-url",
+        &upstream_url,
+        "--messages-url",
+        &upstream_url,
+    ])
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let edge = tokio::spawn(natter_edge::run(args, edge_listener, shutdown.clone()));
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{edge_addr}")).unwrap().connect().await.unwrap();
+    let mut client = mpb::message_service_client::MessageServiceClient::new(channel);
+    let mut stream = tokio::time::timeout(GUARD, client.stream_events(mpb::StreamEventsRequest::default()))
+        .await
+        .unwrap()
+        .expect("the stream starts")
+        .into_inner();
+    let first = tokio::time::timeout(GUARD, stream.message()).await.unwrap().unwrap().expect("one event");
+    assert_eq!(first.chat_id, "before-the-crash");
+    crash.notify_waiters();
+    let failure = tokio::time::timeout(GUARD, stream.message()).await.unwrap().unwrap_err();
+    assert_eq!(failure.code(), Code::Unavailable, "{failure:?}");
+    shutdown.cancel();
+    edge.await.unwrap().unwrap();
+}
+
+/// A stand-in upstream speaking gRPC over HTTP/2: every call gets one
+/// StreamEventsResponse, then, once `crash` is notified, the response body
+/// fails, so hyper resets the stream mid-response.
+async fn serve_failing_stream(listener: TcpListener, crash: std::sync::Arc<tokio::sync::Notify>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { return };
+        let crash = crash.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |_request: http::Request<hyper::body::Incoming>| {
+                let crash = crash.clone();
+                async move {
+                    let event = mpb::StreamEventsResponse { chat_id: "before-the-crash".into(), ..Default::default() };
+                    let payload = event.encode_to_vec();
+                    let mut frame = vec![0u8];
+                    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                    frame.extend_from_slice(&payload);
+                    let first =
+                        futures::stream::iter([Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(frame)))]);
+                    let failure = futures::stream::once(async move {
+                        crash.notified().await;
+                        Err(std::io::Error::other("replica killed"))
+                    });
+                    let frames = futures::StreamExt::chain(first, failure);
+                    let response = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(http_body_util::StreamBody::new(frames))
+                        .unwrap();
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}

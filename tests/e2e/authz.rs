@@ -121,7 +121,10 @@ async fn call(c: &Cluster, p: &People, f: &Fixture, rpc: &str, token: Option<&st
         }
         "ListMessageRevisions" => c
             .messages()
-            .list_message_revisions(req(token, mpb::ListMessageRevisionsRequest { message_id: message }))
+            .list_message_revisions(req(
+                token,
+                mpb::ListMessageRevisionsRequest { message_id: message, ..Default::default() },
+            ))
             .await
             .map(drop),
         "MarkRead" => {

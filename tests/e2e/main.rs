@@ -6,6 +6,8 @@
 mod authz;
 mod chats;
 mod exposure;
+mod fuzz;
+mod limits;
 mod manage;
 mod messages;
 mod otel;
@@ -19,15 +21,21 @@ mod wire;
 use tonic::{Code, Status};
 use tonic_types::StatusExt as _;
 
-/// Generates one test per deployment for each named `async fn(&Cluster)`.
+/// Generates one test per deployment for each named `async fn(&Cluster)`;
+/// `flags = EXPR;` first starts each deployment with those
+/// `natter_testkit::Flags` (give a path from the crate root).
 #[macro_export]
 macro_rules! both_modes {
     ($($name:ident),* $(,)?) => {
+        $crate::both_modes!(flags = natter_testkit::Flags::default(); $($name),*);
+    };
+    (flags = $flags:expr; $($name:ident),* $(,)?) => {
         mod all_in_one {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let Some(cluster) = natter_testkit::Cluster::start(natter_testkit::Mode::AllInOne).await else { return };
+                    let mode = natter_testkit::Mode::AllInOne;
+                    let Some(cluster) = natter_testkit::Cluster::start_with(mode, $flags).await else { return };
                     super::$name(&cluster).await;
                     cluster.stop().await;
                 }
@@ -37,7 +45,8 @@ macro_rules! both_modes {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let Some(cluster) = natter_testkit::Cluster::start(natter_testkit::Mode::Split).await else { return };
+                    let mode = natter_testkit::Mode::Split;
+                    let Some(cluster) = natter_testkit::Cluster::start_with(mode, $flags).await else { return };
                     super::$name(&cluster).await;
                     cluster.stop().await;
                 }
@@ -50,6 +59,14 @@ macro_rules! both_modes {
 #[track_caller]
 pub(crate) fn code<T: std::fmt::Debug>(result: Result<T, Status>) -> Code {
     result.expect_err("call should fail").code()
+}
+
+/// The delay a RESOURCE_EXHAUSTED status asks for in its RetryInfo (panics
+/// on another code or without the detail).
+#[track_caller]
+pub(crate) fn retry_delay(status: &Status) -> std::time::Duration {
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    status.get_error_details().retry_info().and_then(|r| r.retry_delay).expect("a RetryInfo with a delay")
 }
 
 /// The fields named by the BadRequest detail of an INVALID_ARGUMENT status.

@@ -291,7 +291,10 @@ async fn edits_keep_every_revision(c: &Cluster) {
 
     let revisions = c
         .messages()
-        .list_message_revisions(authed(&bob, mpb::ListMessageRevisionsRequest { message_id: original.id.clone() }))
+        .list_message_revisions(authed(
+            &bob,
+            mpb::ListMessageRevisionsRequest { message_id: original.id.clone(), ..Default::default() },
+        ))
         .await
         .unwrap()
         .into_inner()

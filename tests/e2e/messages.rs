@@ -169,7 +169,8 @@ async fn bad_messages_name_the_field(c: &Cluster) {
     assert_eq!(max.seq, 1);
 }
 
-fn image() -> mpb::Attachment {
+/// A valid image attachment.
+pub(crate) fn image() -> mpb::Attachment {
     mpb::Attachment {
         kind: mpb::AttachmentKind::Image as i32,
         url: "https://img.example/cat.png".into(),

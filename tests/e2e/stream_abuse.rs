@@ -18,11 +18,27 @@ use crate::stream::{end_of, next};
 use mpb::stream_events_response::Event;
 
 crate::both_modes!(
-    a_stalled_stream_gets_nothing_sent_after_its_removal,
-    a_stream_stalled_in_a_refill_gets_nothing_sent_after_its_removal,
     streams_per_user_are_capped_and_freed_however_they_end,
     too_many_chat_ids_or_resume_entries_are_refused_by_field,
 );
+
+/// The stalled-stream tests send a [`FLOOD`] from one user, faster than the
+/// default per-user send rate admits.
+mod flood {
+    use super::{
+        a_stalled_stream_gets_nothing_sent_after_its_removal,
+        a_stream_stalled_in_a_refill_gets_nothing_sent_after_its_removal,
+    };
+
+    pub(crate) const FLAGS: natter_testkit::Flags<'static> =
+        natter_testkit::Flags { sessions: &[], chats: &[], messages: &["--send-message-rate", "off"] };
+
+    crate::both_modes!(
+        flags = crate::stream_abuse::flood::FLAGS;
+        a_stalled_stream_gets_nothing_sent_after_its_removal,
+        a_stream_stalled_in_a_refill_gets_nothing_sent_after_its_removal,
+    );
+}
 
 /// Messages sent while a stream stalls: more than the bus queues for one
 /// subscriber (1,024) plus what HTTP/2 buffers on the way (the edge's
@@ -252,7 +268,12 @@ async fn a_revocation_lost_by_the_bus_ends_the_stream_within_the_recheck_interva
         eprintln!("skipped: NATTER_TEST_DATABASE_URL is not set");
         return;
     };
-    let c = Cluster::split_with(&url, &[], &["--stream-session-recheck-interval", "500ms"]).await;
+    let c = Cluster::split_with(
+        &url,
+        &[],
+        natter_testkit::Flags { messages: &["--stream-session-recheck-interval", "500ms"], ..Default::default() },
+    )
+    .await;
     let (alice, bob) = (c.user("alice").await, c.user("bob").await);
     let chat = direct(&c, &alice, &bob).await;
     let mut stream = open_on(c.channel(), &bob, &[&chat.id]).await.expect("opens");

@@ -44,8 +44,9 @@ pub struct InternalArgs {
 
     /// Deadline of every call to another natter service: a dependency that
     /// does not answer within it fails the caller's call with
-    /// DEADLINE_EXCEEDED instead of hanging it.
-    #[arg(long, env = "NATTER_INTERNAL_CALL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "3s")]
+    /// DEADLINE_EXCEEDED instead of hanging it. Generous, so that a busy
+    /// but working dependency is not mistaken for a hung one.
+    #[arg(long, env = "NATTER_INTERNAL_CALL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub internal_call_timeout: Duration,
 }
 

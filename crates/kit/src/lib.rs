@@ -1,7 +1,8 @@
 //! The runtime every natter server shares: base configuration, logging, the
 //! mapping of errors onto gRPC status codes, page tokens, id and time
-//! conversions, and [`serve`], which wraps a set of tonic services with
-//! health, reflection, gRPC-web, CORS and per-RPC tracing.
+//! conversions, rate limits and input caps, and [`serve`], which wraps a set
+//! of tonic services with health, reflection, gRPC-web, CORS and per-RPC
+//! tracing.
 //!
 //! Services keep their domain logic elsewhere; this crate holds only what
 //! would otherwise be written once per binary.
@@ -10,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod id;
 pub mod internal;
+pub mod limits;
 pub mod metrics;
 mod observe;
 pub mod paging;
@@ -20,4 +22,5 @@ pub mod time;
 pub use config::{ServerArgs, TransportArgs};
 pub use error::{FieldViolations, internal};
 pub use internal::{InternalArgs, Link, ServiceCredential};
+pub use limits::client_ip;
 pub use serve::{Server, shutdown_signal};

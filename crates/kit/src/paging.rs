@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tonic::Status;
 
 use crate::error::invalid_argument;
+use crate::limits::PAGE_TOKEN_MAX_BYTES;
 
 #[derive(Serialize, Deserialize)]
 struct Token<K> {
@@ -42,14 +43,27 @@ pub fn encode<K: Serialize>(key: &K, filter: u64) -> String {
 }
 
 /// Decodes a page token (`field` names it in errors): empty is `None`;
-/// garbage, or a token issued for other filters, is INVALID_ARGUMENT.
+/// garbage, a token over [`PAGE_TOKEN_MAX_BYTES`], one whose key holds a
+/// NUL (no key this server issues does, and PostgreSQL refuses it as a query
+/// parameter), or a token issued for other filters, is INVALID_ARGUMENT.
+///
+/// The fingerprint is no secret (anyone can compute it), so a client can
+/// forge a token with any key of the right type: keys are query parameters,
+/// never trusted beyond that.
 pub fn decode<K: DeserializeOwned>(field: &str, token: &str, filter: u64) -> Result<Option<K>, Status> {
     if token.is_empty() {
         return Ok(None);
     }
+    if token.len() > PAGE_TOKEN_MAX_BYTES {
+        return Err(invalid_argument(field, format!("must be at most {PAGE_TOKEN_MAX_BYTES} bytes")));
+    }
     let bytes = URL_SAFE_NO_PAD
         .decode(token)
         .map_err(|_| invalid_argument(field, "is not a page token issued by this server"))?;
+    // JSON can carry U+0000 only as the escape `\u0000`.
+    if bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+        return Err(invalid_argument(field, "is not a page token issued by this server"));
+    }
     let token: Token<K> = serde_json::from_slice(&bytes)
         .map_err(|_| invalid_argument(field, "is not a page token issued by this server"))?;
     if token.f != filter {
@@ -71,6 +85,16 @@ mod tests {
         assert!(decode::<(i64, String)>("page_token", &t, other).is_err());
         assert!(decode::<(i64, String)>("page_token", "!!", f).is_err());
         assert_eq!(decode::<(i64, String)>("page_token", "", f).unwrap(), None);
+    }
+
+    #[test]
+    fn forged_tokens_cannot_smuggle_nul_or_bulk() {
+        let f = fingerprint(&[&"desc"]);
+        let nul = encode(&(1i64, "a\0b"), f);
+        assert!(decode::<(i64, String)>("page_token", &nul, f).is_err());
+        let long = encode(&(1i64, "x".repeat(2000)), f);
+        let status = decode::<(i64, String)>("page_token", &long, f).unwrap_err();
+        assert!(status.message().contains("at most 1024 bytes"), "{status:?}");
     }
 
     #[test]

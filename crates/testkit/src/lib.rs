@@ -30,6 +30,25 @@ pub enum Mode {
     Split,
 }
 
+/// Extra flags for one test's deployment, by the service that owns them:
+/// the all-in-one takes all of them, each split service only its own (so a
+/// flag need not be one that every binary accepts).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Flags<'a> {
+    /// For the sessions service (`natter_sessions::Config`).
+    pub sessions: &'a [&'a str],
+    /// For the chats service.
+    pub chats: &'a [&'a str],
+    /// For the messages service.
+    pub messages: &'a [&'a str],
+}
+
+impl Flags<'_> {
+    fn all(&self) -> Vec<&str> {
+        self.sessions.iter().chain(self.chats).chain(self.messages).copied().collect()
+    }
+}
+
 /// A running natter and the way to reach it.
 pub struct Cluster {
     /// Which deployment this is.
@@ -97,10 +116,15 @@ impl Cluster {
     /// Starts the deployment `mode`; `None` for [`Mode::Split`] when no
     /// PostgreSQL is configured outside CI.
     pub async fn start(mode: Mode) -> Option<Self> {
+        Self::start_with(mode, Flags::default()).await
+    }
+
+    /// As [`Cluster::start`], with extra `flags` for the services.
+    pub async fn start_with(mode: Mode, flags: Flags<'_>) -> Option<Self> {
         match mode {
-            Mode::AllInOne => Some(Self::all_in_one(&[]).await),
+            Mode::AllInOne => Some(Self::all_in_one(&flags.all()).await),
             Mode::Split => match postgres_url() {
-                Some(url) => Some(Self::split(&url, &[]).await),
+                Some(url) => Some(Self::split_with(&url, &[], flags).await),
                 None => {
                     eprintln!("skipped: NATTER_TEST_DATABASE_URL is not set");
                     None
@@ -139,12 +163,11 @@ impl Cluster {
     /// its own port and linked over gRPC, behind the edge; `extra` flags go
     /// to every service.
     pub async fn split(url: &str, extra: &[&str]) -> Self {
-        Self::split_with(url, extra, &[]).await
+        Self::split_with(url, extra, Flags::default()).await
     }
 
-    /// As [`Cluster::split`], with `messages_extra` flags for the messages
-    /// service only (flags the other services do not know).
-    pub async fn split_with(url: &str, extra: &[&str], messages_extra: &[&str]) -> Self {
+    /// As [`Cluster::split`], and each service gets its own `flags` too.
+    pub async fn split_with(url: &str, extra: &[&str], flags: Flags<'_>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let prefix = format!("t{}_", uuid::Uuid::new_v4().simple());
         let (ls, lc, lm, le) = (bind().await, bind().await, bind().await, bind().await);
@@ -174,26 +197,31 @@ impl Cluster {
         if let Some(nats) = nats.as_deref() {
             common.extend(["--nats-url", nats]);
         }
-        let argv = |name: &'static str, more: &[&str]| -> Vec<String> {
+        let argv = |name: &'static str, more: &[&str], own: &[&str]| -> Vec<String> {
             std::iter::once(name)
                 .chain(common.iter().copied())
                 .chain(more.iter().copied())
                 .chain(extra.iter().copied())
+                .chain(own.iter().copied())
                 .map(str::to_owned)
                 .collect()
         };
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
-        let sessions = natter_sessions::Config::try_parse_from(argv("natter-sessions", &[])).expect("valid flags");
+        let sessions =
+            natter_sessions::Config::try_parse_from(argv("natter-sessions", &[], flags.sessions)).expect("valid flags");
         let chats = natter_chats::Config::try_parse_from(argv(
             "natter-chats",
             &["--sessions-url", &internal_s, "--messages-url", &internal_m],
+            flags.chats,
         ))
         .expect("valid flags");
-        let mut messages_flags = vec!["--sessions-url", internal_s.as_str(), "--chats-url", internal_c.as_str()];
-        messages_flags.extend_from_slice(messages_extra);
-        let messages =
-            natter_messages::Config::try_parse_from(argv("natter-messages", &messages_flags)).expect("valid flags");
+        let messages = natter_messages::Config::try_parse_from(argv(
+            "natter-messages",
+            &["--sessions-url", &internal_s, "--chats-url", &internal_c],
+            flags.messages,
+        ))
+        .expect("valid flags");
         let edge = natter_edge::EdgeArgs::try_parse_from([
             "natter-edge",
             "--listen",
@@ -261,7 +289,9 @@ impl Cluster {
                 })
                 .await;
             match probe {
-                Err(s) if s.code() == tonic::Code::Unauthenticated => return,
+                // Answered by the sessions service (a test's tight
+                // CreateSession limit may refuse even this probe).
+                Err(s) if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::ResourceExhausted) => return,
                 Ok(_) => return,
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(25)).await,
             }

@@ -1,6 +1,7 @@
 //! Chat rules in plain Rust: kinds, roles, visibility, and what a valid new
 //! chat or update is. No IO, no tonic.
 
+use natter_kit::limits::{MaxLen, check_str};
 use uuid::Uuid;
 
 /// Configurable limits of the chats service.
@@ -105,21 +106,21 @@ pub fn title_key(title: &str) -> String {
 
 /// Checks a title against the limit; the error describes the rule broken.
 pub fn check_title(title: &str, limits: &Limits) -> Result<(), String> {
-    if title.chars().count() > limits.title_chars {
-        return Err(format!("must be at most {} characters", limits.title_chars));
-    }
+    check_str(title, MaxLen::Chars(limits.title_chars))?;
     if title.chars().any(char::is_control) {
         return Err("must not contain control characters".to_owned());
     }
     Ok(())
 }
 
-/// Checks a description against the limit.
+/// Checks a description against the limit (and for NUL).
 pub fn check_description(description: &str, limits: &Limits) -> Result<(), String> {
-    if description.chars().count() > limits.description_chars {
-        return Err(format!("must be at most {} characters", limits.description_chars));
-    }
-    Ok(())
+    check_str(description, MaxLen::Chars(limits.description_chars))
+}
+
+/// Checks a ListChats title query: no longer than a title can be, no NUL.
+pub fn check_query(query: &str, limits: &Limits) -> Result<(), String> {
+    check_str(query, MaxLen::Chars(limits.title_chars))
 }
 
 /// Resolves the kind of a new chat from what the request gave: an explicit
@@ -165,6 +166,8 @@ mod tests {
         let limits = Limits::default();
         assert!(check_title(&"é".repeat(200), &limits).is_ok());
         assert!(check_title(&"é".repeat(201), &limits).is_err());
+        assert!(check_description("a\0b", &limits).is_err());
+        assert!(check_query(&"q".repeat(201), &limits).is_err());
         assert_eq!(title_key("ÄBC"), "äbc");
     }
 }

@@ -26,6 +26,9 @@ pub enum ChatsError {
     /// The chat's state forbids this (FAILED_PRECONDITION).
     #[error("{0}")]
     Precondition(&'static str),
+    /// A rate limit refused the call (RESOURCE_EXHAUSTED with RetryInfo).
+    #[error(transparent)]
+    Limited(#[from] natter_kit::limits::Limited),
     /// Another service answered with an error; passed on as it is.
     #[error("{0}")]
     Upstream(#[from] Status),
@@ -55,6 +58,7 @@ impl From<ChatsError> for Status {
             ChatsError::Denied(_) => Status::permission_denied(e.to_string()),
             ChatsError::ChatIdTaken => Status::already_exists(e.to_string()),
             ChatsError::Precondition(_) => Status::failed_precondition(e.to_string()),
+            ChatsError::Limited(limited) => limited.into(),
             ChatsError::Upstream(status) => status,
             ChatsError::Db(e) => natter_kit::internal(e),
             ChatsError::Store(e) => natter_kit::internal(e),

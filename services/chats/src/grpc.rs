@@ -12,7 +12,7 @@ use natter_proto::chats::v1::{
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::domain::{self, Kind, Role, Visibility};
+use crate::domain::{self, Kind, Limits, Role, Visibility};
 use crate::error::ChatsError;
 use crate::service::{ChatView, Chats, NewChat};
 use crate::store::{ChatFilter, MemberRow};
@@ -99,8 +99,9 @@ fn visibility_from_pb(field: &str, value: i32) -> Result<Option<Visibility>, Cha
     }
 }
 
-fn new_chat(r: pb::CreateChatRequest, chats: &Chats) -> Result<NewChat, Status> {
-    let limits = chats.limits();
+/// Validates a CreateChat request against `limits` (INVALID_ARGUMENT naming
+/// the field at fault).
+pub fn new_chat(r: pb::CreateChatRequest, limits: &Limits) -> Result<NewChat, Status> {
     domain::check_title(&r.title, limits).map_err(|e| ChatsError::invalid("title", e))?;
     domain::check_description(&r.description, limits).map_err(|e| ChatsError::invalid("description", e))?;
     if r.member_ids.len() > limits.group_members {
@@ -148,7 +149,7 @@ impl ChatService for ChatApi {
         request: Request<pb::CreateChatRequest>,
     ) -> Result<Response<pb::CreateChatResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let new = new_chat(request.into_inner(), &self.chats)?;
+        let new = new_chat(request.into_inner(), self.chats.limits())?;
         let view = self.chats.create_chat(caller, new).await?;
         Ok(Response::new(pb::CreateChatResponse { chat: Some(chat_pb(view)) }))
     }
@@ -182,6 +183,7 @@ impl ChatService for ChatApi {
             Ok(pb::Availability::Public) => true,
             Err(_) => return Err(ChatsError::invalid("availability", "unknown availability").into()),
         };
+        domain::check_query(&r.query, self.chats.limits()).map_err(|e| ChatsError::invalid("query", e))?;
         let query = r.query.trim().to_lowercase();
         let filter = ChatFilter {
             public,
@@ -246,8 +248,10 @@ impl ChatService for ChatApi {
                     );
                 }
                 other => {
+                    // Quoted, and cut short: the message goes back in a header.
+                    let shown: String = other.chars().take(64).collect();
                     let reason =
-                        format!("{other:?} is not a field that can be updated (title, description, visibility)");
+                        format!("{shown:?} is not a field that can be updated (title, description, visibility)");
                     return Err(ChatsError::invalid(format!("update_mask.paths[{i}]"), reason).into());
                 }
             }

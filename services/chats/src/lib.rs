@@ -20,6 +20,7 @@ use natter_auth::Authenticator;
 use natter_bus::EventBus;
 use natter_db::{Db, DbConfig, DbError};
 use natter_kit::Server;
+use natter_kit::limits::Rate;
 use natter_links::{MessageDirectory, UserDirectory};
 use natter_proto::chats::v1::chat_internal_service_server::ChatInternalServiceServer;
 use natter_proto::chats::v1::chat_service_server::ChatServiceServer;
@@ -32,6 +33,10 @@ pub use service::Chats;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Options of the chats service (the limits DESIGN.md lists).
+///
+/// The rate limit is counted in memory by each process: in split mode every
+/// chats replica admits its own share (a shared count would cost a
+/// PostgreSQL or Redis round trip per call).
 #[derive(Clone, Debug, clap::Args)]
 pub struct ChatsArgs {
     /// Longest chat title, in characters.
@@ -48,6 +53,10 @@ pub struct ChatsArgs {
     /// under 10s, the span the messages service re-announces after a crash.
     #[arg(long, env = "NATTER_ACTIVITY_FLUSH_INTERVAL", value_parser = positive_duration, default_value = "50ms")]
     pub activity_flush_interval: Duration,
+    /// CreateChat calls per user (retries too): N/PERIOD admits N at once and
+    /// N per PERIOD; `off` admits all.
+    #[arg(long, env = "NATTER_CREATE_CHAT_RATE", default_value = "240/1h")]
+    pub create_chat_rate: Rate,
 }
 
 /// A humantime duration above zero (`50ms`, `1s`).
@@ -67,6 +76,7 @@ impl Default for ChatsArgs {
             max_description_chars: limits.description_chars,
             max_group_members: limits.group_members,
             activity_flush_interval: Duration::from_millis(50),
+            create_chat_rate: Rate::parse("240/1h").expect("valid rate"),
         }
     }
 }
@@ -94,7 +104,8 @@ pub async fn open(
     only_instance: bool,
 ) -> Result<Arc<Chats>, DbError> {
     let db = Db::connect(db, &MIGRATOR).await?;
-    let chats = Chats::new(store::Store::new(db, args.activity_flush_interval)?, users, messages, bus, args.limits());
+    let store = store::Store::new(db, args.activity_flush_interval)?;
+    let chats = Chats::new(store, users, messages, bus, args.limits(), args.create_chat_rate);
     Ok(Arc::new(if only_instance { chats.with_membership_cache() } else { chats }))
 }
 

@@ -1,10 +1,11 @@
 //! The chats domain operations over the [`Store`] and the links to the other
 //! services. No tonic types except those the links carry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use natter_bus::{EventBus, Topic};
+use natter_kit::limits::{LOOKUP_USERS_MAX_IDS, Rate, RateLimiter};
 use natter_kit::time::now_micros;
 use natter_links::{MessageDirectory, UserDirectory};
 use natter_proto::messages::v1 as mpb;
@@ -40,6 +41,8 @@ pub struct Chats {
     messages: Arc<dyn MessageDirectory>,
     bus: Arc<dyn EventBus>,
     limits: Limits,
+    /// CreateChat calls per user.
+    create_rate: RateLimiter<Uuid>,
     /// (chat, user) -> membership, for the messages service's checks; only
     /// when this is the only chats instance (see [`Chats::with_membership_cache`]).
     cache: Option<Mutex<Cache>>,
@@ -64,8 +67,10 @@ impl Chats {
         messages: Arc<dyn MessageDirectory>,
         bus: Arc<dyn EventBus>,
         limits: Limits,
+        create_chat_rate: Rate,
     ) -> Self {
-        Self { store, users, messages, bus, limits, cache: None }
+        let create_rate = RateLimiter::new("chats created", create_chat_rate);
+        Self { store, users, messages, bus, limits, create_rate, cache: None }
     }
 
     /// Caches membership checks in memory. Correct only when every change to
@@ -95,9 +100,11 @@ impl Chats {
         &self.limits
     }
 
-    /// Creates a chat (see CreateChat in chats.proto for the rules).
+    /// Creates a chat (see CreateChat in chats.proto for the rules); each
+    /// call, a retry too, counts against the caller's CreateChat rate.
     #[tracing::instrument(skip_all, fields(caller = %caller))]
     pub async fn create_chat(&self, caller: Uuid, new: NewChat) -> Result<ChatView, ChatsError> {
+        self.create_rate.check(&caller)?;
         let mut others: Vec<Uuid> = Vec::with_capacity(new.member_ids.len());
         for id in new.member_ids.iter().copied() {
             if id != caller && !others.contains(&id) {
@@ -123,10 +130,7 @@ impl Chats {
             return self.view(caller, existing).await;
         }
 
-        let found = self.users.lookup_users(others.iter().map(Uuid::to_string).collect()).await?;
-        if let Some(missing) = others.iter().find(|id| !found.iter().any(|u| u.id == id.to_string())) {
-            return Err(ChatsError::UserNotFound(missing.to_string()));
-        }
+        self.require_users(&others.iter().map(Uuid::to_string).collect::<Vec<_>>()).await?;
 
         let now = now_micros();
         let id = new.chat_id.unwrap_or_else(Uuid::now_v7).to_string();
@@ -168,6 +172,20 @@ impl Chats {
                 Some(existing) => self.view(caller, existing).await,
                 None => Err(ChatsError::ChatIdTaken),
             },
+        }
+    }
+
+    /// NOT_FOUND naming the first of `ids` (canonical UUIDs) that is no
+    /// user; asks the sessions service in calls of at most
+    /// [`LOOKUP_USERS_MAX_IDS`] ids, whatever the member limit.
+    async fn require_users(&self, ids: &[String]) -> Result<(), ChatsError> {
+        let mut found = HashSet::with_capacity(ids.len());
+        for chunk in ids.chunks(LOOKUP_USERS_MAX_IDS) {
+            found.extend(self.users.lookup_users(chunk.to_vec()).await?.into_iter().map(|u| u.id));
+        }
+        match ids.iter().find(|id| !found.contains(*id)) {
+            Some(missing) => Err(ChatsError::UserNotFound(missing.clone())),
+            None => Ok(()),
         }
     }
 
@@ -327,12 +345,7 @@ impl Chats {
             }
         }
         let others: Vec<String> = ids.iter().filter(|id| **id != caller).map(Uuid::to_string).collect();
-        if !others.is_empty() {
-            let found = self.users.lookup_users(others.clone()).await?;
-            if let Some(missing) = others.iter().find(|id| !found.iter().any(|u| u.id == **id)) {
-                return Err(ChatsError::UserNotFound(missing.clone()));
-            }
-        }
+        self.require_users(&others).await?;
         let now = now_micros();
         let rows: Vec<MemberRow> = ids
             .iter()

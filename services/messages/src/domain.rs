@@ -1,6 +1,7 @@
 //! Message rules in plain Rust: text and attachment limits, what a valid new
 //! message is. No IO, no tonic.
 
+use natter_kit::limits::{MaxLen, check_str};
 use serde::{Deserialize, Serialize};
 
 /// Configurable limits of the messages service.
@@ -12,13 +13,19 @@ pub struct Limits {
     pub attachments: usize,
     /// Longest attachment URL, in bytes.
     pub url_bytes: usize,
+    /// Most edits of one message (so at most `edits + 1` revisions).
+    pub edits: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { text_bytes: 32 * 1024, attachments: 10, url_bytes: 2048 }
+        Self { text_bytes: 32 * 1024, attachments: 10, url_bytes: 2048, edits: 100 }
     }
 }
+
+/// Longest attachment MIME type, in bytes (RFC 6838 4.2: a type and a
+/// subtype of at most 127 characters each, and the slash).
+pub const MIME_TYPE_MAX_BYTES: usize = 255;
 
 /// An image attachment as stored (JSON in the `attachments` column).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,16 +50,13 @@ pub fn decode_attachments(s: &str) -> Vec<Attachment> {
 /// A rule broken by one field: (field path, description).
 pub type Violation = (String, String);
 
-/// Checks a message text: at most `limits.text_bytes` bytes; empty only when
-/// `allow_empty` (a message with attachments).
+/// Checks a message text: at most `limits.text_bytes` bytes, no NUL; empty
+/// only when `allow_empty` (a message with attachments).
 pub fn check_text(field: &str, text: &str, allow_empty: bool, limits: &Limits) -> Result<(), Violation> {
     if text.is_empty() && !allow_empty {
         return Err((field.to_owned(), "must not be empty".to_owned()));
     }
-    if text.len() > limits.text_bytes {
-        return Err((field.to_owned(), format!("must be at most {} bytes (limit text_bytes)", limits.text_bytes)));
-    }
-    Ok(())
+    check_str(text, MaxLen::Bytes(limits.text_bytes)).map_err(|reason| (field.to_owned(), reason))
 }
 
 /// Checks one image attachment (`field` is its path, e.g. `attachments[2]`).
@@ -61,13 +65,16 @@ pub fn check_attachment(field: &str, a: &Attachment, limits: &Limits) -> Vec<Vio
     let url_ok = (a.url.starts_with("https://") || a.url.starts_with("http://"))
         && a.url.len() > "https://".len()
         && !a.url.chars().any(|c| c.is_whitespace() || c.is_control());
-    if !url_ok {
+    if let Err(reason) = check_str(&a.url, MaxLen::Bytes(limits.url_bytes)) {
+        v.push((format!("{field}.url"), reason));
+    } else if !url_ok {
         v.push((format!("{field}.url"), "must be an http(s) URL".to_owned()));
-    } else if a.url.len() > limits.url_bytes {
-        v.push((format!("{field}.url"), format!("must be at most {} bytes", limits.url_bytes)));
     }
-    let mime = a.mime_type.to_ascii_lowercase();
-    if !(mime.starts_with("image/") && mime.len() > "image/".len()) {
+    let image = a.mime_type.get(.."image/".len()).is_some_and(|p| p.eq_ignore_ascii_case("image/"))
+        && a.mime_type.len() > "image/".len();
+    if let Err(reason) = check_str(&a.mime_type, MaxLen::Bytes(MIME_TYPE_MAX_BYTES)) {
+        v.push((format!("{field}.mime_type"), reason));
+    } else if !image {
         v.push((format!("{field}.mime_type"), "must be an image/* MIME type".to_owned()));
     }
     if a.width <= 0 {
@@ -105,6 +112,23 @@ mod tests {
         assert!(check_text("text", &"€".repeat(11_000), false, &limits).is_err());
         assert!(check_text("text", "", false, &limits).is_err());
         assert!(check_text("text", "", true, &limits).is_ok());
+        assert_eq!(check_text("text", "a\0b", false, &limits).unwrap_err().1, "must not contain NUL (U+0000)");
+    }
+
+    #[test]
+    fn attachment_strings_are_bounded() {
+        let limits = Limits::default();
+        let long_mime = Attachment { mime_type: format!("image/{}", "x".repeat(250)), ..image() };
+        let v = check_attachment("attachments[0]", &long_mime, &limits);
+        assert_eq!(v, [("attachments[0].mime_type".to_owned(), "must be at most 255 bytes".to_owned())]);
+        let nul_mime = Attachment { mime_type: "image/p\0g".into(), ..image() };
+        assert_eq!(check_attachment("a", &nul_mime, &limits)[0].0, "a.mime_type");
+        let long_url = Attachment { url: format!("https://x/{}", "y".repeat(2048)), ..image() };
+        assert_eq!(
+            check_attachment("a", &long_url, &limits)[0],
+            ("a.url".to_owned(), "must be at most 2048 bytes".to_owned())
+        );
+        assert!(check_attachment("a", &Attachment { mime_type: "IMAGE/PNG".into(), ..image() }, &limits).is_empty());
     }
 
     #[test]

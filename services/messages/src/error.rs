@@ -21,6 +21,14 @@ pub enum MessagesError {
     /// The chat or message state forbids this (FAILED_PRECONDITION).
     #[error("{0}")]
     Precondition(&'static str),
+    /// The message was edited as often as it may be (FAILED_PRECONDITION:
+    /// a cap that never refills, so retrying cannot help; RESOURCE_EXHAUSTED
+    /// is kept for limits that do, with RetryInfo).
+    #[error("message was edited {0} times, the most allowed")]
+    TooManyEdits(usize),
+    /// A rate limit refused the call (RESOURCE_EXHAUSTED with RetryInfo).
+    #[error(transparent)]
+    Limited(#[from] natter_kit::limits::Limited),
     /// A client-chosen message id is used by another chat or author (ALREADY_EXISTS).
     #[error("message_id already used by another message")]
     MessageIdTaken,
@@ -62,7 +70,10 @@ impl From<MessagesError> for Status {
             }
             MessagesError::ChatNotFound | MessagesError::MessageNotFound => Status::not_found(e.to_string()),
             MessagesError::Denied(_) => Status::permission_denied(e.to_string()),
-            MessagesError::Precondition(_) => Status::failed_precondition(e.to_string()),
+            MessagesError::Precondition(_) | MessagesError::TooManyEdits(_) => {
+                Status::failed_precondition(e.to_string())
+            }
+            MessagesError::Limited(limited) => limited.into(),
             MessagesError::MessageIdTaken => Status::already_exists(e.to_string()),
             MessagesError::TooManyStreams { retry_after, .. } => {
                 let details = tonic_types::ErrorDetails::with_retry_info(Some(retry_after));

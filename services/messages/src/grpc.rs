@@ -13,15 +13,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::domain::{self, Attachment};
+use crate::domain::{self, Attachment, Limits};
 use crate::error::MessagesError;
 use crate::registry::{StreamLimits, StreamRegistry};
 use crate::service::{Messages, SendRequest, message_pb};
 use crate::store::Range;
 use crate::stream::{self, EventStream, Follow};
 
-fn send_request(r: pb::SendMessageRequest, messages: &Messages) -> Result<SendRequest, Status> {
-    let limits = messages.limits();
+/// Validates a SendMessage request against `limits`: INVALID_ARGUMENT listing
+/// every field at fault, before anything reaches the writer's batch.
+pub fn send_request(r: pb::SendMessageRequest, limits: &Limits) -> Result<SendRequest, Status> {
     let mut violations = Vec::new();
     if r.attachments.len() > limits.attachments {
         violations.push((
@@ -63,13 +64,20 @@ fn send_request(r: pb::SendMessageRequest, messages: &Messages) -> Result<SendRe
     })
 }
 
+/// Validates an EditMessage request: (message id, new text).
+pub fn edit_request(r: pb::EditMessageRequest, limits: &Limits) -> Result<(Uuid, String), Status> {
+    let message_id = id::parse("message_id", &r.message_id)?;
+    domain::check_text("text", &r.text, false, limits).map_err(|v| MessagesError::Invalid(vec![v]))?;
+    Ok((message_id, r.text))
+}
+
 /// The chat ids of a StreamEvents request, parsed and de-duplicated (first
 /// occurrence kept, in linear time), and its resume points.
 ///
 /// Errors: INVALID_ARGUMENT naming `chat_ids` or `resume` when either has
 /// more than `limits.chats_per_request` entries (checked before anything is
 /// parsed), or the first malformed id or negative seq.
-fn follow_request(
+pub fn follow_request(
     r: pb::StreamEventsRequest,
     limits: &StreamLimits,
 ) -> Result<(Vec<Uuid>, HashMap<Uuid, i64>), Status> {
@@ -93,7 +101,8 @@ fn follow_request(
     }
     let mut resume = HashMap::with_capacity(r.resume.len());
     for (chat, seq) in &r.resume {
-        let chat = id::parse(&format!("resume[{chat}]"), chat)?;
+        // The key is not echoed: it may be anything up to the request size.
+        let chat = Uuid::try_parse(chat).map_err(|_| MessagesError::invalid("resume", "keys must be chat UUIDs"))?;
         if *seq < 0 {
             return Err(MessagesError::invalid(format!("resume[{chat}]"), "must not be negative").into());
         }
@@ -139,7 +148,7 @@ impl MessageService for MessageApi {
         request: Request<pb::SendMessageRequest>,
     ) -> Result<Response<pb::SendMessageResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let send = send_request(request.into_inner(), &self.messages)?;
+        let send = send_request(request.into_inner(), self.messages.limits())?;
         let row = self.messages.send(caller, send).await?;
         Ok(Response::new(pb::SendMessageResponse { message: Some(message_pb(row, Vec::new())) }))
     }
@@ -192,11 +201,8 @@ impl MessageService for MessageApi {
         request: Request<pb::EditMessageRequest>,
     ) -> Result<Response<pb::EditMessageResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let r = request.into_inner();
-        let message_id = id::parse("message_id", &r.message_id)?;
-        domain::check_text("text", &r.text, false, self.messages.limits())
-            .map_err(|v| MessagesError::Invalid(vec![v]))?;
-        let message = self.messages.edit(caller, message_id, &r.text).await?;
+        let (message_id, text) = edit_request(request.into_inner(), self.messages.limits())?;
+        let message = self.messages.edit(caller, message_id, &text).await?;
         Ok(Response::new(pb::EditMessageResponse { message: Some(message) }))
     }
 
@@ -215,9 +221,16 @@ impl MessageService for MessageApi {
         request: Request<pb::ListMessageRevisionsRequest>,
     ) -> Result<Response<pb::ListMessageRevisionsResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let message_id = id::parse("message_id", &request.into_inner().message_id)?;
-        let revisions = self.messages.revisions(caller, message_id).await?;
-        Ok(Response::new(pb::ListMessageRevisionsResponse { revisions }))
+        let r = request.into_inner();
+        let message_id = id::parse("message_id", &r.message_id)?;
+        let size = paging::page_size("page_size", r.page_size, 50, 200)?;
+        let fingerprint = paging::fingerprint(&[&message_id]);
+        let after = paging::decode("page_token", &r.page_token, fingerprint)?;
+        let (revisions, next) = self.messages.revisions(caller, message_id, after, size).await?;
+        Ok(Response::new(pb::ListMessageRevisionsResponse {
+            revisions,
+            next_page_token: next.map(|k| paging::encode(&k, fingerprint)).unwrap_or_default(),
+        }))
     }
 
     async fn mark_read(&self, request: Request<pb::MarkReadRequest>) -> Result<Response<pb::MarkReadResponse>, Status> {
@@ -237,6 +250,7 @@ impl MessageService for MessageApi {
         let principal = self.auth.authenticate(&request).await?;
         let token = natter_auth::bearer_token(request.metadata())?.to_owned();
         let (chat_ids, resume) = follow_request(request.into_inner(), self.streams.limits())?;
+        self.messages.admit_stream(principal.user_id)?;
         let ticket = self.streams.admit(&principal, &token)?;
         let follow = Follow { principal, token, chat_ids, resume };
         let stream =

@@ -23,6 +23,7 @@ use natter_auth::Authenticator;
 use natter_bus::EventBus;
 use natter_db::{Db, DbConfig};
 use natter_kit::Server;
+use natter_kit::limits::Rate;
 use natter_links::ChatDirectory;
 use natter_proto::messages::v1::message_internal_service_server::MessageInternalServiceServer;
 use natter_proto::messages::v1::message_service_server::MessageServiceServer;
@@ -36,6 +37,11 @@ pub use service::Messages;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Options of the messages service (the limits DESIGN.md lists).
+///
+/// The rate limits are counted in memory by each process: in split mode
+/// every messages replica admits its own share (a shared count would cost a
+/// PostgreSQL or Redis round trip per call), so N replicas admit up to N
+/// times a limit.
 #[derive(Clone, Debug, clap::Args)]
 pub struct MessagesArgs {
     /// Longest message text, in bytes of UTF-8.
@@ -62,6 +68,19 @@ pub struct MessagesArgs {
     /// 0s: never.
     #[arg(long, env = "NATTER_STREAM_SESSION_RECHECK_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub stream_session_recheck_interval: std::time::Duration,
+    /// Most edits of one message; EditMessage is FAILED_PRECONDITION after.
+    #[arg(long, env = "NATTER_MAX_MESSAGE_EDITS", default_value_t = 100)]
+    pub max_message_edits: usize,
+    /// SendMessage calls per user (retries too): N/PERIOD admits N at once
+    /// and N per PERIOD; `off` admits all.
+    #[arg(long, env = "NATTER_SEND_MESSAGE_RATE", default_value = "1200/1m")]
+    pub send_message_rate: Rate,
+    /// EditMessage calls per user: N/PERIOD, or `off`.
+    #[arg(long, env = "NATTER_EDIT_MESSAGE_RATE", default_value = "600/1m")]
+    pub edit_message_rate: Rate,
+    /// StreamEvents streams opened per user: N/PERIOD, or `off`.
+    #[arg(long, env = "NATTER_STREAM_OPEN_RATE", default_value = "120/1m")]
+    pub stream_open_rate: Rate,
 }
 
 impl Default for MessagesArgs {
@@ -74,6 +93,10 @@ impl Default for MessagesArgs {
             max_streams_per_user: streams.streams_per_user,
             max_stream_chats: streams.chats_per_request,
             stream_session_recheck_interval: streams.session_recheck,
+            max_message_edits: limits.edits,
+            send_message_rate: Rate::parse("1200/1m").expect("valid rate"),
+            edit_message_rate: Rate::parse("600/1m").expect("valid rate"),
+            stream_open_rate: Rate::parse("120/1m").expect("valid rate"),
         }
     }
 }
@@ -84,6 +107,7 @@ impl MessagesArgs {
         domain::Limits {
             text_bytes: self.max_text_bytes,
             attachments: self.max_attachments,
+            edits: self.max_message_edits,
             ..domain::Limits::default()
         }
     }
@@ -108,7 +132,7 @@ pub async fn open(
     args: &MessagesArgs,
 ) -> anyhow::Result<Arc<Messages>> {
     let db = Db::connect(db, &MIGRATOR).await?;
-    let messages = Arc::new(Messages::new(store::Store::new(db), chats, bus, args.limits(), args.stream_limits())?);
+    let messages = Arc::new(Messages::new(store::Store::new(db), chats, bus, args)?);
     announce_recent_activity(&messages).await;
     Ok(messages)
 }

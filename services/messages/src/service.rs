@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use natter_bus::{EventBus, Topic};
+use natter_kit::limits::RateLimiter;
 use natter_kit::time::{now_micros, timestamp, timestamp_opt};
 use natter_links::ChatDirectory;
 use natter_proto::chats::v1 as cpb;
@@ -11,10 +12,11 @@ use natter_proto::messages::v1 as pb;
 use pb::stream_events_response::Event;
 use uuid::Uuid;
 
+use crate::MessagesArgs;
 use crate::domain::{self, Attachment, Limits};
 use crate::error::MessagesError;
 use crate::registry::StreamLimits;
-use crate::store::{MessageRow, NewMessage, Range, RevisionRow, Sent, Store};
+use crate::store::{Edited, MessageRow, NewMessage, Range, RevisionRow, Sent, Store};
 use crate::writer::Writer;
 
 /// How far back from the newest message [`Messages::announce_recent_activity`]
@@ -78,20 +80,44 @@ pub struct Messages {
     bus: Arc<dyn EventBus>,
     limits: Limits,
     stream_limits: StreamLimits,
+    /// SendMessage calls per user.
+    send_rate: RateLimiter<Uuid>,
+    /// EditMessage calls per user.
+    edit_rate: RateLimiter<Uuid>,
+    /// StreamEvents opens per user.
+    stream_rate: RateLimiter<Uuid>,
 }
 
 impl Messages {
-    /// Starts the message writer (see [`Writer::start`]) over `store`.
+    /// Starts the message writer (see [`Writer::start`]) over `store`, with
+    /// the limits and rates of `args`.
     ///
     /// Errors: the writer's SQLite connection cannot be opened.
     pub fn new(
         store: Store,
         chats: Arc<dyn ChatDirectory>,
         bus: Arc<dyn EventBus>,
-        limits: Limits,
-        stream_limits: StreamLimits,
+        args: &MessagesArgs,
     ) -> std::io::Result<Self> {
-        Ok(Self { writer: Writer::start(store.clone(), chats.clone())?, store, chats, bus, limits, stream_limits })
+        Ok(Self {
+            writer: Writer::start(store.clone(), chats.clone())?,
+            store,
+            chats,
+            bus,
+            limits: args.limits(),
+            stream_limits: args.stream_limits(),
+            send_rate: RateLimiter::new("messages sent", args.send_message_rate),
+            edit_rate: RateLimiter::new("message edits", args.edit_message_rate),
+            stream_rate: RateLimiter::new("streams opened", args.stream_open_rate),
+        })
+    }
+
+    /// Admits one StreamEvents open by `user` (call before opening it).
+    ///
+    /// Errors: RESOURCE_EXHAUSTED (as [`MessagesError::Limited`]) when the
+    /// user opened too many streams lately.
+    pub fn admit_stream(&self, user: Uuid) -> Result<(), MessagesError> {
+        Ok(self.stream_rate.check(&user)?)
     }
 
     /// Re-announces to the chats service the newest message of every chat
@@ -169,6 +195,7 @@ impl Messages {
     /// message_id returns the original.
     #[tracing::instrument(skip_all, fields(chat_id = %req.chat_id, message_id = tracing::field::Empty, seq = tracing::field::Empty))]
     pub async fn send(&self, caller: Uuid, req: SendRequest) -> Result<MessageRow, MessagesError> {
+        self.send_rate.check(&caller)?;
         // A retry is caught by the writer (the id exists); only when the
         // send would now be refused (archived meanwhile, left the chat) is
         // the original looked up first, so a retry still returns it.
@@ -232,8 +259,10 @@ impl Messages {
         Ok(message_pb(row, Vec::new()))
     }
 
-    /// EditMessage (author only): keeps every earlier revision; announces it.
+    /// EditMessage (author only): keeps every earlier revision, up to
+    /// `limits.edits` edits; announces it.
     pub async fn edit(&self, caller: Uuid, message_id: Uuid, text: &str) -> Result<pb::Message, MessagesError> {
+        self.edit_rate.check(&caller)?;
         let (row, membership) = self.message_for(caller, message_id, true).await?;
         if row.author_id != caller.to_string() {
             return Err(MessagesError::Denied("only the author may edit a message"));
@@ -244,11 +273,11 @@ impl Messages {
         if membership.archived {
             return Err(MessagesError::Precondition("chat is archived"));
         }
-        let edited = self
-            .store
-            .edit(&row.id, text, now_micros())
-            .await?
-            .ok_or(MessagesError::Precondition("message is deleted"))?;
+        let edited = match self.store.edit(&row.id, text, now_micros(), self.limits.edits).await? {
+            Edited::Done(row) => row,
+            Edited::Deleted => return Err(MessagesError::Precondition("message is deleted")),
+            Edited::TooManyEdits => return Err(MessagesError::TooManyEdits(self.limits.edits)),
+        };
         let message = message_pb(edited, Vec::new());
         self.announce(Event::MessageEdited(message.clone()), &message);
         Ok(message)
@@ -273,20 +302,38 @@ impl Messages {
         Ok(message)
     }
 
-    /// ListMessageRevisions: every revision, oldest first, the current one last.
-    pub async fn revisions(&self, caller: Uuid, message_id: Uuid) -> Result<Vec<pb::Revision>, MessagesError> {
+    /// ListMessageRevisions: up to `page_size` revisions after revision
+    /// `after` (a page token's key), oldest first, the current one last;
+    /// with the key of the next page while there are more.
+    pub async fn revisions(
+        &self,
+        caller: Uuid,
+        message_id: Uuid,
+        after: Option<i64>,
+        page_size: u32,
+    ) -> Result<(Vec<pb::Revision>, Option<i64>), MessagesError> {
         let (row, _) = self.message_for(caller, message_id, false).await?;
         if row.delete_time.is_some() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
+        let after = after.unwrap_or(0);
         let mut out: Vec<pb::Revision> =
-            self.store.revisions(std::slice::from_ref(&row.id)).await?.iter().map(revision_pb).collect();
-        out.push(pb::Revision {
-            revision: i32::try_from(row.revision).unwrap_or(i32::MAX),
-            text: row.text,
-            edit_time: Some(timestamp(row.edit_time.unwrap_or(row.send_time))),
-        });
-        Ok(out)
+            self.store.revisions_after(&row.id, after, page_size + 1).await?.iter().map(revision_pb).collect();
+        // The current text is the newest revision: it follows every earlier one.
+        if row.revision > after {
+            out.push(pb::Revision {
+                revision: i32::try_from(row.revision).unwrap_or(i32::MAX),
+                text: row.text,
+                edit_time: Some(timestamp(row.edit_time.unwrap_or(row.send_time))),
+            });
+        }
+        let next = if out.len() > page_size as usize {
+            out.truncate(page_size as usize);
+            out.last().map(|r| i64::from(r.revision))
+        } else {
+            None
+        };
+        Ok((out, next))
     }
 
     fn announce(&self, event: Event, message: &pb::Message) {

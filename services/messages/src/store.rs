@@ -201,6 +201,17 @@ pub enum Sent {
     NoSuchReply,
 }
 
+/// Outcome of an edit.
+#[derive(Debug)]
+pub enum Edited {
+    /// Committed; the message as it is now.
+    Done(MessageRow),
+    /// The message is deleted (or missing).
+    Deleted,
+    /// The message was edited as often as allowed; nothing changed.
+    TooManyEdits,
+}
+
 /// Range and order of a history listing.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Range {
@@ -381,20 +392,26 @@ impl Store {
         q.build_as().fetch_optional(self.db.read()).await
     }
 
-    /// Replaces a live message's text, keeping the old one as a revision.
-    /// `None` if the message is deleted (or missing).
-    pub async fn edit(&self, id: &str, text: &str, now: i64) -> Result<Option<MessageRow>, sqlx::Error> {
+    /// Replaces a live message's text, keeping the old one as a revision,
+    /// unless it was edited `max_edits` times already.
+    pub async fn edit(&self, id: &str, text: &str, now: i64, max_edits: usize) -> Result<Edited, sqlx::Error> {
         let _turn = self.db.write_turn().await;
         let mut tx = self.db.write().begin().await?;
-        // Lock the row first so concurrent edits queue and each keeps the
-        // text it replaces.
-        let locked = sqlx::query("UPDATE messages SET revision = revision WHERE id = $1 AND delete_time IS NULL")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        if locked.rows_affected() == 0 {
+        // Lock the row first so concurrent edits queue, each keeps the text
+        // it replaces and sees the revision count the others left.
+        let locked: Option<(i64,)> = sqlx::query_as(
+            "UPDATE messages SET revision = revision WHERE id = $1 AND delete_time IS NULL RETURNING revision",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((revision,)) = locked else {
             tx.rollback().await?;
-            return Ok(None);
+            return Ok(Edited::Deleted);
+        };
+        if usize::try_from(revision - 1).unwrap_or(usize::MAX) >= max_edits {
+            tx.rollback().await?;
+            return Ok(Edited::TooManyEdits);
         }
         sqlx::query(
             "INSERT INTO message_revisions (message_id, revision, text, edit_time) \
@@ -413,7 +430,7 @@ impl Store {
         q.push(" WHERE id = ").bind(id.to_owned());
         let row = q.build_as().fetch_optional(&mut *tx).await?;
         tx.commit().await?;
-        Ok(row)
+        Ok(row.map_or(Edited::Deleted, Edited::Done))
     }
 
     /// Turns a message into a tombstone: seq stays, text, attachments and
@@ -483,6 +500,25 @@ impl Store {
             SqlBuilder::new("SELECT message_id, revision, text, edit_time FROM message_revisions WHERE message_id IN ");
         q.bind_list(message_ids.iter().cloned()).push(" ORDER BY message_id, revision");
         q.build_as().fetch_all(self.db.read()).await
+    }
+
+    /// Up to `limit` earlier revisions of one message after revision `after`,
+    /// oldest first.
+    pub async fn revisions_after(
+        &self,
+        message_id: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<RevisionRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT message_id, revision, text, edit_time FROM message_revisions \
+             WHERE message_id = $1 AND revision > $2 ORDER BY revision LIMIT $3",
+        )
+        .bind(message_id)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(self.db.read())
+        .await
     }
 
     /// Moves a user's read position forward to `seq` (never back) and returns

@@ -1,16 +1,21 @@
 //! Identity rules in plain Rust: what a valid username, password and display
 //! name are, how tokens are made and hashed, how passwords are hashed.
+//! Every string a request brings passes [`check_str`] (length, no NUL)
+//! before anything else looks at it.
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use natter_kit::limits::{MaxLen, check_str};
 use rand::RngCore as _;
 use sha2::{Digest, Sha256};
 
 /// Username length bounds, in characters.
 pub const USERNAME_LEN: std::ops::RangeInclusive<usize> = 3..=32;
-/// Password length bounds, in characters.
+/// Password length bounds, in characters. The upper bound also keeps
+/// argon2's input small (it hashes every byte it is given, for the log-ins
+/// that fail too).
 pub const PASSWORD_LEN: std::ops::RangeInclusive<usize> = 8..=1024;
 /// Longest display name, in characters.
 pub const DISPLAY_NAME_MAX: usize = 100;
@@ -23,6 +28,7 @@ pub struct Username(String);
 impl Username {
     /// Validates a username; the error describes the rule broken.
     pub fn parse(s: &str) -> Result<Self, String> {
+        check_str(s, MaxLen::Chars(*USERNAME_LEN.end()))?;
         let len = s.chars().count();
         if !USERNAME_LEN.contains(&len) {
             return Err(format!("must be {} to {} characters", USERNAME_LEN.start(), USERNAME_LEN.end()));
@@ -44,8 +50,10 @@ impl Username {
     }
 }
 
-/// Validates a password's length (8..=1024 characters, NIST SP 800-63B 5.1.1.2).
+/// Validates a new password: 8..=1024 characters (NIST SP 800-63B
+/// 5.1.1.2), no NUL.
 pub fn check_password(p: &str) -> Result<(), String> {
+    check_str(p, MaxLen::Chars(*PASSWORD_LEN.end()))?;
     let len = p.chars().count();
     if PASSWORD_LEN.contains(&len) {
         Ok(())
@@ -56,13 +64,43 @@ pub fn check_password(p: &str) -> Result<(), String> {
 
 /// Validates a display name: at most 100 characters, no control characters.
 pub fn check_display_name(s: &str) -> Result<(), String> {
-    if s.chars().count() > DISPLAY_NAME_MAX {
-        return Err(format!("must be at most {DISPLAY_NAME_MAX} characters"));
-    }
+    check_str(s, MaxLen::Chars(DISPLAY_NAME_MAX))?;
     if s.chars().any(char::is_control) {
         return Err("must not contain control characters".to_owned());
     }
     Ok(())
+}
+
+/// A validated CreateUser or ClaimAccount request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewUser {
+    pub username: Username,
+    pub password: String,
+    /// Trimmed; the username when none was given.
+    pub display_name: String,
+}
+
+impl NewUser {
+    /// Validates the fields; the error names the first field at fault.
+    pub fn parse(username: &str, password: &str, display_name: &str) -> Result<Self, (&'static str, String)> {
+        let username = Username::parse(username).map_err(|r| ("username", r))?;
+        check_password(password).map_err(|r| ("password", r))?;
+        check_display_name(display_name).map_err(|r| ("display_name", r))?;
+        let display_name = match display_name.trim() {
+            "" => username.as_str().to_owned(),
+            name => name.to_owned(),
+        };
+        Ok(Self { username, password: password.to_owned(), display_name })
+    }
+}
+
+/// Checks the fields of a log-in before any look-up or hash: at most as long
+/// as a valid username and password, no NUL. Shorter or oddly formed ones
+/// pass (they simply match no user), so log-in tells nothing more than
+/// registration does. The error names the field at fault.
+pub fn check_credentials(username: &str, password: &str) -> Result<(), (&'static str, String)> {
+    check_str(username, MaxLen::Chars(*USERNAME_LEN.end())).map_err(|r| ("username", r))?;
+    check_str(password, MaxLen::Chars(*PASSWORD_LEN.end())).map_err(|r| ("password", r))
 }
 
 /// A new bearer token: 256 random bits from the OS-seeded CSPRNG, base64url
@@ -144,5 +182,18 @@ mod tests {
         assert!(check_display_name("a\u{0}b").is_err());
         assert!(check_password("short").is_err());
         assert!(check_password("long enough").is_ok());
+        assert!(check_password("long\0enough").is_err());
+    }
+
+    #[test]
+    fn requests_are_checked_before_any_hash() {
+        let user = NewUser::parse("alice", "long enough", "  ").unwrap();
+        assert_eq!(user.display_name, "alice");
+        assert_eq!(NewUser::parse("alice", "long enough", "Al\0").unwrap_err().0, "display_name");
+        assert_eq!(NewUser::parse("al\0ce", "long enough", "").unwrap_err().0, "username");
+        assert_eq!(NewUser::parse("alice", &"p".repeat(1025), "").unwrap_err().0, "password");
+        assert_eq!(check_credentials("alice", &"p".repeat(1_000_000)).unwrap_err().0, "password");
+        assert_eq!(check_credentials("a\0", "x").unwrap_err().0, "username");
+        assert!(check_credentials("al", "short").is_ok(), "simply matches no user");
     }
 }

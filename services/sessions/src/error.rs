@@ -20,6 +20,10 @@ pub enum SessionsError {
     /// No such user (NOT_FOUND).
     #[error("user not found")]
     UserNotFound,
+    /// A rate limit or the log-in back-off refused the call
+    /// (RESOURCE_EXHAUSTED with RetryInfo).
+    #[error(transparent)]
+    Limited(#[from] natter_kit::limits::Limited),
     /// ClaimAccount by a user that is not a guest (FAILED_PRECONDITION).
     #[error("account already has a username and password")]
     NotGuest,
@@ -46,6 +50,7 @@ impl From<SessionsError> for Status {
             SessionsError::BadCredentials => Status::unauthenticated(e.to_string()),
             SessionsError::SessionNotFound | SessionsError::UserNotFound => Status::not_found(e.to_string()),
             SessionsError::NotGuest => Status::failed_precondition(e.to_string()),
+            SessionsError::Limited(limited) => limited.into(),
             SessionsError::Db(e) => natter_kit::internal(e),
             SessionsError::Internal(e) => natter_kit::internal(e),
         }

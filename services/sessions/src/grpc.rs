@@ -9,12 +9,13 @@ use natter_proto::sessions::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::domain::NewUser;
 use crate::error::SessionsError;
 use crate::service::{NewSession, Sessions};
 use crate::store::{SessionRow, TokenRow, UserRow};
 
-/// Largest BatchGetUsers / LookupUsers request.
-const MAX_BATCH: usize = 200;
+/// Most ids in one BatchGetUsers request.
+pub const BATCH_GET_USERS_MAX_IDS: usize = 200;
 
 fn user(u: UserRow) -> pb::User {
     pb::User {
@@ -53,6 +54,11 @@ impl SessionApi {
     }
 
     /// The caller's live session, or UNAUTHENTICATED.
+    /// The caller's address, for per-address limits.
+    fn client<T>(&self, request: &Request<T>) -> Option<std::net::IpAddr> {
+        natter_kit::client_ip(request, self.sessions.trusts_forwarded_for())
+    }
+
     async fn caller<T>(&self, request: &Request<T>) -> Result<TokenRow, Status> {
         let token = natter_auth::bearer_token(request.metadata())?;
         self.sessions
@@ -68,8 +74,10 @@ impl SessionService for SessionApi {
         &self,
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
+        let client = self.client(&request);
         let r = request.into_inner();
-        let u = self.sessions.create_user(&r.username, &r.password, &r.display_name).await?;
+        let new = new_user(&r.username, &r.password, &r.display_name)?;
+        let u = self.sessions.create_user(client, new).await?;
         Ok(Response::new(pb::CreateUserResponse { user: Some(user(u)) }))
     }
 
@@ -77,10 +85,11 @@ impl SessionService for SessionApi {
         &self,
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        let client = self.client(&request);
         let r = request.into_inner();
         let new = match (r.username.is_empty(), r.password.is_empty()) {
-            (true, true) => self.sessions.create_guest().await?,
-            (false, false) => self.sessions.login(&r.username, &r.password).await?,
+            (true, true) => self.sessions.create_guest(client).await?,
+            (false, false) => self.sessions.login(client, &r.username, &r.password).await?,
             (true, false) => return Err(SessionsError::invalid("username", "is required with a password").into()),
             (false, true) => return Err(SessionsError::invalid("password", "is required with a username").into()),
         };
@@ -141,7 +150,8 @@ impl SessionService for SessionApi {
     ) -> Result<Response<pb::ClaimAccountResponse>, Status> {
         let caller = self.caller(&request).await?;
         let r = request.into_inner();
-        let u = self.sessions.claim(&caller.user_id, &r.username, &r.password, &r.display_name).await?;
+        let new = new_user(&r.username, &r.password, &r.display_name)?;
+        let u = self.sessions.claim(&caller.user_id, new).await?;
         Ok(Response::new(pb::ClaimAccountResponse { user: Some(user(u)) }))
     }
 
@@ -161,15 +171,23 @@ impl SessionService for SessionApi {
         request: Request<pb::BatchGetUsersRequest>,
     ) -> Result<Response<pb::BatchGetUsersResponse>, Status> {
         self.caller(&request).await?;
-        let ids = parse_ids(request.into_inner().user_ids)?;
+        let ids = parse_user_ids(request.into_inner().user_ids, BATCH_GET_USERS_MAX_IDS)?;
         let users = self.sessions.users(&ids).await?.into_iter().map(user).collect();
         Ok(Response::new(pb::BatchGetUsersResponse { users }))
     }
 }
 
-fn parse_ids(ids: Vec<String>) -> Result<Vec<String>, Status> {
-    if ids.len() > MAX_BATCH {
-        return Err(SessionsError::invalid("user_ids", format!("at most {MAX_BATCH} ids")).into());
+/// Validates a CreateUser or ClaimAccount request (INVALID_ARGUMENT naming
+/// the first field at fault).
+pub fn new_user(username: &str, password: &str, display_name: &str) -> Result<NewUser, Status> {
+    NewUser::parse(username, password, display_name).map_err(|(field, r)| SessionsError::invalid(field, r).into())
+}
+
+/// Validates the `user_ids` of BatchGetUsers or LookupUsers: at most `max`
+/// UUIDs, returned in canonical form.
+pub fn parse_user_ids(ids: Vec<String>, max: usize) -> Result<Vec<String>, Status> {
+    if ids.len() > max {
+        return Err(SessionsError::invalid("user_ids", format!("at most {max} ids")).into());
     }
     ids.iter()
         .enumerate()
@@ -218,7 +236,7 @@ impl SessionInternalService for SessionInternalApi {
         &self,
         request: Request<pb::LookupUsersRequest>,
     ) -> Result<Response<pb::LookupUsersResponse>, Status> {
-        let ids = parse_ids(request.into_inner().user_ids)?;
+        let ids = parse_user_ids(request.into_inner().user_ids, natter_kit::limits::LOOKUP_USERS_MAX_IDS)?;
         let users = self.sessions.users(&ids).await?.into_iter().map(user).collect();
         Ok(Response::new(pb::LookupUsersResponse { users }))
     }

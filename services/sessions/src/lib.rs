@@ -7,6 +7,7 @@
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod guard;
 pub mod service;
 pub mod store;
 
@@ -16,6 +17,7 @@ use std::time::Duration;
 use natter_bus::EventBus;
 use natter_db::{Db, DbConfig, DbError};
 use natter_kit::Server;
+use natter_kit::limits::Rate;
 use natter_proto::sessions::v1::session_internal_service_server::SessionInternalServiceServer;
 use natter_proto::sessions::v1::session_service_server::SessionServiceServer;
 
@@ -27,16 +29,61 @@ pub use service::Sessions;
 pub static MIGRATOR: natter_db::sqlx::migrate::Migrator = natter_db::sqlx::migrate!("./migrations");
 
 /// Options of the sessions service.
+///
+/// The rate limits are counted in memory by each process: in split mode
+/// every sessions replica admits its own share (a shared count would cost a
+/// PostgreSQL or Redis round trip per call), so N replicas admit up to N
+/// times a limit.
 #[derive(Clone, Debug, clap::Args)]
 pub struct SessionsArgs {
     /// How long a session (bearer token) stays valid after log-in.
     #[arg(long, env = "NATTER_SESSION_TTL", value_parser = humantime::parse_duration, default_value = "30d")]
     pub session_ttl: Duration,
+
+    /// Take the client address of per-address limits from the last
+    /// `x-forwarded-for` entry instead of the TCP peer. Set it only behind
+    /// natter's edge (which writes that entry); on a port clients reach
+    /// directly anyone could pick their own address.
+    #[arg(long, env = "NATTER_TRUST_FORWARDED_FOR")]
+    pub trust_forwarded_for: bool,
+
+    /// CreateSession calls (guest and password log-ins) per client address:
+    /// N/PERIOD admits N at once and N per PERIOD; `off` admits all.
+    #[arg(long, env = "NATTER_CREATE_SESSION_RATE", default_value = "120/1m")]
+    pub create_session_rate: Rate,
+
+    /// CreateUser calls per client address: N/PERIOD, or `off`.
+    #[arg(long, env = "NATTER_CREATE_USER_RATE", default_value = "30/10m")]
+    pub create_user_rate: Rate,
+
+    /// After a failed log-in, how long the same address waits before trying
+    /// that username again; doubles with each further failure up to
+    /// --login-backoff-max, a success clears it; 0s: no wait.
+    #[arg(long, env = "NATTER_LOGIN_BACKOFF", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub login_backoff: Duration,
+
+    /// Longest log-in back-off.
+    #[arg(long, env = "NATTER_LOGIN_BACKOFF_MAX", value_parser = humantime::parse_duration, default_value = "15m")]
+    pub login_backoff_max: Duration,
+
+    /// Log-in attempts per username, across all addresses, by addresses that
+    /// failed for it before (a first attempt from a clean address, like the
+    /// owner's, never counts): N/PERIOD, or `off`.
+    #[arg(long, env = "NATTER_LOGIN_RETRY_RATE", default_value = "100/1h")]
+    pub login_retry_rate: Rate,
 }
 
 impl Default for SessionsArgs {
     fn default() -> Self {
-        Self { session_ttl: Duration::from_secs(30 * 86_400) }
+        Self {
+            session_ttl: Duration::from_secs(30 * 86_400),
+            trust_forwarded_for: false,
+            create_session_rate: Rate::parse("120/1m").expect("valid rate"),
+            create_user_rate: Rate::parse("30/10m").expect("valid rate"),
+            login_backoff: Duration::from_secs(1),
+            login_backoff_max: Duration::from_secs(15 * 60),
+            login_retry_rate: Rate::parse("100/1h").expect("valid rate"),
+        }
     }
 }
 
@@ -52,7 +99,7 @@ pub async fn open(
     only_instance: bool,
 ) -> Result<Arc<Sessions>, DbError> {
     let db = Db::connect(db, &MIGRATOR).await?;
-    let sessions = Sessions::new(store::Store::new(db), bus, args.session_ttl);
+    let sessions = Sessions::new(store::Store::new(db), bus, args);
     Ok(Arc::new(if only_instance { sessions.with_token_cache() } else { sessions }))
 }
 

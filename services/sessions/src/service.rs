@@ -2,15 +2,19 @@
 //! Plain Rust over the [`Store`]; the gRPC layer only translates.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use natter_bus::{EventBus, Topic};
+use natter_kit::limits::RateLimiter;
 use natter_kit::time::now_micros;
 use uuid::Uuid;
 
-use crate::domain::{self, Username};
+use crate::SessionsArgs;
+use crate::domain::{self, NewUser};
 use crate::error::SessionsError;
+use crate::guard::LoginGuard;
 use crate::store::{SessionRow, Store, TokenRow, UserRow};
 
 /// A session just created, with its token (shown once).
@@ -26,6 +30,14 @@ pub struct Sessions {
     store: Store,
     bus: Arc<dyn EventBus>,
     session_ttl: Duration,
+    /// Whether the client address comes from `x-forwarded-for`.
+    trust_forwarded_for: bool,
+    /// CreateSession calls per client address.
+    create_session_rate: RateLimiter<Option<IpAddr>>,
+    /// CreateUser calls per client address.
+    create_user_rate: RateLimiter<Option<IpAddr>>,
+    /// Log-in back-off and per-username budget.
+    logins: LoginGuard,
     /// Live tokens by hash; only when this is the only sessions instance
     /// (see [`Sessions::with_token_cache`]).
     cache: Option<Mutex<TokenCache>>,
@@ -44,10 +56,25 @@ struct TokenCache {
 const CACHE_ENTRIES: usize = 100_000;
 
 impl Sessions {
-    /// A service over `store`, announcing revocations on `bus`; sessions
-    /// expire `session_ttl` after log-in.
-    pub fn new(store: Store, bus: Arc<dyn EventBus>, session_ttl: Duration) -> Self {
-        Self { store, bus, session_ttl, cache: None }
+    /// A service over `store`, announcing revocations on `bus`, with the
+    /// session lifetime and limits of `args`.
+    pub fn new(store: Store, bus: Arc<dyn EventBus>, args: &SessionsArgs) -> Self {
+        Self {
+            store,
+            bus,
+            session_ttl: args.session_ttl,
+            trust_forwarded_for: args.trust_forwarded_for,
+            create_session_rate: RateLimiter::new("sessions created from this address", args.create_session_rate),
+            create_user_rate: RateLimiter::new("users created from this address", args.create_user_rate),
+            logins: LoginGuard::new(args.login_backoff, args.login_backoff_max, args.login_retry_rate),
+            cache: None,
+        }
+    }
+
+    /// Whether per-address limits read the client address from
+    /// `x-forwarded-for` (see [`natter_kit::client_ip`]).
+    pub fn trusts_forwarded_for(&self) -> bool {
+        self.trust_forwarded_for
     }
 
     /// Caches live tokens in memory. Correct only when this instance is the
@@ -73,33 +100,35 @@ impl Sessions {
         &self.store
     }
 
-    /// Registers a password user.
-    pub async fn create_user(
-        &self,
-        username: &str,
-        password: &str,
-        display_name: &str,
-    ) -> Result<UserRow, SessionsError> {
-        let username = Username::parse(username).map_err(|r| SessionsError::invalid("username", r))?;
-        domain::check_password(password).map_err(|r| SessionsError::invalid("password", r))?;
-        domain::check_display_name(display_name).map_err(|r| SessionsError::invalid("display_name", r))?;
-        let hash = hash_password(password.to_owned()).await?;
-        let display_name = if display_name.trim().is_empty() { username.as_str() } else { display_name.trim() };
+    /// Registers a password user; `client` is the caller's address, for the
+    /// per-address limit.
+    pub async fn create_user(&self, client: Option<IpAddr>, new: NewUser) -> Result<UserRow, SessionsError> {
+        self.create_user_rate.check(&client)?;
+        let hash = hash_password(new.password).await?;
         let user = UserRow {
             id: Uuid::now_v7().to_string(),
-            username: Some(username.as_str().to_owned()),
-            display_name: display_name.to_owned(),
+            username: Some(new.username.as_str().to_owned()),
+            display_name: new.display_name,
             password_hash: Some(hash),
             create_time: now_micros(),
         };
-        self.store.insert_user(&user, Some(&username.key())).await?;
+        self.store.insert_user(&user, Some(&new.username.key())).await?;
         tracing::info!(user_id = %user.id, "user created");
         Ok(user)
     }
 
-    /// Logs in with a username and password.
-    pub async fn login(&self, username: &str, password: &str) -> Result<NewSession, SessionsError> {
+    /// Logs in with a username and password from `client` (see
+    /// [`crate::guard`] for the back-off).
+    pub async fn login(
+        &self,
+        client: Option<IpAddr>,
+        username: &str,
+        password: &str,
+    ) -> Result<NewSession, SessionsError> {
+        domain::check_credentials(username, password).map_err(|(field, r)| SessionsError::invalid(field, r))?;
+        self.create_session_rate.check(&client)?;
         let key = username.to_ascii_lowercase();
+        self.logins.admit(&key, client, Instant::now())?;
         let user = self.store.user_by_key(&key).await?;
         // Verify against a dummy hash for unknown users so that timing does
         // not tell which usernames exist.
@@ -111,13 +140,15 @@ impl Sessions {
         let Some(user) = user.filter(|_| ok) else {
             return Err(SessionsError::BadCredentials);
         };
+        self.logins.succeeded(&key, client);
         let (session, token) = self.new_session(&user.id);
         self.store.insert_session(&session, &domain::token_hash(&token)).await?;
         Ok(NewSession { session, token, user })
     }
 
-    /// Creates a guest user and its first session.
-    pub async fn create_guest(&self) -> Result<NewSession, SessionsError> {
+    /// Creates a guest user and its first session for a caller at `client`.
+    pub async fn create_guest(&self, client: Option<IpAddr>) -> Result<NewSession, SessionsError> {
+        self.create_session_rate.check(&client)?;
         let id = Uuid::now_v7();
         let user = UserRow {
             id: id.to_string(),
@@ -181,6 +212,8 @@ impl Sessions {
 
     /// A user by username (case-insensitive).
     pub async fn user_by_username(&self, username: &str) -> Result<UserRow, SessionsError> {
+        natter_kit::limits::check_str(username, natter_kit::limits::MaxLen::Chars(*domain::USERNAME_LEN.end()))
+            .map_err(|r| SessionsError::invalid("username", r))?;
         self.store.user_by_key(&username.to_ascii_lowercase()).await?.ok_or(SessionsError::UserNotFound)
     }
 
@@ -229,23 +262,14 @@ impl Sessions {
     }
 
     /// Turns a guest into a password user, keeping its id.
-    pub async fn claim(
-        &self,
-        user_id: &str,
-        username: &str,
-        password: &str,
-        display_name: &str,
-    ) -> Result<UserRow, SessionsError> {
-        let username = Username::parse(username).map_err(|r| SessionsError::invalid("username", r))?;
-        domain::check_password(password).map_err(|r| SessionsError::invalid("password", r))?;
-        domain::check_display_name(display_name).map_err(|r| SessionsError::invalid("display_name", r))?;
+    pub async fn claim(&self, user_id: &str, new: NewUser) -> Result<UserRow, SessionsError> {
         let current = self.user(user_id).await?;
         if !current.guest() {
             return Err(SessionsError::NotGuest);
         }
-        let hash = hash_password(password.to_owned()).await?;
-        let display_name = if display_name.trim().is_empty() { username.as_str() } else { display_name.trim() };
-        if !self.store.claim(user_id, username.as_str(), &username.key(), display_name, &hash).await? {
+        let hash = hash_password(new.password).await?;
+        let username = new.username;
+        if !self.store.claim(user_id, username.as_str(), &username.key(), &new.display_name, &hash).await? {
             return Err(SessionsError::NotGuest);
         }
         // Cached tokens of this user still say "guest".

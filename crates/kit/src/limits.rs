@@ -1,0 +1,323 @@
+//! Abuse limits every service shares: keyed rate limits that answer
+//! RESOURCE_EXHAUSTED with a `google.rpc.RetryInfo`, the client address a
+//! per-address limit is keyed by, and the one check every stored string
+//! passes (length, and no U+0000, which PostgreSQL `text` cannot hold).
+//!
+//! Rate limits are kept in memory, per process: in split mode each replica
+//! enforces its own, so N replicas behind a balancer admit up to N times a
+//! limit. A limiter shared by every replica would cost a round trip to
+//! PostgreSQL or Redis on every call it guards, for limits that only need to
+//! be the right order of magnitude.
+
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use governor::clock::{Clock as _, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
+
+/// Most ids one internal LookupUsers call takes; at least the most members a
+/// group may have (1,000), and callers with more split them into calls of
+/// this size.
+pub const LOOKUP_USERS_MAX_IDS: usize = 1000;
+
+/// Longest page token accepted, in bytes (tokens this server issues are far
+/// shorter: a keyset position and a fingerprint).
+pub const PAGE_TOKEN_MAX_BYTES: usize = 1024;
+
+/// A flag value for a rate limit: `N/PERIOD` admits at most N calls at once
+/// and N per PERIOD on average (a GCRA bucket of N cells refilled evenly over
+/// PERIOD, a humantime duration: `60/1m`, `5/1s`, `100/1h`); `off` admits
+/// everything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rate {
+    /// No limit.
+    Off,
+    /// At most `count` at once, refilled at `count` per `period`.
+    Limit {
+        /// Burst size and calls per period.
+        count: NonZeroU32,
+        /// The period `count` calls are spread over.
+        period: Duration,
+    },
+}
+
+impl Rate {
+    /// Parses `off` or `N/PERIOD` (see [`Rate`]); the error says what is wrong.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Self::Off);
+        }
+        let (count, period) = s.split_once('/').ok_or_else(|| format!("{s:?} is not N/PERIOD (60/1m) or off"))?;
+        let count: NonZeroU32 =
+            count.trim().parse().map_err(|_| format!("{count:?} is not a count above 0 (in N/PERIOD)"))?;
+        let period = period.trim();
+        // `60/m` reads as `60/1m`.
+        let period = humantime::parse_duration(period)
+            .or_else(|_| humantime::parse_duration(&format!("1{period}")))
+            .map_err(|e| format!("{period:?} is not a period (1s, 1m, 1h): {e}"))?;
+        if period.is_zero() {
+            return Err("the period must be more than 0".to_owned());
+        }
+        Ok(Self::Limit { count, period })
+    }
+
+    /// The governor quota, `None` when off.
+    fn quota(self) -> Option<Quota> {
+        match self {
+            Self::Off => None,
+            Self::Limit { count, period } => {
+                let interval = period / count.get();
+                Quota::with_period(interval.max(Duration::from_nanos(1))).map(|q| q.allow_burst(count))
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Off => f.write_str("off"),
+            Self::Limit { count, period } => write!(f, "{count}/{}", humantime::format_duration(*period)),
+        }
+    }
+}
+
+/// A refused call: what was limited and when to try again. Becomes
+/// RESOURCE_EXHAUSTED with a `google.rpc.RetryInfo` detail.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("too many {what}: retry in {}", humantime::format_duration(round_up(*retry_after)))]
+pub struct Limited {
+    /// What was limited, plural (`sends`, `log-in attempts for this username`).
+    pub what: &'static str,
+    /// How long until the call would be admitted.
+    pub retry_after: Duration,
+}
+
+/// Rounds up to whole milliseconds (a message saying "retry in 0ns" helps
+/// nobody; RetryInfo keeps full precision).
+fn round_up(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX))
+}
+
+impl From<Limited> for Status {
+    fn from(limited: Limited) -> Self {
+        let details = ErrorDetails::with_retry_info(Some(limited.retry_after));
+        Status::with_error_details(Code::ResourceExhausted, limited.to_string(), details)
+    }
+}
+
+/// Checks between housekeeping looks at the limiter's size.
+const HOUSEKEEPING_EVERY: u64 = 1024;
+/// Keys a limiter holds before housekeeping starts dropping idle ones.
+const HOUSEKEEPING_MIN_KEYS: usize = 4096;
+
+/// A rate limit per key (a user id, a client address), on governor's keyed
+/// GCRA limiter. Keys whose bucket is full again are dropped by
+/// housekeeping (`retain_recent`) whenever the number of keys has doubled
+/// since the last sweep, so memory follows the keys active within one
+/// period, at amortised O(1) cost per check.
+pub struct RateLimiter<K: Hash + Eq + Clone> {
+    what: &'static str,
+    limiter: Option<DefaultKeyedRateLimiter<K>>,
+    clock: DefaultClock,
+    checks: AtomicU64,
+    sweep_at: AtomicUsize,
+}
+
+impl<K: Hash + Eq + Clone> std::fmt::Debug for RateLimiter<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter").field("what", &self.what).field("on", &self.limiter.is_some()).finish()
+    }
+}
+
+impl<K: Hash + Eq + Clone> RateLimiter<K> {
+    /// A limiter of `rate` per key; `what` (plural) names the limited calls
+    /// in the RESOURCE_EXHAUSTED message.
+    pub fn new(what: &'static str, rate: Rate) -> Self {
+        Self {
+            what,
+            limiter: rate.quota().map(DefaultKeyedRateLimiter::keyed),
+            clock: DefaultClock::default(),
+            checks: AtomicU64::new(0),
+            sweep_at: AtomicUsize::new(HOUSEKEEPING_MIN_KEYS),
+        }
+    }
+
+    /// Admits one call for `key`, or says how long until it would be.
+    ///
+    /// Errors: [`Limited`] when `key` has used its quota.
+    pub fn check(&self, key: &K) -> Result<(), Limited> {
+        let Some(limiter) = &self.limiter else { return Ok(()) };
+        let result = limiter.check_key(key);
+        if self.checks.fetch_add(1, Ordering::Relaxed).is_multiple_of(HOUSEKEEPING_EVERY) {
+            self.housekeeping(limiter);
+        }
+        result.map_err(|not_until| Limited { what: self.what, retry_after: not_until.wait_time_from(self.clock.now()) })
+    }
+
+    fn housekeeping(&self, limiter: &DefaultKeyedRateLimiter<K>) {
+        if limiter.len() < self.sweep_at.load(Ordering::Relaxed) {
+            return;
+        }
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
+        self.sweep_at.store((limiter.len() * 2).max(HOUSEKEEPING_MIN_KEYS), Ordering::Relaxed);
+    }
+
+    /// Keys held now (for tests and housekeeping).
+    pub fn len(&self) -> usize {
+        self.limiter.as_ref().map_or(0, DefaultKeyedRateLimiter::len)
+    }
+
+    /// True when no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The address a call came from, for per-address limits: the TCP peer, or,
+/// when `trust_forwarded_for` (the service runs behind natter's edge, which
+/// sets `x-forwarded-for` to its own peer), the last entry of
+/// `x-forwarded-for`, the one the nearest proxy wrote. Never trust the
+/// header on a port clients reach directly: anyone can send it. `None` for
+/// an in-process call (no socket) or a header that is not an address; a
+/// trusted call without the header counts by its peer.
+pub fn client_ip<T>(request: &tonic::Request<T>, trust_forwarded_for: bool) -> Option<IpAddr> {
+    let forwarded = request.metadata().get_all("x-forwarded-for");
+    if trust_forwarded_for && forwarded.iter().next().is_some() {
+        let last = forwarded.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).next_back()?;
+        return parse_forwarded(last.trim());
+    }
+    request.remote_addr().map(|a| a.ip().to_canonical())
+}
+
+/// An `x-forwarded-for` entry: an IP address, with or without a port
+/// (`192.0.2.1`, `192.0.2.1:4711`, `[2001:db8::1]:4711`, `2001:db8::1`).
+fn parse_forwarded(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        .map(|ip| ip.to_canonical())
+}
+
+/// How a string field's length is counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaxLen {
+    /// Bytes of UTF-8 (message text, URLs: what storage and the wire pay).
+    Bytes(usize),
+    /// Unicode scalar values (titles, names: what a person sees).
+    Chars(usize),
+}
+
+/// Checks a string field before it is stored or used in a query: at most
+/// `max` long and free of U+0000, which PostgreSQL `text` cannot hold (on
+/// SQLite it would be stored, and cut short by its string functions). The
+/// error describes the rule broken; the caller names the field.
+pub fn check_str(value: &str, max: MaxLen) -> Result<(), String> {
+    match max {
+        MaxLen::Bytes(max) if value.len() > max => return Err(format!("must be at most {max} bytes")),
+        // More bytes than allowed chars can still be few enough chars; count
+        // only then.
+        MaxLen::Chars(max) if value.len() > max && value.chars().count() > max => {
+            return Err(format!("must be at most {max} characters"));
+        }
+        _ => {}
+    }
+    if value.contains('\0') {
+        return Err("must not contain NUL (U+0000)".to_owned());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse_from_flags() {
+        assert_eq!(Rate::parse("off").unwrap(), Rate::Off);
+        let r = Rate::parse("60/1m").unwrap();
+        assert_eq!(r, Rate::Limit { count: NonZeroU32::new(60).unwrap(), period: Duration::from_secs(60) });
+        assert_eq!(Rate::parse("60/m").unwrap(), r);
+        assert_eq!(r.to_string(), "60/1m");
+        for bad in ["", "60", "0/1m", "-1/1m", "x/1m", "60/soon", "60/0s"] {
+            assert!(Rate::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_key_gets_its_burst_then_a_retry_time() {
+        let limiter = RateLimiter::new("sends", Rate::parse("3/1h").unwrap());
+        for _ in 0..3 {
+            limiter.check(&"alice").unwrap();
+        }
+        let refused = limiter.check(&"alice").unwrap_err();
+        assert_eq!(refused.what, "sends");
+        // One cell comes back every 20 minutes.
+        assert!(refused.retry_after > Duration::from_secs(19 * 60) && refused.retry_after <= Duration::from_secs(1200));
+        // Other keys are not affected.
+        limiter.check(&"bob").unwrap();
+        let status = Status::from(refused);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status.message().starts_with("too many sends: retry in "), "{}", status.message());
+        let retry = status.get_error_details().retry_info().expect("retry info").retry_delay.expect("delay");
+        assert!(retry > Duration::from_secs(19 * 60));
+    }
+
+    #[test]
+    fn off_admits_everything_and_holds_nothing() {
+        let limiter = RateLimiter::new("sends", Rate::Off);
+        for i in 0..10_000 {
+            limiter.check(&i).unwrap();
+        }
+        assert!(limiter.is_empty());
+    }
+
+    #[test]
+    fn idle_keys_are_swept() {
+        // Keys refill within a microsecond, so every earlier key is idle.
+        let limiter = RateLimiter::new("calls", Rate::parse("1/1us").unwrap());
+        for i in 0..(HOUSEKEEPING_MIN_KEYS as u64 * 4) {
+            limiter.check(&i).unwrap();
+        }
+        assert!(limiter.len() < HOUSEKEEPING_MIN_KEYS * 2, "{} keys kept", limiter.len());
+    }
+
+    #[test]
+    fn the_forwarded_address_counts_only_when_trusted() {
+        let mut request = tonic::Request::new(());
+        request.metadata_mut().insert("x-forwarded-for", "198.51.100.7, 203.0.113.9".parse().unwrap());
+        assert_eq!(client_ip(&request, false), None, "no socket, header ignored");
+        assert_eq!(client_ip(&request, true), Some("203.0.113.9".parse().unwrap()), "the last entry");
+        request.metadata_mut().insert("x-forwarded-for", "[2001:db8::1]:4711".parse().unwrap());
+        assert_eq!(client_ip(&request, true), Some("2001:db8::1".parse().unwrap()));
+        request.metadata_mut().insert("x-forwarded-for", "::ffff:192.0.2.1".parse().unwrap());
+        assert_eq!(client_ip(&request, true), Some("192.0.2.1".parse().unwrap()), "one key per IPv4 client");
+        request.metadata_mut().insert("x-forwarded-for", "unknown".parse().unwrap());
+        assert_eq!(client_ip(&request, true), None);
+    }
+
+    #[test]
+    fn strings_are_bounded_and_nul_free() {
+        assert!(check_str("héllo", MaxLen::Chars(5)).is_ok());
+        assert_eq!(check_str("héllo!", MaxLen::Chars(5)).unwrap_err(), "must be at most 5 characters");
+        assert_eq!(check_str("héllo", MaxLen::Bytes(5)).unwrap_err(), "must be at most 5 bytes");
+        assert_eq!(check_str("a\0b", MaxLen::Bytes(5)).unwrap_err(), "must not contain NUL (U+0000)");
+        assert!(check_str("", MaxLen::Bytes(0)).is_ok());
+    }
+}

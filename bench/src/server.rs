@@ -32,7 +32,8 @@ impl Target {
     }
 
     /// Starts `natter serve --listen 127.0.0.1:0 --data-dir <tmp> --log-format json
-    /// --metrics-listen 127.0.0.1:0` and waits for its `natter listening` log
+    /// --metrics-listen 127.0.0.1:0` (with no per-user stream cap to speak of)
+    /// and waits for its `natter listening` log
     /// line (30 s at most); the metrics address comes from its `serving
     /// metrics at /metrics` line. Its logs go to `natter.log` in the data dir.
     ///
@@ -46,6 +47,11 @@ impl Target {
             .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(&data_dir)
+            // `streams` holds tens of thousands of streams of --users users
+            // (64): far over the per-user cap (32), a defence against one
+            // abusive user, not what memory per stream is about. An
+            // environment variable, so older binaries without the flag start.
+            .env("NATTER_MAX_STREAMS_PER_USER", "1000000")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -15,6 +15,17 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options (its `malloc_conf`, which the `_RJEM_MALLOC_CONF`
+/// environment variable still overrides): a background thread returns freed
+/// pages to the system after a second (`dirty_decay_ms`; jemalloc's default
+/// is 10 s, and without the thread it purges only while allocating, so an
+/// idle server kept what tens of thousands of closed streams had freed).
+#[unsafe(export_name = "_rjem_malloc_conf")]
+#[allow(non_upper_case_globals)]
+static malloc_conf: Option<&std::ffi::c_char> =
+    // SAFETY: a C string literal lives for the whole program.
+    Some(unsafe { &*c"background_thread:true,dirty_decay_ms:1000".as_ptr() });
+
 /// natter, a chat backend built as gRPC services.
 #[derive(Debug, Parser)]
 #[command(name = "natter", version)]

@@ -266,7 +266,7 @@ mod login {
     use super::*;
 
     pub(crate) const FLAGS: Flags<'static> =
-        Flags { sessions: &["--login-backoff", "300ms"], chats: &[], messages: &[] };
+        Flags { sessions: &["--login-backoff", "300ms", "--login-free-failures", "0"], chats: &[], messages: &[] };
 
     crate::both_modes!(flags = crate::limits::login::FLAGS; failed_log_ins_back_off_and_the_right_password_then_works);
 
@@ -322,7 +322,16 @@ fn from<T>(address: &str, message: T) -> tonic::Request<T> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guesser_elsewhere_neither_gets_far_nor_locks_the_owner_out() {
-    let c = Cluster::all_in_one(&["--trust-forwarded-for", "--login-backoff", "1h", "--login-backoff-max", "2h"]).await;
+    let c = Cluster::all_in_one(&[
+        "--trust-forwarded-for",
+        "--login-backoff",
+        "1h",
+        "--login-backoff-max",
+        "2h",
+        "--login-free-failures",
+        "0",
+    ])
+    .await;
     let alice = c.user("alice").await;
     assert_eq!(code(log_in(&c, &alice, Some("192.0.2.1"), "guess 1").await), Code::Unauthenticated);
     let refused = log_in(&c, &alice, Some("192.0.2.1"), "guess 2").await.unwrap_err();
@@ -333,8 +342,16 @@ async fn a_guesser_elsewhere_neither_gets_far_nor_locks_the_owner_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_from_many_addresses_share_a_budget_per_username() {
-    let c =
-        Cluster::all_in_one(&["--trust-forwarded-for", "--login-backoff", "0s", "--login-retry-rate", "2/1h"]).await;
+    let c = Cluster::all_in_one(&[
+        "--trust-forwarded-for",
+        "--login-backoff",
+        "0s",
+        "--login-retry-rate",
+        "2/1h",
+        "--login-free-failures",
+        "0",
+    ])
+    .await;
     let alice = c.user("alice").await;
     for guess in ["a1", "a2", "a3"] {
         let result = log_in(&c, &alice, Some("192.0.2.1"), guess).await;

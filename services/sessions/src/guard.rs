@@ -6,9 +6,11 @@
 //! round trip per log-in):
 //!
 //! - **Back-off per (username, client address).** Every attempt counts as a
-//!   failure until it succeeds; after the n-th failure the same address must
-//!   wait `backoff × 2^(n-1)` (at most `backoff_max`) before trying that
-//!   username again, and concurrent attempts wait too. A success clears the
+//!   failure until it succeeds. The first `free_failures` cost no wait (a
+//!   typo, then the right password, is never held up); after the n-th
+//!   failure beyond them the same address must wait `backoff × 2^(n-1)` (at
+//!   most `backoff_max`) before trying that username again, and concurrent
+//!   attempts wait too. A success clears the
 //!   record; an address that has not failed for `max(4 × backoff_max, 1h)`
 //!   starts afresh. An attacker elsewhere never delays the owner's address.
 //! - **A looser budget per username, across addresses**, drawn only by
@@ -48,6 +50,8 @@ struct Records {
 pub struct LoginGuard {
     backoff: Duration,
     backoff_max: Duration,
+    /// Failures per (username, address) that cost no wait.
+    free_failures: u32,
     forget_after: Duration,
     records: Mutex<Records>,
     retries: RateLimiter<String>,
@@ -57,10 +61,11 @@ impl LoginGuard {
     /// A guard with back-off `backoff` (zero: none) doubling up to
     /// `backoff_max`, and `retry_rate` attempts per username by addresses
     /// that failed for it.
-    pub fn new(backoff: Duration, backoff_max: Duration, retry_rate: Rate) -> Self {
+    pub fn new(backoff: Duration, backoff_max: Duration, free_failures: u32, retry_rate: Rate) -> Self {
         Self {
             backoff,
             backoff_max,
+            free_failures,
             forget_after: (backoff_max * 4).max(Duration::from_secs(3600)),
             records: Mutex::new(Records { by_key: HashMap::new(), sweep_at: SWEEP_MIN }),
             retries: RateLimiter::new("log-in attempts for this username", retry_rate),
@@ -69,7 +74,11 @@ impl LoginGuard {
 
     /// The wait after `failures` failures.
     fn wait(&self, failures: u32) -> Duration {
-        let factor = 1u32.checked_shl(failures.saturating_sub(1)).unwrap_or(u32::MAX);
+        let beyond = failures.saturating_sub(self.free_failures);
+        if beyond == 0 {
+            return Duration::ZERO;
+        }
+        let factor = 1u32.checked_shl(beyond - 1).unwrap_or(u32::MAX);
         self.backoff.saturating_mul(factor).min(self.backoff_max)
     }
 
@@ -122,12 +131,12 @@ mod tests {
     }
 
     fn guard() -> LoginGuard {
-        LoginGuard::new(Duration::from_secs(1), Duration::from_secs(60), Rate::parse("3/1h").unwrap())
+        LoginGuard::new(Duration::from_secs(1), Duration::from_secs(60), 0, Rate::parse("3/1h").unwrap())
     }
 
     #[test]
     fn failures_back_off_exponentially_up_to_the_cap() {
-        let g = LoginGuard::new(Duration::from_secs(1), Duration::from_secs(60), Rate::Off);
+        let g = LoginGuard::new(Duration::from_secs(1), Duration::from_secs(60), 0, Rate::Off);
         let mut now = Instant::now();
         let mut waits = Vec::new();
         for _ in 0..8 {
@@ -137,6 +146,18 @@ mod tests {
             now += refused.retry_after;
         }
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
+    }
+
+    #[test]
+    fn the_first_failures_cost_no_wait() {
+        let g = LoginGuard::new(Duration::from_secs(1), Duration::from_secs(60), 2, Rate::Off);
+        let now = Instant::now();
+        // A typo and another: each retry is admitted at once.
+        g.admit("alice", ip("192.0.2.1"), now).unwrap();
+        g.admit("alice", ip("192.0.2.1"), now).unwrap();
+        // The third failure is the first that holds the address back.
+        g.admit("alice", ip("192.0.2.1"), now).unwrap();
+        assert_eq!(g.admit("alice", ip("192.0.2.1"), now).unwrap_err().retry_after, Duration::from_secs(1));
     }
 
     #[test]

@@ -66,6 +66,11 @@ pub struct SessionsArgs {
     #[arg(long, env = "NATTER_LOGIN_BACKOFF_MAX", value_parser = humantime::parse_duration, default_value = "15m")]
     pub login_backoff_max: Duration,
 
+    /// Failed log-ins for one username from one address that cost no wait
+    /// (typos): the back-off starts after them.
+    #[arg(long, env = "NATTER_LOGIN_FREE_FAILURES", default_value_t = 3)]
+    pub login_free_failures: u32,
+
     /// Log-in attempts per username, across all addresses, by addresses that
     /// failed for it before (a first attempt from a clean address, like the
     /// owner's, never counts): N/PERIOD, or `off`.
@@ -81,6 +86,7 @@ impl Default for SessionsArgs {
             create_session_rate: Rate::parse("120/1m").expect("valid rate"),
             create_user_rate: Rate::parse("30/10m").expect("valid rate"),
             login_backoff: Duration::from_secs(1),
+            login_free_failures: 3,
             login_backoff_max: Duration::from_secs(15 * 60),
             login_retry_rate: Rate::parse("100/1h").expect("valid rate"),
         }

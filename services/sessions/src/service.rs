@@ -66,7 +66,12 @@ impl Sessions {
             trust_forwarded_for: args.trust_forwarded_for,
             create_session_rate: RateLimiter::new("sessions created from this address", args.create_session_rate),
             create_user_rate: RateLimiter::new("users created from this address", args.create_user_rate),
-            logins: LoginGuard::new(args.login_backoff, args.login_backoff_max, args.login_retry_rate),
+            logins: LoginGuard::new(
+                args.login_backoff,
+                args.login_backoff_max,
+                args.login_free_failures,
+                args.login_retry_rate,
+            ),
             cache: None,
         }
     }

@@ -250,7 +250,6 @@ impl MessageService for MessageApi {
         let principal = self.auth.authenticate(&request).await?;
         let token = natter_auth::bearer_token(request.metadata())?.to_owned();
         let (chat_ids, resume) = follow_request(request.into_inner(), self.streams.limits())?;
-        self.messages.admit_stream(principal.user_id)?;
         let ticket = self.streams.admit(&principal, &token)?;
         let follow = Follow { principal, token, chat_ids, resume };
         let stream =

@@ -96,7 +96,7 @@ impl Default for MessagesArgs {
             max_message_edits: limits.edits,
             send_message_rate: Rate::parse("1200/1m").expect("valid rate"),
             edit_message_rate: Rate::parse("600/1m").expect("valid rate"),
-            stream_open_rate: Rate::parse("120/1m").expect("valid rate"),
+            stream_open_rate: streams.open_rate,
         }
     }
 }
@@ -118,6 +118,7 @@ impl MessagesArgs {
             streams_per_user: self.max_streams_per_user,
             chats_per_request: self.max_stream_chats,
             session_recheck: self.stream_session_recheck_interval,
+            open_rate: self.stream_open_rate,
         }
     }
 }

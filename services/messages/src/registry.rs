@@ -39,11 +39,18 @@ pub struct StreamLimits {
     /// Longest time between two checks of an open stream's session; zero:
     /// never checked.
     pub session_recheck: Duration,
+    /// Streams one user may open per period (`--stream-open-rate`).
+    pub open_rate: natter_kit::limits::Rate,
 }
 
 impl Default for StreamLimits {
     fn default() -> Self {
-        Self { streams_per_user: 32, chats_per_request: 1000, session_recheck: Duration::from_secs(60) }
+        Self {
+            streams_per_user: 32,
+            chats_per_request: 1000,
+            session_recheck: Duration::from_secs(60),
+            open_rate: natter_kit::limits::Rate::parse("120/1m").expect("valid rate"),
+        }
     }
 }
 
@@ -51,6 +58,8 @@ impl Default for StreamLimits {
 #[derive(Debug)]
 pub struct StreamRegistry {
     limits: StreamLimits,
+    /// Stream opens per user ([`StreamLimits::open_rate`]).
+    opens: natter_kit::limits::RateLimiter<Uuid>,
     state: Mutex<State>,
 }
 
@@ -118,7 +127,8 @@ fn jittered(interval: Duration) -> Duration {
 impl StreamRegistry {
     /// An empty registry enforcing `limits`.
     pub fn new(limits: StreamLimits) -> Arc<Self> {
-        Arc::new(Self { limits, state: Mutex::default() })
+        let opens = natter_kit::limits::RateLimiter::new("streams opened", limits.open_rate);
+        Arc::new(Self { limits, opens, state: Mutex::default() })
     }
 
     /// The limits it enforces.
@@ -132,9 +142,11 @@ impl StreamRegistry {
 
     /// Admits one more stream of `principal` (whose bearer token is `token`).
     ///
-    /// Errors: the user already holds [`StreamLimits::streams_per_user`]
-    /// streams on this process (RESOURCE_EXHAUSTED with RetryInfo).
+    /// Errors (RESOURCE_EXHAUSTED with RetryInfo): the user opened more
+    /// streams lately than [`StreamLimits::open_rate`] admits, or already
+    /// holds [`StreamLimits::streams_per_user`] streams on this process.
     pub fn admit(self: &Arc<Self>, principal: &Principal, token: &str) -> Result<Ticket, MessagesError> {
+        self.opens.check(&principal.user_id)?;
         let mut state = self.lock();
         let open = state.users.get(&principal.user_id).copied().unwrap_or(0);
         if open >= self.limits.streams_per_user {

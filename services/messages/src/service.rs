@@ -84,8 +84,6 @@ pub struct Messages {
     send_rate: RateLimiter<Uuid>,
     /// EditMessage calls per user.
     edit_rate: RateLimiter<Uuid>,
-    /// StreamEvents opens per user.
-    stream_rate: RateLimiter<Uuid>,
 }
 
 impl Messages {
@@ -108,16 +106,7 @@ impl Messages {
             stream_limits: args.stream_limits(),
             send_rate: RateLimiter::new("messages sent", args.send_message_rate),
             edit_rate: RateLimiter::new("message edits", args.edit_message_rate),
-            stream_rate: RateLimiter::new("streams opened", args.stream_open_rate),
         })
-    }
-
-    /// Admits one StreamEvents open by `user` (call before opening it).
-    ///
-    /// Errors: RESOURCE_EXHAUSTED (as [`MessagesError::Limited`]) when the
-    /// user opened too many streams lately.
-    pub fn admit_stream(&self, user: Uuid) -> Result<(), MessagesError> {
-        Ok(self.stream_rate.check(&user)?)
     }
 
     /// Re-announces to the chats service the newest message of every chat

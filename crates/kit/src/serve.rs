@@ -210,7 +210,7 @@ pub async fn serve_routes(
         // Inside the span, so a timed-out call is recorded as one.
         .layer(RequestTimeoutLayer { timeout: transport.request_timeout })
         // Innermost, so gRPC-web clients see the corrected code too.
-        .map_response(oversized_is_resource_exhausted);
+        .map_response(tonic_codes_by_the_table);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let drain = {
         let shutdown = shutdown.clone();
@@ -251,7 +251,7 @@ pub async fn serve_routes(
 ///
 /// Both travel trailers-only, in the response headers, so this rewrites just
 /// that code.
-fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+fn tonic_codes_by_the_table<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
     let message_has = |needles: &[&[u8]]| {
         headers.get("grpc-message").is_some_and(|m| {

@@ -34,6 +34,9 @@ use tokio::sync::{Mutex, MutexGuard};
 pub use sqlx;
 pub use sqlx::Any;
 
+pub mod postgres;
+pub mod sqlite;
+pub mod testing;
 mod wal_vfs;
 
 /// Which engine a [`Db`] talks to.
@@ -72,6 +75,29 @@ pub enum DbError {
     /// `synchronous = FULL` (its setting), which the VFS relies on.
     #[error("WAL VFS: {0}")]
     WalVfs(String),
+    /// The SQLite writer thread has stopped (the store is closing).
+    #[error("database closed")]
+    Closed,
+    /// A thread of the SQLite store could not be started.
+    #[error("cannot start a database thread: {0}")]
+    Thread(String),
+}
+
+/// Which engine, and where, a [`DbConfig`] names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// A SQLite file.
+    Sqlite {
+        /// The file (created if missing).
+        path: std::path::PathBuf,
+    },
+    /// A PostgreSQL database and the schema of this service's tables.
+    Postgres {
+        /// `postgres://...`.
+        url: String,
+        /// `[a-z_][a-z0-9_]*` ([`valid_schema`]).
+        schema: String,
+    },
 }
 
 /// Connection settings for one service's store.
@@ -98,6 +124,22 @@ impl DbConfig {
     /// A PostgreSQL URL with the service's schema.
     pub fn postgres(url: &str, schema: &str) -> Self {
         Self { url: url.to_owned(), schema: schema.to_owned(), max_connections: 16 }
+    }
+
+    /// The engine and place this configuration names.
+    ///
+    /// Errors: the URL is neither `sqlite:` nor `postgres:`/`postgresql:`,
+    /// or a `sqlite:` URL does not parse.
+    pub fn engine(&self) -> Result<Engine, DbError> {
+        let url = self.url.as_str();
+        if url.starts_with("sqlite:") {
+            let path = sqlx::sqlite::SqliteConnectOptions::from_str(url)?.get_filename().to_owned();
+            Ok(Engine::Sqlite { path })
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Ok(Engine::Postgres { url: self.url.clone(), schema: self.schema.clone() })
+        } else {
+            Err(DbError::UnsupportedUrl(self.url.clone()))
+        }
     }
 }
 

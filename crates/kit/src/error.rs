@@ -10,7 +10,11 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 /// Collects field violations of one request, then turns them into a single
 /// INVALID_ARGUMENT status listing them all.
-#[derive(Debug, Default)]
+///
+/// Every service's error enum carries it the same way, as its
+/// `Invalid(FieldViolations)` variant. Displayed as the status message:
+/// `invalid FIELD: DESCRIPTION` of the first violation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FieldViolations {
     violations: Vec<(String, String)>,
 }
@@ -27,6 +31,18 @@ impl FieldViolations {
         self.violations.push((field.into(), description.into()));
     }
 
+    /// One violation: `field` is invalid for `description`.
+    pub fn single(field: impl Into<String>, description: impl Into<String>) -> Self {
+        let mut v = Self::new();
+        v.add(field, description);
+        v
+    }
+
+    /// The violations recorded, as (field, description), in order.
+    pub fn violations(&self) -> &[(String, String)] {
+        &self.violations
+    }
+
     /// True when nothing was recorded.
     pub fn is_empty(&self) -> bool {
         self.violations.is_empty()
@@ -40,10 +56,7 @@ impl FieldViolations {
     /// The INVALID_ARGUMENT status: the message names the first field and its
     /// problem; the BadRequest detail lists every violation.
     pub fn into_status(self) -> Status {
-        let message = match self.violations.first() {
-            Some((field, description)) => format!("invalid {field}: {description}"),
-            None => "invalid argument".to_owned(),
-        };
+        let message = self.to_string();
         let mut details = ErrorDetails::new();
         for (field, description) in self.violations {
             details.add_bad_request_violation(field, description);
@@ -51,6 +64,17 @@ impl FieldViolations {
         Status::with_error_details(Code::InvalidArgument, message, details)
     }
 }
+
+impl std::fmt::Display for FieldViolations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.violations.first() {
+            Some((field, description)) => write!(f, "invalid {field}: {description}"),
+            None => f.write_str("invalid argument"),
+        }
+    }
+}
+
+impl std::error::Error for FieldViolations {}
 
 /// INVALID_ARGUMENT for one field, with a BadRequest field violation.
 pub fn invalid_argument(field: &str, description: impl Into<String>) -> Status {
@@ -65,6 +89,20 @@ pub fn invalid_argument(field: &str, description: impl Into<String>) -> Status {
 pub fn internal(cause: impl std::fmt::Display) -> Status {
     let location = std::panic::Location::caller();
     tracing::error!(%cause, at = %location, "internal error");
+    Status::internal("internal error")
+}
+
+/// Logs an unexpected failure with its cause and the place it arose,
+/// `origin` (the `?` that first turned it into a service error, captured
+/// with `#[track_caller]`), and returns a plain INTERNAL status that reveals
+/// nothing of it.
+///
+/// Every service's error enum keeps its store failures as
+/// `Store { source, origin }`, filled by a `#[track_caller]` `From`, and
+/// maps that variant here: the log then points at the operation that
+/// failed, not at the error module.
+pub fn internal_at(cause: impl std::fmt::Display, origin: &'static std::panic::Location<'static>) -> Status {
+    tracing::error!(%cause, at = %origin, "internal error");
     Status::internal("internal error")
 }
 

@@ -20,7 +20,7 @@ pub mod telemetry;
 pub mod time;
 
 pub use config::{ServerArgs, TransportArgs};
-pub use error::{FieldViolations, internal};
+pub use error::{FieldViolations, internal, internal_at};
 pub use internal::{InternalArgs, Link, ServiceCredential};
 pub use limits::client_ip;
 pub use serve::{Server, shutdown_signal};

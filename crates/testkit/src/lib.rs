@@ -88,11 +88,7 @@ async fn bind() -> TcpListener {
 /// The PostgreSQL URL for tests, or `None` (outside CI) when unset. In CI
 /// (`CI` set) an unset URL is a failure, so split tests never skip silently.
 pub fn postgres_url() -> Option<String> {
-    match std::env::var("NATTER_TEST_DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var_os("CI").is_some() => panic!("CI must set NATTER_TEST_DATABASE_URL"),
-        _ => None,
-    }
+    natter_db::testing::postgres_url()
 }
 
 /// The NATS URL for tests (`NATTER_TEST_NATS_URL`), or `None` outside CI

@@ -1,0 +1,314 @@
+//! SQLite through rusqlite, for a store native to it: the file migrated and
+//! in WAL mode, a pool of read-only connections used on tokio's blocking
+//! pool, one writer thread that owns the only writable connection, and a
+//! background checkpointer.
+//!
+//! One writer, because SQLite has one: every write of a store goes to the
+//! writer thread as a closure over its connection, so writes never meet
+//! SQLite's write lock at once and wait in arrival order instead of in its
+//! busy handler. A store that batches (the messages writer's group commit)
+//! hands the whole batch over as one closure: one hand-off in and one out
+//! per transaction, never one per statement (sqlx's SQLite driver hands
+//! every statement and row to a worker thread and back).
+
+use std::ffi::CStr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+use sqlx::{ConnectOptions as _, Connection as _};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::DbError;
+
+/// Settings of every connection: durable commits (`synchronous = FULL`
+/// syncs the WAL at every commit), a wait instead of an error on a busy
+/// file, enforced foreign keys, and a WAL file cut back to 64 MiB when it
+/// starts over after a burst. See <https://sqlite.org/pragma.html>.
+pub const SETUP: &str = "PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+                         PRAGMA journal_size_limit = 67108864;";
+
+/// How often the WAL is copied into the database file in the background.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Most writes queued for the writer thread before callers wait their turn
+/// to queue (on the runtime, holding no thread).
+const WRITE_QUEUE: usize = 1024;
+
+/// Prepared statements kept per connection.
+const STATEMENT_CACHE: usize = 64;
+
+/// Opens a connection to the SQLite file at `path` with [`SETUP`], through
+/// the VFS named `vfs` (else SQLite's default).
+///
+/// Errors: the file cannot be opened or a setting is refused.
+pub fn connection(path: &Path, vfs: Option<&CStr>) -> rusqlite::Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = match vfs {
+        Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs)?,
+        None => Connection::open_with_flags(path, flags)?,
+    };
+    conn.execute_batch(SETUP)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
+/// Creates the file at `path` if missing, switches it to WAL mode and runs
+/// `migrator` on it (sqlx's migrations, so the `_sqlx_migrations` table is
+/// the same whichever store opened the file before). The connection used
+/// is closed before this returns.
+///
+/// Errors: the file cannot be created or a migration fails.
+pub async fn migrate(path: &Path, migrator: &Migrator) -> Result<(), DbError> {
+    let mut conn = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .disable_statement_logging()
+        .connect()
+        .await?;
+    migrator.run(&mut conn).await?;
+    conn.close().await?;
+    Ok(())
+}
+
+/// A type-erased write for the writer thread.
+type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// A migrated SQLite database as one store uses it: [`Sqlite::read`] on a
+/// pool of read-only connections, [`Sqlite::write`] on the one writer
+/// thread. Cheap to clone; the writer thread ends once every clone is
+/// dropped or [`Sqlite::close`] is called, after the writes queued before.
+#[derive(Clone, Debug)]
+pub struct Sqlite {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: PathBuf,
+    idle: std::sync::Mutex<Vec<Connection>>,
+    /// One per reader: reads beyond the pool's size wait here (on the
+    /// runtime, holding no thread) rather than open connections of their own.
+    permits: Arc<Semaphore>,
+    /// The writer thread's queue; None once closed.
+    writes: std::sync::Mutex<Option<mpsc::Sender<WriteJob>>>,
+    /// Dropped to stop the checkpointer.
+    _checkpointer: std::sync::mpsc::Sender<()>,
+}
+
+impl Sqlite {
+    /// Migrates the file at `path` (created if missing) and opens it with up
+    /// to `readers` reader connections, a writer thread on a connection of
+    /// the default VFS, and the checkpointer.
+    ///
+    /// Errors: as [`migrate`], or a connection or thread cannot be started.
+    pub async fn open(path: &Path, migrator: &Migrator, readers: usize) -> Result<Self, DbError> {
+        migrate(path, migrator).await?;
+        let writer = connection(path, None)?;
+        Self::start(path, readers, writer)
+    }
+
+    /// As [`Sqlite::open`] for a file migrated already, with `writer` as the
+    /// writer thread's connection (a store that needs its own settings or
+    /// VFS on it opens it with [`connection`]).
+    ///
+    /// Errors: a thread cannot be started.
+    pub fn start(path: &Path, readers: usize, writer: Connection) -> Result<Self, DbError> {
+        let (writes, jobs) = mpsc::channel::<WriteJob>(WRITE_QUEUE);
+        std::thread::Builder::new()
+            .name("natter-sqlite-writer".into())
+            .spawn(move || write_loop(writer, jobs))
+            .map_err(|e| DbError::Thread(e.to_string()))?;
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let checkpoint = connection(path, None)?;
+        std::thread::Builder::new()
+            .name("natter-sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpoint, &stopped))
+            .map_err(|e| DbError::Thread(e.to_string()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                idle: std::sync::Mutex::default(),
+                permits: Arc::new(Semaphore::new(readers.max(1))),
+                writes: std::sync::Mutex::new(Some(writes)),
+                _checkpointer: stop,
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `read` on a read-only connection (reused across calls, at most
+    /// the pool's size of them) on tokio's blocking pool and returns what it
+    /// returned: one hand-off to a thread and one back per call.
+    ///
+    /// Errors: a connection cannot be opened, `read` fails, or the runtime
+    /// is shutting down ([`DbError::Cancelled`]). A panic in `read` is
+    /// resumed here.
+    pub async fn read<T, F>(&self, read: F) -> Result<T, DbError>
+    where
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        // Held by the blocking task, so a caller that goes away early does
+        // not free a connection still in use.
+        let permit = self.inner.permits.clone().acquire_owned().await.map_err(|_| DbError::Cancelled)?;
+        let inner = self.inner.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            inner.read(read)
+        })
+        .await;
+        match result {
+            Ok(out) => out,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(DbError::Cancelled),
+        }
+    }
+
+    /// Runs `write` on the writer thread's connection, after every write
+    /// queued before it, and returns what it returned. `write` opens its own
+    /// transaction (`Connection::transaction_with_behavior(Immediate)`); a
+    /// transaction it leaves open is rolled back when its guard drops.
+    ///
+    /// Errors: `write` fails, or the writer has stopped
+    /// ([`DbError::Closed`]). A panic in `write` is resumed here; the
+    /// writer thread goes on with the next write.
+    pub async fn write<T, F>(&self, write: F) -> Result<T, DbError>
+    where
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let queue = self.inner.writes.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(DbError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        let job: WriteJob = Box::new(move |conn: &mut Connection| {
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(conn)));
+            let _ = reply.send(out);
+        });
+        queue.send(job).await.map_err(|_| DbError::Closed)?;
+        match answer.await.map_err(|_| DbError::Closed)? {
+            Ok(out) => Ok(out?),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    /// Stops taking writes and waits until the writes queued before are
+    /// done. Reads still work (on the file as the writes left it).
+    pub async fn close(&self) {
+        let queue = self.inner.writes.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(queue) = queue {
+            // The writer answers jobs in order: once this no-op is done,
+            // everything queued before it is too. Then the last sender goes.
+            let (done, wait) = oneshot::channel::<()>();
+            let flush: WriteJob = Box::new(move |_| drop(done.send(())));
+            if queue.send(flush).await.is_ok() {
+                let _ = wait.await;
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn read<T>(&self, read: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, DbError> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let conn = connection(&self.path, None)?;
+                // Readers only: every write goes through the writer thread.
+                conn.execute_batch("PRAGMA query_only = ON;")?;
+                conn
+            }
+        };
+        let out = read(&conn);
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+        Ok(out?)
+    }
+}
+
+/// The writer thread: runs each queued write in turn until every sender is
+/// gone.
+fn write_loop(mut conn: Connection, mut jobs: mpsc::Receiver<WriteJob>) {
+    while let Some(job) = jobs.blocking_recv() {
+        job(&mut conn);
+        // A write that panicked or returned early inside a transaction has
+        // had it rolled back by the guard's drop; make sure nothing is left
+        // open for the next one.
+        if !conn.is_autocommit() {
+            tracing::error!("a write left its transaction open; rolling it back");
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+/// Checkpoints every [`CHECKPOINT_INTERVAL`] until `stop`'s sender is
+/// dropped, in PASSIVE mode: it copies what it can without waiting for or
+/// blocking readers and the writer.
+///
+/// SQLite's automatic checkpoint (at 1,000 WAL pages) still runs in the
+/// committing connection after its commit, and only it can let the WAL
+/// start over (it copies the last frames while no write is under way). This
+/// thread does the bulk of the copying beforehand, so that one finds little
+/// left and the commit that triggers it barely waits. An idle database costs
+/// one cheap PRAGMA per interval. See <https://sqlite.org/wal.html#ckpt>.
+fn checkpoint_loop(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static NO_MIGRATIONS: Migrator = Migrator::DEFAULT;
+
+    #[tokio::test]
+    async fn writes_go_through_the_writer_and_readers_only_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Sqlite::open(&dir.path().join("t.db"), &NO_MIGRATIONS, 2).await.unwrap();
+        db.write(|c| c.execute_batch("CREATE TABLE t (id TEXT PRIMARY KEY, n BIGINT NOT NULL)")).await.unwrap();
+        let inserted = db.write(|c| c.execute("INSERT INTO t VALUES ('a', 7)", [])).await.unwrap();
+        assert_eq!(inserted, 1);
+        let n = db.read(|c| c.query_row("SELECT n FROM t WHERE id = 'a'", [], |r| r.get::<_, i64>(0))).await;
+        assert_eq!(n.unwrap(), 7);
+        let refused = db.read(|c| c.execute("UPDATE t SET n = 9", [])).await;
+        assert!(matches!(refused, Err(DbError::Sqlite(_))), "a reader must not write");
+        // A failed write leaves nothing behind and the writer goes on.
+        let failed = db
+            .write(|c| {
+                let tx = c.transaction()?;
+                tx.execute("UPDATE t SET n = 8", [])?;
+                tx.execute("INSERT INTO t VALUES ('a', 1)", [])?;
+                tx.commit()
+            })
+            .await;
+        assert!(matches!(failed, Err(DbError::Sqlite(_))));
+        let n = db.read(|c| c.query_row("SELECT n FROM t", [], |r| r.get::<_, i64>(0))).await.unwrap();
+        assert_eq!(n, 7, "the failed transaction was rolled back");
+        db.close().await;
+        assert!(matches!(db.write(|_| Ok(())).await, Err(DbError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_write_reaches_its_caller_and_not_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Sqlite::open(&dir.path().join("t.db"), &NO_MIGRATIONS, 1).await.unwrap();
+        let panicked = tokio::spawn({
+            let db = db.clone();
+            async move { db.write(|_| -> rusqlite::Result<()> { panic!("boom") }).await }
+        })
+        .await;
+        assert!(panicked.unwrap_err().is_panic());
+        assert_eq!(db.write(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.unwrap(), 1);
+    }
+}

@@ -207,7 +207,9 @@ impl Sqlite {
             // The writer answers jobs in order: once this no-op is done,
             // everything queued before it is too. Then the last sender goes.
             let (done, wait) = oneshot::channel::<()>();
-            let flush: WriteJob = Box::new(move |_| drop(done.send(())));
+            let flush: WriteJob = Box::new(move |_| {
+                let _ = done.send(());
+            });
             if queue.send(flush).await.is_ok() {
                 let _ = wait.await;
             }

@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
+use sqlx::ConnectOptions as _;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
-use sqlx::{ConnectOptions as _, Connection as _};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::DbError;
@@ -61,18 +61,22 @@ pub fn connection(path: &Path, vfs: Option<&CStr>) -> rusqlite::Result<Connectio
 /// the same whichever store opened the file before). The connection used
 /// is closed before this returns.
 ///
+/// It runs on a one-connection pool rather than a bare connection: sqlx's
+/// `Acquire` for `&mut SqliteConnection` makes the future `Send` only for
+/// some lifetimes, and a service started with `tokio::spawn` needs it to be
+/// `Send` (the test `open_is_send` holds this).
+///
 /// Errors: the file cannot be created or a migration fails.
 pub async fn migrate(path: &Path, migrator: &Migrator) -> Result<(), DbError> {
-    let mut conn = SqliteConnectOptions::new()
+    let options = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
-        .disable_statement_logging()
-        .connect()
-        .await?;
-    migrator.run(&mut conn).await?;
-    conn.close().await?;
-    Ok(())
+        .disable_statement_logging();
+    let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+    let result = migrator.run(&pool).await;
+    pool.close().await;
+    Ok(result?)
 }
 
 /// A type-erased write for the writer thread.
@@ -273,6 +277,17 @@ mod tests {
     use super::*;
 
     static NO_MIGRATIONS: Migrator = Migrator::DEFAULT;
+
+    /// A service is started with `tokio::spawn`, so opening a store must be
+    /// a `Send` future (this fails to compile otherwise).
+    #[tokio::test]
+    async fn open_is_send() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let opened =
+            tokio::spawn(async move { Sqlite::open(&path, &NO_MIGRATIONS, 1).await.map(|db| db.path().to_owned()) });
+        assert_eq!(opened.await.unwrap().unwrap(), dir.path().join("t.db"));
+    }
 
     #[tokio::test]
     async fn writes_go_through_the_writer_and_readers_only_read() {

@@ -469,3 +469,57 @@ impl ChatInternalService for ChatInternalApi {
         Ok(Response::new(pb::RecordActivityResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn violated(status: &Status) -> Vec<String> {
+        use tonic_types::StatusExt as _;
+        let details = status.get_error_details();
+        details.bad_request().map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_new_chat_counts_its_members_once_with_the_creator() {
+        let limits = Limits { group_members: 3, ..Limits::default() };
+        let (caller, bob, carol) = (UserId::new_v7(), UserId::new_v7(), UserId::new_v7());
+        let ids = |users: &[UserId]| users.iter().map(UserId::to_string).collect::<Vec<_>>();
+        let request = |member_ids| pb::CreateChatRequest { title: " Team ".into(), member_ids, ..Default::default() };
+        // Repeats and the creator are left out, and do not count twice.
+        let new = new_chat(request(ids(&[bob, caller, carol])), caller, &limits).unwrap();
+        assert_eq!((new.others, new.title.as_str()), (vec![bob, carol], "Team"));
+        assert_eq!(new_chat(request(ids(&[carol, carol])), caller, &limits).unwrap().others, [carol]);
+        let crowd = new_chat(request(ids(&[bob, carol, UserId::new_v7()])), caller, &limits).unwrap_err();
+        assert_eq!(violated(&crowd), ["member_ids"]);
+        assert!(crowd.message().contains("at most 3 members"), "{crowd:?}");
+        let malformed = new_chat(request(vec![bob.to_string(), "x".into()]), caller, &limits).unwrap_err();
+        assert_eq!(violated(&malformed), ["member_ids[1]"]);
+    }
+
+    #[test]
+    fn add_members_needs_distinct_users_within_the_limit() {
+        let limits = Limits { group_members: 2, ..Limits::default() };
+        let chat_id = ChatId::new_v7();
+        let bob = UserId::new_v7();
+        let request = |user_ids: Vec<String>| pb::AddMembersRequest { chat_id: chat_id.to_string(), user_ids };
+        assert_eq!(add_members(request(vec![bob.to_string(); 2]), &limits).unwrap(), (chat_id, vec![bob]));
+        assert_eq!(violated(&add_members(request(vec![]), &limits).unwrap_err()), ["user_ids"]);
+        assert_eq!(violated(&add_members(request(vec![bob.to_string(); 3]), &limits).unwrap_err()), ["user_ids"]);
+    }
+
+    #[test]
+    fn a_page_token_names_a_chat_or_is_refused() {
+        let caller = UserId::new_v7();
+        let limits = Limits::default();
+        let first = list_chats(pb::ListChatsRequest::default(), caller, &limits).unwrap();
+        let chat_id = ChatId::new_v7();
+        let token = paging::encode(&(7_i64, chat_id.to_string()), first.fingerprint);
+        let request = pb::ListChatsRequest { page_token: token, ..Default::default() };
+        let next = list_chats(request, caller, &limits).unwrap();
+        assert_eq!(next.after, Some(ChatCursor { last_activity_time: 7, chat_id }));
+        let forged = paging::encode(&(7_i64, "no id"), first.fingerprint);
+        let request = pb::ListChatsRequest { page_token: forged, ..Default::default() };
+        assert_eq!(violated(&list_chats(request, caller, &limits).unwrap_err()), ["page_token"]);
+    }
+}

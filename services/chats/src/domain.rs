@@ -113,19 +113,28 @@ impl Role {
 /// A chat as stored. Times are µs since the Unix epoch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Chat {
+    /// Client-chosen or UUID v7.
     pub id: ChatId,
+    /// Direct or group; never changes.
     pub kind: Kind,
+    /// Empty for a direct chat; at most [`Limits::title_chars`].
     pub title: String,
+    /// At most [`Limits::description_chars`].
     pub description: String,
+    /// Who may see and join it.
     pub visibility: Visibility,
+    /// The one member whose role is [`Role::Owner`].
     pub owner_id: UserId,
     /// Who created it (a client-chosen id repeated by someone else is
     /// ALREADY_EXISTS).
     pub creator_id: UserId,
+    /// Members, the owner included.
     pub member_count: i64,
     /// Set while archived.
     pub archive_time: Option<i64>,
+    /// When it was created.
     pub create_time: i64,
+    /// Last change of its fields, state or membership.
     pub update_time: i64,
     /// Time of the newest message, else `create_time`: the ListChats order.
     pub last_activity_time: i64,
@@ -155,9 +164,13 @@ impl Chat {
 /// A member of a chat. `join_time` is µs since the Unix epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Member {
+    /// The chat.
     pub chat_id: ChatId,
+    /// The member.
     pub user_id: UserId,
+    /// What they may do.
     pub role: Role,
+    /// When they joined.
     pub join_time: i64,
 }
 
@@ -171,7 +184,9 @@ impl Member {
 /// A chat with one user's role in it (None: not a member).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatAccess {
+    /// The chat, with its newest activity.
     pub chat: Chat,
+    /// The user's role; None when not a member.
     pub role: Option<Role>,
 }
 
@@ -179,8 +194,11 @@ pub struct ChatAccess {
 /// messages service: `time` is its send time in µs since the Unix epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Activity {
+    /// The chat.
     pub chat_id: ChatId,
+    /// seq of its newest message (1, 2, ...).
     pub last_seq: i64,
+    /// Send time of that message (µs).
     pub time: i64,
 }
 
@@ -189,7 +207,9 @@ pub struct Activity {
 pub struct ChatFilter {
     /// Public chats instead of the caller's chats.
     pub public: bool,
+    /// Only chats of this kind.
     pub kind: Option<Kind>,
+    /// Only archived (true) or active (false) chats.
     pub archived: Option<bool>,
     /// Newest message strictly after this (µs).
     pub last_message_after: Option<i64>,
@@ -204,22 +224,29 @@ pub struct ChatFilter {
 /// Keyset position in a listing of chats by `(last_activity_time, id)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChatCursor {
+    /// The last listed chat's activity time (µs).
     pub last_activity_time: i64,
+    /// The last listed chat.
     pub chat_id: ChatId,
 }
 
 /// Keyset position in a listing of members by `(join_time, user_id)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemberCursor {
+    /// The last listed member's join time (µs).
     pub join_time: i64,
+    /// The last listed member.
     pub user_id: UserId,
 }
 
 /// The fields of an UpdateChat (None: unchanged), validated.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ChatUpdate {
+    /// A new title (trimmed, checked).
     pub title: Option<String>,
+    /// A new description (checked).
     pub description: Option<String>,
+    /// A new visibility.
     pub visibility: Option<Visibility>,
 }
 
@@ -232,10 +259,12 @@ pub struct NewChat {
     pub kind: Option<Kind>,
     /// Trimmed.
     pub title: String,
+    /// As given (checked).
     pub description: String,
     /// The other members: without the creator, without repeats, in request
     /// order; at most [`Limits::group_members`] - 1 of them.
     pub others: Vec<UserId>,
+    /// Private unless asked.
     pub visibility: Visibility,
 }
 

@@ -140,8 +140,11 @@ pub fn new_chat(r: pb::CreateChatRequest, caller: UserId, limits: &Limits) -> Re
 /// A validated ListChats request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListChats {
+    /// Filters and order.
     pub filter: ChatFilter,
+    /// Where the page starts (from the page token).
     pub after: Option<ChatCursor>,
+    /// 1..=200, 50 by default.
     pub page_size: u32,
     /// Binds page tokens to the caller and the filters.
     fingerprint: u64,

@@ -24,7 +24,9 @@ use crate::store::{Added, ChatStore, Created};
 /// service reports them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Preview {
+    /// The newest message's seq.
     pub seq: i64,
+    /// Its author (a user id as the messages service has it).
     pub author_id: String,
     /// At most 200 characters (the messages service cuts it).
     pub text: String,
@@ -37,6 +39,7 @@ pub struct Preview {
 /// A chat as one caller sees it: the chat plus its message preview.
 #[derive(Clone, Debug)]
 pub struct ChatView {
+    /// The chat.
     pub chat: Chat,
     /// None before the first message.
     pub preview: Option<Preview>,
@@ -46,7 +49,9 @@ pub struct ChatView {
 /// may follow.
 #[derive(Clone, Debug)]
 pub struct Page<T, C> {
+    /// At most the page size.
     pub items: Vec<T>,
+    /// Where the next page starts; None on the last page.
     pub next: Option<C>,
 }
 

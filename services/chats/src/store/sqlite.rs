@@ -92,11 +92,9 @@ async fn migrate(path: &Path) -> Result<(), StoreError> {
 /// had to wrap in a rusqlite error comes back out as itself.
 fn unwrap(e: DbError) -> StoreError {
     match e {
-        DbError::Sqlite(rusqlite::Error::FromSqlConversionFailure(_, _, inner)) => match inner.downcast::<StoreError>()
-        {
-            Ok(store) => *store,
-            Err(inner) => StoreError::Sqlite(rusqlite::Error::FromSqlConversionFailure(0, Type::Text, inner)),
-        },
+        DbError::Sqlite(rusqlite::Error::FromSqlConversionFailure(_, _, inner)) if inner.is::<StoreError>() => {
+            *inner.downcast::<StoreError>().expect("checked above")
+        }
         e => StoreError::Db(e),
     }
 }

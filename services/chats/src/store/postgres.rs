@@ -260,6 +260,16 @@ impl ChatStore for PostgresChatStore {
         // its commit skips the disk flush (`synchronous_commit = off`): a
         // crash of the database may lose a chat's newest activity, which its
         // next message restores; it never loses a chat or a membership.
+        // The newest of each chat only: an UPDATE joined to two rows of one
+        // chat would apply either of them.
+        let mut newest: std::collections::HashMap<ChatId, Activity> = std::collections::HashMap::new();
+        for a in activities {
+            let known = newest.entry(a.chat_id).or_insert(*a);
+            if a.last_seq > known.last_seq {
+                *known = *a;
+            }
+        }
+        let activities: Vec<Activity> = newest.into_values().collect();
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET LOCAL synchronous_commit TO OFF").execute(&mut *tx).await?;
         sqlx::query(

@@ -290,10 +290,17 @@ async fn activity_orders_listings_and_never_moves_back(store: &dyn ChatStore) {
     let read = store.chat(b.id).await.unwrap().unwrap();
     assert_eq!((read.last_seq, read.last_activity_time), (1, 4));
     assert_eq!(listed(store, alice, &all).await, [a.id, b.id, c.id]);
+    // One call may name a chat twice: the newest wins, in either order.
+    store.record_activity(&[act(&c, 7, 70), act(&c, 6, 60)]).await.unwrap();
+    store.record_activity(&[act(&b, 2, 5), act(&b, 3, 6)]).await.unwrap();
+    store.flush_activity().await.unwrap();
+    assert_eq!(store.chat(c.id).await.unwrap().unwrap().last_seq, 7);
+    assert_eq!(store.chat(b.id).await.unwrap().unwrap().last_seq, 3);
+    assert_eq!(listed(store, alice, &all).await, [c.id, a.id, b.id]);
     // Time filters look at the newest message.
-    let after = ChatFilter { last_message_after: Some(5), ..ChatFilter::default() };
-    assert_eq!(listed(store, alice, &after).await, [a.id]);
-    let before = ChatFilter { last_message_before: Some(5), ..ChatFilter::default() };
+    let after = ChatFilter { last_message_after: Some(6), ..ChatFilter::default() };
+    assert_eq!(listed(store, alice, &after).await, [c.id, a.id]);
+    let before = ChatFilter { last_message_before: Some(10), ..ChatFilter::default() };
     assert_eq!(listed(store, alice, &before).await, [b.id]);
     assert_eq!(listed(store, bob, &all).await, [elsewhere.id]);
 }

@@ -193,16 +193,16 @@ fn validate_everything(schema: &Schema, seed: u64, raw: &[u8]) {
         let _ = natter_kit::paging::decode::<String>("page_token", &r.page_token, 0);
     });
     exercise(&input(".natter.chats.v1.CreateChatRequest"), |r: cpb::CreateChatRequest| {
-        let _ = natter_chats::grpc::new_chat(r, &chat_limits);
+        let _ = natter_chats::grpc::new_chat(r, natter_kit::id::UserId::new_v7(), &chat_limits);
     });
     exercise(&input(".natter.chats.v1.UpdateChatRequest"), |r: cpb::UpdateChatRequest| {
-        let chat = r.chat.unwrap_or_default();
-        let _ = natter_chats::domain::check_title(&chat.title, &chat_limits);
-        let _ = natter_chats::domain::check_description(&chat.description, &chat_limits);
+        let _ = natter_chats::grpc::update_chat(r, &chat_limits);
     });
     exercise(&input(".natter.chats.v1.ListChatsRequest"), |r: cpb::ListChatsRequest| {
-        let _ = natter_chats::domain::check_query(&r.query, &chat_limits);
-        let _ = natter_kit::paging::decode::<(i64, String)>("page_token", &r.page_token, 0);
+        let _ = natter_chats::grpc::list_chats(r, natter_kit::id::UserId::new_v7(), &chat_limits);
+    });
+    exercise(&input(".natter.chats.v1.AddMembersRequest"), |r: cpb::AddMembersRequest| {
+        let _ = natter_chats::grpc::add_members(r, &chat_limits);
     });
     exercise(&input(".natter.messages.v1.SendMessageRequest"), |r: mpb::SendMessageRequest| {
         let _ = natter_messages::grpc::send_request(r, &message_limits);

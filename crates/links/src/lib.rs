@@ -22,6 +22,80 @@ use messages::message_internal_service_server::MessageInternalService;
 use sessions::session_internal_service_client::SessionInternalServiceClient;
 use sessions::session_internal_service_server::SessionInternalService;
 
+/// The contract between the chats store's in-memory activity (SQLite) and
+/// the messages service's re-announcement of it after a crash, as checked
+/// constants rather than a comment.
+///
+/// On SQLite the chats store keeps each chat's newest activity in memory
+/// and writes it at least every flush interval; a crash loses what it
+/// still held. At start-up the messages service re-announces the newest
+/// message of every chat sent within [`REANNOUNCE_WINDOW`] before its
+/// newest message. Nothing is lost for longer than a restart as long as
+/// that window covers one flush interval plus the time from a message's
+/// send time to its activity reaching the buffer ([`RECORD_SLACK`]): the
+/// `const` assertions below hold that, and the chats service refuses a
+/// flush interval above [`MAX_FLUSH_INTERVAL`] ([`check_flush_interval`]).
+pub mod activity {
+    use std::time::Duration;
+
+    /// How far back from its newest message the messages service
+    /// re-announces chat activity at start-up.
+    pub const REANNOUNCE_WINDOW: Duration = Duration::from_secs(10);
+
+    /// [`REANNOUNCE_WINDOW`] in µs, the unit of stored send times.
+    pub const REANNOUNCE_WINDOW_US: i64 = REANNOUNCE_WINDOW.as_micros() as i64;
+
+    /// Most time from a message's send time (set before its commit) to its
+    /// activity reaching the chats store's buffer: the writer's queue and
+    /// group commit, then the in-process call.
+    pub const RECORD_SLACK: Duration = Duration::from_secs(2);
+
+    /// Longest flush interval of the chats store's activity buffer:
+    /// [`REANNOUNCE_WINDOW`] less [`RECORD_SLACK`].
+    pub const MAX_FLUSH_INTERVAL: Duration = Duration::from_secs(8);
+
+    /// Default flush interval of the chats store's activity buffer.
+    pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+
+    const _: () = assert!(
+        MAX_FLUSH_INTERVAL.as_nanos() + RECORD_SLACK.as_nanos() <= REANNOUNCE_WINDOW.as_nanos(),
+        "the re-announce window must cover the longest flush interval plus the record slack"
+    );
+    const _: () = assert!(DEFAULT_FLUSH_INTERVAL.as_nanos() <= MAX_FLUSH_INTERVAL.as_nanos());
+    const _: () = assert!(REANNOUNCE_WINDOW_US as u128 == REANNOUNCE_WINDOW.as_micros());
+
+    /// Checks a flush interval: above zero and at most
+    /// [`MAX_FLUSH_INTERVAL`].
+    ///
+    /// Errors: a description of the rule broken, for a flag's error message.
+    pub fn check_flush_interval(interval: Duration) -> Result<(), String> {
+        if interval.is_zero() {
+            return Err("must be more than 0".into());
+        }
+        if interval > MAX_FLUSH_INTERVAL {
+            return Err(format!(
+                "must be at most {MAX_FLUSH_INTERVAL:?}: the messages service re-announces only {REANNOUNCE_WINDOW:?} \
+                 of chat activity after a crash"
+            ));
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn flush_intervals_are_bounded_by_the_window() {
+            assert!(check_flush_interval(DEFAULT_FLUSH_INTERVAL).is_ok());
+            assert!(check_flush_interval(MAX_FLUSH_INTERVAL).is_ok());
+            assert!(check_flush_interval(Duration::ZERO).is_err());
+            let refused = check_flush_interval(MAX_FLUSH_INTERVAL + Duration::from_millis(1)).unwrap_err();
+            assert!(refused.contains("at most 8s"), "{refused}");
+        }
+    }
+}
+
 /// What the messages service asks the chats service.
 #[async_trait]
 pub trait ChatDirectory: Send + Sync + 'static {

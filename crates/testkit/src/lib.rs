@@ -131,18 +131,19 @@ impl Cluster {
 
     /// `natter serve` on SQLite in a temporary directory, with `extra` flags.
     ///
-    /// Chat activity stays in memory for an hour here unless something reads
-    /// it (`--activity-flush-interval 1h`): every test then sees activity
-    /// only through what a listing writes first and what a read of one chat
-    /// lays over its row, never through the timer, so a read path that
-    /// forgot either fails instead of passing on a lucky tick.
+    /// Chat activity stays in memory for the longest interval allowed
+    /// unless something reads it (`--activity-flush-interval 8s`,
+    /// `natter_links::activity::MAX_FLUSH_INTERVAL`): a test shorter than
+    /// that sees activity only through what a listing writes first and what
+    /// a read of one chat lays over its row, never through the timer, so a
+    /// read path that forgot either fails instead of passing on a lucky tick.
     pub async fn all_in_one(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let listener = bind().await;
         let addr = listener.local_addr().expect("local addr");
         let data_dir = dir.path().display().to_string();
         let mut argv =
-            vec!["natter", "--listen", "127.0.0.1:0", "--data-dir", &data_dir, "--activity-flush-interval", "1h"];
+            vec!["natter", "--listen", "127.0.0.1:0", "--data-dir", &data_dir, "--activity-flush-interval", "8s"];
         argv.extend_from_slice(extra);
         let args = ServeCli::try_parse_from(argv).expect("valid flags").args;
         let shutdown = CancellationToken::new();

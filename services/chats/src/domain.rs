@@ -1,8 +1,10 @@
-//! Chat rules in plain Rust: kinds, roles, visibility, and what a valid new
-//! chat or update is. No IO, no tonic.
+//! Chat rules and the chats domain in plain Rust: kinds, roles, visibility,
+//! the chat and member records every layer speaks, and what a valid new
+//! chat, update or group size is. No IO, no tonic, no rows.
 
+use natter_kit::FieldViolations;
+use natter_kit::id::{ChatId, UserId};
 use natter_kit::limits::{MaxLen, check_str};
-use uuid::Uuid;
 
 /// Configurable limits of the chats service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,79 +23,254 @@ impl Default for Limits {
     }
 }
 
-/// Direct (two people, fixed) or group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Direct,
-    Group,
-}
+impl Limits {
+    /// The one member-limit rule: true when a chat of `members` members (the
+    /// owner included) is allowed. Request checks ([`Limits::check_members`])
+    /// and the store's exact count under the chat's lock both ask this.
+    pub fn admits_members(&self, members: usize) -> bool {
+        members <= self.group_members
+    }
 
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Direct => "direct",
-            Kind::Group => "group",
+    /// [`Limits::admits_members`] as a field violation of `field`
+    /// (INVALID_ARGUMENT: `a chat has at most N members`).
+    pub fn check_members(&self, field: &str, members: usize) -> Result<(), FieldViolations> {
+        if self.admits_members(members) {
+            Ok(())
+        } else {
+            Err(FieldViolations::single(field, format!("a chat has at most {} members", self.group_members)))
         }
     }
-
-    pub fn parse(s: &str) -> Self {
-        if s == "direct" { Kind::Direct } else { Kind::Group }
-    }
 }
 
-/// Who may see and join a chat.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Visibility {
-    Private,
-    Public,
-}
-
-impl Visibility {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Visibility::Private => "private",
-            Visibility::Public => "public",
+/// Declares a domain enum stored as lower-case text, parsed strictly.
+macro_rules! text_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
         }
-    }
 
-    pub fn parse(s: &str) -> Self {
-        if s == "public" { Visibility::Public } else { Visibility::Private }
-    }
+        impl $name {
+            /// The stored text, as the migrations' comments list it.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+
+            /// Parses the stored text; None for anything else (a store turns
+            /// that into an error, never into a default).
+            pub fn parse(s: &str) -> Option<Self> {
+                match s {
+                    $($text => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+    };
 }
 
-/// A member's role; owners and admins manage members.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    Owner,
-    Admin,
-    Member,
-}
+text_enum!(
+    /// Direct (two people, fixed) or group.
+    Kind {
+        /// Two people, unique per pair, members never change.
+        Direct = "direct",
+        /// A titled chat of up to [`Limits::group_members`] members.
+        Group = "group",
+    }
+);
+
+text_enum!(
+    /// Who may see and join a chat.
+    Visibility {
+        /// Members only.
+        Private = "private",
+        /// Anyone may read and join.
+        Public = "public",
+    }
+);
+
+text_enum!(
+    /// A member's role; owners and admins manage members.
+    Role {
+        /// The one owner: deletes the chat, changes roles.
+        Owner = "owner",
+        /// Manages members and the chat's fields.
+        Admin = "admin",
+        /// Reads and writes.
+        Member = "member",
+    }
+);
 
 impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Owner => "owner",
-            Role::Admin => "admin",
-            Role::Member => "member",
-        }
-    }
-
-    pub fn parse(s: &str) -> Self {
-        match s {
-            "owner" => Role::Owner,
-            "admin" => Role::Admin,
-            _ => Role::Member,
-        }
-    }
-
     /// True for owner and admin.
     pub fn manages(self) -> bool {
         matches!(self, Role::Owner | Role::Admin)
     }
 }
 
-/// The key that makes a direct chat unique per pair of users.
-pub fn direct_key(a: Uuid, b: Uuid) -> String {
+/// A chat as stored. Times are µs since the Unix epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chat {
+    /// Client-chosen or UUID v7.
+    pub id: ChatId,
+    /// Direct or group; never changes.
+    pub kind: Kind,
+    /// Empty for a direct chat; at most [`Limits::title_chars`].
+    pub title: String,
+    /// At most [`Limits::description_chars`].
+    pub description: String,
+    /// Who may see and join it.
+    pub visibility: Visibility,
+    /// The one member whose role is [`Role::Owner`].
+    pub owner_id: UserId,
+    /// Who created it (a client-chosen id repeated by someone else is
+    /// ALREADY_EXISTS).
+    pub creator_id: UserId,
+    /// Members, the owner included.
+    pub member_count: i64,
+    /// Set while archived.
+    pub archive_time: Option<i64>,
+    /// When it was created.
+    pub create_time: i64,
+    /// Last change of its fields, state or membership.
+    pub update_time: i64,
+    /// Time of the newest message, else `create_time`: the ListChats order.
+    pub last_activity_time: i64,
+    /// seq of the newest message, 0 before the first.
+    pub last_seq: i64,
+    /// Time of the newest message, None before the first.
+    pub last_message_time: Option<i64>,
+}
+
+impl Chat {
+    /// Lays `activity` over the chat where it is newer (a higher seq), the
+    /// rule every activity write follows: activity never moves back.
+    pub fn apply(&mut self, activity: &Activity) {
+        if activity.last_seq > self.last_seq {
+            self.last_seq = activity.last_seq;
+            self.last_activity_time = activity.time;
+            self.last_message_time = Some(activity.time);
+        }
+    }
+
+    /// The keyset position of this chat in a listing by activity.
+    pub fn cursor(&self) -> ChatCursor {
+        ChatCursor { last_activity_time: self.last_activity_time, chat_id: self.id }
+    }
+}
+
+/// A member of a chat. `join_time` is µs since the Unix epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The member.
+    pub user_id: UserId,
+    /// What they may do.
+    pub role: Role,
+    /// When they joined.
+    pub join_time: i64,
+}
+
+impl Member {
+    /// The keyset position of this member in a listing by join order.
+    pub fn cursor(&self) -> MemberCursor {
+        MemberCursor { join_time: self.join_time, user_id: self.user_id }
+    }
+}
+
+/// A chat with one user's role in it (None: not a member).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatAccess {
+    /// The chat, with its newest activity.
+    pub chat: Chat,
+    /// The user's role; None when not a member.
+    pub role: Option<Role>,
+}
+
+/// A chat's newest message as far as its activity goes, reported by the
+/// messages service: `time` is its send time in µs since the Unix epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Activity {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// seq of its newest message (1, 2, ...).
+    pub last_seq: i64,
+    /// Send time of that message (µs).
+    pub time: i64,
+}
+
+/// Filters and order of ListChats.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChatFilter {
+    /// Public chats instead of the caller's chats.
+    pub public: bool,
+    /// Only chats of this kind.
+    pub kind: Option<Kind>,
+    /// Only archived (true) or active (false) chats.
+    pub archived: Option<bool>,
+    /// Newest message strictly after this (µs).
+    pub last_message_after: Option<i64>,
+    /// Newest message strictly before this (µs).
+    pub last_message_before: Option<i64>,
+    /// Lower-cased substring of the title ([`title_key`]).
+    pub query: Option<String>,
+    /// Oldest activity first.
+    pub ascending: bool,
+}
+
+/// Keyset position in a listing of chats by `(last_activity_time, id)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChatCursor {
+    /// The last listed chat's activity time (µs).
+    pub last_activity_time: i64,
+    /// The last listed chat.
+    pub chat_id: ChatId,
+}
+
+/// Keyset position in a listing of members by `(join_time, user_id)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemberCursor {
+    /// The last listed member's join time (µs).
+    pub join_time: i64,
+    /// The last listed member.
+    pub user_id: UserId,
+}
+
+/// The fields of an UpdateChat (None: unchanged), validated.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChatUpdate {
+    /// A new title (trimmed, checked).
+    pub title: Option<String>,
+    /// A new description (checked).
+    pub description: Option<String>,
+    /// A new visibility.
+    pub visibility: Option<Visibility>,
+}
+
+/// A validated CreateChat request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewChat {
+    /// Client-chosen id (idempotent retries), else a new v7.
+    pub chat_id: Option<ChatId>,
+    /// Requested kind; None: resolved by [`resolve_kind`].
+    pub kind: Option<Kind>,
+    /// Trimmed.
+    pub title: String,
+    /// As given (checked).
+    pub description: String,
+    /// The other members: without the creator, without repeats, in request
+    /// order; at most [`Limits::group_members`] - 1 of them.
+    pub others: Vec<UserId>,
+    /// Private unless asked.
+    pub visibility: Visibility,
+}
+
+/// The key that makes a direct chat unique per pair of users
+/// (`<lower uuid>:<higher uuid>`).
+pub fn direct_key(a: UserId, b: UserId) -> String {
     let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
     format!("{lo}:{hi}")
 }
@@ -126,13 +303,15 @@ pub fn check_query(query: &str, limits: &Limits) -> Result<(), String> {
 /// Resolves the kind of a new chat from what the request gave: an explicit
 /// kind wins; unspecified means direct for exactly one other member and no
 /// title, else group. Errors name the field at fault.
-pub fn resolve_kind(requested: Option<Kind>, title: &str, others: usize) -> Result<Kind, (&'static str, String)> {
+pub fn resolve_kind(requested: Option<Kind>, title: &str, others: usize) -> Result<Kind, FieldViolations> {
     let kind = requested.unwrap_or(if others == 1 && title.is_empty() { Kind::Direct } else { Kind::Group });
     match kind {
-        Kind::Direct if others != 1 => Err(("member_ids", "a direct chat needs exactly one other member".to_owned())),
-        Kind::Direct if !title.is_empty() => Err(("title", "a direct chat has no title".to_owned())),
+        Kind::Direct if others != 1 => {
+            Err(FieldViolations::single("member_ids", "a direct chat needs exactly one other member"))
+        }
+        Kind::Direct if !title.is_empty() => Err(FieldViolations::single("title", "a direct chat has no title")),
         Kind::Group if title.is_empty() && others < 2 => {
-            Err(("title", "a group chat needs a title or at least two other members".to_owned()))
+            Err(FieldViolations::single("title", "a group chat needs a title or at least two other members"))
         }
         k => Ok(k),
     }
@@ -144,9 +323,9 @@ mod tests {
 
     #[test]
     fn direct_keys_ignore_order() {
-        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let (a, b) = (UserId::new_v7(), UserId::new_v7());
         assert_eq!(direct_key(a, b), direct_key(b, a));
-        assert_ne!(direct_key(a, b), direct_key(a, Uuid::now_v7()));
+        assert_ne!(direct_key(a, b), direct_key(a, UserId::new_v7()));
     }
 
     #[test]
@@ -169,5 +348,54 @@ mod tests {
         assert!(check_description("a\0b", &limits).is_err());
         assert!(check_query(&"q".repeat(201), &limits).is_err());
         assert_eq!(title_key("ÄBC"), "äbc");
+    }
+
+    #[test]
+    fn stored_enums_parse_strictly() {
+        for kind in [Kind::Direct, Kind::Group] {
+            assert_eq!(Kind::parse(kind.as_str()), Some(kind));
+        }
+        for role in [Role::Owner, Role::Admin, Role::Member] {
+            assert_eq!(Role::parse(role.as_str()), Some(role));
+        }
+        assert_eq!(Visibility::parse("public"), Some(Visibility::Public));
+        assert_eq!(Kind::parse("channel"), None);
+        assert_eq!(Role::parse("Owner"), None);
+        assert_eq!(Visibility::parse(""), None);
+    }
+
+    #[test]
+    fn the_member_limit_is_one_rule() {
+        let limits = Limits { group_members: 3, ..Limits::default() };
+        assert!(limits.admits_members(3));
+        assert!(!limits.admits_members(4));
+        let refused = limits.check_members("user_ids", 4).unwrap_err();
+        assert_eq!(refused.violations()[0].0, "user_ids");
+        assert!(refused.to_string().contains("at most 3 members"), "{refused}");
+    }
+
+    #[test]
+    fn activity_never_moves_a_chat_back() {
+        let id = ChatId::new_v7();
+        let owner = UserId::new_v7();
+        let mut chat = Chat {
+            id,
+            kind: Kind::Group,
+            title: "t".into(),
+            description: String::new(),
+            visibility: Visibility::Private,
+            owner_id: owner,
+            creator_id: owner,
+            member_count: 1,
+            archive_time: None,
+            create_time: 1,
+            update_time: 1,
+            last_activity_time: 1,
+            last_seq: 0,
+            last_message_time: None,
+        };
+        chat.apply(&Activity { chat_id: id, last_seq: 2, time: 20 });
+        chat.apply(&Activity { chat_id: id, last_seq: 1, time: 30 });
+        assert_eq!((chat.last_seq, chat.last_activity_time, chat.last_message_time), (2, 20, Some(20)));
     }
 }

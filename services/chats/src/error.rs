@@ -2,12 +2,15 @@
 
 use tonic::Status;
 
+use crate::store::StoreError;
+
 /// Everything that can go wrong in the chats service.
 #[derive(Debug, thiserror::Error)]
 pub enum ChatsError {
-    /// A request field breaks a rule (INVALID_ARGUMENT naming the field).
-    #[error("invalid {field}: {reason}")]
-    Invalid { field: String, reason: String },
+    /// Request fields break rules (INVALID_ARGUMENT with a BadRequest field
+    /// violation for each).
+    #[error(transparent)]
+    Invalid(#[from] natter_kit::FieldViolations),
     /// No such chat (NOT_FOUND).
     #[error("chat not found")]
     ChatNotFound,
@@ -32,26 +35,36 @@ pub enum ChatsError {
     /// Another service answered with an error; passed on as it is.
     #[error("{0}")]
     Upstream(#[from] Status),
-    /// The database failed (INTERNAL, cause logged only).
-    #[error("database error: {0}")]
-    Db(#[from] natter_db::sqlx::Error),
-    /// The database failed on a path of natter-db's own (INTERNAL, cause
-    /// logged only).
-    #[error("database error: {0}")]
-    Store(#[from] natter_db::DbError),
+    /// The store failed (INTERNAL; the cause is logged with `origin`, the
+    /// `?` that turned it into this error).
+    #[error("store error: {source}")]
+    Store {
+        /// What the store reported.
+        source: StoreError,
+        /// Where it became a service error.
+        origin: &'static std::panic::Location<'static>,
+    },
 }
 
 impl ChatsError {
-    /// A field violation.
+    /// One field violation: `field` is invalid for `reason`.
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::Invalid { field: field.into(), reason: reason.into() }
+        Self::Invalid(natter_kit::FieldViolations::single(field, reason))
+    }
+}
+
+impl From<StoreError> for ChatsError {
+    /// Records the caller's location (the `?` of the failed store call).
+    #[track_caller]
+    fn from(source: StoreError) -> Self {
+        Self::Store { source, origin: std::panic::Location::caller() }
     }
 }
 
 impl From<ChatsError> for Status {
     fn from(e: ChatsError) -> Self {
         match e {
-            ChatsError::Invalid { field, reason } => natter_kit::error::invalid_argument(&field, reason),
+            ChatsError::Invalid(violations) => violations.into_status(),
             ChatsError::ChatNotFound | ChatsError::UserNotFound(_) | ChatsError::MemberNotFound(_) => {
                 Status::not_found(e.to_string())
             }
@@ -60,8 +73,27 @@ impl From<ChatsError> for Status {
             ChatsError::Precondition(_) => Status::failed_precondition(e.to_string()),
             ChatsError::Limited(limited) => limited.into(),
             ChatsError::Upstream(status) => status,
-            ChatsError::Db(e) => natter_kit::internal(e),
-            ChatsError::Store(e) => natter_kit::internal(e),
+            ChatsError::Store { source, origin } => natter_kit::internal_at(&source, origin),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fail() -> Result<(), ChatsError> {
+        Err(StoreError::Config("boom".into()))?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_store_error_records_where_it_arose_and_leaks_nothing() {
+        let line = line!() - 6;
+        let ChatsError::Store { origin, .. } = fail().unwrap_err() else { panic!("a store error") };
+        assert_eq!((origin.file(), origin.line()), (file!(), line));
+        let status = Status::from(fail().unwrap_err());
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(!status.message().contains("boom"));
     }
 }

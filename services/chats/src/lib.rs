@@ -1,12 +1,12 @@
 //! natter's chats service: direct chats (unique per pair), group chats,
 //! membership and chat state, ordered by last activity.
 //!
-//! Layers: [`domain`] (rules, no IO), [`store`] (SQL), [`service`] (the
-//! domain operations), [`grpc`] (the thin tonic translation). It reaches the
+//! Layers: [`domain`] (rules and records, no IO), [`store`] (one trait, one
+//! implementation per engine), [`service`] (the domain operations), [`grpc`]
+//! (validation into domain types and the thin tonic translation). It reaches the
 //! sessions service (user look-ups) and the messages service (previews,
 //! unread counts) only through `natter-links`.
 
-mod activity;
 pub mod domain;
 pub mod error;
 pub mod grpc;
@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use natter_auth::Authenticator;
 use natter_bus::EventBus;
-use natter_db::{Db, DbConfig, DbError};
+use natter_db::DbConfig;
 use natter_kit::Server;
 use natter_kit::limits::Rate;
 use natter_links::{MessageDirectory, UserDirectory};
@@ -28,9 +28,7 @@ use natter_proto::chats::v1::chat_service_server::ChatServiceServer;
 pub use error::ChatsError;
 pub use grpc::{ChatApi, ChatInternalApi};
 pub use service::Chats;
-
-/// The chats schema, embedded at compile time.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub use store::{ChatStore, MIGRATOR, StoreError};
 
 /// Options of the chats service (the limits DESIGN.md lists).
 ///
@@ -49,9 +47,9 @@ pub struct ChatsArgs {
     #[arg(long, env = "NATTER_MAX_GROUP_MEMBERS", default_value_t = 1000)]
     pub max_group_members: usize,
     /// On SQLite, how long chat activity (the ListChats order) may stay in
-    /// memory before it is written; listings write it first. Keep it well
-    /// under 10s, the span the messages service re-announces after a crash.
-    #[arg(long, env = "NATTER_ACTIVITY_FLUSH_INTERVAL", value_parser = positive_duration, default_value = "50ms")]
+    /// memory before it is written; listings write it first. At most 8s, so
+    /// that the 10s the messages service re-announces after a crash cover it.
+    #[arg(long, env = "NATTER_ACTIVITY_FLUSH_INTERVAL", value_parser = flush_interval, default_value = "50ms")]
     pub activity_flush_interval: Duration,
     /// CreateChat calls per user (retries too): N/PERIOD admits N at once and
     /// N per PERIOD; `off` admits all.
@@ -59,13 +57,13 @@ pub struct ChatsArgs {
     pub create_chat_rate: Rate,
 }
 
-/// A humantime duration above zero (`50ms`, `1s`).
-fn positive_duration(s: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(s) {
-        Ok(d) if d.is_zero() => Err("must be more than 0".into()),
-        Ok(d) => Ok(d),
-        Err(e) => Err(e.to_string()),
-    }
+/// A humantime duration (`50ms`, `1s`) that
+/// [`natter_links::activity::check_flush_interval`] accepts: above zero and
+/// within what the messages service re-announces after a crash.
+fn flush_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    natter_links::activity::check_flush_interval(d)?;
+    Ok(d)
 }
 
 impl Default for ChatsArgs {
@@ -75,7 +73,7 @@ impl Default for ChatsArgs {
             max_title_chars: limits.title_chars,
             max_description_chars: limits.description_chars,
             max_group_members: limits.group_members,
-            activity_flush_interval: Duration::from_millis(50),
+            activity_flush_interval: natter_links::activity::DEFAULT_FLUSH_INTERVAL,
             create_chat_rate: Rate::parse("240/1h").expect("valid rate"),
         }
     }
@@ -94,7 +92,8 @@ impl ChatsArgs {
 
 /// Opens the chats store (running migrations) and builds the service.
 ///
-/// Errors: the database cannot be opened or migrated.
+/// Errors: the database cannot be opened or migrated, or the activity
+/// flush interval is out of range ([`store::open`]).
 pub async fn open(
     db: &DbConfig,
     users: Arc<dyn UserDirectory>,
@@ -102,9 +101,8 @@ pub async fn open(
     bus: Arc<dyn EventBus>,
     args: &ChatsArgs,
     only_instance: bool,
-) -> Result<Arc<Chats>, DbError> {
-    let db = Db::connect(db, &MIGRATOR).await?;
-    let store = store::Store::new(db, args.activity_flush_interval)?;
+) -> Result<Arc<Chats>, StoreError> {
+    let store = store::open(db, args.activity_flush_interval).await?;
     let chats = Chats::new(store, users, messages, bus, args.limits(), args.create_chat_rate);
     Ok(Arc::new(if only_instance { chats.with_membership_cache() } else { chats }))
 }
@@ -185,7 +183,7 @@ pub async fn run(
     let mut internal = Server::internal(&config.server, credential);
     add_internal_services(&mut internal, &chats).await;
     natter_kit::serve::serve_split((public, listener), (internal, internal_listener), shutdown).await?;
-    chats.store().close().await;
+    chats.close().await;
     Ok(())
 }
 
@@ -206,5 +204,21 @@ mod tests {
         let zero = parse("0s").err().unwrap().to_string();
         assert!(zero.contains("--activity-flush-interval") && zero.contains("must be more than 0"), "{zero}");
         assert!(parse("soon").is_err());
+        assert_eq!(parse("8s").unwrap().activity_flush_interval, natter_links::activity::MAX_FLUSH_INTERVAL);
+        let long = parse("1h").err().unwrap().to_string();
+        assert!(long.contains("at most 8s") && long.contains("re-announces"), "{long}");
+    }
+
+    /// `open`'s future is `Send` for every lifetime of its borrows, as
+    /// `tokio::spawn` of a service that calls it needs (sqlx's SQLite
+    /// migrations on a `&mut` connection are not).
+    #[test]
+    fn opening_is_send() {
+        fn is_send<T: Send>(_: &T) {}
+        fn probe(db: &natter_db::DbConfig, args: &super::ChatsArgs, deps: super::service::Deps) {
+            let (users, messages, bus) = deps;
+            is_send(&super::open(db, users, messages, bus, args, true));
+        }
+        let _ = probe;
     }
 }

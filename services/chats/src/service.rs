@@ -1,48 +1,73 @@
-//! The chats domain operations over the [`Store`] and the links to the other
-//! services. No tonic types except those the links carry.
+//! The chats domain operations over a [`ChatStore`] and the links to the
+//! other services. Takes and returns domain types; protobuf appears only
+//! where a link or the bus carries it (previews and recent messages from
+//! the messages service, membership events on the bus).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use natter_bus::{EventBus, Topic};
+use natter_kit::id::{ChatId, UserId};
 use natter_kit::limits::{LOOKUP_USERS_MAX_IDS, Rate, RateLimiter};
-use natter_kit::time::now_micros;
+use natter_kit::time::{micros, now_micros};
 use natter_links::{MessageDirectory, UserDirectory};
 use natter_proto::messages::v1 as mpb;
-use uuid::Uuid;
 
-use crate::domain::{self, Kind, Limits, Role, Visibility};
+use crate::domain::{
+    self, Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, NewChat,
+    Role, Visibility,
+};
 use crate::error::ChatsError;
-use crate::store::{ChatAccess, ChatFilter, ChatRow, Inserted, MemberRow, Store};
+use crate::store::{Added, ChatStore, Created};
 
-/// A validated CreateChat request.
-#[derive(Clone, Debug)]
-pub struct NewChat {
-    pub chat_id: Option<Uuid>,
-    pub kind: Option<Kind>,
-    pub title: String,
-    pub description: String,
-    pub member_ids: Vec<Uuid>,
-    pub visibility: Visibility,
+/// A chat's newest message and the caller's unread count, as the messages
+/// service reports them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preview {
+    /// The newest message's seq.
+    pub seq: i64,
+    /// Its author (a user id as the messages service has it).
+    pub author_id: String,
+    /// At most 200 characters (the messages service cuts it).
+    pub text: String,
+    /// µs since the Unix epoch.
+    pub send_time: Option<i64>,
+    /// Counted up to 1000.
+    pub unread_count: i64,
 }
 
-/// A chat as one caller sees it: the row plus its message preview.
+/// A chat as one caller sees it: the chat plus its message preview.
 #[derive(Clone, Debug)]
 pub struct ChatView {
-    pub chat: ChatRow,
-    /// Newest message and the caller's unread count (None before the first message).
-    pub summary: Option<mpb::ChatSummary>,
+    /// The chat.
+    pub chat: Chat,
+    /// None before the first message.
+    pub preview: Option<Preview>,
 }
+
+/// A page of a listing and the keyset position of its last row when more
+/// may follow.
+#[derive(Clone, Debug)]
+pub struct Page<T, C> {
+    /// At most the page size.
+    pub items: Vec<T>,
+    /// Where the next page starts; None on the last page.
+    pub next: Option<C>,
+}
+
+/// The links and bus a [`Chats`] needs (for tests that build one).
+#[cfg(test)]
+pub(crate) type Deps = (Arc<dyn UserDirectory>, Arc<dyn MessageDirectory>, Arc<dyn EventBus>);
 
 /// The chats service's domain object; share it behind an `Arc`.
 pub struct Chats {
-    store: Store,
+    store: Arc<dyn ChatStore>,
     users: Arc<dyn UserDirectory>,
     messages: Arc<dyn MessageDirectory>,
     bus: Arc<dyn EventBus>,
     limits: Limits,
     /// CreateChat calls per user.
-    create_rate: RateLimiter<Uuid>,
+    create_rate: RateLimiter<UserId>,
     /// (chat, user) -> membership, for the messages service's checks; only
     /// when this is the only chats instance (see [`Chats::with_membership_cache`]).
     cache: Option<Mutex<Cache>>,
@@ -56,13 +81,15 @@ const CACHE_ENTRIES: usize = 100_000;
 /// its eviction) sees the generation moved and does not cache.
 #[derive(Default)]
 struct Cache {
-    entries: HashMap<(String, String), Arc<ChatAccess>>,
+    entries: HashMap<(ChatId, UserId), Arc<ChatAccess>>,
     generation: u64,
 }
 
 impl Chats {
+    /// The service over `store`, reaching sessions through `users` and
+    /// messages through `messages`, announcing membership on `bus`.
     pub fn new(
-        store: Store,
+        store: Arc<dyn ChatStore>,
         users: Arc<dyn UserDirectory>,
         messages: Arc<dyn MessageDirectory>,
         bus: Arc<dyn EventBus>,
@@ -84,65 +111,61 @@ impl Chats {
 
     /// Forgets everything cached about `chat_id` (call on every change,
     /// after its commit).
-    fn evict(&self, chat_id: &str) {
+    fn evict(&self, chat_id: ChatId) {
         if let Some(cache) = &self.cache {
             let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
             cache.generation += 1;
-            cache.entries.retain(|(chat, _), _| chat != chat_id);
+            cache.entries.retain(|(chat, _), _| *chat != chat_id);
         }
     }
 
-    pub fn store(&self) -> &Store {
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn ChatStore> {
         &self.store
     }
 
+    /// The limits this service enforces.
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
 
+    /// Writes the chat activity kept in memory and closes the store. Call
+    /// once serving has stopped.
+    pub async fn close(&self) {
+        self.store.close().await;
+    }
+
     /// Creates a chat (see CreateChat in chats.proto for the rules); each
     /// call, a retry too, counts against the caller's CreateChat rate.
+    /// `new` comes validated from [`crate::grpc::new_chat`].
     #[tracing::instrument(skip_all, fields(caller = %caller))]
-    pub async fn create_chat(&self, caller: Uuid, new: NewChat) -> Result<ChatView, ChatsError> {
+    pub async fn create_chat(&self, caller: UserId, new: NewChat) -> Result<ChatView, ChatsError> {
         self.create_rate.check(&caller)?;
-        let mut others: Vec<Uuid> = Vec::with_capacity(new.member_ids.len());
-        for id in new.member_ids.iter().copied() {
-            if id != caller && !others.contains(&id) {
-                others.push(id);
-            }
-        }
-        let kind =
-            domain::resolve_kind(new.kind, &new.title, others.len()).map_err(|(f, r)| ChatsError::invalid(f, r))?;
+        let kind = domain::resolve_kind(new.kind, &new.title, new.others.len())?;
         if kind == Kind::Direct && new.visibility == Visibility::Public {
             return Err(ChatsError::invalid("visibility", "a direct chat is always private"));
         }
-        if others.len() + 1 > self.limits.group_members {
-            return Err(ChatsError::invalid(
-                "member_ids",
-                format!("a chat has at most {} members", self.limits.group_members),
-            ));
-        }
-        let direct_key = (kind == Kind::Direct).then(|| domain::direct_key(caller, others[0]));
+        let other = (kind == Kind::Direct).then(|| new.others[0]);
 
         // Idempotency: the same client-chosen id, or the same direct pair,
         // returns the chat that exists.
-        if let Some(existing) = self.existing(caller, new.chat_id, direct_key.as_deref()).await? {
+        if let Some(existing) = self.existing(caller, new.chat_id, other).await? {
             return self.view(caller, existing).await;
         }
 
-        self.require_users(&others.iter().map(Uuid::to_string).collect::<Vec<_>>()).await?;
+        self.require_users(&new.others).await?;
 
         let now = now_micros();
-        let id = new.chat_id.unwrap_or_else(Uuid::now_v7).to_string();
-        let chat = ChatRow {
-            id: id.clone(),
-            kind: kind.as_str().to_owned(),
-            title: new.title.clone(),
-            description: new.description.clone(),
-            visibility: new.visibility.as_str().to_owned(),
-            owner_id: caller.to_string(),
-            creator_id: caller.to_string(),
-            member_count: others.len() as i64 + 1,
+        let id = new.chat_id.unwrap_or_else(ChatId::new_v7);
+        let chat = Chat {
+            id,
+            kind,
+            title: new.title,
+            description: new.description,
+            visibility: new.visibility,
+            owner_id: caller,
+            creator_id: caller,
+            member_count: new.others.len() as i64 + 1,
             archive_time: None,
             create_time: now,
             update_time: now,
@@ -150,35 +173,31 @@ impl Chats {
             last_seq: 0,
             last_message_time: None,
         };
-        let members: Vec<MemberRow> = std::iter::once((caller, Role::Owner))
-            .chain(others.iter().map(|u| (*u, Role::Member)))
-            .map(|(user, role)| MemberRow {
-                chat_id: id.clone(),
-                user_id: user.to_string(),
-                role: role.as_str().to_owned(),
-                join_time: now,
-            })
+        let members: Vec<Member> = std::iter::once((caller, Role::Owner))
+            .chain(new.others.iter().map(|u| (*u, Role::Member)))
+            .map(|(user_id, role)| Member { chat_id: id, user_id, role, join_time: now })
             .collect();
-        match self.store.insert_chat(&chat, &domain::title_key(&chat.title), direct_key.as_deref(), &members).await? {
-            Inserted::Created => {
+        match self.store.create_chat(&chat, &members).await? {
+            Created::Created => {
                 tracing::info!(chat_id = %id, kind = kind.as_str(), members = members.len(), "chat created");
                 for m in &members {
-                    self.announce_membership(&id, &m.user_id, mpb::MembershipChange::Joined, 0);
+                    self.announce_membership(id, m.user_id, mpb::MembershipChange::Joined, 0);
                 }
-                Ok(ChatView { chat, summary: None })
+                Ok(ChatView { chat, preview: None })
             }
             // Lost a race with an identical request: return its chat.
-            Inserted::Conflict => match self.existing(caller, new.chat_id, direct_key.as_deref()).await? {
+            Created::Conflict => match self.existing(caller, new.chat_id, other).await? {
                 Some(existing) => self.view(caller, existing).await,
                 None => Err(ChatsError::ChatIdTaken),
             },
         }
     }
 
-    /// NOT_FOUND naming the first of `ids` (canonical UUIDs) that is no
-    /// user; asks the sessions service in calls of at most
-    /// [`LOOKUP_USERS_MAX_IDS`] ids, whatever the member limit.
-    async fn require_users(&self, ids: &[String]) -> Result<(), ChatsError> {
+    /// NOT_FOUND naming the first of `ids` that is no user; asks the
+    /// sessions service in calls of at most [`LOOKUP_USERS_MAX_IDS`] ids,
+    /// whatever the member limit.
+    async fn require_users(&self, ids: &[UserId]) -> Result<(), ChatsError> {
+        let ids: Vec<String> = ids.iter().map(UserId::to_string).collect();
         let mut found = HashSet::with_capacity(ids.len());
         for chunk in ids.chunks(LOOKUP_USERS_MAX_IDS) {
             found.extend(self.users.lookup_users(chunk.to_vec()).await?.into_iter().map(|u| u.id));
@@ -189,22 +208,24 @@ impl Chats {
         }
     }
 
-    /// The chat an idempotent CreateChat should return, if any.
+    /// The chat an idempotent CreateChat should return, if any: the direct
+    /// chat of the caller and `other`, or the caller's chat of `chat_id`
+    /// (ALREADY_EXISTS when someone else created it).
     async fn existing(
         &self,
-        caller: Uuid,
-        chat_id: Option<Uuid>,
-        direct_key: Option<&str>,
-    ) -> Result<Option<ChatRow>, ChatsError> {
-        if let Some(key) = direct_key
-            && let Some(chat) = self.store.chat_by_direct_key(key).await?
+        caller: UserId,
+        chat_id: Option<ChatId>,
+        other: Option<UserId>,
+    ) -> Result<Option<Chat>, ChatsError> {
+        if let Some(other) = other
+            && let Some(chat) = self.store.direct_chat(caller, other).await?
         {
             return Ok(Some(chat));
         }
         if let Some(id) = chat_id
-            && let Some(chat) = self.store.chat(&id.to_string()).await?
+            && let Some(chat) = self.store.chat(id).await?
         {
-            if chat.creator_id != caller.to_string() {
+            if chat.creator_id != caller {
                 return Err(ChatsError::ChatIdTaken);
             }
             return Ok(Some(chat));
@@ -215,25 +236,28 @@ impl Chats {
     /// Announces a membership change on the chat's topic and the user's
     /// (whose streams follow the chats they join). `seq` is the chat's newest
     /// seq at the time, from which a joining stream catches up.
-    fn announce_membership(&self, chat_id: &str, user_id: &str, change: mpb::MembershipChange, seq: i64) {
-        let (Ok(chat), Ok(user)) = (Uuid::try_parse(chat_id), Uuid::try_parse(user_id)) else { return };
+    fn announce_membership(&self, chat_id: ChatId, user_id: UserId, change: mpb::MembershipChange, seq: i64) {
         let event = Arc::new(mpb::StreamEventsResponse {
-            chat_id: chat_id.to_owned(),
+            chat_id: chat_id.to_string(),
             seq,
             event: Some(mpb::stream_events_response::Event::MembershipChanged(mpb::MembershipChanged {
-                user_id: user_id.to_owned(),
+                user_id: user_id.to_string(),
                 change: change as i32,
             })),
         });
-        self.bus.publish(Topic::User(user), event.clone());
-        self.bus.publish(Topic::Chat(chat), event);
+        self.bus.publish(Topic::User(user_id.uuid()), event.clone());
+        self.bus.publish(Topic::Chat(chat_id.uuid()), event);
+    }
+
+    /// The chat and the caller's access: NOT_FOUND without the chat.
+    async fn access(&self, caller: UserId, chat_id: ChatId) -> Result<ChatAccess, ChatsError> {
+        self.store.access(chat_id, caller).await?.ok_or(ChatsError::ChatNotFound)
     }
 
     /// The chat and the caller's role: NOT_FOUND without the chat,
     /// PERMISSION_DENIED when the caller is not a member.
-    async fn member(&self, caller: Uuid, chat_id: Uuid) -> Result<(ChatRow, Role), ChatsError> {
-        let access =
-            self.store.access(&chat_id.to_string(), &caller.to_string()).await?.ok_or(ChatsError::ChatNotFound)?;
+    async fn member(&self, caller: UserId, chat_id: ChatId) -> Result<(Chat, Role), ChatsError> {
+        let access = self.access(caller, chat_id).await?;
         match access.role {
             Some(role) => Ok((access.chat, role)),
             None => Err(ChatsError::Denied("not a member of this chat")),
@@ -242,74 +266,62 @@ impl Chats {
 
     /// As [`Chats::member`], requiring owner or admin (any member of a
     /// direct chat, whose two members are equals).
-    async fn manager(&self, caller: Uuid, chat_id: Uuid) -> Result<(ChatRow, Role), ChatsError> {
+    async fn manager(&self, caller: UserId, chat_id: ChatId) -> Result<(Chat, Role), ChatsError> {
         let (chat, role) = self.member(caller, chat_id).await?;
-        if role.manages() || Kind::parse(&chat.kind) == Kind::Direct {
+        if role.manages() || chat.kind == Kind::Direct {
             Ok((chat, role))
         } else {
             Err(ChatsError::Denied("only the owner or an admin may do this"))
         }
     }
 
-    /// UpdateChat: the fields named by the mask (None: unchanged).
+    /// UpdateChat: the fields `update` names.
     pub async fn update_chat(
         &self,
-        caller: Uuid,
-        chat_id: Uuid,
-        title: Option<String>,
-        description: Option<String>,
-        visibility: Option<Visibility>,
+        caller: UserId,
+        chat_id: ChatId,
+        update: ChatUpdate,
     ) -> Result<ChatView, ChatsError> {
         let (chat, role) = self.member(caller, chat_id).await?;
-        if Kind::parse(&chat.kind) == Kind::Direct {
+        if chat.kind == Kind::Direct {
             return Err(ChatsError::Precondition("a direct chat has no title, description or visibility to change"));
         }
         if !role.manages() {
             return Err(ChatsError::Denied("only the owner or an admin may do this"));
         }
-        let row = self
-            .store
-            .update_chat(
-                &chat.id,
-                title.as_deref(),
-                description.as_deref(),
-                visibility.map(Visibility::as_str),
-                now_micros(),
-            )
-            .await?
-            .ok_or(ChatsError::ChatNotFound)?;
-        self.evict(&chat.id);
-        self.view(caller, row).await
+        let chat = self.store.update_chat(chat.id, &update, now_micros()).await?.ok_or(ChatsError::ChatNotFound)?;
+        self.evict(chat.id);
+        self.view(caller, chat).await
     }
 
     /// ArchiveChat / UnarchiveChat (owner or admin; either member of a
     /// direct chat). Idempotent.
-    pub async fn set_archived(&self, caller: Uuid, chat_id: Uuid, archived: bool) -> Result<ChatView, ChatsError> {
+    pub async fn set_archived(&self, caller: UserId, chat_id: ChatId, archived: bool) -> Result<ChatView, ChatsError> {
         let (chat, _) = self.manager(caller, chat_id).await?;
-        let row = if chat.archive_time.is_some() == archived {
+        let chat = if chat.archive_time.is_some() == archived {
             chat
         } else {
             let now = now_micros();
-            self.store.set_archived(&chat.id, archived.then_some(now), now).await?.ok_or(ChatsError::ChatNotFound)?
+            self.store.set_archived(chat.id, archived.then_some(now), now).await?.ok_or(ChatsError::ChatNotFound)?
         };
-        self.evict(&row.id);
-        self.view(caller, row).await
+        self.evict(chat.id);
+        self.view(caller, chat).await
     }
 
     /// DeleteChat (owner only): the chat, its memberships, then its messages.
-    pub async fn delete_chat(&self, caller: Uuid, chat_id: Uuid) -> Result<(), ChatsError> {
+    pub async fn delete_chat(&self, caller: UserId, chat_id: ChatId) -> Result<(), ChatsError> {
         let (chat, role) = self.member(caller, chat_id).await?;
         if role != Role::Owner {
             return Err(ChatsError::Denied("only the owner may delete a chat"));
         }
-        let members = self.store.delete_chat(&chat.id).await?;
-        self.evict(&chat.id);
-        for user in &members {
-            self.announce_membership(&chat.id, user, mpb::MembershipChange::Removed, chat.last_seq);
+        let members = self.store.delete_chat(chat.id).await?;
+        self.evict(chat.id);
+        for user in members {
+            self.announce_membership(chat.id, user, mpb::MembershipChange::Removed, chat.last_seq);
         }
         // The chat is gone, so its messages are unreachable already; a failed
         // purge only leaves unreachable rows behind (logged).
-        if let Err(e) = self.messages.purge_chat(&chat.id).await {
+        if let Err(e) = self.messages.purge_chat(&chat.id.to_string()).await {
             tracing::warn!(chat_id = %chat.id, error = %e, "purging the messages of a deleted chat failed");
         }
         tracing::info!(chat_id = %chat.id, "chat deleted");
@@ -317,55 +329,42 @@ impl Chats {
     }
 
     /// AddMembers: owner or admin adds anyone; anyone adds themselves to a
-    /// public chat (join). Returns the members actually added.
+    /// public chat (join). `user_ids` come without repeats, at most as many
+    /// as a chat may have members. Returns the members actually added.
     pub async fn add_members(
         &self,
-        caller: Uuid,
-        chat_id: Uuid,
-        user_ids: Vec<Uuid>,
-    ) -> Result<Vec<MemberRow>, ChatsError> {
-        let access =
-            self.store.access(&chat_id.to_string(), &caller.to_string()).await?.ok_or(ChatsError::ChatNotFound)?;
-        let chat = access.chat;
-        let joining_self = user_ids.len() == 1 && user_ids[0] == caller;
-        let public = Visibility::parse(&chat.visibility) == Visibility::Public;
-        match access.role {
-            _ if Kind::parse(&chat.kind) == Kind::Direct => {
+        caller: UserId,
+        chat_id: ChatId,
+        user_ids: Vec<UserId>,
+    ) -> Result<Vec<Member>, ChatsError> {
+        let ChatAccess { chat, role } = self.access(caller, chat_id).await?;
+        let joining_self = user_ids == [caller];
+        match role {
+            _ if chat.kind == Kind::Direct => {
                 return Err(ChatsError::Precondition("a direct chat never changes members"));
             }
             Some(role) if role.manages() => {}
-            None if joining_self && public => {}
+            None if joining_self && chat.visibility == Visibility::Public => {}
             Some(_) => return Err(ChatsError::Denied("only the owner or an admin may add members")),
             None => return Err(ChatsError::Denied("not a member of this chat")),
         }
-        let mut ids: Vec<Uuid> = Vec::with_capacity(user_ids.len());
-        for id in user_ids {
-            if !ids.contains(&id) {
-                ids.push(id);
-            }
-        }
-        let others: Vec<String> = ids.iter().filter(|id| **id != caller).map(Uuid::to_string).collect();
+        let others: Vec<UserId> = user_ids.iter().copied().filter(|id| *id != caller).collect();
         self.require_users(&others).await?;
         let now = now_micros();
-        let rows: Vec<MemberRow> = ids
-            .iter()
-            .map(|u| MemberRow {
-                chat_id: chat.id.clone(),
-                user_id: u.to_string(),
-                role: Role::Member.as_str().to_owned(),
-                join_time: now,
-            })
+        let members: Vec<Member> = user_ids
+            .into_iter()
+            .map(|user_id| Member { chat_id: chat.id, user_id, role: Role::Member, join_time: now })
             .collect();
-        let added =
-            self.store.add_members(&chat.id, &rows, self.limits.group_members, now).await?.ok_or_else(|| {
-                ChatsError::invalid("user_ids", format!("a chat has at most {} members", self.limits.group_members))
-            })?;
-        self.evict(&chat.id);
+        let added = match self.store.add_members(chat.id, &members, &self.limits, now).await? {
+            Added::Added(added) => added,
+            Added::TooMany(count) => return Err(self.limits.check_members("user_ids", count).unwrap_err().into()),
+        };
+        self.evict(chat.id);
         if !added.is_empty() {
-            let user_ids = added.iter().map(|m| m.user_id.clone()).collect();
-            self.messages.reset_read_positions(&chat.id, user_ids).await?;
+            let user_ids = added.iter().map(|m| m.user_id.to_string()).collect();
+            self.messages.reset_read_positions(&chat.id.to_string(), user_ids).await?;
             for m in &added {
-                self.announce_membership(&chat.id, &m.user_id, mpb::MembershipChange::Joined, chat.last_seq);
+                self.announce_membership(chat.id, m.user_id, mpb::MembershipChange::Joined, chat.last_seq);
             }
         }
         Ok(added)
@@ -373,9 +372,9 @@ impl Chats {
 
     /// RemoveMember: oneself (leave; not the owner), or others by the owner
     /// (anyone) or an admin (plain members).
-    pub async fn remove_member(&self, caller: Uuid, chat_id: Uuid, user_id: Uuid) -> Result<(), ChatsError> {
+    pub async fn remove_member(&self, caller: UserId, chat_id: ChatId, user_id: UserId) -> Result<(), ChatsError> {
         let (chat, role) = self.member(caller, chat_id).await?;
-        if Kind::parse(&chat.kind) == Kind::Direct {
+        if chat.kind == Kind::Direct {
             return Err(ChatsError::Precondition("a direct chat never changes members"));
         }
         let change = if user_id == caller {
@@ -388,7 +387,7 @@ impl Chats {
         } else {
             let target = self
                 .store
-                .role(&chat.id, &user_id.to_string())
+                .role(chat.id, user_id)
                 .await?
                 .ok_or_else(|| ChatsError::MemberNotFound(user_id.to_string()))?;
             let allowed = match role {
@@ -401,12 +400,12 @@ impl Chats {
             }
             mpb::MembershipChange::Removed
         };
-        let removed = self.store.remove_member(&chat.id, &user_id.to_string(), now_micros()).await?;
-        self.evict(&chat.id);
+        let removed = self.store.remove_member(chat.id, user_id, now_micros()).await?;
+        self.evict(chat.id);
         if !removed {
             return Err(ChatsError::MemberNotFound(user_id.to_string()));
         }
-        self.announce_membership(&chat.id, &user_id.to_string(), change, chat.last_seq);
+        self.announce_membership(chat.id, user_id, change, chat.last_seq);
         Ok(())
     }
 
@@ -414,13 +413,13 @@ impl Chats {
     /// makes the previous owner an admin.
     pub async fn update_member(
         &self,
-        caller: Uuid,
-        chat_id: Uuid,
-        user_id: Uuid,
+        caller: UserId,
+        chat_id: ChatId,
+        user_id: UserId,
         role: Role,
-    ) -> Result<MemberRow, ChatsError> {
+    ) -> Result<Member, ChatsError> {
         let (chat, caller_role) = self.member(caller, chat_id).await?;
-        if Kind::parse(&chat.kind) == Kind::Direct {
+        if chat.kind == Kind::Direct {
             return Err(ChatsError::Precondition("a direct chat has no roles to change"));
         }
         if caller_role != Role::Owner {
@@ -429,39 +428,39 @@ impl Chats {
         if user_id == caller {
             return Err(ChatsError::Precondition("the owner changes role only by making another member owner"));
         }
-        let row = self
+        let member = self
             .store
-            .set_role(&chat.id, &user_id.to_string(), role, now_micros())
+            .set_role(chat.id, user_id, role, now_micros())
             .await?
             .ok_or_else(|| ChatsError::MemberNotFound(user_id.to_string()))?;
-        self.evict(&chat.id);
-        self.announce_membership(&chat.id, &row.user_id, mpb::MembershipChange::RoleChanged, chat.last_seq);
+        self.evict(chat.id);
+        self.announce_membership(chat.id, member.user_id, mpb::MembershipChange::RoleChanged, chat.last_seq);
         if role == Role::Owner {
-            self.announce_membership(&chat.id, &caller.to_string(), mpb::MembershipChange::RoleChanged, chat.last_seq);
+            self.announce_membership(chat.id, caller, mpb::MembershipChange::RoleChanged, chat.last_seq);
         }
-        Ok(row)
+        Ok(member)
     }
 
     /// A chat the caller may see: a member, or anyone for a public chat.
-    pub async fn readable(&self, caller: Uuid, chat_id: Uuid) -> Result<ChatAccess, ChatsError> {
-        let access =
-            self.store.access(&chat_id.to_string(), &caller.to_string()).await?.ok_or(ChatsError::ChatNotFound)?;
-        if access.role.is_none() && Visibility::parse(&access.chat.visibility) != Visibility::Public {
+    pub async fn readable(&self, caller: UserId, chat_id: ChatId) -> Result<ChatAccess, ChatsError> {
+        let access = self.access(caller, chat_id).await?;
+        if access.role.is_none() && access.chat.visibility != Visibility::Public {
             return Err(ChatsError::Denied("not a member of this chat"));
         }
         Ok(access)
     }
 
-    /// GetChat: the chat and, when asked, its newest messages.
+    /// GetChat: the chat and, when `message_page_size` > 0, its newest
+    /// messages (newest first, as the messages service sends them).
     pub async fn get_chat(
         &self,
-        caller: Uuid,
-        chat_id: Uuid,
+        caller: UserId,
+        chat_id: ChatId,
         message_page_size: u32,
     ) -> Result<(ChatView, Vec<mpb::Message>), ChatsError> {
         let access = self.readable(caller, chat_id).await?;
         let messages = if message_page_size > 0 && access.chat.last_seq > 0 {
-            self.messages.recent_messages(&access.chat.id, message_page_size as i32).await?
+            self.messages.recent_messages(&access.chat.id.to_string(), message_page_size as i32).await?
         } else {
             Vec::new()
         };
@@ -469,77 +468,86 @@ impl Chats {
     }
 
     /// One view (see [`Chats::views`]).
-    async fn view(&self, caller: Uuid, chat: ChatRow) -> Result<ChatView, ChatsError> {
+    async fn view(&self, caller: UserId, chat: Chat) -> Result<ChatView, ChatsError> {
         let mut views = self.views(caller, vec![chat]).await?;
         Ok(views.remove(0))
     }
 
     /// Adds previews and unread counts to chats, with one call to the
-    /// messages service for all of them.
-    pub async fn views(&self, caller: Uuid, chats: Vec<ChatRow>) -> Result<Vec<ChatView>, ChatsError> {
-        let with_messages: Vec<String> = chats.iter().filter(|c| c.last_seq > 0).map(|c| c.id.clone()).collect();
-        let mut summaries: HashMap<String, mpb::ChatSummary> = if with_messages.is_empty() {
+    /// messages service for all of them (none when no chat has a message).
+    pub async fn views(&self, caller: UserId, chats: Vec<Chat>) -> Result<Vec<ChatView>, ChatsError> {
+        let with_messages: Vec<String> = chats.iter().filter(|c| c.last_seq > 0).map(|c| c.id.to_string()).collect();
+        let mut previews: HashMap<String, Preview> = if with_messages.is_empty() {
             HashMap::new()
         } else {
             self.messages
                 .chat_summaries(with_messages, &caller.to_string())
                 .await?
                 .into_iter()
-                .map(|s| (s.chat_id.clone(), s))
+                .filter(|s| s.last_seq > 0)
+                .map(|s| {
+                    let preview = Preview {
+                        seq: s.last_seq,
+                        author_id: s.last_author_id,
+                        text: s.last_text,
+                        send_time: s.last_send_time.as_ref().map(micros),
+                        unread_count: s.unread_count,
+                    };
+                    (s.chat_id, preview)
+                })
                 .collect()
         };
         Ok(chats
             .into_iter()
             .map(|chat| {
-                let summary = summaries.remove(&chat.id).filter(|s| s.last_seq > 0);
-                ChatView { chat, summary }
+                let preview = previews.remove(&chat.id.to_string());
+                ChatView { chat, preview }
             })
             .collect())
     }
 
-    /// A page of chats for ListChats, plus the keyset position of its last row
-    /// when more may follow.
+    /// A page of chats for ListChats.
     pub async fn list_chats(
         &self,
-        caller: Uuid,
+        caller: UserId,
         filter: &ChatFilter,
-        after: Option<(i64, String)>,
+        after: Option<ChatCursor>,
         page_size: u32,
-    ) -> Result<(Vec<ChatView>, Option<(i64, String)>), ChatsError> {
-        let mut rows = self.store.list_chats(&caller.to_string(), filter, after, page_size + 1).await?;
-        let next = if rows.len() > page_size as usize {
-            rows.truncate(page_size as usize);
-            rows.last().map(|c| (c.last_activity_time, c.id.clone()))
+    ) -> Result<Page<ChatView, ChatCursor>, ChatsError> {
+        let mut chats = self.store.list_chats(caller, filter, after, page_size + 1).await?;
+        let next = if chats.len() > page_size as usize {
+            chats.truncate(page_size as usize);
+            chats.last().map(Chat::cursor)
         } else {
             None
         };
-        Ok((self.views(caller, rows).await?, next))
+        Ok(Page { items: self.views(caller, chats).await?, next })
     }
 
     /// A page of members for ListMembers (callers who may read the chat).
     pub async fn list_members(
         &self,
-        caller: Uuid,
-        chat_id: Uuid,
-        after: Option<(i64, String)>,
+        caller: UserId,
+        chat_id: ChatId,
+        after: Option<MemberCursor>,
         page_size: u32,
-    ) -> Result<(Vec<MemberRow>, Option<(i64, String)>), ChatsError> {
+    ) -> Result<Page<Member, MemberCursor>, ChatsError> {
         self.readable(caller, chat_id).await?;
-        let mut rows = self.store.members(&chat_id.to_string(), after, page_size + 1).await?;
-        let next = if rows.len() > page_size as usize {
-            rows.truncate(page_size as usize);
-            rows.last().map(|m| (m.join_time, m.user_id.clone()))
+        let mut members = self.store.members(chat_id, after, page_size + 1).await?;
+        let next = if members.len() > page_size as usize {
+            members.truncate(page_size as usize);
+            members.last().map(Member::cursor)
         } else {
             None
         };
-        Ok((rows, next))
+        Ok(Page { items: members, next })
     }
 
     /// Internal: membership and chat state, for the messages service.
-    /// Shared with the cache: a hit costs no copy of the chat row.
-    pub async fn membership(&self, chat_id: &str, user_id: &str) -> Result<Option<Arc<ChatAccess>>, ChatsError> {
+    /// Shared with the cache: a hit costs no copy of the chat.
+    pub async fn membership(&self, chat_id: ChatId, user_id: UserId) -> Result<Option<Arc<ChatAccess>>, ChatsError> {
         let Some(cache) = &self.cache else { return Ok(self.store.access(chat_id, user_id).await?.map(Arc::new)) };
-        let key = (chat_id.to_owned(), user_id.to_owned());
+        let key = (chat_id, user_id);
         let generation = {
             let cache = cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(hit) = cache.entries.get(&key) {
@@ -562,13 +570,12 @@ impl Chats {
     }
 
     /// Internal: every chat of a user.
-    pub async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, ChatsError> {
+    pub async fn member_chat_ids(&self, user_id: UserId) -> Result<Vec<ChatId>, ChatsError> {
         Ok(self.store.member_chat_ids(user_id).await?)
     }
 
-    /// Internal: newest messages of chats, for ordering by activity
-    /// (`(chat_id, last_seq, time)` each, one transaction).
-    pub async fn record_activity(&self, activities: &[(String, i64, i64)]) -> Result<(), ChatsError> {
+    /// Internal: newest messages of chats, for ordering by activity.
+    pub async fn record_activity(&self, activities: &[Activity]) -> Result<(), ChatsError> {
         Ok(self.store.record_activity(activities).await?)
     }
 }

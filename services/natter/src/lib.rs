@@ -124,7 +124,7 @@ impl App {
     /// chat activity still in memory and closes the stores.
     pub async fn run(self) -> anyhow::Result<()> {
         self.server.serve(self.listener, self.shutdown).await?;
-        self.chats.store().close().await;
+        self.chats.close().await;
         for db in &self.dbs {
             db.close().await;
         }

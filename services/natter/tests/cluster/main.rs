@@ -453,7 +453,7 @@ async fn the_all_in_one_keeps_every_acknowledged_message_through_sigkill() {
 }
 
 /// The all-in-one on SQLite keeps chat activity in memory between writes
-/// (here for an hour): killed with SIGKILL before it wrote any, it gets the
+/// (here for up to 8s): killed with SIGKILL before it wrote any, it gets the
 /// activity back from the messages at start-up, so the chat that got the last
 /// message is on top of ListChats after the restart, at that message's time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -484,7 +484,7 @@ async fn the_all_in_one_recovers_chat_activity_after_sigkill() {
 }
 
 /// The all-in-one on SQLite stopped with SIGTERM writes the chat activity
-/// it kept in memory (here for an hour) before it exits: `chats.db` itself
+/// it kept in memory (here for up to 8s) before it exits: `chats.db` itself
 /// holds the chat's newest seq and time afterwards. (A restart alone would
 /// not show a lost write: the start-up re-announcement puts it back.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -518,11 +518,13 @@ async fn the_all_in_one_writes_chat_activity_when_stopped() {
 
 /// `natter serve` on SQLite in a fresh data directory (`natter-<name>-<uuid>`
 /// under the temp dir, returned for cleanup) that keeps chat activity in
-/// memory for an hour, so only a listing, a restart's re-announcement or
-/// the shutdown writes it.
+/// memory for the longest interval allowed (8s,
+/// `natter_links::activity::MAX_FLUSH_INTERVAL`), so within a test this
+/// short only a listing, a restart's re-announcement or the shutdown
+/// writes it.
 fn all_in_one_holding_activity(name: &str) -> (std::path::PathBuf, Node) {
     let dir = std::env::temp_dir().join(format!("natter-{name}-{}", uuid::Uuid::new_v4().simple()));
-    let args = vec!["--data-dir".into(), dir.display().to_string(), "--activity-flush-interval".into(), "1h".into()];
+    let args = vec!["--data-dir".into(), dir.display().to_string(), "--activity-flush-interval".into(), "8s".into()];
     let node = Node::start("serve", free_port(), args);
     (dir, node)
 }

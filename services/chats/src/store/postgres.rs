@@ -1,0 +1,446 @@
+//! The chats store on PostgreSQL, through sqlx's native `Postgres` driver:
+//! one pool in the service's schema. Several replicas share it, so nothing
+//! is kept in memory: activity is written through (without a disk flush,
+//! it is derived data), and membership changes lock the chat's row first so
+//! concurrent changes to one chat queue there.
+
+use async_trait::async_trait;
+use natter_kit::id::{ChatId, UserId};
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Postgres, QueryBuilder, Row as _};
+
+use super::{Added, ChatStore, Created, MIGRATOR, StoreError, direct_key, parse_enum, parse_id};
+use crate::domain::{
+    Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, Role,
+    Visibility, title_key,
+};
+
+/// The columns [`chat_row`] reads, of `chats c` (a macro, for `concat!`).
+macro_rules! chat_columns {
+    () => {
+        "c.id, c.kind, c.title, c.description, c.visibility, c.owner_id, c.creator_id, c.member_count, \
+         c.archive_time, c.create_time, c.update_time, c.last_activity_time, c.last_seq, c.last_message_time"
+    };
+}
+
+/// The chats store on a PostgreSQL schema (see the module docs).
+#[derive(Clone, Debug)]
+pub struct PostgresChatStore {
+    pool: PgPool,
+}
+
+impl PostgresChatStore {
+    /// Connects up to `max_connections` to `url`, in `schema` (created if
+    /// missing), and migrates it.
+    ///
+    /// Errors: an invalid schema name, the server is unreachable, or a
+    /// migration fails.
+    pub async fn open(url: &str, schema: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let pool = natter_db::postgres::connect(url, schema, max_connections, &MIGRATOR).await?;
+        Ok(Self { pool })
+    }
+
+    /// The pool (for tests).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// The one chat row mapper: `chat_columns!()` by name.
+fn chat_row(row: &PgRow) -> Result<Chat, StoreError> {
+    let text = |column: &str| row.try_get::<String, _>(column);
+    Ok(Chat {
+        id: parse_id("chats.id", &text("id")?)?,
+        kind: parse_enum("chats.kind", &text("kind")?, Kind::parse)?,
+        title: text("title")?,
+        description: text("description")?,
+        visibility: parse_enum("chats.visibility", &text("visibility")?, Visibility::parse)?,
+        owner_id: parse_id("chats.owner_id", &text("owner_id")?)?,
+        creator_id: parse_id("chats.creator_id", &text("creator_id")?)?,
+        member_count: row.try_get("member_count")?,
+        archive_time: row.try_get("archive_time")?,
+        create_time: row.try_get("create_time")?,
+        update_time: row.try_get("update_time")?,
+        last_activity_time: row.try_get("last_activity_time")?,
+        last_seq: row.try_get("last_seq")?,
+        last_message_time: row.try_get("last_message_time")?,
+    })
+}
+
+/// The member row mapper: `chat_id, user_id, role, join_time`.
+fn member_row(row: &PgRow) -> Result<Member, StoreError> {
+    Ok(Member {
+        chat_id: parse_id("members.chat_id", &row.try_get::<String, _>("chat_id")?)?,
+        user_id: parse_id("members.user_id", &row.try_get::<String, _>("user_id")?)?,
+        role: parse_enum("members.role", &row.try_get::<String, _>("role")?, Role::parse)?,
+        join_time: row.try_get("join_time")?,
+    })
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+/// Sets a chat's update time as the first write of a membership change,
+/// which takes the chat's row lock: concurrent changes to one chat queue
+/// here.
+async fn touch(tx: &mut sqlx::PgConnection, chat: &str, now: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE chats SET update_time = $1 WHERE id = $2").bind(now).bind(chat).execute(&mut *tx).await?;
+    Ok(())
+}
+
+/// Recomputes a chat's member count and returns it (0 for no such chat).
+async fn recount(tx: &mut sqlx::PgConnection, chat: &str) -> Result<i64, sqlx::Error> {
+    let count: Option<i64> = sqlx::query_scalar(
+        "UPDATE chats SET member_count = (SELECT COUNT(*) FROM members WHERE chat_id = $1) WHERE id = $1 \
+         RETURNING member_count",
+    )
+    .bind(chat)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(count.unwrap_or_default())
+}
+
+async fn select_chat(conn: &mut sqlx::PgConnection, id: ChatId) -> Result<Option<Chat>, StoreError> {
+    let row = sqlx::query(concat!("SELECT ", chat_columns!(), " FROM chats c WHERE c.id = $1"))
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(chat_row).transpose()
+}
+
+#[async_trait]
+impl ChatStore for PostgresChatStore {
+    async fn create_chat(&self, chat: &Chat, members: &[Member]) -> Result<Created, StoreError> {
+        let direct_key = direct_key(chat, members)?;
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO chats (id, kind, title, title_key, description, visibility, owner_id, creator_id, direct_key, \
+             member_count, archive_time, create_time, update_time, last_activity_time, last_seq, last_message_time) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+        )
+        .bind(chat.id.to_string())
+        .bind(chat.kind.as_str())
+        .bind(&chat.title)
+        .bind(title_key(&chat.title))
+        .bind(&chat.description)
+        .bind(chat.visibility.as_str())
+        .bind(chat.owner_id.to_string())
+        .bind(chat.creator_id.to_string())
+        .bind(direct_key)
+        .bind(chat.member_count)
+        .bind(chat.archive_time)
+        .bind(chat.create_time)
+        .bind(chat.update_time)
+        .bind(chat.last_activity_time)
+        .bind(chat.last_seq)
+        .bind(chat.last_message_time)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => return Ok(Created::Conflict),
+            Err(e) => return Err(e.into()),
+        }
+        if !members.is_empty() {
+            // One statement for every member: arrays of each column.
+            sqlx::query(
+                "INSERT INTO members (chat_id, user_id, role, join_time) \
+                 SELECT $1, m.user_id, m.role, m.join_time FROM UNNEST($2::text[], $3::text[], $4::bigint[]) \
+                 AS m (user_id, role, join_time)",
+            )
+            .bind(chat.id.to_string())
+            .bind(members.iter().map(|m| m.user_id.to_string()).collect::<Vec<_>>())
+            .bind(members.iter().map(|m| m.role.as_str()).collect::<Vec<_>>())
+            .bind(members.iter().map(|m| m.join_time).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Created::Created)
+    }
+
+    async fn chat(&self, id: ChatId) -> Result<Option<Chat>, StoreError> {
+        select_chat(&mut *self.pool.acquire().await?, id).await
+    }
+
+    async fn direct_chat(&self, a: UserId, b: UserId) -> Result<Option<Chat>, StoreError> {
+        let row = sqlx::query(concat!("SELECT ", chat_columns!(), " FROM chats c WHERE c.direct_key = $1"))
+            .bind(crate::domain::direct_key(a, b))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(chat_row).transpose()
+    }
+
+    async fn access(&self, chat: ChatId, user: UserId) -> Result<Option<ChatAccess>, StoreError> {
+        // One query: this is on every send's path (membership check).
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            chat_columns!(),
+            ", m.role FROM chats c LEFT JOIN members m ON m.chat_id = c.id AND m.user_id = $1 WHERE c.id = $2"
+        ))
+        .bind(user.to_string())
+        .bind(chat.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let role: Option<String> = row.try_get("role")?;
+        let role = role.map(|r| parse_enum("members.role", &r, Role::parse)).transpose()?;
+        Ok(Some(ChatAccess { chat: chat_row(&row)?, role }))
+    }
+
+    async fn role(&self, chat: ChatId, user: UserId) -> Result<Option<Role>, StoreError> {
+        let role: Option<String> = sqlx::query_scalar("SELECT role FROM members WHERE chat_id = $1 AND user_id = $2")
+            .bind(chat.to_string())
+            .bind(user.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        role.map(|r| parse_enum("members.role", &r, Role::parse)).transpose()
+    }
+
+    async fn member_chat_ids(&self, user: UserId) -> Result<Vec<ChatId>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT chat_id FROM members WHERE user_id = $1")
+            .bind(user.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        ids.iter().map(|id| parse_id("members.chat_id", id)).collect()
+    }
+
+    async fn list_chats(
+        &self,
+        user: UserId,
+        filter: &ChatFilter,
+        after: Option<ChatCursor>,
+        limit: u32,
+    ) -> Result<Vec<Chat>, StoreError> {
+        let mut q = QueryBuilder::<Postgres>::new(concat!("SELECT ", chat_columns!(), " FROM chats c"));
+        if filter.public {
+            q.push(" WHERE c.visibility = 'public'");
+        } else {
+            q.push(" JOIN members m ON m.chat_id = c.id WHERE m.user_id = ").push_bind(user.to_string());
+        }
+        if let Some(kind) = filter.kind {
+            q.push(" AND c.kind = ").push_bind(kind.as_str());
+        }
+        match filter.archived {
+            Some(true) => {
+                q.push(" AND c.archive_time IS NOT NULL");
+            }
+            Some(false) => {
+                q.push(" AND c.archive_time IS NULL");
+            }
+            None => {}
+        }
+        if let Some(t) = filter.last_message_after {
+            q.push(" AND c.last_message_time > ").push_bind(t);
+        }
+        if let Some(t) = filter.last_message_before {
+            q.push(" AND c.last_message_time < ").push_bind(t);
+        }
+        if let Some(query) = &filter.query {
+            q.push(" AND c.title_key LIKE ").push_bind(format!("%{}%", natter_db::escape_like(query)));
+            q.push(" ESCAPE '\\'");
+        }
+        let (cmp, order) = if filter.ascending { (" > ", "ASC") } else { (" < ", "DESC") };
+        if let Some(after) = after {
+            q.push(" AND (c.last_activity_time").push(cmp).push_bind(after.last_activity_time);
+            q.push(" OR (c.last_activity_time = ").push_bind(after.last_activity_time);
+            q.push(" AND c.id").push(cmp).push_bind(after.chat_id.to_string()).push("))");
+        }
+        q.push(format_args!(" ORDER BY c.last_activity_time {order}, c.id {order} LIMIT {limit}"));
+        let rows = q.build().fetch_all(&self.pool).await?;
+        rows.iter().map(chat_row).collect()
+    }
+
+    async fn record_activity(&self, activities: &[Activity]) -> Result<(), StoreError> {
+        if activities.is_empty() {
+            return Ok(());
+        }
+        // Activity is derived data (the messages store has the truth), so
+        // its commit skips the disk flush (`synchronous_commit = off`): a
+        // crash of the database may lose a chat's newest activity, which its
+        // next message restores; it never loses a chat or a membership.
+        // The newest of each chat only: an UPDATE joined to two rows of one
+        // chat would apply either of them.
+        let mut newest: std::collections::HashMap<ChatId, Activity> = std::collections::HashMap::new();
+        for a in activities {
+            let known = newest.entry(a.chat_id).or_insert(*a);
+            if a.last_seq > known.last_seq {
+                *known = *a;
+            }
+        }
+        let activities: Vec<Activity> = newest.into_values().collect();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL synchronous_commit TO OFF").execute(&mut *tx).await?;
+        sqlx::query(
+            "UPDATE chats SET last_seq = v.last_seq, last_activity_time = v.time, last_message_time = v.time \
+             FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) AS v (id, last_seq, time) \
+             WHERE chats.id = v.id AND chats.last_seq < v.last_seq",
+        )
+        .bind(activities.iter().map(|a| a.chat_id.to_string()).collect::<Vec<_>>())
+        .bind(activities.iter().map(|a| a.last_seq).collect::<Vec<_>>())
+        .bind(activities.iter().map(|a| a.time).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn flush_activity(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn update_chat(&self, id: ChatId, update: &ChatUpdate, now: i64) -> Result<Option<Chat>, StoreError> {
+        // One UPDATE of the fields given that returns the row.
+        let mut q = QueryBuilder::<Postgres>::new("UPDATE chats c SET update_time = ");
+        q.push_bind(now);
+        if let Some(title) = &update.title {
+            q.push(", title = ").push_bind(title.clone()).push(", title_key = ").push_bind(title_key(title));
+        }
+        if let Some(description) = &update.description {
+            q.push(", description = ").push_bind(description.clone());
+        }
+        if let Some(visibility) = update.visibility {
+            q.push(", visibility = ").push_bind(visibility.as_str());
+        }
+        q.push(" WHERE c.id = ").push_bind(id.to_string()).push(concat!(" RETURNING ", chat_columns!()));
+        let row = q.build().fetch_optional(&self.pool).await?;
+        row.as_ref().map(chat_row).transpose()
+    }
+
+    async fn set_archived(&self, id: ChatId, archive_time: Option<i64>, now: i64) -> Result<Option<Chat>, StoreError> {
+        let row = sqlx::query(concat!(
+            "UPDATE chats c SET archive_time = $1, update_time = $2 WHERE c.id = $3 RETURNING ",
+            chat_columns!()
+        ))
+        .bind(archive_time)
+        .bind(now)
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(chat_row).transpose()
+    }
+
+    async fn delete_chat(&self, id: ChatId) -> Result<Vec<UserId>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let members: Vec<String> = sqlx::query_scalar("DELETE FROM members WHERE chat_id = $1 RETURNING user_id")
+            .bind(id.to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM chats WHERE id = $1").bind(id.to_string()).execute(&mut *tx).await?;
+        tx.commit().await?;
+        members.iter().map(|u| parse_id("members.user_id", u)).collect()
+    }
+
+    async fn add_members(
+        &self,
+        chat: ChatId,
+        members: &[Member],
+        limits: &Limits,
+        now: i64,
+    ) -> Result<Added, StoreError> {
+        let key = chat.to_string();
+        let mut tx = self.pool.begin().await?;
+        // The chat's row lock first: concurrent adds to one chat queue here,
+        // so the member count they check is exact.
+        touch(&mut tx, &key, now).await?;
+        let inserted: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO members (chat_id, user_id, role, join_time) \
+             SELECT $1, m.user_id, m.role, m.join_time FROM UNNEST($2::text[], $3::text[], $4::bigint[]) \
+             AS m (user_id, role, join_time) ON CONFLICT (chat_id, user_id) DO NOTHING RETURNING user_id",
+        )
+        .bind(&key)
+        .bind(members.iter().map(|m| m.user_id.to_string()).collect::<Vec<_>>())
+        .bind(members.iter().map(|m| m.role.as_str()).collect::<Vec<_>>())
+        .bind(members.iter().map(|m| m.join_time).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?;
+        let count = recount(&mut tx, &key).await? as usize;
+        if !limits.admits_members(count) {
+            tx.rollback().await?;
+            return Ok(Added::TooMany(count));
+        }
+        tx.commit().await?;
+        // In request order, as the engine's RETURNING order is not promised.
+        let added = members.iter().filter(|m| inserted.contains(&m.user_id.to_string())).copied().collect();
+        Ok(Added::Added(added))
+    }
+
+    async fn remove_member(&self, chat: ChatId, user: UserId, now: i64) -> Result<bool, StoreError> {
+        let key = chat.to_string();
+        let mut tx = self.pool.begin().await?;
+        touch(&mut tx, &key, now).await?;
+        let done = sqlx::query("DELETE FROM members WHERE chat_id = $1 AND user_id = $2")
+            .bind(&key)
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?;
+        recount(&mut tx, &key).await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn set_role(&self, chat: ChatId, user: UserId, role: Role, now: i64) -> Result<Option<Member>, StoreError> {
+        let (key, user) = (chat.to_string(), user.to_string());
+        let mut tx = self.pool.begin().await?;
+        touch(&mut tx, &key, now).await?;
+        if role == Role::Owner {
+            sqlx::query("UPDATE members SET role = 'admin' WHERE chat_id = $1 AND role = 'owner'")
+                .bind(&key)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE chats SET owner_id = $1 WHERE id = $2")
+                .bind(&user)
+                .bind(&key)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let row = sqlx::query(
+            "UPDATE members SET role = $1 WHERE chat_id = $2 AND user_id = $3 RETURNING chat_id, user_id, role, join_time",
+        )
+        .bind(role.as_str())
+        .bind(&key)
+        .bind(&user)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let member = member_row(&row)?;
+        tx.commit().await?;
+        Ok(Some(member))
+    }
+
+    async fn members(&self, chat: ChatId, after: Option<MemberCursor>, limit: u32) -> Result<Vec<Member>, StoreError> {
+        let rows = match after {
+            None => {
+                sqlx::query(
+                    "SELECT chat_id, user_id, role, join_time FROM members WHERE chat_id = $1 \
+                     ORDER BY join_time, user_id LIMIT $2",
+                )
+                .bind(chat.to_string())
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+            }
+            Some(after) => {
+                sqlx::query(
+                    "SELECT chat_id, user_id, role, join_time FROM members WHERE chat_id = $1 \
+                     AND (join_time > $2 OR (join_time = $2 AND user_id > $3)) ORDER BY join_time, user_id LIMIT $4",
+                )
+                .bind(chat.to_string())
+                .bind(after.join_time)
+                .bind(after.user_id.to_string())
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter().map(member_row).collect()
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,665 @@
+//! The chats store on SQLite, through rusqlite only
+//! ([`natter_db::sqlite::Sqlite`]): reads on the reader pool, every write
+//! (chat activity included) on the one writer thread, so writes queue in
+//! arrival order and never meet SQLite's write lock at once.
+//!
+//! Chat activity is kept in memory and written in the background
+//! ([`activity`]): one writer, one process, so no one else reads the file
+//! and may miss it; reads of a chat lay it over the row.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use natter_db::DbError;
+use natter_db::sqlite::Sqlite;
+use natter_kit::id::{ChatId, UserId};
+use rusqlite::types::{Type, Value};
+use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, params};
+
+use super::{Added, ChatStore, Created, MIGRATOR, StoreError, direct_key, parse_enum, parse_id};
+use crate::domain::{
+    Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, Role,
+    Visibility, title_key,
+};
+
+mod activity;
+
+use activity::ActivityBuffer;
+
+/// The columns [`chat_row`] reads, of `chats c` (a macro, for `concat!`).
+macro_rules! chat_columns {
+    () => {
+        "c.id, c.kind, c.title, c.description, c.visibility, c.owner_id, c.creator_id, c.member_count, \
+         c.archive_time, c.create_time, c.update_time, c.last_activity_time, c.last_seq, c.last_message_time"
+    };
+}
+
+/// The chats store on one SQLite file (see the module docs).
+#[derive(Debug)]
+pub struct SqliteChatStore {
+    db: Sqlite,
+    activity: ActivityBuffer,
+}
+
+impl SqliteChatStore {
+    /// Migrates the file at `path` (created if missing), opens it with up to
+    /// `readers` reader connections and the writer thread, and starts the
+    /// activity flush every `activity_interval` on the current tokio runtime.
+    ///
+    /// Errors: the file cannot be opened or migrated. Panics outside a tokio
+    /// runtime.
+    pub async fn open(path: &Path, readers: usize, activity_interval: Duration) -> Result<Self, StoreError> {
+        migrate(path).await?;
+        let db = Sqlite::start(path, readers, natter_db::sqlite::connection(path, None)?)?;
+        let activity = ActivityBuffer::start(db.clone(), activity_interval);
+        Ok(Self { db, activity })
+    }
+
+    /// The database (for tests that look past the activity buffer).
+    pub fn db(&self) -> &Sqlite {
+        &self.db
+    }
+
+    /// The chat `id` as the file has it, with pending activity laid over.
+    async fn read_chat(&self, id: ChatId) -> Result<Option<Chat>, StoreError> {
+        let chat = self.db.read(move |conn| select_chat(conn, id)).await.map_err(unwrap)?;
+        Ok(chat.map(|chat| self.activity.overlay(chat)))
+    }
+}
+
+/// Creates the file at `path` if missing, switches it to WAL mode and runs
+/// [`MIGRATOR`] on it, through a pool of one sqlx connection closed before
+/// this returns.
+///
+/// As `natter_db::sqlite::migrate`, whose future is not `Send` for every
+/// lifetime (sqlx's `Acquire` on `&mut SqliteConnection`), which a service
+/// started on `tokio::spawn` needs; a pool is `Acquire` for any lifetime.
+async fn migrate(path: &Path) -> Result<(), StoreError> {
+    use sqlx::ConnectOptions as _;
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .disable_statement_logging();
+    let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+    MIGRATOR.run(&pool).await.map_err(DbError::from)?;
+    pool.close().await;
+    Ok(())
+}
+
+/// A [`StoreError`] out of a [`DbError`]: a corrupt value that a row mapper
+/// had to wrap in a rusqlite error comes back out as itself.
+fn unwrap(e: DbError) -> StoreError {
+    match e {
+        DbError::Sqlite(rusqlite::Error::FromSqlConversionFailure(_, _, inner)) if inner.is::<StoreError>() => {
+            *inner.downcast::<StoreError>().expect("checked above")
+        }
+        e => StoreError::Db(e),
+    }
+}
+
+/// A corrupt value of column `idx`, as a rusqlite error (row mappers can
+/// return only those); [`unwrap`] takes it out again.
+fn corrupt(idx: usize, column: &'static str, value: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(StoreError::corrupt(column, value)))
+}
+
+/// Reads column `idx` as text and parses it strictly with `parse`.
+fn parsed<T>(row: &Row<'_>, idx: usize, column: &'static str, parse: fn(&str) -> Option<T>) -> rusqlite::Result<T> {
+    let text: String = row.get(idx)?;
+    parse_enum(column, &text, parse).map_err(|_| corrupt(idx, column, &text))
+}
+
+/// Reads column `idx` as an id.
+fn id<T: std::str::FromStr>(row: &Row<'_>, idx: usize, column: &'static str) -> rusqlite::Result<T> {
+    let text: String = row.get(idx)?;
+    parse_id(column, &text).map_err(|_| corrupt(idx, column, &text))
+}
+
+/// The one chat row mapper: `chat_columns!()` from column 0.
+fn chat_row(row: &Row<'_>) -> rusqlite::Result<Chat> {
+    Ok(Chat {
+        id: id(row, 0, "chats.id")?,
+        kind: parsed(row, 1, "chats.kind", Kind::parse)?,
+        title: row.get(2)?,
+        description: row.get(3)?,
+        visibility: parsed(row, 4, "chats.visibility", Visibility::parse)?,
+        owner_id: id(row, 5, "chats.owner_id")?,
+        creator_id: id(row, 6, "chats.creator_id")?,
+        member_count: row.get(7)?,
+        archive_time: row.get(8)?,
+        create_time: row.get(9)?,
+        update_time: row.get(10)?,
+        last_activity_time: row.get(11)?,
+        last_seq: row.get(12)?,
+        last_message_time: row.get(13)?,
+    })
+}
+
+/// The member row mapper: `chat_id, user_id, role, join_time`.
+fn member_row(row: &Row<'_>) -> rusqlite::Result<Member> {
+    Ok(Member {
+        chat_id: id(row, 0, "members.chat_id")?,
+        user_id: id(row, 1, "members.user_id")?,
+        role: parsed(row, 2, "members.role", Role::parse)?,
+        join_time: row.get(3)?,
+    })
+}
+
+fn select_chat(conn: &Connection, id: ChatId) -> rusqlite::Result<Option<Chat>> {
+    let sql = concat!("SELECT ", chat_columns!(), " FROM chats c WHERE c.id = ?1");
+    conn.prepare_cached(sql)?.query_row([id.to_string()], chat_row).optional()
+}
+
+/// True for a unique or primary-key violation.
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+    )
+}
+
+/// Sets a chat's update time as the first write of a membership change.
+fn touch(tx: &Connection, chat: &str, now: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached("UPDATE chats SET update_time = ?1 WHERE id = ?2")?.execute(params![now, chat])?;
+    Ok(())
+}
+
+/// Recomputes a chat's member count and returns it (0 for no such chat).
+fn recount(tx: &Connection, chat: &str) -> rusqlite::Result<i64> {
+    tx.prepare_cached(
+        "UPDATE chats SET member_count = (SELECT COUNT(*) FROM members WHERE chat_id = ?1) WHERE id = ?1 \
+         RETURNING member_count",
+    )?
+    .query_row([chat], |r| r.get(0))
+    .optional()
+    .map(Option::unwrap_or_default)
+}
+
+/// The SQL and values of a ListChats page (`?N` numbered placeholders).
+fn list_sql(user: UserId, filter: &ChatFilter, after: Option<ChatCursor>, limit: u32) -> (String, Vec<Value>) {
+    let mut sql = String::from(concat!("SELECT ", chat_columns!(), " FROM chats c"));
+    let mut values: Vec<Value> = Vec::new();
+    let bind = |values: &mut Vec<Value>, v: Value| {
+        values.push(v);
+        format!("?{}", values.len())
+    };
+    if filter.public {
+        sql.push_str(" WHERE c.visibility = 'public'");
+    } else {
+        let p = bind(&mut values, Value::Text(user.to_string()));
+        sql.push_str(&format!(" JOIN members m ON m.chat_id = c.id WHERE m.user_id = {p}"));
+    }
+    if let Some(kind) = filter.kind {
+        let p = bind(&mut values, Value::Text(kind.as_str().into()));
+        sql.push_str(&format!(" AND c.kind = {p}"));
+    }
+    match filter.archived {
+        Some(true) => sql.push_str(" AND c.archive_time IS NOT NULL"),
+        Some(false) => sql.push_str(" AND c.archive_time IS NULL"),
+        None => {}
+    }
+    if let Some(t) = filter.last_message_after {
+        let p = bind(&mut values, Value::Integer(t));
+        sql.push_str(&format!(" AND c.last_message_time > {p}"));
+    }
+    if let Some(t) = filter.last_message_before {
+        let p = bind(&mut values, Value::Integer(t));
+        sql.push_str(&format!(" AND c.last_message_time < {p}"));
+    }
+    if let Some(query) = &filter.query {
+        let p = bind(&mut values, Value::Text(format!("%{}%", natter_db::escape_like(query))));
+        sql.push_str(&format!(" AND c.title_key LIKE {p} ESCAPE '\\'"));
+    }
+    let (cmp, order) = if filter.ascending { (">", "ASC") } else { ("<", "DESC") };
+    if let Some(after) = after {
+        let t = bind(&mut values, Value::Integer(after.last_activity_time));
+        let i = bind(&mut values, Value::Text(after.chat_id.to_string()));
+        sql.push_str(&format!(
+            " AND (c.last_activity_time {cmp} {t} OR (c.last_activity_time = {t} AND c.id {cmp} {i}))"
+        ));
+    }
+    // The limit is written, not bound: SQLite re-prepares a statement whose
+    // bound LIMIT changes (see natter_db::SqlBuilder::limit).
+    sql.push_str(&format!(" ORDER BY c.last_activity_time {order}, c.id {order} LIMIT {limit}"));
+    (sql, values)
+}
+
+fn page(conn: &Connection, sql: &str, values: &[Value]) -> rusqlite::Result<Vec<Chat>> {
+    let mut page = conn.prepare_cached(sql)?;
+    let rows = page.query_map(rusqlite::params_from_iter(values), chat_row)?;
+    rows.collect()
+}
+
+#[async_trait]
+impl ChatStore for SqliteChatStore {
+    async fn create_chat(&self, chat: &Chat, members: &[Member]) -> Result<Created, StoreError> {
+        let direct_key = direct_key(chat, members)?;
+        let (chat, members) = (chat.clone(), members.to_vec());
+        let created = self.db.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO chats (id, kind, title, title_key, description, visibility, owner_id, creator_id, \
+                     direct_key, member_count, archive_time, create_time, update_time, last_activity_time, last_seq, \
+                     last_message_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                )?
+                .execute(params![
+                    chat.id.to_string(),
+                    chat.kind.as_str(),
+                    chat.title,
+                    title_key(&chat.title),
+                    chat.description,
+                    chat.visibility.as_str(),
+                    chat.owner_id.to_string(),
+                    chat.creator_id.to_string(),
+                    direct_key,
+                    chat.member_count,
+                    chat.archive_time,
+                    chat.create_time,
+                    chat.update_time,
+                    chat.last_activity_time,
+                    chat.last_seq,
+                    chat.last_message_time,
+                ]);
+            match inserted {
+                Ok(_) => {}
+                Err(e) if is_unique_violation(&e) => return Ok(Created::Conflict),
+                Err(e) => return Err(e),
+            }
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO members (chat_id, user_id, role, join_time) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for m in &members {
+                    insert.execute(params![
+                        m.chat_id.to_string(),
+                        m.user_id.to_string(),
+                        m.role.as_str(),
+                        m.join_time
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(Created::Created)
+        });
+        created.await.map_err(unwrap)
+    }
+
+    async fn chat(&self, id: ChatId) -> Result<Option<Chat>, StoreError> {
+        self.read_chat(id).await
+    }
+
+    async fn direct_chat(&self, a: UserId, b: UserId) -> Result<Option<Chat>, StoreError> {
+        let key = crate::domain::direct_key(a, b);
+        let chat = self.db.read(move |conn| {
+            let sql = concat!("SELECT ", chat_columns!(), " FROM chats c WHERE c.direct_key = ?1");
+            conn.prepare_cached(sql)?.query_row([key], chat_row).optional()
+        });
+        Ok(chat.await.map_err(unwrap)?.map(|chat| self.activity.overlay(chat)))
+    }
+
+    async fn access(&self, chat: ChatId, user: UserId) -> Result<Option<ChatAccess>, StoreError> {
+        // One read: this is on every send's path (membership check).
+        let access = self.db.read(move |conn| {
+            let sql = concat!(
+                "SELECT ",
+                chat_columns!(),
+                ", m.role FROM chats c LEFT JOIN members m ON m.chat_id = c.id AND m.user_id = ?1 WHERE c.id = ?2"
+            );
+            let mut select = conn.prepare_cached(sql)?;
+            select
+                .query_row([user.to_string(), chat.to_string()], |row| {
+                    let role: Option<String> = row.get(14)?;
+                    let role = match role {
+                        Some(role) => Some(Role::parse(&role).ok_or_else(|| corrupt(14, "members.role", &role))?),
+                        None => None,
+                    };
+                    Ok(ChatAccess { chat: chat_row(row)?, role })
+                })
+                .optional()
+        });
+        Ok(access.await.map_err(unwrap)?.map(|mut access| {
+            access.chat = self.activity.overlay(access.chat);
+            access
+        }))
+    }
+
+    async fn role(&self, chat: ChatId, user: UserId) -> Result<Option<Role>, StoreError> {
+        let role = self.db.read(move |conn| {
+            conn.prepare_cached("SELECT role FROM members WHERE chat_id = ?1 AND user_id = ?2")?
+                .query_row([chat.to_string(), user.to_string()], |row| parsed(row, 0, "members.role", Role::parse))
+                .optional()
+        });
+        role.await.map_err(unwrap)
+    }
+
+    async fn member_chat_ids(&self, user: UserId) -> Result<Vec<ChatId>, StoreError> {
+        let ids = self.db.read(move |conn| {
+            let mut select = conn.prepare_cached("SELECT chat_id FROM members WHERE user_id = ?1")?;
+            let ids = select.query_map([user.to_string()], |row| id(row, 0, "members.chat_id"))?;
+            ids.collect()
+        });
+        ids.await.map_err(unwrap)
+    }
+
+    async fn list_chats(
+        &self,
+        user: UserId,
+        filter: &ChatFilter,
+        after: Option<ChatCursor>,
+        limit: u32,
+    ) -> Result<Vec<Chat>, StoreError> {
+        let (sql, values) = list_sql(user, filter, after, limit);
+        // One trip to a reader: it checks whether pending activity concerns
+        // chats this listing can show, and reads the page when none does.
+        // Only otherwise is that activity written first (through the writer
+        // thread) and the page read again.
+        let (pending, public) = (self.activity.pending(), filter.public);
+        let first = self.db.read(move |conn| {
+            let shown = activity::listed(conn, &pending, public, user)?;
+            Ok(if shown.is_empty() { Ok(page(conn, &sql, &values)?) } else { Err((shown, sql, values)) })
+        });
+        match first.await.map_err(unwrap)? {
+            Ok(rows) => Ok(rows),
+            Err((shown, sql, values)) => {
+                if let Err(e) = self.activity.write(shown).await {
+                    tracing::warn!(error = %e, "writing chat activity before a listing failed");
+                }
+                self.db.read(move |conn| page(conn, &sql, &values)).await.map_err(unwrap)
+            }
+        }
+    }
+
+    async fn record_activity(&self, activities: &[Activity]) -> Result<(), StoreError> {
+        self.activity.record(activities);
+        Ok(())
+    }
+
+    async fn flush_activity(&self) -> Result<(), StoreError> {
+        self.activity.flush().await
+    }
+
+    async fn update_chat(&self, id: ChatId, update: &ChatUpdate, now: i64) -> Result<Option<Chat>, StoreError> {
+        // One UPDATE of the fields given, and the read back, in one trip to
+        // the writer.
+        let mut sql = String::from("UPDATE chats SET update_time = ?1");
+        let mut values: Vec<Value> = vec![Value::Integer(now)];
+        if let Some(title) = &update.title {
+            values.extend([Value::Text(title.clone()), Value::Text(title_key(title))]);
+            sql.push_str(&format!(", title = ?{}, title_key = ?{}", values.len() - 1, values.len()));
+        }
+        if let Some(description) = &update.description {
+            values.push(Value::Text(description.clone()));
+            sql.push_str(&format!(", description = ?{}", values.len()));
+        }
+        if let Some(visibility) = update.visibility {
+            values.push(Value::Text(visibility.as_str().into()));
+            sql.push_str(&format!(", visibility = ?{}", values.len()));
+        }
+        values.push(Value::Text(id.to_string()));
+        sql.push_str(&format!(" WHERE id = ?{}", values.len()));
+        let chat = self.db.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(&values))?;
+            let chat = select_chat(&tx, id)?;
+            tx.commit()?;
+            Ok(chat)
+        });
+        Ok(chat.await.map_err(unwrap)?.map(|chat| self.activity.overlay(chat)))
+    }
+
+    async fn set_archived(&self, id: ChatId, archive_time: Option<i64>, now: i64) -> Result<Option<Chat>, StoreError> {
+        let chat = self.db.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.prepare_cached("UPDATE chats SET archive_time = ?1, update_time = ?2 WHERE id = ?3")?
+                .execute(params![archive_time, now, id.to_string()])?;
+            let chat = select_chat(&tx, id)?;
+            tx.commit()?;
+            Ok(chat)
+        });
+        Ok(chat.await.map_err(unwrap)?.map(|chat| self.activity.overlay(chat)))
+    }
+
+    async fn delete_chat(&self, id: ChatId) -> Result<Vec<UserId>, StoreError> {
+        let members = self.db.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let key = id.to_string();
+            let members = {
+                let mut delete = tx.prepare_cached("DELETE FROM members WHERE chat_id = ?1 RETURNING user_id")?;
+                let rows = delete.query_map([&key], id_of)?;
+                rows.collect::<rusqlite::Result<Vec<UserId>>>()?
+            };
+            tx.prepare_cached("DELETE FROM chats WHERE id = ?1")?.execute([&key])?;
+            tx.commit()?;
+            Ok(members)
+        });
+        let members = members.await.map_err(unwrap)?;
+        self.activity.forget(id);
+        Ok(members)
+    }
+
+    async fn add_members(
+        &self,
+        chat: ChatId,
+        members: &[Member],
+        limits: &Limits,
+        now: i64,
+    ) -> Result<Added, StoreError> {
+        let (members, limits) = (members.to_vec(), *limits);
+        let added = self.db.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let key = chat.to_string();
+            touch(&tx, &key, now)?;
+            let mut added = Vec::new();
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO members (chat_id, user_id, role, join_time) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (chat_id, user_id) DO NOTHING",
+                )?;
+                for m in &members {
+                    if insert.execute(params![key, m.user_id.to_string(), m.role.as_str(), m.join_time])? == 1 {
+                        added.push(*m);
+                    }
+                }
+            }
+            let count = recount(&tx, &key)? as usize;
+            if !limits.admits_members(count) {
+                return Ok(Added::TooMany(count)); // the guard rolls back
+            }
+            tx.commit()?;
+            Ok(Added::Added(added))
+        });
+        added.await.map_err(unwrap)
+    }
+
+    async fn remove_member(&self, chat: ChatId, user: UserId, now: i64) -> Result<bool, StoreError> {
+        let removed = self.db.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let key = chat.to_string();
+            touch(&tx, &key, now)?;
+            let removed = tx
+                .prepare_cached("DELETE FROM members WHERE chat_id = ?1 AND user_id = ?2")?
+                .execute([&key, &user.to_string()])?;
+            recount(&tx, &key)?;
+            tx.commit()?;
+            Ok(removed == 1)
+        });
+        removed.await.map_err(unwrap)
+    }
+
+    async fn set_role(&self, chat: ChatId, user: UserId, role: Role, now: i64) -> Result<Option<Member>, StoreError> {
+        let member = self.db.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let (key, user) = (chat.to_string(), user.to_string());
+            touch(&tx, &key, now)?;
+            if role == Role::Owner {
+                tx.prepare_cached("UPDATE members SET role = 'admin' WHERE chat_id = ?1 AND role = 'owner'")?
+                    .execute([&key])?;
+                tx.prepare_cached("UPDATE chats SET owner_id = ?1 WHERE id = ?2")?.execute([&user, &key])?;
+            }
+            let member = tx
+                .prepare_cached(
+                    "UPDATE members SET role = ?1 WHERE chat_id = ?2 AND user_id = ?3 \
+                     RETURNING chat_id, user_id, role, join_time",
+                )?
+                .query_row(params![role.as_str(), key, user], member_row)
+                .optional()?;
+            if member.is_some() {
+                tx.commit()?;
+            }
+            Ok(member)
+        });
+        member.await.map_err(unwrap)
+    }
+
+    async fn members(&self, chat: ChatId, after: Option<MemberCursor>, limit: u32) -> Result<Vec<Member>, StoreError> {
+        let members = self.db.read(move |conn| {
+            let key = chat.to_string();
+            match after {
+                None => {
+                    let sql = format!(
+                        "SELECT chat_id, user_id, role, join_time FROM members WHERE chat_id = ?1 \
+                         ORDER BY join_time, user_id LIMIT {limit}"
+                    );
+                    let mut select = conn.prepare_cached(&sql)?;
+                    let rows = select.query_map([key], member_row)?;
+                    rows.collect()
+                }
+                Some(after) => {
+                    let sql = format!(
+                        "SELECT chat_id, user_id, role, join_time FROM members WHERE chat_id = ?1 \
+                         AND (join_time > ?2 OR (join_time = ?2 AND user_id > ?3)) ORDER BY join_time, user_id LIMIT {limit}"
+                    );
+                    let mut select = conn.prepare_cached(&sql)?;
+                    let rows = select.query_map(params![key, after.join_time, after.user_id.to_string()], member_row)?;
+                    rows.collect()
+                }
+            }
+        });
+        members.await.map_err(unwrap)
+    }
+
+    async fn close(&self) {
+        if let Err(e) = self.activity.flush().await {
+            tracing::warn!(error = %e, "writing chat activity at shutdown failed");
+        }
+        self.db.close().await;
+    }
+}
+
+/// Column 0 as a user id (`members.user_id`).
+fn id_of(row: &Row<'_>) -> rusqlite::Result<UserId> {
+    id(row, 0, "members.user_id")
+}
+
+#[cfg(test)]
+mod tests {
+    //! What only this engine has: activity kept in memory, and what the file
+    //! holds past it.
+
+    use std::time::{Duration, Instant};
+
+    use natter_kit::id::{ChatId, UserId};
+
+    use super::SqliteChatStore;
+    use crate::domain::{Activity, ChatFilter};
+    use crate::store::ChatStore as _;
+    use crate::store::tests::{chat, owner};
+
+    /// `(last_seq, last_activity_time)` as stored, past the buffer.
+    async fn stored(store: &SqliteChatStore, id: ChatId) -> (i64, i64) {
+        let read = store.db().read(move |c| {
+            c.query_row("SELECT last_seq, last_activity_time FROM chats WHERE id = ?1", [id.to_string()], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+        });
+        read.await.unwrap()
+    }
+
+    /// Chats a (at 1 µs) and b (at 2 µs) of user u, and c (at 3 µs) of v.
+    async fn three_chats(store: &SqliteChatStore) -> ([ChatId; 3], UserId) {
+        let (u, v) = (UserId::new_v7(), UserId::new_v7());
+        let mut ids = Vec::new();
+        for (time, user) in [(1, u), (2, u), (3, v)] {
+            let chat = chat(user, time);
+            store.create_chat(&chat, &[owner(&chat)]).await.unwrap();
+            ids.push(chat.id);
+        }
+        (ids.try_into().unwrap(), u)
+    }
+
+    #[tokio::test]
+    async fn a_listing_writes_pending_activity_first_and_a_read_sees_it_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteChatStore::open(&dir.path().join("chats.db"), 2, Duration::from_secs(3600)).await.unwrap();
+        let ([a, b, c], u) = three_chats(&store).await;
+        let act = |chat_id, last_seq, time| Activity { chat_id, last_seq, time };
+        store.record_activity(&[act(a, 5, 10), act(c, 2, 50)]).await.unwrap();
+        // Not written yet (the timer is an hour away), but a read of the
+        // chat already has it.
+        assert_eq!(stored(&store, a).await, (0, 1));
+        let got = store.chat(a).await.unwrap().unwrap();
+        assert_eq!((got.last_seq, got.last_activity_time, got.last_message_time), (5, 10, Some(10)));
+        // A listing writes its chats' activity first, so a is on top; c is
+        // not u's, so its activity waits.
+        let listed = store.list_chats(u, &ChatFilter::default(), None, 10).await.unwrap();
+        assert_eq!(listed.iter().map(|c| c.id).collect::<Vec<_>>(), [a, b]);
+        assert_eq!(stored(&store, a).await, (5, 10));
+        assert_eq!(stored(&store, c).await, (0, 3));
+        assert_eq!(store.chat(c).await.unwrap().unwrap().last_seq, 2);
+        // Activity never moves back, pending or stored.
+        store.record_activity(&[act(a, 4, 20), act(b, 1, 3)]).await.unwrap();
+        store.record_activity(&[act(b, 0, 30)]).await.unwrap();
+        let got = store.chat(b).await.unwrap().unwrap();
+        assert_eq!((got.last_seq, got.last_activity_time), (1, 3));
+        store.flush_activity().await.unwrap();
+        assert_eq!(stored(&store, a).await, (5, 10));
+        assert_eq!(stored(&store, b).await, (1, 3));
+        assert_eq!(stored(&store, c).await, (2, 50));
+    }
+
+    #[tokio::test]
+    async fn the_timer_writes_pending_activity() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteChatStore::open(&dir.path().join("chats.db"), 2, Duration::from_millis(10)).await.unwrap();
+        let ([_, b, _], _) = three_chats(&store).await;
+        store.record_activity(&[Activity { chat_id: b, last_seq: 2, time: 7 }]).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stored(&store, b).await != (2, 7) {
+            assert!(Instant::now() < deadline, "activity not written by the timer within 10 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn close_writes_pending_activity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chats.db");
+        let store = SqliteChatStore::open(&path, 2, Duration::from_secs(3600)).await.unwrap();
+        let ([a, _, _], _) = three_chats(&store).await;
+        store.record_activity(&[Activity { chat_id: a, last_seq: 3, time: 9 }]).await.unwrap();
+        store.close().await;
+        assert_eq!(stored(&store, a).await, (3, 9), "reads still work after close, on what it wrote");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_stored_kind_is_an_error_not_a_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteChatStore::open(&dir.path().join("chats.db"), 2, Duration::from_secs(3600)).await.unwrap();
+        let ([a, _, _], _) = three_chats(&store).await;
+        store
+            .db()
+            .write(move |c| c.execute("UPDATE chats SET kind = 'channel' WHERE id = ?1", [a.to_string()]))
+            .await
+            .unwrap();
+        let err = store.chat(a).await.unwrap_err();
+        assert!(
+            matches!(&err, crate::store::StoreError::Corrupt { column: "chats.kind", value } if value == "channel"),
+            "{err:?}"
+        );
+    }
+}

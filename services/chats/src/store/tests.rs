@@ -1,0 +1,440 @@
+//! The [`ChatStore`] conformance suite: every test is a generic function
+//! over `&dyn ChatStore`, stamped by [`chat_store_suite!`] into a `sqlite`
+//! module (always run) and a `postgres` module (run when
+//! `NATTER_TEST_DATABASE_URL` is set, each test in a fresh schema dropped
+//! afterwards; under `CI` an unset URL fails).
+//!
+//! The SQLite store keeps activity in memory for an hour here, so every
+//! activity assertion goes through what a read lays over a row or what a
+//! listing writes first, never through a lucky timer tick.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use natter_kit::id::{ChatId, UserId};
+
+use super::postgres::PostgresChatStore;
+use super::sqlite::SqliteChatStore;
+use super::{Added, ChatStore, Created};
+use crate::domain::{
+    Activity, Chat, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, Role, Visibility,
+};
+
+/// A store under test and what to clean up after it.
+pub(crate) struct Fixture {
+    pub(crate) store: Arc<dyn ChatStore>,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    Dir(#[allow(dead_code)] tempfile::TempDir),
+    Schema { url: String, schema: String },
+}
+
+impl Fixture {
+    pub(crate) async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteChatStore::open(&dir.path().join("chats.db"), 4, Duration::from_secs(3600)).await.unwrap();
+        Self { store: Arc::new(store), cleanup: Cleanup::Dir(dir) }
+    }
+
+    pub(crate) async fn postgres() -> Option<Self> {
+        let url = natter_db::testing::postgres_url()?;
+        let schema = natter_db::testing::unique_schema("chats");
+        let store = PostgresChatStore::open(&url, &schema, 4).await.unwrap();
+        Some(Self { store: Arc::new(store), cleanup: Cleanup::Schema { url, schema } })
+    }
+
+    pub(crate) async fn done(self) {
+        self.store.close().await;
+        if let Cleanup::Schema { url, schema } = &self.cleanup {
+            natter_db::postgres::drop_schema(url, schema).await.unwrap();
+        }
+    }
+}
+
+/// Stamps each generic test for both engines.
+macro_rules! chat_store_suite {
+    ($($test:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let fixture = super::Fixture::sqlite().await;
+                    super::$test(&*fixture.store).await;
+                    fixture.done().await;
+                }
+            )+
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let Some(fixture) = super::Fixture::postgres().await else {
+                        eprintln!("skipped: NATTER_TEST_DATABASE_URL is not set");
+                        return;
+                    };
+                    super::$test(&*fixture.store).await;
+                    fixture.done().await;
+                }
+            )+
+        }
+    };
+}
+
+chat_store_suite!(
+    creating_a_chat_stores_it_and_its_members,
+    a_taken_id_or_direct_pair_is_a_conflict_that_writes_nothing,
+    access_tells_members_from_others,
+    members_are_added_once_and_removed,
+    the_member_limit_is_checked_under_the_chats_lock,
+    roles_change_and_ownership_moves_in_one_step,
+    activity_orders_listings_and_never_moves_back,
+    listings_page_both_ways_without_gaps_or_repeats,
+    listings_filter_by_visibility_kind_state_time_and_title,
+    updates_archive_and_unarchive,
+    deleting_a_chat_removes_it_and_its_members,
+    members_page_in_join_order,
+);
+
+/// A group chat created by `owner` at `time` µs, titled by its id.
+pub(crate) fn chat(owner: UserId, time: i64) -> Chat {
+    let id = ChatId::new_v7();
+    Chat {
+        id,
+        kind: Kind::Group,
+        title: format!("chat {id}"),
+        description: String::new(),
+        visibility: Visibility::Private,
+        owner_id: owner,
+        creator_id: owner,
+        member_count: 1,
+        archive_time: None,
+        create_time: time,
+        update_time: time,
+        last_activity_time: time,
+        last_seq: 0,
+        last_message_time: None,
+    }
+}
+
+/// The owner's membership of `chat`.
+pub(crate) fn owner(chat: &Chat) -> Member {
+    Member { chat_id: chat.id, user_id: chat.owner_id, role: Role::Owner, join_time: chat.create_time }
+}
+
+fn member(chat: &Chat, user: UserId, join_time: i64) -> Member {
+    Member { chat_id: chat.id, user_id: user, role: Role::Member, join_time }
+}
+
+/// Creates `chat` with its owner and `others` as members (joined at its
+/// create time).
+async fn create(store: &dyn ChatStore, mut chat: Chat, others: &[UserId]) -> Chat {
+    let mut members = vec![owner(&chat)];
+    members.extend(others.iter().map(|u| member(&chat, *u, chat.create_time)));
+    chat.member_count = members.len() as i64;
+    assert_eq!(store.create_chat(&chat, &members).await.unwrap(), Created::Created);
+    chat
+}
+
+fn ids(chats: &[Chat]) -> Vec<ChatId> {
+    chats.iter().map(|c| c.id).collect()
+}
+
+async fn listed(store: &dyn ChatStore, user: UserId, filter: &ChatFilter) -> Vec<ChatId> {
+    ids(&store.list_chats(user, filter, None, 100).await.unwrap())
+}
+
+async fn creating_a_chat_stores_it_and_its_members(store: &dyn ChatStore) {
+    let (alice, bob, carol) = (UserId::new_v7(), UserId::new_v7(), UserId::new_v7());
+    let mut group = chat(alice, 10);
+    group.description = "about things".into();
+    group.visibility = Visibility::Public;
+    let group = create(store, group, &[bob, carol]).await;
+    assert_eq!(store.chat(group.id).await.unwrap(), Some(group.clone()), "read back as written");
+    assert_eq!(store.chat(ChatId::new_v7()).await.unwrap(), None);
+    let members = store.members(group.id, None, 10).await.unwrap();
+    let roles: HashSet<(UserId, Role)> = members.iter().map(|m| (m.user_id, m.role)).collect();
+    assert_eq!(roles, HashSet::from([(alice, Role::Owner), (bob, Role::Member), (carol, Role::Member)]));
+    assert_eq!(store.member_chat_ids(bob).await.unwrap(), [group.id]);
+    assert_eq!(store.member_chat_ids(UserId::new_v7()).await.unwrap(), []);
+}
+
+async fn a_taken_id_or_direct_pair_is_a_conflict_that_writes_nothing(store: &dyn ChatStore) {
+    let (alice, bob, carol) = (UserId::new_v7(), UserId::new_v7(), UserId::new_v7());
+    let group = create(store, chat(alice, 1), &[]).await;
+    // The same id again, with another member: a conflict, nothing written.
+    let again = store.create_chat(&group, &[owner(&group), member(&group, carol, 1)]).await.unwrap();
+    assert_eq!(again, Created::Conflict);
+    assert_eq!(store.member_chat_ids(carol).await.unwrap(), []);
+
+    let mut direct = chat(alice, 2);
+    direct.kind = Kind::Direct;
+    direct.title = String::new();
+    let direct = create(store, direct, &[bob]).await;
+    assert_eq!(store.direct_chat(bob, alice).await.unwrap().map(|c| c.id), Some(direct.id), "either order");
+    assert_eq!(store.direct_chat(alice, carol).await.unwrap(), None);
+    // Another direct chat of the same pair (another id, bob creating it).
+    let mut twin = chat(bob, 3);
+    twin.kind = Kind::Direct;
+    twin.title = String::new();
+    twin.member_count = 2;
+    let members = [owner(&twin), member(&twin, alice, 3)];
+    assert_eq!(store.create_chat(&twin, &members).await.unwrap(), Created::Conflict);
+    assert_eq!(store.chat(twin.id).await.unwrap(), None);
+    // A direct chat is two people.
+    let mut lonely = chat(carol, 4);
+    lonely.kind = Kind::Direct;
+    assert!(store.create_chat(&lonely, &[owner(&lonely)]).await.is_err());
+}
+
+async fn access_tells_members_from_others(store: &dyn ChatStore) {
+    let (alice, bob, eve) = (UserId::new_v7(), UserId::new_v7(), UserId::new_v7());
+    let group = create(store, chat(alice, 1), &[bob]).await;
+    let access = store.access(group.id, alice).await.unwrap().unwrap();
+    assert_eq!((access.chat, access.role), (group.clone(), Some(Role::Owner)));
+    assert_eq!(store.access(group.id, bob).await.unwrap().unwrap().role, Some(Role::Member));
+    let outsider = store.access(group.id, eve).await.unwrap().unwrap();
+    assert_eq!((outsider.chat.id, outsider.role), (group.id, None), "the chat, but no role");
+    assert_eq!(store.access(ChatId::new_v7(), alice).await.unwrap(), None);
+    assert_eq!(store.role(group.id, bob).await.unwrap(), Some(Role::Member));
+    assert_eq!(store.role(group.id, eve).await.unwrap(), None);
+}
+
+async fn members_are_added_once_and_removed(store: &dyn ChatStore) {
+    let (alice, bob, carol) = (UserId::new_v7(), UserId::new_v7(), UserId::new_v7());
+    let group = create(store, chat(alice, 1), &[bob]).await;
+    let limits = Limits::default();
+    let wanted = [member(&group, bob, 5), member(&group, carol, 5)];
+    let added = store.add_members(group.id, &wanted, &limits, 5).await.unwrap();
+    assert_eq!(added, Added::Added(vec![wanted[1]]), "bob was in already");
+    let after = store.chat(group.id).await.unwrap().unwrap();
+    assert_eq!((after.member_count, after.update_time), (3, 5));
+    assert_eq!(store.role(group.id, carol).await.unwrap(), Some(Role::Member));
+
+    assert!(store.remove_member(group.id, bob, 6).await.unwrap());
+    assert!(!store.remove_member(group.id, bob, 7).await.unwrap(), "not a member any more");
+    let after = store.chat(group.id).await.unwrap().unwrap();
+    assert_eq!(after.member_count, 2);
+    assert_eq!(store.member_chat_ids(bob).await.unwrap(), []);
+}
+
+async fn the_member_limit_is_checked_under_the_chats_lock(store: &dyn ChatStore) {
+    let alice = UserId::new_v7();
+    let group = create(store, chat(alice, 1), &[UserId::new_v7()]).await;
+    let limits = Limits { group_members: 4, ..Limits::default() };
+    let three: Vec<Member> = (0..3).map(|_| member(&group, UserId::new_v7(), 2)).collect();
+    assert_eq!(store.add_members(group.id, &three, &limits, 2).await.unwrap(), Added::TooMany(5));
+    let unchanged = store.chat(group.id).await.unwrap().unwrap();
+    assert_eq!((unchanged.member_count, unchanged.update_time), (2, 1), "nothing written");
+    assert_eq!(store.members(group.id, None, 10).await.unwrap().len(), 2);
+    // Two adds of two at once to a chat of two with room for two more:
+    // exactly one fits, whatever the interleaving.
+    let (a, b): (Vec<Member>, Vec<Member>) = (
+        (0..2).map(|_| member(&group, UserId::new_v7(), 3)).collect(),
+        (0..2).map(|_| member(&group, UserId::new_v7(), 3)).collect(),
+    );
+    let (first, second) =
+        tokio::join!(store.add_members(group.id, &a, &limits, 3), store.add_members(group.id, &b, &limits, 3));
+    let outcomes = [first.unwrap(), second.unwrap()];
+    assert_eq!(outcomes.iter().filter(|o| matches!(o, Added::Added(added) if added.len() == 2)).count(), 1);
+    assert_eq!(outcomes.iter().filter(|o| matches!(o, Added::TooMany(6))).count(), 1);
+    assert_eq!(store.chat(group.id).await.unwrap().unwrap().member_count, 4);
+}
+
+async fn roles_change_and_ownership_moves_in_one_step(store: &dyn ChatStore) {
+    let (alice, bob, carol) = (UserId::new_v7(), UserId::new_v7(), UserId::new_v7());
+    let group = create(store, chat(alice, 1), &[bob, carol]).await;
+    let admin = store.set_role(group.id, bob, Role::Admin, 2).await.unwrap().unwrap();
+    assert_eq!((admin.user_id, admin.role, admin.join_time), (bob, Role::Admin, 1));
+    assert_eq!(store.set_role(group.id, UserId::new_v7(), Role::Owner, 3).await.unwrap(), None);
+    let unchanged = store.chat(group.id).await.unwrap().unwrap();
+    assert_eq!((unchanged.owner_id, unchanged.update_time), (alice, 2), "a refused change writes nothing");
+    assert_eq!(store.role(group.id, alice).await.unwrap(), Some(Role::Owner));
+
+    let owner = store.set_role(group.id, carol, Role::Owner, 4).await.unwrap().unwrap();
+    assert_eq!(owner.role, Role::Owner);
+    assert_eq!(store.role(group.id, alice).await.unwrap(), Some(Role::Admin), "the old owner is an admin");
+    assert_eq!(store.chat(group.id).await.unwrap().unwrap().owner_id, carol);
+    let owners = store.members(group.id, None, 10).await.unwrap().into_iter().filter(|m| m.role == Role::Owner);
+    assert_eq!(owners.count(), 1);
+}
+
+async fn activity_orders_listings_and_never_moves_back(store: &dyn ChatStore) {
+    let (alice, bob) = (UserId::new_v7(), UserId::new_v7());
+    let a = create(store, chat(alice, 1), &[]).await;
+    let b = create(store, chat(alice, 2), &[]).await;
+    let c = create(store, chat(alice, 3), &[]).await;
+    let elsewhere = create(store, chat(bob, 4), &[]).await;
+    let all = ChatFilter::default();
+    assert_eq!(listed(store, alice, &all).await, [c.id, b.id, a.id], "newest activity first");
+    let act = |chat: &Chat, last_seq, time| Activity { chat_id: chat.id, last_seq, time };
+    store.record_activity(&[act(&a, 5, 10), act(&elsewhere, 1, 20)]).await.unwrap();
+    let unknown = Activity { chat_id: ChatId::new_v7(), last_seq: 1, time: 30 };
+    store.record_activity(&[unknown]).await.unwrap();
+    // A read of the chat has it at once; a listing orders by it.
+    let read = store.chat(a.id).await.unwrap().unwrap();
+    assert_eq!((read.last_seq, read.last_activity_time, read.last_message_time), (5, 10, Some(10)));
+    assert_eq!(listed(store, alice, &all).await, [a.id, c.id, b.id]);
+    let asc = ChatFilter { ascending: true, ..ChatFilter::default() };
+    assert_eq!(listed(store, alice, &asc).await, [b.id, c.id, a.id], "oldest activity first on request");
+    assert_eq!(store.access(a.id, alice).await.unwrap().unwrap().chat.last_seq, 5);
+    // Never back: a lower or equal seq changes nothing, pending or written.
+    store.record_activity(&[act(&a, 4, 40), act(&a, 5, 50), act(&b, 1, 4)]).await.unwrap();
+    store.flush_activity().await.unwrap();
+    store.record_activity(&[act(&b, 0, 60)]).await.unwrap();
+    let read = store.chat(a.id).await.unwrap().unwrap();
+    assert_eq!((read.last_seq, read.last_activity_time), (5, 10));
+    let read = store.chat(b.id).await.unwrap().unwrap();
+    assert_eq!((read.last_seq, read.last_activity_time), (1, 4));
+    assert_eq!(listed(store, alice, &all).await, [a.id, b.id, c.id]);
+    // One call may name a chat twice: the newest wins, in either order.
+    store.record_activity(&[act(&c, 7, 70), act(&c, 6, 60)]).await.unwrap();
+    store.record_activity(&[act(&b, 2, 5), act(&b, 3, 6)]).await.unwrap();
+    store.flush_activity().await.unwrap();
+    assert_eq!(store.chat(c.id).await.unwrap().unwrap().last_seq, 7);
+    assert_eq!(store.chat(b.id).await.unwrap().unwrap().last_seq, 3);
+    assert_eq!(listed(store, alice, &all).await, [c.id, a.id, b.id]);
+    // Time filters look at the newest message.
+    let after = ChatFilter { last_message_after: Some(6), ..ChatFilter::default() };
+    assert_eq!(listed(store, alice, &after).await, [c.id, a.id]);
+    let before = ChatFilter { last_message_before: Some(10), ..ChatFilter::default() };
+    assert_eq!(listed(store, alice, &before).await, [b.id]);
+    assert_eq!(listed(store, bob, &all).await, [elsewhere.id]);
+}
+
+async fn listings_page_both_ways_without_gaps_or_repeats(store: &dyn ChatStore) {
+    let alice = UserId::new_v7();
+    let mut made = Vec::new();
+    // Two pairs share an activity time: the id breaks the tie.
+    for time in [1, 2, 2, 3, 4, 4, 5] {
+        made.push(create(store, chat(alice, time), &[]).await);
+    }
+    for ascending in [false, true] {
+        let filter = ChatFilter { ascending, ..ChatFilter::default() };
+        let mut expected = made.clone();
+        expected.sort_by_key(|c| (c.last_activity_time, c.id));
+        if !ascending {
+            expected.reverse();
+        }
+        let mut seen = Vec::new();
+        let mut after: Option<ChatCursor> = None;
+        loop {
+            let page = store.list_chats(alice, &filter, after, 2).await.unwrap();
+            seen.extend(ids(&page));
+            match page.last() {
+                Some(last) if page.len() == 2 => after = Some(last.cursor()),
+                _ => break,
+            }
+        }
+        assert_eq!(seen, ids(&expected), "ascending: {ascending}");
+    }
+}
+
+async fn listings_filter_by_visibility_kind_state_time_and_title(store: &dyn ChatStore) {
+    let (alice, bob) = (UserId::new_v7(), UserId::new_v7());
+    let mut open = chat(bob, 1);
+    open.visibility = Visibility::Public;
+    open.title = "Open 100% Füße".into();
+    let open = create(store, open, &[]).await;
+    let mut team = chat(alice, 2);
+    team.title = "Team_x".into();
+    let team = create(store, team, &[bob]).await;
+    let mut direct = chat(alice, 3);
+    direct.kind = Kind::Direct;
+    direct.title = String::new();
+    let direct = create(store, direct, &[bob]).await;
+
+    let mine = ChatFilter::default();
+    assert_eq!(listed(store, alice, &mine).await, [direct.id, team.id], "members only, not the public chat");
+    let public = ChatFilter { public: true, ..ChatFilter::default() };
+    assert_eq!(listed(store, alice, &public).await, [open.id], "public chats, member or not");
+    let groups = ChatFilter { kind: Some(Kind::Group), ..ChatFilter::default() };
+    assert_eq!(listed(store, bob, &groups).await, [team.id, open.id]);
+    let directs = ChatFilter { kind: Some(Kind::Direct), ..ChatFilter::default() };
+    assert_eq!(listed(store, bob, &directs).await, [direct.id]);
+    // Titles match by their lower-case key; LIKE's wildcards are literal.
+    let query = |q: &str| ChatFilter { query: Some(q.into()), ..ChatFilter::default() };
+    assert_eq!(listed(store, bob, &query("füße")).await, [open.id]);
+    assert_eq!(listed(store, bob, &query("100%")).await, [open.id]);
+    assert_eq!(listed(store, bob, &query("0%f")).await, []);
+    assert_eq!(listed(store, bob, &query("m_x")).await, [team.id]);
+    assert_eq!(listed(store, bob, &query("m_")).await, [team.id]);
+    assert_eq!(listed(store, bob, &query("a_")).await, []);
+
+    store.set_archived(team.id, Some(9), 9).await.unwrap();
+    let archived = ChatFilter { archived: Some(true), ..ChatFilter::default() };
+    assert_eq!(listed(store, alice, &archived).await, [team.id]);
+    let active = ChatFilter { archived: Some(false), ..ChatFilter::default() };
+    assert_eq!(listed(store, alice, &active).await, [direct.id]);
+    // No messages yet: every time filter leaves everything out.
+    let after = ChatFilter { last_message_after: Some(0), ..ChatFilter::default() };
+    assert_eq!(listed(store, alice, &after).await, []);
+}
+
+async fn updates_archive_and_unarchive(store: &dyn ChatStore) {
+    let alice = UserId::new_v7();
+    let group = create(store, chat(alice, 1), &[]).await;
+    let title = ChatUpdate { title: Some("Renamed".into()), ..ChatUpdate::default() };
+    let updated = store.update_chat(group.id, &title, 2).await.unwrap().unwrap();
+    assert_eq!((updated.title.as_str(), updated.description.as_str(), updated.update_time), ("Renamed", "", 2));
+    let rest = ChatUpdate { description: Some("d".into()), visibility: Some(Visibility::Public), title: None };
+    let updated = store.update_chat(group.id, &rest, 3).await.unwrap().unwrap();
+    assert_eq!(
+        (updated.title.as_str(), updated.description.as_str(), updated.visibility, updated.update_time),
+        ("Renamed", "d", Visibility::Public, 3)
+    );
+    let search = ChatFilter { query: Some("renamed".into()), ..ChatFilter::default() };
+    assert_eq!(listed(store, alice, &search).await, [group.id], "the title key follows the title");
+    assert_eq!(store.update_chat(ChatId::new_v7(), &title, 4).await.unwrap(), None);
+
+    let archived = store.set_archived(group.id, Some(5), 5).await.unwrap().unwrap();
+    assert_eq!((archived.archive_time, archived.update_time), (Some(5), 5));
+    let back = store.set_archived(group.id, None, 6).await.unwrap().unwrap();
+    assert_eq!((back.archive_time, back.update_time), (None, 6));
+    assert_eq!(store.set_archived(ChatId::new_v7(), None, 7).await.unwrap(), None);
+    assert_eq!(store.chat(group.id).await.unwrap(), Some(back));
+}
+
+async fn deleting_a_chat_removes_it_and_its_members(store: &dyn ChatStore) {
+    let (alice, bob) = (UserId::new_v7(), UserId::new_v7());
+    let group = create(store, chat(alice, 1), &[bob]).await;
+    let kept = create(store, chat(alice, 2), &[bob]).await;
+    store.record_activity(&[Activity { chat_id: group.id, last_seq: 3, time: 4 }]).await.unwrap();
+    let members: HashSet<UserId> = store.delete_chat(group.id).await.unwrap().into_iter().collect();
+    assert_eq!(members, HashSet::from([alice, bob]));
+    assert_eq!(store.chat(group.id).await.unwrap(), None);
+    assert_eq!(store.access(group.id, alice).await.unwrap(), None);
+    assert_eq!(store.member_chat_ids(bob).await.unwrap(), [kept.id]);
+    assert_eq!(listed(store, alice, &ChatFilter::default()).await, [kept.id]);
+    assert_eq!(store.delete_chat(group.id).await.unwrap(), [], "gone already");
+    store.flush_activity().await.unwrap();
+    assert_eq!(store.chat(group.id).await.unwrap(), None, "its activity does not bring it back");
+}
+
+async fn members_page_in_join_order(store: &dyn ChatStore) {
+    let alice = UserId::new_v7();
+    let group = create(store, chat(alice, 1), &[]).await;
+    let joined: Vec<Member> = [2, 2, 3, 4, 4].iter().map(|t| member(&group, UserId::new_v7(), *t)).collect();
+    let limits = Limits::default();
+    for m in &joined {
+        store.add_members(group.id, std::slice::from_ref(m), &limits, m.join_time).await.unwrap();
+    }
+    let mut expected = vec![owner(&group)];
+    let mut rest = joined.clone();
+    rest.sort_by_key(|m| (m.join_time, m.user_id));
+    expected.extend(rest);
+    let mut seen = Vec::new();
+    let mut after: Option<MemberCursor> = None;
+    loop {
+        let page = store.members(group.id, after, 2).await.unwrap();
+        seen.extend(page.iter().copied());
+        match page.last() {
+            Some(last) if page.len() == 2 => after = Some(last.cursor()),
+            _ => break,
+        }
+    }
+    assert_eq!(seen, expected);
+}

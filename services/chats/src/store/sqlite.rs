@@ -50,8 +50,7 @@ impl SqliteChatStore {
     /// Errors: the file cannot be opened or migrated. Panics outside a tokio
     /// runtime.
     pub async fn open(path: &Path, readers: usize, activity_interval: Duration) -> Result<Self, StoreError> {
-        migrate(path).await?;
-        let db = Sqlite::start(path, readers, natter_db::sqlite::connection(path, None)?)?;
+        let db = Sqlite::open(path, &MIGRATOR, readers).await?;
         let activity = ActivityBuffer::start(db.clone(), activity_interval);
         Ok(Self { db, activity })
     }
@@ -66,26 +65,6 @@ impl SqliteChatStore {
         let chat = self.db.read(move |conn| select_chat(conn, id)).await.map_err(unwrap)?;
         Ok(chat.map(|chat| self.activity.overlay(chat)))
     }
-}
-
-/// Creates the file at `path` if missing, switches it to WAL mode and runs
-/// [`MIGRATOR`] on it, through a pool of one sqlx connection closed before
-/// this returns.
-///
-/// As `natter_db::sqlite::migrate`, whose future is not `Send` for every
-/// lifetime (sqlx's `Acquire` on `&mut SqliteConnection`), which a service
-/// started on `tokio::spawn` needs; a pool is `Acquire` for any lifetime.
-async fn migrate(path: &Path) -> Result<(), StoreError> {
-    use sqlx::ConnectOptions as _;
-    let options = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(path)
-        .create_if_missing(true)
-        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-        .disable_statement_logging();
-    let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
-    MIGRATOR.run(&pool).await.map_err(DbError::from)?;
-    pool.close().await;
-    Ok(())
 }
 
 /// A [`StoreError`] out of a [`DbError`]: a corrupt value that a row mapper

@@ -247,3 +247,16 @@ pub async fn run(
     messages.close().await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`open`] is awaited inside spawned server futures: it must be `Send`
+    /// for every lifetime (checked at compile time).
+    #[allow(dead_code)]
+    fn open_can_be_spawned(db: DbConfig, chats: Arc<dyn ChatDirectory>, bus: Arc<dyn EventBus>, args: MessagesArgs) {
+        fn spawnable<T: Send + 'static>(_: T) {}
+        spawnable(async move { open(&db, chats, bus, &args).await.map(drop) });
+    }
+}

@@ -52,8 +52,31 @@ impl SqliteStore {
     ///
     /// Errors: the file cannot be created, opened or migrated.
     pub async fn open(path: &Path, readers: usize) -> Result<Self, StoreError> {
-        Ok(Self { db: Sqlite::open(path, &crate::MIGRATOR, readers).await? })
+        migrate(path).await?;
+        let writer = natter_db::sqlite::connection(path, None)?;
+        Ok(Self { db: Sqlite::start(path, readers, writer)? })
     }
+}
+
+/// Creates the file at `path` if missing, switches it to WAL mode and runs
+/// the migrations, through a one-connection sqlx pool that is closed
+/// before this returns.
+///
+/// `natter_db::sqlite::migrate` does the same on a bare connection, but the
+/// future of sqlx's migrator on `&mut SqliteConnection` is not `Send` for
+/// every lifetime (sqlx's `Acquire` is implemented per lifetime), so a
+/// server future that awaits it cannot be spawned; on a pool it can.
+async fn migrate(path: &Path) -> Result<(), natter_db::DbError> {
+    use sqlx::ConnectOptions as _;
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .disable_statement_logging();
+    let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+    let migrated = crate::MIGRATOR.run(&pool).await;
+    pool.close().await;
+    Ok(migrated?)
 }
 
 /// A typed id from a TEXT column.

@@ -1,6 +1,5 @@
 //! The message writer's metrics, registered in the process's registry
-//! (`natter_kit::metrics::register`) the first time the writer records
-//! anything:
+//! (`natter_kit::metrics::register`) when a writer starts ([`register`]):
 //! - `natter_store_batch_size`, `natter_store_commit_seconds`: messages per
 //!   group commit and how long its store call took ([`observe_commit`]);
 //! - `natter_writer_seconds_total{phase}`: where the writer's wall-clock
@@ -51,6 +50,12 @@ static METRICS: LazyLock<WriterMetrics> = LazyLock::new(|| {
     }
     WriterMetrics { batch_size, commit_seconds, phases: handles }
 });
+
+/// Registers the writer's metrics (once per process), so that they are
+/// served from the writer's start, before its first batch.
+pub fn register() {
+    LazyLock::force(&METRICS);
+}
 
 /// Records one group commit: `batch_size` messages, committed by a store
 /// call that took `duration` (waiting for the database's writer included).

@@ -71,6 +71,7 @@ impl Writer {
     /// Errors: the thread cannot be started. Panics outside a tokio
     /// runtime.
     pub fn start(store: Arc<dyn MessageStore>, chats: Arc<dyn ChatDirectory>) -> std::io::Result<Self> {
+        crate::metrics::register();
         let (queue, jobs) = mpsc::channel(QUEUE);
         let runtime = tokio::runtime::Handle::current();
         std::thread::Builder::new()

@@ -8,6 +8,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::{Message, Range, Revision, Seq};
 
+/// Messages per history page when the request names no size (ListMessages,
+/// ListRecentMessages).
+pub const MESSAGE_PAGE_DEFAULT: u32 = 20;
+
+/// Revisions per page when the request names no size
+/// (ListMessageRevisions).
+pub const REVISION_PAGE_DEFAULT: u32 = 50;
+
+/// Most messages or revisions per page (DESIGN: page_size at most 200).
+pub const PAGE_MAX: u32 = 200;
+
 /// A validated SendMessage request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SendMessage {

@@ -78,7 +78,7 @@ pub fn edit_request(r: pb::EditMessageRequest, limits: &Limits) -> Result<EditMe
 /// filters, which its page tokens carry.
 pub fn list_request(r: &pb::ListMessagesRequest) -> Result<(ListMessages, u64), Status> {
     let chat_id = ChatId::parse("chat_id", &r.chat_id)?;
-    let page_size = paging::page_size("page_size", r.page_size, 20, 200)?;
+    let page_size = paging::page_size("page_size", r.page_size, domain::MESSAGE_PAGE_DEFAULT, domain::PAGE_MAX)?;
     let ascending = match pb::SortOrder::try_from(r.order) {
         Ok(pb::SortOrder::Unspecified | pb::SortOrder::Desc) => false,
         Ok(pb::SortOrder::Asc) => true,
@@ -100,7 +100,7 @@ pub fn list_request(r: &pb::ListMessagesRequest) -> Result<(ListMessages, u64), 
 /// fingerprint its page tokens carry.
 pub fn revisions_request(r: &pb::ListMessageRevisionsRequest) -> Result<(ListRevisions, u64), Status> {
     let message_id = MessageId::parse("message_id", &r.message_id)?;
-    let page_size = paging::page_size("page_size", r.page_size, 50, 200)?;
+    let page_size = paging::page_size("page_size", r.page_size, domain::REVISION_PAGE_DEFAULT, domain::PAGE_MAX)?;
     let fingerprint = paging::fingerprint(&[&message_id.0]);
     let after = paging::decode("page_token", &r.page_token, fingerprint)?;
     Ok((ListRevisions { message_id, after, page_size }, fingerprint))
@@ -410,7 +410,7 @@ impl MessageInternalService for MessageInternalApi {
     ) -> Result<Response<pb::ListRecentMessagesResponse>, Status> {
         let r = request.into_inner();
         let chat = ChatId::parse("chat_id", &r.chat_id)?;
-        let size = paging::page_size("page_size", r.page_size, 20, 200)?;
+        let size = paging::page_size("page_size", r.page_size, domain::MESSAGE_PAGE_DEFAULT, domain::PAGE_MAX)?;
         let messages = self.messages.recent(chat, size).await?;
         Ok(Response::new(pb::ListRecentMessagesResponse {
             messages: messages.into_iter().map(|m| message_pb(m, Vec::new())).collect(),
@@ -441,9 +441,57 @@ impl MessageInternalService for MessageInternalApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::MESSAGE_PAGE_DEFAULT;
 
     fn request(chat_ids: Vec<String>, resume: Vec<(String, i64)>) -> pb::StreamEventsRequest {
         pb::StreamEventsRequest { chat_ids, resume: resume.into_iter().collect() }
+    }
+
+    fn fields(status: &Status) -> Vec<String> {
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let details = tonic_types::StatusExt::get_error_details(status);
+        details.bad_request().expect("field violations").field_violations.iter().map(|v| v.field.clone()).collect()
+    }
+
+    #[test]
+    fn a_send_is_validated_once_into_domain_types() {
+        let chat = Uuid::now_v7();
+        let request = |text: &str, reply_to_seq| pb::SendMessageRequest {
+            chat_id: chat.to_string(),
+            text: text.into(),
+            reply_to_seq,
+            ..Default::default()
+        };
+        let send = send_request(request("hi", 0), &Limits::default()).unwrap();
+        assert_eq!((send.chat_id, send.message_id, send.reply_to), (ChatId(chat), None, None));
+        assert_eq!(send_request(request("hi", 3), &Limits::default()).unwrap().reply_to, Some(Seq(3)));
+        // Every broken rule is named, not only the first.
+        let bad = pb::SendMessageRequest {
+            attachments: vec![pb::Attachment { kind: 0, ..Default::default() }],
+            ..request("", -1)
+        };
+        let status = send_request(bad, &Limits::default()).unwrap_err();
+        assert_eq!(fields(&status)[..2], ["attachments[0].kind", "attachments[0].url"]);
+        assert_eq!(fields(&status).last().map(String::as_str), Some("reply_to_seq"));
+    }
+
+    #[test]
+    fn a_history_page_token_belongs_to_its_filters() {
+        let chat = Uuid::now_v7().to_string();
+        let list = |before_seq, page_token: &str| pb::ListMessagesRequest {
+            chat_id: chat.clone(),
+            before_seq,
+            page_token: page_token.into(),
+            ..Default::default()
+        };
+        let (first, fingerprint) = list_request(&list(50, "")).unwrap();
+        assert_eq!((first.range.before, first.from, first.page_size), (Some(Seq(50)), None, MESSAGE_PAGE_DEFAULT));
+        let token = paging::encode(&40i64, fingerprint);
+        assert_eq!(list_request(&list(50, &token)).unwrap().0.from, Some(Seq(40)));
+        assert_eq!(fields(&list_request(&list(60, &token)).unwrap_err()), ["page_token"], "another filter");
+        assert_eq!(fields(&list_request(&list(-1, "")).unwrap_err()), ["before_seq"]);
+        let too_big = pb::ListMessagesRequest { page_size: 500, ..list(0, "") };
+        assert_eq!(list_request(&too_big).unwrap().0.page_size, domain::PAGE_MAX, "clamped");
     }
 
     #[test]

@@ -15,11 +15,8 @@
 //! - `natter_rpc_duration_seconds{service,method}`: time from the request's
 //!   arrival to its final status (for a stream: the stream's whole life).
 //! - `natter_active_streams`: open StreamEvents streams ([`StreamGuard`]).
-//! - `natter_store_batch_size`, `natter_store_commit_seconds`: messages per
-//!   write transaction and how long its commit took ([`observe_commit`]).
-//! - `natter_writer_seconds_total{phase}`: where the message writer's
-//!   wall-clock time goes, by [`WriterPhase`] ([`writer_time`]). The
-//!   phases' rates add up to 1 (one thread) while the writer runs.
+//! - whatever a service registers of its own ([`register`]; the messages
+//!   writer's batch, commit and phase metrics).
 //! - `natter_bus_published_total`, `natter_bus_received_total`: events put
 //!   on and taken off the event bus ([`bus_published`], [`bus_received`]).
 
@@ -34,7 +31,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    Counter, CounterVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, core::Collector,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -72,12 +69,8 @@ struct Metrics {
     rpc_requests: IntCounterVec,
     rpc_duration: HistogramVec,
     active_streams: IntGauge,
-    batch_size: Histogram,
-    commit_seconds: Histogram,
     bus_published: IntCounter,
     bus_received: IntCounter,
-    /// `natter_writer_seconds_total`, one handle per [`WriterPhase`].
-    writer_seconds: [Counter; WriterPhase::ALL.len()],
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -95,52 +88,20 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .expect("valid metric");
     let active_streams =
         IntGauge::new("natter_active_streams", "StreamEvents streams open now.").expect("valid metric");
-    let batch_size = Histogram::with_opts(
-        HistogramOpts::new("natter_store_batch_size", "Messages written per store transaction.")
-            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
-    )
-    .expect("valid metric");
-    let commit_seconds = Histogram::with_opts(
-        HistogramOpts::new("natter_store_commit_seconds", "Time to write and commit one store transaction.")
-            .buckets(LATENCY_BUCKETS.to_vec()),
-    )
-    .expect("valid metric");
     let bus_published =
         IntCounter::new("natter_bus_published_total", "Events published on the event bus.").expect("valid metric");
     let bus_received =
         IntCounter::new("natter_bus_received_total", "Events received from the event bus.").expect("valid metric");
-    let writer_phases = CounterVec::new(
-        Opts::new(
-            "natter_writer_seconds_total",
-            "Wall-clock seconds the message writer spent, by phase (idle, turn, statements, commit, activity, answer).",
-        ),
-        &["phase"],
-    )
-    .expect("valid metric");
-    let writer_seconds = WriterPhase::ALL.map(|phase| writer_phases.with_label_values(&[phase.label()]));
     for collector in [
-        Box::new(rpc_requests.clone()) as Box<dyn prometheus::core::Collector>,
-        Box::new(writer_phases),
+        Box::new(rpc_requests.clone()) as Box<dyn Collector>,
         Box::new(rpc_duration.clone()),
         Box::new(active_streams.clone()),
-        Box::new(batch_size.clone()),
-        Box::new(commit_seconds.clone()),
         Box::new(bus_published.clone()),
         Box::new(bus_received.clone()),
     ] {
         registry.register(collector).expect("metric names are unique");
     }
-    Metrics {
-        registry,
-        rpc_requests,
-        rpc_duration,
-        active_streams,
-        batch_size,
-        commit_seconds,
-        bus_published,
-        bus_received,
-        writer_seconds,
-    }
+    Metrics { registry, rpc_requests, rpc_duration, active_streams, bus_published, bus_received }
 });
 
 /// Set once a metrics endpoint runs; until then the RPC layer skips its
@@ -179,101 +140,14 @@ impl Drop for StreamGuard {
     }
 }
 
-/// Records one store write transaction: `batch_size` messages committed
-/// together, taking `duration` from the transaction's start to its commit.
-pub fn observe_commit(batch_size: usize, duration: Duration) {
-    let m = &*METRICS;
-    m.batch_size.observe(batch_size as f64);
-    m.commit_seconds.observe(duration.as_secs_f64());
-}
-
-/// A phase of the message writer's loop (group commit; see the messages
-/// service's `writer` module), the label of `natter_writer_seconds_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WriterPhase {
-    /// Waiting for the first send of the next batch.
-    Idle,
-    /// On SQLite: waiting for the database's write turn, which edits,
-    /// deletes and read positions also take.
-    Turn,
-    /// On SQLite: the batch's statements (seq heads, inserts), before COMMIT.
-    Statements,
-    /// COMMIT: on SQLite writing the WAL frames and syncing them (and, now
-    /// and then, an automatic checkpoint); on PostgreSQL the whole
-    /// transaction, statements included.
-    Commit,
-    /// Recording the chats' newest messages with the chats service (on
-    /// SQLite in the all-in-one, a map update: the chats store writes them
-    /// in the background).
-    Activity,
-    /// Answering the batch's callers.
-    Answer,
-}
-
-impl WriterPhase {
-    /// Every phase, in loop order.
-    pub const ALL: [WriterPhase; 6] = [
-        WriterPhase::Idle,
-        WriterPhase::Turn,
-        WriterPhase::Statements,
-        WriterPhase::Commit,
-        WriterPhase::Activity,
-        WriterPhase::Answer,
-    ];
-
-    /// The `phase` label: `idle`, `turn`, `statements`, `commit`,
-    /// `activity` or `answer`.
-    pub fn label(self) -> &'static str {
-        match self {
-            WriterPhase::Idle => "idle",
-            WriterPhase::Turn => "turn",
-            WriterPhase::Statements => "statements",
-            WriterPhase::Commit => "commit",
-            WriterPhase::Activity => "activity",
-            WriterPhase::Answer => "answer",
-        }
-    }
-}
-
-// `writer_time` indexes the handles, built in `ALL`'s order, by discriminant.
-const _: () = {
-    let mut i = 0;
-    while i < WriterPhase::ALL.len() {
-        assert!(WriterPhase::ALL[i] as usize == i, "WriterPhase::ALL is in declaration order");
-        i += 1;
-    }
-};
-
-/// Adds `duration` of wall-clock time to the writer's `phase`
-/// (`natter_writer_seconds_total{phase}`). Always recorded: one atomic add
-/// per phase and batch.
-pub fn writer_time(phase: WriterPhase, duration: Duration) {
-    METRICS.writer_seconds[phase as usize].inc_by(duration.as_secs_f64());
-}
-
-/// Charges the writer's wall-clock time to its phases: each [`lap`]
-/// charges the time since the previous lap (or since [`start`]) to one
-/// phase, so no instant is counted twice or left out.
+/// Registers a service's own metric in the process's registry, so that
+/// `/metrics` ([`render`]) serves it beside the RPC metrics (the messages
+/// writer registers its batch, commit and phase metrics so).
 ///
-/// [`lap`]: PhaseClock::lap
-/// [`start`]: PhaseClock::start
-#[derive(Debug)]
-pub struct PhaseClock {
-    last: std::time::Instant,
-}
-
-impl PhaseClock {
-    /// A clock whose first lap starts now.
-    pub fn start() -> Self {
-        Self { last: std::time::Instant::now() }
-    }
-
-    /// Charges the time since the last lap to `phase` ([`writer_time`]).
-    pub fn lap(&mut self, phase: WriterPhase) {
-        let now = std::time::Instant::now();
-        writer_time(phase, now - self.last);
-        self.last = now;
-    }
+/// Panics when a metric of the same name is registered already: register
+/// each once (behind a `LazyLock`).
+pub fn register(collector: Box<dyn Collector>) {
+    METRICS.registry.register(collector).expect("metric names are unique");
 }
 
 /// Counts `count` events published on the event bus.

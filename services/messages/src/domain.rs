@@ -1,8 +1,80 @@
 //! Message rules in plain Rust: text and attachment limits, what a valid new
-//! message is. No IO, no tonic.
+//! message is, and the validated commands the service works on (built once,
+//! at the gRPC boundary). No IO, no tonic.
 
+use natter_kit::id::{ChatId, MessageId};
 use natter_kit::limits::{MaxLen, check_str};
 use serde::{Deserialize, Serialize};
+
+use crate::store::{Message, Range, Revision, Seq};
+
+/// Messages per history page when the request names no size (ListMessages,
+/// ListRecentMessages).
+pub const MESSAGE_PAGE_DEFAULT: u32 = 20;
+
+/// Revisions per page when the request names no size
+/// (ListMessageRevisions).
+pub const REVISION_PAGE_DEFAULT: u32 = 50;
+
+/// Most messages or revisions per page (DESIGN: page_size at most 200).
+pub const PAGE_MAX: u32 = 200;
+
+/// A validated SendMessage request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendMessage {
+    pub chat_id: ChatId,
+    /// Client-chosen, for idempotent retries; else the server picks one.
+    pub message_id: Option<MessageId>,
+    pub text: String,
+    pub attachments: Vec<Attachment>,
+    pub reply_to: Option<Seq>,
+}
+
+/// A validated EditMessage request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EditMessage {
+    pub message_id: MessageId,
+    pub text: String,
+}
+
+/// A validated ListMessages request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListMessages {
+    pub chat_id: ChatId,
+    pub range: Range,
+    /// The keyset position of a page token: the last seq of the page before.
+    pub from: Option<Seq>,
+    /// 1..=200.
+    pub page_size: u32,
+    /// Attach every earlier revision of edited messages.
+    pub include_history: bool,
+}
+
+/// A validated ListMessageRevisions request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListRevisions {
+    pub message_id: MessageId,
+    /// The revision a page token ends at.
+    pub after: Option<i64>,
+    /// 1..=200.
+    pub page_size: u32,
+}
+
+/// A validated MarkRead request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkRead {
+    pub chat_id: ChatId,
+    /// Clamped to the chat's newest seq.
+    pub seq: Seq,
+}
+
+/// A message with its earlier revisions, oldest first (empty unless asked
+/// for).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WithHistory {
+    pub message: Message,
+    pub history: Vec<Revision>,
+}
 
 /// Configurable limits of the messages service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,12 +3,14 @@
 use tonic::Status;
 use tonic_types::StatusExt as _;
 
+use crate::store::StoreError;
+
 /// Everything that can go wrong in the messages service.
 #[derive(Debug, thiserror::Error)]
 pub enum MessagesError {
     /// Request fields break rules (INVALID_ARGUMENT listing every field).
-    #[error("invalid {}", .0.first().map(|(f, _)| f.as_str()).unwrap_or("argument"))]
-    Invalid(Vec<(String, String)>),
+    #[error(transparent)]
+    Invalid(natter_kit::FieldViolations),
     /// No such chat (NOT_FOUND).
     #[error("chat not found")]
     ChatNotFound,
@@ -35,39 +37,44 @@ pub enum MessagesError {
     /// Another service answered with an error; passed on as it is.
     #[error("{0}")]
     Upstream(#[from] Status),
-    /// The database failed (INTERNAL, cause logged only).
-    #[error("database error: {0}")]
-    Db(#[from] sqlx::Error),
-    /// The database failed on a path of natter-db's own (INTERNAL, cause
-    /// logged only).
-    #[error("database error: {0}")]
-    Store(#[from] natter_db::DbError),
+    /// The store failed (INTERNAL, cause and `origin` logged only).
+    #[error("store error: {source}")]
+    Store {
+        source: StoreError,
+        /// Where the failure became a service error (the `?` that converted it).
+        origin: &'static std::panic::Location<'static>,
+    },
     /// The caller holds as many open streams as allowed on this process
     /// (RESOURCE_EXHAUSTED with RetryInfo).
     #[error("too many open streams (at most {limit} per user)")]
     TooManyStreams { limit: usize, retry_after: std::time::Duration },
-    /// A group commit failed (INTERNAL, cause logged only).
-    #[error("commit failed: {0}")]
-    Commit(crate::writer::CommitError),
 }
 
 impl MessagesError {
     /// One field violation.
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::Invalid(vec![(field.into(), reason.into())])
+        Self::Invalid(natter_kit::FieldViolations::single(field, reason))
+    }
+}
+
+impl From<StoreError> for MessagesError {
+    /// Records the caller's location as the failure's origin.
+    #[track_caller]
+    fn from(source: StoreError) -> Self {
+        Self::Store { source, origin: std::panic::Location::caller() }
+    }
+}
+
+impl From<natter_kit::FieldViolations> for MessagesError {
+    fn from(v: natter_kit::FieldViolations) -> Self {
+        Self::Invalid(v)
     }
 }
 
 impl From<MessagesError> for Status {
     fn from(e: MessagesError) -> Self {
         match e {
-            MessagesError::Invalid(violations) => {
-                let mut v = natter_kit::FieldViolations::new();
-                for (field, reason) in violations {
-                    v.add(field, reason);
-                }
-                v.into_status()
-            }
+            MessagesError::Invalid(violations) => violations.into_status(),
             MessagesError::ChatNotFound | MessagesError::MessageNotFound => Status::not_found(e.to_string()),
             MessagesError::Denied(_) => Status::permission_denied(e.to_string()),
             MessagesError::Precondition(_) | MessagesError::TooManyEdits(_) => {
@@ -80,9 +87,7 @@ impl From<MessagesError> for Status {
                 Status::with_error_details(tonic::Code::ResourceExhausted, e.to_string(), details)
             }
             MessagesError::Upstream(status) => status,
-            MessagesError::Db(e) => natter_kit::internal(e),
-            MessagesError::Store(e) => natter_kit::internal(e),
-            MessagesError::Commit(e) => natter_kit::internal(e),
+            MessagesError::Store { source, origin } => natter_kit::internal_at(&source, origin),
         }
     }
 }

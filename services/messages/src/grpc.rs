@@ -5,36 +5,38 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use natter_auth::Authenticator;
-use natter_kit::{id, paging};
+use natter_kit::id::{ChatId, MessageId, UserId};
+use natter_kit::time::{timestamp, timestamp_opt};
+use natter_kit::{FieldViolations, id, paging};
 use natter_proto::messages::v1::{
     self as pb, message_internal_service_server::MessageInternalService, message_service_server::MessageService,
 };
+use pb::stream_events_response::Event;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::domain::{self, Attachment, Limits};
+use crate::domain::{
+    self, Attachment, EditMessage, Limits, ListMessages, ListRevisions, MarkRead, SendMessage, WithHistory,
+};
 use crate::error::MessagesError;
 use crate::registry::{StreamLimits, StreamRegistry};
-use crate::service::{Messages, SendRequest, message_pb};
-use crate::store::Range;
+use crate::service::Messages;
+use crate::store::{Message, Range, Revision, Seq, Summary};
 use crate::stream::{self, EventStream, Follow};
 
 /// Validates a SendMessage request against `limits`: INVALID_ARGUMENT listing
 /// every field at fault, before anything reaches the writer's batch.
-pub fn send_request(r: pb::SendMessageRequest, limits: &Limits) -> Result<SendRequest, Status> {
-    let mut violations = Vec::new();
+pub fn send_request(r: pb::SendMessageRequest, limits: &Limits) -> Result<SendMessage, Status> {
+    let mut violations = FieldViolations::new();
     if r.attachments.len() > limits.attachments {
-        violations.push((
-            "attachments".to_owned(),
-            format!("at most {} attachments (limit attachments)", limits.attachments),
-        ));
+        violations.add("attachments", format!("at most {} attachments (limit attachments)", limits.attachments));
     }
     let mut attachments = Vec::with_capacity(r.attachments.len());
     for (i, a) in r.attachments.into_iter().enumerate().take(limits.attachments) {
         let field = format!("attachments[{i}]");
         if a.kind != pb::AttachmentKind::Image as i32 {
-            violations.push((format!("{field}.kind"), "must be ATTACHMENT_KIND_IMAGE".to_owned()));
+            violations.add(format!("{field}.kind"), "must be ATTACHMENT_KIND_IMAGE");
         }
         let a = Attachment {
             url: a.url,
@@ -43,32 +45,178 @@ pub fn send_request(r: pb::SendMessageRequest, limits: &Limits) -> Result<SendRe
             height: a.height,
             size_bytes: a.size_bytes,
         };
-        violations.extend(domain::check_attachment(&field, &a, limits));
+        for (field, description) in domain::check_attachment(&field, &a, limits) {
+            violations.add(field, description);
+        }
         attachments.push(a);
     }
-    if let Err(v) = domain::check_text("text", &r.text, !attachments.is_empty(), limits) {
-        violations.push(v);
+    if let Err((field, description)) = domain::check_text("text", &r.text, !attachments.is_empty(), limits) {
+        violations.add(field, description);
     }
     if r.reply_to_seq < 0 {
-        violations.push(("reply_to_seq".to_owned(), "must not be negative".to_owned()));
+        violations.add("reply_to_seq", "must not be negative");
     }
-    if !violations.is_empty() {
-        return Err(MessagesError::Invalid(violations).into());
-    }
-    Ok(SendRequest {
-        chat_id: id::parse("chat_id", &r.chat_id)?,
-        message_id: id::parse_optional("message_id", &r.message_id)?,
+    violations.check()?;
+    Ok(SendMessage {
+        chat_id: ChatId::parse("chat_id", &r.chat_id)?,
+        message_id: MessageId::parse_optional("message_id", &r.message_id)?,
         text: r.text,
         attachments,
-        reply_to_seq: r.reply_to_seq,
+        reply_to: (r.reply_to_seq > 0).then_some(Seq(r.reply_to_seq)),
     })
 }
 
-/// Validates an EditMessage request: (message id, new text).
-pub fn edit_request(r: pb::EditMessageRequest, limits: &Limits) -> Result<(Uuid, String), Status> {
-    let message_id = id::parse("message_id", &r.message_id)?;
-    domain::check_text("text", &r.text, false, limits).map_err(|v| MessagesError::Invalid(vec![v]))?;
-    Ok((message_id, r.text))
+/// Validates an EditMessage request.
+pub fn edit_request(r: pb::EditMessageRequest, limits: &Limits) -> Result<EditMessage, Status> {
+    let message_id = MessageId::parse("message_id", &r.message_id)?;
+    domain::check_text("text", &r.text, false, limits)
+        .map_err(|(field, description)| FieldViolations::single(field, description).into_status())?;
+    Ok(EditMessage { message_id, text: r.text })
+}
+
+/// Validates a ListMessages request: the command and the fingerprint of its
+/// filters, which its page tokens carry.
+pub fn list_request(r: &pb::ListMessagesRequest) -> Result<(ListMessages, u64), Status> {
+    let chat_id = ChatId::parse("chat_id", &r.chat_id)?;
+    let page_size = paging::page_size("page_size", r.page_size, domain::MESSAGE_PAGE_DEFAULT, domain::PAGE_MAX)?;
+    let ascending = match pb::SortOrder::try_from(r.order) {
+        Ok(pb::SortOrder::Unspecified | pb::SortOrder::Desc) => false,
+        Ok(pb::SortOrder::Asc) => true,
+        Err(_) => return Err(FieldViolations::single("order", "unknown sort order").into_status()),
+    };
+    for (field, seq) in [("before_seq", r.before_seq), ("after_seq", r.after_seq)] {
+        if seq < 0 {
+            return Err(FieldViolations::single(field, "must not be negative").into_status());
+        }
+    }
+    let (before, after) = ((r.before_seq > 0).then_some(r.before_seq), (r.after_seq > 0).then_some(r.after_seq));
+    let fingerprint = paging::fingerprint(&[&chat_id.0, &before, &after, &ascending, &r.include_history]);
+    let from = paging::decode::<i64>("page_token", &r.page_token, fingerprint)?.map(Seq);
+    let range = Range { before: before.map(Seq), after: after.map(Seq), ascending };
+    Ok((ListMessages { chat_id, range, from, page_size, include_history: r.include_history }, fingerprint))
+}
+
+/// Validates a ListMessageRevisions request: the command and the
+/// fingerprint its page tokens carry.
+pub fn revisions_request(r: &pb::ListMessageRevisionsRequest) -> Result<(ListRevisions, u64), Status> {
+    let message_id = MessageId::parse("message_id", &r.message_id)?;
+    let page_size = paging::page_size("page_size", r.page_size, domain::REVISION_PAGE_DEFAULT, domain::PAGE_MAX)?;
+    let fingerprint = paging::fingerprint(&[&message_id.0]);
+    let after = paging::decode("page_token", &r.page_token, fingerprint)?;
+    Ok((ListRevisions { message_id, after, page_size }, fingerprint))
+}
+
+/// Validates a MarkRead request.
+pub fn mark_read_request(r: &pb::MarkReadRequest) -> Result<MarkRead, Status> {
+    let chat_id = ChatId::parse("chat_id", &r.chat_id)?;
+    if r.seq < 0 {
+        return Err(FieldViolations::single("seq", "must not be negative").into_status());
+    }
+    Ok(MarkRead { chat_id, seq: Seq(r.seq) })
+}
+
+/// Parses the ids of an internal request (from the chats service), naming
+/// the first malformed one.
+fn parse_ids<T: From<Uuid>>(field: &str, ids: &[String]) -> Result<Vec<T>, Status> {
+    ids.iter().enumerate().map(|(i, s)| id::parse(&format!("{field}[{i}]"), s).map(T::from)).collect()
+}
+
+/// The protobuf form of a message (tombstones carry no content).
+pub fn message_pb(m: Message, history: Vec<pb::Revision>) -> pb::Message {
+    let attachments = m
+        .attachments
+        .into_iter()
+        .map(|a| pb::Attachment {
+            kind: pb::AttachmentKind::Image as i32,
+            url: a.url,
+            mime_type: a.mime_type,
+            width: a.width,
+            height: a.height,
+            size_bytes: a.size_bytes,
+        })
+        .collect();
+    pb::Message {
+        id: m.id.to_string(),
+        chat_id: m.chat_id.to_string(),
+        seq: m.seq.0,
+        author_id: m.author_id.to_string(),
+        text: m.text,
+        attachments,
+        reply_to_seq: m.reply_to.map_or(0, |s| s.0),
+        send_time: Some(timestamp(m.send_time)),
+        edit_time: timestamp_opt(m.edit_time),
+        revision: i32::try_from(m.revision).unwrap_or(i32::MAX),
+        deleted: m.delete_time.is_some(),
+        history,
+    }
+}
+
+/// The protobuf form of a message and its earlier revisions.
+fn with_history_pb(m: WithHistory) -> pb::Message {
+    message_pb(m.message, m.history.into_iter().map(revision_pb).collect())
+}
+
+/// The protobuf form of a revision.
+fn revision_pb(r: Revision) -> pb::Revision {
+    pb::Revision {
+        revision: i32::try_from(r.revision).unwrap_or(i32::MAX),
+        text: r.text,
+        edit_time: Some(timestamp(r.edit_time)),
+    }
+}
+
+/// The protobuf form of a chat's preview (`chat_id` as the caller wrote
+/// it); the text is cut to 200 characters.
+fn summary_pb(chat_id: String, s: Summary) -> pb::ChatSummary {
+    match s.newest {
+        Some(m) => pb::ChatSummary {
+            chat_id,
+            last_seq: m.seq.0,
+            last_author_id: m.author_id.to_string(),
+            last_text: m.text.chars().take(200).collect(),
+            last_send_time: Some(timestamp(m.send_time)),
+            unread_count: s.unread,
+        },
+        None => pb::ChatSummary { chat_id, ..Default::default() },
+    }
+}
+
+/// The stream event announcing a new message.
+pub fn created_event(message: pb::Message) -> pb::StreamEventsResponse {
+    pb::StreamEventsResponse {
+        chat_id: message.chat_id.clone(),
+        seq: message.seq,
+        event: Some(Event::MessageCreated(message)),
+    }
+}
+
+/// The stream event announcing an edit.
+pub(crate) fn edited_event(m: &Message) -> pb::StreamEventsResponse {
+    let message = message_pb(m.clone(), Vec::new());
+    pb::StreamEventsResponse {
+        chat_id: message.chat_id.clone(),
+        seq: message.seq,
+        event: Some(Event::MessageEdited(message)),
+    }
+}
+
+/// The stream event announcing a tombstone.
+pub(crate) fn deleted_event(m: &Message) -> pb::StreamEventsResponse {
+    let message = message_pb(m.clone(), Vec::new());
+    pb::StreamEventsResponse {
+        chat_id: message.chat_id.clone(),
+        seq: message.seq,
+        event: Some(Event::MessageDeleted(message)),
+    }
+}
+
+/// The stream event announcing a user's new read position.
+pub(crate) fn read_event(chat: ChatId, user: UserId, read_seq: Seq) -> pb::StreamEventsResponse {
+    pb::StreamEventsResponse {
+        chat_id: chat.to_string(),
+        seq: read_seq.0,
+        event: Some(Event::ReadUpdated(pb::ReadUpdated { user_id: user.to_string(), read_seq: read_seq.0 })),
+    }
 }
 
 /// The chat ids of a StreamEvents request, parsed and de-duplicated (first
@@ -82,15 +230,13 @@ pub fn follow_request(
     limits: &StreamLimits,
 ) -> Result<(Vec<Uuid>, HashMap<Uuid, i64>), Status> {
     let max = limits.chats_per_request;
-    let mut too_many = Vec::new();
+    let mut too_many = FieldViolations::new();
     for (field, len) in [("chat_ids", r.chat_ids.len()), ("resume", r.resume.len())] {
         if len > max {
-            too_many.push((field.to_owned(), format!("at most {max} entries (limit max_stream_chats)")));
+            too_many.add(field, format!("at most {max} entries (limit max_stream_chats)"));
         }
     }
-    if !too_many.is_empty() {
-        return Err(MessagesError::Invalid(too_many).into());
-    }
+    too_many.check()?;
     let mut seen = HashSet::with_capacity(r.chat_ids.len());
     let mut chat_ids = Vec::with_capacity(r.chat_ids.len());
     for (i, c) in r.chat_ids.iter().enumerate() {
@@ -136,8 +282,8 @@ impl MessageApi {
         &self.streams
     }
 
-    async fn caller<T>(&self, request: &Request<T>) -> Result<Uuid, Status> {
-        Ok(self.auth.authenticate(request).await?.user_id)
+    async fn caller<T>(&self, request: &Request<T>) -> Result<UserId, Status> {
+        Ok(UserId(self.auth.authenticate(request).await?.user_id))
     }
 }
 
@@ -149,8 +295,8 @@ impl MessageService for MessageApi {
     ) -> Result<Response<pb::SendMessageResponse>, Status> {
         let caller = self.caller(&request).await?;
         let send = send_request(request.into_inner(), self.messages.limits())?;
-        let row = self.messages.send(caller, send).await?;
-        Ok(Response::new(pb::SendMessageResponse { message: Some(message_pb(row, Vec::new())) }))
+        let message = self.messages.send(caller, send).await?;
+        Ok(Response::new(pb::SendMessageResponse { message: Some(message_pb(message, Vec::new())) }))
     }
 
     async fn list_messages(
@@ -158,31 +304,11 @@ impl MessageService for MessageApi {
         request: Request<pb::ListMessagesRequest>,
     ) -> Result<Response<pb::ListMessagesResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let r = request.into_inner();
-        let chat = id::parse("chat_id", &r.chat_id)?;
-        let size = paging::page_size("page_size", r.page_size, 20, 200)?;
-        let ascending = match pb::SortOrder::try_from(r.order) {
-            Ok(pb::SortOrder::Unspecified | pb::SortOrder::Desc) => false,
-            Ok(pb::SortOrder::Asc) => true,
-            Err(_) => return Err(MessagesError::invalid("order", "unknown sort order").into()),
-        };
-        if r.before_seq < 0 {
-            return Err(MessagesError::invalid("before_seq", "must not be negative").into());
-        }
-        if r.after_seq < 0 {
-            return Err(MessagesError::invalid("after_seq", "must not be negative").into());
-        }
-        let range = Range {
-            before: (r.before_seq > 0).then_some(r.before_seq),
-            after: (r.after_seq > 0).then_some(r.after_seq),
-            ascending,
-        };
-        let fingerprint = paging::fingerprint(&[&chat, &range.before, &range.after, &ascending, &r.include_history]);
-        let from = paging::decode("page_token", &r.page_token, fingerprint)?;
-        let (messages, next) = self.messages.list(caller, chat, range, from, size, r.include_history).await?;
+        let (list, fingerprint) = list_request(request.get_ref())?;
+        let (messages, next) = self.messages.list(caller, list).await?;
         Ok(Response::new(pb::ListMessagesResponse {
-            messages,
-            next_page_token: next.map(|seq| paging::encode(&seq, fingerprint)).unwrap_or_default(),
+            messages: messages.into_iter().map(with_history_pb).collect(),
+            next_page_token: next.map(|seq| paging::encode(&seq.0, fingerprint)).unwrap_or_default(),
         }))
     }
 
@@ -191,9 +317,9 @@ impl MessageService for MessageApi {
         request: Request<pb::GetMessageRequest>,
     ) -> Result<Response<pb::GetMessageResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let message_id = id::parse("message_id", &request.into_inner().message_id)?;
+        let message_id = MessageId::parse("message_id", &request.get_ref().message_id)?;
         let message = self.messages.get(caller, message_id).await?;
-        Ok(Response::new(pb::GetMessageResponse { message: Some(message) }))
+        Ok(Response::new(pb::GetMessageResponse { message: Some(message_pb(message, Vec::new())) }))
     }
 
     async fn edit_message(
@@ -201,9 +327,9 @@ impl MessageService for MessageApi {
         request: Request<pb::EditMessageRequest>,
     ) -> Result<Response<pb::EditMessageResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let (message_id, text) = edit_request(request.into_inner(), self.messages.limits())?;
-        let message = self.messages.edit(caller, message_id, &text).await?;
-        Ok(Response::new(pb::EditMessageResponse { message: Some(message) }))
+        let edit = edit_request(request.into_inner(), self.messages.limits())?;
+        let message = self.messages.edit(caller, edit).await?;
+        Ok(Response::new(pb::EditMessageResponse { message: Some(message_pb(message, Vec::new())) }))
     }
 
     async fn delete_message(
@@ -211,9 +337,9 @@ impl MessageService for MessageApi {
         request: Request<pb::DeleteMessageRequest>,
     ) -> Result<Response<pb::DeleteMessageResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let message_id = id::parse("message_id", &request.into_inner().message_id)?;
+        let message_id = MessageId::parse("message_id", &request.get_ref().message_id)?;
         let message = self.messages.delete(caller, message_id).await?;
-        Ok(Response::new(pb::DeleteMessageResponse { message: Some(message) }))
+        Ok(Response::new(pb::DeleteMessageResponse { message: Some(message_pb(message, Vec::new())) }))
     }
 
     async fn list_message_revisions(
@@ -221,27 +347,19 @@ impl MessageService for MessageApi {
         request: Request<pb::ListMessageRevisionsRequest>,
     ) -> Result<Response<pb::ListMessageRevisionsResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let r = request.into_inner();
-        let message_id = id::parse("message_id", &r.message_id)?;
-        let size = paging::page_size("page_size", r.page_size, 50, 200)?;
-        let fingerprint = paging::fingerprint(&[&message_id]);
-        let after = paging::decode("page_token", &r.page_token, fingerprint)?;
-        let (revisions, next) = self.messages.revisions(caller, message_id, after, size).await?;
+        let (list, fingerprint) = revisions_request(request.get_ref())?;
+        let (revisions, next) = self.messages.revisions(caller, list).await?;
         Ok(Response::new(pb::ListMessageRevisionsResponse {
-            revisions,
+            revisions: revisions.into_iter().map(revision_pb).collect(),
             next_page_token: next.map(|k| paging::encode(&k, fingerprint)).unwrap_or_default(),
         }))
     }
 
     async fn mark_read(&self, request: Request<pb::MarkReadRequest>) -> Result<Response<pb::MarkReadResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let r = request.into_inner();
-        let chat = id::parse("chat_id", &r.chat_id)?;
-        if r.seq < 0 {
-            return Err(MessagesError::invalid("seq", "must not be negative").into());
-        }
-        let (read_seq, unread_count) = self.messages.mark_read(caller, chat, r.seq).await?;
-        Ok(Response::new(pb::MarkReadResponse { read_seq, unread_count }))
+        let mark = mark_read_request(request.get_ref())?;
+        let state = self.messages.mark_read(caller, mark).await?;
+        Ok(Response::new(pb::MarkReadResponse { read_seq: state.read_seq.0, unread_count: state.unread }))
     }
 
     type StreamEventsStream = EventStream;
@@ -278,8 +396,12 @@ impl MessageInternalService for MessageInternalApi {
         request: Request<pb::GetChatSummariesRequest>,
     ) -> Result<Response<pb::GetChatSummariesResponse>, Status> {
         let r = request.into_inner();
-        let summaries = self.messages.summaries(&r.chat_ids, &r.user_id).await?;
-        Ok(Response::new(pb::GetChatSummariesResponse { summaries }))
+        let chats: Vec<ChatId> = parse_ids("chat_ids", &r.chat_ids)?;
+        let user = UserId::parse("user_id", &r.user_id)?;
+        let summaries = self.messages.summaries(&chats, user).await?;
+        Ok(Response::new(pb::GetChatSummariesResponse {
+            summaries: r.chat_ids.into_iter().zip(summaries).map(|(chat, s)| summary_pb(chat, s)).collect(),
+        }))
     }
 
     async fn list_recent_messages(
@@ -287,9 +409,12 @@ impl MessageInternalService for MessageInternalApi {
         request: Request<pb::ListRecentMessagesRequest>,
     ) -> Result<Response<pb::ListRecentMessagesResponse>, Status> {
         let r = request.into_inner();
-        let size = paging::page_size("page_size", r.page_size, 20, 200)?;
-        let messages = self.messages.recent(&r.chat_id, size).await?;
-        Ok(Response::new(pb::ListRecentMessagesResponse { messages }))
+        let chat = ChatId::parse("chat_id", &r.chat_id)?;
+        let size = paging::page_size("page_size", r.page_size, domain::MESSAGE_PAGE_DEFAULT, domain::PAGE_MAX)?;
+        let messages = self.messages.recent(chat, size).await?;
+        Ok(Response::new(pb::ListRecentMessagesResponse {
+            messages: messages.into_iter().map(|m| message_pb(m, Vec::new())).collect(),
+        }))
     }
 
     async fn reset_read_positions(
@@ -297,7 +422,9 @@ impl MessageInternalService for MessageInternalApi {
         request: Request<pb::ResetReadPositionsRequest>,
     ) -> Result<Response<pb::ResetReadPositionsResponse>, Status> {
         let r = request.into_inner();
-        self.messages.reset_read_positions(&r.chat_id, &r.user_ids).await?;
+        let chat = ChatId::parse("chat_id", &r.chat_id)?;
+        let users: Vec<UserId> = parse_ids("user_ids", &r.user_ids)?;
+        self.messages.reset_read_positions(chat, &users).await?;
         Ok(Response::new(pb::ResetReadPositionsResponse {}))
     }
 
@@ -305,7 +432,8 @@ impl MessageInternalService for MessageInternalApi {
         &self,
         request: Request<pb::PurgeChatRequest>,
     ) -> Result<Response<pb::PurgeChatResponse>, Status> {
-        self.messages.purge(&request.into_inner().chat_id).await?;
+        let chat = ChatId::parse("chat_id", &request.get_ref().chat_id)?;
+        self.messages.purge(chat).await?;
         Ok(Response::new(pb::PurgeChatResponse {}))
     }
 }
@@ -313,9 +441,57 @@ impl MessageInternalService for MessageInternalApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::MESSAGE_PAGE_DEFAULT;
 
     fn request(chat_ids: Vec<String>, resume: Vec<(String, i64)>) -> pb::StreamEventsRequest {
         pb::StreamEventsRequest { chat_ids, resume: resume.into_iter().collect() }
+    }
+
+    fn fields(status: &Status) -> Vec<String> {
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let details = tonic_types::StatusExt::get_error_details(status);
+        details.bad_request().expect("field violations").field_violations.iter().map(|v| v.field.clone()).collect()
+    }
+
+    #[test]
+    fn a_send_is_validated_once_into_domain_types() {
+        let chat = Uuid::now_v7();
+        let request = |text: &str, reply_to_seq| pb::SendMessageRequest {
+            chat_id: chat.to_string(),
+            text: text.into(),
+            reply_to_seq,
+            ..Default::default()
+        };
+        let send = send_request(request("hi", 0), &Limits::default()).unwrap();
+        assert_eq!((send.chat_id, send.message_id, send.reply_to), (ChatId(chat), None, None));
+        assert_eq!(send_request(request("hi", 3), &Limits::default()).unwrap().reply_to, Some(Seq(3)));
+        // Every broken rule is named, not only the first.
+        let bad = pb::SendMessageRequest {
+            attachments: vec![pb::Attachment { kind: 0, ..Default::default() }],
+            ..request("", -1)
+        };
+        let status = send_request(bad, &Limits::default()).unwrap_err();
+        assert_eq!(fields(&status)[..2], ["attachments[0].kind", "attachments[0].url"]);
+        assert_eq!(fields(&status).last().map(String::as_str), Some("reply_to_seq"));
+    }
+
+    #[test]
+    fn a_history_page_token_belongs_to_its_filters() {
+        let chat = Uuid::now_v7().to_string();
+        let list = |before_seq, page_token: &str| pb::ListMessagesRequest {
+            chat_id: chat.clone(),
+            before_seq,
+            page_token: page_token.into(),
+            ..Default::default()
+        };
+        let (first, fingerprint) = list_request(&list(50, "")).unwrap();
+        assert_eq!((first.range.before, first.from, first.page_size), (Some(Seq(50)), None, MESSAGE_PAGE_DEFAULT));
+        let token = paging::encode(&40i64, fingerprint);
+        assert_eq!(list_request(&list(50, &token)).unwrap().0.from, Some(Seq(40)));
+        assert_eq!(fields(&list_request(&list(60, &token)).unwrap_err()), ["page_token"], "another filter");
+        assert_eq!(fields(&list_request(&list(-1, "")).unwrap_err()), ["before_seq"]);
+        let too_big = pb::ListMessagesRequest { page_size: 500, ..list(0, "") };
+        assert_eq!(list_request(&too_big).unwrap().0.page_size, domain::PAGE_MAX, "clamped");
     }
 
     #[test]

@@ -2,17 +2,19 @@
 //! numbers, idempotent sends, read positions and StreamEvents with exact
 //! resume.
 //!
-//! Layers: [`domain`] (rules, no IO), [`store`] (SQL), [`service`] (the
-//! domain operations), [`stream`] (the live stream), [`grpc`] (the thin
-//! tonic translation). It reaches the chats service only through
+//! Layers: [`domain`] (rules and validated commands, no IO), [`store`] (the
+//! store contract and its SQLite and PostgreSQL implementations),
+//! [`service`] (the domain operations), [`stream`] (the live stream),
+//! [`grpc`] (the thin tonic translation, the only place protobuf is built
+//! from domain types). It reaches the chats service only through
 //! `natter-links`.
 
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod registry;
 pub mod service;
-pub mod sqlite_commit;
 pub mod store;
 pub mod stream;
 pub mod writer;
@@ -21,7 +23,7 @@ use std::sync::Arc;
 
 use natter_auth::Authenticator;
 use natter_bus::EventBus;
-use natter_db::{Db, DbConfig};
+use natter_db::DbConfig;
 use natter_kit::Server;
 use natter_kit::limits::Rate;
 use natter_links::ChatDirectory;
@@ -132,8 +134,8 @@ pub async fn open(
     bus: Arc<dyn EventBus>,
     args: &MessagesArgs,
 ) -> anyhow::Result<Arc<Messages>> {
-    let db = Db::connect(db, &MIGRATOR).await?;
-    let messages = Arc::new(Messages::new(store::Store::new(db), chats, bus, args)?);
+    let store = store::open(db).await?;
+    let messages = Arc::new(Messages::new(store, chats, bus, args)?);
     announce_recent_activity(&messages).await;
     Ok(messages)
 }
@@ -242,6 +244,19 @@ pub async fn run(
     let mut internal = Server::internal(&config.server, credential);
     add_internal_services(&mut internal, &messages).await;
     natter_kit::serve::serve_split((public, listener), (internal, internal_listener), shutdown).await?;
-    messages.store().db().close().await;
+    messages.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`open`] is awaited inside spawned server futures: it must be `Send`
+    /// for every lifetime (checked at compile time).
+    #[allow(dead_code)]
+    fn open_can_be_spawned(db: DbConfig, chats: Arc<dyn ChatDirectory>, bus: Arc<dyn EventBus>, args: MessagesArgs) {
+        fn spawnable<T: Send + 'static>(_: T) {}
+        spawnable(async move { open(&db, chats, bus, &args).await.map(drop) });
+    }
 }

@@ -1,98 +1,50 @@
-//! The messages domain operations over the [`Store`], the chats link and the
-//! event bus.
+//! The messages domain operations over the [`MessageStore`], the chats link
+//! and the event bus. Validated commands in, domain types out; the protobuf
+//! of the answers is built in `grpc.rs`.
 
 use std::sync::Arc;
 
 use natter_bus::{EventBus, Topic};
+use natter_kit::id::{ChatId, MessageId, UserId};
 use natter_kit::limits::RateLimiter;
-use natter_kit::time::{now_micros, timestamp, timestamp_opt};
+use natter_kit::time::{now_micros, timestamp};
 use natter_links::ChatDirectory;
 use natter_proto::chats::v1 as cpb;
-use natter_proto::messages::v1 as pb;
-use pb::stream_events_response::Event;
-use uuid::Uuid;
 
 use crate::MessagesArgs;
-use crate::domain::{self, Attachment, Limits};
+use crate::domain::{EditMessage, Limits, ListMessages, ListRevisions, MarkRead, SendMessage, WithHistory};
 use crate::error::MessagesError;
+use crate::grpc;
 use crate::registry::StreamLimits;
-use crate::store::{Edited, MessageRow, NewMessage, Range, RevisionRow, Sent, Store};
+use crate::store::{Edited, Message, MessageStore, NewMessage, Range, ReadState, Revision, Sent, Seq, Summary};
 use crate::writer::Writer;
 
 /// How far back from the newest message [`Messages::announce_recent_activity`]
-/// looks, in µs: far more than the chats store keeps activity in memory
-/// (50 ms by default), and than a message waits in the writer's queue.
-pub const RECOVERY_WINDOW_US: i64 = 10_000_000;
-
-/// A validated SendMessage request.
-#[derive(Clone, Debug)]
-pub struct SendRequest {
-    pub chat_id: Uuid,
-    pub message_id: Option<Uuid>,
-    pub text: String,
-    pub attachments: Vec<Attachment>,
-    pub reply_to_seq: i64,
-}
-
-/// The protobuf form of a stored message (tombstones carry no content).
-pub fn message_pb(row: MessageRow, history: Vec<pb::Revision>) -> pb::Message {
-    let attachments = domain::decode_attachments(&row.attachments)
-        .into_iter()
-        .map(|a| pb::Attachment {
-            kind: pb::AttachmentKind::Image as i32,
-            url: a.url,
-            mime_type: a.mime_type,
-            width: a.width,
-            height: a.height,
-            size_bytes: a.size_bytes,
-        })
-        .collect();
-    pb::Message {
-        id: row.id,
-        chat_id: row.chat_id,
-        seq: row.seq,
-        author_id: row.author_id,
-        text: row.text,
-        attachments,
-        reply_to_seq: row.reply_to_seq,
-        send_time: Some(timestamp(row.send_time)),
-        edit_time: timestamp_opt(row.edit_time),
-        revision: i32::try_from(row.revision).unwrap_or(i32::MAX),
-        deleted: row.delete_time.is_some(),
-        history,
-    }
-}
-
-/// The stream event announcing a new message.
-pub fn created_event(message: pb::Message) -> pb::StreamEventsResponse {
-    pb::StreamEventsResponse {
-        chat_id: message.chat_id.clone(),
-        seq: message.seq,
-        event: Some(Event::MessageCreated(message)),
-    }
-}
+/// looks, in µs: the window the chats store's longest activity flush
+/// interval is checked against ([`natter_links::activity`]).
+pub const RECOVERY_WINDOW_US: i64 = natter_links::activity::REANNOUNCE_WINDOW_US;
 
 /// The messages service's domain object; share it behind an `Arc`.
 pub struct Messages {
-    store: Store,
+    store: Arc<dyn MessageStore>,
     writer: Writer,
     chats: Arc<dyn ChatDirectory>,
     bus: Arc<dyn EventBus>,
     limits: Limits,
     stream_limits: StreamLimits,
     /// SendMessage calls per user.
-    send_rate: RateLimiter<Uuid>,
+    send_rate: RateLimiter<UserId>,
     /// EditMessage calls per user.
-    edit_rate: RateLimiter<Uuid>,
+    edit_rate: RateLimiter<UserId>,
 }
 
 impl Messages {
     /// Starts the message writer (see [`Writer::start`]) over `store`, with
     /// the limits and rates of `args`.
     ///
-    /// Errors: the writer's SQLite connection cannot be opened.
+    /// Errors: the writer's thread cannot be started.
     pub fn new(
-        store: Store,
+        store: Arc<dyn MessageStore>,
         chats: Arc<dyn ChatDirectory>,
         bus: Arc<dyn EventBus>,
         args: &MessagesArgs,
@@ -111,21 +63,21 @@ impl Messages {
 
     /// Re-announces to the chats service the newest message of every chat
     /// sent within [`RECOVERY_WINDOW_US`] before the newest message stored
-    /// (SQLite only; see [`Store::recent_activity`]), so that activity the
-    /// chats store still held in memory when the process died is not lost.
-    /// The chats service ignores what it has already (a seq never moves
-    /// back). Call once at start-up, before serving.
+    /// (see [`MessageStore::recent_activity`]), so that activity the chats
+    /// store still held in memory when the process died is not lost. The
+    /// chats service ignores what it has already (a seq never moves back).
+    /// Call once at start-up, before serving.
     ///
     /// Errors: reading the store, or the chats service refused the call.
     pub async fn announce_recent_activity(&self) -> Result<usize, MessagesError> {
-        let Some(recent) = self.store.recent_activity(RECOVERY_WINDOW_US).await? else { return Ok(0) };
+        let recent = self.store.recent_activity(RECOVERY_WINDOW_US).await?;
         let chats = recent.len();
         let activities: Vec<cpb::Activity> = recent
             .into_iter()
-            .map(|(chat_id, last_seq, time)| cpb::Activity {
-                chat_id,
-                last_seq,
-                last_activity_time: Some(timestamp(time)),
+            .map(|a| cpb::Activity {
+                chat_id: a.chat_id.to_string(),
+                last_seq: a.seq.0,
+                last_activity_time: Some(timestamp(a.send_time)),
             })
             .collect();
         for chunk in activities.chunks(1000) {
@@ -134,10 +86,18 @@ impl Messages {
         Ok(chats)
     }
 
-    pub fn store(&self) -> &Store {
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn MessageStore> {
         &self.store
     }
 
+    /// Stops the store taking writes, after those queued (call at shutdown,
+    /// once serving has stopped).
+    pub async fn close(&self) {
+        self.store.close().await;
+    }
+
+    /// The limits of messages.
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
@@ -147,17 +107,23 @@ impl Messages {
         &self.stream_limits
     }
 
+    /// The event bus.
     pub fn bus(&self) -> &Arc<dyn EventBus> {
         &self.bus
     }
 
+    /// The chats service.
     pub fn chats(&self) -> &Arc<dyn ChatDirectory> {
         &self.chats
     }
 
     /// Membership of `user` in `chat`: NOT_FOUND / PERMISSION_DENIED unless a member.
-    pub async fn member(&self, chat: Uuid, user: Uuid) -> Result<cpb::CheckMembershipResponse, MessagesError> {
-        let m = self.chats.check_membership(&chat.to_string(), &user.to_string()).await?;
+    pub async fn member(
+        &self,
+        chat: impl Into<ChatId>,
+        user: impl Into<UserId>,
+    ) -> Result<cpb::CheckMembershipResponse, MessagesError> {
+        let m = self.chats.check_membership(&chat.into().to_string(), &user.into().to_string()).await?;
         if !m.chat_exists {
             Err(MessagesError::ChatNotFound)
         } else if !m.member {
@@ -168,7 +134,7 @@ impl Messages {
     }
 
     /// Read access: a member, or anyone for a public chat.
-    pub async fn readable(&self, chat: Uuid, user: Uuid) -> Result<cpb::CheckMembershipResponse, MessagesError> {
+    pub async fn readable(&self, chat: ChatId, user: UserId) -> Result<cpb::CheckMembershipResponse, MessagesError> {
         let m = self.chats.check_membership(&chat.to_string(), &user.to_string()).await?;
         if !m.chat_exists {
             Err(MessagesError::ChatNotFound)
@@ -183,7 +149,7 @@ impl Messages {
     /// it, and records the chat's activity. A retry with the same
     /// message_id returns the original.
     #[tracing::instrument(skip_all, fields(chat_id = %req.chat_id, message_id = tracing::field::Empty, seq = tracing::field::Empty))]
-    pub async fn send(&self, caller: Uuid, req: SendRequest) -> Result<MessageRow, MessagesError> {
+    pub async fn send(&self, caller: UserId, req: SendMessage) -> Result<Message, MessagesError> {
         self.send_rate.check(&caller)?;
         // A retry is caught by the writer (the id exists); only when the
         // send would now be refused (archived meanwhile, left the chat) is
@@ -194,101 +160,103 @@ impl Messages {
         };
         if let Err(refused) = allowed {
             if let Some(id) = req.message_id
-                && let Some(existing) = self.store.message(&id.to_string()).await?
+                && let Some(existing) = self.store.message(id).await?
             {
                 return same_message(existing, &req, caller);
             }
             return Err(refused);
         }
         let new = NewMessage {
-            id: req.message_id.unwrap_or_else(Uuid::now_v7).to_string(),
-            chat_id: req.chat_id.to_string(),
-            author_id: caller.to_string(),
+            id: req.message_id.unwrap_or_else(MessageId::new_v7),
+            chat_id: req.chat_id,
+            author_id: caller,
             text: req.text.clone(),
-            attachments: domain::encode_attachments(&req.attachments),
-            reply_to_seq: req.reply_to_seq,
+            attachments: req.attachments.clone(),
+            reply_to: req.reply_to,
             send_time: now_micros(),
         };
-        let id = new.id.clone();
-        let row = match self.writer.send(new).await.map_err(MessagesError::Commit)? {
-            Sent::Created(row) => {
-                tracing::Span::current().record("message_id", row.id.as_str()).record("seq", row.seq);
-                row
+        let id = new.id;
+        let message = match self.writer.send(new).await? {
+            Sent::Created(message) => {
+                tracing::Span::current()
+                    .record("message_id", tracing::field::display(message.id))
+                    .record("seq", message.seq.0);
+                message
             }
             Sent::NoSuchReply => {
                 return Err(MessagesError::invalid("reply_to_seq", "names no message of this chat"));
             }
             Sent::Duplicate => {
                 // A concurrent retry won the race: answer with its message.
-                let existing = self.store.message(&id).await?.ok_or(MessagesError::MessageNotFound)?;
+                let existing = self.store.message(id).await?.ok_or(MessagesError::MessageNotFound)?;
                 return same_message(existing, &req, caller);
             }
         };
-        self.bus.publish(Topic::Chat(req.chat_id), Arc::new(created_event(message_pb(row.clone(), Vec::new()))));
-        Ok(row)
+        let event = grpc::created_event(grpc::message_pb(message.clone(), Vec::new()));
+        self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(event));
+        Ok(message)
     }
 
     /// A message and the caller's membership of its chat (NOT_FOUND /
     /// PERMISSION_DENIED as for its chat).
     async fn message_for(
         &self,
-        caller: Uuid,
-        message_id: Uuid,
+        caller: UserId,
+        message_id: MessageId,
         write: bool,
-    ) -> Result<(MessageRow, cpb::CheckMembershipResponse), MessagesError> {
-        let row = self.store.message(&message_id.to_string()).await?.ok_or(MessagesError::MessageNotFound)?;
-        let chat = Uuid::try_parse(&row.chat_id).map_err(|_| MessagesError::MessageNotFound)?;
-        let membership = if write { self.member(chat, caller).await? } else { self.readable(chat, caller).await? };
-        Ok((row, membership))
+    ) -> Result<(Message, cpb::CheckMembershipResponse), MessagesError> {
+        let message = self.store.message(message_id).await?.ok_or(MessagesError::MessageNotFound)?;
+        let membership = if write {
+            self.member(message.chat_id, caller).await?
+        } else {
+            self.readable(message.chat_id, caller).await?
+        };
+        Ok((message, membership))
     }
 
     /// GetMessage.
-    pub async fn get(&self, caller: Uuid, message_id: Uuid) -> Result<pb::Message, MessagesError> {
-        let (row, _) = self.message_for(caller, message_id, false).await?;
-        Ok(message_pb(row, Vec::new()))
+    pub async fn get(&self, caller: UserId, message_id: MessageId) -> Result<Message, MessagesError> {
+        Ok(self.message_for(caller, message_id, false).await?.0)
     }
 
     /// EditMessage (author only): keeps every earlier revision, up to
     /// `limits.edits` edits; announces it.
-    pub async fn edit(&self, caller: Uuid, message_id: Uuid, text: &str) -> Result<pb::Message, MessagesError> {
+    pub async fn edit(&self, caller: UserId, req: EditMessage) -> Result<Message, MessagesError> {
         self.edit_rate.check(&caller)?;
-        let (row, membership) = self.message_for(caller, message_id, true).await?;
-        if row.author_id != caller.to_string() {
+        let (message, membership) = self.message_for(caller, req.message_id, true).await?;
+        if message.author_id != caller {
             return Err(MessagesError::Denied("only the author may edit a message"));
         }
-        if row.delete_time.is_some() {
+        if message.deleted() {
             return Err(MessagesError::Precondition("message is deleted"));
         }
         if membership.archived {
             return Err(MessagesError::Precondition("chat is archived"));
         }
-        let edited = match self.store.edit(&row.id, text, now_micros(), self.limits.edits).await? {
-            Edited::Done(row) => row,
+        let edited = match self.store.edit(message.id, &req.text, now_micros(), self.limits.edits).await? {
+            Edited::Done(message) => message,
             Edited::Deleted => return Err(MessagesError::Precondition("message is deleted")),
             Edited::TooManyEdits => return Err(MessagesError::TooManyEdits(self.limits.edits)),
         };
-        let message = message_pb(edited, Vec::new());
-        self.announce(Event::MessageEdited(message.clone()), &message);
-        Ok(message)
+        self.bus.publish(Topic::Chat(edited.chat_id.0), Arc::new(grpc::edited_event(&edited)));
+        Ok(edited)
     }
 
     /// DeleteMessage (author, or the chat's owner or an admin): leaves a
     /// tombstone; deleting a tombstone returns it.
-    pub async fn delete(&self, caller: Uuid, message_id: Uuid) -> Result<pb::Message, MessagesError> {
-        let (row, membership) = self.message_for(caller, message_id, true).await?;
+    pub async fn delete(&self, caller: UserId, message_id: MessageId) -> Result<Message, MessagesError> {
+        let (message, membership) = self.message_for(caller, message_id, true).await?;
         let manager =
             membership.role == cpb::MemberRole::Owner as i32 || membership.role == cpb::MemberRole::Admin as i32;
-        if row.author_id != caller.to_string() && !manager {
+        if message.author_id != caller && !manager {
             return Err(MessagesError::Denied("only the author, the owner or an admin may delete a message"));
         }
-        if row.delete_time.is_some() {
-            return Ok(message_pb(row, Vec::new()));
+        if message.deleted() {
+            return Ok(message);
         }
-        self.store.delete(&row.id, now_micros()).await?;
-        let deleted = self.store.message(&row.id).await?.ok_or(MessagesError::MessageNotFound)?;
-        let message = message_pb(deleted, Vec::new());
-        self.announce(Event::MessageDeleted(message.clone()), &message);
-        Ok(message)
+        let deleted = self.store.delete(message.id, now_micros()).await?.ok_or(MessagesError::MessageNotFound)?;
+        self.bus.publish(Topic::Chat(deleted.chat_id.0), Arc::new(grpc::deleted_event(&deleted)));
+        Ok(deleted)
     }
 
     /// ListMessageRevisions: up to `page_size` revisions after revision
@@ -296,154 +264,109 @@ impl Messages {
     /// with the key of the next page while there are more.
     pub async fn revisions(
         &self,
-        caller: Uuid,
-        message_id: Uuid,
-        after: Option<i64>,
-        page_size: u32,
-    ) -> Result<(Vec<pb::Revision>, Option<i64>), MessagesError> {
-        let (row, _) = self.message_for(caller, message_id, false).await?;
-        if row.delete_time.is_some() {
+        caller: UserId,
+        req: ListRevisions,
+    ) -> Result<(Vec<Revision>, Option<i64>), MessagesError> {
+        let (message, _) = self.message_for(caller, req.message_id, false).await?;
+        if message.deleted() {
             return Ok((Vec::new(), None));
         }
-        let after = after.unwrap_or(0);
-        let mut out: Vec<pb::Revision> =
-            self.store.revisions_after(&row.id, after, page_size + 1).await?.iter().map(revision_pb).collect();
+        let after = req.after.unwrap_or(0);
+        let mut out = self.store.revisions_after(message.id, after, req.page_size + 1).await?;
         // The current text is the newest revision: it follows every earlier one.
-        if row.revision > after {
-            out.push(pb::Revision {
-                revision: i32::try_from(row.revision).unwrap_or(i32::MAX),
-                text: row.text,
-                edit_time: Some(timestamp(row.edit_time.unwrap_or(row.send_time))),
+        if message.revision > after {
+            out.push(Revision {
+                message_id: message.id,
+                revision: message.revision,
+                edit_time: message.edit_time.unwrap_or(message.send_time),
+                text: message.text,
             });
         }
-        let next = if out.len() > page_size as usize {
-            out.truncate(page_size as usize);
-            out.last().map(|r| i64::from(r.revision))
+        let next = if out.len() > req.page_size as usize {
+            out.truncate(req.page_size as usize);
+            out.last().map(|r| r.revision)
         } else {
             None
         };
         Ok((out, next))
     }
 
-    fn announce(&self, event: Event, message: &pb::Message) {
-        if let Ok(chat) = Uuid::try_parse(&message.chat_id) {
-            let event =
-                pb::StreamEventsResponse { chat_id: message.chat_id.clone(), seq: message.seq, event: Some(event) };
-            self.bus.publish(Topic::Chat(chat), Arc::new(event));
-        }
-    }
-
-    /// A page of history with, when asked, every earlier revision.
+    /// ListMessages: a page of history with, when asked, every earlier
+    /// revision; with the key of the next page while there are more.
     pub async fn list(
         &self,
-        caller: Uuid,
-        chat: Uuid,
-        range: Range,
-        from: Option<i64>,
-        page_size: u32,
-        include_history: bool,
-    ) -> Result<(Vec<pb::Message>, Option<i64>), MessagesError> {
-        self.readable(chat, caller).await?;
-        let mut rows = self.store.list(&chat.to_string(), range, from, page_size + 1).await?;
-        let next = if rows.len() > page_size as usize {
-            rows.truncate(page_size as usize);
-            rows.last().map(|m| m.seq)
+        caller: UserId,
+        req: ListMessages,
+    ) -> Result<(Vec<WithHistory>, Option<Seq>), MessagesError> {
+        self.readable(req.chat_id, caller).await?;
+        let mut messages = self.store.list(req.chat_id, req.range, req.from, req.page_size + 1).await?;
+        let next = if messages.len() > req.page_size as usize {
+            messages.truncate(req.page_size as usize);
+            messages.last().map(|m| m.seq)
         } else {
             None
         };
-        Ok((self.with_history(rows, include_history).await?, next))
+        Ok((self.with_history(messages, req.include_history).await?, next))
     }
 
-    /// Converts rows, attaching their earlier revisions when asked.
-    pub async fn with_history(
+    /// Attaches their earlier revisions to `messages` when asked (one store
+    /// read for the page).
+    async fn with_history(
         &self,
-        rows: Vec<MessageRow>,
+        messages: Vec<Message>,
         include_history: bool,
-    ) -> Result<Vec<pb::Message>, MessagesError> {
-        let edited: Vec<String> = if include_history {
-            rows.iter().filter(|r| r.revision > 1).map(|r| r.id.clone()).collect()
+    ) -> Result<Vec<WithHistory>, MessagesError> {
+        let edited: Vec<MessageId> = if include_history {
+            messages.iter().filter(|m| m.revision > 1).map(|m| m.id).collect()
         } else {
             Vec::new()
         };
         let mut revisions = self.store.revisions(&edited).await?;
-        Ok(rows
+        Ok(messages
             .into_iter()
-            .map(|row| {
-                let history: Vec<pb::Revision> =
-                    revisions.iter().filter(|r| r.message_id == row.id).map(revision_pb).collect();
-                revisions.retain(|r| r.message_id != row.id);
-                message_pb(row, history)
+            .map(|message| {
+                let (history, rest) = revisions.drain(..).partition(|r| r.message_id == message.id);
+                revisions = rest;
+                WithHistory { message, history }
             })
             .collect())
     }
 
     /// MarkRead: moves the caller's read position forward (clamped to the
-    /// newest message) and returns it with the unread count.
-    pub async fn mark_read(&self, caller: Uuid, chat: Uuid, seq: i64) -> Result<(i64, i64), MessagesError> {
-        self.member(chat, caller).await?;
-        let chat_id = chat.to_string();
-        let user_id = caller.to_string();
-        let head = self.store.head(&chat_id).await?;
-        let read_seq = self.store.mark_read(&chat_id, &user_id, seq.min(head)).await?;
-        let unread = self.store.unread_count(&chat_id, &user_id, read_seq).await?;
-        let event = pb::StreamEventsResponse {
-            chat_id: chat_id.clone(),
-            seq: read_seq,
-            event: Some(Event::ReadUpdated(pb::ReadUpdated { user_id, read_seq })),
-        };
-        self.bus.publish(Topic::Chat(chat), Arc::new(event));
-        Ok((read_seq, unread))
+    /// newest message) and returns it with the unread count; announces it.
+    pub async fn mark_read(&self, caller: UserId, req: MarkRead) -> Result<ReadState, MessagesError> {
+        self.member(req.chat_id, caller).await?;
+        let state = self.store.mark_read(req.chat_id, caller, req.seq).await?;
+        self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(grpc::read_event(req.chat_id, caller, state.read_seq)));
+        Ok(state)
     }
 
-    /// Internal: each chat's newest message and the user's unread count.
-    pub async fn summaries(&self, chat_ids: &[String], user_id: &str) -> Result<Vec<pb::ChatSummary>, MessagesError> {
-        let summaries = self.store.summaries(chat_ids, user_id).await?;
-        Ok(chat_ids
-            .iter()
-            .zip(summaries)
-            .map(|(chat_id, (newest, unread_count))| match newest {
-                Some(m) => pb::ChatSummary {
-                    chat_id: chat_id.clone(),
-                    last_seq: m.seq,
-                    last_author_id: m.author_id,
-                    last_text: m.text.chars().take(200).collect(),
-                    last_send_time: Some(timestamp(m.send_time)),
-                    unread_count,
-                },
-                None => pb::ChatSummary { chat_id: chat_id.clone(), ..Default::default() },
-            })
-            .collect())
+    /// Internal: each chat's newest message and the user's unread count, in
+    /// the order of `chats`.
+    pub async fn summaries(&self, chats: &[ChatId], user: UserId) -> Result<Vec<Summary>, MessagesError> {
+        Ok(self.store.summaries(chats, user).await?)
     }
 
     /// Internal: a chat's newest messages, newest first.
-    pub async fn recent(&self, chat_id: &str, page_size: u32) -> Result<Vec<pb::Message>, MessagesError> {
-        let rows = self.store.list(chat_id, Range::default(), None, page_size).await?;
-        self.with_history(rows, false).await
+    pub async fn recent(&self, chat: ChatId, page_size: u32) -> Result<Vec<Message>, MessagesError> {
+        Ok(self.store.list(chat, Range::default(), None, page_size).await?)
     }
 
     /// Internal: users just joined; history before now is not unread.
-    pub async fn reset_read_positions(&self, chat_id: &str, user_ids: &[String]) -> Result<(), MessagesError> {
-        Ok(self.store.reset_read_positions(chat_id, user_ids).await?)
+    pub async fn reset_read_positions(&self, chat: ChatId, users: &[UserId]) -> Result<(), MessagesError> {
+        Ok(self.store.reset_read_positions(chat, users).await?)
     }
 
     /// Internal: deletes everything of a chat.
-    pub async fn purge(&self, chat_id: &str) -> Result<(), MessagesError> {
-        Ok(self.store.purge_chat(chat_id).await?)
-    }
-}
-
-fn revision_pb(r: &RevisionRow) -> pb::Revision {
-    pb::Revision {
-        revision: i32::try_from(r.revision).unwrap_or(i32::MAX),
-        text: r.text.clone(),
-        edit_time: Some(timestamp(r.edit_time)),
+    pub async fn purge(&self, chat: ChatId) -> Result<(), MessagesError> {
+        Ok(self.store.purge_chat(chat).await?)
     }
 }
 
 /// The answer to a retried send: the original message if it is the caller's
 /// in the same chat, else ALREADY_EXISTS.
-fn same_message(existing: MessageRow, req: &SendRequest, caller: Uuid) -> Result<MessageRow, MessagesError> {
-    if existing.chat_id == req.chat_id.to_string() && existing.author_id == caller.to_string() {
+fn same_message(existing: Message, req: &SendMessage, caller: UserId) -> Result<Message, MessagesError> {
+    if existing.chat_id == req.chat_id && existing.author_id == caller {
         Ok(existing)
     } else {
         Err(MessagesError::MessageIdTaken)

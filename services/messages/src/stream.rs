@@ -44,9 +44,10 @@ use tonic::Status;
 use uuid::Uuid;
 
 use crate::error::MessagesError;
+use crate::grpc::{created_event, message_pb};
 use crate::registry::Ticket;
-use crate::service::{Messages, created_event, message_pb};
-use crate::store::Range;
+use crate::service::Messages;
+use crate::store::{Range, Seq};
 
 /// How many messages one store read of a replay or gap fill returns.
 const REPLAY_PAGE: u32 = 256;
@@ -100,7 +101,7 @@ pub async fn open(
 
     let mut follower = Follower { messages, user, all, live: StreamMap::new(), cursors: HashMap::new() };
     for chat in &chats {
-        let head = follower.messages.store().head(&chat.to_string()).await?;
+        let head = follower.messages.store().head((*chat).into()).await?.0;
         let start = follow.resume.get(chat).map_or(head, |seen| (*seen).clamp(0, head));
         follower.follow(*chat, start);
     }
@@ -317,7 +318,7 @@ impl Follower {
                 if self.cursors.contains_key(&chat) {
                     continue;
                 }
-                let head = self.messages.store().head(&chat.to_string()).await.map_err(MessagesError::from)?;
+                let head = self.messages.store().head(chat.into()).await.map_err(MessagesError::from)?.0;
                 self.follow(chat, head);
                 events.push(pb::StreamEventsResponse {
                     chat_id: chat.to_string(),
@@ -350,7 +351,7 @@ impl Follower {
         let rows = self
             .messages
             .store()
-            .list(&chat.to_string(), range, Some(cursor), REPLAY_PAGE)
+            .list(chat.into(), range, Some(Seq(cursor)), REPLAY_PAGE)
             .await
             .map_err(MessagesError::from)?;
         if rows.is_empty() {
@@ -368,7 +369,7 @@ impl Follower {
         let more = rows.len() == REPLAY_PAGE as usize;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            self.cursors.insert(chat, row.seq);
+            self.cursors.insert(chat, row.seq.0);
             out.push(created_event(message_pb(row, Vec::new())));
         }
         Ok((out, more))

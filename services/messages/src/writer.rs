@@ -6,11 +6,9 @@
 //!    batch (up to [`MAX_BATCH`]). Under light load a batch is one message
 //!    and nothing waits; under heavy load one round serves many messages. No
 //!    timer: a batch is exactly what arrived during the last round.
-//! 2. **commit** the batch: one transaction, one seq bump per chat, one WAL
-//!    sync on SQLite. On SQLite the thread owns its own connection
-//!    ([`SqliteCommitter`]), which spares every statement sqlx's hand-off to
-//!    its SQLite worker thread; on PostgreSQL it drives
-//!    [`Store::insert_batch`] to completion.
+//! 2. **commit** the batch with [`MessageStore::insert_batch`]: one
+//!    transaction, gap-free seqs per chat, one WAL sync on SQLite (where the
+//!    store runs it on its one writer thread, as one closure).
 //! 3. **announce**: tell the chats service, in one call, the newest message
 //!    of each chat the batch touched (ListChats orders by it), then answer
 //!    the callers. So a caller hears back only after its message is durably
@@ -22,27 +20,29 @@
 //!    start-up: [`crate::Messages::announce_recent_activity`].)
 //!
 //! The loop charges its wall-clock time to these steps
-//! (`natter_writer_seconds_total{phase}`, see
-//! [`natter_kit::metrics::WriterPhase`]): whether the writer waits for
-//! work, for the disk or for the chats service shows there.
+//! (`natter_writer_seconds_total{phase}`, see [`WriterPhase`]): whether
+//! the writer waits for work, for the database or for the chats service
+//! shows there.
 //!
 //! The writer is a thread, not a task, so that it never waits behind the
 //! request tasks for a turn on the runtime's workers. Committing and
 //! announcing on one thread, rather than on two that hand batches over,
 //! measured faster on two cores: every hand-off between threads costs a
 //! wake-up that waits for a free core (see BENCHMARKS.md).
+//! On SQLite the commit itself runs on the store's writer thread, the one
+//! thread that owns every SQLite write: one hand-off there and back per
+//! batch, not per message.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use natter_kit::metrics::{PhaseClock, WriterPhase};
 use natter_links::ChatDirectory;
 use natter_proto::chats::v1::Activity;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
 
-use crate::sqlite_commit::SqliteCommitter;
-use crate::store::{MessageRow, NewMessage, Sent, Store};
+use crate::metrics::{PhaseClock, WriterPhase, observe_commit};
+use crate::store::{Message, MessageStore, NewMessage, Sent, StoreError};
 
 /// Most messages in one batch.
 pub const MAX_BATCH: usize = 512;
@@ -50,10 +50,8 @@ pub const MAX_BATCH: usize = 512;
 /// How many sends may wait for the writer before callers queue in `send`.
 const QUEUE: usize = 4096;
 
-/// Why a send's commit failed (the database's error, shared by the batch).
-pub type CommitError = Arc<dyn std::error::Error + Send + Sync>;
-
-type Outcome = Result<Sent, CommitError>;
+/// A send's outcome once its batch is committed (or why it failed).
+type Outcome = Result<Sent, StoreError>;
 type Reply = oneshot::Sender<Outcome>;
 
 /// A queued send: the message, where to answer, and the caller's span.
@@ -70,18 +68,15 @@ impl Writer {
     /// `chats` through the current tokio runtime; it ends when every
     /// `Writer` clone is dropped.
     ///
-    /// Errors: on SQLite, the writer's connection cannot be opened; the
-    /// thread cannot be started. Panics outside a tokio runtime.
-    pub fn start(store: Store, chats: Arc<dyn ChatDirectory>) -> std::io::Result<Self> {
+    /// Errors: the thread cannot be started. Panics outside a tokio
+    /// runtime.
+    pub fn start(store: Arc<dyn MessageStore>, chats: Arc<dyn ChatDirectory>) -> std::io::Result<Self> {
+        crate::metrics::register();
         let (queue, jobs) = mpsc::channel(QUEUE);
         let runtime = tokio::runtime::Handle::current();
-        let committer = match store.db().sqlite_commit_connection().map_err(std::io::Error::other)? {
-            Some(conn) => Committer::Sqlite(SqliteCommitter::new(conn), store.db().write_turn_lock()),
-            None => Committer::Pool(store),
-        };
         std::thread::Builder::new()
             .name("natter-writer".into())
-            .spawn(move || write_loop(&runtime, committer, chats.as_ref(), jobs))?;
+            .spawn(move || write_loop(&runtime, store.as_ref(), chats.as_ref(), jobs))?;
         Ok(Self { queue })
     }
 
@@ -89,59 +84,34 @@ impl Writer {
     /// outcome once that batch is committed and its activity recorded.
     pub async fn send(&self, message: NewMessage) -> Outcome {
         let (reply, answer) = oneshot::channel();
-        let closed = || -> CommitError { Arc::new(std::io::Error::other("the message writer has stopped")) };
+        let closed = || StoreError::Db(natter_db::DbError::Closed);
         self.queue.send((message, reply, tracing::Span::current())).await.map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
     }
 }
 
-/// How the writer commits a batch.
-enum Committer {
-    /// Its own SQLite connection, taking the database's write turn
-    /// ([`natter_db::Db::write_turn`]) per batch.
-    Sqlite(SqliteCommitter, Arc<tokio::sync::Mutex<()>>),
-    /// The store's pool (PostgreSQL).
-    Pool(Store),
-}
-
-impl Committer {
-    /// Commits one batch; the outcomes are in the batch's order. A batch
-    /// that fails writes nothing: its messages are then retried one by one,
-    /// so one bad message (or a race with another replica on an id) fails
-    /// only its own caller.
-    fn commit(
-        &mut self,
-        runtime: &tokio::runtime::Handle,
-        messages: &[NewMessage],
-        clock: &mut PhaseClock,
-    ) -> Vec<Outcome> {
-        let started = std::time::Instant::now();
-        let batch = match self {
-            Committer::Sqlite(committer, turn) => {
-                let _turn = turn.blocking_lock();
-                clock.lap(WriterPhase::Turn);
-                committer.insert_batch(messages, clock).map_err(|e| Arc::new(e) as CommitError)
-            }
-            Committer::Pool(store) => {
-                let batch = runtime.block_on(store.insert_batch(messages));
-                clock.lap(WriterPhase::Commit);
-                batch.map_err(|e| Arc::new(e) as CommitError)
-            }
-        };
-        match batch {
-            Ok(outcomes) => {
-                natter_kit::metrics::observe_commit(messages.len(), started.elapsed());
-                outcomes.into_iter().map(Ok).collect()
-            }
-            Err(e) if messages.len() > 1 => {
-                tracing::warn!(batch = messages.len(), error = %e, "batch failed; committing one by one");
-                messages
-                    .iter()
-                    .map(|m| self.commit(runtime, std::slice::from_ref(m), clock).pop().unwrap_or(Err(e.clone())))
-                    .collect()
-            }
-            Err(e) => vec![Err(e)],
+/// Commits one batch; the outcomes are in the batch's order. A batch that
+/// fails writes nothing: its messages are then committed one by one, so one
+/// bad message fails only its own caller.
+fn commit(
+    runtime: &tokio::runtime::Handle,
+    store: &dyn MessageStore,
+    messages: &[NewMessage],
+    clock: &mut PhaseClock,
+) -> Vec<Outcome> {
+    let started = std::time::Instant::now();
+    let batch = runtime.block_on(store.insert_batch(messages));
+    clock.lap(WriterPhase::Commit);
+    match batch {
+        Ok(outcomes) => {
+            observe_commit(messages.len(), started.elapsed());
+            outcomes.into_iter().map(Ok).collect()
         }
+        Err(e) if messages.len() > 1 => {
+            tracing::warn!(batch = messages.len(), error = %e, "batch failed; committing one by one");
+            messages.iter().flat_map(|m| commit(runtime, store, std::slice::from_ref(m), clock)).collect()
+        }
+        Err(e) => vec![Err(e)],
     }
 }
 
@@ -169,7 +139,7 @@ fn gather(first: Job, jobs: &mut mpsc::Receiver<Job>) -> (Vec<NewMessage>, Vec<R
 /// `Writer` is dropped.
 fn write_loop(
     runtime: &tokio::runtime::Handle,
-    mut committer: Committer,
+    store: &dyn MessageStore,
     chats: &dyn ChatDirectory,
     mut jobs: mpsc::Receiver<Job>,
 ) {
@@ -177,7 +147,7 @@ fn write_loop(
     while let Some(first) = jobs.blocking_recv() {
         clock.lap(WriterPhase::Idle);
         let (messages, replies, span) = gather(first, &mut jobs);
-        let outcomes = span.in_scope(|| committer.commit(runtime, &messages, &mut clock));
+        let outcomes = span.in_scope(|| commit(runtime, store, &messages, &mut clock));
         let created: Vec<&Sent> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
         runtime.block_on(record_activity(chats, &created).instrument(span));
         clock.lap(WriterPhase::Activity);
@@ -192,10 +162,10 @@ fn write_loop(
 /// `outcomes`, in one call. The messages are committed already: a failure
 /// only delays a chat's place in ListChats until its next message (logged).
 async fn record_activity(chats: &dyn ChatDirectory, outcomes: &[&Sent]) {
-    let mut newest: HashMap<&str, &MessageRow> = HashMap::new();
+    let mut newest: HashMap<natter_kit::id::ChatId, &Message> = HashMap::new();
     for outcome in outcomes {
         if let Sent::Created(row) = *outcome {
-            let entry = newest.entry(row.chat_id.as_str()).or_insert(row);
+            let entry = newest.entry(row.chat_id).or_insert(row);
             if row.seq > entry.seq {
                 *entry = row;
             }
@@ -207,8 +177,8 @@ async fn record_activity(chats: &dyn ChatDirectory, outcomes: &[&Sent]) {
     let activities = newest
         .into_values()
         .map(|row| Activity {
-            chat_id: row.chat_id.clone(),
-            last_seq: row.seq,
+            chat_id: row.chat_id.to_string(),
+            last_seq: row.seq.0,
             last_activity_time: Some(natter_kit::time::timestamp(row.send_time)),
         })
         .collect();

@@ -42,8 +42,10 @@ pub struct App {
     listener: TcpListener,
     server: Server,
     shutdown: CancellationToken,
-    /// The sessions and messages databases, closed at shutdown.
-    dbs: Vec<natter_db::Db>,
+    /// The sessions database, closed at shutdown.
+    sessions_db: natter_db::Db,
+    /// The messages service, whose store is closed at shutdown.
+    messages: Arc<natter_messages::Messages>,
     /// Its store writes the chat activity still in memory at shutdown.
     chats: Arc<natter_chats::Chats>,
     /// The event bus the services share.
@@ -105,9 +107,9 @@ impl App {
         natter_chats::add_services(&mut server, &chats, auth.clone()).await;
         natter_messages::add_services(&mut server, &messages, auth, shutdown.clone()).await;
 
-        let dbs = vec![sessions.store().db().clone(), messages.store().db().clone()];
+        let sessions_db = sessions.store().db().clone();
         server.set_web_dir(&args.web_dir);
-        Ok(Self { listener, server, shutdown, dbs, chats, bus })
+        Ok(Self { listener, server, shutdown, sessions_db, messages, chats, bus })
     }
 
     /// The event bus the services share (to read its size in tests).
@@ -125,9 +127,8 @@ impl App {
     pub async fn run(self) -> anyhow::Result<()> {
         self.server.serve(self.listener, self.shutdown).await?;
         self.chats.close().await;
-        for db in &self.dbs {
-            db.close().await;
-        }
+        self.sessions_db.close().await;
+        self.messages.close().await;
         Ok(())
     }
 }

@@ -1,0 +1,369 @@
+//! The messages store: one contract ([`MessageStore`]) in the messages
+//! domain's own types, one implementation native to each engine
+//! ([`sqlite`] on rusqlite, [`postgres`] on sqlx's Postgres driver) and one
+//! conformance suite run against both (`tests.rs`).
+//!
+//! What both engines share lives here: the domain types that cross the
+//! trait, the message column list, the seq bounds of a history page and the
+//! capped unread count. Everything engine-specific (how a batch takes its
+//! seqs, how a page of summaries is read) lives in the engine's file.
+//!
+//! Adding a column to `messages` touches: a new migration, [`Message`] (and
+//! [`NewMessage`] if a send sets it), `message_columns!`, and the row mapper
+//! and insert of each engine file.
+
+use std::sync::Arc;
+
+use natter_db::{DbConfig, DbError, Engine};
+use natter_kit::id::{ChatId, MessageId, UserId};
+
+use crate::domain::Attachment;
+
+pub mod postgres;
+pub mod sqlite;
+#[cfg(test)]
+mod tests;
+
+/// Most rows [`MessageStore::recent_activity`] reads: a bound on start-up
+/// time (about a second) whatever the rate of sends before a crash.
+pub const RECENT_ACTIVITY_ROWS: usize = 1_000_000;
+
+/// The most an unread count counts: [`UNREAD_COUNT_CAP`] as a literal for
+/// the SQL (`concat!`).
+macro_rules! unread_count_cap {
+    () => {
+        1000
+    };
+}
+pub(crate) use unread_count_cap;
+
+/// The most an unread count counts: a count of this value means at least
+/// this many (a client shows "999+"). Counting walks the chat's index from
+/// the read position, so an uncapped count cost O(unread) on every ListChats
+/// entry, GetChat and MarkRead: a member a million messages behind made each
+/// of them a million-entry walk.
+pub const UNREAD_COUNT_CAP: i64 = unread_count_cap!();
+
+/// The capped unread count as one SQL expression, the same text on both
+/// engines: the messages of chat `$chat` after seq `$read` that are not by
+/// user `$user` and not deleted, counted up to [`UNREAD_COUNT_CAP`]. The
+/// arguments are SQL (placeholders or column references) as literals.
+macro_rules! unread_count_sql {
+    ($chat:literal, $read:literal, $user:literal) => {
+        concat!(
+            "(SELECT COUNT(*) FROM (SELECT 1 FROM messages u WHERE u.chat_id = ",
+            $chat,
+            " AND u.seq > ",
+            $read,
+            " AND u.author_id <> ",
+            $user,
+            " AND u.delete_time IS NULL LIMIT ",
+            $crate::store::unread_count_cap!(),
+            ") c)"
+        )
+    };
+}
+pub(crate) use unread_count_sql;
+
+/// The columns of a message, in the order both engines' row mappers read
+/// them.
+macro_rules! message_columns {
+    () => {
+        "id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time"
+    };
+}
+pub(crate) use message_columns;
+
+/// A message's position in its chat: 1, 2, 3 ... without gaps; 0 stands for
+/// "before the first message".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Seq(pub i64);
+
+impl Seq {
+    /// Before the first message.
+    pub const ZERO: Seq = Seq(0);
+
+    /// The number.
+    pub fn get(self) -> i64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Seq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A stored message. Times are µs since the Unix epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub id: MessageId,
+    pub chat_id: ChatId,
+    pub seq: Seq,
+    pub author_id: UserId,
+    /// Empty once deleted.
+    pub text: String,
+    /// Empty once deleted.
+    pub attachments: Vec<Attachment>,
+    /// The message this one answers, if any.
+    pub reply_to: Option<Seq>,
+    pub send_time: i64,
+    /// When the text was last replaced (None: never edited).
+    pub edit_time: Option<i64>,
+    /// 1 for the text as sent, +1 per edit.
+    pub revision: i64,
+    /// Set once the message is a tombstone.
+    pub delete_time: Option<i64>,
+}
+
+impl Message {
+    /// True for a tombstone.
+    pub fn deleted(&self) -> bool {
+        self.delete_time.is_some()
+    }
+}
+
+/// A message to insert; the store assigns its seq.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewMessage {
+    pub id: MessageId,
+    pub chat_id: ChatId,
+    pub author_id: UserId,
+    pub text: String,
+    pub attachments: Vec<Attachment>,
+    /// Must name a message of the chat stored before this message's batch.
+    pub reply_to: Option<Seq>,
+    /// µs since the Unix epoch.
+    pub send_time: i64,
+}
+
+impl NewMessage {
+    /// The message this becomes with `seq`.
+    pub fn into_message(self, seq: Seq) -> Message {
+        Message {
+            id: self.id,
+            chat_id: self.chat_id,
+            seq,
+            author_id: self.author_id,
+            text: self.text,
+            attachments: self.attachments,
+            reply_to: self.reply_to,
+            send_time: self.send_time,
+            edit_time: None,
+            revision: 1,
+            delete_time: None,
+        }
+    }
+}
+
+/// Outcome of inserting one message of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// Committed as this message.
+    Created(Message),
+    /// A message with this id exists already (a retry, or the id is used
+    /// earlier in the batch); nothing was written and no seq taken.
+    Duplicate,
+    /// `reply_to` names no message of the chat stored before the batch;
+    /// nothing was written and no seq taken.
+    NoSuchReply,
+}
+
+/// Outcome of an edit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Edited {
+    /// Committed; the message as it is now.
+    Done(Message),
+    /// The message is deleted (or missing).
+    Deleted,
+    /// The message was edited as often as allowed; nothing changed.
+    TooManyEdits,
+}
+
+/// An earlier text of an edited message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revision {
+    pub message_id: MessageId,
+    /// 1 for the text as sent.
+    pub revision: i64,
+    pub text: String,
+    /// When this text was written (send or edit), µs since the Unix epoch.
+    pub edit_time: i64,
+}
+
+/// Range and order of a history listing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Range {
+    /// Only seq < before.
+    pub before: Option<Seq>,
+    /// Only seq > after.
+    pub after: Option<Seq>,
+    /// Oldest first (else newest first).
+    pub ascending: bool,
+}
+
+/// A user's read position in a chat and what is left unread after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadState {
+    /// The last seq read (0: none).
+    pub read_seq: Seq,
+    /// Messages after it not by the user and not deleted, counted up to
+    /// [`UNREAD_COUNT_CAP`].
+    pub unread: i64,
+}
+
+/// A chat's preview for one user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Summary {
+    /// The chat's newest message (None before the first).
+    pub newest: Option<Message>,
+    /// As [`ReadState::unread`].
+    pub unread: i64,
+}
+
+/// The newest message of a chat, for re-announcing chat activity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Activity {
+    pub chat_id: ChatId,
+    pub seq: Seq,
+    /// µs since the Unix epoch.
+    pub send_time: i64,
+}
+
+/// A failure of the store: the engine's error, or a row that does not hold
+/// what the schema promises.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed (or the store is closed).
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// A stored value is not what the schema promises (e.g. an id that is
+    /// not a UUID).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Db(DbError::Sqlx(e))
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Db(DbError::Sqlite(e))
+    }
+}
+
+/// The messages tables, in the messages domain's types. Every write is one
+/// transaction; every method may fail with [`StoreError`].
+#[async_trait::async_trait]
+pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Inserts `batch` in ONE transaction (group commit); the outcomes are
+    /// in the batch's order. Each chat's messages take its next seqs in
+    /// batch order, gap-free: a refused message ([`Sent::Duplicate`],
+    /// [`Sent::NoSuchReply`]) takes none. An error writes nothing.
+    async fn insert_batch(&self, batch: &[NewMessage]) -> Result<Vec<Sent>, StoreError>;
+
+    /// The message with this id, live or a tombstone.
+    async fn message(&self, id: MessageId) -> Result<Option<Message>, StoreError>;
+
+    /// Replaces a live message's text, keeping the old one as a revision,
+    /// unless it was edited `max_edits` times already; `now` in µs.
+    async fn edit(&self, id: MessageId, text: &str, now: i64, max_edits: usize) -> Result<Edited, StoreError>;
+
+    /// Turns a message into a tombstone at `now` (µs): seq stays, text,
+    /// attachments and earlier revisions go; a tombstone stays as it is.
+    /// Returns the message after the call (None: no such message).
+    async fn delete(&self, id: MessageId, now: i64) -> Result<Option<Message>, StoreError>;
+
+    /// The newest seq of a chat ([`Seq::ZERO`] before the first message).
+    async fn head(&self, chat: ChatId) -> Result<Seq, StoreError>;
+
+    /// Up to `limit` messages of a chat in `range`, after the keyset
+    /// position `from` (a seq) in the range's order.
+    async fn list(&self, chat: ChatId, range: Range, from: Option<Seq>, limit: u32)
+    -> Result<Vec<Message>, StoreError>;
+
+    /// Earlier revisions of the given messages, by message id, oldest first.
+    async fn revisions(&self, message_ids: &[MessageId]) -> Result<Vec<Revision>, StoreError>;
+
+    /// Up to `limit` earlier revisions of one message after revision
+    /// `after`, oldest first.
+    async fn revisions_after(&self, message_id: MessageId, after: i64, limit: u32)
+    -> Result<Vec<Revision>, StoreError>;
+
+    /// Moves `user`'s read position in `chat` forward to `seq`, clamped to
+    /// the chat's newest seq (never back), and returns the position after
+    /// the call with the unread count after it.
+    async fn mark_read(&self, chat: ChatId, user: UserId, seq: Seq) -> Result<ReadState, StoreError>;
+
+    /// Sets users' read positions to the chat's newest seq (even backwards:
+    /// a rejoining member starts from now).
+    async fn reset_read_positions(&self, chat: ChatId, users: &[UserId]) -> Result<(), StoreError>;
+
+    /// For each of `chats`, in order: its newest message and `user`'s
+    /// unread count. One trip to the database for the whole page.
+    async fn summaries(&self, chats: &[ChatId], user: UserId) -> Result<Vec<Summary>, StoreError>;
+
+    /// The newest message of every chat that has one sent within `window_us`
+    /// µs before the newest message stored, read in commit order and at most
+    /// [`RECENT_ACTIVITY_ROWS`] rows, for re-announcing chat activity after a
+    /// crash (the chats store on SQLite keeps the newest of it in memory for
+    /// a moment). The window is taken from the newest message, not the
+    /// clock, so any time may pass between the crash and the start. Empty
+    /// on PostgreSQL, whose chats store writes activity as it comes.
+    async fn recent_activity(&self, window_us: i64) -> Result<Vec<Activity>, StoreError>;
+
+    /// Deletes everything of a chat.
+    async fn purge_chat(&self, chat: ChatId) -> Result<(), StoreError>;
+
+    /// Stops taking writes and waits for the writes queued before.
+    async fn close(&self);
+}
+
+/// Opens (creating and migrating as needed) the messages store `config`
+/// names, on its engine.
+///
+/// Errors: the URL names no supported engine, the database cannot be
+/// reached or migrated.
+pub async fn open(config: &DbConfig) -> Result<Arc<dyn MessageStore>, StoreError> {
+    Ok(match config.engine()? {
+        Engine::Sqlite { path } => Arc::new(sqlite::SqliteStore::open(&path, config.max_connections as usize).await?),
+        Engine::Postgres { url, schema } => {
+            Arc::new(postgres::PostgresStore::open(&url, &schema, config.max_connections).await?)
+        }
+    })
+}
+
+/// The SQL of [`MessageStore::list`] (both engines) and its seq bounds: `$1`
+/// is the chat id, `$2, $3, ...` the bounds in order (each placeholder
+/// appears once and in order, so SQLite's numbering by first appearance
+/// agrees). The limit is written in: SQLite's planner looks at a bound
+/// LIMIT, which makes a cached statement re-prepare on every run.
+fn list_sql(range: Range, from: Option<Seq>, limit: u32) -> (String, Vec<i64>) {
+    let mut sql = format!("SELECT {} FROM messages WHERE chat_id = $1", message_columns!());
+    let mut bounds = Vec::with_capacity(3);
+    let mut bound = |sql: &mut String, op: &str, value: Seq| {
+        bounds.push(value.0);
+        sql.push_str(&format!(" AND seq {op} ${}", bounds.len() + 1));
+    };
+    if let Some(b) = range.before {
+        bound(&mut sql, "<", b);
+    }
+    if let Some(a) = range.after {
+        bound(&mut sql, ">", a);
+    }
+    if let Some(f) = from {
+        bound(&mut sql, if range.ascending { ">" } else { "<" }, f);
+    }
+    let order = if range.ascending { "ASC" } else { "DESC" };
+    sql.push_str(&format!(" ORDER BY seq {order} LIMIT {limit}"));
+    (sql, bounds)
+}
+
+/// A stored UUID column as a typed id.
+fn parse_id<T: std::str::FromStr>(column: &str, value: &str) -> Result<T, String> {
+    value.parse().map_err(|_| format!("{column} {value:?} is not a UUID"))
+}

@@ -1,0 +1,391 @@
+//! The messages store on SQLite, through rusqlite only
+//! ([`natter_db::sqlite::Sqlite`]): reads (history pages, summaries,
+//! heads) on the reader pool, every write on the one writer thread.
+//!
+//! A send batch is one closure on the writer thread: one hand-off in and
+//! one out per batch, cached prepared statements, one transaction and one
+//! WAL sync. SQLite has a single writer, so the seq algorithm needs no
+//! locks: each chat's head is read once per batch, the messages take the
+//! next seqs as they are inserted, and the heads are written back at the
+//! end.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use natter_db::sqlite::Sqlite;
+use natter_kit::id::{ChatId, MessageId, UserId};
+use rusqlite::types::Type;
+use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, params};
+
+use super::{
+    Activity, Edited, Message, MessageStore, NewMessage, RECENT_ACTIVITY_ROWS, Range, ReadState, Revision, Sent, Seq,
+    StoreError, Summary, list_sql, message_columns, unread_count_sql,
+};
+use crate::domain::{decode_attachments, encode_attachments};
+
+/// Ids per `IN (...)` list.
+const CHUNK: usize = 256;
+
+/// `SELECT` of one message by id (`?1`).
+const MESSAGE_BY_ID: &str = concat!("SELECT ", message_columns!(), " FROM messages WHERE id = ?1");
+
+/// The capped unread count of user `?2` in chat `?1` from their stored read
+/// position.
+const UNREAD_FROM_POSITION: &str = concat!(
+    "SELECT ",
+    unread_count_sql!(
+        "?1",
+        "COALESCE((SELECT read_seq FROM read_positions WHERE chat_id = ?1 AND user_id = ?2), 0)",
+        "?2"
+    )
+);
+
+/// The messages store on a SQLite file.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    db: Sqlite,
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating as needed) the SQLite file at `path`
+    /// with up to `readers` reader connections.
+    ///
+    /// Errors: the file cannot be created, opened or migrated.
+    pub async fn open(path: &Path, readers: usize) -> Result<Self, StoreError> {
+        Ok(Self { db: Sqlite::open(path, &crate::MIGRATOR, readers).await? })
+    }
+}
+
+/// A typed id from a TEXT column.
+fn id_at<T: std::str::FromStr<Err = uuid::Error>>(row: &Row<'_>, i: usize) -> rusqlite::Result<T> {
+    row.get_ref(i)?.as_str()?.parse().map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, Type::Text, Box::new(e)))
+}
+
+/// A row of [`message_columns!`].
+fn message_row(row: &Row<'_>) -> rusqlite::Result<Message> {
+    Ok(Message {
+        id: id_at(row, 0)?,
+        chat_id: id_at(row, 1)?,
+        seq: Seq(row.get(2)?),
+        author_id: id_at(row, 3)?,
+        text: row.get(4)?,
+        attachments: decode_attachments(row.get_ref(5)?.as_str()?),
+        reply_to: Some(Seq(row.get(6)?)).filter(|s| s.0 > 0),
+        send_time: row.get(7)?,
+        edit_time: row.get(8)?,
+        revision: row.get(9)?,
+        delete_time: row.get(10)?,
+    })
+}
+
+/// A row of `message_id, revision, text, edit_time`.
+fn revision_row(row: &Row<'_>) -> rusqlite::Result<Revision> {
+    Ok(Revision { message_id: id_at(row, 0)?, revision: row.get(1)?, text: row.get(2)?, edit_time: row.get(3)? })
+}
+
+/// Inserts `batch` in one transaction (see the module docs).
+fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Result<Vec<Sent>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    {
+        // A reply names a message stored before the batch: checked before
+        // any of the batch is inserted.
+        let mut has_seq = tx.prepare_cached("SELECT 1 FROM messages WHERE chat_id = ?1 AND seq = ?2")?;
+        let mut replies_ok = Vec::with_capacity(batch.len());
+        for m in &batch {
+            replies_ok.push(match m.reply_to {
+                Some(reply) => has_seq.exists(params![m.chat_id.to_string(), reply.0])?,
+                None => true,
+            });
+        }
+        let mut read_head = tx.prepare_cached("SELECT last_seq FROM chat_heads WHERE chat_id = ?1")?;
+        // A stored id (a retry, or one earlier in the batch) inserts
+        // nothing: one index lookup, where a SELECT first would walk the id
+        // index twice.
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
+             revision, delete_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, 1, NULL) ON CONFLICT (id) DO NOTHING",
+        )?;
+        let mut heads: HashMap<ChatId, (String, i64)> = HashMap::new();
+        for (m, reply_ok) in batch.into_iter().zip(replies_ok) {
+            if !reply_ok {
+                outcomes.push(Sent::NoSuchReply);
+                continue;
+            }
+            let (chat, head) = match heads.entry(m.chat_id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let chat = m.chat_id.to_string();
+                    let stored: Option<i64> = read_head.query_row([&chat], |row| row.get(0)).optional()?;
+                    e.insert((chat, stored.unwrap_or(0)))
+                }
+            };
+            let seq = *head + 1;
+            let inserted = insert.execute(params![
+                m.id.to_string(),
+                chat.as_str(),
+                seq,
+                m.author_id.to_string(),
+                m.text,
+                encode_attachments(&m.attachments),
+                m.reply_to.map_or(0, |s| s.0),
+                m.send_time
+            ])?;
+            if inserted == 0 {
+                outcomes.push(Sent::Duplicate);
+                continue;
+            }
+            *head = seq;
+            outcomes.push(Sent::Created(m.into_message(Seq(seq))));
+        }
+        let mut write_head = tx.prepare_cached(
+            "INSERT INTO chat_heads (chat_id, last_seq) VALUES (?1, ?2) \
+             ON CONFLICT (chat_id) DO UPDATE SET last_seq = excluded.last_seq",
+        )?;
+        for (chat, head) in heads.values() {
+            write_head.execute(params![chat, head])?;
+        }
+    }
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+/// Edits one message in one transaction (see [`MessageStore::edit`]).
+fn edit(conn: &mut Connection, id: &str, text: &str, now: i64, max_edits: usize) -> rusqlite::Result<Edited> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let revision: Option<i64> = tx
+        .prepare_cached("SELECT revision FROM messages WHERE id = ?1 AND delete_time IS NULL")?
+        .query_row([id], |row| row.get(0))
+        .optional()?;
+    let Some(revision) = revision else { return Ok(Edited::Deleted) };
+    if usize::try_from(revision - 1).unwrap_or(usize::MAX) >= max_edits {
+        return Ok(Edited::TooManyEdits);
+    }
+    tx.prepare_cached(
+        "INSERT INTO message_revisions (message_id, revision, text, edit_time) \
+         SELECT id, revision, text, COALESCE(edit_time, send_time) FROM messages WHERE id = ?1",
+    )?
+    .execute([id])?;
+    let message = tx
+        .prepare_cached(concat!(
+            "UPDATE messages SET text = ?1, revision = revision + 1, edit_time = ?2 WHERE id = ?3 RETURNING ",
+            message_columns!()
+        ))?
+        .query_row(params![text, now, id], message_row)?;
+    tx.commit()?;
+    Ok(Edited::Done(message))
+}
+
+/// Tombstones one message in one transaction (see [`MessageStore::delete`]).
+fn delete(conn: &mut Connection, id: &str, now: i64) -> rusqlite::Result<Option<Message>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.prepare_cached(
+        "UPDATE messages SET text = '', attachments = '', delete_time = ?1 WHERE id = ?2 AND delete_time IS NULL",
+    )?
+    .execute(params![now, id])?;
+    tx.prepare_cached("DELETE FROM message_revisions WHERE message_id = ?1")?.execute([id])?;
+    let message = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row).optional()?;
+    tx.commit()?;
+    Ok(message)
+}
+
+#[async_trait::async_trait]
+impl MessageStore for SqliteStore {
+    async fn insert_batch(&self, batch: &[NewMessage]) -> Result<Vec<Sent>, StoreError> {
+        let batch = batch.to_vec();
+        Ok(self.db.write(move |conn| insert_batch(conn, batch)).await?)
+    }
+
+    async fn message(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
+        let id = id.to_string();
+        Ok(self
+            .db
+            .read(move |conn| conn.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row).optional())
+            .await?)
+    }
+
+    async fn edit(&self, id: MessageId, text: &str, now: i64, max_edits: usize) -> Result<Edited, StoreError> {
+        let (id, text) = (id.to_string(), text.to_owned());
+        Ok(self.db.write(move |conn| edit(conn, &id, &text, now, max_edits)).await?)
+    }
+
+    async fn delete(&self, id: MessageId, now: i64) -> Result<Option<Message>, StoreError> {
+        let id = id.to_string();
+        Ok(self.db.write(move |conn| delete(conn, &id, now)).await?)
+    }
+
+    async fn head(&self, chat: ChatId) -> Result<Seq, StoreError> {
+        let chat = chat.to_string();
+        let head = self.db.read(move |conn| {
+            conn.prepare_cached("SELECT last_seq FROM chat_heads WHERE chat_id = ?1")?
+                .query_row([chat], |row| row.get(0))
+                .optional()
+        });
+        Ok(Seq(head.await?.unwrap_or(0)))
+    }
+
+    async fn list(
+        &self,
+        chat: ChatId,
+        range: Range,
+        from: Option<Seq>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        let chat = chat.to_string();
+        let rows = self.db.read(move |conn| {
+            let (sql, bounds) = list_sql(range, from, limit);
+            let mut statement = conn.prepare_cached(&sql)?;
+            let params = std::iter::once(rusqlite::types::Value::Text(chat))
+                .chain(bounds.into_iter().map(rusqlite::types::Value::Integer));
+            statement.query_map(rusqlite::params_from_iter(params), message_row)?.collect()
+        });
+        Ok(rows.await?)
+    }
+
+    async fn revisions(&self, message_ids: &[MessageId]) -> Result<Vec<Revision>, StoreError> {
+        if message_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = message_ids.iter().map(MessageId::to_string).collect();
+        let rows = self.db.read(move |conn| {
+            let mut out = Vec::new();
+            for chunk in ids.chunks(CHUNK) {
+                let marks = vec!["?"; chunk.len()].join(", ");
+                let sql = format!(
+                    "SELECT message_id, revision, text, edit_time FROM message_revisions WHERE message_id IN ({marks}) \
+                     ORDER BY message_id, revision"
+                );
+                let mut statement = conn.prepare_cached(&sql)?;
+                for row in statement.query_map(rusqlite::params_from_iter(chunk), revision_row)? {
+                    out.push(row?);
+                }
+            }
+            Ok(out)
+        });
+        Ok(rows.await?)
+    }
+
+    async fn revisions_after(
+        &self,
+        message_id: MessageId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<Revision>, StoreError> {
+        let id = message_id.to_string();
+        let rows = self.db.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT message_id, revision, text, edit_time FROM message_revisions \
+                 WHERE message_id = ?1 AND revision > ?2 ORDER BY revision LIMIT ?3",
+            )?
+            .query_map(params![id, after, limit], revision_row)?
+            .collect()
+        });
+        Ok(rows.await?)
+    }
+
+    async fn mark_read(&self, chat: ChatId, user: UserId, seq: Seq) -> Result<ReadState, StoreError> {
+        let (chat, user) = (chat.to_string(), user.to_string());
+        let state = self.db.write(move |conn| {
+            let read_seq: i64 = conn
+                .prepare_cached(
+                    "INSERT INTO read_positions (chat_id, user_id, read_seq) \
+                     VALUES (?1, ?2, MIN(?3, COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = ?1), 0))) \
+                     ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = MAX(read_positions.read_seq, excluded.read_seq) \
+                     RETURNING read_seq",
+                )?
+                .query_row(params![chat, user, seq.0], |row| row.get(0))?;
+            let unread: i64 = conn
+                .prepare_cached(concat!("SELECT ", unread_count_sql!("?1", "?2", "?3")))?
+                .query_row(params![chat, read_seq, user], |row| row.get(0))?;
+            Ok(ReadState { read_seq: Seq(read_seq), unread })
+        });
+        Ok(state.await?)
+    }
+
+    async fn reset_read_positions(&self, chat: ChatId, users: &[UserId]) -> Result<(), StoreError> {
+        let chat = chat.to_string();
+        let users: Vec<String> = users.iter().map(UserId::to_string).collect();
+        let done = self.db.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut reset = tx.prepare_cached(
+                    "INSERT INTO read_positions (chat_id, user_id, read_seq) \
+                     VALUES (?1, ?2, COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = ?1), 0)) \
+                     ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq",
+                )?;
+                for user in &users {
+                    reset.execute(params![chat, user])?;
+                }
+            }
+            tx.commit()
+        });
+        Ok(done.await?)
+    }
+
+    async fn summaries(&self, chats: &[ChatId], user: UserId) -> Result<Vec<Summary>, StoreError> {
+        let chats: Vec<String> = chats.iter().map(ChatId::to_string).collect();
+        let user = user.to_string();
+        let rows = self.db.read(move |conn| {
+            let mut newest = conn.prepare_cached(&list_sql(Range::default(), None, 1).0)?;
+            let mut unread = conn.prepare_cached(UNREAD_FROM_POSITION)?;
+            chats
+                .iter()
+                .map(|chat| {
+                    Ok(Summary {
+                        newest: newest.query_row([chat], message_row).optional()?,
+                        unread: unread.query_row([chat, &user], |row| row.get(0))?,
+                    })
+                })
+                .collect()
+        });
+        Ok(rows.await?)
+    }
+
+    async fn recent_activity(&self, window_us: i64) -> Result<Vec<Activity>, StoreError> {
+        let recent = self.db.read(move |conn| {
+            let mut rows = conn.prepare("SELECT chat_id, seq, send_time FROM messages ORDER BY rowid DESC")?;
+            let mut rows = rows.query([])?;
+            let mut newest: HashMap<ChatId, (i64, i64)> = HashMap::new();
+            let mut since = None;
+            let mut scanned = 0;
+            while let Some(row) = rows.next()? {
+                let (chat, seq, time): (ChatId, i64, i64) = (id_at(row, 0)?, row.get(1)?, row.get(2)?);
+                let since = *since.get_or_insert(time - window_us);
+                scanned += 1;
+                if time < since || scanned > RECENT_ACTIVITY_ROWS {
+                    break;
+                }
+                let entry = newest.entry(chat).or_insert((seq, time));
+                if seq > entry.0 {
+                    *entry = (seq, time);
+                }
+            }
+            Ok(newest
+                .into_iter()
+                .map(|(chat_id, (seq, send_time))| Activity { chat_id, seq: Seq(seq), send_time })
+                .collect())
+        });
+        Ok(recent.await?)
+    }
+
+    async fn purge_chat(&self, chat: ChatId) -> Result<(), StoreError> {
+        let chat = chat.to_string();
+        let done = self.db.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for sql in [
+                "DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = ?1)",
+                "DELETE FROM messages WHERE chat_id = ?1",
+                "DELETE FROM read_positions WHERE chat_id = ?1",
+                "DELETE FROM chat_heads WHERE chat_id = ?1",
+            ] {
+                tx.execute(sql, [&chat])?;
+            }
+            tx.commit()
+        });
+        Ok(done.await?)
+    }
+
+    async fn close(&self) {
+        self.db.close().await;
+    }
+}

@@ -49,7 +49,7 @@ pub async fn connect(url: &str, schema: &str, max_connections: u32, migrator: &M
 /// Creates `schema` unless it exists. Replicas starting together may race
 /// on the catalog: the loser sees a unique violation, and the schema exists
 /// either way.
-async fn create_schema(options: &PgConnectOptions, schema: &str) -> Result<(), DbError> {
+pub(crate) async fn create_schema(options: &PgConnectOptions, schema: &str) -> Result<(), DbError> {
     let mut conn = sqlx::PgConnection::connect_with(options).await?;
     let create = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
     if let Err(e) = conn.execute(AssertSqlSafe(create)).await

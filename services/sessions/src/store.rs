@@ -129,7 +129,7 @@ impl Store {
         let mut q =
             SqlBuilder::new("SELECT id, username, display_name, password_hash, create_time FROM users WHERE id IN ");
         q.bind_list(ids.iter().cloned());
-        Ok(q.build_as().fetch_all(self.db.read()).await?)
+        Ok(q.build_as()?.fetch_all(self.db.read()).await?)
     }
 
     /// The session a token hash belongs to, whatever its state.
@@ -168,7 +168,7 @@ impl Store {
             q.push(" AND id < ").bind(before.to_owned());
         }
         q.push(" ORDER BY id DESC").limit(limit);
-        Ok(q.build_as().fetch_all(self.db.read()).await?)
+        Ok(q.build_as()?.fetch_all(self.db.read()).await?)
     }
 
     /// Revokes one live session of a user; false if there was none.

@@ -11,7 +11,6 @@
 //! per transaction, never one per statement (sqlx's SQLite driver hands
 //! every statement and row to a worker thread and back).
 
-use std::ffi::CStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,16 +40,12 @@ const WRITE_QUEUE: usize = 1024;
 /// Prepared statements kept per connection.
 const STATEMENT_CACHE: usize = 64;
 
-/// Opens a connection to the SQLite file at `path` with [`SETUP`], through
-/// the VFS named `vfs` (else SQLite's default).
+/// Opens a connection to the SQLite file at `path` with [`SETUP`].
 ///
 /// Errors: the file cannot be opened or a setting is refused.
-pub fn connection(path: &Path, vfs: Option<&CStr>) -> rusqlite::Result<Connection> {
+pub fn connection(path: &Path) -> rusqlite::Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = match vfs {
-        Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs)?,
-        None => Connection::open_with_flags(path, flags)?,
-    };
+    let conn = Connection::open_with_flags(path, flags)?;
     conn.execute_batch(SETUP)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
@@ -106,19 +101,19 @@ struct Inner {
 
 impl Sqlite {
     /// Migrates the file at `path` (created if missing) and opens it with up
-    /// to `readers` reader connections, a writer thread on a connection of
-    /// the default VFS, and the checkpointer.
+    /// to `readers` reader connections, the writer thread and the
+    /// checkpointer.
     ///
     /// Errors: as [`migrate`], or a connection or thread cannot be started.
     pub async fn open(path: &Path, migrator: &Migrator, readers: usize) -> Result<Self, DbError> {
         migrate(path, migrator).await?;
-        let writer = connection(path, None)?;
+        let writer = connection(path)?;
         Self::start(path, readers, writer)
     }
 
     /// As [`Sqlite::open`] for a file migrated already, with `writer` as the
-    /// writer thread's connection (a store that needs its own settings or
-    /// VFS on it opens it with [`connection`]).
+    /// writer thread's connection (a store that needs its own settings on it
+    /// opens it with [`connection`]).
     ///
     /// Errors: a thread cannot be started.
     pub fn start(path: &Path, readers: usize, writer: Connection) -> Result<Self, DbError> {
@@ -128,7 +123,7 @@ impl Sqlite {
             .spawn(move || write_loop(writer, jobs))
             .map_err(|e| DbError::Thread(e.to_string()))?;
         let (stop, stopped) = std::sync::mpsc::channel();
-        let checkpoint = connection(path, None)?;
+        let checkpoint = connection(path)?;
         std::thread::Builder::new()
             .name("natter-sqlite-checkpoint".into())
             .spawn(move || checkpoint_loop(&checkpoint, &stopped))
@@ -227,7 +222,7 @@ impl Inner {
         let conn = match idle {
             Some(conn) => conn,
             None => {
-                let conn = connection(&self.path, None)?;
+                let conn = connection(&self.path)?;
                 // Readers only: every write goes through the writer thread.
                 conn.execute_batch("PRAGMA query_only = ON;")?;
                 conn

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use natter_bus::{EventBus, Topic};
+use natter_bus::{Event, EventBus, Topic};
 use natter_kit::limits::{LOOKUP_USERS_MAX_IDS, Rate, RateLimiter};
 use natter_kit::time::now_micros;
 use natter_links::{MessageDirectory, UserDirectory};
@@ -217,14 +217,15 @@ impl Chats {
     /// seq at the time, from which a joining stream catches up.
     fn announce_membership(&self, chat_id: &str, user_id: &str, change: mpb::MembershipChange, seq: i64) {
         let (Ok(chat), Ok(user)) = (Uuid::try_parse(chat_id), Uuid::try_parse(user_id)) else { return };
-        let event = Arc::new(mpb::StreamEventsResponse {
+        let payload = mpb::StreamEventsResponse {
             chat_id: chat_id.to_owned(),
             seq,
             event: Some(mpb::stream_events_response::Event::MembershipChanged(mpb::MembershipChanged {
                 user_id: user_id.to_owned(),
                 change: change as i32,
             })),
-        });
+        };
+        let event = Arc::new(Event::new(chat.into(), payload).concerning(user.into()));
         self.bus.publish(Topic::User(user), event.clone());
         self.bus.publish(Topic::Chat(chat), event);
     }

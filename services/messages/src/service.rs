@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use natter_bus::{EventBus, Topic};
+use natter_bus::{Event as BusEvent, EventBus, Topic};
 use natter_kit::limits::RateLimiter;
 use natter_kit::time::{now_micros, timestamp, timestamp_opt};
 use natter_links::ChatDirectory;
@@ -224,7 +224,8 @@ impl Messages {
                 return same_message(existing, &req, caller);
             }
         };
-        self.bus.publish(Topic::Chat(req.chat_id), Arc::new(created_event(message_pb(row.clone(), Vec::new()))));
+        let event = created_event(message_pb(row.clone(), Vec::new()));
+        self.bus.publish(Topic::Chat(req.chat_id), Arc::new(BusEvent::new(req.chat_id.into(), event)));
         Ok(row)
     }
 
@@ -329,7 +330,7 @@ impl Messages {
         if let Ok(chat) = Uuid::try_parse(&message.chat_id) {
             let event =
                 pb::StreamEventsResponse { chat_id: message.chat_id.clone(), seq: message.seq, event: Some(event) };
-            self.bus.publish(Topic::Chat(chat), Arc::new(event));
+            self.bus.publish(Topic::Chat(chat), Arc::new(BusEvent::new(chat.into(), event)));
         }
     }
 
@@ -391,7 +392,7 @@ impl Messages {
             seq: read_seq,
             event: Some(Event::ReadUpdated(pb::ReadUpdated { user_id, read_seq })),
         };
-        self.bus.publish(Topic::Chat(chat), Arc::new(event));
+        self.bus.publish(Topic::Chat(chat), Arc::new(BusEvent::new(chat.into(), event).concerning(caller.into())));
         Ok((read_seq, unread))
     }
 

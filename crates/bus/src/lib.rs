@@ -5,8 +5,14 @@
 //! restarted) notices a seq jump and fills the gap from the store, so the bus
 //! may be lossy without any stream losing an event.
 //!
+//! The bus carries an [`Event`] of its own (the chat, users and seq it is
+//! about, around the payload streams deliver), not an API message: a hint
+//! or a session's revocation is an event without a payload, not a fake
+//! response.
+//!
 //! Fan-out is one `tokio::sync::broadcast` channel per topic: an event is
-//! encoded once, shared by `Arc`, and each subscriber only clones the pointer.
+//! built once, shared by `Arc`, and each subscriber only clones the pointer;
+//! across replicas it is encoded once per publish ([`Event::to_wire`]).
 //! A channel lives exactly as long as its topic has a [`Subscription`]: the
 //! last one to go drops it, so streams that come and go leave nothing behind.
 //!
@@ -23,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 
 use futures::{Stream, StreamExt as _};
-use natter_proto::messages::v1::StreamEventsResponse;
+use natter_kit::id::ChatId;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 use uuid::Uuid;
@@ -64,8 +70,11 @@ impl Topic {
     }
 }
 
+mod event;
+pub use event::{Event, WireError};
+
 /// An announced event, shared by every subscriber of its topic.
-pub type Event = Arc<StreamEventsResponse>;
+pub type Shared = Arc<Event>;
 
 /// A subscriber fell this many events behind its topic; they are lost to it
 /// (the store has them).
@@ -75,7 +84,7 @@ pub struct Lagged(pub u64);
 /// Publishes and subscribes to events.
 pub trait EventBus: Send + Sync + 'static {
     /// Announces `event` to the current subscribers of `topic` (best effort).
-    fn publish(&self, topic: Topic, event: Event);
+    fn publish(&self, topic: Topic, event: Shared);
     /// Receives the events published to `topic` from now on, until dropped.
     fn subscribe(&self, topic: Topic) -> Subscription;
     /// Topics of this process with at least one subscriber (each holds one
@@ -83,9 +92,9 @@ pub trait EventBus: Send + Sync + 'static {
     fn topic_count(&self) -> usize;
 }
 
-type Topics = Mutex<HashMap<Topic, broadcast::Sender<Event>>>;
+type Topics = Mutex<HashMap<Topic, broadcast::Sender<Shared>>>;
 
-fn lock(topics: &Topics) -> MutexGuard<'_, HashMap<Topic, broadcast::Sender<Event>>> {
+fn lock(topics: &Topics) -> MutexGuard<'_, HashMap<Topic, broadcast::Sender<Shared>>> {
     // The map stays consistent whatever panicked while holding it.
     topics.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -111,8 +120,8 @@ pub struct Subscription {
 /// stream the first time it is polled as one (a `StreamMap` of chats), so a
 /// stream's session and user topics cost no allocation of their own.
 enum Receiving {
-    Receiver(broadcast::Receiver<Event>),
-    Stream(BroadcastStream<Event>),
+    Receiver(broadcast::Receiver<Shared>),
+    Stream(BroadcastStream<Shared>),
 }
 
 impl std::fmt::Debug for Subscription {
@@ -128,7 +137,7 @@ impl Subscription {
     }
 
     /// The next event; `None` once the hub is gone.
-    pub async fn recv(&mut self) -> Option<Result<Event, Lagged>> {
+    pub async fn recv(&mut self) -> Option<Result<Shared, Lagged>> {
         if let Some(Receiving::Receiver(receiver)) = self.events.as_mut() {
             return match receiver.recv().await {
                 Ok(event) => Some(Ok(event)),
@@ -141,7 +150,7 @@ impl Subscription {
 }
 
 impl Stream for Subscription {
-    type Item = Result<Event, Lagged>;
+    type Item = Result<Shared, Lagged>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(Receiving::Receiver(_)) = self.events
@@ -180,13 +189,12 @@ impl Hub {
     }
 
     /// Tells every local subscriber of every chat topic to re-read the store
-    /// (an event with no payload): announcements may have been lost.
+    /// ([`Event::hint`]): announcements may have been lost.
     pub fn resync(&self) {
         let topics = lock(&self.topics);
         for (topic, sender) in topics.iter() {
             if let Topic::Chat(chat) = topic {
-                let hint = StreamEventsResponse { chat_id: chat.to_string(), ..Default::default() };
-                let _ = sender.send(Arc::new(hint));
+                let _ = sender.send(Arc::new(Event::hint(ChatId(*chat))));
             }
         }
     }
@@ -197,7 +205,7 @@ impl Hub {
     }
 
     /// Delivers `event` to this process's subscribers of `topic`.
-    fn fan_out(&self, topic: Topic, event: Event) {
+    fn fan_out(&self, topic: Topic, event: Shared) {
         let topics = lock(&self.topics);
         if let Some(sender) = topics.get(&topic) {
             // Fails only without receivers, which the last subscription's
@@ -215,7 +223,7 @@ impl Hub {
 }
 
 impl EventBus for Hub {
-    fn publish(&self, topic: Topic, event: Event) {
+    fn publish(&self, topic: Topic, event: Shared) {
         natter_kit::metrics::bus_published(1);
         self.fan_out(topic, event);
     }
@@ -295,8 +303,8 @@ impl BusArgs {
 mod tests {
     use super::*;
 
-    fn event(seq: i64) -> Event {
-        Arc::new(StreamEventsResponse { seq, ..Default::default() })
+    fn event(seq: i64) -> Shared {
+        Arc::new(Event { seq, ..Event::default() })
     }
 
     #[tokio::test]

@@ -2,7 +2,8 @@
 //! each.
 //!
 //! Subjects are `natter.events.<chat|user|session>.<uuid>`; payloads are the
-//! protobuf-encoded `StreamEventsResponse`. A publish goes to the local hub at
+//! bus's own wire form of an [`Event`](crate::Event) (`Event::to_wire`),
+//! encoded once per publish by the publisher task. A publish goes to the local hub at
 //! once and to NATS through one publisher task (so the process's events keep
 //! their order); the connection is opened with `no_echo`, so a process never
 //! receives its own events twice. Every process subscribes to
@@ -20,15 +21,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{ConnectErrorKind, ServerAddr};
-use bytes::Bytes;
 use futures::StreamExt as _;
-use natter_proto::messages::v1::StreamEventsResponse;
-use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{Event, EventBus, Hub, Subscription, Topic};
+use crate::{Event, EventBus, Hub, Shared, Subscription, Topic};
 
 /// Subject prefix of every natter event.
 const PREFIX: &str = "natter.events";
@@ -45,7 +43,7 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Events over core NATS, fanned out locally by a [`Hub`].
 pub struct NatsBus {
     hub: Arc<Hub>,
-    outbox: mpsc::Sender<(Topic, Event)>,
+    outbox: mpsc::Sender<(Topic, Shared)>,
 }
 
 /// A NATS user and its password (the server's `authorization { users }`).
@@ -234,7 +232,7 @@ impl NatsBus {
         if let Err(e) = client.flush().await {
             tracing::warn!(error = %e, "nats: flush after subscribe failed");
         }
-        let (outbox, mut queue) = mpsc::channel::<(Topic, Event)>(PUBLISH_QUEUE);
+        let (outbox, mut queue) = mpsc::channel::<(Topic, Shared)>(PUBLISH_QUEUE);
 
         let publisher = client.clone();
         let stop = shutdown.clone();
@@ -244,8 +242,7 @@ impl NatsBus {
                     () = stop.cancelled() => break,
                     next = queue.recv() => match next { Some(item) => item, None => break },
                 };
-                let payload = Bytes::from(event.encode_to_vec());
-                if let Err(e) = publisher.publish(subject(topic), payload).await {
+                if let Err(e) = publisher.publish(subject(topic), event.to_wire()).await {
                     tracing::warn!(error = %e, "nats: publish failed (streams will refill from the store)");
                 }
             }
@@ -262,7 +259,7 @@ impl NatsBus {
                 };
                 natter_kit::metrics::bus_received(1);
                 let Some(topic) = topic(message.subject.as_str()) else { continue };
-                match StreamEventsResponse::decode(message.payload) {
+                match Event::from_wire(message.payload) {
                     Ok(event) => local.fan_out(topic, Arc::new(event)),
                     Err(e) => tracing::warn!(subject = %message.subject, error = %e, "nats: undecodable event"),
                 }
@@ -326,7 +323,7 @@ impl NatsBus {
 }
 
 impl EventBus for NatsBus {
-    fn publish(&self, topic: Topic, event: Event) {
+    fn publish(&self, topic: Topic, event: Shared) {
         natter_kit::metrics::bus_published(1);
         self.hub.fan_out(topic, event.clone());
         if self.outbox.try_send((topic, event)).is_err() {
@@ -388,10 +385,7 @@ mod tests {
         // one arrives (bounded), then check order and the local copy.
         let mut got = None;
         for seq in 1..=50 {
-            a.publish(
-                Topic::Chat(chat),
-                Arc::new(StreamEventsResponse { chat_id: chat.to_string(), seq, event: None }),
-            );
+            a.publish(Topic::Chat(chat), Arc::new(Event { seq, ..Event::hint(chat.into()) }));
             if let Ok(Some(Ok(e))) = tokio::time::timeout(std::time::Duration::from_millis(100), on_b.recv()).await {
                 got = Some(e.seq);
                 break;

@@ -136,7 +136,8 @@ impl Link {
             .tcp_nodelay(true)
             .connect_timeout(deadline.min(Duration::from_secs(5)))
             .http2_keep_alive_interval(Duration::from_secs(30));
-        let channel = crate::telemetry::traced(endpoint.connect_lazy()).with_credential(credential);
+        let channel = crate::telemetry::traced(endpoint.connect_lazy())
+            .with_header(http::HeaderName::from_static(CREDENTIAL_HEADER), credential.header_value());
         Ok(Self { channel, deadline, target: url.into() })
     }
 

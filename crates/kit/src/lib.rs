@@ -6,6 +6,29 @@
 //!
 //! Services keep their domain logic elsewhere; this crate holds only what
 //! would otherwise be written once per binary.
+//!
+//! # Layers
+//!
+//! The modules form layers, lowest first; a module uses only modules of the
+//! layers below its own (the test `modules_use_only_lower_layers` checks the
+//! `crate::` paths in the code, not in comments), so there is no import
+//! circle and each module can be read knowing only what is under it:
+//!
+//! 1. `config`, `error`, `limits`, `time`: flags, status mapping, caps, clocks.
+//! 2. `id`, `paging`: checked ids and page tokens (they fail with `error`'s
+//!    statuses, paging within `limits`).
+//! 3. `metrics`: Prometheus handles and the `/metrics` endpoint.
+//! 4. `telemetry`: logs, span export, trace propagation on outgoing calls;
+//!    starts the metrics endpoint.
+//! 5. `internal`: service credential and links between split services (a
+//!    traced channel carrying the credential).
+//! 6. `observe`: the per-RPC span and metrics layer.
+//! 7. `serve`: the server and its tower stack (observe, the internal gate).
+//!
+//! A helper needed by two layers lives in the lower one (the RPC path split
+//! is in `metrics`, the per-RPC span in `observe`); an upper layer hands a
+//! lower one plain values (the credential reaches telemetry's channel as a
+//! header), never its own types.
 
 pub mod config;
 pub mod error;
@@ -24,3 +47,82 @@ pub use error::{FieldViolations, internal, internal_at};
 pub use internal::{InternalArgs, Link, ServiceCredential};
 pub use limits::client_ip;
 pub use serve::{Server, shutdown_signal};
+
+#[cfg(test)]
+mod layering {
+    /// The layers of the module docs, lowest first, with each module's source.
+    const LAYERS: &[&[(&str, &str)]] = &[
+        &[
+            ("config", include_str!("config.rs")),
+            ("error", include_str!("error.rs")),
+            ("limits", include_str!("limits.rs")),
+            ("time", include_str!("time.rs")),
+        ],
+        &[("id", include_str!("id.rs")), ("paging", include_str!("paging.rs"))],
+        &[("metrics", include_str!("metrics.rs"))],
+        &[("telemetry", include_str!("telemetry.rs"))],
+        &[("internal", include_str!("internal.rs"))],
+        &[("observe", include_str!("observe.rs"))],
+        &[("serve", include_str!("serve.rs"))],
+    ];
+
+    /// The modules a source uses through `crate::` paths (`crate::a::b`,
+    /// `crate::{a, b::c}`), comment lines skipped.
+    fn used_modules(source: &str) -> Vec<String> {
+        let ident = |s: &str| s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>();
+        let mut used = Vec::new();
+        for line in source.lines().filter(|l| !l.trim_start().starts_with("//")) {
+            for (i, _) in line.match_indices("crate::") {
+                let rest = &line[i + "crate::".len()..];
+                match rest.strip_prefix('{') {
+                    Some(group) => {
+                        let group = group.split('}').next().unwrap_or_default();
+                        used.extend(group.split(',').map(|item| ident(item.trim())));
+                    }
+                    None => used.push(ident(rest)),
+                }
+            }
+        }
+        used.retain(|m| !m.is_empty());
+        used
+    }
+
+    #[test]
+    fn modules_use_only_lower_layers() {
+        let layer_of = |name: &str| LAYERS.iter().position(|layer| layer.iter().any(|(m, _)| *m == name));
+        for (level, layer) in LAYERS.iter().enumerate() {
+            for (module, source) in *layer {
+                for used in used_modules(source) {
+                    // Items of lib.rs itself (re-exports) are not a layer.
+                    let Some(used_level) = layer_of(&used) else { continue };
+                    assert!(
+                        used_level < level,
+                        "{module} (layer {}) uses crate::{used} (layer {}): move the item down or the use up",
+                        level + 1,
+                        used_level + 1
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn uses_are_found_in_paths_and_groups_but_not_comments() {
+        let source = "use crate::{a, b::c};\n    // crate::x\nlet y = crate::serve::f(crate::id::parse);";
+        assert_eq!(used_modules(source), ["a", "b", "serve", "id"]);
+    }
+
+    #[test]
+    fn every_module_has_a_layer() {
+        let listed: Vec<&str> = LAYERS.iter().flat_map(|layer| layer.iter().map(|(m, _)| *m)).collect();
+        let declared: Vec<&str> = include_str!("lib.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("pub mod ").or_else(|| l.strip_prefix("mod ")))
+            .filter_map(|l| l.strip_suffix(';'))
+            .collect();
+        for module in &declared {
+            assert!(listed.contains(module), "module {module} is in no layer (see the crate docs)");
+        }
+        assert_eq!(listed.len(), declared.len(), "LAYERS names a module lib.rs does not declare");
+    }
+}

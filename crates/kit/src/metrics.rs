@@ -212,10 +212,17 @@ pub(crate) fn for_path(path: &str) -> &'static MethodMetrics {
     if paths.len() >= MAX_METHODS {
         return &OTHER;
     }
-    let (service, method) = crate::serve::split_path(path);
+    let (service, method) = split_path(path);
     let m: &'static MethodMetrics = Box::leak(Box::new(MethodMetrics::new(service, method)));
     paths.insert(path.into(), m);
     m
+}
+
+/// `/package.Service/Method` as (`package.Service`, `Method`): the labels of
+/// an RPC's metrics and the attributes of its span.
+pub(crate) fn split_path(path: &str) -> (&str, &str) {
+    let path = path.trim_start_matches('/');
+    path.split_once('/').unwrap_or((path, ""))
 }
 
 /// A running metrics endpoint; dropping it stops it.

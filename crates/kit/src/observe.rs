@@ -62,6 +62,24 @@ fn record_status(span: &tracing::Span, code: i32, elapsed: Duration) {
     tracing::debug!(parent: span, code, elapsed_ms = elapsed.as_secs_f64() * 1e3, "rpc finished");
 }
 
+/// One span per RPC, named after the gRPC method (`package.Service/Method`),
+/// with the OpenTelemetry RPC semantic-convention attributes; the status code
+/// is recorded when the call ends. Domain functions add the ids that matter
+/// (chat_id, seq) in child spans; never tokens, passwords or message text.
+fn rpc_span(path: &str) -> tracing::Span {
+    let (service, method) = crate::metrics::split_path(path);
+    tracing::info_span!(
+        "rpc",
+        otel.name = %path.trim_start_matches('/'),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        rpc.grpc.status_code = tracing::field::Empty,
+    )
+}
+
 /// `grpc-status` of a header or trailer map, when present.
 fn grpc_status(headers: &HeaderMap) -> Option<i32> {
     let value = headers.get("grpc-status")?.as_bytes();
@@ -84,7 +102,7 @@ where
     fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
         let start = Instant::now();
         let path = request.uri().path();
-        let span = crate::serve::rpc_span(path);
+        let span = rpc_span(path);
         crate::telemetry::set_remote_parent(&span, request.headers());
         let metrics = crate::metrics::recording().then(|| crate::metrics::for_path(path));
         let future = {

@@ -472,30 +472,6 @@ fn cors(origins: &[String]) -> CorsLayer {
         .max_age(Duration::from_secs(24 * 3600))
 }
 
-/// One span per RPC, named after the gRPC method (`package.Service/Method`),
-/// with the OpenTelemetry RPC semantic-convention attributes; the status code
-/// is recorded when the call ends. Domain functions add the ids that matter
-/// (chat_id, seq) in child spans; never tokens, passwords or message text.
-pub(crate) fn rpc_span(path: &str) -> tracing::Span {
-    let (service, method) = split_path(path);
-    tracing::info_span!(
-        "rpc",
-        otel.name = %path.trim_start_matches('/'),
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        rpc.system = "grpc",
-        rpc.service = %service,
-        rpc.method = %method,
-        rpc.grpc.status_code = tracing::field::Empty,
-    )
-}
-
-/// `/package.Service/Method` as (`package.Service`, `Method`).
-pub(crate) fn split_path(path: &str) -> (&str, &str) {
-    let path = path.trim_start_matches('/');
-    path.split_once('/').unwrap_or((path, ""))
-}
-
 /// Resolves when the process gets Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     {

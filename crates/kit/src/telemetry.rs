@@ -286,23 +286,23 @@ impl<S> tower::Layer<S> for PropagateLayer {
     type Service = Propagate<S>;
 
     fn layer(&self, inner: S) -> Propagate<S> {
-        Propagate { inner, credential: None }
+        Propagate { inner, header: None }
     }
 }
 
 /// See [`PropagateLayer`]. Calls to another natter service's internal
-/// listener also carry the service credential ([`Propagate::with_credential`]).
+/// listener also carry a fixed header, the service credential (set by
+/// `internal::Link`).
 #[derive(Clone)]
 pub struct Propagate<S> {
     inner: S,
-    credential: Option<http::HeaderValue>,
+    header: Option<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl<S> Propagate<S> {
-    /// Every request also carries `credential` as
-    /// [`crate::internal::CREDENTIAL_HEADER`] metadata.
-    pub fn with_credential(mut self, credential: &crate::internal::ServiceCredential) -> Self {
-        self.credential = Some(credential.header_value());
+    /// Every request also carries `name: value`, replacing any there.
+    pub(crate) fn with_header(mut self, name: http::HeaderName, value: http::HeaderValue) -> Self {
+        self.header = Some((name, value));
         self
     }
 }
@@ -327,8 +327,8 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> S::Future {
         inject_headers(request.headers_mut());
-        if let Some(credential) = &self.credential {
-            request.headers_mut().insert(crate::internal::CREDENTIAL_HEADER, credential.clone());
+        if let Some((name, value)) = &self.header {
+            request.headers_mut().insert(name.clone(), value.clone());
         }
         self.inner.call(request)
     }
@@ -340,5 +340,5 @@ pub type TracedChannel = Propagate<tonic::transport::Channel>;
 
 /// Wraps `channel` so its calls carry trace context.
 pub fn traced(channel: tonic::transport::Channel) -> TracedChannel {
-    Propagate { inner: channel, credential: None }
+    Propagate { inner: channel, header: None }
 }

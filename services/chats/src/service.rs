@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use natter_bus::{EventBus, Topic};
+use natter_bus::{Event, EventBus, Topic};
 use natter_kit::id::{ChatId, UserId};
 use natter_kit::limits::{LOOKUP_USERS_MAX_IDS, Rate, RateLimiter};
 use natter_kit::time::{micros, now_micros};
@@ -237,14 +237,15 @@ impl Chats {
     /// (whose streams follow the chats they join). `seq` is the chat's newest
     /// seq at the time, from which a joining stream catches up.
     fn announce_membership(&self, chat_id: ChatId, user_id: UserId, change: mpb::MembershipChange, seq: i64) {
-        let event = Arc::new(mpb::StreamEventsResponse {
+        let payload = mpb::StreamEventsResponse {
             chat_id: chat_id.to_string(),
             seq,
             event: Some(mpb::stream_events_response::Event::MembershipChanged(mpb::MembershipChanged {
                 user_id: user_id.to_string(),
                 change: change as i32,
             })),
-        });
+        };
+        let event = Arc::new(Event::new(chat_id, payload).concerning(user_id));
         self.bus.publish(Topic::User(user_id.uuid()), event.clone());
         self.bus.publish(Topic::Chat(chat_id.uuid()), event);
     }

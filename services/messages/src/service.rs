@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use natter_bus::{EventBus, Topic};
+use natter_bus::{Event as BusEvent, EventBus, Topic};
 use natter_kit::id::{ChatId, MessageId, UserId};
 use natter_kit::limits::RateLimiter;
 use natter_kit::time::{now_micros, timestamp};
@@ -193,7 +193,7 @@ impl Messages {
             }
         };
         let event = grpc::created_event(grpc::message_pb(message.clone(), Vec::new()));
-        self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(event));
+        self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(BusEvent::new(req.chat_id, event)));
         Ok(message)
     }
 
@@ -238,7 +238,10 @@ impl Messages {
             Edited::Deleted => return Err(MessagesError::Precondition("message is deleted")),
             Edited::TooManyEdits => return Err(MessagesError::TooManyEdits(self.limits.edits)),
         };
-        self.bus.publish(Topic::Chat(edited.chat_id.0), Arc::new(grpc::edited_event(&edited)));
+        self.bus.publish(
+            Topic::Chat(edited.chat_id.0),
+            Arc::new(BusEvent::new(edited.chat_id, grpc::edited_event(&edited))),
+        );
         Ok(edited)
     }
 
@@ -255,7 +258,10 @@ impl Messages {
             return Ok(message);
         }
         let deleted = self.store.delete(message.id, now_micros()).await?.ok_or(MessagesError::MessageNotFound)?;
-        self.bus.publish(Topic::Chat(deleted.chat_id.0), Arc::new(grpc::deleted_event(&deleted)));
+        self.bus.publish(
+            Topic::Chat(deleted.chat_id.0),
+            Arc::new(BusEvent::new(deleted.chat_id, grpc::deleted_event(&deleted))),
+        );
         Ok(deleted)
     }
 
@@ -337,7 +343,9 @@ impl Messages {
     pub async fn mark_read(&self, caller: UserId, req: MarkRead) -> Result<ReadState, MessagesError> {
         self.member(req.chat_id, caller).await?;
         let state = self.store.mark_read(req.chat_id, caller, req.seq).await?;
-        self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(grpc::read_event(req.chat_id, caller, state.read_seq)));
+        let event =
+            BusEvent::new(req.chat_id, grpc::read_event(req.chat_id, caller, state.read_seq)).concerning(caller);
+        self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(event));
         Ok(state)
     }
 

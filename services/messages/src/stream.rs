@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt as _};
 use natter_auth::{Authenticator, Principal};
-use natter_bus::{Event as BusEvent, Lagged, Subscription, Topic};
+use natter_bus::{Lagged, Shared as BusEvent, Subscription, Topic};
 use natter_proto::messages::v1 as pb;
 use pb::stream_events_response::Event;
 use tokio_stream::StreamMap;
@@ -251,34 +251,38 @@ impl Follower {
 
     /// A membership change of the user (the user's own topic).
     fn on_user_event(&mut self, event: &BusEvent) -> Step {
-        let Ok(chat) = Uuid::try_parse(&event.chat_id) else { return Step::default() };
-        let Some(Event::MembershipChanged(change)) = &event.event else { return Step::default() };
-        if change.user_id != self.user.to_string() {
+        let Some(chat) = event.chat.map(|c| c.uuid()) else { return Step::default() };
+        let Some(payload) = &event.payload else { return Step::default() };
+        let Some(Event::MembershipChanged(change)) = &payload.event else { return Step::default() };
+        if !event.users.iter().any(|u| u.uuid() == self.user) {
             return Step::default();
         }
         let followed = self.cursors.contains_key(&chat);
         if is_departure(change) && followed {
             self.unfollow(chat);
-            return Step::send((**event).clone());
+            return Step::send(payload.clone());
         }
         if change.change == pb::MembershipChange::Joined as i32 && self.all && !followed {
             // Subscribe, then catch up from the chat's newest seq at the time
             // of joining (the event's seq), so a message sent right after the
             // join is not missed.
             self.follow(chat, event.seq.max(0));
-            return Step { events: vec![(**event).clone()], refill: Some((chat, None)) };
+            return Step { events: vec![payload.clone()], refill: Some((chat, None)) };
         }
         Step::default()
     }
 
     /// An event of a followed chat.
     fn on_chat_event(&mut self, chat: Uuid, event: BusEvent) -> Step {
-        match &event.event {
+        // A resync hint (the bus may have lost announcements): whatever
+        // the store has beyond the cursor is missed.
+        let Some(payload) = &event.payload else { return Step { refill: Some((chat, None)), ..Step::default() } };
+        match &payload.event {
             Some(Event::MessageCreated(_)) => {
                 let cursor = self.cursors.get(&chat).copied().unwrap_or(0);
                 if event.seq == cursor + 1 {
                     self.cursors.insert(chat, event.seq);
-                    Step::send((*event).clone())
+                    Step::send(payload.clone())
                 } else if event.seq > cursor + 1 {
                     Step { refill: Some((chat, Some(event.seq))), ..Step::default() }
                 } else {
@@ -286,14 +290,14 @@ impl Follower {
                 }
             }
             Some(Event::MembershipChanged(change)) => {
-                if is_departure(change) && change.user_id == self.user.to_string() {
+                if is_departure(change) && event.users.iter().any(|u| u.uuid() == self.user) {
                     self.unfollow(chat);
                 }
-                Step::send((*event).clone())
+                Step::send(payload.clone())
             }
-            Some(_) => Step::send((*event).clone()),
-            // A resync hint (the bus may have lost announcements): whatever
-            // the store has beyond the cursor is missed.
+            Some(_) => Step::send(payload.clone()),
+            // A payload with no event (a newer kind this build does not
+            // know): as a hint, re-read the store.
             None => Step { refill: Some((chat, None)), ..Step::default() },
         }
     }

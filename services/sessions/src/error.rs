@@ -1,13 +1,23 @@
 //! The sessions service's errors and their gRPC status codes.
+//!
+//! The shape every natter service shares: request faults are one
+//! `Invalid(FieldViolations)`; every database failure is one
+//! `Store { source, origin }`, whose `origin` is the `?` that turned the
+//! database error into a service error (a `#[track_caller]` `From`), so the
+//! log line of an INTERNAL answer names the failing statement, not this file.
 
+use std::panic::Location;
+
+use natter_db::sqlx;
+use natter_kit::FieldViolations;
 use tonic::Status;
 
 /// Everything that can go wrong in the sessions service.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionsError {
-    /// A request field breaks a rule (INVALID_ARGUMENT naming the field).
-    #[error("invalid {field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
+    /// Request fields break a rule (INVALID_ARGUMENT naming each field).
+    #[error(transparent)]
+    Invalid(FieldViolations),
     /// The username is taken (ALREADY_EXISTS).
     #[error("username already taken")]
     UsernameTaken,
@@ -27,32 +37,92 @@ pub enum SessionsError {
     /// ClaimAccount by a user that is not a guest (FAILED_PRECONDITION).
     #[error("account already has a username and password")]
     NotGuest,
-    /// The database failed (INTERNAL, cause logged only).
-    #[error("database error: {0}")]
-    Db(#[from] natter_db::sqlx::Error),
-    /// Anything else unexpected (INTERNAL, cause logged only).
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// The database failed (INTERNAL; the cause and `origin` are logged only).
+    #[error("database error: {source}")]
+    Store {
+        /// What the database said.
+        source: sqlx::Error,
+        /// Where it became a service error: the `?` (or
+        /// [`SessionsError::store`] call) in the store or service.
+        origin: &'static Location<'static>,
+    },
+    /// Anything else unexpected (INTERNAL; the cause and `origin` are
+    /// logged only).
+    #[error("internal error: {reason}")]
+    Internal {
+        /// What went wrong.
+        reason: String,
+        /// Where it arose ([`SessionsError::internal`]'s caller).
+        origin: &'static Location<'static>,
+    },
 }
 
 impl SessionsError {
-    /// A field violation.
+    /// One field violation: `field` is invalid for `reason`.
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        Self::Invalid { field, reason: reason.into() }
+        Self::Invalid(FieldViolations::single(field, reason))
+    }
+
+    /// A database failure raised here (the caller's location is its origin).
+    #[track_caller]
+    pub fn store(source: sqlx::Error) -> Self {
+        Self::Store { source, origin: Location::caller() }
+    }
+
+    /// An unexpected failure raised here (the caller's location is its
+    /// origin).
+    #[track_caller]
+    pub fn internal(reason: impl std::fmt::Display) -> Self {
+        Self::Internal { reason: reason.to_string(), origin: Location::caller() }
+    }
+}
+
+impl From<sqlx::Error> for SessionsError {
+    /// A database failure whose origin is the `?` (or `into`) that converts it.
+    #[track_caller]
+    fn from(source: sqlx::Error) -> Self {
+        Self::Store { source, origin: Location::caller() }
     }
 }
 
 impl From<SessionsError> for Status {
     fn from(e: SessionsError) -> Self {
         match e {
-            SessionsError::Invalid { field, reason } => natter_kit::error::invalid_argument(field, reason),
+            SessionsError::Invalid(violations) => violations.into_status(),
             SessionsError::UsernameTaken => Status::already_exists(e.to_string()),
             SessionsError::BadCredentials => Status::unauthenticated(e.to_string()),
             SessionsError::SessionNotFound | SessionsError::UserNotFound => Status::not_found(e.to_string()),
             SessionsError::NotGuest => Status::failed_precondition(e.to_string()),
             SessionsError::Limited(limited) => limited.into(),
-            SessionsError::Db(e) => natter_kit::internal(e),
-            SessionsError::Internal(e) => natter_kit::internal(e),
+            SessionsError::Store { source, origin } => natter_kit::internal_at(&source, origin),
+            SessionsError::Internal { reason, origin } => natter_kit::internal_at(&reason, origin),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query() -> Result<(), sqlx::Error> {
+        Err(sqlx::Error::PoolTimedOut)
+    }
+
+    #[test]
+    fn a_database_error_remembers_the_question_mark_that_raised_it() {
+        let line = line!() + 1;
+        let error = (|| -> Result<(), SessionsError> { Ok(query()?) })().unwrap_err();
+        let SessionsError::Store { origin, .. } = &error else { panic!("a store error: {error:?}") };
+        assert_eq!((origin.file(), origin.line()), (file!(), line), "the `?`, not the From impl");
+        let status = Status::from(error);
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(status.message(), "internal error", "nothing of the database reaches the client");
+    }
+
+    #[test]
+    fn field_violations_name_their_field() {
+        let status = Status::from(SessionsError::invalid("username", "is required"));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(status.message(), "invalid username: is required");
     }
 }

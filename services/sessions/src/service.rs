@@ -251,7 +251,7 @@ impl Sessions {
         let revoked = if all {
             self.store.revoke_all(user_id, now).await?
         } else {
-            let session_id = session_id.ok_or_else(|| SessionsError::Internal("no session id".into()))?;
+            let session_id = session_id.ok_or_else(|| SessionsError::internal("no session id"))?;
             if !self.store.revoke(user_id, session_id, now).await? {
                 return Err(SessionsError::SessionNotFound);
             }
@@ -293,18 +293,18 @@ fn argon2_permits() -> &'static tokio::sync::Semaphore {
 }
 
 async fn hash_password(password: String) -> Result<String, SessionsError> {
-    let _permit = argon2_permits().acquire().await.map_err(|e| SessionsError::Internal(e.to_string()))?;
+    let _permit = argon2_permits().acquire().await.map_err(|e| SessionsError::internal(e))?;
     tokio::task::spawn_blocking(move || domain::hash_password(&password))
         .await
-        .map_err(|e| SessionsError::Internal(e.to_string()))?
-        .map_err(SessionsError::Internal)
+        .map_err(|e| SessionsError::internal(e))?
+        .map_err(|e| SessionsError::internal(e))
 }
 
 async fn verify_password(password: String, phc: String) -> Result<bool, SessionsError> {
-    let _permit = argon2_permits().acquire().await.map_err(|e| SessionsError::Internal(e.to_string()))?;
+    let _permit = argon2_permits().acquire().await.map_err(|e| SessionsError::internal(e))?;
     tokio::task::spawn_blocking(move || domain::verify_password(&password, &phc))
         .await
-        .map_err(|e| SessionsError::Internal(e.to_string()))
+        .map_err(|e| SessionsError::internal(e))
 }
 
 fn dummy_hash() -> &'static str {

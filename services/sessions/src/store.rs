@@ -71,7 +71,7 @@ impl Store {
         .bind(user.create_time)
         .execute(self.db.write())
         .await
-        .map_err(taken_or_db)?;
+        .map_err(|e| taken_or_db(e))?;
         Ok(())
     }
 
@@ -216,7 +216,7 @@ impl Store {
         .bind(user_id)
         .execute(self.db.write())
         .await
-        .map_err(taken_or_db)?;
+        .map_err(|e| taken_or_db(e))?;
         Ok(done.rows_affected() == 1)
     }
 }
@@ -236,6 +236,31 @@ where
     Ok(())
 }
 
+/// UsernameTaken for a unique violation, else a database failure whose
+/// origin is the caller (call it from a closure at the failing statement).
+#[track_caller]
 fn taken_or_db(e: sqlx::Error) -> SessionsError {
-    if natter_db::is_unique_violation(&e) { SessionsError::UsernameTaken } else { SessionsError::Db(e) }
+    if natter_db::is_unique_violation(&e) { SessionsError::UsernameTaken } else { SessionsError::store(e) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A statement that fails is the origin of its error: the log line of
+    /// the INTERNAL answer names it, not error.rs.
+    #[tokio::test]
+    async fn a_failed_statement_is_the_origin_of_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = natter_db::DbConfig::sqlite_in(dir.path(), "sessions");
+        let store = Store::new(Db::connect(&config, &crate::MIGRATOR).await.unwrap());
+        store.db().close().await;
+        let error = store.user_by_id("0190a000-0000-7000-8000-000000000000").await.unwrap_err();
+        let SessionsError::Store { origin, .. } = &error else { panic!("a store error: {error:?}") };
+        // The location of a `?` is where the expression it ends begins: here
+        // the statement on the line after user_by_id's signature.
+        let signature = include_str!("store.rs").lines().position(|l| l.contains("pub async fn user_by_id")).unwrap();
+        let statement = signature + 2;
+        assert_eq!((origin.file(), origin.line() as usize), (file!(), statement), "{error}");
+    }
 }

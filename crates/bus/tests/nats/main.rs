@@ -13,9 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser as _;
-use natter_bus::{BusArgs, ConnectError, Credentials, Event, EventBus, NatsBus, Topic};
+use natter_bus::{BusArgs, ConnectError, Credentials, Event, EventBus, NatsBus, Shared, Topic};
 use natter_proto::messages::v1::StreamEventsResponse;
-use prost::Message as _;
 use server::{INTRUDER_USER, NATTER_USER, NatsServer, RELAY_USER};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -41,8 +40,9 @@ fn url_with(server: &NatsServer, user: &str, password: &str) -> String {
     server.url.replacen("nats://", &format!("nats://{user}:{password}@"), 1)
 }
 
-fn event(chat: Uuid, seq: i64) -> Event {
-    Arc::new(StreamEventsResponse { chat_id: chat.to_string(), seq, event: None })
+/// An event of `chat` at `seq` whose payload carries nothing but the ids.
+fn event(chat: Uuid, seq: i64) -> Shared {
+    Arc::new(Event::new(chat.into(), StreamEventsResponse { chat_id: chat.to_string(), seq, event: None }))
 }
 
 /// The seq of the next event on `rx` within DELIVERY, passing over resync
@@ -161,8 +161,9 @@ async fn other_users_cannot_inject_events() {
                 .connect(url)
                 .await
                 .unwrap_or_else(|e| panic!("{user} logs in: {e}"));
-            let forged = StreamEventsResponse { chat_id: chat.to_string(), seq: 1, event: None };
-            client.publish(format!("natter.events.chat.{chat}"), forged.encode_to_vec().into()).await.unwrap();
+            let forged =
+                Event::new(chat.into(), StreamEventsResponse { chat_id: chat.to_string(), seq: 1, event: None });
+            client.publish(format!("natter.events.chat.{chat}"), forged.to_wire()).await.unwrap();
             client.flush().await.unwrap();
             let mut said = Vec::new();
             while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {

@@ -1,0 +1,197 @@
+//! What the bus carries: an [`Event`], the envelope a replica routes by (chat,
+//! users, seq) around the payload its streams deliver, and its wire form
+//! between replicas.
+//!
+//! The wire form is the bus's own, not the API's: a small protobuf message
+//! written and read only here (so no `.proto` of its own; this doc is its
+//! schema), on subjects `natter.events.<chat|user|session>.<uuid>`:
+//!
+//! ```proto
+//! message Event {
+//!   bytes chat_id = 1;           // 16 bytes (UUID); empty: no chat
+//!   repeated bytes user_ids = 2; // 16 bytes each
+//!   int64 seq = 3;
+//!   natter.messages.v1.StreamEventsResponse payload = 4; // absent: a hint
+//! }
+//! ```
+//!
+//! It is encoded once per publish ([`Event::to_wire`]), straight from the
+//! shared event (the payload is not copied into a message to encode), and
+//! decoded once per received message, whatever the number of subscribers.
+
+use bytes::{BufMut as _, Bytes, BytesMut};
+use natter_kit::id::{ChatId, UserId};
+use natter_proto::messages::v1::StreamEventsResponse;
+use prost::Message as _;
+use prost::encoding::{WireType, encode_key, encode_varint, key_len};
+use uuid::Uuid;
+
+/// Field numbers of the wire form (see the module docs).
+const CHAT_ID: u32 = 1;
+const USER_IDS: u32 = 2;
+const SEQ: u32 = 3;
+const PAYLOAD: u32 = 4;
+
+/// One announcement: what happened in a chat (or to a session), for the
+/// streams of every replica. Subscribers share it by `Arc`; only what a
+/// stream finally delivers is copied, into the stream's own response.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Event {
+    /// The chat it concerns; `None` for events of a session (revoked).
+    pub chat: Option<ChatId>,
+    /// The users it concerns, if any: the member whose membership changed,
+    /// the reader whose read position moved. Empty for a new message.
+    pub users: Vec<UserId>,
+    /// The chat's seq the event is at (the payload's `seq`); 0 for hints.
+    pub seq: i64,
+    /// What streams deliver to their clients (its `chat_id` and `seq` are
+    /// the envelope's); `None` is a hint with nothing to deliver: re-read
+    /// the store (a chat), re-check the session (a session).
+    pub payload: Option<StreamEventsResponse>,
+}
+
+impl Event {
+    /// An event of `chat` delivering `payload`, at the payload's seq.
+    pub fn new(chat: ChatId, payload: StreamEventsResponse) -> Self {
+        Self { chat: Some(chat), users: Vec::new(), seq: payload.seq, payload: Some(payload) }
+    }
+
+    /// A hint for the streams of `chat` that announcements may have been
+    /// lost: they re-read the store.
+    pub fn hint(chat: ChatId) -> Self {
+        Self { chat: Some(chat), ..Self::default() }
+    }
+
+    /// The same event, also concerning `user`.
+    pub fn concerning(mut self, user: UserId) -> Self {
+        self.users.push(user);
+        self
+    }
+
+    /// The wire form (module docs): one buffer of exactly the encoded size.
+    pub fn to_wire(&self) -> Bytes {
+        let id_len = |tag: u32| key_len(tag) + 1 + 16;
+        let len = self.chat.map_or(0, |_| id_len(CHAT_ID))
+            + self.users.len() * id_len(USER_IDS)
+            + if self.seq == 0 { 0 } else { prost::encoding::int64::encoded_len(SEQ, &self.seq) }
+            + self.payload.as_ref().map_or(0, |p| prost::encoding::message::encoded_len(PAYLOAD, p));
+        let mut buf = BytesMut::with_capacity(len);
+        fn put_id(tag: u32, id: &Uuid, buf: &mut BytesMut) {
+            encode_key(tag, WireType::LengthDelimited, buf);
+            encode_varint(16, buf);
+            buf.put_slice(id.as_bytes());
+        }
+        if let Some(chat) = &self.chat {
+            put_id(CHAT_ID, &chat.0, &mut buf);
+        }
+        for user in &self.users {
+            put_id(USER_IDS, &user.0, &mut buf);
+        }
+        if self.seq != 0 {
+            prost::encoding::int64::encode(SEQ, &self.seq, &mut buf);
+        }
+        if let Some(payload) = &self.payload {
+            prost::encoding::message::encode(PAYLOAD, payload, &mut buf);
+        }
+        debug_assert_eq!(buf.len(), len, "the size computed up front is the size written");
+        buf.freeze()
+    }
+
+    /// Reads the wire form.
+    ///
+    /// Errors: not protobuf, or an id that is not 16 bytes (such as an
+    /// event of an older natter, which sent the bare payload).
+    pub fn from_wire(wire: Bytes) -> Result<Self, WireError> {
+        let wire = Wire::decode(wire)?;
+        let id = |bytes: &[u8]| Uuid::from_slice(bytes).map_err(|_| WireError::Id(bytes.len()));
+        let chat = if wire.chat_id.is_empty() { None } else { Some(ChatId(id(&wire.chat_id)?)) };
+        let users = wire.user_ids.iter().map(|u| id(u).map(UserId)).collect::<Result<_, _>>()?;
+        Ok(Self { chat, users, seq: wire.seq, payload: wire.payload })
+    }
+}
+
+/// Why a message from NATS is no [`Event`].
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// Not protobuf, or fields of the wrong type.
+    #[error("not a bus event: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// An id of this many bytes instead of 16.
+    #[error("an id of {0} bytes, not 16")]
+    Id(usize),
+}
+
+/// The wire form as prost reads it (writing goes through [`Event::to_wire`]).
+#[derive(Clone, PartialEq, prost::Message)]
+struct Wire {
+    #[prost(bytes = "bytes", tag = "1")]
+    chat_id: Bytes,
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    user_ids: Vec<Bytes>,
+    #[prost(int64, tag = "3")]
+    seq: i64,
+    #[prost(message, optional, tag = "4")]
+    payload: Option<StreamEventsResponse>,
+}
+
+#[cfg(test)]
+mod tests {
+    use natter_proto::messages::v1 as pb;
+
+    use super::*;
+
+    fn message_event() -> Event {
+        let chat = ChatId::new_v7();
+        let message = pb::Message {
+            id: Uuid::now_v7().to_string(),
+            chat_id: chat.to_string(),
+            seq: 300,
+            text: "héllo".into(),
+            ..Default::default()
+        };
+        Event::new(
+            chat,
+            pb::StreamEventsResponse {
+                chat_id: chat.to_string(),
+                seq: 300,
+                event: Some(pb::stream_events_response::Event::MessageCreated(message)),
+            },
+        )
+    }
+
+    #[test]
+    fn events_cross_the_wire_unchanged() {
+        let user = UserId::new_v7();
+        for event in [
+            message_event(),
+            message_event().concerning(user).concerning(UserId::new_v7()),
+            Event::hint(ChatId::new_v7()),
+            Event::default(),
+            Event { seq: -1, ..Event::default() },
+        ] {
+            assert_eq!(Event::from_wire(event.to_wire()).unwrap(), event);
+        }
+    }
+
+    #[test]
+    fn the_hand_written_encoding_is_protobufs() {
+        let event = message_event().concerning(UserId::new_v7());
+        let by_prost = Wire {
+            chat_id: Bytes::copy_from_slice(event.chat.unwrap().0.as_bytes()),
+            user_ids: event.users.iter().map(|u| Bytes::copy_from_slice(u.0.as_bytes())).collect(),
+            seq: event.seq,
+            payload: event.payload.clone(),
+        }
+        .encode_to_vec();
+        assert_eq!(event.to_wire(), by_prost);
+        assert!(Event::default().to_wire().is_empty(), "a session event is zero bytes");
+    }
+
+    #[test]
+    fn a_bare_api_message_is_refused() {
+        // What natter sent before the bus had a wire form of its own: a
+        // replica of an older build must not be mistaken for a hint.
+        let old = message_event().payload.unwrap().encode_to_vec();
+        assert!(Event::from_wire(old.into()).is_err());
+    }
+}

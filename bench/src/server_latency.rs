@@ -44,8 +44,8 @@ impl ServerLatency {
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct WriterShares {
     /// Share of the window (0..1) in each phase of `natter_writer_seconds_total`
-    /// (`idle`, `turn`, `statements`, `commit`, `activity`, `answer`); they
-    /// add up to ~1.
+    /// (`idle`, `commit`, `activity`, `answer`; servers before the store
+    /// rework of issue 17 also had `turn` and `statements`); they add up to ~1.
     pub(crate) phases: BTreeMap<String, f64>,
     /// Messages per committed batch, on average (`natter_store_batch_size`).
     pub(crate) mean_batch: Option<f64>,
@@ -231,9 +231,9 @@ natter_rpc_duration_seconds_bucket{method=\"Check\",service=\"grpc.health.v1.Hea
         assert_eq!(shares.summary(), "writer: idle 25%, commit 75%, batch 15.0");
         let mut tiny = shares.clone();
         // Shares are rounded to 0.001: 0.005 shows as 1%, 0.004 not at all.
-        tiny.phases.insert("turn".into(), 0.005);
+        tiny.phases.insert("activity".into(), 0.005);
         tiny.phases.insert("answer".into(), 0.004);
-        assert_eq!(tiny.summary(), "writer: idle 25%, turn 1%, commit 75%, batch 15.0");
+        assert_eq!(tiny.summary(), "writer: idle 25%, commit 75%, activity 1%, batch 15.0");
         assert!(writer_shares(BEFORE, BEFORE, 2.0).is_none(), "no writer metrics, no shares");
     }
 }

@@ -135,7 +135,7 @@ pub async fn open(
     args: &MessagesArgs,
 ) -> anyhow::Result<Arc<Messages>> {
     let store = store::open(db).await?;
-    let messages = Arc::new(Messages::new(store, chats, bus, args)?);
+    let messages = Arc::new(Messages::new(store, chats, bus, args));
     announce_recent_activity(&messages).await;
     Ok(messages)
 }

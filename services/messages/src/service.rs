@@ -42,15 +42,15 @@ impl Messages {
     /// Starts the message writer (see [`Writer::start`]) over `store`, with
     /// the limits and rates of `args`.
     ///
-    /// Errors: the writer's thread cannot be started.
+    /// Panics outside a tokio runtime.
     pub fn new(
         store: Arc<dyn MessageStore>,
         chats: Arc<dyn ChatDirectory>,
         bus: Arc<dyn EventBus>,
         args: &MessagesArgs,
-    ) -> std::io::Result<Self> {
-        Ok(Self {
-            writer: Writer::start(store.clone(), chats.clone())?,
+    ) -> Self {
+        Self {
+            writer: Writer::start(store.clone(), chats.clone()),
             store,
             chats,
             bus,
@@ -58,7 +58,7 @@ impl Messages {
             stream_limits: args.stream_limits(),
             send_rate: RateLimiter::new("messages sent", args.send_message_rate),
             edit_rate: RateLimiter::new("message edits", args.edit_message_rate),
-        })
+        }
     }
 
     /// Re-announces to the chats service the newest message of every chat

@@ -1,6 +1,6 @@
 //! Group commit for SendMessage: concurrent sends share one transaction.
 //!
-//! One thread, the writer, loops over three steps:
+//! One task, the writer, loops over three steps:
 //!
 //! 1. **gather**: whatever sends queued up while it worked on the last
 //!    batch (up to [`MAX_BATCH`]). Under light load a batch is one message
@@ -24,14 +24,13 @@
 //! the writer waits for work, for the database or for the chats service
 //! shows there.
 //!
-//! The writer is a thread, not a task, so that it never waits behind the
-//! request tasks for a turn on the runtime's workers. Committing and
-//! announcing on one thread, rather than on two that hand batches over,
-//! measured faster on two cores: every hand-off between threads costs a
-//! wake-up that waits for a free core (see BENCHMARKS.md).
-//! On SQLite the commit itself runs on the store's writer thread, the one
-//! thread that owns every SQLite write: one hand-off there and back per
-//! batch, not per message.
+//! The writer is a tokio task. On SQLite the commit runs on the store's
+//! writer thread, the one thread that owns every SQLite write: one hand-off
+//! there and back per batch, not per message. (A writer thread of its own
+//! in front of that one cost every send two more thread wake-ups: 30 µs of
+//! server CPU and 0.08 ms of latency per send at concurrency 1; see
+//! BENCHMARKS.md. Before the stores were split by engine the writer thread
+//! committed on a connection of its own, which is why it was a thread.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,20 +63,16 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread over `store`, reporting activity to
-    /// `chats` through the current tokio runtime; it ends when every
-    /// `Writer` clone is dropped.
+    /// Starts the writer task over `store`, reporting activity to `chats`,
+    /// on the current tokio runtime; it ends when every `Writer` clone is
+    /// dropped.
     ///
-    /// Errors: the thread cannot be started. Panics outside a tokio
-    /// runtime.
-    pub fn start(store: Arc<dyn MessageStore>, chats: Arc<dyn ChatDirectory>) -> std::io::Result<Self> {
+    /// Panics outside a tokio runtime.
+    pub fn start(store: Arc<dyn MessageStore>, chats: Arc<dyn ChatDirectory>) -> Self {
         crate::metrics::register();
         let (queue, jobs) = mpsc::channel(QUEUE);
-        let runtime = tokio::runtime::Handle::current();
-        std::thread::Builder::new()
-            .name("natter-writer".into())
-            .spawn(move || write_loop(&runtime, store.as_ref(), chats.as_ref(), jobs))?;
-        Ok(Self { queue })
+        tokio::spawn(write_loop(store, chats, jobs));
+        Self { queue }
     }
 
     /// Commits one message (in whatever batch it lands in) and returns its
@@ -93,14 +88,9 @@ impl Writer {
 /// Commits one batch; the outcomes are in the batch's order. A batch that
 /// fails writes nothing: its messages are then committed one by one, so one
 /// bad message fails only its own caller.
-fn commit(
-    runtime: &tokio::runtime::Handle,
-    store: &dyn MessageStore,
-    messages: &[NewMessage],
-    clock: &mut PhaseClock,
-) -> Vec<Outcome> {
+async fn commit(store: &dyn MessageStore, messages: &[NewMessage], clock: &mut PhaseClock) -> Vec<Outcome> {
     let started = std::time::Instant::now();
-    let batch = runtime.block_on(store.insert_batch(messages));
+    let batch = store.insert_batch(messages).await;
     clock.lap(WriterPhase::Commit);
     match batch {
         Ok(outcomes) => {
@@ -109,7 +99,20 @@ fn commit(
         }
         Err(e) if messages.len() > 1 => {
             tracing::warn!(batch = messages.len(), error = %e, "batch failed; committing one by one");
-            messages.iter().flat_map(|m| commit(runtime, store, std::slice::from_ref(m), clock)).collect()
+            let mut outcomes = Vec::with_capacity(messages.len());
+            for message in messages {
+                let started = std::time::Instant::now();
+                let one = store.insert_batch(std::slice::from_ref(message)).await;
+                clock.lap(WriterPhase::Commit);
+                match one {
+                    Ok(sent) => {
+                        observe_commit(1, started.elapsed());
+                        outcomes.extend(sent.into_iter().map(Ok));
+                    }
+                    Err(e) => outcomes.push(Err(e)),
+                }
+            }
+            outcomes
         }
         Err(e) => vec![Err(e)],
     }
@@ -135,21 +138,16 @@ fn gather(first: Job, jobs: &mut mpsc::Receiver<Job>) -> (Vec<NewMessage>, Vec<R
     (messages, replies, span)
 }
 
-/// The writer thread: gather, commit, record activity, answer; until every
+/// The writer task: gather, commit, record activity, answer; until every
 /// `Writer` is dropped.
-fn write_loop(
-    runtime: &tokio::runtime::Handle,
-    store: &dyn MessageStore,
-    chats: &dyn ChatDirectory,
-    mut jobs: mpsc::Receiver<Job>,
-) {
+async fn write_loop(store: Arc<dyn MessageStore>, chats: Arc<dyn ChatDirectory>, mut jobs: mpsc::Receiver<Job>) {
     let mut clock = PhaseClock::start();
-    while let Some(first) = jobs.blocking_recv() {
+    while let Some(first) = jobs.recv().await {
         clock.lap(WriterPhase::Idle);
         let (messages, replies, span) = gather(first, &mut jobs);
-        let outcomes = span.in_scope(|| commit(runtime, store, &messages, &mut clock));
+        let outcomes = commit(store.as_ref(), &messages, &mut clock).instrument(span.clone()).await;
         let created: Vec<&Sent> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
-        runtime.block_on(record_activity(chats, &created).instrument(span));
+        record_activity(chats.as_ref(), &created).instrument(span).await;
         clock.lap(WriterPhase::Activity);
         for (reply, outcome) in replies.into_iter().zip(outcomes) {
             let _ = reply.send(outcome);

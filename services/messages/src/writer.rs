@@ -27,8 +27,8 @@
 //! The writer is a tokio task. On SQLite the commit runs on the store's
 //! writer thread, the one thread that owns every SQLite write: one hand-off
 //! there and back per batch, not per message. (A writer thread of its own
-//! in front of that one cost every send two more thread wake-ups: 30 µs of
-//! server CPU and 0.08 ms of latency per send at concurrency 1; see
+//! in front of that one cost every send two more thread wake-ups: 30-40 µs
+//! of server CPU and ~0.1 ms of latency per send at concurrency 1; see
 //! BENCHMARKS.md. Before the stores were split by engine the writer thread
 //! committed on a connection of its own, which is why it was a thread.)
 

@@ -73,6 +73,7 @@ macro_rules! message_store_suite {
 message_store_suite!(
     a_retry_with_the_same_id_creates_nothing,
     a_batch_assigns_gap_free_seqs_per_chat_and_skips_retries,
+    a_batch_without_replies_skips_retries_too,
     a_reply_names_a_message_stored_before_its_batch,
     concurrent_batches_take_gap_free_seqs,
     history_pages_both_ways,
@@ -184,6 +185,17 @@ async fn a_batch_assigns_gap_free_seqs_per_chat_and_skips_retries(h: &Harness) {
     let Sent::Created(reply) = &out[3] else { unreachable!() };
     assert_eq!(reply.reply_to, Some(Seq(1)));
     assert_eq!(send(h, &[]).await, []);
+}
+
+/// Without replies, PostgreSQL inserts without checking first: a stored id
+/// must still be a duplicate that takes no seq, and the rest go in.
+async fn a_batch_without_replies_skips_retries_too(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(10, 4, 0)]).await), [Some(1)]);
+    let out = send(h, &[msg(11, 4, 0), msg(10, 4, 0), msg(12, 5, 0), msg(11, 4, 0), msg(13, 4, 0)]).await;
+    assert_eq!(seqs(&out), [Some(2), None, Some(1), None, Some(3)]);
+    assert_eq!((&out[1], &out[3]), (&Sent::Duplicate, &Sent::Duplicate));
+    assert_eq!((h.store.head(chat(4)).await.unwrap(), h.store.head(chat(5)).await.unwrap()), (Seq(3), Seq(1)));
+    assert_eq!(stored(h, 4).await, [(1, id(10)), (2, id(11)), (3, id(13))]);
 }
 
 async fn a_reply_names_a_message_stored_before_its_batch(h: &Harness) {

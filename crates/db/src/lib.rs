@@ -29,15 +29,6 @@ pub mod postgres;
 pub mod sqlite;
 pub mod testing;
 
-/// Which engine a [`Db`] talks to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dialect {
-    /// SQLite in WAL mode, one writer connection.
-    Sqlite,
-    /// PostgreSQL, one schema per service.
-    Postgres,
-}
-
 /// Failure to open or migrate a database.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -167,7 +158,6 @@ impl StoreArgs {
 pub struct Db {
     read: AnyPool,
     write: AnyPool,
-    dialect: Dialect,
 }
 
 impl Db {
@@ -177,13 +167,9 @@ impl Db {
     /// unreachable (after the pool's connect timeout) or a migration fails.
     pub async fn connect(config: &DbConfig, migrator: &Migrator) -> Result<Self, DbError> {
         sqlx::any::install_default_drivers();
-        let url = config.url.as_str();
-        if url.starts_with("sqlite:") {
-            Self::connect_sqlite(config, migrator).await
-        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            Self::connect_postgres(config, migrator).await
-        } else {
-            Err(DbError::UnsupportedUrl(config.url.clone()))
+        match config.engine()? {
+            Engine::Sqlite { .. } => Self::connect_sqlite(config, migrator).await,
+            Engine::Postgres { url, schema } => Self::connect_postgres(&url, &schema, config, migrator).await,
         }
     }
 
@@ -214,38 +200,34 @@ impl Db {
             .connect_with(options)
             .await?;
         tokio::spawn(checkpoint_in_background(read.clone()));
-        Ok(Self { read, write, dialect: Dialect::Sqlite })
+        Ok(Self { read, write })
     }
 
-    async fn connect_postgres(config: &DbConfig, migrator: &Migrator) -> Result<Self, DbError> {
-        let schema = config.schema.clone();
-        if !valid_schema(&schema) {
-            return Err(DbError::InvalidSchema(schema));
-        }
-        postgres::create_schema(&config.url.parse()?, &schema).await?;
-        let options = AnyConnectOptions::from_str(&config.url)?.disable_statement_logging();
-        let set_path = format!("SET search_path TO {schema}");
+    async fn connect_postgres(
+        url: &str,
+        schema: &str,
+        config: &DbConfig,
+        migrator: &Migrator,
+    ) -> Result<Self, DbError> {
+        postgres::create_schema(&url.parse()?, schema).await?;
+        let options = AnyConnectOptions::from_str(url)?.disable_statement_logging();
+        let setup = postgres::session_setup(schema);
         let pool = AnyPoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .acquire_timeout(Duration::from_secs(30))
             .after_connect(move |conn, _| {
-                let set_path = set_path.clone();
+                let setup = setup.clone();
                 Box::pin(async move {
-                    conn.execute(AssertSqlSafe(set_path)).await?;
-                    // Every natter query is short. PostgreSQL compiles a plan
-                    // with LLVM when its estimated cost passes
-                    // `jit_above_cost`, and estimates over skewed chats (one of
-                    // a million messages beside many small ones) pass it for
-                    // queries that take a fraction of a millisecond: a page of
-                    // ListChats summaries then spent ~10 ms compiling.
-                    conn.execute("SET jit = off").await?;
+                    for statement in setup {
+                        conn.execute(AssertSqlSafe(statement)).await?;
+                    }
                     Ok(())
                 })
             })
             .connect_with(options)
             .await?;
         migrator.run(&pool).await?;
-        Ok(Self { read: pool.clone(), write: pool, dialect: Dialect::Postgres })
+        Ok(Self { read: pool.clone(), write: pool })
     }
 
     /// The pool for reads.
@@ -256,11 +238,6 @@ impl Db {
     /// The pool for writes (begin transactions on it).
     pub fn write(&self) -> &AnyPool {
         &self.write
-    }
-
-    /// The engine behind this database.
-    pub fn dialect(&self) -> Dialect {
-        self.dialect
     }
 
     /// Closes both pools, waiting for connections in use to be returned.

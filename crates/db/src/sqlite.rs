@@ -43,7 +43,7 @@ const STATEMENT_CACHE: usize = 64;
 /// Opens a connection to the SQLite file at `path` with [`SETUP`].
 ///
 /// Errors: the file cannot be opened or a setting is refused.
-pub fn connection(path: &Path) -> rusqlite::Result<Connection> {
+fn connection(path: &Path) -> rusqlite::Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)?;
     conn.execute_batch(SETUP)?;
@@ -112,11 +112,10 @@ impl Sqlite {
     }
 
     /// As [`Sqlite::open`] for a file migrated already, with `writer` as the
-    /// writer thread's connection (a store that needs its own settings on it
-    /// opens it with [`connection`]).
+    /// writer thread's connection.
     ///
     /// Errors: a thread cannot be started.
-    pub fn start(path: &Path, readers: usize, writer: Connection) -> Result<Self, DbError> {
+    fn start(path: &Path, readers: usize, writer: Connection) -> Result<Self, DbError> {
         let (writes, jobs) = mpsc::channel::<WriteJob>(WRITE_QUEUE);
         std::thread::Builder::new()
             .name("natter-sqlite-writer".into())

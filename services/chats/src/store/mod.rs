@@ -57,6 +57,16 @@ impl StoreError {
     }
 }
 
+/// The columns each engine's chat row mapper reads, in its order, of
+/// `chats c` (a macro, for `concat!`).
+macro_rules! chat_columns {
+    () => {
+        "c.id, c.kind, c.title, c.description, c.visibility, c.owner_id, c.creator_id, c.member_count, \
+         c.archive_time, c.create_time, c.update_time, c.last_activity_time, c.last_seq, c.last_message_time"
+    };
+}
+pub(crate) use chat_columns;
+
 /// Parses a stored id strictly.
 pub(crate) fn parse_id<T: std::str::FromStr>(column: &'static str, value: &str) -> Result<T, StoreError> {
     value.parse().map_err(|_| StoreError::corrupt(column, value))

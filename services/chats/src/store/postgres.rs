@@ -9,19 +9,11 @@ use natter_kit::id::{ChatId, UserId};
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, QueryBuilder, Row as _};
 
-use super::{Added, ChatStore, Created, MIGRATOR, StoreError, direct_key, parse_enum, parse_id};
+use super::{Added, ChatStore, Created, MIGRATOR, StoreError, chat_columns, direct_key, parse_enum, parse_id};
 use crate::domain::{
     Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, Role,
     Visibility, title_key,
 };
-
-/// The columns [`chat_row`] reads, of `chats c` (a macro, for `concat!`).
-macro_rules! chat_columns {
-    () => {
-        "c.id, c.kind, c.title, c.description, c.visibility, c.owner_id, c.creator_id, c.member_count, \
-         c.archive_time, c.create_time, c.update_time, c.last_activity_time, c.last_seq, c.last_message_time"
-    };
-}
 
 /// The chats store on a PostgreSQL schema (see the module docs).
 #[derive(Clone, Debug)]

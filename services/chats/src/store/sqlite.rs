@@ -17,7 +17,7 @@ use natter_kit::id::{ChatId, UserId};
 use rusqlite::types::{Type, Value};
 use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, params};
 
-use super::{Added, ChatStore, Created, MIGRATOR, StoreError, direct_key, parse_enum, parse_id};
+use super::{Added, ChatStore, Created, MIGRATOR, StoreError, chat_columns, direct_key, parse_enum, parse_id};
 use crate::domain::{
     Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, Role,
     Visibility, title_key,
@@ -26,14 +26,6 @@ use crate::domain::{
 mod activity;
 
 use activity::ActivityBuffer;
-
-/// The columns [`chat_row`] reads, of `chats c` (a macro, for `concat!`).
-macro_rules! chat_columns {
-    () => {
-        "c.id, c.kind, c.title, c.description, c.visibility, c.owner_id, c.creator_id, c.member_count, \
-         c.archive_time, c.create_time, c.update_time, c.last_activity_time, c.last_seq, c.last_message_time"
-    };
-}
 
 /// The chats store on one SQLite file (see the module docs).
 #[derive(Debug)]

@@ -135,8 +135,7 @@ impl Fixture {
         user: &User,
         chat_id: &str,
     ) -> Result<tonic::Streaming<messages_pb::StreamEventsResponse>, tonic::Status> {
-        let request =
-            messages_pb::StreamEventsRequest { chat_ids: vec![chat_id.to_owned()], resume: Default::default() };
+        let request = messages_pb::StreamEventsRequest { chat_ids: vec![chat_id.to_owned()], ..Default::default() };
         Ok(MessageServiceClient::new(channel).stream_events(user.request(request)).await?.into_inner())
     }
 }

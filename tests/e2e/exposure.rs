@@ -104,11 +104,20 @@ async fn call_every_internal_rpc(
             code(messages.purge_chat(with(mpb::PurgeChatRequest { chat_id: chat.clone() }, credential)).await),
         ),
         (
-            "ResetReadPositions",
+            "RecordChatChanges",
             code(
                 messages
-                    .reset_read_positions(with(
-                        mpb::ResetReadPositionsRequest { chat_id: chat, user_ids: vec![victim.into()] },
+                    .record_chat_changes(with(
+                        mpb::RecordChatChangesRequest {
+                            chat_id: chat,
+                            changes: vec![mpb::ChatChange {
+                                change: Some(mpb::chat_change::Change::MembershipChanged(mpb::MembershipChanged {
+                                    user_id: victim.into(),
+                                    change: mpb::MembershipChange::Joined as i32,
+                                })),
+                            }],
+                            idempotency_key: String::new(),
+                        },
                         credential,
                     ))
                     .await,
@@ -127,7 +136,7 @@ const INTERNAL_PATHS: [&str; 9] = [
     "/natter.messages.v1.MessageInternalService/GetChatSummaries",
     "/natter.messages.v1.MessageInternalService/ListRecentMessages",
     "/natter.messages.v1.MessageInternalService/PurgeChat",
-    "/natter.messages.v1.MessageInternalService/ResetReadPositions",
+    "/natter.messages.v1.MessageInternalService/RecordChatChanges",
 ];
 
 async fn channel(addr: std::net::SocketAddr) -> Channel {

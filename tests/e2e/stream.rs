@@ -77,6 +77,7 @@ async fn open(
     let request = mpb::StreamEventsRequest {
         chat_ids: chats.iter().map(|s| s.to_string()).collect(),
         resume: resume.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        ..Default::default()
     };
     c.messages().stream_events(authed(user, request)).await.expect("stream opens").into_inner()
 }

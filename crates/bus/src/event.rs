@@ -1,5 +1,5 @@
 //! What the bus carries: an [`Event`], the envelope a replica routes by (chat,
-//! users, seq) around the payload its streams deliver, and its wire form
+//! users, change number) around the payload its streams deliver, and its wire form
 //! between replicas.
 //!
 //! The wire form is the bus's own, not the API's: a small protobuf message
@@ -10,7 +10,7 @@
 //! message Event {
 //!   bytes chat_id = 1;           // 16 bytes (UUID); empty: no chat
 //!   repeated bytes user_ids = 2; // 16 bytes each
-//!   int64 seq = 3;
+//!   int64 change_seq = 3;      // the chat's change number; 0 for hints
 //!   natter.messages.v1.StreamEventsResponse payload = 4; // absent: a hint
 //! }
 //! ```
@@ -42,18 +42,20 @@ pub struct Event {
     /// The users it concerns, if any: the member whose membership changed,
     /// the reader whose read position moved. Empty for a new message.
     pub users: Vec<UserId>,
-    /// The chat's seq the event is at (the payload's `seq`); 0 for hints.
-    pub seq: i64,
-    /// What streams deliver to their clients (its `chat_id` and `seq` are
-    /// the envelope's); `None` is a hint with nothing to deliver: re-read
+    /// The chat's change number of the change (the payload's
+    /// `change_seq`); 0 for hints and session events.
+    pub change_seq: i64,
+    /// What streams deliver to their clients (its `chat_id` and
+    /// `change_seq` are the envelope's); `None` is a hint with nothing to deliver: re-read
     /// the store (a chat), re-check the session (a session).
     pub payload: Option<StreamEventsResponse>,
 }
 
 impl Event {
-    /// An event of `chat` delivering `payload`, at the payload's seq.
+    /// An event of `chat` delivering `payload`, at the payload's change
+    /// number.
     pub fn new(chat: ChatId, payload: StreamEventsResponse) -> Self {
-        Self { chat: Some(chat), users: Vec::new(), seq: payload.seq, payload: Some(payload) }
+        Self { chat: Some(chat), users: Vec::new(), change_seq: payload.change_seq, payload: Some(payload) }
     }
 
     /// A hint for the streams of `chat` that announcements may have been
@@ -73,7 +75,7 @@ impl Event {
         let id_len = |tag: u32| key_len(tag) + 1 + 16;
         let len = self.chat.map_or(0, |_| id_len(CHAT_ID))
             + self.users.len() * id_len(USER_IDS)
-            + if self.seq == 0 { 0 } else { prost::encoding::int64::encoded_len(SEQ, &self.seq) }
+            + if self.change_seq == 0 { 0 } else { prost::encoding::int64::encoded_len(SEQ, &self.change_seq) }
             + self.payload.as_ref().map_or(0, |p| prost::encoding::message::encoded_len(PAYLOAD, p));
         let mut buf = BytesMut::with_capacity(len);
         fn put_id(tag: u32, id: &Uuid, buf: &mut BytesMut) {
@@ -87,8 +89,8 @@ impl Event {
         for user in &self.users {
             put_id(USER_IDS, &user.0, &mut buf);
         }
-        if self.seq != 0 {
-            prost::encoding::int64::encode(SEQ, &self.seq, &mut buf);
+        if self.change_seq != 0 {
+            prost::encoding::int64::encode(SEQ, &self.change_seq, &mut buf);
         }
         if let Some(payload) = &self.payload {
             prost::encoding::message::encode(PAYLOAD, payload, &mut buf);
@@ -106,7 +108,7 @@ impl Event {
         let id = |bytes: &[u8]| Uuid::from_slice(bytes).map_err(|_| WireError::Id(bytes.len()));
         let chat = if wire.chat_id.is_empty() { None } else { Some(ChatId(id(&wire.chat_id)?)) };
         let users = wire.user_ids.iter().map(|u| id(u).map(UserId)).collect::<Result<_, _>>()?;
-        Ok(Self { chat, users, seq: wire.seq, payload: wire.payload })
+        Ok(Self { chat, users, change_seq: wire.change_seq, payload: wire.payload })
     }
 }
 
@@ -129,7 +131,7 @@ struct Wire {
     #[prost(bytes = "bytes", repeated, tag = "2")]
     user_ids: Vec<Bytes>,
     #[prost(int64, tag = "3")]
-    seq: i64,
+    change_seq: i64,
     #[prost(message, optional, tag = "4")]
     payload: Option<StreamEventsResponse>,
 }
@@ -145,7 +147,7 @@ mod tests {
         let message = pb::Message {
             id: Uuid::now_v7().to_string(),
             chat_id: chat.to_string(),
-            seq: 300,
+            change_seq: 300,
             text: "héllo".into(),
             ..Default::default()
         };
@@ -153,7 +155,8 @@ mod tests {
             chat,
             pb::StreamEventsResponse {
                 chat_id: chat.to_string(),
-                seq: 300,
+                seq: 3,
+                change_seq: 300,
                 event: Some(pb::stream_events_response::Event::MessageCreated(message)),
             },
         )
@@ -167,7 +170,7 @@ mod tests {
             message_event().concerning(user).concerning(UserId::new_v7()),
             Event::hint(ChatId::new_v7()),
             Event::default(),
-            Event { seq: -1, ..Event::default() },
+            Event { change_seq: -1, ..Event::default() },
         ] {
             assert_eq!(Event::from_wire(event.to_wire()).unwrap(), event);
         }
@@ -179,7 +182,7 @@ mod tests {
         let by_prost = Wire {
             chat_id: Bytes::copy_from_slice(event.chat.unwrap().0.as_bytes()),
             user_ids: event.users.iter().map(|u| Bytes::copy_from_slice(u.0.as_bytes())).collect(),
-            seq: event.seq,
+            change_seq: event.change_seq,
             payload: event.payload.clone(),
         }
         .encode_to_vec();

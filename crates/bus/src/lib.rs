@@ -2,11 +2,13 @@
 //!
 //! The store is the source of truth; the bus only announces. A subscriber
 //! that misses announcements (it lagged, the bus dropped them, a replica
-//! restarted) notices a seq jump and fills the gap from the store, so the bus
-//! may be lossy without any stream losing an event.
+//! restarted) notices a jump in a chat's change numbers and fills the gap
+//! from the store, so the bus may be lossy without any stream losing an
+//! event.
 //!
-//! The bus carries an [`Event`] of its own (the chat, users and seq it is
-//! about, around the payload streams deliver), not an API message: a hint
+//! The bus carries an [`Event`] of its own (the chat, users and change
+//! number it is about, around the payload streams deliver), not an API
+//! message: a hint
 //! or a session's revocation is an event without a payload, not a fake
 //! response.
 //!
@@ -304,7 +306,7 @@ mod tests {
     use super::*;
 
     fn event(seq: i64) -> Shared {
-        Arc::new(Event { seq, ..Event::default() })
+        Arc::new(Event { change_seq: seq, ..Event::default() })
     }
 
     #[tokio::test]
@@ -316,8 +318,8 @@ mod tests {
         let mut rb = hub.subscribe(Topic::Chat(b));
         hub.publish(Topic::Chat(a), event(1));
         hub.publish(Topic::Chat(b), event(2));
-        assert_eq!(ra.recv().await.unwrap().unwrap().seq, 1);
-        assert_eq!(rb.recv().await.unwrap().unwrap().seq, 2);
+        assert_eq!(ra.recv().await.unwrap().unwrap().change_seq, 1);
+        assert_eq!(rb.recv().await.unwrap().unwrap().change_seq, 2);
         assert!(futures::FutureExt::now_or_never(ra.recv()).is_none(), "nothing else for a");
     }
 
@@ -330,7 +332,7 @@ mod tests {
         drop(first);
         assert_eq!(hub.topic_count(), 1, "still subscribed");
         hub.publish(chat, event(1));
-        assert_eq!(second.recv().await.unwrap().unwrap().seq, 1);
+        assert_eq!(second.recv().await.unwrap().unwrap().change_seq, 1);
         drop(second);
         assert_eq!(hub.topic_count(), 0);
     }
@@ -388,7 +390,7 @@ mod tests {
             }
             hub.publish(topic, event(9));
             for sub in &mut late {
-                assert_eq!(sub.recv().await.unwrap().unwrap().seq, 9);
+                assert_eq!(sub.recv().await.unwrap().unwrap().change_seq, 9);
             }
             assert_eq!(hub.topic_count(), 1);
             drop(late);
@@ -405,6 +407,6 @@ mod tests {
             hub.publish(user, event(seq));
         }
         assert_eq!(sub.recv().await.unwrap(), Err(Lagged(3)));
-        assert_eq!(sub.recv().await.unwrap().unwrap().seq, 3);
+        assert_eq!(sub.recv().await.unwrap().unwrap().change_seq, 3);
     }
 }

@@ -385,14 +385,14 @@ mod tests {
         // one arrives (bounded), then check order and the local copy.
         let mut got = None;
         for seq in 1..=50 {
-            a.publish(Topic::Chat(chat), Arc::new(Event { seq, ..Event::hint(chat.into()) }));
+            a.publish(Topic::Chat(chat), Arc::new(Event { change_seq: seq, ..Event::hint(chat.into()) }));
             if let Ok(Some(Ok(e))) = tokio::time::timeout(std::time::Duration::from_millis(100), on_b.recv()).await {
-                got = Some(e.seq);
+                got = Some(e.change_seq);
                 break;
             }
         }
         assert!(got.is_some(), "b received a's event over NATS");
-        assert_eq!(on_a.recv().await.unwrap().unwrap().seq, 1, "a's own subscribers get it locally, once");
+        assert_eq!(on_a.recv().await.unwrap().unwrap().change_seq, 1, "a's own subscribers get it locally, once");
         stop.cancel();
     }
 }

@@ -116,8 +116,17 @@ pub trait MessageDirectory: Send + Sync + 'static {
     async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status>;
     /// Deletes every message and read position of a chat.
     async fn purge_chat(&self, chat_id: &str) -> Result<(), Status>;
-    /// Sets users' read positions to the chat's newest seq (they just joined).
-    async fn reset_read_positions(&self, chat_id: &str, user_ids: Vec<String>) -> Result<(), Status>;
+    /// Records committed changes of a chat's membership or details in its
+    /// change log, each with the chat's next change number (returned in
+    /// order), and announces them to its streams; a join also resets the
+    /// joiner's read position to the chat's newest seq. A repeated call with
+    /// the same non-empty `idempotency_key` records nothing again.
+    async fn record_chat_changes(
+        &self,
+        chat_id: &str,
+        changes: Vec<messages::ChatChange>,
+        idempotency_key: &str,
+    ) -> Result<Vec<i64>, Status>;
 }
 
 /// What the chats service asks the sessions service.
@@ -205,12 +214,22 @@ impl MessageDirectory for Grpc {
         Ok(())
     }
 
-    async fn reset_read_positions(&self, chat_id: &str, user_ids: Vec<String>) -> Result<(), Status> {
-        let request = messages::ResetReadPositionsRequest { chat_id: chat_id.to_owned(), user_ids };
-        self.0
-            .call(MessageInternalServiceClient::new(self.0.channel()).reset_read_positions(self.0.request(request)))
+    async fn record_chat_changes(
+        &self,
+        chat_id: &str,
+        changes: Vec<messages::ChatChange>,
+        idempotency_key: &str,
+    ) -> Result<Vec<i64>, Status> {
+        let request = messages::RecordChatChangesRequest {
+            chat_id: chat_id.to_owned(),
+            changes,
+            idempotency_key: idempotency_key.to_owned(),
+        };
+        let response = self
+            .0
+            .call(MessageInternalServiceClient::new(self.0.channel()).record_chat_changes(self.0.request(request)))
             .await?;
-        Ok(())
+        Ok(response.change_seqs)
     }
 }
 
@@ -232,10 +251,18 @@ impl<S: MessageInternalService> MessageDirectory for InProcess<S> {
         Ok(())
     }
 
-    async fn reset_read_positions(&self, chat_id: &str, user_ids: Vec<String>) -> Result<(), Status> {
-        let request = messages::ResetReadPositionsRequest { chat_id: chat_id.to_owned(), user_ids };
-        self.0.reset_read_positions(Request::new(request)).await?;
-        Ok(())
+    async fn record_chat_changes(
+        &self,
+        chat_id: &str,
+        changes: Vec<messages::ChatChange>,
+        idempotency_key: &str,
+    ) -> Result<Vec<i64>, Status> {
+        let request = messages::RecordChatChangesRequest {
+            chat_id: chat_id.to_owned(),
+            changes,
+            idempotency_key: idempotency_key.to_owned(),
+        };
+        Ok(self.0.record_chat_changes(Request::new(request)).await?.into_inner().change_seqs)
     }
 }
 
@@ -296,7 +323,12 @@ impl MessageDirectory for Deferred<dyn MessageDirectory> {
         self.get()?.purge_chat(chat_id).await
     }
 
-    async fn reset_read_positions(&self, chat_id: &str, user_ids: Vec<String>) -> Result<(), Status> {
-        self.get()?.reset_read_positions(chat_id, user_ids).await
+    async fn record_chat_changes(
+        &self,
+        chat_id: &str,
+        changes: Vec<messages::ChatChange>,
+        idempotency_key: &str,
+    ) -> Result<Vec<i64>, Status> {
+        self.get()?.record_chat_changes(chat_id, changes, idempotency_key).await
     }
 }

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use natter_auth::Authenticator;
-use natter_bus::EventBus;
 use natter_db::DbConfig;
 use natter_kit::Server;
 use natter_kit::limits::Rate;
@@ -98,12 +97,11 @@ pub async fn open(
     db: &DbConfig,
     users: Arc<dyn UserDirectory>,
     messages: Arc<dyn MessageDirectory>,
-    bus: Arc<dyn EventBus>,
     args: &ChatsArgs,
     only_instance: bool,
 ) -> Result<Arc<Chats>, StoreError> {
     let store = store::open(db, args.activity_flush_interval).await?;
-    let chats = Chats::new(store, users, messages, bus, args.limits(), args.create_chat_rate);
+    let chats = Chats::new(store, users, messages, args.limits(), args.create_chat_rate);
     Ok(Arc::new(if only_instance { chats.with_membership_cache() } else { chats }))
 }
 
@@ -134,6 +132,11 @@ pub struct Config {
     pub server: natter_kit::ServerArgs,
     #[command(flatten)]
     pub store: natter_db::StoreArgs,
+    // The chats service publishes nothing on the bus (the messages service
+    // announces the changes it records for it) and never connects to it: a
+    // NATS URL only says that other chats replicas may change chats too, so
+    // memberships are not cached. Still the bus options, so that deployments
+    // keep passing chats the same flags as sessions and messages.
     #[command(flatten)]
     pub bus: natter_bus::BusArgs,
     #[command(flatten)]
@@ -165,14 +168,12 @@ pub async fn run(
     let deadline = config.internal.internal_call_timeout;
     let sessions = natter_kit::Link::connect(&config.sessions_url, &credential, deadline)?;
     let messages = natter_kit::Link::connect(&config.messages_url, &credential, deadline)?;
-    let bus = config.bus.connect(shutdown.clone()).await?;
     let users = Arc::new(natter_links::Grpc(sessions.clone()));
     let only_instance = config.bus.nats_url.is_none();
     let chats = open(
         &config.store.config("chats")?,
         users,
         Arc::new(natter_links::Grpc(messages)),
-        bus,
         &config.chats,
         only_instance,
     )
@@ -216,8 +217,8 @@ mod tests {
     fn opening_is_send() {
         fn is_send<T: Send>(_: &T) {}
         fn probe(db: &natter_db::DbConfig, args: &super::ChatsArgs, deps: super::service::Deps) {
-            let (users, messages, bus) = deps;
-            is_send(&super::open(db, users, messages, bus, args, true));
+            let (users, messages) = deps;
+            is_send(&super::open(db, users, messages, args, true));
         }
         let _ = probe;
     }

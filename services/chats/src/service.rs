@@ -1,15 +1,14 @@
 //! The chats domain operations over a [`ChatStore`] and the links to the
 //! other services. Takes and returns domain types; protobuf appears only
-//! where a link or the bus carries it (previews and recent messages from
-//! the messages service, membership events on the bus).
+//! where a link carries it (previews and recent messages from the messages
+//! service, the committed changes recorded with it).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use natter_bus::{Event, EventBus, Topic};
 use natter_kit::id::{ChatId, UserId};
 use natter_kit::limits::{LOOKUP_USERS_MAX_IDS, Rate, RateLimiter};
-use natter_kit::time::{micros, now_micros};
+use natter_kit::time::{micros, now_micros, timestamp};
 use natter_links::{MessageDirectory, UserDirectory};
 use natter_proto::messages::v1 as mpb;
 
@@ -55,16 +54,20 @@ pub struct Page<T, C> {
     pub next: Option<C>,
 }
 
-/// The links and bus a [`Chats`] needs (for tests that build one).
+/// The links a [`Chats`] needs (for tests that build one).
 #[cfg(test)]
-pub(crate) type Deps = (Arc<dyn UserDirectory>, Arc<dyn MessageDirectory>, Arc<dyn EventBus>);
+pub(crate) type Deps = (Arc<dyn UserDirectory>, Arc<dyn MessageDirectory>);
+
+/// Most changes one `RecordChatChanges` call takes (messages_internal.proto:
+/// more is INVALID_ARGUMENT); an operation with more (a chat of more members
+/// than that created or deleted) records them in calls of this many, in order.
+const RECORD_CHANGES_MAX: usize = 1_000;
 
 /// The chats service's domain object; share it behind an `Arc`.
 pub struct Chats {
     store: Arc<dyn ChatStore>,
     users: Arc<dyn UserDirectory>,
     messages: Arc<dyn MessageDirectory>,
-    bus: Arc<dyn EventBus>,
     limits: Limits,
     /// CreateChat calls per user.
     create_rate: RateLimiter<UserId>,
@@ -87,17 +90,17 @@ struct Cache {
 
 impl Chats {
     /// The service over `store`, reaching sessions through `users` and
-    /// messages through `messages`, announcing membership on `bus`.
+    /// messages through `messages` (which also records and announces every
+    /// committed change of membership or chat details).
     pub fn new(
         store: Arc<dyn ChatStore>,
         users: Arc<dyn UserDirectory>,
         messages: Arc<dyn MessageDirectory>,
-        bus: Arc<dyn EventBus>,
         limits: Limits,
         create_chat_rate: Rate,
     ) -> Self {
         let create_rate = RateLimiter::new("chats created", create_chat_rate);
-        Self { store, users, messages, bus, limits, create_rate, cache: None }
+        Self { store, users, messages, limits, create_rate, cache: None }
     }
 
     /// Caches membership checks in memory. Correct only when every change to
@@ -180,9 +183,8 @@ impl Chats {
         match self.store.create_chat(&chat, &members).await? {
             Created::Created => {
                 tracing::info!(chat_id = %id, kind = kind.as_str(), members = members.len(), "chat created");
-                for m in &members {
-                    self.announce_membership(id, m.user_id, mpb::MembershipChange::Joined, 0);
-                }
+                let joined = members.iter().map(|m| membership(m.user_id, mpb::MembershipChange::Joined)).collect();
+                self.record(id, joined).await;
                 Ok(ChatView { chat, preview: None })
             }
             // Lost a race with an identical request: return its chat.
@@ -233,21 +235,46 @@ impl Chats {
         Ok(None)
     }
 
-    /// Announces a membership change on the chat's topic and the user's
-    /// (whose streams follow the chats they join). `seq` is the chat's newest
-    /// seq at the time, from which a joining stream catches up.
-    fn announce_membership(&self, chat_id: ChatId, user_id: UserId, change: mpb::MembershipChange, seq: i64) {
-        let payload = mpb::StreamEventsResponse {
-            chat_id: chat_id.to_string(),
-            seq,
-            event: Some(mpb::stream_events_response::Event::MembershipChanged(mpb::MembershipChanged {
-                user_id: user_id.to_string(),
-                change: change as i32,
-            })),
-        };
-        let event = Arc::new(Event::new(chat_id, payload).concerning(user_id));
-        self.bus.publish(Topic::User(user_id.uuid()), event.clone());
-        self.bus.publish(Topic::Chat(chat_id.uuid()), event);
+    /// Records the changes of one committed operation of `chat_id` with the
+    /// messages service, all of them in the order they happened (in calls of
+    /// at most [`RECORD_CHANGES_MAX`]): it gives each the chat's next change
+    /// number, keeps it in the chat's change log and announces it to the
+    /// chat's streams (and a member's own); a join also resets the joiner's
+    /// read position.
+    ///
+    /// Call only after the operation committed, once per operation. A failure
+    /// is logged (warn, with the chat id) and not returned: the change stands
+    /// and the caller's answer says so, while an error would only make the
+    /// caller retry into a no-op (members already added, a chat already
+    /// archived, a member already gone) that records nothing either. What a
+    /// lost record costs, until the affected clients re-read the chat:
+    /// - the change takes no change number, so no stream sees it, live or in
+    ///   a replay (`resume_changes` goes straight past it); clients learn it
+    ///   from their next GetChat, ListMembers or ListChats, or from a
+    ///   `chat_reset` should their resume point need one;
+    /// - a joiner's read position is not reset: the chat's history from
+    ///   before the join counts as unread (up to the 1,000 counted);
+    /// - a departed member's open stream is not told, so it keeps following
+    ///   the chat live until its next store read re-checks membership (a
+    ///   gap fill, a lag, a reconnect): the same exposure as a removal lost
+    ///   on the bus;
+    /// - a stream following every chat does not start following a chat its
+    ///   user joined until it reconnects.
+    #[tracing::instrument(skip_all, fields(chat_id = %chat_id, changes = changes.len()))]
+    async fn record(&self, chat_id: ChatId, changes: Vec<mpb::ChatChange>) {
+        let chat = chat_id.to_string();
+        let total = changes.len();
+        let mut recorded = 0;
+        for batch in changes.chunks(RECORD_CHANGES_MAX) {
+            if let Err(e) = self.messages.record_chat_changes(&chat, batch.to_vec(), "").await {
+                tracing::warn!(
+                    chat_id = %chat_id, recorded, lost = total - recorded, error = %e,
+                    "recording committed chat changes with the messages service failed"
+                );
+                return;
+            }
+            recorded += batch.len();
+        }
     }
 
     /// The chat and the caller's access: NOT_FOUND without the chat.
@@ -292,6 +319,13 @@ impl Chats {
         }
         let chat = self.store.update_chat(chat.id, &update, now_micros()).await?.ok_or(ChatsError::ChatNotFound)?;
         self.evict(chat.id);
+        let named = [
+            ("title", update.title.is_some()),
+            ("description", update.description.is_some()),
+            ("visibility", update.visibility.is_some()),
+        ];
+        let mask = named.into_iter().filter(|(_, set)| *set).map(|(path, _)| path).collect();
+        self.record(chat.id, vec![chat_updated(&chat, mask)]).await;
         self.view(caller, chat).await
     }
 
@@ -299,13 +333,17 @@ impl Chats {
     /// direct chat). Idempotent.
     pub async fn set_archived(&self, caller: UserId, chat_id: ChatId, archived: bool) -> Result<ChatView, ChatsError> {
         let (chat, _) = self.manager(caller, chat_id).await?;
-        let chat = if chat.archive_time.is_some() == archived {
-            chat
-        } else {
+        let changes = chat.archive_time.is_some() != archived;
+        let chat = if changes {
             let now = now_micros();
             self.store.set_archived(chat.id, archived.then_some(now), now).await?.ok_or(ChatsError::ChatNotFound)?
+        } else {
+            chat
         };
         self.evict(chat.id);
+        if changes {
+            self.record(chat.id, vec![chat_updated(&chat, vec!["archived"])]).await;
+        }
         self.view(caller, chat).await
     }
 
@@ -317,9 +355,10 @@ impl Chats {
         }
         let members = self.store.delete_chat(chat.id).await?;
         self.evict(chat.id);
-        for user in members {
-            self.announce_membership(chat.id, user, mpb::MembershipChange::Removed, chat.last_seq);
-        }
+        // Removed for every member before the purge, so that each member's
+        // streams stop following the chat.
+        let removed = members.into_iter().map(|user| membership(user, mpb::MembershipChange::Removed)).collect();
+        self.record(chat.id, removed).await;
         // The chat is gone, so its messages are unreachable already; a failed
         // purge only leaves unreachable rows behind (logged).
         if let Err(e) = self.messages.purge_chat(&chat.id.to_string()).await {
@@ -362,11 +401,8 @@ impl Chats {
         };
         self.evict(chat.id);
         if !added.is_empty() {
-            let user_ids = added.iter().map(|m| m.user_id.to_string()).collect();
-            self.messages.reset_read_positions(&chat.id.to_string(), user_ids).await?;
-            for m in &added {
-                self.announce_membership(chat.id, m.user_id, mpb::MembershipChange::Joined, chat.last_seq);
-            }
+            let joined = added.iter().map(|m| membership(m.user_id, mpb::MembershipChange::Joined)).collect();
+            self.record(chat.id, joined).await;
         }
         Ok(added)
     }
@@ -406,7 +442,7 @@ impl Chats {
         if !removed {
             return Err(ChatsError::MemberNotFound(user_id.to_string()));
         }
-        self.announce_membership(chat.id, user_id, change, chat.last_seq);
+        self.record(chat.id, vec![membership(user_id, change)]).await;
         Ok(())
     }
 
@@ -435,10 +471,12 @@ impl Chats {
             .await?
             .ok_or_else(|| ChatsError::MemberNotFound(user_id.to_string()))?;
         self.evict(chat.id);
-        self.announce_membership(chat.id, member.user_id, mpb::MembershipChange::RoleChanged, chat.last_seq);
+        let mut changes = vec![membership(member.user_id, mpb::MembershipChange::RoleChanged)];
         if role == Role::Owner {
-            self.announce_membership(chat.id, caller, mpb::MembershipChange::RoleChanged, chat.last_seq);
+            // The hand-over made the caller an admin.
+            changes.push(membership(caller, mpb::MembershipChange::RoleChanged));
         }
+        self.record(chat.id, changes).await;
         Ok(member)
     }
 
@@ -578,5 +616,233 @@ impl Chats {
     /// Internal: newest messages of chats, for ordering by activity.
     pub async fn record_activity(&self, activities: &[Activity]) -> Result<(), ChatsError> {
         Ok(self.store.record_activity(activities).await?)
+    }
+}
+
+/// A membership change of `user_id`, as the messages service records it.
+fn membership(user_id: UserId, change: mpb::MembershipChange) -> mpb::ChatChange {
+    let change = mpb::MembershipChanged { user_id: user_id.to_string(), change: change as i32 };
+    mpb::ChatChange { change: Some(mpb::chat_change::Change::MembershipChanged(change)) }
+}
+
+/// A change of `chat`'s details: `mask` names the fields that changed
+/// ("title", "description", "visibility", "archived"), the rest is the chat
+/// as stored after the change.
+fn chat_updated(chat: &Chat, mask: Vec<&str>) -> mpb::ChatChange {
+    let updated = mpb::ChatUpdated {
+        update_mask: Some(natter_proto::FieldMask { paths: mask.into_iter().map(str::to_owned).collect() }),
+        title: chat.title.clone(),
+        description: chat.description.clone(),
+        public: chat.visibility == Visibility::Public,
+        archived: chat.archive_time.is_some(),
+        update_time: Some(timestamp(chat.update_time)),
+    };
+    mpb::ChatChange { change: Some(mpb::chat_change::Change::ChatUpdated(updated)) }
+}
+
+#[cfg(test)]
+mod tests {
+    //! What the chats service records with the messages service after each
+    //! operation, through a messages link that keeps every call.
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use natter_proto::sessions::v1 as spb;
+    use tonic::Status;
+
+    use super::*;
+    use crate::store::sqlite::SqliteChatStore;
+
+    /// Every user asked about exists.
+    struct AnyUser;
+
+    #[async_trait]
+    impl UserDirectory for AnyUser {
+        async fn lookup_users(&self, user_ids: Vec<String>) -> Result<Vec<spb::User>, Status> {
+            Ok(user_ids.into_iter().map(|id| spb::User { id, ..Default::default() }).collect())
+        }
+    }
+
+    /// Keeps every RecordChatChanges call; fails them while `down` is set.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<(String, Vec<mpb::ChatChange>)>>,
+        down: AtomicBool,
+    }
+
+    impl Recorder {
+        /// The calls since the last take.
+        fn take(&self) -> Vec<(String, Vec<mpb::ChatChange>)> {
+            std::mem::take(&mut *self.calls.lock().unwrap())
+        }
+    }
+
+    #[async_trait]
+    impl MessageDirectory for Recorder {
+        async fn chat_summaries(&self, _: Vec<String>, _: &str) -> Result<Vec<mpb::ChatSummary>, Status> {
+            Ok(Vec::new())
+        }
+
+        async fn recent_messages(&self, _: &str, _: i32) -> Result<Vec<mpb::Message>, Status> {
+            Ok(Vec::new())
+        }
+
+        async fn purge_chat(&self, _: &str) -> Result<(), Status> {
+            Ok(())
+        }
+
+        async fn record_chat_changes(
+            &self,
+            chat_id: &str,
+            changes: Vec<mpb::ChatChange>,
+            _idempotency_key: &str,
+        ) -> Result<Vec<i64>, Status> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(Status::unavailable("messages is down"));
+            }
+            let seqs = (1..=changes.len() as i64).collect();
+            self.calls.lock().unwrap().push((chat_id.to_owned(), changes));
+            Ok(seqs)
+        }
+    }
+
+    struct Harness {
+        chats: Chats,
+        messages: Arc<Recorder>,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn harness(limits: Limits) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteChatStore::open(&dir.path().join("chats.db"), 2, Duration::from_secs(3600)).await.unwrap();
+        let messages = Arc::new(Recorder::default());
+        let chats = Chats::new(Arc::new(store), Arc::new(AnyUser), messages.clone(), limits, Rate::Off);
+        Harness { chats, messages, _dir: dir }
+    }
+
+    fn group(title: &str, others: Vec<UserId>) -> NewChat {
+        NewChat {
+            chat_id: None,
+            kind: Some(Kind::Group),
+            title: title.to_owned(),
+            description: String::new(),
+            others,
+            visibility: Visibility::Private,
+        }
+    }
+
+    fn joined(user: UserId) -> mpb::ChatChange {
+        membership(user, mpb::MembershipChange::Joined)
+    }
+
+    fn role_changed(user: UserId) -> mpb::ChatChange {
+        membership(user, mpb::MembershipChange::RoleChanged)
+    }
+
+    /// The ChatUpdated of a change, with its mask's paths.
+    fn updated(change: &mpb::ChatChange) -> (&mpb::ChatUpdated, Vec<&str>) {
+        let Some(mpb::chat_change::Change::ChatUpdated(u)) = &change.change else { panic!("not a chat update") };
+        (u, u.update_mask.as_ref().unwrap().paths.iter().map(String::as_str).collect())
+    }
+
+    #[tokio::test]
+    async fn every_committed_operation_is_recorded_once_with_its_changes_in_order() {
+        let h = harness(Limits::default()).await;
+        let [owner, a, b, c] = [(); 4].map(|_| UserId::new_v7());
+
+        let chat = h.chats.create_chat(owner, group("Team", vec![a])).await.unwrap().chat;
+        let id = chat.id.to_string();
+        assert_eq!(h.messages.take(), [(id.clone(), vec![joined(owner), joined(a)])], "creator first");
+
+        h.chats.add_members(owner, chat.id, vec![b, c]).await.unwrap();
+        assert_eq!(h.messages.take(), [(id.clone(), vec![joined(b), joined(c)])]);
+        h.chats.add_members(owner, chat.id, vec![b]).await.unwrap();
+        assert_eq!(h.messages.take(), [], "nobody was added");
+
+        h.chats.update_member(owner, chat.id, a, Role::Admin).await.unwrap();
+        assert_eq!(h.messages.take(), [(id.clone(), vec![role_changed(a)])]);
+        h.chats.update_member(owner, chat.id, b, Role::Owner).await.unwrap();
+        assert_eq!(h.messages.take(), [(id.clone(), vec![role_changed(b), role_changed(owner)])], "hand-over");
+
+        h.chats.remove_member(b, chat.id, c).await.unwrap();
+        assert_eq!(h.messages.take(), [(id.clone(), vec![membership(c, mpb::MembershipChange::Removed)])]);
+        h.chats.remove_member(a, chat.id, a).await.unwrap();
+        assert_eq!(h.messages.take(), [(id.clone(), vec![membership(a, mpb::MembershipChange::Left)])]);
+
+        let update =
+            ChatUpdate { title: Some("Renamed".into()), visibility: Some(Visibility::Public), ..Default::default() };
+        let after = h.chats.update_chat(b, chat.id, update).await.unwrap().chat;
+        let calls = h.messages.take();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].0, id);
+        let [change] = &calls[0].1[..] else { panic!("one change: {calls:?}") };
+        let (u, mask) = updated(change);
+        assert_eq!(mask, ["title", "visibility"]);
+        assert_eq!((u.title.as_str(), u.description.as_str(), u.public, u.archived), ("Renamed", "", true, false));
+        assert_eq!(u.update_time, Some(timestamp(after.update_time)));
+
+        h.chats.set_archived(b, chat.id, true).await.unwrap();
+        let calls = h.messages.take();
+        let [(_, changes)] = &calls[..] else { panic!("one call: {calls:?}") };
+        let (u, mask) = updated(&changes[0]);
+        assert_eq!((mask, u.archived, u.title.as_str(), u.public), (vec!["archived"], true, "Renamed", true));
+        h.chats.set_archived(b, chat.id, true).await.unwrap();
+        assert_eq!(h.messages.take(), [], "archiving an archived chat changes nothing");
+        h.chats.set_archived(b, chat.id, false).await.unwrap();
+        let calls = h.messages.take();
+        let [(_, changes)] = &calls[..] else { panic!("one call: {calls:?}") };
+        assert_eq!((updated(&changes[0]).1, updated(&changes[0]).0.archived), (vec!["archived"], false));
+        h.chats.set_archived(b, chat.id, false).await.unwrap();
+        assert_eq!(h.messages.take(), []);
+
+        h.chats.delete_chat(b, chat.id).await.unwrap();
+        let calls = h.messages.take();
+        let [(chat_id, changes)] = &calls[..] else { panic!("one call: {calls:?}") };
+        assert_eq!(chat_id, &id);
+        let mut removed: Vec<_> = changes.clone();
+        let mut expected =
+            vec![membership(owner, mpb::MembershipChange::Removed), membership(b, mpb::MembershipChange::Removed)];
+        let key = |c: &mpb::ChatChange| format!("{c:?}");
+        removed.sort_by_key(key);
+        expected.sort_by_key(key);
+        assert_eq!(removed, expected, "every remaining member, removed");
+    }
+
+    #[tokio::test]
+    async fn more_changes_than_one_call_takes_go_in_order_in_several() {
+        let h = harness(Limits { group_members: 1_500, ..Limits::default() }).await;
+        let owner = UserId::new_v7();
+        let others: Vec<UserId> = (0..1_199).map(|_| UserId::new_v7()).collect();
+        h.chats.create_chat(owner, group("Crowd", others.clone())).await.unwrap();
+        let calls = h.messages.take();
+        assert_eq!(calls.iter().map(|(_, c)| c.len()).collect::<Vec<_>>(), [RECORD_CHANGES_MAX, 200]);
+        let all: Vec<mpb::ChatChange> = calls.into_iter().flat_map(|(_, c)| c).collect();
+        let expected: Vec<mpb::ChatChange> = std::iter::once(owner).chain(others).map(joined).collect();
+        assert_eq!(all, expected);
+    }
+
+    #[tokio::test]
+    async fn a_lost_record_still_answers_with_the_committed_change() {
+        let h = harness(Limits::default()).await;
+        let [owner, a, b] = [(); 3].map(|_| UserId::new_v7());
+        let chat = h.chats.create_chat(owner, group("Team", vec![a])).await.unwrap().chat;
+        h.messages.take();
+
+        h.messages.down.store(true, Ordering::SeqCst);
+        let added = h.chats.add_members(owner, chat.id, vec![b]).await.expect("the join is committed");
+        assert_eq!(added.iter().map(|m| m.user_id).collect::<Vec<_>>(), [b]);
+        assert!(h.chats.membership(chat.id, b).await.unwrap().unwrap().role.is_some(), "b is a member");
+        let archived = h.chats.set_archived(owner, chat.id, true).await.expect("the archive is committed");
+        assert!(archived.chat.archive_time.is_some());
+
+        h.messages.down.store(false, Ordering::SeqCst);
+        h.chats.remove_member(owner, chat.id, b).await.unwrap();
+        assert_eq!(
+            h.messages.take(),
+            [(chat.id.to_string(), vec![membership(b, mpb::MembershipChange::Removed)])],
+            "nothing of the lost records is replayed later"
+        );
     }
 }

@@ -19,6 +19,15 @@ pub const REVISION_PAGE_DEFAULT: u32 = 50;
 /// Most messages or revisions per page (DESIGN: page_size at most 200).
 pub const PAGE_MAX: u32 = 200;
 
+/// Most changes one RecordChatChanges call records (the chats service sends
+/// the changes of a larger operation, such as deleting a chat of more
+/// members, in several calls).
+pub const CHAT_CHANGES_MAX: usize = 1000;
+
+/// Longest RecordChatChanges idempotency key, in bytes (its keys are ASCII:
+/// the proto says characters).
+pub const IDEMPOTENCY_KEY_MAX: usize = 64;
+
 /// A validated SendMessage request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SendMessage {

@@ -22,8 +22,8 @@ use crate::domain::{
 use crate::error::MessagesError;
 use crate::registry::{StreamLimits, StreamRegistry};
 use crate::service::Messages;
-use crate::store::{Message, Range, Revision, Seq, Summary};
-use crate::stream::{self, EventStream, Follow};
+use crate::store::{Change, ChatChange, ChatDetails, Heads, Message, Range, Revision, Seq, Summary};
+use crate::stream::{self, EventStream, Follow, Resume};
 
 /// Validates a SendMessage request against `limits`: INVALID_ARGUMENT listing
 /// every field at fault, before anything reaches the writer's batch.
@@ -148,6 +148,7 @@ pub fn message_pb(m: Message, history: Vec<pb::Revision>) -> pb::Message {
         revision: i32::try_from(m.revision).unwrap_or(i32::MAX),
         deleted: m.delete_time.is_some(),
         history,
+        change_seq: m.change_seq,
     }
 }
 
@@ -186,6 +187,7 @@ pub fn created_event(message: pb::Message) -> pb::StreamEventsResponse {
     pb::StreamEventsResponse {
         chat_id: message.chat_id.clone(),
         seq: message.seq,
+        change_seq: message.change_seq,
         event: Some(Event::MessageCreated(message)),
     }
 }
@@ -196,6 +198,7 @@ pub(crate) fn edited_event(m: &Message) -> pb::StreamEventsResponse {
     pb::StreamEventsResponse {
         chat_id: message.chat_id.clone(),
         seq: message.seq,
+        change_seq: message.change_seq,
         event: Some(Event::MessageEdited(message)),
     }
 }
@@ -206,32 +209,156 @@ pub(crate) fn deleted_event(m: &Message) -> pb::StreamEventsResponse {
     pb::StreamEventsResponse {
         chat_id: message.chat_id.clone(),
         seq: message.seq,
+        change_seq: message.change_seq,
         event: Some(Event::MessageDeleted(message)),
     }
 }
 
-/// The stream event announcing a user's new read position.
-pub(crate) fn read_event(chat: ChatId, user: UserId, read_seq: Seq) -> pb::StreamEventsResponse {
+/// The stream event announcing a user's new read position, change
+/// `change_seq` of the chat.
+pub(crate) fn read_event(chat: ChatId, user: UserId, read_seq: Seq, change_seq: i64) -> pb::StreamEventsResponse {
     pb::StreamEventsResponse {
         chat_id: chat.to_string(),
         seq: read_seq.0,
+        change_seq,
         event: Some(Event::ReadUpdated(pb::ReadUpdated { user_id: user.to_string(), read_seq: read_seq.0 })),
     }
 }
 
-/// The chat ids of a StreamEvents request, parsed and de-duplicated (first
-/// occurrence kept, in linear time), and its resume points.
+/// The stream event of a change of a chat's membership or details, change
+/// `change_seq` of the chat, whose newest seq was `seq` at the time.
+pub(crate) fn chat_change_event(
+    chat: ChatId,
+    change: &ChatChange,
+    seq: Seq,
+    change_seq: i64,
+) -> pb::StreamEventsResponse {
+    let membership = |user: &UserId, change: pb::MembershipChange| {
+        Event::MembershipChanged(pb::MembershipChanged { user_id: user.to_string(), change: change as i32 })
+    };
+    let event = match change {
+        ChatChange::Joined(u) => membership(u, pb::MembershipChange::Joined),
+        ChatChange::Left(u) => membership(u, pb::MembershipChange::Left),
+        ChatChange::Removed(u) => membership(u, pb::MembershipChange::Removed),
+        ChatChange::RoleChanged(u) => membership(u, pb::MembershipChange::RoleChanged),
+        ChatChange::Updated(d) => Event::ChatUpdated(pb::ChatUpdated {
+            update_mask: Some(prost_types::FieldMask { paths: d.fields.clone() }),
+            title: d.title.clone(),
+            description: d.description.clone(),
+            public: d.public,
+            archived: d.archived,
+            update_time: Some(timestamp(d.update_time)),
+        }),
+    };
+    pb::StreamEventsResponse { chat_id: chat.to_string(), seq: seq.0, change_seq, event: Some(event) }
+}
+
+/// Why a stream resets a chat instead of replaying it ([`pb::ChatReset`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetReason {
+    /// The resume point is older than the chat's log keeps.
+    LogTruncated,
+    /// The resume point is newer than the chat's newest change.
+    AheadOfServer,
+}
+
+/// The stream event telling a client to re-read `chat` and resume from
+/// `heads.change`.
+pub(crate) fn reset_event(chat: ChatId, heads: Heads, reason: ResetReason) -> pb::StreamEventsResponse {
+    let reason = match reason {
+        ResetReason::LogTruncated => "log_truncated",
+        ResetReason::AheadOfServer => "ahead_of_server",
+    };
+    pb::StreamEventsResponse {
+        chat_id: chat.to_string(),
+        seq: heads.seq.0,
+        change_seq: heads.change,
+        event: Some(Event::ChatReset(pb::ChatReset { reason: reason.to_owned() })),
+    }
+}
+
+/// The stream event replaying `change` to a client whose resume point was
+/// `since`: a message it never saw (created after `since`) arrives as
+/// created, in its current state; a tombstone as deleted; any other as
+/// edited.
+pub(crate) fn replay_event(chat: ChatId, change: Change, since: i64) -> pb::StreamEventsResponse {
+    match change {
+        Change::Message(m) if m.deleted() => deleted_event(&m),
+        Change::Message(m) if m.create_change > since => created_event(message_pb(m, Vec::new())),
+        Change::Message(m) => edited_event(&m),
+        Change::Read { change_seq, user, read_seq } => read_event(chat, user, read_seq, change_seq),
+        Change::Chat { change_seq, change, seq, .. } => chat_change_event(chat, &change, seq, change_seq),
+    }
+}
+
+/// The validated chat changes of a RecordChatChanges request.
 ///
-/// Errors: INVALID_ARGUMENT naming `chat_ids` or `resume` when either has
-/// more than `limits.chats_per_request` entries (checked before anything is
-/// parsed), or the first malformed id or negative seq.
+/// Errors: INVALID_ARGUMENT for no changes, more than
+/// [`domain::CHAT_CHANGES_MAX`], a change with no event or an unknown
+/// membership change, a malformed user id, or an idempotency key longer
+/// than [`domain::IDEMPOTENCY_KEY_MAX`] (each naming its field).
+pub fn chat_changes_request(r: &pb::RecordChatChangesRequest) -> Result<(ChatId, Vec<ChatChange>), Status> {
+    let chat = ChatId::parse("chat_id", &r.chat_id)?;
+    if r.idempotency_key.len() > domain::IDEMPOTENCY_KEY_MAX {
+        let max = domain::IDEMPOTENCY_KEY_MAX;
+        return Err(FieldViolations::single("idempotency_key", format!("at most {max} characters")).into_status());
+    }
+    if r.changes.is_empty() || r.changes.len() > domain::CHAT_CHANGES_MAX {
+        return Err(
+            FieldViolations::single("changes", format!("1 to {} changes", domain::CHAT_CHANGES_MAX)).into_status()
+        );
+    }
+    let mut changes = Vec::with_capacity(r.changes.len());
+    for (i, c) in r.changes.iter().enumerate() {
+        let field = format!("changes[{i}]");
+        let change = match &c.change {
+            Some(pb::chat_change::Change::MembershipChanged(m)) => {
+                let user = UserId::parse(&format!("{field}.membership_changed.user_id"), &m.user_id)?;
+                match pb::MembershipChange::try_from(m.change) {
+                    Ok(pb::MembershipChange::Joined) => ChatChange::Joined(user),
+                    Ok(pb::MembershipChange::Left) => ChatChange::Left(user),
+                    Ok(pb::MembershipChange::Removed) => ChatChange::Removed(user),
+                    Ok(pb::MembershipChange::RoleChanged) => ChatChange::RoleChanged(user),
+                    _ => {
+                        return Err(FieldViolations::single(
+                            format!("{field}.membership_changed.change"),
+                            "must be JOINED, LEFT, REMOVED or ROLE_CHANGED",
+                        )
+                        .into_status());
+                    }
+                }
+            }
+            Some(pb::chat_change::Change::ChatUpdated(u)) => ChatChange::Updated(ChatDetails {
+                fields: u.update_mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default(),
+                title: u.title.clone(),
+                description: u.description.clone(),
+                public: u.public,
+                archived: u.archived,
+                update_time: u.update_time.as_ref().map_or(0, natter_kit::time::micros),
+            }),
+            None => return Err(FieldViolations::single(field, "names no change").into_status()),
+        };
+        changes.push(change);
+    }
+    Ok((chat, changes))
+}
+
+/// The chat ids of a StreamEvents request, parsed and de-duplicated (first
+/// occurrence kept, in linear time), and its resume points (a chat in both
+/// maps resumes by change number).
+///
+/// Errors: INVALID_ARGUMENT naming `chat_ids`, `resume` or `resume_changes`
+/// when one has more than `limits.chats_per_request` entries (checked before
+/// anything is parsed), or the first malformed id or negative resume point.
 pub fn follow_request(
     r: pb::StreamEventsRequest,
     limits: &StreamLimits,
-) -> Result<(Vec<Uuid>, HashMap<Uuid, i64>), Status> {
+) -> Result<(Vec<Uuid>, HashMap<Uuid, Resume>), Status> {
     let max = limits.chats_per_request;
     let mut too_many = FieldViolations::new();
-    for (field, len) in [("chat_ids", r.chat_ids.len()), ("resume", r.resume.len())] {
+    for (field, len) in
+        [("chat_ids", r.chat_ids.len()), ("resume", r.resume.len()), ("resume_changes", r.resume_changes.len())]
+    {
         if len > max {
             too_many.add(field, format!("at most {max} entries (limit max_stream_chats)"));
         }
@@ -245,14 +372,16 @@ pub fn follow_request(
             chat_ids.push(chat);
         }
     }
-    let mut resume = HashMap::with_capacity(r.resume.len());
-    for (chat, seq) in &r.resume {
-        // The key is not echoed: it may be anything up to the request size.
-        let chat = Uuid::try_parse(chat).map_err(|_| MessagesError::invalid("resume", "keys must be chat UUIDs"))?;
-        if *seq < 0 {
-            return Err(MessagesError::invalid(format!("resume[{chat}]"), "must not be negative").into());
+    let mut resume = HashMap::with_capacity(r.resume.len() + r.resume_changes.len());
+    for (field, map, by_change) in [("resume", &r.resume, false), ("resume_changes", &r.resume_changes, true)] {
+        for (chat, point) in map {
+            // The key is not echoed: it may be anything up to the request size.
+            let chat = Uuid::try_parse(chat).map_err(|_| MessagesError::invalid(field, "keys must be chat UUIDs"))?;
+            if *point < 0 {
+                return Err(MessagesError::invalid(format!("{field}[{chat}]"), "must not be negative").into());
+            }
+            resume.insert(chat, if by_change { Resume::Changes(*point) } else { Resume::Seq(Seq(*point)) });
         }
-        resume.insert(chat, *seq);
     }
     Ok((chat_ids, resume))
 }
@@ -417,15 +546,14 @@ impl MessageInternalService for MessageInternalApi {
         }))
     }
 
-    async fn reset_read_positions(
+    async fn record_chat_changes(
         &self,
-        request: Request<pb::ResetReadPositionsRequest>,
-    ) -> Result<Response<pb::ResetReadPositionsResponse>, Status> {
-        let r = request.into_inner();
-        let chat = ChatId::parse("chat_id", &r.chat_id)?;
-        let users: Vec<UserId> = parse_ids("user_ids", &r.user_ids)?;
-        self.messages.reset_read_positions(chat, &users).await?;
-        Ok(Response::new(pb::ResetReadPositionsResponse {}))
+        request: Request<pb::RecordChatChangesRequest>,
+    ) -> Result<Response<pb::RecordChatChangesResponse>, Status> {
+        let (chat, changes) = chat_changes_request(request.get_ref())?;
+        let key = &request.get_ref().idempotency_key;
+        let change_seqs = self.messages.record_chat_changes(chat, &changes, key).await?;
+        Ok(Response::new(pb::RecordChatChangesResponse { change_seqs }))
     }
 
     async fn purge_chat(
@@ -444,7 +572,7 @@ mod tests {
     use crate::domain::MESSAGE_PAGE_DEFAULT;
 
     fn request(chat_ids: Vec<String>, resume: Vec<(String, i64)>) -> pb::StreamEventsRequest {
-        pb::StreamEventsRequest { chat_ids, resume: resume.into_iter().collect() }
+        pb::StreamEventsRequest { chat_ids, resume: resume.into_iter().collect(), ..Default::default() }
     }
 
     fn fields(status: &Status) -> Vec<String> {
@@ -530,5 +658,102 @@ mod tests {
         let resume = ids(4).into_iter().map(|c| (c, 0)).collect();
         assert_eq!(fields(request(Vec::new(), resume)), ["resume"]);
         assert!(follow_request(request(ids(3), ids(3).into_iter().map(|c| (c, 1)).collect()), &limits).is_ok());
+        let changes = pb::StreamEventsRequest {
+            resume_changes: ids(4).into_iter().map(|c| (c, 0)).collect(),
+            ..Default::default()
+        };
+        assert_eq!(fields(changes), ["resume_changes"]);
+    }
+
+    #[test]
+    fn resume_points_are_read_from_both_maps_and_change_numbers_win() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let r = pb::StreamEventsRequest {
+            resume: [(a.to_string(), 5), (b.to_string(), 7)].into_iter().collect(),
+            resume_changes: [(b.to_string(), 9)].into_iter().collect(),
+            ..Default::default()
+        };
+        let (_, resume) = follow_request(r, &StreamLimits::default()).unwrap();
+        assert_eq!(resume[&a], Resume::Seq(Seq(5)));
+        assert_eq!(resume[&b], Resume::Changes(9));
+        let negative = pb::StreamEventsRequest {
+            resume_changes: [(a.to_string(), -1)].into_iter().collect(),
+            ..Default::default()
+        };
+        assert_eq!(
+            fields(&follow_request(negative, &StreamLimits::default()).unwrap_err()),
+            [format!("resume_changes[{a}]")]
+        );
+    }
+
+    #[test]
+    fn a_replayed_message_is_created_for_a_client_that_never_saw_it() {
+        let chat = ChatId::new_v7();
+        let message = |create_change, change_seq, deleted: bool| Message {
+            id: MessageId::new_v7(),
+            chat_id: chat,
+            seq: Seq(3),
+            author_id: UserId::new_v7(),
+            text: "now".into(),
+            attachments: Vec::new(),
+            reply_to: None,
+            send_time: 1,
+            edit_time: Some(2),
+            revision: 2,
+            delete_time: deleted.then_some(3),
+            change_seq,
+            create_change,
+        };
+        let kind = |m, since| match replay_event(chat, Change::Message(m), since).event {
+            Some(Event::MessageCreated(m)) => ("created", m.change_seq),
+            Some(Event::MessageEdited(m)) => ("edited", m.change_seq),
+            Some(Event::MessageDeleted(m)) => ("deleted", m.change_seq),
+            other => panic!("not a message event: {other:?}"),
+        };
+        // Sent at 4 and edited at 9: new to a client at 3, an edit to one at 4.
+        assert_eq!(kind(message(4, 9, false), 3), ("created", 9));
+        assert_eq!(kind(message(4, 9, false), 4), ("edited", 9));
+        assert_eq!(kind(message(4, 9, true), 3), ("deleted", 9));
+    }
+
+    #[test]
+    fn chat_changes_are_validated_naming_the_field() {
+        let chat = Uuid::now_v7().to_string();
+        let member = |user_id: &str, change: pb::MembershipChange| pb::ChatChange {
+            change: Some(pb::chat_change::Change::MembershipChanged(pb::MembershipChanged {
+                user_id: user_id.into(),
+                change: change as i32,
+            })),
+        };
+        let request =
+            |changes| pb::RecordChatChangesRequest { chat_id: chat.clone(), changes, idempotency_key: String::new() };
+        let user = UserId::new_v7();
+        let (_, changes) =
+            chat_changes_request(&request(vec![member(&user.to_string(), pb::MembershipChange::Joined)])).unwrap();
+        assert_eq!(changes, [ChatChange::Joined(user)]);
+        assert_eq!(fields(&chat_changes_request(&request(Vec::new())).unwrap_err()), ["changes"]);
+        assert_eq!(
+            fields(&chat_changes_request(&request(vec![member("x", pb::MembershipChange::Left)])).unwrap_err()),
+            ["changes[0].membership_changed.user_id"]
+        );
+        assert_eq!(
+            fields(
+                &chat_changes_request(&request(vec![member(&user.to_string(), pb::MembershipChange::Unspecified)]))
+                    .unwrap_err()
+            ),
+            ["changes[0].membership_changed.change"]
+        );
+        assert_eq!(
+            fields(&chat_changes_request(&request(vec![pb::ChatChange { change: None }])).unwrap_err()),
+            ["changes[0]"]
+        );
+        let joined = vec![member(&user.to_string(), pb::MembershipChange::Joined)];
+        let keyed =
+            |key: usize| pb::RecordChatChangesRequest { idempotency_key: "k".repeat(key), ..request(joined.clone()) };
+        assert!(chat_changes_request(&keyed(domain::IDEMPOTENCY_KEY_MAX)).is_ok());
+        assert_eq!(
+            fields(&chat_changes_request(&keyed(domain::IDEMPOTENCY_KEY_MAX + 1)).unwrap_err()),
+            ["idempotency_key"]
+        );
     }
 }

@@ -16,7 +16,9 @@ use crate::domain::{EditMessage, Limits, ListMessages, ListRevisions, MarkRead, 
 use crate::error::MessagesError;
 use crate::grpc;
 use crate::registry::StreamLimits;
-use crate::store::{Edited, Message, MessageStore, NewMessage, Range, ReadState, Revision, Sent, Seq, Summary};
+use crate::store::{
+    ChatChange, Edited, Message, MessageStore, NewMessage, Range, ReadState, Revision, Sent, Seq, Summary,
+};
 use crate::writer::Writer;
 
 /// How far back from the newest message [`Messages::announce_recent_activity`]
@@ -339,14 +341,50 @@ impl Messages {
     }
 
     /// MarkRead: moves the caller's read position forward (clamped to the
-    /// newest message) and returns it with the unread count; announces it.
+    /// newest message) and returns it with the unread count; announces it
+    /// when it moved (a change of the chat).
     pub async fn mark_read(&self, caller: UserId, req: MarkRead) -> Result<ReadState, MessagesError> {
         self.member(req.chat_id, caller).await?;
         let state = self.store.mark_read(req.chat_id, caller, req.seq).await?;
-        let event =
-            BusEvent::new(req.chat_id, grpc::read_event(req.chat_id, caller, state.read_seq)).concerning(caller);
-        self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(event));
+        if let Some(change_seq) = state.change_seq {
+            let payload = grpc::read_event(req.chat_id, caller, state.read_seq, change_seq);
+            self.bus
+                .publish(Topic::Chat(req.chat_id.0), Arc::new(BusEvent::new(req.chat_id, payload).concerning(caller)));
+        }
         Ok(state)
+    }
+
+    /// Internal: records committed changes of a chat's membership or
+    /// details (see [`MessageStore::record_chat_changes`]) and announces
+    /// each on the chat's topic, a membership change also on its member's
+    /// (whose streams follow the chats they join), a joiner's reset read
+    /// position on the chat's. Returns the change numbers, in order. A
+    /// retry with the same non-empty `idempotency_key` records nothing again
+    /// and announces the changes again (a stream drops what it saw).
+    pub async fn record_chat_changes(
+        &self,
+        chat: ChatId,
+        changes: &[ChatChange],
+        idempotency_key: &str,
+    ) -> Result<Vec<i64>, MessagesError> {
+        let logged = self.store.record_chat_changes(chat, changes, now_micros(), idempotency_key).await?;
+        for (change, logged) in changes.iter().zip(&logged) {
+            let payload = grpc::chat_change_event(chat, change, logged.seq, logged.change_seq);
+            let mut event = BusEvent::new(chat, payload);
+            if let Some(user) = change.user() {
+                event = event.concerning(user);
+                let event = Arc::new(event);
+                self.bus.publish(Topic::User(user.0), event.clone());
+                self.bus.publish(Topic::Chat(chat.0), event);
+                if let Some((change_seq, read_seq)) = logged.read {
+                    let read = BusEvent::new(chat, grpc::read_event(chat, user, read_seq, change_seq)).concerning(user);
+                    self.bus.publish(Topic::Chat(chat.0), Arc::new(read));
+                }
+            } else {
+                self.bus.publish(Topic::Chat(chat.0), Arc::new(event));
+            }
+        }
+        Ok(logged.into_iter().map(|l| l.change_seq).collect())
     }
 
     /// Internal: each chat's newest message and the user's unread count, in
@@ -358,11 +396,6 @@ impl Messages {
     /// Internal: a chat's newest messages, newest first.
     pub async fn recent(&self, chat: ChatId, page_size: u32) -> Result<Vec<Message>, MessagesError> {
         Ok(self.store.list(chat, Range::default(), None, page_size).await?)
-    }
-
-    /// Internal: users just joined; history before now is not unread.
-    pub async fn reset_read_positions(&self, chat: ChatId, users: &[UserId]) -> Result<(), MessagesError> {
-        Ok(self.store.reset_read_positions(chat, users).await?)
     }
 
     /// Internal: deletes everything of a chat.

@@ -1,28 +1,41 @@
-//! StreamEvents: live events of a caller's chats with exact resume.
+//! StreamEvents: live events of a caller's chats with exact resume by
+//! change number.
 //!
-//! The order of operations is what makes the switch-over gap-free: subscribe
-//! to the bus first, then read each chat's head from the store, then replay
-//! the store from the client's resume point, then go live. Every chat keeps a
-//! cursor (the last seq delivered); a live message event at or below it is a
-//! duplicate and dropped, one right after it is delivered, and one further
-//! ahead means announcements were missed, so the gap is filled from the store
-//! first. The bus may therefore drop, reorder or lag without a client seeing
-//! a gap or a duplicate. (Centrifugo's stream recovery works on the same idea:
-//! history is the truth, pub/sub is the hint.)
+//! Every change to a chat takes the chat's next change number in its
+//! transaction (`store/mod.rs`); the stream keeps, per chat, a cursor: the
+//! last change number it delivered or skipped. The order of operations is
+//! what makes the switch-over gap-free: subscribe to the bus first, then
+//! read each chat's heads from the store, then replay the store from the
+//! client's resume point, then go live. A live event at or below the cursor
+//! is a duplicate (or older than what a replay already sent) and dropped;
+//! the one right after it is delivered; one further ahead means
+//! announcements were missed, so the gap is filled from the store first. The
+//! bus may therefore drop, reorder or lag without a client seeing a gap or a
+//! duplicate. (Centrifugo's stream recovery works on the same idea: history
+//! is the truth, pub/sub is the hint.)
+//!
+//! A read from the store returns each changed row once, as it is now: a
+//! message edited five times is sent once, with the number of its latest
+//! change, and the numbers of its earlier changes are skipped. Changes
+//! committed in a chat are numbered in commit order (the head row is the
+//! first write of every change's transaction and serializes them), so once a
+//! live event with number n arrives, everything up to n is in the store and
+//! a fill up to n leaves no hole.
 //!
 //! A member removed from a chat receives nothing sent after the removal,
 //! however long their stream stalled:
-//! - the stream follows its user's topic, where the chats service announces
-//!   every join, leave and removal, and polls it before any chat: the chat's
-//!   subscription, with whatever it still queues, is dropped when the
+//! - the stream follows its user's topic, where every join, leave and
+//!   removal of the user is announced, and polls it before any chat: the
+//!   chat's subscription, with whatever it still queues, is dropped when the
 //!   removal is seen;
 //! - every read from the store (replay, gap fill, a lag, a resync hint)
-//!   re-checks membership after reading a page and before sending any of it,
-//!   so a page is sent only if the caller was still a member after it was
-//!   read. A stream that finds itself no longer a member this way, or that
-//!   lagged on its user's topic and re-read its chats, sends a
-//!   `MEMBERSHIP_CHANGE_REMOVED` event of its own (seq: the last seq it
-//!   sent of that chat) and stops following the chat.
+//!   stops at the user's own departure in the chat's log, and re-checks
+//!   membership after reading a page and before sending any of it, so a page
+//!   is sent only if the caller was still a member after it was read. A
+//!   stream that finds itself no longer a member this way, or that lagged on
+//!   its user's topic and re-read its chats, sends a
+//!   `MEMBERSHIP_CHANGE_REMOVED` event of its own (change_seq: the last one
+//!   it sent of that chat) and stops following the chat.
 //!
 //! A live event that arrives in order costs no membership check. In split
 //! mode a removal reaches a replica over NATS, so a message sent right after
@@ -36,6 +49,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt as _};
 use natter_auth::{Authenticator, Principal};
 use natter_bus::{Lagged, Shared as BusEvent, Subscription, Topic};
+use natter_kit::id::{ChatId, UserId};
 use natter_proto::messages::v1 as pb;
 use pb::stream_events_response::Event;
 use tokio_stream::StreamMap;
@@ -44,16 +58,27 @@ use tonic::Status;
 use uuid::Uuid;
 
 use crate::error::MessagesError;
-use crate::grpc::{created_event, message_pb};
+use crate::grpc::{ResetReason, replay_event, reset_event};
 use crate::registry::Ticket;
 use crate::service::Messages;
-use crate::store::{Range, Seq};
+use crate::store::{Change, ChatChange, Heads, Range, Seq};
 
-/// How many messages one store read of a replay or gap fill returns.
+/// How many changes one store read of a replay or gap fill returns.
 const REPLAY_PAGE: u32 = 256;
 
 /// The response stream of StreamEvents.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::StreamEventsResponse, Status>> + Send + 'static>>;
+
+/// Where a client resumes a chat from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// The last change number it saw (`resume_changes`).
+    Changes(i64),
+    /// The last message seq it saw (`resume`, the compatibility path): the
+    /// changes since that message's creation are replayed, and a point below
+    /// the log's floor is not reset.
+    Seq(Seq),
+}
 
 /// A validated StreamEvents request.
 #[derive(Clone, Debug)]
@@ -63,8 +88,8 @@ pub struct Follow {
     pub token: String,
     /// Empty: every chat of the caller, including chats joined later.
     pub chat_ids: Vec<Uuid>,
-    /// chat -> last seq the client saw.
-    pub resume: HashMap<Uuid, i64>,
+    /// chat -> where the client resumes it.
+    pub resume: HashMap<Uuid, Resume>,
 }
 
 /// Opens a stream admitted by `ticket` (held until the stream is dropped).
@@ -100,16 +125,34 @@ pub async fn open(
     let session_events = Some(bus.subscribe(Topic::Session(follow.principal.session_id)));
 
     let mut follower = Follower { messages, user, all, live: StreamMap::new(), cursors: HashMap::new() };
+    // Subscribe first, read the heads second: a change committed after the
+    // head was read is announced to a subscription that already exists.
     for chat in &chats {
-        let head = follower.messages.store().head((*chat).into()).await?.0;
-        let start = follow.resume.get(chat).map_or(head, |seen| (*seen).clamp(0, head));
-        follower.follow(*chat, start);
+        follower.follow(*chat, 0);
     }
-    // Chats to replay from the store before going live; resume entries for
-    // chats the caller no longer follows (left, removed, deleted) are ignored.
-    let replay: VecDeque<(Uuid, Option<i64>)> =
-        follow.resume.keys().filter(|chat| follower.cursors.contains_key(*chat)).map(|chat| (*chat, None)).collect();
-    tracing::debug!(user_id = %user, chats = chats.len(), replay = replay.len(), "stream opened");
+    let mut first = Vec::new();
+    let mut refills = VecDeque::new();
+    for chat in &chats {
+        let heads = follower.messages.store().heads((*chat).into()).await?;
+        let start = match follow.resume.get(chat) {
+            None => heads.change,
+            Some(Resume::Changes(seen)) if *seen > heads.change => {
+                first.push(reset_event((*chat).into(), heads, ResetReason::AheadOfServer));
+                heads.change
+            }
+            Some(Resume::Changes(seen)) if *seen < heads.floor => {
+                first.push(reset_event((*chat).into(), heads, ResetReason::LogTruncated));
+                heads.change
+            }
+            Some(Resume::Changes(seen)) => *seen,
+            Some(Resume::Seq(seq)) => follower.created_at((*chat).into(), *seq, heads).await?,
+        };
+        follower.cursors.insert(*chat, start);
+        if start < heads.change {
+            refills.push_back(Refill::to(*chat, heads.change));
+        }
+    }
+    tracing::debug!(user_id = %user, chats = chats.len(), replay = refills.len(), "stream opened");
 
     let token = follow.token;
     // The stream ends when its session expires, as a new call would fail then.
@@ -126,14 +169,17 @@ pub async fn open(
         let mut follower = follower;
         let mut user_events = user_events;
         let mut session_events = session_events;
-        // Store reads still to do: (chat, up to which seq at least).
-        let mut refills = replay;
+        // Store reads still to do.
+        let mut refills = refills;
+        for event in first {
+            yield event;
+        }
         loop {
             // One page at a time, each sent before the next is read: a
             // stalled client holds the stream here, and the next page is
             // read (and membership checked) only once it reads on.
-            while let Some((chat, until)) = refills.front().copied() {
-                let (events, more) = follower.refill(chat, until).await?;
+            while let Some(refill) = refills.front_mut() {
+                let (events, more) = follower.refill(refill).await?;
                 if !more {
                     refills.pop_front();
                 }
@@ -172,9 +218,9 @@ pub async fn open(
                 }
                 Wake::User(Some(Ok(event))) => follower.on_user_event(&event),
                 Wake::User(Some(Err(Lagged(_)))) => follower.reconcile().await?,
-                Wake::Chat(chat, Ok(event)) => follower.on_chat_event(chat, event),
+                Wake::Chat(chat, Ok(event)) => follower.on_chat_event(chat, &event),
                 // Fell behind the bus: the store has everything.
-                Wake::Chat(chat, Err(Lagged(_))) => Step { refill: Some((chat, None)), ..Step::default() },
+                Wake::Chat(chat, Err(Lagged(_))) => Step::refill(Refill::all(chat)),
             };
             refills.extend(step.refill);
             for event in step.events {
@@ -195,16 +241,46 @@ enum Wake {
     Chat(Uuid, Result<BusEvent, Lagged>),
 }
 
+/// A store read still to do: the changes of `chat` after its cursor.
+#[derive(Clone, Copy, Debug)]
+struct Refill {
+    chat: Uuid,
+    /// At least up to this change number (None: whatever the store has);
+    /// numbers up to it that the store no longer holds (coalesced, or not
+    /// for this user) are skipped.
+    until: Option<i64>,
+    /// The cursor when the read started: a message created after it is new
+    /// to the client (set by the first page).
+    since: Option<i64>,
+    /// The user's departure was read and no rejoining after it yet: what
+    /// follows is not theirs to see.
+    absent: bool,
+}
+
+impl Refill {
+    fn to(chat: Uuid, until: i64) -> Self {
+        Self { chat, until: Some(until), since: None, absent: false }
+    }
+
+    fn all(chat: Uuid) -> Self {
+        Self { chat, until: None, since: None, absent: false }
+    }
+}
+
 /// What one wake-up sends: events now, then maybe a store read.
 #[derive(Default)]
 struct Step {
     events: Vec<pb::StreamEventsResponse>,
-    refill: Option<(Uuid, Option<i64>)>,
+    refill: Option<Refill>,
 }
 
 impl Step {
     fn send(event: pb::StreamEventsResponse) -> Self {
         Self { events: vec![event], refill: None }
+    }
+
+    fn refill(refill: Refill) -> Self {
+        Self { events: Vec::new(), refill: Some(refill) }
     }
 }
 
@@ -215,12 +291,12 @@ struct Follower {
     /// Follows every chat of the user, joining new ones.
     all: bool,
     live: StreamMap<Uuid, Subscription>,
-    /// chat -> the last seq sent of it (only chats followed).
+    /// chat -> the last change number sent or skipped (only chats followed).
     cursors: HashMap<Uuid, i64>,
 }
 
 impl Follower {
-    /// Starts following `chat` live, from `cursor` on.
+    /// Starts following `chat` live, from change `cursor` on.
     fn follow(&mut self, chat: Uuid, cursor: i64) {
         self.live.insert(chat, self.messages.bus().subscribe(Topic::Chat(chat)));
         self.cursors.insert(chat, cursor);
@@ -233,19 +309,33 @@ impl Follower {
         self.cursors.remove(&chat);
     }
 
+    /// The change number at which the message with `seq` (at most the
+    /// newest) was created: where a client resuming by seq resumes; 0 for
+    /// seq 0.
+    async fn created_at(&self, chat: ChatId, seq: Seq, heads: Heads) -> Result<i64, MessagesError> {
+        let seq = seq.min(heads.seq);
+        if seq == Seq::ZERO {
+            return Ok(0);
+        }
+        let range = Range { after: Some(Seq(seq.0 - 1)), ascending: true, ..Range::default() };
+        let found = self.messages.store().list(chat, range, None, 1).await?;
+        Ok(found.first().filter(|m| m.seq == seq).map_or(heads.change, |m| m.create_change))
+    }
+
     /// The event a stream sends when it finds by itself that its user no
     /// longer belongs to `chat` (the chats service's own event was lost to
-    /// it); seq is the last one it sent of the chat.
+    /// it); change_seq is the last one it sent of the chat.
     fn removed(&mut self, chat: Uuid) -> pb::StreamEventsResponse {
-        let seq = self.cursors.get(&chat).copied().unwrap_or(0);
+        let change_seq = self.cursors.get(&chat).copied().unwrap_or(0);
         self.unfollow(chat);
         pb::StreamEventsResponse {
             chat_id: chat.to_string(),
-            seq,
+            change_seq,
             event: Some(Event::MembershipChanged(pb::MembershipChanged {
                 user_id: self.user.to_string(),
                 change: pb::MembershipChange::Removed as i32,
             })),
+            ..Default::default()
         }
     }
 
@@ -257,49 +347,49 @@ impl Follower {
         if !event.users.iter().any(|u| u.uuid() == self.user) {
             return Step::default();
         }
-        let followed = self.cursors.contains_key(&chat);
-        if is_departure(change) && followed {
-            self.unfollow(chat);
-            return Step::send(payload.clone());
+        let followed = self.cursors.get(&chat).copied();
+        match followed {
+            // Its own departure ends following at once (its copy on the
+            // chat's topic goes with the subscription).
+            Some(cursor) if is_departure(change) && event.change_seq > cursor => {
+                self.unfollow(chat);
+                Step::send(payload.clone())
+            }
+            None if change.change == pb::MembershipChange::Joined as i32 && self.all => {
+                // Subscribe, then catch up from the join: what the chat
+                // announced before the subscription existed is read from the
+                // store.
+                self.follow(chat, event.change_seq);
+                Step { events: vec![payload.clone()], refill: Some(Refill::all(chat)) }
+            }
+            _ => Step::default(),
         }
-        if change.change == pb::MembershipChange::Joined as i32 && self.all && !followed {
-            // Subscribe, then catch up from the chat's newest seq at the time
-            // of joining (the event's seq), so a message sent right after the
-            // join is not missed.
-            self.follow(chat, event.seq.max(0));
-            return Step { events: vec![payload.clone()], refill: Some((chat, None)) };
-        }
-        Step::default()
     }
 
     /// An event of a followed chat.
-    fn on_chat_event(&mut self, chat: Uuid, event: BusEvent) -> Step {
-        // A resync hint (the bus may have lost announcements): whatever
-        // the store has beyond the cursor is missed.
-        let Some(payload) = &event.payload else { return Step { refill: Some((chat, None)), ..Step::default() } };
-        match &payload.event {
-            Some(Event::MessageCreated(_)) => {
-                let cursor = self.cursors.get(&chat).copied().unwrap_or(0);
-                if event.seq == cursor + 1 {
-                    self.cursors.insert(chat, event.seq);
-                    Step::send(payload.clone())
-                } else if event.seq > cursor + 1 {
-                    Step { refill: Some((chat, Some(event.seq))), ..Step::default() }
-                } else {
-                    Step::default()
-                }
-            }
-            Some(Event::MembershipChanged(change)) => {
-                if is_departure(change) && event.users.iter().any(|u| u.uuid() == self.user) {
-                    self.unfollow(chat);
-                }
-                Step::send(payload.clone())
-            }
-            Some(_) => Step::send(payload.clone()),
-            // A payload with no event (a newer kind this build does not
-            // know): as a hint, re-read the store.
-            None => Step { refill: Some((chat, None)), ..Step::default() },
+    fn on_chat_event(&mut self, chat: Uuid, event: &BusEvent) -> Step {
+        let Some(cursor) = self.cursors.get(&chat).copied() else { return Step::default() };
+        // A resync hint (the bus may have lost announcements), or an event of
+        // a kind this build does not know: whatever the store has beyond the
+        // cursor is missed.
+        let Some(payload) = event.payload.as_ref().filter(|p| p.event.is_some() && event.change_seq > 0) else {
+            return Step::refill(Refill::all(chat));
+        };
+        let n = event.change_seq;
+        if n <= cursor {
+            return Step::default();
         }
+        if n > cursor + 1 {
+            return Step::refill(Refill::to(chat, n));
+        }
+        self.cursors.insert(chat, n);
+        if let Some(Event::MembershipChanged(change)) = &payload.event
+            && is_departure(change)
+            && event.users.iter().any(|u| u.uuid() == self.user)
+        {
+            self.unfollow(chat);
+        }
+        Step::send(payload.clone())
     }
 
     /// After lagging on the user's topic (membership changes were lost):
@@ -322,11 +412,13 @@ impl Follower {
                 if self.cursors.contains_key(&chat) {
                     continue;
                 }
-                let head = self.messages.store().head(chat.into()).await.map_err(MessagesError::from)?.0;
-                self.follow(chat, head);
+                self.follow(chat, 0);
+                let heads = self.messages.store().heads(chat.into()).await.map_err(MessagesError::from)?;
+                self.cursors.insert(chat, heads.change);
                 events.push(pb::StreamEventsResponse {
                     chat_id: chat.to_string(),
-                    seq: head,
+                    seq: heads.seq.0,
+                    change_seq: heads.change,
                     event: Some(Event::MembershipChanged(pb::MembershipChanged {
                         user_id: user.clone(),
                         change: pb::MembershipChange::Joined as i32,
@@ -337,45 +429,71 @@ impl Follower {
         Ok(Step { events, refill: None })
     }
 
-    /// Reads one page from the store of the messages of `chat` after its
-    /// cursor (up to `until`, if given), advancing the cursor; the flag says
-    /// whether more may follow. The page is returned only if the user is
-    /// still a member once it has been read; otherwise the chat is no longer
-    /// followed and the answer is a removal.
-    async fn refill(
-        &mut self,
-        chat: Uuid,
-        until: Option<i64>,
-    ) -> Result<(Vec<pb::StreamEventsResponse>, bool), Status> {
+    /// Reads one page from the store of the changes of `refill.chat` after
+    /// its cursor, advancing the cursor (past `refill.until` once the store
+    /// has nothing more); the flag says whether more may follow.
+    ///
+    /// The user's own departure is sent and nothing after it but their
+    /// rejoining; a read that ends with the user gone stops following the
+    /// chat. Otherwise the page is sent only if the user is still a member
+    /// once it has been read; if not (the departure never reached the log),
+    /// the chat is no longer followed and the answer is a removal.
+    async fn refill(&mut self, refill: &mut Refill) -> Result<(Vec<pb::StreamEventsResponse>, bool), Status> {
+        let chat = refill.chat;
         let Some(cursor) = self.cursors.get(&chat).copied() else { return Ok((Vec::new(), false)) };
-        if until.is_some_and(|u| cursor >= u) {
+        if refill.until.is_some_and(|u| cursor >= u) {
             return Ok((Vec::new(), false));
         }
-        let range = Range { ascending: true, ..Range::default() };
-        let rows = self
+        let since = *refill.since.get_or_insert(cursor);
+        let (changes, more) = self
             .messages
             .store()
-            .list(chat.into(), range, Some(Seq(cursor)), REPLAY_PAGE)
+            .changes(chat.into(), self.user.into(), cursor, REPLAY_PAGE)
             .await
             .map_err(MessagesError::from)?;
-        if rows.is_empty() {
-            return Ok((Vec::new(), false));
-        }
-        // Read first, check second: a member now was a member when every
-        // message of the page was sent.
-        match self.messages.member(chat, self.user).await {
-            Ok(_) => {}
-            Err(MessagesError::Denied(_) | MessagesError::ChatNotFound) => {
-                return Ok((vec![self.removed(chat)], false));
+        let me = UserId(self.user);
+        let mut out = Vec::with_capacity(changes.len());
+        let mut last = cursor;
+        for change in changes {
+            last = change.change_seq();
+            let send = match &change {
+                Change::Chat { change: ChatChange::Left(u) | ChatChange::Removed(u), .. } if *u == me => {
+                    refill.absent = true;
+                    true
+                }
+                Change::Chat { change: ChatChange::Joined(u), .. } if *u == me => {
+                    refill.absent = false;
+                    true
+                }
+                _ => !refill.absent,
+            };
+            if send {
+                out.push(replay_event(chat.into(), change, since));
             }
-            Err(other) => return Err(other.into()),
         }
-        let more = rows.len() == REPLAY_PAGE as usize;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            self.cursors.insert(chat, row.seq.0);
-            out.push(created_event(message_pb(row, Vec::new())));
+        if !more {
+            last = last.max(refill.until.unwrap_or(0));
         }
+        if refill.absent {
+            if more {
+                self.cursors.insert(chat, last);
+            } else {
+                self.unfollow(chat);
+            }
+            return Ok((out, more));
+        }
+        if !out.is_empty() {
+            // Read first, check second: a member now was a member when every
+            // change of the page was made.
+            match self.messages.member(chat, self.user).await {
+                Ok(_) => {}
+                Err(MessagesError::Denied(_) | MessagesError::ChatNotFound) => {
+                    return Ok((vec![self.removed(chat)], false));
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
+        self.cursors.insert(chat, last);
         Ok((out, more))
     }
 }

@@ -87,7 +87,6 @@ impl App {
             &args.store.config("chats")?,
             Arc::new(InProcess(session_internal)),
             to_messages.clone(),
-            bus.clone(),
             &args.chats,
             only_instance,
         )

@@ -42,7 +42,10 @@ fn url_with(server: &NatsServer, user: &str, password: &str) -> String {
 
 /// An event of `chat` at `seq` whose payload carries nothing but the ids.
 fn event(chat: Uuid, seq: i64) -> Shared {
-    Arc::new(Event::new(chat.into(), StreamEventsResponse { chat_id: chat.to_string(), seq, event: None }))
+    Arc::new(Event::new(
+        chat.into(),
+        StreamEventsResponse { chat_id: chat.to_string(), change_seq: seq, ..Default::default() },
+    ))
 }
 
 /// The seq of the next event on `rx` within DELIVERY, passing over resync
@@ -52,8 +55,8 @@ async fn next_seq(rx: &mut natter_bus::Subscription) -> Option<i64> {
     let deadline = tokio::time::Instant::now() + DELIVERY;
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(Ok(e))) if e.seq == 0 => continue,
-            Ok(Some(Ok(e))) => return Some(e.seq),
+            Ok(Some(Ok(e))) if e.change_seq == 0 => continue,
+            Ok(Some(Ok(e))) => return Some(e.change_seq),
             _ => return None,
         }
     }
@@ -69,7 +72,7 @@ async fn until_crossed(from: &Arc<dyn EventBus>, to: &Arc<dyn EventBus>) -> Opti
     for seq in 1..=50 {
         from.publish(Topic::Chat(chat), event(chat, seq));
         match tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
-            Ok(Some(Ok(e))) if e.seq != 0 => return Some(e.seq),
+            Ok(Some(Ok(e))) if e.change_seq != 0 => return Some(e.change_seq),
             _ => {}
         }
     }
@@ -161,8 +164,10 @@ async fn other_users_cannot_inject_events() {
                 .connect(url)
                 .await
                 .unwrap_or_else(|e| panic!("{user} logs in: {e}"));
-            let forged =
-                Event::new(chat.into(), StreamEventsResponse { chat_id: chat.to_string(), seq: 1, event: None });
+            let forged = Event::new(
+                chat.into(),
+                StreamEventsResponse { chat_id: chat.to_string(), change_seq: 1, ..Default::default() },
+            );
             client.publish(format!("natter.events.chat.{chat}"), forged.to_wire()).await.unwrap();
             client.flush().await.unwrap();
             let mut said = Vec::new();

@@ -69,7 +69,8 @@ pub(crate) use unread_count_sql;
 /// them.
 macro_rules! message_columns {
     () => {
-        "id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time"
+        "id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time, \
+         change_seq, create_change"
     };
 }
 pub(crate) use message_columns;
@@ -115,6 +116,11 @@ pub struct Message {
     pub revision: i64,
     /// Set once the message is a tombstone.
     pub delete_time: Option<i64>,
+    /// The chat's change number of the message's latest change (created,
+    /// edited, deleted).
+    pub change_seq: i64,
+    /// The chat's change number of the message's creation.
+    pub create_change: i64,
 }
 
 impl Message {
@@ -139,8 +145,8 @@ pub struct NewMessage {
 }
 
 impl NewMessage {
-    /// The message this becomes with `seq`.
-    pub fn into_message(self, seq: Seq) -> Message {
+    /// The message this becomes with `seq`, created as change `change`.
+    pub fn into_message(self, seq: Seq, change: i64) -> Message {
         Message {
             id: self.id,
             chat_id: self.chat_id,
@@ -153,6 +159,8 @@ impl NewMessage {
             edit_time: None,
             revision: 1,
             delete_time: None,
+            change_seq: change,
+            create_change: change,
         }
     }
 }
@@ -211,6 +219,96 @@ pub struct ReadState {
     /// Messages after it not by the user and not deleted, counted up to
     /// [`UNREAD_COUNT_CAP`].
     pub unread: i64,
+    /// The change number the call took when it moved the position; `None`
+    /// when the position stayed where it was (no change happened).
+    pub change_seq: Option<i64>,
+}
+
+/// How many membership and chat changes each chat's log keeps: a resume
+/// point older than the oldest kept gets a reset instead of a replay. Each
+/// entry is a short row, so a chat's log stays under ~200 KB; 1,000 changes
+/// is weeks of joins and leaves for a busy group.
+pub const CHAT_LOG_KEEP: i64 = 1000;
+
+/// A change of a chat's membership or details, made by the chats service
+/// and kept in the chat's log ([`MessageStore::record_chat_changes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChatChange {
+    Joined(UserId),
+    Left(UserId),
+    Removed(UserId),
+    RoleChanged(UserId),
+    /// The chat's details after an UpdateChat, ArchiveChat or UnarchiveChat.
+    Updated(ChatDetails),
+}
+
+impl ChatChange {
+    /// The member concerned (None for [`ChatChange::Updated`]).
+    pub fn user(&self) -> Option<UserId> {
+        match self {
+            Self::Joined(u) | Self::Left(u) | Self::Removed(u) | Self::RoleChanged(u) => Some(*u),
+            Self::Updated(_) => None,
+        }
+    }
+}
+
+/// A chat's details as a [`ChatChange::Updated`] left them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatDetails {
+    /// The fields that changed: "title", "description", "visibility",
+    /// "archived".
+    pub fields: Vec<String>,
+    pub title: String,
+    pub description: String,
+    pub public: bool,
+    pub archived: bool,
+    /// µs since the Unix epoch.
+    pub update_time: i64,
+}
+
+/// What one [`ChatChange`] took: its change number and, for a join, the
+/// joiner's read position set to the chat's newest seq by the next number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Logged {
+    pub change_seq: i64,
+    /// (change number, read position) of a join's read position.
+    pub read: Option<(i64, Seq)>,
+    /// The chat's newest seq at the time.
+    pub seq: Seq,
+}
+
+/// One change of a chat as the store holds it now, for replay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A message created, edited or deleted since the resume point, in its
+    /// current state (its `change_seq` is the change's number).
+    Message(Message),
+    /// The asking user's own read position, moved since the resume point.
+    Read { change_seq: i64, user: UserId, read_seq: Seq },
+    /// An entry of the chat's log.
+    Chat { change_seq: i64, change: ChatChange, seq: Seq, time: i64 },
+}
+
+impl Change {
+    /// Its change number.
+    pub fn change_seq(&self) -> i64 {
+        match self {
+            Self::Message(m) => m.change_seq,
+            Self::Read { change_seq, .. } | Self::Chat { change_seq, .. } => *change_seq,
+        }
+    }
+}
+
+/// A chat's heads: where its timeline and its changes stand.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Heads {
+    /// The newest message's seq ([`Seq::ZERO`] before the first).
+    pub seq: Seq,
+    /// The newest change number (0 before the first change).
+    pub change: i64,
+    /// The newest change number pruned from the chat's log: a resume point
+    /// below it cannot be replayed.
+    pub floor: i64,
 }
 
 /// A chat's preview for one user.
@@ -299,9 +397,40 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// the call with the unread count after it.
     async fn mark_read(&self, chat: ChatId, user: UserId, seq: Seq) -> Result<ReadState, StoreError>;
 
-    /// Sets users' read positions to the chat's newest seq (even backwards:
-    /// a rejoining member starts from now).
-    async fn reset_read_positions(&self, chat: ChatId, users: &[UserId]) -> Result<(), StoreError>;
+    /// Records `changes` of the chat's membership or details in ONE
+    /// transaction: each takes the chat's next change number and an entry
+    /// in its log (which then keeps its newest [`CHAT_LOG_KEEP`], raising
+    /// the floor past what it prunes); a [`ChatChange::Joined`] also sets the
+    /// joiner's read position to the chat's newest seq (even backwards: a
+    /// rejoining member starts from now) with the number after the join's.
+    /// Answers in the order of `changes`; `now` in µs.
+    ///
+    /// `origin` is the caller's idempotency key ("" for none): when the
+    /// chat's log holds entries of the same origin, nothing is written and
+    /// the answer is theirs (a retry after a lost answer records nothing
+    /// twice, for as long as the log keeps the entries).
+    async fn record_chat_changes(
+        &self,
+        chat: ChatId,
+        changes: &[ChatChange],
+        now: i64,
+        origin: &str,
+    ) -> Result<Vec<Logged>, StoreError>;
+
+    /// The chat's heads (all zero for a chat with no message and no change).
+    async fn heads(&self, chat: ChatId) -> Result<Heads, StoreError>;
+
+    /// Up to `limit` changes of `chat` with a change number above `after`,
+    /// in change order, as the store holds them now: messages (each once, at
+    /// its latest change), `user`'s own read position, and the chat's log
+    /// entries. The flag says whether more may follow the last one.
+    async fn changes(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        after: i64,
+        limit: u32,
+    ) -> Result<(Vec<Change>, bool), StoreError>;
 
     /// For each of `chats`, in order: its newest message and `user`'s
     /// unread count. One trip to the database for the whole page.
@@ -366,4 +495,106 @@ fn list_sql(range: Range, from: Option<Seq>, limit: u32) -> (String, Vec<i64>) {
 /// A stored UUID column as a typed id.
 fn parse_id<T: std::str::FromStr>(column: &str, value: &str) -> Result<T, String> {
     value.parse().map_err(|_| format!("{column} {value:?} is not a UUID"))
+}
+
+/// A [`ChatChange`] as the columns of `chat_changes`: (kind, user_id,
+/// details).
+fn chat_change_row(change: &ChatChange) -> (&'static str, String, String) {
+    let user = |u: &UserId| u.to_string();
+    match change {
+        ChatChange::Joined(u) => ("joined", user(u), String::new()),
+        ChatChange::Left(u) => ("left", user(u), String::new()),
+        ChatChange::Removed(u) => ("removed", user(u), String::new()),
+        ChatChange::RoleChanged(u) => ("role_changed", user(u), String::new()),
+        ChatChange::Updated(details) => {
+            ("updated", String::new(), serde_json::to_string(details).expect("details serialize"))
+        }
+    }
+}
+
+/// The [`ChatChange`] of the columns of `chat_changes` (kind, user_id,
+/// details).
+///
+/// Errors: a kind this build does not know, a user id that is no UUID,
+/// details that do not parse.
+fn chat_change_of(kind: &str, user: &str, details: &str) -> Result<ChatChange, String> {
+    let user = || parse_id::<UserId>("user_id", user);
+    Ok(match kind {
+        "joined" => ChatChange::Joined(user()?),
+        "left" => ChatChange::Left(user()?),
+        "removed" => ChatChange::Removed(user()?),
+        "role_changed" => ChatChange::RoleChanged(user()?),
+        "updated" => ChatChange::Updated(
+            serde_json::from_str(details).map_err(|e| format!("chat change details {details:?}: {e}"))?,
+        ),
+        other => return Err(format!("unknown chat change kind {other:?}")),
+    })
+}
+
+/// One page of [`MessageStore::changes`] from its three sources, each read
+/// in change order with the same `limit`: merged in change order and cut
+/// where a full source may hold more (a source that returned `limit` rows
+/// may have further rows below the other sources' later ones), so the page
+/// skips nothing. The flag says whether more may follow.
+fn merge_changes(sources: [Vec<Change>; 3], limit: u32) -> (Vec<Change>, bool) {
+    let full = |source: &Vec<Change>| source.len() >= limit as usize;
+    // The last number every full source is complete up to.
+    let bound = sources.iter().filter(|s| full(s)).filter_map(|s| s.last().map(Change::change_seq)).min();
+    let mut all: Vec<Change> = sources.into_iter().flatten().collect();
+    all.sort_by_key(Change::change_seq);
+    if let Some(bound) = bound {
+        all.retain(|c| c.change_seq() <= bound);
+    }
+    let more = bound.is_some() || all.len() > limit as usize;
+    all.truncate(limit as usize);
+    (all, more)
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+
+    fn read(n: i64) -> Change {
+        Change::Read { change_seq: n, user: UserId(uuid::Uuid::nil()), read_seq: Seq(n) }
+    }
+
+    #[test]
+    fn a_page_merges_in_change_order_and_stops_where_a_full_source_may_hold_more() {
+        // Source 0 is full at 4 (limit 2): what it holds after 4 is unknown,
+        // so 5 and 7 of the others wait for the next page.
+        let (page, more) = merge_changes([vec![read(1), read(4)], vec![read(2), read(5)], vec![read(7)]], 2);
+        assert_eq!(page.iter().map(Change::change_seq).collect::<Vec<_>>(), [1, 2]);
+        assert!(more);
+        let (page, more) = merge_changes([vec![read(6)], vec![read(5)], vec![read(7)]], 4);
+        assert_eq!(page.iter().map(Change::change_seq).collect::<Vec<_>>(), [5, 6, 7]);
+        assert!(!more);
+        // No source is full, yet together they fill more than a page.
+        let (page, more) = merge_changes([vec![read(1), read(3)], vec![read(2)], vec![read(4), read(5)]], 3);
+        assert_eq!(page.iter().map(Change::change_seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(more);
+    }
+
+    #[test]
+    fn chat_changes_round_trip_through_their_columns() {
+        let user = UserId(uuid::Uuid::now_v7());
+        let details = ChatDetails {
+            fields: vec!["title".into()],
+            title: "t".into(),
+            description: "d".into(),
+            public: true,
+            archived: false,
+            update_time: 7,
+        };
+        for change in [
+            ChatChange::Joined(user),
+            ChatChange::Left(user),
+            ChatChange::Removed(user),
+            ChatChange::RoleChanged(user),
+            ChatChange::Updated(details),
+        ] {
+            let (kind, user, details) = chat_change_row(&change);
+            assert_eq!(chat_change_of(kind, &user, &details).unwrap(), change);
+        }
+        assert!(chat_change_of("exploded", "", "").is_err());
+    }
 }

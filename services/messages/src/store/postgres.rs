@@ -23,8 +23,9 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row as _};
 
 use super::{
-    Activity, Edited, Message, MessageStore, NewMessage, Range, ReadState, Revision, Sent, Seq, StoreError, Summary,
-    list_sql, message_columns, parse_id, unread_count_sql,
+    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Heads, Logged, Message, MessageStore, NewMessage, Range,
+    ReadState, Revision, Sent, Seq, StoreError, Summary, chat_change_of, chat_change_row, list_sql, merge_changes,
+    message_columns, parse_id, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -35,25 +36,34 @@ const CHECK_BATCH: &str = "SELECT EXISTS (SELECT 1 FROM messages m WHERE m.id = 
      (i.reply = 0 OR EXISTS (SELECT 1 FROM messages m WHERE m.chat_id = i.chat_id AND m.seq = i.reply)) AS reply_ok \
      FROM UNNEST($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS i (id, chat_id, reply, ord) ORDER BY i.ord";
 
-/// Bumps the heads of chats `$1` (in chat-id order) by counts `$2` and
-/// inserts the messages `$3..$10` (id, chat id, 1-based position among the
-/// batch's messages of its chat, author, text, attachments, reply, send
-/// time) with seq `head - count + position`; returns every chat's new head.
+/// Bumps the heads of chats `$1` (in chat-id order), seq and change number
+/// alike, by counts `$2` and inserts the messages `$3..$10` (id, chat id,
+/// 1-based position among the batch's messages of its chat, author, text,
+/// attachments, reply, send time) with seq `head - count + position` and
+/// change number likewise; returns every chat's new heads (chat id, seq,
+/// change number).
 const INSERT_BATCH: &str = "WITH heads AS ( \
-       INSERT INTO chat_heads (chat_id, last_seq) \
-       SELECT c.chat_id, c.n FROM UNNEST($1::text[], $2::bigint[]) WITH ORDINALITY AS c (chat_id, n, ord) ORDER BY c.ord \
-       ON CONFLICT (chat_id) DO UPDATE SET last_seq = chat_heads.last_seq + excluded.last_seq \
-       RETURNING chat_id, last_seq), \
+       INSERT INTO chat_heads (chat_id, last_seq, last_change) \
+       SELECT c.chat_id, c.n, c.n FROM UNNEST($1::text[], $2::bigint[]) WITH ORDINALITY AS c (chat_id, n, ord) \
+       ORDER BY c.ord \
+       ON CONFLICT (chat_id) DO UPDATE SET last_seq = chat_heads.last_seq + excluded.last_seq, \
+         last_change = chat_heads.last_change + excluded.last_change \
+       RETURNING chat_id, last_seq, last_change), \
      inserted AS ( \
        INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
-                             revision, delete_time) \
+                             revision, delete_time, change_seq, create_change) \
        SELECT i.id, i.chat_id, h.last_seq - c.n + i.k, i.author_id, i.text, i.attachments, i.reply, i.send_time, \
-              NULL, 1, NULL \
+              NULL, 1, NULL, h.last_change - c.n + i.k, h.last_change - c.n + i.k \
        FROM UNNEST($3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[]) \
             AS i (id, chat_id, k, author_id, text, attachments, reply, send_time) \
        JOIN heads h ON h.chat_id = i.chat_id \
        JOIN UNNEST($1::text[], $2::bigint[]) AS c (chat_id, n) ON c.chat_id = i.chat_id) \
-     SELECT chat_id, last_seq FROM heads";
+     SELECT chat_id, last_seq, last_change FROM heads";
+
+/// Takes the next change number of chat `$1` (creating its heads row if
+/// need be), locking the row until the transaction ends.
+const NEXT_CHANGE: &str = "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES ($1, 0, 1) \
+     ON CONFLICT (chat_id) DO UPDATE SET last_change = chat_heads.last_change + 1 RETURNING last_change";
 
 /// `SELECT` of one message by id (`$1`).
 const MESSAGE_BY_ID: &str = concat!("SELECT ", message_columns!(), " FROM messages WHERE id = $1");
@@ -132,7 +142,7 @@ impl PostgresStore {
         if !positions.is_empty() {
             let (head_chats, head_counts): (Vec<&str>, Vec<i64>) = counts.iter().map(|(c, n)| (*c, *n)).unzip();
             let pick = |f: &dyn Fn(usize) -> String| positions.iter().map(|(i, _)| f(*i)).collect::<Vec<_>>();
-            let heads: Vec<(String, i64)> = sqlx::query_as(INSERT_BATCH)
+            let heads: Vec<(String, i64, i64)> = sqlx::query_as(INSERT_BATCH)
                 .bind(&head_chats)
                 .bind(&head_counts)
                 .bind(pick(&|i| ids[i].clone()))
@@ -145,13 +155,14 @@ impl PostgresStore {
                 .bind(positions.iter().map(|(i, _)| batch[*i].send_time).collect::<Vec<i64>>())
                 .fetch_all(&self.pool)
                 .await?;
-            let heads: std::collections::HashMap<String, i64> = heads.into_iter().collect();
+            let heads: std::collections::HashMap<String, (i64, i64)> =
+                heads.into_iter().map(|(chat, seq, change)| (chat, (seq, change))).collect();
             for (i, k) in positions {
-                let head = heads
+                let (seq, change) = heads
                     .get(&chats[i])
                     .ok_or_else(|| sqlx::Error::Protocol("chat head missing from the batch insert".into()))?;
-                let seq = head - counts[chats[i].as_str()] + k;
-                outcomes[i] = Some(Sent::Created(batch[i].clone().into_message(Seq(seq))));
+                let n = counts[chats[i].as_str()];
+                outcomes[i] = Some(Sent::Created(batch[i].clone().into_message(Seq(seq - n + k), change - n + k)));
             }
         }
         Ok(outcomes.into_iter().map(|o| o.unwrap_or(Sent::Duplicate)).collect())
@@ -180,7 +191,16 @@ fn message_row(row: &PgRow) -> Result<Message, StoreError> {
         edit_time: row.try_get(8)?,
         revision: row.try_get(9)?,
         delete_time: row.try_get(10)?,
+        change_seq: row.try_get(11)?,
+        create_change: row.try_get(12)?,
     })
+}
+
+/// A row of `change_seq, kind, user_id, details, seq, change_time` of
+/// `chat_changes`.
+fn chat_change_entry(row: &PgRow) -> Result<Change, StoreError> {
+    let change = chat_change_of(row.try_get(1)?, row.try_get(2)?, row.try_get(3)?).map_err(StoreError::Corrupt)?;
+    Ok(Change::Chat { change_seq: row.try_get(0)?, change, seq: Seq(row.try_get(4)?), time: row.try_get(5)? })
 }
 
 /// A row of `message_id, revision, text, edit_time`.
@@ -214,13 +234,13 @@ impl MessageStore for PostgresStore {
         let mut tx = self.pool.begin().await?;
         // Lock the row first so concurrent edits queue, each keeps the text
         // it replaces and sees the revision count the others left.
-        let locked: Option<(i64,)> = sqlx::query_as(
-            "UPDATE messages SET revision = revision WHERE id = $1 AND delete_time IS NULL RETURNING revision",
+        let locked: Option<(i64, String)> = sqlx::query_as(
+            "UPDATE messages SET revision = revision WHERE id = $1 AND delete_time IS NULL RETURNING revision, chat_id",
         )
         .bind(&id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((revision,)) = locked else { return Ok(Edited::Deleted) };
+        let Some((revision, chat)) = locked else { return Ok(Edited::Deleted) };
         if usize::try_from(revision - 1).unwrap_or(usize::MAX) >= max_edits {
             return Ok(Edited::TooManyEdits);
         }
@@ -231,13 +251,17 @@ impl MessageStore for PostgresStore {
         .bind(&id)
         .execute(&mut *tx)
         .await?;
+        // Lock order everywhere: a message row, then its chat's heads.
+        let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
         let row = sqlx::query(concat!(
-            "UPDATE messages SET text = $1, revision = revision + 1, edit_time = $2 WHERE id = $3 RETURNING ",
+            "UPDATE messages SET text = $1, revision = revision + 1, edit_time = $2, change_seq = $4 WHERE id = $3 \
+             RETURNING ",
             message_columns!()
         ))
         .bind(text)
         .bind(now)
         .bind(&id)
+        .bind(change)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -247,14 +271,23 @@ impl MessageStore for PostgresStore {
     async fn delete(&self, id: MessageId, now: i64) -> Result<Option<Message>, StoreError> {
         let id = id.to_string();
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE messages SET text = '', attachments = '', delete_time = $1 WHERE id = $2 AND delete_time IS NULL",
+        // Lock the live message first (then its chat's heads, as edit).
+        let live: Option<(String,)> = sqlx::query_as(
+            "UPDATE messages SET delete_time = $1 WHERE id = $2 AND delete_time IS NULL RETURNING chat_id",
         )
         .bind(now)
         .bind(&id)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM message_revisions WHERE message_id = $1").bind(&id).execute(&mut *tx).await?;
+        if let Some((chat,)) = live {
+            let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+            sqlx::query("UPDATE messages SET text = '', attachments = '', change_seq = $2 WHERE id = $1")
+                .bind(&id)
+                .bind(change)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM message_revisions WHERE message_id = $1").bind(&id).execute(&mut *tx).await?;
+        }
         let row = sqlx::query(MESSAGE_BY_ID).bind(&id).fetch_optional(&mut *tx).await?;
         tx.commit().await?;
         row.as_ref().map(message_row).transpose()
@@ -321,39 +354,222 @@ impl MessageStore for PostgresStore {
     }
 
     async fn mark_read(&self, chat: ChatId, user: UserId, seq: Seq) -> Result<ReadState, StoreError> {
-        let (read_seq, unread): (i64, i64) = sqlx::query_as(concat!(
-            "WITH r AS (INSERT INTO read_positions (chat_id, user_id, read_seq) \
-             VALUES ($1, $2, LEAST($3, COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = $1), 0))) \
-             ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = GREATEST(read_positions.read_seq, excluded.read_seq) \
-             RETURNING read_seq) SELECT r.read_seq, ",
-            unread_count_sql!("$1", "r.read_seq", "$2"),
-            " FROM r"
-        ))
-        .bind(chat.to_string())
-        .bind(user.to_string())
+        let (chat, user) = (chat.to_string(), user.to_string());
+        // Without a lock first: most calls do not move the position (a
+        // client marks what it already marked), and those take no change
+        // number and lock nothing.
+        let (stored, target): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE((SELECT read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2), 0), \
+             LEAST($3, COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = $1), 0))",
+        )
+        .bind(&chat)
+        .bind(&user)
         .bind(seq.0)
         .fetch_one(&self.pool)
         .await?;
-        Ok(ReadState { read_seq: Seq(read_seq), unread })
+        let mut state = ReadState { read_seq: Seq(stored), unread: 0, change_seq: None };
+        if target > stored {
+            // Lock order: the chat's heads, then the position. A concurrent
+            // call that moved the position as far first leaves this one
+            // nothing to do: it rolls back, returning its number.
+            let mut tx = self.pool.begin().await?;
+            let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+            let moved: Option<(i64,)> = sqlx::query_as(
+                "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq, \
+                 change_seq = excluded.change_seq WHERE read_positions.read_seq < excluded.read_seq RETURNING read_seq",
+            )
+            .bind(&chat)
+            .bind(&user)
+            .bind(target)
+            .bind(change)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if moved.is_some() {
+                tx.commit().await?;
+                state = ReadState { read_seq: Seq(target), unread: 0, change_seq: Some(change) };
+            } else {
+                tx.rollback().await?;
+                let (now,): (i64,) =
+                    sqlx::query_as("SELECT read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2")
+                        .bind(&chat)
+                        .bind(&user)
+                        .fetch_one(&self.pool)
+                        .await?;
+                state.read_seq = Seq(now);
+            }
+        }
+        let (unread,): (i64,) = sqlx::query_as(concat!("SELECT ", unread_count_sql!("$1", "$2", "$3")))
+            .bind(&chat)
+            .bind(state.read_seq.0)
+            .bind(&user)
+            .fetch_one(&self.pool)
+            .await?;
+        state.unread = unread;
+        Ok(state)
     }
 
-    async fn reset_read_positions(&self, chat: ChatId, users: &[UserId]) -> Result<(), StoreError> {
-        // Each row once (ON CONFLICT may touch a row only once per
-        // statement), in one order (so concurrent resets cannot deadlock).
-        let mut users: Vec<String> = users.iter().map(UserId::to_string).collect();
-        users.sort_unstable();
-        users.dedup();
-        sqlx::query(
-            "INSERT INTO read_positions (chat_id, user_id, read_seq) \
-             SELECT $1, u.user_id, COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = $1), 0) \
-             FROM UNNEST($2::text[]) WITH ORDINALITY AS u (user_id, ord) ORDER BY u.ord \
-             ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq",
+    async fn record_chat_changes(
+        &self,
+        chat: ChatId,
+        changes: &[ChatChange],
+        now: i64,
+        origin: &str,
+    ) -> Result<Vec<Logged>, StoreError> {
+        let chat = chat.to_string();
+        let mut tx = self.pool.begin().await?;
+        // Lock the chat's heads first (as every writer of the chat does),
+        // which also orders two calls of the same origin.
+        let (seq, mut change): (i64, i64) = sqlx::query_as(
+            "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES ($1, 0, 0) \
+             ON CONFLICT (chat_id) DO UPDATE SET last_change = chat_heads.last_change RETURNING last_seq, last_change",
         )
-        .bind(chat.to_string())
-        .bind(&users)
-        .execute(&self.pool)
+        .bind(&chat)
+        .fetch_one(&mut *tx)
         .await?;
-        Ok(())
+        if !origin.is_empty() {
+            let recorded: Vec<(i64, String, i64)> = sqlx::query_as(
+                "SELECT change_seq, kind, seq FROM chat_changes WHERE chat_id = $1 AND origin = $2 ORDER BY change_seq",
+            )
+            .bind(&chat)
+            .bind(origin)
+            .fetch_all(&mut *tx)
+            .await?;
+            if !recorded.is_empty() {
+                tx.rollback().await?;
+                return Ok(recorded
+                    .into_iter()
+                    .map(|(change_seq, kind, seq)| Logged {
+                        change_seq,
+                        read: (kind == "joined").then_some((change_seq + 1, Seq(seq))),
+                        seq: Seq(seq),
+                    })
+                    .collect());
+            }
+        }
+        let mut logged = Vec::with_capacity(changes.len());
+        let (mut numbers, mut kinds, mut users, mut details) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // user -> (read position's change number): the last join of each
+        // user (an upsert may touch a row once per statement).
+        let mut reads: BTreeMap<String, i64> = BTreeMap::new();
+        for c in changes {
+            change += 1;
+            let (kind, user, detail) = chat_change_row(c);
+            numbers.push(change);
+            kinds.push(kind);
+            let read = if let ChatChange::Joined(_) = c {
+                reads.insert(user.clone(), change + 1);
+                Some((change + 1, Seq(seq)))
+            } else {
+                None
+            };
+            users.push(user);
+            details.push(detail);
+            logged.push(Logged { change_seq: change, read, seq: Seq(seq) });
+            if let Some((read_change, _)) = read {
+                change = read_change;
+            }
+        }
+        sqlx::query(
+            "INSERT INTO chat_changes (chat_id, change_seq, kind, user_id, details, seq, change_time, origin) \
+             SELECT $1, c.n, c.kind, c.user_id, c.details, $6, $7, $8 \
+             FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[]) AS c (n, kind, user_id, details)",
+        )
+        .bind(&chat)
+        .bind(&numbers)
+        .bind(&kinds)
+        .bind(&users)
+        .bind(&details)
+        .bind(seq)
+        .bind(now)
+        .bind(origin)
+        .execute(&mut *tx)
+        .await?;
+        if !reads.is_empty() {
+            let (read_users, read_changes): (Vec<String>, Vec<i64>) = reads.into_iter().unzip();
+            sqlx::query(
+                "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) \
+                 SELECT $1, r.user_id, $2, r.n FROM UNNEST($3::text[], $4::bigint[]) AS r (user_id, n) \
+                 ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq, \
+                 change_seq = excluded.change_seq",
+            )
+            .bind(&chat)
+            .bind(seq)
+            .bind(&read_users)
+            .bind(&read_changes)
+            .execute(&mut *tx)
+            .await?;
+        }
+        // The new head; the log keeps its newest CHAT_LOG_KEEP entries and
+        // the floor rises past the rest.
+        sqlx::query(
+            "WITH cut AS (SELECT change_seq FROM chat_changes WHERE chat_id = $1 \
+               ORDER BY change_seq DESC LIMIT 1 OFFSET $3), \
+             pruned AS (DELETE FROM chat_changes WHERE chat_id = $1 AND change_seq <= (SELECT change_seq FROM cut)) \
+             UPDATE chat_heads SET last_change = $2, \
+               log_floor = GREATEST(log_floor, COALESCE((SELECT change_seq FROM cut), 0)) WHERE chat_id = $1",
+        )
+        .bind(&chat)
+        .bind(change)
+        .bind(CHAT_LOG_KEEP)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(logged)
+    }
+
+    async fn heads(&self, chat: ChatId) -> Result<Heads, StoreError> {
+        let row: Option<(i64, i64, i64)> =
+            sqlx::query_as("SELECT last_seq, last_change, log_floor FROM chat_heads WHERE chat_id = $1")
+                .bind(chat.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map_or_else(Heads::default, |(seq, change, floor)| Heads { seq: Seq(seq), change, floor }))
+    }
+
+    async fn changes(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        after: i64,
+        limit: u32,
+    ) -> Result<(Vec<Change>, bool), StoreError> {
+        let id = chat.to_string();
+        let messages = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE chat_id = $1 AND change_seq > $2 ORDER BY change_seq LIMIT $3"
+        ))
+        .bind(&id)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| message_row(row).map(Change::Message))
+        .collect::<Result<Vec<_>, _>>()?;
+        let read: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT change_seq, read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2 AND change_seq > $3",
+        )
+        .bind(&id)
+        .bind(user.to_string())
+        .bind(after)
+        .fetch_optional(&self.pool)
+        .await?;
+        let log = sqlx::query(
+            "SELECT change_seq, kind, user_id, details, seq, change_time FROM chat_changes \
+             WHERE chat_id = $1 AND change_seq > $2 ORDER BY change_seq LIMIT $3",
+        )
+        .bind(&id)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(chat_change_entry)
+        .collect::<Result<Vec<_>, _>>()?;
+        let read = read.map(|(change_seq, read_seq)| Change::Read { change_seq, user, read_seq: Seq(read_seq) });
+        Ok(merge_changes([messages, read.into_iter().collect(), log], limit))
     }
 
     async fn summaries(&self, chats: &[ChatId], user: UserId) -> Result<Vec<Summary>, StoreError> {
@@ -377,7 +593,7 @@ impl MessageStore for PostgresStore {
             .map(|row| {
                 let id: Option<&str> = row.try_get(0)?;
                 let newest = if id.is_some() { Some(message_row(row)?) } else { None };
-                Ok(Summary { newest, unread: row.try_get(11)? })
+                Ok(Summary { newest, unread: row.try_get(13)? })
             })
             .collect()
     }
@@ -393,6 +609,7 @@ impl MessageStore for PostgresStore {
             "DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = $1)",
             "DELETE FROM messages WHERE chat_id = $1",
             "DELETE FROM read_positions WHERE chat_id = $1",
+            "DELETE FROM chat_changes WHERE chat_id = $1",
             "DELETE FROM chat_heads WHERE chat_id = $1",
         ] {
             sqlx::query(sql).bind(&chat).execute(&mut *tx).await?;

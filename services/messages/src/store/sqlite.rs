@@ -18,8 +18,9 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, params};
 
 use super::{
-    Activity, Edited, Message, MessageStore, NewMessage, RECENT_ACTIVITY_ROWS, Range, ReadState, Revision, Sent, Seq,
-    StoreError, Summary, list_sql, message_columns, unread_count_sql,
+    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Heads, Logged, Message, MessageStore, NewMessage,
+    RECENT_ACTIVITY_ROWS, Range, ReadState, Revision, Sent, Seq, StoreError, Summary, chat_change_of, chat_change_row,
+    list_sql, merge_changes, message_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -75,7 +76,27 @@ fn message_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         edit_time: row.get(8)?,
         revision: row.get(9)?,
         delete_time: row.get(10)?,
+        change_seq: row.get(11)?,
+        create_change: row.get(12)?,
     })
+}
+
+/// Takes the next change number of chat `chat` (creating its heads row if
+/// need be), inside the caller's transaction.
+fn next_change(tx: &Connection, chat: &str) -> rusqlite::Result<i64> {
+    tx.prepare_cached(
+        "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES (?1, 0, 1) \
+         ON CONFLICT (chat_id) DO UPDATE SET last_change = chat_heads.last_change + 1 RETURNING last_change",
+    )?
+    .query_row([chat], |row| row.get(0))
+}
+
+/// A row of `change_seq, kind, user_id, details, seq, change_time` of
+/// `chat_changes`.
+fn chat_change_entry(row: &Row<'_>) -> rusqlite::Result<Change> {
+    let change = chat_change_of(row.get_ref(1)?.as_str()?, row.get_ref(2)?.as_str()?, row.get_ref(3)?.as_str()?)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, Type::Text, e.into()))?;
+    Ok(Change::Chat { change_seq: row.get(0)?, change, seq: Seq(row.get(4)?), time: row.get(5)? })
 }
 
 /// A row of `message_id, revision, text, edit_time`.
@@ -98,29 +119,33 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
                 None => true,
             });
         }
-        let mut read_head = tx.prepare_cached("SELECT last_seq FROM chat_heads WHERE chat_id = ?1")?;
+        let mut read_head = tx.prepare_cached("SELECT last_seq, last_change FROM chat_heads WHERE chat_id = ?1")?;
         // A stored id (a retry, or one earlier in the batch) inserts
         // nothing: one index lookup, where a SELECT first would walk the id
         // index twice.
         let mut insert = tx.prepare_cached(
             "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
-             revision, delete_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, 1, NULL) ON CONFLICT (id) DO NOTHING",
+             revision, delete_time, change_seq, create_change) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, 1, NULL, ?9, ?9) ON CONFLICT (id) DO NOTHING",
         )?;
-        let mut heads: HashMap<ChatId, (String, i64)> = HashMap::new();
+        // chat -> (its id as text, last seq, last change number).
+        let mut heads: HashMap<ChatId, (String, i64, i64)> = HashMap::new();
         for (m, reply_ok) in batch.into_iter().zip(replies_ok) {
             if !reply_ok {
                 outcomes.push(Sent::NoSuchReply);
                 continue;
             }
-            let (chat, head) = match heads.entry(m.chat_id) {
+            let (chat, head, change) = match heads.entry(m.chat_id) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
                     let chat = m.chat_id.to_string();
-                    let stored: Option<i64> = read_head.query_row([&chat], |row| row.get(0)).optional()?;
-                    e.insert((chat, stored.unwrap_or(0)))
+                    let stored: Option<(i64, i64)> =
+                        read_head.query_row([&chat], |row| Ok((row.get(0)?, row.get(1)?))).optional()?;
+                    let (seq, change) = stored.unwrap_or((0, 0));
+                    e.insert((chat, seq, change))
                 }
             };
-            let seq = *head + 1;
+            let (seq, next_change) = (*head + 1, *change + 1);
             let inserted = insert.execute(params![
                 m.id.to_string(),
                 chat.as_str(),
@@ -129,21 +154,22 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
                 m.text,
                 encode_attachments(&m.attachments),
                 m.reply_to.map_or(0, |s| s.0),
-                m.send_time
+                m.send_time,
+                next_change
             ])?;
             if inserted == 0 {
                 outcomes.push(Sent::Duplicate);
                 continue;
             }
-            *head = seq;
-            outcomes.push(Sent::Created(m.into_message(Seq(seq))));
+            (*head, *change) = (seq, next_change);
+            outcomes.push(Sent::Created(m.into_message(Seq(seq), next_change)));
         }
         let mut write_head = tx.prepare_cached(
-            "INSERT INTO chat_heads (chat_id, last_seq) VALUES (?1, ?2) \
-             ON CONFLICT (chat_id) DO UPDATE SET last_seq = excluded.last_seq",
+            "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (chat_id) DO UPDATE SET last_seq = excluded.last_seq, last_change = excluded.last_change",
         )?;
-        for (chat, head) in heads.values() {
-            write_head.execute(params![chat, head])?;
+        for (chat, head, change) in heads.values() {
+            write_head.execute(params![chat, head, change])?;
         }
     }
     tx.commit()?;
@@ -153,11 +179,11 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
 /// Edits one message in one transaction (see [`MessageStore::edit`]).
 fn edit(conn: &mut Connection, id: &str, text: &str, now: i64, max_edits: usize) -> rusqlite::Result<Edited> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let revision: Option<i64> = tx
-        .prepare_cached("SELECT revision FROM messages WHERE id = ?1 AND delete_time IS NULL")?
-        .query_row([id], |row| row.get(0))
+    let live: Option<(i64, String)> = tx
+        .prepare_cached("SELECT revision, chat_id FROM messages WHERE id = ?1 AND delete_time IS NULL")?
+        .query_row([id], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
-    let Some(revision) = revision else { return Ok(Edited::Deleted) };
+    let Some((revision, chat)) = live else { return Ok(Edited::Deleted) };
     if usize::try_from(revision - 1).unwrap_or(usize::MAX) >= max_edits {
         return Ok(Edited::TooManyEdits);
     }
@@ -166,12 +192,14 @@ fn edit(conn: &mut Connection, id: &str, text: &str, now: i64, max_edits: usize)
          SELECT id, revision, text, COALESCE(edit_time, send_time) FROM messages WHERE id = ?1",
     )?
     .execute([id])?;
+    let change = next_change(&tx, &chat)?;
     let message = tx
         .prepare_cached(concat!(
-            "UPDATE messages SET text = ?1, revision = revision + 1, edit_time = ?2 WHERE id = ?3 RETURNING ",
+            "UPDATE messages SET text = ?1, revision = revision + 1, edit_time = ?2, change_seq = ?4 WHERE id = ?3 \
+             RETURNING ",
             message_columns!()
         ))?
-        .query_row(params![text, now, id], message_row)?;
+        .query_row(params![text, now, id, change], message_row)?;
     tx.commit()?;
     Ok(Edited::Done(message))
 }
@@ -179,14 +207,100 @@ fn edit(conn: &mut Connection, id: &str, text: &str, now: i64, max_edits: usize)
 /// Tombstones one message in one transaction (see [`MessageStore::delete`]).
 fn delete(conn: &mut Connection, id: &str, now: i64) -> rusqlite::Result<Option<Message>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.prepare_cached(
-        "UPDATE messages SET text = '', attachments = '', delete_time = ?1 WHERE id = ?2 AND delete_time IS NULL",
-    )?
-    .execute(params![now, id])?;
-    tx.prepare_cached("DELETE FROM message_revisions WHERE message_id = ?1")?.execute([id])?;
+    let live: Option<String> = tx
+        .prepare_cached("SELECT chat_id FROM messages WHERE id = ?1 AND delete_time IS NULL")?
+        .query_row([id], |row| row.get(0))
+        .optional()?;
+    if let Some(chat) = live {
+        let change = next_change(&tx, &chat)?;
+        tx.prepare_cached(
+            "UPDATE messages SET text = '', attachments = '', delete_time = ?1, change_seq = ?3 WHERE id = ?2",
+        )?
+        .execute(params![now, id, change])?;
+        tx.prepare_cached("DELETE FROM message_revisions WHERE message_id = ?1")?.execute([id])?;
+    }
     let message = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row).optional()?;
     tx.commit()?;
     Ok(message)
+}
+
+/// Records a chat's membership and detail changes in one transaction (see
+/// [`MessageStore::record_chat_changes`]).
+fn record_chat_changes(
+    conn: &mut Connection,
+    chat: &str,
+    changes: &[ChatChange],
+    now: i64,
+    origin: &str,
+) -> rusqlite::Result<Vec<Logged>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if !origin.is_empty() {
+        let recorded = tx
+            .prepare_cached(
+                "SELECT change_seq, kind, seq FROM chat_changes WHERE chat_id = ?1 AND origin = ?2 ORDER BY change_seq",
+            )?
+            .query_map(params![chat, origin], |row| {
+                let (change_seq, kind, seq): (i64, String, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
+                Ok(Logged { change_seq, read: (kind == "joined").then_some((change_seq + 1, Seq(seq))), seq: Seq(seq) })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        if !recorded.is_empty() {
+            return Ok(recorded);
+        }
+    }
+    let (seq, mut change): (i64, i64) = tx
+        .prepare_cached("SELECT last_seq, last_change FROM chat_heads WHERE chat_id = ?1")?
+        .query_row([chat], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?
+        .unwrap_or((0, 0));
+    let mut logged = Vec::with_capacity(changes.len());
+    {
+        let mut entry = tx.prepare_cached(
+            "INSERT INTO chat_changes (chat_id, change_seq, kind, user_id, details, seq, change_time, origin) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        let mut reset_read = tx.prepare_cached(
+            "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq, change_seq = excluded.change_seq",
+        )?;
+        for c in changes {
+            change += 1;
+            let (kind, user, details) = chat_change_row(c);
+            entry.execute(params![chat, change, kind, user, details, seq, now, origin])?;
+            let read = match c {
+                ChatChange::Joined(_) => {
+                    let read_change = change + 1;
+                    reset_read.execute(params![chat, user, seq, read_change])?;
+                    Some((read_change, Seq(seq)))
+                }
+                _ => None,
+            };
+            logged.push(Logged { change_seq: change, read, seq: Seq(seq) });
+            if let Some((read_change, _)) = read {
+                change = read_change;
+            }
+        }
+    }
+    tx.prepare_cached(
+        "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES (?1, 0, ?2) \
+         ON CONFLICT (chat_id) DO UPDATE SET last_change = excluded.last_change",
+    )?
+    .execute(params![chat, change])?;
+    // Keep the newest CHAT_LOG_KEEP entries; the floor rises past the rest.
+    let cut: Option<i64> = tx
+        .prepare_cached(
+            "SELECT change_seq FROM chat_changes WHERE chat_id = ?1 ORDER BY change_seq DESC LIMIT 1 OFFSET ?2",
+        )?
+        .query_row(params![chat, CHAT_LOG_KEEP], |row| row.get(0))
+        .optional()?;
+    if let Some(cut) = cut {
+        tx.prepare_cached("DELETE FROM chat_changes WHERE chat_id = ?1 AND change_seq <= ?2")?
+            .execute(params![chat, cut])?;
+        tx.prepare_cached("UPDATE chat_heads SET log_floor = MAX(log_floor, ?2) WHERE chat_id = ?1")?
+            .execute(params![chat, cut])?;
+    }
+    tx.commit()?;
+    Ok(logged)
 }
 
 #[async_trait::async_trait]
@@ -286,40 +400,94 @@ impl MessageStore for SqliteStore {
     async fn mark_read(&self, chat: ChatId, user: UserId, seq: Seq) -> Result<ReadState, StoreError> {
         let (chat, user) = (chat.to_string(), user.to_string());
         let state = self.db.write(move |conn| {
-            let read_seq: i64 = conn
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // (stored position, where the call moves it: clamped to the head).
+            let (read_seq, target): (i64, i64) = tx
                 .prepare_cached(
-                    "INSERT INTO read_positions (chat_id, user_id, read_seq) \
-                     VALUES (?1, ?2, MIN(?3, COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = ?1), 0))) \
-                     ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = MAX(read_positions.read_seq, excluded.read_seq) \
-                     RETURNING read_seq",
+                    "SELECT COALESCE((SELECT read_seq FROM read_positions WHERE chat_id = ?1 AND user_id = ?2), 0), \
+                     MIN(?3, COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = ?1), 0))",
                 )?
-                .query_row(params![chat, user, seq.0], |row| row.get(0))?;
-            let unread: i64 = conn
+                .query_row(params![chat, user, seq.0], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            let (read_seq, change_seq) = if target > read_seq {
+                let change = next_change(&tx, &chat)?;
+                tx.prepare_cached(
+                    "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq, \
+                     change_seq = excluded.change_seq",
+                )?
+                .execute(params![chat, user, target, change])?;
+                (target, Some(change))
+            } else {
+                (read_seq, None)
+            };
+            let unread: i64 = tx
                 .prepare_cached(concat!("SELECT ", unread_count_sql!("?1", "?2", "?3")))?
                 .query_row(params![chat, read_seq, user], |row| row.get(0))?;
-            Ok(ReadState { read_seq: Seq(read_seq), unread })
+            tx.commit()?;
+            Ok(ReadState { read_seq: Seq(read_seq), unread, change_seq })
         });
         Ok(state.await?)
     }
 
-    async fn reset_read_positions(&self, chat: ChatId, users: &[UserId]) -> Result<(), StoreError> {
+    async fn record_chat_changes(
+        &self,
+        chat: ChatId,
+        changes: &[ChatChange],
+        now: i64,
+        origin: &str,
+    ) -> Result<Vec<Logged>, StoreError> {
+        let (chat, changes, origin) = (chat.to_string(), changes.to_vec(), origin.to_owned());
+        Ok(self.db.write(move |conn| record_chat_changes(conn, &chat, &changes, now, &origin)).await?)
+    }
+
+    async fn heads(&self, chat: ChatId) -> Result<Heads, StoreError> {
         let chat = chat.to_string();
-        let users: Vec<String> = users.iter().map(UserId::to_string).collect();
-        let done = self.db.write(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            {
-                let mut reset = tx.prepare_cached(
-                    "INSERT INTO read_positions (chat_id, user_id, read_seq) \
-                     VALUES (?1, ?2, COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = ?1), 0)) \
-                     ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq",
-                )?;
-                for user in &users {
-                    reset.execute(params![chat, user])?;
-                }
-            }
-            tx.commit()
+        let heads = self.db.read(move |conn| {
+            conn.prepare_cached("SELECT last_seq, last_change, log_floor FROM chat_heads WHERE chat_id = ?1")?
+                .query_row([chat], |row| Ok(Heads { seq: Seq(row.get(0)?), change: row.get(1)?, floor: row.get(2)? }))
+                .optional()
         });
-        Ok(done.await?)
+        Ok(heads.await?.unwrap_or_default())
+    }
+
+    async fn changes(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        after: i64,
+        limit: u32,
+    ) -> Result<(Vec<Change>, bool), StoreError> {
+        let reader = user;
+        let (chat, user) = (chat.to_string(), user.to_string());
+        let sources = self.db.read(move |conn| {
+            let messages = conn
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    message_columns!(),
+                    " FROM messages WHERE chat_id = ?1 AND change_seq > ?2 ORDER BY change_seq LIMIT ?3"
+                ))?
+                .query_map(params![chat, after, limit], |row| message_row(row).map(Change::Message))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let read = conn
+                .prepare_cached(
+                    "SELECT change_seq, read_seq FROM read_positions WHERE chat_id = ?1 AND user_id = ?2 \
+                     AND change_seq > ?3",
+                )?
+                .query_row(params![chat, user, after], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?;
+            let log = conn
+                .prepare_cached(
+                    "SELECT change_seq, kind, user_id, details, seq, change_time FROM chat_changes \
+                     WHERE chat_id = ?1 AND change_seq > ?2 ORDER BY change_seq LIMIT ?3",
+                )?
+                .query_map(params![chat, after, limit], chat_change_entry)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((messages, read, log))
+        });
+        let (messages, read, log) = sources.await?;
+        let read =
+            read.map(|(change_seq, read_seq)| Change::Read { change_seq, user: reader, read_seq: Seq(read_seq) });
+        Ok(merge_changes([messages, read.into_iter().collect(), log], limit))
     }
 
     async fn summaries(&self, chats: &[ChatId], user: UserId) -> Result<Vec<Summary>, StoreError> {
@@ -376,6 +544,7 @@ impl MessageStore for SqliteStore {
                 "DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = ?1)",
                 "DELETE FROM messages WHERE chat_id = ?1",
                 "DELETE FROM read_positions WHERE chat_id = ?1",
+                "DELETE FROM chat_changes WHERE chat_id = ?1",
                 "DELETE FROM chat_heads WHERE chat_id = ?1",
             ] {
                 tx.execute(sql, [&chat])?;

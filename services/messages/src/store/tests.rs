@@ -80,7 +80,11 @@ message_store_suite!(
     unread_counts_skip_own_and_deleted_messages_up_to_the_cap,
     edits_keep_revisions_up_to_the_cap,
     a_delete_leaves_a_tombstone,
-    read_positions_only_move_forward_until_reset,
+    read_positions_only_move_forward_until_a_join_resets_them,
+    every_change_takes_the_next_change_number,
+    concurrent_changes_take_gap_free_numbers,
+    the_log_keeps_its_newest_entries_and_raises_the_floor,
+    a_retried_origin_records_nothing_twice,
     summaries_follow_the_requested_order,
     recent_activity_lists_the_newest_message_of_recent_chats,
     purging_a_chat_removes_all_of_it,
@@ -146,7 +150,7 @@ async fn a_retry_with_the_same_id_creates_nothing(h: &Harness) {
     let first = NewMessage { attachments: vec![image], ..msg(1, 1, 0) };
     let out = send(h, std::slice::from_ref(&first)).await;
     let Sent::Created(original) = &out[0] else { panic!("created: {out:?}") };
-    assert_eq!(original, &first.clone().into_message(Seq(1)));
+    assert_eq!(original, &first.clone().into_message(Seq(1), 1));
     // A retry, and the id reused in another chat by another author: neither
     // writes anything nor takes a seq.
     assert_eq!(send(h, std::slice::from_ref(&first)).await, [Sent::Duplicate]);
@@ -275,7 +279,7 @@ async fn unread_counts_skip_own_and_deleted_messages_up_to_the_cap(h: &Harness) 
     let summary = h.store.summaries(&[chat(1)], user(1)).await.unwrap();
     assert_eq!(summary[0].unread, 2);
     let state = h.store.mark_read(chat(1), user(1), Seq(1)).await.unwrap();
-    assert_eq!(state, ReadState { read_seq: Seq(1), unread: 1 });
+    assert_eq!(state, ReadState { read_seq: Seq(1), unread: 1, change_seq: Some(6) });
     assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].unread, 1);
 
     // Far behind: counted up to the cap.
@@ -284,7 +288,7 @@ async fn unread_counts_skip_own_and_deleted_messages_up_to_the_cap(h: &Harness) 
     send(h, &batch).await;
     assert_eq!(h.store.summaries(&[chat(2)], user(1)).await.unwrap()[0].unread, UNREAD_COUNT_CAP);
     let state = h.store.mark_read(chat(2), user(1), Seq(3)).await.unwrap();
-    assert_eq!(state, ReadState { read_seq: Seq(3), unread: UNREAD_COUNT_CAP });
+    assert_eq!(state, ReadState { read_seq: Seq(3), unread: UNREAD_COUNT_CAP, change_seq: Some(many as i64 + 1) });
     let state = h.store.mark_read(chat(2), user(1), Seq(i64::from(many) - 10)).await.unwrap();
     assert_eq!(state.unread, 10);
 }
@@ -333,28 +337,190 @@ async fn a_delete_leaves_a_tombstone(h: &Harness) {
     assert_eq!(h.store.delete(id(9), 1).await.unwrap(), None);
 }
 
-async fn read_positions_only_move_forward_until_reset(h: &Harness) {
+async fn read_positions_only_move_forward_until_a_join_resets_them(h: &Harness) {
     let batch: Vec<NewMessage> = (1..=5).map(|n| by(msg(n, 1, 0), 2)).collect();
     send(h, &batch).await;
     let mark = |seq: i64| async move { h.store.mark_read(chat(1), user(1), Seq(seq)).await.unwrap() };
-    assert_eq!(mark(3).await, ReadState { read_seq: Seq(3), unread: 2 });
-    assert_eq!(mark(2).await, ReadState { read_seq: Seq(3), unread: 2 }, "never back");
-    assert_eq!(mark(100).await, ReadState { read_seq: Seq(5), unread: 0 }, "clamped to the newest");
+    // Sends took change numbers 1..=5; a move takes the next, a call that
+    // moves nothing takes none.
+    assert_eq!(mark(3).await, ReadState { read_seq: Seq(3), unread: 2, change_seq: Some(6) });
+    assert_eq!(mark(2).await, ReadState { read_seq: Seq(3), unread: 2, change_seq: None }, "never back");
+    assert_eq!(mark(100).await, ReadState { read_seq: Seq(5), unread: 0, change_seq: Some(7) }, "clamped");
+    assert_eq!(mark(100).await.change_seq, None);
     assert_eq!(
         h.store.mark_read(chat(9), user(1), Seq(4)).await.unwrap(),
-        ReadState { read_seq: Seq::ZERO, unread: 0 },
+        ReadState { read_seq: Seq::ZERO, unread: 0, change_seq: None },
         "a chat without messages"
     );
-    // A reset sets the position to the newest seq, even backwards.
-    h.store.mark_read(chat(1), user(2), Seq(1)).await.unwrap();
+    // A join sets the joiner's position to the newest seq, even backwards,
+    // by the number after the join's.
+    assert_eq!(h.store.mark_read(chat(1), user(2), Seq(1)).await.unwrap().change_seq, Some(8));
     send(h, &[by(msg(6, 1, 0), 3)]).await;
-    h.store.reset_read_positions(chat(1), &[user(2), user(3), user(2)]).await.unwrap();
+    let logged = h
+        .store
+        .record_chat_changes(chat(1), &[ChatChange::Joined(user(2)), ChatChange::Joined(user(3))], 7_000, "")
+        .await
+        .unwrap();
+    assert_eq!(
+        logged,
+        [
+            Logged { change_seq: 10, read: Some((11, Seq(6))), seq: Seq(6) },
+            Logged { change_seq: 12, read: Some((13, Seq(6))), seq: Seq(6) },
+        ]
+    );
     for u in [2, 3] {
         assert_eq!(h.store.summaries(&[chat(1)], user(u)).await.unwrap()[0].unread, 0);
         assert_eq!(h.store.mark_read(chat(1), user(u), Seq::ZERO).await.unwrap().read_seq, Seq(6));
     }
     assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].unread, 1, "others keep theirs");
-    h.store.reset_read_positions(chat(1), &[]).await.unwrap();
+    assert_eq!(h.store.heads(chat(1)).await.unwrap(), Heads { seq: Seq(6), change: 13, floor: 0 });
+}
+
+fn details(title: &str) -> ChatDetails {
+    ChatDetails { fields: vec!["title".into()], title: title.into(), update_time: 9_000, ..ChatDetails::default() }
+}
+
+/// The change numbers of a page of changes.
+fn numbers(page: &[Change]) -> Vec<i64> {
+    page.iter().map(Change::change_seq).collect()
+}
+
+async fn every_change_takes_the_next_change_number(h: &Harness) {
+    assert_eq!(h.store.heads(chat(1)).await.unwrap(), Heads::default());
+    send(h, &[by(msg(1, 1, 0), 2), by(msg(2, 1, 0), 2)]).await;
+    let Edited::Done(edited) = h.store.edit(id(1), "edited", 2_000, 5).await.unwrap() else { panic!("edit refused") };
+    assert_eq!((edited.change_seq, edited.create_change), (3, 1));
+    let deleted = h.store.delete(id(2), 3_000).await.unwrap().unwrap();
+    assert_eq!((deleted.change_seq, deleted.create_change), (4, 2));
+    assert_eq!(h.store.delete(id(2), 3_500).await.unwrap().unwrap().change_seq, 4, "a tombstone takes none");
+    assert_eq!(h.store.edit(id(2), "x", 3_600, 5).await.unwrap(), Edited::Deleted);
+    assert_eq!(h.store.mark_read(chat(1), user(1), Seq(2)).await.unwrap().change_seq, Some(5));
+    let logged = h
+        .store
+        .record_chat_changes(chat(1), &[ChatChange::Updated(details("new")), ChatChange::Left(user(3))], 4_000, "")
+        .await
+        .unwrap();
+    assert_eq!(numbers_of(&logged), [6, 7]);
+    assert_eq!(logged[1], Logged { change_seq: 7, read: None, seq: Seq(2) });
+    let Sent::Created(third) = &send(h, &[msg(3, 1, 0)]).await[0] else { panic!("not created") };
+    assert_eq!((third.seq, third.change_seq, third.create_change), (Seq(3), 8, 8));
+    assert_eq!(h.store.heads(chat(1)).await.unwrap(), Heads { seq: Seq(3), change: 8, floor: 0 });
+
+    // Replay: each message once at its latest change, the reader's own
+    // position, the log's entries; in change order.
+    let (page, more) = h.store.changes(chat(1), user(1), 0, 100).await.unwrap();
+    assert_eq!((numbers(&page), more), (vec![3, 4, 5, 6, 7, 8], false));
+    assert!(matches!(&page[0], Change::Message(m) if m.id == id(1) && m.text == "edited"));
+    assert!(matches!(&page[1], Change::Message(m) if m.id == id(2) && m.deleted()));
+    assert_eq!(page[2], Change::Read { change_seq: 5, user: user(1), read_seq: Seq(2) });
+    assert_eq!(
+        page[3],
+        Change::Chat { change_seq: 6, change: ChatChange::Updated(details("new")), seq: Seq(2), time: 4_000 }
+    );
+    assert_eq!(page[4], Change::Chat { change_seq: 7, change: ChatChange::Left(user(3)), seq: Seq(2), time: 4_000 });
+    let (others, _) = h.store.changes(chat(1), user(2), 0, 100).await.unwrap();
+    assert_eq!(numbers(&others), [3, 4, 6, 7, 8], "another reader's position is not theirs to replay");
+    // Pages of two walk it all without gaps.
+    let (mut after, mut walked) = (0, Vec::new());
+    loop {
+        let (page, more) = h.store.changes(chat(1), user(1), after, 2).await.unwrap();
+        assert!(page.len() <= 2);
+        walked.extend(numbers(&page));
+        after = walked.last().copied().unwrap_or(after);
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(walked, [3, 4, 5, 6, 7, 8]);
+    assert_eq!(h.store.changes(chat(1), user(1), 8, 100).await.unwrap(), (Vec::new(), false));
+}
+
+fn numbers_of(logged: &[Logged]) -> Vec<i64> {
+    logged.iter().map(|l| l.change_seq).collect()
+}
+
+/// Sends, edits, deletes, read moves and logged changes of one chat from
+/// concurrent tasks: every number from 1 to the head is taken exactly once.
+async fn concurrent_changes_take_gap_free_numbers(h: &Harness) {
+    const TASKS: u8 = 6;
+    const ROUNDS: u32 = 8;
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let store = h.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut taken = Vec::new();
+            for r in 0..ROUNDS {
+                let n = u32::from(t) * 1_000 + r;
+                let out = store.insert_batch(&[by(msg(n, 1, 0), t)]).await.unwrap();
+                let Sent::Created(m) = &out[0] else { panic!("not created: {out:?}") };
+                taken.push(m.change_seq);
+                match r % 4 {
+                    0 => match store.edit(id(n), "edited", 5_000, 10).await.unwrap() {
+                        Edited::Done(m) => taken.push(m.change_seq),
+                        other => panic!("edit: {other:?}"),
+                    },
+                    1 => taken.push(store.delete(id(n), 5_000).await.unwrap().unwrap().change_seq),
+                    2 => taken.extend(store.mark_read(chat(1), user(t), m.seq).await.unwrap().change_seq),
+                    _ => {
+                        let changes = [ChatChange::Joined(user(100 + t)), ChatChange::RoleChanged(user(t))];
+                        for l in store.record_chat_changes(chat(1), &changes, 5_000, "").await.unwrap() {
+                            taken.push(l.change_seq);
+                            taken.extend(l.read.map(|(n, _)| n));
+                        }
+                    }
+                }
+            }
+            taken
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all.sort_unstable();
+    let head = h.store.heads(chat(1)).await.unwrap().change;
+    assert_eq!(all, (1..=head).collect::<Vec<_>>(), "each number once, none skipped");
+}
+
+async fn the_log_keeps_its_newest_entries_and_raises_the_floor(h: &Harness) {
+    let role = |n: usize| vec![ChatChange::RoleChanged(user(1)); n];
+    h.store.record_chat_changes(chat(1), &role(CHAT_LOG_KEEP as usize), 1_000, "").await.unwrap();
+    assert_eq!(h.store.heads(chat(1)).await.unwrap().floor, 0, "a full log prunes nothing yet");
+    h.store.record_chat_changes(chat(1), &role(5), 2_000, "").await.unwrap();
+    send(h, &[msg(1, 1, 0)]).await;
+    let heads = h.store.heads(chat(1)).await.unwrap();
+    assert_eq!(heads, Heads { seq: Seq(1), change: CHAT_LOG_KEEP + 6, floor: 5 });
+    let (page, _) = h.store.changes(chat(1), user(1), 0, 3).await.unwrap();
+    assert_eq!(numbers(&page), [6, 7, 8], "entries up to the floor are gone");
+    assert!(h.store.heads(chat(2)).await.unwrap().floor == 0, "other chats keep theirs");
+}
+
+async fn a_retried_origin_records_nothing_twice(h: &Harness) {
+    send(h, &[msg(1, 1, 0)]).await;
+    let changes = [ChatChange::Joined(user(1)), ChatChange::Updated(details("t"))];
+    let first = h.store.record_chat_changes(chat(1), &changes, 1_000, "outbox-1").await.unwrap();
+    assert_eq!(
+        first,
+        [
+            Logged { change_seq: 2, read: Some((3, Seq(1))), seq: Seq(1) },
+            Logged { change_seq: 4, read: None, seq: Seq(1) }
+        ]
+    );
+    let retry = h.store.record_chat_changes(chat(1), &changes, 2_000, "outbox-1").await.unwrap();
+    assert_eq!(retry, first, "the first call's answer");
+    assert_eq!(h.store.heads(chat(1)).await.unwrap().change, 4);
+    let (page, _) = h.store.changes(chat(1), user(1), 1, 100).await.unwrap();
+    assert_eq!(numbers(&page), [2, 3, 4]);
+    // Another key (or none) records again; the same key in another chat is
+    // another call. A user joining twice in one call keeps the last join's
+    // read position.
+    let again = [ChatChange::Joined(user(2)), ChatChange::Left(user(2)), ChatChange::Joined(user(2))];
+    let other = h.store.record_chat_changes(chat(1), &again, 3_000, "outbox-2").await.unwrap();
+    assert_eq!(numbers_of(&other), [5, 7, 8]);
+    let (page, _) = h.store.changes(chat(1), user(2), 8, 100).await.unwrap();
+    assert_eq!(page, [Change::Read { change_seq: 9, user: user(2), read_seq: Seq(1) }]);
+    let elsewhere = h.store.record_chat_changes(chat(2), &changes, 3_000, "outbox-1").await.unwrap();
+    assert_eq!(numbers_of(&elsewhere), [1, 3]);
 }
 
 async fn summaries_follow_the_requested_order(h: &Harness) {
@@ -392,8 +558,11 @@ async fn purging_a_chat_removes_all_of_it(h: &Harness) {
     send(h, &[by(msg(1, 1, 0), 2), msg(2, 1, 0), msg(3, 2, 0)]).await;
     h.store.edit(id(1), "edited", 2_000, 5).await.unwrap();
     h.store.mark_read(chat(1), user(1), Seq(1)).await.unwrap();
+    h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(4))], 2_500, "k").await.unwrap();
     h.store.purge_chat(chat(1)).await.unwrap();
     assert_eq!(h.store.head(chat(1)).await.unwrap(), Seq::ZERO);
+    assert_eq!(h.store.heads(chat(1)).await.unwrap(), Heads::default());
+    assert_eq!(h.store.changes(chat(1), user(4), 0, 10).await.unwrap(), (Vec::new(), false));
     assert!(stored(h, 1).await.is_empty());
     assert_eq!(h.store.message(id(1)).await.unwrap(), None);
     assert!(h.store.revisions(&[id(1)]).await.unwrap().is_empty());

@@ -165,7 +165,11 @@ async fn collect(channels: Vec<(Channel, bool)>, token: String, chat: String, to
         let (channel, via_edge) = channels[attempt % channels.len()].clone();
         attempt += 1;
         let last = seen.last().copied().unwrap_or(0);
-        let request = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], resume: [(chat.clone(), last)].into() };
+        let request = mpb::StreamEventsRequest {
+            chat_ids: vec![chat.clone()],
+            resume: [(chat.clone(), last)].into(),
+            ..Default::default()
+        };
         let mut stream = match MessageServiceClient::new(channel).stream_events(authed(&token, request)).await {
             Ok(s) => s.into_inner(),
             Err(_) => {

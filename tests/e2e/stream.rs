@@ -15,7 +15,10 @@ use mpb::stream_events_response::Event;
 
 crate::both_modes!(
     live_messages_arrive_in_order,
-    cut_stream_resumes_exactly_once,
+    cut_stream_resumes_every_change_exactly_once,
+    resume_by_seq_still_replays_what_came_after,
+    a_resume_point_ahead_of_the_server_resets_the_chat,
+    chat_and_membership_changes_replay_after_a_cut,
     concurrent_senders_stream_in_seq_order,
     edits_deletes_and_reads_stream_in_order,
     a_removed_member_stops_receiving_the_chat,
@@ -68,6 +71,8 @@ async fn next_created(stream: &mut Streaming<mpb::StreamEventsResponse>, chat: &
     }
 }
 
+/// A stream of `chats` (all of the user's when empty), resuming each chat
+/// of `resume` from the change number given.
 async fn open(
     c: &Cluster,
     user: &TestUser,
@@ -76,10 +81,56 @@ async fn open(
 ) -> Streaming<mpb::StreamEventsResponse> {
     let request = mpb::StreamEventsRequest {
         chat_ids: chats.iter().map(|s| s.to_string()).collect(),
-        resume: resume.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        resume_changes: resume.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         ..Default::default()
     };
     c.messages().stream_events(authed(user, request)).await.expect("stream opens").into_inner()
+}
+
+/// Events of the stream up to and including the first `last` accepts.
+async fn until(
+    stream: &mut Streaming<mpb::StreamEventsResponse>,
+    last: impl Fn(&mpb::StreamEventsResponse) -> bool,
+) -> Vec<mpb::StreamEventsResponse> {
+    let mut events = Vec::new();
+    loop {
+        let event = next(stream).await;
+        let done = last(&event);
+        events.push(event);
+        if done {
+            return events;
+        }
+    }
+}
+
+/// True for the creation of message `text`.
+fn created(text: &str) -> impl Fn(&mpb::StreamEventsResponse) -> bool + '_ {
+    move |e| matches!(&e.event, Some(Event::MessageCreated(m)) if m.text == text)
+}
+
+/// Each event as (kind, seq, text of a message event), for comparing
+/// whole sequences.
+fn shapes(events: &[mpb::StreamEventsResponse]) -> Vec<(&'static str, i64, String)> {
+    events
+        .iter()
+        .map(|e| match &e.event {
+            Some(Event::MessageCreated(m)) => ("created", m.seq, m.text.clone()),
+            Some(Event::MessageEdited(m)) => ("edited", m.seq, m.text.clone()),
+            Some(Event::MessageDeleted(m)) => ("deleted", m.seq, m.text.clone()),
+            Some(Event::ReadUpdated(r)) => ("read", r.read_seq, String::new()),
+            Some(Event::MembershipChanged(_)) => ("membership", e.seq, String::new()),
+            Some(Event::ChatUpdated(u)) => ("chat_updated", e.seq, u.title.clone()),
+            Some(Event::ChatReset(r)) => ("reset", e.seq, r.reason.clone()),
+            other => panic!("unexpected event {other:?}"),
+        })
+        .collect()
+}
+
+/// The change numbers of `events` follow each other: each above the last.
+fn assert_increasing(events: &[mpb::StreamEventsResponse]) {
+    for pair in events.windows(2) {
+        assert!(pair[1].change_seq > pair[0].change_seq, "change_seq goes up: {pair:?}");
+    }
 }
 
 async fn live_messages_arrive_in_order(c: &Cluster) {
@@ -105,36 +156,150 @@ async fn live_messages_arrive_in_order(c: &Cluster) {
     );
 }
 
-async fn cut_stream_resumes_exactly_once(c: &Cluster) {
+async fn cut_stream_resumes_every_change_exactly_once(c: &Cluster) {
     let (alice, bob) = (c.user("alice").await, c.user("bob").await);
     let chat = direct(c, &alice, &bob).await;
     let mut stream = open(c, &bob, &[&chat.id], &[]).await;
+    let mut sent = Vec::new();
     for i in 1..=5 {
-        send(c, &alice, &chat.id, &format!("m{i}")).await;
+        sent.push(send(c, &alice, &chat.id, &format!("m{i}")).await);
     }
-    let mut last = 0;
-    for _ in 0..5 {
-        last = next_created(&mut stream, &chat.id).await.0;
-    }
-    assert_eq!(last, 5);
+    let seen = until(&mut stream, created("m5")).await;
+    assert_eq!(shapes(&seen).iter().filter(|s| s.0 == "created").count(), 5);
+    let last = seen.last().unwrap().change_seq;
     drop(stream); // the connection drops
 
-    for i in 6..=12 {
-        send(c, &alice, &chat.id, &format!("m{i}")).await;
+    // While bob is away: sends, an edit and a delete of messages he saw, his
+    // own read position moved from another device, an edit of a message he
+    // never saw.
+    for i in 6..=8 {
+        sent.push(send(c, &alice, &chat.id, &format!("m{i}")).await);
     }
-    let mut resumed = open(c, &bob, &[&chat.id], &[(&chat.id, last)]).await;
-    for expected in 6..=12 {
-        assert_eq!(next_created(&mut resumed, &chat.id).await, (expected, format!("m{expected}")));
-    }
-    // Then live, with nothing repeated in between.
-    send(c, &alice, &chat.id, "m13").await;
-    assert_eq!(next_created(&mut resumed, &chat.id).await, (13, "m13".to_owned()));
+    let edit = mpb::EditMessageRequest { message_id: sent[2].id.clone(), text: "m3 edited".into() };
+    c.messages().edit_message(authed(&alice, edit)).await.unwrap();
+    let delete = mpb::DeleteMessageRequest { message_id: sent[3].id.clone() };
+    c.messages().delete_message(authed(&alice, delete)).await.unwrap();
+    c.messages().mark_read(authed(&bob, mpb::MarkReadRequest { chat_id: chat.id.clone(), seq: 7 })).await.unwrap();
+    let edit = mpb::EditMessageRequest { message_id: sent[6].id.clone(), text: "m7 edited".into() };
+    c.messages().edit_message(authed(&alice, edit)).await.unwrap();
 
-    // Resuming from 0 replays the whole history in order.
+    let mut resumed = open(c, &bob, &[&chat.id], &[(&chat.id, last)]).await;
+    send(c, &alice, &chat.id, "m9").await;
+    let replayed = until(&mut resumed, created("m9")).await;
+    // Each change once, in change order, each message in its state now: m7
+    // was created and edited while away, so it arrives once, as created.
+    assert_eq!(
+        shapes(&replayed),
+        [
+            ("created", 6, "m6".to_owned()),
+            ("created", 8, "m8".to_owned()),
+            ("edited", 3, "m3 edited".to_owned()),
+            ("deleted", 4, String::new()),
+            ("read", 7, String::new()),
+            ("created", 7, "m7 edited".to_owned()),
+            ("created", 9, "m9".to_owned()),
+        ]
+    );
+    assert!(replayed.iter().all(|e| e.change_seq > last && e.chat_id == chat.id));
+    assert_increasing(&replayed);
+    // Then live, with nothing repeated in between.
+    send(c, &alice, &chat.id, "m10").await;
+    let live = next(&mut resumed).await;
+    assert_eq!(shapes(std::slice::from_ref(&live)), [("created", 10, "m10".to_owned())]);
+    assert_eq!(live.change_seq, replayed.last().unwrap().change_seq + 1, "gap-free");
+
+    // Resuming from 0 replays the chat's whole state once: both joins, bob's
+    // own read position (not alice's), every message at its latest change.
     let mut full = open(c, &bob, &[&chat.id], &[(&chat.id, 0)]).await;
-    for expected in 1..=13 {
-        assert_eq!(next_created(&mut full, &chat.id).await.0, expected);
-    }
+    let all = until(&mut full, created("m10")).await;
+    assert_increasing(&all);
+    let kinds = shapes(&all);
+    assert_eq!(kinds.iter().filter(|s| s.0 == "membership").count(), 2);
+    assert_eq!(kinds.iter().filter(|s| s.0 == "read").count(), 1);
+    let mut messages: Vec<i64> = kinds.iter().filter(|s| s.0 != "membership" && s.0 != "read").map(|s| s.1).collect();
+    messages.sort_unstable();
+    assert_eq!(messages, (1..=10).collect::<Vec<_>>(), "every message once");
+}
+
+/// The compatibility map `resume` (by message seq) replays every change
+/// since that message was created, so an old client misses nothing either.
+async fn resume_by_seq_still_replays_what_came_after(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &alice, &bob).await;
+    let first = send(c, &alice, &chat.id, "m1").await;
+    send(c, &alice, &chat.id, "m2").await;
+    let edit = mpb::EditMessageRequest { message_id: first.id.clone(), text: "m1 edited".into() };
+    c.messages().edit_message(authed(&alice, edit)).await.unwrap();
+    let request = mpb::StreamEventsRequest {
+        chat_ids: vec![chat.id.clone()],
+        resume: [(chat.id.clone(), 2)].into(),
+        ..Default::default()
+    };
+    let mut stream = c.messages().stream_events(authed(&bob, request)).await.unwrap().into_inner();
+    send(c, &alice, &chat.id, "m3").await;
+    let events = until(&mut stream, created("m3")).await;
+    assert_eq!(shapes(&events), [("edited", 1, "m1 edited".to_owned()), ("created", 3, "m3".to_owned())]);
+}
+
+/// A client that remembers more than the server holds (the server's data
+/// was restored from an older backup) is told to re-read the chat.
+async fn a_resume_point_ahead_of_the_server_resets_the_chat(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &alice, &bob).await;
+    send(c, &alice, &chat.id, "m1").await;
+    let mut stream = open(c, &bob, &[&chat.id], &[(&chat.id, 1_000_000)]).await;
+    let reset = next(&mut stream).await;
+    assert_eq!(shapes(std::slice::from_ref(&reset)), [("reset", 1, "ahead_of_server".to_owned())]);
+    send(c, &alice, &chat.id, "m2").await;
+    let live = next(&mut stream).await;
+    assert_eq!(shapes(std::slice::from_ref(&live)), [("created", 2, "m2".to_owned())]);
+    assert_eq!(live.change_seq, reset.change_seq + 1, "the reset's change_seq is the new resume point");
+}
+
+async fn chat_and_membership_changes_replay_after_a_cut(c: &Cluster) {
+    let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+    let request =
+        cpb::CreateChatRequest { title: "club".into(), member_ids: vec![bob.id.clone()], ..Default::default() };
+    let club = c.chats().create_chat(authed(&alice, request)).await.unwrap().into_inner().chat.unwrap();
+    let mut stream = open(c, &bob, &[&club.id], &[]).await;
+    send(c, &alice, &club.id, "before").await;
+    let last = until(&mut stream, created("before")).await.last().unwrap().change_seq;
+    drop(stream);
+
+    let update = cpb::UpdateChatRequest {
+        chat_id: club.id.clone(),
+        chat: Some(cpb::Chat { title: "club 2".into(), ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["title".into()] }),
+    };
+    c.chats().update_chat(authed(&alice, update)).await.unwrap();
+    let add = cpb::AddMembersRequest { chat_id: club.id.clone(), user_ids: vec![carol.id.clone()] };
+    c.chats().add_members(authed(&alice, add)).await.unwrap();
+    let remove = cpb::RemoveMemberRequest { chat_id: club.id.clone(), user_id: carol.id.clone() };
+    c.chats().remove_member(authed(&alice, remove)).await.unwrap();
+
+    let mut resumed = open(c, &bob, &[&club.id], &[(&club.id, last)]).await;
+    send(c, &alice, &club.id, "after").await;
+    let events = until(&mut resumed, created("after")).await;
+    assert_increasing(&events);
+    let changes: Vec<_> = events
+        .iter()
+        .map(|e| match &e.event {
+            Some(Event::ChatUpdated(u)) => {
+                format!("updated {} {:?}", u.title, u.update_mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default())
+            }
+            Some(Event::MembershipChanged(m)) => {
+                let who = if m.user_id == carol.id { "carol" } else { "?" };
+                format!("{who} {:?}", mpb::MembershipChange::try_from(m.change).unwrap())
+            }
+            Some(Event::MessageCreated(m)) => format!("created {}", m.text),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        ["updated club 2 [\"title\"]", "carol Joined", "carol Removed", "created after"],
+        "carol's read position is hers, not bob's to see"
+    );
 }
 
 async fn concurrent_senders_stream_in_seq_order(c: &Cluster) {
@@ -218,6 +383,10 @@ async fn a_removed_member_stops_receiving_the_chat(c: &Cluster) {
     assert!(
         matches!(joined.event, Some(Event::MembershipChanged(ref m)) if m.change == mpb::MembershipChange::Joined as i32)
     );
+    // What was sent while away is not unread: the read position moves to now.
+    let read = next(&mut stream).await;
+    assert_eq!(read.event, Some(Event::ReadUpdated(mpb::ReadUpdated { user_id: bob.id.clone(), read_seq: 1 })));
+    assert_eq!(read.change_seq, joined.change_seq + 1);
     send(c, &alice, &club.id, "welcome back").await;
     assert_eq!(next_created(&mut stream, &club.id).await, (2, "welcome back".to_owned()));
 }
@@ -232,6 +401,8 @@ async fn all_chats_stream_follows_new_chats(c: &Cluster) {
     let joined = next(&mut stream).await;
     assert_eq!(joined.chat_id, chat.id);
     assert!(matches!(joined.event, Some(Event::MembershipChanged(ref m)) if m.user_id == bob.id));
+    let read = next(&mut stream).await;
+    assert_eq!(read.event, Some(Event::ReadUpdated(mpb::ReadUpdated { user_id: bob.id.clone(), read_seq: 0 })));
     send(c, &alice, &chat.id, "hello").await;
     assert_eq!(next_created(&mut stream, &chat.id).await, (1, "hello".to_owned()));
 }

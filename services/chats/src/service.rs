@@ -55,6 +55,14 @@ pub struct Page<T, C> {
 }
 
 /// The links a [`Chats`] needs (for tests that build one).
+/// Whether a failed internal call may succeed when repeated: the codes of a
+/// callee that is down, overloaded, slow or failed inside, not those of a
+/// request it refused.
+fn may_be_transient(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(code, Unavailable | DeadlineExceeded | ResourceExhausted | Aborted | Internal | Unknown | Cancelled)
+}
+
 #[cfg(test)]
 pub(crate) type Deps = (Arc<dyn UserDirectory>, Arc<dyn MessageDirectory>);
 
@@ -62,6 +70,15 @@ pub(crate) type Deps = (Arc<dyn UserDirectory>, Arc<dyn MessageDirectory>);
 /// more is INVALID_ARGUMENT); an operation with more (a chat of more members
 /// than that created or deleted) records them in calls of this many, in order.
 const RECORD_CHANGES_MAX: usize = 1_000;
+
+/// Attempts at one RecordChatChanges call before its changes count as lost.
+const RECORD_ATTEMPTS: u32 = 4;
+
+/// The wait before the second attempt; each further wait is 4 times the
+/// last (50, 200, 800 ms: about a second in all, within a client's usual
+/// deadline, enough to ride out a messages replica restarting behind a
+/// load balancer).
+const RECORD_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The chats service's domain object; share it behind an `Arc`.
 pub struct Chats {
@@ -242,8 +259,12 @@ impl Chats {
     /// chat's streams (and a member's own); a join also resets the joiner's
     /// read position.
     ///
-    /// Call only after the operation committed, once per operation. A failure
-    /// is logged (warn, with the chat id) and not returned: the change stands
+    /// Call only after the operation committed, once per operation. Each call
+    /// carries a fresh idempotency key and is retried with it on a failure
+    /// that may be transient (UNAVAILABLE, DEADLINE_EXCEEDED, ...; up to
+    /// [`RECORD_ATTEMPTS`] attempts), so a retry after a lost answer records
+    /// nothing twice. A failure that stands is logged (warn, with the chat
+    /// id) and not returned: the change stands
     /// and the caller's answer says so, while an error would only make the
     /// caller retry into a no-op (members already added, a chat already
     /// archived, a member already gone) that records nothing either. What a
@@ -266,12 +287,26 @@ impl Chats {
         let total = changes.len();
         let mut recorded = 0;
         for batch in changes.chunks(RECORD_CHANGES_MAX) {
-            if let Err(e) = self.messages.record_chat_changes(&chat, batch.to_vec(), "").await {
-                tracing::warn!(
-                    chat_id = %chat_id, recorded, lost = total - recorded, error = %e,
-                    "recording committed chat changes with the messages service failed"
-                );
-                return;
+            let key = uuid::Uuid::now_v7().simple().to_string();
+            let mut wait = RECORD_RETRY_FIRST;
+            let mut attempt = 1;
+            loop {
+                match self.messages.record_chat_changes(&chat, batch.to_vec(), &key).await {
+                    Ok(_) => break,
+                    Err(e) if attempt < RECORD_ATTEMPTS && may_be_transient(e.code()) => {
+                        tracing::debug!(chat_id = %chat_id, attempt, error = %e, "recording chat changes: retrying");
+                        tokio::time::sleep(wait).await;
+                        wait *= 4;
+                        attempt += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            chat_id = %chat_id, recorded, lost = total - recorded, attempts = attempt, error = %e,
+                            "recording committed chat changes with the messages service failed"
+                        );
+                        return;
+                    }
+                }
             }
             recorded += batch.len();
         }
@@ -665,11 +700,15 @@ mod tests {
         }
     }
 
-    /// Keeps every RecordChatChanges call; fails them while `down` is set.
+    /// Keeps every RecordChatChanges call; fails them while `down` is set
+    /// and the next `failures` of them. `keys` holds the idempotency key of
+    /// every attempt, failed or not.
     #[derive(Default)]
     struct Recorder {
         calls: Mutex<Vec<(String, Vec<mpb::ChatChange>)>>,
+        keys: Mutex<Vec<String>>,
         down: AtomicBool,
+        failures: std::sync::atomic::AtomicUsize,
     }
 
     impl Recorder {
@@ -697,9 +736,11 @@ mod tests {
             &self,
             chat_id: &str,
             changes: Vec<mpb::ChatChange>,
-            _idempotency_key: &str,
+            idempotency_key: &str,
         ) -> Result<Vec<i64>, Status> {
-            if self.down.load(Ordering::SeqCst) {
+            self.keys.lock().unwrap().push(idempotency_key.to_owned());
+            let failing = self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+            if failing || self.down.load(Ordering::SeqCst) {
                 return Err(Status::unavailable("messages is down"));
             }
             let seqs = (1..=changes.len() as i64).collect();
@@ -821,6 +862,21 @@ mod tests {
         let all: Vec<mpb::ChatChange> = calls.into_iter().flat_map(|(_, c)| c).collect();
         let expected: Vec<mpb::ChatChange> = std::iter::once(owner).chain(others).map(joined).collect();
         assert_eq!(all, expected);
+    }
+
+    #[tokio::test]
+    async fn a_failed_record_is_retried_with_the_same_key() {
+        let h = harness(Limits::default()).await;
+        let [owner, a] = [(); 2].map(|_| UserId::new_v7());
+        h.messages.failures.store(2, Ordering::SeqCst);
+        let chat = h.chats.create_chat(owner, group("Team", vec![a])).await.unwrap().chat;
+        assert_eq!(h.messages.take(), [(chat.id.to_string(), vec![joined(owner), joined(a)])], "recorded once");
+        let keys = std::mem::take(&mut *h.messages.keys.lock().unwrap());
+        assert_eq!(keys.len(), 3, "two failures, then the record");
+        assert!(!keys[0].is_empty() && keys.iter().all(|k| *k == keys[0]), "one key for all attempts: {keys:?}");
+        h.chats.add_members(owner, chat.id, vec![UserId::new_v7()]).await.unwrap();
+        let next = h.messages.keys.lock().unwrap().clone();
+        assert!(next.len() == 1 && next[0] != keys[0], "each operation its own key");
     }
 
     #[tokio::test]

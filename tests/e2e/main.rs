@@ -11,6 +11,7 @@ mod limits;
 mod manage;
 mod messages;
 mod otel;
+mod resume_property;
 mod sessions;
 mod stream;
 mod stream_abuse;

@@ -360,6 +360,70 @@ async fn replicas_keep_every_guarantee_through_a_crash() {
         .unwrap();
     assert_eq!((again.id.as_str(), again.seq), (original.id.as_str(), original.seq));
 
+    // A stream held on replica A, cut by A's death, resumes by change number
+    // and sees the edit and the delete made on replica B meanwhile, once
+    // each, in their state now, then live with no gap.
+    let m1_ch = messages[0].channel().await;
+    let request = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], ..Default::default() };
+    let mut held = MessageServiceClient::new(m1_ch).stream_events(authed(&bob, request)).await.unwrap().into_inner();
+    let marker = send_until_acked(&m2_ch, &alice, &chat, "before the second kill".into()).await;
+    let last = loop {
+        let event = next(&mut held).await.expect("the marker arrives on A");
+        if matches!(&event.event, Some(Event::MessageCreated(m)) if m.id == marker.id) {
+            break event.change_seq;
+        }
+    };
+    messages[0].kill();
+    loop {
+        // Drains what A sent before it died; then the cut shows.
+        if next(&mut held).await.is_err() {
+            break;
+        }
+    }
+    // Two of alice's messages (the first sender's): she may edit and delete.
+    let (edited, gone) = (&acked[0], &acked[1]);
+    let edit = mpb::EditMessageRequest { message_id: edited.id.clone(), text: "edited on B".into() };
+    MessageServiceClient::new(m2_ch.clone()).edit_message(authed(&alice, edit)).await.unwrap();
+    let delete = mpb::DeleteMessageRequest { message_id: gone.id.clone() };
+    MessageServiceClient::new(m2_ch.clone()).delete_message(authed(&alice, delete)).await.unwrap();
+    messages[0].spawn();
+    let m1_ch = messages[0].channel().await;
+    let request = mpb::StreamEventsRequest {
+        chat_ids: vec![chat.clone()],
+        resume_changes: [(chat.clone(), last)].into(),
+        ..Default::default()
+    };
+    let mut resumed = MessageServiceClient::new(m1_ch).stream_events(authed(&bob, request)).await.unwrap().into_inner();
+    let after = send_until_acked(&m2_ch, &alice, &chat, "after the restart".into()).await;
+    let mut replayed = Vec::new();
+    loop {
+        let event = next(&mut resumed).await.expect("replay and live on the restarted replica");
+        let done = matches!(&event.event, Some(Event::MessageCreated(m)) if m.id == after.id);
+        replayed.push(event);
+        if done {
+            break;
+        }
+    }
+    let shapes: Vec<(&str, &str, &str)> = replayed
+        .iter()
+        .map(|e| match &e.event {
+            Some(Event::MessageEdited(m)) => ("edited", m.id.as_str(), m.text.as_str()),
+            Some(Event::MessageDeleted(m)) => ("deleted", m.id.as_str(), m.text.as_str()),
+            Some(Event::MessageCreated(m)) => ("created", m.id.as_str(), m.text.as_str()),
+            other => panic!("unexpected event {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        shapes,
+        [
+            ("edited", edited.id.as_str(), "edited on B"),
+            ("deleted", gone.id.as_str(), ""),
+            ("created", after.id.as_str(), "after the restart")
+        ]
+    );
+    let numbers: Vec<i64> = replayed.iter().map(|e| e.change_seq).collect();
+    assert_eq!(numbers, [last + 1, last + 2, last + 3], "each change once, gap-free into live");
+
     // Membership and revocation made on one replica reach streams on the other.
     let m1_ch = messages[0].channel().await;
     let request = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], ..Default::default() };

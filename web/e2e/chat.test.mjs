@@ -9,7 +9,7 @@
 // web/screenshot.png from this run.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
 import { once } from "node:events";
 import { createReadStream, existsSync } from "node:fs";
 import { copyFile, mkdir, mkdtemp, rm } from "node:fs/promises";
@@ -286,6 +286,47 @@ step("more than a page of messages: bob pages back with load older", async () =>
   await waitForMessage(bobPage, history[0]);
   await assertConversation(bobPage, history, "bob");
   await bobPage.locator("#load-older").waitFor({ state: "hidden" });
+});
+
+/** Calls natter as `token`'s user with buf curl (server reflection), as the README does; the JSON answer. */
+async function call(token, method, body) {
+  const buf = path.join(webDir, "node_modules", ".bin", "buf");
+  const args = ["curl", "--protocol", "grpc", "--http2-prior-knowledge", "-H", `authorization: Bearer ${token}`,
+    "-d", JSON.stringify(body), `http://127.0.0.1:${server.port}/natter.${method}`];
+  const out = await new Promise((resolve, reject) =>
+    execFile(buf, args, (err, stdout, stderr) => (err ? reject(new Error(`${method}: ${stderr || err}`)) : resolve(stdout))));
+  return JSON.parse(out);
+}
+
+const tokenOf = (page) =>
+  page.evaluate(() => Object.entries(localStorage).find(([k]) => k.startsWith("natter.token:"))[1]);
+
+step("edits and deletes made while the stream was cut show once it resumes", async () => {
+  await send(alicePage, (history[history.length] = "Before the cut"));
+  await waitForMessage(bobPage, history.at(-1)); // live: bob's page now resumes by change_seq
+  const token = await tokenOf(alicePage);
+  const { chats } = await call(token, "chats.v1.ChatService/ListChats", {});
+  const chat = chats.find((c) => c.lastMessage?.text === "Before the cut");
+  const { messages } = await call(token, "messages.v1.MessageService/ListMessages", { chatId: chat.id, pageSize: 3 });
+  const [newest, second, third] = messages; // newest first: all alice's
+
+  await bobPage.route("**/natter.messages.v1.MessageService/StreamEvents", (route) => route.abort());
+  await stopNatter(server);
+  server = await startNatter(server.port);
+  await bobPage.locator("#status", { hasText: "reconnecting" }).waitFor();
+  await call(token, "messages.v1.MessageService/EditMessage", { messageId: third.id, text: "Edited while you were away" });
+  await call(token, "messages.v1.MessageService/DeleteMessage", { messageId: second.id });
+  assert.equal(await bobPage.locator("#messages .text", { hasText: "Edited while you were away" }).count(), 0);
+  await bobPage.unroute("**/natter.messages.v1.MessageService/StreamEvents");
+  await waitForMessage(bobPage, "Edited while you were away");
+  await bobPage.locator(`#messages .message.deleted[data-seq="${second.seq}"]`).waitFor();
+  const shown = await conversation(bobPage);
+  assert.deepEqual(shown.slice(-3), [
+    { seq: Number(third.seq), text: "Edited while you were away" },
+    { seq: Number(second.seq), text: "message deleted" },
+    { seq: Number(newest.seq), text: "Before the cut" },
+  ]);
+  assert.equal(new Set(shown.map((m) => m.seq)).size, shown.length, "nothing shown twice");
 });
 
 step("log out and back in", async () => {

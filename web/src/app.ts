@@ -25,6 +25,14 @@ const peers = new Map<string, string>(); // direct chat id -> the other member's
 const fetchingChats = new Map<string, Promise<void>>(); // chats being fetched after a stream event
 /** Per chat, the newest seq delivered (list snapshot, then the stream): the resume point. */
 const lastSeq = new Map<string, bigint>();
+/**
+ * Per chat, the highest change_seq the stream delivered: the resume point
+ * (`resume_changes`), under which every edit, delete and membership change
+ * missed while away is replayed once. A chat with no event yet resumes by
+ * its newest seq (the compatibility `resume`), which replays the same from
+ * that message on.
+ */
+const lastChange = new Map<string, bigint>();
 let stream: AbortController | null = null;
 
 interface Pending { id: string; chatId: string; text: string; error?: string }
@@ -215,6 +223,7 @@ async function loadChats() {
     if (!listed.has(id)) {
       chats.delete(id);
       lastSeq.delete(id);
+      lastChange.delete(id);
     }
   }
   for (const c of list) addChat(c);
@@ -340,11 +349,27 @@ async function send(p: Pending) {
 function handleEvent(ev: StreamEventsResponse) {
   const { chatId } = ev;
   const chat = chats.get(chatId);
+  if (ev.changeSeq > 0n) {
+    const had = lastChange.get(chatId);
+    if (had !== undefined && ev.changeSeq <= had) return; // delivered already
+    lastChange.set(chatId, ev.changeSeq);
+  }
   switch (ev.event.case) {
     case "messageCreated": {
       const m = ev.event.value;
       const seen = lastSeq.get(chatId);
-      if (seen !== undefined && m.seq <= seen) return; // already have it
+      if (seen !== undefined && m.seq <= seen) {
+        // A replay sends a message created and then changed while we were
+        // away at its latest change, after newer ones: show it as it is.
+        if (open?.id === chatId) {
+          open.messages.set(m.seq, m);
+          void act(async () => {
+            await ensureUsers([m.authorId]);
+            renderMessages();
+          });
+        }
+        return;
+      }
       lastSeq.set(chatId, m.seq);
       if (seen !== undefined && m.seq > seen + 1n && open?.id === chatId) void act(() => fillGap(chatId, seen, m.seq));
       if (!chat) {
@@ -396,12 +421,32 @@ function handleEvent(ev: StreamEventsResponse) {
       }
       return;
     }
+    case "chatUpdated": {
+      const u = ev.event.value;
+      if (chat) {
+        chat.title = u.title;
+        chat.description = u.description;
+        if (open?.id === chatId) el("chat-title").textContent = chatName(chat);
+        renderChatList();
+      }
+      return;
+    }
+    case "chatReset": {
+      // The server cannot replay what we missed of this chat: re-read it,
+      // then go on from this event's change_seq (set above).
+      void act(async () => {
+        await loadChats();
+        if (open?.id === chatId) await openChat(chatId);
+      });
+      return;
+    }
     case "membershipChanged": {
       const c = ev.event.value;
       const gone = c.change === MembershipChange.LEFT || c.change === MembershipChange.REMOVED;
       if (c.userId === me?.id && gone) {
         chats.delete(chatId);
         lastSeq.delete(chatId);
+        lastChange.delete(chatId);
         if (open?.id === chatId) closeChat();
         renderChatList();
       } else if (!chat) {
@@ -416,18 +461,19 @@ function setStatus(text: string) {
   el("status").textContent = text;
 }
 
-/** Keeps StreamEvents open; after an error or end, reconnects with backoff from the last seqs seen. */
+/** Keeps StreamEvents open; after an error or end, reconnects with backoff from the last changes seen. */
 async function runStream(signal: AbortSignal) {
   let backoff = 500;
   while (!signal.aborted) {
     setStatus("connecting…");
     try {
-      const resume = Object.fromEntries(lastSeq);
+      const resumeChanges = Object.fromEntries(lastChange);
+      const resume = Object.fromEntries([...lastSeq].filter(([id]) => !lastChange.has(id)));
       const onHeader = () => {
         setStatus("live");
         backoff = 500;
       };
-      for await (const ev of api.messages.streamEvents({ resume }, { signal, onHeader })) handleEvent(ev);
+      for await (const ev of api.messages.streamEvents({ resume, resumeChanges }, { signal, onHeader })) handleEvent(ev);
     } catch (err) {
       if (signal.aborted) return;
       if (api.isUnauthenticated(err)) {
@@ -483,7 +529,7 @@ function signOutLocally() {
   stream = null;
   api.token.clear();
   me = null;
-  for (const m of [users, chats, peers, lastSeq, pending]) m.clear();
+  for (const m of [users, chats, peers, lastSeq, lastChange, pending]) m.clear();
   closeChat();
   renderChatList();
   showAuth();

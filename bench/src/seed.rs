@@ -1,8 +1,9 @@
 //! Seeds a deep chat history by SQL, straight into the messages store:
 //! a million SendMessage calls would take longer than the whole benchmark.
 //! This bypasses the service on purpose and writes exactly what the service
-//! would (the `messages` rows with seq 1..=N and the chat's `chat_heads`
-//! row, in one transaction, see services/messages/migrations), so it must
+//! would (the `messages` rows with seq 1..=N, each created as the chat's
+//! next change number, and the chat's `chat_heads` row, in one
+//! transaction, see services/messages/migrations), so it must
 //! only be pointed at a store the benchmark owns. The chat itself is created
 //! through the API first, so the chats service knows it.
 //!
@@ -64,9 +65,12 @@ async fn seed_sqlite(
         .with_context(|| format!("cannot open {}", path.display()))?;
     let mut tx = conn.begin().await?;
     sqlx::query(
-        "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time) \
-         WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < ?1) \
-         SELECT printf('%s-%012x', ?2, n), ?3, n, ?4, 'seeded message ' || n, '', 0, ?5 + n * 1000, NULL, 1, NULL FROM s",
+        "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time, \
+         change_seq, create_change) \
+         WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < ?1), \
+         h(c) AS (SELECT COALESCE((SELECT last_change FROM chat_heads WHERE chat_id = ?3), 0)) \
+         SELECT printf('%s-%012x', ?2, n), ?3, n, ?4, 'seeded message ' || n, '', 0, ?5 + n * 1000, NULL, 1, NULL, h.c + n, h.c + n \
+         FROM s, h",
     )
     .bind(count)
     .bind(prefix)
@@ -77,8 +81,8 @@ async fn seed_sqlite(
     .await
     .context("inserting seeded messages")?;
     sqlx::query(
-        "INSERT INTO chat_heads (chat_id, last_seq) VALUES (?1, ?2) \
-         ON CONFLICT (chat_id) DO UPDATE SET last_seq = excluded.last_seq",
+        "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES (?1, ?2, ?2) \
+         ON CONFLICT (chat_id) DO UPDATE SET last_seq = excluded.last_seq, last_change = chat_heads.last_change + ?2",
     )
     .bind(chat_id)
     .bind(count)
@@ -106,9 +110,12 @@ async fn seed_postgres(
     let mut conn = sqlx::postgres::PgConnection::connect(url).await.context("cannot connect to --seed-postgres")?;
     let mut tx = conn.begin().await?;
     let insert = format!(
-        "INSERT INTO {schema}.messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time) \
-         SELECT $2 || '-' || lpad(to_hex(n), 12, '0'), $3, n, $4, 'seeded message ' || n, '', 0, $5 + n * 1000, NULL, 1, NULL \
-         FROM generate_series(1::bigint, $1::bigint) AS n"
+        "INSERT INTO {schema}.messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time, \
+         change_seq, create_change) \
+         SELECT $2 || '-' || lpad(to_hex(n), 12, '0'), $3, n, $4, 'seeded message ' || n, '', 0, $5 + n * 1000, NULL, 1, NULL, \
+         h.c + n, h.c + n \
+         FROM generate_series(1::bigint, $1::bigint) AS n, \
+         (SELECT COALESCE((SELECT last_change FROM {schema}.chat_heads WHERE chat_id = $3), 0) AS c) AS h"
     );
     sqlx::query(sqlx::AssertSqlSafe(insert))
         .bind(count)
@@ -120,8 +127,8 @@ async fn seed_postgres(
         .await
         .context("inserting seeded messages")?;
     let head = format!(
-        "INSERT INTO {schema}.chat_heads (chat_id, last_seq) VALUES ($1, $2) \
-         ON CONFLICT (chat_id) DO UPDATE SET last_seq = excluded.last_seq"
+        "INSERT INTO {schema}.chat_heads AS h (chat_id, last_seq, last_change) VALUES ($1, $2, $2) \
+         ON CONFLICT (chat_id) DO UPDATE SET last_seq = excluded.last_seq, last_change = h.last_change + $2"
     );
     sqlx::query(sqlx::AssertSqlSafe(head)).bind(chat_id).bind(count).execute(&mut *tx).await?;
     tx.commit().await?;

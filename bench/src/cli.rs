@@ -34,7 +34,7 @@ pub(crate) struct Args {
     pub(crate) server_metrics: Option<String>,
 
     /// Scenarios to run, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "ceiling,send,fanout,history,chats,streams")]
+    #[arg(long, value_delimiter = ',', default_value = "ceiling,send,fanout,resume,history,chats,streams")]
     pub(crate) scenarios: Vec<Scenario>,
 
     /// A very short run of every scenario, to prove the tool works.
@@ -104,6 +104,19 @@ pub(crate) struct Args {
     /// Idle stream counts of `streams`, comma separated, ascending [default: 10000,50000; --smoke: 10,50].
     #[arg(long, value_delimiter = ',')]
     pub(crate) idle_streams: Option<Vec<usize>>,
+
+    /// Clients of `resume`, each resuming one chat's stream [default: 1000; --smoke: 20].
+    #[arg(long)]
+    pub(crate) resume_clients: Option<usize>,
+
+    /// Clients of `resume` per chat (the chats are groups of every user).
+    #[arg(long, default_value_t = 10)]
+    pub(crate) resume_clients_per_chat: usize,
+
+    /// Changes made to each chat while its `resume` clients are away
+    /// (sends, edits, deletes) [default: 100; --smoke: 10].
+    #[arg(long)]
+    pub(crate) resume_changes: Option<usize>,
 }
 
 /// A benchmark scenario.
@@ -116,6 +129,9 @@ pub(crate) enum Scenario {
     Send,
     /// Delivery latency from SendMessage to every live stream of one chat.
     Fanout,
+    /// Time from reconnecting with resume_changes to caught up, many
+    /// clients at once after changes made while they were away.
+    Resume,
     /// ListMessages at the newest end and deep in one chat.
     History,
     /// ListChats pages of 20 chats with previews and unread counts.
@@ -145,6 +161,9 @@ pub(crate) struct Settings {
     pub(crate) history_depth: u64,
     pub(crate) history_page_size: i32,
     pub(crate) idle_streams: Vec<usize>,
+    pub(crate) resume_clients: usize,
+    pub(crate) resume_clients_per_chat: usize,
+    pub(crate) resume_changes: usize,
 }
 
 impl Settings {
@@ -174,6 +193,9 @@ impl Settings {
             history_depth: args.history_depth.unwrap_or(pick(smoke, 1_000_000, 1000)).max(1),
             history_page_size: 50,
             idle_streams,
+            resume_clients: args.resume_clients.unwrap_or(pick(smoke, 1000, 20)).max(1),
+            resume_clients_per_chat: args.resume_clients_per_chat.max(1),
+            resume_changes: args.resume_changes.unwrap_or(pick(smoke, 100, 10)).max(1),
         }
     }
 

@@ -99,8 +99,15 @@ async fn run(args: &Args, target: &Target, nofile: u64) -> anyhow::Result<usize>
     // ratios use the first one, the second shows how far the machine's
     // speed moved meanwhile.
     let ceiling_again = selected(Scenario::Ceiling) && args.scenarios.len() > 1;
-    let order =
-        [Scenario::Ceiling, Scenario::Send, Scenario::Fanout, Scenario::History, Scenario::Chats, Scenario::Streams];
+    let order = [
+        Scenario::Ceiling,
+        Scenario::Send,
+        Scenario::Fanout,
+        Scenario::Resume,
+        Scenario::History,
+        Scenario::Chats,
+        Scenario::Streams,
+    ];
     let steps = order.into_iter().filter(|s| selected(*s)).map(|s| (s, At::Start));
     for (scenario, at) in steps.chain(ceiling_again.then_some((Scenario::Ceiling, At::End))) {
         let began = Instant::now();
@@ -113,6 +120,7 @@ async fn run(args: &Args, target: &Target, nofile: u64) -> anyhow::Result<usize>
             }),
             Scenario::Send => scenarios::send::run(&ctx).await,
             Scenario::Fanout => scenarios::fanout::run(&ctx).await,
+            Scenario::Resume => scenarios::resume::run(&ctx).await,
             Scenario::History => scenarios::history::run(&ctx).await,
             Scenario::Chats => scenarios::chats::run(&ctx).await,
             Scenario::Streams => scenarios::streams::run(&ctx).await,

@@ -7,6 +7,7 @@ pub(crate) mod ceiling;
 pub(crate) mod chats;
 pub(crate) mod fanout;
 pub(crate) mod history;
+pub(crate) mod resume;
 pub(crate) mod send;
 pub(crate) mod streams;
 

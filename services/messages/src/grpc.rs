@@ -182,36 +182,30 @@ fn summary_pb(chat_id: String, s: Summary) -> pb::ChatSummary {
     }
 }
 
-/// The stream event announcing a new message.
-pub fn created_event(message: pb::Message) -> pb::StreamEventsResponse {
+/// The stream event `event` of `message`, with the message's seq and
+/// change number.
+fn message_event(message: pb::Message, event: fn(pb::Message) -> Event) -> pb::StreamEventsResponse {
     pb::StreamEventsResponse {
         chat_id: message.chat_id.clone(),
         seq: message.seq,
         change_seq: message.change_seq,
-        event: Some(Event::MessageCreated(message)),
+        event: Some(event(message)),
     }
+}
+
+/// The stream event announcing a new message.
+pub fn created_event(message: pb::Message) -> pb::StreamEventsResponse {
+    message_event(message, Event::MessageCreated)
 }
 
 /// The stream event announcing an edit.
-pub(crate) fn edited_event(m: &Message) -> pb::StreamEventsResponse {
-    let message = message_pb(m.clone(), Vec::new());
-    pb::StreamEventsResponse {
-        chat_id: message.chat_id.clone(),
-        seq: message.seq,
-        change_seq: message.change_seq,
-        event: Some(Event::MessageEdited(message)),
-    }
+pub(crate) fn edited_event(m: Message) -> pb::StreamEventsResponse {
+    message_event(message_pb(m, Vec::new()), Event::MessageEdited)
 }
 
 /// The stream event announcing a tombstone.
-pub(crate) fn deleted_event(m: &Message) -> pb::StreamEventsResponse {
-    let message = message_pb(m.clone(), Vec::new());
-    pb::StreamEventsResponse {
-        chat_id: message.chat_id.clone(),
-        seq: message.seq,
-        change_seq: message.change_seq,
-        event: Some(Event::MessageDeleted(message)),
-    }
+pub(crate) fn deleted_event(m: Message) -> pb::StreamEventsResponse {
+    message_event(message_pb(m, Vec::new()), Event::MessageDeleted)
 }
 
 /// The stream event announcing a user's new read position, change
@@ -283,9 +277,9 @@ pub(crate) fn reset_event(chat: ChatId, heads: Heads, reason: ResetReason) -> pb
 /// edited.
 pub(crate) fn replay_event(chat: ChatId, change: Change, since: i64) -> pb::StreamEventsResponse {
     match change {
-        Change::Message(m) if m.deleted() => deleted_event(&m),
+        Change::Message(m) if m.deleted() => deleted_event(m),
         Change::Message(m) if m.create_change > since => created_event(message_pb(m, Vec::new())),
-        Change::Message(m) => edited_event(&m),
+        Change::Message(m) => edited_event(m),
         Change::Read { change_seq, user, read_seq } => read_event(chat, user, read_seq, change_seq),
         Change::Chat { change_seq, change, seq, .. } => chat_change_event(chat, &change, seq, change_seq),
     }

@@ -242,7 +242,7 @@ impl Messages {
         };
         self.bus.publish(
             Topic::Chat(edited.chat_id.0),
-            Arc::new(BusEvent::new(edited.chat_id, grpc::edited_event(&edited))),
+            Arc::new(BusEvent::new(edited.chat_id, grpc::edited_event(edited.clone()))),
         );
         Ok(edited)
     }
@@ -262,7 +262,7 @@ impl Messages {
         let deleted = self.store.delete(message.id, now_micros()).await?.ok_or(MessagesError::MessageNotFound)?;
         self.bus.publish(
             Topic::Chat(deleted.chat_id.0),
-            Arc::new(BusEvent::new(deleted.chat_id, grpc::deleted_event(&deleted))),
+            Arc::new(BusEvent::new(deleted.chat_id, grpc::deleted_event(deleted.clone()))),
         );
         Ok(deleted)
     }

@@ -277,6 +277,42 @@ pub struct Logged {
     pub seq: Seq,
 }
 
+impl Logged {
+    /// How `changes` are numbered after the chat's newest change number
+    /// `last` (its newest seq then `seq`), in order: each takes the next
+    /// number, and a join also takes the one after for its joiner's read
+    /// position. The same rule answers a retried call from its log entries
+    /// ([`Logged::of_entry`]).
+    fn number(changes: &[ChatChange], last: i64, seq: Seq) -> Vec<Logged> {
+        let mut next = last;
+        changes
+            .iter()
+            .map(|c| {
+                next += 1;
+                let change_seq = next;
+                let read = matches!(c, ChatChange::Joined(_)).then(|| {
+                    next += 1;
+                    (next, seq)
+                });
+                Logged { change_seq, read, seq }
+            })
+            .collect()
+    }
+
+    /// What a stored log entry of `kind` (a `chat_changes.kind`) took.
+    fn of_entry(change_seq: i64, kind: &str, seq: Seq) -> Logged {
+        Logged { change_seq, read: (kind == JOINED).then_some((change_seq + 1, seq)), seq }
+    }
+
+    /// The newest change number the changes took.
+    fn last(logged: &[Logged]) -> Option<i64> {
+        logged.last().map(|l| l.read.map_or(l.change_seq, |(n, _)| n))
+    }
+}
+
+/// `chat_changes.kind` of a [`ChatChange::Joined`].
+const JOINED: &str = "joined";
+
 /// One change of a chat as the store holds it now, for replay.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -502,7 +538,7 @@ fn parse_id<T: std::str::FromStr>(column: &str, value: &str) -> Result<T, String
 fn chat_change_row(change: &ChatChange) -> (&'static str, String, String) {
     let user = |u: &UserId| u.to_string();
     match change {
-        ChatChange::Joined(u) => ("joined", user(u), String::new()),
+        ChatChange::Joined(u) => (JOINED, user(u), String::new()),
         ChatChange::Left(u) => ("left", user(u), String::new()),
         ChatChange::Removed(u) => ("removed", user(u), String::new()),
         ChatChange::RoleChanged(u) => ("role_changed", user(u), String::new()),
@@ -520,7 +556,7 @@ fn chat_change_row(change: &ChatChange) -> (&'static str, String, String) {
 fn chat_change_of(kind: &str, user: &str, details: &str) -> Result<ChatChange, String> {
     let user = || parse_id::<UserId>("user_id", user);
     Ok(match kind {
-        "joined" => ChatChange::Joined(user()?),
+        JOINED => ChatChange::Joined(user()?),
         "left" => ChatChange::Left(user()?),
         "removed" => ChatChange::Removed(user()?),
         "role_changed" => ChatChange::RoleChanged(user()?),

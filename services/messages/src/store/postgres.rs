@@ -357,47 +357,51 @@ impl MessageStore for PostgresStore {
         let (chat, user) = (chat.to_string(), user.to_string());
         // Without a lock first: most calls do not move the position (a
         // client marks what it already marked), and those take no change
-        // number and lock nothing.
-        let (stored, target): (i64, i64) = sqlx::query_as(
-            "SELECT COALESCE((SELECT read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2), 0), \
-             LEAST($3, COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = $1), 0))",
-        )
+        // number, lock nothing and cost this one statement.
+        let (stored, target, unread): (i64, i64, i64) = sqlx::query_as(concat!(
+            "WITH r AS (SELECT COALESCE((SELECT read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2), 0) \
+             AS read_seq) SELECT r.read_seq, \
+             LEAST($3, COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = $1), 0)), ",
+            unread_count_sql!("$1", "r.read_seq", "$2"),
+            " FROM r"
+        ))
         .bind(&chat)
         .bind(&user)
         .bind(seq.0)
         .fetch_one(&self.pool)
         .await?;
-        let mut state = ReadState { read_seq: Seq(stored), unread: 0, change_seq: None };
-        if target > stored {
-            // Lock order: the chat's heads, then the position. A concurrent
-            // call that moved the position as far first leaves this one
-            // nothing to do: it rolls back, returning its number.
-            let mut tx = self.pool.begin().await?;
-            let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
-            let moved: Option<(i64,)> = sqlx::query_as(
-                "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq, \
-                 change_seq = excluded.change_seq WHERE read_positions.read_seq < excluded.read_seq RETURNING read_seq",
-            )
-            .bind(&chat)
-            .bind(&user)
-            .bind(target)
-            .bind(change)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if moved.is_some() {
-                tx.commit().await?;
-                state = ReadState { read_seq: Seq(target), unread: 0, change_seq: Some(change) };
-            } else {
-                tx.rollback().await?;
-                let (now,): (i64,) =
-                    sqlx::query_as("SELECT read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2")
-                        .bind(&chat)
-                        .bind(&user)
-                        .fetch_one(&self.pool)
-                        .await?;
-                state.read_seq = Seq(now);
-            }
+        let mut state = ReadState { read_seq: Seq(stored), unread, change_seq: None };
+        if target <= stored {
+            return Ok(state);
+        }
+        // Lock order: the chat's heads, then the position. A concurrent
+        // call that moved the position as far first leaves this one
+        // nothing to do: it rolls back, returning its number.
+        let mut tx = self.pool.begin().await?;
+        let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+        let moved: Option<(i64,)> = sqlx::query_as(
+            "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq, \
+             change_seq = excluded.change_seq WHERE read_positions.read_seq < excluded.read_seq RETURNING read_seq",
+        )
+        .bind(&chat)
+        .bind(&user)
+        .bind(target)
+        .bind(change)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if moved.is_some() {
+            tx.commit().await?;
+            state = ReadState { read_seq: Seq(target), unread: 0, change_seq: Some(change) };
+        } else {
+            tx.rollback().await?;
+            let (now,): (i64,) =
+                sqlx::query_as("SELECT read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2")
+                    .bind(&chat)
+                    .bind(&user)
+                    .fetch_one(&self.pool)
+                    .await?;
+            state.read_seq = Seq(now);
         }
         let (unread,): (i64,) = sqlx::query_as(concat!("SELECT ", unread_count_sql!("$1", "$2", "$3")))
             .bind(&chat)
@@ -420,7 +424,7 @@ impl MessageStore for PostgresStore {
         let mut tx = self.pool.begin().await?;
         // Lock the chat's heads first (as every writer of the chat does),
         // which also orders two calls of the same origin.
-        let (seq, mut change): (i64, i64) = sqlx::query_as(
+        let (seq, last): (i64, i64) = sqlx::query_as(
             "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES ($1, 0, 0) \
              ON CONFLICT (chat_id) DO UPDATE SET last_change = chat_heads.last_change RETURNING last_seq, last_change",
         )
@@ -439,36 +443,24 @@ impl MessageStore for PostgresStore {
                 tx.rollback().await?;
                 return Ok(recorded
                     .into_iter()
-                    .map(|(change_seq, kind, seq)| Logged {
-                        change_seq,
-                        read: (kind == "joined").then_some((change_seq + 1, Seq(seq))),
-                        seq: Seq(seq),
-                    })
+                    .map(|(change_seq, kind, seq)| Logged::of_entry(change_seq, &kind, Seq(seq)))
                     .collect());
             }
         }
-        let mut logged = Vec::with_capacity(changes.len());
-        let (mut numbers, mut kinds, mut users, mut details) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let logged = Logged::number(changes, last, Seq(seq));
+        let numbers: Vec<i64> = logged.iter().map(|l| l.change_seq).collect();
+        let (mut kinds, mut users, mut details) = (Vec::new(), Vec::new(), Vec::new());
         // user -> (read position's change number): the last join of each
         // user (an upsert may touch a row once per statement).
         let mut reads: BTreeMap<String, i64> = BTreeMap::new();
-        for c in changes {
-            change += 1;
+        for (c, l) in changes.iter().zip(&logged) {
             let (kind, user, detail) = chat_change_row(c);
-            numbers.push(change);
+            if let Some((read_change, _)) = l.read {
+                reads.insert(user.clone(), read_change);
+            }
             kinds.push(kind);
-            let read = if let ChatChange::Joined(_) = c {
-                reads.insert(user.clone(), change + 1);
-                Some((change + 1, Seq(seq)))
-            } else {
-                None
-            };
             users.push(user);
             details.push(detail);
-            logged.push(Logged { change_seq: change, read, seq: Seq(seq) });
-            if let Some((read_change, _)) = read {
-                change = read_change;
-            }
         }
         sqlx::query(
             "INSERT INTO chat_changes (chat_id, change_seq, kind, user_id, details, seq, change_time, origin) \
@@ -510,7 +502,7 @@ impl MessageStore for PostgresStore {
                log_floor = GREATEST(log_floor, COALESCE((SELECT change_seq FROM cut), 0)) WHERE chat_id = $1",
         )
         .bind(&chat)
-        .bind(change)
+        .bind(Logged::last(&logged).unwrap_or(last))
         .bind(CHAT_LOG_KEEP)
         .execute(&mut *tx)
         .await?;

@@ -240,20 +240,19 @@ fn record_chat_changes(
                 "SELECT change_seq, kind, seq FROM chat_changes WHERE chat_id = ?1 AND origin = ?2 ORDER BY change_seq",
             )?
             .query_map(params![chat, origin], |row| {
-                let (change_seq, kind, seq): (i64, String, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
-                Ok(Logged { change_seq, read: (kind == "joined").then_some((change_seq + 1, Seq(seq))), seq: Seq(seq) })
+                Ok(Logged::of_entry(row.get(0)?, row.get_ref(1)?.as_str()?, Seq(row.get(2)?)))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         if !recorded.is_empty() {
             return Ok(recorded);
         }
     }
-    let (seq, mut change): (i64, i64) = tx
+    let (seq, last): (i64, i64) = tx
         .prepare_cached("SELECT last_seq, last_change FROM chat_heads WHERE chat_id = ?1")?
         .query_row([chat], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?
         .unwrap_or((0, 0));
-    let mut logged = Vec::with_capacity(changes.len());
+    let logged = Logged::number(changes, last, Seq(seq));
     {
         let mut entry = tx.prepare_cached(
             "INSERT INTO chat_changes (chat_id, change_seq, kind, user_id, details, seq, change_time, origin) \
@@ -263,21 +262,11 @@ fn record_chat_changes(
             "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) VALUES (?1, ?2, ?3, ?4) \
              ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq, change_seq = excluded.change_seq",
         )?;
-        for c in changes {
-            change += 1;
+        for (c, l) in changes.iter().zip(&logged) {
             let (kind, user, details) = chat_change_row(c);
-            entry.execute(params![chat, change, kind, user, details, seq, now, origin])?;
-            let read = match c {
-                ChatChange::Joined(_) => {
-                    let read_change = change + 1;
-                    reset_read.execute(params![chat, user, seq, read_change])?;
-                    Some((read_change, Seq(seq)))
-                }
-                _ => None,
-            };
-            logged.push(Logged { change_seq: change, read, seq: Seq(seq) });
-            if let Some((read_change, _)) = read {
-                change = read_change;
+            entry.execute(params![chat, l.change_seq, kind, user, details, seq, now, origin])?;
+            if let Some((read_change, _)) = l.read {
+                reset_read.execute(params![chat, user, seq, read_change])?;
             }
         }
     }
@@ -285,7 +274,7 @@ fn record_chat_changes(
         "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES (?1, 0, ?2) \
          ON CONFLICT (chat_id) DO UPDATE SET last_change = excluded.last_change",
     )?
-    .execute(params![chat, change])?;
+    .execute(params![chat, Logged::last(&logged).unwrap_or(last)])?;
     // Keep the newest CHAT_LOG_KEEP entries; the floor rises past the rest.
     let cut: Option<i64> = tx
         .prepare_cached(

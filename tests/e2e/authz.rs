@@ -134,6 +134,14 @@ async fn call(c: &Cluster, p: &People, f: &Fixture, rpc: &str, token: Option<&st
             let r = mpb::StreamEventsRequest { chat_ids: vec![chat], ..Default::default() };
             c.messages().stream_events(req(token, r)).await.map(drop)
         }
+        "StreamEvents(resume_changes)" => {
+            let r = mpb::StreamEventsRequest {
+                chat_ids: vec![chat.clone()],
+                resume_changes: [(chat, 0)].into(),
+                ..Default::default()
+            };
+            c.messages().stream_events(req(token, r)).await.map(drop)
+        }
         "GetCurrentSession" => {
             c.sessions().get_current_session(req(token, spb::GetCurrentSessionRequest {})).await.map(drop)
         }
@@ -195,6 +203,7 @@ async fn every_rpc_allows_exactly_whom_it_should(c: &Cluster) {
         ("ListMessageRevisions", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("MarkRead", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("StreamEvents", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("StreamEvents(resume_changes)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("GetCurrentSession", [Ok, Ok, Ok, Ok, Ok, Unauth]),
         ("ListSessions", [Ok, Ok, Ok, Ok, Ok, Unauth]),
         ("GetUser", [Ok, Ok, Ok, Ok, Ok, Unauth]),

@@ -19,6 +19,7 @@ crate::both_modes!(
     resume_by_seq_still_replays_what_came_after,
     a_resume_point_ahead_of_the_server_resets_the_chat,
     chat_and_membership_changes_replay_after_a_cut,
+    a_resume_point_of_a_chat_not_followed_replays_nothing,
     concurrent_senders_stream_in_seq_order,
     edits_deletes_and_reads_stream_in_order,
     a_removed_member_stops_receiving_the_chat,
@@ -300,6 +301,22 @@ async fn chat_and_membership_changes_replay_after_a_cut(c: &Cluster) {
         ["updated club 2 [\"title\"]", "carol Joined", "carol Removed", "created after"],
         "carol's read position is hers, not bob's to see"
     );
+}
+
+/// A resume entry names a chat; only chats the stream follows (listed and
+/// a member of, or all of the caller's) are replayed: an outsider cannot
+/// read another chat's history by naming it in `resume_changes`.
+async fn a_resume_point_of_a_chat_not_followed_replays_nothing(c: &Cluster) {
+    let (alice, bob, mallory) = (c.user("alice").await, c.user("bob").await, c.user("mallory").await);
+    let secret = direct(c, &alice, &bob).await;
+    send(c, &alice, &secret.id, "between us").await;
+    let own = direct(c, &alice, &mallory).await;
+    // Every chat of mallory's, with a resume point for one that is not hers.
+    let mut stream = open(c, &mallory, &[], &[(&secret.id, 0)]).await;
+    send(c, &alice, &own.id, "hello mallory").await;
+    let event = next(&mut stream).await;
+    assert_eq!(shapes(std::slice::from_ref(&event)), [("created", 1, "hello mallory".to_owned())]);
+    assert_eq!(event.chat_id, own.id, "nothing of the other chat first");
 }
 
 async fn concurrent_senders_stream_in_seq_order(c: &Cluster) {

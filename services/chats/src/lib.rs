@@ -102,7 +102,9 @@ pub async fn open(
 ) -> Result<Arc<Chats>, StoreError> {
     let store = store::open(db, args.activity_flush_interval).await?;
     let chats = Chats::new(store, users, messages, args.limits(), args.create_chat_rate);
-    Ok(Arc::new(if only_instance { chats.with_membership_cache() } else { chats }))
+    let chats = Arc::new(if only_instance { chats.with_membership_cache() } else { chats });
+    chats.start_relay(service::RELAY_INTERVAL);
+    Ok(chats)
 }
 
 /// Adds the public chats service to `server`.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use natter_kit::id::{ChatId, UserId};
 use natter_kit::limits::{LOOKUP_USERS_MAX_IDS, Rate, RateLimiter};
-use natter_kit::time::{micros, now_micros, timestamp};
+use natter_kit::time::{micros, now_micros};
 use natter_links::{MessageDirectory, UserDirectory};
 use natter_proto::messages::v1 as mpb;
 
@@ -17,7 +17,7 @@ use crate::domain::{
     Role, Visibility,
 };
 use crate::error::ChatsError;
-use crate::store::{Added, ChatStore, Created};
+use crate::store::{Added, ChatStore, Created, Departure, Pending};
 
 /// A chat's newest message and the caller's unread count, as the messages
 /// service reports them.
@@ -66,12 +66,16 @@ fn may_be_transient(code: tonic::Code) -> bool {
 #[cfg(test)]
 pub(crate) type Deps = (Arc<dyn UserDirectory>, Arc<dyn MessageDirectory>);
 
-/// Most changes one `RecordChatChanges` call takes (messages_internal.proto:
-/// more is INVALID_ARGUMENT); an operation with more (a chat of more members
-/// than that created or deleted) records them in calls of this many, in order.
-const RECORD_CHANGES_MAX: usize = 1_000;
+/// Outbox entries read at a time.
+const RELAY_BATCH: u32 = 100;
 
-/// Attempts at one RecordChatChanges call before its changes count as lost.
+/// How often the relay looks for outbox entries left behind (by a failed
+/// call, a crash, or another replica): one indexed read of an (almost
+/// always) empty table.
+pub const RELAY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Attempts at one RecordChatChanges call before its entry is left for the
+/// relay.
 const RECORD_ATTEMPTS: u32 = 4;
 
 /// The wait before the second attempt; each further wait is 4 times the
@@ -91,6 +95,8 @@ pub struct Chats {
     /// (chat, user) -> membership, for the messages service's checks; only
     /// when this is the only chats instance (see [`Chats::with_membership_cache`]).
     cache: Option<Mutex<Cache>>,
+    /// The relay task ([`Chats::start_relay`]), if started.
+    relay: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 /// Most memberships the cache holds before it starts over.
@@ -117,7 +123,7 @@ impl Chats {
         create_chat_rate: Rate,
     ) -> Self {
         let create_rate = RateLimiter::new("chats created", create_chat_rate);
-        Self { store, users, messages, limits, create_rate, cache: None }
+        Self { store, users, messages, limits, create_rate, cache: None, relay: Mutex::default() }
     }
 
     /// Caches membership checks in memory. Correct only when every change to
@@ -149,9 +155,12 @@ impl Chats {
         &self.limits
     }
 
-    /// Writes the chat activity kept in memory and closes the store. Call
-    /// once serving has stopped.
+    /// Stops the relay, writes the chat activity kept in memory and closes
+    /// the store. Call once serving has stopped.
     pub async fn close(&self) {
+        if let Some(relay) = self.relay.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            relay.abort();
+        }
         self.store.close().await;
     }
 
@@ -200,8 +209,7 @@ impl Chats {
         match self.store.create_chat(&chat, &members).await? {
             Created::Created => {
                 tracing::info!(chat_id = %id, kind = kind.as_str(), members = members.len(), "chat created");
-                let joined = members.iter().map(|m| membership(m.user_id, mpb::MembershipChange::Joined)).collect();
-                self.record(id, joined).await;
+                self.deliver(id).await;
                 Ok(ChatView { chat, preview: None })
             }
             // Lost a race with an identical request: return its chat.
@@ -252,63 +260,131 @@ impl Chats {
         Ok(None)
     }
 
-    /// Records the changes of one committed operation of `chat_id` with the
-    /// messages service, all of them in the order they happened (in calls of
-    /// at most [`RECORD_CHANGES_MAX`]): it gives each the chat's next change
-    /// number, keeps it in the chat's change log and announces it to the
-    /// chat's streams (and a member's own); a join also resets the joiner's
-    /// read position.
+    /// Records `chat_id`'s outbox entries with the messages service, oldest
+    /// first, each removed once recorded: the messages service gives every
+    /// change the chat's next change number, keeps it in the chat's change
+    /// log and announces it to the chat's streams (and a member's own); a
+    /// join also resets the joiner's read position. Returns false when an
+    /// entry is left for later (the entries after it wait behind it, so the
+    /// changes are recorded in the order they were committed).
     ///
-    /// Call only after the operation committed, once per operation. Each call
-    /// carries a fresh idempotency key and is retried with it on a failure
-    /// that may be transient (UNAVAILABLE, DEADLINE_EXCEEDED, ...; up to
-    /// [`RECORD_ATTEMPTS`] attempts), so a retry after a lost answer records
-    /// nothing twice. A failure that stands is logged (warn, with the chat
-    /// id) and not returned: the change stands
-    /// and the caller's answer says so, while an error would only make the
-    /// caller retry into a no-op (members already added, a chat already
-    /// archived, a member already gone) that records nothing either. What a
-    /// lost record costs, until the affected clients re-read the chat:
-    /// - the change takes no change number, so no stream sees it, live or in
-    ///   a replay (`resume_changes` goes straight past it); clients learn it
-    ///   from their next GetChat, ListMembers or ListChats, or from a
-    ///   `chat_reset` should their resume point need one;
-    /// - a joiner's read position is not reset: the chat's history from
-    ///   before the join counts as unread (up to the 1,000 counted);
-    /// - a departed member's open stream is not told, so it keeps following
-    ///   the chat live until its next store read re-checks membership (a
-    ///   gap fill, a lag, a reconnect): the same exposure as a removal lost
-    ///   on the bus;
-    /// - a stream following every chat does not start following a chat its
-    ///   user joined until it reconnects.
-    #[tracing::instrument(skip_all, fields(chat_id = %chat_id, changes = changes.len()))]
-    async fn record(&self, chat_id: ChatId, changes: Vec<mpb::ChatChange>) {
-        let chat = chat_id.to_string();
-        let total = changes.len();
-        let mut recorded = 0;
-        for batch in changes.chunks(RECORD_CHANGES_MAX) {
-            let key = uuid::Uuid::now_v7().simple().to_string();
-            let mut wait = RECORD_RETRY_FIRST;
-            let mut attempt = 1;
-            loop {
-                match self.messages.record_chat_changes(&chat, batch.to_vec(), &key).await {
-                    Ok(_) => break,
-                    Err(e) if attempt < RECORD_ATTEMPTS && may_be_transient(e.code()) => {
-                        tracing::debug!(chat_id = %chat_id, attempt, error = %e, "recording chat changes: retrying");
-                        tokio::time::sleep(wait).await;
-                        wait *= 4;
-                        attempt += 1;
-                    }
-                    Err(e) => {
-                        tracing::warn!(
-                            chat_id = %chat_id, recorded, lost = total - recorded, attempts = attempt, error = %e,
-                            "recording committed chat changes with the messages service failed"
-                        );
-                        return;
-                    }
+    /// Every operation calls this after its commit (so, within a second or
+    /// so, its changes are on the streams before it answers), and so does
+    /// the relay ([`Chats::relay`]) for whatever is left. Each entry's calls
+    /// carry its own idempotency key, so a retry after a lost answer, two
+    /// callers delivering the same entry, or a redelivery after a crash
+    /// record nothing twice (as long as the chat's change log still holds
+    /// the entry's numbers: its newest 1,000 changes).
+    ///
+    /// An entry is retried on a failure that may be transient (UNAVAILABLE,
+    /// DEADLINE_EXCEEDED, ...; up to [`RECORD_ATTEMPTS`] attempts), then left
+    /// in the outbox for the relay (logged at warn). An entry the messages
+    /// service refuses outright (INVALID_ARGUMENT, ...) is dropped, logged at
+    /// error: repeating it would block the chat's later changes for good.
+    /// Neither failure reaches the caller: its change is committed, and an
+    /// error would only make it retry into a no-op.
+    #[tracing::instrument(skip_all, fields(chat_id = %chat_id))]
+    async fn deliver(&self, chat_id: ChatId) -> bool {
+        loop {
+            let pending = match self.store.pending(Some(chat_id), RELAY_BATCH).await {
+                Ok(pending) => pending,
+                Err(e) => {
+                    tracing::warn!(chat_id = %chat_id, error = %e, "reading the chat's outbox failed; the relay retries");
+                    return false;
+                }
+            };
+            let full = pending.len() == RELAY_BATCH as usize;
+            for entry in pending {
+                if !self.record(&entry).await {
+                    return false;
+                }
+                if let Err(e) = self.store.forget_pending(&entry).await {
+                    // Recorded, so a second delivery records nothing again.
+                    tracing::warn!(chat_id = %chat_id, error = %e, "removing a recorded outbox entry failed");
+                    return false;
                 }
             }
-            recorded += batch.len();
+            if !full {
+                return true;
+            }
+        }
+    }
+
+    /// One outbox entry to the messages service (see [`Chats::deliver`]):
+    /// true when recorded or dropped, false when left for later.
+    async fn record(&self, entry: &Pending) -> bool {
+        let chat = entry.chat_id.to_string();
+        let mut wait = RECORD_RETRY_FIRST;
+        let mut attempt = 1;
+        loop {
+            match self.messages.record_chat_changes(&chat, entry.changes.clone(), &entry.key).await {
+                Ok(_) => return true,
+                Err(e) if may_be_transient(e.code()) && attempt < RECORD_ATTEMPTS => {
+                    tracing::debug!(chat_id = %chat, attempt, error = %e, "recording chat changes: retrying");
+                    tokio::time::sleep(wait).await;
+                    wait *= 4;
+                    attempt += 1;
+                }
+                Err(e) if may_be_transient(e.code()) => {
+                    tracing::warn!(
+                        chat_id = %chat, changes = entry.changes.len(), attempts = attempt, error = %e,
+                        "recording committed chat changes with the messages service failed; kept for the relay"
+                    );
+                    return false;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        chat_id = %chat, changes = entry.changes.len(), error = %e,
+                        "the messages service refused committed chat changes; dropped"
+                    );
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// The relay: delivers what the outbox holds of every chat (left by a
+    /// failed call, a crash, or another replica's), each chat's in order
+    /// ([`Chats::deliver`]); returns how many chats are done. Runs at start
+    /// and every [`RELAY_INTERVAL`] ([`Chats::start_relay`]).
+    pub async fn relay(&self) -> usize {
+        let pending = match self.store.pending(None, RELAY_BATCH).await {
+            Ok(pending) => pending,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the outbox failed");
+                return 0;
+            }
+        };
+        let chats: std::collections::BTreeSet<ChatId> = pending.iter().map(|p| p.chat_id).collect();
+        let mut done = 0;
+        for chat in chats {
+            if self.deliver(chat).await {
+                done += 1;
+            }
+        }
+        if done > 0 {
+            tracing::info!(chats = done, "the relay recorded outbox entries left behind");
+        }
+        done
+    }
+
+    /// Starts the relay ([`Chats::relay`]) now and every `every` after, on
+    /// the current tokio runtime, until [`Chats::close`] (or the last
+    /// `Arc` is dropped).
+    pub fn start_relay(self: &Arc<Self>, every: std::time::Duration) {
+        let chats = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(chats) = chats.upgrade() else { return };
+                chats.relay().await;
+            }
+        });
+        let previous = self.relay.lock().unwrap_or_else(|p| p.into_inner()).replace(task.abort_handle());
+        if let Some(previous) = previous {
+            previous.abort();
         }
     }
 
@@ -354,13 +430,7 @@ impl Chats {
         }
         let chat = self.store.update_chat(chat.id, &update, now_micros()).await?.ok_or(ChatsError::ChatNotFound)?;
         self.evict(chat.id);
-        let named = [
-            ("title", update.title.is_some()),
-            ("description", update.description.is_some()),
-            ("visibility", update.visibility.is_some()),
-        ];
-        let mask = named.into_iter().filter(|(_, set)| *set).map(|(path, _)| path).collect();
-        self.record(chat.id, vec![chat_updated(&chat, mask)]).await;
+        self.deliver(chat.id).await;
         self.view(caller, chat).await
     }
 
@@ -377,7 +447,7 @@ impl Chats {
         };
         self.evict(chat.id);
         if changes {
-            self.record(chat.id, vec![chat_updated(&chat, vec!["archived"])]).await;
+            self.deliver(chat.id).await;
         }
         self.view(caller, chat).await
     }
@@ -390,10 +460,10 @@ impl Chats {
         }
         let members = self.store.delete_chat(chat.id).await?;
         self.evict(chat.id);
-        // Removed for every member before the purge, so that each member's
-        // streams stop following the chat.
-        let removed = members.into_iter().map(|user| membership(user, mpb::MembershipChange::Removed)).collect();
-        self.record(chat.id, removed).await;
+        // Every member's removal is recorded before the purge, so that each
+        // member's streams stop following the chat.
+        self.deliver(chat.id).await;
+        tracing::debug!(chat_id = %chat.id, members = members.len(), "chat's members removed");
         // The chat is gone, so its messages are unreachable already; a failed
         // purge only leaves unreachable rows behind (logged).
         if let Err(e) = self.messages.purge_chat(&chat.id.to_string()).await {
@@ -436,8 +506,7 @@ impl Chats {
         };
         self.evict(chat.id);
         if !added.is_empty() {
-            let joined = added.iter().map(|m| membership(m.user_id, mpb::MembershipChange::Joined)).collect();
-            self.record(chat.id, joined).await;
+            self.deliver(chat.id).await;
         }
         Ok(added)
     }
@@ -455,7 +524,7 @@ impl Chats {
                     "the owner must hand ownership over (UpdateMember) before leaving",
                 ));
             }
-            mpb::MembershipChange::Left
+            Departure::Left
         } else {
             let target = self
                 .store
@@ -470,14 +539,14 @@ impl Chats {
             if !allowed {
                 return Err(ChatsError::Denied("only the owner, or an admin for plain members, may remove members"));
             }
-            mpb::MembershipChange::Removed
+            Departure::Removed
         };
-        let removed = self.store.remove_member(chat.id, user_id, now_micros()).await?;
+        let removed = self.store.remove_member(chat.id, user_id, change, now_micros()).await?;
         self.evict(chat.id);
         if !removed {
             return Err(ChatsError::MemberNotFound(user_id.to_string()));
         }
-        self.record(chat.id, vec![membership(user_id, change)]).await;
+        self.deliver(chat.id).await;
         Ok(())
     }
 
@@ -506,12 +575,7 @@ impl Chats {
             .await?
             .ok_or_else(|| ChatsError::MemberNotFound(user_id.to_string()))?;
         self.evict(chat.id);
-        let mut changes = vec![membership(member.user_id, mpb::MembershipChange::RoleChanged)];
-        if role == Role::Owner {
-            // The hand-over made the caller an admin.
-            changes.push(membership(caller, mpb::MembershipChange::RoleChanged));
-        }
-        self.record(chat.id, changes).await;
+        self.deliver(chat.id).await;
         Ok(member)
     }
 
@@ -654,27 +718,6 @@ impl Chats {
     }
 }
 
-/// A membership change of `user_id`, as the messages service records it.
-fn membership(user_id: UserId, change: mpb::MembershipChange) -> mpb::ChatChange {
-    let change = mpb::MembershipChanged { user_id: user_id.to_string(), change: change as i32 };
-    mpb::ChatChange { change: Some(mpb::chat_change::Change::MembershipChanged(change)) }
-}
-
-/// A change of `chat`'s details: `mask` names the fields that changed
-/// ("title", "description", "visibility", "archived"), the rest is the chat
-/// as stored after the change.
-fn chat_updated(chat: &Chat, mask: Vec<&str>) -> mpb::ChatChange {
-    let updated = mpb::ChatUpdated {
-        update_mask: Some(natter_proto::FieldMask { paths: mask.into_iter().map(str::to_owned).collect() }),
-        title: chat.title.clone(),
-        description: chat.description.clone(),
-        public: chat.visibility == Visibility::Public,
-        archived: chat.archive_time.is_some(),
-        update_time: Some(timestamp(chat.update_time)),
-    };
-    mpb::ChatChange { change: Some(mpb::chat_change::Change::ChatUpdated(updated)) }
-}
-
 #[cfg(test)]
 mod tests {
     //! What the chats service records with the messages service after each
@@ -687,8 +730,11 @@ mod tests {
     use natter_proto::sessions::v1 as spb;
     use tonic::Status;
 
+    use natter_kit::time::timestamp;
+
     use super::*;
     use crate::store::sqlite::SqliteChatStore;
+    use crate::store::{OUTBOX_ENTRY_CHANGES, membership};
 
     /// Every user asked about exists.
     struct AnyUser;
@@ -708,6 +754,8 @@ mod tests {
         calls: Mutex<Vec<(String, Vec<mpb::ChatChange>)>>,
         keys: Mutex<Vec<String>>,
         down: AtomicBool,
+        /// Answers INVALID_ARGUMENT while set.
+        refuse: AtomicBool,
         failures: std::sync::atomic::AtomicUsize,
     }
 
@@ -742,6 +790,9 @@ mod tests {
             let failing = self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
             if failing || self.down.load(Ordering::SeqCst) {
                 return Err(Status::unavailable("messages is down"));
+            }
+            if self.refuse.load(Ordering::SeqCst) {
+                return Err(Status::invalid_argument("changes: refused"));
             }
             let seqs = (1..=changes.len() as i64).collect();
             self.calls.lock().unwrap().push((chat_id.to_owned(), changes));
@@ -858,7 +909,7 @@ mod tests {
         let others: Vec<UserId> = (0..1_199).map(|_| UserId::new_v7()).collect();
         h.chats.create_chat(owner, group("Crowd", others.clone())).await.unwrap();
         let calls = h.messages.take();
-        assert_eq!(calls.iter().map(|(_, c)| c.len()).collect::<Vec<_>>(), [RECORD_CHANGES_MAX, 200]);
+        assert_eq!(calls.iter().map(|(_, c)| c.len()).collect::<Vec<_>>(), [OUTBOX_ENTRY_CHANGES, 200]);
         let all: Vec<mpb::ChatChange> = calls.into_iter().flat_map(|(_, c)| c).collect();
         let expected: Vec<mpb::ChatChange> = std::iter::once(owner).chain(others).map(joined).collect();
         assert_eq!(all, expected);
@@ -880,7 +931,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_lost_record_still_answers_with_the_committed_change() {
+    async fn a_failed_record_answers_the_committed_change_and_is_recorded_in_order_before_the_next() {
         let h = harness(Limits::default()).await;
         let [owner, a, b] = [(); 3].map(|_| UserId::new_v7());
         let chat = h.chats.create_chat(owner, group("Team", vec![a])).await.unwrap().chat;
@@ -892,13 +943,59 @@ mod tests {
         assert!(h.chats.membership(chat.id, b).await.unwrap().unwrap().role.is_some(), "b is a member");
         let archived = h.chats.set_archived(owner, chat.id, true).await.expect("the archive is committed");
         assert!(archived.chat.archive_time.is_some());
+        assert_eq!(h.messages.take(), [], "nothing recorded while messages is down");
+        assert_eq!(h.chats.store().pending(Some(chat.id), 10).await.unwrap().len(), 2, "both kept in the outbox");
 
         h.messages.down.store(false, Ordering::SeqCst);
         h.chats.remove_member(owner, chat.id, b).await.unwrap();
-        assert_eq!(
-            h.messages.take(),
-            [(chat.id.to_string(), vec![membership(b, mpb::MembershipChange::Removed)])],
-            "nothing of the lost records is replayed later"
-        );
+        let calls = h.messages.take();
+        let changes: Vec<&mpb::ChatChange> = calls.iter().flat_map(|(_, c)| c).collect();
+        assert_eq!(changes.len(), 3, "{calls:?}");
+        assert_eq!(changes[0], &joined(b), "the join first");
+        assert_eq!(updated(changes[1]).1, ["archived"], "then the archive");
+        assert_eq!(changes[2], &membership(b, mpb::MembershipChange::Removed), "then the removal");
+        assert_eq!(h.chats.store().pending(None, 10).await.unwrap(), [], "the outbox is empty");
+    }
+
+    #[tokio::test]
+    async fn the_relay_records_what_a_crash_left_in_the_outbox_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chats.db");
+        let [owner, a] = [(); 2].map(|_| UserId::new_v7());
+        let messages = Arc::new(Recorder::default());
+        let open = || async {
+            let store = SqliteChatStore::open(&path, 2, Duration::from_secs(3600)).await.unwrap();
+            Chats::new(Arc::new(store), Arc::new(AnyUser), messages.clone(), Limits::default(), Rate::Off)
+        };
+
+        // The process "crashes" between the commit and the call: the link is
+        // down until the process is gone.
+        let chats = open().await;
+        messages.down.store(true, Ordering::SeqCst);
+        let chat = chats.create_chat(owner, group("Team", vec![a])).await.unwrap().chat;
+        chats.close().await;
+        messages.down.store(false, Ordering::SeqCst);
+        assert_eq!(messages.take(), []);
+
+        let chats = open().await;
+        assert_eq!(chats.relay().await, 1, "one chat's entries recorded");
+        assert_eq!(messages.take(), [(chat.id.to_string(), vec![joined(owner), joined(a)])]);
+        assert_eq!(chats.relay().await, 0, "nothing left");
+        assert_eq!(messages.take(), []);
+        let keys = messages.keys.lock().unwrap().clone();
+        assert!(keys.len() >= 2 && keys.iter().all(|k| *k == keys[0]), "every attempt under one key: {keys:?}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_entry_is_dropped_and_does_not_block_the_next() {
+        let h = harness(Limits::default()).await;
+        let [owner, a, b] = [(); 3].map(|_| UserId::new_v7());
+        h.messages.refuse.store(true, Ordering::SeqCst);
+        let chat = h.chats.create_chat(owner, group("Team", vec![a])).await.unwrap().chat;
+        h.messages.refuse.store(false, Ordering::SeqCst);
+        assert_eq!(h.messages.take(), []);
+        assert_eq!(h.chats.store().pending(None, 10).await.unwrap(), [], "not kept to block the chat");
+        h.chats.add_members(owner, chat.id, vec![b]).await.unwrap();
+        assert_eq!(h.messages.take(), [(chat.id.to_string(), vec![joined(b)])]);
     }
 }

@@ -8,11 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use base64::Engine as _;
 use natter_db::{DbConfig, Engine};
 use natter_kit::id::{ChatId, UserId};
+use natter_kit::time::timestamp;
+use natter_proto::messages::v1 as mpb;
+use prost::Message as _;
 
 use crate::domain::{
-    Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Limits, Member, MemberCursor, Role,
+    Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Limits, Member, MemberCursor, Role, Visibility,
 };
 
 pub mod postgres;
@@ -110,16 +114,139 @@ pub enum Added {
     TooMany(usize),
 }
 
-/// Everything the chats service keeps: chats, members, chat activity.
-/// Shared as `Arc<dyn ChatStore>`.
+/// How a member left a chat (the change [`ChatStore::remove_member`]
+/// records).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Departure {
+    /// The member left by themselves.
+    Left,
+    /// Someone else removed them.
+    Removed,
+}
+
+/// Most changes one outbox entry holds: what one `RecordChatChanges` call
+/// takes (messages_internal.proto; more is INVALID_ARGUMENT). An operation
+/// with more (a chat of more members than that created or deleted) writes
+/// several entries, in order.
+pub const OUTBOX_ENTRY_CHANGES: usize = 1_000;
+
+/// An outbox entry: committed changes of one chat's membership or details
+/// that the messages service has not recorded yet. Every operation that
+/// changes them writes its entries in its own transaction (the
+/// transactional outbox pattern), so a crash or a failed call between the
+/// commit and `RecordChatChanges` delays the record but never loses it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pending {
+    /// The chat changed.
+    pub chat_id: ChatId,
+    /// Per chat, from 1, in commit order: entries are recorded in this order.
+    pub position: i64,
+    /// The idempotency key of every `RecordChatChanges` call for this entry
+    /// (a UUID v7 in simple form, 32 characters).
+    pub key: String,
+    /// 1 to [`OUTBOX_ENTRY_CHANGES`] changes, in the order they happened.
+    pub changes: Vec<mpb::ChatChange>,
+}
+
+/// A membership change of `user`, as the messages service records it.
+pub fn membership(user: UserId, change: mpb::MembershipChange) -> mpb::ChatChange {
+    let change = mpb::MembershipChanged { user_id: user.to_string(), change: change as i32 };
+    mpb::ChatChange { change: Some(mpb::chat_change::Change::MembershipChanged(change)) }
+}
+
+/// A change of `chat`'s details: `mask` names the fields that changed
+/// ("title", "description", "visibility", "archived"), the rest is the chat
+/// as stored after the change.
+pub fn chat_updated(chat: &Chat, mask: Vec<&str>) -> mpb::ChatChange {
+    let updated = mpb::ChatUpdated {
+        update_mask: Some(natter_proto::FieldMask { paths: mask.into_iter().map(str::to_owned).collect() }),
+        title: chat.title.clone(),
+        description: chat.description.clone(),
+        public: chat.visibility == Visibility::Public,
+        archived: chat.archive_time.is_some(),
+        update_time: Some(timestamp(chat.update_time)),
+    };
+    mpb::ChatChange { change: Some(mpb::chat_change::Change::ChatUpdated(updated)) }
+}
+
+/// `users` joined.
+pub(crate) fn joined(users: impl IntoIterator<Item = UserId>) -> Vec<mpb::ChatChange> {
+    users.into_iter().map(|user| membership(user, mpb::MembershipChange::Joined)).collect()
+}
+
+/// `user`'s `departure`.
+pub(crate) fn departed(user: UserId, departure: Departure) -> mpb::ChatChange {
+    let change = match departure {
+        Departure::Left => mpb::MembershipChange::Left,
+        Departure::Removed => mpb::MembershipChange::Removed,
+    };
+    membership(user, change)
+}
+
+/// The role changes of an UpdateMember of `member`: theirs, then those of
+/// the owners a hand-over made admins.
+pub(crate) fn role_changes(member: UserId, previous_owners: Vec<UserId>) -> Vec<mpb::ChatChange> {
+    std::iter::once(member)
+        .chain(previous_owners)
+        .map(|user| membership(user, mpb::MembershipChange::RoleChanged))
+        .collect()
+}
+
+/// The change of an UpdateChat that set the fields of `update`, leaving
+/// `chat`.
+pub(crate) fn updated_by(chat: &Chat, update: &ChatUpdate) -> mpb::ChatChange {
+    let named = [
+        ("title", update.title.is_some()),
+        ("description", update.description.is_some()),
+        ("visibility", update.visibility.is_some()),
+    ];
+    chat_updated(chat, named.into_iter().filter(|(_, set)| *set).map(|(path, _)| path).collect())
+}
+
+/// The outbox rows of `changes` (none for none): `(key, changes)` of each
+/// entry of at most [`OUTBOX_ENTRY_CHANGES`], in order, each with a fresh
+/// key; `changes` as the `changes` column stores them.
+pub(crate) fn outbox_rows(changes: &[mpb::ChatChange]) -> Vec<(String, String)> {
+    changes
+        .chunks(OUTBOX_ENTRY_CHANGES)
+        .map(|chunk| {
+            let request = mpb::RecordChatChangesRequest { changes: chunk.to_vec(), ..Default::default() };
+            let key = uuid::Uuid::now_v7().simple().to_string();
+            (key, base64::engine::general_purpose::STANDARD.encode(request.encode_to_vec()))
+        })
+        .collect()
+}
+
+/// An outbox row read back. Errors: a key or changes column that is not
+/// what [`outbox_rows`] writes ([`StoreError::Corrupt`]).
+pub(crate) fn pending_row(chat_id: &str, position: i64, key: String, changes: &str) -> Result<Pending, StoreError> {
+    let corrupt = || StoreError::corrupt("chat_outbox.changes", changes);
+    let bytes = base64::engine::general_purpose::STANDARD.decode(changes).map_err(|_| corrupt())?;
+    let request = mpb::RecordChatChangesRequest::decode(bytes.as_slice()).map_err(|_| corrupt())?;
+    if request.changes.is_empty() {
+        return Err(corrupt());
+    }
+    Ok(Pending { chat_id: parse_id("chat_outbox.chat_id", chat_id)?, position, key, changes: request.changes })
+}
+
+/// Everything the chats service keeps: chats, members, chat activity, and
+/// the outbox of changes for the messages service. Shared as
+/// `Arc<dyn ChatStore>`.
+///
+/// Every method that changes a chat's membership or details writes, in the
+/// same transaction, the outbox entries of what it changed ([`Pending`]:
+/// joins, departures, role changes, the chat's details after an update), and
+/// nothing when it changed nothing. Entries of one chat take positions in
+/// commit order.
 ///
 /// Every method fails only with [`StoreError`]; "not found" is `None` or
 /// `false`, never an error.
 #[async_trait]
 pub trait ChatStore: Send + Sync + 'static {
-    /// Inserts `chat` and its `members` in one transaction. A direct chat's
-    /// pair (its two members) is unique: a second direct chat of the same
-    /// pair, or a chat whose id is taken, is [`Created::Conflict`].
+    /// Inserts `chat` and its `members` in one transaction, with their
+    /// joins (in `members` order) in the outbox. A direct chat's pair (its
+    /// two members) is unique: a second direct chat of the same pair, or a
+    /// chat whose id is taken, is [`Created::Conflict`].
     async fn create_chat(&self, chat: &Chat, members: &[Member]) -> Result<Created, StoreError>;
 
     /// The chat, with its newest activity.
@@ -159,22 +286,27 @@ pub trait ChatStore: Send + Sync + 'static {
     /// activity is written through).
     async fn flush_activity(&self) -> Result<(), StoreError>;
 
-    /// Applies `update` and sets the update time to `now`; returns the chat,
-    /// None if there is no such chat.
+    /// Applies `update` and sets the update time to `now`, with the chat's
+    /// details after it (masked to the fields `update` sets) in the outbox;
+    /// returns the chat, None if there is no such chat.
     async fn update_chat(&self, id: ChatId, update: &ChatUpdate, now: i64) -> Result<Option<Chat>, StoreError>;
 
     /// Sets (Some) or clears (None) a chat's archive time, and the update
-    /// time to `now`; returns the chat, None if there is no such chat.
+    /// time to `now`, with the chat's details (mask "archived") in the
+    /// outbox, unless the chat was archived (unarchived) already: then
+    /// nothing changes. Returns the chat, None if there is no such chat.
     async fn set_archived(&self, id: ChatId, archive_time: Option<i64>, now: i64) -> Result<Option<Chat>, StoreError>;
 
-    /// Deletes a chat and its memberships; returns who were its members
-    /// (empty if there was no such chat).
+    /// Deletes a chat and its memberships, with every member's removal in
+    /// the outbox; returns who were its members (empty if there was no such
+    /// chat).
     async fn delete_chat(&self, id: ChatId) -> Result<Vec<UserId>, StoreError>;
 
     /// Adds the `members` (all of chat `chat`) not in it yet, in one
     /// transaction that locks the chat first, unless the chat would then
     /// have more members than `limits` admit ([`Limits::admits_members`],
-    /// counted exactly under that lock). Sets the update time to `now`.
+    /// counted exactly under that lock). Sets the update time to `now`; the
+    /// joins of those added go to the outbox, in request order.
     async fn add_members(
         &self,
         chat: ChatId,
@@ -183,18 +315,36 @@ pub trait ChatStore: Send + Sync + 'static {
         now: i64,
     ) -> Result<Added, StoreError>;
 
-    /// Removes a member; false if they were not one. Sets the update time
-    /// to `now` and recounts the members.
-    async fn remove_member(&self, chat: ChatId, user: UserId, now: i64) -> Result<bool, StoreError>;
+    /// Removes a member, with the `departure` in the outbox; false (and
+    /// nothing changed) if they were not one. Sets the update time to `now`
+    /// and recounts the members.
+    async fn remove_member(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        departure: Departure,
+        now: i64,
+    ) -> Result<bool, StoreError>;
 
     /// Sets a member's role, in one transaction: making someone owner makes
-    /// the current owner an admin and the chat's `owner_id` them. Returns
-    /// the member, None (and nothing changed) if they are not one.
+    /// the current owner an admin and the chat's `owner_id` them. The role
+    /// changes go to the outbox: the member's, then the previous owner's.
+    /// Returns the member, None (and nothing changed) if they are not one.
     async fn set_role(&self, chat: ChatId, user: UserId, role: Role, now: i64) -> Result<Option<Member>, StoreError>;
 
     /// Up to `limit` members of `chat` in join order (then user id), after
     /// `after`.
     async fn members(&self, chat: ChatId, after: Option<MemberCursor>, limit: u32) -> Result<Vec<Member>, StoreError>;
+
+    /// Up to `limit` outbox entries: `chat`'s (None: any chat's), ordered
+    /// by chat, then position.
+    async fn pending(&self, chat: Option<ChatId>, limit: u32) -> Result<Vec<Pending>, StoreError>;
+
+    /// Removes `entry` from the outbox (recorded, or given up on): the entry
+    /// at its chat and position with its key, so that a position taken again
+    /// by a later entry (an empty outbox starts again from 1) is left alone;
+    /// nothing if it is gone already.
+    async fn forget_pending(&self, entry: &Pending) -> Result<(), StoreError>;
 
     /// Writes the activity kept in memory (a failure is logged) and closes
     /// the database. Call once serving has stopped.

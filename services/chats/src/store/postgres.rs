@@ -9,7 +9,13 @@ use natter_kit::id::{ChatId, UserId};
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, QueryBuilder, Row as _};
 
-use super::{Added, ChatStore, Created, MIGRATOR, StoreError, chat_columns, direct_key, parse_enum, parse_id};
+use natter_kit::time::now_micros;
+use natter_proto::messages::v1 as mpb;
+
+use super::{
+    Added, ChatStore, Created, Departure, MIGRATOR, Pending, StoreError, chat_columns, chat_updated, departed,
+    direct_key, joined, membership, outbox_rows, parse_enum, parse_id, pending_row, role_changes, updated_by,
+};
 use crate::domain::{
     Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, Role,
     Visibility, title_key,
@@ -81,6 +87,33 @@ async fn touch(tx: &mut sqlx::PgConnection, chat: &str, now: i64) -> Result<(), 
     Ok(())
 }
 
+/// Appends the outbox entries of `changes` (none for none) to `chat`'s, in
+/// one statement of the change's transaction `tx`, which holds the chat's
+/// row lock already (so max + 1 is unique: writers of a chat queue there).
+async fn push_outbox(
+    tx: &mut sqlx::PgConnection,
+    chat: &str,
+    changes: &[mpb::ChatChange],
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let (keys, changes): (Vec<String>, Vec<String>) = outbox_rows(changes).into_iter().unzip();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO chat_outbox (chat_id, position, origin, changes, create_time) \
+         SELECT $1, COALESCE((SELECT MAX(position) FROM chat_outbox WHERE chat_id = $1), 0) + e.n, e.origin, \
+         e.changes, $4 FROM UNNEST($2::text[], $3::text[]) WITH ORDINALITY AS e (origin, changes, n)",
+    )
+    .bind(chat)
+    .bind(keys)
+    .bind(changes)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 /// Recomputes a chat's member count and returns it (0 for no such chat).
 async fn recount(tx: &mut sqlx::PgConnection, chat: &str) -> Result<i64, sqlx::Error> {
     let count: Option<i64> = sqlx::query_scalar(
@@ -148,6 +181,8 @@ impl ChatStore for PostgresChatStore {
             .execute(&mut *tx)
             .await?;
         }
+        let joins = joined(members.iter().map(|m| m.user_id));
+        push_outbox(&mut tx, &chat.id.to_string(), &joins, chat.create_time).await?;
         tx.commit().await?;
         Ok(Created::Created)
     }
@@ -296,21 +331,35 @@ impl ChatStore for PostgresChatStore {
             q.push(", visibility = ").push_bind(visibility.as_str());
         }
         q.push(" WHERE c.id = ").push_bind(id.to_string()).push(concat!(" RETURNING ", chat_columns!()));
-        let row = q.build().fetch_optional(&self.pool).await?;
-        row.as_ref().map(chat_row).transpose()
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = q.build().fetch_optional(&mut *tx).await? else { return Ok(None) };
+        let chat = chat_row(&row)?;
+        push_outbox(&mut tx, &id.to_string(), &[updated_by(&chat, update)], now).await?;
+        tx.commit().await?;
+        Ok(Some(chat))
     }
 
     async fn set_archived(&self, id: ChatId, archive_time: Option<i64>, now: i64) -> Result<Option<Chat>, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(concat!(
-            "UPDATE chats c SET archive_time = $1, update_time = $2 WHERE c.id = $3 RETURNING ",
+            "UPDATE chats c SET archive_time = $1, update_time = $2 \
+             WHERE c.id = $3 AND (c.archive_time IS NULL) <> ($1::bigint IS NULL) RETURNING ",
             chat_columns!()
         ))
         .bind(archive_time)
         .bind(now)
         .bind(id.to_string())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        row.as_ref().map(chat_row).transpose()
+        let Some(row) = row else {
+            // Archived (unarchived) already, or no such chat: nothing changed.
+            tx.rollback().await?;
+            return self.chat(id).await;
+        };
+        let chat = chat_row(&row)?;
+        push_outbox(&mut tx, &id.to_string(), &[chat_updated(&chat, vec!["archived"])], now).await?;
+        tx.commit().await?;
+        Ok(Some(chat))
     }
 
     async fn delete_chat(&self, id: ChatId) -> Result<Vec<UserId>, StoreError> {
@@ -320,8 +369,11 @@ impl ChatStore for PostgresChatStore {
             .fetch_all(&mut *tx)
             .await?;
         sqlx::query("DELETE FROM chats WHERE id = $1").bind(id.to_string()).execute(&mut *tx).await?;
+        let members = members.iter().map(|u| parse_id("members.user_id", u)).collect::<Result<Vec<UserId>, _>>()?;
+        let removals: Vec<_> = members.iter().map(|user| membership(*user, mpb::MembershipChange::Removed)).collect();
+        push_outbox(&mut tx, &id.to_string(), &removals, now_micros()).await?;
         tx.commit().await?;
-        members.iter().map(|u| parse_id("members.user_id", u)).collect()
+        Ok(members)
     }
 
     async fn add_members(
@@ -352,13 +404,21 @@ impl ChatStore for PostgresChatStore {
             tx.rollback().await?;
             return Ok(Added::TooMany(count));
         }
-        tx.commit().await?;
         // In request order, as the engine's RETURNING order is not promised.
-        let added = members.iter().filter(|m| inserted.contains(&m.user_id.to_string())).copied().collect();
+        let added: Vec<Member> =
+            members.iter().filter(|m| inserted.contains(&m.user_id.to_string())).copied().collect();
+        push_outbox(&mut tx, &key, &joined(added.iter().map(|m| m.user_id)), now).await?;
+        tx.commit().await?;
         Ok(Added::Added(added))
     }
 
-    async fn remove_member(&self, chat: ChatId, user: UserId, now: i64) -> Result<bool, StoreError> {
+    async fn remove_member(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        departure: Departure,
+        now: i64,
+    ) -> Result<bool, StoreError> {
         let key = chat.to_string();
         let mut tx = self.pool.begin().await?;
         touch(&mut tx, &key, now).await?;
@@ -367,20 +427,32 @@ impl ChatStore for PostgresChatStore {
             .bind(user.to_string())
             .execute(&mut *tx)
             .await?;
+        if done.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         recount(&mut tx, &key).await?;
+        push_outbox(&mut tx, &key, &[departed(user, departure)], now).await?;
         tx.commit().await?;
-        Ok(done.rows_affected() == 1)
+        Ok(true)
     }
 
     async fn set_role(&self, chat: ChatId, user: UserId, role: Role, now: i64) -> Result<Option<Member>, StoreError> {
         let (key, user) = (chat.to_string(), user.to_string());
         let mut tx = self.pool.begin().await?;
         touch(&mut tx, &key, now).await?;
+        let mut previous_owners = Vec::new();
         if role == Role::Owner {
-            sqlx::query("UPDATE members SET role = 'admin' WHERE chat_id = $1 AND role = 'owner'")
-                .bind(&key)
-                .execute(&mut *tx)
-                .await?;
+            let demoted: Vec<String> = sqlx::query_scalar(
+                "UPDATE members SET role = 'admin' WHERE chat_id = $1 AND role = 'owner' AND user_id <> $2 \
+                 RETURNING user_id",
+            )
+            .bind(&key)
+            .bind(&user)
+            .fetch_all(&mut *tx)
+            .await?;
+            previous_owners =
+                demoted.iter().map(|u| parse_id("members.user_id", u)).collect::<Result<Vec<UserId>, _>>()?;
             sqlx::query("UPDATE chats SET owner_id = $1 WHERE id = $2")
                 .bind(&user)
                 .bind(&key)
@@ -400,6 +472,7 @@ impl ChatStore for PostgresChatStore {
             return Ok(None);
         };
         let member = member_row(&row)?;
+        push_outbox(&mut tx, &key, &role_changes(member.user_id, previous_owners), now).await?;
         tx.commit().await?;
         Ok(Some(member))
     }
@@ -430,6 +503,39 @@ impl ChatStore for PostgresChatStore {
             }
         };
         rows.iter().map(member_row).collect()
+    }
+
+    async fn pending(&self, chat: Option<ChatId>, limit: u32) -> Result<Vec<Pending>, StoreError> {
+        let rows: Vec<(String, i64, String, String)> =
+            match chat {
+                Some(chat) => {
+                    sqlx::query_as(
+                        "SELECT chat_id, position, origin, changes FROM chat_outbox WHERE chat_id = $1 \
+                     ORDER BY position LIMIT $2",
+                    )
+                    .bind(chat.to_string())
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?
+                }
+                None => sqlx::query_as(
+                    "SELECT chat_id, position, origin, changes FROM chat_outbox ORDER BY chat_id, position LIMIT $1",
+                )
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?,
+            };
+        rows.into_iter().map(|(chat, position, key, changes)| pending_row(&chat, position, key, &changes)).collect()
+    }
+
+    async fn forget_pending(&self, entry: &Pending) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM chat_outbox WHERE chat_id = $1 AND position = $2 AND origin = $3")
+            .bind(entry.chat_id.to_string())
+            .bind(entry.position)
+            .bind(&entry.key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn close(&self) {

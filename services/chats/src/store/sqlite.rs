@@ -17,7 +17,13 @@ use natter_kit::id::{ChatId, UserId};
 use rusqlite::types::{Type, Value};
 use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, params};
 
-use super::{Added, ChatStore, Created, MIGRATOR, StoreError, chat_columns, direct_key, parse_enum, parse_id};
+use natter_kit::time::now_micros;
+use natter_proto::messages::v1 as mpb;
+
+use super::{
+    Added, ChatStore, Created, Departure, MIGRATOR, Pending, StoreError, chat_columns, chat_updated, departed,
+    direct_key, joined, membership, outbox_rows, parse_enum, parse_id, pending_row, role_changes, updated_by,
+};
 use crate::domain::{
     Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, Role,
     Visibility, title_key,
@@ -139,6 +145,25 @@ fn touch(tx: &Connection, chat: &str, now: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Appends the outbox entries of `changes` (none for none) to `chat`'s, in
+/// the transaction `tx` of the change (the one writer makes max + 1 unique).
+fn push_outbox(tx: &Connection, chat: &str, changes: &[mpb::ChatChange], now: i64) -> rusqlite::Result<()> {
+    let rows = outbox_rows(changes);
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let last: i64 = tx
+        .prepare_cached("SELECT COALESCE(MAX(position), 0) FROM chat_outbox WHERE chat_id = ?1")?
+        .query_row([chat], |r| r.get(0))?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO chat_outbox (chat_id, position, origin, changes, create_time) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for (position, (key, changes)) in (last + 1..).zip(rows) {
+        insert.execute(params![chat, position, key, changes, now])?;
+    }
+    Ok(())
+}
+
 /// Recomputes a chat's member count and returns it (0 for no such chat).
 fn recount(tx: &Connection, chat: &str) -> rusqlite::Result<i64> {
     tx.prepare_cached(
@@ -254,6 +279,8 @@ impl ChatStore for SqliteChatStore {
                     ])?;
                 }
             }
+            let joins = joined(members.iter().map(|m| m.user_id));
+            push_outbox(&tx, &chat.id.to_string(), &joins, chat.create_time)?;
             tx.commit()?;
             Ok(Created::Created)
         });
@@ -373,10 +400,14 @@ impl ChatStore for SqliteChatStore {
         }
         values.push(Value::Text(id.to_string()));
         sql.push_str(&format!(" WHERE id = ?{}", values.len()));
+        let update = update.clone();
         let chat = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(&values))?;
             let chat = select_chat(&tx, id)?;
+            if let Some(chat) = &chat {
+                push_outbox(&tx, &id.to_string(), &[updated_by(chat, &update)], now)?;
+            }
             tx.commit()?;
             Ok(chat)
         });
@@ -386,9 +417,16 @@ impl ChatStore for SqliteChatStore {
     async fn set_archived(&self, id: ChatId, archive_time: Option<i64>, now: i64) -> Result<Option<Chat>, StoreError> {
         let chat = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.prepare_cached("UPDATE chats SET archive_time = ?1, update_time = ?2 WHERE id = ?3")?
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE chats SET archive_time = ?1, update_time = ?2 \
+                     WHERE id = ?3 AND (archive_time IS NULL) <> (?1 IS NULL)",
+                )?
                 .execute(params![archive_time, now, id.to_string()])?;
             let chat = select_chat(&tx, id)?;
+            if let Some(chat) = chat.as_ref().filter(|_| changed == 1) {
+                push_outbox(&tx, &id.to_string(), &[chat_updated(chat, vec!["archived"])], now)?;
+            }
             tx.commit()?;
             Ok(chat)
         });
@@ -405,6 +443,9 @@ impl ChatStore for SqliteChatStore {
                 rows.collect::<rusqlite::Result<Vec<UserId>>>()?
             };
             tx.prepare_cached("DELETE FROM chats WHERE id = ?1")?.execute([&key])?;
+            let removals: Vec<_> =
+                members.iter().map(|user| membership(*user, mpb::MembershipChange::Removed)).collect();
+            push_outbox(&tx, &key, &removals, now_micros())?;
             tx.commit()?;
             Ok(members)
         });
@@ -441,23 +482,34 @@ impl ChatStore for SqliteChatStore {
             if !limits.admits_members(count) {
                 return Ok(Added::TooMany(count)); // the guard rolls back
             }
+            push_outbox(&tx, &key, &joined(added.iter().map(|m: &Member| m.user_id)), now)?;
             tx.commit()?;
             Ok(Added::Added(added))
         });
         added.await.map_err(unwrap)
     }
 
-    async fn remove_member(&self, chat: ChatId, user: UserId, now: i64) -> Result<bool, StoreError> {
+    async fn remove_member(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        departure: Departure,
+        now: i64,
+    ) -> Result<bool, StoreError> {
         let removed = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let key = chat.to_string();
-            touch(&tx, &key, now)?;
             let removed = tx
                 .prepare_cached("DELETE FROM members WHERE chat_id = ?1 AND user_id = ?2")?
                 .execute([&key, &user.to_string()])?;
+            if removed == 0 {
+                return Ok(false); // the guard rolls back
+            }
+            touch(&tx, &key, now)?;
             recount(&tx, &key)?;
+            push_outbox(&tx, &key, &[departed(user, departure)], now)?;
             tx.commit()?;
-            Ok(removed == 1)
+            Ok(true)
         });
         removed.await.map_err(unwrap)
     }
@@ -467,9 +519,13 @@ impl ChatStore for SqliteChatStore {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let (key, user) = (chat.to_string(), user.to_string());
             touch(&tx, &key, now)?;
+            let mut previous_owners = Vec::new();
             if role == Role::Owner {
-                tx.prepare_cached("UPDATE members SET role = 'admin' WHERE chat_id = ?1 AND role = 'owner'")?
-                    .execute([&key])?;
+                let mut demote = tx.prepare_cached(
+                    "UPDATE members SET role = 'admin' WHERE chat_id = ?1 AND role = 'owner' AND user_id <> ?2 \
+                     RETURNING user_id",
+                )?;
+                previous_owners = demote.query_map([&key, &user], id_of)?.collect::<rusqlite::Result<_>>()?;
                 tx.prepare_cached("UPDATE chats SET owner_id = ?1 WHERE id = ?2")?.execute([&user, &key])?;
             }
             let member = tx
@@ -479,7 +535,8 @@ impl ChatStore for SqliteChatStore {
                 )?
                 .query_row(params![role.as_str(), key, user], member_row)
                 .optional()?;
-            if member.is_some() {
+            if let Some(member) = &member {
+                push_outbox(&tx, &key, &role_changes(member.user_id, previous_owners), now)?;
                 tx.commit()?;
             }
             Ok(member)
@@ -512,6 +569,35 @@ impl ChatStore for SqliteChatStore {
             }
         });
         members.await.map_err(unwrap)
+    }
+
+    async fn pending(&self, chat: Option<ChatId>, limit: u32) -> Result<Vec<Pending>, StoreError> {
+        let rows = self.db.read(move |conn| {
+            let columns = "SELECT chat_id, position, origin, changes FROM chat_outbox";
+            let row = |r: &Row<'_>| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?));
+            match chat {
+                Some(chat) => conn
+                    .prepare_cached(&format!("{columns} WHERE chat_id = ?1 ORDER BY position LIMIT ?2"))?
+                    .query_map(params![chat.to_string(), limit], row)?
+                    .collect::<rusqlite::Result<Vec<_>>>(),
+                None => conn
+                    .prepare_cached(&format!("{columns} ORDER BY chat_id, position LIMIT ?1"))?
+                    .query_map([limit], row)?
+                    .collect(),
+            }
+        });
+        let rows = rows.await.map_err(unwrap)?;
+        rows.into_iter().map(|(chat, position, key, changes)| pending_row(&chat, position, key, &changes)).collect()
+    }
+
+    async fn forget_pending(&self, entry: &Pending) -> Result<(), StoreError> {
+        let (chat, position, key) = (entry.chat_id.to_string(), entry.position, entry.key.clone());
+        let forgotten = self.db.write(move |conn| {
+            conn.prepare_cached("DELETE FROM chat_outbox WHERE chat_id = ?1 AND position = ?2 AND origin = ?3")?
+                .execute(params![chat, position, key])?;
+            Ok(())
+        });
+        forgotten.await.map_err(unwrap)
     }
 
     async fn close(&self) {

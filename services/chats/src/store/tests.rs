@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use natter_kit::id::{ChatId, UserId};
+use natter_proto::messages::v1 as mpb;
 
 use super::postgres::PostgresChatStore;
 use super::sqlite::SqliteChatStore;
-use super::{Added, ChatStore, Created};
+use super::{Added, ChatStore, Created, Departure};
 use crate::domain::{
     Activity, Chat, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, Role, Visibility,
 };
@@ -97,6 +98,7 @@ chat_store_suite!(
     updates_archive_and_unarchive,
     deleting_a_chat_removes_it_and_its_members,
     members_page_in_join_order,
+    every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none,
 );
 
 /// A group chat created by `owner` at `time` µs, titled by its id.
@@ -214,8 +216,8 @@ async fn members_are_added_once_and_removed(store: &dyn ChatStore) {
     assert_eq!((after.member_count, after.update_time), (3, 5));
     assert_eq!(store.role(group.id, carol).await.unwrap(), Some(Role::Member));
 
-    assert!(store.remove_member(group.id, bob, 6).await.unwrap());
-    assert!(!store.remove_member(group.id, bob, 7).await.unwrap(), "not a member any more");
+    assert!(store.remove_member(group.id, bob, Departure::Left, 6).await.unwrap());
+    assert!(!store.remove_member(group.id, bob, Departure::Left, 7).await.unwrap(), "not a member any more");
     let after = store.chat(group.id).await.unwrap().unwrap();
     assert_eq!(after.member_count, 2);
     assert_eq!(store.member_chat_ids(bob).await.unwrap(), []);
@@ -437,4 +439,115 @@ async fn members_page_in_join_order(store: &dyn ChatStore) {
         }
     }
     assert_eq!(seen, expected);
+}
+
+/// A change as "joined <user>", "left <user>", "removed <user>", "role_changed
+/// <user>" or "updated <mask> <title> archived=<bool>".
+fn show(change: &mpb::ChatChange) -> String {
+    match change.change.as_ref().unwrap() {
+        mpb::chat_change::Change::MembershipChanged(m) => {
+            let kind = match mpb::MembershipChange::try_from(m.change).unwrap() {
+                mpb::MembershipChange::Joined => "joined",
+                mpb::MembershipChange::Left => "left",
+                mpb::MembershipChange::Removed => "removed",
+                mpb::MembershipChange::RoleChanged => "role_changed",
+                other => panic!("{other:?}"),
+            };
+            format!("{kind} {}", m.user_id)
+        }
+        mpb::chat_change::Change::ChatUpdated(u) => {
+            let mask = u.update_mask.as_ref().unwrap().paths.join(",");
+            format!("updated {mask} {} archived={}", u.title, u.archived)
+        }
+    }
+}
+
+/// The outbox entries of `chat` not shown yet (those after `seen`
+/// positions), one line per change.
+async fn outbox_after(store: &dyn ChatStore, chat: ChatId, seen: &mut i64) -> Vec<String> {
+    let pending = store.pending(Some(chat), 100).await.unwrap();
+    let new: Vec<_> = pending.into_iter().filter(|p| p.position > *seen).collect();
+    let mut lines = Vec::new();
+    for entry in new {
+        assert_eq!(entry.position, *seen + 1, "positions are gap-free in commit order");
+        assert_eq!(entry.key.len(), 32, "a key per entry: {}", entry.key);
+        *seen = entry.position;
+        lines.extend(entry.changes.iter().map(show));
+    }
+    lines
+}
+
+async fn every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none(store: &dyn ChatStore) {
+    let (alice, bob, carol) = (UserId::new_v7(), UserId::new_v7(), UserId::new_v7());
+    let group = create(store, chat(alice, 1), &[bob]).await;
+    let id = group.id;
+    let mut seen = 0;
+    assert_eq!(outbox_after(store, id, &mut seen).await, [format!("joined {alice}"), format!("joined {bob}")]);
+
+    let limits = Limits::default();
+    store.add_members(id, &[member(&group, bob, 2), member(&group, carol, 2)], &limits, 2).await.unwrap();
+    assert_eq!(outbox_after(store, id, &mut seen).await, [format!("joined {carol}")], "only who was added");
+    store.add_members(id, &[member(&group, bob, 3)], &limits, 3).await.unwrap();
+    let full = Limits { group_members: 3, ..Limits::default() };
+    let too_many = store.add_members(id, &[member(&group, UserId::new_v7(), 3)], &full, 3).await.unwrap();
+    assert!(matches!(too_many, Added::TooMany(4)));
+    assert_eq!(outbox_after(store, id, &mut seen).await, Vec::<String>::new(), "no one added, nothing");
+
+    store.set_role(id, bob, Role::Admin, 4).await.unwrap().unwrap();
+    assert_eq!(store.set_role(id, UserId::new_v7(), Role::Admin, 4).await.unwrap(), None);
+    store.set_role(id, carol, Role::Owner, 5).await.unwrap().unwrap();
+    assert_eq!(
+        outbox_after(store, id, &mut seen).await,
+        [format!("role_changed {bob}"), format!("role_changed {carol}"), format!("role_changed {alice}")],
+        "the hand-over: the new owner, then the old"
+    );
+
+    assert!(store.remove_member(id, bob, Departure::Left, 6).await.unwrap());
+    assert!(!store.remove_member(id, bob, Departure::Removed, 6).await.unwrap());
+    assert_eq!(outbox_after(store, id, &mut seen).await, [format!("left {bob}")]);
+
+    let update = ChatUpdate { title: Some("Renamed".into()), ..Default::default() };
+    store.update_chat(id, &update, 7).await.unwrap().unwrap();
+    store.set_archived(id, Some(8), 8).await.unwrap().unwrap();
+    let again = store.set_archived(id, Some(9), 9).await.unwrap().unwrap();
+    assert_eq!((again.archive_time, again.update_time), (Some(8), 8), "archived already: unchanged");
+    assert_eq!(
+        outbox_after(store, id, &mut seen).await,
+        ["updated title Renamed archived=false", "updated archived Renamed archived=true"]
+    );
+
+    // A recorded entry is forgotten (by position and key); the rest stay, in
+    // order.
+    let pending = store.pending(Some(id), 100).await.unwrap();
+    store.forget_pending(&pending[0]).await.unwrap();
+    store.forget_pending(&pending[0]).await.unwrap();
+    let left: Vec<i64> = store.pending(Some(id), 100).await.unwrap().iter().map(|p| p.position).collect();
+    assert_eq!(left, (2..=seen).collect::<Vec<_>>());
+    for entry in &pending[1..] {
+        store.forget_pending(entry).await.unwrap();
+    }
+    // An empty outbox starts again from 1; forgetting a recorded entry
+    // whose position was taken again since leaves the new one alone.
+    let renamed = ChatUpdate { title: Some("Again".into()), ..Default::default() };
+    store.update_chat(id, &renamed, 10).await.unwrap().unwrap();
+    let again = store.pending(Some(id), 100).await.unwrap();
+    assert_eq!(again.iter().map(|p| p.position).collect::<Vec<_>>(), [1]);
+    store.forget_pending(&pending[0]).await.unwrap();
+    assert_eq!(store.pending(Some(id), 100).await.unwrap(), again, "another entry at that position");
+    store.forget_pending(&again[0]).await.unwrap();
+    seen = 0;
+
+    // Deleting removes every member; the entry outlives the chat's row.
+    let other = create(store, chat(carol, 10), &[]).await;
+    let members: HashSet<UserId> = store.delete_chat(id).await.unwrap().into_iter().collect();
+    assert_eq!(members, HashSet::from([alice, carol]));
+    let removed: HashSet<String> = outbox_after(store, id, &mut seen).await.into_iter().collect();
+    assert_eq!(removed, HashSet::from([format!("removed {alice}"), format!("removed {carol}")]));
+    let everyone: Vec<(ChatId, i64)> =
+        store.pending(None, 100).await.unwrap().iter().map(|p| (p.chat_id, p.position)).collect();
+    let mut expected = vec![(id, seen), (other.id, 1)];
+    expected.sort();
+    assert_eq!(everyone, expected, "any chat's, by chat then position");
+    assert_eq!(store.create_chat(&other, &[owner(&other)]).await.unwrap(), Created::Conflict);
+    assert_eq!(store.pending(Some(other.id), 100).await.unwrap().len(), 1, "a conflict writes nothing");
 }

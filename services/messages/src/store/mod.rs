@@ -460,6 +460,13 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// in change order, as the store holds them now: messages (each once, at
     /// its latest change), `user`'s own read position, and the chat's log
     /// entries. The flag says whether more may follow the last one.
+    ///
+    /// Only messages changed after their creation are indexed by change
+    /// number (`messages_changed_by_chat`, so a send writes no extra index
+    /// entry); those created since `after` and unchanged are found by seq:
+    /// creations take seqs and change numbers in the same order, so the
+    /// first of them is found by a binary search over seqs
+    /// ([`first_seq_created_after`]), then read as a seq range.
     async fn changes(
         &self,
         chat: ChatId,
@@ -567,12 +574,46 @@ fn chat_change_of(kind: &str, user: &str, details: &str) -> Result<ChatChange, S
     })
 }
 
-/// One page of [`MessageStore::changes`] from its three sources, each read
-/// in change order with the same `limit`: merged in change order and cut
-/// where a full source may hold more (a source that returned `limit` rows
-/// may have further rows below the other sources' later ones), so the page
-/// skips nothing. The flag says whether more may follow.
-fn merge_changes(sources: [Vec<Change>; 3], limit: u32) -> (Vec<Change>, bool) {
+/// The bounds `[lo, hi)` of the binary search for the first seq of a chat
+/// whose creation took a change number above `after`, for a chat whose
+/// newest seq is `last_seq`: a message's creation number is at least its
+/// seq (every seq before it took one too), so the answer is at most
+/// `after + 1`; `hi` itself means "none".
+pub(crate) fn created_after_bounds(after: i64, last_seq: i64) -> (i64, i64) {
+    (1, after.max(0).min(last_seq) + 1)
+}
+
+/// The first seq in `[lo, hi)` whose message's creation took a change number
+/// above `after`, or `hi` for none, by binary search: `create_change(seq)`
+/// (None: no such row) reads one message. Creation numbers grow with seqs,
+/// so the predicate is monotonic. A missing row (seqs are gap-free, tombstones
+/// keep their rows, but a search must never skip a message) ends the search
+/// early with its lower bound, which is never past the answer: the seq
+/// range read from it is only longer.
+pub(crate) fn first_seq_created_after<E>(
+    (mut lo, mut hi): (i64, i64),
+    after: i64,
+    mut create_change: impl FnMut(i64) -> Result<Option<i64>, E>,
+) -> Result<i64, E> {
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match create_change(mid)? {
+            Some(number) if number > after => hi = mid,
+            Some(_) => lo = mid + 1,
+            None => return Ok(lo),
+        }
+    }
+    Ok(lo)
+}
+
+/// One page of [`MessageStore::changes`] from its sources (messages created
+/// and unchanged since, messages changed since, the reader's position, the
+/// chat's log), each read in change order with the same `limit`: merged in
+/// change order and cut where a full source may hold more (a source that
+/// returned `limit` rows may have further rows below the other sources'
+/// later ones), so the page skips nothing. The flag says whether more may
+/// follow.
+fn merge_changes<const N: usize>(sources: [Vec<Change>; N], limit: u32) -> (Vec<Change>, bool) {
     let full = |source: &Vec<Change>| source.len() >= limit as usize;
     // The last number every full source is complete up to.
     let bound = sources.iter().filter(|s| full(s)).filter_map(|s| s.last().map(Change::change_seq)).min();
@@ -592,6 +633,29 @@ mod merge_tests {
 
     fn read(n: i64) -> Change {
         Change::Read { change_seq: n, user: UserId(uuid::Uuid::nil()), read_seq: Seq(n) }
+    }
+
+    #[test]
+    fn the_search_finds_the_first_creation_after_a_point_and_never_passes_it() {
+        // Seqs 1..=6 created at change numbers 1, 2, 5, 6, 9, 10 (edits and
+        // membership changes took 3, 4, 7, 8).
+        let created = [1, 2, 5, 6, 9, 10];
+        let mut reads = 0;
+        let mut find = |after: i64| {
+            let bounds = created_after_bounds(after, created.len() as i64);
+            first_seq_created_after::<()>(bounds, after, |seq| {
+                reads += 1;
+                Ok(created.get(seq as usize - 1).copied())
+            })
+            .unwrap()
+        };
+        let found: Vec<i64> = (0..=11).map(&mut find).collect();
+        assert_eq!(found, [1, 2, 3, 3, 3, 4, 5, 5, 5, 6, 7, 7], "after 0..=11");
+        assert!(reads <= 12 * 3, "about log2(6) reads a search: {reads}");
+        // A missing row stops the search below the answer, never past it.
+        let gap =
+            first_seq_created_after::<()>((1, 7), 8, |seq| Ok((seq != 4).then(|| created[seq as usize - 1]))).unwrap();
+        assert!(gap <= 5, "{gap}");
     }
 
     #[test]

@@ -527,19 +527,46 @@ impl MessageStore for PostgresStore {
         limit: u32,
     ) -> Result<(Vec<Change>, bool), StoreError> {
         let id = chat.to_string();
-        let messages = sqlx::query(concat!(
+        // The binary search of `first_seq_created_after`, as a recursive
+        // query (one round trip; `lo` only grows, so the greatest is where
+        // it ended), then the seq range from there.
+        // Both message sources bind (chat, after, limit).
+        let messages = |sql: &'static str| async move {
+            sqlx::query(sql)
+                .bind(chat.to_string())
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|row| message_row(row).map(Change::Message))
+                .collect::<Result<Vec<_>, StoreError>>()
+        };
+        // The binary search of `first_seq_created_after`, as a recursive
+        // query (one round trip; `lo` only grows, so the greatest is where
+        // it ended), then the seq range from there.
+        let created = messages(concat!(
+            "WITH RECURSIVE search (lo, hi) AS ( \
+               SELECT 1::bigint, LEAST(GREATEST($2, 0), \
+                 COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = $1), 0)) + 1 \
+               UNION ALL \
+               SELECT CASE WHEN m.create_change > $2 THEN s.lo ELSE (s.lo + s.hi) / 2 + 1 END, \
+                      CASE WHEN m.create_change > $2 THEN (s.lo + s.hi) / 2 ELSE s.hi END \
+               FROM search s JOIN messages m ON m.chat_id = $1 AND m.seq = (s.lo + s.hi) / 2 \
+               WHERE s.lo < s.hi) \
+             SELECT ",
+            message_columns!(),
+            " FROM messages WHERE chat_id = $1 AND seq >= (SELECT MAX(lo) FROM search) \
+             AND change_seq = create_change AND create_change > $2 ORDER BY seq LIMIT $3"
+        ))
+        .await?;
+        let changed = messages(concat!(
             "SELECT ",
             message_columns!(),
-            " FROM messages WHERE chat_id = $1 AND change_seq > $2 ORDER BY change_seq LIMIT $3"
+            " FROM messages WHERE chat_id = $1 AND change_seq > create_change AND change_seq > $2 \
+             ORDER BY change_seq LIMIT $3"
         ))
-        .bind(&id)
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(|row| message_row(row).map(Change::Message))
-        .collect::<Result<Vec<_>, _>>()?;
+        .await?;
         let read: Option<(i64, i64)> = sqlx::query_as(
             "SELECT change_seq, read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2 AND change_seq > $3",
         )
@@ -561,7 +588,7 @@ impl MessageStore for PostgresStore {
         .map(chat_change_entry)
         .collect::<Result<Vec<_>, _>>()?;
         let read = read.map(|(change_seq, read_seq)| Change::Read { change_seq, user, read_seq: Seq(read_seq) });
-        Ok(merge_changes([messages, read.into_iter().collect(), log], limit))
+        Ok(merge_changes([created, changed, read.into_iter().collect(), log], limit))
     }
 
     async fn summaries(&self, chats: &[ChatId], user: UserId) -> Result<Vec<Summary>, StoreError> {

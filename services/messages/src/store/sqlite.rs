@@ -20,7 +20,7 @@ use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, par
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Heads, Logged, Message, MessageStore, NewMessage,
     RECENT_ACTIVITY_ROWS, Range, ReadState, Revision, Sent, Seq, StoreError, Summary, chat_change_of, chat_change_row,
-    list_sql, merge_changes, message_columns, unread_count_sql,
+    created_after_bounds, first_seq_created_after, list_sql, merge_changes, message_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -449,11 +449,31 @@ impl MessageStore for SqliteStore {
         let reader = user;
         let (chat, user) = (chat.to_string(), user.to_string());
         let sources = self.db.read(move |conn| {
-            let messages = conn
+            let last_seq: i64 = conn
+                .prepare_cached("SELECT last_seq FROM chat_heads WHERE chat_id = ?1")?
+                .query_row([&chat], |row| row.get(0))
+                .optional()?
+                .unwrap_or(0);
+            let mut create_change =
+                conn.prepare_cached("SELECT create_change FROM messages WHERE chat_id = ?1 AND seq = ?2")?;
+            let first = first_seq_created_after(created_after_bounds(after, last_seq), after, |seq| {
+                create_change.query_row(params![chat, seq], |row| row.get(0)).optional()
+            })?;
+            let created = conn
                 .prepare_cached(concat!(
                     "SELECT ",
                     message_columns!(),
-                    " FROM messages WHERE chat_id = ?1 AND change_seq > ?2 ORDER BY change_seq LIMIT ?3"
+                    " FROM messages WHERE chat_id = ?1 AND seq >= ?2 AND change_seq = create_change \
+                     AND create_change > ?3 ORDER BY seq LIMIT ?4"
+                ))?
+                .query_map(params![chat, first, after, limit], |row| message_row(row).map(Change::Message))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let changed = conn
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    message_columns!(),
+                    " FROM messages WHERE chat_id = ?1 AND change_seq > create_change AND change_seq > ?2 \
+                     ORDER BY change_seq LIMIT ?3"
                 ))?
                 .query_map(params![chat, after, limit], |row| message_row(row).map(Change::Message))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -471,12 +491,12 @@ impl MessageStore for SqliteStore {
                 )?
                 .query_map(params![chat, after, limit], chat_change_entry)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok((messages, read, log))
+            Ok((created, changed, read, log))
         });
-        let (messages, read, log) = sources.await?;
+        let (created, changed, read, log) = sources.await?;
         let read =
             read.map(|(change_seq, read_seq)| Change::Read { change_seq, user: reader, read_seq: Seq(read_seq) });
-        Ok(merge_changes([messages, read.into_iter().collect(), log], limit))
+        Ok(merge_changes([created, changed, read.into_iter().collect(), log], limit))
     }
 
     async fn summaries(&self, chats: &[ChatId], user: UserId) -> Result<Vec<Summary>, StoreError> {

@@ -433,6 +433,12 @@ async fn every_change_takes_the_next_change_number(h: &Harness) {
     }
     assert_eq!(walked, [3, 4, 5, 6, 7, 8]);
     assert_eq!(h.store.changes(chat(1), user(1), 8, 100).await.unwrap(), (Vec::new(), false));
+    // From every resume point (and one below any): exactly what follows it.
+    for after in -1..=9 {
+        let (page, _) = h.store.changes(chat(1), user(1), after, 100).await.unwrap();
+        let expected: Vec<i64> = [3, 4, 5, 6, 7, 8].into_iter().filter(|n| *n > after).collect();
+        assert_eq!(numbers(&page), expected, "after {after}");
+    }
 }
 
 fn numbers_of(logged: &[Logged]) -> Vec<i64> {

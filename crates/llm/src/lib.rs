@@ -1,0 +1,437 @@
+//! natter's client for OpenAI-compatible chat-completions servers:
+//! llama.cpp server, Ollama, vLLM, LM Studio and OpenAI itself all speak
+//! `POST {base}/v1/chat/completions` with `"stream": true`, answering with
+//! server-sent events (the WHATWG HTML "server-sent events" format), one
+//! `chat.completion.chunk` JSON object per `data:` line and `data: [DONE]`
+//! at the end.
+//!
+//! The servers differ at the edges, so the chunks are read leniently with
+//! types of our own rather than a strict OpenAI crate's: an empty
+//! `finish_reason` is no finish reason, `usage: {}` or `null` is no usage,
+//! fields we do not know (`reasoning_content`, `timings`, ...) are ignored,
+//! an `{"error": ...}` object inside the stream is an error, and a stream
+//! that ends without `[DONE]` simply ends (the caller sees no
+//! [`Event::Done`]). SSE framing is the kept `eventsource-stream` crate's,
+//! which reassembles lines and UTF-8 characters split across reads.
+//!
+//! Stopping a generation is dropping its stream: that closes the HTTP
+//! connection (HTTP/1.1) or resets the stream (HTTP/2), the only cancel
+//! these servers understand.
+
+use std::fmt::Display;
+use std::pin::Pin;
+use std::time::Duration;
+
+use eventsource_stream::Eventsource as _;
+use futures::{Stream, StreamExt as _};
+use serde::{Deserialize, Serialize};
+
+/// Who said a message of the conversation sent to the model (the
+/// chat-completions `role`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions ahead of the conversation.
+    System,
+    /// A person's message.
+    User,
+    /// A reply of the model.
+    Assistant,
+}
+
+/// One message of the conversation sent to the model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChatMessage {
+    /// Who said it.
+    pub role: Role,
+    /// What was said (plain text).
+    pub content: String,
+}
+
+/// Where and how to reach the server.
+#[derive(Clone)]
+pub struct Config {
+    /// The server's base URL, with or without a trailing `/v1` (for
+    /// example `http://127.0.0.1:8080` or `https://api.openai.com/v1`).
+    pub base_url: String,
+    /// The `model` of every request.
+    pub model: String,
+    /// Sent as `Authorization: Bearer <key>` when set; never logged (the
+    /// `Debug` of this type hides it).
+    pub api_key: Option<String>,
+    /// `max_tokens` of every request: the longest reply, in tokens.
+    pub max_tokens: u32,
+    /// Longest wait for the TCP (and TLS) connection.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("max_tokens", &self.max_tokens)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// What a streamed reply brings, in the order the server sends it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The next piece of the reply's text (never empty); the reply is
+    /// these pieces concatenated.
+    Content(String),
+    /// Why the model stopped (`stop`, `length`, ...; a server's own words).
+    Finish(String),
+    /// Token counts, when the server reports them (most do in a last chunk).
+    Usage(Usage),
+    /// `data: [DONE]`: the server ended the stream as it should.
+    Done,
+}
+
+/// Token counts of a reply (any of them may be missing: servers differ).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct Usage {
+    /// Tokens of the conversation sent.
+    #[serde(default)]
+    pub prompt_tokens: Option<u64>,
+    /// Tokens of the reply.
+    #[serde(default)]
+    pub completion_tokens: Option<u64>,
+    /// Their sum, as the server counts it.
+    #[serde(default)]
+    pub total_tokens: Option<u64>,
+}
+
+/// Why a reply could not be had, or ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    /// The configuration cannot work (a malformed base URL, say).
+    #[error("invalid LLM client configuration: {0}")]
+    Config(String),
+    /// No HTTP answer: connection refused, timed out, reset.
+    #[error("the LLM server could not be reached: {0}")]
+    Unreachable(String),
+    /// The server refused before streaming: HTTP `status` (401, 429, 500,
+    /// ...) with the server's message.
+    #[error("the LLM server answered HTTP {status}: {message}")]
+    Status {
+        /// The HTTP status code.
+        status: u16,
+        /// The server's `error.message`, or the start of its body.
+        message: String,
+    },
+    /// The server sent an error object inside the stream.
+    #[error("the LLM server reported an error mid-stream: {0}")]
+    Stream(String),
+    /// The connection failed mid-stream, or the bytes were not UTF-8 or SSE.
+    #[error("reading the LLM server's stream failed: {0}")]
+    Transport(String),
+    /// A `data:` line that is neither `[DONE]` nor a JSON object.
+    #[error("the LLM server sent a chunk that is not JSON: {0}")]
+    Malformed(String),
+}
+
+impl LlmError {
+    /// Whether the same request may succeed later: the server was
+    /// unreachable, overloaded (429) or failed inside (5xx).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable(_) | Self::Transport(_) => true,
+            Self::Status { status, .. } => *status == 429 || *status >= 500,
+            Self::Config(_) | Self::Stream(_) | Self::Malformed(_) => false,
+        }
+    }
+}
+
+/// A streamed reply: [`Event`]s until the server ends it; dropping it
+/// closes the connection (stops the generation upstream).
+pub type Reply = Pin<Box<dyn Stream<Item = Result<Event, LlmError>> + Send>>;
+
+/// A client of one server and model; cheap to clone (one connection pool).
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    url: String,
+    config: Config,
+}
+
+/// Most bytes of an error body read into [`LlmError::Status`].
+const ERROR_BODY_BYTES: usize = 4_096;
+
+impl Client {
+    /// A client for `config`.
+    ///
+    /// Errors: [`LlmError::Config`] when the base URL is not an `http` or
+    /// `https` URL with a host.
+    pub fn new(config: Config) -> Result<Self, LlmError> {
+        let base = config.base_url.trim_end_matches('/');
+        let parsed = reqwest::Url::parse(base).map_err(|e| LlmError::Config(format!("base URL {base:?}: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(LlmError::Config(format!("base URL {base:?}: not an http(s) URL with a host")));
+        }
+        let url = if base.ends_with("/v1") {
+            format!("{base}/chat/completions")
+        } else {
+            format!("{base}/v1/chat/completions")
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .build()
+            .map_err(|e| LlmError::Config(e.to_string()))?;
+        Ok(Self { http, url, config })
+    }
+
+    /// The endpoint every request goes to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Asks for a streamed reply to `messages` (`stream: true`, the
+    /// configured `model` and `max_tokens`, usage requested in the last
+    /// chunk). Returns once the server answered with a success status; the
+    /// reply then streams.
+    ///
+    /// Errors: [`LlmError::Unreachable`] without an answer,
+    /// [`LlmError::Status`] for a non-success status.
+    pub async fn stream(&self, messages: &[ChatMessage]) -> Result<Reply, LlmError> {
+        let body = serde_json::json!({
+            "model": self.config.model,
+            "messages": messages,
+            "stream": true,
+            "max_tokens": self.config.max_tokens,
+            "stream_options": { "include_usage": true },
+        });
+        let mut request = self.http.post(&self.url).json(&body).header("accept", "text/event-stream");
+        if let Some(key) = &self.config.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.map_err(|e| LlmError::Unreachable(e.to_string()))?;
+        let status = response.status();
+        if !status.is_success() {
+            let mut body = Vec::new();
+            let mut bytes = response.bytes_stream();
+            while let Some(Ok(chunk)) = bytes.next().await {
+                body.extend_from_slice(&chunk);
+                if body.len() >= ERROR_BODY_BYTES {
+                    break;
+                }
+            }
+            body.truncate(ERROR_BODY_BYTES);
+            return Err(LlmError::Status { status: status.as_u16(), message: error_message(&body) });
+        }
+        Ok(Box::pin(events(response.bytes_stream())))
+    }
+}
+
+/// The reply events of a server-sent-events body, however its bytes are
+/// split: what [`Client::stream`] returns, for any byte stream.
+pub fn events<S, B, E>(bytes: S) -> impl Stream<Item = Result<Event, LlmError>> + Send
+where
+    S: Stream<Item = Result<B, E>> + Send,
+    B: AsRef<[u8]> + Send,
+    E: Display + Send,
+{
+    bytes
+        .eventsource()
+        .map(|event| match event {
+            Ok(event) => parse_data(&event.data),
+            Err(e) => Err(LlmError::Transport(e.to_string())),
+        })
+        .flat_map(|parsed| {
+            futures::stream::iter(match parsed {
+                Ok(events) => events.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e)],
+            })
+        })
+}
+
+/// A chunk as servers send it; every field optional (see the crate docs).
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// The events of one `data:` payload: `[DONE]`, or a chunk's text, finish
+/// reason and usage, in that order (a chunk may carry all three).
+///
+/// Errors: [`LlmError::Stream`] for an error object, [`LlmError::Malformed`]
+/// for anything that is not a JSON object.
+pub fn parse_data(data: &str) -> Result<Vec<Event>, LlmError> {
+    let data = data.trim();
+    if data == "[DONE]" {
+        return Ok(vec![Event::Done]);
+    }
+    let chunk: Chunk = serde_json::from_str(data).map_err(|e| LlmError::Malformed(format!("{e}: {}", cut(data))))?;
+    if let Some(error) = chunk.error {
+        return Err(LlmError::Stream(error_text(&error)));
+    }
+    let mut events = Vec::new();
+    for choice in chunk.choices {
+        if let Some(text) = choice.delta.and_then(|d| d.content).filter(|t| !t.is_empty()) {
+            events.push(Event::Content(text));
+        }
+        if let Some(reason) = choice.finish_reason.filter(|r| !r.is_empty()) {
+            events.push(Event::Finish(reason));
+        }
+    }
+    if let Some(usage) = chunk.usage.filter(|u| *u != Usage::default()) {
+        events.push(Event::Usage(usage));
+    }
+    Ok(events)
+}
+
+/// The message of an error body: `error.message` (or `error` as text, or
+/// `message`) of a JSON body, else the body's start.
+fn error_message(body: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value) => match value.get("error") {
+            Some(error) => error_text(error),
+            None => value
+                .get("message")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+                .unwrap_or_else(|| cut(&value.to_string())),
+        },
+        Err(_) => cut(&String::from_utf8_lossy(body)),
+    }
+}
+
+/// The text of an `error` value: its `message`, or itself as text.
+fn error_text(error: &serde_json::Value) -> String {
+    match error {
+        serde_json::Value::String(text) => text.clone(),
+        other => {
+            other.get("message").and_then(|m| m.as_str()).map(str::to_owned).unwrap_or_else(|| cut(&other.to_string()))
+        }
+    }
+}
+
+/// At most 200 characters of `text`, for error messages.
+fn cut(text: &str) -> String {
+    text.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A body as llama.cpp's server sends it: a role-only first chunk, a
+    /// keep-alive comment, text with multi-byte characters, an empty
+    /// `finish_reason`, unknown fields, a usage chunk, then `[DONE]`.
+    const BODY: &str = concat!(
+        "data: {\"id\":\"1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"},\"finish_reason\":null}]}\n\n",
+        ": keep-alive\n\n",
+        "data: {\"choices\":[{\"delta\":{\"content\":\"Héllo, \"},\"finish_reason\":\"\"}],\"usage\":{}}\n\n",
+        "data: {\"choices\":[{\"delta\":{\"content\":\"世界 🙂\",\"reasoning_content\":null}}],\"timings\":{\"n\":1}}\r\n\r\n",
+        "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":4,\"total_tokens\":9}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn expected() -> Vec<Event> {
+        vec![
+            Event::Content("Héllo, ".into()),
+            Event::Content("世界 🙂".into()),
+            Event::Finish("stop".into()),
+            Event::Usage(Usage { prompt_tokens: Some(5), completion_tokens: Some(4), total_tokens: Some(9) }),
+            Event::Done,
+        ]
+    }
+
+    /// The events of `body` delivered in pieces cut at `cuts` (byte offsets).
+    fn events_of(body: &[u8], mut cuts: Vec<usize>) -> Vec<Event> {
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        for cut in cuts.into_iter().filter(|c| *c > 0 && *c < body.len()) {
+            pieces.push(Ok::<_, std::convert::Infallible>(bytes::Bytes::copy_from_slice(&body[start..cut])));
+            start = cut;
+        }
+        pieces.push(Ok(bytes::Bytes::copy_from_slice(&body[start..])));
+        let collected = futures::executor::block_on(events(futures::stream::iter(pieces)).collect::<Vec<_>>());
+        collected.into_iter().map(|e| e.expect("no error")).collect()
+    }
+
+    #[test]
+    fn a_llama_cpp_body_reads_as_its_text_finish_usage_and_done() {
+        assert_eq!(events_of(BODY.as_bytes(), vec![]), expected());
+    }
+
+    proptest! {
+        /// Any split of the same bytes (inside a UTF-8 character, a JSON
+        /// line, a CRLF) gives the same events.
+        #[test]
+        fn any_chunking_gives_the_same_events(cuts in proptest::collection::vec(0..BODY.len(), 0..40)) {
+            prop_assert_eq!(events_of(BODY.as_bytes(), cuts), expected());
+        }
+    }
+
+    #[test]
+    fn errors_inside_the_stream_and_garbage_are_errors_not_text() {
+        let error = parse_data(r#"{"error":{"message":"context too long","type":"invalid_request_error"}}"#);
+        assert!(matches!(error, Err(LlmError::Stream(m)) if m == "context too long"));
+        assert!(matches!(parse_data(r#"{"error":"boom"}"#), Err(LlmError::Stream(m)) if m == "boom"));
+        assert!(matches!(parse_data("not json"), Err(LlmError::Malformed(_))));
+        assert_eq!(parse_data(r#"{"choices":[{"delta":{"content":null}}],"usage":null}"#).unwrap(), []);
+    }
+
+    #[test]
+    fn a_stream_without_done_just_ends() {
+        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"half\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\" a";
+        assert_eq!(events_of(body.as_bytes(), vec![]), [Event::Content("half".into())]);
+    }
+
+    #[test]
+    fn error_bodies_give_their_message() {
+        assert_eq!(error_message(br#"{"error":{"message":"rate limited","code":429}}"#), "rate limited");
+        assert_eq!(error_message(br#"{"message":"model not found"}"#), "model not found");
+        assert_eq!(error_message(b"Bad Gateway"), "Bad Gateway");
+    }
+
+    #[test]
+    fn only_http_urls_with_a_host_are_accepted_and_v1_is_not_doubled() {
+        let config = |base: &str| Config {
+            base_url: base.into(),
+            model: "m".into(),
+            api_key: Some("sk-secret".into()),
+            max_tokens: 16,
+            connect_timeout: Duration::from_secs(1),
+        };
+        assert_eq!(
+            Client::new(config("http://127.0.0.1:8080/")).unwrap().url(),
+            "http://127.0.0.1:8080/v1/chat/completions"
+        );
+        assert_eq!(
+            Client::new(config("https://api.example/v1")).unwrap().url(),
+            "https://api.example/v1/chat/completions"
+        );
+        assert!(matches!(Client::new(config("ftp://x")), Err(LlmError::Config(_))));
+        assert!(matches!(Client::new(config("localhost:8080")), Err(LlmError::Config(_))));
+        assert!(!format!("{:?}", config("http://x")).contains("sk-secret"), "the key never shows");
+    }
+}

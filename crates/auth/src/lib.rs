@@ -134,7 +134,10 @@ pub struct InProcessVerifier<S>(pub Arc<S>);
 impl<S: SessionInternalService> SessionVerifier for InProcessVerifier<S> {
     async fn introspect(&self, token: &str) -> Result<Option<Principal>, Status> {
         let request = Request::new(IntrospectSessionRequest { token: token.to_owned() });
-        let response = self.0.introspect_session(request).await?.into_inner();
+        let call = self.0.introspect_session(request);
+        let response = natter_kit::in_process("/natter.sessions.v1.SessionInternalService/IntrospectSession", call)
+            .await?
+            .into_inner();
         principal(response)
     }
 }

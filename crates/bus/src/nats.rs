@@ -287,8 +287,10 @@ impl NatsBus {
                 options = options.user_and_password(c.user.clone(), c.password.clone());
             }
             let on_event = hub.clone();
+            let stopping = shutdown.clone();
             let options = options.event_callback(move |event| {
                 let hub = on_event.clone();
+                let stopping = stopping.clone();
                 async move {
                     match event {
                         // Announcements may have been lost while away, or
@@ -297,6 +299,9 @@ impl NatsBus {
                             tracing::info!(%event, "nats: resync streams from the store");
                             hub.resync();
                         }
+                        // The connection closed because the process is
+                        // shutting down: expected, not a warning.
+                        async_nats::Event::Closed if stopping.is_cancelled() => tracing::info!(%event, "nats"),
                         other => tracing::warn!(event = %other, "nats"),
                     }
                 }

@@ -47,6 +47,17 @@ pub struct ServerArgs {
     #[arg(long, env = "NATTER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Trace calls of the standard health service too (grpc.health.v1;
+    /// off: a probe every few seconds per replica would be a trace each).
+    #[arg(long, env = "NATTER_TRACE_HEALTH_CHECKS")]
+    pub trace_health_checks: bool,
+
+    /// The `service.instance.id` of exported spans (default: the host
+    /// name and the listen port, e.g. `natter-messages-0:7070`); an
+    /// `OTEL_RESOURCE_ATTRIBUTES` that sets one wins.
+    #[arg(long, env = "NATTER_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
     #[command(flatten)]
     pub transport: TransportArgs,
 }
@@ -117,6 +128,8 @@ impl Default for ServerArgs {
             shutdown_grace: Duration::from_secs(10),
             otlp_endpoint: None,
             metrics_listen: None,
+            trace_health_checks: false,
+            instance_id: None,
             transport: TransportArgs::default(),
         }
     }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use subtle::ConstantTimeEq as _;
 
-use crate::telemetry::TracedChannel;
+use crate::observe::TracedChannel;
 
 /// Metadata key of the service credential on internal calls.
 pub const CREDENTIAL_HEADER: &str = "natter-service-credential";
@@ -124,6 +124,8 @@ pub struct Link {
     channel: TracedChannel,
     deadline: Duration,
     target: Arc<str>,
+    /// When this link last logged a failed call (one WARN a minute at most).
+    last_warning: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl Link {
@@ -136,9 +138,10 @@ impl Link {
             .tcp_nodelay(true)
             .connect_timeout(deadline.min(Duration::from_secs(5)))
             .http2_keep_alive_interval(Duration::from_secs(30));
-        let channel = crate::telemetry::traced(endpoint.connect_lazy())
-            .with_header(http::HeaderName::from_static(CREDENTIAL_HEADER), credential.header_value());
-        Ok(Self { channel, deadline, target: url.into() })
+        let channel = crate::observe::traced(endpoint.connect_lazy())
+            .with_header(http::HeaderName::from_static(CREDENTIAL_HEADER), credential.header_value())
+            .with_server(endpoint_authority(url));
+        Ok(Self { channel, deadline, target: url.into(), last_warning: Arc::default() })
     }
 
     /// The channel, for a generated client.
@@ -154,23 +157,51 @@ impl Link {
     }
 
     /// Awaits a call made with [`Link::request`]; a callee that does not
-    /// answer within the deadline is DEADLINE_EXCEEDED naming it.
+    /// answer within the deadline is DEADLINE_EXCEEDED naming it. A failure
+    /// that is the callee's or the network's (UNAVAILABLE, DEADLINE_EXCEEDED,
+    /// INTERNAL, UNKNOWN, UNIMPLEMENTED, DATA_LOSS) is logged at WARN naming
+    /// the dependency, at most once a minute per link; the answers a callee
+    /// gives on purpose (NOT_FOUND, PERMISSION_DENIED, ...) are not.
     pub async fn call<T>(
         &self,
         call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, tonic::Status> {
-        let late = || {
-            tracing::warn!(target_url = %self.target, deadline = ?self.deadline, "internal call timed out");
-            tonic::Status::deadline_exceeded(format!("{} did not answer within {:?}", self.target, self.deadline))
-        };
-        match tokio::time::timeout(self.deadline, call).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
+        let late =
+            || tonic::Status::deadline_exceeded(format!("{} did not answer within {:?}", self.target, self.deadline));
+        let result = match tokio::time::timeout(self.deadline, call).await {
+            Ok(Ok(response)) => return Ok(response.into_inner()),
             // The callee's own deadline fired first (tonic reports it as CANCELLED).
-            Ok(Err(status)) if status.code() == tonic::Code::Cancelled => Err(late()),
-            Ok(Err(status)) => Err(status),
-            Err(_elapsed) => Err(late()),
+            Ok(Err(status)) if status.code() == tonic::Code::Cancelled => late(),
+            Ok(Err(status)) => status,
+            Err(_elapsed) => late(),
+        };
+        use tonic::Code;
+        let failed = [Code::Unavailable, Code::DeadlineExceeded, Code::Internal, Code::Unknown];
+        if failed.contains(&result.code()) || matches!(result.code(), Code::Unimplemented | Code::DataLoss) {
+            self.warn_failed(&result);
+        }
+        Err(result)
+    }
+
+    /// The rate-limited WARN of [`Link::call`].
+    fn warn_failed(&self, status: &tonic::Status) {
+        let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            *last = Some(std::time::Instant::now());
+            tracing::warn!(
+                dependency = %self.target,
+                code = ?status.code(),
+                message = status.message(),
+                "a call to another natter service failed"
+            );
         }
     }
+}
+
+/// The `host:port` of a link's URL (`http://chats:7071` -> `chats:7071`).
+fn endpoint_authority(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split('/').next().unwrap_or(rest)
 }
 
 /// The check of an internal listener (a [`crate::serve`] gate): a call

@@ -18,11 +18,12 @@
 //! 2. `id`, `paging`: checked ids and page tokens (they fail with `error`'s
 //!    statuses, paging within `limits`).
 //! 3. `metrics`: Prometheus handles and the `/metrics` endpoint.
-//! 4. `telemetry`: logs, span export, trace propagation on outgoing calls;
-//!    starts the metrics endpoint.
-//! 5. `internal`: service credential and links between split services (a
+//! 4. `telemetry`: logs, span export, trace context in and out; starts the
+//!    metrics endpoint.
+//! 5. `observe`: the per-RPC server span and metrics layer, and the client
+//!    spans of calls to other services (the traced channel, in-process calls).
+//! 6. `internal`: service credential and links between split services (a
 //!    traced channel carrying the credential).
-//! 6. `observe`: the per-RPC span and metrics layer.
 //! 7. `serve`: the server and its tower stack (observe, the internal gate).
 //!
 //! A helper needed by two layers lives in the lower one (the RPC path split
@@ -46,6 +47,7 @@ pub use config::{ServerArgs, TransportArgs};
 pub use error::{FieldViolations, internal, internal_at};
 pub use internal::{InternalArgs, Link, ServiceCredential};
 pub use limits::client_ip;
+pub use observe::{Propagate, PropagateLayer, TracedChannel, in_process, traced};
 pub use serve::{Server, shutdown_signal};
 
 #[cfg(test)]
@@ -61,8 +63,8 @@ mod layering {
         &[("id", include_str!("id.rs")), ("paging", include_str!("paging.rs"))],
         &[("metrics", include_str!("metrics.rs"))],
         &[("telemetry", include_str!("telemetry.rs"))],
-        &[("internal", include_str!("internal.rs"))],
         &[("observe", include_str!("observe.rs"))],
+        &[("internal", include_str!("internal.rs"))],
         &[("serve", include_str!("serve.rs"))],
     ];
 

@@ -8,17 +8,29 @@
 //! outgoing ones, so one user call is one trace across services. Without an
 //! endpoint none of that runs: the OpenTelemetry layer is not installed and
 //! propagation is a single atomic load per call.
+//!
+//! Every call to another service is a client span (OpenTelemetry RPC
+//! semantic conventions: `rpc.system`, `rpc.service`, `rpc.method`,
+//! `server.address`, `rpc.grpc.status_code`, the status message), the parent
+//! of the callee's server span; in the all-in-one the in-process calls get
+//! the same client spans ([`in_process`]), so both modes draw the same
+//! trace. A failed export is logged at WARN with the endpoint (at most once
+//! a minute). Health checks are not traced unless asked
+//! (`--trace-health-checks`). Each process names itself with
+//! `service.instance.id` (host name and listen port, or `--instance-id`).
 
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -29,6 +41,15 @@ use crate::metrics::MetricsServer;
 
 /// Set once the OpenTelemetry layer is part of the global subscriber.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Set by `--trace-health-checks`.
+static TRACE_HEALTH: AtomicBool = AtomicBool::new(false);
+
+/// Whether calls of `grpc.health.v1.Health` get spans (off by default: a
+/// probe every few seconds per replica would be a trace each).
+pub fn trace_health_checks() -> bool {
+    TRACE_HEALTH.load(Ordering::Relaxed)
+}
 
 /// Whether spans are exported (and so whether trace context is propagated).
 pub fn exporting() -> bool {
@@ -86,13 +107,46 @@ impl Drop for Telemetry {
 /// batching, `OTEL_TRACES_SAMPLER`, `OTEL_RESOURCE_ATTRIBUTES`) apply too.
 ///
 /// Errors: the metrics address cannot be bound, or the OTLP endpoint is not
-/// a valid URL.
+/// an `http` or `https` URL with a host (the error names the flag).
 pub fn init(service_name: &'static str, args: &ServerArgs) -> std::io::Result<Telemetry> {
+    let instance = args.instance_id.clone().unwrap_or_else(|| format!("{}:{}", host_name(), args.listen.port()));
     Builder::new(service_name)
         .log_format(args.log_format)
         .otlp_endpoint(args.otlp_endpoint.clone().or_else(otlp_endpoint_from_env))
         .metrics_listen(args.metrics_listen)
+        .trace_health_checks(args.trace_health_checks)
+        .instance_id(Some(instance))
         .install()
+}
+
+/// This machine's (or pod's) host name: `HOSTNAME`, else the kernel's,
+/// else `localhost`.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// Checks an OTLP/gRPC endpoint: an `http` or `https` URL with a host.
+///
+/// Errors: [`std::io::ErrorKind::InvalidInput`], naming `--otlp-endpoint`.
+pub fn check_otlp_endpoint(endpoint: &str) -> std::io::Result<()> {
+    let bad = |why: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("--otlp-endpoint {endpoint:?}: {why} (expected http://host:4317 or https://...)"),
+        )
+    };
+    let uri: http::Uri = endpoint.parse().map_err(|_| bad("not a URL"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(host)) if !host.is_empty() => Ok(()),
+        (Some("http" | "https"), _) => Err(bad("no host")),
+        _ => Err(bad("the scheme must be http or https")),
+    }
 }
 
 fn otlp_endpoint_from_env() -> Option<String> {
@@ -111,6 +165,8 @@ pub struct Builder {
     otlp_endpoint: Option<String>,
     batch_delay: Option<Duration>,
     metrics_listen: Option<SocketAddr>,
+    trace_health_checks: bool,
+    instance_id: Option<String>,
 }
 
 impl Builder {
@@ -123,7 +179,22 @@ impl Builder {
             otlp_endpoint: None,
             batch_delay: None,
             metrics_listen: None,
+            trace_health_checks: false,
+            instance_id: None,
         }
+    }
+
+    /// Whether health-check calls get spans ([`trace_health_checks`]).
+    pub fn trace_health_checks(mut self, on: bool) -> Self {
+        self.trace_health_checks = on;
+        self
+    }
+
+    /// The `service.instance.id` resource attribute of exported spans,
+    /// unless `OTEL_RESOURCE_ATTRIBUTES` sets one.
+    pub fn instance_id(mut self, id: Option<String>) -> Self {
+        self.instance_id = id;
+        self
     }
 
     /// Log line format.
@@ -164,6 +235,10 @@ impl Builder {
     ///
     /// Errors: as [`init`].
     pub fn install(self) -> std::io::Result<Telemetry> {
+        if let Some(endpoint) = &self.otlp_endpoint {
+            check_otlp_endpoint(endpoint)?;
+        }
+        TRACE_HEALTH.store(self.trace_health_checks, Ordering::Relaxed);
         let provider = match &self.otlp_endpoint {
             Some(endpoint) => Some(self.tracer_provider(endpoint)?),
             None => None,
@@ -222,9 +297,55 @@ impl Builder {
         if let Some(delay) = self.batch_delay {
             batch = batch.with_scheduled_delay(delay);
         }
+        let exporter = WarnOnFailure { inner: exporter, endpoint: endpoint.to_owned(), last_warning: Mutex::default() };
         let processor = BatchSpanProcessor::builder(exporter).with_batch_config(batch.build()).build();
-        let resource = opentelemetry_sdk::Resource::builder().with_service_name(self.service_name).build();
+        let mut resource = opentelemetry_sdk::Resource::builder().with_service_name(self.service_name);
+        let set_by_env = std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.instance.id="));
+        if let Some(id) = self.instance_id.clone().filter(|_| !set_by_env) {
+            resource = resource.with_attribute(opentelemetry::KeyValue::new("service.instance.id", id));
+        }
+        let resource = resource.build();
         Ok(SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource).build())
+    }
+}
+
+/// The OTLP exporter, logging a failed export at WARN with the endpoint, at
+/// most once a minute (the SDK reports them only at debug level, so a
+/// mistyped or unreachable collector went unnoticed).
+#[derive(Debug)]
+struct WarnOnFailure<E> {
+    inner: E,
+    endpoint: String,
+    last_warning: Mutex<Option<Instant>>,
+}
+
+/// Shortest time between two export warnings.
+const EXPORT_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+impl<E: SpanExporter> SpanExporter for WarnOnFailure<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len();
+        let result = self.inner.export(batch).await;
+        if let Err(error) = &result {
+            let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_none_or(|t| t.elapsed() >= EXPORT_WARNING_EVERY) {
+                *last = Some(Instant::now());
+                tracing::warn!(endpoint = %self.endpoint, spans, %error, "exporting spans over OTLP failed");
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
     }
 }
 
@@ -275,70 +396,4 @@ impl Injector for HeaderInjector<'_> {
             self.0.insert(name, value);
         }
     }
-}
-
-/// A tower layer for clients: every request leaves with the current span's
-/// trace context ([`inject_headers`]).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PropagateLayer;
-
-impl<S> tower::Layer<S> for PropagateLayer {
-    type Service = Propagate<S>;
-
-    fn layer(&self, inner: S) -> Propagate<S> {
-        Propagate { inner, header: None }
-    }
-}
-
-/// See [`PropagateLayer`]. Calls to another natter service's internal
-/// listener also carry a fixed header, the service credential (set by
-/// `internal::Link`).
-#[derive(Clone)]
-pub struct Propagate<S> {
-    inner: S,
-    header: Option<(http::HeaderName, http::HeaderValue)>,
-}
-
-impl<S> Propagate<S> {
-    /// Every request also carries `name: value`, replacing any there.
-    pub(crate) fn with_header(mut self, name: http::HeaderName, value: http::HeaderValue) -> Self {
-        self.header = Some((name, value));
-        self
-    }
-}
-
-impl<S: std::fmt::Debug> std::fmt::Debug for Propagate<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Propagate").field("inner", &self.inner).finish_non_exhaustive()
-    }
-}
-
-impl<S, B> tower::Service<http::Request<B>> for Propagate<S>
-where
-    S: tower::Service<http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> S::Future {
-        inject_headers(request.headers_mut());
-        if let Some((name, value)) = &self.header {
-            request.headers_mut().insert(name.clone(), value.clone());
-        }
-        self.inner.call(request)
-    }
-}
-
-/// A tonic channel whose calls carry trace context: what service-to-service
-/// clients use.
-pub type TracedChannel = Propagate<tonic::transport::Channel>;
-
-/// Wraps `channel` so its calls carry trace context.
-pub fn traced(channel: tonic::transport::Channel) -> TracedChannel {
-    Propagate { inner: channel, header: None }
 }

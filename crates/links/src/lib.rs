@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use natter_kit::in_process;
 use natter_proto::chats::v1 as chats;
 use natter_proto::messages::v1 as messages;
 use natter_proto::sessions::v1 as sessions;
@@ -173,17 +174,32 @@ impl ChatDirectory for Grpc {
 impl<S: ChatInternalService> ChatDirectory for InProcess<S> {
     async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status> {
         let request = chats::CheckMembershipRequest { chat_id: chat_id.to_owned(), user_id: user_id.to_owned() };
-        Ok(self.0.check_membership(Request::new(request)).await?.into_inner())
+        Ok(in_process(
+            "/natter.chats.v1.ChatInternalService/CheckMembership",
+            self.0.check_membership(Request::new(request)),
+        )
+        .await?
+        .into_inner())
     }
 
     async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
         let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned() };
-        Ok(self.0.list_member_chat_ids(Request::new(request)).await?.into_inner().chat_ids)
+        Ok(in_process(
+            "/natter.chats.v1.ChatInternalService/ListMemberChatIds",
+            self.0.list_member_chat_ids(Request::new(request)),
+        )
+        .await?
+        .into_inner()
+        .chat_ids)
     }
 
     async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status> {
         let request = chats::RecordActivityRequest { activities };
-        self.0.record_activity(Request::new(request)).await?;
+        in_process(
+            "/natter.chats.v1.ChatInternalService/RecordActivity",
+            self.0.record_activity(Request::new(request)),
+        )
+        .await?;
         Ok(())
     }
 }
@@ -237,17 +253,30 @@ impl MessageDirectory for Grpc {
 impl<S: MessageInternalService> MessageDirectory for InProcess<S> {
     async fn chat_summaries(&self, chat_ids: Vec<String>, user_id: &str) -> Result<Vec<messages::ChatSummary>, Status> {
         let request = messages::GetChatSummariesRequest { chat_ids, user_id: user_id.to_owned() };
-        Ok(self.0.get_chat_summaries(Request::new(request)).await?.into_inner().summaries)
+        Ok(in_process(
+            "/natter.messages.v1.MessageInternalService/GetChatSummaries",
+            self.0.get_chat_summaries(Request::new(request)),
+        )
+        .await?
+        .into_inner()
+        .summaries)
     }
 
     async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
         let request = messages::ListRecentMessagesRequest { chat_id: chat_id.to_owned(), page_size };
-        Ok(self.0.list_recent_messages(Request::new(request)).await?.into_inner().messages)
+        Ok(in_process(
+            "/natter.messages.v1.MessageInternalService/ListRecentMessages",
+            self.0.list_recent_messages(Request::new(request)),
+        )
+        .await?
+        .into_inner()
+        .messages)
     }
 
     async fn purge_chat(&self, chat_id: &str) -> Result<(), Status> {
         let request = messages::PurgeChatRequest { chat_id: chat_id.to_owned() };
-        self.0.purge_chat(Request::new(request)).await?;
+        in_process("/natter.messages.v1.MessageInternalService/PurgeChat", self.0.purge_chat(Request::new(request)))
+            .await?;
         Ok(())
     }
 
@@ -262,7 +291,13 @@ impl<S: MessageInternalService> MessageDirectory for InProcess<S> {
             changes,
             idempotency_key: idempotency_key.to_owned(),
         };
-        Ok(self.0.record_chat_changes(Request::new(request)).await?.into_inner().change_seqs)
+        Ok(in_process(
+            "/natter.messages.v1.MessageInternalService/RecordChatChanges",
+            self.0.record_chat_changes(Request::new(request)),
+        )
+        .await?
+        .into_inner()
+        .change_seqs)
     }
 }
 
@@ -282,7 +317,13 @@ impl UserDirectory for Grpc {
 impl<S: SessionInternalService> UserDirectory for InProcess<S> {
     async fn lookup_users(&self, user_ids: Vec<String>) -> Result<Vec<sessions::User>, Status> {
         let request = sessions::LookupUsersRequest { user_ids };
-        Ok(self.0.lookup_users(Request::new(request)).await?.into_inner().users)
+        Ok(in_process(
+            "/natter.sessions.v1.SessionInternalService/LookupUsers",
+            self.0.lookup_users(Request::new(request)),
+        )
+        .await?
+        .into_inner()
+        .users)
     }
 }
 

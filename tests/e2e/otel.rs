@@ -9,106 +9,22 @@
 //! parent links and RPC names, and picks its call's spans out of whatever
 //! concurrent tests send by the trace id it started itself.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use natter_proto::chats::v1 as cpb;
 use natter_proto::messages::v1 as mpb;
 use natter_proto::sessions::v1 as spb;
+use natter_testkit::otlp::{Collector, Span, attr_int, attr_str, describe, hex};
 use natter_testkit::{Cluster, authed, with_token};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
-use opentelemetry_proto::tonic::trace::v1::Span;
-use tokio::sync::Notify;
+use opentelemetry_proto::tonic::common::v1::AnyValue;
 
-/// An OTLP/gRPC trace receiver that keeps every span it is sent.
-#[derive(Clone, Default)]
-struct Collector {
-    spans: Arc<Mutex<Vec<Span>>>,
-    arrived: Arc<Notify>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let spans = request.into_inner().resource_spans.into_iter().flat_map(|r| r.scope_spans).flat_map(|s| s.spans);
-        self.spans.lock().unwrap().extend(spans);
-        self.arrived.notify_waiters();
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-impl Collector {
-    /// Serves on an ephemeral port until the test's runtime ends; the
-    /// collector's URL.
-    async fn start(&self) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let server = tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(self.clone()))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
-        tokio::spawn(server);
-        url
-    }
-
-    /// Waits (at most 20 s) until the spans of `trace_id` satisfy `done`;
-    /// returns them.
-    async fn wait_for(&self, trace_id: &[u8], done: impl Fn(&[Span]) -> bool) -> Vec<Span> {
-        let wait = async {
-            loop {
-                let arrived = self.arrived.notified();
-                let spans: Vec<Span> =
-                    self.spans.lock().unwrap().iter().filter(|s| s.trace_id == trace_id).cloned().collect();
-                if done(&spans) {
-                    return spans;
-                }
-                arrived.await;
-            }
-        };
-        match tokio::time::timeout(Duration::from_secs(20), wait).await {
-            Ok(spans) => spans,
-            Err(_) => {
-                let spans: Vec<_> =
-                    self.spans.lock().unwrap().iter().filter(|s| s.trace_id == trace_id).map(describe).collect();
-                panic!("the trace never completed; its spans so far: {spans:#?}")
-            }
-        }
-    }
-}
-
-fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
-    attributes.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.as_ref()).and_then(|v| v.value.as_ref())
-}
-
-fn attr_str<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
-    match attr(&span.attributes, key)? {
-        any_value::Value::StringValue(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn attr_int(span: &Span, key: &str) -> Option<i64> {
-    match attr(&span.attributes, key)? {
-        any_value::Value::IntValue(i) => Some(*i),
-        _ => None,
-    }
-}
+/// OTLP span kinds (opentelemetry-proto's `SpanKind`).
+const SPAN_KIND_SERVER: i32 = 2;
+const SPAN_KIND_CLIENT: i32 = 3;
 
 /// The server span of the RPC `method` (e.g. `SendMessage`).
 fn is_rpc(span: &Span, method: &str) -> bool {
     span.name.ends_with(&format!("/{method}")) && attr_str(span, "rpc.system") == Some("grpc")
-}
-
-fn describe(span: &Span) -> String {
-    format!("{} span={} parent={}", span.name, hex(&span.span_id), hex(&span.parent_span_id))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn value_text(value: &AnyValue) -> String {
@@ -135,7 +51,9 @@ fn descends_from(spans: &[Span], span: &Span, ancestor: &Span) -> bool {
 fn send_hops<'a>(spans: &'a [Span], root_span_id: &[u8]) -> Option<(&'a Span, &'a Span)> {
     let edge = spans.iter().find(|s| is_rpc(s, "SendMessage") && s.parent_span_id == root_span_id)?;
     let messages = spans.iter().find(|s| is_rpc(s, "SendMessage") && s.parent_span_id == edge.span_id)?;
-    let below = |method| spans.iter().any(|s| is_rpc(s, method) && descends_from(spans, s, messages));
+    let below = |method| {
+        spans.iter().any(|s| is_rpc(s, method) && s.kind == SPAN_KIND_SERVER && descends_from(spans, s, messages))
+    };
     (below("IntrospectSession") && below("CheckMembership") && below("RecordActivity")).then_some((edge, messages))
 }
 
@@ -184,10 +102,17 @@ async fn send_message_is_one_trace_across_services() {
     }
     // Token introspection (sessions) and the membership check (chats) are
     // hops below the messages service, in the same trace.
+    // Each is a client span of the caller (naming the callee's address)
+    // whose child is the callee's server span.
     for method in ["IntrospectSession", "CheckMembership"] {
-        let hop = spans.iter().find(|s| is_rpc(s, method)).unwrap();
+        let hop = spans.iter().find(|s| is_rpc(s, method) && s.kind == SPAN_KIND_SERVER).unwrap();
         assert!(descends_from(&spans, hop, messages), "{method} is below SendMessage: {}", describe(hop));
         assert_eq!(attr_int(hop, "rpc.grpc.status_code"), Some(0));
+        let client = spans.iter().find(|s| s.span_id == hop.parent_span_id).expect("the caller's span");
+        assert_eq!(client.kind, SPAN_KIND_CLIENT, "{}", describe(client));
+        assert_eq!(client.name, hop.name);
+        assert!(attr_str(client, "server.address").is_some_and(|a| a.starts_with("127.0.0.1:")), "{client:?}");
+        assert_eq!(attr_int(client, "rpc.grpc.status_code"), Some(0));
     }
     // The domain span names the chat and the seq the message got.
     let send = spans.iter().find(|s| s.name == "send" && s.parent_span_id == messages.span_id).expect("send span");
@@ -206,6 +131,33 @@ async fn send_message_is_one_trace_across_services() {
         assert!(!span.name.contains(&alice.token) && !span.name.contains(&text));
     }
 
+    c.stop().await;
+
+    // The all-in-one draws the same hops: its in-process calls are client
+    // spans too, naming no address but `in-process`.
+    let c = Cluster::all_in_one(&[]).await;
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let request = cpb::CreateChatRequest { member_ids: vec![bob.id.clone()], ..Default::default() };
+    let chat = c.chats().create_chat(authed(&alice, request)).await.unwrap().into_inner().chat.unwrap();
+    let ids = uuid::Uuid::new_v4();
+    let (trace_id, root_span_id) = (ids.as_bytes().to_vec(), ids.as_bytes()[..8].to_vec());
+    let mut request =
+        with_token(&alice.token, mpb::SendMessageRequest { chat_id: chat.id, text: "hi".into(), ..Default::default() });
+    let traceparent = format!("00-{}-{}-01", hex(&trace_id), hex(&root_span_id));
+    request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+    c.messages().send_message(request).await.unwrap();
+    let in_process = |s: &Span| s.kind == SPAN_KIND_CLIENT && attr_str(s, "server.address") == Some("in-process");
+    let spans = collector
+        .wait_for(&trace_id, |spans| {
+            ["IntrospectSession", "CheckMembership"].iter().all(|m| spans.iter().any(|s| is_rpc(s, m) && in_process(s)))
+        })
+        .await;
+    let send = spans.iter().find(|s| is_rpc(s, "SendMessage") && s.parent_span_id == root_span_id).unwrap();
+    for method in ["IntrospectSession", "CheckMembership"] {
+        let client = spans.iter().find(|s| is_rpc(s, method) && in_process(s)).unwrap();
+        assert!(descends_from(&spans, client, send), "{method} is below SendMessage: {}", describe(client));
+        assert_eq!(attr_int(client, "rpc.grpc.status_code"), Some(0));
+    }
     c.stop().await;
     telemetry.shutdown();
 }

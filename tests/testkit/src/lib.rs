@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 pub mod grpc_web;
+pub mod otlp;
 
 /// Which deployment a test runs against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

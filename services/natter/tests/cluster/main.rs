@@ -8,6 +8,7 @@
 //! use; a replica is killed with SIGKILL mid-run and started again.
 
 mod operate;
+mod traces;
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::{Child, Command, Stdio};
@@ -82,18 +83,7 @@ impl Node {
     }
 
     async fn channel(&self) -> Channel {
-        // Bounded wait for the process to bind and answer health.
-        for _ in 0..300 {
-            if let Ok(channel) = Channel::from_shared(self.url()).unwrap().connect().await {
-                let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-                let check = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
-                if matches!(check, Ok(r) if r.get_ref().status == 1) {
-                    return channel;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("{} did not become healthy", self.url());
+        healthy(&self.url()).await.unwrap_or_else(|| panic!("{} did not become healthy", self.url()))
     }
 }
 
@@ -101,6 +91,22 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A channel to `url` once it answers health as serving (bounded wait for
+/// a process to bind and start): None after 15 s.
+async fn healthy(url: &str) -> Option<Channel> {
+    for _ in 0..300 {
+        if let Ok(channel) = Channel::from_shared(url.to_owned()).unwrap().connect().await {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+            let check = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
+            if matches!(check, Ok(r) if r.get_ref().status == 1) {
+                return Some(channel);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
 }
 
 fn authed<T>(token: &str, message: T) -> Request<T> {

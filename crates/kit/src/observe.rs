@@ -148,22 +148,7 @@ fn grpc_status(headers: &HeaderMap) -> Option<i32> {
 /// HTTP/2 sends it percent-encoded), when present.
 fn grpc_message(headers: &HeaderMap) -> Option<String> {
     let raw = headers.get("grpc-message")?.as_bytes();
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (raw[i], raw.get(i + 1).copied().and_then(hex), raw.get(i + 2).copied().and_then(hex)) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    Some(String::from_utf8_lossy(&out).into_owned())
+    Some(percent_encoding::percent_decode(raw).decode_utf8_lossy().into_owned())
 }
 
 impl<S, B> tower::Service<Request<tonic::body::Body>> for Rpc<S>

@@ -20,7 +20,10 @@
 
 use std::fmt::Display;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use eventsource_stream::Eventsource as _;
 use futures::{Stream, StreamExt as _};
@@ -63,6 +66,26 @@ pub struct Config {
     pub max_tokens: u32,
     /// Longest wait for the TCP (and TLS) connection.
     pub connect_timeout: Duration,
+    /// How long a reply may take to start, pause and last.
+    pub timeouts: Timeouts,
+}
+
+/// The limits of one reply; each ends it with [`LlmError::Timeout`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From the request to the first piece of text (prompt processing).
+    pub first_token: Duration,
+    /// Between two chunks once text flows.
+    pub idle: Duration,
+    /// The whole reply.
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    /// 60 s to the first token, 30 s between chunks, 10 minutes in all.
+    fn default() -> Self {
+        Self { first_token: Duration::from_secs(60), idle: Duration::from_secs(30), total: Duration::from_secs(600) }
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -73,6 +96,7 @@ impl std::fmt::Debug for Config {
             .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
             .field("max_tokens", &self.max_tokens)
             .field("connect_timeout", &self.connect_timeout)
+            .field("timeouts", &self.timeouts)
             .finish()
     }
 }
@@ -132,6 +156,10 @@ pub enum LlmError {
     /// A `data:` line that is neither `[DONE]` nor a JSON object.
     #[error("the LLM server sent a chunk that is not JSON: {0}")]
     Malformed(String),
+    /// A limit of [`Timeouts`] passed: `"first token"`, `"idle"` or
+    /// `"total"`. The reply ends there (the text so far stands).
+    #[error("the LLM server's reply timed out ({0})")]
+    Timeout(&'static str),
 }
 
 impl LlmError {
@@ -139,7 +167,7 @@ impl LlmError {
     /// unreachable, overloaded (429) or failed inside (5xx).
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Unreachable(_) | Self::Transport(_) => true,
+            Self::Unreachable(_) | Self::Transport(_) | Self::Timeout(_) => true,
             Self::Status { status, .. } => *status == 429 || *status >= 500,
             Self::Config(_) | Self::Stream(_) | Self::Malformed(_) => false,
         }
@@ -194,9 +222,28 @@ impl Client {
     /// chunk). Returns once the server answered with a success status; the
     /// reply then streams.
     ///
+    /// The reply ends with [`LlmError::Timeout`] when a limit of the
+    /// configured [`Timeouts`] passes (the wait for the answer's status
+    /// counts towards the first token and the total).
+    ///
     /// Errors: [`LlmError::Unreachable`] without an answer,
-    /// [`LlmError::Status`] for a non-success status.
+    /// [`LlmError::Status`] for a non-success status,
+    /// [`LlmError::Timeout`] when no answer came within the first token's
+    /// limit.
     pub async fn stream(&self, messages: &[ChatMessage]) -> Result<Reply, LlmError> {
+        let start = Instant::now();
+        let timeouts = self.config.timeouts;
+        let wait = timeouts.first_token.min(timeouts.total);
+        let events =
+            tokio::time::timeout(wait, self.start(messages)).await.map_err(|_| LlmError::Timeout("first token"))??;
+        Ok(Box::pin(limited(events, timeouts, start)))
+    }
+
+    /// The request, up to the answer's status (see [`Client::stream`]).
+    async fn start(
+        &self,
+        messages: &[ChatMessage],
+    ) -> Result<impl Stream<Item = Result<Event, LlmError>> + Send + use<>, LlmError> {
         let body = serde_json::json!({
             "model": self.config.model,
             "messages": messages,
@@ -222,8 +269,40 @@ impl Client {
             body.truncate(ERROR_BODY_BYTES);
             return Err(LlmError::Status { status: status.as_u16(), message: error_message(&body) });
         }
-        Ok(Box::pin(events(response.bytes_stream())))
+        Ok(events(response.bytes_stream()))
     }
+}
+
+/// `events` within `timeouts`, counted from `start`: the first text within
+/// `first_token`, each later event within `idle`, all within `total`; a
+/// limit passed is one [`LlmError::Timeout`], then the end.
+fn limited(
+    events: impl Stream<Item = Result<Event, LlmError>> + Send,
+    timeouts: Timeouts,
+    start: Instant,
+) -> impl Stream<Item = Result<Event, LlmError>> + Send {
+    let state = (Box::pin(events), false, false);
+    futures::stream::unfold(state, move |(mut events, text, over)| async move {
+        if over {
+            return None;
+        }
+        let left = timeouts.total.saturating_sub(start.elapsed());
+        let (limit, which) = match text {
+            false if timeouts.first_token.saturating_sub(start.elapsed()) < left => {
+                (timeouts.first_token.saturating_sub(start.elapsed()), "first token")
+            }
+            true if timeouts.idle < left => (timeouts.idle, "idle"),
+            _ => (left, "total"),
+        };
+        match tokio::time::timeout(limit, events.next()).await {
+            Ok(Some(event)) => {
+                let text = text || matches!(event, Ok(Event::Content(_)));
+                Some((event, (events, text, false)))
+            }
+            Ok(None) => None,
+            Err(_) => Some((Err(LlmError::Timeout(which)), (events, text, true))),
+        }
+    })
 }
 
 /// The reply events of a server-sent-events body, however its bytes are
@@ -421,6 +500,7 @@ mod tests {
             api_key: Some("sk-secret".into()),
             max_tokens: 16,
             connect_timeout: Duration::from_secs(1),
+            timeouts: Timeouts::default(),
         };
         assert_eq!(
             Client::new(config("http://127.0.0.1:8080/")).unwrap().url(),

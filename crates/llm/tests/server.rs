@@ -1,100 +1,28 @@
-//! The client against a scripted OpenAI-compatible server on a real socket
-//! (axum on 127.0.0.1:0): what it sends, what it makes of each answer, and
-//! that dropping a reply closes the connection.
+//! The client against the scripted OpenAI-compatible server
+//! ([`natter_llm::testing`], a real socket), and against a real one when
+//! `NATTER_TEST_LLM_URL` names it: what it sends, what it makes of each
+//! answer, its time limits, and that dropping a reply closes the connection.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
-use axum::routing::post;
 use futures::StreamExt as _;
-use natter_llm::{ChatMessage, Client, Config, Event, LlmError, Role};
-use tokio::sync::oneshot;
+use natter_llm::testing::{Script, ScriptedServer};
+use natter_llm::{ChatMessage, Client, Config, Event, LlmError, Role, Timeouts};
 
-/// How the server answers the next request.
-#[derive(Clone)]
-enum Script {
-    /// 200 with these SSE pieces, written one by one.
-    Stream(Vec<String>),
-    /// This status and body before any stream.
-    Status(u16, String),
-    /// 200, one piece, then nothing until the client goes away.
-    Hang(String),
-}
-
-#[derive(Default)]
-struct Seen {
-    /// (authorization header, JSON body) of every request.
-    requests: Vec<(Option<String>, serde_json::Value)>,
-    /// Told when the client dropped a hanging stream.
-    dropped: Option<oneshot::Sender<()>>,
-}
-
-struct Server {
-    script: Mutex<Script>,
-    seen: Mutex<Seen>,
-}
-
-/// Signals when the body stream is dropped (axum drops it when the client
-/// closes the connection).
-struct OnDrop(Option<oneshot::Sender<()>>);
-
-impl Drop for OnDrop {
-    fn drop(&mut self) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-async fn complete(State(server): State<Arc<Server>>, headers: HeaderMap, body: String) -> Response {
-    let auth = headers.get("authorization").map(|v| v.to_str().unwrap().to_owned());
-    server.seen.lock().unwrap().requests.push((auth, serde_json::from_str(&body).unwrap()));
-    let script = server.script.lock().unwrap().clone();
-    let sse =
-        |body: Body| Response::builder().status(200).header("content-type", "text/event-stream").body(body).unwrap();
-    match script {
-        Script::Stream(pieces) => {
-            sse(Body::from_stream(futures::stream::iter(pieces.into_iter().map(Ok::<_, std::convert::Infallible>))))
-        }
-        Script::Status(status, body) => {
-            Response::builder().status(StatusCode::from_u16(status).unwrap()).body(Body::from(body)).unwrap()
-        }
-        Script::Hang(first) => {
-            let guard = OnDrop(server.seen.lock().unwrap().dropped.take());
-            let pieces = futures::stream::once(async move { Ok::<_, std::convert::Infallible>(first) }).chain(
-                futures::stream::pending().map(move |()| {
-                    let _keep = &guard;
-                    Ok(String::new())
-                }),
-            );
-            sse(Body::from_stream(pieces))
-        }
-    }
-}
-
-async fn start(script: Script) -> (Arc<Server>, String) {
-    let server = Arc::new(Server { script: Mutex::new(script), seen: Mutex::default() });
-    let app = Router::new().route("/v1/chat/completions", post(complete)).with_state(server.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (server, url)
-}
-
-fn client(url: &str) -> Client {
+fn client_with(url: &str, timeouts: Timeouts) -> Client {
     Client::new(Config {
         base_url: url.to_owned(),
         model: "smollm2".into(),
         api_key: Some("sk-test".into()),
         max_tokens: 64,
         connect_timeout: Duration::from_secs(2),
+        timeouts,
     })
     .unwrap()
+}
+
+fn client(url: &str) -> Client {
+    client_with(url, Timeouts::default())
 }
 
 fn conversation() -> Vec<ChatMessage> {
@@ -104,57 +32,62 @@ fn conversation() -> Vec<ChatMessage> {
     ]
 }
 
-fn chunk(text: &str) -> String {
-    format!("data: {}\n\n", serde_json::json!({"choices": [{"delta": {"content": text}}]}))
+/// The text of `events`, concatenated.
+fn text(events: &[Event]) -> String {
+    events.iter().filter_map(|e| if let Event::Content(t) = e { Some(t.as_str()) } else { None }).collect()
 }
 
 #[tokio::test]
 async fn a_streamed_reply_arrives_whole_and_the_request_is_what_servers_expect() {
-    let pieces = vec![
-        "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n".to_owned(),
-        chunk("Hel"),
-        ": ping\n\n".into(),
-        chunk("lo"),
-        "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"completion_tokens\":2}}\n\n"
-            .into(),
-        "data: [DONE]\n\n".into(),
-    ];
-    let (server, url) = start(Script::Stream(pieces)).await;
-    let events: Vec<Event> = client(&url).stream(&conversation()).await.unwrap().map(|e| e.unwrap()).collect().await;
-    let text: String =
-        events.iter().filter_map(|e| if let Event::Content(t) = e { Some(t.as_str()) } else { None }).collect();
-    assert_eq!(text, "Hello");
+    let server = ScriptedServer::start(1).await;
+    // Multi-byte text, cut at random bytes by the server.
+    server.push(Script::reply("Héllo, 世界 🙂!"));
+    let events: Vec<Event> =
+        client(server.url()).stream(&conversation()).await.unwrap().map(|e| e.unwrap()).collect().await;
+    assert_eq!(text(&events), "Héllo, 世界 🙂!");
     assert!(events.contains(&Event::Finish("stop".into())));
+    assert!(events.iter().any(|e| matches!(e, Event::Usage(u) if u.completion_tokens == Some(12))));
     assert_eq!(events.last(), Some(&Event::Done));
 
-    let seen = server.seen.lock().unwrap();
-    let (auth, body) = &seen.requests[0];
-    assert_eq!(auth.as_deref(), Some("Bearer sk-test"));
-    assert_eq!(body["model"], "smollm2");
-    assert_eq!(body["stream"], true);
-    assert_eq!(body["max_tokens"], 64);
-    assert_eq!(body["messages"][0], serde_json::json!({"role": "system", "content": "Be brief."}));
-    assert_eq!(body["messages"][1], serde_json::json!({"role": "user", "content": "Hi?"}));
+    let requests = server.requests();
+    let request = &requests[0];
+    assert_eq!(request.authorization.as_deref(), Some("Bearer sk-test"));
+    assert_eq!(request.body["model"], "smollm2");
+    assert_eq!(request.body["stream"], true);
+    assert_eq!(request.body["max_tokens"], 64);
+    assert_eq!(request.body["messages"][0], serde_json::json!({"role": "system", "content": "Be brief."}));
+    assert_eq!(request.body["messages"][1], serde_json::json!({"role": "user", "content": "Hi?"}));
+    assert_eq!(request.disconnected_at, None, "read to the end");
 }
 
 #[tokio::test]
 async fn a_refusal_before_the_stream_is_a_status_error_with_the_servers_message() {
-    let (_, url) = start(Script::Status(429, r#"{"error":{"message":"slow down","type":"rate_limit"}}"#.into())).await;
-    let Err(error) = client(&url).stream(&conversation()).await else { panic!("a 429 streamed") };
+    let server = ScriptedServer::start(2).await;
+    server.push(Script::status(429, "slow down"));
+    server.push(Script::status(401, "no key"));
+    let Err(error) = client(server.url()).stream(&conversation()).await else { panic!("a 429 streamed") };
     assert!(matches!(&error, LlmError::Status { status: 429, message } if message == "slow down"), "{error}");
     assert!(error.is_transient());
-    let (_, url) = start(Script::Status(401, "no key".into())).await;
-    let Err(error) = client(&url).stream(&conversation()).await else { panic!("a 401 streamed") };
-    assert!(matches!(&error, LlmError::Status { status: 401, .. }) && !error.is_transient());
+    let Err(error) = client(server.url()).stream(&conversation()).await else { panic!("a 401 streamed") };
+    assert!(matches!(&error, LlmError::Status { status: 401, .. }) && !error.is_transient(), "{error}");
 }
 
 #[tokio::test]
 async fn an_error_mid_stream_ends_the_reply_with_that_error_after_the_text_so_far() {
-    let pieces = vec![chunk("par"), "data: {\"error\":{\"message\":\"out of memory\"}}\n\n".into()];
-    let (_, url) = start(Script::Stream(pieces)).await;
-    let events: Vec<_> = client(&url).stream(&conversation()).await.unwrap().collect().await;
-    assert!(matches!(&events[0], Ok(Event::Content(t)) if t == "par"));
-    assert!(matches!(&events[1], Err(LlmError::Stream(m)) if m == "out of memory"));
+    let server = ScriptedServer::start(3).await;
+    server.push(Script::error_after("par", "out of memory"));
+    let events: Vec<_> = client(server.url()).stream(&conversation()).await.unwrap().collect().await;
+    assert!(matches!(&events[0], Ok(Event::Content(t)) if t == "par"), "{events:?}");
+    assert!(matches!(&events[1], Err(LlmError::Stream(m)) if m == "out of memory"), "{events:?}");
+}
+
+#[tokio::test]
+async fn a_stream_cut_without_done_ends_without_done() {
+    let server = ScriptedServer::start(4).await;
+    server.push(Script::eof_after("half"));
+    let events: Vec<Event> =
+        client(server.url()).stream(&conversation()).await.unwrap().map(|e| e.unwrap()).collect().await;
+    assert_eq!(events, [Event::Content("half".into())]);
 }
 
 #[tokio::test]
@@ -168,13 +101,52 @@ async fn an_unreachable_server_is_an_unreachable_error() {
 
 #[tokio::test]
 async fn dropping_a_reply_closes_the_connection_upstream() {
-    let (server, url) = start(Script::Hang(chunk("thinking"))).await;
-    let (tx, rx) = oneshot::channel();
-    server.seen.lock().unwrap().dropped = Some(tx);
-    let mut reply = client(&url).stream(&conversation()).await.unwrap();
+    let server = ScriptedServer::start(5).await;
+    server.push(Script::hang_after("thinking"));
+    let mut reply = client(server.url()).stream(&conversation()).await.unwrap();
     assert_eq!(reply.next().await.unwrap().unwrap(), Event::Content("thinking".into()));
     drop(reply);
-    tokio::time::timeout(Duration::from_secs(5), rx).await.expect("the server saw the client go").unwrap();
+    let gone = server.disconnected(0, Duration::from_secs(5)).await;
+    assert!(gone.is_some(), "the server never saw the client go");
+}
+
+#[tokio::test]
+async fn a_reply_that_stalls_ends_with_the_limit_it_passed_and_keeps_its_text() {
+    let server = ScriptedServer::start(6).await;
+    let limits = Timeouts {
+        first_token: Duration::from_secs(5),
+        idle: Duration::from_millis(200),
+        total: Duration::from_secs(30),
+    };
+    server.push(Script::hang_after("so far"));
+    let events: Vec<_> = client_with(server.url(), limits).stream(&conversation()).await.unwrap().collect().await;
+    assert!(matches!(&events[0], Ok(Event::Content(t)) if t == "so far"), "{events:?}");
+    assert!(matches!(&events[1], Err(LlmError::Timeout("idle"))), "{events:?}");
+    assert_eq!(events.len(), 2, "nothing after the timeout");
+
+    // A reply slower than the total limit, though never idle that long.
+    server.push(Script::slow("abcdefghijkl", Duration::from_millis(100)));
+    let limits = Timeouts {
+        first_token: Duration::from_secs(5),
+        idle: Duration::from_secs(5),
+        total: Duration::from_millis(250),
+    };
+    let events: Vec<_> = client_with(server.url(), limits).stream(&conversation()).await.unwrap().collect().await;
+    assert!(matches!(events.last(), Some(Err(LlmError::Timeout("total")))), "{events:?}");
+    assert!(events.iter().any(|e| matches!(e, Ok(Event::Content(_)))), "the text before it stands: {events:?}");
+}
+
+#[tokio::test]
+async fn a_reply_that_never_starts_times_out_at_the_first_token() {
+    let server = ScriptedServer::start(7).await;
+    server.push(Script::slow("late", Duration::from_secs(3)));
+    let limits = Timeouts {
+        first_token: Duration::from_millis(200),
+        idle: Duration::from_secs(5),
+        total: Duration::from_secs(30),
+    };
+    let events: Vec<_> = client_with(server.url(), limits).stream(&conversation()).await.unwrap().collect().await;
+    assert!(matches!(events.as_slice(), [Err(LlmError::Timeout("first token"))]), "{events:?}");
 }
 
 /// The real server `NATTER_TEST_LLM_URL` names (`.ci/run` starts llama.cpp's
@@ -204,6 +176,7 @@ async fn a_real_server_streams_a_reply_and_stops_when_dropped() {
         api_key: None,
         max_tokens: 48,
         connect_timeout: Duration::from_secs(5),
+        timeouts: Timeouts::default(),
     })
     .unwrap();
     let ask = |text: &str| vec![ChatMessage { role: Role::User, content: text.into() }];

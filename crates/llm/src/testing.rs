@@ -1,0 +1,282 @@
+//! A scripted OpenAI-compatible server for tests (feature `testing`): axum
+//! on 127.0.0.1:0, answering `POST /v1/chat/completions` the way llama.cpp's
+//! server, Ollama or vLLM do, or misbehaving on cue. What cannot be had from
+//! a real model on demand (a hang, an error mid-stream, a 429) is scripted
+//! here, on the real wire protocol: HTTP/1.1, `text/event-stream`, bytes cut
+//! at arbitrary points (inside a UTF-8 character, inside a JSON line).
+//!
+//! Each request takes the next queued [`Script`] (or [`Script::reply`] of
+//! "ok" when none is queued); the server records every request and when its
+//! client went away ([`ScriptedServer::requests`]).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::post;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use rand::{Rng as _, SeedableRng as _};
+
+/// One step of a streamed answer.
+#[derive(Clone, Debug)]
+pub enum Step {
+    /// These bytes (SSE lines), written in pieces cut at random points.
+    Bytes(String),
+    /// A pause.
+    Wait(Duration),
+    /// Nothing more, ever, until the client goes away.
+    Hang,
+}
+
+/// How the server answers one request.
+#[derive(Clone, Debug)]
+pub struct Script {
+    /// The HTTP status; anything but 200 answers `body` as JSON at once.
+    pub status: u16,
+    /// For a non-200 status: the body.
+    pub body: String,
+    /// For 200: the streamed steps; the stream ends after the last (with
+    /// or without `[DONE]`, as the steps say).
+    pub steps: Vec<Step>,
+}
+
+/// `data: <chunk>` of a chunk carrying `text`.
+pub fn content(text: &str) -> String {
+    data(
+        &serde_json::json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]}),
+    )
+}
+
+/// `data: <json>` and the blank line that ends the event.
+pub fn data(json: &serde_json::Value) -> String {
+    format!("data: {json}\n\n")
+}
+
+impl Script {
+    /// A well-behaved streamed reply of `text`: a role-only first chunk, a
+    /// keep-alive comment, the text in pieces of up to 3 characters, the
+    /// finish reason `stop`, a usage chunk, `[DONE]`.
+    pub fn reply(text: &str) -> Self {
+        let mut steps = vec![
+            Step::Bytes(data(&serde_json::json!({"choices": [{"index": 0, "delta": {"role": "assistant"}}]}))),
+            Step::Bytes(": keep-alive\n\n".into()),
+        ];
+        steps.extend(pieces(text).map(|piece| Step::Bytes(content(&piece))));
+        steps.push(Step::Bytes(data(
+            &serde_json::json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        )));
+        let usage = serde_json::json!({"prompt_tokens": 5, "completion_tokens": text.chars().count(), "total_tokens": 5 + text.chars().count()});
+        steps.push(Step::Bytes(data(&serde_json::json!({"choices": [], "usage": usage}))));
+        steps.push(Step::Bytes("data: [DONE]\n\n".into()));
+        Self { status: 200, body: String::new(), steps }
+    }
+
+    /// [`Script::reply`] with `pause` before every piece of text.
+    pub fn slow(text: &str, pause: Duration) -> Self {
+        let mut script = Self::reply(text);
+        script.steps = script
+            .steps
+            .into_iter()
+            .flat_map(|step| match &step {
+                Step::Bytes(b) if b.contains("\"content\"") => vec![Step::Wait(pause), step],
+                _ => vec![step],
+            })
+            .collect();
+        script
+    }
+
+    /// The first `text`, then nothing until the client goes away.
+    pub fn hang_after(text: &str) -> Self {
+        Self { status: 200, body: String::new(), steps: vec![Step::Bytes(content(text)), Step::Hang] }
+    }
+
+    /// `text`, then an error object inside the stream (what llama.cpp's
+    /// server sends when it fails mid-generation).
+    pub fn error_after(text: &str, message: &str) -> Self {
+        let error = data(&serde_json::json!({"error": {"message": message, "type": "server_error"}}));
+        Self { status: 200, body: String::new(), steps: vec![Step::Bytes(content(text)), Step::Bytes(error)] }
+    }
+
+    /// `text`, then the end of the body without a finish reason or `[DONE]`.
+    pub fn eof_after(text: &str) -> Self {
+        Self { status: 200, body: String::new(), steps: vec![Step::Bytes(content(text))] }
+    }
+
+    /// `status` before any stream, with an OpenAI-style error body.
+    pub fn status(status: u16, message: &str) -> Self {
+        let body = serde_json::json!({"error": {"message": message, "code": status}}).to_string();
+        Self { status, body, steps: Vec::new() }
+    }
+}
+
+/// `text` in pieces of up to 3 characters.
+fn pieces(text: &str) -> impl Iterator<Item = String> + '_ {
+    let chars: Vec<char> = text.chars().collect();
+    (0..chars.len()).step_by(3).map(move |i| chars[i..(i + 3).min(chars.len())].iter().collect())
+}
+
+/// A request as the server saw it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    /// The JSON body (`model`, `messages`, `stream`, `max_tokens`, ...).
+    pub body: serde_json::Value,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
+    /// When it arrived.
+    pub at: Instant,
+    /// When the client closed the stream before its end, if it did.
+    pub disconnected_at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Shared {
+    scripts: VecDeque<Script>,
+    requests: Vec<Recorded>,
+    seed: u64,
+}
+
+/// See the module docs. Clones share the server.
+#[derive(Clone)]
+pub struct ScriptedServer {
+    shared: Arc<Mutex<Shared>>,
+    disconnects: Arc<tokio::sync::Notify>,
+    url: String,
+}
+
+impl ScriptedServer {
+    /// Serves on an ephemeral port until the runtime ends; byte cuts come
+    /// from `seed` (each request its own, in order).
+    pub async fn start(seed: u64) -> Self {
+        let shared = Arc::new(Mutex::new(Shared { seed, ..Shared::default() }));
+        let disconnects = Arc::new(tokio::sync::Notify::new());
+        let state = (shared.clone(), disconnects.clone());
+        let app = Router::new().route("/v1/chat/completions", post(complete)).with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+        Self { shared, disconnects, url }
+    }
+
+    /// The base URL (`http://127.0.0.1:port`, an `--assistant-base-url`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Queues how the next request is answered.
+    pub fn push(&self, script: Script) {
+        self.shared.lock().unwrap().scripts.push_back(script);
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.shared.lock().unwrap().requests.clone()
+    }
+
+    /// Waits until the client of request `index` (0: the first) has gone
+    /// away before the stream's end; when, or None if not `within`.
+    pub async fn disconnected(&self, index: usize, within: Duration) -> Option<Instant> {
+        let wait = async {
+            loop {
+                let changed = self.disconnects.notified();
+                if let Some(at) = self.requests().get(index).and_then(|r| r.disconnected_at) {
+                    return at;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(within, wait).await.ok()
+    }
+}
+
+/// Marks its request disconnected when dropped before the stream's end.
+struct Watch {
+    shared: Arc<Mutex<Shared>>,
+    disconnects: Arc<tokio::sync::Notify>,
+    index: usize,
+    finished: bool,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.shared.lock().unwrap().requests[self.index].disconnected_at = Some(Instant::now());
+            self.disconnects.notify_waiters();
+        }
+    }
+}
+
+type AppState = (Arc<Mutex<Shared>>, Arc<tokio::sync::Notify>);
+
+async fn complete(State((shared, disconnects)): State<AppState>, headers: HeaderMap, body: String) -> Response {
+    let (script, index, seed) = {
+        let mut state = shared.lock().unwrap();
+        let body = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
+        let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        state.requests.push(Recorded { body, authorization, at: Instant::now(), disconnected_at: None });
+        let script = state.scripts.pop_front().unwrap_or_else(|| Script::reply("ok"));
+        (script, state.requests.len() - 1, state.seed.wrapping_add(state.requests.len() as u64))
+    };
+    if script.status != 200 {
+        return Response::builder()
+            .status(StatusCode::from_u16(script.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+            .header("content-type", "application/json")
+            .body(Body::from(script.body))
+            .expect("response");
+    }
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let watch = Watch { shared, disconnects, index, finished: false };
+    let steps: Vec<Step> = script.steps;
+    let stream = async_stream(move |tx| async move {
+        // The whole watch lives as long as the stream is written.
+        let mut watch = watch;
+        for step in steps {
+            match step {
+                Step::Bytes(text) => {
+                    let bytes = text.into_bytes();
+                    let mut start = 0;
+                    while start < bytes.len() {
+                        let end = (start + rng.random_range(1..=16)).min(bytes.len());
+                        if tx.send(Bytes::copy_from_slice(&bytes[start..end])).await.is_err() {
+                            return;
+                        }
+                        start = end;
+                    }
+                }
+                Step::Wait(pause) => tokio::time::sleep(pause).await,
+                Step::Hang => {
+                    tx.closed().await;
+                    return;
+                }
+            }
+        }
+        watch.finished = true;
+    });
+    Response::builder()
+        .status(200)
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream.map(Ok::<_, Infallible>)))
+        .expect("response")
+}
+
+/// The bytes `produce` sends, as a stream; the receiver's drop (the client
+/// went away) closes the channel.
+fn async_stream<F, Fut>(produce: F) -> impl futures::Stream<Item = Bytes> + Send
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(produce(tx));
+    tokio_stream_from(rx)
+}
+
+fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> impl futures::Stream<Item = Bytes> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -55,6 +55,17 @@ async fn call_every_internal_rpc(
             ),
         ),
         (
+            "EnsureBotUser",
+            code(
+                sessions
+                    .ensure_bot_user(with(
+                        spb::EnsureBotUserRequest { username: "intruder".into(), display_name: String::new() },
+                        credential,
+                    ))
+                    .await,
+            ),
+        ),
+        (
             "CheckMembership",
             code(
                 chats
@@ -127,9 +138,10 @@ async fn call_every_internal_rpc(
 }
 
 /// The internal RPCs' paths, for gRPC-web.
-const INTERNAL_PATHS: [&str; 9] = [
+const INTERNAL_PATHS: [&str; 10] = [
     "/natter.sessions.v1.SessionInternalService/IntrospectSession",
     "/natter.sessions.v1.SessionInternalService/LookupUsers",
+    "/natter.sessions.v1.SessionInternalService/EnsureBotUser",
     "/natter.chats.v1.ChatInternalService/CheckMembership",
     "/natter.chats.v1.ChatInternalService/ListMemberChatIds",
     "/natter.chats.v1.ChatInternalService/RecordActivity",

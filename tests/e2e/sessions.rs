@@ -27,6 +27,7 @@ async fn password_login_and_current_session(c: &Cluster) {
     assert_eq!(user.id, alice.id);
     assert_eq!(user.username, alice.username);
     assert!(!user.guest);
+    assert_eq!(user.kind, spb::UserKind::Human as i32);
     let session = current.session.unwrap();
     assert_eq!(session.id, alice.session_id);
     assert!(session.current);
@@ -51,6 +52,7 @@ async fn guest_sessions_are_guests(c: &Cluster) {
         c.sessions().get_current_session(authed(&guest, spb::GetCurrentSessionRequest {})).await.unwrap().into_inner();
     let user = current.user.unwrap();
     assert!(user.guest);
+    assert_eq!(user.kind, spb::UserKind::Guest as i32);
     assert!(user.username.is_empty());
     assert!(user.display_name.starts_with("Guest"));
     assert_eq!(guest.token.len(), 43, "256-bit base64url token");
@@ -227,6 +229,7 @@ async fn guests_claim_their_account_and_keep_their_chats(c: &Cluster) {
         (user.id.as_str(), user.guest, user.username.as_str(), user.display_name.as_str()),
         (guest.id.as_str(), false, username.as_str(), "Newcomer")
     );
+    assert_eq!(user.kind, spb::UserKind::Human as i32, "a claimed guest is a person with a password");
     assert_eq!(code(c.sessions().claim_account(authed(&guest, claim)).await), Code::FailedPrecondition, "only once");
     // The guest token still works, and the password logs in as the same user with the same chats.
     let login = c
@@ -251,4 +254,62 @@ async fn guests_claim_their_account_and_keep_their_chats(c: &Cluster) {
     };
     let other_guest = c.guest().await;
     assert_eq!(code(c.sessions().claim_account(authed(&other_guest, taken)).await), Code::AlreadyExists);
+}
+
+/// Split mode: the internal EnsureBotUser makes a bot once (the assistant's
+/// kind of user), which is an ordinary chat member but never logs in, not
+/// even with the password the log-in checks unknown users against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bots_are_made_once_join_chats_and_never_log_in() {
+    use natter_proto::sessions::v1::session_internal_service_client::SessionInternalServiceClient;
+    let Some(c) = Cluster::start(natter_testkit::Mode::Split).await else { return };
+    let secret = std::fs::read_to_string(c.credential_file.as_deref().expect("split has a credential")).unwrap();
+    let internal = tonic::transport::Channel::from_shared(format!("http://{}", c.internal_addrs[0]))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let ensure = |username: &str, display_name: &str| {
+        let mut request = tonic::Request::new(spb::EnsureBotUserRequest {
+            username: username.into(),
+            display_name: display_name.into(),
+        });
+        request.metadata_mut().insert("natter-service-credential", secret.trim().parse().unwrap());
+        let mut client = SessionInternalServiceClient::new(internal.clone());
+        async move { client.ensure_bot_user(request).await }
+    };
+    let name = format!("assistant-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let bot = ensure(&name, "Assistant").await.unwrap().into_inner().user.unwrap();
+    assert_eq!((bot.kind, bot.guest, bot.display_name.as_str()), (spb::UserKind::Bot as i32, false, "Assistant"));
+    let again = ensure(&name.to_uppercase(), "Another name").await.unwrap().into_inner().user.unwrap();
+    assert_eq!((again.id.as_str(), again.display_name.as_str()), (bot.id.as_str(), "Assistant"), "made once");
+
+    // No log-in reaches it: not a guessed password, not the dummy one.
+    for password in ["correct horse battery", "natter-dummy-password"] {
+        let login = spb::CreateSessionRequest { username: name.clone(), password: password.into() };
+        assert_eq!(code(c.sessions().create_session(login).await), Code::Unauthenticated, "{password}");
+    }
+    // A person's username is not a bot's; a bad one names the field.
+    let alice = c.user("alice").await;
+    assert_eq!(ensure(&alice.username, "").await.unwrap_err().code(), Code::AlreadyExists);
+    let bad = ensure("no spaces allowed", "").await.unwrap_err();
+    assert_eq!(violated_fields(&bad), ["username"]);
+
+    // An ordinary member: added to a group, listed with its kind.
+    let request =
+        cpb::CreateChatRequest { title: "ask me".into(), member_ids: vec![bot.id.clone()], ..Default::default() };
+    let chat = c.chats().create_chat(authed(&alice, request)).await.unwrap().into_inner().chat.unwrap();
+    assert_eq!(chat.member_count, 2);
+    let users = c
+        .sessions()
+        .batch_get_users(authed(&alice, spb::BatchGetUsersRequest { user_ids: vec![bot.id.clone()] }))
+        .await
+        .unwrap()
+        .into_inner()
+        .users;
+    assert_eq!(
+        users.iter().map(|u| (u.id.as_str(), u.kind)).collect::<Vec<_>>(),
+        [(bot.id.as_str(), spb::UserKind::Bot as i32)]
+    );
+    c.stop().await;
 }

@@ -12,14 +12,21 @@ use tonic::{Request, Response, Status};
 use crate::domain::NewUser;
 use crate::error::SessionsError;
 use crate::service::{NewSession, Sessions};
-use crate::store::{SessionRow, TokenRow, UserRow};
+use crate::store::{self, SessionRow, TokenRow, UserRow};
 
 /// Most ids in one BatchGetUsers request.
 pub const BATCH_GET_USERS_MAX_IDS: usize = 200;
 
 fn user(u: UserRow) -> pb::User {
+    let kind = match u.kind.as_str() {
+        store::HUMAN => pb::UserKind::Human,
+        store::GUEST => pb::UserKind::Guest,
+        store::BOT => pb::UserKind::Bot,
+        _ => pb::UserKind::Unspecified,
+    };
     pb::User {
         guest: u.guest(),
+        kind: kind as i32,
         id: u.id,
         username: u.username.unwrap_or_default(),
         display_name: u.display_name,
@@ -239,5 +246,14 @@ impl SessionInternalService for SessionInternalApi {
         let ids = parse_user_ids(request.into_inner().user_ids, natter_kit::limits::LOOKUP_USERS_MAX_IDS)?;
         let users = self.sessions.users(&ids).await?.into_iter().map(user).collect();
         Ok(Response::new(pb::LookupUsersResponse { users }))
+    }
+
+    async fn ensure_bot_user(
+        &self,
+        request: Request<pb::EnsureBotUserRequest>,
+    ) -> Result<Response<pb::EnsureBotUserResponse>, Status> {
+        let request = request.into_inner();
+        let bot = self.sessions.ensure_bot(&request.username, &request.display_name).await?;
+        Ok(Response::new(pb::EnsureBotUserResponse { user: Some(user(bot)) }))
     }
 }

@@ -15,7 +15,7 @@ use crate::SessionsArgs;
 use crate::domain::{self, NewUser};
 use crate::error::SessionsError;
 use crate::guard::LoginGuard;
-use crate::store::{SessionRow, Store, TokenRow, UserRow};
+use crate::store::{self, SessionRow, Store, TokenRow, UserRow};
 
 /// A session just created, with its token (shown once).
 #[derive(Debug)]
@@ -116,10 +116,51 @@ impl Sessions {
             display_name: new.display_name,
             password_hash: Some(hash),
             create_time: now_micros(),
+            kind: store::HUMAN.to_owned(),
         };
         self.store.insert_user(&user, Some(&new.username.key())).await?;
         tracing::info!(user_id = %user.id, "user created");
         Ok(user)
+    }
+
+    /// Internal: the bot user named `username` (an automated member such as
+    /// the assistant), created with `display_name` if it does not exist yet.
+    /// A bot has no password: no log-in reaches it.
+    ///
+    /// Errors: INVALID_ARGUMENT for a malformed username or display name;
+    /// ALREADY_EXISTS when the username belongs to a human or a claimed
+    /// guest.
+    pub async fn ensure_bot(&self, username: &str, display_name: &str) -> Result<UserRow, SessionsError> {
+        let username = domain::Username::parse(username).map_err(|r| SessionsError::invalid("username", r))?;
+        domain::check_display_name(display_name).map_err(|r| SessionsError::invalid("display_name", r))?;
+        let display_name = match display_name.trim() {
+            "" => username.as_str().to_owned(),
+            name => name.to_owned(),
+        };
+        let key = username.key();
+        if let Some(existing) = self.store.user_by_key(&key).await? {
+            return if existing.kind == store::BOT { Ok(existing) } else { Err(SessionsError::UsernameTaken) };
+        }
+        let user = UserRow {
+            id: Uuid::now_v7().to_string(),
+            username: Some(username.as_str().to_owned()),
+            display_name,
+            password_hash: None,
+            create_time: now_micros(),
+            kind: store::BOT.to_owned(),
+        };
+        match self.store.insert_user(&user, Some(&key)).await {
+            Ok(()) => {
+                tracing::info!(user_id = %user.id, username = username.as_str(), "bot user created");
+                Ok(user)
+            }
+            // Created by a concurrent call: that one, if it is a bot.
+            Err(SessionsError::UsernameTaken) => match self.store.user_by_key(&key).await? {
+                Some(existing) if existing.kind == store::BOT => Ok(existing),
+                _ => Err(SessionsError::UsernameTaken),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     /// Logs in with a username and password from `client` (see
@@ -142,7 +183,9 @@ impl Sessions {
             None => dummy_hash().to_owned(),
         };
         let ok = verify_password(password.to_owned(), phc).await?;
-        let Some(user) = user.filter(|_| ok) else {
+        // Only a password user logs in: a bot has no password, and the dummy
+        // hash must never let anyone in.
+        let Some(user) = user.filter(|u| ok && u.kind == store::HUMAN && u.password_hash.is_some()) else {
             return Err(SessionsError::BadCredentials);
         };
         self.logins.succeeded(&key, client);
@@ -161,6 +204,7 @@ impl Sessions {
             display_name: domain::guest_name(&id),
             password_hash: None,
             create_time: now_micros(),
+            kind: store::GUEST.to_owned(),
         };
         let (session, token) = self.new_session(&user.id);
         self.store.insert_user_with_session(&user, &session, &domain::token_hash(&token)).await?;

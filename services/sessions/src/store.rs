@@ -14,12 +14,21 @@ pub struct UserRow {
     pub display_name: String,
     pub password_hash: Option<String>,
     pub create_time: i64,
+    /// `human`, `guest` or `bot` (migration 0002).
+    pub kind: String,
 }
 
+/// `users.kind` of a password user.
+pub const HUMAN: &str = "human";
+/// `users.kind` of a guest.
+pub const GUEST: &str = "guest";
+/// `users.kind` of a bot (no password, no sessions).
+pub const BOT: &str = "bot";
+
 impl UserRow {
-    /// True for a guest (no password).
+    /// True for a guest (no password until claimed).
     pub fn guest(&self) -> bool {
-        self.password_hash.is_none()
+        self.kind == GUEST
     }
 }
 
@@ -60,8 +69,8 @@ impl Store {
     /// Inserts a user. Errors: UsernameTaken on a duplicate username key.
     pub async fn insert_user(&self, user: &UserRow, username_key: Option<&str>) -> Result<(), SessionsError> {
         sqlx::query(
-            "INSERT INTO users (id, username, username_key, display_name, password_hash, create_time) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO users (id, username, username_key, display_name, password_hash, create_time, kind) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&user.id)
         .bind(&user.username)
@@ -69,6 +78,7 @@ impl Store {
         .bind(&user.display_name)
         .bind(&user.password_hash)
         .bind(user.create_time)
+        .bind(&user.kind)
         .execute(self.db.write())
         .await
         .map_err(|e| taken_or_db(e))?;
@@ -84,14 +94,15 @@ impl Store {
     ) -> Result<(), SessionsError> {
         let mut tx = self.db.write().begin().await?;
         sqlx::query(
-            "INSERT INTO users (id, username, username_key, display_name, password_hash, create_time) \
-             VALUES ($1, $2, NULL, $3, $4, $5)",
+            "INSERT INTO users (id, username, username_key, display_name, password_hash, create_time, kind) \
+             VALUES ($1, $2, NULL, $3, $4, $5, $6)",
         )
         .bind(&user.id)
         .bind(&user.username)
         .bind(&user.display_name)
         .bind(&user.password_hash)
         .bind(user.create_time)
+        .bind(&user.kind)
         .execute(&mut *tx)
         .await?;
         insert_session(&mut *tx, session, token_hash).await?;
@@ -107,7 +118,7 @@ impl Store {
 
     pub async fn user_by_key(&self, key: &str) -> Result<Option<UserRow>, SessionsError> {
         Ok(sqlx::query_as(
-            "SELECT id, username, display_name, password_hash, create_time FROM users WHERE username_key = $1",
+            "SELECT id, username, display_name, password_hash, create_time, kind FROM users WHERE username_key = $1",
         )
         .bind(key)
         .fetch_optional(self.db.read())
@@ -115,10 +126,12 @@ impl Store {
     }
 
     pub async fn user_by_id(&self, id: &str) -> Result<Option<UserRow>, SessionsError> {
-        Ok(sqlx::query_as("SELECT id, username, display_name, password_hash, create_time FROM users WHERE id = $1")
-            .bind(id)
-            .fetch_optional(self.db.read())
-            .await?)
+        Ok(sqlx::query_as(
+            "SELECT id, username, display_name, password_hash, create_time, kind FROM users WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(self.db.read())
+        .await?)
     }
 
     /// The users among `ids` that exist, in no particular order.
@@ -126,8 +139,9 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut q =
-            SqlBuilder::new("SELECT id, username, display_name, password_hash, create_time FROM users WHERE id IN ");
+        let mut q = SqlBuilder::new(
+            "SELECT id, username, display_name, password_hash, create_time, kind FROM users WHERE id IN ",
+        );
         q.bind_list(ids.iter().cloned());
         Ok(q.build_as()?.fetch_all(self.db.read()).await?)
     }
@@ -136,7 +150,7 @@ impl Store {
     pub async fn session_by_token(&self, token_hash: &str) -> Result<Option<TokenRow>, SessionsError> {
         Ok(sqlx::query_as(
             "SELECT s.id, s.user_id, s.expire_time, s.revoke_time, \
-                    CASE WHEN u.password_hash IS NULL THEN 1 ELSE 0 END AS guest \
+                    CASE WHEN u.kind = 'guest' THEN 1 ELSE 0 END AS guest \
              FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = $1",
         )
         .bind(token_hash)
@@ -206,8 +220,8 @@ impl Store {
         password_hash: &str,
     ) -> Result<bool, SessionsError> {
         let done = sqlx::query(
-            "UPDATE users SET username = $1, username_key = $2, display_name = $3, password_hash = $4 \
-             WHERE id = $5 AND password_hash IS NULL",
+            "UPDATE users SET username = $1, username_key = $2, display_name = $3, password_hash = $4, \
+             kind = 'human' WHERE id = $5 AND kind = 'guest'",
         )
         .bind(username)
         .bind(username_key)

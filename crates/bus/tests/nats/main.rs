@@ -217,6 +217,10 @@ async fn passwords_never_reach_logs_or_debug_output() {
     // This test runs on a current-thread runtime: the client's tasks log
     // on this thread, into this subscriber.
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Other tests of this binary run on other threads without a subscriber;
+    // a callsite they reached first may have cached "no interest" while this
+    // one was being set. Recompute every callsite's interest now that it is.
+    tracing::callsite::rebuild_interest_cache();
 
     let stop = CancellationToken::new();
     let good = parse(&["--nats-url", &url_with(&server, NATTER_USER, &server.password)]).unwrap();

@@ -127,6 +127,9 @@ async fn call(c: &Cluster, p: &People, f: &Fixture, rpc: &str, token: Option<&st
             ))
             .await
             .map(drop),
+        "SetTyping" => {
+            c.messages().set_typing(req(token, mpb::SetTypingRequest { chat_id: chat, typing: true })).await.map(drop)
+        }
         "MarkRead" => {
             c.messages().mark_read(req(token, mpb::MarkReadRequest { chat_id: chat, seq: 1 })).await.map(drop)
         }
@@ -202,6 +205,7 @@ async fn every_rpc_allows_exactly_whom_it_should(c: &Cluster) {
         ("DeleteMessage(member's)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("ListMessageRevisions", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("MarkRead", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("SetTyping", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("StreamEvents", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("StreamEvents(resume_changes)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("GetCurrentSession", [Ok, Ok, Ok, Ok, Ok, Unauth]),

@@ -25,6 +25,7 @@ crate::both_modes!(
     a_removed_member_stops_receiving_the_chat,
     all_chats_stream_follows_new_chats,
     revoked_session_ends_its_stream,
+    typing_reaches_the_others_at_once_and_is_never_replayed,
 );
 
 /// Cross-service announcements (a chat joined, a member removed, a session
@@ -460,4 +461,60 @@ async fn an_expired_session_ends_its_stream_and_its_calls() {
     let call = c.chats().list_chats(authed(&bob, cpb::ListChatsRequest::default())).await;
     assert_eq!(call.expect_err("expired").code(), Code::Unauthenticated);
     c.stop().await;
+}
+
+/// `ts` in µs since the epoch.
+fn micros(ts: &prost_types::Timestamp) -> i64 {
+    ts.seconds * 1_000_000 + i64::from(ts.nanos) / 1_000
+}
+
+async fn typing_reaches_the_others_at_once_and_is_never_replayed(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &alice, &bob).await;
+    send(c, &alice, &chat.id, "hi").await;
+    let mut bobs = open(c, &bob, &[&chat.id], &[]).await;
+    let mut alices = open(c, &alice, &[&chat.id], &[]).await;
+
+    let set = |typing: bool| {
+        let mut client = c.messages();
+        let request = authed(&alice, mpb::SetTypingRequest { chat_id: chat.id.clone(), typing });
+        async move { client.set_typing(request).await }
+    };
+    let before = natter_kit::time::now_micros();
+    let until = micros(&set(true).await.unwrap().into_inner().until.unwrap());
+    assert!((4_000_000..=6_000_000).contains(&(until - before)), "about 5 s from now: {}", until - before);
+    let typing = next(&mut bobs).await;
+    let Some(Event::Typing(t)) = &typing.event else { panic!("a typing event first: {typing:?}") };
+    assert_eq!((typing.chat_id.as_str(), t.user_id.as_str()), (chat.id.as_str(), alice.id.as_str()));
+    assert_eq!(micros(t.until.as_ref().unwrap()), until);
+
+    // A message from alice follows with a higher change number (typing took
+    // none); her own stream never saw her typing.
+    send(c, &alice, &chat.id, "done typing").await;
+    let created_event = next(&mut bobs).await;
+    assert!(created("done typing")(&created_event), "{created_event:?}");
+    assert!(created_event.change_seq > typing.change_seq, "typing moved no resume point");
+    let own = next(&mut alices).await;
+    assert!(created("done typing")(&own), "alice's first event is her message, not her typing: {own:?}");
+
+    // Stopping: until is now.
+    let stopped_at = micros(&set(false).await.unwrap().into_inner().until.unwrap());
+    let stop = next(&mut bobs).await;
+    let Some(Event::Typing(t)) = &stop.event else { panic!("a typing event: {stop:?}") };
+    assert_eq!(micros(t.until.as_ref().unwrap()), stopped_at);
+    assert!(stopped_at <= natter_kit::time::now_micros());
+
+    // Never replayed: resuming from before the message gives the message.
+    let mut again = open(c, &bob, &[&chat.id], &[(&chat.id, typing.change_seq)]).await;
+    assert!(created("done typing")(&next(&mut again).await));
+
+    // Abuse is refused, not slowed: --typing-rate (60/1m) runs out.
+    let mut refused = None;
+    for _ in 0..100 {
+        if let Err(status) = set(true).await {
+            refused = Some(status.code());
+            break;
+        }
+    }
+    assert_eq!(refused, Some(Code::ResourceExhausted));
 }

@@ -219,6 +219,18 @@ pub(crate) fn read_event(chat: ChatId, user: UserId, read_seq: Seq, change_seq: 
     }
 }
 
+/// The ephemeral stream event of `user` typing in `chat` until `until` (µs
+/// since the epoch). Its change_seq is 0 on the bus: each stream sends it
+/// with its own last change number of the chat.
+pub(crate) fn typing_event(chat: ChatId, user: UserId, until: i64) -> pb::StreamEventsResponse {
+    pb::StreamEventsResponse {
+        chat_id: chat.to_string(),
+        seq: 0,
+        change_seq: 0,
+        event: Some(Event::Typing(pb::Typing { user_id: user.to_string(), until: Some(timestamp(until)) })),
+    }
+}
+
 /// The stream event of a change of a chat's membership or details, change
 /// `change_seq` of the chat, whose newest seq was `seq` at the time.
 pub(crate) fn chat_change_event(
@@ -483,6 +495,16 @@ impl MessageService for MessageApi {
         let mark = mark_read_request(request.get_ref())?;
         let state = self.messages.mark_read(caller, mark).await?;
         Ok(Response::new(pb::MarkReadResponse { read_seq: state.read_seq.0, unread_count: state.unread }))
+    }
+
+    async fn set_typing(
+        &self,
+        request: Request<pb::SetTypingRequest>,
+    ) -> Result<Response<pb::SetTypingResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let chat = ChatId::parse("chat_id", &request.get_ref().chat_id)?;
+        let until = self.messages.set_typing(caller, chat, request.get_ref().typing).await?;
+        Ok(Response::new(pb::SetTypingResponse { until: Some(timestamp(until)) }))
     }
 
     type StreamEventsStream = EventStream;

@@ -83,6 +83,13 @@ pub struct MessagesArgs {
     /// StreamEvents streams opened per user: N/PERIOD, or `off`.
     #[arg(long, env = "NATTER_STREAM_OPEN_RATE", default_value = "120/1m")]
     pub stream_open_rate: Rate,
+    /// SetTyping calls per user: N/PERIOD, or `off` (a client renews about
+    /// every 3 s per chat it types in).
+    #[arg(long, env = "NATTER_TYPING_RATE", default_value = "60/1m")]
+    pub typing_rate: Rate,
+    /// How long a typing indicator lasts unless renewed.
+    #[arg(long, env = "NATTER_TYPING_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub typing_timeout: std::time::Duration,
 }
 
 impl Default for MessagesArgs {
@@ -99,6 +106,8 @@ impl Default for MessagesArgs {
             send_message_rate: Rate::parse("1200/1m").expect("valid rate"),
             edit_message_rate: Rate::parse("600/1m").expect("valid rate"),
             stream_open_rate: streams.open_rate,
+            typing_rate: Rate::parse("60/1m").expect("valid rate"),
+            typing_timeout: std::time::Duration::from_secs(5),
         }
     }
 }

@@ -38,6 +38,10 @@ pub struct Messages {
     send_rate: RateLimiter<UserId>,
     /// EditMessage calls per user.
     edit_rate: RateLimiter<UserId>,
+    /// SetTyping calls per user.
+    typing_rate: RateLimiter<UserId>,
+    /// How long an indicator lasts unless renewed.
+    typing_timeout: std::time::Duration,
 }
 
 impl Messages {
@@ -60,6 +64,8 @@ impl Messages {
             stream_limits: args.stream_limits(),
             send_rate: RateLimiter::new("messages sent", args.send_message_rate),
             edit_rate: RateLimiter::new("message edits", args.edit_message_rate),
+            typing_rate: RateLimiter::new("typing indicators", args.typing_rate),
+            typing_timeout: args.typing_timeout,
         }
     }
 
@@ -352,6 +358,23 @@ impl Messages {
                 .publish(Topic::Chat(req.chat_id.0), Arc::new(BusEvent::new(req.chat_id, payload).concerning(caller)));
         }
         Ok(state)
+    }
+
+    /// SetTyping: announces that `caller` is typing in a chat (or stopped)
+    /// to the chat's streams, as an ephemeral event (nothing is stored);
+    /// returns when the indicator ends unless renewed, in µs since the
+    /// epoch.
+    pub async fn set_typing(&self, caller: UserId, chat: ChatId, typing: bool) -> Result<i64, MessagesError> {
+        self.typing_rate.check(&caller)?;
+        let m = self.member(chat, caller).await?;
+        if m.archived {
+            return Err(MessagesError::Precondition("chat is archived"));
+        }
+        let now = natter_kit::time::now_micros();
+        let until = if typing { now + i64::try_from(self.typing_timeout.as_micros()).unwrap_or(i64::MAX) } else { now };
+        let payload = grpc::typing_event(chat, caller, until);
+        self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, payload).concerning(caller)));
+        Ok(until)
     }
 
     /// Internal: records committed changes of a chat's membership or

@@ -369,6 +369,17 @@ impl Follower {
     /// An event of a followed chat.
     fn on_chat_event(&mut self, chat: Uuid, event: &BusEvent) -> Step {
         let Some(cursor) = self.cursors.get(&chat).copied() else { return Step::default() };
+        // Ephemeral: someone else's typing goes out at once, with this
+        // stream's last change number of the chat (never a resume point of
+        // its own); nothing to store, order or refill.
+        if let Some(payload) = &event.payload
+            && let Some(Event::Typing(typing)) = &payload.event
+        {
+            if typing.user_id == self.user.to_string() {
+                return Step::default();
+            }
+            return Step::send(pb::StreamEventsResponse { change_seq: cursor, ..payload.clone() });
+        }
         // A resync hint (the bus may have lost announcements), or an event of
         // a kind this build does not know: whatever the store has beyond the
         // cursor is missed.

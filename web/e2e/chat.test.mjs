@@ -329,6 +329,16 @@ step("edits and deletes made while the stream was cut show once it resumes", asy
   assert.equal(new Set(shown.map((m) => m.seq)).size, shown.length, "nothing shown twice");
 });
 
+step("bob sees alice typing, and her message ends it", async () => {
+  // Both pages have their chat open. Typing (before sending) tells the server.
+  await alicePage.fill("#composer", "Typed while you watched");
+  await bobPage.locator("#typing", { hasText: `${alice.name} is typing` }).waitFor();
+  assert.equal(await alicePage.locator("#typing").isHidden(), true, "alice does not see herself typing");
+  await alicePage.press("#composer", "Enter");
+  await waitForMessage(bobPage, "Typed while you watched");
+  await bobPage.locator("#typing").waitFor({ state: "hidden" });
+});
+
 step("log out and back in", async () => {
   await bobPage.click("#logout");
   await bobPage.locator("#auth-view").waitFor();

@@ -35,6 +35,13 @@ const lastSeq = new Map<string, bigint>();
 const lastChange = new Map<string, bigint>();
 let stream: AbortController | null = null;
 
+/** Per chat, who is typing (user id -> until, ms since the epoch): see SetTyping. */
+const typers = new Map<string, Map<string, number>>();
+/** When this page last told the server we are typing, per chat (ms). */
+const typingSent = new Map<string, number>();
+/** How often to renew our own indicator while typing (it lasts 5 s). */
+const TYPING_RENEW_MS = 3_000;
+
 interface Pending { id: string; chatId: string; text: string; error?: string }
 const pending = new Map<string, Pending>(); // client message id -> unsent message
 
@@ -260,6 +267,7 @@ async function openChat(chatId: string) {
   el("composer-form").hidden = false;
   renderChatList();
   renderMessages("bottom");
+  renderTyping();
   const res = await api.messages.listMessages({ chatId, pageSize: PAGE_SIZE });
   if (open !== state) return;
   await ensureUsers(res.messages.map((m) => m.authorId));
@@ -346,9 +354,40 @@ async function send(p: Pending) {
 
 // ---------------------------------------------------------------- live events
 
+/** Shows who is typing in the open chat, and hides it once everyone's time is up. */
+function renderTyping() {
+  const p = el("typing");
+  const now = Date.now();
+  const who = [...(open ? (typers.get(open.id) ?? new Map()) : new Map<string, number>())]
+    .filter(([id, until]) => until > now && id !== me?.id)
+    .map(([id]) => userName(id));
+  p.textContent = who.length === 0 ? "" : `${who.join(" and ")} ${who.length === 1 ? "is" : "are"} typing…`;
+  p.hidden = who.length === 0;
+}
+
+function noteTyping(chatId: string, userId: string, until: number) {
+  const forChat = typers.get(chatId) ?? new Map<string, number>();
+  typers.set(chatId, forChat);
+  if (until <= Date.now()) forChat.delete(userId);
+  else {
+    forChat.set(userId, until);
+    setTimeout(renderTyping, until - Date.now() + 50);
+  }
+  void act(async () => {
+    await ensureUsers([userId]);
+    renderTyping();
+  });
+}
+
 function handleEvent(ev: StreamEventsResponse) {
   const { chatId } = ev;
   const chat = chats.get(chatId);
+  // Ephemeral: not a change, so not a resume point either.
+  if (ev.event.case === "typing") {
+    const t = ev.event.value;
+    noteTyping(chatId, t.userId, t.until ? timestampDate(t.until).getTime() : 0);
+    return;
+  }
   if (ev.changeSeq > 0n) {
     const had = lastChange.get(chatId);
     if (had !== undefined && ev.changeSeq <= had) return; // delivered already
@@ -386,6 +425,8 @@ function handleEvent(ev: StreamEventsResponse) {
         return;
       }
       notePreview(chat, m);
+      // Their message ends their typing.
+      if (typers.get(chatId)?.delete(m.authorId)) renderTyping();
       if (open?.id === chatId) {
         open.messages.set(m.seq, m);
         void act(async () => {
@@ -522,6 +563,7 @@ function closeChat() {
   el("composer-form").hidden = true;
   el("load-older").hidden = true;
   renderMessages();
+  renderTyping();
 }
 
 function signOutLocally() {
@@ -602,7 +644,20 @@ el("composer-form").addEventListener("submit", (e) => {
   const text = box.value.trim();
   if (!open || !text) return;
   box.value = "";
+  typingSent.delete(open.id); // the message ends the indicator; typing again renews it
   void send({ id: api.newUuid(), chatId: open.id, text });
+});
+
+// Tell the chat we are typing: at the first key, then at most every few
+// seconds while it goes on (the indicator lasts 5 s on the others' pages).
+input("composer").addEventListener("input", () => {
+  if (!open || !input("composer").value.trim()) return;
+  const chatId = open.id;
+  const now = Date.now();
+  if (now - (typingSent.get(chatId) ?? 0) < TYPING_RENEW_MS) return;
+  typingSent.set(chatId, now);
+  // Best effort: a refused or failed indicator is not worth an error.
+  api.messages.setTyping({ chatId, typing: true }).catch(() => {});
 });
 
 el("load-older").addEventListener("click", () => void act(loadOlder));

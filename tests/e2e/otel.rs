@@ -50,7 +50,14 @@ fn descends_from(spans: &[Span], span: &Span, ancestor: &Span) -> bool {
 /// (edge span, messages span).
 fn send_hops<'a>(spans: &'a [Span], root_span_id: &[u8]) -> Option<(&'a Span, &'a Span)> {
     let edge = spans.iter().find(|s| is_rpc(s, "SendMessage") && s.parent_span_id == root_span_id)?;
-    let messages = spans.iter().find(|s| is_rpc(s, "SendMessage") && s.parent_span_id == edge.span_id)?;
+    // The edge's client span of its forward, then the messages service's
+    // server span below it.
+    let forward = spans
+        .iter()
+        .find(|s| is_rpc(s, "SendMessage") && s.kind == SPAN_KIND_CLIENT && s.parent_span_id == edge.span_id)?;
+    let messages = spans
+        .iter()
+        .find(|s| is_rpc(s, "SendMessage") && s.kind == SPAN_KIND_SERVER && s.parent_span_id == forward.span_id)?;
     let below = |method| {
         spans.iter().any(|s| is_rpc(s, method) && s.kind == SPAN_KIND_SERVER && descends_from(spans, s, messages))
     };

@@ -47,7 +47,9 @@ pub use config::{ServerArgs, TransportArgs};
 pub use error::{FieldViolations, internal, internal_at};
 pub use internal::{InternalArgs, Link, ServiceCredential};
 pub use limits::client_ip;
-pub use observe::{Propagate, PropagateLayer, TracedChannel, in_process, traced};
+pub use observe::{
+    Propagate, PropagateLayer, RpcBody, RpcFuture, TracedChannel, client_future, client_span, in_process, traced,
+};
 pub use serve::{Server, shutdown_signal};
 
 #[cfg(test)]

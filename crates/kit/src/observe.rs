@@ -99,7 +99,7 @@ fn rpc_span(path: &str) -> tracing::Span {
 /// `in-process` in the all-in-one). OpenTelemetry RPC semantic conventions:
 /// `rpc.system`, `rpc.service`, `rpc.method`, `server.address`, and at the
 /// end `rpc.grpc.status_code` with the status message.
-pub(crate) fn client_span(path: &str, server: &str) -> tracing::Span {
+pub fn client_span(path: &str, server: &str) -> tracing::Span {
     span_of("client", path, Some(server))
 }
 
@@ -134,7 +134,7 @@ pub(crate) fn finish_client_span(span: &tracing::Span, code: i32, message: &str,
 /// The response future of a call to another service whose client `span`
 /// ends with the call: the status of trailers-only answers, of the
 /// trailers, or UNAVAILABLE with the transport's error.
-pub(crate) fn client_future<F>(span: tracing::Span, inner: F) -> RpcFuture<F> {
+pub fn client_future<F>(span: tracing::Span, inner: F) -> RpcFuture<F> {
     RpcFuture { inner, call: Some(Call { span, metrics: None, start: Instant::now(), client: true }) }
 }
 

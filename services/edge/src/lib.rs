@@ -162,8 +162,6 @@ impl Forward {
         if let Some(value) = peer.and_then(|p| http::HeaderValue::from_str(&p.ip().to_string()).ok()) {
             parts.headers.insert(FORWARDED_FOR, value);
         }
-        // The upstream's spans become children of the edge's span.
-        natter_kit::telemetry::inject_headers(&mut parts.headers);
         for replica in route.candidates() {
             let mut uri = replica.uri.clone().into_parts();
             uri.path_and_query = parts.uri.path_and_query().cloned();
@@ -172,7 +170,20 @@ impl Forward {
             *attempt.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
             *attempt.version_mut() = Version::HTTP_2;
             *attempt.headers_mut() = parts.headers.clone();
-            match self.client.request(attempt).await {
+            // Each attempt is a client span naming the replica; the
+            // upstream's spans become its children.
+            let span = if natter_kit::telemetry::exporting() {
+                let server = replica.uri.authority().map_or("", |a| a.as_str());
+                natter_kit::client_span(parts.uri.path(), server)
+            } else {
+                tracing::Span::none()
+            };
+            let sent = {
+                let _entered = span.enter();
+                natter_kit::telemetry::inject_headers(attempt.headers_mut());
+                self.client.request(attempt)
+            };
+            match natter_kit::client_future(span, sent).await {
                 Ok(response) => {
                     let upstream = replica.uri.clone();
                     return Ok(response.map(|body| Body::new(UpstreamBody::new(body, upstream))));

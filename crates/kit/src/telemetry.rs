@@ -138,7 +138,10 @@ pub fn check_otlp_endpoint(endpoint: &str) -> std::io::Result<()> {
     let bad = |why: &str| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("--otlp-endpoint {endpoint:?}: {why} (expected http://host:4317 or https://...)"),
+            format!(
+                "--otlp-endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT) {endpoint:?}: {why} (expected http://host:4317 or \
+                 https://...)"
+            ),
         )
     };
     let uri: http::Uri = endpoint.parse().map_err(|_| bad("not a URL"))?;

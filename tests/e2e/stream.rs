@@ -463,12 +463,8 @@ async fn an_expired_session_ends_its_stream_and_its_calls() {
     c.stop().await;
 }
 
-/// `ts` in µs since the epoch.
-fn micros(ts: &prost_types::Timestamp) -> i64 {
-    ts.seconds * 1_000_000 + i64::from(ts.nanos) / 1_000
-}
-
 async fn typing_reaches_the_others_at_once_and_is_never_replayed(c: &Cluster) {
+    use natter_kit::time::micros;
     let (alice, bob) = (c.user("alice").await, c.user("bob").await);
     let chat = direct(c, &alice, &bob).await;
     send(c, &alice, &chat.id, "hi").await;

@@ -125,7 +125,7 @@ pub struct Link {
     deadline: Duration,
     target: Arc<str>,
     /// When this link last logged a failed call (one WARN a minute at most).
-    last_warning: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    last_warning: crate::limits::Throttle,
 }
 
 impl Link {
@@ -141,7 +141,12 @@ impl Link {
         let channel = crate::observe::traced(endpoint.connect_lazy())
             .with_header(http::HeaderName::from_static(CREDENTIAL_HEADER), credential.header_value())
             .with_server(endpoint_authority(url));
-        Ok(Self { channel, deadline, target: url.into(), last_warning: Arc::default() })
+        Ok(Self {
+            channel,
+            deadline,
+            target: url.into(),
+            last_warning: crate::limits::Throttle::new(Duration::from_secs(60)),
+        })
     }
 
     /// The channel, for a generated client.
@@ -185,9 +190,7 @@ impl Link {
 
     /// The rate-limited WARN of [`Link::call`].
     fn warn_failed(&self, status: &tonic::Status) {
-        let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-            *last = Some(std::time::Instant::now());
+        if self.last_warning.admit() {
             tracing::warn!(
                 dependency = %self.target,
                 code = ?status.code(),
@@ -211,16 +214,13 @@ fn endpoint_authority(url: &str) -> &str {
 pub(crate) fn require_credential(
     credential: ServiceCredential,
 ) -> impl Fn(&http::request::Parts) -> Option<tonic::Status> + Clone {
-    let last_warning = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+    let last_warning = crate::limits::Throttle::new(Duration::from_secs(60));
     move |parts| {
         let health = parts.uri.path().starts_with("/grpc.health.v1.Health/");
         if health || credential.matches(parts.headers.get(CREDENTIAL_HEADER)) {
             return None;
         }
-        if let Ok(mut last) = last_warning.lock()
-            && last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
-        {
-            *last = Some(std::time::Instant::now());
+        if last_warning.admit() {
             tracing::warn!(path = parts.uri.path(), "internal call without a valid service credential refused");
         }
         Some(tonic::Status::unauthenticated("internal call without a valid service credential"))

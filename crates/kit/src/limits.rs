@@ -20,6 +20,33 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
+/// Lets a repeated event through at most once per period: for log lines
+/// that would otherwise repeat on every failing call (a refused credential,
+/// a dependency down, a collector unreachable). Shared by clones.
+#[derive(Clone, Debug)]
+pub struct Throttle {
+    every: Duration,
+    last: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+impl Throttle {
+    /// A throttle that admits once per `every`.
+    pub fn new(every: Duration) -> Self {
+        Self { every, last: std::sync::Arc::default() }
+    }
+
+    /// True at the first call and then once `every` has passed since the
+    /// last true.
+    pub fn admit(&self) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < self.every) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        true
+    }
+}
+
 /// Most ids one internal LookupUsers call takes; at least the most members a
 /// group may have (1,000), and callers with more split them into calls of
 /// this size.

@@ -20,9 +20,8 @@
 //! `service.instance.id` (host name and listen port, or `--instance-id`).
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
@@ -300,7 +299,8 @@ impl Builder {
         if let Some(delay) = self.batch_delay {
             batch = batch.with_scheduled_delay(delay);
         }
-        let exporter = WarnOnFailure { inner: exporter, endpoint: endpoint.to_owned(), last_warning: Mutex::default() };
+        let last_warning = crate::limits::Throttle::new(EXPORT_WARNING_EVERY);
+        let exporter = WarnOnFailure { inner: exporter, endpoint: endpoint.to_owned(), last_warning };
         let processor = BatchSpanProcessor::builder(exporter).with_batch_config(batch.build()).build();
         let mut resource = opentelemetry_sdk::Resource::builder().with_service_name(self.service_name);
         let set_by_env = std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.instance.id="));
@@ -319,7 +319,7 @@ impl Builder {
 struct WarnOnFailure<E> {
     inner: E,
     endpoint: String,
-    last_warning: Mutex<Option<Instant>>,
+    last_warning: crate::limits::Throttle,
 }
 
 /// Shortest time between two export warnings.
@@ -329,12 +329,10 @@ impl<E: SpanExporter> SpanExporter for WarnOnFailure<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let spans = batch.len();
         let result = self.inner.export(batch).await;
-        if let Err(error) = &result {
-            let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
-            if last.is_none_or(|t| t.elapsed() >= EXPORT_WARNING_EVERY) {
-                *last = Some(Instant::now());
-                tracing::warn!(endpoint = %self.endpoint, spans, %error, "exporting spans over OTLP failed");
-            }
+        if let Err(error) = &result
+            && self.last_warning.admit()
+        {
+            tracing::warn!(endpoint = %self.endpoint, spans, %error, "exporting spans over OTLP failed");
         }
         result
     }

@@ -373,9 +373,10 @@ impl Follower {
         // stream's last change number of the chat (never a resume point of
         // its own); nothing to store, order or refill.
         if let Some(payload) = &event.payload
-            && let Some(Event::Typing(typing)) = &payload.event
+            && let Some(Event::Typing(_)) = &payload.event
         {
-            if typing.user_id == self.user.to_string() {
+            // The typer is the user the event concerns.
+            if event.users.iter().any(|u| u.uuid() == self.user) {
                 return Step::default();
             }
             return Step::send(pb::StreamEventsResponse { change_seq: cursor, ..payload.clone() });

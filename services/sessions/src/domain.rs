@@ -85,13 +85,18 @@ impl NewUser {
     pub fn parse(username: &str, password: &str, display_name: &str) -> Result<Self, (&'static str, String)> {
         let username = Username::parse(username).map_err(|r| ("username", r))?;
         check_password(password).map_err(|r| ("password", r))?;
-        check_display_name(display_name).map_err(|r| ("display_name", r))?;
-        let display_name = match display_name.trim() {
-            "" => username.as_str().to_owned(),
-            name => name.to_owned(),
-        };
+        let display_name = display_name_or_username(display_name, &username).map_err(|r| ("display_name", r))?;
         Ok(Self { username, password: password.to_owned(), display_name })
     }
+}
+
+/// A checked display name, trimmed; the username when none was given.
+pub fn display_name_or_username(display_name: &str, username: &Username) -> Result<String, String> {
+    check_display_name(display_name)?;
+    Ok(match display_name.trim() {
+        "" => username.as_str().to_owned(),
+        name => name.to_owned(),
+    })
 }
 
 /// Checks the fields of a log-in before any look-up or hash: at most as long

@@ -132,11 +132,8 @@ impl Sessions {
     /// guest.
     pub async fn ensure_bot(&self, username: &str, display_name: &str) -> Result<UserRow, SessionsError> {
         let username = domain::Username::parse(username).map_err(|r| SessionsError::invalid("username", r))?;
-        domain::check_display_name(display_name).map_err(|r| SessionsError::invalid("display_name", r))?;
-        let display_name = match display_name.trim() {
-            "" => username.as_str().to_owned(),
-            name => name.to_owned(),
-        };
+        let display_name = domain::display_name_or_username(display_name, &username)
+            .map_err(|r| SessionsError::invalid("display_name", r))?;
         let key = username.key();
         if let Some(existing) = self.store.user_by_key(&key).await? {
             return if existing.kind == store::BOT { Ok(existing) } else { Err(SessionsError::UsernameTaken) };

@@ -527,13 +527,11 @@ impl MessageStore for PostgresStore {
         limit: u32,
     ) -> Result<(Vec<Change>, bool), StoreError> {
         let id = chat.to_string();
-        // The binary search of `first_seq_created_after`, as a recursive
-        // query (one round trip; `lo` only grows, so the greatest is where
-        // it ended), then the seq range from there.
         // Both message sources bind (chat, after, limit).
+        let id_ref = &id;
         let messages = |sql: &'static str| async move {
             sqlx::query(sql)
-                .bind(chat.to_string())
+                .bind(id_ref)
                 .bind(after)
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)

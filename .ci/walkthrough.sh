@@ -6,6 +6,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 cd "$work"
 sed -n '/<!-- walkthrough:start -->/,/<!-- walkthrough:end -->/p' "$root/README.md" | sed '1,2d;$d' | sed '$d' > walkthrough.sh
+# The assistant's walk-through follows in the same shell (it reuses $ALICE).
+sed -n '/<!-- assistant-walkthrough:start -->/,/<!-- assistant-walkthrough:end -->/p' "$root/README.md" \
+  | sed '1,2d;$d' | sed '$d' >> walkthrough.sh
 bash -euo pipefail walkthrough.sh | tee out.txt
 grep -q '{"seq":"3","text":"12:30 at the usual place"}' out.txt
 grep -q '"unreadCount":"3"' out.txt
@@ -14,4 +17,12 @@ grep -q '"nextPageToken":"' out.txt
 # The live stream saw all three messages; the resumed one exactly seqs 2 and 3.
 [ "$(jq -r 'select(.messageCreated) | .seq' bob-stream.json | tr '\n' ' ')" = "1 2 3 " ]
 [ "$(jq -r 'select(.messageCreated) | .seq' bob-resume.json | tr '\n' ' ')" = "2 3 " ]
+# The assistant answered, the reload was stopped and the first answer kept.
+reply='natter is a chat backend: gRPC services for sessions, chats, messages and this assistant.'
+grep -q "\"reply\":\"$reply\",\"status\":\"GENERATION_STATUS_COMPLETE\"" out.txt
+grep -q '"status":"GENERATION_STATUS_STOPPED"' out.txt
+grep -q '"superseded":true' out.txt
+# The first answer's deltas add up to its text.
+first=$(jq -r 'select(.messageEdited.generationStatus == "GENERATION_STATUS_COMPLETE") | .messageEdited.id' assistant-stream.json | head -n1)
+[ "$(jq -j --arg id "$first" 'select(.messageDelta.messageId == $id) | .messageDelta.text' assistant-stream.json)" = "$reply" ]
 echo "walkthrough: ok"

@@ -8,8 +8,12 @@
 use prost::Message as _;
 use std::path::PathBuf;
 
-const PUBLIC: [&str; 3] =
-    ["natter/sessions/v1/sessions.proto", "natter/chats/v1/chats.proto", "natter/messages/v1/messages.proto"];
+const PUBLIC: [&str; 4] = [
+    "natter/sessions/v1/sessions.proto",
+    "natter/chats/v1/chats.proto",
+    "natter/messages/v1/messages.proto",
+    "natter/assistant/v1/assistant.proto",
+];
 const INTERNAL: [&str; 3] = [
     "natter/sessions/v1/sessions_internal.proto",
     "natter/chats/v1/chats_internal.proto",

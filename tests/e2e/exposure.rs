@@ -120,7 +120,7 @@ async fn call_every_internal_rpc(
                 messages
                     .record_chat_changes(with(
                         mpb::RecordChatChangesRequest {
-                            chat_id: chat,
+                            chat_id: chat.clone(),
                             changes: vec![mpb::ChatChange {
                                 change: Some(mpb::chat_change::Change::MembershipChanged(mpb::MembershipChanged {
                                     user_id: victim.into(),
@@ -134,11 +134,153 @@ async fn call_every_internal_rpc(
                     .await,
             ),
         ),
+        (
+            "CreateChatAs",
+            code(
+                chats
+                    .create_chat_as(with(
+                        cpb::CreateChatAsRequest {
+                            user_id: victim.into(),
+                            request: Some(cpb::CreateChatRequest { title: "pwned".into(), ..Default::default() }),
+                        },
+                        credential,
+                    ))
+                    .await,
+            ),
+        ),
+        (
+            "LookupMessages",
+            code(
+                messages
+                    .lookup_messages(with(
+                        mpb::LookupMessagesRequest { chat_id: chat.clone(), seqs: vec![1], ..Default::default() },
+                        credential,
+                    ))
+                    .await,
+            ),
+        ),
+        (
+            "SendMessageAs",
+            code(
+                messages
+                    .send_message_as(with(
+                        mpb::SendMessageAsRequest {
+                            user_id: victim.into(),
+                            request: Some(mpb::SendMessageRequest {
+                                chat_id: chat.clone(),
+                                text: "forged".into(),
+                                ..Default::default()
+                            }),
+                        },
+                        credential,
+                    ))
+                    .await,
+            ),
+        ),
+        (
+            "EditMessageAs",
+            code(
+                messages
+                    .edit_message_as(with(
+                        mpb::EditMessageAsRequest {
+                            user_id: victim.into(),
+                            request: Some(mpb::EditMessageRequest {
+                                message_id: uuid::Uuid::now_v7().to_string(),
+                                text: "forged".into(),
+                            }),
+                        },
+                        credential,
+                    ))
+                    .await,
+            ),
+        ),
+        (
+            "MarkReadAs",
+            code(
+                messages
+                    .mark_read_as(with(
+                        mpb::MarkReadAsRequest {
+                            user_id: victim.into(),
+                            request: Some(mpb::MarkReadRequest { chat_id: chat.clone(), seq: 1 }),
+                        },
+                        credential,
+                    ))
+                    .await,
+            ),
+        ),
+        (
+            "FollowChats",
+            code(messages.follow_chats(with(mpb::FollowChatsRequest { user_id: victim.into() }, credential)).await),
+        ),
+        (
+            "StartReply",
+            code(
+                messages
+                    .start_reply(with(
+                        mpb::StartReplyRequest {
+                            chat_id: chat.clone(),
+                            message_id: uuid::Uuid::now_v7().to_string(),
+                            author_id: victim.into(),
+                            prompt_message_id: uuid::Uuid::now_v7().to_string(),
+                            replaces_message_id: String::new(),
+                        },
+                        credential,
+                    ))
+                    .await,
+            ),
+        ),
+        (
+            "UpdateReply",
+            code(
+                messages
+                    .update_reply(with(
+                        mpb::UpdateReplyRequest {
+                            message_id: uuid::Uuid::now_v7().to_string(),
+                            chat_id: chat.clone(),
+                            author_id: victim.into(),
+                            deltas: vec![mpb::MessageDelta { message_id: String::new(), offset: 0, text: "x".into() }],
+                            checkpoint_text: None,
+                        },
+                        credential,
+                    ))
+                    .await,
+            ),
+        ),
+        (
+            "FinishReply",
+            code(
+                messages
+                    .finish_reply(with(
+                        mpb::FinishReplyRequest {
+                            message_id: uuid::Uuid::now_v7().to_string(),
+                            status: mpb::GenerationStatus::Complete as i32,
+                            ..Default::default()
+                        },
+                        credential,
+                    ))
+                    .await,
+            ),
+        ),
+        (
+            "StopReply",
+            code(
+                messages
+                    .stop_reply(with(
+                        mpb::StopReplyRequest { message_id: uuid::Uuid::now_v7().to_string() },
+                        credential,
+                    ))
+                    .await,
+            ),
+        ),
+        (
+            "ListStaleReplies",
+            code(messages.list_stale_replies(with(mpb::ListStaleRepliesRequest::default(), credential)).await),
+        ),
     ]
 }
 
 /// The internal RPCs' paths, for gRPC-web.
-const INTERNAL_PATHS: [&str; 10] = [
+const INTERNAL_PATHS: [&str; 21] = [
     "/natter.sessions.v1.SessionInternalService/IntrospectSession",
     "/natter.sessions.v1.SessionInternalService/LookupUsers",
     "/natter.sessions.v1.SessionInternalService/EnsureBotUser",
@@ -149,6 +291,17 @@ const INTERNAL_PATHS: [&str; 10] = [
     "/natter.messages.v1.MessageInternalService/ListRecentMessages",
     "/natter.messages.v1.MessageInternalService/PurgeChat",
     "/natter.messages.v1.MessageInternalService/RecordChatChanges",
+    "/natter.chats.v1.ChatInternalService/CreateChatAs",
+    "/natter.messages.v1.MessageInternalService/LookupMessages",
+    "/natter.messages.v1.MessageInternalService/SendMessageAs",
+    "/natter.messages.v1.MessageInternalService/EditMessageAs",
+    "/natter.messages.v1.MessageInternalService/MarkReadAs",
+    "/natter.messages.v1.MessageInternalService/FollowChats",
+    "/natter.messages.v1.MessageInternalService/StartReply",
+    "/natter.messages.v1.MessageInternalService/UpdateReply",
+    "/natter.messages.v1.MessageInternalService/FinishReply",
+    "/natter.messages.v1.MessageInternalService/StopReply",
+    "/natter.messages.v1.MessageInternalService/ListStaleReplies",
 ];
 
 async fn channel(addr: std::net::SocketAddr) -> Channel {

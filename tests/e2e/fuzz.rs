@@ -322,6 +322,7 @@ pub(crate) const FLAGS: Flags<'static> = Flags {
     sessions: &["--create-session-rate", "off", "--create-user-rate", "off"],
     chats: &["--create-chat-rate", "off"],
     messages: &["--send-message-rate", "off", "--edit-message-rate", "off", "--stream-open-rate", "off"],
+    assistant: &[],
 };
 
 mod over_the_wire {

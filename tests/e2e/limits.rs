@@ -173,6 +173,7 @@ mod per_user {
         sessions: &[],
         chats: &["--create-chat-rate", "3/1h"],
         messages: &["--send-message-rate", "4/1h", "--edit-message-rate", "2/1h", "--stream-open-rate", "2/1h"],
+        assistant: &[],
     };
 
     crate::both_modes!(flags = crate::limits::per_user::FLAGS; per_user_rates_refuse_with_retry_info);
@@ -222,8 +223,12 @@ mod per_user {
 mod per_address {
     use super::*;
 
-    pub(crate) const FLAGS: Flags<'static> =
-        Flags { sessions: &["--create-session-rate", "5/1h", "--create-user-rate", "3/1h"], chats: &[], messages: &[] };
+    pub(crate) const FLAGS: Flags<'static> = Flags {
+        sessions: &["--create-session-rate", "5/1h", "--create-user-rate", "3/1h"],
+        chats: &[],
+        messages: &[],
+        assistant: &[],
+    };
 
     crate::both_modes!(flags = crate::limits::per_address::FLAGS; per_address_rates_refuse_with_retry_info);
 
@@ -265,8 +270,12 @@ mod per_address {
 mod login {
     use super::*;
 
-    pub(crate) const FLAGS: Flags<'static> =
-        Flags { sessions: &["--login-backoff", "300ms", "--login-free-failures", "0"], chats: &[], messages: &[] };
+    pub(crate) const FLAGS: Flags<'static> = Flags {
+        sessions: &["--login-backoff", "300ms", "--login-free-failures", "0"],
+        chats: &[],
+        messages: &[],
+        assistant: &[],
+    };
 
     crate::both_modes!(flags = crate::limits::login::FLAGS; failed_log_ins_back_off_and_the_right_password_then_works);
 
@@ -392,7 +401,7 @@ mod revisions {
     use super::*;
 
     pub(crate) const FLAGS: Flags<'static> =
-        Flags { sessions: &[], chats: &[], messages: &["--max-message-edits", "60"] };
+        Flags { sessions: &[], chats: &[], messages: &["--max-message-edits", "60"], assistant: &[] };
 
     crate::both_modes!(flags = crate::limits::revisions::FLAGS; edits_are_capped_and_revisions_come_in_pages);
 
@@ -462,7 +471,7 @@ mod members {
     use super::*;
 
     pub(crate) const FLAGS: Flags<'static> =
-        Flags { sessions: &["--create-session-rate", "off"], chats: &[], messages: &[] };
+        Flags { sessions: &["--create-session-rate", "off"], chats: &[], messages: &[], assistant: &[] };
 
     crate::both_modes!(flags = crate::limits::members::FLAGS; groups_of_hundreds_are_created_and_grown);
 

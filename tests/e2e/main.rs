@@ -3,6 +3,7 @@
 //! without it), against the split services on PostgreSQL behind the edge.
 //! Clients are the generated tonic stubs over real sockets.
 
+mod assistant;
 mod authz;
 mod chats;
 mod exposure;

@@ -31,7 +31,7 @@ mod flood {
     };
 
     pub(crate) const FLAGS: natter_testkit::Flags<'static> =
-        natter_testkit::Flags { sessions: &[], chats: &[], messages: &["--send-message-rate", "off"] };
+        natter_testkit::Flags { sessions: &[], chats: &[], messages: &["--send-message-rate", "off"], assistant: &[] };
 
     crate::both_modes!(
         flags = crate::stream_abuse::flood::FLAGS;

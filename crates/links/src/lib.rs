@@ -373,3 +373,305 @@ impl MessageDirectory for Deferred<dyn MessageDirectory> {
         self.get()?.record_chat_changes(chat_id, changes, idempotency_key).await
     }
 }
+
+/// A stream of events, from a generated client or in process.
+pub type EventStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<messages::StreamEventsResponse, Status>> + Send>>;
+
+/// What the assistant service asks the messages service: messages on a
+/// user's behalf, its bot's event stream, and its replies (see
+/// `messages_internal.proto` for each call's contract).
+#[async_trait]
+pub trait AssistantMessages: Send + Sync + 'static {
+    /// SendMessage as `user_id`.
+    async fn send_as(&self, user_id: &str, request: messages::SendMessageRequest) -> Result<messages::Message, Status>;
+    /// EditMessage as `user_id`.
+    async fn edit_as(&self, user_id: &str, request: messages::EditMessageRequest) -> Result<messages::Message, Status>;
+    /// MarkRead as `user_id`.
+    async fn mark_read_as(&self, user_id: &str, chat_id: &str, seq: i64) -> Result<(), Status>;
+    /// The events of every chat of `user_id` (a bot), resumed from its
+    /// read positions.
+    async fn follow_chats(&self, user_id: &str) -> Result<EventStream, Status>;
+    /// A chat's newest messages, newest first (superseded replies left out).
+    async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status>;
+    /// The messages with `message_ids` and those of `chat_id` at `seqs`.
+    async fn lookup_messages(
+        &self,
+        message_ids: Vec<String>,
+        chat_id: &str,
+        seqs: Vec<i64>,
+    ) -> Result<Vec<messages::Message>, Status>;
+    /// Starts a reply: the reply and whether this call created it.
+    async fn start_reply(&self, request: messages::StartReplyRequest) -> Result<(messages::Message, bool), Status>;
+    /// Publishes pieces of a reply and checkpoints it: whether a stop was
+    /// asked for.
+    async fn update_reply(&self, request: messages::UpdateReplyRequest) -> Result<bool, Status>;
+    /// Finishes a reply.
+    async fn finish_reply(&self, request: messages::FinishReplyRequest) -> Result<messages::Message, Status>;
+    /// Sets a reply's stop flag.
+    async fn stop_reply(&self, message_id: &str) -> Result<messages::Message, Status>;
+    /// GENERATING replies whose checkpoint is older than `before`.
+    async fn stale_replies(&self, before: prost_types::Timestamp) -> Result<Vec<messages::Message>, Status>;
+}
+
+/// What the assistant service asks the chats service.
+#[async_trait]
+pub trait AssistantChats: Send + Sync + 'static {
+    /// Membership of `user_id` in `chat_id`, and the chat's state.
+    async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status>;
+    /// CreateChat as `user_id`.
+    async fn create_chat_as(&self, user_id: &str, request: chats::CreateChatRequest) -> Result<chats::Chat, Status>;
+}
+
+/// What the assistant service asks the sessions service.
+#[async_trait]
+pub trait AssistantUsers: Send + Sync + 'static {
+    /// The bot user `username`, created on first use.
+    async fn ensure_bot_user(&self, username: &str, display_name: &str) -> Result<sessions::User, Status>;
+}
+
+#[async_trait]
+impl AssistantMessages for Grpc {
+    async fn send_as(&self, user_id: &str, request: messages::SendMessageRequest) -> Result<messages::Message, Status> {
+        let request = messages::SendMessageAsRequest { user_id: user_id.to_owned(), request: Some(request) };
+        let mut client = MessageInternalServiceClient::new(self.0.channel());
+        self.0.call(client.send_message_as(self.0.request(request))).await?.message.ok_or_else(no_message)
+    }
+
+    async fn edit_as(&self, user_id: &str, request: messages::EditMessageRequest) -> Result<messages::Message, Status> {
+        let request = messages::EditMessageAsRequest { user_id: user_id.to_owned(), request: Some(request) };
+        let mut client = MessageInternalServiceClient::new(self.0.channel());
+        self.0.call(client.edit_message_as(self.0.request(request))).await?.message.ok_or_else(no_message)
+    }
+
+    async fn mark_read_as(&self, user_id: &str, chat_id: &str, seq: i64) -> Result<(), Status> {
+        let request = messages::MarkReadAsRequest {
+            user_id: user_id.to_owned(),
+            request: Some(messages::MarkReadRequest { chat_id: chat_id.to_owned(), seq }),
+        };
+        let mut client = MessageInternalServiceClient::new(self.0.channel());
+        self.0.call(client.mark_read_as(self.0.request(request))).await?;
+        Ok(())
+    }
+
+    async fn follow_chats(&self, user_id: &str) -> Result<EventStream, Status> {
+        // No deadline on the stream itself: only on its answer.
+        let request = Request::new(messages::FollowChatsRequest { user_id: user_id.to_owned() });
+        let mut client = MessageInternalServiceClient::new(self.0.channel());
+        Ok(Box::pin(self.0.call(client.follow_chats(request)).await?))
+    }
+
+    async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
+        MessageDirectory::recent_messages(self, chat_id, page_size).await
+    }
+
+    async fn lookup_messages(
+        &self,
+        message_ids: Vec<String>,
+        chat_id: &str,
+        seqs: Vec<i64>,
+    ) -> Result<Vec<messages::Message>, Status> {
+        let request = messages::LookupMessagesRequest { message_ids, chat_id: chat_id.to_owned(), seqs };
+        let mut client = MessageInternalServiceClient::new(self.0.channel());
+        Ok(self.0.call(client.lookup_messages(self.0.request(request))).await?.messages)
+    }
+
+    async fn start_reply(&self, request: messages::StartReplyRequest) -> Result<(messages::Message, bool), Status> {
+        let mut client = MessageInternalServiceClient::new(self.0.channel());
+        let response = self.0.call(client.start_reply(self.0.request(request))).await?;
+        Ok((response.message.ok_or_else(no_message)?, response.created))
+    }
+
+    async fn update_reply(&self, request: messages::UpdateReplyRequest) -> Result<bool, Status> {
+        let mut client = MessageInternalServiceClient::new(self.0.channel());
+        Ok(self.0.call(client.update_reply(self.0.request(request))).await?.stop_requested)
+    }
+
+    async fn finish_reply(&self, request: messages::FinishReplyRequest) -> Result<messages::Message, Status> {
+        let mut client = MessageInternalServiceClient::new(self.0.channel());
+        self.0.call(client.finish_reply(self.0.request(request))).await?.message.ok_or_else(no_message)
+    }
+
+    async fn stop_reply(&self, message_id: &str) -> Result<messages::Message, Status> {
+        let request = messages::StopReplyRequest { message_id: message_id.to_owned() };
+        let mut client = MessageInternalServiceClient::new(self.0.channel());
+        self.0.call(client.stop_reply(self.0.request(request))).await?.message.ok_or_else(no_message)
+    }
+
+    async fn stale_replies(&self, before: prost_types::Timestamp) -> Result<Vec<messages::Message>, Status> {
+        let request = messages::ListStaleRepliesRequest { checkpoint_before: Some(before), page_size: 100 };
+        let mut client = MessageInternalServiceClient::new(self.0.channel());
+        Ok(self.0.call(client.list_stale_replies(self.0.request(request))).await?.messages)
+    }
+}
+
+#[async_trait]
+impl<S: MessageInternalService> AssistantMessages for InProcess<S> {
+    async fn send_as(&self, user_id: &str, request: messages::SendMessageRequest) -> Result<messages::Message, Status> {
+        let request = messages::SendMessageAsRequest { user_id: user_id.to_owned(), request: Some(request) };
+        in_process(
+            "/natter.messages.v1.MessageInternalService/SendMessageAs",
+            self.0.send_message_as(Request::new(request)),
+        )
+        .await?
+        .into_inner()
+        .message
+        .ok_or_else(no_message)
+    }
+
+    async fn edit_as(&self, user_id: &str, request: messages::EditMessageRequest) -> Result<messages::Message, Status> {
+        let request = messages::EditMessageAsRequest { user_id: user_id.to_owned(), request: Some(request) };
+        in_process(
+            "/natter.messages.v1.MessageInternalService/EditMessageAs",
+            self.0.edit_message_as(Request::new(request)),
+        )
+        .await?
+        .into_inner()
+        .message
+        .ok_or_else(no_message)
+    }
+
+    async fn mark_read_as(&self, user_id: &str, chat_id: &str, seq: i64) -> Result<(), Status> {
+        let request = messages::MarkReadAsRequest {
+            user_id: user_id.to_owned(),
+            request: Some(messages::MarkReadRequest { chat_id: chat_id.to_owned(), seq }),
+        };
+        in_process("/natter.messages.v1.MessageInternalService/MarkReadAs", self.0.mark_read_as(Request::new(request)))
+            .await?;
+        Ok(())
+    }
+
+    async fn follow_chats(&self, user_id: &str) -> Result<EventStream, Status> {
+        let request = messages::FollowChatsRequest { user_id: user_id.to_owned() };
+        let stream = self.0.follow_chats(Request::new(request)).await?.into_inner();
+        Ok(Box::pin(stream))
+    }
+
+    async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
+        MessageDirectory::recent_messages(self, chat_id, page_size).await
+    }
+
+    async fn lookup_messages(
+        &self,
+        message_ids: Vec<String>,
+        chat_id: &str,
+        seqs: Vec<i64>,
+    ) -> Result<Vec<messages::Message>, Status> {
+        let request = messages::LookupMessagesRequest { message_ids, chat_id: chat_id.to_owned(), seqs };
+        Ok(in_process(
+            "/natter.messages.v1.MessageInternalService/LookupMessages",
+            self.0.lookup_messages(Request::new(request)),
+        )
+        .await?
+        .into_inner()
+        .messages)
+    }
+
+    async fn start_reply(&self, request: messages::StartReplyRequest) -> Result<(messages::Message, bool), Status> {
+        let response = in_process(
+            "/natter.messages.v1.MessageInternalService/StartReply",
+            self.0.start_reply(Request::new(request)),
+        )
+        .await?
+        .into_inner();
+        Ok((response.message.ok_or_else(no_message)?, response.created))
+    }
+
+    async fn update_reply(&self, request: messages::UpdateReplyRequest) -> Result<bool, Status> {
+        Ok(in_process(
+            "/natter.messages.v1.MessageInternalService/UpdateReply",
+            self.0.update_reply(Request::new(request)),
+        )
+        .await?
+        .into_inner()
+        .stop_requested)
+    }
+
+    async fn finish_reply(&self, request: messages::FinishReplyRequest) -> Result<messages::Message, Status> {
+        in_process("/natter.messages.v1.MessageInternalService/FinishReply", self.0.finish_reply(Request::new(request)))
+            .await?
+            .into_inner()
+            .message
+            .ok_or_else(no_message)
+    }
+
+    async fn stop_reply(&self, message_id: &str) -> Result<messages::Message, Status> {
+        let request = messages::StopReplyRequest { message_id: message_id.to_owned() };
+        in_process("/natter.messages.v1.MessageInternalService/StopReply", self.0.stop_reply(Request::new(request)))
+            .await?
+            .into_inner()
+            .message
+            .ok_or_else(no_message)
+    }
+
+    async fn stale_replies(&self, before: prost_types::Timestamp) -> Result<Vec<messages::Message>, Status> {
+        let request = messages::ListStaleRepliesRequest { checkpoint_before: Some(before), page_size: 100 };
+        Ok(in_process(
+            "/natter.messages.v1.MessageInternalService/ListStaleReplies",
+            self.0.list_stale_replies(Request::new(request)),
+        )
+        .await?
+        .into_inner()
+        .messages)
+    }
+}
+
+#[async_trait]
+impl AssistantChats for Grpc {
+    async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status> {
+        ChatDirectory::check_membership(self, chat_id, user_id).await
+    }
+
+    async fn create_chat_as(&self, user_id: &str, request: chats::CreateChatRequest) -> Result<chats::Chat, Status> {
+        let request = chats::CreateChatAsRequest { user_id: user_id.to_owned(), request: Some(request) };
+        let mut client = ChatInternalServiceClient::new(self.0.channel());
+        self.0.call(client.create_chat_as(self.0.request(request))).await?.chat.ok_or_else(no_message)
+    }
+}
+
+#[async_trait]
+impl<S: ChatInternalService> AssistantChats for InProcess<S> {
+    async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status> {
+        ChatDirectory::check_membership(self, chat_id, user_id).await
+    }
+
+    async fn create_chat_as(&self, user_id: &str, request: chats::CreateChatRequest) -> Result<chats::Chat, Status> {
+        let request = chats::CreateChatAsRequest { user_id: user_id.to_owned(), request: Some(request) };
+        in_process("/natter.chats.v1.ChatInternalService/CreateChatAs", self.0.create_chat_as(Request::new(request)))
+            .await?
+            .into_inner()
+            .chat
+            .ok_or_else(no_message)
+    }
+}
+
+#[async_trait]
+impl AssistantUsers for Grpc {
+    async fn ensure_bot_user(&self, username: &str, display_name: &str) -> Result<sessions::User, Status> {
+        let request =
+            sessions::EnsureBotUserRequest { username: username.to_owned(), display_name: display_name.to_owned() };
+        let mut client = SessionInternalServiceClient::new(self.0.channel());
+        self.0.call(client.ensure_bot_user(self.0.request(request))).await?.user.ok_or_else(no_message)
+    }
+}
+
+#[async_trait]
+impl<S: SessionInternalService> AssistantUsers for InProcess<S> {
+    async fn ensure_bot_user(&self, username: &str, display_name: &str) -> Result<sessions::User, Status> {
+        let request =
+            sessions::EnsureBotUserRequest { username: username.to_owned(), display_name: display_name.to_owned() };
+        in_process(
+            "/natter.sessions.v1.SessionInternalService/EnsureBotUser",
+            self.0.ensure_bot_user(Request::new(request)),
+        )
+        .await?
+        .into_inner()
+        .user
+        .ok_or_else(no_message)
+    }
+}
+
+/// A callee's answer without the message it promises.
+fn no_message() -> Status {
+    Status::internal("the service's answer holds no result")
+}

@@ -138,6 +138,8 @@ pub struct Recorded {
 #[derive(Default)]
 struct Shared {
     scripts: VecDeque<Script>,
+    /// How a request is answered when no script is queued (None: "ok").
+    fallback: Option<Script>,
     requests: Vec<Recorded>,
     seed: u64,
 }
@@ -172,6 +174,12 @@ impl ScriptedServer {
     /// Queues how the next request is answered.
     pub fn push(&self, script: Script) {
         self.shared.lock().unwrap().scripts.push_back(script);
+    }
+
+    /// How requests are answered while no script is queued (instead of
+    /// [`Script::reply`] of "ok").
+    pub fn set_fallback(&self, script: Script) {
+        self.shared.lock().unwrap().fallback = Some(script);
     }
 
     /// Every request so far.
@@ -220,7 +228,8 @@ async fn complete(State((shared, disconnects)): State<AppState>, headers: Header
         let body = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
         let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
         state.requests.push(Recorded { body, authorization, at: Instant::now(), disconnected_at: None });
-        let script = state.scripts.pop_front().unwrap_or_else(|| Script::reply("ok"));
+        let fallback = state.fallback.clone().unwrap_or_else(|| Script::reply("ok"));
+        let script = state.scripts.pop_front().unwrap_or(fallback);
         (script, state.requests.len() - 1, state.seed.wrapping_add(state.requests.len() as u64))
     };
     if script.status != 200 {

@@ -29,8 +29,16 @@ pub mod messages {
     }
 }
 
+/// `natter.assistant.v1`: the AI assistant's replies.
+pub mod assistant {
+    /// Version 1 of the assistant API.
+    pub mod v1 {
+        tonic::include_proto!("natter.assistant.v1");
+    }
+}
+
 /// The encoded `google.protobuf.FileDescriptorSet` of natter's public API
-/// (`SessionService`, `ChatService`, `MessageService` and the well-known
+/// (`SessionService`, `ChatService`, `MessageService`, `AssistantService` and the well-known
 /// types they import): what server reflection on a public port serves.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/natter_public_descriptor.bin"));
 

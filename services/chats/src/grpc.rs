@@ -439,9 +439,21 @@ impl ChatInternalService for ChatInternalApi {
                 role: access.role.map(|r| role_pb(r) as i32).unwrap_or_default(),
                 archived: access.chat.archive_time.is_some(),
                 visibility: visibility_pb(access.chat.visibility) as i32,
+                kind: kind_pb(access.chat.kind) as i32,
             },
         };
         Ok(Response::new(response))
+    }
+
+    async fn create_chat_as(
+        &self,
+        request: Request<pb::CreateChatAsRequest>,
+    ) -> Result<Response<pb::CreateChatResponse>, Status> {
+        let r = request.into_inner();
+        let caller = UserId::parse("user_id", &r.user_id)?;
+        let new = new_chat(r.request.unwrap_or_default(), caller, self.chats.limits())?;
+        let view = self.chats.create_chat(caller, new).await?;
+        Ok(Response::new(pb::CreateChatResponse { chat: Some(chat_pb(view)) }))
     }
 
     async fn list_member_chat_ids(

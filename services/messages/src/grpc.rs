@@ -22,7 +22,9 @@ use crate::domain::{
 use crate::error::MessagesError;
 use crate::registry::{StreamLimits, StreamRegistry};
 use crate::service::Messages;
-use crate::store::{Change, ChatChange, ChatDetails, Heads, Message, Range, Revision, Seq, Summary};
+use crate::store::{
+    Change, ChatChange, ChatDetails, Generation, GenerationInfo, Heads, Message, Range, Revision, Role, Seq, Summary,
+};
 use crate::stream::{self, EventStream, Follow, Resume};
 
 /// Validates a SendMessage request against `limits`: INVALID_ARGUMENT listing
@@ -92,7 +94,7 @@ pub fn list_request(r: &pb::ListMessagesRequest) -> Result<(ListMessages, u64), 
     let (before, after) = ((r.before_seq > 0).then_some(r.before_seq), (r.after_seq > 0).then_some(r.after_seq));
     let fingerprint = paging::fingerprint(&[&chat_id.0, &before, &after, &ascending, &r.include_history]);
     let from = paging::decode::<i64>("page_token", &r.page_token, fingerprint)?.map(Seq);
-    let range = Range { before: before.map(Seq), after: after.map(Seq), ascending };
+    let range = Range { before: before.map(Seq), after: after.map(Seq), ascending, superseded: r.include_history };
     Ok((ListMessages { chat_id, range, from, page_size, include_history: r.include_history }, fingerprint))
 }
 
@@ -123,6 +125,12 @@ fn parse_ids<T: From<Uuid>>(field: &str, ids: &[String]) -> Result<Vec<T>, Statu
 
 /// The protobuf form of a message (tombstones carry no content).
 pub fn message_pb(m: Message, history: Vec<pb::Revision>) -> pb::Message {
+    let role = match m.role() {
+        Role::User => pb::MessageRole::User,
+        Role::Assistant => pb::MessageRole::Assistant,
+    } as i32;
+    let (generation_status, replaces_message_id, superseded) =
+        (m.generation().map_or(0, |g| g as i32), m.replaces().map(|r| r.to_string()), m.superseded());
     let attachments = m
         .attachments
         .into_iter()
@@ -149,6 +157,17 @@ pub fn message_pb(m: Message, history: Vec<pb::Revision>) -> pb::Message {
         deleted: m.delete_time.is_some(),
         history,
         change_seq: m.change_seq,
+        role,
+        generation_status,
+        replaces_message_id: replaces_message_id.unwrap_or_default(),
+        superseded,
+        generation: m.reply.and_then(|r| r.info).map(|i| pb::GenerationInfo {
+            model: i.model,
+            finish_reason: i.finish_reason,
+            prompt_tokens: i.prompt_tokens,
+            completion_tokens: i.completion_tokens,
+            error: i.error,
+        }),
     }
 }
 
@@ -516,21 +535,52 @@ impl MessageService for MessageApi {
         let ticket = self.streams.admit(&principal, &token)?;
         let follow = Follow { principal, token, chat_ids, resume };
         let stream =
-            stream::open(self.messages.clone(), self.auth.clone(), self.shutdown.clone(), ticket, follow).await?;
+            stream::open(self.messages.clone(), Some(self.auth.clone()), self.shutdown.clone(), ticket, follow).await?;
         Ok(Response::new(stream))
     }
 }
 
-/// `natter.messages.v1.MessageInternalService`: previews and clean-up for the
-/// chats service.
+/// The ephemeral stream event of a piece of a reply being generated (see
+/// [`typing_event`] for its change_seq).
+pub(crate) fn delta_event(chat: ChatId, delta: pb::MessageDelta) -> pb::StreamEventsResponse {
+    pb::StreamEventsResponse {
+        chat_id: chat.to_string(),
+        seq: 0,
+        change_seq: 0,
+        event: Some(Event::MessageDelta(delta)),
+    }
+}
+
+/// Most ids and most seqs of one LookupMessages request.
+const LOOKUP_MAX: usize = 100;
+
+/// The generation status of a FinishReply request.
+///
+/// Errors: INVALID_ARGUMENT naming `status` for GENERATING, UNSPECIFIED or
+/// an unknown value.
+fn finished_status(status: i32) -> Result<Generation, Status> {
+    match Generation::of(status.into()) {
+        Some(g) if g.finished() => Ok(g),
+        _ => Err(FieldViolations::single("status", "must be COMPLETE, STOPPED, FAILED or INTERRUPTED").into_status()),
+    }
+}
+
+/// `natter.messages.v1.MessageInternalService`: what the other natter
+/// services ask of messages (previews and clean-up for chats; messages on a
+/// user's behalf, a bot's event stream and replies for the assistant).
 #[derive(Clone)]
 pub struct MessageInternalApi {
     messages: Arc<Messages>,
+    shutdown: CancellationToken,
+    streams: Arc<StreamRegistry>,
 }
 
 impl MessageInternalApi {
-    pub fn new(messages: Arc<Messages>) -> Self {
-        Self { messages }
+    /// The internal API; FollowChats streams end when `shutdown` is
+    /// cancelled.
+    pub fn new(messages: Arc<Messages>, shutdown: CancellationToken) -> Self {
+        let streams = StreamRegistry::new(*messages.stream_limits());
+        Self { messages, shutdown, streams }
     }
 }
 
@@ -579,6 +629,147 @@ impl MessageInternalService for MessageInternalApi {
         let chat = ChatId::parse("chat_id", &request.get_ref().chat_id)?;
         self.messages.purge(chat).await?;
         Ok(Response::new(pb::PurgeChatResponse {}))
+    }
+
+    async fn lookup_messages(
+        &self,
+        request: Request<pb::LookupMessagesRequest>,
+    ) -> Result<Response<pb::LookupMessagesResponse>, Status> {
+        let r = request.into_inner();
+        let mut violations = FieldViolations::new();
+        for (field, len) in [("message_ids", r.message_ids.len()), ("seqs", r.seqs.len())] {
+            if len > LOOKUP_MAX {
+                violations.add(field, format!("at most {LOOKUP_MAX}"));
+            }
+        }
+        violations.check()?;
+        let ids: Vec<MessageId> = parse_ids("message_ids", &r.message_ids)?;
+        let chat = if r.seqs.is_empty() { None } else { Some(ChatId::parse("chat_id", &r.chat_id)?) };
+        let seqs: Vec<Seq> = r.seqs.iter().map(|s| Seq(*s)).collect();
+        let messages = self.messages.lookup(&ids, chat.map(|c| (c, seqs.as_slice()))).await?;
+        Ok(Response::new(pb::LookupMessagesResponse {
+            messages: messages.into_iter().map(|m| message_pb(m, Vec::new())).collect(),
+        }))
+    }
+
+    async fn send_message_as(
+        &self,
+        request: Request<pb::SendMessageAsRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        let r = request.into_inner();
+        let user = UserId::parse("user_id", &r.user_id)?;
+        let send = send_request(r.request.unwrap_or_default(), self.messages.limits())?;
+        let message = self.messages.send(user, send).await?;
+        Ok(Response::new(pb::SendMessageResponse { message: Some(message_pb(message, Vec::new())) }))
+    }
+
+    async fn edit_message_as(
+        &self,
+        request: Request<pb::EditMessageAsRequest>,
+    ) -> Result<Response<pb::EditMessageResponse>, Status> {
+        let r = request.into_inner();
+        let user = UserId::parse("user_id", &r.user_id)?;
+        let edit = edit_request(r.request.unwrap_or_default(), self.messages.limits())?;
+        let message = self.messages.edit(user, edit).await?;
+        Ok(Response::new(pb::EditMessageResponse { message: Some(message_pb(message, Vec::new())) }))
+    }
+
+    async fn mark_read_as(
+        &self,
+        request: Request<pb::MarkReadAsRequest>,
+    ) -> Result<Response<pb::MarkReadResponse>, Status> {
+        let r = request.into_inner();
+        let user = UserId::parse("user_id", &r.user_id)?;
+        let mark = mark_read_request(&r.request.unwrap_or_default())?;
+        let state = self.messages.mark_read(user, mark).await?;
+        Ok(Response::new(pb::MarkReadResponse { read_seq: state.read_seq.0, unread_count: state.unread }))
+    }
+
+    type FollowChatsStream = EventStream;
+
+    async fn follow_chats(&self, request: Request<pb::FollowChatsRequest>) -> Result<Response<EventStream>, Status> {
+        let user = UserId::parse("user_id", &request.get_ref().user_id)?;
+        let resume = self.messages.read_positions(user).await?;
+        // A bot has no session: nothing to re-check, nothing expires.
+        let principal =
+            natter_auth::Principal { user_id: user.0, session_id: Uuid::nil(), guest: false, expire_micros: i64::MAX };
+        let ticket = self.streams.admit(&principal, "")?;
+        let follow = Follow { principal, token: String::new(), chat_ids: Vec::new(), resume };
+        let stream = stream::open(self.messages.clone(), None, self.shutdown.clone(), ticket, follow).await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn start_reply(
+        &self,
+        request: Request<pb::StartReplyRequest>,
+    ) -> Result<Response<pb::StartReplyResponse>, Status> {
+        let r = request.get_ref();
+        let reply = crate::store::NewReply {
+            id: MessageId::parse("message_id", &r.message_id)?,
+            chat_id: ChatId::parse("chat_id", &r.chat_id)?,
+            author_id: UserId::parse("author_id", &r.author_id)?,
+            prompt: MessageId::parse("prompt_message_id", &r.prompt_message_id)?,
+            replaces: match r.replaces_message_id.as_str() {
+                "" => None,
+                id => Some(MessageId::parse("replaces_message_id", id)?),
+            },
+            now: natter_kit::time::now_micros(),
+        };
+        let (message, created) = self.messages.start_reply(reply).await?;
+        Ok(Response::new(pb::StartReplyResponse { message: Some(message_pb(message, Vec::new())), created }))
+    }
+
+    async fn update_reply(
+        &self,
+        request: Request<pb::UpdateReplyRequest>,
+    ) -> Result<Response<pb::UpdateReplyResponse>, Status> {
+        let r = request.into_inner();
+        let id = MessageId::parse("message_id", &r.message_id)?;
+        let chat = ChatId::parse("chat_id", &r.chat_id)?;
+        let author = UserId::parse("author_id", &r.author_id)?;
+        let stop_requested = self.messages.update_reply(chat, id, author, r.deltas, r.checkpoint_text).await?;
+        Ok(Response::new(pb::UpdateReplyResponse { stop_requested }))
+    }
+
+    async fn finish_reply(
+        &self,
+        request: Request<pb::FinishReplyRequest>,
+    ) -> Result<Response<pb::FinishReplyResponse>, Status> {
+        let r = request.into_inner();
+        let id = MessageId::parse("message_id", &r.message_id)?;
+        let status = finished_status(r.status)?;
+        let info = r.generation.unwrap_or_default();
+        let info = GenerationInfo {
+            model: info.model,
+            finish_reason: info.finish_reason,
+            prompt_tokens: info.prompt_tokens,
+            completion_tokens: info.completion_tokens,
+            error: info.error,
+        };
+        let message = self.messages.finish_reply(id, &r.text, status, &info, r.restore_replaced).await?;
+        Ok(Response::new(pb::FinishReplyResponse { message: Some(message_pb(message, Vec::new())) }))
+    }
+
+    async fn stop_reply(
+        &self,
+        request: Request<pb::StopReplyRequest>,
+    ) -> Result<Response<pb::StopReplyResponse>, Status> {
+        let id = MessageId::parse("message_id", &request.get_ref().message_id)?;
+        let message = self.messages.stop_reply(id).await?;
+        Ok(Response::new(pb::StopReplyResponse { message: Some(message_pb(message, Vec::new())) }))
+    }
+
+    async fn list_stale_replies(
+        &self,
+        request: Request<pb::ListStaleRepliesRequest>,
+    ) -> Result<Response<pb::ListStaleRepliesResponse>, Status> {
+        let r = request.get_ref();
+        let before = r.checkpoint_before.as_ref().map_or(0, natter_kit::time::micros);
+        let size = paging::page_size("page_size", r.page_size, 100, 1000)?;
+        let messages = self.messages.stale_replies(before, size).await?;
+        Ok(Response::new(pb::ListStaleRepliesResponse {
+            messages: messages.into_iter().map(|m| message_pb(m, Vec::new())).collect(),
+        }))
     }
 }
 
@@ -719,6 +910,7 @@ mod tests {
             delete_time: deleted.then_some(3),
             change_seq,
             create_change,
+            reply: None,
         };
         let kind = |m, since| match replay_event(chat, Change::Message(m), since).event {
             Some(Event::MessageCreated(m)) => ("created", m.change_seq),

@@ -190,12 +190,13 @@ pub async fn add_services(
 }
 
 /// Adds the internal messages service to `server`, an internal listener
-/// ([`Server::internal`]); never to a public one.
-pub async fn add_internal_services(server: &mut Server, messages: &Arc<Messages>) {
+/// ([`Server::internal`]); never to a public one. Its FollowChats streams
+/// end when `shutdown` is cancelled.
+pub async fn add_internal_services(server: &mut Server, messages: &Arc<Messages>, shutdown: CancellationToken) {
     let limit = server.args().max_request_bytes;
     server
         .add_service(
-            MessageInternalServiceServer::new(MessageInternalApi::new(messages.clone()))
+            MessageInternalServiceServer::new(MessageInternalApi::new(messages.clone(), shutdown.clone()))
                 .max_decoding_message_size(limit),
         )
         .await;
@@ -251,7 +252,7 @@ pub async fn run(
     let mut public = Server::new(&config.server);
     add_services(&mut public, &messages, auth, shutdown.clone()).await;
     let mut internal = Server::internal(&config.server, credential);
-    add_internal_services(&mut internal, &messages).await;
+    add_internal_services(&mut internal, &messages, shutdown.clone()).await;
     natter_kit::serve::serve_split((public, listener), (internal, internal_listener), shutdown).await?;
     messages.close().await;
     Ok(())

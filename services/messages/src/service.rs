@@ -2,6 +2,7 @@
 //! and the event bus. Validated commands in, domain types out; the protobuf
 //! of the answers is built in `grpc.rs`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use natter_bus::{Event as BusEvent, EventBus, Topic};
@@ -10,6 +11,7 @@ use natter_kit::limits::RateLimiter;
 use natter_kit::time::{now_micros, timestamp};
 use natter_links::ChatDirectory;
 use natter_proto::chats::v1 as cpb;
+use uuid::Uuid;
 
 use crate::MessagesArgs;
 use crate::domain::{EditMessage, Limits, ListMessages, ListRevisions, MarkRead, SendMessage, WithHistory};
@@ -17,8 +19,10 @@ use crate::error::MessagesError;
 use crate::grpc;
 use crate::registry::StreamLimits;
 use crate::store::{
-    ChatChange, Edited, Message, MessageStore, NewMessage, Range, ReadState, Revision, Sent, Seq, Summary,
+    ChatChange, Edited, Generation, GenerationInfo, Message, MessageStore, NewMessage, NewReply, Range, ReadState,
+    Revision, Sent, Seq, Started, Summary,
 };
+use crate::stream::Resume;
 use crate::writer::Writer;
 
 /// How far back from the newest message [`Messages::announce_recent_activity`]
@@ -416,7 +420,8 @@ impl Messages {
         Ok(self.store.summaries(chats, user).await?)
     }
 
-    /// Internal: a chat's newest messages, newest first.
+    /// Internal: a chat's newest messages, newest first (superseded replies
+    /// left out).
     pub async fn recent(&self, chat: ChatId, page_size: u32) -> Result<Vec<Message>, MessagesError> {
         Ok(self.store.list(chat, Range::default(), None, page_size).await?)
     }
@@ -424,6 +429,131 @@ impl Messages {
     /// Internal: deletes everything of a chat.
     pub async fn purge(&self, chat: ChatId) -> Result<(), MessagesError> {
         Ok(self.store.purge_chat(chat).await?)
+    }
+
+    /// Internal: the messages with `ids` and those of a chat at `seqs`
+    /// (superseded replies too), the ones that exist.
+    pub async fn lookup(&self, ids: &[MessageId], at: Option<(ChatId, &[Seq])>) -> Result<Vec<Message>, MessagesError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            found.extend(self.store.message(*id).await?);
+        }
+        if let Some((chat, seqs)) = at {
+            for seq in seqs {
+                let range =
+                    Range { after: Some(Seq(seq.0 - 1)), ascending: true, superseded: true, ..Range::default() };
+                found.extend(self.store.list(chat, range, None, 1).await?.into_iter().filter(|m| m.seq == *seq));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Internal: where a bot's stream resumes each of its chats: its read
+    /// position (it moves it past each message it has taken).
+    pub async fn read_positions(&self, user: UserId) -> Result<HashMap<Uuid, Resume>, MessagesError> {
+        let chats: Vec<ChatId> = self
+            .chats
+            .member_chat_ids(&user.to_string())
+            .await?
+            .iter()
+            .filter_map(|c| Uuid::try_parse(c).ok().map(ChatId))
+            .collect();
+        let positions = self.store.read_positions(user, &chats).await?;
+        Ok(chats.into_iter().zip(positions).map(|(chat, seq)| (chat.0, Resume::Seq(seq))).collect())
+    }
+
+    /// Internal: starts an assistant's reply (see
+    /// [`MessageStore::start_reply`]), announces it (and the reply it
+    /// superseded) and records the chat's activity. Returns the reply and
+    /// whether this call created it.
+    ///
+    /// Errors: NOT_FOUND (no such prompt in the chat), FAILED_PRECONDITION
+    /// (the replaced message is no reply of the chat), ALREADY_EXISTS (the
+    /// id is another message's).
+    pub async fn start_reply(&self, reply: NewReply) -> Result<(Message, bool), MessagesError> {
+        let (chat, author) = (reply.chat_id, reply.author_id);
+        match self.store.start_reply(&reply).await? {
+            Started::Created(message, superseded) => {
+                let event = grpc::created_event(grpc::message_pb(message.clone(), Vec::new()));
+                self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
+                if let Some(old) = superseded {
+                    let event = grpc::edited_event(old);
+                    self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
+                }
+                let created = Sent::Created(message.clone());
+                crate::writer::record_activity(self.chats.as_ref(), &[&created]).await;
+                Ok((message, true))
+            }
+            Started::Exists(message) if message.chat_id == chat && message.author_id == author => Ok((message, false)),
+            Started::Exists(_) => Err(MessagesError::MessageIdTaken),
+            Started::NoSuchPrompt => Err(MessagesError::MessageNotFound),
+            Started::NotAReply => Err(MessagesError::Precondition("the replaced message is no reply of this chat")),
+        }
+    }
+
+    /// Internal: publishes pieces of a reply being generated to its chat's
+    /// streams (not its author's) and, with `checkpoint`, stores the text so
+    /// far; answers whether a stop was asked for.
+    ///
+    /// Errors: FAILED_PRECONDITION when a checkpoint finds the reply no
+    /// longer GENERATING.
+    pub async fn update_reply(
+        &self,
+        chat: ChatId,
+        id: MessageId,
+        author: UserId,
+        deltas: Vec<natter_proto::messages::v1::MessageDelta>,
+        checkpoint: Option<String>,
+    ) -> Result<bool, MessagesError> {
+        for delta in deltas {
+            let event = BusEvent::new(chat, grpc::delta_event(chat, delta)).concerning(author);
+            self.bus.publish(Topic::Chat(chat.0), Arc::new(event));
+        }
+        match checkpoint {
+            Some(text) => self
+                .store
+                .checkpoint_reply(id, Some(&text), now_micros())
+                .await?
+                .ok_or(MessagesError::Precondition("the reply is no longer generating")),
+            None => Ok(false),
+        }
+    }
+
+    /// Internal: finishes a reply (see [`MessageStore::finish_reply`]) and
+    /// announces the change (and the reply it un-superseded).
+    pub async fn finish_reply(
+        &self,
+        id: MessageId,
+        text: &str,
+        status: Generation,
+        info: &GenerationInfo,
+        restore_replaced: bool,
+    ) -> Result<Message, MessagesError> {
+        let finished = self
+            .store
+            .finish_reply(id, text, status, info, restore_replaced)
+            .await?
+            .ok_or(MessagesError::MessageNotFound)?;
+        if finished.changed {
+            let chat = finished.reply.chat_id;
+            for message in std::iter::once(finished.reply.clone()).chain(finished.restored) {
+                let event = grpc::edited_event(message);
+                self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
+            }
+        }
+        Ok(finished.reply)
+    }
+
+    /// Internal: asks a GENERATING reply to stop (a durable flag the
+    /// generator reads at its next checkpoint); returns the message.
+    pub async fn stop_reply(&self, id: MessageId) -> Result<Message, MessagesError> {
+        self.store.stop_reply(id).await?.ok_or(MessagesError::MessageNotFound)
+    }
+
+    /// Internal: GENERATING replies whose last checkpoint is before
+    /// `before` (µs), oldest first.
+    pub async fn stale_replies(&self, before: i64, limit: u32) -> Result<Vec<Message>, MessagesError> {
+        Ok(self.store.stale_replies(before, limit).await?)
     }
 }
 

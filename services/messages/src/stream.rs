@@ -93,11 +93,13 @@ pub struct Follow {
 }
 
 /// Opens a stream admitted by `ticket` (held until the stream is dropped).
-/// Errors that concern the request (not a member, unknown chat) are returned
-/// here, before any event, as the call's status.
+/// `auth` re-checks the session when it may have been revoked (None for a
+/// bot's stream, which has no session). Errors that concern the request
+/// (not a member, unknown chat) are returned here, before any event, as the
+/// call's status.
 pub async fn open(
     messages: Arc<Messages>,
-    auth: Authenticator,
+    auth: Option<Authenticator>,
     shutdown: CancellationToken,
     ticket: Ticket,
     follow: Follow,
@@ -208,8 +210,11 @@ pub async fn open(
                     Step::default()
                 }
                 Wake::Session(Some(_)) => {
-                    // Revoked, or lagged behind what may be a revocation.
-                    auth.check(&token).await?;
+                    // Revoked, or lagged behind what may be a revocation
+                    // (a bot's stream has no session to check).
+                    if let Some(auth) = &auth {
+                        auth.check(&token).await?;
+                    }
                     Step::default()
                 }
                 Wake::User(None) => {
@@ -317,7 +322,7 @@ impl Follower {
         if seq == Seq::ZERO {
             return Ok(0);
         }
-        let range = Range { after: Some(Seq(seq.0 - 1)), ascending: true, ..Range::default() };
+        let range = Range { after: Some(Seq(seq.0 - 1)), ascending: true, superseded: true, ..Range::default() };
         let found = self.messages.store().list(chat, range, None, 1).await?;
         Ok(found.first().filter(|m| m.seq == seq).map_or(heads.change, |m| m.create_change))
     }
@@ -369,13 +374,15 @@ impl Follower {
     /// An event of a followed chat.
     fn on_chat_event(&mut self, chat: Uuid, event: &BusEvent) -> Step {
         let Some(cursor) = self.cursors.get(&chat).copied() else { return Step::default() };
-        // Ephemeral: someone else's typing goes out at once, with this
-        // stream's last change number of the chat (never a resume point of
-        // its own); nothing to store, order or refill.
+        // Ephemeral: someone else's typing, or a piece of a reply being
+        // generated, goes out at once, with this stream's last change number
+        // of the chat (never a resume point of its own); nothing to store,
+        // order or refill.
         if let Some(payload) = &event.payload
-            && let Some(Event::Typing(_)) = &payload.event
+            && let Some(Event::Typing(_) | Event::MessageDelta(_)) = &payload.event
         {
-            // The typer is the user the event concerns.
+            // The typer (or the assistant writing) is the user the event
+            // concerns.
             if event.users.iter().any(|u| u.uuid() == self.user) {
                 return Step::default();
             }

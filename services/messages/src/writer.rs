@@ -159,7 +159,7 @@ async fn write_loop(store: Arc<dyn MessageStore>, chats: Arc<dyn ChatDirectory>,
 /// Tells the chats service the newest committed message of each chat in
 /// `outcomes`, in one call. The messages are committed already: a failure
 /// only delays a chat's place in ListChats until its next message (logged).
-async fn record_activity(chats: &dyn ChatDirectory, outcomes: &[&Sent]) {
+pub(crate) async fn record_activity(chats: &dyn ChatDirectory, outcomes: &[&Sent]) {
     let mut newest: HashMap<natter_kit::id::ChatId, &Message> = HashMap::new();
     for outcome in outcomes {
         if let Sent::Created(row) = *outcome {

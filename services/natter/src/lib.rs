@@ -1,4 +1,4 @@
-//! The all-in-one natter: the sessions, chats and messages services in one
+//! The all-in-one natter: the sessions, chats, messages and assistant services in one
 //! process on one port (gRPC and gRPC-web), linked by direct in-process calls
 //! and an in-process event bus, on SQLite files in a data directory (or on
 //! PostgreSQL with `--database-url`).
@@ -31,6 +31,8 @@ pub struct ServeArgs {
     pub chats: natter_chats::ChatsArgs,
     #[command(flatten)]
     pub messages: natter_messages::MessagesArgs,
+    #[command(flatten)]
+    pub assistant: natter_assistant::AssistantArgs,
     /// Directory of the browser page, served at `/` (build it with
     /// `npm --prefix web ci && npm --prefix web run build`); missing: API only.
     #[arg(long, env = "NATTER_WEB_DIR", default_value = "web/dist")]
@@ -85,7 +87,7 @@ impl App {
         let to_messages: Arc<Deferred<dyn MessageDirectory>> = Arc::new(Deferred::default());
         let chats = natter_chats::open(
             &args.store.config("chats")?,
-            Arc::new(InProcess(session_internal)),
+            Arc::new(InProcess(session_internal.clone())),
             to_messages.clone(),
             &args.chats,
             only_instance,
@@ -94,17 +96,29 @@ impl App {
         let chat_internal = Arc::new(natter_chats::ChatInternalApi::new(chats.clone()));
         let messages = natter_messages::open(
             &args.store.config("messages")?,
-            Arc::new(InProcess(chat_internal)),
+            Arc::new(InProcess(chat_internal.clone())),
             bus.clone(),
             &args.messages,
         )
         .await?;
-        to_messages.set(Arc::new(InProcess(Arc::new(natter_messages::MessageInternalApi::new(messages.clone())))));
+        let message_internal = Arc::new(natter_messages::MessageInternalApi::new(messages.clone(), shutdown.clone()));
+        to_messages.set(Arc::new(InProcess(message_internal.clone())));
+        let assistant = natter_assistant::open(
+            &args.assistant,
+            natter_assistant::Links {
+                users: Arc::new(InProcess(session_internal.clone())),
+                messages: Arc::new(InProcess(message_internal)),
+                chats: Arc::new(InProcess(chat_internal.clone())),
+            },
+            shutdown.clone(),
+        )
+        .await?;
 
         let mut server = Server::new(&args.server);
         natter_sessions::add_services(&mut server, &sessions).await;
         natter_chats::add_services(&mut server, &chats, auth.clone()).await;
-        natter_messages::add_services(&mut server, &messages, auth, shutdown.clone()).await;
+        natter_messages::add_services(&mut server, &messages, auth.clone(), shutdown.clone()).await;
+        natter_assistant::add_services(&mut server, assistant, auth).await;
 
         let sessions_db = sessions.store().db().clone();
         server.set_web_dir(&args.web_dir);

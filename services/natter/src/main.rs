@@ -36,9 +36,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Runs the sessions, chats and messages services on one port (gRPC and
+    /// Runs the sessions, chats, messages and assistant services on one port (gRPC and
     /// gRPC-web), on SQLite in --data-dir unless --database-url is given.
-    Serve(natter::ServeArgs),
+    Serve(Box<natter::ServeArgs>),
     /// Runs the sessions service alone (as natter-sessions does).
     Sessions(natter_sessions::Config),
     /// Runs the chats service alone (as natter-chats does).

@@ -42,11 +42,13 @@ pub struct Flags<'a> {
     pub chats: &'a [&'a str],
     /// For the messages service.
     pub messages: &'a [&'a str],
+    /// For the assistant service (`--assistant-base-url` and the like).
+    pub assistant: &'a [&'a str],
 }
 
 impl Flags<'_> {
     fn all(&self) -> Vec<&str> {
-        self.sessions.iter().chain(self.chats).chain(self.messages).copied().collect()
+        self.sessions.iter().chain(self.chats).chain(self.messages).chain(self.assistant).copied().collect()
     }
 }
 
@@ -310,6 +312,12 @@ impl Cluster {
         ChatServiceClient::new(self.channel.clone())
     }
 
+    /// A client of the assistant service.
+    pub fn assistant(&self) -> natter_proto::assistant::v1::assistant_service_client::AssistantServiceClient<Channel> {
+        natter_proto::assistant::v1::assistant_service_client::AssistantServiceClient::new(self.channel())
+    }
+
+    /// A client of the messages service.
     pub fn messages(&self) -> MessageServiceClient<Channel> {
         MessageServiceClient::new(self.channel.clone())
     }

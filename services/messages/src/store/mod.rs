@@ -70,11 +70,93 @@ pub(crate) use unread_count_sql;
 macro_rules! message_columns {
     () => {
         "id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time, \
-         change_seq, create_change"
+         change_seq, create_change, role, generation, replaces_id, superseded, generation_info, stop_requested"
     };
 }
 pub(crate) use message_columns;
 
+/// How many columns [`message_columns!`] names: the index of the first
+/// column a query selects after them.
+pub(crate) const MESSAGE_COLUMNS: usize = 19;
+
+/// Who a message speaks for (`messages.role`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// A person (every message sent with SendMessage).
+    #[default]
+    User = 1,
+    /// An assistant's generated reply.
+    Assistant = 2,
+}
+
+impl Role {
+    /// The role of a stored `role` value (anything unknown reads as a
+    /// person's).
+    pub fn of(value: i64) -> Self {
+        if value == Self::Assistant as i64 { Self::Assistant } else { Self::User }
+    }
+}
+
+/// Where an assistant's reply stands (`messages.generation`; 0 for every
+/// message that is no reply). The numbers are natter.messages.v1's
+/// GenerationStatus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Generation {
+    /// Being written; the text is a checkpoint.
+    Generating = 1,
+    Complete = 2,
+    Stopped = 3,
+    Failed = 4,
+    Interrupted = 5,
+}
+
+impl Generation {
+    /// The status of a stored `generation` value (None: no reply, or a
+    /// value this build does not know).
+    pub fn of(value: i64) -> Option<Self> {
+        Some(match value {
+            1 => Self::Generating,
+            2 => Self::Complete,
+            3 => Self::Stopped,
+            4 => Self::Failed,
+            5 => Self::Interrupted,
+            _ => return None,
+        })
+    }
+
+    /// True for every status but [`Generation::Generating`].
+    pub fn finished(self) -> bool {
+        self != Self::Generating
+    }
+}
+
+/// How a finished reply was generated (`messages.generation_info`, JSON).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GenerationInfo {
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub finish_reason: String,
+    #[serde(default)]
+    pub prompt_tokens: i32,
+    #[serde(default)]
+    pub completion_tokens: i32,
+    /// Why it failed, for people.
+    #[serde(default)]
+    pub error: String,
+}
+
+impl GenerationInfo {
+    /// The stored JSON ('' for none).
+    fn encode(info: Option<&GenerationInfo>) -> String {
+        info.map(|i| serde_json::to_string(i).expect("generation info serializes")).unwrap_or_default()
+    }
+
+    /// The stored JSON's info (None for '' or what does not parse).
+    fn decode(json: &str) -> Option<GenerationInfo> {
+        if json.is_empty() { None } else { serde_json::from_str(json).ok() }
+    }
+}
 /// A message's position in its chat: 1, 2, 3 ... without gaps; 0 stands for
 /// "before the first message".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -121,6 +203,71 @@ pub struct Message {
     pub change_seq: i64,
     /// The chat's change number of the message's creation.
     pub create_change: i64,
+    /// Set for an assistant's reply ([`Role::Assistant`]); boxed, as most
+    /// messages are no reply.
+    pub reply: Option<Box<Reply>>,
+}
+
+/// What an assistant's reply has besides a message's fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub generation: Generation,
+    /// The reply this one replaced.
+    pub replaces: Option<MessageId>,
+    /// Replaced by a newer reply: hidden from history unless asked for.
+    pub superseded: bool,
+    /// A finished reply's details.
+    pub info: Option<GenerationInfo>,
+    /// A stop was asked for while it was GENERATING.
+    pub stop_requested: bool,
+}
+
+impl Reply {
+    /// The reply of a row's reply columns (`role, generation, replaces_id,
+    /// superseded, generation_info, stop_requested`): None unless the role
+    /// is [`Role::Assistant`].
+    fn of_columns(
+        role: i64,
+        generation: i64,
+        replaces: Option<&str>,
+        superseded: bool,
+        info: &str,
+        stop_requested: bool,
+    ) -> Result<Option<Box<Reply>>, String> {
+        if Role::of(role) != Role::Assistant {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(Reply {
+            // A status this build does not know reads as the end of it.
+            generation: Generation::of(generation).unwrap_or(Generation::Interrupted),
+            replaces: replaces.map(|r| parse_id("replaces_id", r)).transpose()?,
+            superseded,
+            info: GenerationInfo::decode(info),
+            stop_requested,
+        })))
+    }
+}
+
+impl Message {
+    /// [`Role::Assistant`] for a reply.
+    pub fn role(&self) -> Role {
+        if self.reply.is_some() { Role::Assistant } else { Role::User }
+    }
+
+    /// A reply's status (None for every other message).
+    pub fn generation(&self) -> Option<Generation> {
+        self.reply.as_ref().map(|r| r.generation)
+    }
+
+    /// True for a superseded reply.
+    pub fn superseded(&self) -> bool {
+        self.reply.as_ref().is_some_and(|r| r.superseded)
+    }
+
+    /// The reply a reply replaced.
+    pub fn replaces(&self) -> Option<MessageId> {
+        self.reply.as_ref().and_then(|r| r.replaces)
+    }
 }
 
 impl Message {
@@ -161,8 +308,48 @@ impl NewMessage {
             delete_time: None,
             change_seq: change,
             create_change: change,
+            reply: None,
         }
     }
+}
+
+/// An assistant's reply to start ([`MessageStore::start_reply`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewReply {
+    pub id: MessageId,
+    pub chat_id: ChatId,
+    /// The assistant.
+    pub author_id: UserId,
+    /// The message it answers (its seq becomes the reply's reply_to).
+    pub prompt: MessageId,
+    /// The reply it replaces, superseded in the same transaction.
+    pub replaces: Option<MessageId>,
+    /// µs since the Unix epoch: send time and first checkpoint.
+    pub now: i64,
+}
+
+/// Outcome of [`MessageStore::start_reply`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Started {
+    /// Committed: the reply, and the reply it superseded.
+    Created(Message, Option<Message>),
+    /// A message with the reply's id exists already (nothing written).
+    Exists(Message),
+    /// The prompt is no message of the chat.
+    NoSuchPrompt,
+    /// The replaced message is no reply of the chat.
+    NotAReply,
+}
+
+/// Outcome of [`MessageStore::finish_reply`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finished {
+    /// The reply as it is now (as it was, if it was finished already).
+    pub reply: Message,
+    /// True when this call finished it (a change was made).
+    pub changed: bool,
+    /// The reply it replaced, when this call un-superseded it.
+    pub restored: Option<Message>,
 }
 
 /// Outcome of inserting one message of a batch.
@@ -209,6 +396,8 @@ pub struct Range {
     pub after: Option<Seq>,
     /// Oldest first (else newest first).
     pub ascending: bool,
+    /// List superseded replies too (else their seqs are skipped).
+    pub superseded: bool,
 }
 
 /// A user's read position in a chat and what is left unread after it.
@@ -491,6 +680,45 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes everything of a chat.
     async fn purge_chat(&self, chat: ChatId) -> Result<(), StoreError>;
 
+    /// `user`'s read position in each of `chats`, in order ([`Seq::ZERO`]
+    /// where none is stored).
+    async fn read_positions(&self, user: UserId, chats: &[ChatId]) -> Result<Vec<Seq>, StoreError>;
+
+    /// Starts an assistant's reply in ONE transaction: a message by the
+    /// assistant (role ASSISTANT, GENERATING, empty text, reply_to the
+    /// prompt's seq, checkpoint at `now`) with the chat's next seq and
+    /// change number; with `replaces`, that reply is superseded, taking the
+    /// next change number. A stored id writes nothing ([`Started::Exists`]).
+    async fn start_reply(&self, reply: &NewReply) -> Result<Started, StoreError>;
+
+    /// Stores the text so far of a GENERATING reply (`text` None: only the
+    /// heartbeat) with its checkpoint time `now` (µs): no revision, no
+    /// change number. Answers whether a stop was asked for it, or None when
+    /// it is not GENERATING (finished, or no such message).
+    async fn checkpoint_reply(&self, id: MessageId, text: Option<&str>, now: i64) -> Result<Option<bool>, StoreError>;
+
+    /// Finishes a GENERATING reply in ONE transaction: its text, status and
+    /// info, as a change of the chat (next change number, no revision); a
+    /// [`Generation::Failed`] one with `restore_replaced` also un-supersedes
+    /// the reply it replaced (the next change number). A finished reply is
+    /// answered as it is (`changed` false). None: no such message.
+    async fn finish_reply(
+        &self,
+        id: MessageId,
+        text: &str,
+        status: Generation,
+        info: &GenerationInfo,
+        restore_replaced: bool,
+    ) -> Result<Option<Finished>, StoreError>;
+
+    /// Sets the stop flag of a GENERATING reply (a no-op otherwise) and
+    /// returns the message as it is (None: no such message).
+    async fn stop_reply(&self, id: MessageId) -> Result<Option<Message>, StoreError>;
+
+    /// Up to `limit` GENERATING replies whose last checkpoint is before
+    /// `before` (µs), oldest checkpoint first.
+    async fn stale_replies(&self, before: i64, limit: u32) -> Result<Vec<Message>, StoreError>;
+
     /// Stops taking writes and waits for the writes queued before.
     async fn close(&self);
 }
@@ -529,6 +757,9 @@ fn list_sql(range: Range, from: Option<Seq>, limit: u32) -> (String, Vec<i64>) {
     }
     if let Some(f) = from {
         bound(&mut sql, if range.ascending { ">" } else { "<" }, f);
+    }
+    if !range.superseded {
+        sql.push_str(" AND superseded = 0");
     }
     let order = if range.ascending { "ASC" } else { "DESC" };
     sql.push_str(&format!(" ORDER BY seq {order} LIMIT {limit}"));

@@ -23,9 +23,10 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row as _};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Heads, Logged, Message, MessageStore, NewMessage, Range,
-    ReadState, Revision, Sent, Seq, StoreError, Summary, chat_change_of, chat_change_row, list_sql, merge_changes,
-    message_columns, parse_id, unread_count_sql,
+    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finished, Generation, GenerationInfo, Heads, Logged,
+    MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, Range, ReadState, Reply, Revision, Sent, Seq,
+    Started, StoreError, Summary, chat_change_of, chat_change_row, list_sql, merge_changes, message_columns, parse_id,
+    unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -82,6 +83,74 @@ impl PostgresStore {
     /// migration fails.
     pub async fn open(url: &str, schema: &str, max_connections: u32) -> Result<Self, StoreError> {
         Ok(Self { pool: natter_db::postgres::connect(url, schema, max_connections, &crate::MIGRATOR).await? })
+    }
+
+    /// One attempt at [`MessageStore::start_reply`].
+    async fn try_start_reply(&self, r: &NewReply) -> Result<Started, StoreError> {
+        let id = r.id.to_string();
+        let chat = r.chat_id.to_string();
+        if let Some(row) = sqlx::query(MESSAGE_BY_ID).bind(&id).fetch_optional(&self.pool).await? {
+            return Ok(Started::Exists(message_row(&row)?));
+        }
+        let mut tx = self.pool.begin().await?;
+        let prompt: Option<(i64,)> = sqlx::query_as("SELECT seq FROM messages WHERE id = $1 AND chat_id = $2")
+            .bind(r.prompt.to_string())
+            .bind(&chat)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some((prompt_seq,)) = prompt else { return Ok(Started::NoSuchPrompt) };
+        let replaces = r.replaces.map(|m| m.to_string());
+        if let Some(old) = &replaces {
+            // Lock order everywhere: message rows, then the chat's heads.
+            let locked = sqlx::query("SELECT 1 FROM messages WHERE id = $1 AND chat_id = $2 AND role = 2 FOR UPDATE")
+                .bind(old)
+                .bind(&chat)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if locked.is_none() {
+                return Ok(Started::NotAReply);
+            }
+        }
+        let (seq, change): (i64, i64) = sqlx::query_as(
+            "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES ($1, 1, 1) \
+             ON CONFLICT (chat_id) DO UPDATE SET last_seq = chat_heads.last_seq + 1, \
+             last_change = chat_heads.last_change + 1 RETURNING last_seq, last_change",
+        )
+        .bind(&chat)
+        .fetch_one(&mut *tx)
+        .await?;
+        let row = sqlx::query(concat!(
+            "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
+             revision, delete_time, change_seq, create_change, role, generation, replaces_id, checkpoint_time) \
+             VALUES ($1, $2, $3, $4, '', '', $5, $6, NULL, 1, NULL, $7, $7, 2, 1, $8, $6) RETURNING ",
+            message_columns!()
+        ))
+        .bind(&id)
+        .bind(&chat)
+        .bind(seq)
+        .bind(r.author_id.to_string())
+        .bind(prompt_seq)
+        .bind(r.now)
+        .bind(change)
+        .bind(&replaces)
+        .fetch_one(&mut *tx)
+        .await?;
+        let reply = message_row(&row)?;
+        let mut superseded = None;
+        if let Some(old) = &replaces {
+            let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+            let row = sqlx::query(concat!(
+                "UPDATE messages SET superseded = 1, change_seq = $2 WHERE id = $1 RETURNING ",
+                message_columns!()
+            ))
+            .bind(old)
+            .bind(change)
+            .fetch_one(&mut *tx)
+            .await?;
+            superseded = Some(message_row(&row)?);
+        }
+        tx.commit().await?;
+        Ok(Started::Created(reply, superseded))
     }
 
     /// One attempt at [`MessageStore::insert_batch`].
@@ -193,6 +262,15 @@ fn message_row(row: &PgRow) -> Result<Message, StoreError> {
         delete_time: row.try_get(10)?,
         change_seq: row.try_get(11)?,
         create_change: row.try_get(12)?,
+        reply: Reply::of_columns(
+            row.try_get::<i32, _>(13)?.into(),
+            row.try_get::<i32, _>(14)?.into(),
+            row.try_get(15)?,
+            row.try_get::<i32, _>(16)? != 0,
+            row.try_get(17)?,
+            row.try_get::<i32, _>(18)? != 0,
+        )
+        .map_err(StoreError::Corrupt)?,
     })
 }
 
@@ -610,13 +688,134 @@ impl MessageStore for PostgresStore {
             .map(|row| {
                 let id: Option<&str> = row.try_get(0)?;
                 let newest = if id.is_some() { Some(message_row(row)?) } else { None };
-                Ok(Summary { newest, unread: row.try_get(13)? })
+                Ok(Summary { newest, unread: row.try_get(MESSAGE_COLUMNS)? })
             })
             .collect()
     }
 
     async fn recent_activity(&self, _window_us: i64) -> Result<Vec<Activity>, StoreError> {
         Ok(Vec::new())
+    }
+
+    async fn read_positions(&self, user: UserId, chats: &[ChatId]) -> Result<Vec<Seq>, StoreError> {
+        let ids: Vec<String> = chats.iter().map(ChatId::to_string).collect();
+        let rows: Vec<(i64,)> = sqlx::query_as(
+            "SELECT COALESCE(r.read_seq, 0) FROM UNNEST($1::text[]) WITH ORDINALITY AS v (chat_id, ord) \
+             LEFT JOIN read_positions r ON r.chat_id = v.chat_id AND r.user_id = $2 ORDER BY v.ord",
+        )
+        .bind(&ids)
+        .bind(user.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(s,)| Seq(s)).collect())
+    }
+
+    async fn start_reply(&self, reply: &NewReply) -> Result<Started, StoreError> {
+        match self.try_start_reply(reply).await {
+            // A concurrent start of the same reply committed first: the next
+            // try finds it.
+            Err(StoreError::Db(natter_db::DbError::Sqlx(e))) if natter_db::is_unique_violation(&e) => {
+                self.try_start_reply(reply).await
+            }
+            other => other,
+        }
+    }
+
+    async fn checkpoint_reply(&self, id: MessageId, text: Option<&str>, now: i64) -> Result<Option<bool>, StoreError> {
+        let stop: Option<(i32,)> = sqlx::query_as(
+            "UPDATE messages SET text = COALESCE($2, text), checkpoint_time = $3 \
+             WHERE id = $1 AND generation = 1 RETURNING stop_requested",
+        )
+        .bind(id.to_string())
+        .bind(text)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(stop.map(|(s,)| s != 0))
+    }
+
+    async fn finish_reply(
+        &self,
+        id: MessageId,
+        text: &str,
+        status: Generation,
+        info: &GenerationInfo,
+        restore_replaced: bool,
+    ) -> Result<Option<Finished>, StoreError> {
+        let id = id.to_string();
+        let mut tx = self.pool.begin().await?;
+        // Lock order everywhere: message rows, then the chat's heads.
+        let Some(row) = sqlx::query(concat!("SELECT ", message_columns!(), " FROM messages WHERE id = $1 FOR UPDATE"))
+            .bind(&id)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let reply = message_row(&row)?;
+        if reply.generation() != Some(Generation::Generating) {
+            return Ok(Some(Finished { reply, changed: false, restored: None }));
+        }
+        let restore =
+            reply.replaces().filter(|_| restore_replaced && status == Generation::Failed).map(|m| m.to_string());
+        if let Some(old) = &restore {
+            sqlx::query("SELECT 1 FROM messages WHERE id = $1 FOR UPDATE").bind(old).execute(&mut *tx).await?;
+        }
+        let chat = reply.chat_id.to_string();
+        let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+        let row = sqlx::query(concat!(
+            "UPDATE messages SET text = $2, generation = $3, generation_info = $4, change_seq = $5, \
+             checkpoint_time = NULL WHERE id = $1 RETURNING ",
+            message_columns!()
+        ))
+        .bind(&id)
+        .bind(text)
+        .bind(status as i32)
+        .bind(GenerationInfo::encode(Some(info)))
+        .bind(change)
+        .fetch_one(&mut *tx)
+        .await?;
+        let reply = message_row(&row)?;
+        let mut restored = None;
+        if let Some(old) = &restore {
+            let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+            let row = sqlx::query(concat!(
+                "UPDATE messages SET superseded = 0, change_seq = $2 WHERE id = $1 AND superseded = 1 RETURNING ",
+                message_columns!()
+            ))
+            .bind(old)
+            .bind(change)
+            .fetch_optional(&mut *tx)
+            .await?;
+            restored = row.as_ref().map(message_row).transpose()?;
+        }
+        tx.commit().await?;
+        Ok(Some(Finished { reply, changed: true, restored }))
+    }
+
+    async fn stop_reply(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
+        let id = id.to_string();
+        sqlx::query("UPDATE messages SET stop_requested = 1 WHERE id = $1 AND generation = 1")
+            .bind(&id)
+            .execute(&self.pool)
+            .await?;
+        let row = sqlx::query(MESSAGE_BY_ID).bind(&id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(message_row).transpose()
+    }
+
+    async fn stale_replies(&self, before: i64, limit: u32) -> Result<Vec<Message>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE generation = 1 AND checkpoint_time < $1 ORDER BY checkpoint_time LIMIT $2"
+        ))
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(message_row)
+        .collect()
     }
 
     async fn purge_chat(&self, chat: ChatId) -> Result<(), StoreError> {

@@ -18,9 +18,10 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, params};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Heads, Logged, Message, MessageStore, NewMessage,
-    RECENT_ACTIVITY_ROWS, Range, ReadState, Revision, Sent, Seq, StoreError, Summary, chat_change_of, chat_change_row,
-    created_after_bounds, first_seq_created_after, list_sql, merge_changes, message_columns, unread_count_sql,
+    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finished, Generation, GenerationInfo, Heads, Logged, Message,
+    MessageStore, NewMessage, NewReply, RECENT_ACTIVITY_ROWS, Range, ReadState, Reply, Revision, Sent, Seq, Started,
+    StoreError, Summary, chat_change_of, chat_change_row, created_after_bounds, first_seq_created_after, list_sql,
+    merge_changes, message_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -78,6 +79,15 @@ fn message_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         delete_time: row.get(10)?,
         change_seq: row.get(11)?,
         create_change: row.get(12)?,
+        reply: Reply::of_columns(
+            row.get(13)?,
+            row.get(14)?,
+            row.get_ref(15)?.as_str_or_null()?,
+            row.get(16)?,
+            row.get_ref(17)?.as_str()?,
+            row.get(18)?,
+        )
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(15, Type::Text, e.into()))?,
     })
 }
 
@@ -222,6 +232,105 @@ fn delete(conn: &mut Connection, id: &str, now: i64) -> rusqlite::Result<Option<
     let message = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row).optional()?;
     tx.commit()?;
     Ok(message)
+}
+
+/// Starts a reply in one transaction (see [`MessageStore::start_reply`]).
+fn start_reply(conn: &mut Connection, r: &NewReply) -> rusqlite::Result<Started> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let id = r.id.to_string();
+    if let Some(existing) = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([&id], message_row).optional()? {
+        return Ok(Started::Exists(existing));
+    }
+    let chat = r.chat_id.to_string();
+    let prompt: Option<i64> = tx
+        .prepare_cached("SELECT seq FROM messages WHERE id = ?1 AND chat_id = ?2")?
+        .query_row(params![r.prompt.to_string(), chat], |row| row.get(0))
+        .optional()?;
+    let Some(prompt_seq) = prompt else { return Ok(Started::NoSuchPrompt) };
+    let replaces = r.replaces.map(|m| m.to_string());
+    if let Some(old) = &replaces {
+        let is_reply = tx
+            .prepare_cached("SELECT 1 FROM messages WHERE id = ?1 AND chat_id = ?2 AND role = 2")?
+            .exists(params![old, chat])?;
+        if !is_reply {
+            return Ok(Started::NotAReply);
+        }
+    }
+    let (last_seq, last_change): (i64, i64) = tx
+        .prepare_cached("SELECT last_seq, last_change FROM chat_heads WHERE chat_id = ?1")?
+        .query_row([&chat], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?
+        .unwrap_or((0, 0));
+    let (seq, change) = (last_seq + 1, last_change + 1);
+    let reply = tx
+        .prepare_cached(concat!(
+            "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
+             revision, delete_time, change_seq, create_change, role, generation, replaces_id, checkpoint_time) \
+             VALUES (?1, ?2, ?3, ?4, '', '', ?5, ?6, NULL, 1, NULL, ?7, ?7, 2, 1, ?8, ?6) RETURNING ",
+            message_columns!()
+        ))?
+        .query_row(params![id, chat, seq, r.author_id.to_string(), prompt_seq, r.now, change, replaces], message_row)?;
+    let mut last = change;
+    let superseded = match &replaces {
+        Some(old) => {
+            last += 1;
+            tx.prepare_cached(concat!(
+                "UPDATE messages SET superseded = 1, change_seq = ?2 WHERE id = ?1 RETURNING ",
+                message_columns!()
+            ))?
+            .query_row(params![old, last], message_row)
+            .optional()?
+        }
+        None => None,
+    };
+    tx.prepare_cached(
+        "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (chat_id) DO UPDATE SET last_seq = excluded.last_seq, last_change = excluded.last_change",
+    )?
+    .execute(params![chat, seq, last])?;
+    tx.commit()?;
+    Ok(Started::Created(reply, superseded))
+}
+
+/// Finishes a reply in one transaction (see [`MessageStore::finish_reply`]).
+fn finish_reply(
+    conn: &mut Connection,
+    id: &str,
+    text: &str,
+    status: Generation,
+    info: &str,
+    restore_replaced: bool,
+) -> rusqlite::Result<Option<Finished>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let Some(reply) = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row).optional()? else {
+        return Ok(None);
+    };
+    if reply.generation() != Some(Generation::Generating) {
+        return Ok(Some(Finished { reply, changed: false, restored: None }));
+    }
+    let chat = reply.chat_id.to_string();
+    let change = next_change(&tx, &chat)?;
+    let reply = tx
+        .prepare_cached(concat!(
+            "UPDATE messages SET text = ?2, generation = ?3, generation_info = ?4, change_seq = ?5, \
+             checkpoint_time = NULL WHERE id = ?1 RETURNING ",
+            message_columns!()
+        ))?
+        .query_row(params![id, text, status as i64, info, change], message_row)?;
+    let restored = match reply.replaces() {
+        Some(old) if restore_replaced && status == Generation::Failed => {
+            let change = next_change(&tx, &chat)?;
+            tx.prepare_cached(concat!(
+                "UPDATE messages SET superseded = 0, change_seq = ?2 WHERE id = ?1 AND superseded = 1 RETURNING ",
+                message_columns!()
+            ))?
+            .query_row(params![old.to_string(), change], message_row)
+            .optional()?
+        }
+        _ => None,
+    };
+    tx.commit()?;
+    Ok(Some(Finished { reply, changed: true, restored }))
 }
 
 /// Records a chat's membership and detail changes in one transaction (see
@@ -543,6 +652,73 @@ impl MessageStore for SqliteStore {
                 .collect())
         });
         Ok(recent.await?)
+    }
+
+    async fn read_positions(&self, user: UserId, chats: &[ChatId]) -> Result<Vec<Seq>, StoreError> {
+        let chats: Vec<String> = chats.iter().map(ChatId::to_string).collect();
+        let user = user.to_string();
+        let rows = self.db.read(move |conn| {
+            let mut read =
+                conn.prepare_cached("SELECT read_seq FROM read_positions WHERE chat_id = ?1 AND user_id = ?2")?;
+            chats
+                .iter()
+                .map(|chat| Ok(Seq(read.query_row([chat, &user], |row| row.get(0)).optional()?.unwrap_or(0))))
+                .collect()
+        });
+        Ok(rows.await?)
+    }
+
+    async fn start_reply(&self, reply: &NewReply) -> Result<Started, StoreError> {
+        let reply = reply.clone();
+        Ok(self.db.write(move |conn| start_reply(conn, &reply)).await?)
+    }
+
+    async fn checkpoint_reply(&self, id: MessageId, text: Option<&str>, now: i64) -> Result<Option<bool>, StoreError> {
+        let (id, text) = (id.to_string(), text.map(str::to_owned));
+        let stop = self.db.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE messages SET text = COALESCE(?2, text), checkpoint_time = ?3 \
+                 WHERE id = ?1 AND generation = 1 RETURNING stop_requested",
+            )?
+            .query_row(params![id, text, now], |row| row.get(0))
+            .optional()
+        });
+        Ok(stop.await?)
+    }
+
+    async fn finish_reply(
+        &self,
+        id: MessageId,
+        text: &str,
+        status: Generation,
+        info: &GenerationInfo,
+        restore_replaced: bool,
+    ) -> Result<Option<Finished>, StoreError> {
+        let (id, text, info) = (id.to_string(), text.to_owned(), GenerationInfo::encode(Some(info)));
+        Ok(self.db.write(move |conn| finish_reply(conn, &id, &text, status, &info, restore_replaced)).await?)
+    }
+
+    async fn stop_reply(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
+        let id = id.to_string();
+        let message = self.db.write(move |conn| {
+            conn.prepare_cached("UPDATE messages SET stop_requested = 1 WHERE id = ?1 AND generation = 1")?
+                .execute([&id])?;
+            conn.prepare_cached(MESSAGE_BY_ID)?.query_row([&id], message_row).optional()
+        });
+        Ok(message.await?)
+    }
+
+    async fn stale_replies(&self, before: i64, limit: u32) -> Result<Vec<Message>, StoreError> {
+        let rows = self.db.read(move |conn| {
+            conn.prepare_cached(concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages WHERE generation = 1 AND checkpoint_time < ?1 ORDER BY checkpoint_time LIMIT ?2"
+            ))?
+            .query_map(params![before, limit], message_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        });
+        Ok(rows.await?)
     }
 
     async fn purge_chat(&self, chat: ChatId) -> Result<(), StoreError> {

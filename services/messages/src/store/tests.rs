@@ -71,6 +71,10 @@ macro_rules! message_store_suite {
 }
 
 message_store_suite!(
+    a_reply_takes_the_next_seq_streams_by_checkpoints_and_finishes_as_a_change,
+    a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it,
+    stale_replies_are_those_whose_checkpoint_is_old,
+    read_positions_are_read_in_order,
     a_retry_with_the_same_id_creates_nothing,
     a_batch_assigns_gap_free_seqs_per_chat_and_skips_retries,
     a_batch_without_replies_skips_retries_too,
@@ -263,9 +267,9 @@ async fn history_pages_both_ways(h: &Harness) {
     let before = Range { before: Some(Seq(5)), ..desc };
     assert_eq!(page(before, None, 2).await, [4, 3]);
     assert_eq!(page(before, Some(3), 10).await, [2, 1]);
-    let after = Range { after: Some(Seq(7)), ascending: true, before: None };
+    let after = Range { after: Some(Seq(7)), ascending: true, before: None, superseded: false };
     assert_eq!(page(after, None, 10).await, [8, 9, 10]);
-    let between = Range { after: Some(Seq(2)), before: Some(Seq(6)), ascending: false };
+    let between = Range { after: Some(Seq(2)), before: Some(Seq(6)), ascending: false, superseded: false };
     assert_eq!(page(between, None, 10).await, [5, 4, 3]);
     assert_eq!(page(Range { ascending: true, ..between }, Some(3), 1).await, [4]);
     assert!(h.store.list(chat(2), desc, None, 10).await.unwrap().is_empty());
@@ -576,4 +580,110 @@ async fn purging_a_chat_removes_all_of_it(h: &Harness) {
     assert_eq!(stored(h, 2).await, [(1, id(3))], "other chats stay");
     // The chat starts over from seq 1.
     assert_eq!(seqs(&send(h, &[msg(4, 1, 0)]).await), [Some(1)]);
+}
+
+fn reply(n: u32, c: u8, prompt: u32, replaces: Option<u32>) -> NewReply {
+    NewReply {
+        id: id(n),
+        chat_id: chat(c),
+        author_id: user(9),
+        prompt: id(prompt),
+        replaces: replaces.map(id),
+        now: 5_000 + i64::from(n),
+    }
+}
+
+fn created(started: Started) -> (Message, Option<Message>) {
+    match started {
+        Started::Created(m, old) => (m, old),
+        other => panic!("not created: {other:?}"),
+    }
+}
+
+async fn a_reply_takes_the_next_seq_streams_by_checkpoints_and_finishes_as_a_change(h: &Harness) {
+    send(h, &[by(msg(1, 1, 0), 1)]).await;
+    let (r, old) = created(h.store.start_reply(&reply(2, 1, 1, None)).await.unwrap());
+    assert_eq!(old, None);
+    assert_eq!((r.seq, r.change_seq, r.reply_to, r.revision), (Seq(2), 2, Some(Seq(1)), 1));
+    assert_eq!(
+        (r.role(), r.generation(), r.text.as_str(), r.author_id),
+        (Role::Assistant, Some(Generation::Generating), "", user(9))
+    );
+    // A retried start names the same reply and writes nothing.
+    assert_eq!(h.store.start_reply(&reply(2, 1, 1, None)).await.unwrap(), Started::Exists(r.clone()));
+    assert_eq!(h.store.start_reply(&reply(3, 1, 77, None)).await.unwrap(), Started::NoSuchPrompt);
+    assert_eq!(h.store.start_reply(&reply(3, 2, 1, None)).await.unwrap(), Started::NoSuchPrompt, "another chat's");
+    assert_eq!(h.store.start_reply(&reply(3, 1, 1, Some(1))).await.unwrap(), Started::NotAReply);
+    // A checkpoint stores the text so far: no revision, no change number.
+    assert_eq!(h.store.checkpoint_reply(r.id, Some("Hel"), 6_000).await.unwrap(), Some(false));
+    let now = h.store.message(r.id).await.unwrap().unwrap();
+    assert_eq!((now.text.as_str(), now.revision, now.change_seq), ("Hel", 1, 2));
+    assert_eq!(h.store.heads(chat(1)).await.unwrap().change, 2);
+    // A stop is a flag the next checkpoint reports.
+    assert_eq!(h.store.stop_reply(r.id).await.unwrap().map(|m| m.reply.unwrap().stop_requested), Some(true));
+    assert_eq!(h.store.checkpoint_reply(r.id, None, 6_100).await.unwrap(), Some(true));
+    let info =
+        GenerationInfo { model: "m".into(), finish_reason: "stop".into(), completion_tokens: 3, ..Default::default() };
+    let done = h.store.finish_reply(r.id, "Hello", Generation::Stopped, &info, false).await.unwrap().unwrap();
+    assert!(done.changed);
+    assert_eq!((done.reply.text.as_str(), done.reply.revision, done.reply.change_seq), ("Hello", 1, 3));
+    assert_eq!(
+        (done.reply.generation(), done.reply.reply.as_ref().and_then(|r| r.info.as_ref())),
+        (Some(Generation::Stopped), Some(&info))
+    );
+    // Finished: a second finish, a checkpoint or a stop changes nothing.
+    let again = h.store.finish_reply(r.id, "other", Generation::Failed, &info, true).await.unwrap().unwrap();
+    assert_eq!((again.changed, again.reply), (false, done.reply.clone()));
+    assert_eq!(h.store.checkpoint_reply(r.id, Some("x"), 7_000).await.unwrap(), None);
+    assert_eq!(h.store.stop_reply(r.id).await.unwrap(), Some(done.reply.clone()));
+    assert_eq!(h.store.finish_reply(id(99), "", Generation::Failed, &info, false).await.unwrap(), None);
+    // A client resuming after the start sees the finished reply once.
+    let (page, _) = h.store.changes(chat(1), user(1), 2, 100).await.unwrap();
+    assert_eq!(page, [Change::Message(done.reply)]);
+}
+
+async fn a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it(h: &Harness) {
+    send(h, &[by(msg(1, 1, 0), 1)]).await;
+    let (first, _) = created(h.store.start_reply(&reply(2, 1, 1, None)).await.unwrap());
+    let info = GenerationInfo::default();
+    h.store.finish_reply(first.id, "one", Generation::Complete, &info, false).await.unwrap();
+    // Changes: 1 prompt, 2 reply, 3 finish; the replacement 4, superseding 5.
+    let (second, old) = created(h.store.start_reply(&reply(3, 1, 1, Some(2))).await.unwrap());
+    assert_eq!((second.seq, second.replaces(), second.change_seq), (Seq(3), Some(first.id), 4));
+    let old = old.expect("the replaced reply");
+    assert_eq!((old.id, old.superseded(), old.change_seq, old.text.as_str()), (first.id, true, 5, "one"));
+    // History skips it unless asked; the seq range stays as it was.
+    assert_eq!(stored(h, 1).await.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 3]);
+    let all = Range { ascending: true, superseded: true, ..Range::default() };
+    assert_eq!(h.store.list(chat(1), all, None, 10).await.unwrap().len(), 3);
+    assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].newest.as_ref().map(|m| m.id), Some(second.id));
+    // A replacement that fails gives the old one back.
+    let failed = h.store.finish_reply(second.id, "", Generation::Failed, &info, true).await.unwrap().unwrap();
+    assert_eq!(failed.reply.generation(), Some(Generation::Failed));
+    let restored = failed.restored.expect("restored");
+    assert_eq!((restored.id, restored.superseded(), restored.change_seq), (first.id, false, 7));
+    assert_eq!(stored(h, 1).await.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 3]);
+}
+
+async fn stale_replies_are_those_whose_checkpoint_is_old(h: &Harness) {
+    send(h, &[by(msg(1, 1, 0), 1), by(msg(2, 2, 0), 1), by(msg(3, 3, 0), 1)]).await;
+    let (a, _) = created(h.store.start_reply(&reply(11, 1, 1, None)).await.unwrap());
+    let (b, _) = created(h.store.start_reply(&reply(12, 2, 2, None)).await.unwrap());
+    let (c, _) = created(h.store.start_reply(&reply(13, 3, 3, None)).await.unwrap());
+    h.store.checkpoint_reply(b.id, None, 9_000).await.unwrap();
+    h.store.finish_reply(c.id, "", Generation::Complete, &GenerationInfo::default(), false).await.unwrap();
+    let stale = |before| async move {
+        h.store.stale_replies(before, 10).await.unwrap().into_iter().map(|m| m.id).collect::<Vec<_>>()
+    };
+    assert_eq!(stale(8_000).await, [a.id], "b renewed its lease, c is finished");
+    assert_eq!(stale(9_001).await, [a.id, b.id], "oldest checkpoint first");
+    assert_eq!(h.store.stale_replies(9_001, 1).await.unwrap().len(), 1);
+}
+
+async fn read_positions_are_read_in_order(h: &Harness) {
+    send(h, &(1..=4).map(|n| by(msg(n, 1, 0), 2)).chain([by(msg(5, 2, 0), 2)]).collect::<Vec<_>>()).await;
+    h.store.mark_read(chat(1), user(1), Seq(3)).await.unwrap();
+    h.store.mark_read(chat(2), user(1), Seq(1)).await.unwrap();
+    let positions = h.store.read_positions(user(1), &[chat(2), chat(7), chat(1)]).await.unwrap();
+    assert_eq!(positions, [Seq(1), Seq::ZERO, Seq(3)]);
 }

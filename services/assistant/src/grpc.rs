@@ -1,0 +1,116 @@
+//! The tonic face of the assistant: authenticate, validate, call
+//! [`Assistant`], convert back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use natter_auth::Authenticator;
+use natter_kit::FieldViolations;
+use natter_proto::assistant::v1::{self as pb, assistant_service_server::AssistantService};
+use natter_proto::messages::v1 as mpb;
+use tonic::{Request, Response, Status};
+
+use crate::Assistant;
+
+/// Ask's wait for its reply when the request names none.
+const ASK_WAIT_DEFAULT: Duration = Duration::from_secs(60);
+/// Ask's longest wait for its reply.
+const ASK_WAIT_MAX: Duration = Duration::from_secs(300);
+
+/// `natter.assistant.v1.AssistantService`.
+#[derive(Clone)]
+pub struct AssistantApi {
+    assistant: Option<Arc<Assistant>>,
+    auth: Authenticator,
+}
+
+impl AssistantApi {
+    /// The public API of `assistant` (None: no assistant configured, every
+    /// call FAILED_PRECONDITION once authenticated).
+    pub fn new(assistant: Option<Arc<Assistant>>, auth: Authenticator) -> Self {
+        Self { assistant, auth }
+    }
+
+    /// The caller's user id and the assistant.
+    async fn caller<T>(&self, request: &Request<T>) -> Result<(String, &Arc<Assistant>), Status> {
+        let principal = self.auth.authenticate(request).await?;
+        let assistant = self.assistant.as_ref().ok_or_else(|| {
+            Status::failed_precondition("no assistant is configured (natter serve --assistant-base-url URL)")
+        })?;
+        Ok((principal.user_id.to_string(), assistant))
+    }
+}
+
+/// A UUID field, or INVALID_ARGUMENT naming it.
+fn uuid(field: &str, value: &str) -> Result<(), Status> {
+    natter_kit::id::parse(field, value).map(drop)
+}
+
+#[tonic::async_trait]
+impl AssistantService for AssistantApi {
+    async fn get_or_create_assistant_chat(
+        &self,
+        request: Request<pb::GetOrCreateAssistantChatRequest>,
+    ) -> Result<Response<pb::GetOrCreateAssistantChatResponse>, Status> {
+        let (caller, assistant) = self.caller(&request).await?;
+        let chat_id = assistant.chat_for(&caller).await?;
+        Ok(Response::new(pb::GetOrCreateAssistantChatResponse {
+            chat_id,
+            assistant_user_id: assistant.user_id().to_owned(),
+        }))
+    }
+
+    async fn ask(&self, request: Request<pb::AskRequest>) -> Result<Response<pb::AskResponse>, Status> {
+        let (caller, assistant) = self.caller(&request).await?;
+        let r = request.into_inner();
+        uuid("chat_id", &r.chat_id)?;
+        if r.timeout_seconds < 0 {
+            return Err(FieldViolations::single("timeout_seconds", "must not be negative").into_status());
+        }
+        let wait = match r.timeout_seconds {
+            0 => ASK_WAIT_DEFAULT,
+            n => Duration::from_secs(n as u64).min(ASK_WAIT_MAX),
+        };
+        let send = mpb::SendMessageRequest {
+            chat_id: r.chat_id,
+            message_id: r.message_id,
+            text: r.text,
+            ..Default::default()
+        };
+        let (prompt, reply) = assistant.ask(&caller, send, wait).await?;
+        Ok(Response::new(pb::AskResponse { prompt: Some(prompt), reply: Some(reply) }))
+    }
+
+    async fn regenerate(
+        &self,
+        request: Request<pb::RegenerateRequest>,
+    ) -> Result<Response<pb::RegenerateResponse>, Status> {
+        let (caller, assistant) = self.caller(&request).await?;
+        let r = request.into_inner();
+        uuid("chat_id", &r.chat_id)?;
+        let edit = match pb::RegenerateMode::try_from(r.mode) {
+            Ok(pb::RegenerateMode::Reload) => None,
+            Ok(pb::RegenerateMode::Edit) if r.text.trim().is_empty() => {
+                return Err(FieldViolations::single("text", "EDIT needs the prompt's new text").into_status());
+            }
+            Ok(pb::RegenerateMode::Edit) => Some(r.text),
+            _ => {
+                return Err(FieldViolations::single("mode", "must be REGENERATE_MODE_RELOAD or REGENERATE_MODE_EDIT")
+                    .into_status());
+            }
+        };
+        let (reply, prompt) = assistant.regenerate(&caller, &r.chat_id, edit).await?;
+        Ok(Response::new(pb::RegenerateResponse { reply: Some(reply), prompt: Some(prompt) }))
+    }
+
+    async fn stop_generation(
+        &self,
+        request: Request<pb::StopGenerationRequest>,
+    ) -> Result<Response<pb::StopGenerationResponse>, Status> {
+        let (caller, assistant) = self.caller(&request).await?;
+        let id = &request.get_ref().message_id;
+        uuid("message_id", id)?;
+        let reply = assistant.stop(&caller, id).await?;
+        Ok(Response::new(pb::StopGenerationResponse { reply: Some(reply) }))
+    }
+}

@@ -1,0 +1,189 @@
+//! natter's assistant service: an AI assistant as a bot member of chats.
+//!
+//! The assistant is a bot user (`--assistant-username`, created on first
+//! start through the sessions service). It follows every chat it is a
+//! member of through the messages service's `FollowChats` stream, which
+//! resumes each chat from the bot's read position, and answers each
+//! person's message (in a direct chat: every one; in a group: those that
+//! mention `@username`) with a reply streamed from an OpenAI-compatible
+//! `/v1/chat/completions` server. The messages service owns every message
+//! and seq: the assistant starts, streams, checkpoints and finishes replies
+//! through its internal calls (see `messages_internal.proto`).
+//!
+//! Exactly once: a reply's id is derived from its prompt's id
+//! ([`service::reply_id`]) and StartReply is idempotent by it, so a prompt
+//! seen twice (a replay after a reconnect or a restart, a retried Ask,
+//! several assistant replicas) is answered once. A crash mid-reply leaves a
+//! GENERATING reply whose checkpoint stops being renewed; the sweeper ends it
+//! INTERRUPTED with its last checkpoint once its lease (`--assistant-lease`)
+//! ran out.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use natter_auth::Authenticator;
+use natter_kit::Server;
+use natter_links::{AssistantChats, AssistantMessages, AssistantUsers};
+use natter_proto::assistant::v1::assistant_service_server::AssistantServiceServer;
+use tokio_util::sync::CancellationToken;
+
+pub mod grpc;
+pub mod service;
+
+pub use grpc::AssistantApi;
+pub use service::{Assistant, Settings};
+
+/// The assistant's flags (and `NATTER_` environment variables). Without
+/// `--assistant-base-url` the assistant is off: its RPCs answer
+/// FAILED_PRECONDITION and nothing else changes.
+#[derive(Clone, Debug, clap::Args)]
+pub struct AssistantArgs {
+    /// Base URL of an OpenAI-compatible chat-completions server, with or
+    /// without `/v1`: llama.cpp's `llama-server` (http://127.0.0.1:8080),
+    /// Ollama (http://127.0.0.1:11434), vLLM (http://127.0.0.1:8000), LM
+    /// Studio (http://127.0.0.1:1234), OpenAI (https://api.openai.com).
+    /// Unset: no assistant.
+    #[arg(long, env = "NATTER_ASSISTANT_BASE_URL")]
+    pub assistant_base_url: Option<String>,
+    /// The `model` of every request (llama.cpp serves whatever it loaded;
+    /// Ollama and OpenAI need a model's name).
+    #[arg(long, env = "NATTER_ASSISTANT_MODEL", default_value = "default")]
+    pub assistant_model: String,
+    /// File holding the API key sent as `Authorization: Bearer` (first line,
+    /// trimmed); never logged. Unset: no key (local servers need none).
+    #[arg(long, env = "NATTER_ASSISTANT_API_KEY_FILE")]
+    pub assistant_api_key_file: Option<PathBuf>,
+    /// The system message sent ahead of every conversation.
+    #[arg(
+        long,
+        env = "NATTER_ASSISTANT_SYSTEM_PROMPT",
+        default_value = "You are a helpful assistant in a chat app. Answer briefly and clearly."
+    )]
+    pub assistant_system_prompt: String,
+    /// The assistant's username (a bot user, created on first start).
+    #[arg(long, env = "NATTER_ASSISTANT_USERNAME", default_value = "assistant")]
+    pub assistant_username: String,
+    /// `max_tokens` of every request: the longest reply, in tokens.
+    #[arg(long, env = "NATTER_ASSISTANT_MAX_TOKENS", default_value_t = 512)]
+    pub assistant_max_tokens: u32,
+    /// Most earlier messages of the chat sent to the model with a prompt.
+    #[arg(long, env = "NATTER_ASSISTANT_CONTEXT_MESSAGES", default_value_t = 40)]
+    pub assistant_context_messages: u32,
+    /// Most characters of those messages (the newest are kept; the prompt
+    /// always goes).
+    #[arg(long, env = "NATTER_ASSISTANT_CONTEXT_CHARS", default_value_t = 16_000)]
+    pub assistant_context_chars: usize,
+    /// Longest wait for the connection to the server.
+    #[arg(long, env = "NATTER_ASSISTANT_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub assistant_connect_timeout: Duration,
+    /// Longest wait from the request to the reply's first text; the reply
+    /// then ends FAILED.
+    #[arg(long, env = "NATTER_ASSISTANT_FIRST_TOKEN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub assistant_first_token_timeout: Duration,
+    /// Longest pause between two chunks of a reply; the reply then ends
+    /// FAILED with its text so far.
+    #[arg(long, env = "NATTER_ASSISTANT_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub assistant_idle_timeout: Duration,
+    /// Longest a whole reply may take; it then ends FAILED with its text so
+    /// far.
+    #[arg(long, env = "NATTER_ASSISTANT_TOTAL_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub assistant_total_timeout: Duration,
+    /// Most replies generated at once by this process (each chat has one at
+    /// a time; the others wait their turn).
+    #[arg(long, env = "NATTER_ASSISTANT_CONCURRENCY", default_value_t = 16)]
+    pub assistant_concurrency: usize,
+    /// Most prompts waiting per chat behind the reply being generated; Ask
+    /// beyond is RESOURCE_EXHAUSTED, a sent message beyond gets a FAILED
+    /// reply.
+    #[arg(long, env = "NATTER_ASSISTANT_QUEUE", default_value_t = 8)]
+    pub assistant_queue: usize,
+    /// A GENERATING reply whose checkpoint (renewed about every second) is
+    /// older than this lost its generator (a crash): the sweeper ends it
+    /// INTERRUPTED.
+    #[arg(long, env = "NATTER_ASSISTANT_LEASE", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub assistant_lease: Duration,
+}
+
+impl AssistantArgs {
+    /// The LLM client's configuration, or None when no base URL is set.
+    ///
+    /// Errors: the API key file cannot be read or is empty.
+    pub fn llm_config(&self) -> anyhow::Result<Option<natter_llm::Config>> {
+        let Some(base_url) = self.assistant_base_url.clone().filter(|u| !u.is_empty()) else { return Ok(None) };
+        let api_key = match &self.assistant_api_key_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("--assistant-api-key-file {}: {e}", path.display()))?;
+                let key = text.lines().next().unwrap_or_default().trim().to_owned();
+                anyhow::ensure!(!key.is_empty(), "--assistant-api-key-file {}: the file is empty", path.display());
+                Some(key)
+            }
+        };
+        Ok(Some(natter_llm::Config {
+            base_url,
+            model: self.assistant_model.clone(),
+            api_key,
+            max_tokens: self.assistant_max_tokens,
+            connect_timeout: self.assistant_connect_timeout,
+            timeouts: natter_llm::Timeouts {
+                first_token: self.assistant_first_token_timeout,
+                idle: self.assistant_idle_timeout,
+                total: self.assistant_total_timeout,
+            },
+        }))
+    }
+
+    /// How the assistant works, from these flags.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            username: self.assistant_username.clone(),
+            model: self.assistant_model.clone(),
+            system_prompt: self.assistant_system_prompt.clone(),
+            context_messages: self.assistant_context_messages.clamp(1, 200),
+            context_chars: self.assistant_context_chars,
+            concurrency: self.assistant_concurrency.max(1),
+            queue: self.assistant_queue,
+            lease: self.assistant_lease.max(Duration::from_secs(2)),
+            ..Settings::default()
+        }
+    }
+}
+
+/// The services the assistant calls.
+#[derive(Clone)]
+pub struct Links {
+    pub users: Arc<dyn AssistantUsers>,
+    pub messages: Arc<dyn AssistantMessages>,
+    pub chats: Arc<dyn AssistantChats>,
+}
+
+/// Starts the assistant `args` configures (None when no base URL is set):
+/// makes sure its bot user exists, then follows its chats and sweeps
+/// interrupted replies until `shutdown`.
+///
+/// Errors: a bad configuration (base URL, API key file), or the sessions
+/// service refused the bot user (its username is a person's).
+pub async fn open(
+    args: &AssistantArgs,
+    links: Links,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<Arc<Assistant>>> {
+    let Some(config) = args.llm_config()? else { return Ok(None) };
+    let llm = natter_llm::Client::new(config)?;
+    let assistant = Assistant::start(llm, links, args.settings(), shutdown)
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the assistant: {}", e.message()))?;
+    tracing::info!(url = assistant.llm_url(), username = %args.assistant_username, "assistant on");
+    Ok(Some(assistant))
+}
+
+/// Adds the public assistant service to `server` (FAILED_PRECONDITION on
+/// every call when `assistant` is None).
+pub async fn add_services(server: &mut Server, assistant: Option<Arc<Assistant>>, auth: Authenticator) {
+    let limit = server.args().max_request_bytes;
+    server
+        .add_service(AssistantServiceServer::new(AssistantApi::new(assistant, auth)).max_decoding_message_size(limit))
+        .await;
+}

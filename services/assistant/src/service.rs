@@ -1,0 +1,792 @@
+//! The assistant's domain: which messages are prompts, one reply at a time
+//! per chat (later prompts wait, FIFO), the generation itself (stream,
+//! publish deltas, checkpoint, stop), and the sweeper of interrupted
+//! replies.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use mpb::stream_events_response::Event;
+use natter_llm::{ChatMessage, Event as LlmEvent};
+use natter_proto::chats::v1 as cpb;
+use natter_proto::messages::v1 as mpb;
+use natter_proto::sessions::v1 as spb;
+use tokio::sync::{Semaphore, broadcast};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use uuid::Uuid;
+
+use crate::Links;
+
+/// The namespace of reply ids derived from prompt ids (UUID version 5,
+/// RFC 9562 section 5.5).
+const REPLY_NAMESPACE: Uuid = Uuid::from_u128(0x1d6c_3f0e_2b7a_5c41_9e08_a55e_7a17_0001);
+
+/// The id of the first reply to the prompt with id `prompt`: the same on
+/// every replica and after every restart, so StartReply (idempotent by id)
+/// answers a prompt once however often it is seen.
+pub fn reply_id(prompt: &str) -> String {
+    Uuid::new_v5(&REPLY_NAMESPACE, prompt.as_bytes()).to_string()
+}
+
+/// How the assistant works (see [`crate::AssistantArgs`] for each).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub username: String,
+    pub model: String,
+    pub system_prompt: String,
+    pub context_messages: u32,
+    pub context_chars: usize,
+    pub concurrency: usize,
+    pub queue: usize,
+    pub lease: Duration,
+    /// How often text goes out as message_delta events (coalesced).
+    pub flush: Duration,
+    /// How often the text so far is checkpointed (and the lease renewed).
+    pub checkpoint: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            username: "assistant".into(),
+            model: "default".into(),
+            system_prompt: "You are a helpful assistant.".into(),
+            context_messages: 40,
+            context_chars: 16_000,
+            concurrency: 16,
+            queue: 8,
+            lease: Duration::from_secs(15),
+            flush: Duration::from_millis(75),
+            checkpoint: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One prompt to answer.
+#[derive(Clone, Debug)]
+struct Job {
+    prompt: mpb::Message,
+    /// The reply, when started already (Regenerate).
+    started: Option<mpb::Message>,
+}
+
+/// A chat's reply being generated and the prompts waiting behind it.
+#[derive(Default)]
+struct Lane {
+    queue: VecDeque<Job>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Chats with a reply being generated (or started) here.
+    lanes: HashMap<String, Lane>,
+    /// Prompts queued or being answered here.
+    prompts: HashSet<String>,
+    /// Replies being generated here, with what stops each.
+    running: HashMap<String, CancellationToken>,
+    /// Chat kinds seen (a chat's kind never changes).
+    kinds: HashMap<String, i32>,
+}
+
+/// How a generation ended.
+struct Outcome {
+    text: String,
+    status: mpb::GenerationStatus,
+    info: mpb::GenerationInfo,
+}
+
+/// The assistant; share it behind an `Arc`.
+pub struct Assistant {
+    llm: natter_llm::Client,
+    bot: spb::User,
+    links: Links,
+    settings: Settings,
+    state: Mutex<State>,
+    permits: Semaphore,
+    finished: broadcast::Sender<mpb::Message>,
+    shutdown: CancellationToken,
+}
+
+impl Assistant {
+    /// Makes sure the bot user exists, then starts following its chats and
+    /// sweeping interrupted replies (both until `shutdown`).
+    ///
+    /// Errors: the sessions service refused the bot user.
+    pub async fn start(
+        llm: natter_llm::Client,
+        links: Links,
+        settings: Settings,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, Status> {
+        let bot = links.users.ensure_bot_user(&settings.username, "Assistant").await?;
+        let assistant = Arc::new(Self {
+            llm,
+            bot,
+            links,
+            permits: Semaphore::new(settings.concurrency),
+            settings,
+            state: Mutex::new(State::default()),
+            finished: broadcast::channel(1024).0,
+            shutdown,
+        });
+        tokio::spawn(assistant.clone().follow());
+        tokio::spawn(assistant.clone().sweep());
+        Ok(assistant)
+    }
+
+    /// The chat-completions endpoint replies come from.
+    pub fn llm_url(&self) -> &str {
+        self.llm.url()
+    }
+
+    /// The assistant's user id.
+    pub fn user_id(&self) -> &str {
+        &self.bot.id
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Follows the bot's chats until shutdown, reconnecting (after 0.1 s,
+    /// doubling to 10 s) when the stream ends or fails: each connection
+    /// resumes from the bot's read positions, and a prompt seen twice is
+    /// answered once.
+    async fn follow(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        while !self.shutdown.is_cancelled() {
+            match self.links.messages.follow_chats(&self.bot.id).await {
+                Ok(mut events) => loop {
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => return,
+                        event = events.next() => match event {
+                            Some(Ok(event)) => {
+                                backoff = Duration::from_millis(100);
+                                self.on_event(event).await;
+                            }
+                            Some(Err(status)) => {
+                                tracing::info!(error = %status.message(), "the assistant's event stream ended; reconnecting");
+                                break;
+                            }
+                            None => break,
+                        },
+                    }
+                },
+                Err(status) => tracing::warn!(error = %status.message(), "the assistant cannot follow its chats"),
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// A stream event: a person's new message that is a prompt is queued.
+    async fn on_event(self: &Arc<Self>, event: mpb::StreamEventsResponse) {
+        let Some(Event::MessageCreated(message)) = event.event else { return };
+        if !self.is_prompt(&message).await {
+            return;
+        }
+        self.submit(Job { prompt: message, started: None }).await;
+    }
+
+    /// Whether the assistant answers `message`: a person's (not a bot
+    /// reply's), not deleted, with text; in a direct chat every one, in a
+    /// group one that mentions `@username`.
+    async fn is_prompt(&self, message: &mpb::Message) -> bool {
+        if message.author_id == self.bot.id
+            || message.role == mpb::MessageRole::Assistant as i32
+            || message.deleted
+            || message.text.trim().is_empty()
+        {
+            return false;
+        }
+        let known = self.state().kinds.get(&message.chat_id).copied();
+        let kind = match known {
+            Some(kind) => kind,
+            None => match self.links.chats.check_membership(&message.chat_id, &self.bot.id).await {
+                Ok(m) if m.member => {
+                    self.state().kinds.insert(message.chat_id.clone(), m.kind);
+                    m.kind
+                }
+                Ok(_) => return false,
+                Err(status) => {
+                    tracing::warn!(chat_id = %message.chat_id, error = %status.message(), "cannot tell whether a message is a prompt");
+                    return false;
+                }
+            },
+        };
+        kind == cpb::ChatKind::Direct as i32 || mentions(&message.text, &self.settings.username)
+    }
+
+    /// Queues a prompt behind its chat's reply being generated, or starts
+    /// answering it. A prompt queued or answered here already is ignored; a
+    /// full queue gets a FAILED reply.
+    async fn submit(self: &Arc<Self>, job: Job) {
+        let chat = job.prompt.chat_id.clone();
+        let start = {
+            let mut state = self.state();
+            if !state.prompts.insert(job.prompt.id.clone()) {
+                return;
+            }
+            match state.lanes.get_mut(&chat) {
+                Some(lane) if lane.queue.len() >= self.settings.queue => {
+                    state.prompts.remove(&job.prompt.id);
+                    Some(Err(job))
+                }
+                Some(lane) => {
+                    lane.queue.push_back(job);
+                    None
+                }
+                None => {
+                    state.lanes.insert(chat.clone(), Lane::default());
+                    Some(Ok(job))
+                }
+            }
+        };
+        match start {
+            None => {}
+            Some(Ok(job)) => {
+                tokio::spawn(self.clone().drive(chat, job));
+            }
+            Some(Err(job)) => self.refuse(&job.prompt, "too many prompts are waiting in this chat").await,
+        }
+    }
+
+    /// Answers `prompt` at once with a FAILED reply saying why.
+    async fn refuse(&self, prompt: &mpb::Message, why: &str) {
+        let started = self.links.messages.start_reply(self.start_request(prompt, reply_id(&prompt.id), "")).await;
+        if let Ok((reply, true)) = started {
+            let outcome = Outcome {
+                text: String::new(),
+                status: mpb::GenerationStatus::Failed,
+                info: mpb::GenerationInfo { error: why.into(), ..Default::default() },
+            };
+            self.finish(&reply, outcome, false).await;
+            let _ = self.links.messages.mark_read_as(&self.bot.id, &prompt.chat_id, prompt.seq).await;
+        }
+    }
+
+    /// Answers `first`, then every prompt queued behind it in the chat, in
+    /// order, until the queue is empty.
+    async fn drive(self: Arc<Self>, chat: String, first: Job) {
+        let mut job = first;
+        loop {
+            let prompt = job.prompt.id.clone();
+            self.run(job).await;
+            let mut state = self.state();
+            state.prompts.remove(&prompt);
+            let next = state.lanes.get_mut(&chat).and_then(|lane| lane.queue.pop_front());
+            match next {
+                Some(next) => job = next,
+                None => {
+                    state.lanes.remove(&chat);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn start_request(&self, prompt: &mpb::Message, id: String, replaces: &str) -> mpb::StartReplyRequest {
+        mpb::StartReplyRequest {
+            chat_id: prompt.chat_id.clone(),
+            message_id: id,
+            author_id: self.bot.id.clone(),
+            prompt_message_id: prompt.id.clone(),
+            replaces_message_id: replaces.to_owned(),
+        }
+    }
+
+    /// Answers one prompt: starts its reply (unless started), moves the
+    /// bot's read position past the prompt, generates and finishes it.
+    async fn run(&self, job: Job) {
+        let reply = match job.started {
+            Some(reply) => reply,
+            None => match self
+                .links
+                .messages
+                .start_reply(self.start_request(&job.prompt, reply_id(&job.prompt.id), ""))
+                .await
+            {
+                Ok((reply, true)) => reply,
+                // Answered already (here before a restart, or by another
+                // replica): nothing to do.
+                Ok((_, false)) => return,
+                Err(status) => {
+                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot start a reply");
+                    return;
+                }
+            },
+        };
+        if let Err(status) = self.links.messages.mark_read_as(&self.bot.id, &job.prompt.chat_id, job.prompt.seq).await {
+            tracing::warn!(chat_id = %job.prompt.chat_id, error = %status.message(), "cannot move the assistant's read position");
+        }
+        let stop = CancellationToken::new();
+        self.state().running.insert(reply.id.clone(), stop.clone());
+        let outcome = self.generate(&job.prompt, &reply, &stop).await;
+        self.state().running.remove(&reply.id);
+        // A replacement that failed before its first token gives the
+        // replaced reply back.
+        let restore = outcome.status == mpb::GenerationStatus::Failed && outcome.text.is_empty();
+        self.finish(&reply, outcome, restore).await;
+    }
+
+    /// Stores how a reply ended (tried three times; if all fail, the
+    /// sweeper ends it INTERRUPTED once its lease runs out) and tells the
+    /// waiting Ask calls.
+    async fn finish(&self, reply: &mpb::Message, outcome: Outcome, restore_replaced: bool) {
+        let request = mpb::FinishReplyRequest {
+            message_id: reply.id.clone(),
+            text: outcome.text,
+            status: outcome.status as i32,
+            generation: Some(outcome.info),
+            restore_replaced,
+        };
+        for attempt in 1..=3 {
+            match self.links.messages.finish_reply(request.clone()).await {
+                Ok(done) => {
+                    let _ = self.finished.send(done);
+                    return;
+                }
+                Err(status) => {
+                    tracing::warn!(reply = %reply.id, attempt, error = %status.message(), "cannot finish a reply");
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+            }
+        }
+    }
+
+    /// The conversation sent to the model for `prompt`: the system prompt,
+    /// then the chat's messages up to the prompt, oldest first, within the
+    /// context budget (superseded replies and empty or deleted messages
+    /// left out).
+    async fn context(&self, prompt: &mpb::Message, reply: &mpb::Message) -> Result<Vec<ChatMessage>, Status> {
+        let recent =
+            self.links.messages.recent_messages(&prompt.chat_id, self.settings.context_messages as i32).await?;
+        let mut picked = Vec::new();
+        let mut chars = 0;
+        for m in recent.iter().filter(|m| m.seq <= prompt.seq && m.id != reply.id) {
+            if m.deleted || m.superseded || m.text.trim().is_empty() {
+                continue;
+            }
+            chars += m.text.chars().count();
+            if chars > self.settings.context_chars && !picked.is_empty() {
+                break;
+            }
+            let role = if m.author_id == self.bot.id { natter_llm::Role::Assistant } else { natter_llm::Role::User };
+            picked.push(ChatMessage { role, content: m.text.clone() });
+        }
+        if !recent.iter().any(|m| m.id == prompt.id) {
+            // Older than the page (or deleted meanwhile): the prompt as seen.
+            picked.insert(0, ChatMessage { role: natter_llm::Role::User, content: prompt.text.clone() });
+        }
+        picked.push(ChatMessage { role: natter_llm::Role::System, content: self.settings.system_prompt.clone() });
+        picked.reverse();
+        Ok(picked)
+    }
+
+    /// Streams the reply to `prompt` into `reply`: text goes out as
+    /// message_delta events about every `flush`, is checkpointed about every
+    /// `checkpoint` (which reports a stop asked on any replica); `stop` (or
+    /// shutdown) ends it at once, dropping the connection to the server.
+    async fn generate(&self, prompt: &mpb::Message, reply: &mpb::Message, stop: &CancellationToken) -> Outcome {
+        let mut outcome = Outcome {
+            text: String::new(),
+            status: mpb::GenerationStatus::Complete,
+            info: mpb::GenerationInfo { model: self.settings.model.clone(), ..Default::default() },
+        };
+        let failed = |mut outcome: Outcome, error: String| {
+            outcome.status = mpb::GenerationStatus::Failed;
+            outcome.info.error = error;
+            outcome
+        };
+        let _permit = tokio::select! {
+            permit = self.permits.acquire() => permit,
+            () = stop.cancelled() => {
+                outcome.status = mpb::GenerationStatus::Stopped;
+                return outcome;
+            }
+        };
+        let context = match self.context(prompt, reply).await {
+            Ok(context) => context,
+            Err(status) => return failed(outcome, format!("reading the conversation failed: {}", status.message())),
+        };
+        let answer = tokio::select! {
+            answer = self.llm.stream(&context) => answer,
+            () = stop.cancelled() => {
+                outcome.status = mpb::GenerationStatus::Stopped;
+                return outcome;
+            }
+        };
+        let mut events = match answer {
+            Ok(events) => events,
+            Err(e) => return failed(outcome, e.to_string()),
+        };
+        let mut sent = 0;
+        let mut flush = tokio::time::interval(self.settings.flush);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut checkpointed = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => {
+                    outcome.status = mpb::GenerationStatus::Stopped;
+                    break;
+                }
+                () = self.shutdown.cancelled() => {
+                    outcome.status = mpb::GenerationStatus::Interrupted;
+                    outcome.info.error = "natter shut down while the reply was being written".into();
+                    break;
+                }
+                _ = flush.tick() => {
+                    let checkpoint = checkpointed.elapsed() >= self.settings.checkpoint;
+                    if sent == outcome.text.len() && !checkpoint {
+                        continue;
+                    }
+                    let update = self.update(reply, &outcome.text, sent, checkpoint);
+                    sent = outcome.text.len();
+                    if checkpoint {
+                        checkpointed = Instant::now();
+                    }
+                    match update.await {
+                        Ok(false) => {}
+                        Ok(true) => {
+                            outcome.status = mpb::GenerationStatus::Stopped;
+                            break;
+                        }
+                        Err(status) => tracing::warn!(reply = %reply.id, error = %status.message(), "cannot update a reply"),
+                    }
+                }
+                event = events.next() => match event {
+                    Some(Ok(LlmEvent::Content(text))) => outcome.text.push_str(&text),
+                    Some(Ok(LlmEvent::Finish(reason))) => outcome.info.finish_reason = reason,
+                    Some(Ok(LlmEvent::Usage(usage))) => {
+                        let tokens = |n: Option<u64>| n.map_or(0, |n| i32::try_from(n).unwrap_or(i32::MAX));
+                        outcome.info.prompt_tokens = tokens(usage.prompt_tokens);
+                        outcome.info.completion_tokens = tokens(usage.completion_tokens);
+                    }
+                    // The end, with [DONE] or without (several servers
+                    // just close the stream).
+                    Some(Ok(LlmEvent::Done)) | None => break,
+                    Some(Err(e)) => {
+                        outcome = failed(outcome, e.to_string());
+                        break;
+                    }
+                },
+            }
+        }
+        // Closes the connection: the only cancel these servers understand.
+        drop(events);
+        if sent < outcome.text.len()
+            && let Err(status) = self.update(reply, &outcome.text, sent, false).await
+        {
+            tracing::warn!(reply = %reply.id, error = %status.message(), "cannot update a reply");
+        }
+        outcome
+    }
+
+    /// Sends `text[sent..]` as a delta and, with `checkpoint`, stores the
+    /// whole text; answers whether a stop was asked for.
+    fn update(
+        &self,
+        reply: &mpb::Message,
+        text: &str,
+        sent: usize,
+        checkpoint: bool,
+    ) -> impl std::future::Future<Output = Result<bool, Status>> + Send + 'static {
+        let deltas = if sent < text.len() {
+            vec![mpb::MessageDelta { message_id: reply.id.clone(), offset: sent as i64, text: text[sent..].to_owned() }]
+        } else {
+            Vec::new()
+        };
+        let request = mpb::UpdateReplyRequest {
+            message_id: reply.id.clone(),
+            deltas,
+            checkpoint_text: checkpoint.then(|| text.to_owned()),
+            chat_id: reply.chat_id.clone(),
+            author_id: self.bot.id.clone(),
+        };
+        let messages = self.links.messages.clone();
+        async move { messages.update_reply(request).await }
+    }
+
+    /// Ends, every third of a lease, the GENERATING replies whose lease ran
+    /// out (their generator died) as INTERRUPTED with their last checkpoint.
+    async fn sweep(self: Arc<Self>) {
+        let period = self.settings.lease / 3;
+        loop {
+            let before = natter_kit::time::now_micros() - self.settings.lease.as_micros() as i64;
+            match self.links.messages.stale_replies(natter_kit::time::timestamp(before)).await {
+                Ok(stale) => {
+                    for reply in stale {
+                        if self.state().running.contains_key(&reply.id) {
+                            continue;
+                        }
+                        tracing::info!(reply = %reply.id, chat_id = %reply.chat_id, "ending an interrupted reply");
+                        let outcome = Outcome {
+                            text: reply.text.clone(),
+                            status: mpb::GenerationStatus::Interrupted,
+                            info: mpb::GenerationInfo {
+                                model: self.settings.model.clone(),
+                                error: "the reply's generator stopped before it was finished".into(),
+                                ..Default::default()
+                            },
+                        };
+                        self.finish(&reply, outcome, false).await;
+                    }
+                }
+                Err(status) => tracing::warn!(error = %status.message(), "cannot list interrupted replies"),
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(period) => {}
+            }
+        }
+    }
+
+    /// The caller's membership of a chat: NOT_FOUND or PERMISSION_DENIED
+    /// unless a member.
+    async fn member(&self, chat: &str, user: &str) -> Result<cpb::CheckMembershipResponse, Status> {
+        let m = self.links.chats.check_membership(chat, user).await?;
+        if !m.chat_exists {
+            return Err(Status::not_found("no such chat"));
+        }
+        if !m.member {
+            return Err(Status::permission_denied("not a member of this chat"));
+        }
+        Ok(m)
+    }
+
+    /// GetOrCreateAssistantChat: the caller's direct chat with the
+    /// assistant (CreateChat returns the existing one).
+    pub async fn chat_for(&self, caller: &str) -> Result<String, Status> {
+        let request = cpb::CreateChatRequest {
+            kind: cpb::ChatKind::Direct as i32,
+            member_ids: vec![self.bot.id.clone()],
+            ..Default::default()
+        };
+        Ok(self.links.chats.create_chat_as(caller, request).await?.id)
+    }
+
+    /// Ask: sends the prompt as the caller, then waits up to `wait` for its
+    /// reply to finish; returns both (the reply GENERATING if the wait ran
+    /// out).
+    pub async fn ask(
+        self: &Arc<Self>,
+        caller: &str,
+        request: mpb::SendMessageRequest,
+        wait: Duration,
+    ) -> Result<(mpb::Message, mpb::Message), Status> {
+        let chat = request.chat_id.clone();
+        self.member(&chat, caller).await?;
+        let bot = self.links.chats.check_membership(&chat, &self.bot.id).await?;
+        if !bot.member {
+            return Err(Status::failed_precondition("the assistant is not a member of this chat"));
+        }
+        let waiting = self.state().lanes.get(&chat).map_or(0, |lane| lane.queue.len());
+        if waiting >= self.settings.queue {
+            let limited = natter_kit::limits::Limited {
+                what: "prompts waiting in this chat (--assistant-queue)",
+                retry_after: Duration::from_secs(5),
+            };
+            return Err(limited.into());
+        }
+        let mut finished = self.finished.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        let prompt = self.links.messages.send_as(caller, request).await?;
+        let id = reply_id(&prompt.id);
+        if let Some(reply) = self.reply(&id).await?.filter(is_finished) {
+            return Ok((prompt, reply));
+        }
+        self.submit(Job { prompt: prompt.clone(), started: None }).await;
+        let mut poll = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                done = finished.recv() => match done {
+                    Ok(reply) if reply.id == id => return Ok((prompt, reply)),
+                    _ => continue,
+                },
+                // Answered on another replica: look.
+                _ = poll.tick() => {
+                    if let Some(reply) = self.reply(&id).await?.filter(is_finished) {
+                        return Ok((prompt, reply));
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let reply = self.reply(&id).await?.ok_or_else(|| Status::deadline_exceeded("the reply has not started yet"))?;
+        Ok((prompt, reply))
+    }
+
+    /// The message with id `id`, if any.
+    async fn reply(&self, id: &str) -> Result<Option<mpb::Message>, Status> {
+        Ok(self.links.messages.lookup_messages(vec![id.to_owned()], "", Vec::new()).await?.into_iter().next())
+    }
+
+    /// Regenerate: replaces the chat's latest reply with a new one (EDIT:
+    /// after editing its prompt to `text`, as its author). Returns the new
+    /// reply as it starts, and the prompt.
+    pub async fn regenerate(
+        self: &Arc<Self>,
+        caller: &str,
+        chat: &str,
+        edit: Option<String>,
+    ) -> Result<(mpb::Message, mpb::Message), Status> {
+        let membership = self.member(chat, caller).await?;
+        let recent = self.links.messages.recent_messages(chat, 50).await?;
+        let latest = recent
+            .iter()
+            .find(|m| m.author_id == self.bot.id && m.role == mpb::MessageRole::Assistant as i32)
+            .cloned()
+            .ok_or_else(|| Status::not_found("this chat has no reply to regenerate"))?;
+        let prompt = match recent.iter().find(|m| m.seq == latest.reply_to_seq) {
+            Some(prompt) => prompt.clone(),
+            None => self
+                .links
+                .messages
+                .lookup_messages(Vec::new(), chat, vec![latest.reply_to_seq])
+                .await?
+                .into_iter()
+                .next()
+                .ok_or_else(|| Status::failed_precondition("the reply's prompt is gone"))?,
+        };
+        if prompt.deleted {
+            return Err(Status::failed_precondition("the reply's prompt was deleted"));
+        }
+        let manager =
+            membership.role == cpb::MemberRole::Owner as i32 || membership.role == cpb::MemberRole::Admin as i32;
+        if edit.is_some() && prompt.author_id != caller {
+            return Err(Status::permission_denied("only the prompt's author may edit it"));
+        }
+        if prompt.author_id != caller && !manager {
+            return Err(Status::permission_denied("only the prompt's author, the owner or an admin may regenerate"));
+        }
+        if latest.generation_status == mpb::GenerationStatus::Generating as i32 {
+            return Err(Status::failed_precondition("the reply is still being generated: stop it first"));
+        }
+        // Claim the chat's lane: one reply at a time.
+        {
+            let mut state = self.state();
+            if state.lanes.contains_key(chat) {
+                return Err(Status::failed_precondition("a reply is being generated in this chat: stop it first"));
+            }
+            state.lanes.insert(chat.to_owned(), Lane::default());
+            state.prompts.insert(prompt.id.clone());
+        }
+        let prompt_id = prompt.id.clone();
+        let started = async {
+            let prompt = match edit {
+                Some(text) => {
+                    let edit = mpb::EditMessageRequest { message_id: prompt.id.clone(), text };
+                    self.links.messages.edit_as(caller, edit).await?
+                }
+                None => prompt,
+            };
+            let request = self.start_request(&prompt, Uuid::now_v7().to_string(), &latest.id);
+            let (reply, _) = self.links.messages.start_reply(request).await?;
+            Ok::<_, Status>((reply, prompt))
+        }
+        .await;
+        match started {
+            Ok((reply, prompt)) => {
+                let job = Job { prompt: prompt.clone(), started: Some(reply.clone()) };
+                tokio::spawn(self.clone().drive(chat.to_owned(), job));
+                Ok((reply, prompt))
+            }
+            Err(status) => {
+                let mut state = self.state();
+                state.lanes.remove(chat);
+                state.prompts.remove(&prompt_id);
+                Err(status)
+            }
+        }
+    }
+
+    /// StopGeneration: stops a GENERATING reply (here at once; on another
+    /// replica at its next checkpoint, about a second) and returns it; a
+    /// finished reply is returned as it is.
+    pub async fn stop(&self, caller: &str, reply_id: &str) -> Result<mpb::Message, Status> {
+        let reply = self.reply(reply_id).await?.ok_or_else(|| Status::not_found("no such message"))?;
+        let membership = self.member(&reply.chat_id, caller).await?;
+        if reply.role != mpb::MessageRole::Assistant as i32 {
+            return Err(Status::failed_precondition("the message is no assistant reply"));
+        }
+        let manager =
+            membership.role == cpb::MemberRole::Owner as i32 || membership.role == cpb::MemberRole::Admin as i32;
+        if !manager {
+            let prompt =
+                self.links.messages.lookup_messages(Vec::new(), &reply.chat_id, vec![reply.reply_to_seq]).await?;
+            if !prompt.iter().any(|p| p.author_id == caller) {
+                return Err(Status::permission_denied(
+                    "only the prompt's author, the owner or an admin may stop a reply",
+                ));
+            }
+        }
+        if is_finished(&reply) {
+            return Ok(reply);
+        }
+        let mut finished = self.finished.subscribe();
+        let local = self.state().running.get(reply_id).cloned();
+        let flagged = self.links.messages.stop_reply(reply_id).await?;
+        let Some(stop) = local else { return Ok(flagged) };
+        stop.cancel();
+        // Answer with the reply as it ended (STOPPED), moments from now.
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match finished.recv().await {
+                    Ok(reply) if reply.id == reply_id => return Some(reply),
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .await;
+        match ended {
+            Ok(Some(reply)) => Ok(reply),
+            _ => Ok(self.reply(reply_id).await?.unwrap_or(flagged)),
+        }
+    }
+}
+
+/// True once a reply is no longer GENERATING.
+fn is_finished(reply: &mpb::Message) -> bool {
+    reply.generation_status != mpb::GenerationStatus::Generating as i32
+}
+
+/// Whether `text` mentions `@username` (as a word, any case).
+fn mentions(text: &str, username: &str) -> bool {
+    let needle = format!("@{}", username.to_lowercase());
+    let text = text.to_lowercase();
+    text.match_indices(&needle).any(|(at, _)| {
+        let before = text[..at].chars().next_back();
+        let after = text[at + needle.len()..].chars().next();
+        let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.' || c == '-');
+        !word(before) && !word(after)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_id_is_the_same_for_the_same_prompt_only() {
+        let prompt = Uuid::now_v7().to_string();
+        assert_eq!(reply_id(&prompt), reply_id(&prompt));
+        assert_ne!(reply_id(&prompt), reply_id(&Uuid::now_v7().to_string()));
+    }
+
+    #[test]
+    fn a_mention_is_the_username_as_a_word() {
+        assert!(mentions("hey @assistant, what's up", "assistant"));
+        assert!(mentions("@Assistant!", "assistant"));
+        assert!(!mentions("mail me at x@assistant.example", "assistant"));
+        assert!(!mentions("@assistants", "assistant"));
+        assert!(!mentions("no mention", "assistant"));
+    }
+}

@@ -1,0 +1,486 @@
+//! The assistant (natter.assistant.v1) against a scripted OpenAI-compatible
+//! server that speaks the real wire protocol (`natter_llm::testing`) and,
+//! where `NATTER_TEST_LLM_URL` names one, a real model: replies stream as
+//! deltas that add up to the stored text, stop closes the upstream
+//! connection, reload and edit replace the reply and keep the old one,
+//! failures end the reply FAILED with its text so far, prompts queue, and a
+//! prompt seen twice is answered once.
+
+use std::time::Duration;
+
+use mpb::stream_events_response::Event;
+use natter_llm::testing::{Script, ScriptedServer};
+use natter_proto::assistant::v1 as apb;
+use natter_proto::messages::v1 as mpb;
+use natter_testkit::{Cluster, Flags, Mode, TestUser, authed};
+use tonic::Code;
+use tonic::codec::Streaming;
+
+use crate::code;
+use crate::stream::next;
+
+/// natter (all-in-one) with its assistant on `server`, and `extra` flags.
+async fn start(server: &ScriptedServer, extra: &[&str]) -> Cluster {
+    let mut flags = vec!["--assistant-base-url", server.url(), "--assistant-model", "scripted"];
+    flags.extend_from_slice(extra);
+    let flags = Flags { assistant: &flags, ..Flags::default() };
+    Cluster::start_with(Mode::AllInOne, flags).await.expect("the all-in-one always starts")
+}
+
+/// The user's assistant chat.
+async fn assistant_chat(c: &Cluster, user: &TestUser) -> apb::GetOrCreateAssistantChatResponse {
+    c.assistant()
+        .get_or_create_assistant_chat(authed(user, apb::GetOrCreateAssistantChatRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A stream of the user's chat events.
+async fn events(c: &Cluster, user: &TestUser, chat: &str) -> Streaming<mpb::StreamEventsResponse> {
+    let request = mpb::StreamEventsRequest { chat_ids: vec![chat.into()], ..Default::default() };
+    c.messages().stream_events(authed(user, request)).await.unwrap().into_inner()
+}
+
+/// What a stream showed of replies: the deltas of each, in order, and the
+/// reply once finished.
+#[derive(Default)]
+struct Seen {
+    deltas: Vec<mpb::MessageDelta>,
+    created: Vec<mpb::Message>,
+    finished: Option<mpb::Message>,
+}
+
+/// Reads the stream until the reply `reply` (None: the first reply created)
+/// is finished; at most 10 s per event.
+async fn until_finished(stream: &mut Streaming<mpb::StreamEventsResponse>, reply: Option<&str>) -> Seen {
+    let mut seen = Seen::default();
+    let mut id = reply.map(str::to_owned);
+    loop {
+        match next(stream).await.event {
+            Some(Event::MessageCreated(m)) => {
+                if id.is_none() && m.role == mpb::MessageRole::Assistant as i32 {
+                    id = Some(m.id.clone());
+                }
+                seen.created.push(m);
+            }
+            Some(Event::MessageDelta(d)) if Some(&d.message_id) == id.as_ref() => seen.deltas.push(d),
+            Some(Event::MessageEdited(m))
+                if Some(&m.id) == id.as_ref() && m.generation_status != mpb::GenerationStatus::Generating as i32 =>
+            {
+                seen.finished = Some(m);
+                return seen;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The deltas concatenated, checking each starts where the last ended.
+fn concatenated(deltas: &[mpb::MessageDelta]) -> String {
+    let mut text = String::new();
+    for d in deltas {
+        assert_eq!(d.offset, text.len() as i64, "each piece starts where the last ended");
+        text.push_str(&d.text);
+    }
+    text
+}
+
+/// Sends `text` to the chat and returns the prompt.
+async fn send(c: &Cluster, user: &TestUser, chat: &str, text: &str) -> mpb::Message {
+    let request = mpb::SendMessageRequest { chat_id: chat.into(), text: text.into(), ..Default::default() };
+    c.messages().send_message(authed(user, request)).await.unwrap().into_inner().message.unwrap()
+}
+
+/// The chat's messages, oldest first (`include_history` also lists
+/// superseded replies).
+async fn history(c: &Cluster, user: &TestUser, chat: &str, include_history: bool) -> Vec<mpb::Message> {
+    let request = mpb::ListMessagesRequest {
+        chat_id: chat.into(),
+        order: mpb::SortOrder::Asc as i32,
+        include_history,
+        ..Default::default()
+    };
+    c.messages().list_messages(authed(user, request)).await.unwrap().into_inner().messages
+}
+
+/// The conversation (role, content) the model was sent in request `i`.
+fn conversation(server: &ScriptedServer, i: usize) -> Vec<(String, String)> {
+    server.requests()[i].body["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| (m["role"].as_str().unwrap().to_owned(), m["content"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+fn status(m: &mpb::Message) -> mpb::GenerationStatus {
+    mpb::GenerationStatus::try_from(m.generation_status).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_streams_as_deltas_that_add_up_to_the_stored_text() {
+    let server = ScriptedServer::start(1).await;
+    let text = "Hello! Grüße, 你好 — a reply cut at random bytes.";
+    server.push(Script::reply(text));
+    let c = start(&server, &[]).await;
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(&c, &alice).await;
+    assert_eq!(assistant_chat(&c, &alice).await.chat_id, chat.chat_id, "one assistant chat per user");
+    let mut stream = events(&c, &alice, &chat.chat_id).await;
+    let prompt = send(&c, &alice, &chat.chat_id, "Say hello").await;
+    let seen = until_finished(&mut stream, None).await;
+    let reply = seen.finished.expect("finished");
+    assert_eq!((status(&reply), reply.text.as_str()), (mpb::GenerationStatus::Complete, text));
+    assert_eq!(concatenated(&seen.deltas), text, "the deltas are the stored text");
+    let placeholder = seen.created.iter().find(|m| m.id == reply.id).expect("the reply was created first");
+    assert_eq!(
+        (placeholder.seq, placeholder.reply_to_seq, status(placeholder), placeholder.text.as_str()),
+        (prompt.seq + 1, prompt.seq, mpb::GenerationStatus::Generating, "")
+    );
+    assert_eq!(
+        (reply.author_id.as_str(), reply.role),
+        (chat.assistant_user_id.as_str(), mpb::MessageRole::Assistant as i32)
+    );
+    assert_eq!(prompt.role, mpb::MessageRole::User as i32);
+    let info = reply.generation.expect("generation info");
+    assert_eq!((info.model.as_str(), info.finish_reason.as_str(), info.prompt_tokens), ("scripted", "stop", 5));
+    // The model was asked as the chat-completions API says.
+    let request = &server.requests()[0].body;
+    assert_eq!((request["stream"].as_bool(), request["model"].as_str()), (Some(true), Some("scripted")));
+    assert!(request["max_tokens"].as_u64().is_some_and(|n| n > 0), "{request}");
+    let sent = conversation(&server, 0);
+    assert_eq!(sent.first().map(|m| m.0.as_str()), Some("system"));
+    assert_eq!(sent.last(), Some(&("user".into(), "Say hello".into())));
+    // History shows the finished reply after its prompt.
+    let listed = history(&c, &alice, &chat.chat_id, false).await;
+    assert_eq!(listed.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["Say hello", text]);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_waits_for_the_reply_and_a_retried_prompt_is_answered_once() {
+    let server = ScriptedServer::start(2).await;
+    server.push(Script::reply("first answer"));
+    server.push(Script::reply("second answer"));
+    let c = start(&server, &[]).await;
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(&c, &alice).await.chat_id;
+    let id = uuid::Uuid::now_v7().to_string();
+    let ask = |message_id: String, text: &str| apb::AskRequest {
+        chat_id: chat.clone(),
+        text: text.into(),
+        message_id,
+        ..Default::default()
+    };
+    let first = c.assistant().ask(authed(&alice, ask(id.clone(), "one?"))).await.unwrap().into_inner();
+    let reply = first.reply.unwrap();
+    assert_eq!((status(&reply), reply.text.as_str()), (mpb::GenerationStatus::Complete, "first answer"));
+    // A retry (same message_id) answers the same prompt and reply.
+    let again = c.assistant().ask(authed(&alice, ask(id.clone(), "one?"))).await.unwrap().into_inner();
+    assert_eq!((again.prompt.unwrap().id, again.reply.unwrap().id), (first.prompt.unwrap().id, reply.id.clone()));
+    // So does SendMessage with it. Prompts are answered in order, so had a
+    // second generation of "one?" been started, the next prompt's request
+    // would not be the second.
+    let retry =
+        mpb::SendMessageRequest { chat_id: chat.clone(), message_id: id, text: "one?".into(), ..Default::default() };
+    c.messages().send_message(authed(&alice, retry)).await.unwrap();
+    let second = c.assistant().ask(authed(&alice, ask(String::new(), "two?"))).await.unwrap().into_inner();
+    assert_eq!(second.reply.unwrap().text, "second answer");
+    assert_eq!(server.requests().len(), 2, "one generation per prompt");
+    // The second request carries the conversation so far.
+    let texts: Vec<String> = conversation(&server, 1).into_iter().skip(1).map(|m| m.1).collect();
+    assert_eq!(texts, ["one?", "first answer", "two?"]);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_keeps_the_text_so_far_and_closes_the_upstream_connection() {
+    let server = ScriptedServer::start(3).await;
+    server.push(Script::hang_after("partial"));
+    let c = start(&server, &[]).await;
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(&c, &alice).await.chat_id;
+    let mut stream = events(&c, &alice, &chat).await;
+    send(&c, &alice, &chat, "talk forever").await;
+    // Wait for the text to flow.
+    let reply_id = loop {
+        if let Some(Event::MessageDelta(d)) = next(&mut stream).await.event {
+            break d.message_id;
+        }
+    };
+    let stop = apb::StopGenerationRequest { message_id: reply_id.clone() };
+    let bob = c.user("bob").await;
+    assert_eq!(code(c.assistant().stop_generation(authed(&bob, stop.clone())).await), Code::PermissionDenied);
+    let stopped =
+        c.assistant().stop_generation(authed(&alice, stop.clone())).await.unwrap().into_inner().reply.unwrap();
+    assert_eq!((status(&stopped), stopped.text.as_str()), (mpb::GenerationStatus::Stopped, "partial"));
+    assert!(server.disconnected(0, Duration::from_millis(200)).await.is_some(), "the upstream request was dropped");
+    // Idempotent.
+    let again = c.assistant().stop_generation(authed(&alice, stop)).await.unwrap().into_inner().reply.unwrap();
+    assert_eq!(again, stopped);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_and_edit_replace_the_reply_and_keep_the_old_one() {
+    let server = ScriptedServer::start(4).await;
+    server.push(Script::reply("one"));
+    server.push(Script::reply("two"));
+    server.push(Script::reply("three"));
+    let c = start(&server, &[]).await;
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(&c, &alice).await.chat_id;
+    let mut stream = events(&c, &alice, &chat).await;
+    let prompt = send(&c, &alice, &chat, "count").await;
+    let first = until_finished(&mut stream, None).await.finished.unwrap();
+    let reload = apb::RegenerateRequest {
+        chat_id: chat.clone(),
+        mode: apb::RegenerateMode::Reload as i32,
+        ..Default::default()
+    };
+    let started = c.assistant().regenerate(authed(&alice, reload)).await.unwrap().into_inner();
+    let second = started.reply.unwrap();
+    assert_eq!(
+        (second.replaces_message_id.as_str(), status(&second)),
+        (first.id.as_str(), mpb::GenerationStatus::Generating)
+    );
+    assert!(second.seq > first.seq, "a new message with a new seq");
+    let second = until_finished(&mut stream, Some(&second.id)).await.finished.unwrap();
+    assert_eq!(second.text, "two");
+    // The replaced reply never goes back to the model.
+    let sent: Vec<String> = conversation(&server, 1).into_iter().map(|m| m.1).collect();
+    assert!(!sent.contains(&"one".to_owned()), "{sent:?}");
+    assert_eq!(sent.last().map(String::as_str), Some("count"));
+    // History hides it unless asked.
+    let texts = |ms: Vec<mpb::Message>| ms.into_iter().map(|m| (m.text, m.superseded)).collect::<Vec<_>>();
+    assert_eq!(texts(history(&c, &alice, &chat, false).await), [("count".into(), false), ("two".into(), false)]);
+    assert_eq!(
+        texts(history(&c, &alice, &chat, true).await),
+        [("count".into(), false), ("one".into(), true), ("two".into(), false)]
+    );
+    // Edit: only the prompt's author; the prompt gets a revision.
+    let edit = apb::RegenerateRequest {
+        chat_id: chat.clone(),
+        mode: apb::RegenerateMode::Edit as i32,
+        text: "count to three".into(),
+    };
+    let bob = c.user("bob").await;
+    assert_eq!(
+        code(c.assistant().regenerate(authed(&bob, edit.clone())).await),
+        Code::PermissionDenied,
+        "not a member"
+    );
+    let empty = apb::RegenerateRequest { text: " ".into(), ..edit.clone() };
+    assert_eq!(code(c.assistant().regenerate(authed(&alice, empty)).await), Code::InvalidArgument);
+    let edited = c.assistant().regenerate(authed(&alice, edit)).await.unwrap().into_inner();
+    let edited_prompt = edited.prompt.unwrap();
+    assert_eq!(
+        (edited_prompt.id.as_str(), edited_prompt.revision, edited_prompt.text.as_str()),
+        (prompt.id.as_str(), 2, "count to three")
+    );
+    let third = until_finished(&mut stream, Some(&edited.reply.unwrap().id)).await.finished.unwrap();
+    assert_eq!((third.text.as_str(), third.replaces_message_id.as_str()), ("three", second.id.as_str()));
+    assert_eq!(conversation(&server, 2).last().map(|m| m.1.as_str()), Some("count to three"));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_end_the_reply_failed_and_a_failed_replacement_restores_the_old_one() {
+    let server = ScriptedServer::start(5).await;
+    server.push(Script::error_after("so far", "model crashed"));
+    server.push(Script::status(429, "slow down"));
+    server.push(Script::reply("fine now"));
+    server.push(Script::status(500, "broken"));
+    server.push(Script::hang_after("stuck"));
+    let c = start(&server, &["--assistant-idle-timeout", "300ms"]).await;
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(&c, &alice).await.chat_id;
+    let mut stream = events(&c, &alice, &chat).await;
+    // An error inside the stream: FAILED with the text so far.
+    send(&c, &alice, &chat, "1").await;
+    let failed = until_finished(&mut stream, None).await.finished.unwrap();
+    assert_eq!((status(&failed), failed.text.as_str()), (mpb::GenerationStatus::Failed, "so far"));
+    assert!(failed.generation.unwrap().error.contains("model crashed"));
+    // 429 before the stream: FAILED with nothing; a reload then works.
+    send(&c, &alice, &chat, "2").await;
+    let refused = until_finished(&mut stream, None).await.finished.unwrap();
+    assert_eq!((status(&refused), refused.text.as_str()), (mpb::GenerationStatus::Failed, ""));
+    assert!(refused.generation.unwrap().error.contains("429"));
+    let reload = apb::RegenerateRequest {
+        chat_id: chat.clone(),
+        mode: apb::RegenerateMode::Reload as i32,
+        ..Default::default()
+    };
+    let retried = c.assistant().regenerate(authed(&alice, reload.clone())).await.unwrap().into_inner().reply.unwrap();
+    let fine = until_finished(&mut stream, Some(&retried.id)).await.finished.unwrap();
+    assert_eq!(fine.text, "fine now");
+    // A replacement that fails before its first token gives the old back.
+    let broken = c.assistant().regenerate(authed(&alice, reload)).await.unwrap().into_inner().reply.unwrap();
+    let broken = until_finished(&mut stream, Some(&broken.id)).await.finished.unwrap();
+    assert_eq!(status(&broken), mpb::GenerationStatus::Failed);
+    let listed = history(&c, &alice, &chat, false).await;
+    assert!(listed.iter().any(|m| m.id == fine.id && !m.superseded), "the old reply is back");
+    // The idle timeout ends a hung stream FAILED with its text.
+    send(&c, &alice, &chat, "3").await;
+    let hung = until_finished(&mut stream, None).await.finished.unwrap();
+    assert_eq!((status(&hung), hung.text.as_str()), (mpb::GenerationStatus::Failed, "stuck"));
+    assert!(hung.generation.unwrap().error.contains("idle"));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_queue_behind_the_reply_being_written() {
+    let server = ScriptedServer::start(6).await;
+    for text in ["A", "B", "C"] {
+        server.push(Script::slow(&format!("reply {text}"), Duration::from_millis(30)));
+    }
+    let c = start(&server, &[]).await;
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(&c, &alice).await.chat_id;
+    let mut stream = events(&c, &alice, &chat).await;
+    for text in ["a", "b", "c"] {
+        send(&c, &alice, &chat, text).await;
+    }
+    let mut replies = Vec::new();
+    while replies.len() < 3 {
+        let seen = until_finished(&mut stream, None).await;
+        replies.push(seen.finished.unwrap());
+    }
+    assert_eq!(replies.iter().map(|r| r.text.as_str()).collect::<Vec<_>>(), ["reply A", "reply B", "reply C"]);
+    // Each answers its own prompt, in order.
+    let listed = history(&c, &alice, &chat, false).await;
+    let prompts: Vec<i64> = listed.iter().filter(|m| m.role == mpb::MessageRole::User as i32).map(|m| m.seq).collect();
+    assert_eq!(replies.iter().map(|r| r.reply_to_seq).collect::<Vec<_>>(), prompts);
+    // The second request ends at its own prompt: "c" was not sent yet.
+    let second: Vec<String> = conversation(&server, 1).into_iter().skip(1).map(|m| m.1).collect();
+    assert_eq!(second, ["a", "reply A", "b"]);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reconnects_mid_reply_sees_it_finished_once() {
+    let server = ScriptedServer::start(7).await;
+    server.push(Script::slow("a long and careful answer", Duration::from_millis(40)));
+    let c = start(&server, &[]).await;
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(&c, &alice).await.chat_id;
+    let mut stream = events(&c, &alice, &chat).await;
+    send(&c, &alice, &chat, "go").await;
+    // Read up to the reply's first delta, remember the change number, drop.
+    let mut last_change = 0;
+    loop {
+        let event = next(&mut stream).await;
+        last_change = last_change.max(event.change_seq);
+        if matches!(event.event, Some(Event::MessageDelta(_))) {
+            break;
+        }
+    }
+    drop(stream);
+    let request = mpb::StreamEventsRequest {
+        chat_ids: vec![chat.clone()],
+        resume_changes: [(chat.clone(), last_change)].into_iter().collect(),
+        ..Default::default()
+    };
+    let mut resumed = c.messages().stream_events(authed(&alice, request)).await.unwrap().into_inner();
+    let mut finished = None;
+    while finished.is_none() {
+        match next(&mut resumed).await.event {
+            Some(Event::MessageCreated(m)) => panic!("nothing is created twice: {m:?}"),
+            Some(Event::MessageEdited(m)) if status(&m) != mpb::GenerationStatus::Generating => finished = Some(m),
+            _ => {}
+        }
+    }
+    assert_eq!(finished.unwrap().text, "a long and careful answer");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_server_the_assistant_is_off_and_callers_are_authenticated_first() {
+    let c = Cluster::start(Mode::AllInOne).await.unwrap();
+    let alice = c.user("alice").await;
+    let request = apb::GetOrCreateAssistantChatRequest {};
+    assert_eq!(code(c.assistant().get_or_create_assistant_chat(request).await), Code::Unauthenticated);
+    assert_eq!(
+        code(c.assistant().get_or_create_assistant_chat(authed(&alice, request)).await),
+        Code::FailedPrecondition
+    );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_is_for_members_and_a_chat_the_assistant_is_in() {
+    let server = ScriptedServer::start(8).await;
+    let c = start(&server, &[]).await;
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = assistant_chat(&c, &alice).await.chat_id;
+    let ask = |chat_id: &str| apb::AskRequest { chat_id: chat_id.into(), text: "hi".into(), ..Default::default() };
+    assert_eq!(code(c.assistant().ask(authed(&bob, ask(&chat))).await), Code::PermissionDenied);
+    assert_eq!(code(c.assistant().ask(ask(&chat)).await), Code::Unauthenticated);
+    let direct = natter_proto::chats::v1::CreateChatRequest { member_ids: vec![bob.id.clone()], ..Default::default() };
+    let plain = c.chats().create_chat(authed(&alice, direct)).await.unwrap().into_inner().chat.unwrap().id;
+    assert_eq!(code(c.assistant().ask(authed(&alice, ask(&plain))).await), Code::FailedPrecondition);
+    assert_eq!(code(c.assistant().ask(authed(&alice, ask("not-a-uuid"))).await), Code::InvalidArgument);
+    assert!(server.requests().is_empty(), "nothing reached the model");
+    c.stop().await;
+}
+
+/// The real server `NATTER_TEST_LLM_URL` names, if any; under `CI` it must
+/// be set.
+fn real_server() -> Option<String> {
+    match std::env::var("NATTER_TEST_LLM_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => panic!("CI is set but NATTER_TEST_LLM_URL is not"),
+        _ => None,
+    }
+}
+
+/// Against a real model (llama.cpp's server with SmolLM2-135M in CI), with
+/// assertions that hold for any model: a reply streams and completes with
+/// text that is its deltas; a reload replaces it; a stop ends a reply
+/// STOPPED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_model_answers_reloads_and_stops() {
+    let Some(url) = real_server() else {
+        eprintln!("skipped: NATTER_TEST_LLM_URL is not set");
+        return;
+    };
+    let flags = ["--assistant-base-url", url.as_str(), "--assistant-max-tokens", "64"];
+    let c = Cluster::start_with(Mode::AllInOne, Flags { assistant: &flags, ..Flags::default() }).await.unwrap();
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(&c, &alice).await.chat_id;
+    let mut stream = events(&c, &alice, &chat).await;
+    send(&c, &alice, &chat, "Name three colors.").await;
+    let seen = until_finished(&mut stream, None).await;
+    let first = seen.finished.unwrap();
+    assert_eq!(status(&first), mpb::GenerationStatus::Complete, "{first:?}");
+    assert!(!first.text.trim().is_empty());
+    assert_eq!(concatenated(&seen.deltas), first.text);
+    let reload = apb::RegenerateRequest {
+        chat_id: chat.clone(),
+        mode: apb::RegenerateMode::Reload as i32,
+        ..Default::default()
+    };
+    let second = c.assistant().regenerate(authed(&alice, reload)).await.unwrap().into_inner().reply.unwrap();
+    // Stop it as soon as text flows (or take it finished, if the model was
+    // quicker than the stop).
+    let mut done = None;
+    while done.is_none() {
+        match next(&mut stream).await.event {
+            Some(Event::MessageDelta(d)) if d.message_id == second.id => {
+                let stop = apb::StopGenerationRequest { message_id: second.id.clone() };
+                done = c.assistant().stop_generation(authed(&alice, stop)).await.unwrap().into_inner().reply;
+            }
+            Some(Event::MessageEdited(m)) if m.id == second.id && status(&m) != mpb::GenerationStatus::Generating => {
+                done = Some(m);
+            }
+            _ => {}
+        }
+    }
+    let second = done.unwrap();
+    assert!(matches!(status(&second), mpb::GenerationStatus::Stopped | mpb::GenerationStatus::Complete), "{second:?}");
+    assert_eq!(second.replaces_message_id, first.id);
+    let listed = history(&c, &alice, &chat, true).await;
+    assert!(listed.iter().any(|m| m.id == first.id && m.superseded), "the first reply is kept, superseded");
+    c.stop().await;
+}

@@ -19,12 +19,59 @@ use tonic::codec::Streaming;
 use crate::code;
 use crate::stream::next;
 
-/// natter (all-in-one) with its assistant on `server`, and `extra` flags.
-async fn start(server: &ScriptedServer, extra: &[&str]) -> Cluster {
+/// natter in `mode` with its assistant on `server`, and `extra` assistant
+/// flags (None: split mode without PostgreSQL, outside CI).
+pub(crate) async fn start(mode: Mode, server: &ScriptedServer, extra: &[&str]) -> Option<Cluster> {
     let mut flags = vec!["--assistant-base-url", server.url(), "--assistant-model", "scripted"];
     flags.extend_from_slice(extra);
-    let flags = Flags { assistant: &flags, ..Flags::default() };
-    Cluster::start_with(Mode::AllInOne, flags).await.expect("the all-in-one always starts")
+    Cluster::start_with(mode, Flags { assistant: &flags, ..Flags::default() }).await
+}
+
+/// One test per deployment for each `async fn(&Cluster, &ScriptedServer)`,
+/// each with a scripted server of its own and the assistant flags given.
+#[macro_export]
+macro_rules! with_scripted_server {
+    ($($name:ident [$($flag:literal),*]),* $(,)?) => {
+        mod all_in_one {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let server = natter_llm::testing::ScriptedServer::start(line!().into()).await;
+                    let mode = natter_testkit::Mode::AllInOne;
+                    let c = $crate::assistant::start(mode, &server, &[$($flag),*]).await.expect("the all-in-one starts");
+                    super::$name(&c, &server).await;
+                    c.stop().await;
+                }
+            )*
+        }
+        mod split {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let server = natter_llm::testing::ScriptedServer::start(line!().into()).await;
+                    let mode = natter_testkit::Mode::Split;
+                    let Some(c) = $crate::assistant::start(mode, &server, &[$($flag),*]).await else { return };
+                    super::$name(&c, &server).await;
+                    c.stop().await;
+                }
+            )*
+        }
+    };
+}
+
+crate::with_scripted_server!(
+    a_reply_streams_as_deltas_that_add_up_to_the_stored_text [],
+    ask_waits_for_the_reply_and_a_retried_prompt_is_answered_once [],
+    stop_keeps_the_text_so_far_and_closes_the_upstream_connection [],
+    reload_and_edit_replace_the_reply_and_keep_the_old_one [],
+    failures_end_the_reply_failed_and_a_failed_replacement_restores_the_old_one ["--assistant-idle-timeout", "300ms"],
+    prompts_queue_behind_the_reply_being_written [],
+    a_client_that_reconnects_mid_reply_sees_it_finished_once [],
+    ask_is_for_members_and_a_chat_the_assistant_is_in [],
+);
+mod off {
+    use super::without_a_server_the_assistant_is_off_and_callers_are_authenticated_first;
+    crate::both_modes!(without_a_server_the_assistant_is_off_and_callers_are_authenticated_first);
 }
 
 /// The user's assistant chat.
@@ -118,17 +165,14 @@ fn status(m: &mpb::Message) -> mpb::GenerationStatus {
     mpb::GenerationStatus::try_from(m.generation_status).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reply_streams_as_deltas_that_add_up_to_the_stored_text() {
-    let server = ScriptedServer::start(1).await;
+async fn a_reply_streams_as_deltas_that_add_up_to_the_stored_text(c: &Cluster, server: &ScriptedServer) {
     let text = "Hello! Grüße, 你好 — a reply cut at random bytes.";
     server.push(Script::reply(text));
-    let c = start(&server, &[]).await;
     let alice = c.user("alice").await;
-    let chat = assistant_chat(&c, &alice).await;
-    assert_eq!(assistant_chat(&c, &alice).await.chat_id, chat.chat_id, "one assistant chat per user");
-    let mut stream = events(&c, &alice, &chat.chat_id).await;
-    let prompt = send(&c, &alice, &chat.chat_id, "Say hello").await;
+    let chat = assistant_chat(c, &alice).await;
+    assert_eq!(assistant_chat(c, &alice).await.chat_id, chat.chat_id, "one assistant chat per user");
+    let mut stream = events(c, &alice, &chat.chat_id).await;
+    let prompt = send(c, &alice, &chat.chat_id, "Say hello").await;
     let seen = until_finished(&mut stream, None).await;
     let reply = seen.finished.expect("finished");
     assert_eq!((status(&reply), reply.text.as_str()), (mpb::GenerationStatus::Complete, text));
@@ -149,23 +193,19 @@ async fn a_reply_streams_as_deltas_that_add_up_to_the_stored_text() {
     let request = &server.requests()[0].body;
     assert_eq!((request["stream"].as_bool(), request["model"].as_str()), (Some(true), Some("scripted")));
     assert!(request["max_tokens"].as_u64().is_some_and(|n| n > 0), "{request}");
-    let sent = conversation(&server, 0);
+    let sent = conversation(server, 0);
     assert_eq!(sent.first().map(|m| m.0.as_str()), Some("system"));
     assert_eq!(sent.last(), Some(&("user".into(), "Say hello".into())));
     // History shows the finished reply after its prompt.
-    let listed = history(&c, &alice, &chat.chat_id, false).await;
+    let listed = history(c, &alice, &chat.chat_id, false).await;
     assert_eq!(listed.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["Say hello", text]);
-    c.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ask_waits_for_the_reply_and_a_retried_prompt_is_answered_once() {
-    let server = ScriptedServer::start(2).await;
+async fn ask_waits_for_the_reply_and_a_retried_prompt_is_answered_once(c: &Cluster, server: &ScriptedServer) {
     server.push(Script::reply("first answer"));
     server.push(Script::reply("second answer"));
-    let c = start(&server, &[]).await;
     let alice = c.user("alice").await;
-    let chat = assistant_chat(&c, &alice).await.chat_id;
+    let chat = assistant_chat(c, &alice).await.chat_id;
     let id = uuid::Uuid::now_v7().to_string();
     let ask = |message_id: String, text: &str| apb::AskRequest {
         chat_id: chat.clone(),
@@ -189,20 +229,16 @@ async fn ask_waits_for_the_reply_and_a_retried_prompt_is_answered_once() {
     assert_eq!(second.reply.unwrap().text, "second answer");
     assert_eq!(server.requests().len(), 2, "one generation per prompt");
     // The second request carries the conversation so far.
-    let texts: Vec<String> = conversation(&server, 1).into_iter().skip(1).map(|m| m.1).collect();
+    let texts: Vec<String> = conversation(server, 1).into_iter().skip(1).map(|m| m.1).collect();
     assert_eq!(texts, ["one?", "first answer", "two?"]);
-    c.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stop_keeps_the_text_so_far_and_closes_the_upstream_connection() {
-    let server = ScriptedServer::start(3).await;
+async fn stop_keeps_the_text_so_far_and_closes_the_upstream_connection(c: &Cluster, server: &ScriptedServer) {
     server.push(Script::hang_after("partial"));
-    let c = start(&server, &[]).await;
     let alice = c.user("alice").await;
-    let chat = assistant_chat(&c, &alice).await.chat_id;
-    let mut stream = events(&c, &alice, &chat).await;
-    send(&c, &alice, &chat, "talk forever").await;
+    let chat = assistant_chat(c, &alice).await.chat_id;
+    let mut stream = events(c, &alice, &chat).await;
+    send(c, &alice, &chat, "talk forever").await;
     // Wait for the text to flow.
     let reply_id = loop {
         if let Some(Event::MessageDelta(d)) = next(&mut stream).await.event {
@@ -219,20 +255,16 @@ async fn stop_keeps_the_text_so_far_and_closes_the_upstream_connection() {
     // Idempotent.
     let again = c.assistant().stop_generation(authed(&alice, stop)).await.unwrap().into_inner().reply.unwrap();
     assert_eq!(again, stopped);
-    c.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reload_and_edit_replace_the_reply_and_keep_the_old_one() {
-    let server = ScriptedServer::start(4).await;
+async fn reload_and_edit_replace_the_reply_and_keep_the_old_one(c: &Cluster, server: &ScriptedServer) {
     server.push(Script::reply("one"));
     server.push(Script::reply("two"));
     server.push(Script::reply("three"));
-    let c = start(&server, &[]).await;
     let alice = c.user("alice").await;
-    let chat = assistant_chat(&c, &alice).await.chat_id;
-    let mut stream = events(&c, &alice, &chat).await;
-    let prompt = send(&c, &alice, &chat, "count").await;
+    let chat = assistant_chat(c, &alice).await.chat_id;
+    let mut stream = events(c, &alice, &chat).await;
+    let prompt = send(c, &alice, &chat, "count").await;
     let first = until_finished(&mut stream, None).await.finished.unwrap();
     let reload = apb::RegenerateRequest {
         chat_id: chat.clone(),
@@ -249,14 +281,14 @@ async fn reload_and_edit_replace_the_reply_and_keep_the_old_one() {
     let second = until_finished(&mut stream, Some(&second.id)).await.finished.unwrap();
     assert_eq!(second.text, "two");
     // The replaced reply never goes back to the model.
-    let sent: Vec<String> = conversation(&server, 1).into_iter().map(|m| m.1).collect();
+    let sent: Vec<String> = conversation(server, 1).into_iter().map(|m| m.1).collect();
     assert!(!sent.contains(&"one".to_owned()), "{sent:?}");
     assert_eq!(sent.last().map(String::as_str), Some("count"));
     // History hides it unless asked.
     let texts = |ms: Vec<mpb::Message>| ms.into_iter().map(|m| (m.text, m.superseded)).collect::<Vec<_>>();
-    assert_eq!(texts(history(&c, &alice, &chat, false).await), [("count".into(), false), ("two".into(), false)]);
+    assert_eq!(texts(history(c, &alice, &chat, false).await), [("count".into(), false), ("two".into(), false)]);
     assert_eq!(
-        texts(history(&c, &alice, &chat, true).await),
+        texts(history(c, &alice, &chat, true).await),
         [("count".into(), false), ("one".into(), true), ("two".into(), false)]
     );
     // Edit: only the prompt's author; the prompt gets a revision.
@@ -281,29 +313,28 @@ async fn reload_and_edit_replace_the_reply_and_keep_the_old_one() {
     );
     let third = until_finished(&mut stream, Some(&edited.reply.unwrap().id)).await.finished.unwrap();
     assert_eq!((third.text.as_str(), third.replaces_message_id.as_str()), ("three", second.id.as_str()));
-    assert_eq!(conversation(&server, 2).last().map(|m| m.1.as_str()), Some("count to three"));
-    c.stop().await;
+    assert_eq!(conversation(server, 2).last().map(|m| m.1.as_str()), Some("count to three"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failures_end_the_reply_failed_and_a_failed_replacement_restores_the_old_one() {
-    let server = ScriptedServer::start(5).await;
+async fn failures_end_the_reply_failed_and_a_failed_replacement_restores_the_old_one(
+    c: &Cluster,
+    server: &ScriptedServer,
+) {
     server.push(Script::error_after("so far", "model crashed"));
     server.push(Script::status(429, "slow down"));
     server.push(Script::reply("fine now"));
     server.push(Script::status(500, "broken"));
     server.push(Script::hang_after("stuck"));
-    let c = start(&server, &["--assistant-idle-timeout", "300ms"]).await;
     let alice = c.user("alice").await;
-    let chat = assistant_chat(&c, &alice).await.chat_id;
-    let mut stream = events(&c, &alice, &chat).await;
+    let chat = assistant_chat(c, &alice).await.chat_id;
+    let mut stream = events(c, &alice, &chat).await;
     // An error inside the stream: FAILED with the text so far.
-    send(&c, &alice, &chat, "1").await;
+    send(c, &alice, &chat, "1").await;
     let failed = until_finished(&mut stream, None).await.finished.unwrap();
     assert_eq!((status(&failed), failed.text.as_str()), (mpb::GenerationStatus::Failed, "so far"));
     assert!(failed.generation.unwrap().error.contains("model crashed"));
     // 429 before the stream: FAILED with nothing; a reload then works.
-    send(&c, &alice, &chat, "2").await;
+    send(c, &alice, &chat, "2").await;
     let refused = until_finished(&mut stream, None).await.finished.unwrap();
     assert_eq!((status(&refused), refused.text.as_str()), (mpb::GenerationStatus::Failed, ""));
     assert!(refused.generation.unwrap().error.contains("429"));
@@ -319,28 +350,24 @@ async fn failures_end_the_reply_failed_and_a_failed_replacement_restores_the_old
     let broken = c.assistant().regenerate(authed(&alice, reload)).await.unwrap().into_inner().reply.unwrap();
     let broken = until_finished(&mut stream, Some(&broken.id)).await.finished.unwrap();
     assert_eq!(status(&broken), mpb::GenerationStatus::Failed);
-    let listed = history(&c, &alice, &chat, false).await;
+    let listed = history(c, &alice, &chat, false).await;
     assert!(listed.iter().any(|m| m.id == fine.id && !m.superseded), "the old reply is back");
     // The idle timeout ends a hung stream FAILED with its text.
-    send(&c, &alice, &chat, "3").await;
+    send(c, &alice, &chat, "3").await;
     let hung = until_finished(&mut stream, None).await.finished.unwrap();
     assert_eq!((status(&hung), hung.text.as_str()), (mpb::GenerationStatus::Failed, "stuck"));
     assert!(hung.generation.unwrap().error.contains("idle"));
-    c.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prompts_queue_behind_the_reply_being_written() {
-    let server = ScriptedServer::start(6).await;
+async fn prompts_queue_behind_the_reply_being_written(c: &Cluster, server: &ScriptedServer) {
     for text in ["A", "B", "C"] {
         server.push(Script::slow(&format!("reply {text}"), Duration::from_millis(30)));
     }
-    let c = start(&server, &[]).await;
     let alice = c.user("alice").await;
-    let chat = assistant_chat(&c, &alice).await.chat_id;
-    let mut stream = events(&c, &alice, &chat).await;
+    let chat = assistant_chat(c, &alice).await.chat_id;
+    let mut stream = events(c, &alice, &chat).await;
     for text in ["a", "b", "c"] {
-        send(&c, &alice, &chat, text).await;
+        send(c, &alice, &chat, text).await;
     }
     let mut replies = Vec::new();
     while replies.len() < 3 {
@@ -349,24 +376,20 @@ async fn prompts_queue_behind_the_reply_being_written() {
     }
     assert_eq!(replies.iter().map(|r| r.text.as_str()).collect::<Vec<_>>(), ["reply A", "reply B", "reply C"]);
     // Each answers its own prompt, in order.
-    let listed = history(&c, &alice, &chat, false).await;
+    let listed = history(c, &alice, &chat, false).await;
     let prompts: Vec<i64> = listed.iter().filter(|m| m.role == mpb::MessageRole::User as i32).map(|m| m.seq).collect();
     assert_eq!(replies.iter().map(|r| r.reply_to_seq).collect::<Vec<_>>(), prompts);
     // The second request ends at its own prompt: "c" was not sent yet.
-    let second: Vec<String> = conversation(&server, 1).into_iter().skip(1).map(|m| m.1).collect();
+    let second: Vec<String> = conversation(server, 1).into_iter().skip(1).map(|m| m.1).collect();
     assert_eq!(second, ["a", "reply A", "b"]);
-    c.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_reconnects_mid_reply_sees_it_finished_once() {
-    let server = ScriptedServer::start(7).await;
+async fn a_client_that_reconnects_mid_reply_sees_it_finished_once(c: &Cluster, server: &ScriptedServer) {
     server.push(Script::slow("a long and careful answer", Duration::from_millis(40)));
-    let c = start(&server, &[]).await;
     let alice = c.user("alice").await;
-    let chat = assistant_chat(&c, &alice).await.chat_id;
-    let mut stream = events(&c, &alice, &chat).await;
-    send(&c, &alice, &chat, "go").await;
+    let chat = assistant_chat(c, &alice).await.chat_id;
+    let mut stream = events(c, &alice, &chat).await;
+    send(c, &alice, &chat, "go").await;
     // Read up to the reply's first delta, remember the change number, drop.
     let mut last_change = 0;
     loop {
@@ -392,12 +415,9 @@ async fn a_client_that_reconnects_mid_reply_sees_it_finished_once() {
         }
     }
     assert_eq!(finished.unwrap().text, "a long and careful answer");
-    c.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_server_the_assistant_is_off_and_callers_are_authenticated_first() {
-    let c = Cluster::start(Mode::AllInOne).await.unwrap();
+async fn without_a_server_the_assistant_is_off_and_callers_are_authenticated_first(c: &Cluster) {
     let alice = c.user("alice").await;
     let request = apb::GetOrCreateAssistantChatRequest {};
     assert_eq!(code(c.assistant().get_or_create_assistant_chat(request).await), Code::Unauthenticated);
@@ -405,15 +425,11 @@ async fn without_a_server_the_assistant_is_off_and_callers_are_authenticated_fir
         code(c.assistant().get_or_create_assistant_chat(authed(&alice, request)).await),
         Code::FailedPrecondition
     );
-    c.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ask_is_for_members_and_a_chat_the_assistant_is_in() {
-    let server = ScriptedServer::start(8).await;
-    let c = start(&server, &[]).await;
+async fn ask_is_for_members_and_a_chat_the_assistant_is_in(c: &Cluster, server: &ScriptedServer) {
     let (alice, bob) = (c.user("alice").await, c.user("bob").await);
-    let chat = assistant_chat(&c, &alice).await.chat_id;
+    let chat = assistant_chat(c, &alice).await.chat_id;
     let ask = |chat_id: &str| apb::AskRequest { chat_id: chat_id.into(), text: "hi".into(), ..Default::default() };
     assert_eq!(code(c.assistant().ask(authed(&bob, ask(&chat))).await), Code::PermissionDenied);
     assert_eq!(code(c.assistant().ask(ask(&chat)).await), Code::Unauthenticated);
@@ -422,7 +438,6 @@ async fn ask_is_for_members_and_a_chat_the_assistant_is_in() {
     assert_eq!(code(c.assistant().ask(authed(&alice, ask(&plain))).await), Code::FailedPrecondition);
     assert_eq!(code(c.assistant().ask(authed(&alice, ask("not-a-uuid"))).await), Code::InvalidArgument);
     assert!(server.requests().is_empty(), "nothing reached the model");
-    c.stop().await;
 }
 
 /// The real server `NATTER_TEST_LLM_URL` names, if any; under `CI` it must
@@ -482,5 +497,4 @@ async fn a_real_model_answers_reloads_and_stops() {
     assert_eq!(second.replaces_message_id, first.id);
     let listed = history(&c, &alice, &chat, true).await;
     assert!(listed.iter().any(|m| m.id == first.id && m.superseded), "the first reply is kept, superseded");
-    c.stop().await;
 }

@@ -240,93 +240,96 @@ async fn every_rpc_allows_exactly_whom_it_should(c: &Cluster) {
     assert!(wrong.is_empty(), "authorization matrix mismatches:\n{}", wrong.join("\n"));
 }
 
-/// The assistant's RPCs, on a group chat the assistant is a member of, whose
-/// member M asked it something (all-in-one: the split deployment has no
-/// assistant process yet).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_assistant_rpc_allows_exactly_whom_it_should() {
-    use Code::{Ok, PermissionDenied as Deny, Unauthenticated as Unauth};
-    use natter_proto::assistant::v1 as apb;
-    let server = natter_llm::testing::ScriptedServer::start(11).await;
-    let flags = ["--assistant-base-url", server.url()];
-    let flags = natter_testkit::Flags { assistant: &flags, ..Default::default() };
-    let c = Cluster::start_with(natter_testkit::Mode::AllInOne, flags).await.unwrap();
-    let p = People {
-        owner: c.user("owner").await,
-        admin: c.user("admin").await,
-        member: c.user("member").await,
-        extra: c.user("extra").await,
-        outsider: c.user("outsider").await,
-        guest: c.guest().await,
-    };
-    // The assistant's user id, from anyone's assistant chat.
-    let bot = c
-        .assistant()
-        .get_or_create_assistant_chat(with_token(&p.extra.token, apb::GetOrCreateAssistantChatRequest {}))
-        .await
-        .unwrap()
-        .into_inner()
-        .assistant_user_id;
-    let fixture = || async {
-        let f = fixture(&c, &p).await;
-        let add = cpb::AddMembersRequest { chat_id: f.chat.clone(), user_ids: vec![bot.clone()] };
-        c.chats().add_members(with_token(&p.owner.token, add)).await.unwrap();
-        let ask = apb::AskRequest { chat_id: f.chat.clone(), text: "@assistant hi".into(), ..Default::default() };
-        let reply = c.assistant().ask(with_token(&p.member.token, ask)).await.unwrap().into_inner().reply.unwrap();
-        (f.chat, reply.id)
-    };
-    let matrix: &[(&str, [Code; 6])] = &[
-        ("GetOrCreateAssistantChat", [Ok, Ok, Ok, Ok, Ok, Unauth]),
-        ("Ask", [Ok, Ok, Ok, Deny, Deny, Unauth]),
-        ("Regenerate(reload)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
-        ("Regenerate(edit member's prompt)", [Deny, Deny, Ok, Deny, Deny, Unauth]),
-        ("StopGeneration(member's reply)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
-    ];
-    let mut wrong = Vec::new();
-    for (rpc, expected) in matrix {
-        let callers = [Some(&p.owner), Some(&p.admin), Some(&p.member), Some(&p.outsider), Some(&p.guest), None];
-        for (caller, want) in callers.iter().zip(expected) {
-            let (chat, reply) = fixture().await;
-            let token = caller.map(|u| u.token.as_str());
-            let mut assistant = c.assistant();
-            let result = match *rpc {
-                "GetOrCreateAssistantChat" => assistant
-                    .get_or_create_assistant_chat(req(token, apb::GetOrCreateAssistantChatRequest {}))
-                    .await
-                    .map(drop),
-                "Ask" => {
-                    let r = apb::AskRequest { chat_id: chat, text: "@assistant again".into(), ..Default::default() };
-                    assistant.ask(req(token, r)).await.map(drop)
+mod assistant {
+    use super::*;
+
+    crate::with_scripted_server!(every_assistant_rpc_allows_exactly_whom_it_should[]);
+
+    /// The assistant's RPCs, on a group chat the assistant is a member of, whose
+    /// member M asked it something.
+    async fn every_assistant_rpc_allows_exactly_whom_it_should(
+        c: &Cluster,
+        _server: &natter_llm::testing::ScriptedServer,
+    ) {
+        use Code::{Ok, PermissionDenied as Deny, Unauthenticated as Unauth};
+        use natter_proto::assistant::v1 as apb;
+        let p = People {
+            owner: c.user("owner").await,
+            admin: c.user("admin").await,
+            member: c.user("member").await,
+            extra: c.user("extra").await,
+            outsider: c.user("outsider").await,
+            guest: c.guest().await,
+        };
+        // The assistant's user id, from anyone's assistant chat.
+        let bot = c
+            .assistant()
+            .get_or_create_assistant_chat(with_token(&p.extra.token, apb::GetOrCreateAssistantChatRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .assistant_user_id;
+        let fixture = || async {
+            let f = fixture(c, &p).await;
+            let add = cpb::AddMembersRequest { chat_id: f.chat.clone(), user_ids: vec![bot.clone()] };
+            c.chats().add_members(with_token(&p.owner.token, add)).await.unwrap();
+            let ask = apb::AskRequest { chat_id: f.chat.clone(), text: "@assistant hi".into(), ..Default::default() };
+            let reply = c.assistant().ask(with_token(&p.member.token, ask)).await.unwrap().into_inner().reply.unwrap();
+            (f.chat, reply.id)
+        };
+        let matrix: &[(&str, [Code; 6])] = &[
+            ("GetOrCreateAssistantChat", [Ok, Ok, Ok, Ok, Ok, Unauth]),
+            ("Ask", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+            ("Regenerate(reload)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+            ("Regenerate(edit member's prompt)", [Deny, Deny, Ok, Deny, Deny, Unauth]),
+            ("StopGeneration(member's reply)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ];
+        let mut wrong = Vec::new();
+        for (rpc, expected) in matrix {
+            let callers = [Some(&p.owner), Some(&p.admin), Some(&p.member), Some(&p.outsider), Some(&p.guest), None];
+            for (caller, want) in callers.iter().zip(expected) {
+                let (chat, reply) = fixture().await;
+                let token = caller.map(|u| u.token.as_str());
+                let mut assistant = c.assistant();
+                let result = match *rpc {
+                    "GetOrCreateAssistantChat" => assistant
+                        .get_or_create_assistant_chat(req(token, apb::GetOrCreateAssistantChatRequest {}))
+                        .await
+                        .map(drop),
+                    "Ask" => {
+                        let r =
+                            apb::AskRequest { chat_id: chat, text: "@assistant again".into(), ..Default::default() };
+                        assistant.ask(req(token, r)).await.map(drop)
+                    }
+                    "Regenerate(reload)" => {
+                        let r = apb::RegenerateRequest {
+                            chat_id: chat,
+                            mode: apb::RegenerateMode::Reload as i32,
+                            ..Default::default()
+                        };
+                        assistant.regenerate(req(token, r)).await.map(drop)
+                    }
+                    "Regenerate(edit member's prompt)" => {
+                        let r = apb::RegenerateRequest {
+                            chat_id: chat,
+                            mode: apb::RegenerateMode::Edit as i32,
+                            text: "@assistant edited".into(),
+                        };
+                        assistant.regenerate(req(token, r)).await.map(drop)
+                    }
+                    "StopGeneration(member's reply)" => assistant
+                        .stop_generation(req(token, apb::StopGenerationRequest { message_id: reply }))
+                        .await
+                        .map(drop),
+                    other => panic!("no such row {other}"),
+                };
+                let got = result.map_or_else(|s| s.code(), |()| Ok);
+                if got != *want {
+                    let who = caller.map_or("no token".to_owned(), |u| u.username.clone());
+                    wrong.push(format!("{rpc} as {who}: got {got:?}, want {want:?}"));
                 }
-                "Regenerate(reload)" => {
-                    let r = apb::RegenerateRequest {
-                        chat_id: chat,
-                        mode: apb::RegenerateMode::Reload as i32,
-                        ..Default::default()
-                    };
-                    assistant.regenerate(req(token, r)).await.map(drop)
-                }
-                "Regenerate(edit member's prompt)" => {
-                    let r = apb::RegenerateRequest {
-                        chat_id: chat,
-                        mode: apb::RegenerateMode::Edit as i32,
-                        text: "@assistant edited".into(),
-                    };
-                    assistant.regenerate(req(token, r)).await.map(drop)
-                }
-                "StopGeneration(member's reply)" => assistant
-                    .stop_generation(req(token, apb::StopGenerationRequest { message_id: reply }))
-                    .await
-                    .map(drop),
-                other => panic!("no such row {other}"),
-            };
-            let got = result.map_or_else(|s| s.code(), |()| Ok);
-            if got != *want {
-                let who = caller.map_or("no token".to_owned(), |u| u.username.clone());
-                wrong.push(format!("{rpc} as {who}: got {got:?}, want {want:?}"));
             }
         }
+        assert!(wrong.is_empty(), "authorization matrix mismatches:\n{}", wrong.join("\n"));
     }
-    assert!(wrong.is_empty(), "authorization matrix mismatches:\n{}", wrong.join("\n"));
-    c.stop().await;
 }

@@ -341,7 +341,7 @@ async fn internal_listeners_refuse_calls_without_the_service_credential() {
     let victim = c.user("victim").await;
     let secret = std::fs::read_to_string(c.credential_file.as_deref().expect("split has a credential")).unwrap();
     let wrong = format!("{}x", &secret[..secret.len() - 1]);
-    for (service, addr) in ["sessions", "chats", "messages"].into_iter().zip(c.internal_addrs.clone()) {
+    for (service, addr) in ["sessions", "chats", "messages", "assistant"].into_iter().zip(c.internal_addrs.clone()) {
         for credential in [None, Some(wrong.as_str()), Some("")] {
             for (rpc, code) in call_every_internal_rpc(channel(addr).await, credential, &victim.id).await {
                 // A service serves only its own internal API; every call is

@@ -458,7 +458,8 @@ impl AssistantMessages for Grpc {
         // No deadline on the stream itself: only on its answer.
         let request = Request::new(messages::FollowChatsRequest { user_id: user_id.to_owned() });
         let mut client = MessageInternalServiceClient::new(self.0.channel());
-        Ok(Box::pin(self.0.call(client.follow_chats(request)).await?))
+        let stream = self.0.call(client.follow_chats(request)).await?;
+        Ok(Box::pin(futures::StreamExt::filter_map(stream, |item| async move { item.map(|r| r.event).transpose() })))
     }
 
     async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
@@ -544,7 +545,7 @@ impl<S: MessageInternalService> AssistantMessages for InProcess<S> {
     async fn follow_chats(&self, user_id: &str) -> Result<EventStream, Status> {
         let request = messages::FollowChatsRequest { user_id: user_id.to_owned() };
         let stream = self.0.follow_chats(Request::new(request)).await?.into_inner();
-        Ok(Box::pin(stream))
+        Ok(Box::pin(futures::StreamExt::filter_map(stream, |item| async move { item.map(|r| r.event).transpose() })))
     }
 
     async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {

@@ -187,3 +187,78 @@ pub async fn add_services(server: &mut Server, assistant: Option<Arc<Assistant>>
         .add_service(AssistantServiceServer::new(AssistantApi::new(assistant, auth)).max_decoding_message_size(limit))
         .await;
 }
+
+/// Command line of `natter-assistant` (split mode).
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "natter-assistant",
+    version,
+    about = "natter's assistant service: an AI assistant as a chat member, replies from an OpenAI-compatible server"
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub server: natter_kit::ServerArgs,
+    #[command(flatten)]
+    pub assistant: AssistantArgs,
+    /// The internal listener serves only grpc.health.v1 (the assistant has
+    /// no internal API); the credential authenticates its calls to the
+    /// other services.
+    #[command(flatten)]
+    pub internal: natter_kit::InternalArgs,
+    /// URL of the sessions service's internal listener (token checks, the
+    /// bot user), e.g. http://sessions:7071.
+    #[arg(long, env = "NATTER_SESSIONS_URL")]
+    pub sessions_url: String,
+    /// URL of the chats service's internal listener (membership, the
+    /// assistant chat), e.g. http://chats:7071.
+    #[arg(long, env = "NATTER_CHATS_URL")]
+    pub chats_url: String,
+    /// URL of the messages service's internal listener (prompts, replies,
+    /// the bot's event stream), e.g. http://messages:7071.
+    #[arg(long, env = "NATTER_MESSAGES_URL")]
+    pub messages_url: String,
+}
+
+/// Runs the assistant service alone until `shutdown`: the public API on
+/// `listener`, health on `internal_listener`. Any number of replicas may
+/// run: each prompt is answered by the one whose StartReply created the
+/// reply.
+///
+/// Errors: no service credential, a malformed URL or assistant flag, the
+/// bot user refused, or serving fails. When the sessions service is not up
+/// yet, the bot user is asked for again every second for a minute.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    internal_listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let credential = config.internal.credential()?;
+    let deadline = config.internal.internal_call_timeout;
+    let sessions = natter_kit::Link::connect(&config.sessions_url, &credential, deadline)?;
+    let chats = natter_kit::Link::connect(&config.chats_url, &credential, deadline)?;
+    let messages = natter_kit::Link::connect(&config.messages_url, &credential, deadline)?;
+    let links = Links {
+        users: Arc::new(natter_links::Grpc(sessions.clone())),
+        messages: Arc::new(natter_links::Grpc(messages)),
+        chats: Arc::new(natter_links::Grpc(chats)),
+    };
+    let mut attempts = 0;
+    let assistant = loop {
+        match open(&config.assistant, links.clone(), shutdown.clone()).await {
+            Ok(assistant) => break assistant,
+            Err(e) if attempts < 60 && !shutdown.is_cancelled() => {
+                attempts += 1;
+                tracing::warn!(error = %e, "the assistant cannot start yet; trying again in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let auth = Authenticator::new(Arc::new(natter_auth::GrpcVerifier::new(sessions)));
+    let mut public = Server::new(&config.server);
+    add_services(&mut public, assistant, auth).await;
+    let internal = Server::internal(&config.server, credential);
+    natter_kit::serve::serve_split((public, listener), (internal, internal_listener), shutdown).await?;
+    Ok(())
+}

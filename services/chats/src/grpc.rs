@@ -448,12 +448,12 @@ impl ChatInternalService for ChatInternalApi {
     async fn create_chat_as(
         &self,
         request: Request<pb::CreateChatAsRequest>,
-    ) -> Result<Response<pb::CreateChatResponse>, Status> {
+    ) -> Result<Response<pb::CreateChatAsResponse>, Status> {
         let r = request.into_inner();
         let caller = UserId::parse("user_id", &r.user_id)?;
         let new = new_chat(r.request.unwrap_or_default(), caller, self.chats.limits())?;
         let view = self.chats.create_chat(caller, new).await?;
-        Ok(Response::new(pb::CreateChatResponse { chat: Some(chat_pb(view)) }))
+        Ok(Response::new(pb::CreateChatAsResponse { chat: Some(chat_pb(view)) }))
     }
 
     async fn list_member_chat_ids(

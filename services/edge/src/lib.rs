@@ -4,7 +4,7 @@
 //! layer stack as every natter server, and forwards each call, by the
 //! service prefix of its path, to an upstream replica over HTTP/2. Message
 //! bodies are never decoded, so the edge needs no knowledge of the API beyond
-//! three path prefixes; internal services (`*InternalService`) are not
+//! four path prefixes; internal services (`*InternalService`) are not
 //! routed. Health and reflection are answered by the edge itself.
 //!
 //! Each service may have several replicas. The edge checks each one's
@@ -53,6 +53,10 @@ pub struct EdgeArgs {
     /// URLs of the messages service replicas, comma separated.
     #[arg(long, env = "NATTER_MESSAGES_URL", value_delimiter = ',', required = true)]
     pub messages_url: Vec<String>,
+    /// URLs of the assistant service replicas, comma separated; none: the
+    /// assistant's calls are UNIMPLEMENTED.
+    #[arg(long, env = "NATTER_ASSISTANT_URL", value_delimiter = ',')]
+    pub assistant_url: Vec<String>,
     /// How often each upstream replica's health is checked.
     #[arg(long, env = "NATTER_UPSTREAM_HEALTH_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub upstream_health_interval: Duration,
@@ -116,7 +120,7 @@ impl Forward {
                 .collect()
         };
         let route = |prefix, service, replicas| Route { prefix, service, replicas, next: AtomicUsize::new(0) };
-        let routes = vec![
+        let mut routes = vec![
             route(
                 "/natter.sessions.v1.SessionService/",
                 "natter.sessions.v1.SessionService",
@@ -129,6 +133,13 @@ impl Forward {
                 parse("messages", &args.messages_url)?,
             ),
         ];
+        if !args.assistant_url.is_empty() {
+            routes.push(route(
+                "/natter.assistant.v1.AssistantService/",
+                "natter.assistant.v1.AssistantService",
+                parse("assistant", &args.assistant_url)?,
+            ));
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));

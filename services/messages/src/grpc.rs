@@ -655,39 +655,43 @@ impl MessageInternalService for MessageInternalApi {
     async fn send_message_as(
         &self,
         request: Request<pb::SendMessageAsRequest>,
-    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+    ) -> Result<Response<pb::SendMessageAsResponse>, Status> {
         let r = request.into_inner();
         let user = UserId::parse("user_id", &r.user_id)?;
         let send = send_request(r.request.unwrap_or_default(), self.messages.limits())?;
         let message = self.messages.send(user, send).await?;
-        Ok(Response::new(pb::SendMessageResponse { message: Some(message_pb(message, Vec::new())) }))
+        Ok(Response::new(pb::SendMessageAsResponse { message: Some(message_pb(message, Vec::new())) }))
     }
 
     async fn edit_message_as(
         &self,
         request: Request<pb::EditMessageAsRequest>,
-    ) -> Result<Response<pb::EditMessageResponse>, Status> {
+    ) -> Result<Response<pb::EditMessageAsResponse>, Status> {
         let r = request.into_inner();
         let user = UserId::parse("user_id", &r.user_id)?;
         let edit = edit_request(r.request.unwrap_or_default(), self.messages.limits())?;
         let message = self.messages.edit(user, edit).await?;
-        Ok(Response::new(pb::EditMessageResponse { message: Some(message_pb(message, Vec::new())) }))
+        Ok(Response::new(pb::EditMessageAsResponse { message: Some(message_pb(message, Vec::new())) }))
     }
 
     async fn mark_read_as(
         &self,
         request: Request<pb::MarkReadAsRequest>,
-    ) -> Result<Response<pb::MarkReadResponse>, Status> {
+    ) -> Result<Response<pb::MarkReadAsResponse>, Status> {
         let r = request.into_inner();
         let user = UserId::parse("user_id", &r.user_id)?;
         let mark = mark_read_request(&r.request.unwrap_or_default())?;
         let state = self.messages.mark_read(user, mark).await?;
-        Ok(Response::new(pb::MarkReadResponse { read_seq: state.read_seq.0, unread_count: state.unread }))
+        Ok(Response::new(pb::MarkReadAsResponse { read_seq: state.read_seq.0, unread_count: state.unread }))
     }
 
-    type FollowChatsStream = EventStream;
+    type FollowChatsStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::FollowChatsResponse, Status>> + Send + 'static>>;
 
-    async fn follow_chats(&self, request: Request<pb::FollowChatsRequest>) -> Result<Response<EventStream>, Status> {
+    async fn follow_chats(
+        &self,
+        request: Request<pb::FollowChatsRequest>,
+    ) -> Result<Response<Self::FollowChatsStream>, Status> {
         let user = UserId::parse("user_id", &request.get_ref().user_id)?;
         let resume = self.messages.read_positions(user).await?;
         // A bot has no session: nothing to re-check, nothing expires.
@@ -696,7 +700,9 @@ impl MessageInternalService for MessageInternalApi {
         let ticket = self.streams.admit(&principal, "")?;
         let follow = Follow { principal, token: String::new(), chat_ids: Vec::new(), resume };
         let stream = stream::open(self.messages.clone(), None, self.shutdown.clone(), ticket, follow).await?;
-        Ok(Response::new(stream))
+        Ok(Response::new(Box::pin(futures::StreamExt::map(stream, |event| {
+            event.map(|event| pb::FollowChatsResponse { event: Some(event) })
+        }))))
     }
 
     async fn start_reply(

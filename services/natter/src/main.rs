@@ -45,6 +45,8 @@ enum Command {
     Chats(natter_chats::Config),
     /// Runs the messages service alone (as natter-messages does).
     Messages(natter_messages::Config),
+    /// Runs the assistant service alone (as natter-assistant does).
+    Assistant(natter_assistant::Config),
     /// Runs the edge (as natter-edge does).
     Edge(natter_edge::EdgeArgs),
     /// Checks a server's grpc.health.v1: exits 0 when it is SERVING, 1 otherwise.
@@ -90,6 +92,12 @@ async fn main() -> anyhow::Result<()> {
             let listener = listen(config.server.listen, "natter messages").await?;
             let internal = tokio::net::TcpListener::bind(config.internal.internal_listen).await?;
             natter_messages::run(config, listener, internal, natter_kit::serve::shutdown_token()).await
+        }
+        Command::Assistant(config) => {
+            let _telemetry = natter_kit::telemetry::init("natter-assistant", &config.server)?;
+            let listener = listen(config.server.listen, "natter assistant").await?;
+            let internal = tokio::net::TcpListener::bind(config.internal.internal_listen).await?;
+            natter_assistant::run(config, listener, internal, natter_kit::serve::shutdown_token()).await
         }
         Command::Edge(args) => {
             let _telemetry = natter_kit::telemetry::init("natter-edge", &args.server)?;

@@ -59,10 +59,11 @@ pub struct Cluster {
     /// Where clients connect: the all-in-one's port or the edge's.
     pub addr: SocketAddr,
     /// Split mode: the services' own public ports (sessions, chats,
-    /// messages), which the edge forwards to; empty for the all-in-one.
+    /// messages, assistant), which the edge forwards to; empty for the
+    /// all-in-one.
     pub service_addrs: Vec<SocketAddr>,
     /// Split mode: the services' internal listeners (sessions, chats,
-    /// messages); empty for the all-in-one.
+    /// messages, assistant: health only); empty for the all-in-one.
     pub internal_addrs: Vec<SocketAddr>,
     /// Split mode: the service credential file the services share.
     pub credential_file: Option<String>,
@@ -170,11 +171,12 @@ impl Cluster {
     pub async fn split_with(url: &str, extra: &[&str], flags: Flags<'_>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let prefix = format!("t{}_", uuid::Uuid::new_v4().simple());
-        let (ls, lc, lm, le) = (bind().await, bind().await, bind().await, bind().await);
+        let (ls, lc, lm, le, la) = (bind().await, bind().await, bind().await, bind().await, bind().await);
         // Each service's internal listener, which the others call with the
         // service credential (the edge never does).
-        let (is, ic, im) = (bind().await, bind().await, bind().await);
-        let [s, c, m] = [&ls, &lc, &lm].map(|l| format!("http://{}", l.local_addr().expect("addr")));
+        let (is, ic, im, ia) = (bind().await, bind().await, bind().await, bind().await);
+        let ia_addr = ia.local_addr().expect("addr");
+        let [s, c, m, a] = [&ls, &lc, &lm, &la].map(|l| format!("http://{}", l.local_addr().expect("addr")));
         let [internal_s, internal_c, internal_m] =
             [&is, &ic, &im].map(|l| format!("http://{}", l.local_addr().expect("addr")));
         let addr = le.local_addr().expect("addr");
@@ -222,6 +224,28 @@ impl Cluster {
             flags.messages,
         ))
         .expect("valid flags");
+        // The assistant has no store and no bus: flags of its own (not
+        // `extra`).
+        let assistant = natter_assistant::Config::try_parse_from(
+            [
+                "natter-assistant",
+                "--listen",
+                "127.0.0.1:0",
+                "--internal-listen",
+                "127.0.0.1:0",
+                "--service-credential-file",
+                &credential,
+                "--sessions-url",
+                &internal_s,
+                "--chats-url",
+                &internal_c,
+                "--messages-url",
+                &internal_m,
+            ]
+            .into_iter()
+            .chain(flags.assistant.iter().copied()),
+        )
+        .expect("valid flags");
         let edge = natter_edge::EdgeArgs::try_parse_from([
             "natter-edge",
             "--listen",
@@ -232,17 +256,21 @@ impl Cluster {
             &c,
             "--messages-url",
             &m,
+            "--assistant-url",
+            &a,
         ])
         .expect("valid flags");
         spawn(&mut tasks, natter_sessions::run(sessions, ls, is, shutdown.clone()));
         spawn(&mut tasks, natter_chats::run(chats, lc, ic, shutdown.clone()));
         spawn(&mut tasks, natter_messages::run(messages, lm, im, shutdown.clone()));
+        spawn(&mut tasks, natter_assistant::run(assistant, la, ia, shutdown.clone()));
         spawn(&mut tasks, natter_edge::run(edge, le, shutdown.clone()));
         let mut cluster =
             Self::connected(Mode::Split, addr, shutdown, tasks, Some((url.to_owned(), prefix)), dir).await;
         cluster.service_addrs =
-            [s, c, m].iter().map(|u| u.trim_start_matches("http://").parse().expect("addr")).collect();
-        cluster.internal_addrs = [internal_s, internal_c, internal_m]
+            [s, c, m, a].iter().map(|u| u.trim_start_matches("http://").parse().expect("addr")).collect();
+        let internal_a = format!("http://{ia_addr}");
+        cluster.internal_addrs = [internal_s, internal_c, internal_m, internal_a]
             .iter()
             .map(|u| u.trim_start_matches("http://").parse().expect("addr"))
             .collect();

@@ -11,6 +11,7 @@ const COMMANDS: &[(&str, &[&str], &str)] = &[
     ("natter sessions", &["sessions"], "natter-sessions"),
     ("natter chats", &["chats"], "natter-chats"),
     ("natter messages", &["messages"], "natter-messages"),
+    ("natter assistant", &["assistant"], "natter-assistant"),
     ("natter edge", &["edge"], "natter-edge"),
     ("natter health", &["health"], ""),
 ];

@@ -34,7 +34,7 @@ pub(crate) struct Args {
     pub(crate) server_metrics: Option<String>,
 
     /// Scenarios to run, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "ceiling,send,fanout,resume,history,chats,streams")]
+    #[arg(long, value_delimiter = ',', default_value = "ceiling,send,fanout,resume,history,chats,streams,assistant")]
     pub(crate) scenarios: Vec<Scenario>,
 
     /// A very short run of every scenario, to prove the tool works.
@@ -117,6 +117,19 @@ pub(crate) struct Args {
     /// (sends, edits, deletes) [default: 100; --smoke: 10].
     #[arg(long)]
     pub(crate) resume_changes: Option<usize>,
+
+    /// Replies the `assistant` scenario generates at once, each in its own
+    /// chat [default: 200; --smoke: 4].
+    #[arg(long)]
+    pub(crate) assistant_generations: Option<usize>,
+
+    /// Live streams of `assistant`, spread over its chats [default: 1000; --smoke: 8].
+    #[arg(long)]
+    pub(crate) assistant_streams: Option<usize>,
+
+    /// Time between two tokens of the scripted model in `assistant`.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "50ms")]
+    pub(crate) assistant_token_interval: Duration,
 }
 
 /// A benchmark scenario.
@@ -138,6 +151,9 @@ pub(crate) enum Scenario {
     Chats,
     /// Server memory per idle StreamEvents stream.
     Streams,
+    /// Replies generated at once, streamed as deltas to live streams, and
+    /// SendMessage beside them (needs --spawn).
+    Assistant,
 }
 
 /// Every knob of a run, resolved from the flags (printed with the results).
@@ -164,6 +180,10 @@ pub(crate) struct Settings {
     pub(crate) resume_clients: usize,
     pub(crate) resume_clients_per_chat: usize,
     pub(crate) resume_changes: usize,
+    pub(crate) assistant_generations: usize,
+    pub(crate) assistant_streams: usize,
+    #[serde(serialize_with = "as_secs")]
+    pub(crate) assistant_token_interval: Duration,
 }
 
 impl Settings {
@@ -196,7 +216,17 @@ impl Settings {
             resume_clients: args.resume_clients.unwrap_or(pick(smoke, 1000, 20)).max(1),
             resume_clients_per_chat: args.resume_clients_per_chat.max(1),
             resume_changes: args.resume_changes.unwrap_or(pick(smoke, 100, 10)).max(1),
+            assistant_generations: args.assistant_generations.unwrap_or(pick(smoke, 200, 4)).max(1),
+            assistant_streams: args.assistant_streams.unwrap_or(pick(smoke, 1000, 8)).max(1),
+            assistant_token_interval: args.assistant_token_interval.max(Duration::from_millis(1)),
         }
+    }
+
+    /// Tokens of each scripted reply of `assistant`: enough to stream
+    /// through a warm-up and a window, with room to spare.
+    pub(crate) fn assistant_tokens(&self) -> usize {
+        let span = (self.warmup + self.duration).as_secs_f64() * 1.3 + 1.0;
+        (span / self.assistant_token_interval.as_secs_f64()).ceil() as usize
     }
 
     /// Total in-flight unary calls of `ceiling` (connections x streams per connection).

@@ -34,11 +34,32 @@ async fn main() -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let nofile = server::raise_nofile_limit();
+    // `assistant`: a scripted model server in this process, which the
+    // spawned natter's assistant streams from.
+    let llm = match &args.spawn {
+        Some(_) if args.scenarios.contains(&Scenario::Assistant) => {
+            let server = natter_llm::testing::ScriptedServer::start(0).await;
+            let settings = Settings::resolve(&args, String::new());
+            let script =
+                natter_llm::testing::Script::stamped(settings.assistant_tokens(), settings.assistant_token_interval);
+            server.set_fallback(script);
+            Some(server)
+        }
+        _ => None,
+    };
+    let extra: Vec<String> = match &llm {
+        Some(server) => {
+            ["--assistant-base-url", server.url(), "--assistant-concurrency", "100000", "--assistant-queue", "1000"]
+                .map(str::to_owned)
+                .to_vec()
+        }
+        None => Vec::new(),
+    };
     let target = match &args.spawn {
-        Some(natter) => Target::spawn(natter).await?,
+        Some(natter) => Target::spawn(natter, &extra).await?,
         None => Target::existing(args.target.clone(), args.server_pid, args.server_metrics.clone()),
     };
-    let outcome = run(&args, &target, nofile).await;
+    let outcome = run(&args, &target, nofile, llm).await;
     target.stop().await?;
     let failed = outcome?;
     eprintln!("natter-bench: done in {:.1} s", started.elapsed().as_secs_f64());
@@ -61,7 +82,12 @@ struct Line<'a> {
 
 /// Runs the selected scenarios in a fixed order (ceiling first, so the
 /// others can be given as ratios); returns how many failed.
-async fn run(args: &Args, target: &Target, nofile: u64) -> anyhow::Result<usize> {
+async fn run(
+    args: &Args,
+    target: &Target,
+    nofile: u64,
+    llm: Option<natter_llm::testing::ScriptedServer>,
+) -> anyhow::Result<usize> {
     let settings = Settings::resolve(args, target.url.clone());
     let store = match (&target.data_dir, &args.seed_sqlite, &args.seed_postgres) {
         (_, Some(path), _) => Some(seed::Store::Sqlite(path.clone())),
@@ -93,7 +119,7 @@ async fn run(args: &Args, target: &Target, nofile: u64) -> anyhow::Result<usize>
     let fixture = client::Fixture::setup(&settings.target, settings.connections, settings.users).await?;
     eprintln!("setup: {} users with sessions in {:.1} s", settings.users, setup.elapsed().as_secs_f64());
 
-    let mut ctx = Ctx { settings: &settings, fixture: &fixture, target, store, ceiling: None };
+    let mut ctx = Ctx { settings: &settings, fixture: &fixture, target, store, ceiling: None, llm };
     let mut failed = 0;
     // The ceiling again at the end, when other scenarios ran after it: the
     // ratios use the first one, the second shows how far the machine's
@@ -107,6 +133,8 @@ async fn run(args: &Args, target: &Target, nofile: u64) -> anyhow::Result<usize>
         Scenario::History,
         Scenario::Chats,
         Scenario::Streams,
+        // Last: its replies may still stream after it.
+        Scenario::Assistant,
     ];
     let steps = order.into_iter().filter(|s| selected(*s)).map(|s| (s, At::Start));
     for (scenario, at) in steps.chain(ceiling_again.then_some((Scenario::Ceiling, At::End))) {
@@ -124,6 +152,7 @@ async fn run(args: &Args, target: &Target, nofile: u64) -> anyhow::Result<usize>
             Scenario::History => scenarios::history::run(&ctx).await,
             Scenario::Chats => scenarios::chats::run(&ctx).await,
             Scenario::Streams => scenarios::streams::run(&ctx).await,
+            Scenario::Assistant => scenarios::assistant::run(&ctx).await,
         };
         let report = result.unwrap_or_else(|e| {
             failed += 1;

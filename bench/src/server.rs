@@ -61,7 +61,7 @@ impl Target {
     /// metrics at /metrics` line. Its logs go to `natter.log` in the data dir.
     ///
     /// Errors: the binary does not start, exits, or never logs its address.
-    pub(crate) async fn spawn(natter: &Path) -> anyhow::Result<Self> {
+    pub(crate) async fn spawn(natter: &Path, extra: &[String]) -> anyhow::Result<Self> {
         let tmp = tempfile::Builder::new().prefix("natter-bench-").tempdir()?;
         let data_dir = tmp.path().join("data");
         let log_path = tmp.path().join("natter.log");
@@ -69,6 +69,7 @@ impl Target {
         let mut child = Command::new(natter)
             .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--metrics-listen", "127.0.0.1:0"])
             .args(LIMITS_OUT_OF_REACH)
+            .args(extra)
             .arg("--data-dir")
             .arg(&data_dir)
             .stdin(Stdio::null())

@@ -3,6 +3,7 @@
 //! (health Check calls per second measured in the same run), which survives
 //! a noisy or slower machine better than the raw figure.
 
+pub(crate) mod assistant;
 pub(crate) mod ceiling;
 pub(crate) mod chats;
 pub(crate) mod fanout;
@@ -28,6 +29,9 @@ pub(crate) struct Ctx<'a> {
     pub(crate) store: Option<seed::Store>,
     /// Health Check calls per second, when `ceiling` ran.
     pub(crate) ceiling: Option<f64>,
+    /// The scripted model server the spawned natter's assistant streams
+    /// from (`assistant`).
+    pub(crate) llm: Option<natter_llm::testing::ScriptedServer>,
 }
 
 impl Ctx<'_> {

@@ -33,6 +33,10 @@ pub enum Step {
     Wait(Duration),
     /// Nothing more, ever, until the client goes away.
     Hang,
+    /// A chunk whose text is the time it is written, in µs since the Unix
+    /// epoch, then `|`: a load test's token that carries when the provider
+    /// emitted it.
+    Stamp,
 }
 
 /// How the server answers one request.
@@ -107,6 +111,21 @@ impl Script {
     /// `text`, then the end of the body without a finish reason or `[DONE]`.
     pub fn eof_after(text: &str) -> Self {
         Self { status: 200, body: String::new(), steps: vec![Step::Bytes(content(text))] }
+    }
+
+    /// `tokens` pieces of [`Step::Stamp`], one every `interval`, between the
+    /// role-only first chunk and the finish reason, usage and `[DONE]`.
+    pub fn stamped(tokens: usize, interval: Duration) -> Self {
+        let mut steps =
+            vec![Step::Bytes(data(&serde_json::json!({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})))];
+        for _ in 0..tokens {
+            steps.extend([Step::Wait(interval), Step::Stamp]);
+        }
+        steps.push(Step::Bytes(data(
+            &serde_json::json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}),
+        )));
+        steps.push(Step::Bytes("data: [DONE]\n\n".into()));
+        Self { status: 200, body: String::new(), steps }
     }
 
     /// `status` before any stream, with an OpenAI-style error body.
@@ -246,6 +265,13 @@ async fn complete(State((shared, disconnects)): State<AppState>, headers: Header
         // The whole watch lives as long as the stream is written.
         let mut watch = watch;
         for step in steps {
+            let step = match step {
+                Step::Stamp => {
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    Step::Bytes(content(&format!("{}|", now.as_micros())))
+                }
+                other => other,
+            };
             match step {
                 Step::Bytes(text) => {
                     let bytes = text.into_bytes();
@@ -263,6 +289,7 @@ async fn complete(State((shared, disconnects)): State<AppState>, headers: Header
                     tx.closed().await;
                     return;
                 }
+                Step::Stamp => unreachable!("turned into bytes above"),
             }
         }
         watch.finished = true;

@@ -107,6 +107,8 @@ pub struct Assistant {
     state: Mutex<State>,
     permits: Semaphore,
     finished: broadcast::Sender<mpb::Message>,
+    /// Told whenever a chat's lane is released.
+    lane_freed: tokio::sync::Notify,
     shutdown: CancellationToken,
 }
 
@@ -130,6 +132,7 @@ impl Assistant {
             settings,
             state: Mutex::new(State::default()),
             finished: broadcast::channel(1024).0,
+            lane_freed: tokio::sync::Notify::new(),
             shutdown,
         });
         tokio::spawn(assistant.clone().follow());
@@ -285,6 +288,8 @@ impl Assistant {
                 Some(next) => job = next,
                 None => {
                     state.lanes.remove(&chat);
+                    drop(state);
+                    self.lane_freed.notify_waiters();
                     return;
                 }
             }
@@ -303,7 +308,12 @@ impl Assistant {
 
     /// Answers one prompt: starts its reply (unless started), moves the
     /// bot's read position past the prompt, generates and finishes it.
+    /// Nothing new starts once shutting down (the prompt is answered after
+    /// the restart: the read position did not move past it).
     async fn run(&self, job: Job) {
+        if self.shutdown.is_cancelled() && job.started.is_none() {
+            return;
+        }
         let reply = match job.started {
             Some(reply) => reply,
             None => match self
@@ -361,15 +371,23 @@ impl Assistant {
     }
 
     /// The conversation sent to the model for `prompt`: the system prompt,
-    /// then the chat's messages up to the prompt, oldest first, within the
-    /// context budget (superseded replies and empty or deleted messages
-    /// left out).
+    /// then the chat's messages up to the prompt, each earlier reply right
+    /// after the prompt it answers (a reply takes its seq when its turn
+    /// comes, so later prompts may sit between), oldest first, within the
+    /// context budget; superseded replies and empty or deleted messages are
+    /// left out.
     async fn context(&self, prompt: &mpb::Message, reply: &mpb::Message) -> Result<Vec<ChatMessage>, Status> {
-        let recent =
+        let mut recent =
             self.links.messages.recent_messages(&prompt.chat_id, self.settings.context_messages as i32).await?;
+        let is_reply = |m: &mpb::Message| m.role == mpb::MessageRole::Assistant as i32 && m.reply_to_seq > 0;
+        recent.retain(|m| {
+            m.id != reply.id && if is_reply(m) { m.reply_to_seq < prompt.seq } else { m.seq <= prompt.seq }
+        });
+        // Newest first, a reply just before (newer than) its prompt.
+        recent.sort_by_key(|m| std::cmp::Reverse(if is_reply(m) { (m.reply_to_seq, 1, m.seq) } else { (m.seq, 0, 0) }));
         let mut picked = Vec::new();
         let mut chars = 0;
-        for m in recent.iter().filter(|m| m.seq <= prompt.seq && m.id != reply.id) {
+        for m in &recent {
             if m.deleted || m.superseded || m.text.trim().is_empty() {
                 continue;
             }
@@ -404,27 +422,32 @@ impl Assistant {
             outcome.info.error = error;
             outcome
         };
-        let _permit = tokio::select! {
-            permit = self.permits.acquire() => permit,
-            () = stop.cancelled() => {
+        // Until text flows (a free slot, the conversation, the server's
+        // answer: prompt processing may take a while), the lease is renewed
+        // by heartbeats; a stop ends the wait.
+        let answer = self
+            .heartbeat(reply, stop, async {
+                let permit = self.permits.acquire().await;
+                let context = self
+                    .context(prompt, reply)
+                    .await
+                    .map_err(|status| format!("reading the conversation failed: {}", status.message()))?;
+                let events = self.llm.stream(&context).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>((permit, events))
+            })
+            .await;
+        let (_permit, mut events) = match answer {
+            None if self.shutdown.is_cancelled() => {
+                outcome.status = mpb::GenerationStatus::Interrupted;
+                outcome.info.error = "natter shut down before the reply started".into();
+                return outcome;
+            }
+            None => {
                 outcome.status = mpb::GenerationStatus::Stopped;
                 return outcome;
             }
-        };
-        let context = match self.context(prompt, reply).await {
-            Ok(context) => context,
-            Err(status) => return failed(outcome, format!("reading the conversation failed: {}", status.message())),
-        };
-        let answer = tokio::select! {
-            answer = self.llm.stream(&context) => answer,
-            () = stop.cancelled() => {
-                outcome.status = mpb::GenerationStatus::Stopped;
-                return outcome;
-            }
-        };
-        let mut events = match answer {
-            Ok(events) => events,
-            Err(e) => return failed(outcome, e.to_string()),
+            Some(Err(error)) => return failed(outcome, error),
+            Some(Ok(started)) => started,
         };
         let mut sent = 0;
         let mut flush = tokio::time::interval(self.settings.flush);
@@ -458,6 +481,12 @@ impl Assistant {
                             outcome.status = mpb::GenerationStatus::Stopped;
                             break;
                         }
+                        // Finished meanwhile (the sweeper took it for a dead
+                        // generator's): nothing more to write.
+                        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                            outcome.status = mpb::GenerationStatus::Interrupted;
+                            break;
+                        }
                         Err(status) => tracing::warn!(reply = %reply.id, error = %status.message(), "cannot update a reply"),
                     }
                 }
@@ -487,6 +516,32 @@ impl Assistant {
             tracing::warn!(reply = %reply.id, error = %status.message(), "cannot update a reply");
         }
         outcome
+    }
+
+    /// Awaits `work`, renewing the reply's lease every checkpoint period
+    /// meanwhile (a checkpoint of its still empty text); None when `stop`
+    /// (or shutdown) came first.
+    async fn heartbeat<T>(
+        &self,
+        reply: &mpb::Message,
+        stop: &CancellationToken,
+        work: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        let mut work = std::pin::pin!(work);
+        let mut beat = tokio::time::interval(self.settings.checkpoint);
+        beat.tick().await;
+        loop {
+            tokio::select! {
+                out = &mut work => return Some(out),
+                () = stop.cancelled() => return None,
+                () = self.shutdown.cancelled() => return None,
+                _ = beat.tick() => {
+                    if let Err(status) = self.update(reply, "", 0, true).await {
+                        tracing::warn!(reply = %reply.id, error = %status.message(), "cannot renew a reply's lease");
+                    }
+                }
+            }
+        }
     }
 
     /// Sends `text[sent..]` as a delta and, with `checkpoint`, stores the
@@ -669,14 +724,31 @@ impl Assistant {
         if latest.generation_status == mpb::GenerationStatus::Generating as i32 {
             return Err(Status::failed_precondition("the reply is still being generated: stop it first"));
         }
-        // Claim the chat's lane: one reply at a time.
-        {
-            let mut state = self.state();
-            if state.lanes.contains_key(chat) {
-                return Err(Status::failed_precondition("a reply is being generated in this chat: stop it first"));
+        // Claim the chat's lane: one reply at a time. A lane with nothing
+        // queued while the latest reply is finished is wrapping that reply
+        // up (the client may see the end before the lane is released): wait
+        // for it, a few seconds at most.
+        let busy = || Status::failed_precondition("a reply is being generated in this chat: stop it first");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let freed = self.lane_freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut state = self.state();
+                match state.lanes.get(chat) {
+                    None => {
+                        state.lanes.insert(chat.to_owned(), Lane::default());
+                        state.prompts.insert(prompt.id.clone());
+                        break;
+                    }
+                    Some(lane) if !lane.queue.is_empty() => return Err(busy()),
+                    Some(_) => {}
+                }
             }
-            state.lanes.insert(chat.to_owned(), Lane::default());
-            state.prompts.insert(prompt.id.clone());
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(busy());
+            }
         }
         let prompt_id = prompt.id.clone();
         let started = async {

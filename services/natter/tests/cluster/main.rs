@@ -7,6 +7,7 @@
 //! (`natter messages ...`), started with the same flags an operator would
 //! use; a replica is killed with SIGKILL mid-run and started again.
 
+mod assistant;
 mod operate;
 mod traces;
 

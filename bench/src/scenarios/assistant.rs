@@ -1,0 +1,249 @@
+//! `assistant`: G replies generated at once, each in a group chat of its
+//! own with the assistant (prompt "@assistant ..."), streaming from a
+//! scripted OpenAI-compatible server in this process at a fixed token rate
+//! (`--assistant-token-interval`) to S live streams (S / G per chat). Every
+//! token is the time the scripted server wrote it (µs since the epoch, then
+//! `|`); a stream that receives a `message_delta` records now − that time
+//! for each token in it. That latency covers the model server's HTTP
+//! stream, the assistant's parsing, its coalescing of tokens into deltas
+//! (one per 75 ms at most, by design: a token waits for the next flush),
+//! the publish through the messages service and the bus, and the stream.
+//! For the delivery alone (publish to client) see `fanout`: deltas take the
+//! same bus and streams as messages.
+//!
+//! Then SendMessage in a closed loop of 16 callers over the same chats (no
+//! mention: no reply), once with no reply being generated and once beside
+//! the G generations: the cost of the assistant to everyone else.
+//!
+//! Needs `--spawn`: the spawned natter's assistant is pointed at the scripted
+//! server (`--assistant-base-url`).
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use futures::{StreamExt as _, TryStreamExt as _};
+use hdrhistogram::Histogram;
+use natter_proto::assistant::v1 as apb;
+use natter_proto::assistant::v1::assistant_service_client::AssistantServiceClient;
+use natter_proto::chats::v1 as cpb;
+use natter_proto::chats::v1::chat_service_client::ChatServiceClient;
+use natter_proto::messages::v1::SendMessageRequest;
+use natter_proto::messages::v1::stream_events_response::Event;
+use serde::Serialize;
+
+use super::{Ctx, Report};
+use crate::client::{self, Fixture};
+use crate::load::{self, Latency, Measured};
+
+/// Receivers record into one of these, by stream index.
+const SHARDS: usize = 16;
+
+/// Callers of the send loops.
+const SEND_CALLERS: usize = 16;
+
+#[derive(Serialize)]
+struct Results {
+    generations: usize,
+    streams: usize,
+    token_interval_ms: f64,
+    /// Deltas received by all streams in the window, and per second.
+    deltas: u64,
+    deltas_per_s: f64,
+    tokens_received: u64,
+    /// Provider emits a token -> a client holds it (coalescing included).
+    token_to_client: Latency,
+    /// Server CPU time in the window per delta received by a stream (the
+    /// generations' whole cost: model stream, parsing, checkpoints, publish,
+    /// fan-out), and per token generated.
+    server_cpu_us_per_delta: Option<f64>,
+    server_cpu_us_per_token: Option<f64>,
+    /// SendMessage at 16 callers with no reply being generated, then beside
+    /// the generations.
+    send_alone_per_s: f64,
+    send_beside_per_s: f64,
+    /// `send_beside_per_s / send_alone_per_s`.
+    send_beside_ratio: f64,
+    send_alone: Measured,
+    send_beside: Measured,
+    stream_errors: u64,
+}
+
+/// The `assistant` scenario (see the module docs).
+pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
+    if ctx.llm.is_none() {
+        let skipped = serde_json::json!({ "skipped": "needs --spawn (the assistant is pointed at a scripted server)" });
+        return Report::new(skipped, vec!["assistant skipped: needs --spawn".into()]);
+    }
+    let s = ctx.settings;
+    let f = ctx.fixture;
+    let (g, n) = (s.assistant_generations, s.assistant_streams.max(s.assistant_generations));
+    let users = f.users.len();
+    let bot = AssistantServiceClient::new(f.channel(0))
+        .get_or_create_assistant_chat(f.users[0].request(apb::GetOrCreateAssistantChatRequest {}))
+        .await
+        .context("GetOrCreateAssistantChat (is the spawned natter's assistant on?)")?
+        .into_inner()
+        .assistant_user_id;
+    // Chat i: owned by user i % users, with the assistant.
+    let chats: Vec<String> =
+        futures::stream::iter(0..g).map(|i| assistant_group(f, i % users, &bot, i)).buffered(16).try_collect().await?;
+
+    let per_conn = s.event_streams_per_connection;
+    let connections = client::connect(&s.target, n.div_ceil(per_conn)).await?;
+    let streams: Vec<_> = futures::stream::iter(0..n)
+        .map(|j| Fixture::open_stream(connections[j / per_conn].clone(), &f.users[(j % g) % users], &chats[j % g]))
+        .buffer_unordered(64)
+        .try_collect()
+        .await?;
+    let shards: Arc<Vec<Mutex<Histogram<u64>>>> =
+        Arc::new((0..SHARDS).map(|_| Mutex::new(load::histogram())).collect());
+    let (deltas, tokens, stream_errors) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    // Set while the window is open: deltas outside it are not counted.
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut receivers = tokio::task::JoinSet::new();
+    for (j, mut stream) in streams.into_iter().enumerate() {
+        let (shards, deltas, tokens, stream_errors, measuring) =
+            (shards.clone(), deltas.clone(), tokens.clone(), stream_errors.clone(), measuring.clone());
+        receivers.spawn(async move {
+            loop {
+                match stream.message().await {
+                    Ok(Some(event)) => {
+                        let Some(Event::MessageDelta(delta)) = event.event else { continue };
+                        if !measuring.load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        let now = now_micros();
+                        let mut shard = shards[j % SHARDS].lock().expect("no panics while locked");
+                        for stamp in delta.text.split('|').filter_map(|t| t.parse::<u64>().ok()) {
+                            load::record(&mut shard, Duration::from_micros(now.saturating_sub(stamp)));
+                            tokens.fetch_add(1, Ordering::Relaxed);
+                        }
+                        deltas.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        stream_errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
+    // Sends alone, then the prompts, then sends beside the generations.
+    let send = |tag: &'static str| {
+        let (users, chats, clients) =
+            (f.users.clone(), chats.clone(), (0..SEND_CALLERS).map(|i| f.messages(i)).collect::<Vec<_>>());
+        move |i: usize| {
+            let chat = i % chats.len();
+            let request = users[chat % users.len()].request(SendMessageRequest {
+                chat_id: chats[chat].clone(),
+                text: format!("{tag} {i}"),
+                ..Default::default()
+            });
+            let mut client = clients[i % clients.len()].clone();
+            async move { client.send_message(request).await.map(drop) }
+        }
+    };
+    let alone = load::closed_loop(SEND_CALLERS, s.warmup, s.duration, ctx.target.pid, send("alone")).await;
+    futures::stream::iter(0..g)
+        .map(|i| {
+            let request = f.users[i % users].request(SendMessageRequest {
+                chat_id: chats[i].clone(),
+                text: "@assistant go".into(),
+                ..Default::default()
+            });
+            let mut client = f.messages(i);
+            async move { client.send_message(request).await }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await
+        .context("a prompt")?;
+    // Measure once every reply streams (the warm-up).
+    let warmup_end = Instant::now() + s.warmup;
+    let flag = measuring.clone();
+    let window = s.duration;
+    tokio::spawn(async move {
+        tokio::time::sleep_until(warmup_end.into()).await;
+        flag.store(true, Ordering::Relaxed);
+        tokio::time::sleep(window).await;
+        flag.store(false, Ordering::Relaxed);
+    });
+    let beside = load::closed_loop(SEND_CALLERS, s.warmup, s.duration, ctx.target.pid, send("beside")).await;
+    receivers.abort_all();
+    drop(connections);
+
+    let mut latency = load::histogram();
+    for shard in shards.iter() {
+        latency.add(&*shard.lock().expect("no panics while locked")).expect("histograms share bounds");
+    }
+    let (deltas, tokens) = (deltas.load(Ordering::Relaxed), tokens.load(Ordering::Relaxed));
+    // The beside loop's window is the generations' window: the server's CPU
+    // in it, less what the sends cost alone, is the generations'.
+    let server_cpu = beside.cpu.server_cpu_us_per_call.zip(alone.cpu.server_cpu_us_per_call).map(|(with, without)| {
+        let total = with * beside.ok as f64;
+        (total - without * beside.ok as f64).max(0.0)
+    });
+    let generated = (s.duration.as_secs_f64() / s.assistant_token_interval.as_secs_f64()) * g as f64;
+    let per_s = |out: &load::Outcome| load::round3(out.per_sec());
+    let results = Results {
+        generations: g,
+        streams: n,
+        token_interval_ms: s.assistant_token_interval.as_secs_f64() * 1e3,
+        deltas,
+        deltas_per_s: load::round3(deltas as f64 / s.duration.as_secs_f64()),
+        tokens_received: tokens,
+        token_to_client: Latency::of(&latency),
+        server_cpu_us_per_delta: server_cpu.filter(|_| deltas > 0).map(|us| load::round3(us / deltas as f64)),
+        server_cpu_us_per_token: server_cpu.filter(|_| generated > 0.0).map(|us| load::round3(us / generated)),
+        send_alone_per_s: per_s(&alone),
+        send_beside_per_s: per_s(&beside),
+        send_beside_ratio: load::round3(beside.per_sec() / alone.per_sec().max(f64::MIN_POSITIVE)),
+        send_alone: alone.measured(),
+        send_beside: beside.measured(),
+        stream_errors: stream_errors.load(Ordering::Relaxed),
+    };
+    let table = vec![
+        format!(
+            "assistant {g} replies at a token every {:.0} ms to {n} streams: {deltas} deltas ({:.0}/s), token -> client p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms (coalescing included), server CPU µs/delta {}",
+            results.token_interval_ms,
+            results.deltas_per_s,
+            results.token_to_client.p50_ms,
+            results.token_to_client.p99_ms,
+            results.token_to_client.max_ms,
+            results.server_cpu_us_per_delta.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}")),
+        ),
+        format!(
+            "assistant send c={SEND_CALLERS}: alone {:.0}/s, beside the replies {:.0}/s (ratio {:.3}) | stream errors {}",
+            results.send_alone_per_s, results.send_beside_per_s, results.send_beside_ratio, results.stream_errors
+        ),
+    ];
+    Report::new(results, table)
+}
+
+/// A group chat owned by user `owner` with the assistant `bot`.
+async fn assistant_group(f: &Fixture, owner: usize, bot: &str, i: usize) -> anyhow::Result<String> {
+    let request = cpb::CreateChatRequest {
+        kind: cpb::ChatKind::Group as i32,
+        title: format!("bench assistant {i} {}", f.run_id),
+        member_ids: vec![bot.to_owned()],
+        ..Default::default()
+    };
+    let chat = ChatServiceClient::new(f.channel(owner))
+        .create_chat(f.users[owner].request(request))
+        .await
+        .context("CreateChat")?
+        .into_inner();
+    Ok(chat.chat.context("CreateChat returned no chat")?.id)
+}
+
+/// Wall-clock µs since the Unix epoch (the scripted server shares this
+/// process's clock).
+fn now_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}

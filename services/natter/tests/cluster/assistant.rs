@@ -1,0 +1,94 @@
+//! The assistant across a crash: `natter serve` killed with SIGKILL while a
+//! reply streams, then started again on the same data directory. The reply
+//! must end INTERRUPTED with its last checkpoint (never an empty "thinking"
+//! bubble forever), and the prompt must not be answered a second time.
+
+use std::time::{Duration, Instant};
+
+use natter_llm::testing::{Script, ScriptedServer};
+use natter_proto::assistant::v1::{self as apb, assistant_service_client::AssistantServiceClient};
+use natter_proto::messages::v1::{self as mpb, message_service_client::MessageServiceClient};
+
+use super::{Event, Node, authed, free_port, user};
+
+/// What the scripted model says, slowly (100 ms per 3 characters: about 4 s).
+const TEXT: &str = "Once upon a time a chat server crashed in the middle of a sentence, and";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_cut_by_a_crash_ends_interrupted_with_its_checkpoint_and_is_not_retried() {
+    let server = ScriptedServer::start(9).await;
+    server.push(Script::slow(TEXT, Duration::from_millis(100)));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let args = vec![
+        "--data-dir".to_owned(),
+        dir.path().display().to_string(),
+        "--assistant-base-url".into(),
+        server.url().into(),
+        "--assistant-lease".into(),
+        "2s".into(),
+    ];
+    let mut natter = Node::start("serve", port, args);
+    let channel = natter.channel().await;
+    let (_, token) = user(&channel, "alice").await;
+    let chat = AssistantServiceClient::new(channel.clone())
+        .get_or_create_assistant_chat(authed(&token, apb::GetOrCreateAssistantChatRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .chat_id;
+    let mut messages = MessageServiceClient::new(channel);
+    let send = mpb::SendMessageRequest { chat_id: chat.clone(), text: "tell me a story".into(), ..Default::default() };
+    messages.send_message(authed(&token, send)).await.unwrap();
+    let follow = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], ..Default::default() };
+    let mut stream = messages.stream_events(authed(&token, follow)).await.unwrap().into_inner();
+    // The reply, once it is written to.
+    let mut last_change = 0;
+    let reply = loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+        last_change = last_change.max(event.change_seq);
+        if let Some(Event::MessageDelta(d)) = event.event {
+            break d.message_id;
+        }
+    };
+    // Wait for a checkpoint (about every second): the stored text grows.
+    let get = mpb::GetMessageRequest { message_id: reply.clone() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let checkpoint = loop {
+        let m = messages.get_message(authed(&token, get.clone())).await.unwrap().into_inner().message.unwrap();
+        if !m.text.is_empty() {
+            assert_eq!(m.generation_status, mpb::GenerationStatus::Generating as i32);
+            break m.text;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    drop(stream);
+    natter.kill();
+    assert!(server.disconnected(0, Duration::from_secs(5)).await.is_some(), "the crash cut the model's stream");
+
+    // Started again: the sweeper ends the reply once its lease (2 s) ran out.
+    natter.spawn();
+    let channel = natter.channel().await;
+    let mut messages = MessageServiceClient::new(channel);
+    let resume = mpb::StreamEventsRequest {
+        chat_ids: vec![chat.clone()],
+        resume_changes: [(chat.clone(), last_change)].into_iter().collect(),
+        ..Default::default()
+    };
+    let mut stream = messages.stream_events(authed(&token, resume)).await.unwrap().into_inner();
+    let ended = loop {
+        let event = tokio::time::timeout(Duration::from_secs(15), stream.message()).await.unwrap().unwrap().unwrap();
+        if let Some(Event::MessageEdited(m)) = event.event
+            && m.id == reply
+            && m.generation_status != mpb::GenerationStatus::Generating as i32
+        {
+            break m;
+        }
+    };
+    assert_eq!(ended.generation_status, mpb::GenerationStatus::Interrupted as i32, "{ended:?}");
+    assert!(ended.text.starts_with(&checkpoint) && TEXT.starts_with(&ended.text), "{:?}", ended.text);
+    assert!(!ended.generation.unwrap().error.is_empty());
+    // Not retried by itself: the model was asked once.
+    assert_eq!(server.requests().len(), 1);
+}

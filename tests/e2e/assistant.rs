@@ -68,6 +68,7 @@ crate::with_scripted_server!(
     prompts_queue_behind_the_reply_being_written [],
     a_client_that_reconnects_mid_reply_sees_it_finished_once [],
     ask_is_for_members_and_a_chat_the_assistant_is_in [],
+    a_prompt_beyond_a_full_queue_gets_a_failed_reply_at_once ["--assistant-queue", "1"],
 );
 mod off {
     use super::without_a_server_the_assistant_is_off_and_callers_are_authenticated_first;
@@ -382,6 +383,41 @@ async fn prompts_queue_behind_the_reply_being_written(c: &Cluster, server: &Scri
     // The second request ends at its own prompt: "c" was not sent yet.
     let second: Vec<String> = conversation(server, 1).into_iter().skip(1).map(|m| m.1).collect();
     assert_eq!(second, ["a", "reply A", "b"]);
+}
+
+async fn a_prompt_beyond_a_full_queue_gets_a_failed_reply_at_once(c: &Cluster, server: &ScriptedServer) {
+    server.push(Script::hang_after("busy"));
+    server.push(Script::reply("second"));
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(c, &alice).await.chat_id;
+    let mut stream = events(c, &alice, &chat).await;
+    send(c, &alice, &chat, "one").await;
+    let first = loop {
+        if let Some(Event::MessageDelta(d)) = next(&mut stream).await.event {
+            break d.message_id;
+        }
+    };
+    send(c, &alice, &chat, "two (queued)").await;
+    let third = send(c, &alice, &chat, "three (one too many)").await;
+    // Refused at once, while the first still streams.
+    let refused = loop {
+        if let Some(Event::MessageCreated(m)) = next(&mut stream).await.event
+            && m.reply_to_seq == third.seq
+        {
+            break m;
+        }
+    };
+    assert_eq!(status(&refused), mpb::GenerationStatus::Failed);
+    assert!(refused.generation.unwrap().error.contains("too many prompts"));
+    // Ask beyond a full queue is refused before anything is sent.
+    let ask = apb::AskRequest { chat_id: chat.clone(), text: "four".into(), ..Default::default() };
+    let limited = c.assistant().ask(authed(&alice, ask)).await.unwrap_err();
+    assert_eq!(crate::retry_delay(&limited), Duration::from_secs(5));
+    let stop = apb::StopGenerationRequest { message_id: first };
+    c.assistant().stop_generation(authed(&alice, stop)).await.unwrap();
+    let second = until_finished(&mut stream, None).await.finished.unwrap();
+    assert_eq!(second.text, "second");
+    assert_eq!(server.requests().len(), 2, "the refused prompt never reached the model");
 }
 
 async fn a_client_that_reconnects_mid_reply_sees_it_finished_once(c: &Cluster, server: &ScriptedServer) {

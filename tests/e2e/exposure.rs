@@ -222,7 +222,7 @@ async fn call_every_internal_rpc(
                             message_id: uuid::Uuid::now_v7().to_string(),
                             author_id: victim.into(),
                             prompt_message_id: uuid::Uuid::now_v7().to_string(),
-                            replaces_message_id: String::new(),
+                            ..Default::default()
                         },
                         credential,
                     ))

@@ -188,9 +188,18 @@ impl Assistant {
         }
     }
 
-    /// A stream event: a person's new message that is a prompt is queued.
+    /// A stream event: a person's new message that is a prompt is queued; a
+    /// reply that ended (here or on another replica) wakes the prompts
+    /// waiting for the chat.
     async fn on_event(self: &Arc<Self>, event: mpb::StreamEventsResponse) {
-        let Some(Event::MessageCreated(message)) = event.event else { return };
+        let message = match event.event {
+            Some(Event::MessageCreated(message)) => message,
+            Some(Event::MessageEdited(m)) if m.role == mpb::MessageRole::Assistant as i32 && is_finished(&m) => {
+                let _ = self.finished.send(m);
+                return;
+            }
+            _ => return,
+        };
         if !self.is_prompt(&message).await {
             return;
         }
@@ -260,17 +269,21 @@ impl Assistant {
         }
     }
 
-    /// Answers `prompt` at once with a FAILED reply saying why.
+    /// Answers `prompt` at once with a reply created FAILED, saying why (it
+    /// does not wait for the chat's reply being generated).
     async fn refuse(&self, prompt: &mpb::Message, why: &str) {
-        let started = self.links.messages.start_reply(self.start_request(prompt, reply_id(&prompt.id), "")).await;
-        if let Ok((reply, true)) = started {
-            let outcome = Outcome {
-                text: String::new(),
-                status: mpb::GenerationStatus::Failed,
-                info: mpb::GenerationInfo { error: why.into(), ..Default::default() },
-            };
-            self.finish(&reply, outcome, false).await;
-            let _ = self.links.messages.mark_read_as(&self.bot.id, &prompt.chat_id, prompt.seq).await;
+        let request = mpb::StartReplyRequest {
+            status: mpb::GenerationStatus::Failed as i32,
+            generation: Some(mpb::GenerationInfo { error: why.into(), ..Default::default() }),
+            ..self.start_request(prompt, reply_id(&prompt.id), "")
+        };
+        match self.links.messages.start_reply(request).await {
+            Ok((reply, true)) => {
+                let _ = self.finished.send(reply);
+                let _ = self.links.messages.mark_read_as(&self.bot.id, &prompt.chat_id, prompt.seq).await;
+            }
+            Ok((_, false)) => {}
+            Err(status) => tracing::warn!(prompt = %prompt.id, error = %status.message(), "cannot refuse a prompt"),
         }
     }
 
@@ -303,6 +316,7 @@ impl Assistant {
             author_id: self.bot.id.clone(),
             prompt_message_id: prompt.id.clone(),
             replaces_message_id: replaces.to_owned(),
+            ..Default::default()
         }
     }
 
@@ -316,19 +330,38 @@ impl Assistant {
         }
         let reply = match job.started {
             Some(reply) => reply,
-            None => match self
-                .links
-                .messages
-                .start_reply(self.start_request(&job.prompt, reply_id(&job.prompt.id), ""))
-                .await
-            {
-                Ok((reply, true)) => reply,
-                // Answered already (here before a restart, or by another
-                // replica): nothing to do.
-                Ok((_, false)) => return,
-                Err(status) => {
-                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot start a reply");
-                    return;
+            None => loop {
+                let mut ended = self.finished.subscribe();
+                let request = self.start_request(&job.prompt, reply_id(&job.prompt.id), "");
+                match self.links.messages.start_reply(request).await {
+                    Ok((reply, true)) => break reply,
+                    // Answered already (here before a restart, or by another
+                    // replica): nothing to do.
+                    Ok((_, false)) => return,
+                    // Another replica is answering in this chat: try again
+                    // once a reply of the chat ends (seen on the stream), or
+                    // in a second.
+                    Err(status) if status.code() == tonic::Code::Aborted => {
+                        let chat = &job.prompt.chat_id;
+                        let wait = async {
+                            loop {
+                                match ended.recv().await {
+                                    Ok(m) if &m.chat_id == chat => return,
+                                    Err(broadcast::error::RecvError::Closed) => return,
+                                    _ => {}
+                                }
+                            }
+                        };
+                        tokio::select! {
+                            () = wait => {}
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            () = self.shutdown.cancelled() => return,
+                        }
+                    }
+                    Err(status) => {
+                        tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot start a reply");
+                        return;
+                    }
                 }
             },
         };

@@ -23,6 +23,10 @@ pub enum MessagesError {
     /// The chat or message state forbids this (FAILED_PRECONDITION).
     #[error("{0}")]
     Precondition(&'static str),
+    /// A concurrent operation holds what this needs; try again later
+    /// (ABORTED).
+    #[error("{0}")]
+    Aborted(&'static str),
     /// The message was edited as often as it may be (FAILED_PRECONDITION:
     /// a cap that never refills, so retrying cannot help; RESOURCE_EXHAUSTED
     /// is kept for limits that do, with RetryInfo).
@@ -80,6 +84,7 @@ impl From<MessagesError> for Status {
             MessagesError::Precondition(_) | MessagesError::TooManyEdits(_) => {
                 Status::failed_precondition(e.to_string())
             }
+            MessagesError::Aborted(_) => Status::aborted(e.to_string()),
             MessagesError::Limited(limited) => limited.into(),
             MessagesError::MessageIdTaken => Status::already_exists(e.to_string()),
             MessagesError::TooManyStreams { retry_after, .. } => {

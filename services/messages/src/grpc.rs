@@ -554,6 +554,31 @@ pub(crate) fn delta_event(chat: ChatId, delta: pb::MessageDelta) -> pb::StreamEv
 /// Most ids and most seqs of one LookupMessages request.
 const LOOKUP_MAX: usize = 100;
 
+/// The status a StartReply request creates its reply with: None for
+/// GENERATING (or UNSPECIFIED).
+///
+/// Errors: INVALID_ARGUMENT naming `status` for STOPPED, INTERRUPTED or an
+/// unknown value.
+fn start_status(status: i32) -> Result<Option<Generation>, Status> {
+    match Generation::of(status.into()) {
+        None if status == 0 => Ok(None),
+        Some(Generation::Generating) => Ok(None),
+        Some(g @ (Generation::Complete | Generation::Failed)) => Ok(Some(g)),
+        _ => Err(FieldViolations::single("status", "must be GENERATING, COMPLETE or FAILED").into_status()),
+    }
+}
+
+/// The store's form of a GenerationInfo.
+fn info_of(info: pb::GenerationInfo) -> GenerationInfo {
+    GenerationInfo {
+        model: info.model,
+        finish_reason: info.finish_reason,
+        prompt_tokens: info.prompt_tokens,
+        completion_tokens: info.completion_tokens,
+        error: info.error,
+    }
+}
+
 /// The generation status of a FinishReply request.
 ///
 /// Errors: INVALID_ARGUMENT naming `status` for GENERATING, UNSPECIFIED or
@@ -720,6 +745,13 @@ impl MessageInternalService for MessageInternalApi {
                 id => Some(MessageId::parse("replaces_message_id", id)?),
             },
             now: natter_kit::time::now_micros(),
+            finished: match start_status(r.status)? {
+                None => None,
+                Some(status) => {
+                    let info = r.generation.clone().unwrap_or_default();
+                    Some((status, r.text.clone(), info_of(info)))
+                }
+            },
         };
         let (message, created) = self.messages.start_reply(reply).await?;
         Ok(Response::new(pb::StartReplyResponse { message: Some(message_pb(message, Vec::new())), created }))
@@ -744,14 +776,7 @@ impl MessageInternalService for MessageInternalApi {
         let r = request.into_inner();
         let id = MessageId::parse("message_id", &r.message_id)?;
         let status = finished_status(r.status)?;
-        let info = r.generation.unwrap_or_default();
-        let info = GenerationInfo {
-            model: info.model,
-            finish_reason: info.finish_reason,
-            prompt_tokens: info.prompt_tokens,
-            completion_tokens: info.completion_tokens,
-            error: info.error,
-        };
+        let info = info_of(r.generation.unwrap_or_default());
         let message = self.messages.finish_reply(id, &r.text, status, &info, r.restore_replaced).await?;
         Ok(Response::new(pb::FinishReplyResponse { message: Some(message_pb(message, Vec::new())) }))
     }

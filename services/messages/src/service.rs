@@ -488,6 +488,7 @@ impl Messages {
             Started::Exists(_) => Err(MessagesError::MessageIdTaken),
             Started::NoSuchPrompt => Err(MessagesError::MessageNotFound),
             Started::NotAReply => Err(MessagesError::Precondition("the replaced message is no reply of this chat")),
+            Started::Busy(_) => Err(MessagesError::Aborted("another reply of this chat is being generated")),
         }
     }
 

@@ -148,7 +148,7 @@ pub struct GenerationInfo {
 
 impl GenerationInfo {
     /// The stored JSON ('' for none).
-    fn encode(info: Option<&GenerationInfo>) -> String {
+    pub(crate) fn encode(info: Option<&GenerationInfo>) -> String {
         info.map(|i| serde_json::to_string(i).expect("generation info serializes")).unwrap_or_default()
     }
 
@@ -326,6 +326,9 @@ pub struct NewReply {
     pub replaces: Option<MessageId>,
     /// µs since the Unix epoch: send time and first checkpoint.
     pub now: i64,
+    /// Created finished (a refusal) with this status, text and info,
+    /// instead of GENERATING.
+    pub finished: Option<(Generation, String, GenerationInfo)>,
 }
 
 /// Outcome of [`MessageStore::start_reply`].
@@ -339,6 +342,9 @@ pub enum Started {
     NoSuchPrompt,
     /// The replaced message is no reply of the chat.
     NotAReply,
+    /// Another reply of the chat is GENERATING (its id): one at a time per
+    /// chat, whichever assistant replica starts it. Nothing written.
+    Busy(MessageId),
 }
 
 /// Outcome of [`MessageStore::finish_reply`].
@@ -688,7 +694,11 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// assistant (role ASSISTANT, GENERATING, empty text, reply_to the
     /// prompt's seq, checkpoint at `now`) with the chat's next seq and
     /// change number; with `replaces`, that reply is superseded, taking the
-    /// next change number. A stored id writes nothing ([`Started::Exists`]).
+    /// next change number. A stored id writes nothing ([`Started::Exists`]);
+    /// neither does a chat with another reply GENERATING
+    /// ([`Started::Busy`]), checked under the chat's heads lock so two
+    /// replicas cannot both start one. A reply created finished
+    /// ([`NewReply::finished`]) skips that check.
     async fn start_reply(&self, reply: &NewReply) -> Result<Started, StoreError>;
 
     /// Stores the text so far of a GENERATING reply (`text` None: only the

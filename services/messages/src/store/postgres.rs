@@ -119,10 +119,27 @@ impl PostgresStore {
         .bind(&chat)
         .fetch_one(&mut *tx)
         .await?;
+        // Under the heads lock: a reply another replica started is
+        // committed and seen. Returning drops the transaction (rolled back).
+        if r.finished.is_none() {
+            let busy: Option<(String,)> =
+                sqlx::query_as("SELECT id FROM messages WHERE chat_id = $1 AND generation = 1 LIMIT 1")
+                    .bind(&chat)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some((other,)) = busy {
+                return Ok(Started::Busy(parse_id("id", &other).map_err(StoreError::Corrupt)?));
+            }
+        }
+        let (text, generation, info, checkpoint) = match &r.finished {
+            Some((status, text, info)) => (text.as_str(), *status, GenerationInfo::encode(Some(info)), None),
+            None => ("", Generation::Generating, String::new(), Some(r.now)),
+        };
         let row = sqlx::query(concat!(
             "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
-             revision, delete_time, change_seq, create_change, role, generation, replaces_id, checkpoint_time) \
-             VALUES ($1, $2, $3, $4, '', '', $5, $6, NULL, 1, NULL, $7, $7, 2, 1, $8, $6) RETURNING ",
+             revision, delete_time, change_seq, create_change, role, generation, replaces_id, generation_info, \
+             checkpoint_time) \
+             VALUES ($1, $2, $3, $4, $9, '', $5, $6, NULL, 1, NULL, $7, $7, 2, $10, $8, $11, $12) RETURNING ",
             message_columns!()
         ))
         .bind(&id)
@@ -133,6 +150,10 @@ impl PostgresStore {
         .bind(r.now)
         .bind(change)
         .bind(&replaces)
+        .bind(text)
+        .bind(generation as i32)
+        .bind(info)
+        .bind(checkpoint)
         .fetch_one(&mut *tx)
         .await?;
         let reply = message_row(&row)?;

@@ -256,6 +256,19 @@ fn start_reply(conn: &mut Connection, r: &NewReply) -> rusqlite::Result<Started>
             return Ok(Started::NotAReply);
         }
     }
+    if r.finished.is_none() {
+        let busy: Option<MessageId> = tx
+            .prepare_cached("SELECT id FROM messages WHERE chat_id = ?1 AND generation = 1 LIMIT 1")?
+            .query_row([&chat], |row| id_at(row, 0))
+            .optional()?;
+        if let Some(other) = busy {
+            return Ok(Started::Busy(other));
+        }
+    }
+    let (text, generation, info, checkpoint) = match &r.finished {
+        Some((status, text, info)) => (text.as_str(), *status, GenerationInfo::encode(Some(info)), None),
+        None => ("", Generation::Generating, String::new(), Some(r.now)),
+    };
     let (last_seq, last_change): (i64, i64) = tx
         .prepare_cached("SELECT last_seq, last_change FROM chat_heads WHERE chat_id = ?1")?
         .query_row([&chat], |row| Ok((row.get(0)?, row.get(1)?)))
@@ -265,11 +278,28 @@ fn start_reply(conn: &mut Connection, r: &NewReply) -> rusqlite::Result<Started>
     let reply = tx
         .prepare_cached(concat!(
             "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
-             revision, delete_time, change_seq, create_change, role, generation, replaces_id, checkpoint_time) \
-             VALUES (?1, ?2, ?3, ?4, '', '', ?5, ?6, NULL, 1, NULL, ?7, ?7, 2, 1, ?8, ?6) RETURNING ",
+             revision, delete_time, change_seq, create_change, role, generation, replaces_id, generation_info, \
+             checkpoint_time) \
+             VALUES (?1, ?2, ?3, ?4, ?9, '', ?5, ?6, NULL, 1, NULL, ?7, ?7, 2, ?10, ?8, ?11, ?12) RETURNING ",
             message_columns!()
         ))?
-        .query_row(params![id, chat, seq, r.author_id.to_string(), prompt_seq, r.now, change, replaces], message_row)?;
+        .query_row(
+            params![
+                id,
+                chat,
+                seq,
+                r.author_id.to_string(),
+                prompt_seq,
+                r.now,
+                change,
+                replaces,
+                text,
+                generation as i64,
+                info,
+                checkpoint
+            ],
+            message_row,
+        )?;
     let mut last = change;
     let superseded = match &replaces {
         Some(old) => {

@@ -74,6 +74,7 @@ message_store_suite!(
     a_reply_takes_the_next_seq_streams_by_checkpoints_and_finishes_as_a_change,
     a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it,
     stale_replies_are_those_whose_checkpoint_is_old,
+    one_reply_generates_at_a_time_per_chat_and_a_refusal_is_not_held_up,
     read_positions_are_read_in_order,
     a_retry_with_the_same_id_creates_nothing,
     a_batch_assigns_gap_free_seqs_per_chat_and_skips_retries,
@@ -590,6 +591,7 @@ fn reply(n: u32, c: u8, prompt: u32, replaces: Option<u32>) -> NewReply {
         prompt: id(prompt),
         replaces: replaces.map(id),
         now: 5_000 + i64::from(n),
+        finished: None,
     }
 }
 
@@ -614,6 +616,7 @@ async fn a_reply_takes_the_next_seq_streams_by_checkpoints_and_finishes_as_a_cha
     assert_eq!(h.store.start_reply(&reply(3, 1, 77, None)).await.unwrap(), Started::NoSuchPrompt);
     assert_eq!(h.store.start_reply(&reply(3, 2, 1, None)).await.unwrap(), Started::NoSuchPrompt, "another chat's");
     assert_eq!(h.store.start_reply(&reply(3, 1, 1, Some(1))).await.unwrap(), Started::NotAReply);
+
     // A checkpoint stores the text so far: no revision, no change number.
     assert_eq!(h.store.checkpoint_reply(r.id, Some("Hel"), 6_000).await.unwrap(), Some(false));
     let now = h.store.message(r.id).await.unwrap().unwrap();
@@ -663,6 +666,22 @@ async fn a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it(h: 
     let restored = failed.restored.expect("restored");
     assert_eq!((restored.id, restored.superseded(), restored.change_seq), (first.id, false, 7));
     assert_eq!(stored(h, 1).await.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 3]);
+}
+
+async fn one_reply_generates_at_a_time_per_chat_and_a_refusal_is_not_held_up(h: &Harness) {
+    send(h, &[by(msg(1, 1, 0), 1), by(msg(2, 1, 0), 1)]).await;
+    let (first, _) = created(h.store.start_reply(&reply(11, 1, 1, None)).await.unwrap());
+    assert_eq!(h.store.start_reply(&reply(12, 1, 2, None)).await.unwrap(), Started::Busy(first.id));
+    let refusal = GenerationInfo { error: "queue full".into(), ..Default::default() };
+    let refused =
+        NewReply { finished: Some((Generation::Failed, "no".into(), refusal.clone())), ..reply(12, 1, 2, None) };
+    let (refused, _) = created(h.store.start_reply(&refused).await.unwrap());
+    assert_eq!((refused.generation(), refused.text.as_str(), refused.seq), (Some(Generation::Failed), "no", Seq(4)));
+    assert_eq!(refused.reply.as_ref().and_then(|r| r.info.clone()), Some(refusal));
+    assert!(h.store.stale_replies(i64::MAX, 10).await.unwrap().iter().all(|m| m.id != refused.id), "no lease");
+    // Once the first ends, the next may start.
+    h.store.finish_reply(first.id, "", Generation::Complete, &GenerationInfo::default(), false).await.unwrap();
+    assert!(matches!(h.store.start_reply(&reply(13, 1, 2, None)).await.unwrap(), Started::Created(..)));
 }
 
 async fn stale_replies_are_those_whose_checkpoint_is_old(h: &Harness) {

@@ -121,7 +121,8 @@ run "cross-references (check_refs.py)" "$PY" deploy/check_refs.py
 
 if [[ -z "${NATTER_BIN_DIR:-}" ]]; then
   run "cargo build of the binaries (for --help)" \
-    cargo build --quiet --bin natter --bin natter-sessions --bin natter-chats --bin natter-messages --bin natter-edge
+    cargo build --quiet --bin natter --bin natter-sessions --bin natter-chats --bin natter-messages \
+      --bin natter-assistant --bin natter-edge
 fi
 run "flags and NATTER_* variables (check_flags.py)" "$PY" deploy/check_flags.py
 

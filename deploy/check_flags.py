@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-BINARIES = ("natter", "natter-sessions", "natter-chats", "natter-messages", "natter-edge")
+BINARIES = ("natter", "natter-sessions", "natter-chats", "natter-messages", "natter-assistant", "natter-edge")
 IMAGE_NAME = "natter"  # repository name of the image deploy/Dockerfile builds
 
 
@@ -260,8 +260,8 @@ class Image:
     entrypoint: list[str]
     cmd: list[str]
     env: dict[str, str]
-    built_bins: list[str]
-    installed_bins: list[str]
+    built_bins: list[str]  # `--bin NAME` of the build stage
+    installed_bins: list[str]  # those it copies out (target/release/NAME), when the final stage installs them
 
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
@@ -305,6 +305,7 @@ def parse_dockerfile(path: Path) -> Image:
         if stages:
             stages[-1].append((instr, value))
     built = sorted(set(re.findall(r"--bin\s+([A-Za-z0-9_-]+)", path.read_text())))
+    copied = sorted(set(re.findall(r"target/release/([A-Za-z0-9_-]+)", path.read_text())))
     final = stages[-1] if stages else []
     image = Image([], [], {}, built, [])
     for instr, value in final:
@@ -315,7 +316,7 @@ def parse_dockerfile(path: Path) -> Image:
         elif instr == "ENV":
             image.env.update(parse_env_instruction(value))
         elif instr == "COPY" and "/usr/local/bin" in value:
-            image.installed_bins = list(BINARIES)  # the build stage copies them all
+            image.installed_bins = copied  # what the build stage copied out of target/release
     return image
 
 
@@ -493,6 +494,11 @@ def main() -> int:
         checker.problems.append(f"FAIL {rel_df}: the build stage does not build {', '.join(missing)} (`--bin NAME`)")
     if not image.installed_bins:
         checker.problems.append(f"FAIL {rel_df}: the final stage copies no binaries to /usr/local/bin")
+    else:
+        absent = [b for b in BINARIES if b in image.built_bins and b not in image.installed_bins]
+        if absent:
+            checker.problems.append(f"FAIL {rel_df}: built but not copied into the image: {', '.join(absent)} "
+                                    f"(`cp target/release/NAME`)")
     # The image's own default (ENTRYPOINT + CMD) with its ENV.
     checker.check(Invocation(rel_df, "default ENTRYPOINT+CMD", image.entrypoint + image.cmd, dict(image.env),
                              {k: "ENV" for k in image.env}))

@@ -7,6 +7,7 @@ compose.yaml
     services use only defined secrets
   - every URL in a NATTER_* variable (comma-separated lists too) names a
     service or network alias of the file, on a port that service listens on
+    (the assistant's model server may also be outside the file)
 otel-collector.yaml
   - every component a pipeline names is defined; scrape targets are services
 k8s/ (and k8s/dev/)
@@ -15,26 +16,33 @@ k8s/ (and k8s/dev/)
   - every Service selects the pods of some workload and its targetPorts exist
   - HPA and PodDisruptionBudget targets exist
   - every URL in a ConfigMap / Secret names a Service (of k8s/ or k8s/dev/)
-    that has that port
+    that has that port (the assistant's model server may also be outside
+    the namespace)
   - configMapGenerator files exist; secretKeyRef / secret volumes name
     Secrets and keys that exist
   - NetworkPolicies: their pod selectors (and those of their peers) match
     some workload's pods, and the ports they name are ports of those pods
 natter's contract (both compose.yaml and k8s/)
   - the edge calls the services' public port (NATTER_LISTEN), the services
-    call each other's internal port (NATTER_INTERNAL_LISTEN); a split service
-    listens internally on all interfaces and has the service credential file
-  - every NATTER_*_FILE names a file that is mounted from a secret
+    (the assistant too) call each other's internal port
+    (NATTER_INTERNAL_LISTEN); a split service listens internally on all
+    interfaces and has the service credential file
+  - the edge routes every service that is deployed, each replica of it
+    (compose: by name; k8s: its Service selects the pods)
+  - every NATTER_*_FILE names a file that is mounted from a secret (an API
+    key file's first line is not empty)
   - NATS URLs come with credentials (user and password file, or in the URL);
     the dev secrets are usable (credential >= 32 bytes, NATS password starts
     with a letter: nats.conf reads it from the environment)
   - compose publishes no internal port to the host
   - k8s: with default-deny in place, the NetworkPolicies allow every call
     the configuration makes (outside -> edge, edge -> public ports, services ->
-    internal ports, PostgreSQL, NATS, collector), and the callee's ingress
-    rules alone refuse: an internal port to anything but natter's services, a
-    service's public port to anything but the edge, PostgreSQL and NATS to
-    anything but natter's services
+    internal ports, PostgreSQL, NATS, collector, the assistant's model server
+    in the namespace or outside it), and the callee's ingress rules alone
+    refuse: an internal port to anything but natter's services (the
+    assistant's, health only, to anything at all), a service's public port to
+    anything but the edge, PostgreSQL and NATS to anything but the services
+    that keep data (not the assistant)
 
 Prints one line per problem (`FAIL <file>: ...`) and a summary; exit 1 when
 there is any.
@@ -63,6 +71,10 @@ def fail(file: str, msg: str) -> None:
 
 # Variables holding URLs that are not addresses of a part of the deployment.
 NOT_ENDPOINTS = {"NATTER_CORS_ALLOW_ORIGINS"}  # browser origins
+# Variables whose URL may name a part of the deployment (then it is checked
+# like any other) or something outside it: the assistant's model server, an
+# in-cluster llama.cpp / Ollama / vLLM or https://api.openai.com.
+MAYBE_EXTERNAL = {"NATTER_ASSISTANT_BASE_URL"}
 
 
 def urls_in(value: str) -> list[str]:
@@ -74,6 +86,15 @@ def listen_port(value) -> int | None:
         return int(str(value).rsplit(":", 1)[1])
     except (IndexError, ValueError):
         return None
+
+
+def namespace_service(host: str | None) -> str | None:
+    """The Service of namespace natter a host name means (`x`, `x.natter`,
+    `x.natter.svc`, ...), None for anything else."""
+    labels = (host or "").split(".")
+    if labels[0] and (len(labels) == 1 or labels[1] == "natter"):
+        return labels[0]
+    return None
 
 
 def host_port(url: str) -> tuple[str | None, int | None]:
@@ -150,6 +171,8 @@ def check_compose() -> set[str]:
             for url in urls_in(value):
                 checked += 1
                 host, port = host_port(url.replace("${", "").replace("}", ""))
+                if host not in names and key in MAYBE_EXTERNAL:
+                    continue  # outside the compose file
                 if host not in names:
                     fail(rel, f"service '{name}': {key} points at '{host}', which is no service or alias here")
                 elif port not in listen_ports(names[host]):
@@ -298,6 +321,8 @@ def check_k8s() -> None:
                     host, port = host_port(url)
                     svc_name = (host or "").split(".")[0]
                     svc = by_kind.get("Service", {}).get(svc_name)
+                    if key in MAYBE_EXTERNAL and namespace_service(host) not in by_kind.get("Service", {}):
+                        continue  # outside the namespace (the NetworkPolicies are checked below)
                     if svc is None:
                         fail(rel, f"{kind}/{name} {key}: '{host}' is no Service in k8s/ or k8s/dev/")
                     elif port not in [p.get("port") for p in svc[1]["spec"].get("ports") or []]:
@@ -458,8 +483,16 @@ class Policies:
 # --------------------------------------------------------------------------
 # natter's contract
 # --------------------------------------------------------------------------
-SPLIT = ("sessions", "chats", "messages")
-CALLEE_URLS = {"NATTER_SESSIONS_URL": "sessions", "NATTER_CHATS_URL": "chats", "NATTER_MESSAGES_URL": "messages"}
+# The split services: each runs alone, with an internal listener and the
+# service credential ...
+SPLIT = ("sessions", "chats", "messages", "assistant")
+# ... whose internal listener serves an internal API to these callers (the
+# assistant's serves only health: no one calls it) ...
+INTERNAL_CALLERS = {"sessions": SPLIT, "chats": SPLIT, "messages": SPLIT, "assistant": ()}
+# ... and those that keep data: PostgreSQL and NATS are theirs alone.
+DATA = ("sessions", "chats", "messages")
+CALLEE_URLS = {"NATTER_SESSIONS_URL": "sessions", "NATTER_CHATS_URL": "chats", "NATTER_MESSAGES_URL": "messages",
+               "NATTER_ASSISTANT_URL": "assistant"}
 SECRET_FORMATS = {
     # natter-kit's ServiceCredential: trimmed, >= 32 bytes, a header value.
     "NATTER_SERVICE_CREDENTIAL_FILE": (lambda v: re.fullmatch(r"[\x21-\x7e][\x20-\x7e]{30,}[\x21-\x7e]", v.strip()) is not None,
@@ -468,11 +501,14 @@ SECRET_FORMATS = {
     # reads as a number; spaces, quotes or `#` end or break it.
     "NATTER_NATS_PASSWORD_FILE": (lambda v: re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{15,}", v) is not None,
                                   "a letter, then 15 or more letters, digits, `-` or `_`"),
+    # natter-assistant reads the first line, trimmed, and refuses an empty one.
+    "NATTER_ASSISTANT_API_KEY_FILE": (lambda v: bool((v.splitlines() or [""])[0].strip()),
+                                      "a key on its first line"),
 }
 
 
 def role(argv: list[str]) -> str | None:
-    """'sessions', 'chats', 'messages', 'edge' or 'serve' (all-in-one)."""
+    """'sessions', 'chats', 'messages', 'assistant', 'edge' or 'serve' (all-in-one)."""
     if not argv:
         return None
     binary = Path(argv[0]).name
@@ -555,6 +591,22 @@ def check_compose_contract() -> None:
             if file:
                 out[target if target.startswith("/") else f"/run/secrets/{target}"] = path.parent / file
         return out
+
+    # The edge routes every service that runs, to each replica: a missing
+    # NATTER_ASSISTANT_URL makes the assistant's calls UNIMPLEMENTED, a
+    # replica reached only through a shared alias is neither balanced nor
+    # health-checked on its own.
+    for edge, inv in envs.items():
+        if role(inv.argv) != "edge":
+            continue
+        for var, callee in CALLEE_URLS.items():
+            routed = {by_name.get(host_port(u)[0] or "") for u in urls_in(inv.env.get(var) or "")}
+            for name, other in envs.items():
+                if role(other.argv) == callee:
+                    checked += 1
+                    if name not in routed:
+                        fail(rel, f"service '{edge}': {var} does not name service '{name}' ({callee}), "
+                                  f"so the edge does not route to it")
 
     nats_password_files = set()
     for name, inv in envs.items():
@@ -697,6 +749,19 @@ def check_k8s_contract() -> None:
     def name(w: dict | None) -> str:
         return "outside the namespace" if w is None else f"{w['kind']}/{w['metadata']['name']}"
 
+    # The edge routes every service that runs (through its Service).
+    for inv, w, c in natter.values():
+        if role(inv.argv) != "edge":
+            continue
+        for var, callee in CALLEE_URLS.items():
+            reached = {id(dst) for url in urls_in(inv.env.get(var) or "") for dst, _ in targets(url)}
+            for dst in workloads:
+                if role_of(dst) == callee:
+                    checked += 1
+                    if id(dst) not in reached:
+                        fail(rel_of[id(w)], f"{inv.where}: {var} does not reach {name(dst)} ({callee}), "
+                                            f"so the edge does not route to it")
+
     # Every call the configuration makes is allowed.
     for inv, w, c in natter.values():
         who = role(inv.argv)
@@ -710,6 +775,14 @@ def check_k8s_contract() -> None:
             if not var.startswith("NATTER_") or not value or var in NOT_ENDPOINTS:
                 continue
             for url in urls_in(value):
+                host, number = host_port(url)
+                if var in MAYBE_EXTERNAL and namespace_service(host) not in by_kind.get("Service", {}):
+                    # Outside the namespace (another namespace, the internet):
+                    # only this pod's egress rules decide.
+                    checked += 1
+                    if number is None or not policies.allows(pod_labels(w), None, (None, number)):
+                        fail(rel, f"{name(w)} cannot reach {host} port {number} ({var})")
+                    continue
                 for dst, port in targets(url):
                     checked += 1
                     if not policies.allows(pod_labels(w), pod_labels(dst), port):
@@ -722,12 +795,14 @@ def check_k8s_contract() -> None:
         env = natter[w["metadata"]["name"]][0].env
         for port in pod_ports(w):
             if port[1] == listen_port(env.get("NATTER_INTERNAL_LISTEN")):
-                guarded.append((w, port, "natter's services", set(SPLIT)))
+                callers = set(INTERNAL_CALLERS.get(role_of(w), ()))
+                who = "only natter's services should" if callers else "nothing should (it serves only health)"
+                guarded.append((w, port, who, callers))
             if port[1] == listen_port(env.get("NATTER_LISTEN")):
-                guarded.append((w, port, "the edge", {"edge"}))
+                guarded.append((w, port, "only the edge should", {"edge"}))
         for var in ("NATTER_DATABASE_URL", "NATTER_NATS_URL"):
             for url in urls_in(env.get(var) or ""):
-                guarded += [(dst, port, "natter's services", set(SPLIT)) for dst, port in targets(url)]
+                guarded += [(dst, port, "only sessions, chats and messages should", set(DATA)) for dst, port in targets(url)]
     seen = set()
     for dst, port, who, roles in guarded:
         if (id(dst), port) in seen:
@@ -739,7 +814,7 @@ def check_k8s_contract() -> None:
             # the callers' egress rules say).
             if (src is None or role_of(src) not in roles) and policies.one_way(
                     "ingress", pod_labels(dst), None if src is None else pod_labels(src), port):
-                fail(rel, f"{name(src)} may reach {name(dst)} port {port[0] or port[1]}: only {who} should")
+                fail(rel, f"{name(src)} may reach {name(dst)} port {port[0] or port[1]}: {who}")
 
 
 def main() -> int:

@@ -31,6 +31,33 @@ pub fn reply_id(prompt: &str) -> String {
     Uuid::new_v5(&REPLY_NAMESPACE, prompt.as_bytes()).to_string()
 }
 
+/// What the assistant answers, instead of asking the model, to a prompt the
+/// injection detector rates HIGH or CRITICAL.
+pub const REFUSAL: &str = "I can't help with that request.";
+
+/// The finish reason of a refusal (the chat-completions term for content a
+/// filter held back).
+pub const CONTENT_FILTER: &str = "content_filter";
+
+/// The injection verdict of `text` that bars it from the model: HIGH or
+/// CRITICAL by `detector` (natter-detect's rules), or a detector that
+/// failed (fail closed). None: it may go to the model.
+pub fn barred(detector: &natter_detect::Detector, text: &str) -> Option<String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| detector.scan(text))) {
+        Ok(v) if v.severity >= natter_detect::Severity::High => {
+            let categories: Vec<&str> = v.categories.iter().map(|c| c.as_str()).collect();
+            Some(format!(
+                "the prompt was flagged {:?} ({}) by {}: not sent to the model",
+                v.severity,
+                categories.join(", "),
+                natter_detect::DETECTOR
+            ))
+        }
+        Ok(_) => None,
+        Err(_) => Some("the injection detector failed: not sent to the model".into()),
+    }
+}
+
 /// How the assistant works (see [`crate::AssistantArgs`] for each).
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -101,6 +128,9 @@ struct Outcome {
 /// The assistant; share it behind an `Arc`.
 pub struct Assistant {
     llm: natter_llm::Client,
+    /// Prompt-injection rules: a HIGH or CRITICAL prompt is refused, such
+    /// earlier messages are left out of the conversation.
+    detector: natter_detect::Detector,
     bot: spb::User,
     links: Links,
     settings: Settings,
@@ -126,6 +156,7 @@ impl Assistant {
         let bot = links.users.ensure_bot_user(&settings.username, "Assistant").await?;
         let assistant = Arc::new(Self {
             llm,
+            detector: natter_detect::Detector::default(),
             bot,
             links,
             permits: Semaphore::new(settings.concurrency),
@@ -328,6 +359,48 @@ impl Assistant {
         if self.shutdown.is_cancelled() && job.started.is_none() {
             return;
         }
+        if let Some(why) = barred(&self.detector, &job.prompt.text) {
+            // Never sent to the model: a fixed refusal, marked as a content
+            // filter's.
+            let request = mpb::StartReplyRequest {
+                status: mpb::GenerationStatus::Complete as i32,
+                text: REFUSAL.into(),
+                generation: Some(mpb::GenerationInfo {
+                    finish_reason: CONTENT_FILTER.into(),
+                    error: why.clone(),
+                    ..Default::default()
+                }),
+                ..self.start_request(&job.prompt, reply_id(&job.prompt.id), "")
+            };
+            let refused = match job.started {
+                // Regenerate started it already: finish it as a refusal.
+                Some(reply) => {
+                    let outcome = Outcome {
+                        text: REFUSAL.into(),
+                        status: mpb::GenerationStatus::Complete,
+                        info: mpb::GenerationInfo {
+                            finish_reason: CONTENT_FILTER.into(),
+                            error: why,
+                            ..Default::default()
+                        },
+                    };
+                    self.finish(&reply, outcome, false).await;
+                    return;
+                }
+                None => self.links.messages.start_reply(request).await,
+            };
+            match refused {
+                Ok((reply, true)) => {
+                    let _ = self.finished.send(reply);
+                    let _ = self.links.messages.mark_read_as(&self.bot.id, &job.prompt.chat_id, job.prompt.seq).await;
+                }
+                Ok((_, false)) => {}
+                Err(status) => {
+                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot refuse a prompt")
+                }
+            }
+            return;
+        }
         let reply = match job.started {
             Some(reply) => reply,
             None => loop {
@@ -408,7 +481,7 @@ impl Assistant {
     /// after the prompt it answers (a reply takes its seq when its turn
     /// comes, so later prompts may sit between), oldest first, within the
     /// context budget; superseded replies and empty or deleted messages are
-    /// left out.
+    /// left out, as are earlier messages the injection detector bars.
     async fn context(&self, prompt: &mpb::Message, reply: &mpb::Message) -> Result<Vec<ChatMessage>, Status> {
         let mut recent =
             self.links.messages.recent_messages(&prompt.chat_id, self.settings.context_messages as i32).await?;
@@ -421,7 +494,9 @@ impl Assistant {
         let mut picked = Vec::new();
         let mut chars = 0;
         for m in &recent {
-            if m.deleted || m.superseded || m.text.trim().is_empty() {
+            // An earlier message the detector bars (another member's
+            // injection in a group) is left out too.
+            if m.deleted || m.superseded || m.text.trim().is_empty() || barred(&self.detector, &m.text).is_some() {
                 continue;
             }
             chars += m.text.chars().count();

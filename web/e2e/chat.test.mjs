@@ -7,129 +7,29 @@
 // Environment: NATTER_BIN (default target/debug/natter of this repo), CHROMIUM
 // (default /usr/bin/chromium), NATTER_UPDATE_SCREENSHOT=1 to refresh
 // web/screenshot.png from this run.
-import { after, before, test } from "node:test";
+import { after, before } from "node:test";
 import assert from "node:assert/strict";
-import { execFile, spawn } from "node:child_process";
-import { once } from "node:events";
-import { createReadStream, existsSync } from "node:fs";
+import { execFile } from "node:child_process";
 import { copyFile, mkdir, mkdtemp, rm } from "node:fs/promises";
-import http from "node:http";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import readline from "node:readline";
-import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import {
+  artifacts, chatItem, conversation, launchBrowser, newPerson as openPage, openChatWith, pageUrlOf, send, serveDist,
+  signUp, startNatter, stopNatter, story, waitForMessage, webDir,
+} from "./harness.mjs";
 
-const webDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
-const distDir = path.join(webDir, "dist");
-const artifacts = path.join(webDir, "e2e", "artifacts");
-const natterBin = process.env.NATTER_BIN ? path.resolve(process.env.NATTER_BIN) : path.resolve(webDir, "../target/debug/natter");
-const chromiumBin = process.env.CHROMIUM ?? "/usr/bin/chromium";
-const WAIT = 15_000; // the longest any single wait may take
 const suffix = Math.random().toString(36).slice(2, 8);
 const alice = { name: `alice-${suffix}`, password: "correct horse battery" };
 const bob = { name: `bob-${suffix}`, password: "staple battery horse" };
 
-// ---------------------------------------------------------------- the natter server
-
 let dataDir;
 let server; // { proc, port, log: string[] }
-
-/** Starts `natter serve` on `port` (0: any) and resolves once it logs its address. */
-async function startNatter(port = 0) {
-  if (!existsSync(natterBin)) {
-    throw new Error(`natter binary not found at ${natterBin}: run \`cargo build -p natter\` or set NATTER_BIN`);
-  }
-  const proc = spawn(natterBin, [
-    "serve", "--listen", `127.0.0.1:${port}`, "--data-dir", dataDir, "--log-format", "json",
-    "--shutdown-grace", "2s",
-  ], { stdio: ["ignore", "pipe", "pipe"] });
-  const log = [];
-  const exited = once(proc, "exit");
-  const listening = new Promise((resolve, reject) => {
-    for (const stream of [proc.stdout, proc.stderr]) {
-      readline.createInterface({ input: stream }).on("line", (line) => {
-        log.push(line);
-        let addr;
-        try {
-          const rec = JSON.parse(line);
-          if (rec.message === "natter listening" || rec.fields?.message === "natter listening") addr = rec.addr ?? rec.fields?.addr;
-        } catch {
-          addr = /natter listening.*addr=(\S+)/.exec(line.replace(/\x1b\[[0-9;]*m/g, ""))?.[1];
-        }
-        if (addr) resolve(Number(addr.split(":").pop()));
-      });
-    }
-    exited.then(([code]) => reject(new Error(`natter exited (${code}) before listening:\n${log.join("\n")}`)));
-    setTimeout(() => reject(new Error(`natter did not log its address within 30s:\n${log.join("\n")}`)), 30_000).unref();
-  });
-  const actualPort = await listening;
-  return { proc, port: actualPort, log, exited };
-}
-
-async function stopNatter(s) {
-  if (!s || s.proc.exitCode !== null || s.proc.signalCode !== null) return;
-  s.proc.kill("SIGTERM");
-  const timer = setTimeout(() => s.proc.kill("SIGKILL"), 10_000);
-  await s.exited;
-  clearTimeout(timer);
-}
-
-// ---------------------------------------------------------------- the page, from another origin
-
 let staticServer;
 let pageUrl;
-
-const types = { ".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".map": "application/json" };
-
-function serveDist() {
-  const srv = http.createServer((req, res) => {
-    const name = new URL(req.url, "http://x").pathname.replace(/^\/$/, "/index.html");
-    const file = path.join(distDir, path.normalize(name));
-    if (!file.startsWith(distDir + path.sep) || !existsSync(file)) {
-      res.writeHead(404).end("not found");
-      return;
-    }
-    res.writeHead(200, { "content-type": types[path.extname(file)] ?? "application/octet-stream" });
-    createReadStream(file).pipe(res);
-  });
-  return new Promise((resolve) => srv.listen(0, "127.0.0.1", () => resolve(srv)));
-}
-
-// ---------------------------------------------------------------- the browser
-
 let browser;
 const pageErrors = [];
 
-async function newPerson(label) {
-  const context = await browser.newContext({ viewport: { width: 1000, height: 700 } });
-  const page = await context.newPage();
-  page.setDefaultTimeout(WAIT);
-  page.on("pageerror", (err) => pageErrors.push(`${label}: ${err.stack ?? err}`));
-  page.on("console", (msg) => {
-    if (msg.type() === "error" || msg.type() === "warning") console.log(`  [${label} console.${msg.type()}] ${msg.text()}`);
-  });
-  await page.goto(pageUrl);
-  return page;
-}
-
-/** The rendered conversation: [{seq, text}] top to bottom (sent messages only). */
-const conversation = (page) =>
-  page.$$eval("#messages .message", (items) =>
-    items.map((li) => ({ seq: li.dataset.seq ? Number(li.dataset.seq) : null, text: li.querySelector(".text").textContent })),
-  );
-
-const escapeRe = (s) => s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-
-/** Waits until the open conversation shows a sent message with exactly this text. */
-const waitForMessage = (page, text) =>
-  page.locator("#messages .message[data-seq] .text", { hasText: new RegExp(`^${escapeRe(text)}$`) }).waitFor();
-
-async function send(page, text) {
-  await page.fill("#composer", text);
-  await page.press("#composer", "Enter");
-  await waitForMessage(page, text);
-}
+const newPerson = (label) => openPage(browser, pageUrl, label, pageErrors);
 
 /** Asserts the conversation is exactly `texts` with seqs 1..n, oldest at the top, no duplicates. */
 async function assertConversation(page, texts, who) {
@@ -141,62 +41,27 @@ async function assertConversation(page, texts, who) {
   );
 }
 
-async function signUp(page, person) {
-  await page.fill("#username", person.name);
-  await page.fill("#password", person.password);
-  await page.click("#register");
-  await page.locator("#me", { hasText: person.name }).waitFor();
-}
-
-const chatItem = (page, name) => page.locator(".chat-item", { has: page.locator(".chat-name", { hasText: name }) });
-
-async function openChatWith(page, name) {
-  await chatItem(page, name).click();
-  await page.locator("#chat-title", { hasText: name }).waitFor();
-}
-
 // ---------------------------------------------------------------- the story
 
 let alicePage;
 let bobPage;
 const history = []; // every text sent in the direct chat, in order
-let failed = false;
-
-/** A step of the story; once one fails the rest are skipped, not piled on. */
-function step(name, fn) {
-  test(name, { timeout: 120_000 }, async (t) => {
-    if (failed) return t.skip("an earlier step failed");
-    try {
-      await fn(t);
-    } catch (err) {
-      failed = true;
-      await mkdir(artifacts, { recursive: true });
-      for (const [who, page] of [["alice", alicePage], ["bob", bobPage]]) {
-        await page?.screenshot({ path: path.join(artifacts, `failure-${who}.png`) }).catch(() => {});
-      }
-      throw err;
-    }
-  });
-}
+const tale = story(() => [["alice", alicePage], ["bob", bobPage]]);
+const step = tale.step;
 
 before(async () => {
-  if (!existsSync(path.join(distDir, "index.html"))) throw new Error(`${distDir} has no index.html: run \`npm run build\` first`);
   dataDir = await mkdtemp(path.join(tmpdir(), "natter-e2e-"));
-  server = await startNatter();
+  server = await startNatter(dataDir);
   staticServer = await serveDist();
-  pageUrl = `http://127.0.0.1:${staticServer.address().port}/?server=http://127.0.0.1:${server.port}`;
-  browser = await chromium.launch({
-    executablePath: chromiumBin,
-    timeout: 30_000,
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-  });
+  pageUrl = pageUrlOf(staticServer, server.port);
+  browser = await launchBrowser();
 });
 
 after(async () => {
   await browser?.close().catch(() => {});
   staticServer?.close();
   await stopNatter(server);
-  if (failed && server) console.log(`natter log (last 40 lines):\n${server.log.slice(-40).join("\n")}`);
+  if (tale.failed && server) console.log(`natter log (last 40 lines):\n${server.log.slice(-40).join("\n")}`);
   if (dataDir) await rm(dataDir, { recursive: true, force: true });
 });
 
@@ -254,7 +119,7 @@ step("a restarted server and a dropped stream lose and duplicate nothing", async
   await bobPage.route("**/natter.messages.v1.MessageService/StreamEvents", (route) => route.abort());
   // Restart the server on the same port: both pages' streams end.
   await stopNatter(server);
-  server = await startNatter(server.port);
+  server = await startNatter(dataDir, server.port);
   const streamFailed = bobPage.waitForEvent("requestfailed", { predicate: (r) => r.url().includes("/StreamEvents") });
   await send(alicePage, (history[4] = "Sent while you were away"));
   await streamFailed; // bob's page tried to reconnect, and failed
@@ -312,7 +177,7 @@ step("edits and deletes made while the stream was cut show once it resumes", asy
 
   await bobPage.route("**/natter.messages.v1.MessageService/StreamEvents", (route) => route.abort());
   await stopNatter(server);
-  server = await startNatter(server.port);
+  server = await startNatter(dataDir, server.port);
   await bobPage.locator("#status", { hasText: "reconnecting" }).waitFor();
   await call(token, "messages.v1.MessageService/EditMessage", { messageId: third.id, text: "Edited while you were away" });
   await call(token, "messages.v1.MessageService/DeleteMessage", { messageId: second.id });
@@ -368,6 +233,14 @@ step("a guest can start chatting without an account", async () => {
   } finally {
     await guest.context().close();
   }
+});
+
+step("without an assistant configured the page says so and goes on", async () => {
+  await alicePage.click("#open-assistant");
+  await alicePage.locator("#assistant-notice", { hasText: "not available" }).waitFor();
+  assert.equal(await alicePage.locator("#error").isHidden(), true, "no error banner for a missing assistant");
+  await openChatWith(alicePage, bob.name); // the page works as before
+  await send(alicePage, "Still here");
 });
 
 step("no uncaught errors in the pages", () => {

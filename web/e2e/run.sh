@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Everything CI needs for the browser test, from a clean clone: Chromium from
-# Debian if missing, npm ci, build (buf generate + esbuild), the e2e test.
-# Expects target/debug/natter to be built already (or NATTER_BIN set).
+# Everything CI needs for the browser tests, from a clean clone: Chromium from
+# Debian if missing, npm ci, build (buf generate + esbuild), the e2e tests.
+# Expects target/debug/natter (or NATTER_BIN) and natter-llm's scripted model
+# server, target/debug/examples/scripted_llm (or SCRIPTED_LLM_BIN), built
+# already: cargo build -p natter && cargo build -p natter-llm --features
+# testing --example scripted_llm. Relative paths in those variables are taken
+# from web/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

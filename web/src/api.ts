@@ -1,10 +1,11 @@
-// The natter API as seen from the browser: gRPC-web clients for the three
+// The natter API as seen from the browser: gRPC-web clients for the
 // services, the server address and the bearer token.
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { SessionService } from "./gen/natter/sessions/v1/sessions_pb";
 import { ChatService } from "./gen/natter/chats/v1/chats_pb";
 import { MessageService } from "./gen/natter/messages/v1/messages_pb";
+import { AssistantService } from "./gen/natter/assistant/v1/assistant_pb";
 
 /** The server: `?server=http://host:port`, else the page's own origin. */
 export const serverUrl: string = (
@@ -32,6 +33,7 @@ const transport = createGrpcWebTransport({ baseUrl: serverUrl, interceptors: [be
 export const sessions = createClient(SessionService, transport);
 export const chats = createClient(ChatService, transport);
 export const messages = createClient(MessageService, transport);
+export const assistant = createClient(AssistantService, transport);
 
 export function isUnauthenticated(err: unknown): boolean {
   return ConnectError.from(err).code === Code.Unauthenticated;
@@ -41,6 +43,11 @@ export function isUnauthenticated(err: unknown): boolean {
 export function isDenied(err: unknown): boolean {
   const code = ConnectError.from(err).code;
   return code === Code.PermissionDenied || code === Code.NotFound;
+}
+
+/** The server cannot do it as things stand (e.g. no assistant is configured). */
+export function isFailedPrecondition(err: unknown): boolean {
+  return ConnectError.from(err).code === Code.FailedPrecondition;
 }
 
 /** Errors worth retrying with the same request (the network or server blipped). */

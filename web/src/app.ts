@@ -1,16 +1,21 @@
-// The natter chat page: sign-in, chat list, one open conversation and the
-// live event stream. Plain DOM; all server calls go through ./api.
+// The natter chat page: sign-in, chat list, one open conversation, the live
+// event stream and the assistant's streamed replies. Plain DOM; all server
+// calls go through ./api.
 import { create } from "@bufbuild/protobuf";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import * as api from "./api";
-import type { User } from "./gen/natter/sessions/v1/sessions_pb";
+import { UserKind, type User } from "./gen/natter/sessions/v1/sessions_pb";
 import { ChatKind, LastMessageSchema, type Chat } from "./gen/natter/chats/v1/chats_pb";
 import {
+  GenerationStatus,
   MembershipChange,
+  MessageRole,
   SortOrder as MessageOrder,
   type Message,
+  type MessageDelta,
   type StreamEventsResponse,
 } from "./gen/natter/messages/v1/messages_pb";
+import { RegenerateMode } from "./gen/natter/assistant/v1/assistant_pb";
 
 const PAGE_SIZE = 30;
 const el = <T extends HTMLElement = HTMLElement>(id: string) => document.getElementById(id) as T;
@@ -47,6 +52,12 @@ const pending = new Map<string, Pending>(); // client message id -> unsent messa
 
 interface OpenChat { id: string; messages: Map<bigint, Message>; olderToken: string; loadingOlder: boolean }
 let open: OpenChat | null = null;
+/** List superseded assistant replies too (ListMessages include_history): "show older versions". */
+let showHistory = false;
+
+// Reply deltas are placed by byte offset into the reply's UTF-8 text.
+const utf8 = new TextEncoder();
+const fromUtf8 = new TextDecoder();
 
 // ---------------------------------------------------------------- helpers
 
@@ -56,6 +67,10 @@ function userName(id: string | undefined): string {
   if (!u) return "…";
   return u.displayName || u.username || `guest ${u.id.slice(-6)}`;
 }
+
+const isBot = (id: string | undefined) => !!id && users.get(id)?.kind === UserKind.BOT;
+const isReply = (m: Message) => m.role === MessageRole.ASSISTANT;
+const isGenerating = (m: Message) => m.generationStatus === GenerationStatus.GENERATING;
 
 function chatName(chat: Chat): string {
   if (chat.title) return chat.title;
@@ -119,6 +134,22 @@ function addChat(chat: Chat) {
   if (!lastSeq.has(chat.id)) lastSeq.set(chat.id, chat.lastMessage?.seq ?? 0n);
 }
 
+/**
+ * Holds a message of the open chat, unless we hold a newer state of it: a
+ * call's answer can arrive after the stream's later change, and a reply
+ * being written may hold more text (from its deltas) than a snapshot of it.
+ */
+function putMessage(state: OpenChat, m: Message) {
+  const held = state.messages.get(m.seq);
+  if (held?.id === m.id) {
+    if (held.changeSeq > m.changeSeq) return;
+    if (isGenerating(held) && isGenerating(m) && utf8.encode(held.text).length > utf8.encode(m.text).length) {
+      m.text = held.text;
+    }
+  }
+  state.messages.set(m.seq, m);
+}
+
 /** Moves a chat's preview forward to a newer message. */
 function notePreview(chat: Chat, m: Message) {
   if (chat.lastMessage && chat.lastMessage.seq >= m.seq) return;
@@ -146,6 +177,7 @@ function renderChatList() {
       const name = document.createElement("span");
       name.className = "chat-name";
       name.textContent = chatName(chat);
+      if (chat.kind === ChatKind.DIRECT && isBot(peers.get(chat.id))) name.append(" ", botBadge());
       const excerpt = document.createElement("span");
       excerpt.className = "chat-excerpt";
       const last = chat.lastMessage;
@@ -164,19 +196,83 @@ function renderChatList() {
   );
 }
 
-function messageItem(m: Message): HTMLLIElement {
+function botBadge(): HTMLSpanElement {
+  const badge = document.createElement("span");
+  badge.className = "bot";
+  badge.textContent = "bot";
+  return badge;
+}
+
+function smallButton(label: string, testid: string, onClick: () => Promise<void>): HTMLButtonElement {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  b.dataset.testid = testid;
+  b.addEventListener("click", () => {
+    b.disabled = true;
+    void act(onClick).finally(() => (b.disabled = false));
+  });
+  return b;
+}
+
+/** How a reply stands, for people: empty once it is complete. */
+function generationLabel(m: Message): string {
+  const why = m.generation?.error;
+  switch (m.generationStatus) {
+    case GenerationStatus.GENERATING: return "writing…";
+    case GenerationStatus.STOPPED: return "stopped";
+    case GenerationStatus.FAILED: return `failed: ${why || "unknown error"}`;
+    case GenerationStatus.INTERRUPTED: return why ? `interrupted: ${why}` : "interrupted";
+    default: return "";
+  }
+}
+
+/** What a message offers: Reload on the latest finished reply, Edit & rerun on its prompt. */
+interface Offers { reload?: boolean; editRerun?: boolean }
+
+function messageItem(m: Message, offers: Offers = {}): HTMLLIElement {
   const li = document.createElement("li");
-  li.className = "message" + (m.authorId === me?.id ? " mine" : "") + (m.deleted ? " deleted" : "");
+  const reply = isReply(m);
+  li.className = "message" + (m.authorId === me?.id ? " mine" : "") + (m.deleted ? " deleted" : "") +
+    (reply ? " reply" : "") + (isGenerating(m) ? " generating" : "") + (m.superseded ? " superseded" : "");
   li.dataset.seq = String(m.seq);
+  li.dataset.id = m.id;
   li.dataset.testid = "message";
+  if (reply) li.dataset.status = (GenerationStatus[m.generationStatus] ?? "").toLowerCase();
   const meta = document.createElement("div");
   meta.className = "meta";
   const time = m.sendTime ? timestampDate(m.sendTime).toLocaleTimeString() : "";
-  meta.textContent = `${userName(m.authorId)} · ${time}${m.editTime ? " · edited" : ""}`;
+  meta.append(userName(m.authorId));
+  if (isBot(m.authorId)) meta.append(" ", botBadge());
+  meta.append(` · ${time}${m.editTime ? " · edited" : ""}`);
+  const label = reply ? generationLabel(m) : "";
+  if (label) {
+    const status = document.createElement("span");
+    status.className = "gen-status";
+    status.dataset.testid = "generation-status";
+    status.textContent = label;
+    meta.append(" · ", status);
+  }
+  if (m.superseded) {
+    const older = document.createElement("span");
+    older.className = "older";
+    older.textContent = "older version";
+    meta.append(" · ", older);
+  }
   const text = document.createElement("div");
   text.className = "text";
   text.textContent = m.deleted ? "message deleted" : m.text;
   li.append(meta, text);
+  const buttons: HTMLButtonElement[] = [];
+  if (reply && isGenerating(m) && !m.superseded) buttons.push(smallButton("Stop", "stop", () => stopReply(m)));
+  if (offers.reload) buttons.push(smallButton("Reload", "reload", () => regenerate(RegenerateMode.RELOAD)));
+  if (offers.editRerun) buttons.push(smallButton("Edit & rerun", "edit-rerun", () => editAndRerun(m)));
+  if (buttons.length > 0) {
+    const actions = document.createElement("div");
+    actions.className = "actions";
+    actions.append(...buttons);
+    li.append(actions);
+  }
   return li;
 }
 
@@ -194,18 +290,45 @@ function pendingItem(p: Pending): HTMLLIElement {
   return li;
 }
 
+/**
+ * The open chat's latest reply (not superseded) if it can be regenerated
+ * (finished, and no reply of the chat is being written), and its prompt if
+ * that is ours: where Reload and Edit & rerun go.
+ */
+function rerunnable(state: OpenChat): { reply?: Message; prompt?: Message } {
+  let latest: Message | undefined;
+  for (const m of state.messages.values()) {
+    if (!isReply(m) || m.superseded) continue;
+    if (isGenerating(m)) return {};
+    if (!latest || m.seq > latest.seq) latest = m;
+  }
+  if (!latest) return {};
+  const prompt = state.messages.get(latest.replyToSeq);
+  return { reply: latest, prompt: prompt && prompt.authorId === me?.id && !prompt.deleted ? prompt : undefined };
+}
+
+const atBottomOf = (pane: HTMLElement) => pane.scrollHeight - pane.scrollTop - pane.clientHeight < 40;
+
 /** Redraws the open conversation; keeps the view at the bottom if it was there. */
 function renderMessages(scroll: "bottom" | "keep" | "auto" = "auto") {
   const pane = el("messages-pane");
-  const atBottom = pane.scrollHeight - pane.scrollTop - pane.clientHeight < 40;
+  const atBottom = atBottomOf(pane);
   const fromBottom = pane.scrollHeight - pane.scrollTop;
   const ol = el("messages");
   if (!open) {
     ol.replaceChildren();
+    el("history-toggle").hidden = true;
     return;
   }
-  const sent = new Set([...open.messages.values()].map((m) => m.id));
-  const items = [...open.messages.values()].sort((a, b) => (a.seq < b.seq ? -1 : 1)).map(messageItem);
+  const all = [...open.messages.values()];
+  const sent = new Set(all.map((m) => m.id));
+  // Where replies are (an assistant chat), offer the older versions a Regenerate replaced.
+  el("history-toggle").hidden = !(isBot(peers.get(open.id)) || all.some(isReply));
+  const { reply, prompt } = rerunnable(open);
+  const items = all
+    .filter((m) => showHistory || !m.superseded)
+    .sort((a, b) => (a.seq < b.seq ? -1 : 1))
+    .map((m) => messageItem(m, { reload: m === reply, editRerun: m === prompt }));
   for (const p of pending.values()) if (p.chatId === open.id && !sent.has(p.id)) items.push(pendingItem(p));
   ol.replaceChildren(...items);
   el("load-older").hidden = !open.olderToken;
@@ -265,10 +388,11 @@ async function openChat(chatId: string) {
   open = state;
   el("chat-title").textContent = chatName(chat);
   el("composer-form").hidden = false;
+  input("composer").placeholder = isBot(peers.get(chatId)) ? "Ask the assistant" : "Message";
   renderChatList();
   renderMessages("bottom");
   renderTyping();
-  const res = await api.messages.listMessages({ chatId, pageSize: PAGE_SIZE });
+  const res = await api.messages.listMessages({ chatId, pageSize: PAGE_SIZE, includeHistory: showHistory });
   if (open !== state) return;
   await ensureUsers(res.messages.map((m) => m.authorId));
   for (const m of res.messages) state.messages.set(m.seq, m);
@@ -283,7 +407,9 @@ async function loadOlder() {
   if (!state || !state.olderToken || state.loadingOlder) return;
   state.loadingOlder = true;
   try {
-    const res = await api.messages.listMessages({ chatId: state.id, pageSize: PAGE_SIZE, pageToken: state.olderToken });
+    const res = await api.messages.listMessages({
+      chatId: state.id, pageSize: PAGE_SIZE, pageToken: state.olderToken, includeHistory: showHistory,
+    });
     if (open !== state) return;
     await ensureUsers(res.messages.map((m) => m.authorId));
     for (const m of res.messages) state.messages.set(m.seq, m);
@@ -297,11 +423,11 @@ async function loadOlder() {
 /** The stream skipped seqs (after, before) of the open chat: read them from the store. */
 async function fillGap(chatId: string, after: bigint, before: bigint) {
   const res = await api.messages.listMessages({
-    chatId, afterSeq: after, beforeSeq: before, order: MessageOrder.ASC, pageSize: 200,
+    chatId, afterSeq: after, beforeSeq: before, order: MessageOrder.ASC, pageSize: 200, includeHistory: showHistory,
   });
   if (open?.id !== chatId) return;
   await ensureUsers(res.messages.map((m) => m.authorId));
-  for (const m of res.messages) open.messages.set(m.seq, m);
+  for (const m of res.messages) putMessage(open, m);
   renderMessages();
 }
 
@@ -330,7 +456,7 @@ async function send(p: Pending) {
       if (m) {
         const chat = chats.get(p.chatId);
         if (chat) notePreview(chat, m);
-        if (open?.id === p.chatId) open.messages.set(m.seq, m);
+        if (open?.id === p.chatId) putMessage(open, m);
       }
       renderChatList();
       renderMessages();
@@ -350,6 +476,100 @@ async function send(p: Pending) {
       return;
     }
   }
+}
+
+// ---------------------------------------------------------------- the assistant
+
+/** Opens the caller's chat with the assistant (made on first use), or says there is none. */
+async function openAssistant() {
+  const notice = el("assistant-notice");
+  let res;
+  try {
+    res = await api.assistant.getOrCreateAssistantChat({});
+  } catch (err) {
+    if (!api.isFailedPrecondition(err)) throw err;
+    notice.textContent = "The assistant is not available on this server.";
+    notice.title = api.describe(err);
+    notice.hidden = false;
+    return;
+  }
+  notice.hidden = true;
+  peers.set(res.chatId, res.assistantUserId);
+  await ensureUsers([res.assistantUserId]);
+  if (!chats.has(res.chatId)) await fetchChat(res.chatId);
+  await openChat(res.chatId);
+}
+
+/** Replaces the open chat's latest reply: RELOAD asks again, EDIT first edits its prompt to `text`. */
+async function regenerate(mode: RegenerateMode, text = "") {
+  const state = open;
+  if (!state) return;
+  const res = await api.assistant.regenerate({ chatId: state.id, mode, text });
+  if (open !== state) return;
+  for (const m of [res.prompt, res.reply]) if (m) putMessage(state, m);
+  // The stream says so too (a change of the old reply); hide it at once.
+  const old = [...state.messages.values()].find((m) => m.id === res.reply?.replacesMessageId);
+  if (old) old.superseded = true;
+  renderMessages("bottom");
+}
+
+async function editAndRerun(promptMessage: Message) {
+  const text = window.prompt("Edit your message; the assistant answers it again:", promptMessage.text)?.trim();
+  if (!text) return;
+  await regenerate(RegenerateMode.EDIT, text);
+}
+
+/** Re-reads what the open chat shows with include_history: the superseded replies among it. */
+async function loadOlderVersions() {
+  const state = open;
+  if (!state) return;
+  const seqs = [...state.messages.keys()];
+  if (seqs.length === 0) return;
+  const first = seqs.reduce((a, b) => (b < a ? b : a));
+  const last = seqs.reduce((a, b) => (b > a ? b : a));
+  let pageToken = "";
+  do {
+    const res = await api.messages.listMessages({
+      chatId: state.id, afterSeq: first - 1n, beforeSeq: last + 1n, order: MessageOrder.ASC, pageSize: 200,
+      pageToken, includeHistory: true,
+    });
+    if (open !== state) return;
+    await ensureUsers(res.messages.map((m) => m.authorId));
+    for (const m of res.messages) putMessage(state, m);
+    pageToken = res.nextPageToken;
+  } while (pageToken);
+  renderMessages("keep");
+}
+
+/** Stops a reply being written: it keeps its text so far and ends STOPPED. */
+async function stopReply(m: Message) {
+  const res = await api.assistant.stopGeneration({ messageId: m.id });
+  if (open?.id === m.chatId && res.reply) {
+    putMessage(open, res.reply);
+    renderMessages();
+  }
+}
+
+/**
+ * A piece of a reply being written: appended when it starts where the text
+ * we hold ends; a piece we hold already is ignored, and after a gap (we
+ * hold a checkpoint) the finished reply (message_edited) brings the rest.
+ */
+function applyDelta(chatId: string, d: MessageDelta) {
+  if (open?.id !== chatId) return;
+  const m = [...open.messages.values()].find((x) => x.id === d.messageId);
+  if (!m || !isGenerating(m)) return;
+  const held = utf8.encode(m.text).length;
+  const offset = Number(d.offset);
+  const piece = utf8.encode(d.text);
+  if (offset > held || offset + piece.length <= held) return;
+  m.text += fromUtf8.decode(piece.subarray(held - offset));
+  const pane = el("messages-pane");
+  const atBottom = atBottomOf(pane);
+  const text = el("messages").querySelector(`li[data-id="${CSS.escape(m.id)}"] .text`);
+  if (text) text.textContent = m.text;
+  else renderMessages();
+  if (atBottom) pane.scrollTop = pane.scrollHeight;
 }
 
 // ---------------------------------------------------------------- live events
@@ -388,6 +608,10 @@ function handleEvent(ev: StreamEventsResponse) {
     noteTyping(chatId, t.userId, t.until ? timestampDate(t.until).getTime() : 0);
     return;
   }
+  if (ev.event.case === "messageDelta") {
+    applyDelta(chatId, ev.event.value);
+    return;
+  }
   if (ev.changeSeq > 0n) {
     const had = lastChange.get(chatId);
     if (had !== undefined && ev.changeSeq <= had) return; // delivered already
@@ -401,7 +625,7 @@ function handleEvent(ev: StreamEventsResponse) {
         // A replay sends a message created and then changed while we were
         // away at its latest change, after newer ones: show it as it is.
         if (open?.id === chatId) {
-          open.messages.set(m.seq, m);
+          putMessage(open, m);
           void act(async () => {
             await ensureUsers([m.authorId]);
             renderMessages();
@@ -428,7 +652,7 @@ function handleEvent(ev: StreamEventsResponse) {
       // Their message ends their typing.
       if (typers.get(chatId)?.delete(m.authorId)) renderTyping();
       if (open?.id === chatId) {
-        open.messages.set(m.seq, m);
+        putMessage(open, m);
         void act(async () => {
           await ensureUsers([m.authorId]);
           renderMessages();
@@ -444,7 +668,7 @@ function handleEvent(ev: StreamEventsResponse) {
     case "messageDeleted": {
       const m = ev.event.value;
       if (open?.id === chatId && open.messages.has(m.seq)) {
-        open.messages.set(m.seq, m);
+        putMessage(open, m);
         renderMessages();
       }
       if (chat?.lastMessage?.seq === m.seq) {
@@ -572,6 +796,7 @@ function signOutLocally() {
   api.token.clear();
   me = null;
   for (const m of [users, chats, peers, lastSeq, lastChange, pending]) m.clear();
+  el("assistant-notice").hidden = true;
   closeChat();
   renderChatList();
   showAuth();
@@ -658,6 +883,13 @@ input("composer").addEventListener("input", () => {
   typingSent.set(chatId, now);
   // Best effort: a refused or failed indicator is not worth an error.
   api.messages.setTyping({ chatId, typing: true }).catch(() => {});
+});
+
+el("open-assistant").addEventListener("click", () => void act(openAssistant));
+
+input("show-history").addEventListener("change", () => {
+  showHistory = input("show-history").checked;
+  void act(showHistory ? loadOlderVersions : async () => renderMessages());
 });
 
 el("load-older").addEventListener("click", () => void act(loadOlder));

@@ -1,0 +1,183 @@
+// End-to-end test of the page's assistant chat: natter with its assistant on
+// natter-llm's scripted OpenAI-compatible server (every request streams the
+// same reply, a few characters every 40 ms), the built page from another
+// origin, one person in headless Chromium: a reply streams in, is reloaded,
+// stopped mid-stream, rerun with an edited prompt, and the replaced replies
+// are listed as older versions.
+//
+//   cargo build -p natter-llm --features testing --example scripted_llm
+//   npm run build && npm run test:e2e
+//
+// Environment: SCRIPTED_LLM_BIN (default target/debug/examples/scripted_llm
+// of this repo), and as e2e/harness.mjs: NATTER_BIN, CHROMIUM;
+// NATTER_UPDATE_SCREENSHOT=1 to refresh web/screenshot-assistant.png.
+import { after, before } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { once } from "node:events";
+import { existsSync } from "node:fs";
+import { copyFile, mkdir, mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import readline from "node:readline";
+import {
+  artifacts, chatItem, conversation, launchBrowser, newPerson, pageUrlOf, send, serveDist, signUp, startNatter,
+  stopNatter, story, waitForMessage, webDir,
+} from "./harness.mjs";
+
+const llmBin = process.env.SCRIPTED_LLM_BIN
+  ? path.resolve(process.env.SCRIPTED_LLM_BIN)
+  : path.resolve(webDir, "../target/debug/examples/scripted_llm");
+/** What the scripted server answers to everything. */
+const REPLY = "natter is a chat backend: gRPC services for sessions, chats, messages and this assistant.";
+const ada = { name: `ada-${Math.random().toString(36).slice(2, 8)}`, password: "analytical engine" };
+
+let llm; // { proc, url }
+let dataDir;
+let server;
+let staticServer;
+let browser;
+let page;
+const pageErrors = [];
+const tale = story(() => [["assistant-ada", page]]);
+const step = tale.step;
+
+/** Starts the scripted model server; it prints its base URL on its first line. */
+async function startScriptedLlm() {
+  if (!existsSync(llmBin)) {
+    throw new Error(
+      `scripted_llm not found at ${llmBin}: run \`cargo build -p natter-llm --features testing --example scripted_llm\` or set SCRIPTED_LLM_BIN`,
+    );
+  }
+  const proc = spawn(llmBin, [], { stdio: ["ignore", "pipe", "inherit"] });
+  const lines = readline.createInterface({ input: proc.stdout });
+  const [url] = await Promise.race([
+    once(lines, "line"),
+    once(proc, "exit").then(([code]) => { throw new Error(`scripted_llm exited (${code}) before printing its URL`); }),
+  ]);
+  return { proc, url: url.trim() };
+}
+
+// The page's parts this test looks at.
+const replies = () => page.locator("#messages .message.reply");
+const replyWith = (status) => page.locator(`#messages .message.reply[data-status="${status}"]`);
+const textOf = (locator) => locator.locator(".text").textContent();
+
+/** Waits for a reply being written that shows some text, and returns that text. */
+async function partialReply() {
+  const writing = replyWith("generating");
+  await writing.locator(".text", { hasText: /\S/ }).waitFor();
+  await writing.locator(".gen-status", { hasText: "writing…" }).waitFor();
+  return textOf(writing);
+}
+
+/** Asserts `text` is some but not all of the scripted reply. */
+function assertPartial(text, what) {
+  assert.ok(text.length > 0 && text.length < REPLY.length && REPLY.startsWith(text), `${what}: ${JSON.stringify(text)}`);
+}
+
+before(async () => {
+  llm = await startScriptedLlm();
+  dataDir = await mkdtemp(path.join(tmpdir(), "natter-e2e-assistant-"));
+  server = await startNatter(dataDir, 0, ["--assistant-base-url", llm.url]);
+  staticServer = await serveDist();
+  browser = await launchBrowser();
+});
+
+after(async () => {
+  await browser?.close().catch(() => {});
+  staticServer?.close();
+  await stopNatter(server);
+  llm?.proc.kill();
+  if (tale.failed && server) console.log(`natter log (last 40 lines):\n${server.log.slice(-40).join("\n")}`);
+  if (dataDir) await rm(dataDir, { recursive: true, force: true });
+});
+
+step("ada opens her assistant chat from the chat list", async () => {
+  page = await newPerson(browser, pageUrlOf(staticServer, server.port), "ada", pageErrors);
+  await signUp(page, ada);
+  await page.click("#open-assistant");
+  await page.locator("#chat-title", { hasText: "Assistant" }).waitFor();
+  await chatItem(page, "Assistant").locator(".bot").waitFor(); // the assistant is a bot
+  assert.equal(await page.getAttribute("#composer", "placeholder"), "Ask the assistant");
+  await page.locator("#history-toggle").waitFor();
+  assert.equal(await page.locator("#assistant-notice").isHidden(), true);
+});
+
+step("a prompt gets a reply that streams in and ends complete", async () => {
+  await send(page, "What is natter?");
+  // The reply starts empty; text while it is still being written came by message_delta.
+  assertPartial(await partialReply(), "the reply while it streams");
+  await mkdir(artifacts, { recursive: true });
+  await page.screenshot({ path: path.join(artifacts, "assistant-writing.png") });
+  await replyWith("complete").waitFor();
+  assert.equal(await textOf(replyWith("complete")), REPLY);
+  assert.equal(await replyWith("complete").locator(".gen-status").count(), 0, "no label on a complete reply");
+  await replyWith("complete").locator("[data-testid=reload]").waitFor();
+  await page.locator("#messages .message.mine [data-testid=edit-rerun]").waitFor();
+  await chatItem(page, "Assistant").locator(".chat-excerpt", { hasText: "natter is a chat backend" }).waitFor();
+});
+
+step("reload, then stop the new reply while it streams: it keeps its text so far", async () => {
+  await replyWith("complete").locator("[data-testid=reload]").click();
+  await partialReply();
+  assert.equal(await replies().count(), 1, "the replaced reply is hidden");
+  await replyWith("generating").locator("[data-testid=stop]").click();
+  const stopped = replyWith("stopped");
+  await stopped.locator(".gen-status", { hasText: "stopped" }).waitFor();
+  const text = await textOf(stopped);
+  assertPartial(text, "the stopped reply");
+  await page.waitForTimeout(300);
+  assert.equal(await textOf(stopped), text, "nothing is added after the stop");
+  assert.equal(await stopped.locator("[data-testid=stop]").count(), 0);
+  await stopped.locator("[data-testid=reload]").waitFor(); // the latest reply, finished
+});
+
+step("older versions: the first reply is listed as one", async () => {
+  await page.check("#show-history");
+  const older = page.locator("#messages .message.superseded");
+  await older.waitFor();
+  assert.equal(await older.count(), 1);
+  assert.equal(await textOf(older), REPLY);
+  await older.locator(".older", { hasText: "older version" }).waitFor();
+  assert.equal(await older.locator("button").count(), 0, "no actions on an older version");
+  const shown = await conversation(page);
+  assert.deepEqual(shown.map((m) => m.seq), [1, 2, 3]);
+  assert.equal(shown[0].text, "What is natter?");
+  assert.equal(await page.locator('#messages .message[data-seq="3"]').getAttribute("data-status"), "stopped");
+
+  await mkdir(artifacts, { recursive: true });
+  await page.screenshot({ path: path.join(artifacts, "assistant.png") });
+  if (process.env.NATTER_UPDATE_SCREENSHOT === "1") {
+    await copyFile(path.join(artifacts, "assistant.png"), path.join(webDir, "screenshot-assistant.png"));
+  }
+});
+
+step("edit & rerun: the prompt is edited and answered again", async () => {
+  page.once("dialog", (dialog) => dialog.accept("What is natter, in one line?"));
+  await page.click("#messages .message.mine [data-testid=edit-rerun]");
+  await waitForMessage(page, "What is natter, in one line?");
+  await page.locator('#messages .message[data-seq="1"] .meta', { hasText: "edited" }).waitFor();
+  await partialReply();
+  await page.locator("#messages .message.reply:not(.superseded)[data-status=complete]").waitFor();
+  assert.equal(await page.locator("#messages .message.superseded").count(), 2, "both replaced replies are older versions");
+  await page.uncheck("#show-history");
+  assert.equal(await replies().count(), 1);
+  assert.equal(await textOf(replies()), REPLY);
+});
+
+step("after a reload the chat shows the prompt and its latest reply", async () => {
+  await page.reload();
+  await page.locator("#me", { hasText: ada.name }).waitFor();
+  await chatItem(page, "Assistant").click();
+  await page.locator("#chat-title", { hasText: "Assistant" }).waitFor();
+  await replyWith("complete").waitFor();
+  assert.deepEqual(await conversation(page), [
+    { seq: 1, text: "What is natter, in one line?" },
+    { seq: 4, text: REPLY },
+  ]);
+});
+
+step("no uncaught errors in the page", () => {
+  assert.deepEqual(pageErrors, []);
+});

@@ -7,6 +7,7 @@ mod assistant;
 mod authz;
 mod chats;
 mod exposure;
+mod flags;
 mod fuzz;
 mod limits;
 mod manage;

@@ -597,11 +597,19 @@ impl Chats {
         message_page_size: u32,
     ) -> Result<(ChatView, Vec<mpb::Message>), ChatsError> {
         let access = self.readable(caller, chat_id).await?;
-        let messages = if message_page_size > 0 && access.chat.last_seq > 0 {
+        let mut messages = if message_page_size > 0 && access.chat.last_seq > 0 {
             self.messages.recent_messages(&access.chat.id.to_string(), message_page_size as i32).await?
         } else {
             Vec::new()
         };
+        // Injection flags only for a message's author and the chat's owner
+        // and admins (as ListMessages gives them).
+        if !access.role.is_some_and(|r| r.manages()) {
+            let me = caller.to_string();
+            for m in messages.iter_mut().filter(|m| m.author_id != me) {
+                m.flags = None;
+            }
+        }
         Ok((self.view(caller, access.chat).await?, messages))
     }
 

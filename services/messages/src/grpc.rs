@@ -92,9 +92,15 @@ pub fn list_request(r: &pb::ListMessagesRequest) -> Result<(ListMessages, u64), 
         }
     }
     let (before, after) = ((r.before_seq > 0).then_some(r.before_seq), (r.after_seq > 0).then_some(r.after_seq));
-    let fingerprint = paging::fingerprint(&[&chat_id.0, &before, &after, &ascending, &r.include_history]);
+    let fingerprint = paging::fingerprint(&[&chat_id.0, &before, &after, &ascending, &r.include_history, &r.flagged]);
     let from = paging::decode::<i64>("page_token", &r.page_token, fingerprint)?.map(Seq);
-    let range = Range { before: before.map(Seq), after: after.map(Seq), ascending, superseded: r.include_history };
+    let range = Range {
+        before: before.map(Seq),
+        after: after.map(Seq),
+        ascending,
+        superseded: r.include_history,
+        flagged: r.flagged,
+    };
     Ok((ListMessages { chat_id, range, from, page_size, include_history: r.include_history }, fingerprint))
 }
 
@@ -161,6 +167,13 @@ pub fn message_pb(m: Message, history: Vec<pb::Revision>) -> pb::Message {
         generation_status,
         replaces_message_id: replaces_message_id.unwrap_or_default(),
         superseded,
+        flags: m.flags.map(|f| pb::MessageFlags {
+            flagged: f.flagged(),
+            score: f32::from(f.score_millis) / 1000.0,
+            severity: f.severity,
+            categories: f.categories,
+            detector: f.detector,
+        }),
         generation: m.reply.and_then(|r| r.info).map(|i| pb::GenerationInfo {
             model: i.model,
             finish_reason: i.finish_reason,
@@ -942,6 +955,7 @@ mod tests {
             change_seq,
             create_change,
             reply: None,
+            flags: None,
         };
         let kind = |m, since| match replay_event(chat, Change::Message(m), since).event {
             Some(Event::MessageCreated(m)) => ("created", m.change_seq),

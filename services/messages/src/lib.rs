@@ -90,6 +90,21 @@ pub struct MessagesArgs {
     /// How long a typing indicator lasts unless renewed.
     #[arg(long, env = "NATTER_TYPING_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub typing_timeout: std::time::Duration,
+    /// Scan every message's text for prompt injection when it is sent or
+    /// edited (natter-detect, microseconds a message), storing the verdict
+    /// with it (`all`), or not at all (`off`).
+    #[arg(long, env = "NATTER_SCAN_MESSAGES", value_enum, default_value = "all")]
+    pub scan_messages: Scan,
+}
+
+/// Which messages the injection detector scans.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scan {
+    /// Every message sent or edited.
+    #[default]
+    All,
+    /// None.
+    Off,
 }
 
 impl Default for MessagesArgs {
@@ -108,6 +123,7 @@ impl Default for MessagesArgs {
             stream_open_rate: streams.open_rate,
             typing_rate: Rate::parse("60/1m").expect("valid rate"),
             typing_timeout: std::time::Duration::from_secs(5),
+            scan_messages: Scan::All,
         }
     }
 }

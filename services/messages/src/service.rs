@@ -19,8 +19,8 @@ use crate::error::MessagesError;
 use crate::grpc;
 use crate::registry::StreamLimits;
 use crate::store::{
-    ChatChange, Edited, Generation, GenerationInfo, Message, MessageStore, NewMessage, NewReply, Range, ReadState,
-    Revision, Sent, Seq, Started, Summary,
+    ChatChange, Edited, Flags, Generation, GenerationInfo, Message, MessageStore, NewMessage, NewReply, Range,
+    ReadState, Revision, Sent, Seq, Started, Summary,
 };
 use crate::stream::Resume;
 use crate::writer::Writer;
@@ -46,6 +46,8 @@ pub struct Messages {
     typing_rate: RateLimiter<UserId>,
     /// How long an indicator lasts unless renewed.
     typing_timeout: std::time::Duration,
+    /// The prompt-injection detector (None: scanning off).
+    detector: Option<natter_detect::Detector>,
 }
 
 impl Messages {
@@ -70,6 +72,7 @@ impl Messages {
             edit_rate: RateLimiter::new("message edits", args.edit_message_rate),
             typing_rate: RateLimiter::new("typing indicators", args.typing_rate),
             typing_timeout: args.typing_timeout,
+            detector: (args.scan_messages == crate::Scan::All).then(natter_detect::Detector::default),
         }
     }
 
@@ -157,6 +160,18 @@ impl Messages {
         }
     }
 
+    /// The injection detector's verdict on `text` (None: scanning off).
+    fn flags_of(&self, text: &str) -> Option<Flags> {
+        let verdict = self.detector.as_ref()?.scan(text);
+        Some(Flags {
+            // natter.messages.v1.Severity: NONE is 1.
+            severity: verdict.severity as i32 + 1,
+            score_millis: (verdict.score.clamp(0.0, 1.0) * 1000.0).round() as u16,
+            categories: verdict.categories.iter().map(|c| c.as_str().to_owned()).collect(),
+            detector: natter_detect::DETECTOR.to_owned(),
+        })
+    }
+
     /// SendMessage: commits the message with the chat's next seq, announces
     /// it, and records the chat's activity. A retry with the same
     /// message_id returns the original.
@@ -186,6 +201,7 @@ impl Messages {
             attachments: req.attachments.clone(),
             reply_to: req.reply_to,
             send_time: now_micros(),
+            flags: self.flags_of(&req.text),
         };
         let id = new.id;
         let message = match self.writer.send(new).await? {
@@ -226,9 +242,10 @@ impl Messages {
         Ok((message, membership))
     }
 
-    /// GetMessage.
+    /// GetMessage (flags only for the author, the owner and admins).
     pub async fn get(&self, caller: UserId, message_id: MessageId) -> Result<Message, MessagesError> {
-        Ok(self.message_for(caller, message_id, false).await?.0)
+        let (message, membership) = self.message_for(caller, message_id, false).await?;
+        Ok(flags_for(message, caller, manages(&membership)))
     }
 
     /// EditMessage (author only): keeps every earlier revision, up to
@@ -245,11 +262,13 @@ impl Messages {
         if membership.archived {
             return Err(MessagesError::Precondition("chat is archived"));
         }
-        let edited = match self.store.edit(message.id, &req.text, now_micros(), self.limits.edits).await? {
-            Edited::Done(message) => message,
-            Edited::Deleted => return Err(MessagesError::Precondition("message is deleted")),
-            Edited::TooManyEdits => return Err(MessagesError::TooManyEdits(self.limits.edits)),
-        };
+        let flags = self.flags_of(&req.text);
+        let edited =
+            match self.store.edit(message.id, &req.text, flags.as_ref(), now_micros(), self.limits.edits).await? {
+                Edited::Done(message) => message,
+                Edited::Deleted => return Err(MessagesError::Precondition("message is deleted")),
+                Edited::TooManyEdits => return Err(MessagesError::TooManyEdits(self.limits.edits)),
+            };
         self.bus.publish(
             Topic::Chat(edited.chat_id.0),
             Arc::new(BusEvent::new(edited.chat_id, grpc::edited_event(edited.clone()))),
@@ -316,8 +335,15 @@ impl Messages {
         caller: UserId,
         req: ListMessages,
     ) -> Result<(Vec<WithHistory>, Option<Seq>), MessagesError> {
-        self.readable(req.chat_id, caller).await?;
-        let mut messages = self.store.list(req.chat_id, req.range, req.from, req.page_size + 1).await?;
+        let membership = self.readable(req.chat_id, caller).await?;
+        let manager = manages(&membership);
+        if req.range.flagged && !manager {
+            return Err(MessagesError::Denied("only the chat's owner and admins may list its flagged messages"));
+        }
+        let mut messages: Vec<Message> = (self.store.list(req.chat_id, req.range, req.from, req.page_size + 1).await?)
+            .into_iter()
+            .map(|m| flags_for(m, caller, manager))
+            .collect();
         let next = if messages.len() > req.page_size as usize {
             messages.truncate(req.page_size as usize);
             messages.last().map(|m| m.seq)
@@ -556,6 +582,20 @@ impl Messages {
     pub async fn stale_replies(&self, before: i64, limit: u32) -> Result<Vec<Message>, MessagesError> {
         Ok(self.store.stale_replies(before, limit).await?)
     }
+}
+
+/// True for a chat's owner and admins.
+fn manages(membership: &cpb::CheckMembershipResponse) -> bool {
+    membership.role == cpb::MemberRole::Owner as i32 || membership.role == cpb::MemberRole::Admin as i32
+}
+
+/// `message` as `viewer` may see it: its injection flags only for its
+/// author and (`manager`) the chat's owner and admins.
+pub(crate) fn flags_for(mut message: Message, viewer: UserId, manager: bool) -> Message {
+    if message.author_id != viewer && !manager {
+        message.flags = None;
+    }
+    message
 }
 
 /// The answer to a retried send: the original message if it is the caller's

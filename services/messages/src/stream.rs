@@ -157,6 +157,11 @@ pub async fn open(
     tracing::debug!(user_id = %user, chats = chats.len(), replay = refills.len(), "stream opened");
 
     let token = follow.token;
+    // Injection flags go to a message's author only (a bot's stream, which
+    // has no session to check, sees every verdict: the assistant's policy
+    // needs them); owners and admins read them with ListMessages.
+    let every_flag = auth.is_none();
+    let user_id = user.to_string();
     // The stream ends when its session expires, as a new call would fail then.
     let left = follow.principal.expire_micros.saturating_sub(natter_kit::time::now_micros()).max(0);
     let expires = tokio::time::Instant::now()
@@ -233,7 +238,25 @@ pub async fn open(
             }
         }
     };
-    Ok(Box::pin(stream.map(|item: Result<pb::StreamEventsResponse, Status>| item)))
+    Ok(Box::pin(stream.map(move |item: Result<pb::StreamEventsResponse, Status>| {
+        item.map(|mut event| {
+            if !every_flag {
+                hide_flags(&mut event, &user_id);
+            }
+            event
+        })
+    })))
+}
+
+/// Drops the injection flags of the message `event` carries unless `user`
+/// (an id) wrote it.
+fn hide_flags(event: &mut pb::StreamEventsResponse, user: &str) {
+    if let Some(Event::MessageCreated(m) | Event::MessageEdited(m) | Event::MessageDeleted(m)) = &mut event.event
+        && m.flags.is_some()
+        && m.author_id != user
+    {
+        m.flags = None;
+    }
 }
 
 /// What woke a stream up.

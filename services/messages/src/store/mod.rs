@@ -70,14 +70,60 @@ pub(crate) use unread_count_sql;
 macro_rules! message_columns {
     () => {
         "id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time, \
-         change_seq, create_change, role, generation, replaces_id, superseded, generation_info, stop_requested"
+         change_seq, create_change, role, generation, replaces_id, superseded, generation_info, stop_requested, \
+         flag_severity, flags"
     };
 }
 pub(crate) use message_columns;
 
 /// How many columns [`message_columns!`] names: the index of the first
 /// column a query selects after them.
-pub(crate) const MESSAGE_COLUMNS: usize = 19;
+pub(crate) const MESSAGE_COLUMNS: usize = 21;
+
+/// `flag_severity` of a flagged message: LOW or more.
+pub const FLAGGED_FROM: i32 = 2;
+
+/// The prompt-injection detector's verdict on a message's text, as stored
+/// (`flag_severity`, and `flags` as JSON).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Flags {
+    /// natter.messages.v1.Severity: 1 none, 2 low, 3 medium, 4 high, 5
+    /// critical (0: not scanned).
+    #[serde(skip)]
+    pub severity: i32,
+    /// The score in thousandths (0..=1000).
+    #[serde(default)]
+    pub score_millis: u16,
+    #[serde(default)]
+    pub categories: Vec<String>,
+    #[serde(default)]
+    pub detector: String,
+}
+
+impl Flags {
+    /// True from LOW up.
+    pub fn flagged(&self) -> bool {
+        self.severity >= FLAGGED_FROM
+    }
+
+    /// The flags of the stored columns (None: not scanned).
+    pub(crate) fn of_columns(severity: i64, json: &str) -> Option<Box<Flags>> {
+        if severity <= 0 {
+            return None;
+        }
+        let mut flags: Flags = serde_json::from_str(json).unwrap_or_default();
+        flags.severity = i32::try_from(severity).unwrap_or(0);
+        Some(Box::new(flags))
+    }
+
+    /// The stored columns of `flags` (0 and '' for none).
+    pub(crate) fn columns(flags: Option<&Flags>) -> (i32, String) {
+        match flags {
+            Some(f) => (f.severity, serde_json::to_string(f).expect("flags serialize")),
+            None => (0, String::new()),
+        }
+    }
+}
 
 /// Who a message speaks for (`messages.role`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -206,6 +252,8 @@ pub struct Message {
     /// Set for an assistant's reply ([`Role::Assistant`]); boxed, as most
     /// messages are no reply.
     pub reply: Option<Box<Reply>>,
+    /// The injection detector's verdict (None: not scanned, or deleted).
+    pub flags: Option<Box<Flags>>,
 }
 
 /// What an assistant's reply has besides a message's fields.
@@ -289,6 +337,8 @@ pub struct NewMessage {
     pub reply_to: Option<Seq>,
     /// µs since the Unix epoch.
     pub send_time: i64,
+    /// The injection detector's verdict on `text` (None: not scanned).
+    pub flags: Option<Flags>,
 }
 
 impl NewMessage {
@@ -309,6 +359,7 @@ impl NewMessage {
             change_seq: change,
             create_change: change,
             reply: None,
+            flags: self.flags.map(Box::new),
         }
     }
 }
@@ -404,6 +455,8 @@ pub struct Range {
     pub ascending: bool,
     /// List superseded replies too (else their seqs are skipped).
     pub superseded: bool,
+    /// Only flagged messages.
+    pub flagged: bool,
 }
 
 /// A user's read position in a chat and what is left unread after it.
@@ -598,12 +651,21 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// The message with this id, live or a tombstone.
     async fn message(&self, id: MessageId) -> Result<Option<Message>, StoreError>;
 
-    /// Replaces a live message's text, keeping the old one as a revision,
-    /// unless it was edited `max_edits` times already; `now` in µs.
-    async fn edit(&self, id: MessageId, text: &str, now: i64, max_edits: usize) -> Result<Edited, StoreError>;
+    /// Replaces a live message's text (and its flags, the detector's verdict
+    /// on the new text), keeping the old text as a revision, unless it was
+    /// edited `max_edits` times already; `now` in µs.
+    async fn edit(
+        &self,
+        id: MessageId,
+        text: &str,
+        flags: Option<&Flags>,
+        now: i64,
+        max_edits: usize,
+    ) -> Result<Edited, StoreError>;
 
     /// Turns a message into a tombstone at `now` (µs): seq stays, text,
-    /// attachments and earlier revisions go; a tombstone stays as it is.
+    /// attachments, flags and earlier revisions go; a tombstone stays as it
+    /// is.
     /// Returns the message after the call (None: no such message).
     async fn delete(&self, id: MessageId, now: i64) -> Result<Option<Message>, StoreError>;
 
@@ -770,6 +832,9 @@ fn list_sql(range: Range, from: Option<Seq>, limit: u32) -> (String, Vec<i64>) {
     }
     if !range.superseded {
         sql.push_str(" AND superseded = 0");
+    }
+    if range.flagged {
+        sql.push_str(&format!(" AND flag_severity >= {FLAGGED_FROM}"));
     }
     let order = if range.ascending { "ASC" } else { "DESC" };
     sql.push_str(&format!(" ORDER BY seq {order} LIMIT {limit}"));

@@ -23,7 +23,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row as _};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finished, Generation, GenerationInfo, Heads, Logged,
+    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finished, Flags, Generation, GenerationInfo, Heads, Logged,
     MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, Range, ReadState, Reply, Revision, Sent, Seq,
     Started, StoreError, Summary, chat_change_of, chat_change_row, list_sql, merge_changes, message_columns, parse_id,
     unread_count_sql,
@@ -52,11 +52,12 @@ const INSERT_BATCH: &str = "WITH heads AS ( \
        RETURNING chat_id, last_seq, last_change), \
      inserted AS ( \
        INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
-                             revision, delete_time, change_seq, create_change) \
+                             revision, delete_time, change_seq, create_change, flag_severity, flags) \
        SELECT i.id, i.chat_id, h.last_seq - c.n + i.k, i.author_id, i.text, i.attachments, i.reply, i.send_time, \
-              NULL, 1, NULL, h.last_change - c.n + i.k, h.last_change - c.n + i.k \
-       FROM UNNEST($3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[]) \
-            AS i (id, chat_id, k, author_id, text, attachments, reply, send_time) \
+              NULL, 1, NULL, h.last_change - c.n + i.k, h.last_change - c.n + i.k, i.flag_severity, i.flags \
+       FROM UNNEST($3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], \
+                   $11::int[], $12::text[]) \
+            AS i (id, chat_id, k, author_id, text, attachments, reply, send_time, flag_severity, flags) \
        JOIN heads h ON h.chat_id = i.chat_id \
        JOIN UNNEST($1::text[], $2::bigint[]) AS c (chat_id, n) ON c.chat_id = i.chat_id) \
      SELECT chat_id, last_seq, last_change FROM heads";
@@ -243,6 +244,8 @@ impl PostgresStore {
                 .bind(pick(&|i| encode_attachments(&batch[i].attachments)))
                 .bind(positions.iter().map(|(i, _)| replies[*i]).collect::<Vec<i64>>())
                 .bind(positions.iter().map(|(i, _)| batch[*i].send_time).collect::<Vec<i64>>())
+                .bind(positions.iter().map(|(i, _)| Flags::columns(batch[*i].flags.as_ref()).0).collect::<Vec<i32>>())
+                .bind(pick(&|i| Flags::columns(batch[i].flags.as_ref()).1))
                 .fetch_all(&self.pool)
                 .await?;
             let heads: std::collections::HashMap<String, (i64, i64)> =
@@ -292,6 +295,7 @@ fn message_row(row: &PgRow) -> Result<Message, StoreError> {
             row.try_get::<i32, _>(18)? != 0,
         )
         .map_err(StoreError::Corrupt)?,
+        flags: Flags::of_columns(row.try_get::<i32, _>(19)?.into(), row.try_get(20)?),
     })
 }
 
@@ -328,8 +332,16 @@ impl MessageStore for PostgresStore {
         row.as_ref().map(message_row).transpose()
     }
 
-    async fn edit(&self, id: MessageId, text: &str, now: i64, max_edits: usize) -> Result<Edited, StoreError> {
+    async fn edit(
+        &self,
+        id: MessageId,
+        text: &str,
+        flags: Option<&Flags>,
+        now: i64,
+        max_edits: usize,
+    ) -> Result<Edited, StoreError> {
         let id = id.to_string();
+        let (flag_severity, flags) = Flags::columns(flags);
         let mut tx = self.pool.begin().await?;
         // Lock the row first so concurrent edits queue, each keeps the text
         // it replaces and sees the revision count the others left.
@@ -353,14 +365,16 @@ impl MessageStore for PostgresStore {
         // Lock order everywhere: a message row, then its chat's heads.
         let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
         let row = sqlx::query(concat!(
-            "UPDATE messages SET text = $1, revision = revision + 1, edit_time = $2, change_seq = $4 WHERE id = $3 \
-             RETURNING ",
+            "UPDATE messages SET text = $1, revision = revision + 1, edit_time = $2, change_seq = $4, \
+             flag_severity = $5, flags = $6 WHERE id = $3 RETURNING ",
             message_columns!()
         ))
         .bind(text)
         .bind(now)
         .bind(&id)
         .bind(change)
+        .bind(flag_severity)
+        .bind(flags)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -380,11 +394,14 @@ impl MessageStore for PostgresStore {
         .await?;
         if let Some((chat,)) = live {
             let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
-            sqlx::query("UPDATE messages SET text = '', attachments = '', change_seq = $2 WHERE id = $1")
-                .bind(&id)
-                .bind(change)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE messages SET text = '', attachments = '', change_seq = $2, flag_severity = 0, flags = '' \
+                 WHERE id = $1",
+            )
+            .bind(&id)
+            .bind(change)
+            .execute(&mut *tx)
+            .await?;
             sqlx::query("DELETE FROM message_revisions WHERE message_id = $1").bind(&id).execute(&mut *tx).await?;
         }
         let row = sqlx::query(MESSAGE_BY_ID).bind(&id).fetch_optional(&mut *tx).await?;

@@ -18,10 +18,10 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, params};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finished, Generation, GenerationInfo, Heads, Logged, Message,
-    MessageStore, NewMessage, NewReply, RECENT_ACTIVITY_ROWS, Range, ReadState, Reply, Revision, Sent, Seq, Started,
-    StoreError, Summary, chat_change_of, chat_change_row, created_after_bounds, first_seq_created_after, list_sql,
-    merge_changes, message_columns, unread_count_sql,
+    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finished, Flags, Generation, GenerationInfo, Heads, Logged,
+    Message, MessageStore, NewMessage, NewReply, RECENT_ACTIVITY_ROWS, Range, ReadState, Reply, Revision, Sent, Seq,
+    Started, StoreError, Summary, chat_change_of, chat_change_row, created_after_bounds, first_seq_created_after,
+    list_sql, merge_changes, message_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -88,6 +88,7 @@ fn message_row(row: &Row<'_>) -> rusqlite::Result<Message> {
             row.get(18)?,
         )
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(15, Type::Text, e.into()))?,
+        flags: Flags::of_columns(row.get(19)?, row.get_ref(20)?.as_str()?),
     })
 }
 
@@ -135,8 +136,8 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
         // index twice.
         let mut insert = tx.prepare_cached(
             "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
-             revision, delete_time, change_seq, create_change) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, 1, NULL, ?9, ?9) ON CONFLICT (id) DO NOTHING",
+             revision, delete_time, change_seq, create_change, flag_severity, flags) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, 1, NULL, ?9, ?9, ?10, ?11) ON CONFLICT (id) DO NOTHING",
         )?;
         // chat -> (its id as text, last seq, last change number).
         let mut heads: HashMap<ChatId, (String, i64, i64)> = HashMap::new();
@@ -156,6 +157,7 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
                 }
             };
             let (seq, next_change) = (*head + 1, *change + 1);
+            let (flag_severity, flags) = Flags::columns(m.flags.as_ref());
             let inserted = insert.execute(params![
                 m.id.to_string(),
                 chat.as_str(),
@@ -165,7 +167,9 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
                 encode_attachments(&m.attachments),
                 m.reply_to.map_or(0, |s| s.0),
                 m.send_time,
-                next_change
+                next_change,
+                flag_severity,
+                flags
             ])?;
             if inserted == 0 {
                 outcomes.push(Sent::Duplicate);
@@ -187,7 +191,14 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
 }
 
 /// Edits one message in one transaction (see [`MessageStore::edit`]).
-fn edit(conn: &mut Connection, id: &str, text: &str, now: i64, max_edits: usize) -> rusqlite::Result<Edited> {
+fn edit(
+    conn: &mut Connection,
+    id: &str,
+    text: &str,
+    (flag_severity, flags): (i32, String),
+    now: i64,
+    max_edits: usize,
+) -> rusqlite::Result<Edited> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let live: Option<(i64, String)> = tx
         .prepare_cached("SELECT revision, chat_id FROM messages WHERE id = ?1 AND delete_time IS NULL")?
@@ -205,11 +216,11 @@ fn edit(conn: &mut Connection, id: &str, text: &str, now: i64, max_edits: usize)
     let change = next_change(&tx, &chat)?;
     let message = tx
         .prepare_cached(concat!(
-            "UPDATE messages SET text = ?1, revision = revision + 1, edit_time = ?2, change_seq = ?4 WHERE id = ?3 \
-             RETURNING ",
+            "UPDATE messages SET text = ?1, revision = revision + 1, edit_time = ?2, change_seq = ?4, \
+             flag_severity = ?5, flags = ?6 WHERE id = ?3 RETURNING ",
             message_columns!()
         ))?
-        .query_row(params![text, now, id, change], message_row)?;
+        .query_row(params![text, now, id, change, flag_severity, flags], message_row)?;
     tx.commit()?;
     Ok(Edited::Done(message))
 }
@@ -224,7 +235,8 @@ fn delete(conn: &mut Connection, id: &str, now: i64) -> rusqlite::Result<Option<
     if let Some(chat) = live {
         let change = next_change(&tx, &chat)?;
         tx.prepare_cached(
-            "UPDATE messages SET text = '', attachments = '', delete_time = ?1, change_seq = ?3 WHERE id = ?2",
+            "UPDATE messages SET text = '', attachments = '', delete_time = ?1, change_seq = ?3, flag_severity = 0, \
+             flags = '' WHERE id = ?2",
         )?
         .execute(params![now, id, change])?;
         tx.prepare_cached("DELETE FROM message_revisions WHERE message_id = ?1")?.execute([id])?;
@@ -446,9 +458,16 @@ impl MessageStore for SqliteStore {
             .await?)
     }
 
-    async fn edit(&self, id: MessageId, text: &str, now: i64, max_edits: usize) -> Result<Edited, StoreError> {
-        let (id, text) = (id.to_string(), text.to_owned());
-        Ok(self.db.write(move |conn| edit(conn, &id, &text, now, max_edits)).await?)
+    async fn edit(
+        &self,
+        id: MessageId,
+        text: &str,
+        flags: Option<&Flags>,
+        now: i64,
+        max_edits: usize,
+    ) -> Result<Edited, StoreError> {
+        let (id, text, flags) = (id.to_string(), text.to_owned(), Flags::columns(flags));
+        Ok(self.db.write(move |conn| edit(conn, &id, &text, flags, now, max_edits)).await?)
     }
 
     async fn delete(&self, id: MessageId, now: i64) -> Result<Option<Message>, StoreError> {

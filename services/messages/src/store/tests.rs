@@ -71,6 +71,7 @@ macro_rules! message_store_suite {
 }
 
 message_store_suite!(
+    flags_are_stored_replaced_on_edit_cleared_on_delete_and_filter_a_listing,
     a_reply_takes_the_next_seq_streams_by_checkpoints_and_finishes_as_a_change,
     a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it,
     stale_replies_are_those_whose_checkpoint_is_old,
@@ -117,6 +118,7 @@ fn msg(n: u32, c: u8, reply_to: i64) -> NewMessage {
         attachments: Vec::new(),
         reply_to: Some(Seq(reply_to)).filter(|s| s.0 > 0),
         send_time: 1_000 + i64::from(n),
+        flags: None,
     }
 }
 
@@ -268,9 +270,10 @@ async fn history_pages_both_ways(h: &Harness) {
     let before = Range { before: Some(Seq(5)), ..desc };
     assert_eq!(page(before, None, 2).await, [4, 3]);
     assert_eq!(page(before, Some(3), 10).await, [2, 1]);
-    let after = Range { after: Some(Seq(7)), ascending: true, before: None, superseded: false };
+    let after = Range { after: Some(Seq(7)), ascending: true, before: None, superseded: false, flagged: false };
     assert_eq!(page(after, None, 10).await, [8, 9, 10]);
-    let between = Range { after: Some(Seq(2)), before: Some(Seq(6)), ascending: false, superseded: false };
+    let between =
+        Range { after: Some(Seq(2)), before: Some(Seq(6)), ascending: false, superseded: false, flagged: false };
     assert_eq!(page(between, None, 10).await, [5, 4, 3]);
     assert_eq!(page(Range { ascending: true, ..between }, Some(3), 1).await, [4]);
     assert!(h.store.list(chat(2), desc, None, 10).await.unwrap().is_empty());
@@ -301,12 +304,12 @@ async fn unread_counts_skip_own_and_deleted_messages_up_to_the_cap(h: &Harness) 
 async fn edits_keep_revisions_up_to_the_cap(h: &Harness) {
     send(h, &[msg(1, 1, 0), msg(2, 1, 0)]).await;
     for (n, text) in ["second", "third"].into_iter().enumerate() {
-        let Edited::Done(m) = h.store.edit(id(1), text, 2_000 + n as i64, 2).await.unwrap() else {
+        let Edited::Done(m) = h.store.edit(id(1), text, None, 2_000 + n as i64, 2).await.unwrap() else {
             panic!("edit {n} refused")
         };
         assert_eq!((m.text.as_str(), m.revision, m.edit_time), (text, n as i64 + 2, Some(2_000 + n as i64)));
     }
-    assert_eq!(h.store.edit(id(1), "fourth", 3_000, 2).await.unwrap(), Edited::TooManyEdits);
+    assert_eq!(h.store.edit(id(1), "fourth", None, 3_000, 2).await.unwrap(), Edited::TooManyEdits);
     let now = h.store.message(id(1)).await.unwrap().unwrap();
     assert_eq!((now.text.as_str(), now.revision), ("third", 3));
 
@@ -318,24 +321,24 @@ async fn edits_keep_revisions_up_to_the_cap(h: &Harness) {
     assert!(h.store.revisions_after(id(1), 2, 10).await.unwrap().is_empty());
 
     send(h, &[msg(3, 1, 0)]).await;
-    h.store.edit(id(3), "edited", 4_000, 5).await.unwrap();
+    h.store.edit(id(3), "edited", None, 4_000, 5).await.unwrap();
     let all: Vec<(MessageId, i64)> =
         h.store.revisions(&[id(3), id(1), id(2)]).await.unwrap().iter().map(|r| (r.message_id, r.revision)).collect();
     assert_eq!(all, [(id(1), 1), (id(1), 2), (id(3), 1)]);
     assert!(h.store.revisions(&[]).await.unwrap().is_empty());
-    assert_eq!(h.store.edit(id(42), "x", 1, 5).await.unwrap(), Edited::Deleted, "no such message");
+    assert_eq!(h.store.edit(id(42), "x", None, 1, 5).await.unwrap(), Edited::Deleted, "no such message");
 }
 
 async fn a_delete_leaves_a_tombstone(h: &Harness) {
     let image =
         Attachment { url: "https://x/y".into(), mime_type: "image/png".into(), width: 1, height: 1, size_bytes: 1 };
     send(h, &[NewMessage { attachments: vec![image], ..msg(1, 1, 0) }, msg(2, 1, 0)]).await;
-    h.store.edit(id(1), "edited", 2_000, 5).await.unwrap();
+    h.store.edit(id(1), "edited", None, 2_000, 5).await.unwrap();
     let gone = h.store.delete(id(1), 3_000).await.unwrap().unwrap();
     assert_eq!((gone.seq, gone.text.as_str(), gone.attachments.len(), gone.delete_time), (Seq(1), "", 0, Some(3_000)));
     assert!(gone.deleted());
     assert!(h.store.revisions_after(id(1), 0, 10).await.unwrap().is_empty(), "earlier revisions go too");
-    assert_eq!(h.store.edit(id(1), "again", 4_000, 5).await.unwrap(), Edited::Deleted);
+    assert_eq!(h.store.edit(id(1), "again", None, 4_000, 5).await.unwrap(), Edited::Deleted);
     let again = h.store.delete(id(1), 5_000).await.unwrap().unwrap();
     assert_eq!(again.delete_time, Some(3_000), "a tombstone stays as it is");
     assert_eq!(stored(h, 1).await, [(1, id(1)), (2, id(2))], "the seq stays");
@@ -393,12 +396,14 @@ fn numbers(page: &[Change]) -> Vec<i64> {
 async fn every_change_takes_the_next_change_number(h: &Harness) {
     assert_eq!(h.store.heads(chat(1)).await.unwrap(), Heads::default());
     send(h, &[by(msg(1, 1, 0), 2), by(msg(2, 1, 0), 2)]).await;
-    let Edited::Done(edited) = h.store.edit(id(1), "edited", 2_000, 5).await.unwrap() else { panic!("edit refused") };
+    let Edited::Done(edited) = h.store.edit(id(1), "edited", None, 2_000, 5).await.unwrap() else {
+        panic!("edit refused")
+    };
     assert_eq!((edited.change_seq, edited.create_change), (3, 1));
     let deleted = h.store.delete(id(2), 3_000).await.unwrap().unwrap();
     assert_eq!((deleted.change_seq, deleted.create_change), (4, 2));
     assert_eq!(h.store.delete(id(2), 3_500).await.unwrap().unwrap().change_seq, 4, "a tombstone takes none");
-    assert_eq!(h.store.edit(id(2), "x", 3_600, 5).await.unwrap(), Edited::Deleted);
+    assert_eq!(h.store.edit(id(2), "x", None, 3_600, 5).await.unwrap(), Edited::Deleted);
     assert_eq!(h.store.mark_read(chat(1), user(1), Seq(2)).await.unwrap().change_seq, Some(5));
     let logged = h
         .store
@@ -466,7 +471,7 @@ async fn concurrent_changes_take_gap_free_numbers(h: &Harness) {
                 let Sent::Created(m) = &out[0] else { panic!("not created: {out:?}") };
                 taken.push(m.change_seq);
                 match r % 4 {
-                    0 => match store.edit(id(n), "edited", 5_000, 10).await.unwrap() {
+                    0 => match store.edit(id(n), "edited", None, 5_000, 10).await.unwrap() {
                         Edited::Done(m) => taken.push(m.change_seq),
                         other => panic!("edit: {other:?}"),
                     },
@@ -567,7 +572,7 @@ async fn recent_activity_lists_the_newest_message_of_recent_chats(h: &Harness) {
 
 async fn purging_a_chat_removes_all_of_it(h: &Harness) {
     send(h, &[by(msg(1, 1, 0), 2), msg(2, 1, 0), msg(3, 2, 0)]).await;
-    h.store.edit(id(1), "edited", 2_000, 5).await.unwrap();
+    h.store.edit(id(1), "edited", None, 2_000, 5).await.unwrap();
     h.store.mark_read(chat(1), user(1), Seq(1)).await.unwrap();
     h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(4))], 2_500, "k").await.unwrap();
     h.store.purge_chat(chat(1)).await.unwrap();
@@ -705,4 +710,28 @@ async fn read_positions_are_read_in_order(h: &Harness) {
     h.store.mark_read(chat(2), user(1), Seq(1)).await.unwrap();
     let positions = h.store.read_positions(user(1), &[chat(2), chat(7), chat(1)]).await.unwrap();
     assert_eq!(positions, [Seq(1), Seq::ZERO, Seq(3)]);
+}
+
+fn flags(severity: i32, category: &str) -> Flags {
+    Flags { severity, score_millis: 750, categories: vec![category.into()], detector: "test-rules".into() }
+}
+
+async fn flags_are_stored_replaced_on_edit_cleared_on_delete_and_filter_a_listing(h: &Harness) {
+    let flagged = NewMessage { flags: Some(flags(4, "instruction_override")), ..msg(1, 1, 0) };
+    let benign = NewMessage { flags: Some(flags(1, "")), ..msg(2, 1, 0) };
+    let unscanned = msg(3, 1, 0);
+    send(h, &[flagged, benign, unscanned, NewMessage { flags: Some(flags(2, "prompt_leak")), ..msg(4, 1, 0) }]).await;
+    let stored = h.store.message(id(1)).await.unwrap().unwrap();
+    assert_eq!(stored.flags.as_deref(), Some(&flags(4, "instruction_override")));
+    assert!(stored.flags.unwrap().flagged());
+    assert_eq!(h.store.message(id(3)).await.unwrap().unwrap().flags, None, "not scanned");
+    let only_flagged = Range { ascending: true, flagged: true, ..Range::default() };
+    let seqs = |ms: Vec<Message>| ms.into_iter().map(|m| m.seq.0).collect::<Vec<_>>();
+    assert_eq!(seqs(h.store.list(chat(1), only_flagged, None, 10).await.unwrap()), [1, 4]);
+    // An edit carries the new text's verdict; a delete clears it.
+    h.store.edit(id(1), "fine now", Some(&flags(1, "")), 2_000, 10).await.unwrap();
+    h.store.delete(id(4), 3_000).await.unwrap();
+    assert_eq!(h.store.message(id(4)).await.unwrap().unwrap().flags, None);
+    assert!(h.store.list(chat(1), only_flagged, None, 10).await.unwrap().is_empty());
+    assert_eq!(h.store.message(id(1)).await.unwrap().unwrap().flags.as_deref(), Some(&flags(1, "")));
 }

@@ -127,6 +127,20 @@ async fn call(c: &Cluster, p: &People, f: &Fixture, rpc: &str, token: Option<&st
             ))
             .await
             .map(drop),
+        "ReportMessage(member's)" => {
+            let r = mpb::ReportMessageRequest {
+                message_id: message,
+                reason: mpb::ReportReason::Spam as i32,
+                comment: String::new(),
+            };
+            c.messages().report_message(req(token, r)).await.map(drop)
+        }
+        "ResolveReport(member's)" => {
+            c.messages().resolve_report(req(token, mpb::ResolveReportRequest { message_id: message })).await.map(drop)
+        }
+        "ListFlaggedMessages" => {
+            c.messages().list_flagged_messages(req(token, mpb::ListFlaggedMessagesRequest::default())).await.map(drop)
+        }
         "SetTyping" => {
             c.messages().set_typing(req(token, mpb::SetTypingRequest { chat_id: chat, typing: true })).await.map(drop)
         }
@@ -206,6 +220,9 @@ async fn every_rpc_allows_exactly_whom_it_should(c: &Cluster) {
         ("ListMessageRevisions", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("MarkRead", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("SetTyping", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("ReportMessage(member's)", [Ok, Ok, Pre, Deny, Deny, Unauth]),
+        ("ResolveReport(member's)", [Ok, Ok, Deny, Deny, Deny, Unauth]),
+        ("ListFlaggedMessages", [Ok, Ok, Ok, Ok, Ok, Unauth]),
         ("StreamEvents", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("StreamEvents(resume_changes)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("GetCurrentSession", [Ok, Ok, Ok, Ok, Ok, Unauth]),

@@ -80,7 +80,10 @@ async fn call_every_internal_rpc(
             "ListMemberChatIds",
             code(
                 chats
-                    .list_member_chat_ids(with(cpb::ListMemberChatIdsRequest { user_id: victim.into() }, credential))
+                    .list_member_chat_ids(with(
+                        cpb::ListMemberChatIdsRequest { user_id: victim.into(), ..Default::default() },
+                        credential,
+                    ))
                     .await,
             ),
         ),

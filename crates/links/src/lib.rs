@@ -104,6 +104,8 @@ pub trait ChatDirectory: Send + Sync + 'static {
     async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status>;
     /// Every chat `user_id` is a member of.
     async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status>;
+    /// Every chat `user_id` owns or administers.
+    async fn managed_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status>;
     /// Records the newest message of chats (for ordering by activity).
     async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status>;
 }
@@ -155,7 +157,16 @@ impl ChatDirectory for Grpc {
     }
 
     async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
-        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned() };
+        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned(), managed_only: false };
+        Ok(self
+            .0
+            .call(ChatInternalServiceClient::new(self.0.channel()).list_member_chat_ids(self.0.request(request)))
+            .await?
+            .chat_ids)
+    }
+
+    async fn managed_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
+        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned(), managed_only: true };
         Ok(self
             .0
             .call(ChatInternalServiceClient::new(self.0.channel()).list_member_chat_ids(self.0.request(request)))
@@ -183,7 +194,18 @@ impl<S: ChatInternalService> ChatDirectory for InProcess<S> {
     }
 
     async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
-        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned() };
+        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned(), managed_only: false };
+        Ok(in_process(
+            "/natter.chats.v1.ChatInternalService/ListMemberChatIds",
+            self.0.list_member_chat_ids(Request::new(request)),
+        )
+        .await?
+        .into_inner()
+        .chat_ids)
+    }
+
+    async fn managed_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
+        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned(), managed_only: true };
         Ok(in_process(
             "/natter.chats.v1.ChatInternalService/ListMemberChatIds",
             self.0.list_member_chat_ids(Request::new(request)),

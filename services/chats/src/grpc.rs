@@ -460,10 +460,11 @@ impl ChatInternalService for ChatInternalApi {
         &self,
         request: Request<pb::ListMemberChatIdsRequest>,
     ) -> Result<Response<pb::ListMemberChatIdsResponse>, Status> {
-        let Ok(user_id) = request.into_inner().user_id.parse::<UserId>() else {
+        let r = request.into_inner();
+        let Ok(user_id) = r.user_id.parse::<UserId>() else {
             return Ok(Response::new(pb::ListMemberChatIdsResponse::default()));
         };
-        let chat_ids = self.chats.member_chat_ids(user_id).await?;
+        let chat_ids = self.chats.member_chat_ids(user_id, r.managed_only).await?;
         Ok(Response::new(pb::ListMemberChatIdsResponse { chat_ids: chat_ids.iter().map(ChatId::to_string).collect() }))
     }
 

@@ -716,8 +716,8 @@ impl Chats {
     }
 
     /// Internal: every chat of a user.
-    pub async fn member_chat_ids(&self, user_id: UserId) -> Result<Vec<ChatId>, ChatsError> {
-        Ok(self.store.member_chat_ids(user_id).await?)
+    pub async fn member_chat_ids(&self, user_id: UserId, managed_only: bool) -> Result<Vec<ChatId>, ChatsError> {
+        Ok(self.store.member_chat_ids(user_id, managed_only).await?)
     }
 
     /// Internal: newest messages of chats, for ordering by activity.

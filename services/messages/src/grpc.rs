@@ -23,7 +23,8 @@ use crate::error::MessagesError;
 use crate::registry::{StreamLimits, StreamRegistry};
 use crate::service::Messages;
 use crate::store::{
-    Change, ChatChange, ChatDetails, Generation, GenerationInfo, Heads, Message, Range, Revision, Role, Seq, Summary,
+    Change, ChatChange, ChatDetails, Generation, GenerationInfo, Heads, Message, Range, Revision, Role, Seq,
+    StoredReport, Summary,
 };
 use crate::stream::{self, EventStream, Follow, Resume};
 
@@ -539,6 +540,78 @@ impl MessageService for MessageApi {
         Ok(Response::new(pb::SetTypingResponse { until: Some(timestamp(until)) }))
     }
 
+    async fn report_message(
+        &self,
+        request: Request<pb::ReportMessageRequest>,
+    ) -> Result<Response<pb::ReportMessageResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let mut violations = FieldViolations::new();
+        let message_id = MessageId::parse("message_id", &r.message_id);
+        match pb::ReportReason::try_from(r.reason) {
+            Ok(pb::ReportReason::Unspecified) | Err(_) => {
+                violations.add("reason", "must be SPAM, ABUSE, PROMPT_INJECTION or OTHER")
+            }
+            Ok(_) => {}
+        }
+        if r.comment.chars().count() > REPORT_COMMENT_MAX {
+            violations.add("comment", format!("at most {REPORT_COMMENT_MAX} characters"));
+        }
+        violations.check()?;
+        let report = self.messages.report(caller, message_id?, r.reason, r.comment).await?;
+        Ok(Response::new(pb::ReportMessageResponse { report: Some(report_pb(report)) }))
+    }
+
+    async fn resolve_report(
+        &self,
+        request: Request<pb::ResolveReportRequest>,
+    ) -> Result<Response<pb::ResolveReportResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let message_id = MessageId::parse("message_id", &request.get_ref().message_id)?;
+        let resolved = self.messages.resolve_reports(caller, message_id).await?;
+        Ok(Response::new(pb::ResolveReportResponse { resolved: i32::try_from(resolved).unwrap_or(i32::MAX) }))
+    }
+
+    async fn list_flagged_messages(
+        &self,
+        request: Request<pb::ListFlaggedMessagesRequest>,
+    ) -> Result<Response<pb::ListFlaggedMessagesResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let r = request.get_ref();
+        let size = paging::page_size("page_size", r.page_size, 50, domain::PAGE_MAX)?;
+        let min_severity = match r.min_severity {
+            0 => crate::store::FLAGGED_FROM,
+            n if (crate::store::FLAGGED_FROM..=pb::Severity::Critical as i32).contains(&n) => n,
+            _ => {
+                return Err(
+                    FieldViolations::single("min_severity", "must be LOW, MEDIUM, HIGH or CRITICAL").into_status()
+                );
+            }
+        };
+        let fingerprint = paging::fingerprint(&[&min_severity]);
+        let from = match paging::decode::<(i64, String)>("page_token", &r.page_token, fingerprint)? {
+            Some((time, id)) => Some((time, MessageId::parse("page_token", &id)?)),
+            None => None,
+        };
+        let mut page = self.messages.flagged(caller, min_severity, from, size + 1).await?;
+        let next = if page.len() > size as usize {
+            page.truncate(size as usize);
+            page.last().map(|(m, _)| paging::encode(&(m.send_time, m.id.to_string()), fingerprint))
+        } else {
+            None
+        };
+        Ok(Response::new(pb::ListFlaggedMessagesResponse {
+            messages: page
+                .into_iter()
+                .map(|(m, reports)| pb::FlaggedMessage {
+                    message: Some(message_pb(m, Vec::new())),
+                    open_reports: reports.into_iter().map(report_pb).collect(),
+                })
+                .collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
     type StreamEventsStream = EventStream;
 
     async fn stream_events(&self, request: Request<pb::StreamEventsRequest>) -> Result<Response<EventStream>, Status> {
@@ -561,6 +634,21 @@ pub(crate) fn delta_event(chat: ChatId, delta: pb::MessageDelta) -> pb::StreamEv
         seq: 0,
         change_seq: 0,
         event: Some(Event::MessageDelta(delta)),
+    }
+}
+
+/// Longest report comment, in characters.
+const REPORT_COMMENT_MAX: usize = 1000;
+
+/// The protobuf form of a report.
+fn report_pb(r: StoredReport) -> pb::Report {
+    pb::Report {
+        message_id: r.message_id.to_string(),
+        reporter_id: r.reporter.to_string(),
+        reason: r.reason,
+        comment: r.comment,
+        create_time: Some(timestamp(r.create_time)),
+        resolve_time: timestamp_opt(r.resolve_time),
     }
 }
 

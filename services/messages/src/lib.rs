@@ -95,6 +95,11 @@ pub struct MessagesArgs {
     /// with it (`all`), or not at all (`off`).
     #[arg(long, env = "NATTER_SCAN_MESSAGES", value_enum, default_value = "all")]
     pub scan_messages: Scan,
+    /// User ids of server staff, comma separated: they see every chat's
+    /// flagged and reported messages (ListFlaggedMessages) and resolve
+    /// reports anywhere. Staff is granted here only, never by an RPC.
+    #[arg(long, env = "NATTER_STAFF_USER_IDS", value_delimiter = ',')]
+    pub staff_user_ids: Vec<uuid::Uuid>,
 }
 
 /// Which messages the injection detector scans.
@@ -124,6 +129,7 @@ impl Default for MessagesArgs {
             typing_rate: Rate::parse("60/1m").expect("valid rate"),
             typing_timeout: std::time::Duration::from_secs(5),
             scan_messages: Scan::All,
+            staff_user_ids: Vec::new(),
         }
     }
 }

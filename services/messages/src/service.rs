@@ -19,8 +19,8 @@ use crate::error::MessagesError;
 use crate::grpc;
 use crate::registry::StreamLimits;
 use crate::store::{
-    ChatChange, Edited, Flags, Generation, GenerationInfo, Message, MessageStore, NewMessage, NewReply, Range,
-    ReadState, Revision, Sent, Seq, Started, Summary,
+    ChatChange, Edited, Flags, Generation, GenerationInfo, Message, MessageStore, NewMessage, NewReply, QueueCursor,
+    Range, ReadState, Revision, Sent, Seq, Started, StoredReport, Summary,
 };
 use crate::stream::Resume;
 use crate::writer::Writer;
@@ -48,6 +48,8 @@ pub struct Messages {
     typing_timeout: std::time::Duration,
     /// The prompt-injection detector (None: scanning off).
     detector: Option<natter_detect::Detector>,
+    /// Server staff (--staff-user-ids).
+    staff: std::collections::HashSet<UserId>,
 }
 
 impl Messages {
@@ -73,6 +75,7 @@ impl Messages {
             typing_rate: RateLimiter::new("typing indicators", args.typing_rate),
             typing_timeout: args.typing_timeout,
             detector: (args.scan_messages == crate::Scan::All).then(natter_detect::Detector::default),
+            staff: args.staff_user_ids.iter().map(|u| UserId(*u)).collect(),
         }
     }
 
@@ -472,6 +475,62 @@ impl Messages {
             }
         }
         Ok(found)
+    }
+
+    /// ReportMessage: `caller` (a member, not the author) reports a live
+    /// message; a repeat returns the first report.
+    pub async fn report(
+        &self,
+        caller: UserId,
+        message_id: MessageId,
+        reason: i32,
+        comment: String,
+    ) -> Result<StoredReport, MessagesError> {
+        let (message, _) = self.message_for(caller, message_id, true).await?;
+        if message.author_id == caller {
+            return Err(MessagesError::Precondition("one cannot report one's own message"));
+        }
+        if message.deleted() {
+            return Err(MessagesError::Precondition("message is deleted"));
+        }
+        let report = StoredReport {
+            message_id,
+            reporter: caller,
+            chat_id: message.chat_id,
+            reason,
+            comment,
+            create_time: now_micros(),
+            resolve_time: None,
+        };
+        Ok(self.store.report(&report).await?)
+    }
+
+    /// ResolveReport: the chat's owner or an admin, or staff, resolves a
+    /// message's open reports; returns how many.
+    pub async fn resolve_reports(&self, caller: UserId, message_id: MessageId) -> Result<u64, MessagesError> {
+        let message = self.store.message(message_id).await?.ok_or(MessagesError::MessageNotFound)?;
+        if !self.staff.contains(&caller) && !manages(&self.member(message.chat_id, caller).await?) {
+            return Err(MessagesError::Denied("only the chat's owner, an admin or staff may resolve reports"));
+        }
+        Ok(self.store.resolve_reports(message_id, caller, now_micros()).await?)
+    }
+
+    /// ListFlaggedMessages: flagged or reported messages of the chats
+    /// `caller` manages (staff: of every chat), newest first, after `from`.
+    pub async fn flagged(
+        &self,
+        caller: UserId,
+        min_severity: i32,
+        from: Option<QueueCursor>,
+        limit: u32,
+    ) -> Result<Vec<(Message, Vec<StoredReport>)>, MessagesError> {
+        let chats: Option<Vec<ChatId>> = if self.staff.contains(&caller) {
+            None
+        } else {
+            let ids = self.chats.managed_chat_ids(&caller.to_string()).await?;
+            Some(ids.iter().filter_map(|c| Uuid::try_parse(c).ok().map(ChatId)).collect())
+        };
+        Ok(self.store.flagged(chats.as_deref(), min_severity, from, limit).await?)
     }
 
     /// Internal: where a bot's stream resumes each of its chats: its read

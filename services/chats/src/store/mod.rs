@@ -262,7 +262,7 @@ pub trait ChatStore: Send + Sync + 'static {
     async fn role(&self, chat: ChatId, user: UserId) -> Result<Option<Role>, StoreError>;
 
     /// Every chat `user` is a member of.
-    async fn member_chat_ids(&self, user: UserId) -> Result<Vec<ChatId>, StoreError>;
+    async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError>;
 
     /// Up to `limit` chats by last activity (then id) in `filter`'s order,
     /// after `after`: `user`'s chats, or the public ones. The order includes

@@ -225,11 +225,14 @@ impl ChatStore for PostgresChatStore {
         role.map(|r| parse_enum("members.role", &r, Role::parse)).transpose()
     }
 
-    async fn member_chat_ids(&self, user: UserId) -> Result<Vec<ChatId>, StoreError> {
-        let ids: Vec<String> = sqlx::query_scalar("SELECT chat_id FROM members WHERE user_id = $1")
-            .bind(user.to_string())
-            .fetch_all(&self.pool)
-            .await?;
+    async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT chat_id FROM members WHERE user_id = $1 AND (NOT $2 OR role IN ('owner', 'admin'))",
+        )
+        .bind(user.to_string())
+        .bind(managed_only)
+        .fetch_all(&self.pool)
+        .await?;
         ids.iter().map(|id| parse_id("members.chat_id", id)).collect()
     }
 

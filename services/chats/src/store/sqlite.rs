@@ -335,9 +335,13 @@ impl ChatStore for SqliteChatStore {
         role.await.map_err(unwrap)
     }
 
-    async fn member_chat_ids(&self, user: UserId) -> Result<Vec<ChatId>, StoreError> {
+    async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError> {
         let ids = self.db.read(move |conn| {
-            let mut select = conn.prepare_cached("SELECT chat_id FROM members WHERE user_id = ?1")?;
+            let mut select = conn.prepare_cached(if managed_only {
+                "SELECT chat_id FROM members WHERE user_id = ?1 AND role IN ('owner', 'admin')"
+            } else {
+                "SELECT chat_id FROM members WHERE user_id = ?1"
+            })?;
             let ids = select.query_map([user.to_string()], |row| id(row, 0, "members.chat_id"))?;
             ids.collect()
         });

@@ -160,8 +160,10 @@ async fn creating_a_chat_stores_it_and_its_members(store: &dyn ChatStore) {
     let members = store.members(group.id, None, 10).await.unwrap();
     let roles: HashSet<(UserId, Role)> = members.iter().map(|m| (m.user_id, m.role)).collect();
     assert_eq!(roles, HashSet::from([(alice, Role::Owner), (bob, Role::Member), (carol, Role::Member)]));
-    assert_eq!(store.member_chat_ids(bob).await.unwrap(), [group.id]);
-    assert_eq!(store.member_chat_ids(UserId::new_v7()).await.unwrap(), []);
+    assert_eq!(store.member_chat_ids(bob, false).await.unwrap(), [group.id]);
+    assert_eq!(store.member_chat_ids(bob, true).await.unwrap(), [], "a plain member manages nothing");
+    assert_eq!(store.member_chat_ids(alice, true).await.unwrap(), [group.id], "the owner does");
+    assert_eq!(store.member_chat_ids(UserId::new_v7(), false).await.unwrap(), []);
 }
 
 async fn a_taken_id_or_direct_pair_is_a_conflict_that_writes_nothing(store: &dyn ChatStore) {
@@ -170,7 +172,7 @@ async fn a_taken_id_or_direct_pair_is_a_conflict_that_writes_nothing(store: &dyn
     // The same id again, with another member: a conflict, nothing written.
     let again = store.create_chat(&group, &[owner(&group), member(&group, carol, 1)]).await.unwrap();
     assert_eq!(again, Created::Conflict);
-    assert_eq!(store.member_chat_ids(carol).await.unwrap(), []);
+    assert_eq!(store.member_chat_ids(carol, false).await.unwrap(), []);
 
     let mut direct = chat(alice, 2);
     direct.kind = Kind::Direct;
@@ -220,7 +222,7 @@ async fn members_are_added_once_and_removed(store: &dyn ChatStore) {
     assert!(!store.remove_member(group.id, bob, Departure::Left, 7).await.unwrap(), "not a member any more");
     let after = store.chat(group.id).await.unwrap().unwrap();
     assert_eq!(after.member_count, 2);
-    assert_eq!(store.member_chat_ids(bob).await.unwrap(), []);
+    assert_eq!(store.member_chat_ids(bob, false).await.unwrap(), []);
 }
 
 async fn the_member_limit_is_checked_under_the_chats_lock(store: &dyn ChatStore) {
@@ -409,7 +411,7 @@ async fn deleting_a_chat_removes_it_and_its_members(store: &dyn ChatStore) {
     assert_eq!(members, HashSet::from([alice, bob]));
     assert_eq!(store.chat(group.id).await.unwrap(), None);
     assert_eq!(store.access(group.id, alice).await.unwrap(), None);
-    assert_eq!(store.member_chat_ids(bob).await.unwrap(), [kept.id]);
+    assert_eq!(store.member_chat_ids(bob, false).await.unwrap(), [kept.id]);
     assert_eq!(listed(store, alice, &ChatFilter::default()).await, [kept.id]);
     assert_eq!(store.delete_chat(group.id).await.unwrap(), [], "gone already");
     store.flush_activity().await.unwrap();

@@ -398,6 +398,34 @@ pub enum Started {
     Busy(MessageId),
 }
 
+/// A member's report of a message (`message_reports`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredReport {
+    pub message_id: MessageId,
+    pub reporter: UserId,
+    pub chat_id: ChatId,
+    /// natter.messages.v1.ReportReason.
+    pub reason: i32,
+    pub comment: String,
+    /// µs since the Unix epoch.
+    pub create_time: i64,
+    /// None while open.
+    pub resolve_time: Option<i64>,
+}
+
+/// The columns of a report, in the order both engines' row mappers read
+/// them.
+macro_rules! report_columns {
+    () => {
+        "message_id, reporter_id, chat_id, reason, comment, create_time, resolve_time"
+    };
+}
+pub(crate) use report_columns;
+
+/// Where a page of the moderation queue goes on: after this (send time,
+/// message id), newest first.
+pub type QueueCursor = (i64, MessageId);
+
 /// Outcome of [`MessageStore::finish_reply`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finished {
@@ -790,6 +818,26 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// Up to `limit` GENERATING replies whose last checkpoint is before
     /// `before` (µs), oldest checkpoint first.
     async fn stale_replies(&self, before: i64, limit: u32) -> Result<Vec<Message>, StoreError>;
+
+    /// Records `report` unless its reporter reported the message already;
+    /// returns the report stored (the first one, on a repeat).
+    async fn report(&self, report: &StoredReport) -> Result<StoredReport, StoreError>;
+
+    /// Resolves the open reports of `message` by `resolver` at `now` (µs);
+    /// returns how many there were.
+    async fn resolve_reports(&self, message: MessageId, resolver: UserId, now: i64) -> Result<u64, StoreError>;
+
+    /// The moderation queue: up to `limit` live messages of `chats` (None:
+    /// of every chat) flagged from severity `min_severity` up or with open
+    /// reports, newest first (send time, then id) after `from`, each with
+    /// its open reports, oldest first.
+    async fn flagged(
+        &self,
+        chats: Option<&[ChatId]>,
+        min_severity: i32,
+        from: Option<QueueCursor>,
+        limit: u32,
+    ) -> Result<Vec<(Message, Vec<StoredReport>)>, StoreError>;
 
     /// Stops taking writes and waits for the writes queued before.
     async fn close(&self);

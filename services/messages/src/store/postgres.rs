@@ -24,9 +24,9 @@ use sqlx::{PgPool, Row as _};
 
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finished, Flags, Generation, GenerationInfo, Heads, Logged,
-    MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, Range, ReadState, Reply, Revision, Sent, Seq,
-    Started, StoreError, Summary, chat_change_of, chat_change_row, list_sql, merge_changes, message_columns, parse_id,
-    unread_count_sql,
+    MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor, Range, ReadState, Reply, Revision, Sent,
+    Seq, Started, StoreError, StoredReport, Summary, chat_change_of, chat_change_row, list_sql, merge_changes,
+    message_columns, parse_id, report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -296,6 +296,19 @@ fn message_row(row: &PgRow) -> Result<Message, StoreError> {
         )
         .map_err(StoreError::Corrupt)?,
         flags: Flags::of_columns(row.try_get::<i32, _>(19)?.into(), row.try_get(20)?),
+    })
+}
+
+/// A row of [`report_columns!`].
+fn report_row(row: &PgRow) -> Result<StoredReport, StoreError> {
+    Ok(StoredReport {
+        message_id: id_at(row, 0)?,
+        reporter: id_at(row, 1)?,
+        chat_id: id_at(row, 2)?,
+        reason: row.try_get(3)?,
+        comment: row.try_get(4)?,
+        create_time: row.try_get(5)?,
+        resolve_time: row.try_get(6)?,
     })
 }
 
@@ -856,11 +869,102 @@ impl MessageStore for PostgresStore {
         .collect()
     }
 
+    async fn report(&self, report: &StoredReport) -> Result<StoredReport, StoreError> {
+        let (message, reporter) = (report.message_id.to_string(), report.reporter.to_string());
+        sqlx::query(
+            "INSERT INTO message_reports (message_id, reporter_id, chat_id, reason, comment, create_time) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (message_id, reporter_id) DO NOTHING",
+        )
+        .bind(&message)
+        .bind(&reporter)
+        .bind(report.chat_id.to_string())
+        .bind(report.reason)
+        .bind(&report.comment)
+        .bind(report.create_time)
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            report_columns!(),
+            " FROM message_reports WHERE message_id = $1 AND reporter_id = $2"
+        ))
+        .bind(&message)
+        .bind(&reporter)
+        .fetch_one(&self.pool)
+        .await?;
+        report_row(&row)
+    }
+
+    async fn resolve_reports(&self, message: MessageId, resolver: UserId, now: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE message_reports SET resolve_time = $3, resolver_id = $2 \
+             WHERE message_id = $1 AND resolve_time IS NULL",
+        )
+        .bind(message.to_string())
+        .bind(resolver.to_string())
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn flagged(
+        &self,
+        chats: Option<&[ChatId]>,
+        min_severity: i32,
+        from: Option<QueueCursor>,
+        limit: u32,
+    ) -> Result<Vec<(Message, Vec<StoredReport>)>, StoreError> {
+        let chats: Option<Vec<String>> = chats.map(|c| c.iter().map(ChatId::to_string).collect());
+        if chats.as_ref().is_some_and(Vec::is_empty) {
+            return Ok(Vec::new());
+        }
+        let (from_time, from_id) = from.map_or((i64::MAX, String::new()), |(t, id)| (t, id.to_string()));
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages m WHERE m.delete_time IS NULL AND (m.flag_severity >= $1 OR EXISTS \
+             (SELECT 1 FROM message_reports r WHERE r.message_id = m.id AND r.resolve_time IS NULL)) \
+             AND ($2::boolean OR m.send_time < $3 OR (m.send_time = $3 AND m.id < $4)) \
+             AND ($5::text[] IS NULL OR m.chat_id = ANY($5)) \
+             ORDER BY m.send_time DESC, m.id DESC LIMIT $6"
+        ))
+        .bind(min_severity)
+        .bind(from.is_none())
+        .bind(from_time)
+        .bind(from_id)
+        .bind(chats)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let messages = rows.iter().map(message_row).collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<String> = messages.iter().map(|m| m.id.to_string()).collect();
+        let reports = sqlx::query(concat!(
+            "SELECT ",
+            report_columns!(),
+            " FROM message_reports WHERE message_id = ANY($1) AND resolve_time IS NULL ORDER BY create_time"
+        ))
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(report_row)
+        .collect::<Result<Vec<_>, _>>()?;
+        Ok(messages
+            .into_iter()
+            .map(|m| {
+                let open = reports.iter().filter(|r| r.message_id == m.id).cloned().collect();
+                (m, open)
+            })
+            .collect())
+    }
+
     async fn purge_chat(&self, chat: ChatId) -> Result<(), StoreError> {
         let chat = chat.to_string();
         let mut tx = self.pool.begin().await?;
         for sql in [
             "DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = $1)",
+            "DELETE FROM message_reports WHERE chat_id = $1",
             "DELETE FROM messages WHERE chat_id = $1",
             "DELETE FROM read_positions WHERE chat_id = $1",
             "DELETE FROM chat_changes WHERE chat_id = $1",

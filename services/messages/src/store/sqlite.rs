@@ -19,9 +19,9 @@ use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, par
 
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finished, Flags, Generation, GenerationInfo, Heads, Logged,
-    Message, MessageStore, NewMessage, NewReply, RECENT_ACTIVITY_ROWS, Range, ReadState, Reply, Revision, Sent, Seq,
-    Started, StoreError, Summary, chat_change_of, chat_change_row, created_after_bounds, first_seq_created_after,
-    list_sql, merge_changes, message_columns, unread_count_sql,
+    Message, MessageStore, NewMessage, NewReply, QueueCursor, RECENT_ACTIVITY_ROWS, Range, ReadState, Reply, Revision,
+    Sent, Seq, Started, StoreError, StoredReport, Summary, chat_change_of, chat_change_row, created_after_bounds,
+    first_seq_created_after, list_sql, merge_changes, message_columns, report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -89,6 +89,19 @@ fn message_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         )
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(15, Type::Text, e.into()))?,
         flags: Flags::of_columns(row.get(19)?, row.get_ref(20)?.as_str()?),
+    })
+}
+
+/// A row of [`report_columns!`].
+fn report_row(row: &Row<'_>) -> rusqlite::Result<StoredReport> {
+    Ok(StoredReport {
+        message_id: id_at(row, 0)?,
+        reporter: id_at(row, 1)?,
+        chat_id: id_at(row, 2)?,
+        reason: row.get(3)?,
+        comment: row.get(4)?,
+        create_time: row.get(5)?,
+        resolve_time: row.get(6)?,
     })
 }
 
@@ -770,12 +783,99 @@ impl MessageStore for SqliteStore {
         Ok(rows.await?)
     }
 
+    async fn report(&self, report: &StoredReport) -> Result<StoredReport, StoreError> {
+        let r = report.clone();
+        let stored = self.db.write(move |conn| {
+            let (message, reporter) = (r.message_id.to_string(), r.reporter.to_string());
+            conn.prepare_cached(
+                "INSERT INTO message_reports (message_id, reporter_id, chat_id, reason, comment, create_time) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (message_id, reporter_id) DO NOTHING",
+            )?
+            .execute(params![
+                message,
+                reporter,
+                r.chat_id.to_string(),
+                r.reason,
+                r.comment,
+                r.create_time
+            ])?;
+            conn.prepare_cached(concat!(
+                "SELECT ",
+                report_columns!(),
+                " FROM message_reports WHERE message_id = ?1 AND reporter_id = ?2"
+            ))?
+            .query_row(params![message, reporter], report_row)
+        });
+        Ok(stored.await?)
+    }
+
+    async fn resolve_reports(&self, message: MessageId, resolver: UserId, now: i64) -> Result<u64, StoreError> {
+        let (message, resolver) = (message.to_string(), resolver.to_string());
+        let resolved = self.db.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE message_reports SET resolve_time = ?3, resolver_id = ?2 \
+                 WHERE message_id = ?1 AND resolve_time IS NULL",
+            )?
+            .execute(params![message, resolver, now])
+        });
+        Ok(resolved.await? as u64)
+    }
+
+    async fn flagged(
+        &self,
+        chats: Option<&[ChatId]>,
+        min_severity: i32,
+        from: Option<QueueCursor>,
+        limit: u32,
+    ) -> Result<Vec<(Message, Vec<StoredReport>)>, StoreError> {
+        let chats: Option<Vec<String>> = chats.map(|c| c.iter().map(ChatId::to_string).collect());
+        if chats.as_ref().is_some_and(Vec::is_empty) {
+            return Ok(Vec::new());
+        }
+        let page = self.db.read(move |conn| {
+            let mut sql = format!(
+                "SELECT {} FROM messages m WHERE m.delete_time IS NULL AND (m.flag_severity >= ? OR EXISTS \
+                 (SELECT 1 FROM message_reports r WHERE r.message_id = m.id AND r.resolve_time IS NULL))",
+                message_columns!()
+            );
+            let mut values: Vec<rusqlite::types::Value> = vec![i64::from(min_severity).into()];
+            if let Some((time, id)) = from {
+                sql.push_str(" AND (m.send_time < ? OR (m.send_time = ? AND m.id < ?))");
+                values.extend([time.into(), time.into(), id.to_string().into()]);
+            }
+            if let Some(chats) = &chats {
+                sql.push_str(&format!(" AND m.chat_id IN ({})", vec!["?"; chats.len()].join(", ")));
+                values.extend(chats.iter().map(|c| c.clone().into()));
+            }
+            sql.push_str(&format!(" ORDER BY m.send_time DESC, m.id DESC LIMIT {limit}"));
+            let messages = conn
+                .prepare(&sql)?
+                .query_map(rusqlite::params_from_iter(values), message_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut open = conn.prepare_cached(concat!(
+                "SELECT ",
+                report_columns!(),
+                " FROM message_reports WHERE message_id = ?1 AND resolve_time IS NULL ORDER BY create_time"
+            ))?;
+            messages
+                .into_iter()
+                .map(|m| {
+                    let reports =
+                        open.query_map([m.id.to_string()], report_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+                    Ok((m, reports))
+                })
+                .collect()
+        });
+        Ok(page.await?)
+    }
+
     async fn purge_chat(&self, chat: ChatId) -> Result<(), StoreError> {
         let chat = chat.to_string();
         let done = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for sql in [
                 "DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = ?1)",
+                "DELETE FROM message_reports WHERE chat_id = ?1",
                 "DELETE FROM messages WHERE chat_id = ?1",
                 "DELETE FROM read_positions WHERE chat_id = ?1",
                 "DELETE FROM chat_changes WHERE chat_id = ?1",

@@ -71,6 +71,7 @@ macro_rules! message_store_suite {
 }
 
 message_store_suite!(
+    reports_are_once_per_user_and_the_queue_lists_flagged_and_reported_messages,
     flags_are_stored_replaced_on_edit_cleared_on_delete_and_filter_a_listing,
     a_reply_takes_the_next_seq_streams_by_checkpoints_and_finishes_as_a_change,
     a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it,
@@ -734,4 +735,55 @@ async fn flags_are_stored_replaced_on_edit_cleared_on_delete_and_filter_a_listin
     assert_eq!(h.store.message(id(4)).await.unwrap().unwrap().flags, None);
     assert!(h.store.list(chat(1), only_flagged, None, 10).await.unwrap().is_empty());
     assert_eq!(h.store.message(id(1)).await.unwrap().unwrap().flags.as_deref(), Some(&flags(1, "")));
+}
+
+fn report_of(message: u32, reporter: u8, chat_n: u8, at: i64) -> StoredReport {
+    StoredReport {
+        message_id: id(message),
+        reporter: user(reporter),
+        chat_id: chat(chat_n),
+        reason: 3,
+        comment: format!("by {reporter}"),
+        create_time: at,
+        resolve_time: None,
+    }
+}
+
+async fn reports_are_once_per_user_and_the_queue_lists_flagged_and_reported_messages(h: &Harness) {
+    let flagged = |n, c, severity| NewMessage { flags: Some(flags(severity, "instruction_override")), ..msg(n, c, 0) };
+    // Send times 1_001.. by id: 1 flagged HIGH (chat 1, seq 1), 2 plain
+    // (chat 1, seq 2), 3 flagged LOW (chat 2, seq 1), 4 plain (chat 2, seq
+    // 2), 5 flagged HIGH but deleted (chat 1, seq 3).
+    send(h, &[flagged(1, 1, 4), msg(2, 1, 0), flagged(3, 2, 2), msg(4, 2, 0), flagged(5, 1, 4)]).await;
+    h.store.delete(id(5), 9_000).await.unwrap();
+    let first = h.store.report(&report_of(2, 7, 1, 5_000)).await.unwrap();
+    assert_eq!(first, report_of(2, 7, 1, 5_000));
+    // Once per user: a repeat answers the first.
+    assert_eq!(h.store.report(&report_of(2, 7, 1, 6_000)).await.unwrap(), first);
+    h.store.report(&report_of(2, 8, 1, 5_500)).await.unwrap();
+    let queue = |chats: Option<Vec<ChatId>>, min, from, limit| async move {
+        h.store
+            .flagged(chats.as_deref(), min, from, limit)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(m, reports)| (m.seq.0, m.chat_id, reports.len()))
+            .collect::<Vec<_>>()
+    };
+    // Newest first; the reported message with its two open reports; the
+    // deleted one gone.
+    assert_eq!(queue(None, 2, None, 10).await, [(1, chat(2), 0), (2, chat(1), 2), (1, chat(1), 0)]);
+    assert_eq!(queue(None, 3, None, 10).await, [(2, chat(1), 2), (1, chat(1), 0)], "LOW left out, reports kept");
+    assert_eq!(queue(Some(vec![chat(1)]), 2, None, 10).await, [(2, chat(1), 2), (1, chat(1), 0)]);
+    assert_eq!(queue(Some(Vec::new()), 2, None, 10).await, []);
+    // Paging by (send time, id).
+    let page = h.store.flagged(None, 2, None, 2).await.unwrap();
+    let last = page.last().map(|(m, _)| (m.send_time, m.id));
+    assert_eq!(queue(None, 2, last, 10).await, [(1, chat(1), 0)]);
+    // Resolving empties its reports; it leaves the queue (not flagged).
+    assert_eq!(h.store.resolve_reports(id(2), user(9), 7_000).await.unwrap(), 2);
+    assert_eq!(h.store.resolve_reports(id(2), user(9), 7_100).await.unwrap(), 0);
+    assert_eq!(queue(Some(vec![chat(1)]), 2, None, 10).await, [(1, chat(1), 0)]);
+    h.store.purge_chat(chat(1)).await.unwrap();
+    assert_eq!(queue(None, 2, None, 10).await, [(1, chat(2), 0)]);
 }

@@ -21,6 +21,11 @@ pub(crate) struct Args {
     #[arg(long, value_name = "PATH_TO_NATTER")]
     pub(crate) spawn: Option<PathBuf>,
 
+    /// An extra argument for the spawned `natter serve` (repeat for more),
+    /// e.g. `--server-arg=--scan-messages=off` for an A/B of a server flag.
+    #[arg(long, allow_hyphen_values = true)]
+    pub(crate) server_arg: Vec<String>,
+
     /// Pid of the server process whose memory the `streams` scenario reads
     /// (default: the process listening on the target's port, when found).
     #[arg(long)]

@@ -47,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let extra: Vec<String> = match &llm {
+    let mut extra: Vec<String> = match &llm {
         Some(server) => {
             ["--assistant-base-url", server.url(), "--assistant-concurrency", "100000", "--assistant-queue", "1000"]
                 .map(str::to_owned)
@@ -55,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
         }
         None => Vec::new(),
     };
+    extra.extend(args.server_arg.iter().cloned());
     let target = match &args.spawn {
         Some(natter) => Target::spawn(natter, &extra).await?,
         None => Target::existing(args.target.clone(), args.server_pid, args.server_metrics.clone()),

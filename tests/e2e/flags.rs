@@ -97,11 +97,32 @@ async fn flags_are_seen_by_the_author_and_the_chat_s_managers_only(c: &Cluster) 
     let page = c.chats().get_chat(authed(&owner, with_messages)).await.unwrap().into_inner().messages;
     assert!(page.iter().any(|m| m.flags.as_ref().is_some_and(|f| f.flagged)));
 
+    // The chat's aggregates: the count for everyone, flagged and the
+    // highest severity for its owner only.
+    let chat_of = |user: &TestUser| {
+        let mut chats = c.chats();
+        let request = authed(user, cpb::GetChatRequest { chat_id: chat.clone(), message_page_size: 0 });
+        async move { chats.get_chat(request).await.unwrap().into_inner().chat.unwrap() }
+    };
+    let seen = chat_of(&owner).await;
+    assert_eq!((seen.message_count, seen.flagged), (2, true));
+    assert!(seen.max_severity >= mpb::Severity::High as i32);
+    let listed = c.chats().list_chats(authed(&owner, cpb::ListChatsRequest::default())).await.unwrap().into_inner();
+    assert!(listed.chats.iter().any(|ch| ch.id == chat && ch.flagged));
+    let seen = chat_of(&reader).await;
+    assert_eq!((seen.message_count, seen.flagged, seen.max_severity), (2, false, 0));
+
     // An edit is scanned again.
     let edit = mpb::EditMessageRequest { message_id: sent.id.clone(), text: "Sorry, just kidding.".into() };
     let edited = c.messages().edit_message(authed(&author, edit)).await.unwrap().into_inner().message.unwrap();
     assert!(!edited.flags.expect("scanned").flagged);
     assert!(list(c, &owner, &chat, true).await.unwrap().is_empty());
+    let seen = chat_of(&owner).await;
+    assert_eq!((seen.message_count, seen.flagged, seen.max_severity), (2, false, 0));
+    // A delete leaves the count exact.
+    let delete = mpb::DeleteMessageRequest { message_id: sent.id.clone() };
+    c.messages().delete_message(authed(&author, delete)).await.unwrap();
+    assert_eq!(chat_of(&owner).await.message_count, 1);
 }
 
 async fn reports_reach_the_chat_s_moderation_queue_once_per_user(c: &Cluster) {

@@ -77,6 +77,9 @@ fn chat_pb(view: ChatView) -> pb::Chat {
         last_activity_time: Some(timestamp(c.last_activity_time)),
         last_message,
         unread_count,
+        message_count: view.aggregates.message_count,
+        flagged: view.moderator && view.aggregates.max_severity >= natter_proto::messages::v1::Severity::Low as i32,
+        max_severity: if view.moderator { view.aggregates.max_severity } else { 0 },
     }
 }
 

@@ -35,6 +35,16 @@ pub struct Preview {
     pub unread_count: i64,
 }
 
+/// A chat's message count and highest flag severity.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Aggregates {
+    /// Live messages.
+    pub message_count: i64,
+    /// natter.messages.v1.Severity of its worst live flagged message (0:
+    /// none).
+    pub max_severity: i32,
+}
+
 /// A chat as one caller sees it: the chat plus its message preview.
 #[derive(Clone, Debug)]
 pub struct ChatView {
@@ -42,6 +52,11 @@ pub struct ChatView {
     pub chat: Chat,
     /// None before the first message.
     pub preview: Option<Preview>,
+    /// Its message count and highest flag severity.
+    pub aggregates: Aggregates,
+    /// The caller may see the moderation aggregates (the owner; an admin
+    /// on GetChat).
+    pub moderator: bool,
 }
 
 /// A page of a listing and the keyset position of its last row when more
@@ -210,7 +225,7 @@ impl Chats {
             Created::Created => {
                 tracing::info!(chat_id = %id, kind = kind.as_str(), members = members.len(), "chat created");
                 self.deliver(id).await;
-                Ok(ChatView { chat, preview: None })
+                Ok(ChatView { chat, preview: None, aggregates: Aggregates::default(), moderator: true })
             }
             // Lost a race with an identical request: return its chat.
             Created::Conflict => match self.existing(caller, new.chat_id, other).await? {
@@ -610,7 +625,10 @@ impl Chats {
                 m.flags = None;
             }
         }
-        Ok((self.view(caller, access.chat).await?, messages))
+        let manager = access.role.is_some_and(|r| r.manages());
+        let mut view = self.view(caller, access.chat).await?;
+        view.moderator |= manager;
+        Ok((view, messages))
     }
 
     /// One view (see [`Chats::views`]).
@@ -623,7 +641,7 @@ impl Chats {
     /// messages service for all of them (none when no chat has a message).
     pub async fn views(&self, caller: UserId, chats: Vec<Chat>) -> Result<Vec<ChatView>, ChatsError> {
         let with_messages: Vec<String> = chats.iter().filter(|c| c.last_seq > 0).map(|c| c.id.to_string()).collect();
-        let mut previews: HashMap<String, Preview> = if with_messages.is_empty() {
+        let mut previews: HashMap<String, (Preview, Aggregates)> = if with_messages.is_empty() {
             HashMap::new()
         } else {
             self.messages
@@ -632,6 +650,7 @@ impl Chats {
                 .into_iter()
                 .filter(|s| s.last_seq > 0)
                 .map(|s| {
+                    let aggregates = Aggregates { message_count: s.message_count, max_severity: s.max_severity };
                     let preview = Preview {
                         seq: s.last_seq,
                         author_id: s.last_author_id,
@@ -639,15 +658,19 @@ impl Chats {
                         send_time: s.last_send_time.as_ref().map(micros),
                         unread_count: s.unread_count,
                     };
-                    (s.chat_id, preview)
+                    (s.chat_id, (preview, aggregates))
                 })
                 .collect()
         };
         Ok(chats
             .into_iter()
             .map(|chat| {
-                let preview = previews.remove(&chat.id.to_string());
-                ChatView { chat, preview }
+                let (preview, aggregates) = match previews.remove(&chat.id.to_string()) {
+                    Some((p, a)) => (Some(p), a),
+                    None => (None, Aggregates::default()),
+                };
+                let moderator = chat.owner_id == caller;
+                ChatView { chat, preview, aggregates, moderator }
             })
             .collect())
     }

@@ -202,6 +202,7 @@ fn revision_pb(r: Revision) -> pb::Revision {
 /// The protobuf form of a chat's preview (`chat_id` as the caller wrote
 /// it); the text is cut to 200 characters.
 fn summary_pb(chat_id: String, s: Summary) -> pb::ChatSummary {
+    let max_severity = if s.max_severity >= crate::store::FLAGGED_FROM { s.max_severity } else { 0 };
     match s.newest {
         Some(m) => pb::ChatSummary {
             chat_id,
@@ -210,8 +211,10 @@ fn summary_pb(chat_id: String, s: Summary) -> pb::ChatSummary {
             last_text: m.text.chars().take(200).collect(),
             last_send_time: Some(timestamp(m.send_time)),
             unread_count: s.unread,
+            message_count: s.message_count,
+            max_severity,
         },
-        None => pb::ChatSummary { chat_id, ..Default::default() },
+        None => pb::ChatSummary { chat_id, message_count: s.message_count, max_severity, ..Default::default() },
     }
 }
 

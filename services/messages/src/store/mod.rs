@@ -630,7 +630,32 @@ pub struct Summary {
     pub newest: Option<Message>,
     /// As [`ReadState::unread`].
     pub unread: i64,
+    /// Live messages (not deleted, not superseded).
+    pub message_count: i64,
+    /// The highest `flag_severity` of its live messages (0: none flagged
+    /// or scanned; from [`FLAGGED_FROM`] it is flagged).
+    pub max_severity: i32,
 }
+
+/// A chat's message count and highest flag severity as SQL, the same text
+/// on both engines: `$chat` is the chat id's placeholder; each count walks
+/// a partial index (`messages_gone`, `messages_flagged`) of the chat's few
+/// tombstones, superseded replies and flagged messages, never the chat.
+macro_rules! aggregates_sql {
+    ($chat:literal) => {
+        concat!(
+            "COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = ",
+            $chat,
+            "), 0) - (SELECT COUNT(*) FROM messages g WHERE g.chat_id = ",
+            $chat,
+            " AND (g.delete_time IS NOT NULL OR g.superseded = 1)), \
+             COALESCE((SELECT MAX(f.flag_severity) FROM messages f WHERE f.chat_id = ",
+            $chat,
+            " AND f.flag_severity >= 2), 0)"
+        )
+    };
+}
+pub(crate) use aggregates_sql;
 
 /// The newest message of a chat, for re-announcing chat activity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -25,8 +25,8 @@ use sqlx::{PgPool, Row as _};
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finished, Flags, Generation, GenerationInfo, Heads, Logged,
     MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor, Range, ReadState, Reply, Revision, Sent,
-    Seq, Started, StoreError, StoredReport, Summary, chat_change_of, chat_change_row, list_sql, merge_changes,
-    message_columns, parse_id, report_columns, unread_count_sql,
+    Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of, chat_change_row, list_sql,
+    merge_changes, message_columns, parse_id, report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -725,7 +725,9 @@ impl MessageStore for PostgresStore {
         let rows = sqlx::query(concat!(
             "SELECT m.*, ",
             unread_count_sql!("v.chat_id", "COALESCE(r.read_seq, 0)", "$2"),
-            " AS unread FROM UNNEST($1::text[]) WITH ORDINALITY AS v (chat_id, ord) \
+            " AS unread, ",
+            aggregates_sql!("v.chat_id"),
+            " FROM UNNEST($1::text[]) WITH ORDINALITY AS v (chat_id, ord) \
              LEFT JOIN LATERAL (SELECT ",
             message_columns!(),
             " FROM messages WHERE chat_id = v.chat_id ORDER BY seq DESC LIMIT 1) m ON TRUE \
@@ -739,7 +741,12 @@ impl MessageStore for PostgresStore {
             .map(|row| {
                 let id: Option<&str> = row.try_get(0)?;
                 let newest = if id.is_some() { Some(message_row(row)?) } else { None };
-                Ok(Summary { newest, unread: row.try_get(MESSAGE_COLUMNS)? })
+                Ok(Summary {
+                    newest,
+                    unread: row.try_get(MESSAGE_COLUMNS)?,
+                    message_count: row.try_get(MESSAGE_COLUMNS + 1)?,
+                    max_severity: row.try_get(MESSAGE_COLUMNS + 2)?,
+                })
             })
             .collect()
     }

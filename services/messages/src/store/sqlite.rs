@@ -20,8 +20,9 @@ use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, par
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finished, Flags, Generation, GenerationInfo, Heads, Logged,
     Message, MessageStore, NewMessage, NewReply, QueueCursor, RECENT_ACTIVITY_ROWS, Range, ReadState, Reply, Revision,
-    Sent, Seq, Started, StoreError, StoredReport, Summary, chat_change_of, chat_change_row, created_after_bounds,
-    first_seq_created_after, list_sql, merge_changes, message_columns, report_columns, unread_count_sql,
+    Sent, Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of, chat_change_row,
+    created_after_bounds, first_seq_created_after, list_sql, merge_changes, message_columns, report_columns,
+    unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -676,12 +677,17 @@ impl MessageStore for SqliteStore {
         let rows = self.db.read(move |conn| {
             let mut newest = conn.prepare_cached(&list_sql(Range::default(), None, 1).0)?;
             let mut unread = conn.prepare_cached(UNREAD_FROM_POSITION)?;
+            let mut aggregates = conn.prepare_cached(concat!("SELECT ", aggregates_sql!("?1")))?;
             chats
                 .iter()
                 .map(|chat| {
+                    let (message_count, max_severity) =
+                        aggregates.query_row([chat], |row| Ok((row.get(0)?, row.get(1)?)))?;
                     Ok(Summary {
                         newest: newest.query_row([chat], message_row).optional()?,
                         unread: unread.query_row([chat, &user], |row| row.get(0))?,
+                        message_count,
+                        max_severity,
                     })
                 })
                 .collect()

@@ -583,7 +583,7 @@ async fn purging_a_chat_removes_all_of_it(h: &Harness) {
     assert!(stored(h, 1).await.is_empty());
     assert_eq!(h.store.message(id(1)).await.unwrap(), None);
     assert!(h.store.revisions(&[id(1)]).await.unwrap().is_empty());
-    assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0], Summary { newest: None, unread: 0 });
+    assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0], Summary { newest: None, unread: 0, message_count: 0, max_severity: 0 });
     assert_eq!(stored(h, 2).await, [(1, id(3))], "other chats stay");
     // The chat starts over from seq 1.
     assert_eq!(seqs(&send(h, &[msg(4, 1, 0)]).await), [Some(1)]);
@@ -663,6 +663,8 @@ async fn a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it(h: 
     assert_eq!((old.id, old.superseded(), old.change_seq, old.text.as_str()), (first.id, true, 5, "one"));
     // History skips it unless asked; the seq range stays as it was.
     assert_eq!(stored(h, 1).await.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 3]);
+    let count = || async { h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].message_count };
+    assert_eq!(count().await, 2, "a superseded reply is not counted");
     let all = Range { ascending: true, superseded: true, ..Range::default() };
     assert_eq!(h.store.list(chat(1), all, None, 10).await.unwrap().len(), 3);
     assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].newest.as_ref().map(|m| m.id), Some(second.id));
@@ -672,6 +674,7 @@ async fn a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it(h: 
     let restored = failed.restored.expect("restored");
     assert_eq!((restored.id, restored.superseded(), restored.change_seq), (first.id, false, 7));
     assert_eq!(stored(h, 1).await.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(count().await, 3, "restored, it counts again");
 }
 
 async fn one_reply_generates_at_a_time_per_chat_and_a_refusal_is_not_held_up(h: &Harness) {
@@ -784,6 +787,11 @@ async fn reports_are_once_per_user_and_the_queue_lists_flagged_and_reported_mess
     assert_eq!(h.store.resolve_reports(id(2), user(9), 7_000).await.unwrap(), 2);
     assert_eq!(h.store.resolve_reports(id(2), user(9), 7_100).await.unwrap(), 0);
     assert_eq!(queue(Some(vec![chat(1)]), 2, None, 10).await, [(1, chat(1), 0)]);
+    // The chats' aggregates: chat 1 has seqs 1..=3 with 3 deleted; its
+    // worst live flag is HIGH (4); chat 2's LOW (2).
+    let summaries = h.store.summaries(&[chat(1), chat(2)], user(7)).await.unwrap();
+    let aggregates: Vec<(i64, i32)> = summaries.iter().map(|s| (s.message_count, s.max_severity)).collect();
+    assert_eq!(aggregates, [(2, 4), (2, 2)]);
     h.store.purge_chat(chat(1)).await.unwrap();
     assert_eq!(queue(None, 2, None, 10).await, [(1, chat(2), 0)]);
 }

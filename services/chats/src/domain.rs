@@ -219,6 +219,9 @@ pub struct ChatFilter {
     pub query: Option<String>,
     /// Oldest activity first.
     pub ascending: bool,
+    /// Only chats (the caller owns) whose worst live flagged message is at
+    /// least this natter.messages.v1.Severity; 0: no such filter.
+    pub min_severity: i32,
 }
 
 /// Keyset position in a listing of chats by `(last_activity_time, id)`.

@@ -176,11 +176,18 @@ pub fn list_chats(r: pb::ListChatsRequest, caller: UserId, limits: &Limits) -> R
         last_message_before: r.last_message_before.as_ref().map(micros),
         query: (!query.is_empty()).then_some(query),
         ascending,
+        min_severity: match (r.flagged, r.min_severity) {
+            (false, 0) => 0,
+            (true, 0) => natter_proto::messages::v1::Severity::Low as i32,
+            (_, n) if (2..=5).contains(&n) => n,
+            _ => return Err(ChatsError::invalid("min_severity", "must be LOW, MEDIUM, HIGH or CRITICAL").into()),
+        },
     };
     // The same parts as ever (the caller as a plain UUID), so tokens stay
     // valid across versions.
-    let fingerprint = paging::fingerprint(&[
-        &caller.uuid(),
+    let caller_uuid = caller.uuid();
+    let mut parts: Vec<&dyn std::fmt::Debug> = vec![
+        &caller_uuid,
         &filter.public,
         &filter.kind,
         &filter.archived,
@@ -188,7 +195,12 @@ pub fn list_chats(r: pb::ListChatsRequest, caller: UserId, limits: &Limits) -> R
         &filter.last_message_before,
         &filter.query,
         &filter.ascending,
-    ]);
+    ];
+    // Only when set, so that earlier tokens stay valid.
+    if filter.min_severity > 0 {
+        parts.push(&filter.min_severity);
+    }
+    let fingerprint = paging::fingerprint(&parts);
     let after = paging::decode::<(i64, String)>("page_token", &r.page_token, fingerprint)?
         .map(|(last_activity_time, id)| Ok::<_, Status>(ChatCursor { last_activity_time, chat_id: token_id(&id)? }))
         .transpose()?;

@@ -59,6 +59,9 @@ pub struct ChatView {
     pub moderator: bool,
 }
 
+/// Most store pages one severity-filtered ListChats call reads.
+const FLAGGED_SCAN_PAGES: usize = 10;
+
 /// A page of a listing and the keyset position of its last row when more
 /// may follow.
 #[derive(Clone, Debug)]
@@ -683,6 +686,9 @@ impl Chats {
         after: Option<ChatCursor>,
         page_size: u32,
     ) -> Result<Page<ChatView, ChatCursor>, ChatsError> {
+        if filter.min_severity > 0 {
+            return self.list_flagged_chats(caller, filter, after, page_size).await;
+        }
         let mut chats = self.store.list_chats(caller, filter, after, page_size + 1).await?;
         let next = if chats.len() > page_size as usize {
             chats.truncate(page_size as usize);
@@ -691,6 +697,45 @@ impl Chats {
             None
         };
         Ok(Page { items: self.views(caller, chats).await?, next })
+    }
+
+    /// ListChats with a severity filter: the chats the store lists, kept
+    /// when the caller owns them and their worst live flagged message is at
+    /// least `filter.min_severity` (the messages service's aggregates). At
+    /// most [`FLAGGED_SCAN_PAGES`] store pages are read per call; the page
+    /// then ends early with a token after the last chat read.
+    async fn list_flagged_chats(
+        &self,
+        caller: UserId,
+        filter: &ChatFilter,
+        mut after: Option<ChatCursor>,
+        page_size: u32,
+    ) -> Result<Page<ChatView, ChatCursor>, ChatsError> {
+        let mut items = Vec::new();
+        for _ in 0..FLAGGED_SCAN_PAGES {
+            let chats = self.store.list_chats(caller, filter, after, page_size).await?;
+            let more = chats.len() == page_size as usize;
+            // Only the owner sees flags in a list.
+            let owned: Vec<Chat> = chats.iter().filter(|c| c.owner_id == caller).cloned().collect();
+            let page_end = chats.last().map(Chat::cursor);
+            let mut last_kept = None;
+            for view in self.views(caller, owned).await? {
+                if view.aggregates.max_severity >= filter.min_severity && items.len() < page_size as usize {
+                    last_kept = Some(view.chat.cursor());
+                    items.push(view);
+                }
+            }
+            if items.len() == page_size as usize {
+                // Full: go on after the last chat kept (the rest of this
+                // store page is read again next time).
+                return Ok(Page { next: last_kept, items });
+            }
+            if !more {
+                return Ok(Page { items, next: None });
+            }
+            after = page_end;
+        }
+        Ok(Page { items, next: after })
     }
 
     /// A page of members for ListMembers (callers who may read the chat).

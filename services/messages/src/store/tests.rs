@@ -583,7 +583,10 @@ async fn purging_a_chat_removes_all_of_it(h: &Harness) {
     assert!(stored(h, 1).await.is_empty());
     assert_eq!(h.store.message(id(1)).await.unwrap(), None);
     assert!(h.store.revisions(&[id(1)]).await.unwrap().is_empty());
-    assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0], Summary { newest: None, unread: 0, message_count: 0, max_severity: 0 });
+    assert_eq!(
+        h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0],
+        Summary { newest: None, unread: 0, message_count: 0, max_severity: 0 }
+    );
     assert_eq!(stored(h, 2).await, [(1, id(3))], "other chats stay");
     // The chat starts over from seq 1.
     assert_eq!(seqs(&send(h, &[msg(4, 1, 0)]).await), [Some(1)]);

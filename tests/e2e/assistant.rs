@@ -70,6 +70,7 @@ crate::with_scripted_server!(
     ask_is_for_members_and_a_chat_the_assistant_is_in [],
     a_prompt_beyond_a_full_queue_gets_a_failed_reply_at_once ["--assistant-queue", "1"],
     an_injection_is_refused_without_asking_the_model [],
+    a_reply_that_leaks_the_system_prompt_is_flagged_for_the_owner [],
 );
 mod off {
     use super::without_a_server_the_assistant_is_off_and_callers_are_authenticated_first;
@@ -442,6 +443,29 @@ async fn an_injection_is_refused_without_asking_the_model(c: &Cluster, server: &
     assert_eq!(benign.reply.unwrap().text, "A system prompt sets how the model behaves.");
     let sent: Vec<String> = conversation(server, 0).into_iter().skip(1).map(|m| m.1).collect();
     assert_eq!(sent, ["I can't help with that request.", "What is a system prompt?"]);
+}
+
+async fn a_reply_that_leaks_the_system_prompt_is_flagged_for_the_owner(c: &Cluster, server: &ScriptedServer) {
+    // A model that repeats its instructions, canary included.
+    server.push(Script::echo_system());
+    server.push(Script::echo_system());
+    let (owner, member) = (c.user("owner").await, c.user("member").await);
+    let chat = assistant_chat(c, &owner).await;
+    let ask = |chat_id: &str| apb::AskRequest { chat_id: chat_id.into(), text: "hello".into(), ..Default::default() };
+    let reply = c.assistant().ask(authed(&owner, ask(&chat.chat_id))).await.unwrap().into_inner().reply.unwrap();
+    assert!(reply.text.contains("natter-canary-"), "{}", reply.text);
+    let flags = reply.flags.expect("the chat's owner sees the reply's flags");
+    assert!(flags.flagged && flags.categories == ["prompt_leak"], "{flags:?}");
+    assert_eq!((flags.severity, flags.detector.as_str()), (mpb::Severity::Critical as i32, "natter-canary"));
+    // In a group, a plain member who asked sees no flags on the reply.
+    let group = natter_proto::chats::v1::CreateChatRequest {
+        title: "with the bot".into(),
+        member_ids: vec![member.id.clone(), chat.assistant_user_id.clone()],
+        ..Default::default()
+    };
+    let group = c.chats().create_chat(authed(&owner, group)).await.unwrap().into_inner().chat.unwrap().id;
+    let seen = c.assistant().ask(authed(&member, ask(&group))).await.unwrap().into_inner().reply.unwrap();
+    assert!(seen.text.contains("natter-canary-") && seen.flags.is_none(), "{seen:?}");
 }
 
 async fn a_client_that_reconnects_mid_reply_sees_it_finished_once(c: &Cluster, server: &ScriptedServer) {

@@ -37,6 +37,9 @@ pub enum Step {
     /// epoch, then `|`: a load test's token that carries when the provider
     /// emitted it.
     Stamp,
+    /// A chunk whose text is the request's system message (a model that
+    /// leaks its instructions).
+    EchoSystem,
 }
 
 /// How the server answers one request.
@@ -126,6 +129,11 @@ impl Script {
         )));
         steps.push(Step::Bytes("data: [DONE]\n\n".into()));
         Self { status: 200, body: String::new(), steps }
+    }
+
+    /// A reply that repeats the request's system message, then stops.
+    pub fn echo_system() -> Self {
+        Self { status: 200, body: String::new(), steps: vec![Step::EchoSystem, Step::Bytes("data: [DONE]\n\n".into())] }
     }
 
     /// `status` before any stream, with an OpenAI-style error body.
@@ -242,14 +250,15 @@ impl Drop for Watch {
 type AppState = (Arc<Mutex<Shared>>, Arc<tokio::sync::Notify>);
 
 async fn complete(State((shared, disconnects)): State<AppState>, headers: HeaderMap, body: String) -> Response {
-    let (script, index, seed) = {
+    let (script, index, seed, system) = {
         let mut state = shared.lock().unwrap();
-        let body = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
+        let system = body["messages"][0]["content"].as_str().unwrap_or_default().to_owned();
         let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
         state.requests.push(Recorded { body, authorization, at: Instant::now(), disconnected_at: None });
         let fallback = state.fallback.clone().unwrap_or_else(|| Script::reply("ok"));
         let script = state.scripts.pop_front().unwrap_or(fallback);
-        (script, state.requests.len() - 1, state.seed.wrapping_add(state.requests.len() as u64))
+        (script, state.requests.len() - 1, state.seed.wrapping_add(state.requests.len() as u64), system)
     };
     if script.status != 200 {
         return Response::builder()
@@ -270,6 +279,7 @@ async fn complete(State((shared, disconnects)): State<AppState>, headers: Header
                     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
                     Step::Bytes(content(&format!("{}|", now.as_micros())))
                 }
+                Step::EchoSystem => Step::Bytes(content(&system)),
                 other => other,
             };
             match step {
@@ -289,7 +299,7 @@ async fn complete(State((shared, disconnects)): State<AppState>, headers: Header
                     tx.closed().await;
                     return;
                 }
-                Step::Stamp => unreachable!("turned into bytes above"),
+                Step::Stamp | Step::EchoSystem => unreachable!("turned into bytes above"),
             }
         }
         watch.finished = true;

@@ -23,7 +23,7 @@ use crate::error::MessagesError;
 use crate::registry::{StreamLimits, StreamRegistry};
 use crate::service::Messages;
 use crate::store::{
-    Change, ChatChange, ChatDetails, Generation, GenerationInfo, Heads, Message, Range, Revision, Role, Seq,
+    Change, ChatChange, ChatDetails, Flags, Generation, GenerationInfo, Heads, Message, Range, Revision, Role, Seq,
     StoredReport, Summary,
 };
 use crate::stream::{self, EventStream, Follow, Resume};
@@ -879,9 +879,19 @@ impl MessageInternalService for MessageInternalApi {
     ) -> Result<Response<pb::FinishReplyResponse>, Status> {
         let r = request.into_inner();
         let id = MessageId::parse("message_id", &r.message_id)?;
-        let status = finished_status(r.status)?;
-        let info = info_of(r.generation.unwrap_or_default());
-        let message = self.messages.finish_reply(id, &r.text, status, &info, r.restore_replaced).await?;
+        let finish = crate::store::Finish {
+            status: finished_status(r.status)?,
+            info: info_of(r.generation.unwrap_or_default()),
+            flags: r.flags.map(|f| Flags {
+                severity: f.severity,
+                score_millis: (f.score.clamp(0.0, 1.0) * 1000.0).round() as u16,
+                categories: f.categories,
+                detector: f.detector,
+            }),
+            restore_replaced: r.restore_replaced,
+            text: r.text,
+        };
+        let message = self.messages.finish_reply(id, &finish).await?;
         Ok(Response::new(pb::FinishReplyResponse { message: Some(message_pb(message, Vec::new())) }))
     }
 

@@ -19,8 +19,8 @@ use crate::error::MessagesError;
 use crate::grpc;
 use crate::registry::StreamLimits;
 use crate::store::{
-    ChatChange, Edited, Flags, Generation, GenerationInfo, Message, MessageStore, NewMessage, NewReply, QueueCursor,
-    Range, ReadState, Revision, Sent, Seq, Started, StoredReport, Summary,
+    ChatChange, Edited, Finish, Flags, Message, MessageStore, NewMessage, NewReply, QueueCursor, Range, ReadState,
+    Revision, Sent, Seq, Started, StoredReport, Summary,
 };
 use crate::stream::Resume;
 use crate::writer::Writer;
@@ -607,19 +607,8 @@ impl Messages {
 
     /// Internal: finishes a reply (see [`MessageStore::finish_reply`]) and
     /// announces the change (and the reply it un-superseded).
-    pub async fn finish_reply(
-        &self,
-        id: MessageId,
-        text: &str,
-        status: Generation,
-        info: &GenerationInfo,
-        restore_replaced: bool,
-    ) -> Result<Message, MessagesError> {
-        let finished = self
-            .store
-            .finish_reply(id, text, status, info, restore_replaced)
-            .await?
-            .ok_or(MessagesError::MessageNotFound)?;
+    pub async fn finish_reply(&self, id: MessageId, finish: &Finish) -> Result<Message, MessagesError> {
+        let finished = self.store.finish_reply(id, finish).await?.ok_or(MessagesError::MessageNotFound)?;
         if finished.changed {
             let chat = finished.reply.chat_id;
             for message in std::iter::once(finished.reply.clone()).chain(finished.restored) {

@@ -426,6 +426,19 @@ pub(crate) use report_columns;
 /// message id), newest first.
 pub type QueueCursor = (i64, MessageId);
 
+/// How a reply ends ([`MessageStore::finish_reply`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finish {
+    pub text: String,
+    /// Any status but [`Generation::Generating`].
+    pub status: Generation,
+    pub info: GenerationInfo,
+    /// Flags for the reply itself (a leaked system prompt's canary).
+    pub flags: Option<Flags>,
+    /// With [`Generation::Failed`]: un-supersede the reply it replaced.
+    pub restore_replaced: bool,
+}
+
 /// Outcome of [`MessageStore::finish_reply`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finished {
@@ -827,14 +840,7 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// [`Generation::Failed`] one with `restore_replaced` also un-supersedes
     /// the reply it replaced (the next change number). A finished reply is
     /// answered as it is (`changed` false). None: no such message.
-    async fn finish_reply(
-        &self,
-        id: MessageId,
-        text: &str,
-        status: Generation,
-        info: &GenerationInfo,
-        restore_replaced: bool,
-    ) -> Result<Option<Finished>, StoreError>;
+    async fn finish_reply(&self, id: MessageId, finish: &Finish) -> Result<Option<Finished>, StoreError>;
 
     /// Sets the stop flag of a GENERATING reply (a no-op otherwise) and
     /// returns the message as it is (None: no such message).

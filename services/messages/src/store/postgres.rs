@@ -23,10 +23,10 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row as _};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finished, Flags, Generation, GenerationInfo, Heads, Logged,
-    MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor, Range, ReadState, Reply, Revision, Sent,
-    Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of, chat_change_row, list_sql,
-    merge_changes, message_columns, parse_id, report_columns, unread_count_sql,
+    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finish, Finished, Flags, Generation, GenerationInfo, Heads,
+    Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor, Range, ReadState, Reply,
+    Revision, Sent, Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of, chat_change_row,
+    list_sql, merge_changes, message_columns, parse_id, report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -792,15 +792,10 @@ impl MessageStore for PostgresStore {
         Ok(stop.map(|(s,)| s != 0))
     }
 
-    async fn finish_reply(
-        &self,
-        id: MessageId,
-        text: &str,
-        status: Generation,
-        info: &GenerationInfo,
-        restore_replaced: bool,
-    ) -> Result<Option<Finished>, StoreError> {
+    async fn finish_reply(&self, id: MessageId, finish: &Finish) -> Result<Option<Finished>, StoreError> {
         let id = id.to_string();
+        let (status, restore_replaced) = (finish.status, finish.restore_replaced);
+        let (flag_severity, flags) = Flags::columns(finish.flags.as_ref());
         let mut tx = self.pool.begin().await?;
         // Lock order everywhere: message rows, then the chat's heads.
         let Some(row) = sqlx::query(concat!("SELECT ", message_columns!(), " FROM messages WHERE id = $1 FOR UPDATE"))
@@ -823,14 +818,16 @@ impl MessageStore for PostgresStore {
         let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
         let row = sqlx::query(concat!(
             "UPDATE messages SET text = $2, generation = $3, generation_info = $4, change_seq = $5, \
-             checkpoint_time = NULL WHERE id = $1 RETURNING ",
+             checkpoint_time = NULL, flag_severity = $6, flags = $7 WHERE id = $1 RETURNING ",
             message_columns!()
         ))
         .bind(&id)
-        .bind(text)
+        .bind(&finish.text)
         .bind(status as i32)
-        .bind(GenerationInfo::encode(Some(info)))
+        .bind(GenerationInfo::encode(Some(&finish.info)))
         .bind(change)
+        .bind(flag_severity)
+        .bind(flags)
         .fetch_one(&mut *tx)
         .await?;
         let reply = message_row(&row)?;

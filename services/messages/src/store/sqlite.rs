@@ -18,9 +18,9 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, params};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finished, Flags, Generation, GenerationInfo, Heads, Logged,
-    Message, MessageStore, NewMessage, NewReply, QueueCursor, RECENT_ACTIVITY_ROWS, Range, ReadState, Reply, Revision,
-    Sent, Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of, chat_change_row,
+    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finish, Finished, Flags, Generation, GenerationInfo, Heads,
+    Logged, Message, MessageStore, NewMessage, NewReply, QueueCursor, RECENT_ACTIVITY_ROWS, Range, ReadState, Reply,
+    Revision, Sent, Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of, chat_change_row,
     created_after_bounds, first_seq_created_after, list_sql, merge_changes, message_columns, report_columns,
     unread_count_sql,
 };
@@ -349,14 +349,9 @@ fn start_reply(conn: &mut Connection, r: &NewReply) -> rusqlite::Result<Started>
 }
 
 /// Finishes a reply in one transaction (see [`MessageStore::finish_reply`]).
-fn finish_reply(
-    conn: &mut Connection,
-    id: &str,
-    text: &str,
-    status: Generation,
-    info: &str,
-    restore_replaced: bool,
-) -> rusqlite::Result<Option<Finished>> {
+fn finish_reply(conn: &mut Connection, id: &str, finish: &Finish) -> rusqlite::Result<Option<Finished>> {
+    let (status, info) = (finish.status, GenerationInfo::encode(Some(&finish.info)));
+    let (flag_severity, flags) = Flags::columns(finish.flags.as_ref());
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let Some(reply) = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row).optional()? else {
         return Ok(None);
@@ -369,12 +364,12 @@ fn finish_reply(
     let reply = tx
         .prepare_cached(concat!(
             "UPDATE messages SET text = ?2, generation = ?3, generation_info = ?4, change_seq = ?5, \
-             checkpoint_time = NULL WHERE id = ?1 RETURNING ",
+             checkpoint_time = NULL, flag_severity = ?6, flags = ?7 WHERE id = ?1 RETURNING ",
             message_columns!()
         ))?
-        .query_row(params![id, text, status as i64, info, change], message_row)?;
+        .query_row(params![id, finish.text, status as i64, info, change, flag_severity, flags], message_row)?;
     let restored = match reply.replaces() {
-        Some(old) if restore_replaced && status == Generation::Failed => {
+        Some(old) if finish.restore_replaced && status == Generation::Failed => {
             let change = next_change(&tx, &chat)?;
             tx.prepare_cached(concat!(
                 "UPDATE messages SET superseded = 0, change_seq = ?2 WHERE id = ?1 AND superseded = 1 RETURNING ",
@@ -754,16 +749,9 @@ impl MessageStore for SqliteStore {
         Ok(stop.await?)
     }
 
-    async fn finish_reply(
-        &self,
-        id: MessageId,
-        text: &str,
-        status: Generation,
-        info: &GenerationInfo,
-        restore_replaced: bool,
-    ) -> Result<Option<Finished>, StoreError> {
-        let (id, text, info) = (id.to_string(), text.to_owned(), GenerationInfo::encode(Some(info)));
-        Ok(self.db.write(move |conn| finish_reply(conn, &id, &text, status, &info, restore_replaced)).await?)
+    async fn finish_reply(&self, id: MessageId, finish: &Finish) -> Result<Option<Finished>, StoreError> {
+        let (id, finish) = (id.to_string(), finish.clone());
+        Ok(self.db.write(move |conn| finish_reply(conn, &id, &finish)).await?)
     }
 
     async fn stop_reply(&self, id: MessageId) -> Result<Option<Message>, StoreError> {

@@ -636,7 +636,7 @@ async fn a_reply_takes_the_next_seq_streams_by_checkpoints_and_finishes_as_a_cha
     assert_eq!(h.store.checkpoint_reply(r.id, None, 6_100).await.unwrap(), Some(true));
     let info =
         GenerationInfo { model: "m".into(), finish_reason: "stop".into(), completion_tokens: 3, ..Default::default() };
-    let done = h.store.finish_reply(r.id, "Hello", Generation::Stopped, &info, false).await.unwrap().unwrap();
+    let done = h.store.finish_reply(r.id, &fin("Hello", Generation::Stopped, &info, false)).await.unwrap().unwrap();
     assert!(done.changed);
     assert_eq!((done.reply.text.as_str(), done.reply.revision, done.reply.change_seq), ("Hello", 1, 3));
     assert_eq!(
@@ -644,11 +644,11 @@ async fn a_reply_takes_the_next_seq_streams_by_checkpoints_and_finishes_as_a_cha
         (Some(Generation::Stopped), Some(&info))
     );
     // Finished: a second finish, a checkpoint or a stop changes nothing.
-    let again = h.store.finish_reply(r.id, "other", Generation::Failed, &info, true).await.unwrap().unwrap();
+    let again = h.store.finish_reply(r.id, &fin("other", Generation::Failed, &info, true)).await.unwrap().unwrap();
     assert_eq!((again.changed, again.reply), (false, done.reply.clone()));
     assert_eq!(h.store.checkpoint_reply(r.id, Some("x"), 7_000).await.unwrap(), None);
     assert_eq!(h.store.stop_reply(r.id).await.unwrap(), Some(done.reply.clone()));
-    assert_eq!(h.store.finish_reply(id(99), "", Generation::Failed, &info, false).await.unwrap(), None);
+    assert_eq!(h.store.finish_reply(id(99), &fin("", Generation::Failed, &info, false)).await.unwrap(), None);
     // A client resuming after the start sees the finished reply once.
     let (page, _) = h.store.changes(chat(1), user(1), 2, 100).await.unwrap();
     assert_eq!(page, [Change::Message(done.reply)]);
@@ -658,7 +658,7 @@ async fn a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it(h: 
     send(h, &[by(msg(1, 1, 0), 1)]).await;
     let (first, _) = created(h.store.start_reply(&reply(2, 1, 1, None)).await.unwrap());
     let info = GenerationInfo::default();
-    h.store.finish_reply(first.id, "one", Generation::Complete, &info, false).await.unwrap();
+    h.store.finish_reply(first.id, &fin("one", Generation::Complete, &info, false)).await.unwrap();
     // Changes: 1 prompt, 2 reply, 3 finish; the replacement 4, superseding 5.
     let (second, old) = created(h.store.start_reply(&reply(3, 1, 1, Some(2))).await.unwrap());
     assert_eq!((second.seq, second.replaces(), second.change_seq), (Seq(3), Some(first.id), 4));
@@ -672,7 +672,7 @@ async fn a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it(h: 
     assert_eq!(h.store.list(chat(1), all, None, 10).await.unwrap().len(), 3);
     assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].newest.as_ref().map(|m| m.id), Some(second.id));
     // A replacement that fails gives the old one back.
-    let failed = h.store.finish_reply(second.id, "", Generation::Failed, &info, true).await.unwrap().unwrap();
+    let failed = h.store.finish_reply(second.id, &fin("", Generation::Failed, &info, true)).await.unwrap().unwrap();
     assert_eq!(failed.reply.generation(), Some(Generation::Failed));
     let restored = failed.restored.expect("restored");
     assert_eq!((restored.id, restored.superseded(), restored.change_seq), (first.id, false, 7));
@@ -692,7 +692,7 @@ async fn one_reply_generates_at_a_time_per_chat_and_a_refusal_is_not_held_up(h: 
     assert_eq!(refused.reply.as_ref().and_then(|r| r.info.clone()), Some(refusal));
     assert!(h.store.stale_replies(i64::MAX, 10).await.unwrap().iter().all(|m| m.id != refused.id), "no lease");
     // Once the first ends, the next may start.
-    h.store.finish_reply(first.id, "", Generation::Complete, &GenerationInfo::default(), false).await.unwrap();
+    h.store.finish_reply(first.id, &fin("", Generation::Complete, &GenerationInfo::default(), false)).await.unwrap();
     assert!(matches!(h.store.start_reply(&reply(13, 1, 2, None)).await.unwrap(), Started::Created(..)));
 }
 
@@ -702,7 +702,7 @@ async fn stale_replies_are_those_whose_checkpoint_is_old(h: &Harness) {
     let (b, _) = created(h.store.start_reply(&reply(12, 2, 2, None)).await.unwrap());
     let (c, _) = created(h.store.start_reply(&reply(13, 3, 3, None)).await.unwrap());
     h.store.checkpoint_reply(b.id, None, 9_000).await.unwrap();
-    h.store.finish_reply(c.id, "", Generation::Complete, &GenerationInfo::default(), false).await.unwrap();
+    h.store.finish_reply(c.id, &fin("", Generation::Complete, &GenerationInfo::default(), false)).await.unwrap();
     let stale = |before| async move {
         h.store.stale_replies(before, 10).await.unwrap().into_iter().map(|m| m.id).collect::<Vec<_>>()
     };
@@ -797,4 +797,9 @@ async fn reports_are_once_per_user_and_the_queue_lists_flagged_and_reported_mess
     assert_eq!(aggregates, [(2, 4), (2, 2)]);
     h.store.purge_chat(chat(1)).await.unwrap();
     assert_eq!(queue(None, 2, None, 10).await, [(1, chat(2), 0)]);
+}
+
+/// How a reply ends, without flags.
+fn fin(text: &str, status: Generation, info: &GenerationInfo, restore_replaced: bool) -> Finish {
+    Finish { text: text.into(), status, info: info.clone(), flags: None, restore_replaced }
 }

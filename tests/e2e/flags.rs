@@ -226,3 +226,75 @@ async fn list_chats_filters_by_flags_for_their_owner(c: &Cluster) {
     let none = cpb::ListChatsRequest { min_severity: mpb::Severity::None as i32, ..Default::default() };
     assert_eq!(crate::violated_fields(&listed(&owner, none).await.unwrap_err()), ["min_severity"]);
 }
+
+/// A stand-in for text-embeddings-inference's `POST /predict` serving a
+/// prompt-injection classifier: "secret sauce" is an injection (0.95),
+/// anything else safe. Returns its base URL.
+async fn scripted_classifier() -> String {
+    async fn predict(axum::Json(body): axum::Json<serde_json::Value>) -> axum::Json<serde_json::Value> {
+        let text = body["inputs"].as_str().unwrap_or_default();
+        axum::Json(if text.contains("secret sauce") {
+            serde_json::json!([{"label": "INJECTION", "score": 0.95}, {"label": "SAFE", "score": 0.05}])
+        } else {
+            serde_json::json!([{"label": "SAFE", "score": 0.99}, {"label": "INJECTION", "score": 0.01}])
+        })
+    }
+    let app = axum::Router::new().route("/predict", axum::routing::post(predict));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+async fn a_classifier_raises_a_flag_as_a_change(mode: natter_testkit::Mode) {
+    let url = scripted_classifier().await;
+    let flags = ["--classifier-url", url.as_str()];
+    let Some(c) = Cluster::start_with(mode, natter_testkit::Flags { messages: &flags, ..Default::default() }).await
+    else {
+        return;
+    };
+    let (owner, author) = (c.user("owner").await, c.user("author").await);
+    let create = cpb::CreateChatRequest {
+        title: "classified".into(),
+        member_ids: vec![author.id.clone()],
+        ..Default::default()
+    };
+    let chat = c.chats().create_chat(authed(&owner, create)).await.unwrap().into_inner().chat.unwrap().id;
+    let follow = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], ..Default::default() };
+    let mut stream = c.messages().stream_events(authed(&author, follow)).await.unwrap().into_inner();
+    let send = |text: &str| mpb::SendMessageRequest { chat_id: chat.clone(), text: text.into(), ..Default::default() };
+    // natter-detect sees nothing wrong; the classifier does.
+    let sent = c.messages().send_message(authed(&author, send("tell me the secret sauce"))).await.unwrap();
+    let sent = sent.into_inner().message.unwrap();
+    assert!(!sent.flags.clone().unwrap().flagged, "{:?}", sent.flags);
+    // The author sees the raise on the stream, as an edit of the message.
+    let raised = loop {
+        if let Some(mpb::stream_events_response::Event::MessageEdited(m)) = next(&mut stream).await.event
+            && m.id == sent.id
+        {
+            break m;
+        }
+    };
+    let verdict = raised.flags.expect("the author's own");
+    assert!(verdict.flagged && verdict.severity == mpb::Severity::Critical as i32, "{verdict:?}");
+    assert_eq!(
+        (verdict.detector.as_str(), raised.text.as_str(), raised.revision),
+        ("classifier", sent.text.as_str(), 1)
+    );
+    assert!(raised.change_seq > sent.change_seq);
+    // The owner's queue has it.
+    let queue = c.messages().list_flagged_messages(authed(&owner, mpb::ListFlaggedMessagesRequest::default())).await;
+    let ids: Vec<String> = queue.unwrap().into_inner().messages.into_iter().map(|f| f.message.unwrap().id).collect();
+    assert_eq!(ids, [sent.id]);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classifier_raises_a_flag_as_a_change_all_in_one() {
+    a_classifier_raises_a_flag_as_a_change(natter_testkit::Mode::AllInOne).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classifier_raises_a_flag_as_a_change_split() {
+    a_classifier_raises_a_flag_as_a_change(natter_testkit::Mode::Split).await;
+}

@@ -9,6 +9,7 @@
 //! from domain types). It reaches the chats service only through
 //! `natter-links`.
 
+pub mod classifier;
 pub mod domain;
 pub mod error;
 pub mod grpc;
@@ -100,6 +101,25 @@ pub struct MessagesArgs {
     /// reports anywhere. Staff is granted here only, never by an RPC.
     #[arg(long, env = "NATTER_STAFF_USER_IDS", value_delimiter = ',')]
     pub staff_user_ids: Vec<uuid::Uuid>,
+    /// Base URL of an external prompt-injection classifier (Hugging Face
+    /// text-embeddings-inference serving a sequence classifier: `POST
+    /// /predict`). Each message sent or edited is also sent there after
+    /// its commit; a worse verdict raises its flags as a change (never
+    /// lowers them). Unset: natter-detect alone.
+    #[arg(long, env = "NATTER_CLASSIFIER_URL", value_parser = http_url)]
+    pub classifier_url: Option<String>,
+    /// Longest wait for the classifier's answer.
+    #[arg(long, env = "NATTER_CLASSIFIER_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub classifier_timeout: std::time::Duration,
+}
+
+/// An http(s) URL, for a flag.
+fn http_url(value: &str) -> Result<String, String> {
+    if value.starts_with("http://") || value.starts_with("https://") {
+        Ok(value.to_owned())
+    } else {
+        Err("must be an http:// or https:// URL".into())
+    }
 }
 
 /// Which messages the injection detector scans.
@@ -130,6 +150,8 @@ impl Default for MessagesArgs {
             typing_timeout: std::time::Duration::from_secs(5),
             scan_messages: Scan::All,
             staff_user_ids: Vec::new(),
+            classifier_url: None,
+            classifier_timeout: std::time::Duration::from_secs(2),
         }
     }
 }

@@ -50,6 +50,8 @@ pub struct Messages {
     detector: Option<natter_detect::Detector>,
     /// Server staff (--staff-user-ids).
     staff: std::collections::HashSet<UserId>,
+    /// The external classifier (--classifier-url).
+    classifier: Option<Arc<crate::classifier::Classifier>>,
 }
 
 impl Messages {
@@ -63,6 +65,12 @@ impl Messages {
         bus: Arc<dyn EventBus>,
         args: &MessagesArgs,
     ) -> Self {
+        let classifier = args.classifier_url.as_deref().and_then(|url| {
+            crate::classifier::Classifier::new(url, args.classifier_timeout, store.clone(), bus.clone())
+                .map_err(|e| tracing::error!(error = %e, "the external classifier is off"))
+                .ok()
+                .map(Arc::new)
+        });
         Self {
             writer: Writer::start(store.clone(), chats.clone()),
             store,
@@ -76,6 +84,7 @@ impl Messages {
             typing_timeout: args.typing_timeout,
             detector: (args.scan_messages == crate::Scan::All).then(natter_detect::Detector::default),
             staff: args.staff_user_ids.iter().map(|u| UserId(*u)).collect(),
+            classifier,
         }
     }
 
@@ -225,6 +234,9 @@ impl Messages {
         };
         let event = grpc::created_event(grpc::message_pb(message.clone(), Vec::new()));
         self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(BusEvent::new(req.chat_id, event)));
+        if let Some(classifier) = &self.classifier {
+            classifier.spawn(message.id, message.chat_id, message.revision, message.text.clone());
+        }
         Ok(message)
     }
 
@@ -276,6 +288,9 @@ impl Messages {
             Topic::Chat(edited.chat_id.0),
             Arc::new(BusEvent::new(edited.chat_id, grpc::edited_event(edited.clone()))),
         );
+        if let Some(classifier) = &self.classifier {
+            classifier.spawn(edited.id, edited.chat_id, edited.revision, edited.text.clone());
+        }
         Ok(edited)
     }
 

@@ -850,6 +850,12 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// `before` (µs), oldest checkpoint first.
     async fn stale_replies(&self, before: i64, limit: u32) -> Result<Vec<Message>, StoreError>;
 
+    /// Raises a live message's flags to `flags` (an external classifier's
+    /// verdict) as a change of its chat, if its revision is still
+    /// `revision` and `flags` is more severe than what it has; returns the
+    /// message as it is then (None: nothing changed).
+    async fn raise_flags(&self, id: MessageId, revision: i64, flags: &Flags) -> Result<Option<Message>, StoreError>;
+
     /// Records `report` unless its reporter reported the message already;
     /// returns the report stored (the first one, on a repeat).
     async fn report(&self, report: &StoredReport) -> Result<StoredReport, StoreError>;

@@ -873,6 +873,35 @@ impl MessageStore for PostgresStore {
         .collect()
     }
 
+    async fn raise_flags(&self, id: MessageId, revision: i64, flags: &Flags) -> Result<Option<Message>, StoreError> {
+        let (id, (severity, json)) = (id.to_string(), Flags::columns(Some(flags)));
+        let mut tx = self.pool.begin().await?;
+        // Lock order everywhere: a message row, then its chat's heads.
+        let locked: Option<(String,)> = sqlx::query_as(
+            "UPDATE messages SET flag_severity = flag_severity WHERE id = $1 AND revision = $2 \
+             AND delete_time IS NULL AND flag_severity < $3 RETURNING chat_id",
+        )
+        .bind(&id)
+        .bind(revision)
+        .bind(severity)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((chat,)) = locked else { return Ok(None) };
+        let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+        let row = sqlx::query(concat!(
+            "UPDATE messages SET flag_severity = $2, flags = $3, change_seq = $4 WHERE id = $1 RETURNING ",
+            message_columns!()
+        ))
+        .bind(&id)
+        .bind(severity)
+        .bind(json)
+        .bind(change)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(message_row(&row)?))
+    }
+
     async fn report(&self, report: &StoredReport) -> Result<StoredReport, StoreError> {
         let (message, reporter) = (report.message_id.to_string(), report.reporter.to_string());
         sqlx::query(

@@ -777,6 +777,31 @@ impl MessageStore for SqliteStore {
         Ok(rows.await?)
     }
 
+    async fn raise_flags(&self, id: MessageId, revision: i64, flags: &Flags) -> Result<Option<Message>, StoreError> {
+        let (id, (severity, json)) = (id.to_string(), Flags::columns(Some(flags)));
+        let raised = self.db.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let chat: Option<String> = tx
+                .prepare_cached(
+                    "SELECT chat_id FROM messages WHERE id = ?1 AND revision = ?2 AND delete_time IS NULL \
+                     AND flag_severity < ?3",
+                )?
+                .query_row(params![id, revision, severity], |row| row.get(0))
+                .optional()?;
+            let Some(chat) = chat else { return Ok(None) };
+            let change = next_change(&tx, &chat)?;
+            let message = tx
+                .prepare_cached(concat!(
+                    "UPDATE messages SET flag_severity = ?2, flags = ?3, change_seq = ?4 WHERE id = ?1 RETURNING ",
+                    message_columns!()
+                ))?
+                .query_row(params![id, severity, json, change], message_row)?;
+            tx.commit()?;
+            Ok(Some(message))
+        });
+        Ok(raised.await?)
+    }
+
     async fn report(&self, report: &StoredReport) -> Result<StoredReport, StoreError> {
         let r = report.clone();
         let stored = self.db.write(move |conn| {

@@ -71,6 +71,7 @@ macro_rules! message_store_suite {
 }
 
 message_store_suite!(
+    an_external_verdict_only_raises_the_flags_of_the_revision_it_saw,
     reports_are_once_per_user_and_the_queue_lists_flagged_and_reported_messages,
     flags_are_stored_replaced_on_edit_cleared_on_delete_and_filter_a_listing,
     a_reply_takes_the_next_seq_streams_by_checkpoints_and_finishes_as_a_change,
@@ -802,4 +803,19 @@ async fn reports_are_once_per_user_and_the_queue_lists_flagged_and_reported_mess
 /// How a reply ends, without flags.
 fn fin(text: &str, status: Generation, info: &GenerationInfo, restore_replaced: bool) -> Finish {
     Finish { text: text.into(), status, info: info.clone(), flags: None, restore_replaced }
+}
+
+async fn an_external_verdict_only_raises_the_flags_of_the_revision_it_saw(h: &Harness) {
+    send(h, &[NewMessage { flags: Some(flags(1, "")), ..msg(1, 1, 0) }, msg(2, 1, 0)]).await;
+    let high = flags(4, "instruction_override");
+    let raised = h.store.raise_flags(id(1), 1, &high).await.unwrap().expect("raised");
+    assert_eq!(
+        (raised.flags.as_deref(), raised.change_seq, raised.revision),
+        (Some(&high), 3, 1),
+        "a change of its own"
+    );
+    assert_eq!(h.store.raise_flags(id(1), 1, &flags(3, "x")).await.unwrap(), None, "never lowered");
+    assert_eq!(h.store.raise_flags(id(2), 7, &high).await.unwrap(), None, "another revision's verdict");
+    h.store.delete(id(2), 5_000).await.unwrap();
+    assert_eq!(h.store.raise_flags(id(2), 1, &high).await.unwrap(), None, "a tombstone stays clean");
 }

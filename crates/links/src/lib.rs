@@ -97,6 +97,11 @@ pub mod activity {
     }
 }
 
+/// True for a chat's owner and admins (by a CheckMembership answer).
+pub fn manages(membership: &chats::CheckMembershipResponse) -> bool {
+    membership.role == chats::MemberRole::Owner as i32 || membership.role == chats::MemberRole::Admin as i32
+}
+
 /// What the messages service asks the chats service.
 #[async_trait]
 pub trait ChatDirectory: Send + Sync + 'static {
@@ -480,8 +485,7 @@ impl AssistantMessages for Grpc {
         // No deadline on the stream itself: only on its answer.
         let request = Request::new(messages::FollowChatsRequest { user_id: user_id.to_owned() });
         let mut client = MessageInternalServiceClient::new(self.0.channel());
-        let stream = self.0.call(client.follow_chats(request)).await?;
-        Ok(Box::pin(futures::StreamExt::filter_map(stream, |item| async move { item.map(|r| r.event).transpose() })))
+        Ok(follow_events(self.0.call(client.follow_chats(request)).await?))
     }
 
     async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
@@ -566,8 +570,7 @@ impl<S: MessageInternalService> AssistantMessages for InProcess<S> {
 
     async fn follow_chats(&self, user_id: &str) -> Result<EventStream, Status> {
         let request = messages::FollowChatsRequest { user_id: user_id.to_owned() };
-        let stream = self.0.follow_chats(Request::new(request)).await?.into_inner();
-        Ok(Box::pin(futures::StreamExt::filter_map(stream, |item| async move { item.map(|r| r.event).transpose() })))
+        Ok(follow_events(self.0.follow_chats(Request::new(request)).await?.into_inner()))
     }
 
     async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
@@ -692,6 +695,13 @@ impl<S: SessionInternalService> AssistantUsers for InProcess<S> {
         .user
         .ok_or_else(no_message)
     }
+}
+
+/// The events a FollowChats stream carries.
+fn follow_events(
+    stream: impl futures::Stream<Item = Result<messages::FollowChatsResponse, Status>> + Send + 'static,
+) -> EventStream {
+    Box::pin(futures::StreamExt::filter_map(stream, |item| async move { item.map(|r| r.event).transpose() }))
 }
 
 /// A callee's answer without the message it promises.

@@ -310,9 +310,24 @@ impl Assistant {
     /// Answers `prompt` at once with a reply created FAILED, saying why (it
     /// does not wait for the chat's reply being generated).
     async fn refuse(&self, prompt: &mpb::Message, why: &str) {
+        let info = mpb::GenerationInfo { error: why.into(), ..Default::default() };
+        self.answer_at_once(prompt, mpb::GenerationStatus::Failed, String::new(), info).await;
+    }
+
+    /// Creates `prompt`'s reply already finished (`status`, `text`, `info`),
+    /// tells the waiting Ask calls and moves the bot's read position past
+    /// the prompt. A reply that exists already is left as it is.
+    async fn answer_at_once(
+        &self,
+        prompt: &mpb::Message,
+        status: mpb::GenerationStatus,
+        text: String,
+        info: mpb::GenerationInfo,
+    ) {
         let request = mpb::StartReplyRequest {
-            status: mpb::GenerationStatus::Failed as i32,
-            generation: Some(mpb::GenerationInfo { error: why.into(), ..Default::default() }),
+            status: status as i32,
+            text,
+            generation: Some(info),
             ..self.start_request(prompt, reply_id(&prompt.id), "")
         };
         match self.links.messages.start_reply(request).await {
@@ -369,42 +384,14 @@ impl Assistant {
         if let Some(why) = barred(&self.detector, &job.prompt.text) {
             // Never sent to the model: a fixed refusal, marked as a content
             // filter's.
-            let request = mpb::StartReplyRequest {
-                status: mpb::GenerationStatus::Complete as i32,
-                text: REFUSAL.into(),
-                generation: Some(mpb::GenerationInfo {
-                    finish_reason: CONTENT_FILTER.into(),
-                    error: why.clone(),
-                    ..Default::default()
-                }),
-                ..self.start_request(&job.prompt, reply_id(&job.prompt.id), "")
-            };
-            let refused = match job.started {
+            let info = mpb::GenerationInfo { finish_reason: CONTENT_FILTER.into(), error: why, ..Default::default() };
+            let status = mpb::GenerationStatus::Complete;
+            match job.started {
                 // Regenerate started it already: finish it as a refusal.
                 Some(reply) => {
-                    let outcome = Outcome {
-                        text: REFUSAL.into(),
-                        status: mpb::GenerationStatus::Complete,
-                        info: mpb::GenerationInfo {
-                            finish_reason: CONTENT_FILTER.into(),
-                            error: why,
-                            ..Default::default()
-                        },
-                    };
-                    self.finish(&reply, outcome, false).await;
-                    return;
+                    self.finish(&reply, Outcome { text: REFUSAL.into(), status, info }, false).await;
                 }
-                None => self.links.messages.start_reply(request).await,
-            };
-            match refused {
-                Ok((reply, true)) => {
-                    let _ = self.finished.send(reply);
-                    let _ = self.links.messages.mark_read_as(&self.bot.id, &job.prompt.chat_id, job.prompt.seq).await;
-                }
-                Ok((_, false)) => {}
-                Err(status) => {
-                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot refuse a prompt")
-                }
+                None => self.answer_at_once(&job.prompt, status, REFUSAL.into(), info).await,
             }
             return;
         }
@@ -763,7 +750,7 @@ impl Assistant {
         request: mpb::SendMessageRequest,
         wait: Duration,
     ) -> Result<(mpb::Message, mpb::Message), Status> {
-        let manager = manages(&self.member(&request.chat_id, caller).await?);
+        let manager = natter_links::manages(&self.member(&request.chat_id, caller).await?);
         let (prompt, reply) = self.ask_and_wait(caller, request, wait).await?;
         Ok((prompt, moderated(reply, caller, manager)))
     }
@@ -851,7 +838,7 @@ impl Assistant {
         if prompt.deleted {
             return Err(Status::failed_precondition("the reply's prompt was deleted"));
         }
-        let manager = manages(&membership);
+        let manager = natter_links::manages(&membership);
         if edit.is_some() && prompt.author_id != caller {
             return Err(Status::permission_denied("only the prompt's author may edit it"));
         }
@@ -925,7 +912,7 @@ impl Assistant {
         if reply.role != mpb::MessageRole::Assistant as i32 {
             return Err(Status::failed_precondition("the message is no assistant reply"));
         }
-        let manager = manages(&membership);
+        let manager = natter_links::manages(&membership);
         if !manager {
             let prompt =
                 self.links.messages.lookup_messages(Vec::new(), &reply.chat_id, vec![reply.reply_to_seq]).await?;
@@ -960,11 +947,6 @@ impl Assistant {
         };
         Ok(moderated(reply, caller, manager))
     }
-}
-
-/// True for a chat's owner and admins.
-fn manages(membership: &cpb::CheckMembershipResponse) -> bool {
-    membership.role == cpb::MemberRole::Owner as i32 || membership.role == cpb::MemberRole::Admin as i32
 }
 
 /// `message` as `viewer` may see it: its injection flags only for its

@@ -84,12 +84,12 @@ impl Classifier {
         if severity == natter_detect::Severity::None {
             return Ok(());
         }
-        let flags = Flags {
-            severity: severity as i32 + 1,
-            score_millis: (score.clamp(0.0, 1.0) * 1000.0).round() as u16,
-            categories: vec!["instruction_override".into()],
-            detector: CLASSIFIER_DETECTOR.into(),
-        };
+        let flags = Flags::of_score(
+            Flags::severity_of(severity),
+            score,
+            vec!["instruction_override".into()],
+            CLASSIFIER_DETECTOR,
+        );
         if let Some(raised) = self.store.raise_flags(id, revision, &flags).await? {
             let event = grpc::edited_event(raised);
             self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));

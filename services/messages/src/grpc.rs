@@ -882,12 +882,7 @@ impl MessageInternalService for MessageInternalApi {
         let finish = crate::store::Finish {
             status: finished_status(r.status)?,
             info: info_of(r.generation.unwrap_or_default()),
-            flags: r.flags.map(|f| Flags {
-                severity: f.severity,
-                score_millis: (f.score.clamp(0.0, 1.0) * 1000.0).round() as u16,
-                categories: f.categories,
-                detector: f.detector,
-            }),
+            flags: r.flags.map(|f| Flags::of_score(f.severity, f.score, f.categories, f.detector)),
             restore_replaced: r.restore_replaced,
             text: r.text,
         };

@@ -175,13 +175,12 @@ impl Messages {
     /// The injection detector's verdict on `text` (None: scanning off).
     fn flags_of(&self, text: &str) -> Option<Flags> {
         let verdict = self.detector.as_ref()?.scan(text);
-        Some(Flags {
-            // natter.messages.v1.Severity: NONE is 1.
-            severity: verdict.severity as i32 + 1,
-            score_millis: (verdict.score.clamp(0.0, 1.0) * 1000.0).round() as u16,
-            categories: verdict.categories.iter().map(|c| c.as_str().to_owned()).collect(),
-            detector: natter_detect::DETECTOR.to_owned(),
-        })
+        Some(Flags::of_score(
+            Flags::severity_of(verdict.severity),
+            verdict.score,
+            verdict.categories.iter().map(|c| c.as_str().to_owned()).collect(),
+            natter_detect::DETECTOR,
+        ))
     }
 
     /// SendMessage: commits the message with the chat's next seq, announces
@@ -260,7 +259,7 @@ impl Messages {
     /// GetMessage (flags only for the author, the owner and admins).
     pub async fn get(&self, caller: UserId, message_id: MessageId) -> Result<Message, MessagesError> {
         let (message, membership) = self.message_for(caller, message_id, false).await?;
-        Ok(flags_for(message, caller, manages(&membership)))
+        Ok(flags_for(message, caller, natter_links::manages(&membership)))
     }
 
     /// EditMessage (author only): keeps every earlier revision, up to
@@ -298,8 +297,7 @@ impl Messages {
     /// tombstone; deleting a tombstone returns it.
     pub async fn delete(&self, caller: UserId, message_id: MessageId) -> Result<Message, MessagesError> {
         let (message, membership) = self.message_for(caller, message_id, true).await?;
-        let manager =
-            membership.role == cpb::MemberRole::Owner as i32 || membership.role == cpb::MemberRole::Admin as i32;
+        let manager = natter_links::manages(&membership);
         if message.author_id != caller && !manager {
             return Err(MessagesError::Denied("only the author, the owner or an admin may delete a message"));
         }
@@ -354,7 +352,7 @@ impl Messages {
         req: ListMessages,
     ) -> Result<(Vec<WithHistory>, Option<Seq>), MessagesError> {
         let membership = self.readable(req.chat_id, caller).await?;
-        let manager = manages(&membership);
+        let manager = natter_links::manages(&membership);
         if req.range.flagged && !manager {
             return Err(MessagesError::Denied("only the chat's owner and admins may list its flagged messages"));
         }
@@ -524,7 +522,7 @@ impl Messages {
     /// message's open reports; returns how many.
     pub async fn resolve_reports(&self, caller: UserId, message_id: MessageId) -> Result<u64, MessagesError> {
         let message = self.store.message(message_id).await?.ok_or(MessagesError::MessageNotFound)?;
-        if !self.staff.contains(&caller) && !manages(&self.member(message.chat_id, caller).await?) {
+        if !self.staff.contains(&caller) && !natter_links::manages(&self.member(message.chat_id, caller).await?) {
             return Err(MessagesError::Denied("only the chat's owner, an admin or staff may resolve reports"));
         }
         Ok(self.store.resolve_reports(message_id, caller, now_micros()).await?)
@@ -645,11 +643,6 @@ impl Messages {
     pub async fn stale_replies(&self, before: i64, limit: u32) -> Result<Vec<Message>, MessagesError> {
         Ok(self.store.stale_replies(before, limit).await?)
     }
-}
-
-/// True for a chat's owner and admins.
-fn manages(membership: &cpb::CheckMembershipResponse) -> bool {
-    membership.role == cpb::MemberRole::Owner as i32 || membership.role == cpb::MemberRole::Admin as i32
 }
 
 /// `message` as `viewer` may see it: its injection flags only for its

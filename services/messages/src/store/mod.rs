@@ -101,6 +101,22 @@ pub struct Flags {
 }
 
 impl Flags {
+    /// A verdict: `severity` as natter.messages.v1.Severity numbers it,
+    /// `score` in 0..=1 (kept in thousandths).
+    pub fn of_score(severity: i32, score: f32, categories: Vec<String>, detector: impl Into<String>) -> Self {
+        Flags {
+            severity,
+            score_millis: (score.clamp(0.0, 1.0) * 1000.0).round() as u16,
+            categories,
+            detector: detector.into(),
+        }
+    }
+
+    /// natter.messages.v1.Severity of a natter-detect severity (NONE is 1).
+    pub fn severity_of(severity: natter_detect::Severity) -> i32 {
+        severity as i32 + 1
+    }
+
     /// True from LOW up.
     pub fn flagged(&self) -> bool {
         self.severity >= FLAGGED_FROM

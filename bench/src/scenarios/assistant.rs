@@ -6,7 +6,7 @@
 //! `|`); a stream that receives a `message_delta` records now − that time
 //! for each token in it. That latency covers the model server's HTTP
 //! stream, the assistant's parsing, its coalescing of tokens into deltas
-//! (one per 75 ms at most, by design: a token waits for the next flush),
+//! (at most one per 50 ms per reply: a token that comes sooner waits),
 //! the publish through the messages service and the bus, and the stream.
 //! For the delivery alone (publish to client) see `fanout`: deltas take the
 //! same bus and streams as messages.

@@ -69,7 +69,8 @@ pub struct Settings {
     pub concurrency: usize,
     pub queue: usize,
     pub lease: Duration,
-    /// How often text goes out as message_delta events (coalesced).
+    /// The least time between two message_delta events of a reply: text
+    /// that comes sooner is held and sent together (coalesced).
     pub flush: Duration,
     /// How often the text so far is checkpointed (and the lease renewed).
     pub checkpoint: Duration,
@@ -86,7 +87,7 @@ impl Default for Settings {
             concurrency: 16,
             queue: 8,
             lease: Duration::from_secs(15),
-            flush: Duration::from_millis(75),
+            flush: Duration::from_millis(50),
             checkpoint: Duration::from_secs(1),
         }
     }
@@ -522,9 +523,10 @@ impl Assistant {
     }
 
     /// Streams the reply to `prompt` into `reply`: text goes out as
-    /// message_delta events about every `flush`, is checkpointed about every
-    /// `checkpoint` (which reports a stop asked on any replica); `stop` (or
-    /// shutdown) ends it at once, dropping the connection to the server.
+    /// message_delta events (at once, or coalesced to one per `flush`), is
+    /// checkpointed about every `checkpoint` (which reports a stop asked on
+    /// any replica); `stop` (or shutdown) ends it at once, dropping the
+    /// connection to the server.
     async fn generate(&self, prompt: &mpb::Message, reply: &mpb::Message, stop: &CancellationToken) -> Outcome {
         let mut outcome = Outcome {
             text: String::new(),
@@ -563,12 +565,20 @@ impl Assistant {
             Some(Err(error)) => return failed(outcome, error),
             Some(Ok(started)) => started,
         };
+        // Text goes out at once when the last delta left at least `flush`
+        // ago (a token at the model's pace is not held back), else when
+        // that time has passed: at most one delta per `flush` per reply.
         let mut sent = 0;
-        let mut flush = tokio::time::interval(self.settings.flush);
-        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last_delta: Option<tokio::time::Instant> = None;
         let mut checkpointed = Instant::now();
+        let mut beat =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.settings.checkpoint, self.settings.checkpoint);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let held = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(held);
+        let mut holding = false;
         loop {
-            tokio::select! {
+            let due = tokio::select! {
                 biased;
                 () = stop.cancelled() => {
                     outcome.status = mpb::GenerationStatus::Stopped;
@@ -579,38 +589,33 @@ impl Assistant {
                     outcome.info.error = "natter shut down while the reply was being written".into();
                     break;
                 }
-                _ = flush.tick() => {
-                    let checkpoint = checkpointed.elapsed() >= self.settings.checkpoint;
-                    if sent == outcome.text.len() && !checkpoint {
-                        continue;
-                    }
-                    let update = self.update(reply, &outcome.text, sent, checkpoint);
-                    sent = outcome.text.len();
-                    if checkpoint {
-                        checkpointed = Instant::now();
-                    }
-                    match update.await {
-                        Ok(false) => {}
-                        Ok(true) => {
-                            outcome.status = mpb::GenerationStatus::Stopped;
-                            break;
-                        }
-                        // Finished meanwhile (the sweeper took it for a dead
-                        // generator's): nothing more to write.
-                        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                            outcome.status = mpb::GenerationStatus::Interrupted;
-                            break;
-                        }
-                        Err(status) => tracing::warn!(reply = %reply.id, error = %status.message(), "cannot update a reply"),
-                    }
+                () = &mut held, if holding => {
+                    holding = false;
+                    true
                 }
+                _ = beat.tick() => checkpointed.elapsed() >= self.settings.checkpoint,
                 event = events.next() => match event {
-                    Some(Ok(LlmEvent::Content(text))) => outcome.text.push_str(&text),
-                    Some(Ok(LlmEvent::Finish(reason))) => outcome.info.finish_reason = reason,
+                    Some(Ok(LlmEvent::Content(text))) => {
+                        outcome.text.push_str(&text);
+                        match last_delta {
+                            _ if holding => false,
+                            Some(last) if last.elapsed() < self.settings.flush => {
+                                held.as_mut().reset(last + self.settings.flush);
+                                holding = true;
+                                false
+                            }
+                            _ => true,
+                        }
+                    }
+                    Some(Ok(LlmEvent::Finish(reason))) => {
+                        outcome.info.finish_reason = reason;
+                        false
+                    }
                     Some(Ok(LlmEvent::Usage(usage))) => {
                         let tokens = |n: Option<u64>| n.map_or(0, |n| i32::try_from(n).unwrap_or(i32::MAX));
                         outcome.info.prompt_tokens = tokens(usage.prompt_tokens);
                         outcome.info.completion_tokens = tokens(usage.completion_tokens);
+                        false
                     }
                     // The end, with [DONE] or without (several servers
                     // just close the stream).
@@ -620,6 +625,38 @@ impl Assistant {
                         break;
                     }
                 },
+            };
+            if !due {
+                continue;
+            }
+            // A delta of what is new, with the whole text when a
+            // checkpoint is due (which also renews the lease).
+            let checkpoint = checkpointed.elapsed() >= self.settings.checkpoint;
+            if sent == outcome.text.len() && !checkpoint {
+                continue;
+            }
+            let update = self.update(reply, &outcome.text, sent, checkpoint);
+            if sent < outcome.text.len() {
+                last_delta = Some(tokio::time::Instant::now());
+                holding = false;
+            }
+            sent = outcome.text.len();
+            if checkpoint {
+                checkpointed = Instant::now();
+            }
+            match update.await {
+                Ok(false) => {}
+                Ok(true) => {
+                    outcome.status = mpb::GenerationStatus::Stopped;
+                    break;
+                }
+                // Finished meanwhile (the sweeper took it for a dead
+                // generator's): nothing more to write.
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                    outcome.status = mpb::GenerationStatus::Interrupted;
+                    break;
+                }
+                Err(status) => tracing::warn!(reply = %reply.id, error = %status.message(), "cannot update a reply"),
             }
         }
         // Closes the connection: the only cancel these servers understand.

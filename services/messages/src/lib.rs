@@ -9,6 +9,7 @@
 //! from domain types). It reaches the chats service only through
 //! `natter-links`.
 
+pub mod checkpoints;
 pub mod classifier;
 pub mod domain;
 pub mod error;

@@ -34,6 +34,8 @@ pub const RECOVERY_WINDOW_US: i64 = natter_links::activity::REANNOUNCE_WINDOW_US
 pub struct Messages {
     store: Arc<dyn MessageStore>,
     writer: Writer,
+    /// Batches the checkpoints of replies being generated.
+    checkpoints: crate::checkpoints::Checkpoints,
     chats: Arc<dyn ChatDirectory>,
     bus: Arc<dyn EventBus>,
     limits: Limits,
@@ -73,6 +75,7 @@ impl Messages {
         });
         Self {
             writer: Writer::start(store.clone(), chats.clone()),
+            checkpoints: crate::checkpoints::Checkpoints::start(store.clone()),
             store,
             chats,
             bus,
@@ -610,8 +613,8 @@ impl Messages {
         }
         match checkpoint {
             Some(text) => self
-                .store
-                .checkpoint_reply(id, Some(&text), now_micros())
+                .checkpoints
+                .checkpoint(crate::store::Checkpoint { id, text: Some(text) })
                 .await?
                 .ok_or(MessagesError::Precondition("the reply is no longer generating")),
             None => Ok(false),

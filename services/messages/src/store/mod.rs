@@ -380,6 +380,14 @@ impl NewMessage {
     }
 }
 
+/// A GENERATING reply's checkpoint ([`MessageStore::checkpoint_replies`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub id: MessageId,
+    /// The whole text so far; None renews only the lease (the heartbeat).
+    pub text: Option<String>,
+}
+
 /// An assistant's reply to start ([`MessageStore::start_reply`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewReply {
@@ -845,11 +853,19 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// ([`NewReply::finished`]) skips that check.
     async fn start_reply(&self, reply: &NewReply) -> Result<Started, StoreError>;
 
-    /// Stores the text so far of a GENERATING reply (`text` None: only the
-    /// heartbeat) with its checkpoint time `now` (µs): no revision, no
-    /// change number. Answers whether a stop was asked for it, or None when
-    /// it is not GENERATING (finished, or no such message).
-    async fn checkpoint_reply(&self, id: MessageId, text: Option<&str>, now: i64) -> Result<Option<bool>, StoreError>;
+    /// Stores the text so far of GENERATING replies, in ONE transaction
+    /// (one WAL sync on SQLite, one statement on PostgreSQL), each with its
+    /// checkpoint time `now` (µs): no revision, no change number. Answers,
+    /// in `checkpoints`' order, whether a stop was asked for each, or None
+    /// for one that is not GENERATING (finished, or no such message).
+    async fn checkpoint_replies(&self, checkpoints: &[Checkpoint], now: i64) -> Result<Vec<Option<bool>>, StoreError>;
+
+    /// [`MessageStore::checkpoint_replies`] of one reply (`text` None: only
+    /// the heartbeat).
+    async fn checkpoint_reply(&self, id: MessageId, text: Option<&str>, now: i64) -> Result<Option<bool>, StoreError> {
+        let one = Checkpoint { id, text: text.map(str::to_owned) };
+        Ok(self.checkpoint_replies(std::slice::from_ref(&one), now).await?.pop().flatten())
+    }
 
     /// Finishes a GENERATING reply in ONE transaction: its text, status and
     /// info, as a change of the chat (next change number, no revision); a

@@ -23,10 +23,10 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row as _};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finish, Finished, Flags, Generation, GenerationInfo, Heads,
-    Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor, Range, ReadState, Reply,
-    Revision, Sent, Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of, chat_change_row,
-    list_sql, merge_changes, message_columns, parse_id, report_columns, unread_count_sql,
+    Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
+    GenerationInfo, Heads, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor, Range,
+    ReadState, Reply, Revision, Sent, Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of,
+    chat_change_row, list_sql, merge_changes, message_columns, parse_id, report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -779,17 +779,21 @@ impl MessageStore for PostgresStore {
         }
     }
 
-    async fn checkpoint_reply(&self, id: MessageId, text: Option<&str>, now: i64) -> Result<Option<bool>, StoreError> {
-        let stop: Option<(i32,)> = sqlx::query_as(
-            "UPDATE messages SET text = COALESCE($2, text), checkpoint_time = $3 \
-             WHERE id = $1 AND generation = 1 RETURNING stop_requested",
+    async fn checkpoint_replies(&self, checkpoints: &[Checkpoint], now: i64) -> Result<Vec<Option<bool>>, StoreError> {
+        let ids: Vec<String> = checkpoints.iter().map(|c| c.id.to_string()).collect();
+        let texts: Vec<Option<&str>> = checkpoints.iter().map(|c| c.text.as_deref()).collect();
+        let rows: Vec<(String, i32)> = sqlx::query_as(
+            "UPDATE messages m SET text = COALESCE(c.text, m.text), checkpoint_time = $3 \
+             FROM UNNEST($1::text[], $2::text[]) AS c(id, text) \
+             WHERE m.id = c.id AND m.generation = 1 RETURNING m.id, m.stop_requested",
         )
-        .bind(id.to_string())
-        .bind(text)
+        .bind(&ids)
+        .bind(&texts)
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(stop.map(|(s,)| s != 0))
+        let stops: std::collections::HashMap<String, bool> = rows.into_iter().map(|(id, s)| (id, s != 0)).collect();
+        Ok(ids.iter().map(|id| stops.get(id).copied()).collect())
     }
 
     async fn finish_reply(&self, id: MessageId, finish: &Finish) -> Result<Option<Finished>, StoreError> {

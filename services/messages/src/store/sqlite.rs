@@ -18,11 +18,11 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, params};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, Change, ChatChange, Edited, Finish, Finished, Flags, Generation, GenerationInfo, Heads,
-    Logged, Message, MessageStore, NewMessage, NewReply, QueueCursor, RECENT_ACTIVITY_ROWS, Range, ReadState, Reply,
-    Revision, Sent, Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of, chat_change_row,
-    created_after_bounds, first_seq_created_after, list_sql, merge_changes, message_columns, report_columns,
-    unread_count_sql,
+    Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
+    GenerationInfo, Heads, Logged, Message, MessageStore, NewMessage, NewReply, QueueCursor, RECENT_ACTIVITY_ROWS,
+    Range, ReadState, Reply, Revision, Sent, Seq, Started, StoreError, StoredReport, Summary, aggregates_sql,
+    chat_change_of, chat_change_row, created_after_bounds, first_seq_created_after, list_sql, merge_changes,
+    message_columns, report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -736,17 +736,25 @@ impl MessageStore for SqliteStore {
         Ok(self.db.write(move |conn| start_reply(conn, &reply)).await?)
     }
 
-    async fn checkpoint_reply(&self, id: MessageId, text: Option<&str>, now: i64) -> Result<Option<bool>, StoreError> {
-        let (id, text) = (id.to_string(), text.map(str::to_owned));
-        let stop = self.db.write(move |conn| {
-            conn.prepare_cached(
-                "UPDATE messages SET text = COALESCE(?2, text), checkpoint_time = ?3 \
-                 WHERE id = ?1 AND generation = 1 RETURNING stop_requested",
-            )?
-            .query_row(params![id, text, now], |row| row.get(0))
-            .optional()
+    async fn checkpoint_replies(&self, checkpoints: &[Checkpoint], now: i64) -> Result<Vec<Option<bool>>, StoreError> {
+        let checkpoints = checkpoints.to_vec();
+        let stops = self.db.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut stops = Vec::with_capacity(checkpoints.len());
+            {
+                let mut update = tx.prepare_cached(
+                    "UPDATE messages SET text = COALESCE(?2, text), checkpoint_time = ?3 \
+                     WHERE id = ?1 AND generation = 1 RETURNING stop_requested",
+                )?;
+                for checkpoint in &checkpoints {
+                    let id = checkpoint.id.to_string();
+                    stops.push(update.query_row(params![id, checkpoint.text, now], |row| row.get(0)).optional()?);
+                }
+            }
+            tx.commit()?;
+            Ok(stops)
         });
-        Ok(stop.await?)
+        Ok(stops.await?)
     }
 
     async fn finish_reply(&self, id: MessageId, finish: &Finish) -> Result<Option<Finished>, StoreError> {

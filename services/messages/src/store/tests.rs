@@ -76,7 +76,7 @@ message_store_suite!(
     flags_are_stored_replaced_on_edit_cleared_on_delete_and_filter_a_listing,
     a_reply_takes_the_next_seq_streams_by_checkpoints_and_finishes_as_a_change,
     a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it,
-    stale_replies_are_those_whose_checkpoint_is_old,
+    stale_replies_are_those_whose_checkpoint_is_old_and_checkpoints_renew_them,
     one_reply_generates_at_a_time_per_chat_and_a_refusal_is_not_held_up,
     read_positions_are_read_in_order,
     a_retry_with_the_same_id_creates_nothing,
@@ -697,7 +697,7 @@ async fn one_reply_generates_at_a_time_per_chat_and_a_refusal_is_not_held_up(h: 
     assert!(matches!(h.store.start_reply(&reply(13, 1, 2, None)).await.unwrap(), Started::Created(..)));
 }
 
-async fn stale_replies_are_those_whose_checkpoint_is_old(h: &Harness) {
+async fn stale_replies_are_those_whose_checkpoint_is_old_and_checkpoints_renew_them(h: &Harness) {
     send(h, &[by(msg(1, 1, 0), 1), by(msg(2, 2, 0), 1), by(msg(3, 3, 0), 1)]).await;
     let (a, _) = created(h.store.start_reply(&reply(11, 1, 1, None)).await.unwrap());
     let (b, _) = created(h.store.start_reply(&reply(12, 2, 2, None)).await.unwrap());
@@ -710,6 +710,20 @@ async fn stale_replies_are_those_whose_checkpoint_is_old(h: &Harness) {
     assert_eq!(stale(8_000).await, [a.id], "b renewed its lease, c is finished");
     assert_eq!(stale(9_001).await, [a.id, b.id], "oldest checkpoint first");
     assert_eq!(h.store.stale_replies(9_001, 1).await.unwrap().len(), 1);
+
+    // A batch of checkpoints: one transaction, answers in its order, None
+    // for a finished reply and an unknown id; the heartbeat keeps the text.
+    h.store.stop_reply(b.id).await.unwrap();
+    let batch = [
+        Checkpoint { id: b.id, text: None },
+        Checkpoint { id: c.id, text: Some("late".into()) },
+        Checkpoint { id: id(99), text: Some("x".into()) },
+        Checkpoint { id: a.id, text: Some("Hi".into()) },
+    ];
+    assert_eq!(h.store.checkpoint_replies(&batch, 10_000).await.unwrap(), [Some(true), None, None, Some(false)]);
+    assert!(stale(10_000).await.is_empty(), "both renewed");
+    let text = |m: MessageId| async move { h.store.message(m).await.unwrap().unwrap().text };
+    assert_eq!((text(a.id).await, text(b.id).await, text(c.id).await), ("Hi".into(), String::new(), String::new()));
 }
 
 async fn read_positions_are_read_in_order(h: &Harness) {

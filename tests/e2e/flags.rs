@@ -91,6 +91,14 @@ async fn flags_are_seen_by_the_author_and_the_chat_s_managers_only(c: &Cluster) 
     };
     assert!(seen.flags.expect("the author's own").flagged);
 
+    // The owner's stream carries it too.
+    let mut stream = replay(&owner).await;
+    let seen = loop {
+        if let Some(m) = created(next(&mut stream).await) {
+            break m;
+        }
+    };
+    assert!(seen.flags.expect("for the owner's stream").flagged);
     // The owner sees it and can list the flagged messages.
     assert!(get(c, &owner, &sent.id).await.flags.expect("for the owner").flagged);
     let flagged = list(c, &owner, &chat, true).await.unwrap();
@@ -124,6 +132,31 @@ async fn flags_are_seen_by_the_author_and_the_chat_s_managers_only(c: &Cluster) 
     let delete = mpb::DeleteMessageRequest { message_id: sent.id.clone() };
     c.messages().delete_message(authed(&author, delete)).await.unwrap();
     assert_eq!(chat_of(&owner).await.message_count, 1);
+
+    // The reader's live stream shows flags from the moment they are made
+    // an admin: the promotion, then a new attack with its verdict.
+    let live = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], ..Default::default() };
+    let mut stream = c.messages().stream_events(authed(&reader, live)).await.unwrap().into_inner();
+    // Live before the promotion (through the edge the stream may open
+    // later than the call returns): a message it sees says so.
+    let ready = c.messages().send_message(authed(&author, send("ready?"))).await.unwrap().into_inner();
+    let ready = ready.message.unwrap().id;
+    while !matches!(next(&mut stream).await.event, Some(mpb::stream_events_response::Event::MessageCreated(m)) if m.id == ready)
+    {
+    }
+    let promote = cpb::UpdateMemberRequest {
+        chat_id: chat.clone(),
+        user_id: reader.id.clone(),
+        role: cpb::MemberRole::Admin as i32,
+    };
+    c.chats().update_member(authed(&owner, promote)).await.unwrap();
+    let again = c.messages().send_message(authed(&author, send(ATTACK))).await.unwrap().into_inner().message.unwrap();
+    let seen = loop {
+        if let Some(m) = created(next(&mut stream).await).filter(|m| m.id == again.id) {
+            break m;
+        }
+    };
+    assert!(seen.flags.expect("for an admin's live stream").flagged);
 }
 
 async fn reports_reach_the_chat_s_moderation_queue_once_per_user(c: &Cluster) {

@@ -111,13 +111,7 @@ pub async fn open(
     // (or left) in between is not missed.
     let user_events = Some(bus.subscribe(Topic::User(user)));
     let chats: Vec<Uuid> = if all {
-        messages
-            .chats()
-            .member_chat_ids(&user.to_string())
-            .await?
-            .iter()
-            .filter_map(|c| Uuid::try_parse(c).ok())
-            .collect()
+        uuids(&messages.chats().member_chat_ids(&user.to_string()).await?)
     } else {
         for chat in &follow.chat_ids {
             messages.member(*chat, user).await?;
@@ -126,7 +120,13 @@ pub async fn open(
     };
     let session_events = Some(bus.subscribe(Topic::Session(follow.principal.session_id)));
 
-    let mut follower = Follower { messages, user, all, live: StreamMap::new(), cursors: HashMap::new() };
+    // Injection flags go to a message's author and the chat's owner and
+    // admins (a bot's stream, which has no session to check, sees every
+    // verdict: the assistant's policy needs them).
+    let every_flag = auth.is_none();
+    let managed: HashSet<Uuid> =
+        if every_flag { HashSet::new() } else { uuids(&messages.chats().managed_chat_ids(&user.to_string()).await?) };
+    let mut follower = Follower { messages, user, all, live: StreamMap::new(), cursors: HashMap::new(), managed };
     // Subscribe first, read the heads second: a change committed after the
     // head was read is announced to a subscription that already exists.
     for chat in &chats {
@@ -157,11 +157,6 @@ pub async fn open(
     tracing::debug!(user_id = %user, chats = chats.len(), replay = refills.len(), "stream opened");
 
     let token = follow.token;
-    // Injection flags go to a message's author only (a bot's stream, which
-    // has no session to check, sees every verdict: the assistant's policy
-    // needs them); owners and admins read them with ListMessages.
-    let every_flag = auth.is_none();
-    let user_id = user.to_string();
     // The stream ends when its session expires, as a new call would fail then.
     let left = follow.principal.expire_micros.saturating_sub(natter_kit::time::now_micros()).max(0);
     let expires = tokio::time::Instant::now()
@@ -190,8 +185,9 @@ pub async fn open(
                 if !more {
                     refills.pop_front();
                 }
+                follower.track_roles(&events).await?;
                 for event in events {
-                    yield event;
+                    yield follower.shown(event, every_flag);
                 }
             }
             let wake = tokio::select! {
@@ -233,30 +229,18 @@ pub async fn open(
                 Wake::Chat(chat, Err(Lagged(_))) => Step::refill(Refill::all(chat)),
             };
             refills.extend(step.refill);
+            follower.track_roles(&step.events).await?;
             for event in step.events {
-                yield event;
+                yield follower.shown(event, every_flag);
             }
         }
     };
-    Ok(Box::pin(stream.map(move |item: Result<pb::StreamEventsResponse, Status>| {
-        item.map(|mut event| {
-            if !every_flag {
-                hide_flags(&mut event, &user_id);
-            }
-            event
-        })
-    })))
+    Ok(Box::pin(stream))
 }
 
-/// Drops the injection flags of the message `event` carries unless `user`
-/// (an id) wrote it.
-fn hide_flags(event: &mut pb::StreamEventsResponse, user: &str) {
-    if let Some(Event::MessageCreated(m) | Event::MessageEdited(m) | Event::MessageDeleted(m)) = &mut event.event
-        && m.flags.is_some()
-        && m.author_id != user
-    {
-        m.flags = None;
-    }
+/// The chat ids among `ids` (as the chats service lists them).
+fn uuids<C: FromIterator<Uuid>>(ids: &[String]) -> C {
+    ids.iter().filter_map(|c| Uuid::try_parse(c).ok()).collect()
 }
 
 /// What woke a stream up.
@@ -321,6 +305,8 @@ struct Follower {
     live: StreamMap<Uuid, Subscription>,
     /// chat -> the last change number sent or skipped (only chats followed).
     cursors: HashMap<Uuid, i64>,
+    /// The chats the user owns or administers (see [`Follower::shown`]).
+    managed: HashSet<Uuid>,
 }
 
 impl Follower {
@@ -365,6 +351,46 @@ impl Follower {
             })),
             ..Default::default()
         }
+    }
+
+    /// `event` as the user may see it: a message's injection flags only for
+    /// its author and the chat's owner and admins (`every_flag`: a bot's
+    /// stream, every verdict).
+    fn shown(&self, mut event: pb::StreamEventsResponse, every_flag: bool) -> pb::StreamEventsResponse {
+        if let Some(Event::MessageCreated(m) | Event::MessageEdited(m) | Event::MessageDeleted(m)) = &mut event.event
+            && m.flags.is_some()
+            && !every_flag
+            && m.author_id.parse() != Ok(self.user)
+            && !Uuid::try_parse(&m.chat_id).is_ok_and(|chat| self.managed.contains(&chat))
+        {
+            m.flags = None;
+        }
+        event
+    }
+
+    /// Keeps [`Follower::managed`] current with the user's joins, role
+    /// changes and departures among `events` (before they are sent: a
+    /// promotion shows the flags of what follows it).
+    async fn track_roles(&mut self, events: &[pb::StreamEventsResponse]) -> Result<(), Status> {
+        let user = self.user.to_string();
+        for event in events {
+            let Some(Event::MembershipChanged(change)) = &event.event else { continue };
+            let Ok(chat) = Uuid::try_parse(&event.chat_id) else { continue };
+            if change.user_id != user {
+                continue;
+            }
+            if is_departure(change) {
+                self.managed.remove(&chat);
+                continue;
+            }
+            let membership = self.messages.chats().check_membership(&event.chat_id, &user).await?;
+            if membership.member && natter_links::manages(&membership) {
+                self.managed.insert(chat);
+            } else {
+                self.managed.remove(&chat);
+            }
+        }
+        Ok(())
     }
 
     /// A membership change of the user (the user's own topic).
@@ -439,14 +465,7 @@ impl Follower {
     /// following every chat) starts following those it joined, from now.
     async fn reconcile(&mut self) -> Result<Step, Status> {
         let user = self.user.to_string();
-        let member: HashSet<Uuid> = self
-            .messages
-            .chats()
-            .member_chat_ids(&user)
-            .await?
-            .iter()
-            .filter_map(|c| Uuid::try_parse(c).ok())
-            .collect();
+        let member: HashSet<Uuid> = uuids(&self.messages.chats().member_chat_ids(&user).await?);
         let gone: Vec<Uuid> = self.cursors.keys().filter(|c| !member.contains(*c)).copied().collect();
         let mut events: Vec<pb::StreamEventsResponse> = gone.into_iter().map(|chat| self.removed(chat)).collect();
         if self.all {

@@ -165,8 +165,10 @@ impl Link {
     /// answer within the deadline is DEADLINE_EXCEEDED naming it. A failure
     /// that is the callee's or the network's (UNAVAILABLE, DEADLINE_EXCEEDED,
     /// INTERNAL, UNKNOWN, UNIMPLEMENTED, DATA_LOSS) is logged at WARN naming
-    /// the dependency, at most once a minute per link; the answers a callee
-    /// gives on purpose (NOT_FOUND, PERMISSION_DENIED, ...) are not.
+    /// the dependency, at most once a minute per link, with the number of
+    /// such failures not logged since the previous line (`suppressed`); the
+    /// answers a callee gives on purpose (NOT_FOUND, PERMISSION_DENIED, ...)
+    /// are not.
     pub async fn call<T>(
         &self,
         call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -190,11 +192,12 @@ impl Link {
 
     /// The rate-limited WARN of [`Link::call`].
     fn warn_failed(&self, status: &tonic::Status) {
-        if self.last_warning.admit() {
+        if let Some(suppressed) = self.last_warning.admit() {
             tracing::warn!(
                 dependency = %self.target,
                 code = ?status.code(),
                 message = status.message(),
+                suppressed,
                 "a call to another natter service failed"
             );
         }
@@ -210,7 +213,8 @@ fn endpoint_authority(url: &str) -> &str {
 /// The check of an internal listener (a [`crate::serve`] gate): a call
 /// without the right credential ends with UNAUTHENTICATED before reaching a
 /// service, except grpc.health.v1 (probes carry no secret and learn nothing
-/// from it). Refusals are logged at most once a minute.
+/// from it). Refusals are logged at most once a minute, each line counting
+/// the refusals not logged since the previous one.
 pub(crate) fn require_credential(
     credential: ServiceCredential,
 ) -> impl Fn(&http::request::Parts) -> Option<tonic::Status> + Clone {
@@ -220,8 +224,12 @@ pub(crate) fn require_credential(
         if health || credential.matches(parts.headers.get(CREDENTIAL_HEADER)) {
             return None;
         }
-        if last_warning.admit() {
-            tracing::warn!(path = parts.uri.path(), "internal call without a valid service credential refused");
+        if let Some(suppressed) = last_warning.admit() {
+            tracing::warn!(
+                path = parts.uri.path(),
+                suppressed,
+                "internal call without a valid service credential refused"
+            );
         }
         Some(tonic::Status::unauthenticated("internal call without a valid service credential"))
     }

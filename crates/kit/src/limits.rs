@@ -20,30 +20,47 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
-/// Lets a repeated event through at most once per period: for log lines
-/// that would otherwise repeat on every failing call (a refused credential,
-/// a dependency down, a collector unreachable). Shared by clones.
+/// Lets a repeated event through at most once per period and counts the
+/// ones it holds back in between: for log lines that would otherwise repeat
+/// on every failing call (a refused credential, a dependency down, a
+/// collector unreachable), each saying how many like it went unlogged.
+/// Shared by clones.
 #[derive(Clone, Debug)]
 pub struct Throttle {
     every: Duration,
-    last: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    state: std::sync::Arc<std::sync::Mutex<Throttled>>,
+}
+
+/// What a [`Throttle`] remembers.
+#[derive(Debug, Default)]
+struct Throttled {
+    /// When an event was last let through.
+    last: Option<std::time::Instant>,
+    /// Events held back since then.
+    held: u64,
 }
 
 impl Throttle {
     /// A throttle that admits once per `every`.
     pub fn new(every: Duration) -> Self {
-        Self { every, last: std::sync::Arc::default() }
+        Self { every, state: std::sync::Arc::default() }
     }
 
-    /// True at the first call and then once `every` has passed since the
-    /// last true.
-    pub fn admit(&self) -> bool {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| t.elapsed() < self.every) {
-            return false;
+    /// `Some(held)` at the first call and then once `every` has passed since
+    /// the last `Some`, where `held` is how many calls got `None` since that
+    /// one (0 the first time); else `None`.
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(std::time::Instant::now())
+    }
+
+    fn admit_at(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.last.is_some_and(|t| now.saturating_duration_since(t) < self.every) {
+            state.held += 1;
+            return None;
         }
-        *last = Some(std::time::Instant::now());
-        true
+        state.last = Some(now);
+        Some(std::mem::take(&mut state.held))
     }
 }
 
@@ -274,6 +291,21 @@ pub fn check_str(value: &str, max: MaxLen) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_admits_once_per_period_and_counts_the_rest() {
+        let throttle = Throttle::new(Duration::from_secs(60));
+        let start = std::time::Instant::now();
+        assert_eq!(throttle.admit_at(start), Some(0), "the first is logged");
+        for s in [1, 30, 59] {
+            assert_eq!(throttle.admit_at(start + Duration::from_secs(s)), None, "held back at {s} s");
+        }
+        // A clone shares the count: one throttle per dependency, whatever
+        // holds it.
+        assert_eq!(throttle.clone().admit_at(start + Duration::from_secs(60)), Some(3), "the three held back");
+        assert_eq!(throttle.admit_at(start + Duration::from_secs(61)), None);
+        assert_eq!(throttle.admit_at(start + Duration::from_secs(200)), Some(1));
+    }
 
     #[test]
     fn rates_parse_from_flags() {

@@ -313,8 +313,9 @@ impl Builder {
 }
 
 /// The OTLP exporter, logging a failed export at WARN with the endpoint, at
-/// most once a minute (the SDK reports them only at debug level, so a
-/// mistyped or unreachable collector went unnoticed).
+/// most once a minute, counting the failures not logged since the previous
+/// line (the SDK reports them only at debug level, so a mistyped or
+/// unreachable collector went unnoticed).
 #[derive(Debug)]
 struct WarnOnFailure<E> {
     inner: E,
@@ -330,9 +331,9 @@ impl<E: SpanExporter> SpanExporter for WarnOnFailure<E> {
         let spans = batch.len();
         let result = self.inner.export(batch).await;
         if let Err(error) = &result
-            && self.last_warning.admit()
+            && let Some(suppressed) = self.last_warning.admit()
         {
-            tracing::warn!(endpoint = %self.endpoint, spans, %error, "exporting spans over OTLP failed");
+            tracing::warn!(endpoint = %self.endpoint, spans, %error, suppressed, "exporting spans over OTLP failed");
         }
         result
     }
@@ -395,6 +396,28 @@ impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
         if let (Ok(name), Ok(value)) = (http::HeaderName::try_from(key), http::HeaderValue::try_from(value)) {
             self.0.insert(name, value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn otlp_endpoints_need_an_http_scheme_and_a_host() {
+        for good in ["http://collector:4317", "https://otel.example.com", "http://127.0.0.1:4317/", "http://[::1]:4317"]
+        {
+            assert!(check_otlp_endpoint(good).is_ok(), "{good}");
+        }
+        // What operators mistype: no scheme, another protocol's scheme, no
+        // host, not a URL.
+        for bad in
+            ["collector:4317", "localhost", "grpc://collector:4317", "udp://collector:4317", "http://", "http:// x", ""]
+        {
+            let refused = check_otlp_endpoint(bad).expect_err(bad);
+            assert_eq!(refused.kind(), std::io::ErrorKind::InvalidInput);
+            assert!(refused.to_string().contains("--otlp-endpoint"), "names the flag: {refused}");
         }
     }
 }

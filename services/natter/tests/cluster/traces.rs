@@ -26,12 +26,26 @@ impl Proc {
     /// `natter <args> --listen 127.0.0.1:<port> --log-format json`, logging
     /// at info, exporting spans after at most 100 ms.
     fn start(args: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>, port: u16) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_natter"))
+        Self::start_with(args, port, None)
+    }
+
+    /// [`Proc::start`] with `OTEL_RESOURCE_ATTRIBUTES` set to `resource`
+    /// (unset when `None`, whatever the test's environment says).
+    fn start_with(
+        args: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>,
+        port: u16,
+        resource: Option<&str>,
+    ) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_natter"));
+        match resource {
+            Some(attributes) => command.env("OTEL_RESOURCE_ATTRIBUTES", attributes),
+            None => command.env_remove("OTEL_RESOURCE_ATTRIBUTES"),
+        };
+        let mut child = command
             .args(args)
             .args(["--listen", &format!("127.0.0.1:{port}"), "--log-format", "json"])
             .env("RUST_LOG", "info")
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            .env_remove("OTEL_RESOURCE_ATTRIBUTES")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -125,8 +139,7 @@ async fn a_dependency_that_is_down_is_named_by_a_client_span_and_one_warning() {
     let endpoint = collector.start().await;
     let prefix = format!("o{}_", uuid::Uuid::new_v4().simple());
     let secrets = tempfile::tempdir().unwrap();
-    let credential = secrets.path().join("service-credential").display().to_string();
-    std::fs::write(&credential, format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())).unwrap();
+    let credential = credential_file(secrets.path());
     let (sessions_internal, chats_down) = (free_port(), free_port());
     let common = |internal: u16| {
         vec![
@@ -193,6 +206,7 @@ async fn a_dependency_that_is_down_is_named_by_a_client_span_and_one_warning() {
     // minute adds none.
     let warning = messages.wait_line(|l| l.contains(r#""level":"WARN""#) && l.contains(&format!(":{chats_down}")));
     assert!(warning.contains("UNAVAILABLE") || warning.contains("Unavailable"), "{warning}");
+    assert!(warning.contains(r#""suppressed":0"#), "the first warning held none back: {warning}");
     let send = mpb::SendMessageRequest {
         chat_id: uuid::Uuid::now_v7().to_string(),
         text: "again".into(),
@@ -213,15 +227,21 @@ async fn health_checks_are_not_traced_and_each_replica_has_its_own_instance_id()
     let collector = Collector::default();
     let endpoint = collector.start().await;
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    // The second replica asks for health checks to be traced, and has a
+    // resource attribute of its own from the SDK's variable.
+    let extras = [(None, None), (Some("--trace-health-checks"), Some("deployment.environment=staging"))];
     let replicas: Vec<Proc> = dirs
         .iter()
-        .map(|dir| {
+        .zip(extras)
+        .map(|(dir, (flag, resource))| {
             let data = dir.path().display().to_string();
-            Proc::start(["serve", "--data-dir", &data, "--otlp-endpoint", &endpoint], free_port())
+            let mut args = vec!["serve", "--data-dir", &data, "--otlp-endpoint", &endpoint];
+            args.extend(flag);
+            Proc::start_with(args, free_port(), resource)
         })
         .collect();
-    let mut instances = Vec::new();
-    for replica in &replicas {
+    let mut resources = Vec::new();
+    for (replica, traces_health) in replicas.iter().zip([false, true]) {
         let channel = replica.channel().await;
         // A traced health check, then a traced call: the call's span comes
         // after the check's would have, through the same exporter.
@@ -231,12 +251,22 @@ async fn health_checks_are_not_traced_and_each_replica_has_its_own_instance_id()
         let refused = SessionServiceClient::new(channel).get_current_session(call).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated);
         let received = collector.wait_for_received(&call_trace, |spans| !spans.is_empty()).await;
-        assert!(collector.received(&health_trace).is_empty(), "a health check was traced");
-        let instance = attr_of(&received[0].resource, "service.instance.id").expect("an instance id").to_owned();
+        if traces_health {
+            let check = collector.wait_for(&health_trace, |spans| !spans.is_empty()).await;
+            assert_eq!(check[0].name, "grpc.health.v1.Health/Check", "{}", describe(&check[0]));
+        } else {
+            assert!(collector.received(&health_trace).is_empty(), "a health check was traced");
+        }
+        let resource = received[0].resource.clone();
+        let instance = attr_of(&resource, "service.instance.id").expect("an instance id");
         assert!(instance.ends_with(&format!(":{}", replica.port)), "host name and listen port: {instance}");
-        instances.push(instance);
+        resources.push(resource);
     }
-    assert_ne!(instances[0], instances[1], "two replicas tell themselves apart");
+    let instance = |resource| attr_of(resource, "service.instance.id");
+    assert_ne!(instance(&resources[0]), instance(&resources[1]), "two replicas tell themselves apart");
+    // The SDK's variable still applies beside the default instance id.
+    assert_eq!(attr_of(&resources[1], "deployment.environment"), Some("staging"));
+    assert_eq!(attr_of(&resources[0], "deployment.environment"), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,4 +301,40 @@ async fn a_graceful_shutdown_logs_no_warning() {
     natter.channel().await;
     natter.wait_line(|l| l.contains("nats"));
     assert_eq!(natter.terminate(), Vec::<String>::new(), "no WARN or ERROR line");
+
+    // The same for a split service, on PostgreSQL and NATS, after a call.
+    let Some(db) = env("NATTER_TEST_DATABASE_URL") else {
+        eprintln!("split service skipped: NATTER_TEST_DATABASE_URL is not set");
+        return;
+    };
+    let prefix = format!("q{}_", uuid::Uuid::new_v4().simple());
+    let internal = format!("127.0.0.1:{}", free_port());
+    let credential = credential_file(dir.path());
+    let sessions = Proc::start(
+        [
+            "sessions",
+            "--database-url",
+            &db,
+            "--database-schema-prefix",
+            &prefix,
+            "--nats-url",
+            &nats,
+            "--internal-listen",
+            &internal,
+            "--service-credential-file",
+            &credential,
+        ],
+        free_port(),
+    );
+    user(&sessions.channel().await, "leaving").await;
+    sessions.wait_line(|l| l.contains("nats"));
+    assert_eq!(sessions.terminate(), Vec::<String>::new(), "no WARN or ERROR line from the split service");
+    drop_schemas(&db, &prefix).await;
+}
+
+/// Writes a fresh service credential into `dir`; its path.
+fn credential_file(dir: &std::path::Path) -> String {
+    let path = dir.join("service-credential").display().to_string();
+    std::fs::write(&path, format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())).unwrap();
+    path
 }

@@ -66,6 +66,10 @@ async fn call(c: &Cluster, p: &People, f: &Fixture, rpc: &str, token: Option<&st
             c.chats().get_chat(req(token, cpb::GetChatRequest { chat_id: chat, message_page_size: 5 })).await.map(drop)
         }
         "ListChats" => c.chats().list_chats(req(token, cpb::ListChatsRequest::default())).await.map(drop),
+        "ListChats(another user's: staff only)" => {
+            let r = cpb::ListChatsRequest { user_id: p.extra.id.clone(), ..Default::default() };
+            c.chats().list_chats(req(token, r)).await.map(drop)
+        }
         "UpdateChat" => {
             let r = cpb::UpdateChatRequest {
                 chat_id: chat,
@@ -204,6 +208,7 @@ async fn every_rpc_allows_exactly_whom_it_should(c: &Cluster) {
         ("CreateChat", [Ok, Ok, Ok, Ok, Ok, Unauth]),
         ("GetChat", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("ListChats", [Ok, Ok, Ok, Ok, Ok, Unauth]),
+        ("ListChats(another user's: staff only)", [Deny, Deny, Deny, Deny, Deny, Unauth]),
         ("UpdateChat", [Ok, Ok, Deny, Deny, Deny, Unauth]),
         ("ArchiveChat", [Ok, Ok, Deny, Deny, Deny, Unauth]),
         ("UnarchiveChat", [Ok, Ok, Deny, Deny, Deny, Unauth]),

@@ -12,6 +12,7 @@ crate::both_modes!(
     client_chosen_chat_ids_are_idempotent,
     group_rules_and_bad_input,
     list_chats_orders_by_activity_and_pages,
+    list_chats_orders_by_creation_and_filters_a_creation_range,
     previews_and_unread_counts_follow_messages,
     non_members_are_denied,
 );
@@ -142,6 +143,81 @@ async fn list_chats_orders_by_activity_and_pages(c: &Cluster) {
         ..Default::default()
     };
     assert_eq!(code(c.chats().list_chats(authed(&alice, switched)).await), Code::InvalidArgument);
+}
+
+/// Every page of `user`'s ListChats answer to `request` (pages of 1).
+async fn ids_paged(c: &Cluster, user: &TestUser, request: cpb::ListChatsRequest) -> Vec<String> {
+    let mut request = cpb::ListChatsRequest { page_size: 1, ..request };
+    let mut ids = Vec::new();
+    loop {
+        let page = c.chats().list_chats(authed(user, request.clone())).await.unwrap().into_inner();
+        assert!(page.chats.len() <= 1);
+        ids.extend(page.chats.into_iter().map(|ch| ch.id));
+        if page.next_page_token.is_empty() {
+            return ids;
+        }
+        request.page_token = page.next_page_token;
+    }
+}
+
+async fn list_chats_orders_by_creation_and_filters_a_creation_range(c: &Cluster) {
+    let alice = c.user("alice").await;
+    let mut chats = Vec::new();
+    for i in 0..4 {
+        let create = cpb::CreateChatRequest { title: format!("chat {i}"), ..Default::default() };
+        chats.push(c.chats().create_chat(authed(&alice, create)).await.unwrap().into_inner().chat.unwrap());
+    }
+    // The oldest chat gets the newest activity.
+    send(c, &alice, &chats[0].id, "bump").await;
+    let id = |i: usize| chats[i].id.clone();
+    let order_by = |order_by: &str| cpb::ListChatsRequest { order_by: order_by.into(), ..Default::default() };
+    assert_eq!(ids_paged(c, &alice, order_by("create_time desc")).await, [id(3), id(2), id(1), id(0)]);
+    assert_eq!(ids_paged(c, &alice, order_by("create_time")).await, [id(0), id(1), id(2), id(3)], "asc by default");
+    assert_eq!(ids_paged(c, &alice, order_by("last_activity_time desc")).await, [id(0), id(3), id(2), id(1)]);
+    assert_eq!(ids_paged(c, &alice, order_by("activity asc")).await, [id(1), id(2), id(3), id(0)]);
+    assert_eq!(ids_paged(c, &alice, cpb::ListChatsRequest::default()).await, [id(0), id(3), id(2), id(1)]);
+
+    // [chat 1's creation, chat 3's): chats 1 and 2, in either order.
+    let range = cpb::ListChatsRequest {
+        create_time_after: chats[1].create_time,
+        create_time_before: chats[3].create_time,
+        ..Default::default()
+    };
+    let newest_first = cpb::ListChatsRequest { order_by: "create_time desc".into(), ..range.clone() };
+    assert_eq!(ids_paged(c, &alice, newest_first.clone()).await, [id(2), id(1)]);
+    assert_eq!(ids_paged(c, &alice, range.clone()).await, [id(2), id(1)], "by activity");
+    let rest = cpb::ListChatsRequest { create_time_after: chats[3].create_time, ..Default::default() };
+    assert_eq!(ids_paged(c, &alice, rest).await, [id(3)]);
+
+    // A token is bound to its order and its range.
+    let first = c
+        .chats()
+        .list_chats(authed(&alice, cpb::ListChatsRequest { page_size: 1, ..newest_first.clone() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.chats[0].id, id(2));
+    let token = first.next_page_token;
+    for other in [
+        cpb::ListChatsRequest { order_by: String::new(), ..newest_first.clone() },
+        cpb::ListChatsRequest { order_by: "create_time asc".into(), ..newest_first.clone() },
+        cpb::ListChatsRequest { order_by: "last_activity_time desc".into(), ..newest_first.clone() },
+        cpb::ListChatsRequest { create_time_before: None, ..newest_first.clone() },
+    ] {
+        let reused = cpb::ListChatsRequest { page_size: 1, page_token: token.clone(), ..other };
+        assert_eq!(violated_fields(&c.chats().list_chats(authed(&alice, reused)).await.unwrap_err()), ["page_token"]);
+    }
+    let resumed = cpb::ListChatsRequest { page_size: 1, page_token: token, ..newest_first };
+    let next = c.chats().list_chats(authed(&alice, resumed)).await.unwrap().into_inner();
+    assert_eq!(next.chats.iter().map(|ch| ch.id.clone()).collect::<Vec<_>>(), [id(1)]);
+
+    // Unknown orders name order_by; order and order_by together name order.
+    for bad in ["title desc", "create_time sideways", "create_time, id"] {
+        let status = c.chats().list_chats(authed(&alice, order_by(bad))).await.unwrap_err();
+        assert_eq!(violated_fields(&status), ["order_by"], "{bad}");
+    }
+    let both = cpb::ListChatsRequest { order: cpb::SortOrder::Asc as i32, ..order_by("create_time") };
+    assert_eq!(violated_fields(&c.chats().list_chats(authed(&alice, both)).await.unwrap_err()), ["order"]);
 }
 
 async fn previews_and_unread_counts_follow_messages(c: &Cluster) {

@@ -155,9 +155,13 @@ impl Chat {
         }
     }
 
-    /// The keyset position of this chat in a listing by activity.
-    pub fn cursor(&self) -> ChatCursor {
-        ChatCursor { last_activity_time: self.last_activity_time, chat_id: self.id }
+    /// The keyset position of this chat in a listing in `order`.
+    pub fn cursor(&self, order: ChatOrder) -> ChatCursor {
+        let time = match order {
+            ChatOrder::Activity => self.last_activity_time,
+            ChatOrder::CreateTime => self.create_time,
+        };
+        ChatCursor { time, chat_id: self.id }
     }
 }
 
@@ -217,18 +221,59 @@ pub struct ChatFilter {
     pub last_message_before: Option<i64>,
     /// Lower-cased substring of the title ([`title_key`]).
     pub query: Option<String>,
-    /// Oldest activity first.
+    /// Created at or after this (µs; inclusive).
+    pub created_after: Option<i64>,
+    /// Created strictly before this (µs; exclusive).
+    pub created_before: Option<i64>,
+    /// Oldest first (by `order_by`).
     pub ascending: bool,
-    /// Only chats (the caller owns) whose worst live flagged message is at
-    /// least this natter.messages.v1.Severity; 0: no such filter.
-    pub min_severity: i32,
+    /// What the listing is ordered by (the id breaks ties).
+    pub order_by: ChatOrder,
+    /// Only chats whose worst live flagged message matches this (the
+    /// service asks the messages service; the store ignores it).
+    pub severity: Option<SeverityFilter>,
+    /// Only chats the listed user owns or administers (whose flags they
+    /// see); set by the service, never by a request.
+    pub managed_only: bool,
 }
 
-/// Keyset position in a listing of chats by `(last_activity_time, id)`.
+/// The order of a chat listing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ChatOrder {
+    /// By last activity (`last_activity_time`), as ever.
+    #[default]
+    Activity,
+    /// By creation time.
+    CreateTime,
+}
+
+/// A filter on a chat's worst live flagged message, by
+/// natter.messages.v1.Severity (LOW 2 to CRITICAL 5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeverityFilter {
+    /// At least this.
+    AtLeast(i32),
+    /// Exactly this.
+    Exactly(i32),
+}
+
+impl SeverityFilter {
+    /// Whether a chat whose worst live flagged message has `max_severity`
+    /// (0: none) passes.
+    pub fn admits(self, max_severity: i32) -> bool {
+        match self {
+            SeverityFilter::AtLeast(n) => max_severity >= n,
+            SeverityFilter::Exactly(n) => max_severity == n,
+        }
+    }
+}
+
+/// Keyset position in a listing of chats by `(time, id)`, `time` being what
+/// the listing is ordered by ([`ChatOrder`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChatCursor {
-    /// The last listed chat's activity time (µs).
-    pub last_activity_time: i64,
+    /// The last listed chat's activity or creation time (µs).
+    pub time: i64,
     /// The last listed chat.
     pub chat_id: ChatId,
 }
@@ -375,6 +420,16 @@ mod tests {
         let refused = limits.check_members("user_ids", 4).unwrap_err();
         assert_eq!(refused.violations()[0].0, "user_ids");
         assert!(refused.to_string().contains("at most 3 members"), "{refused}");
+    }
+
+    #[test]
+    fn severity_filters_match_at_least_or_exactly() {
+        assert!(SeverityFilter::AtLeast(3).admits(5));
+        assert!(SeverityFilter::AtLeast(3).admits(3));
+        assert!(!SeverityFilter::AtLeast(3).admits(2));
+        assert!(SeverityFilter::Exactly(3).admits(3));
+        assert!(!SeverityFilter::Exactly(3).admits(5), "worse is not the same");
+        assert!(!SeverityFilter::AtLeast(2).admits(0), "no flagged message matches nothing");
     }
 
     #[test]

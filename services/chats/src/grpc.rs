@@ -16,7 +16,8 @@ use natter_proto::chats::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::domain::{
-    self, Activity, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, NewChat, Role, Visibility,
+    self, Activity, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Kind, Limits, Member, MemberCursor, NewChat, Role,
+    SeverityFilter, Visibility,
 };
 use crate::error::ChatsError;
 use crate::service::{ChatView, Chats};
@@ -143,29 +144,94 @@ pub fn new_chat(r: pb::CreateChatRequest, caller: UserId, limits: &Limits) -> Re
 /// A validated ListChats request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListChats {
+    /// Whose chats (staff only, checked by the service); None: the
+    /// caller's (also when the request names the caller).
+    pub user: Option<UserId>,
     /// Filters and order.
     pub filter: ChatFilter,
     /// Where the page starts (from the page token).
     pub after: Option<ChatCursor>,
     /// 1..=200, 50 by default.
     pub page_size: u32,
-    /// Binds page tokens to the caller and the filters.
+    /// Binds page tokens to the caller, the user listed, the filters and
+    /// the order.
     fingerprint: u64,
+}
+
+/// natter.messages.v1.Severity LOW to CRITICAL, for the filter `field`.
+fn severity_level(field: &str, value: i32) -> Result<i32, ChatsError> {
+    use natter_proto::messages::v1::Severity;
+    if (Severity::Low as i32..=Severity::Critical as i32).contains(&value) {
+        Ok(value)
+    } else {
+        Err(ChatsError::invalid(field, "must be LOW, MEDIUM, HIGH or CRITICAL"))
+    }
+}
+
+/// The severity filter of `flagged`, `min_severity` and `severity` (at most
+/// one of the last two).
+fn severity_filter(flagged: bool, min_severity: i32, severity: i32) -> Result<Option<SeverityFilter>, ChatsError> {
+    Ok(match (min_severity, severity) {
+        (0, 0) => flagged.then_some(SeverityFilter::AtLeast(natter_proto::messages::v1::Severity::Low as i32)),
+        (n, 0) => Some(SeverityFilter::AtLeast(severity_level("min_severity", n)?)),
+        (0, n) => Some(SeverityFilter::Exactly(severity_level("severity", n)?)),
+        _ => return Err(ChatsError::invalid("severity", "must not be set together with min_severity")),
+    })
+}
+
+/// The order of `order` and `order_by` (AIP-132: a field, then `asc`, the
+/// default, or `desc`): what to sort by, and whether ascending.
+fn chat_order(order: i32, order_by: &str) -> Result<(ChatOrder, bool), ChatsError> {
+    let ascending = match pb::SortOrder::try_from(order) {
+        Ok(pb::SortOrder::Unspecified) => None,
+        Ok(pb::SortOrder::Desc) => Some(false),
+        Ok(pb::SortOrder::Asc) => Some(true),
+        Err(_) => return Err(ChatsError::invalid("order", "unknown sort order")),
+    };
+    if order_by.trim().is_empty() {
+        return Ok((ChatOrder::Activity, ascending.unwrap_or(false)));
+    }
+    if ascending.is_some() {
+        return Err(ChatsError::invalid("order", "must be unspecified when order_by is set"));
+    }
+    let words: Vec<&str> = order_by.split_whitespace().collect();
+    let field = match words[0] {
+        "last_activity_time" | "activity" => Some(ChatOrder::Activity),
+        "create_time" => Some(ChatOrder::CreateTime),
+        _ => None,
+    };
+    let ascending = match words.get(1..) {
+        Some([]) => Some(true),
+        Some([d]) if d.eq_ignore_ascii_case("asc") => Some(true),
+        Some([d]) if d.eq_ignore_ascii_case("desc") => Some(false),
+        _ => None,
+    };
+    match (field, ascending) {
+        (Some(field), Some(ascending)) => Ok((field, ascending)),
+        _ => {
+            // Quoted, and cut short: the message goes back in a header.
+            let shown: String = order_by.chars().take(64).collect();
+            Err(ChatsError::invalid(
+                "order_by",
+                format!("{shown:?} is not an order: use last_activity_time or create_time, then asc or desc"),
+            ))
+        }
+    }
 }
 
 /// Validates a ListChats request of `caller`.
 pub fn list_chats(r: pb::ListChatsRequest, caller: UserId, limits: &Limits) -> Result<ListChats, Status> {
     let page_size = paging::page_size("page_size", r.page_size, PAGE_SIZE.0, PAGE_SIZE.1)?;
-    let ascending = match pb::SortOrder::try_from(r.order) {
-        Ok(pb::SortOrder::Unspecified | pb::SortOrder::Desc) => false,
-        Ok(pb::SortOrder::Asc) => true,
-        Err(_) => return Err(ChatsError::invalid("order", "unknown sort order").into()),
-    };
+    let (order_by, ascending) = chat_order(r.order, &r.order_by)?;
     let public = match pb::Availability::try_from(r.availability) {
         Ok(pb::Availability::Unspecified | pb::Availability::Member) => false,
         Ok(pb::Availability::Public) => true,
         Err(_) => return Err(ChatsError::invalid("availability", "unknown availability").into()),
     };
+    let user = UserId::parse_optional("user_id", &r.user_id)?.filter(|u| *u != caller);
+    if user.is_some() && public {
+        return Err(ChatsError::invalid("user_id", "lists a user's chats: not with AVAILABILITY_PUBLIC").into());
+    }
     domain::check_query(&r.query, limits).map_err(|e| ChatsError::invalid("query", e))?;
     let query = domain::title_key(r.query.trim());
     let filter = ChatFilter {
@@ -175,13 +241,12 @@ pub fn list_chats(r: pb::ListChatsRequest, caller: UserId, limits: &Limits) -> R
         last_message_after: r.last_message_after.as_ref().map(micros),
         last_message_before: r.last_message_before.as_ref().map(micros),
         query: (!query.is_empty()).then_some(query),
+        created_after: r.create_time_after.as_ref().map(micros),
+        created_before: r.create_time_before.as_ref().map(micros),
         ascending,
-        min_severity: match (r.flagged, r.min_severity) {
-            (false, 0) => 0,
-            (true, 0) => natter_proto::messages::v1::Severity::Low as i32,
-            (_, n) if (2..=5).contains(&n) => n,
-            _ => return Err(ChatsError::invalid("min_severity", "must be LOW, MEDIUM, HIGH or CRITICAL").into()),
-        },
+        order_by,
+        severity: severity_filter(r.flagged, r.min_severity, r.severity)?,
+        managed_only: false,
     };
     // The same parts as ever (the caller as a plain UUID), so tokens stay
     // valid across versions.
@@ -196,15 +261,28 @@ pub fn list_chats(r: pb::ListChatsRequest, caller: UserId, limits: &Limits) -> R
         &filter.query,
         &filter.ascending,
     ];
-    // Only when set, so that earlier tokens stay valid.
-    if filter.min_severity > 0 {
-        parts.push(&filter.min_severity);
-    }
+    // Each later part only when set, so that earlier tokens stay valid; the
+    // later ones named, so that no two requests share a fingerprint.
+    let (min_severity, exact_severity) = match filter.severity {
+        Some(SeverityFilter::AtLeast(n)) => (Some(n), None),
+        Some(SeverityFilter::Exactly(n)) => (None, Some(("severity", i64::from(n)))),
+        None => (None, None),
+    };
+    let named = [
+        exact_severity,
+        (order_by == ChatOrder::CreateTime).then_some(("order_by create_time", 0)),
+        filter.created_after.map(|t| ("create_time_after", t)),
+        filter.created_before.map(|t| ("create_time_before", t)),
+    ];
+    let user_uuid = user.map(|u| ("user_id", u.uuid()));
+    parts.extend(min_severity.iter().map(|n| n as &dyn std::fmt::Debug));
+    parts.extend(named.iter().flatten().map(|p| p as &dyn std::fmt::Debug));
+    parts.extend(user_uuid.iter().map(|p| p as &dyn std::fmt::Debug));
     let fingerprint = paging::fingerprint(&parts);
     let after = paging::decode::<(i64, String)>("page_token", &r.page_token, fingerprint)?
-        .map(|(last_activity_time, id)| Ok::<_, Status>(ChatCursor { last_activity_time, chat_id: token_id(&id)? }))
+        .map(|(time, id)| Ok::<_, Status>(ChatCursor { time, chat_id: token_id(&id)? }))
         .transpose()?;
-    Ok(ListChats { filter, after, page_size, fingerprint })
+    Ok(ListChats { user, filter, after, page_size, fingerprint })
 }
 
 /// The id in a page token; anything else than an id is a token this server
@@ -312,8 +390,8 @@ impl ChatService for ChatApi {
     ) -> Result<Response<pb::ListChatsResponse>, Status> {
         let caller = self.caller(&request).await?;
         let list = list_chats(request.into_inner(), caller, self.chats.limits())?;
-        let page = self.chats.list_chats(caller, &list.filter, list.after, list.page_size).await?;
-        let next = page.next.map(|c| paging::encode(&(c.last_activity_time, c.chat_id.to_string()), list.fingerprint));
+        let page = self.chats.list_chats(caller, list.user, &list.filter, list.after, list.page_size).await?;
+        let next = page.next.map(|c| paging::encode(&(c.time, c.chat_id.to_string()), list.fingerprint));
         Ok(Response::new(pb::ListChatsResponse {
             chats: page.items.into_iter().map(chat_pb).collect(),
             next_page_token: next.unwrap_or_default(),
@@ -548,9 +626,102 @@ mod tests {
         let token = paging::encode(&(7_i64, chat_id.to_string()), first.fingerprint);
         let request = pb::ListChatsRequest { page_token: token, ..Default::default() };
         let next = list_chats(request, caller, &limits).unwrap();
-        assert_eq!(next.after, Some(ChatCursor { last_activity_time: 7, chat_id }));
+        assert_eq!(next.after, Some(ChatCursor { time: 7, chat_id }));
         let forged = paging::encode(&(7_i64, "no id"), first.fingerprint);
         let request = pb::ListChatsRequest { page_token: forged, ..Default::default() };
         assert_eq!(violated(&list_chats(request, caller, &limits).unwrap_err()), ["page_token"]);
+    }
+
+    #[test]
+    fn list_orders_parse_as_aip_132_and_refuse_anything_else() {
+        let (caller, limits) = (UserId::new_v7(), Limits::default());
+        let parse = |order_by: &str, order: pb::SortOrder| {
+            let request = pb::ListChatsRequest { order_by: order_by.into(), order: order as i32, ..Default::default() };
+            list_chats(request, caller, &limits).map(|l| (l.filter.order_by, l.filter.ascending))
+        };
+        use pb::SortOrder::{Asc, Unspecified};
+        assert_eq!(parse("", Unspecified).unwrap(), (ChatOrder::Activity, false), "the default, as ever");
+        assert_eq!(parse("", Asc).unwrap(), (ChatOrder::Activity, true));
+        assert_eq!(parse("create_time desc", Unspecified).unwrap(), (ChatOrder::CreateTime, false));
+        assert_eq!(parse("  create_time  ", Unspecified).unwrap(), (ChatOrder::CreateTime, true), "asc by default");
+        assert_eq!(parse("create_time ASC", Unspecified).unwrap(), (ChatOrder::CreateTime, true));
+        assert_eq!(parse("last_activity_time desc", Unspecified).unwrap(), (ChatOrder::Activity, false));
+        assert_eq!(parse("activity desc", Unspecified).unwrap(), (ChatOrder::Activity, false));
+        for bad in ["title", "create_time sideways", "create_time desc, id", "desc"] {
+            assert_eq!(violated(&parse(bad, Unspecified).unwrap_err()), ["order_by"], "{bad}");
+        }
+        assert_eq!(violated(&parse("create_time", Asc).unwrap_err()), ["order"]);
+    }
+
+    #[test]
+    fn severity_filters_take_one_valid_level() {
+        let (caller, limits) = (UserId::new_v7(), Limits::default());
+        let parse = |flagged: bool, min_severity: Severity, severity: Severity| {
+            let request = pb::ListChatsRequest {
+                flagged,
+                min_severity: min_severity as i32,
+                severity: severity as i32,
+                ..Default::default()
+            };
+            list_chats(request, caller, &limits).map(|l| l.filter.severity)
+        };
+        use Severity::{Critical, High, Low, None as Clean, Unspecified};
+        use natter_proto::messages::v1::Severity;
+        assert_eq!(parse(false, Unspecified, Unspecified).unwrap(), None);
+        assert_eq!(parse(true, Unspecified, Unspecified).unwrap(), Some(SeverityFilter::AtLeast(Low as i32)));
+        assert_eq!(parse(false, High, Unspecified).unwrap(), Some(SeverityFilter::AtLeast(High as i32)));
+        assert_eq!(parse(true, Unspecified, High).unwrap(), Some(SeverityFilter::Exactly(High as i32)));
+        assert_eq!(violated(&parse(false, High, Critical).unwrap_err()), ["severity"]);
+        assert_eq!(violated(&parse(false, Unspecified, Clean).unwrap_err()), ["severity"]);
+        assert_eq!(violated(&parse(false, Clean, Unspecified).unwrap_err()), ["min_severity"]);
+        let unknown = pb::ListChatsRequest { severity: 9, ..Default::default() };
+        assert_eq!(violated(&list_chats(unknown, caller, &limits).unwrap_err()), ["severity"]);
+    }
+
+    #[test]
+    fn tokens_bind_to_the_order_the_range_and_the_user_and_earlier_ones_stay_valid() {
+        let (caller, limits) = (UserId::new_v7(), Limits::default());
+        let fingerprint = |r: pb::ListChatsRequest| list_chats(r, caller, &limits).unwrap().fingerprint;
+        // Unfiltered and flagged listings keep the fingerprints (and so the
+        // tokens) of earlier versions.
+        let none: (Option<Kind>, Option<bool>, Option<i64>, Option<String>) = (None, None, None, None);
+        let legacy =
+            paging::fingerprint(&[&caller.uuid(), &false, &none.0, &none.1, &none.2, &none.2, &none.3, &false]);
+        assert_eq!(fingerprint(pb::ListChatsRequest::default()), legacy);
+        let flagged_legacy =
+            paging::fingerprint(&[&caller.uuid(), &false, &none.0, &none.1, &none.2, &none.2, &none.3, &false, &2]);
+        assert_eq!(fingerprint(pb::ListChatsRequest { flagged: true, ..Default::default() }), flagged_legacy);
+        // Every new filter and order has a fingerprint of its own.
+        let at = |seconds| Some(natter_proto::Timestamp { seconds, nanos: 0 });
+        let other = UserId::new_v7().to_string();
+        let requests = [
+            pb::ListChatsRequest::default(),
+            pb::ListChatsRequest { order_by: "create_time desc".into(), ..Default::default() },
+            pb::ListChatsRequest { order_by: "create_time".into(), ..Default::default() },
+            pb::ListChatsRequest { order: pb::SortOrder::Asc as i32, ..Default::default() },
+            pb::ListChatsRequest { create_time_after: at(5), ..Default::default() },
+            pb::ListChatsRequest { create_time_before: at(5), ..Default::default() },
+            pb::ListChatsRequest { min_severity: 4, ..Default::default() },
+            pb::ListChatsRequest { severity: 4, ..Default::default() },
+            pb::ListChatsRequest { user_id: other.clone(), ..Default::default() },
+        ];
+        let prints: std::collections::HashSet<u64> = requests.iter().cloned().map(fingerprint).collect();
+        assert_eq!(prints.len(), requests.len());
+        // The same order spelled two ways is one order; naming oneself is
+        // the same as naming no one.
+        let spelled = |order_by: &str| pb::ListChatsRequest { order_by: order_by.into(), ..Default::default() };
+        assert_eq!(fingerprint(spelled("activity desc")), legacy);
+        assert_eq!(fingerprint(spelled("last_activity_time desc")), legacy);
+        let me = pb::ListChatsRequest { user_id: caller.to_string(), ..Default::default() };
+        assert_eq!(list_chats(me.clone(), caller, &limits).unwrap().user, None);
+        assert_eq!(fingerprint(me), legacy);
+        let public = pb::ListChatsRequest {
+            user_id: other,
+            availability: pb::Availability::Public as i32,
+            ..Default::default()
+        };
+        assert_eq!(violated(&list_chats(public, caller, &limits).unwrap_err()), ["user_id"]);
+        let malformed = pb::ListChatsRequest { user_id: "x".into(), ..Default::default() };
+        assert_eq!(violated(&list_chats(malformed, caller, &limits).unwrap_err()), ["user_id"]);
     }
 }

@@ -89,7 +89,9 @@ impl ChatsArgs {
     }
 }
 
-/// Opens the chats store (running migrations) and builds the service.
+/// Opens the chats store (running migrations) and builds the service, with
+/// `staff` as server staff (`--staff-user-ids`, which the all-in-one takes
+/// once for the chats and messages services alike).
 ///
 /// Errors: the database cannot be opened or migrated, or the activity
 /// flush interval is out of range ([`store::open`]).
@@ -98,10 +100,12 @@ pub async fn open(
     users: Arc<dyn UserDirectory>,
     messages: Arc<dyn MessageDirectory>,
     args: &ChatsArgs,
+    staff: &[uuid::Uuid],
     only_instance: bool,
 ) -> Result<Arc<Chats>, StoreError> {
     let store = store::open(db, args.activity_flush_interval).await?;
-    let chats = Chats::new(store, users, messages, args.limits(), args.create_chat_rate);
+    let chats = Chats::new(store, users, messages, args.limits(), args.create_chat_rate)
+        .with_staff(staff.iter().map(|u| natter_kit::id::UserId::from(*u)));
     let chats = Arc::new(if only_instance { chats.with_membership_cache() } else { chats });
     chats.start_relay(service::RELAY_INTERVAL);
     Ok(chats)
@@ -153,6 +157,12 @@ pub struct Config {
     /// counts), e.g. http://messages:7071.
     #[arg(long, env = "NATTER_MESSAGES_URL")]
     pub messages_url: String,
+    /// User ids of server staff, comma separated (the same list as the
+    /// messages service's): they see every chat's flags (Chat.flagged,
+    /// max_severity) and list any user's chats (ListChats user_id). Staff is
+    /// granted here only, never by an RPC.
+    #[arg(long, env = "NATTER_STAFF_USER_IDS", value_delimiter = ',')]
+    pub staff_user_ids: Vec<uuid::Uuid>,
 }
 
 /// Runs the chats service alone until `shutdown`: the public API on
@@ -177,6 +187,7 @@ pub async fn run(
         users,
         Arc::new(natter_links::Grpc(messages)),
         &config.chats,
+        &config.staff_user_ids,
         only_instance,
     )
     .await?;
@@ -220,7 +231,7 @@ mod tests {
         fn is_send<T: Send>(_: &T) {}
         fn probe(db: &natter_db::DbConfig, args: &super::ChatsArgs, deps: super::service::Deps) {
             let (users, messages) = deps;
-            is_send(&super::open(db, users, messages, args, true));
+            is_send(&super::open(db, users, messages, args, &[], true));
         }
         let _ = probe;
     }

@@ -14,7 +14,7 @@ use natter_proto::messages::v1 as mpb;
 
 use crate::domain::{
     self, Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, NewChat,
-    Role, Visibility,
+    Role, SeverityFilter, Visibility,
 };
 use crate::error::ChatsError;
 use crate::store::{Added, ChatStore, Created, Departure, Pending};
@@ -54,8 +54,8 @@ pub struct ChatView {
     pub preview: Option<Preview>,
     /// Its message count and highest flag severity.
     pub aggregates: Aggregates,
-    /// The caller may see the moderation aggregates (the owner; an admin
-    /// on GetChat).
+    /// The caller may see the moderation aggregates: the chat's owner and
+    /// admins, and server staff ([`Chats::is_staff`]).
     pub moderator: bool,
 }
 
@@ -115,6 +115,9 @@ pub struct Chats {
     cache: Option<Mutex<Cache>>,
     /// The relay task ([`Chats::start_relay`]), if started.
     relay: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Server staff (--staff-user-ids): they see every chat's moderation
+    /// aggregates and list any user's chats.
+    staff: HashSet<UserId>,
 }
 
 /// Most memberships the cache holds before it starts over.
@@ -141,7 +144,28 @@ impl Chats {
         create_chat_rate: Rate,
     ) -> Self {
         let create_rate = RateLimiter::new("chats created", create_chat_rate);
-        Self { store, users, messages, limits, create_rate, cache: None, relay: Mutex::default() }
+        Self {
+            store,
+            users,
+            messages,
+            limits,
+            create_rate,
+            cache: None,
+            relay: Mutex::default(),
+            staff: HashSet::new(),
+        }
+    }
+
+    /// Makes `staff` server staff (granted by configuration only, never by
+    /// an RPC: `--staff-user-ids`).
+    pub fn with_staff(mut self, staff: impl IntoIterator<Item = UserId>) -> Self {
+        self.staff = staff.into_iter().collect();
+        self
+    }
+
+    /// Whether `user` is server staff.
+    pub fn is_staff(&self, user: UserId) -> bool {
+        self.staff.contains(&user)
     }
 
     /// Caches membership checks in memory. Correct only when every change to
@@ -197,7 +221,7 @@ impl Chats {
         // Idempotency: the same client-chosen id, or the same direct pair,
         // returns the chat that exists.
         if let Some(existing) = self.existing(caller, new.chat_id, other).await? {
-            return self.view(caller, existing).await;
+            return self.member_view(caller, existing).await;
         }
 
         self.require_users(&new.others).await?;
@@ -232,7 +256,7 @@ impl Chats {
             }
             // Lost a race with an identical request: return its chat.
             Created::Conflict => match self.existing(caller, new.chat_id, other).await? {
-                Some(existing) => self.view(caller, existing).await,
+                Some(existing) => self.member_view(caller, existing).await,
                 None => Err(ChatsError::ChatIdTaken),
             },
         }
@@ -449,13 +473,13 @@ impl Chats {
         let chat = self.store.update_chat(chat.id, &update, now_micros()).await?.ok_or(ChatsError::ChatNotFound)?;
         self.evict(chat.id);
         self.deliver(chat.id).await;
-        self.view(caller, chat).await
+        self.view(caller, ChatAccess { chat, role: Some(role) }).await
     }
 
     /// ArchiveChat / UnarchiveChat (owner or admin; either member of a
     /// direct chat). Idempotent.
     pub async fn set_archived(&self, caller: UserId, chat_id: ChatId, archived: bool) -> Result<ChatView, ChatsError> {
-        let (chat, _) = self.manager(caller, chat_id).await?;
+        let (chat, role) = self.manager(caller, chat_id).await?;
         let changes = chat.archive_time.is_some() != archived;
         let chat = if changes {
             let now = now_micros();
@@ -467,7 +491,7 @@ impl Chats {
         if changes {
             self.deliver(chat.id).await;
         }
-        self.view(caller, chat).await
+        self.view(caller, ChatAccess { chat, role: Some(role) }).await
     }
 
     /// DeleteChat (owner only): the chat, its memberships, then its messages.
@@ -628,22 +652,30 @@ impl Chats {
                 m.flags = None;
             }
         }
-        let manager = access.role.is_some_and(|r| r.manages());
-        let mut view = self.view(caller, access.chat).await?;
-        view.moderator |= manager;
-        Ok((view, messages))
+        Ok((self.view(caller, access).await?, messages))
     }
 
     /// One view (see [`Chats::views`]).
-    async fn view(&self, caller: UserId, chat: Chat) -> Result<ChatView, ChatsError> {
-        let mut views = self.views(caller, vec![chat]).await?;
+    async fn view(&self, caller: UserId, access: ChatAccess) -> Result<ChatView, ChatsError> {
+        let mut views = self.views(caller, vec![access]).await?;
         Ok(views.remove(0))
+    }
+
+    /// One view of a chat the caller is in, after reading their role (an
+    /// idempotent CreateChat's answer: ownership may have moved since).
+    async fn member_view(&self, caller: UserId, chat: Chat) -> Result<ChatView, ChatsError> {
+        let role = self.store.role(chat.id, caller).await?;
+        self.view(caller, ChatAccess { chat, role }).await
     }
 
     /// Adds previews and unread counts to chats, with one call to the
     /// messages service for all of them (none when no chat has a message).
-    pub async fn views(&self, caller: UserId, chats: Vec<Chat>) -> Result<Vec<ChatView>, ChatsError> {
-        let with_messages: Vec<String> = chats.iter().filter(|c| c.last_seq > 0).map(|c| c.id.to_string()).collect();
+    /// Each chat comes with the caller's role in it (or, when staff lists
+    /// another user's chats, that user's): the owner and admins, and staff
+    /// for any chat, see the moderation aggregates.
+    pub async fn views(&self, caller: UserId, chats: Vec<ChatAccess>) -> Result<Vec<ChatView>, ChatsError> {
+        let with_messages: Vec<String> =
+            chats.iter().filter(|a| a.chat.last_seq > 0).map(|a| a.chat.id.to_string()).collect();
         let mut previews: HashMap<String, (Preview, Aggregates)> = if with_messages.is_empty() {
             HashMap::new()
         } else {
@@ -665,34 +697,49 @@ impl Chats {
                 })
                 .collect()
         };
+        let staff = self.is_staff(caller);
         Ok(chats
             .into_iter()
-            .map(|chat| {
+            .map(|ChatAccess { chat, role }| {
                 let (preview, aggregates) = match previews.remove(&chat.id.to_string()) {
                     Some((p, a)) => (Some(p), a),
                     None => (None, Aggregates::default()),
                 };
-                let moderator = chat.owner_id == caller;
+                let moderator = staff || role.is_some_and(Role::manages);
                 ChatView { chat, preview, aggregates, moderator }
             })
             .collect())
     }
 
-    /// A page of chats for ListChats.
+    /// A page of chats for ListChats: `user`'s chats (None: the caller's;
+    /// someone else's only for staff, else PERMISSION_DENIED), or the public
+    /// ones, as `filter` selects and orders them.
     pub async fn list_chats(
         &self,
         caller: UserId,
+        user: Option<UserId>,
         filter: &ChatFilter,
         after: Option<ChatCursor>,
         page_size: u32,
     ) -> Result<Page<ChatView, ChatCursor>, ChatsError> {
-        if filter.min_severity > 0 {
-            return self.list_flagged_chats(caller, filter, after, page_size).await;
+        let staff = self.is_staff(caller);
+        let user = match user {
+            Some(user) if user != caller && !staff => {
+                return Err(ChatsError::Denied("only staff may list another user's chats"));
+            }
+            Some(user) => user,
+            None => caller,
+        };
+        if let Some(severity) = filter.severity {
+            // Only chats whose flags the caller sees can match: those the
+            // listed user (the caller) manages, or any for staff.
+            let filter = ChatFilter { managed_only: !staff, ..filter.clone() };
+            return self.list_flagged_chats(caller, user, &filter, severity, after, page_size).await;
         }
-        let mut chats = self.store.list_chats(caller, filter, after, page_size + 1).await?;
+        let mut chats = self.store.list_chats(user, filter, after, page_size + 1).await?;
         let next = if chats.len() > page_size as usize {
             chats.truncate(page_size as usize);
-            chats.last().map(Chat::cursor)
+            chats.last().map(|a| a.chat.cursor(filter.order_by))
         } else {
             None
         };
@@ -700,28 +747,30 @@ impl Chats {
     }
 
     /// ListChats with a severity filter: the chats the store lists, kept
-    /// when the caller owns them and their worst live flagged message is at
-    /// least `filter.min_severity` (the messages service's aggregates). At
+    /// when the caller sees their flags and their worst live flagged
+    /// message matches `severity` (the messages service's aggregates). At
     /// most [`FLAGGED_SCAN_PAGES`] store pages are read per call; the page
     /// then ends early with a token after the last chat read.
     async fn list_flagged_chats(
         &self,
         caller: UserId,
+        user: UserId,
         filter: &ChatFilter,
+        severity: SeverityFilter,
         mut after: Option<ChatCursor>,
         page_size: u32,
     ) -> Result<Page<ChatView, ChatCursor>, ChatsError> {
+        let order = filter.order_by;
         let mut items = Vec::new();
         for _ in 0..FLAGGED_SCAN_PAGES {
-            let chats = self.store.list_chats(caller, filter, after, page_size).await?;
+            let chats = self.store.list_chats(user, filter, after, page_size).await?;
             let more = chats.len() == page_size as usize;
-            // Only the owner sees flags in a list.
-            let owned: Vec<Chat> = chats.iter().filter(|c| c.owner_id == caller).cloned().collect();
-            let page_end = chats.last().map(Chat::cursor);
+            let page_end = chats.last().map(|a| a.chat.cursor(order));
             let mut last_kept = None;
-            for view in self.views(caller, owned).await? {
-                if view.aggregates.max_severity >= filter.min_severity && items.len() < page_size as usize {
-                    last_kept = Some(view.chat.cursor());
+            for view in self.views(caller, chats).await? {
+                let shown = view.moderator && severity.admits(view.aggregates.max_severity);
+                if shown && items.len() < page_size as usize {
+                    last_kept = Some(view.chat.cursor(order));
                     items.push(view);
                 }
             }

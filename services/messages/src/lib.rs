@@ -99,7 +99,9 @@ pub struct MessagesArgs {
     pub scan_messages: Scan,
     /// User ids of server staff, comma separated: they see every chat's
     /// flagged and reported messages (ListFlaggedMessages) and resolve
-    /// reports anywhere. Staff is granted here only, never by an RPC.
+    /// reports anywhere, and see every chat's flags and list any user's chats
+    /// on ListChats (split mode: give natter-chats the same list). Staff is
+    /// granted here only, never by an RPC.
     #[arg(long, env = "NATTER_STAFF_USER_IDS", value_delimiter = ',')]
     pub staff_user_ids: Vec<uuid::Uuid>,
     /// Base URL of an external prompt-injection classifier (Hugging Face

@@ -90,6 +90,7 @@ impl App {
             Arc::new(InProcess(session_internal.clone())),
             to_messages.clone(),
             &args.chats,
+            &args.messages.staff_user_ids,
             only_instance,
         )
         .await?;

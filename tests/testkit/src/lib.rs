@@ -142,7 +142,11 @@ impl Cluster {
     /// a read of one chat lays over its row, never through the timer, so a
     /// read path that forgot either fails instead of passing on a lucky tick.
     pub async fn all_in_one(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::all_in_one_in(tempfile::tempdir().expect("temp dir"), extra).await
+    }
+
+    /// As [`Cluster::all_in_one`], on the data directory `dir`.
+    async fn all_in_one_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
         let listener = bind().await;
         let addr = listener.local_addr().expect("local addr");
         let data_dir = dir.path().display().to_string();
@@ -171,6 +175,12 @@ impl Cluster {
     pub async fn split_with(url: &str, extra: &[&str], flags: Flags<'_>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let prefix = format!("t{}_", uuid::Uuid::new_v4().simple());
+        Self::split_in(url, dir, prefix, extra, flags).await
+    }
+
+    /// As [`Cluster::split_with`], on the schemas of `prefix` (fresh or
+    /// not), with its credential file in `dir`.
+    async fn split_in(url: &str, dir: tempfile::TempDir, prefix: String, extra: &[&str], flags: Flags<'_>) -> Self {
         let (ls, lc, lm, le, la) = (bind().await, bind().await, bind().await, bind().await, bind().await);
         // Each service's internal listener, which the others call with the
         // service credential (the edge never does).
@@ -377,6 +387,23 @@ impl Cluster {
         let s = self.sessions().create_session(spb::CreateSessionRequest::default()).await.expect("guest").into_inner();
         let session = s.session.expect("session");
         TestUser { id: s.user.expect("user").id, username: String::new(), token: s.token, session_id: session.id }
+    }
+
+    /// Stops every server as [`Cluster::stop`] does, keeping what they
+    /// stored (the all-in-one's data directory, the split services'
+    /// schemas), and starts the same deployment again on it with `flags`
+    /// (for settings only a restart changes, such as `--staff-user-ids`):
+    /// users, sessions and chats survive; the addresses are new.
+    pub async fn restart_with(self, flags: Flags<'_>) -> Self {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            task.await.expect("server task").expect("server ran cleanly");
+        }
+        match (self.mode, self.pg) {
+            (Mode::AllInOne, _) => Self::all_in_one_in(self._dir, &flags.all()).await,
+            (Mode::Split, Some((url, prefix))) => Self::split_in(&url, self._dir, prefix, &[], flags).await,
+            (Mode::Split, None) => unreachable!("a split cluster has its schemas"),
+        }
     }
 
     /// Cancels the shutdown token, waits for every server to drain, and

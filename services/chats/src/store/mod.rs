@@ -16,7 +16,8 @@ use natter_proto::messages::v1 as mpb;
 use prost::Message as _;
 
 use crate::domain::{
-    Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Limits, Member, MemberCursor, Role, Visibility,
+    Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Limits, Member, MemberCursor, Role,
+    Visibility,
 };
 
 pub mod postgres;
@@ -70,6 +71,28 @@ macro_rules! chat_columns {
     };
 }
 pub(crate) use chat_columns;
+
+/// The column of `chats c` a listing in `order` sorts and pages by (the
+/// same on both engines).
+pub(crate) fn order_column(order: ChatOrder) -> &'static str {
+    match order {
+        ChatOrder::Activity => "c.last_activity_time",
+        ChatOrder::CreateTime => "c.create_time",
+    }
+}
+
+/// The time bounds of a listing as `(value, "column op")` conditions of
+/// `chats c`, each to apply when set: the newest message strictly inside
+/// `(last_message_after, last_message_before)`, the creation time in the
+/// half-open `[created_after, created_before)` (the same on both engines).
+pub(crate) fn time_bounds(filter: &ChatFilter) -> [(Option<i64>, &'static str); 4] {
+    [
+        (filter.last_message_after, "c.last_message_time >"),
+        (filter.last_message_before, "c.last_message_time <"),
+        (filter.created_after, "c.create_time >="),
+        (filter.created_before, "c.create_time <"),
+    ]
+}
 
 /// Parses a stored id strictly.
 pub(crate) fn parse_id<T: std::str::FromStr>(column: &'static str, value: &str) -> Result<T, StoreError> {
@@ -264,16 +287,20 @@ pub trait ChatStore: Send + Sync + 'static {
     /// Every chat `user` is a member of.
     async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError>;
 
-    /// Up to `limit` chats by last activity (then id) in `filter`'s order,
-    /// after `after`: `user`'s chats, or the public ones. The order includes
-    /// every activity of these chats recorded before the call.
+    /// Up to `limit` chats by last activity or creation time (then id), as
+    /// `filter` orders them, after `after` (a cursor of that order): `user`'s
+    /// chats, or the public ones; with `filter.managed_only`, only those
+    /// `user` owns or administers. Each comes with `user`'s role in it (None:
+    /// a public chat `user` is not in). The order and the filters include
+    /// every activity of these chats recorded before the call. The severity
+    /// filter is not the store's (it ignores it).
     async fn list_chats(
         &self,
         user: UserId,
         filter: &ChatFilter,
         after: Option<ChatCursor>,
         limit: u32,
-    ) -> Result<Vec<Chat>, StoreError>;
+    ) -> Result<Vec<ChatAccess>, StoreError>;
 
     /// Moves chats' activity forward, never back (a lower or equal seq than
     /// the one known is ignored; an unknown chat too). Reads of a chat see it

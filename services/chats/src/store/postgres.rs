@@ -14,7 +14,8 @@ use natter_proto::messages::v1 as mpb;
 
 use super::{
     Added, ChatStore, Created, Departure, MIGRATOR, Pending, StoreError, chat_columns, chat_updated, departed,
-    direct_key, joined, membership, outbox_rows, parse_enum, parse_id, pending_row, role_changes, updated_by,
+    direct_key, joined, membership, order_column, outbox_rows, parse_enum, parse_id, pending_row, role_changes,
+    time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, Role,
@@ -63,6 +64,14 @@ fn chat_row(row: &PgRow) -> Result<Chat, StoreError> {
         last_seq: row.try_get("last_seq")?,
         last_message_time: row.try_get("last_message_time")?,
     })
+}
+
+/// The access row mapper: `chat_columns!()` and `role`, the member's role
+/// (NULL: not a member).
+fn access_row(row: &PgRow) -> Result<ChatAccess, StoreError> {
+    let role: Option<String> = row.try_get("role")?;
+    let role = role.map(|r| parse_enum("members.role", &r, Role::parse)).transpose()?;
+    Ok(ChatAccess { chat: chat_row(row)?, role })
 }
 
 /// The member row mapper: `chat_id, user_id, role, join_time`.
@@ -210,10 +219,7 @@ impl ChatStore for PostgresChatStore {
         .bind(chat.to_string())
         .fetch_optional(&self.pool)
         .await?;
-        let Some(row) = row else { return Ok(None) };
-        let role: Option<String> = row.try_get("role")?;
-        let role = role.map(|r| parse_enum("members.role", &r, Role::parse)).transpose()?;
-        Ok(Some(ChatAccess { chat: chat_row(&row)?, role }))
+        row.as_ref().map(access_row).transpose()
     }
 
     async fn role(&self, chat: ChatId, user: UserId) -> Result<Option<Role>, StoreError> {
@@ -242,12 +248,16 @@ impl ChatStore for PostgresChatStore {
         filter: &ChatFilter,
         after: Option<ChatCursor>,
         limit: u32,
-    ) -> Result<Vec<Chat>, StoreError> {
-        let mut q = QueryBuilder::<Postgres>::new(concat!("SELECT ", chat_columns!(), " FROM chats c"));
+    ) -> Result<Vec<ChatAccess>, StoreError> {
+        let mut q = QueryBuilder::<Postgres>::new(concat!("SELECT ", chat_columns!(), ", m.role FROM chats c"));
         if filter.public {
+            q.push(" LEFT JOIN members m ON m.chat_id = c.id AND m.user_id = ").push_bind(user.to_string());
             q.push(" WHERE c.visibility = 'public'");
         } else {
             q.push(" JOIN members m ON m.chat_id = c.id WHERE m.user_id = ").push_bind(user.to_string());
+        }
+        if filter.managed_only {
+            q.push(" AND m.role IN ('owner', 'admin')");
         }
         if let Some(kind) = filter.kind {
             q.push(" AND c.kind = ").push_bind(kind.as_str());
@@ -261,25 +271,25 @@ impl ChatStore for PostgresChatStore {
             }
             None => {}
         }
-        if let Some(t) = filter.last_message_after {
-            q.push(" AND c.last_message_time > ").push_bind(t);
-        }
-        if let Some(t) = filter.last_message_before {
-            q.push(" AND c.last_message_time < ").push_bind(t);
+        for (bound, condition) in time_bounds(filter) {
+            if let Some(t) = bound {
+                q.push(format_args!(" AND {condition} ")).push_bind(t);
+            }
         }
         if let Some(query) = &filter.query {
             q.push(" AND c.title_key LIKE ").push_bind(format!("%{}%", natter_db::escape_like(query)));
             q.push(" ESCAPE '\\'");
         }
         let (cmp, order) = if filter.ascending { (" > ", "ASC") } else { (" < ", "DESC") };
+        let key = order_column(filter.order_by);
         if let Some(after) = after {
-            q.push(" AND (c.last_activity_time").push(cmp).push_bind(after.last_activity_time);
-            q.push(" OR (c.last_activity_time = ").push_bind(after.last_activity_time);
+            q.push(format_args!(" AND ({key}")).push(cmp).push_bind(after.time);
+            q.push(format_args!(" OR ({key} = ")).push_bind(after.time);
             q.push(" AND c.id").push(cmp).push_bind(after.chat_id.to_string()).push("))");
         }
-        q.push(format_args!(" ORDER BY c.last_activity_time {order}, c.id {order} LIMIT {limit}"));
+        q.push(format_args!(" ORDER BY {key} {order}, c.id {order} LIMIT {limit}"));
         let rows = q.build().fetch_all(&self.pool).await?;
-        rows.iter().map(chat_row).collect()
+        rows.iter().map(access_row).collect()
     }
 
     async fn record_activity(&self, activities: &[Activity]) -> Result<(), StoreError> {

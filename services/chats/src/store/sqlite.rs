@@ -22,7 +22,8 @@ use natter_proto::messages::v1 as mpb;
 
 use super::{
     Added, ChatStore, Created, Departure, MIGRATOR, Pending, StoreError, chat_columns, chat_updated, departed,
-    direct_key, joined, membership, outbox_rows, parse_enum, parse_id, pending_row, role_changes, updated_by,
+    direct_key, joined, membership, order_column, outbox_rows, parse_enum, parse_id, pending_row, role_changes,
+    time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, Role,
@@ -175,19 +176,25 @@ fn recount(tx: &Connection, chat: &str) -> rusqlite::Result<i64> {
     .map(Option::unwrap_or_default)
 }
 
-/// The SQL and values of a ListChats page (`?N` numbered placeholders).
+/// The SQL and values of a ListChats page (`?N` numbered placeholders):
+/// `chat_columns!()` then `m.role`, `user`'s role ([`access_row`]).
 fn list_sql(user: UserId, filter: &ChatFilter, after: Option<ChatCursor>, limit: u32) -> (String, Vec<Value>) {
-    let mut sql = String::from(concat!("SELECT ", chat_columns!(), " FROM chats c"));
+    let mut sql = String::from(concat!("SELECT ", chat_columns!(), ", m.role FROM chats c"));
     let mut values: Vec<Value> = Vec::new();
     let bind = |values: &mut Vec<Value>, v: Value| {
         values.push(v);
         format!("?{}", values.len())
     };
+    let p = bind(&mut values, Value::Text(user.to_string()));
     if filter.public {
-        sql.push_str(" WHERE c.visibility = 'public'");
+        sql.push_str(&format!(
+            " LEFT JOIN members m ON m.chat_id = c.id AND m.user_id = {p} WHERE c.visibility = 'public'"
+        ));
     } else {
-        let p = bind(&mut values, Value::Text(user.to_string()));
         sql.push_str(&format!(" JOIN members m ON m.chat_id = c.id WHERE m.user_id = {p}"));
+    }
+    if filter.managed_only {
+        sql.push_str(" AND m.role IN ('owner', 'admin')");
     }
     if let Some(kind) = filter.kind {
         let p = bind(&mut values, Value::Text(kind.as_str().into()));
@@ -198,36 +205,44 @@ fn list_sql(user: UserId, filter: &ChatFilter, after: Option<ChatCursor>, limit:
         Some(false) => sql.push_str(" AND c.archive_time IS NULL"),
         None => {}
     }
-    if let Some(t) = filter.last_message_after {
-        let p = bind(&mut values, Value::Integer(t));
-        sql.push_str(&format!(" AND c.last_message_time > {p}"));
-    }
-    if let Some(t) = filter.last_message_before {
-        let p = bind(&mut values, Value::Integer(t));
-        sql.push_str(&format!(" AND c.last_message_time < {p}"));
+    for (bound, condition) in time_bounds(filter) {
+        if let Some(t) = bound {
+            let p = bind(&mut values, Value::Integer(t));
+            sql.push_str(&format!(" AND {condition} {p}"));
+        }
     }
     if let Some(query) = &filter.query {
         let p = bind(&mut values, Value::Text(format!("%{}%", natter_db::escape_like(query))));
         sql.push_str(&format!(" AND c.title_key LIKE {p} ESCAPE '\\'"));
     }
     let (cmp, order) = if filter.ascending { (">", "ASC") } else { ("<", "DESC") };
+    let key = order_column(filter.order_by);
     if let Some(after) = after {
-        let t = bind(&mut values, Value::Integer(after.last_activity_time));
+        let t = bind(&mut values, Value::Integer(after.time));
         let i = bind(&mut values, Value::Text(after.chat_id.to_string()));
-        sql.push_str(&format!(
-            " AND (c.last_activity_time {cmp} {t} OR (c.last_activity_time = {t} AND c.id {cmp} {i}))"
-        ));
+        sql.push_str(&format!(" AND ({key} {cmp} {t} OR ({key} = {t} AND c.id {cmp} {i}))"));
     }
     // The limit is written, not bound: SQLite re-prepares a statement whose
     // bound LIMIT changes (see natter_db::SqlBuilder::limit).
-    sql.push_str(&format!(" ORDER BY c.last_activity_time {order}, c.id {order} LIMIT {limit}"));
+    sql.push_str(&format!(" ORDER BY {key} {order}, c.id {order} LIMIT {limit}"));
     (sql, values)
 }
 
-fn page(conn: &Connection, sql: &str, values: &[Value]) -> rusqlite::Result<Vec<Chat>> {
+fn page(conn: &Connection, sql: &str, values: &[Value]) -> rusqlite::Result<Vec<ChatAccess>> {
     let mut page = conn.prepare_cached(sql)?;
-    let rows = page.query_map(rusqlite::params_from_iter(values), chat_row)?;
+    let rows = page.query_map(rusqlite::params_from_iter(values), access_row)?;
     rows.collect()
+}
+
+/// The access row mapper: `chat_columns!()`, then the member's role (NULL:
+/// not a member) at column 14.
+fn access_row(row: &Row<'_>) -> rusqlite::Result<ChatAccess> {
+    let role: Option<String> = row.get(14)?;
+    let role = match role {
+        Some(role) => Some(Role::parse(&role).ok_or_else(|| corrupt(14, "members.role", &role))?),
+        None => None,
+    };
+    Ok(ChatAccess { chat: chat_row(row)?, role })
 }
 
 #[async_trait]
@@ -308,17 +323,7 @@ impl ChatStore for SqliteChatStore {
                 chat_columns!(),
                 ", m.role FROM chats c LEFT JOIN members m ON m.chat_id = c.id AND m.user_id = ?1 WHERE c.id = ?2"
             );
-            let mut select = conn.prepare_cached(sql)?;
-            select
-                .query_row([user.to_string(), chat.to_string()], |row| {
-                    let role: Option<String> = row.get(14)?;
-                    let role = match role {
-                        Some(role) => Some(Role::parse(&role).ok_or_else(|| corrupt(14, "members.role", &role))?),
-                        None => None,
-                    };
-                    Ok(ChatAccess { chat: chat_row(row)?, role })
-                })
-                .optional()
+            conn.prepare_cached(sql)?.query_row([user.to_string(), chat.to_string()], access_row).optional()
         });
         Ok(access.await.map_err(unwrap)?.map(|mut access| {
             access.chat = self.activity.overlay(access.chat);
@@ -354,7 +359,7 @@ impl ChatStore for SqliteChatStore {
         filter: &ChatFilter,
         after: Option<ChatCursor>,
         limit: u32,
-    ) -> Result<Vec<Chat>, StoreError> {
+    ) -> Result<Vec<ChatAccess>, StoreError> {
         let (sql, values) = list_sql(user, filter, after, limit);
         // One trip to a reader: it checks whether pending activity concerns
         // chats this listing can show, and reads the page when none does.
@@ -668,7 +673,7 @@ mod tests {
         // A listing writes its chats' activity first, so a is on top; c is
         // not u's, so its activity waits.
         let listed = store.list_chats(u, &ChatFilter::default(), None, 10).await.unwrap();
-        assert_eq!(listed.iter().map(|c| c.id).collect::<Vec<_>>(), [a, b]);
+        assert_eq!(listed.iter().map(|c| c.chat.id).collect::<Vec<_>>(), [a, b]);
         assert_eq!(stored(&store, a).await, (5, 10));
         assert_eq!(stored(&store, c).await, (0, 3));
         assert_eq!(store.chat(c).await.unwrap().unwrap().last_seq, 2);

@@ -19,7 +19,8 @@ use super::postgres::PostgresChatStore;
 use super::sqlite::SqliteChatStore;
 use super::{Added, ChatStore, Created, Departure};
 use crate::domain::{
-    Activity, Chat, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, Role, Visibility,
+    Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Kind, Limits, Member, MemberCursor,
+    Role, Visibility,
 };
 
 /// A store under test and what to clean up after it.
@@ -95,6 +96,9 @@ chat_store_suite!(
     activity_orders_listings_and_never_moves_back,
     listings_page_both_ways_without_gaps_or_repeats,
     listings_filter_by_visibility_kind_state_time_and_title,
+    listings_order_by_creation_time_and_page_both_ways_without_gaps_or_repeats,
+    creation_time_ranges_are_half_open_and_page_in_either_order,
+    listings_carry_the_user_s_role_and_list_only_managed_chats_on_request,
     updates_archive_and_unarchive,
     deleting_a_chat_removes_it_and_its_members,
     members_page_in_join_order,
@@ -141,8 +145,8 @@ async fn create(store: &dyn ChatStore, mut chat: Chat, others: &[UserId]) -> Cha
     chat
 }
 
-fn ids(chats: &[Chat]) -> Vec<ChatId> {
-    chats.iter().map(|c| c.id).collect()
+fn ids(chats: &[ChatAccess]) -> Vec<ChatId> {
+    chats.iter().map(|a| a.chat.id).collect()
 }
 
 async fn listed(store: &dyn ChatStore, user: UserId, filter: &ChatFilter) -> Vec<ChatId> {
@@ -323,18 +327,130 @@ async fn listings_page_both_ways_without_gaps_or_repeats(store: &dyn ChatStore) 
         if !ascending {
             expected.reverse();
         }
-        let mut seen = Vec::new();
-        let mut after: Option<ChatCursor> = None;
-        loop {
-            let page = store.list_chats(alice, &filter, after, 2).await.unwrap();
-            seen.extend(ids(&page));
-            match page.last() {
-                Some(last) if page.len() == 2 => after = Some(last.cursor()),
-                _ => break,
-            }
-        }
-        assert_eq!(seen, ids(&expected), "ascending: {ascending}");
+        assert_eq!(walk(store, alice, &filter).await, expected.iter().map(|c| c.id).collect::<Vec<_>>(), "{filter:?}");
     }
+}
+
+/// Every chat of `user` in `filter`, read in pages of 2 from cursor to
+/// cursor, as ListChats pages them.
+async fn walk(store: &dyn ChatStore, user: UserId, filter: &ChatFilter) -> Vec<ChatId> {
+    let mut seen = Vec::new();
+    let mut after: Option<ChatCursor> = None;
+    loop {
+        let page = store.list_chats(user, filter, after, 2).await.unwrap();
+        assert!(page.len() <= 2);
+        seen.extend(ids(&page));
+        match page.last() {
+            Some(last) if page.len() == 2 => after = Some(last.chat.cursor(filter.order_by)),
+            _ => break,
+        }
+    }
+    seen
+}
+
+/// `chats` sorted by `(create_time, id)`, newest first unless `ascending`.
+fn by_creation(chats: &[Chat], ascending: bool) -> Vec<ChatId> {
+    let mut sorted = chats.to_vec();
+    sorted.sort_by_key(|c| (c.create_time, c.id));
+    if !ascending {
+        sorted.reverse();
+    }
+    sorted.iter().map(|c| c.id).collect()
+}
+
+async fn listings_order_by_creation_time_and_page_both_ways_without_gaps_or_repeats(store: &dyn ChatStore) {
+    let (alice, bob) = (UserId::new_v7(), UserId::new_v7());
+    let mut made = Vec::new();
+    // Two pairs share a creation time: the id breaks the tie.
+    for time in [1, 2, 2, 3, 4, 4, 5] {
+        made.push(create(store, chat(alice, time), &[]).await);
+    }
+    let public = create(store, Chat { visibility: Visibility::Public, ..chat(bob, 3) }, &[]).await;
+    // Activity turns the order by activity upside down; creation stays.
+    let activities: Vec<Activity> =
+        made.iter().enumerate().map(|(i, c)| Activity { chat_id: c.id, last_seq: 1, time: 100 - i as i64 }).collect();
+    store.record_activity(&activities).await.unwrap();
+    let by_activity = ChatFilter::default();
+    let newest_activity = made.iter().map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(walk(store, alice, &by_activity).await, newest_activity, "the order by activity as ever");
+    for ascending in [false, true] {
+        let filter = ChatFilter { order_by: ChatOrder::CreateTime, ascending, ..ChatFilter::default() };
+        assert_eq!(walk(store, alice, &filter).await, by_creation(&made, ascending), "ascending: {ascending}");
+        // Public chats order by creation too (their own index).
+        let public_filter = ChatFilter { public: true, ..filter.clone() };
+        assert_eq!(walk(store, alice, &public_filter).await, [public.id]);
+    }
+    // A cursor of one order is a position in that order only: the chat
+    // created last has the oldest activity.
+    let newest = made.last().unwrap();
+    let after = Some(newest.cursor(ChatOrder::CreateTime));
+    let filter = ChatFilter { order_by: ChatOrder::CreateTime, ..ChatFilter::default() };
+    let rest = ids(&store.list_chats(alice, &filter, after, 100).await.unwrap());
+    assert_eq!(rest, by_creation(&made, false)[1..]);
+    assert_eq!(newest.cursor(ChatOrder::Activity).time, newest.last_activity_time);
+}
+
+async fn creation_time_ranges_are_half_open_and_page_in_either_order(store: &dyn ChatStore) {
+    let alice = UserId::new_v7();
+    let mut made = Vec::new();
+    for time in [10, 20, 20, 30, 40, 40, 50] {
+        made.push(create(store, chat(alice, time), &[]).await);
+    }
+    let within = |from: i64, to: i64| -> Vec<Chat> {
+        made.iter().filter(|c| c.create_time >= from && c.create_time < to).cloned().collect()
+    };
+    // [20, 40): both chats at 20, none at 40.
+    let range = ChatFilter { created_after: Some(20), created_before: Some(40), ..ChatFilter::default() };
+    let expected = within(20, 40);
+    assert_eq!(expected.len(), 3);
+    for ascending in [false, true] {
+        let filter = ChatFilter { order_by: ChatOrder::CreateTime, ascending, ..range.clone() };
+        assert_eq!(walk(store, alice, &filter).await, by_creation(&expected, ascending), "ascending: {ascending}");
+    }
+    // The same range by activity (no messages: activity is creation).
+    assert_eq!(walk(store, alice, &range).await, by_creation(&expected, false));
+    // Adjacent ranges share no chat and miss none.
+    let mut tiled = Vec::new();
+    for (from, to) in [(0, 20), (20, 40), (40, 60)] {
+        let part = ChatFilter { created_after: Some(from), created_before: Some(to), ..ChatFilter::default() };
+        tiled.extend(walk(store, alice, &part).await);
+    }
+    tiled.sort();
+    let mut all: Vec<ChatId> = made.iter().map(|c| c.id).collect();
+    all.sort();
+    assert_eq!(tiled, all);
+    // Either bound alone.
+    let after = ChatFilter { created_after: Some(40), ..ChatFilter::default() };
+    assert_eq!(walk(store, alice, &after).await, by_creation(&within(40, i64::MAX), false));
+    let before = ChatFilter { created_before: Some(20), ..ChatFilter::default() };
+    assert_eq!(walk(store, alice, &before).await, [made[0].id]);
+    let empty = ChatFilter { created_after: Some(30), created_before: Some(30), ..ChatFilter::default() };
+    assert_eq!(walk(store, alice, &empty).await, []);
+}
+
+async fn listings_carry_the_user_s_role_and_list_only_managed_chats_on_request(store: &dyn ChatStore) {
+    let (alice, bob, carol) = (UserId::new_v7(), UserId::new_v7(), UserId::new_v7());
+    let owned = create(store, chat(alice, 1), &[bob]).await;
+    let administered = create(store, chat(carol, 2), &[alice]).await;
+    store.set_role(administered.id, alice, Role::Admin, 2).await.unwrap().unwrap();
+    let joined = create(store, chat(bob, 3), &[alice]).await;
+    let public = create(store, Chat { visibility: Visibility::Public, ..chat(carol, 4) }, &[]).await;
+    let roles = |listed: Vec<ChatAccess>| listed.into_iter().map(|a| (a.chat.id, a.role)).collect::<Vec<_>>();
+    let all = store.list_chats(alice, &ChatFilter::default(), None, 10).await.unwrap();
+    assert_eq!(
+        roles(all),
+        [(joined.id, Some(Role::Member)), (administered.id, Some(Role::Admin)), (owned.id, Some(Role::Owner))]
+    );
+    let managed = ChatFilter { managed_only: true, ..ChatFilter::default() };
+    assert_eq!(listed(store, alice, &managed).await, [administered.id, owned.id]);
+    assert_eq!(listed(store, bob, &managed).await, [joined.id]);
+    // Public chats: the role where the user is in one, None elsewhere.
+    let everyone = ChatFilter { public: true, ..ChatFilter::default() };
+    assert_eq!(roles(store.list_chats(carol, &everyone, None, 10).await.unwrap()), [(public.id, Some(Role::Owner))]);
+    assert_eq!(roles(store.list_chats(alice, &everyone, None, 10).await.unwrap()), [(public.id, None)]);
+    let managed_public = ChatFilter { public: true, managed_only: true, ..ChatFilter::default() };
+    assert_eq!(listed(store, alice, &managed_public).await, []);
+    assert_eq!(listed(store, carol, &managed_public).await, [public.id]);
 }
 
 async fn listings_filter_by_visibility_kind_state_time_and_title(store: &dyn ChatStore) {

@@ -228,9 +228,9 @@ impl Settings {
     }
 
     /// Tokens of each scripted reply of `assistant`: enough to stream
-    /// through a warm-up and a window, with room to spare.
+    /// through its three windows (each after a warm-up), with room to spare.
     pub(crate) fn assistant_tokens(&self) -> usize {
-        let span = (self.warmup + self.duration).as_secs_f64() * 1.3 + 1.0;
+        let span = 3.0 * (self.warmup + self.duration).as_secs_f64() * 1.3 + 1.0;
         (span / self.assistant_token_interval.as_secs_f64()).ceil() as usize
     }
 

@@ -11,9 +11,13 @@
 //! For the delivery alone (publish to client) see `fanout`: deltas take the
 //! same bus and streams as messages.
 //!
-//! Then SendMessage in a closed loop of 16 callers over the same chats (no
-//! mention: no reply), once with no reply being generated and once beside
-//! the G generations: the cost of the assistant to everyone else.
+//! Three windows: the replies alone (token -> client latency, the server's
+//! CPU per delta); then SendMessage in a closed loop of 16 callers over the
+//! same chats (no mention: no reply) beside them, against the same loop
+//! before the prompts (`send_beside_ratio`, with the token latency while
+//! the sends take every core they can); then SendMessage in an open loop at
+//! half the alone rate, beside them and before the prompts: the latency the
+//! assistant costs everyone else when the server is not saturated.
 //!
 //! Needs `--spawn`: the spawned natter's assistant is pointed at the scripted
 //! server (`--assistant-base-url`).
@@ -21,7 +25,7 @@
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -53,11 +57,14 @@ struct Results {
     deltas: u64,
     deltas_per_s: f64,
     tokens_received: u64,
-    /// Provider emits a token -> a client holds it (coalescing included).
+    /// Provider emits a token -> a client holds it (coalescing included),
+    /// in the window of the replies alone.
     token_to_client: Latency,
-    /// Server CPU time in the window per delta received by a stream (the
-    /// generations' whole cost: model stream, parsing, checkpoints, publish,
-    /// fan-out), and per token generated.
+    /// The same while the closed send loop runs beside the replies.
+    token_to_client_beside_sends: Latency,
+    /// Server CPU time in the window of the replies alone per delta
+    /// received by a stream (the generations' whole cost: model stream,
+    /// parsing, checkpoints, publish, fan-out), and per token generated.
     server_cpu_us_per_delta: Option<f64>,
     server_cpu_us_per_token: Option<f64>,
     /// SendMessage at 16 callers with no reply being generated, then beside
@@ -68,6 +75,11 @@ struct Results {
     send_beside_ratio: f64,
     send_alone: Measured,
     send_beside: Measured,
+    /// SendMessage in an open loop at half `send_alone_per_s`, before the
+    /// prompts and beside the replies.
+    half_rate_per_s: f64,
+    half_rate_alone: Measured,
+    half_rate_beside: Measured,
     stream_errors: u64,
 }
 
@@ -98,12 +110,13 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         .buffer_unordered(64)
         .try_collect()
         .await?;
+    // Two sets: the replies alone, and beside the closed send loop.
     let shards: Arc<Vec<Mutex<Histogram<u64>>>> =
-        Arc::new((0..SHARDS).map(|_| Mutex::new(load::histogram())).collect());
+        Arc::new((0..2 * SHARDS).map(|_| Mutex::new(load::histogram())).collect());
     let (deltas, tokens, stream_errors) =
         (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    // Set while the window is open: deltas outside it are not counted.
-    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Which window is open (0: none; deltas outside are not counted).
+    let measuring = Arc::new(AtomicU64::new(0));
     let mut receivers = tokio::task::JoinSet::new();
     for (j, mut stream) in streams.into_iter().enumerate() {
         let (shards, deltas, tokens, stream_errors, measuring) =
@@ -113,16 +126,20 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
                 match stream.message().await {
                     Ok(Some(event)) => {
                         let Some(Event::MessageDelta(delta)) = event.event else { continue };
-                        if !measuring.load(Ordering::Relaxed) {
+                        let window = measuring.load(Ordering::Relaxed) as usize;
+                        if window == 0 {
                             continue;
                         }
                         let now = now_micros();
-                        let mut shard = shards[j % SHARDS].lock().expect("no panics while locked");
+                        let mut shard =
+                            shards[(window - 1) * SHARDS + j % SHARDS].lock().expect("no panics while locked");
                         for stamp in delta.text.split('|').filter_map(|t| t.parse::<u64>().ok()) {
                             load::record(&mut shard, Duration::from_micros(now.saturating_sub(stamp)));
-                            tokens.fetch_add(1, Ordering::Relaxed);
+                            tokens.fetch_add(u64::from(window == 1), Ordering::Relaxed);
                         }
-                        deltas.fetch_add(1, Ordering::Relaxed);
+                        if window == 1 {
+                            deltas.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     Ok(None) => break,
                     Err(_) => {
@@ -150,6 +167,8 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         }
     };
     let alone = load::closed_loop(SEND_CALLERS, s.warmup, s.duration, ctx.target.pid, send("alone")).await;
+    let half_rate = (alone.per_sec() / 2.0).max(1.0);
+    let half_alone = load::open_loop(half_rate, s.warmup, s.duration, ctx.target.pid, send("half alone")).await;
     futures::stream::iter(0..g)
         .map(|i| {
             let request = f.users[i % users].request(SendMessageRequest {
@@ -164,31 +183,37 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         .try_collect::<Vec<_>>()
         .await
         .context("a prompt")?;
-    // Measure once every reply streams (the warm-up).
-    let warmup_end = Instant::now() + s.warmup;
-    let flag = measuring.clone();
-    let window = s.duration;
+    // The replies alone, once every reply streams (the warm-up).
+    tokio::time::sleep(s.warmup).await;
+    let cpu_before = ctx.target.pid.and_then(crate::server::cpu_micros);
+    measuring.store(1, Ordering::Relaxed);
+    tokio::time::sleep(s.duration).await;
+    measuring.store(0, Ordering::Relaxed);
+    let server_cpu =
+        cpu_before.zip(ctx.target.pid.and_then(crate::server::cpu_micros)).map(|(a, b)| b.saturating_sub(a));
+    // Beside the closed send loop (its window: after its warm-up).
+    let (flag, warmup, window) = (measuring.clone(), s.warmup, s.duration);
     tokio::spawn(async move {
-        tokio::time::sleep_until(warmup_end.into()).await;
-        flag.store(true, Ordering::Relaxed);
+        tokio::time::sleep(warmup).await;
+        flag.store(2, Ordering::Relaxed);
         tokio::time::sleep(window).await;
-        flag.store(false, Ordering::Relaxed);
+        flag.store(0, Ordering::Relaxed);
     });
     let beside = load::closed_loop(SEND_CALLERS, s.warmup, s.duration, ctx.target.pid, send("beside")).await;
+    let half_beside = load::open_loop(half_rate, s.warmup, s.duration, ctx.target.pid, send("half beside")).await;
     receivers.abort_all();
     drop(connections);
 
-    let mut latency = load::histogram();
-    for shard in shards.iter() {
-        latency.add(&*shard.lock().expect("no panics while locked")).expect("histograms share bounds");
-    }
+    let merged = |set: &[Mutex<Histogram<u64>>]| {
+        let mut latency = load::histogram();
+        for shard in set {
+            latency.add(&*shard.lock().expect("no panics while locked")).expect("histograms share bounds");
+        }
+        latency
+    };
+    let (latency, latency_beside) = (merged(&shards[..SHARDS]), merged(&shards[SHARDS..]));
     let (deltas, tokens) = (deltas.load(Ordering::Relaxed), tokens.load(Ordering::Relaxed));
-    // The beside loop's window is the generations' window: the server's CPU
-    // in it, less what the sends cost alone, is the generations'.
-    let server_cpu = beside.cpu.server_cpu_us_per_call.zip(alone.cpu.server_cpu_us_per_call).map(|(with, without)| {
-        let total = with * beside.ok as f64;
-        (total - without * beside.ok as f64).max(0.0)
-    });
+    let server_cpu = server_cpu.map(|us| us as f64);
     let generated = (s.duration.as_secs_f64() / s.assistant_token_interval.as_secs_f64()) * g as f64;
     let per_s = |out: &load::Outcome| load::round3(out.per_sec());
     let results = Results {
@@ -199,6 +224,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         deltas_per_s: load::round3(deltas as f64 / s.duration.as_secs_f64()),
         tokens_received: tokens,
         token_to_client: Latency::of(&latency),
+        token_to_client_beside_sends: Latency::of(&latency_beside),
         server_cpu_us_per_delta: server_cpu.filter(|_| deltas > 0).map(|us| load::round3(us / deltas as f64)),
         server_cpu_us_per_token: server_cpu.filter(|_| generated > 0.0).map(|us| load::round3(us / generated)),
         send_alone_per_s: per_s(&alone),
@@ -206,6 +232,9 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         send_beside_ratio: load::round3(beside.per_sec() / alone.per_sec().max(f64::MIN_POSITIVE)),
         send_alone: alone.measured(),
         send_beside: beside.measured(),
+        half_rate_per_s: load::round3(half_rate),
+        half_rate_alone: half_alone.measured(),
+        half_rate_beside: half_beside.measured(),
         stream_errors: stream_errors.load(Ordering::Relaxed),
     };
     let table = vec![
@@ -219,8 +248,19 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
             results.server_cpu_us_per_delta.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}")),
         ),
         format!(
-            "assistant send c={SEND_CALLERS}: alone {:.0}/s, beside the replies {:.0}/s (ratio {:.3}) | stream errors {}",
-            results.send_alone_per_s, results.send_beside_per_s, results.send_beside_ratio, results.stream_errors
+            "assistant send c={SEND_CALLERS}: alone {:.0}/s, beside the replies {:.0}/s (ratio {:.3}; token -> client meanwhile p50 {:.3} ms  p99 {:.3} ms) | stream errors {}",
+            results.send_alone_per_s,
+            results.send_beside_per_s,
+            results.send_beside_ratio,
+            results.token_to_client_beside_sends.p50_ms,
+            results.token_to_client_beside_sends.p99_ms,
+            results.stream_errors
+        ),
+        format!(
+            "assistant send open loop at {:.0}/s: alone {} | beside the replies {}",
+            results.half_rate_per_s,
+            results.half_rate_alone.summary("call"),
+            results.half_rate_beside.summary("call")
         ),
     ];
     Report::new(results, table)

@@ -71,6 +71,7 @@ crate::with_scripted_server!(
     a_prompt_beyond_a_full_queue_gets_a_failed_reply_at_once ["--assistant-queue", "1"],
     an_injection_is_refused_without_asking_the_model [],
     a_reply_that_leaks_the_system_prompt_is_flagged_for_the_owner [],
+    a_group_chat_is_answered_as_its_assistant_replies_setting_says [],
 );
 mod off {
     use super::without_a_server_the_assistant_is_off_and_callers_are_authenticated_first;
@@ -202,6 +203,18 @@ async fn a_reply_streams_as_deltas_that_add_up_to_the_stored_text(c: &Cluster, s
     // History shows the finished reply after its prompt.
     let listed = history(c, &alice, &chat.chat_id, false).await;
     assert_eq!(listed.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["Say hello", text]);
+    // The untitled assistant chat is titled after its first reply, with the
+    // prompt's words, as a change its streams carry.
+    let updated = loop {
+        if let Some(Event::ChatUpdated(u)) = next(&mut stream).await.event {
+            break u;
+        }
+    };
+    assert_eq!(updated.update_mask.map(|m| m.paths), Some(vec!["title".to_owned()]));
+    assert_eq!(updated.title, "Say hello");
+    let get = natter_proto::chats::v1::GetChatRequest { chat_id: chat.chat_id.clone(), message_page_size: 0 };
+    let got = c.chats().get_chat(authed(&alice, get)).await.unwrap().into_inner().chat.unwrap();
+    assert_eq!(got.title, "Say hello");
 }
 
 async fn ask_waits_for_the_reply_and_a_retried_prompt_is_answered_once(c: &Cluster, server: &ScriptedServer) {
@@ -385,6 +398,79 @@ async fn prompts_queue_behind_the_reply_being_written(c: &Cluster, server: &Scri
     // The second request ends at its own prompt: "c" was not sent yet.
     let second: Vec<String> = conversation(server, 1).into_iter().skip(1).map(|m| m.1).collect();
     assert_eq!(second, ["a", "reply A", "b"]);
+}
+
+/// In a group chat the assistant answers mentions by default, every
+/// message with ALL, none with OFF; a direct chat has no such setting. A
+/// message that is no prompt is shown by the next one that is: the bot
+/// reads its chats in order and answers a chat's prompts in order, so once
+/// the later prompt's reply is there, none was started for the earlier
+/// message.
+async fn a_group_chat_is_answered_as_its_assistant_replies_setting_says(c: &Cluster, server: &ScriptedServer) {
+    use natter_proto::chats::v1 as cpb;
+    use natter_proto::messages::v1::AssistantReplies;
+    server.set_fallback(Script::reply("ok"));
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let bot = assistant_chat(c, &alice).await.assistant_user_id;
+    let create = cpb::CreateChatRequest {
+        kind: cpb::ChatKind::Group as i32,
+        title: "team".into(),
+        member_ids: vec![bob.id.clone(), bot],
+        ..Default::default()
+    };
+    let group = c.chats().create_chat(authed(&alice, create)).await.unwrap().into_inner().chat.unwrap();
+    assert_eq!(group.assistant_replies, AssistantReplies::Mentions as i32, "the default");
+    let chat = group.id;
+    let mut stream = events(c, &alice, &chat).await;
+    let set = |user: &TestUser, replies: AssistantReplies| {
+        let request = cpb::UpdateChatRequest {
+            chat_id: chat.clone(),
+            chat: Some(cpb::Chat { assistant_replies: replies as i32, ..Default::default() }),
+            update_mask: Some(natter_proto::FieldMask { paths: vec!["assistant_replies".into()] }),
+        };
+        let mut chats = c.chats();
+        let request = authed(user, request);
+        async move { chats.update_chat(request).await.map(|r| r.into_inner().chat.unwrap()) }
+    };
+    // Each step: a message that must stay unanswered, then a prompt whose
+    // reply must be the next one.
+    let mut answered = Vec::new();
+    let mut unanswered = Vec::new();
+    unanswered.push(send(c, &alice, &chat, "no mention here").await.id);
+    answered.push(send(c, &alice, &chat, "@assistant hello").await.id);
+    until_finished(&mut stream, None).await;
+    assert_eq!(set(&alice, AssistantReplies::All).await.unwrap().assistant_replies, AssistantReplies::All as i32);
+    answered.push(send(c, &bob, &chat, "no mention, answered all the same").await.id);
+    until_finished(&mut stream, None).await;
+    set(&alice, AssistantReplies::Off).await.unwrap();
+    unanswered.push(send(c, &bob, &chat, "@assistant are you there?").await.id);
+    set(&alice, AssistantReplies::Mentions).await.unwrap();
+    answered.push(send(c, &bob, &chat, "@assistant now?").await.id);
+    until_finished(&mut stream, None).await;
+    let listed = history(c, &alice, &chat, true).await;
+    let by_seq: std::collections::HashMap<i64, &str> = listed.iter().map(|m| (m.seq, m.id.as_str())).collect();
+    let replied: Vec<&str> = listed
+        .iter()
+        .filter(|m| m.role == mpb::MessageRole::Assistant as i32)
+        .map(|m| by_seq[&m.reply_to_seq])
+        .collect();
+    assert_eq!(replied, answered.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(unanswered.iter().all(|id| !replied.contains(&id.as_str())));
+    assert_eq!(server.requests().len(), 3, "one model call per prompt");
+
+    // Only the owner and admins set it; a direct chat has no such setting.
+    assert_eq!(code(set(&bob, AssistantReplies::All).await), Code::PermissionDenied);
+    assert_eq!(
+        crate::violated_fields(&set(&alice, AssistantReplies::Unspecified).await.unwrap_err()),
+        ["chat.assistant_replies"]
+    );
+    let direct = assistant_chat(c, &bob).await.chat_id;
+    let request = cpb::UpdateChatRequest {
+        chat_id: direct,
+        chat: Some(cpb::Chat { assistant_replies: AssistantReplies::Off as i32, ..Default::default() }),
+        update_mask: Some(natter_proto::FieldMask { paths: vec!["assistant_replies".into()] }),
+    };
+    assert_eq!(code(c.chats().update_chat(authed(&bob, request)).await), Code::FailedPrecondition);
 }
 
 async fn a_prompt_beyond_a_full_queue_gets_a_failed_reply_at_once(c: &Cluster, server: &ScriptedServer) {

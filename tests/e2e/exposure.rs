@@ -152,6 +152,17 @@ async fn call_every_internal_rpc(
             ),
         ),
         (
+            "TitleChat",
+            code(
+                chats
+                    .title_chat(with(
+                        cpb::TitleChatRequest { chat_id: chat.clone(), title: "pwned".into() },
+                        credential,
+                    ))
+                    .await,
+            ),
+        ),
+        (
             "LookupMessages",
             code(
                 messages
@@ -283,7 +294,7 @@ async fn call_every_internal_rpc(
 }
 
 /// The internal RPCs' paths, for gRPC-web.
-const INTERNAL_PATHS: [&str; 21] = [
+const INTERNAL_PATHS: [&str; 22] = [
     "/natter.sessions.v1.SessionInternalService/IntrospectSession",
     "/natter.sessions.v1.SessionInternalService/LookupUsers",
     "/natter.sessions.v1.SessionInternalService/EnsureBotUser",
@@ -295,6 +306,7 @@ const INTERNAL_PATHS: [&str; 21] = [
     "/natter.messages.v1.MessageInternalService/PurgeChat",
     "/natter.messages.v1.MessageInternalService/RecordChatChanges",
     "/natter.chats.v1.ChatInternalService/CreateChatAs",
+    "/natter.chats.v1.ChatInternalService/TitleChat",
     "/natter.messages.v1.MessageInternalService/LookupMessages",
     "/natter.messages.v1.MessageInternalService/SendMessageAs",
     "/natter.messages.v1.MessageInternalService/EditMessageAs",

@@ -448,6 +448,8 @@ pub trait AssistantChats: Send + Sync + 'static {
     async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status>;
     /// CreateChat as `user_id`.
     async fn create_chat_as(&self, user_id: &str, request: chats::CreateChatRequest) -> Result<chats::Chat, Status>;
+    /// Gives an untitled chat `title` (TitleChat); a titled one keeps its own.
+    async fn title_chat(&self, chat_id: &str, title: &str) -> Result<chats::Chat, Status>;
 }
 
 /// What the assistant service asks the sessions service.
@@ -653,6 +655,12 @@ impl AssistantChats for Grpc {
         let mut client = ChatInternalServiceClient::new(self.0.channel());
         self.0.call(client.create_chat_as(self.0.request(request))).await?.chat.ok_or_else(no_message)
     }
+
+    async fn title_chat(&self, chat_id: &str, title: &str) -> Result<chats::Chat, Status> {
+        let request = chats::TitleChatRequest { chat_id: chat_id.to_owned(), title: title.to_owned() };
+        let mut client = ChatInternalServiceClient::new(self.0.channel());
+        self.0.call(client.title_chat(self.0.request(request))).await?.chat.ok_or_else(no_message)
+    }
 }
 
 #[async_trait]
@@ -664,6 +672,15 @@ impl<S: ChatInternalService> AssistantChats for InProcess<S> {
     async fn create_chat_as(&self, user_id: &str, request: chats::CreateChatRequest) -> Result<chats::Chat, Status> {
         let request = chats::CreateChatAsRequest { user_id: user_id.to_owned(), request: Some(request) };
         in_process("/natter.chats.v1.ChatInternalService/CreateChatAs", self.0.create_chat_as(Request::new(request)))
+            .await?
+            .into_inner()
+            .chat
+            .ok_or_else(no_message)
+    }
+
+    async fn title_chat(&self, chat_id: &str, title: &str) -> Result<chats::Chat, Status> {
+        let request = chats::TitleChatRequest { chat_id: chat_id.to_owned(), title: title.to_owned() };
+        in_process("/natter.chats.v1.ChatInternalService/TitleChat", self.0.title_chat(Request::new(request)))
             .await?
             .into_inner()
             .chat

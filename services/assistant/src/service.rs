@@ -93,6 +93,17 @@ impl Default for Settings {
     }
 }
 
+/// Which messages of a chat the assistant answers.
+#[derive(Clone, Copy, Debug)]
+struct Answers {
+    /// natter.chats.v1.ChatKind: a direct chat's are all prompts.
+    kind: i32,
+    /// natter.messages.v1.AssistantReplies of a group chat.
+    replies: i32,
+    /// A title was given or found (direct chats are titled once).
+    titled: bool,
+}
+
 /// One prompt to answer.
 #[derive(Clone, Debug)]
 struct Job {
@@ -115,8 +126,9 @@ struct State {
     prompts: HashSet<String>,
     /// Replies being generated here, with what stops each.
     running: HashMap<String, CancellationToken>,
-    /// Chat kinds seen (a chat's kind never changes).
-    kinds: HashMap<String, i32>,
+    /// Chats seen: which of their messages are prompts (kept current by
+    /// the chat_updated events of the bot's stream, in stream order).
+    chats: HashMap<String, Answers>,
 }
 
 /// How a generation ended.
@@ -229,9 +241,18 @@ impl Assistant {
 
     /// A stream event: a person's new message that is a prompt is queued; a
     /// reply that ended (here or on another replica) wakes the prompts
-    /// waiting for the chat.
+    /// waiting for the chat; a chat's new assistant_replies applies to the
+    /// messages after it.
     async fn on_event(self: &Arc<Self>, event: mpb::StreamEventsResponse) {
         let message = match event.event {
+            Some(Event::ChatUpdated(u))
+                if u.update_mask.as_ref().is_some_and(|m| m.paths.iter().any(|p| p == "assistant_replies")) =>
+            {
+                if let Some(answers) = self.state().chats.get_mut(&event.chat_id) {
+                    answers.replies = u.assistant_replies;
+                }
+                return;
+            }
             Some(Event::MessageCreated(message)) => message,
             Some(Event::MessageEdited(m)) if m.role == mpb::MessageRole::Assistant as i32 && is_finished(&m) => {
                 let _ = self.finished.send(m);
@@ -247,7 +268,8 @@ impl Assistant {
 
     /// Whether the assistant answers `message`: a person's (not a bot
     /// reply's), not deleted, with text; in a direct chat every one, in a
-    /// group one that mentions `@username`.
+    /// group as its assistant_replies says (by default those that mention
+    /// `@username`).
     async fn is_prompt(&self, message: &mpb::Message) -> bool {
         if message.author_id == self.bot.id
             || message.role == mpb::MessageRole::Assistant as i32
@@ -256,13 +278,14 @@ impl Assistant {
         {
             return false;
         }
-        let known = self.state().kinds.get(&message.chat_id).copied();
-        let kind = match known {
-            Some(kind) => kind,
+        let known = self.state().chats.get(&message.chat_id).copied();
+        let answers = match known {
+            Some(answers) => answers,
             None => match self.links.chats.check_membership(&message.chat_id, &self.bot.id).await {
                 Ok(m) if m.member => {
-                    self.state().kinds.insert(message.chat_id.clone(), m.kind);
-                    m.kind
+                    let answers = Answers { kind: m.kind, replies: m.assistant_replies, titled: false };
+                    self.state().chats.insert(message.chat_id.clone(), answers);
+                    answers
                 }
                 Ok(_) => return false,
                 Err(status) => {
@@ -271,7 +294,13 @@ impl Assistant {
                 }
             },
         };
-        kind == cpb::ChatKind::Direct as i32 || mentions(&message.text, &self.settings.username)
+        use mpb::AssistantReplies as Replies;
+        match Replies::try_from(answers.replies) {
+            _ if answers.kind == cpb::ChatKind::Direct as i32 => true,
+            Ok(Replies::All) => true,
+            Ok(Replies::Off) => false,
+            _ => mentions(&message.text, &self.settings.username),
+        }
     }
 
     /// Queues a prompt behind its chat's reply being generated, or starts
@@ -443,7 +472,33 @@ impl Assistant {
         // A replacement that failed before its first token gives the
         // replaced reply back.
         let restore = outcome.status == mpb::GenerationStatus::Failed && outcome.text.is_empty();
+        let complete = outcome.status == mpb::GenerationStatus::Complete;
         self.finish(&reply, outcome, restore).await;
+        if complete {
+            self.title(&job.prompt).await;
+        }
+    }
+
+    /// Titles an untitled direct chat after its first complete reply, with
+    /// its prompt's first words ([`title_of`]); asked once per chat (the
+    /// chats service keeps a title the chat has).
+    async fn title(&self, prompt: &mpb::Message) {
+        let untitled = self
+            .state()
+            .chats
+            .get(&prompt.chat_id)
+            .is_some_and(|a| a.kind == cpb::ChatKind::Direct as i32 && !a.titled);
+        let Some(title) = untitled.then(|| title_of(&prompt.text)).flatten() else { return };
+        match self.links.chats.title_chat(&prompt.chat_id, &title).await {
+            Ok(_) => {
+                if let Some(answers) = self.state().chats.get_mut(&prompt.chat_id) {
+                    answers.titled = true;
+                }
+            }
+            Err(status) => {
+                tracing::warn!(chat_id = %prompt.chat_id, error = %status.message(), "cannot title an assistant chat");
+            }
+        }
     }
 
     /// Stores how a reply ended (tried three times; if all fail, the
@@ -1000,6 +1055,33 @@ fn is_finished(reply: &mpb::Message) -> bool {
     reply.generation_status != mpb::GenerationStatus::Generating as i32
 }
 
+/// Most characters of an automatic chat title (before its ellipsis).
+const TITLE_CHARS: usize = 60;
+
+/// A chat's title made of a prompt: its first line that has words, blanks
+/// collapsed, cut after a whole word at about [`TITLE_CHARS`] characters
+/// with an ellipsis; None for a prompt without words.
+fn title_of(prompt: &str) -> Option<String> {
+    let line = prompt.lines().find(|l| !l.trim().is_empty())?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let mut title = String::new();
+    for word in &words {
+        let extra = word.chars().count() + usize::from(!title.is_empty());
+        if title.chars().count() + extra > TITLE_CHARS {
+            if title.is_empty() {
+                title = word.chars().take(TITLE_CHARS).collect();
+            }
+            title.push('…');
+            return Some(title);
+        }
+        if !title.is_empty() {
+            title.push(' ');
+        }
+        title.push_str(word);
+    }
+    Some(title)
+}
+
 /// Whether `text` mentions `@username` (as a word, any case).
 fn mentions(text: &str, username: &str) -> bool {
     let needle = format!("@{}", username.to_lowercase());
@@ -1021,6 +1103,18 @@ mod tests {
         let prompt = Uuid::now_v7().to_string();
         assert_eq!(reply_id(&prompt), reply_id(&prompt));
         assert_ne!(reply_id(&prompt), reply_id(&Uuid::now_v7().to_string()));
+    }
+
+    #[test]
+    fn a_title_is_the_prompt_s_first_words() {
+        assert_eq!(title_of("\n  How do   tides work?\nAnd why?").as_deref(), Some("How do tides work?"));
+        let long = "word ".repeat(30);
+        let title = title_of(&long).unwrap();
+        assert!(title.ends_with('…') && title.chars().count() <= TITLE_CHARS + 1, "{title}");
+        assert!(title.trim_end_matches('…').split(' ').all(|w| w == "word"), "whole words: {title}");
+        let one = "x".repeat(200);
+        assert_eq!(title_of(&one).unwrap().chars().count(), TITLE_CHARS + 1);
+        assert_eq!(title_of(" \n\t"), None);
     }
 
     #[test]

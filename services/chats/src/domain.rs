@@ -103,6 +103,19 @@ text_enum!(
     }
 );
 
+text_enum!(
+    /// Which messages of a group chat its assistant members answer
+    /// (natter.messages.v1.AssistantReplies).
+    AssistantReplies {
+        /// Those that mention the assistant by name (the default).
+        Mentions = "mentions",
+        /// Every person's message.
+        All = "all",
+        /// None.
+        Off = "off",
+    }
+);
+
 impl Role {
     /// True for owner and admin.
     pub fn manages(self) -> bool {
@@ -117,7 +130,8 @@ pub struct Chat {
     pub id: ChatId,
     /// Direct or group; never changes.
     pub kind: Kind,
-    /// Empty for a direct chat; at most [`Limits::title_chars`].
+    /// At most [`Limits::title_chars`]; empty for a direct chat, but for
+    /// an assistant's, which its first reply titles (TitleChat).
     pub title: String,
     /// At most [`Limits::description_chars`].
     pub description: String,
@@ -142,6 +156,9 @@ pub struct Chat {
     pub last_seq: i64,
     /// Time of the newest message, None before the first.
     pub last_message_time: Option<i64>,
+    /// Which messages its assistant members answer (a group chat's
+    /// setting; a direct chat keeps the default and is always answered).
+    pub assistant_replies: AssistantReplies,
 }
 
 impl Chat {
@@ -296,6 +313,8 @@ pub struct ChatUpdate {
     pub description: Option<String>,
     /// A new visibility.
     pub visibility: Option<Visibility>,
+    /// Which messages its assistant members answer from now on.
+    pub assistant_replies: Option<AssistantReplies>,
 }
 
 /// A validated CreateChat request.
@@ -451,6 +470,7 @@ mod tests {
             last_activity_time: 1,
             last_seq: 0,
             last_message_time: None,
+            assistant_replies: AssistantReplies::Mentions,
         };
         chat.apply(&Activity { chat_id: id, last_seq: 2, time: 20 });
         chat.apply(&Activity { chat_id: id, last_seq: 1, time: 30 });

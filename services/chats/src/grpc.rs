@@ -16,8 +16,8 @@ use natter_proto::chats::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::domain::{
-    self, Activity, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Kind, Limits, Member, MemberCursor, NewChat, Role,
-    SeverityFilter, Visibility,
+    self, Activity, AssistantReplies, Chat, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Kind, Limits, Member,
+    MemberCursor, NewChat, Role, SeverityFilter, Visibility,
 };
 use crate::error::ChatsError;
 use crate::service::{ChatView, Chats};
@@ -40,6 +40,17 @@ fn visibility_pb(v: Visibility) -> pb::Visibility {
         Visibility::Private => pb::Visibility::Private,
         Visibility::Public => pb::Visibility::Public,
     }
+}
+
+fn assistant_replies_pb(chat: &Chat) -> i32 {
+    use natter_proto::messages::v1::AssistantReplies as Pb;
+    let replies = match chat.assistant_replies {
+        _ if chat.kind == Kind::Direct => Pb::Unspecified,
+        AssistantReplies::Mentions => Pb::Mentions,
+        AssistantReplies::All => Pb::All,
+        AssistantReplies::Off => Pb::Off,
+    };
+    replies as i32
 }
 
 fn role_pb(r: Role) -> pb::MemberRole {
@@ -65,6 +76,7 @@ fn chat_pb(view: ChatView) -> pb::Chat {
         None => (None, 0),
     };
     pb::Chat {
+        assistant_replies: assistant_replies_pb(&c),
         id: c.id.to_string(),
         kind: kind_pb(c.kind) as i32,
         title: c.title,
@@ -297,9 +309,11 @@ pub fn update_chat(r: pb::UpdateChatRequest, limits: &Limits) -> Result<(ChatId,
     let chat_id = ChatId::parse("chat_id", &r.chat_id)?;
     let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
     if paths.is_empty() {
-        return Err(
-            ChatsError::invalid("update_mask", "must name at least one of: title, description, visibility").into()
-        );
+        return Err(ChatsError::invalid(
+            "update_mask",
+            "must name at least one of: title, description, visibility, assistant_replies",
+        )
+        .into());
     }
     let chat = r.chat.unwrap_or_default();
     let mut update = ChatUpdate::default();
@@ -320,10 +334,25 @@ pub fn update_chat(r: pb::UpdateChatRequest, limits: &Limits) -> Result<(ChatId,
                         .ok_or_else(|| ChatsError::invalid("chat.visibility", "must be PRIVATE or PUBLIC"))?,
                 );
             }
+            "assistant_replies" => {
+                use natter_proto::messages::v1::AssistantReplies as Pb;
+                update.assistant_replies = Some(match Pb::try_from(chat.assistant_replies) {
+                    Ok(Pb::Mentions) => AssistantReplies::Mentions,
+                    Ok(Pb::All) => AssistantReplies::All,
+                    Ok(Pb::Off) => AssistantReplies::Off,
+                    _ => {
+                        return Err(
+                            ChatsError::invalid("chat.assistant_replies", "must be MENTIONS, ALL or OFF").into()
+                        );
+                    }
+                });
+            }
             other => {
                 // Quoted, and cut short: the message goes back in a header.
                 let shown: String = other.chars().take(64).collect();
-                let reason = format!("{shown:?} is not a field that can be updated (title, description, visibility)");
+                let reason = format!(
+                    "{shown:?} is not a field that can be updated (title, description, visibility, assistant_replies)"
+                );
                 return Err(ChatsError::invalid(format!("update_mask.paths[{i}]"), reason).into());
             }
         }
@@ -533,9 +562,22 @@ impl ChatInternalService for ChatInternalApi {
                 archived: access.chat.archive_time.is_some(),
                 visibility: visibility_pb(access.chat.visibility) as i32,
                 kind: kind_pb(access.chat.kind) as i32,
+                assistant_replies: assistant_replies_pb(&access.chat),
             },
         };
         Ok(Response::new(response))
+    }
+
+    async fn title_chat(
+        &self,
+        request: Request<pb::TitleChatRequest>,
+    ) -> Result<Response<pb::TitleChatResponse>, Status> {
+        let r = request.into_inner();
+        let chat_id = ChatId::parse("chat_id", &r.chat_id)?;
+        let chat = self.chats.title_chat(chat_id, &r.title).await?;
+        // The chat's own fields (no preview, unread count or aggregates).
+        let view = ChatView { chat, preview: None, aggregates: Default::default(), moderator: false };
+        Ok(Response::new(pb::TitleChatResponse { chat: Some(chat_pb(view)) }))
     }
 
     async fn create_chat_as(

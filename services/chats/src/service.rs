@@ -13,8 +13,8 @@ use natter_links::{MessageDirectory, UserDirectory};
 use natter_proto::messages::v1 as mpb;
 
 use crate::domain::{
-    self, Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, NewChat,
-    Role, SeverityFilter, Visibility,
+    self, Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member,
+    MemberCursor, NewChat, Role, SeverityFilter, Visibility,
 };
 use crate::error::ChatsError;
 use crate::store::{Added, ChatStore, Created, Departure, Pending};
@@ -243,6 +243,7 @@ impl Chats {
             last_activity_time: now,
             last_seq: 0,
             last_message_time: None,
+            assistant_replies: AssistantReplies::Mentions,
         };
         let members: Vec<Member> = std::iter::once((caller, Role::Owner))
             .chain(new.others.iter().map(|u| (*u, Role::Member)))
@@ -474,6 +475,24 @@ impl Chats {
         self.evict(chat.id);
         self.deliver(chat.id).await;
         self.view(caller, ChatAccess { chat, role: Some(role) }).await
+    }
+
+    /// TitleChat (internal): gives a chat without a title (an assistant's
+    /// direct chat) `title`, checked as UpdateChat checks one; a chat with a
+    /// title keeps it and is answered as it is.
+    pub async fn title_chat(&self, chat_id: ChatId, title: &str) -> Result<Chat, ChatsError> {
+        let title = title.trim();
+        domain::check_title(title, &self.limits).map_err(|e| ChatsError::invalid("title", e))?;
+        if title.is_empty() {
+            return Err(ChatsError::invalid("title", "must not be empty"));
+        }
+        let (chat, changed) =
+            self.store.title_chat(chat_id, title, now_micros()).await?.ok_or(ChatsError::ChatNotFound)?;
+        if changed {
+            self.evict(chat.id);
+            self.deliver(chat.id).await;
+        }
+        Ok(chat)
     }
 
     /// ArchiveChat / UnarchiveChat (owner or admin; either member of a

@@ -290,6 +290,7 @@ pub(crate) fn chat_change_event(
             public: d.public,
             archived: d.archived,
             update_time: Some(timestamp(d.update_time)),
+            assistant_replies: d.assistant_replies,
         }),
     };
     pb::StreamEventsResponse { chat_id: chat.to_string(), seq: seq.0, change_seq, event: Some(event) }
@@ -377,6 +378,7 @@ pub fn chat_changes_request(r: &pb::RecordChatChangesRequest) -> Result<(ChatId,
                 public: u.public,
                 archived: u.archived,
                 update_time: u.update_time.as_ref().map_or(0, natter_kit::time::micros),
+                assistant_replies: u.assistant_replies,
             }),
             None => return Err(FieldViolations::single(field, "names no change").into_status()),
         };

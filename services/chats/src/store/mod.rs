@@ -16,8 +16,8 @@ use natter_proto::messages::v1 as mpb;
 use prost::Message as _;
 
 use crate::domain::{
-    Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Limits, Member, MemberCursor, Role,
-    Visibility,
+    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Kind, Limits, Member,
+    MemberCursor, Role, Visibility,
 };
 
 pub mod postgres;
@@ -67,7 +67,8 @@ impl StoreError {
 macro_rules! chat_columns {
     () => {
         "c.id, c.kind, c.title, c.description, c.visibility, c.owner_id, c.creator_id, c.member_count, \
-         c.archive_time, c.create_time, c.update_time, c.last_activity_time, c.last_seq, c.last_message_time"
+         c.archive_time, c.create_time, c.update_time, c.last_activity_time, c.last_seq, c.last_message_time, \
+         c.assistant_replies"
     };
 }
 pub(crate) use chat_columns;
@@ -188,6 +189,12 @@ pub fn chat_updated(chat: &Chat, mask: Vec<&str>) -> mpb::ChatChange {
         public: chat.visibility == Visibility::Public,
         archived: chat.archive_time.is_some(),
         update_time: Some(timestamp(chat.update_time)),
+        assistant_replies: match chat.assistant_replies {
+            _ if chat.kind == Kind::Direct => mpb::AssistantReplies::Unspecified,
+            AssistantReplies::Mentions => mpb::AssistantReplies::Mentions,
+            AssistantReplies::All => mpb::AssistantReplies::All,
+            AssistantReplies::Off => mpb::AssistantReplies::Off,
+        } as i32,
     };
     mpb::ChatChange { change: Some(mpb::chat_change::Change::ChatUpdated(updated)) }
 }
@@ -222,6 +229,7 @@ pub(crate) fn updated_by(chat: &Chat, update: &ChatUpdate) -> mpb::ChatChange {
         ("title", update.title.is_some()),
         ("description", update.description.is_some()),
         ("visibility", update.visibility.is_some()),
+        ("assistant_replies", update.assistant_replies.is_some()),
     ];
     chat_updated(chat, named.into_iter().filter(|(_, set)| *set).map(|(path, _)| path).collect())
 }
@@ -323,6 +331,12 @@ pub trait ChatStore: Send + Sync + 'static {
     /// outbox, unless the chat was archived (unarchived) already: then
     /// nothing changes. Returns the chat, None if there is no such chat.
     async fn set_archived(&self, id: ChatId, archive_time: Option<i64>, now: i64) -> Result<Option<Chat>, StoreError>;
+
+    /// Gives chat `id` the (checked) `title` if it has none, in ONE
+    /// transaction with its outbox entry (chat_updated, path "title"), at
+    /// `now` (µs). Answers the chat and whether it changed; a chat with a
+    /// title is answered as it is. None: no such chat.
+    async fn title_chat(&self, id: ChatId, title: &str, now: i64) -> Result<Option<(Chat, bool)>, StoreError>;
 
     /// Deletes a chat and its memberships, with every member's removal in
     /// the outbox; returns who were its members (empty if there was no such

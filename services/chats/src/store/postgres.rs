@@ -18,8 +18,8 @@ use super::{
     time_bounds, updated_by,
 };
 use crate::domain::{
-    Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, Role,
-    Visibility, title_key,
+    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member,
+    MemberCursor, Role, Visibility, title_key,
 };
 
 /// The chats store on a PostgreSQL schema (see the module docs).
@@ -63,6 +63,7 @@ fn chat_row(row: &PgRow) -> Result<Chat, StoreError> {
         last_activity_time: row.try_get("last_activity_time")?,
         last_seq: row.try_get("last_seq")?,
         last_message_time: row.try_get("last_message_time")?,
+        assistant_replies: parse_enum("chats.assistant_replies", &text("assistant_replies")?, AssistantReplies::parse)?,
     })
 }
 
@@ -150,8 +151,8 @@ impl ChatStore for PostgresChatStore {
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO chats (id, kind, title, title_key, description, visibility, owner_id, creator_id, direct_key, \
-             member_count, archive_time, create_time, update_time, last_activity_time, last_seq, last_message_time) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+             member_count, archive_time, create_time, update_time, last_activity_time, last_seq, last_message_time, \
+             assistant_replies) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         )
         .bind(chat.id.to_string())
         .bind(chat.kind.as_str())
@@ -169,6 +170,7 @@ impl ChatStore for PostgresChatStore {
         .bind(chat.last_activity_time)
         .bind(chat.last_seq)
         .bind(chat.last_message_time)
+        .bind(chat.assistant_replies.as_str())
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -343,6 +345,9 @@ impl ChatStore for PostgresChatStore {
         if let Some(visibility) = update.visibility {
             q.push(", visibility = ").push_bind(visibility.as_str());
         }
+        if let Some(replies) = update.assistant_replies {
+            q.push(", assistant_replies = ").push_bind(replies.as_str());
+        }
         q.push(" WHERE c.id = ").push_bind(id.to_string()).push(concat!(" RETURNING ", chat_columns!()));
         let mut tx = self.pool.begin().await?;
         let Some(row) = q.build().fetch_optional(&mut *tx).await? else { return Ok(None) };
@@ -350,6 +355,30 @@ impl ChatStore for PostgresChatStore {
         push_outbox(&mut tx, &id.to_string(), &[updated_by(&chat, update)], now).await?;
         tx.commit().await?;
         Ok(Some(chat))
+    }
+
+    async fn title_chat(&self, id: ChatId, title: &str, now: i64) -> Result<Option<(Chat, bool)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(concat!(
+            "UPDATE chats c SET title = $1, title_key = $2, update_time = $3 WHERE c.id = $4 AND c.title = '' \
+             RETURNING ",
+            chat_columns!()
+        ))
+        .bind(title)
+        .bind(title_key(title))
+        .bind(now)
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.commit().await?;
+            return Ok(self.chat(id).await?.map(|chat| (chat, false)));
+        };
+        let chat = chat_row(&row)?;
+        let update = ChatUpdate { title: Some(title.to_owned()), ..ChatUpdate::default() };
+        push_outbox(&mut tx, &id.to_string(), &[updated_by(&chat, &update)], now).await?;
+        tx.commit().await?;
+        Ok(Some((chat, true)))
     }
 
     async fn set_archived(&self, id: ChatId, archive_time: Option<i64>, now: i64) -> Result<Option<Chat>, StoreError> {

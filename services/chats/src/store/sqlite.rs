@@ -26,8 +26,8 @@ use super::{
     time_bounds, updated_by,
 };
 use crate::domain::{
-    Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member, MemberCursor, Role,
-    Visibility, title_key,
+    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member,
+    MemberCursor, Role, Visibility, title_key,
 };
 
 mod activity;
@@ -112,6 +112,7 @@ fn chat_row(row: &Row<'_>) -> rusqlite::Result<Chat> {
         last_activity_time: row.get(11)?,
         last_seq: row.get(12)?,
         last_message_time: row.get(13)?,
+        assistant_replies: parsed(row, 14, "chats.assistant_replies", AssistantReplies::parse)?,
     })
 }
 
@@ -235,11 +236,11 @@ fn page(conn: &Connection, sql: &str, values: &[Value]) -> rusqlite::Result<Vec<
 }
 
 /// The access row mapper: `chat_columns!()`, then the member's role (NULL:
-/// not a member) at column 14.
+/// not a member) at column 15.
 fn access_row(row: &Row<'_>) -> rusqlite::Result<ChatAccess> {
-    let role: Option<String> = row.get(14)?;
+    let role: Option<String> = row.get(15)?;
     let role = match role {
-        Some(role) => Some(Role::parse(&role).ok_or_else(|| corrupt(14, "members.role", &role))?),
+        Some(role) => Some(Role::parse(&role).ok_or_else(|| corrupt(15, "members.role", &role))?),
         None => None,
     };
     Ok(ChatAccess { chat: chat_row(row)?, role })
@@ -256,7 +257,8 @@ impl ChatStore for SqliteChatStore {
                 .prepare_cached(
                     "INSERT INTO chats (id, kind, title, title_key, description, visibility, owner_id, creator_id, \
                      direct_key, member_count, archive_time, create_time, update_time, last_activity_time, last_seq, \
-                     last_message_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                     last_message_time, assistant_replies) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
                 )?
                 .execute(params![
                     chat.id.to_string(),
@@ -275,6 +277,7 @@ impl ChatStore for SqliteChatStore {
                     chat.last_activity_time,
                     chat.last_seq,
                     chat.last_message_time,
+                    chat.assistant_replies.as_str(),
                 ]);
             match inserted {
                 Ok(_) => {}
@@ -407,6 +410,10 @@ impl ChatStore for SqliteChatStore {
             values.push(Value::Text(visibility.as_str().into()));
             sql.push_str(&format!(", visibility = ?{}", values.len()));
         }
+        if let Some(replies) = update.assistant_replies {
+            values.push(Value::Text(replies.as_str().into()));
+            sql.push_str(&format!(", assistant_replies = ?{}", values.len()));
+        }
         values.push(Value::Text(id.to_string()));
         sql.push_str(&format!(" WHERE id = ?{}", values.len()));
         let update = update.clone();
@@ -421,6 +428,27 @@ impl ChatStore for SqliteChatStore {
             Ok(chat)
         });
         Ok(chat.await.map_err(unwrap)?.map(|chat| self.activity.overlay(chat)))
+    }
+
+    async fn title_chat(&self, id: ChatId, title: &str, now: i64) -> Result<Option<(Chat, bool)>, StoreError> {
+        let update = ChatUpdate { title: Some(title.to_owned()), ..ChatUpdate::default() };
+        let titled = self.db.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let title = update.title.as_deref().unwrap_or_default();
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE chats SET title = ?1, title_key = ?2, update_time = ?3 WHERE id = ?4 AND title = ''",
+                )?
+                .execute(params![title, title_key(title), now, id.to_string()])?
+                == 1;
+            let chat = select_chat(&tx, id)?;
+            if let Some(chat) = chat.as_ref().filter(|_| changed) {
+                push_outbox(&tx, &id.to_string(), &[updated_by(chat, &update)], now)?;
+            }
+            tx.commit()?;
+            Ok(chat.map(|chat| (chat, changed)))
+        });
+        Ok(titled.await.map_err(unwrap)?.map(|(chat, changed)| (self.activity.overlay(chat), changed)))
     }
 
     async fn set_archived(&self, id: ChatId, archive_time: Option<i64>, now: i64) -> Result<Option<Chat>, StoreError> {

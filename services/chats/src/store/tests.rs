@@ -19,8 +19,8 @@ use super::postgres::PostgresChatStore;
 use super::sqlite::SqliteChatStore;
 use super::{Added, ChatStore, Created, Departure};
 use crate::domain::{
-    Activity, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Kind, Limits, Member, MemberCursor,
-    Role, Visibility,
+    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Kind, Limits, Member,
+    MemberCursor, Role, Visibility,
 };
 
 /// A store under test and what to clean up after it.
@@ -103,6 +103,7 @@ chat_store_suite!(
     deleting_a_chat_removes_it_and_its_members,
     members_page_in_join_order,
     every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none,
+    an_untitled_chat_takes_a_title_once,
 );
 
 /// A group chat created by `owner` at `time` µs, titled by its id.
@@ -123,6 +124,7 @@ pub(crate) fn chat(owner: UserId, time: i64) -> Chat {
         last_activity_time: time,
         last_seq: 0,
         last_message_time: None,
+        assistant_replies: AssistantReplies::Mentions,
     }
 }
 
@@ -500,12 +502,25 @@ async fn updates_archive_and_unarchive(store: &dyn ChatStore) {
     let title = ChatUpdate { title: Some("Renamed".into()), ..ChatUpdate::default() };
     let updated = store.update_chat(group.id, &title, 2).await.unwrap().unwrap();
     assert_eq!((updated.title.as_str(), updated.description.as_str(), updated.update_time), ("Renamed", "", 2));
-    let rest = ChatUpdate { description: Some("d".into()), visibility: Some(Visibility::Public), title: None };
+    assert_eq!(updated.assistant_replies, AssistantReplies::Mentions, "the default");
+    let rest = ChatUpdate {
+        description: Some("d".into()),
+        visibility: Some(Visibility::Public),
+        title: None,
+        assistant_replies: Some(AssistantReplies::Off),
+    };
     let updated = store.update_chat(group.id, &rest, 3).await.unwrap().unwrap();
     assert_eq!(
-        (updated.title.as_str(), updated.description.as_str(), updated.visibility, updated.update_time),
-        ("Renamed", "d", Visibility::Public, 3)
+        (
+            updated.title.as_str(),
+            updated.description.as_str(),
+            updated.visibility,
+            updated.assistant_replies,
+            updated.update_time
+        ),
+        ("Renamed", "d", Visibility::Public, AssistantReplies::Off, 3)
     );
+    assert_eq!(store.chat(group.id).await.unwrap().map(|c| c.assistant_replies), Some(AssistantReplies::Off));
     let search = ChatFilter { query: Some("renamed".into()), ..ChatFilter::default() };
     assert_eq!(listed(store, alice, &search).await, [group.id], "the title key follows the title");
     assert_eq!(store.update_chat(ChatId::new_v7(), &title, 4).await.unwrap(), None);
@@ -668,4 +683,22 @@ async fn every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none
     assert_eq!(everyone, expected, "any chat's, by chat then position");
     assert_eq!(store.create_chat(&other, &[owner(&other)]).await.unwrap(), Created::Conflict);
     assert_eq!(store.pending(Some(other.id), 100).await.unwrap().len(), 1, "a conflict writes nothing");
+}
+
+async fn an_untitled_chat_takes_a_title_once(store: &dyn ChatStore) {
+    let (alice, bob) = (UserId::new_v7(), UserId::new_v7());
+    let direct = create(store, Chat { kind: Kind::Direct, title: String::new(), ..chat(alice, 1) }, &[bob]).await;
+    let id = direct.id;
+    let mut seen = 0;
+    outbox_after(store, id, &mut seen).await;
+    let (titled, changed) = store.title_chat(id, "Tides", 2).await.unwrap().unwrap();
+    assert_eq!((titled.title.as_str(), titled.update_time, changed), ("Tides", 2, true));
+    assert_eq!(outbox_after(store, id, &mut seen).await, ["updated title Tides archived=false"]);
+    // Titled: kept, answered as it is, nothing recorded.
+    let (kept, changed) = store.title_chat(id, "Other", 3).await.unwrap().unwrap();
+    assert_eq!((kept, changed), (titled, false));
+    assert_eq!(outbox_after(store, id, &mut seen).await, Vec::<String>::new());
+    let search = ChatFilter { query: Some("tides".into()), ..ChatFilter::default() };
+    assert_eq!(listed(store, alice, &search).await, [id], "the title key follows the title");
+    assert_eq!(store.title_chat(ChatId::new_v7(), "x", 4).await.unwrap(), None);
 }

@@ -569,7 +569,7 @@ impl ChatChange {
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatDetails {
     /// The fields that changed: "title", "description", "visibility",
-    /// "archived".
+    /// "archived", "assistant_replies".
     pub fields: Vec<String>,
     pub title: String,
     pub description: String,
@@ -577,6 +577,10 @@ pub struct ChatDetails {
     pub archived: bool,
     /// µs since the Unix epoch.
     pub update_time: i64,
+    /// natter.messages.v1.AssistantReplies (0 in entries logged before it
+    /// existed).
+    #[serde(default)]
+    pub assistant_replies: i32,
 }
 
 /// What one [`ChatChange`] took: its change number and, for a join, the
@@ -1107,7 +1111,14 @@ mod merge_tests {
             public: true,
             archived: false,
             update_time: 7,
+            assistant_replies: 2,
         };
+        // An entry logged before assistant_replies existed still reads.
+        let old = r#"{"fields":["title"],"title":"t","description":"d","public":true,"archived":false,"update_time":7}"#;
+        assert_eq!(
+            chat_change_of("updated", "", old),
+            Ok(ChatChange::Updated(ChatDetails { assistant_replies: 0, ..details.clone() }))
+        );
         for change in [
             ChatChange::Joined(user),
             ChatChange::Left(user),

@@ -235,6 +235,27 @@ async fn reports_reach_the_chat_s_moderation_queue_once_per_user(c: &Cluster) {
     assert_eq!(ids, [attack.id.as_str(), rude.id.as_str()]);
     assert!(listed[0].message.as_ref().unwrap().flags.as_ref().unwrap().flagged);
     assert_eq!(listed[1].open_reports, [first]);
+    // A send-time range [after, before): from the attack's send time on
+    // lists only it; before it, only the rude one.
+    let at = attack.send_time;
+    let ranged = |after, before| mpb::ListFlaggedMessagesRequest {
+        send_time_after: after,
+        send_time_before: before,
+        ..Default::default()
+    };
+    let ids_of = |page: mpb::ListFlaggedMessagesResponse| {
+        page.messages.into_iter().map(|f| f.message.unwrap().id).collect::<Vec<_>>()
+    };
+    let from = c.messages().list_flagged_messages(authed(&owner, ranged(at, None))).await.unwrap();
+    assert_eq!(ids_of(from.into_inner()), [attack.id.as_str()]);
+    let until = c.messages().list_flagged_messages(authed(&owner, ranged(None, at))).await.unwrap();
+    assert_eq!(ids_of(until.into_inner()), [rude.id.as_str()]);
+    // A token is bound to the range it was issued for.
+    let first_page = mpb::ListFlaggedMessagesRequest { page_size: 1, ..Default::default() };
+    let token = c.messages().list_flagged_messages(authed(&owner, first_page)).await.unwrap().into_inner();
+    let moved = mpb::ListFlaggedMessagesRequest { page_size: 1, page_token: token.next_page_token, ..ranged(None, at) };
+    let refused = c.messages().list_flagged_messages(authed(&owner, moved)).await.unwrap_err();
+    assert_eq!(crate::violated_fields(&refused), ["page_token"]);
     // A plain member's queue is empty (they manage no chat); so is the
     // author's.
     assert!(queue(&reader).await.is_empty());

@@ -23,8 +23,8 @@ use crate::error::MessagesError;
 use crate::registry::{StreamLimits, StreamRegistry};
 use crate::service::Messages;
 use crate::store::{
-    Change, ChatChange, ChatDetails, Flags, Generation, GenerationInfo, Heads, Message, Range, Revision, Role, Seq,
-    StoredReport, Summary,
+    Change, ChatChange, ChatDetails, Flags, Generation, GenerationInfo, Heads, Message, QueueFilter, Range, Revision,
+    Role, Seq, StoredReport, Summary,
 };
 use crate::stream::{self, EventStream, Follow, Resume};
 
@@ -593,12 +593,24 @@ impl MessageService for MessageApi {
                 );
             }
         };
-        let fingerprint = paging::fingerprint(&[&min_severity]);
+        let filter = QueueFilter {
+            min_severity,
+            sent_after: r.send_time_after.as_ref().map(natter_kit::time::micros),
+            sent_before: r.send_time_before.as_ref().map(natter_kit::time::micros),
+            ..QueueFilter::default()
+        };
+        // Tokens of the listings before the time range existed stay valid.
+        let fingerprint = match (filter.sent_after, filter.sent_before) {
+            (None, None) => paging::fingerprint(&[&min_severity]),
+            (after, before) => {
+                paging::fingerprint(&[&min_severity, &after.unwrap_or(i64::MIN), &before.unwrap_or(i64::MAX)])
+            }
+        };
         let from = match paging::decode::<(i64, String)>("page_token", &r.page_token, fingerprint)? {
             Some((time, id)) => Some((time, MessageId::parse("page_token", &id)?)),
             None => None,
         };
-        let mut page = self.messages.flagged(caller, min_severity, from, size + 1).await?;
+        let mut page = self.messages.flagged(caller, filter, from, size + 1).await?;
         let next = if page.len() > size as usize {
             page.truncate(size as usize);
             page.last().map(|(m, _)| paging::encode(&(m.send_time, m.id.to_string()), fingerprint))

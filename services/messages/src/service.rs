@@ -19,8 +19,8 @@ use crate::error::MessagesError;
 use crate::grpc;
 use crate::registry::StreamLimits;
 use crate::store::{
-    ChatChange, Edited, Finish, Flags, Message, MessageStore, NewMessage, NewReply, QueueCursor, Range, ReadState,
-    Revision, Sent, Seq, Started, StoredReport, Summary,
+    ChatChange, Edited, Finish, Flags, Message, MessageStore, NewMessage, NewReply, QueueCursor, QueueFilter, Range,
+    ReadState, Revision, Sent, Seq, Started, StoredReport, Summary,
 };
 use crate::stream::Resume;
 use crate::writer::Writer;
@@ -531,22 +531,23 @@ impl Messages {
         Ok(self.store.resolve_reports(message_id, caller, now_micros()).await?)
     }
 
-    /// ListFlaggedMessages: flagged or reported messages of the chats
-    /// `caller` manages (staff: of every chat), newest first, after `from`.
+    /// ListFlaggedMessages: flagged or reported messages that `filter`
+    /// admits of the chats `caller` manages (staff: of every chat; the
+    /// filter's own chats are replaced), newest first, after `from`.
     pub async fn flagged(
         &self,
         caller: UserId,
-        min_severity: i32,
+        mut filter: QueueFilter,
         from: Option<QueueCursor>,
         limit: u32,
     ) -> Result<Vec<(Message, Vec<StoredReport>)>, MessagesError> {
-        let chats: Option<Vec<ChatId>> = if self.staff.contains(&caller) {
+        filter.chats = if self.staff.contains(&caller) {
             None
         } else {
             let ids = self.chats.managed_chat_ids(&caller.to_string()).await?;
             Some(ids.iter().filter_map(|c| Uuid::try_parse(c).ok().map(ChatId)).collect())
         };
-        Ok(self.store.flagged(chats.as_deref(), min_severity, from, limit).await?)
+        Ok(self.store.flagged(&filter, from, limit).await?)
     }
 
     /// Internal: where a bot's stream resumes each of its chats: its read

@@ -450,6 +450,21 @@ pub(crate) use report_columns;
 /// message id), newest first.
 pub type QueueCursor = (i64, MessageId);
 
+/// Which messages the moderation queue lists ([`MessageStore::flagged`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueFilter {
+    /// Of these chats (None: of every chat; empty: of none).
+    pub chats: Option<Vec<ChatId>>,
+    /// Flagged from this severity up (messages with open reports whatever
+    /// their severity).
+    pub min_severity: i32,
+    /// Sent at or after this time (µs since the Unix epoch).
+    pub sent_after: Option<i64>,
+    /// Sent before this time (µs): with `sent_after`, the half-open range
+    /// `[sent_after, sent_before)`.
+    pub sent_before: Option<i64>,
+}
+
 /// How a reply ends ([`MessageStore::finish_reply`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finish {
@@ -900,14 +915,12 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// returns how many there were.
     async fn resolve_reports(&self, message: MessageId, resolver: UserId, now: i64) -> Result<u64, StoreError>;
 
-    /// The moderation queue: up to `limit` live messages of `chats` (None:
-    /// of every chat) flagged from severity `min_severity` up or with open
-    /// reports, newest first (send time, then id) after `from`, each with
-    /// its open reports, oldest first.
+    /// The moderation queue: up to `limit` live messages that `filter`
+    /// admits, newest first (send time, then id) after `from`, each with its
+    /// open reports, oldest first.
     async fn flagged(
         &self,
-        chats: Option<&[ChatId]>,
-        min_severity: i32,
+        filter: &QueueFilter,
         from: Option<QueueCursor>,
         limit: u32,
     ) -> Result<Vec<(Message, Vec<StoredReport>)>, StoreError>;
@@ -1114,7 +1127,8 @@ mod merge_tests {
             assistant_replies: 2,
         };
         // An entry logged before assistant_replies existed still reads.
-        let old = r#"{"fields":["title"],"title":"t","description":"d","public":true,"archived":false,"update_time":7}"#;
+        let old =
+            r#"{"fields":["title"],"title":"t","description":"d","public":true,"archived":false,"update_time":7}"#;
         assert_eq!(
             chat_change_of("updated", "", old),
             Ok(ChatChange::Updated(ChatDetails { assistant_replies: 0, ..details.clone() }))

@@ -24,9 +24,10 @@ use sqlx::{PgPool, Row as _};
 
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
-    GenerationInfo, Heads, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor, Range,
-    ReadState, Reply, Revision, Sent, Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of,
-    chat_change_row, list_sql, merge_changes, message_columns, parse_id, report_columns, unread_count_sql,
+    GenerationInfo, Heads, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
+    QueueFilter, Range, ReadState, Reply, Revision, Sent, Seq, Started, StoreError, StoredReport, Summary,
+    aggregates_sql, chat_change_of, chat_change_row, list_sql, merge_changes, message_columns, parse_id,
+    report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -947,12 +948,11 @@ impl MessageStore for PostgresStore {
 
     async fn flagged(
         &self,
-        chats: Option<&[ChatId]>,
-        min_severity: i32,
+        filter: &QueueFilter,
         from: Option<QueueCursor>,
         limit: u32,
     ) -> Result<Vec<(Message, Vec<StoredReport>)>, StoreError> {
-        let chats: Option<Vec<String>> = chats.map(|c| c.iter().map(ChatId::to_string).collect());
+        let chats: Option<Vec<String>> = filter.chats.as_ref().map(|c| c.iter().map(ChatId::to_string).collect());
         if chats.as_ref().is_some_and(Vec::is_empty) {
             return Ok(Vec::new());
         }
@@ -964,14 +964,17 @@ impl MessageStore for PostgresStore {
              (SELECT 1 FROM message_reports r WHERE r.message_id = m.id AND r.resolve_time IS NULL)) \
              AND ($2::boolean OR m.send_time < $3 OR (m.send_time = $3 AND m.id < $4)) \
              AND ($5::text[] IS NULL OR m.chat_id = ANY($5)) \
+             AND ($7::bigint IS NULL OR m.send_time >= $7) AND ($8::bigint IS NULL OR m.send_time < $8) \
              ORDER BY m.send_time DESC, m.id DESC LIMIT $6"
         ))
-        .bind(min_severity)
+        .bind(filter.min_severity)
         .bind(from.is_none())
         .bind(from_time)
         .bind(from_id)
         .bind(chats)
         .bind(i64::from(limit))
+        .bind(filter.sent_after)
+        .bind(filter.sent_before)
         .fetch_all(&self.pool)
         .await?;
         let messages = rows.iter().map(message_row).collect::<Result<Vec<_>, _>>()?;

@@ -19,10 +19,10 @@ use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, par
 
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
-    GenerationInfo, Heads, Logged, Message, MessageStore, NewMessage, NewReply, QueueCursor, RECENT_ACTIVITY_ROWS,
-    Range, ReadState, Reply, Revision, Sent, Seq, Started, StoreError, StoredReport, Summary, aggregates_sql,
-    chat_change_of, chat_change_row, created_after_bounds, first_seq_created_after, list_sql, merge_changes,
-    message_columns, report_columns, unread_count_sql,
+    GenerationInfo, Heads, Logged, Message, MessageStore, NewMessage, NewReply, QueueCursor, QueueFilter,
+    RECENT_ACTIVITY_ROWS, Range, ReadState, Reply, Revision, Sent, Seq, Started, StoreError, StoredReport, Summary,
+    aggregates_sql, chat_change_of, chat_change_row, created_after_bounds, first_seq_created_after, list_sql,
+    merge_changes, message_columns, report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -850,15 +850,15 @@ impl MessageStore for SqliteStore {
 
     async fn flagged(
         &self,
-        chats: Option<&[ChatId]>,
-        min_severity: i32,
+        filter: &QueueFilter,
         from: Option<QueueCursor>,
         limit: u32,
     ) -> Result<Vec<(Message, Vec<StoredReport>)>, StoreError> {
-        let chats: Option<Vec<String>> = chats.map(|c| c.iter().map(ChatId::to_string).collect());
+        let chats: Option<Vec<String>> = filter.chats.as_ref().map(|c| c.iter().map(ChatId::to_string).collect());
         if chats.as_ref().is_some_and(Vec::is_empty) {
             return Ok(Vec::new());
         }
+        let (min_severity, sent_after, sent_before) = (filter.min_severity, filter.sent_after, filter.sent_before);
         let page = self.db.read(move |conn| {
             let mut sql = format!(
                 "SELECT {} FROM messages m WHERE m.delete_time IS NULL AND (m.flag_severity >= ? OR EXISTS \
@@ -869,6 +869,14 @@ impl MessageStore for SqliteStore {
             if let Some((time, id)) = from {
                 sql.push_str(" AND (m.send_time < ? OR (m.send_time = ? AND m.id < ?))");
                 values.extend([time.into(), time.into(), id.to_string().into()]);
+            }
+            if let Some(after) = sent_after {
+                sql.push_str(" AND m.send_time >= ?");
+                values.push(after.into());
+            }
+            if let Some(before) = sent_before {
+                sql.push_str(" AND m.send_time < ?");
+                values.push(before.into());
             }
             if let Some(chats) = &chats {
                 sql.push_str(&format!(" AND m.chat_id IN ({})", vec!["?"; chats.len()].join(", ")));

@@ -782,9 +782,9 @@ async fn reports_are_once_per_user_and_the_queue_lists_flagged_and_reported_mess
     // Once per user: a repeat answers the first.
     assert_eq!(h.store.report(&report_of(2, 7, 1, 6_000)).await.unwrap(), first);
     h.store.report(&report_of(2, 8, 1, 5_500)).await.unwrap();
-    let queue = |chats: Option<Vec<ChatId>>, min, from, limit| async move {
+    let queue = |chats: Option<Vec<ChatId>>, min_severity, from, limit| async move {
         h.store
-            .flagged(chats.as_deref(), min, from, limit)
+            .flagged(&QueueFilter { chats, min_severity, ..QueueFilter::default() }, from, limit)
             .await
             .unwrap()
             .into_iter()
@@ -798,9 +798,17 @@ async fn reports_are_once_per_user_and_the_queue_lists_flagged_and_reported_mess
     assert_eq!(queue(Some(vec![chat(1)]), 2, None, 10).await, [(2, chat(1), 2), (1, chat(1), 0)]);
     assert_eq!(queue(Some(Vec::new()), 2, None, 10).await, []);
     // Paging by (send time, id).
-    let page = h.store.flagged(None, 2, None, 2).await.unwrap();
+    let filter = QueueFilter { min_severity: 2, ..QueueFilter::default() };
+    let page = h.store.flagged(&filter, None, 2).await.unwrap();
     let last = page.last().map(|(m, _)| (m.send_time, m.id));
     assert_eq!(queue(None, 2, last, 10).await, [(1, chat(1), 0)]);
+    // A send-time range [after, before): ids 1..=3 were sent at 1_001..=1_003.
+    let sent =
+        |after, before| QueueFilter { min_severity: 2, sent_after: after, sent_before: before, ..filter.clone() };
+    let seqs = |page: Vec<(Message, Vec<StoredReport>)>| page.into_iter().map(|(m, _)| m.id).collect::<Vec<_>>();
+    assert_eq!(seqs(h.store.flagged(&sent(Some(1_002), Some(1_003)), None, 10).await.unwrap()), [id(2)]);
+    assert_eq!(seqs(h.store.flagged(&sent(Some(1_002), None), None, 10).await.unwrap()), [id(3), id(2)]);
+    assert_eq!(seqs(h.store.flagged(&sent(None, Some(1_002)), None, 10).await.unwrap()), [id(1)]);
     // Resolving empties its reports; it leaves the queue (not flagged).
     assert_eq!(h.store.resolve_reports(id(2), user(9), 7_000).await.unwrap(), 2);
     assert_eq!(h.store.resolve_reports(id(2), user(9), 7_100).await.unwrap(), 0);

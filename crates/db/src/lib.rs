@@ -38,6 +38,12 @@ pub enum DbError {
     /// The schema name is not `[a-z_][a-z0-9_]*`.
     #[error("invalid schema name {0:?}")]
     InvalidSchema(String),
+    /// The PostgreSQL database the URL names does not exist and could not
+    /// be created.
+    #[error(
+        "database {name:?} does not exist and could not be created ({reason}); create it (createdb {name}) or name one that exists in the URL"
+    )]
+    MissingDatabase { name: String, reason: String },
     /// The database refused or failed.
     #[error(transparent)]
     Sqlx(#[from] sqlx::Error),

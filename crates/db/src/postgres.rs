@@ -13,8 +13,13 @@ use crate::{DbError, valid_schema};
 /// with [`session_setup`] for `schema` (created if missing), and runs
 /// `migrator` in it.
 ///
+/// A database the URL names that does not exist is created (see
+/// [`create_database`]).
+///
 /// Errors: an invalid schema name ([`valid_schema`]), the server is
-/// unreachable (after the pool's 30 s acquire timeout), or a migration fails.
+/// unreachable (after the pool's 30 s acquire timeout), the database is
+/// missing and cannot be created ([`DbError::MissingDatabase`]), or a
+/// migration fails.
 pub async fn connect(url: &str, schema: &str, max_connections: u32, migrator: &Migrator) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.disable_statement_logging();
     create_schema(&options, schema).await?;
@@ -57,12 +62,48 @@ pub(crate) async fn create_schema(options: &PgConnectOptions, schema: &str) -> R
     if !valid_schema(schema) {
         return Err(DbError::InvalidSchema(schema.to_owned()));
     }
-    let mut conn = sqlx::PgConnection::connect_with(options).await?;
+    let mut conn = match sqlx::PgConnection::connect_with(options).await {
+        Err(e) if is_missing_database(&e) => {
+            create_database(options).await?;
+            sqlx::PgConnection::connect_with(options).await?
+        }
+        connected => connected?,
+    };
     let create = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
     if let Err(e) = conn.execute(AssertSqlSafe(create)).await
         && !crate::is_unique_violation(&e)
     {
         return Err(e.into());
+    }
+    conn.close().await?;
+    Ok(())
+}
+
+/// Whether `e` says the database the URL names does not exist (SQLSTATE
+/// 3D000, invalid_catalog_name).
+fn is_missing_database(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("3D000"))
+}
+
+/// Creates the database `options` name, connected to the server's
+/// `postgres` database as the same user: the README's split-mode block
+/// names a `natter` database a fresh server does not have. Replicas
+/// starting together may race; the loser's duplicate_database (42P04) is
+/// no error.
+///
+/// Errors: the user may not create databases (or the server refused):
+/// [`DbError::MissingDatabase`], which says to create it by hand.
+async fn create_database(options: &PgConnectOptions) -> Result<(), DbError> {
+    let name = options.get_database().unwrap_or_default().to_owned();
+    let missing = |reason: String| DbError::MissingDatabase { name: name.clone(), reason };
+    let mut conn = sqlx::PgConnection::connect_with(&options.clone().database("postgres"))
+        .await
+        .map_err(|e| missing(e.to_string()))?;
+    let create = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    match conn.execute(AssertSqlSafe(create)).await {
+        Ok(_) => tracing::info!(database = %name, "created the database"),
+        Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("42P04") => {}
+        Err(e) => return Err(missing(e.to_string())),
     }
     conn.close().await?;
     Ok(())
@@ -80,4 +121,28 @@ pub async fn drop_schema(url: &str, schema: &str) -> Result<(), DbError> {
     conn.execute(AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))).await?;
     conn.close().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A URL naming a database the server does not have yet: natter creates
+    /// it (the README's split-mode block needs no `createdb`), and a second
+    /// start finds it.
+    #[tokio::test]
+    async fn a_missing_database_is_created() {
+        let Some(url) = crate::testing::postgres_url() else { return };
+        let name = crate::testing::unique_schema("db");
+        let options: PgConnectOptions = url.parse::<PgConnectOptions>().unwrap().database(&name);
+        let (migrator, url) = (Migrator::DEFAULT, options.to_url_lossy());
+        let pool = connect(url.as_ref(), "natter_test", 1, &migrator).await.unwrap();
+        let (current,): (String,) = sqlx::query_as("SELECT current_database()").fetch_one(&pool).await.unwrap();
+        assert_eq!(current, name);
+        pool.close().await;
+        let again = connect(url.as_ref(), "natter_test", 1, &migrator).await.unwrap();
+        again.close().await;
+        let mut admin = sqlx::PgConnection::connect_with(&options.clone().database("postgres")).await.unwrap();
+        admin.execute(AssertSqlSafe(format!("DROP DATABASE \"{name}\" WITH (FORCE)"))).await.unwrap();
+    }
 }

@@ -33,7 +33,23 @@ fn flags(args: &[&str]) -> Vec<Flag> {
             trimmed.strip_prefix("--").filter(|_| line.starts_with("      --") || line.starts_with("  -"))
         {
             let name = rest.split([' ', '=']).next().unwrap_or_default().to_owned();
-            flags.push(Flag { name, env: String::new(), default: String::new(), about: String::new() });
+            let mut flag = Flag { name, env: String::new(), default: String::new(), about: String::new() };
+            // Short help puts the text on the flag's line, after two or more
+            // spaces: `--addr <ADDR>  What it is [default: x]`.
+            if let Some((_, text)) = rest.split_once("  ") {
+                let mut text = text.trim();
+                while let Some(open) = text.rfind(" [").filter(|_| text.ends_with(']')) {
+                    let note = &text[open + 2..text.len() - 1];
+                    if let Some(env) = note.strip_prefix("env: ") {
+                        flag.env = env.split('=').next().unwrap_or_default().to_owned();
+                    } else if let Some(default) = note.strip_prefix("default: ") {
+                        flag.default = default.to_owned();
+                    }
+                    text = text[..open].trim_end();
+                }
+                flag.about = text.to_owned();
+            }
+            flags.push(flag);
         } else if let Some(flag) = flags.last_mut() {
             if let Some(env) = trimmed.strip_prefix("[env: ") {
                 flag.env = env.split('=').next().unwrap_or_default().to_owned();

@@ -118,6 +118,13 @@ step("a prompt gets a reply that streams in and ends complete", async () => {
   await chatItem(page, "Assistant").locator(".chat-excerpt", { hasText: "natter is a chat backend" }).waitFor();
 });
 
+step("after its first reply the assistant chat is titled with the prompt", async () => {
+  const titled = chatItem(page, "What is natter?");
+  await titled.locator(".bot").waitFor(); // still the assistant's chat
+  await titled.locator(".chat-excerpt", { hasText: "natter is a chat backend" }).waitFor();
+  await page.locator("#chat-title", { hasText: "What is natter?" }).waitFor();
+});
+
 step("reload, then stop the new reply while it streams: it keeps its text so far", async () => {
   await replyWith("complete").locator("[data-testid=reload]").click();
   await partialReply();
@@ -169,8 +176,9 @@ step("edit & rerun: the prompt is edited and answered again", async () => {
 step("after a reload the chat shows the prompt and its latest reply", async () => {
   await page.reload();
   await page.locator("#me", { hasText: ada.name }).waitFor();
-  await chatItem(page, "Assistant").click();
-  await page.locator("#chat-title", { hasText: "Assistant" }).waitFor();
+  // Titled once: the edited prompt did not rename it.
+  await chatItem(page, "What is natter?").click();
+  await page.locator("#chat-title", { hasText: "What is natter?" }).waitFor();
   await replyWith("complete").waitFor();
   assert.deepEqual(await conversation(page), [
     { seq: 1, text: "What is natter, in one line?" },

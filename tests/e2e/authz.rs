@@ -131,6 +131,14 @@ async fn call(c: &Cluster, p: &People, f: &Fixture, rpc: &str, token: Option<&st
             ))
             .await
             .map(drop),
+        "AddReaction(member's)" => {
+            let r = mpb::AddReactionRequest { message_id: message, emoji: "👍".into() };
+            c.messages().add_reaction(req(token, r)).await.map(drop)
+        }
+        "RemoveReaction(member's)" => {
+            let r = mpb::RemoveReactionRequest { message_id: message, emoji: "👍".into() };
+            c.messages().remove_reaction(req(token, r)).await.map(drop)
+        }
         "ReportMessage(member's)" => {
             let r = mpb::ReportMessageRequest {
                 message_id: message,
@@ -225,6 +233,8 @@ async fn every_rpc_allows_exactly_whom_it_should(c: &Cluster) {
         ("ListMessageRevisions", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("MarkRead", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("SetTyping", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("AddReaction(member's)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("RemoveReaction(member's)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("ReportMessage(member's)", [Ok, Ok, Pre, Deny, Deny, Unauth]),
         ("ResolveReport(member's)", [Ok, Ok, Deny, Deny, Deny, Unauth]),
         ("ListFlaggedMessages", [Ok, Ok, Ok, Ok, Ok, Unauth]),

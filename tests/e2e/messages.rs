@@ -2,7 +2,7 @@
 
 use natter_proto::chats::v1 as cpb;
 use natter_proto::messages::v1 as mpb;
-use natter_testkit::{Cluster, authed};
+use natter_testkit::{Cluster, TestUser, authed};
 use tonic::Code;
 
 use crate::chats::{direct, send};
@@ -14,6 +14,8 @@ crate::both_modes!(
     history_pages_both_ways,
     bad_messages_name_the_field,
     attachments_and_replies_round_trip,
+    reactions_are_validated_and_only_for_members,
+    reactions_aggregate_per_viewer_once_per_user_and_emoji,
 );
 
 async fn retries_with_one_message_id_create_one_message(c: &Cluster) {
@@ -205,4 +207,109 @@ async fn attachments_and_replies_round_trip(c: &Cluster) {
         .unwrap()
         .into_inner();
     assert_eq!(listed.messages[0], sent);
+}
+
+/// AddReaction (`add`) or RemoveReaction as `user`.
+pub(crate) async fn react(
+    c: &Cluster,
+    user: &TestUser,
+    message_id: &str,
+    emoji: &str,
+    add: bool,
+) -> Result<mpb::Message, tonic::Status> {
+    let (message_id, emoji) = (message_id.to_owned(), emoji.to_owned());
+    let message = if add {
+        let r = mpb::AddReactionRequest { message_id, emoji };
+        c.messages().add_reaction(authed(user, r)).await?.into_inner().message
+    } else {
+        let r = mpb::RemoveReactionRequest { message_id, emoji };
+        c.messages().remove_reaction(authed(user, r)).await?.into_inner().message
+    };
+    Ok(message.expect("a message"))
+}
+
+/// (emoji, count, reacted_by_me) of a message's reactions, in order.
+pub(crate) fn tally(m: &mpb::Message) -> Vec<(&str, i32, bool)> {
+    m.reactions.iter().map(|r| (r.emoji.as_str(), r.count, r.reacted_by_me)).collect()
+}
+
+async fn reactions_are_validated_and_only_for_members(c: &Cluster) {
+    let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+    let chat = direct(c, &alice, &bob).await;
+    let m = send(c, &alice, &chat.id, "react to me").await;
+    for bad in ["", "a", "ab", "👍👍", "👍 ", ":Thumbs:", ":no spaces:", "::", "<b>"] {
+        for add in [true, false] {
+            let status = react(c, &bob, &m.id, bad, add).await.unwrap_err();
+            assert_eq!(violated_fields(&status), ["emoji"], "{bad:?}");
+        }
+    }
+    let status = react(c, &bob, "nope", "x", true).await.unwrap_err();
+    assert_eq!(violated_fields(&status), ["emoji", "message_id"], "every field at fault");
+    assert_eq!(code(react(c, &carol, &m.id, "👍", true).await), Code::PermissionDenied, "not a member");
+    assert_eq!(code(react(c, &carol, &m.id, "👍", false).await), Code::PermissionDenied);
+    let unknown = uuid::Uuid::now_v7().to_string();
+    assert_eq!(code(react(c, &bob, &unknown, "👍", true).await), Code::NotFound);
+    let anonymous = mpb::AddReactionRequest { message_id: m.id.clone(), emoji: "👍".into() };
+    assert_eq!(code(c.messages().add_reaction(anonymous).await), Code::Unauthenticated);
+    // Nothing of the refused calls was written.
+    let got = c.messages().get_message(authed(&alice, mpb::GetMessageRequest { message_id: m.id.clone() })).await;
+    let got = got.unwrap().into_inner().message.unwrap();
+    assert!(got.reactions.is_empty());
+    assert_eq!(got.change_seq, m.change_seq);
+    // A deleted message is gone for reactions too.
+    c.messages().delete_message(authed(&alice, mpb::DeleteMessageRequest { message_id: m.id.clone() })).await.unwrap();
+    assert_eq!(code(react(c, &bob, &m.id, "👍", true).await), Code::NotFound);
+}
+
+async fn reactions_aggregate_per_viewer_once_per_user_and_emoji(c: &Cluster) {
+    let users = futures::future::join_all(["ann", "ben", "cat"].map(|n| c.user(n))).await;
+    let (ann, ben, cat) = (&users[0], &users[1], &users[2]);
+    let request = cpb::CreateChatRequest {
+        title: "reactions".into(),
+        member_ids: vec![ben.id.clone(), cat.id.clone()],
+        ..Default::default()
+    };
+    let chat = c.chats().create_chat(authed(ann, request)).await.unwrap().into_inner().chat.unwrap();
+    let m = send(c, ann, &chat.id, "vote").await;
+    let first = react(c, ben, &m.id, "👍", true).await.unwrap();
+    assert_eq!(tally(&first), [("👍", 1, true)]);
+    assert_eq!((first.revision, first.text.as_str()), (1, "vote"), "a reaction is no edit");
+    assert!(first.change_seq > m.change_seq, "but a change");
+    let again = react(c, ben, &m.id, "👍", true).await.unwrap();
+    assert_eq!((tally(&again), again.change_seq), (vec![("👍", 1, true)], first.change_seq), "once per user");
+    react(c, cat, &m.id, "👍", true).await.unwrap();
+    let tada = react(c, cat, &m.id, ":tada:", true).await.unwrap();
+    assert_eq!(tally(&tada), [("👍", 2, true), (":tada:", 1, true)]);
+    // Each reader sees the same counts and their own part in them.
+    let list = |user: &TestUser| {
+        let request = mpb::ListMessagesRequest { chat_id: chat.id.clone(), ..Default::default() };
+        let mut client = c.messages();
+        let request = authed(user, request);
+        async move { client.list_messages(request).await.unwrap().into_inner().messages.remove(0) }
+    };
+    assert_eq!(tally(&list(ann).await), [("👍", 2, false), (":tada:", 1, false)]);
+    assert_eq!(tally(&list(ben).await), [("👍", 2, true), (":tada:", 1, false)]);
+    let got = c.messages().get_message(authed(cat, mpb::GetMessageRequest { message_id: m.id.clone() })).await;
+    assert_eq!(tally(&got.unwrap().into_inner().message.unwrap()), [("👍", 2, true), (":tada:", 1, true)]);
+    // Removing what one never added changes nothing; a real removal does.
+    let absent = react(c, ann, &m.id, "👍", false).await.unwrap();
+    assert_eq!(absent.change_seq, tada.change_seq);
+    let removed = react(c, ben, &m.id, "👍", false).await.unwrap();
+    assert_eq!(tally(&removed), [("👍", 1, false), (":tada:", 1, false)]);
+    // An edit keeps them.
+    let edit = mpb::EditMessageRequest { message_id: m.id.clone(), text: "vote!".into() };
+    let edited = c.messages().edit_message(authed(ann, edit)).await.unwrap().into_inner().message.unwrap();
+    assert_eq!(tally(&edited), [("👍", 1, false), (":tada:", 1, false)]);
+    // At most 20 distinct emoji: a 21st is refused, one already there is not.
+    for n in 0..18 {
+        react(c, ben, &m.id, &format!(":e{n}:"), true).await.unwrap();
+    }
+    assert_eq!(code(react(c, ann, &m.id, "🎉", true).await), Code::FailedPrecondition);
+    assert_eq!(tally(&react(c, ann, &m.id, ":e0:", true).await.unwrap())[2], (":e0:", 2, true));
+    assert_eq!(tally(&list(cat).await).len(), 20);
+    // Deleting the message drops them.
+    let delete = mpb::DeleteMessageRequest { message_id: m.id.clone() };
+    let deleted = c.messages().delete_message(authed(ann, delete)).await.unwrap().into_inner().message.unwrap();
+    assert!(deleted.reactions.is_empty());
+    assert!(list(ben).await.reactions.is_empty());
 }

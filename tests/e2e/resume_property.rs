@@ -5,7 +5,9 @@
 //!
 //! The chat's aggregates (message count, flagged, worst severity) are exact
 //! after the same sequences: some sends are prompt injections, which edits
-//! and deletes then clear.
+//! and deletes then clear. Alice and bob add and remove reactions too: bob's
+//! view holds each message's reactions as he sees them (his own marked), as
+//! ListMessages gives them to him.
 //!
 //! Random interleavings come from proptest strategies, run from a fixed
 //! seed (`TestRunner::deterministic`) inside one deployment per mode, so a
@@ -47,6 +49,9 @@ enum Op {
     RemoveCarol,
     /// Alice reads up to the newest message (a change bob sees live only).
     MarkRead,
+    /// Alice (false) or bob (true) toggles reaction n (mod 3) on the n-th
+    /// (mod count) live message: adds it, or removes it if they have it.
+    React(bool, u8),
     /// Bob's connection drops; with `true` after he caught up, else at once
     /// (with events in flight, which he never sees).
     Cut(bool),
@@ -62,15 +67,20 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::AddCarol),
         1 => Just(Op::RemoveCarol),
         1 => Just(Op::MarkRead),
+        2 => (any::<bool>(), any::<u8>()).prop_map(|(bob, n)| Op::React(bob, n)),
         2 => any::<bool>().prop_map(Op::Cut),
     ]
 }
 
+/// A message as bob's client knows it: text, deleted, and its reactions as
+/// bob sees them (emoji, count, reacted_by_me).
+type MessageState = (String, bool, Vec<(String, i32, bool)>);
+
 /// A chat as bob's client knows it, from the events alone.
 #[derive(Debug, Default, PartialEq)]
 struct View {
-    /// seq -> (text, deleted).
-    messages: BTreeMap<i64, (String, bool)>,
+    /// seq -> its state.
+    messages: BTreeMap<i64, MessageState>,
     members: BTreeSet<String>,
     title: String,
 }
@@ -94,11 +104,12 @@ impl Client {
         let view = &mut self.view;
         match event.event {
             Some(Event::MessageCreated(m)) | Some(Event::MessageDeleted(m)) => {
-                view.messages.insert(m.seq, (m.text, m.deleted));
+                view.messages.insert(m.seq, state(m));
             }
             Some(Event::MessageEdited(m)) => {
-                let known = view.messages.insert(m.seq, (m.text, m.deleted));
-                assert!(known.is_some(), "an edit of message {} the client never got", m.seq);
+                let seq = m.seq;
+                let known = view.messages.insert(seq, state(m));
+                assert!(known.is_some(), "an edit of message {seq} the client never got");
             }
             Some(Event::MembershipChanged(m)) => {
                 let joined = m.change == mpb::MembershipChange::Joined as i32;
@@ -139,21 +150,26 @@ impl Client {
     }
 }
 
-/// The chat as the server holds it now.
-async fn server_state(c: &Cluster, alice: &TestUser, chat: &str) -> View {
+/// A message as the view keeps it.
+fn state(m: mpb::Message) -> MessageState {
+    (m.text, m.deleted, m.reactions.into_iter().map(|r| (r.emoji, r.count, r.reacted_by_me)).collect())
+}
+
+/// The chat as the server holds it now (messages as bob reads them).
+async fn server_state(c: &Cluster, alice: &TestUser, bob: &TestUser, chat: &str) -> View {
     let request = mpb::ListMessagesRequest {
         chat_id: chat.to_owned(),
         page_size: 200,
         order: mpb::SortOrder::Asc as i32,
         ..Default::default()
     };
-    let messages = c.messages().list_messages(authed(alice, request)).await.unwrap().into_inner().messages;
+    let messages = c.messages().list_messages(authed(bob, request)).await.unwrap().into_inner().messages;
     let request = cpb::ListMembersRequest { chat_id: chat.to_owned(), page_size: 200, ..Default::default() };
     let members = c.chats().list_members(authed(alice, request)).await.unwrap().into_inner().members;
     let request = cpb::GetChatRequest { chat_id: chat.to_owned(), ..Default::default() };
     let got = c.chats().get_chat(authed(alice, request)).await.unwrap().into_inner().chat.unwrap();
     View {
-        messages: messages.into_iter().map(|m| (m.seq, (m.text, m.deleted))).collect(),
+        messages: messages.into_iter().map(|m| (m.seq, state(m))).collect(),
         members: members.into_iter().map(|m| m.user_id).collect(),
         title: got.title,
     }
@@ -180,6 +196,8 @@ async fn run_case(c: &Cluster, [alice, bob, carol]: &[TestUser; 3], case: usize,
     client.catch_up(c, bob, alice, &chat, "start").await;
     let mut carol_in = false;
     let mut markers = 0;
+    // (message id, by bob, emoji) of the reactions held.
+    let mut held: BTreeSet<(String, bool, String)> = BTreeSet::new();
     for (i, op) in ops.iter().enumerate() {
         match op {
             Op::Send => live.push(send(c, alice, &chat, &format!("m{i}")).await),
@@ -215,6 +233,20 @@ async fn run_case(c: &Cluster, [alice, bob, carol]: &[TestUser; 3], case: usize,
                 c.chats().remove_member(authed(alice, remove)).await.unwrap();
                 carol_in = false;
             }
+            Op::React(by_bob, n) if !live.is_empty() => {
+                let m = &live[usize::from(*n) % live.len()];
+                let emoji = ["👍", "🎉", ":heart:"][usize::from(*n) % 3];
+                let who = if *by_bob { bob } else { alice };
+                let (message_id, emoji) = (m.id.clone(), emoji.to_owned());
+                if held.insert((m.id.clone(), *by_bob, emoji.clone())) {
+                    let r = mpb::AddReactionRequest { message_id, emoji };
+                    c.messages().add_reaction(authed(who, r)).await.unwrap();
+                } else {
+                    held.remove(&(m.id.clone(), *by_bob, emoji.clone()));
+                    let r = mpb::RemoveReactionRequest { message_id, emoji };
+                    c.messages().remove_reaction(authed(who, r)).await.unwrap();
+                }
+            }
             Op::MarkRead => {
                 let read = mpb::MarkReadRequest { chat_id: chat.clone(), seq: 1_000_000 };
                 c.messages().mark_read(authed(alice, read)).await.unwrap();
@@ -230,7 +262,7 @@ async fn run_case(c: &Cluster, [alice, bob, carol]: &[TestUser; 3], case: usize,
         }
     }
     client.catch_up(c, bob, alice, &chat, "end").await;
-    assert_eq!(client.view, server_state(c, alice, &chat).await, "case {case}: {ops:?}");
+    assert_eq!(client.view, server_state(c, alice, bob, &chat).await, "case {case}: {ops:?}");
     assert_aggregates_are_exact(c, alice, &chat, case).await;
 }
 

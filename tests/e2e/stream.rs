@@ -26,6 +26,7 @@ crate::both_modes!(
     all_chats_stream_follows_new_chats,
     revoked_session_ends_its_stream,
     typing_reaches_the_others_at_once_and_is_never_replayed,
+    reactions_stream_live_per_viewer_and_resume_once_as_the_message_is,
 );
 
 /// Cross-service announcements (a chat joined, a member removed, a session
@@ -513,4 +514,60 @@ async fn typing_reaches_the_others_at_once_and_is_never_replayed(c: &Cluster) {
         }
     }
     assert_eq!(refused, Some(Code::ResourceExhausted));
+}
+
+/// The message of the next event, which must be `message_edited`.
+async fn next_edited(stream: &mut Streaming<mpb::StreamEventsResponse>) -> (i64, mpb::Message) {
+    let event = next(stream).await;
+    match event.event {
+        Some(Event::MessageEdited(m)) => (event.change_seq, m),
+        other => panic!("expected an edited message, got {other:?}"),
+    }
+}
+
+async fn reactions_stream_live_per_viewer_and_resume_once_as_the_message_is(c: &Cluster) {
+    use crate::messages::{react, tally};
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &alice, &bob).await;
+    let m = send(c, &alice, &chat.id, "react").await;
+    let (mut alices, mut bobs) = (open(c, &alice, &[&chat.id], &[]).await, open(c, &bob, &[&chat.id], &[]).await);
+    // Live: a message_edited with the message as it is, reactions counted
+    // for everyone and reacted_by_me for each stream's own user.
+    let added = react(c, &alice, &m.id, "👍", true).await.unwrap();
+    let (n, seen) = next_edited(&mut bobs).await;
+    assert_eq!((n, seen.id.as_str(), seen.revision, seen.change_seq), (added.change_seq, m.id.as_str(), 1, n));
+    assert_eq!(tally(&seen), [("👍", 1, false)]);
+    assert_eq!(tally(&next_edited(&mut alices).await.1), [("👍", 1, true)]);
+    react(c, &bob, &m.id, "🎉", true).await.unwrap();
+    let (last, seen) = next_edited(&mut bobs).await;
+    assert_eq!(tally(&seen), [("👍", 1, false), ("🎉", 1, true)]);
+    assert_eq!(tally(&next_edited(&mut alices).await.1), [("👍", 1, true), ("🎉", 1, false)]);
+    // A no-op announces nothing: the next event alice sees is her message.
+    react(c, &bob, &m.id, "🎉", true).await.unwrap();
+    react(c, &alice, &m.id, "❤️", false).await.unwrap();
+    send(c, &bob, &chat.id, "no-ops before me").await;
+    assert!(created("no-ops before me")(&next(&mut alices).await));
+    // Bob is away for three reactions; on resume the message arrives once,
+    // as it is now, at its latest change, then what followed it.
+    drop(bobs);
+    react(c, &alice, &m.id, "👍", false).await.unwrap();
+    react(c, &alice, &m.id, "❤️", true).await.unwrap();
+    let now = react(c, &bob, &m.id, "👍", true).await.unwrap();
+    send(c, &alice, &chat.id, "after").await;
+    let mut bobs = open(c, &bob, &[&chat.id], &[(&chat.id, last)]).await;
+    let events = until(&mut bobs, created("after")).await;
+    let of_m: Vec<&mpb::Message> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::MessageEdited(x) | Event::MessageCreated(x)) if x.id == m.id => Some(x),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(of_m.len(), 1, "once: {events:?}");
+    assert!(
+        events.iter().any(|e| matches!(&e.event, Some(Event::MessageEdited(x)) if x.id == m.id)),
+        "as an edit of a message bob had"
+    );
+    assert_eq!(of_m[0].change_seq, now.change_seq);
+    assert_eq!(tally(of_m[0]), [("🎉", 1, true), ("❤️", 1, false), ("👍", 1, true)]);
 }

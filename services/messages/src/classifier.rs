@@ -90,7 +90,9 @@ impl Classifier {
             vec!["instruction_override".into()],
             CLASSIFIER_DETECTOR,
         );
-        if let Some(raised) = self.store.raise_flags(id, revision, &flags).await? {
+        if let Some(mut raised) = self.store.raise_flags(id, revision, &flags).await? {
+            let store = self.store.as_ref();
+            crate::service::with_reactions(store, std::slice::from_mut(&mut raised), None).await?;
             let event = grpc::edited_event(raised);
             self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
         }

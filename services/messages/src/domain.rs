@@ -39,6 +39,84 @@ pub struct SendMessage {
     pub reply_to: Option<Seq>,
 }
 
+/// Most distinct emoji one message holds (AddReaction): any number of users
+/// may react with each, but a 21st emoji is refused until one goes. Keeps a
+/// message's reactions (and every event that carries them) small.
+pub const REACTION_EMOJI_MAX: usize = 20;
+
+/// Longest short code between its colons (`:thumbs_up:`), in characters.
+pub const SHORT_CODE_MAX: usize = 32;
+
+/// Longest emoji grapheme cluster, in bytes of UTF-8: the longest emoji
+/// sequences (a family of four with skin tones, a subdivision flag's tag
+/// sequence) are under 64.
+pub const EMOJI_MAX_BYTES: usize = 64;
+
+/// A validated AddReaction or RemoveReaction request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct React {
+    pub message_id: MessageId,
+    /// Checked by [`check_emoji`].
+    pub emoji: String,
+    /// Add (else remove).
+    pub add: bool,
+}
+
+/// Checks a reaction's emoji: either one extended grapheme cluster (UAX
+/// #29) of emoji, at most [`EMOJI_MAX_BYTES`], or a short code `:name:`
+/// whose name is 1..=[`SHORT_CODE_MAX`] of `[a-z0-9_+-]`. A cluster counts
+/// as emoji when it holds a pictographic code point, a pair of regional
+/// indicators (a flag) or a keycap, and nothing but emoji code points,
+/// skin tone modifiers, variation selectors, joiners (ZWJ) and tags.
+pub fn check_emoji(emoji: &str) -> Result<(), String> {
+    use unicode_segmentation::UnicodeSegmentation as _;
+    if let Some(name) = emoji.strip_prefix(':').and_then(|e| e.strip_suffix(':')) {
+        let ok = (1..=SHORT_CODE_MAX).contains(&name.len())
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_+-".contains(&b));
+        return if ok {
+            Ok(())
+        } else {
+            Err(format!("a short code is :name: with 1 to {SHORT_CODE_MAX} of a-z 0-9 _ + -"))
+        };
+    }
+    let one = "must be one emoji or a :short_code:";
+    if emoji.is_empty() || emoji.len() > EMOJI_MAX_BYTES || emoji.graphemes(true).nth(1).is_some() {
+        return Err(one.to_owned());
+    }
+    let chars: Vec<char> = emoji.chars().collect();
+    let regional = |c: char| ('\u{1F1E6}'..='\u{1F1FF}').contains(&c);
+    let keycap = chars.len() >= 2
+        && (chars[0].is_ascii_digit() || chars[0] == '#' || chars[0] == '*')
+        && chars.last() == Some(&'\u{20E3}');
+    let flag = chars.len() == 2 && chars.iter().all(|c| regional(*c));
+    let has_pictograph = chars.iter().any(|c| pictographic(*c));
+    let parts_ok = chars.iter().enumerate().all(|(i, &c)| {
+        pictographic(c)
+            || regional(c)
+            || matches!(c, '\u{200D}' | '\u{FE0E}' | '\u{FE0F}' | '\u{20E3}')
+            || ('\u{1F3FB}'..='\u{1F3FF}').contains(&c)
+            || ('\u{E0020}'..='\u{E007F}').contains(&c)
+            || (i == 0 && keycap)
+    });
+    if (has_pictograph || flag || keycap) && parts_ok { Ok(()) } else { Err(one.to_owned()) }
+}
+
+/// Whether `c` is an emoji-presentation or pictographic code point (an
+/// approximation of Unicode's Extended_Pictographic by blocks: the emoji
+/// blocks of the supplementary plane and the symbols of the basic one that
+/// have an emoji form).
+fn pictographic(c: char) -> bool {
+    matches!(c,
+        '\u{00A9}' | '\u{00AE}' | '\u{203C}' | '\u{2049}' | '\u{2122}' | '\u{2139}'
+        | '\u{2194}'..='\u{2199}' | '\u{21A9}'..='\u{21AA}' | '\u{231A}'..='\u{231B}' | '\u{2328}'
+        | '\u{23CF}' | '\u{23E9}'..='\u{23F3}' | '\u{23F8}'..='\u{23FA}' | '\u{24C2}'
+        | '\u{25AA}'..='\u{25AB}' | '\u{25B6}' | '\u{25C0}' | '\u{25FB}'..='\u{25FE}'
+        | '\u{2600}'..='\u{27BF}' | '\u{2934}'..='\u{2935}' | '\u{2B05}'..='\u{2B07}'
+        | '\u{2B1B}'..='\u{2B1C}' | '\u{2B50}' | '\u{2B55}' | '\u{3030}' | '\u{303D}' | '\u{3297}'
+        | '\u{3299}' | '\u{1F000}'..='\u{1F1E5}' | '\u{1F200}'..='\u{1F3FA}' | '\u{1F400}'..='\u{1FAFF}'
+        | '\u{1FC00}'..='\u{1FFFD}')
+}
+
 /// A validated EditMessage request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EditMessage {
@@ -229,6 +307,52 @@ mod tests {
                 "attachments[3].size_bytes"
             ]
         );
+    }
+
+    #[test]
+    fn an_emoji_is_one_emoji_cluster_or_a_short_code() {
+        for ok in [
+            "👍",
+            "👍🏽",
+            "❤",
+            "❤️",
+            "🏳️‍🌈",
+            "👨‍👩‍👧‍👦",
+            "🇫🇷",
+            "1️⃣",
+            "#️⃣",
+            "🏴\u{E0067}\u{E0062}\u{E0065}\u{E006E}\u{E0067}\u{E007F}",
+            "©️",
+            ":thumbs_up:",
+            ":+1:",
+            ":a:",
+            &format!(":{}:", "x".repeat(SHORT_CODE_MAX)),
+        ] {
+            assert_eq!(check_emoji(ok), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            "",
+            "a",
+            "1",
+            "ab",
+            "👍👍",
+            "👍 ",
+            " 👍",
+            "é",
+            "\u{200D}",
+            "\u{FE0F}",
+            "\u{1F3FB}a",
+            "🇫",
+            "::",
+            ":Thumbs:",
+            ":thumbs up:",
+            ":thumbs",
+            &format!(":{}:", "x".repeat(SHORT_CODE_MAX + 1)),
+            "\0",
+            "<script>",
+        ] {
+            assert!(check_emoji(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -32,6 +32,11 @@ pub enum MessagesError {
     /// is kept for limits that do, with RetryInfo).
     #[error("message was edited {0} times, the most allowed")]
     TooManyEdits(usize),
+    /// The message holds as many distinct reaction emoji as allowed
+    /// (FAILED_PRECONDITION, as [`MessagesError::TooManyEdits`]: no wait
+    /// helps, only another emoji's removal).
+    #[error("message has {0} distinct reactions, the most allowed: react with one of them")]
+    TooManyReactions(usize),
     /// A rate limit refused the call (RESOURCE_EXHAUSTED with RetryInfo).
     #[error(transparent)]
     Limited(#[from] natter_kit::limits::Limited),
@@ -81,7 +86,7 @@ impl From<MessagesError> for Status {
             MessagesError::Invalid(violations) => violations.into_status(),
             MessagesError::ChatNotFound | MessagesError::MessageNotFound => Status::not_found(e.to_string()),
             MessagesError::Denied(_) => Status::permission_denied(e.to_string()),
-            MessagesError::Precondition(_) | MessagesError::TooManyEdits(_) => {
+            MessagesError::Precondition(_) | MessagesError::TooManyEdits(_) | MessagesError::TooManyReactions(_) => {
                 Status::failed_precondition(e.to_string())
             }
             MessagesError::Aborted(_) => Status::aborted(e.to_string()),

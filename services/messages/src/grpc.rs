@@ -17,13 +17,14 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::domain::{
-    self, Attachment, EditMessage, Limits, ListMessages, ListRevisions, MarkRead, SendMessage, WithHistory,
+    self, Attachment, EditMessage, Limits, ListMessages, ListRevisions, MarkRead, React, SendMessage, WithHistory,
 };
 use crate::error::MessagesError;
 use crate::registry::{StreamLimits, StreamRegistry};
 use crate::service::Messages;
 use crate::store::{
-    Change, ChatChange, ChatDetails, Flags, Generation, GenerationInfo, Heads, Message, QueueFilter, Range, Revision,
+    Change, ChatChange, ChatDetails, Flags, Generation, GenerationInfo, Heads, Message, QueueFilter, Range, Reaction,
+    Revision,
     Role, Seq, StoredReport, Summary,
 };
 use crate::stream::{self, EventStream, Follow, Resume};
@@ -75,6 +76,26 @@ pub fn edit_request(r: pb::EditMessageRequest, limits: &Limits) -> Result<EditMe
     domain::check_text("text", &r.text, false, limits)
         .map_err(|(field, description)| FieldViolations::single(field, description).into_status())?;
     Ok(EditMessage { message_id, text: r.text })
+}
+
+/// Validates an AddReaction (`add`) or RemoveReaction request's fields:
+/// INVALID_ARGUMENT naming `message_id` and `emoji`, each at fault.
+pub fn react_request(message_id_text: &str, emoji: String, add: bool) -> Result<React, Status> {
+    let mut violations = FieldViolations::new();
+    let message_id = MessageId::parse("message_id", message_id_text);
+    if let Err(reason) = domain::check_emoji(&emoji) {
+        violations.add("emoji", reason);
+    }
+    if message_id.is_err() {
+        violations.add("message_id", if message_id_text.is_empty() { "is required" } else { "must be a UUID" });
+    }
+    violations.check()?;
+    Ok(React { message_id: message_id?, emoji, add })
+}
+
+/// The protobuf form of a reaction.
+pub(crate) fn reaction_pb(r: Reaction) -> pb::Reaction {
+    pb::Reaction { emoji: r.emoji, count: i32::try_from(r.count).unwrap_or(i32::MAX), reacted_by_me: r.mine }
 }
 
 /// Validates a ListMessages request: the command and the fingerprint of its
@@ -175,6 +196,7 @@ pub fn message_pb(m: Message, history: Vec<pb::Revision>) -> pb::Message {
             categories: f.categories,
             detector: f.detector,
         }),
+        reactions: m.reactions.into_iter().map(reaction_pb).collect(),
         generation: m.reply.and_then(|r| r.info).map(|i| pb::GenerationInfo {
             model: i.model,
             finish_reason: i.finish_reason,
@@ -513,6 +535,26 @@ impl MessageService for MessageApi {
         let message_id = MessageId::parse("message_id", &request.get_ref().message_id)?;
         let message = self.messages.delete(caller, message_id).await?;
         Ok(Response::new(pb::DeleteMessageResponse { message: Some(message_pb(message, Vec::new())) }))
+    }
+
+    async fn add_reaction(
+        &self,
+        request: Request<pb::AddReactionRequest>,
+    ) -> Result<Response<pb::AddReactionResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let message = self.messages.react(caller, react_request(&r.message_id, r.emoji, true)?).await?;
+        Ok(Response::new(pb::AddReactionResponse { message: Some(message_pb(message, Vec::new())) }))
+    }
+
+    async fn remove_reaction(
+        &self,
+        request: Request<pb::RemoveReactionRequest>,
+    ) -> Result<Response<pb::RemoveReactionResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let message = self.messages.react(caller, react_request(&r.message_id, r.emoji, false)?).await?;
+        Ok(Response::new(pb::RemoveReactionResponse { message: Some(message_pb(message, Vec::new())) }))
     }
 
     async fn list_message_revisions(
@@ -1066,6 +1108,7 @@ mod tests {
             create_change,
             reply: None,
             flags: None,
+            reactions: Vec::new(),
         };
         let kind = |m, since| match replay_event(chat, Change::Message(m), since).event {
             Some(Event::MessageCreated(m)) => ("created", m.change_seq),

@@ -82,6 +82,10 @@ pub struct MessagesArgs {
     /// EditMessage calls per user: N/PERIOD, or `off`.
     #[arg(long, env = "NATTER_EDIT_MESSAGE_RATE", default_value = "600/1m")]
     pub edit_message_rate: Rate,
+    /// AddReaction and RemoveReaction calls per user, together: N/PERIOD,
+    /// or `off`.
+    #[arg(long, env = "NATTER_REACTION_RATE", default_value = "600/1m")]
+    pub reaction_rate: Rate,
     /// StreamEvents streams opened per user: N/PERIOD, or `off`.
     #[arg(long, env = "NATTER_STREAM_OPEN_RATE", default_value = "120/1m")]
     pub stream_open_rate: Rate,
@@ -148,6 +152,7 @@ impl Default for MessagesArgs {
             max_message_edits: limits.edits,
             send_message_rate: Rate::parse("1200/1m").expect("valid rate"),
             edit_message_rate: Rate::parse("600/1m").expect("valid rate"),
+            reaction_rate: Rate::parse("600/1m").expect("valid rate"),
             stream_open_rate: streams.open_rate,
             typing_rate: Rate::parse("60/1m").expect("valid rate"),
             typing_timeout: std::time::Duration::from_secs(5),

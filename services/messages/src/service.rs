@@ -14,13 +14,15 @@ use natter_proto::chats::v1 as cpb;
 use uuid::Uuid;
 
 use crate::MessagesArgs;
-use crate::domain::{EditMessage, Limits, ListMessages, ListRevisions, MarkRead, SendMessage, WithHistory};
+use crate::domain::{
+    EditMessage, Limits, ListMessages, ListRevisions, MarkRead, REACTION_EMOJI_MAX, React, SendMessage, WithHistory,
+};
 use crate::error::MessagesError;
 use crate::grpc;
 use crate::registry::StreamLimits;
 use crate::store::{
     ChatChange, Edited, Finish, Flags, Message, MessageStore, NewMessage, NewReply, QueueCursor, QueueFilter, Range,
-    ReadState, Revision, Sent, Seq, Started, StoredReport, Summary,
+    Reacted, ReadState, Revision, Sent, Seq, Started, StoreError, StoredReport, Summary,
 };
 use crate::stream::Resume;
 use crate::writer::Writer;
@@ -44,6 +46,8 @@ pub struct Messages {
     send_rate: RateLimiter<UserId>,
     /// EditMessage calls per user.
     edit_rate: RateLimiter<UserId>,
+    /// AddReaction and RemoveReaction calls per user.
+    reaction_rate: RateLimiter<UserId>,
     /// SetTyping calls per user.
     typing_rate: RateLimiter<UserId>,
     /// How long an indicator lasts unless renewed.
@@ -83,6 +87,7 @@ impl Messages {
             stream_limits: args.stream_limits(),
             send_rate: RateLimiter::new("messages sent", args.send_message_rate),
             edit_rate: RateLimiter::new("message edits", args.edit_message_rate),
+            reaction_rate: RateLimiter::new("reactions", args.reaction_rate),
             typing_rate: RateLimiter::new("typing indicators", args.typing_rate),
             typing_timeout: args.typing_timeout,
             detector: (args.scan_messages == crate::Scan::All).then(natter_detect::Detector::default),
@@ -261,7 +266,8 @@ impl Messages {
 
     /// GetMessage (flags only for the author, the owner and admins).
     pub async fn get(&self, caller: UserId, message_id: MessageId) -> Result<Message, MessagesError> {
-        let (message, membership) = self.message_for(caller, message_id, false).await?;
+        let (mut message, membership) = self.message_for(caller, message_id, false).await?;
+        with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), Some(caller)).await?;
         Ok(flags_for(message, caller, natter_links::manages(&membership)))
     }
 
@@ -280,15 +286,16 @@ impl Messages {
             return Err(MessagesError::Precondition("chat is archived"));
         }
         let flags = self.flags_of(&req.text);
-        let edited =
+        let mut edited =
             match self.store.edit(message.id, &req.text, flags.as_ref(), now_micros(), self.limits.edits).await? {
                 Edited::Done(message) => message,
                 Edited::Deleted => return Err(MessagesError::Precondition("message is deleted")),
                 Edited::TooManyEdits => return Err(MessagesError::TooManyEdits(self.limits.edits)),
             };
+        with_reactions(self.store.as_ref(), std::slice::from_mut(&mut edited), Some(caller)).await?;
         self.bus.publish(
             Topic::Chat(edited.chat_id.0),
-            Arc::new(BusEvent::new(edited.chat_id, grpc::edited_event(edited.clone()))),
+            Arc::new(BusEvent::new(edited.chat_id, grpc::edited_event(counts_only(edited.clone())))),
         );
         if let Some(classifier) = &self.classifier {
             classifier.spawn(edited.id, edited.chat_id, edited.revision, edited.text.clone());
@@ -313,6 +320,35 @@ impl Messages {
             Arc::new(BusEvent::new(deleted.chat_id, grpc::deleted_event(deleted.clone()))),
         );
         Ok(deleted)
+    }
+
+    /// AddReaction / RemoveReaction (a member of the message's chat):
+    /// adds or removes the caller's reaction and, when that changed
+    /// anything, announces the message as edited (counts only: each stream
+    /// sets its own user's `reacted_by_me`). Returns the message with its
+    /// reactions as the caller sees them.
+    #[tracing::instrument(skip_all, fields(message_id = %req.message_id, add = req.add))]
+    pub async fn react(&self, caller: UserId, req: React) -> Result<Message, MessagesError> {
+        self.reaction_rate.check(&caller)?;
+        let (message, membership) = self.message_for(caller, req.message_id, true).await?;
+        if message.deleted() {
+            return Err(MessagesError::MessageNotFound);
+        }
+        if membership.archived {
+            return Err(MessagesError::Precondition("chat is archived"));
+        }
+        let manager = natter_links::manages(&membership);
+        match self.store.react(message.id, caller, &req.emoji, req.add, now_micros(), REACTION_EMOJI_MAX).await? {
+            Reacted::Changed(message) => {
+                let chat = message.chat_id;
+                let event = grpc::edited_event(counts_only(message.clone()));
+                self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
+                Ok(flags_for(message, caller, manager))
+            }
+            Reacted::Unchanged(message) => Ok(flags_for(message, caller, manager)),
+            Reacted::Gone => Err(MessagesError::MessageNotFound),
+            Reacted::TooManyEmoji => Err(MessagesError::TooManyReactions(REACTION_EMOJI_MAX)),
+        }
     }
 
     /// ListMessageRevisions: up to `page_size` revisions after revision
@@ -369,6 +405,7 @@ impl Messages {
         } else {
             None
         };
+        with_reactions(self.store.as_ref(), &mut messages, Some(caller)).await?;
         Ok((self.with_history(messages, req.include_history).await?, next))
     }
 
@@ -547,7 +584,10 @@ impl Messages {
             let ids = self.chats.managed_chat_ids(&caller.to_string()).await?;
             Some(ids.iter().filter_map(|c| Uuid::try_parse(c).ok().map(ChatId)).collect())
         };
-        Ok(self.store.flagged(&filter, from, limit).await?)
+        let (mut messages, reports): (Vec<Message>, Vec<Vec<StoredReport>>) =
+            self.store.flagged(&filter, from, limit).await?.into_iter().unzip();
+        with_reactions(self.store.as_ref(), &mut messages, Some(caller)).await?;
+        Ok(messages.into_iter().zip(reports).collect())
     }
 
     /// Internal: where a bot's stream resumes each of its chats: its read
@@ -578,7 +618,8 @@ impl Messages {
             Started::Created(message, superseded) => {
                 let event = grpc::created_event(grpc::message_pb(message.clone(), Vec::new()));
                 self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
-                if let Some(old) = superseded {
+                if let Some(mut old) = superseded {
+                    with_reactions(self.store.as_ref(), std::slice::from_mut(&mut old), None).await?;
                     let event = grpc::edited_event(old);
                     self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
                 }
@@ -628,7 +669,9 @@ impl Messages {
         let finished = self.store.finish_reply(id, finish).await?.ok_or(MessagesError::MessageNotFound)?;
         if finished.changed {
             let chat = finished.reply.chat_id;
-            for message in std::iter::once(finished.reply.clone()).chain(finished.restored) {
+            let mut changed: Vec<Message> = std::iter::once(finished.reply.clone()).chain(finished.restored).collect();
+            with_reactions(self.store.as_ref(), &mut changed, None).await?;
+            for message in changed {
                 let event = grpc::edited_event(message);
                 self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
             }
@@ -647,6 +690,34 @@ impl Messages {
     pub async fn stale_replies(&self, before: i64, limit: u32) -> Result<Vec<Message>, MessagesError> {
         Ok(self.store.stale_replies(before, limit).await?)
     }
+}
+
+/// Fills the reactions of `messages` (tombstones have none) as `viewer`
+/// sees them (None: counts only, for an event on the bus), in one store
+/// read.
+pub(crate) async fn with_reactions(
+    store: &dyn MessageStore,
+    messages: &mut [Message],
+    viewer: Option<UserId>,
+) -> Result<(), StoreError> {
+    let ids: Vec<MessageId> = messages.iter().filter(|m| !m.deleted()).map(|m| m.id).collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut found = store.reactions(&ids, viewer).await?;
+    for message in messages {
+        message.reactions = found.remove(&message.id).unwrap_or_default();
+    }
+    Ok(())
+}
+
+/// `message` with its reactions' counts only (no viewer's own), as events
+/// go on the bus.
+fn counts_only(mut message: Message) -> Message {
+    for reaction in &mut message.reactions {
+        reaction.mine = false;
+    }
+    message
 }
 
 /// `message` as `viewer` may see it: its injection flags only for its

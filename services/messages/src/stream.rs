@@ -49,7 +49,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt as _};
 use natter_auth::{Authenticator, Principal};
 use natter_bus::{Lagged, Shared as BusEvent, Subscription, Topic};
-use natter_kit::id::{ChatId, UserId};
+use natter_kit::id::{ChatId, MessageId, UserId};
 use natter_proto::messages::v1 as pb;
 use pb::stream_events_response::Event;
 use tokio_stream::StreamMap;
@@ -58,7 +58,7 @@ use tonic::Status;
 use uuid::Uuid;
 
 use crate::error::MessagesError;
-use crate::grpc::{ResetReason, replay_event, reset_event};
+use crate::grpc::{ResetReason, reaction_pb, replay_event, reset_event};
 use crate::registry::Ticket;
 use crate::service::Messages;
 use crate::store::{Change, ChatChange, Heads, Range, Seq};
@@ -181,11 +181,12 @@ pub async fn open(
             // stalled client holds the stream here, and the next page is
             // read (and membership checked) only once it reads on.
             while let Some(refill) = refills.front_mut() {
-                let (events, more) = follower.refill(refill).await?;
+                let (mut events, more) = follower.refill(refill).await?;
                 if !more {
                     refills.pop_front();
                 }
                 follower.track_roles(&events).await?;
+                follower.reactions(&mut events, true).await?;
                 for event in events {
                     yield follower.shown(event, every_flag);
                 }
@@ -229,8 +230,10 @@ pub async fn open(
                 Wake::Chat(chat, Err(Lagged(_))) => Step::refill(Refill::all(chat)),
             };
             refills.extend(step.refill);
-            follower.track_roles(&step.events).await?;
-            for event in step.events {
+            let mut events = step.events;
+            follower.track_roles(&events).await?;
+            follower.reactions(&mut events, false).await?;
+            for event in events {
                 yield follower.shown(event, every_flag);
             }
         }
@@ -366,6 +369,39 @@ impl Follower {
             m.flags = None;
         }
         event
+    }
+
+    /// Sets the reactions of the message events among `events` as the
+    /// user sees them, in one store read (none when no event needs one): a
+    /// replayed message (`replayed`) gets its reactions as the store holds
+    /// them now; a live one keeps the counts it was announced with (the
+    /// state of its change) and gets the user's own `reacted_by_me`, read
+    /// now. A live message announced without reactions needs no read, so
+    /// the events of messages nobody reacted to cost nothing.
+    async fn reactions(&self, events: &mut [pb::StreamEventsResponse], replayed: bool) -> Result<(), Status> {
+        let ids: Vec<MessageId> = events
+            .iter_mut()
+            .filter_map(message_of)
+            .filter(|m| replayed || !m.reactions.is_empty())
+            .filter_map(|m| m.id.parse().ok())
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let found =
+            self.messages.store().reactions(&ids, Some(UserId(self.user))).await.map_err(MessagesError::from)?;
+        for m in events.iter_mut().filter_map(message_of) {
+            let Ok(id) = m.id.parse::<MessageId>() else { continue };
+            let current = found.get(&id).map_or(&[][..], Vec::as_slice);
+            if replayed {
+                m.reactions = current.iter().cloned().map(reaction_pb).collect();
+            } else {
+                for r in &mut m.reactions {
+                    r.reacted_by_me = current.iter().any(|c| c.mine && c.emoji == r.emoji);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Keeps [`Follower::managed`] current with the user's joins, role
@@ -556,6 +592,15 @@ impl Follower {
         }
         self.cursors.insert(chat, last);
         Ok((out, more))
+    }
+}
+
+/// The message of a created or edited message event (tombstones have no
+/// reactions).
+fn message_of(event: &mut pb::StreamEventsResponse) -> Option<&mut pb::Message> {
+    match &mut event.event {
+        Some(Event::MessageCreated(m) | Event::MessageEdited(m)) => Some(m),
+        _ => None,
     }
 }
 

@@ -12,6 +12,7 @@
 //! [`NewMessage`] if a send sets it), `message_columns!`, and the row mapper
 //! and insert of each engine file.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use natter_db::{DbConfig, DbError, Engine};
@@ -270,6 +271,37 @@ pub struct Message {
     pub reply: Option<Box<Reply>>,
     /// The injection detector's verdict (None: not scanned, or deleted).
     pub flags: Option<Box<Flags>>,
+    /// Its reactions, one per distinct emoji, oldest first. Not a column:
+    /// empty as rows are read, filled for a viewer where messages leave the
+    /// service ([`MessageStore::reactions`]).
+    pub reactions: Vec<Reaction>,
+}
+
+/// The reactions of one emoji on a message, for one viewer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reaction {
+    pub emoji: String,
+    /// Users who reacted with it (at least 1).
+    pub count: i64,
+    /// The viewer is one of them.
+    pub mine: bool,
+}
+
+/// Outcome of [`MessageStore::react`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reacted {
+    /// Committed as a change of the chat (its next change number is the
+    /// message's `change_seq`); the message as it is now, with its
+    /// reactions as the reacting user sees them.
+    Changed(Message),
+    /// The user already had (adding) or did not have (removing) that
+    /// reaction: nothing written, no change number taken; the message as it
+    /// is, with its reactions.
+    Unchanged(Message),
+    /// No such message, or a tombstone.
+    Gone,
+    /// Adding another distinct emoji would pass the limit; nothing written.
+    TooManyEmoji,
 }
 
 /// What an assistant's reply has besides a message's fields.
@@ -376,6 +408,7 @@ impl NewMessage {
             create_change: change,
             reply: None,
             flags: self.flags.map(Box::new),
+            reactions: Vec::new(),
         }
     }
 }
@@ -407,6 +440,10 @@ pub struct NewReply {
 }
 
 /// Outcome of [`MessageStore::start_reply`].
+#[expect(
+    clippy::large_enum_variant,
+    reason = "an outcome lives on the stack for one call; boxing its message would cost an allocation per send"
+)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Started {
     /// Committed: the reply, and the reply it superseded.
@@ -490,6 +527,10 @@ pub struct Finished {
 }
 
 /// Outcome of inserting one message of a batch.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "an outcome lives on the stack for one call; boxing its message would cost an allocation per send"
+)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Sent {
     /// Committed as this message.
@@ -503,6 +544,10 @@ pub enum Sent {
 }
 
 /// Outcome of an edit.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "an outcome lives on the stack for one call; boxing its message would cost an allocation per send"
+)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Edited {
     /// Committed; the message as it is now.
@@ -773,8 +818,8 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Edited, StoreError>;
 
     /// Turns a message into a tombstone at `now` (µs): seq stays, text,
-    /// attachments, flags and earlier revisions go; a tombstone stays as it
-    /// is.
+    /// attachments, flags, reactions and earlier revisions go; a tombstone
+    /// stays as it is.
     /// Returns the message after the call (None: no such message).
     async fn delete(&self, id: MessageId, now: i64) -> Result<Option<Message>, StoreError>;
 
@@ -906,6 +951,35 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// `revision` and `flags` is more severe than what it has; returns the
     /// message as it is then (None: nothing changed).
     async fn raise_flags(&self, id: MessageId, revision: i64, flags: &Flags) -> Result<Option<Message>, StoreError>;
+
+    /// Adds (`add`) or removes `user`'s reaction `emoji` on a live message
+    /// in ONE transaction: a real add or removal takes the chat's next
+    /// change number and sets it as the message's `change_seq` (no
+    /// revision); a no-op writes nothing and takes none. An add of an emoji
+    /// the message does not hold yet is refused when it holds `max_emoji`
+    /// distinct ones. Serialized per message (SQLite: the single writer;
+    /// PostgreSQL: the message row's lock, then the chat's heads), so the
+    /// limit holds and counts, read from the rows, never drift. `now` in µs
+    /// orders the emoji.
+    async fn react(
+        &self,
+        id: MessageId,
+        user: UserId,
+        emoji: &str,
+        add: bool,
+        now: i64,
+        max_emoji: usize,
+    ) -> Result<Reacted, StoreError>;
+
+    /// The reactions of each of `ids` that has any, aggregated per emoji
+    /// (count, and whether `viewer` is among them: never without one),
+    /// ordered by the time of each emoji's oldest reaction (then by emoji).
+    /// One statement for the whole list.
+    async fn reactions(
+        &self,
+        ids: &[MessageId],
+        viewer: Option<UserId>,
+    ) -> Result<HashMap<MessageId, Vec<Reaction>>, StoreError>;
 
     /// Records `report` unless its reporter reported the message already;
     /// returns the report stored (the first one, on a repeat).

@@ -16,7 +16,7 @@
 //! of values travel as arrays (`UNNEST`), so each statement's text is the
 //! same whatever the batch size and stays prepared.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use natter_kit::id::{ChatId, MessageId, UserId};
 use sqlx::postgres::PgRow;
@@ -25,7 +25,8 @@ use sqlx::{PgPool, Row as _};
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
-    QueueFilter, Range, ReadState, Reply, Revision, Sent, Seq, Started, StoreError, StoredReport, Summary,
+    QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, Sent, Seq, Started, StoreError, StoredReport,
+    Summary,
     aggregates_sql, chat_change_of, chat_change_row, list_sql, merge_changes, message_columns, parse_id,
     report_columns, unread_count_sql,
 };
@@ -297,7 +298,33 @@ fn message_row(row: &PgRow) -> Result<Message, StoreError> {
         )
         .map_err(StoreError::Corrupt)?,
         flags: Flags::of_columns(row.try_get::<i32, _>(19)?.into(), row.try_get(20)?),
+        reactions: Vec::new(),
     })
+}
+
+/// The reactions of `ids` aggregated per emoji, for `viewer` ('' for
+/// none): see [`MessageStore::reactions`]. Emoji of the same first time
+/// are ordered by their bytes, as on SQLite.
+async fn reactions_of<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    ids: &[String],
+    viewer: &str,
+) -> Result<HashMap<MessageId, Vec<Reaction>>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT message_id, emoji, COUNT(*), BOOL_OR(user_id = $1), MIN(create_time) AS first \
+         FROM message_reactions WHERE message_id = ANY($2) GROUP BY message_id, emoji \
+         ORDER BY message_id, first, emoji COLLATE \"C\"",
+    )
+    .bind(viewer)
+    .bind(ids)
+    .fetch_all(executor)
+    .await?;
+    let mut out: HashMap<MessageId, Vec<Reaction>> = HashMap::new();
+    for row in &rows {
+        let reaction = Reaction { emoji: row.try_get(1)?, count: row.try_get(2)?, mine: row.try_get(3)? };
+        out.entry(id_at(row, 0)?).or_default().push(reaction);
+    }
+    Ok(out)
 }
 
 /// A row of [`report_columns!`].
@@ -417,6 +444,7 @@ impl MessageStore for PostgresStore {
             .execute(&mut *tx)
             .await?;
             sqlx::query("DELETE FROM message_revisions WHERE message_id = $1").bind(&id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM message_reactions WHERE message_id = $1").bind(&id).execute(&mut *tx).await?;
         }
         let row = sqlx::query(MESSAGE_BY_ID).bind(&id).fetch_optional(&mut *tx).await?;
         tx.commit().await?;
@@ -907,6 +935,86 @@ impl MessageStore for PostgresStore {
         Ok(Some(message_row(&row)?))
     }
 
+    async fn react(
+        &self,
+        id: MessageId,
+        user: UserId,
+        emoji: &str,
+        add: bool,
+        now: i64,
+        max_emoji: usize,
+    ) -> Result<Reacted, StoreError> {
+        let (id, user) = (id.to_string(), user.to_string());
+        let mut tx = self.pool.begin().await?;
+        // Lock order everywhere: a message row, then its chat's heads. The
+        // row lock queues the message's reactions, so the limit check and
+        // the write see the same rows.
+        let locked: Option<(String,)> =
+            sqlx::query_as("SELECT chat_id FROM messages WHERE id = $1 AND delete_time IS NULL FOR UPDATE")
+                .bind(&id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((chat,)) = locked else { return Ok(Reacted::Gone) };
+        let done = if add {
+            let (held, distinct): (bool, i64) = sqlx::query_as(
+                "SELECT EXISTS (SELECT 1 FROM message_reactions WHERE message_id = $1 AND emoji = $2), \
+                 (SELECT COUNT(DISTINCT emoji) FROM message_reactions WHERE message_id = $1)",
+            )
+            .bind(&id)
+            .bind(emoji)
+            .fetch_one(&mut *tx)
+            .await?;
+            if !held && usize::try_from(distinct).unwrap_or(usize::MAX) >= max_emoji {
+                return Ok(Reacted::TooManyEmoji);
+            }
+            sqlx::query(
+                "INSERT INTO message_reactions (message_id, user_id, emoji, create_time) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (message_id, user_id, emoji) DO NOTHING",
+            )
+            .bind(&id)
+            .bind(&user)
+            .bind(emoji)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+        } else {
+            sqlx::query("DELETE FROM message_reactions WHERE message_id = $1 AND user_id = $2 AND emoji = $3")
+                .bind(&id)
+                .bind(&user)
+                .bind(emoji)
+                .execute(&mut *tx)
+                .await?
+        };
+        let written = done.rows_affected() > 0;
+        let row = if written {
+            let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+            sqlx::query(concat!("UPDATE messages SET change_seq = $2 WHERE id = $1 RETURNING ", message_columns!()))
+                .bind(&id)
+                .bind(change)
+                .fetch_one(&mut *tx)
+                .await?
+        } else {
+            sqlx::query(MESSAGE_BY_ID).bind(&id).fetch_one(&mut *tx).await?
+        };
+        let mut message = message_row(&row)?;
+        message.reactions =
+            reactions_of(&mut *tx, std::slice::from_ref(&id), &user).await?.remove(&message.id).unwrap_or_default();
+        tx.commit().await?;
+        Ok(if written { Reacted::Changed(message) } else { Reacted::Unchanged(message) })
+    }
+
+    async fn reactions(
+        &self,
+        ids: &[MessageId],
+        viewer: Option<UserId>,
+    ) -> Result<HashMap<MessageId, Vec<Reaction>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<String> = ids.iter().map(MessageId::to_string).collect();
+        reactions_of(&self.pool, &ids, &viewer.map(|v| v.to_string()).unwrap_or_default()).await
+    }
+
     async fn report(&self, report: &StoredReport) -> Result<StoredReport, StoreError> {
         let (message, reporter) = (report.message_id.to_string(), report.reporter.to_string());
         sqlx::query(
@@ -1004,6 +1112,7 @@ impl MessageStore for PostgresStore {
         let mut tx = self.pool.begin().await?;
         for sql in [
             "DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = $1)",
+            "DELETE FROM message_reactions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = $1)",
             "DELETE FROM message_reports WHERE chat_id = $1",
             "DELETE FROM messages WHERE chat_id = $1",
             "DELETE FROM read_positions WHERE chat_id = $1",

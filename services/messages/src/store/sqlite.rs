@@ -20,7 +20,8 @@ use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, par
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, Logged, Message, MessageStore, NewMessage, NewReply, QueueCursor, QueueFilter,
-    RECENT_ACTIVITY_ROWS, Range, ReadState, Reply, Revision, Sent, Seq, Started, StoreError, StoredReport, Summary,
+    RECENT_ACTIVITY_ROWS, Range, Reacted, Reaction, ReadState, Reply, Revision, Sent, Seq, Started, StoreError,
+    StoredReport, Summary,
     aggregates_sql, chat_change_of, chat_change_row, created_after_bounds, first_seq_created_after, list_sql,
     merge_changes, message_columns, report_columns, unread_count_sql,
 };
@@ -90,6 +91,7 @@ fn message_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         )
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(15, Type::Text, e.into()))?,
         flags: Flags::of_columns(row.get(19)?, row.get_ref(20)?.as_str()?),
+        reactions: Vec::new(),
     })
 }
 
@@ -254,10 +256,85 @@ fn delete(conn: &mut Connection, id: &str, now: i64) -> rusqlite::Result<Option<
         )?
         .execute(params![now, id, change])?;
         tx.prepare_cached("DELETE FROM message_revisions WHERE message_id = ?1")?.execute([id])?;
+        tx.prepare_cached("DELETE FROM message_reactions WHERE message_id = ?1")?.execute([id])?;
     }
     let message = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row).optional()?;
     tx.commit()?;
     Ok(message)
+}
+
+/// The reactions of `ids` aggregated per emoji, for `viewer` ('' for
+/// none): see [`MessageStore::reactions`].
+fn reactions_of(
+    conn: &Connection,
+    ids: &[String],
+    viewer: &str,
+) -> rusqlite::Result<HashMap<MessageId, Vec<Reaction>>> {
+    let mut out: HashMap<MessageId, Vec<Reaction>> = HashMap::new();
+    for chunk in ids.chunks(CHUNK) {
+        let marks: Vec<String> = (0..chunk.len()).map(|i| format!("?{}", i + 2)).collect();
+        let sql = format!(
+            "SELECT message_id, emoji, COUNT(*), MAX(user_id = ?1), MIN(create_time) AS first FROM message_reactions \
+             WHERE message_id IN ({}) GROUP BY message_id, emoji ORDER BY message_id, first, emoji",
+            marks.join(", ")
+        );
+        let mut statement = conn.prepare_cached(&sql)?;
+        let values = std::iter::once(viewer).chain(chunk.iter().map(String::as_str));
+        let mut rows = statement.query(rusqlite::params_from_iter(values))?;
+        while let Some(row) = rows.next()? {
+            let reaction = Reaction { emoji: row.get(1)?, count: row.get(2)?, mine: row.get(3)? };
+            out.entry(id_at(row, 0)?).or_default().push(reaction);
+        }
+    }
+    Ok(out)
+}
+
+/// Adds or removes a reaction in one transaction (see
+/// [`MessageStore::react`]).
+fn react(
+    conn: &mut Connection,
+    id: &str,
+    user: &str,
+    emoji: &str,
+    add: bool,
+    now: i64,
+    max_emoji: usize,
+) -> rusqlite::Result<Reacted> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let live: Option<String> = tx
+        .prepare_cached("SELECT chat_id FROM messages WHERE id = ?1 AND delete_time IS NULL")?
+        .query_row([id], |row| row.get(0))
+        .optional()?;
+    let Some(chat) = live else { return Ok(Reacted::Gone) };
+    let written = if add {
+        let (held, distinct): (bool, i64) = tx
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM message_reactions WHERE message_id = ?1 AND emoji = ?2), \
+                 (SELECT COUNT(DISTINCT emoji) FROM message_reactions WHERE message_id = ?1)",
+            )?
+            .query_row(params![id, emoji], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        if !held && usize::try_from(distinct).unwrap_or(usize::MAX) >= max_emoji {
+            return Ok(Reacted::TooManyEmoji);
+        }
+        tx.prepare_cached(
+            "INSERT INTO message_reactions (message_id, user_id, emoji, create_time) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (message_id, user_id, emoji) DO NOTHING",
+        )?
+        .execute(params![id, user, emoji, now])?
+    } else {
+        tx.prepare_cached("DELETE FROM message_reactions WHERE message_id = ?1 AND user_id = ?2 AND emoji = ?3")?
+            .execute(params![id, user, emoji])?
+    };
+    let mut message = if written > 0 {
+        let change = next_change(&tx, &chat)?;
+        tx.prepare_cached(concat!("UPDATE messages SET change_seq = ?2 WHERE id = ?1 RETURNING ", message_columns!()))?
+            .query_row(params![id, change], message_row)?
+    } else {
+        tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row)?
+    };
+    message.reactions = reactions_of(&tx, &[id.to_owned()], user)?.remove(&message.id).unwrap_or_default();
+    tx.commit()?;
+    Ok(if written > 0 { Reacted::Changed(message) } else { Reacted::Unchanged(message) })
 }
 
 /// Starts a reply in one transaction (see [`MessageStore::start_reply`]).
@@ -810,6 +887,32 @@ impl MessageStore for SqliteStore {
         Ok(raised.await?)
     }
 
+    async fn react(
+        &self,
+        id: MessageId,
+        user: UserId,
+        emoji: &str,
+        add: bool,
+        now: i64,
+        max_emoji: usize,
+    ) -> Result<Reacted, StoreError> {
+        let (id, user, emoji) = (id.to_string(), user.to_string(), emoji.to_owned());
+        Ok(self.db.write(move |conn| react(conn, &id, &user, &emoji, add, now, max_emoji)).await?)
+    }
+
+    async fn reactions(
+        &self,
+        ids: &[MessageId],
+        viewer: Option<UserId>,
+    ) -> Result<HashMap<MessageId, Vec<Reaction>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<String> = ids.iter().map(MessageId::to_string).collect();
+        let viewer = viewer.map(|v| v.to_string()).unwrap_or_default();
+        Ok(self.db.read(move |conn| reactions_of(conn, &ids, &viewer)).await?)
+    }
+
     async fn report(&self, report: &StoredReport) -> Result<StoredReport, StoreError> {
         let r = report.clone();
         let stored = self.db.write(move |conn| {
@@ -910,6 +1013,7 @@ impl MessageStore for SqliteStore {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for sql in [
                 "DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = ?1)",
+                "DELETE FROM message_reactions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = ?1)",
                 "DELETE FROM message_reports WHERE chat_id = ?1",
                 "DELETE FROM messages WHERE chat_id = ?1",
                 "DELETE FROM read_positions WHERE chat_id = ?1",

@@ -96,6 +96,8 @@ message_store_suite!(
     summaries_follow_the_requested_order,
     recent_activity_lists_the_newest_message_of_recent_chats,
     purging_a_chat_removes_all_of_it,
+    reactions_are_once_per_user_per_emoji_and_only_real_changes_take_numbers,
+    concurrent_reactions_on_one_message_never_drift,
 );
 
 /// Fixed ids, so tests can name chats and users by letter.
@@ -577,7 +579,9 @@ async fn purging_a_chat_removes_all_of_it(h: &Harness) {
     h.store.edit(id(1), "edited", None, 2_000, 5).await.unwrap();
     h.store.mark_read(chat(1), user(1), Seq(1)).await.unwrap();
     h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(4))], 2_500, "k").await.unwrap();
+    h.store.react(id(2), user(1), "👍", true, 2_600, 20).await.unwrap();
     h.store.purge_chat(chat(1)).await.unwrap();
+    assert!(h.store.reactions(&[id(2)], None).await.unwrap().is_empty(), "reactions go too");
     assert_eq!(h.store.head(chat(1)).await.unwrap(), Seq::ZERO);
     assert_eq!(h.store.heads(chat(1)).await.unwrap(), Heads::default());
     assert_eq!(h.store.changes(chat(1), user(4), 0, 10).await.unwrap(), (Vec::new(), false));
@@ -840,4 +844,132 @@ async fn an_external_verdict_only_raises_the_flags_of_the_revision_it_saw(h: &Ha
     assert_eq!(h.store.raise_flags(id(2), 7, &high).await.unwrap(), None, "another revision's verdict");
     h.store.delete(id(2), 5_000).await.unwrap();
     assert_eq!(h.store.raise_flags(id(2), 1, &high).await.unwrap(), None, "a tombstone stays clean");
+}
+
+/// (emoji, count, mine) of a message's reactions.
+fn tally(reactions: &[Reaction]) -> Vec<(&str, i64, bool)> {
+    reactions.iter().map(|r| (r.emoji.as_str(), r.count, r.mine)).collect()
+}
+
+/// The message of a reaction that changed it (panics otherwise).
+fn changed(outcome: Reacted) -> Message {
+    match outcome {
+        Reacted::Changed(m) => m,
+        other => panic!("not a change: {other:?}"),
+    }
+}
+
+async fn reactions_are_once_per_user_per_emoji_and_only_real_changes_take_numbers(h: &Harness) {
+    send(h, &[msg(1, 1, 0), msg(2, 1, 0)]).await;
+    let react = |user_n: u8, emoji: &'static str, add: bool, at: i64| {
+        let store = h.store.clone();
+        async move { store.react(id(1), user(user_n), emoji, add, at, 2).await.unwrap() }
+    };
+    let first = changed(react(1, "👍", true, 10).await);
+    assert_eq!((first.change_seq, first.revision, first.create_change), (3, 1, 1), "a change, no revision");
+    assert_eq!(tally(&first.reactions), [("👍", 1, true)]);
+    let Reacted::Unchanged(again) = react(1, "👍", true, 11).await else { panic!("a repeat is a no-op") };
+    assert_eq!((again.change_seq, tally(&again.reactions)), (3, vec![("👍", 1, true)]));
+    assert_eq!(h.store.heads(chat(1)).await.unwrap().change, 3, "a no-op takes no number");
+    let second = changed(react(2, "👍", true, 12).await);
+    assert_eq!((second.change_seq, tally(&second.reactions)), (4, vec![("👍", 2, true)]));
+    let third = changed(react(2, "🎉", true, 13).await);
+    assert_eq!(tally(&third.reactions), [("👍", 2, true), ("🎉", 1, true)], "oldest emoji first");
+    // At the limit (2 distinct here): a third emoji is refused, one held
+    // already is not.
+    assert_eq!(react(3, ":fire:", true, 14).await, Reacted::TooManyEmoji);
+    let held = changed(react(3, "🎉", true, 15).await);
+    assert_eq!((held.change_seq, tally(&held.reactions)), (6, vec![("👍", 2, false), ("🎉", 2, true)]));
+    assert!(matches!(react(4, "👍", false, 16).await, Reacted::Unchanged(m) if m.change_seq == 6), "never held");
+    let removed = changed(react(1, "👍", false, 17).await);
+    assert_eq!((removed.change_seq, tally(&removed.reactions)), (7, vec![("👍", 1, false), ("🎉", 2, false)]));
+    assert_eq!(h.store.heads(chat(1)).await.unwrap().change, 7);
+    // Reads: per viewer, counts alone without one, nothing for a message
+    // nobody reacted to.
+    let read = |viewer: Option<UserId>| {
+        let store = h.store.clone();
+        async move { store.reactions(&[id(1), id(2), id(99)], viewer).await.unwrap() }
+    };
+    let by_2 = read(Some(user(2))).await;
+    assert_eq!(by_2.len(), 1);
+    assert_eq!(tally(&by_2[&id(1)]), [("👍", 1, true), ("🎉", 2, true)]);
+    assert_eq!(tally(&read(None).await[&id(1)]), [("👍", 1, false), ("🎉", 2, false)]);
+    // Every 👍 gone and one new: it now comes after 🎉.
+    changed(react(2, "👍", false, 18).await);
+    changed(react(1, "👍", true, 19).await);
+    assert_eq!(tally(&read(None).await[&id(1)]), [("🎉", 2, false), ("👍", 1, false)]);
+    // Replay: the message once, at its latest change, as a changed message.
+    let (page, _) = h.store.changes(chat(1), user(1), 2, 100).await.unwrap();
+    assert_eq!(numbers(&page), [9]);
+    assert!(matches!(&page[0], Change::Message(m) if m.id == id(1) && m.revision == 1));
+    // A tombstone keeps none and takes none.
+    let deleted = h.store.delete(id(1), 20).await.unwrap().unwrap();
+    assert!(read(Some(user(2))).await.is_empty(), "delete drops the reactions");
+    assert_eq!(react(2, "🎉", true, 21).await, Reacted::Gone);
+    assert_eq!(react(2, "🎉", false, 21).await, Reacted::Gone);
+    assert_eq!(h.store.react(id(99), user(1), "👍", true, 21, 2).await.unwrap(), Reacted::Gone);
+    assert_eq!(h.store.heads(chat(1)).await.unwrap().change, deleted.change_seq);
+}
+
+/// 64 users react to one message at once, each adding two emoji (one twice)
+/// and half of them taking one back: the counts are the rows, every real
+/// change took one number and no number was taken twice or skipped.
+async fn concurrent_reactions_on_one_message_never_drift(h: &Harness) {
+    const REACTORS: u8 = 64;
+    const EMOJI: [&str; 3] = ["🎉", "❤️", ":rocket:"];
+    send(h, &[msg(1, 1, 0)]).await;
+    let mut tasks = Vec::new();
+    for t in 0..REACTORS {
+        let store = h.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut numbers = Vec::new();
+            let own = EMOJI[usize::from(t) % 3];
+            // Repeats are no-ops; odd reactors keep their 👍.
+            let steps = if t % 2 == 0 {
+                vec![("👍", true), (own, true), ("👍", true), ("👍", false), ("👍", false)]
+            } else {
+                vec![("👍", true), (own, true), ("👍", true), (own, true)]
+            };
+            for (emoji, add) in steps {
+                match store.react(id(1), user(t), emoji, add, 1_000 + i64::from(t), 20).await.unwrap() {
+                    Reacted::Changed(m) => numbers.push(m.change_seq),
+                    Reacted::Unchanged(_) => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+            numbers
+        }));
+    }
+    let mut taken = Vec::new();
+    for task in tasks {
+        taken.extend(task.await.unwrap());
+    }
+    taken.sort_unstable();
+    let head = h.store.heads(chat(1)).await.unwrap().change;
+    assert_eq!(taken, (2..=head).collect::<Vec<_>>(), "each change one number, none skipped");
+    // Each reactor: 👍 added, its emoji added, 👍 taken back by the even
+    // ones: 2 or 3 changes each.
+    assert_eq!(taken.len(), 64 * 2 + 32);
+    let counts: std::collections::HashMap<String, i64> =
+        h.store.reactions(&[id(1)], None).await.unwrap()[&id(1)].iter().map(|r| (r.emoji.clone(), r.count)).collect();
+    let expected: std::collections::HashMap<String, i64> =
+        [("👍", 32), (EMOJI[0], 22), (EMOJI[1], 21), (EMOJI[2], 21)].map(|(e, n)| (e.to_owned(), n)).into();
+    assert_eq!(counts, expected);
+    for t in [0, 1, 62, 63] {
+        let mine: Vec<String> = h.store.reactions(&[id(1)], Some(user(t))).await.unwrap()[&id(1)]
+            .iter()
+            .filter(|r| r.mine)
+            .map(|r| r.emoji.clone())
+            .collect();
+        let mut expected = vec![EMOJI[usize::from(t) % 3].to_owned()];
+        if t % 2 == 1 {
+            expected.push("👍".to_owned());
+        }
+        let mut mine = mine;
+        mine.sort();
+        expected.sort();
+        assert_eq!(mine, expected, "user {t}");
+    }
+    let message = h.store.message(id(1)).await.unwrap().unwrap();
+    assert_eq!((message.change_seq, message.revision), (head, 1));
 }

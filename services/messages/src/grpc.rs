@@ -24,8 +24,7 @@ use crate::registry::{StreamLimits, StreamRegistry};
 use crate::service::Messages;
 use crate::store::{
     Change, ChatChange, ChatDetails, Flags, Generation, GenerationInfo, Heads, Message, QueueFilter, Range, Reaction,
-    Revision,
-    Role, Seq, StoredReport, Summary,
+    Revision, Role, Seq, StoredReport, Summary,
 };
 use crate::stream::{self, EventStream, Follow, Resume};
 

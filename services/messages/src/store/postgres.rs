@@ -26,8 +26,7 @@ use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
     QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, Sent, Seq, Started, StoreError, StoredReport,
-    Summary,
-    aggregates_sql, chat_change_of, chat_change_row, list_sql, merge_changes, message_columns, parse_id,
+    Summary, aggregates_sql, chat_change_of, chat_change_row, list_sql, merge_changes, message_columns, parse_id,
     report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};

@@ -21,9 +21,8 @@ use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, Logged, Message, MessageStore, NewMessage, NewReply, QueueCursor, QueueFilter,
     RECENT_ACTIVITY_ROWS, Range, Reacted, Reaction, ReadState, Reply, Revision, Sent, Seq, Started, StoreError,
-    StoredReport, Summary,
-    aggregates_sql, chat_change_of, chat_change_row, created_after_bounds, first_seq_created_after, list_sql,
-    merge_changes, message_columns, report_columns, unread_count_sql,
+    StoredReport, Summary, aggregates_sql, chat_change_of, chat_change_row, created_after_bounds,
+    first_seq_created_after, list_sql, merge_changes, message_columns, report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 

@@ -12,3 +12,9 @@ CREATE TABLE message_reactions (
     create_time BIGINT NOT NULL,
     PRIMARY KEY (message_id, user_id, emoji)
 );
+
+-- How many rows of message_reactions the message has, kept in the same
+-- transaction as they are written: a page of messages none of which has any
+-- (most pages) needs no read of the reactions. The counts shown are still
+-- read from the rows.
+ALTER TABLE messages ADD COLUMN reaction_rows BIGINT NOT NULL DEFAULT 0;

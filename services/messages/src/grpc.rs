@@ -1108,6 +1108,7 @@ mod tests {
             reply: None,
             flags: None,
             reactions: Vec::new(),
+            reaction_rows: 0,
         };
         let kind = |m, since| match replay_event(chat, Change::Message(m), since).event {
             Some(Event::MessageCreated(m)) => ("created", m.change_seq),

@@ -700,7 +700,7 @@ pub(crate) async fn with_reactions(
     messages: &mut [Message],
     viewer: Option<UserId>,
 ) -> Result<(), StoreError> {
-    let ids: Vec<MessageId> = messages.iter().filter(|m| !m.deleted()).map(|m| m.id).collect();
+    let ids: Vec<MessageId> = messages.iter().filter(|m| m.reaction_rows > 0 && !m.deleted()).map(|m| m.id).collect();
     if ids.is_empty() {
         return Ok(());
     }

@@ -72,14 +72,14 @@ macro_rules! message_columns {
     () => {
         "id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time, \
          change_seq, create_change, role, generation, replaces_id, superseded, generation_info, stop_requested, \
-         flag_severity, flags"
+         flag_severity, flags, reaction_rows"
     };
 }
 pub(crate) use message_columns;
 
 /// How many columns [`message_columns!`] names: the index of the first
 /// column a query selects after them.
-pub(crate) const MESSAGE_COLUMNS: usize = 21;
+pub(crate) const MESSAGE_COLUMNS: usize = 22;
 
 /// `flag_severity` of a flagged message: LOW or more.
 pub const FLAGGED_FROM: i32 = 2;
@@ -275,6 +275,9 @@ pub struct Message {
     /// empty as rows are read, filled for a viewer where messages leave the
     /// service ([`MessageStore::reactions`]).
     pub reactions: Vec<Reaction>,
+    /// How many reaction rows it has (0: [`MessageStore::reactions`] need
+    /// not be asked about it).
+    pub reaction_rows: i64,
 }
 
 /// The reactions of one emoji on a message, for one viewer.
@@ -409,6 +412,7 @@ impl NewMessage {
             reply: None,
             flags: self.flags.map(Box::new),
             reactions: Vec::new(),
+            reaction_rows: 0,
         }
     }
 }

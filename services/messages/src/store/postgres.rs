@@ -298,6 +298,7 @@ fn message_row(row: &PgRow) -> Result<Message, StoreError> {
         .map_err(StoreError::Corrupt)?,
         flags: Flags::of_columns(row.try_get::<i32, _>(19)?.into(), row.try_get(20)?),
         reactions: Vec::new(),
+        reaction_rows: row.try_get("reaction_rows")?,
     })
 }
 
@@ -435,8 +436,8 @@ impl MessageStore for PostgresStore {
         if let Some((chat,)) = live {
             let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
             sqlx::query(
-                "UPDATE messages SET text = '', attachments = '', change_seq = $2, flag_severity = 0, flags = '' \
-                 WHERE id = $1",
+                "UPDATE messages SET text = '', attachments = '', change_seq = $2, flag_severity = 0, flags = '', \
+                 reaction_rows = 0 WHERE id = $1",
             )
             .bind(&id)
             .bind(change)
@@ -987,11 +988,15 @@ impl MessageStore for PostgresStore {
         let written = done.rows_affected() > 0;
         let row = if written {
             let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
-            sqlx::query(concat!("UPDATE messages SET change_seq = $2 WHERE id = $1 RETURNING ", message_columns!()))
-                .bind(&id)
-                .bind(change)
-                .fetch_one(&mut *tx)
-                .await?
+            sqlx::query(concat!(
+                "UPDATE messages SET change_seq = $2, reaction_rows = reaction_rows + $3 WHERE id = $1 RETURNING ",
+                message_columns!()
+            ))
+            .bind(&id)
+            .bind(change)
+            .bind(if add { 1i64 } else { -1 })
+            .fetch_one(&mut *tx)
+            .await?
         } else {
             sqlx::query(MESSAGE_BY_ID).bind(&id).fetch_one(&mut *tx).await?
         };

@@ -91,6 +91,7 @@ fn message_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(15, Type::Text, e.into()))?,
         flags: Flags::of_columns(row.get(19)?, row.get_ref(20)?.as_str()?),
         reactions: Vec::new(),
+        reaction_rows: row.get(21)?,
     })
 }
 
@@ -251,7 +252,7 @@ fn delete(conn: &mut Connection, id: &str, now: i64) -> rusqlite::Result<Option<
         let change = next_change(&tx, &chat)?;
         tx.prepare_cached(
             "UPDATE messages SET text = '', attachments = '', delete_time = ?1, change_seq = ?3, flag_severity = 0, \
-             flags = '' WHERE id = ?2",
+             flags = '', reaction_rows = 0 WHERE id = ?2",
         )?
         .execute(params![now, id, change])?;
         tx.prepare_cached("DELETE FROM message_revisions WHERE message_id = ?1")?.execute([id])?;
@@ -326,8 +327,12 @@ fn react(
     };
     let mut message = if written > 0 {
         let change = next_change(&tx, &chat)?;
-        tx.prepare_cached(concat!("UPDATE messages SET change_seq = ?2 WHERE id = ?1 RETURNING ", message_columns!()))?
-            .query_row(params![id, change], message_row)?
+        let rows = if add { 1 } else { -1 };
+        tx.prepare_cached(concat!(
+            "UPDATE messages SET change_seq = ?2, reaction_rows = reaction_rows + ?3 WHERE id = ?1 RETURNING ",
+            message_columns!()
+        ))?
+        .query_row(params![id, change, rows], message_row)?
     } else {
         tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row)?
     };

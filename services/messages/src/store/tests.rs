@@ -972,4 +972,8 @@ async fn concurrent_reactions_on_one_message_never_drift(h: &Harness) {
     }
     let message = h.store.message(id(1)).await.unwrap().unwrap();
     assert_eq!((message.change_seq, message.revision), (head, 1));
+    assert_eq!(message.reaction_rows, 32 + 64, "the marker follows the rows");
+    // A delete clears the rows and the marker.
+    h.store.delete(id(1), 9_000).await.unwrap();
+    assert_eq!(h.store.message(id(1)).await.unwrap().unwrap().reaction_rows, 0);
 }

@@ -58,7 +58,7 @@ use tonic::Status;
 use uuid::Uuid;
 
 use crate::error::MessagesError;
-use crate::grpc::{ResetReason, reaction_pb, replay_event, reset_event};
+use crate::grpc::{ResetReason, replay_event, reset_event};
 use crate::registry::Ticket;
 use crate::service::Messages;
 use crate::store::{Change, ChatChange, Heads, Range, Seq};
@@ -181,12 +181,11 @@ pub async fn open(
             // stalled client holds the stream here, and the next page is
             // read (and membership checked) only once it reads on.
             while let Some(refill) = refills.front_mut() {
-                let (mut events, more) = follower.refill(refill).await?;
+                let (events, more) = follower.refill(refill).await?;
                 if !more {
                     refills.pop_front();
                 }
                 follower.track_roles(&events).await?;
-                follower.reactions(&mut events, true).await?;
                 for event in events {
                     yield follower.shown(event, every_flag);
                 }
@@ -232,7 +231,7 @@ pub async fn open(
             refills.extend(step.refill);
             let mut events = step.events;
             follower.track_roles(&events).await?;
-            follower.reactions(&mut events, false).await?;
+            follower.reactions(&mut events).await?;
             for event in events {
                 yield follower.shown(event, every_flag);
             }
@@ -371,18 +370,17 @@ impl Follower {
         event
     }
 
-    /// Sets the reactions of the message events among `events` as the
-    /// user sees them, in one store read (none when no event needs one): a
-    /// replayed message (`replayed`) gets its reactions as the store holds
-    /// them now; a live one keeps the counts it was announced with (the
-    /// state of its change) and gets the user's own `reacted_by_me`, read
-    /// now. A live message announced without reactions needs no read, so
-    /// the events of messages nobody reacted to cost nothing.
-    async fn reactions(&self, events: &mut [pb::StreamEventsResponse], replayed: bool) -> Result<(), Status> {
+    /// Sets the user's own `reacted_by_me` on the live message events
+    /// among `events`, in one store read: a live message keeps the counts
+    /// it was announced with (the state of its change). A message announced
+    /// without reactions needs no read, so the events of messages nobody
+    /// reacted to cost nothing. (A replayed page gets its reactions in
+    /// [`Follower::refill`].)
+    async fn reactions(&self, events: &mut [pb::StreamEventsResponse]) -> Result<(), Status> {
         let ids: Vec<MessageId> = events
             .iter_mut()
             .filter_map(message_of)
-            .filter(|m| replayed || !m.reactions.is_empty())
+            .filter(|m| !m.reactions.is_empty())
             .filter_map(|m| m.id.parse().ok())
             .collect();
         if ids.is_empty() {
@@ -393,12 +391,8 @@ impl Follower {
         for m in events.iter_mut().filter_map(message_of) {
             let Ok(id) = m.id.parse::<MessageId>() else { continue };
             let current = found.get(&id).map_or(&[][..], Vec::as_slice);
-            if replayed {
-                m.reactions = current.iter().cloned().map(reaction_pb).collect();
-            } else {
-                for r in &mut m.reactions {
-                    r.reacted_by_me = current.iter().any(|c| c.mine && c.emoji == r.emoji);
-                }
+            for r in &mut m.reactions {
+                r.reacted_by_me = current.iter().any(|c| c.mine && c.emoji == r.emoji);
             }
         }
         Ok(())
@@ -542,13 +536,32 @@ impl Follower {
             return Ok((Vec::new(), false));
         }
         let since = *refill.since.get_or_insert(cursor);
-        let (changes, more) = self
+        let (mut changes, more) = self
             .messages
             .store()
             .changes(chat.into(), self.user.into(), cursor, REPLAY_PAGE)
             .await
             .map_err(MessagesError::from)?;
         let me = UserId(self.user);
+        // The page's reactions as the user sees them now, in one read, of
+        // the messages that have any.
+        let reacted: Vec<MessageId> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Message(m) if m.reaction_rows > 0 && !m.deleted() => Some(m.id),
+                _ => None,
+            })
+            .collect();
+        if !reacted.is_empty() {
+            let mut found = self.messages.store().reactions(&reacted, Some(me)).await.map_err(MessagesError::from)?;
+            for change in &mut changes {
+                if let Change::Message(m) = change
+                    && let Some(reactions) = found.remove(&m.id)
+                {
+                    m.reactions = reactions;
+                }
+            }
+        }
         let mut out = Vec::with_capacity(changes.len());
         let mut last = cursor;
         for change in changes {

@@ -154,6 +154,30 @@ pub struct Grpc(pub natter_kit::Link);
 /// Calls another service's internal API in the same process.
 pub struct InProcess<S>(pub Arc<S>);
 
+impl Grpc {
+    /// ListMemberChatIds: every chat of `user_id`, or (`managed_only`)
+    /// those it owns or administers.
+    async fn list_member_chat_ids(&self, user_id: &str, managed_only: bool) -> Result<Vec<String>, Status> {
+        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned(), managed_only };
+        let mut client = ChatInternalServiceClient::new(self.0.channel());
+        Ok(self.0.call(client.list_member_chat_ids(self.0.request(request))).await?.chat_ids)
+    }
+}
+
+impl<S: ChatInternalService> InProcess<S> {
+    /// As [`Grpc::list_member_chat_ids`], in process.
+    async fn list_member_chat_ids(&self, user_id: &str, managed_only: bool) -> Result<Vec<String>, Status> {
+        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned(), managed_only };
+        Ok(in_process(
+            "/natter.chats.v1.ChatInternalService/ListMemberChatIds",
+            self.0.list_member_chat_ids(Request::new(request)),
+        )
+        .await?
+        .into_inner()
+        .chat_ids)
+    }
+}
+
 #[async_trait]
 impl ChatDirectory for Grpc {
     async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status> {
@@ -162,21 +186,11 @@ impl ChatDirectory for Grpc {
     }
 
     async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
-        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned(), managed_only: false };
-        Ok(self
-            .0
-            .call(ChatInternalServiceClient::new(self.0.channel()).list_member_chat_ids(self.0.request(request)))
-            .await?
-            .chat_ids)
+        self.list_member_chat_ids(user_id, false).await
     }
 
     async fn managed_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
-        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned(), managed_only: true };
-        Ok(self
-            .0
-            .call(ChatInternalServiceClient::new(self.0.channel()).list_member_chat_ids(self.0.request(request)))
-            .await?
-            .chat_ids)
+        self.list_member_chat_ids(user_id, true).await
     }
 
     async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status> {
@@ -199,25 +213,11 @@ impl<S: ChatInternalService> ChatDirectory for InProcess<S> {
     }
 
     async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
-        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned(), managed_only: false };
-        Ok(in_process(
-            "/natter.chats.v1.ChatInternalService/ListMemberChatIds",
-            self.0.list_member_chat_ids(Request::new(request)),
-        )
-        .await?
-        .into_inner()
-        .chat_ids)
+        self.list_member_chat_ids(user_id, false).await
     }
 
     async fn managed_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
-        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned(), managed_only: true };
-        Ok(in_process(
-            "/natter.chats.v1.ChatInternalService/ListMemberChatIds",
-            self.0.list_member_chat_ids(Request::new(request)),
-        )
-        .await?
-        .into_inner()
-        .chat_ids)
+        self.list_member_chat_ids(user_id, true).await
     }
 
     async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status> {

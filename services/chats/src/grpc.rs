@@ -16,11 +16,12 @@ use natter_proto::chats::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::domain::{
-    self, Activity, AssistantReplies, Chat, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Kind, Limits, Member,
+    self, Activity, AssistantReplies, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Kind, Limits, Member,
     MemberCursor, NewChat, Role, SeverityFilter, Visibility,
 };
 use crate::error::ChatsError;
 use crate::service::{ChatView, Chats};
+use crate::store::assistant_replies_pb;
 
 /// Longest text excerpt in a chat's last_message preview, in characters.
 const EXCERPT_CHARS: usize = 200;
@@ -40,17 +41,6 @@ fn visibility_pb(v: Visibility) -> pb::Visibility {
         Visibility::Private => pb::Visibility::Private,
         Visibility::Public => pb::Visibility::Public,
     }
-}
-
-fn assistant_replies_pb(chat: &Chat) -> i32 {
-    use natter_proto::messages::v1::AssistantReplies as Pb;
-    let replies = match chat.assistant_replies {
-        _ if chat.kind == Kind::Direct => Pb::Unspecified,
-        AssistantReplies::Mentions => Pb::Mentions,
-        AssistantReplies::All => Pb::All,
-        AssistantReplies::Off => Pb::Off,
-    };
-    replies as i32
 }
 
 fn role_pb(r: Role) -> pb::MemberRole {

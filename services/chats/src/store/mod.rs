@@ -189,14 +189,21 @@ pub fn chat_updated(chat: &Chat, mask: Vec<&str>) -> mpb::ChatChange {
         public: chat.visibility == Visibility::Public,
         archived: chat.archive_time.is_some(),
         update_time: Some(timestamp(chat.update_time)),
-        assistant_replies: match chat.assistant_replies {
-            _ if chat.kind == Kind::Direct => mpb::AssistantReplies::Unspecified,
-            AssistantReplies::Mentions => mpb::AssistantReplies::Mentions,
-            AssistantReplies::All => mpb::AssistantReplies::All,
-            AssistantReplies::Off => mpb::AssistantReplies::Off,
-        } as i32,
+        assistant_replies: assistant_replies_pb(chat),
     };
     mpb::ChatChange { change: Some(mpb::chat_change::Change::ChatUpdated(updated)) }
+}
+
+/// `chat`'s natter.messages.v1.AssistantReplies: UNSPECIFIED for a direct
+/// chat (always answered), else its setting.
+pub(crate) fn assistant_replies_pb(chat: &Chat) -> i32 {
+    let replies = match chat.assistant_replies {
+        _ if chat.kind == Kind::Direct => mpb::AssistantReplies::Unspecified,
+        AssistantReplies::Mentions => mpb::AssistantReplies::Mentions,
+        AssistantReplies::All => mpb::AssistantReplies::All,
+        AssistantReplies::Off => mpb::AssistantReplies::Off,
+    };
+    replies as i32
 }
 
 /// `users` joined.

@@ -1,4 +1,6 @@
-// Bundles src/ into dist/: index.html, app.js (with source map), style.css.
+// Bundles src/ into dist/: index.html, app.js, style.css. dist/ is committed
+// and compiled into natter (crates/kit/src/web_page.rs): no source map, so a
+// page change stays a small diff; `SOURCEMAP=1 npm run bundle` for debugging.
 import { build } from "esbuild";
 import { copyFile, mkdir, rm } from "node:fs/promises";
 
@@ -12,7 +14,7 @@ await build({
   format: "esm",
   target: "es2022",
   minify: true,
-  sourcemap: true,
+  sourcemap: process.env.SOURCEMAP === "1",
   logLevel: "info",
 });
 for (const file of ["index.html", "style.css"]) {

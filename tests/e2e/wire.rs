@@ -101,6 +101,22 @@ async fn the_web_page_is_served_at_root_beside_the_api() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_built_in_page_is_served_without_a_web_dir() {
+    let c = Cluster::all_in_one(&[]).await;
+    let web = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
+    for (path, file) in [("/", "src/index.html"), ("/app.js", "dist/app.js"), ("/style.css", "src/style.css")] {
+        let (status, body) = natter_testkit::http_get(c.addr, path).await;
+        assert_eq!(status, 200, "GET {path}");
+        assert_eq!(body, std::fs::read_to_string(web.join(file)).unwrap(), "GET {path} serves web/{file}");
+    }
+    assert_eq!(natter_testkit::http_get(c.addr, "/missing.js").await.0, 404);
+    c.stop().await;
+    let api_only = Cluster::all_in_one(&["--no-web-page"]).await;
+    assert_ne!(natter_testkit::http_get(api_only.addr, "/").await.0, 200, "--no-web-page serves no page");
+    api_only.stop().await;
+}
+
 fn tempfile_dir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("natter-web-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -42,6 +42,7 @@ pub mod paging;
 pub mod serve;
 pub mod telemetry;
 pub mod time;
+pub mod web_page;
 
 pub use config::{ServerArgs, TransportArgs};
 pub use error::{FieldViolations, internal, internal_at};

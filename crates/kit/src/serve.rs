@@ -13,7 +13,6 @@
 //! `shutdown_grace` the server stops regardless.
 
 use std::convert::Infallible;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderName, Method};
@@ -26,6 +25,8 @@ use tonic_health::server::HealthReporter;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::services::ServeDir;
+
+use crate::web_page::PageSource;
 
 use crate::config::ServerArgs;
 use crate::internal::ServiceCredential;
@@ -50,7 +51,7 @@ pub struct Server {
     args: ServerArgs,
     routes: RoutesBuilder,
     health: HealthReporter,
-    web_dir: Option<PathBuf>,
+    page: PageSource,
     credential: Option<ServiceCredential>,
 }
 
@@ -60,7 +61,7 @@ pub struct Parts {
     pub args: ServerArgs,
     pub health: HealthReporter,
     pub routes: Routes,
-    pub web_dir: Option<PathBuf>,
+    pub page: PageSource,
     /// Set for an internal listener: every call but health must carry it.
     pub credential: Option<ServiceCredential>,
 }
@@ -97,16 +98,21 @@ impl Server {
             .build_v1alpha()
             .expect("the compiled-in descriptor sets are valid");
         routes.add_service(reflection_v1).add_service(reflection_v1alpha);
-        Self { args: args.clone(), routes, health, web_dir: None, credential }
+        Self { args: args.clone(), routes, health, page: PageSource::Off, credential }
     }
 
-    /// Serves the browser page from `dir` at `/` (GET and HEAD requests that
-    /// are not gRPC); a directory that does not exist leaves it API only.
-    pub fn set_web_dir(&mut self, dir: &Path) -> &mut Self {
-        if dir.is_dir() {
-            tracing::info!(web_dir = %dir.display(), "serving the web page at /");
-            self.web_dir = Some(dir.to_owned());
+    /// Serves the browser page at `/` (GET and HEAD requests; gRPC and
+    /// gRPC-web are POSTs) from `page`; [`PageSource::Off`] (the default)
+    /// leaves the server API only.
+    pub fn set_web_page(&mut self, page: PageSource) -> &mut Self {
+        match &page {
+            PageSource::Off => {}
+            PageSource::Embedded => tracing::info!("serving the built-in web page at /"),
+            PageSource::Dir(dir) => {
+                tracing::info!(web_dir = %dir.display(), "serving the web page at / from a directory")
+            }
         }
+        self.page = page;
         self
     }
 
@@ -145,7 +151,7 @@ impl Server {
             args: self.args,
             health: self.health,
             routes: self.routes.routes(),
-            web_dir: self.web_dir,
+            page: self.page,
             credential: self.credential,
         }
     }
@@ -182,7 +188,7 @@ pub async fn serve_routes(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let Parts { args, health, routes, web_dir, credential } = parts;
+    let Parts { args, health, routes, page, credential } = parts;
     if credential.is_none() {
         warn_on_open_cors(&args.cors_allow_origins, &listener);
     }
@@ -200,7 +206,7 @@ pub async fn serve_routes(
         .layer(cors(&args.cors_allow_origins))
         // Plain GETs (the browser page) never reach gRPC-web, which refuses
         // anything but gRPC on HTTP/1.1.
-        .layer(WebPageLayer { files: web_dir.map(ServeDir::new) })
+        .layer(WebPageLayer::new(page))
         // Turns gRPC-web (HTTP/1.1 or HTTP/2) into plain gRPC for the services.
         .layer(tonic_web::GrpcWebLayer::new())
         // The span and metrics of each call. Inside gRPC-web, so it reads
@@ -407,10 +413,29 @@ fn header_limit(max_bytes: usize) -> impl Fn(&http::request::Parts) -> Option<to
     }
 }
 
-/// Serves GET and HEAD requests from a directory, passes the rest on.
+/// Serves GET and HEAD requests from the page's source, passes the rest on.
 #[derive(Clone)]
 struct WebPageLayer {
-    files: Option<ServeDir>,
+    files: Files,
+}
+
+/// A [`PageSource`] ready to answer.
+#[derive(Clone)]
+enum Files {
+    Off,
+    Embedded,
+    Dir(ServeDir),
+}
+
+impl WebPageLayer {
+    fn new(page: PageSource) -> Self {
+        let files = match page {
+            PageSource::Off => Files::Off,
+            PageSource::Embedded => Files::Embedded,
+            PageSource::Dir(dir) => Files::Dir(crate::web_page::dir_service(dir)),
+        };
+        Self { files }
+    }
 }
 
 impl<S> tower::Layer<S> for WebPageLayer {
@@ -424,7 +449,7 @@ impl<S> tower::Layer<S> for WebPageLayer {
 #[derive(Clone)]
 struct WebPage<S> {
     inner: S,
-    files: Option<ServeDir>,
+    files: Files,
 }
 
 impl<S, B> tower::Service<http::Request<B>> for WebPage<S>
@@ -442,8 +467,16 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if !matches!(*request.method(), Method::GET | Method::HEAD) {
+            return Box::pin(self.inner.call(request));
+        }
         match &self.files {
-            Some(files) if matches!(*request.method(), Method::GET | Method::HEAD) => {
+            Files::Off => Box::pin(self.inner.call(request)),
+            Files::Embedded => {
+                let response = crate::web_page::embedded(&request);
+                Box::pin(async move { Ok(response) })
+            }
+            Files::Dir(files) => {
                 let files = files.clone();
                 Box::pin(async move {
                     let response = match tower::ServiceExt::oneshot(files, request).await {
@@ -453,7 +486,6 @@ where
                     Ok(response.map(tonic::body::Body::new))
                 })
             }
-            _ => Box::pin(self.inner.call(request)),
         }
     }
 }

@@ -26,6 +26,7 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use natter_kit::web_page::PageSource;
 use natter_kit::{Server, ServerArgs};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -60,9 +61,13 @@ pub struct EdgeArgs {
     /// How often each upstream replica's health is checked.
     #[arg(long, env = "NATTER_UPSTREAM_HEALTH_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub upstream_health_interval: Duration,
-    /// Directory of the browser page, served at `/`; missing: API only.
-    #[arg(long, env = "NATTER_WEB_DIR", default_value = "web/dist")]
-    pub web_dir: std::path::PathBuf,
+    /// Serve the browser page at `/` from this directory instead of the one
+    /// built into the binary
+    #[arg(long, env = "NATTER_WEB_DIR")]
+    pub web_dir: Option<std::path::PathBuf>,
+    /// Serve no browser page: the API only
+    #[arg(long, env = "NATTER_NO_WEB_PAGE", conflicts_with = "web_dir")]
+    pub no_web_page: bool,
 }
 
 /// One replica of a service.
@@ -337,7 +342,7 @@ pub async fn run(args: EdgeArgs, listener: TcpListener, shutdown: CancellationTo
         args.upstream_health_interval,
         shutdown.clone(),
     ));
-    server.set_web_dir(&args.web_dir);
+    server.set_web_page(PageSource::from_flags(args.web_dir.as_deref(), args.no_web_page)?);
     let mut parts = server.into_parts();
     let proxy = tower::service_fn(move |request: Request<Body>| forward.clone().call(request));
     parts.routes = parts.routes.into_axum_router().fallback_service(proxy).into();

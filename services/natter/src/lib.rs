@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use natter_auth::{Authenticator, InProcessVerifier};
 use natter_bus::EventBus;
+use natter_kit::web_page::PageSource;
 use natter_kit::{Server, ServerArgs};
 use natter_links::{Deferred, InProcess, MessageDirectory};
 use tokio::net::TcpListener;
@@ -33,10 +34,14 @@ pub struct ServeArgs {
     pub messages: natter_messages::MessagesArgs,
     #[command(flatten)]
     pub assistant: natter_assistant::AssistantArgs,
-    /// Directory of the browser page, served at `/` (build it with
-    /// `npm --prefix web ci && npm --prefix web run build`); missing: API only.
-    #[arg(long, env = "NATTER_WEB_DIR", default_value = "web/dist")]
-    pub web_dir: std::path::PathBuf,
+    /// Serve the browser page at `/` from this directory instead of the one
+    /// built into the binary (for page work: `npm --prefix web run build`
+    /// writes `web/dist`)
+    #[arg(long, env = "NATTER_WEB_DIR")]
+    pub web_dir: Option<std::path::PathBuf>,
+    /// Serve no browser page: the API only
+    #[arg(long, env = "NATTER_NO_WEB_PAGE", conflicts_with = "web_dir")]
+    pub no_web_page: bool,
 }
 
 /// A built all-in-one server, bound to its listener, not yet serving.
@@ -122,7 +127,7 @@ impl App {
         natter_assistant::add_services(&mut server, assistant, auth).await;
 
         let sessions_db = sessions.store().db().clone();
-        server.set_web_dir(&args.web_dir);
+        server.set_web_page(PageSource::from_flags(args.web_dir.as_deref(), args.no_web_page)?);
         Ok(Self { listener, server, shutdown, sessions_db, messages, chats, bus })
     }
 

@@ -204,6 +204,29 @@ step("bob sees alice typing, and her message ends it", async () => {
   await bobPage.locator("#typing").waitFor({ state: "hidden" });
 });
 
+step("reactions: bob reacts, alice sees it live and joins in, bob takes his back", async () => {
+  const text = "Typed while you watched"; // alice's, the newest message, open on both pages
+  const onAlice = alicePage.locator('[data-testid="message"]', { hasText: text });
+  const onBob = bobPage.locator('[data-testid="message"]', { hasText: text });
+  await onBob.locator('[data-testid="add-reaction"]').click();
+  await onBob.locator('[data-testid="pick-reaction"][data-emoji="👍"]').click();
+  await onBob.locator('.reaction.mine[data-emoji="👍"]', { hasText: "👍 1" }).waitFor();
+  // Alice sees it arrive on her stream, not pressed: it is not hers.
+  const aliceThumb = onAlice.locator('.reaction[data-emoji="👍"]', { hasText: "👍 1" });
+  await aliceThumb.waitFor();
+  assert.equal(await aliceThumb.getAttribute("aria-pressed"), "false");
+  await aliceThumb.click();
+  await onAlice.locator('.reaction.mine[data-emoji="👍"]', { hasText: "👍 2" }).waitFor();
+  await onBob.locator('.reaction.mine[data-emoji="👍"]', { hasText: "👍 2" }).waitFor();
+  await onBob.locator('.reaction[data-emoji="👍"]').click();
+  await onBob.locator('.reaction[data-emoji="👍"][aria-pressed="false"]', { hasText: "👍 1" }).waitFor();
+  await onAlice.locator('.reaction.mine[data-emoji="👍"]', { hasText: "👍 1" }).waitFor();
+  // After a reload the count is read back from the server.
+  await bobPage.reload();
+  await openChatWith(bobPage, alice.name);
+  await onBob.locator('.reaction[data-emoji="👍"][aria-pressed="false"]', { hasText: "👍 1" }).waitFor();
+});
+
 step("log out and back in", async () => {
   await bobPage.click("#logout");
   await bobPage.locator("#auth-view").waitFor();

@@ -263,6 +263,7 @@ function messageItem(m: Message, offers: Offers = {}): HTMLLIElement {
   text.className = "text";
   text.textContent = m.deleted ? "message deleted" : m.text;
   li.append(meta, text);
+  if (!m.deleted && !isGenerating(m)) li.append(reactionBar(m));
   const buttons: HTMLButtonElement[] = [];
   if (reply && isGenerating(m) && !m.superseded) buttons.push(smallButton("Stop", "stop", () => stopReply(m)));
   if (offers.reload) buttons.push(smallButton("Reload", "reload", () => regenerate(RegenerateMode.RELOAD)));
@@ -274,6 +275,53 @@ function messageItem(m: Message, offers: Offers = {}): HTMLLIElement {
     li.append(actions);
   }
   return li;
+}
+
+/** The emoji the "+" button offers (any emoji or :short_code: works through the API). */
+const QUICK_REACTIONS = ["👍", "❤️", "😂", "🎉", "😮", "😢"];
+
+/**
+ * A message's reactions, each a toggle (pressed when one of them is ours:
+ * click to remove it, or to add ours), and a "+" that offers a few emoji.
+ */
+function reactionBar(m: Message): HTMLDivElement {
+  const bar = document.createElement("div");
+  bar.className = "reactions";
+  for (const r of m.reactions) {
+    const b = smallButton(`${r.emoji} ${r.count}`, "reaction", () => react(m, r.emoji, !r.reactedByMe));
+    b.className = "reaction" + (r.reactedByMe ? " mine" : "");
+    b.dataset.emoji = r.emoji;
+    b.setAttribute("aria-pressed", String(r.reactedByMe));
+    b.title = r.reactedByMe ? "remove your reaction" : "react with this too";
+    bar.append(b);
+  }
+  const picker = document.createElement("span");
+  picker.className = "picker";
+  picker.hidden = true;
+  for (const emoji of QUICK_REACTIONS) {
+    const b = smallButton(emoji, "pick-reaction", () => react(m, emoji, true));
+    b.dataset.emoji = emoji;
+    picker.append(b);
+  }
+  const plus = document.createElement("button");
+  plus.type = "button";
+  plus.className = "add-reaction";
+  plus.dataset.testid = "add-reaction";
+  plus.title = "add a reaction";
+  plus.textContent = "+";
+  plus.addEventListener("click", () => (picker.hidden = !picker.hidden));
+  bar.append(plus, picker);
+  return bar;
+}
+
+/** Adds or removes our reaction `emoji` on `m`, and shows the message as the server answers it. */
+async function react(m: Message, emoji: string, add: boolean) {
+  const request = { messageId: m.id, emoji };
+  const { message } = add ? await api.messages.addReaction(request) : await api.messages.removeReaction(request);
+  if (message && open?.id === message.chatId && open.messages.has(message.seq)) {
+    putMessage(open, message);
+    renderMessages("keep");
+  }
 }
 
 function pendingItem(p: Pending): HTMLLIElement {

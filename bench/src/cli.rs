@@ -39,7 +39,11 @@ pub(crate) struct Args {
     pub(crate) server_metrics: Option<String>,
 
     /// Scenarios to run, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "ceiling,send,fanout,resume,history,chats,streams,assistant")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ceiling,send,fanout,typing,reactions,resume,history,chats,streams,assistant"
+    )]
     pub(crate) scenarios: Vec<Scenario>,
 
     /// A very short run of every scenario, to prove the tool works.
@@ -80,7 +84,15 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 50.0)]
     pub(crate) fanout_rate: f64,
 
-    /// StreamEvents streams per HTTP/2 connection (`fanout`, `streams`).
+    /// Live StreamEvents streams on the `typing` chat [default: 1000; --smoke: 10].
+    #[arg(long)]
+    pub(crate) typing_streams: Option<usize>,
+
+    /// SetTyping calls per second of `typing` (spread over 100 typists).
+    #[arg(long, default_value_t = 50.0)]
+    pub(crate) typing_rate: f64,
+
+    /// StreamEvents streams per HTTP/2 connection (`fanout`, `typing`, `streams`).
     #[arg(long, default_value_t = 100)]
     pub(crate) event_streams_per_connection: usize,
 
@@ -147,6 +159,12 @@ pub(crate) enum Scenario {
     Send,
     /// Delivery latency from SendMessage to every live stream of one chat.
     Fanout,
+    /// Typing indicators to the live streams of one chat, and SendMessage
+    /// on other chats beside them.
+    Typing,
+    /// Every user adding and removing reactions on one message at once; no
+    /// update may be lost.
+    Reactions,
     /// Time from reconnecting with resume_changes to caught up, many
     /// clients at once after changes made while they were away.
     Resume,
@@ -178,6 +196,8 @@ pub(crate) struct Settings {
     pub(crate) send_concurrency: Vec<usize>,
     pub(crate) fanout_streams: usize,
     pub(crate) fanout_rate: f64,
+    pub(crate) typing_streams: usize,
+    pub(crate) typing_rate: f64,
     pub(crate) event_streams_per_connection: usize,
     pub(crate) history_depth: u64,
     pub(crate) history_page_size: i32,
@@ -214,6 +234,8 @@ impl Settings {
                 .unwrap_or_else(|| pick(smoke, vec![1, 16, 64, 256], vec![1, 16])),
             fanout_streams: args.fanout_streams.unwrap_or(pick(smoke, 1000, 10)).max(1),
             fanout_rate: args.fanout_rate.max(0.1),
+            typing_streams: args.typing_streams.unwrap_or(pick(smoke, 1000, 10)).max(1),
+            typing_rate: args.typing_rate.max(0.1),
             event_streams_per_connection: args.event_streams_per_connection.max(1),
             history_depth: args.history_depth.unwrap_or(pick(smoke, 1_000_000, 1000)).max(1),
             history_page_size: 50,

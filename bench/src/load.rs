@@ -329,3 +329,9 @@ where
     total.set_cpu(cpu.await.expect("the CPU sampler panicked"));
     total
 }
+
+/// Wall-clock µs since the Unix epoch: latencies that cross processes
+/// (server, scripted model server, this tool) on one machine's clock.
+pub(crate) fn now_micros() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}

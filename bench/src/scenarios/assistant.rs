@@ -23,13 +23,11 @@
 //! server (`--assistant-base-url`).
 
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::{StreamExt as _, TryStreamExt as _};
-use hdrhistogram::Histogram;
 use natter_proto::assistant::v1 as apb;
 use natter_proto::assistant::v1::assistant_service_client::AssistantServiceClient;
 use natter_proto::chats::v1 as cpb;
@@ -38,12 +36,9 @@ use natter_proto::messages::v1::SendMessageRequest;
 use natter_proto::messages::v1::stream_events_response::Event;
 use serde::Serialize;
 
-use super::{Ctx, Report};
+use super::{Ctx, Report, Windows};
 use crate::client::{self, Fixture};
 use crate::load::{self, Latency, Measured};
-
-/// Receivers record into one of these, by stream index.
-const SHARDS: usize = 16;
 
 /// Callers of the send loops.
 const SEND_CALLERS: usize = 16;
@@ -110,62 +105,29 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         .buffer_unordered(64)
         .try_collect()
         .await?;
-    // Two sets: the replies alone, and beside the closed send loop.
-    let shards: Arc<Vec<Mutex<Histogram<u64>>>> =
-        Arc::new((0..2 * SHARDS).map(|_| Mutex::new(load::histogram())).collect());
+    // Window 1: the replies alone; 2: beside the closed send loop.
+    let windows = Windows::new(2);
     let (deltas, tokens, stream_errors) =
         (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    // Which window is open (0: none; deltas outside are not counted).
-    let measuring = Arc::new(AtomicU64::new(0));
-    let mut receivers = tokio::task::JoinSet::new();
-    for (j, mut stream) in streams.into_iter().enumerate() {
-        let (shards, deltas, tokens, stream_errors, measuring) =
-            (shards.clone(), deltas.clone(), tokens.clone(), stream_errors.clone(), measuring.clone());
-        receivers.spawn(async move {
-            loop {
-                match stream.message().await {
-                    Ok(Some(event)) => {
-                        let Some(Event::MessageDelta(delta)) = event.event else { continue };
-                        let window = measuring.load(Ordering::Relaxed) as usize;
-                        if window == 0 {
-                            continue;
-                        }
-                        let now = now_micros();
-                        let mut shard =
-                            shards[(window - 1) * SHARDS + j % SHARDS].lock().expect("no panics while locked");
-                        for stamp in delta.text.split('|').filter_map(|t| t.parse::<u64>().ok()) {
-                            load::record(&mut shard, Duration::from_micros(now.saturating_sub(stamp)));
-                            tokens.fetch_add(u64::from(window == 1), Ordering::Relaxed);
-                        }
-                        if window == 1 {
-                            deltas.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(_) => {
-                        stream_errors.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                }
+    let mut receivers = {
+        let (windows, deltas, tokens) = (windows.clone(), deltas.clone(), tokens.clone());
+        super::receive_all(streams, stream_errors.clone(), move |j, event| {
+            let Some(Event::MessageDelta(delta)) = event.event else { return };
+            let Some(window) = windows.current() else { return };
+            let now = load::now_micros();
+            let mut shard = windows.shard(window, j);
+            for stamp in delta.text.split('|').filter_map(|t| t.parse::<u64>().ok()) {
+                load::record(&mut shard, Duration::from_micros(now.saturating_sub(stamp)));
+                tokens.fetch_add(u64::from(window == 1), Ordering::Relaxed);
             }
-        });
-    }
+            if window == 1 {
+                deltas.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
 
     // Sends alone, then the prompts, then sends beside the generations.
-    let send = |tag: &'static str| {
-        let (users, chats, clients) =
-            (f.users.clone(), chats.clone(), (0..SEND_CALLERS).map(|i| f.messages(i)).collect::<Vec<_>>());
-        move |i: usize| {
-            let chat = i % chats.len();
-            let request = users[chat % users.len()].request(SendMessageRequest {
-                chat_id: chats[chat].clone(),
-                text: format!("{tag} {i}"),
-                ..Default::default()
-            });
-            let mut client = clients[i % clients.len()].clone();
-            async move { client.send_message(request).await.map(drop) }
-        }
-    };
+    let send = |tag| super::send_call(f, &chats, tag);
     let alone = load::closed_loop(SEND_CALLERS, s.warmup, s.duration, ctx.target.pid, send("alone")).await;
     let half_rate = (alone.per_sec() / 2.0).max(1.0);
     let half_alone = load::open_loop(half_rate, s.warmup, s.duration, ctx.target.pid, send("half alone")).await;
@@ -186,32 +148,19 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
     // The replies alone, once every reply streams (the warm-up).
     tokio::time::sleep(s.warmup).await;
     let cpu_before = ctx.target.pid.and_then(crate::server::cpu_micros);
-    measuring.store(1, Ordering::Relaxed);
+    windows.set(1);
     tokio::time::sleep(s.duration).await;
-    measuring.store(0, Ordering::Relaxed);
+    windows.set(0);
     let server_cpu =
         cpu_before.zip(ctx.target.pid.and_then(crate::server::cpu_micros)).map(|(a, b)| b.saturating_sub(a));
     // Beside the closed send loop (its window: after its warm-up).
-    let (flag, warmup, window) = (measuring.clone(), s.warmup, s.duration);
-    tokio::spawn(async move {
-        tokio::time::sleep(warmup).await;
-        flag.store(2, Ordering::Relaxed);
-        tokio::time::sleep(window).await;
-        flag.store(0, Ordering::Relaxed);
-    });
+    windows.schedule(2, s.warmup, s.duration);
     let beside = load::closed_loop(SEND_CALLERS, s.warmup, s.duration, ctx.target.pid, send("beside")).await;
     let half_beside = load::open_loop(half_rate, s.warmup, s.duration, ctx.target.pid, send("half beside")).await;
     receivers.abort_all();
     drop(connections);
 
-    let merged = |set: &[Mutex<Histogram<u64>>]| {
-        let mut latency = load::histogram();
-        for shard in set {
-            latency.add(&*shard.lock().expect("no panics while locked")).expect("histograms share bounds");
-        }
-        latency
-    };
-    let (latency, latency_beside) = (merged(&shards[..SHARDS]), merged(&shards[SHARDS..]));
+    let (latency, latency_beside) = (windows.merged(1), windows.merged(2));
     let (deltas, tokens) = (deltas.load(Ordering::Relaxed), tokens.load(Ordering::Relaxed));
     let server_cpu = server_cpu.map(|us| us as f64);
     let generated = (s.duration.as_secs_f64() / s.assistant_token_interval.as_secs_f64()) * g as f64;
@@ -280,10 +229,4 @@ async fn assistant_group(f: &Fixture, owner: usize, bot: &str, i: usize) -> anyh
         .context("CreateChat")?
         .into_inner();
     Ok(chat.chat.context("CreateChat returned no chat")?.id)
-}
-
-/// Wall-clock µs since the Unix epoch (the scripted server shares this
-/// process's clock).
-fn now_micros() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use hdrhistogram::Histogram;
@@ -86,7 +86,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
                         // "fanout TAG m MICROS": m = measured, w = warm-up.
                         let Some(rest) = m.text.strip_prefix(&prefix) else { continue };
                         let Some(sent) = rest.strip_prefix("m ").and_then(|t| t.parse::<u64>().ok()) else { continue };
-                        let latency = Duration::from_micros(now_micros().saturating_sub(sent));
+                        let latency = Duration::from_micros(load::now_micros().saturating_sub(sent));
                         load::record(&mut shards[j % SHARDS].lock().expect("no panics while locked"), latency);
                         delivered.fetch_add(1, Ordering::Relaxed);
                     }
@@ -108,7 +108,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         let (chat, sent, prefix) = (chat.clone(), sent.clone(), prefix.clone());
         load::open_loop(s.fanout_rate, s.warmup, s.duration, ctx.target.pid, move |_| {
             let measured = Instant::now() >= measure_from;
-            let text = format!("{prefix}{} {}", if measured { "m" } else { "w" }, now_micros());
+            let text = format!("{prefix}{} {}", if measured { "m" } else { "w" }, load::now_micros());
             let request = sender.request(SendMessageRequest { chat_id: chat.clone(), text, ..Default::default() });
             let (mut client, sent) = (client.clone(), sent.clone());
             async move {
@@ -181,10 +181,4 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         ),
     ];
     Report::new(results, table)
-}
-
-/// Wall-clock microseconds since the Unix epoch (sender and receivers share
-/// this machine's clock).
-fn now_micros() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }

@@ -8,10 +8,17 @@ pub(crate) mod ceiling;
 pub(crate) mod chats;
 pub(crate) mod fanout;
 pub(crate) mod history;
+pub(crate) mod reactions;
 pub(crate) mod resume;
 pub(crate) mod send;
 pub(crate) mod streams;
+pub(crate) mod typing;
 
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::cli::Settings;
@@ -90,4 +97,111 @@ impl Report {
 /// Formats an optional ratio for the table.
 pub(crate) fn fmt_ratio(r: Option<f64>) -> String {
     r.map_or_else(|| "-".to_owned(), |r| format!("{r:.3}"))
+}
+
+/// Receivers record into one of these per window, by receiver index, to
+/// keep lock contention low.
+const SHARDS: usize = 16;
+
+/// Latencies recorded by many receivers (streams) in numbered measurement
+/// windows (1, 2, ...), one open at a time; what arrives while none is
+/// open is not recorded.
+pub(crate) struct Windows {
+    shards: Vec<Mutex<Histogram<u64>>>,
+    /// The open window, 0 for none.
+    open: AtomicUsize,
+}
+
+impl Windows {
+    /// Room for `count` windows, none open.
+    pub(crate) fn new(count: usize) -> std::sync::Arc<Self> {
+        let shards = (0..count * SHARDS).map(|_| Mutex::new(load::histogram())).collect();
+        std::sync::Arc::new(Self { shards, open: AtomicUsize::new(0) })
+    }
+
+    /// The open window, if any.
+    pub(crate) fn current(&self) -> Option<usize> {
+        Some(self.open.load(Ordering::Relaxed)).filter(|w| *w > 0)
+    }
+
+    /// Opens `window` (0 closes them all).
+    pub(crate) fn set(&self, window: usize) {
+        self.open.store(window, Ordering::Relaxed);
+    }
+
+    /// Opens `window` after `warmup`, and closes it `length` later, in a task.
+    pub(crate) fn schedule(self: &std::sync::Arc<Self>, window: usize, warmup: Duration, length: Duration) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(warmup).await;
+            this.set(window);
+            tokio::time::sleep(length).await;
+            this.set(0);
+        });
+    }
+
+    /// The shard of `receiver` in `window`, locked (to record a batch).
+    pub(crate) fn shard(&self, window: usize, receiver: usize) -> std::sync::MutexGuard<'_, Histogram<u64>> {
+        self.shards[(window - 1) * SHARDS + receiver % SHARDS].lock().expect("no panics while locked")
+    }
+
+    /// Every receiver's latencies of `window`.
+    pub(crate) fn merged(&self, window: usize) -> Histogram<u64> {
+        let mut latency = load::histogram();
+        for shard in &self.shards[(window - 1) * SHARDS..window * SHARDS] {
+            latency.add(&*shard.lock().expect("no panics while locked")).expect("histograms share bounds");
+        }
+        latency
+    }
+}
+
+/// Reads every stream in a task of its own until it ends, handing each
+/// event to `on_event(stream index, event)`; a stream that fails counts in
+/// `errors` and stops.
+pub(crate) fn receive_all<F>(
+    streams: Vec<tonic::Streaming<natter_proto::messages::v1::StreamEventsResponse>>,
+    errors: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    on_event: F,
+) -> tokio::task::JoinSet<()>
+where
+    F: Fn(usize, natter_proto::messages::v1::StreamEventsResponse) + Clone + Send + 'static,
+{
+    let mut receivers = tokio::task::JoinSet::new();
+    for (j, mut stream) in streams.into_iter().enumerate() {
+        let (errors, on_event) = (errors.clone(), on_event.clone());
+        receivers.spawn(async move {
+            loop {
+                match stream.message().await {
+                    Ok(Some(event)) => on_event(j, event),
+                    Ok(None) => break,
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+        });
+    }
+    receivers
+}
+
+/// A SendMessage call for a load loop: call `i` sends `"{tag} {i}"` to chat
+/// `i % chats.len()` as user `chat % users` (the chat's owner when chat k
+/// is owned by user k % users), over one of 16 connections.
+pub(crate) fn send_call(
+    f: &crate::client::Fixture,
+    chats: &[String],
+    tag: &'static str,
+) -> impl Fn(usize) -> futures::future::BoxFuture<'static, Result<(), tonic::Status>> + Clone + Send + 'static {
+    let (users, chats, clients) = (f.users.clone(), chats.to_vec(), (0..16).map(|i| f.messages(i)).collect::<Vec<_>>());
+    move |i: usize| {
+        let chat = i % chats.len();
+        let request = users[chat % users.len()].request(natter_proto::messages::v1::SendMessageRequest {
+            chat_id: chats[chat].clone(),
+            text: format!("{tag} {i}"),
+            ..Default::default()
+        });
+        let mut client = clients[i % clients.len()].clone();
+        Box::pin(async move { client.send_message(request).await.map(drop) })
+    }
 }

@@ -415,7 +415,7 @@ async fn a_group_chat_is_answered_as_its_assistant_replies_setting_says(c: &Clus
     let create = cpb::CreateChatRequest {
         kind: cpb::ChatKind::Group as i32,
         title: "team".into(),
-        member_ids: vec![bob.id.clone(), bot],
+        member_ids: vec![bob.id.clone(), bot.clone()],
         ..Default::default()
     };
     let group = c.chats().create_chat(authed(&alice, create)).await.unwrap().into_inner().chat.unwrap();
@@ -447,6 +447,19 @@ async fn a_group_chat_is_answered_as_its_assistant_replies_setting_says(c: &Clus
     set(&alice, AssistantReplies::Mentions).await.unwrap();
     answered.push(send(c, &bob, &chat, "@assistant now?").await.id);
     until_finished(&mut stream, None).await;
+    // A mention by id (mention_user_ids) is a mention too, whatever the text
+    // says; a mention of someone else is not.
+    let mentioning = |text: &str, user: &str| mpb::SendMessageRequest {
+        chat_id: chat.clone(),
+        text: text.into(),
+        mention_user_ids: vec![user.to_owned()],
+        ..Default::default()
+    };
+    let to_bob = mentioning("bob, a word", &bob.id);
+    unanswered.push(c.messages().send_message(authed(&alice, to_bob)).await.unwrap().into_inner().message.unwrap().id);
+    let to_bot = mentioning("and you, over there?", &bot);
+    answered.push(c.messages().send_message(authed(&bob, to_bot)).await.unwrap().into_inner().message.unwrap().id);
+    until_finished(&mut stream, None).await;
     let listed = history(c, &alice, &chat, true).await;
     let by_seq: std::collections::HashMap<i64, &str> = listed.iter().map(|m| (m.seq, m.id.as_str())).collect();
     let replied: Vec<&str> = listed
@@ -456,7 +469,7 @@ async fn a_group_chat_is_answered_as_its_assistant_replies_setting_says(c: &Clus
         .collect();
     assert_eq!(replied, answered.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(unanswered.iter().all(|id| !replied.contains(&id.as_str())));
-    assert_eq!(server.requests().len(), 3, "one model call per prompt");
+    assert_eq!(server.requests().len(), 4, "one model call per prompt");
 
     // Only the owner and admins set it; a direct chat has no such setting.
     assert_eq!(code(set(&bob, AssistantReplies::All).await), Code::PermissionDenied);

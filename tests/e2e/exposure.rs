@@ -70,7 +70,11 @@ async fn call_every_internal_rpc(
             code(
                 chats
                     .check_membership(with(
-                        cpb::CheckMembershipRequest { chat_id: chat.clone(), user_id: victim.into() },
+                        cpb::CheckMembershipRequest {
+                            chat_id: chat.clone(),
+                            user_id: victim.into(),
+                            ..Default::default()
+                        },
                         credential,
                     ))
                     .await,

@@ -11,6 +11,7 @@ mod flags;
 mod fuzz;
 mod limits;
 mod manage;
+mod mentions;
 mod messages;
 mod otel;
 mod resume_property;

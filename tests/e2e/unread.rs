@@ -1,6 +1,7 @@
-//! Unread counts against a brute-force model over random operation
-//! sequences (send, delete, mark read, leave, rejoin): a property test with
-//! fixed seeds, so a failure names the seed that reproduces it.
+//! Unread and mention counts against a brute-force model over random
+//! operation sequences (send with random mentions, delete, mark read, leave,
+//! rejoin): a property test with fixed seeds, so a failure names the seed
+//! that reproduces it.
 
 use natter_proto::chats::v1 as cpb;
 use natter_proto::messages::v1 as mpb;
@@ -10,11 +11,13 @@ use rand::{Rng, SeedableRng};
 
 crate::both_modes!(unread_counts_match_a_brute_force_model, unread_counts_stop_at_a_thousand);
 
-/// The model: what unread counts must be.
+/// The model: what unread and mention counts must be.
 #[derive(Default)]
 struct Model {
     /// (author index, deleted) per seq - 1.
     messages: Vec<(usize, bool)>,
+    /// The users each message mentions, per seq - 1.
+    mentioned: Vec<Vec<usize>>,
     members: Vec<bool>,
     read: Vec<i64>,
 }
@@ -31,16 +34,31 @@ impl Model {
             .filter(|(i, (author, deleted))| *i as i64 + 1 > self.read[user] && *author != user && !deleted)
             .count() as i64
     }
+
+    fn mentions(&self, user: usize) -> i64 {
+        self.messages
+            .iter()
+            .zip(&self.mentioned)
+            .enumerate()
+            .filter(|(i, ((author, deleted), mentioned))| {
+                *i as i64 + 1 > self.read[user] && *author != user && !deleted && mentioned.contains(&user)
+            })
+            .count() as i64
+    }
 }
 
 async fn unread_counts_match_a_brute_force_model(c: &Cluster) {
     let users: Vec<TestUser> = futures::future::join_all(["own", "u1", "u2", "u3"].map(|n| c.user(n))).await;
+    let mut refused = 0;
     for seed in 0..8u64 {
-        run_sequence(c, &users, seed, 40).await;
+        refused += run_sequence(c, &users, seed, 40).await;
     }
+    assert!(refused > 0, "the sequences mention someone who left now and then");
 }
 
-async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) {
+/// Runs one random sequence; returns how many sends were refused for
+/// mentioning a non-member.
+async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) -> usize {
     let mut rng = StdRng::seed_from_u64(seed);
     let request = cpb::CreateChatRequest {
         title: format!("prop {seed}"),
@@ -51,22 +69,42 @@ async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) 
     let mut model = Model { members: vec![true; users.len()], read: vec![0; users.len()], ..Model::default() };
     let mut ids: Vec<String> = Vec::new();
     let mut log: Vec<String> = Vec::new();
+    let mut refused = 0;
     for step in 0..steps {
         let u = rng.random_range(0..users.len());
         let op = rng.random_range(0..10);
         match op {
-            // Send (most common).
+            // Send (most common), mentioning anyone now and then, the
+            // author too: mentioning someone who left is refused and
+            // writes nothing (the next send's seq shows it).
             0..=3 if model.members[u] => {
+                let mentioned: Vec<usize> = (0..users.len()).filter(|_| rng.random_range(0..3) == 0).collect();
                 let m = mpb::SendMessageRequest {
                     chat_id: chat.id.clone(),
                     text: format!("s{step}"),
+                    mention_user_ids: mentioned.iter().map(|&i| users[i].id.clone()).collect(),
                     ..Default::default()
                 };
-                let sent = c.messages().send_message(authed(&users[u], m)).await.unwrap().into_inner().message.unwrap();
+                let sent = c.messages().send_message(authed(&users[u], m)).await;
+                let gone: Vec<String> = (0..mentioned.len())
+                    .filter(|&n| !model.members[mentioned[n]])
+                    .map(|n| format!("mention_user_ids[{n}]"))
+                    .collect();
+                if !gone.is_empty() {
+                    let status = sent.expect_err("a mention of a non-member");
+                    assert_eq!(crate::violated_fields(&status), gone, "seed {seed}: after {log:?}");
+                    log.push(format!("u{u} mentions {mentioned:?}, not all members"));
+                    refused += 1;
+                    continue;
+                }
+                let sent = sent.unwrap().into_inner().message.unwrap();
+                let ids_sent: Vec<String> = mentioned.iter().map(|&i| users[i].id.clone()).collect();
+                assert_eq!(sent.mention_user_ids, ids_sent, "seed {seed}: the message carries its mentions");
                 model.messages.push((u, false));
+                model.mentioned.push(mentioned.clone());
                 assert_eq!(sent.seq, model.head(), "seed {seed}: seq");
                 ids.push(sent.id);
-                log.push(format!("u{u} sends {}", sent.seq));
+                log.push(format!("u{u} sends {} mentioning {mentioned:?}", sent.seq));
             }
             // Delete one of one's own live messages.
             4 | 5 if model.members[u] => {
@@ -107,11 +145,13 @@ async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) 
             }
             _ => continue,
         }
-        // Every member's unread count, as ListChats and GetChat show it.
+        // Every member's unread and mention counts, as ListChats and
+        // GetChat show them.
         for (i, user) in users.iter().enumerate().filter(|(i, _)| model.members[*i]) {
             let get = cpb::GetChatRequest { chat_id: chat.id.clone(), ..Default::default() };
             let shown = c.chats().get_chat(authed(user, get)).await.unwrap().into_inner().chat.unwrap();
             assert_eq!(shown.unread_count, model.unread(i), "seed {seed}: u{i} GetChat unread after {log:?}");
+            assert_eq!(shown.mention_count, model.mentions(i), "seed {seed}: u{i} GetChat mentions after {log:?}");
             let listed = c
                 .chats()
                 .list_chats(authed(user, cpb::ListChatsRequest { page_size: 1, ..Default::default() }))
@@ -121,9 +161,12 @@ async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) 
             let first = listed.chats.first().expect("the chat");
             if first.id == chat.id {
                 assert_eq!(first.unread_count, model.unread(i), "seed {seed}: u{i} ListChats unread after {log:?}");
+                let mentions = model.mentions(i);
+                assert_eq!(first.mention_count, mentions, "seed {seed}: u{i} ListChats mentions after {log:?}");
             }
         }
     }
+    refused
 }
 
 /// Unread counts count up to 1,000 (a client shows "999+"): a member 1,005

@@ -105,8 +105,22 @@ pub fn manages(membership: &chats::CheckMembershipResponse) -> bool {
 /// What the messages service asks the chats service.
 #[async_trait]
 pub trait ChatDirectory: Send + Sync + 'static {
+    /// CheckMembership: the membership of the request's user in its chat,
+    /// the chat's state, and whether each of its `other_user_ids` is a
+    /// member (`other_members`, in order: a message's mentions).
+    async fn check_memberships(
+        &self,
+        request: chats::CheckMembershipRequest,
+    ) -> Result<chats::CheckMembershipResponse, Status>;
     /// Membership of `user_id` in `chat_id`, and the chat's state.
-    async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status>;
+    async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status> {
+        let request = chats::CheckMembershipRequest {
+            chat_id: chat_id.to_owned(),
+            user_id: user_id.to_owned(),
+            other_user_ids: Vec::new(),
+        };
+        self.check_memberships(request).await
+    }
     /// Every chat `user_id` is a member of.
     async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status>;
     /// Every chat `user_id` owns or administers.
@@ -180,8 +194,10 @@ impl<S: ChatInternalService> InProcess<S> {
 
 #[async_trait]
 impl ChatDirectory for Grpc {
-    async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status> {
-        let request = chats::CheckMembershipRequest { chat_id: chat_id.to_owned(), user_id: user_id.to_owned() };
+    async fn check_memberships(
+        &self,
+        request: chats::CheckMembershipRequest,
+    ) -> Result<chats::CheckMembershipResponse, Status> {
         self.0.call(ChatInternalServiceClient::new(self.0.channel()).check_membership(self.0.request(request))).await
     }
 
@@ -202,8 +218,10 @@ impl ChatDirectory for Grpc {
 
 #[async_trait]
 impl<S: ChatInternalService> ChatDirectory for InProcess<S> {
-    async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status> {
-        let request = chats::CheckMembershipRequest { chat_id: chat_id.to_owned(), user_id: user_id.to_owned() };
+    async fn check_memberships(
+        &self,
+        request: chats::CheckMembershipRequest,
+    ) -> Result<chats::CheckMembershipResponse, Status> {
         Ok(in_process(
             "/natter.chats.v1.ChatInternalService/CheckMembership",
             self.0.check_membership(Request::new(request)),

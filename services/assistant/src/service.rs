@@ -269,7 +269,7 @@ impl Assistant {
     /// Whether the assistant answers `message`: a person's (not a bot
     /// reply's), not deleted, with text; in a direct chat every one, in a
     /// group as its assistant_replies says (by default those that mention
-    /// `@username`).
+    /// it: its id in mention_user_ids, or `@username` in the text).
     async fn is_prompt(&self, message: &mpb::Message) -> bool {
         if message.author_id == self.bot.id
             || message.role == mpb::MessageRole::Assistant as i32
@@ -299,7 +299,7 @@ impl Assistant {
             _ if answers.kind == cpb::ChatKind::Direct as i32 => true,
             Ok(Replies::All) => true,
             Ok(Replies::Off) => false,
-            _ => mentions(&message.text, &self.settings.username),
+            _ => mentions(message, &self.bot.id, &self.settings.username),
         }
     }
 
@@ -1082,8 +1082,15 @@ fn title_of(prompt: &str) -> Option<String> {
     Some(title)
 }
 
-/// Whether `text` mentions `@username` (as a word, any case).
-fn mentions(text: &str, username: &str) -> bool {
+/// Whether `message` mentions the bot: its id among the message's
+/// mention_user_ids (the structured form a client sends), or `@username`
+/// in its text.
+fn mentions(message: &mpb::Message, bot_id: &str, username: &str) -> bool {
+    message.mention_user_ids.iter().any(|u| u == bot_id) || names(&message.text, username)
+}
+
+/// Whether `text` names `@username` (as a word, any case).
+fn names(text: &str, username: &str) -> bool {
     let needle = format!("@{}", username.to_lowercase());
     let text = text.to_lowercase();
     text.match_indices(&needle).any(|(at, _)| {
@@ -1119,10 +1126,23 @@ mod tests {
 
     #[test]
     fn a_mention_is_the_username_as_a_word() {
-        assert!(mentions("hey @assistant, what's up", "assistant"));
-        assert!(mentions("@Assistant!", "assistant"));
-        assert!(!mentions("mail me at x@assistant.example", "assistant"));
-        assert!(!mentions("@assistants", "assistant"));
-        assert!(!mentions("no mention", "assistant"));
+        assert!(names("hey @assistant, what's up", "assistant"));
+        assert!(names("@Assistant!", "assistant"));
+        assert!(!names("mail me at x@assistant.example", "assistant"));
+        assert!(!names("@assistants", "assistant"));
+        assert!(!names("no mention", "assistant"));
+    }
+
+    #[test]
+    fn a_mention_is_the_bot_s_id_among_the_mentions_or_its_name_in_the_text() {
+        let (bot, other) = (Uuid::now_v7().to_string(), Uuid::now_v7().to_string());
+        let message = |text: &str, mentioned: &[&String]| mpb::Message {
+            text: text.into(),
+            mention_user_ids: mentioned.iter().map(|u| u.to_string()).collect(),
+            ..Default::default()
+        };
+        assert!(mentions(&message("what's up", &[&other, &bot]), &bot, "assistant"));
+        assert!(mentions(&message("hey @assistant", &[]), &bot, "assistant"));
+        assert!(!mentions(&message("hey @assistants", &[&other]), &bot, "assistant"));
     }
 }

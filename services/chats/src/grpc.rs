@@ -53,7 +53,7 @@ fn role_pb(r: Role) -> pb::MemberRole {
 
 fn chat_pb(view: ChatView) -> pb::Chat {
     let c = view.chat;
-    let (last_message, unread_count) = match view.preview {
+    let (last_message, unread_count, mention_count) = match view.preview {
         Some(p) => (
             Some(pb::LastMessage {
                 seq: p.seq,
@@ -62,8 +62,9 @@ fn chat_pb(view: ChatView) -> pb::Chat {
                 send_time: timestamp_opt(p.send_time),
             }),
             p.unread_count,
+            p.mention_count,
         ),
-        None => (None, 0),
+        None => (None, 0, 0),
     };
     pb::Chat {
         assistant_replies: assistant_replies_pb(&c),
@@ -80,6 +81,7 @@ fn chat_pb(view: ChatView) -> pb::Chat {
         last_activity_time: Some(timestamp(c.last_activity_time)),
         last_message,
         unread_count,
+        mention_count,
         message_count: view.aggregates.message_count,
         flagged: view.moderator && view.aggregates.max_severity >= natter_proto::messages::v1::Severity::Low as i32,
         max_severity: if view.moderator { view.aggregates.max_severity } else { 0 },
@@ -518,6 +520,10 @@ impl ChatService for ChatApi {
     }
 }
 
+/// Most `other_user_ids` one CheckMembership call asks about (the messages
+/// service sends at most a message's 50 mentions).
+pub const OTHER_USER_IDS_MAX: usize = 1000;
+
 /// `natter.chats.v1.ChatInternalService`: membership checks and activity
 /// records for the messages service. Ids that are not UUIDs name nothing
 /// (no chat, no chats, no activity), as they never reach the store.
@@ -540,22 +546,35 @@ impl ChatInternalService for ChatInternalApi {
         request: Request<pb::CheckMembershipRequest>,
     ) -> Result<Response<pb::CheckMembershipResponse>, Status> {
         let r = request.into_inner();
+        if r.other_user_ids.len() > OTHER_USER_IDS_MAX {
+            let reason = format!("at most {OTHER_USER_IDS_MAX}");
+            return Err(ChatsError::invalid("other_user_ids", reason).into());
+        }
         let (Ok(chat_id), Ok(user_id)) = (r.chat_id.parse::<ChatId>(), r.user_id.parse::<UserId>()) else {
             return Ok(Response::new(pb::CheckMembershipResponse::default()));
         };
-        let response = match self.chats.membership(chat_id, user_id).await? {
-            None => pb::CheckMembershipResponse::default(),
-            Some(access) => pb::CheckMembershipResponse {
-                chat_exists: true,
-                member: access.role.is_some(),
-                role: access.role.map(|r| role_pb(r) as i32).unwrap_or_default(),
-                archived: access.chat.archive_time.is_some(),
-                visibility: visibility_pb(access.chat.visibility) as i32,
-                kind: kind_pb(access.chat.kind) as i32,
-                assistant_replies: assistant_replies_pb(&access.chat),
-            },
+        let Some(access) = self.chats.membership(chat_id, user_id).await? else {
+            return Ok(Response::new(pb::CheckMembershipResponse::default()));
         };
-        Ok(Response::new(response))
+        // Ids that are not UUIDs name no member.
+        let others: Vec<Option<UserId>> = r.other_user_ids.iter().map(|u| u.parse().ok()).collect();
+        let other_members = if others.is_empty() {
+            Vec::new()
+        } else {
+            let wanted: Vec<UserId> = others.iter().flatten().copied().collect();
+            let members = self.chats.members_among(chat_id, &wanted).await?;
+            others.iter().map(|u| u.is_some_and(|u| members.contains(&u))).collect()
+        };
+        Ok(Response::new(pb::CheckMembershipResponse {
+            chat_exists: true,
+            member: access.role.is_some(),
+            role: access.role.map(|r| role_pb(r) as i32).unwrap_or_default(),
+            archived: access.chat.archive_time.is_some(),
+            visibility: visibility_pb(access.chat.visibility) as i32,
+            kind: kind_pb(access.chat.kind) as i32,
+            assistant_replies: assistant_replies_pb(&access.chat),
+            other_members,
+        }))
     }
 
     async fn title_chat(

@@ -33,6 +33,9 @@ pub struct Preview {
     pub send_time: Option<i64>,
     /// Counted up to 1000.
     pub unread_count: i64,
+    /// The caller's unread mentions, counted up to 1000 (at most
+    /// `unread_count`).
+    pub mention_count: i64,
 }
 
 /// A chat's message count and highest flag severity.
@@ -711,6 +714,7 @@ impl Chats {
                         text: s.last_text,
                         send_time: s.last_send_time.as_ref().map(micros),
                         unread_count: s.unread_count,
+                        mention_count: s.mention_count,
                     };
                     (s.chat_id, (preview, aggregates))
                 })
@@ -849,6 +853,16 @@ impl Chats {
             }
         }
         Ok(access)
+    }
+
+    /// Internal: which of `users` are members of `chat_id` (a message's
+    /// mentions), in one store read, uncached.
+    pub async fn members_among(
+        &self,
+        chat_id: ChatId,
+        users: &[UserId],
+    ) -> Result<std::collections::HashSet<UserId>, ChatsError> {
+        Ok(self.store.members_among(chat_id, users).await?.into_iter().collect())
     }
 
     /// Internal: every chat of a user.

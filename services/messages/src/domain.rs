@@ -2,7 +2,7 @@
 //! message is, and the validated commands the service works on (built once,
 //! at the gRPC boundary). No IO, no tonic.
 
-use natter_kit::id::{ChatId, MessageId};
+use natter_kit::id::{ChatId, MessageId, UserId};
 use natter_kit::limits::{MaxLen, check_str};
 use serde::{Deserialize, Serialize};
 
@@ -37,7 +37,42 @@ pub struct SendMessage {
     pub text: String,
     pub attachments: Vec<Attachment>,
     pub reply_to: Option<Seq>,
+    /// The users it mentions ([`mentions`]), each with its index in the
+    /// request's `mention_user_ids` (for the field violation that names a
+    /// non-member); their membership is checked by the service, in the
+    /// caller's membership check.
+    pub mentions: Vec<Mention>,
 }
+
+/// A mentioned user, with its index in the request's `mention_user_ids`.
+pub type Mention = (usize, UserId);
+
+/// Checks SendMessage's `mention_user_ids`: each a UUID, duplicates
+/// collapsed (the first kept, with its index), at most [`MENTIONS_MAX`]
+/// distinct users. The errors are field violations (field, description):
+/// each malformed `mention_user_ids[i]`, or the list as a whole when too
+/// long.
+pub fn mentions(ids: &[String]) -> Result<Vec<Mention>, Vec<(String, String)>> {
+    let mut violations = Vec::new();
+    let mut seen = std::collections::HashSet::with_capacity(ids.len().min(MENTIONS_MAX + 1));
+    let mut mentions = Vec::with_capacity(ids.len().min(MENTIONS_MAX));
+    for (i, id) in ids.iter().enumerate() {
+        match id.parse::<uuid::Uuid>() {
+            Ok(user) if seen.insert(user) => mentions.push((i, UserId(user))),
+            Ok(_) => {}
+            Err(_) => violations.push((format!("mention_user_ids[{i}]"), "must be a user id (UUID)".to_owned())),
+        }
+    }
+    if mentions.len() > MENTIONS_MAX {
+        violations.push(("mention_user_ids".to_owned(), format!("at most {MENTIONS_MAX} users")));
+    }
+    if violations.is_empty() { Ok(mentions) } else { Err(violations) }
+}
+
+/// Most users one message mentions (SendMessage's mention_user_ids, after
+/// duplicates are collapsed): a message's mention rows, and the membership
+/// check of a send, stay small.
+pub const MENTIONS_MAX: usize = 50;
 
 /// Most distinct emoji one message holds (AddReaction): any number of users
 /// may react with each, but a 21st emoji is refused until one goes. Keeps a
@@ -260,6 +295,26 @@ mod tests {
             height: 20,
             size_bytes: 300,
         }
+    }
+
+    #[test]
+    fn mentions_are_user_ids_collapsed_and_bounded() {
+        let (a, b) = (UserId::new_v7(), UserId::new_v7());
+        let ids = [a.to_string(), b.to_string(), a.to_string()];
+        assert_eq!(mentions(&ids), Ok(vec![(0, a), (1, b)]), "the first of a duplicate is kept");
+        assert_eq!(mentions(&[]), Ok(vec![]));
+        let fields = |ids: &[String]| mentions(ids).unwrap_err().into_iter().map(|(f, _)| f).collect::<Vec<_>>();
+        assert_eq!(
+            fields(&[a.to_string(), "@bob".into(), String::new()]),
+            ["mention_user_ids[1]", "mention_user_ids[2]"]
+        );
+        let most: Vec<String> = (0..MENTIONS_MAX).map(|_| UserId::new_v7().to_string()).collect();
+        assert_eq!(mentions(&most).unwrap().len(), MENTIONS_MAX);
+        // Repeats of the same users do not count against the limit.
+        let repeated: Vec<String> = most.iter().chain(&most).cloned().collect();
+        assert_eq!(mentions(&repeated).unwrap().len(), MENTIONS_MAX);
+        let one_more: Vec<String> = most.iter().cloned().chain([b.to_string()]).collect();
+        assert_eq!(fields(&one_more), ["mention_user_ids"]);
     }
 
     #[test]

@@ -59,6 +59,12 @@ pub fn send_request(r: pb::SendMessageRequest, limits: &Limits) -> Result<SendMe
     if r.reply_to_seq < 0 {
         violations.add("reply_to_seq", "must not be negative");
     }
+    let mentions = domain::mentions(&r.mention_user_ids).unwrap_or_else(|faults| {
+        for (field, description) in faults {
+            violations.add(field, description);
+        }
+        Vec::new()
+    });
     violations.check()?;
     Ok(SendMessage {
         chat_id: ChatId::parse("chat_id", &r.chat_id)?,
@@ -66,6 +72,7 @@ pub fn send_request(r: pb::SendMessageRequest, limits: &Limits) -> Result<SendMe
         text: r.text,
         attachments,
         reply_to: (r.reply_to_seq > 0).then_some(Seq(r.reply_to_seq)),
+        mentions,
     })
 }
 
@@ -196,6 +203,7 @@ pub fn message_pb(m: Message, history: Vec<pb::Revision>) -> pb::Message {
             detector: f.detector,
         }),
         reactions: m.reactions.into_iter().map(reaction_pb).collect(),
+        mention_user_ids: m.mentions.iter().map(UserId::to_string).collect(),
         generation: m.reply.and_then(|r| r.info).map(|i| pb::GenerationInfo {
             model: i.model,
             finish_reason: i.finish_reason,
@@ -232,6 +240,7 @@ fn summary_pb(chat_id: String, s: Summary) -> pb::ChatSummary {
             last_text: m.text.chars().take(200).collect(),
             last_send_time: Some(timestamp(m.send_time)),
             unread_count: s.unread,
+            mention_count: s.mentions,
             message_count: s.message_count,
             max_severity,
         },
@@ -1003,6 +1012,9 @@ mod tests {
         let status = send_request(bad, &Limits::default()).unwrap_err();
         assert_eq!(fields(&status)[..2], ["attachments[0].kind", "attachments[0].url"]);
         assert_eq!(fields(&status).last().map(String::as_str), Some("reply_to_seq"));
+        let bad_mention =
+            pb::SendMessageRequest { mention_user_ids: vec![chat.to_string(), "bob".into()], ..request("hi", 0) };
+        assert_eq!(fields(&send_request(bad_mention, &Limits::default()).unwrap_err()), ["mention_user_ids[1]"]);
     }
 
     #[test]
@@ -1109,6 +1121,7 @@ mod tests {
             flags: None,
             reactions: Vec::new(),
             reaction_rows: 0,
+            mentions: Vec::new(),
         };
         let kind = |m, since| match replay_event(chat, Change::Message(m), since).event {
             Some(Event::MessageCreated(m)) => ("created", m.change_seq),

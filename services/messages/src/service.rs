@@ -158,7 +158,23 @@ impl Messages {
         chat: impl Into<ChatId>,
         user: impl Into<UserId>,
     ) -> Result<cpb::CheckMembershipResponse, MessagesError> {
-        let m = self.chats.check_membership(&chat.into().to_string(), &user.into().to_string()).await?;
+        self.member_with(chat.into(), user.into(), Vec::new()).await
+    }
+
+    /// As [`Messages::member`], also telling which of `others` are members
+    /// (`other_members`, in order), in the same call to the chats service.
+    async fn member_with(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        others: Vec<String>,
+    ) -> Result<cpb::CheckMembershipResponse, MessagesError> {
+        let request = cpb::CheckMembershipRequest {
+            chat_id: chat.to_string(),
+            user_id: user.to_string(),
+            other_user_ids: others,
+        };
+        let m = self.chats.check_memberships(request).await?;
         if !m.chat_exists {
             Err(MessagesError::ChatNotFound)
         } else if !m.member {
@@ -200,9 +216,13 @@ impl Messages {
         // A retry is caught by the writer (the id exists); only when the
         // send would now be refused (archived meanwhile, left the chat) is
         // the original looked up first, so a retry still returns it.
-        let allowed = match self.member(req.chat_id, caller).await {
+        // The mentioned users' membership comes with the caller's, in one
+        // call; a send without mentions asks for nothing more.
+        let mentioned = req.mentions.iter().map(|(_, u)| u.to_string()).collect();
+        let allowed = match self.member_with(req.chat_id, caller, mentioned).await {
             Ok(m) if m.archived => Err(MessagesError::Precondition("chat is archived")),
-            other => other.map(drop),
+            Ok(m) => mentions_of_members(&req.mentions, &m.other_members),
+            Err(e) => Err(e),
         };
         if let Err(refused) = allowed {
             if let Some(id) = req.message_id
@@ -221,6 +241,7 @@ impl Messages {
             reply_to: req.reply_to,
             send_time: now_micros(),
             flags: self.flags_of(&req.text),
+            mentions: req.mentions.iter().map(|(_, u)| *u).collect(),
         };
         let id = new.id;
         let message = match self.writer.send(new).await? {
@@ -727,6 +748,20 @@ pub(crate) fn flags_for(mut message: Message, viewer: UserId, manager: bool) -> 
         message.flags = None;
     }
     message
+}
+
+/// Refuses a send whose `mentions` (each with its index in the request)
+/// name anyone who is not a member of the chat, by `members` (the chats
+/// service's answer for each, in order; a missing answer is no member):
+/// INVALID_ARGUMENT naming each such `mention_user_ids[i]`.
+fn mentions_of_members(mentions: &[crate::domain::Mention], members: &[bool]) -> Result<(), MessagesError> {
+    let mut violations = natter_kit::FieldViolations::new();
+    for (n, (i, _)) in mentions.iter().enumerate() {
+        if !members.get(n).copied().unwrap_or(false) {
+            violations.add(format!("mention_user_ids[{i}]"), "is not a member of this chat");
+        }
+    }
+    if violations.is_empty() { Ok(()) } else { Err(MessagesError::Invalid(violations)) }
 }
 
 /// The answer to a retried send: the original message if it is the caller's

@@ -299,6 +299,10 @@ pub trait ChatStore: Send + Sync + 'static {
     /// `user`'s role in `chat`, if a member.
     async fn role(&self, chat: ChatId, user: UserId) -> Result<Option<Role>, StoreError>;
 
+    /// Which of `users` are members of `chat` (a message's mentions): one
+    /// read for the whole list, in no particular order.
+    async fn members_among(&self, chat: ChatId, users: &[UserId]) -> Result<Vec<UserId>, StoreError>;
+
     /// Every chat `user` is a member of.
     async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError>;
 

@@ -233,6 +233,20 @@ impl ChatStore for PostgresChatStore {
         role.map(|r| parse_enum("members.role", &r, Role::parse)).transpose()
     }
 
+    async fn members_among(&self, chat: ChatId, users: &[UserId]) -> Result<Vec<UserId>, StoreError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let users: Vec<String> = users.iter().map(UserId::to_string).collect();
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT user_id FROM members WHERE chat_id = $1 AND user_id = ANY($2)")
+                .bind(chat.to_string())
+                .bind(&users)
+                .fetch_all(&self.pool)
+                .await?;
+        ids.iter().map(|i| parse_id("members.user_id", i)).collect()
+    }
+
     async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError> {
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT chat_id FROM members WHERE user_id = $1 AND (NOT $2 OR role IN ('owner', 'admin'))",

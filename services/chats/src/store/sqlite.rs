@@ -343,6 +343,28 @@ impl ChatStore for SqliteChatStore {
         role.await.map_err(unwrap)
     }
 
+    async fn members_among(&self, chat: ChatId, users: &[UserId]) -> Result<Vec<UserId>, StoreError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let users = users.to_vec();
+        // One probe of the primary key per user with one cached statement
+        // (an IN list of each length would be a statement of its own,
+        // crowding the hot ones out of the connection's cache).
+        let members = self.db.read(move |conn| {
+            let mut probe = conn.prepare_cached("SELECT 1 FROM members WHERE chat_id = ?1 AND user_id = ?2")?;
+            let chat = chat.to_string();
+            let mut members = Vec::new();
+            for user in users {
+                if probe.exists([chat.as_str(), user.to_string().as_str()])? {
+                    members.push(user);
+                }
+            }
+            Ok(members)
+        });
+        members.await.map_err(unwrap)
+    }
+
     async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError> {
         let ids = self.db.read(move |conn| {
             let mut select = conn.prepare_cached(if managed_only {

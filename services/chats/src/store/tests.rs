@@ -211,6 +211,16 @@ async fn access_tells_members_from_others(store: &dyn ChatStore) {
     assert_eq!(store.access(ChatId::new_v7(), alice).await.unwrap(), None);
     assert_eq!(store.role(group.id, bob).await.unwrap(), Some(Role::Member));
     assert_eq!(store.role(group.id, eve).await.unwrap(), None);
+    // Several users at once (a message's mentions): only the members.
+    let mut among = store.members_among(group.id, &[eve, bob, alice, bob]).await.unwrap();
+    among.sort();
+    among.dedup();
+    let mut both = vec![alice, bob];
+    both.sort();
+    assert_eq!(among, both);
+    assert_eq!(store.members_among(group.id, &[eve]).await.unwrap(), []);
+    assert_eq!(store.members_among(ChatId::new_v7(), &[alice]).await.unwrap(), []);
+    assert_eq!(store.members_among(group.id, &[]).await.unwrap(), []);
 }
 
 async fn members_are_added_once_and_removed(store: &dyn ChatStore) {

@@ -66,20 +66,44 @@ macro_rules! unread_count_sql {
 }
 pub(crate) use unread_count_sql;
 
+/// The capped mention count as one SQL expression, the same text on both
+/// engines: the rows of `message_mentions` of user `$user` in chat `$chat`
+/// after seq `$read`, counted up to [`UNREAD_COUNT_CAP`]. The rows hold
+/// only live messages' mentions of members other than the author, so this
+/// is the count of unread messages that mention the user: never more than
+/// the unread count. A walk of the table's primary key from the read
+/// position (one probe for a user never mentioned).
+macro_rules! mention_count_sql {
+    ($chat:literal, $read:literal, $user:literal) => {
+        concat!(
+            "(SELECT COUNT(*) FROM (SELECT 1 FROM message_mentions n WHERE n.chat_id = ",
+            $chat,
+            " AND n.user_id = ",
+            $user,
+            " AND n.seq > ",
+            $read,
+            " LIMIT ",
+            $crate::store::unread_count_cap!(),
+            ") c)"
+        )
+    };
+}
+pub(crate) use mention_count_sql;
+
 /// The columns of a message, in the order both engines' row mappers read
 /// them.
 macro_rules! message_columns {
     () => {
         "id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time, \
          change_seq, create_change, role, generation, replaces_id, superseded, generation_info, stop_requested, \
-         flag_severity, flags, reaction_rows"
+         flag_severity, flags, reaction_rows, mentions"
     };
 }
 pub(crate) use message_columns;
 
 /// How many columns [`message_columns!`] names: the index of the first
 /// column a query selects after them.
-pub(crate) const MESSAGE_COLUMNS: usize = 22;
+pub(crate) const MESSAGE_COLUMNS: usize = 23;
 
 /// `flag_severity` of a flagged message: LOW or more.
 pub const FLAGGED_FROM: i32 = 2;
@@ -278,6 +302,9 @@ pub struct Message {
     /// How many reaction rows it has (0: [`MessageStore::reactions`] need
     /// not be asked about it).
     pub reaction_rows: i64,
+    /// The users it mentions, as sent (empty once deleted): the `mentions`
+    /// column, read with the row.
+    pub mentions: Vec<UserId>,
 }
 
 /// The reactions of one emoji on a message, for one viewer.
@@ -390,9 +417,19 @@ pub struct NewMessage {
     pub send_time: i64,
     /// The injection detector's verdict on `text` (None: not scanned).
     pub flags: Option<Flags>,
+    /// The users it mentions (members of the chat, no duplicates, at most
+    /// [`crate::domain::MENTIONS_MAX`]); each but the author gets a row of
+    /// `message_mentions` in the message's transaction.
+    pub mentions: Vec<UserId>,
 }
 
 impl NewMessage {
+    /// The users whose mention counts this message raises: its mentions but
+    /// the author.
+    pub(crate) fn counted_mentions(&self) -> impl Iterator<Item = &UserId> {
+        self.mentions.iter().filter(move |u| **u != self.author_id)
+    }
+
     /// The message this becomes with `seq`, created as change `change`.
     pub fn into_message(self, seq: Seq, change: i64) -> Message {
         Message {
@@ -413,8 +450,23 @@ impl NewMessage {
             flags: self.flags.map(Box::new),
             reactions: Vec::new(),
             reaction_rows: 0,
+            mentions: self.mentions,
         }
     }
+}
+
+/// The `mentions` column of user ids: separated by single spaces, '' for
+/// none.
+pub(crate) fn encode_mentions(mentions: &[UserId]) -> String {
+    let ids: Vec<String> = mentions.iter().map(UserId::to_string).collect();
+    ids.join(" ")
+}
+
+/// The user ids of a `mentions` column.
+///
+/// Errors: a part that is no UUID (a corrupt row).
+pub(crate) fn decode_mentions(column: &str) -> Result<Vec<UserId>, String> {
+    column.split_whitespace().map(|u| parse_id("mentions", u)).collect()
 }
 
 /// A GENERATING reply's checkpoint ([`MessageStore::checkpoint_replies`]).
@@ -735,6 +787,9 @@ pub struct Summary {
     pub newest: Option<Message>,
     /// As [`ReadState::unread`].
     pub unread: i64,
+    /// Unread messages that mention the user (not by the user, not
+    /// deleted), counted up to [`UNREAD_COUNT_CAP`]: at most `unread`.
+    pub mentions: i64,
     /// Live messages (not deleted, not superseded).
     pub message_count: i64,
     /// The highest `flag_severity` of its live messages (0: none flagged
@@ -803,7 +858,9 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// Inserts `batch` in ONE transaction (group commit); the outcomes are
     /// in the batch's order. Each chat's messages take its next seqs in
     /// batch order, gap-free: a refused message ([`Sent::Duplicate`],
-    /// [`Sent::NoSuchReply`]) takes none. An error writes nothing.
+    /// [`Sent::NoSuchReply`]) takes none. A message's mentions
+    /// ([`NewMessage::mentions`]) are written with it; a batch without any
+    /// costs nothing for them. An error writes nothing.
     async fn insert_batch(&self, batch: &[NewMessage]) -> Result<Vec<Sent>, StoreError>;
 
     /// The message with this id, live or a tombstone.
@@ -822,8 +879,8 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Edited, StoreError>;
 
     /// Turns a message into a tombstone at `now` (µs): seq stays, text,
-    /// attachments, flags, reactions and earlier revisions go; a tombstone
-    /// stays as it is.
+    /// attachments, flags, reactions, mentions and earlier revisions go; a
+    /// tombstone stays as it is.
     /// Returns the message after the call (None: no such message).
     async fn delete(&self, id: MessageId, now: i64) -> Result<Option<Message>, StoreError>;
 
@@ -891,7 +948,8 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<(Vec<Change>, bool), StoreError>;
 
     /// For each of `chats`, in order: its newest message and `user`'s
-    /// unread count. One trip to the database for the whole page.
+    /// unread and mention counts. One trip to the database for the whole
+    /// page.
     async fn summaries(&self, chats: &[ChatId], user: UserId) -> Result<Vec<Summary>, StoreError>;
 
     /// The newest message of every chat that has one sent within `window_us`

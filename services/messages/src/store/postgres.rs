@@ -26,8 +26,8 @@ use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
     QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, Sent, Seq, Started, StoreError, StoredReport,
-    Summary, aggregates_sql, chat_change_of, chat_change_row, list_sql, merge_changes, message_columns, parse_id,
-    report_columns, unread_count_sql,
+    Summary, aggregates_sql, chat_change_of, chat_change_row, decode_mentions, encode_mentions, list_sql,
+    mention_count_sql, merge_changes, message_columns, parse_id, report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -38,30 +38,57 @@ const CHECK_BATCH: &str = "SELECT EXISTS (SELECT 1 FROM messages m WHERE m.id = 
      (i.reply = 0 OR EXISTS (SELECT 1 FROM messages m WHERE m.chat_id = i.chat_id AND m.seq = i.reply)) AS reply_ok \
      FROM UNNEST($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS i (id, chat_id, reply, ord) ORDER BY i.ord";
 
+/// The batch insert's SQL, `$extra` a further common table expression
+/// ("" for none) between the messages' insert and the answer.
+macro_rules! insert_batch_sql {
+    ($extra:literal) => {
+        concat!(
+            "WITH heads AS ( \
+               INSERT INTO chat_heads (chat_id, last_seq, last_change) \
+               SELECT c.chat_id, c.n, c.n FROM UNNEST($1::text[], $2::bigint[]) WITH ORDINALITY AS c (chat_id, n, ord) \
+               ORDER BY c.ord \
+               ON CONFLICT (chat_id) DO UPDATE SET last_seq = chat_heads.last_seq + excluded.last_seq, \
+                 last_change = chat_heads.last_change + excluded.last_change \
+               RETURNING chat_id, last_seq, last_change), \
+             inserted AS ( \
+               INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
+                                     revision, delete_time, change_seq, create_change, flag_severity, flags, mentions) \
+               SELECT i.id, i.chat_id, h.last_seq - c.n + i.k, i.author_id, i.text, i.attachments, i.reply, i.send_time, \
+                      NULL, 1, NULL, h.last_change - c.n + i.k, h.last_change - c.n + i.k, i.flag_severity, i.flags, \
+                      i.mentions \
+               FROM UNNEST($3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::bigint[], \
+                           $10::bigint[], $11::int[], $12::text[], $13::text[]) \
+                    AS i (id, chat_id, k, author_id, text, attachments, reply, send_time, flag_severity, flags, mentions) \
+               JOIN heads h ON h.chat_id = i.chat_id \
+               JOIN UNNEST($1::text[], $2::bigint[]) AS c (chat_id, n) ON c.chat_id = i.chat_id)",
+            $extra,
+            " SELECT chat_id, last_seq, last_change FROM heads"
+        )
+    };
+}
+
 /// Bumps the heads of chats `$1` (in chat-id order), seq and change number
-/// alike, by counts `$2` and inserts the messages `$3..$10` (id, chat id,
+/// alike, by counts `$2` and inserts the messages `$3..$13` (id, chat id,
 /// 1-based position among the batch's messages of its chat, author, text,
-/// attachments, reply, send time) with seq `head - count + position` and
-/// change number likewise; returns every chat's new heads (chat id, seq,
-/// change number).
-const INSERT_BATCH: &str = "WITH heads AS ( \
-       INSERT INTO chat_heads (chat_id, last_seq, last_change) \
-       SELECT c.chat_id, c.n, c.n FROM UNNEST($1::text[], $2::bigint[]) WITH ORDINALITY AS c (chat_id, n, ord) \
-       ORDER BY c.ord \
-       ON CONFLICT (chat_id) DO UPDATE SET last_seq = chat_heads.last_seq + excluded.last_seq, \
-         last_change = chat_heads.last_change + excluded.last_change \
-       RETURNING chat_id, last_seq, last_change), \
-     inserted AS ( \
-       INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
-                             revision, delete_time, change_seq, create_change, flag_severity, flags) \
-       SELECT i.id, i.chat_id, h.last_seq - c.n + i.k, i.author_id, i.text, i.attachments, i.reply, i.send_time, \
-              NULL, 1, NULL, h.last_change - c.n + i.k, h.last_change - c.n + i.k, i.flag_severity, i.flags \
-       FROM UNNEST($3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], \
-                   $11::int[], $12::text[]) \
-            AS i (id, chat_id, k, author_id, text, attachments, reply, send_time, flag_severity, flags) \
-       JOIN heads h ON h.chat_id = i.chat_id \
-       JOIN UNNEST($1::text[], $2::bigint[]) AS c (chat_id, n) ON c.chat_id = i.chat_id) \
-     SELECT chat_id, last_seq, last_change FROM heads";
+/// attachments, reply, send time, flags, mentions) with seq `head - count +
+/// position` and change number likewise; returns every chat's new heads
+/// (chat id, seq, change number).
+const INSERT_BATCH: &str = insert_batch_sql!("");
+
+/// [`INSERT_BATCH`] for a batch that mentions someone: it also inserts the
+/// rows `$14..$16` of `message_mentions` (chat id, the message's position
+/// as in `$5`, user id) at the seqs their messages take, in the same
+/// statement. Batches without mentions keep to [`INSERT_BATCH`], whose
+/// plan never sees the table.
+const INSERT_BATCH_MENTIONS: &str = insert_batch_sql!(
+    ", mentioned AS ( \
+       INSERT INTO message_mentions (chat_id, user_id, seq) \
+       SELECT n.chat_id, n.user_id, h.last_seq - c.n + n.k \
+       FROM UNNEST($14::text[], $15::bigint[], $16::text[]) AS n (chat_id, k, user_id) \
+       JOIN heads h ON h.chat_id = n.chat_id \
+       JOIN UNNEST($1::text[], $2::bigint[]) AS c (chat_id, n) ON c.chat_id = n.chat_id \
+       ON CONFLICT DO NOTHING)"
+);
 
 /// Takes the next change number of chat `$1` (creating its heads row if
 /// need be), locking the row until the transaction ends.
@@ -234,7 +261,17 @@ impl PostgresStore {
         if !positions.is_empty() {
             let (head_chats, head_counts): (Vec<&str>, Vec<i64>) = counts.iter().map(|(c, n)| (*c, *n)).unzip();
             let pick = |f: &dyn Fn(usize) -> String| positions.iter().map(|(i, _)| f(*i)).collect::<Vec<_>>();
-            let heads: Vec<(String, i64, i64)> = sqlx::query_as(INSERT_BATCH)
+            // The mention rows: (chat id, position, user id) of each.
+            let mut mentions: (Vec<&str>, Vec<i64>, Vec<String>) = Default::default();
+            for &(i, k) in &positions {
+                for user in batch[i].counted_mentions() {
+                    mentions.0.push(chats[i].as_str());
+                    mentions.1.push(k);
+                    mentions.2.push(user.to_string());
+                }
+            }
+            let sql = if mentions.0.is_empty() { INSERT_BATCH } else { INSERT_BATCH_MENTIONS };
+            let query = sqlx::query_as(sql)
                 .bind(&head_chats)
                 .bind(&head_counts)
                 .bind(pick(&|i| ids[i].clone()))
@@ -247,8 +284,10 @@ impl PostgresStore {
                 .bind(positions.iter().map(|(i, _)| batch[*i].send_time).collect::<Vec<i64>>())
                 .bind(positions.iter().map(|(i, _)| Flags::columns(batch[*i].flags.as_ref()).0).collect::<Vec<i32>>())
                 .bind(pick(&|i| Flags::columns(batch[i].flags.as_ref()).1))
-                .fetch_all(&self.pool)
-                .await?;
+                .bind(pick(&|i| encode_mentions(&batch[i].mentions)));
+            let query =
+                if mentions.0.is_empty() { query } else { query.bind(&mentions.0).bind(&mentions.1).bind(&mentions.2) };
+            let heads: Vec<(String, i64, i64)> = query.fetch_all(&self.pool).await?;
             let heads: std::collections::HashMap<String, (i64, i64)> =
                 heads.into_iter().map(|(chat, seq, change)| (chat, (seq, change))).collect();
             for (i, k) in positions {
@@ -299,6 +338,7 @@ fn message_row(row: &PgRow) -> Result<Message, StoreError> {
         flags: Flags::of_columns(row.try_get::<i32, _>(19)?.into(), row.try_get(20)?),
         reactions: Vec::new(),
         reaction_rows: row.try_get("reaction_rows")?,
+        mentions: decode_mentions(row.try_get("mentions")?).map_err(StoreError::Corrupt)?,
     })
 }
 
@@ -426,23 +466,32 @@ impl MessageStore for PostgresStore {
         let id = id.to_string();
         let mut tx = self.pool.begin().await?;
         // Lock the live message first (then its chat's heads, as edit).
-        let live: Option<(String,)> = sqlx::query_as(
-            "UPDATE messages SET delete_time = $1 WHERE id = $2 AND delete_time IS NULL RETURNING chat_id",
+        let live: Option<(String, i64, String)> = sqlx::query_as(
+            "UPDATE messages SET delete_time = $1 WHERE id = $2 AND delete_time IS NULL RETURNING chat_id, seq, mentions",
         )
         .bind(now)
         .bind(&id)
         .fetch_optional(&mut *tx)
         .await?;
-        if let Some((chat,)) = live {
+        if let Some((chat, seq, mentions)) = live {
             let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
             sqlx::query(
                 "UPDATE messages SET text = '', attachments = '', change_seq = $2, flag_severity = 0, flags = '', \
-                 reaction_rows = 0 WHERE id = $1",
+                 reaction_rows = 0, mentions = '' WHERE id = $1",
             )
             .bind(&id)
             .bind(change)
             .execute(&mut *tx)
             .await?;
+            if !mentions.is_empty() {
+                let users: Vec<&str> = mentions.split_whitespace().collect();
+                sqlx::query("DELETE FROM message_mentions WHERE chat_id = $1 AND user_id = ANY($2) AND seq = $3")
+                    .bind(&chat)
+                    .bind(&users)
+                    .bind(seq)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             sqlx::query("DELETE FROM message_revisions WHERE message_id = $1").bind(&id).execute(&mut *tx).await?;
             sqlx::query("DELETE FROM message_reactions WHERE message_id = $1").bind(&id).execute(&mut *tx).await?;
         }
@@ -756,6 +805,8 @@ impl MessageStore for PostgresStore {
             unread_count_sql!("v.chat_id", "COALESCE(r.read_seq, 0)", "$2"),
             " AS unread, ",
             aggregates_sql!("v.chat_id"),
+            ", ",
+            mention_count_sql!("v.chat_id", "COALESCE(r.read_seq, 0)", "$2"),
             " FROM UNNEST($1::text[]) WITH ORDINALITY AS v (chat_id, ord) \
              LEFT JOIN LATERAL (SELECT ",
             message_columns!(),
@@ -775,6 +826,7 @@ impl MessageStore for PostgresStore {
                     unread: row.try_get(MESSAGE_COLUMNS)?,
                     message_count: row.try_get(MESSAGE_COLUMNS + 1)?,
                     max_severity: row.try_get(MESSAGE_COLUMNS + 2)?,
+                    mentions: row.try_get(MESSAGE_COLUMNS + 3)?,
                 })
             })
             .collect()
@@ -1118,6 +1170,7 @@ impl MessageStore for PostgresStore {
             "DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = $1)",
             "DELETE FROM message_reactions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = $1)",
             "DELETE FROM message_reports WHERE chat_id = $1",
+            "DELETE FROM message_mentions WHERE chat_id = $1",
             "DELETE FROM messages WHERE chat_id = $1",
             "DELETE FROM read_positions WHERE chat_id = $1",
             "DELETE FROM chat_changes WHERE chat_id = $1",

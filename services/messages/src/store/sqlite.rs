@@ -21,8 +21,9 @@ use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, Logged, Message, MessageStore, NewMessage, NewReply, QueueCursor, QueueFilter,
     RECENT_ACTIVITY_ROWS, Range, Reacted, Reaction, ReadState, Reply, Revision, Sent, Seq, Started, StoreError,
-    StoredReport, Summary, aggregates_sql, chat_change_of, chat_change_row, created_after_bounds,
-    first_seq_created_after, list_sql, merge_changes, message_columns, report_columns, unread_count_sql,
+    StoredReport, Summary, aggregates_sql, chat_change_of, chat_change_row, created_after_bounds, decode_mentions,
+    encode_mentions, first_seq_created_after, list_sql, mention_count_sql, merge_changes, message_columns,
+    report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -32,11 +33,17 @@ const CHUNK: usize = 256;
 /// `SELECT` of one message by id (`?1`).
 const MESSAGE_BY_ID: &str = concat!("SELECT ", message_columns!(), " FROM messages WHERE id = ?1");
 
-/// The capped unread count of user `?2` in chat `?1` from their stored read
-/// position.
-const UNREAD_FROM_POSITION: &str = concat!(
+/// The capped unread and mention counts of user `?2` in chat `?1` from
+/// their stored read position.
+const COUNTS_FROM_POSITION: &str = concat!(
     "SELECT ",
     unread_count_sql!(
+        "?1",
+        "COALESCE((SELECT read_seq FROM read_positions WHERE chat_id = ?1 AND user_id = ?2), 0)",
+        "?2"
+    ),
+    ", ",
+    mention_count_sql!(
         "?1",
         "COALESCE((SELECT read_seq FROM read_positions WHERE chat_id = ?1 AND user_id = ?2), 0)",
         "?2"
@@ -92,6 +99,8 @@ fn message_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         flags: Flags::of_columns(row.get(19)?, row.get_ref(20)?.as_str()?),
         reactions: Vec::new(),
         reaction_rows: row.get(21)?,
+        mentions: decode_mentions(row.get_ref(22)?.as_str()?)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(22, Type::Text, e.into()))?,
     })
 }
 
@@ -152,8 +161,8 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
         // index twice.
         let mut insert = tx.prepare_cached(
             "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
-             revision, delete_time, change_seq, create_change, flag_severity, flags) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, 1, NULL, ?9, ?9, ?10, ?11) ON CONFLICT (id) DO NOTHING",
+             revision, delete_time, change_seq, create_change, flag_severity, flags, mentions) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, 1, NULL, ?9, ?9, ?10, ?11, ?12) ON CONFLICT (id) DO NOTHING",
         )?;
         // chat -> (its id as text, last seq, last change number).
         let mut heads: HashMap<ChatId, (String, i64, i64)> = HashMap::new();
@@ -185,11 +194,22 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
                 m.send_time,
                 next_change,
                 flag_severity,
-                flags
+                flags,
+                encode_mentions(&m.mentions)
             ])?;
             if inserted == 0 {
                 outcomes.push(Sent::Duplicate);
                 continue;
+            }
+            // Prepared only for a message that mentions someone.
+            if m.counted_mentions().next().is_some() {
+                let mut mention = tx.prepare_cached(
+                    "INSERT INTO message_mentions (chat_id, user_id, seq) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT DO NOTHING",
+                )?;
+                for user in m.counted_mentions() {
+                    mention.execute(params![chat.as_str(), user.to_string(), seq])?;
+                }
             }
             (*head, *change) = (seq, next_change);
             outcomes.push(Sent::Created(m.into_message(Seq(seq), next_change)));
@@ -244,17 +264,21 @@ fn edit(
 /// Tombstones one message in one transaction (see [`MessageStore::delete`]).
 fn delete(conn: &mut Connection, id: &str, now: i64) -> rusqlite::Result<Option<Message>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let live: Option<String> = tx
-        .prepare_cached("SELECT chat_id FROM messages WHERE id = ?1 AND delete_time IS NULL")?
-        .query_row([id], |row| row.get(0))
+    let live: Option<(String, i64, String)> = tx
+        .prepare_cached("SELECT chat_id, seq, mentions FROM messages WHERE id = ?1 AND delete_time IS NULL")?
+        .query_row([id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
         .optional()?;
-    if let Some(chat) = live {
+    if let Some((chat, seq, mentions)) = live {
         let change = next_change(&tx, &chat)?;
         tx.prepare_cached(
             "UPDATE messages SET text = '', attachments = '', delete_time = ?1, change_seq = ?3, flag_severity = 0, \
-             flags = '', reaction_rows = 0 WHERE id = ?2",
+             flags = '', reaction_rows = 0, mentions = '' WHERE id = ?2",
         )?
         .execute(params![now, id, change])?;
+        for user in mentions.split_whitespace() {
+            tx.prepare_cached("DELETE FROM message_mentions WHERE chat_id = ?1 AND user_id = ?2 AND seq = ?3")?
+                .execute(params![chat, user, seq])?;
+        }
         tx.prepare_cached("DELETE FROM message_revisions WHERE message_id = ?1")?.execute([id])?;
         tx.prepare_cached("DELETE FROM message_reactions WHERE message_id = ?1")?.execute([id])?;
     }
@@ -752,16 +776,18 @@ impl MessageStore for SqliteStore {
         let user = user.to_string();
         let rows = self.db.read(move |conn| {
             let mut newest = conn.prepare_cached(&list_sql(Range::default(), None, 1).0)?;
-            let mut unread = conn.prepare_cached(UNREAD_FROM_POSITION)?;
+            let mut counts = conn.prepare_cached(COUNTS_FROM_POSITION)?;
             let mut aggregates = conn.prepare_cached(concat!("SELECT ", aggregates_sql!("?1")))?;
             chats
                 .iter()
                 .map(|chat| {
                     let (message_count, max_severity) =
                         aggregates.query_row([chat], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                    let (unread, mentions) = counts.query_row([chat, &user], |row| Ok((row.get(0)?, row.get(1)?)))?;
                     Ok(Summary {
                         newest: newest.query_row([chat], message_row).optional()?,
-                        unread: unread.query_row([chat, &user], |row| row.get(0))?,
+                        unread,
+                        mentions,
                         message_count,
                         max_severity,
                     })
@@ -1019,6 +1045,7 @@ impl MessageStore for SqliteStore {
                 "DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = ?1)",
                 "DELETE FROM message_reactions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = ?1)",
                 "DELETE FROM message_reports WHERE chat_id = ?1",
+                "DELETE FROM message_mentions WHERE chat_id = ?1",
                 "DELETE FROM messages WHERE chat_id = ?1",
                 "DELETE FROM read_positions WHERE chat_id = ?1",
                 "DELETE FROM chat_changes WHERE chat_id = ?1",

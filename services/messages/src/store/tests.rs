@@ -98,6 +98,7 @@ message_store_suite!(
     purging_a_chat_removes_all_of_it,
     reactions_are_once_per_user_per_emoji_and_only_real_changes_take_numbers,
     concurrent_reactions_on_one_message_never_drift,
+    mentions_are_kept_with_the_message_and_count_only_unread_live_mentions_of_others,
 );
 
 /// Fixed ids, so tests can name chats and users by letter.
@@ -123,7 +124,23 @@ fn msg(n: u32, c: u8, reply_to: i64) -> NewMessage {
         reply_to: Some(Seq(reply_to)).filter(|s| s.0 > 0),
         send_time: 1_000 + i64::from(n),
         flags: None,
+        mentions: Vec::new(),
     }
+}
+
+/// `m` mentioning users `users` (by letter).
+fn mentioning(mut m: NewMessage, users: &[u8]) -> NewMessage {
+    m.mentions = users.iter().map(|&u| user(u)).collect();
+    m
+}
+
+/// Each user's mention count in chat `c`, in the order of `users`.
+async fn mention_counts(h: &Harness, c: u8, users: &[u8]) -> Vec<i64> {
+    let mut counts = Vec::new();
+    for &u in users {
+        counts.push(h.store.summaries(&[chat(c)], user(u)).await.unwrap()[0].mentions);
+    }
+    counts
 }
 
 fn by(mut m: NewMessage, author: u8) -> NewMessage {
@@ -580,6 +597,7 @@ async fn purging_a_chat_removes_all_of_it(h: &Harness) {
     h.store.mark_read(chat(1), user(1), Seq(1)).await.unwrap();
     h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(4))], 2_500, "k").await.unwrap();
     h.store.react(id(2), user(1), "👍", true, 2_600, 20).await.unwrap();
+    send(h, &[mentioning(msg(5, 1, 0), &[1])]).await;
     h.store.purge_chat(chat(1)).await.unwrap();
     assert!(h.store.reactions(&[id(2)], None).await.unwrap().is_empty(), "reactions go too");
     assert_eq!(h.store.head(chat(1)).await.unwrap(), Seq::ZERO);
@@ -590,11 +608,81 @@ async fn purging_a_chat_removes_all_of_it(h: &Harness) {
     assert!(h.store.revisions(&[id(1)]).await.unwrap().is_empty());
     assert_eq!(
         h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0],
-        Summary { newest: None, unread: 0, message_count: 0, max_severity: 0 }
+        Summary { newest: None, unread: 0, mentions: 0, message_count: 0, max_severity: 0 }
     );
     assert_eq!(stored(h, 2).await, [(1, id(3))], "other chats stay");
-    // The chat starts over from seq 1.
+    // The chat starts over from seq 1, with no mention left of before.
     assert_eq!(seqs(&send(h, &[msg(4, 1, 0)]).await), [Some(1)]);
+    assert_eq!(mention_counts(h, 1, &[1]).await, [0], "mentions go too");
+}
+
+async fn mentions_are_kept_with_the_message_and_count_only_unread_live_mentions_of_others(h: &Harness) {
+    // One batch, mentions and none mixed, two chats: user 0 mentions 1, 2
+    // and itself; 1 mentions itself and 2; 0 mentions 1 again; a message
+    // with none; and a mention of 1 in chat 2.
+    let out = send(
+        h,
+        &[
+            mentioning(msg(1, 1, 0), &[1, 2, 0]),
+            mentioning(by(msg(2, 1, 0), 1), &[1, 2]),
+            mentioning(msg(3, 2, 0), &[1]),
+            mentioning(msg(4, 1, 0), &[1]),
+            msg(5, 1, 0),
+        ],
+    )
+    .await;
+    assert_eq!(seqs(&out), [Some(1), Some(2), Some(1), Some(3), Some(4)]);
+    let Sent::Created(first) = &out[0] else { panic!("{out:?}") };
+    assert_eq!(first.mentions, [user(1), user(2), user(0)], "as sent, the author's own too");
+    // Read back with the row, as sent: by id, in pages, in summaries.
+    assert_eq!(h.store.message(id(1)).await.unwrap().unwrap().mentions, [user(1), user(2), user(0)]);
+    let page = h.store.list(chat(1), Range { ascending: true, ..Range::default() }, None, 10).await.unwrap();
+    let mentions: Vec<Vec<UserId>> = page.iter().map(|m| m.mentions.clone()).collect();
+    assert_eq!(mentions, [vec![user(1), user(2), user(0)], vec![user(1), user(2)], vec![user(1)], vec![]]);
+    assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].newest.as_ref().unwrap().mentions, []);
+
+    // Counted: others' messages after the read position. User 0's own
+    // mention of itself never counts, nor 1's of itself.
+    assert_eq!(mention_counts(h, 1, &[0, 1, 2, 3]).await, [0, 2, 2, 0]);
+    assert_eq!(mention_counts(h, 2, &[1, 2]).await, [1, 0], "per chat");
+    let summary = &h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0];
+    assert_eq!((summary.unread, summary.mentions), (3, 2), "never more than the unread count");
+
+    // A retry of a message id writes nothing, mentions included.
+    assert_eq!(seqs(&send(h, &[mentioning(msg(1, 1, 0), &[3])]).await), [None]);
+    assert_eq!(mention_counts(h, 1, &[3]).await, [0]);
+
+    // An edit keeps the mentions; a delete drops them, and they stop
+    // counting.
+    let Edited::Done(edited) = h.store.edit(id(4), "no names now", None, 3_000, 5).await.unwrap() else {
+        panic!("not edited")
+    };
+    assert_eq!(edited.mentions, [user(1)]);
+    assert_eq!(mention_counts(h, 1, &[1]).await, [2]);
+    let tombstone = h.store.delete(id(4), 4_000).await.unwrap().unwrap();
+    assert_eq!(tombstone.mentions, []);
+    assert_eq!(h.store.message(id(4)).await.unwrap().unwrap().mentions, []);
+    assert_eq!(mention_counts(h, 1, &[0, 1, 2]).await, [0, 1, 2]);
+
+    // Reading moves them out of the count like unread messages.
+    h.store.mark_read(chat(1), user(2), Seq(1)).await.unwrap();
+    assert_eq!(mention_counts(h, 1, &[1, 2]).await, [1, 1], "only 2's own position moved");
+    h.store.mark_read(chat(1), user(1), Seq(4)).await.unwrap();
+    h.store.mark_read(chat(1), user(2), Seq(2)).await.unwrap();
+    assert_eq!(mention_counts(h, 1, &[1, 2]).await, [0, 0]);
+    // A join resets the joiner's position to the newest seq: history from
+    // before never counts.
+    send(h, &[mentioning(msg(6, 1, 0), &[3])]).await;
+    h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(3))], 5_000, "").await.unwrap();
+    assert_eq!(mention_counts(h, 1, &[3]).await, [0]);
+
+    // Far behind: counted up to the cap, as unread messages are.
+    let many = UNREAD_COUNT_CAP as u32 + 3;
+    let batch: Vec<NewMessage> = (0..many).map(|n| mentioning(msg(100 + n, 3, 0), &[1])).collect();
+    send(h, &batch).await;
+    assert_eq!(mention_counts(h, 3, &[1]).await, [UNREAD_COUNT_CAP]);
+    h.store.mark_read(chat(3), user(1), Seq(i64::from(many) - 7)).await.unwrap();
+    assert_eq!(mention_counts(h, 3, &[1]).await, [7]);
 }
 
 fn reply(n: u32, c: u8, prompt: u32, replaces: Option<u32>) -> NewReply {

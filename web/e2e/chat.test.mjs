@@ -227,6 +227,27 @@ step("reactions: bob reacts, alice sees it live and joins in, bob takes his back
   await onBob.locator('.reaction[data-emoji="👍"][aria-pressed="false"]', { hasText: "👍 1" }).waitFor();
 });
 
+step("alice mentions bob: his chat list counts it until he reads it, and the message is marked", async () => {
+  await bobPage.reload(); // no chat open: the mention stays unread
+  await bobPage.locator("#me", { hasText: bob.name }).waitFor();
+  await chatItem(bobPage, alice.name).waitFor();
+  const text = `Ping @${bob.name}, lunch?`;
+  await send(alicePage, text);
+  await chatItem(bobPage, alice.name).locator(".mention-count", { hasText: "@1" }).waitFor();
+  await openChatWith(bobPage, alice.name);
+  const item = bobPage.locator('[data-testid="message"].mentions-me', { hasText: text });
+  await item.locator(".mention.me", { hasText: `@${bob.name}` }).waitFor();
+  await chatItem(bobPage, alice.name).locator(".mention-count").waitFor({ state: "detached" });
+  // Alice's own message names bob, highlighted, but is not marked as for her.
+  const mine = alicePage.locator('[data-testid="message"]', { hasText: text });
+  await mine.locator(".mention", { hasText: `@${bob.name}` }).waitFor();
+  assert.equal(await alicePage.locator('[data-testid="message"].mentions-me').count(), 0);
+  // Read back from the server after a reload: the count stays at zero.
+  await bobPage.reload();
+  await chatItem(bobPage, alice.name).locator(".chat-excerpt", { hasText: text }).waitFor();
+  assert.equal(await chatItem(bobPage, alice.name).locator(".mention-count").count(), 0);
+});
+
 step("log out and back in", async () => {
   await bobPage.click("#logout");
   await bobPage.locator("#auth-view").waitFor();

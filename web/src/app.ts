@@ -47,7 +47,7 @@ const typingSent = new Map<string, number>();
 /** How often to renew our own indicator while typing (it lasts 5 s). */
 const TYPING_RENEW_MS = 3_000;
 
-interface Pending { id: string; chatId: string; text: string; error?: string }
+interface Pending { id: string; chatId: string; text: string; mentionUserIds: string[]; error?: string }
 const pending = new Map<string, Pending>(); // client message id -> unsent message
 
 interface OpenChat { id: string; messages: Map<bigint, Message>; olderToken: string; loadingOlder: boolean }
@@ -183,6 +183,13 @@ function renderChatList() {
       const last = chat.lastMessage;
       excerpt.textContent = last ? `${last.authorId === me?.id ? "You" : userName(last.authorId)}: ${last.text}` : "No messages yet";
       li.append(name, excerpt);
+      if (chat.mentionCount > 0n) {
+        const at = document.createElement("span");
+        at.className = "mention-count";
+        at.title = "unread messages that mention you";
+        at.textContent = `@${chat.mentionCount >= 1000n ? "999+" : String(chat.mentionCount)}`;
+        li.append(at);
+      }
       if (chat.unreadCount > 0n) {
         const badge = document.createElement("span");
         badge.className = "unread";
@@ -234,6 +241,7 @@ function messageItem(m: Message, offers: Offers = {}): HTMLLIElement {
   const li = document.createElement("li");
   const reply = isReply(m);
   li.className = "message" + (m.authorId === me?.id ? " mine" : "") + (m.deleted ? " deleted" : "") +
+    (me && m.authorId !== me.id && m.mentionUserIds.includes(me.id) ? " mentions-me" : "") +
     (reply ? " reply" : "") + (isGenerating(m) ? " generating" : "") + (m.superseded ? " superseded" : "");
   li.dataset.seq = String(m.seq);
   li.dataset.id = m.id;
@@ -261,7 +269,8 @@ function messageItem(m: Message, offers: Offers = {}): HTMLLIElement {
   }
   const text = document.createElement("div");
   text.className = "text";
-  text.textContent = m.deleted ? "message deleted" : m.text;
+  if (m.deleted) text.textContent = "message deleted";
+  else text.append(...withMentions(m.text, m.mentionUserIds));
   li.append(meta, text);
   if (!m.deleted && !isGenerating(m)) li.append(reactionBar(m));
   const buttons: HTMLButtonElement[] = [];
@@ -322,6 +331,50 @@ async function react(m: Message, emoji: string, add: boolean) {
     putMessage(open, message);
     renderMessages("keep");
   }
+}
+
+/** `@username` in a text: letters, digits, `_`, `.` and `-`, not ending in `.` or `-` ("@bob." names bob). */
+const MENTION = /@([\p{L}\p{N}_](?:[\p{L}\p{N}_.-]*[\p{L}\p{N}_])?)/gu;
+
+/**
+ * The ids of the users `text` mentions as `@username` (case-insensitive)
+ * among the people of chat `chatId` this page knows (the other member of a
+ * direct chat, and us): what SendMessage's mention_user_ids carries. The
+ * server keeps them with the message and counts them as mentions.
+ */
+function mentionsIn(text: string, chatId: string): string[] {
+  const members = [peers.get(chatId), me?.id].flatMap((id) => (id && users.get(id) ? [users.get(id)!] : []));
+  const ids = new Set<string>();
+  for (const [, name] of text.matchAll(MENTION)) {
+    const user = members.find((u) => u.username.toLowerCase() === name.toLowerCase());
+    if (user) ids.add(user.id);
+  }
+  return [...ids];
+}
+
+/** `text` as nodes, each `@username` of a mentioned user in a highlighted span. */
+function withMentions(text: string, mentioned: string[]): Node[] {
+  const names = new Set(mentioned.flatMap((id) => (users.get(id) ? [users.get(id)!.username.toLowerCase()] : [])));
+  if (names.size === 0) return [document.createTextNode(text)];
+  const nodes: Node[] = [];
+  let from = 0;
+  for (const match of text.matchAll(MENTION)) {
+    if (!names.has(match[1].toLowerCase())) continue;
+    nodes.push(document.createTextNode(text.slice(from, match.index)));
+    const span = document.createElement("span");
+    span.className = "mention" + (match[1].toLowerCase() === me?.username.toLowerCase() ? " me" : "");
+    span.textContent = match[0];
+    nodes.push(span);
+    from = match.index + match[0].length;
+  }
+  nodes.push(document.createTextNode(text.slice(from)));
+  return nodes;
+}
+
+/** Counts `m` (someone else's) as unread in `chat`, and as a mention if it names us. */
+function noteUnread(chat: Chat, m: Message) {
+  chat.unreadCount += 1n;
+  if (me && m.mentionUserIds.includes(me.id)) chat.mentionCount += 1n;
 }
 
 function pendingItem(p: Pending): HTMLLIElement {
@@ -488,6 +541,7 @@ async function markRead() {
   if (!chat || newest === 0n) return;
   const res = await api.messages.markRead({ chatId: open.id, seq: newest });
   chat.unreadCount = res.unreadCount;
+  if (res.unreadCount === 0n) chat.mentionCount = 0n;
   renderChatList();
 }
 
@@ -498,7 +552,9 @@ async function send(p: Pending) {
   renderMessages("bottom");
   for (let attempt = 0; ; attempt++) {
     try {
-      const res = await api.messages.sendMessage({ chatId: p.chatId, messageId: p.id, text: p.text });
+      const res = await api.messages.sendMessage({
+        chatId: p.chatId, messageId: p.id, text: p.text, mentionUserIds: p.mentionUserIds,
+      });
       pending.delete(p.id);
       const m = res.message;
       if (m) {
@@ -691,7 +747,7 @@ function handleEvent(ev: StreamEventsResponse) {
           const fetched = chats.get(chatId);
           if (!fetched || (fetched.lastMessage && fetched.lastMessage.seq >= m.seq)) return;
           notePreview(fetched, m);
-          if (m.authorId !== me?.id) fetched.unreadCount += 1n;
+          if (m.authorId !== me?.id) noteUnread(fetched, m);
           renderChatList();
         });
         return;
@@ -707,7 +763,7 @@ function handleEvent(ev: StreamEventsResponse) {
           await markRead();
         });
       } else if (m.authorId !== me?.id) {
-        chat.unreadCount += 1n;
+        noteUnread(chat, m);
       }
       renderChatList();
       return;
@@ -730,6 +786,7 @@ function handleEvent(ev: StreamEventsResponse) {
       const r = ev.event.value;
       if (chat && r.userId === me?.id && chat.lastMessage && r.readSeq >= chat.lastMessage.seq) {
         chat.unreadCount = 0n;
+        chat.mentionCount = 0n;
         renderChatList();
       }
       return;
@@ -918,7 +975,7 @@ el("composer-form").addEventListener("submit", (e) => {
   if (!open || !text) return;
   box.value = "";
   typingSent.delete(open.id); // the message ends the indicator; typing again renews it
-  void send({ id: api.newUuid(), chatId: open.id, text });
+  void send({ id: api.newUuid(), chatId: open.id, text, mentionUserIds: mentionsIn(text, open.id) });
 });
 
 // Tell the chat we are typing: at the first key, then at most every few

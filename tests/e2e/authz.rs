@@ -153,6 +153,10 @@ async fn call(c: &Cluster, p: &People, f: &Fixture, rpc: &str, token: Option<&st
         "ListFlaggedMessages" => {
             c.messages().list_flagged_messages(req(token, mpb::ListFlaggedMessagesRequest::default())).await.map(drop)
         }
+        "GetPresence(member's)" => {
+            let r = mpb::GetPresenceRequest { user_ids: vec![p.member.id.clone()] };
+            c.messages().get_presence(req(token, r)).await.map(drop)
+        }
         "SetTyping" => {
             c.messages().set_typing(req(token, mpb::SetTypingRequest { chat_id: chat, typing: true })).await.map(drop)
         }
@@ -233,6 +237,8 @@ async fn every_rpc_allows_exactly_whom_it_should(c: &Cluster) {
         ("ListMessageRevisions", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("MarkRead", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("SetTyping", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        // Anyone may ask; who shares no chat gets UNSPECIFIED (presence.rs).
+        ("GetPresence(member's)", [Ok, Ok, Ok, Ok, Ok, Unauth]),
         ("AddReaction(member's)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("RemoveReaction(member's)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("ReportMessage(member's)", [Ok, Ok, Pre, Deny, Deny, Unauth]),

@@ -14,6 +14,7 @@ mod manage;
 mod mentions;
 mod messages;
 mod otel;
+mod presence;
 mod resume_property;
 mod sessions;
 mod stream;
@@ -57,6 +58,26 @@ macro_rules! both_modes {
             )*
         }
     };
+}
+
+/// An `all_in_one` and a `split` test of each `name(mode)` that starts
+/// its own cluster (with flags of its own, or restarting it), in a module
+/// of that name.
+#[macro_export]
+macro_rules! each_mode {
+    ($($name:ident),*) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn all_in_one() {
+                super::$name(natter_testkit::Mode::AllInOne).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn split() {
+                super::$name(natter_testkit::Mode::Split).await;
+            }
+        }
+    )*};
 }
 
 /// The status code of a failed call (panics if it succeeded).

@@ -35,9 +35,21 @@ fn crosses_services(c: &Cluster) -> bool {
     c.mode == Mode::AllInOne || natter_testkit::nats_url().is_some()
 }
 
+/// The next event but presence changes (which come as the users of the
+/// stream's chats open and close streams: `presence.rs` tests them), waiting
+/// at most 10 s.
+pub(crate) async fn next(stream: &mut Streaming<mpb::StreamEventsResponse>) -> mpb::StreamEventsResponse {
+    loop {
+        let event = next_any(stream).await;
+        if !matches!(event.event, Some(Event::PresenceChanged(_))) {
+            return event;
+        }
+    }
+}
+
 /// The next event, waiting at most 10 s (a bound, not a sleep: it returns as
 /// soon as the event arrives).
-pub(crate) async fn next(stream: &mut Streaming<mpb::StreamEventsResponse>) -> mpb::StreamEventsResponse {
+pub(crate) async fn next_any(stream: &mut Streaming<mpb::StreamEventsResponse>) -> mpb::StreamEventsResponse {
     tokio::time::timeout(Duration::from_secs(10), stream.message())
         .await
         .expect("an event within 10 s")
@@ -76,7 +88,7 @@ async fn next_created(stream: &mut Streaming<mpb::StreamEventsResponse>, chat: &
 
 /// A stream of `chats` (all of the user's when empty), resuming each chat
 /// of `resume` from the change number given.
-async fn open(
+pub(crate) async fn open(
     c: &Cluster,
     user: &TestUser,
     chats: &[&str],

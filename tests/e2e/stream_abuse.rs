@@ -227,7 +227,7 @@ fn code_of<T>(result: Result<T, tonic::Status>) -> Code {
 }
 
 /// Polls `attempt` until it yields a value, for at most 10 s.
-async fn wait_for<T, F, Fut>(mut attempt: F) -> T
+pub(crate) async fn wait_for<T, F, Fut>(mut attempt: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,

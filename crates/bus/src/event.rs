@@ -4,7 +4,8 @@
 //!
 //! The wire form is the bus's own, not the API's: a small protobuf message
 //! written and read only here (so no `.proto` of its own; this doc is its
-//! schema), on subjects `natter.events.<chat|user|session>.<uuid>`:
+//! schema), on subjects `natter.events.<chat|user|session>.<uuid>` and
+//! `natter.events.presence`:
 //!
 //! ```proto
 //! message Event {
@@ -12,6 +13,14 @@
 //!   repeated bytes user_ids = 2; // 16 bytes each
 //!   int64 change_seq = 3;      // the chat's change number; 0 for hints
 //!   natter.messages.v1.StreamEventsResponse payload = 4; // absent: a hint
+//!   Beat beat = 5;               // presence announcements only
+//! }
+//! message Beat {
+//!   bytes replica = 1;           // 16 bytes (UUID)
+//!   int32 kind = 2;              // BeatKind: 1 online .. 5 goodbye
+//!   int64 time = 3;              // µs since the epoch, the sender's clock
+//!   int64 interval = 4;          // µs, the sender's heartbeat interval
+//!   uint32 parts = 5;            // a heartbeat sent in this many beats
 //! }
 //! ```
 //!
@@ -31,6 +40,7 @@ const CHAT_ID: u32 = 1;
 const USER_IDS: u32 = 2;
 const SEQ: u32 = 3;
 const PAYLOAD: u32 = 4;
+const BEAT: u32 = 5;
 
 /// One announcement: what happened in a chat (or to a session), for the
 /// streams of every replica. Subscribers share it by `Arc`; only what a
@@ -49,13 +59,88 @@ pub struct Event {
     /// `change_seq` are the envelope's); `None` is a hint with nothing to deliver: re-read
     /// the store (a chat), re-check the session (a session).
     pub payload: Option<StreamEventsResponse>,
+    /// A replica's presence announcement (on [`Topic::Presence`](crate::Topic::Presence)),
+    /// about `users`.
+    pub beat: Option<Beat>,
+}
+
+/// What a replica announces about the users holding streams on it (the
+/// messages service's presence; see its `presence` module).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Beat {
+    /// The announcing replica's random id (new at every start).
+    pub replica: Uuid,
+    /// What it announces.
+    pub kind: BeatKind,
+    /// When, in µs since the epoch by the sender's clock.
+    pub time: i64,
+    /// The sender's heartbeat interval, in µs: its peers take it as gone
+    /// after three without a word from it.
+    pub interval: i64,
+    /// A heartbeat too long for one message is sent as this many beats of
+    /// the same `time`, whose users together are the replica's (0 or 1: one
+    /// beat).
+    pub parts: u32,
+}
+
+/// The kinds of [`Beat`] (their wire numbers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BeatKind {
+    /// The users opened their first stream on the replica.
+    Online = 1,
+    /// The users closed their last stream on the replica.
+    Offline = 2,
+    /// The replica is alive and the users are all it holds streams of.
+    Heartbeat = 3,
+    /// The replica has just started: peers answer with a heartbeat.
+    Hello = 4,
+    /// The replica is stopping: none of its users is online on it any more.
+    Goodbye = 5,
+}
+
+impl BeatKind {
+    fn from_wire(n: i32) -> Option<Self> {
+        [Self::Online, Self::Offline, Self::Heartbeat, Self::Hello, Self::Goodbye].into_iter().find(|k| *k as i32 == n)
+    }
+}
+
+/// [`Beat`] as prost encodes and decodes it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct BeatWire {
+    #[prost(bytes = "bytes", tag = "1")]
+    replica: Bytes,
+    #[prost(int32, tag = "2")]
+    kind: i32,
+    #[prost(int64, tag = "3")]
+    time: i64,
+    #[prost(int64, tag = "4")]
+    interval: i64,
+    #[prost(uint32, tag = "5")]
+    parts: u32,
+}
+
+impl From<&Beat> for BeatWire {
+    fn from(b: &Beat) -> Self {
+        Self {
+            replica: Bytes::copy_from_slice(b.replica.as_bytes()),
+            kind: b.kind as i32,
+            time: b.time,
+            interval: b.interval,
+            parts: b.parts,
+        }
+    }
 }
 
 impl Event {
     /// An event of `chat` delivering `payload`, at the payload's change
     /// number.
     pub fn new(chat: ChatId, payload: StreamEventsResponse) -> Self {
-        Self { chat: Some(chat), users: Vec::new(), change_seq: payload.change_seq, payload: Some(payload) }
+        Self { chat: Some(chat), users: Vec::new(), change_seq: payload.change_seq, payload: Some(payload), beat: None }
+    }
+
+    /// A presence announcement about `users`.
+    pub fn beat(beat: Beat, users: Vec<UserId>) -> Self {
+        Self { users, beat: Some(beat), ..Self::default() }
     }
 
     /// A hint for the streams of `chat` that announcements may have been
@@ -73,10 +158,12 @@ impl Event {
     /// The wire form (module docs): one buffer of exactly the encoded size.
     pub fn to_wire(&self) -> Bytes {
         let id_len = |tag: u32| key_len(tag) + 1 + 16;
+        let beat = self.beat.as_ref().map(BeatWire::from);
         let len = self.chat.map_or(0, |_| id_len(CHAT_ID))
             + self.users.len() * id_len(USER_IDS)
             + if self.change_seq == 0 { 0 } else { prost::encoding::int64::encoded_len(SEQ, &self.change_seq) }
-            + self.payload.as_ref().map_or(0, |p| prost::encoding::message::encoded_len(PAYLOAD, p));
+            + self.payload.as_ref().map_or(0, |p| prost::encoding::message::encoded_len(PAYLOAD, p))
+            + beat.as_ref().map_or(0, |b| prost::encoding::message::encoded_len(BEAT, b));
         let mut buf = BytesMut::with_capacity(len);
         fn put_id(tag: u32, id: &Uuid, buf: &mut BytesMut) {
             encode_key(tag, WireType::LengthDelimited, buf);
@@ -95,20 +182,34 @@ impl Event {
         if let Some(payload) = &self.payload {
             prost::encoding::message::encode(PAYLOAD, payload, &mut buf);
         }
+        if let Some(beat) = &beat {
+            prost::encoding::message::encode(BEAT, beat, &mut buf);
+        }
         debug_assert_eq!(buf.len(), len, "the size computed up front is the size written");
         buf.freeze()
     }
 
     /// Reads the wire form.
     ///
-    /// Errors: not protobuf, or an id that is not 16 bytes (such as an
-    /// event of an older natter, which sent the bare payload).
+    /// Errors: not protobuf, an id that is not 16 bytes (such as an
+    /// event of an older natter, which sent the bare payload), or a beat of
+    /// an unknown kind.
     pub fn from_wire(wire: Bytes) -> Result<Self, WireError> {
         let wire = Wire::decode(wire)?;
         let id = |bytes: &[u8]| Uuid::from_slice(bytes).map_err(|_| WireError::Id(bytes.len()));
         let chat = if wire.chat_id.is_empty() { None } else { Some(ChatId(id(&wire.chat_id)?)) };
         let users = wire.user_ids.iter().map(|u| id(u).map(UserId)).collect::<Result<_, _>>()?;
-        Ok(Self { chat, users, change_seq: wire.change_seq, payload: wire.payload })
+        let beat = match wire.beat {
+            None => None,
+            Some(b) => Some(Beat {
+                replica: id(&b.replica)?,
+                kind: BeatKind::from_wire(b.kind).ok_or(WireError::Kind(b.kind))?,
+                time: b.time,
+                interval: b.interval,
+                parts: b.parts,
+            }),
+        };
+        Ok(Self { chat, users, change_seq: wire.change_seq, payload: wire.payload, beat })
     }
 }
 
@@ -121,6 +222,9 @@ pub enum WireError {
     /// An id of this many bytes instead of 16.
     #[error("an id of {0} bytes, not 16")]
     Id(usize),
+    /// A presence beat of a kind this build does not know.
+    #[error("a presence beat of unknown kind {0}")]
+    Kind(i32),
 }
 
 /// The wire form as prost reads it (writing goes through [`Event::to_wire`]).
@@ -134,6 +238,8 @@ struct Wire {
     change_seq: i64,
     #[prost(message, optional, tag = "4")]
     payload: Option<StreamEventsResponse>,
+    #[prost(message, optional, tag = "5")]
+    beat: Option<BeatWire>,
 }
 
 #[cfg(test)]
@@ -171,6 +277,20 @@ mod tests {
             Event::hint(ChatId::new_v7()),
             Event::default(),
             Event { change_seq: -1, ..Event::default() },
+            Event::beat(
+                Beat {
+                    replica: Uuid::now_v7(),
+                    kind: BeatKind::Heartbeat,
+                    time: 1_700_000_000_000_000,
+                    interval: 10_000_000,
+                    parts: 3,
+                },
+                vec![user, UserId::new_v7()],
+            ),
+            Event::beat(
+                Beat { replica: Uuid::now_v7(), kind: BeatKind::Goodbye, time: 0, interval: 0, parts: 0 },
+                Vec::new(),
+            ),
         ] {
             assert_eq!(Event::from_wire(event.to_wire()).unwrap(), event);
         }
@@ -184,10 +304,29 @@ mod tests {
             user_ids: event.users.iter().map(|u| Bytes::copy_from_slice(u.0.as_bytes())).collect(),
             change_seq: event.change_seq,
             payload: event.payload.clone(),
+            beat: None,
         }
         .encode_to_vec();
         assert_eq!(event.to_wire(), by_prost);
         assert!(Event::default().to_wire().is_empty(), "a session event is zero bytes");
+    }
+
+    #[test]
+    fn a_beat_is_encoded_as_protobuf_and_an_unknown_kind_refused() {
+        let beat = Beat { replica: Uuid::now_v7(), kind: BeatKind::Offline, time: 42, interval: 7, parts: 0 };
+        let event = Event::beat(beat, vec![UserId::new_v7()]);
+        let mut wire = BeatWire::from(&beat);
+        let by_prost = Wire {
+            chat_id: Bytes::new(),
+            user_ids: event.users.iter().map(|u| Bytes::copy_from_slice(u.0.as_bytes())).collect(),
+            change_seq: 0,
+            payload: None,
+            beat: Some(wire.clone()),
+        };
+        assert_eq!(event.to_wire(), by_prost.encode_to_vec());
+        wire.kind = 99;
+        let future = Wire { beat: Some(wire), ..by_prost };
+        assert!(matches!(Event::from_wire(future.encode_to_vec().into()), Err(WireError::Kind(99))));
     }
 
     #[test]

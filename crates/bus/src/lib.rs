@@ -48,6 +48,10 @@ pub const USER_TOPIC_CAPACITY: usize = 64;
 /// re-checks its session).
 pub const SESSION_TOPIC_CAPACITY: usize = 8;
 
+/// The same for the presence topic (one subscriber per process; what it
+/// loses, the next heartbeat of each replica restores).
+pub const PRESENCE_TOPIC_CAPACITY: usize = 1024;
+
 /// What an event is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Topic {
@@ -57,6 +61,9 @@ pub enum Topic {
     User(Uuid),
     /// One session (revoked).
     Session(Uuid),
+    /// Presence announcements of every replica (an [`Event`] with a
+    /// [`Beat`]).
+    Presence,
 }
 
 impl Topic {
@@ -68,12 +75,13 @@ impl Topic {
             Topic::Chat(_) => TOPIC_CAPACITY,
             Topic::User(_) => USER_TOPIC_CAPACITY,
             Topic::Session(_) => SESSION_TOPIC_CAPACITY,
+            Topic::Presence => PRESENCE_TOPIC_CAPACITY,
         }
     }
 }
 
 mod event;
-pub use event::{Event, WireError};
+pub use event::{Beat, BeatKind, Event, WireError};
 
 /// An announced event, shared by every subscriber of its topic.
 pub type Shared = Arc<Event>;
@@ -87,8 +95,17 @@ pub struct Lagged(pub u64);
 pub trait EventBus: Send + Sync + 'static {
     /// Announces `event` to the current subscribers of `topic` (best effort).
     fn publish(&self, topic: Topic, event: Shared);
+    /// Announces `event` to this process's subscribers of `topic` only: for
+    /// what every replica works out by itself (presence changes).
+    fn publish_local(&self, topic: Topic, event: Shared);
     /// Receives the events published to `topic` from now on, until dropped.
     fn subscribe(&self, topic: Topic) -> Subscription;
+    /// Sends what was published so far and stops publishing to other
+    /// processes (waiting a few seconds at most); call last at shutdown. A
+    /// no-op within one process.
+    fn close(&self) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
     /// Topics of this process with at least one subscriber (each holds one
     /// channel); for tests and metrics.
     fn topic_count(&self) -> usize;
@@ -227,6 +244,10 @@ impl Hub {
 impl EventBus for Hub {
     fn publish(&self, topic: Topic, event: Shared) {
         natter_kit::metrics::bus_published(1);
+        self.fan_out(topic, event);
+    }
+
+    fn publish_local(&self, topic: Topic, event: Shared) {
         self.fan_out(topic, event);
     }
 

@@ -1,13 +1,19 @@
 //! The bus across replicas: core NATS between processes, a [`Hub`] within
 //! each.
 //!
-//! Subjects are `natter.events.<chat|user|session>.<uuid>`; payloads are the
+//! Subjects are `natter.events.<chat|user|session>.<uuid>` and
+//! `natter.events.presence`; payloads are the
 //! bus's own wire form of an [`Event`](crate::Event) (`Event::to_wire`),
 //! encoded once per publish by the publisher task. A publish goes to the local hub at
 //! once and to NATS through one publisher task (so the process's events keep
 //! their order); the connection is opened with `no_echo`, so a process never
 //! receives its own events twice. Every process subscribes to
 //! `natter.events.>` and fans what arrives out to its local subscribers.
+//!
+//! At shutdown the publisher keeps going until [`EventBus::close`] (or for
+//! `CLOSE_GRACE` (5 s) after the shutdown token, whichever comes first), so the
+//! last announcements of a stopping process, such as its presence goodbye,
+//! still go out.
 //!
 //! Anyone who may publish on `natter.events.>` can forge events, so a shared
 //! NATS server should require a log-in and grant that subject to natter's
@@ -40,10 +46,22 @@ const PUBLISH_QUEUE: usize = 16 * 1024;
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// How long the publisher goes on after the shutdown token when nobody
+/// calls [`EventBus::close`], and the longest `close` waits.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// What the publisher task is handed.
+enum Outgoing {
+    /// An event to publish.
+    Event(Topic, Shared),
+    /// Flush, answer, and stop.
+    Close(tokio::sync::oneshot::Sender<()>),
+}
+
 /// Events over core NATS, fanned out locally by a [`Hub`].
 pub struct NatsBus {
     hub: Arc<Hub>,
-    outbox: mpsc::Sender<(Topic, Shared)>,
+    outbox: mpsc::Sender<Outgoing>,
 }
 
 /// A NATS user and its password (the server's `authorization { users }`).
@@ -174,11 +192,15 @@ fn subject(topic: Topic) -> String {
         Topic::Chat(id) => format!("{PREFIX}.chat.{id}"),
         Topic::User(id) => format!("{PREFIX}.user.{id}"),
         Topic::Session(id) => format!("{PREFIX}.session.{id}"),
+        Topic::Presence => format!("{PREFIX}.presence"),
     }
 }
 
 fn topic(subject: &str) -> Option<Topic> {
     let rest = subject.strip_prefix(PREFIX)?.strip_prefix('.')?;
+    if rest == "presence" {
+        return Some(Topic::Presence);
+    }
     let (kind, id) = rest.split_once('.')?;
     let id = Uuid::try_parse(id).ok()?;
     match kind {
@@ -232,21 +254,40 @@ impl NatsBus {
         if let Err(e) = client.flush().await {
             tracing::warn!(error = %e, "nats: flush after subscribe failed");
         }
-        let (outbox, mut queue) = mpsc::channel::<(Topic, Shared)>(PUBLISH_QUEUE);
+        let (outbox, mut queue) = mpsc::channel::<Outgoing>(PUBLISH_QUEUE);
 
         let publisher = client.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
+            // Past the shutdown token, a grace period for close().
+            let grace = async move {
+                stop.cancelled().await;
+                tokio::time::sleep(CLOSE_GRACE).await;
+            };
+            tokio::pin!(grace);
+            let mut closed = None;
             loop {
-                let (topic, event) = tokio::select! {
-                    () = stop.cancelled() => break,
-                    next = queue.recv() => match next { Some(item) => item, None => break },
+                let next = tokio::select! {
+                    () = &mut grace => break,
+                    next = queue.recv() => next,
                 };
-                if let Err(e) = publisher.publish(subject(topic), event.to_wire()).await {
-                    tracing::warn!(error = %e, "nats: publish failed (streams will refill from the store)");
+                match next {
+                    Some(Outgoing::Event(topic, event)) => {
+                        if let Err(e) = publisher.publish(subject(topic), event.to_wire()).await {
+                            tracing::warn!(error = %e, "nats: publish failed (streams will refill from the store)");
+                        }
+                    }
+                    Some(Outgoing::Close(done)) => {
+                        closed = Some(done);
+                        break;
+                    }
+                    None => break,
                 }
             }
             let _ = publisher.flush().await;
+            if let Some(done) = closed {
+                let _ = done.send(());
+            }
         });
 
         let local = hub.clone();
@@ -331,13 +372,32 @@ impl EventBus for NatsBus {
     fn publish(&self, topic: Topic, event: Shared) {
         natter_kit::metrics::bus_published(1);
         self.hub.fan_out(topic, event.clone());
-        if self.outbox.try_send((topic, event)).is_err() {
+        if self.outbox.try_send(Outgoing::Event(topic, event)).is_err() {
             tracing::warn!("nats: publish queue full; event dropped (streams will refill from the store)");
         }
     }
 
+    fn publish_local(&self, topic: Topic, event: Shared) {
+        self.hub.fan_out(topic, event);
+    }
+
     fn subscribe(&self, topic: Topic) -> Subscription {
         self.hub.subscribe(topic)
+    }
+
+    fn close(&self) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let (done, flushed) = tokio::sync::oneshot::channel();
+            let closing = async {
+                // Either fails only if the publisher has stopped already.
+                if self.outbox.send(Outgoing::Close(done)).await.is_ok() {
+                    let _ = flushed.await;
+                }
+            };
+            if tokio::time::timeout(CLOSE_GRACE, closing).await.is_err() {
+                tracing::warn!("nats: the last events were not all sent at shutdown");
+            }
+        })
     }
 
     fn topic_count(&self) -> usize {
@@ -352,7 +412,7 @@ mod tests {
     #[test]
     fn subjects_round_trip() {
         let id = Uuid::now_v7();
-        for t in [Topic::Chat(id), Topic::User(id), Topic::Session(id)] {
+        for t in [Topic::Chat(id), Topic::User(id), Topic::Session(id), Topic::Presence] {
             assert_eq!(topic(&subject(t)), Some(t));
         }
         assert_eq!(topic("natter.events.chat.not-a-uuid"), None);

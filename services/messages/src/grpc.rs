@@ -20,6 +20,7 @@ use crate::domain::{
     self, Attachment, EditMessage, Limits, ListMessages, ListRevisions, MarkRead, React, SendMessage, WithHistory,
 };
 use crate::error::MessagesError;
+use crate::presence::Seen;
 use crate::registry::{StreamLimits, StreamRegistry};
 use crate::service::Messages;
 use crate::store::{
@@ -295,6 +296,40 @@ pub(crate) fn typing_event(chat: ChatId, user: UserId, until: i64) -> pb::Stream
         change_seq: 0,
         event: Some(Event::Typing(pb::Typing { user_id: user.to_string(), until: Some(timestamp(until)) })),
     }
+}
+
+/// A user's presence as the API shows it (see [`Seen`]).
+pub(crate) fn presence_pb(user: UserId, seen: Seen) -> pb::Presence {
+    let (state, last_seen) = match seen {
+        Seen::Hidden => (pb::PresenceState::Unspecified, None),
+        Seen::Online => (pb::PresenceState::Online, None),
+        Seen::Offline(at) => (pb::PresenceState::Offline, at),
+    };
+    pb::Presence { user_id: user.to_string(), state: state as i32, last_seen_time: timestamp_opt(last_seen) }
+}
+
+/// The ephemeral stream event of a user's presence change: no chat and
+/// change number 0 on the bus; each stream sends it with one of its chats
+/// the user is in and its own last change number of that chat.
+pub(crate) fn presence_event(user: UserId, seen: Seen) -> pb::StreamEventsResponse {
+    pb::StreamEventsResponse {
+        chat_id: String::new(),
+        seq: 0,
+        change_seq: 0,
+        event: Some(Event::PresenceChanged(presence_pb(user, seen))),
+    }
+}
+
+/// Most ids of one GetPresence request.
+pub const PRESENCE_IDS_MAX: usize = 100;
+
+/// Validates a GetPresence request: 1 to [`PRESENCE_IDS_MAX`] well-formed
+/// user ids (INVALID_ARGUMENT naming `user_ids` or `user_ids[i]`).
+pub fn presence_request(r: &pb::GetPresenceRequest) -> Result<Vec<UserId>, Status> {
+    if r.user_ids.is_empty() || r.user_ids.len() > PRESENCE_IDS_MAX {
+        return Err(FieldViolations::single("user_ids", format!("must hold 1 to {PRESENCE_IDS_MAX} ids")).into_status());
+    }
+    parse_ids("user_ids", &r.user_ids)
 }
 
 /// The stream event of a change of a chat's membership or details, change
@@ -679,6 +714,18 @@ impl MessageService for MessageApi {
         }))
     }
 
+    async fn get_presence(
+        &self,
+        request: Request<pb::GetPresenceRequest>,
+    ) -> Result<Response<pb::GetPresenceResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let users = presence_request(request.get_ref())?;
+        let seen = self.messages.presence_of(caller, &users).await?;
+        Ok(Response::new(pb::GetPresenceResponse {
+            presences: users.into_iter().zip(seen).map(|(user, seen)| presence_pb(user, seen)).collect(),
+        }))
+    }
+
     type StreamEventsStream = EventStream;
 
     async fn stream_events(&self, request: Request<pb::StreamEventsRequest>) -> Result<Response<EventStream>, Status> {
@@ -686,7 +733,7 @@ impl MessageService for MessageApi {
         let token = natter_auth::bearer_token(request.metadata())?.to_owned();
         let (chat_ids, resume) = follow_request(request.into_inner(), self.streams.limits())?;
         let ticket = self.streams.admit(&principal, &token)?;
-        let follow = Follow { principal, token, chat_ids, resume };
+        let follow = Follow { principal, token, chat_ids, resume, presence: true };
         let stream =
             stream::open(self.messages.clone(), Some(self.auth.clone()), self.shutdown.clone(), ticket, follow).await?;
         Ok(Response::new(stream))
@@ -891,7 +938,7 @@ impl MessageInternalService for MessageInternalApi {
         let principal =
             natter_auth::Principal { user_id: user.0, session_id: Uuid::nil(), guest: false, expire_micros: i64::MAX };
         let ticket = self.streams.admit(&principal, "")?;
-        let follow = Follow { principal, token: String::new(), chat_ids: Vec::new(), resume };
+        let follow = Follow { principal, token: String::new(), chat_ids: Vec::new(), resume, presence: false };
         let stream = stream::open(self.messages.clone(), None, self.shutdown.clone(), ticket, follow).await?;
         Ok(Response::new(Box::pin(futures::StreamExt::map(stream, |event| {
             event.map(|event| pb::FollowChatsResponse { event: Some(event) })

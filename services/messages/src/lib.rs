@@ -15,6 +15,7 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
+pub mod presence;
 pub mod registry;
 pub mod service;
 pub mod store;
@@ -118,6 +119,23 @@ pub struct MessagesArgs {
     /// Longest wait for the classifier's answer.
     #[arg(long, env = "NATTER_CLASSIFIER_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub classifier_timeout: std::time::Duration,
+    /// How often this replica tells the others (over the bus) which users
+    /// hold StreamEvents streams on it; a replica silent for 3 intervals is
+    /// taken as dead and its users go offline. Give every replica the same.
+    #[arg(long, env = "NATTER_PRESENCE_HEARTBEAT", default_value = "10s", value_parser = positive_duration)]
+    pub presence_heartbeat: std::time::Duration,
+    /// GetPresence calls per user: N/PERIOD, or `off`.
+    #[arg(long, env = "NATTER_PRESENCE_RATE", default_value = "120/1m")]
+    pub presence_rate: Rate,
+}
+
+/// A duration above zero (humantime), for a flag.
+fn positive_duration(value: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(value) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be above zero".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// An http(s) URL, for a flag.
@@ -160,6 +178,8 @@ impl Default for MessagesArgs {
             staff_user_ids: Vec::new(),
             classifier_url: None,
             classifier_timeout: std::time::Duration::from_secs(2),
+            presence_heartbeat: std::time::Duration::from_secs(10),
+            presence_rate: Rate::parse("120/1m").expect("valid rate"),
         }
     }
 }
@@ -299,7 +319,8 @@ pub async fn run(
     let chats = natter_kit::Link::connect(&config.chats_url, &credential, deadline)?;
     let bus = config.bus.connect(shutdown.clone()).await?;
     let messages =
-        open(&config.store.config("messages")?, Arc::new(natter_links::Grpc(chats)), bus, &config.messages).await?;
+        open(&config.store.config("messages")?, Arc::new(natter_links::Grpc(chats)), bus.clone(), &config.messages)
+            .await?;
     let auth = Authenticator::new(Arc::new(natter_auth::GrpcVerifier::new(sessions)));
     let mut public = Server::new(&config.server);
     add_services(&mut public, &messages, auth, shutdown.clone()).await;
@@ -307,6 +328,7 @@ pub async fn run(
     add_internal_services(&mut internal, &messages, shutdown.clone()).await;
     natter_kit::serve::serve_split((public, listener), (internal, internal_listener), shutdown).await?;
     messages.close().await;
+    bus.close().await;
     Ok(())
 }
 

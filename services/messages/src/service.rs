@@ -2,7 +2,7 @@
 //! and the event bus. Validated commands in, domain types out; the protobuf
 //! of the answers is built in `grpc.rs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use natter_bus::{Event as BusEvent, EventBus, Topic};
@@ -19,6 +19,7 @@ use crate::domain::{
 };
 use crate::error::MessagesError;
 use crate::grpc;
+use crate::presence::{Presence, Seen};
 use crate::registry::StreamLimits;
 use crate::store::{
     ChatChange, Edited, Finish, Flags, Message, MessageStore, NewMessage, NewReply, QueueCursor, QueueFilter, Range,
@@ -31,6 +32,9 @@ use crate::writer::Writer;
 /// looks, in µs: the window the chats store's longest activity flush
 /// interval is checked against ([`natter_links::activity`]).
 pub const RECOVERY_WINDOW_US: i64 = natter_links::activity::REANNOUNCE_WINDOW_US;
+
+/// Chat lookups of one GetPresence in flight at once.
+const PRESENCE_LOOKUPS: usize = 8;
 
 /// The messages service's domain object; share it behind an `Arc`.
 pub struct Messages {
@@ -58,6 +62,10 @@ pub struct Messages {
     staff: std::collections::HashSet<UserId>,
     /// The external classifier (--classifier-url).
     classifier: Option<Arc<crate::classifier::Classifier>>,
+    /// Who is online ([`crate::presence`]).
+    presence: Arc<Presence>,
+    /// GetPresence calls per user.
+    presence_rate: RateLimiter<UserId>,
 }
 
 impl Messages {
@@ -77,6 +85,7 @@ impl Messages {
                 .ok()
                 .map(Arc::new)
         });
+        let presence = Presence::start(bus.clone(), chats.clone(), store.clone(), args.presence_heartbeat);
         Self {
             writer: Writer::start(store.clone(), chats.clone()),
             checkpoints: crate::checkpoints::Checkpoints::start(store.clone()),
@@ -93,6 +102,8 @@ impl Messages {
             detector: (args.scan_messages == crate::Scan::All).then(natter_detect::Detector::default),
             staff: args.staff_user_ids.iter().map(|u| UserId(*u)).collect(),
             classifier,
+            presence,
+            presence_rate: RateLimiter::new("presence queries", args.presence_rate),
         }
     }
 
@@ -126,10 +137,58 @@ impl Messages {
         &self.store
     }
 
-    /// Stops the store taking writes, after those queued (call at shutdown,
-    /// once serving has stopped).
+    /// Says presence goodbye (recording the last-seen times of the users
+    /// still online here), then stops the store taking writes, after those
+    /// queued (call at shutdown, once serving has stopped, before closing
+    /// the bus).
     pub async fn close(&self) {
+        self.presence.close().await;
         self.store.close().await;
+    }
+
+    /// Presence on this replica.
+    pub fn presence(&self) -> &Arc<Presence> {
+        &self.presence
+    }
+
+    /// GetPresence: the presence of each of `users`, in order, as `caller`
+    /// may see it: their own, and that of users who share a chat with them
+    /// ([`Seen::Hidden`] for anyone else, existing or not).
+    ///
+    /// Errors: RESOURCE_EXHAUSTED (`--presence-rate`), UNAVAILABLE (the
+    /// chats service), the store's.
+    pub async fn presence_of(&self, caller: UserId, users: &[UserId]) -> Result<Vec<Seen>, MessagesError> {
+        use futures::{StreamExt as _, TryStreamExt as _};
+        self.presence_rate.check(&caller)?;
+        let mine: HashSet<String> = self.chats.member_chat_ids(&caller.to_string()).await?.into_iter().collect();
+        let others: HashSet<UserId> = users.iter().copied().filter(|u| *u != caller).collect();
+        // One lookup per other user, a few at a time.
+        let mut visible: HashSet<UserId> = futures::stream::iter(others)
+            .map(|user| {
+                let mine = &mine;
+                async move {
+                    let theirs = self.chats.member_chat_ids(&user.to_string()).await?;
+                    Ok::<_, MessagesError>(theirs.iter().any(|c| mine.contains(c)).then_some(user))
+                }
+            })
+            .buffer_unordered(PRESENCE_LOOKUPS)
+            .try_filter_map(|shared| async move { Ok(shared) })
+            .try_collect()
+            .await?;
+        visible.insert(caller);
+        let online = self.presence.online(users);
+        let offline: Vec<UserId> =
+            users.iter().zip(&online).filter(|(u, on)| !**on && visible.contains(u)).map(|(u, _)| *u).collect();
+        let last_seen = self.store.last_seen(&offline).await?;
+        Ok(users
+            .iter()
+            .zip(online)
+            .map(|(user, online)| match (visible.contains(user), online) {
+                (false, _) => Seen::Hidden,
+                (true, true) => Seen::Online,
+                (true, false) => Seen::Offline(last_seen.get(user).copied()),
+            })
+            .collect())
     }
 
     /// The limits of messages.

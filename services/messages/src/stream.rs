@@ -90,6 +90,9 @@ pub struct Follow {
     pub chat_ids: Vec<Uuid>,
     /// chat -> where the client resumes it.
     pub resume: HashMap<Uuid, Resume>,
+    /// A public stream: counts towards its user's presence and receives
+    /// `presence_changed` (not the assistant's FollowChats).
+    pub presence: bool,
 }
 
 /// Opens a stream admitted by `ticket` (held until the stream is dropped).
@@ -126,7 +129,15 @@ pub async fn open(
     let every_flag = auth.is_none();
     let managed: HashSet<Uuid> =
         if every_flag { HashSet::new() } else { uuids(&messages.chats().managed_chat_ids(&user.to_string()).await?) };
-    let mut follower = Follower { messages, user, all, live: StreamMap::new(), cursors: HashMap::new(), managed };
+    let mut follower = Follower {
+        messages,
+        user,
+        all,
+        live: StreamMap::new(),
+        cursors: HashMap::new(),
+        managed,
+        presence: follow.presence.then(HashMap::new),
+    };
     // Subscribe first, read the heads second: a change committed after the
     // head was read is announced to a subscription that already exists.
     for chat in &chats {
@@ -162,10 +173,14 @@ pub async fn open(
     let expires = tokio::time::Instant::now()
         + std::time::Duration::from_micros(left.min(i64::from(u32::MAX) * 1_000_000) as u64);
     let active = natter_kit::metrics::StreamGuard::new();
+    // Online from now (the stream is open: nothing more can refuse it)
+    // until the stream is dropped.
+    let online = follow.presence.then(|| follower.messages.presence().enter(UserId(user)));
     let stream = async_stream::try_stream! {
         // Counted in natter_active_streams and against the user's cap until
         // the stream is dropped, however it ends.
         let _active = active;
+        let _online = online;
         let revoked = ticket.revoked().clone();
         let _ticket = ticket;
         let mut follower = follower;
@@ -309,6 +324,10 @@ struct Follower {
     cursors: HashMap<Uuid, i64>,
     /// The chats the user owns or administers (see [`Follower::shown`]).
     managed: HashSet<Uuid>,
+    /// user -> the serial of the last presence change of theirs sent (a
+    /// change comes once per chat shared); None: the stream gets no
+    /// presence changes (the assistant's).
+    presence: Option<HashMap<Uuid, i64>>,
 }
 
 impl Follower {
@@ -450,6 +469,19 @@ impl Follower {
         }
     }
 
+    /// A presence change of a user of `chat` (ephemeral, like typing): sent
+    /// once, with this chat and the stream's last change number of it,
+    /// unless it is the stream's own user's or already sent (through
+    /// another shared chat), or older than one sent.
+    fn on_presence(&mut self, chat: Uuid, cursor: i64, event: &BusEvent, payload: &pb::StreamEventsResponse) -> Step {
+        let (Some(sent), Some(user)) = (self.presence.as_mut(), event.users.first()) else { return Step::default() };
+        if user.uuid() == self.user || sent.get(&user.uuid()).is_some_and(|last| *last >= event.change_seq) {
+            return Step::default();
+        }
+        sent.insert(user.uuid(), event.change_seq);
+        Step::send(pb::StreamEventsResponse { chat_id: chat.to_string(), change_seq: cursor, ..payload.clone() })
+    }
+
     /// An event of a followed chat.
     fn on_chat_event(&mut self, chat: Uuid, event: &BusEvent) -> Step {
         let Some(cursor) = self.cursors.get(&chat).copied() else { return Step::default() };
@@ -466,6 +498,11 @@ impl Follower {
                 return Step::default();
             }
             return Step::send(pb::StreamEventsResponse { change_seq: cursor, ..payload.clone() });
+        }
+        if let Some(payload) = &event.payload
+            && let Some(Event::PresenceChanged(_)) = &payload.event
+        {
+            return self.on_presence(chat, cursor, event, payload);
         }
         // A resync hint (the bus may have lost announcements), or an event of
         // a kind this build does not know: whatever the store has beyond the

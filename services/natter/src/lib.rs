@@ -148,6 +148,8 @@ impl App {
         self.chats.close().await;
         self.sessions_db.close().await;
         self.messages.close().await;
+        // Last: the presence goodbye the messages service just said.
+        self.bus.close().await;
         Ok(())
     }
 }

@@ -163,12 +163,13 @@ pub async fn run(
     let credential = config.internal.credential()?;
     let bus = config.bus.connect(shutdown.clone()).await?;
     let only_instance = config.bus.nats_url.is_none();
-    let sessions = open(&config.store.config("sessions")?, bus, &config.sessions, only_instance).await?;
+    let sessions = open(&config.store.config("sessions")?, bus.clone(), &config.sessions, only_instance).await?;
     let mut public = Server::new(&config.server);
     add_services(&mut public, &sessions).await;
     let mut internal = Server::internal(&config.server, credential);
     add_internal_services(&mut internal, &sessions).await;
     natter_kit::serve::serve_split((public, listener), (internal, internal_listener), shutdown).await?;
     sessions.store().db().close().await;
+    bus.close().await;
     Ok(())
 }

@@ -1061,6 +1061,14 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
         limit: u32,
     ) -> Result<Vec<(Message, Vec<StoredReport>)>, StoreError>;
 
+    /// Records that each of `seen`'s users was last online at its time (µs),
+    /// in ONE transaction, keeping a later time already stored (so repeats
+    /// and out-of-order writes by several replicas are harmless).
+    async fn record_last_seen(&self, seen: &[(UserId, i64)]) -> Result<(), StoreError>;
+
+    /// When each of `users` that has a record was last online (µs).
+    async fn last_seen(&self, users: &[UserId]) -> Result<HashMap<UserId, i64>, StoreError>;
+
     /// Stops taking writes and waits for the writes queued before.
     async fn close(&self);
 }

@@ -1182,6 +1182,35 @@ impl MessageStore for PostgresStore {
         Ok(())
     }
 
+    async fn record_last_seen(&self, seen: &[(UserId, i64)]) -> Result<(), StoreError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let (users, times): (Vec<String>, Vec<i64>) = seen.iter().map(|(u, t)| (u.to_string(), *t)).unzip();
+        // One statement; the latest time per user first, as one INSERT may
+        // not touch a row twice.
+        sqlx::query(
+            "INSERT INTO user_presence (user_id, last_seen_time) \
+             SELECT user_id, MAX(time) FROM UNNEST($1::text[], $2::bigint[]) AS v (user_id, time) GROUP BY user_id \
+             ON CONFLICT (user_id) DO UPDATE \
+             SET last_seen_time = GREATEST(user_presence.last_seen_time, excluded.last_seen_time)",
+        )
+        .bind(&users)
+        .bind(&times)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn last_seen(&self, users: &[UserId]) -> Result<HashMap<UserId, i64>, StoreError> {
+        let ids: Vec<String> = users.iter().map(UserId::to_string).collect();
+        let rows = sqlx::query("SELECT user_id, last_seen_time FROM user_presence WHERE user_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|row| Ok((id_at(row, 0)?, row.try_get(1)?))).collect()
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }

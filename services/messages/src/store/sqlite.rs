@@ -1058,6 +1058,42 @@ impl MessageStore for SqliteStore {
         Ok(done.await?)
     }
 
+    async fn record_last_seen(&self, seen: &[(UserId, i64)]) -> Result<(), StoreError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let seen: Vec<(String, i64)> = seen.iter().map(|(u, t)| (u.to_string(), *t)).collect();
+        let written = self.db.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut upsert = tx.prepare_cached(
+                    "INSERT INTO user_presence (user_id, last_seen_time) VALUES (?1, ?2) ON CONFLICT (user_id) \
+                     DO UPDATE SET last_seen_time = MAX(last_seen_time, excluded.last_seen_time)",
+                )?;
+                for (user, time) in &seen {
+                    upsert.execute(params![user, time])?;
+                }
+            }
+            tx.commit()
+        });
+        Ok(written.await?)
+    }
+
+    async fn last_seen(&self, users: &[UserId]) -> Result<HashMap<UserId, i64>, StoreError> {
+        let users = users.to_vec();
+        let found = self.db.read(move |conn| {
+            let mut read = conn.prepare_cached("SELECT last_seen_time FROM user_presence WHERE user_id = ?1")?;
+            let mut found = HashMap::new();
+            for user in users {
+                if let Some(time) = read.query_row([user.to_string()], |row| row.get(0)).optional()? {
+                    found.insert(user, time);
+                }
+            }
+            Ok(found)
+        });
+        Ok(found.await?)
+    }
+
     async fn close(&self) {
         self.db.close().await;
     }

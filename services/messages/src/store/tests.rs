@@ -99,6 +99,7 @@ message_store_suite!(
     reactions_are_once_per_user_per_emoji_and_only_real_changes_take_numbers,
     concurrent_reactions_on_one_message_never_drift,
     mentions_are_kept_with_the_message_and_count_only_unread_live_mentions_of_others,
+    last_seen_keeps_the_latest_time_whatever_order_replicas_write_in,
 );
 
 /// Fixed ids, so tests can name chats and users by letter.
@@ -1064,4 +1065,28 @@ async fn concurrent_reactions_on_one_message_never_drift(h: &Harness) {
     // A delete clears the rows and the marker.
     h.store.delete(id(1), 9_000).await.unwrap();
     assert_eq!(h.store.message(id(1)).await.unwrap().unwrap().reaction_rows, 0);
+}
+
+async fn last_seen_keeps_the_latest_time_whatever_order_replicas_write_in(h: &Harness) {
+    let s = &h.store;
+    s.record_last_seen(&[]).await.unwrap();
+    assert!(s.last_seen(&[user(1)]).await.unwrap().is_empty(), "never seen: no record");
+    s.record_last_seen(&[(user(1), 100), (user(2), 50)]).await.unwrap();
+    // An older time (a replica that saw the change late) and a repeat of
+    // one user within a batch: the latest time of each wins.
+    s.record_last_seen(&[(user(1), 80), (user(2), 60), (user(2), 55)]).await.unwrap();
+    let expected: HashMap<UserId, i64> = [(user(1), 100), (user(2), 60)].into();
+    assert_eq!(s.last_seen(&[user(1), user(2), user(3)]).await.unwrap(), expected);
+    // Replicas writing the same changes concurrently agree on the result.
+    let writers: Vec<_> = (0..8)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.record_last_seen(&[(user(3), 1_000 + i), (user(1), 90 + i)]).await })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap().unwrap();
+    }
+    let expected: HashMap<UserId, i64> = [(user(1), 100), (user(3), 1_007)].into();
+    assert_eq!(s.last_seen(&[user(1), user(3)]).await.unwrap(), expected);
 }

@@ -10,6 +10,7 @@
 mod assistant;
 mod moderation;
 mod operate;
+mod presence;
 mod traces;
 
 use std::collections::{BTreeMap, HashSet};
@@ -641,7 +642,21 @@ async fn all_messages(channel: &Channel, token: &str, chat: &str) -> Vec<(i64, S
     }
 }
 
+/// The next event but presence changes (presence.rs tests those), within
+/// 10 s.
 async fn next(
+    stream: &mut tonic::codec::Streaming<mpb::StreamEventsResponse>,
+) -> Result<mpb::StreamEventsResponse, Status> {
+    loop {
+        let event = next_any(stream).await?;
+        if !matches!(event.event, Some(Event::PresenceChanged(_))) {
+            return Ok(event);
+        }
+    }
+}
+
+/// The next event, within 10 s.
+async fn next_any(
     stream: &mut tonic::codec::Streaming<mpb::StreamEventsResponse>,
 ) -> Result<mpb::StreamEventsResponse, Status> {
     match tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("an event within 10 s") {

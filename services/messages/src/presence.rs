@@ -1,0 +1,600 @@
+//! Presence: a user is online while at least one of their public
+//! StreamEvents streams is open on any replica, offline otherwise with the
+//! time they were last online.
+//!
+//! Each replica counts its own streams per user and tells the others over
+//! the bus ([`Topic::Presence`]) with [`Beat`]s: `Online` when a user's first
+//! stream opens on it, `Offline` when their last one closes, and every
+//! heartbeat interval a `Heartbeat` listing every user it holds streams of,
+//! which replaces what its peers knew of it (so a lost `Online` or `Offline`
+//! is mended by the next heartbeat). A peer not heard of for
+//! [`MISSED_BEATS`] of its intervals is taken as dead: its users go offline
+//! as of its last word, unless online elsewhere. A replica that starts says
+//! `Hello` and its peers answer with a heartbeat at once; one that stops
+//! says `Goodbye`. Each replica thus holds user -> replicas, and works out
+//! every change by itself: it tells its own streams (never another
+//! replica's), so no stream gets a change twice, and it records an offline
+//! user's last-seen time in the store (each replica that sees the change
+//! writes the same or a close time; the store keeps the latest).
+//!
+//! Timing: silence is checked at each of this replica's own heartbeats, so
+//! a dead peer is found 3 to 4 intervals after its last word (30-40 s by
+//! default). A starting replica knows its peers' users once they answer its
+//! hello (a round trip), at the latest after one heartbeat interval; until
+//! then it may take a user online only elsewhere as offline. A heartbeat of
+//! more than `PART_USERS` (16,384) users goes in parts (NATS limits a message to
+//! 1 MB by default).
+//!
+//! Cost: a change goes to every stream following a chat of the user, so a
+//! group of n members whose members all (re)connect at once sends about n²
+//! presence events in all (each stream one per other member).
+//!
+//! Streams learn of a change through the chats they follow: the change is
+//! published locally on the topic of each chat of the user (one lookup of
+//! the user's chats per change, only when this replica has streams), and a
+//! stream keeps, per user, the serial of the last change it passed on, so a
+//! change reaching it through several shared chats goes out once (and an
+//! older one arriving late is dropped). Nothing of this touches sends or
+//! their fan-out: presence changes come from stream opens and closes only.
+//!
+//! The assistant's internal streams (FollowChats) are not counted and get no
+//! presence events; the assistant, holding no public stream, is offline.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use natter_bus::{Beat, BeatKind, Event as BusEvent, EventBus, Lagged, Subscription, Topic};
+use natter_kit::id::UserId;
+use natter_kit::time::now_micros;
+use natter_links::ChatDirectory;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::grpc;
+use crate::store::MessageStore;
+
+/// Heartbeats a peer may miss before it is taken as dead.
+pub const MISSED_BEATS: u32 = 3;
+
+/// Most users in one beat: about 300 KB on the wire, well within NATS's
+/// default 1 MB payload limit (a longer heartbeat goes in parts).
+const PART_USERS: usize = 16 * 1024;
+
+/// Most changes recorded in one store write.
+const BATCH: usize = 512;
+
+/// Longest wait at shutdown for the changes already seen to be recorded.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// A user's presence as GetPresence answers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// Not the caller's to know: the user shares no chat with them (or does
+    /// not exist).
+    Hidden,
+    /// A stream of the user is open on some replica.
+    Online,
+    /// No stream open; last online at this time (µs since the epoch), if
+    /// ever seen online.
+    Offline(Option<i64>),
+}
+
+/// One change of a user's presence, as this replica saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Change {
+    user: Uuid,
+    online: bool,
+    /// When, µs since the epoch: for an offline change, the last-seen time.
+    at: i64,
+    /// This replica's order of changes (what streams deduplicate by).
+    serial: i64,
+}
+
+/// What the announcing task is handed.
+enum Work {
+    Changed(Change),
+    /// Answered once everything before it is done.
+    Flush(oneshot::Sender<()>),
+}
+
+/// Presence as this replica knows it; share it behind an `Arc`.
+pub struct Presence {
+    replica: Uuid,
+    interval: Duration,
+    bus: Arc<dyn EventBus>,
+    state: Mutex<State>,
+    work: mpsc::UnboundedSender<Work>,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Presence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Presence").field("replica", &self.replica).field("interval", &self.interval).finish()
+    }
+}
+
+/// Who is online where (no IO: the rules, unit-tested below).
+#[derive(Debug, Default)]
+struct State {
+    /// Open streams per user on this replica.
+    local: HashMap<Uuid, usize>,
+    /// The other replicas heard of.
+    peers: HashMap<Uuid, Peer>,
+    /// user -> how many peers hold streams of the user.
+    remote: HashMap<Uuid, usize>,
+    /// The last serial handed out.
+    serial: i64,
+}
+
+#[derive(Debug)]
+struct Peer {
+    users: HashSet<Uuid>,
+    /// When it was last heard of (this replica's clock).
+    heard: Instant,
+    /// The time of its last word, by its clock (µs): when its users were
+    /// last known online if it dies.
+    alive_at: i64,
+    /// Silence after which it is taken as dead.
+    expiry: Duration,
+    /// The parts of a heartbeat sent in several: its time, how many came,
+    /// their users.
+    gathering: Option<(i64, u32, HashSet<Uuid>)>,
+}
+
+impl Peer {
+    /// The users of a whole heartbeat, once its last part (of `beat.parts`)
+    /// has come; parts of an older heartbeat still gathered are dropped (one
+    /// was lost: the next heartbeat will do).
+    fn gather(&mut self, beat: &Beat, users: HashSet<Uuid>) -> Option<HashSet<Uuid>> {
+        if beat.parts <= 1 {
+            return Some(users);
+        }
+        let (time, came, gathered) = self.gathering.get_or_insert_with(|| (beat.time, 0, HashSet::new()));
+        if *time != beat.time {
+            (*time, *came) = (beat.time, 0);
+            gathered.clear();
+        }
+        *came += 1;
+        gathered.extend(users);
+        if *came < beat.parts {
+            return None;
+        }
+        self.gathering.take().map(|(_, _, all)| all)
+    }
+}
+
+impl State {
+    fn online(&self, user: &Uuid) -> bool {
+        self.local.contains_key(user) || self.remote.contains_key(user)
+    }
+
+    /// Applies `change` and returns the users among `affected` whose
+    /// presence it flipped, each with its new state, as changes at `at`.
+    fn flips(&mut self, affected: &HashSet<Uuid>, at: i64, change: impl FnOnce(&mut Self)) -> Vec<Change> {
+        let before: Vec<(Uuid, bool)> = affected.iter().map(|u| (*u, self.online(u))).collect();
+        change(self);
+        let mut out = Vec::new();
+        for (user, was) in before {
+            let online = self.online(&user);
+            if online != was {
+                self.serial += 1;
+                out.push(Change { user, online, at, serial: self.serial });
+            }
+        }
+        out
+    }
+
+    fn remote_add(&mut self, user: Uuid) {
+        *self.remote.entry(user).or_default() += 1;
+    }
+
+    fn remote_remove(&mut self, user: Uuid) {
+        if let Some(n) = self.remote.get_mut(&user) {
+            *n -= 1;
+            if *n == 0 {
+                self.remote.remove(&user);
+            }
+        }
+    }
+
+    /// One more stream of `user` here; `true` if it is their first.
+    fn open(&mut self, user: Uuid, at: i64) -> (bool, Vec<Change>) {
+        let first = !self.local.contains_key(&user);
+        let changes = self.flips(&HashSet::from([user]), at, |s| *s.local.entry(user).or_default() += 1);
+        (first, changes)
+    }
+
+    /// One stream of `user` fewer here; `true` if it was their last.
+    fn close(&mut self, user: Uuid, at: i64) -> (bool, Vec<Change>) {
+        let Some(n) = self.local.get(&user).copied() else { return (false, Vec::new()) };
+        let changes = self.flips(&HashSet::from([user]), at, |s| {
+            if n <= 1 {
+                s.local.remove(&user);
+            } else {
+                s.local.insert(user, n - 1);
+            }
+        });
+        (n <= 1, changes)
+    }
+
+    /// What a peer's beat changes; `now` is when it arrived.
+    fn heard(&mut self, beat: &Beat, users: HashSet<Uuid>, now: Instant, own_interval: Duration) -> Vec<Change> {
+        if beat.kind == BeatKind::Goodbye {
+            let Some(peer) = self.peers.remove(&beat.replica) else { return Vec::new() };
+            let gone = peer.users;
+            return self.flips(&gone.clone(), beat.time, |s| gone.into_iter().for_each(|u| s.remote_remove(u)));
+        }
+        let interval = u64::try_from(beat.interval).ok().filter(|i| *i > 0).map_or(own_interval, Duration::from_micros);
+        let peer = self.peers.entry(beat.replica).or_insert_with(|| Peer {
+            users: HashSet::new(),
+            heard: now,
+            alive_at: beat.time,
+            expiry: interval * MISSED_BEATS,
+            gathering: None,
+        });
+        peer.heard = now;
+        peer.alive_at = peer.alive_at.max(beat.time);
+        peer.expiry = interval * MISSED_BEATS;
+        let (added, removed): (HashSet<Uuid>, HashSet<Uuid>) = match beat.kind {
+            BeatKind::Heartbeat => {
+                let Some(users) = peer.gather(beat, users) else { return Vec::new() };
+                (users.difference(&peer.users).copied().collect(), peer.users.difference(&users).copied().collect())
+            }
+            BeatKind::Online => (users.difference(&peer.users).copied().collect(), HashSet::new()),
+            BeatKind::Offline => (HashSet::new(), users.intersection(&peer.users).copied().collect()),
+            BeatKind::Hello | BeatKind::Goodbye => (HashSet::new(), HashSet::new()),
+        };
+        if added.is_empty() && removed.is_empty() {
+            return Vec::new();
+        }
+        let replica = beat.replica;
+        let affected: HashSet<Uuid> = added.union(&removed).copied().collect();
+        self.flips(&affected, beat.time, |s| {
+            let peer = s.peers.get_mut(&replica).expect("inserted above");
+            peer.users.extend(&added);
+            peer.users.retain(|u| !removed.contains(u));
+            added.into_iter().for_each(|u| s.remote_add(u));
+            removed.into_iter().for_each(|u| s.remote_remove(u));
+        })
+    }
+
+    /// Drops the peers silent for longer than their expiry at `now`: their
+    /// users go offline as of each peer's last word.
+    fn expire(&mut self, now: Instant) -> Vec<Change> {
+        let dead: Vec<Uuid> =
+            self.peers.iter().filter(|(_, p)| now.duration_since(p.heard) > p.expiry).map(|(id, _)| *id).collect();
+        let mut changes = Vec::new();
+        for replica in dead {
+            let peer = self.peers.remove(&replica).expect("listed above");
+            tracing::info!(replica = %replica, users = peer.users.len(), "presence: replica gone silent; its users are offline");
+            let gone = peer.users;
+            changes.extend(
+                self.flips(&gone.clone(), peer.alive_at, |s| gone.into_iter().for_each(|u| s.remote_remove(u))),
+            );
+        }
+        changes
+    }
+}
+
+/// Counts one open stream of a user towards their presence until dropped.
+#[derive(Debug)]
+pub struct Online {
+    presence: Arc<Presence>,
+    user: Uuid,
+}
+
+impl Drop for Online {
+    fn drop(&mut self) {
+        self.presence.leave(self.user);
+    }
+}
+
+impl Presence {
+    /// Starts presence on this replica: subscribes to the presence topic,
+    /// says hello, then heartbeats every `interval` (which must not be
+    /// zero) until [`Presence::close`] (or until dropped). Changes are
+    /// recorded in `store` and announced to local streams through the
+    /// chats `chats` lists.
+    ///
+    /// Panics outside a Tokio runtime.
+    pub fn start(
+        bus: Arc<dyn EventBus>,
+        chats: Arc<dyn ChatDirectory>,
+        store: Arc<dyn MessageStore>,
+        interval: Duration,
+    ) -> Arc<Self> {
+        let (work, queue) = mpsc::unbounded_channel();
+        let presence = Arc::new(Self {
+            replica: Uuid::new_v4(),
+            interval,
+            bus: bus.clone(),
+            state: Mutex::default(),
+            work,
+            stop: CancellationToken::new(),
+        });
+        // Subscribed before the hello, so no answer is missed.
+        let beats = bus.subscribe(Topic::Presence);
+        tokio::spawn(announce(queue, Arc::downgrade(&presence), chats, store, bus));
+        tokio::spawn(listen(Arc::downgrade(&presence), beats, presence.stop.clone(), interval));
+        presence.publish(BeatKind::Hello, Vec::new(), now_micros());
+        presence
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes a beat of this replica (under the state's lock, so beats
+    /// leave in the order the state changed); a heartbeat of more than
+    /// [`PART_USERS`] users goes in parts.
+    fn publish(&self, kind: BeatKind, users: Vec<Uuid>, time: i64) {
+        let interval = i64::try_from(self.interval.as_micros()).unwrap_or(i64::MAX);
+        let parts = u32::try_from(users.len().div_ceil(PART_USERS)).unwrap_or(u32::MAX);
+        let beat = Beat { replica: self.replica, kind, time, interval, parts };
+        if users.len() <= PART_USERS {
+            let users = users.into_iter().map(UserId).collect();
+            self.bus.publish(Topic::Presence, Arc::new(BusEvent::beat(beat, users)));
+            return;
+        }
+        for part in users.chunks(PART_USERS) {
+            let users = part.iter().copied().map(UserId).collect();
+            self.bus.publish(Topic::Presence, Arc::new(BusEvent::beat(beat, users)));
+        }
+    }
+
+    fn hand_over(&self, changes: Vec<Change>) {
+        for change in changes {
+            // Fails only once the announcing task is gone (shutdown).
+            let _ = self.work.send(Work::Changed(change));
+        }
+    }
+
+    /// Counts a newly opened public stream of `user` until the returned
+    /// guard is dropped.
+    pub fn enter(self: &Arc<Self>, user: UserId) -> Online {
+        let mut state = self.lock();
+        let now = now_micros();
+        let (first, changes) = state.open(user.0, now);
+        if first {
+            self.publish(BeatKind::Online, vec![user.0], now);
+        }
+        self.hand_over(changes);
+        Online { presence: self.clone(), user: user.0 }
+    }
+
+    fn leave(&self, user: Uuid) {
+        let mut state = self.lock();
+        let now = now_micros();
+        let (last, changes) = state.close(user, now);
+        if last {
+            self.publish(BeatKind::Offline, vec![user], now);
+        }
+        self.hand_over(changes);
+    }
+
+    /// Whether each of `users` is online on any replica, as far as this one
+    /// knows.
+    pub fn online(&self, users: &[UserId]) -> Vec<bool> {
+        let state = self.lock();
+        users.iter().map(|u| state.online(&u.0)).collect()
+    }
+
+    /// A peer's beat.
+    fn on_beat(&self, event: &BusEvent) {
+        let Some(beat) = event.beat.filter(|b| b.replica != self.replica) else { return };
+        let users: HashSet<Uuid> = event.users.iter().map(|u| u.0).collect();
+        let mut state = self.lock();
+        let changes = state.heard(&beat, users, Instant::now(), self.interval);
+        if beat.kind == BeatKind::Hello {
+            // A replica that has just started learns this one's users now
+            // rather than at the next heartbeat.
+            self.publish(BeatKind::Heartbeat, state.local.keys().copied().collect(), now_micros());
+        }
+        self.hand_over(changes);
+    }
+
+    /// The periodic work: a heartbeat, and the peers that fell silent.
+    fn tick(&self) {
+        let mut state = self.lock();
+        self.publish(BeatKind::Heartbeat, state.local.keys().copied().collect(), now_micros());
+        let changes = state.expire(Instant::now());
+        self.hand_over(changes);
+    }
+
+    /// Whether this replica holds any public stream (someone to tell).
+    fn has_streams(&self) -> bool {
+        !self.lock().local.is_empty()
+    }
+
+    /// Stops presence at shutdown: says goodbye (the users of streams still
+    /// open here go offline now, here and on every peer) and waits (5 s at
+    /// most) until the changes seen so far are recorded. Streams that close
+    /// afterwards change nothing.
+    pub async fn close(&self) {
+        self.stop.cancel();
+        {
+            let mut state = self.lock();
+            let now = now_micros();
+            let users: HashSet<Uuid> = state.local.keys().copied().collect();
+            let changes = state.flips(&users, now, |s| s.local.clear());
+            self.publish(BeatKind::Goodbye, Vec::new(), now);
+            self.hand_over(changes);
+        }
+        let (done, flushed) = oneshot::channel();
+        if self.work.send(Work::Flush(done)).is_ok() && tokio::time::timeout(CLOSE_WAIT, flushed).await.is_err() {
+            tracing::warn!("presence: last-seen times not all recorded at shutdown");
+        }
+    }
+}
+
+/// Heartbeats every `interval` and takes in the peers' beats, until `stop`
+/// or until the presence is dropped.
+async fn listen(presence: Weak<Presence>, mut beats: Subscription, stop: CancellationToken, interval: Duration) {
+    let mut timer = tokio::time::interval_at(Instant::now() + interval, interval);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = timer.tick() => match presence.upgrade() {
+                Some(p) => p.tick(),
+                None => return,
+            },
+            beat = beats.recv() => match (beat, presence.upgrade()) {
+                (Some(Ok(event)), Some(p)) => p.on_beat(&event),
+                // Lost beats: the peers' next heartbeats make up for them.
+                (Some(Err(Lagged(n))), Some(_)) => tracing::warn!(lost = n, "presence: fell behind the bus"),
+                _ => return,
+            },
+        }
+    }
+}
+
+/// Records offline users' last-seen times and tells this replica's streams
+/// of each change, in order, a batch at a time.
+async fn announce(
+    mut queue: mpsc::UnboundedReceiver<Work>,
+    presence: Weak<Presence>,
+    chats: Arc<dyn ChatDirectory>,
+    store: Arc<dyn MessageStore>,
+    bus: Arc<dyn EventBus>,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while queue.recv_many(&mut batch, BATCH).await > 0 {
+        let seen: Vec<(UserId, i64)> = batch
+            .iter()
+            .filter_map(|w| match w {
+                Work::Changed(c) if !c.online => Some((UserId(c.user), c.at)),
+                _ => None,
+            })
+            .collect();
+        // Recorded before the streams hear of it: a client told "offline"
+        // that asks GetPresence finds the time.
+        if let Err(e) = store.record_last_seen(&seen).await {
+            tracing::warn!(error = %e, users = seen.len(), "presence: recording last-seen times failed");
+        }
+        for work in batch.drain(..) {
+            match work {
+                Work::Flush(done) => {
+                    let _ = done.send(());
+                }
+                Work::Changed(change) => {
+                    if presence.upgrade().is_some_and(|p| p.has_streams()) {
+                        tell_streams(change, chats.as_ref(), bus.as_ref()).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Publishes `change` on this process's topic of each chat of its user,
+/// where the streams that follow them pick it up.
+async fn tell_streams(change: Change, chats: &dyn ChatDirectory, bus: &dyn EventBus) {
+    let ids = match chats.member_chat_ids(&change.user.to_string()).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::warn!(user_id = %change.user, error = %e, "presence: cannot list the user's chats; change not announced");
+            return;
+        }
+    };
+    let seen = if change.online { Seen::Online } else { Seen::Offline(Some(change.at)) };
+    let event = Arc::new(BusEvent {
+        users: vec![UserId(change.user)],
+        change_seq: change.serial,
+        payload: Some(grpc::presence_event(UserId(change.user), seen)),
+        ..BusEvent::default()
+    });
+    for chat in ids.iter().filter_map(|c| Uuid::try_parse(c).ok()) {
+        bus.publish_local(Topic::Chat(chat), event.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn beat(replica: Uuid, kind: BeatKind, time: i64) -> Beat {
+        Beat { replica, kind, time, interval: 1_000_000, parts: 0 }
+    }
+
+    fn flipped(changes: &[Change]) -> Vec<(Uuid, bool, i64)> {
+        changes.iter().map(|c| (c.user, c.online, c.at)).collect()
+    }
+
+    #[test]
+    fn local_streams_flip_a_user_on_the_first_and_off_with_the_last() {
+        let mut s = State::default();
+        let u = Uuid::now_v7();
+        let (first, on) = s.open(u, 10);
+        assert!(first);
+        assert_eq!(flipped(&on), [(u, true, 10)]);
+        assert_eq!(s.open(u, 11), (false, Vec::new()), "a second stream changes nothing");
+        assert_eq!(s.close(u, 12), (false, Vec::new()), "one stream still open");
+        let (last, off) = s.close(u, 13);
+        assert!(last);
+        assert_eq!(flipped(&off), [(u, false, 13)]);
+        assert_eq!(s.close(u, 14), (false, Vec::new()), "a close too many is ignored");
+        assert!(off[0].serial > on[0].serial, "serials grow");
+    }
+
+    #[test]
+    fn a_user_online_on_two_replicas_stays_online_while_either_holds_a_stream() {
+        let mut s = State::default();
+        let (u, peer, now) = (Uuid::now_v7(), Uuid::now_v7(), Instant::now());
+        assert_eq!(flipped(&s.heard(&beat(peer, BeatKind::Online, 5), [u].into(), now, SECOND)), [(u, true, 5)]);
+        assert!(s.open(u, 6).1.is_empty(), "already online elsewhere");
+        assert!(s.heard(&beat(peer, BeatKind::Offline, 7), [u].into(), now, SECOND).is_empty(), "still here");
+        assert_eq!(flipped(&s.close(u, 8).1), [(u, false, 8)]);
+    }
+
+    #[test]
+    fn a_heartbeat_replaces_what_was_known_of_its_replica() {
+        let mut s = State::default();
+        let (a, b, c, peer, now) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Instant::now());
+        s.heard(&beat(peer, BeatKind::Heartbeat, 1), [a, b].into(), now, SECOND);
+        // The Offline of b and the Online of c were lost: the next heartbeat
+        // mends both.
+        let changes: HashSet<_> =
+            flipped(&s.heard(&beat(peer, BeatKind::Heartbeat, 2), [a, c].into(), now, SECOND)).into_iter().collect();
+        assert_eq!(changes, HashSet::from([(b, false, 2), (c, true, 2)]));
+    }
+
+    #[test]
+    fn a_heartbeat_in_parts_applies_once_whole_and_a_lost_part_changes_nothing() {
+        let mut s = State::default();
+        let (a, b, c, peer, now) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Instant::now());
+        s.heard(&beat(peer, BeatKind::Heartbeat, 1), [a].into(), now, SECOND);
+        let part = |time: i64| Beat { parts: 2, ..beat(peer, BeatKind::Heartbeat, time) };
+        // The first part alone changes nothing (a is not in it, yet stays).
+        assert!(s.heard(&part(2), [b].into(), now, SECOND).is_empty());
+        // Its second part was lost: the next heartbeat starts afresh.
+        assert!(s.heard(&part(3), [c].into(), now, SECOND).is_empty());
+        let changes: HashSet<_> = flipped(&s.heard(&part(3), [b].into(), now, SECOND)).into_iter().collect();
+        assert_eq!(changes, HashSet::from([(a, false, 3), (b, true, 3), (c, true, 3)]));
+    }
+
+    #[test]
+    fn a_silent_replica_expires_after_three_intervals_as_of_its_last_word() {
+        let mut s = State::default();
+        let (u, peer, start) = (Uuid::now_v7(), Uuid::now_v7(), Instant::now());
+        s.heard(&beat(peer, BeatKind::Heartbeat, 100), [u].into(), start, SECOND);
+        assert!(s.expire(start + 3 * SECOND).is_empty(), "three intervals is not yet too long");
+        assert_eq!(flipped(&s.expire(start + 3 * SECOND + Duration::from_millis(1))), [(u, false, 100)]);
+        assert!(s.peers.is_empty() && s.remote.is_empty());
+    }
+
+    #[test]
+    fn a_goodbye_takes_the_replica_s_users_offline_and_a_hello_changes_nothing() {
+        let mut s = State::default();
+        let (u, peer, now) = (Uuid::now_v7(), Uuid::now_v7(), Instant::now());
+        assert!(s.heard(&beat(peer, BeatKind::Hello, 1), HashSet::new(), now, SECOND).is_empty());
+        s.heard(&beat(peer, BeatKind::Online, 2), [u].into(), now, SECOND);
+        assert_eq!(flipped(&s.heard(&beat(peer, BeatKind::Goodbye, 3), HashSet::new(), now, SECOND)), [(u, false, 3)]);
+        assert!(s.peers.is_empty());
+    }
+}

@@ -1,0 +1,170 @@
+//! Presence across replicas: a replica killed with SIGKILL while it holds a
+//! user's stream must not leave the user online; its peers take it as dead
+//! after three missed heartbeats.
+
+use std::time::{Duration, Instant};
+
+use natter_kit::time::{micros, now_micros};
+use natter_proto::chats::v1::{self as cpb, chat_service_client::ChatServiceClient};
+use natter_proto::messages::v1::{self as mpb, message_service_client::MessageServiceClient};
+use tonic::transport::Channel;
+
+use super::{Event, Node, authed, drop_schemas, env, free_port, next_any, user};
+
+/// The next presence change of the stream (other events skipped).
+async fn next_presence(stream: &mut tonic::codec::Streaming<mpb::StreamEventsResponse>) -> mpb::Presence {
+    loop {
+        if let Some(Event::PresenceChanged(p)) = next_any(stream).await.expect("the stream stays open").event {
+            return p;
+        }
+    }
+}
+
+/// `natter serve` on the shared PostgreSQL schemas of `prefix` and NATS,
+/// heartbeating every `heartbeat`.
+fn replica(db: &str, prefix: &str, nats: &str, heartbeat: &str) -> Node {
+    let args = [
+        "--database-url",
+        db,
+        "--database-schema-prefix",
+        prefix,
+        "--nats-url",
+        nats,
+        "--presence-heartbeat",
+        heartbeat,
+    ];
+    Node::start("serve", free_port(), args.map(str::to_owned).into())
+}
+
+/// Alice and bob, who share a direct chat: (alice's token, bob's id, bob's
+/// token).
+async fn pair(channel: &Channel) -> (String, String, String) {
+    let (_, alice) = user(channel, "alice").await;
+    let (bob_id, bob) = user(channel, "bob").await;
+    let create = cpb::CreateChatRequest { member_ids: vec![bob_id.clone()], ..Default::default() };
+    ChatServiceClient::new(channel.clone()).create_chat(authed(&alice, create)).await.unwrap();
+    (alice, bob_id, bob)
+}
+
+/// A stream of every chat of the holder of `token`.
+async fn stream(channel: &Channel, token: &str) -> tonic::codec::Streaming<mpb::StreamEventsResponse> {
+    let all = mpb::StreamEventsRequest::default();
+    MessageServiceClient::new(channel.clone()).stream_events(authed(token, all)).await.unwrap().into_inner()
+}
+
+async fn presence_of(channel: &Channel, token: &str, user_id: &str) -> mpb::Presence {
+    let request = mpb::GetPresenceRequest { user_ids: vec![user_id.to_owned()] };
+    let answer = MessageServiceClient::new(channel.clone()).get_presence(authed(token, request)).await.unwrap();
+    answer.into_inner().presences.remove(0)
+}
+
+/// Two all-in-one replicas on fresh schemas of one PostgreSQL and one NATS,
+/// heartbeating every `heartbeat` (the first has migrated the schemas when
+/// the second starts); bob streams on `one`, alice watches on `two` and has
+/// seen bob come online there. None (test skipped) without PostgreSQL and
+/// NATS.
+struct Scene {
+    db: String,
+    nats: String,
+    prefix: String,
+    one: Node,
+    two: Node,
+    on_two: Channel,
+    alice: String,
+    bob_id: String,
+    watching: tonic::codec::Streaming<mpb::StreamEventsResponse>,
+    _held: tonic::codec::Streaming<mpb::StreamEventsResponse>,
+}
+
+impl Scene {
+    async fn start(heartbeat: &str) -> Option<Self> {
+        let (Some(db), Some(nats)) = (env("NATTER_TEST_DATABASE_URL"), env("NATTER_TEST_NATS_URL")) else {
+            eprintln!("skipped: NATTER_TEST_DATABASE_URL and NATTER_TEST_NATS_URL are not set");
+            return None;
+        };
+        let prefix = format!("p{}_", uuid::Uuid::new_v4().simple());
+        let one = replica(&db, &prefix, &nats, heartbeat);
+        let on_one = one.channel().await;
+        let two = replica(&db, &prefix, &nats, heartbeat);
+        let on_two = two.channel().await;
+        let (alice, bob_id, bob) = pair(&on_one).await;
+        let mut watching = stream(&on_two, &alice).await;
+        let _held = stream(&on_one, &bob).await;
+        let online = next_presence(&mut watching).await;
+        assert_eq!((online.user_id.as_str(), online.state), (bob_id.as_str(), mpb::PresenceState::Online as i32));
+        assert_eq!(presence_of(&on_two, &alice, &bob_id).await.state, mpb::PresenceState::Online as i32);
+        Some(Self { db, nats, prefix, one, two, on_two, alice, bob_id, watching, _held })
+    }
+
+    /// Alice's next presence change, which must be bob going offline: its
+    /// last-seen time (µs).
+    async fn bob_goes_offline(&mut self) -> i64 {
+        let offline = next_presence(&mut self.watching).await;
+        assert_eq!(
+            (offline.user_id.as_str(), offline.state),
+            (self.bob_id.as_str(), mpb::PresenceState::Offline as i32)
+        );
+        micros(offline.last_seen_time.as_ref().expect("a last_seen_time"))
+    }
+
+    async fn finish(self) {
+        drop(self.watching);
+        drop((self.one, self.two));
+        drop_schemas(&self.db, &self.prefix).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_s_users_go_offline_after_its_missed_heartbeats() {
+    // A silent replica is dead after 600 ms.
+    let Some(mut s) = Scene::start("200ms").await else { return };
+
+    // Replica one dies without a word: replica two takes bob offline once
+    // one's heartbeats stop (3 missed, checked every 200 ms), as of one's
+    // last heartbeat.
+    let killed_at = now_micros();
+    let killed = Instant::now();
+    s.one.kill();
+    let last_seen = s.bob_goes_offline().await;
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(3), "offline {took:?} after the kill (expiry 600-800 ms)");
+    assert!(
+        (killed_at - 1_000_000..=killed_at).contains(&last_seen),
+        "last seen at replica one's last heartbeat, before the kill: {last_seen} vs {killed_at}"
+    );
+    let asked = presence_of(&s.on_two, &s.alice, &s.bob_id).await;
+    assert_eq!(
+        (asked.state, asked.last_seen_time.as_ref().map(micros)),
+        (mpb::PresenceState::Offline as i32, Some(last_seen))
+    );
+    s.finish().await;
+}
+
+/// With heartbeats a minute apart, neither a stop nor a start waits for
+/// one: a replica stopped with SIGTERM takes its users offline on its way
+/// out, and a replica that starts asks the others who is online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_replica_s_users_go_offline_at_once_and_a_new_one_asks_who_is_online() {
+    let Some(mut s) = Scene::start("60s").await else { return };
+
+    // A third replica knows bob is online within moments, not a minute.
+    let three = replica(&s.db, &s.prefix, &s.nats, "60s");
+    let on_three = three.channel().await;
+    let started = Instant::now();
+    while presence_of(&on_three, &s.alice, &s.bob_id).await.state != mpb::PresenceState::Online as i32 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the new replica never learnt bob is online");
+        // Within --presence-rate (120/1m) for the whole deadline.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Replica one stops: bob is offline everywhere at once (3 minutes before
+    // his replica's heartbeats would have expired).
+    let stopping = now_micros();
+    s.one.terminate();
+    let last_seen = s.bob_goes_offline().await;
+    assert!((stopping..=now_micros()).contains(&last_seen), "last seen as replica one stopped");
+    let asked = presence_of(&on_three, &s.alice, &s.bob_id).await;
+    assert_eq!(asked.state, mpb::PresenceState::Offline as i32, "replica three heard it too");
+    drop(three);
+    s.finish().await;
+}

@@ -1,0 +1,190 @@
+//! Presence: GetPresence and `presence_changed` go only to users who share a
+//! chat with the user; a user is online while any of their streams is open.
+
+use natter_kit::time::{micros, now_micros};
+use natter_proto::chats::v1 as cpb;
+use natter_proto::messages::v1 as mpb;
+use natter_testkit::{Cluster, Flags, TestUser, authed};
+use tonic::Code;
+use tonic::codec::Streaming;
+
+use crate::chats::{direct, send};
+use crate::stream::{next_any as next, open};
+use crate::stream_abuse::wait_for;
+use mpb::PresenceState::{Offline, Online, Unspecified};
+use mpb::stream_events_response::Event;
+
+crate::both_modes!(
+    flags = natter_testkit::Flags { messages: &["--max-streams-per-user", "2"], ..natter_testkit::Flags::default() };
+    presence_reaches_those_who_share_a_chat_once_per_change_and_nobody_else,
+    get_presence_refuses_bad_ids_by_field_and_too_many_calls,
+);
+
+/// A group chat of `owner` with `members`.
+async fn group(c: &Cluster, owner: &TestUser, members: &[&TestUser], title: &str) -> cpb::Chat {
+    let request = cpb::CreateChatRequest {
+        title: title.into(),
+        member_ids: members.iter().map(|m| m.id.clone()).collect(),
+        ..Default::default()
+    };
+    c.chats().create_chat(authed(owner, request)).await.unwrap().into_inner().chat.unwrap()
+}
+
+/// GetPresence of `users` as `caller`.
+async fn presence(c: &Cluster, caller: &TestUser, users: &[&str]) -> Vec<mpb::Presence> {
+    let request = mpb::GetPresenceRequest { user_ids: users.iter().map(|u| u.to_string()).collect() };
+    c.messages().get_presence(authed(caller, request)).await.expect("GetPresence").into_inner().presences
+}
+
+/// The next event, which must be a presence change.
+async fn next_presence(
+    stream: &mut Streaming<mpb::StreamEventsResponse>,
+) -> (mpb::StreamEventsResponse, mpb::Presence) {
+    let event = next(stream).await;
+    match &event.event {
+        Some(Event::PresenceChanged(p)) => {
+            let p = p.clone();
+            (event, p)
+        }
+        other => panic!("expected presence_changed, got {other:?}"),
+    }
+}
+
+fn state(p: &mpb::Presence) -> mpb::PresenceState {
+    mpb::PresenceState::try_from(p.state).expect("a known state")
+}
+
+async fn presence_reaches_those_who_share_a_chat_once_per_change_and_nobody_else(c: &Cluster) {
+    let (alice, bob, carol, dave) =
+        (c.user("alice").await, c.user("bob").await, c.user("carol").await, c.user("dave").await);
+    // Alice and bob share two chats; carol shares none with bob.
+    let first = group(c, &alice, &[&bob], "first").await;
+    let second = group(c, &alice, &[&bob], "second").await;
+    let carols = direct(c, &carol, &dave).await;
+    let mut alices = open(c, &alice, &[], &[]).await;
+    let mut carol_stream = open(c, &carol, &[], &[]).await;
+
+    // Bob comes online: alice hears it once, through one of the chats they
+    // share, at her stream's change number of it (no resume point moves).
+    let mut bob1 = open(c, &bob, &[], &[]).await;
+    let (event, online) = next_presence(&mut alices).await;
+    assert_eq!((online.user_id.as_str(), state(&online)), (bob.id.as_str(), Online));
+    assert!(online.last_seen_time.is_none(), "no last_seen_time while online");
+    assert!([&first.id, &second.id].contains(&&event.chat_id), "a shared chat: {}", event.chat_id);
+    assert_eq!(event.seq, 0);
+    // Once per change, not once per shared chat: bob's message in the other
+    // chat is alice's next event.
+    let other = if event.chat_id == first.id { &second.id } else { &first.id };
+    send(c, &bob, other, "in the other chat").await;
+    let after = next(&mut alices).await;
+    assert!(matches!(&after.event, Some(Event::MessageCreated(m)) if m.text == "in the other chat"), "{after:?}");
+    // Its change_seq was her stream's last of that chat: the chat's next
+    // change takes the number after it.
+    send(c, &bob, &event.chat_id, "in the same chat").await;
+    let after = next(&mut alices).await;
+    assert!(matches!(&after.event, Some(Event::MessageCreated(m)) if m.text == "in the same chat"), "{after:?}");
+    assert_eq!(after.change_seq, event.change_seq + 1, "presence took no change number");
+
+    // GetPresence: bob online to alice; carol (no shared chat) and a user
+    // who does not exist are answered alike, revealing nothing; alice sees
+    // herself.
+    let nobody = uuid::Uuid::now_v7().to_string();
+    let seen = presence(c, &alice, &[&bob.id, &carol.id, &nobody, &alice.id]).await;
+    let states: Vec<_> = seen.iter().map(|p| (p.user_id.as_str(), state(p), p.last_seen_time.is_some())).collect();
+    assert_eq!(
+        states,
+        [
+            (bob.id.as_str(), Online, false),
+            (carol.id.as_str(), Unspecified, false),
+            (nobody.as_str(), Unspecified, false),
+            (alice.id.as_str(), Online, false)
+        ]
+    );
+    let to_carol = presence(c, &carol, &[&bob.id]).await;
+    assert_eq!((state(&to_carol[0]), to_carol[0].last_seen_time.is_none()), (Unspecified, true), "not carol's to know");
+
+    // Two streams of bob: closing one keeps him online. (The cap of two
+    // streams per user proves the first one's end reached the server: only
+    // then does a third open.)
+    let bob2 = open(c, &bob, &[], &[]).await;
+    drop(bob1);
+    let bob3 = wait_for(|| async {
+        let request = mpb::StreamEventsRequest::default();
+        c.messages().stream_events(authed(&bob, request)).await.ok().map(|s| s.into_inner())
+    })
+    .await;
+    let seen = presence(c, &alice, &[&bob.id]).await;
+    assert_eq!(state(&seen[0]), Online, "one stream closed of two: still online");
+    bob1 = bob3;
+
+    // Bob's last streams close: alice hears he is offline, as of then, and
+    // GetPresence says the same.
+    let closing = now_micros();
+    drop(bob2);
+    drop(bob1);
+    let (_, offline) = next_presence(&mut alices).await;
+    assert_eq!((offline.user_id.as_str(), state(&offline)), (bob.id.as_str(), Offline));
+    let last_seen = micros(offline.last_seen_time.as_ref().expect("a last_seen_time"));
+    assert!((closing..=now_micros()).contains(&last_seen), "last seen as his last stream closed");
+    let seen = presence(c, &alice, &[&bob.id]).await;
+    assert_eq!((state(&seen[0]), seen[0].last_seen_time.as_ref().map(micros)), (Offline, Some(last_seen)));
+
+    // Carol heard nothing of bob: her first event is dave's message.
+    send(c, &dave, &carols.id, "hi carol").await;
+    let first_for_carol = next(&mut carol_stream).await;
+    assert!(
+        matches!(&first_for_carol.event, Some(Event::MessageCreated(m)) if m.text == "hi carol"),
+        "carol's first event: {first_for_carol:?}"
+    );
+}
+
+async fn get_presence_refuses_bad_ids_by_field_and_too_many_calls(c: &Cluster) {
+    let alice = c.user("alice").await;
+    let call = |ids: Vec<String>| {
+        let mut client = c.messages();
+        let request = authed(&alice, mpb::GetPresenceRequest { user_ids: ids });
+        async move { client.get_presence(request).await }
+    };
+    let refused = call(Vec::new()).await.expect_err("no ids");
+    assert_eq!(crate::violated_fields(&refused), ["user_ids"]);
+    let refused = call((0..101).map(|_| uuid::Uuid::now_v7().to_string()).collect()).await.expect_err("101 ids");
+    assert_eq!(crate::violated_fields(&refused), ["user_ids"]);
+    let refused = call(vec![alice.id.clone(), "not-an-id".into()]).await.expect_err("a bad id");
+    assert_eq!(crate::violated_fields(&refused), ["user_ids[1]"]);
+    // Never online yet: offline, no last-seen time.
+    let own = call(vec![alice.id.clone()]).await.unwrap().into_inner().presences;
+    assert_eq!((state(&own[0]), own[0].last_seen_time.is_none()), (Offline, true));
+
+    // Abuse is refused, not slowed: --presence-rate (120/1m) runs out.
+    let mut refused = None;
+    for _ in 0..200 {
+        if let Err(status) = call(vec![alice.id.clone()]).await {
+            refused = Some(status);
+            break;
+        }
+    }
+    let refused = refused.expect("refused within 200 calls");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    crate::retry_delay(&refused);
+}
+
+crate::each_mode!(a_server_stopped_with_streams_open_records_their_users_last_seen_time);
+
+/// A server stopped while bob's stream is open takes him offline as it
+/// stops (its goodbye), and his last-seen time is stored: after the
+/// restart, GetPresence says when.
+async fn a_server_stopped_with_streams_open_records_their_users_last_seen_time(mode: natter_testkit::Mode) {
+    let Some(c) = Cluster::start_with(mode, Flags::default()).await else { return };
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    direct(&c, &alice, &bob).await;
+    let held = open(&c, &bob, &[], &[]).await;
+    assert_eq!(state(&presence(&c, &alice, &[&bob.id]).await[0]), Online);
+    let stopping = now_micros();
+    let c = c.restart_with(Flags::default()).await;
+    drop(held);
+    let seen = presence(&c, &alice, &[&bob.id]).await;
+    assert_eq!(state(&seen[0]), Offline);
+    let last_seen = micros(seen[0].last_seen_time.as_ref().expect("a last_seen_time after the restart"));
+    assert!(last_seen >= stopping, "as the server stopped: {last_seen} < {stopping}");
+    c.stop().await;
+}

@@ -104,6 +104,22 @@ step("they chat both ways, live, without reloading", async () => {
   }
 });
 
+step("presence: alice sees bob online, offline with a last-seen time while he is away, online again", async () => {
+  const dot = chatItem(alicePage, bob.name).locator('[data-testid="presence"]');
+  await chatItem(alicePage, bob.name).locator('[data-testid="presence"][data-state="online"]').waitFor();
+  await alicePage.locator("#chat-presence", { hasText: "online" }).waitFor();
+  await chatItem(bobPage, alice.name).locator('[data-testid="presence"][data-state="online"]').waitFor();
+  // Bob's page goes away (its stream closes) and cannot come back yet.
+  await bobPage.route("**/natter.messages.v1.MessageService/StreamEvents", (route) => route.abort());
+  await bobPage.reload();
+  await chatItem(alicePage, bob.name).locator('[data-testid="presence"][data-state="offline"]').waitFor();
+  await alicePage.locator("#chat-presence", { hasText: "last seen" }).waitFor();
+  assert.match(await dot.getAttribute("title"), /^last seen /);
+  await bobPage.unroute("**/natter.messages.v1.MessageService/StreamEvents");
+  await chatItem(alicePage, bob.name).locator('[data-testid="presence"][data-state="online"]').waitFor();
+  await bobPage.locator("#status", { hasText: "live" }).waitFor();
+});
+
 step("after a reload bob still sees the whole history in order", async () => {
   await bobPage.reload();
   await bobPage.locator("#me", { hasText: bob.name }).waitFor(); // token kept in localStorage

@@ -10,9 +10,11 @@ import {
   GenerationStatus,
   MembershipChange,
   MessageRole,
+  PresenceState,
   SortOrder as MessageOrder,
   type Message,
   type MessageDelta,
+  type Presence,
   type StreamEventsResponse,
 } from "./gen/natter/messages/v1/messages_pb";
 import { RegenerateMode } from "./gen/natter/assistant/v1/assistant_pb";
@@ -42,6 +44,8 @@ let stream: AbortController | null = null;
 
 /** Per chat, who is typing (user id -> until, ms since the epoch): see SetTyping. */
 const typers = new Map<string, Map<string, number>>();
+/** The presence of the people of our direct chats (GetPresence, presence_changed). */
+const presence = new Map<string, { online: boolean; lastSeen?: Date }>();
 /** When this page last told the server we are typing, per chat (ms). */
 const typingSent = new Map<string, number>();
 /** How often to renew our own indicator while typing (it lasts 5 s). */
@@ -178,6 +182,8 @@ function renderChatList() {
       name.className = "chat-name";
       name.textContent = chatName(chat);
       if (chat.kind === ChatKind.DIRECT && isBot(peers.get(chat.id))) name.append(" ", botBadge());
+      const peer = peers.get(chat.id);
+      if (peer && !isBot(peer)) name.prepend(presenceDot(peer));
       const excerpt = document.createElement("span");
       excerpt.className = "chat-excerpt";
       const last = chat.lastMessage;
@@ -201,6 +207,54 @@ function renderChatList() {
       return li;
     }),
   );
+}
+
+/** How `userId` stands, for people: "online", "last seen 14:02", or "" when unknown. */
+function presenceText(userId: string): string {
+  const p = presence.get(userId);
+  if (!p) return "";
+  if (p.online) return "online";
+  return p.lastSeen ? `last seen ${p.lastSeen.toLocaleString()}` : "offline";
+}
+
+/** A dot before a person's name: green while they are online. */
+function presenceDot(userId: string): HTMLSpanElement {
+  const dot = document.createElement("span");
+  const p = presence.get(userId);
+  dot.className = "presence" + (p?.online ? " online" : "");
+  dot.dataset.testid = "presence";
+  dot.dataset.state = p ? (p.online ? "online" : "offline") : "unknown";
+  dot.title = presenceText(userId) || "presence unknown";
+  return dot;
+}
+
+/** Shows the open direct chat's other member's presence under its title. */
+function renderPresence() {
+  const peer = open ? peers.get(open.id) : undefined;
+  el("chat-presence").textContent = peer && !isBot(peer) ? presenceText(peer) : "";
+}
+
+/** Notes a Presence (GetPresence's or an event's); UNSPECIFIED tells nothing. */
+function notePresence(p: Presence) {
+  if (p.state === PresenceState.UNSPECIFIED) return;
+  presence.set(p.userId, {
+    online: p.state === PresenceState.ONLINE,
+    lastSeen: p.lastSeenTime ? timestampDate(p.lastSeenTime) : undefined,
+  });
+}
+
+/**
+ * Asks the presence of the people of our direct chats (the stream pushes
+ * changes, not the state: so at every (re)connect).
+ */
+async function refreshPresence() {
+  const ids = [...new Set(peers.values())].filter((id) => !isBot(id));
+  for (let i = 0; i < ids.length; i += 100) {
+    const res = await api.messages.getPresence({ userIds: ids.slice(i, i + 100) });
+    res.presences.forEach(notePresence);
+  }
+  renderChatList();
+  renderPresence();
 }
 
 function botBadge(): HTMLSpanElement {
@@ -473,6 +527,7 @@ function fetchChat(chatId: string): Promise<void> {
         await resolveChats([res.chat]);
         addChat(res.chat);
         renderChatList();
+        void refreshPresence().catch((e) => console.warn("presence:", e));
       } finally {
         fetchingChats.delete(chatId);
       }
@@ -488,6 +543,7 @@ async function openChat(chatId: string) {
   const state: OpenChat = { id: chatId, messages: new Map(), olderToken: "", loadingOlder: false };
   open = state;
   el("chat-title").textContent = chatName(chat);
+  renderPresence();
   el("composer-form").hidden = false;
   input("composer").placeholder = isBot(peers.get(chatId)) ? "Ask the assistant" : "Message";
   renderChatList();
@@ -716,6 +772,12 @@ function handleEvent(ev: StreamEventsResponse) {
     applyDelta(chatId, ev.event.value);
     return;
   }
+  if (ev.event.case === "presenceChanged") {
+    notePresence(ev.event.value);
+    renderChatList();
+    renderPresence();
+    return;
+  }
   if (ev.changeSeq > 0n) {
     const had = lastChange.get(chatId);
     if (had !== undefined && ev.changeSeq <= had) return; // delivered already
@@ -842,6 +904,7 @@ async function runStream(signal: AbortSignal) {
       const onHeader = () => {
         setStatus("live");
         backoff = 500;
+        void refreshPresence().catch((e) => console.warn("presence:", e));
       };
       for await (const ev of api.messages.streamEvents({ resume, resumeChanges }, { signal, onHeader })) handleEvent(ev);
     } catch (err) {
@@ -889,6 +952,7 @@ async function enter(user: User) {
 function closeChat() {
   open = null;
   el("chat-title").textContent = "Pick a chat or start one";
+  renderPresence();
   el("composer-form").hidden = true;
   el("load-older").hidden = true;
   renderMessages();
@@ -965,6 +1029,7 @@ el("new-chat-form").addEventListener("submit", (e) => {
     addChat(chat);
     input("new-chat-username").value = "";
     await openChat(chat.id);
+    await refreshPresence();
   });
 });
 

@@ -42,7 +42,7 @@ pub(crate) struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ceiling,send,fanout,typing,reactions,resume,history,chats,streams,assistant"
+        default_value = "ceiling,send,fanout,typing,reactions,resume,history,chats,streams,assistant,search"
     )]
     pub(crate) scenarios: Vec<Scenario>,
 
@@ -99,6 +99,15 @@ pub(crate) struct Args {
     /// Depth of the deep `history` page: the page below the newest N messages [default: 1000000; --smoke: 1000].
     #[arg(long)]
     pub(crate) history_depth: Option<u64>,
+
+    /// Messages of the big chat `search` searches [default: 1000000; --smoke: 2000].
+    #[arg(long)]
+    pub(crate) search_depth: Option<u64>,
+
+    /// Other chats (of 100 messages each) of the user who searches in
+    /// `search` [default: 100; --smoke: 5].
+    #[arg(long)]
+    pub(crate) search_chats: Option<usize>,
 
     /// Seed `history` by SQL straight into this SQLite messages store (the
     /// server's `<data-dir>/messages.db`); the server may keep running.
@@ -177,6 +186,9 @@ pub(crate) enum Scenario {
     /// Replies generated at once, streamed as deltas to live streams, and
     /// SendMessage beside them (needs --spawn).
     Assistant,
+    /// SearchMessages, one- and two-word queries, over a chat of a million
+    /// messages and 100 others.
+    Search,
 }
 
 /// Every knob of a run, resolved from the flags (printed with the results).
@@ -201,6 +213,8 @@ pub(crate) struct Settings {
     pub(crate) event_streams_per_connection: usize,
     pub(crate) history_depth: u64,
     pub(crate) history_page_size: i32,
+    pub(crate) search_depth: u64,
+    pub(crate) search_chats: usize,
     pub(crate) idle_streams: Vec<usize>,
     pub(crate) resume_clients: usize,
     pub(crate) resume_clients_per_chat: usize,
@@ -239,6 +253,8 @@ impl Settings {
             event_streams_per_connection: args.event_streams_per_connection.max(1),
             history_depth: args.history_depth.unwrap_or(pick(smoke, 1_000_000, 1000)).max(1),
             history_page_size: 50,
+            search_depth: args.search_depth.unwrap_or(pick(smoke, 1_000_000, 2000)).max(100),
+            search_chats: args.search_chats.unwrap_or(pick(smoke, 100, 5)),
             idle_streams,
             resume_clients: args.resume_clients.unwrap_or(pick(smoke, 1000, 20)).max(1),
             resume_clients_per_chat: args.resume_clients_per_chat.max(1),

@@ -104,6 +104,9 @@ async fn run(
             settings.history_depth
         );
     }
+    if selected(Scenario::Search) && store.is_none() {
+        bail!("search needs direct store access: --seed-sqlite PATH/messages.db, --seed-postgres URL, or --spawn");
+    }
     if args.postgres && selected(Scenario::History) && args.seed_postgres.is_none() {
         bail!("--postgres: history seeds through --seed-postgres URL (schema --schema)");
     }
@@ -136,6 +139,7 @@ async fn run(
         Scenario::History,
         Scenario::Chats,
         Scenario::Streams,
+        Scenario::Search,
         // Last: its replies may still stream after it.
         Scenario::Assistant,
     ];
@@ -158,6 +162,7 @@ async fn run(
             Scenario::Chats => scenarios::chats::run(&ctx).await,
             Scenario::Streams => scenarios::streams::run(&ctx).await,
             Scenario::Assistant => scenarios::assistant::run(&ctx).await,
+            Scenario::Search => scenarios::search::run(&ctx).await,
         };
         let report = result.unwrap_or_else(|e| {
             failed += 1;

@@ -26,11 +26,26 @@ pub(crate) enum Store {
     Postgres { url: String, schema: String },
 }
 
-/// Writes messages 1..=`count` of `chat_id` by `author_id` and sets the
-/// chat's head to `count`. The chat must have no messages yet.
+/// The text of seeded message `n` as an SQL expression over `n`, the same
+/// on both engines: "seeded message 42".
+pub(crate) const PLAIN_TEXT: &str = "'seeded message ' || n";
+
+/// Writes messages 1..=`count` of `chat_id` by `author_id`, message `n`'s
+/// text `text_sql` (an SQL expression over `n` that both engines read
+/// alike, such as [`PLAIN_TEXT`]), and sets the chat's head to `count`. The
+/// chat must have no messages yet. The text is indexed for search as the
+/// service would: by the store's triggers on SQLite, by
+/// `to_tsvector('simple', ...)` on PostgreSQL, which splits plain ASCII
+/// words as natter does (only such text may be seeded).
 ///
 /// Errors: the store cannot be opened or refuses the writes.
-pub(crate) async fn seed(store: &Store, chat_id: &str, author_id: &str, count: u64) -> anyhow::Result<()> {
+pub(crate) async fn seed(
+    store: &Store,
+    chat_id: &str,
+    author_id: &str,
+    count: u64,
+    text_sql: &'static str,
+) -> anyhow::Result<()> {
     let count = i64::try_from(count)?;
     // Ids are valid UUIDs: the first 4 groups of a fresh v7 id, then the seq
     // in hex as the last group.
@@ -39,9 +54,9 @@ pub(crate) async fn seed(store: &Store, chat_id: &str, author_id: &str, count: u
     // One message per millisecond, ending now.
     let first_time = now_micros - count * 1000;
     match store {
-        Store::Sqlite(path) => seed_sqlite(path, chat_id, author_id, count, &prefix, first_time).await,
+        Store::Sqlite(path) => seed_sqlite(path, chat_id, author_id, count, &prefix, first_time, text_sql).await,
         Store::Postgres { url, schema } => {
-            seed_postgres(url, schema, chat_id, author_id, count, &prefix, first_time).await
+            seed_postgres(url, schema, chat_id, author_id, count, &prefix, first_time, text_sql).await
         }
     }
 }
@@ -53,6 +68,7 @@ async fn seed_sqlite(
     count: i64,
     prefix: &str,
     first_time: i64,
+    text_sql: &str,
 ) -> anyhow::Result<()> {
     if !path.exists() {
         bail!("{} does not exist (point --seed-sqlite at the server's messages.db)", path.display());
@@ -64,22 +80,23 @@ async fn seed_sqlite(
         .await
         .with_context(|| format!("cannot open {}", path.display()))?;
     let mut tx = conn.begin().await?;
-    sqlx::query(
+    let insert = format!(
         "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time, \
          change_seq, create_change) \
          WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < ?1), \
          h(c) AS (SELECT COALESCE((SELECT last_change FROM chat_heads WHERE chat_id = ?3), 0)) \
-         SELECT printf('%s-%012x', ?2, n), ?3, n, ?4, 'seeded message ' || n, '', 0, ?5 + n * 1000, NULL, 1, NULL, h.c + n, h.c + n \
-         FROM s, h",
-    )
-    .bind(count)
-    .bind(prefix)
-    .bind(chat_id)
-    .bind(author_id)
-    .bind(first_time)
-    .execute(&mut *tx)
-    .await
-    .context("inserting seeded messages")?;
+         SELECT printf('%s-%012x', ?2, n), ?3, n, ?4, {text_sql}, '', 0, ?5 + n * 1000, NULL, 1, NULL, h.c + n, h.c + n \
+         FROM s, h"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(insert))
+        .bind(count)
+        .bind(prefix)
+        .bind(chat_id)
+        .bind(author_id)
+        .bind(first_time)
+        .execute(&mut *tx)
+        .await
+        .context("inserting seeded messages")?;
     sqlx::query(
         "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES (?1, ?2, ?2) \
          ON CONFLICT (chat_id) DO UPDATE SET last_seq = excluded.last_seq, last_change = chat_heads.last_change + ?2",
@@ -93,6 +110,7 @@ async fn seed_sqlite(
     Ok(())
 }
 
+#[expect(clippy::too_many_arguments, reason = "the seed's parts, passed through from seed")]
 async fn seed_postgres(
     url: &str,
     schema: &str,
@@ -101,6 +119,7 @@ async fn seed_postgres(
     count: i64,
     prefix: &str,
     first_time: i64,
+    text_sql: &str,
 ) -> anyhow::Result<()> {
     let valid = schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
         && schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
@@ -111,10 +130,10 @@ async fn seed_postgres(
     let mut tx = conn.begin().await?;
     let insert = format!(
         "INSERT INTO {schema}.messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time, \
-         change_seq, create_change) \
-         SELECT $2 || '-' || lpad(to_hex(n), 12, '0'), $3, n, $4, 'seeded message ' || n, '', 0, $5 + n * 1000, NULL, 1, NULL, \
-         h.c + n, h.c + n \
-         FROM generate_series(1::bigint, $1::bigint) AS n, \
+         change_seq, create_change, search_vector) \
+         SELECT $2 || '-' || lpad(to_hex(n), 12, '0'), $3, n, $4, t.text, '', 0, $5 + n * 1000, NULL, 1, NULL, \
+         h.c + n, h.c + n, to_tsvector('simple', t.text) \
+         FROM generate_series(1::bigint, $1::bigint) AS n, LATERAL (SELECT {text_sql} AS text) AS t, \
          (SELECT COALESCE((SELECT last_change FROM {schema}.chat_heads WHERE chat_id = $3), 0) AS c) AS h"
     );
     sqlx::query(sqlx::AssertSqlSafe(insert))

@@ -139,6 +139,14 @@ async fn call(c: &Cluster, p: &People, f: &Fixture, rpc: &str, token: Option<&st
             let r = mpb::RemoveReactionRequest { message_id: message, emoji: "👍".into() };
             c.messages().remove_reaction(req(token, r)).await.map(drop)
         }
+        "SearchMessages(the chat)" => {
+            let r = mpb::SearchMessagesRequest { query: "member".into(), chat_id: chat, ..Default::default() };
+            c.messages().search_messages(req(token, r)).await.map(drop)
+        }
+        "SearchMessages(the caller's chats)" => {
+            let r = mpb::SearchMessagesRequest { query: "member".into(), ..Default::default() };
+            c.messages().search_messages(req(token, r)).await.map(drop)
+        }
         "ReportMessage(member's)" => {
             let r = mpb::ReportMessageRequest {
                 message_id: message,
@@ -241,6 +249,8 @@ async fn every_rpc_allows_exactly_whom_it_should(c: &Cluster) {
         ("GetPresence(member's)", [Ok, Ok, Ok, Ok, Ok, Unauth]),
         ("AddReaction(member's)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("RemoveReaction(member's)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("SearchMessages(the chat)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("SearchMessages(the caller's chats)", [Ok, Ok, Ok, Ok, Ok, Unauth]),
         ("ReportMessage(member's)", [Ok, Ok, Pre, Deny, Deny, Unauth]),
         ("ResolveReport(member's)", [Ok, Ok, Deny, Deny, Deny, Unauth]),
         ("ListFlaggedMessages", [Ok, Ok, Ok, Ok, Ok, Unauth]),

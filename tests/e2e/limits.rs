@@ -172,7 +172,16 @@ mod per_user {
     pub(crate) const FLAGS: Flags<'static> = Flags {
         sessions: &[],
         chats: &["--create-chat-rate", "3/1h"],
-        messages: &["--send-message-rate", "4/1h", "--edit-message-rate", "2/1h", "--stream-open-rate", "2/1h"],
+        messages: &[
+            "--send-message-rate",
+            "4/1h",
+            "--edit-message-rate",
+            "2/1h",
+            "--stream-open-rate",
+            "2/1h",
+            "--search-rate",
+            "2/1h",
+        ],
         assistant: &[],
     };
 
@@ -212,6 +221,12 @@ mod per_user {
         m.edit_message(authed(&alice, edit("e1"))).await.unwrap();
         m.edit_message(authed(&alice, edit("e2"))).await.unwrap();
         retry_delay(&m.edit_message(authed(&alice, edit("e3"))).await.unwrap_err());
+
+        let search = || mpb::SearchMessagesRequest { query: "m1".into(), ..Default::default() };
+        assert_eq!(m.search_messages(authed(&alice, search())).await.unwrap().into_inner().results.len(), 1);
+        m.search_messages(authed(&alice, search())).await.unwrap();
+        retry_delay(&m.search_messages(authed(&alice, search())).await.unwrap_err());
+        m.search_messages(authed(&bob, search())).await.expect("another user has a rate of their own");
 
         let open = || mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], ..Default::default() };
         let _first = m.stream_events(authed(&alice, open())).await.expect("first stream");

@@ -16,6 +16,7 @@ mod messages;
 mod otel;
 mod presence;
 mod resume_property;
+mod search;
 mod sessions;
 mod stream;
 mod stream_abuse;

@@ -53,7 +53,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
     let seeded_by = match &ctx.store {
         Some(store) => {
             eprintln!("history: seeding {total} messages by SQL into the messages store ...");
-            seed::seed(store, &chat, &f.users[0].id, total).await?;
+            seed::seed(store, &chat, &f.users[0].id, total, seed::PLAIN_TEXT).await?;
             match store {
                 seed::Store::Sqlite(_) => "sqlite",
                 seed::Store::Postgres { .. } => "postgres",

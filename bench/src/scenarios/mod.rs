@@ -10,6 +10,7 @@ pub(crate) mod fanout;
 pub(crate) mod history;
 pub(crate) mod reactions;
 pub(crate) mod resume;
+pub(crate) mod search;
 pub(crate) mod send;
 pub(crate) mod streams;
 pub(crate) mod typing;

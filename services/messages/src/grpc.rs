@@ -22,10 +22,11 @@ use crate::domain::{
 use crate::error::MessagesError;
 use crate::presence::Seen;
 use crate::registry::{StreamLimits, StreamRegistry};
+use crate::search::{self, Query, SearchMessages};
 use crate::service::Messages;
 use crate::store::{
     Change, ChatChange, ChatDetails, Flags, Generation, GenerationInfo, Heads, Message, QueueFilter, Range, Reaction,
-    Revision, Role, Seq, StoredReport, Summary,
+    Revision, Role, SearchCursor, Seq, StoredReport, Summary,
 };
 use crate::stream::{self, EventStream, Follow, Resume};
 
@@ -131,6 +132,37 @@ pub fn list_request(r: &pb::ListMessagesRequest) -> Result<(ListMessages, u64), 
         flagged: r.flagged,
     };
     Ok((ListMessages { chat_id, range, from, page_size, include_history: r.include_history }, fingerprint))
+}
+
+/// Validates a SearchMessages request: the command and the fingerprint of
+/// its query, chat and order, which its page tokens carry. INVALID_ARGUMENT
+/// lists every field at fault.
+pub fn search_request(r: &pb::SearchMessagesRequest) -> Result<(SearchMessages, u64), Status> {
+    let query = Query::parse(&r.query).map_err(|reason| ("query", reason));
+    let chat_id = ChatId::parse_optional("chat_id", &r.chat_id).map_err(|_| ("chat_id", "must be a UUID".to_owned()));
+    let relevance = match r.order_by.trim() {
+        "" | "send_time desc" => Ok(false),
+        "relevance" => Ok(true),
+        _ => Err(("order_by", "must be \"\", \"send_time desc\" or \"relevance\"".to_owned())),
+    };
+    let page_size = paging::page_size("page_size", r.page_size, search::SEARCH_PAGE_DEFAULT, search::SEARCH_PAGE_MAX)
+        .map_err(|_| ("page_size", "must not be negative".to_owned()));
+    let (query, chat_id, relevance, page_size) = match (query, chat_id, relevance, page_size) {
+        (Ok(q), Ok(c), Ok(o), Ok(p)) => (q, c, o, p),
+        (q, c, o, p) => {
+            let mut violations = FieldViolations::new();
+            for (field, reason) in [q.err(), c.err(), o.err(), p.err()].into_iter().flatten() {
+                violations.add(field, reason);
+            }
+            return Err(violations.into_status());
+        }
+    };
+    let fingerprint = paging::fingerprint(&[&r.query, &chat_id.map(|c| c.0), &relevance]);
+    // The rank travels as its bits: a float's decimal form need not parse
+    // back to the same float, and the next page starts after it exactly.
+    let from = paging::decode::<(u64, i64)>("page_token", &r.page_token, fingerprint)?
+        .map(|(rank, position)| SearchCursor { rank: f64::from_bits(rank), position });
+    Ok((SearchMessages { query, chat_id, page_size, from, relevance }, fingerprint))
 }
 
 /// Validates a ListMessageRevisions request: the command and the
@@ -723,6 +755,24 @@ impl MessageService for MessageApi {
         let seen = self.messages.presence_of(caller, &users).await?;
         Ok(Response::new(pb::GetPresenceResponse {
             presences: users.into_iter().zip(seen).map(|(user, seen)| presence_pb(user, seen)).collect(),
+        }))
+    }
+
+    async fn search_messages(
+        &self,
+        request: Request<pb::SearchMessagesRequest>,
+    ) -> Result<Response<pb::SearchMessagesResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let (search, fingerprint) = search_request(request.get_ref())?;
+        let (found, next) = self.messages.search(caller, search).await?;
+        Ok(Response::new(pb::SearchMessagesResponse {
+            results: found
+                .into_iter()
+                .map(|f| pb::SearchResult { message: Some(message_pb(f.message, Vec::new())), snippet: f.snippet })
+                .collect(),
+            next_page_token: next
+                .map(|c| paging::encode(&(c.rank.to_bits(), c.position), fingerprint))
+                .unwrap_or_default(),
         }))
     }
 

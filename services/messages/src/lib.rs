@@ -2,7 +2,8 @@
 //! numbers, idempotent sends, read positions and StreamEvents with exact
 //! resume.
 //!
-//! Layers: [`domain`] (rules and validated commands, no IO), [`store`] (the
+//! Layers: [`domain`] and [`search`] (rules and validated commands, no
+//! IO; the search query language and its two engines' forms), [`store`] (the
 //! store contract and its SQLite and PostgreSQL implementations),
 //! [`service`] (the domain operations), [`stream`] (the live stream),
 //! [`grpc`] (the thin tonic translation, the only place protobuf is built
@@ -17,6 +18,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod presence;
 pub mod registry;
+pub mod search;
 pub mod service;
 pub mod store;
 pub mod stream;
@@ -38,8 +40,26 @@ pub use error::MessagesError;
 pub use grpc::{MessageApi, MessageInternalApi};
 pub use service::Messages;
 
-/// The messages schema, embedded at compile time.
+/// The messages schema both engines share, embedded at compile time
+/// (`migrations/*.sql`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The schema of the SQLite store: [`MIGRATOR`]'s migrations and SQLite's
+/// own (`migrations/sqlite/`, from 0009 on: full-text search).
+pub static SQLITE_MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> =
+    std::sync::LazyLock::new(|| with_engine_migrations(&sqlx::migrate!("./migrations/sqlite")));
+
+/// The schema of the PostgreSQL store: [`MIGRATOR`]'s migrations and
+/// PostgreSQL's own (`migrations/postgres/`).
+pub static POSTGRES_MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> =
+    std::sync::LazyLock::new(|| with_engine_migrations(&sqlx::migrate!("./migrations/postgres")));
+
+/// [`MIGRATOR`]'s migrations followed by `engine`'s, in version order (one
+/// sequence of versions: an engine's migration takes a number no shared one
+/// has).
+fn with_engine_migrations(engine: &sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+    sqlx::migrate::Migrator::with_migrations(MIGRATOR.iter().chain(engine.iter()).cloned().collect())
+}
 
 /// Options of the messages service (the limits DESIGN.md lists).
 ///
@@ -87,6 +107,10 @@ pub struct MessagesArgs {
     /// or `off`.
     #[arg(long, env = "NATTER_REACTION_RATE", default_value = "600/1m")]
     pub reaction_rate: Rate,
+    /// SearchMessages calls per user: N/PERIOD, or `off` (a search reads
+    /// the text index of every chat of the caller's).
+    #[arg(long, env = "NATTER_SEARCH_RATE", default_value = "120/1m")]
+    pub search_rate: Rate,
     /// StreamEvents streams opened per user: N/PERIOD, or `off`.
     #[arg(long, env = "NATTER_STREAM_OPEN_RATE", default_value = "120/1m")]
     pub stream_open_rate: Rate,
@@ -171,6 +195,7 @@ impl Default for MessagesArgs {
             send_message_rate: Rate::parse("1200/1m").expect("valid rate"),
             edit_message_rate: Rate::parse("600/1m").expect("valid rate"),
             reaction_rate: Rate::parse("600/1m").expect("valid rate"),
+            search_rate: Rate::parse("120/1m").expect("valid rate"),
             stream_open_rate: streams.open_rate,
             typing_rate: Rate::parse("60/1m").expect("valid rate"),
             typing_timeout: std::time::Duration::from_secs(5),

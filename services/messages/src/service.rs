@@ -21,9 +21,10 @@ use crate::error::MessagesError;
 use crate::grpc;
 use crate::presence::{Presence, Seen};
 use crate::registry::StreamLimits;
+use crate::search::{Found, SearchMessages};
 use crate::store::{
     ChatChange, Edited, Finish, Flags, Message, MessageStore, NewMessage, NewReply, QueueCursor, QueueFilter, Range,
-    Reacted, ReadState, Revision, Sent, Seq, Started, StoreError, StoredReport, Summary,
+    Reacted, ReadState, Revision, SearchCursor, SearchFilter, Sent, Seq, Started, StoreError, StoredReport, Summary,
 };
 use crate::stream::Resume;
 use crate::writer::Writer;
@@ -54,6 +55,8 @@ pub struct Messages {
     reaction_rate: RateLimiter<UserId>,
     /// SetTyping calls per user.
     typing_rate: RateLimiter<UserId>,
+    /// SearchMessages calls per user.
+    search_rate: RateLimiter<UserId>,
     /// How long an indicator lasts unless renewed.
     typing_timeout: std::time::Duration,
     /// The prompt-injection detector (None: scanning off).
@@ -98,6 +101,7 @@ impl Messages {
             edit_rate: RateLimiter::new("message edits", args.edit_message_rate),
             reaction_rate: RateLimiter::new("reactions", args.reaction_rate),
             typing_rate: RateLimiter::new("typing indicators", args.typing_rate),
+            search_rate: RateLimiter::new("searches", args.search_rate),
             typing_timeout: args.typing_timeout,
             detector: (args.scan_messages == crate::Scan::All).then(natter_detect::Detector::default),
             staff: args.staff_user_ids.iter().map(|u| UserId(*u)).collect(),
@@ -661,8 +665,7 @@ impl Messages {
         filter.chats = if self.staff.contains(&caller) {
             None
         } else {
-            let ids = self.chats.managed_chat_ids(&caller.to_string()).await?;
-            Some(ids.iter().filter_map(|c| Uuid::try_parse(c).ok().map(ChatId)).collect())
+            Some(chat_ids(self.chats.managed_chat_ids(&caller.to_string()).await?))
         };
         let (mut messages, reports): (Vec<Message>, Vec<Vec<StoredReport>>) =
             self.store.flagged(&filter, from, limit).await?.into_iter().unzip();
@@ -670,16 +673,65 @@ impl Messages {
         Ok(messages.into_iter().zip(reports).collect())
     }
 
+    /// SearchMessages: a page of the messages of the caller's chats (or of
+    /// the one chat asked for, of which the caller must be a member) that
+    /// match the query, each with its snippet, flags as GetMessage shows
+    /// them and reactions; with the cursor of the next page while there
+    /// are more. The chats are the caller's now (the chats service's
+    /// membership), so a chat left is never searched.
+    ///
+    /// Errors: RESOURCE_EXHAUSTED (--search-rate), NOT_FOUND /
+    /// PERMISSION_DENIED for `chat_id` as [`Messages::member`].
+    #[tracing::instrument(skip_all, fields(relevance = req.relevance))]
+    pub async fn search(
+        &self,
+        caller: UserId,
+        req: SearchMessages,
+    ) -> Result<(Vec<Found>, Option<SearchCursor>), MessagesError> {
+        self.search_rate.check(&caller)?;
+        let mut managed = std::collections::HashSet::new();
+        let chats: Vec<ChatId> = match req.chat_id {
+            Some(chat) => {
+                if natter_links::manages(&self.member(chat, caller).await?) {
+                    managed.insert(chat);
+                }
+                vec![chat]
+            }
+            None => chat_ids(self.chats.member_chat_ids(&caller.to_string()).await?),
+        };
+        if chats.is_empty() {
+            return Ok((Vec::new(), None));
+        }
+        let filter = SearchFilter { query: &req.query, chats: &chats, relevance: req.relevance };
+        let mut hits = self.store.search(&filter, req.from, req.page_size + 1).await?;
+        let next = if hits.len() > req.page_size as usize {
+            hits.truncate(req.page_size as usize);
+            hits.last().map(|h| h.cursor)
+        } else {
+            None
+        };
+        // Another's flags are shown to the chat's owner and admins only: ask
+        // which chats those are only when a page holds such flags.
+        if req.chat_id.is_none() && hits.iter().any(|h| h.message.flags.is_some() && h.message.author_id != caller) {
+            managed.extend(chat_ids(self.chats.managed_chat_ids(&caller.to_string()).await?));
+        }
+        let mut messages: Vec<Message> = hits
+            .into_iter()
+            .map(|h| {
+                let manager = managed.contains(&h.message.chat_id);
+                flags_for(h.message, caller, manager)
+            })
+            .collect();
+        with_reactions(self.store.as_ref(), &mut messages, Some(caller)).await?;
+        let found =
+            messages.into_iter().map(|message| Found { snippet: req.query.snippet(&message.text), message }).collect();
+        Ok((found, next))
+    }
+
     /// Internal: where a bot's stream resumes each of its chats: its read
     /// position (it moves it past each message it has taken).
     pub async fn read_positions(&self, user: UserId) -> Result<HashMap<Uuid, Resume>, MessagesError> {
-        let chats: Vec<ChatId> = self
-            .chats
-            .member_chat_ids(&user.to_string())
-            .await?
-            .iter()
-            .filter_map(|c| Uuid::try_parse(c).ok().map(ChatId))
-            .collect();
+        let chats = chat_ids(self.chats.member_chat_ids(&user.to_string()).await?);
         let positions = self.store.read_positions(user, &chats).await?;
         Ok(chats.into_iter().zip(positions).map(|(chat, seq)| (chat.0, Resume::Seq(seq))).collect())
     }
@@ -789,6 +841,12 @@ pub(crate) async fn with_reactions(
         message.reactions = found.remove(&message.id).unwrap_or_default();
     }
     Ok(())
+}
+
+/// The chat ids the chats service answered, as ids (it answers only
+/// well-formed ones).
+fn chat_ids(ids: Vec<String>) -> Vec<ChatId> {
+    ids.iter().filter_map(|c| Uuid::try_parse(c).ok().map(ChatId)).collect()
 }
 
 /// `message` with its reactions' counts only (no viewer's own), as events

@@ -543,6 +543,35 @@ pub(crate) use report_columns;
 /// message id), newest first.
 pub type QueueCursor = (i64, MessageId);
 
+/// Where a page of search results goes on: after the result with this
+/// rank and position. `position` is the order messages were stored in
+/// (SQLite's rowid, PostgreSQL's `search_position`), highest first;
+/// `rank` is the engine's own relevance score (FTS5's bm25, lower is
+/// better; PostgreSQL's ts_rank, higher is better), 0 when ordered newest
+/// first.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SearchCursor {
+    pub rank: f64,
+    pub position: i64,
+}
+
+/// What [`MessageStore::search`] looks for.
+#[derive(Clone, Debug)]
+pub struct SearchFilter<'a> {
+    pub query: &'a crate::search::Query,
+    /// The chats searched (the caller's): never empty.
+    pub chats: &'a [ChatId],
+    /// Best match first (then newest), rather than newest first.
+    pub relevance: bool,
+}
+
+/// A message a search found, and where the next page starts if it ends here.
+#[derive(Clone, Debug)]
+pub struct SearchHit {
+    pub message: Message,
+    pub cursor: SearchCursor,
+}
+
 /// Which messages the moderation queue lists ([`MessageStore::flagged`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct QueueFilter {
@@ -1068,6 +1097,19 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// When each of `users` that has a record was last online (µs).
     async fn last_seen(&self, users: &[UserId]) -> Result<HashMap<UserId, i64>, StoreError>;
+
+    /// Full-text search: up to `limit` live messages of `filter.chats`
+    /// whose current text matches `filter.query` (never a deleted message
+    /// nor a superseded reply), newest first (by stored order) or best
+    /// match first, after `from`. Uses the engine's text index (FTS5 or a
+    /// GIN `tsvector` index), kept in step with every write of a message's
+    /// text in the same transaction.
+    async fn search(
+        &self,
+        filter: &SearchFilter<'_>,
+        from: Option<SearchCursor>,
+        limit: u32,
+    ) -> Result<Vec<SearchHit>, StoreError>;
 
     /// Stops taking writes and waits for the writes queued before.
     async fn close(&self);

@@ -25,9 +25,10 @@ use sqlx::{PgPool, Row as _};
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
-    QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, Sent, Seq, Started, StoreError, StoredReport,
-    Summary, aggregates_sql, chat_change_of, chat_change_row, decode_mentions, encode_mentions, list_sql,
-    mention_count_sql, merge_changes, message_columns, parse_id, report_columns, unread_count_sql,
+    QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, SearchCursor, SearchFilter, SearchHit, Sent,
+    Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of, chat_change_row,
+    decode_mentions, encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns, parse_id,
+    report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -52,13 +53,15 @@ macro_rules! insert_batch_sql {
                RETURNING chat_id, last_seq, last_change), \
              inserted AS ( \
                INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
-                                     revision, delete_time, change_seq, create_change, flag_severity, flags, mentions) \
+                                     revision, delete_time, change_seq, create_change, flag_severity, flags, mentions, \
+                                     search_vector) \
                SELECT i.id, i.chat_id, h.last_seq - c.n + i.k, i.author_id, i.text, i.attachments, i.reply, i.send_time, \
                       NULL, 1, NULL, h.last_change - c.n + i.k, h.last_change - c.n + i.k, i.flag_severity, i.flags, \
-                      i.mentions \
+                      i.mentions, i.search_vector::tsvector \
                FROM UNNEST($3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::bigint[], \
-                           $10::bigint[], $11::int[], $12::text[], $13::text[]) \
-                    AS i (id, chat_id, k, author_id, text, attachments, reply, send_time, flag_severity, flags, mentions) \
+                           $10::bigint[], $11::int[], $12::text[], $13::text[], $14::text[]) \
+                    AS i (id, chat_id, k, author_id, text, attachments, reply, send_time, flag_severity, flags, mentions, \
+                          search_vector) \
                JOIN heads h ON h.chat_id = i.chat_id \
                JOIN UNNEST($1::text[], $2::bigint[]) AS c (chat_id, n) ON c.chat_id = i.chat_id)",
             $extra,
@@ -70,13 +73,14 @@ macro_rules! insert_batch_sql {
 /// Bumps the heads of chats `$1` (in chat-id order), seq and change number
 /// alike, by counts `$2` and inserts the messages `$3..$13` (id, chat id,
 /// 1-based position among the batch's messages of its chat, author, text,
-/// attachments, reply, send time, flags, mentions) with seq `head - count +
-/// position` and change number likewise; returns every chat's new heads
-/// (chat id, seq, change number).
+/// attachments, reply, send time, flags, mentions, and the text's words
+/// as a `tsvector` literal) with seq `head - count + position` and change
+/// number likewise; returns every chat's new heads (chat id, seq, change
+/// number).
 const INSERT_BATCH: &str = insert_batch_sql!("");
 
 /// [`INSERT_BATCH`] for a batch that mentions someone: it also inserts the
-/// rows `$14..$16` of `message_mentions` (chat id, the message's position
+/// rows `$15..$17` of `message_mentions` (chat id, the message's position
 /// as in `$5`, user id) at the seqs their messages take, in the same
 /// statement. Batches without mentions keep to [`INSERT_BATCH`], whose
 /// plan never sees the table.
@@ -84,11 +88,14 @@ const INSERT_BATCH_MENTIONS: &str = insert_batch_sql!(
     ", mentioned AS ( \
        INSERT INTO message_mentions (chat_id, user_id, seq) \
        SELECT n.chat_id, n.user_id, h.last_seq - c.n + n.k \
-       FROM UNNEST($14::text[], $15::bigint[], $16::text[]) AS n (chat_id, k, user_id) \
+       FROM UNNEST($15::text[], $16::bigint[], $17::text[]) AS n (chat_id, k, user_id) \
        JOIN heads h ON h.chat_id = n.chat_id \
        JOIN UNNEST($1::text[], $2::bigint[]) AS c (chat_id, n) ON c.chat_id = n.chat_id \
        ON CONFLICT DO NOTHING)"
 );
+
+/// Messages [`PostgresStore::index_unindexed`] indexes per statement.
+const INDEX_BATCH: i64 = 1000;
 
 /// Takes the next change number of chat `$1` (creating its heads row if
 /// need be), locking the row until the transaction ends.
@@ -111,7 +118,38 @@ impl PostgresStore {
     /// Errors: an invalid schema name, the server is unreachable, or a
     /// migration fails.
     pub async fn open(url: &str, schema: &str, max_connections: u32) -> Result<Self, StoreError> {
-        Ok(Self { pool: natter_db::postgres::connect(url, schema, max_connections, &crate::MIGRATOR).await? })
+        let store =
+            Self { pool: natter_db::postgres::connect(url, schema, max_connections, &crate::POSTGRES_MIGRATOR).await? };
+        store.index_unindexed().await?;
+        Ok(store)
+    }
+
+    /// Writes the `search_vector` of messages stored before migration 0009
+    /// (NULL: its SQL cannot split words as `crate::search` does), a batch
+    /// of [`INDEX_BATCH`] at a time; nothing once they all have one.
+    /// Replicas starting together may index the same rows: each writes the
+    /// same value.
+    async fn index_unindexed(&self) -> Result<(), StoreError> {
+        loop {
+            let rows: Vec<(String, String)> =
+                sqlx::query_as("SELECT id, text FROM messages WHERE search_vector IS NULL LIMIT $1")
+                    .bind(INDEX_BATCH)
+                    .fetch_all(&self.pool)
+                    .await?;
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let (ids, vectors): (Vec<String>, Vec<String>) =
+                rows.into_iter().map(|(id, text)| (id, crate::search::tsvector(&text))).unzip();
+            sqlx::query(
+                "UPDATE messages m SET search_vector = v.search_vector::tsvector \
+                 FROM UNNEST($1::text[], $2::text[]) AS v (id, search_vector) WHERE m.id = v.id",
+            )
+            .bind(&ids)
+            .bind(&vectors)
+            .execute(&self.pool)
+            .await?;
+        }
     }
 
     /// One attempt at [`MessageStore::start_reply`].
@@ -167,8 +205,9 @@ impl PostgresStore {
         let row = sqlx::query(concat!(
             "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
              revision, delete_time, change_seq, create_change, role, generation, replaces_id, generation_info, \
-             checkpoint_time) \
-             VALUES ($1, $2, $3, $4, $9, '', $5, $6, NULL, 1, NULL, $7, $7, 2, $10, $8, $11, $12) RETURNING ",
+             checkpoint_time, search_vector) \
+             VALUES ($1, $2, $3, $4, $9, '', $5, $6, NULL, 1, NULL, $7, $7, 2, $10, $8, $11, $12, $13::tsvector) \
+             RETURNING ",
             message_columns!()
         ))
         .bind(&id)
@@ -183,6 +222,7 @@ impl PostgresStore {
         .bind(generation as i32)
         .bind(info)
         .bind(checkpoint)
+        .bind(crate::search::tsvector(text))
         .fetch_one(&mut *tx)
         .await?;
         let reply = message_row(&row)?;
@@ -284,7 +324,8 @@ impl PostgresStore {
                 .bind(positions.iter().map(|(i, _)| batch[*i].send_time).collect::<Vec<i64>>())
                 .bind(positions.iter().map(|(i, _)| Flags::columns(batch[*i].flags.as_ref()).0).collect::<Vec<i32>>())
                 .bind(pick(&|i| Flags::columns(batch[i].flags.as_ref()).1))
-                .bind(pick(&|i| encode_mentions(&batch[i].mentions)));
+                .bind(pick(&|i| encode_mentions(&batch[i].mentions)))
+                .bind(pick(&|i| crate::search::tsvector(&batch[i].text)));
             let query =
                 if mentions.0.is_empty() { query } else { query.bind(&mentions.0).bind(&mentions.1).bind(&mentions.2) };
             let heads: Vec<(String, i64, i64)> = query.fetch_all(&self.pool).await?;
@@ -447,7 +488,7 @@ impl MessageStore for PostgresStore {
         let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
         let row = sqlx::query(concat!(
             "UPDATE messages SET text = $1, revision = revision + 1, edit_time = $2, change_seq = $4, \
-             flag_severity = $5, flags = $6 WHERE id = $3 RETURNING ",
+             flag_severity = $5, flags = $6, search_vector = $7::tsvector WHERE id = $3 RETURNING ",
             message_columns!()
         ))
         .bind(text)
@@ -456,6 +497,7 @@ impl MessageStore for PostgresStore {
         .bind(change)
         .bind(flag_severity)
         .bind(flags)
+        .bind(crate::search::tsvector(text))
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -477,7 +519,7 @@ impl MessageStore for PostgresStore {
             let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
             sqlx::query(
                 "UPDATE messages SET text = '', attachments = '', change_seq = $2, flag_severity = 0, flags = '', \
-                 reaction_rows = 0, mentions = '' WHERE id = $1",
+                 reaction_rows = 0, mentions = '', search_vector = '' WHERE id = $1",
             )
             .bind(&id)
             .bind(change)
@@ -863,14 +905,18 @@ impl MessageStore for PostgresStore {
     async fn checkpoint_replies(&self, checkpoints: &[Checkpoint], now: i64) -> Result<Vec<Option<bool>>, StoreError> {
         let ids: Vec<String> = checkpoints.iter().map(|c| c.id.to_string()).collect();
         let texts: Vec<Option<&str>> = checkpoints.iter().map(|c| c.text.as_deref()).collect();
+        let vectors: Vec<Option<String>> =
+            checkpoints.iter().map(|c| c.text.as_deref().map(crate::search::tsvector)).collect();
         let rows: Vec<(String, i32)> = sqlx::query_as(
-            "UPDATE messages m SET text = COALESCE(c.text, m.text), checkpoint_time = $3 \
-             FROM UNNEST($1::text[], $2::text[]) AS c(id, text) \
+            "UPDATE messages m SET text = COALESCE(c.text, m.text), checkpoint_time = $3, \
+             search_vector = COALESCE(c.search_vector::tsvector, m.search_vector) \
+             FROM UNNEST($1::text[], $2::text[], $4::text[]) AS c(id, text, search_vector) \
              WHERE m.id = c.id AND m.generation = 1 RETURNING m.id, m.stop_requested",
         )
         .bind(&ids)
         .bind(&texts)
         .bind(now)
+        .bind(&vectors)
         .fetch_all(&self.pool)
         .await?;
         let stops: std::collections::HashMap<String, bool> = rows.into_iter().map(|(id, s)| (id, s != 0)).collect();
@@ -903,7 +949,8 @@ impl MessageStore for PostgresStore {
         let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
         let row = sqlx::query(concat!(
             "UPDATE messages SET text = $2, generation = $3, generation_info = $4, change_seq = $5, \
-             checkpoint_time = NULL, flag_severity = $6, flags = $7 WHERE id = $1 RETURNING ",
+             checkpoint_time = NULL, flag_severity = $6, flags = $7, search_vector = $8::tsvector WHERE id = $1 \
+             RETURNING ",
             message_columns!()
         ))
         .bind(&id)
@@ -913,6 +960,7 @@ impl MessageStore for PostgresStore {
         .bind(change)
         .bind(flag_severity)
         .bind(flags)
+        .bind(crate::search::tsvector(&finish.text))
         .fetch_one(&mut *tx)
         .await?;
         let reply = message_row(&row)?;
@@ -1209,6 +1257,47 @@ impl MessageStore for PostgresStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(|row| Ok((id_at(row, 0)?, row.try_get(1)?))).collect()
+    }
+
+    async fn search(
+        &self,
+        filter: &SearchFilter<'_>,
+        from: Option<SearchCursor>,
+        limit: u32,
+    ) -> Result<Vec<SearchHit>, StoreError> {
+        let chats: Vec<String> = filter.chats.iter().map(ChatId::to_string).collect();
+        // ts_rank is a real: compared as float8, it round-trips through a
+        // page token exactly.
+        let (rank, order, after) = if filter.relevance {
+            (
+                "ts_rank(search_vector, $1::tsquery)::float8",
+                "search_rank DESC, search_position DESC",
+                "($3::float8 IS NULL OR ts_rank(search_vector, $1::tsquery)::float8 < $3 \
+                 OR (ts_rank(search_vector, $1::tsquery)::float8 = $3 AND search_position < $4))",
+            )
+        } else {
+            ("0::float8", "search_position DESC", "($3::float8 IS NULL OR search_position < $4)")
+        };
+        let sql = format!(
+            "SELECT {}, search_position, {rank} AS search_rank FROM messages \
+             WHERE search_vector @@ $1::tsquery AND chat_id = ANY($2) AND delete_time IS NULL AND superseded = 0 \
+             AND {after} ORDER BY {order} LIMIT {limit}",
+            message_columns!()
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(filter.query.tsquery())
+            .bind(&chats)
+            .bind(from.map(|c| c.rank))
+            .bind(from.map_or(i64::MAX, |c| c.position))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let cursor =
+                    SearchCursor { position: row.try_get(MESSAGE_COLUMNS)?, rank: row.try_get(MESSAGE_COLUMNS + 1)? };
+                Ok(SearchHit { message: message_row(row)?, cursor })
+            })
+            .collect()
     }
 
     async fn close(&self) {

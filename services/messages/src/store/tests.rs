@@ -100,6 +100,9 @@ message_store_suite!(
     concurrent_reactions_on_one_message_never_drift,
     mentions_are_kept_with_the_message_and_count_only_unread_live_mentions_of_others,
     last_seen_keeps_the_latest_time_whatever_order_replicas_write_in,
+    search_finds_the_current_text_of_live_messages_of_the_chats_asked,
+    search_pages_walk_every_result_once_in_both_orders,
+    both_engines_find_the_same_messages_for_the_same_queries,
 );
 
 /// Fixed ids, so tests can name chats and users by letter.
@@ -1089,4 +1092,131 @@ async fn last_seen_keeps_the_latest_time_whatever_order_replicas_write_in(h: &Ha
     }
     let expected: HashMap<UserId, i64> = [(user(1), 100), (user(3), 1_007)].into();
     assert_eq!(s.last_seen(&[user(1), user(3)]).await.unwrap(), expected);
+}
+
+/// The numbers (as [`id`] takes them) of the messages of `chats` that
+/// `query` finds, walking pages of `page` results.
+async fn found_in(h: &Harness, query: &str, chats: &[u8], relevance: bool, page: u32) -> Vec<u32> {
+    let query = crate::search::Query::parse(query).unwrap();
+    let chats: Vec<ChatId> = chats.iter().copied().map(chat).collect();
+    let filter = SearchFilter { query: &query, chats: &chats, relevance };
+    let (mut out, mut from) = (Vec::new(), None);
+    loop {
+        let hits = h.store.search(&filter, from, page).await.unwrap();
+        out.extend(hits.iter().map(|hit| u32::try_from(hit.message.id.0.as_u128() - 0x1_0000).unwrap()));
+        if hits.len() < page as usize {
+            return out;
+        }
+        from = hits.last().map(|hit| hit.cursor);
+    }
+}
+
+/// [`found_in`] newest first, one page.
+async fn found(h: &Harness, query: &str, chats: &[u8]) -> Vec<u32> {
+    found_in(h, query, chats, false, 100).await
+}
+
+fn text(mut m: NewMessage, text: &str) -> NewMessage {
+    m.text = text.into();
+    m
+}
+
+async fn search_finds_the_current_text_of_live_messages_of_the_chats_asked(h: &Harness) {
+    send(
+        h,
+        &[
+            text(msg(1, 1, 0), "an apple a day"),
+            text(msg(2, 2, 0), "Apple pie"),
+            text(msg(3, 3, 0), "apple of a chat not asked"),
+            text(msg(4, 1, 0), "pears only"),
+        ],
+    )
+    .await;
+    assert_eq!(found(h, "apple", &[1, 2]).await, [2, 1], "newest first, only the chats asked");
+    assert_eq!(found(h, "apple", &[3]).await, [3]);
+    assert_eq!(found(h, "apple day", &[1, 2]).await, [1], "every word");
+    assert_eq!(found(h, "\"a day\"", &[1]).await, [1], "a phrase");
+    assert!(found(h, "\"day a\"", &[1]).await.is_empty(), "a phrase keeps its order");
+    // An edit: the old word is gone, the new one found.
+    h.store.edit(id(1), "a banana a day", None, 2_000, 5).await.unwrap();
+    assert_eq!(found(h, "apple", &[1, 2]).await, [2]);
+    assert_eq!(found(h, "banana", &[1]).await, [1]);
+    // A delete: gone.
+    h.store.delete(id(2), 3_000).await.unwrap();
+    assert!(found(h, "apple", &[1, 2]).await.is_empty());
+    // A reply as it streams, as it finishes, and once superseded.
+    let (r, _) = created(h.store.start_reply(&reply(5, 1, 4, None)).await.unwrap());
+    h.store.checkpoint_reply(r.id, Some("a cherry so"), 6_000).await.unwrap();
+    assert_eq!(found(h, "cherry", &[1]).await, [5]);
+    let info = GenerationInfo::default();
+    h.store.finish_reply(r.id, &fin("a plum it is", Generation::Complete, &info, false)).await.unwrap();
+    assert!(found(h, "cherry", &[1]).await.is_empty());
+    assert_eq!(found(h, "plum", &[1]).await, [5]);
+    created(h.store.start_reply(&reply(6, 1, 4, Some(5))).await.unwrap());
+    assert!(found(h, "plum", &[1]).await.is_empty(), "a superseded reply");
+    // A purged chat: gone.
+    h.store.purge_chat(chat(3)).await.unwrap();
+    assert!(found(h, "apple", &[3]).await.is_empty());
+}
+
+async fn search_pages_walk_every_result_once_in_both_orders(h: &Harness) {
+    let batch: Vec<NewMessage> = (1..=7)
+        .map(|n| text(msg(n, u8::try_from(n % 2).unwrap(), 0), &format!("word {}", "word ".repeat(n as usize))))
+        .collect();
+    send(h, &batch).await;
+    send(h, &[text(msg(8, 0, 0), "no match")]).await;
+    for page in [1, 2, 3, 100] {
+        assert_eq!(found_in(h, "word", &[0, 1], false, page).await, [7, 6, 5, 4, 3, 2, 1], "page {page}");
+        // More of the word ranks higher on both engines' scores.
+        assert_eq!(found_in(h, "word", &[0, 1], true, page).await, [7, 6, 5, 4, 3, 2, 1], "page {page}");
+    }
+}
+
+async fn both_engines_find_the_same_messages_for_the_same_queries(h: &Harness) {
+    let texts = [
+        "Café au lait, s'il vous plaît",
+        "NAÏVE e-mail to user@example.com at 3.14 pm",
+        "Привет, мир! йогурт",
+        "東京タワー and snake_case_words",
+        "it's the caffeine; CAFE, cafés",
+        "the quick brown fox jumps over the lazy dog",
+    ];
+    let batch: Vec<NewMessage> = texts.iter().zip(1..).map(|(t, n)| text(msg(n, 1, 0), t)).collect();
+    send(h, &batch).await;
+    for (query, expected) in [
+        ("cafe", &[5, 1][..]),
+        ("CAFÉ", &[5, 1]),
+        ("café*", &[5, 1]),
+        ("caf*", &[5, 1]),
+        ("cafés", &[5]),
+        ("naive", &[2]),
+        ("e-mail", &[2]),
+        ("\"e mail\"", &[2]),
+        ("user@example.com", &[2]),
+        ("example", &[2]),
+        ("3.14", &[2]),
+        ("14", &[2]),
+        ("привет", &[3]),
+        ("ЙОГУРТ", &[3]),
+        ("йог*", &[3]),
+        ("東京タワー", &[4]),
+        ("snake_case", &[4]),
+        ("case", &[4]),
+        ("it's", &[5]),
+        ("s", &[5, 1]),
+        ("\"the lazy dog\"", &[6]),
+        ("\"lazy the\"", &[]),
+        ("fox dog quick", &[6]),
+        ("fox cat", &[]),
+        ("OR", &[]),
+        ("fox OR cat", &[]),
+        ("NOT fox", &[]),
+        ("quick NEAR brown", &[]),
+        ("fox^ -dog (quick) {brown}: +the", &[6]),
+        ("jump*", &[6]),
+        ("jumps*", &[6]),
+    ] {
+        let want: Vec<u32> = expected.to_vec();
+        assert_eq!(found(h, query, &[1]).await, want, "{query:?}");
+    }
 }

@@ -26,9 +26,9 @@ use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
     QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, SearchCursor, SearchFilter, SearchHit, Sent,
-    Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of, chat_change_row,
-    decode_mentions, encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns, parse_id,
-    report_columns, unread_count_sql,
+    Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of, chat_change_row, decode_mentions,
+    encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns, parse_id, report_columns,
+    unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 

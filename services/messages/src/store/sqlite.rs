@@ -23,8 +23,7 @@ use super::{
     QueueFilter, RECENT_ACTIVITY_ROWS, Range, Reacted, Reaction, ReadState, Reply, Revision, SearchCursor,
     SearchFilter, SearchHit, Sent, Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of,
     chat_change_row, created_after_bounds, decode_mentions, encode_mentions, first_seq_created_after, list_sql,
-    mention_count_sql, merge_changes, message_columns,
-    report_columns, unread_count_sql,
+    mention_count_sql, merge_changes, message_columns, report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 

@@ -44,7 +44,7 @@ enum Command {
     /// Runs the chats service alone (as natter-chats does).
     Chats(natter_chats::Config),
     /// Runs the messages service alone (as natter-messages does).
-    Messages(natter_messages::Config),
+    Messages(Box<natter_messages::Config>),
     /// Runs the assistant service alone (as natter-assistant does).
     Assistant(natter_assistant::Config),
     /// Runs the edge (as natter-edge does).
@@ -91,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = natter_kit::telemetry::init("natter-messages", &config.server)?;
             let listener = listen(config.server.listen, "natter messages").await?;
             let internal = tokio::net::TcpListener::bind(config.internal.internal_listen).await?;
-            natter_messages::run(config, listener, internal, natter_kit::serve::shutdown_token()).await
+            natter_messages::run(*config, listener, internal, natter_kit::serve::shutdown_token()).await
         }
         Command::Assistant(config) => {
             let _telemetry = natter_kit::telemetry::init("natter-assistant", &config.server)?;

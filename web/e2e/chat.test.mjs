@@ -264,6 +264,26 @@ step("alice mentions bob: his chat list counts it until he reads it, and the mes
   assert.equal(await chatItem(bobPage, alice.name).locator(".mention-count").count(), 0);
 });
 
+step("bob searches his messages: matches marked, a click opens the chat, bad syntax explained", async () => {
+  await bobPage.fill("#search-query", "lunch");
+  await bobPage.click("#search");
+  const results = bobPage.locator('[data-testid="search-result"]');
+  // Newest first: the mention, then alice's first message.
+  await results.first().locator(".snippet", { hasText: "lunch?" }).waitFor();
+  const texts = await results.locator(".snippet").allTextContents();
+  assert.deepEqual(texts, [`Ping @${bob.name}, lunch?`, history[0]]);
+  assert.deepEqual(await results.locator("mark").allTextContents(), ["lunch", "Lunch"]);
+  await results.nth(1).click();
+  await bobPage.locator("#chat-title", { hasText: alice.name }).waitFor();
+  // An unbalanced quote is the caller's error: the server's words, naming the field, beside the box.
+  await bobPage.fill("#search-query", '"lunch');
+  await bobPage.click("#search");
+  await bobPage.locator("#search-summary.invalid", { hasText: /^invalid query: .*unbalanced/ }).waitFor();
+  assert.equal(await bobPage.locator('[data-testid="search-result"]').count(), 0);
+  await bobPage.fill("#search-query", "");
+  await bobPage.locator('[data-testid="search-results"]').waitFor({ state: "hidden" });
+});
+
 step("log out and back in", async () => {
   await bobPage.click("#logout");
   await bobPage.locator("#auth-view").waitFor();

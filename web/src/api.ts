@@ -50,6 +50,11 @@ export function isFailedPrecondition(err: unknown): boolean {
   return ConnectError.from(err).code === Code.FailedPrecondition;
 }
 
+/** The request itself was wrong (the message names the field). */
+export function isInvalidArgument(err: unknown): boolean {
+  return ConnectError.from(err).code === Code.InvalidArgument;
+}
+
 /** Errors worth retrying with the same request (the network or server blipped). */
 export function isTransient(err: unknown): boolean {
   const code = ConnectError.from(err).code;

@@ -837,6 +837,7 @@ function handleEvent(ev: StreamEventsResponse) {
         putMessage(open, m);
         renderMessages();
       }
+
       if (chat?.lastMessage?.seq === m.seq) {
         chat.lastMessage.text = m.deleted ? "" : m.text.slice(0, 200);
         renderChatList();
@@ -1012,6 +1013,83 @@ el("logout").addEventListener("click", () =>
     }
   }),
 );
+
+// ---------------------------------------------------------------- search
+
+/** The search being shown: its query and the token of its next page. */
+let search: { query: string; nextPageToken: string } | null = null;
+
+/** A snippet's matches, which the server wraps in « and », as <mark>s. */
+function snippetNodes(snippet: string): Node[] {
+  return snippet.split(/(«[^»]*»)/).filter(Boolean).map((part) => {
+    if (!part.startsWith("«")) return document.createTextNode(part);
+    const mark = document.createElement("mark");
+    mark.textContent = part.slice(1, -1);
+    return mark;
+  });
+}
+
+/** Shows a page of search results (appended to the list unless `fresh`). */
+async function runSearch(query: string, pageToken = "") {
+  const res = await api.messages.searchMessages({ query, pageToken, pageSize: 20 });
+  const list = el("search-list");
+  if (!pageToken) list.replaceChildren();
+  await ensureUsers(res.results.flatMap((r) => (r.message ? [r.message.authorId] : [])));
+  const unknown = res.results.flatMap((r) => (r.message && !chats.has(r.message.chatId) ? [r.message.chatId] : []));
+  for (const chatId of new Set(unknown)) await fetchChat(chatId);
+  for (const r of res.results) {
+    const m = r.message;
+    if (!m) continue;
+    const li = document.createElement("li");
+    li.className = "search-result";
+    li.dataset.testid = "search-result";
+    li.dataset.chatId = m.chatId;
+    li.dataset.seq = String(m.seq);
+    const where = document.createElement("div");
+    where.className = "meta";
+    const chat = chats.get(m.chatId);
+    const time = m.sendTime ? timestampDate(m.sendTime).toLocaleString() : "";
+    where.textContent = `${chat ? chatName(chat) : "a chat"} · ${userName(m.authorId)} · ${time}`;
+    const text = document.createElement("div");
+    text.className = "snippet";
+    text.append(...snippetNodes(r.snippet));
+    li.append(where, text);
+    li.addEventListener("click", () => void act(() => openChat(m.chatId)));
+    list.append(li);
+  }
+  search = { query, nextPageToken: res.nextPageToken };
+  el("search-summary").classList.remove("invalid");
+  const shown = list.childElementCount;
+  el("search-summary").textContent = shown === 0 ? `Nothing found for “${query}”` : `Messages with “${query}”`;
+  el("search-more").hidden = !res.nextPageToken;
+  el("search-results").hidden = false;
+}
+
+el("search-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const query = input("search-query").value.trim();
+  if (!query) return;
+  void act(async () => {
+    try {
+      await runSearch(query);
+    } catch (err) {
+      if (!api.isInvalidArgument(err)) throw err;
+      // A query the server cannot read: say why beside the box, not as a failure.
+      search = null;
+      el("search-list").replaceChildren();
+      el("search-more").hidden = true;
+      el("search-summary").textContent = api.describe(err);
+      el("search-summary").classList.add("invalid");
+      el("search-results").hidden = false;
+    }
+  });
+});
+el("search-query").addEventListener("input", () => {
+  if (!input("search-query").value.trim()) el("search-results").hidden = true;
+});
+el("search-more").addEventListener("click", () => {
+  if (search?.nextPageToken) void act(() => runSearch(search!.query, search!.nextPageToken));
+});
 
 // ---------------------------------------------------------------- chat actions
 

@@ -326,7 +326,7 @@ function messageItem(m: Message, offers: Offers = {}): HTMLLIElement {
   if (m.deleted) text.textContent = "message deleted";
   else text.append(...withMentions(m.text, m.mentionUserIds));
   li.append(meta, text);
-  if (!m.deleted && !isGenerating(m)) li.append(reactionBar(m));
+  if (!m.deleted && !isGenerating(m) && !m.superseded) li.append(reactionBar(m));
   const buttons: HTMLButtonElement[] = [];
   if (reply && isGenerating(m) && !m.superseded) buttons.push(smallButton("Stop", "stop", () => stopReply(m)));
   if (offers.reload) buttons.push(smallButton("Reload", "reload", () => regenerate(RegenerateMode.RELOAD)));

@@ -14,7 +14,8 @@
 //! `crate::` paths in the code, not in comments), so there is no import
 //! circle and each module can be read knowing only what is under it:
 //!
-//! 1. `config`, `error`, `limits`, `time`: flags, status mapping, caps, clocks.
+//! 1. `config`, `error`, `limits`, `time`, `web_page`: flags, status mapping,
+//!    caps, clocks, the browser page's files.
 //! 2. `id`, `paging`: checked ids and page tokens (they fail with `error`'s
 //!    statuses, paging within `limits`).
 //! 3. `metrics`: Prometheus handles and the `/metrics` endpoint.
@@ -62,6 +63,7 @@ mod layering {
             ("error", include_str!("error.rs")),
             ("limits", include_str!("limits.rs")),
             ("time", include_str!("time.rs")),
+            ("web_page", include_str!("web_page.rs")),
         ],
         &[("id", include_str!("id.rs")), ("paging", include_str!("paging.rs"))],
         &[("metrics", include_str!("metrics.rs"))],

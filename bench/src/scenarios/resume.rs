@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use natter_proto::messages::v1::message_service_client::MessageServiceClient;
+use natter_proto::messages::v1::stream_events_response::Event;
 use natter_proto::messages::v1::{
     DeleteMessageRequest, EditMessageRequest, SendMessageRequest, StreamEventsRequest, StreamEventsResponse,
 };
@@ -52,12 +53,17 @@ async fn next(stream: &mut Streaming<StreamEventsResponse>) -> anyhow::Result<St
     }
 }
 
-/// Reads until change number `until`; the events read, or an error for a
-/// number seen twice or out of order.
+/// Reads until change number `until`; the changes read, or an error for a
+/// number seen twice or out of order. Ephemeral events (typing, presence,
+/// reply deltas) are no changes: they carry the stream's last change number
+/// and are skipped.
 async fn catch_up(stream: &mut Streaming<StreamEventsResponse>, after: i64, until: i64) -> anyhow::Result<u64> {
     let (mut last, mut events) = (after, 0);
     while last < until {
         let event = next(stream).await?;
+        if matches!(event.event, Some(Event::Typing(_) | Event::PresenceChanged(_) | Event::MessageDelta(_))) {
+            continue;
+        }
         anyhow::ensure!(event.change_seq > last, "change {} after {last}: repeated or out of order", event.change_seq);
         last = event.change_seq;
         events += 1;

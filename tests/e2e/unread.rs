@@ -68,6 +68,8 @@ async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) 
     let chat = c.chats().create_chat(authed(&users[0], request)).await.unwrap().into_inner().chat.unwrap();
     let mut model = Model { members: vec![true; users.len()], read: vec![0; users.len()], ..Model::default() };
     let mut ids: Vec<String> = Vec::new();
+    // Per message (by seq - 1): the root of the thread it replies in (0: none).
+    let mut thread_of: Vec<i64> = Vec::new();
     let mut log: Vec<String> = Vec::new();
     let mut refused = 0;
     for step in 0..steps {
@@ -76,13 +78,22 @@ async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) 
         match op {
             // Send (most common), mentioning anyone now and then, the
             // author too: mentioning someone who left is refused and
-            // writes nothing (the next send's seq shows it).
+            // writes nothing (the next send's seq shows it). A third of
+            // sends reply in the thread of an earlier message: a thread
+            // reply counts as unread like any message; a deleted root is
+            // refused.
             0..=3 if model.members[u] => {
                 let mentioned: Vec<usize> = (0..users.len()).filter(|_| rng.random_range(0..3) == 0).collect();
+                let root = if model.head() > 0 && rng.random_range(0..3) == 0 {
+                    rng.random_range(1..=model.head())
+                } else {
+                    0
+                };
                 let m = mpb::SendMessageRequest {
                     chat_id: chat.id.clone(),
                     text: format!("s{step}"),
                     mention_user_ids: mentioned.iter().map(|&i| users[i].id.clone()).collect(),
+                    thread_root_seq: root,
                     ..Default::default()
                 };
                 let sent = c.messages().send_message(authed(&users[u], m)).await;
@@ -97,14 +108,25 @@ async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) 
                     refused += 1;
                     continue;
                 }
+                if root > 0 && model.messages[(root - 1) as usize].1 {
+                    let status = sent.expect_err("a reply in the thread of a deleted message");
+                    assert_eq!(crate::violated_fields(&status), ["thread_root_seq"], "seed {seed}: after {log:?}");
+                    log.push(format!("u{u} replies in the thread of deleted {root}"));
+                    continue;
+                }
                 let sent = sent.unwrap().into_inner().message.unwrap();
+                // A reply to a thread reply joins its root's thread.
+                let joined =
+                    if root > 0 { Some(thread_of[(root - 1) as usize]).filter(|r| *r > 0).unwrap_or(root) } else { 0 };
+                assert_eq!(sent.thread_root_seq, joined, "seed {seed}: the thread after {log:?}");
+                thread_of.push(joined);
                 let ids_sent: Vec<String> = mentioned.iter().map(|&i| users[i].id.clone()).collect();
                 assert_eq!(sent.mention_user_ids, ids_sent, "seed {seed}: the message carries its mentions");
                 model.messages.push((u, false));
                 model.mentioned.push(mentioned.clone());
                 assert_eq!(sent.seq, model.head(), "seed {seed}: seq");
                 ids.push(sent.id);
-                log.push(format!("u{u} sends {} mentioning {mentioned:?}", sent.seq));
+                log.push(format!("u{u} sends {} mentioning {mentioned:?} in thread {joined}", sent.seq));
             }
             // Delete one of one's own live messages.
             4 | 5 if model.members[u] => {

@@ -267,12 +267,15 @@ impl Assistant {
     }
 
     /// Whether the assistant answers `message`: a person's (not a bot
-    /// reply's), not deleted, with text; in a direct chat every one, in a
-    /// group as its assistant_replies says (by default those that mention
-    /// it: its id in mention_user_ids, or `@username` in the text).
+    /// reply's), not deleted, with text, not a thread reply (its replies
+    /// go to the main timeline, so it answers there only); in a direct chat
+    /// every one, in a group as its assistant_replies says (by default
+    /// those that mention it: its id in mention_user_ids, or `@username` in
+    /// the text).
     async fn is_prompt(&self, message: &mpb::Message) -> bool {
         if message.author_id == self.bot.id
             || message.role == mpb::MessageRole::Assistant as i32
+            || message.thread_root_seq > 0
             || message.deleted
             || message.text.trim().is_empty()
         {

@@ -42,6 +42,8 @@ pub struct SendMessage {
     /// non-member); their membership is checked by the service, in the
     /// caller's membership check.
     pub mentions: Vec<Mention>,
+    /// Replies in the thread of this message of the chat.
+    pub thread_root: Option<Seq>,
 }
 
 /// A mentioned user, with its index in the request's `mention_user_ids`.

@@ -61,6 +61,9 @@ pub fn send_request(r: pb::SendMessageRequest, limits: &Limits) -> Result<SendMe
     if r.reply_to_seq < 0 {
         violations.add("reply_to_seq", "must not be negative");
     }
+    if r.thread_root_seq < 0 {
+        violations.add("thread_root_seq", "must not be negative");
+    }
     let mentions = domain::mentions(&r.mention_user_ids).unwrap_or_else(|faults| {
         for (field, description) in faults {
             violations.add(field, description);
@@ -75,6 +78,7 @@ pub fn send_request(r: pb::SendMessageRequest, limits: &Limits) -> Result<SendMe
         attachments,
         reply_to: (r.reply_to_seq > 0).then_some(Seq(r.reply_to_seq)),
         mentions,
+        thread_root: (r.thread_root_seq > 0).then_some(Seq(r.thread_root_seq)),
     })
 }
 
@@ -116,13 +120,23 @@ pub fn list_request(r: &pb::ListMessagesRequest) -> Result<(ListMessages, u64), 
         Ok(pb::SortOrder::Asc) => true,
         Err(_) => return Err(FieldViolations::single("order", "unknown sort order").into_status()),
     };
-    for (field, seq) in [("before_seq", r.before_seq), ("after_seq", r.after_seq)] {
+    for (field, seq) in
+        [("before_seq", r.before_seq), ("after_seq", r.after_seq), ("thread_root_seq", r.thread_root_seq)]
+    {
         if seq < 0 {
             return Err(FieldViolations::single(field, "must not be negative").into_status());
         }
     }
     let (before, after) = ((r.before_seq > 0).then_some(r.before_seq), (r.after_seq > 0).then_some(r.after_seq));
-    let fingerprint = paging::fingerprint(&[&chat_id.0, &before, &after, &ascending, &r.include_history, &r.flagged]);
+    let thread = (r.thread_root_seq > 0).then_some(Seq(r.thread_root_seq));
+    let with_replies = r.include_thread_replies && thread.is_none();
+    let mut fingerprint =
+        paging::fingerprint(&[&chat_id.0, &before, &after, &ascending, &r.include_history, &r.flagged]);
+    if thread.is_some() || with_replies {
+        // Tokens of main-timeline listings keep the fingerprint they had
+        // before threads existed.
+        fingerprint = paging::fingerprint(&[&fingerprint, &thread.map(|s| s.0), &with_replies]);
+    }
     let from = paging::decode::<i64>("page_token", &r.page_token, fingerprint)?.map(Seq);
     let range = Range {
         before: before.map(Seq),
@@ -130,6 +144,8 @@ pub fn list_request(r: &pb::ListMessagesRequest) -> Result<(ListMessages, u64), 
         ascending,
         superseded: r.include_history,
         flagged: r.flagged,
+        thread,
+        no_thread_replies: thread.is_none() && !with_replies,
     };
     Ok((ListMessages { chat_id, range, from, page_size, include_history: r.include_history }, fingerprint))
 }
@@ -237,6 +253,12 @@ pub fn message_pb(m: Message, history: Vec<pb::Revision>) -> pb::Message {
         }),
         reactions: m.reactions.into_iter().map(reaction_pb).collect(),
         mention_user_ids: m.mentions.iter().map(UserId::to_string).collect(),
+        thread_root_seq: m.thread_root.map_or(0, |s| s.0),
+        thread: m.thread.map(|t| pb::ThreadSummary {
+            reply_count: i32::try_from(t.reply_count).unwrap_or(i32::MAX),
+            last_reply_time: Some(timestamp(t.last_reply_time)),
+            participant_ids: t.participants.iter().map(UserId::to_string).collect(),
+        }),
         generation: m.reply.and_then(|r| r.info).map(|i| pb::GenerationInfo {
             model: i.model,
             finish_reason: i.finish_reason,
@@ -1219,6 +1241,8 @@ mod tests {
             reactions: Vec::new(),
             reaction_rows: 0,
             mentions: Vec::new(),
+            thread_root: None,
+            thread: None,
         };
         let kind = |m, since| match replay_event(chat, Change::Message(m), since).event {
             Some(Event::MessageCreated(m)) => ("created", m.change_seq),

@@ -305,17 +305,17 @@ impl Messages {
             send_time: now_micros(),
             flags: self.flags_of(&req.text),
             mentions: req.mentions.iter().map(|(_, u)| *u).collect(),
+            thread_root: req.thread_root,
         };
         let id = new.id;
-        let message = match self.writer.send(new).await? {
-            Sent::Created(message) => {
-                tracing::Span::current()
-                    .record("message_id", tracing::field::display(message.id))
-                    .record("seq", message.seq.0);
-                message
-            }
+        let (message, root) = match self.writer.send(new).await? {
+            Sent::Created(message) => (message, None),
+            Sent::Threaded(message, root) => (message, Some(root)),
             Sent::NoSuchReply => {
                 return Err(MessagesError::invalid("reply_to_seq", "names no message of this chat"));
+            }
+            Sent::NoSuchThread => {
+                return Err(MessagesError::invalid("thread_root_seq", "names no live message of this chat"));
             }
             Sent::Duplicate => {
                 // A concurrent retry won the race: answer with its message.
@@ -323,8 +323,15 @@ impl Messages {
                 return same_message(existing, &req, caller);
             }
         };
+        tracing::Span::current().record("message_id", tracing::field::display(message.id)).record("seq", message.seq.0);
         let event = grpc::created_event(grpc::message_pb(message.clone(), Vec::new()));
         self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(BusEvent::new(req.chat_id, event)));
+        if let Some(mut root) = root {
+            // The root's summary counted the reply: a change of the root.
+            with_reactions(self.store.as_ref(), std::slice::from_mut(root.as_mut()), None).await?;
+            let event = grpc::edited_event(*root);
+            self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(BusEvent::new(req.chat_id, event)));
+        }
         if let Some(classifier) = &self.classifier {
             classifier.spawn(message.id, message.chat_id, message.revision, message.text.clone());
         }

@@ -96,14 +96,15 @@ macro_rules! message_columns {
     () => {
         "id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time, \
          change_seq, create_change, role, generation, replaces_id, superseded, generation_info, stop_requested, \
-         flag_severity, flags, reaction_rows, mentions"
+         flag_severity, flags, reaction_rows, mentions, thread_root_seq, thread_reply_count, thread_last_reply_time, \
+         thread_participants"
     };
 }
 pub(crate) use message_columns;
 
 /// How many columns [`message_columns!`] names: the index of the first
 /// column a query selects after them.
-pub(crate) const MESSAGE_COLUMNS: usize = 23;
+pub(crate) const MESSAGE_COLUMNS: usize = 27;
 
 /// `flag_severity` of a flagged message: LOW or more.
 pub const FLAGGED_FROM: i32 = 2;
@@ -305,6 +306,49 @@ pub struct Message {
     /// The users it mentions, as sent (empty once deleted): the `mentions`
     /// column, read with the row.
     pub mentions: Vec<UserId>,
+    /// The root of the thread it replies in, if any.
+    pub thread_root: Option<Seq>,
+    /// Set on a thread's root once it has a reply.
+    pub thread: Option<Box<ThreadSummary>>,
+}
+
+/// A thread root's summary (the `thread_*` columns of its row).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ThreadSummary {
+    /// Replies sent in the thread, deleted ones included.
+    pub reply_count: i64,
+    /// When the latest reply was sent, µs since the epoch.
+    pub last_reply_time: i64,
+    /// Who replied, most recent first, at most [`THREAD_PARTICIPANTS`].
+    pub participants: Vec<UserId>,
+}
+
+/// How many participants a [`ThreadSummary`] names.
+pub const THREAD_PARTICIPANTS: usize = 10;
+
+impl ThreadSummary {
+    /// The summary of the `thread_*` columns: count, last reply time and
+    /// the participants column (None: no reply yet).
+    ///
+    /// Errors: a participant that is no UUID (a corrupt row).
+    pub(crate) fn of_columns(count: i64, last: Option<i64>, participants: &str) -> Result<Option<Box<Self>>, String> {
+        match last {
+            Some(last_reply_time) if count > 0 => Ok(Some(Box::new(Self {
+                reply_count: count,
+                last_reply_time,
+                participants: decode_mentions(participants)?,
+            }))),
+            _ => Ok(None),
+        }
+    }
+
+    /// The participants column after `author` replied: `author` first, then
+    /// the others as they were, at most [`THREAD_PARTICIPANTS`].
+    pub(crate) fn participants_after(column: &str, author: UserId) -> String {
+        let author = author.to_string();
+        let others = column.split_whitespace().filter(|u| *u != author);
+        std::iter::once(author.as_str()).chain(others).take(THREAD_PARTICIPANTS).collect::<Vec<_>>().join(" ")
+    }
 }
 
 /// The reactions of one emoji on a message, for one viewer.
@@ -421,6 +465,9 @@ pub struct NewMessage {
     /// [`crate::domain::MENTIONS_MAX`]); each but the author gets a row of
     /// `message_mentions` in the message's transaction.
     pub mentions: Vec<UserId>,
+    /// Replies in the thread of this message of the chat (stored before
+    /// the batch, not deleted; a thread reply stands for its root).
+    pub thread_root: Option<Seq>,
 }
 
 impl NewMessage {
@@ -451,6 +498,8 @@ impl NewMessage {
             reactions: Vec::new(),
             reaction_rows: 0,
             mentions: self.mentions,
+            thread_root: self.thread_root,
+            thread: None,
         }
     }
 }
@@ -612,10 +661,6 @@ pub struct Finished {
 }
 
 /// Outcome of inserting one message of a batch.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "an outcome lives on the stack for one call; boxing its message would cost an allocation per send"
-)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Sent {
     /// Committed as this message.
@@ -626,6 +671,13 @@ pub enum Sent {
     /// `reply_to` names no message of the chat stored before the batch;
     /// nothing was written and no seq taken.
     NoSuchReply,
+    /// `thread_root` names no live message of the chat stored before the
+    /// batch; nothing was written and no seq taken.
+    NoSuchThread,
+    /// Committed as this thread reply (its `thread_root` the root's seq),
+    /// and its root as the reply left it (the next change number after the
+    /// reply's, its summary counting it).
+    Threaded(Message, Box<Message>),
 }
 
 /// Outcome of an edit.
@@ -667,6 +719,11 @@ pub struct Range {
     pub superseded: bool,
     /// Only flagged messages.
     pub flagged: bool,
+    /// Only the replies of the thread whose root has this seq.
+    pub thread: Option<Seq>,
+    /// Leave thread replies out (the main timeline of ListMessages; not
+    /// for replays, which must see every change).
+    pub no_thread_replies: bool,
 }
 
 /// A user's read position in a chat and what is left unread after it.
@@ -1155,6 +1212,13 @@ fn list_sql(range: Range, from: Option<Seq>, limit: u32) -> (String, Vec<i64>) {
     }
     if range.flagged {
         sql.push_str(&format!(" AND flag_severity >= {FLAGGED_FROM}"));
+    }
+    match range.thread {
+        // Written in (a seq, no text): the partial index on thread replies
+        // needs a planner that sees thread_root_seq > 0.
+        Some(root) => sql.push_str(&format!(" AND thread_root_seq = {}", root.0.max(1))),
+        None if range.no_thread_replies => sql.push_str(" AND thread_root_seq = 0"),
+        None => {}
     }
     let order = if range.ascending { "ASC" } else { "DESC" };
     sql.push_str(&format!(" ORDER BY seq {order} LIMIT {limit}"));

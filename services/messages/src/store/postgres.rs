@@ -26,18 +26,35 @@ use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
     QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, SearchCursor, SearchFilter, SearchHit, Sent,
-    Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of, chat_change_row, decode_mentions,
-    encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns, parse_id, report_columns,
-    unread_count_sql,
+    Seq, Started, StoreError, StoredReport, Summary, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row,
+    decode_mentions, encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns, parse_id,
+    report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
 /// For each message of a batch, in order: whether its id is stored already,
-/// and whether its reply (0: none) names a stored message of its chat. `$1`
-/// ids, `$2` chat ids, `$3` replies.
+/// and whether its reply (0: none) names a stored message of its chat, and
+/// the root of the thread it replies in (0: none; -1: no live message of
+/// its chat; a thread reply stands for its own root). `$1` ids, `$2` chat
+/// ids, `$3` replies, `$4` thread roots.
 const CHECK_BATCH: &str = "SELECT EXISTS (SELECT 1 FROM messages m WHERE m.id = i.id) AS taken, \
-     (i.reply = 0 OR EXISTS (SELECT 1 FROM messages m WHERE m.chat_id = i.chat_id AND m.seq = i.reply)) AS reply_ok \
-     FROM UNNEST($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS i (id, chat_id, reply, ord) ORDER BY i.ord";
+     (i.reply = 0 OR EXISTS (SELECT 1 FROM messages m WHERE m.chat_id = i.chat_id AND m.seq = i.reply)) AS reply_ok, \
+     CASE WHEN i.root = 0 THEN 0::bigint ELSE COALESCE((SELECT CASE WHEN m.thread_root_seq > 0 \
+       THEN m.thread_root_seq ELSE m.seq END FROM messages m \
+       WHERE m.chat_id = i.chat_id AND m.seq = i.root AND m.delete_time IS NULL), -1::bigint) END AS root \
+     FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[]) WITH ORDINALITY AS i (id, chat_id, reply, root, ord) \
+     ORDER BY i.ord";
+
+/// Counts a reply in its thread's root `$2` of chat `$1` (sent at `$3` by
+/// the participants `$4` now), as the chat's next change number; the root
+/// as it is then.
+const COUNT_THREAD_REPLY: &str = concat!(
+    "WITH head AS (UPDATE chat_heads SET last_change = last_change + 1 WHERE chat_id = $1 RETURNING last_change) \
+     UPDATE messages SET thread_reply_count = thread_reply_count + 1, thread_last_reply_time = $3, \
+       thread_participants = $4, change_seq = (SELECT last_change FROM head) \
+     WHERE chat_id = $1 AND seq = $2 RETURNING ",
+    message_columns!()
+);
 
 /// The batch insert's SQL, `$extra` a further common table expression
 /// ("" for none) between the messages' insert and the answer.
@@ -54,14 +71,14 @@ macro_rules! insert_batch_sql {
              inserted AS ( \
                INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
                                      revision, delete_time, change_seq, create_change, flag_severity, flags, mentions, \
-                                     search_vector) \
+                                     search_vector, thread_root_seq) \
                SELECT i.id, i.chat_id, h.last_seq - c.n + i.k, i.author_id, i.text, i.attachments, i.reply, i.send_time, \
                       NULL, 1, NULL, h.last_change - c.n + i.k, h.last_change - c.n + i.k, i.flag_severity, i.flags, \
-                      i.mentions, i.search_vector::tsvector \
+                      i.mentions, i.search_vector::tsvector, i.thread_root \
                FROM UNNEST($3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::bigint[], \
-                           $10::bigint[], $11::int[], $12::text[], $13::text[], $14::text[]) \
+                           $10::bigint[], $11::int[], $12::text[], $13::text[], $14::text[], $15::bigint[]) \
                     AS i (id, chat_id, k, author_id, text, attachments, reply, send_time, flag_severity, flags, mentions, \
-                          search_vector) \
+                          search_vector, thread_root) \
                JOIN heads h ON h.chat_id = i.chat_id \
                JOIN UNNEST($1::text[], $2::bigint[]) AS c (chat_id, n) ON c.chat_id = i.chat_id)",
             $extra,
@@ -80,7 +97,7 @@ macro_rules! insert_batch_sql {
 const INSERT_BATCH: &str = insert_batch_sql!("");
 
 /// [`INSERT_BATCH`] for a batch that mentions someone: it also inserts the
-/// rows `$15..$17` of `message_mentions` (chat id, the message's position
+/// rows `$16..$18` of `message_mentions` (chat id, the message's position
 /// as in `$5`, user id) at the seqs their messages take, in the same
 /// statement. Batches without mentions keep to [`INSERT_BATCH`], whose
 /// plan never sees the table.
@@ -88,7 +105,7 @@ const INSERT_BATCH_MENTIONS: &str = insert_batch_sql!(
     ", mentioned AS ( \
        INSERT INTO message_mentions (chat_id, user_id, seq) \
        SELECT n.chat_id, n.user_id, h.last_seq - c.n + n.k \
-       FROM UNNEST($15::text[], $16::bigint[], $17::text[]) AS n (chat_id, k, user_id) \
+       FROM UNNEST($16::text[], $17::bigint[], $18::text[]) AS n (chat_id, k, user_id) \
        JOIN heads h ON h.chat_id = n.chat_id \
        JOIN UNNEST($1::text[], $2::bigint[]) AS c (chat_id, n) ON c.chat_id = n.chat_id \
        ON CONFLICT DO NOTHING)"
@@ -251,44 +268,54 @@ impl PostgresStore {
         let ids: Vec<String> = batch.iter().map(|m| m.id.to_string()).collect();
         let chats: Vec<String> = batch.iter().map(|m| m.chat_id.to_string()).collect();
         let replies: Vec<i64> = batch.iter().map(|m| m.reply_to.map_or(0, |s| s.0)).collect();
-        if replies.iter().all(|&r| r == 0) {
-            // Optimistic: no reply to check, and ids are new unless a client
-            // retries. A stored id fails the statement, which writes nothing.
-            let unchecked = vec![(false, true); batch.len()];
+        let roots: Vec<i64> = batch.iter().map(|m| m.thread_root.map_or(0, |s| s.0)).collect();
+        if replies.iter().chain(&roots).all(|&r| r == 0) {
+            // Optimistic: no reply or thread to check, and ids are new unless
+            // a client retries. A stored id fails the statement, which
+            // writes nothing.
+            let unchecked = vec![(false, true, 0); batch.len()];
             match self.insert_checked(batch, &ids, &chats, &replies, &unchecked).await {
                 Err(e) if natter_db::is_unique_violation(&e) => {}
                 other => return other,
             }
         }
-        let rows = sqlx::query(CHECK_BATCH).bind(&ids).bind(&chats).bind(&replies).fetch_all(&self.pool).await?;
+        let rows =
+            sqlx::query(CHECK_BATCH).bind(&ids).bind(&chats).bind(&replies).bind(&roots).fetch_all(&self.pool).await?;
         if rows.len() != batch.len() {
             return Err(sqlx::Error::Protocol("batch check returned the wrong number of rows".into()));
         }
-        let checks =
-            rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let checks = rows
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
         self.insert_checked(batch, &ids, &chats, &replies, &checks).await
     }
 
     /// Inserts the messages of `batch` that `checks` (per message: whether
-    /// its id is taken, whether its reply is valid) lets through, and the
-    /// outcome of each. `ids`, `chats` and `replies` are the batch's, as
-    /// bound values.
+    /// its id is taken, whether its reply is valid, its thread's root as
+    /// [`CHECK_BATCH`] gives it) lets through, and the outcome of each.
+    /// `ids`, `chats` and `replies` are the batch's, as bound values. A
+    /// batch with thread replies runs in a transaction that also counts
+    /// each reply in its root ([`COUNT_THREAD_REPLY`]); others are one
+    /// statement.
     async fn insert_checked(
         &self,
         batch: &[NewMessage],
         ids: &[String],
         chats: &[String],
         replies: &[i64],
-        checks: &[(bool, bool)],
+        checks: &[(bool, bool, i64)],
     ) -> Result<Vec<Sent>, sqlx::Error> {
         let mut outcomes: Vec<Option<Sent>> = Vec::with_capacity(batch.len());
         let mut seen = HashSet::with_capacity(batch.len());
         // chat -> messages of the batch it takes seqs for.
         let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
         let mut positions = Vec::with_capacity(batch.len());
-        for (i, &(taken, reply_ok)) in checks.iter().enumerate() {
+        for (i, &(taken, reply_ok, root)) in checks.iter().enumerate() {
             if !reply_ok {
                 outcomes.push(Some(Sent::NoSuchReply));
+            } else if root < 0 {
+                outcomes.push(Some(Sent::NoSuchThread));
             } else if taken || !seen.insert(batch[i].id) {
                 outcomes.push(Some(Sent::Duplicate));
             } else {
@@ -325,10 +352,16 @@ impl PostgresStore {
                 .bind(positions.iter().map(|(i, _)| Flags::columns(batch[*i].flags.as_ref()).0).collect::<Vec<i32>>())
                 .bind(pick(&|i| Flags::columns(batch[i].flags.as_ref()).1))
                 .bind(pick(&|i| encode_mentions(&batch[i].mentions)))
-                .bind(pick(&|i| crate::search::tsvector(&batch[i].text)));
+                .bind(pick(&|i| crate::search::tsvector(&batch[i].text)))
+                .bind(positions.iter().map(|(i, _)| checks[*i].2).collect::<Vec<i64>>());
             let query =
                 if mentions.0.is_empty() { query } else { query.bind(&mentions.0).bind(&mentions.1).bind(&mentions.2) };
-            let heads: Vec<(String, i64, i64)> = query.fetch_all(&self.pool).await?;
+            let threaded = positions.iter().any(|(i, _)| checks[*i].2 > 0);
+            let mut tx = if threaded { Some(self.pool.begin().await?) } else { None };
+            let heads: Vec<(String, i64, i64)> = match tx.as_mut() {
+                Some(tx) => query.fetch_all(&mut **tx).await?,
+                None => query.fetch_all(&self.pool).await?,
+            };
             let heads: std::collections::HashMap<String, (i64, i64)> =
                 heads.into_iter().map(|(chat, seq, change)| (chat, (seq, change))).collect();
             for (i, k) in positions {
@@ -336,7 +369,36 @@ impl PostgresStore {
                     .get(&chats[i])
                     .ok_or_else(|| sqlx::Error::Protocol("chat head missing from the batch insert".into()))?;
                 let n = counts[chats[i].as_str()];
-                outcomes[i] = Some(Sent::Created(batch[i].clone().into_message(Seq(seq - n + k), change - n + k)));
+                let root = checks[i].2;
+                let mut new = batch[i].clone();
+                new.thread_root = (root > 0).then_some(Seq(root));
+                let message = new.into_message(Seq(seq - n + k), change - n + k);
+                outcomes[i] = Some(match tx.as_mut().filter(|_| root > 0) {
+                    None => Sent::Created(message),
+                    Some(tx) => {
+                        // The root counts the reply, as the chat's next change
+                        // (after the batch's messages of the chat).
+                        let participants: String = sqlx::query_scalar(
+                            "SELECT thread_participants FROM messages WHERE chat_id = $1 AND seq = $2",
+                        )
+                        .bind(&chats[i])
+                        .bind(root)
+                        .fetch_one(&mut **tx)
+                        .await?;
+                        let row = sqlx::query(COUNT_THREAD_REPLY)
+                            .bind(&chats[i])
+                            .bind(root)
+                            .bind(message.send_time)
+                            .bind(ThreadSummary::participants_after(&participants, message.author_id))
+                            .fetch_one(&mut **tx)
+                            .await?;
+                        let root = message_row(&row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                        Sent::Threaded(message, Box::new(root))
+                    }
+                });
+            }
+            if let Some(tx) = tx {
+                tx.commit().await?;
             }
         }
         Ok(outcomes.into_iter().map(|o| o.unwrap_or(Sent::Duplicate)).collect())
@@ -380,6 +442,13 @@ fn message_row(row: &PgRow) -> Result<Message, StoreError> {
         reactions: Vec::new(),
         reaction_rows: row.try_get("reaction_rows")?,
         mentions: decode_mentions(row.try_get("mentions")?).map_err(StoreError::Corrupt)?,
+        thread_root: Some(Seq(row.try_get("thread_root_seq")?)).filter(|s| s.0 > 0),
+        thread: ThreadSummary::of_columns(
+            row.try_get("thread_reply_count")?,
+            row.try_get("thread_last_reply_time")?,
+            row.try_get("thread_participants")?,
+        )
+        .map_err(StoreError::Corrupt)?,
     })
 }
 

@@ -21,9 +21,9 @@ use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
     QueueFilter, RECENT_ACTIVITY_ROWS, Range, Reacted, Reaction, ReadState, Reply, Revision, SearchCursor,
-    SearchFilter, SearchHit, Sent, Seq, Started, StoreError, StoredReport, Summary, aggregates_sql, chat_change_of,
-    chat_change_row, created_after_bounds, decode_mentions, encode_mentions, first_seq_created_after, list_sql,
-    mention_count_sql, merge_changes, message_columns, report_columns, unread_count_sql,
+    SearchFilter, SearchHit, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadSummary, aggregates_sql,
+    chat_change_of, chat_change_row, created_after_bounds, decode_mentions, encode_mentions, first_seq_created_after,
+    list_sql, mention_count_sql, merge_changes, message_columns, report_columns, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -122,6 +122,9 @@ fn message_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         reaction_rows: row.get(21)?,
         mentions: decode_mentions(row.get_ref(22)?.as_str()?)
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(22, Type::Text, e.into()))?,
+        thread_root: Some(Seq(row.get(23)?)).filter(|s| s.0 > 0),
+        thread: ThreadSummary::of_columns(row.get(24)?, row.get(25)?, row.get_ref(26)?.as_str()?)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(26, Type::Text, e.into()))?,
     })
 }
 
@@ -170,10 +173,23 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
         // any of the batch is inserted.
         let mut has_seq = tx.prepare_cached("SELECT 1 FROM messages WHERE chat_id = ?1 AND seq = ?2")?;
         let mut replies_ok = Vec::with_capacity(batch.len());
+        // A thread's root likewise: live, and a thread reply stands for its
+        // own root (None: no such root).
+        let mut roots: Vec<Option<Option<i64>>> = Vec::with_capacity(batch.len());
         for m in &batch {
             replies_ok.push(match m.reply_to {
                 Some(reply) => has_seq.exists(params![m.chat_id.to_string(), reply.0])?,
                 None => true,
+            });
+            roots.push(match m.thread_root {
+                Some(root) => tx
+                    .prepare_cached(
+                        "SELECT thread_root_seq FROM messages WHERE chat_id = ?1 AND seq = ?2 AND delete_time IS NULL",
+                    )?
+                    .query_row(params![m.chat_id.to_string(), root.0], |row| row.get::<_, i64>(0))
+                    .optional()?
+                    .map(|of| Some(if of > 0 { of } else { root.0 })),
+                None => Some(None),
             });
         }
         let mut read_head = tx.prepare_cached("SELECT last_seq, last_change FROM chat_heads WHERE chat_id = ?1")?;
@@ -182,16 +198,21 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
         // index twice.
         let mut insert = tx.prepare_cached(
             "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
-             revision, delete_time, change_seq, create_change, flag_severity, flags, mentions) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, 1, NULL, ?9, ?9, ?10, ?11, ?12) ON CONFLICT (id) DO NOTHING",
+             revision, delete_time, change_seq, create_change, flag_severity, flags, mentions, thread_root_seq) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, 1, NULL, ?9, ?9, ?10, ?11, ?12, ?13) ON CONFLICT (id) DO NOTHING",
         )?;
         // chat -> (its id as text, last seq, last change number).
         let mut heads: HashMap<ChatId, (String, i64, i64)> = HashMap::new();
-        for (m, reply_ok) in batch.into_iter().zip(replies_ok) {
+        for ((mut m, reply_ok), root) in batch.into_iter().zip(replies_ok).zip(roots) {
             if !reply_ok {
                 outcomes.push(Sent::NoSuchReply);
                 continue;
             }
+            let Some(root) = root else {
+                outcomes.push(Sent::NoSuchThread);
+                continue;
+            };
+            m.thread_root = root.map(Seq);
             let (chat, head, change) = match heads.entry(m.chat_id) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
@@ -216,7 +237,8 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
                 next_change,
                 flag_severity,
                 flags,
-                encode_mentions(&m.mentions)
+                encode_mentions(&m.mentions),
+                root.unwrap_or(0)
             ])?;
             if inserted == 0 {
                 outcomes.push(Sent::Duplicate);
@@ -233,7 +255,32 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
                 }
             }
             (*head, *change) = (seq, next_change);
-            outcomes.push(Sent::Created(m.into_message(Seq(seq), next_change)));
+            let Some(root) = root else {
+                outcomes.push(Sent::Created(m.into_message(Seq(seq), next_change)));
+                continue;
+            };
+            // The root counts the reply, as the chat's next change.
+            let participants: String = tx
+                .prepare_cached("SELECT thread_participants FROM messages WHERE chat_id = ?1 AND seq = ?2")?
+                .query_row(params![chat.as_str(), root], |row| row.get(0))?;
+            *change += 1;
+            let root = tx
+                .prepare_cached(concat!(
+                    "UPDATE messages SET thread_reply_count = thread_reply_count + 1, thread_last_reply_time = ?3, \
+                     thread_participants = ?4, change_seq = ?5 WHERE chat_id = ?1 AND seq = ?2 RETURNING ",
+                    message_columns!()
+                ))?
+                .query_row(
+                    params![
+                        chat.as_str(),
+                        root,
+                        m.send_time,
+                        ThreadSummary::participants_after(&participants, m.author_id),
+                        *change
+                    ],
+                    message_row,
+                )?;
+            outcomes.push(Sent::Threaded(m.into_message(Seq(seq), next_change), Box::new(root)));
         }
         let mut write_head = tx.prepare_cached(
             "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES (?1, ?2, ?3) \

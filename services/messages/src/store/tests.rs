@@ -100,6 +100,8 @@ message_store_suite!(
     concurrent_reactions_on_one_message_never_drift,
     mentions_are_kept_with_the_message_and_count_only_unread_live_mentions_of_others,
     last_seen_keeps_the_latest_time_whatever_order_replicas_write_in,
+    thread_replies_take_seqs_and_count_in_their_root_as_changes_of_it,
+    concurrent_thread_replies_are_all_counted,
     search_finds_the_current_text_of_live_messages_of_the_chats_asked,
     search_pages_walk_every_result_once_in_both_orders,
     both_engines_find_the_same_messages_for_the_same_queries,
@@ -129,7 +131,14 @@ fn msg(n: u32, c: u8, reply_to: i64) -> NewMessage {
         send_time: 1_000 + i64::from(n),
         flags: None,
         mentions: Vec::new(),
+        thread_root: None,
     }
+}
+
+/// `m` as a reply in the thread of seq `root`.
+fn in_thread(mut m: NewMessage, root: i64) -> NewMessage {
+    m.thread_root = Some(Seq(root));
+    m
 }
 
 /// `m` mentioning users `users` (by letter).
@@ -295,10 +304,9 @@ async fn history_pages_both_ways(h: &Harness) {
     let before = Range { before: Some(Seq(5)), ..desc };
     assert_eq!(page(before, None, 2).await, [4, 3]);
     assert_eq!(page(before, Some(3), 10).await, [2, 1]);
-    let after = Range { after: Some(Seq(7)), ascending: true, before: None, superseded: false, flagged: false };
+    let after = Range { after: Some(Seq(7)), ascending: true, ..Range::default() };
     assert_eq!(page(after, None, 10).await, [8, 9, 10]);
-    let between =
-        Range { after: Some(Seq(2)), before: Some(Seq(6)), ascending: false, superseded: false, flagged: false };
+    let between = Range { after: Some(Seq(2)), before: Some(Seq(6)), ..Range::default() };
     assert_eq!(page(between, None, 10).await, [5, 4, 3]);
     assert_eq!(page(Range { ascending: true, ..between }, Some(3), 1).await, [4]);
     assert!(h.store.list(chat(2), desc, None, 10).await.unwrap().is_empty());
@@ -1219,4 +1227,61 @@ async fn both_engines_find_the_same_messages_for_the_same_queries(h: &Harness) {
         let want: Vec<u32> = expected.to_vec();
         assert_eq!(found(h, query, &[1]).await, want, "{query:?}");
     }
+}
+
+async fn thread_replies_take_seqs_and_count_in_their_root_as_changes_of_it(h: &Harness) {
+    send(h, &[msg(1, 1, 0)]).await;
+    let out = send(h, &[by(in_thread(msg(2, 1, 0), 1), 2), msg(3, 1, 0), by(in_thread(msg(4, 1, 0), 1), 3)]).await;
+    let Sent::Threaded(reply, root) = &out[0] else { panic!("not threaded: {:?}", out[0]) };
+    assert_eq!((reply.seq, reply.thread_root), (Seq(2), Some(Seq(1))), "an ordinary seq, its root recorded");
+    assert!(root.change_seq > reply.change_seq, "the root's count is a later change than the reply");
+    assert_eq!(root.thread.as_ref().map(|t| t.reply_count), Some(1));
+    assert!(matches!(&out[1], Sent::Created(m) if m.seq == Seq(3) && m.thread_root.is_none()));
+    let Sent::Threaded(_, root) = &out[2] else { panic!("not threaded: {:?}", out[2]) };
+    let summary = root.thread.as_deref().unwrap();
+    assert_eq!(
+        (summary.reply_count, summary.last_reply_time, summary.participants.as_slice()),
+        (2, 1_004, [user(3), user(2)].as_slice()),
+        "count, latest time, participants most recent first"
+    );
+    // Three messages and two counts: five changes after the root's own, the
+    // root holding the last.
+    let stored = h.store.message(id(1)).await.unwrap().unwrap();
+    assert_eq!((stored.change_seq, stored.thread.as_deref()), (6, Some(summary)));
+    // A reply to a reply joins its root's thread; a missing or deleted root
+    // writes nothing and takes no seq.
+    let out = send(h, &[by(in_thread(msg(5, 1, 0), 2), 2), in_thread(msg(6, 1, 0), 99)]).await;
+    assert!(matches!(&out[0], Sent::Threaded(m, root) if m.thread_root == Some(Seq(1)) && root.seq == Seq(1)));
+    assert!(matches!(out[1], Sent::NoSuchThread));
+    h.store.delete(id(3), 2_000).await.unwrap();
+    assert!(matches!(send(h, &[in_thread(msg(7, 1, 0), 3)]).await[0], Sent::NoSuchThread));
+    assert_eq!(h.store.head(chat(1)).await.unwrap(), Seq(5));
+    // The thread's page and the main timeline without replies.
+    let list = |range: Range| async move {
+        let page = h.store.list(chat(1), range, None, 100).await.unwrap();
+        page.into_iter().map(|m| m.seq.0).collect::<Vec<_>>()
+    };
+    assert_eq!(list(Range { ascending: true, thread: Some(Seq(1)), ..Range::default() }).await, [2, 4, 5]);
+    assert_eq!(list(Range { ascending: true, no_thread_replies: true, ..Range::default() }).await, [1, 3]);
+    assert_eq!(list(Range { ascending: true, ..Range::default() }).await, [1, 2, 3, 4, 5], "replays see every message");
+}
+
+async fn concurrent_thread_replies_are_all_counted(h: &Harness) {
+    const REPLIES: u32 = 64;
+    send(h, &[msg(1, 1, 0)]).await;
+    let tasks: Vec<_> = (0..REPLIES)
+        .map(|n| {
+            let store = h.store.clone();
+            let reply = by(in_thread(msg(100 + n, 1, 0), 1), u8::try_from(n % 12).unwrap());
+            tokio::spawn(async move { store.insert_batch(&[reply]).await.unwrap() })
+        })
+        .collect();
+    for t in tasks {
+        assert!(matches!(t.await.unwrap()[0], Sent::Threaded(..)));
+    }
+    let root = h.store.message(id(1)).await.unwrap().unwrap();
+    let summary = root.thread.unwrap();
+    assert_eq!(summary.reply_count, i64::from(REPLIES), "no reply lost from the count");
+    assert_eq!(summary.participants.len(), 10, "at most 10 participants");
+    assert_eq!(root.change_seq, 1 + 2 * i64::from(REPLIES), "each reply and each count a change of its own");
 }

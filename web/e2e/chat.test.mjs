@@ -275,6 +275,9 @@ step("bob searches his messages: matches marked, a click opens the chat, bad syn
   assert.deepEqual(await results.locator("mark").allTextContents(), ["lunch", "Lunch"]);
   await results.nth(1).click();
   await bobPage.locator("#chat-title", { hasText: alice.name }).waitFor();
+  // Opening a chat ends by focusing its composer: wait for that, or typing
+  // the next query could land there.
+  await bobPage.locator("#composer:focus").waitFor();
   // An unbalanced quote is the caller's error: the server's words, naming the field, beside the box.
   await bobPage.fill("#search-query", '"lunch');
   await bobPage.click("#search");
@@ -282,6 +285,36 @@ step("bob searches his messages: matches marked, a click opens the chat, bad syn
   assert.equal(await bobPage.locator('[data-testid="search-result"]').count(), 0);
   await bobPage.fill("#search-query", "");
   await bobPage.locator('[data-testid="search-results"]').waitFor({ state: "hidden" });
+});
+
+step("threads: alice replies in a thread, bob follows it from the summary and answers; the timelines stay clean", async () => {
+  const rootText = `Ping @${bob.name}, lunch?`; // alice's, open on both pages
+  const rootOn = (page) => page.locator('#messages [data-testid="message"]', { hasText: rootText });
+  const panelOf = (page) => page.locator('[data-testid="thread-messages"]');
+  await rootOn(alicePage).locator('[data-testid="open-thread"]').click();
+  await panelOf(alicePage).locator('[data-testid="message"].thread-root', { hasText: rootText }).waitFor();
+  await alicePage.fill("#thread-composer", "In the thread: noon works");
+  await alicePage.press("#thread-composer", "Enter");
+  await panelOf(alicePage).locator('[data-testid="message"] .text', { hasText: "In the thread: noon works" }).waitFor();
+  // Bob sees the root's summary change live, and opens the thread from it.
+  const bobSummary = rootOn(bobPage).locator('[data-testid="thread-summary"]', { hasText: "1 reply" });
+  await bobSummary.waitFor();
+  await bobSummary.click();
+  await panelOf(bobPage).locator('[data-testid="message"] .text', { hasText: "In the thread: noon works" }).waitFor();
+  await bobPage.fill("#thread-composer", "In the thread: see you");
+  await bobPage.press("#thread-composer", "Enter");
+  await panelOf(alicePage).locator('[data-testid="message"] .text', { hasText: "In the thread: see you" }).waitFor();
+  for (const page of [alicePage, bobPage]) {
+    await rootOn(page).locator('[data-testid="thread-summary"]', { hasText: "2 replies" }).waitFor();
+    assert.equal(await page.locator("#messages .text", { hasText: "In the thread" }).count(), 0, "replies stay in the thread");
+  }
+  // After a reload the summary is read back and the timeline still leaves the replies out.
+  await bobPage.reload();
+  await openChatWith(bobPage, alice.name);
+  await rootOn(bobPage).locator('[data-testid="thread-summary"]', { hasText: "2 replies" }).waitFor();
+  assert.equal(await bobPage.locator("#messages .text", { hasText: "In the thread" }).count(), 0);
+  await alicePage.click('[data-testid="close-thread"]');
+  await alicePage.locator('[data-testid="thread-panel"]').waitFor({ state: "hidden" });
 });
 
 step("log out and back in", async () => {

@@ -51,11 +51,21 @@ const typingSent = new Map<string, number>();
 /** How often to renew our own indicator while typing (it lasts 5 s). */
 const TYPING_RENEW_MS = 3_000;
 
-interface Pending { id: string; chatId: string; text: string; mentionUserIds: string[]; error?: string }
+interface Pending {
+  id: string;
+  chatId: string;
+  text: string;
+  mentionUserIds: string[];
+  /** Set for a reply in a thread. */
+  threadRootSeq?: bigint;
+  error?: string;
+}
 const pending = new Map<string, Pending>(); // client message id -> unsent message
 
 interface OpenChat { id: string; messages: Map<bigint, Message>; olderToken: string; loadingOlder: boolean }
 let open: OpenChat | null = null;
+/** The thread shown in the side panel: its chat, its root's seq and its replies by seq. */
+let thread: { chatId: string; rootSeq: bigint; replies: Map<bigint, Message> } | null = null;
 /** List superseded assistant replies too (ListMessages include_history): "show older versions". */
 let showHistory = false;
 
@@ -289,7 +299,7 @@ function generationLabel(m: Message): string {
 }
 
 /** What a message offers: Reload on the latest finished reply, Edit & rerun on its prompt. */
-interface Offers { reload?: boolean; editRerun?: boolean }
+interface Offers { reload?: boolean; editRerun?: boolean; inThread?: boolean }
 
 function messageItem(m: Message, offers: Offers = {}): HTMLLIElement {
   const li = document.createElement("li");
@@ -327,6 +337,9 @@ function messageItem(m: Message, offers: Offers = {}): HTMLLIElement {
   else text.append(...withMentions(m.text, m.mentionUserIds));
   li.append(meta, text);
   if (!m.deleted && !isGenerating(m) && !m.superseded) li.append(reactionBar(m));
+  if (!offers.inThread && m.threadRootSeq === 0n && !m.superseded && (!m.deleted || (m.thread?.replyCount ?? 0) > 0)) {
+    li.append(threadLink(m));
+  }
   const buttons: HTMLButtonElement[] = [];
   if (reply && isGenerating(m) && !m.superseded) buttons.push(smallButton("Stop", "stop", () => stopReply(m)));
   if (offers.reload) buttons.push(smallButton("Reload", "reload", () => regenerate(RegenerateMode.RELOAD)));
@@ -338,6 +351,25 @@ function messageItem(m: Message, offers: Offers = {}): HTMLLIElement {
     li.append(actions);
   }
   return li;
+}
+
+/** Under a message of the main timeline: its thread's summary (or "Reply in thread"), opening the side panel. */
+function threadLink(m: Message): HTMLButtonElement {
+  const summary = m.thread;
+  const count = summary?.replyCount ?? 0;
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = "thread-link";
+  b.dataset.testid = count > 0 ? "thread-summary" : "open-thread";
+  if (count > 0) {
+    const last = summary?.lastReplyTime ? timestampDate(summary.lastReplyTime).toLocaleTimeString() : "";
+    const who = (summary?.participantIds ?? []).slice(0, 3).map(userName).join(", ");
+    b.textContent = `${count} ${count === 1 ? "reply" : "replies"}${who ? ` · ${who}` : ""}${last ? ` · last ${last}` : ""}`;
+  } else {
+    b.textContent = "Reply in thread";
+  }
+  b.addEventListener("click", () => void act(() => openThread(m.chatId, m.seq)));
+  return b;
 }
 
 /** The emoji the "+" button offers (any emoji or :short_code: works through the API). */
@@ -481,10 +513,12 @@ function renderMessages(scroll: "bottom" | "keep" | "auto" = "auto") {
   el("history-toggle").hidden = !(isBot(peers.get(open.id)) || all.some(isReply));
   const { reply, prompt } = rerunnable(open);
   const items = all
-    .filter((m) => showHistory || !m.superseded)
+    .filter((m) => (showHistory || !m.superseded) && m.threadRootSeq === 0n)
     .sort((a, b) => (a.seq < b.seq ? -1 : 1))
     .map((m) => messageItem(m, { reload: m === reply, editRerun: m === prompt }));
-  for (const p of pending.values()) if (p.chatId === open.id && !sent.has(p.id)) items.push(pendingItem(p));
+  for (const p of pending.values()) {
+    if (p.chatId === open.id && !p.threadRootSeq && !sent.has(p.id)) items.push(pendingItem(p));
+  }
   ol.replaceChildren(...items);
   el("load-older").hidden = !open.olderToken;
   if (scroll === "bottom" || (scroll === "auto" && atBottom)) pane.scrollTop = pane.scrollHeight;
@@ -542,6 +576,7 @@ async function openChat(chatId: string) {
   if (!chat) return;
   const state: OpenChat = { id: chatId, messages: new Map(), olderToken: "", loadingOlder: false };
   open = state;
+  if (thread && thread.chatId !== chatId) closeThread();
   el("chat-title").textContent = chatName(chat);
   renderPresence();
   el("composer-form").hidden = false;
@@ -606,10 +641,12 @@ async function send(p: Pending) {
   p.error = undefined;
   pending.set(p.id, p);
   renderMessages("bottom");
+  renderThread();
   for (let attempt = 0; ; attempt++) {
     try {
       const res = await api.messages.sendMessage({
         chatId: p.chatId, messageId: p.id, text: p.text, mentionUserIds: p.mentionUserIds,
+        threadRootSeq: p.threadRootSeq ?? 0n,
       });
       pending.delete(p.id);
       const m = res.message;
@@ -617,9 +654,11 @@ async function send(p: Pending) {
         const chat = chats.get(p.chatId);
         if (chat) notePreview(chat, m);
         if (open?.id === p.chatId) putMessage(open, m);
+        noteThreadReply(m);
       }
       renderChatList();
       renderMessages();
+      renderThread();
       return;
     } catch (err) {
       if (api.isUnauthenticated(err)) {
@@ -633,6 +672,7 @@ async function send(p: Pending) {
       }
       p.error = api.describe(err);
       renderMessages();
+      renderThread();
       return;
     }
   }
@@ -815,6 +855,8 @@ function handleEvent(ev: StreamEventsResponse) {
         return;
       }
       notePreview(chat, m);
+      noteThreadReply(m);
+      renderThread();
       // Their message ends their typing.
       if (typers.get(chatId)?.delete(m.authorId)) renderTyping();
       if (open?.id === chatId) {
@@ -837,6 +879,8 @@ function handleEvent(ev: StreamEventsResponse) {
         putMessage(open, m);
         renderMessages();
       }
+      noteThreadReply(m);
+      if (thread?.chatId === chatId) renderThread();
 
       if (chat?.lastMessage?.seq === m.seq) {
         chat.lastMessage.text = m.deleted ? "" : m.text.slice(0, 200);
@@ -953,6 +997,7 @@ async function enter(user: User) {
 function closeChat() {
   open = null;
   el("chat-title").textContent = "Pick a chat or start one";
+  closeThread();
   renderPresence();
   el("composer-form").hidden = true;
   el("load-older").hidden = true;
@@ -1013,6 +1058,69 @@ el("logout").addEventListener("click", () =>
     }
   }),
 );
+
+// ---------------------------------------------------------------- threads
+
+/** Opens the side panel on the thread of message `rootSeq` of chat `chatId`: its root and replies, oldest first. */
+async function openThread(chatId: string, rootSeq: bigint) {
+  const state = { chatId, rootSeq, replies: new Map<bigint, Message>() };
+  thread = state;
+  el("thread-panel").hidden = false;
+  renderThread();
+  let pageToken = "";
+  do {
+    const res = await api.messages.listMessages({ chatId, threadRootSeq: rootSeq, pageSize: 200, pageToken });
+    if (thread !== state) return;
+    await ensureUsers(res.messages.map((m) => m.authorId));
+    for (const m of res.messages) if (!state.replies.has(m.seq)) state.replies.set(m.seq, m);
+    pageToken = res.nextPageToken;
+  } while (pageToken && state.replies.size < 1000);
+  renderThread();
+  input("thread-composer").focus();
+}
+
+function closeThread() {
+  thread = null;
+  el("thread-panel").hidden = true;
+}
+
+/** A reply of the open thread (sent by us or arrived on the stream) joins the panel. */
+function noteThreadReply(m: Message) {
+  if (thread && m.chatId === thread.chatId && m.threadRootSeq === thread.rootSeq) {
+    const held = thread.replies.get(m.seq);
+    if (!held || held.changeSeq <= m.changeSeq) thread.replies.set(m.seq, m);
+  }
+}
+
+/** Redraws the thread panel: the root (as the open chat holds it), then the replies. */
+function renderThread() {
+  if (!thread) return;
+  const ol = el("thread-messages");
+  const root = open?.id === thread.chatId ? open.messages.get(thread.rootSeq) : undefined;
+  const replies = [...thread.replies.values()].sort((a, b) => (a.seq < b.seq ? -1 : 1));
+  const items = [
+    ...(root ? [messageItem(root, { inThread: true })] : []),
+    ...replies.map((m) => messageItem(m, { inThread: true })),
+  ];
+  if (root) items[0].classList.add("thread-root");
+  const sent = new Set(replies.map((m) => m.id));
+  for (const p of pending.values()) {
+    if (p.chatId === thread.chatId && p.threadRootSeq === thread.rootSeq && !sent.has(p.id)) items.push(pendingItem(p));
+  }
+  ol.replaceChildren(...items);
+  ol.scrollTop = ol.scrollHeight;
+}
+
+el("close-thread").addEventListener("click", closeThread);
+el("thread-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const box = input("thread-composer");
+  const text = box.value.trim();
+  if (!thread || !text) return;
+  box.value = "";
+  const { chatId, rootSeq } = thread;
+  void send({ id: api.newUuid(), chatId, text, mentionUserIds: mentionsIn(text, chatId), threadRootSeq: rootSeq });
+});
 
 // ---------------------------------------------------------------- search
 

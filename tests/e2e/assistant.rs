@@ -72,6 +72,7 @@ crate::with_scripted_server!(
     an_injection_is_refused_without_asking_the_model [],
     a_reply_that_leaks_the_system_prompt_is_flagged_for_the_owner [],
     a_group_chat_is_answered_as_its_assistant_replies_setting_says [],
+    a_thread_reply_is_no_prompt_nor_context [],
 );
 mod off {
     use super::without_a_server_the_assistant_is_off_and_callers_are_authenticated_first;
@@ -680,4 +681,31 @@ async fn a_real_model_answers_reloads_and_stops() {
     assert_eq!(second.replaces_message_id, first.id);
     let listed = history(&c, &alice, &chat, true).await;
     assert!(listed.iter().any(|m| m.id == first.id && m.superseded), "the first reply is kept, superseded");
+}
+
+/// The assistant answers the chat's main timeline only: a thread reply is
+/// no prompt (the next prompt is answered next, and the model is asked
+/// once per prompt), nor part of the context it sends the model.
+async fn a_thread_reply_is_no_prompt_nor_context(c: &Cluster, server: &ScriptedServer) {
+    server.push(Script::reply("first answer"));
+    server.push(Script::reply("second answer"));
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(c, &alice).await.chat_id;
+    let mut stream = events(c, &alice, &chat).await;
+    let root = send(c, &alice, &chat, "root prompt").await;
+    until_finished(&mut stream, None).await.finished.expect("the root is answered");
+    let request = mpb::SendMessageRequest {
+        chat_id: chat.clone(),
+        text: "aside in a thread".into(),
+        thread_root_seq: root.seq,
+        ..Default::default()
+    };
+    c.messages().send_message(authed(&alice, request)).await.unwrap();
+    let next_prompt = send(c, &alice, &chat, "next prompt").await;
+    let reply = until_finished(&mut stream, None).await.finished.expect("the next prompt is answered");
+    assert_eq!((reply.reply_to_seq, reply.text.as_str()), (next_prompt.seq, "second answer"));
+    assert_eq!(server.requests().len(), 2, "the model is asked once per prompt");
+    let sent = conversation(server, 1);
+    assert!(sent.iter().all(|(_, content)| !content.contains("aside")), "{sent:?}");
+    assert_eq!(sent.last(), Some(&("user".into(), "next prompt".into())));
 }

@@ -82,23 +82,6 @@ macro_rules! each_mode {
     )*};
 }
 
-/// Creates a group chat titled `title` of `owner` with `members`.
-pub(crate) async fn group(
-    c: &natter_testkit::Cluster,
-    owner: &natter_testkit::TestUser,
-    title: &str,
-    members: &[&natter_testkit::TestUser],
-) -> natter_proto::chats::v1::Chat {
-    use natter_proto::chats::v1 as cpb;
-    let request = cpb::CreateChatRequest {
-        title: title.into(),
-        member_ids: members.iter().map(|u| u.id.clone()).collect(),
-        kind: cpb::ChatKind::Group as i32,
-        ..Default::default()
-    };
-    c.chats().create_chat(natter_testkit::authed(owner, request)).await.unwrap().into_inner().chat.unwrap()
-}
-
 /// The status code of a failed call (panics if it succeeded).
 #[track_caller]
 pub(crate) fn code<T: std::fmt::Debug>(result: Result<T, Status>) -> Code {

@@ -8,7 +8,6 @@ use natter_testkit::{Cluster, TestUser, authed};
 use tonic::Code;
 
 use crate::chats::{direct, send};
-use crate::group;
 use crate::{code, violated_fields};
 
 crate::both_modes!(
@@ -21,6 +20,16 @@ crate::both_modes!(
     edits_keep_every_revision,
     deletes_leave_tombstones,
 );
+
+async fn group(c: &Cluster, owner: &TestUser, title: &str, members: &[&TestUser]) -> cpb::Chat {
+    let request = cpb::CreateChatRequest {
+        title: title.into(),
+        member_ids: members.iter().map(|u| u.id.clone()).collect(),
+        kind: cpb::ChatKind::Group as i32,
+        ..Default::default()
+    };
+    c.chats().create_chat(authed(owner, request)).await.unwrap().into_inner().chat.unwrap()
+}
 
 fn mask(paths: &[&str]) -> Option<FieldMask> {
     Some(FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() })

@@ -34,10 +34,20 @@ async fn listed(c: &Cluster, user: &TestUser, chat: &str) -> (i64, i64, i64) {
     (chat.unread_count, chat.mention_count, chat.last_message.map_or(0, |m| m.seq))
 }
 
+/// A group of `owner` and `others`.
+pub(crate) async fn group(c: &Cluster, owner: &TestUser, others: &[&TestUser]) -> String {
+    let request = cpb::CreateChatRequest {
+        title: "mentions".into(),
+        member_ids: others.iter().map(|u| u.id.clone()).collect(),
+        ..Default::default()
+    };
+    c.chats().create_chat(authed(owner, request)).await.unwrap().into_inner().chat.unwrap().id
+}
+
 async fn a_mention_counts_for_the_mentioned_member_until_read_or_deleted(c: &Cluster) {
     let users = futures::future::join_all(["ann", "ben", "cat"].map(|n| c.user(n))).await;
     let (ann, ben, cat) = (&users[0], &users[1], &users[2]);
-    let chat = crate::group(c, ann, "mentions", &[ben, cat]).await.id;
+    let chat = group(c, ann, &[ben, cat]).await;
     let request = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], ..Default::default() };
     let mut stream = c.messages().stream_events(authed(ben, request)).await.unwrap().into_inner();
 
@@ -94,7 +104,7 @@ async fn a_mention_counts_for_the_mentioned_member_until_read_or_deleted(c: &Clu
 async fn mentions_are_checked_before_anything_is_written(c: &Cluster) {
     let users = futures::future::join_all(["ann", "ben", "cat", "dan"].map(|n| c.user(n))).await;
     let (ann, ben, cat, dan) = (&users[0], &users[1], &users[2], &users[3]);
-    let chat = crate::group(c, ann, "mentions", &[ben, cat]).await.id;
+    let chat = group(c, ann, &[ben, cat]).await;
     c.messages().send_message(authed(ann, mentioning(&chat, "first", &[]))).await.unwrap();
 
     // Dan is no member: refused, naming his place in the list; nothing is

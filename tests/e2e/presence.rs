@@ -2,6 +2,7 @@
 //! chat with the user; a user is online while any of their streams is open.
 
 use natter_kit::time::{micros, now_micros};
+use natter_proto::chats::v1 as cpb;
 use natter_proto::messages::v1 as mpb;
 use natter_testkit::{Cluster, Flags, TestUser, authed};
 use tonic::Code;
@@ -18,6 +19,16 @@ crate::both_modes!(
     presence_reaches_those_who_share_a_chat_once_per_change_and_nobody_else,
     get_presence_refuses_bad_ids_by_field_and_too_many_calls,
 );
+
+/// A group chat of `owner` with `members`.
+async fn group(c: &Cluster, owner: &TestUser, members: &[&TestUser], title: &str) -> cpb::Chat {
+    let request = cpb::CreateChatRequest {
+        title: title.into(),
+        member_ids: members.iter().map(|m| m.id.clone()).collect(),
+        ..Default::default()
+    };
+    c.chats().create_chat(authed(owner, request)).await.unwrap().into_inner().chat.unwrap()
+}
 
 /// GetPresence of `users` as `caller`.
 async fn presence(c: &Cluster, caller: &TestUser, users: &[&str]) -> Vec<mpb::Presence> {
@@ -47,8 +58,8 @@ async fn presence_reaches_those_who_share_a_chat_once_per_change_and_nobody_else
     let (alice, bob, carol, dave) =
         (c.user("alice").await, c.user("bob").await, c.user("carol").await, c.user("dave").await);
     // Alice and bob share two chats; carol shares none with bob.
-    let first = crate::group(c, &alice, "first", &[&bob]).await;
-    let second = crate::group(c, &alice, "second", &[&bob]).await;
+    let first = group(c, &alice, &[&bob], "first").await;
+    let second = group(c, &alice, &[&bob], "second").await;
     let carols = direct(c, &carol, &dave).await;
     let mut alices = open(c, &alice, &[], &[]).await;
     let mut carol_stream = open(c, &carol, &[], &[]).await;

@@ -7,7 +7,10 @@
 //! after the same sequences: some sends are prompt injections, which edits
 //! and deletes then clear. Alice and bob add and remove reactions too: bob's
 //! view holds each message's reactions as he sees them (his own marked), as
-//! ListMessages gives them to him.
+//! ListMessages gives them to him. Alice replies in threads of live
+//! messages too: each root's summary (reply count, participants) changes
+//! with every reply and every reply's deletion, and the view must hold it
+//! as ListMessages (with thread replies) shows it.
 //!
 //! Random interleavings come from proptest strategies, run from a fixed
 //! seed (`TestRunner::deterministic`) inside one deployment per mode, so a
@@ -52,6 +55,9 @@ enum Op {
     /// Alice (false) or bob (true) toggles reaction n (mod 3) on the n-th
     /// (mod count) live message: adds it, or removes it if they have it.
     React(bool, u8),
+    /// Alice (false) or bob (true) replies in the thread of the n-th (mod
+    /// count) live message (a reply's seq: its root's thread).
+    Reply(bool, u8),
     /// Bob's connection drops; with `true` after he caught up, else at once
     /// (with events in flight, which he never sees).
     Cut(bool),
@@ -68,13 +74,15 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::RemoveCarol),
         1 => Just(Op::MarkRead),
         2 => (any::<bool>(), any::<u8>()).prop_map(|(bob, n)| Op::React(bob, n)),
+        2 => (any::<bool>(), any::<u8>()).prop_map(|(bob, n)| Op::Reply(bob, n)),
         2 => any::<bool>().prop_map(Op::Cut),
     ]
 }
 
-/// A message as bob's client knows it: text, deleted, and its reactions as
-/// bob sees them (emoji, count, reacted_by_me).
-type MessageState = (String, bool, Vec<(String, i32, bool)>);
+/// A message as bob's client knows it: text, deleted, its reactions as
+/// bob sees them (emoji, count, reacted_by_me), its thread's root, and its
+/// thread summary as a root (reply count, participants).
+type MessageState = (String, bool, Vec<(String, i32, bool)>, i64, Option<(i32, Vec<String>)>);
 
 /// A chat as bob's client knows it, from the events alone.
 #[derive(Debug, Default, PartialEq)]
@@ -152,7 +160,13 @@ impl Client {
 
 /// A message as the view keeps it.
 fn state(m: mpb::Message) -> MessageState {
-    (m.text, m.deleted, m.reactions.into_iter().map(|r| (r.emoji, r.count, r.reacted_by_me)).collect())
+    (
+        m.text,
+        m.deleted,
+        m.reactions.into_iter().map(|r| (r.emoji, r.count, r.reacted_by_me)).collect(),
+        m.thread_root_seq,
+        m.thread.map(|t| (t.reply_count, t.participant_ids)),
+    )
 }
 
 /// The chat as the server holds it now (messages as bob reads them).
@@ -161,6 +175,7 @@ async fn server_state(c: &Cluster, alice: &TestUser, bob: &TestUser, chat: &str)
         chat_id: chat.to_owned(),
         page_size: 200,
         order: mpb::SortOrder::Asc as i32,
+        include_thread_replies: true,
         ..Default::default()
     };
     let messages = c.messages().list_messages(authed(bob, request)).await.unwrap().into_inner().messages;
@@ -247,6 +262,24 @@ async fn run_case(c: &Cluster, [alice, bob, carol]: &[TestUser; 3], case: usize,
                     c.messages().remove_reaction(authed(who, r)).await.unwrap();
                 }
             }
+            Op::Reply(by_bob, n) if !live.is_empty() => {
+                let m = &live[usize::from(*n) % live.len()];
+                let who = if *by_bob { bob } else { alice };
+                let request = mpb::SendMessageRequest {
+                    chat_id: chat.clone(),
+                    text: format!("m{i} reply"),
+                    thread_root_seq: m.seq,
+                    ..Default::default()
+                };
+                let sent = c.messages().send_message(authed(who, request)).await;
+                // A reply's root may be deleted: its thread takes no more.
+                // Alice's replies join those she may edit and delete.
+                match sent {
+                    Ok(sent) if !*by_bob => live.push(sent.into_inner().message.unwrap()),
+                    Ok(_) => {}
+                    Err(status) => assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}"),
+                }
+            }
             Op::MarkRead => {
                 let read = mpb::MarkReadRequest { chat_id: chat.clone(), seq: 1_000_000 };
                 c.messages().mark_read(authed(alice, read)).await.unwrap();
@@ -269,7 +302,12 @@ async fn run_case(c: &Cluster, [alice, bob, carol]: &[TestUser; 3], case: usize,
 /// The chat's aggregates as its owner sees them on GetChat, against what
 /// ListMessages holds: live messages counted, the worst live flag.
 async fn assert_aggregates_are_exact(c: &Cluster, owner: &TestUser, chat: &str, case: usize) {
-    let request = mpb::ListMessagesRequest { chat_id: chat.to_owned(), page_size: 200, ..Default::default() };
+    let request = mpb::ListMessagesRequest {
+        chat_id: chat.to_owned(),
+        page_size: 200,
+        include_thread_replies: true,
+        ..Default::default()
+    };
     let messages = c.messages().list_messages(authed(owner, request)).await.unwrap().into_inner().messages;
     let live: Vec<&mpb::Message> = messages.iter().filter(|m| !m.deleted).collect();
     let worst = live.iter().filter_map(|m| m.flags.as_ref()).filter(|f| f.flagged).map(|f| f.severity).max();

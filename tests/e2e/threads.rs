@@ -1,26 +1,28 @@
-//! Reply threads: SendMessage's thread_root_seq, the root's `thread`
-//! summary (a change of the root), ListMessages of one thread and of the
-//! main timeline without replies, unread counts that count replies, and a
-//! resume that replays the root's summary once.
-
-use std::collections::HashMap;
+//! Reply threads: SendMessage's thread_root_seq starts or joins a thread;
+//! the root's ThreadSummary on every read and on its `message_edited`
+//! event; ListMessages' main timeline without thread replies, with them on
+//! request, and one thread's pages; unread counts and previews count thread
+//! replies; resume replays the root's summary change once.
 
 use natter_proto::chats::v1 as cpb;
 use natter_proto::messages::v1 as mpb;
 use natter_testkit::{Cluster, TestUser, authed};
+use tonic::Code;
 
+use crate::chats::send;
+use crate::mentions::group;
 use crate::stream::next;
 use crate::violated_fields;
 use mpb::stream_events_response::Event;
 
 crate::both_modes!(
-    a_thread_is_paged_apart_and_its_root_keeps_its_summary,
-    thread_roots_are_checked_before_anything_is_written,
-    a_resumed_stream_sees_the_root_summary_once
+    a_thread_is_started_joined_and_summarized_on_every_read_and_event,
+    a_thread_is_paged_apart_from_the_main_timeline,
+    thread_roots_are_checked_before_anything_is_written
 );
 
-/// Sends `text` to `chat` as `user`, in the thread of `root` (0: none).
-async fn say(c: &Cluster, user: &TestUser, chat: &str, text: &str, root: i64) -> mpb::Message {
+/// `user`'s reply `text` in `chat`'s thread of `root` (a seq).
+async fn reply(c: &Cluster, user: &TestUser, chat: &str, root: i64, text: &str) -> mpb::Message {
     let request = mpb::SendMessageRequest {
         chat_id: chat.to_owned(),
         text: text.to_owned(),
@@ -30,143 +32,201 @@ async fn say(c: &Cluster, user: &TestUser, chat: &str, text: &str, root: i64) ->
     c.messages().send_message(authed(user, request)).await.unwrap().into_inner().message.unwrap()
 }
 
-/// The seqs `user` lists with `request` (its chat set), oldest first.
-async fn seqs(c: &Cluster, user: &TestUser, request: mpb::ListMessagesRequest) -> Vec<i64> {
-    let request = mpb::ListMessagesRequest { order: mpb::SortOrder::Asc as i32, ..request };
-    let page = c.messages().list_messages(authed(user, request)).await.unwrap().into_inner().messages;
-    page.iter().map(|m| m.seq).collect()
+/// The message with `id`, as `user` reads it.
+async fn get(c: &Cluster, user: &TestUser, id: &str) -> mpb::Message {
+    let request = mpb::GetMessageRequest { message_id: id.to_owned() };
+    c.messages().get_message(authed(user, request)).await.unwrap().into_inner().message.unwrap()
 }
 
-async fn a_thread_is_paged_apart_and_its_root_keeps_its_summary(c: &Cluster) {
+/// The seqs of one ListMessages page and its next page token.
+async fn page(c: &Cluster, user: &TestUser, request: mpb::ListMessagesRequest) -> (Vec<i64>, String) {
+    let page = c.messages().list_messages(authed(user, request)).await.unwrap().into_inner();
+    (page.messages.iter().map(|m| m.seq).collect(), page.next_page_token)
+}
+
+/// (reply_count, participant_ids) of a root's summary.
+fn summary(m: &mpb::Message) -> (i32, Vec<String>) {
+    let thread = m.thread.as_ref().expect("a root with replies carries its thread");
+    (thread.reply_count, thread.participant_ids.clone())
+}
+
+/// The next message event of `stream`: (kind, message).
+async fn next_message(stream: &mut tonic::codec::Streaming<mpb::StreamEventsResponse>) -> (&'static str, mpb::Message) {
+    loop {
+        match next(stream).await.event {
+            Some(Event::MessageCreated(m)) => return ("created", m),
+            Some(Event::MessageEdited(m)) => return ("edited", m),
+            Some(Event::MessageDeleted(m)) => return ("deleted", m),
+            _ => continue,
+        }
+    }
+}
+
+async fn a_thread_is_started_joined_and_summarized_on_every_read_and_event(c: &Cluster) {
     let users = futures::future::join_all(["ann", "ben", "cat"].map(|n| c.user(n))).await;
     let (ann, ben, cat) = (&users[0], &users[1], &users[2]);
-    let chat = crate::group(c, ann, "threads", &[ben, cat]).await.id;
-    let request = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], ..Default::default() };
-    let mut stream = c.messages().stream_events(authed(cat, request)).await.unwrap().into_inner();
+    let chat = group(c, ann, &[ben, cat]).await;
+    let root = send(c, ann, &chat, "lunch?").await;
+    let before = send(c, ann, &chat, "anyone").await.change_seq;
+    let follow = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], ..Default::default() };
+    let mut stream = c.messages().stream_events(authed(ann, follow)).await.unwrap().into_inner();
 
-    let root = say(c, ann, &chat, "lunch?", 0).await;
-    let first = say(c, ben, &chat, "noon", root.seq).await;
-    assert_eq!((first.seq, first.thread_root_seq), (2, 1), "a reply takes the chat's next seq");
-    say(c, ann, &chat, "meanwhile, in the main timeline", 0).await;
-    // A reply to a reply joins the root's thread.
-    let second = say(c, cat, &chat, "me too", first.seq).await;
-    assert_eq!((second.seq, second.thread_root_seq), (4, 1));
+    // Ben starts the thread: his reply is a message of the chat (next
+    // seq), created on the stream with its root, then the root edited with
+    // its new summary.
+    let first = reply(c, ben, &chat, root.seq, "yes").await;
+    assert_eq!((first.seq, first.thread_root_seq), (3, root.seq));
+    assert!(first.thread.is_none(), "a reply carries no summary");
+    let (kind, created) = next_message(&mut stream).await;
+    assert_eq!((kind, created.seq, created.thread_root_seq), ("created", 3, 1));
+    let (kind, edited) = next_message(&mut stream).await;
+    assert_eq!((kind, edited.id.as_str()), ("edited", root.id.as_str()));
+    assert_eq!(summary(&edited), (1, vec![ben.id.clone()]));
+    assert_eq!(edited.revision, 1, "no revision: a change of the root, not an edit of its text");
+    // Cat names Ben's reply: she joins the root's thread.
+    let second = reply(c, cat, &chat, first.seq, "me too").await;
+    assert_eq!((second.seq, second.thread_root_seq), (4, root.seq));
+    let got = get(c, ann, &root.id).await;
+    assert_eq!(summary(&got), (2, vec![cat.id.clone(), ben.id.clone()]), "the latest replier first");
+    let thread = got.thread.as_ref().unwrap();
+    assert_eq!(thread.last_reply_time, second.send_time);
+    let events = [next_message(&mut stream).await, next_message(&mut stream).await];
+    assert_eq!((events[0].0, events[0].1.seq), ("created", 4));
+    assert_eq!((events[1].0, summary(&events[1].1)), ("edited", summary(&got)));
 
-    // The stream: the reply created, then its root edited with the summary.
-    let mut events = Vec::new();
-    while events.len() < 6 {
-        match next(&mut stream).await.event {
-            Some(Event::MessageCreated(m)) => events.push(("created", m.seq, m.thread.map_or(0, |t| t.reply_count))),
-            Some(Event::MessageEdited(m)) => events.push(("edited", m.seq, m.thread.map_or(0, |t| t.reply_count))),
-            _ => {}
-        }
-    }
-    assert_eq!(
-        events,
-        [
-            ("created", 1, 0),
-            ("created", 2, 0),
-            ("edited", 1, 1),
-            ("created", 3, 0),
-            ("created", 4, 0),
-            ("edited", 1, 2)
-        ]
-    );
+    // Unread counts and previews count thread replies like any message;
+    // GetChat's messages are the main timeline.
+    let listed = c.chats().list_chats(authed(ann, cpb::ListChatsRequest::default())).await.unwrap().into_inner();
+    let shown = listed.chats.iter().find(|x| x.id == chat).unwrap();
+    assert_eq!((shown.unread_count, shown.last_message.as_ref().unwrap().seq), (2, 4));
+    let get_chat = cpb::GetChatRequest { chat_id: chat.clone(), message_page_size: 10 };
+    let opened = c.chats().get_chat(authed(ann, get_chat)).await.unwrap().into_inner();
+    let seqs: Vec<i64> = opened.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [2, 1], "no thread replies among GetChat's messages");
+    assert_eq!(summary(&opened.messages[1]), summary(&got));
 
-    // The root as every read shows it.
-    let get = mpb::GetMessageRequest { message_id: root.id.clone() };
-    let got = c.messages().get_message(authed(ben, get)).await.unwrap().into_inner().message.unwrap();
-    let summary = got.thread.expect("the root has a summary");
-    assert_eq!(summary.reply_count, 2);
-    assert_eq!(summary.participant_ids, [cat.id.clone(), ben.id.clone()], "most recent first");
-    assert_eq!(summary.last_reply_time, second.send_time);
+    // Deleting a reply lowers the count: the reply deleted, then the root.
+    let delete = mpb::DeleteMessageRequest { message_id: second.id.clone() };
+    c.messages().delete_message(authed(cat, delete)).await.unwrap();
+    let events = [next_message(&mut stream).await, next_message(&mut stream).await];
+    assert_eq!((events[0].0, events[0].1.seq), ("deleted", 4));
+    assert_eq!((events[1].0, summary(&events[1].1)), ("edited", (1, vec![cat.id.clone(), ben.id.clone()])));
+    let root_now = get(c, ben, &root.id).await;
+    assert_eq!(summary(&root_now), (1, vec![cat.id.clone(), ben.id.clone()]), "who replied stays a participant");
+    let listed = c.chats().list_chats(authed(ann, cpb::ListChatsRequest::default())).await.unwrap().into_inner();
+    assert_eq!(listed.chats.iter().find(|x| x.id == chat).unwrap().unread_count, 1);
 
-    // The main timeline leaves the replies out unless asked; a thread pages apart.
-    let list = |thread_root_seq, include_thread_replies| mpb::ListMessagesRequest {
-        chat_id: chat.clone(),
-        thread_root_seq,
-        include_thread_replies,
+    // Resuming from before the thread replays the root once, as it is now.
+    let resume = mpb::StreamEventsRequest {
+        chat_ids: vec![chat.clone()],
+        resume_changes: [(chat.clone(), before)].into_iter().collect(),
         ..Default::default()
     };
-    assert_eq!(seqs(c, ben, list(0, false)).await, [1, 3]);
-    assert_eq!(seqs(c, ben, list(0, true)).await, [1, 2, 3, 4]);
-    assert_eq!(seqs(c, ben, list(1, false)).await, [2, 4]);
-    let page = mpb::ListMessagesRequest { page_size: 1, ..list(1, false) };
-    let mut walked = Vec::new();
-    let mut token = String::new();
-    loop {
-        let request = mpb::ListMessagesRequest { page_token: token.clone(), ..page.clone() };
-        let out = c.messages().list_messages(authed(ben, request)).await.unwrap().into_inner();
-        walked.extend(out.messages.iter().map(|m| m.seq));
-        if out.next_page_token.is_empty() {
-            break;
-        }
-        token = out.next_page_token;
+    let mut resumed = c.messages().stream_events(authed(ben, resume)).await.unwrap().into_inner();
+    let mut replayed = Vec::new();
+    while replayed.last().is_none_or(|(_, m): &(&str, mpb::Message)| m.change_seq < root_now.change_seq) {
+        replayed.push(next_message(&mut resumed).await);
     }
-    assert_eq!(walked, [4, 2], "a thread pages newest first, one at a time");
-    let stale = mpb::ListMessagesRequest { page_token: token_of(c, ben, &chat).await, ..list(1, false) };
-    let refused = c.messages().list_messages(authed(ben, stale)).await.unwrap_err();
-    assert_eq!(violated_fields(&refused), ["page_token"], "a main-timeline token does not page a thread");
-
-    // Replies count as unread like any message.
-    let chats = c.chats().list_chats(authed(ben, cpb::ListChatsRequest::default())).await.unwrap().into_inner().chats;
-    let unread: HashMap<_, _> = chats.iter().map(|x| (x.id.clone(), x.unread_count)).collect();
-    assert_eq!(unread[&chat], 3, "ann's two messages and cat's reply");
+    let of_root: Vec<&(&str, mpb::Message)> = replayed.iter().filter(|(_, m)| m.id == root.id).collect();
+    assert_eq!(of_root.len(), 1, "the root once: {replayed:?}");
+    assert_eq!((of_root[0].0, summary(&of_root[0].1)), ("edited", summary(&root_now)));
+    let kinds: Vec<(&str, i64)> = replayed.iter().map(|(k, m)| (*k, m.seq)).collect();
+    assert_eq!(kinds, [("created", 3), ("deleted", 4), ("edited", 1)]);
 }
 
-/// A next_page_token of `chat`'s main timeline, as `user` gets it.
-async fn token_of(c: &Cluster, user: &TestUser, chat: &str) -> String {
-    let request = mpb::ListMessagesRequest { chat_id: chat.to_owned(), page_size: 1, ..Default::default() };
-    c.messages().list_messages(authed(user, request)).await.unwrap().into_inner().next_page_token
+async fn a_thread_is_paged_apart_from_the_main_timeline(c: &Cluster) {
+    let (ann, ben) = (c.user("ann").await, c.user("ben").await);
+    let chat = group(c, &ann, &[&ben]).await;
+    // 1 root, 2 and 3 replies, 4 top level, 5 a reply, 6 another root's.
+    let root = send(c, &ann, &chat, "root").await;
+    reply(c, &ben, &chat, 1, "r1").await;
+    reply(c, &ann, &chat, 1, "r2").await;
+    send(c, &ben, &chat, "top").await;
+    reply(c, &ben, &chat, 3, "r3").await;
+    reply(c, &ben, &chat, 4, "on top").await;
+    let list = |root: i64, all: bool| mpb::ListMessagesRequest {
+        chat_id: chat.clone(),
+        thread_root_seq: root,
+        include_thread_replies: all,
+        ..Default::default()
+    };
+    assert_eq!(page(c, &ben, list(0, false)).await.0, [4, 1], "the main timeline: roots, no replies");
+    assert_eq!(page(c, &ben, list(0, true)).await.0, [6, 5, 4, 3, 2, 1], "everything when asked");
+    // One thread, a reply a page, both orders, with before/after bounds.
+    let mut walked = Vec::new();
+    let mut request = mpb::ListMessagesRequest { page_size: 1, ..list(1, false) };
+    loop {
+        let (seqs, token) = page(c, &ben, request.clone()).await;
+        walked.extend(seqs);
+        if token.is_empty() {
+            break;
+        }
+        request.page_token = token;
+    }
+    assert_eq!(walked, [5, 3, 2], "the root's replies, newest first, none twice, none missing");
+    let ascending = mpb::ListMessagesRequest { order: mpb::SortOrder::Asc as i32, after_seq: 2, ..list(1, false) };
+    assert_eq!(page(c, &ben, ascending).await.0, [3, 5]);
+    assert_eq!(page(c, &ben, list(4, false)).await.0, [6]);
+    assert_eq!(page(c, &ben, list(2, false)).await.0, Vec::<i64>::new(), "a reply is no root");
+    // A token of one listing is refused by another.
+    let first = mpb::ListMessagesRequest { page_size: 1, ..list(1, false) };
+    let (_, token) = page(c, &ben, first).await;
+    let other = mpb::ListMessagesRequest { page_size: 1, page_token: token, ..list(0, true) };
+    let refused = c.messages().list_messages(authed(&ben, other)).await.unwrap_err();
+    assert_eq!(violated_fields(&refused), ["page_token"]);
+    let root = get(c, &ben, &root.id).await;
+    assert_eq!(summary(&root), (3, vec![ben.id.clone(), ann.id.clone()]));
 }
 
 async fn thread_roots_are_checked_before_anything_is_written(c: &Cluster) {
-    let ann = c.user("ann").await;
-    let ben = c.user("ben").await;
-    let chat = crate::group(c, &ann, "threads", &[&ben]).await.id;
-    let root = say(c, &ann, &chat, "a root", 0).await;
-    let send = |thread_root_seq| mpb::SendMessageRequest {
+    let (ann, ben) = (c.user("ann").await, c.user("ben").await);
+    let chat = group(c, &ann, &[&ben]).await;
+    let root = send(c, &ann, &chat, "root").await;
+    let other = send(c, &ann, &chat, "to delete").await;
+    let first = reply(c, &ben, &chat, root.seq, "reply").await;
+    let attempt = |seq: i64| mpb::SendMessageRequest {
         chat_id: chat.clone(),
-        text: "reply".into(),
-        thread_root_seq,
+        text: "x".into(),
+        thread_root_seq: seq,
         ..Default::default()
     };
-    for root_seq in [-1, 99] {
-        let refused = c.messages().send_message(authed(&ben, send(root_seq))).await.unwrap_err();
-        assert_eq!(violated_fields(&refused), ["thread_root_seq"], "root {root_seq}");
+    for seq in [-1, 99] {
+        let refused = c.messages().send_message(authed(&ben, attempt(seq))).await.unwrap_err();
+        assert_eq!(violated_fields(&refused), ["thread_root_seq"], "seq {seq}");
     }
+    c.messages()
+        .delete_message(authed(&ann, mpb::DeleteMessageRequest { message_id: other.id.clone() }))
+        .await
+        .unwrap();
+    let refused = c.messages().send_message(authed(&ben, attempt(other.seq))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("thread_root_seq"), "{refused:?}");
+    // Deleting the root keeps its summary and closes the thread to replies,
+    // named by the root or by a reply. A retry of a reply sent before still
+    // answers the original.
+    let mut retried = attempt(root.seq);
+    retried.message_id = uuid::Uuid::now_v7().to_string();
+    let original =
+        c.messages().send_message(authed(&ben, retried.clone())).await.unwrap().into_inner().message.unwrap();
     let delete = mpb::DeleteMessageRequest { message_id: root.id.clone() };
-    c.messages().delete_message(authed(&ann, delete)).await.unwrap();
-    let refused = c.messages().send_message(authed(&ben, send(root.seq))).await.unwrap_err();
-    assert_eq!(violated_fields(&refused), ["thread_root_seq"], "a deleted root");
-    // Nothing was written: the next message takes seq 2.
-    assert_eq!(say(c, &ben, &chat, "next", 0).await.seq, 2);
-}
-
-async fn a_resumed_stream_sees_the_root_summary_once(c: &Cluster) {
-    let ann = c.user("ann").await;
-    let ben = c.user("ben").await;
-    let chat = crate::group(c, &ann, "threads", &[&ben]).await.id;
-    let root = say(c, &ann, &chat, "a root", 0).await;
-    // Ben was last here at the root; then two replies and their counts.
-    say(c, &ann, &chat, "one", root.seq).await;
-    say(c, &ann, &chat, "two", root.seq).await;
-    let request = mpb::StreamEventsRequest {
-        chat_ids: vec![chat.clone()],
-        resume_changes: [(chat.clone(), root.change_seq)].into(),
+    let tombstone = c.messages().delete_message(authed(&ann, delete)).await.unwrap().into_inner().message.unwrap();
+    assert_eq!(summary(&tombstone).0, 2, "a deleted root keeps its summary");
+    for seq in [root.seq, first.seq] {
+        let refused = c.messages().send_message(authed(&ben, attempt(seq))).await.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "seq {seq}: {refused:?}");
+    }
+    let again = c.messages().send_message(authed(&ben, retried)).await.unwrap().into_inner().message.unwrap();
+    assert_eq!((again.id, again.seq, again.thread_root_seq), (original.id, original.seq, root.seq));
+    // Nothing was written by a refusal: the newest seq is the last reply's.
+    let listed = c.chats().list_chats(authed(&ann, cpb::ListChatsRequest::default())).await.unwrap().into_inner();
+    assert_eq!(listed.chats.iter().find(|x| x.id == chat).unwrap().last_message.as_ref().unwrap().seq, 4);
+    // A thread's page with include_thread_replies is refused, named.
+    let list = mpb::ListMessagesRequest {
+        chat_id: chat.clone(),
+        thread_root_seq: root.seq,
+        include_thread_replies: true,
         ..Default::default()
     };
-    let mut stream = c.messages().stream_events(authed(&ben, request)).await.unwrap().into_inner();
-    let mut seen = Vec::new();
-    while seen.len() < 3 {
-        let event = next(&mut stream).await;
-        match event.event {
-            Some(Event::MessageCreated(m)) => seen.push((m.seq, m.thread.map_or(0, |t| t.reply_count))),
-            Some(Event::MessageEdited(m)) => seen.push((m.seq, m.thread.map_or(0, |t| t.reply_count))),
-            _ => {}
-        }
-    }
-    // The replies, and the root once, as the last count left it.
-    seen.sort_unstable();
-    assert_eq!(seen, [(1, 2), (2, 0), (3, 0)]);
+    let refused = c.messages().list_messages(authed(&ben, list)).await.unwrap_err();
+    assert_eq!(violated_fields(&refused), ["include_thread_replies"]);
 }

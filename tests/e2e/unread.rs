@@ -1,7 +1,9 @@
 //! Unread and mention counts against a brute-force model over random
-//! operation sequences (send with random mentions, delete, mark read, leave,
-//! rejoin): a property test with fixed seeds, so a failure names the seed
-//! that reproduces it.
+//! operation sequences (send with random mentions, now and then in a thread
+//! of a random earlier message, delete, mark read, leave, rejoin): a
+//! property test with fixed seeds, so a failure names the seed that
+//! reproduces it. Thread replies count like any message; a thread's root's
+//! reply count is checked against the model too.
 
 use natter_proto::chats::v1 as cpb;
 use natter_proto::messages::v1 as mpb;
@@ -18,6 +20,8 @@ struct Model {
     messages: Vec<(usize, bool)>,
     /// The users each message mentions, per seq - 1.
     mentioned: Vec<Vec<usize>>,
+    /// The root of the thread each message replies in (0: none), per seq - 1.
+    roots: Vec<i64>,
     members: Vec<bool>,
     read: Vec<i64>,
 }
@@ -35,6 +39,19 @@ impl Model {
             .count() as i64
     }
 
+    /// The root a send naming `seq` in a thread joins (None: refused, the
+    /// root is deleted).
+    fn root_of(&self, seq: i64) -> Option<i64> {
+        let named = (seq - 1) as usize;
+        let root = if self.roots[named] > 0 { self.roots[named] } else { seq };
+        (!self.messages[(root - 1) as usize].1).then_some(root)
+    }
+
+    /// The live replies of the thread of `root`.
+    fn replies(&self, root: i64) -> i32 {
+        self.roots.iter().zip(&self.messages).filter(|(r, (_, deleted))| **r == root && !deleted).count() as i32
+    }
+
     fn mentions(&self, user: usize) -> i64 {
         self.messages
             .iter()
@@ -49,16 +66,18 @@ impl Model {
 
 async fn unread_counts_match_a_brute_force_model(c: &Cluster) {
     let users: Vec<TestUser> = futures::future::join_all(["own", "u1", "u2", "u3"].map(|n| c.user(n))).await;
-    let mut refused = 0;
+    let (mut refused, mut threaded) = (0, 0);
     for seed in 0..8u64 {
-        refused += run_sequence(c, &users, seed, 40).await;
+        let (r, t) = run_sequence(c, &users, seed, 40).await;
+        (refused, threaded) = (refused + r, threaded + t);
     }
     assert!(refused > 0, "the sequences mention someone who left now and then");
+    assert!(threaded > 0, "the sequences reply in threads now and then");
 }
 
 /// Runs one random sequence; returns how many sends were refused for
-/// mentioning a non-member.
-async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) -> usize {
+/// mentioning a non-member, and how many thread replies were stored.
+async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) -> (usize, usize) {
     let mut rng = StdRng::seed_from_u64(seed);
     let request = cpb::CreateChatRequest {
         title: format!("prop {seed}"),
@@ -68,23 +87,21 @@ async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) 
     let chat = c.chats().create_chat(authed(&users[0], request)).await.unwrap().into_inner().chat.unwrap();
     let mut model = Model { members: vec![true; users.len()], read: vec![0; users.len()], ..Model::default() };
     let mut ids: Vec<String> = Vec::new();
-    // Per message (by seq - 1): the root of the thread it replies in (0: none).
-    let mut thread_of: Vec<i64> = Vec::new();
     let mut log: Vec<String> = Vec::new();
-    let mut refused = 0;
+    let (mut refused, mut threaded) = (0, 0);
     for step in 0..steps {
         let u = rng.random_range(0..users.len());
         let op = rng.random_range(0..10);
         match op {
             // Send (most common), mentioning anyone now and then, the
             // author too: mentioning someone who left is refused and
-            // writes nothing (the next send's seq shows it). A third of
-            // sends reply in the thread of an earlier message: a thread
-            // reply counts as unread like any message; a deleted root is
-            // refused.
+            // writes nothing (the next send's seq shows it).
             0..=3 if model.members[u] => {
                 let mentioned: Vec<usize> = (0..users.len()).filter(|_| rng.random_range(0..3) == 0).collect();
-                let root = if model.head() > 0 && rng.random_range(0..3) == 0 {
+                // A third of the sends reply in the thread of an earlier
+                // message (a reply's seq joins its root's thread; a
+                // deleted root refuses it).
+                let named = if model.head() > 0 && rng.random_range(0..3) == 0 {
                     rng.random_range(1..=model.head())
                 } else {
                     0
@@ -93,7 +110,7 @@ async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) 
                     chat_id: chat.id.clone(),
                     text: format!("s{step}"),
                     mention_user_ids: mentioned.iter().map(|&i| users[i].id.clone()).collect(),
-                    thread_root_seq: root,
+                    thread_root_seq: named,
                     ..Default::default()
                 };
                 let sent = c.messages().send_message(authed(&users[u], m)).await;
@@ -108,25 +125,30 @@ async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) 
                     refused += 1;
                     continue;
                 }
-                if root > 0 && model.messages[(root - 1) as usize].1 {
-                    let status = sent.expect_err("a reply in the thread of a deleted message");
-                    assert_eq!(crate::violated_fields(&status), ["thread_root_seq"], "seed {seed}: after {log:?}");
-                    log.push(format!("u{u} replies in the thread of deleted {root}"));
+                let root = if named > 0 { model.root_of(named) } else { Some(0) };
+                let Some(root) = root else {
+                    let status = sent.expect_err("a reply in the thread of a deleted root");
+                    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "seed {seed}: after {log:?}");
+                    log.push(format!("u{u} replies to {named}, whose root is deleted"));
                     continue;
-                }
+                };
                 let sent = sent.unwrap().into_inner().message.unwrap();
-                // A reply to a thread reply joins its root's thread.
-                let joined =
-                    if root > 0 { Some(thread_of[(root - 1) as usize]).filter(|r| *r > 0).unwrap_or(root) } else { 0 };
-                assert_eq!(sent.thread_root_seq, joined, "seed {seed}: the thread after {log:?}");
-                thread_of.push(joined);
+                assert_eq!(sent.thread_root_seq, root, "seed {seed}: the thread joined, after {log:?}");
                 let ids_sent: Vec<String> = mentioned.iter().map(|&i| users[i].id.clone()).collect();
                 assert_eq!(sent.mention_user_ids, ids_sent, "seed {seed}: the message carries its mentions");
                 model.messages.push((u, false));
                 model.mentioned.push(mentioned.clone());
+                model.roots.push(root);
                 assert_eq!(sent.seq, model.head(), "seed {seed}: seq");
                 ids.push(sent.id);
-                log.push(format!("u{u} sends {} mentioning {mentioned:?} in thread {joined}", sent.seq));
+                log.push(format!("u{u} sends {} mentioning {mentioned:?} in thread {root}", sent.seq));
+                if root > 0 {
+                    threaded += 1;
+                    let get = mpb::GetMessageRequest { message_id: ids[(root - 1) as usize].clone() };
+                    let got = c.messages().get_message(authed(&users[u], get)).await.unwrap().into_inner();
+                    let count = got.message.unwrap().thread.map_or(0, |t| t.reply_count);
+                    assert_eq!(count, model.replies(root), "seed {seed}: root {root}'s replies after {log:?}");
+                }
             }
             // Delete one of one's own live messages.
             4 | 5 if model.members[u] => {
@@ -188,7 +210,7 @@ async fn run_sequence(c: &Cluster, users: &[TestUser], seed: u64, steps: usize) 
             }
         }
     }
-    refused
+    (refused, threaded)
 }
 
 /// Unread counts count up to 1,000 (a client shows "999+"): a member 1,005

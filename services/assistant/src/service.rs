@@ -267,11 +267,11 @@ impl Assistant {
     }
 
     /// Whether the assistant answers `message`: a person's (not a bot
-    /// reply's), not deleted, with text, not a thread reply (its replies
-    /// go to the main timeline, so it answers there only); in a direct chat
-    /// every one, in a group as its assistant_replies says (by default
-    /// those that mention it: its id in mention_user_ids, or `@username` in
-    /// the text).
+    /// reply's), not deleted, with text, in no thread (its replies and the
+    /// context it reads are the chat's main timeline: a thread reply is
+    /// never a prompt, even one that mentions it); in a direct chat every
+    /// one, in a group as its assistant_replies says (by default those that
+    /// mention it: its id in mention_user_ids, or `@username` in the text).
     async fn is_prompt(&self, message: &mpb::Message) -> bool {
         if message.author_id == self.bot.id
             || message.role == mpb::MessageRole::Assistant as i32

@@ -42,7 +42,8 @@ pub struct SendMessage {
     /// non-member); their membership is checked by the service, in the
     /// caller's membership check.
     pub mentions: Vec<Mention>,
-    /// Replies in the thread of this message of the chat.
+    /// The thread it replies in (SendMessage's thread_root_seq; the store
+    /// resolves a thread reply to its root and checks the root is live).
     pub thread_root: Option<Seq>,
 }
 

@@ -26,7 +26,7 @@ use crate::search::{self, Query, SearchMessages};
 use crate::service::Messages;
 use crate::store::{
     Change, ChatChange, ChatDetails, Flags, Generation, GenerationInfo, Heads, Message, QueueFilter, Range, Reaction,
-    Revision, Role, SearchCursor, Seq, StoredReport, Summary,
+    Revision, Role, SearchCursor, Seq, StoredReport, Summary, Timeline,
 };
 use crate::stream::{self, EventStream, Follow, Resume};
 
@@ -127,16 +127,26 @@ pub fn list_request(r: &pb::ListMessagesRequest) -> Result<(ListMessages, u64), 
             return Err(FieldViolations::single(field, "must not be negative").into_status());
         }
     }
+    let timeline = match (r.thread_root_seq, r.include_thread_replies) {
+        (0, false) => Timeline::Main,
+        (0, true) => Timeline::Everything,
+        (root, false) => Timeline::Thread(Seq(root)),
+        (_, true) => {
+            let reason = "a thread's page holds only thread replies: leave include_thread_replies unset";
+            return Err(FieldViolations::single("include_thread_replies", reason).into_status());
+        }
+    };
     let (before, after) = ((r.before_seq > 0).then_some(r.before_seq), (r.after_seq > 0).then_some(r.after_seq));
-    let thread = (r.thread_root_seq > 0).then_some(Seq(r.thread_root_seq));
-    let with_replies = r.include_thread_replies && thread.is_none();
-    let mut fingerprint =
-        paging::fingerprint(&[&chat_id.0, &before, &after, &ascending, &r.include_history, &r.flagged]);
-    if thread.is_some() || with_replies {
-        // Tokens of main-timeline listings keep the fingerprint they had
-        // before threads existed.
-        fingerprint = paging::fingerprint(&[&fingerprint, &thread.map(|s| s.0), &with_replies]);
-    }
+    let fingerprint = paging::fingerprint(&[
+        &chat_id.0,
+        &before,
+        &after,
+        &ascending,
+        &r.include_history,
+        &r.flagged,
+        &r.thread_root_seq,
+        &r.include_thread_replies,
+    ]);
     let from = paging::decode::<i64>("page_token", &r.page_token, fingerprint)?.map(Seq);
     let range = Range {
         before: before.map(Seq),
@@ -144,8 +154,7 @@ pub fn list_request(r: &pb::ListMessagesRequest) -> Result<(ListMessages, u64), 
         ascending,
         superseded: r.include_history,
         flagged: r.flagged,
-        thread,
-        no_thread_replies: thread.is_none() && !with_replies,
+        timeline,
     };
     Ok((ListMessages { chat_id, range, from, page_size, include_history: r.include_history }, fingerprint))
 }
@@ -255,7 +264,7 @@ pub fn message_pb(m: Message, history: Vec<pb::Revision>) -> pb::Message {
         mention_user_ids: m.mentions.iter().map(UserId::to_string).collect(),
         thread_root_seq: m.thread_root.map_or(0, |s| s.0),
         thread: m.thread.map(|t| pb::ThreadSummary {
-            reply_count: i32::try_from(t.reply_count).unwrap_or(i32::MAX),
+            reply_count: i32::try_from(t.replies).unwrap_or(i32::MAX),
             last_reply_time: Some(timestamp(t.last_reply_time)),
             participant_ids: t.participants.iter().map(UserId::to_string).collect(),
         }),
@@ -1134,6 +1143,8 @@ mod tests {
         let bad_mention =
             pb::SendMessageRequest { mention_user_ids: vec![chat.to_string(), "bob".into()], ..request("hi", 0) };
         assert_eq!(fields(&send_request(bad_mention, &Limits::default()).unwrap_err()), ["mention_user_ids[1]"]);
+        let bad_thread = pb::SendMessageRequest { thread_root_seq: -1, ..request("hi", 0) };
+        assert_eq!(fields(&send_request(bad_thread, &Limits::default()).unwrap_err()), ["thread_root_seq"]);
     }
 
     #[test]
@@ -1153,6 +1164,22 @@ mod tests {
         assert_eq!(fields(&list_request(&list(-1, "")).unwrap_err()), ["before_seq"]);
         let too_big = pb::ListMessagesRequest { page_size: 500, ..list(0, "") };
         assert_eq!(list_request(&too_big).unwrap().0.page_size, domain::PAGE_MAX, "clamped");
+        // Threads: the timeline by default, a thread's replies, or all; a
+        // token of one is no token of another.
+        let thread = |root, all| pb::ListMessagesRequest {
+            thread_root_seq: root,
+            include_thread_replies: all,
+            ..list(50, &token)
+        };
+        let timeline = |r: &pb::ListMessagesRequest| list_request(r).map(|(l, _)| l.range.timeline);
+        assert_eq!(timeline(&list(50, &token)).unwrap(), Timeline::Main);
+        assert_eq!(fields(&list_request(&thread(3, false)).unwrap_err()), ["page_token"], "another filter");
+        assert_eq!(fields(&list_request(&thread(0, true)).unwrap_err()), ["page_token"], "another filter");
+        let fresh = |r: pb::ListMessagesRequest| pb::ListMessagesRequest { page_token: String::new(), ..r };
+        assert_eq!(timeline(&fresh(thread(3, false))).unwrap(), Timeline::Thread(Seq(3)));
+        assert_eq!(timeline(&fresh(thread(0, true))).unwrap(), Timeline::Everything);
+        assert_eq!(fields(&list_request(&fresh(thread(-3, false))).unwrap_err()), ["thread_root_seq"]);
+        assert_eq!(fields(&list_request(&fresh(thread(3, true))).unwrap_err()), ["include_thread_replies"]);
     }
 
     #[test]

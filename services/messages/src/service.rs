@@ -25,6 +25,7 @@ use crate::search::{Found, SearchMessages};
 use crate::store::{
     ChatChange, Edited, Finish, Flags, Message, MessageStore, NewMessage, NewReply, QueueCursor, QueueFilter, Range,
     Reacted, ReadState, Revision, SearchCursor, SearchFilter, Sent, Seq, Started, StoreError, StoredReport, Summary,
+    Timeline,
 };
 use crate::stream::Resume;
 use crate::writer::Writer;
@@ -308,14 +309,26 @@ impl Messages {
             thread_root: req.thread_root,
         };
         let id = new.id;
-        let (message, root) = match self.writer.send(new).await? {
-            Sent::Created(message) => (message, None),
-            Sent::Threaded(message, root) => (message, Some(root)),
+        let message = match self.writer.send(new).await? {
+            Sent::Created(message) => {
+                tracing::Span::current()
+                    .record("message_id", tracing::field::display(message.id))
+                    .record("seq", message.seq.0);
+                message
+            }
             Sent::NoSuchReply => {
                 return Err(MessagesError::invalid("reply_to_seq", "names no message of this chat"));
             }
-            Sent::NoSuchThread => {
-                return Err(MessagesError::invalid("thread_root_seq", "names no live message of this chat"));
+            Sent::NoSuchThreadRoot => {
+                return Err(MessagesError::invalid("thread_root_seq", "names no message of this chat"));
+            }
+            Sent::ThreadRootDeleted => {
+                // A retry of a reply sent before its root was deleted still
+                // answers the original.
+                if let Some(existing) = self.store.message(id).await? {
+                    return same_message(existing, &req, caller);
+                }
+                return Err(MessagesError::Precondition("thread_root_seq: the thread's root is deleted"));
             }
             Sent::Duplicate => {
                 // A concurrent retry won the race: answer with its message.
@@ -323,14 +336,10 @@ impl Messages {
                 return same_message(existing, &req, caller);
             }
         };
-        tracing::Span::current().record("message_id", tracing::field::display(message.id)).record("seq", message.seq.0);
         let event = grpc::created_event(grpc::message_pb(message.clone(), Vec::new()));
         self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(BusEvent::new(req.chat_id, event)));
-        if let Some(mut root) = root {
-            // The root's summary counted the reply: a change of the root.
-            with_reactions(self.store.as_ref(), std::slice::from_mut(root.as_mut()), None).await?;
-            let event = grpc::edited_event(*root);
-            self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(BusEvent::new(req.chat_id, event)));
+        if let Some(root) = message.thread_root {
+            self.announce_root(message.chat_id, root).await;
         }
         if let Some(classifier) = &self.classifier {
             classifier.spawn(message.id, message.chat_id, message.revision, message.text.clone());
@@ -410,7 +419,44 @@ impl Messages {
             Topic::Chat(deleted.chat_id.0),
             Arc::new(BusEvent::new(deleted.chat_id, grpc::deleted_event(deleted.clone()))),
         );
+        if let Some(root) = deleted.thread_root {
+            self.announce_root(deleted.chat_id, root).await;
+        }
         Ok(deleted)
+    }
+
+    /// Announces a thread's root as edited (deleted, for a deleted root)
+    /// after a reply to it, or a reply's deletion, changed its summary: the
+    /// root as the store holds it now, read after the change committed. The
+    /// event's number is the root's change_seq then, at least the change's
+    /// own, and all before it is stored, so streams take it as any event
+    /// (concurrent replies may announce the same state twice: a stream
+    /// drops the repeat). The change is committed already: a failed read is
+    /// logged, and streams get the root's change from the store at their
+    /// next event of the chat (a gap fill) or on resume.
+    async fn announce_root(&self, chat: ChatId, root: Seq) {
+        let read = async {
+            let mut found = self.message_at(chat, root).await?;
+            with_reactions(self.store.as_ref(), found.as_mut_slice(), None).await?;
+            Ok::<_, MessagesError>(found)
+        };
+        let root = match read.await {
+            Ok(Some(root)) => root,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(chat_id = %chat, seq = root.0, error = %e, "announcing a thread's root failed");
+                return;
+            }
+        };
+        // A deleted root's change is a deletion's, as a replay tells it.
+        let event = if root.deleted() { grpc::deleted_event(root) } else { grpc::edited_event(counts_only(root)) };
+        self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
+    }
+
+    /// The message of `chat` at `seq` (superseded replies too), if any.
+    async fn message_at(&self, chat: ChatId, seq: Seq) -> Result<Option<Message>, MessagesError> {
+        let range = Range { after: Some(Seq(seq.0 - 1)), ascending: true, superseded: true, ..Range::default() };
+        Ok(self.store.list(chat, range, None, 1).await?.into_iter().find(|m| m.seq == seq))
     }
 
     /// AddReaction / RemoveReaction (a member of the message's chat):
@@ -593,10 +639,12 @@ impl Messages {
         Ok(self.store.summaries(chats, user).await?)
     }
 
-    /// Internal: a chat's newest messages, newest first (superseded replies
-    /// left out).
+    /// Internal: a chat's newest messages of its main timeline, newest first
+    /// (superseded replies and thread replies left out, as ListMessages by
+    /// default).
     pub async fn recent(&self, chat: ChatId, page_size: u32) -> Result<Vec<Message>, MessagesError> {
-        Ok(self.store.list(chat, Range::default(), None, page_size).await?)
+        let range = Range { timeline: Timeline::Main, ..Range::default() };
+        Ok(self.store.list(chat, range, None, page_size).await?)
     }
 
     /// Internal: deletes everything of a chat.
@@ -613,9 +661,7 @@ impl Messages {
         }
         if let Some((chat, seqs)) = at {
             for seq in seqs {
-                let range =
-                    Range { after: Some(Seq(seq.0 - 1)), ascending: true, superseded: true, ..Range::default() };
-                found.extend(self.store.list(chat, range, None, 1).await?.into_iter().filter(|m| m.seq == *seq));
+                found.extend(self.message_at(chat, *seq).await?);
             }
         }
         Ok(found)

@@ -162,7 +162,7 @@ async fn write_loop(store: Arc<dyn MessageStore>, chats: Arc<dyn ChatDirectory>,
 pub(crate) async fn record_activity(chats: &dyn ChatDirectory, outcomes: &[&Sent]) {
     let mut newest: HashMap<natter_kit::id::ChatId, &Message> = HashMap::new();
     for outcome in outcomes {
-        if let Sent::Created(row) | Sent::Threaded(row, _) = *outcome {
+        if let Sent::Created(row) = *outcome {
             let entry = newest.entry(row.chat_id).or_insert(row);
             if row.seq > entry.seq {
                 *entry = row;

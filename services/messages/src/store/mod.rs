@@ -96,7 +96,7 @@ macro_rules! message_columns {
     () => {
         "id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time, \
          change_seq, create_change, role, generation, replaces_id, superseded, generation_info, stop_requested, \
-         flag_severity, flags, reaction_rows, mentions, thread_root_seq, thread_reply_count, thread_last_reply_time, \
+         flag_severity, flags, reaction_rows, mentions, thread_root_seq, reply_count, last_reply_time, \
          thread_participants"
     };
 }
@@ -306,49 +306,83 @@ pub struct Message {
     /// The users it mentions, as sent (empty once deleted): the `mentions`
     /// column, read with the row.
     pub mentions: Vec<UserId>,
-    /// The root of the thread it replies in, if any.
+    /// The root of the thread it replies in (None: in no thread).
     pub thread_root: Option<Seq>,
-    /// Set on a thread's root once it has a reply.
+    /// Its thread's summary, for a root that has had a reply (None for
+    /// every other message): columns of the row, kept by each reply's
+    /// transaction and each reply's deletion.
     pub thread: Option<Box<ThreadSummary>>,
 }
 
-/// A thread root's summary (the `thread_*` columns of its row).
+/// A thread's summary, kept on its root.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ThreadSummary {
-    /// Replies sent in the thread, deleted ones included.
-    pub reply_count: i64,
-    /// When the latest reply was sent, µs since the epoch.
+    /// Replies not deleted.
+    pub replies: i64,
+    /// When the newest reply was sent, µs since the Unix epoch (a deletion
+    /// does not move it back).
     pub last_reply_time: i64,
-    /// Who replied, most recent first, at most [`THREAD_PARTICIPANTS`].
+    /// The distinct authors of its replies, the latest replier first, at
+    /// most [`THREAD_PARTICIPANTS_MAX`] (a deletion takes no one off).
     pub participants: Vec<UserId>,
 }
 
-/// How many participants a [`ThreadSummary`] names.
-pub const THREAD_PARTICIPANTS: usize = 10;
+/// Most participants a thread's summary lists: a root's row, and every
+/// event that carries it, stay small however many people reply.
+pub const THREAD_PARTICIPANTS_MAX: usize = 10;
 
 impl ThreadSummary {
-    /// The summary of the `thread_*` columns: count, last reply time and
-    /// the participants column (None: no reply yet).
+    /// The summary of a row's thread columns (`reply_count,
+    /// last_reply_time, thread_participants`): None for a message that has
+    /// never had a reply.
     ///
     /// Errors: a participant that is no UUID (a corrupt row).
-    pub(crate) fn of_columns(count: i64, last: Option<i64>, participants: &str) -> Result<Option<Box<Self>>, String> {
-        match last {
-            Some(last_reply_time) if count > 0 => Ok(Some(Box::new(Self {
-                reply_count: count,
-                last_reply_time,
-                participants: decode_mentions(participants)?,
-            }))),
-            _ => Ok(None),
-        }
+    pub(crate) fn of_columns(
+        replies: i64,
+        last_reply_time: Option<i64>,
+        participants: &str,
+    ) -> Result<Option<Box<ThreadSummary>>, String> {
+        let Some(last_reply_time) = last_reply_time else { return Ok(None) };
+        let participants = decode_mentions(participants)?;
+        Ok(Some(Box::new(ThreadSummary { replies, last_reply_time, participants })))
+    }
+}
+
+/// The replies a batch adds to one thread's root, in the batch's order, to
+/// fold into the root's summary columns in the batch's transaction.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ThreadBump {
+    /// The root's `thread_participants` as stored, then with each reply's
+    /// author moved to the front.
+    pub participants: Vec<UserId>,
+    /// Replies added.
+    pub replies: i64,
+    /// The newest reply's send time (µs).
+    pub last_reply_time: i64,
+}
+
+impl ThreadBump {
+    /// A bump of a root whose `thread_participants` column is `stored`.
+    pub(crate) fn of_stored(stored: &str) -> Result<Self, String> {
+        Ok(Self { participants: decode_mentions(stored)?, ..Self::default() })
     }
 
-    /// The participants column after `author` replied: `author` first, then
-    /// the others as they were, at most [`THREAD_PARTICIPANTS`].
-    pub(crate) fn participants_after(column: &str, author: UserId) -> String {
-        let author = author.to_string();
-        let others = column.split_whitespace().filter(|u| *u != author);
-        std::iter::once(author.as_str()).chain(others).take(THREAD_PARTICIPANTS).collect::<Vec<_>>().join(" ")
+    /// Counts one reply by `author` sent at `send_time`.
+    pub(crate) fn add(&mut self, author: UserId, send_time: i64) {
+        self.participants.retain(|p| *p != author);
+        self.participants.insert(0, author);
+        self.participants.truncate(THREAD_PARTICIPANTS_MAX);
+        self.replies += 1;
+        self.last_reply_time = self.last_reply_time.max(send_time);
     }
+}
+
+/// The root of the thread a send joins when its `thread_root_seq` names
+/// seq `named`, whose row's own `thread_root_seq` is `row_root`: `named`
+/// itself when it is in no thread, else its root (a root is never in a
+/// thread itself, so one step is enough). See [`NewMessage::thread_root`].
+pub(crate) fn thread_root_of(named: Seq, row_root: i64) -> Seq {
+    if row_root > 0 { Seq(row_root) } else { named }
 }
 
 /// The reactions of one emoji on a message, for one viewer.
@@ -465,8 +499,10 @@ pub struct NewMessage {
     /// [`crate::domain::MENTIONS_MAX`]); each but the author gets a row of
     /// `message_mentions` in the message's transaction.
     pub mentions: Vec<UserId>,
-    /// Replies in the thread of this message of the chat (stored before
-    /// the batch, not deleted; a thread reply stands for its root).
+    /// The thread it replies in, as asked: the seq of a live message of the
+    /// chat stored before this message's batch; a seq naming a thread reply
+    /// stands for that reply's root. The root's summary is updated in the
+    /// batch's transaction (one change of the root per batch).
     pub thread_root: Option<Seq>,
 }
 
@@ -661,6 +697,10 @@ pub struct Finished {
 }
 
 /// Outcome of inserting one message of a batch.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "an outcome lives on the stack for one call; boxing its message would cost an allocation per send"
+)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Sent {
     /// Committed as this message.
@@ -671,13 +711,12 @@ pub enum Sent {
     /// `reply_to` names no message of the chat stored before the batch;
     /// nothing was written and no seq taken.
     NoSuchReply,
-    /// `thread_root` names no live message of the chat stored before the
-    /// batch; nothing was written and no seq taken.
-    NoSuchThread,
-    /// Committed as this thread reply (its `thread_root` the root's seq),
-    /// and its root as the reply left it (the next change number after the
-    /// reply's, its summary counting it).
-    Threaded(Message, Box<Message>),
+    /// `thread_root` names no message of the chat stored before the batch;
+    /// nothing was written and no seq taken.
+    NoSuchThreadRoot,
+    /// `thread_root` names a deleted message, or a reply of a thread whose
+    /// root is deleted; nothing was written and no seq taken.
+    ThreadRootDeleted,
 }
 
 /// Outcome of an edit.
@@ -719,11 +758,24 @@ pub struct Range {
     pub superseded: bool,
     /// Only flagged messages.
     pub flagged: bool,
-    /// Only the replies of the thread whose root has this seq.
-    pub thread: Option<Seq>,
-    /// Leave thread replies out (the main timeline of ListMessages; not
-    /// for replays, which must see every change).
-    pub no_thread_replies: bool,
+    /// Which messages, as to threads.
+    pub timeline: Timeline,
+}
+
+/// Which messages a history listing holds, as to threads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Timeline {
+    /// Every message, thread replies too.
+    #[default]
+    Everything,
+    /// The main timeline: thread replies left out. The chat's `(chat_id,
+    /// seq)` key is walked and thread replies skipped, so a page costs
+    /// its messages plus the thread replies among them (no index entry
+    /// of its own: a send outside threads writes none).
+    Main,
+    /// The replies of the thread with this root (not the root), through
+    /// the `messages_thread` key.
+    Thread(Seq),
 }
 
 /// A user's read position in a chat and what is left unread after it.
@@ -946,7 +998,13 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// batch order, gap-free: a refused message ([`Sent::Duplicate`],
     /// [`Sent::NoSuchReply`]) takes none. A message's mentions
     /// ([`NewMessage::mentions`]) are written with it; a batch without any
-    /// costs nothing for them. An error writes nothing.
+    /// costs nothing for them. A thread reply ([`NewMessage::thread_root`])
+    /// is checked against its root before any of the batch is inserted
+    /// ([`Sent::NoSuchThreadRoot`], [`Sent::ThreadRootDeleted`]); each
+    /// root the batch replies to then takes its chat's next change number,
+    /// after the batch's messages, with its summary updated (a batch
+    /// without thread replies costs nothing for them). An error writes
+    /// nothing.
     async fn insert_batch(&self, batch: &[NewMessage]) -> Result<Vec<Sent>, StoreError>;
 
     /// The message with this id, live or a tombstone.
@@ -966,7 +1024,11 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Turns a message into a tombstone at `now` (µs): seq stays, text,
     /// attachments, flags, reactions, mentions and earlier revisions go; a
-    /// tombstone stays as it is.
+    /// tombstone stays as it is. A thread reply's root loses it from its
+    /// reply count in the same transaction, as a change of the root (the
+    /// next change number after the deletion's); a root keeps its summary.
+    /// (PostgreSQL locks the reply's row, then the root's, then the
+    /// chat's heads.)
     /// Returns the message after the call (None: no such message).
     async fn delete(&self, id: MessageId, now: i64) -> Result<Option<Message>, StoreError>;
 
@@ -1213,12 +1275,15 @@ fn list_sql(range: Range, from: Option<Seq>, limit: u32) -> (String, Vec<i64>) {
     if range.flagged {
         sql.push_str(&format!(" AND flag_severity >= {FLAGGED_FROM}"));
     }
-    match range.thread {
-        // Written in (a seq, no text): the partial index on thread replies
-        // needs a planner that sees thread_root_seq > 0.
-        Some(root) => sql.push_str(&format!(" AND thread_root_seq = {}", root.0.max(1))),
-        None if range.no_thread_replies => sql.push_str(" AND thread_root_seq = 0"),
-        None => {}
+    match range.timeline {
+        Timeline::Everything => {}
+        Timeline::Main => sql.push_str(" AND thread_root_seq = 0"),
+        Timeline::Thread(root) => {
+            bounds.push(root.0);
+            // The literal `> 0` lets both planners prove the partial
+            // index's predicate, which a placeholder alone cannot.
+            sql.push_str(&format!(" AND thread_root_seq > 0 AND thread_root_seq = ${}", bounds.len() + 1));
+        }
     }
     let order = if range.ascending { "ASC" } else { "DESC" };
     sql.push_str(&format!(" ORDER BY seq {order} LIMIT {limit}"));

@@ -14,7 +14,11 @@
 //! anew each time (its custom plan stays cheaper than a generic one, ~0.1 ms
 //! of planning per send), while the insert settles on a generic plan. Lists
 //! of values travel as arrays (`UNNEST`), so each statement's text is the
-//! same whatever the batch size and stays prepared.
+//! same whatever the batch size and stays prepared. A batch with thread
+//! replies is one transaction of its own
+//! ([`PostgresStore::try_insert_threaded`]): it locks the roots, inserts as
+//! above and updates each root's summary; batches without any never take
+//! that path.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -26,35 +30,18 @@ use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
     QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, SearchCursor, SearchFilter, SearchHit, Sent,
-    Seq, Started, StoreError, StoredReport, Summary, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row,
-    decode_mentions, encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns, parse_id,
-    report_columns, unread_count_sql,
+    Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of,
+    chat_change_row, decode_mentions, encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns,
+    parse_id, report_columns, thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
 /// For each message of a batch, in order: whether its id is stored already,
-/// and whether its reply (0: none) names a stored message of its chat, and
-/// the root of the thread it replies in (0: none; -1: no live message of
-/// its chat; a thread reply stands for its own root). `$1` ids, `$2` chat
-/// ids, `$3` replies, `$4` thread roots.
+/// and whether its reply (0: none) names a stored message of its chat. `$1`
+/// ids, `$2` chat ids, `$3` replies.
 const CHECK_BATCH: &str = "SELECT EXISTS (SELECT 1 FROM messages m WHERE m.id = i.id) AS taken, \
-     (i.reply = 0 OR EXISTS (SELECT 1 FROM messages m WHERE m.chat_id = i.chat_id AND m.seq = i.reply)) AS reply_ok, \
-     CASE WHEN i.root = 0 THEN 0::bigint ELSE COALESCE((SELECT CASE WHEN m.thread_root_seq > 0 \
-       THEN m.thread_root_seq ELSE m.seq END FROM messages m \
-       WHERE m.chat_id = i.chat_id AND m.seq = i.root AND m.delete_time IS NULL), -1::bigint) END AS root \
-     FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[]) WITH ORDINALITY AS i (id, chat_id, reply, root, ord) \
-     ORDER BY i.ord";
-
-/// Counts a reply in its thread's root `$2` of chat `$1` (sent at `$3` by
-/// the participants `$4` now), as the chat's next change number; the root
-/// as it is then.
-const COUNT_THREAD_REPLY: &str = concat!(
-    "WITH head AS (UPDATE chat_heads SET last_change = last_change + 1 WHERE chat_id = $1 RETURNING last_change) \
-     UPDATE messages SET thread_reply_count = thread_reply_count + 1, thread_last_reply_time = $3, \
-       thread_participants = $4, change_seq = (SELECT last_change FROM head) \
-     WHERE chat_id = $1 AND seq = $2 RETURNING ",
-    message_columns!()
-);
+     (i.reply = 0 OR EXISTS (SELECT 1 FROM messages m WHERE m.chat_id = i.chat_id AND m.seq = i.reply)) AS reply_ok \
+     FROM UNNEST($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS i (id, chat_id, reply, ord) ORDER BY i.ord";
 
 /// The batch insert's SQL, `$extra` a further common table expression
 /// ("" for none) between the messages' insert and the answer.
@@ -88,10 +75,10 @@ macro_rules! insert_batch_sql {
 }
 
 /// Bumps the heads of chats `$1` (in chat-id order), seq and change number
-/// alike, by counts `$2` and inserts the messages `$3..$13` (id, chat id,
+/// alike, by counts `$2` and inserts the messages `$3..$15` (id, chat id,
 /// 1-based position among the batch's messages of its chat, author, text,
-/// attachments, reply, send time, flags, mentions, and the text's words
-/// as a `tsvector` literal) with seq `head - count + position` and change
+/// attachments, reply, send time, flags, mentions, the text's words
+/// as a `tsvector` literal, and the thread root's seq or 0) with seq `head - count + position` and change
 /// number likewise; returns every chat's new heads (chat id, seq, change
 /// number).
 const INSERT_BATCH: &str = insert_batch_sql!("");
@@ -265,144 +252,220 @@ impl PostgresStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        if batch.iter().any(|m| m.thread_root.is_some()) {
+            return self.try_insert_threaded(batch).await;
+        }
         let ids: Vec<String> = batch.iter().map(|m| m.id.to_string()).collect();
         let chats: Vec<String> = batch.iter().map(|m| m.chat_id.to_string()).collect();
         let replies: Vec<i64> = batch.iter().map(|m| m.reply_to.map_or(0, |s| s.0)).collect();
-        let roots: Vec<i64> = batch.iter().map(|m| m.thread_root.map_or(0, |s| s.0)).collect();
-        if replies.iter().chain(&roots).all(|&r| r == 0) {
-            // Optimistic: no reply or thread to check, and ids are new unless
-            // a client retries. A stored id fails the statement, which
-            // writes nothing.
-            let unchecked = vec![(false, true, 0); batch.len()];
-            match self.insert_checked(batch, &ids, &chats, &replies, &unchecked).await {
+        if replies.iter().all(|&r| r == 0) {
+            // Optimistic: no reply to check, and ids are new unless a client
+            // retries. A stored id fails the statement, which writes nothing.
+            let unchecked = vec![Ok(false); batch.len()];
+            match insert_checked(&self.pool, batch, &ids, &chats, &replies, &unchecked).await {
                 Err(e) if natter_db::is_unique_violation(&e) => {}
                 other => return other,
             }
         }
-        let rows =
-            sqlx::query(CHECK_BATCH).bind(&ids).bind(&chats).bind(&replies).bind(&roots).fetch_all(&self.pool).await?;
-        if rows.len() != batch.len() {
-            return Err(sqlx::Error::Protocol("batch check returned the wrong number of rows".into()));
-        }
-        let checks = rows
-            .iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        self.insert_checked(batch, &ids, &chats, &replies, &checks).await
+        let checks = check_batch(&self.pool, &ids, &chats, &replies).await?;
+        insert_checked(&self.pool, batch, &ids, &chats, &replies, &checks).await
     }
 
-    /// Inserts the messages of `batch` that `checks` (per message: whether
-    /// its id is taken, whether its reply is valid, its thread's root as
-    /// [`CHECK_BATCH`] gives it) lets through, and the outcome of each.
-    /// `ids`, `chats` and `replies` are the batch's, as bound values. A
-    /// batch with thread replies runs in a transaction that also counts
-    /// each reply in its root ([`COUNT_THREAD_REPLY`]); others are one
-    /// statement.
-    async fn insert_checked(
-        &self,
-        batch: &[NewMessage],
-        ids: &[String],
-        chats: &[String],
-        replies: &[i64],
-        checks: &[(bool, bool, i64)],
-    ) -> Result<Vec<Sent>, sqlx::Error> {
-        let mut outcomes: Vec<Option<Sent>> = Vec::with_capacity(batch.len());
-        let mut seen = HashSet::with_capacity(batch.len());
-        // chat -> messages of the batch it takes seqs for.
-        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-        let mut positions = Vec::with_capacity(batch.len());
-        for (i, &(taken, reply_ok, root)) in checks.iter().enumerate() {
-            if !reply_ok {
-                outcomes.push(Some(Sent::NoSuchReply));
-            } else if root < 0 {
-                outcomes.push(Some(Sent::NoSuchThread));
-            } else if taken || !seen.insert(batch[i].id) {
-                outcomes.push(Some(Sent::Duplicate));
-            } else {
-                let n = counts.entry(chats[i].as_str()).or_default();
-                *n += 1;
-                positions.push((i, *n));
-                outcomes.push(None);
+    /// One attempt at [`MessageStore::insert_batch`] of a batch with thread
+    /// replies, in one transaction: each reply's root is found (a named
+    /// reply stands for its root: `thread_root_seq` never changes, so this
+    /// read locks nothing), the roots are locked in (chat, seq) order and
+    /// checked live, the batch is checked and inserted as any other, then
+    /// each root replied to takes its chat's next change number with its
+    /// summary. Lock order as everywhere: message rows (the roots), then
+    /// the chats' heads.
+    async fn try_insert_threaded(&self, batch: &[NewMessage]) -> Result<Vec<Sent>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let named: Vec<(usize, String, i64)> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.thread_root.map(|r| (i, m.chat_id.to_string(), r.0)))
+            .collect();
+        let found: Vec<(Option<i64>,)> = sqlx::query_as(
+            "SELECT m.thread_root_seq FROM UNNEST($1::text[], $2::bigint[]) WITH ORDINALITY AS i (chat_id, seq, ord) \
+             LEFT JOIN messages m ON m.chat_id = i.chat_id AND m.seq = i.seq ORDER BY i.ord",
+        )
+        .bind(named.iter().map(|(_, c, _)| c.as_str()).collect::<Vec<_>>())
+        .bind(named.iter().map(|(_, _, r)| *r).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?;
+        // Per message: its root (0: in no thread), or the refusal.
+        let mut roots: Vec<Result<i64, Sent>> = vec![Ok(0); batch.len()];
+        for ((i, _, r), (row_root,)) in named.iter().zip(found) {
+            roots[*i] = row_root.map(|row_root| thread_root_of(Seq(*r), row_root).0).ok_or(Sent::NoSuchThreadRoot);
+        }
+        let mut locked: BTreeMap<(String, i64), Option<(bool, String)>> = BTreeMap::new();
+        for (i, root) in roots.iter().enumerate() {
+            if let Ok(root) = root.as_ref().copied().map_err(drop)
+                && root > 0
+            {
+                locked.insert((batch[i].chat_id.to_string(), root), None);
             }
         }
-        if !positions.is_empty() {
-            let (head_chats, head_counts): (Vec<&str>, Vec<i64>) = counts.iter().map(|(c, n)| (*c, *n)).unzip();
-            let pick = |f: &dyn Fn(usize) -> String| positions.iter().map(|(i, _)| f(*i)).collect::<Vec<_>>();
-            // The mention rows: (chat id, position, user id) of each.
-            let mut mentions: (Vec<&str>, Vec<i64>, Vec<String>) = Default::default();
-            for &(i, k) in &positions {
-                for user in batch[i].counted_mentions() {
-                    mentions.0.push(chats[i].as_str());
-                    mentions.1.push(k);
-                    mentions.2.push(user.to_string());
-                }
-            }
-            let sql = if mentions.0.is_empty() { INSERT_BATCH } else { INSERT_BATCH_MENTIONS };
-            let query = sqlx::query_as(sql)
-                .bind(&head_chats)
-                .bind(&head_counts)
-                .bind(pick(&|i| ids[i].clone()))
-                .bind(pick(&|i| chats[i].clone()))
-                .bind(positions.iter().map(|(_, k)| *k).collect::<Vec<i64>>())
-                .bind(pick(&|i| batch[i].author_id.to_string()))
-                .bind(pick(&|i| batch[i].text.clone()))
-                .bind(pick(&|i| encode_attachments(&batch[i].attachments)))
-                .bind(positions.iter().map(|(i, _)| replies[*i]).collect::<Vec<i64>>())
-                .bind(positions.iter().map(|(i, _)| batch[*i].send_time).collect::<Vec<i64>>())
-                .bind(positions.iter().map(|(i, _)| Flags::columns(batch[*i].flags.as_ref()).0).collect::<Vec<i32>>())
-                .bind(pick(&|i| Flags::columns(batch[i].flags.as_ref()).1))
-                .bind(pick(&|i| encode_mentions(&batch[i].mentions)))
-                .bind(pick(&|i| crate::search::tsvector(&batch[i].text)))
-                .bind(positions.iter().map(|(i, _)| checks[*i].2).collect::<Vec<i64>>());
-            let query =
-                if mentions.0.is_empty() { query } else { query.bind(&mentions.0).bind(&mentions.1).bind(&mentions.2) };
-            let threaded = positions.iter().any(|(i, _)| checks[*i].2 > 0);
-            let mut tx = if threaded { Some(self.pool.begin().await?) } else { None };
-            let heads: Vec<(String, i64, i64)> = match tx.as_mut() {
-                Some(tx) => query.fetch_all(&mut **tx).await?,
-                None => query.fetch_all(&self.pool).await?,
-            };
-            let heads: std::collections::HashMap<String, (i64, i64)> =
-                heads.into_iter().map(|(chat, seq, change)| (chat, (seq, change))).collect();
-            for (i, k) in positions {
-                let (seq, change) = heads
-                    .get(&chats[i])
-                    .ok_or_else(|| sqlx::Error::Protocol("chat head missing from the batch insert".into()))?;
-                let n = counts[chats[i].as_str()];
-                let root = checks[i].2;
-                let mut new = batch[i].clone();
-                new.thread_root = (root > 0).then_some(Seq(root));
-                let message = new.into_message(Seq(seq - n + k), change - n + k);
-                outcomes[i] = Some(match tx.as_mut().filter(|_| root > 0) {
-                    None => Sent::Created(message),
-                    Some(tx) => {
-                        // The root counts the reply, as the chat's next change
-                        // (after the batch's messages of the chat).
-                        let participants: String = sqlx::query_scalar(
-                            "SELECT thread_participants FROM messages WHERE chat_id = $1 AND seq = $2",
-                        )
-                        .bind(&chats[i])
-                        .bind(root)
-                        .fetch_one(&mut **tx)
-                        .await?;
-                        let row = sqlx::query(COUNT_THREAD_REPLY)
-                            .bind(&chats[i])
-                            .bind(root)
-                            .bind(message.send_time)
-                            .bind(ThreadSummary::participants_after(&participants, message.author_id))
-                            .fetch_one(&mut **tx)
-                            .await?;
-                        let root = message_row(&row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-                        Sent::Threaded(message, Box::new(root))
+        for ((chat, root), state) in &mut locked {
+            *state = sqlx::query_as(
+                "SELECT delete_time IS NOT NULL, thread_participants FROM messages \
+                 WHERE chat_id = $1 AND seq = $2 FOR UPDATE",
+            )
+            .bind(chat.as_str())
+            .bind(*root)
+            .fetch_optional(&mut *tx)
+            .await?;
+        }
+        let mut normalized = batch.to_vec();
+        let ids: Vec<String> = batch.iter().map(|m| m.id.to_string()).collect();
+        let chats: Vec<String> = batch.iter().map(|m| m.chat_id.to_string()).collect();
+        let replies: Vec<i64> = batch.iter().map(|m| m.reply_to.map_or(0, |s| s.0)).collect();
+        let mut checks = check_batch(&mut *tx, &ids, &chats, &replies).await?;
+        for (i, root) in roots.into_iter().enumerate() {
+            let refusal = match root {
+                Ok(0) => continue,
+                Ok(root) => match &locked[&(chats[i].clone(), root)] {
+                    None => Sent::NoSuchThreadRoot,
+                    Some((true, _)) => Sent::ThreadRootDeleted,
+                    Some((false, _)) => {
+                        normalized[i].thread_root = Some(Seq(root));
+                        continue;
                     }
-                });
-            }
-            if let Some(tx) = tx {
-                tx.commit().await?;
+                },
+                Err(refusal) => refusal,
+            };
+            if checks[i].is_ok() {
+                checks[i] = Err(refusal);
             }
         }
-        Ok(outcomes.into_iter().map(|o| o.unwrap_or(Sent::Duplicate)).collect())
+        let outcomes = insert_checked(&mut *tx, &normalized, &ids, &chats, &replies, &checks).await?;
+        let mut bumps: BTreeMap<(String, i64), ThreadBump> = BTreeMap::new();
+        for sent in &outcomes {
+            let Sent::Created(m) = sent else { continue };
+            let Some(root) = m.thread_root else { continue };
+            let key = (m.chat_id.to_string(), root.0);
+            let bump = match bumps.entry(key) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let stored = locked[e.key()].as_ref().map_or("", |(_, p)| p.as_str());
+                    e.insert(ThreadBump::of_stored(stored).map_err(|e| sqlx::Error::Decode(e.into()))?)
+                }
+            };
+            bump.add(m.author_id, m.send_time);
+        }
+        for ((chat, root), bump) in &bumps {
+            let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(chat).fetch_one(&mut *tx).await?;
+            sqlx::query(
+                "UPDATE messages SET reply_count = reply_count + $3, \
+                 last_reply_time = GREATEST(COALESCE(last_reply_time, 0), $4), thread_participants = $5, \
+                 change_seq = $6 WHERE chat_id = $1 AND seq = $2",
+            )
+            .bind(chat)
+            .bind(*root)
+            .bind(bump.replies)
+            .bind(bump.last_reply_time)
+            .bind(encode_mentions(&bump.participants))
+            .bind(change)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(outcomes)
     }
+}
+
+/// [`CHECK_BATCH`] of a batch's messages: per message, whether its id is
+/// taken (`Ok`), or [`Sent::NoSuchReply`].
+async fn check_batch<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    ids: &[String],
+    chats: &[String],
+    replies: &[i64],
+) -> Result<Vec<Result<bool, Sent>>, sqlx::Error> {
+    let rows = sqlx::query(CHECK_BATCH).bind(ids).bind(chats).bind(replies).fetch_all(executor).await?;
+    if rows.len() != ids.len() {
+        return Err(sqlx::Error::Protocol("batch check returned the wrong number of rows".into()));
+    }
+    rows.iter()
+        .map(|r| {
+            let (taken, reply_ok): (bool, bool) = (r.try_get(0)?, r.try_get(1)?);
+            Ok(if reply_ok { Ok(taken) } else { Err(Sent::NoSuchReply) })
+        })
+        .collect()
+}
+
+/// Inserts the messages of `batch` that `checks` (per message: whether its
+/// id is taken, or why it is refused) lets through, and the outcome of
+/// each. `ids`, `chats` and `replies` are the batch's, as bound values.
+async fn insert_checked<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    batch: &[NewMessage],
+    ids: &[String],
+    chats: &[String],
+    replies: &[i64],
+    checks: &[Result<bool, Sent>],
+) -> Result<Vec<Sent>, sqlx::Error> {
+    let mut outcomes: Vec<Option<Sent>> = Vec::with_capacity(batch.len());
+    let mut seen = HashSet::with_capacity(batch.len());
+    // chat -> messages of the batch it takes seqs for.
+    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut positions = Vec::with_capacity(batch.len());
+    for (i, check) in checks.iter().enumerate() {
+        if let Err(refusal) = check {
+            outcomes.push(Some(refusal.clone()));
+        } else if check == &Ok(true) || !seen.insert(batch[i].id) {
+            outcomes.push(Some(Sent::Duplicate));
+        } else {
+            let n = counts.entry(chats[i].as_str()).or_default();
+            *n += 1;
+            positions.push((i, *n));
+            outcomes.push(None);
+        }
+    }
+    if !positions.is_empty() {
+        let (head_chats, head_counts): (Vec<&str>, Vec<i64>) = counts.iter().map(|(c, n)| (*c, *n)).unzip();
+        let pick = |f: &dyn Fn(usize) -> String| positions.iter().map(|(i, _)| f(*i)).collect::<Vec<_>>();
+        // The mention rows: (chat id, position, user id) of each.
+        let mut mentions: (Vec<&str>, Vec<i64>, Vec<String>) = Default::default();
+        for &(i, k) in &positions {
+            for user in batch[i].counted_mentions() {
+                mentions.0.push(chats[i].as_str());
+                mentions.1.push(k);
+                mentions.2.push(user.to_string());
+            }
+        }
+        let sql = if mentions.0.is_empty() { INSERT_BATCH } else { INSERT_BATCH_MENTIONS };
+        let query = sqlx::query_as(sql)
+            .bind(&head_chats)
+            .bind(&head_counts)
+            .bind(pick(&|i| ids[i].clone()))
+            .bind(pick(&|i| chats[i].clone()))
+            .bind(positions.iter().map(|(_, k)| *k).collect::<Vec<i64>>())
+            .bind(pick(&|i| batch[i].author_id.to_string()))
+            .bind(pick(&|i| batch[i].text.clone()))
+            .bind(pick(&|i| encode_attachments(&batch[i].attachments)))
+            .bind(positions.iter().map(|(i, _)| replies[*i]).collect::<Vec<i64>>())
+            .bind(positions.iter().map(|(i, _)| batch[*i].send_time).collect::<Vec<i64>>())
+            .bind(positions.iter().map(|(i, _)| Flags::columns(batch[*i].flags.as_ref()).0).collect::<Vec<i32>>())
+            .bind(pick(&|i| Flags::columns(batch[i].flags.as_ref()).1))
+            .bind(pick(&|i| encode_mentions(&batch[i].mentions)))
+            .bind(pick(&|i| crate::search::tsvector(&batch[i].text)))
+            .bind(positions.iter().map(|(i, _)| batch[*i].thread_root.map_or(0, |s| s.0)).collect::<Vec<i64>>());
+        let query =
+            if mentions.0.is_empty() { query } else { query.bind(&mentions.0).bind(&mentions.1).bind(&mentions.2) };
+        let heads: Vec<(String, i64, i64)> = query.fetch_all(executor).await?;
+        let heads: std::collections::HashMap<String, (i64, i64)> =
+            heads.into_iter().map(|(chat, seq, change)| (chat, (seq, change))).collect();
+        for (i, k) in positions {
+            let (seq, change) = heads
+                .get(&chats[i])
+                .ok_or_else(|| sqlx::Error::Protocol("chat head missing from the batch insert".into()))?;
+            let n = counts[chats[i].as_str()];
+            outcomes[i] = Some(Sent::Created(batch[i].clone().into_message(Seq(seq - n + k), change - n + k)));
+        }
+    }
+    Ok(outcomes.into_iter().map(|o| o.unwrap_or(Sent::Duplicate)).collect())
 }
 
 /// A typed id from a TEXT column.
@@ -444,8 +507,8 @@ fn message_row(row: &PgRow) -> Result<Message, StoreError> {
         mentions: decode_mentions(row.try_get("mentions")?).map_err(StoreError::Corrupt)?,
         thread_root: Some(Seq(row.try_get("thread_root_seq")?)).filter(|s| s.0 > 0),
         thread: ThreadSummary::of_columns(
-            row.try_get("thread_reply_count")?,
-            row.try_get("thread_last_reply_time")?,
+            row.try_get("reply_count")?,
+            row.try_get("last_reply_time")?,
             row.try_get("thread_participants")?,
         )
         .map_err(StoreError::Corrupt)?,
@@ -577,15 +640,37 @@ impl MessageStore for PostgresStore {
         let id = id.to_string();
         let mut tx = self.pool.begin().await?;
         // Lock the live message first (then its chat's heads, as edit).
-        let live: Option<(String, i64, String)> = sqlx::query_as(
-            "UPDATE messages SET delete_time = $1 WHERE id = $2 AND delete_time IS NULL RETURNING chat_id, seq, mentions",
+        let live: Option<(String, i64, String, i64)> = sqlx::query_as(
+            "UPDATE messages SET delete_time = $1 WHERE id = $2 AND delete_time IS NULL \
+             RETURNING chat_id, seq, mentions, thread_root_seq",
         )
         .bind(now)
         .bind(&id)
         .fetch_optional(&mut *tx)
         .await?;
-        if let Some((chat, seq, mentions)) = live {
+        if let Some((chat, seq, mentions, root)) = live {
+            if root > 0 {
+                // The root's row next (before the heads): the order a
+                // thread reply's batch locks them in.
+                sqlx::query("SELECT 1 FROM messages WHERE chat_id = $1 AND seq = $2 FOR UPDATE")
+                    .bind(&chat)
+                    .bind(root)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            }
             let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+            if root > 0 {
+                let (root_change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+                sqlx::query(
+                    "UPDATE messages SET reply_count = reply_count - 1, change_seq = $3 \
+                     WHERE chat_id = $1 AND seq = $2 AND reply_count > 0",
+                )
+                .bind(&chat)
+                .bind(root)
+                .bind(root_change)
+                .execute(&mut *tx)
+                .await?;
+            }
             sqlx::query(
                 "UPDATE messages SET text = '', attachments = '', change_seq = $2, flag_severity = 0, flags = '', \
                  reaction_rows = 0, mentions = '', search_vector = '' WHERE id = $1",

@@ -21,9 +21,10 @@ use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
     QueueFilter, RECENT_ACTIVITY_ROWS, Range, Reacted, Reaction, ReadState, Reply, Revision, SearchCursor,
-    SearchFilter, SearchHit, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadSummary, aggregates_sql,
-    chat_change_of, chat_change_row, created_after_bounds, decode_mentions, encode_mentions, first_seq_created_after,
-    list_sql, mention_count_sql, merge_changes, message_columns, report_columns, unread_count_sql,
+    SearchFilter, SearchHit, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary,
+    aggregates_sql, chat_change_of, chat_change_row, created_after_bounds, decode_mentions, encode_mentions,
+    first_seq_created_after, list_sql, mention_count_sql, merge_changes, message_columns, report_columns,
+    thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -164,6 +165,47 @@ fn revision_row(row: &Row<'_>) -> rusqlite::Result<Revision> {
     Ok(Revision { message_id: id_at(row, 0)?, revision: row.get(1)?, text: row.get(2)?, edit_time: row.get(3)? })
 }
 
+/// Checks a thread reply's `named` root in chat `chat` (see
+/// [`NewMessage::thread_root`]) inside the batch's transaction: the root's
+/// seq, or the refusal. A root met for the first time gets an entry in
+/// `bumps` with its participants as stored.
+fn thread_root(
+    tx: &Connection,
+    chat: ChatId,
+    named: Seq,
+    bumps: &mut Vec<((ChatId, Seq), ThreadBump)>,
+) -> rusqlite::Result<Result<Seq, Sent>> {
+    let mut row = tx.prepare_cached(
+        "SELECT thread_root_seq, delete_time IS NOT NULL, thread_participants FROM messages \
+         WHERE chat_id = ?1 AND seq = ?2",
+    )?;
+    let mut read = |seq: Seq| {
+        row.query_row(params![chat.to_string(), seq.0], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?, r.get::<_, String>(2)?))
+        })
+        .optional()
+    };
+    let Some((row_root, mut deleted, mut participants)) = read(named)? else {
+        return Ok(Err(Sent::NoSuchThreadRoot));
+    };
+    let root = thread_root_of(named, row_root);
+    if root != named {
+        let Some((_, root_deleted, root_participants)) = read(root)? else {
+            return Ok(Err(Sent::NoSuchThreadRoot));
+        };
+        (deleted, participants) = (root_deleted, root_participants);
+    }
+    if deleted {
+        return Ok(Err(Sent::ThreadRootDeleted));
+    }
+    if !bumps.iter().any(|(key, _)| *key == (chat, root)) {
+        let bump = ThreadBump::of_stored(&participants)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(2, Type::Text, e.into()))?;
+        bumps.push(((chat, root), bump));
+    }
+    Ok(Ok(root))
+}
+
 /// Inserts `batch` in one transaction (see the module docs).
 fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Result<Vec<Sent>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -173,23 +215,18 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
         // any of the batch is inserted.
         let mut has_seq = tx.prepare_cached("SELECT 1 FROM messages WHERE chat_id = ?1 AND seq = ?2")?;
         let mut replies_ok = Vec::with_capacity(batch.len());
-        // A thread's root likewise: live, and a thread reply stands for its
-        // own root (None: no such root).
-        let mut roots: Vec<Option<Option<i64>>> = Vec::with_capacity(batch.len());
+        // Each thread reply's root (checked likewise), and the roots'
+        // summaries as stored, to fold the batch's replies into.
+        let mut roots: Vec<Result<Option<Seq>, Sent>> = Vec::with_capacity(batch.len());
+        let mut bumps: Vec<((ChatId, Seq), ThreadBump)> = Vec::new();
         for m in &batch {
             replies_ok.push(match m.reply_to {
                 Some(reply) => has_seq.exists(params![m.chat_id.to_string(), reply.0])?,
                 None => true,
             });
             roots.push(match m.thread_root {
-                Some(root) => tx
-                    .prepare_cached(
-                        "SELECT thread_root_seq FROM messages WHERE chat_id = ?1 AND seq = ?2 AND delete_time IS NULL",
-                    )?
-                    .query_row(params![m.chat_id.to_string(), root.0], |row| row.get::<_, i64>(0))
-                    .optional()?
-                    .map(|of| Some(if of > 0 { of } else { root.0 })),
-                None => Some(None),
+                Some(named) => thread_root(&tx, m.chat_id, named, &mut bumps)?.map(Some),
+                None => Ok(None),
             });
         }
         let mut read_head = tx.prepare_cached("SELECT last_seq, last_change FROM chat_heads WHERE chat_id = ?1")?;
@@ -199,7 +236,8 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
         let mut insert = tx.prepare_cached(
             "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
              revision, delete_time, change_seq, create_change, flag_severity, flags, mentions, thread_root_seq) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, 1, NULL, ?9, ?9, ?10, ?11, ?12, ?13) ON CONFLICT (id) DO NOTHING",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, 1, NULL, ?9, ?9, ?10, ?11, ?12, ?13) \
+             ON CONFLICT (id) DO NOTHING",
         )?;
         // chat -> (its id as text, last seq, last change number).
         let mut heads: HashMap<ChatId, (String, i64, i64)> = HashMap::new();
@@ -208,11 +246,13 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
                 outcomes.push(Sent::NoSuchReply);
                 continue;
             }
-            let Some(root) = root else {
-                outcomes.push(Sent::NoSuchThread);
-                continue;
-            };
-            m.thread_root = root.map(Seq);
+            match root {
+                Ok(root) => m.thread_root = root,
+                Err(refused) => {
+                    outcomes.push(refused);
+                    continue;
+                }
+            }
             let (chat, head, change) = match heads.entry(m.chat_id) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
@@ -238,7 +278,7 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
                 flag_severity,
                 flags,
                 encode_mentions(&m.mentions),
-                root.unwrap_or(0)
+                m.thread_root.map_or(0, |s| s.0)
             ])?;
             if inserted == 0 {
                 outcomes.push(Sent::Duplicate);
@@ -255,32 +295,31 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
                 }
             }
             (*head, *change) = (seq, next_change);
-            let Some(root) = root else {
-                outcomes.push(Sent::Created(m.into_message(Seq(seq), next_change)));
-                continue;
-            };
-            // The root counts the reply, as the chat's next change.
-            let participants: String = tx
-                .prepare_cached("SELECT thread_participants FROM messages WHERE chat_id = ?1 AND seq = ?2")?
-                .query_row(params![chat.as_str(), root], |row| row.get(0))?;
+            if let Some(root) = m.thread_root
+                && let Some((_, bump)) = bumps.iter_mut().find(|(key, _)| *key == (m.chat_id, root))
+            {
+                bump.add(m.author_id, m.send_time);
+            }
+            outcomes.push(Sent::Created(m.into_message(Seq(seq), next_change)));
+        }
+        // Each root replied to: the next change number after the batch's
+        // messages of its chat, and its summary.
+        for ((chat, root), bump) in bumps.iter().filter(|(_, b)| b.replies > 0) {
+            let Some((chat, _, change)) = heads.get_mut(chat) else { continue };
             *change += 1;
-            let root = tx
-                .prepare_cached(concat!(
-                    "UPDATE messages SET thread_reply_count = thread_reply_count + 1, thread_last_reply_time = ?3, \
-                     thread_participants = ?4, change_seq = ?5 WHERE chat_id = ?1 AND seq = ?2 RETURNING ",
-                    message_columns!()
-                ))?
-                .query_row(
-                    params![
-                        chat.as_str(),
-                        root,
-                        m.send_time,
-                        ThreadSummary::participants_after(&participants, m.author_id),
-                        *change
-                    ],
-                    message_row,
-                )?;
-            outcomes.push(Sent::Threaded(m.into_message(Seq(seq), next_change), Box::new(root)));
+            tx.prepare_cached(
+                "UPDATE messages SET reply_count = reply_count + ?3, \
+                 last_reply_time = MAX(COALESCE(last_reply_time, 0), ?4), thread_participants = ?5, change_seq = ?6 \
+                 WHERE chat_id = ?1 AND seq = ?2",
+            )?
+            .execute(params![
+                chat.as_str(),
+                root.0,
+                bump.replies,
+                bump.last_reply_time,
+                encode_mentions(&bump.participants),
+                *change
+            ])?;
         }
         let mut write_head = tx.prepare_cached(
             "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES (?1, ?2, ?3) \
@@ -332,12 +371,22 @@ fn edit(
 /// Tombstones one message in one transaction (see [`MessageStore::delete`]).
 fn delete(conn: &mut Connection, id: &str, now: i64) -> rusqlite::Result<Option<Message>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let live: Option<(String, i64, String)> = tx
-        .prepare_cached("SELECT chat_id, seq, mentions FROM messages WHERE id = ?1 AND delete_time IS NULL")?
-        .query_row([id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+    let live: Option<(String, i64, String, i64)> = tx
+        .prepare_cached(
+            "SELECT chat_id, seq, mentions, thread_root_seq FROM messages WHERE id = ?1 AND delete_time IS NULL",
+        )?
+        .query_row([id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
         .optional()?;
-    if let Some((chat, seq, mentions)) = live {
+    if let Some((chat, seq, mentions, root)) = live {
         let change = next_change(&tx, &chat)?;
+        if root > 0 {
+            let root_change = next_change(&tx, &chat)?;
+            tx.prepare_cached(
+                "UPDATE messages SET reply_count = reply_count - 1, change_seq = ?3 \
+                 WHERE chat_id = ?1 AND seq = ?2 AND reply_count > 0",
+            )?
+            .execute(params![chat, root, root_change])?;
+        }
         tx.prepare_cached(
             "UPDATE messages SET text = '', attachments = '', delete_time = ?1, change_seq = ?3, flag_severity = 0, \
              flags = '', reaction_rows = 0, mentions = '' WHERE id = ?2",

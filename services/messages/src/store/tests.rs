@@ -100,11 +100,12 @@ message_store_suite!(
     concurrent_reactions_on_one_message_never_drift,
     mentions_are_kept_with_the_message_and_count_only_unread_live_mentions_of_others,
     last_seen_keeps_the_latest_time_whatever_order_replicas_write_in,
-    thread_replies_take_seqs_and_count_in_their_root_as_changes_of_it,
-    concurrent_thread_replies_are_all_counted,
     search_finds_the_current_text_of_live_messages_of_the_chats_asked,
     search_pages_walk_every_result_once_in_both_orders,
     both_engines_find_the_same_messages_for_the_same_queries,
+    a_thread_reply_joins_its_roots_thread_and_changes_the_root,
+    thread_roots_are_live_messages_stored_before_the_batch,
+    concurrent_thread_replies_count_exactly_and_page_without_gaps,
 );
 
 /// Fixed ids, so tests can name chats and users by letter.
@@ -135,10 +136,31 @@ fn msg(n: u32, c: u8, reply_to: i64) -> NewMessage {
     }
 }
 
-/// `m` as a reply in the thread of seq `root`.
+/// `m` replying in the thread of seq `root`.
 fn in_thread(mut m: NewMessage, root: i64) -> NewMessage {
     m.thread_root = Some(Seq(root));
     m
+}
+
+/// The message of chat `c` at `seq`.
+async fn at(h: &Harness, c: u8, seq: i64) -> Message {
+    let range = Range { after: Some(Seq(seq - 1)), ascending: true, superseded: true, ..Range::default() };
+    h.store.list(chat(c), range, None, 1).await.unwrap().remove(0)
+}
+
+/// Every seq of chat `c` on `timeline`, walked a page of `page` at a time
+/// (in `ascending` order), each page starting after the last.
+async fn walk(h: &Harness, c: u8, timeline: Timeline, ascending: bool, page: u32) -> Vec<i64> {
+    let range = Range { ascending, timeline, ..Range::default() };
+    let (mut all, mut from) = (Vec::new(), None);
+    loop {
+        let got = h.store.list(chat(c), range, from, page).await.unwrap();
+        all.extend(got.iter().map(|m| m.seq.0));
+        if got.len() < page as usize {
+            return all;
+        }
+        from = got.last().map(|m| m.seq);
+    }
 }
 
 /// `m` mentioning users `users` (by letter).
@@ -304,9 +326,23 @@ async fn history_pages_both_ways(h: &Harness) {
     let before = Range { before: Some(Seq(5)), ..desc };
     assert_eq!(page(before, None, 2).await, [4, 3]);
     assert_eq!(page(before, Some(3), 10).await, [2, 1]);
-    let after = Range { after: Some(Seq(7)), ascending: true, ..Range::default() };
+    let after = Range {
+        after: Some(Seq(7)),
+        ascending: true,
+        before: None,
+        superseded: false,
+        flagged: false,
+        timeline: Timeline::Everything,
+    };
     assert_eq!(page(after, None, 10).await, [8, 9, 10]);
-    let between = Range { after: Some(Seq(2)), before: Some(Seq(6)), ..Range::default() };
+    let between = Range {
+        after: Some(Seq(2)),
+        before: Some(Seq(6)),
+        ascending: false,
+        superseded: false,
+        flagged: false,
+        timeline: Timeline::Everything,
+    };
     assert_eq!(page(between, None, 10).await, [5, 4, 3]);
     assert_eq!(page(Range { ascending: true, ..between }, Some(3), 1).await, [4]);
     assert!(h.store.list(chat(2), desc, None, 10).await.unwrap().is_empty());
@@ -1229,59 +1265,170 @@ async fn both_engines_find_the_same_messages_for_the_same_queries(h: &Harness) {
     }
 }
 
-async fn thread_replies_take_seqs_and_count_in_their_root_as_changes_of_it(h: &Harness) {
-    send(h, &[msg(1, 1, 0)]).await;
-    let out = send(h, &[by(in_thread(msg(2, 1, 0), 1), 2), msg(3, 1, 0), by(in_thread(msg(4, 1, 0), 1), 3)]).await;
-    let Sent::Threaded(reply, root) = &out[0] else { panic!("not threaded: {:?}", out[0]) };
-    assert_eq!((reply.seq, reply.thread_root), (Seq(2), Some(Seq(1))), "an ordinary seq, its root recorded");
-    assert!(root.change_seq > reply.change_seq, "the root's count is a later change than the reply");
-    assert_eq!(root.thread.as_ref().map(|t| t.reply_count), Some(1));
-    assert!(matches!(&out[1], Sent::Created(m) if m.seq == Seq(3) && m.thread_root.is_none()));
-    let Sent::Threaded(_, root) = &out[2] else { panic!("not threaded: {:?}", out[2]) };
-    let summary = root.thread.as_deref().unwrap();
-    assert_eq!(
-        (summary.reply_count, summary.last_reply_time, summary.participants.as_slice()),
-        (2, 1_004, [user(3), user(2)].as_slice()),
-        "count, latest time, participants most recent first"
-    );
-    // Three messages and two counts: five changes after the root's own, the
-    // root holding the last.
-    let stored = h.store.message(id(1)).await.unwrap().unwrap();
-    assert_eq!((stored.change_seq, stored.thread.as_deref()), (6, Some(summary)));
-    // A reply to a reply joins its root's thread; a missing or deleted root
-    // writes nothing and takes no seq.
-    let out = send(h, &[by(in_thread(msg(5, 1, 0), 2), 2), in_thread(msg(6, 1, 0), 99)]).await;
-    assert!(matches!(&out[0], Sent::Threaded(m, root) if m.thread_root == Some(Seq(1)) && root.seq == Seq(1)));
-    assert!(matches!(out[1], Sent::NoSuchThread));
-    h.store.delete(id(3), 2_000).await.unwrap();
-    assert!(matches!(send(h, &[in_thread(msg(7, 1, 0), 3)]).await[0], Sent::NoSuchThread));
-    assert_eq!(h.store.head(chat(1)).await.unwrap(), Seq(5));
-    // The thread's page and the main timeline without replies.
-    let list = |range: Range| async move {
-        let page = h.store.list(chat(1), range, None, 100).await.unwrap();
-        page.into_iter().map(|m| m.seq.0).collect::<Vec<_>>()
-    };
-    assert_eq!(list(Range { ascending: true, thread: Some(Seq(1)), ..Range::default() }).await, [2, 4, 5]);
-    assert_eq!(list(Range { ascending: true, no_thread_replies: true, ..Range::default() }).await, [1, 3]);
-    assert_eq!(list(Range { ascending: true, ..Range::default() }).await, [1, 2, 3, 4, 5], "replays see every message");
-}
-
-async fn concurrent_thread_replies_are_all_counted(h: &Harness) {
-    const REPLIES: u32 = 64;
-    send(h, &[msg(1, 1, 0)]).await;
-    let tasks: Vec<_> = (0..REPLIES)
-        .map(|n| {
-            let store = h.store.clone();
-            let reply = by(in_thread(msg(100 + n, 1, 0), 1), u8::try_from(n % 12).unwrap());
-            tokio::spawn(async move { store.insert_batch(&[reply]).await.unwrap() })
+async fn a_thread_reply_joins_its_roots_thread_and_changes_the_root(h: &Harness) {
+    // 1 is the root; 3 replies to it; 4 names the reply 3, so joins 1's
+    // thread; 2 and 5 are in no thread.
+    send(h, &[msg(1, 1, 0), msg(2, 1, 0)]).await;
+    let mut out = send(h, &[by(in_thread(msg(3, 1, 0), 1), 1)]).await;
+    out.extend(send(h, &[by(in_thread(msg(4, 1, 0), 3), 2), msg(5, 1, 0)]).await);
+    assert_eq!(seqs(&out), [Some(3), Some(4), Some(5)], "the chat's next seqs, as any message");
+    let roots: Vec<Option<Seq>> = out
+        .iter()
+        .map(|s| match s {
+            Sent::Created(m) => m.thread_root,
+            other => panic!("{other:?}"),
         })
         .collect();
-    for t in tasks {
-        assert!(matches!(t.await.unwrap()[0], Sent::Threaded(..)));
+    assert_eq!(roots, [Some(Seq(1)), Some(Seq(1)), None], "a reply's reply joins the root's thread");
+    // The root: two replies, the latest replier first, the newest time; its
+    // change is each batch's last change number (3 took 3, the root 4;
+    // 4 and 5 took 5 and 6, the root 7).
+    let root = at(h, 1, 1).await;
+    let thread = root.thread.as_deref().expect("a root with replies has a summary");
+    assert_eq!((thread.replies, thread.last_reply_time), (2, 1_004));
+    assert_eq!(thread.participants, [user(2), user(1)]);
+    assert_eq!((root.change_seq, root.revision), (7, 1), "a change of the root, no revision");
+    assert_eq!(h.store.heads(chat(1)).await.unwrap().change, 7);
+    assert_eq!(at(h, 1, 2).await.thread, None, "no summary without a reply");
+    assert_eq!(h.store.message(id(1)).await.unwrap().unwrap(), root, "read by id as in a page");
+    // A replay after the reply's creation has the root once, at its change.
+    let (changes, _) = h.store.changes(chat(1), user(0), 2, 100).await.unwrap();
+    let numbers: Vec<(i64, i64)> = changes
+        .iter()
+        .map(|c| match c {
+            Change::Message(m) => (c.change_seq(), m.seq.0),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(numbers, [(3, 3), (5, 4), (6, 5), (7, 1)], "the root once, at its latest change");
+
+    // Timelines: the main one leaves the replies out; a thread's page has
+    // only its replies, oldest or newest first.
+    assert_eq!(walk(h, 1, Timeline::Main, true, 10).await, [1, 2, 5]);
+    assert_eq!(walk(h, 1, Timeline::Everything, true, 10).await, [1, 2, 3, 4, 5]);
+    assert_eq!(walk(h, 1, Timeline::Thread(Seq(1)), false, 1).await, [4, 3]);
+    assert_eq!(walk(h, 1, Timeline::Thread(Seq(2)), true, 10).await, Vec::<i64>::new());
+
+    // A retried reply writes nothing and leaves the root as it is.
+    assert_eq!(send(h, &[by(in_thread(msg(3, 1, 0), 1), 1)]).await, [Sent::Duplicate]);
+    assert_eq!(at(h, 1, 1).await, root);
+
+    // Deleting a reply lowers the count as the next change after the
+    // deletion's; the tombstone stays in the thread; whoever replied stays
+    // a participant, and the last reply time stays.
+    let deleted = h.store.delete(id(3), 9_000).await.unwrap().unwrap();
+    assert_eq!((deleted.change_seq, deleted.thread_root), (8, Some(Seq(1))));
+    let root = at(h, 1, 1).await;
+    assert_eq!(root.change_seq, 9);
+    let thread = root.thread.as_deref().unwrap();
+    assert_eq!((thread.replies, thread.last_reply_time, thread.participants.len()), (1, 1_004, 2));
+    assert_eq!(walk(h, 1, Timeline::Thread(Seq(1)), true, 10).await, [3, 4]);
+    // A tombstone's second deletion changes nothing.
+    h.store.delete(id(3), 9_500).await.unwrap();
+    assert_eq!(at(h, 1, 1).await.thread.unwrap().replies, 1);
+    // Deleting the root keeps its summary (its replies stay) and refuses
+    // new replies.
+    let root = h.store.delete(id(1), 10_000).await.unwrap().unwrap();
+    assert_eq!(root.thread.unwrap().replies, 1);
+    assert_eq!(send(h, &[in_thread(msg(6, 1, 0), 4)]).await, [Sent::ThreadRootDeleted]);
+}
+
+async fn thread_roots_are_live_messages_stored_before_the_batch(h: &Harness) {
+    send(h, &[msg(1, 1, 0), msg(2, 1, 0), msg(9, 2, 0)]).await;
+    h.store.delete(id(2), 2_000).await.unwrap();
+    let head = h.store.heads(chat(1)).await.unwrap();
+    // No such seq; one taken within this very batch; a deleted root; a seq
+    // of another chat: each refused, taking no seq; the good one beside
+    // them is stored.
+    let out = send(
+        h,
+        &[
+            in_thread(msg(3, 1, 0), 7),
+            msg(4, 1, 0),
+            in_thread(msg(5, 1, 0), 3),
+            in_thread(msg(6, 1, 0), 2),
+            in_thread(msg(7, 2, 0), 2),
+            in_thread(msg(8, 1, 0), 1),
+        ],
+    )
+    .await;
+    assert_eq!(
+        out.iter().map(|s| seqs(std::slice::from_ref(s))[0].ok_or(s)).collect::<Vec<_>>(),
+        [
+            Err(&Sent::NoSuchThreadRoot),
+            Ok(3),
+            Err(&Sent::NoSuchThreadRoot),
+            Err(&Sent::ThreadRootDeleted),
+            Err(&Sent::NoSuchThreadRoot),
+            Ok(4),
+        ]
+    );
+    let heads = h.store.heads(chat(1)).await.unwrap();
+    assert_eq!((heads.seq.0, heads.change), (head.seq.0 + 2, head.change + 3), "two messages and a root's change");
+    assert_eq!(at(h, 1, 1).await.thread.unwrap().replies, 1);
+    assert_eq!(at(h, 1, 2).await.thread, None, "nothing written for a refused reply");
+    assert_eq!(h.store.message(id(5)).await.unwrap(), None);
+}
+
+async fn concurrent_thread_replies_count_exactly_and_page_without_gaps(h: &Harness) {
+    const REPLIERS: u32 = 64;
+    send(h, &[msg(1, 1, 0)]).await;
+    send(h, &[in_thread(msg(2, 1, 0), 1)]).await;
+    let mut tasks = Vec::new();
+    for t in 0..REPLIERS {
+        let store = h.store.clone();
+        tasks.push(tokio::spawn(async move {
+            // Half name the root, half the reply at seq 2: all join the one
+            // thread. Each batch also holds a message in no thread.
+            let reply = by(in_thread(msg(10 + t, 1, 0), if t % 2 == 0 { 1 } else { 2 }), (t % 16) as u8);
+            let out = store.insert_batch(&[reply, msg(1_000 + t, 1, 0)]).await.unwrap();
+            assert!(seqs(&out).iter().all(Option::is_some), "{out:?}");
+            out
+        }));
     }
-    let root = h.store.message(id(1)).await.unwrap().unwrap();
-    let summary = root.thread.unwrap();
-    assert_eq!(summary.reply_count, i64::from(REPLIES), "no reply lost from the count");
-    assert_eq!(summary.participants.len(), 10, "at most 10 participants");
-    assert_eq!(root.change_seq, 1 + 2 * i64::from(REPLIES), "each reply and each count a change of its own");
+    let mut taken = Vec::new();
+    for task in tasks {
+        taken.extend(seqs(&task.await.unwrap()).into_iter().flatten());
+    }
+    taken.sort_unstable();
+    assert_eq!(taken, (3..=2 + 2 * i64::from(REPLIERS)).collect::<Vec<_>>(), "gap-free seqs");
+    let stored_replies = i64::from(REPLIERS) + 1;
+    let root = at(h, 1, 1).await;
+    let thread = root.thread.as_deref().unwrap();
+    assert_eq!(thread.replies, stored_replies, "every reply counted once");
+    let distinct: std::collections::HashSet<_> = thread.participants.iter().collect();
+    assert_eq!((thread.participants.len(), distinct.len()), (THREAD_PARTICIPANTS_MAX, THREAD_PARTICIPANTS_MAX));
+    let heads = h.store.heads(chat(1)).await.unwrap();
+    assert_eq!(root.change_seq, heads.change, "the last batch's last change is its root's");
+
+    // The thread's replies and the main timeline, walked in small pages
+    // both ways: each message once, none missing.
+    let (mut replies, mut main) = (Vec::new(), vec![1]);
+    for seq in walk(h, 1, Timeline::Everything, true, 1_000).await.into_iter().skip(1) {
+        if at(h, 1, seq).await.thread_root.is_some() {
+            replies.push(seq);
+        } else {
+            main.push(seq);
+        }
+    }
+    assert_eq!(replies.len() as i64, stored_replies);
+    assert_eq!(walk(h, 1, Timeline::Thread(Seq(1)), true, 7).await, replies);
+    let mut newest_first = replies.clone();
+    newest_first.reverse();
+    assert_eq!(walk(h, 1, Timeline::Thread(Seq(1)), false, 7).await, newest_first);
+    assert_eq!(walk(h, 1, Timeline::Main, true, 7).await, main);
+
+    // Deleting ten replies at once lowers the count by ten.
+    let mut deletes = Vec::new();
+    for seq in replies.iter().take(10).copied() {
+        let store = h.store.clone();
+        let message = at(h, 1, seq).await.id;
+        deletes.push(tokio::spawn(async move { store.delete(message, 50_000).await.unwrap() }));
+    }
+    for delete in deletes {
+        delete.await.unwrap();
+    }
+    assert_eq!(at(h, 1, 1).await.thread.unwrap().replies, stored_replies - 10);
+    let heads = h.store.heads(chat(1)).await.unwrap();
+    assert_eq!(at(h, 1, 1).await.change_seq, heads.change, "the root's last change is the chat's last");
 }

@@ -111,7 +111,7 @@ async fn call_every_internal_rpc(
             code(
                 messages
                     .list_recent_messages(with(
-                        mpb::ListRecentMessagesRequest { chat_id: chat.clone(), page_size: 5 },
+                        mpb::ListRecentMessagesRequest { chat_id: chat.clone(), page_size: 5, ..Default::default() },
                         credential,
                     ))
                     .await,

@@ -291,6 +291,10 @@ async fn reactions_aggregate_per_viewer_once_per_user_and_emoji(c: &Cluster) {
     assert_eq!(tally(&list(ben).await), [("👍", 2, true), (":tada:", 1, false)]);
     let got = c.messages().get_message(authed(cat, mpb::GetMessageRequest { message_id: m.id.clone() })).await;
     assert_eq!(tally(&got.unwrap().into_inner().message.unwrap()), [("👍", 2, true), (":tada:", 1, true)]);
+    // GetChat's newest messages too, as the caller sees them.
+    let get = cpb::GetChatRequest { chat_id: chat.id.clone(), message_page_size: 5 };
+    let got = c.chats().get_chat(authed(ben, get)).await.unwrap().into_inner();
+    assert_eq!(tally(&got.messages[0]), [("👍", 2, true), (":tada:", 1, false)], "GetChat's messages");
     // Removing what one never added changes nothing; a real removal does.
     let absent = react(c, ann, &m.id, "👍", false).await.unwrap();
     assert_eq!(absent.change_seq, tada.change_seq);

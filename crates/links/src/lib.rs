@@ -134,8 +134,14 @@ pub trait ChatDirectory: Send + Sync + 'static {
 pub trait MessageDirectory: Send + Sync + 'static {
     /// Each chat's newest message and `user_id`'s unread count, in request order.
     async fn chat_summaries(&self, chat_ids: Vec<String>, user_id: &str) -> Result<Vec<messages::ChatSummary>, Status>;
-    /// A chat's newest `page_size` messages, newest first.
-    async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status>;
+    /// A chat's newest `page_size` messages, newest first, with their
+    /// reactions as `viewer_id` sees them ("": without reactions).
+    async fn recent_messages(
+        &self,
+        chat_id: &str,
+        page_size: i32,
+        viewer_id: &str,
+    ) -> Result<Vec<messages::Message>, Status>;
     /// Deletes every message and read position of a chat.
     async fn purge_chat(&self, chat_id: &str) -> Result<(), Status>;
     /// Records committed changes of a chat's membership or details in its
@@ -260,8 +266,13 @@ impl MessageDirectory for Grpc {
             .summaries)
     }
 
-    async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
-        let request = messages::ListRecentMessagesRequest { chat_id: chat_id.to_owned(), page_size };
+    async fn recent_messages(
+        &self,
+        chat_id: &str,
+        page_size: i32,
+        viewer_id: &str,
+    ) -> Result<Vec<messages::Message>, Status> {
+        let request = recent_request(chat_id, page_size, viewer_id);
         Ok(self
             .0
             .call(MessageInternalServiceClient::new(self.0.channel()).list_recent_messages(self.0.request(request)))
@@ -294,6 +305,11 @@ impl MessageDirectory for Grpc {
     }
 }
 
+/// ListRecentMessages' request, over gRPC or in process alike.
+fn recent_request(chat_id: &str, page_size: i32, viewer_id: &str) -> messages::ListRecentMessagesRequest {
+    messages::ListRecentMessagesRequest { chat_id: chat_id.to_owned(), page_size, viewer_id: viewer_id.to_owned() }
+}
+
 #[async_trait]
 impl<S: MessageInternalService> MessageDirectory for InProcess<S> {
     async fn chat_summaries(&self, chat_ids: Vec<String>, user_id: &str) -> Result<Vec<messages::ChatSummary>, Status> {
@@ -307,8 +323,13 @@ impl<S: MessageInternalService> MessageDirectory for InProcess<S> {
         .summaries)
     }
 
-    async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
-        let request = messages::ListRecentMessagesRequest { chat_id: chat_id.to_owned(), page_size };
+    async fn recent_messages(
+        &self,
+        chat_id: &str,
+        page_size: i32,
+        viewer_id: &str,
+    ) -> Result<Vec<messages::Message>, Status> {
+        let request = recent_request(chat_id, page_size, viewer_id);
         Ok(in_process(
             "/natter.messages.v1.MessageInternalService/ListRecentMessages",
             self.0.list_recent_messages(Request::new(request)),
@@ -401,8 +422,13 @@ impl MessageDirectory for Deferred<dyn MessageDirectory> {
         self.get()?.chat_summaries(chat_ids, user_id).await
     }
 
-    async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
-        self.get()?.recent_messages(chat_id, page_size).await
+    async fn recent_messages(
+        &self,
+        chat_id: &str,
+        page_size: i32,
+        viewer_id: &str,
+    ) -> Result<Vec<messages::Message>, Status> {
+        self.get()?.recent_messages(chat_id, page_size, viewer_id).await
     }
 
     async fn purge_chat(&self, chat_id: &str) -> Result<(), Status> {
@@ -509,7 +535,7 @@ impl AssistantMessages for Grpc {
     }
 
     async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
-        MessageDirectory::recent_messages(self, chat_id, page_size).await
+        MessageDirectory::recent_messages(self, chat_id, page_size, "").await
     }
 
     async fn lookup_messages(
@@ -594,7 +620,7 @@ impl<S: MessageInternalService> AssistantMessages for InProcess<S> {
     }
 
     async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
-        MessageDirectory::recent_messages(self, chat_id, page_size).await
+        MessageDirectory::recent_messages(self, chat_id, page_size, "").await
     }
 
     async fn lookup_messages(

@@ -662,7 +662,8 @@ impl Chats {
     ) -> Result<(ChatView, Vec<mpb::Message>), ChatsError> {
         let access = self.readable(caller, chat_id).await?;
         let mut messages = if message_page_size > 0 && access.chat.last_seq > 0 {
-            self.messages.recent_messages(&access.chat.id.to_string(), message_page_size as i32).await?
+            let (chat, viewer) = (access.chat.id.to_string(), caller.to_string());
+            self.messages.recent_messages(&chat, message_page_size as i32, &viewer).await?
         } else {
             Vec::new()
         };
@@ -930,7 +931,7 @@ mod tests {
             Ok(Vec::new())
         }
 
-        async fn recent_messages(&self, _: &str, _: i32) -> Result<Vec<mpb::Message>, Status> {
+        async fn recent_messages(&self, _: &str, _: i32, _: &str) -> Result<Vec<mpb::Message>, Status> {
             Ok(Vec::new())
         }
 

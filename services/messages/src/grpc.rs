@@ -927,7 +927,8 @@ impl MessageInternalService for MessageInternalApi {
         let r = request.into_inner();
         let chat = ChatId::parse("chat_id", &r.chat_id)?;
         let size = paging::page_size("page_size", r.page_size, domain::MESSAGE_PAGE_DEFAULT, domain::PAGE_MAX)?;
-        let messages = self.messages.recent(chat, size).await?;
+        let viewer = UserId::parse_optional("viewer_id", &r.viewer_id)?;
+        let messages = self.messages.recent(chat, size, viewer).await?;
         Ok(Response::new(pb::ListRecentMessagesResponse {
             messages: messages.into_iter().map(|m| message_pb(m, Vec::new())).collect(),
         }))

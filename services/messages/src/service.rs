@@ -642,9 +642,18 @@ impl Messages {
     /// Internal: a chat's newest messages of its main timeline, newest first
     /// (superseded replies and thread replies left out, as ListMessages by
     /// default).
-    pub async fn recent(&self, chat: ChatId, page_size: u32) -> Result<Vec<Message>, MessagesError> {
+    pub async fn recent(
+        &self,
+        chat: ChatId,
+        page_size: u32,
+        viewer: Option<UserId>,
+    ) -> Result<Vec<Message>, MessagesError> {
         let range = Range { timeline: Timeline::Main, ..Range::default() };
-        Ok(self.store.list(chat, range, None, page_size).await?)
+        let mut messages = self.store.list(chat, range, None, page_size).await?;
+        if viewer.is_some() {
+            with_reactions(self.store.as_ref(), &mut messages, viewer).await?;
+        }
+        Ok(messages)
     }
 
     /// Internal: deletes everything of a chat.

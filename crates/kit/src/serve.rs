@@ -432,7 +432,7 @@ impl WebPageLayer {
         let files = match page {
             PageSource::Off => Files::Off,
             PageSource::Embedded => Files::Embedded,
-            PageSource::Dir(dir) => Files::Dir(crate::web_page::dir_service(dir)),
+            PageSource::Dir(dir) => Files::Dir(ServeDir::new(dir)),
         };
         Self { files }
     }

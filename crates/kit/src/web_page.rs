@@ -13,7 +13,6 @@ use std::sync::LazyLock;
 
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
 use http::{HeaderValue, Method, StatusCode};
-use tower_http::services::ServeDir;
 
 /// Where the page at `/` comes from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -115,11 +114,6 @@ pub(crate) fn embedded<B>(request: &http::Request<B>) -> http::Response<tonic::b
         headers.insert(CONTENT_LENGTH, HeaderValue::from(asset.bytes.len()));
     }
     response
-}
-
-/// The files of a [`PageSource::Dir`].
-pub(crate) fn dir_service(dir: PathBuf) -> ServeDir {
-    ServeDir::new(dir)
 }
 
 #[cfg(test)]

@@ -156,7 +156,11 @@ async fn send_message_is_one_trace_across_services() {
     let in_process = |s: &Span| s.kind == SPAN_KIND_CLIENT && attr_str(s, "server.address") == Some("in-process");
     let spans = collector
         .wait_for(&trace_id, |spans| {
-            ["IntrospectSession", "CheckMembership"].iter().all(|m| spans.iter().any(|s| is_rpc(s, m) && in_process(s)))
+            // The server span ends (and is exported) after its children.
+            spans.iter().any(|s| is_rpc(s, "SendMessage") && s.parent_span_id == root_span_id)
+                && ["IntrospectSession", "CheckMembership"]
+                    .iter()
+                    .all(|m| spans.iter().any(|s| is_rpc(s, m) && in_process(s)))
         })
         .await;
     let send = spans.iter().find(|s| is_rpc(s, "SendMessage") && s.parent_span_id == root_span_id).unwrap();

@@ -5,12 +5,16 @@
 //! trait. In the all-in-one process the verifier is a direct call into the
 //! sessions service ([`InProcessVerifier`]); in split mode it is a gRPC call
 //! to `SessionInternalService.IntrospectSession` ([`GrpcVerifier`]). Neither
-//! caches, so a revoked token fails at once everywhere.
+//! caches. Replicas on NATS wrap theirs in a [`CachingVerifier`], whose
+//! entries the bus drops when a session is revoked (see
+//! [`natter_kit::cache`] for the guarantee).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use natter_kit::Link;
+use natter_kit::cache::{Invalidator, Lookup, Tag, TaggedCache};
 use natter_proto::sessions::v1::{
     IntrospectSessionRequest, IntrospectSessionResponse, session_internal_service_client::SessionInternalServiceClient,
     session_internal_service_server::SessionInternalService,
@@ -38,6 +42,12 @@ pub trait SessionVerifier: Send + Sync + 'static {
     /// `Ok(None)` for an unknown, expired or revoked token; `Err` only when
     /// the check itself failed (for example UNAVAILABLE).
     async fn introspect(&self, token: &str) -> Result<Option<Principal>, Status>;
+    /// As [`SessionVerifier::introspect`], asking the sessions service
+    /// itself, never a cache (for the periodic re-check of a long-lived
+    /// stream, which must catch a revocation whose invalidation was lost).
+    async fn introspect_fresh(&self, token: &str) -> Result<Option<Principal>, Status> {
+        self.introspect(token).await
+    }
 }
 
 /// Extracts the token of `authorization: Bearer <token>` (scheme
@@ -82,13 +92,70 @@ impl Authenticator {
         self.check(token).await
     }
 
-    /// Checks a token taken earlier from a request (for streams that
-    /// re-check their session).
+    /// Checks a token taken earlier from a request.
     pub async fn check(&self, token: &str) -> Result<Principal, Status> {
-        self.verifier
-            .introspect(token)
-            .await?
-            .ok_or_else(|| Status::unauthenticated("invalid, expired or revoked token"))
+        self.verifier.introspect(token).await?.ok_or_else(unauthenticated)
+    }
+
+    /// Checks a token with the sessions service itself, past any cache: for
+    /// streams that re-check their session (see
+    /// [`SessionVerifier::introspect_fresh`]).
+    pub async fn recheck(&self, token: &str) -> Result<Principal, Status> {
+        self.verifier.introspect_fresh(token).await?.ok_or_else(unauthenticated)
+    }
+}
+
+fn unauthenticated() -> Status {
+    Status::unauthenticated("invalid, expired or revoked token")
+}
+
+/// Keeps live introspections in memory (a replica's own, see
+/// [`natter_kit::cache`]): each is tagged with its session and user, so a
+/// revocation ([`Tag::Session`]) or a guest's claim ([`Tag::User`]) drops
+/// it on every replica; an expired session is never answered from memory.
+/// Unknown and revoked tokens are not cached: each costs a call.
+pub struct CachingVerifier<V> {
+    inner: V,
+    cache: Arc<TaggedCache<String, Principal>>,
+}
+
+/// Most tokens a [`CachingVerifier`] keeps before it starts over.
+const CACHED_TOKENS: usize = 100_000;
+
+impl<V: SessionVerifier> CachingVerifier<V> {
+    /// `inner`, with its live answers kept for `ttl` (zero: none) and
+    /// dropped by `invalidator`.
+    pub fn new(inner: V, ttl: Duration, invalidator: Arc<Invalidator>) -> Self {
+        Self { inner, cache: TaggedCache::new("tokens", ttl, CACHED_TOKENS, invalidator) }
+    }
+}
+
+#[async_trait]
+impl<V: SessionVerifier> SessionVerifier for CachingVerifier<V> {
+    async fn introspect(&self, token: &str) -> Result<Option<Principal>, Status> {
+        let key = token.to_owned();
+        let ticket = match self.cache.get(&key).await {
+            Lookup::Hit(principal) if principal.expire_micros > natter_kit::time::now_micros() => {
+                return Ok(Some(principal));
+            }
+            Lookup::Hit(_) => return Ok(None),
+            Lookup::Miss(ticket) => Some(ticket),
+            Lookup::Bypass => None,
+        };
+        let answer = self.inner.introspect(token).await?;
+        if let (Some(ticket), Some(principal)) = (ticket, answer) {
+            let tags = vec![Tag::Session(principal.session_id), Tag::User(principal.user_id)];
+            self.cache.put(ticket, key, principal, tags);
+        }
+        Ok(answer)
+    }
+
+    async fn introspect_fresh(&self, token: &str) -> Result<Option<Principal>, Status> {
+        let answer = self.inner.introspect_fresh(token).await?;
+        if answer.is_none() {
+            self.cache.remove(&token.to_owned());
+        }
+        Ok(answer)
     }
 }
 

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 
 use futures::{Stream, StreamExt as _};
+use natter_kit::cache::{Invalidator, Tag};
 use natter_kit::id::ChatId;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
@@ -109,6 +110,17 @@ pub trait EventBus: Send + Sync + 'static {
     /// Topics of this process with at least one subscriber (each holds one
     /// channel); for tests and metrics.
     fn topic_count(&self) -> usize;
+    /// The invalidator of this process's caches of other services' answers
+    /// ([`natter_kit::cache`]): the bus feeds it every invalidation it
+    /// receives and tells it when it is not live (disconnected, or
+    /// resynchronising after a reconnect or a slow-consumer notice).
+    fn invalidator(&self) -> &Arc<Invalidator>;
+    /// Drops `tags` from the caches of this process (at once) and of every
+    /// other process on the bus (as each receives it). Returns once the
+    /// NATS server has taken the invalidation (a round trip after its
+    /// publish), or after a few seconds if it cannot tell, logged: call it
+    /// after the change commits and before the RPC that made it returns.
+    fn invalidate(&self, tags: Vec<Tag>) -> futures::future::BoxFuture<'_, ()>;
 }
 
 type Topics = Mutex<HashMap<Topic, broadcast::Sender<Shared>>>;
@@ -120,9 +132,17 @@ fn lock(topics: &Topics) -> MutexGuard<'_, HashMap<Topic, broadcast::Sender<Shar
 
 /// In-process fan-out: one broadcast channel per topic with subscribers,
 /// dropped with its last [`Subscription`].
-#[derive(Default)]
 pub struct Hub {
     topics: Arc<Topics>,
+    invalidator: Arc<Invalidator>,
+}
+
+impl Default for Hub {
+    /// An empty hub whose caches are live: in one process every change is
+    /// invalidated synchronously.
+    fn default() -> Self {
+        Self::with_invalidator(Invalidator::new(true))
+    }
 }
 
 /// One subscriber of a topic: a stream of its events (`Err(Lagged)` when
@@ -207,6 +227,12 @@ impl Hub {
         Self::default()
     }
 
+    /// An empty hub feeding `invalidator` (the [`NatsBus`]'s, live only
+    /// while connected).
+    pub fn with_invalidator(invalidator: Arc<Invalidator>) -> Self {
+        Self { topics: Arc::default(), invalidator }
+    }
+
     /// Tells every local subscriber of every chat topic to re-read the store
     /// ([`Event::hint`]): announcements may have been lost.
     pub fn resync(&self) {
@@ -258,6 +284,15 @@ impl EventBus for Hub {
     fn topic_count(&self) -> usize {
         Hub::topic_count(self)
     }
+
+    fn invalidator(&self) -> &Arc<Invalidator> {
+        &self.invalidator
+    }
+
+    fn invalidate(&self, tags: Vec<Tag>) -> futures::future::BoxFuture<'_, ()> {
+        self.invalidator.invalidate(&tags);
+        Box::pin(async {})
+    }
 }
 
 mod nats;
@@ -284,6 +319,12 @@ pub struct BusArgs {
     /// start-up
     #[arg(long, env = "NATTER_NATS_PASSWORD_FILE", value_name = "PATH", requires = "nats_user")]
     pub nats_password_file: Option<std::path::PathBuf>,
+    /// With --nats-url: how long a replica answers token and membership
+    /// checks from memory; the bus drops an entry at once when its session
+    /// is revoked or its chat changes, this bounds what a lost invalidation
+    /// could leave. 0s: every check asks the owning service
+    #[arg(long, env = "NATTER_CACHE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub cache_ttl: std::time::Duration,
 }
 
 impl std::fmt::Debug for BusArgs {
@@ -292,11 +333,19 @@ impl std::fmt::Debug for BusArgs {
             .field("nats_url", &self.nats_url.as_deref().map(redact_url))
             .field("nats_user", &self.nats_user)
             .field("nats_password_file", &self.nats_password_file)
+            .field("cache_ttl", &self.cache_ttl)
             .finish()
     }
 }
 
 impl BusArgs {
+    /// How long this replica may keep other services' answers
+    /// (`--cache-ttl`): `None` without NATS, where the only instance of
+    /// each service keeps exact caches of its own instead.
+    pub fn replica_cache_ttl(&self) -> Option<std::time::Duration> {
+        self.nats_url.as_ref().map(|_| self.cache_ttl)
+    }
+
     /// The bus these options choose: NATS when a URL is given, else an
     /// in-process hub. `shutdown` stops the NATS tasks (and a start-up still
     /// waiting for the server).

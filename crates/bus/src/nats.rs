@@ -10,6 +10,17 @@
 //! receives its own events twice. Every process subscribes to
 //! `natter.events.>` and fans what arrives out to its local subscribers.
 //!
+//! Cache invalidations ([`EventBus::invalidate`]) go on
+//! `natter.caches.invalidate` straight from the caller, which then waits for
+//! a barrier (a request to `natter.caches.barrier.<uuid>`, answered by the
+//! server's no-responders status after everything sent before it): when it
+//! returns, the server has the invalidation. Every process applies them
+//! from a subscription of its own, and a cache hit waits for the bus's sync
+//! (a barrier of the receiving process, then a drain of that subscription;
+//! see `natter_kit::cache`). The process's caches are off from a
+//! disconnect, reconnect or slow-consumer notice until a barrier after it
+//! confirms the re-sent subscriptions.
+//!
 //! At shutdown the publisher keeps going until [`EventBus::close`] (or for
 //! `CLOSE_GRACE` (5 s) after the shutdown token, whichever comes first), so the
 //! last announcements of a stopping process, such as its presence goodbye,
@@ -27,15 +38,37 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{ConnectErrorKind, ServerAddr};
-use futures::StreamExt as _;
-use tokio::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::{FutureExt as _, StreamExt as _};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use natter_kit::cache::{Invalidator, Tag};
 
 use crate::{Event, EventBus, Hub, Shared, Subscription, Topic};
 
 /// Subject prefix of every natter event.
 const PREFIX: &str = "natter.events";
+
+/// Subject of cache invalidations ([`EventBus::invalidate`]): every process
+/// subscribes to it (on a subscription of its own, so a sync can drain it);
+/// the payload is the tags, [`Tag::encode`]d one after another.
+const INVALIDATE_SUBJECT: &str = "natter.caches.invalidate";
+
+/// Prefix of the subjects of barrier requests: nobody subscribes to them,
+/// so the server answers each with its no-responders status, after it has
+/// processed everything the connection sent before.
+const BARRIER_PREFIX: &str = "natter.caches.barrier";
+
+/// Longest wait for the server to confirm an invalidation, or the
+/// subscriptions after a reconnect.
+const BARRIER_WAIT: Duration = Duration::from_secs(2);
+
+/// Longest wait for a cache hit's sync; past it the look-up asks the owning
+/// service instead.
+const SYNC_WAIT: Duration = Duration::from_millis(250);
 
 /// How many events may wait for the publisher task before new ones are
 /// dropped (the store has them; streams fill gaps).
@@ -62,6 +95,51 @@ enum Outgoing {
 pub struct NatsBus {
     hub: Arc<Hub>,
     outbox: mpsc::Sender<Outgoing>,
+    /// For invalidations, which are published and confirmed by the caller.
+    client: async_nats::Client,
+}
+
+/// Waits until the NATS server has processed everything `client` sent
+/// before: a request to a subject nobody subscribes to, which the server
+/// answers with its no-responders status in order (so every message the
+/// server had for this client by then has arrived before the answer).
+/// False when it could not tell within `wait` (disconnected, no
+/// permission).
+async fn barrier(client: &async_nats::Client, wait: Duration) -> bool {
+    let subject = format!("{BARRIER_PREFIX}.{}", Uuid::now_v7());
+    match tokio::time::timeout(wait, client.request(subject, bytes::Bytes::new())).await {
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => true,
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "nats: barrier request failed");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(?wait, "nats: barrier request not answered");
+            false
+        }
+    }
+}
+
+/// Makes the caches live again after each (re)connection or slow-consumer
+/// notice in `events`, once the server has confirmed the subscriptions the
+/// client re-sent (so no invalidation published from then on is missed).
+async fn keep_caches_live(
+    client: async_nats::Client,
+    invalidator: Arc<Invalidator>,
+    mut events: mpsc::UnboundedReceiver<()>,
+) {
+    while events.recv().await.is_some() {
+        // Several notices at once need one barrier.
+        while events.try_recv().is_ok() {}
+        let confirmed = barrier(&client, BARRIER_WAIT).await;
+        if client.connection_state() == async_nats::connection::State::Connected {
+            if !confirmed {
+                tracing::warn!("nats: caches live again without the server's confirmation");
+            }
+            invalidator.set_live(true);
+        }
+    }
 }
 
 /// A NATS user and its password (the server's `authorization { users }`).
@@ -211,6 +289,102 @@ fn topic(subject: &str) -> Option<Topic> {
     }
 }
 
+/// Applies the invalidations other processes publish, in order; on a drain
+/// request, first applies every one already received (without waiting for
+/// more), then answers.
+async fn apply_invalidations(
+    mut invalidations: async_nats::Subscriber,
+    invalidator: Arc<Invalidator>,
+    mut drains: mpsc::Receiver<oneshot::Sender<()>>,
+    shutdown: CancellationToken,
+) {
+    let apply = |message: async_nats::Message| {
+        natter_kit::metrics::bus_received(1);
+        match Tag::decode_all(&message.payload) {
+            Some(tags) => invalidator.invalidate(&tags),
+            None => tracing::warn!("nats: undecodable invalidation"),
+        }
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            next = invalidations.next() => match next {
+                Some(message) => apply(message),
+                None => break,
+            },
+            Some(done) = drains.recv() => {
+                while let Some(Some(message)) = invalidations.next().now_or_never() {
+                    apply(message);
+                }
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// The bus's sync ([`Invalidator::set_sync`]): rounds of a barrier and a
+/// drain of the invalidations received by then, one at a time; a caller
+/// waits for the first round that started after it asked, so concurrent
+/// cache hits share one round trip.
+struct Syncer {
+    /// Callers so far (each takes the next number).
+    asked: AtomicU64,
+    wake: Notify,
+    /// The last finished round: the highest caller number it covers, and
+    /// whether it was confirmed.
+    done: watch::Sender<(u64, bool)>,
+}
+
+impl Syncer {
+    /// Starts the rounds over `client`, draining through `drains`; the
+    /// returned function is the sync.
+    fn start(
+        client: async_nats::Client,
+        drains: mpsc::Sender<oneshot::Sender<()>>,
+        shutdown: CancellationToken,
+    ) -> natter_kit::cache::SyncFn {
+        let syncer =
+            Arc::new(Syncer { asked: AtomicU64::new(0), wake: Notify::new(), done: watch::channel((0, true)).0 });
+        let rounds = syncer.clone();
+        tokio::spawn(async move {
+            let mut covered = 0;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = rounds.wake.notified() => {}
+                }
+                let target = rounds.asked.load(Ordering::SeqCst);
+                if target <= covered {
+                    continue;
+                }
+                let confirmed = barrier(&client, SYNC_WAIT).await && {
+                    let (done, drained) = oneshot::channel();
+                    drains.send(done).await.is_ok() && drained.await.is_ok()
+                };
+                covered = target;
+                rounds.done.send_replace((target, confirmed));
+            }
+        });
+        Box::new(move || {
+            let syncer = syncer.clone();
+            Box::pin(async move {
+                let mut done = syncer.done.subscribe();
+                let mine = syncer.asked.fetch_add(1, Ordering::SeqCst) + 1;
+                syncer.wake.notify_one();
+                loop {
+                    let (covered, confirmed) = *done.borrow_and_update();
+                    if covered >= mine {
+                        return confirmed;
+                    }
+                    if done.changed().await.is_err() {
+                        return false;
+                    }
+                }
+            })
+        })
+    }
+}
+
 impl NatsBus {
     /// Connects to NATS at `url` as `credentials` (or as the user and
     /// password in `url`) and starts the publisher and subscriber tasks,
@@ -239,8 +413,10 @@ impl NatsBus {
         };
         let server = addr.as_url_str().to_owned();
         let user = credentials.as_ref().map(|c| c.user.clone());
-        let hub = Arc::new(Hub::new());
-        let client = Self::first_connection(&addr, credentials.as_ref(), &hub, &shutdown).await?;
+        // Caches stay off until the subscription below is confirmed.
+        let hub = Arc::new(Hub::with_invalidator(Invalidator::new(false)));
+        let (reconnected, reconnections) = mpsc::unbounded_channel();
+        let client = Self::first_connection(&addr, credentials.as_ref(), &hub, &reconnected, &shutdown).await?;
         tracing::info!(%server, user = user.as_deref().unwrap_or("-"), "nats: connected");
         let subscriber = match client.subscribe(format!("{PREFIX}.>")).await {
             Ok(s) => s,
@@ -254,6 +430,16 @@ impl NatsBus {
         if let Err(e) = client.flush().await {
             tracing::warn!(error = %e, "nats: flush after subscribe failed");
         }
+        // The first connection's notice is queued already: the caches go
+        // live once the server confirms the subscription.
+        tokio::spawn(keep_caches_live(client.clone(), hub.invalidator().clone(), reconnections));
+        let invalidations = match client.subscribe(INVALIDATE_SUBJECT).await {
+            Ok(s) => s,
+            Err(e) => return Err(ConnectError::Subscribe { server, reason: e.to_string() }),
+        };
+        let (drains, drain_requests) = mpsc::channel(16);
+        tokio::spawn(apply_invalidations(invalidations, hub.invalidator().clone(), drain_requests, shutdown.clone()));
+        hub.invalidator().set_sync(Syncer::start(client.clone(), drains, shutdown.clone()));
         let (outbox, mut queue) = mpsc::channel::<Outgoing>(PUBLISH_QUEUE);
 
         let publisher = client.clone();
@@ -308,7 +494,7 @@ impl NatsBus {
             let _ = subscriber.unsubscribe().await;
         });
 
-        Ok(Arc::new(Self { hub, outbox }))
+        Ok(Arc::new(Self { hub, outbox, client }))
     }
 
     /// Opens the client's first connection: retried while the server cannot
@@ -318,6 +504,7 @@ impl NatsBus {
         addr: &ServerAddr,
         credentials: Option<&Credentials>,
         hub: &Arc<Hub>,
+        reconnected: &mpsc::UnboundedSender<()>,
         shutdown: &CancellationToken,
     ) -> Result<async_nats::Client, ConnectError> {
         let server = addr.as_url_str().to_owned();
@@ -329,16 +516,28 @@ impl NatsBus {
             }
             let on_event = hub.clone();
             let stopping = shutdown.clone();
+            let reconnected = reconnected.clone();
             let options = options.event_callback(move |event| {
                 let hub = on_event.clone();
                 let stopping = stopping.clone();
+                let reconnected = reconnected.clone();
                 async move {
                     match event {
                         // Announcements may have been lost while away, or
-                        // dropped for a slow consumer: re-read the store.
+                        // dropped for a slow consumer: re-read the store,
+                        // and drop cached answers that an invalidation lost
+                        // with them would have dropped.
                         async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) => {
                             tracing::info!(%event, "nats: resync streams from the store");
+                            hub.invalidator().set_live(false);
+                            let _ = reconnected.send(());
                             hub.resync();
+                        }
+                        // Invalidations are missed while away: answer from
+                        // the owning services until connected again.
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!(%event, "nats: caches off until reconnected");
+                            hub.invalidator().set_live(false);
                         }
                         // The connection closed because the process is
                         // shutting down: expected, not a warning.
@@ -383,6 +582,27 @@ impl EventBus for NatsBus {
 
     fn subscribe(&self, topic: Topic) -> Subscription {
         self.hub.subscribe(topic)
+    }
+
+    fn invalidator(&self) -> &Arc<Invalidator> {
+        self.hub.invalidator()
+    }
+
+    fn invalidate(&self, tags: Vec<Tag>) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.hub.invalidator().invalidate(&tags);
+            let mut payload = Vec::with_capacity(tags.len() * Tag::WIRE_LEN);
+            tags.iter().for_each(|t| t.encode(&mut payload));
+            natter_kit::metrics::bus_published(1);
+            let published = tokio::time::timeout(BARRIER_WAIT, self.client.publish(INVALIDATE_SUBJECT, payload.into()));
+            if !matches!(published.await, Ok(Ok(()))) || !barrier(&self.client, BARRIER_WAIT).await {
+                tracing::warn!(
+                    ?tags,
+                    "nats: invalidation not confirmed by the server; other replicas may answer from their caches \
+                     until --cache-ttl"
+                );
+            }
+        })
     }
 
     fn close(&self) -> futures::future::BoxFuture<'_, ()> {
@@ -432,17 +652,24 @@ mod tests {
         assert!(!format!("{:?}", Credentials::new("natter", "s3cret")).contains("s3cret"));
     }
 
-    /// Two buses on one NATS server: what one publishes, the other's
-    /// subscribers receive (runs when NATTER_TEST_NATS_URL is set).
-    #[tokio::test]
-    async fn events_cross_processes() {
+    /// Two buses on NATTER_TEST_NATS_URL (None when it is not set, outside
+    /// CI), ended by the token.
+    async fn two_buses() -> Option<(CancellationToken, Arc<NatsBus>, Arc<NatsBus>)> {
         let Some(url) = std::env::var("NATTER_TEST_NATS_URL").ok().filter(|u| !u.is_empty()) else {
             assert!(std::env::var_os("CI").is_none(), "CI must set NATTER_TEST_NATS_URL");
-            return;
+            return None;
         };
         let stop = CancellationToken::new();
         let a = NatsBus::connect(&url, None, stop.clone()).await.unwrap();
         let b = NatsBus::connect(&url, None, stop.clone()).await.unwrap();
+        Some((stop, a, b))
+    }
+
+    /// Two buses on one NATS server: what one publishes, the other's
+    /// subscribers receive (runs when NATTER_TEST_NATS_URL is set).
+    #[tokio::test]
+    async fn events_cross_processes() {
+        let Some((stop, a, b)) = two_buses().await else { return };
         let chat = Uuid::now_v7();
         let mut on_b = b.subscribe(Topic::Chat(chat));
         let mut on_a = a.subscribe(Topic::Chat(chat));
@@ -458,6 +685,38 @@ mod tests {
         }
         assert!(got.is_some(), "b received a's event over NATS");
         assert_eq!(on_a.recv().await.unwrap().unwrap().change_seq, 1, "a's own subscribers get it locally, once");
+        stop.cancel();
+    }
+
+    /// Waits (bounded) until `done` holds: a state another task reaches.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "not within 5 s: {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Once `invalidate` has returned in one process, another process's
+    /// caches no longer answer the entries of its tag (and still answer the
+    /// others); the caches go live only once connected (runs when
+    /// NATTER_TEST_NATS_URL is set).
+    #[tokio::test]
+    async fn invalidations_cross_processes() {
+        use natter_kit::cache::{Lookup, TaggedCache};
+        let Some((stop, a, b)) = two_buses().await else { return };
+        until("b's caches are live", || b.invalidator().live()).await;
+        let cache = TaggedCache::<u8, u8>::new("test", std::time::Duration::from_secs(60), 10, b.invalidator().clone());
+        let (changed, other) = (Uuid::now_v7(), Uuid::now_v7());
+        for (key, chat) in [(1, changed), (2, other)] {
+            let Lookup::Miss(ticket) = cache.get(&key).await else { panic!("a live, empty cache misses") };
+            cache.put(ticket, key, key, vec![Tag::Chat(chat)]);
+        }
+        a.invalidate(vec![Tag::Chat(changed)]).await;
+        // No wait: b's next look-up syncs with the server, which has the
+        // invalidation since `invalidate` returned.
+        assert!(matches!(cache.get(&1).await, Lookup::Miss(_)), "b dropped the changed chat's entry");
+        assert!(matches!(cache.get(&2).await, Lookup::Hit(2)), "another chat's entry stays");
         stop.cancel();
     }
 }

@@ -19,8 +19,9 @@
 //! 2. `id`, `paging`: checked ids and page tokens (they fail with `error`'s
 //!    statuses, paging within `limits`).
 //! 3. `metrics`: Prometheus handles and the `/metrics` endpoint.
-//! 4. `telemetry`: logs, span export, trace context in and out; starts the
-//!    metrics endpoint.
+//! 4. `cache`, `telemetry`: replicas' caches of other services' answers
+//!    (invalidated over the bus); logs, span export, trace context in and
+//!    out, starting the metrics endpoint.
 //! 5. `observe`: the per-RPC server span and metrics layer, and the client
 //!    spans of calls to other services (the traced channel, in-process calls).
 //! 6. `internal`: service credential and links between split services (a
@@ -32,6 +33,7 @@
 //! lower one plain values (the credential reaches telemetry's channel as a
 //! header), never its own types.
 
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod id;
@@ -67,7 +69,7 @@ mod layering {
         ],
         &[("id", include_str!("id.rs")), ("paging", include_str!("paging.rs"))],
         &[("metrics", include_str!("metrics.rs"))],
-        &[("telemetry", include_str!("telemetry.rs"))],
+        &[("cache", include_str!("cache.rs")), ("telemetry", include_str!("telemetry.rs"))],
         &[("observe", include_str!("observe.rs"))],
         &[("internal", include_str!("internal.rs"))],
         &[("serve", include_str!("serve.rs"))],

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use natter_kit::cache::{Invalidator, Lookup, Tag, TaggedCache};
 use natter_kit::in_process;
 use natter_proto::chats::v1 as chats;
 use natter_proto::messages::v1 as messages;
@@ -127,6 +128,63 @@ pub trait ChatDirectory: Send + Sync + 'static {
     async fn managed_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status>;
     /// Records the newest message of chats (for ordering by activity).
     async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status>;
+}
+
+/// A [`ChatDirectory`] whose membership answers a replica keeps in memory
+/// (see [`natter_kit::cache`]): each is tagged with its chat, so any change
+/// the chats service commits to the chat ([`Tag::Chat`]) drops it on every
+/// replica. Only answers about an existing chat and without
+/// `other_user_ids` (a message's mentions) are kept; everything else goes
+/// to `inner`.
+pub struct CachingChatDirectory<D> {
+    inner: D,
+    cache: Arc<TaggedCache<(uuid::Uuid, uuid::Uuid), chats::CheckMembershipResponse>>,
+}
+
+/// Most memberships a [`CachingChatDirectory`] keeps before it starts over.
+const CACHED_MEMBERSHIPS: usize = 100_000;
+
+impl<D: ChatDirectory> CachingChatDirectory<D> {
+    /// `inner`, with its answers kept for `ttl` (zero: none) and dropped by
+    /// `invalidator`.
+    pub fn new(inner: D, ttl: std::time::Duration, invalidator: Arc<Invalidator>) -> Self {
+        Self { inner, cache: TaggedCache::new("memberships", ttl, CACHED_MEMBERSHIPS, invalidator) }
+    }
+}
+
+#[async_trait]
+impl<D: ChatDirectory> ChatDirectory for CachingChatDirectory<D> {
+    async fn check_memberships(
+        &self,
+        request: chats::CheckMembershipRequest,
+    ) -> Result<chats::CheckMembershipResponse, Status> {
+        let key = match (uuid::Uuid::try_parse(&request.chat_id), uuid::Uuid::try_parse(&request.user_id)) {
+            (Ok(chat), Ok(user)) if request.other_user_ids.is_empty() => (chat, user),
+            _ => return self.inner.check_memberships(request).await,
+        };
+        let ticket = match self.cache.get(&key).await {
+            Lookup::Hit(answer) => return Ok(answer),
+            Lookup::Miss(ticket) => Some(ticket),
+            Lookup::Bypass => None,
+        };
+        let answer = self.inner.check_memberships(request).await?;
+        if let Some(ticket) = ticket.filter(|_| answer.chat_exists) {
+            self.cache.put(ticket, key, answer.clone(), vec![Tag::Chat(key.0)]);
+        }
+        Ok(answer)
+    }
+
+    async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
+        self.inner.member_chat_ids(user_id).await
+    }
+
+    async fn managed_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
+        self.inner.managed_chat_ids(user_id).await
+    }
+
+    async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status> {
+        self.inner.record_activity(activities).await
+    }
 }
 
 /// What the chats service asks the messages service.

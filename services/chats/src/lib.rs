@@ -91,7 +91,8 @@ impl ChatsArgs {
 
 /// Opens the chats store (running migrations) and builds the service, with
 /// `staff` as server staff (`--staff-user-ids`, which the all-in-one takes
-/// once for the chats and messages services alike).
+/// once for the chats and messages services alike), invalidating other
+/// replicas' cached memberships over `bus`.
 ///
 /// Errors: the database cannot be opened or migrated, or the activity
 /// flush interval is out of range ([`store::open`]).
@@ -99,12 +100,13 @@ pub async fn open(
     db: &DbConfig,
     users: Arc<dyn UserDirectory>,
     messages: Arc<dyn MessageDirectory>,
+    bus: Arc<dyn natter_bus::EventBus>,
     args: &ChatsArgs,
     staff: &[uuid::Uuid],
     only_instance: bool,
 ) -> Result<Arc<Chats>, StoreError> {
     let store = store::open(db, args.activity_flush_interval).await?;
-    let chats = Chats::new(store, users, messages, args.limits(), args.create_chat_rate)
+    let chats = Chats::new(store, users, messages, bus, args.limits(), args.create_chat_rate)
         .with_staff(staff.iter().map(|u| natter_kit::id::UserId::from(*u)));
     let chats = Arc::new(if only_instance { chats.with_membership_cache() } else { chats });
     chats.start_relay(service::RELAY_INTERVAL);
@@ -138,11 +140,10 @@ pub struct Config {
     pub server: natter_kit::ServerArgs,
     #[command(flatten)]
     pub store: natter_db::StoreArgs,
-    // The chats service publishes nothing on the bus (the messages service
-    // announces the changes it records for it) and never connects to it: a
-    // NATS URL only says that other chats replicas may change chats too, so
-    // memberships are not cached. Still the bus options, so that deployments
-    // keep passing chats the same flags as sessions and messages.
+    // The chats service announces no events (the messages service announces
+    // the changes it records for it); on NATS it publishes the invalidation
+    // of every change it commits, for the replicas' membership caches, and
+    // keeps token introspections in a cache of its own.
     #[command(flatten)]
     pub bus: natter_bus::BusArgs,
     #[command(flatten)]
@@ -182,22 +183,31 @@ pub async fn run(
     let messages = natter_kit::Link::connect(&config.messages_url, &credential, deadline)?;
     let users = Arc::new(natter_links::Grpc(sessions.clone()));
     let only_instance = config.bus.nats_url.is_none();
+    let bus = config.bus.connect(shutdown.clone()).await?;
     let chats = open(
         &config.store.config("chats")?,
         users,
         Arc::new(natter_links::Grpc(messages)),
+        bus.clone(),
         &config.chats,
         &config.staff_user_ids,
         only_instance,
     )
     .await?;
-    let auth = Authenticator::new(Arc::new(natter_auth::GrpcVerifier::new(sessions)));
+    let verifier = natter_auth::GrpcVerifier::new(sessions);
+    let auth = match config.bus.replica_cache_ttl() {
+        Some(ttl) => {
+            Authenticator::new(Arc::new(natter_auth::CachingVerifier::new(verifier, ttl, bus.invalidator().clone())))
+        }
+        None => Authenticator::new(Arc::new(verifier)),
+    };
     let mut public = Server::new(&config.server);
     add_services(&mut public, &chats, auth).await;
     let mut internal = Server::internal(&config.server, credential);
     add_internal_services(&mut internal, &chats).await;
     natter_kit::serve::serve_split((public, listener), (internal, internal_listener), shutdown).await?;
     chats.close().await;
+    bus.close().await;
     Ok(())
 }
 
@@ -231,7 +241,7 @@ mod tests {
         fn is_send<T: Send>(_: &T) {}
         fn probe(db: &natter_db::DbConfig, args: &super::ChatsArgs, deps: super::service::Deps) {
             let (users, messages) = deps;
-            is_send(&super::open(db, users, messages, args, &[], true));
+            is_send(&super::open(db, users, messages, std::sync::Arc::new(natter_bus::Hub::new()), args, &[], true));
         }
         let _ = probe;
     }

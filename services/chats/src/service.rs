@@ -6,6 +6,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use natter_bus::EventBus;
+use natter_kit::cache::Tag;
 use natter_kit::id::{ChatId, UserId};
 use natter_kit::limits::{LOOKUP_USERS_MAX_IDS, Rate, RateLimiter};
 use natter_kit::time::{micros, now_micros};
@@ -116,6 +118,9 @@ pub struct Chats {
     /// (chat, user) -> membership, for the messages service's checks; only
     /// when this is the only chats instance (see [`Chats::with_membership_cache`]).
     cache: Option<Mutex<Cache>>,
+    /// Carries each committed change's invalidation to other replicas'
+    /// caches ([`Chats::evict`]).
+    bus: Arc<dyn EventBus>,
     /// The relay task ([`Chats::start_relay`]), if started.
     relay: Mutex<Option<tokio::task::AbortHandle>>,
     /// Server staff (--staff-user-ids): they see every chat's moderation
@@ -138,11 +143,13 @@ struct Cache {
 impl Chats {
     /// The service over `store`, reaching sessions through `users` and
     /// messages through `messages` (which also records and announces every
-    /// committed change of membership or chat details).
+    /// committed change of membership or chat details), invalidating other
+    /// replicas' cached memberships over `bus`.
     pub fn new(
         store: Arc<dyn ChatStore>,
         users: Arc<dyn UserDirectory>,
         messages: Arc<dyn MessageDirectory>,
+        bus: Arc<dyn EventBus>,
         limits: Limits,
         create_chat_rate: Rate,
     ) -> Self {
@@ -154,6 +161,7 @@ impl Chats {
             limits,
             create_rate,
             cache: None,
+            bus,
             relay: Mutex::default(),
             staff: HashSet::new(),
         }
@@ -174,20 +182,24 @@ impl Chats {
     /// Caches membership checks in memory. Correct only when every change to
     /// chats goes through this instance (the all-in-one without NATS): each
     /// change evicts the chat's entries once committed, so the cache has no
-    /// stale window. Replicas never cache.
+    /// stale window. Replicas on NATS cache in the callers instead
+    /// (`natter_links::CachingChatDirectory`, invalidated over the bus).
     pub fn with_membership_cache(mut self) -> Self {
         self.cache = Some(Mutex::new(Cache::default()));
         self
     }
 
-    /// Forgets everything cached about `chat_id` (call on every change,
-    /// after its commit).
-    fn evict(&self, chat_id: ChatId) {
+    /// Forgets everything cached about `chat_id`, here and (over the bus)
+    /// in every replica's membership cache, returning once the NATS server
+    /// has taken the invalidation (see [`EventBus::invalidate`]). Call on
+    /// every change, after its commit and before the RPC returns.
+    async fn evict(&self, chat_id: ChatId) {
         if let Some(cache) = &self.cache {
             let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
             cache.generation += 1;
             cache.entries.retain(|(chat, _), _| *chat != chat_id);
         }
+        self.bus.invalidate(vec![Tag::Chat(chat_id.uuid())]).await;
     }
 
     /// The store.
@@ -475,7 +487,7 @@ impl Chats {
             return Err(ChatsError::Denied("only the owner or an admin may do this"));
         }
         let chat = self.store.update_chat(chat.id, &update, now_micros()).await?.ok_or(ChatsError::ChatNotFound)?;
-        self.evict(chat.id);
+        self.evict(chat.id).await;
         self.deliver(chat.id).await;
         self.view(caller, ChatAccess { chat, role: Some(role) }).await
     }
@@ -492,7 +504,7 @@ impl Chats {
         let (chat, changed) =
             self.store.title_chat(chat_id, title, now_micros()).await?.ok_or(ChatsError::ChatNotFound)?;
         if changed {
-            self.evict(chat.id);
+            self.evict(chat.id).await;
             self.deliver(chat.id).await;
         }
         Ok(chat)
@@ -509,7 +521,7 @@ impl Chats {
         } else {
             chat
         };
-        self.evict(chat.id);
+        self.evict(chat.id).await;
         if changes {
             self.deliver(chat.id).await;
         }
@@ -523,7 +535,7 @@ impl Chats {
             return Err(ChatsError::Denied("only the owner may delete a chat"));
         }
         let members = self.store.delete_chat(chat.id).await?;
-        self.evict(chat.id);
+        self.evict(chat.id).await;
         // Every member's removal is recorded before the purge, so that each
         // member's streams stop following the chat.
         self.deliver(chat.id).await;
@@ -568,7 +580,7 @@ impl Chats {
             Added::Added(added) => added,
             Added::TooMany(count) => return Err(self.limits.check_members("user_ids", count).unwrap_err().into()),
         };
-        self.evict(chat.id);
+        self.evict(chat.id).await;
         if !added.is_empty() {
             self.deliver(chat.id).await;
         }
@@ -606,7 +618,7 @@ impl Chats {
             Departure::Removed
         };
         let removed = self.store.remove_member(chat.id, user_id, change, now_micros()).await?;
-        self.evict(chat.id);
+        self.evict(chat.id).await;
         if !removed {
             return Err(ChatsError::MemberNotFound(user_id.to_string()));
         }
@@ -638,7 +650,7 @@ impl Chats {
             .set_role(chat.id, user_id, role, now_micros())
             .await?
             .ok_or_else(|| ChatsError::MemberNotFound(user_id.to_string()))?;
-        self.evict(chat.id);
+        self.evict(chat.id).await;
         self.deliver(chat.id).await;
         Ok(member)
     }
@@ -969,7 +981,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteChatStore::open(&dir.path().join("chats.db"), 2, Duration::from_secs(3600)).await.unwrap();
         let messages = Arc::new(Recorder::default());
-        let chats = Chats::new(Arc::new(store), Arc::new(AnyUser), messages.clone(), limits, Rate::Off);
+        let chats = Chats::new(
+            Arc::new(store),
+            Arc::new(AnyUser),
+            messages.clone(),
+            Arc::new(natter_bus::Hub::new()),
+            limits,
+            Rate::Off,
+        );
         Harness { chats, messages, _dir: dir }
     }
 
@@ -1124,7 +1143,14 @@ mod tests {
         let messages = Arc::new(Recorder::default());
         let open = || async {
             let store = SqliteChatStore::open(&path, 2, Duration::from_secs(3600)).await.unwrap();
-            Chats::new(Arc::new(store), Arc::new(AnyUser), messages.clone(), Limits::default(), Rate::Off)
+            Chats::new(
+                Arc::new(store),
+                Arc::new(AnyUser),
+                messages.clone(),
+                Arc::new(natter_bus::Hub::new()),
+                Limits::default(),
+                Rate::Off,
+            )
         };
 
         // The process "crashes" between the commit and the call: the link is

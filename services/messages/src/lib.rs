@@ -343,10 +343,16 @@ pub async fn run(
     let sessions = natter_kit::Link::connect(&config.sessions_url, &credential, deadline)?;
     let chats = natter_kit::Link::connect(&config.chats_url, &credential, deadline)?;
     let bus = config.bus.connect(shutdown.clone()).await?;
-    let messages =
-        open(&config.store.config("messages")?, Arc::new(natter_links::Grpc(chats)), bus.clone(), &config.messages)
-            .await?;
-    let auth = Authenticator::new(Arc::new(natter_auth::GrpcVerifier::new(sessions)));
+    let (verifier, chats) = (natter_auth::GrpcVerifier::new(sessions), natter_links::Grpc(chats));
+    // Replicas on NATS keep token and membership answers, dropped by the bus.
+    let (auth, chats): (Authenticator, Arc<dyn ChatDirectory>) = match config.bus.replica_cache_ttl() {
+        Some(ttl) => (
+            Authenticator::new(Arc::new(natter_auth::CachingVerifier::new(verifier, ttl, bus.invalidator().clone()))),
+            Arc::new(natter_links::CachingChatDirectory::new(chats, ttl, bus.invalidator().clone())),
+        ),
+        None => (Authenticator::new(Arc::new(verifier)), Arc::new(chats)),
+    };
+    let messages = open(&config.store.config("messages")?, chats, bus.clone(), &config.messages).await?;
     let mut public = Server::new(&config.server);
     add_services(&mut public, &messages, auth, shutdown.clone()).await;
     let mut internal = Server::internal(&config.server, credential);

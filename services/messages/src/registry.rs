@@ -223,7 +223,7 @@ impl StreamRegistry {
                     .for_each_concurrent(CHECKS_IN_FLIGHT, |(session, token, revoked)| {
                         let auth = auth.clone();
                         async move {
-                            match auth.check(&token).await {
+                            match auth.recheck(&token).await {
                                 Ok(_) => {}
                                 Err(status) if status.code() == tonic::Code::Unauthenticated => {
                                     tracing::info!(session_id = %session, "session no longer valid; ending its streams");

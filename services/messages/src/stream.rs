@@ -229,7 +229,7 @@ pub async fn open(
                     // Revoked, or lagged behind what may be a revocation
                     // (a bot's stream has no session to check).
                     if let Some(auth) = &auth {
-                        auth.check(&token).await?;
+                        auth.recheck(&token).await?;
                     }
                     Step::default()
                 }

@@ -9,11 +9,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use natter_auth::{Authenticator, InProcessVerifier};
+use natter_auth::{Authenticator, CachingVerifier, InProcessVerifier};
 use natter_bus::EventBus;
 use natter_kit::web_page::PageSource;
 use natter_kit::{Server, ServerArgs};
-use natter_links::{Deferred, InProcess, MessageDirectory};
+use natter_links::{CachingChatDirectory, ChatDirectory, Deferred, InProcess, MessageDirectory};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -85,7 +85,14 @@ impl App {
         let sessions =
             natter_sessions::open(&args.store.config("sessions")?, bus.clone(), &args.sessions, only_instance).await?;
         let session_internal = Arc::new(natter_sessions::SessionInternalApi::new(sessions.clone()));
-        let auth = Authenticator::new(Arc::new(InProcessVerifier(session_internal.clone())));
+        // Several all-in-ones on NATS keep token and membership answers,
+        // dropped by the bus when they change (one alone keeps exact caches
+        // in the sessions and chats services instead).
+        let verifier = InProcessVerifier(session_internal.clone());
+        let auth = match args.bus.replica_cache_ttl() {
+            Some(ttl) => Authenticator::new(Arc::new(CachingVerifier::new(verifier, ttl, bus.invalidator().clone()))),
+            None => Authenticator::new(Arc::new(verifier)),
+        };
 
         // chats and messages call each other: chats gets a deferred link to
         // messages, set once messages exists.
@@ -94,19 +101,21 @@ impl App {
             &args.store.config("chats")?,
             Arc::new(InProcess(session_internal.clone())),
             to_messages.clone(),
+            bus.clone(),
             &args.chats,
             &args.messages.staff_user_ids,
             only_instance,
         )
         .await?;
         let chat_internal = Arc::new(natter_chats::ChatInternalApi::new(chats.clone()));
-        let messages = natter_messages::open(
-            &args.store.config("messages")?,
-            Arc::new(InProcess(chat_internal.clone())),
-            bus.clone(),
-            &args.messages,
-        )
-        .await?;
+        let to_chats: Arc<dyn ChatDirectory> = match args.bus.replica_cache_ttl() {
+            Some(ttl) => {
+                Arc::new(CachingChatDirectory::new(InProcess(chat_internal.clone()), ttl, bus.invalidator().clone()))
+            }
+            None => Arc::new(InProcess(chat_internal.clone())),
+        };
+        let messages =
+            natter_messages::open(&args.store.config("messages")?, to_chats, bus.clone(), &args.messages).await?;
         let message_internal = Arc::new(natter_messages::MessageInternalApi::new(messages.clone(), shutdown.clone()));
         to_messages.set(Arc::new(InProcess(message_internal.clone())));
         let assistant = natter_assistant::open(

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use natter_bus::{EventBus, Topic};
+use natter_kit::cache::Tag;
 use natter_kit::limits::RateLimiter;
 use natter_kit::time::now_micros;
 use uuid::Uuid;
@@ -85,7 +86,8 @@ impl Sessions {
     /// Caches live tokens in memory. Correct only when this instance is the
     /// one that revokes them (the all-in-one without NATS): revocation, claim
     /// and expiry are then all seen here, so the cache has no stale window.
-    /// Replicas never cache.
+    /// Replicas on NATS cache in the callers instead
+    /// (`natter_auth::CachingVerifier`, invalidated over the bus).
     pub fn with_token_cache(mut self) -> Self {
         self.cache = Some(Mutex::new(TokenCache::default()));
         self
@@ -299,11 +301,12 @@ impl Sessions {
             vec![session_id.to_owned()]
         };
         self.evict(|row| !revoked.contains(&row.id));
-        for id in revoked {
-            if let Ok(id) = Uuid::try_parse(&id) {
-                self.bus.publish(Topic::Session(id), Arc::default());
-            }
+        let revoked: Vec<Uuid> = revoked.iter().filter_map(|id| Uuid::try_parse(id).ok()).collect();
+        for id in &revoked {
+            self.bus.publish(Topic::Session(*id), Arc::default());
         }
+        // Other replicas' cached introspections go before this returns.
+        self.bus.invalidate(revoked.into_iter().map(Tag::Session).collect()).await;
         Ok(())
     }
 
@@ -318,8 +321,12 @@ impl Sessions {
         if !self.store.claim(user_id, username.as_str(), &username.key(), &new.display_name, &hash).await? {
             return Err(SessionsError::NotGuest);
         }
-        // Cached tokens of this user still say "guest".
+        // Cached tokens of this user still say "guest", here and in other
+        // replicas' caches.
         self.evict(|row| row.user_id != user_id);
+        if let Ok(user) = Uuid::try_parse(user_id) {
+            self.bus.invalidate(vec![Tag::User(user)]).await;
+        }
         self.user(user_id).await
     }
 }

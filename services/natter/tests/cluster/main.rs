@@ -8,6 +8,7 @@
 //! use; a replica is killed with SIGKILL mid-run and started again.
 
 mod assistant;
+mod caches;
 mod moderation;
 mod operate;
 mod presence;

@@ -4,7 +4,8 @@
 // origin, one person in headless Chromium: a reply streams in, is reloaded,
 // stopped mid-stream, rerun with an edited prompt, and the replaced replies
 // are listed as older versions; then, in a group with the assistant, its
-// owner has it answer every message, then none.
+// owner has it answer every message, then none, while a member who may not
+// change it watches.
 //
 //   cargo build -p natter-llm --features testing --example scripted_llm
 //   npm run build && npm run test:e2e
@@ -32,6 +33,7 @@ const llmBin = process.env.SCRIPTED_LLM_BIN
 /** What the scripted server answers to everything. */
 const REPLY = "natter is a chat backend: gRPC services for sessions, chats, messages and this assistant.";
 const ada = { name: `ada-${Math.random().toString(36).slice(2, 8)}`, password: "analytical engine" };
+const bea = { name: `bea-${Math.random().toString(36).slice(2, 8)}`, password: "difference engine" };
 
 let llm; // { proc, url }
 let dataDir;
@@ -39,8 +41,9 @@ let server;
 let staticServer;
 let browser;
 let page;
+let beaPage; // a member of ada's group, neither its owner nor an admin
 const pageErrors = [];
-const tale = story(() => [["assistant-ada", page]]);
+const tale = story(() => [["assistant-ada", page], ["assistant-bea", beaPage]]);
 const step = tale.step;
 
 /** Starts the scripted model server; it prints its base URL on its first line. */
@@ -200,24 +203,32 @@ step("after a reload the chat shows the prompt and its latest reply", async () =
 });
 
 step("in a group with the assistant, set to every message, a plain message gets a streamed reply", async () => {
+  beaPage = await newPerson(browser, pageUrlOf(staticServer, server.port), "bea", pageErrors);
+  await signUp(beaPage, bea);
   await page.fill("#new-group-title", "Team");
-  await page.fill("#new-group-members", "assistant");
+  await page.fill("#new-group-members", `assistant, ${bea.name}`);
   await page.click("#new-group");
   await page.locator("#chat-title", { hasText: "Team" }).waitFor();
   await page.locator("#assistant-replies-control").waitFor();
   assert.equal(await page.inputValue("#assistant-replies"), "mentions", "the default");
   assert.equal(await page.isEnabled("#assistant-replies"), true, "its owner may change it");
   await setAssistantReplies("all");
+  // bea sees the setting, and may not change it.
+  await chatItem(beaPage, "Team").click();
+  await beaPage.locator('#assistant-replies[data-saved="all"]').waitFor();
+  assert.equal(await beaPage.isDisabled("#assistant-replies"), true, "only the owner or an admin may change it");
   await send(page, "good morning, team");
   const prompt = await seqOf("good morning, team");
   assertPartial(await partialReply(), "the group's reply while it streams");
   await replyWith("complete").waitFor();
   assert.equal(await replyWith("complete").getAttribute("data-reply-to"), prompt);
   assert.equal(await textOf(replyWith("complete")), REPLY);
+  await beaPage.locator(`#messages .message.reply[data-reply-to="${prompt}"][data-status="complete"]`).waitFor();
 });
 
 step("set to nothing, a message gets no reply (seen once a later mention is answered)", async () => {
   await setAssistantReplies("off");
+  await beaPage.locator('#assistant-replies[data-saved="off"]').waitFor(); // live, from chat_updated
   await send(page, "nobody answers this");
   const unanswered = await seqOf("nobody answers this");
   // The assistant takes a chat's messages in order, and answers them in

@@ -3,7 +3,9 @@
 // same reply, a few characters every 40 ms), the built page from another
 // origin, one person in headless Chromium: a reply streams in, is reloaded,
 // stopped mid-stream, rerun with an edited prompt, and the replaced replies
-// are listed as older versions.
+// are listed as older versions; then, in a group with the assistant, its
+// owner has it answer every message, then none, while a member who may not
+// change it watches.
 //
 //   cargo build -p natter-llm --features testing --example scripted_llm
 //   npm run build && npm run test:e2e
@@ -21,7 +23,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import readline from "node:readline";
 import {
-  artifacts, chatItem, conversation, launchBrowser, newPerson, pageUrlOf, send, serveDist, signUp, startNatter,
+  artifacts, chatItem, conversation, escapeRe, launchBrowser, newPerson, pageUrlOf, send, serveDist, signUp, startNatter,
   stopNatter, story, waitForMessage, webDir,
 } from "./harness.mjs";
 
@@ -31,6 +33,7 @@ const llmBin = process.env.SCRIPTED_LLM_BIN
 /** What the scripted server answers to everything. */
 const REPLY = "natter is a chat backend: gRPC services for sessions, chats, messages and this assistant.";
 const ada = { name: `ada-${Math.random().toString(36).slice(2, 8)}`, password: "analytical engine" };
+const bea = { name: `bea-${Math.random().toString(36).slice(2, 8)}`, password: "difference engine" };
 
 let llm; // { proc, url }
 let dataDir;
@@ -38,8 +41,9 @@ let server;
 let staticServer;
 let browser;
 let page;
+let beaPage; // a member of ada's group, neither its owner nor an admin
 const pageErrors = [];
-const tale = story(() => [["assistant-ada", page]]);
+const tale = story(() => [["assistant-ada", page], ["assistant-bea", beaPage]]);
 const step = tale.step;
 
 /** Starts the scripted model server; it prints its base URL on its first line. */
@@ -62,6 +66,19 @@ async function startScriptedLlm() {
 const replies = () => page.locator("#messages .message.reply");
 const replyWith = (status) => page.locator(`#messages .message.reply[data-status="${status}"]`);
 const textOf = (locator) => locator.locator(".text").textContent();
+
+/** The sent message with exactly `text`, and its seq. */
+const messageWith = (text) =>
+  page.locator("#messages .message[data-seq]", { has: page.locator(".text", { hasText: new RegExp(`^${escapeRe(text)}$`) }) });
+const seqOf = (text) => messageWith(text).getAttribute("data-seq");
+/** The reply (any version) to the prompt with seq `seq`. */
+const replyTo = (seq) => page.locator(`#messages .message.reply[data-reply-to="${seq}"]`);
+
+/** Sets the open group's "Assistant answers" and waits until the server has it. */
+async function setAssistantReplies(value) {
+  await page.selectOption("#assistant-replies", value);
+  await page.locator(`#assistant-replies[data-saved="${value}"]:not([disabled])`).waitFor();
+}
 
 /** Waits for a reply being written that shows some text, and returns that text. */
 async function partialReply() {
@@ -183,6 +200,54 @@ step("after a reload the chat shows the prompt and its latest reply", async () =
     { seq: 1, text: "What is natter, in one line?" },
     { seq: 4, text: REPLY },
   ]);
+});
+
+step("in a group with the assistant, set to every message, a plain message gets a streamed reply", async () => {
+  beaPage = await newPerson(browser, pageUrlOf(staticServer, server.port), "bea", pageErrors);
+  await signUp(beaPage, bea);
+  await page.fill("#new-group-title", "Team");
+  await page.fill("#new-group-members", `assistant, ${bea.name}`);
+  await page.click("#new-group");
+  await page.locator("#chat-title", { hasText: "Team" }).waitFor();
+  await page.locator("#assistant-replies-control").waitFor();
+  assert.equal(await page.inputValue("#assistant-replies"), "mentions", "the default");
+  assert.equal(await page.isEnabled("#assistant-replies"), true, "its owner may change it");
+  await setAssistantReplies("all");
+  // bea sees the setting, and may not change it.
+  await chatItem(beaPage, "Team").click();
+  await beaPage.locator('#assistant-replies[data-saved="all"]').waitFor();
+  assert.equal(await beaPage.isDisabled("#assistant-replies"), true, "only the owner or an admin may change it");
+  await send(page, "good morning, team");
+  const prompt = await seqOf("good morning, team");
+  assertPartial(await partialReply(), "the group's reply while it streams");
+  await replyWith("complete").waitFor();
+  assert.equal(await replyWith("complete").getAttribute("data-reply-to"), prompt);
+  assert.equal(await textOf(replyWith("complete")), REPLY);
+  await beaPage.locator(`#messages .message.reply[data-reply-to="${prompt}"][data-status="complete"]`).waitFor();
+});
+
+step("set to nothing, a message gets no reply (seen once a later mention is answered)", async () => {
+  await setAssistantReplies("off");
+  await beaPage.locator('#assistant-replies[data-saved="off"]').waitFor(); // live, from chat_updated
+  await send(page, "nobody answers this");
+  const unanswered = await seqOf("nobody answers this");
+  // The assistant takes a chat's messages in order, and answers them in
+  // order: once it has answered a later one, it has passed this one over.
+  await setAssistantReplies("mentions");
+  await send(page, "@assistant but this, please");
+  const asked = await seqOf("@assistant but this, please");
+  await page.locator(`#messages .message.reply[data-reply-to="${asked}"][data-status="complete"]`).waitFor();
+  assert.equal(await replyTo(unanswered).count(), 0, "no reply to the message sent while it was off");
+  const answeredSeqs = await replies().evaluateAll((items) => items.map((li) => li.dataset.replyTo));
+  assert.deepEqual(answeredSeqs, [await seqOf("good morning, team"), asked]);
+  // As the store has it, after a reload.
+  await page.reload();
+  await page.locator("#me", { hasText: ada.name }).waitFor();
+  await chatItem(page, "Team").click();
+  await page.locator(`#messages .message.reply[data-reply-to="${asked}"]`).waitFor();
+  assert.equal(await replies().count(), 2);
+  assert.equal(await replyTo(unanswered).count(), 0);
+  assert.equal(await page.getAttribute("#assistant-replies", "data-saved"), "mentions");
 });
 
 step("no uncaught errors in the page", () => {

@@ -5,8 +5,9 @@ import { create } from "@bufbuild/protobuf";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import * as api from "./api";
 import { UserKind, type User } from "./gen/natter/sessions/v1/sessions_pb";
-import { ChatKind, LastMessageSchema, type Chat } from "./gen/natter/chats/v1/chats_pb";
+import { ChatKind, LastMessageSchema, MemberRole, type Chat } from "./gen/natter/chats/v1/chats_pb";
 import {
+  AssistantReplies,
   GenerationStatus,
   MembershipChange,
   MessageRole,
@@ -30,6 +31,8 @@ const users = new Map<string, User>(); // user id -> user
 const chats = new Map<string, Chat>(); // chat id -> chat (with preview)
 const peers = new Map<string, string>(); // direct chat id -> the other member's id
 const fetchingChats = new Map<string, Promise<void>>(); // chats being fetched after a stream event
+/** Group chats' members as this page last read them (ListMembers, when the group is opened), and our role there. */
+const groupMembers = new Map<string, { ids: string[]; role: MemberRole }>();
 /** Per chat, the newest seq delivered (list snapshot, then the stream): the resume point. */
 const lastSeq = new Map<string, bigint>();
 /**
@@ -310,7 +313,10 @@ function messageItem(m: Message, offers: Offers = {}): HTMLLIElement {
   li.dataset.seq = String(m.seq);
   li.dataset.id = m.id;
   li.dataset.testid = "message";
-  if (reply) li.dataset.status = (GenerationStatus[m.generationStatus] ?? "").toLowerCase();
+  if (reply) {
+    li.dataset.status = (GenerationStatus[m.generationStatus] ?? "").toLowerCase();
+    li.dataset.replyTo = String(m.replyToSeq);
+  }
   const meta = document.createElement("div");
   meta.className = "meta";
   const time = m.sendTime ? timestampDate(m.sendTime).toLocaleTimeString() : "";
@@ -425,11 +431,13 @@ const MENTION = /@([\p{L}\p{N}_](?:[\p{L}\p{N}_.-]*[\p{L}\p{N}_])?)/gu;
 /**
  * The ids of the users `text` mentions as `@username` (case-insensitive)
  * among the people of chat `chatId` this page knows (the other member of a
- * direct chat, and us): what SendMessage's mention_user_ids carries. The
+ * direct chat, a group's members, and us): what SendMessage's
+ * mention_user_ids carries. The
  * server keeps them with the message and counts them as mentions.
  */
 function mentionsIn(text: string, chatId: string): string[] {
-  const members = [peers.get(chatId), me?.id].flatMap((id) => (id && users.get(id) ? [users.get(id)!] : []));
+  const known = [peers.get(chatId), me?.id, ...(groupMembers.get(chatId)?.ids ?? [])];
+  const members = known.flatMap((id) => (id && users.get(id) ? [users.get(id)!] : []));
   const ids = new Set<string>();
   for (const [, name] of text.matchAll(MENTION)) {
     const user = members.find((u) => u.username.toLowerCase() === name.toLowerCase());
@@ -584,8 +592,13 @@ async function openChat(chatId: string) {
   renderChatList();
   renderMessages("bottom");
   renderTyping();
-  const res = await api.messages.listMessages({ chatId, pageSize: PAGE_SIZE, includeHistory: showHistory });
+  renderAssistantReplies();
+  const [res] = await Promise.all([
+    api.messages.listMessages({ chatId, pageSize: PAGE_SIZE, includeHistory: showHistory }),
+    chat.kind === ChatKind.GROUP ? loadGroupMembers(chatId) : Promise.resolve(),
+  ]);
   if (open !== state) return;
+  renderAssistantReplies();
   await ensureUsers(res.messages.map((m) => m.authorId));
   for (const m of res.messages) state.messages.set(m.seq, m);
   state.olderToken = res.nextPageToken;
@@ -679,6 +692,56 @@ async function send(p: Pending) {
 }
 
 // ---------------------------------------------------------------- the assistant
+
+/** The choices of a group's "Assistant answers" control, by the value of its options. */
+const REPLIES: [AssistantReplies, string][] = [
+  [AssistantReplies.MENTIONS, "mentions"],
+  [AssistantReplies.ALL, "all"],
+  [AssistantReplies.OFF, "off"],
+];
+
+/** Reads a group's members (and our role there), and their names. */
+async function loadGroupMembers(chatId: string) {
+  const ids: string[] = [];
+  let role = MemberRole.UNSPECIFIED;
+  let pageToken = "";
+  do {
+    const res = await api.chats.listMembers({ chatId, pageSize: 200, pageToken });
+    for (const m of res.members) {
+      ids.push(m.userId);
+      if (m.userId === me?.id) role = m.role;
+    }
+    pageToken = res.nextPageToken;
+  } while (pageToken && ids.length < 1000);
+  await ensureUsers(ids);
+  groupMembers.set(chatId, { ids, role });
+}
+
+/**
+ * The open group's "Assistant answers" control (its assistant_replies):
+ * shown where an assistant is a member, changeable by the owner and admins.
+ * `data-saved` holds the setting as the server last said it.
+ */
+function renderAssistantReplies() {
+  const control = el("assistant-replies-control");
+  const select = el<HTMLSelectElement>("assistant-replies");
+  const chat = open ? chats.get(open.id) : undefined;
+  const group = open ? groupMembers.get(open.id) : undefined;
+  if (!chat || chat.kind !== ChatKind.GROUP || !group || !group.ids.some(isBot)) {
+    control.hidden = true;
+    return;
+  }
+  // UNSPECIFIED reads as MENTIONS.
+  const saved = REPLIES.find(([value]) => value === chat.assistantReplies)?.[1] ?? "mentions";
+  select.value = saved;
+  select.dataset.saved = saved;
+  const manager = group.role === MemberRole.OWNER || group.role === MemberRole.ADMIN;
+  select.disabled = !manager;
+  control.title = manager
+    ? "Which messages of this group the assistant answers"
+    : "Which messages of this group the assistant answers (the owner or an admin may change it)";
+  control.hidden = false;
+}
 
 /** Opens the caller's chat with the assistant (made on first use), or says there is none. */
 async function openAssistant() {
@@ -903,7 +966,11 @@ function handleEvent(ev: StreamEventsResponse) {
       if (chat) {
         chat.title = u.title;
         chat.description = u.description;
-        if (open?.id === chatId) el("chat-title").textContent = chatName(chat);
+        if (u.updateMask?.paths.includes("assistant_replies")) chat.assistantReplies = u.assistantReplies;
+        if (open?.id === chatId) {
+          el("chat-title").textContent = chatName(chat);
+          renderAssistantReplies();
+        }
         renderChatList();
       }
       return;
@@ -928,6 +995,11 @@ function handleEvent(ev: StreamEventsResponse) {
         renderChatList();
       } else if (!chat) {
         void act(() => fetchChat(chatId));
+      } else if (open?.id === chatId && groupMembers.has(chatId)) {
+        void act(async () => {
+          await loadGroupMembers(chatId);
+          renderAssistantReplies();
+        });
       }
       return;
     }
@@ -999,6 +1071,7 @@ function closeChat() {
   el("chat-title").textContent = "Pick a chat or start one";
   closeThread();
   renderPresence();
+  renderAssistantReplies();
   el("composer-form").hidden = true;
   el("load-older").hidden = true;
   renderMessages();
@@ -1010,7 +1083,7 @@ function signOutLocally() {
   stream = null;
   api.token.clear();
   me = null;
-  for (const m of [users, chats, peers, lastSeq, lastChange, pending]) m.clear();
+  for (const m of [users, chats, peers, groupMembers, lastSeq, lastChange, pending]) m.clear();
   el("assistant-notice").hidden = true;
   closeChat();
   renderChatList();
@@ -1216,6 +1289,50 @@ el("new-chat-form").addEventListener("submit", (e) => {
     input("new-chat-username").value = "";
     await openChat(chat.id);
     await refreshPresence();
+  });
+});
+
+// A group with a title and the members named (usernames, comma or space
+// separated; `assistant` adds the assistant).
+el("new-group-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  void act(async () => {
+    const title = input("new-group-title").value.trim();
+    const names = input("new-group-members").value.split(/[\s,]+/).map((n) => n.replace(/^@/, "")).filter(Boolean);
+    if (!title || names.length === 0) return;
+    const memberIds: string[] = [];
+    for (const username of new Set(names)) {
+      const { user } = await api.sessions.getUser({ username });
+      if (!user) continue;
+      users.set(user.id, user);
+      if (user.id !== me?.id) memberIds.push(user.id);
+    }
+    const { chat } = await api.chats.createChat({ kind: ChatKind.GROUP, title, memberIds });
+    if (!chat) return;
+    addChat(chat);
+    input("new-group-title").value = "";
+    input("new-group-members").value = "";
+    await openChat(chat.id);
+  });
+});
+
+el("assistant-replies").addEventListener("change", () => {
+  const select = el<HTMLSelectElement>("assistant-replies");
+  const chatId = open?.id;
+  const wanted = REPLIES.find(([, name]) => name === select.value)?.[0];
+  if (!chatId || wanted === undefined) return;
+  select.disabled = true;
+  void act(async () => {
+    try {
+      const { chat } = await api.chats.updateChat({
+        chatId, chat: { assistantReplies: wanted }, updateMask: { paths: ["assistant_replies"] },
+      });
+      const held = chats.get(chatId);
+      if (chat && held) held.assistantReplies = chat.assistantReplies;
+    } finally {
+      select.disabled = false;
+      renderAssistantReplies();
+    }
   });
 });
 

@@ -13,7 +13,7 @@ use natter_proto::sessions::v1::{self as spb, session_service_client::SessionSer
 use tonic::Code;
 use tonic::transport::Channel;
 
-use super::{Node, authed, drop_schemas, env, free_port, user};
+use super::{Node, authed, credential_file, drop_schemas, env, free_port, shared_store, user};
 
 const ROUNDS: usize = 200;
 
@@ -50,8 +50,7 @@ async fn a_revocation_or_removal_that_returned_is_refused_by_every_replica_at_on
     };
     let prefix = format!("k{}_", uuid::Uuid::new_v4().simple());
     let secrets = tempfile::tempdir().unwrap();
-    let credential = secrets.path().join("service-credential").display().to_string();
-    std::fs::write(&credential, format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())).unwrap();
+    let credential = credential_file(secrets.path());
     // Sessions A and B, chats A and B, and one messages replica that checks
     // tokens with sessions B and memberships with chats B.
     let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
@@ -60,20 +59,15 @@ async fn a_revocation_or_removal_that_returned_is_refused_by_every_replica_at_on
     let internal_url = |p: u16| format!("http://127.0.0.1:{}", internal[&p]);
     let metrics = free_port();
     let node = |component: &str, port: u16, more: Vec<String>| {
-        let mut args = vec![
-            "--database-url".into(),
-            db.clone(),
-            "--database-schema-prefix".into(),
-            prefix.clone(),
-            "--nats-url".into(),
-            nats.clone(),
+        let mut args = shared_store(&db, &prefix, &nats);
+        args.extend([
             "--internal-listen".into(),
             format!("127.0.0.1:{}", internal[&port]),
             "--service-credential-file".into(),
             credential.clone(),
             "--cache-ttl".into(),
             "1h".into(),
-        ];
+        ]);
         args.extend(more);
         Node::start(component, port, args)
     };

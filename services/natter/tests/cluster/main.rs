@@ -8,6 +8,7 @@
 //! use; a replica is killed with SIGKILL mid-run and started again.
 
 mod assistant;
+mod assistant_replicas;
 mod caches;
 mod moderation;
 mod operate;
@@ -223,24 +224,18 @@ async fn replicas_keep_every_guarantee_through_a_crash() {
     let prefix = format!("r{}_", uuid::Uuid::new_v4().simple());
     // The shared secret the services authenticate each other's calls with.
     let secrets = tempfile::tempdir().unwrap();
-    let credential = secrets.path().join("service-credential").display().to_string();
-    std::fs::write(&credential, format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())).unwrap();
+    let credential = credential_file(secrets.path());
     let ports: Vec<u16> = (0..7).map(|_| free_port()).collect();
     // Each service replica's internal listener, which the other services call.
     let internal: BTreeMap<u16, u16> = ports[..6].iter().map(|p| (*p, free_port())).collect();
     let common = |port: u16, more: &[String]| -> Vec<String> {
-        let mut v = vec![
-            "--database-url".into(),
-            db.clone(),
-            "--database-schema-prefix".into(),
-            prefix.clone(),
-            "--nats-url".into(),
-            nats.clone(),
+        let mut v = shared_store(&db, &prefix, &nats);
+        v.extend([
             "--internal-listen".into(),
             format!("127.0.0.1:{}", internal[&port]),
             "--service-credential-file".into(),
             credential.clone(),
-        ];
+        ]);
         v.extend_from_slice(more);
         v
     };
@@ -665,6 +660,19 @@ async fn next_any(
         Ok(None) => Err(Status::cancelled("stream ended")),
         Err(s) => Err(s),
     }
+}
+
+/// Writes a fresh service credential into `dir`; its path.
+fn credential_file(dir: &std::path::Path) -> String {
+    let path = dir.join("service-credential").display().to_string();
+    std::fs::write(&path, format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())).unwrap();
+    path
+}
+
+/// The flags that put a process on the PostgreSQL schemas of `prefix` at
+/// `db` and on NATS at `nats`.
+fn shared_store(db: &str, prefix: &str, nats: &str) -> Vec<String> {
+    ["--database-url", db, "--database-schema-prefix", prefix, "--nats-url", nats].map(str::to_owned).into()
 }
 
 async fn drop_schemas(url: &str, prefix: &str) {

@@ -12,7 +12,7 @@ use natter_proto::sessions::v1::{self as spb, session_service_client::SessionSer
 use natter_testkit::otlp::{Collector, attr_int, attr_of, attr_str, describe, traceparent};
 use tonic::transport::Channel;
 
-use super::{drop_schemas, env, free_port, healthy, user};
+use super::{credential_file, drop_schemas, env, free_port, healthy, user};
 
 /// A `natter` process whose log lines (JSON, on stdout) the test reads.
 struct Proc {
@@ -330,11 +330,4 @@ async fn a_graceful_shutdown_logs_no_warning() {
     sessions.wait_line(|l| l.contains("nats"));
     assert_eq!(sessions.terminate(), Vec::<String>::new(), "no WARN or ERROR line from the split service");
     drop_schemas(&db, &prefix).await;
-}
-
-/// Writes a fresh service credential into `dir`; its path.
-fn credential_file(dir: &std::path::Path) -> String {
-    let path = dir.join("service-credential").display().to_string();
-    std::fs::write(&path, format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())).unwrap();
-    path
 }

@@ -17,6 +17,10 @@
 #   CACHE_TTL=5s (default) or 0s (the replicas' token and membership caches
 #   off: every send asks sessions and chats).
 #   CONCURRENCY="1 64" (default).
+#   SCENARIOS=ceiling,send,history: instead of the counts, one natter-bench
+#   run of these scenarios against the same deployment (JSON lines to
+#   $OUT, default /dev/stdout; its table on stderr), with history seeded
+#   through PostgreSQL; BENCH_ARGS adds natter-bench flags.
 #
 #   N=target/release/natter B=target/release/natter-bench bench/work-per-send.sh
 set -euo pipefail
@@ -63,6 +67,13 @@ cleanup() {
 trap cleanup EXIT
 for _ in $(seq 1 100); do $N health --addr 127.0.0.1:7070 2>/dev/null && break; sleep 0.2; done
 sleep 1
+if [ -n "${SCENARIOS:-}" ]; then
+  server_pid=${pid[messages]:-${pid[serve]:-}}
+  # shellcheck disable=SC2086
+  $B --target http://127.0.0.1:7070 --postgres --seed-postgres "$NATTER_DATABASE_URL" --schema ${P}messages \
+    --server-pid $server_pid --scenarios "$SCENARIOS" ${BENCH_ARGS:-} > "${OUT:-/dev/stdout}"
+  exit 0
+fi
 ticks() { awk '{print $14+$15}' /proc/$1/stat 2>/dev/null || echo 0; }
 group_ticks() { local t=0; for p in $(pgrep -x "$1" || true); do t=$((t + $(ticks $p))); done; echo $t; }
 bus_published() { curl -s 127.0.0.1:7373/metrics | awk '/^natter_bus_published_total /{print $2}'; }

@@ -61,6 +61,11 @@ pub struct EdgeArgs {
     /// How often each upstream replica's health is checked.
     #[arg(long, env = "NATTER_UPSTREAM_HEALTH_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub upstream_health_interval: Duration,
+    /// HTTP/2 connections to each upstream replica, calls spread over them
+    /// in turn: one connection is one task in the edge and in the replica,
+    /// whatever the cores
+    #[arg(long, env = "NATTER_UPSTREAM_CONNECTIONS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub upstream_connections: u16,
     /// Serve the browser page at `/` from this directory instead of the one
     /// built into the binary
     #[arg(long, env = "NATTER_WEB_DIR")]
@@ -105,7 +110,10 @@ impl Route {
 #[derive(Clone)]
 struct Forward {
     routes: Arc<[Route]>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// One client per upstream connection (each pools one HTTP/2
+    /// connection per replica), taken in turn.
+    clients: Arc<[Client<HttpConnector, Full<Bytes>>]>,
+    next_client: Arc<AtomicUsize>,
     max_request_bytes: usize,
 }
 
@@ -148,9 +156,16 @@ impl Forward {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new()).http2_only(true).build(connector);
-        // A gRPC frame header (5 bytes) on top of the largest message.
-        Ok(Self { routes: routes.into(), client, max_request_bytes: args.server.max_request_bytes + 5 })
+        let clients = (0..args.upstream_connections)
+            .map(|_| Client::builder(TokioExecutor::new()).http2_only(true).build(connector.clone()))
+            .collect();
+        Ok(Self {
+            routes: routes.into(),
+            clients,
+            next_client: Arc::default(),
+            // A gRPC frame header (5 bytes) on top of the largest message.
+            max_request_bytes: args.server.max_request_bytes + 5,
+        })
     }
 
     async fn call(self, request: Request<Body>) -> Result<Response<Body>, Infallible> {
@@ -197,7 +212,8 @@ impl Forward {
             let sent = {
                 let _entered = span.enter();
                 natter_kit::telemetry::inject_headers(attempt.headers_mut());
-                self.client.request(attempt)
+                let turn = self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+                self.clients[turn].request(attempt)
             };
             match natter_kit::client_future(span, sent).await {
                 Ok(response) => {

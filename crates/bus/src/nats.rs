@@ -7,8 +7,27 @@
 //! encoded once per publish by the publisher task. A publish goes to the local hub at
 //! once and to NATS through one publisher task (so the process's events keep
 //! their order); the connection is opened with `no_echo`, so a process never
-//! receives its own events twice. Every process subscribes to
-//! `natter.events.>` and fans what arrives out to its local subscribers.
+//! receives its own events twice.
+//!
+//! Events are routed by interest ([`Routing::Interest`], the default): a
+//! process subscribes to the subject of each topic its hub has subscribers
+//! for, from the first subscriber on, and unsubscribes `LINGER` (1 s) after
+//! the last one went (a stream that reconnects at once costs no UNSUB and
+//! SUB), plus the subjects every process needs (`natter.events.presence`).
+//! So a replica's bus traffic follows its own streams, not the whole
+//! deployment's. The router task batches what changed (one task, the
+//! changes queued meanwhile handled together). A subscription takes effect
+//! only once the server has processed the SUB, and an event published
+//! before that is not received (a stream with no later event would never
+//! notice): after each batch of SUBs the router makes one round trip to the
+//! server (a request to `natter.events.sync`, where nobody listens, answered
+//! by the server's no-responders status once it has processed everything
+//! sent before), then hints the new topics' subscribers to re-read the
+//! store. The same round trip comes before the resync after a reconnect
+//! (the client re-sends every SUB first). [`Routing::Broadcast`] subscribes
+//! to `natter.events.>` instead: every process receives every event, the
+//! behaviour before interest routing, kept to measure against
+//! (SCALING.md).
 //!
 //! At shutdown the publisher keeps going until [`EventBus::close`] (or for
 //! `CLOSE_GRACE` (5 s) after the shutdown token, whichever comes first), so the
@@ -17,25 +36,63 @@
 //!
 //! Anyone who may publish on `natter.events.>` can forge events, so a shared
 //! NATS server should require a log-in and grant that subject to natter's
-//! user only: natter logs in with a user and password ([`Credentials`]),
+//! user only (natter subscribes only under it too; its request inbox is
+//! `natter.events.inbox`): natter logs in with a user and password ([`Credentials`]),
 //! given as flags (the password in a file) or in the URL. The password never
 //! reaches a log line: the URL is stripped of it before the client sees it.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::{ConnectErrorKind, ServerAddr};
+use async_nats::{ConnectErrorKind, RequestErrorKind, ServerAddr};
 use futures::StreamExt as _;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{Event, EventBus, Hub, Shared, Subscription, Topic};
+use crate::{Event, EventBus, Hub, Interest, Shared, Subscription, Topic};
 
 /// Subject prefix of every natter event.
 const PREFIX: &str = "natter.events";
+
+/// Where the router's round trips go: a subject nobody subscribes to (with
+/// interest routing), so the server answers at once with no-responders.
+const SYNC_SUBJECT: &str = "natter.events.sync";
+
+/// The client's request inbox: under natter's subjects, so the NATS user
+/// needs no subscribe permission beyond `natter.events.>`.
+const INBOX_PREFIX: &str = "natter.events.inbox";
+
+/// The longest a round trip waits for the server's answer. It is longer
+/// only while disconnected (the reconnect resyncs anyway) or when a replica
+/// of an older build subscribes to `natter.events.>` (it receives the
+/// request and answers nothing); then the hints go out after this.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a topic stays subscribed after its last local subscriber went:
+/// a stream that reconnects within it (to this replica) costs no UNSUB, no
+/// SUB and no resync hint.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Most interest changes the router takes in one batch (one round trip).
+const ROUTER_BATCH: usize = 4096;
+
+/// Which subjects a replica subscribes to (`--nats-routing`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Routing {
+    /// Only the subjects of the topics this process has subscribers for
+    /// (and presence): a replica receives the events of its own streams.
+    #[default]
+    Interest,
+    /// Every event of the deployment (`natter.events.>`): the behaviour
+    /// before interest routing, kept to measure against it.
+    Broadcast,
+}
 
 /// How many events may wait for the publisher task before new ones are
 /// dropped (the store has them; streams fill gaps).
@@ -62,6 +119,27 @@ enum Outgoing {
 pub struct NatsBus {
     hub: Arc<Hub>,
     outbox: mpsc::Sender<Outgoing>,
+    counts: Arc<Counts>,
+}
+
+/// What one bus received and holds (the process-wide metrics add up every
+/// bus of the process; tests run several).
+#[derive(Default)]
+struct Counts {
+    received: AtomicU64,
+    subscriptions: AtomicU64,
+}
+
+impl Counts {
+    fn subscribed(&self, n: u64) {
+        self.subscriptions.fetch_add(n, Ordering::Relaxed);
+        natter_kit::metrics::bus_subscribed(n);
+    }
+
+    fn unsubscribed(&self, n: u64) {
+        self.subscriptions.fetch_sub(n, Ordering::Relaxed);
+        natter_kit::metrics::bus_unsubscribed(n);
+    }
 }
 
 /// A NATS user and its password (the server's `authorization { users }`).
@@ -130,7 +208,7 @@ pub enum ConnectError {
         error: async_nats::ConnectError,
     },
     /// The connection was set up but subscribing failed.
-    #[error("nats at {server}: cannot subscribe to {PREFIX}.>: {reason}")]
+    #[error("nats at {server}: cannot subscribe: {reason}")]
     Subscribe {
         /// The server's URL, without credentials.
         server: String,
@@ -196,6 +274,12 @@ fn subject(topic: Topic) -> String {
     }
 }
 
+/// The subjects every process subscribes to whatever streams it holds
+/// (with interest routing; broadcast takes `natter.events.>` instead).
+fn always_subjects() -> Vec<String> {
+    vec![subject(Topic::Presence)]
+}
+
 fn topic(subject: &str) -> Option<Topic> {
     let rest = subject.strip_prefix(PREFIX)?.strip_prefix('.')?;
     if rest == "presence" {
@@ -213,8 +297,9 @@ fn topic(subject: &str) -> Option<Topic> {
 
 impl NatsBus {
     /// Connects to NATS at `url` as `credentials` (or as the user and
-    /// password in `url`) and starts the publisher and subscriber tasks,
-    /// which end when `shutdown` is cancelled.
+    /// password in `url`) and starts the publisher, subscriber and (with
+    /// [`Routing::Interest`]) router tasks, which end when `shutdown` is
+    /// cancelled.
     ///
     /// While the server cannot be reached, start-up waits for it (retrying
     /// with a growing pause, logged); a refused log-in ends it at once.
@@ -226,6 +311,7 @@ impl NatsBus {
     pub async fn connect(
         url: &str,
         credentials: Option<Credentials>,
+        routing: Routing,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, ConnectError> {
         let (addr, in_url) = split_url(url)?;
@@ -239,20 +325,39 @@ impl NatsBus {
         };
         let server = addr.as_url_str().to_owned();
         let user = credentials.as_ref().map(|c| c.user.clone());
-        let hub = Arc::new(Hub::new());
-        let client = Self::first_connection(&addr, credentials.as_ref(), &hub, &shutdown).await?;
-        tracing::info!(%server, user = user.as_deref().unwrap_or("-"), "nats: connected");
-        let subscriber = match client.subscribe(format!("{PREFIX}.>")).await {
-            Ok(s) => s,
-            Err(e) => return Err(ConnectError::Subscribe { server, reason: e.to_string() }),
+        let (router, changes) = mpsc::unbounded_channel();
+        let (hub, reconnected) = match routing {
+            Routing::Interest => (Arc::new(Hub::with_interest(router)), Some(Arc::new(Notify::new()))),
+            Routing::Broadcast => (Arc::new(Hub::new()), None),
         };
-        // Send the subscription before serving. (async-nats 0.51's flush
-        // only writes it to the socket; the server may still be processing
-        // it when this returns, and an event published in that moment is
-        // missed, like any lost announcement: a stream finds the gap at the
-        // chat's next event and fills it from the store.)
-        if let Err(e) = client.flush().await {
-            tracing::warn!(error = %e, "nats: flush after subscribe failed");
+        let client = Self::first_connection(&addr, credentials.as_ref(), &hub, reconnected.as_ref(), &shutdown).await?;
+        tracing::info!(%server, user = user.as_deref().unwrap_or("-"), ?routing, "nats: connected");
+        let counts = Arc::new(Counts::default());
+        let always = match routing {
+            Routing::Interest => always_subjects(),
+            Routing::Broadcast => vec![format!("{PREFIX}.>")],
+        };
+        let mut subscribers = Vec::with_capacity(always.len());
+        for subject in always {
+            match client.subscribe(subject.clone()).await {
+                Ok(s) => subscribers.push(s),
+                Err(e) => return Err(ConnectError::Subscribe { server, reason: format!("{subject}: {e}") }),
+            }
+        }
+        counts.subscribed(subscribers.len() as u64);
+        match routing {
+            // In effect before serving: no presence beat is missed.
+            Routing::Interest => round_trip(&client).await,
+            // Sent before serving. (async-nats 0.51's flush only writes it
+            // to the socket; an event published while the server is still
+            // processing it is missed, like any lost announcement. No round
+            // trip here: every other broadcast replica would receive the
+            // request, so none would answer.)
+            Routing::Broadcast => {
+                if let Err(e) = client.flush().await {
+                    tracing::warn!(error = %e, "nats: flush after subscribe failed");
+                }
+            }
         }
         let (outbox, mut queue) = mpsc::channel::<Outgoing>(PUBLISH_QUEUE);
 
@@ -290,25 +395,46 @@ impl NatsBus {
             }
         });
 
+        if let Some(reconnected) = reconnected {
+            let router = Router {
+                client,
+                hub: hub.clone(),
+                counts: counts.clone(),
+                subscribed: HashMap::new(),
+                lingering: VecDeque::new(),
+            };
+            tokio::spawn(router.run(changes, reconnected, shutdown.clone()));
+        }
+
         let local = hub.clone();
+        let received = counts.clone();
         tokio::spawn(async move {
-            let mut subscriber = subscriber;
+            let mut subscriber = futures::stream::select_all(subscribers);
             loop {
                 let message = tokio::select! {
                     () = shutdown.cancelled() => break,
                     next = subscriber.next() => match next { Some(m) => m, None => break },
                 };
-                natter_kit::metrics::bus_received(1);
-                let Some(topic) = topic(message.subject.as_str()) else { continue };
-                match Event::from_wire(message.payload) {
-                    Ok(event) => local.fan_out(topic, Arc::new(event)),
-                    Err(e) => tracing::warn!(subject = %message.subject, error = %e, "nats: undecodable event"),
-                }
+                deliver(&local, &received, message);
             }
-            let _ = subscriber.unsubscribe().await;
+            for mut subscriber in subscriber {
+                let _ = subscriber.unsubscribe().await;
+            }
         });
 
-        Ok(Arc::new(Self { hub, outbox }))
+        Ok(Arc::new(Self { hub, outbox, counts }))
+    }
+
+    /// Events this bus received from NATS so far (for tests and
+    /// measurements; the process-wide total is `natter_bus_received_total`).
+    pub fn received(&self) -> u64 {
+        self.counts.received.load(Ordering::Relaxed)
+    }
+
+    /// NATS subscriptions this bus holds now (for tests; the process-wide
+    /// figure is `natter_bus_subscriptions`).
+    pub fn subscriptions(&self) -> u64 {
+        self.counts.subscriptions.load(Ordering::Relaxed)
     }
 
     /// Opens the client's first connection: retried while the server cannot
@@ -318,25 +444,38 @@ impl NatsBus {
         addr: &ServerAddr,
         credentials: Option<&Credentials>,
         hub: &Arc<Hub>,
+        reconnected: Option<&Arc<Notify>>,
         shutdown: &CancellationToken,
     ) -> Result<async_nats::Client, ConnectError> {
         let server = addr.as_url_str().to_owned();
         let mut pause = RETRY_FIRST;
         loop {
-            let mut options = async_nats::ConnectOptions::new().no_echo().name("natter");
+            let mut options =
+                async_nats::ConnectOptions::new().no_echo().name("natter").custom_inbox_prefix(INBOX_PREFIX);
             if let Some(c) = credentials {
                 options = options.user_and_password(c.user.clone(), c.password.clone());
             }
             let on_event = hub.clone();
+            let on_connected = reconnected.cloned();
             let stopping = shutdown.clone();
             let options = options.event_callback(move |event| {
                 let hub = on_event.clone();
+                let reconnected = on_connected.clone();
                 let stopping = stopping.clone();
                 async move {
                     match event {
-                        // Announcements may have been lost while away, or
-                        // dropped for a slow consumer: re-read the store.
-                        async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) => {
+                        // Announcements may have been lost while away: re-read
+                        // the store once the server has the re-sent SUBs (the
+                        // router's round trip), or at once (broadcast).
+                        async_nats::Event::Connected => {
+                            tracing::info!(%event, "nats: resync streams from the store");
+                            match reconnected {
+                                Some(router) => router.notify_one(),
+                                None => hub.resync(),
+                            }
+                        }
+                        // Dropped for a slow consumer: re-read the store.
+                        async_nats::Event::SlowConsumer(_) => {
                             tracing::info!(%event, "nats: resync streams from the store");
                             hub.resync();
                         }
@@ -365,6 +504,143 @@ impl NatsBus {
             }
             pause = (pause * 2).min(RETRY_MAX);
         }
+    }
+}
+
+/// Hands a message from NATS to the local subscribers of its topic.
+fn deliver(hub: &Hub, counts: &Counts, message: async_nats::Message) {
+    natter_kit::metrics::bus_received(1);
+    counts.received.fetch_add(1, Ordering::Relaxed);
+    let Some(topic) = topic(message.subject.as_str()) else { return };
+    match Event::from_wire(message.payload) {
+        Ok(event) => hub.fan_out(topic, Arc::new(event)),
+        Err(e) => tracing::warn!(subject = %message.subject, error = %e, "nats: undecodable event"),
+    }
+}
+
+/// Returns once the server has processed everything `client` sent before
+/// (its SUBs), or after [`CONFIRM_TIMEOUT`]: a request to
+/// [`SYNC_SUBJECT`], which nobody subscribes to, is answered by the
+/// server's no-responders status after what preceded it on the connection.
+/// (async-nats 0.51's `flush` only writes to the socket.)
+async fn round_trip(client: &async_nats::Client) {
+    let request = async_nats::Request::new().timeout(Some(CONFIRM_TIMEOUT));
+    match client.send_request(SYNC_SUBJECT, request).await {
+        Err(e) if e.kind() == RequestErrorKind::NoResponders => {}
+        // Someone answered: the server has handled the request all the same.
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "nats: round trip unconfirmed; resync hints go out anyway"),
+    }
+}
+
+/// Keeps the NATS subscriptions in step with the hub's topics (interest
+/// routing, module docs).
+struct Router {
+    client: async_nats::Client,
+    hub: Arc<Hub>,
+    counts: Arc<Counts>,
+    /// topic -> the task forwarding its subscription to the hub (aborting
+    /// it drops the subscriber, which unsubscribes).
+    subscribed: HashMap<Topic, tokio::task::AbortHandle>,
+    /// Topics whose last local subscriber went, in order, with when to
+    /// unsubscribe them (if nobody subscribed again by then).
+    lingering: VecDeque<(Instant, Topic)>,
+}
+
+impl Router {
+    async fn run(
+        mut self,
+        mut changes: mpsc::UnboundedReceiver<Interest>,
+        reconnected: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) {
+        let mut batch = Vec::new();
+        loop {
+            let due = self.lingering.front().map(|(at, _)| *at);
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                // Only the topics subscribed so far: the server has their
+                // re-sent SUBs after the round trip. (A topic still queued
+                // gets its hint once its own SUB is confirmed.)
+                () = reconnected.notified() => {
+                    round_trip(&self.client).await;
+                    let topics: Vec<Topic> = self.subscribed.keys().copied().collect();
+                    self.hub.resync_topics(&topics);
+                }
+                n = changes.recv_many(&mut batch, ROUTER_BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.apply(&mut batch).await;
+                }
+                () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => self.expire(),
+            }
+        }
+        for task in self.subscribed.values() {
+            task.abort();
+        }
+    }
+
+    /// Subscribes to the topics that gained a first subscriber (and have
+    /// one still), confirms with a round trip, then hints their
+    /// subscribers; topics that lost their last start lingering.
+    async fn apply(&mut self, batch: &mut Vec<Interest>) {
+        let mut fresh = HashSet::new();
+        for (topic, wanted) in batch.drain(..) {
+            if wanted {
+                if !self.subscribed.contains_key(&topic) {
+                    fresh.insert(topic);
+                }
+            } else if !fresh.remove(&topic) {
+                self.lingering.push_back((Instant::now() + LINGER, topic));
+            }
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let fresh: Vec<Topic> = fresh.into_iter().collect();
+        let mut made = 0;
+        for topic in &fresh {
+            match self.client.subscribe(subject(*topic)).await {
+                Ok(subscriber) => {
+                    let (hub, counts) = (self.hub.clone(), self.counts.clone());
+                    let task = tokio::spawn(async move {
+                        let mut subscriber = subscriber;
+                        while let Some(message) = subscriber.next().await {
+                            deliver(&hub, &counts, message);
+                        }
+                    });
+                    self.subscribed.insert(*topic, task.abort_handle());
+                    made += 1;
+                }
+                // Only once the client is closed (shutdown).
+                Err(e) => tracing::warn!(?topic, error = %e, "nats: cannot subscribe"),
+            }
+        }
+        self.counts.subscribed(made);
+        round_trip(&self.client).await;
+        self.hub.resync_topics(&fresh);
+    }
+
+    /// Unsubscribes from the topics whose linger is over and that still
+    /// have no local subscriber.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let mut ended = 0;
+        while let Some((at, topic)) = self.lingering.front().copied()
+            && at <= now
+        {
+            self.lingering.pop_front();
+            if self.hub.is_followed(topic) {
+                continue;
+            }
+            if let Some(task) = self.subscribed.remove(&topic) {
+                task.abort();
+                ended += 1;
+            }
+        }
+        self.counts.unsubscribed(ended);
     }
 }
 
@@ -441,8 +717,8 @@ mod tests {
             return;
         };
         let stop = CancellationToken::new();
-        let a = NatsBus::connect(&url, None, stop.clone()).await.unwrap();
-        let b = NatsBus::connect(&url, None, stop.clone()).await.unwrap();
+        let a = NatsBus::connect(&url, None, Routing::Interest, stop.clone()).await.unwrap();
+        let b = NatsBus::connect(&url, None, Routing::Interest, stop.clone()).await.unwrap();
         let chat = Uuid::now_v7();
         let mut on_b = b.subscribe(Topic::Chat(chat));
         let mut on_a = a.subscribe(Topic::Chat(chat));

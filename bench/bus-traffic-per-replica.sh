@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Bus traffic per replica (SCALING.md): REPLICAS (8) all-in-ones
 # (`natter serve`) on PostgreSQL (database `test` at 127.0.0.1:5432, a fresh
-# schema prefix) and NATS (:4222). Replica i holds STREAMS live streams of a
+# schema prefix) and a nats-server of the run's own (no other deployment's
+# events, presence included, are counted). Replica i holds STREAMS live streams of a
 # group chat of its own (natter-bench `fanout` against it) and that chat's
 # messages, RATE per second, are sent through replica i+1
 # (--fanout-send-target), so every delivery crosses the bus, as behind a
@@ -10,15 +11,17 @@
 # against all the events the replicas published (natter_bus_published_total,
 # presence beats included), and its NATS subscriptions mid-run
 # (natter_bus_subscriptions). Counts, not times: a debug build gives the
-# same figures. One JSON line per routing on stdout.
+# same figures. One JSON line per routing on stdout. The benches start
+# STAGGER (2) s apart and send for DURATION (30 s) each, so most of their
+# windows overlap.
 #   N=target/release/natter B=target/release/natter-bench bench/bus-traffic-per-replica.sh
 set -euo pipefail
 N=${N:-target/release/natter}
 B=${B:-target/release/natter-bench}
 R=${REPLICAS:-8}
-STREAMS=${STREAMS:-20}
+STREAMS=${STREAMS:-10}
 RATE=${RATE:-20}
-DURATION=${DURATION:-10s}
+DURATION=${DURATION:-30s}
 DB=postgres://postgres@127.0.0.1:5432/test
 dir=$(mktemp -d)
 base=$((20000 + RANDOM % 7000))
@@ -26,23 +29,28 @@ limits=(--create-session-rate 1000000000/1s --create-user-rate 1000000000/1s --c
   --send-message-rate 1000000000/1s --stream-open-rate 1000000000/1s)
 prefix=""
 pids=()
+nats_pid=""
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   if [ -n "$prefix" ]; then
     for s in sessions chats messages assistant; do
       psql -h 127.0.0.1 -U postgres -d test -qAtc "DROP SCHEMA IF EXISTS ${prefix}$s CASCADE" >/dev/null 2>&1 || true
     done
   fi
 }
-trap cleanup EXIT
+trap 'cleanup; [ -z "$nats_pid" ] || kill $nats_pid 2>/dev/null || true' EXIT
+nats_port=$((base + 300))
+${NATS_SERVER:-nats-server} -a 127.0.0.1 -p $nats_port > "$dir/nats.log" 2>&1 &
+nats_pid=$!
+sleep 0.5
 metric() {  # replica metric-name -> value (0 when absent)
   curl -s "127.0.0.1:$((base + 100 + $1))/metrics" | awk -v m="$2" '$1 == m { v = $2 } END { print v + 0 }'
 }
 start() {  # replica routing
   local port=$((base + $1))
   RUST_LOG=warn $N serve --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:$((base + 100 + $1)) \
-    --database-url $DB --database-schema-prefix "$prefix" --nats-url nats://127.0.0.1:4222 \
+    --database-url $DB --database-schema-prefix "$prefix" --database-max-connections ${POOL:-2} --nats-url nats://127.0.0.1:$nats_port \
     --nats-routing "$2" "${limits[@]}" > "$dir/serve-$2-$1.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 150); do $N health --addr 127.0.0.1:$port >/dev/null 2>&1 && return; sleep 0.2; done
@@ -61,12 +69,16 @@ for routing in broadcast interest; do
   benches=()
   for i in $(seq 0 $((R - 1))); do
     $B --target http://127.0.0.1:$((base + i)) --fanout-send-target http://127.0.0.1:$((base + (i + 1) % R)) \
-      --scenarios fanout --fanout-streams $STREAMS --fanout-rate $RATE --duration $DURATION --warmup 1s \
+      --scenarios fanout --users ${USERS:-4} --fanout-streams $STREAMS --fanout-rate $RATE --duration $DURATION --warmup 1s \
       > "$dir/bench-$routing-$i.json" 2> "$dir/bench-$routing-$i.err" &
     benches+=($!)
+    # Set-ups one after another, so the small pools (--database-max-connections
+    # POOL (2) per service: 8 replicas x 3 services x 2 stay well under
+    # PostgreSQL's max_connections, which other users share) keep up.
+    sleep ${STAGGER:-2}
   done
-  # Mid-run (streams open): each replica's NATS subscriptions.
-  sleep $(( ${DURATION%s} / 2 + 3 ))
+  # Mid-run (every bench's streams open): each replica's NATS subscriptions.
+  sleep $(( ${DURATION%s} / 2 ))
   subs=()
   for i in $(seq 0 $((R - 1))); do subs+=("$(metric $i natter_bus_subscriptions)"); done
   for b in "${benches[@]}"; do wait "$b" || { cat "$dir"/bench-$routing-*.err >&2; exit 1; }; done

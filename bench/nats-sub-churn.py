@@ -33,6 +33,13 @@ def cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def connect():
     s = socket.create_connection((HOST, int(PORT)))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -67,7 +74,9 @@ def main():
     unsub = "".join(f"UNSUB {i + 1}\r\n" for i in range(SUBS)).encode()
     rounds = []
     for _ in range(ROUNDS):
+        rss_before = rss_kib(PID)
         sub_wall, sub_cpu = timed(s, f, sub)
+        rss_held = rss_kib(PID)
         unsub_wall, unsub_cpu = timed(s, f, unsub)
         rounds.append({
             "subs": SUBS,
@@ -75,6 +84,7 @@ def main():
             "server_cpu_us_per_sub": round(sub_cpu * 1e6 / SUBS, 2),
             "unsub_per_s": round(SUBS / unsub_wall),
             "server_cpu_us_per_unsub": round(unsub_cpu * 1e6 / SUBS, 2),
+            "server_rss_growth_bytes_per_sub": round((rss_held - rss_before) * 1024 / SUBS),
         })
     # Matching cost: a publish (to a subject nobody follows) with no
     # subscriptions held, then with SUBS of them in the server's sublist.

@@ -85,7 +85,12 @@ async fn until_crossed(from: &Arc<dyn EventBus>, to: &Arc<dyn EventBus>) -> Opti
 /// Waits (within DELIVERY) for the resync hint that says `rx`'s topic is
 /// subscribed on the server now, passing over events; false if none came.
 async fn in_effect(rx: &mut natter_bus::Subscription) -> bool {
-    let deadline = tokio::time::Instant::now() + DELIVERY;
+    hinted_within(rx, DELIVERY).await
+}
+
+/// Waits up to `within` for a resync hint on `rx`, passing over events.
+async fn hinted_within(rx: &mut natter_bus::Subscription, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(Ok(e))) if e.is_hint() => return true,
@@ -415,5 +420,30 @@ async fn the_last_subscriber_going_ends_the_subscription() {
     assert!(in_effect(&mut again).await, "subscribed again, hinted again");
     a.publish(Topic::Chat(chat), event(chat, 6));
     assert_eq!(next_seq(&mut again).await, Some(6));
+    stop.cancel();
+}
+
+/// The NATS server restarts: the clients reconnect and re-send their SUBs;
+/// b's subscribers are hinted once the server has them again (the round
+/// trip after Connected), after which a's next event crosses at its first
+/// try.
+#[tokio::test]
+async fn after_a_reconnect_subscribers_are_hinted_once_their_subscriptions_are_back() {
+    let Some(mut server) = NatsServer::start().await else { return };
+    let stop = CancellationToken::new();
+    let a = natter_bus(&server, Routing::Interest, &stop).await;
+    let b = natter_bus(&server, Routing::Interest, &stop).await;
+    let (chat, on_a_side) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut on_b = b.subscribe(Topic::Chat(chat));
+    let mut on_a = a.subscribe(Topic::Chat(on_a_side));
+    assert!(in_effect(&mut on_b).await && in_effect(&mut on_a).await);
+
+    server.restart().await;
+    // Reconnecting may take a few of the client's back-off steps.
+    let reconnect = Duration::from_secs(20);
+    assert!(hinted_within(&mut on_b, reconnect).await, "b hinted after its reconnect");
+    assert!(hinted_within(&mut on_a, reconnect).await, "a reconnected too");
+    a.publish(Topic::Chat(chat), event(chat, 7));
+    assert_eq!(next_seq(&mut on_b).await, Some(7), "b's subscription was back when the hint came");
     stop.cancel();
 }

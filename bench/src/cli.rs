@@ -84,6 +84,12 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 50.0)]
     pub(crate) fanout_rate: f64,
 
+    /// Where the `fanout` sender sends: another replica on the same
+    /// database and bus than --target (which holds the streams), so every
+    /// delivery crosses the bus [default: --target].
+    #[arg(long, value_name = "URL")]
+    pub(crate) fanout_send_target: Option<String>,
+
     /// Live StreamEvents streams on the `typing` chat [default: 1000; --smoke: 10].
     #[arg(long)]
     pub(crate) typing_streams: Option<usize>,
@@ -208,6 +214,7 @@ pub(crate) struct Settings {
     pub(crate) send_concurrency: Vec<usize>,
     pub(crate) fanout_streams: usize,
     pub(crate) fanout_rate: f64,
+    pub(crate) fanout_send_target: Option<String>,
     pub(crate) typing_streams: usize,
     pub(crate) typing_rate: f64,
     pub(crate) event_streams_per_connection: usize,
@@ -248,6 +255,7 @@ impl Settings {
                 .unwrap_or_else(|| pick(smoke, vec![1, 16, 64, 256], vec![1, 16])),
             fanout_streams: args.fanout_streams.unwrap_or(pick(smoke, 1000, 10)).max(1),
             fanout_rate: args.fanout_rate.max(0.1),
+            fanout_send_target: args.fanout_send_target.clone(),
             typing_streams: args.typing_streams.unwrap_or(pick(smoke, 1000, 10)).max(1),
             typing_rate: args.typing_rate.max(0.1),
             event_streams_per_connection: args.event_streams_per_connection.max(1),

@@ -3,7 +3,9 @@
 //! before its SendMessage call; every stream that receives it records
 //! now − that time, so a delivery's latency covers the send, the commit, the
 //! bus and the stream. A group has at most 1,000 members, so with more
-//! streams than users each user holds several streams.
+//! streams than users each user holds several streams. With
+//! `--fanout-send-target` the sender sends through another replica, so
+//! every delivery crosses the bus (bench/bus-traffic-per-replica.sh).
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -103,7 +105,12 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
     let sent = Arc::new(AtomicU64::new(0));
     let measure_from = Instant::now() + s.warmup;
     let sender = f.users[0].clone();
-    let client = f.messages(0);
+    let client = match &s.fanout_send_target {
+        Some(url) => natter_proto::messages::v1::message_service_client::MessageServiceClient::new(
+            client::connect(url, 1).await?.remove(0),
+        ),
+        None => f.messages(0),
+    };
     let send = {
         let (chat, sent, prefix) = (chat.clone(), sent.clone(), prefix.clone());
         load::open_loop(s.fanout_rate, s.warmup, s.duration, ctx.target.pid, move |_| {

@@ -35,6 +35,8 @@ use prost::Message as _;
 use prost::encoding::{WireType, encode_key, encode_varint, key_len};
 use uuid::Uuid;
 
+use crate::Topic;
+
 /// Field numbers of the wire form (see the module docs).
 const CHAT_ID: u32 = 1;
 const USER_IDS: u32 = 2;
@@ -57,7 +59,8 @@ pub struct Event {
     pub change_seq: i64,
     /// What streams deliver to their clients (its `chat_id` and
     /// `change_seq` are the envelope's); `None` is a hint with nothing to deliver: re-read
-    /// the store (a chat), re-check the session (a session).
+    /// the store (a chat), re-read the user's chats (a user), re-check the
+    /// session (a session).
     pub payload: Option<StreamEventsResponse>,
     /// A replica's presence announcement (on [`Topic::Presence`](crate::Topic::Presence)),
     /// about `users`.
@@ -147,6 +150,24 @@ impl Event {
     /// lost: they re-read the store.
     pub fn hint(chat: ChatId) -> Self {
         Self { chat: Some(chat), ..Self::default() }
+    }
+
+    /// The hint that tells the subscribers of `topic` announcements may have
+    /// been lost ([`Event::is_hint`]): [`Event::hint`] for a chat, an empty
+    /// event for a user or a session; `None` for presence, which the next
+    /// heartbeats restore by themselves.
+    pub fn resync_hint(topic: Topic) -> Option<Self> {
+        match topic {
+            Topic::Chat(chat) => Some(Self::hint(ChatId(chat))),
+            Topic::User(_) | Topic::Session(_) => Some(Self::default()),
+            Topic::Presence => None,
+        }
+    }
+
+    /// Whether this is a hint, with nothing to deliver (no payload, no
+    /// presence beat): its subscribers re-read what the topic is about.
+    pub fn is_hint(&self) -> bool {
+        self.payload.is_none() && self.beat.is_none()
     }
 
     /// The same event, also concerning `user`.

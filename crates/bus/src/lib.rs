@@ -19,21 +19,22 @@
 //! last one to go drops it, so streams that come and go leave nothing behind.
 //!
 //! Two implementations: [`Hub`] (one process: the all-in-one) and
-//! [`NatsBus`] (replicas: core NATS carries each event to every other
-//! process, whose own hub fans it out). Core NATS, not JetStream: the store
-//! already keeps every event durably, so the bus needs no persistence of its
-//! own; what it loses (a reconnect, a slow consumer) is announced locally as
-//! a resync hint, and streams re-read the store.
+//! [`NatsBus`] (replicas: core NATS carries each event to the processes with
+//! subscribers of its topic, whose own hub fans it out). Core NATS, not
+//! JetStream: the store already keeps every event durably, so the bus needs
+//! no persistence of its own; what it loses (a reconnect, a slow consumer,
+//! the moment before a new subscription takes effect) is announced locally
+//! as a resync hint, and streams re-read the store.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 
 use futures::{Stream, StreamExt as _};
 use natter_kit::cache::{Invalidator, Tag};
-use natter_kit::id::ChatId;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::BroadcastStream;
 use uuid::Uuid;
 
@@ -123,11 +124,37 @@ pub trait EventBus: Send + Sync + 'static {
     fn invalidate(&self, tags: Vec<Tag>) -> futures::future::BoxFuture<'_, ()>;
 }
 
-type Topics = Mutex<HashMap<Topic, broadcast::Sender<Shared>>>;
+/// A change of this process's interest in a topic: `(topic, true)` when
+/// its first subscriber came, `(topic, false)` when its last went. Sent
+/// while the hub's map is locked, so they arrive in the order the map
+/// changed and the last one about a topic is its state now.
+pub(crate) type Interest = (Topic, bool);
 
-fn lock(topics: &Topics) -> MutexGuard<'_, HashMap<Topic, broadcast::Sender<Shared>>> {
-    // The map stays consistent whatever panicked while holding it.
-    topics.lock().unwrap_or_else(|p| p.into_inner())
+type Channels = HashMap<Topic, broadcast::Sender<Shared>>;
+
+/// The hub's topics, and who hears when one comes or goes.
+#[derive(Default)]
+struct Topics {
+    channels: Mutex<Channels>,
+    /// The NATS bus's router ([`NatsBus`] with interest routing); none in
+    /// one process.
+    interest: Option<mpsc::UnboundedSender<Interest>>,
+}
+
+impl Topics {
+    fn lock(&self) -> MutexGuard<'_, Channels> {
+        // The map stays consistent whatever panicked while holding it.
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells the router (if any) that `topic` gained or lost its last
+    /// subscriber; called with the map locked.
+    fn interest(&self, topic: Topic, wanted: bool) {
+        if let Some(router) = &self.interest {
+            // Fails only once the router has stopped (shutdown).
+            let _ = router.send((topic, wanted));
+        }
+    }
 }
 
 /// In-process fan-out: one broadcast channel per topic with subscribers,
@@ -141,7 +168,7 @@ impl Default for Hub {
     /// An empty hub whose caches are live: in one process every change is
     /// invalidated synchronously.
     fn default() -> Self {
-        Self::with_invalidator(Invalidator::new(true))
+        Self { topics: Arc::default(), invalidator: Invalidator::new(true) }
     }
 }
 
@@ -208,8 +235,8 @@ impl Stream for Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let Some(topics) = self.hub.upgrade() else { return };
-        let mut topics = lock(&topics);
+        let Some(hub) = self.hub.upgrade() else { return };
+        let mut topics = hub.lock();
         // The receiver goes while the map is locked: a concurrent subscribe
         // (which takes the lock too) either came before and keeps the
         // channel alive, or comes after and finds no entry and makes a new
@@ -217,6 +244,7 @@ impl Drop for Subscription {
         drop(self.events.take());
         if topics.get(&self.topic).is_some_and(|sender| sender.receiver_count() == 0) {
             topics.remove(&self.topic);
+            hub.interest(self.topic, false);
         }
     }
 }
@@ -227,31 +255,56 @@ impl Hub {
         Self::default()
     }
 
-    /// An empty hub feeding `invalidator` (the [`NatsBus`]'s, live only
-    /// while connected).
-    pub fn with_invalidator(invalidator: Arc<Invalidator>) -> Self {
-        Self { topics: Arc::default(), invalidator }
+    /// A hub that tells `router` whenever a topic gains its first
+    /// subscriber or loses its last ([`Interest`]): the NATS bus subscribes
+    /// to what this process's streams follow.
+    pub(crate) fn with_interest(router: mpsc::UnboundedSender<Interest>) -> Self {
+        Self { topics: Arc::new(Topics { channels: Mutex::default(), interest: Some(router) }), ..Self::default() }
     }
 
-    /// Tells every local subscriber of every chat topic to re-read the store
-    /// ([`Event::hint`]): announcements may have been lost.
+    /// This hub feeding `invalidator` instead (the [`NatsBus`]'s, live only
+    /// while connected).
+    pub fn with_invalidator(self, invalidator: Arc<Invalidator>) -> Self {
+        Self { invalidator, ..self }
+    }
+
+    /// Tells every local subscriber of every chat, user and session topic
+    /// that announcements may have been lost ([`Event::resync_hint`]):
+    /// streams re-read the store, their user's chats and their session.
     pub fn resync(&self) {
-        let topics = lock(&self.topics);
+        let topics = self.topics.lock();
         for (topic, sender) in topics.iter() {
-            if let Topic::Chat(chat) = topic {
-                let _ = sender.send(Arc::new(Event::hint(ChatId(*chat))));
+            if let Some(hint) = Event::resync_hint(*topic) {
+                let _ = sender.send(Arc::new(hint));
             }
         }
     }
 
+    /// The same as [`Hub::resync`] for `topics` only (those without local
+    /// subscribers are passed over): their subscription has just taken
+    /// effect, and what was published before it did was not received.
+    pub(crate) fn resync_topics(&self, topics: &[Topic]) {
+        let channels = self.topics.lock();
+        for topic in topics {
+            if let (Some(sender), Some(hint)) = (channels.get(topic), Event::resync_hint(*topic)) {
+                let _ = sender.send(Arc::new(hint));
+            }
+        }
+    }
+
+    /// Whether `topic` has a local subscriber now.
+    pub(crate) fn is_followed(&self, topic: Topic) -> bool {
+        self.topics.lock().contains_key(&topic)
+    }
+
     /// Number of topics with a channel (for tests and metrics).
     pub fn topic_count(&self) -> usize {
-        lock(&self.topics).len()
+        self.topics.lock().len()
     }
 
     /// Delivers `event` to this process's subscribers of `topic`.
     fn fan_out(&self, topic: Topic, event: Shared) {
-        let topics = lock(&self.topics);
+        let topics = self.topics.lock();
         if let Some(sender) = topics.get(&topic) {
             // Fails only without receivers, which the last subscription's
             // drop has already cleaned up.
@@ -261,8 +314,15 @@ impl Hub {
 
     /// A subscription to `topic` on this hub.
     fn subscribe_local(&self, topic: Topic) -> Subscription {
-        let receiver =
-            lock(&self.topics).entry(topic).or_insert_with(|| broadcast::channel(topic.capacity()).0).subscribe();
+        let mut topics = self.topics.lock();
+        let receiver = match topics.entry(topic) {
+            Entry::Occupied(entry) => entry.get().subscribe(),
+            Entry::Vacant(entry) => {
+                let receiver = entry.insert(broadcast::channel(topic.capacity()).0).subscribe();
+                self.topics.interest(topic, true);
+                receiver
+            }
+        };
         Subscription { topic, hub: Arc::downgrade(&self.topics), events: Some(Receiving::Receiver(receiver)) }
     }
 }
@@ -296,7 +356,7 @@ impl EventBus for Hub {
 }
 
 mod nats;
-pub use nats::{ConnectError, Credentials, NatsBus, redact_url, split_url};
+pub use nats::{ConnectError, Credentials, NatsBus, Routing, redact_url, split_url};
 
 /// Command-line options that choose the bus.
 ///
@@ -319,6 +379,13 @@ pub struct BusArgs {
     /// start-up
     #[arg(long, env = "NATTER_NATS_PASSWORD_FILE", value_name = "PATH", requires = "nats_user")]
     pub nats_password_file: Option<std::path::PathBuf>,
+    /// Which events this process receives from NATS: interest (those of the
+    /// chats, users and sessions its streams follow, subscribed to one
+    /// subject each, and presence) or broadcast (every event of the
+    /// deployment, on natter.events.>; the behaviour before interest
+    /// routing, kept to measure against)
+    #[arg(long, env = "NATTER_NATS_ROUTING", value_enum, default_value_t = Routing::Interest)]
+    pub nats_routing: Routing,
     /// With --nats-url: how long a replica answers token and membership
     /// checks from memory; the bus drops an entry at once when its session
     /// is revoked or its chat changes, this bounds what a lost invalidation
@@ -333,6 +400,7 @@ impl std::fmt::Debug for BusArgs {
             .field("nats_url", &self.nats_url.as_deref().map(redact_url))
             .field("nats_user", &self.nats_user)
             .field("nats_password_file", &self.nats_password_file)
+            .field("nats_routing", &self.nats_routing)
             .field("cache_ttl", &self.cache_ttl)
             .finish()
     }
@@ -364,7 +432,7 @@ impl BusArgs {
             (None, Some(_)) => return Err(ConnectError::Options("--nats-password-file needs --nats-user")),
         };
         match &self.nats_url {
-            Some(url) => Ok(NatsBus::connect(url, credentials, shutdown).await?),
+            Some(url) => Ok(NatsBus::connect(url, credentials, self.nats_routing, shutdown).await?),
             None if credentials.is_some() => Err(ConnectError::Options("--nats-user needs --nats-url")),
             None => Ok(Arc::new(Hub::new())),
         }

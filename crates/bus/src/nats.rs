@@ -7,8 +7,27 @@
 //! encoded once per publish by the publisher task. A publish goes to the local hub at
 //! once and to NATS through one publisher task (so the process's events keep
 //! their order); the connection is opened with `no_echo`, so a process never
-//! receives its own events twice. Every process subscribes to
-//! `natter.events.>` and fans what arrives out to its local subscribers.
+//! receives its own events twice.
+//!
+//! Events are routed by interest ([`Routing::Interest`], the default): a
+//! process subscribes to the subject of each topic its hub has subscribers
+//! for, from the first subscriber on, and unsubscribes `LINGER` (1 s) after
+//! the last one went (a stream that reconnects at once costs no UNSUB and
+//! SUB), plus the subjects every process needs (`natter.events.presence`).
+//! So a replica's bus traffic follows its own streams, not the whole
+//! deployment's. The router task batches what changed (one task, the
+//! changes queued meanwhile handled together). A subscription takes effect
+//! only once the server has processed the SUB, and an event published
+//! before that is not received (a stream with no later event would never
+//! notice): after each batch of SUBs the router makes one round trip to the
+//! server (a request to `natter.events.sync`, where nobody listens, answered
+//! by the server's no-responders status once it has processed everything
+//! sent before), then hints the new topics' subscribers to re-read the
+//! store. The same round trip comes before the resync after a reconnect
+//! (the client re-sends every SUB first). [`Routing::Broadcast`] subscribes
+//! to `natter.events.>` instead: every process receives every event, the
+//! behaviour before interest routing, kept to measure against
+//! (SCALING.md).
 //!
 //! Cache invalidations ([`EventBus::invalidate`]) go on
 //! `natter.caches.invalidate` straight from the caller, which then waits for
@@ -28,26 +47,28 @@
 //!
 //! Anyone who may publish on `natter.events.>` can forge events, so a shared
 //! NATS server should require a log-in and grant that subject to natter's
-//! user only: natter logs in with a user and password ([`Credentials`]),
+//! user only (natter subscribes only under it too; its request inbox is
+//! `natter.events.inbox`): natter logs in with a user and password ([`Credentials`]),
 //! given as flags (the password in a file) or in the URL. The password never
 //! reaches a log line: the URL is stripped of it before the client sees it.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::{ConnectErrorKind, ServerAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use futures::{FutureExt as _, StreamExt as _};
+use async_nats::{ConnectErrorKind, RequestErrorKind, ServerAddr};
+use futures::FutureExt as _;
+use futures::StreamExt as _;
+use natter_kit::cache::{Invalidator, Tag};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use natter_kit::cache::{Invalidator, Tag};
-
-use crate::{Event, EventBus, Hub, Shared, Subscription, Topic};
+use crate::{Event, EventBus, Hub, Interest, Shared, Subscription, Topic};
 
 /// Subject prefix of every natter event.
 const PREFIX: &str = "natter.events";
@@ -69,6 +90,40 @@ const BARRIER_WAIT: Duration = Duration::from_secs(2);
 /// Longest wait for a cache hit's sync; past it the look-up asks the owning
 /// service instead.
 const SYNC_WAIT: Duration = Duration::from_millis(250);
+
+/// Where the router's round trips go: a subject nobody subscribes to (with
+/// interest routing), so the server answers at once with no-responders.
+const SYNC_SUBJECT: &str = "natter.events.sync";
+
+/// The client's request inbox: under natter's subjects, so the NATS user
+/// needs no subscribe permission beyond `natter.events.>`.
+const INBOX_PREFIX: &str = "natter.events.inbox";
+
+/// The longest a round trip waits for the server's answer. It is longer
+/// only while disconnected (the reconnect resyncs anyway) or when a replica
+/// of an older build subscribes to `natter.events.>` (it receives the
+/// request and answers nothing); then the hints go out after this.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a topic stays subscribed after its last local subscriber went:
+/// a stream that reconnects within it (to this replica) costs no UNSUB, no
+/// SUB and no resync hint.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Most interest changes the router takes in one batch (one round trip).
+const ROUTER_BATCH: usize = 4096;
+
+/// Which subjects a replica subscribes to (`--nats-routing`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Routing {
+    /// Only the subjects of the topics this process has subscribers for
+    /// (and presence): a replica receives the events of its own streams.
+    #[default]
+    Interest,
+    /// Every event of the deployment (`natter.events.>`): the behaviour
+    /// before interest routing, kept to measure against it.
+    Broadcast,
+}
 
 /// How many events may wait for the publisher task before new ones are
 /// dropped (the store has them; streams fill gaps).
@@ -95,50 +150,28 @@ enum Outgoing {
 pub struct NatsBus {
     hub: Arc<Hub>,
     outbox: mpsc::Sender<Outgoing>,
+    counts: Arc<Counts>,
     /// For invalidations, which are published and confirmed by the caller.
     client: async_nats::Client,
 }
 
-/// Waits until the NATS server has processed everything `client` sent
-/// before: a request to a subject nobody subscribes to, which the server
-/// answers with its no-responders status in order (so every message the
-/// server had for this client by then has arrived before the answer).
-/// False when it could not tell within `wait` (disconnected, no
-/// permission).
-async fn barrier(client: &async_nats::Client, wait: Duration) -> bool {
-    let subject = format!("{BARRIER_PREFIX}.{}", Uuid::now_v7());
-    match tokio::time::timeout(wait, client.request(subject, bytes::Bytes::new())).await {
-        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => true,
-        Ok(Ok(_)) => true,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "nats: barrier request failed");
-            false
-        }
-        Err(_) => {
-            tracing::warn!(?wait, "nats: barrier request not answered");
-            false
-        }
-    }
+/// What one bus received and holds (the process-wide metrics add up every
+/// bus of the process; tests run several).
+#[derive(Default)]
+struct Counts {
+    received: AtomicU64,
+    subscriptions: AtomicU64,
 }
 
-/// Makes the caches live again after each (re)connection or slow-consumer
-/// notice in `events`, once the server has confirmed the subscriptions the
-/// client re-sent (so no invalidation published from then on is missed).
-async fn keep_caches_live(
-    client: async_nats::Client,
-    invalidator: Arc<Invalidator>,
-    mut events: mpsc::UnboundedReceiver<()>,
-) {
-    while events.recv().await.is_some() {
-        // Several notices at once need one barrier.
-        while events.try_recv().is_ok() {}
-        let confirmed = barrier(&client, BARRIER_WAIT).await;
-        if client.connection_state() == async_nats::connection::State::Connected {
-            if !confirmed {
-                tracing::warn!("nats: caches live again without the server's confirmation");
-            }
-            invalidator.set_live(true);
-        }
+impl Counts {
+    fn subscribed(&self, n: u64) {
+        self.subscriptions.fetch_add(n, Ordering::Relaxed);
+        natter_kit::metrics::bus_subscribed(n);
+    }
+
+    fn unsubscribed(&self, n: u64) {
+        self.subscriptions.fetch_sub(n, Ordering::Relaxed);
+        natter_kit::metrics::bus_unsubscribed(n);
     }
 }
 
@@ -208,7 +241,7 @@ pub enum ConnectError {
         error: async_nats::ConnectError,
     },
     /// The connection was set up but subscribing failed.
-    #[error("nats at {server}: cannot subscribe to {PREFIX}.>: {reason}")]
+    #[error("nats at {server}: cannot subscribe: {reason}")]
     Subscribe {
         /// The server's URL, without credentials.
         server: String,
@@ -274,6 +307,12 @@ fn subject(topic: Topic) -> String {
     }
 }
 
+/// The subjects every process subscribes to whatever streams it holds
+/// (with interest routing; broadcast takes `natter.events.>` instead).
+fn always_subjects() -> Vec<String> {
+    vec![subject(Topic::Presence)]
+}
+
 fn topic(subject: &str) -> Option<Topic> {
     let rest = subject.strip_prefix(PREFIX)?.strip_prefix('.')?;
     if rest == "presence" {
@@ -286,6 +325,49 @@ fn topic(subject: &str) -> Option<Topic> {
         "user" => Some(Topic::User(id)),
         "session" => Some(Topic::Session(id)),
         _ => None,
+    }
+}
+
+/// Waits until the NATS server has processed everything `client` sent
+/// before: a request to a subject nobody subscribes to, which the server
+/// answers with its no-responders status in order (so every message the
+/// server had for this client by then has arrived before the answer).
+/// False when it could not tell within `wait` (disconnected, no
+/// permission).
+async fn barrier(client: &async_nats::Client, wait: Duration) -> bool {
+    let subject = format!("{BARRIER_PREFIX}.{}", Uuid::now_v7());
+    match tokio::time::timeout(wait, client.request(subject, bytes::Bytes::new())).await {
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => true,
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "nats: barrier request failed");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(?wait, "nats: barrier request not answered");
+            false
+        }
+    }
+}
+
+/// Makes the caches live again after each (re)connection or slow-consumer
+/// notice in `events`, once the server has confirmed the subscriptions the
+/// client re-sent (so no invalidation published from then on is missed).
+async fn keep_caches_live(
+    client: async_nats::Client,
+    invalidator: Arc<Invalidator>,
+    mut events: mpsc::UnboundedReceiver<()>,
+) {
+    while events.recv().await.is_some() {
+        // Several notices at once need one barrier.
+        while events.try_recv().is_ok() {}
+        let confirmed = barrier(&client, BARRIER_WAIT).await;
+        if client.connection_state() == async_nats::connection::State::Connected {
+            if !confirmed {
+                tracing::warn!("nats: caches live again without the server's confirmation");
+            }
+            invalidator.set_live(true);
+        }
     }
 }
 
@@ -387,8 +469,9 @@ impl Syncer {
 
 impl NatsBus {
     /// Connects to NATS at `url` as `credentials` (or as the user and
-    /// password in `url`) and starts the publisher and subscriber tasks,
-    /// which end when `shutdown` is cancelled.
+    /// password in `url`) and starts the publisher, subscriber and (with
+    /// [`Routing::Interest`]) router tasks, which end when `shutdown` is
+    /// cancelled.
     ///
     /// While the server cannot be reached, start-up waits for it (retrying
     /// with a growing pause, logged); a refused log-in ends it at once.
@@ -400,6 +483,7 @@ impl NatsBus {
     pub async fn connect(
         url: &str,
         credentials: Option<Credentials>,
+        routing: Routing,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, ConnectError> {
         let (addr, in_url) = split_url(url)?;
@@ -413,33 +497,55 @@ impl NatsBus {
         };
         let server = addr.as_url_str().to_owned();
         let user = credentials.as_ref().map(|c| c.user.clone());
-        // Caches stay off until the subscription below is confirmed.
-        let hub = Arc::new(Hub::with_invalidator(Invalidator::new(false)));
-        let (reconnected, reconnections) = mpsc::unbounded_channel();
-        let client = Self::first_connection(&addr, credentials.as_ref(), &hub, &reconnected, &shutdown).await?;
-        tracing::info!(%server, user = user.as_deref().unwrap_or("-"), "nats: connected");
-        let subscriber = match client.subscribe(format!("{PREFIX}.>")).await {
-            Ok(s) => s,
-            Err(e) => return Err(ConnectError::Subscribe { server, reason: e.to_string() }),
+        let (router, changes) = mpsc::unbounded_channel();
+        // Caches stay off until the invalidation subscription is confirmed.
+        let (hub, reconnected) = match routing {
+            Routing::Interest => (Hub::with_interest(router), Some(Arc::new(Notify::new()))),
+            Routing::Broadcast => (Hub::new(), None),
         };
-        // Send the subscription before serving. (async-nats 0.51's flush
-        // only writes it to the socket; the server may still be processing
-        // it when this returns, and an event published in that moment is
-        // missed, like any lost announcement: a stream finds the gap at the
-        // chat's next event and fills it from the store.)
-        if let Err(e) = client.flush().await {
-            tracing::warn!(error = %e, "nats: flush after subscribe failed");
+        let hub = Arc::new(hub.with_invalidator(Invalidator::new(false)));
+        let (caches_back, caches_notices) = mpsc::unbounded_channel();
+        let client =
+            Self::first_connection(&addr, credentials.as_ref(), &hub, reconnected.as_ref(), &caches_back, &shutdown)
+                .await?;
+        tracing::info!(%server, user = user.as_deref().unwrap_or("-"), ?routing, "nats: connected");
+        let counts = Arc::new(Counts::default());
+        let always = match routing {
+            Routing::Interest => always_subjects(),
+            Routing::Broadcast => vec![format!("{PREFIX}.>")],
+        };
+        let mut subscribers = Vec::with_capacity(always.len());
+        for subject in always {
+            match client.subscribe(subject.clone()).await {
+                Ok(s) => subscribers.push(s),
+                Err(e) => return Err(ConnectError::Subscribe { server, reason: format!("{subject}: {e}") }),
+            }
         }
-        // The first connection's notice is queued already: the caches go
-        // live once the server confirms the subscription.
-        tokio::spawn(keep_caches_live(client.clone(), hub.invalidator().clone(), reconnections));
         let invalidations = match client.subscribe(INVALIDATE_SUBJECT).await {
             Ok(s) => s,
-            Err(e) => return Err(ConnectError::Subscribe { server, reason: e.to_string() }),
+            Err(e) => return Err(ConnectError::Subscribe { server, reason: format!("{INVALIDATE_SUBJECT}: {e}") }),
         };
+        counts.subscribed(subscribers.len() as u64 + 1);
+        // The first connection's notice is queued already: the caches go
+        // live once the server confirms the subscriptions.
+        tokio::spawn(keep_caches_live(client.clone(), hub.invalidator().clone(), caches_notices));
         let (drains, drain_requests) = mpsc::channel(16);
         tokio::spawn(apply_invalidations(invalidations, hub.invalidator().clone(), drain_requests, shutdown.clone()));
         hub.invalidator().set_sync(Syncer::start(client.clone(), drains, shutdown.clone()));
+        match routing {
+            // In effect before serving: no presence beat is missed.
+            Routing::Interest => round_trip(&client).await,
+            // Sent before serving. (async-nats 0.51's flush only writes it
+            // to the socket; an event published while the server is still
+            // processing it is missed, like any lost announcement. No round
+            // trip here: every other broadcast replica would receive the
+            // request, so none would answer.)
+            Routing::Broadcast => {
+                if let Err(e) = client.flush().await {
+                    tracing::warn!(error = %e, "nats: flush after subscribe failed");
+                }
+            }
+        }
         let (outbox, mut queue) = mpsc::channel::<Outgoing>(PUBLISH_QUEUE);
 
         let publisher = client.clone();
@@ -476,25 +582,46 @@ impl NatsBus {
             }
         });
 
+        if let Some(reconnected) = reconnected {
+            let router = Router {
+                client: client.clone(),
+                hub: hub.clone(),
+                counts: counts.clone(),
+                subscribed: HashMap::new(),
+                lingering: VecDeque::new(),
+            };
+            tokio::spawn(router.run(changes, reconnected, shutdown.clone()));
+        }
+
         let local = hub.clone();
+        let received = counts.clone();
         tokio::spawn(async move {
-            let mut subscriber = subscriber;
+            let mut subscriber = futures::stream::select_all(subscribers);
             loop {
                 let message = tokio::select! {
                     () = shutdown.cancelled() => break,
                     next = subscriber.next() => match next { Some(m) => m, None => break },
                 };
-                natter_kit::metrics::bus_received(1);
-                let Some(topic) = topic(message.subject.as_str()) else { continue };
-                match Event::from_wire(message.payload) {
-                    Ok(event) => local.fan_out(topic, Arc::new(event)),
-                    Err(e) => tracing::warn!(subject = %message.subject, error = %e, "nats: undecodable event"),
-                }
+                deliver(&local, &received, message);
             }
-            let _ = subscriber.unsubscribe().await;
+            for mut subscriber in subscriber {
+                let _ = subscriber.unsubscribe().await;
+            }
         });
 
-        Ok(Arc::new(Self { hub, outbox, client }))
+        Ok(Arc::new(Self { hub, outbox, counts, client }))
+    }
+
+    /// Events this bus received from NATS so far (for tests and
+    /// measurements; the process-wide total is `natter_bus_received_total`).
+    pub fn received(&self) -> u64 {
+        self.counts.received.load(Ordering::Relaxed)
+    }
+
+    /// NATS subscriptions this bus holds now (for tests; the process-wide
+    /// figure is `natter_bus_subscriptions`).
+    pub fn subscriptions(&self) -> u64 {
+        self.counts.subscriptions.load(Ordering::Relaxed)
     }
 
     /// Opens the client's first connection: retried while the server cannot
@@ -504,40 +631,57 @@ impl NatsBus {
         addr: &ServerAddr,
         credentials: Option<&Credentials>,
         hub: &Arc<Hub>,
-        reconnected: &mpsc::UnboundedSender<()>,
+        reconnected: Option<&Arc<Notify>>,
+        caches_back: &mpsc::UnboundedSender<()>,
         shutdown: &CancellationToken,
     ) -> Result<async_nats::Client, ConnectError> {
         let server = addr.as_url_str().to_owned();
         let mut pause = RETRY_FIRST;
         loop {
-            let mut options = async_nats::ConnectOptions::new().no_echo().name("natter");
+            let mut options =
+                async_nats::ConnectOptions::new().no_echo().name("natter").custom_inbox_prefix(INBOX_PREFIX);
             if let Some(c) = credentials {
                 options = options.user_and_password(c.user.clone(), c.password.clone());
             }
             let on_event = hub.clone();
+            let on_connected = reconnected.cloned();
             let stopping = shutdown.clone();
-            let reconnected = reconnected.clone();
+            let caches_back = caches_back.clone();
             let options = options.event_callback(move |event| {
                 let hub = on_event.clone();
+                let reconnected = on_connected.clone();
                 let stopping = stopping.clone();
-                let reconnected = reconnected.clone();
+                let caches_back = caches_back.clone();
                 async move {
-                    match event {
-                        // Announcements may have been lost while away, or
-                        // dropped for a slow consumer: re-read the store,
-                        // and drop cached answers that an invalidation lost
-                        // with them would have dropped.
-                        async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) => {
-                            tracing::info!(%event, "nats: resync streams from the store");
-                            hub.invalidator().set_live(false);
-                            let _ = reconnected.send(());
-                            hub.resync();
+                    // Invalidations may be missed while away or dropped for
+                    // a slow consumer: caches are off (and cleared) until a
+                    // barrier confirms the re-sent subscriptions.
+                    if matches!(
+                        event,
+                        async_nats::Event::Connected
+                            | async_nats::Event::SlowConsumer(_)
+                            | async_nats::Event::Disconnected
+                    ) {
+                        hub.invalidator().set_live(false);
+                        if !matches!(event, async_nats::Event::Disconnected) {
+                            let _ = caches_back.send(());
                         }
-                        // Invalidations are missed while away: answer from
-                        // the owning services until connected again.
-                        async_nats::Event::Disconnected => {
-                            tracing::warn!(%event, "nats: caches off until reconnected");
-                            hub.invalidator().set_live(false);
+                    }
+                    match event {
+                        // Announcements may have been lost while away: re-read
+                        // the store once the server has the re-sent SUBs (the
+                        // router's round trip), or at once (broadcast).
+                        async_nats::Event::Connected => {
+                            tracing::info!(%event, "nats: resync streams from the store");
+                            match reconnected {
+                                Some(router) => router.notify_one(),
+                                None => hub.resync(),
+                            }
+                        }
+                        // Dropped for a slow consumer: re-read the store.
+                        async_nats::Event::SlowConsumer(_) => {
+                            tracing::info!(%event, "nats: resync streams from the store");
+                            hub.resync();
                         }
                         // The connection closed because the process is
                         // shutting down: expected, not a warning.
@@ -564,6 +708,143 @@ impl NatsBus {
             }
             pause = (pause * 2).min(RETRY_MAX);
         }
+    }
+}
+
+/// Hands a message from NATS to the local subscribers of its topic.
+fn deliver(hub: &Hub, counts: &Counts, message: async_nats::Message) {
+    natter_kit::metrics::bus_received(1);
+    counts.received.fetch_add(1, Ordering::Relaxed);
+    let Some(topic) = topic(message.subject.as_str()) else { return };
+    match Event::from_wire(message.payload) {
+        Ok(event) => hub.fan_out(topic, Arc::new(event)),
+        Err(e) => tracing::warn!(subject = %message.subject, error = %e, "nats: undecodable event"),
+    }
+}
+
+/// Returns once the server has processed everything `client` sent before
+/// (its SUBs), or after [`CONFIRM_TIMEOUT`]: a request to
+/// [`SYNC_SUBJECT`], which nobody subscribes to, is answered by the
+/// server's no-responders status after what preceded it on the connection.
+/// (async-nats 0.51's `flush` only writes to the socket.)
+async fn round_trip(client: &async_nats::Client) {
+    let request = async_nats::Request::new().timeout(Some(CONFIRM_TIMEOUT));
+    match client.send_request(SYNC_SUBJECT, request).await {
+        Err(e) if e.kind() == RequestErrorKind::NoResponders => {}
+        // Someone answered: the server has handled the request all the same.
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "nats: round trip unconfirmed; resync hints go out anyway"),
+    }
+}
+
+/// Keeps the NATS subscriptions in step with the hub's topics (interest
+/// routing, module docs).
+struct Router {
+    client: async_nats::Client,
+    hub: Arc<Hub>,
+    counts: Arc<Counts>,
+    /// topic -> the task forwarding its subscription to the hub (aborting
+    /// it drops the subscriber, which unsubscribes).
+    subscribed: HashMap<Topic, tokio::task::AbortHandle>,
+    /// Topics whose last local subscriber went, in order, with when to
+    /// unsubscribe them (if nobody subscribed again by then).
+    lingering: VecDeque<(Instant, Topic)>,
+}
+
+impl Router {
+    async fn run(
+        mut self,
+        mut changes: mpsc::UnboundedReceiver<Interest>,
+        reconnected: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) {
+        let mut batch = Vec::new();
+        loop {
+            let due = self.lingering.front().map(|(at, _)| *at);
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                // Only the topics subscribed so far: the server has their
+                // re-sent SUBs after the round trip. (A topic still queued
+                // gets its hint once its own SUB is confirmed.)
+                () = reconnected.notified() => {
+                    round_trip(&self.client).await;
+                    let topics: Vec<Topic> = self.subscribed.keys().copied().collect();
+                    self.hub.resync_topics(&topics);
+                }
+                n = changes.recv_many(&mut batch, ROUTER_BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.apply(&mut batch).await;
+                }
+                () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => self.expire(),
+            }
+        }
+        for task in self.subscribed.values() {
+            task.abort();
+        }
+    }
+
+    /// Subscribes to the topics that gained a first subscriber (and have
+    /// one still), confirms with a round trip, then hints their
+    /// subscribers; topics that lost their last start lingering.
+    async fn apply(&mut self, batch: &mut Vec<Interest>) {
+        let mut fresh = HashSet::new();
+        for (topic, wanted) in batch.drain(..) {
+            if wanted {
+                if !self.subscribed.contains_key(&topic) {
+                    fresh.insert(topic);
+                }
+            } else if !fresh.remove(&topic) {
+                self.lingering.push_back((Instant::now() + LINGER, topic));
+            }
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let fresh: Vec<Topic> = fresh.into_iter().collect();
+        let mut made = 0;
+        for topic in &fresh {
+            match self.client.subscribe(subject(*topic)).await {
+                Ok(subscriber) => {
+                    let (hub, counts) = (self.hub.clone(), self.counts.clone());
+                    let task = tokio::spawn(async move {
+                        let mut subscriber = subscriber;
+                        while let Some(message) = subscriber.next().await {
+                            deliver(&hub, &counts, message);
+                        }
+                    });
+                    self.subscribed.insert(*topic, task.abort_handle());
+                    made += 1;
+                }
+                // Only once the client is closed (shutdown).
+                Err(e) => tracing::warn!(?topic, error = %e, "nats: cannot subscribe"),
+            }
+        }
+        self.counts.subscribed(made);
+        round_trip(&self.client).await;
+        self.hub.resync_topics(&fresh);
+    }
+
+    /// Unsubscribes from the topics whose linger is over and that still
+    /// have no local subscriber.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let mut ended = 0;
+        while let Some((at, topic)) = self.lingering.front().copied()
+            && at <= now
+        {
+            self.lingering.pop_front();
+            if self.hub.is_followed(topic) {
+                continue;
+            }
+            if let Some(task) = self.subscribed.remove(&topic) {
+                task.abort();
+                ended += 1;
+            }
+        }
+        self.counts.unsubscribed(ended);
     }
 }
 
@@ -652,24 +933,17 @@ mod tests {
         assert!(!format!("{:?}", Credentials::new("natter", "s3cret")).contains("s3cret"));
     }
 
-    /// Two buses on NATTER_TEST_NATS_URL (None when it is not set, outside
-    /// CI), ended by the token.
-    async fn two_buses() -> Option<(CancellationToken, Arc<NatsBus>, Arc<NatsBus>)> {
-        let Some(url) = std::env::var("NATTER_TEST_NATS_URL").ok().filter(|u| !u.is_empty()) else {
-            assert!(std::env::var_os("CI").is_none(), "CI must set NATTER_TEST_NATS_URL");
-            return None;
-        };
-        let stop = CancellationToken::new();
-        let a = NatsBus::connect(&url, None, stop.clone()).await.unwrap();
-        let b = NatsBus::connect(&url, None, stop.clone()).await.unwrap();
-        Some((stop, a, b))
-    }
-
     /// Two buses on one NATS server: what one publishes, the other's
     /// subscribers receive (runs when NATTER_TEST_NATS_URL is set).
     #[tokio::test]
     async fn events_cross_processes() {
-        let Some((stop, a, b)) = two_buses().await else { return };
+        let Some(url) = std::env::var("NATTER_TEST_NATS_URL").ok().filter(|u| !u.is_empty()) else {
+            assert!(std::env::var_os("CI").is_none(), "CI must set NATTER_TEST_NATS_URL");
+            return;
+        };
+        let stop = CancellationToken::new();
+        let a = NatsBus::connect(&url, None, Routing::Interest, stop.clone()).await.unwrap();
+        let b = NatsBus::connect(&url, None, Routing::Interest, stop.clone()).await.unwrap();
         let chat = Uuid::now_v7();
         let mut on_b = b.subscribe(Topic::Chat(chat));
         let mut on_a = a.subscribe(Topic::Chat(chat));
@@ -699,24 +973,33 @@ mod tests {
 
     /// Once `invalidate` has returned in one process, another process's
     /// caches no longer answer the entries of its tag (and still answer the
-    /// others); the caches go live only once connected (runs when
-    /// NATTER_TEST_NATS_URL is set).
+    /// others), in either routing; the caches go live only once connected
+    /// (runs when NATTER_TEST_NATS_URL is set).
     #[tokio::test]
     async fn invalidations_cross_processes() {
         use natter_kit::cache::{Lookup, TaggedCache};
-        let Some((stop, a, b)) = two_buses().await else { return };
-        until("b's caches are live", || b.invalidator().live()).await;
-        let cache = TaggedCache::<u8, u8>::new("test", std::time::Duration::from_secs(60), 10, b.invalidator().clone());
-        let (changed, other) = (Uuid::now_v7(), Uuid::now_v7());
-        for (key, chat) in [(1, changed), (2, other)] {
-            let Lookup::Miss(ticket) = cache.get(&key).await else { panic!("a live, empty cache misses") };
-            cache.put(ticket, key, key, vec![Tag::Chat(chat)]);
+        let Some(url) = std::env::var("NATTER_TEST_NATS_URL").ok().filter(|u| !u.is_empty()) else {
+            assert!(std::env::var_os("CI").is_none(), "CI must set NATTER_TEST_NATS_URL");
+            return;
+        };
+        for routing in [Routing::Interest, Routing::Broadcast] {
+            let stop = CancellationToken::new();
+            let a = NatsBus::connect(&url, None, routing, stop.clone()).await.unwrap();
+            let b = NatsBus::connect(&url, None, routing, stop.clone()).await.unwrap();
+            until("b's caches are live", || b.invalidator().live()).await;
+            let cache =
+                TaggedCache::<u8, u8>::new("test", std::time::Duration::from_secs(60), 10, b.invalidator().clone());
+            let (changed, other) = (Uuid::now_v7(), Uuid::now_v7());
+            for (key, chat) in [(1, changed), (2, other)] {
+                let Lookup::Miss(ticket) = cache.get(&key).await else { panic!("a live, empty cache misses") };
+                cache.put(ticket, key, key, vec![Tag::Chat(chat)]);
+            }
+            a.invalidate(vec![Tag::Chat(changed)]).await;
+            // No wait: b's next look-up syncs with the server, which has the
+            // invalidation since `invalidate` returned.
+            assert!(matches!(cache.get(&1).await, Lookup::Miss(_)), "{routing:?}: b dropped the changed chat's entry");
+            assert!(matches!(cache.get(&2).await, Lookup::Hit(2)), "{routing:?}: another chat's entry stays");
+            stop.cancel();
         }
-        a.invalidate(vec![Tag::Chat(changed)]).await;
-        // No wait: b's next look-up syncs with the server, which has the
-        // invalidation since `invalidate` returned.
-        assert!(matches!(cache.get(&1).await, Lookup::Miss(_)), "b dropped the changed chat's entry");
-        assert!(matches!(cache.get(&2).await, Lookup::Hit(2)), "another chat's entry stays");
-        stop.cancel();
     }
 }

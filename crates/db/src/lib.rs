@@ -139,6 +139,13 @@ pub struct StoreArgs {
     /// Prefix of each service's PostgreSQL schema (`<prefix>sessions`, ...).
     #[arg(long, env = "NATTER_DATABASE_SCHEMA_PREFIX", default_value = "natter_")]
     pub database_schema_prefix: String,
+
+    /// Most PostgreSQL connections each service of this process opens (the
+    /// all-in-one has three services): replicas times services times this
+    /// must stay under the server's max_connections.
+    #[arg(long, env = "NATTER_DATABASE_MAX_CONNECTIONS", default_value_t = 16,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub database_max_connections: u32,
 }
 
 impl StoreArgs {
@@ -147,7 +154,10 @@ impl StoreArgs {
     /// Errors: the data directory cannot be created.
     pub fn config(&self, name: &str) -> std::io::Result<DbConfig> {
         match &self.database_url {
-            Some(url) => Ok(DbConfig::postgres(url, &format!("{}{name}", self.database_schema_prefix))),
+            Some(url) => Ok(DbConfig {
+                max_connections: self.database_max_connections,
+                ..DbConfig::postgres(url, &format!("{}{name}", self.database_schema_prefix))
+            }),
             None => {
                 std::fs::create_dir_all(&self.data_dir)?;
                 Ok(DbConfig::sqlite_in(&self.data_dir, name))

@@ -19,6 +19,10 @@
 //!   writer's batch, commit and phase metrics).
 //! - `natter_bus_published_total`, `natter_bus_received_total`: events put
 //!   on and taken off the event bus ([`bus_published`], [`bus_received`]).
+//! - `natter_bus_subscriptions`, `natter_bus_subscribes_total`,
+//!   `natter_bus_unsubscribes_total`: the NATS subscriptions this process
+//!   holds now, and how many it made and ended (interest routing follows
+//!   the topics of local streams; [`bus_subscribed`], [`bus_unsubscribed`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -71,6 +75,9 @@ struct Metrics {
     active_streams: IntGauge,
     bus_published: IntCounter,
     bus_received: IntCounter,
+    bus_subscriptions: IntGauge,
+    bus_subscribes: IntCounter,
+    bus_unsubscribes: IntCounter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -92,16 +99,35 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         IntCounter::new("natter_bus_published_total", "Events published on the event bus.").expect("valid metric");
     let bus_received =
         IntCounter::new("natter_bus_received_total", "Events received from the event bus.").expect("valid metric");
+    let bus_subscriptions =
+        IntGauge::new("natter_bus_subscriptions", "NATS subscriptions this process holds now.").expect("valid metric");
+    let bus_subscribes =
+        IntCounter::new("natter_bus_subscribes_total", "NATS subscriptions made (SUB).").expect("valid metric");
+    let bus_unsubscribes =
+        IntCounter::new("natter_bus_unsubscribes_total", "NATS subscriptions ended (UNSUB).").expect("valid metric");
     for collector in [
         Box::new(rpc_requests.clone()) as Box<dyn Collector>,
         Box::new(rpc_duration.clone()),
         Box::new(active_streams.clone()),
         Box::new(bus_published.clone()),
         Box::new(bus_received.clone()),
+        Box::new(bus_subscriptions.clone()),
+        Box::new(bus_subscribes.clone()),
+        Box::new(bus_unsubscribes.clone()),
     ] {
         registry.register(collector).expect("metric names are unique");
     }
-    Metrics { registry, rpc_requests, rpc_duration, active_streams, bus_published, bus_received }
+    Metrics {
+        registry,
+        rpc_requests,
+        rpc_duration,
+        active_streams,
+        bus_published,
+        bus_received,
+        bus_subscriptions,
+        bus_subscribes,
+        bus_unsubscribes,
+    }
 });
 
 /// Set once a metrics endpoint runs; until then the RPC layer skips its
@@ -158,6 +184,18 @@ pub fn bus_published(count: u64) {
 /// Counts `count` events received from the event bus.
 pub fn bus_received(count: u64) {
     METRICS.bus_received.inc_by(count);
+}
+
+/// Counts `count` NATS subscriptions made (and now held).
+pub fn bus_subscribed(count: u64) {
+    METRICS.bus_subscribes.inc_by(count);
+    METRICS.bus_subscriptions.add(i64::try_from(count).unwrap_or(i64::MAX));
+}
+
+/// Counts `count` NATS subscriptions ended (and no longer held).
+pub fn bus_unsubscribed(count: u64) {
+    METRICS.bus_unsubscribes.inc_by(count);
+    METRICS.bus_subscriptions.sub(i64::try_from(count).unwrap_or(i64::MAX));
 }
 
 /// Every metric in the text exposition format.

@@ -33,7 +33,7 @@
 //!   membership after reading a page and before sending any of it, so a page
 //!   is sent only if the caller was still a member after it was read. A
 //!   stream that finds itself no longer a member this way, or that lagged on
-//!   its user's topic and re-read its chats, sends a
+//!   its user's topic (or was hinted there) and re-read its chats, sends a
 //!   `MEMBERSHIP_CHANGE_REMOVED` event of its own (change_seq: the last one
 //!   it sent of that chat) and stops following the chat.
 //!
@@ -237,6 +237,10 @@ pub async fn open(
                     user_events = None;
                     Step::default()
                 }
+                // A hint (the bus may have lost announcements: a reconnect,
+                // or the user's topic only just subscribed on NATS) is like
+                // a lag: re-read the user's chats.
+                Wake::User(Some(Ok(event))) if event.is_hint() => follower.reconcile().await?,
                 Wake::User(Some(Ok(event))) => follower.on_user_event(&event),
                 Wake::User(Some(Err(Lagged(_)))) => follower.reconcile().await?,
                 Wake::Chat(chat, Ok(event)) => follower.on_chat_event(chat, &event),

@@ -1,7 +1,10 @@
 //! The NATS bus against a real nats-server that requires log-ins and lets
 //! only natter's user publish events: natter logs in with the credentials
 //! from its flags or URL, start-up fails at once without them, other users
-//! cannot inject events, and passwords never reach a log line.
+//! cannot inject events, and passwords never reach a log line. And interest
+//! routing: a replica receives the events of the topics it has subscribers
+//! for and no others, a new subscription's subscribers are hinted once it
+//! is in effect, and the last subscriber's going ends it.
 //!
 //! Each test starts its own server (skipped only when nats-server is not
 //! installed and CI is unset).
@@ -13,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser as _;
-use natter_bus::{BusArgs, ConnectError, Credentials, Event, EventBus, NatsBus, Shared, Topic};
+use natter_bus::{BusArgs, ConnectError, Credentials, Event, EventBus, NatsBus, Routing, Shared, Topic};
 use natter_proto::messages::v1::StreamEventsResponse;
 use server::{INTRUDER_USER, NATTER_USER, NatsServer, RELAY_USER};
 use tokio_util::sync::CancellationToken;
@@ -77,6 +80,31 @@ async fn until_crossed(from: &Arc<dyn EventBus>, to: &Arc<dyn EventBus>) -> Opti
         }
     }
     None
+}
+
+/// Waits (within DELIVERY) for the resync hint that says `rx`'s topic is
+/// subscribed on the server now, passing over events; false if none came.
+async fn in_effect(rx: &mut natter_bus::Subscription) -> bool {
+    hinted_within(rx, DELIVERY).await
+}
+
+/// Waits up to `within` for a resync hint on `rx`, passing over events.
+async fn hinted_within(rx: &mut natter_bus::Subscription, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Ok(e))) if e.is_hint() => return true,
+            Ok(Some(Ok(_))) => continue,
+            _ => return false,
+        }
+    }
+}
+
+/// natter's bus on `server`, routing as told.
+async fn natter_bus(server: &NatsServer, routing: Routing, stop: &CancellationToken) -> Arc<NatsBus> {
+    NatsBus::connect(&url_with(server, NATTER_USER, &server.password), None, routing, stop.clone())
+        .await
+        .expect("natter logs in")
 }
 
 async fn connect_fails(args: &BusArgs) -> ConnectError {
@@ -183,11 +211,13 @@ async fn other_users_cannot_inject_events() {
 
     let control = Uuid::now_v7();
     let mut on_b = b.subscribe(Topic::Chat(control));
+    assert!(in_effect(&mut on_b).await, "b's subscription to the control chat is in place");
     forge(RELAY_USER, control).await;
     assert_eq!(next_seq(&mut on_b).await, Some(1), "control: a permitted publisher's forged event arrives");
 
     let chat = Uuid::now_v7();
     let mut on_b = b.subscribe(Topic::Chat(chat));
+    assert!(in_effect(&mut on_b).await, "b's subscription is in place");
     let said = forge(INTRUDER_USER, chat).await;
     assert!(
         said.iter().any(|e| e.to_lowercase().contains("permissions violation")),
@@ -274,13 +304,146 @@ fn credential_flags_come_in_pairs_and_files_must_hold_a_password() {
 #[tokio::test]
 async fn credentials_given_twice_are_refused_before_connecting() {
     let stop = CancellationToken::new();
-    let e = NatsBus::connect("nats://natter:pw@127.0.0.1:1", Some(Credentials::new("natter", "pw")), stop)
-        .await
-        .err()
-        .expect("refused");
+    let e = NatsBus::connect(
+        "nats://natter:pw@127.0.0.1:1",
+        Some(Credentials::new("natter", "pw")),
+        Routing::Interest,
+        stop,
+    )
+    .await
+    .err()
+    .expect("refused");
     assert!(e.to_string().contains("given twice"), "{e}");
     assert!(
         matches!(natter_bus::split_url("nats://natter@127.0.0.1:4222"), Err(ConnectError::Url(_))),
         "a user without a password"
     );
+}
+
+/// Replica b follows one chat; a publishes ten events of another chat, then
+/// one of b's. b receives that one only (the server would have sent the
+/// other ten first, on one connection). The control, c with broadcast
+/// routing, receives all eleven.
+#[tokio::test]
+async fn a_replica_receives_the_events_of_its_topics_only() {
+    let Some(server) = NatsServer::start().await else { return };
+    let stop = CancellationToken::new();
+    let a: Arc<dyn EventBus> = natter_bus(&server, Routing::Interest, &stop).await;
+    let b = natter_bus(&server, Routing::Interest, &stop).await;
+    let c = natter_bus(&server, Routing::Broadcast, &stop).await;
+    let c_dyn: Arc<dyn EventBus> = c.clone();
+    assert!(until_crossed(&a, &c_dyn).await.is_some(), "c's natter.events.> is in place");
+
+    let (followed, other) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut on_b = b.subscribe(Topic::Chat(followed));
+    let mut on_c = c.subscribe(Topic::Chat(followed));
+    assert!(in_effect(&mut on_b).await, "b's subscription is in place");
+    let (b_before, c_before) = (b.received(), c.received());
+    for seq in 1..=10 {
+        a.publish(Topic::Chat(other), event(other, seq));
+    }
+    a.publish(Topic::Chat(followed), event(followed, 1));
+    assert_eq!(next_seq(&mut on_b).await, Some(1));
+    assert_eq!(next_seq(&mut on_c).await, Some(1));
+    assert_eq!(b.received() - b_before, 1, "interest: the followed chat's event, none of the other's");
+    assert_eq!(c.received() - c_before, 11, "broadcast: every event");
+    stop.cancel();
+}
+
+/// An event published just before b follows its chat may reach the server
+/// before b's SUB does, and is then lost to b: b's subscribers of a new
+/// topic (chat, user, session) get a resync hint once the subscription is
+/// in effect, after which a's next event crosses at its first try.
+#[tokio::test]
+async fn a_topic_followed_just_after_a_publish_converges_by_a_hint() {
+    let Some(server) = NatsServer::start().await else { return };
+    let stop = CancellationToken::new();
+    let a = natter_bus(&server, Routing::Interest, &stop).await;
+    let b = natter_bus(&server, Routing::Interest, &stop).await;
+    let chat = Uuid::now_v7();
+    a.publish(Topic::Chat(chat), event(chat, 1));
+    let mut on_b = b.subscribe(Topic::Chat(chat));
+    let hint = loop {
+        match tokio::time::timeout(DELIVERY, on_b.recv()).await {
+            Ok(Some(Ok(e))) if e.change_seq == 1 => continue,
+            Ok(Some(Ok(e))) => break e,
+            other => panic!("no hint for the new chat topic: {other:?}"),
+        }
+    };
+    assert!(hint.is_hint() && hint.chat == Some(chat.into()), "a hint to re-read the chat: {hint:?}");
+    a.publish(Topic::Chat(chat), event(chat, 2));
+    assert_eq!(next_seq(&mut on_b).await, Some(2), "the subscription was in effect when the hint came");
+
+    for topic in [Topic::User(Uuid::now_v7()), Topic::Session(Uuid::now_v7())] {
+        let mut rx = b.subscribe(topic);
+        assert!(in_effect(&mut rx).await, "{topic:?}: a hint to re-read the user's chats / re-check the session");
+    }
+    stop.cancel();
+}
+
+/// The last subscriber of a topic going ends b's NATS subscription (after
+/// the linger); a's events of that chat stop reaching b; following it
+/// again subscribes again, with a new hint.
+#[tokio::test]
+async fn the_last_subscriber_going_ends_the_subscription() {
+    let Some(server) = NatsServer::start().await else { return };
+    let stop = CancellationToken::new();
+    let a = natter_bus(&server, Routing::Interest, &stop).await;
+    let b = natter_bus(&server, Routing::Interest, &stop).await;
+    let baseline = b.subscriptions();
+    assert_eq!(baseline, 1, "presence only");
+    let (chat, marker) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut first = b.subscribe(Topic::Chat(chat));
+    let second = b.subscribe(Topic::Chat(chat));
+    assert!(in_effect(&mut first).await);
+    assert_eq!(b.subscriptions(), baseline + 1, "one subscription for two subscribers");
+    drop(first);
+    drop(second);
+    // The linger (1 s), then the router's turn.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1) + DELIVERY;
+    while b.subscriptions() != baseline {
+        assert!(tokio::time::Instant::now() < deadline, "still subscribed: {}", b.subscriptions());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut on_marker = b.subscribe(Topic::Chat(marker));
+    assert!(in_effect(&mut on_marker).await);
+    let before = b.received();
+    for seq in 1..=5 {
+        a.publish(Topic::Chat(chat), event(chat, seq));
+    }
+    a.publish(Topic::Chat(marker), event(marker, 1));
+    assert_eq!(next_seq(&mut on_marker).await, Some(1));
+    assert_eq!(b.received() - before, 1, "nothing of the chat nobody follows on b any more");
+
+    let mut again = b.subscribe(Topic::Chat(chat));
+    assert!(in_effect(&mut again).await, "subscribed again, hinted again");
+    a.publish(Topic::Chat(chat), event(chat, 6));
+    assert_eq!(next_seq(&mut again).await, Some(6));
+    stop.cancel();
+}
+
+/// The NATS server restarts: the clients reconnect and re-send their SUBs;
+/// b's subscribers are hinted once the server has them again (the round
+/// trip after Connected), after which a's next event crosses at its first
+/// try.
+#[tokio::test]
+async fn after_a_reconnect_subscribers_are_hinted_once_their_subscriptions_are_back() {
+    let Some(mut server) = NatsServer::start().await else { return };
+    let stop = CancellationToken::new();
+    let a = natter_bus(&server, Routing::Interest, &stop).await;
+    let b = natter_bus(&server, Routing::Interest, &stop).await;
+    let (chat, on_a_side) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut on_b = b.subscribe(Topic::Chat(chat));
+    let mut on_a = a.subscribe(Topic::Chat(on_a_side));
+    assert!(in_effect(&mut on_b).await && in_effect(&mut on_a).await);
+
+    server.restart().await;
+    // Reconnecting may take a few of the client's back-off steps.
+    let reconnect = Duration::from_secs(20);
+    assert!(hinted_within(&mut on_b, reconnect).await, "b hinted after its reconnect");
+    assert!(hinted_within(&mut on_a, reconnect).await, "a reconnected too");
+    a.publish(Topic::Chat(chat), event(chat, 7));
+    assert_eq!(next_seq(&mut on_b).await, Some(7), "b's subscription was back when the hint came");
+    stop.cancel();
 }

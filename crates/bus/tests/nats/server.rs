@@ -1,7 +1,7 @@
 //! A throw-away `nats-server` on a free loopback port, configured like the
 //! deploy files: log-ins required, only natter's user may publish events.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ pub(crate) struct NatsServer {
     pub(crate) url: String,
     /// The password of every user (one per test server).
     pub(crate) password: String,
+    binary: PathBuf,
     dir: tempfile::TempDir,
 }
 
@@ -51,32 +52,16 @@ impl NatsServer {
         // Letters first: the server parses an unquoted value starting with a
         // digit as a number (see deploy/README.md on generating one).
         let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
-        let config = dir.path().join("nats.conf");
-        std::fs::write(&config, config_text(&password)).expect("write nats.conf");
-        let mut child = Command::new(binary)
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start nats-server");
-        // The server logs the port it picked (listen: 127.0.0.1:-1).
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let port = tokio::time::timeout(Duration::from_secs(20), async {
-            while let Some(line) = lines.next_line().await.expect("read nats-server log") {
-                if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
-                    return addr.trim().rsplit(':').next().map(str::to_owned);
-                }
-            }
-            None
-        })
-        .await
-        .expect("nats-server started within 20s")
-        .expect("nats-server logged its client port");
-        // Keep draining the log so the server never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Some(Self { child, url: format!("nats://127.0.0.1:{port}"), password, dir })
+        let (child, port) = spawn(&binary, dir.path(), &password, "-1").await;
+        Some(Self { child, url: format!("nats://127.0.0.1:{port}"), password, binary, dir })
+    }
+
+    /// Stops the server and starts it again on the same port (its clients
+    /// reconnect); returns once it listens.
+    pub(crate) async fn restart(&mut self) {
+        let _ = self.child.kill().await;
+        let port = self.url.rsplit(':').next().expect("a port").to_owned();
+        (self.child, _) = spawn(&self.binary, self.dir.path(), &self.password, &port).await;
     }
 
     /// Writes `content` to a file in the server's temp dir; returns its path.
@@ -93,10 +78,43 @@ impl Drop for NatsServer {
     }
 }
 
-fn config_text(password: &str) -> String {
+/// Starts nats-server with natter's test config, listening on `port` (`-1`:
+/// one it picks); returns it and the port it logged.
+/// Starts nats-server with the test config, listening on `port` (`-1`: one
+/// it picks); returns it and the port it logged.
+async fn spawn(binary: &Path, dir: &Path, password: &str, port: &str) -> (Child, String) {
+    let config = dir.join("nats.conf");
+    std::fs::write(&config, config_text(password, port)).expect("write nats.conf");
+    let mut child = Command::new(binary)
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start nats-server");
+    // The server logs the port it listens on.
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let port = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.expect("read nats-server log") {
+            if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
+                return addr.trim().rsplit(':').next().map(str::to_owned);
+            }
+        }
+        None
+    })
+    .await
+    .expect("nats-server started within 20s")
+    .expect("nats-server logged its client port");
+    // Keep draining the log so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, port)
+}
+
+fn config_text(password: &str, port: &str) -> String {
     format!(
         r#"
-listen: "127.0.0.1:-1"
+listen: "127.0.0.1:{port}"
 authorization {{
   users = [
     {{

@@ -120,6 +120,8 @@ pub struct NatsBus {
     hub: Arc<Hub>,
     outbox: mpsc::Sender<Outgoing>,
     counts: Arc<Counts>,
+    /// The router's queue (interest routing), for [`EventBus::settled`].
+    router: Option<mpsc::UnboundedSender<Interest>>,
 }
 
 /// What one bus received and holds (the process-wide metrics add up every
@@ -326,9 +328,11 @@ impl NatsBus {
         let server = addr.as_url_str().to_owned();
         let user = credentials.as_ref().map(|c| c.user.clone());
         let (router, changes) = mpsc::unbounded_channel();
-        let (hub, reconnected) = match routing {
-            Routing::Interest => (Arc::new(Hub::with_interest(router)), Some(Arc::new(Notify::new()))),
-            Routing::Broadcast => (Arc::new(Hub::new()), None),
+        let (hub, reconnected, router) = match routing {
+            Routing::Interest => {
+                (Arc::new(Hub::with_interest(router.clone())), Some(Arc::new(Notify::new())), Some(router))
+            }
+            Routing::Broadcast => (Arc::new(Hub::new()), None, None),
         };
         let client = Self::first_connection(&addr, credentials.as_ref(), &hub, reconnected.as_ref(), &shutdown).await?;
         tracing::info!(%server, user = user.as_deref().unwrap_or("-"), ?routing, "nats: connected");
@@ -422,7 +426,7 @@ impl NatsBus {
             }
         });
 
-        Ok(Arc::new(Self { hub, outbox, counts }))
+        Ok(Arc::new(Self { hub, outbox, counts, router }))
     }
 
     /// Events this bus received from NATS so far (for tests and
@@ -587,7 +591,15 @@ impl Router {
     /// subscribers; topics that lost their last start lingering.
     async fn apply(&mut self, batch: &mut Vec<Interest>) {
         let mut fresh = HashSet::new();
-        for (topic, wanted) in batch.drain(..) {
+        let mut settles = Vec::new();
+        for change in batch.drain(..) {
+            let (topic, wanted) = match change {
+                Interest::Topic(topic, wanted) => (topic, wanted),
+                Interest::Settle(done) => {
+                    settles.push(done);
+                    continue;
+                }
+            };
             if wanted {
                 if !self.subscribed.contains_key(&topic) {
                     fresh.insert(topic);
@@ -597,6 +609,9 @@ impl Router {
             }
         }
         if fresh.is_empty() {
+            for done in settles {
+                let _ = done.send(());
+            }
             return;
         }
         let fresh: Vec<Topic> = fresh.into_iter().collect();
@@ -621,6 +636,9 @@ impl Router {
         self.counts.subscribed(made);
         round_trip(&self.client).await;
         self.hub.resync_topics(&fresh);
+        for done in settles {
+            let _ = done.send(());
+        }
     }
 
     /// Unsubscribes from the topics whose linger is over and that still
@@ -678,6 +696,17 @@ impl EventBus for NatsBus {
 
     fn topic_count(&self) -> usize {
         self.hub.topic_count()
+    }
+
+    fn settled(&self) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let Some(router) = &self.router else { return };
+            let (done, answered) = tokio::sync::oneshot::channel();
+            // Either fails only once the router has stopped (shutdown).
+            if router.send(Interest::Settle(done)).is_ok() {
+                let _ = answered.await;
+            }
+        })
     }
 }
 

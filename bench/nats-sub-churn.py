@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What per-topic NATS subscriptions cost the server (bench/README.md: bus).
+"""What per-topic NATS subscriptions cost the server (bench/README.md, SCALING.md).
 
 Speaks the NATS text protocol over one raw socket (no client library in the
 way): SUBs `natter.events.chat.<uuid>` for SUBS topics (a replica holding

@@ -122,13 +122,28 @@ pub trait EventBus: Send + Sync + 'static {
     /// publish), or after a few seconds if it cannot tell, logged: call it
     /// after the change commits and before the RPC that made it returns.
     fn invalidate(&self, tags: Vec<Tag>) -> futures::future::BoxFuture<'_, ()>;
+    /// Resolves once every subscription made so far is in effect across
+    /// processes (NATS with interest routing: the server has processed the
+    /// SUBs, and the resync hints for them are already queued on their
+    /// subscriptions); at once within one process. A reader that waits for
+    /// it before reading the store misses nothing published afterwards.
+    fn settled(&self) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// A change of this process's interest in a topic: `(topic, true)` when
 /// its first subscriber came, `(topic, false)` when its last went. Sent
 /// while the hub's map is locked, so they arrive in the order the map
 /// changed and the last one about a topic is its state now.
-pub(crate) type Interest = (Topic, bool);
+pub(crate) enum Interest {
+    /// `(topic, true)` when its first subscriber came, `false` when its
+    /// last went.
+    Topic(Topic, bool),
+    /// Answer once every topic announced before is subscribed on the
+    /// server and its subscribers hinted ([`EventBus::settled`]).
+    Settle(tokio::sync::oneshot::Sender<()>),
+}
 
 type Channels = HashMap<Topic, broadcast::Sender<Shared>>;
 
@@ -152,7 +167,7 @@ impl Topics {
     fn interest(&self, topic: Topic, wanted: bool) {
         if let Some(router) = &self.interest {
             // Fails only once the router has stopped (shutdown).
-            let _ = router.send((topic, wanted));
+            let _ = router.send(Interest::Topic(topic, wanted));
         }
     }
 }

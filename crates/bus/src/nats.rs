@@ -20,7 +20,7 @@
 //! only once the server has processed the SUB, and an event published
 //! before that is not received (a stream with no later event would never
 //! notice): after each batch of SUBs the router makes one round trip to the
-//! server (a request to `natter.events.sync`, where nobody listens, answered
+//! server (a barrier: a request to `natter.caches.barrier.<uuid>`, answered
 //! by the server's no-responders status once it has processed everything
 //! sent before), then hints the new topics' subscribers to re-read the
 //! store. The same round trip comes before the resync after a reconnect
@@ -47,8 +47,8 @@
 //!
 //! Anyone who may publish on `natter.events.>` can forge events, so a shared
 //! NATS server should require a log-in and grant that subject to natter's
-//! user only (natter subscribes only under it too; its request inbox is
-//! `natter.events.inbox`): natter logs in with a user and password ([`Credentials`]),
+//! user only (and `natter.caches.>`, the invalidations, barriers and the
+//! request inbox `natter.caches.inbox`): natter logs in with a user and password ([`Credentials`]),
 //! given as flags (the password in a file) or in the URL. The password never
 //! reaches a log line: the URL is stripped of it before the client sees it.
 
@@ -59,7 +59,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::{ConnectErrorKind, RequestErrorKind, ServerAddr};
+use async_nats::{ConnectErrorKind, ServerAddr};
 use futures::FutureExt as _;
 use futures::StreamExt as _;
 use natter_kit::cache::{Invalidator, Tag};
@@ -91,18 +91,16 @@ const BARRIER_WAIT: Duration = Duration::from_secs(2);
 /// service instead.
 const SYNC_WAIT: Duration = Duration::from_millis(250);
 
-/// Where the router's round trips go: a subject nobody subscribes to (with
-/// interest routing), so the server answers at once with no-responders.
-const SYNC_SUBJECT: &str = "natter.events.sync";
+/// The client's request inbox (the barriers' answers): under natter's
+/// subjects, so the NATS user needs no `_INBOX.>` permission, and outside
+/// `natter.events.>`, which a broadcast replica subscribes to (the server
+/// would hand a no-responders answer to that subscription, not the
+/// request's).
+const INBOX_PREFIX: &str = "natter.caches.inbox";
 
-/// The client's request inbox: under natter's subjects, so the NATS user
-/// needs no subscribe permission beyond `natter.events.>`.
-const INBOX_PREFIX: &str = "natter.events.inbox";
-
-/// The longest a round trip waits for the server's answer. It is longer
-/// only while disconnected (the reconnect resyncs anyway) or when a replica
-/// of an older build subscribes to `natter.events.>` (it receives the
-/// request and answers nothing); then the hints go out after this.
+/// The longest a router's round trip waits for the server's answer (longer
+/// only while disconnected: the reconnect resyncs anyway); then the hints
+/// go out after this.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a topic stays subscribed after its last local subscriber went:
@@ -153,6 +151,8 @@ pub struct NatsBus {
     counts: Arc<Counts>,
     /// For invalidations, which are published and confirmed by the caller.
     client: async_nats::Client,
+    /// The router's queue (interest routing), for [`EventBus::settled`].
+    router: Option<mpsc::UnboundedSender<Interest>>,
 }
 
 /// What one bus received and holds (the process-wide metrics add up every
@@ -499,9 +499,9 @@ impl NatsBus {
         let user = credentials.as_ref().map(|c| c.user.clone());
         let (router, changes) = mpsc::unbounded_channel();
         // Caches stay off until the invalidation subscription is confirmed.
-        let (hub, reconnected) = match routing {
-            Routing::Interest => (Hub::with_interest(router), Some(Arc::new(Notify::new()))),
-            Routing::Broadcast => (Hub::new(), None),
+        let (hub, reconnected, router) = match routing {
+            Routing::Interest => (Hub::with_interest(router.clone()), Some(Arc::new(Notify::new())), Some(router)),
+            Routing::Broadcast => (Hub::new(), None, None),
         };
         let hub = Arc::new(hub.with_invalidator(Invalidator::new(false)));
         let (caches_back, caches_notices) = mpsc::unbounded_channel();
@@ -609,7 +609,7 @@ impl NatsBus {
             }
         });
 
-        Ok(Arc::new(Self { hub, outbox, counts, client }))
+        Ok(Arc::new(Self { hub, outbox, counts, client, router }))
     }
 
     /// Events this bus received from NATS so far (for tests and
@@ -723,17 +723,11 @@ fn deliver(hub: &Hub, counts: &Counts, message: async_nats::Message) {
 }
 
 /// Returns once the server has processed everything `client` sent before
-/// (its SUBs), or after [`CONFIRM_TIMEOUT`]: a request to
-/// [`SYNC_SUBJECT`], which nobody subscribes to, is answered by the
-/// server's no-responders status after what preceded it on the connection.
-/// (async-nats 0.51's `flush` only writes to the socket.)
+/// (its SUBs), or after [`CONFIRM_TIMEOUT`]: a [`barrier`]. (async-nats
+/// 0.51's `flush` only writes to the socket.)
 async fn round_trip(client: &async_nats::Client) {
-    let request = async_nats::Request::new().timeout(Some(CONFIRM_TIMEOUT));
-    match client.send_request(SYNC_SUBJECT, request).await {
-        Err(e) if e.kind() == RequestErrorKind::NoResponders => {}
-        // Someone answered: the server has handled the request all the same.
-        Ok(_) => {}
-        Err(e) => tracing::debug!(error = %e, "nats: round trip unconfirmed; resync hints go out anyway"),
+    if !barrier(client, CONFIRM_TIMEOUT).await {
+        tracing::debug!("nats: round trip unconfirmed; resync hints go out anyway");
     }
 }
 
@@ -791,7 +785,15 @@ impl Router {
     /// subscribers; topics that lost their last start lingering.
     async fn apply(&mut self, batch: &mut Vec<Interest>) {
         let mut fresh = HashSet::new();
-        for (topic, wanted) in batch.drain(..) {
+        let mut settles = Vec::new();
+        for change in batch.drain(..) {
+            let (topic, wanted) = match change {
+                Interest::Topic(topic, wanted) => (topic, wanted),
+                Interest::Settle(done) => {
+                    settles.push(done);
+                    continue;
+                }
+            };
             if wanted {
                 if !self.subscribed.contains_key(&topic) {
                     fresh.insert(topic);
@@ -801,6 +803,9 @@ impl Router {
             }
         }
         if fresh.is_empty() {
+            for done in settles {
+                let _ = done.send(());
+            }
             return;
         }
         let fresh: Vec<Topic> = fresh.into_iter().collect();
@@ -825,6 +830,9 @@ impl Router {
         self.counts.subscribed(made);
         round_trip(&self.client).await;
         self.hub.resync_topics(&fresh);
+        for done in settles {
+            let _ = done.send(());
+        }
     }
 
     /// Unsubscribes from the topics whose linger is over and that still
@@ -903,6 +911,17 @@ impl EventBus for NatsBus {
 
     fn topic_count(&self) -> usize {
         self.hub.topic_count()
+    }
+
+    fn settled(&self) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let Some(router) = &self.router else { return };
+            let (done, answered) = tokio::sync::oneshot::channel();
+            // Either fails only once the router has stopped (shutdown).
+            if router.send(Interest::Settle(done)).is_ok() {
+                let _ = answered.await;
+            }
+        })
     }
 }
 

@@ -143,6 +143,13 @@ pub async fn open(
     for chat in &chats {
         follower.follow(*chat, 0);
     }
+    // Across replicas a subscription takes effect once the NATS server has
+    // it: wait for that, then drop what the chats' subscriptions queued so
+    // far (resync hints, and events the heads read next already covers), so
+    // nothing published from now on is missed and no store read is
+    // repeated (a repeated read sends a message's latest state only).
+    bus.settled().await;
+    follower.drain_queued();
     let mut first = Vec::new();
     let mut refills = VecDeque::new();
     for chat in &chats {
@@ -339,6 +346,14 @@ impl Follower {
     fn follow(&mut self, chat: Uuid, cursor: i64) {
         self.live.insert(chat, self.messages.bus().subscribe(Topic::Chat(chat)));
         self.cursors.insert(chat, cursor);
+    }
+
+    /// Drops whatever the chats' subscriptions queued (before their heads
+    /// are read, which cover it).
+    fn drain_queued(&mut self) {
+        for (_, subscription) in self.live.iter_mut() {
+            while let Some(Some(_)) = futures::FutureExt::now_or_never(subscription.recv()) {}
+        }
     }
 
     /// Stops following `chat`: its subscription goes, with whatever events

@@ -391,7 +391,7 @@ async fn the_last_subscriber_going_ends_the_subscription() {
     let a = natter_bus(&server, Routing::Interest, &stop).await;
     let b = natter_bus(&server, Routing::Interest, &stop).await;
     let baseline = b.subscriptions();
-    assert_eq!(baseline, 1, "presence only");
+    assert_eq!(baseline, 2, "presence and cache invalidations only");
     let (chat, marker) = (Uuid::now_v7(), Uuid::now_v7());
     let mut first = b.subscribe(Topic::Chat(chat));
     let second = b.subscribe(Topic::Chat(chat));

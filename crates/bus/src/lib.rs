@@ -386,7 +386,8 @@ pub struct BusArgs {
     #[arg(long, env = "NATTER_NATS_URL")]
     pub nats_url: Option<String>,
     /// NATS user to log in as (with --nats-password-file); the NATS server
-    /// should let only this user publish on natter.events.>
+    /// should let only this user publish on natter.events.> and
+    /// natter.caches.>
     #[arg(long, env = "NATTER_NATS_USER", requires = "nats_password_file")]
     pub nats_user: Option<String>,
     /// File holding the password of --nats-user (its whole content, without a

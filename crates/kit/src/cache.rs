@@ -31,7 +31,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use prometheus::{IntCounterVec, IntGauge, Opts};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use uuid::Uuid;
 
 /// What a change is about; each cached entry carries the tags whose change
@@ -217,7 +217,13 @@ struct Inner<K, V> {
 /// A map from `K` to `V` whose entries carry [`Tag`]s, expire after a TTL
 /// and are dropped by the process's [`Invalidator`].
 pub struct TaggedCache<K, V> {
-    name: &'static str,
+    /// Its series of `natter_cache_lookups_total` (hit, miss, bypass) and
+    /// `natter_cache_invalidations_total`, resolved once: a look-up only
+    /// bumps an atomic.
+    hits: IntCounter,
+    misses: IntCounter,
+    bypasses: IntCounter,
+    invalidations: IntCounter,
     ttl: Duration,
     capacity: usize,
     invalidator: Arc<Invalidator>,
@@ -233,8 +239,12 @@ where
     /// it never answers) and at most `capacity` of them (then it starts
     /// over), registered with `invalidator`.
     pub fn new(name: &'static str, ttl: Duration, capacity: usize, invalidator: Arc<Invalidator>) -> Arc<Self> {
+        let lookups = |result| METRICS.lookups.with_label_values(&[name, result]);
         let cache = Arc::new(Self {
-            name,
+            hits: lookups("hit"),
+            misses: lookups("miss"),
+            bypasses: lookups("bypass"),
+            invalidations: METRICS.invalidations.with_label_values(&[name]),
             ttl,
             capacity,
             invalidator: invalidator.clone(),
@@ -276,12 +286,12 @@ where
     }
 
     fn count(&self, lookup: Lookup<V>) -> Lookup<V> {
-        let result = match lookup {
-            Lookup::Hit(_) => "hit",
-            Lookup::Miss(_) => "miss",
-            Lookup::Bypass => "bypass",
-        };
-        METRICS.lookups.with_label_values(&[self.name, result]).inc();
+        match lookup {
+            Lookup::Hit(_) => &self.hits,
+            Lookup::Miss(_) => &self.misses,
+            Lookup::Bypass => &self.bypasses,
+        }
+        .inc();
         lookup
     }
 
@@ -344,7 +354,7 @@ where
                 }
             }
         }
-        METRICS.invalidations.with_label_values(&[self.name]).inc_by(dropped);
+        self.invalidations.inc_by(dropped);
     }
 
     fn clear(&self) {

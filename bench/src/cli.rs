@@ -76,6 +76,13 @@ pub(crate) struct Args {
     #[arg(long, value_delimiter = ',')]
     pub(crate) send_concurrency: Option<Vec<usize>>,
 
+    /// Skip `send`'s ceiling at each concurrency (grpc.health.v1 Check
+    /// before each closed loop; `ratio@c` is then absent), so that the whole
+    /// run's CPU is sends: for tools that count every process's CPU over the
+    /// run, such as bench/work-per-send.sh.
+    #[arg(long)]
+    pub(crate) send_skip_ceiling_at_concurrency: bool,
+
     /// Live StreamEvents streams on the `fanout` chat [default: 1000; --smoke: 10].
     #[arg(long)]
     pub(crate) fanout_streams: Option<usize>,
@@ -212,6 +219,7 @@ pub(crate) struct Settings {
     pub(crate) streams_per_connection: usize,
     pub(crate) users: usize,
     pub(crate) send_concurrency: Vec<usize>,
+    pub(crate) send_skip_ceiling_at_concurrency: bool,
     pub(crate) fanout_streams: usize,
     pub(crate) fanout_rate: f64,
     pub(crate) fanout_send_target: Option<String>,
@@ -253,6 +261,7 @@ impl Settings {
                 .send_concurrency
                 .clone()
                 .unwrap_or_else(|| pick(smoke, vec![1, 16, 64, 256], vec![1, 16])),
+            send_skip_ceiling_at_concurrency: args.send_skip_ceiling_at_concurrency,
             fanout_streams: args.fanout_streams.unwrap_or(pick(smoke, 1000, 10)).max(1),
             fanout_rate: args.fanout_rate.max(0.1),
             fanout_send_target: args.fanout_send_target.clone(),

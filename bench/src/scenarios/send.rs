@@ -28,7 +28,8 @@ struct ClosedRun {
     /// Check calls per second at this loop's concurrency on the same
     /// connections, measured just before it: the ceiling at the same
     /// concurrency, i.e. the most calls per second this many callers, each
-    /// waiting for its reply, get from the server for the cheapest RPC.
+    /// waiting for its reply, get from the server for the cheapest RPC; 0
+    /// with `--send-skip-ceiling-at-concurrency`.
     ceiling_at_concurrency_per_s: f64,
     /// `messages_per_s` over `ceiling_at_concurrency_per_s`.
     ratio_to_ceiling_at_concurrency: Option<f64>,
@@ -124,7 +125,11 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
     for (spread, chats, plan) in &spreads {
         let mut base: Option<(usize, f64)> = None;
         for &concurrency in &s.send_concurrency {
-            let check = ceiling::check_loop(ctx, concurrency).await.per_sec();
+            let check = if s.send_skip_ceiling_at_concurrency {
+                0.0
+            } else {
+                ceiling::check_loop(ctx, concurrency).await.per_sec()
+            };
             let plan = plan.clone();
             let from = std::time::Instant::now() + s.warmup;
             let server = server_latency::window(ctx.target.metrics.clone(), "SendMessage", from, from + s.duration);

@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
-/// natter's user: publishes and subscribes on natter.events.>, nothing else
-/// (as in deploy/k8s/dev/nats.conf).
+/// natter's user: publishes and subscribes on natter.events.> and
+/// natter.caches.>, nothing else (as in deploy/k8s/dev/nats.conf).
 pub(crate) const NATTER_USER: &str = "natter";
 /// A user of the same server that may read events but publish only on its
 /// own subjects.
@@ -27,6 +27,21 @@ pub(crate) struct NatsServer {
     pub(crate) password: String,
     binary: PathBuf,
     dir: tempfile::TempDir,
+    /// This test's turn: shared with other tests, or alone.
+    _turn: Turn,
+}
+
+/// Tests run in parallel threads of one process, and a callsite's interest
+/// is computed once, when the first thread reaches it: a test that
+/// captures the client's logs with a subscriber of its own thread misses
+/// lines whose callsites another test's thread was registering meanwhile.
+/// Such a test runs alone ([`NatsServer::start_alone`]); every other test
+/// holds a shared turn while its server runs.
+static TURNS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+enum Turn {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'static, ()>),
 }
 
 /// The nats-server binary: on PATH, else Debian's /usr/sbin/nats-server.
@@ -43,17 +58,28 @@ impl NatsServer {
     /// Starts a server; `None` (the test skips) only when nats-server is not
     /// installed and CI is unset. Panics in CI without it.
     pub(crate) async fn start() -> Option<Self> {
+        Self::start_taking(async { Turn::Shared(TURNS.read().await) }).await
+    }
+
+    /// As [`NatsServer::start`], once no other test's server runs, and none
+    /// starts until this one is dropped: for tests that capture logs.
+    pub(crate) async fn start_alone() -> Option<Self> {
+        Self::start_taking(async { Turn::Alone(TURNS.write().await) }).await
+    }
+
+    async fn start_taking(turn: impl std::future::Future<Output = Turn>) -> Option<Self> {
         let Some(binary) = binary() else {
             assert!(std::env::var_os("CI").is_none(), "CI must have nats-server installed (on PATH or /usr/sbin)");
             eprintln!("skipped: nats-server is not installed");
             return None;
         };
+        let turn = turn.await;
         let dir = tempfile::tempdir().expect("temp dir");
         // Letters first: the server parses an unquoted value starting with a
         // digit as a number (see deploy/README.md on generating one).
         let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
         let (child, port) = spawn(&binary, dir.path(), &password, "-1").await;
-        Some(Self { child, url: format!("nats://127.0.0.1:{port}"), password, binary, dir })
+        Some(Self { child, url: format!("nats://127.0.0.1:{port}"), password, binary, dir, _turn: turn })
     }
 
     /// Stops the server and starts it again on the same port (its clients
@@ -120,8 +146,8 @@ authorization {{
     {{
       user: "{NATTER_USER}", password: "{password}"
       permissions {{
-        publish: {{ allow: ["natter.events.>"] }}
-        subscribe: {{ allow: ["natter.events.>"] }}
+        publish: {{ allow: ["natter.events.>", "natter.caches.>"] }}
+        subscribe: {{ allow: ["natter.events.>", "natter.caches.>"] }}
       }}
     }}
     {{

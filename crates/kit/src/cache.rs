@@ -17,6 +17,14 @@
 //! ([`Invalidator::set_live`]) until it is connected again; an entry also
 //! expires after a TTL (`--cache-ttl`), a backstop.
 //!
+//! One RPC needs one sync, however many look-ups it makes (a send checks a
+//! token, then a membership): the guarantee is about calls that *arrive*
+//! after the change returned, so any sync confirmed that started after the
+//! call arrived covers all its look-ups. natter's RPC layer records each
+//! call's arrival ([`within_call`]); a look-up inside a call reuses the
+//! last confirmed sync if it started after that instant, and syncs anew
+//! otherwise (and always outside a call).
+//!
 //! A look-up that misses gets a [`Ticket`]: the cache's generation, which
 //! every invalidation and clear moves on. Its answer is stored only if the
 //! generation has not moved meanwhile, so an answer read from the owner
@@ -26,7 +34,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -91,6 +99,19 @@ pub trait Invalidate: Send + Sync {
     fn clear(&self);
 }
 
+tokio::task_local! {
+    /// When the RPC being served arrived (see [`within_call`]).
+    static CALL_ARRIVAL: Instant;
+}
+
+/// Runs `call`, an RPC's handling, with its arrival instant (now) known to
+/// the caches' look-ups inside it, so they share one sync (module docs).
+/// Work the call spawns onto other tasks does not inherit it and syncs on
+/// its own.
+pub fn within_call<F: std::future::Future>(call: F) -> tokio::task::futures::TaskLocalFuture<Instant, F> {
+    CALL_ARRIVAL.scope(Instant::now(), call)
+}
+
 /// The caches of one process and the state of the bus that keeps them
 /// right: the bus calls [`Invalidator::invalidate`] for each invalidation it
 /// receives and [`Invalidator::set_live`] as its connection comes and goes.
@@ -101,6 +122,12 @@ pub struct Invalidator {
     /// The bus's sync ([`Invalidator::set_sync`]); none: invalidations are
     /// applied synchronously (one process).
     sync: OnceLock<SyncFn>,
+    /// When the newest confirmed sync was asked for (the round it waited
+    /// for started no earlier); reset whenever liveness changes.
+    synced: Mutex<Option<Instant>>,
+    /// Moves on at every liveness change: a sync asked for before one
+    /// confirms nothing after it.
+    epoch: AtomicU64,
 }
 
 /// A bus's sync: resolves to true once every invalidation the bus had
@@ -118,7 +145,13 @@ impl Invalidator {
     /// An invalidator with no caches yet; `live` as [`Invalidator::set_live`].
     pub fn new(live: bool) -> Arc<Self> {
         METRICS.bypass.set(i64::from(!live));
-        Arc::new(Self { live: AtomicBool::new(live), caches: Mutex::default(), sync: OnceLock::new() })
+        Arc::new(Self {
+            live: AtomicBool::new(live),
+            caches: Mutex::default(),
+            sync: OnceLock::new(),
+            synced: Mutex::default(),
+            epoch: AtomicU64::new(0),
+        })
     }
 
     fn caches(&self) -> MutexGuard<'_, Vec<Weak<dyn Invalidate>>> {
@@ -139,14 +172,30 @@ impl Invalidator {
     }
 
     /// Waits until every invalidation the bus had taken when this was
-    /// called is applied: true at once without a sync (one process), false
-    /// if the bus could not confirm it (the caller must not answer from a
-    /// cache then).
+    /// called (or, inside an RPC, when that call arrived) is applied: true
+    /// at once without a sync (one process) or when a confirmed sync asked
+    /// for after the call arrived covers it, false if the bus could not
+    /// confirm it (the caller must not answer from a cache then).
     pub async fn sync(&self) -> bool {
-        match self.sync.get() {
-            Some(sync) => sync().await,
-            None => true,
+        let Some(sync) = self.sync.get() else { return true };
+        if let Ok(arrival) = CALL_ARRIVAL.try_with(|arrival| *arrival)
+            && self.synced().is_some_and(|synced| synced >= arrival)
+        {
+            return true;
         }
+        let (asked, epoch) = (Instant::now(), self.epoch.load(Ordering::Acquire));
+        let confirmed = sync().await;
+        if confirmed {
+            let mut synced = self.synced();
+            if self.epoch.load(Ordering::Acquire) == epoch && synced.is_none_or(|s| s < asked) {
+                *synced = Some(asked);
+            }
+        }
+        confirmed
+    }
+
+    fn synced(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.synced.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether caches may answer now.
@@ -168,6 +217,12 @@ impl Invalidator {
         // the flag.
         if !live {
             self.live.store(false, Ordering::Release);
+        }
+        // A sync from before the change confirms nothing after it.
+        {
+            let mut synced = self.synced();
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            *synced = None;
         }
         self.each(|cache| cache.clear());
         if live {
@@ -488,6 +543,47 @@ mod tests {
         fill(&cache, 1, "one", vec![]).await;
         invalidator.set_sync(Box::new(|| Box::pin(async { false })));
         assert!(matches!(cache.get(&1).await, Lookup::Bypass), "unconfirmed: ask the owner");
+    }
+
+    #[tokio::test]
+    async fn one_call_needs_one_sync_and_a_later_call_a_new_one() {
+        use std::sync::atomic::AtomicUsize;
+        let invalidator = Invalidator::new(true);
+        let cache = cache(&invalidator);
+        fill(&cache, 1, "one", vec![]).await;
+        fill(&cache, 2, "two", vec![]).await;
+        let rounds = Arc::new(AtomicUsize::new(0));
+        let counted = rounds.clone();
+        invalidator.set_sync(Box::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { true })
+        }));
+        let rounds = || rounds.load(Ordering::SeqCst);
+        let hits_in_one_call = || {
+            within_call(async {
+                assert!(matches!(cache.get(&1).await, Lookup::Hit("one")));
+                assert!(matches!(cache.get(&2).await, Lookup::Hit("two")));
+            })
+        };
+        hits_in_one_call().await;
+        assert_eq!(rounds(), 1, "the token and the membership check of one call share a sync");
+        hits_in_one_call().await;
+        assert_eq!(rounds(), 2, "a call that arrived after that sync was asked for syncs anew");
+        assert!(matches!(cache.get(&1).await, Lookup::Hit("one")));
+        assert!(matches!(cache.get(&2).await, Lookup::Hit("two")));
+        assert_eq!(rounds(), 4, "outside a call every hit syncs");
+
+        // A call that arrived before a liveness change reuses nothing from
+        // before it.
+        let arrived_early = within_call(async {
+            assert!(matches!(cache.get(&1).await, Lookup::Hit("one")));
+            invalidator.set_live(false);
+            invalidator.set_live(true);
+            fill(&cache, 2, "two", vec![]).await;
+            assert!(matches!(cache.get(&2).await, Lookup::Hit("two")));
+        });
+        arrived_early.await;
+        assert_eq!(rounds(), 6, "the sync before the change did not cover the look-up after it");
     }
 
     #[test]

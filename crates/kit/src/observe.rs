@@ -159,7 +159,7 @@ where
 {
     type Response = Response<RpcBody<B>>;
     type Error = S::Error;
-    type Future = RpcFuture<S::Future>;
+    type Future = RpcFuture<tokio::task::futures::TaskLocalFuture<Instant, S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -175,6 +175,9 @@ where
             let _entered = span.enter();
             self.inner.call(request)
         };
+        // The replicas' caches look up the call's arrival, so that all its
+        // look-ups share one sync (see `crate::cache`).
+        let future = crate::cache::within_call(future);
         RpcFuture { inner: future, call: Some(Call { span, metrics, start, client: false }) }
     }
 }

@@ -10,10 +10,10 @@
 # the runs' own set-up cancelled out. `send`'s ceiling at each concurrency
 # (health Checks answered by the edge or the all-in-one, as long as the
 # loop) is skipped: before 2026-12-04's correction it was counted as send
-# work, and it doubled the edge's and the all-in-one's figures. Statements are counted from
-# PostgreSQL's log with log_statement = all set on the run's own database
-# (natter_work, created if missing) only, so nothing else on the server is
-# logged.
+# work, and it doubled the edge's and the all-in-one's figures. Statements
+# are counted from PostgreSQL's log with log_statement = all set on the
+# run's own database (natter_work, created if missing) only, so nothing
+# else on the server is logged.
 #
 #   MODE=split (default): one replica of each service behind the edge.
 #   MODE=serve: one all-in-one `natter serve` on PostgreSQL + NATS.

@@ -34,7 +34,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -122,12 +122,20 @@ pub struct Invalidator {
     /// The bus's sync ([`Invalidator::set_sync`]); none: invalidations are
     /// applied synchronously (one process).
     sync: OnceLock<SyncFn>,
+    /// The newest confirmed sync, for look-ups of calls that arrived
+    /// before it was asked for.
+    synced: Mutex<Synced>,
+}
+
+/// See [`Invalidator::sync`].
+#[derive(Default)]
+struct Synced {
     /// When the newest confirmed sync was asked for (the round it waited
-    /// for started no earlier); reset whenever liveness changes.
-    synced: Mutex<Option<Instant>>,
+    /// for started no earlier); none since the last liveness change.
+    asked: Option<Instant>,
     /// Moves on at every liveness change: a sync asked for before one
     /// confirms nothing after it.
-    epoch: AtomicU64,
+    epoch: u64,
 }
 
 /// A bus's sync: resolves to true once every invalidation the bus had
@@ -150,7 +158,6 @@ impl Invalidator {
             caches: Mutex::default(),
             sync: OnceLock::new(),
             synced: Mutex::default(),
-            epoch: AtomicU64::new(0),
         })
     }
 
@@ -179,22 +186,20 @@ impl Invalidator {
     pub async fn sync(&self) -> bool {
         let Some(sync) = self.sync.get() else { return true };
         if let Ok(arrival) = CALL_ARRIVAL.try_with(|arrival| *arrival)
-            && self.synced().is_some_and(|synced| synced >= arrival)
+            && self.synced().asked.is_some_and(|asked| asked >= arrival)
         {
             return true;
         }
-        let (asked, epoch) = (Instant::now(), self.epoch.load(Ordering::Acquire));
+        let (asked, epoch) = (Instant::now(), self.synced().epoch);
         let confirmed = sync().await;
-        if confirmed {
-            let mut synced = self.synced();
-            if self.epoch.load(Ordering::Acquire) == epoch && synced.is_none_or(|s| s < asked) {
-                *synced = Some(asked);
-            }
+        let mut synced = self.synced();
+        if confirmed && synced.epoch == epoch && synced.asked.is_none_or(|a| a < asked) {
+            synced.asked = Some(asked);
         }
         confirmed
     }
 
-    fn synced(&self) -> MutexGuard<'_, Option<Instant>> {
+    fn synced(&self) -> MutexGuard<'_, Synced> {
         self.synced.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -221,8 +226,8 @@ impl Invalidator {
         // A sync from before the change confirms nothing after it.
         {
             let mut synced = self.synced();
-            self.epoch.fetch_add(1, Ordering::AcqRel);
-            *synced = None;
+            synced.epoch += 1;
+            synced.asked = None;
         }
         self.each(|cache| cache.clear());
         if live {

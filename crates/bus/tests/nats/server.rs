@@ -27,8 +27,9 @@ pub(crate) struct NatsServer {
     pub(crate) password: String,
     binary: PathBuf,
     dir: tempfile::TempDir,
-    /// This test's turn: shared with other tests, or alone.
-    _turn: Turn,
+    /// This test's turn (a guard of [`TURNS`]): shared with other tests, or
+    /// alone; held until the server is dropped.
+    _turn: Box<dyn std::any::Any + Send + Sync>,
 }
 
 /// Tests run in parallel threads of one process, and a callsite's interest
@@ -38,11 +39,6 @@ pub(crate) struct NatsServer {
 /// Such a test runs alone ([`NatsServer::start_alone`]); every other test
 /// holds a shared turn while its server runs.
 static TURNS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
-
-enum Turn {
-    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'static, ()>),
-    Alone(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'static, ()>),
-}
 
 /// The nats-server binary: on PATH, else Debian's /usr/sbin/nats-server.
 fn binary() -> Option<PathBuf> {
@@ -58,22 +54,21 @@ impl NatsServer {
     /// Starts a server; `None` (the test skips) only when nats-server is not
     /// installed and CI is unset. Panics in CI without it.
     pub(crate) async fn start() -> Option<Self> {
-        Self::start_taking(async { Turn::Shared(TURNS.read().await) }).await
+        Self::start_taking(Box::new(TURNS.read().await)).await
     }
 
     /// As [`NatsServer::start`], once no other test's server runs, and none
     /// starts until this one is dropped: for tests that capture logs.
     pub(crate) async fn start_alone() -> Option<Self> {
-        Self::start_taking(async { Turn::Alone(TURNS.write().await) }).await
+        Self::start_taking(Box::new(TURNS.write().await)).await
     }
 
-    async fn start_taking(turn: impl std::future::Future<Output = Turn>) -> Option<Self> {
+    async fn start_taking(turn: Box<dyn std::any::Any + Send + Sync>) -> Option<Self> {
         let Some(binary) = binary() else {
             assert!(std::env::var_os("CI").is_none(), "CI must have nats-server installed (on PATH or /usr/sbin)");
             eprintln!("skipped: nats-server is not installed");
             return None;
         };
-        let turn = turn.await;
         let dir = tempfile::tempdir().expect("temp dir");
         // Letters first: the server parses an unquoted value starting with a
         // digit as a number (see deploy/README.md on generating one).

@@ -197,9 +197,12 @@ pub struct Subscription {
     events: Option<Receiving>,
 }
 
-/// A plain receiver while only [`Subscription::recv`] is used; boxed into a
-/// stream the first time it is polled as one (a `StreamMap` of chats), so a
-/// stream's session and user topics cost no allocation of their own.
+/// A plain receiver while only [`Subscription::recv`] is used (no
+/// allocation); boxed into a stream the first time it is polled as one. A
+/// subscriber that waits for it beside other things should poll it as a
+/// stream: the stream's pending receive stays registered with the topic
+/// between polls, where each dropped `recv` future takes the topic's lock to
+/// register and again to leave.
 enum Receiving {
     Receiver(broadcast::Receiver<Shared>),
     Stream(BroadcastStream<Shared>),

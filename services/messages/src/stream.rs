@@ -46,7 +46,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt as _};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt as _, Stream, StreamExt as _};
 use natter_auth::{Authenticator, Principal};
 use natter_bus::{Lagged, Shared as BusEvent, Subscription, Topic};
 use natter_kit::id::{ChatId, MessageId, UserId};
@@ -188,7 +190,16 @@ pub async fn open(
         // the stream is dropped, however it ends.
         let _active = active;
         let _online = online;
-        let revoked = ticket.revoked().clone();
+        // The three ways the stream ends, made once and polled only when one
+        // of them woke the stream: a future polled at every wake-up would
+        // take the shutdown token's lock (shared by every stream of the
+        // process) and the session token's each time an event passes, and
+        // one made anew at each would also register with them and the timer
+        // wheel and leave again.
+        let mut ends: FuturesUnordered<BoxFuture<'static, Wake>> = FuturesUnordered::new();
+        ends.push(Box::pin(shutdown.cancelled_owned().map(|()| Wake::Shutdown)));
+        ends.push(Box::pin(tokio::time::sleep_until(expires).map(|()| Wake::Expired)));
+        ends.push(Box::pin(ticket.revoked().clone().cancelled_owned().map(|()| Wake::Revoked)));
         let _ticket = ticket;
         let mut follower = follower;
         let mut user_events = user_events;
@@ -214,9 +225,7 @@ pub async fn open(
             }
             let wake = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => Wake::Shutdown,
-                () = tokio::time::sleep_until(expires) => Wake::Expired,
-                () = revoked.cancelled() => Wake::Revoked,
+                Some(end) = ends.next() => end,
                 event = next_of(&mut session_events) => Wake::Session(event),
                 // Before any chat: a removal is seen before what the chat
                 // queued after it.
@@ -440,18 +449,17 @@ impl Follower {
     /// changes and departures among `events` (before they are sent: a
     /// promotion shows the flags of what follows it).
     async fn track_roles(&mut self, events: &[pb::StreamEventsResponse]) -> Result<(), Status> {
-        let user = self.user.to_string();
         for event in events {
             let Some(Event::MembershipChanged(change)) = &event.event else { continue };
             let Ok(chat) = Uuid::try_parse(&event.chat_id) else { continue };
-            if change.user_id != user {
+            if change.user_id.parse() != Ok(self.user) {
                 continue;
             }
             if is_departure(change) {
                 self.managed.remove(&chat);
                 continue;
             }
-            let membership = self.messages.chats().check_membership(&event.chat_id, &user).await?;
+            let membership = self.messages.chats().check_membership(&event.chat_id, &self.user.to_string()).await?;
             if membership.member && natter_links::manages(&membership) {
                 self.managed.insert(chat);
             } else {
@@ -681,7 +689,9 @@ fn is_departure(change: &pb::MembershipChanged) -> bool {
 /// The next event of an optional subscription (never, without one).
 async fn next_of(subscription: &mut Option<Subscription>) -> Option<Result<BusEvent, Lagged>> {
     match subscription {
-        Some(s) => s.recv().await,
+        // As a stream, whose receive stays registered with the topic between
+        // wake-ups (a `recv` future would register and leave at each one).
+        Some(s) => s.next().await,
         None => std::future::pending().await,
     }
 }

@@ -137,8 +137,18 @@ async fn a_revocation_or_removal_that_returned_is_refused_by_every_replica_at_on
         let add = cpb::AddMembersRequest { chat_id: chat.clone(), user_ids: vec![bob_id.clone()] };
         to_chats.add_members(authed(&alice, add)).await.unwrap();
     }
+    // Each round's first send fills the entry that its second hits, unless
+    // the previous round's re-add reached this replica's invalidation
+    // subscription between the first send's miss and its fill: the fill is
+    // then rightly not stored (the cache cannot tell it from a stale
+    // answer), and the second send asks the chats service again. Under
+    // load that happened in 1 round of 200 (CI, 2026-12-04); the rounds'
+    // refusals above hold either way.
     let membership_hits = cache_lookups(metrics, "memberships", "hit") - hits_before;
-    assert!(membership_hits >= ROUNDS as u64, "bob's second send of each round was a cache hit: {membership_hits}");
+    assert!(
+        membership_hits >= (ROUNDS - ROUNDS / 10) as u64,
+        "bob's second send came from the cache in at least 9 rounds of 10: {membership_hits} hits in {ROUNDS}"
+    );
 
     drop((sessions, chats, messages));
     drop_schemas(&db, &prefix).await;

@@ -113,8 +113,16 @@ pub async fn open(
     let bus = messages.bus().clone();
     let all = follow.chat_ids.is_empty();
     // Subscribe to the user's topic before listing chats, so a chat joined
-    // (or left) in between is not missed.
-    let user_events = Some(bus.subscribe(Topic::User(user)));
+    // (or left) in between is not missed. Across replicas the subscription
+    // takes effect once the NATS server has it: wait for that, then drop
+    // what it queued (its resync hint, and changes the listing covers), so
+    // the stream does not re-read its chats at once: a re-read racing a
+    // chat being created would announce the user's join twice (once made
+    // up by the re-read, once from the chat's log).
+    let mut user_events = bus.subscribe(Topic::User(user));
+    bus.settled().await;
+    drain(&mut user_events);
+    let user_events = Some(user_events);
     let chats: Vec<Uuid> = if all {
         uuids(&messages.chats().member_chat_ids(&user.to_string()).await?)
     } else {
@@ -361,7 +369,7 @@ impl Follower {
     /// are read, which cover it).
     fn drain_queued(&mut self) {
         for (_, subscription) in self.live.iter_mut() {
-            while let Some(Some(_)) = futures::FutureExt::now_or_never(subscription.recv()) {}
+            drain(subscription);
         }
     }
 
@@ -684,6 +692,11 @@ fn message_of(event: &mut pb::StreamEventsResponse) -> Option<&mut pb::Message> 
 /// A leave or a removal.
 fn is_departure(change: &pb::MembershipChanged) -> bool {
     change.change == pb::MembershipChange::Left as i32 || change.change == pb::MembershipChange::Removed as i32
+}
+
+/// Drops whatever `subscription` has queued.
+fn drain(subscription: &mut Subscription) {
+    while let Some(Some(_)) = subscription.recv().now_or_never() {}
 }
 
 /// The next event of an optional subscription (never, without one).

@@ -4,10 +4,15 @@
 //! replies.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use mpb::stream_events_response::Event;
 use natter_llm::{ChatMessage, Event as LlmEvent};
 use natter_proto::chats::v1 as cpb;
@@ -69,8 +74,10 @@ pub struct Settings {
     pub concurrency: usize,
     pub queue: usize,
     pub lease: Duration,
-    /// The least time between two message_delta events of a reply: text
-    /// that comes sooner is held and sent together (coalesced).
+    /// The pace of a reply's message_delta events: one per `flush` on
+    /// average, two at most within one `flush` (GCRA); text that comes
+    /// sooner is held and sent together (coalesced). Zero: every piece of
+    /// text goes out as it comes.
     pub flush: Duration,
     /// How often the text so far is checkpointed (and the lease renewed).
     pub checkpoint: Duration,
@@ -89,6 +96,49 @@ impl Default for Settings {
             lease: Duration::from_secs(15),
             flush: Duration::from_millis(50),
             checkpoint: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The pace of one reply's message_delta events, by GCRA (governor's rate
+/// limiter, after the ATM Forum's Generic Cell Rate Algorithm): one delta
+/// per `flush` on average, at most two within one `flush`. Text at the
+/// model's own pace (a token every `flush` or slower, give or take its
+/// jitter) goes out the moment it comes; faster text is held and sent
+/// together. (A rule of "at least `flush` since the last delta" held back
+/// every token that came a hair early, and that wait, wound up further by
+/// the timer's slack, carried on to every later token.)
+struct Pace<C: Clock = DefaultClock> {
+    /// None: no pacing (`flush` zero).
+    limiter: Option<RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>>,
+    clock: C,
+}
+
+impl Pace {
+    fn new(flush: Duration) -> Self {
+        Self::with_clock(flush, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> Pace<C> {
+    fn with_clock(flush: Duration, clock: C) -> Self {
+        let limiter = Quota::with_period(flush).map(|quota| {
+            RateLimiter::direct_with_clock(quota.allow_burst(NonZeroU32::MIN.saturating_add(1)), clock.clone())
+        });
+        Self { limiter, clock }
+    }
+
+    /// None when a delta may go now (its turn is taken); otherwise how long
+    /// the text is to be held.
+    fn turn(&self) -> Option<Duration> {
+        let limiter = self.limiter.as_ref()?;
+        limiter.check().err().map(|later| later.wait_time_from(self.clock.now()))
+    }
+
+    /// Takes a turn for held text that goes out (due or not).
+    fn take(&self) {
+        if let Some(limiter) = &self.limiter {
+            let _ = limiter.check();
         }
     }
 }
@@ -581,10 +631,10 @@ impl Assistant {
     }
 
     /// Streams the reply to `prompt` into `reply`: text goes out as
-    /// message_delta events (at once, or coalesced to one per `flush`), is
-    /// checkpointed about every `checkpoint` (which reports a stop asked on
-    /// any replica); `stop` (or shutdown) ends it at once, dropping the
-    /// connection to the server.
+    /// message_delta events (at once, or coalesced to about one per
+    /// `flush`), is checkpointed about every `checkpoint` (which reports a
+    /// stop asked on any replica); `stop` (or shutdown) ends it at once,
+    /// dropping the connection to the server.
     async fn generate(&self, prompt: &mpb::Message, reply: &mpb::Message, stop: &CancellationToken) -> Outcome {
         let mut outcome = Outcome {
             text: String::new(),
@@ -623,11 +673,8 @@ impl Assistant {
             Some(Err(error)) => return failed(outcome, error),
             Some(Ok(started)) => started,
         };
-        // Text goes out at once when the last delta left at least `flush`
-        // ago (a token at the model's pace is not held back), else when
-        // that time has passed: at most one delta per `flush` per reply.
+        let pace = Pace::new(self.settings.flush);
         let mut sent = 0;
-        let mut last_delta: Option<tokio::time::Instant> = None;
         let mut checkpointed = Instant::now();
         let mut beat =
             tokio::time::interval_at(tokio::time::Instant::now() + self.settings.checkpoint, self.settings.checkpoint);
@@ -649,20 +696,22 @@ impl Assistant {
                 }
                 () = &mut held, if holding => {
                     holding = false;
+                    // Takes the turn it waited for.
+                    pace.take();
                     true
                 }
                 _ = beat.tick() => checkpointed.elapsed() >= self.settings.checkpoint,
                 event = events.next() => match event {
                     Some(Ok(LlmEvent::Content(text))) => {
                         outcome.text.push_str(&text);
-                        match last_delta {
-                            _ if holding => false,
-                            Some(last) if last.elapsed() < self.settings.flush => {
-                                held.as_mut().reset(last + self.settings.flush);
-                                holding = true;
-                                false
-                            }
-                            _ => true,
+                        if holding {
+                            false
+                        } else if let Some(wait) = pace.turn() {
+                            held.as_mut().reset(tokio::time::Instant::now() + wait);
+                            holding = true;
+                            false
+                        } else {
+                            true
                         }
                     }
                     Some(Ok(LlmEvent::Finish(reason))) => {
@@ -694,9 +743,10 @@ impl Assistant {
                 continue;
             }
             let update = self.update(reply, &outcome.text, sent, checkpoint);
-            if sent < outcome.text.len() {
-                last_delta = Some(tokio::time::Instant::now());
+            if holding {
+                // A checkpoint takes the held text along, before its turn.
                 holding = false;
+                pace.take();
             }
             sent = outcome.text.len();
             if checkpoint {
@@ -1107,6 +1157,58 @@ fn names(text: &str, username: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Deltas of tokens that come at `gaps` (ms) apart, paced per 50 ms:
+    /// (deltas sent, the longest a token waited, ms).
+    fn paced(gaps: impl IntoIterator<Item = u64>) -> (u32, u64) {
+        let clock = governor::clock::FakeRelativeClock::default();
+        let pace = Pace::with_clock(Duration::from_millis(50), clock.clone());
+        let (mut now, mut deltas, mut longest) = (0, 0, 0);
+        // When the held text goes, and since when it waits.
+        let mut held: Option<(u64, u64)> = None;
+        for gap in gaps {
+            let at = now + gap;
+            if let Some((until, since)) = held.filter(|(until, _)| *until <= at) {
+                clock.advance(Duration::from_millis(until - now));
+                now = until;
+                pace.take();
+                deltas += 1;
+                longest = longest.max(until - since);
+                held = None;
+            }
+            clock.advance(Duration::from_millis(at - now));
+            now = at;
+            if held.is_none() {
+                match pace.turn() {
+                    None => deltas += 1,
+                    Some(wait) => held = Some((now + wait.as_millis() as u64, now)),
+                }
+            }
+        }
+        (deltas, longest)
+    }
+
+    #[test]
+    fn tokens_at_the_flush_pace_go_at_once_even_when_a_few_come_early() {
+        // 200 tokens 50 ms apart on average, every other one 4 ms early.
+        let gaps = (0..200).map(|i| if i % 2 == 0 { 46 } else { 54 });
+        assert_eq!(paced(gaps), (200, 0));
+        assert_eq!(paced(std::iter::repeat_n(50, 200)), (200, 0));
+    }
+
+    #[test]
+    fn faster_tokens_are_coalesced_to_about_one_delta_per_flush() {
+        // A token every 5 ms for one second: 200 tokens.
+        let (deltas, longest) = paced(std::iter::repeat_n(5, 200));
+        assert!((19..=22).contains(&deltas), "{deltas} deltas in 1 s at one per 50 ms");
+        assert!(longest <= 50, "a token waited {longest} ms");
+    }
+
+    #[test]
+    fn a_zero_flush_sends_every_token() {
+        let pace = Pace::new(Duration::ZERO);
+        assert!((0..100).all(|_| pace.turn().is_none()));
+    }
 
     #[test]
     fn a_reply_id_is_the_same_for_the_same_prompt_only() {

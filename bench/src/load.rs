@@ -177,6 +177,13 @@ impl Outcome {
     pub(crate) fn per_sec(&self) -> f64 {
         self.ok as f64 / self.window.as_secs_f64()
     }
+
+    /// CPU the server and this tool each spent over the window, in cores
+    /// (CPU seconds per second).
+    pub(crate) fn cores(&self) -> (Option<f64>, Option<f64>) {
+        let cores = |us_per_call: Option<f64>| us_per_call.map(|us| round3(us * self.per_sec() / 1e6));
+        (cores(self.cpu.server_cpu_us_per_call), cores(self.cpu.client_cpu_us_per_call))
+    }
 }
 
 /// Runs `callers` concurrent loops of `call(caller)` for `warmup + window`;

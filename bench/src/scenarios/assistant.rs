@@ -6,7 +6,8 @@
 //! `|`); a stream that receives a `message_delta` records now − that time
 //! for each token in it. That latency covers the model server's HTTP
 //! stream, the assistant's parsing, its coalescing of tokens into deltas
-//! (at most one per 50 ms per reply: a token that comes sooner waits),
+//! (GCRA: one per 50 ms per reply on average, two at most within 50 ms; a
+//! token beyond that waits its turn),
 //! the publish through the messages service and the bus, and the stream.
 //! For the delivery alone (publish to client) see `fanout`: deltas take the
 //! same bus and streams as messages.
@@ -36,7 +37,7 @@ use natter_proto::messages::v1::SendMessageRequest;
 use natter_proto::messages::v1::stream_events_response::Event;
 use serde::Serialize;
 
-use super::{Ctx, Report, Windows};
+use super::{CpuBudget, Ctx, Report, Windows};
 use crate::client::{self, Fixture};
 use crate::load::{self, Latency, Measured};
 
@@ -75,6 +76,9 @@ struct Results {
     half_rate_per_s: f64,
     half_rate_alone: Measured,
     half_rate_beside: Measured,
+    /// The sends' CPU alone against the replies' alone (the tool's side:
+    /// the scripted model's SSE streams and the streams receiving).
+    cpu_budget: CpuBudget,
     stream_errors: u64,
 }
 
@@ -147,12 +151,17 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         .context("a prompt")?;
     // The replies alone, once every reply streams (the warm-up).
     tokio::time::sleep(s.warmup).await;
-    let cpu_before = ctx.target.pid.and_then(crate::server::cpu_micros);
+    let cpu_now =
+        || (ctx.target.pid.and_then(crate::server::cpu_micros), crate::server::cpu_micros(std::process::id()));
+    let cpu_before = cpu_now();
     windows.set(1);
     tokio::time::sleep(s.duration).await;
     windows.set(0);
-    let server_cpu =
-        cpu_before.zip(ctx.target.pid.and_then(crate::server::cpu_micros)).map(|(a, b)| b.saturating_sub(a));
+    let cpu_after = cpu_now();
+    let spent = |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| b.saturating_sub(a));
+    let (server_cpu, tool_cpu) = (spent(cpu_before.0, cpu_after.0), spent(cpu_before.1, cpu_after.1));
+    let cores = |us: Option<u64>| us.map(|us| load::round3(us as f64 / 1e6 / s.duration.as_secs_f64()));
+    let replies_cores = (cores(server_cpu), cores(tool_cpu));
     // Beside the closed send loop (its window: after its warm-up).
     windows.schedule(2, s.warmup, s.duration);
     let beside = load::closed_loop(SEND_CALLERS, s.warmup, s.duration, ctx.target.pid, send("beside")).await;
@@ -184,6 +193,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         half_rate_per_s: load::round3(half_rate),
         half_rate_alone: half_alone.measured(),
         half_rate_beside: half_beside.measured(),
+        cpu_budget: CpuBudget::new(&alone, replies_cores),
         stream_errors: stream_errors.load(Ordering::Relaxed),
     };
     let table = vec![
@@ -211,6 +221,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
             results.half_rate_alone.summary("call"),
             results.half_rate_beside.summary("call")
         ),
+        format!("assistant {}", results.cpu_budget.summary()),
     ];
     Report::new(results, table)
 }

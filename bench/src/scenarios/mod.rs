@@ -49,6 +49,53 @@ impl Ctx<'_> {
     }
 }
 
+/// What a "sends beside a load" ratio can be on this machine: the CPU the
+/// sends took alone, and the CPU the load took on its own, the server's
+/// and this tool's (all in cores: CPU seconds per second). Where the tool
+/// and the server share the cores and the sends alone keep them busy, the
+/// sends beside the load fall by about the load's cores over the sends'
+/// (`load_share_of_sends`); a tool share alone above a tenth of the sends'
+/// cores rules out "within 10%" whatever the server spends.
+#[derive(Serialize)]
+pub(crate) struct CpuBudget {
+    pub(crate) send_alone_cores: Option<f64>,
+    pub(crate) load_server_cores: Option<f64>,
+    pub(crate) load_tool_cores: Option<f64>,
+    /// (server + tool cores of the load) / the sends' cores.
+    pub(crate) load_share_of_sends: Option<f64>,
+    /// The tool's cores of the load / the sends' cores.
+    pub(crate) tool_share_of_sends: Option<f64>,
+}
+
+impl CpuBudget {
+    /// From the sends alone and the load's (server, tool) cores.
+    pub(crate) fn new(send_alone: &Outcome, (server, tool): (Option<f64>, Option<f64>)) -> Self {
+        let (send_server, send_tool) = send_alone.cores();
+        let sends = send_server.zip(send_tool).map(|(a, b)| a + b).filter(|c| *c > 0.0);
+        let share = |cores: Option<f64>| cores.zip(sends).map(|(c, s)| load::round3(c / s));
+        Self {
+            send_alone_cores: sends.map(load::round3),
+            load_server_cores: server,
+            load_tool_cores: tool,
+            load_share_of_sends: share(server.zip(tool).map(|(a, b)| a + b)),
+            tool_share_of_sends: share(tool),
+        }
+    }
+
+    /// `CPU (cores) sends alone .. | load: server .. tool .. (.. / .. of the sends')`.
+    pub(crate) fn summary(&self) -> String {
+        let f = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+        format!(
+            "CPU cores: sends alone {} | the load alone: server {}, this tool {} ({} and {} of the sends')",
+            f(self.send_alone_cores),
+            f(self.load_server_cores),
+            f(self.load_tool_cores),
+            f(self.load_share_of_sends),
+            f(self.tool_share_of_sends),
+        )
+    }
+}
+
 /// A closed loop of page reads (history, chats): its rate and what it cost.
 #[derive(Serialize)]
 pub(crate) struct PageRate {

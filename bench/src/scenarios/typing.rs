@@ -18,7 +18,7 @@ use natter_proto::messages::v1::SetTypingRequest;
 use natter_proto::messages::v1::stream_events_response::Event;
 use serde::Serialize;
 
-use super::{Ctx, Report, Windows};
+use super::{CpuBudget, Ctx, Report, Windows};
 use crate::client::{self, Fixture};
 use crate::load::{self, Latency, Measured};
 
@@ -55,6 +55,8 @@ struct Results {
     send_beside_ratio: f64,
     send_alone: Measured,
     send_beside: Measured,
+    /// The sends' CPU alone against the typing's alone.
+    cpu_budget: CpuBudget,
     stream_errors: u64,
 }
 
@@ -148,6 +150,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         send_beside_ratio: load::round3(beside.per_sec() / alone.per_sec().max(f64::MIN_POSITIVE)),
         send_alone: alone.measured(),
         send_beside: beside.measured(),
+        cpu_budget: CpuBudget::new(&alone, typing.cores()),
         stream_errors: stream_errors.load(Ordering::Relaxed),
     };
     let table = vec![
@@ -170,6 +173,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
             results.delivery_beside_sends.p99_ms,
             results.stream_errors
         ),
+        format!("typing   {}", results.cpu_budget.summary()),
     ];
     Report::new(results, table)
 }

@@ -51,11 +51,12 @@ impl Ctx<'_> {
 
 /// What a "sends beside a load" ratio can be on this machine: the CPU the
 /// sends took alone, and the CPU the load took on its own, the server's
-/// and this tool's (all in cores: CPU seconds per second). Where the tool
-/// and the server share the cores and the sends alone keep them busy, the
-/// sends beside the load fall by about the load's cores over the sends'
-/// (`load_share_of_sends`); a tool share alone above a tenth of the sends'
-/// cores rules out "within 10%" whatever the server spends.
+/// and this tool's (all in cores: CPU seconds per second). Only where the
+/// tool and the server share the cores and the sends alone keep them busy
+/// (no idle time, which this does not measure) do the sends beside the
+/// load fall by about the load's cores over the sends'
+/// (`load_share_of_sends`), and does a tool share alone above a tenth of
+/// the sends' cores rule out "within 10%" whatever the server spends.
 #[derive(Serialize)]
 pub(crate) struct CpuBudget {
     pub(crate) send_alone_cores: Option<f64>,

@@ -71,8 +71,16 @@ impl CpuPerCall {
 }
 
 /// CPU time of the server (`pid`) and of this process so far, µs.
-fn cpu_now(pid: Option<u32>) -> (Option<u64>, Option<u64>) {
+pub(crate) fn cpu_now(pid: Option<u32>) -> (Option<u64>, Option<u64>) {
     (pid.and_then(crate::server::cpu_micros), crate::server::cpu_micros(std::process::id()))
+}
+
+/// CPU time the server (`pid`) and this process each spent since `start`
+/// (what [`cpu_now`] said then), µs.
+pub(crate) fn cpu_since(pid: Option<u32>, start: (Option<u64>, Option<u64>)) -> (Option<u64>, Option<u64>) {
+    let end = cpu_now(pid);
+    let delta = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
+    (delta(start.0, end.0), delta(start.1, end.1))
 }
 
 /// Samples CPU time at `from` and at `until`; resolves to the differences.
@@ -81,9 +89,7 @@ fn cpu_window(pid: Option<u32>, from: Instant, until: Instant) -> tokio::task::J
         tokio::time::sleep_until(from.into()).await;
         let start = cpu_now(pid);
         tokio::time::sleep_until(until.into()).await;
-        let end = cpu_now(pid);
-        let delta = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
-        (delta(start.0, end.0), delta(start.1, end.1))
+        cpu_since(pid, start)
     })
 }
 

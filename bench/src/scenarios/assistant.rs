@@ -151,15 +151,11 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Report> {
         .context("a prompt")?;
     // The replies alone, once every reply streams (the warm-up).
     tokio::time::sleep(s.warmup).await;
-    let cpu_now =
-        || (ctx.target.pid.and_then(crate::server::cpu_micros), crate::server::cpu_micros(std::process::id()));
-    let cpu_before = cpu_now();
+    let cpu_before = load::cpu_now(ctx.target.pid);
     windows.set(1);
     tokio::time::sleep(s.duration).await;
     windows.set(0);
-    let cpu_after = cpu_now();
-    let spent = |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| b.saturating_sub(a));
-    let (server_cpu, tool_cpu) = (spent(cpu_before.0, cpu_after.0), spent(cpu_before.1, cpu_after.1));
+    let (server_cpu, tool_cpu) = load::cpu_since(ctx.target.pid, cpu_before);
     let cores = |us: Option<u64>| us.map(|us| load::round3(us as f64 / 1e6 / s.duration.as_secs_f64()));
     let replies_cores = (cores(server_cpu), cores(tool_cpu));
     // Beside the closed send loop (its window: after its warm-up).

@@ -104,12 +104,15 @@ tokio::task_local! {
     static CALL_ARRIVAL: Instant;
 }
 
-/// Runs `call`, an RPC's handling, with its arrival instant (now) known to
+/// Runs `call`, an RPC's handling, with the instant it arrived known to
 /// the caches' look-ups inside it, so they share one sync (module docs).
 /// Work the call spawns onto other tasks does not inherit it and syncs on
 /// its own.
-pub fn within_call<F: std::future::Future>(call: F) -> tokio::task::futures::TaskLocalFuture<Instant, F> {
-    CALL_ARRIVAL.scope(Instant::now(), call)
+pub fn within_call<F: std::future::Future>(
+    arrival: Instant,
+    call: F,
+) -> tokio::task::futures::TaskLocalFuture<Instant, F> {
+    CALL_ARRIVAL.scope(arrival, call)
 }
 
 /// The caches of one process and the state of the bus that keeps them
@@ -565,7 +568,7 @@ mod tests {
         }));
         let rounds = || rounds.load(Ordering::SeqCst);
         let hits_in_one_call = || {
-            within_call(async {
+            within_call(Instant::now(), async {
                 assert!(matches!(cache.get(&1).await, Lookup::Hit("one")));
                 assert!(matches!(cache.get(&2).await, Lookup::Hit("two")));
             })
@@ -580,7 +583,7 @@ mod tests {
 
         // A call that arrived before a liveness change reuses nothing from
         // before it.
-        let arrived_early = within_call(async {
+        let arrived_early = within_call(Instant::now(), async {
             assert!(matches!(cache.get(&1).await, Lookup::Hit("one")));
             invalidator.set_live(false);
             invalidator.set_live(true);

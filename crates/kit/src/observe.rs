@@ -177,7 +177,7 @@ where
         };
         // The replicas' caches look up the call's arrival, so that all its
         // look-ups share one sync (see `crate::cache`).
-        let future = crate::cache::within_call(future);
+        let future = crate::cache::within_call(start, future);
         RpcFuture { inner: future, call: Some(Call { span, metrics, start, client: false }) }
     }
 }

@@ -14,8 +14,8 @@
 //! `crate::` paths in the code, not in comments), so there is no import
 //! circle and each module can be read knowing only what is under it:
 //!
-//! 1. `config`, `error`, `limits`, `time`, `web_page`: flags, status mapping,
-//!    caps, clocks, the browser page's files.
+//! 1. `coalesce`, `config`, `error`, `limits`, `time`, `web_page`: streams'
+//!    writes, flags, status mapping, caps, clocks, the browser page's files.
 //! 2. `id`, `paging`: checked ids and page tokens (they fail with `error`'s
 //!    statuses, paging within `limits`).
 //! 3. `metrics`: Prometheus handles and the `/metrics` endpoint.
@@ -34,6 +34,7 @@
 //! header), never its own types.
 
 pub mod cache;
+pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod id;
@@ -61,6 +62,7 @@ mod layering {
     /// The layers of the module docs, lowest first, with each module's source.
     const LAYERS: &[&[(&str, &str)]] = &[
         &[
+            ("coalesce", include_str!("coalesce.rs")),
             ("config", include_str!("config.rs")),
             ("error", include_str!("error.rs")),
             ("limits", include_str!("limits.rs")),

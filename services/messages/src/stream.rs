@@ -280,7 +280,8 @@ pub async fn open(
             }
         }
     };
-    Ok(Box::pin(stream))
+    // Frames of one event to many streams of a connection: one write.
+    Ok(Box::pin(natter_kit::coalesce::Coalesced::new(stream)))
 }
 
 /// The chat ids among `ids` (as the chats service lists them).

@@ -15,7 +15,10 @@
 //! other streams the same event woke, which add their frames to the same
 //! write. Only the order of ready tasks changes; no frame waits for a timer
 //! or for another event, and a connection whose frame is alone is written as
-//! soon as the queue reaches it.
+//! soon as the queue reaches it. It matters where streams share a
+//! connection (the edge's upstream connections in split mode, internal
+//! clients, a client multiplexing its streams); a stream alone on its
+//! connection is written as before.
 //!
 //! Tokio's own switch for this (`Builder::disable_lifo_slot`) is unstable and
 //! applies to every task of the runtime, the unary calls' hand-offs too,

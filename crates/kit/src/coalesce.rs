@@ -27,6 +27,7 @@
 use std::cell::RefCell;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use futures::Stream;
@@ -78,38 +79,52 @@ impl<S: Stream> Stream for Coalesced<S> {
 }
 
 thread_local! {
-    // The idle task's waker, one per thread that polls streams (each test's
-    // runtime gets its own; a server's workers share one runtime's).
-    static IDLE: RefCell<Option<Arc<AtomicWaker>>> = const { RefCell::new(None) };
+    // The idle task of the runtime this thread works for, one per thread
+    // that polls streams (a server's workers share one runtime's).
+    static IDLE: RefCell<Option<Arc<Idle>>> = const { RefCell::new(None) };
 }
 
-/// Wakes this thread's idle task, starting it on first use. Outside a tokio
-/// runtime, does nothing.
+/// A task that does nothing each time it is woken.
+#[derive(Default)]
+struct Idle {
+    waker: AtomicWaker,
+    /// Its runtime dropped it (shut down): a new one is needed.
+    gone: AtomicBool,
+}
+
+/// Wakes this thread's idle task, starting one on first use and after its
+/// runtime went. Outside a tokio runtime, does nothing.
 fn nudge() {
-    IDLE.with(|idle| {
-        let mut idle = idle.borrow_mut();
-        match idle.as_ref() {
-            Some(waker) => waker.wake(),
-            None => {
-                if tokio::runtime::Handle::try_current().is_err() {
-                    return;
-                }
-                let waker = Arc::new(AtomicWaker::new());
-                tokio::spawn(idle_task(Arc::downgrade(&waker)));
-                *idle = Some(waker);
-            }
+    IDLE.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        if let Some(idle) = slot.as_ref().filter(|idle| !idle.gone.load(Ordering::Acquire)) {
+            idle.waker.wake();
+            return;
         }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let idle = Arc::new(Idle::default());
+        tokio::spawn(idle_task(Gone(idle.clone())));
+        *slot = Some(idle);
     });
 }
 
-/// Does nothing each time it is woken; ends when its thread's slot is gone.
-async fn idle_task(waker: std::sync::Weak<AtomicWaker>) {
-    std::future::poll_fn(|cx| match waker.upgrade() {
-        Some(waker) => {
-            waker.register(cx.waker());
-            Poll::Pending
-        }
-        None => Poll::Ready(()),
+/// Marks its idle task gone when dropped with it (by its runtime, polled
+/// or not).
+struct Gone(Arc<Idle>);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        self.0.gone.store(true, Ordering::Release);
+    }
+}
+
+/// Waits to be woken, forever.
+async fn idle_task(gone: Gone) {
+    std::future::poll_fn(|cx| {
+        gone.0.waker.register(cx.waker());
+        Poll::<()>::Pending
     })
     .await
 }
@@ -127,6 +142,25 @@ mod tests {
     async fn items_pass_through_in_order() {
         let items: Vec<u32> = Coalesced::new(futures::stream::iter(0..100)).collect().await;
         assert_eq!(items, (0..100).collect::<Vec<_>>());
+    }
+
+    /// A runtime that ends takes its idle task along; the next runtime on
+    /// the same thread starts its own (a test's, or a restarted server's).
+    #[test]
+    fn each_runtime_on_a_thread_gets_an_idle_task() {
+        let idle = || IDLE.with(|slot| slot.borrow().clone()).expect("an idle task");
+        let first = {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(async { nudge() });
+            let first = idle();
+            assert!(!first.gone.load(Ordering::Acquire));
+            first
+        };
+        assert!(first.gone.load(Ordering::Acquire), "dropped with its runtime");
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async { nudge() });
+        let second = idle();
+        assert!(!Arc::ptr_eq(&first, &second) && !second.gone.load(Ordering::Acquire));
     }
 
     /// What the wrapper is for, on one worker: a stream hands over its

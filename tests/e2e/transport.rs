@@ -150,22 +150,7 @@ async fn the_edge_reports_an_upstream_failing_mid_stream_as_unavailable() {
     let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
     let crash = std::sync::Arc::new(tokio::sync::Notify::new());
     tokio::spawn(serve_failing_stream(upstream, crash.clone()));
-    let edge_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let edge_addr = edge_listener.local_addr().unwrap();
-    let args = natter_edge::EdgeArgs::try_parse_from([
-        "natter-edge",
-        "--sessions-url",
-        &upstream_url,
-        "--chats-url",
-        &upstream_url,
-        "--messages-url",
-        &upstream_url,
-    ])
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    let edge = tokio::spawn(natter_edge::run(args, edge_listener, shutdown.clone()));
-    let channel =
-        tonic::transport::Channel::from_shared(format!("http://{edge_addr}")).unwrap().connect().await.unwrap();
+    let (channel, shutdown, edge) = edge_before(&upstream_url, &[]).await;
     let mut client = mpb::message_service_client::MessageServiceClient::new(channel);
     let mut stream = tokio::time::timeout(GUARD, client.stream_events(mpb::StreamEventsRequest::default()))
         .await
@@ -178,7 +163,148 @@ async fn the_edge_reports_an_upstream_failing_mid_stream_as_unavailable() {
     let failure = tokio::time::timeout(GUARD, stream.message()).await.unwrap().unwrap_err();
     assert_eq!(failure.code(), Code::Unavailable, "{failure:?}");
     shutdown.cancel();
-    edge.await.unwrap().unwrap();
+    edge.await.unwrap();
+}
+
+/// A replica caps the streams of a connection (SETTINGS_MAX_CONCURRENT_STREAMS)
+/// and a live stream holds its place: the edge opens more connections when
+/// its own are full, so streams beyond connections x cap still start (they
+/// used to wait, and every call after them with them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_beyond_a_replicas_per_connection_cap_still_start() {
+    const CAP: u32 = 2;
+    const STREAMS: usize = 9;
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
+    let held = std::sync::Arc::new(Held::default());
+    tokio::spawn(serve_held_streams(upstream, CAP, held.clone()));
+    let cap = CAP.to_string();
+    let (channel, shutdown, edge) =
+        edge_before(&upstream_url, &["--upstream-connections", "1", "--upstream-calls-per-connection", &cap]).await;
+    let mut streams = Vec::new();
+    for i in 0..STREAMS {
+        let mut client = mpb::message_service_client::MessageServiceClient::new(channel.clone());
+        let mut stream = tokio::time::timeout(GUARD, client.stream_events(mpb::StreamEventsRequest::default()))
+            .await
+            .unwrap_or_else(|_| panic!("stream {i} did not start"))
+            .expect("the stream starts")
+            .into_inner();
+        let first = tokio::time::timeout(GUARD, stream.message()).await.unwrap().unwrap().expect("one event");
+        assert_eq!(first.chat_id, "held", "stream {i}");
+        streams.push(stream);
+    }
+    let opened = held.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(opened, STREAMS.div_ceil(CAP as usize), "connections carrying {STREAMS} streams");
+    // Streams that end give their places back (the edge drops them, which
+    // the upstream sees): as many again fit on the same connections.
+    drop(streams);
+    let mut live = held.live.subscribe();
+    tokio::time::timeout(GUARD, live.wait_for(|n| *n == 0)).await.unwrap().unwrap();
+    let mut again = Vec::new();
+    for _ in 0..STREAMS {
+        let mut client = mpb::message_service_client::MessageServiceClient::new(channel.clone());
+        let mut stream = tokio::time::timeout(GUARD, client.stream_events(mpb::StreamEventsRequest::default()))
+            .await
+            .unwrap()
+            .expect("the stream starts")
+            .into_inner();
+        tokio::time::timeout(GUARD, stream.message()).await.unwrap().unwrap().expect("one event");
+        again.push(stream);
+    }
+    assert_eq!(held.connections.load(std::sync::atomic::Ordering::SeqCst), opened, "no more connections");
+    shutdown.cancel();
+    drop(again);
+    edge.await.unwrap();
+}
+
+/// What [`serve_held_streams`] saw.
+#[derive(Default)]
+struct Held {
+    /// Connections that carried StreamEvents calls (not the edge's health
+    /// checks).
+    connections: std::sync::atomic::AtomicUsize,
+    /// StreamEvents calls open now.
+    live: tokio::sync::watch::Sender<usize>,
+}
+
+/// Counts a held stream until its body is dropped (the edge let it go).
+struct Live(std::sync::Arc<Held>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.live.send_modify(|n| *n -= 1);
+    }
+}
+
+/// A stand-in upstream speaking gRPC over HTTP/2 that allows `cap` streams
+/// a connection (as natter's `--max-concurrent-streams` does) and answers
+/// every call with one StreamEventsResponse, then holds it open.
+async fn serve_held_streams(listener: TcpListener, cap: u32, held: std::sync::Arc<Held>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { return };
+        let held = held.clone();
+        let counted = std::sync::atomic::AtomicBool::new(false);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let streams = request.uri().path().ends_with("/StreamEvents");
+                if streams && !counted.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    held.connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                let live = streams.then(|| {
+                    held.live.send_modify(|n| *n += 1);
+                    Live(held.clone())
+                });
+                async move {
+                    let first = futures::stream::iter([Ok::<_, std::io::Error>(event_frame("held"))]);
+                    let open = futures::stream::poll_fn(move |_| {
+                        let _live = &live;
+                        std::task::Poll::Pending
+                    });
+                    let response = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(http_body_util::StreamBody::new(futures::StreamExt::chain(first, open)))
+                        .unwrap();
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .max_concurrent_streams(cap)
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
+/// The edge, with every service at `upstream_url` and `more` flags, and a
+/// channel to it.
+async fn edge_before(
+    upstream_url: &str,
+    more: &[&str],
+) -> (tonic::transport::Channel, CancellationToken, tokio::task::JoinHandle<()>) {
+    let edge_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let edge_addr = edge_listener.local_addr().unwrap();
+    let urls = ["--sessions-url", upstream_url, "--chats-url", upstream_url, "--messages-url", upstream_url];
+    let args =
+        natter_edge::EdgeArgs::try_parse_from(std::iter::once("natter-edge").chain(urls).chain(more.iter().copied()))
+            .unwrap();
+    let shutdown = CancellationToken::new();
+    let run = natter_edge::run(args, edge_listener, shutdown.clone());
+    let edge = tokio::spawn(async move { run.await.expect("the edge ends cleanly") });
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{edge_addr}")).unwrap().connect().await.unwrap();
+    (channel, shutdown, edge)
+}
+
+/// A StreamEventsResponse of `chat_id` as a gRPC message frame ("gRPC over
+/// HTTP/2", Length-Prefixed-Message: a flag byte, a 4-byte big-endian
+/// length, the message).
+fn event_frame(chat_id: &str) -> http_body::Frame<Bytes> {
+    let payload = mpb::StreamEventsResponse { chat_id: chat_id.into(), ..Default::default() }.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    http_body::Frame::data(Bytes::from(frame))
 }
 
 /// A stand-in upstream speaking gRPC over HTTP/2: every call gets one
@@ -192,13 +318,7 @@ async fn serve_failing_stream(listener: TcpListener, crash: std::sync::Arc<tokio
             let service = hyper::service::service_fn(move |_request: http::Request<hyper::body::Incoming>| {
                 let crash = crash.clone();
                 async move {
-                    let event = mpb::StreamEventsResponse { chat_id: "before-the-crash".into(), ..Default::default() };
-                    let payload = event.encode_to_vec();
-                    let mut frame = vec![0u8];
-                    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-                    frame.extend_from_slice(&payload);
-                    let first =
-                        futures::stream::iter([Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(frame)))]);
+                    let first = futures::stream::iter([Ok::<_, std::io::Error>(event_frame("before-the-crash"))]);
                     let failure = futures::stream::once(async move {
                         crash.notified().await;
                         Err(std::io::Error::other("replica killed"))

@@ -13,6 +13,14 @@
 //! connection to one fails before the call was sent (a killed replica), so
 //! clients do not see its death. Request bodies (one message per natter RPC)
 //! are buffered for that; responses, streams included, flow through.
+//!
+//! A replica caps the calls a connection carries at once (HTTP/2's
+//! SETTINGS_MAX_CONCURRENT_STREAMS, `--max-concurrent-streams`, 128), and a
+//! live stream holds its place for as long as it is open. So the edge counts
+//! the calls on each of its connections to a replica and opens another when
+//! all are full (`--upstream-calls-per-connection`, 100): with a fixed set,
+//! the 513th stream through one edge to a replica, and every unary call
+//! after it, would wait for a stream to end.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -63,9 +71,17 @@ pub struct EdgeArgs {
     pub upstream_health_interval: Duration,
     /// HTTP/2 connections to each upstream replica, calls spread over them
     /// in turn: one connection is one task in the edge and in the replica,
-    /// whatever the cores
+    /// whatever the cores. More are opened while these are full (see
+    /// --upstream-calls-per-connection)
     #[arg(long, env = "NATTER_UPSTREAM_CONNECTIONS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub upstream_connections: u16,
+    /// Most calls (live streams included) the edge puts on one upstream
+    /// connection at once; a call finding every connection to its replica
+    /// full opens another, up to 1,024 a replica. Keep it at most the
+    /// replicas' --max-concurrent-streams (128 by default): calls beyond
+    /// that wait for a free stream
+    #[arg(long, env = "NATTER_UPSTREAM_CALLS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub upstream_calls_per_connection: u32,
     /// Serve the browser page at `/` from this directory instead of the one
     /// built into the binary
     #[arg(long, env = "NATTER_WEB_DIR")]
@@ -75,11 +91,90 @@ pub struct EdgeArgs {
     pub no_web_page: bool,
 }
 
+/// Most connections the edge opens to one replica: 102,400 calls at the
+/// default 100 a connection.
+const MAX_CONNECTIONS_PER_REPLICA: usize = 1024;
+
 /// One replica of a service.
-#[derive(Debug)]
 struct Replica {
     uri: Uri,
     healthy: AtomicBool,
+    /// The connections to it (opened on first use, reopened after a
+    /// failure or an idle close by the client of each), taken in turn.
+    lanes: std::sync::RwLock<Vec<Arc<Lane>>>,
+    next: AtomicUsize,
+}
+
+/// One HTTP/2 connection to a replica: a client of its own (a client pools
+/// one connection a host) and the calls in flight on it.
+struct Lane {
+    client: Client<HttpConnector, Full<Bytes>>,
+    calls: AtomicUsize,
+}
+
+/// A call's place on a [`Lane`], given back when dropped (the response
+/// over, streams included, or the call failed).
+struct Slot(Arc<Lane>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.calls.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Lane {
+    fn new(connector: &HttpConnector) -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new()).http2_only(true).build(connector.clone()),
+            calls: AtomicUsize::new(0),
+        }
+    }
+
+    /// A place on this connection, if it has fewer than `cap` calls.
+    fn take(self: &Arc<Self>, cap: usize) -> Option<Slot> {
+        self.calls.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1)).ok()?;
+        Some(Slot(self.clone()))
+    }
+}
+
+impl Replica {
+    fn new(uri: Uri, connections: usize, connector: &HttpConnector) -> Self {
+        let lanes = (0..connections).map(|_| Arc::new(Lane::new(connector))).collect();
+        Self { uri, healthy: AtomicBool::new(true), lanes: std::sync::RwLock::new(lanes), next: AtomicUsize::new(0) }
+    }
+
+    /// A place for one call: on the next connection in turn with fewer than
+    /// `cap` calls, else on a new connection, else (at
+    /// [`MAX_CONNECTIONS_PER_REPLICA`]) on the least busy one, where h2
+    /// holds the call until a stream is free.
+    fn slot(&self, cap: usize, connector: &HttpConnector) -> Slot {
+        let turn = |lanes: &[Arc<Lane>], start: usize| {
+            (0..lanes.len()).find_map(|i| lanes[(start + i) % lanes.len()].take(cap))
+        };
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Some(slot) = turn(&self.lanes.read().unwrap_or_else(std::sync::PoisonError::into_inner), start) {
+            return slot;
+        }
+        let mut lanes = self.lanes.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Another call may have given a place back or opened a lane meanwhile.
+        if let Some(slot) = turn(&lanes, start) {
+            return slot;
+        }
+        if lanes.len() < MAX_CONNECTIONS_PER_REPLICA {
+            let lane = Arc::new(Lane::new(connector));
+            lanes.push(lane.clone());
+            tracing::debug!(upstream = %self.uri, connections = lanes.len(), "upstream connections full; opening another");
+            return lane.take(usize::MAX).expect("a new lane has room");
+        }
+        let least = lanes.iter().min_by_key(|lane| lane.calls.load(Ordering::Acquire)).expect("lanes");
+        least.take(usize::MAX).expect("no cap")
+    }
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica").field("uri", &self.uri).field("healthy", &self.healthy).finish_non_exhaustive()
+    }
 }
 
 /// The replicas of one service and the calls routed to them.
@@ -110,15 +205,18 @@ impl Route {
 #[derive(Clone)]
 struct Forward {
     routes: Arc<[Route]>,
-    /// One client per upstream connection (each pools one HTTP/2
-    /// connection per replica), taken in turn.
-    clients: Arc<[Client<HttpConnector, Full<Bytes>>]>,
-    next_client: Arc<AtomicUsize>,
+    connector: HttpConnector,
+    /// `--upstream-calls-per-connection`.
+    calls_per_connection: usize,
     max_request_bytes: usize,
 }
 
 impl Forward {
     fn new(args: &EdgeArgs) -> anyhow::Result<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let connections = usize::from(args.upstream_connections);
         let parse = |name: &str, urls: &[String]| -> anyhow::Result<Vec<Arc<Replica>>> {
             anyhow::ensure!(!urls.is_empty(), "--{name}-url needs at least one URL");
             urls.iter()
@@ -128,7 +226,7 @@ impl Forward {
                         uri.scheme_str() == Some("http") && uri.authority().is_some(),
                         "--{name}-url must be http://host:port"
                     );
-                    Ok(Arc::new(Replica { uri, healthy: AtomicBool::new(true) }))
+                    Ok(Arc::new(Replica::new(uri, connections, &connector)))
                 })
                 .collect()
         };
@@ -153,16 +251,10 @@ impl Forward {
                 parse("assistant", &args.assistant_url)?,
             ));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let clients = (0..args.upstream_connections)
-            .map(|_| Client::builder(TokioExecutor::new()).http2_only(true).build(connector.clone()))
-            .collect();
         Ok(Self {
             routes: routes.into(),
-            clients,
-            next_client: Arc::default(),
+            connector,
+            calls_per_connection: args.upstream_calls_per_connection as usize,
             // A gRPC frame header (5 bytes) on top of the largest message.
             max_request_bytes: args.server.max_request_bytes + 5,
         })
@@ -209,16 +301,18 @@ impl Forward {
             } else {
                 tracing::Span::none()
             };
+            // Held until the response is over: a live stream keeps its
+            // place on the connection.
+            let slot = replica.slot(self.calls_per_connection, &self.connector);
             let sent = {
                 let _entered = span.enter();
                 natter_kit::telemetry::inject_headers(attempt.headers_mut());
-                let turn = self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len();
-                self.clients[turn].request(attempt)
+                slot.0.client.request(attempt)
             };
             match natter_kit::client_future(span, sent).await {
                 Ok(response) => {
                     let upstream = replica.uri.clone();
-                    return Ok(response.map(|body| Body::new(UpstreamBody::new(body, upstream))));
+                    return Ok(response.map(|body| Body::new(UpstreamBody::new(body, upstream, slot))));
                 }
                 // Never sent: safe to try the next replica.
                 Err(e) if e.is_connect() => {
@@ -250,12 +344,14 @@ pin_project_lite::pin_project! {
         inner: B,
         upstream: Uri,
         failed: bool,
+        // The call's place on its upstream connection, until the body goes.
+        _slot: Slot,
     }
 }
 
 impl<B> UpstreamBody<B> {
-    fn new(inner: B, upstream: Uri) -> Self {
-        Self { inner, upstream, failed: false }
+    fn new(inner: B, upstream: Uri, slot: Slot) -> Self {
+        Self { inner, upstream, failed: false, _slot: slot }
     }
 }
 

@@ -135,6 +135,12 @@ impl Lane {
         self.calls.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1)).ok()?;
         Some(Slot(self.clone()))
     }
+
+    /// A place on this connection, however many calls it has.
+    fn occupy(self: &Arc<Self>) -> Slot {
+        self.calls.fetch_add(1, Ordering::AcqRel);
+        Slot(self.clone())
+    }
 }
 
 impl Replica {
@@ -164,10 +170,9 @@ impl Replica {
             let lane = Arc::new(Lane::new(connector));
             lanes.push(lane.clone());
             tracing::debug!(upstream = %self.uri, connections = lanes.len(), "upstream connections full; opening another");
-            return lane.take(usize::MAX).expect("a new lane has room");
+            return lane.occupy();
         }
-        let least = lanes.iter().min_by_key(|lane| lane.calls.load(Ordering::Acquire)).expect("lanes");
-        least.take(usize::MAX).expect("no cap")
+        lanes.iter().min_by_key(|lane| lane.calls.load(Ordering::Acquire)).expect("lanes").occupy()
     }
 }
 

@@ -342,6 +342,7 @@ async fn failures_end_the_reply_failed_and_a_failed_replacement_restores_the_old
     server.push(Script::reply("fine now"));
     server.push(Script::status(500, "broken"));
     server.push(Script::hang_after("stuck"));
+    server.push(Script::llama_error_after("cut", "out of memory"));
     let alice = c.user("alice").await;
     let chat = assistant_chat(c, &alice).await.chat_id;
     let mut stream = events(c, &alice, &chat).await;
@@ -374,6 +375,12 @@ async fn failures_end_the_reply_failed_and_a_failed_replacement_restores_the_old
     let hung = until_finished(&mut stream, None).await.finished.unwrap();
     assert_eq!((status(&hung), hung.text.as_str()), (mpb::GenerationStatus::Failed, "stuck"));
     assert!(hung.generation.unwrap().error.contains("idle"));
+    // llama.cpp's failure mid-reply (an `error:` line, then the end): not
+    // COMPLETE, though the stream just ends.
+    send(c, &alice, &chat, "4").await;
+    let cut = until_finished(&mut stream, None).await.finished.unwrap();
+    assert_eq!((status(&cut), cut.text.as_str()), (mpb::GenerationStatus::Failed, "cut"));
+    assert!(cut.generation.unwrap().error.contains("mid-reply"));
 }
 
 async fn prompts_queue_behind_the_reply_being_written(c: &Cluster, server: &ScriptedServer) {

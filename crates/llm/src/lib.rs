@@ -10,9 +10,13 @@
 //! `finish_reason` is no finish reason, `usage: {}` or `null` is no usage,
 //! fields we do not know (`reasoning_content`, `timings`, ...) are ignored,
 //! an `{"error": ...}` object inside the stream is an error, and a stream
-//! that ends without `[DONE]` simply ends (the caller sees no
-//! [`Event::Done`]). SSE framing is the kept `eventsource-stream` crate's,
-//! which reassembles lines and UTF-8 characters split across reads.
+//! that ends without `[DONE]` after a `finish_reason` simply ends (the
+//! caller sees no [`Event::Done`]; several servers just close the body).
+//! One that ends with neither was cut short: [`LlmError::Truncated`]. That
+//! is also how llama.cpp's server's mid-stream failure reads, which it
+//! sends as an `error: {...}` line, a field the SSE format says to ignore.
+//! SSE framing is the kept `eventsource-stream` crate's, which reassembles
+//! lines and UTF-8 characters split across reads.
 //!
 //! Stopping a generation is dropping its stream: that closes the HTTP
 //! connection (HTTP/1.1) or resets the stream (HTTP/2), the only cancel
@@ -156,6 +160,11 @@ pub enum LlmError {
     /// A `data:` line that is neither `[DONE]` nor a JSON object.
     #[error("the LLM server sent a chunk that is not JSON: {0}")]
     Malformed(String),
+    /// The stream ended with neither a `finish_reason` nor `[DONE]`: the
+    /// server stopped writing mid-reply (it failed, or sent an error in a
+    /// form that is not a `data:` chunk, as llama.cpp's `error:` line).
+    #[error("the LLM server ended the stream mid-reply (no finish_reason, no [DONE])")]
+    Truncated,
     /// A limit of [`Timeouts`] passed: `"first token"`, `"idle"` or
     /// `"total"`. The reply ends there (the text so far stands).
     #[error("the LLM server's reply timed out ({0})")]
@@ -167,7 +176,7 @@ impl LlmError {
     /// unreachable, overloaded (429) or failed inside (5xx).
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Unreachable(_) | Self::Transport(_) | Self::Timeout(_) => true,
+            Self::Unreachable(_) | Self::Transport(_) | Self::Timeout(_) | Self::Truncated => true,
             Self::Status { status, .. } => *status == 429 || *status >= 500,
             Self::Config(_) | Self::Stream(_) | Self::Malformed(_) => false,
         }
@@ -306,8 +315,31 @@ fn limited(
 }
 
 /// The reply events of a server-sent-events body, however its bytes are
-/// split: what [`Client::stream`] returns, for any byte stream.
+/// split: what [`Client::stream`] returns, for any byte stream. A body
+/// that ends before any `finish_reason`, `[DONE]` or error ends with
+/// [`LlmError::Truncated`].
 pub fn events<S, B, E>(bytes: S) -> impl Stream<Item = Result<Event, LlmError>> + Send
+where
+    S: Stream<Item = Result<B, E>> + Send,
+    B: AsRef<[u8]> + Send,
+    E: Display + Send,
+{
+    // (events, whether the reply has ended: a finish, [DONE] or an error).
+    let state = (Box::pin(framed(bytes)), false);
+    futures::stream::unfold(state, |(mut events, ended)| async move {
+        match events.next().await {
+            Some(event) => {
+                let ended = ended || matches!(event, Ok(Event::Finish(_) | Event::Done) | Err(_));
+                Some((event, (events, ended)))
+            }
+            None if ended => None,
+            None => Some((Err(LlmError::Truncated), (events, true))),
+        }
+    })
+}
+
+/// The events of the body's `data:` lines, in order.
+fn framed<S, B, E>(bytes: S) -> impl Stream<Item = Result<Event, LlmError>> + Send
 where
     S: Stream<Item = Result<B, E>> + Send,
     B: AsRef<[u8]> + Send,
@@ -479,10 +511,31 @@ mod tests {
         assert_eq!(parse_data(r#"{"choices":[{"delta":{"content":null}}],"usage":null}"#).unwrap(), []);
     }
 
+    /// All the events of `body`, errors included, in one piece.
+    fn all_events(body: &str) -> Vec<Result<Event, LlmError>> {
+        let piece = Ok::<_, std::convert::Infallible>(bytes::Bytes::copy_from_slice(body.as_bytes()));
+        futures::executor::block_on(events(futures::stream::iter([piece])).collect::<Vec<_>>())
+    }
+
     #[test]
-    fn a_stream_without_done_just_ends() {
-        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"half\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\" a";
-        assert_eq!(events_of(body.as_bytes(), vec![]), [Event::Content("half".into())]);
+    fn a_stream_without_done_ends_after_a_finish_reason_and_is_cut_short_without_one() {
+        let finished = "data: {\"choices\":[{\"delta\":{\"content\":\"all\"},\"finish_reason\":\"stop\"}]}\n\n";
+        assert_eq!(
+            events_of(finished.as_bytes(), vec![]),
+            [Event::Content("all".into()), Event::Finish("stop".into())]
+        );
+        let cut = "data: {\"choices\":[{\"delta\":{\"content\":\"half\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\" a";
+        let got = all_events(cut);
+        assert!(matches!(&got[..], [Ok(Event::Content(t)), Err(LlmError::Truncated)] if t == "half"), "{got:?}");
+        // llama.cpp's server reports a failure mid-reply as an `error:`
+        // line, which SSE ignores: the reply reads as cut short.
+        let llama = "data: {\"choices\":[{\"delta\":{\"content\":\"par\"}}]}\n\n\
+                     error: {\"code\":500,\"message\":\"out of memory\",\"type\":\"server_error\"}\n\n";
+        let got = all_events(llama);
+        assert!(matches!(&got[..], [Ok(Event::Content(t)), Err(LlmError::Truncated)] if t == "par"), "{got:?}");
+        // An error chunk ends it once: no second error after it.
+        let error = "data: {\"error\":{\"message\":\"boom\"}}\n\n";
+        assert!(matches!(&all_events(error)[..], [Err(LlmError::Stream(m))] if m == "boom"));
     }
 
     #[test]

@@ -116,6 +116,17 @@ impl Script {
         Self { status: 200, body: String::new(), steps: vec![Step::Bytes(content(text))] }
     }
 
+    /// `text`, then a failure the way llama.cpp's server reports one mid-
+    /// reply: an `error: {...}` line (not `data:`), and the end of the body.
+    pub fn llama_error_after(text: &str, message: &str) -> Self {
+        let error = serde_json::json!({"code": 500, "message": message, "type": "server_error"});
+        Self {
+            status: 200,
+            body: String::new(),
+            steps: vec![Step::Bytes(content(text)), Step::Bytes(format!("error: {error}\n\n"))],
+        }
+    }
+
     /// `tokens` pieces of [`Step::Stamp`], one every `interval`, between the
     /// role-only first chunk and the finish reason, usage and `[DONE]`.
     pub fn stamped(tokens: usize, interval: Duration) -> Self {

@@ -82,12 +82,14 @@ async fn an_error_mid_stream_ends_the_reply_with_that_error_after_the_text_so_fa
 }
 
 #[tokio::test]
-async fn a_stream_cut_without_done_ends_without_done() {
+async fn a_stream_cut_without_finish_or_done_ends_cut_short() {
     let server = ScriptedServer::start(4).await;
     server.push(Script::eof_after("half"));
-    let events: Vec<Event> =
-        client(server.url()).stream(&conversation()).await.unwrap().map(|e| e.unwrap()).collect().await;
-    assert_eq!(events, [Event::Content("half".into())]);
+    server.push(Script::llama_error_after("par", "out of memory"));
+    for text in ["half", "par"] {
+        let events: Vec<_> = client(server.url()).stream(&conversation()).await.unwrap().collect().await;
+        assert!(matches!(&events[..], [Ok(Event::Content(t)), Err(LlmError::Truncated)] if t == text), "{events:?}");
+    }
 }
 
 #[tokio::test]

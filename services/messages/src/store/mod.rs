@@ -90,6 +90,20 @@ macro_rules! mention_count_sql {
 }
 pub(crate) use mention_count_sql;
 
+/// The assignments (for both engines) that end a GENERATING reply as
+/// [`Generation::Stopped`] with its stop flag set, and leave any other
+/// message as it is: deleting a reply while it is written ends its
+/// generation in the same transaction, so the generator's next checkpoint
+/// finds it finished, stops, and writes no text into the tombstone.
+macro_rules! stop_generating_sql {
+    () => {
+        "generation = CASE generation WHEN 1 THEN 3 ELSE generation END, \
+         stop_requested = CASE generation WHEN 1 THEN 1 ELSE stop_requested END, \
+         checkpoint_time = NULL"
+    };
+}
+pub(crate) use stop_generating_sql;
+
 /// The columns of a message, in the order both engines' row mappers read
 /// them.
 macro_rules! message_columns {

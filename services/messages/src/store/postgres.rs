@@ -32,7 +32,7 @@ use super::{
     QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, SearchCursor, SearchFilter, SearchHit, Sent,
     Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of,
     chat_change_row, decode_mentions, encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns,
-    parse_id, report_columns, thread_root_of, unread_count_sql,
+    parse_id, report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -671,10 +671,12 @@ impl MessageStore for PostgresStore {
                 .execute(&mut *tx)
                 .await?;
             }
-            sqlx::query(
+            sqlx::query(concat!(
                 "UPDATE messages SET text = '', attachments = '', change_seq = $2, flag_severity = 0, flags = '', \
-                 reaction_rows = 0, mentions = '', search_vector = '' WHERE id = $1",
-            )
+                 reaction_rows = 0, mentions = '', search_vector = '', ",
+                stop_generating_sql!(),
+                " WHERE id = $1"
+            ))
             .bind(&id)
             .bind(change)
             .execute(&mut *tx)
@@ -930,24 +932,35 @@ impl MessageStore for PostgresStore {
         limit: u32,
     ) -> Result<(Vec<Change>, bool), StoreError> {
         let id = chat.to_string();
+        // One snapshot for the four sources: read apart, a change committed
+        // between them shows in a later source but not in an earlier one,
+        // and the page's cursor passes over it for good.
+        let mut tx = self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
         // Both message sources bind (chat, after, limit).
-        let id_ref = &id;
-        let messages = |sql: &'static str| async move {
+        async fn messages(
+            tx: &mut sqlx::PgConnection,
+            sql: &'static str,
+            id: &str,
+            after: i64,
+            limit: u32,
+        ) -> Result<Vec<Change>, StoreError> {
             sqlx::query(sql)
-                .bind(id_ref)
+                .bind(id)
                 .bind(after)
                 .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_all(tx)
                 .await?
                 .iter()
                 .map(|row| message_row(row).map(Change::Message))
-                .collect::<Result<Vec<_>, StoreError>>()
-        };
+                .collect()
+        }
         // The binary search of `first_seq_created_after`, as a recursive
         // query (one round trip; `lo` only grows, so the greatest is where
         // it ended), then the seq range from there.
-        let created = messages(concat!(
-            "WITH RECURSIVE search (lo, hi) AS ( \
+        let created = messages(
+            &mut tx,
+            concat!(
+                "WITH RECURSIVE search (lo, hi) AS ( \
                SELECT 1::bigint, LEAST(GREATEST($2, 0), \
                  COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = $1), 0)) + 1 \
                UNION ALL \
@@ -956,17 +969,27 @@ impl MessageStore for PostgresStore {
                FROM search s JOIN messages m ON m.chat_id = $1 AND m.seq = (s.lo + s.hi) / 2 \
                WHERE s.lo < s.hi) \
              SELECT ",
-            message_columns!(),
-            " FROM messages WHERE chat_id = $1 AND seq >= (SELECT MAX(lo) FROM search) \
+                message_columns!(),
+                " FROM messages WHERE chat_id = $1 AND seq >= (SELECT MAX(lo) FROM search) \
              AND change_seq = create_change AND create_change > $2 ORDER BY seq LIMIT $3"
-        ))
+            ),
+            &id,
+            after,
+            limit,
+        )
         .await?;
-        let changed = messages(concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages WHERE chat_id = $1 AND change_seq > create_change AND change_seq > $2 \
-             ORDER BY change_seq LIMIT $3"
-        ))
+        let changed = messages(
+            &mut tx,
+            concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages WHERE chat_id = $1 AND change_seq > create_change AND change_seq > $2 \
+                 ORDER BY change_seq LIMIT $3"
+            ),
+            &id,
+            after,
+            limit,
+        )
         .await?;
         let read: Option<(i64, i64)> = sqlx::query_as(
             "SELECT change_seq, read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2 AND change_seq > $3",
@@ -974,7 +997,7 @@ impl MessageStore for PostgresStore {
         .bind(&id)
         .bind(user.to_string())
         .bind(after)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
         let log = sqlx::query(
             "SELECT change_seq, kind, user_id, details, seq, change_time FROM chat_changes \
@@ -983,11 +1006,12 @@ impl MessageStore for PostgresStore {
         .bind(&id)
         .bind(after)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?
         .iter()
         .map(chat_change_entry)
         .collect::<Result<Vec<_>, _>>()?;
+        tx.commit().await?;
         let read = read.map(|(change_seq, read_seq)| Change::Read { change_seq, user, read_seq: Seq(read_seq) });
         Ok(merge_changes([created, changed, read.into_iter().collect(), log], limit))
     }

@@ -24,7 +24,7 @@ use super::{
     SearchFilter, SearchHit, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary,
     aggregates_sql, chat_change_of, chat_change_row, created_after_bounds, decode_mentions, encode_mentions,
     first_seq_created_after, list_sql, mention_count_sql, merge_changes, message_columns, report_columns,
-    thread_root_of, unread_count_sql,
+    stop_generating_sql, thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -387,10 +387,12 @@ fn delete(conn: &mut Connection, id: &str, now: i64) -> rusqlite::Result<Option<
             )?
             .execute(params![chat, root, root_change])?;
         }
-        tx.prepare_cached(
+        tx.prepare_cached(concat!(
             "UPDATE messages SET text = '', attachments = '', delete_time = ?1, change_seq = ?3, flag_severity = 0, \
-             flags = '', reaction_rows = 0, mentions = '' WHERE id = ?2",
-        )?
+             flags = '', reaction_rows = 0, mentions = '', ",
+            stop_generating_sql!(),
+            " WHERE id = ?2"
+        ))?
         .execute(params![now, id, change])?;
         for user in mentions.split_whitespace() {
             tx.prepare_cached("DELETE FROM message_mentions WHERE chat_id = ?1 AND user_id = ?2 AND seq = ?3")?
@@ -838,6 +840,11 @@ impl MessageStore for SqliteStore {
         let reader = user;
         let (chat, user) = (chat.to_string(), user.to_string());
         let sources = self.db.read(move |conn| {
+            // One snapshot for the four sources: read apart, a change
+            // committed between them shows in a later source but not in an
+            // earlier one, and the page's cursor passes over it for good.
+            // Dropped at the end (a rollback: it wrote nothing).
+            let conn = conn.unchecked_transaction()?;
             let last_seq: i64 = conn
                 .prepare_cached("SELECT last_seq FROM chat_heads WHERE chat_id = ?1")?
                 .query_row([&chat], |row| row.get(0))

@@ -106,6 +106,8 @@ message_store_suite!(
     a_thread_reply_joins_its_roots_thread_and_changes_the_root,
     thread_roots_are_live_messages_stored_before_the_batch,
     concurrent_thread_replies_count_exactly_and_page_without_gaps,
+    a_reader_following_changes_while_replies_commit_sees_each_once,
+    deleting_a_reply_being_written_ends_it_and_no_later_write_restores_its_text,
 );
 
 /// Fixed ids, so tests can name chats and users by letter.
@@ -1431,4 +1433,79 @@ async fn concurrent_thread_replies_count_exactly_and_page_without_gaps(h: &Harne
     assert_eq!(at(h, 1, 1).await.thread.unwrap().replies, stored_replies - 10);
     let heads = h.store.heads(chat(1)).await.unwrap();
     assert_eq!(at(h, 1, 1).await.change_seq, heads.change, "the root's last change is the chat's last");
+}
+
+/// What a live stream does when it refills: reads the changes after its
+/// cursor and moves the cursor to the last one read, while other callers
+/// keep committing. Each thread reply creates a message and changes its
+/// root, so a page read from several sources at different moments could
+/// hold a root's later change but not a reply created before it, and the
+/// cursor would pass the reply for good.
+async fn a_reader_following_changes_while_replies_commit_sees_each_once(h: &Harness) {
+    const WRITERS: u32 = 4;
+    const REPLIES: u32 = 150;
+    send(h, &[msg(1, 1, 0)]).await;
+    let done = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (store, done) = (h.store.clone(), done.clone());
+        writers.push(tokio::spawn(async move {
+            for r in 0..REPLIES {
+                let reply = by(in_thread(msg(10 + w * REPLIES + r, 1, 0), 1), w as u8);
+                store.insert_batch(&[reply]).await.unwrap();
+            }
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+    }
+    let (mut cursor, mut seen) = (0, std::collections::BTreeMap::<i64, u32>::new());
+    loop {
+        // Read after the writers are all done, the last pass finds the rest.
+        let finished = done.load(std::sync::atomic::Ordering::SeqCst) == WRITERS;
+        loop {
+            let (page, more) = h.store.changes(chat(1), user(9), cursor, 50).await.unwrap();
+            for change in &page {
+                if let Change::Message(m) = change
+                    && m.seq.0 > 1
+                {
+                    *seen.entry(m.seq.0).or_default() += 1;
+                }
+            }
+            cursor = page.last().map_or(cursor, Change::change_seq);
+            if !more {
+                break;
+            }
+        }
+        if finished {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let replies = i64::from(WRITERS * REPLIES);
+    let missed: Vec<i64> = (2..=1 + replies).filter(|s| !seen.contains_key(s)).collect();
+    let doubled: Vec<(&i64, &u32)> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(missed.is_empty() && doubled.is_empty(), "missed {missed:?}, seen twice {doubled:?}");
+    assert_eq!(seen.len() as i64, replies);
+}
+
+async fn deleting_a_reply_being_written_ends_it_and_no_later_write_restores_its_text(h: &Harness) {
+    send(h, &[by(msg(1, 1, 0), 1)]).await;
+    let (r, _) = created(h.store.start_reply(&reply(2, 1, 1, None)).await.unwrap());
+    assert_eq!(h.store.checkpoint_reply(r.id, Some("Hel"), 6_000).await.unwrap(), Some(false));
+    let gone = h.store.delete(r.id, 6_500).await.unwrap().unwrap();
+    assert!(gone.deleted());
+    assert_eq!((gone.text.as_str(), gone.generation()), ("", Some(Generation::Stopped)));
+    // The generator's next checkpoint finds it finished (and stops); its
+    // finish changes nothing: the tombstone keeps no text.
+    assert_eq!(h.store.checkpoint_reply(r.id, Some("Hello wor"), 7_000).await.unwrap(), None);
+    let info = GenerationInfo { model: "m".into(), ..Default::default() };
+    let done = h.store.finish_reply(r.id, &fin("Hello world", Generation::Complete, &info, false)).await.unwrap();
+    assert_eq!(done.map(|d| (d.changed, d.reply)), Some((false, gone.clone())));
+    assert_eq!(h.store.message(r.id).await.unwrap(), Some(gone.clone()));
+    assert!(h.store.stale_replies(i64::MAX, 10).await.unwrap().is_empty(), "no sweeper takes it up");
+    // The chat is free for the next reply.
+    send(h, &[by(msg(3, 1, 0), 1)]).await;
+    assert!(matches!(h.store.start_reply(&reply(4, 1, 3, None)).await.unwrap(), Started::Created(..)));
 }

@@ -372,7 +372,8 @@ impl Messages {
     }
 
     /// EditMessage (author only): keeps every earlier revision, up to
-    /// `limits.edits` edits; announces it.
+    /// `limits.edits` edits; announces it. An edit to the text the message
+    /// has already (a retry) changes nothing and is answered as it is.
     pub async fn edit(&self, caller: UserId, req: EditMessage) -> Result<Message, MessagesError> {
         self.edit_rate.check(&caller)?;
         let (message, membership) = self.message_for(caller, req.message_id, true).await?;
@@ -389,6 +390,10 @@ impl Messages {
         let mut edited =
             match self.store.edit(message.id, &req.text, flags.as_ref(), now_micros(), self.limits.edits).await? {
                 Edited::Done(message) => message,
+                Edited::Unchanged(mut message) => {
+                    with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), Some(caller)).await?;
+                    return Ok(message);
+                }
                 Edited::Deleted => return Err(MessagesError::Precondition("message is deleted")),
                 Edited::TooManyEdits => return Err(MessagesError::TooManyEdits(self.limits.edits)),
             };

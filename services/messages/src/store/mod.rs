@@ -734,14 +734,13 @@ pub enum Sent {
 }
 
 /// Outcome of an edit.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "an outcome lives on the stack for one call; boxing its message would cost an allocation per send"
-)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Edited {
     /// Committed; the message as it is now.
     Done(Message),
+    /// The message has that text already (a retried edit): nothing
+    /// written, no revision, no change number; the message as it is.
+    Unchanged(Message),
     /// The message is deleted (or missing).
     Deleted,
     /// The message was edited as often as allowed; nothing changed.

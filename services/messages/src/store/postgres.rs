@@ -599,13 +599,18 @@ impl MessageStore for PostgresStore {
         let mut tx = self.pool.begin().await?;
         // Lock the row first so concurrent edits queue, each keeps the text
         // it replaces and sees the revision count the others left.
-        let locked: Option<(i64, String)> = sqlx::query_as(
-            "UPDATE messages SET revision = revision WHERE id = $1 AND delete_time IS NULL RETURNING revision, chat_id",
+        let locked: Option<(i64, String, String)> = sqlx::query_as(
+            "UPDATE messages SET revision = revision WHERE id = $1 AND delete_time IS NULL \
+             RETURNING revision, chat_id, text",
         )
         .bind(&id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((revision, chat)) = locked else { return Ok(Edited::Deleted) };
+        let Some((revision, chat, current)) = locked else { return Ok(Edited::Deleted) };
+        if current == text {
+            let row = sqlx::query(MESSAGE_BY_ID).bind(&id).fetch_one(&mut *tx).await?;
+            return Ok(Edited::Unchanged(message_row(&row)?));
+        }
         if usize::try_from(revision - 1).unwrap_or(usize::MAX) >= max_edits {
             return Ok(Edited::TooManyEdits);
         }

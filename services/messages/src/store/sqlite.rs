@@ -343,11 +343,14 @@ fn edit(
     max_edits: usize,
 ) -> rusqlite::Result<Edited> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let live: Option<(i64, String)> = tx
-        .prepare_cached("SELECT revision, chat_id FROM messages WHERE id = ?1 AND delete_time IS NULL")?
-        .query_row([id], |row| Ok((row.get(0)?, row.get(1)?)))
+    let live: Option<(i64, String, String)> = tx
+        .prepare_cached("SELECT revision, chat_id, text FROM messages WHERE id = ?1 AND delete_time IS NULL")?
+        .query_row([id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
         .optional()?;
-    let Some((revision, chat)) = live else { return Ok(Edited::Deleted) };
+    let Some((revision, chat, current)) = live else { return Ok(Edited::Deleted) };
+    if current == text {
+        return Ok(Edited::Unchanged(tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row)?));
+    }
     if usize::try_from(revision - 1).unwrap_or(usize::MAX) >= max_edits {
         return Ok(Edited::TooManyEdits);
     }

@@ -383,6 +383,11 @@ async fn edits_keep_revisions_up_to_the_cap(h: &Harness) {
     assert_eq!(h.store.edit(id(1), "fourth", None, 3_000, 2).await.unwrap(), Edited::TooManyEdits);
     let now = h.store.message(id(1)).await.unwrap().unwrap();
     assert_eq!((now.text.as_str(), now.revision), ("third", 3));
+    // The last edit retried (its answer was lost): the message as it is,
+    // no revision, no change number, even at the cap.
+    let heads = h.store.heads(chat(1)).await.unwrap();
+    assert_eq!(h.store.edit(id(1), "third", None, 3_500, 2).await.unwrap(), Edited::Unchanged(now.clone()));
+    assert_eq!(h.store.heads(chat(1)).await.unwrap(), heads);
 
     let earlier = h.store.revisions_after(id(1), 0, 10).await.unwrap();
     let texts: Vec<(i64, &str, i64)> = earlier.iter().map(|r| (r.revision, r.text.as_str(), r.edit_time)).collect();

@@ -69,6 +69,8 @@ crate::with_scripted_server!(
     a_client_that_reconnects_mid_reply_sees_it_finished_once [],
     ask_is_for_members_and_a_chat_the_assistant_is_in [],
     a_prompt_beyond_a_full_queue_gets_a_failed_reply_at_once ["--assistant-queue", "1"],
+    a_prompt_author_past_the_reply_rate_gets_a_failed_reply ["--assistant-reply-rate", "2/1h"],
+    a_queued_prompt_is_answered_as_it_is_when_its_turn_comes [],
     an_injection_is_refused_without_asking_the_model [],
     a_reply_that_leaks_the_system_prompt_is_flagged_for_the_owner [],
     a_group_chat_is_answered_as_its_assistant_replies_setting_says [],
@@ -124,6 +126,20 @@ async fn until_finished(stream: &mut Streaming<mpb::StreamEventsResponse>, reply
                 return seen;
             }
             _ => {}
+        }
+    }
+}
+
+/// Regenerate RELOAD of `chat`'s latest reply.
+fn reload_of(chat: &str) -> apb::RegenerateRequest {
+    apb::RegenerateRequest { chat_id: chat.into(), mode: apb::RegenerateMode::Reload as i32, ..Default::default() }
+}
+
+/// The id of the reply whose text starts flowing first on `stream`.
+async fn busy_reply(stream: &mut Streaming<mpb::StreamEventsResponse>) -> String {
+    loop {
+        if let Some(Event::MessageDelta(d)) = next(stream).await.event {
+            return d.message_id;
         }
     }
 }
@@ -221,6 +237,7 @@ async fn a_reply_streams_as_deltas_that_add_up_to_the_stored_text(c: &Cluster, s
 async fn ask_waits_for_the_reply_and_a_retried_prompt_is_answered_once(c: &Cluster, server: &ScriptedServer) {
     server.push(Script::reply("first answer"));
     server.push(Script::reply("second answer"));
+    server.push(Script::hang_after("thinking"));
     let alice = c.user("alice").await;
     let chat = assistant_chat(c, &alice).await.chat_id;
     let id = uuid::Uuid::now_v7().to_string();
@@ -248,6 +265,15 @@ async fn ask_waits_for_the_reply_and_a_retried_prompt_is_answered_once(c: &Clust
     // The second request carries the conversation so far.
     let texts: Vec<String> = conversation(server, 1).into_iter().skip(1).map(|m| m.1).collect();
     assert_eq!(texts, ["one?", "first answer", "two?"]);
+    // A client deadline shorter than the wait: answered before it, the
+    // reply as it stands, not DEADLINE_EXCEEDED.
+    let mut request = authed(&alice, ask(String::new(), "three?"));
+    request.set_timeout(Duration::from_secs(2));
+    let third = c.assistant().ask(request).await.expect("answered within the client's deadline").into_inner();
+    let reply = third.reply.unwrap();
+    assert_eq!(status(&reply), mpb::GenerationStatus::Generating);
+    let stop = apb::StopGenerationRequest { message_id: reply.id };
+    c.assistant().stop_generation(authed(&alice, stop)).await.unwrap();
 }
 
 async fn stop_keeps_the_text_so_far_and_closes_the_upstream_connection(c: &Cluster, server: &ScriptedServer) {
@@ -283,11 +309,7 @@ async fn reload_and_edit_replace_the_reply_and_keep_the_old_one(c: &Cluster, ser
     let mut stream = events(c, &alice, &chat).await;
     let prompt = send(c, &alice, &chat, "count").await;
     let first = until_finished(&mut stream, None).await.finished.unwrap();
-    let reload = apb::RegenerateRequest {
-        chat_id: chat.clone(),
-        mode: apb::RegenerateMode::Reload as i32,
-        ..Default::default()
-    };
+    let reload = reload_of(&chat);
     let started = c.assistant().regenerate(authed(&alice, reload)).await.unwrap().into_inner();
     let second = started.reply.unwrap();
     assert_eq!(
@@ -356,11 +378,7 @@ async fn failures_end_the_reply_failed_and_a_failed_replacement_restores_the_old
     let refused = until_finished(&mut stream, None).await.finished.unwrap();
     assert_eq!((status(&refused), refused.text.as_str()), (mpb::GenerationStatus::Failed, ""));
     assert!(refused.generation.unwrap().error.contains("429"));
-    let reload = apb::RegenerateRequest {
-        chat_id: chat.clone(),
-        mode: apb::RegenerateMode::Reload as i32,
-        ..Default::default()
-    };
+    let reload = reload_of(&chat);
     let retried = c.assistant().regenerate(authed(&alice, reload.clone())).await.unwrap().into_inner().reply.unwrap();
     let fine = until_finished(&mut stream, Some(&retried.id)).await.finished.unwrap();
     assert_eq!(fine.text, "fine now");
@@ -452,6 +470,9 @@ async fn a_group_chat_is_answered_as_its_assistant_replies_setting_says(c: &Clus
     until_finished(&mut stream, None).await;
     set(&alice, AssistantReplies::Off).await.unwrap();
     unanswered.push(send(c, &bob, &chat, "@assistant are you there?").await.id);
+    // Ask says so at once, and sends nothing.
+    let ask = apb::AskRequest { chat_id: chat.clone(), text: "@assistant please?".into(), ..Default::default() };
+    assert_eq!(code(c.assistant().ask(authed(&bob, ask)).await), Code::FailedPrecondition);
     set(&alice, AssistantReplies::Mentions).await.unwrap();
     answered.push(send(c, &bob, &chat, "@assistant now?").await.id);
     until_finished(&mut stream, None).await;
@@ -501,11 +522,7 @@ async fn a_prompt_beyond_a_full_queue_gets_a_failed_reply_at_once(c: &Cluster, s
     let chat = assistant_chat(c, &alice).await.chat_id;
     let mut stream = events(c, &alice, &chat).await;
     send(c, &alice, &chat, "one").await;
-    let first = loop {
-        if let Some(Event::MessageDelta(d)) = next(&mut stream).await.event {
-            break d.message_id;
-        }
-    };
+    let first = busy_reply(&mut stream).await;
     send(c, &alice, &chat, "two (queued)").await;
     let third = send(c, &alice, &chat, "three (one too many)").await;
     // Refused at once, while the first still streams.
@@ -527,6 +544,69 @@ async fn a_prompt_beyond_a_full_queue_gets_a_failed_reply_at_once(c: &Cluster, s
     let second = until_finished(&mut stream, None).await.finished.unwrap();
     assert_eq!(second.text, "second");
     assert_eq!(server.requests().len(), 2, "the refused prompt never reached the model");
+}
+
+/// A prompt waits its turn behind the reply being written; its author may
+/// edit or delete it meanwhile. When its turn comes, an edited one is
+/// answered with its new text, and a deleted one not at all: nothing of it
+/// reaches the model.
+async fn a_queued_prompt_is_answered_as_it_is_when_its_turn_comes(c: &Cluster, server: &ScriptedServer) {
+    server.push(Script::hang_after("busy"));
+    server.push(Script::reply("to the edit"));
+    server.push(Script::reply("to the last"));
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(c, &alice).await.chat_id;
+    let mut stream = events(c, &alice, &chat).await;
+    send(c, &alice, &chat, "one").await;
+    let first = busy_reply(&mut stream).await;
+    let edited = send(c, &alice, &chat, "two").await;
+    let deleted = send(c, &alice, &chat, "a secret I regret").await;
+    let last = send(c, &alice, &chat, "four").await;
+    let edit = mpb::EditMessageRequest { message_id: edited.id.clone(), text: "two, edited".into() };
+    c.messages().edit_message(authed(&alice, edit)).await.unwrap();
+    let delete = mpb::DeleteMessageRequest { message_id: deleted.id.clone() };
+    c.messages().delete_message(authed(&alice, delete)).await.unwrap();
+    let stop = apb::StopGenerationRequest { message_id: first };
+    c.assistant().stop_generation(authed(&alice, stop)).await.unwrap();
+    let mut answered = Vec::new();
+    while answered.last() != Some(&last.seq) {
+        let reply = until_finished(&mut stream, None).await.finished.unwrap();
+        answered.push(reply.reply_to_seq);
+    }
+    assert_eq!(answered, [edited.seq, last.seq], "the deleted prompt got no reply");
+    assert_eq!(server.requests().len(), 3);
+    let sent: Vec<String> = (1..3).flat_map(|i| conversation(server, i)).map(|m| m.1).collect();
+    assert!(sent.iter().any(|t| t == "two, edited"), "{sent:?}");
+    assert!(!sent.iter().any(|t| t.contains("secret") || t == "two"), "{sent:?}");
+}
+
+/// Each reply is a generation someone pays for: a prompt author past
+/// --assistant-reply-rate gets a FAILED reply at once, Regenerate is
+/// RESOURCE_EXHAUSTED, and other users keep their own budget.
+async fn a_prompt_author_past_the_reply_rate_gets_a_failed_reply(c: &Cluster, server: &ScriptedServer) {
+    for text in ["one", "two", "bob's"] {
+        server.push(Script::reply(text));
+    }
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = assistant_chat(c, &alice).await.chat_id;
+    let mut stream = events(c, &alice, &chat).await;
+    for (prompt, answer) in [("1", "one"), ("2", "two")] {
+        send(c, &alice, &chat, prompt).await;
+        let reply = until_finished(&mut stream, None).await.finished.unwrap();
+        assert_eq!((status(&reply), reply.text.as_str()), (mpb::GenerationStatus::Complete, answer));
+    }
+    send(c, &alice, &chat, "3").await;
+    let refused = until_finished(&mut stream, None).await.finished.unwrap();
+    assert_eq!((status(&refused), refused.text.as_str()), (mpb::GenerationStatus::Failed, ""));
+    assert!(refused.generation.unwrap().error.contains("too many assistant replies"));
+    let reload = reload_of(&chat);
+    let limited = c.assistant().regenerate(authed(&alice, reload)).await.unwrap_err();
+    assert!(crate::retry_delay(&limited) > Duration::from_secs(29 * 60), "{limited:?}");
+    let theirs = assistant_chat(c, &bob).await.chat_id;
+    let ask = apb::AskRequest { chat_id: theirs, text: "hi".into(), ..Default::default() };
+    let answered = c.assistant().ask(authed(&bob, ask)).await.unwrap().into_inner().reply.unwrap();
+    assert_eq!(answered.text, "bob's", "another author has a budget of their own");
+    assert_eq!(server.requests().len(), 3, "the refused prompt never reached the model");
 }
 
 async fn an_injection_is_refused_without_asking_the_model(c: &Cluster, server: &ScriptedServer) {
@@ -559,18 +639,19 @@ async fn a_reply_that_leaks_the_system_prompt_is_flagged_for_the_owner(c: &Clust
     let (owner, member) = (c.user("owner").await, c.user("member").await);
     let chat = assistant_chat(c, &owner).await;
     let ask = |chat_id: &str| apb::AskRequest { chat_id: chat_id.into(), text: "hello".into(), ..Default::default() };
-    let reply = c.assistant().ask(authed(&owner, ask(&chat.chat_id))).await.unwrap().into_inner().reply.unwrap();
-    assert!(reply.text.contains("natter-canary-"), "{}", reply.text);
-    let flags = reply.flags.expect("the chat's owner sees the reply's flags");
-    assert!(flags.flagged && flags.categories == ["prompt_leak"], "{flags:?}");
-    assert_eq!((flags.severity, flags.detector.as_str()), (mpb::Severity::Critical as i32, "natter-canary"));
-    // In a group, a plain member who asked sees no flags on the reply.
+    // A group chat's owner sees the flags of the reply they asked for.
     let group = natter_proto::chats::v1::CreateChatRequest {
         title: "with the bot".into(),
         member_ids: vec![member.id.clone(), chat.assistant_user_id.clone()],
         ..Default::default()
     };
     let group = c.chats().create_chat(authed(&owner, group)).await.unwrap().into_inner().chat.unwrap().id;
+    let reply = c.assistant().ask(authed(&owner, ask(&group))).await.unwrap().into_inner().reply.unwrap();
+    assert!(reply.text.contains("natter-canary-"), "{}", reply.text);
+    let flags = reply.flags.expect("the chat's owner sees the reply's flags");
+    assert!(flags.flagged && flags.categories == ["prompt_leak"], "{flags:?}");
+    assert_eq!((flags.severity, flags.detector.as_str()), (mpb::Severity::Critical as i32, "natter-canary"));
+    // A plain member who asked sees no flags on the reply.
     let seen = c.assistant().ask(authed(&member, ask(&group))).await.unwrap().into_inner().reply.unwrap();
     assert!(seen.text.contains("natter-canary-") && seen.flags.is_none(), "{seen:?}");
 }
@@ -662,11 +743,7 @@ async fn a_real_model_answers_reloads_and_stops() {
     assert_eq!(status(&first), mpb::GenerationStatus::Complete, "{first:?}");
     assert!(!first.text.trim().is_empty());
     assert_eq!(concatenated(&seen.deltas), first.text);
-    let reload = apb::RegenerateRequest {
-        chat_id: chat.clone(),
-        mode: apb::RegenerateMode::Reload as i32,
-        ..Default::default()
-    };
+    let reload = reload_of(&chat);
     let second = c.assistant().regenerate(authed(&alice, reload)).await.unwrap().into_inner().reply.unwrap();
     // Stop it as soon as text flows (or take it finished, if the model was
     // quicker than the stop).

@@ -19,6 +19,8 @@ crate::both_modes!(
     list_chats_filters_combine,
     edits_keep_every_revision,
     deletes_leave_tombstones,
+    direct_chat_members_are_equals,
+    a_removed_creator_replaying_create_chat_learns_nothing,
 );
 
 async fn group(c: &Cluster, owner: &TestUser, title: &str, members: &[&TestUser]) -> cpb::Chat {
@@ -347,4 +349,75 @@ async fn deletes_leave_tombstones(c: &Cluster) {
     );
     // Seq goes on after tombstones.
     assert_eq!(send(c, &alice, &chat.id, "clean").await.seq, 3);
+}
+
+/// Neither member of a direct chat moderates the other: its creator may not
+/// delete the other's messages, resolve reports against their own, or
+/// delete the chat with the other's history; either may archive it.
+async fn direct_chat_members_are_equals(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let dm = direct(c, &alice, &bob).await;
+    let list = cpb::ListMembersRequest { chat_id: dm.id.clone(), ..Default::default() };
+    let members = c.chats().list_members(authed(&bob, list)).await.unwrap().into_inner().members;
+    assert!(members.iter().all(|m| m.role == cpb::MemberRole::Member as i32), "{members:?}");
+    let from_bob = send(c, &bob, &dm.id, "mine").await;
+    let from_alice = send(c, &alice, &dm.id, "rude").await;
+    let delete = mpb::DeleteMessageRequest { message_id: from_bob.id.clone() };
+    assert_eq!(code(c.messages().delete_message(authed(&alice, delete)).await), Code::PermissionDenied);
+    let report = mpb::ReportMessageRequest {
+        message_id: from_alice.id.clone(),
+        reason: mpb::ReportReason::Abuse as i32,
+        comment: String::new(),
+    };
+    c.messages().report_message(authed(&bob, report)).await.unwrap();
+    let resolve = mpb::ResolveReportRequest { message_id: from_alice.id.clone() };
+    assert_eq!(code(c.messages().resolve_report(authed(&alice, resolve)).await), Code::PermissionDenied);
+    let flagged = c
+        .messages()
+        .list_flagged_messages(authed(&alice, mpb::ListFlaggedMessagesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(flagged.messages.is_empty(), "the report against alice is not hers to see: {flagged:?}");
+    for user in [&alice, &bob] {
+        let delete = cpb::DeleteChatRequest { chat_id: dm.id.clone() };
+        assert_eq!(code(c.chats().delete_chat(authed(user, delete)).await), Code::FailedPrecondition);
+    }
+    let archive = cpb::ArchiveChatRequest { chat_id: dm.id.clone() };
+    assert!(c.chats().archive_chat(authed(&bob, archive)).await.unwrap().into_inner().chat.unwrap().archived);
+}
+
+/// CreateChat with a client-chosen id is idempotent for its creator while
+/// they are in the chat; once removed, repeating it shows them nothing of
+/// what was said since (ALREADY_EXISTS, as for anyone else's id). And a
+/// public chat read from outside carries no unread count for the reader.
+async fn a_removed_creator_replaying_create_chat_learns_nothing(c: &Cluster) {
+    let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+    let create = cpb::CreateChatRequest {
+        chat_id: uuid::Uuid::new_v4().to_string(),
+        title: "Plans".into(),
+        member_ids: vec![bob.id.clone()],
+        visibility: cpb::Visibility::Public as i32,
+        ..Default::default()
+    };
+    let chat = c.chats().create_chat(authed(&alice, create.clone())).await.unwrap().into_inner().chat.unwrap();
+    let again = c.chats().create_chat(authed(&alice, create.clone())).await.unwrap().into_inner().chat.unwrap();
+    assert_eq!(again.id, chat.id, "a retry answers the chat");
+    let hand_over = cpb::UpdateMemberRequest {
+        chat_id: chat.id.clone(),
+        user_id: bob.id.clone(),
+        role: cpb::MemberRole::Owner as i32,
+    };
+    c.chats().update_member(authed(&alice, hand_over)).await.unwrap();
+    let remove = cpb::RemoveMemberRequest { chat_id: chat.id.clone(), user_id: alice.id.clone() };
+    c.chats().remove_member(authed(&bob, remove)).await.unwrap();
+    send(c, &bob, &chat.id, "after alice left").await;
+    let replay = c.chats().create_chat(authed(&alice, create)).await;
+    assert_eq!(code(replay), Code::AlreadyExists);
+    // Read from outside, the public chat shows its last message but no
+    // count of the reader's.
+    let get = cpb::GetChatRequest { chat_id: chat.id.clone(), ..Default::default() };
+    let seen = c.chats().get_chat(authed(&carol, get)).await.unwrap().into_inner().chat.unwrap();
+    assert_eq!(seen.last_message.map(|m| m.text), Some("after alice left".to_owned()));
+    assert_eq!((seen.unread_count, seen.mention_count), (0, 0));
 }

@@ -26,9 +26,50 @@ pub fn micros(ts: &Timestamp) -> i64 {
     ts.seconds.saturating_mul(1_000_000).saturating_add(i64::from(ts.nanos) / 1_000)
 }
 
+/// The client's deadline of a call: its `grpc-timeout` header, per the
+/// gRPC over HTTP/2 protocol (grpc/doc/PROTOCOL-HTTP2.md): at most 8 ASCII
+/// digits, then a unit, `H` `M` `S` `m` `u` or `n` (hours down to
+/// nanoseconds). None when absent or malformed (no deadline).
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3_600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeouts_read_as_the_protocol_writes_them() {
+        use std::time::Duration;
+        let of = |value: &str| {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert("grpc-timeout", value.parse().unwrap());
+            grpc_timeout(&metadata)
+        };
+        assert_eq!(of("2H"), Some(Duration::from_secs(7_200)));
+        assert_eq!(of("90S"), Some(Duration::from_secs(90)));
+        assert_eq!(of("1500m"), Some(Duration::from_millis(1_500)));
+        assert_eq!(of("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "S", "123456789S", "10s", "1.5S", "-1S", "10"] {
+            assert_eq!(of(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+    }
 
     #[test]
     fn round_trips_including_negative() {

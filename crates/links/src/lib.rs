@@ -98,9 +98,11 @@ pub mod activity {
     }
 }
 
-/// True for a chat's owner and admins (by a CheckMembership answer).
+/// True for a group chat's owner and admins (by a CheckMembership answer);
+/// a direct chat's two members are equals, and neither manages it.
 pub fn manages(membership: &chats::CheckMembershipResponse) -> bool {
-    membership.role == chats::MemberRole::Owner as i32 || membership.role == chats::MemberRole::Admin as i32
+    membership.kind != chats::ChatKind::Direct as i32
+        && (membership.role == chats::MemberRole::Owner as i32 || membership.role == chats::MemberRole::Admin as i32)
 }
 
 /// What the messages service asks the chats service.

@@ -22,13 +22,16 @@ const ASK_WAIT_MAX: Duration = Duration::from_secs(300);
 pub struct AssistantApi {
     assistant: Option<Arc<Assistant>>,
     auth: Authenticator,
+    /// The server's `--request-timeout`: no call may take longer.
+    request_timeout: Duration,
 }
 
 impl AssistantApi {
     /// The public API of `assistant` (None: no assistant configured, every
-    /// call FAILED_PRECONDITION once authenticated).
-    pub fn new(assistant: Option<Arc<Assistant>>, auth: Authenticator) -> Self {
-        Self { assistant, auth }
+    /// call FAILED_PRECONDITION once authenticated), on a server whose
+    /// calls end at `request_timeout` (`--request-timeout`).
+    pub fn new(assistant: Option<Arc<Assistant>>, auth: Authenticator, request_timeout: Duration) -> Self {
+        Self { assistant, auth, request_timeout }
     }
 
     /// The caller's user id and the assistant.
@@ -62,6 +65,12 @@ impl AssistantService for AssistantApi {
 
     async fn ask(&self, request: Request<pb::AskRequest>) -> Result<Response<pb::AskResponse>, Status> {
         let (caller, assistant) = self.caller(&request).await?;
+        // The call ends at the client's deadline or the server's request
+        // timeout, whichever comes first: answer a little before it, with
+        // the reply as it stands, rather than DEADLINE_EXCEEDED.
+        let deadline = natter_kit::time::grpc_timeout(request.metadata())
+            .map_or(self.request_timeout, |d| d.min(self.request_timeout));
+        let bound = deadline.saturating_sub((deadline / 10).min(Duration::from_secs(1)));
         let r = request.into_inner();
         uuid("chat_id", &r.chat_id)?;
         if r.timeout_seconds < 0 {
@@ -70,7 +79,8 @@ impl AssistantService for AssistantApi {
         let wait = match r.timeout_seconds {
             0 => ASK_WAIT_DEFAULT,
             n => Duration::from_secs(n as u64).min(ASK_WAIT_MAX),
-        };
+        }
+        .min(bound);
         let send = mpb::SendMessageRequest {
             chat_id: r.chat_id,
             message_id: r.message_id,

@@ -98,6 +98,12 @@ pub struct AssistantArgs {
     /// reply.
     #[arg(long, env = "NATTER_ASSISTANT_QUEUE", default_value_t = 8)]
     pub assistant_queue: usize,
+    /// Replies per prompt author (each a paid or GPU-bound generation):
+    /// N/PERIOD admits N at once and N per PERIOD, per process; `off`
+    /// admits all. Regenerate beyond is RESOURCE_EXHAUSTED; a prompt beyond
+    /// (sent, or asked) gets a FAILED reply saying when to retry.
+    #[arg(long, env = "NATTER_ASSISTANT_REPLY_RATE", default_value = "120/1h")]
+    pub assistant_reply_rate: natter_kit::limits::Rate,
     /// A GENERATING reply whose checkpoint (renewed about every second) is
     /// older than this lost its generator (a crash): the sweeper ends it
     /// INTERRUPTED.
@@ -145,6 +151,7 @@ impl AssistantArgs {
             context_chars: self.assistant_context_chars,
             concurrency: self.assistant_concurrency.max(1),
             queue: self.assistant_queue,
+            reply_rate: self.assistant_reply_rate,
             lease: self.assistant_lease.max(Duration::from_secs(2)),
             ..Settings::default()
         }
@@ -182,10 +189,9 @@ pub async fn open(
 /// Adds the public assistant service to `server` (FAILED_PRECONDITION on
 /// every call when `assistant` is None).
 pub async fn add_services(server: &mut Server, assistant: Option<Arc<Assistant>>, auth: Authenticator) {
-    let limit = server.args().max_request_bytes;
-    server
-        .add_service(AssistantServiceServer::new(AssistantApi::new(assistant, auth)).max_decoding_message_size(limit))
-        .await;
+    let (limit, timeout) = (server.args().max_request_bytes, server.args().transport.request_timeout);
+    let api = AssistantApi::new(assistant, auth, timeout);
+    server.add_service(AssistantServiceServer::new(api).max_decoding_message_size(limit)).await;
 }
 
 /// Command line of `natter-assistant` (split mode).

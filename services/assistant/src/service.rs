@@ -73,6 +73,7 @@ pub struct Settings {
     pub context_chars: usize,
     pub concurrency: usize,
     pub queue: usize,
+    pub reply_rate: natter_kit::limits::Rate,
     pub lease: Duration,
     /// The pace of a reply's message_delta events: one per `flush` on
     /// average, two at most within one `flush` (GCRA); text that comes
@@ -93,6 +94,7 @@ impl Default for Settings {
             context_chars: 16_000,
             concurrency: 16,
             queue: 8,
+            reply_rate: natter_kit::limits::Rate::Off,
             lease: Duration::from_secs(15),
             flush: Duration::from_millis(50),
             checkpoint: Duration::from_secs(1),
@@ -201,6 +203,8 @@ pub struct Assistant {
     links: Links,
     settings: Settings,
     state: Mutex<State>,
+    /// Replies per prompt author (`--assistant-reply-rate`).
+    reply_rate: natter_kit::limits::RateLimiter<String>,
     permits: Semaphore,
     finished: broadcast::Sender<mpb::Message>,
     /// Told whenever a chat's lane is released.
@@ -229,6 +233,7 @@ impl Assistant {
             bot,
             links,
             permits: Semaphore::new(settings.concurrency),
+            reply_rate: natter_kit::limits::RateLimiter::new("assistant replies", settings.reply_rate),
             settings,
             state: Mutex::new(State::default()),
             finished: broadcast::channel(1024).0,
@@ -358,7 +363,7 @@ impl Assistant {
 
     /// Queues a prompt behind its chat's reply being generated, or starts
     /// answering it. A prompt queued or answered here already is ignored; a
-    /// full queue gets a FAILED reply.
+    /// full queue gets a FAILED reply saying so.
     async fn submit(self: &Arc<Self>, job: Job) {
         let chat = job.prompt.chat_id.clone();
         let start = {
@@ -369,7 +374,7 @@ impl Assistant {
             match state.lanes.get_mut(&chat) {
                 Some(lane) if lane.queue.len() >= self.settings.queue => {
                     state.prompts.remove(&job.prompt.id);
-                    Some(Err(job))
+                    Some(Err((job, "too many prompts are waiting in this chat")))
                 }
                 Some(lane) => {
                     lane.queue.push_back(job);
@@ -386,7 +391,7 @@ impl Assistant {
             Some(Ok(job)) => {
                 tokio::spawn(self.clone().drive(chat, job));
             }
-            Some(Err(job)) => self.refuse(&job.prompt, "too many prompts are waiting in this chat").await,
+            Some(Err((job, why))) => self.refuse(&job.prompt, why).await,
         }
     }
 
@@ -460,9 +465,28 @@ impl Assistant {
     /// bot's read position past the prompt, generates and finishes it.
     /// Nothing new starts once shutting down (the prompt is answered after
     /// the restart: the read position did not move past it).
-    async fn run(&self, job: Job) {
+    async fn run(&self, mut job: Job) {
         if self.shutdown.is_cancelled() && job.started.is_none() {
             return;
+        }
+        if job.started.is_none() {
+            // The prompt as it is now: it may have waited its turn while its
+            // author edited it (answer the new text) or deleted it (answer
+            // nothing, and send nothing of it to the model).
+            match self.reply(&job.prompt.id).await {
+                Ok(Some(now)) if now.deleted => {
+                    let (bot, chat) = (&self.bot.id, &job.prompt.chat_id);
+                    if let Err(status) = self.links.messages.mark_read_as(bot, chat, job.prompt.seq).await {
+                        tracing::warn!(chat_id = %chat, error = %status.message(), "cannot move the assistant's read position");
+                    }
+                    return;
+                }
+                Ok(Some(now)) => job.prompt = now,
+                Ok(None) => return,
+                Err(status) => {
+                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot re-read a prompt")
+                }
+            }
         }
         if let Some(why) = barred(&self.detector, &job.prompt.text) {
             // Never sent to the model: a fixed refusal, marked as a content
@@ -478,6 +502,8 @@ impl Assistant {
             }
             return;
         }
+        // Regenerate counted its reply against the rate already.
+        let counted = job.started.is_some();
         let reply = match job.started {
             Some(reply) => reply,
             None => loop {
@@ -517,6 +543,14 @@ impl Assistant {
         };
         if let Err(status) = self.links.messages.mark_read_as(&self.bot.id, &job.prompt.chat_id, job.prompt.seq).await {
             tracing::warn!(chat_id = %job.prompt.chat_id, error = %status.message(), "cannot move the assistant's read position");
+        }
+        // Counted once its reply is new (a prompt seen again, answered
+        // already, costs nothing): past the author's rate it ends at once,
+        // never sent to the model.
+        if !counted && let Err(limited) = self.reply_rate.check(&job.prompt.author_id) {
+            let info = mpb::GenerationInfo { error: limited.to_string(), ..Default::default() };
+            let outcome = Outcome { text: String::new(), status: mpb::GenerationStatus::Failed, info };
+            return self.finish(&reply, outcome, false).await;
         }
         let stop = CancellationToken::new();
         self.state().running.insert(reply.id.clone(), stop.clone());
@@ -912,6 +946,9 @@ impl Assistant {
         if !bot.member {
             return Err(Status::failed_precondition("the assistant is not a member of this chat"));
         }
+        if bot.kind != cpb::ChatKind::Direct as i32 && bot.assistant_replies == mpb::AssistantReplies::Off as i32 {
+            return Err(Status::failed_precondition("the assistant is off in this chat (assistant_replies OFF)"));
+        }
         let waiting = self.state().lanes.get(&chat).map_or(0, |lane| lane.queue.len());
         if waiting >= self.settings.queue {
             let limited = natter_kit::limits::Limited {
@@ -963,6 +1000,7 @@ impl Assistant {
         edit: Option<String>,
     ) -> Result<(mpb::Message, mpb::Message), Status> {
         let membership = self.member(chat, caller).await?;
+        self.reply_rate.check(&caller.to_owned())?;
         let recent = self.links.messages.recent_messages(chat, 50).await?;
         let latest = recent
             .iter()
@@ -1040,9 +1078,21 @@ impl Assistant {
                 Ok((moderated(reply, caller, manager), prompt))
             }
             Err(status) => {
-                let mut state = self.state();
-                state.lanes.remove(chat);
-                state.prompts.remove(&prompt_id);
+                // Prompts sent meanwhile queued behind this call's claim of
+                // the lane: they are answered, in order, as ever.
+                let next = {
+                    let mut state = self.state();
+                    state.prompts.remove(&prompt_id);
+                    let next = state.lanes.get_mut(chat).and_then(|lane| lane.queue.pop_front());
+                    if next.is_none() {
+                        state.lanes.remove(chat);
+                    }
+                    next
+                };
+                match next {
+                    Some(job) => drop(tokio::spawn(self.clone().drive(chat.to_owned(), job))),
+                    None => self.lane_freed.notify_waiters(),
+                }
                 Err(status)
             }
         }

@@ -54,6 +54,12 @@ pub struct ChatsArgs {
     /// N per PERIOD; `off` admits all.
     #[arg(long, env = "NATTER_CREATE_CHAT_RATE", default_value = "240/1h")]
     pub create_chat_rate: Rate,
+    /// Changes of chats per user: UpdateChat, ArchiveChat, UnarchiveChat,
+    /// DeleteChat, AddMembers (joins too), RemoveMember (leaves too) and
+    /// UpdateMember, repeats included. Each is a change every member's
+    /// streams receive: N/PERIOD, or `off`.
+    #[arg(long, env = "NATTER_CHAT_CHANGE_RATE", default_value = "600/10m")]
+    pub chat_change_rate: Rate,
 }
 
 /// A humantime duration (`50ms`, `1s`) that
@@ -74,6 +80,7 @@ impl Default for ChatsArgs {
             max_group_members: limits.group_members,
             activity_flush_interval: natter_links::activity::DEFAULT_FLUSH_INTERVAL,
             create_chat_rate: Rate::parse("240/1h").expect("valid rate"),
+            chat_change_rate: Rate::parse("600/10m").expect("valid rate"),
         }
     }
 }
@@ -106,7 +113,8 @@ pub async fn open(
     only_instance: bool,
 ) -> Result<Arc<Chats>, StoreError> {
     let store = store::open(db, args.activity_flush_interval).await?;
-    let chats = Chats::new(store, users, messages, bus, args.limits(), args.create_chat_rate)
+    let rates = service::Rates { create: args.create_chat_rate, change: args.chat_change_rate };
+    let chats = Chats::new(store, users, messages, bus, args.limits(), rates)
         .with_staff(staff.iter().map(|u| natter_kit::id::UserId::from(*u)));
     let chats = Arc::new(if only_instance { chats.with_membership_cache() } else { chats });
     chats.start_relay(service::RELAY_INTERVAL);

@@ -115,6 +115,7 @@ pub struct Chats {
     limits: Limits,
     /// CreateChat calls per user.
     create_rate: RateLimiter<UserId>,
+    change_rate: RateLimiter<UserId>,
     /// (chat, user) -> membership, for the messages service's checks; only
     /// when this is the only chats instance (see [`Chats::with_membership_cache`]).
     cache: Option<Mutex<Cache>>,
@@ -140,6 +141,21 @@ struct Cache {
     generation: u64,
 }
 
+/// The per-user rates of [`Chats`] (`--create-chat-rate`,
+/// `--chat-change-rate`).
+#[derive(Clone, Copy, Debug)]
+pub struct Rates {
+    /// CreateChat calls, retries too.
+    pub create: Rate,
+    /// Calls that change a chat or its members, repeats too.
+    pub change: Rate,
+}
+
+impl Rates {
+    /// No limit (tests).
+    pub const OFF: Self = Self { create: Rate::Off, change: Rate::Off };
+}
+
 impl Chats {
     /// The service over `store`, reaching sessions through `users` and
     /// messages through `messages` (which also records and announces every
@@ -151,15 +167,15 @@ impl Chats {
         messages: Arc<dyn MessageDirectory>,
         bus: Arc<dyn EventBus>,
         limits: Limits,
-        create_chat_rate: Rate,
+        rates: Rates,
     ) -> Self {
-        let create_rate = RateLimiter::new("chats created", create_chat_rate);
         Self {
             store,
             users,
             messages,
             limits,
-            create_rate,
+            create_rate: RateLimiter::new("chats created", rates.create),
+            change_rate: RateLimiter::new("changes of chats", rates.change),
             cache: None,
             bus,
             relay: Mutex::default(),
@@ -236,7 +252,7 @@ impl Chats {
         // Idempotency: the same client-chosen id, or the same direct pair,
         // returns the chat that exists.
         if let Some(existing) = self.existing(caller, new.chat_id, other).await? {
-            return self.member_view(caller, existing).await;
+            return self.member_view(caller, existing).await?.ok_or(ChatsError::ChatIdTaken);
         }
 
         self.require_users(&new.others).await?;
@@ -260,7 +276,10 @@ impl Chats {
             last_message_time: None,
             assistant_replies: AssistantReplies::Mentions,
         };
-        let members: Vec<Member> = std::iter::once((caller, Role::Owner))
+        // A direct chat's two members are equals: no owner to moderate the
+        // other's messages or reports, or to delete the chat.
+        let creator = if kind == Kind::Direct { Role::Member } else { Role::Owner };
+        let members: Vec<Member> = std::iter::once((caller, creator))
             .chain(new.others.iter().map(|u| (*u, Role::Member)))
             .map(|(user_id, role)| Member { chat_id: id, user_id, role, join_time: now })
             .collect();
@@ -272,7 +291,7 @@ impl Chats {
             }
             // Lost a race with an identical request: return its chat.
             Created::Conflict => match self.existing(caller, new.chat_id, other).await? {
-                Some(existing) => self.member_view(caller, existing).await,
+                Some(existing) => self.member_view(caller, existing).await?.ok_or(ChatsError::ChatIdTaken),
                 None => Err(ChatsError::ChatIdTaken),
             },
         }
@@ -479,6 +498,7 @@ impl Chats {
         chat_id: ChatId,
         update: ChatUpdate,
     ) -> Result<ChatView, ChatsError> {
+        self.change_rate.check(&caller)?;
         let (chat, role) = self.member(caller, chat_id).await?;
         if chat.kind == Kind::Direct {
             return Err(ChatsError::Precondition("a direct chat has no title, description or visibility to change"));
@@ -513,6 +533,7 @@ impl Chats {
     /// ArchiveChat / UnarchiveChat (owner or admin; either member of a
     /// direct chat). Idempotent.
     pub async fn set_archived(&self, caller: UserId, chat_id: ChatId, archived: bool) -> Result<ChatView, ChatsError> {
+        self.change_rate.check(&caller)?;
         let (chat, role) = self.manager(caller, chat_id).await?;
         let changes = chat.archive_time.is_some() != archived;
         let chat = if changes {
@@ -529,8 +550,14 @@ impl Chats {
     }
 
     /// DeleteChat (owner only): the chat, its memberships, then its messages.
+    /// A direct chat has no owner (FAILED_PRECONDITION): deleting it would
+    /// take the other member's history too; it can be archived.
     pub async fn delete_chat(&self, caller: UserId, chat_id: ChatId) -> Result<(), ChatsError> {
+        self.change_rate.check(&caller)?;
         let (chat, role) = self.member(caller, chat_id).await?;
+        if chat.kind == Kind::Direct {
+            return Err(ChatsError::Precondition("a direct chat has no owner to delete it: archive it instead"));
+        }
         if role != Role::Owner {
             return Err(ChatsError::Denied("only the owner may delete a chat"));
         }
@@ -558,6 +585,7 @@ impl Chats {
         chat_id: ChatId,
         user_ids: Vec<UserId>,
     ) -> Result<Vec<Member>, ChatsError> {
+        self.change_rate.check(&caller)?;
         let ChatAccess { chat, role } = self.access(caller, chat_id).await?;
         let joining_self = user_ids == [caller];
         match role {
@@ -590,6 +618,7 @@ impl Chats {
     /// RemoveMember: oneself (leave; not the owner), or others by the owner
     /// (anyone) or an admin (plain members).
     pub async fn remove_member(&self, caller: UserId, chat_id: ChatId, user_id: UserId) -> Result<(), ChatsError> {
+        self.change_rate.check(&caller)?;
         let (chat, role) = self.member(caller, chat_id).await?;
         if chat.kind == Kind::Direct {
             return Err(ChatsError::Precondition("a direct chat never changes members"));
@@ -635,6 +664,7 @@ impl Chats {
         user_id: UserId,
         role: Role,
     ) -> Result<Member, ChatsError> {
+        self.change_rate.check(&caller)?;
         let (chat, caller_role) = self.member(caller, chat_id).await?;
         if chat.kind == Kind::Direct {
             return Err(ChatsError::Precondition("a direct chat has no roles to change"));
@@ -697,10 +727,14 @@ impl Chats {
     }
 
     /// One view of a chat the caller is in, after reading their role (an
-    /// idempotent CreateChat's answer: ownership may have moved since).
-    async fn member_view(&self, caller: UserId, chat: Chat) -> Result<ChatView, ChatsError> {
-        let role = self.store.role(chat.id, caller).await?;
-        self.view(caller, ChatAccess { chat, role }).await
+    /// idempotent CreateChat's answer: ownership may have moved since);
+    /// None when they are no longer a member (a retry must not show a
+    /// chat someone was removed from).
+    async fn member_view(&self, caller: UserId, chat: Chat) -> Result<Option<ChatView>, ChatsError> {
+        match self.store.role(chat.id, caller).await? {
+            Some(role) => Ok(Some(self.view(caller, ChatAccess { chat, role: Some(role) }).await?)),
+            None => Ok(None),
+        }
     }
 
     /// Adds previews and unread counts to chats, with one call to the
@@ -737,10 +771,16 @@ impl Chats {
         Ok(chats
             .into_iter()
             .map(|ChatAccess { chat, role }| {
-                let (preview, aggregates) = match previews.remove(&chat.id.to_string()) {
+                let (mut preview, aggregates) = match previews.remove(&chat.id.to_string()) {
                     Some((p, a)) => (Some(p), a),
                     None => (None, Aggregates::default()),
                 };
+                // Unread and mention counts are a member's: a public chat
+                // listed to someone outside it has none.
+                if let Some(preview) = preview.as_mut().filter(|_| role.is_none()) {
+                    preview.unread_count = 0;
+                    preview.mention_count = 0;
+                }
                 let moderator = staff || role.is_some_and(Role::manages);
                 ChatView { chat, preview, aggregates, moderator }
             })
@@ -987,7 +1027,7 @@ mod tests {
             messages.clone(),
             Arc::new(natter_bus::Hub::new()),
             limits,
-            Rate::Off,
+            Rates::OFF,
         );
         Harness { chats, messages, _dir: dir }
     }
@@ -1149,7 +1189,7 @@ mod tests {
                 messages.clone(),
                 Arc::new(natter_bus::Hub::new()),
                 Limits::default(),
-                Rate::Off,
+                Rates::OFF,
             )
         };
 

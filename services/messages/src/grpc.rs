@@ -707,8 +707,10 @@ impl MessageService for MessageApi {
             }
             Ok(_) => {}
         }
-        if r.comment.chars().count() > REPORT_COMMENT_MAX {
-            violations.add("comment", format!("at most {REPORT_COMMENT_MAX} characters"));
+        if let Err(reason) =
+            natter_kit::limits::check_str(&r.comment, natter_kit::limits::MaxLen::Chars(REPORT_COMMENT_MAX))
+        {
+            violations.add("comment", reason);
         }
         violations.check()?;
         let report = self.messages.report(caller, message_id?, r.reason, r.comment).await?;

@@ -60,12 +60,12 @@ impl SessionApi {
         Self { sessions }
     }
 
-    /// The caller's live session, or UNAUTHENTICATED.
     /// The caller's address, for per-address limits.
     fn client<T>(&self, request: &Request<T>) -> Option<std::net::IpAddr> {
         natter_kit::client_ip(request, self.sessions.trusts_forwarded_for())
     }
 
+    /// The caller's live session, or UNAUTHENTICATED.
     async fn caller<T>(&self, request: &Request<T>) -> Result<TokenRow, Status> {
         let token = natter_auth::bearer_token(request.metadata())?;
         self.sessions
@@ -156,9 +156,10 @@ impl SessionService for SessionApi {
         request: Request<pb::ClaimAccountRequest>,
     ) -> Result<Response<pb::ClaimAccountResponse>, Status> {
         let caller = self.caller(&request).await?;
+        let client = self.client(&request);
         let r = request.into_inner();
         let new = new_user(&r.username, &r.password, &r.display_name)?;
-        let u = self.sessions.claim(&caller.user_id, new).await?;
+        let u = self.sessions.claim(client, &caller.user_id, new).await?;
         Ok(Response::new(pb::ClaimAccountResponse { user: Some(user(u)) }))
     }
 

@@ -52,7 +52,8 @@ pub struct SessionsArgs {
     #[arg(long, env = "NATTER_CREATE_SESSION_RATE", default_value = "120/1m")]
     pub create_session_rate: Rate,
 
-    /// CreateUser calls per client address: N/PERIOD, or `off`.
+    /// CreateUser and ClaimAccount calls per client address: N/PERIOD, or
+    /// `off`.
     #[arg(long, env = "NATTER_CREATE_USER_RATE", default_value = "30/10m")]
     pub create_user_rate: Rate,
 

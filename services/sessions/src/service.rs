@@ -310,11 +310,22 @@ impl Sessions {
         Ok(())
     }
 
-    /// Turns a guest into a password user, keeping its id.
-    pub async fn claim(&self, user_id: &str, new: NewUser) -> Result<UserRow, SessionsError> {
+    /// Turns a guest into a password user, keeping its id; `client` is the
+    /// caller's address. It counts against the per-address CreateUser rate
+    /// (it makes a password user too), and a taken username is refused
+    /// before the password is hashed: each Argon2 hash holds a core, so an
+    /// unlimited stream of claims would make every log-in wait.
+    ///
+    /// Errors: RESOURCE_EXHAUSTED (the rate), FAILED_PRECONDITION (not a
+    /// guest), ALREADY_EXISTS (the username is taken).
+    pub async fn claim(&self, client: Option<IpAddr>, user_id: &str, new: NewUser) -> Result<UserRow, SessionsError> {
+        self.create_user_rate.check(&client)?;
         let current = self.user(user_id).await?;
         if !current.guest() {
             return Err(SessionsError::NotGuest);
+        }
+        if self.store.user_by_key(&new.username.key()).await?.is_some() {
+            return Err(SessionsError::UsernameTaken);
         }
         let hash = hash_password(new.password).await?;
         let username = new.username;

@@ -240,13 +240,23 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
 /// header on a port clients reach directly: anyone can send it. `None` for
 /// an in-process call (no socket) or a header that is not an address; a
 /// trusted call without the header counts by its peer.
+///
+/// An IPv6 address counts by its /64 network (its other bits zero): one
+/// subscriber is usually given a whole /64 (RFC 6177) and may use any
+/// address in it, so a per-address limit on the full 128 bits limits
+/// nobody. An IPv4 address (or an IPv4-mapped IPv6 one) counts as itself.
 pub fn client_ip<T>(request: &tonic::Request<T>, trust_forwarded_for: bool) -> Option<IpAddr> {
     let forwarded = request.metadata().get_all("x-forwarded-for");
-    if trust_forwarded_for && forwarded.iter().next().is_some() {
+    let ip = if trust_forwarded_for && forwarded.iter().next().is_some() {
         let last = forwarded.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).next_back()?;
-        return parse_forwarded(last.trim());
-    }
-    request.remote_addr().map(|a| a.ip().to_canonical())
+        parse_forwarded(last.trim())?
+    } else {
+        request.remote_addr()?.ip().to_canonical()
+    };
+    Some(match ip {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(v6.to_bits() & !(u128::MAX >> 64))),
+        v4 => v4,
+    })
 }
 
 /// An `x-forwarded-for` entry: an IP address, with or without a port
@@ -364,7 +374,11 @@ mod tests {
         assert_eq!(client_ip(&request, false), None, "no socket, header ignored");
         assert_eq!(client_ip(&request, true), Some("203.0.113.9".parse().unwrap()), "the last entry");
         request.metadata_mut().insert("x-forwarded-for", "[2001:db8::1]:4711".parse().unwrap());
-        assert_eq!(client_ip(&request, true), Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(client_ip(&request, true), Some("2001:db8::".parse().unwrap()), "an IPv6 client by its /64");
+        request.metadata_mut().insert("x-forwarded-for", "2001:db8::dead:beef:1".parse().unwrap());
+        assert_eq!(client_ip(&request, true), Some("2001:db8::".parse().unwrap()), "any address of the /64");
+        request.metadata_mut().insert("x-forwarded-for", "2001:db8:0:1::1".parse().unwrap());
+        assert_eq!(client_ip(&request, true), Some("2001:db8:0:1::".parse().unwrap()), "the next /64 apart");
         request.metadata_mut().insert("x-forwarded-for", "::ffff:192.0.2.1".parse().unwrap());
         assert_eq!(client_ip(&request, true), Some("192.0.2.1".parse().unwrap()), "one key per IPv4 client");
         request.metadata_mut().insert("x-forwarded-for", "unknown".parse().unwrap());

@@ -16,6 +16,7 @@ crate::both_modes!(
     attachments_and_replies_round_trip,
     reactions_are_validated_and_only_for_members,
     reactions_aggregate_per_viewer_once_per_user_and_emoji,
+    a_retry_after_removal_shows_nothing_of_the_chat_since,
 );
 
 async fn retries_with_one_message_id_create_one_message(c: &Cluster) {
@@ -318,4 +319,33 @@ async fn reactions_aggregate_per_viewer_once_per_user_and_emoji(c: &Cluster) {
     let deleted = c.messages().delete_message(authed(ann, delete)).await.unwrap().into_inner().message.unwrap();
     assert!(deleted.reactions.is_empty());
     assert!(list(ben).await.reactions.is_empty());
+}
+
+/// A send retried after its author left the chat (its answer was lost)
+/// still answers the message, as it was created: nothing of the thread it
+/// started since.
+async fn a_retry_after_removal_shows_nothing_of_the_chat_since(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let request =
+        cpb::CreateChatRequest { title: "team".into(), member_ids: vec![bob.id.clone()], ..Default::default() };
+    let chat = c.chats().create_chat(authed(&alice, request)).await.unwrap().into_inner().chat.unwrap().id;
+    let root = mpb::SendMessageRequest {
+        chat_id: chat.clone(),
+        message_id: uuid::Uuid::now_v7().to_string(),
+        text: "shall we?".into(),
+        ..Default::default()
+    };
+    let sent = c.messages().send_message(authed(&bob, root.clone())).await.unwrap().into_inner().message.unwrap();
+    let remove = cpb::RemoveMemberRequest { chat_id: chat.clone(), user_id: bob.id.clone() };
+    c.chats().remove_member(authed(&alice, remove)).await.unwrap();
+    let reply = mpb::SendMessageRequest {
+        chat_id: chat.clone(),
+        text: "without bob".into(),
+        thread_root_seq: sent.seq,
+        ..Default::default()
+    };
+    c.messages().send_message(authed(&alice, reply)).await.unwrap();
+    let retried = c.messages().send_message(authed(&bob, root)).await.unwrap().into_inner().message.unwrap();
+    assert_eq!((retried.id.as_str(), retried.seq), (sent.id.as_str(), sent.seq));
+    assert_eq!((retried.thread, retried.change_seq), (None, sent.change_seq), "nothing of the thread since");
 }

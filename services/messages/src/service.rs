@@ -292,7 +292,14 @@ impl Messages {
             if let Some(id) = req.message_id
                 && let Some(existing) = self.store.message(id).await?
             {
-                return same_message(existing, &req, caller);
+                // Answered as it was created: someone no longer in the chat
+                // learns nothing of it since (replies in its thread, how
+                // many changes it saw).
+                return same_message(existing, &req, caller).map(|mut m| {
+                    m.thread = None;
+                    m.change_seq = m.create_change;
+                    m
+                });
             }
             return Err(refused);
         }

@@ -396,21 +396,25 @@ impl Assistant {
     }
 
     /// Answers `prompt` at once with a reply created FAILED, saying why (it
-    /// does not wait for the chat's reply being generated).
+    /// does not wait for the chat's reply being generated). The bot's read
+    /// position stays: earlier prompts still queued must be replayed after
+    /// a restart (this one then finds its reply and is skipped).
     async fn refuse(&self, prompt: &mpb::Message, why: &str) {
         let info = mpb::GenerationInfo { error: why.into(), ..Default::default() };
-        self.answer_at_once(prompt, mpb::GenerationStatus::Failed, String::new(), info).await;
+        self.answer_at_once(prompt, mpb::GenerationStatus::Failed, String::new(), info, false).await;
     }
 
     /// Creates `prompt`'s reply already finished (`status`, `text`, `info`),
-    /// tells the waiting Ask calls and moves the bot's read position past
-    /// the prompt. A reply that exists already is left as it is.
+    /// tells the waiting Ask calls and, with `advance`, moves the bot's read
+    /// position past the prompt (only in the prompt's turn: never past
+    /// prompts still waiting). A reply that exists already is left as it is.
     async fn answer_at_once(
         &self,
         prompt: &mpb::Message,
         status: mpb::GenerationStatus,
         text: String,
         info: mpb::GenerationInfo,
+        advance: bool,
     ) {
         let request = mpb::StartReplyRequest {
             status: status as i32,
@@ -421,7 +425,9 @@ impl Assistant {
         match self.links.messages.start_reply(request).await {
             Ok((reply, true)) => {
                 let _ = self.finished.send(reply);
-                let _ = self.links.messages.mark_read_as(&self.bot.id, &prompt.chat_id, prompt.seq).await;
+                if advance {
+                    let _ = self.links.messages.mark_read_as(&self.bot.id, &prompt.chat_id, prompt.seq).await;
+                }
             }
             Ok((_, false)) => {}
             Err(status) => tracing::warn!(prompt = %prompt.id, error = %status.message(), "cannot refuse a prompt"),
@@ -498,7 +504,7 @@ impl Assistant {
                 Some(reply) => {
                     self.finish(&reply, Outcome { text: REFUSAL.into(), status, info }, false).await;
                 }
-                None => self.answer_at_once(&job.prompt, status, REFUSAL.into(), info).await,
+                None => self.answer_at_once(&job.prompt, status, REFUSAL.into(), info, true).await,
             }
             return;
         }
@@ -776,7 +782,8 @@ impl Assistant {
             if sent == outcome.text.len() && !checkpoint {
                 continue;
             }
-            let update = self.update(reply, &outcome.text, sent, checkpoint);
+            let from = sent;
+            let update = self.update(reply, &outcome.text, from, checkpoint);
             if holding {
                 // A checkpoint takes the held text along, before its turn.
                 holding = false;
@@ -798,7 +805,12 @@ impl Assistant {
                     outcome.status = mpb::GenerationStatus::Interrupted;
                     break;
                 }
-                Err(status) => tracing::warn!(reply = %reply.id, error = %status.message(), "cannot update a reply"),
+                // The next update sends this text again (listeners drop what
+                // they have by its offset): a lost delta would leave a gap.
+                Err(status) => {
+                    sent = from;
+                    tracing::warn!(reply = %reply.id, error = %status.message(), "cannot update a reply");
+                }
             }
         }
         // Closes the connection: the only cancel these servers understand.

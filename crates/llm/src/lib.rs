@@ -191,6 +191,9 @@ pub type Reply = Pin<Box<dyn Stream<Item = Result<Event, LlmError>> + Send>>;
 #[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
+    /// Where requests go.
+    endpoint: String,
+    /// `endpoint` without the user name and password a base URL may carry.
     url: String,
     config: Config,
 }
@@ -209,7 +212,7 @@ impl Client {
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
             return Err(LlmError::Config(format!("base URL {base:?}: not an http(s) URL with a host")));
         }
-        let url = if base.ends_with("/v1") {
+        let endpoint = if base.ends_with("/v1") {
             format!("{base}/chat/completions")
         } else {
             format!("{base}/v1/chat/completions")
@@ -218,10 +221,18 @@ impl Client {
             .connect_timeout(config.connect_timeout)
             .build()
             .map_err(|e| LlmError::Config(e.to_string()))?;
-        Ok(Self { http, url, config })
+        let url = match reqwest::Url::parse(&endpoint) {
+            Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+                let _ = (u.set_username(""), u.set_password(None));
+                u.to_string()
+            }
+            _ => endpoint.clone(),
+        };
+        Ok(Self { http, endpoint, url, config })
     }
 
-    /// The endpoint every request goes to.
+    /// The endpoint every request goes to, without any user name or
+    /// password the base URL carries (for logs).
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -260,11 +271,13 @@ impl Client {
             "max_tokens": self.config.max_tokens,
             "stream_options": { "include_usage": true },
         });
-        let mut request = self.http.post(&self.url).json(&body).header("accept", "text/event-stream");
+        let mut request = self.http.post(&self.endpoint).json(&body).header("accept", "text/event-stream");
         if let Some(key) = &self.config.api_key {
             request = request.bearer_auth(key);
         }
-        let response = request.send().await.map_err(|e| LlmError::Unreachable(e.to_string()))?;
+        // Errors name no URL: the base URL may carry credentials, and the
+        // text reaches the reply's `generation.error`, which members see.
+        let response = request.send().await.map_err(|e| LlmError::Unreachable(e.without_url().to_string()))?;
         let status = response.status();
         if !status.is_success() {
             let mut body = Vec::new();
@@ -276,9 +289,15 @@ impl Client {
                 }
             }
             body.truncate(ERROR_BODY_BYTES);
-            return Err(LlmError::Status { status: status.as_u16(), message: error_message(&body) });
+            let message = match status.as_u16() {
+                // The server's words may quote the key ("Incorrect API key
+                // provided: sk-...abcd"); members see this text.
+                401 | 403 => "the server refused natter's credentials (--assistant-api-key-file)".to_owned(),
+                _ => error_message(&body),
+            };
+            return Err(LlmError::Status { status: status.as_u16(), message });
         }
-        Ok(events(response.bytes_stream()))
+        Ok(events(response.bytes_stream().map(|chunk| chunk.map_err(reqwest::Error::without_url))))
     }
 }
 
@@ -566,5 +585,7 @@ mod tests {
         assert!(matches!(Client::new(config("ftp://x")), Err(LlmError::Config(_))));
         assert!(matches!(Client::new(config("localhost:8080")), Err(LlmError::Config(_))));
         assert!(!format!("{:?}", config("http://x")).contains("sk-secret"), "the key never shows");
+        let with_password = Client::new(config("https://natter:hunter2@llm.example")).unwrap();
+        assert_eq!(with_password.url(), "https://llm.example/v1/chat/completions", "nor a password in the URL");
     }
 }

@@ -654,6 +654,10 @@ async fn a_reply_that_leaks_the_system_prompt_is_flagged_for_the_owner(c: &Clust
     // A plain member who asked sees no flags on the reply.
     let seen = c.assistant().ask(authed(&member, ask(&group))).await.unwrap().into_inner().reply.unwrap();
     assert!(seen.text.contains("natter-canary-") && seen.flags.is_none(), "{seen:?}");
+    // The leaked reply (flagged CRITICAL) is not sent back to the model.
+    let leaked: Vec<_> =
+        conversation(server, 1).into_iter().filter(|(role, text)| role != "system" && text.contains("canary")).collect();
+    assert!(leaked.is_empty(), "{leaked:?}");
 }
 
 async fn a_client_that_reconnects_mid_reply_sees_it_finished_once(c: &Cluster, server: &ScriptedServer) {

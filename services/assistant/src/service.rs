@@ -63,6 +63,15 @@ pub fn barred(detector: &natter_detect::Detector, text: &str) -> Option<String> 
     }
 }
 
+/// Why `message` may not go to the model by its stored flags: HIGH or
+/// CRITICAL, whoever raised them (the detector when it was sent, an
+/// external classifier since, or this assistant's canary on a reply that
+/// leaked its instructions). None otherwise.
+fn flagged(message: &mpb::Message) -> Option<String> {
+    let flags = message.flags.as_ref().filter(|f| f.severity >= mpb::Severity::High as i32)?;
+    Some(format!("the prompt was flagged {} by {}: not sent to the model", flags.categories.join(", "), flags.detector))
+}
+
 /// How the assistant works (see [`crate::AssistantArgs`] for each).
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -494,7 +503,7 @@ impl Assistant {
                 }
             }
         }
-        if let Some(why) = barred(&self.detector, &job.prompt.text) {
+        if let Some(why) = barred(&self.detector, &job.prompt.text).or_else(|| flagged(&job.prompt)) {
             // Never sent to the model: a fixed refusal, marked as a content
             // filter's.
             let info = mpb::GenerationInfo { finish_reason: CONTENT_FILTER.into(), error: why, ..Default::default() };
@@ -648,8 +657,15 @@ impl Assistant {
         let mut chars = 0;
         for m in &recent {
             // An earlier message the detector bars (another member's
-            // injection in a group) is left out too.
-            if m.deleted || m.superseded || m.text.trim().is_empty() || barred(&self.detector, &m.text).is_some() {
+            // injection in a group), or flagged HIGH or worse since, is
+            // left out too.
+            let unsafe_ = m.id != prompt.id && flagged(m).is_some();
+            if m.deleted
+                || m.superseded
+                || m.text.trim().is_empty()
+                || unsafe_
+                || barred(&self.detector, &m.text).is_some()
+            {
                 continue;
             }
             chars += m.text.chars().count();

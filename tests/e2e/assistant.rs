@@ -655,8 +655,10 @@ async fn a_reply_that_leaks_the_system_prompt_is_flagged_for_the_owner(c: &Clust
     let seen = c.assistant().ask(authed(&member, ask(&group))).await.unwrap().into_inner().reply.unwrap();
     assert!(seen.text.contains("natter-canary-") && seen.flags.is_none(), "{seen:?}");
     // The leaked reply (flagged CRITICAL) is not sent back to the model.
-    let leaked: Vec<_> =
-        conversation(server, 1).into_iter().filter(|(role, text)| role != "system" && text.contains("canary")).collect();
+    let leaked: Vec<_> = conversation(server, 1)
+        .into_iter()
+        .filter(|(role, text)| role != "system" && text.contains("canary"))
+        .collect();
     assert!(leaked.is_empty(), "{leaked:?}");
 }
 

@@ -422,8 +422,10 @@ impl Chats {
 
     /// The relay: delivers what the outbox holds of every chat (left by a
     /// failed call, a crash, or another replica's), each chat's in order
-    /// ([`Chats::deliver`]); returns how many chats are done. Runs at start
-    /// and every [`RELAY_INTERVAL`] ([`Chats::start_relay`]).
+    /// ([`Chats::deliver`]), then purges the messages of deleted chats
+    /// whose purge failed ([`Chats::purge`]); returns how many chats are
+    /// done. Runs at start and every [`RELAY_INTERVAL`]
+    /// ([`Chats::start_relay`]).
     pub async fn relay(&self) -> usize {
         let pending = match self.store.pending(None, RELAY_BATCH).await {
             Ok(pending) => pending,
@@ -441,6 +443,18 @@ impl Chats {
         }
         if done > 0 {
             tracing::info!(chats = done, "the relay recorded outbox entries left behind");
+        }
+        // Deleted chats whose messages are still to purge.
+        match self.store.chats_to_purge(RELAY_BATCH).await {
+            Ok(due) => {
+                for chat in due {
+                    if self.purge(chat).await {
+                        tracing::info!(chat_id = %chat, "the relay purged a deleted chat's messages");
+                        done += 1;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the chats to purge failed"),
         }
         done
     }
@@ -561,19 +575,34 @@ impl Chats {
         if role != Role::Owner {
             return Err(ChatsError::Denied("only the owner may delete a chat"));
         }
-        let members = self.store.delete_chat(chat.id).await?;
+        let members = self.store.delete_chat(chat.id, now_micros()).await?;
         self.evict(chat.id).await;
-        // Every member's removal is recorded before the purge, so that each
-        // member's streams stop following the chat.
-        self.deliver(chat.id).await;
         tracing::debug!(chat_id = %chat.id, members = members.len(), "chat's members removed");
-        // The chat is gone, so its messages are unreachable already; a failed
-        // purge only leaves unreachable rows behind (logged).
-        if let Err(e) = self.messages.purge_chat(&chat.id.to_string()).await {
-            tracing::warn!(chat_id = %chat.id, error = %e, "purging the messages of a deleted chat failed");
-        }
+        // The chat is gone, so its messages are unreachable already (its id
+        // is never given to another chat); a purge that fails now is
+        // retried by the relay.
+        self.purge(chat.id).await;
         tracing::info!(chat_id = %chat.id, "chat deleted");
         Ok(())
+    }
+
+    /// Purges a deleted chat's messages from the messages service, after
+    /// every member's removal is recorded (so that each member's streams
+    /// stop following the chat first), and records it done. False when it
+    /// is left for the relay to retry (logged).
+    async fn purge(&self, chat: ChatId) -> bool {
+        if !self.deliver(chat).await {
+            return false;
+        }
+        if let Err(e) = self.messages.purge_chat(&chat.to_string()).await {
+            tracing::warn!(chat_id = %chat, error = %e, "purging the messages of a deleted chat failed; will retry");
+            return false;
+        }
+        if let Err(e) = self.store.chat_purged(chat, now_micros()).await {
+            tracing::warn!(chat_id = %chat, error = %e, "recording a purge failed; will purge again");
+            return false;
+        }
+        true
     }
 
     /// AddMembers: owner or admin adds anyone; anyone adds themselves to a
@@ -968,6 +997,8 @@ mod tests {
         /// Answers INVALID_ARGUMENT while set.
         refuse: AtomicBool,
         failures: std::sync::atomic::AtomicUsize,
+        /// The chats whose messages were purged, in order.
+        purged: Mutex<Vec<String>>,
     }
 
     impl Recorder {
@@ -987,7 +1018,11 @@ mod tests {
             Ok(Vec::new())
         }
 
-        async fn purge_chat(&self, _: &str) -> Result<(), Status> {
+        async fn purge_chat(&self, chat_id: &str) -> Result<(), Status> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(Status::unavailable("messages is down"));
+            }
+            self.purged.lock().unwrap().push(chat_id.to_owned());
             Ok(())
         }
 
@@ -1209,6 +1244,26 @@ mod tests {
         assert_eq!(messages.take(), []);
         let keys = messages.keys.lock().unwrap().clone();
         assert!(keys.len() >= 2 && keys.iter().all(|k| *k == keys[0]), "every attempt under one key: {keys:?}");
+    }
+
+    #[tokio::test]
+    async fn a_deleted_chat_is_purged_once_the_messages_service_is_back_and_its_id_never_returns() {
+        let h = harness(Limits::default()).await;
+        let [owner, a] = [(); 2].map(|_| UserId::new_v7());
+        let new = NewChat { chat_id: Some(ChatId::new_v7()), ..group("Team", vec![a]) };
+        let chat = h.chats.create_chat(owner, new.clone()).await.unwrap().chat;
+        h.messages.down.store(true, Ordering::SeqCst);
+        h.chats.delete_chat(owner, chat.id).await.expect("the delete is committed");
+        assert_eq!(*h.messages.purged.lock().unwrap(), Vec::<String>::new(), "nothing purged while down");
+        // The same id, even by its creator: ALREADY_EXISTS, no new chat.
+        assert!(matches!(h.chats.create_chat(owner, new.clone()).await, Err(ChatsError::ChatIdTaken)));
+        assert!(matches!(h.chats.create_chat(a, new).await, Err(ChatsError::ChatIdTaken)));
+
+        h.messages.down.store(false, Ordering::SeqCst);
+        assert_eq!(h.chats.relay().await, 2, "the removals recorded, then the purge");
+        assert_eq!(*h.messages.purged.lock().unwrap(), [chat.id.to_string()]);
+        assert_eq!(h.chats.relay().await, 0, "nothing left");
+        assert_eq!(h.messages.purged.lock().unwrap().len(), 1, "purged once");
     }
 
     #[tokio::test]

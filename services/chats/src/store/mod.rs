@@ -284,7 +284,8 @@ pub trait ChatStore: Send + Sync + 'static {
     /// Inserts `chat` and its `members` in one transaction, with their
     /// joins (in `members` order) in the outbox. A direct chat's pair (its
     /// two members) is unique: a second direct chat of the same pair, or a
-    /// chat whose id is taken, is [`Created::Conflict`].
+    /// chat whose id is taken (by a chat, or by one deleted since: ids are
+    /// never reused), is [`Created::Conflict`].
     async fn create_chat(&self, chat: &Chat, members: &[Member]) -> Result<Created, StoreError>;
 
     /// The chat, with its newest activity.
@@ -350,9 +351,18 @@ pub trait ChatStore: Send + Sync + 'static {
     async fn title_chat(&self, id: ChatId, title: &str, now: i64) -> Result<Option<(Chat, bool)>, StoreError>;
 
     /// Deletes a chat and its memberships, with every member's removal in
-    /// the outbox; returns who were its members (empty if there was no such
-    /// chat).
-    async fn delete_chat(&self, id: ChatId) -> Result<Vec<UserId>, StoreError>;
+    /// the outbox, and marks its id deleted at `now` (µs), its messages
+    /// still to purge; returns who were its members (empty if there was no
+    /// such chat).
+    async fn delete_chat(&self, id: ChatId, now: i64) -> Result<Vec<UserId>, StoreError>;
+
+    /// Up to `limit` deleted chats whose messages are still to purge,
+    /// deleted longest ago first.
+    async fn chats_to_purge(&self, limit: u32) -> Result<Vec<ChatId>, StoreError>;
+
+    /// Records that the messages of deleted chat `id` are purged (at `now`,
+    /// µs); a no-op for any other id.
+    async fn chat_purged(&self, id: ChatId, now: i64) -> Result<(), StoreError>;
 
     /// Adds the `members` (all of chat `chat`) not in it yet, in one
     /// transaction that locks the chat first, unless the chat would then

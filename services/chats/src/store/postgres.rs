@@ -149,6 +149,14 @@ impl ChatStore for PostgresChatStore {
     async fn create_chat(&self, chat: &Chat, members: &[Member]) -> Result<Created, StoreError> {
         let direct_key = direct_key(chat, members)?;
         let mut tx = self.pool.begin().await?;
+        // Ids are never reused, a deleted chat's included.
+        let taken = sqlx::query("INSERT INTO chat_ids (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
+            .bind(chat.id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if taken.rows_affected() == 0 {
+            return Ok(Created::Conflict);
+        }
         let inserted = sqlx::query(
             "INSERT INTO chats (id, kind, title, title_key, description, visibility, owner_id, creator_id, direct_key, \
              member_count, archive_time, create_time, update_time, last_activity_time, last_seq, last_message_time, \
@@ -421,18 +429,44 @@ impl ChatStore for PostgresChatStore {
         Ok(Some(chat))
     }
 
-    async fn delete_chat(&self, id: ChatId) -> Result<Vec<UserId>, StoreError> {
+    async fn delete_chat(&self, id: ChatId, now: i64) -> Result<Vec<UserId>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let members: Vec<String> = sqlx::query_scalar("DELETE FROM members WHERE chat_id = $1 RETURNING user_id")
             .bind(id.to_string())
             .fetch_all(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM chats WHERE id = $1").bind(id.to_string()).execute(&mut *tx).await?;
+        let deleted = sqlx::query("DELETE FROM chats WHERE id = $1").bind(id.to_string()).execute(&mut *tx).await?;
+        if deleted.rows_affected() > 0 {
+            sqlx::query("UPDATE chat_ids SET delete_time = $2 WHERE id = $1")
+                .bind(id.to_string())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
         let members = members.iter().map(|u| parse_id("members.user_id", u)).collect::<Result<Vec<UserId>, _>>()?;
         let removals: Vec<_> = members.iter().map(|user| membership(*user, mpb::MembershipChange::Removed)).collect();
         push_outbox(&mut tx, &id.to_string(), &removals, now_micros()).await?;
         tx.commit().await?;
         Ok(members)
+    }
+
+    async fn chats_to_purge(&self, limit: u32) -> Result<Vec<ChatId>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM chat_ids WHERE delete_time IS NOT NULL AND purge_time IS NULL ORDER BY delete_time LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        ids.iter().map(|id| parse_id("chat_ids.id", id)).collect()
+    }
+
+    async fn chat_purged(&self, id: ChatId, now: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE chat_ids SET purge_time = $2 WHERE id = $1 AND delete_time IS NOT NULL")
+            .bind(id.to_string())
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn add_members(

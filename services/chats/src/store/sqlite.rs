@@ -253,6 +253,14 @@ impl ChatStore for SqliteChatStore {
         let (chat, members) = (chat.clone(), members.to_vec());
         let created = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // Ids are never reused, a deleted chat's included.
+            if tx
+                .prepare_cached("INSERT INTO chat_ids (id) VALUES (?1) ON CONFLICT (id) DO NOTHING")?
+                .execute([chat.id.to_string()])?
+                == 0
+            {
+                return Ok(Created::Conflict);
+            }
             let inserted = tx
                 .prepare_cached(
                     "INSERT INTO chats (id, kind, title, title_key, description, visibility, owner_id, creator_id, \
@@ -492,7 +500,7 @@ impl ChatStore for SqliteChatStore {
         Ok(chat.await.map_err(unwrap)?.map(|chat| self.activity.overlay(chat)))
     }
 
-    async fn delete_chat(&self, id: ChatId) -> Result<Vec<UserId>, StoreError> {
+    async fn delete_chat(&self, id: ChatId, now: i64) -> Result<Vec<UserId>, StoreError> {
         let members = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let key = id.to_string();
@@ -501,7 +509,9 @@ impl ChatStore for SqliteChatStore {
                 let rows = delete.query_map([&key], id_of)?;
                 rows.collect::<rusqlite::Result<Vec<UserId>>>()?
             };
-            tx.prepare_cached("DELETE FROM chats WHERE id = ?1")?.execute([&key])?;
+            if tx.prepare_cached("DELETE FROM chats WHERE id = ?1")?.execute([&key])? > 0 {
+                tx.prepare_cached("UPDATE chat_ids SET delete_time = ?2 WHERE id = ?1")?.execute(params![key, now])?;
+            }
             let removals: Vec<_> =
                 members.iter().map(|user| membership(*user, mpb::MembershipChange::Removed)).collect();
             push_outbox(&tx, &key, &removals, now_micros())?;
@@ -511,6 +521,27 @@ impl ChatStore for SqliteChatStore {
         let members = members.await.map_err(unwrap)?;
         self.activity.forget(id);
         Ok(members)
+    }
+
+    async fn chats_to_purge(&self, limit: u32) -> Result<Vec<ChatId>, StoreError> {
+        let ids = self.db.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT id FROM chat_ids WHERE delete_time IS NOT NULL AND purge_time IS NULL \
+                 ORDER BY delete_time LIMIT ?1",
+            )?
+            .query_map([limit], |row| row.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        });
+        ids.await.map_err(unwrap)?.iter().map(|id| parse_id("chat_ids.id", id)).collect()
+    }
+
+    async fn chat_purged(&self, id: ChatId, now: i64) -> Result<(), StoreError> {
+        let done = self.db.write(move |conn| {
+            conn.prepare_cached("UPDATE chat_ids SET purge_time = ?2 WHERE id = ?1 AND delete_time IS NOT NULL")?
+                .execute(params![id.to_string(), now])
+        });
+        done.await.map_err(unwrap)?;
+        Ok(())
     }
 
     async fn add_members(

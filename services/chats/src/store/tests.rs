@@ -548,15 +548,26 @@ async fn deleting_a_chat_removes_it_and_its_members(store: &dyn ChatStore) {
     let group = create(store, chat(alice, 1), &[bob]).await;
     let kept = create(store, chat(alice, 2), &[bob]).await;
     store.record_activity(&[Activity { chat_id: group.id, last_seq: 3, time: 4 }]).await.unwrap();
-    let members: HashSet<UserId> = store.delete_chat(group.id).await.unwrap().into_iter().collect();
+    let members: HashSet<UserId> = store.delete_chat(group.id, 10).await.unwrap().into_iter().collect();
     assert_eq!(members, HashSet::from([alice, bob]));
     assert_eq!(store.chat(group.id).await.unwrap(), None);
     assert_eq!(store.access(group.id, alice).await.unwrap(), None);
     assert_eq!(store.member_chat_ids(bob, false).await.unwrap(), [kept.id]);
     assert_eq!(listed(store, alice, &ChatFilter::default()).await, [kept.id]);
-    assert_eq!(store.delete_chat(group.id).await.unwrap(), [], "gone already");
+    assert_eq!(store.delete_chat(group.id, 11).await.unwrap(), [], "gone already");
     store.flush_activity().await.unwrap();
     assert_eq!(store.chat(group.id).await.unwrap(), None, "its activity does not bring it back");
+    // Its id is never given to another chat, whoever asks.
+    let mut again = chat(bob, 3);
+    again.id = group.id;
+    assert_eq!(store.create_chat(&again, &[owner(&again)]).await.unwrap(), Created::Conflict);
+    assert_eq!(store.chat(group.id).await.unwrap(), None, "a conflict writes nothing");
+    // Its messages are to purge until that is recorded; a live chat's
+    // never are.
+    assert_eq!(store.chats_to_purge(10).await.unwrap(), [group.id]);
+    store.chat_purged(kept.id, 12).await.unwrap();
+    store.chat_purged(group.id, 12).await.unwrap();
+    assert!(store.chats_to_purge(10).await.unwrap().is_empty());
 }
 
 async fn members_page_in_join_order(store: &dyn ChatStore) {
@@ -682,7 +693,7 @@ async fn every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none
 
     // Deleting removes every member; the entry outlives the chat's row.
     let other = create(store, chat(carol, 10), &[]).await;
-    let members: HashSet<UserId> = store.delete_chat(id).await.unwrap().into_iter().collect();
+    let members: HashSet<UserId> = store.delete_chat(id, 11).await.unwrap().into_iter().collect();
     assert_eq!(members, HashSet::from([alice, carol]));
     let removed: HashSet<String> = outbox_after(store, id, &mut seen).await.into_iter().collect();
     assert_eq!(removed, HashSet::from([format!("removed {alice}"), format!("removed {carol}")]));

@@ -14,6 +14,7 @@ crate::both_modes!(
     search_finds_only_the_callers_current_chats,
     search_follows_edits_and_deletes_and_pages_without_gaps,
     bad_searches_name_the_field_and_no_query_is_engine_syntax,
+    an_accent_typed_either_way_is_found_either_way,
 );
 
 /// Searches as `user`.
@@ -149,4 +150,19 @@ async fn bad_searches_name_the_field_and_no_query_is_engine_syntax(c: &Cluster) 
     assert_eq!(texts(c, &a, "NEAR(the end)", "").await.len(), 1, "the words near, the, end");
     assert_eq!(texts(c, &a, "col AND rank", "").await.len(), 1);
     assert!(texts(c, &a, "near OR nothing", "").await.is_empty(), "OR is a word, not an operator");
+}
+
+/// "é" sent as one character or as "e" and a combining accent (as macOS
+/// input often sends it) looks the same: either query finds either text,
+/// on both engines. Texts are stored in NFC.
+async fn an_accent_typed_either_way_is_found_either_way(c: &Cluster) {
+    let (a, b) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &a, &b).await;
+    let (composed, decomposed) = ("my r\u{e9}sum\u{e9}", "your re\u{301}sume\u{301}");
+    send(c, &a, &chat.id, composed).await;
+    let sent = send(c, &b, &chat.id, decomposed).await;
+    assert_eq!(sent.text, "your r\u{e9}sum\u{e9}", "stored in NFC");
+    for query in ["r\u{e9}sum\u{e9}", "re\u{301}sume\u{301}", "resume"] {
+        assert_eq!(texts(c, &a, query, &chat.id).await.len(), 2, "{query:?}");
+    }
 }

@@ -247,6 +247,20 @@ pub fn decode_attachments(s: &str) -> Vec<Attachment> {
 /// A rule broken by one field: (field path, description).
 pub type Violation = (String, String);
 
+/// `text` in Unicode Normalization Form C (UAX #15): how natter stores what
+/// people send and how it searches. "é" typed as "e" plus a combining
+/// accent (as macOS input often sends it) and as one character look the
+/// same and must be found by the same query; the search tokenizers (FTS5's
+/// unicode61 and ours) split at a combining mark. Text already in NFC (all
+/// ASCII, most text) is returned as it is, after one quick scan.
+pub fn nfc(text: String) -> String {
+    use unicode_normalization::UnicodeNormalization as _;
+    match unicode_normalization::is_nfc_quick(text.chars()) {
+        unicode_normalization::IsNormalized::Yes => text,
+        _ => text.nfc().collect(),
+    }
+}
+
 /// Checks a message text: at most `limits.text_bytes` bytes, no NUL; empty
 /// only when `allow_empty` (a message with attachments).
 pub fn check_text(field: &str, text: &str, allow_empty: bool, limits: &Limits) -> Result<(), Violation> {

@@ -55,7 +55,8 @@ pub fn send_request(r: pb::SendMessageRequest, limits: &Limits) -> Result<SendMe
         }
         attachments.push(a);
     }
-    if let Err((field, description)) = domain::check_text("text", &r.text, !attachments.is_empty(), limits) {
+    let text = domain::nfc(r.text);
+    if let Err((field, description)) = domain::check_text("text", &text, !attachments.is_empty(), limits) {
         violations.add(field, description);
     }
     if r.reply_to_seq < 0 {
@@ -74,7 +75,7 @@ pub fn send_request(r: pb::SendMessageRequest, limits: &Limits) -> Result<SendMe
     Ok(SendMessage {
         chat_id: ChatId::parse("chat_id", &r.chat_id)?,
         message_id: MessageId::parse_optional("message_id", &r.message_id)?,
-        text: r.text,
+        text,
         attachments,
         reply_to: (r.reply_to_seq > 0).then_some(Seq(r.reply_to_seq)),
         mentions,
@@ -85,9 +86,10 @@ pub fn send_request(r: pb::SendMessageRequest, limits: &Limits) -> Result<SendMe
 /// Validates an EditMessage request.
 pub fn edit_request(r: pb::EditMessageRequest, limits: &Limits) -> Result<EditMessage, Status> {
     let message_id = MessageId::parse("message_id", &r.message_id)?;
-    domain::check_text("text", &r.text, false, limits)
+    let text = domain::nfc(r.text);
+    domain::check_text("text", &text, false, limits)
         .map_err(|(field, description)| FieldViolations::single(field, description).into_status())?;
-    Ok(EditMessage { message_id, text: r.text })
+    Ok(EditMessage { message_id, text })
 }
 
 /// Validates an AddReaction (`add`) or RemoveReaction request's fields:
@@ -163,7 +165,7 @@ pub fn list_request(r: &pb::ListMessagesRequest) -> Result<(ListMessages, u64), 
 /// its query, chat and order, which its page tokens carry. INVALID_ARGUMENT
 /// lists every field at fault.
 pub fn search_request(r: &pb::SearchMessagesRequest) -> Result<(SearchMessages, u64), Status> {
-    let query = Query::parse(&r.query).map_err(|reason| ("query", reason));
+    let query = Query::parse(&domain::nfc(r.query.clone())).map_err(|reason| ("query", reason));
     let chat_id = ChatId::parse_optional("chat_id", &r.chat_id).map_err(|_| ("chat_id", "must be a UUID".to_owned()));
     let relevance = match r.order_by.trim() {
         "" | "send_time desc" => Ok(false),

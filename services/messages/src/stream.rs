@@ -489,10 +489,16 @@ impl Follower {
         let followed = self.cursors.get(&chat).copied();
         match followed {
             // Its own departure ends following at once (its copy on the
-            // chat's topic goes with the subscription).
-            Some(cursor) if is_departure(change) && event.change_seq > cursor => {
+            // chat's topic goes with the subscription)...
+            Some(cursor) if is_departure(change) && event.change_seq == cursor + 1 => {
                 self.unfollow(chat);
                 Step::send(payload.clone())
+            }
+            // ...once the changes before it, which the user was still there
+            // for, are sent: read from the store up to it (the refill sends
+            // the departure, then stops following).
+            Some(cursor) if is_departure(change) && event.change_seq > cursor => {
+                Step::refill(Refill::to(chat, event.change_seq))
             }
             None if change.change == pb::MembershipChange::Joined as i32 && self.all => {
                 // Subscribe, then catch up from the join: what the chat

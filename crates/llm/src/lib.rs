@@ -111,6 +111,12 @@ pub enum Event {
     /// The next piece of the reply's text (never empty); the reply is
     /// these pieces concatenated.
     Content(String),
+    /// A piece of a reasoning model's thinking before its answer (the
+    /// `reasoning_content` of DeepSeek-R1-style deltas, as llama.cpp,
+    /// vLLM and Ollama send it): not part of the reply, but the model is
+    /// at work, so it counts as the first token and against the idle
+    /// limit as text does.
+    Reasoning(String),
     /// Why the model stopped (`stop`, `length`, ...; a server's own words).
     Finish(String),
     /// Token counts, when the server reports them (most do in a last chunk).
@@ -324,7 +330,7 @@ fn limited(
         };
         match tokio::time::timeout(limit, events.next()).await {
             Ok(Some(event)) => {
-                let text = text || matches!(event, Ok(Event::Content(_)));
+                let text = text || matches!(event, Ok(Event::Content(_) | Event::Reasoning(_)));
                 Some((event, (events, text, false)))
             }
             Ok(None) => None,
@@ -401,6 +407,8 @@ struct Choice {
 struct Delta {
     #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    reasoning_content: Option<String>,
 }
 
 /// The events of one `data:` payload: `[DONE]`, or a chunk's text, finish
@@ -419,7 +427,12 @@ pub fn parse_data(data: &str) -> Result<Vec<Event>, LlmError> {
     }
     let mut events = Vec::new();
     for choice in chunk.choices {
-        if let Some(text) = choice.delta.and_then(|d| d.content).filter(|t| !t.is_empty()) {
+        let Delta { content, reasoning_content } =
+            choice.delta.unwrap_or(Delta { content: None, reasoning_content: None });
+        if let Some(thought) = reasoning_content.filter(|t| !t.is_empty()) {
+            events.push(Event::Reasoning(thought));
+        }
+        if let Some(text) = content.filter(|t| !t.is_empty()) {
             events.push(Event::Content(text));
         }
         if let Some(reason) = choice.finish_reason.filter(|r| !r.is_empty()) {
@@ -519,6 +532,14 @@ mod tests {
         fn any_chunking_gives_the_same_events(cuts in proptest::collection::vec(0..BODY.len(), 0..40)) {
             prop_assert_eq!(events_of(BODY.as_bytes(), cuts), expected());
         }
+    }
+
+    #[test]
+    fn reasoning_comes_apart_from_the_text() {
+        let both = r#"{"choices":[{"delta":{"reasoning_content":"hmm","content":"Hi"}}]}"#;
+        assert_eq!(parse_data(both).unwrap(), [Event::Reasoning("hmm".into()), Event::Content("Hi".into())]);
+        let empty = r#"{"choices":[{"delta":{"reasoning_content":"","content":null}}]}"#;
+        assert_eq!(parse_data(empty).unwrap(), []);
     }
 
     #[test]

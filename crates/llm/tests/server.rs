@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use natter_llm::testing::{Script, ScriptedServer};
+use natter_llm::testing::{Script, ScriptedServer, Step, data};
 use natter_llm::{ChatMessage, Client, Config, Event, LlmError, Role, Timeouts};
 
 fn client_with(url: &str, timeouts: Timeouts) -> Client {
@@ -203,4 +203,28 @@ async fn a_real_server_streams_a_reply_and_stops_when_dropped() {
     .await
     .expect("the next reply is not held up by the dropped one");
     assert_eq!(next.last(), Some(&Event::Done));
+}
+
+#[tokio::test]
+async fn a_model_that_thinks_first_is_at_work_not_timed_out() {
+    let server = ScriptedServer::start(7).await;
+    let thought = |t: &str| data(&serde_json::json!({"choices": [{"index": 0, "delta": {"reasoning_content": t}}]}));
+    let pause = Duration::from_millis(150);
+    let mut steps = vec![Step::Bytes(thought("Let me see"))];
+    for _ in 0..4 {
+        steps.extend([Step::Wait(pause), Step::Bytes(thought("..."))]);
+    }
+    steps.extend(Script::reply("Hi").steps);
+    server.push(Script { status: 200, body: String::new(), steps });
+    // Thinking for ~600 ms: past the first-token limit, never idle 300 ms.
+    let limits = Timeouts {
+        first_token: Duration::from_millis(300),
+        idle: Duration::from_millis(300),
+        total: Duration::from_secs(30),
+    };
+    let events: Vec<Event> =
+        client_with(server.url(), limits).stream(&conversation()).await.unwrap().map(|e| e.unwrap()).collect().await;
+    assert_eq!(text(&events), "Hi", "the thinking is not the reply");
+    assert_eq!(events.iter().filter(|e| matches!(e, Event::Reasoning(_))).count(), 5);
+    assert_eq!(events.last(), Some(&Event::Done));
 }

@@ -607,6 +607,18 @@ impl Assistant {
     /// sweeper ends it INTERRUPTED once its lease runs out) and tells the
     /// waiting Ask calls.
     async fn finish(&self, reply: &mpb::Message, outcome: Outcome, restore_replaced: bool) {
+        self.finish_if(reply, outcome, restore_replaced, None).await;
+    }
+
+    /// [`Assistant::finish`]; with `stale_before` (the sweeper's), only if
+    /// the reply's checkpoint is still older, keeping its stored text.
+    async fn finish_if(
+        &self,
+        reply: &mpb::Message,
+        outcome: Outcome,
+        restore_replaced: bool,
+        stale_before: Option<prost_types::Timestamp>,
+    ) {
         // The system prompt's canary in the reply: it leaked its
         // instructions.
         let flags = outcome.text.contains(&self.canary).then(|| mpb::MessageFlags {
@@ -623,6 +635,7 @@ impl Assistant {
             generation: Some(outcome.info),
             restore_replaced,
             flags,
+            stale_before,
         };
         for attempt in 1..=3 {
             match self.links.messages.finish_reply(request.clone()).await {
@@ -770,6 +783,9 @@ impl Assistant {
                             true
                         }
                     }
+                    // Thinking is no part of the reply; its coming kept the
+                    // first-token and idle limits at bay.
+                    Some(Ok(LlmEvent::Reasoning(_))) => false,
                     Some(Ok(LlmEvent::Finish(reason))) => {
                         outcome.info.finish_reason = reason;
                         false
@@ -895,8 +911,9 @@ impl Assistant {
     async fn sweep(self: Arc<Self>) {
         let period = self.settings.lease / 3;
         loop {
-            let before = natter_kit::time::now_micros() - self.settings.lease.as_micros() as i64;
-            match self.links.messages.stale_replies(natter_kit::time::timestamp(before)).await {
+            let before =
+                natter_kit::time::timestamp(natter_kit::time::now_micros() - self.settings.lease.as_micros() as i64);
+            match self.links.messages.stale_replies(before).await {
                 Ok(stale) => {
                     for reply in stale {
                         if self.state().running.contains_key(&reply.id) {
@@ -912,7 +929,9 @@ impl Assistant {
                                 ..Default::default()
                             },
                         };
-                        self.finish(&reply, outcome, false).await;
+                        // A generator that checkpointed since the listing is
+                        // alive: the store leaves its reply as it is.
+                        self.finish_if(&reply, outcome, false, Some(before)).await;
                     }
                 }
                 Err(status) => tracing::warn!(error = %status.message(), "cannot list interrupted replies"),
@@ -1087,6 +1106,18 @@ impl Assistant {
         }
         let prompt_id = prompt.id.clone();
         let started = async {
+            // The lane is ours: no reply starts now. One that came between
+            // the read above and the claim would be replaced unseen.
+            let newest = self
+                .links
+                .messages
+                .recent_messages(chat, 50)
+                .await?
+                .into_iter()
+                .find(|m| m.author_id == self.bot.id && m.role == mpb::MessageRole::Assistant as i32);
+            if newest.is_none_or(|m| m.id != latest.id) {
+                return Err(Status::aborted("a newer reply came meanwhile: regenerate again to replace it"));
+            }
             let prompt = match edit {
                 Some(text) => {
                     let edit = mpb::EditMessageRequest { message_id: prompt.id.clone(), text };

@@ -1082,6 +1082,7 @@ impl MessageInternalService for MessageInternalApi {
             flags: r.flags.map(|f| Flags::of_score(f.severity, f.score, f.categories, f.detector)),
             restore_replaced: r.restore_replaced,
             text: r.text,
+            stale_before: r.stale_before.as_ref().map(natter_kit::time::micros),
         };
         let message = self.messages.finish_reply(id, &finish).await?;
         Ok(Response::new(pb::FinishReplyResponse { message: Some(message_pb(message, Vec::new())) }))

@@ -697,6 +697,9 @@ pub struct Finish {
     pub flags: Option<Flags>,
     /// With [`Generation::Failed`]: un-supersede the reply it replaced.
     pub restore_replaced: bool,
+    /// The sweeper's condition (µs): finish only if the reply's checkpoint
+    /// is older than this, keeping its stored text instead of `text`.
+    pub stale_before: Option<i64>,
 }
 
 /// Outcome of [`MessageStore::finish_reply`].
@@ -1158,7 +1161,9 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// info, as a change of the chat (next change number, no revision); a
     /// [`Generation::Failed`] one with `restore_replaced` also un-supersedes
     /// the reply it replaced (the next change number). A finished reply is
-    /// answered as it is (`changed` false). None: no such message.
+    /// answered as it is (`changed` false), and so is one whose checkpoint
+    /// is not older than [`Finish::stale_before`] when that is set (its
+    /// stored text is then kept). None: no such message.
     async fn finish_reply(&self, id: MessageId, finish: &Finish) -> Result<Option<Finished>, StoreError>;
 
     /// Sets the stop flag of a GENERATING reply (a no-op otherwise) and

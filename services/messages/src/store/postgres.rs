@@ -1123,6 +1123,20 @@ impl MessageStore for PostgresStore {
         if reply.generation() != Some(Generation::Generating) {
             return Ok(Some(Finished { reply, changed: false, restored: None }));
         }
+        let text = match finish.stale_before {
+            None => finish.text.clone(),
+            Some(before) => {
+                let (checkpoint,): (Option<i64>,) =
+                    sqlx::query_as("SELECT checkpoint_time FROM messages WHERE id = $1")
+                        .bind(&id)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                if checkpoint.is_some_and(|t| t >= before) {
+                    return Ok(Some(Finished { reply, changed: false, restored: None }));
+                }
+                reply.text.clone()
+            }
+        };
         let restore =
             reply.replaces().filter(|_| restore_replaced && status == Generation::Failed).map(|m| m.to_string());
         if let Some(old) = &restore {
@@ -1137,13 +1151,13 @@ impl MessageStore for PostgresStore {
             message_columns!()
         ))
         .bind(&id)
-        .bind(&finish.text)
+        .bind(&text)
         .bind(status as i32)
         .bind(GenerationInfo::encode(Some(&finish.info)))
         .bind(change)
         .bind(flag_severity)
         .bind(flags)
-        .bind(crate::search::tsvector(&finish.text))
+        .bind(crate::search::tsvector(&text))
         .fetch_one(&mut *tx)
         .await?;
         let reply = message_row(&row)?;

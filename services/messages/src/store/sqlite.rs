@@ -586,6 +586,18 @@ fn finish_reply(conn: &mut Connection, id: &str, finish: &Finish) -> rusqlite::R
     if reply.generation() != Some(Generation::Generating) {
         return Ok(Some(Finished { reply, changed: false, restored: None }));
     }
+    let text = match finish.stale_before {
+        None => finish.text.as_str(),
+        Some(before) => {
+            let checkpoint: Option<i64> = tx
+                .prepare_cached("SELECT checkpoint_time FROM messages WHERE id = ?1")?
+                .query_row([id], |row| row.get(0))?;
+            if checkpoint.is_some_and(|t| t >= before) {
+                return Ok(Some(Finished { reply, changed: false, restored: None }));
+            }
+            reply.text.as_str()
+        }
+    };
     let chat = reply.chat_id.to_string();
     let change = next_change(&tx, &chat)?;
     let reply = tx
@@ -594,7 +606,7 @@ fn finish_reply(conn: &mut Connection, id: &str, finish: &Finish) -> rusqlite::R
              checkpoint_time = NULL, flag_severity = ?6, flags = ?7 WHERE id = ?1 RETURNING ",
             message_columns!()
         ))?
-        .query_row(params![id, finish.text, status as i64, info, change, flag_severity, flags], message_row)?;
+        .query_row(params![id, text, status as i64, info, change, flag_severity, flags], message_row)?;
     let restored = match reply.replaces() {
         Some(old) if finish.restore_replaced && status == Generation::Failed => {
             let change = next_change(&tx, &chat)?;

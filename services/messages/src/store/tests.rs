@@ -871,6 +871,18 @@ async fn stale_replies_are_those_whose_checkpoint_is_old_and_checkpoints_renew_t
     assert!(stale(10_000).await.is_empty(), "both renewed");
     let text = |m: MessageId| async move { h.store.message(m).await.unwrap().unwrap().text };
     assert_eq!((text(a.id).await, text(b.id).await, text(c.id).await), ("Hi".into(), String::new(), String::new()));
+
+    // The sweeper's finish: not if the generator checkpointed since it
+    // listed the reply; else with the stored text, not the one it read.
+    let interrupt = |before| Finish {
+        stale_before: Some(before),
+        ..fin("what the sweeper read", Generation::Interrupted, &GenerationInfo::default(), false)
+    };
+    let alive = h.store.finish_reply(a.id, &interrupt(9_500)).await.unwrap().unwrap();
+    assert_eq!((alive.changed, alive.reply.generation()), (false, Some(Generation::Generating)));
+    let ended = h.store.finish_reply(a.id, &interrupt(10_001)).await.unwrap().unwrap();
+    assert!(ended.changed);
+    assert_eq!((ended.reply.generation(), ended.reply.text.as_str()), (Some(Generation::Interrupted), "Hi"));
 }
 
 async fn read_positions_are_read_in_order(h: &Harness) {
@@ -971,7 +983,7 @@ async fn reports_are_once_per_user_and_the_queue_lists_flagged_and_reported_mess
 
 /// How a reply ends, without flags.
 fn fin(text: &str, status: Generation, info: &GenerationInfo, restore_replaced: bool) -> Finish {
-    Finish { text: text.into(), status, info: info.clone(), flags: None, restore_replaced }
+    Finish { text: text.into(), status, info: info.clone(), flags: None, restore_replaced, stale_before: None }
 }
 
 async fn an_external_verdict_only_raises_the_flags_of_the_revision_it_saw(h: &Harness) {

@@ -71,6 +71,7 @@ crate::with_scripted_server!(
     a_prompt_beyond_a_full_queue_gets_a_failed_reply_at_once ["--assistant-queue", "1"],
     a_prompt_author_past_the_reply_rate_gets_a_failed_reply ["--assistant-reply-rate", "2/1h"],
     a_queued_prompt_is_answered_as_it_is_when_its_turn_comes [],
+    a_person_deletes_their_assistant_chat_and_gets_a_new_one [],
     an_injection_is_refused_without_asking_the_model [],
     a_reply_that_leaks_the_system_prompt_is_flagged_for_the_owner [],
     a_group_chat_is_answered_as_its_assistant_replies_setting_says [],
@@ -544,6 +545,22 @@ async fn a_prompt_beyond_a_full_queue_gets_a_failed_reply_at_once(c: &Cluster, s
     let second = until_finished(&mut stream, None).await.finished.unwrap();
     assert_eq!(second.text, "second");
     assert_eq!(server.requests().len(), 2, "the refused prompt never reached the model");
+}
+
+/// An assistant chat is a direct chat without an owner, yet nobody else's
+/// history is in it: its person may delete it (a direct chat between two
+/// people is FAILED_PRECONDITION: see manage.rs), and then gets a new one.
+async fn a_person_deletes_their_assistant_chat_and_gets_a_new_one(c: &Cluster, server: &ScriptedServer) {
+    server.push(Script::reply("hello"));
+    let alice = c.user("alice").await;
+    let first = assistant_chat(c, &alice).await.chat_id;
+    let ask = apb::AskRequest { chat_id: first.clone(), text: "hi".into(), ..Default::default() };
+    c.assistant().ask(authed(&alice, ask)).await.unwrap();
+    let delete = natter_proto::chats::v1::DeleteChatRequest { chat_id: first.clone() };
+    c.chats().delete_chat(authed(&alice, delete)).await.expect("its person deletes an assistant chat");
+    let second = assistant_chat(c, &alice).await.chat_id;
+    assert_ne!(second, first, "a new chat, under a new id");
+    assert!(history(c, &alice, &second, true).await.is_empty(), "nothing of the old one");
 }
 
 /// A prompt waits its turn behind the reply being written; its author may

@@ -565,14 +565,17 @@ impl Chats {
 
     /// DeleteChat (owner only): the chat, its memberships, then its messages.
     /// A direct chat has no owner (FAILED_PRECONDITION): deleting it would
-    /// take the other member's history too; it can be archived.
+    /// take the other member's history too; it can be archived. A direct
+    /// chat with a bot (an assistant chat) its person may delete: nobody
+    /// else's history goes with it.
     pub async fn delete_chat(&self, caller: UserId, chat_id: ChatId) -> Result<(), ChatsError> {
         self.change_rate.check(&caller)?;
         let (chat, role) = self.member(caller, chat_id).await?;
         if chat.kind == Kind::Direct {
-            return Err(ChatsError::Precondition("a direct chat has no owner to delete it: archive it instead"));
-        }
-        if role != Role::Owner {
+            if !self.other_is_a_bot(chat.id, caller).await? {
+                return Err(ChatsError::Precondition("a direct chat has no owner to delete it: archive it instead"));
+            }
+        } else if role != Role::Owner {
             return Err(ChatsError::Denied("only the owner may delete a chat"));
         }
         let members = self.store.delete_chat(chat.id, now_micros()).await?;
@@ -584,6 +587,15 @@ impl Chats {
         self.purge(chat.id).await;
         tracing::info!(chat_id = %chat.id, "chat deleted");
         Ok(())
+    }
+
+    /// Whether the other member of direct chat `chat` (not `caller`) is a
+    /// bot user.
+    async fn other_is_a_bot(&self, chat: ChatId, caller: UserId) -> Result<bool, ChatsError> {
+        let members = self.store.members(chat, None, 2).await?;
+        let Some(other) = members.iter().find(|m| m.user_id != caller) else { return Ok(false) };
+        let users = self.users.lookup_users(vec![other.user_id.to_string()]).await?;
+        Ok(users.first().is_some_and(|u| u.kind == natter_proto::sessions::v1::UserKind::Bot as i32))
     }
 
     /// Purges a deleted chat's messages from the messages service, after

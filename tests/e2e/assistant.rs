@@ -548,14 +548,18 @@ async fn a_prompt_beyond_a_full_queue_gets_a_failed_reply_at_once(c: &Cluster, s
 }
 
 /// An assistant chat is a direct chat without an owner, yet nobody else's
-/// history is in it: its person may delete it (a direct chat between two
-/// people is FAILED_PRECONDITION: see manage.rs), and then gets a new one.
+/// history is in it: its person may delete the assistant's replies and the
+/// chat (a direct chat between two people is FAILED_PRECONDITION: see
+/// manage.rs), and then gets a new one.
 async fn a_person_deletes_their_assistant_chat_and_gets_a_new_one(c: &Cluster, server: &ScriptedServer) {
     server.push(Script::reply("hello"));
     let alice = c.user("alice").await;
     let first = assistant_chat(c, &alice).await.chat_id;
     let ask = apb::AskRequest { chat_id: first.clone(), text: "hi".into(), ..Default::default() };
-    c.assistant().ask(authed(&alice, ask)).await.unwrap();
+    let reply = c.assistant().ask(authed(&alice, ask)).await.unwrap().into_inner().reply.unwrap();
+    // The assistant's reply is hers to delete too.
+    let gone = mpb::DeleteMessageRequest { message_id: reply.id };
+    assert!(c.messages().delete_message(authed(&alice, gone)).await.unwrap().into_inner().message.unwrap().deleted);
     let delete = natter_proto::chats::v1::DeleteChatRequest { chat_id: first.clone() };
     c.chats().delete_chat(authed(&alice, delete)).await.expect("its person deletes an assistant chat");
     let second = assistant_chat(c, &alice).await.chat_id;

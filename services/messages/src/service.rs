@@ -415,12 +415,17 @@ impl Messages {
         Ok(edited)
     }
 
-    /// DeleteMessage (author, or the chat's owner or an admin): leaves a
+    /// DeleteMessage (author, the chat's owner or an admin, or the person of
+    /// an assistant chat for the assistant's replies): leaves a
     /// tombstone; deleting a tombstone returns it.
     pub async fn delete(&self, caller: UserId, message_id: MessageId) -> Result<Message, MessagesError> {
         let (message, membership) = self.message_for(caller, message_id, true).await?;
         let manager = natter_links::manages(&membership);
-        if message.author_id != caller && !manager {
+        // An assistant's reply in a direct chat (an assistant chat): its
+        // person, the only other member, may delete it.
+        let assistant_chat_reply =
+            membership.kind == cpb::ChatKind::Direct as i32 && message.role() == crate::store::Role::Assistant;
+        if message.author_id != caller && !manager && !assistant_chat_reply {
             return Err(MessagesError::Denied("only the author, the owner or an admin may delete a message"));
         }
         if message.deleted() {

@@ -435,7 +435,7 @@ impl Assistant {
             Ok((reply, true)) => {
                 let _ = self.finished.send(reply);
                 if advance {
-                    let _ = self.links.messages.mark_read_as(&self.bot.id, &prompt.chat_id, prompt.seq).await;
+                    self.read_past(prompt).await;
                 }
             }
             Ok((_, false)) => {}
@@ -489,13 +489,7 @@ impl Assistant {
             // author edited it (answer the new text) or deleted it (answer
             // nothing, and send nothing of it to the model).
             match self.reply(&job.prompt.id).await {
-                Ok(Some(now)) if now.deleted => {
-                    let (bot, chat) = (&self.bot.id, &job.prompt.chat_id);
-                    if let Err(status) = self.links.messages.mark_read_as(bot, chat, job.prompt.seq).await {
-                        tracing::warn!(chat_id = %chat, error = %status.message(), "cannot move the assistant's read position");
-                    }
-                    return;
-                }
+                Ok(Some(now)) if now.deleted => return self.read_past(&job.prompt).await,
                 Ok(Some(now)) => job.prompt = now,
                 Ok(None) => return,
                 Err(status) => {
@@ -556,9 +550,7 @@ impl Assistant {
                 }
             },
         };
-        if let Err(status) = self.links.messages.mark_read_as(&self.bot.id, &job.prompt.chat_id, job.prompt.seq).await {
-            tracing::warn!(chat_id = %job.prompt.chat_id, error = %status.message(), "cannot move the assistant's read position");
-        }
+        self.read_past(&job.prompt).await;
         // Counted once its reply is new (a prompt seen again, answered
         // already, costs nothing): past the author's rate it ends at once,
         // never sent to the model.
@@ -600,6 +592,14 @@ impl Assistant {
             Err(status) => {
                 tracing::warn!(chat_id = %prompt.chat_id, error = %status.message(), "cannot title an assistant chat");
             }
+        }
+    }
+
+    /// Moves the bot's read position past `prompt` (answered, or nothing to
+    /// answer): a restart does not replay it. A failure is logged.
+    async fn read_past(&self, prompt: &mpb::Message) {
+        if let Err(status) = self.links.messages.mark_read_as(&self.bot.id, &prompt.chat_id, prompt.seq).await {
+            tracing::warn!(chat_id = %prompt.chat_id, error = %status.message(), "cannot move the assistant's read position");
         }
     }
 
@@ -672,11 +672,10 @@ impl Assistant {
             // An earlier message the detector bars (another member's
             // injection in a group), or flagged HIGH or worse since, is
             // left out too.
-            let unsafe_ = m.id != prompt.id && flagged(m).is_some();
             if m.deleted
                 || m.superseded
                 || m.text.trim().is_empty()
-                || unsafe_
+                || (m.id != prompt.id && flagged(m).is_some())
                 || barred(&self.detector, &m.text).is_some()
             {
                 continue;

@@ -105,6 +105,32 @@ pub fn manages(membership: &chats::CheckMembershipResponse) -> bool {
         && (membership.role == chats::MemberRole::Owner as i32 || membership.role == chats::MemberRole::Admin as i32)
 }
 
+/// What a viewer may see of the injection flags of others' messages in one
+/// chat.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sight {
+    /// The chat's owner or an admin: every message's flags.
+    pub manager: bool,
+    /// A direct chat: the flags of the assistant's replies. A direct chat
+    /// with the assistant (an assistant chat) has its person as the only
+    /// other member, who has no owner above them to see a reply flagged,
+    /// say, for leaking the system prompt.
+    pub direct: bool,
+}
+
+impl Sight {
+    /// By a CheckMembership answer.
+    pub fn of(membership: &chats::CheckMembershipResponse) -> Self {
+        Self { manager: manages(membership), direct: membership.kind == chats::ChatKind::Direct as i32 }
+    }
+
+    /// Whether the viewer sees the flags of a message, by whether the viewer
+    /// wrote it and whether it is an assistant's reply (role ASSISTANT).
+    pub fn sees(self, own: bool, assistant_reply: bool) -> bool {
+        own || self.manager || (self.direct && assistant_reply)
+    }
+}
+
 /// What the messages service asks the chats service.
 #[async_trait]
 pub trait ChatDirectory: Send + Sync + 'static {

@@ -14,6 +14,7 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use mpb::stream_events_response::Event;
+use natter_links::Sight;
 use natter_llm::{ChatMessage, Event as LlmEvent};
 use natter_proto::chats::v1 as cpb;
 use natter_proto::messages::v1 as mpb;
@@ -975,9 +976,9 @@ impl Assistant {
         request: mpb::SendMessageRequest,
         wait: Duration,
     ) -> Result<(mpb::Message, mpb::Message), Status> {
-        let manager = natter_links::manages(&self.member(&request.chat_id, caller).await?);
+        let sight = Sight::of(&self.member(&request.chat_id, caller).await?);
         let (prompt, reply) = self.ask_and_wait(caller, request, wait).await?;
-        Ok((prompt, moderated(reply, caller, manager)))
+        Ok((prompt, moderated(reply, caller, sight)))
     }
 
     /// [`Assistant::ask`], the reply as the store has it.
@@ -1067,11 +1068,11 @@ impl Assistant {
         if prompt.deleted {
             return Err(Status::failed_precondition("the reply's prompt was deleted"));
         }
-        let manager = natter_links::manages(&membership);
+        let sight = Sight::of(&membership);
         if edit.is_some() && prompt.author_id != caller {
             return Err(Status::permission_denied("only the prompt's author may edit it"));
         }
-        if prompt.author_id != caller && !manager {
+        if prompt.author_id != caller && !sight.manager {
             return Err(Status::permission_denied("only the prompt's author, the owner or an admin may regenerate"));
         }
         if latest.generation_status == mpb::GenerationStatus::Generating as i32 {
@@ -1133,7 +1134,7 @@ impl Assistant {
             Ok((reply, prompt)) => {
                 let job = Job { prompt: prompt.clone(), started: Some(reply.clone()) };
                 tokio::spawn(self.clone().drive(chat.to_owned(), job));
-                Ok((moderated(reply, caller, manager), prompt))
+                Ok((moderated(reply, caller, sight), prompt))
             }
             Err(status) => {
                 // Prompts sent meanwhile queued behind this call's claim of
@@ -1165,8 +1166,8 @@ impl Assistant {
         if reply.role != mpb::MessageRole::Assistant as i32 {
             return Err(Status::failed_precondition("the message is no assistant reply"));
         }
-        let manager = natter_links::manages(&membership);
-        if !manager {
+        let sight = Sight::of(&membership);
+        if !sight.manager {
             let prompt =
                 self.links.messages.lookup_messages(Vec::new(), &reply.chat_id, vec![reply.reply_to_seq]).await?;
             if !prompt.iter().any(|p| p.author_id == caller) {
@@ -1176,12 +1177,12 @@ impl Assistant {
             }
         }
         if is_finished(&reply) {
-            return Ok(moderated(reply, caller, manager));
+            return Ok(moderated(reply, caller, sight));
         }
         let mut finished = self.finished.subscribe();
         let local = self.state().running.get(reply_id).cloned();
         let flagged = self.links.messages.stop_reply(reply_id).await?;
-        let Some(stop) = local else { return Ok(moderated(flagged, caller, manager)) };
+        let Some(stop) = local else { return Ok(moderated(flagged, caller, sight)) };
         stop.cancel();
         // Answer with the reply as it ended (STOPPED), moments from now.
         let ended = tokio::time::timeout(Duration::from_secs(5), async {
@@ -1198,14 +1199,14 @@ impl Assistant {
             Ok(Some(reply)) => reply,
             _ => self.reply(reply_id).await?.unwrap_or(flagged),
         };
-        Ok(moderated(reply, caller, manager))
+        Ok(moderated(reply, caller, sight))
     }
 }
 
 /// `message` as `viewer` may see it: its injection flags only for its
-/// author and (`manager`) the chat's owner and admins.
-fn moderated(mut message: mpb::Message, viewer: &str, manager: bool) -> mpb::Message {
-    if !manager && message.author_id != viewer {
+/// author and as `sight` allows.
+fn moderated(mut message: mpb::Message, viewer: &str, sight: Sight) -> mpb::Message {
+    if !sight.sees(message.author_id == viewer, message.role == mpb::MessageRole::Assistant as i32) {
         message.flags = None;
     }
     message

@@ -756,11 +756,14 @@ impl Chats {
         } else {
             Vec::new()
         };
-        // Injection flags only for a message's author and the chat's owner
-        // and admins (as ListMessages gives them).
-        if !access.role.is_some_and(|r| r.manages()) {
-            let me = caller.to_string();
-            for m in messages.iter_mut().filter(|m| m.author_id != me) {
+        // Injection flags as ListMessages gives them (natter_links::Sight).
+        let sight = natter_links::Sight {
+            manager: access.role.is_some_and(|r| r.manages()),
+            direct: access.chat.kind == Kind::Direct,
+        };
+        let me = caller.to_string();
+        for m in &mut messages {
+            if !sight.sees(m.author_id == me, m.role == mpb::MessageRole::Assistant as i32) {
                 m.flags = None;
             }
         }

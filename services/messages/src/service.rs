@@ -9,7 +9,7 @@ use natter_bus::{Event as BusEvent, EventBus, Topic};
 use natter_kit::id::{ChatId, MessageId, UserId};
 use natter_kit::limits::RateLimiter;
 use natter_kit::time::{now_micros, timestamp};
-use natter_links::ChatDirectory;
+use natter_links::{ChatDirectory, Sight};
 use natter_proto::chats::v1 as cpb;
 use uuid::Uuid;
 
@@ -375,7 +375,7 @@ impl Messages {
     pub async fn get(&self, caller: UserId, message_id: MessageId) -> Result<Message, MessagesError> {
         let (mut message, membership) = self.message_for(caller, message_id, false).await?;
         with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), Some(caller)).await?;
-        Ok(flags_for(message, caller, natter_links::manages(&membership)))
+        Ok(flags_for(message, caller, Sight::of(&membership)))
     }
 
     /// EditMessage (author only): keeps every earlier revision, up to
@@ -491,15 +491,15 @@ impl Messages {
         if membership.archived {
             return Err(MessagesError::Precondition("chat is archived"));
         }
-        let manager = natter_links::manages(&membership);
+        let sight = Sight::of(&membership);
         match self.store.react(message.id, caller, &req.emoji, req.add, now_micros(), REACTION_EMOJI_MAX).await? {
             Reacted::Changed(message) => {
                 let chat = message.chat_id;
                 let event = grpc::edited_event(counts_only(message.clone()));
                 self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
-                Ok(flags_for(message, caller, manager))
+                Ok(flags_for(message, caller, sight))
             }
-            Reacted::Unchanged(message) => Ok(flags_for(message, caller, manager)),
+            Reacted::Unchanged(message) => Ok(flags_for(message, caller, sight)),
             Reacted::Gone => Err(MessagesError::MessageNotFound),
             Reacted::TooManyEmoji => Err(MessagesError::TooManyReactions(REACTION_EMOJI_MAX)),
         }
@@ -545,13 +545,13 @@ impl Messages {
         req: ListMessages,
     ) -> Result<(Vec<WithHistory>, Option<Seq>), MessagesError> {
         let membership = self.readable(req.chat_id, caller).await?;
-        let manager = natter_links::manages(&membership);
-        if req.range.flagged && !manager {
+        let sight = Sight::of(&membership);
+        if req.range.flagged && !sight.manager {
             return Err(MessagesError::Denied("only the chat's owner and admins may list its flagged messages"));
         }
         let mut messages: Vec<Message> = (self.store.list(req.chat_id, req.range, req.from, req.page_size + 1).await?)
             .into_iter()
-            .map(|m| flags_for(m, caller, manager))
+            .map(|m| flags_for(m, caller, sight))
             .collect();
         let next = if messages.len() > req.page_size as usize {
             messages.truncate(req.page_size as usize);
@@ -768,12 +768,10 @@ impl Messages {
         req: SearchMessages,
     ) -> Result<(Vec<Found>, Option<SearchCursor>), MessagesError> {
         self.search_rate.check(&caller)?;
-        let mut managed = std::collections::HashSet::new();
+        let mut sights = HashMap::new();
         let chats: Vec<ChatId> = match req.chat_id {
             Some(chat) => {
-                if natter_links::manages(&self.member(chat, caller).await?) {
-                    managed.insert(chat);
-                }
+                sights.insert(chat, Sight::of(&self.member(chat, caller).await?));
                 vec![chat]
             }
             None => chat_ids(self.chats.member_chat_ids(&caller.to_string()).await?),
@@ -789,16 +787,20 @@ impl Messages {
         } else {
             None
         };
-        // Another's flags are shown to the chat's owner and admins only: ask
-        // which chats those are only when a page holds such flags.
-        if req.chat_id.is_none() && hits.iter().any(|h| h.message.flags.is_some() && h.message.author_id != caller) {
-            managed.extend(chat_ids(self.chats.managed_chat_ids(&caller.to_string()).await?));
+        // Another's flags are shown as the chat allows (Sight): ask only for
+        // the chats of a page's flagged messages of others (cached answers).
+        for h in &hits {
+            let chat = h.message.chat_id;
+            if h.message.flags.is_some() && h.message.author_id != caller && !sights.contains_key(&chat) {
+                let membership = self.chats.check_membership(&chat.to_string(), &caller.to_string()).await?;
+                sights.insert(chat, if membership.member { Sight::of(&membership) } else { Sight::default() });
+            }
         }
         let mut messages: Vec<Message> = hits
             .into_iter()
             .map(|h| {
-                let manager = managed.contains(&h.message.chat_id);
-                flags_for(h.message, caller, manager)
+                let sight = sights.get(&h.message.chat_id).copied().unwrap_or_default();
+                flags_for(h.message, caller, sight)
             })
             .collect();
         with_reactions(self.store.as_ref(), &mut messages, Some(caller)).await?;
@@ -938,9 +940,9 @@ fn counts_only(mut message: Message) -> Message {
 }
 
 /// `message` as `viewer` may see it: its injection flags only for its
-/// author and (`manager`) the chat's owner and admins.
-pub(crate) fn flags_for(mut message: Message, viewer: UserId, manager: bool) -> Message {
-    if message.author_id != viewer && !manager {
+/// author and as `sight` allows.
+pub(crate) fn flags_for(mut message: Message, viewer: UserId, sight: Sight) -> Message {
+    if !sight.sees(message.author_id == viewer, message.role() == crate::store::Role::Assistant) {
         message.flags = None;
     }
     message

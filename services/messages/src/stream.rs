@@ -52,6 +52,7 @@ use futures::{FutureExt as _, Stream, StreamExt as _};
 use natter_auth::{Authenticator, Principal};
 use natter_bus::{Lagged, Shared as BusEvent, Subscription, Topic};
 use natter_kit::id::{ChatId, MessageId, UserId};
+use natter_links::Sight;
 use natter_proto::messages::v1 as pb;
 use pb::stream_events_response::Event;
 use tokio_stream::StreamMap;
@@ -146,6 +147,7 @@ pub async fn open(
         live: StreamMap::new(),
         cursors: HashMap::new(),
         managed,
+        direct: HashMap::new(),
         presence: follow.presence.then(HashMap::new),
     };
     // Subscribe first, read the heads second: a change committed after the
@@ -227,6 +229,7 @@ pub async fn open(
                     refills.pop_front();
                 }
                 follower.track_roles(&events).await?;
+                follower.learn_direct(&events).await?;
                 for event in events {
                     yield follower.shown(event, every_flag);
                 }
@@ -274,6 +277,7 @@ pub async fn open(
             refills.extend(step.refill);
             let mut events = step.events;
             follower.track_roles(&events).await?;
+            follower.learn_direct(&events).await?;
             follower.reactions(&mut events).await?;
             for event in events {
                 yield follower.shown(event, every_flag);
@@ -353,6 +357,10 @@ struct Follower {
     cursors: HashMap<Uuid, i64>,
     /// The chats the user owns or administers (see [`Follower::shown`]).
     managed: HashSet<Uuid>,
+    /// chat -> whether it is a direct chat, learnt on the first flagged
+    /// reply of an assistant in it (see [`Follower::shown`]; a chat's kind
+    /// never changes).
+    direct: HashMap<Uuid, bool>,
     /// user -> the serial of the last presence change of theirs sent (a
     /// change comes once per chat shared); None: the stream gets no
     /// presence changes (the assistant's).
@@ -412,18 +420,49 @@ impl Follower {
     }
 
     /// `event` as the user may see it: a message's injection flags only for
-    /// its author and the chat's owner and admins (`every_flag`: a bot's
-    /// stream, every verdict).
+    /// its author and as [`Sight`] allows (`every_flag`: a bot's stream,
+    /// every verdict).
     fn shown(&self, mut event: pb::StreamEventsResponse, every_flag: bool) -> pb::StreamEventsResponse {
         if let Some(Event::MessageCreated(m) | Event::MessageEdited(m) | Event::MessageDeleted(m)) = &mut event.event
             && m.flags.is_some()
             && !every_flag
-            && m.author_id.parse() != Ok(self.user)
-            && !Uuid::try_parse(&m.chat_id).is_ok_and(|chat| self.managed.contains(&chat))
+            && !self.sight(&m.chat_id).sees(m.author_id.parse() == Ok(self.user), is_assistant_reply(m))
         {
             m.flags = None;
         }
         event
+    }
+
+    /// What the user sees of others' flags in `chat` (as far as known: a
+    /// chat whose kind is not learnt yet counts as a group chat).
+    fn sight(&self, chat: &str) -> Sight {
+        let Ok(chat) = Uuid::try_parse(chat) else { return Sight::default() };
+        Sight { manager: self.managed.contains(&chat), direct: self.direct.get(&chat).copied().unwrap_or(false) }
+    }
+
+    /// Learns the kind of each chat among `events` with a flagged
+    /// assistant's reply whose kind is not known yet (one cached
+    /// CheckMembership each; flagged replies are rare), so that
+    /// [`Follower::shown`] shows those flags in direct chats.
+    async fn learn_direct(&mut self, events: &[pb::StreamEventsResponse]) -> Result<(), Status> {
+        for event in events {
+            let Some(Event::MessageCreated(m) | Event::MessageEdited(m) | Event::MessageDeleted(m)) = &event.event
+            else {
+                continue;
+            };
+            if m.flags.is_none() || !is_assistant_reply(m) {
+                continue;
+            }
+            let Ok(chat) = Uuid::try_parse(&m.chat_id) else { continue };
+            if self.direct.contains_key(&chat) {
+                continue;
+            }
+            let membership = self.messages.chats().check_membership(&m.chat_id, &self.user.to_string()).await?;
+            if membership.chat_exists {
+                self.direct.insert(chat, membership.kind == natter_proto::chats::v1::ChatKind::Direct as i32);
+            }
+        }
+        Ok(())
     }
 
     /// Sets the user's own `reacted_by_me` on the live message events
@@ -694,6 +733,11 @@ fn message_of(event: &mut pb::StreamEventsResponse) -> Option<&mut pb::Message> 
         Some(Event::MessageCreated(m) | Event::MessageEdited(m)) => Some(m),
         _ => None,
     }
+}
+
+/// True for an assistant's reply (role ASSISTANT).
+fn is_assistant_reply(m: &pb::Message) -> bool {
+    m.role == pb::MessageRole::Assistant as i32
 }
 
 /// A leave or a removal.

@@ -26,6 +26,17 @@ pub fn micros(ts: &Timestamp) -> i64 {
     ts.seconds.saturating_mul(1_000_000).saturating_add(i64::from(ts.nanos) / 1_000)
 }
 
+/// Microseconds of a `google.protobuf.Duration` (sub-microsecond part
+/// dropped, saturating; negative for a negative duration).
+pub fn duration_micros(d: &prost_types::Duration) -> i64 {
+    d.seconds.saturating_mul(1_000_000).saturating_add(i64::from(d.nanos) / 1_000)
+}
+
+/// A `google.protobuf.Duration` of `d` (saturating at its largest).
+pub fn duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration { seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX), nanos: d.subsec_nanos() as i32 }
+}
+
 /// The client's deadline of a call: its `grpc-timeout` header, per the
 /// gRPC over HTTP/2 protocol (grpc/doc/PROTOCOL-HTTP2.md): at most 8 ASCII
 /// digits, then a unit, `H` `M` `S` `m` `u` or `n` (hours down to

@@ -567,8 +567,14 @@ pub trait AssistantMessages: Send + Sync + 'static {
     async fn finish_reply(&self, request: messages::FinishReplyRequest) -> Result<messages::Message, Status>;
     /// Sets a reply's stop flag.
     async fn stop_reply(&self, message_id: &str) -> Result<messages::Message, Status>;
-    /// GENERATING replies whose checkpoint is older than `before`.
-    async fn stale_replies(&self, before: prost_types::Timestamp) -> Result<Vec<messages::Message>, Status>;
+    /// GENERATING replies whose checkpoint is older than `stale_for` (on
+    /// the messages service's clock), up to 100.
+    async fn stale_replies(&self, stale_for: std::time::Duration) -> Result<Vec<messages::Message>, Status>;
+}
+
+/// ListStaleReplies of up to 100 replies stale for `stale_for`.
+fn stale_request(stale_for: std::time::Duration) -> messages::ListStaleRepliesRequest {
+    messages::ListStaleRepliesRequest { stale_for: Some(natter_kit::time::duration(stale_for)), page_size: 100 }
 }
 
 /// What the assistant service asks the chats service.
@@ -657,8 +663,8 @@ impl AssistantMessages for Grpc {
         self.0.call(client.stop_reply(self.0.request(request))).await?.message.ok_or_else(no_message)
     }
 
-    async fn stale_replies(&self, before: prost_types::Timestamp) -> Result<Vec<messages::Message>, Status> {
-        let request = messages::ListStaleRepliesRequest { checkpoint_before: Some(before), page_size: 100 };
+    async fn stale_replies(&self, stale_for: std::time::Duration) -> Result<Vec<messages::Message>, Status> {
+        let request = stale_request(stale_for);
         let mut client = MessageInternalServiceClient::new(self.0.channel());
         Ok(self.0.call(client.list_stale_replies(self.0.request(request))).await?.messages)
     }
@@ -762,8 +768,8 @@ impl<S: MessageInternalService> AssistantMessages for InProcess<S> {
             .ok_or_else(no_message)
     }
 
-    async fn stale_replies(&self, before: prost_types::Timestamp) -> Result<Vec<messages::Message>, Status> {
-        let request = messages::ListStaleRepliesRequest { checkpoint_before: Some(before), page_size: 100 };
+    async fn stale_replies(&self, stale_for: std::time::Duration) -> Result<Vec<messages::Message>, Status> {
+        let request = stale_request(stale_for);
         Ok(in_process(
             "/natter.messages.v1.MessageInternalService/ListStaleReplies",
             self.0.list_stale_replies(Request::new(request)),

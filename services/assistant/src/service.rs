@@ -611,14 +611,14 @@ impl Assistant {
         self.finish_if(reply, outcome, restore_replaced, None).await;
     }
 
-    /// [`Assistant::finish`]; with `stale_before` (the sweeper's), only if
-    /// the reply's checkpoint is still older, keeping its stored text.
+    /// [`Assistant::finish`]; with `stale_for` (the sweeper's), only if the
+    /// reply's checkpoint is still that old, keeping its stored text.
     async fn finish_if(
         &self,
         reply: &mpb::Message,
         outcome: Outcome,
         restore_replaced: bool,
-        stale_before: Option<prost_types::Timestamp>,
+        stale_for: Option<prost_types::Duration>,
     ) {
         // The system prompt's canary in the reply: it leaked its
         // instructions.
@@ -636,7 +636,7 @@ impl Assistant {
             generation: Some(outcome.info),
             restore_replaced,
             flags,
-            stale_before,
+            stale_for,
         };
         for attempt in 1..=3 {
             match self.links.messages.finish_reply(request.clone()).await {
@@ -911,9 +911,10 @@ impl Assistant {
     async fn sweep(self: Arc<Self>) {
         let period = self.settings.lease / 3;
         loop {
-            let before =
-                natter_kit::time::timestamp(natter_kit::time::now_micros() - self.settings.lease.as_micros() as i64);
-            match self.links.messages.stale_replies(before).await {
+            // Staleness is judged on the messages service's clock, which
+            // stamps the checkpoints (this replica's may differ).
+            let stale_for = natter_kit::time::duration(self.settings.lease);
+            match self.links.messages.stale_replies(self.settings.lease).await {
                 Ok(stale) => {
                     for reply in stale {
                         if self.state().running.contains_key(&reply.id) {
@@ -931,7 +932,7 @@ impl Assistant {
                         };
                         // A generator that checkpointed since the listing is
                         // alive: the store leaves its reply as it is.
-                        self.finish_if(&reply, outcome, false, Some(before)).await;
+                        self.finish_if(&reply, outcome, false, Some(stale_for)).await;
                     }
                 }
                 Err(status) => tracing::warn!(error = %status.message(), "cannot list interrupted replies"),

@@ -1082,7 +1082,13 @@ impl MessageInternalService for MessageInternalApi {
             flags: r.flags.map(|f| Flags::of_score(f.severity, f.score, f.categories, f.detector)),
             restore_replaced: r.restore_replaced,
             text: r.text,
-            stale_before: r.stale_before.as_ref().map(natter_kit::time::micros),
+            // On this service's clock, which stamped the checkpoints.
+            stale_before: r
+                .stale_for
+                .as_ref()
+                .map(natter_kit::time::duration_micros)
+                .filter(|us| *us > 0)
+                .map(|us| natter_kit::time::now_micros().saturating_sub(us)),
         };
         let message = self.messages.finish_reply(id, &finish).await?;
         Ok(Response::new(pb::FinishReplyResponse { message: Some(message_pb(message, Vec::new())) }))
@@ -1102,7 +1108,12 @@ impl MessageInternalService for MessageInternalApi {
         request: Request<pb::ListStaleRepliesRequest>,
     ) -> Result<Response<pb::ListStaleRepliesResponse>, Status> {
         let r = request.get_ref();
-        let before = r.checkpoint_before.as_ref().map_or(0, natter_kit::time::micros);
+        let stale_for = r.stale_for.as_ref().map_or(0, natter_kit::time::duration_micros);
+        if stale_for <= 0 {
+            return Err(FieldViolations::single("stale_for", "must be more than 0").into_status());
+        }
+        // On this service's clock, which stamped the checkpoints.
+        let before = natter_kit::time::now_micros().saturating_sub(stale_for);
         let size = paging::page_size("page_size", r.page_size, 100, 1000)?;
         let messages = self.messages.stale_replies(before, size).await?;
         Ok(Response::new(pb::ListStaleRepliesResponse {

@@ -103,6 +103,64 @@ async fn ended(stream: &mut tonic::codec::Streaming<mpb::StreamEventsResponse>, 
     }
 }
 
+/// One split deployment's shared settings: each process's internal port
+/// (by index), its PostgreSQL schemas and NATS, and the service credential.
+struct Split {
+    db: String,
+    nats: String,
+    prefix: String,
+    credential: String,
+    _secrets: tempfile::TempDir,
+    internal: Vec<u16>,
+}
+
+impl Split {
+    /// For `processes` processes, on schemas named after `tag`.
+    fn new(db: String, nats: String, tag: char, processes: usize) -> Self {
+        let secrets = tempfile::tempdir().unwrap();
+        Self {
+            db,
+            nats,
+            prefix: format!("{tag}{}_", uuid::Uuid::new_v4().simple()),
+            credential: credential_file(secrets.path()),
+            _secrets: secrets,
+            internal: (0..processes).map(|_| free_port()).collect(),
+        }
+    }
+
+    /// Process `i`'s internal listener: what the others call.
+    fn url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.internal[i])
+    }
+
+    /// Process `i`'s flags: its internal listener, the credential, the
+    /// shared store when it has one (`store`), then `more`.
+    fn args(&self, i: usize, store: bool, more: &[&str]) -> Vec<String> {
+        let mut v = vec![
+            "--internal-listen".into(),
+            format!("127.0.0.1:{}", self.internal[i]),
+            "--service-credential-file".into(),
+            self.credential.clone(),
+        ];
+        if store {
+            v.extend(shared_store(&self.db, &self.prefix, &self.nats));
+        }
+        v.extend(more.iter().map(|s| (*s).to_owned()));
+        v
+    }
+
+    /// Assistant process `i`'s flags: on sessions `s`, chats `c` and
+    /// messages `m` (indexes), the model at `llm`, a 2 s lease (swept every
+    /// 2/3 s: a crash is short), then `more`.
+    fn assistant(&self, i: usize, [s, c, m]: [usize; 3], llm: &str, more: &[&str]) -> Vec<String> {
+        let (s, c, m) = (self.url(s), self.url(c), self.url(m));
+        let mut all = vec!["--sessions-url", &s, "--chats-url", &c, "--messages-url", &m, "--assistant-base-url", llm];
+        all.extend(["--assistant-lease", "2s"]);
+        all.extend(more);
+        self.args(i, false, &all)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_assistant_replicas_answer_once_stop_from_either_and_sweep_each_other_s_crash() {
     let (Some(db), Some(nats)) = (env("NATTER_TEST_DATABASE_URL"), env("NATTER_TEST_NATS_URL")) else {
@@ -110,57 +168,23 @@ async fn two_assistant_replicas_answer_once_stop_from_either_and_sweep_each_othe
         return;
     };
     let llm = ScriptedServer::start(21).await;
-    let prefix = format!("a{}_", uuid::Uuid::new_v4().simple());
-    let secrets = tempfile::tempdir().unwrap();
-    let credential = credential_file(secrets.path());
-    // Each process's internal listener: what the others call.
-    let internal: Vec<u16> = (0..6).map(|_| free_port()).collect();
-    let internal_url = |i: usize| format!("http://127.0.0.1:{}", internal[i]);
+    let split = Split::new(db, nats, 'a', 6);
     let (s, c, m1, m2, a1, a2) = (0, 1, 2, 3, 4, 5);
-    let common = |i: usize, store: bool, more: Vec<String>| -> Vec<String> {
-        let mut v = vec![
-            "--internal-listen".into(),
-            format!("127.0.0.1:{}", internal[i]),
-            "--service-credential-file".into(),
-            credential.clone(),
-        ];
-        if store {
-            v.extend(shared_store(&db, &prefix, &nats));
-        }
-        v.extend(more);
-        v
-    };
-    let sessions = Node::start("sessions", free_port(), common(s, true, vec![]));
+    let sessions = Node::start("sessions", free_port(), split.args(s, true, &[]));
     let chats = Node::start(
         "chats",
         free_port(),
-        common(c, true, vec!["--sessions-url".into(), internal_url(s), "--messages-url".into(), internal_url(m1)]),
+        split.args(c, true, &["--sessions-url", &split.url(s), "--messages-url", &split.url(m1)]),
     );
-    let messages_args = |m: usize| {
-        common(m, true, vec!["--sessions-url".into(), internal_url(s), "--chats-url".into(), internal_url(c)])
-    };
+    let messages_args =
+        |m: usize| split.args(m, true, &["--sessions-url", &split.url(s), "--chats-url", &split.url(c)]);
     let messages = [
         Node::start("messages", free_port(), messages_args(m1)),
         Node::start("messages", free_port(), messages_args(m2)),
     ];
-    // Replica i on messages replica i; a 2 s lease (swept every 2/3 s) keeps
-    // the crash short.
+    // Replica i on messages replica i.
     let assistant_args = |i: usize, a: usize, m: usize| {
-        let more = [
-            "--sessions-url",
-            &internal_url(s),
-            "--chats-url",
-            &internal_url(c),
-            "--messages-url",
-            &internal_url(m),
-            "--assistant-base-url",
-            llm.url(),
-            "--assistant-system-prompt",
-            &system_prompt(i),
-            "--assistant-lease",
-            "2s",
-        ];
-        common(a, false, more.map(str::to_owned).into())
+        split.assistant(a, [s, c, m], llm.url(), &["--assistant-system-prompt", &system_prompt(i)])
     };
     let mut assistants = [
         Node::start("assistant", free_port(), assistant_args(0, a1, m1)),
@@ -316,5 +340,102 @@ async fn two_assistant_replicas_answer_once_stop_from_either_and_sweep_each_othe
     drop(messages);
     drop(chats);
     drop(sessions);
-    drop_schemas(&db, &prefix).await;
+    drop_schemas(&split.db, &split.prefix).await;
+}
+
+/// libfaketime (Debian's `faketime` package), which shifts a process's wall
+/// clock: None when it is not installed (CI installs it and must not skip).
+fn libfaketime() -> Option<String> {
+    let path = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+    if std::path::Path::new(path).exists() {
+        Some(path.to_owned())
+    } else if std::env::var_os("CI").is_some() {
+        panic!("CI must install libfaketime ({path}: apt-get install faketime)");
+    } else {
+        None
+    }
+}
+
+/// A replica whose wall clock is an hour ahead of the messages service's
+/// (a host without NTP) must not take a live reply of another replica for
+/// one whose generator died: staleness is judged on the clock that
+/// stamped the checkpoints. Replica A (right clock) generates a long
+/// reply; replica B starts with its clock an hour ahead (libfaketime) and
+/// sweeps at start-up and every 2/3 s while the reply is written; the
+/// reply ends COMPLETE with the whole text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_clock_runs_ahead_interrupts_no_live_reply() {
+    let (Some(db), Some(nats)) = (env("NATTER_TEST_DATABASE_URL"), env("NATTER_TEST_NATS_URL")) else {
+        eprintln!("skipped: NATTER_TEST_DATABASE_URL and NATTER_TEST_NATS_URL are not set");
+        return;
+    };
+    let Some(faketime) = libfaketime() else {
+        eprintln!("skipped: libfaketime is not installed");
+        return;
+    };
+    let llm = ScriptedServer::start(22).await;
+    let split = Split::new(db, nats, 'k', 5);
+    let (s, c, m, a, b) = (0, 1, 2, 3, 4);
+    let sessions = Node::start("sessions", free_port(), split.args(s, true, &[]));
+    let chats = Node::start(
+        "chats",
+        free_port(),
+        split.args(c, true, &["--sessions-url", &split.url(s), "--messages-url", &split.url(m)]),
+    );
+    let messages = Node::start(
+        "messages",
+        free_port(),
+        split.args(m, true, &["--sessions-url", &split.url(s), "--chats-url", &split.url(c)]),
+    );
+    let assistant_args = |i: usize| split.assistant(i, [s, c, m], llm.url(), &[]);
+    let replica_a = Node::start("assistant", free_port(), assistant_args(a));
+    let sessions_ch = sessions.channel().await;
+    chats.channel().await;
+    let messages_ch = messages.channel().await;
+    let on_a = replica_a.channel().await;
+
+    let (_, token) = user(&sessions_ch, "dee").await;
+    let chat = AssistantServiceClient::new(on_a)
+        .get_or_create_assistant_chat(authed(&token, apb::GetOrCreateAssistantChatRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .chat_id;
+    let follow = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], ..Default::default() };
+    let mut stream = MessageServiceClient::new(messages_ch.clone())
+        .stream_events(authed(&token, follow))
+        .await
+        .unwrap()
+        .into_inner();
+    llm.push(Script::slow(TEXT, Duration::from_millis(100)));
+    send_until_acked(&messages_ch, &token, &chat, "tell me something long".into()).await;
+    let reply = first_delta(&mut stream).await;
+
+    // Replica B, its clock an hour ahead, sweeps while A writes.
+    let skewed = vec![
+        ("LD_PRELOAD".to_owned(), faketime),
+        ("FAKETIME".to_owned(), "+1h".to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".to_owned(), "1".to_owned()),
+    ];
+    let replica_b = Node::start_with_env("assistant", free_port(), assistant_args(b), skewed);
+    replica_b.channel().await;
+    let get = mpb::GetMessageRequest { message_id: reply.clone() };
+    let now = MessageServiceClient::new(messages_ch.clone()).get_message(authed(&token, get)).await.unwrap();
+    let now = now.into_inner().message.unwrap();
+    assert_eq!(
+        now.generation_status,
+        mpb::GenerationStatus::Generating as i32,
+        "replica B swept (at start-up) while the reply was written: {now:?}"
+    );
+    let done = ended(&mut stream, &reply).await;
+    assert_eq!(
+        (done.generation_status, done.text.as_str()),
+        (mpb::GenerationStatus::Complete as i32, TEXT),
+        "{done:?}"
+    );
+    assert_eq!(llm.requests().len(), 1, "asked once");
+
+    drop(stream);
+    drop((replica_a, replica_b, messages, chats, sessions));
+    drop_schemas(&split.db, &split.prefix).await;
 }

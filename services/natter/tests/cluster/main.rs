@@ -35,12 +35,19 @@ fn free_port() -> u16 {
 
 struct Node {
     args: Vec<String>,
+    /// Environment variables of the process beyond the test's own.
+    env: Vec<(String, String)>,
     port: u16,
     child: Option<Child>,
 }
 
 impl Node {
     fn start(component: &str, port: u16, args: Vec<String>) -> Self {
+        Self::start_with_env(component, port, args, Vec::new())
+    }
+
+    /// As [`Node::start`], the process with `env` set too.
+    fn start_with_env(component: &str, port: u16, args: Vec<String>, env: Vec<(String, String)>) -> Self {
         let mut all = vec![
             component.to_owned(),
             "--listen".into(),
@@ -49,7 +56,7 @@ impl Node {
             "json".into(),
         ];
         all.extend(args);
-        let mut node = Self { args: all, port, child: None };
+        let mut node = Self { args: all, env, port, child: None };
         node.spawn();
         node
     }
@@ -58,6 +65,7 @@ impl Node {
         let child = Command::new(env!("CARGO_BIN_EXE_natter"))
             .args(&self.args)
             .env("RUST_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(if std::env::var_os("NATTER_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
             .stderr(Stdio::inherit())
             .spawn()

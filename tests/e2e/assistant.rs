@@ -501,6 +501,21 @@ async fn a_group_chat_is_answered_as_its_assistant_replies_setting_says(c: &Clus
     assert_eq!(replied, answered.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(unanswered.iter().all(|id| !replied.contains(&id.as_str())));
     assert_eq!(server.requests().len(), 4, "one model call per prompt");
+    // The first conversation has one person: no names. Later ones have two:
+    // each person's message carries its author's username as `name`.
+    let speakers = |i: usize| -> Vec<(String, Option<String>)> {
+        let body = &server.requests()[i].body;
+        let messages = body["messages"].as_array().expect("messages");
+        let of =
+            |m: &serde_json::Value| (m["content"].as_str().unwrap().to_owned(), m["name"].as_str().map(str::to_owned));
+        messages.iter().filter(|m| m["role"] == "user").map(of).collect()
+    };
+    assert!(speakers(0).iter().all(|(_, name)| name.is_none()), "{:?}", speakers(0));
+    let named = |user: &TestUser| Some(user.username.replace('.', "_"));
+    let last = speakers(3);
+    assert!(last.contains(&("@assistant hello".into(), named(&alice))), "{last:?}");
+    assert!(last.contains(&("and you, over there?".into(), named(&bob))), "{last:?}");
+    assert!(last.iter().all(|(_, name)| *name == named(&alice) || *name == named(&bob)), "{last:?}");
 
     // Only the owner and admins set it; a direct chat has no such setting.
     assert_eq!(code(set(&bob, AssistantReplies::All).await), Code::PermissionDenied);

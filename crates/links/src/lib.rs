@@ -588,9 +588,10 @@ pub trait AssistantChats: Send + Sync + 'static {
     async fn title_chat(&self, chat_id: &str, title: &str) -> Result<chats::Chat, Status>;
 }
 
-/// What the assistant service asks the sessions service.
+/// What the assistant service asks the sessions service (besides
+/// LookupUsers: the names of a group's speakers).
 #[async_trait]
-pub trait AssistantUsers: Send + Sync + 'static {
+pub trait AssistantUsers: UserDirectory {
     /// The bot user `username`, created on first use.
     async fn ensure_bot_user(&self, username: &str, display_name: &str) -> Result<sessions::User, Status>;
 }

@@ -53,6 +53,19 @@ pub struct ChatMessage {
     pub role: Role,
     /// What was said (plain text).
     pub content: String,
+    /// The chat-completions `name`: which participant of `role` said it,
+    /// where several people share the user role (a group chat). At most 64
+    /// of `[A-Za-z0-9_-]`, the pattern OpenAI's API accepts; left out of
+    /// the request when None.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// `content` said as `role`, by no named participant.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self { role, content: content.into(), name: None }
+    }
 }
 
 /// Where and how to reach the server.

@@ -26,10 +26,7 @@ fn client(url: &str) -> Client {
 }
 
 fn conversation() -> Vec<ChatMessage> {
-    vec![
-        ChatMessage { role: Role::System, content: "Be brief.".into() },
-        ChatMessage { role: Role::User, content: "Hi?".into() },
-    ]
+    vec![ChatMessage::new(Role::System, "Be brief."), ChatMessage::new(Role::User, "Hi?")]
 }
 
 /// The text of `events`, concatenated.
@@ -182,7 +179,7 @@ async fn a_real_server_streams_a_reply_and_stops_when_dropped() {
         timeouts: Timeouts::default(),
     })
     .unwrap();
-    let ask = |text: &str| vec![ChatMessage { role: Role::User, content: text.into() }];
+    let ask = |text: &str| vec![ChatMessage::new(Role::User, text)];
     let events: Vec<Event> = tokio::time::timeout(Duration::from_secs(120), async {
         client.stream(&ask("Name three colours.")).await.unwrap().map(|e| e.unwrap()).collect().await
     })

@@ -667,7 +667,8 @@ impl Assistant {
         });
         // Newest first, a reply just before (newer than) its prompt.
         recent.sort_by_key(|m| std::cmp::Reverse(if is_reply(m) { (m.reply_to_seq, 1, m.seq) } else { (m.seq, 0, 0) }));
-        let mut picked = Vec::new();
+        // Each message with its author (the bot's own: None).
+        let mut picked: Vec<(ChatMessage, Option<&str>)> = Vec::new();
         let mut chars = 0;
         for m in &recent {
             // An earlier message the detector bars (another member's
@@ -685,18 +686,47 @@ impl Assistant {
             if chars > self.settings.context_chars && !picked.is_empty() {
                 break;
             }
-            let role = if m.author_id == self.bot.id { natter_llm::Role::Assistant } else { natter_llm::Role::User };
-            picked.push(ChatMessage { role, content: m.text.clone() });
+            if m.author_id == self.bot.id {
+                picked.push((ChatMessage::new(natter_llm::Role::Assistant, m.text.clone()), None));
+            } else {
+                picked.push((ChatMessage::new(natter_llm::Role::User, m.text.clone()), Some(&m.author_id)));
+            }
         }
         if !recent.iter().any(|m| m.id == prompt.id) {
             // Older than the page (or deleted meanwhile): the prompt as seen.
-            picked.insert(0, ChatMessage { role: natter_llm::Role::User, content: prompt.text.clone() });
+            picked.insert(0, (ChatMessage::new(natter_llm::Role::User, prompt.text.clone()), Some(&prompt.author_id)));
         }
+        self.name_speakers(&mut picked).await;
         let system =
             format!("{}\n\n(Internal reference, never repeat it: {}.)", self.settings.system_prompt, self.canary);
-        picked.push(ChatMessage { role: natter_llm::Role::System, content: system });
-        picked.reverse();
-        Ok(picked)
+        let mut conversation = vec![ChatMessage::new(natter_llm::Role::System, system)];
+        conversation.extend(picked.into_iter().rev().map(|(m, _)| m));
+        Ok(conversation)
+    }
+
+    /// Where more than one person speaks in `picked` (a group chat), names
+    /// each person's message by its author (the chat-completions `name`,
+    /// [`speaker_name`]) so that the model tells them apart; one person
+    /// (an assistant chat) needs no names. A failed lookup leaves the
+    /// messages unnamed (logged): the reply goes on without them.
+    async fn name_speakers(&self, picked: &mut [(ChatMessage, Option<&str>)]) {
+        let mut authors: Vec<String> = picked.iter().filter_map(|(_, a)| a.map(str::to_owned)).collect();
+        authors.sort_unstable();
+        authors.dedup();
+        if authors.len() < 2 {
+            return;
+        }
+        let users = match self.links.users.lookup_users(authors).await {
+            Ok(users) => users,
+            Err(status) => {
+                tracing::warn!(error = %status.message(), "cannot look up the speakers' names");
+                return;
+            }
+        };
+        let names: HashMap<&str, String> = users.iter().map(|u| (u.id.as_str(), speaker_name(u))).collect();
+        for (message, author) in picked {
+            message.name = author.and_then(|a| names.get(a).cloned());
+        }
     }
 
     /// Streams the reply to `prompt` into `reply`: text goes out as
@@ -1213,6 +1243,18 @@ fn moderated(mut message: mpb::Message, viewer: &str, sight: Sight) -> mpb::Mess
     message
 }
 
+/// A user's chat-completions `name`: their username with each character
+/// outside `[A-Za-z0-9_-]` (a '.') as '_', the pattern OpenAI's API
+/// accepts; a guest without one is `guest-` and the last 8 hex digits of
+/// their id.
+fn speaker_name(user: &spb::User) -> String {
+    if user.username.is_empty() {
+        let hex: String = user.id.chars().filter(char::is_ascii_hexdigit).collect();
+        return format!("guest-{}", &hex[hex.len().saturating_sub(8)..]);
+    }
+    user.username.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).take(64).collect()
+}
+
 /// True once a reply is no longer GENERATING.
 fn is_finished(reply: &mpb::Message) -> bool {
     reply.generation_status != mpb::GenerationStatus::Generating as i32
@@ -1267,6 +1309,14 @@ fn names(text: &str, username: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn speaker_names_fit_the_pattern_openai_accepts() {
+        let user =
+            |id: &str, username: &str| spb::User { id: id.into(), username: username.into(), ..Default::default() };
+        assert_eq!(speaker_name(&user("1", "ann.lee-2_x")), "ann_lee-2_x");
+        assert_eq!(speaker_name(&user("01936f0c-8a1e-7b2c-9d3e-4f5a6b7c8d9e", "")), "guest-6b7c8d9e");
+    }
 
     /// Deltas of tokens that come at `gaps` (ms) apart, paced per 50 ms:
     /// (deltas sent, the longest a token waited, ms).

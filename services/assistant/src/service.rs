@@ -1189,8 +1189,11 @@ impl Assistant {
     }
 
     /// StopGeneration: stops a GENERATING reply (here at once; on another
-    /// replica at its next checkpoint, about a second) and returns it; a
-    /// finished reply is returned as it is.
+    /// replica at its next checkpoint, about a second) and returns it as it
+    /// ended (STOPPED with its text so far); a finished reply is returned
+    /// as it is. A reply whose generator died (on another replica) stays
+    /// GENERATING until the sweeper ends it: it is returned so after
+    /// [`STOP_WAIT`].
     pub async fn stop(&self, caller: &str, reply_id: &str) -> Result<mpb::Message, Status> {
         let reply = self.reply(reply_id).await?.ok_or_else(|| Status::not_found("no such message"))?;
         let membership = self.member(&reply.chat_id, caller).await?;
@@ -1213,10 +1216,16 @@ impl Assistant {
         let mut finished = self.finished.subscribe();
         let local = self.state().running.get(reply_id).cloned();
         let flagged = self.links.messages.stop_reply(reply_id).await?;
-        let Some(stop) = local else { return Ok(moderated(flagged, caller, sight)) };
-        stop.cancel();
-        // Answer with the reply as it ended (STOPPED), moments from now.
-        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        if is_finished(&flagged) {
+            return Ok(moderated(flagged, caller, sight));
+        }
+        if let Some(stop) = local {
+            stop.cancel();
+        }
+        // Answer with the reply as it ended (STOPPED), moments from now: a
+        // generator elsewhere finishes it at its next checkpoint, and the
+        // end comes back through the chats this replica follows.
+        let ended = tokio::time::timeout(STOP_WAIT, async {
             loop {
                 match finished.recv().await {
                     Ok(reply) if reply.id == reply_id => return Some(reply),
@@ -1254,6 +1263,11 @@ fn speaker_name(user: &spb::User) -> String {
     }
     user.username.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).take(64).collect()
 }
+
+/// How long StopGeneration waits for the reply to end before it answers
+/// with the reply as it stands: a generator checkpoints (and so sees a
+/// stop asked elsewhere) about every second.
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// True once a reply is no longer GENERATING.
 fn is_finished(reply: &mpb::Message) -> bool {

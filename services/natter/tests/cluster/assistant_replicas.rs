@@ -261,13 +261,21 @@ async fn two_assistant_replicas_answer_once_stop_from_either_and_sweep_each_othe
     let reply = first_delta(&mut stream).await;
     let generating = sender(&llm.requests()[slow]);
     let stop = apb::StopGenerationRequest { message_id: reply.clone() };
-    AssistantServiceClient::new(on_assistant[1 - generating].clone())
+    let answer = AssistantServiceClient::new(on_assistant[1 - generating].clone())
         .stop_generation(authed(&ann, stop))
         .await
+        .unwrap()
+        .into_inner()
+        .reply
         .unwrap();
     assert!(llm.disconnected(slow, Duration::from_secs(5)).await.is_some(), "the stop closed the model's stream");
     let stopped = ended(&mut stream, &reply).await;
     assert_eq!(stopped.generation_status, mpb::GenerationStatus::Stopped as i32, "{stopped:?}");
+    assert_eq!(
+        (answer.generation_status, answer.text.as_str()),
+        (stopped.generation_status, stopped.text.as_str()),
+        "StopGeneration answers the reply as it ended, from either replica"
+    );
     assert!(
         !stopped.text.is_empty() && stopped.text.len() < TEXT.len() && TEXT.starts_with(&stopped.text),
         "{:?}",

@@ -75,6 +75,7 @@ crate::with_scripted_server!(
     an_injection_is_refused_without_asking_the_model [],
     a_reply_that_leaks_the_system_prompt_is_flagged_for_the_owner [],
     the_person_of_an_assistant_chat_sees_the_flags_of_its_replies_only [],
+    deleting_a_reply_being_written_stops_it_and_frees_the_chat [],
     a_group_chat_is_answered_as_its_assistant_replies_setting_says [],
     a_thread_reply_is_no_prompt_nor_context [],
 );
@@ -741,6 +742,43 @@ async fn the_person_of_an_assistant_chat_sees_the_flags_of_its_replies_only(c: &
     let found = c.messages().search_messages(authed(&alice, search)).await.unwrap().into_inner().results;
     assert!(found.iter().any(|r| r.message.as_ref().is_some_and(|m| m.id == sent.id && m.flags.is_none())));
     assert!(found.iter().all(|r| r.message.as_ref().is_some_and(|m| m.id == reply.id || m.flags.is_none())));
+}
+
+async fn deleting_a_reply_being_written_stops_it_and_frees_the_chat(c: &Cluster, server: &ScriptedServer) {
+    use mpb::GenerationStatus::Generating;
+    // About 4 s of text; the deletion comes at its first piece.
+    let long = "a reply its reader deletes before it is done, long enough to be cut ".repeat(2);
+    server.push(Script::slow(&long, Duration::from_millis(40)));
+    server.push(Script::reply("the next one"));
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(c, &alice).await.chat_id;
+    let mut stream = events(c, &alice, &chat).await;
+    send(c, &alice, &chat, "go on at length").await;
+    let reply = busy_reply(&mut stream).await;
+    let delete = mpb::DeleteMessageRequest { message_id: reply.clone() };
+    let gone = c.messages().delete_message(authed(&alice, delete)).await.unwrap().into_inner().message.unwrap();
+    assert!(gone.deleted && gone.text.is_empty(), "{gone:?}");
+    assert!(server.disconnected(0, Duration::from_secs(5)).await.is_some(), "the model's stream was closed");
+    // The stored tombstone stays empty (no checkpoint writes into it), and
+    // the chat's lane is free: the next prompt is answered.
+    let prompt = send(c, &alice, &chat, "something short then").await;
+    let mut late = 0;
+    let answer = loop {
+        match next(&mut stream).await.event {
+            Some(Event::MessageDelta(d)) if d.message_id == reply => late += 1,
+            Some(Event::MessageEdited(m)) if m.reply_to_seq == prompt.seq && status(&m) != Generating => break m,
+            _ => {}
+        }
+    };
+    assert_eq!((answer.reply_to_seq, answer.text.as_str()), (prompt.seq, "the next one"));
+    // The deletion stops the text going out: at once here (0 pieces in
+    // runs), where waiting for the generator's next checkpoint (about a
+    // second) let some 20 more out; the bound leaves room for a slow host.
+    assert!(late < 10, "{late} pieces of the deleted reply went out after its first");
+    let got = mpb::GetMessageRequest { message_id: reply };
+    let got = c.messages().get_message(authed(&alice, got)).await.unwrap().into_inner().message.unwrap();
+    assert!(got.deleted && got.text.is_empty(), "{got:?}");
+    assert_eq!(server.requests().len(), 2);
 }
 
 async fn a_client_that_reconnects_mid_reply_sees_it_finished_once(c: &Cluster, server: &ScriptedServer) {

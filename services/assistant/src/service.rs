@@ -306,8 +306,8 @@ impl Assistant {
 
     /// A stream event: a person's new message that is a prompt is queued; a
     /// reply that ended (here or on another replica) wakes the prompts
-    /// waiting for the chat; a chat's new assistant_replies applies to the
-    /// messages after it.
+    /// waiting for the chat, and one deleted stops being generated; a
+    /// chat's new assistant_replies applies to the messages after it.
     async fn on_event(self: &Arc<Self>, event: mpb::StreamEventsResponse) {
         let message = match event.event {
             Some(Event::ChatUpdated(u))
@@ -320,6 +320,18 @@ impl Assistant {
             }
             Some(Event::MessageCreated(message)) => message,
             Some(Event::MessageEdited(m)) if m.role == mpb::MessageRole::Assistant as i32 && is_finished(&m) => {
+                let _ = self.finished.send(m);
+                return;
+            }
+            // A reply deleted while being written ended STOPPED in the
+            // delete's transaction: stop its generation here now (closing
+            // the model's stream), not at its next checkpoint, so that no
+            // more of its text goes out.
+            Some(Event::MessageDeleted(m)) if m.role == mpb::MessageRole::Assistant as i32 => {
+                let running = self.state().running.get(&m.id).cloned();
+                if let Some(stop) = running {
+                    stop.cancel();
+                }
                 let _ = self.finished.send(m);
                 return;
             }

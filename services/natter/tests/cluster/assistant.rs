@@ -92,3 +92,96 @@ async fn a_reply_cut_by_a_crash_ends_interrupted_with_its_checkpoint_and_is_not_
     // Not retried by itself: the model was asked once.
     assert_eq!(server.requests().len(), 1);
 }
+
+/// A prompt refused because the chat's queue was full must not take the
+/// prompts queued before it down with it: the assistant's read position
+/// stays before them, so after a crash they are replayed and answered.
+/// With `--assistant-queue 1`: prompt 1 is being answered (slowly), prompt
+/// 2 waits, prompt 3 is refused (a FAILED reply at once); SIGKILL; started
+/// again, prompt 1's reply ends INTERRUPTED, prompt 2 is answered, prompt 3
+/// keeps its one FAILED reply, and the model is asked once per answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_queued_before_a_refused_one_is_answered_after_a_crash() {
+    let server = ScriptedServer::start(11).await;
+    server.push(Script::slow(TEXT, Duration::from_millis(100)));
+    server.set_fallback(Script::reply("ok"));
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--data-dir", &dir.path().display().to_string(), "--assistant-base-url", server.url()]
+        .into_iter()
+        .chain(["--assistant-queue", "1", "--assistant-lease", "2s"])
+        .map(str::to_owned)
+        .collect();
+    let mut natter = Node::start("serve", free_port(), args);
+    let channel = natter.channel().await;
+    let (_, token) = user(&channel, "alice").await;
+    let chat = AssistantServiceClient::new(channel.clone())
+        .get_or_create_assistant_chat(authed(&token, apb::GetOrCreateAssistantChatRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .chat_id;
+    let mut messages = MessageServiceClient::new(channel);
+    let follow = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], ..Default::default() };
+    let mut stream = messages.stream_events(authed(&token, follow)).await.unwrap().into_inner();
+    let mut send = async |text: &str| {
+        let request = mpb::SendMessageRequest { chat_id: chat.clone(), text: text.into(), ..Default::default() };
+        messages.send_message(authed(&token, request)).await.unwrap().into_inner().message.unwrap().seq
+    };
+    let first = send("tell me a long story").await;
+    // Prompt 1's reply is being written...
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+        if let Some(Event::MessageDelta(_)) = event.event {
+            break;
+        }
+    }
+    // ...prompt 2 waits behind it, prompt 3 finds the queue full.
+    let queued = send("and then?").await;
+    let refused = send("and then, and then?").await;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+        if let Some(Event::MessageCreated(m)) = event.event
+            && m.reply_to_seq == refused
+        {
+            assert_eq!(m.generation_status, mpb::GenerationStatus::Failed as i32, "{m:?}");
+            break;
+        }
+    }
+    drop(stream);
+    natter.kill();
+
+    natter.spawn();
+    let mut messages = MessageServiceClient::new(natter.channel().await);
+    let list = mpb::ListMessagesRequest {
+        chat_id: chat.clone(),
+        order: mpb::SortOrder::Asc as i32,
+        page_size: 50,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let replies = loop {
+        let all = messages.list_messages(authed(&token, list.clone())).await.unwrap().into_inner().messages;
+        let replies: Vec<(i64, i32)> = all
+            .iter()
+            .filter(|m| m.role == mpb::MessageRole::Assistant as i32)
+            .map(|m| (m.reply_to_seq, m.generation_status))
+            .collect();
+        if replies.iter().all(|(_, status)| *status != mpb::GenerationStatus::Generating as i32) && replies.len() == 3 {
+            break replies;
+        }
+        assert!(Instant::now() < deadline, "not every prompt answered within 15 s of the restart: {all:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut by_prompt = replies.clone();
+    by_prompt.sort_unstable();
+    assert_eq!(
+        by_prompt,
+        [
+            (first, mpb::GenerationStatus::Interrupted as i32),
+            (queued, mpb::GenerationStatus::Complete as i32),
+            (refused, mpb::GenerationStatus::Failed as i32),
+        ],
+        "one reply per prompt"
+    );
+    assert_eq!(server.requests().len(), 2, "the model was asked for prompts 1 and 2 only, once each");
+}

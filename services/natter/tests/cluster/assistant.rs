@@ -14,6 +14,18 @@ use super::{Event, Node, authed, free_port, user};
 /// What the scripted model says, slowly (100 ms per 3 characters: about 4 s).
 const TEXT: &str = "Once upon a time a chat server crashed in the middle of a sentence, and";
 
+/// A new user, alice: her token and her assistant chat.
+async fn alice_and_her_assistant_chat(channel: &tonic::transport::Channel) -> (String, String) {
+    let (_, token) = user(channel, "alice").await;
+    let chat = AssistantServiceClient::new(channel.clone())
+        .get_or_create_assistant_chat(authed(&token, apb::GetOrCreateAssistantChatRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .chat_id;
+    (token, chat)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_cut_by_a_crash_ends_interrupted_with_its_checkpoint_and_is_not_retried() {
     let server = ScriptedServer::start(9).await;
@@ -30,13 +42,7 @@ async fn a_reply_cut_by_a_crash_ends_interrupted_with_its_checkpoint_and_is_not_
     ];
     let mut natter = Node::start("serve", port, args);
     let channel = natter.channel().await;
-    let (_, token) = user(&channel, "alice").await;
-    let chat = AssistantServiceClient::new(channel.clone())
-        .get_or_create_assistant_chat(authed(&token, apb::GetOrCreateAssistantChatRequest {}))
-        .await
-        .unwrap()
-        .into_inner()
-        .chat_id;
+    let (token, chat) = alice_and_her_assistant_chat(&channel).await;
     let mut messages = MessageServiceClient::new(channel);
     let send = mpb::SendMessageRequest { chat_id: chat.clone(), text: "tell me a story".into(), ..Default::default() };
     messages.send_message(authed(&token, send)).await.unwrap();
@@ -113,13 +119,7 @@ async fn a_prompt_queued_before_a_refused_one_is_answered_after_a_crash() {
         .collect();
     let mut natter = Node::start("serve", free_port(), args);
     let channel = natter.channel().await;
-    let (_, token) = user(&channel, "alice").await;
-    let chat = AssistantServiceClient::new(channel.clone())
-        .get_or_create_assistant_chat(authed(&token, apb::GetOrCreateAssistantChatRequest {}))
-        .await
-        .unwrap()
-        .into_inner()
-        .chat_id;
+    let (token, chat) = alice_and_her_assistant_chat(&channel).await;
     let mut messages = MessageServiceClient::new(channel);
     let follow = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], ..Default::default() };
     let mut stream = messages.stream_events(authed(&token, follow)).await.unwrap().into_inner();

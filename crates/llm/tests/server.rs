@@ -161,7 +161,8 @@ fn real_server() -> Option<String> {
 
 /// Against a real model: assertions that hold for any model. A reply
 /// streams text and ends with a finish reason and `[DONE]`; after a reply
-/// dropped at its first piece the server still answers the next one. (That
+/// dropped at its first piece the server still answers the next one; a
+/// conversation whose messages carry `name` is answered too. (That
 /// the upstream generation stops at once is the scripted server's test
 /// above, which sees the connection close; a model's speed cannot show it.)
 #[tokio::test]
@@ -200,6 +201,16 @@ async fn a_real_server_streams_a_reply_and_stops_when_dropped() {
     .await
     .expect("the next reply is not held up by the dropped one");
     assert_eq!(next.last(), Some(&Event::Done));
+
+    // A group's conversation: people named (the chat-completions `name`).
+    let named = |name: &str, text: &str| ChatMessage { name: Some(name.into()), ..ChatMessage::new(Role::User, text) };
+    let group = [named("ann_lee", "Hi, I am Ann."), named("bob-2", "And I am Bob. Say hi to both of us.")];
+    let answered: Vec<Event> = tokio::time::timeout(Duration::from_secs(120), async {
+        client.stream(&group).await.unwrap().map(|e| e.unwrap()).collect().await
+    })
+    .await
+    .expect("a reply to a conversation with names");
+    assert_eq!(answered.last(), Some(&Event::Done), "{answered:?}");
 }
 
 #[tokio::test]

@@ -1128,6 +1128,23 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes everything of a chat.
     async fn purge_chat(&self, chat: ChatId) -> Result<(), StoreError>;
 
+    /// Rewrites in Unicode NFC ([`crate::domain::nfc`]) the text of every
+    /// message stored otherwise (sent before sends were normalized), and
+    /// its search index entry with it, so that NFC queries find it; a
+    /// message whose text changed meanwhile is left as it is. Neither a
+    /// revision nor a change: the text reads the same. Returns how many
+    /// it rewrote. [`open`] runs it once per database (see
+    /// [`NFC_TEXT_BACKFILL`]).
+    async fn normalize_texts(&self) -> Result<u64, StoreError>;
+
+    /// Whether the one-off rewrite `name` (a row of `store_backfills`) is
+    /// done.
+    async fn backfilled(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Records the one-off rewrite `name` done at `now` (µs); again is a
+    /// no-op.
+    async fn record_backfill(&self, name: &str, now: i64) -> Result<(), StoreError>;
+
     /// `user`'s read position in each of `chats`, in order ([`Seq::ZERO`]
     /// where none is stored).
     async fn read_positions(&self, user: UserId, chats: &[ChatId]) -> Result<Vec<Seq>, StoreError>;
@@ -1258,13 +1275,24 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
 /// Errors: the URL names no supported engine, the database cannot be
 /// reached or migrated.
 pub async fn open(config: &DbConfig) -> Result<Arc<dyn MessageStore>, StoreError> {
-    Ok(match config.engine()? {
+    let store: Arc<dyn MessageStore> = match config.engine()? {
         Engine::Sqlite { path } => Arc::new(sqlite::SqliteStore::open(&path, config.max_connections as usize).await?),
         Engine::Postgres { url, schema } => {
             Arc::new(postgres::PostgresStore::open(&url, &schema, config.max_connections).await?)
         }
-    })
+    };
+    if !store.backfilled(NFC_TEXT_BACKFILL).await? {
+        let rewritten = store.normalize_texts().await?;
+        store.record_backfill(NFC_TEXT_BACKFILL, natter_kit::time::now_micros()).await?;
+        tracing::info!(rewritten, "messages' text stored in Unicode NFC");
+    }
+    Ok(store)
 }
+
+/// The one-off rewrite of messages' text in NFC
+/// ([`MessageStore::normalize_texts`]), by its name in `store_backfills`.
+/// Replicas opening together may both run it: each writes the same text.
+pub const NFC_TEXT_BACKFILL: &str = "nfc_text";
 
 /// The SQL of [`MessageStore::list`] (both engines) and its seq bounds: `$1`
 /// is the chat id, `$2, $3, ...` the bounds in order (each placeholder

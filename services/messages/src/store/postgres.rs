@@ -572,6 +572,54 @@ fn revision_row(row: &PgRow) -> Result<Revision, StoreError> {
 
 #[async_trait::async_trait]
 impl MessageStore for PostgresStore {
+    async fn normalize_texts(&self) -> Result<u64, StoreError> {
+        let mut after = String::new();
+        let mut rewritten = 0;
+        loop {
+            let rows: Vec<(String, String)> =
+                sqlx::query_as("SELECT id, text FROM messages WHERE id > $1 AND text <> '' ORDER BY id LIMIT $2")
+                    .bind(&after)
+                    .bind(INDEX_BATCH)
+                    .fetch_all(&self.pool)
+                    .await?;
+            let Some((last, _)) = rows.last() else { return Ok(rewritten) };
+            after = last.clone();
+            for (id, text) in rows {
+                let normal = crate::domain::nfc(text.clone());
+                if normal == text {
+                    continue;
+                }
+                rewritten += sqlx::query(
+                    "UPDATE messages SET text = $3, search_vector = $4::tsvector WHERE id = $1 AND text = $2",
+                )
+                .bind(&id)
+                .bind(&text)
+                .bind(&normal)
+                .bind(crate::search::tsvector(&normal))
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            }
+        }
+    }
+
+    async fn backfilled(&self, name: &str) -> Result<bool, StoreError> {
+        let (done,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM store_backfills WHERE name = $1)")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(done)
+    }
+
+    async fn record_backfill(&self, name: &str, now: i64) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO store_backfills (name, done_time) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn insert_batch(&self, batch: &[NewMessage]) -> Result<Vec<Sent>, StoreError> {
         match self.try_insert_batch(batch).await {
             // A concurrent send of one of the ids committed between the

@@ -698,6 +698,60 @@ impl MessageStore for SqliteStore {
         Ok(self.db.write(move |conn| insert_batch(conn, batch)).await?)
     }
 
+    async fn normalize_texts(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .write(|conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let mut stale = Vec::new();
+                {
+                    let mut select = tx.prepare("SELECT id, text FROM messages WHERE text <> ''")?;
+                    let mut rows = select.query([])?;
+                    while let Some(row) = rows.next()? {
+                        let text: String = row.get(1)?;
+                        let normal = crate::domain::nfc(text.clone());
+                        if normal != text {
+                            stale.push((row.get::<_, String>(0)?, text, normal));
+                        }
+                    }
+                }
+                // The search index follows by its trigger.
+                let mut update = tx.prepare("UPDATE messages SET text = ?3 WHERE id = ?1 AND text = ?2")?;
+                let mut rewritten = 0;
+                for (id, old, new) in &stale {
+                    rewritten += update.execute(rusqlite::params![id, old, new])? as u64;
+                }
+                drop(update);
+                tx.commit()?;
+                Ok(rewritten)
+            })
+            .await?)
+    }
+
+    async fn backfilled(&self, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_owned();
+        Ok(self
+            .db
+            .read(move |conn| {
+                conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM store_backfills WHERE name = ?1)")?
+                    .query_row([name], |row| row.get(0))
+            })
+            .await?)
+    }
+
+    async fn record_backfill(&self, name: &str, now: i64) -> Result<(), StoreError> {
+        let name = name.to_owned();
+        self.db
+            .write(move |conn| {
+                conn.execute(
+                    "INSERT INTO store_backfills (name, done_time) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+                    rusqlite::params![name, now],
+                )
+            })
+            .await?;
+        Ok(())
+    }
+
     async fn message(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
         let id = id.to_string();
         Ok(self

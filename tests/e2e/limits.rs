@@ -436,6 +436,15 @@ async fn forwarded_for_counts_only_when_trusted() {
     let trusting = Cluster::all_in_one(&["--create-session-rate", "4/1h", "--trust-forwarded-for"]).await;
     assert!(guests(&trusting).await.iter().all(Result::is_ok), "one budget per forwarded address");
     trusting.stop().await;
+    // Behind an ingress (here: the test, on loopback): the client it names.
+    let proxied = Cluster::all_in_one(&["--create-session-rate", "4/1h", "--trusted-proxies", "127.0.0.0/8,::1"]).await;
+    assert!(guests(&proxied).await.iter().all(Result::is_ok), "one budget per client behind a trusted proxy");
+    proxied.stop().await;
+    // A proxy elsewhere is trusted, the caller is not: its header buys nothing.
+    let elsewhere = Cluster::all_in_one(&["--create-session-rate", "4/1h", "--trusted-proxies", "10.0.0.0/8"]).await;
+    let codes = guests(&elsewhere).await;
+    assert!(codes.contains(&Err(Code::ResourceExhausted)), "a forged header buys no budget: {codes:?}");
+    elsewhere.stop().await;
 }
 
 mod revisions {

@@ -51,7 +51,7 @@ pub mod web_page;
 pub use config::{ServerArgs, TransportArgs};
 pub use error::{FieldViolations, internal, internal_at};
 pub use internal::{InternalArgs, Link, ServiceCredential};
-pub use limits::client_ip;
+pub use limits::{TrustedProxies, client_ip};
 pub use observe::{
     Propagate, PropagateLayer, RpcBody, RpcFuture, TracedChannel, client_future, client_span, in_process, traced,
 };

@@ -235,28 +235,92 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
 
 /// The address a call came from, for per-address limits: the TCP peer, or,
 /// when `trust_forwarded_for` (the service runs behind natter's edge, which
-/// sets `x-forwarded-for` to its own peer), the last entry of
+/// sets `x-forwarded-for` to the client it found), the last entry of
 /// `x-forwarded-for`, the one the nearest proxy wrote. Never trust the
-/// header on a port clients reach directly: anyone can send it. `None` for
-/// an in-process call (no socket) or a header that is not an address; a
-/// trusted call without the header counts by its peer.
+/// header on a port clients reach directly: anyone can send it. Else, when
+/// the peer is one of the `trusted` proxies (an ingress in front of the
+/// all-in-one), the client those proxies name ([`TrustedProxies::client`]).
+/// `None` for an in-process call (no socket) or a header that is not an
+/// address; a trusted call without the header counts by its peer.
 ///
 /// An IPv6 address counts by its /64 network (its other bits zero): one
 /// subscriber is usually given a whole /64 (RFC 6177) and may use any
 /// address in it, so a per-address limit on the full 128 bits limits
 /// nobody. An IPv4 address (or an IPv4-mapped IPv6 one) counts as itself.
-pub fn client_ip<T>(request: &tonic::Request<T>, trust_forwarded_for: bool) -> Option<IpAddr> {
+pub fn client_ip<T>(
+    request: &tonic::Request<T>,
+    trust_forwarded_for: bool,
+    trusted: &TrustedProxies,
+) -> Option<IpAddr> {
     let forwarded = request.metadata().get_all("x-forwarded-for");
     let ip = if trust_forwarded_for && forwarded.iter().next().is_some() {
         let last = forwarded.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).next_back()?;
         parse_forwarded(last.trim())?
     } else {
-        request.remote_addr()?.ip().to_canonical()
+        trusted.client(request.remote_addr()?.ip(), forwarded.iter().filter_map(|v| v.to_str().ok()))
     };
     Some(match ip {
         IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(v6.to_bits() & !(u128::MAX >> 64))),
         v4 => v4,
     })
+}
+
+/// The proxies in front of a server whose `x-forwarded-for` entries are
+/// believed (`--trusted-proxies`): networks in CIDR notation, separated by
+/// commas (`10.0.0.0/8,192.0.2.7`; a bare address is its own /32 or
+/// /128). Empty: none, the TCP peer is the client.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<ipnet::IpNet>);
+
+impl std::str::FromStr for TrustedProxies {
+    type Err = String;
+
+    /// Errors: an entry that is neither a network nor an address, named.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut nets = Vec::new();
+        for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let net = entry
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| entry.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("{entry:?} is no network (CIDR, like 10.0.0.0/8) nor IP address"))?;
+            nets.push(net);
+        }
+        Ok(Self(nets))
+    }
+}
+
+impl TrustedProxies {
+    /// True when none is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `ip` is one of the proxies.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client behind `peer` (the TCP peer), by the `x-forwarded-for`
+    /// entries `forwarded` (every value of the header, in order): while the
+    /// address in hand is a trusted proxy, the entry that proxy appended
+    /// (the rightmost one not yet read) is the next address; the first
+    /// address that is no trusted proxy is the client. This is the
+    /// "rightmost untrusted address" rule (MDN, X-Forwarded-For, "Selecting
+    /// an IP address"): entries left of it are the client's own claims and
+    /// never read. A proxy that appended nothing, or something that is no
+    /// address, is taken for the client itself.
+    pub fn client<'a>(&self, peer: IpAddr, forwarded: impl DoubleEndedIterator<Item = &'a str>) -> IpAddr {
+        let mut entries = forwarded.flat_map(|v| v.split(',')).rev();
+        let mut ip = peer.to_canonical();
+        while self.contains(ip) {
+            match entries.next().and_then(|e| parse_forwarded(e.trim())) {
+                Some(next) => ip = next,
+                None => break,
+            }
+        }
+        ip
+    }
 }
 
 /// An `x-forwarded-for` entry: an IP address, with or without a port
@@ -368,21 +432,61 @@ mod tests {
     }
 
     #[test]
+    fn the_client_is_the_rightmost_address_that_is_no_trusted_proxy() {
+        let trusted: TrustedProxies = "10.0.0.0/8, 192.0.2.7".parse().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let client = |peer: &str, header: &[&str]| trusted.client(ip(peer), header.iter().copied());
+        // A client straight to us: its header, forged, is never read.
+        assert_eq!(client("203.0.113.9", &["198.51.100.1"]), ip("203.0.113.9"));
+        // Through the ingress (10.1.2.3): the entry it appended.
+        assert_eq!(client("10.1.2.3", &["198.51.100.1, 203.0.113.9"]), ip("203.0.113.9"));
+        // Through two trusted hops, the header split over two lines.
+        assert_eq!(client("10.1.2.3", &["6.6.6.6, 203.0.113.9", "192.0.2.7"]), ip("203.0.113.9"));
+        // A trusted proxy that appended nothing (or garbage) is the client.
+        assert_eq!(client("10.1.2.3", &[]), ip("10.1.2.3"));
+        assert_eq!(client("10.1.2.3", &["unknown"]), ip("10.1.2.3"));
+        // None trusted: the peer, always.
+        assert_eq!(TrustedProxies::default().client(ip("10.1.2.3"), ["203.0.113.9"].into_iter()), ip("10.1.2.3"));
+        let bad = "10.0.0.0/8,nonsense".parse::<TrustedProxies>().unwrap_err();
+        assert!(bad.contains("nonsense"), "{bad}");
+    }
+
+    #[test]
     fn the_forwarded_address_counts_only_when_trusted() {
         let mut request = tonic::Request::new(());
         request.metadata_mut().insert("x-forwarded-for", "198.51.100.7, 203.0.113.9".parse().unwrap());
-        assert_eq!(client_ip(&request, false), None, "no socket, header ignored");
-        assert_eq!(client_ip(&request, true), Some("203.0.113.9".parse().unwrap()), "the last entry");
+        assert_eq!(client_ip(&request, false, &TrustedProxies::default()), None, "no socket, header ignored");
+        assert_eq!(
+            client_ip(&request, true, &TrustedProxies::default()),
+            Some("203.0.113.9".parse().unwrap()),
+            "the last entry"
+        );
         request.metadata_mut().insert("x-forwarded-for", "[2001:db8::1]:4711".parse().unwrap());
-        assert_eq!(client_ip(&request, true), Some("2001:db8::".parse().unwrap()), "an IPv6 client by its /64");
+        assert_eq!(
+            client_ip(&request, true, &TrustedProxies::default()),
+            Some("2001:db8::".parse().unwrap()),
+            "an IPv6 client by its /64"
+        );
         request.metadata_mut().insert("x-forwarded-for", "2001:db8::dead:beef:1".parse().unwrap());
-        assert_eq!(client_ip(&request, true), Some("2001:db8::".parse().unwrap()), "any address of the /64");
+        assert_eq!(
+            client_ip(&request, true, &TrustedProxies::default()),
+            Some("2001:db8::".parse().unwrap()),
+            "any address of the /64"
+        );
         request.metadata_mut().insert("x-forwarded-for", "2001:db8:0:1::1".parse().unwrap());
-        assert_eq!(client_ip(&request, true), Some("2001:db8:0:1::".parse().unwrap()), "the next /64 apart");
+        assert_eq!(
+            client_ip(&request, true, &TrustedProxies::default()),
+            Some("2001:db8:0:1::".parse().unwrap()),
+            "the next /64 apart"
+        );
         request.metadata_mut().insert("x-forwarded-for", "::ffff:192.0.2.1".parse().unwrap());
-        assert_eq!(client_ip(&request, true), Some("192.0.2.1".parse().unwrap()), "one key per IPv4 client");
+        assert_eq!(
+            client_ip(&request, true, &TrustedProxies::default()),
+            Some("192.0.2.1".parse().unwrap()),
+            "one key per IPv4 client"
+        );
         request.metadata_mut().insert("x-forwarded-for", "unknown".parse().unwrap());
-        assert_eq!(client_ip(&request, true), None);
+        assert_eq!(client_ip(&request, true, &TrustedProxies::default()), None);
     }
 
     #[test]

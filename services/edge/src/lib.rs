@@ -89,6 +89,14 @@ pub struct EdgeArgs {
     /// Serve no browser page: the API only
     #[arg(long, env = "NATTER_NO_WEB_PAGE", conflicts_with = "web_dir")]
     pub no_web_page: bool,
+    /// The proxies in front of the edge (an ingress, a load balancer that
+    /// keeps HTTP), in CIDR notation, comma-separated: a call from one of
+    /// them counts by the client its `x-forwarded-for` names (the
+    /// rightmost entry no trusted proxy wrote), not as the proxy's own
+    /// address, which would put every client under one per-address limit.
+    /// Empty: the TCP peer is the client
+    #[arg(long, env = "NATTER_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: natter_kit::TrustedProxies,
 }
 
 /// Most connections the edge opens to one replica: 102,400 calls at the
@@ -214,6 +222,8 @@ struct Forward {
     /// `--upstream-calls-per-connection`.
     calls_per_connection: usize,
     max_request_bytes: usize,
+    /// `--trusted-proxies`.
+    trusted_proxies: natter_kit::TrustedProxies,
 }
 
 impl Forward {
@@ -262,6 +272,7 @@ impl Forward {
             calls_per_connection: args.upstream_calls_per_connection as usize,
             // A gRPC frame header (5 bytes) on top of the largest message.
             max_request_bytes: args.server.max_request_bytes + 5,
+            trusted_proxies: args.trusted_proxies.clone(),
         })
     }
 
@@ -284,10 +295,15 @@ impl Forward {
         parts.version = Version::HTTP_2;
         parts.headers.remove(http::header::HOST);
         parts.headers.remove(http::header::CONNECTION);
-        // The client's address, for per-address rate limits upstream; never
-        // what the client claims (a forged header is replaced, not extended).
+        // The client's address, for per-address rate limits upstream: the
+        // peer, or the client a trusted proxy in front names; never what
+        // the client claims (the header is replaced, not extended).
+        let client = peer.map(|p| {
+            let forwarded = parts.headers.get_all(FORWARDED_FOR).into_iter().filter_map(|v| v.to_str().ok());
+            self.trusted_proxies.client(p.ip(), forwarded)
+        });
         parts.headers.remove(FORWARDED_FOR);
-        if let Some(value) = peer.and_then(|p| http::HeaderValue::from_str(&p.ip().to_string()).ok()) {
+        if let Some(value) = client.and_then(|ip| http::HeaderValue::from_str(&ip.to_string()).ok()) {
             parts.headers.insert(FORWARDED_FOR, value);
         }
         for replica in route.candidates() {
@@ -335,7 +351,8 @@ impl Forward {
     }
 }
 
-/// `x-forwarded-for`: set by the edge to the client's IP address alone.
+/// `x-forwarded-for`: set by the edge to the client's IP address alone (see
+/// [`EdgeArgs::trusted_proxies`]).
 const FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 
 pin_project_lite::pin_project! {

@@ -62,7 +62,7 @@ impl SessionApi {
 
     /// The caller's address, for per-address limits.
     fn client<T>(&self, request: &Request<T>) -> Option<std::net::IpAddr> {
-        natter_kit::client_ip(request, self.sessions.trusts_forwarded_for())
+        natter_kit::client_ip(request, self.sessions.trusts_forwarded_for(), self.sessions.trusted_proxies())
     }
 
     /// The caller's live session, or UNAUTHENTICATED.

@@ -47,6 +47,16 @@ pub struct SessionsArgs {
     #[arg(long, env = "NATTER_TRUST_FORWARDED_FOR")]
     pub trust_forwarded_for: bool,
 
+    /// The proxies in front of this server (an ingress, a load balancer
+    /// that keeps HTTP), in CIDR notation, comma-separated: a call from one
+    /// of them counts by the client its `x-forwarded-for` names (the
+    /// rightmost entry no trusted proxy wrote), not as the proxy's own
+    /// address, which would put every client under one limit. Empty: the
+    /// TCP peer is the client. (Behind natter's edge use
+    /// --trust-forwarded-for; the edge has this flag itself.)
+    #[arg(long, env = "NATTER_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: natter_kit::TrustedProxies,
+
     /// CreateSession calls (guest and password log-ins) per client address:
     /// N/PERIOD admits N at once and N per PERIOD; `off` admits all.
     #[arg(long, env = "NATTER_CREATE_SESSION_RATE", default_value = "120/1m")]
@@ -84,6 +94,7 @@ impl Default for SessionsArgs {
         Self {
             session_ttl: Duration::from_secs(30 * 86_400),
             trust_forwarded_for: false,
+            trusted_proxies: natter_kit::TrustedProxies::default(),
             create_session_rate: Rate::parse("120/1m").expect("valid rate"),
             create_user_rate: Rate::parse("30/10m").expect("valid rate"),
             login_backoff: Duration::from_secs(1),

@@ -33,6 +33,8 @@ pub struct Sessions {
     session_ttl: Duration,
     /// Whether the client address comes from `x-forwarded-for`.
     trust_forwarded_for: bool,
+    /// The proxies whose `x-forwarded-for` entries name the client.
+    trusted_proxies: natter_kit::TrustedProxies,
     /// CreateSession calls per client address.
     create_session_rate: RateLimiter<Option<IpAddr>>,
     /// CreateUser calls per client address.
@@ -65,6 +67,7 @@ impl Sessions {
             bus,
             session_ttl: args.session_ttl,
             trust_forwarded_for: args.trust_forwarded_for,
+            trusted_proxies: args.trusted_proxies.clone(),
             create_session_rate: RateLimiter::new("sessions created from this address", args.create_session_rate),
             create_user_rate: RateLimiter::new("users created from this address", args.create_user_rate),
             logins: LoginGuard::new(
@@ -81,6 +84,12 @@ impl Sessions {
     /// `x-forwarded-for` (see [`natter_kit::client_ip`]).
     pub fn trusts_forwarded_for(&self) -> bool {
         self.trust_forwarded_for
+    }
+
+    /// The proxies whose `x-forwarded-for` entries name the client (see
+    /// [`natter_kit::client_ip`]).
+    pub fn trusted_proxies(&self) -> &natter_kit::TrustedProxies {
+        &self.trusted_proxies
     }
 
     /// Caches live tokens in memory. Correct only when this instance is the

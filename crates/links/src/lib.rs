@@ -572,9 +572,17 @@ pub trait AssistantMessages: Send + Sync + 'static {
     async fn stale_replies(&self, stale_for: std::time::Duration) -> Result<Vec<messages::Message>, Status>;
 }
 
-/// ListStaleReplies of up to 100 replies stale for `stale_for`.
+/// ListStaleReplies of up to 100 replies stale for `stale_for`, with the
+/// same bound on this process's clock for messages replicas older than
+/// `stale_for` (for one release).
 fn stale_request(stale_for: std::time::Duration) -> messages::ListStaleRepliesRequest {
-    messages::ListStaleRepliesRequest { stale_for: Some(natter_kit::time::duration(stale_for)), page_size: 100 }
+    let before = natter_kit::time::now_micros() - i64::try_from(stale_for.as_micros()).unwrap_or(i64::MAX);
+    #[allow(deprecated)] // for messages replicas older than stale_for
+    messages::ListStaleRepliesRequest {
+        stale_for: Some(natter_kit::time::duration(stale_for)),
+        checkpoint_before: Some(natter_kit::time::timestamp(before)),
+        page_size: 100,
+    }
 }
 
 /// What the assistant service asks the chats service.

@@ -188,6 +188,9 @@ struct State {
     prompts: HashSet<String>,
     /// Replies being generated here, with what stops each.
     running: HashMap<String, CancellationToken>,
+    /// Those of `running` deleted meanwhile: none of their text goes out
+    /// any more (not even what was held back for pacing).
+    deleted: HashSet<String>,
     /// Chats seen: which of their messages are prompts (kept current by
     /// the chat_updated events of the bot's stream, in stream order).
     chats: HashMap<String, Answers>,
@@ -328,7 +331,14 @@ impl Assistant {
             // the model's stream), not at its next checkpoint, so that no
             // more of its text goes out.
             Some(Event::MessageDeleted(m)) if m.role == mpb::MessageRole::Assistant as i32 => {
-                let running = self.state().running.get(&m.id).cloned();
+                let running = {
+                    let mut state = self.state();
+                    let running = state.running.get(&m.id).cloned();
+                    if running.is_some() {
+                        state.deleted.insert(m.id.clone());
+                    }
+                    running
+                };
                 if let Some(stop) = running {
                     stop.cancel();
                 }
@@ -575,7 +585,11 @@ impl Assistant {
         let stop = CancellationToken::new();
         self.state().running.insert(reply.id.clone(), stop.clone());
         let outcome = self.generate(&job.prompt, &reply, &stop).await;
-        self.state().running.remove(&reply.id);
+        {
+            let mut state = self.state();
+            state.running.remove(&reply.id);
+            state.deleted.remove(&reply.id);
+        }
         // A replacement that failed before its first token gives the
         // replaced reply back.
         let restore = outcome.status == mpb::GenerationStatus::Failed && outcome.text.is_empty();
@@ -641,6 +655,7 @@ impl Assistant {
             categories: vec!["prompt_leak".into()],
             detector: CANARY_DETECTOR.into(),
         });
+        #[allow(deprecated)] // stale_before, for messages replicas older than stale_for
         let request = mpb::FinishReplyRequest {
             message_id: reply.id.clone(),
             text: outcome.text,
@@ -648,12 +663,21 @@ impl Assistant {
             generation: Some(outcome.info),
             restore_replaced,
             flags,
+            // For messages replicas older than stale_for (one release): the
+            // same bound on this replica's clock.
+            stale_before: stale_for.as_ref().map(|d| {
+                natter_kit::time::timestamp(natter_kit::time::now_micros() - natter_kit::time::duration_micros(d))
+            }),
             stale_for,
         };
         for attempt in 1..=3 {
             match self.links.messages.finish_reply(request.clone()).await {
                 Ok(done) => {
-                    let _ = self.finished.send(done);
+                    // The sweeper's finish of a reply alive after all leaves
+                    // it GENERATING: no end to tell.
+                    if is_finished(&done) {
+                        let _ = self.finished.send(done);
+                    }
                     return;
                 }
                 Err(status) => {
@@ -718,7 +742,8 @@ impl Assistant {
 
     /// Where more than one person speaks in `picked` (a group chat), names
     /// each person's message by its author (the chat-completions `name`,
-    /// [`speaker_name`]) so that the model tells them apart; one person
+    /// [`speaker_name`], with the end of their id where two names agree)
+    /// so that the model tells them apart; one person
     /// (an assistant chat) needs no names. A failed lookup leaves the
     /// messages unnamed (logged): the reply goes on without them.
     async fn name_speakers(&self, picked: &mut [(ChatMessage, Option<&str>)]) {
@@ -735,7 +760,7 @@ impl Assistant {
                 return;
             }
         };
-        let names: HashMap<&str, String> = users.iter().map(|u| (u.id.as_str(), speaker_name(u))).collect();
+        let names = speaker_names(&users);
         for (message, author) in picked {
             message.name = author.and_then(|a| names.get(a).cloned());
         }
@@ -889,7 +914,9 @@ impl Assistant {
         }
         // Closes the connection: the only cancel these servers understand.
         drop(events);
+        // What pacing held back goes out, unless the reply was deleted.
         if sent < outcome.text.len()
+            && !self.state().deleted.contains(&reply.id)
             && let Err(status) = self.update(reply, &outcome.text, sent, false).await
         {
             tracing::warn!(reply = %reply.id, error = %status.message(), "cannot update a reply");
@@ -899,7 +926,8 @@ impl Assistant {
 
     /// Awaits `work`, renewing the reply's lease every checkpoint period
     /// meanwhile (a checkpoint of its still empty text); None when `stop`
-    /// (or shutdown) came first.
+    /// (or shutdown, or a stop asked on another replica, which a renewal
+    /// reports) came first.
     async fn heartbeat<T>(
         &self,
         reply: &mpb::Message,
@@ -915,8 +943,13 @@ impl Assistant {
                 () = stop.cancelled() => return None,
                 () = self.shutdown.cancelled() => return None,
                 _ = beat.tick() => {
-                    if let Err(status) = self.update(reply, "", 0, true).await {
-                        tracing::warn!(reply = %reply.id, error = %status.message(), "cannot renew a reply's lease");
+                    match self.update(reply, "", 0, true).await {
+                        // A stop asked on another replica (a durable flag).
+                        Ok(true) => return None,
+                        Ok(false) => {}
+                        Err(status) => {
+                            tracing::warn!(reply = %reply.id, error = %status.message(), "cannot renew a reply's lease");
+                        }
                     }
                 }
             }
@@ -1264,6 +1297,24 @@ fn moderated(mut message: mpb::Message, viewer: &str, sight: Sight) -> mpb::Mess
     message
 }
 
+/// Each of `users`' chat-completions `name` ([`speaker_name`]), by id; two
+/// usernames may give one name (`ann.lee`, `ann_lee`): those get the end of
+/// their ids too, so that neither passes as the other.
+fn speaker_names(users: &[spb::User]) -> HashMap<&str, String> {
+    let mut names: HashMap<&str, String> = users.iter().map(|u| (u.id.as_str(), speaker_name(u))).collect();
+    let mut taken: HashMap<String, usize> = HashMap::new();
+    for name in names.values() {
+        *taken.entry(name.clone()).or_default() += 1;
+    }
+    for (id, name) in &mut names {
+        if taken[name.as_str()] > 1 {
+            let hex: String = id.chars().filter(char::is_ascii_hexdigit).collect();
+            *name = format!("{}-{}", &name[..name.len().min(55)], &hex[hex.len().saturating_sub(8)..]);
+        }
+    }
+    names
+}
+
 /// A user's chat-completions `name`: their username with each character
 /// outside `[A-Za-z0-9_-]` (a '.') as '_', the pattern OpenAI's API
 /// accepts; a guest without one is `guest-` and the last 8 hex digits of
@@ -1342,6 +1393,14 @@ mod tests {
             |id: &str, username: &str| spb::User { id: id.into(), username: username.into(), ..Default::default() };
         assert_eq!(speaker_name(&user("1", "ann.lee-2_x")), "ann_lee-2_x");
         assert_eq!(speaker_name(&user("01936f0c-8a1e-7b2c-9d3e-4f5a6b7c8d9e", "")), "guest-6b7c8d9e");
+        // Two names that would agree are told apart by their ids.
+        let users = [user("0-aaaaaaa1", "ann.lee"), user("0-bbbbbbb2", "ann_lee"), user("0-c3", "bob")];
+        let names = speaker_names(&users);
+        assert_eq!(
+            (names["0-aaaaaaa1"].as_str(), names["0-bbbbbbb2"].as_str()),
+            ("ann_lee-aaaaaaa1", "ann_lee-bbbbbbb2")
+        );
+        assert_eq!(names["0-c3"], "bob");
     }
 
     /// Deltas of tokens that come at `gaps` (ms) apart, paced per 50 ms:

@@ -1081,14 +1081,14 @@ impl MessageInternalService for MessageInternalApi {
             info: info_of(r.generation.unwrap_or_default()),
             flags: r.flags.map(|f| Flags::of_score(f.severity, f.score, f.categories, f.detector)),
             restore_replaced: r.restore_replaced,
-            text: r.text,
-            // On this service's clock, which stamped the checkpoints.
-            stale_before: r
-                .stale_for
-                .as_ref()
-                .map(natter_kit::time::duration_micros)
-                .filter(|us| *us > 0)
-                .map(|us| natter_kit::time::now_micros().saturating_sub(us)),
+            // The final text in NFC, as sent text is (the checkpoints before
+            // stay as the deltas were, byte for byte: clients place deltas
+            // by offset; the finish's change carries the whole text).
+            text: domain::nfc(r.text),
+            stale_before: stale_before(r.stale_for.as_ref(), {
+                #[allow(deprecated)] // read from callers older than stale_for
+                r.stale_before.as_ref()
+            })?,
         };
         let message = self.messages.finish_reply(id, &finish).await?;
         Ok(Response::new(pb::FinishReplyResponse { message: Some(message_pb(message, Vec::new())) }))
@@ -1108,12 +1108,11 @@ impl MessageInternalService for MessageInternalApi {
         request: Request<pb::ListStaleRepliesRequest>,
     ) -> Result<Response<pb::ListStaleRepliesResponse>, Status> {
         let r = request.get_ref();
-        let stale_for = r.stale_for.as_ref().map_or(0, natter_kit::time::duration_micros);
-        if stale_for <= 0 {
-            return Err(FieldViolations::single("stale_for", "must be more than 0").into_status());
-        }
-        // On this service's clock, which stamped the checkpoints.
-        let before = natter_kit::time::now_micros().saturating_sub(stale_for);
+        let before = stale_before(r.stale_for.as_ref(), {
+            #[allow(deprecated)] // read from callers older than stale_for
+            r.checkpoint_before.as_ref()
+        })?
+        .ok_or_else(|| FieldViolations::single("stale_for", "must be more than 0").into_status())?;
         let size = paging::page_size("page_size", r.page_size, 100, 1000)?;
         let messages = self.messages.stale_replies(before, size).await?;
         Ok(Response::new(pb::ListStaleRepliesResponse {
@@ -1122,9 +1121,41 @@ impl MessageInternalService for MessageInternalApi {
     }
 }
 
+/// Where a reply's checkpoint counts as stale (µs): `stale_for` before
+/// now on this service's clock, which stamped the checkpoints; else, from a
+/// caller older than that field, its own `before`. None when neither is
+/// set.
+///
+/// Errors: INVALID_ARGUMENT for a `stale_for` that is not above zero.
+fn stale_before(
+    stale_for: Option<&prost_types::Duration>,
+    before: Option<&prost_types::Timestamp>,
+) -> Result<Option<i64>, Status> {
+    match stale_for.map(natter_kit::time::duration_micros) {
+        Some(us) if us > 0 => Ok(Some(natter_kit::time::now_micros().saturating_sub(us))),
+        Some(0) | None => Ok(before.map(natter_kit::time::micros)),
+        Some(_) => Err(FieldViolations::single("stale_for", "must be more than 0").into_status()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staleness_is_judged_on_this_clock_and_callers_before_stale_for_still_count() {
+        let secs = |seconds| prost_types::Duration { seconds, nanos: 0 };
+        let theirs = natter_kit::time::timestamp(42);
+        let (start, got, end) = {
+            let start = natter_kit::time::now_micros();
+            let got = stale_before(Some(&secs(15)), Some(&theirs)).unwrap().unwrap();
+            (start, got, natter_kit::time::now_micros())
+        };
+        assert!((start - 15_000_000..=end - 15_000_000).contains(&got), "stale_for wins, on this clock");
+        assert_eq!(stale_before(None, Some(&theirs)).unwrap(), Some(42), "an older caller's bound");
+        assert_eq!(stale_before(Some(&secs(0)), None).unwrap(), None);
+        assert_eq!(stale_before(Some(&secs(-1)), Some(&theirs)).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
     use crate::domain::MESSAGE_PAGE_DEFAULT;
 
     fn request(chat_ids: Vec<String>, resume: Vec<(String, i64)>) -> pb::StreamEventsRequest {

@@ -229,7 +229,9 @@ pub async fn open(
                     refills.pop_front();
                 }
                 follower.track_roles(&events).await?;
-                follower.learn_direct(&events).await?;
+                if !every_flag {
+                    follower.learn_direct(&events).await;
+                }
                 for event in events {
                     yield follower.shown(event, every_flag);
                 }
@@ -277,7 +279,9 @@ pub async fn open(
             refills.extend(step.refill);
             let mut events = step.events;
             follower.track_roles(&events).await?;
-            follower.learn_direct(&events).await?;
+            if !every_flag {
+                follower.learn_direct(&events).await;
+            }
             follower.reactions(&mut events).await?;
             for event in events {
                 yield follower.shown(event, every_flag);
@@ -443,8 +447,10 @@ impl Follower {
     /// Learns the kind of each chat among `events` with a flagged
     /// assistant's reply whose kind is not known yet (one cached
     /// CheckMembership each; flagged replies are rare), so that
-    /// [`Follower::shown`] shows those flags in direct chats.
-    async fn learn_direct(&mut self, events: &[pb::StreamEventsResponse]) -> Result<(), Status> {
+    /// [`Follower::shown`] shows those flags in direct chats. A failed
+    /// look-up leaves the kind unknown (the flags hidden) and the stream
+    /// open; the next flagged reply asks again.
+    async fn learn_direct(&mut self, events: &[pb::StreamEventsResponse]) {
         for event in events {
             let Some(Event::MessageCreated(m) | Event::MessageEdited(m) | Event::MessageDeleted(m)) = &event.event
             else {
@@ -457,12 +463,14 @@ impl Follower {
             if self.direct.contains_key(&chat) {
                 continue;
             }
-            let membership = self.messages.chats().check_membership(&m.chat_id, &self.user.to_string()).await?;
-            if membership.chat_exists {
-                self.direct.insert(chat, membership.kind == natter_proto::chats::v1::ChatKind::Direct as i32);
+            match self.messages.chats().check_membership(&m.chat_id, &self.user.to_string()).await {
+                Ok(membership) if membership.chat_exists => {
+                    self.direct.insert(chat, membership.kind == natter_proto::chats::v1::ChatKind::Direct as i32);
+                }
+                Ok(_) => {}
+                Err(status) => tracing::warn!(chat_id = %chat, error = %status.message(), "cannot read a chat's kind"),
             }
         }
-        Ok(())
     }
 
     /// Sets the user's own `reacted_by_me` on the live message events

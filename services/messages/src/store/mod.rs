@@ -1131,7 +1131,9 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// Rewrites in Unicode NFC ([`crate::domain::nfc`]) the text of every
     /// message stored otherwise (sent before sends were normalized), and
     /// its search index entry with it, so that NFC queries find it; a
-    /// message whose text changed meanwhile is left as it is. Neither a
+    /// message whose text changed meanwhile, and a reply still GENERATING
+    /// (its checkpoints match its deltas byte for byte), are left as they
+    /// are. Neither a
     /// revision nor a change: the text reads the same. Returns how many
     /// it rewrote. [`open`] runs it once per database (see
     /// [`NFC_TEXT_BACKFILL`]).

@@ -576,12 +576,14 @@ impl MessageStore for PostgresStore {
         let mut after = String::new();
         let mut rewritten = 0;
         loop {
-            let rows: Vec<(String, String)> =
-                sqlx::query_as("SELECT id, text FROM messages WHERE id > $1 AND text <> '' ORDER BY id LIMIT $2")
-                    .bind(&after)
-                    .bind(INDEX_BATCH)
-                    .fetch_all(&self.pool)
-                    .await?;
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                "SELECT id, text FROM messages WHERE id > $1 AND text <> '' AND generation IS DISTINCT FROM 1 \
+                 ORDER BY id LIMIT $2",
+            )
+            .bind(&after)
+            .bind(INDEX_BATCH)
+            .fetch_all(&self.pool)
+            .await?;
             let Some((last, _)) = rows.last() else { return Ok(rewritten) };
             after = last.clone();
             for (id, text) in rows {

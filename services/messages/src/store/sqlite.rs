@@ -72,6 +72,10 @@ fn search_sql(relevance: bool, after: bool, limit: u32) -> String {
     )
 }
 
+/// Rows a batch of [`MessageStore::normalize_texts`] rewrites in one write
+/// transaction.
+const INDEX_BATCH: usize = 1000;
+
 /// The messages store on a SQLite file.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
@@ -699,33 +703,47 @@ impl MessageStore for SqliteStore {
     }
 
     async fn normalize_texts(&self) -> Result<u64, StoreError> {
-        Ok(self
+        // Found on a reader (the writer stays free for sends), rewritten in
+        // batches, each row only if its text is still what was read.
+        let stale: Vec<(String, String, String)> = self
             .db
-            .write(|conn| {
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            .read(|conn| {
+                let mut select =
+                    conn.prepare("SELECT id, text FROM messages WHERE text <> '' AND generation IS NOT 1")?;
+                let mut rows = select.query([])?;
                 let mut stale = Vec::new();
-                {
-                    let mut select = tx.prepare("SELECT id, text FROM messages WHERE text <> ''")?;
-                    let mut rows = select.query([])?;
-                    while let Some(row) = rows.next()? {
-                        let text: String = row.get(1)?;
-                        let normal = crate::domain::nfc(text.clone());
-                        if normal != text {
-                            stale.push((row.get::<_, String>(0)?, text, normal));
-                        }
+                while let Some(row) = rows.next()? {
+                    let text: String = row.get(1)?;
+                    let normal = crate::domain::nfc(text.clone());
+                    if normal != text {
+                        stale.push((row.get(0)?, text, normal));
                     }
                 }
-                // The search index follows by its trigger.
-                let mut update = tx.prepare("UPDATE messages SET text = ?3 WHERE id = ?1 AND text = ?2")?;
-                let mut rewritten = 0;
-                for (id, old, new) in &stale {
-                    rewritten += update.execute(rusqlite::params![id, old, new])? as u64;
-                }
-                drop(update);
-                tx.commit()?;
-                Ok(rewritten)
+                Ok(stale)
             })
-            .await?)
+            .await?;
+        let mut rewritten = 0;
+        for batch in stale.chunks(INDEX_BATCH) {
+            let batch = batch.to_vec();
+            rewritten += self
+                .db
+                .write(move |conn| {
+                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                    let mut n = 0;
+                    {
+                        // The search index follows by its trigger.
+                        let mut update =
+                            tx.prepare_cached("UPDATE messages SET text = ?3 WHERE id = ?1 AND text = ?2")?;
+                        for (id, old, new) in &batch {
+                            n += update.execute(rusqlite::params![id, old, new])? as u64;
+                        }
+                    }
+                    tx.commit()?;
+                    Ok(n)
+                })
+                .await?;
+        }
+        Ok(rewritten)
     }
 
     async fn backfilled(&self, name: &str) -> Result<bool, StoreError> {

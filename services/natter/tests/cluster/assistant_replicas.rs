@@ -354,13 +354,19 @@ async fn two_assistant_replicas_answer_once_stop_from_either_and_sweep_each_othe
 /// libfaketime (Debian's `faketime` package), which shifts a process's wall
 /// clock: None when it is not installed (CI installs it and must not skip).
 fn libfaketime() -> Option<String> {
-    let path = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
-    if std::path::Path::new(path).exists() {
-        Some(path.to_owned())
-    } else if std::env::var_os("CI").is_some() {
-        panic!("CI must install libfaketime ({path}: apt-get install faketime)");
-    } else {
-        None
+    // /usr/lib/<multiarch triple>/faketime/, whatever the machine.
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|arch| arch.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|path| path.exists());
+    match found {
+        Some(path) => Some(path.display().to_string()),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("CI must install libfaketime (/usr/lib/*/faketime/libfaketimeMT.so.1: apt-get install faketime)")
+        }
+        None => None,
     }
 }
 

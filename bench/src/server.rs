@@ -15,8 +15,10 @@ use tokio::process::{Child, Command};
 /// one address and a few users at far more than a person's pace, and each
 /// call still pays for its limiter checks, so the figures include them. A
 /// server at `--target` needs limits as high to be measured at all.
-pub(crate) const LIMITS_OUT_OF_REACH: [&str; 20] = [
+pub(crate) const LIMITS_OUT_OF_REACH: [&str; 22] = [
     "--create-session-rate",
+    "1000000000/1s",
+    "--create-guest-rate",
     "1000000000/1s",
     "--create-user-rate",
     "1000000000/1s",

@@ -319,7 +319,7 @@ const CALLS_PER_RPC: usize = 24;
 /// Rates off: the fuzzer is one client at machine speed and should reach
 /// the code behind the limits.
 pub(crate) const FLAGS: Flags<'static> = Flags {
-    sessions: &["--create-session-rate", "off", "--create-user-rate", "off"],
+    sessions: &["--create-session-rate", "off", "--create-guest-rate", "off", "--create-user-rate", "off"],
     chats: &["--create-chat-rate", "off"],
     messages: &["--send-message-rate", "off", "--edit-message-rate", "off", "--stream-open-rate", "off"],
     assistant: &[],

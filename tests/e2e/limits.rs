@@ -417,6 +417,50 @@ async fn retries_from_many_addresses_share_a_budget_per_username() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_come_slower_than_log_ins() {
+    let c = Cluster::all_in_one(&["--create-guest-rate", "2/1h"]).await;
+    let alice = c.user("alice").await;
+    c.guest().await;
+    c.guest().await;
+    let refused = c.sessions().create_session(spb::CreateSessionRequest::default()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(refused.message().contains("guests created from this address"), "{refused:?}");
+    retry_delay(&refused);
+    log_in(&c, &alice, None, "correct horse battery").await.expect("a log-in is no guest");
+    c.stop().await;
+}
+
+/// A flood of log-ins (unknown usernames each cost a full Argon2 check,
+/// as known ones do) from many addresses: past --password-check-queue the
+/// server refuses at once instead of making every caller wait in line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_password_checks_is_refused_not_queued() {
+    use futures::StreamExt as _;
+    let c = Cluster::all_in_one(&["--trust-forwarded-for", "--password-check-queue", "4"]).await;
+    let attempts: Vec<Result<spb::CreateSessionResponse, tonic::Status>> = futures::stream::iter(0..48)
+        .map(|i| {
+            let mut sessions = c.sessions();
+            async move {
+                let attempt =
+                    spb::CreateSessionRequest { username: format!("nobody-{i}"), password: "whatever12".into() };
+                Ok(sessions.create_session(from(&format!("192.0.2.{i}"), attempt)).await?.into_inner())
+            }
+        })
+        .buffer_unordered(48)
+        .collect()
+        .await;
+    let codes: Vec<Code> = attempts.iter().map(|a| a.as_ref().map_or_else(tonic::Status::code, |_| Code::Ok)).collect();
+    let busy = attempts.iter().filter_map(|a| a.as_ref().err()).filter(|s| s.code() == Code::ResourceExhausted);
+    assert!(busy.clone().count() > 0, "some refused at once: {codes:?}");
+    assert!(busy.clone().all(|s| s.message().contains("password checks")), "{codes:?}");
+    assert!(codes.iter().all(|c| matches!(c, Code::Unauthenticated | Code::ResourceExhausted)), "{codes:?}");
+    // Once the flood is over, log-ins are checked again.
+    let alice = c.user("alice").await;
+    log_in(&c, &alice, Some("198.51.100.7"), "correct horse battery").await.expect("the owner logs in");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_counts_only_when_trusted() {
     let guests = |c: &Cluster| {
         let mut sessions = c.sessions();
@@ -520,8 +564,12 @@ mod revisions {
 mod members {
     use super::*;
 
-    pub(crate) const FLAGS: Flags<'static> =
-        Flags { sessions: &["--create-session-rate", "off"], chats: &[], messages: &[], assistant: &[] };
+    pub(crate) const FLAGS: Flags<'static> = Flags {
+        sessions: &["--create-session-rate", "off", "--create-guest-rate", "off"],
+        chats: &[],
+        messages: &[],
+        assistant: &[],
+    };
 
     crate::both_modes!(flags = crate::limits::members::FLAGS; groups_of_hundreds_are_created_and_grown);
 

@@ -224,14 +224,26 @@ async fn guests_claim_their_account_and_keep_their_chats(c: &Cluster) {
         password: "my new password".into(),
         display_name: "Newcomer".into(),
     };
-    let user = c.sessions().claim_account(authed(&guest, claim.clone())).await.unwrap().into_inner().user.unwrap();
+    let claimed = c.sessions().claim_account(authed(&guest, claim.clone())).await.unwrap().into_inner();
+    let user = claimed.user.unwrap();
     assert_eq!(
         (user.id.as_str(), user.guest, user.username.as_str(), user.display_name.as_str()),
         (guest.id.as_str(), false, username.as_str(), "Newcomer")
     );
     assert_eq!(user.kind, spb::UserKind::Human as i32, "a claimed guest is a person with a password");
-    assert_eq!(code(c.sessions().claim_account(authed(&guest, claim)).await), Code::FailedPrecondition, "only once");
-    // The guest token still works, and the password logs in as the same user with the same chats.
+    // The guest token ends (whoever else kept it has no way into the
+    // account); the answer's token goes on.
+    let current = |token: &str| {
+        let mut sessions = c.sessions();
+        let request = with_token(token, spb::GetCurrentSessionRequest {});
+        async move { sessions.get_current_session(request).await }
+    };
+    assert_eq!(code(current(&guest.token).await), Code::Unauthenticated, "the guest's token is revoked");
+    let session = current(&claimed.token).await.unwrap().into_inner().session.unwrap();
+    assert_eq!((session.id, session.user_id), (claimed.session.unwrap().id, guest.id.clone()));
+    let again = c.sessions().claim_account(with_token(&claimed.token, claim)).await;
+    assert_eq!(code(again), Code::FailedPrecondition, "only once");
+    // The password logs in as the same user with the same chats.
     let login = c
         .sessions()
         .create_session(spb::CreateSessionRequest { username, password: "my new password".into() })

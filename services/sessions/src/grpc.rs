@@ -159,8 +159,12 @@ impl SessionService for SessionApi {
         let client = self.client(&request);
         let r = request.into_inner();
         let new = new_user(&r.username, &r.password, &r.display_name)?;
-        let u = self.sessions.claim(client, &caller.user_id, new).await?;
-        Ok(Response::new(pb::ClaimAccountResponse { user: Some(user(u)) }))
+        let claimed = created(self.sessions.claim(client, &caller.user_id, new).await?);
+        Ok(Response::new(pb::ClaimAccountResponse {
+            user: claimed.user,
+            session: claimed.session,
+            token: claimed.token,
+        }))
     }
 
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::GetUserResponse>, Status> {

@@ -62,6 +62,21 @@ pub struct SessionsArgs {
     #[arg(long, env = "NATTER_CREATE_SESSION_RATE", default_value = "120/1m")]
     pub create_session_rate: Rate,
 
+    /// Guests created (CreateSession without credentials) per client
+    /// address, on top of --create-session-rate: each guest is a user with
+    /// every per-user quota of its own, so guests come slower than log-ins.
+    /// N/PERIOD, or `off`.
+    #[arg(long, env = "NATTER_CREATE_GUEST_RATE", default_value = "60/1h")]
+    pub create_guest_rate: Rate,
+
+    /// Password hashes and checks (Argon2: a core and 19 MiB each for tens
+    /// of milliseconds) under way or waiting at most, across all callers:
+    /// beyond, CreateUser, ClaimAccount and log-ins are refused at once
+    /// (RESOURCE_EXHAUSTED, retry in a second) instead of queueing behind
+    /// a flood from many addresses until every real log-in times out.
+    #[arg(long, env = "NATTER_PASSWORD_CHECK_QUEUE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub password_check_queue: u32,
+
     /// CreateUser and ClaimAccount calls per client address: N/PERIOD, or
     /// `off`.
     #[arg(long, env = "NATTER_CREATE_USER_RATE", default_value = "30/10m")]
@@ -96,6 +111,8 @@ impl Default for SessionsArgs {
             trust_forwarded_for: false,
             trusted_proxies: natter_kit::TrustedProxies::default(),
             create_session_rate: Rate::parse("120/1m").expect("valid rate"),
+            create_guest_rate: Rate::parse("60/1h").expect("valid rate"),
+            password_check_queue: 32,
             create_user_rate: Rate::parse("30/10m").expect("valid rate"),
             login_backoff: Duration::from_secs(1),
             login_free_failures: 3,

@@ -37,6 +37,9 @@ pub struct Sessions {
     trusted_proxies: natter_kit::TrustedProxies,
     /// CreateSession calls per client address.
     create_session_rate: RateLimiter<Option<IpAddr>>,
+    create_guest_rate: RateLimiter<Option<IpAddr>>,
+    /// `--password-check-queue`.
+    password_check_queue: usize,
     /// CreateUser calls per client address.
     create_user_rate: RateLimiter<Option<IpAddr>>,
     /// Log-in back-off and per-username budget.
@@ -69,6 +72,8 @@ impl Sessions {
             trust_forwarded_for: args.trust_forwarded_for,
             trusted_proxies: args.trusted_proxies.clone(),
             create_session_rate: RateLimiter::new("sessions created from this address", args.create_session_rate),
+            create_guest_rate: RateLimiter::new("guests created from this address", args.create_guest_rate),
+            password_check_queue: args.password_check_queue as usize,
             create_user_rate: RateLimiter::new("users created from this address", args.create_user_rate),
             logins: LoginGuard::new(
                 args.login_backoff,
@@ -120,7 +125,13 @@ impl Sessions {
     /// per-address limit.
     pub async fn create_user(&self, client: Option<IpAddr>, new: NewUser) -> Result<UserRow, SessionsError> {
         self.create_user_rate.check(&client)?;
-        let hash = hash_password(new.password).await?;
+        // A taken username is refused before the password is hashed (each
+        // hash holds a core for tens of milliseconds); the insert below
+        // still decides a race.
+        if self.store.user_by_key(&new.username.key()).await?.is_some() {
+            return Err(SessionsError::UsernameTaken);
+        }
+        let hash = hash_password(new.password, self.password_check_queue).await?;
         let user = UserRow {
             id: Uuid::now_v7().to_string(),
             username: Some(new.username.as_str().to_owned()),
@@ -190,7 +201,7 @@ impl Sessions {
             Some(phc) => phc,
             None => dummy_hash().to_owned(),
         };
-        let ok = verify_password(password.to_owned(), phc).await?;
+        let ok = verify_password(password.to_owned(), phc, self.password_check_queue).await?;
         // Only a password user logs in: a bot has no password, and the dummy
         // hash must never let anyone in.
         let Some(user) = user.filter(|u| ok && u.kind == store::HUMAN && u.password_hash.is_some()) else {
@@ -202,9 +213,11 @@ impl Sessions {
         Ok(NewSession { session, token, user })
     }
 
-    /// Creates a guest user and its first session for a caller at `client`.
+    /// Creates a guest user and its first session for a caller at `client`
+    /// (within --create-session-rate and --create-guest-rate).
     pub async fn create_guest(&self, client: Option<IpAddr>) -> Result<NewSession, SessionsError> {
         self.create_session_rate.check(&client)?;
+        self.create_guest_rate.check(&client)?;
         let id = Uuid::now_v7();
         let user = UserRow {
             id: id.to_string(),
@@ -325,9 +338,17 @@ impl Sessions {
     /// before the password is hashed: each Argon2 hash holds a core, so an
     /// unlimited stream of claims would make every log-in wait.
     ///
+    /// Returns the user and a new session: every session of the guest,
+    /// the caller's included, is revoked.
+    ///
     /// Errors: RESOURCE_EXHAUSTED (the rate), FAILED_PRECONDITION (not a
     /// guest), ALREADY_EXISTS (the username is taken).
-    pub async fn claim(&self, client: Option<IpAddr>, user_id: &str, new: NewUser) -> Result<UserRow, SessionsError> {
+    pub async fn claim(
+        &self,
+        client: Option<IpAddr>,
+        user_id: &str,
+        new: NewUser,
+    ) -> Result<NewSession, SessionsError> {
         self.create_user_rate.check(&client)?;
         let current = self.user(user_id).await?;
         if !current.guest() {
@@ -336,7 +357,7 @@ impl Sessions {
         if self.store.user_by_key(&new.username.key()).await?.is_some() {
             return Err(SessionsError::UsernameTaken);
         }
-        let hash = hash_password(new.password).await?;
+        let hash = hash_password(new.password, self.password_check_queue).await?;
         let username = new.username;
         if !self.store.claim(user_id, username.as_str(), &username.key(), &new.display_name, &hash).await? {
             return Err(SessionsError::NotGuest);
@@ -347,7 +368,16 @@ impl Sessions {
         if let Ok(user) = Uuid::try_parse(user_id) {
             self.bus.invalidate(vec![Tag::User(user)]).await;
         }
-        self.user(user_id).await
+        // Every guest token ends, the caller's too, and the account starts
+        // on a fresh one: a guest token someone else kept or planted (a
+        // shared browser) must not open the password account (session
+        // fixation, OWASP ASVS V3.2.1). Should this fail, the password logs
+        // in.
+        self.revoke(user_id, None, true).await?;
+        let user = self.user(user_id).await?;
+        let (session, token) = self.new_session(&user.id);
+        self.store.insert_session(&session, &domain::token_hash(&token)).await?;
+        Ok(NewSession { session, token, user })
     }
 }
 
@@ -360,16 +390,46 @@ fn argon2_permits() -> &'static tokio::sync::Semaphore {
     PERMITS.get_or_init(|| tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())))
 }
 
-async fn hash_password(password: String) -> Result<String, SessionsError> {
-    let _permit = argon2_permits().acquire().await.map_err(|e| SessionsError::internal(e))?;
+/// Calls holding or waiting for an Argon2 permit.
+static ARGON2_QUEUED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One place in the Argon2 queue, given back when dropped.
+struct Queued;
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        ARGON2_QUEUED.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A permit to hash: waits its turn when fewer than `queue` calls hold or
+/// wait for one. Beyond, a call is refused at once rather than queued
+/// behind a flood, where every real log-in would wait until its deadline.
+///
+/// Errors: RESOURCE_EXHAUSTED (retry in a second) when `queue` calls are
+/// in line already.
+async fn argon2_turn(queue: usize) -> Result<(Queued, tokio::sync::SemaphorePermit<'static>), SessionsError> {
+    let queued = Queued;
+    if ARGON2_QUEUED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= queue {
+        return Err(SessionsError::Limited(natter_kit::limits::Limited {
+            what: "password checks under way on this server",
+            retry_after: std::time::Duration::from_secs(1),
+        }));
+    }
+    let permit = argon2_permits().acquire().await.map_err(|e| SessionsError::internal(e))?;
+    Ok((queued, permit))
+}
+
+async fn hash_password(password: String, queue: usize) -> Result<String, SessionsError> {
+    let _turn = argon2_turn(queue).await?;
     tokio::task::spawn_blocking(move || domain::hash_password(&password))
         .await
         .map_err(|e| SessionsError::internal(e))?
         .map_err(|e| SessionsError::internal(e))
 }
 
-async fn verify_password(password: String, phc: String) -> Result<bool, SessionsError> {
-    let _permit = argon2_permits().acquire().await.map_err(|e| SessionsError::internal(e))?;
+async fn verify_password(password: String, phc: String, queue: usize) -> Result<bool, SessionsError> {
+    let _turn = argon2_turn(queue).await?;
     tokio::task::spawn_blocking(move || domain::verify_password(&password, &phc))
         .await
         .map_err(|e| SessionsError::internal(e))

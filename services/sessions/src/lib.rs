@@ -40,6 +40,11 @@ pub struct SessionsArgs {
     #[arg(long, env = "NATTER_SESSION_TTL", value_parser = humantime::parse_duration, default_value = "30d")]
     pub session_ttl: Duration,
 
+    /// How long an expired (or revoked, then expired) session is kept
+    /// before it is deleted; checked at start-up and every hour.
+    #[arg(long, env = "NATTER_SESSION_RETENTION", value_parser = humantime::parse_duration, default_value = "30d")]
+    pub session_retention: Duration,
+
     /// Take the client address of per-address limits from the last
     /// `x-forwarded-for` entry instead of the TCP peer. Set it only behind
     /// natter's edge (which writes that entry); on a port clients reach
@@ -108,6 +113,7 @@ impl Default for SessionsArgs {
     fn default() -> Self {
         Self {
             session_ttl: Duration::from_secs(30 * 86_400),
+            session_retention: Duration::from_secs(30 * 86_400),
             trust_forwarded_for: false,
             trusted_proxies: natter_kit::TrustedProxies::default(),
             create_session_rate: Rate::parse("120/1m").expect("valid rate"),
@@ -135,7 +141,28 @@ pub async fn open(
 ) -> Result<Arc<Sessions>, DbError> {
     let db = Db::connect(db, &MIGRATOR).await?;
     let sessions = Sessions::new(store::Store::new(db), bus, args);
-    Ok(Arc::new(if only_instance { sessions.with_token_cache() } else { sessions }))
+    let sessions = Arc::new(if only_instance { sessions.with_token_cache() } else { sessions });
+    tokio::spawn(purge_sessions(Arc::downgrade(&sessions), args.session_retention));
+    Ok(sessions)
+}
+
+/// How often long-expired sessions are purged.
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Deletes sessions expired more than `retention` ago, at start-up and
+/// every [`PURGE_EVERY`], until the service is dropped. A failure is
+/// logged and tried again at the next round.
+async fn purge_sessions(sessions: std::sync::Weak<Sessions>, retention: Duration) {
+    let mut every = tokio::time::interval(PURGE_EVERY);
+    loop {
+        every.tick().await;
+        let Some(sessions) = sessions.upgrade() else { return };
+        match sessions.purge_expired(retention).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "expired sessions deleted"),
+            Err(e) => tracing::warn!(error = %e, "cannot delete expired sessions; will try again"),
+        }
+    }
 }
 
 /// Adds the public sessions service to `server`.

@@ -116,6 +116,20 @@ impl Sessions {
         }
     }
 
+    /// Deletes the sessions that expired more than `retention` ago, a
+    /// batch of 1,000 at a time; returns how many.
+    pub async fn purge_expired(&self, retention: std::time::Duration) -> Result<u64, SessionsError> {
+        let before = now_micros().saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
+        let mut purged = 0;
+        loop {
+            let n = self.store.purge_sessions(before, 1000).await?;
+            purged += n;
+            if n < 1000 {
+                return Ok(purged);
+            }
+        }
+    }
+
     /// The store (for shutdown).
     pub fn store(&self) -> &Store {
         &self.store

@@ -209,6 +209,21 @@ impl Store {
         Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
+    /// Deletes up to `limit` sessions that expired before `before` (µs;
+    /// revoked ones too: a revoked session keeps its expiry), oldest
+    /// first; returns how many.
+    pub async fn purge_sessions(&self, before: i64, limit: i64) -> Result<u64, SessionsError> {
+        let done = sqlx::query(
+            "DELETE FROM sessions WHERE id IN \
+             (SELECT id FROM sessions WHERE expire_time < $1 ORDER BY expire_time LIMIT $2)",
+        )
+        .bind(before)
+        .bind(limit)
+        .execute(self.db.write())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Gives a guest a username and password. False if the user is not (or
     /// no longer) a guest; UsernameTaken on a duplicate.
     pub async fn claim(
@@ -260,6 +275,39 @@ fn taken_or_db(e: sqlx::Error) -> SessionsError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sessions long expired (or revoked, then expired) are deleted, oldest
+    /// first and a batch at a time; live ones stay.
+    #[tokio::test]
+    async fn sessions_expired_before_the_bound_are_purged_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = natter_db::DbConfig::sqlite_in(dir.path(), "sessions");
+        let store = Store::new(Db::connect(&config, &crate::MIGRATOR).await.unwrap());
+        let user = UserRow {
+            id: "0190a000-0000-7000-8000-000000000001".into(),
+            username: None,
+            display_name: "guest".into(),
+            password_hash: None,
+            create_time: 0,
+            kind: GUEST.into(),
+        };
+        store.insert_user(&user, None).await.unwrap();
+        for (n, expire_time) in [(1, 100), (2, 200), (3, 300), (4, 10_000)] {
+            let session = SessionRow {
+                id: format!("0190a000-0000-7000-8000-00000000010{n}"),
+                user_id: user.id.clone(),
+                create_time: 0,
+                expire_time,
+            };
+            store.insert_session(&session, &format!("hash-{n}")).await.unwrap();
+        }
+        store.revoke(&user.id, "0190a000-0000-7000-8000-000000000103", 50).await.unwrap();
+        assert_eq!(store.purge_sessions(1_000, 2).await.unwrap(), 2, "a batch");
+        assert_eq!(store.purge_sessions(1_000, 2).await.unwrap(), 1, "the revoked one, expired too");
+        assert_eq!(store.purge_sessions(1_000, 2).await.unwrap(), 0);
+        assert!(store.session_by_id("0190a000-0000-7000-8000-000000000104").await.unwrap().is_some(), "live");
+        assert!(store.session_by_id("0190a000-0000-7000-8000-000000000101").await.unwrap().is_none());
+    }
 
     /// A statement that fails is the origin of its error: the log line of
     /// the INTERNAL answer names it, not error.rs.

@@ -297,7 +297,7 @@ async fn a_revocation_lost_by_the_bus_ends_the_stream_within_the_recheck_interva
 /// channel goes with its last subscriber, not at its next publish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_streams_leave_no_bus_channel_behind() {
-    let c = Cluster::all_in_one(&[]).await;
+    let c = Cluster::all_in_one(&["--create-guest-rate", "off"]).await;
     let alice = c.user("alice").await;
     let before = c.bus_topics().expect("all-in-one");
     let mut streams = Vec::new();

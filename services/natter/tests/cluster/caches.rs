@@ -71,7 +71,11 @@ async fn a_revocation_or_removal_that_returned_is_refused_by_every_replica_at_on
         args.extend(more);
         Node::start(component, port, args)
     };
-    let no_limits = || vec!["--create-session-rate".into(), "off".into(), "--create-user-rate".into(), "off".into()];
+    let no_limits = || {
+        ["--create-session-rate", "off", "--create-guest-rate", "off", "--create-user-rate", "off"]
+            .map(String::from)
+            .to_vec()
+    };
     let sessions = [node("sessions", s_a, no_limits()), node("sessions", s_b, no_limits())];
     let chats_of =
         |sessions: u16| vec!["--sessions-url".into(), internal_url(sessions), "--messages-url".into(), internal_url(m)];

@@ -54,9 +54,17 @@ pub struct Sessions {
 /// cache after its eviction) sees the generation moved and does not cache.
 #[derive(Default)]
 struct TokenCache {
-    entries: HashMap<String, TokenRow>,
+    /// token hash -> its session, and when it was cached (µs).
+    entries: HashMap<String, (TokenRow, i64)>,
     generation: u64,
 }
+
+/// How long a cached token is trusted without asking the store again (µs).
+/// The cache is exact while this process is the only one revoking (see
+/// [`Sessions::with_token_cache`]); should a second process share the
+/// database without NATS (a misconfiguration), its revocations reach this
+/// one within this time rather than at the token's expiry.
+const CACHE_TTL_US: i64 = 10_000_000;
 
 /// Most tokens the cache holds before it starts over.
 const CACHE_ENTRIES: usize = 100_000;
@@ -100,6 +108,8 @@ impl Sessions {
     /// Caches live tokens in memory. Correct only when this instance is the
     /// one that revokes them (the all-in-one without NATS): revocation, claim
     /// and expiry are then all seen here, so the cache has no stale window.
+    /// An entry is asked again after [`CACHE_TTL_US`] all the same, which
+    /// bounds the window should a second process share the database.
     /// Replicas on NATS cache in the callers instead
     /// (`natter_auth::CachingVerifier`, invalidated over the bus).
     pub fn with_token_cache(mut self) -> Self {
@@ -112,7 +122,7 @@ impl Sessions {
         if let Some(cache) = &self.cache {
             let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
             cache.generation += 1;
-            cache.entries.retain(|_, row| keep(row));
+            cache.entries.retain(|_, (row, _)| keep(row));
         }
     }
 
@@ -269,8 +279,9 @@ impl Sessions {
         let mut generation = 0;
         if let Some(cache) = &self.cache {
             let cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(row) = cache.entries.get(&hash)
+            if let Some((row, cached)) = cache.entries.get(&hash)
                 && row.expire_time > now
+                && now - cached < CACHE_TTL_US
             {
                 return Ok(Some(row.clone()));
             }
@@ -283,7 +294,7 @@ impl Sessions {
                 if cache.entries.len() >= CACHE_ENTRIES {
                     cache.entries.clear();
                 }
-                cache.entries.insert(hash, row.clone());
+                cache.entries.insert(hash, (row.clone(), now));
             }
         }
         Ok(row)

@@ -62,7 +62,9 @@ async fn checkpoint_loop(store: Arc<dyn MessageStore>, mut jobs: mpsc::Receiver<
             batch.push(job);
         }
         let (checkpoints, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        let now = now_micros();
+        // On the store's clock, which judges the checkpoints stale (this
+        // process's should it fail to answer: the batch is tried anyway).
+        let now = store.clock().await.unwrap_or_else(|_| now_micros());
         match store.checkpoint_replies(&checkpoints, now).await {
             Ok(stops) => {
                 for (reply, stop) in replies.into_iter().zip(stops) {

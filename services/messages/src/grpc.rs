@@ -1085,10 +1085,12 @@ impl MessageInternalService for MessageInternalApi {
             // stay as the deltas were, byte for byte: clients place deltas
             // by offset; the finish's change carries the whole text).
             text: domain::nfc(r.text),
-            stale_before: stale_before(r.stale_for.as_ref(), {
-                #[allow(deprecated)] // read from callers older than stale_for
-                r.stale_before.as_ref()
-            })?,
+            stale_before: self
+                .stale_before(stale_bound(r.stale_for.as_ref(), {
+                    #[allow(deprecated)] // read from callers older than stale_for
+                    r.stale_before.as_ref()
+                })?)
+                .await?,
         };
         let message = self.messages.finish_reply(id, &finish).await?;
         Ok(Response::new(pb::FinishReplyResponse { message: Some(message_pb(message, Vec::new())) }))
@@ -1108,11 +1110,14 @@ impl MessageInternalService for MessageInternalApi {
         request: Request<pb::ListStaleRepliesRequest>,
     ) -> Result<Response<pb::ListStaleRepliesResponse>, Status> {
         let r = request.get_ref();
-        let before = stale_before(r.stale_for.as_ref(), {
+        let bound = stale_bound(r.stale_for.as_ref(), {
             #[allow(deprecated)] // read from callers older than stale_for
             r.checkpoint_before.as_ref()
-        })?
-        .ok_or_else(|| FieldViolations::single("stale_for", "must be more than 0").into_status())?;
+        })?;
+        let before = self
+            .stale_before(bound)
+            .await?
+            .ok_or_else(|| FieldViolations::single("stale_for", "must be more than 0").into_status())?;
         let size = paging::page_size("page_size", r.page_size, 100, 1000)?;
         let messages = self.messages.stale_replies(before, size).await?;
         Ok(Response::new(pb::ListStaleRepliesResponse {
@@ -1121,20 +1126,47 @@ impl MessageInternalService for MessageInternalApi {
     }
 }
 
-/// Where a reply's checkpoint counts as stale (µs): `stale_for` before
-/// now on this service's clock, which stamped the checkpoints; else, from a
-/// caller older than that field, its own `before`. None when neither is
-/// set.
+/// Where a reply's checkpoint counts as stale, as a request gives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StaleBound {
+    /// No condition.
+    None,
+    /// Older than this long (µs) before now on the store's clock, which
+    /// stamped the checkpoints.
+    Ago(i64),
+    /// Older than this time (µs), on a caller's clock (a caller older than
+    /// `stale_for`).
+    Before(i64),
+}
+
+/// The bound `stale_for` gives, else (from a caller older than that field)
+/// `before`.
 ///
-/// Errors: INVALID_ARGUMENT for a `stale_for` that is not above zero.
-fn stale_before(
+/// Errors: INVALID_ARGUMENT for a `stale_for` below zero.
+fn stale_bound(
     stale_for: Option<&prost_types::Duration>,
     before: Option<&prost_types::Timestamp>,
-) -> Result<Option<i64>, Status> {
+) -> Result<StaleBound, Status> {
     match stale_for.map(natter_kit::time::duration_micros) {
-        Some(us) if us > 0 => Ok(Some(natter_kit::time::now_micros().saturating_sub(us))),
-        Some(0) | None => Ok(before.map(natter_kit::time::micros)),
+        Some(us) if us > 0 => Ok(StaleBound::Ago(us)),
+        Some(0) | None => Ok(before.map_or(StaleBound::None, |t| StaleBound::Before(natter_kit::time::micros(t)))),
         Some(_) => Err(FieldViolations::single("stale_for", "must be more than 0").into_status()),
+    }
+}
+
+impl MessageInternalApi {
+    /// `bound` as a time (µs): [`StaleBound::Ago`] against the store's
+    /// clock ([`crate::store::MessageStore::clock`]: PostgreSQL's, which
+    /// every messages replica shares), read only then.
+    async fn stale_before(&self, bound: StaleBound) -> Result<Option<i64>, Status> {
+        Ok(match bound {
+            StaleBound::None => None,
+            StaleBound::Before(t) => Some(t),
+            StaleBound::Ago(us) => {
+                let now = self.messages.store().clock().await.map_err(MessagesError::from)?;
+                Some(now.saturating_sub(us))
+            }
+        })
     }
 }
 
@@ -1143,18 +1175,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn staleness_is_judged_on_this_clock_and_callers_before_stale_for_still_count() {
+    fn staleness_is_judged_on_the_store_s_clock_and_callers_before_stale_for_still_count() {
         let secs = |seconds| prost_types::Duration { seconds, nanos: 0 };
         let theirs = natter_kit::time::timestamp(42);
-        let (start, got, end) = {
-            let start = natter_kit::time::now_micros();
-            let got = stale_before(Some(&secs(15)), Some(&theirs)).unwrap().unwrap();
-            (start, got, natter_kit::time::now_micros())
-        };
-        assert!((start - 15_000_000..=end - 15_000_000).contains(&got), "stale_for wins, on this clock");
-        assert_eq!(stale_before(None, Some(&theirs)).unwrap(), Some(42), "an older caller's bound");
-        assert_eq!(stale_before(Some(&secs(0)), None).unwrap(), None);
-        assert_eq!(stale_before(Some(&secs(-1)), Some(&theirs)).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(stale_bound(Some(&secs(15)), Some(&theirs)).unwrap(), StaleBound::Ago(15_000_000), "stale_for wins");
+        assert_eq!(stale_bound(None, Some(&theirs)).unwrap(), StaleBound::Before(42), "an older caller's bound");
+        assert_eq!(stale_bound(Some(&secs(0)), None).unwrap(), StaleBound::None);
+        assert_eq!(stale_bound(Some(&secs(-1)), Some(&theirs)).unwrap_err().code(), tonic::Code::InvalidArgument);
     }
     use crate::domain::MESSAGE_PAGE_DEFAULT;
 

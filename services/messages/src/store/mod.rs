@@ -1189,6 +1189,12 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// returns the message as it is (None: no such message).
     async fn stop_reply(&self, id: MessageId) -> Result<Option<Message>, StoreError>;
 
+    /// The clock that stamps replies' checkpoints and judges them stale
+    /// (µs since the Unix epoch): PostgreSQL's own, which every messages
+    /// replica shares, so replicas whose clocks differ still agree on what
+    /// is stale; this process's on SQLite (one process).
+    async fn clock(&self) -> Result<i64, StoreError>;
+
     /// Up to `limit` GENERATING replies whose last checkpoint is before
     /// `before` (µs), oldest checkpoint first.
     async fn stale_replies(&self, before: i64, limit: u32) -> Result<Vec<Message>, StoreError>;

@@ -605,6 +605,13 @@ impl MessageStore for PostgresStore {
         }
     }
 
+    async fn clock(&self) -> Result<i64, StoreError> {
+        let (now,): (i64,) = sqlx::query_as("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(now)
+    }
+
     async fn backfilled(&self, name: &str) -> Result<bool, StoreError> {
         let (done,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM store_backfills WHERE name = $1)")
             .bind(name)

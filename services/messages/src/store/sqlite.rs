@@ -746,6 +746,10 @@ impl MessageStore for SqliteStore {
         Ok(rewritten)
     }
 
+    async fn clock(&self) -> Result<i64, StoreError> {
+        Ok(natter_kit::time::now_micros())
+    }
+
     async fn backfilled(&self, name: &str) -> Result<bool, StoreError> {
         let name = name.to_owned();
         Ok(self

@@ -370,13 +370,15 @@ fn libfaketime() -> Option<String> {
     }
 }
 
-/// A replica whose wall clock is an hour ahead of the messages service's
-/// (a host without NTP) must not take a live reply of another replica for
-/// one whose generator died: staleness is judged on the clock that
-/// stamped the checkpoints. Replica A (right clock) generates a long
-/// reply; replica B starts with its clock an hour ahead (libfaketime) and
-/// sweeps at start-up and every 2/3 s while the reply is written; the
-/// reply ends COMPLETE with the whole text.
+/// A replica whose wall clock is an hour ahead (a host without NTP) must
+/// not take a live reply of another replica for one whose generator died:
+/// staleness is judged on the store's clock (PostgreSQL's), which stamped
+/// the checkpoints. Assistant replica A (right clock, on messages replica
+/// M1) generates a long reply; assistant replica B and the messages
+/// replica M2 it talks to start with their clocks an hour ahead
+/// (libfaketime), and B sweeps through M2 at start-up and every 2/3 s
+/// while the reply is written; the reply ends COMPLETE with the whole
+/// text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_clock_runs_ahead_interrupts_no_live_reply() {
     let (Some(db), Some(nats)) = (env("NATTER_TEST_DATABASE_URL"), env("NATTER_TEST_NATS_URL")) else {
@@ -388,21 +390,18 @@ async fn a_replica_whose_clock_runs_ahead_interrupts_no_live_reply() {
         return;
     };
     let llm = ScriptedServer::start(22).await;
-    let split = Split::new(db, nats, 'k', 5);
-    let (s, c, m, a, b) = (0, 1, 2, 3, 4);
+    let split = Split::new(db, nats, 'k', 6);
+    let (s, c, m, a, b, m2) = (0, 1, 2, 3, 4, 5);
     let sessions = Node::start("sessions", free_port(), split.args(s, true, &[]));
     let chats = Node::start(
         "chats",
         free_port(),
         split.args(c, true, &["--sessions-url", &split.url(s), "--messages-url", &split.url(m)]),
     );
-    let messages = Node::start(
-        "messages",
-        free_port(),
-        split.args(m, true, &["--sessions-url", &split.url(s), "--chats-url", &split.url(c)]),
-    );
-    let assistant_args = |i: usize| split.assistant(i, [s, c, m], llm.url(), &[]);
-    let replica_a = Node::start("assistant", free_port(), assistant_args(a));
+    let messages_args =
+        |i: usize| split.args(i, true, &["--sessions-url", &split.url(s), "--chats-url", &split.url(c)]);
+    let messages = Node::start("messages", free_port(), messages_args(m));
+    let replica_a = Node::start("assistant", free_port(), split.assistant(a, [s, c, m], llm.url(), &[]));
     let sessions_ch = sessions.channel().await;
     chats.channel().await;
     let messages_ch = messages.channel().await;
@@ -425,13 +424,17 @@ async fn a_replica_whose_clock_runs_ahead_interrupts_no_live_reply() {
     send_until_acked(&messages_ch, &token, &chat, "tell me something long".into()).await;
     let reply = first_delta(&mut stream).await;
 
-    // Replica B, its clock an hour ahead, sweeps while A writes.
+    // Replica B and its messages replica, their clocks an hour ahead,
+    // sweep while A writes.
     let skewed = vec![
         ("LD_PRELOAD".to_owned(), faketime),
         ("FAKETIME".to_owned(), "+1h".to_owned()),
         ("FAKETIME_DONT_FAKE_MONOTONIC".to_owned(), "1".to_owned()),
     ];
-    let replica_b = Node::start_with_env("assistant", free_port(), assistant_args(b), skewed);
+    let messages_2 = Node::start_with_env("messages", free_port(), messages_args(m2), skewed.clone());
+    messages_2.channel().await;
+    let replica_b =
+        Node::start_with_env("assistant", free_port(), split.assistant(b, [s, c, m2], llm.url(), &[]), skewed);
     replica_b.channel().await;
     let get = mpb::GetMessageRequest { message_id: reply.clone() };
     let now = MessageServiceClient::new(messages_ch.clone()).get_message(authed(&token, get)).await.unwrap();
@@ -450,6 +453,6 @@ async fn a_replica_whose_clock_runs_ahead_interrupts_no_live_reply() {
     assert_eq!(llm.requests().len(), 1, "asked once");
 
     drop(stream);
-    drop((replica_a, replica_b, messages, chats, sessions));
+    drop((replica_a, replica_b, messages, messages_2, chats, sessions));
     drop_schemas(&split.db, &split.prefix).await;
 }

@@ -26,6 +26,11 @@ pub fn micros(ts: &Timestamp) -> i64 {
     ts.seconds.saturating_mul(1_000_000).saturating_add(i64::from(ts.nanos) / 1_000)
 }
 
+/// `d` before now, in microseconds since the Unix epoch (saturating).
+pub fn micros_ago(d: std::time::Duration) -> i64 {
+    now_micros().saturating_sub(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
 /// Microseconds of a `google.protobuf.Duration` (sub-microsecond part
 /// dropped, saturating; negative for a negative duration).
 pub fn duration_micros(d: &prost_types::Duration) -> i64 {

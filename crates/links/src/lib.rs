@@ -568,7 +568,7 @@ pub trait AssistantMessages: Send + Sync + 'static {
     /// Sets a reply's stop flag.
     async fn stop_reply(&self, message_id: &str) -> Result<messages::Message, Status>;
     /// GENERATING replies whose checkpoint is older than `stale_for` (on
-    /// the messages service's clock), up to 100.
+    /// the messages store's clock), up to 100.
     async fn stale_replies(&self, stale_for: std::time::Duration) -> Result<Vec<messages::Message>, Status>;
 }
 
@@ -576,11 +576,10 @@ pub trait AssistantMessages: Send + Sync + 'static {
 /// same bound on this process's clock for messages replicas older than
 /// `stale_for` (for one release).
 fn stale_request(stale_for: std::time::Duration) -> messages::ListStaleRepliesRequest {
-    let before = natter_kit::time::now_micros() - i64::try_from(stale_for.as_micros()).unwrap_or(i64::MAX);
     #[allow(deprecated)] // for messages replicas older than stale_for
     messages::ListStaleRepliesRequest {
         stale_for: Some(natter_kit::time::duration(stale_for)),
-        checkpoint_before: Some(natter_kit::time::timestamp(before)),
+        checkpoint_before: Some(natter_kit::time::timestamp(natter_kit::time::micros_ago(stale_for))),
         page_size: 100,
     }
 }

@@ -637,14 +637,14 @@ impl Assistant {
         self.finish_if(reply, outcome, restore_replaced, None).await;
     }
 
-    /// [`Assistant::finish`]; with `stale_for` (the sweeper's), only if the
-    /// reply's checkpoint is still that old, keeping its stored text.
+    /// [`Assistant::finish`]; with `stale_for` (the sweeper's lease), only
+    /// if the reply's checkpoint is still that old, keeping its stored text.
     async fn finish_if(
         &self,
         reply: &mpb::Message,
         outcome: Outcome,
         restore_replaced: bool,
-        stale_for: Option<prost_types::Duration>,
+        stale_for: Option<Duration>,
     ) {
         // The system prompt's canary in the reply: it leaked its
         // instructions.
@@ -665,10 +665,8 @@ impl Assistant {
             flags,
             // For messages replicas older than stale_for (one release): the
             // same bound on this replica's clock.
-            stale_before: stale_for.as_ref().map(|d| {
-                natter_kit::time::timestamp(natter_kit::time::now_micros() - natter_kit::time::duration_micros(d))
-            }),
-            stale_for,
+            stale_before: stale_for.map(|d| natter_kit::time::timestamp(natter_kit::time::micros_ago(d))),
+            stale_for: stale_for.map(natter_kit::time::duration),
         };
         for attempt in 1..=3 {
             match self.links.messages.finish_reply(request.clone()).await {
@@ -986,9 +984,8 @@ impl Assistant {
     async fn sweep(self: Arc<Self>) {
         let period = self.settings.lease / 3;
         loop {
-            // Staleness is judged on the messages service's clock, which
+            // Staleness is judged on the messages store's clock, which
             // stamps the checkpoints (this replica's may differ).
-            let stale_for = natter_kit::time::duration(self.settings.lease);
             match self.links.messages.stale_replies(self.settings.lease).await {
                 Ok(stale) => {
                     for reply in stale {
@@ -1007,7 +1004,7 @@ impl Assistant {
                         };
                         // A generator that checkpointed since the listing is
                         // alive: the store leaves its reply as it is.
-                        self.finish_if(&reply, outcome, false, Some(stale_for)).await;
+                        self.finish_if(&reply, outcome, false, Some(self.settings.lease)).await;
                     }
                 }
                 Err(status) => tracing::warn!(error = %status.message(), "cannot list interrupted replies"),
@@ -1308,11 +1305,16 @@ fn speaker_names(users: &[spb::User]) -> HashMap<&str, String> {
     }
     for (id, name) in &mut names {
         if taken[name.as_str()] > 1 {
-            let hex: String = id.chars().filter(char::is_ascii_hexdigit).collect();
-            *name = format!("{}-{}", &name[..name.len().min(55)], &hex[hex.len().saturating_sub(8)..]);
+            *name = format!("{}-{}", &name[..name.len().min(55)], id_tail(id));
         }
     }
     names
+}
+
+/// The last 8 hex digits of a user id (its random end, for a UUID v7).
+fn id_tail(id: &str) -> String {
+    let hex: Vec<char> = id.chars().filter(char::is_ascii_hexdigit).collect();
+    hex[hex.len().saturating_sub(8)..].iter().collect()
 }
 
 /// A user's chat-completions `name`: their username with each character
@@ -1321,8 +1323,7 @@ fn speaker_names(users: &[spb::User]) -> HashMap<&str, String> {
 /// their id.
 fn speaker_name(user: &spb::User) -> String {
     if user.username.is_empty() {
-        let hex: String = user.id.chars().filter(char::is_ascii_hexdigit).collect();
-        return format!("guest-{}", &hex[hex.len().saturating_sub(8)..]);
+        return format!("guest-{}", id_tail(&user.id));
     }
     user.username.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).take(64).collect()
 }

@@ -129,7 +129,7 @@ impl Sessions {
     /// Deletes the sessions that expired more than `retention` ago, a
     /// batch of 1,000 at a time; returns how many.
     pub async fn purge_expired(&self, retention: std::time::Duration) -> Result<u64, SessionsError> {
-        let before = now_micros().saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
+        let before = natter_kit::time::micros_ago(retention);
         let mut purged = 0;
         loop {
             let n = self.store.purge_sessions(before, 1000).await?;
@@ -149,13 +149,7 @@ impl Sessions {
     /// per-address limit.
     pub async fn create_user(&self, client: Option<IpAddr>, new: NewUser) -> Result<UserRow, SessionsError> {
         self.create_user_rate.check(&client)?;
-        // A taken username is refused before the password is hashed (each
-        // hash holds a core for tens of milliseconds); the insert below
-        // still decides a race.
-        if self.store.user_by_key(&new.username.key()).await?.is_some() {
-            return Err(SessionsError::UsernameTaken);
-        }
-        let hash = hash_password(new.password, self.password_check_queue).await?;
+        let hash = self.hash_for(&new.username, new.password).await?;
         let user = UserRow {
             id: Uuid::now_v7().to_string(),
             username: Some(new.username.as_str().to_owned()),
@@ -232,9 +226,28 @@ impl Sessions {
             return Err(SessionsError::BadCredentials);
         };
         self.logins.succeeded(&key, client);
+        self.start_session(user).await
+    }
+
+    /// A new session of `user`, stored.
+    async fn start_session(&self, user: UserRow) -> Result<NewSession, SessionsError> {
         let (session, token) = self.new_session(&user.id);
         self.store.insert_session(&session, &domain::token_hash(&token)).await?;
         Ok(NewSession { session, token, user })
+    }
+
+    /// The Argon2 hash of `password` for a new password user named
+    /// `username`. A taken username is refused before hashing (each hash
+    /// holds a core for tens of milliseconds); the insert that follows
+    /// still decides a race.
+    ///
+    /// Errors: ALREADY_EXISTS (taken), RESOURCE_EXHAUSTED
+    /// (--password-check-queue).
+    async fn hash_for(&self, username: &domain::Username, password: String) -> Result<String, SessionsError> {
+        if self.store.user_by_key(&username.key()).await?.is_some() {
+            return Err(SessionsError::UsernameTaken);
+        }
+        hash_password(password, self.password_check_queue).await
     }
 
     /// Creates a guest user and its first session for a caller at `client`
@@ -379,10 +392,7 @@ impl Sessions {
         if !current.guest() {
             return Err(SessionsError::NotGuest);
         }
-        if self.store.user_by_key(&new.username.key()).await?.is_some() {
-            return Err(SessionsError::UsernameTaken);
-        }
-        let hash = hash_password(new.password, self.password_check_queue).await?;
+        let hash = self.hash_for(&new.username, new.password).await?;
         let username = new.username;
         if !self.store.claim(user_id, username.as_str(), &username.key(), &new.display_name, &hash).await? {
             return Err(SessionsError::NotGuest);
@@ -399,10 +409,7 @@ impl Sessions {
         // fixation, OWASP ASVS V3.2.1). Should this fail, the password logs
         // in.
         self.revoke(user_id, None, true).await?;
-        let user = self.user(user_id).await?;
-        let (session, token) = self.new_session(&user.id);
-        self.store.insert_session(&session, &domain::token_hash(&token)).await?;
-        Ok(NewSession { session, token, user })
+        self.start_session(self.user(user_id).await?).await
     }
 }
 

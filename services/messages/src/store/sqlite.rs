@@ -74,7 +74,7 @@ fn search_sql(relevance: bool, after: bool, limit: u32) -> String {
 
 /// Rows a batch of [`MessageStore::normalize_texts`] rewrites in one write
 /// transaction.
-const INDEX_BATCH: usize = 1000;
+const REWRITE_BATCH: usize = 1000;
 
 /// The messages store on a SQLite file.
 #[derive(Clone, Debug)]
@@ -723,7 +723,7 @@ impl MessageStore for SqliteStore {
             })
             .await?;
         let mut rewritten = 0;
-        for batch in stale.chunks(INDEX_BATCH) {
+        for batch in stale.chunks(REWRITE_BATCH) {
             let batch = batch.to_vec();
             rewritten += self
                 .db

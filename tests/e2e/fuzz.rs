@@ -323,6 +323,7 @@ pub(crate) const FLAGS: Flags<'static> = Flags {
     chats: &["--create-chat-rate", "off"],
     messages: &["--send-message-rate", "off", "--edit-message-rate", "off", "--stream-open-rate", "off"],
     assistant: &[],
+    edge: &[],
 };
 
 mod over_the_wire {

@@ -176,7 +176,7 @@ mod per_user {
     use super::*;
 
     pub(crate) const FLAGS: Flags<'static> = Flags {
-        sessions: &[],
+        sessions: &["--username-lookup-rate", "2/1h"],
         chats: &["--create-chat-rate", "3/1h", "--chat-change-rate", "2/1h"],
         messages: &[
             "--send-message-rate",
@@ -189,6 +189,7 @@ mod per_user {
             "2/1h",
         ],
         assistant: &[],
+        edge: &[],
     };
 
     crate::both_modes!(flags = crate::limits::per_user::FLAGS; per_user_rates_refuse_with_retry_info);
@@ -245,6 +246,19 @@ mod per_user {
         let _first = m.stream_events(authed(&alice, open())).await.expect("first stream");
         let _second = m.stream_events(authed(&alice, open())).await.expect("second stream");
         retry_delay(&m.stream_events(authed(&alice, open())).await.unwrap_err());
+
+        // Finding people by username: a cap on enumerating usernames. By
+        // id (unguessable) is not counted.
+        let mut sessions = c.sessions();
+        let by_name = || spb::GetUserRequest { username: bob.username.clone(), ..Default::default() };
+        for _ in 0..2 {
+            sessions.get_user(authed(&alice, by_name())).await.expect("within the rate");
+        }
+        let refused = sessions.get_user(authed(&alice, by_name())).await.unwrap_err();
+        assert!(retry_delay(&refused) > Duration::from_secs(29 * 60), "{refused:?}");
+        let by_id = spb::GetUserRequest { user_id: bob.id.clone(), ..Default::default() };
+        sessions.get_user(authed(&alice, by_id)).await.expect("by id is not counted");
+        sessions.get_user(authed(&bob, by_name())).await.expect("another user has a rate of their own");
     }
 }
 
@@ -256,6 +270,7 @@ mod per_address {
         chats: &[],
         messages: &[],
         assistant: &[],
+        edge: &[],
     };
 
     crate::both_modes!(flags = crate::limits::per_address::FLAGS; per_address_rates_refuse_with_retry_info);
@@ -316,6 +331,7 @@ mod login {
         chats: &[],
         messages: &[],
         assistant: &[],
+        edge: &[],
     };
 
     crate::both_modes!(flags = crate::limits::login::FLAGS; failed_log_ins_back_off_and_the_right_password_then_works);
@@ -363,6 +379,58 @@ fn from<T>(address: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert("x-forwarded-for", address.parse().expect("ascii"));
     request
+}
+
+mod failed_auth {
+    use super::*;
+
+    /// The test is a trusted proxy, so `x-forwarded-for` picks each call's
+    /// address: at the all-in-one's door, or at the edge's in split mode.
+    pub(crate) const FLAGS: Flags<'static> =
+        Flags { edge: &["--failed-auth-rate", "3/1h", "--trusted-proxies", "127.0.0.0/8,::1"], ..Flags::NONE };
+
+    crate::both_modes!(flags = crate::limits::failed_auth::FLAGS; random_tokens_cut_off_their_address_only);
+
+    /// `message` with `token` from the client at `address`.
+    fn from_with<T>(address: &str, token: &str, message: T) -> tonic::Request<T> {
+        let mut request = from(address, message);
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii"));
+        request
+    }
+
+    async fn random_tokens_cut_off_their_address_only(c: &Cluster) {
+        let alice = c.user("alice").await;
+        let (guesser, neighbour) = ("192.0.2.1", "198.51.100.2");
+        let mut sessions = c.sessions();
+        let current = |address: &str, token: &str| {
+            let mut sessions = c.sessions();
+            let request = from_with(address, token, spb::GetCurrentSessionRequest::default());
+            async move { sessions.get_current_session(request).await.map(|r| r.into_inner()) }
+        };
+        // Three failures are within the rate; the fourth is still answered
+        // (it is what runs the budget out).
+        for i in 0..4 {
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            assert_eq!(code(current(guesser, &token).await), Code::Unauthenticated, "guess {i}");
+        }
+        // Now every call with a token from that address is refused at the
+        // door, even one with a good token, on every service.
+        let refused = current(guesser, &alice.token).await.unwrap_err();
+        assert!(retry_delay(&refused) > Duration::from_secs(60), "refused until a failure refills: {refused:?}");
+        assert!(refused.message().contains("failed token checks from this address"), "{refused:?}");
+        let listed = c.chats().list_chats(from_with(guesser, &alice.token, cpb::ListChatsRequest::default())).await;
+        assert_eq!(code(listed), Code::ResourceExhausted, "the chats service too");
+        // A call without a token from that address still gets in: a guest.
+        sessions
+            .create_session(from(guesser, spb::CreateSessionRequest::default()))
+            .await
+            .expect("a call without a token is not refused");
+        // The neighbour is not touched: a good token works, a bad one is
+        // just UNAUTHENTICATED.
+        let me = current(neighbour, &alice.token).await.expect("another address is not refused");
+        assert_eq!(me.user.expect("user").id, alice.id);
+        assert_eq!(code(current(neighbour, "not-a-token").await), Code::Unauthenticated);
+    }
 }
 
 // Per-address behaviour needs distinct addresses, which only a trusted
@@ -495,7 +563,7 @@ mod revisions {
     use super::*;
 
     pub(crate) const FLAGS: Flags<'static> =
-        Flags { sessions: &[], chats: &[], messages: &["--max-message-edits", "60"], assistant: &[] };
+        Flags { sessions: &[], chats: &[], messages: &["--max-message-edits", "60"], assistant: &[], edge: &[] };
 
     crate::both_modes!(flags = crate::limits::revisions::FLAGS; edits_are_capped_and_revisions_come_in_pages);
 
@@ -569,6 +637,7 @@ mod members {
         chats: &[],
         messages: &[],
         assistant: &[],
+        edge: &[],
     };
 
     crate::both_modes!(flags = crate::limits::members::FLAGS; groups_of_hundreds_are_created_and_grown);

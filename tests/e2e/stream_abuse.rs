@@ -30,8 +30,13 @@ mod flood {
         a_stream_stalled_in_a_refill_gets_nothing_sent_after_its_removal,
     };
 
-    pub(crate) const FLAGS: natter_testkit::Flags<'static> =
-        natter_testkit::Flags { sessions: &[], chats: &[], messages: &["--send-message-rate", "off"], assistant: &[] };
+    pub(crate) const FLAGS: natter_testkit::Flags<'static> = natter_testkit::Flags {
+        sessions: &[],
+        chats: &[],
+        messages: &["--send-message-rate", "off"],
+        assistant: &[],
+        edge: &[],
+    };
 
     crate::both_modes!(
         flags = crate::stream_abuse::flood::FLAGS;

@@ -194,7 +194,9 @@ impl Credentials {
     /// Reads the password from `path`: the whole file, without the line
     /// break at its end (a mounted Kubernetes Secret or a compose secret).
     ///
-    /// Errors: the file cannot be read, or holds no password.
+    /// Errors: the file cannot be read, holds no password, or holds the
+    /// deploy files' placeholder in a Kubernetes pod
+    /// (`natter_kit::config::check_secret`).
     pub fn from_password_file(user: impl Into<String>, path: PathBuf) -> Result<Self, ConnectError> {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| ConnectError::PasswordFile { path: path.clone(), reason: e.to_string() })?;
@@ -202,6 +204,8 @@ impl Credentials {
         if password.is_empty() {
             return Err(ConnectError::PasswordFile { path, reason: "the file is empty".into() });
         }
+        natter_kit::config::check_secret("the NATS password (--nats-password-file)", password)
+            .map_err(|e| ConnectError::PasswordFile { path, reason: e.to_string() })?;
         Ok(Self::new(user, password))
     }
 }

@@ -134,3 +134,47 @@ impl Default for ServerArgs {
         }
     }
 }
+
+/// What marks the placeholder secrets natter's deploy files ship
+/// (`deploy/k8s/secret.yaml`, `deploy/dev-secrets/`).
+pub const PLACEHOLDER_MARK: &str = "REPLACE-ME";
+
+/// Checks that `secret` (the `what` of a flag, for the message) is not one
+/// of the placeholders of natter's deploy files. In a Kubernetes pod
+/// (`KUBERNETES_SERVICE_HOST` is set, as the kubelet sets it in every
+/// container) a placeholder is refused: anyone who read the public manifests
+/// would hold the secret. Elsewhere (compose on one machine, where the
+/// internal ports are not published) it is logged at warn.
+///
+/// Errors: the secret is a placeholder, in a Kubernetes pod.
+pub fn check_secret(what: &str, secret: &str) -> anyhow::Result<()> {
+    check_secret_in(what, secret, std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
+}
+
+fn check_secret_in(what: &str, secret: &str, in_kubernetes: bool) -> anyhow::Result<()> {
+    if !secret.to_ascii_uppercase().contains(PLACEHOLDER_MARK) {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        !in_kubernetes,
+        "{what} is the placeholder of natter's deploy files (it contains {PLACEHOLDER_MARK}): \
+         create a secret of your own (deploy/k8s/secret.yaml says how)"
+    );
+    tracing::warn!("{what} is the placeholder of natter's deploy files: replace it before anyone else can reach this");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_placeholder_secret_is_refused_in_kubernetes_only() {
+        let placeholder = "REPLACE-ME-natter-service-credential-placeholder-not-secret";
+        let refused = check_secret_in("the service credential", placeholder, true).unwrap_err().to_string();
+        assert!(refused.contains("the service credential is the placeholder"), "{refused}");
+        assert!(check_secret_in("the service credential", "replace-me-too-lower-case", true).is_err());
+        check_secret_in("the service credential", placeholder, false).expect("compose: a warning only");
+        check_secret_in("the service credential", "q3Vx9mZ2c1bKp0LrT8wYh4nJ6sFgA5dE", true).expect("a real secret");
+    }
+}

@@ -97,10 +97,13 @@ impl ServiceCredential {
 
     /// Reads the secret from `path`.
     ///
-    /// Errors: as [`ServiceCredential::new`], or the file cannot be read.
+    /// Errors: as [`ServiceCredential::new`], the file cannot be read, or it
+    /// holds the deploy files' placeholder in a Kubernetes pod
+    /// ([`crate::config::check_secret`]).
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let secret = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading the service credential {}: {e}", path.display()))?;
+        crate::config::check_secret("the service credential (--service-credential-file)", &secret)?;
         Self::new(&secret)
     }
 

@@ -233,6 +233,120 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     }
 }
 
+/// Failed bearer-token checks per client address: an address whose
+/// failures outrun `rate` (a GCRA bucket, see [`Rate`]) has every call that
+/// carries a token refused with RESOURCE_EXHAUSTED until its bucket refills
+/// enough for one more failure. A guesser's random tokens each cost the
+/// sessions store a look-up; this caps what one address can make it do,
+/// the way fail2ban caps SSH log-ins. Calls without a token (log-in, a new
+/// guest, health) are never refused here: they have limits of their own.
+///
+/// Kept in memory per process, like every [`RateLimiter`]; addresses whose
+/// refusal is over are swept once the map has doubled since the last sweep.
+pub struct AuthFailures {
+    failures: RateLimiter<IpAddr>,
+    /// Address -> no token-carrying call before this.
+    blocked: std::sync::Mutex<Blocked>,
+}
+
+/// The refused addresses of [`AuthFailures`].
+#[derive(Debug)]
+struct Blocked {
+    until: std::collections::HashMap<IpAddr, std::time::Instant>,
+    sweep_at: usize,
+}
+
+impl std::fmt::Debug for AuthFailures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthFailures").field("failures", &self.failures).finish_non_exhaustive()
+    }
+}
+
+impl AuthFailures {
+    /// Failures admitted per address at `rate` (`off`: none counted, none
+    /// refused).
+    pub fn new(rate: Rate) -> Self {
+        Self {
+            failures: RateLimiter::new("failed token checks from this address", rate),
+            blocked: std::sync::Mutex::new(Blocked {
+                until: std::collections::HashMap::new(),
+                sweep_at: HOUSEKEEPING_MIN_KEYS,
+            }),
+        }
+    }
+
+    /// Admits a token-carrying call from `client`, unless its failures ran
+    /// out.
+    ///
+    /// Errors: [`Limited`] (retry after the refusal ends).
+    pub fn check(&self, client: IpAddr) -> Result<(), Limited> {
+        self.check_at(client, std::time::Instant::now())
+    }
+
+    fn check_at(&self, client: IpAddr, now: std::time::Instant) -> Result<(), Limited> {
+        let blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
+        match blocked.until.get(&client) {
+            Some(until) if *until > now => {
+                Err(Limited { what: "failed token checks from this address", retry_after: *until - now })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts one failed token check of `client`; the one beyond its rate
+    /// starts a refusal that lasts until the bucket has room again.
+    pub fn failed(&self, client: IpAddr) {
+        self.failed_at(client, std::time::Instant::now());
+    }
+
+    fn failed_at(&self, client: IpAddr, now: std::time::Instant) {
+        let Err(limited) = self.failures.check(&client) else { return };
+        let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
+        if blocked.until.len() >= blocked.sweep_at {
+            blocked.until.retain(|_, until| *until > now);
+            blocked.sweep_at = (blocked.until.len() * 2).max(HOUSEKEEPING_MIN_KEYS);
+        }
+        blocked.until.insert(client, now + limited.retry_after);
+    }
+}
+
+/// The address a call came from, for per-address limits: as
+/// [`client_ip`], from an HTTP request's parts (for a tower layer, before
+/// tonic has made a [`tonic::Request`] of it).
+pub fn client_addr(
+    parts: &http::request::Parts,
+    trust_forwarded_for: bool,
+    trusted: &TrustedProxies,
+) -> Option<IpAddr> {
+    let peer = parts
+        .extensions
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(tonic::transport::server::TcpConnectInfo::remote_addr)
+        .map(|a| a.ip());
+    let forwarded = parts.headers.get_all("x-forwarded-for");
+    client_from(peer, || forwarded.iter().filter_map(|v| v.to_str().ok()), trust_forwarded_for, trusted)
+}
+
+/// [`client_ip`] and [`client_addr`] from the peer and the values of
+/// `x-forwarded-for`.
+fn client_from<'a, I: DoubleEndedIterator<Item = &'a str>>(
+    peer: Option<IpAddr>,
+    forwarded: impl Fn() -> I,
+    trust_forwarded_for: bool,
+    trusted: &TrustedProxies,
+) -> Option<IpAddr> {
+    let ip = if trust_forwarded_for && forwarded().next().is_some() {
+        let last = forwarded().flat_map(|v| v.split(',')).next_back()?;
+        parse_forwarded(last.trim())?
+    } else {
+        trusted.client(peer?, forwarded())
+    };
+    Some(match ip {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(v6.to_bits() & !(u128::MAX >> 64))),
+        v4 => v4,
+    })
+}
+
 /// The address a call came from, for per-address limits: the TCP peer, or,
 /// when `trust_forwarded_for` (the service runs behind natter's edge, which
 /// sets `x-forwarded-for` to the client it found), the last entry of
@@ -253,16 +367,8 @@ pub fn client_ip<T>(
     trusted: &TrustedProxies,
 ) -> Option<IpAddr> {
     let forwarded = request.metadata().get_all("x-forwarded-for");
-    let ip = if trust_forwarded_for && forwarded.iter().next().is_some() {
-        let last = forwarded.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).next_back()?;
-        parse_forwarded(last.trim())?
-    } else {
-        trusted.client(request.remote_addr()?.ip(), forwarded.iter().filter_map(|v| v.to_str().ok()))
-    };
-    Some(match ip {
-        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(v6.to_bits() & !(u128::MAX >> 64))),
-        v4 => v4,
-    })
+    let peer = request.remote_addr().map(|a| a.ip());
+    client_from(peer, || forwarded.iter().filter_map(|v| v.to_str().ok()), trust_forwarded_for, trusted)
 }
 
 /// The proxies in front of a server whose `x-forwarded-for` entries are
@@ -365,6 +471,29 @@ pub fn check_str(value: &str, max: MaxLen) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_token_checks_beyond_the_rate_refuse_that_address_only() {
+        let failures = AuthFailures::new(Rate::parse("3/1h").unwrap());
+        let (guesser, neighbour): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let now = std::time::Instant::now();
+        for _ in 0..3 {
+            failures.failed_at(guesser, now);
+            assert_eq!(failures.check_at(guesser, now), Ok(()), "within the budget");
+        }
+        failures.failed_at(guesser, now);
+        let refused = failures.check_at(guesser, now).unwrap_err();
+        assert_eq!(refused.what, "failed token checks from this address");
+        assert!(refused.retry_after > Duration::from_secs(1000), "a refill of one failure: {refused:?}");
+        assert_eq!(failures.check_at(neighbour, now), Ok(()), "another address is not refused");
+        // Once the bucket has room for one more failure, calls are admitted.
+        assert_eq!(failures.check_at(guesser, now + refused.retry_after), Ok(()));
+        let off = AuthFailures::new(Rate::Off);
+        for _ in 0..100 {
+            off.failed_at(guesser, now);
+        }
+        assert_eq!(off.check_at(guesser, now), Ok(()), "off counts nothing");
+    }
 
     #[test]
     fn a_throttle_admits_once_per_period_and_counts_the_rest() {

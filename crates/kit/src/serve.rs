@@ -30,6 +30,7 @@ use crate::web_page::PageSource;
 
 use crate::config::ServerArgs;
 use crate::internal::ServiceCredential;
+use crate::limits::{AuthFailures, Rate, TrustedProxies};
 
 /// Headers a gRPC-web browser client sends (Fetch/XHR needs them allowed).
 const CORS_ALLOW_HEADERS: [&str; 8] = [
@@ -53,6 +54,7 @@ pub struct Server {
     health: HealthReporter,
     page: PageSource,
     credential: Option<ServiceCredential>,
+    failed_auth: Option<FailedAuthLayer>,
 }
 
 /// A [`Server`] taken apart, for a caller that adds a fallback route (the
@@ -64,6 +66,9 @@ pub struct Parts {
     pub page: PageSource,
     /// Set for an internal listener: every call but health must carry it.
     pub credential: Option<ServiceCredential>,
+    /// Set for a server clients reach (the all-in-one, the edge): see
+    /// [`Server::limit_failed_auth`].
+    pub failed_auth: Option<FailedAuthLayer>,
 }
 
 impl Server {
@@ -98,7 +103,7 @@ impl Server {
             .build_v1alpha()
             .expect("the compiled-in descriptor sets are valid");
         routes.add_service(reflection_v1).add_service(reflection_v1alpha);
-        Self { args: args.clone(), routes, health, page: PageSource::Off, credential }
+        Self { args: args.clone(), routes, health, page: PageSource::Off, credential, failed_auth: None }
     }
 
     /// Serves the browser page at `/` (GET and HEAD requests; gRPC and
@@ -113,6 +118,21 @@ impl Server {
             }
         }
         self.page = page;
+        self
+    }
+
+    /// Refuses calls that carry a token from an address whose failed token
+    /// checks (UNAUTHENTICATED answers to calls with `authorization`) outran
+    /// `rate`, with RESOURCE_EXHAUSTED ([`AuthFailures`]). For the server
+    /// clients reach (the all-in-one, the edge), never for one behind the
+    /// edge, where every client has the edge's address. The client address
+    /// is found as [`crate::client_ip`] finds it, from
+    /// `trust_forwarded_for` and `trusted` proxies.
+    pub fn limit_failed_auth(&mut self, rate: Rate, trust_forwarded_for: bool, trusted: TrustedProxies) -> &mut Self {
+        if rate != Rate::Off {
+            let failures = std::sync::Arc::new(AuthFailures::new(rate));
+            self.failed_auth = Some(FailedAuthLayer { failures, trust_forwarded_for, trusted });
+        }
         self
     }
 
@@ -153,6 +173,7 @@ impl Server {
             routes: self.routes.routes(),
             page: self.page,
             credential: self.credential,
+            failed_auth: self.failed_auth,
         }
     }
 
@@ -188,7 +209,7 @@ pub async fn serve_routes(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let Parts { args, health, routes, page, credential } = parts;
+    let Parts { args, health, routes, page, credential, failed_auth } = parts;
     if credential.is_none() {
         warn_on_open_cors(&args.cors_allow_origins, &listener);
     }
@@ -213,6 +234,9 @@ pub async fn serve_routes(
         // the status of plain gRPC (gRPC-web moves trailers into the body);
         // outside the status fix below, so it records the corrected code.
         .layer(crate::observe::RpcLayer)
+        // Inside the span, so a refusal is recorded; sees plain gRPC, whose
+        // errors before any message come in the response headers.
+        .option_layer(failed_auth)
         // Inside the span, so a timed-out call is recorded as one.
         .layer(RequestTimeoutLayer { timeout: transport.request_timeout })
         // Innermost, so gRPC-web clients see the corrected code too.
@@ -245,6 +269,75 @@ pub async fn serve_routes(
             tracing::warn!(grace = ?grace, "shutdown grace period over; stopping with calls in flight");
             Ok(())
         }
+    }
+}
+
+/// See [`Server::limit_failed_auth`].
+#[derive(Clone, Debug)]
+pub struct FailedAuthLayer {
+    failures: std::sync::Arc<AuthFailures>,
+    trust_forwarded_for: bool,
+    trusted: TrustedProxies,
+}
+
+impl<S> tower::Layer<S> for FailedAuthLayer {
+    type Service = FailedAuth<S>;
+
+    fn layer(&self, inner: S) -> FailedAuth<S> {
+        FailedAuth { inner, limit: self.clone() }
+    }
+}
+
+/// See [`Server::limit_failed_auth`].
+#[derive(Clone, Debug)]
+pub struct FailedAuth<S> {
+    inner: S,
+    limit: FailedAuthLayer,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for FailedAuth<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::Either<
+        futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>,
+        std::future::Ready<Result<Self::Response, S::Error>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let (parts, body) = request.into_parts();
+        // Only calls with a token are counted and refused: log-in and new
+        // guests have limits of their own.
+        let client = if parts.headers.contains_key(http::header::AUTHORIZATION) {
+            crate::limits::client_addr(&parts, self.limit.trust_forwarded_for, &self.limit.trusted)
+        } else {
+            None
+        };
+        if let Some(refused) = client.and_then(|ip| self.limit.failures.check(ip).err()) {
+            let status: tonic::Status = refused.into();
+            return futures::future::Either::Right(std::future::ready(Ok(status.into_http())));
+        }
+        let call = self.inner.call(http::Request::from_parts(parts, body));
+        let failures = self.limit.failures.clone();
+        futures::future::Either::Left(Box::pin(async move {
+            let response = call.await?;
+            // UNAUTHENTICATED before any message: the token was refused (a
+            // stream's later end with it, a session revoked meanwhile, is
+            // in the trailers and not counted).
+            if let Some(ip) = client
+                && response.headers().get("grpc-status").is_some_and(|code| code == "16")
+            {
+                failures.failed(ip);
+            }
+            Ok(response)
+        }))
     }
 }
 

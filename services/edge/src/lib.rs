@@ -97,6 +97,13 @@ pub struct EdgeArgs {
     /// Empty: the TCP peer is the client
     #[arg(long, env = "NATTER_TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: natter_kit::TrustedProxies,
+    /// Failed token checks (calls with a token answered UNAUTHENTICATED by
+    /// a service) per client address: beyond it, the address's calls with a
+    /// token are refused here (RESOURCE_EXHAUSTED) until it may fail again,
+    /// so random tokens cannot keep the sessions service busy. N/PERIOD, or
+    /// `off`
+    #[arg(long, env = "NATTER_FAILED_AUTH_RATE", default_value = "100/1m")]
+    pub failed_auth_rate: natter_kit::limits::Rate,
 }
 
 /// Most connections the edge opens to one replica: 102,400 calls at the
@@ -466,6 +473,7 @@ async fn watch_health(routes: Arc<[Route]>, health: HealthReporter, interval: Du
 pub async fn run(args: EdgeArgs, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let forward = Forward::new(&args)?;
     let mut server = Server::new(&args.server);
+    server.limit_failed_auth(args.failed_auth_rate, false, args.trusted_proxies.clone());
     // Replicas count as healthy until a check says otherwise.
     for route in forward.routes.iter() {
         server.health().set_service_status(route.service, ServingStatus::Serving).await;

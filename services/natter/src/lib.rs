@@ -42,6 +42,13 @@ pub struct ServeArgs {
     /// Serve no browser page: the API only
     #[arg(long, env = "NATTER_NO_WEB_PAGE", conflicts_with = "web_dir")]
     pub no_web_page: bool,
+    /// Failed token checks (calls with a token answered UNAUTHENTICATED)
+    /// per client address, as found for --create-session-rate: beyond it,
+    /// the address's calls with a token are refused (RESOURCE_EXHAUSTED)
+    /// until it may fail again, so random tokens cannot keep the sessions
+    /// store busy. N/PERIOD, or `off`
+    #[arg(long, env = "NATTER_FAILED_AUTH_RATE", default_value = "100/1m")]
+    pub failed_auth_rate: natter_kit::limits::Rate,
 }
 
 /// A built all-in-one server, bound to its listener, not yet serving.
@@ -130,6 +137,11 @@ impl App {
         .await?;
 
         let mut server = Server::new(&args.server);
+        server.limit_failed_auth(
+            args.failed_auth_rate,
+            args.sessions.trust_forwarded_for,
+            args.sessions.trusted_proxies.clone(),
+        );
         natter_sessions::add_services(&mut server, &sessions).await;
         natter_chats::add_services(&mut server, &chats, auth.clone()).await;
         natter_messages::add_services(&mut server, &messages, auth.clone(), shutdown.clone()).await;

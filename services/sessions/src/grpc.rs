@@ -168,11 +168,11 @@ impl SessionService for SessionApi {
     }
 
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::GetUserResponse>, Status> {
-        self.caller(&request).await?;
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
         let u = match (r.user_id.is_empty(), r.username.is_empty()) {
             (false, true) => self.sessions.user(&natter_kit::id::parse("user_id", &r.user_id)?.to_string()).await?,
-            (true, false) => self.sessions.user_by_username(&r.username).await?,
+            (true, false) => self.sessions.user_by_username(&caller.user_id, &r.username).await?,
             _ => return Err(SessionsError::invalid("user_id", "give exactly one of user_id and username").into()),
         };
         Ok(Response::new(pb::GetUserResponse { user: Some(user(u)) }))

@@ -107,6 +107,13 @@ pub struct SessionsArgs {
     /// owner's, never counts): N/PERIOD, or `off`.
     #[arg(long, env = "NATTER_LOGIN_RETRY_RATE", default_value = "100/1h")]
     pub login_retry_rate: Rate,
+
+    /// GetUser calls by username per caller (finding someone to talk to):
+    /// a cap on how fast one account can learn which usernames exist.
+    /// Look-ups by id are not counted (ids cannot be guessed). N/PERIOD, or
+    /// `off`.
+    #[arg(long, env = "NATTER_USERNAME_LOOKUP_RATE", default_value = "60/1m")]
+    pub username_lookup_rate: Rate,
 }
 
 impl Default for SessionsArgs {
@@ -124,6 +131,7 @@ impl Default for SessionsArgs {
             login_free_failures: 3,
             login_backoff_max: Duration::from_secs(15 * 60),
             login_retry_rate: Rate::parse("100/1h").expect("valid rate"),
+            username_lookup_rate: Rate::parse("60/1m").expect("valid rate"),
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct Sessions {
     create_user_rate: RateLimiter<Option<IpAddr>>,
     /// Log-in back-off and per-username budget.
     logins: LoginGuard,
+    /// GetUser by username, per caller.
+    username_lookup_rate: RateLimiter<String>,
     /// Live tokens by hash; only when this is the only sessions instance
     /// (see [`Sessions::with_token_cache`]).
     cache: Option<Mutex<TokenCache>>,
@@ -89,6 +91,7 @@ impl Sessions {
                 args.login_free_failures,
                 args.login_retry_rate,
             ),
+            username_lookup_rate: RateLimiter::new("look-ups by username", args.username_lookup_rate),
             cache: None,
         }
     }
@@ -318,10 +321,14 @@ impl Sessions {
         self.store.user_by_id(user_id).await?.ok_or(SessionsError::UserNotFound)
     }
 
-    /// A user by username (case-insensitive).
-    pub async fn user_by_username(&self, username: &str) -> Result<UserRow, SessionsError> {
+    /// A user by username (case-insensitive), looked up by `caller` (at
+    /// `--username-lookup-rate`).
+    ///
+    /// Errors: INVALID_ARGUMENT (`username`), RESOURCE_EXHAUSTED, NOT_FOUND.
+    pub async fn user_by_username(&self, caller: &str, username: &str) -> Result<UserRow, SessionsError> {
         natter_kit::limits::check_str(username, natter_kit::limits::MaxLen::Chars(*domain::USERNAME_LEN.end()))
             .map_err(|r| SessionsError::invalid("username", r))?;
+        self.username_lookup_rate.check(&caller.to_owned())?;
         self.store.user_by_key(&username.to_ascii_lowercase()).await?.ok_or(SessionsError::UserNotFound)
     }
 

@@ -44,11 +44,20 @@ pub struct Flags<'a> {
     pub messages: &'a [&'a str],
     /// For the assistant service (`--assistant-base-url` and the like).
     pub assistant: &'a [&'a str],
+    /// For the edge in split mode, and the all-in-one too: only flags both
+    /// accept (`--failed-auth-rate`, `--trusted-proxies`).
+    pub edge: &'a [&'a str],
+}
+
+impl Flags<'static> {
+    /// No flags (as `Default`, in a `const`).
+    pub const NONE: Self = Self { sessions: &[], chats: &[], messages: &[], assistant: &[], edge: &[] };
 }
 
 impl Flags<'_> {
     fn all(&self) -> Vec<&str> {
-        self.sessions.iter().chain(self.chats).chain(self.messages).chain(self.assistant).copied().collect()
+        let services = self.sessions.iter().chain(self.chats).chain(self.messages).chain(self.assistant);
+        services.chain(self.edge).copied().collect()
     }
 }
 
@@ -256,19 +265,23 @@ impl Cluster {
             .chain(flags.assistant.iter().copied()),
         )
         .expect("valid flags");
-        let edge = natter_edge::EdgeArgs::try_parse_from([
-            "natter-edge",
-            "--listen",
-            "127.0.0.1:0",
-            "--sessions-url",
-            &s,
-            "--chats-url",
-            &c,
-            "--messages-url",
-            &m,
-            "--assistant-url",
-            &a,
-        ])
+        let edge = natter_edge::EdgeArgs::try_parse_from(
+            [
+                "natter-edge",
+                "--listen",
+                "127.0.0.1:0",
+                "--sessions-url",
+                &s,
+                "--chats-url",
+                &c,
+                "--messages-url",
+                &m,
+                "--assistant-url",
+                &a,
+            ]
+            .into_iter()
+            .chain(flags.edge.iter().copied()),
+        )
         .expect("valid flags");
         spawn(&mut tasks, natter_sessions::run(sessions, ls, is, shutdown.clone()));
         spawn(&mut tasks, natter_chats::run(chats, lc, ic, shutdown.clone()));

@@ -104,3 +104,23 @@ fn readme_operate_tables_match_the_binaries() {
         "README's Operate tables differ from --help; run NATTER_BLESS=1 cargo test -p natter --test cluster operate\n{want}"
     );
 }
+
+/// In a Kubernetes pod, a split service refuses the deploy files'
+/// placeholder credential (anyone who read them holds it) and says which
+/// secret to replace. (That it only warns elsewhere is natter-kit's unit
+/// test: a process that starts would have to be stopped.)
+#[test]
+fn a_placeholder_credential_is_refused_in_a_pod() {
+    let placeholder = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/dev-secrets/service-credential");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = Command::new(env!("CARGO_BIN_EXE_natter"))
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .args(["sessions", "--listen", "127.0.0.1:0", "--internal-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .args(["--service-credential-file", placeholder])
+        .output()
+        .expect("run natter");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "started with the placeholder: {stderr}");
+    assert!(stderr.contains("the service credential (--service-credential-file) is the placeholder"), "{stderr}");
+}

@@ -587,7 +587,9 @@ pub struct NewReply {
     pub prompt: MessageId,
     /// The reply it replaces, superseded in the same transaction.
     pub replaces: Option<MessageId>,
-    /// µs since the Unix epoch: send time and first checkpoint.
+    /// µs since the Unix epoch: the send time. (A reply still generating
+    /// gets its first checkpoint on the store's clock,
+    /// [`MessageStore::clock`], as every later one.)
     pub now: i64,
     /// Created finished (a refusal) with this status, text and info,
     /// instead of GENERATING.

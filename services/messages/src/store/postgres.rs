@@ -39,6 +39,16 @@ use crate::domain::{decode_attachments, encode_attachments};
 /// For each message of a batch, in order: whether its id is stored already,
 /// and whether its reply (0: none) names a stored message of its chat. `$1`
 /// ids, `$2` chat ids, `$3` replies.
+/// The database's clock in µs since the Unix epoch, as SQL: the clock
+/// replies are checkpointed and judged stale on (see `MessageStore::clock`).
+/// `clock_timestamp()`, not `now()`: the time of the statement, not of its
+/// transaction's start.
+macro_rules! db_clock_micros {
+    () => {
+        "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
+    };
+}
+
 const CHECK_BATCH: &str = "SELECT EXISTS (SELECT 1 FROM messages m WHERE m.id = i.id) AS taken, \
      (i.reply = 0 OR EXISTS (SELECT 1 FROM messages m WHERE m.chat_id = i.chat_id AND m.seq = i.reply)) AS reply_ok \
      FROM UNNEST($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS i (id, chat_id, reply, ord) ORDER BY i.ord";
@@ -202,16 +212,21 @@ impl PostgresStore {
                 return Ok(Started::Busy(parse_id("id", &other).map_err(StoreError::Corrupt)?));
             }
         }
-        let (text, generation, info, checkpoint) = match &r.finished {
-            Some((status, text, info)) => (text.as_str(), *status, GenerationInfo::encode(Some(info)), None),
-            None => ("", Generation::Generating, String::new(), Some(r.now)),
+        // A reply still generating is checkpointed now, on the database's
+        // clock, the one every later checkpoint and the sweeper's staleness
+        // test read (see `MessageStore::clock`).
+        let (text, generation, info, checkpointed) = match &r.finished {
+            Some((status, text, info)) => (text.as_str(), *status, GenerationInfo::encode(Some(info)), false),
+            None => ("", Generation::Generating, String::new(), true),
         };
         let row = sqlx::query(concat!(
             "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
              revision, delete_time, change_seq, create_change, role, generation, replaces_id, generation_info, \
              checkpoint_time, search_vector) \
-             VALUES ($1, $2, $3, $4, $9, '', $5, $6, NULL, 1, NULL, $7, $7, 2, $10, $8, $11, $12, $13::tsvector) \
-             RETURNING ",
+             VALUES ($1, $2, $3, $4, $9, '', $5, $6, NULL, 1, NULL, $7, $7, 2, $10, $8, $11, \
+             CASE WHEN $12 THEN ",
+            db_clock_micros!(),
+            " END, $13::tsvector) RETURNING ",
             message_columns!()
         ))
         .bind(&id)
@@ -225,7 +240,7 @@ impl PostgresStore {
         .bind(text)
         .bind(generation as i32)
         .bind(info)
-        .bind(checkpoint)
+        .bind(checkpointed)
         .bind(crate::search::tsvector(text))
         .fetch_one(&mut *tx)
         .await?;
@@ -606,9 +621,7 @@ impl MessageStore for PostgresStore {
     }
 
     async fn clock(&self) -> Result<i64, StoreError> {
-        let (now,): (i64,) = sqlx::query_as("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")
-            .fetch_one(&self.pool)
-            .await?;
+        let (now,): (i64,) = sqlx::query_as(concat!("SELECT ", db_clock_micros!())).fetch_one(&self.pool).await?;
         Ok(now)
     }
 

@@ -524,7 +524,9 @@ fn start_reply(conn: &mut Connection, r: &NewReply) -> rusqlite::Result<Started>
     }
     let (text, generation, info, checkpoint) = match &r.finished {
         Some((status, text, info)) => (text.as_str(), *status, GenerationInfo::encode(Some(info)), None),
-        None => ("", Generation::Generating, String::new(), Some(r.now)),
+        // On the store's clock (`MessageStore::clock`), like every later
+        // checkpoint.
+        None => ("", Generation::Generating, String::new(), Some(natter_kit::time::now_micros())),
     };
     let (last_seq, last_change): (i64, i64) = tx
         .prepare_cached("SELECT last_seq, last_change FROM chat_heads WHERE chat_id = ?1")?

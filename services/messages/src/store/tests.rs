@@ -847,17 +847,22 @@ async fn one_reply_generates_at_a_time_per_chat_and_a_refusal_is_not_held_up(h: 
 
 async fn stale_replies_are_those_whose_checkpoint_is_old_and_checkpoints_renew_them(h: &Harness) {
     send(h, &[by(msg(1, 1, 0), 1), by(msg(2, 2, 0), 1), by(msg(3, 3, 0), 1)]).await;
+    // A reply's first checkpoint is on the store's clock, whatever send
+    // time the caller gave it (5,011 here): the clock the sweeper judges by.
+    let t0 = h.store.clock().await.unwrap();
     let (a, _) = created(h.store.start_reply(&reply(11, 1, 1, None)).await.unwrap());
     let (b, _) = created(h.store.start_reply(&reply(12, 2, 2, None)).await.unwrap());
     let (c, _) = created(h.store.start_reply(&reply(13, 3, 3, None)).await.unwrap());
-    h.store.checkpoint_reply(b.id, None, 9_000).await.unwrap();
+    let t1 = h.store.clock().await.unwrap();
+    h.store.checkpoint_reply(b.id, None, t1 + 9_000).await.unwrap();
     h.store.finish_reply(c.id, &fin("", Generation::Complete, &GenerationInfo::default(), false)).await.unwrap();
     let stale = |before| async move {
         h.store.stale_replies(before, 10).await.unwrap().into_iter().map(|m| m.id).collect::<Vec<_>>()
     };
-    assert_eq!(stale(8_000).await, [a.id], "b renewed its lease, c is finished");
-    assert_eq!(stale(9_001).await, [a.id, b.id], "oldest checkpoint first");
-    assert_eq!(h.store.stale_replies(9_001, 1).await.unwrap().len(), 1);
+    assert_eq!(stale(t0).await, [], "checkpointed on the store's clock as it started");
+    assert_eq!(stale(t1 + 1).await, [a.id], "b renewed its lease, c is finished");
+    assert_eq!(stale(t1 + 9_001).await, [a.id, b.id], "oldest checkpoint first");
+    assert_eq!(h.store.stale_replies(t1 + 9_001, 1).await.unwrap().len(), 1);
 
     // A batch of checkpoints: one transaction, answers in its order, None
     // for a finished reply and an unknown id; the heartbeat keeps the text.
@@ -868,8 +873,8 @@ async fn stale_replies_are_those_whose_checkpoint_is_old_and_checkpoints_renew_t
         Checkpoint { id: id(99), text: Some("x".into()) },
         Checkpoint { id: a.id, text: Some("Hi".into()) },
     ];
-    assert_eq!(h.store.checkpoint_replies(&batch, 10_000).await.unwrap(), [Some(true), None, None, Some(false)]);
-    assert!(stale(10_000).await.is_empty(), "both renewed");
+    assert_eq!(h.store.checkpoint_replies(&batch, t1 + 10_000).await.unwrap(), [Some(true), None, None, Some(false)]);
+    assert!(stale(t1 + 10_000).await.is_empty(), "both renewed");
     let text = |m: MessageId| async move { h.store.message(m).await.unwrap().unwrap().text };
     assert_eq!((text(a.id).await, text(b.id).await, text(c.id).await), ("Hi".into(), String::new(), String::new()));
 
@@ -879,9 +884,9 @@ async fn stale_replies_are_those_whose_checkpoint_is_old_and_checkpoints_renew_t
         stale_before: Some(before),
         ..fin("what the sweeper read", Generation::Interrupted, &GenerationInfo::default(), false)
     };
-    let alive = h.store.finish_reply(a.id, &interrupt(9_500)).await.unwrap().unwrap();
+    let alive = h.store.finish_reply(a.id, &interrupt(t1 + 9_500)).await.unwrap().unwrap();
     assert_eq!((alive.changed, alive.reply.generation()), (false, Some(Generation::Generating)));
-    let ended = h.store.finish_reply(a.id, &interrupt(10_001)).await.unwrap().unwrap();
+    let ended = h.store.finish_reply(a.id, &interrupt(t1 + 10_001)).await.unwrap().unwrap();
     assert!(ended.changed);
     assert_eq!((ended.reply.generation(), ended.reply.text.as_str()), (Some(Generation::Interrupted), "Hi"));
 }

@@ -325,3 +325,90 @@ async fn bots_are_made_once_join_chats_and_never_log_in() {
     );
     c.stop().await;
 }
+
+mod guest_deletion {
+    use super::*;
+
+    /// Sessions last 3 s and are deleted a second after they expire, so a
+    /// guest is deleted about 4 s after it came; people log in again.
+    pub(crate) const FLAGS: natter_testkit::Flags<'static> = natter_testkit::Flags {
+        sessions: &[
+            "--session-ttl",
+            "3s",
+            "--session-retention",
+            "1s",
+            "--session-purge-interval",
+            "200ms",
+            "--create-session-rate",
+            "off",
+        ],
+        ..natter_testkit::Flags::NONE
+    };
+
+    crate::both_modes!(flags = crate::sessions::guest_deletion::FLAGS; a_guest_long_gone_leaves_its_chats);
+
+    /// A fresh session of `user` (the test's sessions last 3 s).
+    async fn again(c: &Cluster, user: &natter_testkit::TestUser) -> natter_testkit::TestUser {
+        let request =
+            spb::CreateSessionRequest { username: user.username.clone(), password: "correct horse battery".into() };
+        let s = c.sessions().create_session(request).await.expect("log in").into_inner();
+        natter_testkit::TestUser { token: s.token, session_id: s.session.expect("session").id, ..user.clone() }
+    }
+
+    async fn members(c: &Cluster, user: &natter_testkit::TestUser, chat_id: &str) -> Vec<(String, i32)> {
+        let request = cpb::ListMembersRequest { chat_id: chat_id.to_owned(), ..Default::default() };
+        let listed = c.chats().list_members(authed(user, request)).await.expect("members").into_inner();
+        listed.members.into_iter().map(|m| (m.user_id, m.role)).collect()
+    }
+
+    async fn a_guest_long_gone_leaves_its_chats(c: &Cluster) {
+        let (alice, bob, guest) = (c.user("alice").await, c.user("bob").await, c.guest().await);
+        let mut chats = c.chats();
+        let create = |kind: cpb::ChatKind, title: &str, member_ids: Vec<String>| {
+            let request =
+                cpb::CreateChatRequest { kind: kind as i32, title: title.into(), member_ids, ..Default::default() };
+            authed(&guest, request)
+        };
+        let group = |title, members| create(cpb::ChatKind::Group, title, members);
+        let owned = chats.create_chat(group("owned", vec![alice.id.clone(), bob.id.clone()])).await.unwrap();
+        let owned = owned.into_inner().chat.unwrap().id;
+        let role = cpb::UpdateMemberRequest {
+            chat_id: owned.clone(),
+            user_id: bob.id.clone(),
+            role: cpb::MemberRole::Admin as i32,
+        };
+        chats.update_member(authed(&guest, role)).await.expect("bob made admin");
+        let alone = chats.create_chat(group("alone", Vec::new())).await.unwrap().into_inner().chat.unwrap().id;
+        let with_alice = chats.create_chat(create(cpb::ChatKind::Direct, "", vec![alice.id.clone()])).await.unwrap();
+        let with_alice = with_alice.into_inner().chat.unwrap().id;
+        crate::chats::send(c, &guest, &with_alice, "hello from a guest").await;
+
+        // Its session expires at 3 s and is deleted a second later, and the
+        // guest with it; the chats service follows within its relay's 5 s.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        let bob = loop {
+            let bob = again(c, &bob).await;
+            if members(c, &bob, &owned).await.len() == 2 {
+                break bob;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the guest never left {owned}");
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        };
+        let alice = again(c, &alice).await;
+        let owner = cpb::MemberRole::Owner as i32;
+        let member = cpb::MemberRole::Member as i32;
+        let mut left = members(c, &bob, &owned).await;
+        left.sort();
+        let mut expected = vec![(alice.id.clone(), member), (bob.id.clone(), owner)];
+        expected.sort();
+        assert_eq!(left, expected, "the admin owns the group the guest owned");
+        let get = |chat_id: &str| cpb::GetChatRequest { chat_id: chat_id.to_owned(), ..Default::default() };
+        assert_eq!(code(chats.get_chat(authed(&alice, get(&alone))).await), Code::NotFound, "its lone group is gone");
+        let with_history = cpb::GetChatRequest { message_page_size: 10, ..get(&with_alice) };
+        let kept = chats.get_chat(authed(&alice, with_history)).await.expect("alice keeps their direct chat");
+        let history = kept.into_inner().messages;
+        assert!(history.iter().any(|m| m.text == "hello from a guest"), "with its history: {history:?}");
+        let looked_up = spb::GetUserRequest { user_id: guest.id.clone(), ..Default::default() };
+        assert_eq!(code(c.sessions().get_user(authed(&alice, looked_up)).await), Code::NotFound, "the guest is gone");
+    }
+}

@@ -248,6 +248,15 @@ pub trait MessageDirectory: Send + Sync + 'static {
 pub trait UserDirectory: Send + Sync + 'static {
     /// The users among `user_ids` that exist.
     async fn lookup_users(&self, user_ids: Vec<String>) -> Result<Vec<sessions::User>, Status>;
+
+    /// ListDeletedUsers: up to `page_size` users deleted after
+    /// `after_position` in the sessions service's deletion log, oldest
+    /// first. A directory that keeps no log (a stand-in) answers
+    /// UNIMPLEMENTED.
+    async fn deleted_users(&self, after_position: i64, page_size: i32) -> Result<Vec<sessions::DeletedUser>, Status> {
+        let _ = (after_position, page_size);
+        Err(Status::unimplemented("this directory keeps no deletion log"))
+    }
 }
 
 /// Calls another service's internal listener over gRPC: each call carries
@@ -463,6 +472,12 @@ impl UserDirectory for Grpc {
             .await?
             .users)
     }
+
+    async fn deleted_users(&self, after_position: i64, page_size: i32) -> Result<Vec<sessions::DeletedUser>, Status> {
+        let request = sessions::ListDeletedUsersRequest { after_position, page_size };
+        let mut client = SessionInternalServiceClient::new(self.0.channel());
+        Ok(self.0.call(client.list_deleted_users(self.0.request(request))).await?.deleted_users)
+    }
 }
 
 #[async_trait]
@@ -476,6 +491,17 @@ impl<S: SessionInternalService> UserDirectory for InProcess<S> {
         .await?
         .into_inner()
         .users)
+    }
+
+    async fn deleted_users(&self, after_position: i64, page_size: i32) -> Result<Vec<sessions::DeletedUser>, Status> {
+        let request = sessions::ListDeletedUsersRequest { after_position, page_size };
+        Ok(in_process(
+            "/natter.sessions.v1.SessionInternalService/ListDeletedUsers",
+            self.0.list_deleted_users(Request::new(request)),
+        )
+        .await?
+        .into_inner()
+        .deleted_users)
     }
 }
 

@@ -97,6 +97,13 @@ const RELAY_BATCH: u32 = 100;
 /// always) empty table.
 pub const RELAY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The name under which the store keeps how far the sessions service's log
+/// of deleted users is followed ([`Chats::forget_deleted_users`]).
+const DELETED_USERS_LOG: &str = "sessions.deleted_users";
+
+/// Deleted users asked for at a time.
+const DELETED_USERS_PAGE: i32 = 100;
+
 /// Attempts at one RecordChatChanges call before its entry is left for the
 /// relay.
 const RECORD_ATTEMPTS: u32 = 4;
@@ -444,6 +451,7 @@ impl Chats {
         if done > 0 {
             tracing::info!(chats = done, "the relay recorded outbox entries left behind");
         }
+        done += self.forget_deleted_users().await;
         // Deleted chats whose messages are still to purge.
         match self.store.chats_to_purge(RELAY_BATCH).await {
             Ok(due) => {
@@ -578,14 +586,101 @@ impl Chats {
         } else if role != Role::Owner {
             return Err(ChatsError::Denied("only the owner may delete a chat"));
         }
-        let members = self.store.delete_chat(chat.id, now_micros()).await?;
-        self.evict(chat.id).await;
-        tracing::debug!(chat_id = %chat.id, members = members.len(), "chat's members removed");
+        self.remove_chat(chat.id).await
+    }
+
+    /// Deletes chat `chat`, its memberships, then its messages.
+    async fn remove_chat(&self, chat: ChatId) -> Result<(), ChatsError> {
+        let members = self.store.delete_chat(chat, now_micros()).await?;
+        self.evict(chat).await;
+        tracing::debug!(chat_id = %chat, members = members.len(), "chat's members removed");
         // The chat is gone, so its messages are unreachable already (its id
         // is never given to another chat); a purge that fails now is
         // retried by the relay.
-        self.purge(chat.id).await;
-        tracing::info!(chat_id = %chat.id, "chat deleted");
+        self.purge(chat).await;
+        tracing::info!(chat_id = %chat, "chat deleted");
+        Ok(())
+    }
+
+    /// Takes the users the sessions service deleted (guests long gone) out
+    /// of their chats ([`Chats::forget_user`]), following its log
+    /// (`ListDeletedUsers`) from the position kept in the store, which
+    /// moves past each user once they are out; returns how many. Run by
+    /// the relay; a failure is logged and the rest waits for its next
+    /// round. Replicas may follow at once: forgetting a user twice changes
+    /// nothing the second time.
+    pub async fn forget_deleted_users(&self) -> usize {
+        let mut forgotten = 0;
+        loop {
+            let after = match self.store.followed(DELETED_USERS_LOG).await {
+                Ok(after) => after,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading how far deleted users are followed failed");
+                    return forgotten;
+                }
+            };
+            let page = match self.users.deleted_users(after, DELETED_USERS_PAGE).await {
+                Ok(page) => page,
+                // A stand-in directory (tests) keeps no log.
+                Err(e) if e.code() == tonic::Code::Unimplemented => return forgotten,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing deleted users failed; will retry");
+                    return forgotten;
+                }
+            };
+            for deleted in &page {
+                match uuid::Uuid::try_parse(&deleted.user_id) {
+                    Ok(user) => {
+                        if let Err(e) = self.forget_user(UserId(user)).await {
+                            tracing::warn!(user_id = %user, error = %e, "taking a deleted user out of their chats failed; will retry");
+                            return forgotten;
+                        }
+                    }
+                    Err(_) => tracing::warn!(user_id = %deleted.user_id, "a deleted user's id is no UUID; skipped"),
+                }
+                if let Err(e) = self.store.follow_to(DELETED_USERS_LOG, deleted.position).await {
+                    tracing::warn!(error = %e, "recording how far deleted users are followed failed; will retry");
+                    return forgotten;
+                }
+                forgotten += 1;
+            }
+            if page.len() < DELETED_USERS_PAGE as usize {
+                return forgotten;
+            }
+        }
+    }
+
+    /// Takes deleted user `user` out of every chat: an assistant chat (a
+    /// direct chat with a bot) and a group it alone was in are deleted with
+    /// their messages; a group it owned passes to its longest-standing
+    /// admin, else member, before it leaves (members see it leave, as if it
+    /// had); a direct chat with a person stays as it is, the other person's
+    /// history with it. Repeatable after a failure midway.
+    pub async fn forget_user(&self, user: UserId) -> Result<(), ChatsError> {
+        for chat_id in self.store.member_chat_ids(user, false).await? {
+            let Some(ChatAccess { chat, role: Some(role) }) = self.store.access(chat_id, user).await? else { continue };
+            if chat.kind == Kind::Direct {
+                if self.other_is_a_bot(chat.id, user).await? {
+                    self.remove_chat(chat.id).await?;
+                }
+                continue;
+            }
+            let members = self.store.members(chat.id, None, self.limits.group_members as u32 + 1).await?;
+            let others: Vec<&Member> = members.iter().filter(|m| m.user_id != user).collect();
+            let Some(first) = others.first() else {
+                self.remove_chat(chat.id).await?;
+                continue;
+            };
+            let now = now_micros();
+            if role == Role::Owner {
+                let heir = others.iter().find(|m| m.role == Role::Admin).unwrap_or(first);
+                self.store.set_role(chat.id, heir.user_id, Role::Owner, now).await?;
+            }
+            self.store.remove_member(chat.id, user, Departure::Left, now).await?;
+            self.evict(chat.id).await;
+            self.deliver(chat.id).await;
+            tracing::info!(chat_id = %chat.id, user_id = %user, "a deleted user left the chat");
+        }
         Ok(())
     }
 
@@ -1007,6 +1102,29 @@ mod tests {
         }
     }
 
+    /// Users that exist, with some of them bots, and a log of deleted users.
+    #[derive(Default)]
+    struct Directory {
+        bots: Vec<UserId>,
+        deleted: Mutex<Vec<spb::DeletedUser>>,
+    }
+
+    #[async_trait]
+    impl UserDirectory for Directory {
+        async fn lookup_users(&self, user_ids: Vec<String>) -> Result<Vec<spb::User>, Status> {
+            let kind = |id: &str| {
+                let bot = self.bots.iter().any(|b| b.to_string() == id);
+                if bot { spb::UserKind::Bot } else { spb::UserKind::Human }
+            };
+            Ok(user_ids.into_iter().map(|id| spb::User { kind: kind(&id) as i32, id, ..Default::default() }).collect())
+        }
+
+        async fn deleted_users(&self, after: i64, page_size: i32) -> Result<Vec<spb::DeletedUser>, Status> {
+            let log = self.deleted.lock().unwrap();
+            Ok(log.iter().filter(|d| d.position > after).take(page_size as usize).cloned().collect())
+        }
+    }
+
     /// Keeps every RecordChatChanges call; fails them while `down` is set
     /// and the next `failures` of them. `keys` holds the idempotency key of
     /// every attempt, failed or not.
@@ -1074,17 +1192,15 @@ mod tests {
     }
 
     async fn harness(limits: Limits) -> Harness {
+        harness_with(limits, Arc::new(AnyUser)).await
+    }
+
+    async fn harness_with(limits: Limits, users: Arc<dyn UserDirectory>) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteChatStore::open(&dir.path().join("chats.db"), 2, Duration::from_secs(3600)).await.unwrap();
         let messages = Arc::new(Recorder::default());
-        let chats = Chats::new(
-            Arc::new(store),
-            Arc::new(AnyUser),
-            messages.clone(),
-            Arc::new(natter_bus::Hub::new()),
-            limits,
-            Rates::OFF,
-        );
+        let chats =
+            Chats::new(Arc::new(store), users, messages.clone(), Arc::new(natter_bus::Hub::new()), limits, Rates::OFF);
         Harness { chats, messages, _dir: dir }
     }
 
@@ -1111,6 +1227,47 @@ mod tests {
     fn updated(change: &mpb::ChatChange) -> (&mpb::ChatUpdated, Vec<&str>) {
         let Some(mpb::chat_change::Change::ChatUpdated(u)) = &change.change else { panic!("not a chat update") };
         (u, u.update_mask.as_ref().unwrap().paths.iter().map(String::as_str).collect())
+    }
+
+    #[tokio::test]
+    async fn a_deleted_user_leaves_every_chat_and_its_assistant_chat_goes() {
+        let [guest, bot, alice, bob] = [(); 4].map(|_| UserId::new_v7());
+        let directory = Arc::new(Directory { bots: vec![bot], ..Directory::default() });
+        let h = harness_with(Limits::default(), directory.clone()).await;
+        let direct = |other| NewChat { kind: Some(Kind::Direct), others: vec![other], ..group("", Vec::new()) };
+        let assistant = h.chats.create_chat(guest, direct(bot)).await.unwrap().chat.id;
+        let with_alice = h.chats.create_chat(guest, direct(alice)).await.unwrap().chat.id;
+        let owned = h.chats.create_chat(guest, group("owned", vec![alice, bob])).await.unwrap().chat.id;
+        h.chats.update_member(guest, owned, bob, Role::Admin).await.unwrap();
+        let alone = h.chats.create_chat(guest, group("alone", Vec::new())).await.unwrap().chat.id;
+        let joined = h.chats.create_chat(alice, group("alice's", vec![guest])).await.unwrap().chat.id;
+
+        directory.deleted.lock().unwrap().push(spb::DeletedUser {
+            position: 1,
+            user_id: guest.to_string(),
+            delete_time: None,
+        });
+        assert_eq!(h.chats.forget_deleted_users().await, 1);
+        let store = h.chats.store();
+        assert!(
+            store.member_chat_ids(guest, false).await.unwrap() == [with_alice],
+            "only alice's direct chat keeps it"
+        );
+        for gone in [assistant, alone] {
+            assert!(store.access(gone, alice).await.unwrap().is_none(), "deleted");
+            assert!(h.messages.purged.lock().unwrap().contains(&gone.to_string()), "its messages purged");
+        }
+        // The admin, not the longer-standing member, owns the group now.
+        assert_eq!(store.role(owned, bob).await.unwrap(), Some(Role::Owner));
+        assert_eq!(store.role(owned, alice).await.unwrap(), Some(Role::Member));
+        assert_eq!(store.role(joined, alice).await.unwrap(), Some(Role::Owner));
+        assert_eq!(store.role(with_alice, alice).await.unwrap(), Some(Role::Member), "her history stays");
+        assert_eq!(store.followed(DELETED_USERS_LOG).await.unwrap(), 1);
+        // Followed past: the next round asks from there and does nothing.
+        assert_eq!(h.chats.forget_deleted_users().await, 0);
+        // Forgetting again (a replica that raced, a retry) changes nothing.
+        h.chats.forget_user(guest).await.unwrap();
+        assert_eq!(store.role(owned, bob).await.unwrap(), Some(Role::Owner));
     }
 
     #[tokio::test]

@@ -253,6 +253,23 @@ impl SessionInternalService for SessionInternalApi {
         Ok(Response::new(pb::LookupUsersResponse { users }))
     }
 
+    async fn list_deleted_users(
+        &self,
+        request: Request<pb::ListDeletedUsersRequest>,
+    ) -> Result<Response<pb::ListDeletedUsersResponse>, Status> {
+        let r = request.into_inner();
+        if r.after_position < 0 {
+            return Err(SessionsError::invalid("after_position", "must not be negative").into());
+        }
+        let size = paging::page_size("page_size", r.page_size, 100, 1000)?;
+        let rows = self.sessions.deleted_users(r.after_position, i64::from(size)).await?;
+        let deleted_users = rows
+            .into_iter()
+            .map(|(position, user_id, time)| pb::DeletedUser { position, user_id, delete_time: Some(timestamp(time)) })
+            .collect();
+        Ok(Response::new(pb::ListDeletedUsersResponse { deleted_users }))
+    }
+
     async fn ensure_bot_user(
         &self,
         request: Request<pb::EnsureBotUserRequest>,

@@ -41,9 +41,18 @@ pub struct SessionsArgs {
     pub session_ttl: Duration,
 
     /// How long an expired (or revoked, then expired) session is kept
-    /// before it is deleted; checked at start-up and every hour.
+    /// before it is deleted; checked at start-up and every
+    /// --session-purge-interval. A guest (who cannot log in again) is
+    /// deleted with its last session, and taken out of its chats: its
+    /// assistant chats and the groups it alone was in are deleted, a group
+    /// it owned passes to its longest-standing admin (else member), and a
+    /// direct chat with a person stays theirs
     #[arg(long, env = "NATTER_SESSION_RETENTION", value_parser = humantime::parse_duration, default_value = "30d")]
     pub session_retention: Duration,
+
+    /// How often sessions and guests past --session-retention are deleted
+    #[arg(long, env = "NATTER_SESSION_PURGE_INTERVAL", value_parser = humantime::parse_duration, default_value = "1h")]
+    pub session_purge_interval: Duration,
 
     /// Take the client address of per-address limits from the last
     /// `x-forwarded-for` entry instead of the TCP peer. Set it only behind
@@ -121,6 +130,7 @@ impl Default for SessionsArgs {
         Self {
             session_ttl: Duration::from_secs(30 * 86_400),
             session_retention: Duration::from_secs(30 * 86_400),
+            session_purge_interval: Duration::from_secs(3600),
             trust_forwarded_for: false,
             trusted_proxies: natter_kit::TrustedProxies::default(),
             create_session_rate: Rate::parse("120/1m").expect("valid rate"),
@@ -150,18 +160,16 @@ pub async fn open(
     let db = Db::connect(db, &MIGRATOR).await?;
     let sessions = Sessions::new(store::Store::new(db), bus, args);
     let sessions = Arc::new(if only_instance { sessions.with_token_cache() } else { sessions });
-    tokio::spawn(purge_sessions(Arc::downgrade(&sessions), args.session_retention));
+    tokio::spawn(purge(Arc::downgrade(&sessions), args.session_retention, args.session_purge_interval));
     Ok(sessions)
 }
 
-/// How often long-expired sessions are purged.
-const PURGE_EVERY: Duration = Duration::from_secs(3600);
-
-/// Deletes sessions expired more than `retention` ago, at start-up and
-/// every [`PURGE_EVERY`], until the service is dropped. A failure is
-/// logged and tried again at the next round.
-async fn purge_sessions(sessions: std::sync::Weak<Sessions>, retention: Duration) {
-    let mut every = tokio::time::interval(PURGE_EVERY);
+/// Deletes sessions expired more than `retention` ago, then the guests
+/// left without any, at start-up and every `every`, until the service is
+/// dropped. A failure is logged and tried again at the next round.
+async fn purge(sessions: std::sync::Weak<Sessions>, retention: Duration, every: Duration) {
+    let mut every = tokio::time::interval(every);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
         let Some(sessions) = sessions.upgrade() else { return };
@@ -169,6 +177,11 @@ async fn purge_sessions(sessions: std::sync::Weak<Sessions>, retention: Duration
             Ok(0) => {}
             Ok(purged) => tracing::info!(purged, "expired sessions deleted"),
             Err(e) => tracing::warn!(error = %e, "cannot delete expired sessions; will try again"),
+        }
+        match sessions.purge_guests(retention).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "guests without sessions deleted"),
+            Err(e) => tracing::warn!(error = %e, "cannot delete guests without sessions; will try again"),
         }
     }
 }

@@ -143,6 +143,29 @@ impl Sessions {
         }
     }
 
+    /// Deletes the guests created more than `retention` ago who have no
+    /// session left (their last one purged by [`Sessions::purge_expired`]),
+    /// a batch of 1,000 at a time, logging each for the chats service
+    /// (`ListDeletedUsers`); returns how many. Their tokens are gone with
+    /// their sessions, so no cache holds them.
+    pub async fn purge_guests(&self, retention: std::time::Duration) -> Result<usize, SessionsError> {
+        let before = natter_kit::time::micros_ago(retention);
+        let mut deleted = 0;
+        loop {
+            let gone = self.store.purge_guests(before, now_micros(), 1000).await?;
+            deleted += gone.len();
+            if gone.len() < 1000 {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Up to `limit` entries of the deletion log after `after` (see
+    /// [`Store::deleted_users`]).
+    pub async fn deleted_users(&self, after: i64, limit: i64) -> Result<Vec<(i64, String, i64)>, SessionsError> {
+        self.store.deleted_users(after, limit).await
+    }
+
     /// The store (for shutdown).
     pub fn store(&self) -> &Store {
         &self.store

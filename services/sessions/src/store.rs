@@ -224,6 +224,51 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    /// Deletes up to `limit` guests created before `before` (µs) who have
+    /// no session left (each one purged, so expired `--session-retention`
+    /// ago), oldest first, and appends each to the `deleted_users` log at
+    /// `now`, in one transaction; returns their ids. A guest with a session
+    /// still stored, and a claimed guest (now human), stay.
+    pub async fn purge_guests(&self, before: i64, now: i64, limit: i64) -> Result<Vec<String>, SessionsError> {
+        let mut tx = self.db.write().begin().await?;
+        // Purges of two replicas queue here (see migration 0004).
+        sqlx::query("UPDATE deleted_users_lock SET runs = runs + 1 WHERE id = 1").execute(&mut *tx).await?;
+        let gone: Vec<(String,)> = sqlx::query_as(
+            "SELECT id FROM users u WHERE kind = 'guest' AND create_time < $1 \
+             AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.user_id = u.id) ORDER BY create_time LIMIT $2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let (last,): (i64,) =
+            sqlx::query_as("SELECT COALESCE(MAX(position), 0) FROM deleted_users").fetch_one(&mut *tx).await?;
+        for (position, (id,)) in (last + 1..).zip(&gone) {
+            sqlx::query("DELETE FROM users WHERE id = $1").bind(id).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO deleted_users (position, user_id, delete_time) VALUES ($1, $2, $3)")
+                .bind(position)
+                .bind(id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(gone.into_iter().map(|(id,)| id).collect())
+    }
+
+    /// Up to `limit` entries of the deletion log after `after`, oldest
+    /// first: (position, user id, delete time in µs).
+    pub async fn deleted_users(&self, after: i64, limit: i64) -> Result<Vec<(i64, String, i64)>, SessionsError> {
+        let rows = sqlx::query_as(
+            "SELECT position, user_id, delete_time FROM deleted_users WHERE position > $1 ORDER BY position LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(self.db.read())
+        .await?;
+        Ok(rows)
+    }
+
     /// Gives a guest a username and password. False if the user is not (or
     /// no longer) a guest; UsernameTaken on a duplicate.
     pub async fn claim(
@@ -307,6 +352,46 @@ mod tests {
         assert_eq!(store.purge_sessions(1_000, 2).await.unwrap(), 0);
         assert!(store.session_by_id("0190a000-0000-7000-8000-000000000104").await.unwrap().is_some(), "live");
         assert!(store.session_by_id("0190a000-0000-7000-8000-000000000101").await.unwrap().is_none());
+    }
+
+    /// Guests without sessions, created before the bound, are deleted and
+    /// logged in order; a guest with a session, a newer guest and a
+    /// person stay.
+    #[tokio::test]
+    async fn guests_left_without_sessions_are_deleted_and_logged_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = natter_db::DbConfig::sqlite_in(dir.path(), "sessions");
+        let store = Store::new(Db::connect(&config, &crate::MIGRATOR).await.unwrap());
+        let user = |n: u32, kind: &str, create_time: i64| UserRow {
+            id: format!("0190a000-0000-7000-8000-00000000000{n}"),
+            username: (kind == HUMAN).then(|| format!("person{n}")),
+            display_name: "someone".into(),
+            password_hash: None,
+            create_time,
+            kind: kind.into(),
+        };
+        let users =
+            [user(1, GUEST, 10), user(2, GUEST, 20), user(3, GUEST, 30), user(4, HUMAN, 5), user(5, GUEST, 900)];
+        for u in &users {
+            let key = u.username.as_ref().map(|n| n.to_ascii_lowercase());
+            store.insert_user(u, key.as_deref()).await.unwrap();
+        }
+        let kept = SessionRow {
+            id: "0190a000-0000-7000-8000-000000000102".into(),
+            user_id: users[1].id.clone(),
+            create_time: 20,
+            expire_time: 10_000,
+        };
+        store.insert_session(&kept, "hash").await.unwrap();
+        assert_eq!(store.purge_guests(500, 7_000, 1).await.unwrap(), [users[0].id.clone()], "a batch, oldest first");
+        assert_eq!(store.purge_guests(500, 8_000, 10).await.unwrap(), [users[2].id.clone()]);
+        assert_eq!(store.purge_guests(500, 9_000, 10).await.unwrap(), Vec::<String>::new());
+        for (u, exists) in users.iter().zip([false, true, false, true, true]) {
+            assert_eq!(store.user_by_id(&u.id).await.unwrap().is_some(), exists, "{}", u.id);
+        }
+        let log = store.deleted_users(0, 10).await.unwrap();
+        assert_eq!(log, [(1, users[0].id.clone(), 7_000), (2, users[2].id.clone(), 8_000)]);
+        assert_eq!(store.deleted_users(1, 10).await.unwrap(), log[1..]);
     }
 
     /// A statement that fails is the origin of its error: the log line of

@@ -364,6 +364,14 @@ pub trait ChatStore: Send + Sync + 'static {
     /// µs); a no-op for any other id.
     async fn chat_purged(&self, id: ChatId, now: i64) -> Result<(), StoreError>;
 
+    /// How far the log `name` of another service is followed (0: not yet).
+    async fn followed(&self, name: &str) -> Result<i64, StoreError>;
+
+    /// Records that the log `name` is followed up to `position`; a
+    /// position below the one recorded changes nothing (two replicas may
+    /// follow it at once).
+    async fn follow_to(&self, name: &str, position: i64) -> Result<(), StoreError>;
+
     /// Adds the `members` (all of chat `chat`) not in it yet, in one
     /// transaction that locks the chat first, unless the chat would then
     /// have more members than `limits` admit ([`Limits::admits_members`],

@@ -469,6 +469,26 @@ impl ChatStore for PostgresChatStore {
         Ok(())
     }
 
+    async fn followed(&self, name: &str) -> Result<i64, StoreError> {
+        let position: Option<(i64,)> = sqlx::query_as("SELECT position FROM followed_logs WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(position.map_or(0, |(p,)| p))
+    }
+
+    async fn follow_to(&self, name: &str, position: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO followed_logs (name, position) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET position = GREATEST(followed_logs.position, excluded.position)",
+        )
+        .bind(name)
+        .bind(position)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn add_members(
         &self,
         chat: ChatId,

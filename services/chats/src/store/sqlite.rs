@@ -544,6 +544,29 @@ impl ChatStore for SqliteChatStore {
         Ok(())
     }
 
+    async fn followed(&self, name: &str) -> Result<i64, StoreError> {
+        let name = name.to_owned();
+        let position = self.db.read(move |conn| {
+            conn.prepare_cached("SELECT position FROM followed_logs WHERE name = ?1")?
+                .query_row([name], |row| row.get::<_, i64>(0))
+                .optional()
+        });
+        Ok(position.await.map_err(unwrap)?.unwrap_or(0))
+    }
+
+    async fn follow_to(&self, name: &str, position: i64) -> Result<(), StoreError> {
+        let name = name.to_owned();
+        let done = self.db.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO followed_logs (name, position) VALUES (?1, ?2) \
+                 ON CONFLICT (name) DO UPDATE SET position = MAX(position, excluded.position)",
+            )?
+            .execute(params![name, position])
+        });
+        done.await.map_err(unwrap)?;
+        Ok(())
+    }
+
     async fn add_members(
         &self,
         chat: ChatId,

@@ -104,7 +104,17 @@ chat_store_suite!(
     members_page_in_join_order,
     every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none,
     an_untitled_chat_takes_a_title_once,
+    a_followed_position_only_moves_forward,
 );
+
+async fn a_followed_position_only_moves_forward(store: &dyn ChatStore) {
+    assert_eq!(store.followed("log").await.unwrap(), 0, "not followed yet");
+    store.follow_to("log", 5).await.unwrap();
+    store.follow_to("log", 3).await.unwrap();
+    assert_eq!(store.followed("log").await.unwrap(), 5, "a replica behind moves nothing back");
+    store.follow_to("log", 7).await.unwrap();
+    assert_eq!((store.followed("log").await.unwrap(), store.followed("other").await.unwrap()), (7, 0));
+}
 
 /// A group chat created by `owner` at `time` µs, titled by its id.
 pub(crate) fn chat(owner: UserId, time: i64) -> Chat {

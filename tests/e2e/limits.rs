@@ -399,7 +399,7 @@ mod failed_auth {
     }
 
     async fn random_tokens_cut_off_their_address_only(c: &Cluster) {
-        let alice = c.user("alice").await;
+        let (alice, bob) = (c.user("alice").await, c.user("bob").await);
         let (guesser, neighbour) = ("192.0.2.1", "198.51.100.2");
         let mut sessions = c.sessions();
         let current = |address: &str, token: &str| {
@@ -407,6 +407,9 @@ mod failed_auth {
             let request = from_with(address, token, spb::GetCurrentSessionRequest::default());
             async move { sessions.get_current_session(request).await.map(|r| r.into_inner()) }
         };
+        // Bob, behind the same address as the guesser, used his session
+        // before the guessing began.
+        current(guesser, &bob.token).await.expect("bob's session works");
         // Three failures are within the rate; the fourth is still answered
         // (it is what runs the budget out).
         for i in 0..4 {
@@ -414,12 +417,16 @@ mod failed_auth {
             assert_eq!(code(current(guesser, &token).await), Code::Unauthenticated, "guess {i}");
         }
         // Now every call with a token from that address is refused at the
-        // door, even one with a good token, on every service.
+        // door, on every service, even with a good token not yet seen...
         let refused = current(guesser, &alice.token).await.unwrap_err();
         assert!(retry_delay(&refused) > Duration::from_secs(60), "refused until a failure refills: {refused:?}");
         assert!(refused.message().contains("failed token checks from this address"), "{refused:?}");
         let listed = c.chats().list_chats(from_with(guesser, &alice.token, cpb::ListChatsRequest::default())).await;
         assert_eq!(code(listed), Code::ResourceExhausted, "the chats service too");
+        // ...but not a token that passed a check lately: bob goes on.
+        let me = current(guesser, &bob.token).await.expect("a proven session is not held back");
+        assert_eq!(me.user.expect("user").id, bob.id);
+        c.chats().list_chats(from_with(guesser, &bob.token, cpb::ListChatsRequest::default())).await.expect("bob");
         // A call without a token from that address still gets in: a guest.
         sessions
             .create_session(from(guesser, spb::CreateSessionRequest::default()))

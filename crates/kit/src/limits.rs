@@ -234,26 +234,54 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
 }
 
 /// Failed bearer-token checks per client address: an address whose
-/// failures outrun `rate` (a GCRA bucket, see [`Rate`]) has every call that
-/// carries a token refused with RESOURCE_EXHAUSTED until its bucket refills
-/// enough for one more failure. A guesser's random tokens each cost the
-/// sessions store a look-up; this caps what one address can make it do,
-/// the way fail2ban caps SSH log-ins. Calls without a token (log-in, a new
-/// guest, health) are never refused here: they have limits of their own.
+/// failures outrun `rate` (a GCRA bucket, see [`Rate`]) has calls that carry
+/// a token refused with RESOURCE_EXHAUSTED until its bucket refills enough
+/// for one more failure. A guesser's random tokens each cost the sessions
+/// store a look-up; this caps what one address can make it do, the way
+/// fail2ban caps SSH log-ins. Calls without a token (log-in, a new guest,
+/// health) are never refused here: they have limits of their own.
+///
+/// A token that has passed a check within [`PROVEN_FOR`] is admitted even
+/// from a refused address: people behind the same NAT, or behind a proxy
+/// not named in `--trusted-proxies`, keep using the sessions they have
+/// while a guesser among them is held back. Tokens are kept as a keyed
+/// hash (SipHash with this process's random keys), never as text.
 ///
 /// Kept in memory per process, like every [`RateLimiter`]; addresses whose
-/// refusal is over are swept once the map has doubled since the last sweep.
+/// refusal is over, and tokens not seen for [`PROVEN_FOR`], are swept once
+/// their map has doubled since the last sweep.
 pub struct AuthFailures {
     failures: RateLimiter<IpAddr>,
     /// Address -> no token-carrying call before this.
-    blocked: std::sync::Mutex<Blocked>,
+    blocked: std::sync::Mutex<Swept<IpAddr>>,
+    /// Hash of a token -> when it last passed a check.
+    proven: std::sync::Mutex<Swept<u64>>,
+    hasher: std::hash::RandomState,
 }
 
-/// The refused addresses of [`AuthFailures`].
+/// How long a token that passed a check gets past an address's refusal.
+pub const PROVEN_FOR: Duration = Duration::from_secs(15 * 60);
+
+/// A map of instants that sweeps the ones `keep` rejects once it has
+/// doubled since the last sweep.
 #[derive(Debug)]
-struct Blocked {
-    until: std::collections::HashMap<IpAddr, std::time::Instant>,
+struct Swept<K> {
+    at: std::collections::HashMap<K, std::time::Instant>,
     sweep_at: usize,
+}
+
+impl<K: Hash + Eq> Swept<K> {
+    fn new() -> Self {
+        Self { at: std::collections::HashMap::new(), sweep_at: HOUSEKEEPING_MIN_KEYS }
+    }
+
+    fn insert(&mut self, key: K, at: std::time::Instant, keep: impl Fn(std::time::Instant) -> bool) {
+        if self.at.len() >= self.sweep_at {
+            self.at.retain(|_, t| keep(*t));
+            self.sweep_at = (self.at.len() * 2).max(HOUSEKEEPING_MIN_KEYS);
+        }
+        self.at.insert(key, at);
+    }
 }
 
 impl std::fmt::Debug for AuthFailures {
@@ -268,45 +296,60 @@ impl AuthFailures {
     pub fn new(rate: Rate) -> Self {
         Self {
             failures: RateLimiter::new("failed token checks from this address", rate),
-            blocked: std::sync::Mutex::new(Blocked {
-                until: std::collections::HashMap::new(),
-                sweep_at: HOUSEKEEPING_MIN_KEYS,
-            }),
+            blocked: std::sync::Mutex::new(Swept::new()),
+            proven: std::sync::Mutex::new(Swept::new()),
+            hasher: std::hash::RandomState::new(),
         }
     }
 
-    /// Admits a token-carrying call from `client`, unless its failures ran
-    /// out.
+    fn hash(&self, token: &[u8]) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, token)
+    }
+
+    /// Admits a call from `client` carrying `token` (the `authorization`
+    /// value), unless the address's failures ran out and the token has not
+    /// passed a check within [`PROVEN_FOR`].
     ///
     /// Errors: [`Limited`] (retry after the refusal ends).
-    pub fn check(&self, client: IpAddr) -> Result<(), Limited> {
-        self.check_at(client, std::time::Instant::now())
+    pub fn check(&self, client: IpAddr, token: &[u8]) -> Result<(), Limited> {
+        self.check_at(client, token, std::time::Instant::now())
     }
 
-    fn check_at(&self, client: IpAddr, now: std::time::Instant) -> Result<(), Limited> {
-        let blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
-        match blocked.until.get(&client) {
-            Some(until) if *until > now => {
-                Err(Limited { what: "failed token checks from this address", retry_after: *until - now })
-            }
-            _ => Ok(()),
+    fn check_at(&self, client: IpAddr, token: &[u8], now: std::time::Instant) -> Result<(), Limited> {
+        let until = match self.blocked.lock().unwrap_or_else(|p| p.into_inner()).at.get(&client) {
+            Some(until) if *until > now => *until,
+            _ => return Ok(()),
+        };
+        let proven = self.proven.lock().unwrap_or_else(|p| p.into_inner()).at.get(&self.hash(token)).copied();
+        if proven.is_some_and(|t| now.saturating_duration_since(t) < PROVEN_FOR) {
+            return Ok(());
         }
+        Err(Limited { what: "failed token checks from this address", retry_after: until - now })
     }
 
-    /// Counts one failed token check of `client`; the one beyond its rate
-    /// starts a refusal that lasts until the bucket has room again.
-    pub fn failed(&self, client: IpAddr) {
-        self.failed_at(client, std::time::Instant::now());
+    /// Records that `token` passed a check (a service answered the call).
+    pub fn passed(&self, token: &[u8]) {
+        self.passed_at(token, std::time::Instant::now());
     }
 
-    fn failed_at(&self, client: IpAddr, now: std::time::Instant) {
+    fn passed_at(&self, token: &[u8], now: std::time::Instant) {
+        let key = self.hash(token);
+        let mut proven = self.proven.lock().unwrap_or_else(|p| p.into_inner());
+        proven.insert(key, now, |t| now.saturating_duration_since(t) < PROVEN_FOR);
+    }
+
+    /// Counts one failed check of `token` from `client` (forgetting that
+    /// the token ever passed); the failure beyond the address's rate starts
+    /// a refusal that lasts until the bucket has room again.
+    pub fn failed(&self, client: IpAddr, token: &[u8]) {
+        self.failed_at(client, token, std::time::Instant::now());
+    }
+
+    fn failed_at(&self, client: IpAddr, token: &[u8], now: std::time::Instant) {
+        self.proven.lock().unwrap_or_else(|p| p.into_inner()).at.remove(&self.hash(token));
         let Err(limited) = self.failures.check(&client) else { return };
         let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
-        if blocked.until.len() >= blocked.sweep_at {
-            blocked.until.retain(|_, until| *until > now);
-            blocked.sweep_at = (blocked.until.len() * 2).max(HOUSEKEEPING_MIN_KEYS);
-        }
-        blocked.until.insert(client, now + limited.retry_after);
+        blocked.insert(client, now + limited.retry_after, |until| until > now);
     }
 }
 
@@ -477,22 +520,31 @@ mod tests {
         let failures = AuthFailures::new(Rate::parse("3/1h").unwrap());
         let (guesser, neighbour): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
         let now = std::time::Instant::now();
+        failures.passed_at(b"Bearer good", now);
         for _ in 0..3 {
-            failures.failed_at(guesser, now);
-            assert_eq!(failures.check_at(guesser, now), Ok(()), "within the budget");
+            failures.failed_at(guesser, b"Bearer guess", now);
+            assert_eq!(failures.check_at(guesser, b"Bearer new", now), Ok(()), "within the budget");
         }
-        failures.failed_at(guesser, now);
-        let refused = failures.check_at(guesser, now).unwrap_err();
+        failures.failed_at(guesser, b"Bearer guess", now);
+        let refused = failures.check_at(guesser, b"Bearer new", now).unwrap_err();
         assert_eq!(refused.what, "failed token checks from this address");
         assert!(refused.retry_after > Duration::from_secs(1000), "a refill of one failure: {refused:?}");
-        assert_eq!(failures.check_at(neighbour, now), Ok(()), "another address is not refused");
+        assert_eq!(failures.check_at(neighbour, b"Bearer new", now), Ok(()), "another address is not refused");
+        // A token that passed a check lately still gets through, until it
+        // fails or is not seen for a while.
+        assert_eq!(failures.check_at(guesser, b"Bearer good", now), Ok(()));
+        let later = now + PROVEN_FOR;
+        assert!(failures.check_at(guesser, b"Bearer good", later).is_err(), "not seen for {PROVEN_FOR:?}");
+        failures.passed_at(b"Bearer good", now);
+        failures.failed_at(neighbour, b"Bearer good", now);
+        assert!(failures.check_at(guesser, b"Bearer good", now).is_err(), "a failure forgets it");
         // Once the bucket has room for one more failure, calls are admitted.
-        assert_eq!(failures.check_at(guesser, now + refused.retry_after), Ok(()));
+        assert_eq!(failures.check_at(guesser, b"Bearer new", now + refused.retry_after), Ok(()));
         let off = AuthFailures::new(Rate::Off);
         for _ in 0..100 {
-            off.failed_at(guesser, now);
+            off.failed_at(guesser, b"Bearer guess", now);
         }
-        assert_eq!(off.check_at(guesser, now), Ok(()), "off counts nothing");
+        assert_eq!(off.check_at(guesser, b"Bearer guess", now), Ok(()), "off counts nothing");
     }
 
     #[test]

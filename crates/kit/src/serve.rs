@@ -315,31 +315,47 @@ where
         let (parts, body) = request.into_parts();
         // Only calls with a token are counted and refused: log-in and new
         // guests have limits of their own.
-        let client = if parts.headers.contains_key(http::header::AUTHORIZATION) {
-            crate::limits::client_addr(&parts, self.limit.trust_forwarded_for, &self.limit.trusted)
-        } else {
-            None
+        let token = parts.headers.get(http::header::AUTHORIZATION).cloned();
+        let client = token
+            .as_ref()
+            .and_then(|_| crate::limits::client_addr(&parts, self.limit.trust_forwarded_for, &self.limit.trusted));
+        let (Some(token), Some(client)) = (token, client) else {
+            return futures::future::Either::Left(Box::pin(self.inner.call(http::Request::from_parts(parts, body))));
         };
-        if let Some(refused) = client.and_then(|ip| self.limit.failures.check(ip).err()) {
+        if let Err(refused) = self.limit.failures.check(client, token.as_bytes()) {
             let status: tonic::Status = refused.into();
             return futures::future::Either::Right(std::future::ready(Ok(status.into_http())));
         }
+        // A real answer from an RPC that checks tokens proves the token
+        // good; the calls that need none would prove any token.
+        let checks_tokens = !UNAUTHENTICATED_PATHS.iter().any(|p| parts.uri.path().starts_with(p));
         let call = self.inner.call(http::Request::from_parts(parts, body));
         let failures = self.limit.failures.clone();
         futures::future::Either::Left(Box::pin(async move {
             let response = call.await?;
-            // UNAUTHENTICATED before any message: the token was refused (a
-            // stream's later end with it, a session revoked meanwhile, is
-            // in the trailers and not counted).
-            if let Some(ip) = client
-                && response.headers().get("grpc-status").is_some_and(|code| code == "16")
-            {
-                failures.failed(ip);
+            // An error before any message travels in the headers: there
+            // UNAUTHENTICATED is a refused token (a stream's later end with
+            // it, a session revoked meanwhile, is in the trailers and not
+            // counted). A response without it is the service answering.
+            match response.headers().get("grpc-status") {
+                Some(code) if code == "16" => failures.failed(client, token.as_bytes()),
+                None if checks_tokens => failures.passed(token.as_bytes()),
+                _ => {}
             }
             Ok(response)
         }))
     }
 }
+
+/// The paths of the calls that answer without checking a token (log-in,
+/// registration, health, reflection): an answer from one proves nothing
+/// about the token a client sent along.
+const UNAUTHENTICATED_PATHS: [&str; 4] = [
+    "/natter.sessions.v1.SessionService/CreateSession",
+    "/natter.sessions.v1.SessionService/CreateUser",
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.",
+];
 
 /// Two of tonic's own answers carry the wrong code by the gRPC status code
 /// table (grpc/doc/statuscodes.md), which DESIGN.md promises clients:

@@ -101,7 +101,8 @@ pub struct EdgeArgs {
     /// a service) per client address: beyond it, the address's calls with a
     /// token are refused here (RESOURCE_EXHAUSTED) until it may fail again,
     /// so random tokens cannot keep the sessions service busy. N/PERIOD, or
-    /// `off`
+    /// `off`. A token that passed a check in the last 15 minutes is not
+    /// refused: others behind the same address keep their sessions
     #[arg(long, env = "NATTER_FAILED_AUTH_RATE", default_value = "100/1m")]
     pub failed_auth_rate: natter_kit::limits::Rate,
 }

@@ -46,7 +46,9 @@ pub struct ServeArgs {
     /// per client address, as found for --create-session-rate: beyond it,
     /// the address's calls with a token are refused (RESOURCE_EXHAUSTED)
     /// until it may fail again, so random tokens cannot keep the sessions
-    /// store busy. N/PERIOD, or `off`
+    /// store busy. N/PERIOD, or `off`. A token that passed a check in the
+    /// last 15 minutes is not refused: others behind the same address keep
+    /// their sessions
     #[arg(long, env = "NATTER_FAILED_AUTH_RATE", default_value = "100/1m")]
     pub failed_auth_rate: natter_kit::limits::Rate,
 }

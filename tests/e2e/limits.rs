@@ -387,7 +387,7 @@ mod failed_auth {
     /// The test is a trusted proxy, so `x-forwarded-for` picks each call's
     /// address: at the all-in-one's door, or at the edge's in split mode.
     pub(crate) const FLAGS: Flags<'static> =
-        Flags { edge: &["--failed-auth-rate", "3/1h", "--trusted-proxies", "127.0.0.0/8,::1"], ..Flags::NONE };
+        Flags { edge: &["--failed-auth-rate", "4/1h", "--trusted-proxies", "127.0.0.0/8,::1"], ..Flags::NONE };
 
     crate::both_modes!(flags = crate::limits::failed_auth::FLAGS; random_tokens_cut_off_their_address_only);
 
@@ -408,21 +408,25 @@ mod failed_auth {
             async move { sessions.get_current_session(request).await.map(|r| r.into_inner()) }
         };
         // Bob, behind the same address as the guesser, used his session
-        // before the guessing began.
+        // before the guessing began: his first call drew on the budget of
+        // four, his token is proven since.
         current(guesser, &bob.token).await.expect("bob's session works");
-        // Three failures are within the rate; the fourth is still answered
-        // (it is what runs the budget out).
-        for i in 0..4 {
+        for i in 0..3 {
             let token = uuid::Uuid::new_v4().simple().to_string();
             assert_eq!(code(current(guesser, &token).await), Code::Unauthenticated, "guess {i}");
         }
-        // Now every call with a token from that address is refused at the
-        // door, on every service, even with a good token not yet seen...
+        // Now every call with a token not proven from that address is
+        // refused at the door, on every service, even a good one not yet
+        // seen...
         let refused = current(guesser, &alice.token).await.unwrap_err();
-        assert!(retry_delay(&refused) > Duration::from_secs(60), "refused until a failure refills: {refused:?}");
-        assert!(refused.message().contains("failed token checks from this address"), "{refused:?}");
+        assert!(retry_delay(&refused) > Duration::from_secs(60), "refused until a check refills: {refused:?}");
+        assert!(refused.message().contains("checks of new or failed tokens from this address"), "{refused:?}");
         let listed = c.chats().list_chats(from_with(guesser, &alice.token, cpb::ListChatsRequest::default())).await;
         assert_eq!(code(listed), Code::ResourceExhausted, "the chats service too");
+        // A token sent along with a log-in is not counted, nor refused.
+        let log_in =
+            spb::CreateSessionRequest { username: alice.username.clone(), password: "correct horse battery".into() };
+        sessions.create_session(from_with(guesser, "stale", log_in)).await.expect("a log-in is never refused here");
         // ...but not a token that passed a check lately: bob goes on.
         let me = current(guesser, &bob.token).await.expect("a proven session is not held back");
         assert_eq!(me.user.expect("user").id, bob.id);

@@ -233,71 +233,57 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     }
 }
 
-/// Failed bearer-token checks per client address: an address whose
-/// failures outrun `rate` (a GCRA bucket, see [`Rate`]) has calls that carry
-/// a token refused with RESOURCE_EXHAUSTED until its bucket refills enough
-/// for one more failure. A guesser's random tokens each cost the sessions
-/// store a look-up; this caps what one address can make it do, the way
-/// fail2ban caps SSH log-ins. Calls without a token (log-in, a new guest,
-/// health) are never refused here: they have limits of their own.
+/// Checks of unproven bearer tokens per client address: a call whose token
+/// has not passed a check within [`PROVEN_FOR`] draws on its address's
+/// budget (a GCRA bucket at `rate`, see [`Rate`]) before it goes on, and
+/// beyond the budget is refused with RESOURCE_EXHAUSTED. A guesser's random
+/// tokens each cost the sessions store a look-up; this caps what one
+/// address can make it do, whatever it sends at once and whether or not it
+/// waits for the answers, the way fail2ban caps SSH log-ins. A token that
+/// passed a check costs nothing, so people behind the same NAT, or behind
+/// a proxy not named in `--trusted-proxies`, keep using the sessions they
+/// have while a guesser among them is held back. Calls that need no token
+/// (log-in, a new guest, health) are never counted: they have limits of
+/// their own.
 ///
-/// A token that has passed a check within [`PROVEN_FOR`] is admitted even
-/// from a refused address: people behind the same NAT, or behind a proxy
-/// not named in `--trusted-proxies`, keep using the sessions they have
-/// while a guesser among them is held back. Tokens are kept as a keyed
-/// hash (SipHash with this process's random keys), never as text.
-///
-/// Kept in memory per process, like every [`RateLimiter`]; addresses whose
-/// refusal is over, and tokens not seen for [`PROVEN_FOR`], are swept once
-/// their map has doubled since the last sweep.
+/// Tokens are kept as a keyed hash (SipHash with this process's random
+/// keys), never as text, in memory per process, like every
+/// [`RateLimiter`]; those not seen for [`PROVEN_FOR`] are swept once the
+/// map has doubled since the last sweep.
 pub struct AuthFailures {
-    failures: RateLimiter<IpAddr>,
-    /// Address -> no token-carrying call before this.
-    blocked: std::sync::Mutex<Swept<IpAddr>>,
+    unproven: RateLimiter<IpAddr>,
     /// Hash of a token -> when it last passed a check.
-    proven: std::sync::Mutex<Swept<u64>>,
+    proven: std::sync::Mutex<Proven>,
     hasher: std::hash::RandomState,
 }
 
-/// How long a token that passed a check gets past an address's refusal.
+/// How long a token that passed a check is let through without drawing on
+/// its address's budget.
 pub const PROVEN_FOR: Duration = Duration::from_secs(15 * 60);
 
-/// A map of instants that sweeps the ones `keep` rejects once it has
-/// doubled since the last sweep.
+/// The proven tokens of [`AuthFailures`].
 #[derive(Debug)]
-struct Swept<K> {
-    at: std::collections::HashMap<K, std::time::Instant>,
+struct Proven {
+    at: std::collections::HashMap<u64, std::time::Instant>,
     sweep_at: usize,
-}
-
-impl<K: Hash + Eq> Swept<K> {
-    fn new() -> Self {
-        Self { at: std::collections::HashMap::new(), sweep_at: HOUSEKEEPING_MIN_KEYS }
-    }
-
-    fn insert(&mut self, key: K, at: std::time::Instant, keep: impl Fn(std::time::Instant) -> bool) {
-        if self.at.len() >= self.sweep_at {
-            self.at.retain(|_, t| keep(*t));
-            self.sweep_at = (self.at.len() * 2).max(HOUSEKEEPING_MIN_KEYS);
-        }
-        self.at.insert(key, at);
-    }
 }
 
 impl std::fmt::Debug for AuthFailures {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthFailures").field("failures", &self.failures).finish_non_exhaustive()
+        f.debug_struct("AuthFailures").field("unproven", &self.unproven).finish_non_exhaustive()
     }
 }
 
 impl AuthFailures {
-    /// Failures admitted per address at `rate` (`off`: none counted, none
-    /// refused).
+    /// Checks of unproven tokens admitted per address at `rate` (`off`:
+    /// none counted, none refused).
     pub fn new(rate: Rate) -> Self {
         Self {
-            failures: RateLimiter::new("failed token checks from this address", rate),
-            blocked: std::sync::Mutex::new(Swept::new()),
-            proven: std::sync::Mutex::new(Swept::new()),
+            unproven: RateLimiter::new("checks of new or failed tokens from this address", rate),
+            proven: std::sync::Mutex::new(Proven {
+                at: std::collections::HashMap::new(),
+                sweep_at: HOUSEKEEPING_MIN_KEYS,
+            }),
             hasher: std::hash::RandomState::new(),
         }
     }
@@ -307,24 +293,20 @@ impl AuthFailures {
     }
 
     /// Admits a call from `client` carrying `token` (the `authorization`
-    /// value), unless the address's failures ran out and the token has not
-    /// passed a check within [`PROVEN_FOR`].
+    /// value): at once if the token passed a check within [`PROVEN_FOR`],
+    /// else by drawing on the address's budget.
     ///
-    /// Errors: [`Limited`] (retry after the refusal ends).
+    /// Errors: [`Limited`] when the budget is spent.
     pub fn check(&self, client: IpAddr, token: &[u8]) -> Result<(), Limited> {
         self.check_at(client, token, std::time::Instant::now())
     }
 
     fn check_at(&self, client: IpAddr, token: &[u8], now: std::time::Instant) -> Result<(), Limited> {
-        let until = match self.blocked.lock().unwrap_or_else(|p| p.into_inner()).at.get(&client) {
-            Some(until) if *until > now => *until,
-            _ => return Ok(()),
-        };
         let proven = self.proven.lock().unwrap_or_else(|p| p.into_inner()).at.get(&self.hash(token)).copied();
         if proven.is_some_and(|t| now.saturating_duration_since(t) < PROVEN_FOR) {
             return Ok(());
         }
-        Err(Limited { what: "failed token checks from this address", retry_after: until - now })
+        self.unproven.check(&client)
     }
 
     /// Records that `token` passed a check (a service answered the call).
@@ -335,21 +317,16 @@ impl AuthFailures {
     fn passed_at(&self, token: &[u8], now: std::time::Instant) {
         let key = self.hash(token);
         let mut proven = self.proven.lock().unwrap_or_else(|p| p.into_inner());
-        proven.insert(key, now, |t| now.saturating_duration_since(t) < PROVEN_FOR);
+        if proven.at.len() >= proven.sweep_at {
+            proven.at.retain(|_, t| now.saturating_duration_since(*t) < PROVEN_FOR);
+            proven.sweep_at = (proven.at.len() * 2).max(HOUSEKEEPING_MIN_KEYS);
+        }
+        proven.at.insert(key, now);
     }
 
-    /// Counts one failed check of `token` from `client` (forgetting that
-    /// the token ever passed); the failure beyond the address's rate starts
-    /// a refusal that lasts until the bucket has room again.
-    pub fn failed(&self, client: IpAddr, token: &[u8]) {
-        self.failed_at(client, token, std::time::Instant::now());
-    }
-
-    fn failed_at(&self, client: IpAddr, token: &[u8], now: std::time::Instant) {
+    /// Records that `token` failed a check: it is unproven again.
+    pub fn failed(&self, token: &[u8]) {
         self.proven.lock().unwrap_or_else(|p| p.into_inner()).at.remove(&self.hash(token));
-        let Err(limited) = self.failures.check(&client) else { return };
-        let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
-        blocked.insert(client, now + limited.retry_after, |until| until > now);
     }
 }
 
@@ -516,35 +493,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failed_token_checks_beyond_the_rate_refuse_that_address_only() {
+    fn unproven_tokens_beyond_the_rate_are_refused_from_that_address_only() {
         let failures = AuthFailures::new(Rate::parse("3/1h").unwrap());
         let (guesser, neighbour): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
         let now = std::time::Instant::now();
         failures.passed_at(b"Bearer good", now);
-        for _ in 0..3 {
-            failures.failed_at(guesser, b"Bearer guess", now);
-            assert_eq!(failures.check_at(guesser, b"Bearer new", now), Ok(()), "within the budget");
+        for i in 0..3 {
+            assert_eq!(failures.check_at(guesser, format!("Bearer guess {i}").as_bytes(), now), Ok(()), "{i}");
         }
-        failures.failed_at(guesser, b"Bearer guess", now);
+        // Counted as the calls go in, whether or not they come back.
         let refused = failures.check_at(guesser, b"Bearer new", now).unwrap_err();
-        assert_eq!(refused.what, "failed token checks from this address");
-        assert!(refused.retry_after > Duration::from_secs(1000), "a refill of one failure: {refused:?}");
+        assert_eq!(refused.what, "checks of new or failed tokens from this address");
+        assert!(refused.retry_after > Duration::from_secs(1000), "a refill of one check: {refused:?}");
         assert_eq!(failures.check_at(neighbour, b"Bearer new", now), Ok(()), "another address is not refused");
-        // A token that passed a check lately still gets through, until it
-        // fails or is not seen for a while.
-        assert_eq!(failures.check_at(guesser, b"Bearer good", now), Ok(()));
-        let later = now + PROVEN_FOR;
-        assert!(failures.check_at(guesser, b"Bearer good", later).is_err(), "not seen for {PROVEN_FOR:?}");
-        failures.passed_at(b"Bearer good", now);
-        failures.failed_at(neighbour, b"Bearer good", now);
+        // A token that passed a check lately gets through, until it fails
+        // or is not seen for a while.
+        for _ in 0..10 {
+            assert_eq!(failures.check_at(guesser, b"Bearer good", now), Ok(()), "costs nothing");
+        }
+        assert!(failures.check_at(guesser, b"Bearer good", now + PROVEN_FOR).is_err(), "not seen for a while");
+        failures.failed(b"Bearer good");
         assert!(failures.check_at(guesser, b"Bearer good", now).is_err(), "a failure forgets it");
-        // Once the bucket has room for one more failure, calls are admitted.
-        assert_eq!(failures.check_at(guesser, b"Bearer new", now + refused.retry_after), Ok(()));
         let off = AuthFailures::new(Rate::Off);
         for _ in 0..100 {
-            off.failed_at(guesser, b"Bearer guess", now);
+            assert_eq!(off.check_at(guesser, b"Bearer guess", now), Ok(()), "off counts nothing");
         }
-        assert_eq!(off.check_at(guesser, b"Bearer guess", now), Ok(()), "off counts nothing");
     }
 
     #[test]

@@ -121,9 +121,9 @@ impl Server {
         self
     }
 
-    /// Refuses calls that carry a token from an address whose failed token
-    /// checks (UNAUTHENTICATED answers to calls with `authorization`) outran
-    /// `rate`, with RESOURCE_EXHAUSTED ([`AuthFailures`]). For the server
+    /// Counts the calls that carry a token not proven lately (new, or
+    /// failed) per client address and refuses those beyond `rate` with
+    /// RESOURCE_EXHAUSTED ([`AuthFailures`]). For the server
     /// clients reach (the all-in-one, the edge), never for one behind the
     /// edge, where every client has the edge's address. The client address
     /// is found as [`crate::client_ip`] finds it, from
@@ -313,33 +313,33 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let (parts, body) = request.into_parts();
-        // Only calls with a token are counted and refused: log-in and new
-        // guests have limits of their own.
-        let token = parts.headers.get(http::header::AUTHORIZATION).cloned();
+        // Only calls that check a token are counted and refused: log-in and
+        // new guests have limits of their own, and browsers send their
+        // token along with every call.
+        let checks_tokens = !UNAUTHENTICATED_PATHS.iter().any(|p| parts.uri.path().starts_with(p));
+        let token = parts.headers.get(http::header::AUTHORIZATION).filter(|_| checks_tokens).cloned();
         let client = token
             .as_ref()
             .and_then(|_| crate::limits::client_addr(&parts, self.limit.trust_forwarded_for, &self.limit.trusted));
         let (Some(token), Some(client)) = (token, client) else {
             return futures::future::Either::Left(Box::pin(self.inner.call(http::Request::from_parts(parts, body))));
         };
+        // Drawn before the call goes on: neither calls at once nor calls
+        // given up on escape the count.
         if let Err(refused) = self.limit.failures.check(client, token.as_bytes()) {
             let status: tonic::Status = refused.into();
             return futures::future::Either::Right(std::future::ready(Ok(status.into_http())));
         }
-        // A real answer from an RPC that checks tokens proves the token
-        // good; the calls that need none would prove any token.
-        let checks_tokens = !UNAUTHENTICATED_PATHS.iter().any(|p| parts.uri.path().starts_with(p));
         let call = self.inner.call(http::Request::from_parts(parts, body));
         let failures = self.limit.failures.clone();
         futures::future::Either::Left(Box::pin(async move {
             let response = call.await?;
             // An error before any message travels in the headers: there
-            // UNAUTHENTICATED is a refused token (a stream's later end with
-            // it, a session revoked meanwhile, is in the trailers and not
-            // counted). A response without it is the service answering.
+            // UNAUTHENTICATED is a refused token. A response without it is
+            // the service answering, past its token check.
             match response.headers().get("grpc-status") {
-                Some(code) if code == "16" => failures.failed(client, token.as_bytes()),
-                None if checks_tokens => failures.passed(token.as_bytes()),
+                Some(code) if code == "16" => failures.failed(token.as_bytes()),
+                None => failures.passed(token.as_bytes()),
                 _ => {}
             }
             Ok(response)
@@ -348,8 +348,8 @@ where
 }
 
 /// The paths of the calls that answer without checking a token (log-in,
-/// registration, health, reflection): an answer from one proves nothing
-/// about the token a client sent along.
+/// registration, health, reflection): never counted, and an answer from one
+/// proves nothing about the token a client sent along.
 const UNAUTHENTICATED_PATHS: [&str; 4] = [
     "/natter.sessions.v1.SessionService/CreateSession",
     "/natter.sessions.v1.SessionService/CreateUser",

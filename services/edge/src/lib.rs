@@ -97,12 +97,12 @@ pub struct EdgeArgs {
     /// Empty: the TCP peer is the client
     #[arg(long, env = "NATTER_TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: natter_kit::TrustedProxies,
-    /// Failed token checks (calls with a token answered UNAUTHENTICATED by
-    /// a service) per client address: beyond it, the address's calls with a
-    /// token are refused here (RESOURCE_EXHAUSTED) until it may fail again,
-    /// so random tokens cannot keep the sessions service busy. N/PERIOD, or
-    /// `off`. A token that passed a check in the last 15 minutes is not
-    /// refused: others behind the same address keep their sessions
+    /// Checks of tokens not proven in the last 15 minutes (new ones, and
+    /// ones a service refused) per client address, counted here as the
+    /// calls come in: beyond it, such calls are refused (RESOURCE_EXHAUSTED),
+    /// so random tokens cannot keep the sessions service busy, while proven
+    /// tokens from the same address go on. Log-in, registration and health
+    /// are not counted. N/PERIOD, or `off`
     #[arg(long, env = "NATTER_FAILED_AUTH_RATE", default_value = "100/1m")]
     pub failed_auth_rate: natter_kit::limits::Rate,
 }

@@ -42,13 +42,13 @@ pub struct ServeArgs {
     /// Serve no browser page: the API only
     #[arg(long, env = "NATTER_NO_WEB_PAGE", conflicts_with = "web_dir")]
     pub no_web_page: bool,
-    /// Failed token checks (calls with a token answered UNAUTHENTICATED)
-    /// per client address, as found for --create-session-rate: beyond it,
-    /// the address's calls with a token are refused (RESOURCE_EXHAUSTED)
-    /// until it may fail again, so random tokens cannot keep the sessions
-    /// store busy. N/PERIOD, or `off`. A token that passed a check in the
-    /// last 15 minutes is not refused: others behind the same address keep
-    /// their sessions
+    /// Checks of tokens not proven in the last 15 minutes (new ones, and
+    /// ones that failed) per client address, as found for
+    /// --create-session-rate, counted as the calls come in: beyond it, such
+    /// calls are refused (RESOURCE_EXHAUSTED), so random tokens cannot keep
+    /// the sessions store busy, while proven tokens from the same address go
+    /// on. Log-in, registration and health are not counted. N/PERIOD, or
+    /// `off`
     #[arg(long, env = "NATTER_FAILED_AUTH_RATE", default_value = "100/1m")]
     pub failed_auth_rate: natter_kit::limits::Rate,
 }

@@ -329,12 +329,13 @@ async fn bots_are_made_once_join_chats_and_never_log_in() {
 mod guest_deletion {
     use super::*;
 
-    /// Sessions last 3 s and are deleted a second after they expire, so a
-    /// guest is deleted about 4 s after it came; people log in again.
+    /// Sessions last 5 s (time for the guest to set up its chats on a busy
+    /// machine) and are deleted a second after they expire, so a guest is
+    /// deleted about 6 s after it came; people log in again.
     pub(crate) const FLAGS: natter_testkit::Flags<'static> = natter_testkit::Flags {
         sessions: &[
             "--session-ttl",
-            "3s",
+            "5s",
             "--session-retention",
             "1s",
             "--session-purge-interval",
@@ -347,7 +348,7 @@ mod guest_deletion {
 
     crate::both_modes!(flags = crate::sessions::guest_deletion::FLAGS; a_guest_long_gone_leaves_its_chats);
 
-    /// A fresh session of `user` (the test's sessions last 3 s).
+    /// A fresh session of `user` (the test's sessions last 5 s).
     async fn again(c: &Cluster, user: &natter_testkit::TestUser) -> natter_testkit::TestUser {
         let request =
             spb::CreateSessionRequest { username: user.username.clone(), password: "correct horse battery".into() };
@@ -383,7 +384,7 @@ mod guest_deletion {
         let with_alice = with_alice.into_inner().chat.unwrap().id;
         crate::chats::send(c, &guest, &with_alice, "hello from a guest").await;
 
-        // Its session expires at 3 s and is deleted a second later, and the
+        // Its session expires at 5 s and is deleted a second later, and the
         // guest with it; the chats service follows within its relay's 5 s.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
         let bob = loop {

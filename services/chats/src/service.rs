@@ -574,13 +574,13 @@ impl Chats {
     /// DeleteChat (owner only): the chat, its memberships, then its messages.
     /// A direct chat has no owner (FAILED_PRECONDITION): deleting it would
     /// take the other member's history too; it can be archived. A direct
-    /// chat with a bot (an assistant chat) its person may delete: nobody
-    /// else's history goes with it.
+    /// chat with a bot (an assistant chat) or with a deleted user its person
+    /// may delete: nobody else's history goes with it.
     pub async fn delete_chat(&self, caller: UserId, chat_id: ChatId) -> Result<(), ChatsError> {
         self.change_rate.check(&caller)?;
         let (chat, role) = self.member(caller, chat_id).await?;
         if chat.kind == Kind::Direct {
-            if !self.other_is_a_bot(chat.id, caller).await? {
+            if !self.nobody_else_keeps(chat.id, caller).await? {
                 return Err(ChatsError::Precondition("a direct chat has no owner to delete it: archive it instead"));
             }
         } else if role != Role::Owner {
@@ -611,7 +611,9 @@ impl Chats {
     /// nothing the second time.
     pub async fn forget_deleted_users(&self) -> usize {
         let mut forgotten = 0;
-        loop {
+        // One page a round: the rest of the relay's work is not held up by
+        // a long log (the first start after an upgrade).
+        {
             let after = match self.store.followed(DELETED_USERS_LOG).await {
                 Ok(after) => after,
                 Err(e) => {
@@ -644,10 +646,8 @@ impl Chats {
                 }
                 forgotten += 1;
             }
-            if page.len() < DELETED_USERS_PAGE as usize {
-                return forgotten;
-            }
         }
+        forgotten
     }
 
     /// Takes deleted user `user` out of every chat: an assistant chat (a
@@ -660,7 +660,7 @@ impl Chats {
         for chat_id in self.store.member_chat_ids(user, false).await? {
             let Some(ChatAccess { chat, role: Some(role) }) = self.store.access(chat_id, user).await? else { continue };
             if chat.kind == Kind::Direct {
-                if self.other_is_a_bot(chat.id, user).await? {
+                if self.nobody_else_keeps(chat.id, user).await? {
                     self.remove_chat(chat.id).await?;
                 }
                 continue;
@@ -674,7 +674,11 @@ impl Chats {
             let now = now_micros();
             if role == Role::Owner {
                 let heir = others.iter().find(|m| m.role == Role::Admin).unwrap_or(first);
-                self.store.set_role(chat.id, heir.user_id, Role::Owner, now).await?;
+                if self.store.set_role(chat.id, heir.user_id, Role::Owner, now).await?.is_none() {
+                    // The heir left meanwhile: the next round reads the
+                    // members again.
+                    return Err(ChatsError::MemberNotFound(heir.user_id.to_string()));
+                }
             }
             self.store.remove_member(chat.id, user, Departure::Left, now).await?;
             self.evict(chat.id).await;
@@ -684,13 +688,14 @@ impl Chats {
         Ok(())
     }
 
-    /// Whether the other member of direct chat `chat` (not `caller`) is a
-    /// bot user.
-    async fn other_is_a_bot(&self, chat: ChatId, caller: UserId) -> Result<bool, ChatsError> {
+    /// Whether nobody but `caller` keeps direct chat `chat`: its other
+    /// member is a bot user (an assistant chat), or a user since deleted (a
+    /// guest long gone).
+    async fn nobody_else_keeps(&self, chat: ChatId, caller: UserId) -> Result<bool, ChatsError> {
         let members = self.store.members(chat, None, 2).await?;
         let Some(other) = members.iter().find(|m| m.user_id != caller) else { return Ok(false) };
         let users = self.users.lookup_users(vec![other.user_id.to_string()]).await?;
-        Ok(users.first().is_some_and(|u| u.kind == natter_proto::sessions::v1::UserKind::Bot as i32))
+        Ok(users.first().is_none_or(|u| u.kind == natter_proto::sessions::v1::UserKind::Bot as i32))
     }
 
     /// Purges a deleted chat's messages from the messages service, after
@@ -1109,6 +1114,19 @@ mod tests {
         deleted: Mutex<Vec<spb::DeletedUser>>,
     }
 
+    impl Directory {
+        /// Deletes `user`: logged, and no longer looked up.
+        fn delete(&self, user: UserId) {
+            let mut log = self.deleted.lock().unwrap();
+            let position = log.len() as i64 + 1;
+            log.push(spb::DeletedUser { position, user_id: user.to_string(), delete_time: None });
+        }
+
+        fn gone(&self, id: &str) -> bool {
+            self.deleted.lock().unwrap().iter().any(|d| d.user_id == id)
+        }
+    }
+
     #[async_trait]
     impl UserDirectory for Directory {
         async fn lookup_users(&self, user_ids: Vec<String>) -> Result<Vec<spb::User>, Status> {
@@ -1116,7 +1134,8 @@ mod tests {
                 let bot = self.bots.iter().any(|b| b.to_string() == id);
                 if bot { spb::UserKind::Bot } else { spb::UserKind::Human }
             };
-            Ok(user_ids.into_iter().map(|id| spb::User { kind: kind(&id) as i32, id, ..Default::default() }).collect())
+            let users = user_ids.into_iter().filter(|id| !self.gone(id));
+            Ok(users.map(|id| spb::User { kind: kind(&id) as i32, id, ..Default::default() }).collect())
         }
 
         async fn deleted_users(&self, after: i64, page_size: i32) -> Result<Vec<spb::DeletedUser>, Status> {
@@ -1242,13 +1261,16 @@ mod tests {
         let alone = h.chats.create_chat(guest, group("alone", Vec::new())).await.unwrap().chat.id;
         let joined = h.chats.create_chat(alice, group("alice's", vec![guest])).await.unwrap().chat.id;
 
-        directory.deleted.lock().unwrap().push(spb::DeletedUser {
-            position: 1,
-            user_id: guest.to_string(),
-            delete_time: None,
-        });
-        assert_eq!(h.chats.forget_deleted_users().await, 1);
+        let other_guest = UserId::new_v7();
+        let guests = h.chats.create_chat(guest, direct(other_guest)).await.unwrap().chat.id;
         let store = h.chats.store();
+        directory.delete(guest);
+        assert_eq!(h.chats.forget_deleted_users().await, 1);
+        assert!(store.access(guests, other_guest).await.unwrap().is_some(), "the other guest keeps it for now");
+        // The other guest goes too: nobody keeps their chat.
+        directory.delete(other_guest);
+        assert_eq!(h.chats.forget_deleted_users().await, 1);
+        assert!(store.access(guests, other_guest).await.unwrap().is_none(), "deleted once both are gone");
         assert!(
             store.member_chat_ids(guest, false).await.unwrap() == [with_alice],
             "only alice's direct chat keeps it"
@@ -1262,7 +1284,7 @@ mod tests {
         assert_eq!(store.role(owned, alice).await.unwrap(), Some(Role::Member));
         assert_eq!(store.role(joined, alice).await.unwrap(), Some(Role::Owner));
         assert_eq!(store.role(with_alice, alice).await.unwrap(), Some(Role::Member), "her history stays");
-        assert_eq!(store.followed(DELETED_USERS_LOG).await.unwrap(), 1);
+        assert_eq!(store.followed(DELETED_USERS_LOG).await.unwrap(), 2);
         // Followed past: the next round asks from there and does nothing.
         assert_eq!(h.chats.forget_deleted_users().await, 0);
         // Forgetting again (a replica that raced, a retry) changes nothing.

@@ -66,6 +66,10 @@ async fn call_every_internal_rpc(
             ),
         ),
         (
+            "ListDeletedUsers",
+            code(sessions.list_deleted_users(with(spb::ListDeletedUsersRequest::default(), credential)).await),
+        ),
+        (
             "CheckMembership",
             code(
                 chats
@@ -298,10 +302,11 @@ async fn call_every_internal_rpc(
 }
 
 /// The internal RPCs' paths, for gRPC-web.
-const INTERNAL_PATHS: [&str; 22] = [
+const INTERNAL_PATHS: [&str; 23] = [
     "/natter.sessions.v1.SessionInternalService/IntrospectSession",
     "/natter.sessions.v1.SessionInternalService/LookupUsers",
     "/natter.sessions.v1.SessionInternalService/EnsureBotUser",
+    "/natter.sessions.v1.SessionInternalService/ListDeletedUsers",
     "/natter.chats.v1.ChatInternalService/CheckMembership",
     "/natter.chats.v1.ChatInternalService/ListMemberChatIds",
     "/natter.chats.v1.ChatInternalService/RecordActivity",

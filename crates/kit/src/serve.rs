@@ -316,8 +316,11 @@ where
         // Only calls that check a token are counted and refused: log-in and
         // new guests have limits of their own, and browsers send their
         // token along with every call.
-        let checks_tokens = !UNAUTHENTICATED_PATHS.iter().any(|p| parts.uri.path().starts_with(p));
-        let token = parts.headers.get(http::header::AUTHORIZATION).filter(|_| checks_tokens).cloned();
+        let token = parts
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .filter(|_| !UNAUTHENTICATED_PATHS.iter().any(|p| parts.uri.path().starts_with(p)))
+            .cloned();
         let client = token
             .as_ref()
             .and_then(|_| crate::limits::client_addr(&parts, self.limit.trust_forwarded_for, &self.limit.trusted));

@@ -610,52 +610,51 @@ impl Chats {
     /// round. Replicas may follow at once: forgetting a user twice changes
     /// nothing the second time.
     pub async fn forget_deleted_users(&self) -> usize {
-        let mut forgotten = 0;
+        let after = match self.store.followed(DELETED_USERS_LOG).await {
+            Ok(after) => after,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading how far deleted users are followed failed");
+                return 0;
+            }
+        };
         // One page a round: the rest of the relay's work is not held up by
         // a long log (the first start after an upgrade).
-        {
-            let after = match self.store.followed(DELETED_USERS_LOG).await {
-                Ok(after) => after,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading how far deleted users are followed failed");
-                    return forgotten;
-                }
-            };
-            let page = match self.users.deleted_users(after, DELETED_USERS_PAGE).await {
-                Ok(page) => page,
-                // A stand-in directory (tests) keeps no log.
-                Err(e) if e.code() == tonic::Code::Unimplemented => return forgotten,
-                Err(e) => {
-                    tracing::warn!(error = %e, "listing deleted users failed; will retry");
-                    return forgotten;
-                }
-            };
-            for deleted in &page {
-                match uuid::Uuid::try_parse(&deleted.user_id) {
-                    Ok(user) => {
-                        if let Err(e) = self.forget_user(UserId(user)).await {
-                            tracing::warn!(user_id = %user, error = %e, "taking a deleted user out of their chats failed; will retry");
-                            return forgotten;
-                        }
-                    }
-                    Err(_) => tracing::warn!(user_id = %deleted.user_id, "a deleted user's id is no UUID; skipped"),
-                }
-                if let Err(e) = self.store.follow_to(DELETED_USERS_LOG, deleted.position).await {
-                    tracing::warn!(error = %e, "recording how far deleted users are followed failed; will retry");
-                    return forgotten;
-                }
-                forgotten += 1;
+        let page = match self.users.deleted_users(after, DELETED_USERS_PAGE).await {
+            Ok(page) => page,
+            // A stand-in directory (tests) keeps no log.
+            Err(e) if e.code() == tonic::Code::Unimplemented => return 0,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing deleted users failed; will retry");
+                return 0;
             }
+        };
+        let mut forgotten = 0;
+        for deleted in &page {
+            match uuid::Uuid::try_parse(&deleted.user_id) {
+                Ok(user) => {
+                    if let Err(e) = self.forget_user(UserId(user)).await {
+                        tracing::warn!(user_id = %user, error = %e, "taking a deleted user out of their chats failed; will retry");
+                        break;
+                    }
+                }
+                Err(_) => tracing::warn!(user_id = %deleted.user_id, "a deleted user's id is no UUID; skipped"),
+            }
+            if let Err(e) = self.store.follow_to(DELETED_USERS_LOG, deleted.position).await {
+                tracing::warn!(error = %e, "recording how far deleted users are followed failed; will retry");
+                break;
+            }
+            forgotten += 1;
         }
         forgotten
     }
 
     /// Takes deleted user `user` out of every chat: an assistant chat (a
-    /// direct chat with a bot) and a group it alone was in are deleted with
-    /// their messages; a group it owned passes to its longest-standing
-    /// admin, else member, before it leaves (members see it leave, as if it
-    /// had); a direct chat with a person stays as it is, the other person's
-    /// history with it. Repeatable after a failure midway.
+    /// direct chat with a bot), a direct chat whose other member is deleted
+    /// too, and a group it alone was in are deleted with their messages; a
+    /// group it owned passes to its longest-standing admin, else member,
+    /// before it leaves (members see it leave, as if it had); a direct chat
+    /// with a person stays as it is, the other person's history with it.
+    /// Repeatable after a failure midway.
     pub async fn forget_user(&self, user: UserId) -> Result<(), ChatsError> {
         for chat_id in self.store.member_chat_ids(user, false).await? {
             let Some(ChatAccess { chat, role: Some(role) }) = self.store.access(chat_id, user).await? else { continue };

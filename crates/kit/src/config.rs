@@ -151,6 +151,14 @@ pub fn check_secret(what: &str, secret: &str) -> anyhow::Result<()> {
     check_secret_in(what, secret, std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
 }
 
+/// Checks `--database-url` (when set) as [`check_secret`] does: its
+/// password is a secret, and deploy/k8s/secret.yaml ships a placeholder.
+///
+/// Errors: the URL holds the placeholder, in a Kubernetes pod.
+pub fn check_database_url(url: Option<&str>) -> anyhow::Result<()> {
+    url.map_or(Ok(()), |url| check_secret("the database URL (--database-url)", url))
+}
+
 fn check_secret_in(what: &str, secret: &str, in_kubernetes: bool) -> anyhow::Result<()> {
     if !secret.to_ascii_uppercase().contains(PLACEHOLDER_MARK) {
         return Ok(());

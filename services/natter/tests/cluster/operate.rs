@@ -106,21 +106,36 @@ fn readme_operate_tables_match_the_binaries() {
 }
 
 /// In a Kubernetes pod, a split service refuses the deploy files'
-/// placeholder credential (anyone who read them holds it) and says which
-/// secret to replace. (That it only warns elsewhere is natter-kit's unit
-/// test: a process that starts would have to be stopped.)
+/// placeholder credential or database password (anyone who read them holds
+/// it) and says which secret to replace. (That it only warns elsewhere is
+/// natter-kit's unit test: a process that starts would have to be stopped.)
 #[test]
-fn a_placeholder_credential_is_refused_in_a_pod() {
+fn a_placeholder_secret_is_refused_in_a_pod() {
     let placeholder = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/dev-secrets/service-credential");
     let dir = tempfile::tempdir().expect("temp dir");
-    let output = Command::new(env!("CARGO_BIN_EXE_natter"))
-        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
-        .args(["sessions", "--listen", "127.0.0.1:0", "--internal-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .args(["--service-credential-file", placeholder])
-        .output()
-        .expect("run natter");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "started with the placeholder: {stderr}");
-    assert!(stderr.contains("the service credential (--service-credential-file) is the placeholder"), "{stderr}");
+    let credential = dir.path().join("credential");
+    std::fs::write(&credential, "q3Vx9mZ2c1bKp0LrT8wYh4nJ6sFgA5dE\n").expect("write credential");
+    let placeholder_url = "postgres://natter:REPLACE-ME-natter-database-password@127.0.0.1:1/natter";
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["--service-credential-file", placeholder],
+            "the service credential (--service-credential-file) is the placeholder",
+        ),
+        (
+            &["--service-credential-file", credential.to_str().expect("utf-8 path"), "--database-url", placeholder_url],
+            "the database URL (--database-url) is the placeholder",
+        ),
+    ];
+    for (flags, refusal) in cases {
+        let output = Command::new(env!("CARGO_BIN_EXE_natter"))
+            .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+            .args(["sessions", "--listen", "127.0.0.1:0", "--internal-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .args(flags)
+            .output()
+            .expect("run natter");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "started with a placeholder: {stderr}");
+        assert!(stderr.contains(refusal), "{stderr}");
+    }
 }

@@ -602,19 +602,23 @@ impl Chats {
         Ok(())
     }
 
-    /// Takes the users the sessions service deleted (guests long gone) out
-    /// of their chats ([`Chats::forget_user`]), following its log
-    /// (`ListDeletedUsers`) from the position kept in the store, which
-    /// moves past each user once they are out; returns how many. Run by
-    /// the relay; a failure is logged and the rest waits for its next
-    /// round. Replicas may follow at once: forgetting a user twice changes
-    /// nothing the second time.
+    /// Takes the users the sessions service deleted (guests long gone,
+    /// accounts deleted by their owner) out of their chats
+    /// ([`Chats::forget_user`]), following its log (`ListDeletedUsers`)
+    /// from the position kept in the store, one page a round; returns how
+    /// many were taken out. Run by the relay. A user whose removal fails is
+    /// kept apart ([`ChatStore::retry_later`]) and tried again at the start
+    /// of each later round, so that it does not hold up those deleted after
+    /// it; when even that cannot be stored (the database is down), the rest
+    /// waits for the next round. Replicas may follow at once: forgetting a
+    /// user twice changes nothing the second time.
     pub async fn forget_deleted_users(&self) -> usize {
+        let mut forgotten = self.forget_retries().await;
         let after = match self.store.followed(DELETED_USERS_LOG).await {
             Ok(after) => after,
             Err(e) => {
                 tracing::warn!(error = %e, "reading how far deleted users are followed failed");
-                return 0;
+                return forgotten;
             }
         };
         // One page a round: the rest of the relay's work is not held up by
@@ -622,28 +626,56 @@ impl Chats {
         let page = match self.users.deleted_users(after, DELETED_USERS_PAGE).await {
             Ok(page) => page,
             // A stand-in directory (tests) keeps no log.
-            Err(e) if e.code() == tonic::Code::Unimplemented => return 0,
+            Err(e) if e.code() == tonic::Code::Unimplemented => return forgotten,
             Err(e) => {
                 tracing::warn!(error = %e, "listing deleted users failed; will retry");
-                return 0;
+                return forgotten;
             }
         };
-        let mut forgotten = 0;
         for deleted in &page {
             match uuid::Uuid::try_parse(&deleted.user_id) {
-                Ok(user) => {
-                    if let Err(e) = self.forget_user(UserId(user)).await {
-                        tracing::warn!(user_id = %user, error = %e, "taking a deleted user out of their chats failed; will retry");
-                        break;
+                Ok(user) => match self.forget_user(UserId(user)).await {
+                    Ok(()) => forgotten += 1,
+                    Err(e) => {
+                        tracing::warn!(user_id = %user, error = %e, "taking a deleted user out of their chats failed; will retry it apart");
+                        if let Err(e) = self.store.retry_later(DELETED_USERS_LOG, &user.to_string()).await {
+                            tracing::warn!(error = %e, "keeping a deleted user to retry failed; will retry the log from here");
+                            break;
+                        }
                     }
-                }
+                },
                 Err(_) => tracing::warn!(user_id = %deleted.user_id, "a deleted user's id is no UUID; skipped"),
             }
             if let Err(e) = self.store.follow_to(DELETED_USERS_LOG, deleted.position).await {
                 tracing::warn!(error = %e, "recording how far deleted users are followed failed; will retry");
                 break;
             }
-            forgotten += 1;
+        }
+        forgotten
+    }
+
+    /// Tries again the deleted users whose removal failed in an earlier
+    /// round (a page of them); returns how many are out now.
+    async fn forget_retries(&self) -> usize {
+        let waiting = match self.store.retries(DELETED_USERS_LOG, DELETED_USERS_PAGE as u32).await {
+            Ok(waiting) => waiting,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the deleted users to retry failed");
+                return 0;
+            }
+        };
+        let mut forgotten = 0;
+        for item in waiting {
+            // Only UUIDs are kept (see forget_deleted_users).
+            let Ok(user) = uuid::Uuid::try_parse(&item) else { continue };
+            if let Err(e) = self.forget_user(UserId(user)).await {
+                tracing::warn!(user_id = %user, error = %e, "taking a deleted user out of their chats failed again; will retry");
+                continue;
+            }
+            match self.store.retried(DELETED_USERS_LOG, &item).await {
+                Ok(()) => forgotten += 1,
+                Err(e) => tracing::warn!(user_id = %user, error = %e, "recording a retry done failed; will repeat it"),
+            }
         }
         forgotten
     }
@@ -1111,6 +1143,8 @@ mod tests {
     struct Directory {
         bots: Vec<UserId>,
         deleted: Mutex<Vec<spb::DeletedUser>>,
+        /// Look-ups of these users fail (UNAVAILABLE).
+        unreachable: Mutex<Vec<UserId>>,
     }
 
     impl Directory {
@@ -1129,6 +1163,9 @@ mod tests {
     #[async_trait]
     impl UserDirectory for Directory {
         async fn lookup_users(&self, user_ids: Vec<String>) -> Result<Vec<spb::User>, Status> {
+            if self.unreachable.lock().unwrap().iter().any(|u| user_ids.contains(&u.to_string())) {
+                return Err(Status::unavailable("sessions is down for this user"));
+            }
             let kind = |id: &str| {
                 let bot = self.bots.iter().any(|b| b.to_string() == id);
                 if bot { spb::UserKind::Bot } else { spb::UserKind::Human }
@@ -1289,6 +1326,35 @@ mod tests {
         // Forgetting again (a replica that raced, a retry) changes nothing.
         h.chats.forget_user(guest).await.unwrap();
         assert_eq!(store.role(owned, bob).await.unwrap(), Some(Role::Owner));
+    }
+
+    #[tokio::test]
+    async fn a_deleted_user_whose_removal_fails_is_retried_apart_without_holding_up_the_log() {
+        let [stuck, next, flaky, alice] = [(); 4].map(|_| UserId::new_v7());
+        let directory = Arc::new(Directory::default());
+        let h = harness_with(Limits::default(), directory.clone()).await;
+        let direct = |other| NewChat { kind: Some(Kind::Direct), others: vec![other], ..group("", Vec::new()) };
+        // Taking `stuck` out asks about `flaky`, its direct chat's other member.
+        h.chats.create_chat(stuck, direct(flaky)).await.unwrap();
+        let team = h.chats.create_chat(stuck, group("team", vec![alice])).await.unwrap().chat.id;
+        let alone = h.chats.create_chat(next, group("alone", Vec::new())).await.unwrap().chat.id;
+        directory.unreachable.lock().unwrap().push(flaky);
+        directory.delete(stuck);
+        directory.delete(next);
+        let store = h.chats.store();
+
+        assert_eq!(h.chats.forget_deleted_users().await, 1, "the user after it is taken out");
+        assert!(store.access(alone, next).await.unwrap().is_none(), "its lone group is gone");
+        assert_eq!(store.followed(DELETED_USERS_LOG).await.unwrap(), 2, "the log is followed past both");
+        assert_eq!(store.retries(DELETED_USERS_LOG, 10).await.unwrap(), [stuck.to_string()]);
+        assert_eq!(h.chats.forget_deleted_users().await, 0, "still failing: it waits");
+        assert_eq!(store.retries(DELETED_USERS_LOG, 10).await.unwrap(), [stuck.to_string()]);
+
+        directory.unreachable.lock().unwrap().clear();
+        assert_eq!(h.chats.forget_deleted_users().await, 1, "retried at the next round");
+        assert_eq!(store.retries(DELETED_USERS_LOG, 10).await.unwrap(), Vec::<String>::new());
+        assert_eq!(store.role(team, alice).await.unwrap(), Some(Role::Owner), "its group passed on");
+        assert_eq!(store.role(team, stuck).await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -372,6 +372,18 @@ pub trait ChatStore: Send + Sync + 'static {
     /// follow it at once).
     async fn follow_to(&self, name: &str, position: i64) -> Result<(), StoreError>;
 
+    /// Keeps `item` of log `name` to be tried again (its handling failed);
+    /// an item kept already is kept once.
+    async fn retry_later(&self, name: &str, item: &str) -> Result<(), StoreError>;
+
+    /// Up to `limit` items of log `name` kept by [`ChatStore::retry_later`],
+    /// in item order.
+    async fn retries(&self, name: &str, limit: u32) -> Result<Vec<String>, StoreError>;
+
+    /// Forgets `item` of log `name` (handled at last); a no-op for an item
+    /// not kept.
+    async fn retried(&self, name: &str, item: &str) -> Result<(), StoreError>;
+
     /// Adds the `members` (all of chat `chat`) not in it yet, in one
     /// transaction that locks the chat first, unless the chat would then
     /// have more members than `limits` admit ([`Limits::admits_members`],

@@ -489,6 +489,34 @@ impl ChatStore for PostgresChatStore {
         Ok(())
     }
 
+    async fn retry_later(&self, name: &str, item: &str) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO followed_log_retries (name, item) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(name)
+            .bind(item)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn retries(&self, name: &str, limit: u32) -> Result<Vec<String>, StoreError> {
+        let items: Vec<(String,)> =
+            sqlx::query_as("SELECT item FROM followed_log_retries WHERE name = $1 ORDER BY item LIMIT $2")
+                .bind(name)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(items.into_iter().map(|(item,)| item).collect())
+    }
+
+    async fn retried(&self, name: &str, item: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM followed_log_retries WHERE name = $1 AND item = $2")
+            .bind(name)
+            .bind(item)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn add_members(
         &self,
         chat: ChatId,

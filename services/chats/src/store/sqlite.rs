@@ -567,6 +567,37 @@ impl ChatStore for SqliteChatStore {
         Ok(())
     }
 
+    async fn retry_later(&self, name: &str, item: &str) -> Result<(), StoreError> {
+        let (name, item) = (name.to_owned(), item.to_owned());
+        let done = self.db.write(move |conn| {
+            conn.prepare_cached("INSERT INTO followed_log_retries (name, item) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
+                .execute(params![name, item])
+        });
+        done.await.map_err(unwrap)?;
+        Ok(())
+    }
+
+    async fn retries(&self, name: &str, limit: u32) -> Result<Vec<String>, StoreError> {
+        let name = name.to_owned();
+        let items = self.db.read(move |conn| {
+            let mut select =
+                conn.prepare_cached("SELECT item FROM followed_log_retries WHERE name = ?1 ORDER BY item LIMIT ?2")?;
+            let items = select.query_map(params![name, limit], |row| row.get::<_, String>(0))?;
+            items.collect()
+        });
+        items.await.map_err(unwrap)
+    }
+
+    async fn retried(&self, name: &str, item: &str) -> Result<(), StoreError> {
+        let (name, item) = (name.to_owned(), item.to_owned());
+        let done = self.db.write(move |conn| {
+            conn.prepare_cached("DELETE FROM followed_log_retries WHERE name = ?1 AND item = ?2")?
+                .execute(params![name, item])
+        });
+        done.await.map_err(unwrap)?;
+        Ok(())
+    }
+
     async fn add_members(
         &self,
         chat: ChatId,

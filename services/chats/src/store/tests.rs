@@ -105,6 +105,7 @@ chat_store_suite!(
     every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none,
     an_untitled_chat_takes_a_title_once,
     a_followed_position_only_moves_forward,
+    failed_items_of_a_log_wait_once_each_until_retried,
 );
 
 async fn a_followed_position_only_moves_forward(store: &dyn ChatStore) {
@@ -114,6 +115,20 @@ async fn a_followed_position_only_moves_forward(store: &dyn ChatStore) {
     assert_eq!(store.followed("log").await.unwrap(), 5, "a replica behind moves nothing back");
     store.follow_to("log", 7).await.unwrap();
     assert_eq!((store.followed("log").await.unwrap(), store.followed("other").await.unwrap()), (7, 0));
+}
+
+async fn failed_items_of_a_log_wait_once_each_until_retried(store: &dyn ChatStore) {
+    assert_eq!(store.retries("log", 10).await.unwrap(), Vec::<String>::new());
+    for item in ["b", "a", "b", "c"] {
+        store.retry_later("log", item).await.unwrap();
+    }
+    store.retry_later("other", "a").await.unwrap();
+    assert_eq!(store.retries("log", 10).await.unwrap(), ["a", "b", "c"], "once each, in item order");
+    assert_eq!(store.retries("log", 2).await.unwrap(), ["a", "b"], "a page");
+    store.retried("log", "a").await.unwrap();
+    store.retried("log", "z").await.unwrap();
+    assert_eq!(store.retries("log", 10).await.unwrap(), ["b", "c"]);
+    assert_eq!(store.retries("other", 10).await.unwrap(), ["a"], "each log its own");
 }
 
 /// A group chat created by `owner` at `time` µs, titled by its id.

@@ -205,6 +205,10 @@ async fn call(c: &Cluster, p: &People, f: &Fixture, rpc: &str, token: Option<&st
             };
             c.sessions().claim_account(req(token, r)).await.map(drop)
         }
+        "DeleteAccount(own)" => {
+            let r = spb::DeleteAccountRequest { password: "correct horse battery".into() };
+            c.sessions().delete_account(req(token, r)).await.map(drop)
+        }
         other => panic!("no such row {other}"),
     };
     match result {
@@ -261,19 +265,26 @@ async fn every_rpc_allows_exactly_whom_it_should(c: &Cluster) {
         ("GetUser", [Ok, Ok, Ok, Ok, Ok, Unauth]),
         ("BatchGetUsers", [Ok, Ok, Ok, Ok, Ok, Unauth]),
         ("ClaimAccount", [Pre, Pre, Pre, Pre, Ok, Unauth]),
+        // Each cell deletes a fresh person (or guest) of its own.
+        ("DeleteAccount(own)", [Ok, Ok, Ok, Ok, Ok, Unauth]),
     ];
     let mut wrong = Vec::new();
     for (rpc, expected) in matrix {
         let callers: [Option<&TestUser>; 6] =
             [Some(&p.owner), Some(&p.admin), Some(&p.member), Some(&p.outsider), Some(&p.guest), None];
         for (caller, want) in callers.iter().zip(expected) {
-            // ClaimAccount turns the guest into a password user: give that
-            // cell its own guest.
-            let fresh_guest;
+            // ClaimAccount turns the guest into a password user, and
+            // DeleteAccount deletes its caller: give those cells a fresh user
+            // of the same kind.
+            let fresh;
             let caller = match (*rpc, caller) {
                 ("ClaimAccount", Some(u)) if u.id == p.guest.id => {
-                    fresh_guest = c.guest().await;
-                    Some(&fresh_guest)
+                    fresh = c.guest().await;
+                    Some(&fresh)
+                }
+                ("DeleteAccount(own)", Some(u)) => {
+                    fresh = if u.id == p.guest.id { c.guest().await } else { c.user("leaver").await };
+                    Some(&fresh)
                 }
                 _ => *caller,
             };

@@ -319,7 +319,20 @@ const CALLS_PER_RPC: usize = 24;
 /// Rates off: the fuzzer is one client at machine speed and should reach
 /// the code behind the limits.
 pub(crate) const FLAGS: Flags<'static> = Flags {
-    sessions: &["--create-session-rate", "off", "--create-guest-rate", "off", "--create-user-rate", "off"],
+    // Random passwords to DeleteAccount count as failed log-ins: no back-off
+    // may keep the next RPC's log-in out.
+    sessions: &[
+        "--create-session-rate",
+        "off",
+        "--create-guest-rate",
+        "off",
+        "--create-user-rate",
+        "off",
+        "--login-backoff",
+        "0s",
+        "--login-retry-rate",
+        "off",
+    ],
     chats: &["--create-chat-rate", "off"],
     messages: &["--send-message-rate", "off", "--edit-message-rate", "off", "--stream-open-rate", "off"],
     assistant: &[],

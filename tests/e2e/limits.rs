@@ -259,6 +259,13 @@ mod per_user {
         let by_id = spb::GetUserRequest { user_id: bob.id.clone(), ..Default::default() };
         sessions.get_user(authed(&alice, by_id)).await.expect("by id is not counted");
         sessions.get_user(authed(&bob, by_name())).await.expect("another user has a rate of their own");
+        // Guests cost nothing to make: those at one address share a budget.
+        let (first, second) = (c.guest().await, c.guest().await);
+        for _ in 0..2 {
+            sessions.get_user(authed(&first, by_name())).await.expect("within the rate");
+        }
+        let refused = sessions.get_user(authed(&second, by_name())).await.unwrap_err();
+        assert!(retry_delay(&refused) > Duration::from_secs(29 * 60), "a new guest, the same budget: {refused:?}");
     }
 }
 

@@ -17,6 +17,8 @@ crate::both_modes!(
     revoked_token_fails_at_once_in_every_service,
     sessions_list_newest_first_and_users_resolve,
     guests_claim_their_account_and_keep_their_chats,
+    a_person_deletes_their_account_and_leaves_their_chats,
+    a_guest_deletes_its_account_without_a_password,
 );
 
 async fn password_login_and_current_session(c: &Cluster) {
@@ -349,14 +351,14 @@ mod guest_deletion {
     crate::both_modes!(flags = crate::sessions::guest_deletion::FLAGS; a_guest_long_gone_leaves_its_chats);
 
     /// A fresh session of `user` (the test's sessions last 5 s).
-    async fn again(c: &Cluster, user: &natter_testkit::TestUser) -> natter_testkit::TestUser {
+    pub(super) async fn again(c: &Cluster, user: &natter_testkit::TestUser) -> natter_testkit::TestUser {
         let request =
             spb::CreateSessionRequest { username: user.username.clone(), password: "correct horse battery".into() };
         let s = c.sessions().create_session(request).await.expect("log in").into_inner();
         natter_testkit::TestUser { token: s.token, session_id: s.session.expect("session").id, ..user.clone() }
     }
 
-    async fn members(c: &Cluster, user: &natter_testkit::TestUser, chat_id: &str) -> Vec<(String, i32)> {
+    pub(super) async fn members(c: &Cluster, user: &natter_testkit::TestUser, chat_id: &str) -> Vec<(String, i32)> {
         let request = cpb::ListMembersRequest { chat_id: chat_id.to_owned(), ..Default::default() };
         let listed = c.chats().list_members(authed(user, request)).await.expect("members").into_inner();
         listed.members.into_iter().map(|m| (m.user_id, m.role)).collect()
@@ -412,4 +414,80 @@ mod guest_deletion {
         let looked_up = spb::GetUserRequest { user_id: guest.id.clone(), ..Default::default() };
         assert_eq!(code(c.sessions().get_user(authed(&alice, looked_up)).await), Code::NotFound, "the guest is gone");
     }
+}
+
+async fn a_person_deletes_their_account_and_leaves_their_chats(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let group =
+        cpb::CreateChatRequest { title: "alice's".into(), member_ids: vec![bob.id.clone()], ..Default::default() };
+    let group = c.chats().create_chat(authed(&alice, group)).await.unwrap().into_inner().chat.unwrap().id;
+    let direct = crate::chats::direct(c, &alice, &bob).await;
+    crate::chats::send(c, &alice, &direct.id, "goodbye, bob").await;
+    let phone = guest_deletion::again(c, &alice).await;
+    let mut stream = crate::stream::open(c, &phone, &[&direct.id], &[]).await;
+
+    // A wrong or missing password deletes nothing.
+    let delete = |password: &str| spb::DeleteAccountRequest { password: password.into() };
+    let wrong = c.sessions().delete_account(authed(&alice, delete("not my password"))).await;
+    assert_eq!(code(wrong), Code::PermissionDenied);
+    let missing = c.sessions().delete_account(authed(&alice, delete(""))).await.unwrap_err();
+    assert_eq!((missing.code(), violated_fields(&missing)), (Code::InvalidArgument, vec!["password".to_owned()]));
+    c.sessions().get_current_session(authed(&alice, spb::GetCurrentSessionRequest {})).await.expect("still there");
+
+    c.sessions().delete_account(authed(&alice, delete("correct horse battery"))).await.expect("deleted");
+    // Every session ends at once, in every service, open streams too.
+    for token in [&alice.token, &phone.token] {
+        let current = c.sessions().get_current_session(with_token(token, spb::GetCurrentSessionRequest {})).await;
+        assert_eq!(code(current), Code::Unauthenticated);
+        let chats = c.chats().list_chats(with_token(token, cpb::ListChatsRequest::default())).await;
+        assert_eq!(code(chats), Code::Unauthenticated);
+    }
+    if crate::stream::crosses_services(c) {
+        let end = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    other => break other,
+                }
+            }
+        });
+        let end = end.await.expect("the stream ends within 10 s");
+        assert_eq!(end.expect_err("ends with a status").code(), Code::Unauthenticated);
+    }
+    // Gone: no log-in, no look-up; the username is free, under a new id.
+    let login =
+        spb::CreateSessionRequest { username: alice.username.clone(), password: "correct horse battery".into() };
+    assert_eq!(code(c.sessions().create_session(login).await), Code::Unauthenticated);
+    let looked_up = spb::GetUserRequest { user_id: alice.id.clone(), ..Default::default() };
+    assert_eq!(code(c.sessions().get_user(authed(&bob, looked_up)).await), Code::NotFound);
+    let again = spb::CreateUserRequest {
+        username: alice.username.clone(),
+        password: "another horse battery".into(),
+        display_name: String::new(),
+    };
+    let newcomer = c.sessions().create_user(again).await.expect("the username is free").into_inner().user.unwrap();
+    assert_ne!(newcomer.id, alice.id);
+
+    // The chats service follows within its relay's 5 s: bob owns the group,
+    // and keeps the direct chat with its history.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while guest_deletion::members(c, &bob, &group).await.len() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "alice never left {group}");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let owner = cpb::MemberRole::Owner as i32;
+    assert_eq!(guest_deletion::members(c, &bob, &group).await, [(bob.id.clone(), owner)], "bob inherits the group");
+    let kept = cpb::GetChatRequest { chat_id: direct.id.clone(), message_page_size: 10 };
+    let history = c.chats().get_chat(authed(&bob, kept)).await.expect("bob keeps the direct chat").into_inner();
+    assert!(history.messages.iter().any(|m| m.text == "goodbye, bob"), "with its history: {:?}", history.messages);
+}
+
+async fn a_guest_deletes_its_account_without_a_password(c: &Cluster) {
+    let guest = c.guest().await;
+    c.sessions().delete_account(authed(&guest, spb::DeleteAccountRequest::default())).await.expect("deleted");
+    let current = c.sessions().get_current_session(authed(&guest, spb::GetCurrentSessionRequest {})).await;
+    assert_eq!(code(current), Code::Unauthenticated);
+    let alice = c.user("alice").await;
+    let looked_up = spb::GetUserRequest { user_id: guest.id.clone(), ..Default::default() };
+    assert_eq!(code(c.sessions().get_user(authed(&alice, looked_up)).await), Code::NotFound);
 }

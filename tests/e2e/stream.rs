@@ -31,7 +31,7 @@ crate::both_modes!(
 
 /// Cross-service announcements (a chat joined, a member removed, a session
 /// revoked) reach the messages service in split mode over NATS only.
-fn crosses_services(c: &Cluster) -> bool {
+pub(crate) fn crosses_services(c: &Cluster) -> bool {
     c.mode == Mode::AllInOne || natter_testkit::nats_url().is_some()
 }
 

@@ -343,6 +343,12 @@ step("a guest can start chatting without an account", async () => {
     await guest.locator("#chat-title", { hasText: alice.name }).waitFor();
     await send(guest, "hello from a guest");
     await chatItem(alicePage, "guest").locator(".chat-excerpt", { hasText: "hello from a guest" }).waitFor();
+    // A guest deletes its account without a password.
+    await guest.click("#delete-account");
+    assert.equal(await guest.locator("#delete-password").isVisible(), false, "a guest has no password to give");
+    await guest.click("#delete-confirm");
+    await guest.locator("#auth-view").waitFor();
+    assert.equal(await guest.locator("#error").isHidden(), true, "leaving is not an error");
   } finally {
     await guest.context().close();
   }
@@ -354,6 +360,31 @@ step("without an assistant configured the page says so and goes on", async () =>
   assert.equal(await alicePage.locator("#error").isHidden(), true, "no error banner for a missing assistant");
   await openChatWith(alicePage, bob.name); // the page works as before
   await send(alicePage, "Still here");
+});
+
+step("bob deletes his account: a wrong password deletes nothing; alice keeps their chat, under a deleted account", async () => {
+  await bobPage.click("#delete-account");
+  await bobPage.fill("#delete-password", "not the password");
+  await bobPage.click("#delete-confirm");
+  await bobPage.locator("#error", { hasText: /password does not match/i }).waitFor(); // the server's own words
+  await bobPage.locator("#me", { hasText: bob.name }).waitFor();
+  await bobPage.locator("#status", { hasText: "live" }).waitFor(); // streaming again
+  await bobPage.click("#delete-account");
+  await bobPage.fill("#delete-password", bob.password);
+  await bobPage.click("#delete-confirm");
+  await bobPage.locator("#auth-view").waitFor();
+  assert.equal(await bobPage.locator("#error").isHidden(), true, "leaving is not an error");
+  await bobPage.fill("#username", bob.name);
+  await bobPage.fill("#password", bob.password);
+  await bobPage.click("#login");
+  await bobPage.locator("#error", { hasText: /invalid username or password/i }).waitFor();
+  // A fresh page of alice's names bob's chat, and the deleted guest's, as deleted accounts; bob's keeps its history.
+  await alicePage.reload();
+  const gone = chatItem(alicePage, "Deleted account");
+  await gone.filter({ hasText: "hello from a guest" }).waitFor();
+  const item = gone.filter({ hasText: "Still here" });
+  await item.click();
+  await alicePage.locator("#messages .text", { hasText: history.at(-1) }).waitFor();
 });
 
 step("no uncaught errors in the pages", () => {

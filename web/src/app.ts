@@ -4,7 +4,7 @@
 import { create } from "@bufbuild/protobuf";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import * as api from "./api";
-import { UserKind, type User } from "./gen/natter/sessions/v1/sessions_pb";
+import { UserKind, UserSchema, type User } from "./gen/natter/sessions/v1/sessions_pb";
 import { ChatKind, LastMessageSchema, MemberRole, type Chat } from "./gen/natter/chats/v1/chats_pb";
 import {
   AssistantReplies,
@@ -126,8 +126,11 @@ const sleep = (ms: number, signal: AbortSignal) =>
 async function ensureUsers(ids: Iterable<string>) {
   const missing = [...new Set([...ids].filter((id) => id && !users.has(id)))];
   for (let i = 0; i < missing.length; i += 200) {
-    const res = await api.sessions.batchGetUsers({ userIds: missing.slice(i, i + 200) });
+    const batch = missing.slice(i, i + 200);
+    const res = await api.sessions.batchGetUsers({ userIds: batch });
     for (const u of res.users) users.set(u.id, u);
+    // An id the server no longer knows is a deleted account: its messages stay, under this name.
+    for (const id of batch) if (!users.has(id)) users.set(id, create(UserSchema, { id, displayName: "Deleted account" }));
   }
 }
 
@@ -1049,6 +1052,7 @@ function showAuth() {
   el("auth-view").hidden = false;
   el("chat-view").hidden = true;
   el("logout").hidden = true;
+  el("delete-account").hidden = true;
   el("me").textContent = "";
   setStatus("");
   input("username").focus();
@@ -1060,6 +1064,7 @@ async function enter(user: User) {
   el("auth-view").hidden = true;
   el("chat-view").hidden = false;
   el("logout").hidden = false;
+  el("delete-account").hidden = false;
   el("me").textContent = userName(user.id) + (user.guest ? " (guest)" : "");
   await loadChats();
   stream = new AbortController();
@@ -1131,6 +1136,32 @@ el("logout").addEventListener("click", () =>
     }
   }),
 );
+
+const deleteDialog = el<HTMLDialogElement>("delete-dialog");
+el("delete-account").addEventListener("click", () => {
+  // A guest has no password to confirm with.
+  el("delete-password-label").hidden = !!me?.guest;
+  input("delete-password").value = "";
+  deleteDialog.showModal();
+});
+el("delete-cancel").addEventListener("click", () => deleteDialog.close());
+el("delete-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const password = me?.guest ? "" : input("delete-password").value;
+  deleteDialog.close();
+  void act(async () => {
+    stream?.abort(); // its end by the deletion is not an error to show
+    try {
+      await api.sessions.deleteAccount({ password });
+    } catch (err) {
+      // Still signed in (a wrong password, say): live again, from where the stream was.
+      stream = new AbortController();
+      void runStream(stream.signal);
+      throw err;
+    }
+    signOutLocally(); // every session of the account has ended with it
+  });
+});
 
 // ---------------------------------------------------------------- threads
 

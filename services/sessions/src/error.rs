@@ -34,6 +34,10 @@ pub enum SessionsError {
     /// (RESOURCE_EXHAUSTED with RetryInfo).
     #[error(transparent)]
     Limited(#[from] natter_kit::limits::Limited),
+    /// DeleteAccount with a password that does not match
+    /// (PERMISSION_DENIED: the token is good, the confirmation is not).
+    #[error("password does not match")]
+    WrongPassword,
     /// ClaimAccount by a user that is not a guest (FAILED_PRECONDITION).
     #[error("account already has a username and password")]
     NotGuest,
@@ -93,6 +97,7 @@ impl From<SessionsError> for Status {
             SessionsError::BadCredentials => Status::unauthenticated(e.to_string()),
             SessionsError::SessionNotFound | SessionsError::UserNotFound => Status::not_found(e.to_string()),
             SessionsError::NotGuest => Status::failed_precondition(e.to_string()),
+            SessionsError::WrongPassword => Status::permission_denied(e.to_string()),
             SessionsError::Limited(limited) => limited.into(),
             SessionsError::Store { source, origin } => natter_kit::internal_at(&source, origin),
             SessionsError::Internal { reason, origin } => natter_kit::internal_at(&reason, origin),

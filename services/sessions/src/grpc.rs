@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::NewUser;
 use crate::error::SessionsError;
-use crate::service::{NewSession, Sessions};
+use crate::service::{LookupCaller, NewSession, Sessions};
 use crate::store::{self, SessionRow, TokenRow, UserRow};
 
 /// Most ids in one BatchGetUsers request.
@@ -167,12 +167,31 @@ impl SessionService for SessionApi {
         }))
     }
 
+    async fn delete_account(
+        &self,
+        request: Request<pb::DeleteAccountRequest>,
+    ) -> Result<Response<pb::DeleteAccountResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let client = self.client(&request);
+        let r = request.into_inner();
+        self.sessions.delete_account(client, &caller.user_id, &r.password).await?;
+        Ok(Response::new(pb::DeleteAccountResponse {}))
+    }
+
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::GetUserResponse>, Status> {
         let caller = self.caller(&request).await?;
+        let client = self.client(&request);
         let r = request.into_inner();
         let u = match (r.user_id.is_empty(), r.username.is_empty()) {
             (false, true) => self.sessions.user(&natter_kit::id::parse("user_id", &r.user_id)?.to_string()).await?,
-            (true, false) => self.sessions.user_by_username(&caller.user_id, &r.username).await?,
+            (true, false) => {
+                let by = if caller.guest != 0 {
+                    LookupCaller::GuestsAt(client)
+                } else {
+                    LookupCaller::Account(caller.user_id)
+                };
+                self.sessions.user_by_username(by, &r.username).await?
+            }
             _ => return Err(SessionsError::invalid("user_id", "give exactly one of user_id and username").into()),
         };
         Ok(Response::new(pb::GetUserResponse { user: Some(user(u)) }))

@@ -119,8 +119,9 @@ pub struct SessionsArgs {
 
     /// GetUser calls by username per caller (finding someone to talk to):
     /// a cap on how fast one account can learn which usernames exist.
-    /// Look-ups by id are not counted (ids cannot be guessed). N/PERIOD, or
-    /// `off`.
+    /// Guests, which cost nothing to make, share one budget per client
+    /// address. Look-ups by id are not counted (ids cannot be guessed).
+    /// N/PERIOD, or `off`.
     #[arg(long, env = "NATTER_USERNAME_LOOKUP_RATE", default_value = "60/1m")]
     pub username_lookup_rate: Rate,
 }

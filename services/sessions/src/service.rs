@@ -26,6 +26,17 @@ pub struct NewSession {
     pub user: UserRow,
 }
 
+/// Whose budget a look-up by username draws on (`--username-lookup-rate`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum LookupCaller {
+    /// A person's (or a claimed guest's) own: accounts cost a registration
+    /// each (`--create-user-rate`, an Argon2 hash).
+    Account(String),
+    /// Every guest at one client address together: a guest costs one call,
+    /// so per guest the budget would be no cap at all.
+    GuestsAt(Option<IpAddr>),
+}
+
 /// The sessions service's domain object; cheap to share behind an `Arc`.
 pub struct Sessions {
     store: Store,
@@ -44,8 +55,8 @@ pub struct Sessions {
     create_user_rate: RateLimiter<Option<IpAddr>>,
     /// Log-in back-off and per-username budget.
     logins: LoginGuard,
-    /// GetUser by username, per caller.
-    username_lookup_rate: RateLimiter<String>,
+    /// GetUser by username, per account (guests: per address).
+    username_lookup_rate: RateLimiter<LookupCaller>,
     /// Live tokens by hash; only when this is the only sessions instance
     /// (see [`Sessions::with_token_cache`]).
     cache: Option<Mutex<TokenCache>>,
@@ -348,10 +359,10 @@ impl Sessions {
     /// `--username-lookup-rate`).
     ///
     /// Errors: INVALID_ARGUMENT (`username`), RESOURCE_EXHAUSTED, NOT_FOUND.
-    pub async fn user_by_username(&self, caller: &str, username: &str) -> Result<UserRow, SessionsError> {
+    pub async fn user_by_username(&self, caller: LookupCaller, username: &str) -> Result<UserRow, SessionsError> {
         natter_kit::limits::check_str(username, natter_kit::limits::MaxLen::Chars(*domain::USERNAME_LEN.end()))
             .map_err(|r| SessionsError::invalid("username", r))?;
-        self.username_lookup_rate.check(&caller.to_owned())?;
+        self.username_lookup_rate.check(&caller)?;
         self.store.user_by_key(&username.to_ascii_lowercase()).await?.ok_or(SessionsError::UserNotFound)
     }
 
@@ -440,6 +451,53 @@ impl Sessions {
         // in.
         self.revoke(user_id, None, true).await?;
         self.start_session(self.user(user_id).await?).await
+    }
+
+    /// Deletes account `user_id` at its own request from `client`
+    /// (DeleteAccount): a person confirms with `password`, a guest sends
+    /// none (whatever it sends is ignored). The user and its sessions go
+    /// in one transaction that also logs the deletion for the chats
+    /// service ([`Store::delete_user`]); then, as for a revocation, caches
+    /// drop its tokens and its open streams end.
+    ///
+    /// A wrong password counts as a failed log-in for the username from
+    /// `client` ([`LoginGuard`]): a stolen token does not open a faster way
+    /// to guess the password than CreateSession.
+    ///
+    /// Errors: INVALID_ARGUMENT (`password` empty for a person),
+    /// PERMISSION_DENIED (it does not match), RESOURCE_EXHAUSTED (the
+    /// back-off, or --password-check-queue), NOT_FOUND (deleted meanwhile).
+    pub async fn delete_account(
+        &self,
+        client: Option<IpAddr>,
+        user_id: &str,
+        password: &str,
+    ) -> Result<(), SessionsError> {
+        let user = self.user(user_id).await?;
+        if let Some(phc) = user.password_hash.clone() {
+            if password.is_empty() {
+                return Err(SessionsError::invalid("password", "is required to delete an account that has one"));
+            }
+            domain::check_credentials(user.username.as_deref().unwrap_or_default(), password)
+                .map_err(|(field, r)| SessionsError::invalid(field, r))?;
+            let key = user.username.as_deref().unwrap_or_default().to_ascii_lowercase();
+            self.logins.admit(&key, client, Instant::now())?;
+            if !verify_password(password.to_owned(), phc, self.password_check_queue).await? {
+                return Err(SessionsError::WrongPassword);
+            }
+            self.logins.succeeded(&key, client);
+        }
+        let sessions = self.store.delete_user(user_id, now_micros()).await?.ok_or(SessionsError::UserNotFound)?;
+        tracing::info!(user_id, kind = user.kind, "account deleted at its own request");
+        self.evict(|row| row.user_id != user_id);
+        let sessions: Vec<Uuid> = sessions.iter().filter_map(|id| Uuid::try_parse(id).ok()).collect();
+        for id in &sessions {
+            self.bus.publish(Topic::Session(*id), Arc::default());
+        }
+        let mut tags: Vec<Tag> = sessions.into_iter().map(Tag::Session).collect();
+        tags.extend(Uuid::try_parse(user_id).ok().map(Tag::User));
+        self.bus.invalidate(tags).await;
+        Ok(())
     }
 }
 

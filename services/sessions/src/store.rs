@@ -231,8 +231,7 @@ impl Store {
     /// still stored, and a claimed guest (now human), stay.
     pub async fn purge_guests(&self, before: i64, now: i64, limit: i64) -> Result<Vec<String>, SessionsError> {
         let mut tx = self.db.write().begin().await?;
-        // Purges of two replicas queue here (see migration 0004).
-        sqlx::query("UPDATE deleted_users_lock SET runs = runs + 1 WHERE id = 1").execute(&mut *tx).await?;
+        lock_deletion_log(&mut tx).await?;
         let gone: Vec<(String,)> = sqlx::query_as(
             "SELECT id FROM users u WHERE kind = 'guest' AND create_time < $1 \
              AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.user_id = u.id) ORDER BY create_time LIMIT $2",
@@ -241,19 +240,31 @@ impl Store {
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
-        let (last,): (i64,) =
-            sqlx::query_as("SELECT COALESCE(MAX(position), 0) FROM deleted_users").fetch_one(&mut *tx).await?;
-        for (position, (id,)) in (last + 1..).zip(&gone) {
-            sqlx::query("DELETE FROM users WHERE id = $1").bind(id).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO deleted_users (position, user_id, delete_time) VALUES ($1, $2, $3)")
-                .bind(position)
-                .bind(id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-        }
+        let gone: Vec<String> = gone.into_iter().map(|(id,)| id).collect();
+        delete_and_log(&mut tx, &gone, now).await?;
         tx.commit().await?;
-        Ok(gone.into_iter().map(|(id,)| id).collect())
+        Ok(gone)
+    }
+
+    /// Deletes user `user_id` and its sessions, and appends it to the
+    /// `deleted_users` log at `now`, in one transaction (DeleteAccount).
+    /// Returns the ids of the sessions deleted, or `None` when there is no
+    /// such user (deleted already).
+    pub async fn delete_user(&self, user_id: &str, now: i64) -> Result<Option<Vec<String>>, SessionsError> {
+        let mut tx = self.db.write().begin().await?;
+        lock_deletion_log(&mut tx).await?;
+        let sessions: Vec<(String,)> = sqlx::query_as("DELETE FROM sessions WHERE user_id = $1 RETURNING id")
+            .bind(user_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        let exists: Option<(String,)> =
+            sqlx::query_as("SELECT id FROM users WHERE id = $1").bind(user_id).fetch_optional(&mut *tx).await?;
+        if exists.is_none() {
+            return Ok(None);
+        }
+        delete_and_log(&mut tx, &[user_id.to_owned()], now).await?;
+        tx.commit().await?;
+        Ok(Some(sessions.into_iter().map(|(id,)| id).collect()))
     }
 
     /// Up to `limit` entries of the deletion log after `after`, oldest
@@ -293,6 +304,32 @@ impl Store {
         .map_err(|e| taken_or_db(e))?;
         Ok(done.rows_affected() == 1)
     }
+}
+
+/// Takes the deletion log's lock row: on PostgreSQL, deletions of two
+/// replicas queue here instead of racing for the same positions (see
+/// migration 0004).
+async fn lock_deletion_log(tx: &mut sqlx::Transaction<'_, Any>) -> Result<(), SessionsError> {
+    sqlx::query("UPDATE deleted_users_lock SET runs = runs + 1 WHERE id = 1").execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Deletes users `ids` (their sessions gone already) and appends each to
+/// the `deleted_users` log at `now`, in `ids` order, after the log's last
+/// position. The caller holds the log's lock ([`lock_deletion_log`]).
+async fn delete_and_log(tx: &mut sqlx::Transaction<'_, Any>, ids: &[String], now: i64) -> Result<(), SessionsError> {
+    let (last,): (i64,) =
+        sqlx::query_as("SELECT COALESCE(MAX(position), 0) FROM deleted_users").fetch_one(&mut **tx).await?;
+    for (position, id) in (last + 1..).zip(ids) {
+        sqlx::query("DELETE FROM users WHERE id = $1").bind(id).execute(&mut **tx).await?;
+        sqlx::query("INSERT INTO deleted_users (position, user_id, delete_time) VALUES ($1, $2, $3)")
+            .bind(position)
+            .bind(id)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 async fn insert_session<'c, E>(conn: E, session: &SessionRow, token_hash: &str) -> Result<(), SessionsError>
@@ -392,6 +429,15 @@ mod tests {
         let log = store.deleted_users(0, 10).await.unwrap();
         assert_eq!(log, [(1, users[0].id.clone(), 7_000), (2, users[2].id.clone(), 8_000)]);
         assert_eq!(store.deleted_users(1, 10).await.unwrap(), log[1..]);
+
+        // DeleteAccount: the user and its sessions go, logged after the
+        // purges; a second time finds nobody and logs nothing.
+        let deleted = store.delete_user(&users[1].id, 9_500).await.unwrap();
+        assert_eq!(deleted, Some(vec![kept.id.clone()]), "its sessions");
+        assert!(store.user_by_id(&users[1].id).await.unwrap().is_none());
+        assert!(store.session_by_token("hash").await.unwrap().is_none(), "its token resolves no more");
+        assert_eq!(store.delete_user(&users[1].id, 9_600).await.unwrap(), None);
+        assert_eq!(store.deleted_users(2, 10).await.unwrap(), [(3, users[1].id.clone(), 9_500)]);
     }
 
     /// A statement that fails is the origin of its error: the log line of

@@ -682,9 +682,10 @@ impl Chats {
 
     /// Takes deleted user `user` out of every chat: an assistant chat (a
     /// direct chat with a bot), a direct chat whose other member is deleted
-    /// too, and a group it alone was in are deleted with their messages; a
-    /// group it owned passes to its longest-standing admin, else member,
-    /// before it leaves (members see it leave, as if it had); a direct chat
+    /// too, and a group no other person is in (bots and deleted users are
+    /// no people) are deleted with their messages; a group it owned passes
+    /// to its longest-standing admin, else member, among the people, before
+    /// it leaves (members see it leave, as if it had); a direct chat
     /// with a person stays as it is, the other person's history with it.
     /// Repeatable after a failure midway.
     pub async fn forget_user(&self, user: UserId) -> Result<(), ChatsError> {
@@ -698,13 +699,17 @@ impl Chats {
             }
             let members = self.store.members(chat.id, None, self.limits.group_members as u32 + 1).await?;
             let others: Vec<&Member> = members.iter().filter(|m| m.user_id != user).collect();
-            let Some(first) = others.first() else {
+            // Bots (the assistant) and users deleted too neither keep a
+            // group nor inherit it.
+            let people = self.people_among(others.iter().map(|m| m.user_id)).await?;
+            let mut heirs = others.iter().filter(|m| people.contains(&m.user_id));
+            let Some(first) = heirs.next() else {
                 self.remove_chat(chat.id).await?;
                 continue;
             };
             let now = now_micros();
             if role == Role::Owner {
-                let heir = others.iter().find(|m| m.role == Role::Admin).unwrap_or(first);
+                let heir = std::iter::once(first).chain(heirs).find(|m| m.role == Role::Admin).unwrap_or(first);
                 if self.store.set_role(chat.id, heir.user_id, Role::Owner, now).await?.is_none() {
                     // The heir left meanwhile: the next round reads the
                     // members again.
@@ -717,6 +722,23 @@ impl Chats {
             tracing::info!(chat_id = %chat.id, user_id = %user, "a deleted user left the chat");
         }
         Ok(())
+    }
+
+    /// Which of `users` are people: users that exist and are no bots.
+    async fn people_among(
+        &self,
+        users: impl Iterator<Item = UserId>,
+    ) -> Result<std::collections::HashSet<UserId>, ChatsError> {
+        let ids: Vec<String> = users.map(|u| u.to_string()).collect();
+        let mut people = std::collections::HashSet::new();
+        for chunk in ids.chunks(natter_kit::limits::LOOKUP_USERS_MAX_IDS) {
+            let found = self.users.lookup_users(chunk.to_vec()).await?;
+            let bot = natter_proto::sessions::v1::UserKind::Bot as i32;
+            people.extend(
+                found.iter().filter(|u| u.kind != bot).filter_map(|u| uuid::Uuid::try_parse(&u.id).ok().map(UserId)),
+            );
+        }
+        Ok(people)
     }
 
     /// Whether nobody but `caller` keeps direct chat `chat`: its other
@@ -1296,6 +1318,10 @@ mod tests {
         h.chats.update_member(guest, owned, bob, Role::Admin).await.unwrap();
         let alone = h.chats.create_chat(guest, group("alone", Vec::new())).await.unwrap().chat.id;
         let joined = h.chats.create_chat(alice, group("alice's", vec![guest])).await.unwrap().chat.id;
+        // The assistant joined before alice: it inherits nothing, and keeps
+        // no group alone.
+        let with_bot = h.chats.create_chat(guest, group("with bot", vec![bot, alice])).await.unwrap().chat.id;
+        let bot_only = h.chats.create_chat(guest, group("bot only", vec![bot])).await.unwrap().chat.id;
 
         let other_guest = UserId::new_v7();
         let guests = h.chats.create_chat(guest, direct(other_guest)).await.unwrap().chat.id;
@@ -1319,6 +1345,9 @@ mod tests {
         assert_eq!(store.role(owned, bob).await.unwrap(), Some(Role::Owner));
         assert_eq!(store.role(owned, alice).await.unwrap(), Some(Role::Member));
         assert_eq!(store.role(joined, alice).await.unwrap(), Some(Role::Owner));
+        assert_eq!(store.role(with_bot, alice).await.unwrap(), Some(Role::Owner), "a person, not the bot");
+        assert_eq!(store.role(with_bot, bot).await.unwrap(), Some(Role::Member));
+        assert!(store.access(bot_only, bot).await.unwrap().is_none(), "a group left to a bot is deleted");
         assert_eq!(store.role(with_alice, alice).await.unwrap(), Some(Role::Member), "her history stays");
         assert_eq!(store.followed(DELETED_USERS_LOG).await.unwrap(), 2);
         // Followed past: the next round asks from there and does nothing.

@@ -38,6 +38,13 @@ pub enum SessionsError {
     /// (PERMISSION_DENIED: the token is good, the confirmation is not).
     #[error("password does not match")]
     WrongPassword,
+    /// DeleteAccount of an account claimed or changed between its checks
+    /// and the deletion (FAILED_PRECONDITION: try again).
+    #[error("the account changed while it was being deleted; try again")]
+    AccountChanged,
+    /// The caller's session ended during the call (UNAUTHENTICATED).
+    #[error("invalid, expired or revoked token")]
+    SessionEnded,
     /// ClaimAccount by a user that is not a guest (FAILED_PRECONDITION).
     #[error("account already has a username and password")]
     NotGuest,
@@ -96,8 +103,9 @@ impl From<SessionsError> for Status {
             SessionsError::UsernameTaken => Status::already_exists(e.to_string()),
             SessionsError::BadCredentials => Status::unauthenticated(e.to_string()),
             SessionsError::SessionNotFound | SessionsError::UserNotFound => Status::not_found(e.to_string()),
-            SessionsError::NotGuest => Status::failed_precondition(e.to_string()),
+            SessionsError::NotGuest | SessionsError::AccountChanged => Status::failed_precondition(e.to_string()),
             SessionsError::WrongPassword => Status::permission_denied(e.to_string()),
+            SessionsError::SessionEnded => Status::unauthenticated(e.to_string()),
             SessionsError::Limited(limited) => limited.into(),
             SessionsError::Store { source, origin } => natter_kit::internal_at(&source, origin),
             SessionsError::Internal { reason, origin } => natter_kit::internal_at(&reason, origin),

@@ -174,7 +174,7 @@ impl SessionService for SessionApi {
         let caller = self.caller(&request).await?;
         let client = self.client(&request);
         let r = request.into_inner();
-        self.sessions.delete_account(client, &caller.user_id, &r.password).await?;
+        self.sessions.delete_account(client, &caller, &r.password).await?;
         Ok(Response::new(pb::DeleteAccountResponse {}))
     }
 

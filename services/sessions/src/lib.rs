@@ -117,13 +117,19 @@ pub struct SessionsArgs {
     #[arg(long, env = "NATTER_LOGIN_RETRY_RATE", default_value = "100/1h")]
     pub login_retry_rate: Rate,
 
-    /// GetUser calls by username per caller (finding someone to talk to):
-    /// a cap on how fast one account can learn which usernames exist.
-    /// Guests, which cost nothing to make, share one budget per client
-    /// address. Look-ups by id are not counted (ids cannot be guessed).
-    /// N/PERIOD, or `off`.
+    /// GetUser calls by username per account (finding someone to talk
+    /// to): a cap on how fast one account can learn which usernames exist.
+    /// Look-ups by id are not counted (ids cannot be guessed). N/PERIOD, or
+    /// `off`.
     #[arg(long, env = "NATTER_USERNAME_LOOKUP_RATE", default_value = "60/1m")]
     pub username_lookup_rate: Rate,
+
+    /// GetUser calls by username of all guests at one client address
+    /// together (a guest costs nothing to make, so a budget per guest would
+    /// cap nothing; larger than --username-lookup-rate for the many guests
+    /// behind one NAT). N/PERIOD, or `off`.
+    #[arg(long, env = "NATTER_GUEST_USERNAME_LOOKUP_RATE", default_value = "600/1m")]
+    pub guest_username_lookup_rate: Rate,
 }
 
 impl Default for SessionsArgs {
@@ -143,6 +149,7 @@ impl Default for SessionsArgs {
             login_backoff_max: Duration::from_secs(15 * 60),
             login_retry_rate: Rate::parse("100/1h").expect("valid rate"),
             username_lookup_rate: Rate::parse("60/1m").expect("valid rate"),
+            guest_username_lookup_rate: Rate::parse("600/1m").expect("valid rate"),
         }
     }
 }

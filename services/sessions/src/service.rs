@@ -26,14 +26,16 @@ pub struct NewSession {
     pub user: UserRow,
 }
 
-/// Whose budget a look-up by username draws on (`--username-lookup-rate`).
+/// Whose budget a look-up by username draws on.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum LookupCaller {
-    /// A person's (or a claimed guest's) own: accounts cost a registration
-    /// each (`--create-user-rate`, an Argon2 hash).
+    /// A person's (or a claimed guest's) own, `--username-lookup-rate`:
+    /// accounts cost a registration each (`--create-user-rate`, an Argon2
+    /// hash).
     Account(String),
-    /// Every guest at one client address together: a guest costs one call,
-    /// so per guest the budget would be no cap at all.
+    /// Every guest at one client address together,
+    /// `--guest-username-lookup-rate`: a guest costs one call, so per guest
+    /// the budget would be no cap at all.
     GuestsAt(Option<IpAddr>),
 }
 
@@ -55,8 +57,10 @@ pub struct Sessions {
     create_user_rate: RateLimiter<Option<IpAddr>>,
     /// Log-in back-off and per-username budget.
     logins: LoginGuard,
-    /// GetUser by username, per account (guests: per address).
-    username_lookup_rate: RateLimiter<LookupCaller>,
+    /// GetUser by username, per account.
+    username_lookup_rate: RateLimiter<String>,
+    /// GetUser by username, by guests per address.
+    guest_username_lookup_rate: RateLimiter<Option<IpAddr>>,
     /// Live tokens by hash; only when this is the only sessions instance
     /// (see [`Sessions::with_token_cache`]).
     cache: Option<Mutex<TokenCache>>,
@@ -103,6 +107,10 @@ impl Sessions {
                 args.login_retry_rate,
             ),
             username_lookup_rate: RateLimiter::new("look-ups by username", args.username_lookup_rate),
+            guest_username_lookup_rate: RateLimiter::new(
+                "look-ups by username by guests at this address",
+                args.guest_username_lookup_rate,
+            ),
             cache: None,
         }
     }
@@ -356,13 +364,16 @@ impl Sessions {
     }
 
     /// A user by username (case-insensitive), looked up by `caller` (at
-    /// `--username-lookup-rate`).
+    /// `--username-lookup-rate`, or `--guest-username-lookup-rate`).
     ///
     /// Errors: INVALID_ARGUMENT (`username`), RESOURCE_EXHAUSTED, NOT_FOUND.
     pub async fn user_by_username(&self, caller: LookupCaller, username: &str) -> Result<UserRow, SessionsError> {
         natter_kit::limits::check_str(username, natter_kit::limits::MaxLen::Chars(*domain::USERNAME_LEN.end()))
             .map_err(|r| SessionsError::invalid("username", r))?;
-        self.username_lookup_rate.check(&caller)?;
+        match caller {
+            LookupCaller::Account(id) => self.username_lookup_rate.check(&id)?,
+            LookupCaller::GuestsAt(client) => self.guest_username_lookup_rate.check(&client)?,
+        }
         self.store.user_by_key(&username.to_ascii_lowercase()).await?.ok_or(SessionsError::UserNotFound)
     }
 
@@ -464,15 +475,19 @@ impl Sessions {
     /// `client` ([`LoginGuard`]): a stolen token does not open a faster way
     /// to guess the password than CreateSession.
     ///
-    /// Errors: INVALID_ARGUMENT (`password` empty for a person),
-    /// PERMISSION_DENIED (it does not match), RESOURCE_EXHAUSTED (the
-    /// back-off, or --password-check-queue), NOT_FOUND (deleted meanwhile).
+    /// Errors: INVALID_ARGUMENT (`password` empty for a person, or too
+    /// long), PERMISSION_DENIED (it does not match), RESOURCE_EXHAUSTED (the
+    /// back-off, the username's log-in budget, or --password-check-queue),
+    /// NOT_FOUND (deleted meanwhile), FAILED_PRECONDITION (claimed or
+    /// changed meanwhile), UNAUTHENTICATED (the caller's session ended
+    /// meanwhile).
     pub async fn delete_account(
         &self,
         client: Option<IpAddr>,
-        user_id: &str,
+        caller: &TokenRow,
         password: &str,
     ) -> Result<(), SessionsError> {
+        let user_id = caller.user_id.as_str();
         let user = self.user(user_id).await?;
         if let Some(phc) = user.password_hash.clone() {
             if password.is_empty() {
@@ -487,7 +502,16 @@ impl Sessions {
             }
             self.logins.succeeded(&key, client);
         }
-        let sessions = self.store.delete_user(user_id, now_micros()).await?.ok_or(SessionsError::UserNotFound)?;
+        // The checks above hold at the deletion, or nothing is deleted: a
+        // guest claimed meanwhile (by another holder of its token) has a
+        // password nobody here confirmed.
+        let deletion = self.store.delete_user(user_id, &caller.id, user.password_hash.as_deref(), now_micros()).await?;
+        let sessions = match deletion {
+            store::Deletion::Deleted(sessions) => sessions,
+            store::Deletion::Gone => return Err(SessionsError::UserNotFound),
+            store::Deletion::Changed => return Err(SessionsError::AccountChanged),
+            store::Deletion::SessionEnded => return Err(SessionsError::SessionEnded),
+        };
         tracing::info!(user_id, kind = user.kind, "account deleted at its own request");
         self.evict(|row| row.user_id != user_id);
         let sessions: Vec<Uuid> = sessions.iter().filter_map(|id| Uuid::try_parse(id).ok()).collect();

@@ -51,6 +51,21 @@ pub struct TokenRow {
     pub guest: i64,
 }
 
+/// What [`Store::delete_user`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deletion {
+    /// Deleted, with the ids of the sessions that went with it.
+    Deleted(Vec<String>),
+    /// No such user (deleted already); nothing changed.
+    Gone,
+    /// Its password hash is not the one checked (claimed or changed
+    /// meanwhile); nothing changed.
+    Changed,
+    /// The caller's session was revoked or expired meanwhile; nothing
+    /// changed.
+    SessionEnded,
+}
+
 /// The sessions tables.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -247,24 +262,46 @@ impl Store {
     }
 
     /// Deletes user `user_id` and its sessions, and appends it to the
-    /// `deleted_users` log at `now`, in one transaction (DeleteAccount).
-    /// Returns the ids of the sessions deleted, or `None` when there is no
-    /// such user (deleted already).
-    pub async fn delete_user(&self, user_id: &str, now: i64) -> Result<Option<Vec<String>>, SessionsError> {
+    /// `deleted_users` log at `now`, in one transaction (DeleteAccount),
+    /// provided that nothing changed since the caller was checked: its
+    /// session `session_id` is still live and its password hash is still
+    /// `password_hash` (a guest claimed meanwhile has one now). See
+    /// [`Deletion`].
+    pub async fn delete_user(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        password_hash: Option<&str>,
+        now: i64,
+    ) -> Result<Deletion, SessionsError> {
         let mut tx = self.db.write().begin().await?;
         lock_deletion_log(&mut tx).await?;
+        let user: Option<(Option<String>,)> = sqlx::query_as("SELECT password_hash FROM users WHERE id = $1")
+            .bind(user_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some((hash,)) = user else { return Ok(Deletion::Gone) };
+        if hash.as_deref() != password_hash {
+            return Ok(Deletion::Changed);
+        }
+        let live: Option<(String,)> = sqlx::query_as(
+            "SELECT id FROM sessions WHERE id = $1 AND user_id = $2 AND revoke_time IS NULL AND expire_time > $3",
+        )
+        .bind(session_id)
+        .bind(user_id)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if live.is_none() {
+            return Ok(Deletion::SessionEnded);
+        }
         let sessions: Vec<(String,)> = sqlx::query_as("DELETE FROM sessions WHERE user_id = $1 RETURNING id")
             .bind(user_id)
             .fetch_all(&mut *tx)
             .await?;
-        let exists: Option<(String,)> =
-            sqlx::query_as("SELECT id FROM users WHERE id = $1").bind(user_id).fetch_optional(&mut *tx).await?;
-        if exists.is_none() {
-            return Ok(None);
-        }
         delete_and_log(&mut tx, &[user_id.to_owned()], now).await?;
         tx.commit().await?;
-        Ok(Some(sessions.into_iter().map(|(id,)| id).collect()))
+        Ok(Deletion::Deleted(sessions.into_iter().map(|(id,)| id).collect()))
     }
 
     /// Up to `limit` entries of the deletion log after `after`, oldest
@@ -432,11 +469,13 @@ mod tests {
 
         // DeleteAccount: the user and its sessions go, logged after the
         // purges; a second time finds nobody and logs nothing.
-        let deleted = store.delete_user(&users[1].id, 9_500).await.unwrap();
-        assert_eq!(deleted, Some(vec![kept.id.clone()]), "its sessions");
+        let delete = |hash: Option<&'static str>, now| store.delete_user(&users[1].id, &kept.id, hash, now);
+        assert_eq!(delete(Some("claimed meanwhile"), 9_500).await.unwrap(), Deletion::Changed);
+        assert_eq!(delete(None, 10_500).await.unwrap(), Deletion::SessionEnded, "expired meanwhile");
+        assert_eq!(delete(None, 9_500).await.unwrap(), Deletion::Deleted(vec![kept.id.clone()]), "its sessions");
         assert!(store.user_by_id(&users[1].id).await.unwrap().is_none());
         assert!(store.session_by_token("hash").await.unwrap().is_none(), "its token resolves no more");
-        assert_eq!(store.delete_user(&users[1].id, 9_600).await.unwrap(), None);
+        assert_eq!(delete(None, 9_600).await.unwrap(), Deletion::Gone);
         assert_eq!(store.deleted_users(2, 10).await.unwrap(), [(3, users[1].id.clone(), 9_500)]);
     }
 

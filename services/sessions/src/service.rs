@@ -271,7 +271,11 @@ impl Sessions {
             return Err(SessionsError::BadCredentials);
         };
         self.logins.succeeded(&key, client);
-        self.start_session(user).await
+        // Deleted while its password was checked: as if it never existed.
+        self.start_session(user).await.map_err(|e| match e {
+            SessionsError::UserNotFound => SessionsError::BadCredentials,
+            e => e,
+        })
     }
 
     /// A new session of `user`, stored.

@@ -380,7 +380,9 @@ where
         .bind(session.create_time)
         .bind(session.expire_time)
         .execute(conn)
-        .await?;
+        .await
+        // Its user was deleted since it was read (DeleteAccount, the purge).
+        .map_err(|e| if natter_db::is_foreign_key_violation(&e) { SessionsError::UserNotFound } else { e.into() })?;
     Ok(())
 }
 
@@ -476,6 +478,11 @@ mod tests {
         assert!(store.user_by_id(&users[1].id).await.unwrap().is_none());
         assert!(store.session_by_token("hash").await.unwrap().is_none(), "its token resolves no more");
         assert_eq!(delete(None, 9_600).await.unwrap(), Deletion::Gone);
+        // A log-in that checked the password before the deletion finds the
+        // user gone, not a database error.
+        let late = SessionRow { id: "0190a000-0000-7000-8000-000000000199".into(), ..kept.clone() };
+        let error = store.insert_session(&late, "late-hash").await.unwrap_err();
+        assert!(matches!(error, SessionsError::UserNotFound), "{error:?}");
         assert_eq!(store.deleted_users(2, 10).await.unwrap(), [(3, users[1].id.clone(), 9_500)]);
     }
 

@@ -702,14 +702,14 @@ impl Chats {
             // Bots (the assistant) and users deleted too neither keep a
             // group nor inherit it.
             let people = self.people_among(others.iter().map(|m| m.user_id)).await?;
-            let mut heirs = others.iter().filter(|m| people.contains(&m.user_id));
-            let Some(first) = heirs.next() else {
+            let heirs: Vec<&Member> = others.into_iter().filter(|m| people.contains(&m.user_id)).collect();
+            let Some(&first) = heirs.first() else {
                 self.remove_chat(chat.id).await?;
                 continue;
             };
             let now = now_micros();
             if role == Role::Owner {
-                let heir = std::iter::once(first).chain(heirs).find(|m| m.role == Role::Admin).unwrap_or(first);
+                let heir = heirs.iter().find(|m| m.role == Role::Admin).copied().unwrap_or(first);
                 if self.store.set_role(chat.id, heir.user_id, Role::Owner, now).await?.is_none() {
                     // The heir left meanwhile: the next round reads the
                     // members again.
@@ -747,8 +747,7 @@ impl Chats {
     async fn nobody_else_keeps(&self, chat: ChatId, caller: UserId) -> Result<bool, ChatsError> {
         let members = self.store.members(chat, None, 2).await?;
         let Some(other) = members.iter().find(|m| m.user_id != caller) else { return Ok(false) };
-        let users = self.users.lookup_users(vec![other.user_id.to_string()]).await?;
-        Ok(users.first().is_none_or(|u| u.kind == natter_proto::sessions::v1::UserKind::Bot as i32))
+        Ok(self.people_among(std::iter::once(other.user_id)).await?.is_empty())
     }
 
     /// Purges a deleted chat's messages from the messages service, after

@@ -416,14 +416,23 @@ impl Sessions {
             }
             vec![session_id.to_owned()]
         };
-        self.evict(|row| !revoked.contains(&row.id));
-        let revoked: Vec<Uuid> = revoked.iter().filter_map(|id| Uuid::try_parse(id).ok()).collect();
-        for id in &revoked {
+        self.announce_ended(&revoked, None).await;
+        Ok(())
+    }
+
+    /// After sessions `ended` (ids) ended in the store: this process's
+    /// cache drops their tokens, their open streams end, and other
+    /// replicas' cached introspections (and those of `user`, when given)
+    /// go before this returns.
+    async fn announce_ended(&self, ended: &[String], user: Option<&str>) {
+        self.evict(|row| !ended.contains(&row.id));
+        let ended: Vec<Uuid> = ended.iter().filter_map(|id| Uuid::try_parse(id).ok()).collect();
+        for id in &ended {
             self.bus.publish(Topic::Session(*id), Arc::default());
         }
-        // Other replicas' cached introspections go before this returns.
-        self.bus.invalidate(revoked.into_iter().map(Tag::Session).collect()).await;
-        Ok(())
+        let mut tags: Vec<Tag> = ended.into_iter().map(Tag::Session).collect();
+        tags.extend(user.and_then(|u| Uuid::try_parse(u).ok()).map(Tag::User));
+        self.bus.invalidate(tags).await;
     }
 
     /// Turns a guest into a password user, keeping its id; `client` is the
@@ -517,14 +526,7 @@ impl Sessions {
             store::Deletion::SessionEnded => return Err(SessionsError::SessionEnded),
         };
         tracing::info!(user_id, kind = user.kind, "account deleted at its own request");
-        self.evict(|row| row.user_id != user_id);
-        let sessions: Vec<Uuid> = sessions.iter().filter_map(|id| Uuid::try_parse(id).ok()).collect();
-        for id in &sessions {
-            self.bus.publish(Topic::Session(*id), Arc::default());
-        }
-        let mut tags: Vec<Tag> = sessions.into_iter().map(Tag::Session).collect();
-        tags.extend(Uuid::try_parse(user_id).ok().map(Tag::User));
-        self.bus.invalidate(tags).await;
+        self.announce_ended(&sessions, Some(user_id)).await;
         Ok(())
     }
 }

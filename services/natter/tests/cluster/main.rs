@@ -27,10 +27,26 @@ use tonic::{Code, Request, Status};
 
 use mpb::stream_events_response::Event;
 
-/// A free port on loopback: bound, read, released (the process that gets it
-/// binds it again a moment later).
+/// A free port on loopback for a process to bind a moment later: below the
+/// kernel's ephemeral range (32768-60999 on Linux), where the outgoing
+/// connections of the tests running meanwhile (database pools, NATS,
+/// clients) cannot take it as their source port, as one did between a
+/// `bind(0)` and the process's own bind ("Address already in use"). A port
+/// is handed out once per test binary; it is checked free by binding it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    const PORTS: std::ops::Range<u16> = 20_000..32_000;
+    let span = PORTS.end - PORTS.start;
+    let start = (uuid::Uuid::new_v4().as_u128() % u128::from(span)) as u16;
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    (0..span)
+        .map(|i| PORTS.start + (start + i) % span)
+        .find(|port| !given.contains(port) && std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .inspect(|port| {
+            given.insert(*port);
+        })
+        .expect("a free port below the ephemeral range")
 }
 
 struct Node {

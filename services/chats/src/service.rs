@@ -301,6 +301,8 @@ impl Chats {
                 Some(existing) => self.member_view(caller, existing).await?.ok_or(ChatsError::ChatIdTaken),
                 None => Err(ChatsError::ChatIdTaken),
             },
+            // Deleted after the look-up above (or the caller, mid-request).
+            Created::Forgotten(user) => Err(ChatsError::UserNotFound(user.to_string())),
         }
     }
 
@@ -638,7 +640,8 @@ impl Chats {
                     Ok(()) => forgotten += 1,
                     Err(e) => {
                         tracing::warn!(user_id = %user, error = %e, "taking a deleted user out of their chats failed; will retry it apart");
-                        if let Err(e) = self.store.retry_later(DELETED_USERS_LOG, &user.to_string()).await {
+                        if let Err(e) = self.store.retry_later(DELETED_USERS_LOG, &user.to_string(), now_micros()).await
+                        {
                             tracing::warn!(error = %e, "keeping a deleted user to retry failed; will retry the log from here");
                             break;
                         }
@@ -670,6 +673,10 @@ impl Chats {
             let Ok(user) = uuid::Uuid::try_parse(&item) else { continue };
             if let Err(e) = self.forget_user(UserId(user)).await {
                 tracing::warn!(user_id = %user, error = %e, "taking a deleted user out of their chats failed again; will retry");
+                // To the back of the queue: the others waiting take turns.
+                if let Err(e) = self.store.retry_later(DELETED_USERS_LOG, &item, now_micros()).await {
+                    tracing::warn!(user_id = %user, error = %e, "recording a retry's failure failed");
+                }
                 continue;
             }
             match self.store.retried(DELETED_USERS_LOG, &item).await {
@@ -687,8 +694,11 @@ impl Chats {
     /// to its longest-standing admin, else member, among the people, before
     /// it leaves (members see it leave, as if it had); a direct chat
     /// with a person stays as it is, the other person's history with it.
-    /// Repeatable after a failure midway.
+    /// First the user is recorded as forgotten, so that no request that
+    /// checked it before its deletion makes it a member again afterwards
+    /// ([`ChatStore::record_forgotten`]). Repeatable after a failure midway.
     pub async fn forget_user(&self, user: UserId) -> Result<(), ChatsError> {
+        self.store.record_forgotten(user, now_micros()).await?;
         for chat_id in self.store.member_chat_ids(user, false).await? {
             let Some(ChatAccess { chat, role: Some(role) }) = self.store.access(chat_id, user).await? else { continue };
             if chat.kind == Kind::Direct {
@@ -800,6 +810,8 @@ impl Chats {
         let added = match self.store.add_members(chat.id, &members, &self.limits, now).await? {
             Added::Added(added) => added,
             Added::TooMany(count) => return Err(self.limits.check_members("user_ids", count).unwrap_err().into()),
+            // Deleted after the look-up above (or the caller, mid-request).
+            Added::Forgotten(user) => return Err(ChatsError::UserNotFound(user.to_string())),
         };
         self.evict(chat.id).await;
         if !added.is_empty() {
@@ -1354,6 +1366,26 @@ mod tests {
         // Forgetting again (a replica that raced, a retry) changes nothing.
         h.chats.forget_user(guest).await.unwrap();
         assert_eq!(store.role(owned, bob).await.unwrap(), Some(Role::Owner));
+    }
+
+    #[tokio::test]
+    async fn a_user_looked_up_before_its_deletion_is_not_made_a_member_after_its_removal() {
+        let [alice, bob] = [(); 2].map(|_| UserId::new_v7());
+        // The directory still answers for bob: the look-ups of these calls
+        // ran before his deletion, their writes after the relay took him out.
+        let h = harness_with(Limits::default(), Arc::new(Directory::default())).await;
+        let team = h.chats.create_chat(alice, group("team", Vec::new())).await.unwrap().chat.id;
+        h.chats.forget_user(bob).await.unwrap();
+
+        let refused = |e: ChatsError| matches!(e, ChatsError::UserNotFound(id) if id == bob.to_string());
+        assert!(refused(h.chats.add_members(alice, team, vec![bob]).await.unwrap_err()), "added to a group");
+        assert!(refused(h.chats.create_chat(alice, group("new", vec![bob])).await.unwrap_err()), "in a new group");
+        let direct = NewChat { kind: Some(Kind::Direct), others: vec![bob], ..group("", Vec::new()) };
+        assert!(refused(h.chats.create_chat(alice, direct).await.unwrap_err()), "a direct chat");
+        // His own request, authenticated before the deletion.
+        assert!(refused(h.chats.create_chat(bob, group("his", Vec::new())).await.unwrap_err()), "his own group");
+        assert_eq!(h.chats.store().member_chat_ids(bob, false).await.unwrap(), []);
+        assert_eq!(h.chats.store().members(team, None, 10).await.unwrap().len(), 1, "alice alone");
     }
 
     #[tokio::test]

@@ -125,6 +125,10 @@ pub enum Created {
     /// A chat with this id, or a direct chat of this pair, exists already;
     /// nothing was written.
     Conflict,
+    /// This member is a user taken out of every chat for good
+    /// ([`ChatStore::record_forgotten`]: its account is deleted); nothing
+    /// was written.
+    Forgotten(UserId),
 }
 
 /// Outcome of adding members.
@@ -136,6 +140,10 @@ pub enum Added {
     /// The chat would have had this many members, more than the limit
     /// admits; nothing was written.
     TooMany(usize),
+    /// This member is a user taken out of every chat for good
+    /// ([`ChatStore::record_forgotten`]: its account is deleted); nothing
+    /// was written.
+    Forgotten(UserId),
 }
 
 /// How a member left a chat (the change [`ChatStore::remove_member`]
@@ -285,7 +293,8 @@ pub trait ChatStore: Send + Sync + 'static {
     /// joins (in `members` order) in the outbox. A direct chat's pair (its
     /// two members) is unique: a second direct chat of the same pair, or a
     /// chat whose id is taken (by a chat, or by one deleted since: ids are
-    /// never reused), is [`Created::Conflict`].
+    /// never reused), is [`Created::Conflict`]; a member recorded by
+    /// [`ChatStore::record_forgotten`] is [`Created::Forgotten`].
     async fn create_chat(&self, chat: &Chat, members: &[Member]) -> Result<Created, StoreError>;
 
     /// The chat, with its newest activity.
@@ -303,6 +312,19 @@ pub trait ChatStore: Send + Sync + 'static {
     /// Which of `users` are members of `chat` (a message's mentions): one
     /// read for the whole list, in no particular order.
     async fn members_among(&self, chat: ChatId, users: &[UserId]) -> Result<Vec<UserId>, StoreError>;
+
+    /// Records that `user` is taken out of every chat for good (its account
+    /// is deleted), at `now` (µs); a user recorded already stays as it is.
+    /// From then on [`ChatStore::create_chat`] and
+    /// [`ChatStore::add_members`] refuse it as a member (`Forgotten`).
+    ///
+    /// Race-free with those two: a membership write committed before this
+    /// returns is seen by any read that starts after it (so the caller's
+    /// [`ChatStore::member_chat_ids`] that follows finds it), and one that
+    /// commits after it sees the record. PostgreSQL: this takes an
+    /// exclusive transaction-level advisory lock that membership writes
+    /// take shared; SQLite: one writer.
+    async fn record_forgotten(&self, user: UserId, now: i64) -> Result<(), StoreError>;
 
     /// Every chat `user` is a member of.
     async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError>;
@@ -372,12 +394,14 @@ pub trait ChatStore: Send + Sync + 'static {
     /// follow it at once).
     async fn follow_to(&self, name: &str, position: i64) -> Result<(), StoreError>;
 
-    /// Keeps `item` of log `name` to be tried again (its handling failed);
-    /// an item kept already is kept once.
-    async fn retry_later(&self, name: &str, item: &str) -> Result<(), StoreError>;
+    /// Keeps `item` of log `name` to be tried again (its handling failed
+    /// at `now`, µs); an item kept already is kept once, its try time moved
+    /// to `now`, so that it goes to the back of [`ChatStore::retries`].
+    async fn retry_later(&self, name: &str, item: &str, now: i64) -> Result<(), StoreError>;
 
     /// Up to `limit` items of log `name` kept by [`ChatStore::retry_later`],
-    /// in item order.
+    /// the longest untried first (then in item order): items that keep
+    /// failing take turns, however many there are.
     async fn retries(&self, name: &str, limit: u32) -> Result<Vec<String>, StoreError>;
 
     /// Forgets `item` of log `name` (handled at last); a no-op for an item
@@ -387,8 +411,10 @@ pub trait ChatStore: Send + Sync + 'static {
     /// Adds the `members` (all of chat `chat`) not in it yet, in one
     /// transaction that locks the chat first, unless the chat would then
     /// have more members than `limits` admit ([`Limits::admits_members`],
-    /// counted exactly under that lock). Sets the update time to `now`; the
-    /// joins of those added go to the outbox, in request order.
+    /// counted exactly under that lock), or one of them is recorded by
+    /// [`ChatStore::record_forgotten`] ([`Added::Forgotten`]). Sets the
+    /// update time to `now`; the joins of those added go to the outbox, in
+    /// request order.
     async fn add_members(
         &self,
         chat: ChatId,

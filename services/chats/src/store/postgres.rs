@@ -89,6 +89,29 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
+/// The arguments of the advisory lock between
+/// [`ChatStore::record_forgotten`] (exclusive) and membership writes
+/// (shared): a key of natter's own ("natt" in ASCII) and the schema's, as
+/// advisory locks are the whole database's.
+macro_rules! forgotten_lock {
+    () => {
+        "1851880564, hashtext(current_schema())"
+    };
+}
+
+/// The first of `members` recorded by [`ChatStore::record_forgotten`], read
+/// in the membership write's transaction under the shared advisory lock
+/// (see `forgotten_lock!`), which it holds to the end.
+async fn forgotten_among(tx: &mut sqlx::PgConnection, members: &[Member]) -> Result<Option<UserId>, StoreError> {
+    sqlx::query(concat!("SELECT pg_advisory_xact_lock_shared(", forgotten_lock!(), ")")).execute(&mut *tx).await?;
+    let ids: Vec<String> = members.iter().map(|m| m.user_id.to_string()).collect();
+    let found: Vec<String> = sqlx::query_scalar("SELECT user_id FROM forgotten_users WHERE user_id = ANY($1)")
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+    Ok(members.iter().find(|m| found.contains(&m.user_id.to_string())).map(|m| m.user_id))
+}
+
 /// Sets a chat's update time as the first write of a membership change,
 /// which takes the chat's row lock: concurrent changes to one chat queue
 /// here.
@@ -149,6 +172,9 @@ impl ChatStore for PostgresChatStore {
     async fn create_chat(&self, chat: &Chat, members: &[Member]) -> Result<Created, StoreError> {
         let direct_key = direct_key(chat, members)?;
         let mut tx = self.pool.begin().await?;
+        if let Some(user) = forgotten_among(&mut tx, members).await? {
+            return Ok(Created::Forgotten(user));
+        }
         // Ids are never reused, a deleted chat's included.
         let taken = sqlx::query("INSERT INTO chat_ids (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
             .bind(chat.id.to_string())
@@ -253,6 +279,23 @@ impl ChatStore for PostgresChatStore {
                 .fetch_all(&self.pool)
                 .await?;
         ids.iter().map(|i| parse_id("members.user_id", i)).collect()
+    }
+
+    async fn record_forgotten(&self, user: UserId, now: i64) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Exclusive: waits for the membership writes under way (they hold
+        // it shared) to commit, and holds back those after, until this
+        // record is committed for them to see.
+        sqlx::query(concat!("SELECT pg_advisory_xact_lock(", forgotten_lock!(), ")")).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO forgotten_users (user_id, forget_time) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING",
+        )
+        .bind(user.to_string())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError> {
@@ -489,18 +532,22 @@ impl ChatStore for PostgresChatStore {
         Ok(())
     }
 
-    async fn retry_later(&self, name: &str, item: &str) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO followed_log_retries (name, item) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(name)
-            .bind(item)
-            .execute(&self.pool)
-            .await?;
+    async fn retry_later(&self, name: &str, item: &str, now: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO followed_log_retries (name, item, try_time) VALUES ($1, $2, $3) \
+             ON CONFLICT (name, item) DO UPDATE SET try_time = excluded.try_time",
+        )
+        .bind(name)
+        .bind(item)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
     async fn retries(&self, name: &str, limit: u32) -> Result<Vec<String>, StoreError> {
         let items: Vec<(String,)> =
-            sqlx::query_as("SELECT item FROM followed_log_retries WHERE name = $1 ORDER BY item LIMIT $2")
+            sqlx::query_as("SELECT item FROM followed_log_retries WHERE name = $1 ORDER BY try_time, item LIMIT $2")
                 .bind(name)
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
@@ -526,7 +573,10 @@ impl ChatStore for PostgresChatStore {
     ) -> Result<Added, StoreError> {
         let key = chat.to_string();
         let mut tx = self.pool.begin().await?;
-        // The chat's row lock first: concurrent adds to one chat queue here,
+        if let Some(user) = forgotten_among(&mut tx, members).await? {
+            return Ok(Added::Forgotten(user));
+        }
+        // The chat's row lock next: concurrent adds to one chat queue here,
         // so the member count they check is exact.
         touch(&mut tx, &key, now).await?;
         let inserted: Vec<String> = sqlx::query_scalar(

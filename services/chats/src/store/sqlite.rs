@@ -141,6 +141,18 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
     )
 }
 
+/// The first of `members` recorded by [`ChatStore::record_forgotten`], read
+/// inside the membership write's transaction.
+fn forgotten_among(tx: &Connection, members: &[Member]) -> rusqlite::Result<Option<UserId>> {
+    let mut select = tx.prepare_cached("SELECT 1 FROM forgotten_users WHERE user_id = ?1")?;
+    for m in members {
+        if select.exists([m.user_id.to_string()])? {
+            return Ok(Some(m.user_id));
+        }
+    }
+    Ok(None)
+}
+
 /// Sets a chat's update time as the first write of a membership change.
 fn touch(tx: &Connection, chat: &str, now: i64) -> rusqlite::Result<()> {
     tx.prepare_cached("UPDATE chats SET update_time = ?1 WHERE id = ?2")?.execute(params![now, chat])?;
@@ -253,6 +265,9 @@ impl ChatStore for SqliteChatStore {
         let (chat, members) = (chat.clone(), members.to_vec());
         let created = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if let Some(user) = forgotten_among(&tx, &members)? {
+                return Ok(Created::Forgotten(user));
+            }
             // Ids are never reused, a deleted chat's included.
             if tx
                 .prepare_cached("INSERT INTO chat_ids (id) VALUES (?1) ON CONFLICT (id) DO NOTHING")?
@@ -371,6 +386,19 @@ impl ChatStore for SqliteChatStore {
             Ok(members)
         });
         members.await.map_err(unwrap)
+    }
+
+    async fn record_forgotten(&self, user: UserId, now: i64) -> Result<(), StoreError> {
+        // One writer: a membership write either committed before this (and
+        // the caller's next read sees it) or checks after it.
+        let done = self.db.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO forgotten_users (user_id, forget_time) VALUES (?1, ?2) ON CONFLICT (user_id) DO NOTHING",
+            )?
+            .execute(params![user.to_string(), now])
+        });
+        done.await.map_err(unwrap)?;
+        Ok(())
     }
 
     async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError> {
@@ -567,11 +595,14 @@ impl ChatStore for SqliteChatStore {
         Ok(())
     }
 
-    async fn retry_later(&self, name: &str, item: &str) -> Result<(), StoreError> {
+    async fn retry_later(&self, name: &str, item: &str, now: i64) -> Result<(), StoreError> {
         let (name, item) = (name.to_owned(), item.to_owned());
         let done = self.db.write(move |conn| {
-            conn.prepare_cached("INSERT INTO followed_log_retries (name, item) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
-                .execute(params![name, item])
+            conn.prepare_cached(
+                "INSERT INTO followed_log_retries (name, item, try_time) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (name, item) DO UPDATE SET try_time = excluded.try_time",
+            )?
+            .execute(params![name, item, now])
         });
         done.await.map_err(unwrap)?;
         Ok(())
@@ -580,8 +611,9 @@ impl ChatStore for SqliteChatStore {
     async fn retries(&self, name: &str, limit: u32) -> Result<Vec<String>, StoreError> {
         let name = name.to_owned();
         let items = self.db.read(move |conn| {
-            let mut select =
-                conn.prepare_cached("SELECT item FROM followed_log_retries WHERE name = ?1 ORDER BY item LIMIT ?2")?;
+            let mut select = conn.prepare_cached(
+                "SELECT item FROM followed_log_retries WHERE name = ?1 ORDER BY try_time, item LIMIT ?2",
+            )?;
             let items = select.query_map(params![name, limit], |row| row.get::<_, String>(0))?;
             items.collect()
         });
@@ -609,6 +641,9 @@ impl ChatStore for SqliteChatStore {
         let added = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let key = chat.to_string();
+            if let Some(user) = forgotten_among(&tx, &members)? {
+                return Ok(Added::Forgotten(user)); // the guard rolls back
+            }
             touch(&tx, &key, now)?;
             let mut added = Vec::new();
             {

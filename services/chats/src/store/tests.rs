@@ -106,6 +106,8 @@ chat_store_suite!(
     an_untitled_chat_takes_a_title_once,
     a_followed_position_only_moves_forward,
     failed_items_of_a_log_wait_once_each_until_retried,
+    a_forgotten_user_is_never_made_a_member_again,
+    a_membership_write_beside_a_forgetting_is_refused_or_seen,
 );
 
 async fn a_followed_position_only_moves_forward(store: &dyn ChatStore) {
@@ -119,16 +121,67 @@ async fn a_followed_position_only_moves_forward(store: &dyn ChatStore) {
 
 async fn failed_items_of_a_log_wait_once_each_until_retried(store: &dyn ChatStore) {
     assert_eq!(store.retries("log", 10).await.unwrap(), Vec::<String>::new());
-    for item in ["b", "a", "b", "c"] {
-        store.retry_later("log", item).await.unwrap();
+    for (item, time) in [("b", 1), ("a", 1), ("b", 2), ("c", 1)] {
+        store.retry_later("log", item, time).await.unwrap();
     }
-    store.retry_later("other", "a").await.unwrap();
-    assert_eq!(store.retries("log", 10).await.unwrap(), ["a", "b", "c"], "once each, in item order");
-    assert_eq!(store.retries("log", 2).await.unwrap(), ["a", "b"], "a page");
+    store.retry_later("other", "a", 1).await.unwrap();
+    assert_eq!(store.retries("log", 10).await.unwrap(), ["a", "c", "b"], "once each, longest untried first");
+    assert_eq!(store.retries("log", 2).await.unwrap(), ["a", "c"], "a page");
+    // "a" fails again: it goes to the back, so that a page of items that
+    // keep failing does not hide those behind it.
+    store.retry_later("log", "a", 3).await.unwrap();
+    assert_eq!(store.retries("log", 2).await.unwrap(), ["c", "b"]);
     store.retried("log", "a").await.unwrap();
     store.retried("log", "z").await.unwrap();
-    assert_eq!(store.retries("log", 10).await.unwrap(), ["b", "c"]);
+    assert_eq!(store.retries("log", 10).await.unwrap(), ["c", "b"]);
     assert_eq!(store.retries("other", 10).await.unwrap(), ["a"], "each log its own");
+}
+
+async fn a_forgotten_user_is_never_made_a_member_again(store: &dyn ChatStore) {
+    let (alice, bob, carol) = (UserId::new_v7(), UserId::new_v7(), UserId::new_v7());
+    let group = create(store, chat(alice, 1), &[]).await;
+    store.record_forgotten(bob, 2).await.unwrap();
+    store.record_forgotten(bob, 3).await.unwrap();
+
+    let limits = Limits::default();
+    let wanted = [member(&group, carol, 4), member(&group, bob, 4)];
+    assert_eq!(store.add_members(group.id, &wanted, &limits, 4).await.unwrap(), Added::Forgotten(bob));
+    let unchanged = store.chat(group.id).await.unwrap().unwrap();
+    assert_eq!((unchanged.member_count, unchanged.update_time), (1, 1), "nothing written, carol neither");
+
+    let mut with_bob = chat(alice, 5);
+    with_bob.member_count = 2;
+    let members = [owner(&with_bob), member(&with_bob, bob, 5)];
+    assert_eq!(store.create_chat(&with_bob, &members).await.unwrap(), Created::Forgotten(bob));
+    assert_eq!(store.chat(with_bob.id).await.unwrap(), None);
+    let mut by_bob = chat(bob, 6);
+    by_bob.member_count = 1;
+    assert_eq!(store.create_chat(&by_bob, &[owner(&by_bob)]).await.unwrap(), Created::Forgotten(bob));
+    assert_eq!(store.member_chat_ids(bob, false).await.unwrap(), []);
+    assert_eq!(store.add_members(group.id, &wanted[..1], &limits, 7).await.unwrap(), Added::Added(vec![wanted[0]]));
+}
+
+/// What the chats service relies on to take a deleted user out for good:
+/// an add that races the record either is refused, or is committed by the
+/// time the record is, so that the read of the user's chats after the
+/// record finds it.
+async fn a_membership_write_beside_a_forgetting_is_refused_or_seen(store: &dyn ChatStore) {
+    let alice = UserId::new_v7();
+    let group = create(store, chat(alice, 1), &[]).await;
+    let limits = Limits::default();
+    for round in 0..30 {
+        let user = UserId::new_v7();
+        let joining = [member(&group, user, round)];
+        let (added, seen) = tokio::join!(store.add_members(group.id, &joining, &limits, round), async {
+            store.record_forgotten(user, round).await.unwrap();
+            store.member_chat_ids(user, false).await.unwrap()
+        });
+        match added.unwrap() {
+            Added::Forgotten(refused) => assert_eq!(refused, user),
+            Added::Added(_) => assert_eq!(seen, [group.id], "round {round}: an add that went in is seen"),
+            other => panic!("round {round}: {other:?}"),
+        }
+    }
 }
 
 /// A group chat created by `owner` at `time` µs, titled by its id.

@@ -28,6 +28,11 @@
 //!   removal of the user is announced, and polls it before any chat: the
 //!   chat's subscription, with whatever it still queues, is dropped when the
 //!   removal is seen;
+//! - a stream that opens (or re-reads its chats after a lag) reads each
+//!   chat's heads, then the user's chats again from the chats service: a
+//!   removal committed after the first check but inside the heads (its
+//!   announcement is then at or below the cursor, and dropped) is found by
+//!   that second read and sent as a removal;
 //! - every read from the store (replay, gap fill, a lag, a resync hint)
 //!   stops at the user's own departure in the chat's log, and re-checks
 //!   membership after reading a page and before sending any of it, so a page
@@ -183,6 +188,17 @@ pub async fn open(
         if start < heads.change {
             refills.push_back(Refill::to(*chat, heads.change));
         }
+    }
+    // Read first, check second (as a refill does): a removal committed
+    // between the check above and a chat's heads read is inside those heads,
+    // where its own announcement (at or below the cursor) is dropped, so the
+    // chats are read again now, from the chats service itself rather than a
+    // replica's cached answers. A removal after this read is numbered above
+    // the heads and ends the following live.
+    let still: HashSet<Uuid> = uuids(&follower.messages.chats().member_chat_ids(&user.to_string()).await?);
+    for chat in chats.iter().filter(|c| !still.contains(*c)) {
+        refills.retain(|r| r.chat != *chat);
+        first.push(follower.removed(*chat));
     }
     tracing::debug!(user_id = %user, chats = chats.len(), replay = refills.len(), "stream opened");
 
@@ -625,6 +641,7 @@ impl Follower {
         let gone: Vec<Uuid> = self.cursors.keys().filter(|c| !member.contains(*c)).copied().collect();
         let mut events: Vec<pb::StreamEventsResponse> = gone.into_iter().map(|chat| self.removed(chat)).collect();
         if self.all {
+            let mut joined = Vec::new();
             for chat in member {
                 if self.cursors.contains_key(&chat) {
                     continue;
@@ -632,6 +649,20 @@ impl Follower {
                 self.follow(chat, 0);
                 let heads = self.messages.store().heads(chat.into()).await.map_err(MessagesError::from)?;
                 self.cursors.insert(chat, heads.change);
+                joined.push((chat, heads));
+            }
+            // Read first, check second, as when the stream opened: a chat
+            // left between the listing and its heads read is not followed.
+            let still: HashSet<Uuid> = if joined.is_empty() {
+                HashSet::new()
+            } else {
+                uuids(&self.messages.chats().member_chat_ids(&user).await?)
+            };
+            for (chat, heads) in joined {
+                if !still.contains(&chat) {
+                    self.unfollow(chat);
+                    continue;
+                }
                 events.push(pb::StreamEventsResponse {
                     chat_id: chat.to_string(),
                     seq: heads.seq.0,
@@ -765,5 +796,130 @@ async fn next_of(subscription: &mut Option<Subscription>) -> Option<Result<BusEv
         // wake-ups (a `recv` future would register and leave at each one).
         Some(s) => s.next().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Mutex, OnceLock, Weak};
+
+    use async_trait::async_trait;
+    use natter_db::DbConfig;
+    use natter_proto::chats::v1 as cpb;
+
+    use super::*;
+    use crate::MessagesArgs;
+    use crate::domain::SendMessage;
+    use crate::registry::StreamRegistry;
+    use crate::store::ChatChange;
+
+    /// Who is in which chat, with one removal that happens right after the
+    /// chats service answered the stream's first membership read: the
+    /// removal races the stream's opening as closely as it can.
+    #[derive(Default)]
+    struct Directory {
+        members: Mutex<HashSet<(Uuid, Uuid)>>,
+        /// (chat, user): removed, and logged in the messages store as the
+        /// chats service's delivery would, right after the next answer
+        /// about the user (a membership check or a listing).
+        remove_after_answer: Mutex<Option<(Uuid, Uuid)>>,
+        messages: OnceLock<Weak<Messages>>,
+    }
+
+    impl Directory {
+        async fn remove_if_armed(&self, user: Uuid) {
+            let armed = self.remove_after_answer.lock().unwrap().take_if(|(_, u)| *u == user);
+            let Some((chat, user)) = armed else { return };
+            self.members.lock().unwrap().remove(&(chat, user));
+            let messages = self.messages.get().and_then(Weak::upgrade).unwrap();
+            messages.record_chat_changes(chat.into(), &[ChatChange::Removed(UserId(user))], "").await.unwrap();
+        }
+    }
+
+    #[async_trait]
+    impl natter_links::ChatDirectory for Directory {
+        async fn check_memberships(
+            &self,
+            request: cpb::CheckMembershipRequest,
+        ) -> Result<cpb::CheckMembershipResponse, Status> {
+            let (chat, user) = (Uuid::parse_str(&request.chat_id).unwrap(), Uuid::parse_str(&request.user_id).unwrap());
+            let member = self.members.lock().unwrap().contains(&(chat, user));
+            let answer = cpb::CheckMembershipResponse {
+                chat_exists: true,
+                member,
+                role: if member { cpb::MemberRole::Member as i32 } else { 0 },
+                other_members: vec![false; request.other_user_ids.len()],
+                ..Default::default()
+            };
+            self.remove_if_armed(user).await;
+            Ok(answer)
+        }
+
+        async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
+            let user = Uuid::parse_str(user_id).unwrap();
+            let chats: Vec<String> =
+                self.members.lock().unwrap().iter().filter(|(_, u)| *u == user).map(|(c, _)| c.to_string()).collect();
+            self.remove_if_armed(user).await;
+            Ok(chats)
+        }
+
+        async fn managed_chat_ids(&self, _: &str) -> Result<Vec<String>, Status> {
+            Ok(Vec::new())
+        }
+
+        async fn record_activity(&self, _: Vec<cpb::Activity>) -> Result<(), Status> {
+            Ok(())
+        }
+    }
+
+    /// The first event of a stream of `member` that opens (on `chat_ids`;
+    /// empty: all their chats) while `member` is removed from `chat`, once
+    /// the owner has sent a message to the chat.
+    async fn first_event_of_a_stream_opening_during_a_removal(every_chat: bool) -> pb::StreamEventsResponse {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(&DbConfig::sqlite_in(dir.path(), "messages")).await.unwrap();
+        let directory = Arc::new(Directory::default());
+        let bus: Arc<dyn natter_bus::EventBus> = Arc::new(natter_bus::Hub::new());
+        let messages = Arc::new(Messages::new(store, directory.clone(), bus, &MessagesArgs::default()));
+        directory.messages.set(Arc::downgrade(&messages)).unwrap();
+        let (chat, owner, member) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        directory.members.lock().unwrap().extend([(chat, owner), (chat, member)]);
+        *directory.remove_after_answer.lock().unwrap() = Some((chat, member));
+
+        let principal =
+            Principal { user_id: member, session_id: Uuid::now_v7(), guest: false, expire_micros: i64::MAX };
+        let ticket = StreamRegistry::new(Default::default()).admit(&principal, "token").unwrap();
+        let chat_ids = if every_chat { Vec::new() } else { vec![chat] };
+        let follow = Follow { principal, token: "token".into(), chat_ids, resume: HashMap::new(), presence: false };
+        let mut stream = open(messages.clone(), None, CancellationToken::new(), ticket, follow).await.unwrap();
+        assert!(directory.remove_after_answer.lock().unwrap().is_none(), "removed while the stream opened");
+
+        let secret = SendMessage {
+            chat_id: chat.into(),
+            message_id: None,
+            text: "after the removal".into(),
+            attachments: Vec::new(),
+            reply_to: None,
+            mentions: Vec::new(),
+            thread_root: None,
+        };
+        messages.send(UserId(owner), secret).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), stream.next()).await.unwrap().unwrap().unwrap()
+    }
+
+    fn is_removal_of(event: &pb::StreamEventsResponse) -> bool {
+        matches!(&event.event, Some(Event::MembershipChanged(m)) if m.change == pb::MembershipChange::Removed as i32)
+    }
+
+    #[tokio::test]
+    async fn a_member_removed_while_their_stream_of_the_chat_opens_gets_the_removal_not_the_chat() {
+        let first = first_event_of_a_stream_opening_during_a_removal(false).await;
+        assert!(is_removal_of(&first), "the removal, not what was sent after it: {first:?}");
+    }
+
+    #[tokio::test]
+    async fn a_member_removed_while_their_stream_of_every_chat_opens_gets_the_removal_not_the_chat() {
+        let first = first_event_of_a_stream_opening_during_a_removal(true).await;
+        assert!(is_removal_of(&first), "the removal, not what was sent after it: {first:?}");
     }
 }

@@ -14,21 +14,35 @@ use tonic_types::{ErrorDetails, StatusExt};
 /// Every service's error enum carries it the same way, as its
 /// `Invalid(FieldViolations)` variant. Displayed as the status message:
 /// `invalid FIELD: DESCRIPTION` of the first violation.
+///
+/// At most [`FieldViolations::MAX`] are kept; the rest are counted and
+/// reported as one last violation, so that a request of many bad entries
+/// (a megabyte of empty ids) cannot make its error many times its size.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FieldViolations {
     violations: Vec<(String, String)>,
+    /// Violations recorded beyond [`FieldViolations::MAX`].
+    omitted: usize,
 }
 
 impl FieldViolations {
+    /// Most violations listed one by one; those beyond are counted.
+    pub const MAX: usize = 100;
+
     /// An empty collection.
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Records that `field` (a proto field path such as `attachments[2].url`)
-    /// is invalid, with a human description.
+    /// is invalid, with a human description; beyond [`FieldViolations::MAX`]
+    /// only counted.
     pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.violations.push((field.into(), description.into()));
+        if self.violations.len() < Self::MAX {
+            self.violations.push((field.into(), description.into()));
+        } else {
+            self.omitted += 1;
+        }
     }
 
     /// One violation: `field` is invalid for `description`.
@@ -38,7 +52,8 @@ impl FieldViolations {
         v
     }
 
-    /// The violations recorded, as (field, description), in order.
+    /// The violations recorded, as (field, description), in order (the
+    /// first [`FieldViolations::MAX`]).
     pub fn violations(&self) -> &[(String, String)] {
         &self.violations
     }
@@ -54,12 +69,16 @@ impl FieldViolations {
     }
 
     /// The INVALID_ARGUMENT status: the message names the first field and its
-    /// problem; the BadRequest detail lists every violation.
+    /// problem; the BadRequest detail lists every violation kept, then (with
+    /// an empty field) how many more there were.
     pub fn into_status(self) -> Status {
         let message = self.to_string();
         let mut details = ErrorDetails::new();
         for (field, description) in self.violations {
             details.add_bad_request_violation(field, description);
+        }
+        if self.omitted > 0 {
+            details.add_bad_request_violation("", format!("and {} more violations", self.omitted));
         }
         Status::with_error_details(Code::InvalidArgument, message, details)
     }
@@ -127,6 +146,21 @@ mod tests {
             .map(|f| f.field.clone())
             .collect();
         assert_eq!(fields, ["text", "chat_id"]);
+    }
+
+    #[test]
+    fn a_flood_of_violations_makes_a_small_status() {
+        let mut v = FieldViolations::new();
+        for i in 0..100_000 {
+            v.add(format!("mention_user_ids[{i}]"), "must be a user id (UUID)");
+        }
+        let status = v.into_status();
+        assert_eq!(status.message(), "invalid mention_user_ids[0]: must be a user id (UUID)");
+        let violations = status.get_error_details().bad_request().expect("bad request detail").field_violations.clone();
+        assert_eq!(violations.len(), FieldViolations::MAX + 1);
+        assert_eq!(violations[FieldViolations::MAX - 1].field, "mention_user_ids[99]");
+        assert_eq!(violations[FieldViolations::MAX].description, "and 99900 more violations");
+        assert!(status.details().len() < 16 * 1024, "{} bytes of details", status.details().len());
     }
 
     #[test]

@@ -52,10 +52,14 @@ pub type Mention = (usize, UserId);
 
 /// Checks SendMessage's `mention_user_ids`: each a UUID, duplicates
 /// collapsed (the first kept, with its index), at most [`MENTIONS_MAX`]
-/// distinct users. The errors are field violations (field, description):
-/// each malformed `mention_user_ids[i]`, or the list as a whole when too
-/// long.
+/// distinct users, in a list of at most [`MENTION_IDS_MAX`] entries. The
+/// errors are field violations (field, description): each malformed
+/// `mention_user_ids[i]`, or the list as a whole when too long (then only
+/// that: a list beyond the bound is not read).
 pub fn mentions(ids: &[String]) -> Result<Vec<Mention>, Vec<(String, String)>> {
+    if ids.len() > MENTION_IDS_MAX {
+        return Err(vec![("mention_user_ids".to_owned(), format!("at most {MENTION_IDS_MAX} entries"))]);
+    }
     let mut violations = Vec::new();
     let mut seen = std::collections::HashSet::with_capacity(ids.len().min(MENTIONS_MAX + 1));
     let mut mentions = Vec::with_capacity(ids.len().min(MENTIONS_MAX));
@@ -76,6 +80,11 @@ pub fn mentions(ids: &[String]) -> Result<Vec<Mention>, Vec<(String, String)>> {
 /// duplicates are collapsed): a message's mention rows, and the membership
 /// check of a send, stay small.
 pub const MENTIONS_MAX: usize = 50;
+
+/// Most entries of SendMessage's `mention_user_ids`, repeats included
+/// (four times [`MENTIONS_MAX`]): a longer list is refused before any entry
+/// is read.
+pub const MENTION_IDS_MAX: usize = 4 * MENTIONS_MAX;
 
 /// Most distinct emoji one message holds (AddReaction): any number of users
 /// may react with each, but a 21st emoji is refused until one goes. Keeps a

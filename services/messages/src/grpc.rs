@@ -1218,6 +1218,14 @@ mod tests {
         let bad_mention =
             pb::SendMessageRequest { mention_user_ids: vec![chat.to_string(), "bob".into()], ..request("hi", 0) };
         assert_eq!(fields(&send_request(bad_mention, &Limits::default()).unwrap_err()), ["mention_user_ids[1]"]);
+        // A megabyte of empty ids is one violation, not half a million.
+        let flood = pb::SendMessageRequest { mention_user_ids: vec![String::new(); 500_000], ..request("hi", 0) };
+        assert_eq!(fields(&send_request(flood, &Limits::default()).unwrap_err()), ["mention_user_ids"]);
+        let repeats = pb::SendMessageRequest {
+            mention_user_ids: vec![chat.to_string(); domain::MENTION_IDS_MAX],
+            ..request("hi", 0)
+        };
+        assert_eq!(send_request(repeats, &Limits::default()).unwrap().mentions.len(), 1, "repeats collapse");
         let bad_thread = pb::SendMessageRequest { thread_root_seq: -1, ..request("hi", 0) };
         assert_eq!(fields(&send_request(bad_thread, &Limits::default()).unwrap_err()), ["thread_root_seq"]);
     }

@@ -276,16 +276,23 @@ impl Store {
     ) -> Result<Deletion, SessionsError> {
         let mut tx = self.db.write().begin().await?;
         lock_deletion_log(&mut tx).await?;
-        let user: Option<(Option<String>,)> = sqlx::query_as("SELECT password_hash FROM users WHERE id = $1")
-            .bind(user_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        // Read under the rows' write locks (a write that changes nothing):
+        // on PostgreSQL a plain read would not wait for a claim or a
+        // revocation under way, whose commit the deletion would then undo
+        // unseen; the update waits for it and reads what it committed.
+        // SQLite's one writer waits anyway.
+        let user: Option<(Option<String>,)> =
+            sqlx::query_as("UPDATE users SET kind = kind WHERE id = $1 RETURNING password_hash")
+                .bind(user_id)
+                .fetch_optional(&mut *tx)
+                .await?;
         let Some((hash,)) = user else { return Ok(Deletion::Gone) };
         if hash.as_deref() != password_hash {
             return Ok(Deletion::Changed);
         }
         let live: Option<(String,)> = sqlx::query_as(
-            "SELECT id FROM sessions WHERE id = $1 AND user_id = $2 AND revoke_time IS NULL AND expire_time > $3",
+            "UPDATE sessions SET revoke_time = revoke_time \
+             WHERE id = $1 AND user_id = $2 AND revoke_time IS NULL AND expire_time > $3 RETURNING id",
         )
         .bind(session_id)
         .bind(user_id)
@@ -488,6 +495,63 @@ mod tests {
 
     /// A statement that fails is the origin of its error: the log line of
     /// the INTERNAL answer names it, not error.rs.
+    /// On PostgreSQL a guest claimed while its deletion waits for the
+    /// claim's row lock is not deleted: the deletion reads what the claim
+    /// committed (a password nobody confirmed), not what it read before.
+    #[tokio::test]
+    async fn a_claim_committed_while_a_deletion_waits_is_not_undone() {
+        let Some(url) = natter_db::testing::postgres_url() else {
+            eprintln!("skipped: NATTER_TEST_DATABASE_URL is not set");
+            return;
+        };
+        let schema = natter_db::testing::unique_schema("sessions");
+        let store =
+            Store::new(Db::connect(&natter_db::DbConfig::postgres(&url, &schema), &crate::MIGRATOR).await.unwrap());
+        let guest = UserRow {
+            id: "0190a000-0000-7000-8000-000000000001".into(),
+            username: None,
+            display_name: "guest".into(),
+            password_hash: None,
+            create_time: 0,
+            kind: GUEST.into(),
+        };
+        store.insert_user(&guest, None).await.unwrap();
+        let session = "0190a000-0000-7000-8000-000000000101";
+        let row = SessionRow { id: session.into(), user_id: guest.id.clone(), create_time: 0, expire_time: i64::MAX };
+        store.insert_session(&row, "hash").await.unwrap();
+
+        // The claim, under way: it holds the user's row.
+        let mut claim = store.db().write().begin().await.unwrap();
+        let (claimer,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()").fetch_one(&mut *claim).await.unwrap();
+        sqlx::query("UPDATE users SET password_hash = 'phc', kind = 'human' WHERE id = $1")
+            .bind(&guest.id)
+            .execute(&mut *claim)
+            .await
+            .unwrap();
+        let deletion = tokio::spawn({
+            let (store, id) = (store.clone(), guest.id.clone());
+            async move { store.delete_user(&id, session, None, 1).await }
+        });
+        // Until the deletion waits for the claim.
+        loop {
+            let (waiting,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))")
+                    .bind(claimer)
+                    .fetch_one(store.db().read())
+                    .await
+                    .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        claim.commit().await.unwrap();
+        assert_eq!(deletion.await.unwrap().unwrap(), Deletion::Changed);
+        assert!(store.user_by_id(&guest.id).await.unwrap().is_some(), "the claimed account stays");
+        store.db().close().await;
+        natter_db::postgres::drop_schema(&url, &schema).await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_failed_statement_is_the_origin_of_its_error() {
         let dir = tempfile::tempdir().unwrap();

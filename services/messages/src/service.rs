@@ -90,8 +90,21 @@ impl Messages {
                 .map(Arc::new)
         });
         let presence = Presence::start(bus.clone(), chats.clone(), store.clone(), args.presence_heartbeat);
+        // A send cancelled while its message was being committed announced
+        // nothing: its chat's streams are told to re-read the store (which
+        // also brings a thread root's new counts), and it is classified.
+        let orphaned: crate::writer::Orphaned = Box::new({
+            let (bus, classifier) = (bus.clone(), classifier.clone());
+            move |message: &Message| {
+                let chat = message.chat_id;
+                bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::hint(chat)));
+                if let Some(classifier) = &classifier {
+                    classifier.spawn(message.id, chat, message.revision, message.text.clone());
+                }
+            }
+        });
         Self {
-            writer: Writer::start(store.clone(), chats.clone()),
+            writer: Writer::start(store.clone(), chats.clone(), orphaned),
             checkpoints: crate::checkpoints::Checkpoints::start(store.clone()),
             store,
             chats,
@@ -338,7 +351,12 @@ impl Messages {
                 return Err(MessagesError::Precondition("thread_root_seq: the thread's root is deleted"));
             }
             Sent::Duplicate => {
-                // A concurrent retry won the race: answer with its message.
+                // A concurrent retry won the race, or a batch was committed
+                // though its commit reported a failure (then tried again
+                // message by message): answer with the message, and have the
+                // chat's streams re-read the store, as the latter announced
+                // nothing.
+                Unannounced::new(&self.bus, req.chat_id).drop_now();
                 let existing = self.store.message(id).await?.ok_or(MessagesError::MessageNotFound)?;
                 return same_message(existing, &req, caller);
             }
@@ -404,11 +422,13 @@ impl Messages {
                 Edited::Deleted => return Err(MessagesError::Precondition("message is deleted")),
                 Edited::TooManyEdits => return Err(MessagesError::TooManyEdits(self.limits.edits)),
             };
+        let unannounced = Unannounced::new(&self.bus, edited.chat_id);
         with_reactions(self.store.as_ref(), std::slice::from_mut(&mut edited), Some(caller)).await?;
         self.bus.publish(
             Topic::Chat(edited.chat_id.0),
             Arc::new(BusEvent::new(edited.chat_id, grpc::edited_event(counts_only(edited.clone())))),
         );
+        unannounced.announced();
         if let Some(classifier) = &self.classifier {
             classifier.spawn(edited.id, edited.chat_id, edited.revision, edited.text.clone());
         }
@@ -832,9 +852,11 @@ impl Messages {
                 let event = grpc::created_event(grpc::message_pb(message.clone(), Vec::new()));
                 self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
                 if let Some(mut old) = superseded {
+                    let unannounced = Unannounced::new(&self.bus, chat);
                     with_reactions(self.store.as_ref(), std::slice::from_mut(&mut old), None).await?;
                     let event = grpc::edited_event(old);
                     self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
+                    unannounced.announced();
                 }
                 let created = Sent::Created(message.clone());
                 crate::writer::record_activity(self.chats.as_ref(), &[&created]).await;
@@ -882,12 +904,14 @@ impl Messages {
         let finished = self.store.finish_reply(id, finish).await?.ok_or(MessagesError::MessageNotFound)?;
         if finished.changed {
             let chat = finished.reply.chat_id;
+            let unannounced = Unannounced::new(&self.bus, chat);
             let mut changed: Vec<Message> = std::iter::once(finished.reply.clone()).chain(finished.restored).collect();
             with_reactions(self.store.as_ref(), &mut changed, None).await?;
             for message in changed {
                 let event = grpc::edited_event(message);
                 self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
             }
+            unannounced.announced();
         }
         Ok(finished.reply)
     }
@@ -902,6 +926,37 @@ impl Messages {
     /// `before` (µs), oldest first.
     pub async fn stale_replies(&self, before: i64, limit: u32) -> Result<Vec<Message>, MessagesError> {
         Ok(self.store.stale_replies(before, limit).await?)
+    }
+}
+
+/// A change of a chat committed but not announced yet: dropped before
+/// [`Unannounced::announced`] (the request was cancelled, or failed after
+/// its commit), it tells the chat's streams to re-read the store (a resync
+/// hint), so that the change is not left for the chat's next one to reveal.
+struct Unannounced<'a> {
+    bus: &'a Arc<dyn EventBus>,
+    chat: Option<ChatId>,
+}
+
+impl<'a> Unannounced<'a> {
+    fn new(bus: &'a Arc<dyn EventBus>, chat: ChatId) -> Self {
+        Self { bus, chat: Some(chat) }
+    }
+
+    /// The change was announced: nothing more to do.
+    fn announced(mut self) {
+        self.chat = None;
+    }
+
+    /// Sends the hint at once.
+    fn drop_now(self) {}
+}
+
+impl Drop for Unannounced<'_> {
+    fn drop(&mut self) {
+        if let Some(chat) = self.chat.take() {
+            self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::hint(chat)));
+        }
     }
 }
 

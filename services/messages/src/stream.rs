@@ -811,7 +811,7 @@ mod tests {
     use crate::MessagesArgs;
     use crate::domain::SendMessage;
     use crate::registry::StreamRegistry;
-    use crate::store::ChatChange;
+    use crate::store::{ChatChange, Message};
 
     /// Who is in which chat, with one removal that happens right after the
     /// chats service answered the stream's first membership read: the
@@ -872,39 +872,82 @@ mod tests {
         }
     }
 
-    /// The first event of a stream of `member` that opens (on `chat_ids`;
-    /// empty: all their chats) while `member` is removed from `chat`, once
-    /// the owner has sent a message to the chat.
-    async fn first_event_of_a_stream_opening_during_a_removal(every_chat: bool) -> pb::StreamEventsResponse {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::open(&DbConfig::sqlite_in(dir.path(), "messages")).await.unwrap();
-        let directory = Arc::new(Directory::default());
-        let bus: Arc<dyn natter_bus::EventBus> = Arc::new(natter_bus::Hub::new());
-        let messages = Arc::new(Messages::new(store, directory.clone(), bus, &MessagesArgs::default()));
-        directory.messages.set(Arc::downgrade(&messages)).unwrap();
-        let (chat, owner, member) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
-        directory.members.lock().unwrap().extend([(chat, owner), (chat, member)]);
-        *directory.remove_after_answer.lock().unwrap() = Some((chat, member));
+    /// A chat of an owner and a member, on a messages service of its own.
+    struct Harness {
+        messages: Arc<Messages>,
+        directory: Arc<Directory>,
+        chat: Uuid,
+        owner: Uuid,
+        member: Uuid,
+        _dir: tempfile::TempDir,
+    }
 
-        let principal =
-            Principal { user_id: member, session_id: Uuid::now_v7(), guest: false, expire_micros: i64::MAX };
-        let ticket = StreamRegistry::new(Default::default()).admit(&principal, "token").unwrap();
-        let chat_ids = if every_chat { Vec::new() } else { vec![chat] };
-        let follow = Follow { principal, token: "token".into(), chat_ids, resume: HashMap::new(), presence: false };
-        let mut stream = open(messages.clone(), None, CancellationToken::new(), ticket, follow).await.unwrap();
-        assert!(directory.remove_after_answer.lock().unwrap().is_none(), "removed while the stream opened");
+    impl Harness {
+        async fn start() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let store = crate::store::open(&DbConfig::sqlite_in(dir.path(), "messages")).await.unwrap();
+            let directory = Arc::new(Directory::default());
+            let bus: Arc<dyn natter_bus::EventBus> = Arc::new(natter_bus::Hub::new());
+            let messages = Arc::new(Messages::new(store, directory.clone(), bus, &MessagesArgs::default()));
+            directory.messages.set(Arc::downgrade(&messages)).unwrap();
+            let (chat, owner, member) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+            directory.members.lock().unwrap().extend([(chat, owner), (chat, member)]);
+            Self { messages, directory, chat, owner, member, _dir: dir }
+        }
 
-        let secret = SendMessage {
-            chat_id: chat.into(),
-            message_id: None,
-            text: "after the removal".into(),
-            attachments: Vec::new(),
-            reply_to: None,
-            mentions: Vec::new(),
-            thread_root: None,
-        };
-        messages.send(UserId(owner), secret).await.unwrap();
+        /// The member's stream of `chat_ids` (empty: all their chats).
+        async fn stream_of_member(&self, chat_ids: Vec<Uuid>) -> EventStream {
+            let principal =
+                Principal { user_id: self.member, session_id: Uuid::now_v7(), guest: false, expire_micros: i64::MAX };
+            let ticket = StreamRegistry::new(Default::default()).admit(&principal, "token").unwrap();
+            let follow = Follow { principal, token: "token".into(), chat_ids, resume: HashMap::new(), presence: false };
+            open(self.messages.clone(), None, CancellationToken::new(), ticket, follow).await.unwrap()
+        }
+
+        /// A send of `text` by the owner.
+        fn owner_sends(&self, text: &str) -> impl std::future::Future<Output = Result<Message, MessagesError>> + '_ {
+            let send = SendMessage {
+                chat_id: self.chat.into(),
+                message_id: None,
+                text: text.into(),
+                attachments: Vec::new(),
+                reply_to: None,
+                mentions: Vec::new(),
+                thread_root: None,
+            };
+            self.messages.send(UserId(self.owner), send)
+        }
+    }
+
+    /// The next event of `stream` (ten seconds at most: a bound, not a wait).
+    async fn next_event(stream: &mut EventStream) -> pb::StreamEventsResponse {
         tokio::time::timeout(std::time::Duration::from_secs(10), stream.next()).await.unwrap().unwrap().unwrap()
+    }
+
+    /// The first event of a stream of the member that opens (on the chat,
+    /// or on `every_chat` of theirs) while the member is removed from the
+    /// chat, once the owner has sent a message to the chat.
+    async fn first_event_of_a_stream_opening_during_a_removal(every_chat: bool) -> pb::StreamEventsResponse {
+        let h = Harness::start().await;
+        *h.directory.remove_after_answer.lock().unwrap() = Some((h.chat, h.member));
+        let mut stream = h.stream_of_member(if every_chat { Vec::new() } else { vec![h.chat] }).await;
+        assert!(h.directory.remove_after_answer.lock().unwrap().is_none(), "removed while the stream opened");
+        h.owner_sends("after the removal").await.unwrap();
+        next_event(&mut stream).await
+    }
+
+    #[tokio::test]
+    async fn a_message_whose_send_was_cancelled_while_committing_still_reaches_open_streams() {
+        let h = Harness::start().await;
+        let mut stream = h.stream_of_member(vec![h.chat]).await;
+        // The client goes away (a reset, a deadline) once its message is
+        // with the writer, before the commit answers.
+        let mut send = Box::pin(h.owner_sends("sent, then cancelled"));
+        assert!(futures::poll!(&mut send).is_pending(), "waiting for the commit");
+        drop(send);
+        let event = next_event(&mut stream).await;
+        let Some(Event::MessageCreated(message)) = &event.event else { panic!("the message: {event:?}") };
+        assert_eq!(message.text, "sent, then cancelled");
     }
 
     fn is_removal_of(event: &pb::StreamEventsResponse) -> bool {

@@ -56,6 +56,10 @@ type Reply = oneshot::Sender<Outcome>;
 /// A queued send: the message, where to answer, and the caller's span.
 type Job = (NewMessage, Reply, tracing::Span);
 
+/// What the writer does with a message committed after its caller went
+/// away (see [`Writer::start`]).
+pub type Orphaned = Box<dyn Fn(&Message) + Send + Sync>;
+
 /// The sending half: cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
@@ -68,10 +72,14 @@ impl Writer {
     /// dropped.
     ///
     /// Panics outside a tokio runtime.
-    pub fn start(store: Arc<dyn MessageStore>, chats: Arc<dyn ChatDirectory>) -> Self {
+    ///
+    /// `orphaned` is called with each message committed after its caller
+    /// went away (the request was cancelled: a client reset, a deadline),
+    /// which therefore announces nothing itself.
+    pub fn start(store: Arc<dyn MessageStore>, chats: Arc<dyn ChatDirectory>, orphaned: Orphaned) -> Self {
         crate::metrics::register();
         let (queue, jobs) = mpsc::channel(QUEUE);
-        tokio::spawn(write_loop(store, chats, jobs));
+        tokio::spawn(write_loop(store, chats, orphaned, jobs));
         Self { queue }
     }
 
@@ -140,7 +148,12 @@ fn gather(first: Job, jobs: &mut mpsc::Receiver<Job>) -> (Vec<NewMessage>, Vec<R
 
 /// The writer task: gather, commit, record activity, answer; until every
 /// `Writer` is dropped.
-async fn write_loop(store: Arc<dyn MessageStore>, chats: Arc<dyn ChatDirectory>, mut jobs: mpsc::Receiver<Job>) {
+async fn write_loop(
+    store: Arc<dyn MessageStore>,
+    chats: Arc<dyn ChatDirectory>,
+    orphaned: Orphaned,
+    mut jobs: mpsc::Receiver<Job>,
+) {
     let mut clock = PhaseClock::start();
     while let Some(first) = jobs.recv().await {
         clock.lap(WriterPhase::Idle);
@@ -150,7 +163,9 @@ async fn write_loop(store: Arc<dyn MessageStore>, chats: Arc<dyn ChatDirectory>,
         record_activity(chats.as_ref(), &created).instrument(span).await;
         clock.lap(WriterPhase::Activity);
         for (reply, outcome) in replies.into_iter().zip(outcomes) {
-            let _ = reply.send(outcome);
+            if let Err(Ok(Sent::Created(message))) = reply.send(outcome) {
+                orphaned(&message);
+            }
         }
         clock.lap(WriterPhase::Answer);
     }

@@ -19,7 +19,7 @@ use crate::domain::{
     MemberCursor, NewChat, Role, SeverityFilter, Visibility,
 };
 use crate::error::ChatsError;
-use crate::store::{Added, ChatStore, Created, Departure, Pending};
+use crate::store::{Added, ChatStore, Checked, Created, Departure, Pending, Removal};
 
 /// A chat's newest message and the caller's unread count, as the messages
 /// service reports them.
@@ -697,6 +697,9 @@ impl Chats {
     /// First the user is recorded as forgotten, so that no request that
     /// checked it before its deletion makes it a member again afterwards
     /// ([`ChatStore::record_forgotten`]). Repeatable after a failure midway.
+    /// A user made owner after its role was read here stays in that group
+    /// (the store never removes the owner) and this fails, so that the
+    /// retry hands the group over.
     pub async fn forget_user(&self, user: UserId) -> Result<(), ChatsError> {
         self.store.record_forgotten(user, now_micros()).await?;
         for chat_id in self.store.member_chat_ids(user, false).await? {
@@ -720,15 +723,27 @@ impl Chats {
             let now = now_micros();
             if role == Role::Owner {
                 let heir = heirs.iter().find(|m| m.role == Role::Admin).copied().unwrap_or(first);
-                if self.store.set_role(chat.id, heir.user_id, Role::Owner, now).await?.is_none() {
+                match self.store.set_role(chat.id, user, heir.user_id, Role::Owner, now).await? {
+                    Checked::Done(_) => {}
                     // The heir left meanwhile: the next round reads the
                     // members again.
-                    return Err(ChatsError::MemberNotFound(heir.user_id.to_string()));
+                    Checked::NotMember => return Err(ChatsError::MemberNotFound(heir.user_id.to_string())),
+                    // Handed over meanwhile (by a replica forgetting it too):
+                    // the next round reads its role again.
+                    Checked::Actor(_) | Checked::Target(_) => {
+                        return Err(ChatsError::Precondition("a deleted owner's group changed hands meanwhile"));
+                    }
                 }
             }
-            self.store.remove_member(chat.id, user, Departure::Left, now).await?;
+            // As an admin or a member only: made owner since its role was
+            // read above, it stays, and the next round hands the group over.
+            let leave = Removal { departure: Departure::Left, targets: &[Role::Admin, Role::Member], actor: None };
+            let left = self.store.remove_member(chat.id, user, leave, now).await?;
             self.evict(chat.id).await;
             self.deliver(chat.id).await;
+            if let Checked::Actor(_) | Checked::Target(_) = left {
+                return Err(ChatsError::Precondition("a deleted user was made owner meanwhile"));
+            }
             tracing::info!(chat_id = %chat.id, user_id = %user, "a deleted user left the chat");
         }
         Ok(())
@@ -821,8 +836,13 @@ impl Chats {
     }
 
     /// RemoveMember: oneself (leave; not the owner), or others by the owner
-    /// (anyone) or an admin (plain members).
+    /// (anyone) or an admin (plain members). The roles read here are
+    /// checked again in the store's write ([`ChatStore::remove_member`]):
+    /// a removal of someone made owner since, or by someone demoted since,
+    /// is refused, so a group never loses its owner.
     pub async fn remove_member(&self, caller: UserId, chat_id: ChatId, user_id: UserId) -> Result<(), ChatsError> {
+        const OWNER_LEAVING: &str = "the owner must hand ownership over (UpdateMember) before leaving";
+        const ONLY_MANAGERS: &str = "only the owner, or an admin for plain members, may remove members";
         self.change_rate.check(&caller)?;
         let access = self.access(caller, chat_id).await?;
         let (chat, role) = match access.role {
@@ -834,40 +854,42 @@ impl Chats {
         if chat.kind == Kind::Direct {
             return Err(ChatsError::Precondition("a direct chat never changes members"));
         }
-        let change = if user_id == caller {
+        let leaving = user_id == caller;
+        let removal = if leaving {
             if role == Role::Owner {
-                return Err(ChatsError::Precondition(
-                    "the owner must hand ownership over (UpdateMember) before leaving",
-                ));
+                return Err(ChatsError::Precondition(OWNER_LEAVING));
             }
-            Departure::Left
+            Removal { departure: Departure::Left, targets: &[Role::Admin, Role::Member], actor: None }
         } else {
-            let target = self
-                .store
-                .role(chat.id, user_id)
-                .await?
-                .ok_or_else(|| ChatsError::MemberNotFound(user_id.to_string()))?;
-            let allowed = match role {
-                Role::Owner => true,
-                Role::Admin => target == Role::Member,
-                Role::Member => false,
+            // The roles the caller must still hold, and those the removed
+            // member may have.
+            let (required, targets): (&[Role], &[Role]) = match role {
+                Role::Owner => (&[Role::Owner], &[Role::Admin, Role::Member]),
+                Role::Admin => (&[Role::Owner, Role::Admin], &[Role::Member]),
+                Role::Member => return Err(ChatsError::Denied(ONLY_MANAGERS)),
             };
-            if !allowed {
-                return Err(ChatsError::Denied("only the owner, or an admin for plain members, may remove members"));
-            }
-            Departure::Removed
+            Removal { departure: Departure::Removed, targets, actor: Some((caller, required)) }
         };
-        let removed = self.store.remove_member(chat.id, user_id, change, now_micros()).await?;
+        let outcome = self.store.remove_member(chat.id, user_id, removal, now_micros()).await?;
         self.evict(chat.id).await;
-        if !removed {
-            return Err(ChatsError::MemberNotFound(user_id.to_string()));
+        match outcome {
+            Checked::Done(()) => {}
+            // Left since the read above (a retried leave): done already.
+            Checked::NotMember if leaving => return Ok(()),
+            Checked::NotMember => return Err(ChatsError::MemberNotFound(user_id.to_string())),
+            // Made owner since the read above.
+            Checked::Target(Role::Owner) if leaving => return Err(ChatsError::Precondition(OWNER_LEAVING)),
+            Checked::Actor(None) => return Err(ChatsError::Denied("not a member of this chat")),
+            Checked::Actor(Some(_)) | Checked::Target(_) => return Err(ChatsError::Denied(ONLY_MANAGERS)),
         }
         self.deliver(chat.id).await;
         Ok(())
     }
 
     /// UpdateMember (owner only): sets a role; OWNER hands ownership over and
-    /// makes the previous owner an admin.
+    /// makes the previous owner an admin. The store checks again in its
+    /// write that the caller is still the owner and the member still one
+    /// ([`ChatStore::set_role`]).
     pub async fn update_member(
         &self,
         caller: UserId,
@@ -875,23 +897,30 @@ impl Chats {
         user_id: UserId,
         role: Role,
     ) -> Result<Member, ChatsError> {
+        const ONLY_THE_OWNER: &str = "only the owner may change roles";
+        const NOT_ONESELF: &str = "the owner changes role only by making another member owner";
         self.change_rate.check(&caller)?;
         let (chat, caller_role) = self.member(caller, chat_id).await?;
         if chat.kind == Kind::Direct {
             return Err(ChatsError::Precondition("a direct chat has no roles to change"));
         }
         if caller_role != Role::Owner {
-            return Err(ChatsError::Denied("only the owner may change roles"));
+            return Err(ChatsError::Denied(ONLY_THE_OWNER));
         }
         if user_id == caller {
-            return Err(ChatsError::Precondition("the owner changes role only by making another member owner"));
+            return Err(ChatsError::Precondition(NOT_ONESELF));
         }
-        let member = self
-            .store
-            .set_role(chat.id, user_id, role, now_micros())
-            .await?
-            .ok_or_else(|| ChatsError::MemberNotFound(user_id.to_string()))?;
+        let outcome = self.store.set_role(chat.id, caller, user_id, role, now_micros()).await?;
         self.evict(chat.id).await;
+        let member = match outcome {
+            Checked::Done(member) => member,
+            Checked::NotMember => return Err(ChatsError::MemberNotFound(user_id.to_string())),
+            Checked::Actor(None) => return Err(ChatsError::Denied("not a member of this chat")),
+            // No longer the owner: handed over since the read above.
+            Checked::Actor(Some(_)) => return Err(ChatsError::Denied(ONLY_THE_OWNER)),
+            // The member is the owner: never while the caller is (one owner).
+            Checked::Target(_) => return Err(ChatsError::Precondition(NOT_ONESELF)),
+        };
         self.deliver(chat.id).await;
         Ok(member)
     }
@@ -1178,6 +1207,9 @@ mod tests {
         deleted: Mutex<Vec<spb::DeletedUser>>,
         /// Look-ups of these users fail (UNAVAILABLE).
         unreachable: Mutex<Vec<UserId>>,
+        /// Runs at the next look-up, before it answers: a request racing
+        /// the caller's.
+        on_lookup: Mutex<Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>>,
     }
 
     impl Directory {
@@ -1196,6 +1228,10 @@ mod tests {
     #[async_trait]
     impl UserDirectory for Directory {
         async fn lookup_users(&self, user_ids: Vec<String>) -> Result<Vec<spb::User>, Status> {
+            let racing = self.on_lookup.lock().unwrap().take();
+            if let Some(racing) = racing {
+                racing.await;
+            }
             if self.unreachable.lock().unwrap().iter().any(|u| user_ids.contains(&u.to_string())) {
                 return Err(Status::unavailable("sessions is down for this user"));
             }
@@ -1366,6 +1402,37 @@ mod tests {
         // Forgetting again (a replica that raced, a retry) changes nothing.
         h.chats.forget_user(guest).await.unwrap();
         assert_eq!(store.role(owned, bob).await.unwrap(), Some(Role::Owner));
+    }
+
+    #[tokio::test]
+    async fn a_deleted_user_made_owner_while_taken_out_keeps_the_group_until_the_retry_hands_it_over() {
+        let [guest, alice, bob] = [(); 3].map(|_| UserId::new_v7());
+        let directory = Arc::new(Directory::default());
+        let h = harness_with(Limits::default(), directory.clone()).await;
+        let team = h.chats.create_chat(alice, group("team", vec![guest, bob])).await.unwrap().chat.id;
+        let store = h.chats.store().clone();
+        // Alice's hand-over to the guest (an UpdateMember that checked it
+        // before its deletion) commits after the removal read the guest's
+        // role, while it looks up the heirs.
+        let racing = store.clone();
+        *directory.on_lookup.lock().unwrap() = Some(Box::pin(async move {
+            let handed = racing.set_role(team, alice, guest, Role::Owner, now_micros()).await.unwrap();
+            assert!(matches!(handed, Checked::Done(_)), "{handed:?}");
+        }));
+        directory.delete(guest);
+
+        assert_eq!(h.chats.forget_deleted_users().await, 0, "the owner is not taken out as a member");
+        assert_eq!(store.role(team, guest).await.unwrap(), Some(Role::Owner));
+        assert_eq!(store.chat(team).await.unwrap().unwrap().owner_id, guest, "the group has its owner");
+        assert_eq!(store.retries(DELETED_USERS_LOG, 10).await.unwrap(), [guest.to_string()]);
+
+        assert_eq!(h.chats.forget_deleted_users().await, 1, "retried: handed over, then out");
+        assert_eq!(store.role(team, guest).await.unwrap(), None);
+        let members = store.members(team, None, 10).await.unwrap();
+        let owners: Vec<UserId> = members.iter().filter(|m| m.role == Role::Owner).map(|m| m.user_id).collect();
+        assert_eq!(owners, [alice], "the admin inherits it");
+        assert_eq!(store.chat(team).await.unwrap().unwrap().owner_id, alice);
+        h.chats.delete_chat(alice, team).await.expect("its owner may delete it");
     }
 
     #[tokio::test]

@@ -156,6 +156,66 @@ pub enum Departure {
     Removed,
 }
 
+/// What [`ChatStore::remove_member`] checks under the chat's lock, in the
+/// transaction that removes: the roles a request read before it may have
+/// changed since (a hand-over, a demotion, a leave).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Removal<'a> {
+    /// How the member goes (the change recorded).
+    pub departure: Departure,
+    /// The roles the member removed may have. The owner is never removed,
+    /// listed or not: a group keeps its one owner (a leaving owner, a
+    /// deleted one too, hands ownership over first and leaves as an admin).
+    pub targets: &'a [Role],
+    /// The member who removes them and the roles they must still have;
+    /// None when nobody else acts (a leave, a deleted user taken out).
+    pub actor: Option<(UserId, &'a [Role])>,
+}
+
+/// Outcome of a membership write that checks roles under the chat's lock
+/// ([`ChatStore::remove_member`], [`ChatStore::set_role`]). Anything but
+/// [`Checked::Done`] wrote nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checked<T> {
+    /// Written; what the write answers.
+    Done(T),
+    /// The member acted on is not one (any more).
+    NotMember,
+    /// The member acting does not hold a role the write requires (any
+    /// more): their role now, None if they are no member.
+    Actor(Option<Role>),
+    /// The member acted on has a role the write does not allow: their role
+    /// now.
+    Target(Role),
+}
+
+/// The rule of a role-checked write, on the roles read under the chat's
+/// lock, in this order: the actor's (`Some((role, required))` when one acts:
+/// their role, None if no member, and the roles they must hold), then the
+/// target's (`target`, None if no member) against `allowed`, the owner never
+/// allowed. Answers the target's role when the write may go ahead, else the
+/// refusal (the same rule on both engines).
+pub(crate) fn check_roles<T>(
+    actor: Option<(Option<Role>, &[Role])>,
+    target: Option<Role>,
+    allowed: &[Role],
+) -> Result<Role, Checked<T>> {
+    if let Some((role, required)) = actor
+        && !role.is_some_and(|r| required.contains(&r))
+    {
+        return Err(Checked::Actor(role));
+    }
+    match target {
+        None => Err(Checked::NotMember),
+        Some(role) if role == Role::Owner || !allowed.contains(&role) => Err(Checked::Target(role)),
+        Some(role) => Ok(role),
+    }
+}
+
+/// The roles [`ChatStore::set_role`] may change: anyone's but the owner's
+/// (the owner's changes only by a hand-over).
+pub(crate) const ROLE_TARGETS: &[Role] = &[Role::Admin, Role::Member];
+
 /// Most changes one outbox entry holds: what one `RecordChatChanges` call
 /// takes (messages_internal.proto; more is INVALID_ARGUMENT). An operation
 /// with more (a chat of more members than that created or deleted) writes
@@ -285,8 +345,8 @@ pub(crate) fn pending_row(chat_id: &str, position: i64, key: String, changes: &s
 /// nothing when it changed nothing. Entries of one chat take positions in
 /// commit order.
 ///
-/// Every method fails only with [`StoreError`]; "not found" is `None` or
-/// `false`, never an error.
+/// Every method fails only with [`StoreError`]; "not found" is `None`,
+/// `false` or [`Checked::NotMember`], never an error.
 #[async_trait]
 pub trait ChatStore: Send + Sync + 'static {
     /// Inserts `chat` and its `members` in one transaction, with their
@@ -423,22 +483,42 @@ pub trait ChatStore: Send + Sync + 'static {
         now: i64,
     ) -> Result<Added, StoreError>;
 
-    /// Removes a member, with the `departure` in the outbox; false (and
-    /// nothing changed) if they were not one. Sets the update time to `now`
-    /// and recounts the members.
+    /// Removes member `user`, with `removal.departure` in the outbox, in
+    /// one transaction that locks the chat first (PostgreSQL: its row, which
+    /// every membership change locks first; SQLite: one writer), so that
+    /// no role changes before it commits, and checks there, in this
+    /// order: that `removal.actor` (if any) is a member with one of its
+    /// required roles ([`Checked::Actor`] with their role now), that `user`
+    /// is a member ([`Checked::NotMember`]) and that their role is one of
+    /// `removal.targets` and not the owner ([`Checked::Target`] with it).
+    /// A refusal writes nothing. Sets the update time to `now` and
+    /// recounts the members; answers [`Checked::Done`].
     async fn remove_member(
         &self,
         chat: ChatId,
         user: UserId,
-        departure: Departure,
+        removal: Removal<'_>,
         now: i64,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Checked<()>, StoreError>;
 
-    /// Sets a member's role, in one transaction: making someone owner makes
-    /// the current owner an admin and the chat's `owner_id` them. The role
+    /// Sets member `user`'s role on behalf of `by`, in one transaction that
+    /// locks the chat first (as [`ChatStore::remove_member`] does) and
+    /// checks there, in this order: that `by` is
+    /// still the owner ([`Checked::Actor`] with their role now, None if no
+    /// member), that `user` is a member ([`Checked::NotMember`]) and not the
+    /// owner ([`Checked::Target`]: the owner's role changes only by a
+    /// hand-over). A refusal writes nothing. Making someone owner makes the
+    /// current owner an admin and the chat's `owner_id` them. The role
     /// changes go to the outbox: the member's, then the previous owner's.
-    /// Returns the member, None (and nothing changed) if they are not one.
-    async fn set_role(&self, chat: ChatId, user: UserId, role: Role, now: i64) -> Result<Option<Member>, StoreError>;
+    /// Answers the member ([`Checked::Done`]).
+    async fn set_role(
+        &self,
+        chat: ChatId,
+        by: UserId,
+        user: UserId,
+        role: Role,
+        now: i64,
+    ) -> Result<Checked<Member>, StoreError>;
 
     /// Up to `limit` members of `chat` in join order (then user id), after
     /// `after`.

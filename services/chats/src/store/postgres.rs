@@ -13,9 +13,9 @@ use natter_kit::time::now_micros;
 use natter_proto::messages::v1 as mpb;
 
 use super::{
-    Added, ChatStore, Created, Departure, MIGRATOR, Pending, StoreError, chat_columns, chat_updated, departed,
-    direct_key, joined, membership, order_column, outbox_rows, parse_enum, parse_id, pending_row, role_changes,
-    time_bounds, updated_by,
+    Added, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError, chat_columns,
+    chat_updated, check_roles, departed, direct_key, joined, membership, order_column, outbox_rows, parse_enum,
+    parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member,
@@ -118,6 +118,17 @@ async fn forgotten_among(tx: &mut sqlx::PgConnection, members: &[Member]) -> Res
 async fn touch(tx: &mut sqlx::PgConnection, chat: &str, now: i64) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE chats SET update_time = $1 WHERE id = $2").bind(now).bind(chat).execute(&mut *tx).await?;
     Ok(())
+}
+
+/// `user`'s role in `chat`, None if no member, read in the transaction `tx`
+/// of a membership change (which holds the chat's row lock already).
+async fn role_in(tx: &mut sqlx::PgConnection, chat: &str, user: UserId) -> Result<Option<Role>, StoreError> {
+    let role: Option<String> = sqlx::query_scalar("SELECT role FROM members WHERE chat_id = $1 AND user_id = $2")
+        .bind(chat)
+        .bind(user.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+    role.map(|r| parse_enum("members.role", &r, Role::parse)).transpose()
 }
 
 /// Appends the outbox entries of `changes` (none for none) to `chat`'s, in
@@ -607,31 +618,64 @@ impl ChatStore for PostgresChatStore {
         &self,
         chat: ChatId,
         user: UserId,
-        departure: Departure,
+        removal: Removal<'_>,
         now: i64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Checked<()>, StoreError> {
         let key = chat.to_string();
         let mut tx = self.pool.begin().await?;
+        // The chat's row lock first: role and membership changes of this
+        // chat queue there, so the roles read next hold until the commit.
         touch(&mut tx, &key, now).await?;
-        let done = sqlx::query("DELETE FROM members WHERE chat_id = $1 AND user_id = $2")
+        let actor = match removal.actor {
+            Some((actor, required)) => Some((role_in(&mut tx, &key, actor).await?, required)),
+            None => None,
+        };
+        let target = role_in(&mut tx, &key, user).await?;
+        let role = match check_roles(actor, target, removal.targets) {
+            Ok(role) => role,
+            Err(refused) => {
+                tx.rollback().await?;
+                return Ok(refused);
+            }
+        };
+        let done = sqlx::query("DELETE FROM members WHERE chat_id = $1 AND user_id = $2 AND role = $3")
             .bind(&key)
             .bind(user.to_string())
+            .bind(role.as_str())
             .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
             tx.rollback().await?;
-            return Ok(false);
+            return Ok(Checked::NotMember);
         }
         recount(&mut tx, &key).await?;
-        push_outbox(&mut tx, &key, &[departed(user, departure)], now).await?;
+        push_outbox(&mut tx, &key, &[departed(user, removal.departure)], now).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(Checked::Done(()))
     }
 
-    async fn set_role(&self, chat: ChatId, user: UserId, role: Role, now: i64) -> Result<Option<Member>, StoreError> {
-        let (key, user) = (chat.to_string(), user.to_string());
+    async fn set_role(
+        &self,
+        chat: ChatId,
+        by: UserId,
+        user: UserId,
+        role: Role,
+        now: i64,
+    ) -> Result<Checked<Member>, StoreError> {
+        let key = chat.to_string();
         let mut tx = self.pool.begin().await?;
+        // The chat's row lock first, as in remove_member.
         touch(&mut tx, &key, now).await?;
+        let actor = role_in(&mut tx, &key, by).await?;
+        let target = role_in(&mut tx, &key, user).await?;
+        let current = match check_roles(Some((actor, &[Role::Owner])), target, ROLE_TARGETS) {
+            Ok(current) => current,
+            Err(refused) => {
+                tx.rollback().await?;
+                return Ok(refused);
+            }
+        };
+        let user = user.to_string();
         let mut previous_owners = Vec::new();
         if role == Role::Owner {
             let demoted: Vec<String> = sqlx::query_scalar(
@@ -651,21 +695,23 @@ impl ChatStore for PostgresChatStore {
                 .await?;
         }
         let row = sqlx::query(
-            "UPDATE members SET role = $1 WHERE chat_id = $2 AND user_id = $3 RETURNING chat_id, user_id, role, join_time",
+            "UPDATE members SET role = $1 WHERE chat_id = $2 AND user_id = $3 AND role = $4 \
+             RETURNING chat_id, user_id, role, join_time",
         )
         .bind(role.as_str())
         .bind(&key)
         .bind(&user)
+        .bind(current.as_str())
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
             tx.rollback().await?;
-            return Ok(None);
+            return Ok(Checked::NotMember);
         };
         let member = member_row(&row)?;
         push_outbox(&mut tx, &key, &role_changes(member.user_id, previous_owners), now).await?;
         tx.commit().await?;
-        Ok(Some(member))
+        Ok(Checked::Done(member))
     }
 
     async fn members(&self, chat: ChatId, after: Option<MemberCursor>, limit: u32) -> Result<Vec<Member>, StoreError> {

@@ -21,9 +21,9 @@ use natter_kit::time::now_micros;
 use natter_proto::messages::v1 as mpb;
 
 use super::{
-    Added, ChatStore, Created, Departure, MIGRATOR, Pending, StoreError, chat_columns, chat_updated, departed,
-    direct_key, joined, membership, order_column, outbox_rows, parse_enum, parse_id, pending_row, role_changes,
-    time_bounds, updated_by,
+    Added, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError, chat_columns,
+    chat_updated, check_roles, departed, direct_key, joined, membership, order_column, outbox_rows, parse_enum,
+    parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member,
@@ -151,6 +151,14 @@ fn forgotten_among(tx: &Connection, members: &[Member]) -> rusqlite::Result<Opti
         }
     }
     Ok(None)
+}
+
+/// `user`'s role in `chat`, None if no member, read in the transaction `tx`
+/// of a membership change.
+fn role_in(tx: &Connection, chat: &str, user: UserId) -> rusqlite::Result<Option<Role>> {
+    tx.prepare_cached("SELECT role FROM members WHERE chat_id = ?1 AND user_id = ?2")?
+        .query_row([chat, &user.to_string()], |row| parsed(row, 0, "members.role", Role::parse))
+        .optional()
 }
 
 /// Sets a chat's update time as the first write of a membership change.
@@ -672,31 +680,56 @@ impl ChatStore for SqliteChatStore {
         &self,
         chat: ChatId,
         user: UserId,
-        departure: Departure,
+        removal: Removal<'_>,
         now: i64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Checked<()>, StoreError> {
+        let Removal { departure, targets, actor } = removal;
+        let (targets, actor) = (targets.to_vec(), actor.map(|(actor, required)| (actor, required.to_vec())));
         let removed = self.db.write(move |conn| {
+            // The one writer: the roles read here hold until the commit.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let key = chat.to_string();
+            let actor = match &actor {
+                Some((actor, required)) => Some((role_in(&tx, &key, *actor)?, required.as_slice())),
+                None => None,
+            };
+            let role = match check_roles(actor, role_in(&tx, &key, user)?, &targets) {
+                Ok(role) => role,
+                Err(refused) => return Ok(refused), // the guard rolls back
+            };
             let removed = tx
-                .prepare_cached("DELETE FROM members WHERE chat_id = ?1 AND user_id = ?2")?
-                .execute([&key, &user.to_string()])?;
+                .prepare_cached("DELETE FROM members WHERE chat_id = ?1 AND user_id = ?2 AND role = ?3")?
+                .execute([key.as_str(), &user.to_string(), role.as_str()])?;
             if removed == 0 {
-                return Ok(false); // the guard rolls back
+                return Ok(Checked::NotMember); // the guard rolls back
             }
             touch(&tx, &key, now)?;
             recount(&tx, &key)?;
             push_outbox(&tx, &key, &[departed(user, departure)], now)?;
             tx.commit()?;
-            Ok(true)
+            Ok(Checked::Done(()))
         });
         removed.await.map_err(unwrap)
     }
 
-    async fn set_role(&self, chat: ChatId, user: UserId, role: Role, now: i64) -> Result<Option<Member>, StoreError> {
+    async fn set_role(
+        &self,
+        chat: ChatId,
+        by: UserId,
+        user: UserId,
+        role: Role,
+        now: i64,
+    ) -> Result<Checked<Member>, StoreError> {
         let member = self.db.write(move |conn| {
+            // The one writer: the roles read here hold until the commit.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let (key, user) = (chat.to_string(), user.to_string());
+            let key = chat.to_string();
+            let actor = role_in(&tx, &key, by)?;
+            let current = match check_roles(Some((actor, &[Role::Owner])), role_in(&tx, &key, user)?, ROLE_TARGETS) {
+                Ok(current) => current,
+                Err(refused) => return Ok(refused), // the guard rolls back
+            };
+            let user = user.to_string();
             touch(&tx, &key, now)?;
             let mut previous_owners = Vec::new();
             if role == Role::Owner {
@@ -709,16 +742,17 @@ impl ChatStore for SqliteChatStore {
             }
             let member = tx
                 .prepare_cached(
-                    "UPDATE members SET role = ?1 WHERE chat_id = ?2 AND user_id = ?3 \
+                    "UPDATE members SET role = ?1 WHERE chat_id = ?2 AND user_id = ?3 AND role = ?4 \
                      RETURNING chat_id, user_id, role, join_time",
                 )?
-                .query_row(params![role.as_str(), key, user], member_row)
+                .query_row(params![role.as_str(), key, user, current.as_str()], member_row)
                 .optional()?;
-            if let Some(member) = &member {
-                push_outbox(&tx, &key, &role_changes(member.user_id, previous_owners), now)?;
-                tx.commit()?;
-            }
-            Ok(member)
+            let Some(member) = member else {
+                return Ok(Checked::NotMember); // the guard rolls back
+            };
+            push_outbox(&tx, &key, &role_changes(member.user_id, previous_owners), now)?;
+            tx.commit()?;
+            Ok(Checked::Done(member))
         });
         member.await.map_err(unwrap)
     }

@@ -17,7 +17,7 @@ use natter_proto::messages::v1 as mpb;
 
 use super::postgres::PostgresChatStore;
 use super::sqlite::SqliteChatStore;
-use super::{Added, ChatStore, Created, Departure};
+use super::{Added, ChatStore, Checked, Created, Departure, Removal};
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Kind, Limits, Member,
     MemberCursor, Role, Visibility,
@@ -93,6 +93,9 @@ chat_store_suite!(
     members_are_added_once_and_removed,
     the_member_limit_is_checked_under_the_chats_lock,
     roles_change_and_ownership_moves_in_one_step,
+    a_removal_checks_both_roles_again_and_never_removes_the_owner,
+    a_role_change_checks_its_owner_again_and_never_leaves_the_group_without_one,
+    a_hand_over_racing_a_removal_of_its_heir_leaves_one_owner,
     activity_orders_listings_and_never_moves_back,
     listings_page_both_ways_without_gaps_or_repeats,
     listings_filter_by_visibility_kind_state_time_and_title,
@@ -215,6 +218,32 @@ fn member(chat: &Chat, user: UserId, join_time: i64) -> Member {
     Member { chat_id: chat.id, user_id: user, role: Role::Member, join_time }
 }
 
+/// A leave, as RemoveMember asks it: an admin or a plain member goes by
+/// themselves.
+const LEAVE: Removal<'static> =
+    Removal { departure: Departure::Left, targets: &[Role::Admin, Role::Member], actor: None };
+
+/// A removal by `actor`, who must still hold one of `required`, of a member
+/// whose role is one of `targets`.
+fn removed_by<'a>(actor: UserId, required: &'a [Role], targets: &'a [Role]) -> Removal<'a> {
+    Removal { departure: Departure::Removed, targets, actor: Some((actor, required)) }
+}
+
+/// What a role-checked write answers when it went ahead.
+fn done<T: std::fmt::Debug>(outcome: Checked<T>) -> T {
+    match outcome {
+        Checked::Done(answer) => answer,
+        refused => panic!("refused: {refused:?}"),
+    }
+}
+
+/// The owners among `chat`'s members, and the chat's `owner_id`.
+async fn owners(store: &dyn ChatStore, chat: ChatId) -> (Vec<UserId>, UserId) {
+    let members = store.members(chat, None, 100).await.unwrap();
+    let owners = members.iter().filter(|m| m.role == Role::Owner).map(|m| m.user_id).collect();
+    (owners, store.chat(chat).await.unwrap().unwrap().owner_id)
+}
+
 /// Creates `chat` with its owner and `others` as members (joined at its
 /// create time).
 async fn create(store: &dyn ChatStore, mut chat: Chat, others: &[UserId]) -> Chat {
@@ -312,8 +341,9 @@ async fn members_are_added_once_and_removed(store: &dyn ChatStore) {
     assert_eq!((after.member_count, after.update_time), (3, 5));
     assert_eq!(store.role(group.id, carol).await.unwrap(), Some(Role::Member));
 
-    assert!(store.remove_member(group.id, bob, Departure::Left, 6).await.unwrap());
-    assert!(!store.remove_member(group.id, bob, Departure::Left, 7).await.unwrap(), "not a member any more");
+    assert_eq!(store.remove_member(group.id, bob, LEAVE, 6).await.unwrap(), Checked::Done(()));
+    let again = store.remove_member(group.id, bob, LEAVE, 7).await.unwrap();
+    assert_eq!(again, Checked::NotMember, "not a member any more");
     let after = store.chat(group.id).await.unwrap().unwrap();
     assert_eq!(after.member_count, 2);
     assert_eq!(store.member_chat_ids(bob, false).await.unwrap(), []);
@@ -345,19 +375,120 @@ async fn the_member_limit_is_checked_under_the_chats_lock(store: &dyn ChatStore)
 async fn roles_change_and_ownership_moves_in_one_step(store: &dyn ChatStore) {
     let (alice, bob, carol) = (UserId::new_v7(), UserId::new_v7(), UserId::new_v7());
     let group = create(store, chat(alice, 1), &[bob, carol]).await;
-    let admin = store.set_role(group.id, bob, Role::Admin, 2).await.unwrap().unwrap();
+    let admin = done(store.set_role(group.id, alice, bob, Role::Admin, 2).await.unwrap());
     assert_eq!((admin.user_id, admin.role, admin.join_time), (bob, Role::Admin, 1));
-    assert_eq!(store.set_role(group.id, UserId::new_v7(), Role::Owner, 3).await.unwrap(), None);
+    assert_eq!(store.set_role(group.id, alice, UserId::new_v7(), Role::Owner, 3).await.unwrap(), Checked::NotMember);
     let unchanged = store.chat(group.id).await.unwrap().unwrap();
     assert_eq!((unchanged.owner_id, unchanged.update_time), (alice, 2), "a refused change writes nothing");
     assert_eq!(store.role(group.id, alice).await.unwrap(), Some(Role::Owner));
 
-    let owner = store.set_role(group.id, carol, Role::Owner, 4).await.unwrap().unwrap();
+    let owner = done(store.set_role(group.id, alice, carol, Role::Owner, 4).await.unwrap());
     assert_eq!(owner.role, Role::Owner);
     assert_eq!(store.role(group.id, alice).await.unwrap(), Some(Role::Admin), "the old owner is an admin");
     assert_eq!(store.chat(group.id).await.unwrap().unwrap().owner_id, carol);
     let owners = store.members(group.id, None, 10).await.unwrap().into_iter().filter(|m| m.role == Role::Owner);
     assert_eq!(owners.count(), 1);
+}
+
+async fn a_removal_checks_both_roles_again_and_never_removes_the_owner(store: &dyn ChatStore) {
+    let [alice, bob, mallory, carol] = [(); 4].map(|_| UserId::new_v7());
+    let group = create(store, chat(alice, 1), &[bob, mallory, carol]).await;
+    let id = group.id;
+    done(store.set_role(id, alice, bob, Role::Admin, 2).await.unwrap());
+    // Admin bob read mallory as a plain member; then alice made her owner.
+    done(store.set_role(id, alice, mallory, Role::Owner, 3).await.unwrap());
+    let mut seen = 0;
+    outbox_after(store, id, &mut seen).await;
+    let by_admin = |actor| removed_by(actor, &[Role::Owner, Role::Admin], &[Role::Member]);
+    let refused = store.remove_member(id, mallory, by_admin(bob), 4).await.unwrap();
+    assert_eq!(refused, Checked::Target(Role::Owner), "bob's removal of the new owner");
+    // She leaves, as she read herself a member before the hand-over.
+    assert_eq!(store.remove_member(id, mallory, LEAVE, 5).await.unwrap(), Checked::Target(Role::Owner));
+    // Listed or not, the owner is never removed.
+    let anyone = Removal { targets: &[Role::Owner, Role::Admin, Role::Member], ..LEAVE };
+    assert_eq!(store.remove_member(id, mallory, anyone, 5).await.unwrap(), Checked::Target(Role::Owner));
+    assert_eq!(owners(store, id).await, (vec![mallory], mallory), "the group keeps its one owner");
+    let unchanged = store.chat(id).await.unwrap().unwrap();
+    assert_eq!((unchanged.member_count, unchanged.update_time), (4, 3), "a refusal writes nothing");
+    assert_eq!(outbox_after(store, id, &mut seen).await, Vec::<String>::new());
+
+    // An admin removes plain members only: alice is an admin now.
+    assert_eq!(store.remove_member(id, alice, by_admin(bob), 6).await.unwrap(), Checked::Target(Role::Admin));
+    // Bob demoted after his check: his removal of carol is refused.
+    done(store.set_role(id, mallory, bob, Role::Member, 7).await.unwrap());
+    outbox_after(store, id, &mut seen).await;
+    let demoted = store.remove_member(id, carol, by_admin(bob), 8).await.unwrap();
+    assert_eq!(demoted, Checked::Actor(Some(Role::Member)));
+    let stranger = store.remove_member(id, carol, by_admin(UserId::new_v7()), 8).await.unwrap();
+    assert_eq!(stranger, Checked::Actor(None), "an actor who is no member");
+    assert_eq!(store.role(id, carol).await.unwrap(), Some(Role::Member), "carol stays");
+    assert_eq!(outbox_after(store, id, &mut seen).await, Vec::<String>::new());
+
+    // What the roles allow goes ahead.
+    let by_owner = removed_by(mallory, &[Role::Owner], &[Role::Admin, Role::Member]);
+    assert_eq!(store.remove_member(id, alice, by_owner, 9).await.unwrap(), Checked::Done(()));
+    assert_eq!(store.remove_member(id, carol, by_admin(mallory), 9).await.unwrap(), Checked::Done(()));
+    assert_eq!(store.remove_member(id, bob, LEAVE, 10).await.unwrap(), Checked::Done(()));
+    let lines = outbox_after(store, id, &mut seen).await;
+    assert_eq!(lines, [format!("removed {alice}"), format!("removed {carol}"), format!("left {bob}")]);
+    assert_eq!(owners(store, id).await, (vec![mallory], mallory));
+    assert_eq!(store.chat(id).await.unwrap().unwrap().member_count, 1);
+}
+
+async fn a_role_change_checks_its_owner_again_and_never_leaves_the_group_without_one(store: &dyn ChatStore) {
+    let [alice, bob, carol] = [(); 3].map(|_| UserId::new_v7());
+    let group = create(store, chat(alice, 1), &[bob, carol]).await;
+    let id = group.id;
+    done(store.set_role(id, alice, bob, Role::Owner, 2).await.unwrap());
+    let mut seen = 0;
+    outbox_after(store, id, &mut seen).await;
+    // Alice's requests checked her as owner before the hand-over.
+    let promote = store.set_role(id, alice, carol, Role::Admin, 3).await.unwrap();
+    assert_eq!(promote, Checked::Actor(Some(Role::Admin)));
+    let hand_over = store.set_role(id, alice, carol, Role::Owner, 3).await.unwrap();
+    assert_eq!(hand_over, Checked::Actor(Some(Role::Admin)), "no second hand-over by the old owner");
+    let stranger = store.set_role(id, UserId::new_v7(), carol, Role::Owner, 3).await.unwrap();
+    assert_eq!(stranger, Checked::Actor(None));
+    // The owner's own role changes only by a hand-over.
+    assert_eq!(store.set_role(id, bob, bob, Role::Member, 3).await.unwrap(), Checked::Target(Role::Owner));
+    assert_eq!(store.role(id, carol).await.unwrap(), Some(Role::Member));
+    assert_eq!(owners(store, id).await, (vec![bob], bob));
+    assert_eq!(store.chat(id).await.unwrap().unwrap().update_time, 2, "a refusal writes nothing");
+    assert_eq!(outbox_after(store, id, &mut seen).await, Vec::<String>::new());
+
+    // Made owner after leaving: refused, nobody's role changed.
+    assert_eq!(store.remove_member(id, carol, LEAVE, 4).await.unwrap(), Checked::Done(()));
+    outbox_after(store, id, &mut seen).await;
+    assert_eq!(store.set_role(id, bob, carol, Role::Owner, 5).await.unwrap(), Checked::NotMember);
+    assert_eq!(owners(store, id).await, (vec![bob], bob));
+    assert_eq!(store.role(id, alice).await.unwrap(), Some(Role::Admin));
+    assert_eq!(outbox_after(store, id, &mut seen).await, Vec::<String>::new());
+}
+
+async fn a_hand_over_racing_a_removal_of_its_heir_leaves_one_owner(store: &dyn ChatStore) {
+    let [first, admin] = [(); 2].map(|_| UserId::new_v7());
+    let group = create(store, chat(first, 1), &[admin]).await;
+    let id = group.id;
+    done(store.set_role(id, first, admin, Role::Admin, 2).await.unwrap());
+    let limits = Limits::default();
+    let mut owner = first;
+    for round in 0..10 {
+        let heir = UserId::new_v7();
+        store.add_members(id, &[member(&group, heir, 3 + round)], &limits, 3 + round).await.unwrap();
+        // The owner hands over to the heir while the admin, who read the
+        // heir as a plain member, removes them: one of the two wins.
+        let removal = removed_by(admin, &[Role::Owner, Role::Admin], &[Role::Member]);
+        let (hand_over, removed) = tokio::join!(
+            store.set_role(id, owner, heir, Role::Owner, 3 + round),
+            store.remove_member(id, heir, removal, 3 + round),
+        );
+        match (hand_over.unwrap(), removed.unwrap()) {
+            (Checked::Done(_), Checked::Target(Role::Owner)) => owner = heir,
+            (Checked::NotMember, Checked::Done(())) => {}
+            outcomes => panic!("round {round}: {outcomes:?}"),
+        }
+        assert_eq!(owners(store, id).await, (vec![owner], owner), "round {round}");
+    }
 }
 
 async fn activity_orders_listings_and_never_moves_back(store: &dyn ChatStore) {
@@ -522,7 +653,7 @@ async fn listings_carry_the_user_s_role_and_list_only_managed_chats_on_request(s
     let (alice, bob, carol) = (UserId::new_v7(), UserId::new_v7(), UserId::new_v7());
     let owned = create(store, chat(alice, 1), &[bob]).await;
     let administered = create(store, chat(carol, 2), &[alice]).await;
-    store.set_role(administered.id, alice, Role::Admin, 2).await.unwrap().unwrap();
+    done(store.set_role(administered.id, carol, alice, Role::Admin, 2).await.unwrap());
     let joined = create(store, chat(bob, 3), &[alice]).await;
     let public = create(store, Chat { visibility: Visibility::Public, ..chat(carol, 4) }, &[]).await;
     let roles = |listed: Vec<ChatAccess>| listed.into_iter().map(|a| (a.chat.id, a.role)).collect::<Vec<_>>();
@@ -725,17 +856,18 @@ async fn every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none
     assert!(matches!(too_many, Added::TooMany(4)));
     assert_eq!(outbox_after(store, id, &mut seen).await, Vec::<String>::new(), "no one added, nothing");
 
-    store.set_role(id, bob, Role::Admin, 4).await.unwrap().unwrap();
-    assert_eq!(store.set_role(id, UserId::new_v7(), Role::Admin, 4).await.unwrap(), None);
-    store.set_role(id, carol, Role::Owner, 5).await.unwrap().unwrap();
+    done(store.set_role(id, alice, bob, Role::Admin, 4).await.unwrap());
+    assert_eq!(store.set_role(id, alice, UserId::new_v7(), Role::Admin, 4).await.unwrap(), Checked::NotMember);
+    done(store.set_role(id, alice, carol, Role::Owner, 5).await.unwrap());
     assert_eq!(
         outbox_after(store, id, &mut seen).await,
         [format!("role_changed {bob}"), format!("role_changed {carol}"), format!("role_changed {alice}")],
         "the hand-over: the new owner, then the old"
     );
 
-    assert!(store.remove_member(id, bob, Departure::Left, 6).await.unwrap());
-    assert!(!store.remove_member(id, bob, Departure::Removed, 6).await.unwrap());
+    assert_eq!(store.remove_member(id, bob, LEAVE, 6).await.unwrap(), Checked::Done(()));
+    let by_owner = removed_by(carol, &[Role::Owner], &[Role::Admin, Role::Member]);
+    assert_eq!(store.remove_member(id, bob, by_owner, 6).await.unwrap(), Checked::NotMember);
     assert_eq!(outbox_after(store, id, &mut seen).await, [format!("left {bob}")]);
 
     let update = ChatUpdate { title: Some("Renamed".into()), ..Default::default() };

@@ -485,6 +485,10 @@ impl ChatStore for PostgresChatStore {
 
     async fn delete_chat(&self, id: ChatId, now: i64) -> Result<Vec<UserId>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // The chat's row lock first, as every membership change takes it: an
+        // add under way commits before the members are read, so its joiner
+        // is among those removed (and told so).
+        touch(&mut tx, &id.to_string(), now).await?;
         let members: Vec<String> = sqlx::query_scalar("DELETE FROM members WHERE chat_id = $1 RETURNING user_id")
             .bind(id.to_string())
             .fetch_all(&mut *tx)

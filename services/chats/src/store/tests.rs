@@ -111,6 +111,7 @@ chat_store_suite!(
     failed_items_of_a_log_wait_once_each_until_retried,
     a_forgotten_user_is_never_made_a_member_again,
     a_membership_write_beside_a_forgetting_is_refused_or_seen,
+    a_chat_deleted_beside_an_add_removes_the_joiner_too,
 );
 
 async fn a_followed_position_only_moves_forward(store: &dyn ChatStore) {
@@ -184,6 +185,26 @@ async fn a_membership_write_beside_a_forgetting_is_refused_or_seen(store: &dyn C
             Added::Added(_) => assert_eq!(seen, [group.id], "round {round}: an add that went in is seen"),
             other => panic!("round {round}: {other:?}"),
         }
+    }
+}
+
+/// Every member a deletion takes out is told (its removal goes to the
+/// outbox): a joiner whose add raced the deletion is among them, or the add
+/// failed (the chat was gone).
+async fn a_chat_deleted_beside_an_add_removes_the_joiner_too(store: &dyn ChatStore) {
+    let limits = Limits::default();
+    for round in 0..20 {
+        let (owner, joiner) = (UserId::new_v7(), UserId::new_v7());
+        let group = create(store, chat(owner, 1), &[]).await;
+        let joining = [member(&group, joiner, 2)];
+        let (added, removed) =
+            tokio::join!(store.add_members(group.id, &joining, &limits, 2), store.delete_chat(group.id, 3));
+        let removed = removed.unwrap();
+        if let Ok(Added::Added(added)) = added {
+            assert_eq!(added, joining);
+            assert!(removed.contains(&joiner), "round {round}: the joiner is removed with the chat: {removed:?}");
+        }
+        assert_eq!(store.member_chat_ids(joiner, false).await.unwrap(), []);
     }
 }
 

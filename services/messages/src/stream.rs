@@ -353,16 +353,16 @@ impl Refill {
 #[derive(Default)]
 struct Step {
     events: Vec<pb::StreamEventsResponse>,
-    refill: Option<Refill>,
+    refill: Vec<Refill>,
 }
 
 impl Step {
     fn send(event: pb::StreamEventsResponse) -> Self {
-        Self { events: vec![event], refill: None }
+        Self { events: vec![event], refill: Vec::new() }
     }
 
     fn refill(refill: Refill) -> Self {
-        Self { events: Vec::new(), refill: Some(refill) }
+        Self { events: Vec::new(), refill: vec![refill] }
     }
 }
 
@@ -568,7 +568,7 @@ impl Follower {
                 // announced before the subscription existed is read from the
                 // store.
                 self.follow(chat, event.change_seq);
-                Step { events: vec![payload.clone()], refill: Some(Refill::all(chat)) }
+                Step { events: vec![payload.clone()], refill: vec![Refill::all(chat)] }
             }
             _ => Step::default(),
         }
@@ -634,12 +634,15 @@ impl Follower {
 
     /// After lagging on the user's topic (membership changes were lost):
     /// re-reads the user's chats, stops following those it left, and (when
-    /// following every chat) starts following those it joined, from now.
+    /// following every chat) starts following those it joined, from the
+    /// join (replayed from the store, as a live join is), or from now with
+    /// a join of its own where the chat's log no longer holds it.
     async fn reconcile(&mut self) -> Result<Step, Status> {
         let user = self.user.to_string();
         let member: HashSet<Uuid> = uuids(&self.messages.chats().member_chat_ids(&user).await?);
         let gone: Vec<Uuid> = self.cursors.keys().filter(|c| !member.contains(*c)).copied().collect();
         let mut events: Vec<pb::StreamEventsResponse> = gone.into_iter().map(|chat| self.removed(chat)).collect();
+        let mut refills = Vec::new();
         if self.all {
             let mut joined = Vec::new();
             for chat in member {
@@ -647,9 +650,12 @@ impl Follower {
                     continue;
                 }
                 self.follow(chat, 0);
-                let heads = self.messages.store().heads(chat.into()).await.map_err(MessagesError::from)?;
-                self.cursors.insert(chat, heads.change);
-                joined.push((chat, heads));
+                let store = self.messages.store();
+                let heads = store.heads(chat.into()).await.map_err(MessagesError::from)?;
+                let join = store.joined_at(chat.into(), UserId(self.user)).await.map_err(MessagesError::from)?;
+                // Just before the join: the replay starts with it.
+                self.cursors.insert(chat, join.map_or(heads.change, |n| n - 1));
+                joined.push((chat, heads, join));
             }
             // Read first, check second, as when the stream opened: a chat
             // left between the listing and its heads read is not followed.
@@ -658,9 +664,13 @@ impl Follower {
             } else {
                 uuids(&self.messages.chats().member_chat_ids(&user).await?)
             };
-            for (chat, heads) in joined {
+            for (chat, heads, join) in joined {
                 if !still.contains(&chat) {
                     self.unfollow(chat);
+                    continue;
+                }
+                if join.is_some() {
+                    refills.push(Refill::all(chat));
                     continue;
                 }
                 events.push(pb::StreamEventsResponse {
@@ -674,7 +684,7 @@ impl Follower {
                 });
             }
         }
-        Ok(Step { events, refill: None })
+        Ok(Step { events, refill: refills })
     }
 
     /// Reads one page from the store of the changes of `refill.chat` after
@@ -904,9 +914,9 @@ mod tests {
             open(self.messages.clone(), None, CancellationToken::new(), ticket, follow).await.unwrap()
         }
 
-        /// A send of `text` by the owner.
-        fn owner_sends(&self, text: &str) -> impl std::future::Future<Output = Result<Message, MessagesError>> + '_ {
-            let send = SendMessage {
+        /// A message of `text` to the chat.
+        fn send_of_owner(&self, text: &str) -> SendMessage {
+            SendMessage {
                 chat_id: self.chat.into(),
                 message_id: None,
                 text: text.into(),
@@ -914,8 +924,12 @@ mod tests {
                 reply_to: None,
                 mentions: Vec::new(),
                 thread_root: None,
-            };
-            self.messages.send(UserId(self.owner), send)
+            }
+        }
+
+        /// A send of `text` by the owner.
+        fn owner_sends(&self, text: &str) -> impl std::future::Future<Output = Result<Message, MessagesError>> + '_ {
+            self.messages.send(UserId(self.owner), self.send_of_owner(text))
         }
     }
 
@@ -948,6 +962,44 @@ mod tests {
         let event = next_event(&mut stream).await;
         let Some(Event::MessageCreated(message)) = &event.event else { panic!("the message: {event:?}") };
         assert_eq!(message.text, "sent, then cancelled");
+    }
+
+    #[tokio::test]
+    async fn a_chat_joined_while_the_stream_lagged_is_replayed_from_the_join() {
+        let h = Harness::start().await;
+        let mut stream = h.stream_of_member(Vec::new()).await;
+        // The member joins another chat, and the announcement is lost (only
+        // the store has it); two messages follow there.
+        let other = Uuid::now_v7();
+        h.directory.members.lock().unwrap().extend([(other, h.owner), (other, h.member)]);
+        let joined = [ChatChange::Joined(UserId(h.member))];
+        h.messages.store().record_chat_changes(other.into(), &joined, 1, "").await.unwrap();
+        for text in ["first", "second"] {
+            let send = SendMessage { chat_id: other.into(), text: text.into(), ..h.send_of_owner("") };
+            h.messages.send(UserId(h.owner), send).await.unwrap();
+        }
+        // The user's topic tells the stream it may have missed changes.
+        let hint = Arc::new(natter_bus::Event::resync_hint(Topic::User(h.member)).unwrap());
+        h.messages.bus().publish(Topic::User(h.member), hint);
+
+        let join = next_event(&mut stream).await;
+        assert!(
+            matches!(&join.event, Some(Event::MembershipChanged(m)) if m.change == pb::MembershipChange::Joined as i32),
+            "{join:?}"
+        );
+        // Then the join's reset of the member's read position, and both
+        // messages.
+        let mut texts = Vec::new();
+        while texts.len() < 2 {
+            let event = next_event(&mut stream).await;
+            assert_eq!(event.chat_id, other.to_string());
+            match &event.event {
+                Some(Event::MessageCreated(message)) => texts.push(message.text.clone()),
+                Some(Event::ReadUpdated(_)) => {}
+                _ => panic!("{event:?}"),
+            }
+        }
+        assert_eq!(texts, ["first", "second"]);
     }
 
     fn is_removal_of(event: &pb::StreamEventsResponse) -> bool {

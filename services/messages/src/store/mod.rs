@@ -1094,6 +1094,10 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// The chat's heads (all zero for a chat with no message and no change).
     async fn heads(&self, chat: ChatId) -> Result<Heads, StoreError>;
 
+    /// The change number of `user`'s latest join of `chat` still in the
+    /// chat's log (None: never joined, or pruned since).
+    async fn joined_at(&self, chat: ChatId, user: UserId) -> Result<Option<i64>, StoreError>;
+
     /// Up to `limit` changes of `chat` with a change number above `after`,
     /// in change order, as the store holds them now: messages (each once, at
     /// its latest change), `user`'s own read position, and the chat's log

@@ -999,6 +999,17 @@ impl MessageStore for PostgresStore {
         Ok(row.map_or_else(Heads::default, |(seq, change, floor)| Heads { seq: Seq(seq), change, floor }))
     }
 
+    async fn joined_at(&self, chat: ChatId, user: UserId) -> Result<Option<i64>, StoreError> {
+        let joined: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(change_seq) FROM chat_changes WHERE chat_id = $1 AND user_id = $2 AND kind = 'joined'",
+        )
+        .bind(chat.to_string())
+        .bind(user.to_string())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(joined)
+    }
+
     async fn changes(
         &self,
         chat: ChatId,

@@ -923,6 +923,17 @@ impl MessageStore for SqliteStore {
         Ok(heads.await?.unwrap_or_default())
     }
 
+    async fn joined_at(&self, chat: ChatId, user: UserId) -> Result<Option<i64>, StoreError> {
+        let (chat, user) = (chat.to_string(), user.to_string());
+        let joined = self.db.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT MAX(change_seq) FROM chat_changes WHERE chat_id = ?1 AND user_id = ?2 AND kind = 'joined'",
+            )?
+            .query_row([chat, user], |row| row.get::<_, Option<i64>>(0))
+        });
+        Ok(joined.await?)
+    }
+
     async fn changes(
         &self,
         chat: ChatId,

@@ -459,6 +459,14 @@ async fn read_positions_only_move_forward_until_a_join_resets_them(h: &Harness) 
     }
     assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].unread, 1, "others keep theirs");
     assert_eq!(h.store.heads(chat(1)).await.unwrap(), Heads { seq: Seq(6), change: 13, floor: 0 });
+    // Where a stream that missed a join replays from: the latest join.
+    assert_eq!(h.store.joined_at(chat(1), user(3)).await.unwrap(), Some(12));
+    h.store.record_chat_changes(chat(1), &[ChatChange::Left(user(3))], 8_000, "").await.unwrap();
+    assert_eq!(h.store.joined_at(chat(1), user(3)).await.unwrap(), Some(12), "a leave is no join");
+    let again = h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(3))], 9_000, "").await.unwrap();
+    assert_eq!(h.store.joined_at(chat(1), user(3)).await.unwrap(), Some(again[0].change_seq));
+    assert_eq!(h.store.joined_at(chat(1), user(1)).await.unwrap(), None, "never logged as joining");
+    assert_eq!(h.store.joined_at(chat(9), user(3)).await.unwrap(), None);
 }
 
 fn details(title: &str) -> ChatDetails {

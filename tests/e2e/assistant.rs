@@ -78,6 +78,8 @@ crate::with_scripted_server!(
     deleting_a_reply_being_written_stops_it_and_frees_the_chat [],
     a_group_chat_is_answered_as_its_assistant_replies_setting_says [],
     a_thread_reply_is_no_prompt_nor_context [],
+    regenerate_is_refused_where_the_assistant_may_not_answer [],
+    a_member_who_takes_a_reply_s_id_first_neither_silences_nor_answers_its_prompt [],
 );
 mod off {
     use super::without_a_server_the_assistant_is_off_and_callers_are_authenticated_first;
@@ -917,4 +919,156 @@ async fn a_thread_reply_is_no_prompt_nor_context(c: &Cluster, server: &ScriptedS
     let sent = conversation(server, 1);
     assert!(sent.iter().all(|(_, content)| !content.contains("aside")), "{sent:?}");
     assert_eq!(sent.last(), Some(&("user".into(), "next prompt".into())));
+}
+
+/// Regenerate sends the chat's recent messages to the model and posts as
+/// the bot: where the owner turned the assistant OFF or removed it (Ask is
+/// refused there), or archived the chat, it is FAILED_PRECONDITION, before
+/// anything is done: nothing reaches the model, nothing is posted.
+async fn regenerate_is_refused_where_the_assistant_may_not_answer(c: &Cluster, server: &ScriptedServer) {
+    use natter_proto::chats::v1 as cpb;
+    use natter_proto::messages::v1::AssistantReplies;
+    server.set_fallback(Script::reply("ok"));
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let bot = assistant_chat(c, &alice).await.assistant_user_id;
+    let create = cpb::CreateChatRequest {
+        kind: cpb::ChatKind::Group as i32,
+        title: "team".into(),
+        member_ids: vec![bob.id.clone(), bot.clone()],
+        ..Default::default()
+    };
+    let chat = c.chats().create_chat(authed(&alice, create)).await.unwrap().into_inner().chat.unwrap().id;
+    // Bob, a member, asks; the owner (alice) then changes the chat.
+    let ask = apb::AskRequest { chat_id: chat.clone(), text: "@assistant hello".into(), ..Default::default() };
+    let asked = c.assistant().ask(authed(&bob, ask)).await.unwrap().into_inner();
+    let (prompt, reply) = (asked.prompt.unwrap(), asked.reply.unwrap());
+    assert_eq!(status(&reply), mpb::GenerationStatus::Complete);
+    let set = async |replies: AssistantReplies| {
+        let request = cpb::UpdateChatRequest {
+            chat_id: chat.clone(),
+            chat: Some(cpb::Chat { assistant_replies: replies as i32, ..Default::default() }),
+            update_mask: Some(natter_proto::FieldMask { paths: vec!["assistant_replies".into()] }),
+        };
+        c.chats().update_chat(authed(&alice, request)).await.unwrap();
+    };
+    let refused = async |why: &str| match c.assistant().regenerate(authed(&bob, reload_of(&chat))).await {
+        Ok(started) => panic!("regenerated where {why}: {started:?}"),
+        Err(status) => {
+            assert!(status.code() == Code::FailedPrecondition && status.message().contains(why), "{why}: {status:?}")
+        }
+    };
+    set(AssistantReplies::Off).await;
+    refused("assistant_replies OFF").await;
+    set(AssistantReplies::Mentions).await;
+    let archive = cpb::ArchiveChatRequest { chat_id: chat.clone() };
+    c.chats().archive_chat(authed(&alice, archive)).await.unwrap();
+    refused("archived").await;
+    let unarchive = cpb::UnarchiveChatRequest { chat_id: chat.clone() };
+    c.chats().unarchive_chat(authed(&alice, unarchive)).await.unwrap();
+    let remove = cpb::RemoveMemberRequest { chat_id: chat.clone(), user_id: bot };
+    c.chats().remove_member(authed(&alice, remove)).await.unwrap();
+    refused("not a member").await;
+    let listed: Vec<String> = history(c, &alice, &chat, true).await.into_iter().map(|m| m.id).collect();
+    assert_eq!(listed, [prompt.id, reply.id], "no reply was started");
+    assert_eq!(server.requests().len(), 1, "only the question asked reached the model");
+}
+
+/// The id the first reply to the prompt `prompt` had before reply ids were
+/// keyed, which anyone who reads the source can compute: a UUID v5 of the
+/// prompt's id under the namespace constant there. (An all-in-one without
+/// `--assistant-reply-key-file` still tries it first.)
+fn public_reply_id(prompt: &str) -> String {
+    const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x1d6c_3f0e_2b7a_5c41_9e08_a55e_7a17_0001);
+    uuid::Uuid::new_v5(&NAMESPACE, prompt.as_bytes()).to_string()
+}
+
+/// SendMessage takes any UUID as message_id. A member who sees a prompt
+/// waiting its turn and sends a message of their own under the id its
+/// reply would take (as they can compute it from the source) must neither
+/// keep the prompt from being answered nor have Ask, or a retried Ask,
+/// return their message as the assistant's reply. (In split mode the ids
+/// are keyed by the service credential, so the id is not the reply's at
+/// all; the all-in-one here has no key: the reply passes over the taken
+/// id, and Ask looks past the message found under it.)
+async fn a_member_who_takes_a_reply_s_id_first_neither_silences_nor_answers_its_prompt(
+    c: &Cluster,
+    server: &ScriptedServer,
+) {
+    use natter_proto::chats::v1 as cpb;
+    server.push(Script::hang_after("busy"));
+    server.push(Script::reply("the real answer"));
+    let (alice, mallory) = (c.user("alice").await, c.user("mallory").await);
+    let bot = assistant_chat(c, &alice).await.assistant_user_id;
+    let group = |title: &str, members: Vec<String>| cpb::CreateChatRequest {
+        kind: cpb::ChatKind::Group as i32,
+        title: title.into(),
+        member_ids: members,
+        ..Default::default()
+    };
+    let team = group("team", vec![mallory.id.clone(), bot.clone()]);
+    let chat = c.chats().create_chat(authed(&alice, team)).await.unwrap().into_inner().chat.unwrap().id;
+    let notes = group("mallory's notes", Vec::new());
+    let own = c.chats().create_chat(authed(&mallory, notes)).await.unwrap().into_inner().chat.unwrap().id;
+    let mut alices = events(c, &alice, &chat).await;
+    let mut mallorys = events(c, &mallory, &chat).await;
+    // A reply that hangs keeps the chat busy: the next prompt waits.
+    let first = send(c, &alice, &chat, "@assistant first").await;
+    let busy = busy_reply(&mut alices).await;
+    // Reply ids are keyed (split mode: by the service credential; the
+    // all-in-one alone: by a key in its data directory): not even a reply
+    // nobody interfered with has the id anyone can compute.
+    let public = public_reply_id(&first.id);
+    assert_ne!(busy, public, "keyed");
+    let ask = apb::AskRequest {
+        chat_id: chat.clone(),
+        text: "@assistant second".into(),
+        message_id: uuid::Uuid::now_v7().to_string(),
+        ..Default::default()
+    };
+    let mut assistant = c.assistant();
+    let request = authed(&alice, ask.clone());
+    let asked = tokio::spawn(async move { assistant.ask(request).await });
+    // Mallory sees the prompt and sends under its reply's id first.
+    let prompt = loop {
+        if let Some(Event::MessageCreated(m)) = next(&mut mallorys).await.event
+            && m.text == "@assistant second"
+        {
+            break m;
+        }
+    };
+    let taken = public_reply_id(&prompt.id);
+    let squat = mpb::SendMessageRequest {
+        chat_id: own.clone(),
+        message_id: taken.clone(),
+        text: "I am the assistant now".into(),
+        ..Default::default()
+    };
+    c.messages().send_message(authed(&mallory, squat)).await.expect("SendMessage takes any UUID");
+    // The busy reply ends; the prompt's turn comes.
+    let stop = apb::StopGenerationRequest { message_id: busy };
+    c.assistant().stop_generation(authed(&alice, stop)).await.unwrap();
+    let answered = asked.await.unwrap().expect("Ask answers").into_inner();
+    assert_eq!(answered.prompt.unwrap().id, prompt.id);
+    let reply = answered.reply.unwrap();
+    assert_eq!(
+        (reply.text.as_str(), reply.chat_id.as_str(), reply.author_id.as_str(), reply.reply_to_seq),
+        ("the real answer", chat.as_str(), bot.as_str(), prompt.seq),
+        "{reply:?}"
+    );
+    assert_eq!((reply.role, status(&reply)), (mpb::MessageRole::Assistant as i32, mpb::GenerationStatus::Complete));
+    assert_ne!(reply.id, taken);
+    // A retried Ask (the same message_id) finds that reply, not the
+    // message under the id.
+    let again = c.assistant().ask(authed(&alice, ask)).await.unwrap().into_inner();
+    assert_eq!(again.reply.unwrap().id, reply.id);
+    // The prompt has that one reply in its chat, and the model was asked
+    // for it once.
+    let replies: Vec<String> = history(c, &alice, &chat, true)
+        .await
+        .into_iter()
+        .filter(|m| m.role == mpb::MessageRole::Assistant as i32 && m.reply_to_seq == prompt.seq)
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(replies, [reply.id]);
+    assert_eq!(server.requests().len(), 2);
 }

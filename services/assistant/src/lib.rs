@@ -10,13 +10,13 @@
 //! and seq: the assistant starts, streams, checkpoints and finishes replies
 //! through its internal calls (see `messages_internal.proto`).
 //!
-//! Exactly once: a reply's id is derived from its prompt's id
-//! ([`service::reply_id`]) and StartReply is idempotent by it, so a prompt
-//! seen twice (a replay after a reconnect or a restart, a retried Ask,
-//! several assistant replicas) is answered once. A crash mid-reply leaves a
-//! GENERATING reply whose checkpoint stops being renewed; the sweeper ends it
-//! INTERRUPTED with its last checkpoint once its lease (`--assistant-lease`)
-//! ran out.
+//! Exactly once: a reply's id is derived from its prompt's id, under a
+//! secret key where one is configured ([`service::ReplyIds`]), and
+//! StartReply is idempotent by it, so a prompt seen twice (a replay after a
+//! reconnect or a restart, a retried Ask, several assistant replicas) is
+//! answered once. A crash mid-reply leaves a GENERATING reply whose
+//! checkpoint stops being renewed; the sweeper ends it INTERRUPTED with its
+//! last checkpoint once its lease (`--assistant-lease`) ran out.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,7 +32,7 @@ pub mod grpc;
 pub mod service;
 
 pub use grpc::AssistantApi;
-pub use service::{Assistant, Settings};
+pub use service::{Assistant, ReplyIds, Settings};
 
 /// The assistant's flags (and `NATTER_` environment variables). Without
 /// `--assistant-base-url` the assistant is off: its RPCs answer
@@ -109,6 +109,17 @@ pub struct AssistantArgs {
     /// INTERRUPTED.
     #[arg(long, env = "NATTER_ASSISTANT_LEASE", default_value = "15s", value_parser = humantime::parse_duration)]
     pub assistant_lease: Duration,
+    /// File holding the key reply ids are derived from: a secret of at least
+    /// 32 bytes (surrounding whitespace ignored), the same for every
+    /// assistant replica and kept across restarts (a reply's id names it
+    /// once per prompt). Without the key nobody can tell a reply's id before
+    /// it exists, and so take it first with SendMessage. Unset: in split
+    /// mode the service credential; in an all-in-one alone, a key it makes
+    /// once and keeps in its data directory (`assistant-reply-key`); in
+    /// all-in-ones linked by NATS, ids anyone can compute (a taken one is
+    /// passed over). Change it only with every assistant replica stopped.
+    #[arg(long, env = "NATTER_ASSISTANT_REPLY_KEY_FILE")]
+    pub assistant_reply_key_file: Option<PathBuf>,
 }
 
 impl AssistantArgs {
@@ -141,7 +152,31 @@ impl AssistantArgs {
         }))
     }
 
-    /// How the assistant works, from these flags.
+    /// Where reply ids come from: the key of `--assistant-reply-key-file`,
+    /// else `fallback` (split mode: the service credential), else none
+    /// (public ids). See [`ReplyIds`].
+    ///
+    /// Errors: the file cannot be read, holds fewer than 32 bytes (trimmed),
+    /// or holds the deploy files' placeholder in a Kubernetes pod.
+    pub fn reply_ids(&self, fallback: Option<&[u8]>) -> anyhow::Result<ReplyIds> {
+        let Some(path) = &self.assistant_reply_key_file else {
+            return Ok(fallback.map_or_else(ReplyIds::public, ReplyIds::keyed));
+        };
+        let what = "the reply key (--assistant-reply-key-file)";
+        let text =
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {what} {}: {e}", path.display()))?;
+        natter_kit::config::check_secret(what, &text)?;
+        let key = text.trim();
+        anyhow::ensure!(
+            key.len() >= natter_kit::internal::MIN_CREDENTIAL_BYTES,
+            "{what} must be at least {} bytes",
+            natter_kit::internal::MIN_CREDENTIAL_BYTES
+        );
+        Ok(ReplyIds::keyed(key.as_bytes()))
+    }
+
+    /// How the assistant works, from these flags (reply ids public: see
+    /// [`AssistantArgs::reply_ids`]).
     pub fn settings(&self) -> Settings {
         Settings {
             username: self.assistant_username.clone(),
@@ -168,21 +203,27 @@ pub struct Links {
 
 /// Starts the assistant `args` configures (None when no base URL is set):
 /// makes sure its bot user exists, then follows its chats and sweeps
-/// interrupted replies until `shutdown`.
+/// interrupted replies until `shutdown`. Reply ids are keyed by
+/// `--assistant-reply-key-file`, else by `fallback_key` (split mode: the
+/// service credential; the all-in-one alone: a key kept in its data
+/// directory), else public ([`AssistantArgs::reply_ids`]).
 ///
-/// Errors: a bad configuration (base URL, API key file), or the sessions
-/// service refused the bot user (its username is a person's).
+/// Errors: a bad configuration (base URL, API key file, reply key file), or
+/// the sessions service refused the bot user (its username is a person's).
 pub async fn open(
     args: &AssistantArgs,
     links: Links,
+    fallback_key: Option<&[u8]>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<Arc<Assistant>>> {
     let Some(config) = args.llm_config()? else { return Ok(None) };
+    let settings = Settings { reply_ids: args.reply_ids(fallback_key)?, ..args.settings() };
+    let keyed = settings.reply_ids.is_keyed();
     let llm = natter_llm::Client::new(config)?;
-    let assistant = Assistant::start(llm, links, args.settings(), shutdown)
+    let assistant = Assistant::start(llm, links, settings, shutdown)
         .await
         .map_err(|e| anyhow::anyhow!("starting the assistant: {}", e.message()))?;
-    tracing::info!(url = assistant.llm_url(), username = %args.assistant_username, "assistant on");
+    tracing::info!(url = assistant.llm_url(), username = %args.assistant_username, keyed_reply_ids = keyed, "assistant on");
     Ok(Some(assistant))
 }
 
@@ -230,6 +271,9 @@ pub struct Config {
 /// run: each prompt is answered by the one whose StartReply created the
 /// reply.
 ///
+/// Reply ids are keyed by the service credential, which every replica has
+/// (unless `--assistant-reply-key-file` names another key).
+///
 /// Errors: no service credential, a malformed URL or assistant flag, the
 /// bot user refused, or serving fails. When the sessions service is not up
 /// yet, the bot user is asked for again every second for a minute.
@@ -251,7 +295,8 @@ pub async fn run(
     };
     let mut attempts = 0;
     let assistant = loop {
-        match open(&config.assistant, links.clone(), shutdown.clone()).await {
+        let key = credential.header_value();
+        match open(&config.assistant, links.clone(), Some(key.as_bytes()), shutdown.clone()).await {
             Ok(assistant) => break assistant,
             Err(e) if attempts < 60 && !shutdown.is_cancelled() => {
                 attempts += 1;
@@ -267,4 +312,46 @@ pub async fn run(
     let internal = Server::internal(&config.server, credential);
     natter_kit::serve::serve_split((public, listener), (internal, internal_listener), shutdown).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        assistant: AssistantArgs,
+    }
+
+    /// The assistant's flags with `--assistant-reply-key-file` holding
+    /// `key` (None: the flag unset).
+    fn args(dir: &std::path::Path, key: Option<&str>) -> AssistantArgs {
+        let mut argv = vec!["natter".to_owned()];
+        if let Some(key) = key {
+            let path = dir.join(format!("reply-key-{}", key.len()));
+            std::fs::write(&path, key).unwrap();
+            argv.extend(["--assistant-reply-key-file".to_owned(), path.display().to_string()]);
+        }
+        Cli::try_parse_from(argv).unwrap().assistant
+    }
+
+    #[test]
+    fn reply_ids_are_keyed_by_the_key_file_else_the_fallback() {
+        let dir = std::env::temp_dir().join(format!("natter-assistant-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (key, credential) = ("0123456789abcdef0123456789abcdef", b"a service credential of 32 bytes!".as_slice());
+        let prompt = uuid::Uuid::now_v7().to_string();
+        let ids = |r: anyhow::Result<ReplyIds>| r.unwrap().of(&prompt);
+        let from_file = ids(args(&dir, Some(&format!("  {key}\n"))).reply_ids(Some(credential)));
+        assert_eq!(from_file, ReplyIds::keyed(key.as_bytes()).of(&prompt), "the file's key, trimmed, first");
+        let unset = args(&dir, None);
+        assert_eq!(ids(unset.reply_ids(Some(credential))), ReplyIds::keyed(credential).of(&prompt));
+        assert!(!unset.reply_ids(None).unwrap().is_keyed(), "the all-in-one without a key");
+        let short = args(&dir, Some("too short")).reply_ids(None).unwrap_err();
+        assert!(short.to_string().contains("at least 32 bytes"), "{short}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -26,15 +26,82 @@ use uuid::Uuid;
 
 use crate::Links;
 
-/// The namespace of reply ids derived from prompt ids (UUID version 5,
-/// RFC 9562 section 5.5).
+/// The public namespace of reply ids (UUID version 5, RFC 9562 section
+/// 5.5): anyone who reads this source can derive ids under it.
 const REPLY_NAMESPACE: Uuid = Uuid::from_u128(0x1d6c_3f0e_2b7a_5c41_9e08_a55e_7a17_0001);
 
-/// The id of the first reply to the prompt with id `prompt`: the same on
-/// every replica and after every restart, so StartReply (idempotent by id)
-/// answers a prompt once however often it is seen.
-pub fn reply_id(prompt: &str) -> String {
-    Uuid::new_v5(&REPLY_NAMESPACE, prompt.as_bytes()).to_string()
+/// How many ids a prompt's first reply may take where they are public
+/// ([`ReplyIds::of`]).
+pub const REPLY_ID_CANDIDATES: usize = 8;
+
+/// Where the id of a prompt's first reply comes from: UUIDs version 5 of
+/// the prompt's id, the same on every replica and after every restart, so
+/// StartReply (idempotent by id) answers a prompt once however often it is
+/// seen (a replay after a reconnect or a restart, a retried SendMessage or
+/// Ask, several replicas).
+///
+/// Clients choose message ids too (SendMessage takes any UUID), so an id
+/// a member can compute is one they can take first. Keyed ids are derived
+/// under a namespace made of a secret key (`--assistant-reply-key-file`;
+/// in split mode, failing that, the service credential that every replica
+/// shares already): nobody without the key can tell a reply's id before it
+/// exists, so a prompt has one. Changing the key changes the ids: do it
+/// with every assistant replica stopped (a new credential needs every
+/// service restarted anyway), or two replicas on different keys answer a
+/// prompt twice. Public ids (the all-in-one without a key) are computable:
+/// a prompt has [`REPLY_ID_CANDIDATES`], and one taken by another message
+/// is passed over for the next (a taken id stays taken, so every replica
+/// and restart walks to the same one). Either way Ask takes only a message
+/// that is the prompt's reply.
+#[derive(Clone)]
+pub struct ReplyIds {
+    namespace: Uuid,
+    keyed: bool,
+}
+
+impl ReplyIds {
+    /// Public ids (see the type's docs): those of earlier releases.
+    pub fn public() -> Self {
+        Self { namespace: REPLY_NAMESPACE, keyed: false }
+    }
+
+    /// Ids under a namespace derived from `key` (at least 32 random bytes:
+    /// the namespace keeps 122 bits of it).
+    pub fn keyed(key: &[u8]) -> Self {
+        let name = [b"natter-assistant-reply-key\0".as_slice(), key].concat();
+        Self { namespace: Uuid::new_v5(&REPLY_NAMESPACE, &name), keyed: true }
+    }
+
+    /// Whether the ids are keyed (unguessable without the key).
+    pub fn is_keyed(&self) -> bool {
+        self.keyed
+    }
+
+    /// The ids the first reply to the prompt with id `prompt` may take, in
+    /// the order StartReply tries them (one when keyed): the first is taken
+    /// unless another message holds it.
+    pub fn of(&self, prompt: &str) -> Vec<String> {
+        let candidates = if self.keyed { 1 } else { REPLY_ID_CANDIDATES };
+        (0..candidates)
+            .map(|k| {
+                let name = if k == 0 { prompt.to_owned() } else { format!("{prompt}/{k}") };
+                Uuid::new_v5(&self.namespace, name.as_bytes()).to_string()
+            })
+            .collect()
+    }
+}
+
+impl Default for ReplyIds {
+    fn default() -> Self {
+        Self::public()
+    }
+}
+
+/// Never shows the namespace: with it, anyone could compute the ids.
+impl std::fmt::Debug for ReplyIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.keyed { "ReplyIds(keyed)" } else { "ReplyIds(public)" })
+    }
 }
 
 /// What the assistant answers, instead of asking the model, to a prompt the
@@ -92,6 +159,8 @@ pub struct Settings {
     pub flush: Duration,
     /// How often the text so far is checkpointed (and the lease renewed).
     pub checkpoint: Duration,
+    /// Where the ids of prompts' first replies come from.
+    pub reply_ids: ReplyIds,
 }
 
 impl Default for Settings {
@@ -108,6 +177,7 @@ impl Default for Settings {
             lease: Duration::from_secs(15),
             flush: Duration::from_millis(50),
             checkpoint: Duration::from_secs(1),
+            reply_ids: ReplyIds::public(),
         }
     }
 }
@@ -452,9 +522,9 @@ impl Assistant {
             status: status as i32,
             text,
             generation: Some(info),
-            ..self.start_request(prompt, reply_id(&prompt.id), "")
+            ..self.start_request(prompt, String::new(), "")
         };
-        match self.links.messages.start_reply(request).await {
+        match self.start_first_reply(request).await {
             Ok((reply, true)) => {
                 let _ = self.finished.send(reply);
                 if advance {
@@ -488,6 +558,37 @@ impl Assistant {
         }
     }
 
+    /// Starts `prompt`'s first reply (`request`, under each of the prompt's
+    /// reply ids in turn, [`ReplyIds::of`]): an id another message holds (a
+    /// member sent one under it first) is passed over, logged. Returns the
+    /// reply and whether this call created it.
+    ///
+    /// Errors: as StartReply; ALREADY_EXISTS when every id is taken.
+    async fn start_first_reply(&self, mut request: mpb::StartReplyRequest) -> Result<(mpb::Message, bool), Status> {
+        for id in self.settings.reply_ids.of(&request.prompt_message_id) {
+            request.message_id = id;
+            match self.links.messages.start_reply(request.clone()).await {
+                Err(status) if status.code() == tonic::Code::AlreadyExists => tracing::warn!(
+                    prompt = %request.prompt_message_id,
+                    reply = %request.message_id,
+                    "a reply id of the prompt is another message's; trying the next"
+                ),
+                started => return started,
+            }
+        }
+        Err(Status::already_exists("every reply id of the prompt is another message's"))
+    }
+
+    /// Whether `reply` is `prompt`'s reply: the bot's, in the prompt's chat,
+    /// answering it. (A message under one of the prompt's reply ids that is
+    /// not was sent there by someone who guessed the id.)
+    fn answers(&self, reply: &mpb::Message, prompt: &mpb::Message) -> bool {
+        reply.chat_id == prompt.chat_id
+            && reply.role == mpb::MessageRole::Assistant as i32
+            && reply.author_id == self.bot.id
+            && reply.reply_to_seq == prompt.seq
+    }
+
     fn start_request(&self, prompt: &mpb::Message, id: String, replaces: &str) -> mpb::StartReplyRequest {
         mpb::StartReplyRequest {
             chat_id: prompt.chat_id.clone(),
@@ -506,6 +607,17 @@ impl Assistant {
     async fn run(&self, mut job: Job) {
         if self.shutdown.is_cancelled() && job.started.is_none() {
             return;
+        }
+        // A Regenerate checked the chat before it started the reply; the
+        // owner may have removed the bot, turned it off or archived the
+        // chat since (while it waited for the lane): nothing goes to the
+        // model then, and the replaced reply comes back.
+        if let Some(reply) = &job.started
+            && let Err(refused) = self.may_regenerate(&job.prompt.chat_id).await
+        {
+            let info = mpb::GenerationInfo { error: refused.message().to_owned(), ..Default::default() };
+            let outcome = Outcome { text: String::new(), status: mpb::GenerationStatus::Failed, info };
+            return self.finish(reply, outcome, true).await;
         }
         if job.started.is_none() {
             // The prompt as it is now: it may have waited its turn while its
@@ -540,8 +652,8 @@ impl Assistant {
             Some(reply) => reply,
             None => loop {
                 let mut ended = self.finished.subscribe();
-                let request = self.start_request(&job.prompt, reply_id(&job.prompt.id), "");
-                match self.links.messages.start_reply(request).await {
+                let request = self.start_request(&job.prompt, String::new(), "");
+                match self.start_first_reply(request).await {
                     Ok((reply, true)) => break reply,
                     // Answered already (here before a restart, or by another
                     // replica): nothing to do.
@@ -1062,13 +1174,7 @@ impl Assistant {
         wait: Duration,
     ) -> Result<(mpb::Message, mpb::Message), Status> {
         let chat = request.chat_id.clone();
-        let bot = self.links.chats.check_membership(&chat, &self.bot.id).await?;
-        if !bot.member {
-            return Err(Status::failed_precondition("the assistant is not a member of this chat"));
-        }
-        if bot.kind != cpb::ChatKind::Direct as i32 && bot.assistant_replies == mpb::AssistantReplies::Off as i32 {
-            return Err(Status::failed_precondition("the assistant is off in this chat (assistant_replies OFF)"));
-        }
+        self.answering_in(&chat).await?;
         let waiting = self.state().lanes.get(&chat).map_or(0, |lane| lane.queue.len());
         if waiting >= self.settings.queue {
             let limited = natter_kit::limits::Limited {
@@ -1080,8 +1186,8 @@ impl Assistant {
         let mut finished = self.finished.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         let prompt = self.links.messages.send_as(caller, request).await?;
-        let id = reply_id(&prompt.id);
-        if let Some(reply) = self.reply(&id).await?.filter(is_finished) {
+        let ids = self.settings.reply_ids.of(&prompt.id);
+        if let Some(reply) = self.first_reply(&prompt, &ids).await?.filter(is_finished) {
             return Ok((prompt, reply));
         }
         self.submit(Job { prompt: prompt.clone(), started: None }).await;
@@ -1089,20 +1195,55 @@ impl Assistant {
         loop {
             tokio::select! {
                 done = finished.recv() => match done {
-                    Ok(reply) if reply.id == id => return Ok((prompt, reply)),
+                    Ok(reply) if ids.contains(&reply.id) && self.answers(&reply, &prompt) => return Ok((prompt, reply)),
                     _ => continue,
                 },
                 // Answered on another replica: look.
                 _ = poll.tick() => {
-                    if let Some(reply) = self.reply(&id).await?.filter(is_finished) {
+                    if let Some(reply) = self.first_reply(&prompt, &ids).await?.filter(is_finished) {
                         return Ok((prompt, reply));
                     }
                 }
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
-        let reply = self.reply(&id).await?.ok_or_else(|| Status::deadline_exceeded("the reply has not started yet"))?;
+        let reply = self
+            .first_reply(&prompt, &ids)
+            .await?
+            .ok_or_else(|| Status::deadline_exceeded("the reply has not started yet"))?;
         Ok((prompt, reply))
+    }
+
+    /// `prompt`'s first reply, if started: the message under one of its
+    /// reply ids (`ids`) that [answers](Assistant::answers) it.
+    async fn first_reply(&self, prompt: &mpb::Message, ids: &[String]) -> Result<Option<mpb::Message>, Status> {
+        let found = self.links.messages.lookup_messages(ids.to_vec(), "", Vec::new()).await?;
+        Ok(found.into_iter().find(|m| self.answers(m, prompt)))
+    }
+
+    /// The bot's membership of `chat` where it may answer (Ask,
+    /// Regenerate): FAILED_PRECONDITION where it is no member (never added,
+    /// or removed) or the chat is a group whose assistant_replies is OFF.
+    async fn answering_in(&self, chat: &str) -> Result<cpb::CheckMembershipResponse, Status> {
+        let bot = self.links.chats.check_membership(chat, &self.bot.id).await?;
+        if !bot.member {
+            return Err(Status::failed_precondition("the assistant is not a member of this chat"));
+        }
+        if bot.kind != cpb::ChatKind::Direct as i32 && bot.assistant_replies == mpb::AssistantReplies::Off as i32 {
+            return Err(Status::failed_precondition("the assistant is off in this chat (assistant_replies OFF)"));
+        }
+        Ok(bot)
+    }
+
+    /// Refuses a Regenerate in `chat` (FAILED_PRECONDITION) where Ask would
+    /// refuse a prompt ([`Assistant::answering_in`]), and in an archived
+    /// chat, where nobody may send: the owner who removed the bot or
+    /// turned it off meant the chat's messages to stop going to the model.
+    async fn may_regenerate(&self, chat: &str) -> Result<(), Status> {
+        if self.answering_in(chat).await?.archived {
+            return Err(Status::failed_precondition("the chat is archived"));
+        }
+        Ok(())
     }
 
     /// The message with id `id`, if any.
@@ -1113,6 +1254,13 @@ impl Assistant {
     /// Regenerate: replaces the chat's latest reply with a new one (EDIT:
     /// after editing its prompt to `text`, as its author). Returns the new
     /// reply as it starts, and the prompt.
+    ///
+    /// Errors: FAILED_PRECONDITION, before anything else is done, where Ask
+    /// would be refused (the bot no member, or a group's assistant_replies
+    /// OFF) and in an archived chat; NOT_FOUND (no reply yet),
+    /// PERMISSION_DENIED, RESOURCE_EXHAUSTED (the caller's reply rate),
+    /// FAILED_PRECONDITION (a reply still generating), ABORTED (a newer
+    /// reply came meanwhile).
     pub async fn regenerate(
         self: &Arc<Self>,
         caller: &str,
@@ -1120,6 +1268,7 @@ impl Assistant {
         edit: Option<String>,
     ) -> Result<(mpb::Message, mpb::Message), Status> {
         let membership = self.member(chat, caller).await?;
+        self.may_regenerate(chat).await?;
         self.reply_rate.check(&caller.to_owned())?;
         let recent = self.links.messages.recent_messages(chat, 50).await?;
         let latest = recent
@@ -1457,10 +1606,21 @@ mod tests {
     }
 
     #[test]
-    fn a_reply_id_is_the_same_for_the_same_prompt_only() {
+    fn reply_ids_are_the_same_for_the_same_prompt_and_key_only() {
         let prompt = Uuid::now_v7().to_string();
-        assert_eq!(reply_id(&prompt), reply_id(&prompt));
-        assert_ne!(reply_id(&prompt), reply_id(&Uuid::now_v7().to_string()));
+        let key = ReplyIds::keyed(b"0123456789abcdef0123456789abcdef");
+        let ids = key.of(&prompt);
+        assert_eq!(ids.len(), 1, "nobody can take a keyed id first");
+        assert_eq!(ReplyIds::keyed(b"0123456789abcdef0123456789abcdef").of(&prompt), ids, "every replica agrees");
+        assert_ne!(key.of(&Uuid::now_v7().to_string()), ids);
+        assert_ne!(ReplyIds::keyed(b"0123456789abcdef0123456789abcdeF").of(&prompt), ids);
+        // Public ids (earlier releases' first) are others, each different.
+        let public = ReplyIds::public().of(&prompt);
+        assert_eq!(public[0], Uuid::new_v5(&REPLY_NAMESPACE, prompt.as_bytes()).to_string());
+        assert_eq!(public.iter().collect::<HashSet<_>>().len(), REPLY_ID_CANDIDATES, "each a different id");
+        assert_eq!(ReplyIds::public().of(&prompt), public);
+        assert!(!public.contains(&ids[0]));
+        assert_eq!(format!("{key:?}"), "ReplyIds(keyed)", "the namespace never reaches a log");
     }
 
     #[test]

@@ -128,6 +128,14 @@ impl App {
             natter_messages::open(&args.store.config("messages")?, to_chats, bus.clone(), &args.messages).await?;
         let message_internal = Arc::new(natter_messages::MessageInternalApi::new(messages.clone(), shutdown.clone()));
         to_messages.set(Arc::new(InProcess(message_internal.clone())));
+        // Alone, the all-in-one keys its assistant's reply ids by a key of
+        // its own; instances linked by NATS must share one (the flag's).
+        let own_key = match &args.assistant.assistant_base_url {
+            Some(url) if !url.is_empty() && only_instance && args.assistant.assistant_reply_key_file.is_none() => {
+                Some(own_reply_key(&args.store.data_dir.join("assistant-reply-key"))?)
+            }
+            _ => None,
+        };
         let assistant = natter_assistant::open(
             &args.assistant,
             natter_assistant::Links {
@@ -135,6 +143,7 @@ impl App {
                 messages: Arc::new(InProcess(message_internal)),
                 chats: Arc::new(InProcess(chat_internal.clone())),
             },
+            own_key.as_deref().map(str::as_bytes),
             shutdown.clone(),
         )
         .await?;
@@ -175,5 +184,59 @@ impl App {
         // Last: the presence goodbye the messages service just said.
         self.bus.close().await;
         Ok(())
+    }
+}
+
+/// The all-in-one's own key for its assistant's reply ids
+/// ([`natter_assistant::ReplyIds`]): read from `path`, or made the first
+/// time (256 random bits, hex) and kept there, readable by its owner only,
+/// so that the ids stay the same across restarts.
+///
+/// Errors: the file cannot be read or written.
+fn own_reply_key(path: &std::path::Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(key) if key.trim().len() >= 32 => return Ok(key.trim().to_owned()),
+        Ok(_) => anyhow::bail!("{} holds no key of at least 32 bytes: remove it to have one made", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+    }
+    let key = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(mut file) => {
+            std::io::Write::write_all(&mut file, key.as_bytes())
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+            Ok(key)
+        }
+        // Made meanwhile (by another start): that one.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => own_reply_key(path),
+        Err(e) => anyhow::bail!("creating {}: {e}", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_own_reply_key_is_made_once_for_its_owner_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data").join("assistant-reply-key");
+        let made = own_reply_key(&path).unwrap();
+        assert_eq!(made.len(), 64);
+        assert_eq!(own_reply_key(&path).unwrap(), made, "the same after a restart");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        std::fs::write(&path, "short").unwrap();
+        assert!(own_reply_key(&path).unwrap_err().to_string().contains("at least 32 bytes"));
     }
 }

@@ -442,14 +442,7 @@ async fn a_group_chat_is_answered_as_its_assistant_replies_setting_says(c: &Clus
     use natter_proto::messages::v1::AssistantReplies;
     server.set_fallback(Script::reply("ok"));
     let (alice, bob) = (c.user("alice").await, c.user("bob").await);
-    let bot = assistant_chat(c, &alice).await.assistant_user_id;
-    let create = cpb::CreateChatRequest {
-        kind: cpb::ChatKind::Group as i32,
-        title: "team".into(),
-        member_ids: vec![bob.id.clone(), bot.clone()],
-        ..Default::default()
-    };
-    let group = c.chats().create_chat(authed(&alice, create)).await.unwrap().into_inner().chat.unwrap();
+    let (bot, group) = team_with_the_assistant(c, &alice, &bob).await;
     assert_eq!(group.assistant_replies, AssistantReplies::Mentions as i32, "the default");
     let chat = group.id;
     let mut stream = events(c, &alice, &chat).await;
@@ -921,6 +914,24 @@ async fn a_thread_reply_is_no_prompt_nor_context(c: &Cluster, server: &ScriptedS
     assert_eq!(sent.last(), Some(&("user".into(), "next prompt".into())));
 }
 
+/// A group "team" of `owner`, `member` and the assistant (its bot user's
+/// id, and the chat).
+async fn team_with_the_assistant(
+    c: &Cluster,
+    owner: &TestUser,
+    member: &TestUser,
+) -> (String, natter_proto::chats::v1::Chat) {
+    use natter_proto::chats::v1 as cpb;
+    let bot = assistant_chat(c, owner).await.assistant_user_id;
+    let create = cpb::CreateChatRequest {
+        kind: cpb::ChatKind::Group as i32,
+        title: "team".into(),
+        member_ids: vec![member.id.clone(), bot.clone()],
+        ..Default::default()
+    };
+    (bot, c.chats().create_chat(authed(owner, create)).await.unwrap().into_inner().chat.unwrap())
+}
+
 /// Regenerate sends the chat's recent messages to the model and posts as
 /// the bot: where the owner turned the assistant OFF or removed it (Ask is
 /// refused there), or archived the chat, it is FAILED_PRECONDITION, before
@@ -930,14 +941,8 @@ async fn regenerate_is_refused_where_the_assistant_may_not_answer(c: &Cluster, s
     use natter_proto::messages::v1::AssistantReplies;
     server.set_fallback(Script::reply("ok"));
     let (alice, bob) = (c.user("alice").await, c.user("bob").await);
-    let bot = assistant_chat(c, &alice).await.assistant_user_id;
-    let create = cpb::CreateChatRequest {
-        kind: cpb::ChatKind::Group as i32,
-        title: "team".into(),
-        member_ids: vec![bob.id.clone(), bot.clone()],
-        ..Default::default()
-    };
-    let chat = c.chats().create_chat(authed(&alice, create)).await.unwrap().into_inner().chat.unwrap().id;
+    let (bot, chat) = team_with_the_assistant(c, &alice, &bob).await;
+    let chat = chat.id;
     // Bob, a member, asks; the owner (alice) then changes the chat.
     let ask = apb::AskRequest { chat_id: chat.clone(), text: "@assistant hello".into(), ..Default::default() };
     let asked = c.assistant().ask(authed(&bob, ask)).await.unwrap().into_inner();

@@ -47,7 +47,8 @@ pub const UNREAD_COUNT_CAP: i64 = unread_count_cap!();
 
 /// The capped unread count as one SQL expression, the same text on both
 /// engines: the messages of chat `$chat` after seq `$read` that are not by
-/// user `$user` and not deleted, counted up to [`UNREAD_COUNT_CAP`]. The
+/// user `$user`, not deleted and not superseded (a reloaded reply: the
+/// history shows only its replacement), counted up to [`UNREAD_COUNT_CAP`]. The
 /// arguments are SQL (placeholders or column references) as literals.
 macro_rules! unread_count_sql {
     ($chat:literal, $read:literal, $user:literal) => {
@@ -58,7 +59,7 @@ macro_rules! unread_count_sql {
             $read,
             " AND u.author_id <> ",
             $user,
-            " AND u.delete_time IS NULL LIMIT ",
+            " AND u.delete_time IS NULL AND u.superseded = 0 LIMIT ",
             $crate::store::unread_count_cap!(),
             ") c)"
         )

@@ -825,6 +825,8 @@ async fn a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it(h: 
     assert_eq!(stored(h, 1).await.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 3]);
     let count = || async { h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].message_count };
     assert_eq!(count().await, 2, "a superseded reply is not counted");
+    let unread = || async { h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].unread };
+    assert_eq!(unread().await, 1, "nor is it unread: the history shows one reply");
     let all = Range { ascending: true, superseded: true, ..Range::default() };
     assert_eq!(h.store.list(chat(1), all, None, 10).await.unwrap().len(), 3);
     assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].newest.as_ref().map(|m| m.id), Some(second.id));
@@ -835,6 +837,7 @@ async fn a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it(h: 
     assert_eq!((restored.id, restored.superseded(), restored.change_seq), (first.id, false, 7));
     assert_eq!(stored(h, 1).await.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 3]);
     assert_eq!(count().await, 3, "restored, it counts again");
+    assert_eq!(unread().await, 2, "and is unread again");
 }
 
 async fn one_reply_generates_at_a_time_per_chat_and_a_refusal_is_not_held_up(h: &Harness) {

@@ -9,7 +9,10 @@ CREATE TABLE forgotten_users (
     forget_time BIGINT NOT NULL
 );
 
--- When each retry was last tried (µs; 0: not yet), so that retries that
--- keep failing take turns rather than the first ones by id hiding the rest.
-ALTER TABLE followed_log_retries ADD COLUMN try_time BIGINT NOT NULL DEFAULT 0;
-CREATE INDEX followed_log_retries_by_try_time ON followed_log_retries (name, try_time, item);
+-- When each retry is due (µs; 0: at once) and how long it waited last
+-- (µs; doubled at each failure, up to a bound): retries that keep failing
+-- back off and take turns, rather than the first ones by id hiding the
+-- rest and costing every round.
+ALTER TABLE followed_log_retries ADD COLUMN retry_time BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE followed_log_retries ADD COLUMN delay BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX followed_log_retries_due ON followed_log_retries (name, retry_time, item);

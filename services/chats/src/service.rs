@@ -19,7 +19,7 @@ use crate::domain::{
     MemberCursor, NewChat, Role, SeverityFilter, Visibility,
 };
 use crate::error::ChatsError;
-use crate::store::{Added, ChatStore, Checked, Created, Departure, Pending, Removal};
+use crate::store::{Added, Backoff, ChatStore, Checked, Created, Departure, Pending, Removal};
 
 /// A chat's newest message and the caller's unread count, as the messages
 /// service reports them.
@@ -104,6 +104,11 @@ const DELETED_USERS_LOG: &str = "sessions.deleted_users";
 /// Deleted users asked for at a time.
 const DELETED_USERS_PAGE: i32 = 100;
 
+/// How long a deleted user whose removal failed waits to be tried again:
+/// the next relay round, then twice as long after each further failure, an
+/// hour at most (one that always fails costs a round ever less often).
+const RETRY_BACKOFF: Backoff = Backoff { first: RELAY_INTERVAL.as_micros() as i64, max: 3_600_000_000 };
+
 /// Attempts at one RecordChatChanges call before its entry is left for the
 /// relay.
 const RECORD_ATTEMPTS: u32 = 4;
@@ -134,6 +139,8 @@ pub struct Chats {
     /// Server staff (--staff-user-ids): they see every chat's moderation
     /// aggregates and list any user's chats.
     staff: HashSet<UserId>,
+    /// How long a deleted user whose removal failed waits to be tried again.
+    retry_backoff: Backoff,
 }
 
 /// Most memberships the cache holds before it starts over.
@@ -187,7 +194,16 @@ impl Chats {
             bus,
             relay: Mutex::default(),
             staff: HashSet::new(),
+            retry_backoff: RETRY_BACKOFF,
         }
+    }
+
+    /// Tries deleted users whose removal failed again after `backoff`
+    /// rather than the default (the next relay round, then twice as long
+    /// after each failure, an hour at most).
+    pub fn with_retry_backoff(mut self, backoff: Backoff) -> Self {
+        self.retry_backoff = backoff;
+        self
     }
 
     /// Makes `staff` server staff (granted by configuration only, never by
@@ -640,7 +656,10 @@ impl Chats {
                     Ok(()) => forgotten += 1,
                     Err(e) => {
                         tracing::warn!(user_id = %user, error = %e, "taking a deleted user out of their chats failed; will retry it apart");
-                        if let Err(e) = self.store.retry_later(DELETED_USERS_LOG, &user.to_string(), now_micros()).await
+                        if let Err(e) = self
+                            .store
+                            .retry_later(DELETED_USERS_LOG, &user.to_string(), now_micros(), self.retry_backoff)
+                            .await
                         {
                             tracing::warn!(error = %e, "keeping a deleted user to retry failed; will retry the log from here");
                             break;
@@ -660,7 +679,7 @@ impl Chats {
     /// Tries again the deleted users whose removal failed in an earlier
     /// round (a page of them); returns how many are out now.
     async fn forget_retries(&self) -> usize {
-        let waiting = match self.store.retries(DELETED_USERS_LOG, DELETED_USERS_PAGE as u32).await {
+        let waiting = match self.store.retries(DELETED_USERS_LOG, now_micros(), DELETED_USERS_PAGE as u32).await {
             Ok(waiting) => waiting,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the deleted users to retry failed");
@@ -673,8 +692,9 @@ impl Chats {
             let Ok(user) = uuid::Uuid::try_parse(&item) else { continue };
             if let Err(e) = self.forget_user(UserId(user)).await {
                 tracing::warn!(user_id = %user, error = %e, "taking a deleted user out of their chats failed again; will retry");
-                // To the back of the queue: the others waiting take turns.
-                if let Err(e) = self.store.retry_later(DELETED_USERS_LOG, &item, now_micros()).await {
+                // Later, and behind the others due: they take turns.
+                if let Err(e) = self.store.retry_later(DELETED_USERS_LOG, &item, now_micros(), self.retry_backoff).await
+                {
                     tracing::warn!(user_id = %user, error = %e, "recording a retry's failure failed");
                 }
                 continue;
@@ -1324,7 +1344,9 @@ mod tests {
         let store = SqliteChatStore::open(&dir.path().join("chats.db"), 2, Duration::from_secs(3600)).await.unwrap();
         let messages = Arc::new(Recorder::default());
         let chats =
-            Chats::new(Arc::new(store), users, messages.clone(), Arc::new(natter_bus::Hub::new()), limits, Rates::OFF);
+            Chats::new(Arc::new(store), users, messages.clone(), Arc::new(natter_bus::Hub::new()), limits, Rates::OFF)
+                // Retried at the next round, whenever that is.
+                .with_retry_backoff(Backoff { first: 0, max: 0 });
         Harness { chats, messages, _dir: dir }
     }
 
@@ -1424,7 +1446,7 @@ mod tests {
         assert_eq!(h.chats.forget_deleted_users().await, 0, "the owner is not taken out as a member");
         assert_eq!(store.role(team, guest).await.unwrap(), Some(Role::Owner));
         assert_eq!(store.chat(team).await.unwrap().unwrap().owner_id, guest, "the group has its owner");
-        assert_eq!(store.retries(DELETED_USERS_LOG, 10).await.unwrap(), [guest.to_string()]);
+        assert_eq!(store.retries(DELETED_USERS_LOG, i64::MAX, 10).await.unwrap(), [guest.to_string()]);
 
         assert_eq!(h.chats.forget_deleted_users().await, 1, "retried: handed over, then out");
         assert_eq!(store.role(team, guest).await.unwrap(), None);
@@ -1473,13 +1495,13 @@ mod tests {
         assert_eq!(h.chats.forget_deleted_users().await, 1, "the user after it is taken out");
         assert!(store.access(alone, next).await.unwrap().is_none(), "its lone group is gone");
         assert_eq!(store.followed(DELETED_USERS_LOG).await.unwrap(), 2, "the log is followed past both");
-        assert_eq!(store.retries(DELETED_USERS_LOG, 10).await.unwrap(), [stuck.to_string()]);
+        assert_eq!(store.retries(DELETED_USERS_LOG, i64::MAX, 10).await.unwrap(), [stuck.to_string()]);
         assert_eq!(h.chats.forget_deleted_users().await, 0, "still failing: it waits");
-        assert_eq!(store.retries(DELETED_USERS_LOG, 10).await.unwrap(), [stuck.to_string()]);
+        assert_eq!(store.retries(DELETED_USERS_LOG, i64::MAX, 10).await.unwrap(), [stuck.to_string()]);
 
         directory.unreachable.lock().unwrap().clear();
         assert_eq!(h.chats.forget_deleted_users().await, 1, "retried at the next round");
-        assert_eq!(store.retries(DELETED_USERS_LOG, 10).await.unwrap(), Vec::<String>::new());
+        assert_eq!(store.retries(DELETED_USERS_LOG, i64::MAX, 10).await.unwrap(), Vec::<String>::new());
         assert_eq!(store.role(team, alice).await.unwrap(), Some(Role::Owner), "its group passed on");
         assert_eq!(store.role(team, stuck).await.unwrap(), None);
     }

@@ -117,6 +117,17 @@ pub(crate) fn direct_key(chat: &Chat, members: &[Member]) -> Result<Option<Strin
     }
 }
 
+/// How long an item of a followed log waits before it is tried again
+/// ([`ChatStore::retry_later`]): `first` after its first failure, then twice
+/// its last wait after each further one, never more than `max` (both µs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// The wait after the first failure, µs.
+    pub first: i64,
+    /// The longest wait, µs.
+    pub max: i64,
+}
+
 /// Outcome of creating a chat.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Created {
@@ -455,14 +466,16 @@ pub trait ChatStore: Send + Sync + 'static {
     async fn follow_to(&self, name: &str, position: i64) -> Result<(), StoreError>;
 
     /// Keeps `item` of log `name` to be tried again (its handling failed
-    /// at `now`, µs); an item kept already is kept once, its try time moved
-    /// to `now`, so that it goes to the back of [`ChatStore::retries`].
-    async fn retry_later(&self, name: &str, item: &str, now: i64) -> Result<(), StoreError>;
+    /// at `now`, µs), due after `backoff.first`; an item kept already is
+    /// kept once, due after twice its last wait (at most `backoff.max`), so
+    /// that an item that keeps failing costs ever less and goes behind the
+    /// others due.
+    async fn retry_later(&self, name: &str, item: &str, now: i64, backoff: Backoff) -> Result<(), StoreError>;
 
-    /// Up to `limit` items of log `name` kept by [`ChatStore::retry_later`],
-    /// the longest untried first (then in item order): items that keep
-    /// failing take turns, however many there are.
-    async fn retries(&self, name: &str, limit: u32) -> Result<Vec<String>, StoreError>;
+    /// Up to `limit` items of log `name` kept by [`ChatStore::retry_later`]
+    /// and due at `now` (µs), the longest due first (then in item order):
+    /// items that keep failing take turns, however many there are.
+    async fn retries(&self, name: &str, now: i64, limit: u32) -> Result<Vec<String>, StoreError>;
 
     /// Forgets `item` of log `name` (handled at last); a no-op for an item
     /// not kept.

@@ -13,7 +13,7 @@ use natter_kit::time::now_micros;
 use natter_proto::messages::v1 as mpb;
 
 use super::{
-    Added, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError, chat_columns,
+    Added, Backoff, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError, chat_columns,
     chat_updated, check_roles, departed, direct_key, joined, membership, order_column, outbox_rows, parse_enum,
     parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
@@ -547,26 +547,33 @@ impl ChatStore for PostgresChatStore {
         Ok(())
     }
 
-    async fn retry_later(&self, name: &str, item: &str, now: i64) -> Result<(), StoreError> {
+    async fn retry_later(&self, name: &str, item: &str, now: i64, backoff: Backoff) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO followed_log_retries (name, item, try_time) VALUES ($1, $2, $3) \
-             ON CONFLICT (name, item) DO UPDATE SET try_time = excluded.try_time",
+            "INSERT INTO followed_log_retries (name, item, retry_time, delay) VALUES ($1, $2, $3 + $4, $4) \
+             ON CONFLICT (name, item) DO UPDATE SET \
+             delay = LEAST(followed_log_retries.delay * 2, $5), \
+             retry_time = $3 + LEAST(followed_log_retries.delay * 2, $5)",
         )
         .bind(name)
         .bind(item)
         .bind(now)
+        .bind(backoff.first)
+        .bind(backoff.max)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    async fn retries(&self, name: &str, limit: u32) -> Result<Vec<String>, StoreError> {
-        let items: Vec<(String,)> =
-            sqlx::query_as("SELECT item FROM followed_log_retries WHERE name = $1 ORDER BY try_time, item LIMIT $2")
-                .bind(name)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await?;
+    async fn retries(&self, name: &str, now: i64, limit: u32) -> Result<Vec<String>, StoreError> {
+        let items: Vec<(String,)> = sqlx::query_as(
+            "SELECT item FROM followed_log_retries WHERE name = $1 AND retry_time <= $2 \
+             ORDER BY retry_time, item LIMIT $3",
+        )
+        .bind(name)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
         Ok(items.into_iter().map(|(item,)| item).collect())
     }
 

@@ -21,7 +21,7 @@ use natter_kit::time::now_micros;
 use natter_proto::messages::v1 as mpb;
 
 use super::{
-    Added, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError, chat_columns,
+    Added, Backoff, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError, chat_columns,
     chat_updated, check_roles, departed, direct_key, joined, membership, order_column, outbox_rows, parse_enum,
     parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
@@ -603,26 +603,29 @@ impl ChatStore for SqliteChatStore {
         Ok(())
     }
 
-    async fn retry_later(&self, name: &str, item: &str, now: i64) -> Result<(), StoreError> {
+    async fn retry_later(&self, name: &str, item: &str, now: i64, backoff: Backoff) -> Result<(), StoreError> {
         let (name, item) = (name.to_owned(), item.to_owned());
         let done = self.db.write(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO followed_log_retries (name, item, try_time) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (name, item) DO UPDATE SET try_time = excluded.try_time",
+                "INSERT INTO followed_log_retries (name, item, retry_time, delay) VALUES (?1, ?2, ?3 + ?4, ?4) \
+                 ON CONFLICT (name, item) DO UPDATE SET \
+                 delay = CASE WHEN delay * 2 > ?5 THEN ?5 ELSE delay * 2 END, \
+                 retry_time = ?3 + CASE WHEN delay * 2 > ?5 THEN ?5 ELSE delay * 2 END",
             )?
-            .execute(params![name, item, now])
+            .execute(params![name, item, now, backoff.first, backoff.max])
         });
         done.await.map_err(unwrap)?;
         Ok(())
     }
 
-    async fn retries(&self, name: &str, limit: u32) -> Result<Vec<String>, StoreError> {
+    async fn retries(&self, name: &str, now: i64, limit: u32) -> Result<Vec<String>, StoreError> {
         let name = name.to_owned();
         let items = self.db.read(move |conn| {
             let mut select = conn.prepare_cached(
-                "SELECT item FROM followed_log_retries WHERE name = ?1 ORDER BY try_time, item LIMIT ?2",
+                "SELECT item FROM followed_log_retries WHERE name = ?1 AND retry_time <= ?2 \
+                 ORDER BY retry_time, item LIMIT ?3",
             )?;
-            let items = select.query_map(params![name, limit], |row| row.get::<_, String>(0))?;
+            let items = select.query_map(params![name, now, limit], |row| row.get::<_, String>(0))?;
             items.collect()
         });
         items.await.map_err(unwrap)

@@ -17,7 +17,7 @@ use natter_proto::messages::v1 as mpb;
 
 use super::postgres::PostgresChatStore;
 use super::sqlite::SqliteChatStore;
-use super::{Added, ChatStore, Checked, Created, Departure, Removal};
+use super::{Added, Backoff, ChatStore, Checked, Created, Departure, Removal};
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Kind, Limits, Member,
     MemberCursor, Role, Visibility,
@@ -124,21 +124,29 @@ async fn a_followed_position_only_moves_forward(store: &dyn ChatStore) {
 }
 
 async fn failed_items_of_a_log_wait_once_each_until_retried(store: &dyn ChatStore) {
-    assert_eq!(store.retries("log", 10).await.unwrap(), Vec::<String>::new());
-    for (item, time) in [("b", 1), ("a", 1), ("b", 2), ("c", 1)] {
-        store.retry_later("log", item, time).await.unwrap();
+    let backoff = Backoff { first: 10, max: 35 };
+    assert_eq!(store.retries("log", 0, 10).await.unwrap(), Vec::<String>::new());
+    // Failed at 0 ("b" twice: its wait doubles), "c" at 1.
+    for (item, now) in [("b", 0), ("a", 0), ("b", 0), ("c", 1)] {
+        store.retry_later("log", item, now, backoff).await.unwrap();
     }
-    store.retry_later("other", "a", 1).await.unwrap();
-    assert_eq!(store.retries("log", 10).await.unwrap(), ["a", "c", "b"], "once each, longest untried first");
-    assert_eq!(store.retries("log", 2).await.unwrap(), ["a", "c"], "a page");
-    // "a" fails again: it goes to the back, so that a page of items that
-    // keep failing does not hide those behind it.
-    store.retry_later("log", "a", 3).await.unwrap();
-    assert_eq!(store.retries("log", 2).await.unwrap(), ["c", "b"]);
+    store.retry_later("other", "a", 0, backoff).await.unwrap();
+    assert_eq!(store.retries("log", 9, 10).await.unwrap(), Vec::<String>::new(), "none due yet");
+    assert_eq!(store.retries("log", 11, 10).await.unwrap(), ["a", "c"], "once each, the longest due first");
+    assert_eq!(store.retries("log", 20, 10).await.unwrap(), ["a", "c", "b"]);
+    assert_eq!(store.retries("log", 20, 2).await.unwrap(), ["a", "c"], "a page");
+    // "a" fails again at 20: due after twice its wait, behind the others.
+    store.retry_later("log", "a", 20, backoff).await.unwrap();
+    assert_eq!(store.retries("log", 39, 10).await.unwrap(), ["c", "b"]);
+    assert_eq!(store.retries("log", 40, 10).await.unwrap(), ["c", "b", "a"]);
+    // The wait stops growing at the bound: 40, then 35, not 80.
+    store.retry_later("log", "a", 40, backoff).await.unwrap();
+    assert_eq!(store.retries("log", 74, 10).await.unwrap(), ["c", "b"]);
+    assert_eq!(store.retries("log", 75, 10).await.unwrap(), ["c", "b", "a"]);
     store.retried("log", "a").await.unwrap();
     store.retried("log", "z").await.unwrap();
-    assert_eq!(store.retries("log", 10).await.unwrap(), ["c", "b"]);
-    assert_eq!(store.retries("other", 10).await.unwrap(), ["a"], "each log its own");
+    assert_eq!(store.retries("log", 100, 10).await.unwrap(), ["c", "b"]);
+    assert_eq!(store.retries("other", 100, 10).await.unwrap(), ["a"], "each log its own");
 }
 
 async fn a_forgotten_user_is_never_made_a_member_again(store: &dyn ChatStore) {

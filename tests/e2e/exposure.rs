@@ -139,6 +139,7 @@ async fn call_every_internal_rpc(
                                 })),
                             }],
                             idempotency_key: String::new(),
+                            change_time: None,
                         },
                         credential,
                     ))

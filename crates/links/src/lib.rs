@@ -233,13 +233,16 @@ pub trait MessageDirectory: Send + Sync + 'static {
     /// Records committed changes of a chat's membership or details in its
     /// change log, each with the chat's next change number (returned in
     /// order), and announces them to its streams; a join also resets the
-    /// joiner's read position to the chat's newest seq. A repeated call with
-    /// the same non-empty `idempotency_key` records nothing again.
+    /// joiner's read position to the chat's newest message sent at or before
+    /// `change_time` (when the changes were committed; None: now). A
+    /// repeated call with the same non-empty `idempotency_key` records
+    /// nothing again.
     async fn record_chat_changes(
         &self,
         chat_id: &str,
         changes: Vec<messages::ChatChange>,
         idempotency_key: &str,
+        change_time: Option<prost_types::Timestamp>,
     ) -> Result<Vec<i64>, Status>;
 }
 
@@ -386,11 +389,13 @@ impl MessageDirectory for Grpc {
         chat_id: &str,
         changes: Vec<messages::ChatChange>,
         idempotency_key: &str,
+        change_time: Option<prost_types::Timestamp>,
     ) -> Result<Vec<i64>, Status> {
         let request = messages::RecordChatChangesRequest {
             chat_id: chat_id.to_owned(),
             changes,
             idempotency_key: idempotency_key.to_owned(),
+            change_time,
         };
         let response = self
             .0
@@ -446,11 +451,13 @@ impl<S: MessageInternalService> MessageDirectory for InProcess<S> {
         chat_id: &str,
         changes: Vec<messages::ChatChange>,
         idempotency_key: &str,
+        change_time: Option<prost_types::Timestamp>,
     ) -> Result<Vec<i64>, Status> {
         let request = messages::RecordChatChangesRequest {
             chat_id: chat_id.to_owned(),
             changes,
             idempotency_key: idempotency_key.to_owned(),
+            change_time,
         };
         Ok(in_process(
             "/natter.messages.v1.MessageInternalService/RecordChatChanges",
@@ -552,8 +559,9 @@ impl MessageDirectory for Deferred<dyn MessageDirectory> {
         chat_id: &str,
         changes: Vec<messages::ChatChange>,
         idempotency_key: &str,
+        change_time: Option<prost_types::Timestamp>,
     ) -> Result<Vec<i64>, Status> {
-        self.get()?.record_chat_changes(chat_id, changes, idempotency_key).await
+        self.get()?.record_chat_changes(chat_id, changes, idempotency_key, change_time).await
     }
 }
 

@@ -419,7 +419,7 @@ impl Chats {
         let mut wait = RECORD_RETRY_FIRST;
         let mut attempt = 1;
         loop {
-            match self.messages.record_chat_changes(&chat, entry.changes.clone(), &entry.key).await {
+            match self.messages.record_chat_changes(&chat, entry.changes.clone(), &entry.key, entry.change_time).await {
                 Ok(_) => return true,
                 Err(e) if may_be_transient(e.code()) && attempt < RECORD_ATTEMPTS => {
                     tracing::debug!(chat_id = %chat, attempt, error = %e, "recording chat changes: retrying");
@@ -1282,6 +1282,8 @@ mod tests {
         failures: std::sync::atomic::AtomicUsize,
         /// The chats whose messages were purged, in order.
         purged: Mutex<Vec<String>>,
+        /// The change time (µs) of every attempt, failed or not.
+        times: Mutex<Vec<Option<i64>>>,
     }
 
     impl Recorder {
@@ -1314,8 +1316,10 @@ mod tests {
             chat_id: &str,
             changes: Vec<mpb::ChatChange>,
             idempotency_key: &str,
+            change_time: Option<natter_proto::Timestamp>,
         ) -> Result<Vec<i64>, Status> {
             self.keys.lock().unwrap().push(idempotency_key.to_owned());
+            self.times.lock().unwrap().push(change_time.map(|t| natter_kit::time::micros(&t)));
             let failing = self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
             if failing || self.down.load(Ordering::SeqCst) {
                 return Err(Status::unavailable("messages is down"));
@@ -1504,6 +1508,20 @@ mod tests {
         assert_eq!(store.retries(DELETED_USERS_LOG, i64::MAX, 10).await.unwrap(), Vec::<String>::new());
         assert_eq!(store.role(team, alice).await.unwrap(), Some(Role::Owner), "its group passed on");
         assert_eq!(store.role(team, stuck).await.unwrap(), None);
+    }
+
+    /// The messages service places a late join's read position by when
+    /// the join was committed, not by when it is recorded.
+    #[tokio::test]
+    async fn a_change_goes_to_the_messages_service_with_its_commit_time() {
+        let h = harness(Limits::default()).await;
+        let [owner, member] = [(); 2].map(|_| UserId::new_v7());
+        let before = now_micros();
+        h.chats.create_chat(owner, group("Team", vec![member])).await.unwrap();
+        let after = now_micros();
+        let times = h.messages.times.lock().unwrap().clone();
+        assert_eq!(times.len(), 1);
+        assert!(times[0].is_some_and(|t| (before..=after).contains(&t)), "{times:?} not in {before}..={after}");
     }
 
     #[tokio::test]

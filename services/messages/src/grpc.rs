@@ -944,7 +944,8 @@ impl MessageInternalService for MessageInternalApi {
     ) -> Result<Response<pb::RecordChatChangesResponse>, Status> {
         let (chat, changes) = chat_changes_request(request.get_ref())?;
         let key = &request.get_ref().idempotency_key;
-        let change_seqs = self.messages.record_chat_changes(chat, &changes, key).await?;
+        let committed = request.get_ref().change_time.as_ref().map(natter_kit::time::micros);
+        let change_seqs = self.messages.record_chat_changes(chat, &changes, key, committed).await?;
         Ok(Response::new(pb::RecordChatChangesResponse { change_seqs }))
     }
 
@@ -1375,8 +1376,12 @@ mod tests {
                 change: change as i32,
             })),
         };
-        let request =
-            |changes| pb::RecordChatChangesRequest { chat_id: chat.clone(), changes, idempotency_key: String::new() };
+        let request = |changes| pb::RecordChatChangesRequest {
+            chat_id: chat.clone(),
+            changes,
+            idempotency_key: String::new(),
+            change_time: None,
+        };
         let user = UserId::new_v7();
         let (_, changes) =
             chat_changes_request(&request(vec![member(&user.to_string(), pb::MembershipChange::Joined)])).unwrap();

@@ -641,16 +641,20 @@ impl Messages {
     /// details (see [`MessageStore::record_chat_changes`]) and announces
     /// each on the chat's topic, a membership change also on its member's
     /// (whose streams follow the chats they join), a joiner's reset read
-    /// position on the chat's. Returns the change numbers, in order. A
-    /// retry with the same non-empty `idempotency_key` records nothing again
-    /// and announces the changes again (a stream drops what it saw).
+    /// position on the chat's. `committed`: when the chats service committed
+    /// them (µs; None: now), which places a join's read position. Returns
+    /// the change numbers, in order. A retry with the same non-empty
+    /// `idempotency_key` records nothing again and announces the changes
+    /// again (a stream drops what it saw).
     pub async fn record_chat_changes(
         &self,
         chat: ChatId,
         changes: &[ChatChange],
         idempotency_key: &str,
+        committed: Option<i64>,
     ) -> Result<Vec<i64>, MessagesError> {
-        let logged = self.store.record_chat_changes(chat, changes, now_micros(), idempotency_key).await?;
+        let now = committed.unwrap_or_else(now_micros);
+        let logged = self.store.record_chat_changes(chat, changes, now, idempotency_key).await?;
         for (change, logged) in changes.iter().zip(&logged) {
             let payload = grpc::chat_change_event(chat, change, logged.seq, logged.change_seq);
             let mut event = BusEvent::new(chat, payload);

@@ -842,7 +842,7 @@ mod tests {
             let Some((chat, user)) = armed else { return };
             self.members.lock().unwrap().remove(&(chat, user));
             let messages = self.messages.get().and_then(Weak::upgrade).unwrap();
-            messages.record_chat_changes(chat.into(), &[ChatChange::Removed(UserId(user))], "").await.unwrap();
+            messages.record_chat_changes(chat.into(), &[ChatChange::Removed(UserId(user))], "", None).await.unwrap();
         }
     }
 

@@ -249,6 +249,9 @@ pub struct Pending {
     pub key: String,
     /// 1 to [`OUTBOX_ENTRY_CHANGES`] changes, in the order they happened.
     pub changes: Vec<mpb::ChatChange>,
+    /// When they were committed (None: an entry written before this was
+    /// kept), for the messages service to place a join's read position.
+    pub change_time: Option<natter_proto::Timestamp>,
 }
 
 /// A membership change of `user`, as the messages service records it.
@@ -320,14 +323,19 @@ pub(crate) fn updated_by(chat: &Chat, update: &ChatUpdate) -> mpb::ChatChange {
     chat_updated(chat, named.into_iter().filter(|(_, set)| *set).map(|(path, _)| path).collect())
 }
 
-/// The outbox rows of `changes` (none for none): `(key, changes)` of each
-/// entry of at most [`OUTBOX_ENTRY_CHANGES`], in order, each with a fresh
-/// key; `changes` as the `changes` column stores them.
-pub(crate) fn outbox_rows(changes: &[mpb::ChatChange]) -> Vec<(String, String)> {
+/// The outbox rows of `changes` committed at `now` (µs; none for none):
+/// `(key, changes)` of each entry of at most [`OUTBOX_ENTRY_CHANGES`], in
+/// order, each with a fresh key; `changes` as the `changes` column stores
+/// them (a RecordChatChangesRequest of the changes and their commit time).
+pub(crate) fn outbox_rows(changes: &[mpb::ChatChange], now: i64) -> Vec<(String, String)> {
     changes
         .chunks(OUTBOX_ENTRY_CHANGES)
         .map(|chunk| {
-            let request = mpb::RecordChatChangesRequest { changes: chunk.to_vec(), ..Default::default() };
+            let request = mpb::RecordChatChangesRequest {
+                changes: chunk.to_vec(),
+                change_time: Some(timestamp(now)),
+                ..Default::default()
+            };
             let key = uuid::Uuid::now_v7().simple().to_string();
             (key, base64::engine::general_purpose::STANDARD.encode(request.encode_to_vec()))
         })
@@ -343,7 +351,13 @@ pub(crate) fn pending_row(chat_id: &str, position: i64, key: String, changes: &s
     if request.changes.is_empty() {
         return Err(corrupt());
     }
-    Ok(Pending { chat_id: parse_id("chat_outbox.chat_id", chat_id)?, position, key, changes: request.changes })
+    Ok(Pending {
+        chat_id: parse_id("chat_outbox.chat_id", chat_id)?,
+        position,
+        key,
+        changes: request.changes,
+        change_time: request.change_time,
+    })
 }
 
 /// Everything the chats service keeps: chats, members, chat activity, and

@@ -140,7 +140,7 @@ async fn push_outbox(
     changes: &[mpb::ChatChange],
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    let (keys, changes): (Vec<String>, Vec<String>) = outbox_rows(changes).into_iter().unzip();
+    let (keys, changes): (Vec<String>, Vec<String>) = outbox_rows(changes, now).into_iter().unzip();
     if keys.is_empty() {
         return Ok(());
     }

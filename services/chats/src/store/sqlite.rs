@@ -170,7 +170,7 @@ fn touch(tx: &Connection, chat: &str, now: i64) -> rusqlite::Result<()> {
 /// Appends the outbox entries of `changes` (none for none) to `chat`'s, in
 /// the transaction `tx` of the change (the one writer makes max + 1 unique).
 fn push_outbox(tx: &Connection, chat: &str, changes: &[mpb::ChatChange], now: i64) -> rusqlite::Result<()> {
-    let rows = outbox_rows(changes);
+    let rows = outbox_rows(changes, now);
     if rows.is_empty() {
         return Ok(());
     }

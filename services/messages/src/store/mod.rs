@@ -871,20 +871,22 @@ impl Logged {
     /// How `changes` are numbered after the chat's newest change number
     /// `last` (its newest seq then `seq`), in order: each takes the next
     /// number, and a join also takes the one after for its joiner's read
-    /// position. The same rule answers a retried call from its log entries
-    /// ([`Logged::of_entry`]).
-    fn number(changes: &[ChatChange], last: i64, seq: Seq) -> Vec<Logged> {
+    /// position, `joined`: the newest seq when the join was committed (at
+    /// most `seq`), which is also the join's own seq. The same rule answers
+    /// a retried call from its log entries ([`Logged::of_entry`]).
+    fn number(changes: &[ChatChange], last: i64, seq: Seq, joined: Seq) -> Vec<Logged> {
         let mut next = last;
         changes
             .iter()
             .map(|c| {
                 next += 1;
                 let change_seq = next;
-                let read = matches!(c, ChatChange::Joined(_)).then(|| {
+                if matches!(c, ChatChange::Joined(_)) {
                     next += 1;
-                    (next, seq)
-                });
-                Logged { change_seq, read, seq }
+                    Logged { change_seq, read: Some((next, joined)), seq: joined }
+                } else {
+                    Logged { change_seq, read: None, seq }
+                }
             })
             .collect()
     }
@@ -1076,9 +1078,11 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// transaction: each takes the chat's next change number and an entry
     /// in its log (which then keeps its newest [`CHAT_LOG_KEEP`], raising
     /// the floor past what it prunes); a [`ChatChange::Joined`] also sets the
-    /// joiner's read position to the chat's newest seq (even backwards: a
-    /// rejoining member starts from now) with the number after the join's.
-    /// Answers in the order of `changes`; `now` in µs.
+    /// joiner's read position to the chat's newest message sent at or before
+    /// `now` (even backwards: a rejoining member starts from then) with the
+    /// number after the join's, and the join's seq to it. Answers in the
+    /// order of `changes`; `now` in µs: when the changes were committed (a
+    /// join recorded late leaves what was sent since unread).
     ///
     /// `origin` is the caller's idempotency key ("" for none): when the
     /// chat's log holds entries of the same origin, nothing is written and

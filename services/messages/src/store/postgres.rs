@@ -927,8 +927,23 @@ impl MessageStore for PostgresStore {
                     .collect());
             }
         }
-        let logged = Logged::number(changes, last, Seq(seq));
+        // Where a join puts its member's read position: the newest message
+        // sent by the time it was committed.
+        let joined: i64 = if changes.iter().any(|c| matches!(c, ChatChange::Joined(_))) {
+            sqlx::query_scalar(
+                "SELECT seq FROM messages WHERE chat_id = $1 AND send_time <= $2 ORDER BY seq DESC LIMIT 1",
+            )
+            .bind(&chat)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?
+            .unwrap_or(0)
+        } else {
+            seq
+        };
+        let logged = Logged::number(changes, last, Seq(seq), Seq(joined));
         let numbers: Vec<i64> = logged.iter().map(|l| l.change_seq).collect();
+        let seqs: Vec<i64> = logged.iter().map(|l| l.seq.0).collect();
         let (mut kinds, mut users, mut details) = (Vec::new(), Vec::new(), Vec::new());
         // user -> (read position's change number): the last join of each
         // user (an upsert may touch a row once per statement).
@@ -944,15 +959,16 @@ impl MessageStore for PostgresStore {
         }
         sqlx::query(
             "INSERT INTO chat_changes (chat_id, change_seq, kind, user_id, details, seq, change_time, origin) \
-             SELECT $1, c.n, c.kind, c.user_id, c.details, $6, $7, $8 \
-             FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[]) AS c (n, kind, user_id, details)",
+             SELECT $1, c.n, c.kind, c.user_id, c.details, c.seq, $7, $8 \
+             FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[]) \
+             AS c (n, kind, user_id, details, seq)",
         )
         .bind(&chat)
         .bind(&numbers)
         .bind(&kinds)
         .bind(&users)
         .bind(&details)
-        .bind(seq)
+        .bind(&seqs)
         .bind(now)
         .bind(origin)
         .execute(&mut *tx)
@@ -966,7 +982,7 @@ impl MessageStore for PostgresStore {
                  change_seq = excluded.change_seq",
             )
             .bind(&chat)
-            .bind(seq)
+            .bind(joined)
             .bind(&read_users)
             .bind(&read_changes)
             .execute(&mut *tx)

@@ -657,7 +657,17 @@ fn record_chat_changes(
         .query_row([chat], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?
         .unwrap_or((0, 0));
-    let logged = Logged::number(changes, last, Seq(seq));
+    // Where a join puts its member's read position: the newest message sent
+    // by the time it was committed.
+    let joined = if changes.iter().any(|c| matches!(c, ChatChange::Joined(_))) {
+        tx.prepare_cached("SELECT seq FROM messages WHERE chat_id = ?1 AND send_time <= ?2 ORDER BY seq DESC LIMIT 1")?
+            .query_row(params![chat, now], |row| row.get(0))
+            .optional()?
+            .unwrap_or(0)
+    } else {
+        seq
+    };
+    let logged = Logged::number(changes, last, Seq(seq), Seq(joined));
     {
         let mut entry = tx.prepare_cached(
             "INSERT INTO chat_changes (chat_id, change_seq, kind, user_id, details, seq, change_time, origin) \
@@ -669,9 +679,9 @@ fn record_chat_changes(
         )?;
         for (c, l) in changes.iter().zip(&logged) {
             let (kind, user, details) = chat_change_row(c);
-            entry.execute(params![chat, l.change_seq, kind, user, details, seq, now, origin])?;
-            if let Some((read_change, _)) = l.read {
-                reset_read.execute(params![chat, user, seq, read_change])?;
+            entry.execute(params![chat, l.change_seq, kind, user, details, l.seq.0, now, origin])?;
+            if let Some((read_change, read_seq)) = l.read {
+                reset_read.execute(params![chat, user, read_seq.0, read_change])?;
             }
         }
     }

@@ -71,6 +71,7 @@ macro_rules! message_store_suite {
 }
 
 message_store_suite!(
+    a_join_recorded_late_leaves_what_was_sent_since_unread,
     an_external_verdict_only_raises_the_flags_of_the_revision_it_saw,
     reports_are_once_per_user_and_the_queue_lists_flagged_and_reported_messages,
     flags_are_stored_replaced_on_edit_cleared_on_delete_and_filter_a_listing,
@@ -422,6 +423,24 @@ async fn a_delete_leaves_a_tombstone(h: &Harness) {
     assert_eq!(h.store.delete(id(9), 1).await.unwrap(), None);
 }
 
+/// A join recorded late (the messages service was out of reach) puts its
+/// member's read position where the chat was when the join was committed:
+/// what was sent since stays unread.
+async fn a_join_recorded_late_leaves_what_was_sent_since_unread(h: &Harness) {
+    // Sent at 1,001 to 1,005.
+    let batch: Vec<NewMessage> = (1..=5).map(|n| msg(n, 1, 0)).collect();
+    send(h, &batch).await;
+    let late = h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(7))], 1_003, "late").await.unwrap();
+    assert_eq!(late[0].read.map(|(_, seq)| seq), Some(Seq(3)));
+    assert_eq!(late[0].seq, Seq(3), "the join's seq: the chat's newest when it was committed");
+    assert_eq!(h.store.summaries(&[chat(1)], user(7)).await.unwrap()[0].unread, 2);
+    let again = h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(7))], 9_999, "late").await.unwrap();
+    assert_eq!(again, late, "a retry answers what the call took");
+    // Before the first message: everything is unread.
+    h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(8))], 1_000, "").await.unwrap();
+    assert_eq!(h.store.summaries(&[chat(1)], user(8)).await.unwrap()[0].unread, 5);
+}
+
 async fn read_positions_only_move_forward_until_a_join_resets_them(h: &Harness) {
     let batch: Vec<NewMessage> = (1..=5).map(|n| by(msg(n, 1, 0), 2)).collect();
     send(h, &batch).await;
@@ -599,7 +618,8 @@ async fn the_log_keeps_its_newest_entries_and_raises_the_floor(h: &Harness) {
 async fn a_retried_origin_records_nothing_twice(h: &Harness) {
     send(h, &[msg(1, 1, 0)]).await;
     let changes = [ChatChange::Joined(user(1)), ChatChange::Updated(details("t"))];
-    let first = h.store.record_chat_changes(chat(1), &changes, 1_000, "outbox-1").await.unwrap();
+    // Committed after the message (sent at 1,001).
+    let first = h.store.record_chat_changes(chat(1), &changes, 1_500, "outbox-1").await.unwrap();
     assert_eq!(
         first,
         [

@@ -435,6 +435,11 @@ async fn a_person_deletes_their_account_and_leaves_their_chats(c: &Cluster) {
     c.sessions().get_current_session(authed(&alice, spb::GetCurrentSessionRequest {})).await.expect("still there");
 
     c.sessions().delete_account(authed(&alice, delete("correct horse battery"))).await.expect("deleted");
+    // A retry whose first answer was lost learns that it went through; the
+    // token works for nothing else, and the other session's never did this.
+    c.sessions().delete_account(authed(&alice, delete("correct horse battery"))).await.expect("a retry: done");
+    let other = c.sessions().delete_account(authed(&phone, delete("correct horse battery"))).await;
+    assert_eq!(code(other), Code::Unauthenticated);
     // Every session ends at once, in every service, open streams too.
     for token in [&alice.token, &phone.token] {
         let current = c.sessions().get_current_session(with_token(token, spb::GetCurrentSessionRequest {})).await;

@@ -171,7 +171,19 @@ impl SessionService for SessionApi {
         &self,
         request: Request<pb::DeleteAccountRequest>,
     ) -> Result<Response<pb::DeleteAccountResponse>, Status> {
-        let caller = self.caller(&request).await?;
+        let caller = match self.caller(&request).await {
+            Ok(caller) => caller,
+            // A retry of a deletion that went through (its answer was
+            // lost) learns that it did, rather than an error that reads as
+            // a failure.
+            Err(status)
+                if status.code() == tonic::Code::Unauthenticated
+                    && self.sessions.deleted_by_token(natter_auth::bearer_token(request.metadata())?).await? =>
+            {
+                return Ok(Response::new(pb::DeleteAccountResponse {}));
+            }
+            Err(status) => return Err(status),
+        };
         let client = self.client(&request);
         let r = request.into_inner();
         self.sessions.delete_account(client, &caller, &r.password).await?;

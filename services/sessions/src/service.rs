@@ -149,8 +149,10 @@ impl Sessions {
     }
 
     /// Deletes the sessions that expired more than `retention` ago, a
-    /// batch of 1,000 at a time; returns how many.
+    /// batch of 1,000 at a time, and the tokens of accounts deleted more
+    /// than [`DELETED_ACCOUNT_RETRY`] ago; returns how many sessions.
     pub async fn purge_expired(&self, retention: std::time::Duration) -> Result<u64, SessionsError> {
+        self.store.purge_deleted_account_tokens(natter_kit::time::micros_ago(DELETED_ACCOUNT_RETRY)).await?;
         let before = natter_kit::time::micros_ago(retention);
         let mut purged = 0;
         loop {
@@ -529,7 +531,20 @@ impl Sessions {
         self.announce_ended(&sessions, Some(user_id)).await;
         Ok(())
     }
+
+    /// Whether `token` (no longer a live session's) deleted its own account
+    /// within [`DELETED_ACCOUNT_RETRY`]: DeleteAccount called again with it
+    /// is a retry of a call that went through, whose answer was lost.
+    pub async fn deleted_by_token(&self, token: &str) -> Result<bool, SessionsError> {
+        let since = natter_kit::time::micros_ago(DELETED_ACCOUNT_RETRY);
+        self.store.deleted_by_token(&domain::token_hash(token), since).await
+    }
 }
+
+/// How long a DeleteAccount retried with the token that deleted the
+/// account is answered OK (a day: a client on a bad network retries within
+/// it).
+pub const DELETED_ACCOUNT_RETRY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Argon2 takes 19 MiB and a core per hash: more at once than there are
 /// cores only queues in the blocking pool while the allocator keeps every

@@ -302,6 +302,16 @@ impl Store {
         if live.is_none() {
             return Ok(Deletion::SessionEnded);
         }
+        // The calling token, for a retry of this call (see
+        // [`Store::deleted_by_token`]).
+        sqlx::query(
+            "INSERT INTO deleted_account_tokens (token_hash, delete_time) SELECT token_hash, $2 FROM sessions \
+             WHERE id = $1 ON CONFLICT (token_hash) DO NOTHING",
+        )
+        .bind(session_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         let sessions: Vec<(String,)> = sqlx::query_as("DELETE FROM sessions WHERE user_id = $1 RETURNING id")
             .bind(user_id)
             .fetch_all(&mut *tx)
@@ -309,6 +319,29 @@ impl Store {
         delete_and_log(&mut tx, &[user_id.to_owned()], now).await?;
         tx.commit().await?;
         Ok(Deletion::Deleted(sessions.into_iter().map(|(id,)| id).collect()))
+    }
+
+    /// Whether the token with hash `token_hash` deleted its own account
+    /// (DeleteAccount) at or after `since` (µs).
+    pub async fn deleted_by_token(&self, token_hash: &str, since: i64) -> Result<bool, SessionsError> {
+        let found: Option<(i64,)> = sqlx::query_as(
+            "SELECT delete_time FROM deleted_account_tokens WHERE token_hash = $1 AND delete_time >= $2",
+        )
+        .bind(token_hash)
+        .bind(since)
+        .fetch_optional(self.db.read())
+        .await?;
+        Ok(found.is_some())
+    }
+
+    /// Forgets the tokens of accounts deleted before `before` (µs); returns
+    /// how many.
+    pub async fn purge_deleted_account_tokens(&self, before: i64) -> Result<u64, SessionsError> {
+        let done = sqlx::query("DELETE FROM deleted_account_tokens WHERE delete_time < $1")
+            .bind(before)
+            .execute(self.db.write())
+            .await?;
+        Ok(done.rows_affected())
     }
 
     /// Up to `limit` entries of the deletion log after `after`, oldest
@@ -484,6 +517,11 @@ mod tests {
         assert_eq!(delete(None, 9_500).await.unwrap(), Deletion::Deleted(vec![kept.id.clone()]), "its sessions");
         assert!(store.user_by_id(&users[1].id).await.unwrap().is_none());
         assert!(store.session_by_token("hash").await.unwrap().is_none(), "its token resolves no more");
+        // ... but is known to have deleted its account, for a retry, until
+        // it is purged.
+        assert!(store.deleted_by_token("hash", 9_500).await.unwrap());
+        assert!(!store.deleted_by_token("hash", 9_501).await.unwrap(), "not since");
+        assert!(!store.deleted_by_token("late-hash", 0).await.unwrap());
         assert_eq!(delete(None, 9_600).await.unwrap(), Deletion::Gone);
         // A log-in that checked the password before the deletion finds the
         // user gone, not a database error.
@@ -491,10 +529,11 @@ mod tests {
         let error = store.insert_session(&late, "late-hash").await.unwrap_err();
         assert!(matches!(error, SessionsError::UserNotFound), "{error:?}");
         assert_eq!(store.deleted_users(2, 10).await.unwrap(), [(3, users[1].id.clone(), 9_500)]);
+        assert_eq!(store.purge_deleted_account_tokens(9_500).await.unwrap(), 0, "deleted at 9,500: kept");
+        assert_eq!(store.purge_deleted_account_tokens(9_501).await.unwrap(), 1);
+        assert!(!store.deleted_by_token("hash", 0).await.unwrap());
     }
 
-    /// A statement that fails is the origin of its error: the log line of
-    /// the INTERNAL answer names it, not error.rs.
     /// On PostgreSQL a guest claimed while its deletion waits for the
     /// claim's row lock is not deleted: the deletion reads what the claim
     /// committed (a password nobody confirmed), not what it read before.
@@ -552,6 +591,8 @@ mod tests {
         natter_db::postgres::drop_schema(&url, &schema).await.unwrap();
     }
 
+    /// A statement that fails is the origin of its error: the log line of
+    /// the INTERNAL answer names it, not error.rs.
     #[tokio::test]
     async fn a_failed_statement_is_the_origin_of_its_error() {
         let dir = tempfile::tempdir().unwrap();

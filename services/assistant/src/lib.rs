@@ -29,9 +29,11 @@ use natter_proto::assistant::v1::assistant_service_server::AssistantServiceServe
 use tokio_util::sync::CancellationToken;
 
 pub mod grpc;
+pub mod retry;
 pub mod service;
 
 pub use grpc::AssistantApi;
+pub use retry::Retry;
 pub use service::{Assistant, ReplyIds, Settings};
 
 /// The assistant's flags (and `NATTER_` environment variables). Without

@@ -3,7 +3,7 @@
 //! publish deltas, checkpoint, stop), and the sweeper of interrupted
 //! replies.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,6 +25,7 @@ use tonic::Status;
 use uuid::Uuid;
 
 use crate::Links;
+use crate::retry::{Retry, is_transient};
 
 /// The public namespace of reply ids (UUID version 5, RFC 9562 section
 /// 5.5): anyone who reads this source can derive ids under it.
@@ -161,6 +162,11 @@ pub struct Settings {
     pub checkpoint: Duration,
     /// Where the ids of prompts' first replies come from.
     pub reply_ids: ReplyIds,
+    /// How CheckMembership and StartReply, which decide whether a prompt is
+    /// answered, are tried again after a transient failure
+    /// ([`crate::retry::is_transient`]); a prompt they still fail for is
+    /// left unread, to be replayed.
+    pub retry: Retry,
 }
 
 impl Default for Settings {
@@ -178,6 +184,7 @@ impl Default for Settings {
             flush: Duration::from_millis(50),
             checkpoint: Duration::from_secs(1),
             reply_ids: ReplyIds::public(),
+            retry: Retry::default(),
         }
     }
 }
@@ -264,6 +271,11 @@ struct State {
     /// Chats seen: which of their messages are prompts (kept current by
     /// the chat_updated events of the bot's stream, in stream order).
     chats: HashMap<String, Answers>,
+    /// Per chat, the prompts (by seq, with their ids) dropped after their
+    /// CheckMembership or StartReply failed transiently past every retry:
+    /// the bot's read position stays before the first, so that a
+    /// reconnect or a restart replays it ([`Assistant::read_past`]).
+    held: HashMap<String, BTreeMap<i64, String>>,
 }
 
 /// How a generation ended.
@@ -417,10 +429,17 @@ impl Assistant {
             }
             _ => return,
         };
-        if !self.is_prompt(&message).await {
-            return;
+        match self.is_prompt(&message).await {
+            Ok(true) => self.submit(Job { prompt: message, started: None }).await,
+            Ok(false) => self.release(&message),
+            Err(status) if is_transient(&status) => {
+                tracing::warn!(chat_id = %message.chat_id, message = %message.id, error = %status.message(), "cannot tell whether a message is a prompt; left unread");
+                self.hold(&message);
+            }
+            Err(status) => {
+                tracing::warn!(chat_id = %message.chat_id, message = %message.id, error = %status.message(), "cannot tell whether a message is a prompt");
+            }
         }
-        self.submit(Job { prompt: message, started: None }).await;
     }
 
     /// Whether the assistant answers `message`: a person's (not a bot
@@ -429,37 +448,58 @@ impl Assistant {
     /// never a prompt, even one that mentions it); in a direct chat every
     /// one, in a group as its assistant_replies says (by default those that
     /// mention it: its id in mention_user_ids, or `@username` in the text).
-    async fn is_prompt(&self, message: &mpb::Message) -> bool {
+    ///
+    /// Errors: the bot's CheckMembership (asked once per chat) failed, after
+    /// the retries of a transient failure ([`Settings::retry`]).
+    async fn is_prompt(&self, message: &mpb::Message) -> Result<bool, Status> {
         if message.author_id == self.bot.id
             || message.role == mpb::MessageRole::Assistant as i32
             || message.thread_root_seq > 0
             || message.deleted
             || message.text.trim().is_empty()
         {
-            return false;
+            return Ok(false);
         }
         let known = self.state().chats.get(&message.chat_id).copied();
         let answers = match known {
             Some(answers) => answers,
-            None => match self.links.chats.check_membership(&message.chat_id, &self.bot.id).await {
-                Ok(m) if m.member => {
-                    let answers = Answers { kind: m.kind, replies: m.assistant_replies, titled: false };
-                    self.state().chats.insert(message.chat_id.clone(), answers);
-                    answers
+            None => {
+                // A read: trying it again changes nothing.
+                let check = || self.links.chats.check_membership(&message.chat_id, &self.bot.id);
+                let m = self.settings.retry.run(&self.shutdown, "CheckMembership", check).await?;
+                if !m.member {
+                    return Ok(false);
                 }
-                Ok(_) => return false,
-                Err(status) => {
-                    tracing::warn!(chat_id = %message.chat_id, error = %status.message(), "cannot tell whether a message is a prompt");
-                    return false;
-                }
-            },
+                let answers = Answers { kind: m.kind, replies: m.assistant_replies, titled: false };
+                self.state().chats.insert(message.chat_id.clone(), answers);
+                answers
+            }
         };
         use mpb::AssistantReplies as Replies;
-        match Replies::try_from(answers.replies) {
+        Ok(match Replies::try_from(answers.replies) {
             _ if answers.kind == cpb::ChatKind::Direct as i32 => true,
             Ok(Replies::All) => true,
             Ok(Replies::Off) => false,
             _ => mentions(message, &self.bot.id, &self.settings.username),
+        })
+    }
+
+    /// Keeps the bot's read position before `prompt`, which was dropped
+    /// after a transient failure: it is replayed on the next reconnect or
+    /// restart ([`Assistant::read_past`]).
+    fn hold(&self, prompt: &mpb::Message) {
+        self.state().held.entry(prompt.chat_id.clone()).or_default().insert(prompt.seq, prompt.id.clone());
+    }
+
+    /// Lets the bot's read position pass `prompt` again (it is being
+    /// answered, or is no prompt after all).
+    fn release(&self, prompt: &mpb::Message) {
+        let mut state = self.state();
+        if let Some(held) = state.held.get_mut(&prompt.chat_id) {
+            held.remove(&prompt.seq);
+            if held.is_empty() {
+                state.held.remove(&prompt.chat_id);
+            }
         }
     }
 
@@ -524,7 +564,12 @@ impl Assistant {
             generation: Some(info),
             ..self.start_request(prompt, String::new(), "")
         };
-        match self.start_first_reply(request).await {
+        let started = self.start_first_reply(request).await;
+        if started.is_ok() {
+            // Answered (a refused prompt replayed after it was held).
+            self.release(prompt);
+        }
+        match started {
             Ok((reply, true)) => {
                 let _ = self.finished.send(reply);
                 if advance {
@@ -532,6 +577,10 @@ impl Assistant {
                 }
             }
             Ok((_, false)) => {}
+            Err(status) if is_transient(&status) => {
+                tracing::warn!(prompt = %prompt.id, error = %status.message(), "cannot refuse a prompt; left unread");
+                self.hold(prompt);
+            }
             Err(status) => tracing::warn!(prompt = %prompt.id, error = %status.message(), "cannot refuse a prompt"),
         }
     }
@@ -561,13 +610,23 @@ impl Assistant {
     /// Starts `prompt`'s first reply (`request`, under each of the prompt's
     /// reply ids in turn, [`ReplyIds::of`]): an id another message holds (a
     /// member sent one under it first) is passed over, logged. Returns the
-    /// reply and whether this call created it.
+    /// reply and whether this call created it. A transient failure is
+    /// tried again ([`Settings::retry`]).
     ///
-    /// Errors: as StartReply; ALREADY_EXISTS when every id is taken.
+    /// Errors: as StartReply (a transient one once the retries ran out);
+    /// ALREADY_EXISTS when every id is taken.
     async fn start_first_reply(&self, mut request: mpb::StartReplyRequest) -> Result<(mpb::Message, bool), Status> {
         for id in self.settings.reply_ids.of(&request.prompt_message_id) {
             request.message_id = id;
-            match self.links.messages.start_reply(request.clone()).await {
+            // Safe to repeat: StartReply is idempotent by message_id (the
+            // reply id, derived from the prompt), so a retry of a call that
+            // did commit (its answer lost) creates no second reply: it
+            // answers the reply as it is, created = false. This job then
+            // takes the prompt for answered by someone else and leaves it
+            // (nothing tells its own reply from another replica's); the
+            // sweeper ends that reply INTERRUPTED once its lease runs out.
+            let start = || self.links.messages.start_reply(request.clone());
+            match self.settings.retry.run(&self.shutdown, "StartReply", start).await {
                 Err(status) if status.code() == tonic::Code::AlreadyExists => tracing::warn!(
                     prompt = %request.prompt_message_id,
                     reply = %request.message_id,
@@ -603,10 +662,18 @@ impl Assistant {
     /// Answers one prompt: starts its reply (unless started), moves the
     /// bot's read position past the prompt, generates and finishes it.
     /// Nothing new starts once shutting down (the prompt is answered after
-    /// the restart: the read position did not move past it).
+    /// the restart: the read position did not move past it). A prompt whose
+    /// StartReply fails transiently past every retry is held: the read
+    /// position stays before it, so a reconnect or a restart replays it.
     async fn run(&self, mut job: Job) {
         if self.shutdown.is_cancelled() && job.started.is_none() {
             return;
+        }
+        if job.started.is_none() {
+            // Replayed after it was dropped: held again if it fails again.
+            // (This chat's other prompts wait in its lane meanwhile: none
+            // moves the read position in between.)
+            self.release(&job.prompt);
         }
         // A Regenerate checked the chat before it started the reply; the
         // owner may have removed the bot, turned it off or archived the
@@ -678,6 +745,10 @@ impl Assistant {
                             () = self.shutdown.cancelled() => return,
                         }
                     }
+                    Err(status) if is_transient(&status) => {
+                        tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot start a reply; the prompt is left unread");
+                        return self.hold(&job.prompt);
+                    }
                     Err(status) => {
                         tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot start a reply");
                         return;
@@ -735,9 +806,28 @@ impl Assistant {
     }
 
     /// Moves the bot's read position past `prompt` (answered, or nothing to
-    /// answer): a restart does not replay it. A failure is logged.
+    /// answer): a restart does not replay it. Never past a prompt of the
+    /// chat that is held ([`Assistant::hold`]): then only to just before
+    /// the first of those, which a reconnect or a restart replays (with
+    /// the prompts after it: those find their replies and are skipped). A
+    /// failure is logged.
     async fn read_past(&self, prompt: &mpb::Message) {
-        if let Err(status) = self.links.messages.mark_read_as(&self.bot.id, &prompt.chat_id, prompt.seq).await {
+        let first_held = self
+            .state()
+            .held
+            .get(&prompt.chat_id)
+            .and_then(|held| held.first_key_value().map(|(&seq, id)| (seq, id.clone())));
+        let seq = match first_held {
+            Some((held, id)) if held <= prompt.seq => {
+                tracing::info!(chat_id = %prompt.chat_id, held = %id, "the assistant's read position stays before a prompt left unread");
+                held - 1
+            }
+            _ => prompt.seq,
+        };
+        if seq < 1 {
+            return;
+        }
+        if let Err(status) = self.links.messages.mark_read_as(&self.bot.id, &prompt.chat_id, seq).await {
             tracing::warn!(chat_id = %prompt.chat_id, error = %status.message(), "cannot move the assistant's read position");
         }
     }
@@ -1532,6 +1622,9 @@ fn names(text: &str, username: &str) -> bool {
         !word(before) && !word(after)
     })
 }
+
+#[cfg(test)]
+mod transient_failures;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,386 @@
+//! The assistant against in-memory fakes of the services it calls, some of
+//! whose calls fail transiently (a brief outage of the messages or chats
+//! service): prompts are still answered, and the bot's read position never
+//! passes a prompt that is not, so a reconnect replays it. The fakes keep
+//! the calls' contracts as far as the assistant relies on them (StartReply
+//! idempotent by id, MarkRead forward only, FollowChats replaying what
+//! comes after the read position); the model is a scripted server.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use futures::channel::mpsc;
+use natter_links::{AssistantChats, AssistantMessages, AssistantUsers, EventStream, UserDirectory};
+use natter_llm::testing::{Script, ScriptedServer};
+use tonic::Code;
+
+use super::*;
+use crate::Links;
+
+/// What the scripted model answers every prompt.
+const ANSWER: &str = "Tides follow the moon.";
+const CHAT: &str = "0196a000-0000-7000-8000-00000000c4a7";
+const PERSON: &str = "0196a000-0000-7000-8000-0000000000a1";
+const BOT: &str = "0196a000-0000-7000-8000-0000000000b0";
+
+#[derive(Default)]
+struct Store {
+    /// The chat's messages, in seq order from 1.
+    messages: Vec<mpb::Message>,
+    /// The bot's read position.
+    read_seq: i64,
+    /// The seq of every MarkReadAs, in order.
+    marks: Vec<i64>,
+    /// The open FollowChats stream.
+    live: Option<mpsc::UnboundedSender<Result<mpb::StreamEventsResponse, Status>>>,
+    /// By prompt text: the codes StartReply fails with for it (before it
+    /// commits), in turn.
+    start_failures: HashMap<String, VecDeque<Code>>,
+}
+
+/// One direct chat between PERSON and the bot.
+#[derive(Default)]
+struct Messages {
+    store: Mutex<Store>,
+    /// Told at every finished reply.
+    finished: tokio::sync::Notify,
+}
+
+fn created(message: &mpb::Message) -> mpb::StreamEventsResponse {
+    mpb::StreamEventsResponse {
+        chat_id: message.chat_id.clone(),
+        event: Some(Event::MessageCreated(message.clone())),
+        ..Default::default()
+    }
+}
+
+impl Messages {
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap()
+    }
+
+    /// PERSON sends `text`: stored, then sent on the bot's stream.
+    fn post(&self, text: &str) -> mpb::Message {
+        let mut store = self.store();
+        let message = mpb::Message {
+            id: Uuid::now_v7().to_string(),
+            chat_id: CHAT.into(),
+            seq: store.messages.len() as i64 + 1,
+            author_id: PERSON.into(),
+            text: text.into(),
+            role: mpb::MessageRole::User as i32,
+            ..Default::default()
+        };
+        store.messages.push(message.clone());
+        if let Some(live) = &store.live {
+            let _ = live.unbounded_send(Ok(created(&message)));
+        }
+        message
+    }
+
+    /// Ends the bot's stream: the assistant reconnects.
+    fn disconnect(&self) {
+        self.store().live = None;
+    }
+
+    /// StartReply fails with `codes`, in turn, for the prompt `text`.
+    fn fail_start(&self, text: &str, codes: &[Code]) {
+        self.store().start_failures.insert(text.into(), codes.iter().copied().collect());
+    }
+
+    /// The replies to `prompt`.
+    fn replies(&self, prompt: &mpb::Message) -> Vec<mpb::Message> {
+        let store = self.store();
+        store
+            .messages
+            .iter()
+            .filter(|m| m.role == mpb::MessageRole::Assistant as i32 && m.reply_to_seq == prompt.seq)
+            .cloned()
+            .collect()
+    }
+
+    /// The finished reply to `prompt`, once there is one (10 s at most: the
+    /// test fails then).
+    async fn finished_reply(&self, prompt: &mpb::Message) -> mpb::Message {
+        let wait = async {
+            loop {
+                let finished = self.finished.notified();
+                let mut finished = std::pin::pin!(finished);
+                finished.as_mut().enable();
+                if let Some(reply) = self.replies(prompt).into_iter().find(is_finished) {
+                    return reply;
+                }
+                finished.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .unwrap_or_else(|_| panic!("no finished reply to {:?}", prompt.text))
+    }
+}
+
+#[async_trait]
+impl AssistantMessages for Messages {
+    async fn send_as(&self, _: &str, _: mpb::SendMessageRequest) -> Result<mpb::Message, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn edit_as(&self, _: &str, _: mpb::EditMessageRequest) -> Result<mpb::Message, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn mark_read_as(&self, user_id: &str, chat_id: &str, seq: i64) -> Result<(), Status> {
+        assert_eq!((user_id, chat_id), (BOT, CHAT));
+        let mut store = self.store();
+        store.marks.push(seq);
+        store.read_seq = store.read_seq.max(seq);
+        Ok(())
+    }
+
+    async fn follow_chats(&self, user_id: &str) -> Result<EventStream, Status> {
+        assert_eq!(user_id, BOT);
+        let (live, events) = mpsc::unbounded();
+        let mut store = self.store();
+        for message in store.messages.iter().filter(|m| m.seq > store.read_seq) {
+            let _ = live.unbounded_send(Ok(created(message)));
+        }
+        store.live = Some(live);
+        Ok(Box::pin(events))
+    }
+
+    async fn recent_messages(&self, _: &str, page_size: i32) -> Result<Vec<mpb::Message>, Status> {
+        Ok(self.store().messages.iter().rev().take(page_size as usize).cloned().collect())
+    }
+
+    async fn lookup_messages(&self, ids: Vec<String>, _: &str, seqs: Vec<i64>) -> Result<Vec<mpb::Message>, Status> {
+        let store = self.store();
+        Ok(store.messages.iter().filter(|m| ids.contains(&m.id) || seqs.contains(&m.seq)).cloned().collect())
+    }
+
+    async fn start_reply(&self, request: mpb::StartReplyRequest) -> Result<(mpb::Message, bool), Status> {
+        let mut store = self.store();
+        let Some(prompt) = store.messages.iter().find(|m| m.id == request.prompt_message_id).cloned() else {
+            return Err(Status::not_found("no such prompt"));
+        };
+        if let Some(code) = store.start_failures.get_mut(&prompt.text).and_then(VecDeque::pop_front) {
+            return Err(Status::new(code, "messages is down"));
+        }
+        if let Some(reply) = store.messages.iter().find(|m| m.id == request.message_id) {
+            return match reply.author_id == request.author_id {
+                true => Ok((reply.clone(), false)),
+                false => Err(Status::already_exists("message_id taken")),
+            };
+        }
+        let generating = mpb::GenerationStatus::Generating as i32;
+        let finished = request.status != mpb::GenerationStatus::Unspecified as i32 && request.status != generating;
+        if !finished && store.messages.iter().any(|m| m.generation_status == generating) {
+            return Err(Status::aborted("another reply of this chat is being generated"));
+        }
+        let reply = mpb::Message {
+            id: request.message_id,
+            chat_id: request.chat_id,
+            seq: store.messages.len() as i64 + 1,
+            author_id: request.author_id,
+            role: mpb::MessageRole::Assistant as i32,
+            reply_to_seq: prompt.seq,
+            generation_status: if finished { request.status } else { generating },
+            text: request.text,
+            generation: request.generation,
+            ..Default::default()
+        };
+        store.messages.push(reply.clone());
+        if finished {
+            self.finished.notify_waiters();
+        }
+        Ok((reply, true))
+    }
+
+    async fn update_reply(&self, request: mpb::UpdateReplyRequest) -> Result<bool, Status> {
+        let mut store = self.store();
+        let reply = store.messages.iter_mut().find(|m| m.id == request.message_id).expect("a started reply");
+        if is_finished(reply) {
+            return Err(Status::failed_precondition("the reply is no longer generating"));
+        }
+        if let Some(text) = request.checkpoint_text {
+            reply.text = text;
+        }
+        Ok(false)
+    }
+
+    async fn finish_reply(&self, request: mpb::FinishReplyRequest) -> Result<mpb::Message, Status> {
+        let mut store = self.store();
+        let reply = store.messages.iter_mut().find(|m| m.id == request.message_id).expect("a started reply");
+        if !is_finished(reply) {
+            reply.text = request.text;
+            reply.generation_status = request.status;
+            reply.generation = request.generation;
+        }
+        let reply = reply.clone();
+        self.finished.notify_waiters();
+        Ok(reply)
+    }
+
+    async fn stop_reply(&self, _: &str) -> Result<mpb::Message, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn stale_replies(&self, _: Duration) -> Result<Vec<mpb::Message>, Status> {
+        Ok(Vec::new())
+    }
+}
+
+/// The bot is a member of CHAT, a direct chat; CheckMembership fails with
+/// the queued codes first.
+#[derive(Default)]
+struct Chats {
+    failures: Mutex<VecDeque<Code>>,
+    checks: Mutex<u32>,
+}
+
+#[async_trait]
+impl AssistantChats for Chats {
+    async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<cpb::CheckMembershipResponse, Status> {
+        assert_eq!((chat_id, user_id), (CHAT, BOT));
+        *self.checks.lock().unwrap() += 1;
+        if let Some(code) = self.failures.lock().unwrap().pop_front() {
+            return Err(Status::new(code, "chats is down"));
+        }
+        Ok(cpb::CheckMembershipResponse {
+            chat_exists: true,
+            member: true,
+            kind: cpb::ChatKind::Direct as i32,
+            ..Default::default()
+        })
+    }
+
+    async fn create_chat_as(&self, _: &str, _: cpb::CreateChatRequest) -> Result<cpb::Chat, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn title_chat(&self, chat_id: &str, title: &str) -> Result<cpb::Chat, Status> {
+        Ok(cpb::Chat { id: chat_id.into(), title: title.into(), ..Default::default() })
+    }
+}
+
+struct Users;
+
+#[async_trait]
+impl UserDirectory for Users {
+    async fn lookup_users(&self, _: Vec<String>) -> Result<Vec<spb::User>, Status> {
+        Ok(Vec::new())
+    }
+}
+
+#[async_trait]
+impl AssistantUsers for Users {
+    async fn ensure_bot_user(&self, username: &str, _: &str) -> Result<spb::User, Status> {
+        Ok(spb::User { id: BOT.into(), username: username.into(), ..Default::default() })
+    }
+}
+
+/// The assistant following CHAT, whose first message (seq 1, read
+/// already) it never sees; it stops when dropped.
+struct Harness {
+    messages: Arc<Messages>,
+    chats: Arc<Chats>,
+    shutdown: CancellationToken,
+    _model: ScriptedServer,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Up to 3 calls in all, 1 ms apart: a prompt is dropped after its third
+/// transient failure.
+const RETRY: Retry = Retry { attempts: 3, first: Duration::from_millis(1), max: Duration::from_millis(1) };
+
+/// Starts the assistant with `chats` (and its failures) against a fresh
+/// messages fake.
+async fn harness(chats: Chats) -> Harness {
+    let model = ScriptedServer::start(5).await;
+    model.set_fallback(Script::reply(ANSWER));
+    let config = natter_llm::Config {
+        base_url: model.url().into(),
+        model: "scripted".into(),
+        api_key: None,
+        max_tokens: 64,
+        connect_timeout: Duration::from_secs(5),
+        timeouts: natter_llm::Timeouts::default(),
+    };
+    let messages = Arc::new(Messages::default());
+    messages.post("hello, read already");
+    messages.store().read_seq = 1;
+    let chats = Arc::new(chats);
+    let links = Links { users: Arc::new(Users), messages: messages.clone(), chats: chats.clone() };
+    let settings = Settings { retry: RETRY, ..Settings::default() };
+    let shutdown = CancellationToken::new();
+    let llm = natter_llm::Client::new(config).unwrap();
+    Assistant::start(llm, links, settings, shutdown.clone()).await.unwrap();
+    Harness { messages, chats, shutdown, _model: model }
+}
+
+/// A complete reply with the model's text.
+/// `prompt` has exactly one reply, answered.
+fn assert_answered_once(messages: &Messages, prompt: &mpb::Message) {
+    let replies = messages.replies(prompt);
+    assert_eq!(replies.len(), 1, "one reply: {replies:?}");
+    assert_answered(&replies[0]);
+}
+
+fn assert_answered(reply: &mpb::Message) {
+    assert_eq!(
+        (mpb::GenerationStatus::try_from(reply.generation_status), reply.text.as_str()),
+        (Ok(mpb::GenerationStatus::Complete), ANSWER),
+        "{reply:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_prompt_whose_start_reply_fails_once_is_answered() {
+    let h = harness(Chats::default()).await;
+    h.messages.fail_start("how do tides work?", &[Code::Unavailable]);
+    let first = h.messages.post("how do tides work?");
+    let second = h.messages.post("and why twice a day?");
+    // The second is answered after the first (one reply at a time per
+    // chat, in order): by then the first has its reply, or never will.
+    assert_answered(&h.messages.finished_reply(&second).await);
+    assert_answered_once(&h.messages, &first);
+    assert_eq!(h.messages.store().read_seq, second.seq);
+}
+
+#[tokio::test]
+async fn a_prompt_whose_membership_check_fails_once_is_answered() {
+    let h = harness(Chats { failures: Mutex::new([Code::DeadlineExceeded].into()), ..Chats::default() }).await;
+    let first = h.messages.post("how do tides work?");
+    let second = h.messages.post("and why twice a day?");
+    assert_answered(&h.messages.finished_reply(&second).await);
+    assert_answered_once(&h.messages, &first);
+    assert_eq!(*h.chats.checks.lock().unwrap(), 2, "the failed check and its retry; the chat known since");
+}
+
+#[tokio::test]
+async fn a_prompt_dropped_after_every_retry_is_not_read_past_and_is_answered_on_reconnect() {
+    let h = harness(Chats::default()).await;
+    h.messages.fail_start("how do tides work?", &[Code::Unavailable; RETRY.attempts as usize]);
+    let first = h.messages.post("how do tides work?");
+    let second = h.messages.post("and why twice a day?");
+    assert_answered(&h.messages.finished_reply(&second).await);
+    assert!(h.messages.replies(&first).is_empty(), "dropped: every StartReply of it failed");
+    // Answering the second moved the read position to just before the
+    // first at most (here: where it was).
+    let (marks, read_seq) = {
+        let store = h.messages.store();
+        (store.marks.clone(), store.read_seq)
+    };
+    assert!(marks.iter().all(|&seq| seq < first.seq), "read past a prompt left unread: {marks:?}");
+    assert_eq!(read_seq, first.seq - 1);
+    // The messages service is back; the stream reconnects and replays it.
+    h.messages.disconnect();
+    assert_answered(&h.messages.finished_reply(&first).await);
+    assert_eq!(h.messages.replies(&second).len(), 1, "the replayed second prompt is answered once");
+    assert!(h.messages.store().read_seq >= first.seq);
+}

@@ -64,6 +64,7 @@ crate::with_scripted_server!(
     ask_waits_for_the_reply_and_a_retried_prompt_is_answered_once [],
     stop_keeps_the_text_so_far_and_closes_the_upstream_connection [],
     reload_and_edit_replace_the_reply_and_keep_the_old_one [],
+    a_regenerate_retried_with_its_request_id_starts_one_reply [],
     failures_end_the_reply_failed_and_a_failed_replacement_restores_the_old_one ["--assistant-idle-timeout", "300ms"],
     prompts_queue_behind_the_reply_being_written [],
     a_client_that_reconnects_mid_reply_sees_it_finished_once [],
@@ -305,6 +306,45 @@ async fn stop_keeps_the_text_so_far_and_closes_the_upstream_connection(c: &Clust
     assert_eq!(again, stopped);
 }
 
+/// A client whose Regenerate answer was lost retries with the same
+/// request_id: it gets the reply the first call started, while it streams
+/// and after, and the model is asked once.
+async fn a_regenerate_retried_with_its_request_id_starts_one_reply(c: &Cluster, server: &ScriptedServer) {
+    server.push(Script::reply("one"));
+    server.push(Script::reply("two"));
+    server.set_fallback(Script::reply("again"));
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(c, &alice).await.chat_id;
+    let mut stream = events(c, &alice, &chat).await;
+    send(c, &alice, &chat, "count").await;
+    until_finished(&mut stream, None).await;
+    let request_id = uuid::Uuid::now_v7().to_string();
+    let reload = apb::RegenerateRequest { request_id: request_id.clone(), ..reload_of(&chat) };
+    let regenerate = async |request: apb::RegenerateRequest| {
+        c.assistant().regenerate(authed(&alice, request)).await.map(|r| r.into_inner().reply.unwrap())
+    };
+    let started = regenerate(reload.clone()).await.unwrap();
+    // While it streams (no "stop it first"), and once it is done.
+    assert_eq!(regenerate(reload.clone()).await.unwrap().id, started.id);
+    let finished = until_finished(&mut stream, Some(&started.id)).await.finished.unwrap();
+    assert_eq!(finished.text, "two");
+    let upper = apb::RegenerateRequest { request_id: request_id.to_uppercase(), ..reload.clone() };
+    let again = regenerate(upper).await.unwrap();
+    assert_eq!(
+        (again.id.as_str(), again.text.as_str(), status(&again)),
+        (started.id.as_str(), "two", status(&finished))
+    );
+    assert_eq!(server.requests().len(), 2, "the prompt's reply and one regeneration");
+    // Another request regenerates anew; a malformed id names its field.
+    let other = apb::RegenerateRequest { request_id: uuid::Uuid::now_v7().to_string(), ..reload.clone() };
+    assert_ne!(regenerate(other).await.unwrap().id, started.id);
+    let malformed = regenerate(apb::RegenerateRequest { request_id: "x".into(), ..reload }).await.unwrap_err();
+    assert_eq!(
+        (malformed.code(), crate::violated_fields(&malformed)),
+        (Code::InvalidArgument, vec!["request_id".to_owned()])
+    );
+}
+
 async fn reload_and_edit_replace_the_reply_and_keep_the_old_one(c: &Cluster, server: &ScriptedServer) {
     server.push(Script::reply("one"));
     server.push(Script::reply("two"));
@@ -340,6 +380,7 @@ async fn reload_and_edit_replace_the_reply_and_keep_the_old_one(c: &Cluster, ser
         chat_id: chat.clone(),
         mode: apb::RegenerateMode::Edit as i32,
         text: "count to three".into(),
+        ..Default::default()
     };
     let bob = c.user("bob").await;
     assert_eq!(

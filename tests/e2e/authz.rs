@@ -373,6 +373,7 @@ mod assistant {
                             chat_id: chat,
                             mode: apb::RegenerateMode::Edit as i32,
                             text: "@assistant edited".into(),
+                            ..Default::default()
                         };
                         assistant.regenerate(req(token, r)).await.map(drop)
                     }

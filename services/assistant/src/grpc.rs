@@ -109,7 +109,12 @@ impl AssistantService for AssistantApi {
                     .into_status());
             }
         };
-        let (reply, prompt) = assistant.regenerate(&caller, &r.chat_id, edit).await?;
+        // Canonical form: a retry spelled in capitals is the same request.
+        let request_id = match r.request_id.as_str() {
+            "" => None,
+            id => Some(natter_kit::id::parse("request_id", id)?.to_string()),
+        };
+        let (reply, prompt) = assistant.regenerate(&caller, &r.chat_id, edit, request_id.as_deref()).await?;
         Ok(Response::new(pb::RegenerateResponse { reply: Some(reply), prompt: Some(prompt) }))
     }
 

@@ -78,6 +78,15 @@ impl ReplyIds {
         self.keyed
     }
 
+    /// The id of the reply a Regenerate of `caller` in `chat` with the
+    /// client's `request_id` starts: the same for every retry of it, on
+    /// every replica (the request id is the client's to keep, so the id is
+    /// nobody else's to compute).
+    pub fn regenerated(&self, chat: &str, caller: &str, request_id: &str) -> String {
+        let name = format!("regenerate/{chat}/{caller}/{request_id}");
+        Uuid::new_v5(&self.namespace, name.as_bytes()).to_string()
+    }
+
     /// The ids the first reply to the prompt with id `prompt` may take, in
     /// the order StartReply tries them (one when keyed): the first is taken
     /// unless another message holds it.
@@ -1356,8 +1365,16 @@ impl Assistant {
         caller: &str,
         chat: &str,
         edit: Option<String>,
+        request_id: Option<&str>,
     ) -> Result<(mpb::Message, mpb::Message), Status> {
         let membership = self.member(chat, caller).await?;
+        let reply_id = request_id.map(|r| self.settings.reply_ids.regenerated(chat, caller, r));
+        // A retry: what the first call started, whatever happened since.
+        if let Some(id) = &reply_id
+            && let Some(started) = self.regenerated(chat, id).await?
+        {
+            return Ok((moderated(started.0, caller, Sight::of(&membership)), started.1));
+        }
         self.may_regenerate(chat).await?;
         self.reply_rate.check(&caller.to_owned())?;
         let recent = self.links.messages.recent_messages(chat, 50).await?;
@@ -1437,36 +1454,71 @@ impl Assistant {
                 }
                 None => prompt,
             };
-            let request = self.start_request(&prompt, Uuid::now_v7().to_string(), &latest.id);
-            let (reply, _) = self.links.messages.start_reply(request).await?;
-            Ok::<_, Status>((reply, prompt))
+            let id = reply_id.clone().unwrap_or_else(|| Uuid::now_v7().to_string());
+            let request = self.start_request(&prompt, id, &latest.id);
+            let (reply, created) = self.links.messages.start_reply(request).await?;
+            Ok::<_, Status>((reply, prompt, created))
         }
         .await;
         match started {
-            Ok((reply, prompt)) => {
+            // A retry of this request that raced this one started it (and
+            // generates it): answered as it is, the lane given back below.
+            Ok((reply, prompt, false)) => {
+                self.give_back_lane(chat, &prompt_id);
+                Ok((moderated(reply, caller, sight), prompt))
+            }
+            Ok((reply, prompt, true)) => {
                 let job = Job { prompt: prompt.clone(), started: Some(reply.clone()) };
                 tokio::spawn(self.clone().drive(chat.to_owned(), job));
                 Ok((moderated(reply, caller, sight), prompt))
             }
             Err(status) => {
-                // Prompts sent meanwhile queued behind this call's claim of
-                // the lane: they are answered, in order, as ever.
-                let next = {
-                    let mut state = self.state();
-                    state.prompts.remove(&prompt_id);
-                    let next = state.lanes.get_mut(chat).and_then(|lane| lane.queue.pop_front());
-                    if next.is_none() {
-                        state.lanes.remove(chat);
-                    }
-                    next
-                };
-                match next {
-                    Some(job) => drop(tokio::spawn(self.clone().drive(chat.to_owned(), job))),
-                    None => self.lane_freed.notify_waiters(),
-                }
+                self.give_back_lane(chat, &prompt_id);
                 Err(status)
             }
         }
+    }
+
+    /// Gives back the lane of `chat` that a Regenerate claimed for the
+    /// prompt `prompt_id` and started nothing in: prompts sent meanwhile
+    /// queued behind the claim are answered, in order, as ever.
+    fn give_back_lane(self: &Arc<Self>, chat: &str, prompt_id: &str) {
+        let next = {
+            let mut state = self.state();
+            state.prompts.remove(prompt_id);
+            let next = state.lanes.get_mut(chat).and_then(|lane| lane.queue.pop_front());
+            if next.is_none() {
+                state.lanes.remove(chat);
+            }
+            next
+        };
+        match next {
+            Some(job) => drop(tokio::spawn(self.clone().drive(chat.to_owned(), job))),
+            None => self.lane_freed.notify_waiters(),
+        }
+    }
+
+    /// The reply a Regenerate with reply id `id` started in `chat`, with
+    /// its prompt (None: not started yet).
+    ///
+    /// Errors: ALREADY_EXISTS when `id` is a message that is no reply of
+    /// the bot in `chat` (nobody but the client knows its request id, so
+    /// only a client that reused one elsewhere meets this).
+    async fn regenerated(&self, chat: &str, id: &str) -> Result<Option<(mpb::Message, mpb::Message)>, Status> {
+        let Some(reply) = self.links.messages.lookup_messages(vec![id.to_owned()], "", Vec::new()).await?.pop() else {
+            return Ok(None);
+        };
+        if reply.chat_id != chat || reply.author_id != self.bot.id || reply.role != mpb::MessageRole::Assistant as i32 {
+            return Err(Status::already_exists("request_id was used for another request"));
+        }
+        let prompt = self
+            .links
+            .messages
+            .lookup_messages(Vec::new(), chat, vec![reply.reply_to_seq])
+            .await?
+            .pop()
+            .ok_or_else(|| Status::failed_precondition("the reply's prompt is gone"))?;
+        Ok(Some((reply, prompt)))
     }
 
     /// StopGeneration: stops a GENERATING reply (here at once; on another

@@ -481,7 +481,8 @@ pub trait ChatStore: Send + Sync + 'static {
 
     /// Keeps `item` of log `name` to be tried again (its handling failed
     /// at `now`, µs), due after `backoff.first`; an item kept already is
-    /// kept once, due after twice its last wait (at most `backoff.max`), so
+    /// kept once, due after twice its last wait (at least `backoff.first`:
+    /// items kept before waits were, wait 0; at most `backoff.max`), so
     /// that an item that keeps failing costs ever less and goes behind the
     /// others due.
     async fn retry_later(&self, name: &str, item: &str, now: i64, backoff: Backoff) -> Result<(), StoreError>;

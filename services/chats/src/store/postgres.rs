@@ -551,8 +551,8 @@ impl ChatStore for PostgresChatStore {
         sqlx::query(
             "INSERT INTO followed_log_retries (name, item, retry_time, delay) VALUES ($1, $2, $3 + $4, $4) \
              ON CONFLICT (name, item) DO UPDATE SET \
-             delay = LEAST(followed_log_retries.delay * 2, $5), \
-             retry_time = $3 + LEAST(followed_log_retries.delay * 2, $5)",
+             delay = LEAST(GREATEST(followed_log_retries.delay * 2, $4), $5), \
+             retry_time = $3 + LEAST(GREATEST(followed_log_retries.delay * 2, $4), $5)",
         )
         .bind(name)
         .bind(item)

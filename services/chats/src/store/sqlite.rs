@@ -609,8 +609,7 @@ impl ChatStore for SqliteChatStore {
             conn.prepare_cached(
                 "INSERT INTO followed_log_retries (name, item, retry_time, delay) VALUES (?1, ?2, ?3 + ?4, ?4) \
                  ON CONFLICT (name, item) DO UPDATE SET \
-                 delay = CASE WHEN delay * 2 > ?5 THEN ?5 ELSE delay * 2 END, \
-                 retry_time = ?3 + CASE WHEN delay * 2 > ?5 THEN ?5 ELSE delay * 2 END",
+                 delay = min(max(delay * 2, ?4), ?5), retry_time = ?3 + min(max(delay * 2, ?4), ?5)",
             )?
             .execute(params![name, item, now, backoff.first, backoff.max])
         });

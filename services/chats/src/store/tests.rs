@@ -143,7 +143,13 @@ async fn failed_items_of_a_log_wait_once_each_until_retried(store: &dyn ChatStor
     store.retry_later("log", "a", 40, backoff).await.unwrap();
     assert_eq!(store.retries("log", 74, 10).await.unwrap(), ["c", "b"]);
     assert_eq!(store.retries("log", 75, 10).await.unwrap(), ["c", "b", "a"]);
+    // Kept before waits were (0 for both): failing again, it waits `first`.
+    store.retry_later("log", "d", 0, Backoff { first: 0, max: 0 }).await.unwrap();
+    store.retry_later("log", "d", 80, backoff).await.unwrap();
+    assert_eq!(store.retries("log", 89, 10).await.unwrap(), ["c", "b", "a"]);
+    assert_eq!(store.retries("log", 90, 10).await.unwrap(), ["c", "b", "a", "d"]);
     store.retried("log", "a").await.unwrap();
+    store.retried("log", "d").await.unwrap();
     store.retried("log", "z").await.unwrap();
     assert_eq!(store.retries("log", 100, 10).await.unwrap(), ["c", "b"]);
     assert_eq!(store.retries("other", 100, 10).await.unwrap(), ["a"], "each log its own");

@@ -252,6 +252,17 @@ struct Answers {
     titled: bool,
 }
 
+/// A prompt left unread after a transient failure ([`Assistant::hold`]).
+#[derive(Clone, Debug)]
+struct Held {
+    /// The prompt's id.
+    id: String,
+    /// The owner token of its job's StartReply calls, when it made any:
+    /// one of them may have committed (its answer lost), so the replay
+    /// retries the same start ([`Assistant::run`]).
+    owner: Option<String>,
+}
+
 /// One prompt to answer.
 #[derive(Clone, Debug)]
 struct Job {
@@ -280,11 +291,11 @@ struct State {
     /// Chats seen: which of their messages are prompts (kept current by
     /// the chat_updated events of the bot's stream, in stream order).
     chats: HashMap<String, Answers>,
-    /// Per chat, the prompts (by seq, with their ids) dropped after their
+    /// Per chat, the prompts (by seq) dropped after their
     /// CheckMembership or StartReply failed transiently past every retry:
     /// the bot's read position stays before the first, so that a
     /// reconnect or a restart replays it ([`Assistant::read_past`]).
-    held: HashMap<String, BTreeMap<i64, String>>,
+    held: HashMap<String, BTreeMap<i64, Held>>,
 }
 
 /// How a generation ended.
@@ -440,10 +451,12 @@ impl Assistant {
         };
         match self.is_prompt(&message).await {
             Ok(true) => self.submit(Job { prompt: message, started: None }).await,
-            Ok(false) => self.release(&message),
+            Ok(false) => {
+                self.release(&message);
+            }
             Err(status) if is_transient(&status) => {
                 tracing::warn!(chat_id = %message.chat_id, message = %message.id, error = %status.message(), "cannot tell whether a message is a prompt; left unread");
-                self.hold(&message);
+                self.hold(&message, None);
             }
             Err(status) => {
                 tracing::warn!(chat_id = %message.chat_id, message = %message.id, error = %status.message(), "cannot tell whether a message is a prompt");
@@ -495,21 +508,25 @@ impl Assistant {
 
     /// Keeps the bot's read position before `prompt`, which was dropped
     /// after a transient failure: it is replayed on the next reconnect or
-    /// restart ([`Assistant::read_past`]).
-    fn hold(&self, prompt: &mpb::Message) {
-        self.state().held.entry(prompt.chat_id.clone()).or_default().insert(prompt.seq, prompt.id.clone());
+    /// restart ([`Assistant::read_past`]); `owner`, the token of its
+    /// StartReply calls (if it made any), goes to the replay in this
+    /// process.
+    fn hold(&self, prompt: &mpb::Message, owner: Option<String>) {
+        let held = Held { id: prompt.id.clone(), owner };
+        self.state().held.entry(prompt.chat_id.clone()).or_default().insert(prompt.seq, held);
     }
 
     /// Lets the bot's read position pass `prompt` again (it is being
-    /// answered, or is no prompt after all).
-    fn release(&self, prompt: &mpb::Message) {
+    /// answered, or is no prompt after all). Returns the owner token of
+    /// the StartReply calls of its dropped job, if it was held after some.
+    fn release(&self, prompt: &mpb::Message) -> Option<String> {
         let mut state = self.state();
-        if let Some(held) = state.held.get_mut(&prompt.chat_id) {
-            held.remove(&prompt.seq);
-            if held.is_empty() {
-                state.held.remove(&prompt.chat_id);
-            }
+        let held = state.held.get_mut(&prompt.chat_id)?;
+        let released = held.remove(&prompt.seq);
+        if held.is_empty() {
+            state.held.remove(&prompt.chat_id);
         }
+        released.and_then(|held| held.owner)
     }
 
     /// Queues a prompt behind its chat's reply being generated, or starts
@@ -588,7 +605,7 @@ impl Assistant {
             Ok((_, false)) => {}
             Err(status) if is_transient(&status) => {
                 tracing::warn!(prompt = %prompt.id, error = %status.message(), "cannot refuse a prompt; left unread");
-                self.hold(prompt);
+                self.hold(prompt, None);
             }
             Err(status) => tracing::warn!(prompt = %prompt.id, error = %status.message(), "cannot refuse a prompt"),
         }
@@ -629,11 +646,11 @@ impl Assistant {
             request.message_id = id;
             // Safe to repeat: StartReply is idempotent by message_id (the
             // reply id, derived from the prompt), so a retry of a call that
-            // did commit (its answer lost) creates no second reply: it
-            // answers the reply as it is, created = false. This job then
-            // takes the prompt for answered by someone else and leaves it
-            // (nothing tells its own reply from another replica's); the
-            // sweeper ends that reply INTERRUPTED once its lease runs out.
+            // did commit (its answer lost) creates no second reply. With
+            // the request's owner (the job's, see `run`) it answers that
+            // reply, still GENERATING, as created: the job generates it.
+            // Without one (a refusal: created finished, nothing to
+            // generate) it answers the reply as it is, created = false.
             let start = || self.links.messages.start_reply(request.clone());
             match self.settings.retry.run(&self.shutdown, "StartReply", start).await {
                 Err(status) if status.code() == tonic::Code::AlreadyExists => tracing::warn!(
@@ -674,15 +691,30 @@ impl Assistant {
     /// the restart: the read position did not move past it). A prompt whose
     /// StartReply fails transiently past every retry is held: the read
     /// position stays before it, so a reconnect or a restart replays it.
+    ///
+    /// Every StartReply of the job carries one owner token (a random UUID;
+    /// its retries, its tries after ABORTED and, in this process, the
+    /// replay of the prompt if it is held): one whose answer was lost after
+    /// it committed is then answered as created by a later one, and the
+    /// job generates the reply. A reply started under another token (by
+    /// another replica, or by this assistant before a restart) is left to
+    /// its generator: the token is per job, not per process, because the
+    /// messages service cannot tell a dead generator from a live one but
+    /// by its lease, so only the job that made the token may adopt. A
+    /// restart replaying a prompt whose start committed unanswered thus
+    /// still finds the reply taken; the sweeper ends it INTERRUPTED.
     async fn run(&self, mut job: Job) {
         if self.shutdown.is_cancelled() && job.started.is_none() {
             return;
         }
+        // The token of a dropped job of this prompt, in this process: that
+        // job ended, so its start (if one committed) is this job's to go on.
+        let mut owner = None;
         if job.started.is_none() {
             // Replayed after it was dropped: held again if it fails again.
             // (This chat's other prompts wait in its lane meanwhile: none
             // moves the read position in between.)
-            self.release(&job.prompt);
+            owner = self.release(&job.prompt);
         }
         // A Regenerate checked the chat before it started the reply; the
         // owner may have removed the bot, turned it off or archived the
@@ -724,12 +756,18 @@ impl Assistant {
         }
         // Regenerate counted its reply against the rate already.
         let counted = job.started.is_some();
+        let owner = owner.unwrap_or_else(|| Uuid::new_v4().to_string());
         let reply = match job.started {
             Some(reply) => reply,
             None => loop {
                 let mut ended = self.finished.subscribe();
-                let request = self.start_request(&job.prompt, String::new(), "");
+                let request = mpb::StartReplyRequest {
+                    owner: owner.clone(),
+                    ..self.start_request(&job.prompt, String::new(), "")
+                };
                 match self.start_first_reply(request).await {
+                    // Started by this call, or by an earlier one of this job
+                    // whose answer was lost (the same owner).
                     Ok((reply, true)) => break reply,
                     // Answered already (here before a restart, or by another
                     // replica): nothing to do.
@@ -756,7 +794,7 @@ impl Assistant {
                     }
                     Err(status) if is_transient(&status) => {
                         tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot start a reply; the prompt is left unread");
-                        return self.hold(&job.prompt);
+                        return self.hold(&job.prompt, Some(owner));
                     }
                     Err(status) => {
                         tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot start a reply");
@@ -825,7 +863,7 @@ impl Assistant {
             .state()
             .held
             .get(&prompt.chat_id)
-            .and_then(|held| held.first_key_value().map(|(&seq, id)| (seq, id.clone())));
+            .and_then(|held| held.first_key_value().map(|(&seq, held)| (seq, held.id.clone())));
         let seq = match first_held {
             Some((held, id)) if held <= prompt.seq => {
                 tracing::info!(chat_id = %prompt.chat_id, held = %id, "the assistant's read position stays before a prompt left unread");

@@ -868,6 +868,22 @@ fn start_status(status: i32) -> Result<Option<Generation>, Status> {
     }
 }
 
+/// Most bytes of a StartReply's owner token.
+const OWNER_MAX: usize = 128;
+
+/// A StartReply's owner token: None when empty (none, never matched).
+///
+/// Errors: INVALID_ARGUMENT naming `owner` when over [`OWNER_MAX`] bytes.
+fn start_owner(owner: &str) -> Result<Option<String>, Status> {
+    match owner {
+        "" => Ok(None),
+        long if long.len() > OWNER_MAX => {
+            Err(FieldViolations::single("owner", "must be at most 128 bytes").into_status())
+        }
+        owner => Ok(Some(owner.to_owned())),
+    }
+}
+
 /// The store's form of a GenerationInfo.
 fn info_of(info: pb::GenerationInfo) -> GenerationInfo {
     GenerationInfo {
@@ -1054,6 +1070,7 @@ impl MessageInternalService for MessageInternalApi {
                     Some((status, r.text.clone(), info_of(info)))
                 }
             },
+            owner: start_owner(&r.owner)?,
         };
         let (message, created) = self.messages.start_reply(reply).await?;
         Ok(Response::new(pb::StartReplyResponse { message: Some(message_pb(message, Vec::new())), created }))

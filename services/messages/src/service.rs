@@ -844,7 +844,11 @@ impl Messages {
     /// Internal: starts an assistant's reply (see
     /// [`MessageStore::start_reply`]), announces it (and the reply it
     /// superseded) and records the chat's activity. Returns the reply and
-    /// whether this call created it.
+    /// whether this call created it: also true for a retry of the start
+    /// that created it ([`Started::Resumed`], same owner, still
+    /// GENERATING), which has the chat's streams re-read the store (the
+    /// start it retries lost its answer, perhaps cancelled before it
+    /// announced the reply).
     ///
     /// Errors: NOT_FOUND (no such prompt in the chat), FAILED_PRECONDITION
     /// (the replaced message is no reply of the chat), ALREADY_EXISTS (the
@@ -866,8 +870,12 @@ impl Messages {
                 crate::writer::record_activity(self.chats.as_ref(), &[&created]).await;
                 Ok((message, true))
             }
+            Started::Resumed(message) if message.chat_id == chat && message.author_id == author => {
+                Unannounced::new(&self.bus, chat).drop_now();
+                Ok((message, true))
+            }
             Started::Exists(message) if message.chat_id == chat && message.author_id == author => Ok((message, false)),
-            Started::Exists(_) => Err(MessagesError::MessageIdTaken),
+            Started::Resumed(_) | Started::Exists(_) => Err(MessagesError::MessageIdTaken),
             Started::NoSuchPrompt => Err(MessagesError::MessageNotFound),
             Started::NotAReply => Err(MessagesError::Precondition("the replaced message is no reply of this chat")),
             Started::Busy(_) => Err(MessagesError::Aborted("another reply of this chat is being generated")),

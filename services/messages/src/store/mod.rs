@@ -595,6 +595,11 @@ pub struct NewReply {
     /// Created finished (a refusal) with this status, text and info,
     /// instead of GENERATING.
     pub finished: Option<(Generation, String, GenerationInfo)>,
+    /// The starting generator's token (StartReplyRequest.owner, 128 bytes
+    /// at most), stored with the reply: a start of the same id with the
+    /// same owner while the reply is GENERATING is [`Started::Resumed`].
+    /// None never matches.
+    pub owner: Option<String>,
 }
 
 /// Outcome of [`MessageStore::start_reply`].
@@ -608,6 +613,11 @@ pub enum Started {
     Created(Message, Option<Message>),
     /// A message with the reply's id exists already (nothing written).
     Exists(Message),
+    /// The reply exists, still GENERATING, started with this start's
+    /// [owner](NewReply::owner): the caller's own start, whose answer it
+    /// lost. Nothing written but its checkpoint time, renewed on the
+    /// store's clock (the lease its caller now holds).
+    Resumed(Message),
     /// The prompt is no message of the chat.
     NoSuchPrompt,
     /// The replaced message is no reply of the chat.
@@ -1166,8 +1176,11 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// assistant (role ASSISTANT, GENERATING, empty text, reply_to the
     /// prompt's seq, checkpoint at `now`) with the chat's next seq and
     /// change number; with `replaces`, that reply is superseded, taking the
-    /// next change number. A stored id writes nothing ([`Started::Exists`]);
-    /// neither does a chat with another reply GENERATING
+    /// next change number. The reply keeps [`NewReply::owner`]. A stored id
+    /// writes nothing ([`Started::Exists`]), save for a reply still
+    /// GENERATING and started with the same owner, whose lease is renewed
+    /// ([`Started::Resumed`]; a finished reply is never restarted); neither
+    /// does a chat with another reply GENERATING
     /// ([`Started::Busy`]), checked under the chat's heads lock so two
     /// replicas cannot both start one. A reply created finished
     /// ([`NewReply::finished`]) skips that check.

@@ -170,6 +170,25 @@ impl PostgresStore {
     async fn try_start_reply(&self, r: &NewReply) -> Result<Started, StoreError> {
         let id = r.id.to_string();
         let chat = r.chat_id.to_string();
+        if let Some(owner) = &r.owner {
+            // The caller's own start, still generating: its lease renewed
+            // on the database's clock, in one statement (a finished reply is
+            // never restarted; a finish racing this one is waited for and
+            // then seen).
+            let resumed = sqlx::query(concat!(
+                "UPDATE messages SET checkpoint_time = ",
+                db_clock_micros!(),
+                " WHERE id = $1 AND generation = 1 AND reply_owner = $2 RETURNING ",
+                message_columns!()
+            ))
+            .bind(&id)
+            .bind(owner)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(row) = resumed {
+                return Ok(Started::Resumed(message_row(&row)?));
+            }
+        }
         if let Some(row) = sqlx::query(MESSAGE_BY_ID).bind(&id).fetch_optional(&self.pool).await? {
             return Ok(Started::Exists(message_row(&row)?));
         }
@@ -222,11 +241,11 @@ impl PostgresStore {
         let row = sqlx::query(concat!(
             "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
              revision, delete_time, change_seq, create_change, role, generation, replaces_id, generation_info, \
-             checkpoint_time, search_vector) \
+             checkpoint_time, search_vector, reply_owner) \
              VALUES ($1, $2, $3, $4, $9, '', $5, $6, NULL, 1, NULL, $7, $7, 2, $10, $8, $11, \
              CASE WHEN $12 THEN ",
             db_clock_micros!(),
-            " END, $13::tsvector) RETURNING ",
+            " END, $13::tsvector, $14) RETURNING ",
             message_columns!()
         ))
         .bind(&id)
@@ -242,6 +261,7 @@ impl PostgresStore {
         .bind(info)
         .bind(checkpointed)
         .bind(crate::search::tsvector(text))
+        .bind(&r.owner)
         .fetch_one(&mut *tx)
         .await?;
         let reply = message_row(&row)?;

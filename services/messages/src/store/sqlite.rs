@@ -495,8 +495,28 @@ fn react(
 fn start_reply(conn: &mut Connection, r: &NewReply) -> rusqlite::Result<Started> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let id = r.id.to_string();
-    if let Some(existing) = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([&id], message_row).optional()? {
-        return Ok(Started::Exists(existing));
+    let existing = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([&id], message_row).optional()?;
+    if let Some(existing) = existing {
+        // The caller's own start, still generating: its lease renewed, on
+        // the store's clock, in this transaction (a finished reply is
+        // never restarted).
+        let resumed = match &r.owner {
+            Some(owner) => tx
+                .prepare_cached(concat!(
+                    "UPDATE messages SET checkpoint_time = ?3 \
+                     WHERE id = ?1 AND generation = 1 AND reply_owner = ?2 RETURNING ",
+                    message_columns!()
+                ))?
+                .query_row(params![id, owner, natter_kit::time::now_micros()], message_row)
+                .optional()?,
+            None => None,
+        };
+        let started = match resumed {
+            Some(reply) => Started::Resumed(reply),
+            None => Started::Exists(existing),
+        };
+        tx.commit()?;
+        return Ok(started);
     }
     let chat = r.chat_id.to_string();
     let prompt: Option<i64> = tx
@@ -538,8 +558,8 @@ fn start_reply(conn: &mut Connection, r: &NewReply) -> rusqlite::Result<Started>
         .prepare_cached(concat!(
             "INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
              revision, delete_time, change_seq, create_change, role, generation, replaces_id, generation_info, \
-             checkpoint_time) \
-             VALUES (?1, ?2, ?3, ?4, ?9, '', ?5, ?6, NULL, 1, NULL, ?7, ?7, 2, ?10, ?8, ?11, ?12) RETURNING ",
+             checkpoint_time, reply_owner) \
+             VALUES (?1, ?2, ?3, ?4, ?9, '', ?5, ?6, NULL, 1, NULL, ?7, ?7, 2, ?10, ?8, ?11, ?12, ?13) RETURNING ",
             message_columns!()
         ))?
         .query_row(
@@ -555,7 +575,8 @@ fn start_reply(conn: &mut Connection, r: &NewReply) -> rusqlite::Result<Started>
                 text,
                 generation as i64,
                 info,
-                checkpoint
+                checkpoint,
+                r.owner
             ],
             message_row,
         )?;

@@ -79,6 +79,7 @@ message_store_suite!(
     a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it,
     stale_replies_are_those_whose_checkpoint_is_old_and_checkpoints_renew_them,
     one_reply_generates_at_a_time_per_chat_and_a_refusal_is_not_held_up,
+    a_start_retried_by_its_owner_resumes_its_reply_while_it_generates,
     read_positions_are_read_in_order,
     a_retry_with_the_same_id_creates_nothing,
     a_batch_assigns_gap_free_seqs_per_chat_and_skips_retries,
@@ -778,7 +779,13 @@ fn reply(n: u32, c: u8, prompt: u32, replaces: Option<u32>) -> NewReply {
         replaces: replaces.map(id),
         now: 5_000 + i64::from(n),
         finished: None,
+        owner: None,
     }
+}
+
+/// [`reply`] started by the generator `owner`.
+fn owned(n: u32, c: u8, prompt: u32, owner: &str) -> NewReply {
+    NewReply { owner: Some(owner.into()), ..reply(n, c, prompt, None) }
 }
 
 fn created(started: Started) -> (Message, Option<Message>) {
@@ -874,6 +881,43 @@ async fn one_reply_generates_at_a_time_per_chat_and_a_refusal_is_not_held_up(h: 
     // Once the first ends, the next may start.
     h.store.finish_reply(first.id, &fin("", Generation::Complete, &GenerationInfo::default(), false)).await.unwrap();
     assert!(matches!(h.store.start_reply(&reply(13, 1, 2, None)).await.unwrap(), Started::Created(..)));
+}
+
+async fn a_start_retried_by_its_owner_resumes_its_reply_while_it_generates(h: &Harness) {
+    send(h, &[by(msg(1, 1, 0), 1), by(msg(2, 1, 0), 1)]).await;
+    let t0 = h.store.clock().await.unwrap();
+    let (r, _) = created(h.store.start_reply(&owned(11, 1, 1, "job-a")).await.unwrap());
+    // Old enough for the sweeper: the generator lost the start's answer
+    // and retries it late.
+    h.store.checkpoint_reply(r.id, Some("so far"), t0 - 60_000_000).await.unwrap();
+    assert_eq!(h.store.stale_replies(t0, 10).await.unwrap().iter().map(|m| m.id).collect::<Vec<_>>(), [r.id]);
+
+    // Its owner's retry: the reply as it is, for it to generate, its lease
+    // renewed on the store's clock; nothing else written.
+    let Started::Resumed(resumed) = h.store.start_reply(&owned(11, 1, 1, "job-a")).await.unwrap() else {
+        panic!("not resumed by its owner")
+    };
+    let now = h.store.message(r.id).await.unwrap().unwrap();
+    assert_eq!((&resumed, resumed.text.as_str(), resumed.generation()), (&now, "so far", Some(Generation::Generating)));
+    assert_eq!(h.store.stale_replies(t0, 10).await.unwrap(), [], "the lease is renewed");
+    assert_eq!(h.store.heads(chat(1)).await.unwrap().change, 3, "no change number taken");
+    assert_eq!(stored(h, 1).await.len(), 3, "no second reply");
+    // Another generator's start (another replica, a restart) or one with
+    // no owner: the reply exists, not theirs to generate.
+    assert_eq!(h.store.start_reply(&owned(11, 1, 1, "job-b")).await.unwrap(), Started::Exists(now.clone()));
+    assert_eq!(h.store.start_reply(&reply(11, 1, 1, None)).await.unwrap(), Started::Exists(now.clone()));
+    // The owner of one reply starting another while it generates: busy.
+    assert_eq!(h.store.start_reply(&owned(12, 1, 2, "job-a")).await.unwrap(), Started::Busy(r.id));
+
+    // Finished, the reply is never restarted, not even by its owner.
+    let info = GenerationInfo::default();
+    let done = h.store.finish_reply(r.id, &fin("done", Generation::Complete, &info, false)).await.unwrap().unwrap();
+    assert_eq!(h.store.start_reply(&owned(11, 1, 1, "job-a")).await.unwrap(), Started::Exists(done.reply.clone()));
+    assert_eq!(h.store.message(r.id).await.unwrap(), Some(done.reply));
+
+    // No owner is matched by none: a start without one stays Exists.
+    let (unowned, _) = created(h.store.start_reply(&reply(13, 1, 2, None)).await.unwrap());
+    assert_eq!(h.store.start_reply(&reply(13, 1, 2, None)).await.unwrap(), Started::Exists(unowned));
 }
 
 async fn stale_replies_are_those_whose_checkpoint_is_old_and_checkpoints_renew_them(h: &Harness) {

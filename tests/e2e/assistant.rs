@@ -328,7 +328,11 @@ async fn a_regenerate_retried_with_its_request_id_starts_one_reply(c: &Cluster, 
     assert_eq!(regenerate(reload.clone()).await.unwrap().id, started.id);
     let finished = until_finished(&mut stream, Some(&started.id)).await.finished.unwrap();
     assert_eq!(finished.text, "two");
-    let upper = apb::RegenerateRequest { request_id: request_id.to_uppercase(), ..reload.clone() };
+    let upper = apb::RegenerateRequest {
+        request_id: request_id.to_uppercase(),
+        chat_id: chat.to_uppercase(),
+        ..reload.clone()
+    };
     let again = regenerate(upper).await.unwrap();
     assert_eq!(
         (again.id.as_str(), again.text.as_str(), status(&again)),

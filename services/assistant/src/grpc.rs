@@ -97,7 +97,9 @@ impl AssistantService for AssistantApi {
     ) -> Result<Response<pb::RegenerateResponse>, Status> {
         let (caller, assistant) = self.caller(&request).await?;
         let r = request.into_inner();
-        uuid("chat_id", &r.chat_id)?;
+        // Canonical form, as the request id's: a retry that spells the
+        // chat's id in capitals is the same request.
+        let chat = natter_kit::id::parse("chat_id", &r.chat_id)?.to_string();
         let edit = match pb::RegenerateMode::try_from(r.mode) {
             Ok(pb::RegenerateMode::Reload) => None,
             Ok(pb::RegenerateMode::Edit) if r.text.trim().is_empty() => {
@@ -114,7 +116,7 @@ impl AssistantService for AssistantApi {
             "" => None,
             id => Some(natter_kit::id::parse("request_id", id)?.to_string()),
         };
-        let (reply, prompt) = assistant.regenerate(&caller, &r.chat_id, edit, request_id.as_deref()).await?;
+        let (reply, prompt) = assistant.regenerate(&caller, &chat, edit, request_id.as_deref()).await?;
         Ok(Response::new(pb::RegenerateResponse { reply: Some(reply), prompt: Some(prompt) }))
     }
 

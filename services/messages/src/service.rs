@@ -351,14 +351,22 @@ impl Messages {
                 return Err(MessagesError::Precondition("thread_root_seq: the thread's root is deleted"));
             }
             Sent::Duplicate => {
-                // A concurrent retry won the race, or a batch was committed
-                // though its commit reported a failure (then tried again
-                // message by message): answer with the message, and have the
-                // chat's streams re-read the store, as the latter announced
-                // nothing.
-                Unannounced::new(&self.bus, req.chat_id).drop_now();
+                // A retry (its first answer lost), a concurrent retry that
+                // won the race, or a batch committed though its commit
+                // reported a failure (then tried again message by message,
+                // announced by nobody): answered with the message, which is
+                // announced again as it was created. A stream that has it
+                // drops it at once (at or below its cursor), one that missed
+                // it gets it; changed since, the streams re-read the store.
                 let existing = self.store.message(id).await?.ok_or(MessagesError::MessageNotFound)?;
-                return same_message(existing, &req, caller);
+                let answer = same_message(existing, &req, caller)?;
+                if answer.change_seq == answer.create_change {
+                    let event = grpc::created_event(grpc::message_pb(answer.clone(), Vec::new()));
+                    self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(BusEvent::new(req.chat_id, event)));
+                } else {
+                    Unannounced::new(&self.bus, req.chat_id).drop_now();
+                }
+                return Ok(answer);
             }
         };
         let event = grpc::created_event(grpc::message_pb(message.clone(), Vec::new()));

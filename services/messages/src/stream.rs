@@ -964,6 +964,40 @@ mod tests {
         assert_eq!(message.text, "sent, then cancelled");
     }
 
+    /// A message committed but announced by nobody (its batch's commit
+    /// reported a failure) reaches the streams when its sender retries; a
+    /// retry of one they have is not sent twice.
+    #[tokio::test]
+    async fn a_retried_send_announces_what_was_never_announced_and_nothing_twice() {
+        let h = Harness::start().await;
+        let mut stream = h.stream_of_member(vec![h.chat]).await;
+        let id = MessageId::new_v7();
+        let unannounced = crate::store::NewMessage {
+            id,
+            chat_id: h.chat.into(),
+            author_id: UserId(h.owner),
+            text: "committed unseen".into(),
+            attachments: Vec::new(),
+            reply_to: None,
+            send_time: natter_kit::time::now_micros(),
+            flags: None,
+            mentions: Vec::new(),
+            thread_root: None,
+        };
+        h.messages.store().insert_batch(&[unannounced]).await.unwrap();
+        let retry = SendMessage { message_id: Some(id), ..h.send_of_owner("committed unseen") };
+        assert_eq!(h.messages.send(UserId(h.owner), retry.clone()).await.unwrap().id, id);
+        let created = |event: &pb::StreamEventsResponse| match &event.event {
+            Some(Event::MessageCreated(m)) => m.text.clone(),
+            _ => panic!("{event:?}"),
+        };
+        assert_eq!(created(&next_event(&mut stream).await), "committed unseen");
+        // Retried again: the stream has it, and drops it.
+        h.messages.send(UserId(h.owner), retry).await.unwrap();
+        h.owner_sends("next").await.unwrap();
+        assert_eq!(created(&next_event(&mut stream).await), "next");
+    }
+
     #[tokio::test]
     async fn a_chat_joined_while_the_stream_lagged_is_replayed_from_the_join() {
         let h = Harness::start().await;

@@ -190,7 +190,9 @@ impl App {
 /// The all-in-one's own key for its assistant's reply ids
 /// ([`natter_assistant::ReplyIds`]): read from `path`, or made the first
 /// time (256 random bits, hex) and kept there, readable by its owner only,
-/// so that the ids stay the same across restarts.
+/// so that the ids stay the same across restarts. The key is written to a
+/// file of its own first, then linked to `path` in one step: a crash midway
+/// leaves no empty key, and of two starts at once both use the first's.
 ///
 /// Errors: the file cannot be read or written.
 fn own_reply_key(path: &std::path::Path) -> anyhow::Result<String> {
@@ -204,16 +206,20 @@ fn own_reply_key(path: &std::path::Path) -> anyhow::Result<String> {
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
     }
     let key = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let draft = path.with_extension(format!("new-{}", uuid::Uuid::new_v4().simple()));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    match options.open(path) {
-        Ok(mut file) => {
-            std::io::Write::write_all(&mut file, key.as_bytes())
-                .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-            Ok(key)
-        }
+    let written = options.open(&draft).and_then(|mut file| {
+        std::io::Write::write_all(&mut file, key.as_bytes())?;
+        file.sync_all()
+    });
+    // Linked only if no key is there yet: never replaces one.
+    let linked = written.and_then(|()| std::fs::hard_link(&draft, path));
+    let _ = std::fs::remove_file(&draft);
+    match linked {
+        Ok(()) => Ok(key),
         // Made meanwhile (by another start): that one.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => own_reply_key(path),
         Err(e) => anyhow::bail!("creating {}: {e}", path.display()),

@@ -881,19 +881,22 @@ impl Logged {
     /// How `changes` are numbered after the chat's newest change number
     /// `last` (its newest seq then `seq`), in order: each takes the next
     /// number, and a join also takes the one after for its joiner's read
-    /// position, `joined`: the newest seq when the join was committed (at
-    /// most `seq`), which is also the join's own seq. The same rule answers
-    /// a retried call from its log entries ([`Logged::of_entry`]).
-    fn number(changes: &[ChatChange], last: i64, seq: Seq, joined: Seq) -> Vec<Logged> {
+    /// position, `joined(joiner)`: the newest seq when the join was
+    /// committed (at most `seq`), or the joiner's read position if further
+    /// (read while the join was on its way), which is also the join's own
+    /// seq. The same rule answers a retried call from its log entries
+    /// ([`Logged::of_entry`]).
+    fn number(changes: &[ChatChange], last: i64, seq: Seq, joined: &dyn Fn(UserId) -> Seq) -> Vec<Logged> {
         let mut next = last;
         changes
             .iter()
             .map(|c| {
                 next += 1;
                 let change_seq = next;
-                if matches!(c, ChatChange::Joined(_)) {
+                if let ChatChange::Joined(joiner) = c {
                     next += 1;
-                    Logged { change_seq, read: Some((next, joined)), seq: joined }
+                    let read = joined(*joiner);
+                    Logged { change_seq, read: Some((next, read)), seq: read }
                 } else {
                     Logged { change_seq, read: None, seq }
                 }
@@ -913,7 +916,7 @@ impl Logged {
 }
 
 /// `chat_changes.kind` of a [`ChatChange::Joined`].
-const JOINED: &str = "joined";
+pub(crate) const JOINED: &str = "joined";
 
 /// One change of a chat as the store holds it now, for replay.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1089,8 +1092,8 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// in its log (which then keeps its newest [`CHAT_LOG_KEEP`], raising
     /// the floor past what it prunes); a [`ChatChange::Joined`] also sets the
     /// joiner's read position to the chat's newest message sent at or before
-    /// `now` (even backwards: a rejoining member starts from then) with the
-    /// number after the join's, and the join's seq to it. Answers in the
+    /// `now`, unless it is further already (read while the join was on its
+    /// way), with the number after the join's, and the join's seq to it. Answers in the
     /// order of `changes`; `now` in µs: when the changes were committed (a
     /// join recorded late leaves what was sent since unread).
     ///
@@ -1110,7 +1113,8 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     async fn heads(&self, chat: ChatId) -> Result<Heads, StoreError>;
 
     /// The change number of `user`'s latest join of `chat` still in the
-    /// chat's log (None: never joined, or pruned since).
+    /// chat's log, unless a departure of theirs follows it (None: never
+    /// joined, left since, or pruned).
     async fn joined_at(&self, chat: ChatId, user: UserId) -> Result<Option<i64>, StoreError>;
 
     /// Up to `limit` changes of `chat` with a change number above `after`,

@@ -28,7 +28,7 @@ use sqlx::{PgPool, Row as _};
 
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
-    GenerationInfo, Heads, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
+    GenerationInfo, Heads, JOINED, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
     QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, SearchCursor, SearchFilter, SearchHit, Sent,
     Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of,
     chat_change_row, decode_mentions, encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns,
@@ -961,17 +961,38 @@ impl MessageStore for PostgresStore {
         } else {
             seq
         };
-        let logged = Logged::number(changes, last, Seq(seq), Seq(joined));
+        // Read positions the joiners have already (read while their join was
+        // on its way): a join never moves one back.
+        let joiners: Vec<String> = changes
+            .iter()
+            .filter_map(|c| match c {
+                ChatChange::Joined(user) => Some(user.to_string()),
+                _ => None,
+            })
+            .collect();
+        let kept: HashMap<String, i64> = if joiners.is_empty() {
+            HashMap::new()
+        } else {
+            sqlx::query_as("SELECT user_id, read_seq FROM read_positions WHERE chat_id = $1 AND user_id = ANY($2)")
+                .bind(&chat)
+                .bind(&joiners)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        let read_of = |user: UserId| Seq(joined.max(kept.get(&user.to_string()).copied().unwrap_or(0)));
+        let logged = Logged::number(changes, last, Seq(seq), &read_of);
         let numbers: Vec<i64> = logged.iter().map(|l| l.change_seq).collect();
         let seqs: Vec<i64> = logged.iter().map(|l| l.seq.0).collect();
         let (mut kinds, mut users, mut details) = (Vec::new(), Vec::new(), Vec::new());
-        // user -> (read position's change number): the last join of each
-        // user (an upsert may touch a row once per statement).
-        let mut reads: BTreeMap<String, i64> = BTreeMap::new();
+        // user -> (read position's change number, seq): the last join of
+        // each user (an upsert may touch a row once per statement).
+        let mut reads: BTreeMap<String, (i64, i64)> = BTreeMap::new();
         for (c, l) in changes.iter().zip(&logged) {
             let (kind, user, detail) = chat_change_row(c);
-            if let Some((read_change, _)) = l.read {
-                reads.insert(user.clone(), read_change);
+            if let Some((read_change, read_seq)) = l.read {
+                reads.insert(user.clone(), (read_change, read_seq.0));
             }
             kinds.push(kind);
             users.push(user);
@@ -994,17 +1015,19 @@ impl MessageStore for PostgresStore {
         .execute(&mut *tx)
         .await?;
         if !reads.is_empty() {
-            let (read_users, read_changes): (Vec<String>, Vec<i64>) = reads.into_iter().unzip();
+            let (read_users, reads): (Vec<String>, Vec<(i64, i64)>) = reads.into_iter().unzip();
+            let (read_changes, read_seqs): (Vec<i64>, Vec<i64>) = reads.into_iter().unzip();
             sqlx::query(
                 "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) \
-                 SELECT $1, r.user_id, $2, r.n FROM UNNEST($3::text[], $4::bigint[]) AS r (user_id, n) \
+                 SELECT $1, r.user_id, r.seq, r.n FROM UNNEST($2::text[], $3::bigint[], $4::bigint[]) \
+                 AS r (user_id, n, seq) \
                  ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq, \
                  change_seq = excluded.change_seq",
             )
             .bind(&chat)
-            .bind(joined)
             .bind(&read_users)
             .bind(&read_changes)
+            .bind(&read_seqs)
             .execute(&mut *tx)
             .await?;
         }
@@ -1036,14 +1059,15 @@ impl MessageStore for PostgresStore {
     }
 
     async fn joined_at(&self, chat: ChatId, user: UserId) -> Result<Option<i64>, StoreError> {
-        let joined: Option<i64> = sqlx::query_scalar(
-            "SELECT MAX(change_seq) FROM chat_changes WHERE chat_id = $1 AND user_id = $2 AND kind = 'joined'",
+        let latest: Option<(i64, String)> = sqlx::query_as(
+            "SELECT change_seq, kind FROM chat_changes WHERE chat_id = $1 AND user_id = $2 \
+             AND kind IN ('joined', 'left', 'removed') ORDER BY change_seq DESC LIMIT 1",
         )
         .bind(chat.to_string())
         .bind(user.to_string())
-        .fetch_one(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(joined)
+        Ok(latest.filter(|(_, kind)| kind == JOINED).map(|(n, _)| n))
     }
 
     async fn changes(

@@ -19,7 +19,7 @@ use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, par
 
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
-    GenerationInfo, Heads, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
+    GenerationInfo, Heads, JOINED, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
     QueueFilter, RECENT_ACTIVITY_ROWS, Range, Reacted, Reaction, ReadState, Reply, Revision, SearchCursor,
     SearchFilter, SearchHit, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary,
     aggregates_sql, chat_change_of, chat_change_row, created_after_bounds, decode_mentions, encode_mentions,
@@ -688,7 +688,22 @@ fn record_chat_changes(
     } else {
         seq
     };
-    let logged = Logged::number(changes, last, Seq(seq), Seq(joined));
+    // Read positions the joiners have already (read while their join was on
+    // its way): a join never moves one back.
+    let mut kept = HashMap::new();
+    {
+        let mut read_of =
+            tx.prepare_cached("SELECT read_seq FROM read_positions WHERE chat_id = ?1 AND user_id = ?2")?;
+        for c in changes {
+            if let ChatChange::Joined(user) = c {
+                let read: Option<i64> =
+                    read_of.query_row(params![chat, user.to_string()], |row| row.get(0)).optional()?;
+                kept.insert(*user, read.unwrap_or(0));
+            }
+        }
+    }
+    let logged =
+        Logged::number(changes, last, Seq(seq), &|user| Seq(joined.max(kept.get(&user).copied().unwrap_or(0))));
     {
         let mut entry = tx.prepare_cached(
             "INSERT INTO chat_changes (chat_id, change_seq, kind, user_id, details, seq, change_time, origin) \
@@ -956,13 +971,15 @@ impl MessageStore for SqliteStore {
 
     async fn joined_at(&self, chat: ChatId, user: UserId) -> Result<Option<i64>, StoreError> {
         let (chat, user) = (chat.to_string(), user.to_string());
-        let joined = self.db.read(move |conn| {
+        let latest = self.db.read(move |conn| {
             conn.prepare_cached(
-                "SELECT MAX(change_seq) FROM chat_changes WHERE chat_id = ?1 AND user_id = ?2 AND kind = 'joined'",
+                "SELECT change_seq, kind FROM chat_changes WHERE chat_id = ?1 AND user_id = ?2 \
+                 AND kind IN ('joined', 'left', 'removed') ORDER BY change_seq DESC LIMIT 1",
             )?
-            .query_row([chat, user], |row| row.get::<_, Option<i64>>(0))
+            .query_row([chat, user], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)))
+            .optional()
         });
-        Ok(joined.await?)
+        Ok(latest.await?.filter(|(_, kind)| kind == JOINED).map(|(n, _)| n))
     }
 
     async fn changes(

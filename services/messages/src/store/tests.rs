@@ -440,6 +440,11 @@ async fn a_join_recorded_late_leaves_what_was_sent_since_unread(h: &Harness) {
     // Before the first message: everything is unread.
     h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(8))], 1_000, "").await.unwrap();
     assert_eq!(h.store.summaries(&[chat(1)], user(8)).await.unwrap()[0].unread, 5);
+    // Read while the join was on its way: the join does not move it back.
+    h.store.mark_read(chat(1), user(9), Seq(4)).await.unwrap();
+    let joined = h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(9))], 1_002, "").await.unwrap();
+    assert_eq!(joined[0].read.map(|(_, seq)| seq), Some(Seq(4)));
+    assert_eq!(h.store.summaries(&[chat(1)], user(9)).await.unwrap()[0].unread, 1);
 }
 
 async fn read_positions_only_move_forward_until_a_join_resets_them(h: &Harness) {
@@ -481,8 +486,10 @@ async fn read_positions_only_move_forward_until_a_join_resets_them(h: &Harness) 
     assert_eq!(h.store.heads(chat(1)).await.unwrap(), Heads { seq: Seq(6), change: 13, floor: 0 });
     // Where a stream that missed a join replays from: the latest join.
     assert_eq!(h.store.joined_at(chat(1), user(3)).await.unwrap(), Some(12));
+    h.store.record_chat_changes(chat(1), &[ChatChange::RoleChanged(user(3))], 8_000, "").await.unwrap();
+    assert_eq!(h.store.joined_at(chat(1), user(3)).await.unwrap(), Some(12), "a role change is no join");
     h.store.record_chat_changes(chat(1), &[ChatChange::Left(user(3))], 8_000, "").await.unwrap();
-    assert_eq!(h.store.joined_at(chat(1), user(3)).await.unwrap(), Some(12), "a leave is no join");
+    assert_eq!(h.store.joined_at(chat(1), user(3)).await.unwrap(), None, "left since");
     let again = h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(3))], 9_000, "").await.unwrap();
     assert_eq!(h.store.joined_at(chat(1), user(3)).await.unwrap(), Some(again[0].change_seq));
     assert_eq!(h.store.joined_at(chat(1), user(1)).await.unwrap(), None, "never logged as joining");

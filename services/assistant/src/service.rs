@@ -176,6 +176,14 @@ pub struct Settings {
     /// ([`crate::retry::is_transient`]); a prompt they still fail for is
     /// left unread, to be replayed.
     pub retry: Retry,
+    /// How often prompts left unread after a transient failure are
+    /// replayed (the bot's stream reconnects and resumes from its read
+    /// positions) while any is held.
+    pub held_replay: Duration,
+    /// How long a prompt is held before it is given up (logged; the read
+    /// position passes it with the next answered prompt): one that fails
+    /// the same way every time does not block its chat for good.
+    pub held_limit: Duration,
 }
 
 impl Default for Settings {
@@ -194,6 +202,8 @@ impl Default for Settings {
             checkpoint: Duration::from_secs(1),
             reply_ids: ReplyIds::public(),
             retry: Retry::default(),
+            held_replay: Duration::from_secs(30),
+            held_limit: Duration::from_secs(3600),
         }
     }
 }
@@ -261,6 +271,8 @@ struct Held {
     /// one of them may have committed (its answer lost), so the replay
     /// retries the same start ([`Assistant::run`]).
     owner: Option<String>,
+    /// When it was first held ([`Settings::held_limit`]).
+    since: Instant,
 }
 
 /// One prompt to answer.
@@ -324,6 +336,9 @@ pub struct Assistant {
     finished: broadcast::Sender<mpb::Message>,
     /// Told whenever a chat's lane is released.
     lane_freed: tokio::sync::Notify,
+    /// Told whenever a prompt is held ([`Assistant::hold`]): the event loop
+    /// sets its replay time.
+    held_more: tokio::sync::Notify,
     /// A random token in the system prompt: a reply that repeats it leaked
     /// the prompt, and is flagged so.
     canary: String,
@@ -353,6 +368,7 @@ impl Assistant {
             state: Mutex::new(State::default()),
             finished: broadcast::channel(1024).0,
             lane_freed: tokio::sync::Notify::new(),
+            held_more: tokio::sync::Notify::new(),
             canary: format!("natter-canary-{}", Uuid::new_v4().simple()),
             shutdown,
         });
@@ -383,22 +399,44 @@ impl Assistant {
         let mut backoff = Duration::from_millis(100);
         while !self.shutdown.is_cancelled() {
             match self.links.messages.follow_chats(&self.bot.id).await {
-                Ok(mut events) => loop {
-                    tokio::select! {
-                        () = self.shutdown.cancelled() => return,
-                        event = events.next() => match event {
-                            Some(Ok(event)) => {
-                                backoff = Duration::from_millis(100);
-                                self.on_event(event).await;
+                Ok(mut events) => {
+                    // Prompts held after a transient failure are replayed
+                    // by a new connection (it resumes from the read
+                    // positions, which stay before them), `held_replay`
+                    // after the connection first held one.
+                    let mut replay_at: Option<tokio::time::Instant> = None;
+                    loop {
+                        replay_at = self.holds_any().then(|| {
+                            replay_at.unwrap_or_else(|| tokio::time::Instant::now() + self.settings.held_replay)
+                        });
+                        let replay = async {
+                            match replay_at {
+                                Some(at) => tokio::time::sleep_until(at).await,
+                                None => std::future::pending().await,
                             }
-                            Some(Err(status)) => {
-                                tracing::info!(error = %status.message(), "the assistant's event stream ended; reconnecting");
+                        };
+                        tokio::select! {
+                            () = self.shutdown.cancelled() => return,
+                            () = replay => {
+                                tracing::info!("replaying prompts left unread after a failure");
                                 break;
                             }
-                            None => break,
-                        },
+                            // Held meanwhile: its replay time is set above.
+                            () = self.held_more.notified() => {}
+                            event = events.next() => match event {
+                                Some(Ok(event)) => {
+                                    backoff = Duration::from_millis(100);
+                                    self.on_event(event).await;
+                                }
+                                Some(Err(status)) => {
+                                    tracing::info!(error = %status.message(), "the assistant's event stream ended; reconnecting");
+                                    break;
+                                }
+                                None => break,
+                            },
+                        }
                     }
-                },
+                }
                 Err(status) => tracing::warn!(error = %status.message(), "the assistant cannot follow its chats"),
             }
             tokio::select! {
@@ -512,8 +550,32 @@ impl Assistant {
     /// StartReply calls (if it made any), goes to the replay in this
     /// process.
     fn hold(&self, prompt: &mpb::Message, owner: Option<String>) {
-        let held = Held { id: prompt.id.clone(), owner };
-        self.state().held.entry(prompt.chat_id.clone()).or_default().insert(prompt.seq, held);
+        let mut state = self.state();
+        let chat = state.held.entry(prompt.chat_id.clone()).or_default();
+        // Held again on a replay: since it was first held.
+        let since = chat.get(&prompt.seq).map_or_else(Instant::now, |held| held.since);
+        chat.insert(prompt.seq, Held { id: prompt.id.clone(), owner, since });
+        drop(state);
+        // A permit kept if the loop is not waiting yet.
+        self.held_more.notify_one();
+    }
+
+    /// Whether a prompt is held (to be replayed) once those held longer
+    /// than [`Settings::held_limit`] are given up.
+    fn holds_any(&self) -> bool {
+        let limit = self.settings.held_limit;
+        let mut state = self.state();
+        state.held.retain(|chat, held| {
+            held.retain(|_, h| {
+                let keep = h.since.elapsed() < limit;
+                if !keep {
+                    tracing::error!(chat_id = %chat, message = %h.id, "a prompt failed past every replay; given up");
+                }
+                keep
+            });
+            !held.is_empty()
+        });
+        !state.held.is_empty()
     }
 
     /// Lets the bot's read position pass `prompt` again (it is being
@@ -859,6 +921,7 @@ impl Assistant {
     /// the prompts after it: those find their replies and are skipped). A
     /// failure is logged.
     async fn read_past(&self, prompt: &mpb::Message) {
+        self.holds_any(); // gives up those held too long
         let first_held = self
             .state()
             .held

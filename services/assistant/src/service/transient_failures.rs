@@ -340,6 +340,13 @@ const RETRY: Retry = Retry { attempts: 3, first: Duration::from_millis(1), max: 
 /// Starts the assistant with `chats` (and its failures) against a fresh
 /// messages fake.
 async fn harness(chats: Chats) -> Harness {
+    // Held prompts are replayed only when a test reconnects.
+    let settings = Settings { retry: RETRY, held_replay: Duration::from_secs(3600), ..Settings::default() };
+    harness_with(chats, settings).await
+}
+
+/// [`harness`] with the assistant's `settings`.
+async fn harness_with(chats: Chats, settings: Settings) -> Harness {
     let model = ScriptedServer::start(5).await;
     model.set_fallback(Script::reply(ANSWER));
     let config = natter_llm::Config {
@@ -355,7 +362,6 @@ async fn harness(chats: Chats) -> Harness {
     messages.store().read_seq = 1;
     let chats = Arc::new(chats);
     let links = Links { users: Arc::new(Users), messages: messages.clone(), chats: chats.clone() };
-    let settings = Settings { retry: RETRY, ..Settings::default() };
     let shutdown = CancellationToken::new();
     let llm = natter_llm::Client::new(config).unwrap();
     Assistant::start(llm, links, settings, shutdown.clone()).await.unwrap();
@@ -422,6 +428,30 @@ async fn a_prompt_dropped_after_every_retry_is_not_read_past_and_is_answered_on_
     assert_answered(&h.messages.finished_reply(&first).await);
     assert_eq!(h.messages.replies(&second).len(), 1, "the replayed second prompt is answered once");
     assert!(h.messages.store().read_seq >= first.seq);
+}
+
+#[tokio::test]
+async fn a_held_prompt_is_replayed_by_the_assistant_itself() {
+    let settings = Settings { retry: RETRY, held_replay: Duration::from_millis(20), ..Settings::default() };
+    let h = harness_with(Chats::default(), settings).await;
+    h.messages.fail_start("how do tides work?", &[Code::Unavailable; RETRY.attempts as usize]);
+    // Dropped after every retry; nothing reconnects the stream from
+    // outside (the all-in-one's never ends): the assistant replays it.
+    let prompt = h.messages.post("how do tides work?");
+    assert_answered(&h.messages.finished_reply(&prompt).await);
+    assert_answered_once(&h.messages, &prompt);
+}
+
+#[tokio::test]
+async fn a_prompt_held_past_the_limit_is_given_up_and_read_past() {
+    let settings = Settings { retry: RETRY, held_limit: Duration::ZERO, ..Settings::default() };
+    let h = harness_with(Chats::default(), settings).await;
+    h.messages.fail_start("how do tides work?", &[Code::Internal; 100]);
+    let first = h.messages.post("how do tides work?");
+    let second = h.messages.post("and why twice a day?");
+    assert_answered(&h.messages.finished_reply(&second).await);
+    assert!(h.messages.replies(&first).is_empty(), "never answered");
+    assert_eq!(h.messages.store().read_seq, second.seq, "the chat goes on past it");
 }
 
 #[tokio::test]

@@ -74,9 +74,14 @@ impl Messages {
     /// PERSON sends `text`, which the messages service's detector flagged
     /// with `flags`.
     fn post_flagged(&self, text: &str, flags: Option<mpb::MessageFlags>) -> mpb::Message {
+        self.post_as(&Uuid::now_v7().to_string(), text, flags)
+    }
+
+    /// PERSON sends `text` under message id `id`.
+    fn post_as(&self, id: &str, text: &str, flags: Option<mpb::MessageFlags>) -> mpb::Message {
         let mut store = self.store();
         let message = mpb::Message {
-            id: Uuid::now_v7().to_string(),
+            id: id.into(),
             chat_id: CHAT.into(),
             seq: store.messages.len() as i64 + 1,
             author_id: PERSON.into(),
@@ -428,6 +433,35 @@ async fn a_prompt_dropped_after_every_retry_is_not_read_past_and_is_answered_on_
     assert_answered(&h.messages.finished_reply(&first).await);
     assert_eq!(h.messages.replies(&second).len(), 1, "the replayed second prompt is answered once");
     assert!(h.messages.store().read_seq >= first.seq);
+}
+
+/// Public reply ids (all-in-ones linked by NATS without a key): a member who
+/// computes a prompt's first reply id and sends a message under it first
+/// neither silences the prompt nor passes for its reply.
+#[tokio::test]
+async fn a_prompt_whose_public_reply_id_is_taken_is_answered_under_the_next() {
+    let h = harness(Chats::default()).await;
+    let prompt_id = Uuid::now_v7().to_string();
+    let taken = ReplyIds::public().of(&prompt_id);
+    {
+        let mut store = h.messages.store();
+        let seq = store.messages.len() as i64 + 1;
+        let squatter = mpb::Message {
+            id: taken[0].clone(),
+            chat_id: CHAT.into(),
+            seq,
+            author_id: "0196a000-0000-7000-8000-00000000bad0".into(),
+            text: "I am the assistant now".into(),
+            role: mpb::MessageRole::User as i32,
+            ..Default::default()
+        };
+        store.messages.push(squatter);
+    }
+    let prompt = h.messages.post_as(&prompt_id, "how do tides work?", None);
+    let reply = h.messages.finished_reply(&prompt).await;
+    assert_answered(&reply);
+    assert_eq!(reply.id, taken[1], "the next of its ids");
+    assert_answered_once(&h.messages, &prompt);
 }
 
 #[tokio::test]

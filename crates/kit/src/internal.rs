@@ -185,9 +185,7 @@ impl Link {
             Ok(Err(status)) => status,
             Err(_elapsed) => late(),
         };
-        use tonic::Code;
-        let failed = [Code::Unavailable, Code::DeadlineExceeded, Code::Internal, Code::Unknown];
-        if failed.contains(&result.code()) || matches!(result.code(), Code::Unimplemented | Code::DataLoss) {
+        if failed_in_transit(&result) || matches!(result.code(), tonic::Code::Unimplemented | tonic::Code::DataLoss) {
             self.warn_failed(&result);
         }
         Err(result)
@@ -238,6 +236,15 @@ pub(crate) fn require_credential(
     }
 }
 
+/// Whether a call to another natter service failed on the callee's or the
+/// network's side, so that the same call may succeed later: UNAVAILABLE
+/// (down, unreachable), DEADLINE_EXCEEDED (slow), INTERNAL (failed inside,
+/// e.g. its database connection dropped) or UNKNOWN. Not the answers a
+/// callee gives on purpose (NOT_FOUND, PERMISSION_DENIED, ...).
+pub fn failed_in_transit(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Unknown)
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -125,6 +125,11 @@ pub struct AssistantArgs {
 }
 
 impl AssistantArgs {
+    /// Whether the assistant is on: a base URL is set.
+    pub fn enabled(&self) -> bool {
+        self.assistant_base_url.as_deref().is_some_and(|u| !u.is_empty())
+    }
+
     /// The LLM client's configuration, or None when no base URL is set.
     ///
     /// Errors: the API key file cannot be read or is empty.

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Status};
+use tonic::Status;
 
 /// How a call that failed transiently ([`is_transient`]) is tried again:
 /// up to `attempts` calls in all, waiting `first` after the first failure
@@ -111,12 +111,14 @@ impl Retry {
 /// NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, FAILED_PRECONDITION,
 /// UNAUTHENTICATED, ...
 pub fn is_transient(status: &Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Unknown)
+    natter_kit::internal::failed_in_transit(status)
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    use tonic::Code;
 
     use super::*;
 

@@ -77,7 +77,6 @@ pub struct Page<T, C> {
     pub next: Option<C>,
 }
 
-/// The links a [`Chats`] needs (for tests that build one).
 /// Whether a failed internal call may succeed when repeated: the codes of a
 /// callee that is down, overloaded, slow or failed inside, not those of a
 /// request it refused.
@@ -86,6 +85,7 @@ fn may_be_transient(code: tonic::Code) -> bool {
     matches!(code, Unavailable | DeadlineExceeded | ResourceExhausted | Aborted | Internal | Unknown | Cancelled)
 }
 
+/// The links a [`Chats`] needs (for tests that build one).
 #[cfg(test)]
 pub(crate) type Deps = (Arc<dyn UserDirectory>, Arc<dyn MessageDirectory>);
 

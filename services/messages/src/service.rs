@@ -96,10 +96,9 @@ impl Messages {
         let orphaned: crate::writer::Orphaned = Box::new({
             let (bus, classifier) = (bus.clone(), classifier.clone());
             move |message: &Message| {
-                let chat = message.chat_id;
-                bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::hint(chat)));
+                resync(bus.as_ref(), message.chat_id);
                 if let Some(classifier) = &classifier {
-                    classifier.spawn(message.id, chat, message.revision, message.text.clone());
+                    classifier.spawn(message.id, message.chat_id, message.revision, message.text.clone());
                 }
             }
         });
@@ -364,7 +363,7 @@ impl Messages {
                     let event = grpc::created_event(grpc::message_pb(answer.clone(), Vec::new()));
                     self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(BusEvent::new(req.chat_id, event)));
                 } else {
-                    Unannounced::new(&self.bus, req.chat_id).drop_now();
+                    resync(self.bus.as_ref(), req.chat_id);
                 }
                 return Ok(answer);
             }
@@ -879,7 +878,7 @@ impl Messages {
                 Ok((message, true))
             }
             Started::Resumed(message) if message.chat_id == chat && message.author_id == author => {
-                Unannounced::new(&self.bus, chat).drop_now();
+                resync(self.bus.as_ref(), chat);
                 Ok((message, true))
             }
             Started::Exists(message) if message.chat_id == chat && message.author_id == author => Ok((message, false)),
@@ -949,10 +948,16 @@ impl Messages {
     }
 }
 
+/// Tells the streams of `chat` to re-read the store (a resync hint): for a
+/// change committed that nobody announced, so that it is not left for the
+/// chat's next one to reveal.
+fn resync(bus: &dyn EventBus, chat: ChatId) {
+    bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::hint(chat)));
+}
+
 /// A change of a chat committed but not announced yet: dropped before
 /// [`Unannounced::announced`] (the request was cancelled, or failed after
-/// its commit), it tells the chat's streams to re-read the store (a resync
-/// hint), so that the change is not left for the chat's next one to reveal.
+/// its commit), it [resyncs](resync) the chat's streams.
 struct Unannounced<'a> {
     bus: &'a Arc<dyn EventBus>,
     chat: Option<ChatId>,
@@ -967,15 +972,12 @@ impl<'a> Unannounced<'a> {
     fn announced(mut self) {
         self.chat = None;
     }
-
-    /// Sends the hint at once.
-    fn drop_now(self) {}
 }
 
 impl Drop for Unannounced<'_> {
     fn drop(&mut self) {
         if let Some(chat) = self.chat.take() {
-            self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::hint(chat)));
+            resync(self.bus.as_ref(), chat);
         }
     }
 }

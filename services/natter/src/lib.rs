@@ -130,11 +130,11 @@ impl App {
         to_messages.set(Arc::new(InProcess(message_internal.clone())));
         // Alone, the all-in-one keys its assistant's reply ids by a key of
         // its own; instances linked by NATS must share one (the flag's).
-        let own_key = match &args.assistant.assistant_base_url {
-            Some(url) if !url.is_empty() && only_instance && args.assistant.assistant_reply_key_file.is_none() => {
-                Some(own_reply_key(&args.store.data_dir.join("assistant-reply-key"))?)
-            }
-            _ => None,
+        let own_key = if args.assistant.enabled() && only_instance && args.assistant.assistant_reply_key_file.is_none()
+        {
+            Some(own_reply_key(&args.store.data_dir.join("assistant-reply-key"))?)
+        } else {
+            None
         };
         let assistant = natter_assistant::open(
             &args.assistant,

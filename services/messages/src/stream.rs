@@ -32,15 +32,22 @@
 //!   chat's heads, then the user's chats again from the chats service: a
 //!   removal committed after the first check but inside the heads (its
 //!   announcement is then at or below the cursor, and dropped) is found by
-//!   that second read and sent as a removal;
+//!   that second read;
 //! - every read from the store (replay, gap fill, a lag, a resync hint)
 //!   stops at the user's own departure in the chat's log, and re-checks
 //!   membership after reading a page and before sending any of it, so a page
-//!   is sent only if the caller was still a member after it was read. A
-//!   stream that finds itself no longer a member this way, or that lagged on
-//!   its user's topic (or was hinted there) and re-read its chats, sends a
-//!   `MEMBERSHIP_CHANGE_REMOVED` event of its own (change_seq: the last one
-//!   it sent of that chat) and stops following the chat.
+//!   is sent only if the caller was still a member after it was read, or
+//!   comes before their departure in the log.
+//!
+//! A stream that finds itself no longer a member (by that check, by the
+//! second read at opening, or by re-reading its chats after it lagged on its
+//! user's topic or was hinted there) looks up the user's departure in the
+//! chat's log: if it lies after the cursor, the changes up to it are replayed
+//! (the user was there for them) and the departure ends the chat as a live
+//! one would. If not (the departure has not reached the log yet), it sends a
+//! `MEMBERSHIP_CHANGE_REMOVED` event of its own (change_seq: the last one it
+//! sent of that chat) and nothing after the cursor, and stops following the
+//! chat.
 //!
 //! A live event that arrives in order costs no membership check. In split
 //! mode a removal reaches a replica over NATS, so a message sent right after
@@ -69,7 +76,7 @@ use crate::error::MessagesError;
 use crate::grpc::{ResetReason, replay_event, reset_event};
 use crate::registry::Ticket;
 use crate::service::Messages;
-use crate::store::{Change, ChatChange, Heads, Range, Seq};
+use crate::store::{Change, ChatChange, Heads, Membership, Range, Seq};
 
 /// How many changes one store read of a replay or gap fill returns.
 const REPLAY_PAGE: u32 = 256;
@@ -198,7 +205,10 @@ pub async fn open(
     let still: HashSet<Uuid> = uuids(&follower.messages.chats().member_chat_ids(&user.to_string()).await?);
     for chat in chats.iter().filter(|c| !still.contains(*c)) {
         refills.retain(|r| r.chat != *chat);
-        first.push(follower.removed(*chat));
+        match follower.departed(*chat).await? {
+            Gone::Replay(refill) => refills.push_back(refill),
+            Gone::Removed => first.push(follower.removed(*chat)),
+        }
     }
     tracing::debug!(user_id = %user, chats = chats.len(), replay = refills.len(), "stream opened");
 
@@ -337,16 +347,31 @@ struct Refill {
     /// The user's departure was read and no rejoining after it yet: what
     /// follows is not theirs to see.
     absent: bool,
+    /// The change number of the user's departure when the read is known to
+    /// end with it ([`Follower::departed`]): the changes up to it were made
+    /// while the user was a member, so their pages need no membership check
+    /// (0: not known).
+    departure: i64,
 }
 
 impl Refill {
     fn to(chat: Uuid, until: i64) -> Self {
-        Self { chat, until: Some(until), since: None, absent: false }
+        Self { chat, until: Some(until), since: None, absent: false, departure: 0 }
     }
 
     fn all(chat: Uuid) -> Self {
-        Self { chat, until: None, since: None, absent: false }
+        Self { chat, until: None, since: None, absent: false, departure: 0 }
     }
+}
+
+/// What a stream does about a chat it finds its user no longer belongs to
+/// ([`Follower::departed`]).
+enum Gone {
+    /// Read the changes up to the user's departure, which ends with it.
+    Replay(Refill),
+    /// Send a removal of its own now ([`Follower::removed`]); nothing more
+    /// of the chat.
+    Removed,
 }
 
 /// What one wake-up sends: events now, then maybe a store read.
@@ -420,6 +445,22 @@ impl Follower {
         let range = Range { after: Some(Seq(seq.0 - 1)), ascending: true, superseded: true, ..Range::default() };
         let found = self.messages.store().list(chat, range, None, 1).await?;
         Ok(found.first().filter(|m| m.seq == seq).map_or(heads.change, |m| m.create_change))
+    }
+
+    /// What to do about `chat` once the stream knows its user no longer
+    /// belongs to it: where the chat's log holds their departure after the
+    /// cursor, replay up to it (what came before was theirs to see, and the
+    /// replay sends the departure itself, then stops following the chat);
+    /// otherwise (the departure not logged yet, or pruned) a removal of the
+    /// stream's own, with nothing after the cursor: no change is then known
+    /// to be from before the departure.
+    async fn departed(&self, chat: Uuid) -> Result<Gone, Status> {
+        let cursor = self.cursors.get(&chat).copied().unwrap_or(0);
+        let latest = self.messages.store().latest_membership(chat.into(), UserId(self.user)).await;
+        Ok(match latest.map_err(MessagesError::from)? {
+            Some(Membership::Departed(n)) if n > cursor => Gone::Replay(Refill { departure: n, ..Refill::to(chat, n) }),
+            _ => Gone::Removed,
+        })
     }
 
     /// The event a stream sends when it finds by itself that its user no
@@ -641,8 +682,13 @@ impl Follower {
         let user = self.user.to_string();
         let member: HashSet<Uuid> = uuids(&self.messages.chats().member_chat_ids(&user).await?);
         let gone: Vec<Uuid> = self.cursors.keys().filter(|c| !member.contains(*c)).copied().collect();
-        let mut events: Vec<pb::StreamEventsResponse> = gone.into_iter().map(|chat| self.removed(chat)).collect();
-        let mut refills = Vec::new();
+        let (mut events, mut refills) = (Vec::new(), Vec::new());
+        for chat in gone {
+            match self.departed(chat).await? {
+                Gone::Replay(refill) => refills.push(refill),
+                Gone::Removed => events.push(self.removed(chat)),
+            }
+        }
         if self.all {
             let mut joined = Vec::new();
             for chat in member {
@@ -652,7 +698,12 @@ impl Follower {
                 self.follow(chat, 0);
                 let store = self.messages.store();
                 let heads = store.heads(chat.into()).await.map_err(MessagesError::from)?;
-                let join = store.joined_at(chat.into(), UserId(self.user)).await.map_err(MessagesError::from)?;
+                let latest =
+                    store.latest_membership(chat.into(), UserId(self.user)).await.map_err(MessagesError::from)?;
+                let join = match latest {
+                    Some(Membership::Joined(n)) => Some(n),
+                    _ => None,
+                };
                 // Just before the join: the replay starts with it.
                 self.cursors.insert(chat, join.map_or(heads.change, |n| n - 1));
                 joined.push((chat, heads, join));
@@ -759,14 +810,16 @@ impl Follower {
             }
             return Ok((out, more));
         }
-        if !out.is_empty() {
+        if !out.is_empty() && last > refill.departure {
             // Read first, check second: a member now was a member when every
-            // change of the page was made.
+            // change of the page was made. One who is not was a member up to
+            // their departure, if the log holds it further on.
             match self.messages.member(chat, self.user).await {
                 Ok(_) => {}
-                Err(MessagesError::Denied(_) | MessagesError::ChatNotFound) => {
-                    return Ok((vec![self.removed(chat)], false));
-                }
+                Err(MessagesError::Denied(_) | MessagesError::ChatNotFound) => match self.departed(chat).await? {
+                    Gone::Replay(to) if to.departure > last => *refill = Refill { since: refill.since, ..to },
+                    Gone::Replay(_) | Gone::Removed => return Ok((vec![self.removed(chat)], false)),
+                },
                 Err(other) => return Err(other.into()),
             }
         }
@@ -907,10 +960,16 @@ mod tests {
 
         /// The member's stream of `chat_ids` (empty: all their chats).
         async fn stream_of_member(&self, chat_ids: Vec<Uuid>) -> EventStream {
+            self.stream_of_member_from(chat_ids, HashMap::new()).await
+        }
+
+        /// The member's stream of `chat_ids` (empty: all their chats),
+        /// resuming chats as `resume` says.
+        async fn stream_of_member_from(&self, chat_ids: Vec<Uuid>, resume: HashMap<Uuid, Resume>) -> EventStream {
             let principal =
                 Principal { user_id: self.member, session_id: Uuid::now_v7(), guest: false, expire_micros: i64::MAX };
             let ticket = StreamRegistry::new(Default::default()).admit(&principal, "token").unwrap();
-            let follow = Follow { principal, token: "token".into(), chat_ids, resume: HashMap::new(), presence: false };
+            let follow = Follow { principal, token: "token".into(), chat_ids, resume, presence: false };
             open(self.messages.clone(), None, CancellationToken::new(), ticket, follow).await.unwrap()
         }
 
@@ -922,6 +981,23 @@ mod tests {
                 text: text.into(),
                 attachments: Vec::new(),
                 reply_to: None,
+                mentions: Vec::new(),
+                thread_root: None,
+            }
+        }
+
+        /// A message of `text` by the owner as the store takes it: stored
+        /// this way, it is announced to nobody.
+        fn unannounced(&self, text: &str) -> crate::store::NewMessage {
+            crate::store::NewMessage {
+                id: MessageId::new_v7(),
+                chat_id: self.chat.into(),
+                author_id: UserId(self.owner),
+                text: text.into(),
+                attachments: Vec::new(),
+                reply_to: None,
+                send_time: natter_kit::time::now_micros(),
+                flags: None,
                 mentions: Vec::new(),
                 thread_root: None,
             }
@@ -971,19 +1047,8 @@ mod tests {
     async fn a_retried_send_announces_what_was_never_announced_and_nothing_twice() {
         let h = Harness::start().await;
         let mut stream = h.stream_of_member(vec![h.chat]).await;
-        let id = MessageId::new_v7();
-        let unannounced = crate::store::NewMessage {
-            id,
-            chat_id: h.chat.into(),
-            author_id: UserId(h.owner),
-            text: "committed unseen".into(),
-            attachments: Vec::new(),
-            reply_to: None,
-            send_time: natter_kit::time::now_micros(),
-            flags: None,
-            mentions: Vec::new(),
-            thread_root: None,
-        };
+        let unannounced = h.unannounced("committed unseen");
+        let id = unannounced.id;
         h.messages.store().insert_batch(&[unannounced]).await.unwrap();
         let retry = SendMessage { message_id: Some(id), ..h.send_of_owner("committed unseen") };
         assert_eq!(h.messages.send(UserId(h.owner), retry.clone()).await.unwrap().id, id);
@@ -1038,6 +1103,93 @@ mod tests {
 
     fn is_removal_of(event: &pb::StreamEventsResponse) -> bool {
         matches!(&event.event, Some(Event::MembershipChanged(m)) if m.change == pb::MembershipChange::Removed as i32)
+    }
+
+    /// The texts of the messages a stream sends up to the member's removal,
+    /// and the removal's change number.
+    async fn texts_until_the_removal(stream: &mut EventStream) -> (Vec<String>, i64) {
+        let mut texts = Vec::new();
+        loop {
+            let event = next_event(stream).await;
+            match &event.event {
+                Some(Event::MessageCreated(m)) => texts.push(m.text.clone()),
+                _ if is_removal_of(&event) => return (texts, event.change_seq),
+                _ => panic!("{event:?}"),
+            }
+        }
+    }
+
+    /// What a member who resumes (the chat, or `every_chat` of theirs)
+    /// from the first of three messages gets when they are removed while
+    /// their stream opens, and the owner then sends one more.
+    async fn a_resumed_stream_opening_during_a_removal(every_chat: bool) -> ((Vec<String>, i64), i64) {
+        let h = Harness::start().await;
+        let seen = h.owner_sends("seen").await.unwrap();
+        for text in ["missed 1", "missed 2"] {
+            h.owner_sends(text).await.unwrap();
+        }
+        *h.directory.remove_after_answer.lock().unwrap() = Some((h.chat, h.member));
+        let resume = HashMap::from([(h.chat, Resume::Changes(seen.change_seq))]);
+        let mut stream = h.stream_of_member_from(if every_chat { Vec::new() } else { vec![h.chat] }, resume).await;
+        assert!(h.directory.remove_after_answer.lock().unwrap().is_none(), "removed while the stream opened");
+        h.owner_sends("after the removal").await.unwrap();
+        let latest = h.messages.store().latest_membership(h.chat.into(), UserId(h.member)).await.unwrap();
+        let Some(Membership::Departed(removal)) = latest else { panic!("{latest:?}") };
+        (texts_until_the_removal(&mut stream).await, removal)
+    }
+
+    #[tokio::test]
+    async fn a_member_removed_while_their_resumed_stream_of_the_chat_opens_gets_what_came_before_the_removal() {
+        let (got, removal) = a_resumed_stream_opening_during_a_removal(false).await;
+        assert_eq!(got, (vec!["missed 1".to_owned(), "missed 2".to_owned()], removal), "then the removal as logged");
+    }
+
+    #[tokio::test]
+    async fn a_member_removed_while_their_resumed_stream_of_every_chat_opens_gets_what_came_before_the_removal() {
+        let (got, removal) = a_resumed_stream_opening_during_a_removal(true).await;
+        assert_eq!(got, (vec!["missed 1".to_owned(), "missed 2".to_owned()], removal), "then the removal as logged");
+    }
+
+    /// A stream that lost the announcements of two messages and of its
+    /// member's removal (only the store has them), then re-reads its chats
+    /// on a hint, sends the two messages, then the removal.
+    #[tokio::test]
+    async fn a_stream_that_lost_a_removal_sends_what_came_before_it_then_the_removal() {
+        let h = Harness::start().await;
+        let mut stream = h.stream_of_member(Vec::new()).await;
+        let store = h.messages.store();
+        store.insert_batch(&[h.unannounced("missed 1"), h.unannounced("missed 2")]).await.unwrap();
+        h.directory.members.lock().unwrap().remove(&(h.chat, h.member));
+        let removed = [ChatChange::Removed(UserId(h.member))];
+        let logged = store.record_chat_changes(h.chat.into(), &removed, natter_kit::time::now_micros(), "").await;
+        store.insert_batch(&[h.unannounced("after the removal")]).await.unwrap();
+        let hint = Arc::new(natter_bus::Event::resync_hint(Topic::User(h.member)).unwrap());
+        h.messages.bus().publish(Topic::User(h.member), hint);
+        let (texts, removal) = texts_until_the_removal(&mut stream).await;
+        assert_eq!(texts, ["missed 1", "missed 2"]);
+        assert_eq!(removal, logged.unwrap()[0].change_seq, "the removal as logged");
+    }
+
+    /// A gap longer than a page of the store, then the member's removal,
+    /// all unannounced: the first page's membership check finds the member
+    /// gone, and the stream still sends every page up to the removal.
+    #[tokio::test]
+    async fn a_gap_of_many_pages_before_a_removal_is_sent_whole() {
+        let h = Harness::start().await;
+        let mut stream = h.stream_of_member(vec![h.chat]).await;
+        let count = REPLAY_PAGE as usize + 44;
+        let batch: Vec<_> = (0..count).map(|i| h.unannounced(&format!("missed {i}"))).collect();
+        let store = h.messages.store();
+        store.insert_batch(&batch).await.unwrap();
+        h.directory.members.lock().unwrap().remove(&(h.chat, h.member));
+        let removed = [ChatChange::Removed(UserId(h.member))];
+        store.record_chat_changes(h.chat.into(), &removed, natter_kit::time::now_micros(), "").await.unwrap();
+        // The chat's topic says announcements may have been lost.
+        let hint = Arc::new(natter_bus::Event::resync_hint(Topic::Chat(h.chat)).unwrap());
+        h.messages.bus().publish(Topic::Chat(h.chat), hint);
+        let (texts, _) = texts_until_the_removal(&mut stream).await;
+        assert_eq!(texts.len(), count, "every message before the removal");
+        assert_eq!(texts.last().map(String::as_str), Some(format!("missed {}", count - 1).as_str()));
     }
 
     #[tokio::test]

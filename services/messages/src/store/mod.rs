@@ -940,6 +940,28 @@ impl Change {
     }
 }
 
+/// A member's latest join or departure in a chat's log
+/// ([`MessageStore::latest_membership`]), with its change number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Membership {
+    Joined(i64),
+    /// Left or removed.
+    Departed(i64),
+}
+
+impl Membership {
+    /// The membership of a log entry of `kind` (`joined`, `left` or
+    /// `removed`) at `change_seq`.
+    pub(crate) fn of_entry(change_seq: i64, kind: &str) -> Self {
+        if kind == JOINED { Self::Joined(change_seq) } else { Self::Departed(change_seq) }
+    }
+}
+
+/// The latest join or departure of member `$2` in chat `$1` (the same
+/// text on both engines: `?N` and `$N` alike bind by position).
+pub(crate) const LATEST_MEMBERSHIP_SQL: &str = "SELECT change_seq, kind FROM chat_changes \
+     WHERE chat_id = $1 AND user_id = $2 AND kind IN ('joined', 'left', 'removed') ORDER BY change_seq DESC LIMIT 1";
+
 /// A chat's heads: where its timeline and its changes stand.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Heads {
@@ -1112,10 +1134,11 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// The chat's heads (all zero for a chat with no message and no change).
     async fn heads(&self, chat: ChatId) -> Result<Heads, StoreError>;
 
-    /// The change number of `user`'s latest join of `chat` still in the
-    /// chat's log, unless a departure of theirs follows it (None: never
-    /// joined, left since, or pruned).
-    async fn joined_at(&self, chat: ChatId, user: UserId) -> Result<Option<i64>, StoreError>;
+    /// `user`'s latest join or departure of `chat` still in the chat's log
+    /// (None: never logged, or pruned). A stream that missed a join
+    /// replays from it; one that finds its user gone replays up to the
+    /// departure.
+    async fn latest_membership(&self, chat: ChatId, user: UserId) -> Result<Option<Membership>, StoreError>;
 
     /// Up to `limit` changes of `chat` with a change number above `after`,
     /// in change order, as the store holds them now: messages (each once, at

@@ -28,11 +28,11 @@ use sqlx::{PgPool, Row as _};
 
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
-    GenerationInfo, Heads, JOINED, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
-    QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, SearchCursor, SearchFilter, SearchHit, Sent,
-    Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of,
-    chat_change_row, decode_mentions, encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns,
-    parse_id, report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
+    GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message, MessageStore,
+    NewMessage, NewReply, QueueCursor, QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, SearchCursor,
+    SearchFilter, SearchHit, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary,
+    aggregates_sql, chat_change_of, chat_change_row, decode_mentions, encode_mentions, list_sql, mention_count_sql,
+    merge_changes, message_columns, parse_id, report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -1058,16 +1058,13 @@ impl MessageStore for PostgresStore {
         Ok(row.map_or_else(Heads::default, |(seq, change, floor)| Heads { seq: Seq(seq), change, floor }))
     }
 
-    async fn joined_at(&self, chat: ChatId, user: UserId) -> Result<Option<i64>, StoreError> {
-        let latest: Option<(i64, String)> = sqlx::query_as(
-            "SELECT change_seq, kind FROM chat_changes WHERE chat_id = $1 AND user_id = $2 \
-             AND kind IN ('joined', 'left', 'removed') ORDER BY change_seq DESC LIMIT 1",
-        )
-        .bind(chat.to_string())
-        .bind(user.to_string())
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(latest.filter(|(_, kind)| kind == JOINED).map(|(n, _)| n))
+    async fn latest_membership(&self, chat: ChatId, user: UserId) -> Result<Option<Membership>, StoreError> {
+        let latest: Option<(i64, String)> = sqlx::query_as(LATEST_MEMBERSHIP_SQL)
+            .bind(chat.to_string())
+            .bind(user.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(latest.map(|(n, kind)| Membership::of_entry(n, &kind)))
     }
 
     async fn changes(

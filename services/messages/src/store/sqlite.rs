@@ -19,12 +19,12 @@ use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, par
 
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
-    GenerationInfo, Heads, JOINED, Logged, MESSAGE_COLUMNS, Message, MessageStore, NewMessage, NewReply, QueueCursor,
-    QueueFilter, RECENT_ACTIVITY_ROWS, Range, Reacted, Reaction, ReadState, Reply, Revision, SearchCursor,
-    SearchFilter, SearchHit, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary,
-    aggregates_sql, chat_change_of, chat_change_row, created_after_bounds, decode_mentions, encode_mentions,
-    first_seq_created_after, list_sql, mention_count_sql, merge_changes, message_columns, report_columns,
-    stop_generating_sql, thread_root_of, unread_count_sql,
+    GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message, MessageStore,
+    NewMessage, NewReply, QueueCursor, QueueFilter, RECENT_ACTIVITY_ROWS, Range, Reacted, Reaction, ReadState, Reply,
+    Revision, SearchCursor, SearchFilter, SearchHit, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump,
+    ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, created_after_bounds, decode_mentions,
+    encode_mentions, first_seq_created_after, list_sql, mention_count_sql, merge_changes, message_columns,
+    report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -969,17 +969,14 @@ impl MessageStore for SqliteStore {
         Ok(heads.await?.unwrap_or_default())
     }
 
-    async fn joined_at(&self, chat: ChatId, user: UserId) -> Result<Option<i64>, StoreError> {
+    async fn latest_membership(&self, chat: ChatId, user: UserId) -> Result<Option<Membership>, StoreError> {
         let (chat, user) = (chat.to_string(), user.to_string());
         let latest = self.db.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT change_seq, kind FROM chat_changes WHERE chat_id = ?1 AND user_id = ?2 \
-                 AND kind IN ('joined', 'left', 'removed') ORDER BY change_seq DESC LIMIT 1",
-            )?
-            .query_row([chat, user], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)))
-            .optional()
+            conn.prepare_cached(LATEST_MEMBERSHIP_SQL)?
+                .query_row([chat, user], |row| Ok(Membership::of_entry(row.get(0)?, row.get_ref(1)?.as_str()?)))
+                .optional()
         });
-        Ok(latest.await?.filter(|(_, kind)| kind == JOINED).map(|(n, _)| n))
+        Ok(latest.await?)
     }
 
     async fn changes(

@@ -484,16 +484,20 @@ async fn read_positions_only_move_forward_until_a_join_resets_them(h: &Harness) 
     }
     assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].unread, 1, "others keep theirs");
     assert_eq!(h.store.heads(chat(1)).await.unwrap(), Heads { seq: Seq(6), change: 13, floor: 0 });
-    // Where a stream that missed a join replays from: the latest join.
-    assert_eq!(h.store.joined_at(chat(1), user(3)).await.unwrap(), Some(12));
+    // Where a stream that missed a join replays from (the latest join),
+    // and up to where one that finds its user gone does (the departure).
+    let latest = |u| h.store.latest_membership(chat(1), user(u));
+    assert_eq!(latest(3).await.unwrap(), Some(Membership::Joined(12)));
     h.store.record_chat_changes(chat(1), &[ChatChange::RoleChanged(user(3))], 8_000, "").await.unwrap();
-    assert_eq!(h.store.joined_at(chat(1), user(3)).await.unwrap(), Some(12), "a role change is no join");
-    h.store.record_chat_changes(chat(1), &[ChatChange::Left(user(3))], 8_000, "").await.unwrap();
-    assert_eq!(h.store.joined_at(chat(1), user(3)).await.unwrap(), None, "left since");
+    assert_eq!(latest(3).await.unwrap(), Some(Membership::Joined(12)), "a role change is no join");
+    let left = h.store.record_chat_changes(chat(1), &[ChatChange::Left(user(3))], 8_000, "").await.unwrap();
+    assert_eq!(latest(3).await.unwrap(), Some(Membership::Departed(left[0].change_seq)), "left since");
+    let removed = h.store.record_chat_changes(chat(1), &[ChatChange::Removed(user(2))], 8_000, "").await.unwrap();
+    assert_eq!(latest(2).await.unwrap(), Some(Membership::Departed(removed[0].change_seq)));
     let again = h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(3))], 9_000, "").await.unwrap();
-    assert_eq!(h.store.joined_at(chat(1), user(3)).await.unwrap(), Some(again[0].change_seq));
-    assert_eq!(h.store.joined_at(chat(1), user(1)).await.unwrap(), None, "never logged as joining");
-    assert_eq!(h.store.joined_at(chat(9), user(3)).await.unwrap(), None);
+    assert_eq!(latest(3).await.unwrap(), Some(Membership::Joined(again[0].change_seq)));
+    assert_eq!(latest(1).await.unwrap(), None, "never logged");
+    assert_eq!(h.store.latest_membership(chat(9), user(3)).await.unwrap(), None);
 }
 
 fn details(title: &str) -> ChatDetails {

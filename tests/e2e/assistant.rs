@@ -307,8 +307,9 @@ async fn stop_keeps_the_text_so_far_and_closes_the_upstream_connection(c: &Clust
 }
 
 /// A client whose Regenerate answer was lost retries with the same
-/// request_id: it gets the reply the first call started, while it streams
-/// and after, and the model is asked once.
+/// request_id: it gets the reply the first call started, while that call is
+/// on its way, while the reply streams and after, and the model is asked
+/// once.
 async fn a_regenerate_retried_with_its_request_id_starts_one_reply(c: &Cluster, server: &ScriptedServer) {
     server.push(Script::reply("one"));
     server.push(Script::reply("two"));
@@ -323,7 +324,15 @@ async fn a_regenerate_retried_with_its_request_id_starts_one_reply(c: &Cluster, 
     let regenerate = async |request: apb::RegenerateRequest| {
         c.assistant().regenerate(authed(&alice, request)).await.map(|r| r.into_inner().reply.unwrap())
     };
-    let started = regenerate(reload.clone()).await.unwrap();
+    // A retry sent while the first call is still on its way (a client that
+    // gave up at once) gets the same reply, not "stop it first".
+    let (started, raced) = tokio::join!(regenerate(reload.clone()), regenerate(reload.clone()));
+    let started = started.unwrap();
+    assert_eq!(
+        raced.map(|r| r.id).map_err(|s| s.to_string()),
+        Ok(started.id.clone()),
+        "the retry that raced the first"
+    );
     // While it streams (no "stop it first"), and once it is done.
     assert_eq!(regenerate(reload.clone()).await.unwrap().id, started.id);
     let finished = until_finished(&mut stream, Some(&started.id)).await.finished.unwrap();

@@ -334,7 +334,8 @@ pub struct Assistant {
     reply_rate: natter_kit::limits::RateLimiter<String>,
     permits: Semaphore,
     finished: broadcast::Sender<mpb::Message>,
-    /// Told whenever a chat's lane is released.
+    /// Told whenever a chat's lane is released, and when a Regenerate
+    /// started its reply (a retry of it may be waiting for the lane).
     lane_freed: tokio::sync::Notify,
     /// Told whenever a prompt is held ([`Assistant::hold`]): the event loop
     /// sets its replay time.
@@ -1469,13 +1470,35 @@ impl Assistant {
         request_id: Option<&str>,
     ) -> Result<(mpb::Message, mpb::Message), Status> {
         let membership = self.member(chat, caller).await?;
-        let reply_id = request_id.map(|r| self.settings.reply_ids.regenerated(chat, caller, r));
+        let sight = Sight::of(&membership);
+        let Some(request_id) = request_id else { return self.regenerate_anew(caller, chat, edit, None, sight).await };
+        let reply_id = self.settings.reply_ids.regenerated(chat, caller, request_id);
         // A retry: what the first call started, whatever happened since.
-        if let Some(id) = &reply_id
-            && let Some(started) = self.regenerated(chat, id).await?
-        {
-            return Ok((moderated(started.0, caller, Sight::of(&membership)), started.1));
+        if let Some((reply, prompt)) = self.regenerated(chat, &reply_id).await? {
+            return Ok((moderated(reply, caller, sight), prompt));
         }
+        match self.regenerate_anew(caller, chat, edit, Some(&reply_id), sight).await {
+            // Refused (the reply generating, a newer reply, the lane busy,
+            // the rate spent) because the first call started it meanwhile:
+            // a retry that raced it gets what it started.
+            Err(status) => match self.regenerated(chat, &reply_id).await? {
+                Some((reply, prompt)) => Ok((moderated(reply, caller, sight), prompt)),
+                None => Err(status),
+            },
+            started => started,
+        }
+    }
+
+    /// [`Assistant::regenerate`] once no reply of its request id
+    /// (`reply_id`) has been started: checks and starts one.
+    async fn regenerate_anew(
+        self: &Arc<Self>,
+        caller: &str,
+        chat: &str,
+        edit: Option<String>,
+        reply_id: Option<&str>,
+        sight: Sight,
+    ) -> Result<(mpb::Message, mpb::Message), Status> {
         self.may_regenerate(chat).await?;
         self.reply_rate.check(&caller.to_owned())?;
         let recent = self.links.messages.recent_messages(chat, 50).await?;
@@ -1498,7 +1521,6 @@ impl Assistant {
         if prompt.deleted {
             return Err(Status::failed_precondition("the reply's prompt was deleted"));
         }
-        let sight = Sight::of(&membership);
         if edit.is_some() && prompt.author_id != caller {
             return Err(Status::permission_denied("only the prompt's author may edit it"));
         }
@@ -1511,14 +1533,16 @@ impl Assistant {
         // Claim the chat's lane: one reply at a time. A lane with nothing
         // queued while the latest reply is finished is wrapping that reply
         // up (the client may see the end before the lane is released): wait
-        // for it, a few seconds at most.
+        // for it, a few seconds at most. A retry of a call that is starting
+        // its reply (a client that gave up on the first answer) waits here
+        // too, and looks for that reply whenever one starts.
         let busy = || Status::failed_precondition("a reply is being generated in this chat: stop it first");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let freed = self.lane_freed.notified();
             let mut freed = std::pin::pin!(freed);
             freed.as_mut().enable();
-            {
+            let queued = {
                 let mut state = self.state();
                 match state.lanes.get(chat) {
                     None => {
@@ -1526,11 +1550,15 @@ impl Assistant {
                         state.prompts.insert(prompt.id.clone());
                         break;
                     }
-                    Some(lane) if !lane.queue.is_empty() => return Err(busy()),
-                    Some(_) => {}
+                    Some(lane) => !lane.queue.is_empty(),
                 }
+            };
+            if queued || tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(busy());
             }
-            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+            if let Some(id) = reply_id
+                && self.regenerated(chat, id).await?.is_some()
+            {
                 return Err(busy());
             }
         }
@@ -1555,7 +1583,7 @@ impl Assistant {
                 }
                 None => prompt,
             };
-            let id = reply_id.clone().unwrap_or_else(|| Uuid::now_v7().to_string());
+            let id = reply_id.map_or_else(|| Uuid::now_v7().to_string(), str::to_owned);
             let request = self.start_request(&prompt, id, &latest.id);
             let (reply, created) = self.links.messages.start_reply(request).await?;
             Ok::<_, Status>((reply, prompt, created))
@@ -1571,6 +1599,9 @@ impl Assistant {
             Ok((reply, prompt, true)) => {
                 let job = Job { prompt: prompt.clone(), started: Some(reply.clone()) };
                 tokio::spawn(self.clone().drive(chat.to_owned(), job));
+                if reply_id.is_some() {
+                    self.lane_freed.notify_waiters();
+                }
                 Ok((moderated(reply, caller, sight), prompt))
             }
             Err(status) => {

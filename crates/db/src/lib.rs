@@ -65,6 +65,95 @@ pub enum DbError {
     Thread(String),
 }
 
+/// What a failed database call is to the client of the call that made it:
+/// the services answer [`Failure::Unavailable`] with gRPC UNAVAILABLE,
+/// [`Failure::Conflict`] with ABORTED and [`Failure::Internal`] with
+/// INTERNAL (gRPC status codes: UNAVAILABLE "most likely a transient
+/// condition, which can be corrected by retrying with a backoff", ABORTED
+/// "typically due to a concurrency issue such as ... transaction abort").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The database is out of reach, overloaded, out of space or shutting
+    /// down, or this store is closing: the same call may succeed later.
+    Unavailable,
+    /// The database aborted the transaction for a concurrent one (a
+    /// serialization failure, a deadlock): retrying the call may succeed.
+    Conflict,
+    /// Anything else: a fault of ours or of the data, that a retry does not
+    /// mend.
+    Internal,
+}
+
+impl Failure {
+    /// The failure of a sqlx call. PostgreSQL's errors are told apart by
+    /// SQLSTATE class (PostgreSQL manual, appendix A "Error Codes"): 08
+    /// connection exception, 53 insufficient resources, 57P admin or crash
+    /// shutdown, 58 system error and 55P03 lock not available are
+    /// unavailable; 40001 serialization failure and 40P01 deadlock are
+    /// conflicts. A SQLite error (the sessions store, through sqlx) is
+    /// judged by its result code as in [`Failure::of_sqlite`].
+    pub fn of_sqlx(e: &sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => Self::Unavailable,
+            sqlx::Error::Database(db) if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() => {
+                match db.code().and_then(|code| code.parse().ok()) {
+                    Some(code) if sqlite_unavailable(code) => Self::Unavailable,
+                    _ => Self::Internal,
+                }
+            }
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some("40001" | "40P01") => Self::Conflict,
+                Some(code) if ["08", "53", "57P", "58", "55P03"].iter().any(|class| code.starts_with(class)) => {
+                    Self::Unavailable
+                }
+                _ => Self::Internal,
+            },
+            _ => Self::Internal,
+        }
+    }
+
+    /// The failure of a rusqlite call: the database busy or locked past
+    /// its timeout, the disk full, an I/O error, the file out of reach or
+    /// memory short are unavailable (SQLite result codes,
+    /// <https://sqlite.org/rescode.html>).
+    pub fn of_sqlite(e: &rusqlite::Error) -> Self {
+        match e {
+            rusqlite::Error::SqliteFailure(failure, _) if sqlite_unavailable(failure.extended_code) => {
+                Self::Unavailable
+            }
+            _ => Self::Internal,
+        }
+    }
+}
+
+/// Whether a SQLite result code (primary or extended: the primary is the
+/// extended one's low byte) says the database is out of reach for now:
+/// SQLITE_BUSY 5, SQLITE_LOCKED 6, SQLITE_NOMEM 7, SQLITE_IOERR 10,
+/// SQLITE_FULL 13, SQLITE_CANTOPEN 14.
+fn sqlite_unavailable(code: i32) -> bool {
+    matches!(code & 0xff, 5 | 6 | 7 | 10 | 13 | 14)
+}
+
+impl DbError {
+    /// What this failure is to a client (see [`Failure`]).
+    pub fn failure(&self) -> Failure {
+        match self {
+            Self::Sqlx(e) => Failure::of_sqlx(e),
+            Self::Sqlite(e) => Failure::of_sqlite(e),
+            Self::Cancelled | Self::Closed => Failure::Unavailable,
+            Self::UnsupportedUrl(_)
+            | Self::InvalidSchema(_)
+            | Self::MissingDatabase { .. }
+            | Self::Migrate(_)
+            | Self::Thread(_) => Failure::Internal,
+        }
+    }
+}
+
 /// Which engine, and where, a [`DbConfig`] names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Engine {
@@ -440,6 +529,62 @@ mod tests {
         // A limit is written in, not bound, and takes no placeholder number.
         q.push(" AND c = ").bind(2i64).push(" ORDER BY a").limit(20);
         assert_eq!(q.sql(), "SELECT * FROM t WHERE a = $1 AND b IN ($2, $3) AND c = $4 ORDER BY a LIMIT 20");
+    }
+
+    #[test]
+    fn a_database_out_of_reach_is_unavailable_and_a_fault_of_ours_internal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("busy.db");
+        let holder = rusqlite::Connection::open(&path).unwrap();
+        holder.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY); BEGIN IMMEDIATE;").unwrap();
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.busy_timeout(std::time::Duration::ZERO).unwrap();
+        let busy = other.execute("INSERT INTO t (id) VALUES (1)", []).unwrap_err();
+        assert_eq!(Failure::of_sqlite(&busy), Failure::Unavailable, "{busy}");
+        holder.execute_batch("COMMIT; INSERT INTO t (id) VALUES (1);").unwrap();
+        let taken = other.execute("INSERT INTO t (id) VALUES (1)", []).unwrap_err();
+        assert_eq!(Failure::of_sqlite(&taken), Failure::Internal, "{taken}");
+        assert_eq!(DbError::Closed.failure(), Failure::Unavailable);
+        assert_eq!(Failure::of_sqlx(&sqlx::Error::PoolTimedOut), Failure::Unavailable);
+        assert_eq!(Failure::of_sqlx(&sqlx::Error::RowNotFound), Failure::Internal);
+    }
+
+    /// PostgreSQL's errors by SQLSTATE, from a real server
+    /// (`NATTER_TEST_DATABASE_URL`; skipped without it): a server out of
+    /// reach, a deadlock, a syntax error.
+    #[tokio::test]
+    async fn postgres_failures_are_told_apart_by_sqlstate() {
+        let Ok(url) = std::env::var("NATTER_TEST_DATABASE_URL") else { return };
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let unreachable = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(std::time::Duration::from_secs(2))
+            .connect(&format!("postgres://postgres@127.0.0.1:{closed}/test"))
+            .await
+            .unwrap_err();
+        assert_eq!(Failure::of_sqlx(&unreachable), Failure::Unavailable, "{unreachable}");
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url).await.unwrap();
+        let syntax = sqlx::query("SELEC 1").execute(&pool).await.unwrap_err();
+        assert_eq!(Failure::of_sqlx(&syntax), Failure::Internal, "{syntax}");
+        // Two transactions that each lock a row, then wait for the other's.
+        let table = format!("deadlock_{}", std::process::id());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE TABLE {table} (id INT PRIMARY KEY)")))
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO {table} VALUES (1), (2)"))).execute(&pool).await.unwrap();
+        let (mut a, mut b) = (pool.begin().await.unwrap(), pool.begin().await.unwrap());
+        let lock = |id: i32| sqlx::AssertSqlSafe(format!("UPDATE {table} SET id = id WHERE id = {id}"));
+        sqlx::query(lock(1)).execute(&mut *a).await.unwrap();
+        sqlx::query(lock(2)).execute(&mut *b).await.unwrap();
+        let (first, second) =
+            tokio::join!(sqlx::query(lock(2)).execute(&mut *a), sqlx::query(lock(1)).execute(&mut *b));
+        let deadlock = first.err().or(second.err()).expect("PostgreSQL breaks the deadlock");
+        drop((a, b));
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {table}"))).execute(&pool).await.unwrap();
+        assert_eq!(Failure::of_sqlx(&deadlock), Failure::Conflict, "{deadlock}");
     }
 
     #[test]

@@ -125,6 +125,30 @@ pub fn internal_at(cause: impl std::fmt::Display, origin: &'static std::panic::L
     Status::internal("internal error")
 }
 
+/// The status of a failed store call, `failure` as `natter_db` judged it,
+/// revealing nothing of `cause` (logged with `origin`, as in
+/// [`internal_at`]): UNAVAILABLE for a database out of reach, overloaded
+/// or shutting down (a warning: the operator's matter, the client retries
+/// with a backoff), ABORTED for a transaction the database aborted for a
+/// concurrent one (retry the call), INTERNAL otherwise.
+pub fn store_failure_at(
+    cause: impl std::fmt::Display,
+    failure: natter_db::Failure,
+    origin: &'static std::panic::Location<'static>,
+) -> Status {
+    match failure {
+        natter_db::Failure::Unavailable => {
+            tracing::warn!(%cause, at = %origin, "database unavailable");
+            Status::unavailable("the database is unavailable; retry later")
+        }
+        natter_db::Failure::Conflict => {
+            tracing::warn!(%cause, at = %origin, "transaction aborted for a concurrent one");
+            Status::aborted("the change conflicted with a concurrent one; retry")
+        }
+        natter_db::Failure::Internal => internal_at(cause, origin),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,7 +49,7 @@ pub mod time;
 pub mod web_page;
 
 pub use config::{ServerArgs, TransportArgs};
-pub use error::{FieldViolations, internal, internal_at};
+pub use error::{FieldViolations, internal, internal_at, store_failure_at};
 pub use internal::{InternalArgs, Link, ServiceCredential};
 pub use limits::{TrustedProxies, client_ip};
 pub use observe::{

@@ -35,7 +35,8 @@ pub enum ChatsError {
     /// Another service answered with an error; passed on as it is.
     #[error("{0}")]
     Upstream(#[from] Status),
-    /// The store failed (INTERNAL; the cause is logged with `origin`, the
+    /// The store failed (UNAVAILABLE, ABORTED or INTERNAL as
+    /// `natter_db::Failure` judges it; the cause is logged with `origin`, the
     /// `?` that turned it into this error).
     #[error("store error: {source}")]
     Store {
@@ -73,7 +74,15 @@ impl From<ChatsError> for Status {
             ChatsError::Precondition(_) => Status::failed_precondition(e.to_string()),
             ChatsError::Limited(limited) => limited.into(),
             ChatsError::Upstream(status) => status,
-            ChatsError::Store { source, origin } => natter_kit::internal_at(&source, origin),
+            ChatsError::Store { source, origin } => {
+                let failure = match &source {
+                    StoreError::Sqlite(e) => natter_db::Failure::of_sqlite(e),
+                    StoreError::Postgres(e) => natter_db::Failure::of_sqlx(e),
+                    StoreError::Db(e) => e.failure(),
+                    StoreError::Corrupt { .. } | StoreError::Config(_) => natter_db::Failure::Internal,
+                };
+                natter_kit::store_failure_at(&source, failure, origin)
+            }
         }
     }
 }

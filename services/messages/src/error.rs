@@ -46,7 +46,8 @@ pub enum MessagesError {
     /// Another service answered with an error; passed on as it is.
     #[error("{0}")]
     Upstream(#[from] Status),
-    /// The store failed (INTERNAL, cause and `origin` logged only).
+    /// The store failed (UNAVAILABLE, ABORTED or INTERNAL as
+    /// `natter_db::Failure` judges it; cause and `origin` logged only).
     #[error("store error: {source}")]
     Store {
         source: StoreError,
@@ -97,7 +98,13 @@ impl From<MessagesError> for Status {
                 Status::with_error_details(tonic::Code::ResourceExhausted, e.to_string(), details)
             }
             MessagesError::Upstream(status) => status,
-            MessagesError::Store { source, origin } => natter_kit::internal_at(&source, origin),
+            MessagesError::Store { source, origin } => {
+                let failure = match &source {
+                    StoreError::Db(e) => e.failure(),
+                    StoreError::Corrupt(_) => natter_db::Failure::Internal,
+                };
+                natter_kit::store_failure_at(&source, failure, origin)
+            }
         }
     }
 }

@@ -1026,6 +1026,18 @@ mod tests {
         next_event(&mut stream).await
     }
 
+    /// A store that is gone (closed here; in production a database out of
+    /// reach) answers UNAVAILABLE, which clients retry with a backoff, not
+    /// INTERNAL.
+    #[tokio::test]
+    async fn a_send_to_a_store_that_is_gone_is_unavailable() {
+        let h = Harness::start().await;
+        h.messages.store().close().await;
+        let status = Status::from(h.owner_sends("lost?").await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(!status.message().contains("closed"), "nothing of the cause: {status:?}");
+    }
+
     #[tokio::test]
     async fn a_message_whose_send_was_cancelled_while_committing_still_reaches_open_streams() {
         let h = Harness::start().await;

@@ -48,7 +48,9 @@ pub enum SessionsError {
     /// ClaimAccount by a user that is not a guest (FAILED_PRECONDITION).
     #[error("account already has a username and password")]
     NotGuest,
-    /// The database failed (INTERNAL; the cause and `origin` are logged only).
+    /// The database failed (UNAVAILABLE, ABORTED or INTERNAL as
+    /// `natter_db::Failure` judges it; the cause and `origin` are logged
+    /// only).
     #[error("database error: {source}")]
     Store {
         /// What the database said.
@@ -107,7 +109,9 @@ impl From<SessionsError> for Status {
             SessionsError::WrongPassword => Status::permission_denied(e.to_string()),
             SessionsError::SessionEnded => Status::unauthenticated(e.to_string()),
             SessionsError::Limited(limited) => limited.into(),
-            SessionsError::Store { source, origin } => natter_kit::internal_at(&source, origin),
+            SessionsError::Store { source, origin } => {
+                natter_kit::store_failure_at(&source, natter_db::Failure::of_sqlx(&source), origin)
+            }
             SessionsError::Internal { reason, origin } => natter_kit::internal_at(&reason, origin),
         }
     }
@@ -118,7 +122,7 @@ mod tests {
     use super::*;
 
     fn query() -> Result<(), sqlx::Error> {
-        Err(sqlx::Error::PoolTimedOut)
+        Err(sqlx::Error::RowNotFound)
     }
 
     #[test]
@@ -130,6 +134,12 @@ mod tests {
         let status = Status::from(error);
         assert_eq!(status.code(), tonic::Code::Internal);
         assert_eq!(status.message(), "internal error", "nothing of the database reaches the client");
+        // A database out of reach is the client's to retry.
+        let status = Status::from(SessionsError::store(sqlx::Error::PoolTimedOut));
+        assert_eq!(
+            (status.code(), status.message()),
+            (tonic::Code::Unavailable, "the database is unavailable; retry later")
+        );
     }
 
     #[test]

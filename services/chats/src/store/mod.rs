@@ -28,7 +28,8 @@ mod tests;
 /// The chats schema, embedded at compile time (the same DDL on both engines).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// A failure of the store. Nothing of it reaches a client (INTERNAL); the
+/// A failure of the store. Nothing of it reaches a client but its kind
+/// (UNAVAILABLE, ABORTED or INTERNAL: `natter_kit::store_failure_at`); the
 /// service logs it with the place it arose.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

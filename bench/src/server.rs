@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 /// one address and a few users at far more than a person's pace, and each
 /// call still pays for its limiter checks, so the figures include them. A
 /// server at `--target` needs limits as high to be measured at all.
-pub(crate) const LIMITS_OUT_OF_REACH: [&str; 22] = [
+pub(crate) const LIMITS_OUT_OF_REACH: [&str; 26] = [
     "--create-session-rate",
     "1000000000/1s",
     "--create-guest-rate",
@@ -35,6 +35,10 @@ pub(crate) const LIMITS_OUT_OF_REACH: [&str; 22] = [
     "--reaction-rate",
     "1000000000/1s",
     "--search-rate",
+    "1000000000/1s",
+    "--mark-read-rate",
+    "1000000000/1s",
+    "--moderation-rate",
     "1000000000/1s",
     // The `streams` scenario holds 50,000 streams for 64 users.
     "--max-streams-per-user",

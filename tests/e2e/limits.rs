@@ -187,6 +187,10 @@ mod per_user {
             "2/1h",
             "--search-rate",
             "2/1h",
+            "--mark-read-rate",
+            "2/1h",
+            "--moderation-rate",
+            "2/1h",
         ],
         assistant: &[],
         edge: &[],
@@ -246,6 +250,20 @@ mod per_user {
         let _first = m.stream_events(authed(&alice, open())).await.expect("first stream");
         let _second = m.stream_events(authed(&alice, open())).await.expect("second stream");
         retry_delay(&m.stream_events(authed(&alice, open())).await.unwrap_err());
+
+        // Read markers; deletions and reports together.
+        let mark = || mpb::MarkReadRequest { chat_id: chat.clone(), seq: 4 };
+        m.mark_read(authed(&alice, mark())).await.expect("within the rate");
+        m.mark_read(authed(&alice, mark())).await.expect("a repeat, within the rate");
+        retry_delay(&m.mark_read(authed(&alice, mark())).await.unwrap_err());
+        let bobs = code(m.mark_read(authed(&bob, mark())).await);
+        assert_eq!(bobs, Code::PermissionDenied, "bob has a rate of his own (and is no member)");
+        let delete = |i: usize| mpb::DeleteMessageRequest { message_id: sent[i].id.clone() };
+        m.delete_message(authed(&alice, delete(3))).await.expect("within the rate");
+        m.delete_message(authed(&alice, delete(2))).await.expect("within the rate");
+        retry_delay(&m.delete_message(authed(&alice, delete(1))).await.unwrap_err());
+        let kept = m.get_message(authed(&alice, mpb::GetMessageRequest { message_id: sent[1].id.clone() })).await;
+        assert!(!kept.unwrap().into_inner().message.unwrap().deleted, "the refused deletion deleted nothing");
 
         // Finding people by username: a cap on enumerating usernames. By
         // id (unguessable) is not counted.

@@ -1024,7 +1024,7 @@ impl MessageInternalService for MessageInternalApi {
         let r = request.into_inner();
         let user = UserId::parse("user_id", &r.user_id)?;
         let mark = mark_read_request(&r.request.unwrap_or_default())?;
-        let state = self.messages.mark_read(user, mark).await?;
+        let state = self.messages.mark_read_as(user, mark).await?;
         Ok(Response::new(pb::MarkReadAsResponse { read_seq: state.read_seq.0, unread_count: state.unread }))
     }
 

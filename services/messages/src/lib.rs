@@ -111,6 +111,14 @@ pub struct MessagesArgs {
     /// the text index of every chat of the caller's).
     #[arg(long, env = "NATTER_SEARCH_RATE", default_value = "120/1m")]
     pub search_rate: Rate,
+    /// MarkRead calls per user: N/PERIOD, or `off` (a client marks a chat
+    /// read as its user scrolls; a no-op is answered without writing).
+    #[arg(long, env = "NATTER_MARK_READ_RATE", default_value = "600/1m")]
+    pub mark_read_rate: Rate,
+    /// DeleteMessage, ReportMessage and ResolveReport calls per user,
+    /// together: N/PERIOD, or `off`.
+    #[arg(long, env = "NATTER_MODERATION_RATE", default_value = "120/1m")]
+    pub moderation_rate: Rate,
     /// StreamEvents streams opened per user: N/PERIOD, or `off`.
     #[arg(long, env = "NATTER_STREAM_OPEN_RATE", default_value = "120/1m")]
     pub stream_open_rate: Rate,
@@ -196,6 +204,8 @@ impl Default for MessagesArgs {
             edit_message_rate: Rate::parse("600/1m").expect("valid rate"),
             reaction_rate: Rate::parse("600/1m").expect("valid rate"),
             search_rate: Rate::parse("120/1m").expect("valid rate"),
+            mark_read_rate: Rate::parse("600/1m").expect("valid rate"),
+            moderation_rate: Rate::parse("120/1m").expect("valid rate"),
             stream_open_rate: streams.open_rate,
             typing_rate: Rate::parse("60/1m").expect("valid rate"),
             typing_timeout: std::time::Duration::from_secs(5),

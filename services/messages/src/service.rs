@@ -58,6 +58,11 @@ pub struct Messages {
     typing_rate: RateLimiter<UserId>,
     /// SearchMessages calls per user.
     search_rate: RateLimiter<UserId>,
+    /// MarkRead calls per user (not the assistant's MarkReadAs).
+    mark_read_rate: RateLimiter<UserId>,
+    /// DeleteMessage, ReportMessage and ResolveReport calls per user,
+    /// together.
+    moderation_rate: RateLimiter<UserId>,
     /// How long an indicator lasts unless renewed.
     typing_timeout: std::time::Duration,
     /// The prompt-injection detector (None: scanning off).
@@ -115,6 +120,8 @@ impl Messages {
             reaction_rate: RateLimiter::new("reactions", args.reaction_rate),
             typing_rate: RateLimiter::new("typing indicators", args.typing_rate),
             search_rate: RateLimiter::new("searches", args.search_rate),
+            mark_read_rate: RateLimiter::new("read markers", args.mark_read_rate),
+            moderation_rate: RateLimiter::new("deletions and reports", args.moderation_rate),
             typing_timeout: args.typing_timeout,
             detector: (args.scan_messages == crate::Scan::All).then(natter_detect::Detector::default),
             staff: args.staff_user_ids.iter().map(|u| UserId(*u)).collect(),
@@ -446,6 +453,7 @@ impl Messages {
     /// an assistant chat for the assistant's replies): leaves a
     /// tombstone; deleting a tombstone returns it.
     pub async fn delete(&self, caller: UserId, message_id: MessageId) -> Result<Message, MessagesError> {
+        self.moderation_rate.check(&caller)?;
         let (message, membership) = self.message_for(caller, message_id, true).await?;
         let manager = natter_links::manages(&membership);
         // An assistant's reply in a direct chat (an assistant chat): its
@@ -615,8 +623,17 @@ impl Messages {
 
     /// MarkRead: moves the caller's read position forward (clamped to the
     /// newest message) and returns it with the unread count; announces it
-    /// when it moved (a change of the chat).
+    /// when it moved (a change of the chat). Counted against the caller's
+    /// `--mark-read-rate`.
     pub async fn mark_read(&self, caller: UserId, req: MarkRead) -> Result<ReadState, MessagesError> {
+        self.mark_read_rate.check(&caller)?;
+        self.mark_read_as(caller, req).await
+    }
+
+    /// Internal MarkReadAs (the assistant, for its bot):
+    /// [`Messages::mark_read`] as `caller`, with no rate of its own (the
+    /// bot marks every chat it answers).
+    pub async fn mark_read_as(&self, caller: UserId, req: MarkRead) -> Result<ReadState, MessagesError> {
         self.member(req.chat_id, caller).await?;
         let state = self.store.mark_read(req.chat_id, caller, req.seq).await?;
         if let Some(change_seq) = state.change_seq {
@@ -733,6 +750,7 @@ impl Messages {
         reason: i32,
         comment: String,
     ) -> Result<StoredReport, MessagesError> {
+        self.moderation_rate.check(&caller)?;
         let (message, _) = self.message_for(caller, message_id, true).await?;
         if message.author_id == caller {
             return Err(MessagesError::Precondition("one cannot report one's own message"));
@@ -755,6 +773,7 @@ impl Messages {
     /// ResolveReport: the chat's owner or an admin, or staff, resolves a
     /// message's open reports; returns how many.
     pub async fn resolve_reports(&self, caller: UserId, message_id: MessageId) -> Result<u64, MessagesError> {
+        self.moderation_rate.check(&caller)?;
         let message = self.store.message(message_id).await?.ok_or(MessagesError::MessageNotFound)?;
         if !self.staff.contains(&caller) && !natter_links::manages(&self.member(message.chat_id, caller).await?) {
             return Err(MessagesError::Denied("only the chat's owner, an admin or staff may resolve reports"));

@@ -337,6 +337,16 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
     Ok(outcomes)
 }
 
+/// `user`'s read position in `chat` as stored, and where a MarkRead to
+/// `seq` moves it (clamped to the chat's newest seq).
+fn read_and_target(conn: &Connection, chat: &str, user: &str, seq: Seq) -> rusqlite::Result<(i64, i64)> {
+    conn.prepare_cached(
+        "SELECT COALESCE((SELECT read_seq FROM read_positions WHERE chat_id = ?1 AND user_id = ?2), 0), \
+         MIN(?3, COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = ?1), 0))",
+    )?
+    .query_row(params![chat, user, seq.0], |row| Ok((row.get(0)?, row.get(1)?)))
+}
+
 /// Edits one message in one transaction (see [`MessageStore::edit`]).
 fn edit(
     conn: &mut Connection,
@@ -918,15 +928,26 @@ impl MessageStore for SqliteStore {
 
     async fn mark_read(&self, chat: ChatId, user: UserId, seq: Seq) -> Result<ReadState, StoreError> {
         let (chat, user) = (chat.to_string(), user.to_string());
+        // A call that moves nothing (a client repeating itself, or behind)
+        // is answered on a reader: the writer, which every send of the
+        // process waits for, sees only the calls that move a position.
+        let (c, u) = (chat.clone(), user.clone());
+        let stays = self.db.read(move |conn| {
+            let (read_seq, target) = read_and_target(conn, &c, &u, seq)?;
+            if target > read_seq {
+                return Ok(None);
+            }
+            let unread: i64 = conn
+                .prepare_cached(concat!("SELECT ", unread_count_sql!("?1", "?2", "?3")))?
+                .query_row(params![c, read_seq, u], |row| row.get(0))?;
+            Ok(Some(ReadState { read_seq: Seq(read_seq), unread, change_seq: None }))
+        });
+        if let Some(state) = stays.await? {
+            return Ok(state);
+        }
         let state = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            // (stored position, where the call moves it: clamped to the head).
-            let (read_seq, target): (i64, i64) = tx
-                .prepare_cached(
-                    "SELECT COALESCE((SELECT read_seq FROM read_positions WHERE chat_id = ?1 AND user_id = ?2), 0), \
-                     MIN(?3, COALESCE((SELECT last_seq FROM chat_heads WHERE chat_id = ?1), 0))",
-                )?
-                .query_row(params![chat, user, seq.0], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            let (read_seq, target) = read_and_target(&tx, &chat, &user, seq)?;
             let (read_seq, change_seq) = if target > read_seq {
                 let change = next_change(&tx, &chat)?;
                 tx.prepare_cached(
@@ -1429,6 +1450,53 @@ mod tests {
             assert!(plan.iter().any(|step| step.contains("VIRTUAL TABLE INDEX")), "{plan:?}");
             assert!(plan.iter().any(|step| step.contains("INTEGER PRIMARY KEY (rowid=?)")), "{plan:?}");
         }
+        store.db.close().await;
+    }
+
+    /// A MarkRead that moves nothing is answered while the writer is busy
+    /// (it does not queue behind every send of the process); one that
+    /// moves the position still moves it.
+    #[tokio::test]
+    async fn a_mark_read_that_moves_nothing_does_not_wait_for_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("messages.db"), 1).await.unwrap();
+        let (chat, reader, author) = (ChatId::new_v7(), UserId::new_v7(), UserId::new_v7());
+        let message = |text: &str| NewMessage {
+            id: MessageId::new_v7(),
+            chat_id: chat,
+            author_id: author,
+            text: text.into(),
+            attachments: Vec::new(),
+            reply_to: None,
+            send_time: 1,
+            flags: None,
+            mentions: Vec::new(),
+            thread_root: None,
+        };
+        store.insert_batch(&[message("one"), message("two")]).await.unwrap();
+        assert!(store.mark_read(chat, reader, Seq(1)).await.unwrap().change_seq.is_some(), "moved");
+        // The writer held by a write that waits for the test.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (holding, writer_held) = tokio::sync::oneshot::channel();
+        let db = store.db.clone();
+        let busy = tokio::spawn(async move {
+            db.write(move |_| {
+                holding.send(()).ok();
+                held.recv().ok();
+                Ok(())
+            })
+            .await
+        });
+        writer_held.await.unwrap();
+        let bound = std::time::Duration::from_secs(10);
+        let again = tokio::time::timeout(bound, store.mark_read(chat, reader, Seq(1))).await;
+        let again = again.expect("answered while the writer is busy").unwrap();
+        assert_eq!((again.read_seq, again.unread, again.change_seq), (Seq(1), 1, None));
+        release.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        let moved = store.mark_read(chat, reader, Seq(2)).await.unwrap();
+        assert_eq!((moved.read_seq, moved.unread), (Seq(2), 0));
+        assert!(moved.change_seq.is_some());
         store.db.close().await;
     }
 }

@@ -17,6 +17,7 @@ crate::both_modes!(
     reactions_are_validated_and_only_for_members,
     reactions_aggregate_per_viewer_once_per_user_and_emoji,
     a_retry_after_removal_shows_nothing_of_the_chat_since,
+    history_pages_stay_under_what_clients_accept,
 );
 
 async fn retries_with_one_message_id_create_one_message(c: &Cluster) {
@@ -348,4 +349,61 @@ async fn a_retry_after_removal_shows_nothing_of_the_chat_since(c: &Cluster) {
     let retried = c.messages().send_message(authed(&bob, root)).await.unwrap().into_inner().message.unwrap();
     assert_eq!((retried.id.as_str(), retried.seq), (sent.id.as_str(), sent.seq));
     assert_eq!((retried.thread, retried.change_seq), (None, sent.change_seq), "nothing of the thread since");
+}
+
+/// A page of history ends before it passes 3 MiB (gRPC clients take at
+/// most 4 MiB a response by default), earlier revisions included, and the
+/// next pages hold the rest, each message once.
+async fn history_pages_stay_under_what_clients_accept(c: &Cluster) {
+    use prost::Message as _;
+    let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+    let chat = direct(c, &alice, &bob).await;
+    // 100 messages of 32 KiB: 3.2 MiB.
+    let long = |tag: &str| format!("{tag:<8}{}", "x".repeat(32 * 1024 - 8));
+    for i in 1..=100 {
+        send(c, &alice, &chat.id, &long(&format!("m{i}"))).await;
+    }
+    let page_of = |chat_id: &str, token: String, include_history: bool| mpb::ListMessagesRequest {
+        chat_id: chat_id.to_owned(),
+        page_size: 200,
+        page_token: token,
+        include_history,
+        ..Default::default()
+    };
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c.messages().list_messages(authed(&alice, page_of(&chat.id, token, false))).await.unwrap();
+        let page = page.into_inner();
+        assert!(page.encoded_len() < 3 * 1024 * 1024 + 64 * 1024, "{} bytes", page.encoded_len());
+        pages.push(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>());
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert!(pages.len() > 1 && pages[0].len() < 100, "the first page is cut: {:?}", pages.iter().map(Vec::len));
+    assert_eq!(pages.concat(), (1..=100).rev().collect::<Vec<_>>(), "every message once, in order");
+
+    // Four messages edited 30 times each to 32 KiB texts: 0.9 MiB of earlier
+    // revisions each.
+    let other = direct(c, &alice, &carol).await;
+    for i in 1..=4 {
+        let sent = send(c, &alice, &other.id, &format!("short {i}")).await;
+        for j in 1..=30 {
+            let edit = mpb::EditMessageRequest { message_id: sent.id.clone(), text: long(&format!("{i}.{j}")) };
+            c.messages().edit_message(authed(&alice, edit)).await.unwrap();
+        }
+    }
+    let first = c.messages().list_messages(authed(&alice, page_of(&other.id, String::new(), true))).await.unwrap();
+    let first = first.into_inner();
+    assert!(first.encoded_len() < 3 * 1024 * 1024 + 64 * 1024, "{} bytes", first.encoded_len());
+    assert_eq!(
+        first.messages.iter().map(|m| (m.seq, m.history.len())).collect::<Vec<_>>(),
+        [(4, 30), (3, 30), (2, 30)]
+    );
+    let rest = page_of(&other.id, first.next_page_token, true);
+    let rest = c.messages().list_messages(authed(&alice, rest)).await.unwrap().into_inner();
+    assert_eq!(rest.messages.iter().map(|m| (m.seq, m.history.len())).collect::<Vec<_>>(), [(1, 30)]);
+    assert!(rest.next_page_token.is_empty());
 }

@@ -38,6 +38,36 @@ pub const RECOVERY_WINDOW_US: i64 = natter_links::activity::REANNOUNCE_WINDOW_US
 /// Chat lookups of one GetPresence in flight at once.
 const PRESENCE_LOOKUPS: usize = 8;
 
+/// The most bytes of messages (text, attachments, mentions) and earlier
+/// revisions one ListMessages page carries, roughly as encoded: a page ends
+/// before the message that would pass it, so that a response stays under
+/// the 4 MiB that gRPC clients accept by default (grpc-go's and tonic's
+/// default largest message received). Its first message always comes,
+/// whatever its size; the limits bound that to about 3.3 MiB (32 KiB of
+/// text and 100 earlier revisions of as much).
+pub const PAGE_BYTES: usize = 3 << 20;
+
+/// Roughly the bytes `m` takes in a response (its text, attachments,
+/// mentions and the fields around them).
+fn weight(m: &Message) -> usize {
+    let attachments: usize = m.attachments.iter().map(|a| 32 + a.url.len() + a.mime_type.len()).sum();
+    256 + m.text.len() + attachments + 40 * m.mentions.len()
+}
+
+/// Roughly the bytes revision `r` takes in a response.
+fn revision_weight(r: &Revision) -> usize {
+    32 + r.text.len()
+}
+
+/// A ListMessages page with its messages' earlier revisions
+/// ([`Messages::with_history`]).
+struct HistoryPage {
+    messages: Vec<WithHistory>,
+    /// Cut short of the messages read: the next page starts after its
+    /// last message.
+    cut: bool,
+}
+
 /// The messages service's domain object; share it behind an `Arc`.
 pub struct Messages {
     store: Arc<dyn MessageStore>,
@@ -588,37 +618,75 @@ impl Messages {
             .into_iter()
             .map(|m| flags_for(m, caller, sight))
             .collect();
-        let next = if messages.len() > req.page_size as usize {
+        let mut next = if messages.len() > req.page_size as usize {
             messages.truncate(req.page_size as usize);
             messages.last().map(|m| m.seq)
         } else {
             None
         };
+        // The page ends where its bytes would pass PAGE_BYTES.
+        let mut bytes = 0;
+        let fit = messages
+            .iter()
+            .position(|m| {
+                bytes += weight(m);
+                bytes > PAGE_BYTES
+            })
+            .map_or(messages.len(), |i| i.max(1));
+        if fit < messages.len() {
+            messages.truncate(fit);
+            next = messages.last().map(|m| m.seq);
+        }
+        let bytes: usize = messages.iter().map(weight).sum();
         with_reactions(self.store.as_ref(), &mut messages, Some(caller)).await?;
-        Ok((self.with_history(messages, req.include_history).await?, next))
+        if !req.include_history {
+            return Ok((
+                messages.into_iter().map(|message| WithHistory { message, history: Vec::new() }).collect(),
+                next,
+            ));
+        }
+        let page = self.with_history(messages, PAGE_BYTES.saturating_sub(bytes)).await?;
+        if page.cut {
+            next = page.messages.last().map(|m| m.message.seq);
+        }
+        Ok((page.messages, next))
     }
 
-    /// Attaches their earlier revisions to `messages` when asked (one store
-    /// read for the page).
-    async fn with_history(
-        &self,
-        messages: Vec<Message>,
-        include_history: bool,
-    ) -> Result<Vec<WithHistory>, MessagesError> {
-        let edited: Vec<MessageId> = if include_history {
-            messages.iter().filter(|m| m.revision > 1).map(|m| m.id).collect()
-        } else {
-            Vec::new()
-        };
-        let mut revisions = self.store.revisions(&edited).await?;
-        Ok(messages
-            .into_iter()
-            .map(|message| {
-                let (history, rest) = revisions.drain(..).partition(|r| r.message_id == message.id);
+    /// Attaches their earlier revisions to `messages`, in order, while they
+    /// fit in `budget` bytes: the page is cut before the first message
+    /// whose revisions would pass it (never before the first). Revisions
+    /// are read for a run of messages at a time, as many as fit in what is
+    /// left of the budget were each of their revisions as long as a text
+    /// may be, so no more than about twice the budget is ever held.
+    async fn with_history(&self, messages: Vec<Message>, budget: usize) -> Result<HistoryPage, MessagesError> {
+        let most = |m: &Message| usize::try_from(m.revision - 1).unwrap_or(0) * (32 + self.limits.text_bytes);
+        let mut page = HistoryPage { messages: Vec::with_capacity(messages.len()), cut: false };
+        let mut spent = 0;
+        let mut pending = messages.into_iter().peekable();
+        while pending.peek().is_some() {
+            let mut run = Vec::new();
+            let mut at_most = 0;
+            while let Some(m) = pending.next_if(|m| run.is_empty() || at_most + most(m) <= budget.saturating_sub(spent))
+            {
+                at_most += most(&m);
+                run.push(m);
+            }
+            let edited: Vec<MessageId> = run.iter().filter(|m| m.revision > 1).map(|m| m.id).collect();
+            let mut revisions = if edited.is_empty() { Vec::new() } else { self.store.revisions(&edited).await? };
+            for message in run {
+                let (history, rest): (Vec<Revision>, Vec<Revision>) =
+                    revisions.drain(..).partition(|r| r.message_id == message.id);
                 revisions = rest;
-                WithHistory { message, history }
-            })
-            .collect())
+                let size: usize = history.iter().map(revision_weight).sum();
+                if !page.messages.is_empty() && spent + size > budget {
+                    page.cut = true;
+                    return Ok(page);
+                }
+                spent += size;
+                page.messages.push(WithHistory { message, history });
+            }
+        }
+        Ok(page)
     }
 
     /// MarkRead: moves the caller's read position forward (clamped to the

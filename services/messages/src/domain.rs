@@ -270,6 +270,16 @@ pub fn nfc(text: String) -> String {
     }
 }
 
+/// [`nfc`] of `text`, unless it is too long to be within `max_bytes` once
+/// normalized: then as it is (its length fails the check that follows),
+/// so a megabyte sent against a limit of 32 KiB costs no normalization.
+/// Composition shrinks a text by at most three times (three Hangul jamo
+/// of 3 bytes each compose to one syllable of 3: UAX #15), so a text over
+/// four times the limit is over it in any form.
+pub fn nfc_within(text: String, max_bytes: usize) -> String {
+    if text.len() > max_bytes.saturating_mul(4) { text } else { nfc(text) }
+}
+
 /// Checks a message text: at most `limits.text_bytes` bytes, no NUL; empty
 /// only when `allow_empty` (a message with attachments).
 pub fn check_text(field: &str, text: &str, allow_empty: bool, limits: &Limits) -> Result<(), Violation> {
@@ -312,6 +322,20 @@ pub fn check_attachment(field: &str, a: &Attachment, limits: &Limits) -> Vec<Vio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_text_far_over_its_limit_is_not_normalized_and_fails_its_check() {
+        let decomposed = "e\u{301}".repeat(10);
+        assert_eq!(nfc_within(decomposed.clone(), 30), "\u{e9}".repeat(10), "within four times: normalized");
+        let far = "e\u{301}".repeat(100);
+        assert_eq!(nfc_within(far.clone(), 30), far, "over four times: as sent");
+        let limits = Limits { text_bytes: 30, ..Limits::default() };
+        assert!(check_text("text", &nfc_within(far, 30), false, &limits).is_err());
+        // Three jamo of 3 bytes compose to one syllable of 3: 3 times
+        // smaller, within the bound.
+        let jamo = "\u{1100}\u{1161}\u{11A8}".repeat(10);
+        assert_eq!(nfc_within(jamo, 30).len(), 30);
+    }
 
     fn image() -> Attachment {
         Attachment {

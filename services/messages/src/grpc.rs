@@ -55,7 +55,7 @@ pub fn send_request(r: pb::SendMessageRequest, limits: &Limits) -> Result<SendMe
         }
         attachments.push(a);
     }
-    let text = domain::nfc(r.text);
+    let text = domain::nfc_within(r.text, limits.text_bytes);
     if let Err((field, description)) = domain::check_text("text", &text, !attachments.is_empty(), limits) {
         violations.add(field, description);
     }
@@ -86,7 +86,7 @@ pub fn send_request(r: pb::SendMessageRequest, limits: &Limits) -> Result<SendMe
 /// Validates an EditMessage request.
 pub fn edit_request(r: pb::EditMessageRequest, limits: &Limits) -> Result<EditMessage, Status> {
     let message_id = MessageId::parse("message_id", &r.message_id)?;
-    let text = domain::nfc(r.text);
+    let text = domain::nfc_within(r.text, limits.text_bytes);
     domain::check_text("text", &text, false, limits)
         .map_err(|(field, description)| FieldViolations::single(field, description).into_status())?;
     Ok(EditMessage { message_id, text })
@@ -165,7 +165,8 @@ pub fn list_request(r: &pb::ListMessagesRequest) -> Result<(ListMessages, u64), 
 /// its query, chat and order, which its page tokens carry. INVALID_ARGUMENT
 /// lists every field at fault.
 pub fn search_request(r: &pb::SearchMessagesRequest) -> Result<(SearchMessages, u64), Status> {
-    let query = Query::parse(&domain::nfc(r.query.clone())).map_err(|reason| ("query", reason));
+    let query = domain::nfc_within(r.query.clone(), crate::search::QUERY_MAX_BYTES);
+    let query = Query::parse(&query).map_err(|reason| ("query", reason));
     let chat_id = ChatId::parse_optional("chat_id", &r.chat_id).map_err(|_| ("chat_id", "must be a UUID".to_owned()));
     let relevance = match r.order_by.trim() {
         "" | "send_time desc" => Ok(false),

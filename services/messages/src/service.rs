@@ -47,13 +47,6 @@ const PRESENCE_LOOKUPS: usize = 8;
 /// text and 100 earlier revisions of as much).
 pub const PAGE_BYTES: usize = 3 << 20;
 
-/// Roughly the bytes `m` takes in a response (its text, attachments,
-/// mentions and the fields around them).
-fn weight(m: &Message) -> usize {
-    let attachments: usize = m.attachments.iter().map(|a| 32 + a.url.len() + a.mime_type.len()).sum();
-    256 + m.text.len() + attachments + 40 * m.mentions.len()
-}
-
 /// Roughly the bytes revision `r` takes in a response.
 fn revision_weight(r: &Revision) -> usize {
     32 + r.text.len()
@@ -629,7 +622,7 @@ impl Messages {
         let fit = messages
             .iter()
             .position(|m| {
-                bytes += weight(m);
+                bytes += m.weight();
                 bytes > PAGE_BYTES
             })
             .map_or(messages.len(), |i| i.max(1));
@@ -637,7 +630,7 @@ impl Messages {
             messages.truncate(fit);
             next = messages.last().map(|m| m.seq);
         }
-        let bytes: usize = messages.iter().map(weight).sum();
+        let bytes: usize = messages.iter().map(Message::weight).sum();
         with_reactions(self.store.as_ref(), &mut messages, Some(caller)).await?;
         if !req.include_history {
             return Ok((

@@ -81,6 +81,12 @@ use crate::store::{Change, ChatChange, Heads, Membership, Range, Seq};
 /// How many changes one store read of a replay or gap fill returns.
 const REPLAY_PAGE: u32 = 256;
 
+/// The most bytes of changes a stream holds from one store read (a page
+/// is cut after the change that passes it, the rest read again next): a
+/// client that stops reading holds its stream at the page it was sent, and
+/// 256 messages of 32 KiB with attachments would be 14 MiB.
+const REPLAY_PAGE_BYTES: usize = 1 << 20;
+
 /// The response stream of StreamEvents.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::StreamEventsResponse, Status>> + Send + 'static>>;
 
@@ -754,12 +760,21 @@ impl Follower {
             return Ok((Vec::new(), false));
         }
         let since = *refill.since.get_or_insert(cursor);
-        let (mut changes, more) = self
+        let (mut changes, mut more) = self
             .messages
             .store()
             .changes(chat.into(), self.user.into(), cursor, REPLAY_PAGE)
             .await
             .map_err(MessagesError::from)?;
+        let mut bytes = 0;
+        if let Some(past) = changes.iter().position(|c| {
+            bytes += c.weight();
+            bytes > REPLAY_PAGE_BYTES
+        }) && past + 1 < changes.len()
+        {
+            changes.truncate(past + 1);
+            more = true;
+        }
         let me = UserId(self.user);
         // The page's reactions as the user sees them now, in one read, of
         // the messages that have any.
@@ -1180,6 +1195,44 @@ mod tests {
         let (texts, removal) = texts_until_the_removal(&mut stream).await;
         assert_eq!(texts, ["missed 1", "missed 2"]);
         assert_eq!(removal, logged.unwrap()[0].change_seq, "the removal as logged");
+    }
+
+    /// A replay of long messages is read about a megabyte at a time, not a
+    /// page of 256 (a client that stops reading holds its stream at the
+    /// page it was sent), and the next read goes on from where it stopped.
+    #[tokio::test]
+    async fn a_replay_of_long_messages_holds_about_a_megabyte_at_a_time() {
+        let h = Harness::start().await;
+        let long = |i: usize| h.unannounced(&format!("{i:<8}{}", "x".repeat(32 * 1024 - 8)));
+        let batch: Vec<_> = (0..100).map(long).collect();
+        h.messages.store().insert_batch(&batch).await.unwrap();
+        let mut follower = Follower {
+            messages: h.messages.clone(),
+            user: h.member,
+            all: false,
+            live: StreamMap::new(),
+            cursors: HashMap::from([(h.chat, 0)]),
+            managed: HashSet::new(),
+            direct: HashMap::new(),
+            presence: None,
+        };
+        let mut refill = Refill::all(h.chat);
+        let mut pages = Vec::new();
+        loop {
+            let (events, more) = follower.refill(&mut refill).await.unwrap();
+            let text = |e: &pb::StreamEventsResponse| match &e.event {
+                Some(Event::MessageCreated(m)) => m.text.len(),
+                _ => 0,
+            };
+            let bytes: usize = events.iter().map(text).sum();
+            assert!(bytes < REPLAY_PAGE_BYTES + 64 * 1024, "{bytes} bytes in a page");
+            pages.push(events.iter().map(|e| e.seq).collect::<Vec<_>>());
+            if !more {
+                break;
+            }
+        }
+        assert!(pages.len() >= 3, "{} pages", pages.len());
+        assert_eq!(pages.concat(), (1..=100).collect::<Vec<_>>(), "each message once, in order");
     }
 
     /// A gap longer than a page of the store, then the member's removal,

@@ -494,6 +494,13 @@ impl Message {
     pub fn deleted(&self) -> bool {
         self.delete_time.is_some()
     }
+
+    /// Roughly the bytes it takes in memory and in a response: its text,
+    /// attachments and mentions, and the fields around them.
+    pub fn weight(&self) -> usize {
+        let attachments: usize = self.attachments.iter().map(|a| 32 + a.url.len() + a.mime_type.len()).sum();
+        256 + self.text.len() + attachments + 40 * self.mentions.len()
+    }
 }
 
 /// A message to insert; the store assigns its seq.
@@ -931,6 +938,14 @@ pub enum Change {
 }
 
 impl Change {
+    /// Roughly the bytes it takes (see [`Message::weight`]).
+    pub fn weight(&self) -> usize {
+        match self {
+            Self::Message(m) => m.weight(),
+            Self::Read { .. } | Self::Chat { .. } => 256,
+        }
+    }
+
     /// Its change number.
     pub fn change_seq(&self) -> i64 {
         match self {

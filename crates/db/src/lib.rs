@@ -65,6 +65,27 @@ pub enum DbError {
     Thread(String),
 }
 
+/// Runs `migrator` on `pool`, tolerant of a schema a newer natter migrated
+/// further: migrations this binary does not know are left as they are, not
+/// refused. So the previous release still starts on the next one's schema
+/// (a rollback, or an old replica restarting during a rolling upgrade).
+/// That holds because natter's migrations only add (tables, columns with
+/// defaults, indexes); one that drops or renames must come a release after
+/// the code stops using what it removes (expand, then contract). A
+/// migration the binary knows but the database applied with other SQL is
+/// still an error.
+///
+/// Errors: a migration fails, or an applied one was changed.
+pub async fn run_migrations<'a, A>(migrator: &Migrator, pool: A) -> Result<(), sqlx::migrate::MigrateError>
+where
+    A: sqlx::Acquire<'a>,
+    <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
+{
+    let mut tolerant = Migrator::with_migrations(migrator.iter().cloned().collect());
+    tolerant.set_ignore_missing(true);
+    tolerant.run(pool).await
+}
+
 /// What a failed database call is to the client of the call that made it:
 /// the services answer [`Failure::Unavailable`] with gRPC UNAVAILABLE,
 /// [`Failure::Conflict`] with ABORTED and [`Failure::Internal`] with
@@ -293,7 +314,7 @@ impl Db {
             })
             .connect_with(options.clone())
             .await?;
-        migrator.run(&write).await?;
+        run_migrations(migrator, &write).await?;
         let read = AnyPoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .after_connect(move |conn, _| {
@@ -331,7 +352,7 @@ impl Db {
             })
             .connect_with(options)
             .await?;
-        migrator.run(&pool).await?;
+        run_migrations(migrator, &pool).await?;
         Ok(Self { read: pool.clone(), write: pool })
     }
 
@@ -585,6 +606,38 @@ mod tests {
         drop((a, b));
         sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {table}"))).execute(&pool).await.unwrap();
         assert_eq!(Failure::of_sqlx(&deadlock), Failure::Conflict, "{deadlock}");
+    }
+
+    /// The previous release starts on a schema the next one migrated
+    /// further (a rollback); a migration it knows, changed, still fails.
+    #[tokio::test]
+    async fn a_schema_migrated_further_by_a_newer_release_still_opens() {
+        use sqlx::migrate::{Migration, MigrationType};
+        let migration = |version: i64, sql: &'static str| {
+            Migration::new(
+                version,
+                format!("m{version}").into(),
+                MigrationType::Simple,
+                sqlx::SqlSafeStr::into_sql_str(sql),
+                false,
+            )
+        };
+        let (older, newer) = (
+            vec![migration(1, "CREATE TABLE t (id INTEGER PRIMARY KEY)")],
+            vec![
+                migration(1, "CREATE TABLE t (id INTEGER PRIMARY KEY)"),
+                migration(2, "ALTER TABLE t ADD COLUMN n INTEGER NOT NULL DEFAULT 0"),
+            ],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rollback.db");
+        sqlite::migrate(&path, &Migrator::with_migrations(newer)).await.unwrap();
+        sqlite::migrate(&path, &Migrator::with_migrations(older)).await.expect("the older release opens it");
+        let changed = vec![migration(1, "CREATE TABLE t (id TEXT PRIMARY KEY)")];
+        assert!(
+            sqlite::migrate(&path, &Migrator::with_migrations(changed)).await.is_err(),
+            "a known migration changed"
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub async fn connect(url: &str, schema: &str, max_connections: u32, migrator: &M
         })
         .connect_with(options)
         .await?;
-    migrator.run(&pool).await?;
+    crate::run_migrations(migrator, &pool).await?;
     Ok(pool)
 }
 
@@ -88,8 +88,10 @@ fn is_missing_database(e: &sqlx::Error) -> bool {
 /// Creates the database `options` name, connected to the server's
 /// `postgres` database as the same user: the README's split-mode block
 /// names a `natter` database a fresh server does not have. Replicas
-/// starting together may race; the loser's duplicate_database (42P04) is
-/// no error.
+/// starting together race: a loser sees duplicate_database (42P04) or, when
+/// the winner's row is not committed yet as it checks, a unique violation
+/// on `pg_database` (23505); either way the database exists, and neither is
+/// an error.
 ///
 /// Errors: the user may not create databases (or the server refused):
 /// [`DbError::MissingDatabase`], which says to create it by hand.
@@ -102,7 +104,7 @@ async fn create_database(options: &PgConnectOptions) -> Result<(), DbError> {
     let create = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
     match conn.execute(AssertSqlSafe(create)).await {
         Ok(_) => tracing::info!(database = %name, "created the database"),
-        Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("42P04") => {}
+        Err(sqlx::Error::Database(d)) if matches!(d.code().as_deref(), Some("42P04" | "23505")) => {}
         Err(e) => return Err(missing(e.to_string())),
     }
     conn.close().await?;
@@ -144,5 +146,29 @@ mod tests {
         again.close().await;
         let mut admin = sqlx::PgConnection::connect_with(&options.clone().database("postgres")).await.unwrap();
         admin.execute(AssertSqlSafe(format!("DROP DATABASE \"{name}\" WITH (FORCE)"))).await.unwrap();
+    }
+
+    /// Replicas of a service started together on a fresh server (the
+    /// README's split-mode block, a Kubernetes rollout) all find the
+    /// database missing and all create it: every one of them starts.
+    #[tokio::test]
+    async fn replicas_starting_together_all_create_the_missing_database() {
+        let Some(url) = crate::testing::postgres_url() else { return };
+        let name = crate::testing::unique_schema("db");
+        let options: PgConnectOptions = url.parse::<PgConnectOptions>().unwrap().database(&name);
+        let url = options.to_url_lossy().to_string();
+        let mut replicas = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let url = url.clone();
+            replicas.spawn(async move { connect(&url, "natter_test", 1, &Migrator::DEFAULT).await });
+        }
+        let started = replicas.join_all().await;
+        let mut admin = sqlx::PgConnection::connect_with(&options.clone().database("postgres")).await.unwrap();
+        for pool in started.iter().flatten() {
+            pool.close().await;
+        }
+        admin.execute(AssertSqlSafe(format!("DROP DATABASE \"{name}\" WITH (FORCE)"))).await.unwrap();
+        let failed: Vec<String> = started.into_iter().filter_map(Result::err).map(|e| e.to_string()).collect();
+        assert!(failed.is_empty(), "{failed:?}");
     }
 }

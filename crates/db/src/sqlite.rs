@@ -69,7 +69,7 @@ pub async fn migrate(path: &Path, migrator: &Migrator) -> Result<(), DbError> {
         .journal_mode(SqliteJournalMode::Wal)
         .disable_statement_logging();
     let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
-    let result = migrator.run(&pool).await;
+    let result = crate::run_migrations(migrator, &pool).await;
     pool.close().await;
     Ok(result?)
 }

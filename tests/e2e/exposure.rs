@@ -390,6 +390,19 @@ async fn internal_listeners_refuse_calls_without_the_service_credential() {
         let status = health.check(tonic_health::pb::HealthCheckRequest::default()).await.unwrap().into_inner();
         assert_eq!(status.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     }
+    // A service given another credential (replicas mid-rotation) is refused,
+    // and tells its own caller UNAVAILABLE: an UNAUTHENTICATED passed on
+    // would end the caller's streams and sign a browser out.
+    let other = natter_kit::ServiceCredential::new(&format!("{}y", &secret[..secret.len() - 1])).unwrap();
+    let link = natter_kit::Link::connect(
+        &format!("http://{}", c.internal_addrs[0]),
+        &other,
+        std::time::Duration::from_secs(10),
+    )
+    .unwrap();
+    let lookup = link.request(spb::LookupUsersRequest { user_ids: vec![victim.id.clone()] });
+    let refused = link.call(SessionInternalServiceClient::new(link.channel()).lookup_users(lookup)).await;
+    assert_eq!(refused.map(|_| ()).unwrap_err().code(), Code::Unavailable);
     // With the credential, the owning service answers.
     let sessions_internal = channel(c.internal_addrs[0]).await;
     let mut request = Request::new(spb::LookupUsersRequest { user_ids: vec![victim.id.clone()] });

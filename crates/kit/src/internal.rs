@@ -172,6 +172,14 @@ impl Link {
     /// such failures not logged since the previous line (`suppressed`); the
     /// answers a callee gives on purpose (NOT_FOUND, PERMISSION_DENIED, ...)
     /// are not.
+    ///
+    /// A callee that refuses this process's service credential (the
+    /// replicas were given different ones, as during a rotation) answers
+    /// UNAUTHENTICATED, which is no fault of the caller's client: passed on,
+    /// it would end that client's streams as if its session were revoked,
+    /// and a browser would sign its user out. It is UNAVAILABLE here (retry
+    /// later), logged as above. (An internal API never answers a user's bad
+    /// token with UNAUTHENTICATED: introspection says `active: false`.)
     pub async fn call<T>(
         &self,
         call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -182,6 +190,9 @@ impl Link {
             Ok(Ok(response)) => return Ok(response.into_inner()),
             // The callee's own deadline fired first (tonic reports it as CANCELLED).
             Ok(Err(status)) if status.code() == tonic::Code::Cancelled => late(),
+            Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
+                tonic::Status::unavailable(format!("{} refused this service's credential", self.target))
+            }
             Ok(Err(status)) => status,
             Err(_elapsed) => late(),
         };

@@ -1241,9 +1241,16 @@ function snippetNodes(snippet: string): Node[] {
   });
 }
 
-/** Shows a page of search results (appended to the list unless `fresh`). */
+/**
+ * Shows a page of search results (appended to the list unless `fresh`). The
+ * server does a bounded share of work per call, so a page may come back
+ * empty with a token to go on: a few such pages are followed at once.
+ */
 async function runSearch(query: string, pageToken = "") {
-  const res = await api.messages.searchMessages({ query, pageToken, pageSize: 20 });
+  let res = await api.messages.searchMessages({ query, pageToken, pageSize: 20 });
+  for (let more = 0; res.results.length === 0 && res.nextPageToken && more < 5; more++) {
+    res = await api.messages.searchMessages({ query, pageToken: res.nextPageToken, pageSize: 20 });
+  }
   const list = el("search-list");
   if (!pageToken) list.replaceChildren();
   await ensureUsers(res.results.flatMap((r) => (r.message ? [r.message.authorId] : [])));

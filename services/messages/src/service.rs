@@ -891,12 +891,20 @@ impl Messages {
             return Ok((Vec::new(), None));
         }
         let filter = SearchFilter { query: &req.query, chats: &chats, relevance: req.relevance };
-        let mut hits = self.store.search(&filter, req.from, req.page_size + 1).await?;
+        let page = self.store.search(&filter, req.from, req.page_size + 1).await?;
+        if page.too_broad {
+            return Err(MessagesError::Precondition(
+                "the query matches over 50,000 messages, too many to rank by relevance: add a word, or order newest first",
+            ));
+        }
+        let mut hits = page.hits;
+        // A page cut short by the store's share of work goes on where it
+        // stopped: fewer hits than asked, and a next page.
         let next = if hits.len() > req.page_size as usize {
             hits.truncate(req.page_size as usize);
             hits.last().map(|h| h.cursor)
         } else {
-            None
+            page.scanned_to
         };
         // Another's flags are shown as the chat allows (Sight): ask only for
         // the chats of a page's flagged messages of others (cached answers).

@@ -674,6 +674,27 @@ pub struct SearchCursor {
     pub position: i64,
 }
 
+/// Matches one newest-first search call steps through at most (see
+/// [`MessageStore::search`]): on SQLite about 20 ms of a reader.
+pub const SEARCH_SCAN: usize = 20_000;
+
+/// Matches a best-match-first search ranks at most (see
+/// [`MessageStore::search`]): on SQLite ranking 10,000 took 35 ms
+/// (BENCHMARKS.md, "Full-text search").
+pub const SEARCH_RANK_MAX: usize = 50_000;
+
+/// What one [`MessageStore::search`] call found.
+#[derive(Clone, Debug, Default)]
+pub struct SearchPage {
+    pub hits: Vec<SearchHit>,
+    /// The call stopped at its share of work ([`SEARCH_SCAN`]) with fewer
+    /// hits than asked: the next page goes on from here.
+    pub scanned_to: Option<SearchCursor>,
+    /// Best match first, the query matches more than [`SEARCH_RANK_MAX`]
+    /// messages: nothing was ranked.
+    pub too_broad: bool,
+}
+
 /// What [`MessageStore::search`] looks for.
 #[derive(Clone, Debug)]
 pub struct SearchFilter<'a> {
@@ -1332,12 +1353,20 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// match first, after `from`. Uses the engine's text index (FTS5 or a
     /// GIN `tsvector` index), kept in step with every write of a message's
     /// text in the same transaction.
+    ///
+    /// The work of one call is bounded where the engine would walk every
+    /// match on the server (SQLite: its index holds every chat's words, and
+    /// the chats are filtered after): newest first, a call steps through
+    /// at most [`SEARCH_SCAN`] matches and, if it stops there short of
+    /// `limit`, says where the next call goes on ([`SearchPage::scanned_to`]);
+    /// best match first ranks every match, so a query with more than
+    /// [`SEARCH_RANK_MAX`] is [`SearchPage::too_broad`].
     async fn search(
         &self,
         filter: &SearchFilter<'_>,
         from: Option<SearchCursor>,
         limit: u32,
-    ) -> Result<Vec<SearchHit>, StoreError>;
+    ) -> Result<SearchPage, StoreError>;
 
     /// Stops taking writes and waits for the writes queued before.
     async fn close(&self);

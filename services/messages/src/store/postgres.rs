@@ -30,9 +30,10 @@ use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message, MessageStore,
     NewMessage, NewReply, QueueCursor, QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, SearchCursor,
-    SearchFilter, SearchHit, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary,
-    aggregates_sql, chat_change_of, chat_change_row, decode_mentions, encode_mentions, list_sql, mention_count_sql,
-    merge_changes, message_columns, parse_id, report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
+    SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump,
+    ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, decode_mentions, encode_mentions, list_sql,
+    mention_count_sql, merge_changes, message_columns, parse_id, report_columns, stop_generating_sql, thread_root_of,
+    unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -1599,7 +1600,7 @@ impl MessageStore for PostgresStore {
         filter: &SearchFilter<'_>,
         from: Option<SearchCursor>,
         limit: u32,
-    ) -> Result<Vec<SearchHit>, StoreError> {
+    ) -> Result<SearchPage, StoreError> {
         let chats: Vec<String> = filter.chats.iter().map(ChatId::to_string).collect();
         // ts_rank is a real: compared as float8, it round-trips through a
         // page token exactly.
@@ -1635,13 +1636,17 @@ impl MessageStore for PostgresStore {
             .bind(from.map_or(i64::MAX, |c| c.position))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
+        let hits = rows
+            .iter()
             .map(|row| {
                 let cursor =
                     SearchCursor { position: row.try_get(MESSAGE_COLUMNS)?, rank: row.try_get(MESSAGE_COLUMNS + 1)? };
                 Ok(SearchHit { message: message_row(row)?, cursor })
             })
-            .collect()
+            .collect::<Result<_, StoreError>>()?;
+        // PostgreSQL plans each search with its values: it walks the text
+        // index or the caller's chats, whichever is smaller.
+        Ok(SearchPage { hits, scanned_to: None, too_broad: false })
     }
 
     async fn close(&self) {

@@ -9,7 +9,7 @@
 //! next seqs as they are inserted, and the heads are written back at the
 //! end.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use natter_db::sqlite::Sqlite;
@@ -21,10 +21,10 @@ use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message, MessageStore,
     NewMessage, NewReply, QueueCursor, QueueFilter, RECENT_ACTIVITY_ROWS, Range, Reacted, Reaction, ReadState, Reply,
-    Revision, SearchCursor, SearchFilter, SearchHit, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump,
-    ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, created_after_bounds, decode_mentions,
-    encode_mentions, first_seq_created_after, list_sql, mention_count_sql, merge_changes, message_columns,
-    report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
+    Revision, SEARCH_RANK_MAX, SEARCH_SCAN, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started,
+    StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row,
+    created_after_bounds, decode_mentions, encode_mentions, first_seq_created_after, list_sql, mention_count_sql,
+    merge_changes, message_columns, report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -51,25 +51,88 @@ const COUNTS_FROM_POSITION: &str = concat!(
     )
 );
 
-/// The SQL of [`MessageStore::search`]: `?1` the FTS5 query, `?2` the chat
-/// ids as a JSON array, then with `after` the cursor (`?3` rank and `?4`
-/// rowid by relevance, `?3` rowid newest first). FTS5 walks its index in
-/// rowid order, so newest first needs no sort and stops at the page's end;
-/// by relevance it ranks every match by bm25 (lower is better). The limit
-/// is written in, as [`list_sql`]'s.
-fn search_sql(relevance: bool, after: bool, limit: u32) -> String {
-    let (rank, order, cursor) = if relevance {
-        ("s.rank", "s.rank ASC, s.rowid DESC", " AND (s.rank > ?3 OR (s.rank = ?3 AND s.rowid < ?4))")
-    } else {
-        ("0.0", "s.rowid DESC", " AND s.rowid < ?3")
-    };
-    let cursor = if after { cursor } else { "" };
+/// The SQL of a best-match-first [`MessageStore::search`]: `?1` the FTS5
+/// query, `?2` the chat ids as a JSON array, then with `after` the cursor
+/// (`?3` rank, `?4` rowid). It ranks every match by bm25 (lower is better).
+/// The limit is written in, as [`list_sql`]'s.
+fn ranked_search_sql(after: bool, limit: u32) -> String {
+    let cursor = if after { " AND (s.rank > ?3 OR (s.rank = ?3 AND s.rowid < ?4))" } else { "" };
     format!(
-        "SELECT {}, s.rowid, {rank} FROM message_search s JOIN messages m ON m.rowid = s.rowid \
+        "SELECT {}, s.rowid, s.rank FROM message_search s JOIN messages m ON m.rowid = s.rowid \
          WHERE message_search MATCH ?1 AND m.chat_id IN (SELECT value FROM json_each(?2)) \
-         AND m.delete_time IS NULL AND m.superseded = 0{cursor} ORDER BY {order} LIMIT {limit}",
+         AND m.delete_time IS NULL AND m.superseded = 0{cursor} ORDER BY s.rank ASC, s.rowid DESC LIMIT {limit}",
         message_columns!()
     )
+}
+
+/// The matches of a newest-first [`MessageStore::search`], newest first,
+/// with their chats: `?1` the FTS5 query, then with `after` `?2` the rowid
+/// to go on below. FTS5 walks its index in rowid order (the order messages
+/// were stored in): no sort, and the caller stops stepping when it has
+/// enough.
+fn search_scan_sql(after: bool) -> &'static str {
+    if after {
+        "SELECT s.rowid, m.chat_id FROM message_search s JOIN messages m ON m.rowid = s.rowid \
+         WHERE message_search MATCH ?1 AND s.rowid < ?2 AND m.delete_time IS NULL AND m.superseded = 0 \
+         ORDER BY s.rowid DESC"
+    } else {
+        "SELECT s.rowid, m.chat_id FROM message_search s JOIN messages m ON m.rowid = s.rowid \
+         WHERE message_search MATCH ?1 AND m.delete_time IS NULL AND m.superseded = 0 ORDER BY s.rowid DESC"
+    }
+}
+
+/// Whether the FTS5 query `fts` matches more than `most` messages of the
+/// server (counted up to one past it, in the index alone): a search by
+/// relevance ranks every match, the caller's or not.
+fn matches_over(conn: &Connection, fts: &rusqlite::types::Value, most: usize) -> rusqlite::Result<bool> {
+    let most = i64::try_from(most).unwrap_or(i64::MAX - 1);
+    let matches: i64 = conn
+        .prepare_cached("SELECT count(*) FROM (SELECT 1 FROM message_search WHERE message_search MATCH ?1 LIMIT ?2)")?
+        .query_row(params![fts, most + 1], |row| row.get(0))?;
+    Ok(matches > most)
+}
+
+/// A newest-first search on `conn` (see [`MessageStore::search`]): steps
+/// through the matches of `fts` below `from` (a rowid), keeping those of
+/// `chats`, until `limit` are kept or `scan` ([`SEARCH_SCAN`]) were stepped
+/// through, then reads the kept messages.
+fn search_newest(
+    conn: &Connection,
+    fts: &str,
+    chats: &HashSet<String>,
+    from: Option<i64>,
+    limit: usize,
+    scan: usize,
+) -> rusqlite::Result<SearchPage> {
+    let mut matches = conn.prepare_cached(search_scan_sql(from.is_some()))?;
+    let mut rows = match from {
+        Some(below) => matches.query(params![fts, below])?,
+        None => matches.query(params![fts])?,
+    };
+    let (mut kept, mut stepped, mut last) = (Vec::new(), 0, None);
+    while kept.len() < limit
+        && stepped < scan
+        && let Some(row) = rows.next()?
+    {
+        let rowid: i64 = row.get(0)?;
+        stepped += 1;
+        last = Some(rowid);
+        if chats.contains(row.get_ref(1)?.as_str()?) {
+            kept.push(rowid);
+        }
+    }
+    let stopped = kept.len() < limit && stepped == scan;
+    drop(rows);
+    let mut read = conn.prepare_cached(concat!("SELECT ", message_columns!(), " FROM messages WHERE rowid = ?1"))?;
+    let hits = kept
+        .into_iter()
+        .map(|rowid| {
+            let message = read.query_row([rowid], message_row)?;
+            Ok(SearchHit { message, cursor: SearchCursor { position: rowid, rank: 0.0 } })
+        })
+        .collect::<rusqlite::Result<_>>()?;
+    let scanned_to = last.filter(|_| stopped).map(|position| SearchCursor { position, rank: 0.0 });
+    Ok(SearchPage { hits, scanned_to, too_broad: false })
 }
 
 /// Rows a batch of [`MessageStore::normalize_texts`] rewrites in one write
@@ -1336,24 +1399,34 @@ impl MessageStore for SqliteStore {
         filter: &SearchFilter<'_>,
         from: Option<SearchCursor>,
         limit: u32,
-    ) -> Result<Vec<SearchHit>, StoreError> {
+    ) -> Result<SearchPage, StoreError> {
         let chats: Vec<String> = filter.chats.iter().map(ChatId::to_string).collect();
-        let mut values: Vec<rusqlite::types::Value> =
-            vec![filter.query.fts5().into(), serde_json::to_string(&chats).expect("strings serialize").into()];
-        match from {
-            Some(c) if filter.relevance => values.extend([c.rank.into(), c.position.into()]),
-            Some(c) => values.push(c.position.into()),
-            None => {}
+        let fts = filter.query.fts5();
+        if !filter.relevance {
+            let chats: HashSet<String> = chats.into_iter().collect();
+            let below = from.map(|c| c.position);
+            let page = self.db.read(move |conn| search_newest(conn, &fts, &chats, below, limit as usize, SEARCH_SCAN));
+            return Ok(page.await?);
         }
-        let sql = search_sql(filter.relevance, from.is_some(), limit);
+        let mut values: Vec<rusqlite::types::Value> =
+            vec![fts.into(), serde_json::to_string(&chats).expect("strings serialize").into()];
+        if let Some(c) = from {
+            values.extend([c.rank.into(), c.position.into()]);
+        }
+        let sql = ranked_search_sql(from.is_some(), limit);
         let page = self.db.read(move |conn| {
-            conn.prepare_cached(&sql)?
+            if matches_over(conn, &values[0], SEARCH_RANK_MAX)? {
+                return Ok(SearchPage { too_broad: true, ..SearchPage::default() });
+            }
+            let hits = conn
+                .prepare_cached(&sql)?
                 .query_map(rusqlite::params_from_iter(values), |row| {
                     let cursor =
                         SearchCursor { position: row.get(MESSAGE_COLUMNS)?, rank: row.get(MESSAGE_COLUMNS + 1)? };
                     Ok(SearchHit { message: message_row(row)?, cursor })
                 })?
-                .collect::<rusqlite::Result<Vec<_>>>()
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(SearchPage { hits, scanned_to: None, too_broad: false })
         });
         Ok(page.await?)
     }
@@ -1424,6 +1497,22 @@ impl MessageStore for SqliteStore {
 mod tests {
     use super::*;
 
+    /// A plain message of `text` by `author` to `chat`.
+    fn new_message(chat: ChatId, author: UserId, text: &str) -> NewMessage {
+        NewMessage {
+            id: MessageId::new_v7(),
+            chat_id: chat,
+            author_id: author,
+            text: text.into(),
+            attachments: Vec::new(),
+            reply_to: None,
+            send_time: 1,
+            flags: None,
+            mentions: Vec::new(),
+            thread_root: None,
+        }
+    }
+
     /// Newest first, a search reads the FTS5 index in rowid order and stops
     /// at the page's end: no sort of every match (a word in 1% of a
     /// million-message chat is 10,000 of them), each match's message read
@@ -1433,12 +1522,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("messages.db"), 1).await.unwrap();
         for after in [false, true] {
-            let sql = format!("EXPLAIN QUERY PLAN {}", search_sql(false, after, 21));
+            let sql = format!("EXPLAIN QUERY PLAN {}", search_scan_sql(after));
             let plan: Vec<String> = store
                 .db
                 .read(move |conn| {
-                    let mut values: Vec<rusqlite::types::Value> =
-                        vec!["\"x\"".to_owned().into(), "[]".to_owned().into()];
+                    let mut values: Vec<rusqlite::types::Value> = vec!["\"x\"".to_owned().into()];
                     values.extend(after.then_some(rusqlite::types::Value::Integer(9)));
                     conn.prepare(&sql)?
                         .query_map(rusqlite::params_from_iter(values), |row| row.get::<_, String>(3))?
@@ -1453,6 +1541,42 @@ mod tests {
         store.db.close().await;
     }
 
+    /// A newest-first search steps through a bounded number of matches per
+    /// call: matches of chats not the caller's, newer than theirs, end a
+    /// call with no hits and where to go on, and the next calls find the
+    /// caller's, each once. By relevance, a query with too many matches on
+    /// the server is too broad to rank.
+    #[tokio::test]
+    async fn a_search_does_a_bounded_share_of_work_per_call_and_goes_on_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("messages.db"), 1).await.unwrap();
+        let (mine, others, author) = (ChatId::new_v7(), ChatId::new_v7(), UserId::new_v7());
+        let message = |chat: ChatId, text: String| new_message(chat, author, &text);
+        let older: Vec<_> = (0..3).map(|i| message(mine, format!("needle mine {i}"))).collect();
+        let newer: Vec<_> = (0..25).map(|i| message(others, format!("needle other {i}"))).collect();
+        store.insert_batch(&older).await.unwrap();
+        store.insert_batch(&newer).await.unwrap();
+        let query = crate::search::Query::parse("needle").unwrap();
+        let chats: HashSet<String> = [mine.to_string()].into();
+        let (mut texts, mut from, mut calls) = (Vec::new(), None, 0);
+        loop {
+            let (fts, chats) = (query.fts5(), chats.clone());
+            let page = store.db.read(move |conn| search_newest(conn, &fts, &chats, from, 10, 10)).await.unwrap();
+            calls += 1;
+            texts.extend(page.hits.iter().map(|h| h.message.text.clone()));
+            match page.scanned_to {
+                Some(cursor) => from = Some(cursor.position),
+                None => break,
+            }
+        }
+        assert_eq!(texts, ["needle mine 2", "needle mine 1", "needle mine 0"]);
+        assert_eq!(calls, 3, "25 other matches, 10 a call, then the caller's");
+        let fts = rusqlite::types::Value::from(query.fts5());
+        let over = store.db.read(move |conn| Ok((matches_over(conn, &fts, 27)?, matches_over(conn, &fts, 28)?)));
+        assert_eq!(over.await.unwrap(), (true, false), "28 matches");
+        store.db.close().await;
+    }
+
     /// A MarkRead that moves nothing is answered while the writer is busy
     /// (it does not queue behind every send of the process); one that
     /// moves the position still moves it.
@@ -1461,18 +1585,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("messages.db"), 1).await.unwrap();
         let (chat, reader, author) = (ChatId::new_v7(), UserId::new_v7(), UserId::new_v7());
-        let message = |text: &str| NewMessage {
-            id: MessageId::new_v7(),
-            chat_id: chat,
-            author_id: author,
-            text: text.into(),
-            attachments: Vec::new(),
-            reply_to: None,
-            send_time: 1,
-            flags: None,
-            mentions: Vec::new(),
-            thread_root: None,
-        };
+        let message = |text: &str| new_message(chat, author, text);
         store.insert_batch(&[message("one"), message("two")]).await.unwrap();
         assert!(store.mark_read(chat, reader, Seq(1)).await.unwrap().change_seq.is_some(), "moved");
         // The writer held by a write that waits for the test.

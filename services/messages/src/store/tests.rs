@@ -1257,12 +1257,14 @@ async fn found_in(h: &Harness, query: &str, chats: &[u8], relevance: bool, page:
     let filter = SearchFilter { query: &query, chats: &chats, relevance };
     let (mut out, mut from) = (Vec::new(), None);
     loop {
-        let hits = h.store.search(&filter, from, page).await.unwrap();
+        let found = h.store.search(&filter, from, page).await.unwrap();
+        assert!(!found.too_broad);
+        let hits = &found.hits;
         out.extend(hits.iter().map(|hit| u32::try_from(hit.message.id.0.as_u128() - 0x1_0000).unwrap()));
-        if hits.len() < page as usize {
+        if hits.len() < page as usize && found.scanned_to.is_none() {
             return out;
         }
-        from = hits.last().map(|hit| hit.cursor);
+        from = if hits.len() < page as usize { found.scanned_to } else { hits.last().map(|hit| hit.cursor) };
     }
 }
 

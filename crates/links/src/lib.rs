@@ -218,7 +218,8 @@ impl<D: ChatDirectory> ChatDirectory for CachingChatDirectory<D> {
 /// What the chats service asks the messages service.
 #[async_trait]
 pub trait MessageDirectory: Send + Sync + 'static {
-    /// Each chat's newest message and `user_id`'s unread count, in request order.
+    /// Each chat's newest message and `user_id`'s unread and mention counts
+    /// ("": no one's, zero), in request order.
     async fn chat_summaries(&self, chat_ids: Vec<String>, user_id: &str) -> Result<Vec<messages::ChatSummary>, Status>;
     /// A chat's newest `page_size` messages, newest first, with their
     /// reactions as `viewer_id` sees them ("": without reactions).

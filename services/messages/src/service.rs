@@ -761,7 +761,7 @@ impl Messages {
 
     /// Internal: each chat's newest message and the user's unread count, in
     /// the order of `chats`.
-    pub async fn summaries(&self, chats: &[ChatId], user: UserId) -> Result<Vec<Summary>, MessagesError> {
+    pub async fn summaries(&self, chats: &[ChatId], user: Option<UserId>) -> Result<Vec<Summary>, MessagesError> {
         Ok(self.store.summaries(chats, user).await?)
     }
 

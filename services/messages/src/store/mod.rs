@@ -1196,9 +1196,10 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<(Vec<Change>, bool), StoreError>;
 
     /// For each of `chats`, in order: its newest message and `user`'s
-    /// unread and mention counts. One trip to the database for the whole
-    /// page.
-    async fn summaries(&self, chats: &[ChatId], user: UserId) -> Result<Vec<Summary>, StoreError>;
+    /// unread and mention counts (None: no one's, zero: a public chat listed
+    /// to someone outside it costs no count). One trip to the database for
+    /// the whole page.
+    async fn summaries(&self, chats: &[ChatId], user: Option<UserId>) -> Result<Vec<Summary>, StoreError>;
 
     /// The newest message of every chat that has one sent within `window_us`
     /// µs before the newest message stored, read in commit order and at most

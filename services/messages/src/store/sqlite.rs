@@ -1128,9 +1128,9 @@ impl MessageStore for SqliteStore {
         Ok(merge_changes([created, changed, read.into_iter().collect(), log], limit))
     }
 
-    async fn summaries(&self, chats: &[ChatId], user: UserId) -> Result<Vec<Summary>, StoreError> {
+    async fn summaries(&self, chats: &[ChatId], user: Option<UserId>) -> Result<Vec<Summary>, StoreError> {
         let chats: Vec<String> = chats.iter().map(ChatId::to_string).collect();
-        let user = user.to_string();
+        let user = user.map(|u| u.to_string());
         let rows = self.db.read(move |conn| {
             let mut newest = conn.prepare_cached(&list_sql(Range::default(), None, 1).0)?;
             let mut counts = conn.prepare_cached(COUNTS_FROM_POSITION)?;
@@ -1140,7 +1140,10 @@ impl MessageStore for SqliteStore {
                 .map(|chat| {
                     let (message_count, max_severity) =
                         aggregates.query_row([chat], |row| Ok((row.get(0)?, row.get(1)?)))?;
-                    let (unread, mentions) = counts.query_row([chat, &user], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                    let (unread, mentions) = match &user {
+                        Some(user) => counts.query_row([chat, user], |row| Ok((row.get(0)?, row.get(1)?)))?,
+                        None => (0, 0),
+                    };
                     Ok(Summary {
                         newest: newest.query_row([chat], message_row).optional()?,
                         unread,

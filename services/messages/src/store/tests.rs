@@ -178,7 +178,7 @@ fn mentioning(mut m: NewMessage, users: &[u8]) -> NewMessage {
 async fn mention_counts(h: &Harness, c: u8, users: &[u8]) -> Vec<i64> {
     let mut counts = Vec::new();
     for &u in users {
-        counts.push(h.store.summaries(&[chat(c)], user(u)).await.unwrap()[0].mentions);
+        counts.push(h.store.summaries(&[chat(c)], Some(user(u))).await.unwrap()[0].mentions);
     }
     counts
 }
@@ -358,17 +358,22 @@ async fn unread_counts_skip_own_and_deleted_messages_up_to_the_cap(h: &Harness) 
     // deleted later, and one of their own.
     send(h, &[by(msg(1, 1, 0), 2), by(msg(2, 1, 0), 1), by(msg(3, 1, 0), 2), by(msg(4, 1, 0), 3)]).await;
     h.store.delete(id(3), 5_000).await.unwrap();
-    let summary = h.store.summaries(&[chat(1)], user(1)).await.unwrap();
+    let summary = h.store.summaries(&[chat(1)], Some(user(1))).await.unwrap();
     assert_eq!(summary[0].unread, 2);
+    // No one's counts: the preview alone (a public chat listed to someone
+    // outside it).
+    let anyone = h.store.summaries(&[chat(1)], None).await.unwrap();
+    assert_eq!((anyone[0].unread, anyone[0].mentions), (0, 0));
+    assert_eq!(anyone[0].newest.as_ref().map(|m| m.id), summary[0].newest.as_ref().map(|m| m.id));
     let state = h.store.mark_read(chat(1), user(1), Seq(1)).await.unwrap();
     assert_eq!(state, ReadState { read_seq: Seq(1), unread: 1, change_seq: Some(6) });
-    assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].unread, 1);
+    assert_eq!(h.store.summaries(&[chat(1)], Some(user(1))).await.unwrap()[0].unread, 1);
 
     // Far behind: counted up to the cap.
     let many = UNREAD_COUNT_CAP as u32 + 5;
     let batch: Vec<NewMessage> = (0..many).map(|n| by(msg(100 + n, 2, 0), 2)).collect();
     send(h, &batch).await;
-    assert_eq!(h.store.summaries(&[chat(2)], user(1)).await.unwrap()[0].unread, UNREAD_COUNT_CAP);
+    assert_eq!(h.store.summaries(&[chat(2)], Some(user(1))).await.unwrap()[0].unread, UNREAD_COUNT_CAP);
     let state = h.store.mark_read(chat(2), user(1), Seq(3)).await.unwrap();
     assert_eq!(state, ReadState { read_seq: Seq(3), unread: UNREAD_COUNT_CAP, change_seq: Some(many as i64 + 1) });
     let state = h.store.mark_read(chat(2), user(1), Seq(i64::from(many) - 10)).await.unwrap();
@@ -434,17 +439,17 @@ async fn a_join_recorded_late_leaves_what_was_sent_since_unread(h: &Harness) {
     let late = h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(7))], 1_003, "late").await.unwrap();
     assert_eq!(late[0].read.map(|(_, seq)| seq), Some(Seq(3)));
     assert_eq!(late[0].seq, Seq(3), "the join's seq: the chat's newest when it was committed");
-    assert_eq!(h.store.summaries(&[chat(1)], user(7)).await.unwrap()[0].unread, 2);
+    assert_eq!(h.store.summaries(&[chat(1)], Some(user(7))).await.unwrap()[0].unread, 2);
     let again = h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(7))], 9_999, "late").await.unwrap();
     assert_eq!(again, late, "a retry answers what the call took");
     // Before the first message: everything is unread.
     h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(8))], 1_000, "").await.unwrap();
-    assert_eq!(h.store.summaries(&[chat(1)], user(8)).await.unwrap()[0].unread, 5);
+    assert_eq!(h.store.summaries(&[chat(1)], Some(user(8))).await.unwrap()[0].unread, 5);
     // Read while the join was on its way: the join does not move it back.
     h.store.mark_read(chat(1), user(9), Seq(4)).await.unwrap();
     let joined = h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(9))], 1_002, "").await.unwrap();
     assert_eq!(joined[0].read.map(|(_, seq)| seq), Some(Seq(4)));
-    assert_eq!(h.store.summaries(&[chat(1)], user(9)).await.unwrap()[0].unread, 1);
+    assert_eq!(h.store.summaries(&[chat(1)], Some(user(9))).await.unwrap()[0].unread, 1);
 }
 
 async fn read_positions_only_move_forward_until_a_join_resets_them(h: &Harness) {
@@ -479,10 +484,10 @@ async fn read_positions_only_move_forward_until_a_join_resets_them(h: &Harness) 
         ]
     );
     for u in [2, 3] {
-        assert_eq!(h.store.summaries(&[chat(1)], user(u)).await.unwrap()[0].unread, 0);
+        assert_eq!(h.store.summaries(&[chat(1)], Some(user(u))).await.unwrap()[0].unread, 0);
         assert_eq!(h.store.mark_read(chat(1), user(u), Seq::ZERO).await.unwrap().read_seq, Seq(6));
     }
-    assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].unread, 1, "others keep theirs");
+    assert_eq!(h.store.summaries(&[chat(1)], Some(user(1))).await.unwrap()[0].unread, 1, "others keep theirs");
     assert_eq!(h.store.heads(chat(1)).await.unwrap(), Heads { seq: Seq(6), change: 13, floor: 0 });
     // Where a stream that missed a join replays from (the latest join),
     // and up to where one that finds its user gone does (the departure).
@@ -658,13 +663,13 @@ async fn a_retried_origin_records_nothing_twice(h: &Harness) {
 
 async fn summaries_follow_the_requested_order(h: &Harness) {
     send(h, &[by(msg(1, 1, 0), 2), by(msg(2, 2, 0), 2), by(msg(3, 1, 0), 2)]).await;
-    let out = h.store.summaries(&[chat(2), chat(3), chat(1)], user(1)).await.unwrap();
+    let out = h.store.summaries(&[chat(2), chat(3), chat(1)], Some(user(1))).await.unwrap();
     let newest: Vec<Option<(MessageId, i64)>> =
         out.iter().map(|s| s.newest.as_ref().map(|m| (m.id, m.seq.0))).collect();
     assert_eq!(newest, [Some((id(2), 1)), None, Some((id(3), 2))]);
     assert_eq!(out.iter().map(|s| s.unread).collect::<Vec<_>>(), [1, 0, 2]);
     assert_eq!(out[2].newest.as_ref().unwrap().text, "text of 3");
-    assert!(h.store.summaries(&[], user(1)).await.unwrap().is_empty());
+    assert!(h.store.summaries(&[], Some(user(1))).await.unwrap().is_empty());
 }
 
 async fn recent_activity_lists_the_newest_message_of_recent_chats(h: &Harness) {
@@ -703,7 +708,7 @@ async fn purging_a_chat_removes_all_of_it(h: &Harness) {
     assert_eq!(h.store.message(id(1)).await.unwrap(), None);
     assert!(h.store.revisions(&[id(1)]).await.unwrap().is_empty());
     assert_eq!(
-        h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0],
+        h.store.summaries(&[chat(1)], Some(user(1))).await.unwrap()[0],
         Summary { newest: None, unread: 0, mentions: 0, message_count: 0, max_severity: 0 }
     );
     assert_eq!(stored(h, 2).await, [(1, id(3))], "other chats stay");
@@ -735,13 +740,13 @@ async fn mentions_are_kept_with_the_message_and_count_only_unread_live_mentions_
     let page = h.store.list(chat(1), Range { ascending: true, ..Range::default() }, None, 10).await.unwrap();
     let mentions: Vec<Vec<UserId>> = page.iter().map(|m| m.mentions.clone()).collect();
     assert_eq!(mentions, [vec![user(1), user(2), user(0)], vec![user(1), user(2)], vec![user(1)], vec![]]);
-    assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].newest.as_ref().unwrap().mentions, []);
+    assert_eq!(h.store.summaries(&[chat(1)], Some(user(1))).await.unwrap()[0].newest.as_ref().unwrap().mentions, []);
 
     // Counted: others' messages after the read position. User 0's own
     // mention of itself never counts, nor 1's of itself.
     assert_eq!(mention_counts(h, 1, &[0, 1, 2, 3]).await, [0, 2, 2, 0]);
     assert_eq!(mention_counts(h, 2, &[1, 2]).await, [1, 0], "per chat");
-    let summary = &h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0];
+    let summary = &h.store.summaries(&[chat(1)], Some(user(1))).await.unwrap()[0];
     assert_eq!((summary.unread, summary.mentions), (3, 2), "never more than the unread count");
 
     // A retry of a message id writes nothing, mentions included.
@@ -861,13 +866,16 @@ async fn a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it(h: 
     assert_eq!((old.id, old.superseded(), old.change_seq, old.text.as_str()), (first.id, true, 5, "one"));
     // History skips it unless asked; the seq range stays as it was.
     assert_eq!(stored(h, 1).await.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 3]);
-    let count = || async { h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].message_count };
+    let count = || async { h.store.summaries(&[chat(1)], Some(user(1))).await.unwrap()[0].message_count };
     assert_eq!(count().await, 2, "a superseded reply is not counted");
-    let unread = || async { h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].unread };
+    let unread = || async { h.store.summaries(&[chat(1)], Some(user(1))).await.unwrap()[0].unread };
     assert_eq!(unread().await, 1, "nor is it unread: the history shows one reply");
     let all = Range { ascending: true, superseded: true, ..Range::default() };
     assert_eq!(h.store.list(chat(1), all, None, 10).await.unwrap().len(), 3);
-    assert_eq!(h.store.summaries(&[chat(1)], user(1)).await.unwrap()[0].newest.as_ref().map(|m| m.id), Some(second.id));
+    assert_eq!(
+        h.store.summaries(&[chat(1)], Some(user(1))).await.unwrap()[0].newest.as_ref().map(|m| m.id),
+        Some(second.id)
+    );
     // A replacement that fails gives the old one back.
     let failed = h.store.finish_reply(second.id, &fin("", Generation::Failed, &info, true)).await.unwrap().unwrap();
     assert_eq!(failed.reply.generation(), Some(Generation::Failed));
@@ -1066,7 +1074,7 @@ async fn reports_are_once_per_user_and_the_queue_lists_flagged_and_reported_mess
     assert_eq!(queue(Some(vec![chat(1)]), 2, None, 10).await, [(1, chat(1), 0)]);
     // The chats' aggregates: chat 1 has seqs 1..=3 with 3 deleted; its
     // worst live flag is HIGH (4); chat 2's LOW (2).
-    let summaries = h.store.summaries(&[chat(1), chat(2)], user(7)).await.unwrap();
+    let summaries = h.store.summaries(&[chat(1), chat(2)], Some(user(7))).await.unwrap();
     let aggregates: Vec<(i64, i32)> = summaries.iter().map(|s| (s.message_count, s.max_severity)).collect();
     assert_eq!(aggregates, [(2, 4), (2, 2)]);
     h.store.purge_chat(chat(1)).await.unwrap();

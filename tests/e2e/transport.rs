@@ -276,6 +276,112 @@ async fn serve_held_streams(listener: TcpListener, cap: u32, held: std::sync::Ar
     }
 }
 
+/// Through the edge, streams whose client never reads, while the upstream
+/// has megabytes for each (a chat receiving a burst of messages), hold no
+/// more than their own flow-control windows on the upstream connection they
+/// share with other users' calls: a call on that connection still answers.
+/// (With hyper's default windows, 2 MiB a stream and 5 MiB a connection,
+/// three such streams exhausted the connection's window, and every call on
+/// it hung after its response headers, beyond the request timeout's reach.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_nobody_reads_do_not_stall_other_calls_on_their_upstream_connection() {
+    /// Calls on one upstream connection: the stalled streams take all
+    /// places but the one the unary call needs, so the test holds at the
+    /// edge of the connection's budget, not far inside it.
+    const CALLS: usize = 8;
+    /// Bytes of events the upstream has for each stream: more than any
+    /// window, so only flow control stops it.
+    const FLOOD: usize = 3 * 1024 * 1024;
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
+    let event = event_frame(&"x".repeat(64 * 1024)).into_data().unwrap();
+    let flood = Bytes::from(event.repeat(FLOOD.div_ceil(event.len())));
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(serve_floods(upstream, flood, connections.clone()));
+    let edge_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let edge_addr = edge_listener.local_addr().unwrap();
+    let calls = CALLS.to_string();
+    let (shutdown, edge) = edge_on(
+        edge_listener,
+        &upstream_url,
+        &["--upstream-connections", "1", "--upstream-calls-per-connection", &calls],
+    );
+
+    // A client that never reads: h2 gives a stream's capacity back only
+    // when the application releases it, which this one never does.
+    let mut stalled_client = h2_connect(edge_addr).await;
+    let mut stalled = Vec::new();
+    for i in 0..CALLS - 1 {
+        stalled_client = stalled_client.ready().await.unwrap();
+        let request = grpc_request(edge_addr, "/natter.messages.v1.MessageService/StreamEvents");
+        let (response, _) = stalled_client.send_request(request, true).unwrap();
+        let response =
+            tokio::time::timeout(GUARD, response).await.unwrap_or_else(|_| panic!("stream {i} did not start")).unwrap();
+        assert_eq!(response.status(), http::StatusCode::OK, "stream {i}");
+        // Held, never polled: its events wait in the edge and the upstream.
+        stalled.push(response);
+    }
+
+    // Another user, on a connection of their own to the edge, whose call
+    // the edge puts on the same upstream connection.
+    let mut other = mpb::message_service_client::MessageServiceClient::new(connect(edge_addr).await);
+    let answer = tokio::time::timeout(Duration::from_secs(5), other.get_message(mpb::GetMessageRequest::default()))
+        .await
+        .expect("a call sharing an upstream connection with unread streams answers within 5 s");
+    assert_eq!(answer.unwrap().into_inner(), mpb::GetMessageResponse::default());
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the streams and the call shared one upstream connection"
+    );
+    drop((stalled, stalled_client));
+    shutdown.cancel();
+    edge.await.unwrap();
+}
+
+/// A stand-in upstream speaking gRPC over HTTP/2: a StreamEvents call gets
+/// `flood` (gRPC frames of events) at once and then stays open; any other
+/// call an empty message (every field at its default) and status OK.
+/// Counts the connections that carried calls of the messages service (the
+/// edge's health checks come on a connection of their own).
+async fn serve_floods(
+    listener: TcpListener,
+    flood: Bytes,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use futures::StreamExt as _;
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { return };
+        let (flood, connections) = (flood.clone(), connections.clone());
+        let counted = std::sync::atomic::AtomicBool::new(false);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let path = request.uri().path();
+                if path.starts_with("/natter.messages.v1.MessageService/")
+                    && !counted.swap(true, std::sync::atomic::Ordering::SeqCst)
+                {
+                    connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                let frames = if path.ends_with("/StreamEvents") {
+                    let events = http_body::Frame::data(flood.clone());
+                    futures::stream::iter([Ok::<_, std::io::Error>(events)]).chain(futures::stream::pending()).boxed()
+                } else {
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    // An empty message: a flag byte and a zero length.
+                    let message = http_body::Frame::data(Bytes::from_static(&[0; 5]));
+                    futures::stream::iter([Ok(message), Ok(http_body::Frame::trailers(trailers))]).boxed()
+                };
+                async move { Ok::<_, Infallible>(grpc_response(frames)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
 /// The edge, with every service at `upstream_url` and `more` flags, and a
 /// channel to it.
 async fn edge_before(
@@ -284,16 +390,30 @@ async fn edge_before(
 ) -> (tonic::transport::Channel, CancellationToken, tokio::task::JoinHandle<()>) {
     let edge_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let edge_addr = edge_listener.local_addr().unwrap();
+    let (shutdown, edge) = edge_on(edge_listener, upstream_url, more);
+    (connect(edge_addr).await, shutdown, edge)
+}
+
+/// The edge serving on `listener`, with every service at `upstream_url`
+/// and `more` flags, until the token is cancelled.
+fn edge_on(
+    listener: TcpListener,
+    upstream_url: &str,
+    more: &[&str],
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let urls = ["--sessions-url", upstream_url, "--chats-url", upstream_url, "--messages-url", upstream_url];
     let args =
         natter_edge::EdgeArgs::try_parse_from(std::iter::once("natter-edge").chain(urls).chain(more.iter().copied()))
             .unwrap();
     let shutdown = CancellationToken::new();
-    let run = natter_edge::run(args, edge_listener, shutdown.clone());
+    let run = natter_edge::run(args, listener, shutdown.clone());
     let edge = tokio::spawn(async move { run.await.expect("the edge ends cleanly") });
-    let channel =
-        tonic::transport::Channel::from_shared(format!("http://{edge_addr}")).unwrap().connect().await.unwrap();
-    (channel, shutdown, edge)
+    (shutdown, edge)
+}
+
+/// A channel (one HTTP/2 connection) to `addr`.
+async fn connect(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
 }
 
 /// A StreamEventsResponse of `chat_id` as a gRPC message frame ("gRPC over
@@ -323,12 +443,7 @@ async fn serve_failing_stream(listener: TcpListener, crash: std::sync::Arc<tokio
                         crash.notified().await;
                         Err(std::io::Error::other("replica killed"))
                     });
-                    let frames = futures::StreamExt::chain(first, failure);
-                    let response = http::Response::builder()
-                        .header("content-type", "application/grpc")
-                        .body(http_body_util::StreamBody::new(frames))
-                        .unwrap();
-                    Ok::<_, Infallible>(response)
+                    Ok::<_, Infallible>(grpc_response(futures::StreamExt::chain(first, failure)))
                 }
             });
             let io = hyper_util::rt::TokioIo::new(tcp);
@@ -337,4 +452,12 @@ async fn serve_failing_stream(listener: TcpListener, crash: std::sync::Arc<tokio
                 .await;
         });
     }
+}
+
+/// A gRPC response of a stand-in upstream whose body is `frames`.
+fn grpc_response<S>(frames: S) -> http::Response<http_body_util::StreamBody<S>> {
+    http::Response::builder()
+        .header("content-type", "application/grpc")
+        .body(http_body_util::StreamBody::new(frames))
+        .unwrap()
 }

@@ -21,6 +21,14 @@
 //! all are full (`--upstream-calls-per-connection`, 100): with a fixed set,
 //! the 513th stream through one edge to a replica, and every unary call
 //! after it, would wait for a stream to end.
+//!
+//! The edge hands a response's HTTP/2 flow-control credit back to its
+//! replica only as the client reads, so a client that stops reading keeps
+//! its calls' windows full. Each upstream connection's window is therefore
+//! the sum of its calls' stream windows ([`UPSTREAM_STREAM_WINDOW`] each):
+//! streams nobody reads hold their own windows and nothing of their
+//! neighbours'. The price is memory: at most 256 KiB a stalled call, 25 MiB
+//! a connection at the default 100 calls.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -111,6 +119,73 @@ pub struct EdgeArgs {
 /// default 100 a connection.
 const MAX_CONNECTIONS_PER_REPLICA: usize = 1024;
 
+/// The HTTP/2 flow-control window of each call the edge makes to a replica,
+/// in bytes: 256 KiB (SETTINGS_INITIAL_WINDOW_SIZE, RFC 9113 sections 6.5.2
+/// and 6.9.2).
+///
+/// The most of a response the replica sends before the edge has passed it
+/// on, so the most a call whose client stops reading holds in the edge
+/// (the replica then waits, holding its events itself), and, times
+/// `--upstream-calls-per-connection`, the most a connection holds: 25 MiB
+/// at the default 100. Against that memory, throughput: a stream moves at
+/// most one window a round trip, 256 KiB per 0.5 ms on a LAN (about
+/// 500 MiB/s; 125 MiB/s at a 2 ms cross-zone RTT), far more than a chat's
+/// events or a page of 32 KiB messages need. hyper's default, 2 MiB, holds
+/// 8 times as much per stalled call for speed no chat uses. Fixed, never
+/// adaptive: hyper's adaptive window sets stream and connection windows
+/// alike (up to 16 MiB), past [`upstream_connection_window`].
+const UPSTREAM_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// The HTTP/2 connection flow-control window of an upstream connection
+/// carrying at most `calls` calls at once, in bytes (RFC 9113 section 6.9):
+/// `calls` x [`UPSTREAM_STREAM_WINDOW`], at most 2^31-1, the largest window
+/// HTTP/2 allows (RFC 9113 section 6.9.1).
+///
+/// A connection's calls share its window, and each holds its part until
+/// its client reads. As the sum of the calls' own windows, it cannot be
+/// used up by calls whose clients stopped reading: the others on the
+/// connection always find room. (hyper's default, 5 MiB for 2 MiB streams,
+/// was used up by three unread streams, and every call on the connection
+/// then hung after its response headers, out of the request timeout's
+/// reach.) The clamp only bites beyond 8,191 calls a connection, far past
+/// any replica's --max-concurrent-streams; the guarantee also assumes no
+/// more than `calls` calls, which a lane only exceeds once its replica has
+/// [`MAX_CONNECTIONS_PER_REPLICA`] full connections.
+fn upstream_connection_window(calls: usize) -> u32 {
+    const MAX_WINDOW: u64 = (1 << 31) - 1;
+    let window = (calls as u64).saturating_mul(u64::from(UPSTREAM_STREAM_WINDOW)).min(MAX_WINDOW);
+    u32::try_from(window).unwrap_or(u32::MAX)
+}
+
+/// How the edge opens a connection to a replica: the TCP connector and the
+/// HTTP/2 client settings every [`Lane`] shares.
+#[derive(Clone)]
+struct Dialer {
+    connector: HttpConnector,
+    builder: hyper_util::client::legacy::Builder,
+}
+
+impl Dialer {
+    /// A dialer for connections of at most `calls_per_connection` calls.
+    fn new(calls_per_connection: usize) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .http2_only(true)
+            .http2_adaptive_window(false)
+            .http2_initial_stream_window_size(UPSTREAM_STREAM_WINDOW)
+            .http2_initial_connection_window_size(upstream_connection_window(calls_per_connection));
+        Self { connector, builder }
+    }
+
+    /// A client of its own (a client pools one HTTP/2 connection a host).
+    fn client(&self) -> Client<HttpConnector, Full<Bytes>> {
+        self.builder.build(self.connector.clone())
+    }
+}
+
 /// One replica of a service.
 struct Replica {
     uri: Uri,
@@ -139,11 +214,8 @@ impl Drop for Slot {
 }
 
 impl Lane {
-    fn new(connector: &HttpConnector) -> Self {
-        Self {
-            client: Client::builder(TokioExecutor::new()).http2_only(true).build(connector.clone()),
-            calls: AtomicUsize::new(0),
-        }
+    fn new(dialer: &Dialer) -> Self {
+        Self { client: dialer.client(), calls: AtomicUsize::new(0) }
     }
 
     /// A place on this connection, if it has fewer than `cap` calls.
@@ -160,8 +232,8 @@ impl Lane {
 }
 
 impl Replica {
-    fn new(uri: Uri, connections: usize, connector: &HttpConnector) -> Self {
-        let lanes = (0..connections).map(|_| Arc::new(Lane::new(connector))).collect();
+    fn new(uri: Uri, connections: usize, dialer: &Dialer) -> Self {
+        let lanes = (0..connections).map(|_| Arc::new(Lane::new(dialer))).collect();
         Self { uri, healthy: AtomicBool::new(true), lanes: std::sync::RwLock::new(lanes), next: AtomicUsize::new(0) }
     }
 
@@ -169,7 +241,7 @@ impl Replica {
     /// `cap` calls, else on a new connection, else (at
     /// [`MAX_CONNECTIONS_PER_REPLICA`]) on the least busy one, where h2
     /// holds the call until a stream is free.
-    fn slot(&self, cap: usize, connector: &HttpConnector) -> Slot {
+    fn slot(&self, cap: usize, dialer: &Dialer) -> Slot {
         let turn = |lanes: &[Arc<Lane>], start: usize| {
             (0..lanes.len()).find_map(|i| lanes[(start + i) % lanes.len()].take(cap))
         };
@@ -183,7 +255,7 @@ impl Replica {
             return slot;
         }
         if lanes.len() < MAX_CONNECTIONS_PER_REPLICA {
-            let lane = Arc::new(Lane::new(connector));
+            let lane = Arc::new(Lane::new(dialer));
             lanes.push(lane.clone());
             tracing::debug!(upstream = %self.uri, connections = lanes.len(), "upstream connections full; opening another");
             return lane.occupy();
@@ -226,7 +298,7 @@ impl Route {
 #[derive(Clone)]
 struct Forward {
     routes: Arc<[Route]>,
-    connector: HttpConnector,
+    dialer: Dialer,
     /// `--upstream-calls-per-connection`.
     calls_per_connection: usize,
     max_request_bytes: usize,
@@ -236,9 +308,8 @@ struct Forward {
 
 impl Forward {
     fn new(args: &EdgeArgs) -> anyhow::Result<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let calls_per_connection = args.upstream_calls_per_connection as usize;
+        let dialer = Dialer::new(calls_per_connection);
         let connections = usize::from(args.upstream_connections);
         let parse = |name: &str, urls: &[String]| -> anyhow::Result<Vec<Arc<Replica>>> {
             anyhow::ensure!(!urls.is_empty(), "--{name}-url needs at least one URL");
@@ -249,7 +320,7 @@ impl Forward {
                         uri.scheme_str() == Some("http") && uri.authority().is_some(),
                         "--{name}-url must be http://host:port"
                     );
-                    Ok(Arc::new(Replica::new(uri, connections, &connector)))
+                    Ok(Arc::new(Replica::new(uri, connections, &dialer)))
                 })
                 .collect()
         };
@@ -276,8 +347,8 @@ impl Forward {
         }
         Ok(Self {
             routes: routes.into(),
-            connector,
-            calls_per_connection: args.upstream_calls_per_connection as usize,
+            dialer,
+            calls_per_connection,
             // A gRPC frame header (5 bytes) on top of the largest message.
             max_request_bytes: args.server.max_request_bytes + 5,
             trusted_proxies: args.trusted_proxies.clone(),
@@ -332,7 +403,7 @@ impl Forward {
             };
             // Held until the response is over: a live stream keeps its
             // place on the connection.
-            let slot = replica.slot(self.calls_per_connection, &self.connector);
+            let slot = replica.slot(self.calls_per_connection, &self.dialer);
             let sent = {
                 let _entered = span.enter();
                 natter_kit::telemetry::inject_headers(attempt.headers_mut());
@@ -491,4 +562,21 @@ pub async fn run(args: EdgeArgs, listener: TcpListener, shutdown: CancellationTo
     parts.routes = parts.routes.into_axum_router().fallback_service(proxy).into();
     natter_kit::serve::serve_routes(parts, listener, shutdown).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connections_window_is_its_calls_windows_within_http2s_limit() {
+        // The default 100 calls: 25 MiB, room for every call's own window.
+        assert_eq!(upstream_connection_window(100), 100 * 256 * 1024);
+        assert_eq!(upstream_connection_window(1), UPSTREAM_STREAM_WINDOW);
+        // 2^31-1 at most (RFC 9113 section 6.9.1): h2 panics beyond it,
+        // which --upstream-calls-per-connection 100000 would ask for.
+        assert_eq!(upstream_connection_window(8191), 8191 * 256 * 1024);
+        assert_eq!(upstream_connection_window(8192), (1 << 31) - 1);
+        assert_eq!(upstream_connection_window(100_000), (1 << 31) - 1);
+    }
 }

@@ -13,6 +13,11 @@
 #                        ports, collector pipelines
 #   flags                check_flags.py: every --flag and NATTER_* variable
 #                        passed to a binary is in its `--help`
+#   operating rules      check_ops.py, on what `kubectl apply -k` applies: no
+#                        Secret or placeholder, PostgreSQL connections within
+#                        the budget, a PodDisruptionBudget and node spread for
+#                        every workload of several pods, connections recycled
+#                        behind ClusterIP Services
 #
 # Runs from anywhere. Environment:
 #   NATTER_BIN_DIR     binaries to ask for --help (default: target/debug,
@@ -116,8 +121,9 @@ for dir in deploy/k8s deploy/k8s/dev; do
   fi
 done
 
-# --- cross-references and flags -------------------------------------------------
+# --- cross-references, operating rules and flags ---------------------------------
 run "cross-references (check_refs.py)" "$PY" deploy/check_refs.py
+run "operating rules (check_ops.py)" "$PY" deploy/check_ops.py
 
 if [[ -z "${NATTER_BIN_DIR:-}" ]]; then
   run "cargo build of the binaries (for --help)" \

@@ -166,6 +166,30 @@ async fn the_edge_reports_an_upstream_failing_mid_stream_as_unavailable() {
     edge.await.unwrap();
 }
 
+/// The edge shutting down ends the streams it carries at once with
+/// UNAVAILABLE ("reconnect and resume"), as a replica does, rather than
+/// holding them for its shutdown grace and then cutting them mid-message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_shutting_down_ends_its_streams_with_unavailable() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
+    // An upstream whose stream sends one event and never fails nor ends.
+    tokio::spawn(serve_failing_stream(upstream, std::sync::Arc::new(tokio::sync::Notify::new())));
+    // A grace longer than the guard: a stream held for it fails the test.
+    let (channel, shutdown, edge) = edge_before(&upstream_url, &["--shutdown-grace", "60s"]).await;
+    let mut client = mpb::message_service_client::MessageServiceClient::new(channel);
+    let mut stream = tokio::time::timeout(GUARD, client.stream_events(mpb::StreamEventsRequest::default()))
+        .await
+        .unwrap()
+        .expect("the stream starts")
+        .into_inner();
+    tokio::time::timeout(GUARD, stream.message()).await.unwrap().unwrap().expect("one event");
+    shutdown.cancel();
+    let end = tokio::time::timeout(GUARD, stream.message()).await.expect("ended within the guard").unwrap_err();
+    assert_eq!((end.code(), end.message()), (Code::Unavailable, "server shutting down; reconnect and resume"));
+    tokio::time::timeout(GUARD, edge).await.expect("the edge stops").unwrap();
+}
+
 /// A replica caps the streams of a connection (SETTINGS_MAX_CONCURRENT_STREAMS)
 /// and a live stream holds its place: the edge opens more connections when
 /// its own are full, so streams beyond connections x cap still start (they

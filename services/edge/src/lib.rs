@@ -31,6 +31,7 @@
 //! a connection at the default 100 calls.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -304,10 +305,17 @@ struct Forward {
     max_request_bytes: usize,
     /// `--trusted-proxies`.
     trusted_proxies: natter_kit::TrustedProxies,
+    /// The edge's own shutdown: ends the streams it carries.
+    shutdown: CancellationToken,
 }
 
+/// The one call whose response lasts (a StreamEvents stream): the edge
+/// ends it itself when it shuts down. Other responses end by themselves
+/// within the shutdown grace.
+const STREAM_PATH: &str = "/natter.messages.v1.MessageService/StreamEvents";
+
 impl Forward {
-    fn new(args: &EdgeArgs) -> anyhow::Result<Self> {
+    fn new(args: &EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let calls_per_connection = args.upstream_calls_per_connection as usize;
         let dialer = Dialer::new(calls_per_connection);
         let connections = usize::from(args.upstream_connections);
@@ -352,6 +360,7 @@ impl Forward {
             // A gRPC frame header (5 bytes) on top of the largest message.
             max_request_bytes: args.server.max_request_bytes + 5,
             trusted_proxies: args.trusted_proxies.clone(),
+            shutdown,
         })
     }
 
@@ -412,7 +421,8 @@ impl Forward {
             match natter_kit::client_future(span, sent).await {
                 Ok(response) => {
                     let upstream = replica.uri.clone();
-                    return Ok(response.map(|body| Body::new(UpstreamBody::new(body, upstream, slot))));
+                    let ends = (parts.uri.path() == STREAM_PATH).then(|| self.shutdown.clone());
+                    return Ok(response.map(|body| Body::new(UpstreamBody::new(body, upstream, slot, ends))));
                 }
                 // Never sent: safe to try the next replica.
                 Err(e) if e.is_connect() => {
@@ -437,23 +447,39 @@ const FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forward
 pin_project_lite::pin_project! {
     /// An upstream's response body, passed through frame by frame; when the
     /// upstream fails mid-response (a replica killed, its connection reset),
-    /// the body ends with trailers `grpc-status: 14` (UNAVAILABLE: "reconnect
-    /// and resume", as the protos promise) instead of a reset that clients
-    /// would see as INTERNAL.
+    /// or the edge shuts down during a stream, the body ends with trailers
+    /// `grpc-status: 14` (UNAVAILABLE: "reconnect and resume", as the
+    /// protos promise) instead of a reset that clients would see as
+    /// INTERNAL.
     struct UpstreamBody<B> {
         #[pin]
         inner: B,
         upstream: Uri,
         failed: bool,
+        // A stream's end when the edge shuts down (None: not a stream).
+        ends: Option<CancellationToken>,
+        // Made at the first wait for the upstream, so a stream that is
+        // waiting wakes when the edge shuts down.
+        ending: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
         // The call's place on its upstream connection, until the body goes.
         _slot: Slot,
     }
 }
 
 impl<B> UpstreamBody<B> {
-    fn new(inner: B, upstream: Uri, slot: Slot) -> Self {
-        Self { inner, upstream, failed: false, _slot: slot }
+    fn new(inner: B, upstream: Uri, slot: Slot, ends: Option<CancellationToken>) -> Self {
+        Self { inner, upstream, failed: false, ends, ending: None, _slot: slot }
     }
+}
+
+/// The trailers-only end of a response the edge cuts short: UNAVAILABLE
+/// with `message` (printable ASCII but `%`, unencoded: gRPC over HTTP/2,
+/// "Responses").
+fn unavailable_trailers(message: &'static str) -> http_body::Frame<Bytes> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+    trailers.insert("grpc-message", http::HeaderValue::from_static(message));
+    http_body::Frame::trailers(trailers)
 }
 
 impl<B> http_body::Body for UpstreamBody<B>
@@ -472,21 +498,25 @@ where
         if *this.failed {
             return std::task::Poll::Ready(None);
         }
-        match std::task::ready!(this.inner.poll_frame(cx)) {
+        let polled = this.inner.poll_frame(cx);
+        if polled.is_pending()
+            && let Some(ends) = this.ends
+        {
+            let ending = this.ending.get_or_insert_with(|| Box::pin(ends.clone().cancelled_owned()));
+            if ending.as_mut().poll(cx).is_ready() {
+                *this.failed = true;
+                let end = unavailable_trailers("server shutting down; reconnect and resume");
+                return std::task::Poll::Ready(Some(Ok(end)));
+            }
+        }
+        match std::task::ready!(polled) {
             Some(Ok(frame)) => std::task::Poll::Ready(Some(Ok(frame))),
             None => std::task::Poll::Ready(None),
             Some(Err(e)) => {
                 *this.failed = true;
                 tracing::warn!(upstream = %this.upstream, error = %e, "upstream failed mid-response");
-                // grpc-message may carry printable ASCII but `%` unencoded
-                // (gRPC over HTTP/2, "Responses").
-                let mut trailers = http::HeaderMap::new();
-                trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
-                trailers.insert(
-                    "grpc-message",
-                    http::HeaderValue::from_static("upstream service failed mid-call; reconnect and resume"),
-                );
-                std::task::Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+                let end = unavailable_trailers("upstream service failed mid-call; reconnect and resume");
+                std::task::Poll::Ready(Some(Ok(end)))
             }
         }
     }
@@ -543,7 +573,7 @@ async fn watch_health(routes: Arc<[Route]>, health: HealthReporter, interval: Du
 ///
 /// Errors: a malformed upstream URL, or serving fails.
 pub async fn run(args: EdgeArgs, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let forward = Forward::new(&args)?;
+    let forward = Forward::new(&args, shutdown.clone())?;
     let mut server = Server::new(&args.server);
     server.limit_failed_auth(args.failed_auth_rate, false, args.trusted_proxies.clone());
     // Replicas count as healthy until a check says otherwise.

@@ -146,17 +146,8 @@ async fn connect_when_ready(addr: std::net::SocketAddr) -> tonic::transport::Cha
 /// INTERNAL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_reports_an_upstream_failing_mid_stream_as_unavailable() {
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
     let crash = std::sync::Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(serve_failing_stream(upstream, crash.clone()));
-    let (channel, shutdown, edge) = edge_before(&upstream_url, &[]).await;
-    let mut client = mpb::message_service_client::MessageServiceClient::new(channel);
-    let mut stream = tokio::time::timeout(GUARD, client.stream_events(mpb::StreamEventsRequest::default()))
-        .await
-        .unwrap()
-        .expect("the stream starts")
-        .into_inner();
+    let (mut stream, shutdown, edge) = a_stream_through_the_edge(crash.clone(), &[]).await;
     let first = tokio::time::timeout(GUARD, stream.message()).await.unwrap().unwrap().expect("one event");
     assert_eq!(first.chat_id, "before-the-crash");
     crash.notify_waiters();
@@ -166,23 +157,35 @@ async fn the_edge_reports_an_upstream_failing_mid_stream_as_unavailable() {
     edge.await.unwrap();
 }
 
+/// A StreamEvents stream through the edge (with `flags`) to an upstream
+/// that sends one event, then fails when `crash` is told; the edge's
+/// shutdown token and task.
+async fn a_stream_through_the_edge(
+    crash: std::sync::Arc<tokio::sync::Notify>,
+    flags: &[&str],
+) -> (tonic::Streaming<mpb::StreamEventsResponse>, CancellationToken, tokio::task::JoinHandle<()>) {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
+    tokio::spawn(serve_failing_stream(upstream, crash));
+    let (channel, shutdown, edge) = edge_before(&upstream_url, flags).await;
+    let mut client = mpb::message_service_client::MessageServiceClient::new(channel);
+    let stream = tokio::time::timeout(GUARD, client.stream_events(mpb::StreamEventsRequest::default()))
+        .await
+        .unwrap()
+        .expect("the stream starts")
+        .into_inner();
+    (stream, shutdown, edge)
+}
+
 /// The edge shutting down ends the streams it carries at once with
 /// UNAVAILABLE ("reconnect and resume"), as a replica does, rather than
 /// holding them for its shutdown grace and then cutting them mid-message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_shutting_down_ends_its_streams_with_unavailable() {
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
-    // An upstream whose stream sends one event and never fails nor ends.
-    tokio::spawn(serve_failing_stream(upstream, std::sync::Arc::new(tokio::sync::Notify::new())));
-    // A grace longer than the guard: a stream held for it fails the test.
-    let (channel, shutdown, edge) = edge_before(&upstream_url, &["--shutdown-grace", "60s"]).await;
-    let mut client = mpb::message_service_client::MessageServiceClient::new(channel);
-    let mut stream = tokio::time::timeout(GUARD, client.stream_events(mpb::StreamEventsRequest::default()))
-        .await
-        .unwrap()
-        .expect("the stream starts")
-        .into_inner();
+    // An upstream whose stream sends one event and never fails nor ends;
+    // a grace longer than the guard: a stream held for it fails the test.
+    let never = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (mut stream, shutdown, edge) = a_stream_through_the_edge(never, &["--shutdown-grace", "60s"]).await;
     tokio::time::timeout(GUARD, stream.message()).await.unwrap().unwrap().expect("one event");
     shutdown.cancel();
     let end = tokio::time::timeout(GUARD, stream.message()).await.expect("ended within the guard").unwrap_err();

@@ -16,7 +16,11 @@
 //! reconnect or a restart, a retried Ask, several assistant replicas) is
 //! answered once. A crash mid-reply leaves a GENERATING reply whose
 //! checkpoint stops being renewed; the sweeper ends it INTERRUPTED with its
-//! last checkpoint once its lease (`--assistant-lease`) ran out.
+//! last checkpoint once its lease (`--assistant-lease`) ran out. A planned
+//! shutdown is no crash: no new prompt is taken, the replies being written
+//! get a grace to finish (`--assistant-shutdown-grace` of `natter
+//! assistant`), those still going then end INTERRUPTED with their text so
+//! far, and [`run`] returns only after that ([`Assistant::stopped`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -215,6 +219,12 @@ pub struct Links {
 /// service credential; the all-in-one alone: a key kept in its data
 /// directory), else public ([`AssistantArgs::reply_ids`]).
 ///
+/// At `shutdown` the replies being written end INTERRUPTED with their text
+/// so far, at once (no grace: [`run`] gives one); a caller that awaits
+/// [`Assistant::stopped`] once its server drained has those ends stored
+/// before its runtime ends (one that ends first drops them GENERATING, to
+/// be swept as after a crash).
+///
 /// Errors: a bad configuration (base URL, API key file, reply key file), or
 /// the sessions service refused the bot user (its username is a person's).
 pub async fn open(
@@ -223,8 +233,20 @@ pub async fn open(
     fallback_key: Option<&[u8]>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<Arc<Assistant>>> {
+    open_with_grace(args, links, fallback_key, shutdown, Duration::ZERO).await
+}
+
+/// [`open`], the replies being written at shutdown given `shutdown_grace`
+/// to finish ([`Settings::shutdown_grace`]).
+async fn open_with_grace(
+    args: &AssistantArgs,
+    links: Links,
+    fallback_key: Option<&[u8]>,
+    shutdown: CancellationToken,
+    shutdown_grace: Duration,
+) -> anyhow::Result<Option<Arc<Assistant>>> {
     let Some(config) = args.llm_config()? else { return Ok(None) };
-    let settings = Settings { reply_ids: args.reply_ids(fallback_key)?, ..args.settings() };
+    let settings = Settings { reply_ids: args.reply_ids(fallback_key)?, shutdown_grace, ..args.settings() };
     let keyed = settings.reply_ids.is_keyed();
     let llm = natter_llm::Client::new(config)?;
     let assistant = Assistant::start(llm, links, settings, shutdown)
@@ -271,12 +293,25 @@ pub struct Config {
     /// the bot's event stream), e.g. http://messages:7071.
     #[arg(long, env = "NATTER_MESSAGES_URL")]
     pub messages_url: String,
+    /// On a shutdown signal (SIGTERM: every deploy), how long the replies
+    /// being written may go on to finish. No new prompt is taken meanwhile
+    /// (those waiting are left unread: another replica, or this one
+    /// restarted, answers them, once each); the replies still going when it
+    /// runs out end INTERRUPTED with their text so far, and the process
+    /// exits at most 5 s later (or when --shutdown-grace runs out, if that
+    /// is later). Keep both 5 s or more inside the orchestrator's stop
+    /// timeout: Kubernetes' terminationGracePeriodSeconds minus the preStop
+    /// sleep (deploy/k8s: 30 s - 5 s), Compose's stop_grace_period (20 s).
+    #[arg(long, env = "NATTER_ASSISTANT_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub assistant_shutdown_grace: Duration,
 }
 
 /// Runs the assistant service alone until `shutdown`: the public API on
 /// `listener`, health on `internal_listener`. Any number of replicas may
 /// run: each prompt is answered by the one whose StartReply created the
-/// reply.
+/// reply. Returns once the servers drained and the replies being written
+/// ended ([`Assistant::stopped`]: within `--assistant-shutdown-grace` and
+/// [`service::FINISH_WAIT`] more).
 ///
 /// Reply ids are keyed by the service credential, which every replica has
 /// (unless `--assistant-reply-key-file` names another key).
@@ -303,7 +338,8 @@ pub async fn run(
     let mut attempts = 0;
     let assistant = loop {
         let key = credential.header_value();
-        match open(&config.assistant, links.clone(), Some(key.as_bytes()), shutdown.clone()).await {
+        let grace = config.assistant_shutdown_grace;
+        match open_with_grace(&config.assistant, links.clone(), Some(key.as_bytes()), shutdown.clone(), grace).await {
             Ok(assistant) => break assistant,
             Err(e) if attempts < 60 && !shutdown.is_cancelled() => {
                 attempts += 1;
@@ -315,9 +351,14 @@ pub async fn run(
     };
     let auth = Authenticator::new(Arc::new(natter_auth::GrpcVerifier::new(sessions)));
     let mut public = Server::new(&config.server);
-    add_services(&mut public, assistant, auth).await;
+    add_services(&mut public, assistant.clone(), auth).await;
     let internal = Server::internal(&config.server, credential);
     natter_kit::serve::serve_split((public, listener), (internal, internal_listener), shutdown).await?;
+    // The replies being written: finished (within the grace, which ran
+    // along with the drain) before the process exits.
+    if let Some(assistant) = assistant {
+        assistant.stopped().await;
+    }
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! The assistant's domain: which messages are prompts, one reply at a time
 //! per chat (later prompts wait, FIFO), the generation itself (stream,
-//! publish deltas, checkpoint, stop), and the sweeper of interrupted
-//! replies.
+//! publish deltas, checkpoint, stop), the sweeper of interrupted replies,
+//! and a planned shutdown's grace for the replies being written
+//! ([`Assistant::stopped`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
@@ -21,6 +22,7 @@ use natter_proto::messages::v1 as mpb;
 use natter_proto::sessions::v1 as spb;
 use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::Status;
 use uuid::Uuid;
 
@@ -184,6 +186,10 @@ pub struct Settings {
     /// position passes it with the next answered prompt): one that fails
     /// the same way every time does not block its chat for good.
     pub held_limit: Duration,
+    /// After shutdown, how long the replies being generated may go on to
+    /// finish before they are ended INTERRUPTED ([`Assistant::stopped`]);
+    /// zero (the default, where nobody waits for them): at once.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Settings {
@@ -204,6 +210,7 @@ impl Default for Settings {
             retry: Retry::default(),
             held_replay: Duration::from_secs(30),
             held_limit: Duration::from_secs(3600),
+            shutdown_grace: Duration::ZERO,
         }
     }
 }
@@ -343,7 +350,16 @@ pub struct Assistant {
     /// A random token in the system prompt: a reply that repeats it leaked
     /// the prompt, and is flagged so.
     canary: String,
+    /// Stops the taking of prompts (and the event stream and the sweeper);
+    /// replies being generated go on for [`Settings::shutdown_grace`].
     shutdown: CancellationToken,
+    /// Fired once the shutdown grace is over: the replies still being
+    /// generated end INTERRUPTED with their text so far.
+    interrupt: CancellationToken,
+    /// The tasks that may write a reply (each chat's [`Assistant::drive`],
+    /// the event loop that starts them, the sweeper): shutdown waits for
+    /// them ([`Assistant::stopped`]).
+    tasks: TaskTracker,
 }
 
 impl Assistant {
@@ -372,10 +388,64 @@ impl Assistant {
             held_more: tokio::sync::Notify::new(),
             canary: format!("natter-canary-{}", Uuid::new_v4().simple()),
             shutdown,
+            interrupt: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         });
-        tokio::spawn(assistant.clone().follow());
-        tokio::spawn(assistant.clone().sweep());
+        assistant.tasks.spawn(assistant.clone().follow());
+        assistant.tasks.spawn(assistant.clone().sweep());
+        tokio::spawn(assistant.clone().end_the_grace());
         Ok(assistant)
+    }
+
+    /// Waits until shutdown, then until every reply this process was
+    /// generating has ended, at most about [`Settings::shutdown_grace`]
+    /// and [`FINISH_WAIT`] from shutdown: a caller whose runtime ends next
+    /// (the process exits) awaits it once its servers drained.
+    ///
+    /// A planned shutdown (SIGTERM, a deploy) is no crash: no new prompt
+    /// is taken (those waiting in a chat's queue, or not seen yet, are
+    /// left unread: the bot's read position stays before them, so the
+    /// next replica or this one restarted answers them, once each, as
+    /// after a crash), the replies being generated go on for the grace and
+    /// end as they would have (COMPLETE, most of them), and those still
+    /// going then end INTERRUPTED with their text so far, through the same
+    /// FinishReply as any end. A reply whose end cannot be stored within
+    /// [`FINISH_WAIT`] (the messages service down too) is left to the
+    /// sweeper of another replica, as after a crash.
+    pub async fn stopped(&self) {
+        self.shutdown.cancelled().await;
+        // Tasks spawned from here on (a chat's next prompt, which starts
+        // nothing new) are waited for too; `wait` ends once none is left.
+        self.tasks.close();
+        let over = async {
+            self.interrupt.cancelled().await;
+            tokio::time::sleep(FINISH_WAIT).await;
+        };
+        tokio::select! {
+            () = self.tasks.wait() => {}
+            () = over => {
+                let replies = self.state().running.len();
+                tracing::warn!(replies, "replies not finished at shutdown: left to the sweeper");
+            }
+        }
+    }
+
+    /// Ends the shutdown grace: [`Settings::shutdown_grace`] after shutdown,
+    /// the replies still being generated (a Regenerate that was being
+    /// served at shutdown may have started one since) are told to end
+    /// INTERRUPTED.
+    async fn end_the_grace(self: Arc<Self>) {
+        self.shutdown.cancelled().await;
+        let replies = self.state().running.len();
+        if replies > 0 {
+            tracing::info!(replies, grace = ?self.settings.shutdown_grace, "shutting down: letting the replies being written finish");
+        }
+        tokio::time::sleep(self.settings.shutdown_grace).await;
+        let replies = self.state().running.len();
+        if replies > 0 {
+            tracing::info!(replies, "the shutdown grace is over: ending the replies still being written INTERRUPTED");
+        }
+        self.interrupt.cancel();
     }
 
     /// The chat-completions endpoint replies come from.
@@ -620,7 +690,7 @@ impl Assistant {
         match start {
             None => {}
             Some(Ok(job)) => {
-                tokio::spawn(self.clone().drive(chat, job));
+                self.tasks.spawn(self.clone().drive(chat, job));
             }
             Some(Err((job, why))) => self.refuse(&job.prompt, why).await,
         }
@@ -751,9 +821,11 @@ impl Assistant {
     /// Answers one prompt: starts its reply (unless started), moves the
     /// bot's read position past the prompt, generates and finishes it.
     /// Nothing new starts once shutting down (the prompt is answered after
-    /// the restart: the read position did not move past it). A prompt whose
-    /// StartReply fails transiently past every retry is held: the read
-    /// position stays before it, so a reconnect or a restart replays it.
+    /// the restart, or by another replica: the read position did not move
+    /// past it); a reply started already is generated within the shutdown
+    /// grace ([`Assistant::stopped`]). A prompt whose StartReply fails
+    /// transiently past every retry is held: the read position stays before
+    /// it, so a reconnect or a restart replays it.
     ///
     /// Every StartReply of the job carries one owner token (a random UUID;
     /// its retries, its tries after ABORTED and, in this process, the
@@ -823,6 +895,11 @@ impl Assistant {
         let reply = match job.started {
             Some(reply) => reply,
             None => loop {
+                // Shut down meanwhile (the re-read above, a wait for the
+                // chat): left unread, for the next replica.
+                if self.shutdown.is_cancelled() {
+                    return;
+                }
                 let mut ended = self.finished.subscribe();
                 let request = mpb::StartReplyRequest {
                     owner: owner.clone(),
@@ -1080,8 +1157,8 @@ impl Assistant {
     /// Streams the reply to `prompt` into `reply`: text goes out as
     /// message_delta events (at once, or coalesced to about one per
     /// `flush`), is checkpointed about every `checkpoint` (which reports a
-    /// stop asked on any replica); `stop` (or shutdown) ends it at once,
-    /// dropping the connection to the server.
+    /// stop asked on any replica); `stop` (or the end of the shutdown
+    /// grace) ends it at once, dropping the connection to the server.
     async fn generate(&self, prompt: &mpb::Message, reply: &mpb::Message, stop: &CancellationToken) -> Outcome {
         let mut outcome = Outcome {
             text: String::new(),
@@ -1108,7 +1185,7 @@ impl Assistant {
             })
             .await;
         let (_permit, mut events) = match answer {
-            None if self.shutdown.is_cancelled() => {
+            None if self.interrupt.is_cancelled() => {
                 outcome.status = mpb::GenerationStatus::Interrupted;
                 outcome.info.error = "natter shut down before the reply started".into();
                 return outcome;
@@ -1136,7 +1213,7 @@ impl Assistant {
                     outcome.status = mpb::GenerationStatus::Stopped;
                     break;
                 }
-                () = self.shutdown.cancelled() => {
+                () = self.interrupt.cancelled() => {
                     outcome.status = mpb::GenerationStatus::Interrupted;
                     outcome.info.error = "natter shut down while the reply was being written".into();
                     break;
@@ -1237,8 +1314,8 @@ impl Assistant {
 
     /// Awaits `work`, renewing the reply's lease every checkpoint period
     /// meanwhile (a checkpoint of its still empty text); None when `stop`
-    /// (or shutdown, or a stop asked on another replica, which a renewal
-    /// reports) came first.
+    /// (or the end of the shutdown grace, or a stop asked on another
+    /// replica, which a renewal reports) came first.
     async fn heartbeat<T>(
         &self,
         reply: &mpb::Message,
@@ -1252,7 +1329,7 @@ impl Assistant {
             tokio::select! {
                 out = &mut work => return Some(out),
                 () = stop.cancelled() => return None,
-                () = self.shutdown.cancelled() => return None,
+                () = self.interrupt.cancelled() => return None,
                 _ = beat.tick() => {
                     match self.update(reply, "", 0, true).await {
                         // A stop asked on another replica (a durable flag).
@@ -1598,7 +1675,7 @@ impl Assistant {
             }
             Ok((reply, prompt, true)) => {
                 let job = Job { prompt: prompt.clone(), started: Some(reply.clone()) };
-                tokio::spawn(self.clone().drive(chat.to_owned(), job));
+                self.tasks.spawn(self.clone().drive(chat.to_owned(), job));
                 if reply_id.is_some() {
                     self.lane_freed.notify_waiters();
                 }
@@ -1625,7 +1702,7 @@ impl Assistant {
             next
         };
         match next {
-            Some(job) => drop(tokio::spawn(self.clone().drive(chat.to_owned(), job))),
+            Some(job) => drop(self.tasks.spawn(self.clone().drive(chat.to_owned(), job))),
             None => self.lane_freed.notify_waiters(),
         }
     }
@@ -1751,6 +1828,12 @@ fn speaker_name(user: &spb::User) -> String {
     user.username.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).take(64).collect()
 }
 
+/// How long shutdown waits, once its grace is over, for the replies then
+/// ended INTERRUPTED to be stored ([`Assistant::stopped`]): a FinishReply
+/// or two, each a few milliseconds unless the messages service is down
+/// too (then the sweeper of another replica ends them after their lease).
+pub const FINISH_WAIT: Duration = Duration::from_secs(5);
+
 /// How long StopGeneration waits for the reply to end before it answers
 /// with the reply as it stands: a generator checkpoints (and so sees a
 /// stop asked elsewhere) about every second.
@@ -1807,6 +1890,8 @@ fn names(text: &str, username: &str) -> bool {
     })
 }
 
+#[cfg(test)]
+mod shutdown;
 #[cfg(test)]
 mod transient_failures;
 

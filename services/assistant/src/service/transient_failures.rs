@@ -6,6 +6,7 @@
 //! idempotent by id, a retry with the start's owner answered as created
 //! while the reply generates, MarkRead forward only, FollowChats replaying
 //! what comes after the read position); the model is a scripted server.
+//! The fakes serve the shutdown tests (`shutdown.rs`) too.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -20,17 +21,19 @@ use super::*;
 use crate::Links;
 
 /// What the scripted model answers every prompt.
-const ANSWER: &str = "Tides follow the moon.";
-const CHAT: &str = "0196a000-0000-7000-8000-00000000c4a7";
+pub(super) const ANSWER: &str = "Tides follow the moon.";
+pub(super) const CHAT: &str = "0196a000-0000-7000-8000-00000000c4a7";
 const PERSON: &str = "0196a000-0000-7000-8000-0000000000a1";
 const BOT: &str = "0196a000-0000-7000-8000-0000000000b0";
 
 #[derive(Default)]
-struct Store {
+pub(super) struct Store {
     /// The chat's messages, in seq order from 1.
-    messages: Vec<mpb::Message>,
+    pub(super) messages: Vec<mpb::Message>,
     /// The bot's read position.
-    read_seq: i64,
+    pub(super) read_seq: i64,
+    /// Every message_delta sent, in order.
+    pub(super) deltas: Vec<mpb::MessageDelta>,
     /// The seq of every MarkReadAs, in order.
     marks: Vec<i64>,
     /// The open FollowChats stream.
@@ -47,10 +50,12 @@ struct Store {
 
 /// One direct chat between PERSON and the bot.
 #[derive(Default)]
-struct Messages {
+pub(super) struct Messages {
     store: Mutex<Store>,
     /// Told at every finished reply.
     finished: tokio::sync::Notify,
+    /// Told at every UpdateReply.
+    updated: tokio::sync::Notify,
 }
 
 fn created(message: &mpb::Message) -> mpb::StreamEventsResponse {
@@ -62,12 +67,12 @@ fn created(message: &mpb::Message) -> mpb::StreamEventsResponse {
 }
 
 impl Messages {
-    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+    pub(super) fn store(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap()
     }
 
     /// PERSON sends `text`: stored, then sent on the bot's stream.
-    fn post(&self, text: &str) -> mpb::Message {
+    pub(super) fn post(&self, text: &str) -> mpb::Message {
         self.post_flagged(text, None)
     }
 
@@ -157,7 +162,7 @@ impl Messages {
     }
 
     /// The replies to `prompt`.
-    fn replies(&self, prompt: &mpb::Message) -> Vec<mpb::Message> {
+    pub(super) fn replies(&self, prompt: &mpb::Message) -> Vec<mpb::Message> {
         let store = self.store();
         store
             .messages
@@ -169,7 +174,7 @@ impl Messages {
 
     /// The finished reply to `prompt`, once there is one (10 s at most: the
     /// test fails then).
-    async fn finished_reply(&self, prompt: &mpb::Message) -> mpb::Message {
+    pub(super) async fn finished_reply(&self, prompt: &mpb::Message) -> mpb::Message {
         let wait = async {
             loop {
                 let finished = self.finished.notified();
@@ -184,6 +189,26 @@ impl Messages {
         tokio::time::timeout(Duration::from_secs(10), wait)
             .await
             .unwrap_or_else(|_| panic!("no finished reply to {:?}", prompt.text))
+    }
+
+    /// The first message_delta of the reply to `prompt`, once one was sent
+    /// (10 s at most: the test fails then).
+    pub(super) async fn first_delta(&self, prompt: &mpb::Message) -> mpb::MessageDelta {
+        let wait = async {
+            loop {
+                let updated = self.updated.notified();
+                let mut updated = std::pin::pin!(updated);
+                updated.as_mut().enable();
+                let ids: Vec<String> = self.replies(prompt).into_iter().map(|r| r.id).collect();
+                if let Some(delta) = self.store().deltas.iter().find(|d| ids.contains(&d.message_id)) {
+                    return delta.clone();
+                }
+                updated.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .unwrap_or_else(|_| panic!("no text of a reply to {:?}", prompt.text))
     }
 }
 
@@ -249,6 +274,9 @@ impl AssistantMessages for Messages {
         if let Some(text) = request.checkpoint_text {
             reply.text = text;
         }
+        store.deltas.extend(request.deltas);
+        drop(store);
+        self.updated.notify_waiters();
         Ok(false)
     }
 
@@ -277,7 +305,7 @@ impl AssistantMessages for Messages {
 /// The bot is a member of CHAT, a direct chat; CheckMembership fails with
 /// the queued codes first.
 #[derive(Default)]
-struct Chats {
+pub(super) struct Chats {
     failures: Mutex<VecDeque<Code>>,
     checks: Mutex<u32>,
 }
@@ -307,7 +335,7 @@ impl AssistantChats for Chats {
     }
 }
 
-struct Users;
+pub(super) struct Users;
 
 #[async_trait]
 impl UserDirectory for Users {
@@ -350,18 +378,23 @@ async fn harness(chats: Chats) -> Harness {
     harness_with(chats, settings).await
 }
 
-/// [`harness`] with the assistant's `settings`.
-async fn harness_with(chats: Chats, settings: Settings) -> Harness {
-    let model = ScriptedServer::start(5).await;
-    model.set_fallback(Script::reply(ANSWER));
-    let config = natter_llm::Config {
+/// The LLM client's configuration for `model`.
+pub(super) fn scripted_config(model: &ScriptedServer) -> natter_llm::Config {
+    natter_llm::Config {
         base_url: model.url().into(),
         model: "scripted".into(),
         api_key: None,
         max_tokens: 64,
         connect_timeout: Duration::from_secs(5),
         timeouts: natter_llm::Timeouts::default(),
-    };
+    }
+}
+
+/// [`harness`] with the assistant's `settings`.
+async fn harness_with(chats: Chats, settings: Settings) -> Harness {
+    let model = ScriptedServer::start(5).await;
+    model.set_fallback(Script::reply(ANSWER));
+    let config = scripted_config(&model);
     let messages = Arc::new(Messages::default());
     messages.post("hello, read already");
     messages.store().read_seq = 1;

@@ -19,8 +19,9 @@
 //! last checkpoint once its lease (`--assistant-lease`) ran out. A planned
 //! shutdown is no crash: no new prompt is taken, the replies being written
 //! get a grace to finish (`--assistant-shutdown-grace` of `natter
-//! assistant`), those still going then end INTERRUPTED with their text so
-//! far, and [`run`] returns only after that ([`Assistant::stopped`]).
+//! assistant`; the all-in-one's `--shutdown-grace`), those still going then
+//! end INTERRUPTED with their text so far, and [`run`] (and the
+//! all-in-one's) returns only after that ([`Assistant::stopped`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -219,26 +220,16 @@ pub struct Links {
 /// service credential; the all-in-one alone: a key kept in its data
 /// directory), else public ([`AssistantArgs::reply_ids`]).
 ///
-/// At `shutdown` the replies being written end INTERRUPTED with their text
-/// so far, at once (no grace: [`run`] gives one); a caller that awaits
-/// [`Assistant::stopped`] once its server drained has those ends stored
-/// before its runtime ends (one that ends first drops them GENERATING, to
-/// be swept as after a crash).
+/// At `shutdown` it takes no new prompt; the replies being written may go
+/// on for `shutdown_grace` ([`Settings::shutdown_grace`]), then end
+/// INTERRUPTED with their text so far. A caller that awaits
+/// [`Assistant::stopped`] once its server drained, before it closes the
+/// stores, has those ends stored before its runtime ends (one that ends
+/// first drops them GENERATING, to be swept as after a crash).
 ///
 /// Errors: a bad configuration (base URL, API key file, reply key file), or
 /// the sessions service refused the bot user (its username is a person's).
 pub async fn open(
-    args: &AssistantArgs,
-    links: Links,
-    fallback_key: Option<&[u8]>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<Option<Arc<Assistant>>> {
-    open_with_grace(args, links, fallback_key, shutdown, Duration::ZERO).await
-}
-
-/// [`open`], the replies being written at shutdown given `shutdown_grace`
-/// to finish ([`Settings::shutdown_grace`]).
-async fn open_with_grace(
     args: &AssistantArgs,
     links: Links,
     fallback_key: Option<&[u8]>,
@@ -339,7 +330,7 @@ pub async fn run(
     let assistant = loop {
         let key = credential.header_value();
         let grace = config.assistant_shutdown_grace;
-        match open_with_grace(&config.assistant, links.clone(), Some(key.as_bytes()), shutdown.clone(), grace).await {
+        match open(&config.assistant, links.clone(), Some(key.as_bytes()), shutdown.clone(), grace).await {
             Ok(assistant) => break assistant,
             Err(e) if attempts < 60 && !shutdown.is_cancelled() => {
                 attempts += 1;

@@ -64,6 +64,9 @@ pub struct App {
     messages: Arc<natter_messages::Messages>,
     /// Its store writes the chat activity still in memory at shutdown.
     chats: Arc<natter_chats::Chats>,
+    /// The assistant (None: off), whose replies being written end before
+    /// the stores close.
+    assistant: Option<Arc<natter_assistant::Assistant>>,
     /// The event bus the services share.
     bus: Arc<dyn EventBus>,
 }
@@ -145,6 +148,8 @@ impl App {
             },
             own_key.as_deref().map(str::as_bytes),
             shutdown.clone(),
+            // The same grace as the calls in flight.
+            args.server.shutdown_grace,
         )
         .await?;
 
@@ -157,11 +162,11 @@ impl App {
         natter_sessions::add_services(&mut server, &sessions).await;
         natter_chats::add_services(&mut server, &chats, auth.clone()).await;
         natter_messages::add_services(&mut server, &messages, auth.clone(), shutdown.clone()).await;
-        natter_assistant::add_services(&mut server, assistant, auth).await;
+        natter_assistant::add_services(&mut server, assistant.clone(), auth).await;
 
         let sessions_db = sessions.store().db().clone();
         server.set_web_page(PageSource::from_flags(args.web_dir.as_deref(), args.no_web_page)?);
-        Ok(Self { listener, server, shutdown, sessions_db, messages, chats, bus })
+        Ok(Self { listener, server, shutdown, sessions_db, messages, chats, assistant, bus })
     }
 
     /// The event bus the services share (to read its size in tests).
@@ -174,10 +179,15 @@ impl App {
         self.listener.local_addr()
     }
 
-    /// Serves until the shutdown token is cancelled, then drains, writes the
-    /// chat activity still in memory and closes the stores.
+    /// Serves until the shutdown token is cancelled, then drains, lets the
+    /// assistant's replies being written finish within `--shutdown-grace`
+    /// (those still going end INTERRUPTED with their text, stored), writes
+    /// the chat activity still in memory and closes the stores.
     pub async fn run(self) -> anyhow::Result<()> {
         self.server.serve(self.listener, self.shutdown).await?;
+        if let Some(assistant) = &self.assistant {
+            assistant.stopped().await;
+        }
         self.chats.close().await;
         self.sessions_db.close().await;
         self.messages.close().await;

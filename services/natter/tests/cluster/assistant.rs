@@ -26,21 +26,20 @@ async fn alice_and_her_assistant_chat(channel: &tonic::transport::Channel) -> (S
     (token, chat)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reply_cut_by_a_crash_ends_interrupted_with_its_checkpoint_and_is_not_retried() {
-    let server = ScriptedServer::start(9).await;
+/// A story being written: `natter serve` on `dir` with its assistant on
+/// `server`, which tells [`TEXT`] slowly, and `more` flags; alice asks for a
+/// story. Returns once the reply is written to: the node, alice's token,
+/// her chat, the reply's id and the last change number her stream saw.
+async fn a_story_being_written(
+    server: &ScriptedServer,
+    dir: &std::path::Path,
+    more: &[&str],
+) -> (Node, String, String, String, i64) {
     server.push(Script::slow(TEXT, Duration::from_millis(100)));
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let args = vec![
-        "--data-dir".to_owned(),
-        dir.path().display().to_string(),
-        "--assistant-base-url".into(),
-        server.url().into(),
-        "--assistant-lease".into(),
-        "2s".into(),
-    ];
-    let mut natter = Node::start("serve", port, args);
+    let mut args =
+        vec!["--data-dir".to_owned(), dir.display().to_string(), "--assistant-base-url".into(), server.url().into()];
+    args.extend(more.iter().map(|a| (*a).to_owned()));
+    let natter = Node::start("serve", free_port(), args);
     let channel = natter.channel().await;
     let (token, chat) = alice_and_her_assistant_chat(&channel).await;
     let mut messages = MessageServiceClient::new(channel);
@@ -48,7 +47,6 @@ async fn a_reply_cut_by_a_crash_ends_interrupted_with_its_checkpoint_and_is_not_
     messages.send_message(authed(&token, send)).await.unwrap();
     let follow = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], ..Default::default() };
     let mut stream = messages.stream_events(authed(&token, follow)).await.unwrap().into_inner();
-    // The reply, once it is written to.
     let mut last_change = 0;
     let reply = loop {
         let event = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
@@ -57,6 +55,16 @@ async fn a_reply_cut_by_a_crash_ends_interrupted_with_its_checkpoint_and_is_not_
             break d.message_id;
         }
     };
+    (natter, token, chat, reply, last_change)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_cut_by_a_crash_ends_interrupted_with_its_checkpoint_and_is_not_retried() {
+    let server = ScriptedServer::start(9).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut natter, token, chat, reply, last_change) =
+        a_story_being_written(&server, dir.path(), &["--assistant-lease", "2s"]).await;
+    let mut messages = MessageServiceClient::new(natter.channel().await);
     // Wait for a checkpoint (about every second): the stored text grows.
     let get = mpb::GetMessageRequest { message_id: reply.clone() };
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -69,7 +77,6 @@ async fn a_reply_cut_by_a_crash_ends_interrupted_with_its_checkpoint_and_is_not_
         assert!(Instant::now() < deadline, "no checkpoint within 10 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    drop(stream);
     natter.kill();
     assert!(server.disconnected(0, Duration::from_secs(5)).await.is_some(), "the crash cut the model's stream");
 
@@ -97,6 +104,31 @@ async fn a_reply_cut_by_a_crash_ends_interrupted_with_its_checkpoint_and_is_not_
     assert!(!ended.generation.unwrap().error.is_empty());
     // Not retried by itself: the model was asked once.
     assert_eq!(server.requests().len(), 1);
+}
+
+/// A planned stop is no crash: `natter serve` stopped with SIGTERM while a
+/// reply streams lets it finish within its shutdown grace (about 4 s of a
+/// 10 s grace), stores it COMPLETE, and only then exits; started again, the
+/// reply is there whole, not GENERATING nor cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_being_written_when_natter_serve_stops_finishes_within_the_grace() {
+    let server = ScriptedServer::start(10).await;
+    let dir = tempfile::tempdir().unwrap();
+    // A long lease: no sweeper ends the reply for the test.
+    let more = ["--shutdown-grace", "10s", "--assistant-lease", "60s"];
+    let (mut natter, token, _, reply, _) = a_story_being_written(&server, dir.path(), &more).await;
+    natter.terminate();
+
+    natter.spawn();
+    let mut messages = MessageServiceClient::new(natter.channel().await);
+    let get = mpb::GetMessageRequest { message_id: reply };
+    let stored = messages.get_message(authed(&token, get)).await.unwrap().into_inner().message.unwrap();
+    assert_eq!(
+        (stored.generation_status, stored.text.as_str()),
+        (mpb::GenerationStatus::Complete as i32, TEXT),
+        "finished before the process exited"
+    );
+    assert_eq!(server.requests().len(), 1, "answered once");
 }
 
 /// A prompt refused because the chat's queue was full must not take the

@@ -124,6 +124,18 @@ pub const REFUSAL: &str = "I can't help with that request.";
 /// filter held back).
 pub const CONTENT_FILTER: &str = "content_filter";
 
+/// The finish reason of a reply cut at [`REPLY_MAX_BYTES`] (the OpenAI
+/// chat-completions value for a reply cut by its length).
+pub const LENGTH: &str = "length";
+
+/// The longest reply the assistant stores, in bytes of UTF-8: twice the
+/// longest text a person may send (32 KiB). Every request carries
+/// `max_tokens`, but a server that ignores it would otherwise write on for
+/// ever, and each checkpoint rewrites (and re-indexes) the whole text: the
+/// reply is cut there, COMPLETE with finish reason `length`, and the
+/// model's stream closed.
+pub const REPLY_MAX_BYTES: usize = 64 * 1024;
+
 /// The injection verdict of `text` that bars it from the model: HIGH or
 /// CRITICAL by `detector` (natter-detect's rules), or a detector that
 /// failed (fail closed). None: it may go to the model.
@@ -1228,6 +1240,15 @@ impl Assistant {
                 event = events.next() => match event {
                     Some(Ok(LlmEvent::Content(text))) => {
                         outcome.text.push_str(&text);
+                        if outcome.text.len() > REPLY_MAX_BYTES {
+                            let mut end = REPLY_MAX_BYTES;
+                            while !outcome.text.is_char_boundary(end) {
+                                end -= 1;
+                            }
+                            outcome.text.truncate(end);
+                            outcome.info.finish_reason = LENGTH.into();
+                            break;
+                        }
                         if holding {
                             false
                         } else if let Some(wait) = pace.turn() {

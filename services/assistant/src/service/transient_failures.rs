@@ -357,7 +357,7 @@ struct Harness {
     messages: Arc<Messages>,
     chats: Arc<Chats>,
     shutdown: CancellationToken,
-    _model: ScriptedServer,
+    model: ScriptedServer,
 }
 
 impl Drop for Harness {
@@ -403,7 +403,7 @@ async fn harness_with(chats: Chats, settings: Settings) -> Harness {
     let shutdown = CancellationToken::new();
     let llm = natter_llm::Client::new(config).unwrap();
     Assistant::start(llm, links, settings, shutdown.clone()).await.unwrap();
-    Harness { messages, chats, shutdown, _model: model }
+    Harness { messages, chats, shutdown, model }
 }
 
 /// A complete reply with the model's text.
@@ -420,6 +420,24 @@ fn assert_answered(reply: &mpb::Message) {
         (Ok(mpb::GenerationStatus::Complete), ANSWER),
         "{reply:?}"
     );
+}
+
+/// A model that writes on past `max_tokens` (a server that ignores it) is
+/// cut at REPLY_MAX_BYTES: the reply is COMPLETE with finish reason
+/// `length` and its text the first REPLY_MAX_BYTES of the model's, cut at a
+/// character.
+#[tokio::test]
+async fn a_reply_is_cut_at_its_longest_with_finish_reason_length() {
+    let h = harness(Chats::default()).await;
+    let endless = "€".repeat(REPLY_MAX_BYTES);
+    h.model.push(Script::reply(&endless));
+    let prompt = h.messages.post("say € forever");
+    let reply = h.messages.finished_reply(&prompt).await;
+    assert_eq!(mpb::GenerationStatus::try_from(reply.generation_status), Ok(mpb::GenerationStatus::Complete));
+    // Three bytes a character: the cap falls inside one, cut before it.
+    assert_eq!(reply.text.len(), REPLY_MAX_BYTES - REPLY_MAX_BYTES % 3);
+    assert!(endless.starts_with(&reply.text));
+    assert_eq!(reply.generation.map(|g| g.finish_reason).as_deref(), Some(LENGTH));
 }
 
 #[tokio::test]

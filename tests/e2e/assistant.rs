@@ -81,6 +81,8 @@ crate::with_scripted_server!(
     a_thread_reply_is_no_prompt_nor_context [],
     regenerate_is_refused_where_the_assistant_may_not_answer [],
     a_member_who_takes_a_reply_s_id_first_neither_silences_nor_answers_its_prompt [],
+    one_person_prompting_in_two_chats_leaves_a_slot_for_another
+        ["--assistant-concurrency", "2", "--assistant-concurrency-per-user", "1"],
 );
 mod off {
     use super::without_a_server_the_assistant_is_off_and_callers_are_authenticated_first;
@@ -970,6 +972,55 @@ async fn a_thread_reply_is_no_prompt_nor_context(c: &Cluster, server: &ScriptedS
 
 /// A group "team" of `owner`, `member` and the assistant (its bot user's
 /// id, and the chat).
+/// Replies generated at once are shared fairly: with two slots and one a
+/// person, alice's second prompt (in another chat) waits for her first
+/// reply, and bob's prompt takes the other slot, though it came after hers.
+async fn one_person_prompting_in_two_chats_leaves_a_slot_for_another(c: &Cluster, server: &ScriptedServer) {
+    server.push(Script::hang_after("thinking"));
+    server.push(Script::hang_after("thinking"));
+    server.set_fallback(Script::reply("ok"));
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let (_, team) = team_with_the_assistant(c, &alice, &bob).await;
+    let hers = assistant_chat(c, &alice).await.chat_id;
+    let his = assistant_chat(c, &bob).await.chat_id;
+    let mut first = events(c, &alice, &hers).await;
+    send(c, &alice, &hers, "first, slowly").await;
+    // Her first reply is being written: it holds her slot and one of two.
+    until_delta(&mut first).await;
+    let mut second = events(c, &alice, &team.id).await;
+    send(c, &alice, &team.id, "@assistant second, elsewhere").await;
+    // Her second reply exists (its placeholder) and waits for a slot of hers.
+    until_created(&mut second).await;
+    let mut third = events(c, &bob, &his).await;
+    send(c, &bob, &his, "bob's turn").await;
+    until_delta(&mut third).await;
+    let asked: Vec<String> = server.requests().iter().map(|r| last_user_text(&r.body)).collect();
+    assert_eq!(asked, ["first, slowly", "bob's turn"], "bob's prompt took the free slot, not alice's second");
+}
+
+/// Reads `stream` until a message_delta (10 s at most an event).
+async fn until_delta(stream: &mut Streaming<mpb::StreamEventsResponse>) {
+    while !matches!(next(stream).await.event, Some(Event::MessageDelta(_))) {}
+}
+
+/// Reads `stream` until an assistant's reply is created (10 s at most an event).
+async fn until_created(stream: &mut Streaming<mpb::StreamEventsResponse>) {
+    loop {
+        if let Some(Event::MessageCreated(m)) = next(stream).await.event
+            && m.role == mpb::MessageRole::Assistant as i32
+        {
+            return;
+        }
+    }
+}
+
+/// The text of the last user message of a chat-completions request body.
+fn last_user_text(body: &serde_json::Value) -> String {
+    let messages = body["messages"].as_array().cloned().unwrap_or_default();
+    let last = messages.iter().rev().find(|m| m["role"] == "user");
+    last.and_then(|m| m["content"].as_str()).unwrap_or_default().to_owned()
+}
+
 async fn team_with_the_assistant(
     c: &Cluster,
     owner: &TestUser,

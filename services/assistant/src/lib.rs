@@ -100,6 +100,12 @@ pub struct AssistantArgs {
     /// a time; the others wait their turn).
     #[arg(long, env = "NATTER_ASSISTANT_CONCURRENCY", default_value_t = 16)]
     pub assistant_concurrency: usize,
+    /// Most replies generated at once by this process for the prompts of
+    /// one person (the others wait their turn), so that someone prompting
+    /// in many chats at once cannot take every slot of
+    /// --assistant-concurrency.
+    #[arg(long, env = "NATTER_ASSISTANT_CONCURRENCY_PER_USER", default_value_t = 4)]
+    pub assistant_concurrency_per_user: usize,
     /// Most prompts waiting per chat behind the reply being generated; Ask
     /// beyond is RESOURCE_EXHAUSTED, a sent message beyond gets a FAILED
     /// reply.
@@ -197,6 +203,7 @@ impl AssistantArgs {
             context_messages: self.assistant_context_messages.clamp(1, 200),
             context_chars: self.assistant_context_chars,
             concurrency: self.assistant_concurrency.max(1),
+            concurrency_per_user: self.assistant_concurrency_per_user.max(1),
             queue: self.assistant_queue,
             reply_rate: self.assistant_reply_rate,
             lease: self.assistant_lease.max(Duration::from_secs(2)),

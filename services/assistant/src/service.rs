@@ -173,6 +173,8 @@ pub struct Settings {
     pub context_messages: u32,
     pub context_chars: usize,
     pub concurrency: usize,
+    /// Of `concurrency`, the most one prompt author's replies take at once.
+    pub concurrency_per_user: usize,
     pub queue: usize,
     pub reply_rate: natter_kit::limits::Rate,
     pub lease: Duration,
@@ -213,6 +215,7 @@ impl Default for Settings {
             context_messages: 40,
             context_chars: 16_000,
             concurrency: 16,
+            concurrency_per_user: 4,
             queue: 8,
             reply_rate: natter_kit::limits::Rate::Off,
             lease: Duration::from_secs(15),
@@ -352,6 +355,9 @@ pub struct Assistant {
     /// Replies per prompt author (`--assistant-reply-rate`).
     reply_rate: natter_kit::limits::RateLimiter<String>,
     permits: Semaphore,
+    /// Prompt author -> their share of `permits` (`concurrency_per_user`),
+    /// while any of their replies holds or waits for one.
+    author_permits: Mutex<HashMap<String, Arc<Semaphore>>>,
     finished: broadcast::Sender<mpb::Message>,
     /// Told whenever a chat's lane is released, and when a Regenerate
     /// started its reply (a retry of it may be waiting for the lane).
@@ -392,6 +398,7 @@ impl Assistant {
             bot,
             links,
             permits: Semaphore::new(settings.concurrency),
+            author_permits: Mutex::new(HashMap::new()),
             reply_rate: natter_kit::limits::RateLimiter::new("assistant replies", settings.reply_rate),
             settings,
             state: Mutex::new(State::default()),
@@ -1171,6 +1178,18 @@ impl Assistant {
     /// `flush`), is checkpointed about every `checkpoint` (which reports a
     /// stop asked on any replica); `stop` (or the end of the shutdown
     /// grace) ends it at once, dropping the connection to the server.
+    /// A place among `author`'s replies generated at once
+    /// (`concurrency_per_user`), once one is free.
+    async fn author_permit(&self, author: &str) -> AuthorPermit<'_> {
+        let share = {
+            let mut permits = self.author_permits.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let cap = self.settings.concurrency_per_user.max(1);
+            permits.entry(author.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(cap))).clone()
+        };
+        let permit = share.acquire_owned().await.ok();
+        AuthorPermit { permit, author: author.to_owned(), permits: &self.author_permits }
+    }
+
     async fn generate(&self, prompt: &mpb::Message, reply: &mpb::Message, stop: &CancellationToken) -> Outcome {
         let mut outcome = Outcome {
             text: String::new(),
@@ -1187,7 +1206,10 @@ impl Assistant {
         // by heartbeats; a stop ends the wait.
         let answer = self
             .heartbeat(reply, stop, async {
-                let permit = self.permits.acquire().await;
+                // The author's share first: their other replies wait here,
+                // not in the line for the slots everyone shares.
+                let author = self.author_permit(&prompt.author_id).await;
+                let permit = (author, self.permits.acquire().await);
                 let context = self
                     .context(prompt, reply)
                     .await
@@ -1803,6 +1825,26 @@ impl Assistant {
             _ => self.reply(reply_id).await?.unwrap_or(flagged),
         };
         Ok(moderated(reply, caller, sight))
+    }
+}
+
+/// A reply's place among its prompt author's ([`Assistant::author_permit`]):
+/// given back when dropped, and the author's entry gone with their last.
+struct AuthorPermit<'a> {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    author: String,
+    permits: &'a Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Drop for AuthorPermit<'_> {
+    fn drop(&mut self) {
+        let mut permits = self.permits.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The permit holds the semaphore too: given back first, the map's is
+        // then the last reference unless another reply holds or waits.
+        drop(self.permit.take());
+        if permits.get(&self.author).is_some_and(|share| Arc::strong_count(share) == 1) {
+            permits.remove(&self.author);
+        }
     }
 }
 

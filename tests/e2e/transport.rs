@@ -16,6 +16,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
+/// The bearer token of calls through the edge to a stand-in upstream, which
+/// checks none (the edge refuses a call without any).
+const STAND_IN_TOKEN: &str = "stand-in";
+
 /// A guard against a hang: every wait in this module ends within it.
 const GUARD: Duration = Duration::from_secs(20);
 
@@ -50,6 +54,30 @@ async fn the_stream_limit_is_advertised_and_a_silent_body_times_out() {
 
     // By now the server's SETTINGS frame has been read: SETTINGS_MAX_CONCURRENT_STREAMS.
     assert_eq!(send.current_max_send_streams(), 7);
+    c.stop().await;
+}
+
+/// A call that needs a token and carries none is refused before its body
+/// is read: here a body that never comes, answered UNAUTHENTICATED at once
+/// rather than at the request timeout; log-in needs no token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_without_a_token_is_refused_before_its_body() {
+    let c = Cluster::all_in_one(&["--request-timeout", "60s"]).await;
+    let mut send = h2_connect(c.addr).await.ready().await.unwrap();
+    let status_of = |response: &http::Response<h2::RecvStream>| {
+        response.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_owned())
+    };
+    for path in ["/natter.chats.v1.ChatService/ListChats", "/natter.messages.v1.MessageService/SendMessage"] {
+        let (response, _body_never_sent) = send.send_request(grpc_request(c.addr, path), false).unwrap();
+        let response = tokio::time::timeout(GUARD, response).await.expect("answered before the body").unwrap();
+        assert_eq!(status_of(&response).as_deref(), Some("16"), "UNAUTHENTICATED: {path}");
+    }
+    // Log-in needs no token: its call is read and answered.
+    let (response, mut body) =
+        send.send_request(grpc_request(c.addr, "/natter.sessions.v1.SessionService/CreateSession"), false).unwrap();
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+    let response = tokio::time::timeout(GUARD, response).await.unwrap().unwrap();
+    assert_ne!(status_of(&response).as_deref(), Some("16"), "a guest session, or its refusal, but no token asked");
     c.stop().await;
 }
 
@@ -169,11 +197,8 @@ async fn a_stream_through_the_edge(
     tokio::spawn(serve_failing_stream(upstream, crash));
     let (channel, shutdown, edge) = edge_before(&upstream_url, flags).await;
     let mut client = mpb::message_service_client::MessageServiceClient::new(channel);
-    let stream = tokio::time::timeout(GUARD, client.stream_events(mpb::StreamEventsRequest::default()))
-        .await
-        .unwrap()
-        .expect("the stream starts")
-        .into_inner();
+    let open = client.stream_events(natter_testkit::with_token(STAND_IN_TOKEN, mpb::StreamEventsRequest::default()));
+    let stream = tokio::time::timeout(GUARD, open).await.unwrap().expect("the stream starts").into_inner();
     (stream, shutdown, edge)
 }
 
@@ -211,7 +236,9 @@ async fn streams_beyond_a_replicas_per_connection_cap_still_start() {
     let mut streams = Vec::new();
     for i in 0..STREAMS {
         let mut client = mpb::message_service_client::MessageServiceClient::new(channel.clone());
-        let mut stream = tokio::time::timeout(GUARD, client.stream_events(mpb::StreamEventsRequest::default()))
+        let open =
+            client.stream_events(natter_testkit::with_token(STAND_IN_TOKEN, mpb::StreamEventsRequest::default()));
+        let mut stream = tokio::time::timeout(GUARD, open)
             .await
             .unwrap_or_else(|_| panic!("stream {i} did not start"))
             .expect("the stream starts")
@@ -230,11 +257,9 @@ async fn streams_beyond_a_replicas_per_connection_cap_still_start() {
     let mut again = Vec::new();
     for _ in 0..STREAMS {
         let mut client = mpb::message_service_client::MessageServiceClient::new(channel.clone());
-        let mut stream = tokio::time::timeout(GUARD, client.stream_events(mpb::StreamEventsRequest::default()))
-            .await
-            .unwrap()
-            .expect("the stream starts")
-            .into_inner();
+        let open =
+            client.stream_events(natter_testkit::with_token(STAND_IN_TOKEN, mpb::StreamEventsRequest::default()));
+        let mut stream = tokio::time::timeout(GUARD, open).await.unwrap().expect("the stream starts").into_inner();
         tokio::time::timeout(GUARD, stream.message()).await.unwrap().unwrap().expect("one event");
         again.push(stream);
     }
@@ -340,7 +365,9 @@ async fn streams_nobody_reads_do_not_stall_other_calls_on_their_upstream_connect
     let mut stalled = Vec::new();
     for i in 0..CALLS - 1 {
         stalled_client = stalled_client.ready().await.unwrap();
-        let request = grpc_request(edge_addr, "/natter.messages.v1.MessageService/StreamEvents");
+        let mut request = grpc_request(edge_addr, "/natter.messages.v1.MessageService/StreamEvents");
+        let bearer = format!("Bearer {STAND_IN_TOKEN}").parse().unwrap();
+        request.headers_mut().insert(http::header::AUTHORIZATION, bearer);
         let (response, _) = stalled_client.send_request(request, true).unwrap();
         let response =
             tokio::time::timeout(GUARD, response).await.unwrap_or_else(|_| panic!("stream {i} did not start")).unwrap();
@@ -352,7 +379,8 @@ async fn streams_nobody_reads_do_not_stall_other_calls_on_their_upstream_connect
     // Another user, on a connection of their own to the edge, whose call
     // the edge puts on the same upstream connection.
     let mut other = mpb::message_service_client::MessageServiceClient::new(connect(edge_addr).await);
-    let answer = tokio::time::timeout(Duration::from_secs(5), other.get_message(mpb::GetMessageRequest::default()))
+    let call = other.get_message(natter_testkit::with_token(STAND_IN_TOKEN, mpb::GetMessageRequest::default()));
+    let answer = tokio::time::timeout(Duration::from_secs(5), call)
         .await
         .expect("a call sharing an upstream connection with unread streams answers within 5 s");
     assert_eq!(answer.unwrap().into_inner(), mpb::GetMessageResponse::default());

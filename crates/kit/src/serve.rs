@@ -210,7 +210,8 @@ pub async fn serve_routes(
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let Parts { args, health, routes, page, credential, failed_auth } = parts;
-    if credential.is_none() {
+    let credential_free = credential.is_none();
+    if credential_free {
         warn_on_open_cors(&args.cors_allow_origins, &listener);
     }
     let transport = &args.transport;
@@ -234,6 +235,10 @@ pub async fn serve_routes(
         // the status of plain gRPC (gRPC-web moves trailers into the body);
         // outside the status fix below, so it records the corrected code.
         .layer(crate::observe::RpcLayer)
+        // On a public listener, a call that needs a token and carries none
+        // is refused before its body is read (inside gRPC-web, so a browser
+        // gets gRPC-web; inside the span, so it is recorded).
+        .option_layer(credential_free.then(|| GateLayer::new(require_token)))
         // Inside the span, so a refusal is recorded; sees plain gRPC, whose
         // errors before any message come in the response headers.
         .option_layer(failed_auth)
@@ -509,6 +514,22 @@ where
             None => futures::future::Either::Left(self.inner.call(http::Request::from_parts(parts, body))),
         }
     }
+}
+
+/// Refuses a call to a public natter service that needs a bearer token and
+/// carries no `authorization` header, with UNAUTHENTICATED, before its body
+/// is read: the service would read and decode up to `--max-request-bytes`
+/// first, and the failed-auth limit counts only calls that carry a token.
+/// Log-in, registration, health, reflection, internal services (not served
+/// on a public listener: UNIMPLEMENTED) and paths of no natter service pass.
+fn require_token(parts: &http::request::Parts) -> Option<tonic::Status> {
+    let path = parts.uri.path();
+    let service = path.strip_prefix('/').and_then(|p| p.split_once('/')).map_or("", |(service, _)| service);
+    let needs = service.starts_with("natter.")
+        && !service.ends_with("InternalService")
+        && !UNAUTHENTICATED_PATHS.iter().any(|p| path.starts_with(p));
+    (needs && !parts.headers.contains_key(http::header::AUTHORIZATION))
+        .then(|| tonic::Status::unauthenticated("missing authorization: Bearer token"))
 }
 
 /// Refuses a request whose header block is larger than `max_bytes`, counted

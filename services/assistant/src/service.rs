@@ -1677,9 +1677,9 @@ impl Assistant {
                 return Err(busy());
             }
             if let Some(id) = reply_id
-                && self.regenerated(chat, id).await?.is_some()
+                && let Some((reply, prompt)) = self.regenerated(chat, id).await?
             {
-                return Err(busy());
+                return Ok((moderated(reply, caller, sight), prompt));
             }
         }
         let prompt_id = prompt.id.clone();

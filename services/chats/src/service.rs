@@ -1029,24 +1029,22 @@ impl Chats {
             };
             summaries.extend(page);
         }
-        let mut previews: HashMap<String, (Preview, Aggregates)> = {
-            summaries
-                .into_iter()
-                .filter(|s| s.last_seq > 0)
-                .map(|s| {
-                    let aggregates = Aggregates { message_count: s.message_count, max_severity: s.max_severity };
-                    let preview = Preview {
-                        seq: s.last_seq,
-                        author_id: s.last_author_id,
-                        text: s.last_text,
-                        send_time: s.last_send_time.as_ref().map(micros),
-                        unread_count: s.unread_count,
-                        mention_count: s.mention_count,
-                    };
-                    (s.chat_id, (preview, aggregates))
-                })
-                .collect()
-        };
+        let mut previews: HashMap<String, (Preview, Aggregates)> = summaries
+            .into_iter()
+            .filter(|s| s.last_seq > 0)
+            .map(|s| {
+                let aggregates = Aggregates { message_count: s.message_count, max_severity: s.max_severity };
+                let preview = Preview {
+                    seq: s.last_seq,
+                    author_id: s.last_author_id,
+                    text: s.last_text,
+                    send_time: s.last_send_time.as_ref().map(micros),
+                    unread_count: s.unread_count,
+                    mention_count: s.mention_count,
+                };
+                (s.chat_id, (preview, aggregates))
+            })
+            .collect();
         let staff = self.is_staff(caller);
         Ok(chats
             .into_iter()

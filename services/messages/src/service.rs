@@ -617,20 +617,24 @@ impl Messages {
         } else {
             None
         };
-        // The page ends where its bytes would pass PAGE_BYTES.
+        // The page ends where its bytes would pass PAGE_BYTES (its first
+        // message always comes); `bytes` is what it keeps.
         let mut bytes = 0;
         let fit = messages
             .iter()
-            .position(|m| {
-                bytes += m.weight();
-                bytes > PAGE_BYTES
+            .take_while(|m| {
+                let weight = m.weight();
+                let fits = bytes == 0 || bytes + weight <= PAGE_BYTES;
+                if fits {
+                    bytes += weight;
+                }
+                fits
             })
-            .map_or(messages.len(), |i| i.max(1));
+            .count();
         if fit < messages.len() {
             messages.truncate(fit);
             next = messages.last().map(|m| m.seq);
         }
-        let bytes: usize = messages.iter().map(Message::weight).sum();
         with_reactions(self.store.as_ref(), &mut messages, Some(caller)).await?;
         if !req.include_history {
             return Ok((

@@ -96,6 +96,17 @@ async fn call_every_internal_rpc(
             ),
         ),
         (
+            "FilterPeers",
+            code(
+                chats
+                    .filter_peers(with(
+                        cpb::FilterPeersRequest { user_id: victim.into(), candidate_user_ids: vec![victim.into()] },
+                        credential,
+                    ))
+                    .await,
+            ),
+        ),
+        (
             "RecordActivity",
             code(chats.record_activity(with(cpb::RecordActivityRequest { activities: Vec::new() }, credential)).await),
         ),
@@ -303,13 +314,14 @@ async fn call_every_internal_rpc(
 }
 
 /// The internal RPCs' paths, for gRPC-web.
-const INTERNAL_PATHS: [&str; 23] = [
+const INTERNAL_PATHS: [&str; 24] = [
     "/natter.sessions.v1.SessionInternalService/IntrospectSession",
     "/natter.sessions.v1.SessionInternalService/LookupUsers",
     "/natter.sessions.v1.SessionInternalService/EnsureBotUser",
     "/natter.sessions.v1.SessionInternalService/ListDeletedUsers",
     "/natter.chats.v1.ChatInternalService/CheckMembership",
     "/natter.chats.v1.ChatInternalService/ListMemberChatIds",
+    "/natter.chats.v1.ChatInternalService/FilterPeers",
     "/natter.chats.v1.ChatInternalService/RecordActivity",
     "/natter.messages.v1.MessageInternalService/GetChatSummaries",
     "/natter.messages.v1.MessageInternalService/ListRecentMessages",

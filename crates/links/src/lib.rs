@@ -154,8 +154,40 @@ pub trait ChatDirectory: Send + Sync + 'static {
     async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status>;
     /// Every chat `user_id` owns or administers.
     async fn managed_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status>;
+    /// FilterPeers: which of `candidates` (at most 1,000) are members now of
+    /// a chat `user_id` is a member of now, each once, in no set order. The
+    /// default asks for each one's chats ([`peers_by_listing`]), for
+    /// directories without the call.
+    async fn peers_among(&self, user_id: &str, candidates: Vec<String>) -> Result<Vec<String>, Status> {
+        peers_by_listing(self, user_id, candidates).await
+    }
     /// Records the newest message of chats (for ordering by activity).
     async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status>;
+}
+
+/// [`ChatDirectory::peers_among`] by a listing of `user_id`'s chats and one
+/// of each candidate's, a few at a time: what a chats service without
+/// FilterPeers (a replica of an earlier release) can answer.
+pub async fn peers_by_listing<D: ChatDirectory + ?Sized>(
+    directory: &D,
+    user_id: &str,
+    candidates: Vec<String>,
+) -> Result<Vec<String>, Status> {
+    use futures::{StreamExt as _, TryStreamExt as _};
+    let mine: std::collections::HashSet<String> = directory.member_chat_ids(user_id).await?.into_iter().collect();
+    let candidates: std::collections::HashSet<String> = candidates.into_iter().collect();
+    futures::stream::iter(candidates)
+        .map(|user| {
+            let mine = &mine;
+            async move {
+                let theirs = directory.member_chat_ids(&user).await?;
+                Ok::<_, Status>(theirs.iter().any(|c| mine.contains(c)).then_some(user))
+            }
+        })
+        .buffer_unordered(8)
+        .try_filter_map(|peer| async move { Ok(peer) })
+        .try_collect()
+        .await
 }
 
 /// A [`ChatDirectory`] whose membership answers a replica keeps in memory
@@ -208,6 +240,10 @@ impl<D: ChatDirectory> ChatDirectory for CachingChatDirectory<D> {
 
     async fn managed_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
         self.inner.managed_chat_ids(user_id).await
+    }
+
+    async fn peers_among(&self, user_id: &str, candidates: Vec<String>) -> Result<Vec<String>, Status> {
+        self.inner.peers_among(user_id, candidates).await
     }
 
     async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status> {
@@ -314,6 +350,19 @@ impl ChatDirectory for Grpc {
         self.list_member_chat_ids(user_id, true).await
     }
 
+    async fn peers_among(&self, user_id: &str, candidates: Vec<String>) -> Result<Vec<String>, Status> {
+        let request = chats::FilterPeersRequest { user_id: user_id.to_owned(), candidate_user_ids: candidates };
+        let mut client = ChatInternalServiceClient::new(self.0.channel());
+        match self.0.call(client.filter_peers(self.0.request(request.clone()))).await {
+            Ok(answer) => Ok(answer.peer_user_ids),
+            // A chats replica of an earlier release, mid-upgrade.
+            Err(e) if e.code() == tonic::Code::Unimplemented => {
+                peers_by_listing(self, user_id, request.candidate_user_ids).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status> {
         let request = chats::RecordActivityRequest { activities };
         self.0.call(ChatInternalServiceClient::new(self.0.channel()).record_activity(self.0.request(request))).await?;
@@ -341,6 +390,14 @@ impl<S: ChatInternalService> ChatDirectory for InProcess<S> {
 
     async fn managed_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
         self.list_member_chat_ids(user_id, true).await
+    }
+
+    async fn peers_among(&self, user_id: &str, candidates: Vec<String>) -> Result<Vec<String>, Status> {
+        let request = chats::FilterPeersRequest { user_id: user_id.to_owned(), candidate_user_ids: candidates };
+        Ok(in_process("/natter.chats.v1.ChatInternalService/FilterPeers", self.0.filter_peers(Request::new(request)))
+            .await?
+            .into_inner()
+            .peer_user_ids)
     }
 
     async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status> {

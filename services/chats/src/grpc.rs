@@ -612,6 +612,24 @@ impl ChatInternalService for ChatInternalApi {
         Ok(Response::new(pb::ListMemberChatIdsResponse { chat_ids: chat_ids.iter().map(ChatId::to_string).collect() }))
     }
 
+    async fn filter_peers(
+        &self,
+        request: Request<pb::FilterPeersRequest>,
+    ) -> Result<Response<pb::FilterPeersResponse>, Status> {
+        let r = request.into_inner();
+        let candidates: Vec<UserId> = r.candidate_user_ids.iter().filter_map(|id| id.parse().ok()).collect();
+        if r.candidate_user_ids.len() > crate::service::PEER_CANDIDATES_MAX {
+            let max = crate::service::PEER_CANDIDATES_MAX;
+            let got = r.candidate_user_ids.len();
+            return Err(ChatsError::invalid("candidate_user_ids", format!("at most {max} ids, got {got}")).into());
+        }
+        let (Ok(user_id), false) = (r.user_id.parse::<UserId>(), candidates.is_empty()) else {
+            return Ok(Response::new(pb::FilterPeersResponse::default()));
+        };
+        let peers = self.chats.peers_among(user_id, &candidates).await?;
+        Ok(Response::new(pb::FilterPeersResponse { peer_user_ids: peers.iter().map(UserId::to_string).collect() }))
+    }
+
     async fn record_activity(
         &self,
         request: Request<pb::RecordActivityRequest>,

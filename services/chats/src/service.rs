@@ -143,6 +143,10 @@ pub struct Chats {
     retry_backoff: Backoff,
 }
 
+/// Most candidates of one FilterPeers call (GetPresence asks about 100 at a
+/// time).
+pub const PEER_CANDIDATES_MAX: usize = 1000;
+
 /// Most memberships the cache holds before it starts over.
 const CACHE_ENTRIES: usize = 100_000;
 
@@ -1199,6 +1203,13 @@ impl Chats {
     /// Internal: every chat of a user.
     pub async fn member_chat_ids(&self, user_id: UserId, managed_only: bool) -> Result<Vec<ChatId>, ChatsError> {
         Ok(self.store.member_chat_ids(user_id, managed_only).await?)
+    }
+
+    /// Internal: the peers of `user_id` among `candidates` (see
+    /// [`ChatStore::peers_among`]; the caller bounds them: FilterPeers to
+    /// [`PEER_CANDIDATES_MAX`]).
+    pub async fn peers_among(&self, user_id: UserId, candidates: &[UserId]) -> Result<Vec<UserId>, ChatsError> {
+        Ok(self.store.peers_among(user_id, candidates).await?)
     }
 
     /// Internal: newest messages of chats, for ordering by activity.

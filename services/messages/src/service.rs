@@ -35,9 +35,6 @@ use crate::writer::Writer;
 /// interval is checked against ([`natter_links::activity`]).
 pub const RECOVERY_WINDOW_US: i64 = natter_links::activity::REANNOUNCE_WINDOW_US;
 
-/// Chat lookups of one GetPresence in flight at once.
-const PRESENCE_LOOKUPS: usize = 8;
-
 /// The most bytes of messages (text, attachments, mentions) and earlier
 /// revisions one ListMessages page carries, roughly as encoded: a page ends
 /// before the message that would pass it, so that a response stays under
@@ -205,23 +202,15 @@ impl Messages {
     /// Errors: RESOURCE_EXHAUSTED (`--presence-rate`), UNAVAILABLE (the
     /// chats service), the store's.
     pub async fn presence_of(&self, caller: UserId, users: &[UserId]) -> Result<Vec<Seen>, MessagesError> {
-        use futures::{StreamExt as _, TryStreamExt as _};
         self.presence_rate.check(&caller)?;
-        let mine: HashSet<String> = self.chats.member_chat_ids(&caller.to_string()).await?.into_iter().collect();
-        let others: HashSet<UserId> = users.iter().copied().filter(|u| *u != caller).collect();
-        // One lookup per other user, a few at a time.
-        let mut visible: HashSet<UserId> = futures::stream::iter(others)
-            .map(|user| {
-                let mine = &mine;
-                async move {
-                    let theirs = self.chats.member_chat_ids(&user.to_string()).await?;
-                    Ok::<_, MessagesError>(theirs.iter().any(|c| mine.contains(c)).then_some(user))
-                }
-            })
-            .buffer_unordered(PRESENCE_LOOKUPS)
-            .try_filter_map(|shared| async move { Ok(shared) })
-            .try_collect()
-            .await?;
+        let others: HashSet<String> = users.iter().filter(|u| **u != caller).map(UserId::to_string).collect();
+        // One question to the chats service, whatever the number of users.
+        let peers = if others.is_empty() {
+            Vec::new()
+        } else {
+            self.chats.peers_among(&caller.to_string(), others.into_iter().collect()).await?
+        };
+        let mut visible: HashSet<UserId> = peers.iter().filter_map(|p| p.parse().ok()).collect();
         visible.insert(caller);
         let online = self.presence.online(users);
         let offline: Vec<UserId> =

@@ -415,6 +415,12 @@ pub trait ChatStore: Send + Sync + 'static {
     /// Every chat `user` is a member of.
     async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError>;
 
+    /// The peers of `user` among `candidates`: those who are members of at
+    /// least one chat `user` is a member of, each once, in no set order
+    /// (`user` itself if a candidate and a member of any chat). One query,
+    /// whatever the number of chats either side is in.
+    async fn peers_among(&self, user: UserId, candidates: &[UserId]) -> Result<Vec<UserId>, StoreError>;
+
     /// Up to `limit` chats by last activity or creation time (then id), as
     /// `filter` orders them, after `after` (a cursor of that order): `user`'s
     /// chats, or the public ones; with `filter.managed_only`, only those

@@ -422,6 +422,22 @@ impl ChatStore for SqliteChatStore {
         ids.await.map_err(unwrap)
     }
 
+    async fn peers_among(&self, user: UserId, candidates: &[UserId]) -> Result<Vec<UserId>, StoreError> {
+        // The candidates as a JSON array (a UUID's text needs no escaping):
+        // one statement whatever their number (the caller bounds it).
+        let candidates = format!("[{}]", candidates.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(","));
+        let ids = self.db.read(move |conn| {
+            let mut select = conn.prepare_cached(
+                "SELECT DISTINCT o.user_id FROM members o \
+                 WHERE o.user_id IN (SELECT value FROM json_each(?2)) \
+                 AND EXISTS (SELECT 1 FROM members m WHERE m.chat_id = o.chat_id AND m.user_id = ?1)",
+            )?;
+            let ids = select.query_map((user.to_string(), candidates), id_of)?;
+            ids.collect()
+        });
+        ids.await.map_err(unwrap)
+    }
+
     async fn list_chats(
         &self,
         user: UserId,

@@ -108,6 +108,7 @@ chat_store_suite!(
     every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none,
     an_untitled_chat_takes_a_title_once,
     a_followed_position_only_moves_forward,
+    peers_are_members_now_of_a_chat_shared_now,
     failed_items_of_a_log_wait_once_each_until_retried,
     a_forgotten_user_is_never_made_a_member_again,
     a_membership_write_beside_a_forgetting_is_refused_or_seen,
@@ -220,6 +221,30 @@ async fn a_chat_deleted_beside_an_add_removes_the_joiner_too(store: &dyn ChatSto
         }
         assert_eq!(store.member_chat_ids(joiner, false).await.unwrap(), []);
     }
+}
+
+/// GetPresence's rule: a peer shares a chat with the user now. A chat the
+/// candidate left, a chat the user left, or a public chat neither shares
+/// does not make one.
+async fn peers_are_members_now_of_a_chat_shared_now(store: &dyn ChatStore) {
+    let [alice, bob, carol, dave, erin, stranger] = std::array::from_fn(|_| UserId::new_v7());
+    let with_bob = create(store, chat(alice, 1), &[bob, carol]).await;
+    create(store, chat(dave, 2), &[alice]).await;
+    let erin_left = create(store, chat(erin, 3), &[alice, carol]).await;
+    assert_eq!(store.remove_member(erin_left.id, alice, LEAVE, 4).await.unwrap(), Checked::Done(()));
+    assert_eq!(store.remove_member(with_bob.id, carol, LEAVE, 5).await.unwrap(), Checked::Done(()));
+    let mut public = chat(stranger, 6);
+    public.visibility = Visibility::Public;
+    create(store, public, &[]).await;
+
+    let candidates = [bob, carol, dave, erin, stranger, alice, bob];
+    let peers: HashSet<UserId> = store.peers_among(alice, &candidates).await.unwrap().into_iter().collect();
+    assert_eq!(peers, HashSet::from([bob, dave, alice]), "carol and erin share only chats left; stranger none");
+    let peers = store.peers_among(alice, &candidates).await.unwrap();
+    assert_eq!(peers.len(), 3, "each peer once: {peers:?}");
+    assert_eq!(store.peers_among(carol, &[alice, erin]).await.unwrap(), [erin], "carol is still in erin's chat");
+    assert_eq!(store.peers_among(alice, &[]).await.unwrap(), []);
+    assert_eq!(store.peers_among(UserId::new_v7(), &[alice]).await.unwrap(), [], "a user in no chat has none");
 }
 
 /// A group chat created by `owner` at `time` µs, titled by its id.

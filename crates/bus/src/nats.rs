@@ -157,10 +157,23 @@ pub struct NatsBus {
 
 /// What one bus received and holds (the process-wide metrics add up every
 /// bus of the process; tests run several).
-#[derive(Default)]
 struct Counts {
     received: AtomicU64,
     subscriptions: AtomicU64,
+    /// Warnings of undecodable events (a replica of a newer release sends
+    /// them with every beat or event): one a minute, with the count held
+    /// back.
+    undecodable: natter_kit::limits::Throttle,
+}
+
+impl Default for Counts {
+    fn default() -> Self {
+        Self {
+            received: AtomicU64::default(),
+            subscriptions: AtomicU64::default(),
+            undecodable: natter_kit::limits::Throttle::new(std::time::Duration::from_secs(60)),
+        }
+    }
 }
 
 impl Counts {
@@ -722,7 +735,11 @@ fn deliver(hub: &Hub, counts: &Counts, message: async_nats::Message) {
     let Some(topic) = topic(message.subject.as_str()) else { return };
     match Event::from_wire(message.payload) {
         Ok(event) => hub.fan_out(topic, Arc::new(event)),
-        Err(e) => tracing::warn!(subject = %message.subject, error = %e, "nats: undecodable event"),
+        Err(e) => {
+            if let Some(held) = counts.undecodable.admit() {
+                tracing::warn!(subject = %message.subject, error = %e, since_last_warning = held, "nats: undecodable event");
+            }
+        }
     }
 }
 

@@ -417,7 +417,9 @@ pub trait ChatStore: Send + Sync + 'static {
 
     /// The peers of `user` among `candidates`: those who are members of at
     /// least one chat `user` is a member of, each once, in no set order
-    /// (`user` itself if a candidate and a member of any chat). One query,
+    /// (`user` itself if a candidate and a member of any chat). A deleted
+    /// user ([`ChatStore::record_forgotten`]) is no one's peer, though a
+    /// direct chat with a person keeps them as a member. One query,
     /// whatever the number of chats either side is in.
     async fn peers_among(&self, user: UserId, candidates: &[UserId]) -> Result<Vec<UserId>, StoreError>;
 

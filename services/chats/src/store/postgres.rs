@@ -325,7 +325,8 @@ impl ChatStore for PostgresChatStore {
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT o.user_id FROM members o \
              WHERE o.user_id = ANY($2) \
-             AND EXISTS (SELECT 1 FROM members m WHERE m.chat_id = o.chat_id AND m.user_id = $1)",
+             AND EXISTS (SELECT 1 FROM members m WHERE m.chat_id = o.chat_id AND m.user_id = $1) \
+             AND NOT EXISTS (SELECT 1 FROM forgotten_users f WHERE f.user_id = o.user_id)",
         )
         .bind(user.to_string())
         .bind(&candidates)

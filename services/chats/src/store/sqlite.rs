@@ -430,7 +430,8 @@ impl ChatStore for SqliteChatStore {
             let mut select = conn.prepare_cached(
                 "SELECT DISTINCT o.user_id FROM members o \
                  WHERE o.user_id IN (SELECT value FROM json_each(?2)) \
-                 AND EXISTS (SELECT 1 FROM members m WHERE m.chat_id = o.chat_id AND m.user_id = ?1)",
+                 AND EXISTS (SELECT 1 FROM members m WHERE m.chat_id = o.chat_id AND m.user_id = ?1) \
+             AND NOT EXISTS (SELECT 1 FROM forgotten_users f WHERE f.user_id = o.user_id)",
             )?;
             let ids = select.query_map((user.to_string(), candidates), id_of)?;
             ids.collect()

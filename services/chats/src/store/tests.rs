@@ -245,6 +245,17 @@ async fn peers_are_members_now_of_a_chat_shared_now(store: &dyn ChatStore) {
     assert_eq!(store.peers_among(carol, &[alice, erin]).await.unwrap(), [erin], "carol is still in erin's chat");
     assert_eq!(store.peers_among(alice, &[]).await.unwrap(), []);
     assert_eq!(store.peers_among(UserId::new_v7(), &[alice]).await.unwrap(), [], "a user in no chat has none");
+
+    // A deleted account stays in a direct chat with a person (its history
+    // stays theirs) but is no one's peer.
+    let mut direct = chat(alice, 7);
+    direct.kind = Kind::Direct;
+    direct.title = String::new();
+    let direct = create(store, direct, &[erin]).await;
+    assert_eq!(store.peers_among(alice, &[erin]).await.unwrap(), [erin]);
+    store.record_forgotten(erin, 8).await.unwrap();
+    assert!(store.member_chat_ids(erin, false).await.unwrap().contains(&direct.id), "still a member");
+    assert_eq!(store.peers_among(alice, &[erin]).await.unwrap(), [], "deleted: no one's peer");
 }
 
 /// A group chat created by `owner` at `time` µs, titled by its id.

@@ -74,13 +74,24 @@ struct State {
     due: BinaryHeap<Reverse<(Instant, Uuid)>>,
 }
 
-#[derive(Debug)]
+/// Its `Debug` leaves the token out.
 struct Watched {
     token: String,
     streams: usize,
     next_check: Instant,
     /// Cancelled once the session is found revoked.
     revoked: CancellationToken,
+}
+
+impl std::fmt::Debug for Watched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watched")
+            .field("token", &"<redacted>")
+            .field("streams", &self.streams)
+            .field("next_check", &self.next_check)
+            .field("revoked", &self.revoked.is_cancelled())
+            .finish()
+    }
 }
 
 /// One admitted stream: counts against its user's cap until dropped.

@@ -101,8 +101,8 @@ pub enum Resume {
     Seq(Seq),
 }
 
-/// A validated StreamEvents request.
-#[derive(Clone, Debug)]
+/// A validated StreamEvents request. Its `Debug` leaves the token out.
+#[derive(Clone)]
 pub struct Follow {
     pub principal: Principal,
     /// The caller's token, re-checked when its session is revoked.
@@ -114,6 +114,18 @@ pub struct Follow {
     /// A public stream: counts towards its user's presence and receives
     /// `presence_changed` (not the assistant's FollowChats).
     pub presence: bool,
+}
+
+impl std::fmt::Debug for Follow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follow")
+            .field("principal", &self.principal)
+            .field("token", &"<redacted>")
+            .field("chat_ids", &self.chat_ids)
+            .field("resume", &self.resume)
+            .field("presence", &self.presence)
+            .finish()
+    }
 }
 
 /// Opens a stream admitted by `ticket` (held until the stream is dropped).
@@ -890,6 +902,16 @@ mod tests {
     use crate::domain::SendMessage;
     use crate::registry::StreamRegistry;
     use crate::store::{ChatChange, Message};
+
+    #[test]
+    fn a_follow_s_debug_leaves_its_token_out() {
+        let principal =
+            Principal { user_id: Uuid::now_v7(), session_id: Uuid::now_v7(), guest: false, expire_micros: 0 };
+        let token = "natter-secret-token-123".to_owned();
+        let follow = Follow { principal, token, chat_ids: Vec::new(), resume: HashMap::new(), presence: true };
+        let shown = format!("{follow:?}");
+        assert!(!shown.contains("natter-secret-token-123") && shown.contains("<redacted>"), "{shown}");
+    }
 
     /// Who is in which chat, with one removal that happens right after the
     /// chats service answered the stream's first membership read: the

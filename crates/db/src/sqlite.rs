@@ -25,10 +25,16 @@ use crate::DbError;
 
 /// Settings of every connection: durable commits (`synchronous = FULL`
 /// syncs the WAL at every commit), a wait instead of an error on a busy
-/// file, enforced foreign keys, and a WAL file cut back to 64 MiB when it
-/// starts over after a burst. See <https://sqlite.org/pragma.html>.
+/// file, enforced foreign keys, a WAL file cut back to 64 MiB when it
+/// starts over after a burst, and deleted content overwritten with zeros
+/// (`secure_delete`: a deleted message's or an edited-away text's bytes do
+/// not stay in the file's free space; it costs writes only where content
+/// is freed, never on a send). Pages the WAL still holds keep old content
+/// until the WAL is overwritten; a full-text index keeps a deleted word's
+/// token in its segments until they merge (README, "What deleting removes").
+/// See <https://sqlite.org/pragma.html>.
 pub const SETUP: &str = "PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
-                         PRAGMA journal_size_limit = 67108864;";
+                         PRAGMA journal_size_limit = 67108864; PRAGMA secure_delete = ON;";
 
 /// How often the WAL is copied into the database file in the background.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);

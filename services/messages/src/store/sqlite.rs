@@ -1516,6 +1516,40 @@ mod tests {
         }
     }
 
+    /// A deleted message's text does not stay in the database file's free
+    /// space (`secure_delete`): neither a short one, kept in its row's page,
+    /// nor a long one, kept in overflow pages that the deletion frees. (The
+    /// full-text index holds lower-cased words, never the text as written.)
+    #[tokio::test]
+    async fn a_deleted_text_leaves_no_bytes_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("messages.db");
+        let store = SqliteStore::open(&path, 1).await.unwrap();
+        let (chat, author) = (ChatId::new_v7(), UserId::new_v7());
+        let short = "Correct-Horse-Battery-Staple-4711!".to_owned();
+        let long = format!("Tr0ub4dor&3 {}", "Zx9!".repeat(2000));
+        let batch = [new_message(chat, author, &short), new_message(chat, author, &long)];
+        store.insert_batch(&batch).await.unwrap();
+        let file = || {
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes.extend(std::fs::read(path.with_extension("db-wal")).unwrap_or_default());
+            bytes
+        };
+        let holds = |bytes: &[u8], text: &str| bytes.windows(text.len()).any(|w| w == text.as_bytes());
+        let checkpoint = || store.db.write(|conn| conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);"));
+        checkpoint().await.unwrap();
+        let before = file();
+        assert!(holds(&before, &short) && holds(&before, &long[..40]), "the texts are in the file at first");
+        for m in &batch {
+            store.delete(m.id, 2).await.unwrap().unwrap();
+        }
+        checkpoint().await.unwrap();
+        let after = file();
+        assert!(!holds(&after, &short), "the short text is gone from the file");
+        assert!(!holds(&after, &long[..40]), "the long text is gone from the file");
+        store.db.close().await;
+    }
+
     /// Newest first, a search reads the FTS5 index in rowid order and stops
     /// at the page's end: no sort of every match (a word in 1% of a
     /// million-message chat is 10,000 of them), each match's message read

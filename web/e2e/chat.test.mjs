@@ -285,6 +285,20 @@ step("bob searches his messages: matches marked, a click opens the chat, bad syn
   assert.equal(await bobPage.locator('[data-testid="search-result"]').count(), 0);
   await bobPage.fill("#search-query", "");
   await bobPage.locator('[data-testid="search-results"]').waitFor({ state: "hidden" });
+  // A result whose message is deleted leaves the list at once: no deleted text stays on screen.
+  await send(alicePage, "zebra crossing at noon");
+  await waitForMessage(bobPage, "zebra crossing at noon");
+  await bobPage.fill("#search-query", "zebra");
+  await bobPage.click("#search");
+  const zebra = bobPage.locator('[data-testid="search-result"]', { hasText: "zebra crossing" });
+  await zebra.waitFor();
+  const token = await tokenOf(alicePage);
+  const { chats } = await call(token, "chats.v1.ChatService/ListChats", {});
+  const withBob = chats.find((c) => c.lastMessage?.text === "zebra crossing at noon");
+  const [zebraMessage] = (await call(token, "messages.v1.MessageService/ListMessages", { chatId: withBob.id, pageSize: 1 }))
+    .messages;
+  await call(token, "messages.v1.MessageService/DeleteMessage", { messageId: zebraMessage.id });
+  await zebra.waitFor({ state: "detached" });
 });
 
 step("threads: alice replies in a thread, bob follows it from the summary and answers; the timelines stay clean", async () => {
@@ -318,8 +332,14 @@ step("threads: alice replies in a thread, bob follows it from the summary and an
 });
 
 step("log out and back in", async () => {
+  await bobPage.fill("#search-query", "lunch");
+  await bobPage.click("#search");
+  await bobPage.locator('[data-testid="search-result"]').first().waitFor();
   await bobPage.click("#logout");
   await bobPage.locator("#auth-view").waitFor();
+  // Whoever signs in next in this tab finds none of bob's results.
+  assert.equal(await bobPage.locator('[data-testid="search-result"]').count(), 0, "search results outlive sign-out");
+  assert.equal(await bobPage.inputValue("#search-query"), "");
   await bobPage.reload(); // the token is gone, not just hidden
   await bobPage.locator("#auth-view").waitFor();
   await bobPage.fill("#username", bob.name);

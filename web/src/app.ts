@@ -952,6 +952,9 @@ function handleEvent(ev: StreamEventsResponse) {
         chat.lastMessage.text = m.deleted ? "" : m.text.slice(0, 200);
         renderChatList();
       }
+      // A shown search result must not keep text deleted or edited away.
+      if (m.deleted) dropSearchResults((r) => r.dataset.chatId === chatId && r.dataset.seq === String(m.seq));
+      else refreshSearchResult(chatId, m);
       return;
     }
     case "readUpdated": {
@@ -991,6 +994,7 @@ function handleEvent(ev: StreamEventsResponse) {
       const c = ev.event.value;
       const gone = c.change === MembershipChange.LEFT || c.change === MembershipChange.REMOVED;
       if (c.userId === me?.id && gone) {
+        dropSearchResults((r) => r.dataset.chatId === chatId);
         chats.delete(chatId);
         lastSeq.delete(chatId);
         lastChange.delete(chatId);
@@ -1090,6 +1094,7 @@ function signOutLocally() {
   me = null;
   for (const m of [users, chats, peers, groupMembers, lastSeq, lastChange, pending]) m.clear();
   el("assistant-notice").hidden = true;
+  clearSearch();
   closeChat();
   renderChatList();
   showAuth();
@@ -1282,6 +1287,30 @@ async function runSearch(query: string, pageToken = "") {
   el("search-summary").textContent = shown === 0 ? `Nothing found for “${query}”` : `Messages with “${query}”`;
   el("search-more").hidden = !res.nextPageToken;
   el("search-results").hidden = false;
+}
+
+/** Forgets the search: its results, its query and its token (on sign-out). */
+function clearSearch() {
+  search = null;
+  input("search-query").value = "";
+  el("search-list").replaceChildren();
+  el("search-summary").textContent = "";
+  el("search-more").hidden = true;
+  el("search-results").hidden = true;
+}
+
+/** Removes the shown search results that `which` picks (a deleted message, a chat left). */
+function dropSearchResults(which: (result: HTMLElement) => boolean) {
+  for (const r of [...el("search-list").querySelectorAll<HTMLElement>(".search-result")]) if (which(r)) r.remove();
+}
+
+/** Shows an edited message's new text in place of its search snippet (the words searched for may be gone). */
+function refreshSearchResult(chatId: string, m: Message) {
+  for (const r of el("search-list").querySelectorAll<HTMLElement>(".search-result")) {
+    if (r.dataset.chatId !== chatId || r.dataset.seq !== String(m.seq)) continue;
+    const snippet = r.querySelector(".snippet");
+    if (snippet) snippet.textContent = m.text.slice(0, 200);
+  }
 }
 
 el("search-form").addEventListener("submit", (e) => {

@@ -108,11 +108,16 @@ pub enum Failure {
 impl Failure {
     /// The failure of a sqlx call. PostgreSQL's errors are told apart by
     /// SQLSTATE class (PostgreSQL manual, appendix A "Error Codes"): 08
-    /// connection exception, 53 insufficient resources, 57P admin or crash
-    /// shutdown, 58 system error and 55P03 lock not available are
+    /// connection exception, 53 insufficient resources, 57 operator
+    /// intervention (57014 a statement cancelled, by
+    /// `statement_timeout` among others; 57P admin or crash shutdown), 58
+    /// system error, 55P03 lock not available (`lock_timeout`) and 25P03 a
+    /// session ended by `idle_in_transaction_session_timeout` are
     /// unavailable; 40001 serialization failure and 40P01 deadlock are
-    /// conflicts. A SQLite error (the sessions store, through sqlx) is
-    /// judged by its result code as in [`Failure::of_sqlite`].
+    /// conflicts. sqlx's pool timing out (no connection free within its
+    /// acquire timeout) is unavailable too. A SQLite error (the sessions
+    /// store, through sqlx) is judged by its result code as in
+    /// [`Failure::of_sqlite`].
     pub fn of_sqlx(e: &sqlx::Error) -> Self {
         match e {
             sqlx::Error::Io(_)
@@ -128,7 +133,9 @@ impl Failure {
             }
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some("40001" | "40P01") => Self::Conflict,
-                Some(code) if ["08", "53", "57P", "58", "55P03"].iter().any(|class| code.starts_with(class)) => {
+                Some(code)
+                    if ["08", "53", "57", "58", "55P03", "25P03"].iter().any(|class| code.starts_with(class)) =>
+                {
                     Self::Unavailable
                 }
                 _ => Self::Internal,
@@ -572,7 +579,10 @@ mod tests {
 
     /// PostgreSQL's errors by SQLSTATE, from a real server
     /// (`NATTER_TEST_DATABASE_URL`; skipped without it): a server out of
-    /// reach, a deadlock, a syntax error.
+    /// reach, a deadlock, a syntax error, and the ends of PostgreSQL's
+    /// timeouts (a statement cancelled, a lock wait given up, a session
+    /// idle in a transaction ended), which a retry on another
+    /// connection may get past.
     #[tokio::test]
     async fn postgres_failures_are_told_apart_by_sqlstate() {
         let Ok(url) = std::env::var("NATTER_TEST_DATABASE_URL") else { return };
@@ -604,8 +614,25 @@ mod tests {
             tokio::join!(sqlx::query(lock(2)).execute(&mut *a), sqlx::query(lock(1)).execute(&mut *b));
         let deadlock = first.err().or(second.err()).expect("PostgreSQL breaks the deadlock");
         drop((a, b));
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {table}"))).execute(&pool).await.unwrap();
         assert_eq!(Failure::of_sqlx(&deadlock), Failure::Conflict, "{deadlock}");
+
+        let mut conn = pool.acquire().await.unwrap();
+        conn.execute("SET statement_timeout = 50").await.unwrap();
+        let cancelled = sqlx::query("SELECT pg_sleep(5)").execute(&mut *conn).await.unwrap_err();
+        assert_eq!(Failure::of_sqlx(&cancelled), Failure::Unavailable, "{cancelled}");
+        conn.execute("SET statement_timeout = 0; SET lock_timeout = 50").await.unwrap();
+        let mut holder = pool.begin().await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("LOCK TABLE {table}"))).execute(&mut *holder).await.unwrap();
+        let locked = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM {table}"))).execute(&mut *conn).await;
+        let locked = locked.unwrap_err();
+        assert_eq!(Failure::of_sqlx(&locked), Failure::Unavailable, "{locked}");
+        holder.rollback().await.unwrap();
+        conn.execute("SET idle_in_transaction_session_timeout = 50; BEGIN").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let ended = sqlx::query("SELECT 1").execute(&mut *conn).await.unwrap_err();
+        assert_eq!(Failure::of_sqlx(&ended), Failure::Unavailable, "{ended}");
+        conn.detach();
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {table}"))).execute(&pool).await.unwrap();
     }
 
     /// The previous release starts on a schema the next one migrated

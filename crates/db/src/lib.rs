@@ -81,9 +81,15 @@ where
     A: sqlx::Acquire<'a>,
     <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
 {
+    tolerant(migrator).run(pool).await
+}
+
+/// `migrator` with its migrations, ignoring applied ones it does not know
+/// (see [`run_migrations`]).
+fn tolerant(migrator: &Migrator) -> Migrator {
     let mut tolerant = Migrator::with_migrations(migrator.iter().cloned().collect());
     tolerant.set_ignore_missing(true);
-    tolerant.run(pool).await
+    tolerant
 }
 
 /// What a failed database call is to the client of the call that made it:
@@ -206,8 +212,8 @@ pub struct DbConfig {
     pub url: String,
     /// PostgreSQL schema that holds this service's tables (ignored by SQLite).
     pub schema: String,
-    /// Most connections in the pool.
-    pub max_connections: u32,
+    /// The pool's size and, on PostgreSQL, its timeouts.
+    pub pool: PoolSettings,
 }
 
 impl DbConfig {
@@ -216,13 +222,13 @@ impl DbConfig {
         Self {
             url: format!("sqlite://{}?mode=rwc", dir.join(format!("{name}.db")).display()),
             schema: name.to_owned(),
-            max_connections: 8,
+            pool: PoolSettings { max_connections: 8, ..PoolSettings::default() },
         }
     }
 
-    /// A PostgreSQL URL with the service's schema.
+    /// A PostgreSQL URL with the service's schema, and the default pool.
     pub fn postgres(url: &str, schema: &str) -> Self {
-        Self { url: url.to_owned(), schema: schema.to_owned(), max_connections: 16 }
+        Self { url: url.to_owned(), schema: schema.to_owned(), pool: PoolSettings::default() }
     }
 
     /// The engine and place this configuration names.
@@ -238,6 +244,47 @@ impl DbConfig {
             Ok(Engine::Postgres { url: self.url.clone(), schema: self.schema.clone() })
         } else {
             Err(DbError::UnsupportedUrl(self.url.clone()))
+        }
+    }
+}
+
+/// How many connections a service's pool holds, how long a call waits for
+/// one, and how long PostgreSQL lets a statement run or wait for a lock.
+///
+/// The timeouts are PostgreSQL's; SQLite ignores them (its stores wait for
+/// the single writer with a busy timeout of their own). Each is above zero:
+/// PostgreSQL reads a zero `statement_timeout` or `lock_timeout` as no
+/// limit at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Most connections in the pool.
+    pub max_connections: u32,
+    /// How long a call waits for a connection of the pool (all in use, or
+    /// a new one opening) before failing with sqlx's `PoolTimedOut`
+    /// ([`Failure::Unavailable`]).
+    pub acquire_timeout: Duration,
+    /// PostgreSQL's `statement_timeout` on every connection of the pool: a
+    /// statement that runs longer is cancelled (SQLSTATE 57014,
+    /// [`Failure::Unavailable`]), and its connection and locks are freed.
+    /// Migrations run without it (see [`postgres::connect`]).
+    pub statement_timeout: Duration,
+    /// PostgreSQL's `lock_timeout` on every connection of the pool and on
+    /// migrations: a statement that waits longer for a lock (a row another
+    /// transaction holds, a table a migration alters) fails (SQLSTATE
+    /// 55P03, [`Failure::Unavailable`]).
+    pub lock_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    /// The flags' defaults: 16 connections, 5 s to get one, statements cut
+    /// at 10 s and lock waits at 5 s, all below the services' 30 s request
+    /// timeout.
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(10),
+            lock_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -263,16 +310,63 @@ pub struct StoreArgs {
     #[arg(long, env = "NATTER_DATABASE_MAX_CONNECTIONS", default_value_t = 16,
         value_parser = clap::value_parser!(u32).range(1..))]
     pub database_max_connections: u32,
+
+    /// Longest a call waits for one of its service's PostgreSQL connections
+    /// (all --database-max-connections in use, or a new one opening): past
+    /// it the call fails UNAVAILABLE (retry with backoff). Must be below
+    /// --request-timeout, or clients see DEADLINE_EXCEEDED instead. Ignored
+    /// on SQLite
+    #[arg(long, env = "NATTER_DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
+    pub database_acquire_timeout: Duration,
+
+    /// Longest a PostgreSQL statement may run (statement_timeout, set on
+    /// every pooled connection): past it PostgreSQL cancels it, the call
+    /// fails UNAVAILABLE (retry with backoff), and a runaway query gives
+    /// back its connection and the row locks it held. Must be below
+    /// --request-timeout, or clients see DEADLINE_EXCEEDED instead.
+    /// Migrations at start-up are not cut (an index build may take long).
+    /// Ignored on SQLite
+    #[arg(long, env = "NATTER_DATABASE_STATEMENT_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub database_statement_timeout: Duration,
+
+    /// Longest a PostgreSQL statement may wait for a lock (lock_timeout: a
+    /// row another transaction holds, a table a migration alters): past it
+    /// the call fails UNAVAILABLE. Migrations at start-up wait this long
+    /// for a table's lock, then fail and the process exits to be restarted,
+    /// instead of queueing every query behind them; waiting for another
+    /// replica's migrations is not limited. Ignored on SQLite
+    #[arg(long, env = "NATTER_DATABASE_LOCK_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
+    pub database_lock_timeout: Duration,
+}
+
+/// A duration above zero (humantime), for a flag: PostgreSQL reads a zero
+/// timeout as none.
+fn positive_duration(value: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(value) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be above zero".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl StoreArgs {
+    /// The pool these flags set.
+    pub fn pool_settings(&self) -> PoolSettings {
+        PoolSettings {
+            max_connections: self.database_max_connections,
+            acquire_timeout: self.database_acquire_timeout,
+            statement_timeout: self.database_statement_timeout,
+            lock_timeout: self.database_lock_timeout,
+        }
+    }
+
     /// The database of the service `name` (`sessions`, `chats`, `messages`).
     ///
     /// Errors: the data directory cannot be created.
     pub fn config(&self, name: &str) -> std::io::Result<DbConfig> {
         match &self.database_url {
             Some(url) => Ok(DbConfig {
-                max_connections: self.database_max_connections,
+                pool: self.pool_settings(),
                 ..DbConfig::postgres(url, &format!("{}{name}", self.database_schema_prefix))
             }),
             None => {
@@ -294,10 +388,11 @@ pub struct Db {
 }
 
 impl Db {
-    /// Opens the database and runs `migrator` on it.
+    /// Opens the database and runs `migrator` on it (on PostgreSQL as
+    /// [`postgres::connect`] does, with `config.pool`'s timeouts).
     ///
     /// Errors: [`DbError`] when the URL is unsupported, the server is
-    /// unreachable (after the pool's connect timeout) or a migration fails.
+    /// unreachable (after the pool's acquire timeout) or a migration fails.
     pub async fn connect(config: &DbConfig, migrator: &Migrator) -> Result<Self, DbError> {
         sqlx::any::install_default_drivers();
         match config.engine()? {
@@ -323,7 +418,7 @@ impl Db {
             .await?;
         run_migrations(migrator, &write).await?;
         let read = AnyPoolOptions::new()
-            .max_connections(config.max_connections.max(1))
+            .max_connections(config.pool.max_connections.max(1))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     conn.execute(setup).await?;
@@ -342,24 +437,23 @@ impl Db {
         config: &DbConfig,
         migrator: &Migrator,
     ) -> Result<Self, DbError> {
-        postgres::create_schema(&url.parse()?, schema).await?;
+        let pg_options: sqlx::postgres::PgConnectOptions = url.parse()?;
+        postgres::create_schema(&pg_options, schema).await?;
+        postgres::migrate(&pg_options.disable_statement_logging(), schema, &config.pool, migrator).await?;
         let options = AnyConnectOptions::from_str(url)?.disable_statement_logging();
-        let setup = postgres::session_setup(schema);
+        let setup = postgres::session_setup(schema, &config.pool);
         let pool = AnyPoolOptions::new()
-            .max_connections(config.max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(30))
+            .max_connections(config.pool.max_connections.max(1))
+            .acquire_timeout(config.pool.acquire_timeout)
             .after_connect(move |conn, _| {
                 let setup = setup.clone();
                 Box::pin(async move {
-                    for statement in setup {
-                        conn.execute(AssertSqlSafe(statement)).await?;
-                    }
+                    conn.execute(AssertSqlSafe(setup)).await?;
                     Ok(())
                 })
             })
             .connect_with(options)
             .await?;
-        run_migrations(migrator, &pool).await?;
         Ok(Self { read: pool.clone(), write: pool })
     }
 
@@ -579,9 +673,9 @@ mod tests {
 
     /// PostgreSQL's errors by SQLSTATE, from a real server
     /// (`NATTER_TEST_DATABASE_URL`; skipped without it): a server out of
-    /// reach, a deadlock, a syntax error, and the ends of PostgreSQL's
-    /// timeouts (a statement cancelled, a lock wait given up, a session
-    /// idle in a transaction ended), which a retry on another
+    /// reach, a deadlock, a syntax error, and the ends of the timeouts
+    /// [`postgres::connect`] sets (a statement cancelled, a lock wait given
+    /// up, a session idle in a transaction ended), which a retry on another
     /// connection may get past.
     #[tokio::test]
     async fn postgres_failures_are_told_apart_by_sqlstate() {

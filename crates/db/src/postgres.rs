@@ -1,56 +1,150 @@
 //! PostgreSQL through sqlx's native `Postgres` driver, for a store native to
-//! it: one pool whose connections work in the store's own schema.
+//! it: one pool whose connections work in the store's own schema, with
+//! timeouts that give a stuck statement's connection and locks back, and
+//! migrations run on a connection of their own that no statement timeout
+//! cuts.
 
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions as _, Connection as _, Executor as _, PgPool};
+use sqlx::{AssertSqlSafe, ConnectOptions as _, Connection as _, Executor as _, PgConnection, PgPool};
 
-use crate::{DbError, valid_schema};
+use crate::{DbError, PoolSettings, valid_schema};
 
-/// Opens a pool of up to `max_connections` to `url` whose connections start
-/// with [`session_setup`] for `schema` (created if missing), and runs
-/// `migrator` in it.
+/// PostgreSQL's `idle_in_transaction_session_timeout` on every connection:
+/// a session left in an open transaction with nothing running for this long
+/// is ended, and the locks it holds with it. No natter call keeps a
+/// transaction open between its statements for more than the time of a
+/// call (at most the 30 s request timeout), so a session idle this long in
+/// one belongs to a process that hung or lost its way, and would otherwise
+/// hold a chat's row lock until someone killed it. Fixed rather than a
+/// flag: it is a safety net above every call's deadline, not a knob.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Opens a pool of up to `settings.max_connections` to `url` whose
+/// connections start with [`session_setup`] for `schema` (created if
+/// missing), after running `migrator` in it (see [`migrate`]).
 ///
 /// A database the URL names that does not exist is created (see
 /// [`create_database`]).
 ///
 /// Errors: an invalid schema name ([`valid_schema`]), the server is
-/// unreachable (after the pool's 30 s acquire timeout), the database is
-/// missing and cannot be created ([`DbError::MissingDatabase`]), or a
-/// migration fails.
-pub async fn connect(url: &str, schema: &str, max_connections: u32, migrator: &Migrator) -> Result<PgPool, DbError> {
+/// unreachable, the database is missing and cannot be created
+/// ([`DbError::MissingDatabase`]), or a migration fails (one that waited
+/// `settings.lock_timeout` for a table's lock among them).
+pub async fn connect(url: &str, schema: &str, settings: &PoolSettings, migrator: &Migrator) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.disable_statement_logging();
     create_schema(&options, schema).await?;
-    let setup = session_setup(schema);
+    migrate(&options, schema, settings, migrator).await?;
+    let setup = session_setup(schema, settings);
     let pool = PgPoolOptions::new()
-        .max_connections(max_connections.max(1))
-        .acquire_timeout(Duration::from_secs(30))
+        .max_connections(settings.max_connections.max(1))
+        .acquire_timeout(settings.acquire_timeout)
         .after_connect(move |conn, _| {
             let setup = setup.clone();
             Box::pin(async move {
-                for statement in setup {
-                    conn.execute(AssertSqlSafe(statement)).await?;
-                }
+                conn.execute(AssertSqlSafe(setup)).await?;
                 Ok(())
             })
         })
         .connect_with(options)
         .await?;
-    crate::run_migrations(migrator, &pool).await?;
     Ok(pool)
 }
 
-/// The statements every connection of a store in `schema` starts with: its
-/// `search_path`, and PostgreSQL's JIT off. Every natter query is short; the
-/// JIT compiles a plan with LLVM once its estimated cost passes
-/// `jit_above_cost`, and estimates over skewed chats (one of a million
-/// messages beside many small ones) pass it for queries that take a
-/// fraction of a millisecond (a page of ListChats summaries spent ~10 ms
-/// compiling).
-pub(crate) fn session_setup(schema: &str) -> [String; 2] {
-    [format!("SET search_path TO {schema}"), "SET jit = off".to_owned()]
+/// The statements (one batch) every pooled connection of a store in
+/// `schema` starts with:
+/// - its `search_path`;
+/// - PostgreSQL's JIT off. Every natter query is short; the JIT compiles a
+///   plan with LLVM once its estimated cost passes `jit_above_cost`, and
+///   estimates over skewed chats (one of a million messages beside many
+///   small ones) pass it for queries that take a fraction of a millisecond
+///   (a page of ListChats summaries spent ~10 ms compiling);
+/// - `statement_timeout` and `lock_timeout` from `settings`, so a runaway
+///   statement or one stuck behind a lock fails (UNAVAILABLE) before the
+///   call's deadline and frees its connection;
+/// - `idle_in_transaction_session_timeout` ([`IDLE_IN_TRANSACTION_TIMEOUT`]).
+pub(crate) fn session_setup(schema: &str, settings: &PoolSettings) -> String {
+    format!(
+        "SET search_path TO {schema}; SET jit = off; SET statement_timeout = {}; SET lock_timeout = {}; \
+         SET idle_in_transaction_session_timeout = {}",
+        millis(settings.statement_timeout),
+        millis(settings.lock_timeout),
+        millis(IDLE_IN_TRANSACTION_TIMEOUT),
+    )
+}
+
+/// `d` in whole milliseconds (PostgreSQL's unit for its timeouts), rounded
+/// up and at least 1: PostgreSQL reads 0 as no timeout at all.
+fn millis(d: Duration) -> u128 {
+    d.as_micros().div_ceil(1000).max(1)
+}
+
+/// Runs `migrator` in `schema`, on a connection of its own that is closed
+/// afterwards, and as sqlx's migrator would apart from its timeouts:
+///
+/// - No `statement_timeout`: a backfill or an index build must be able to
+///   finish, however long it takes.
+/// - Replicas starting together take turns on the advisory lock sqlx's
+///   migrator takes (the same key, so releases that let sqlx take it still
+///   take turns with this one), with no `lock_timeout` while they wait: it
+///   cuts advisory lock waits too (55P03), and a replica waits for another
+///   one's migrations as long as they take.
+/// - Then `settings.lock_timeout` on the migrations' statements: one that
+///   waits for a table's lock (an ALTER TABLE behind a long transaction)
+///   fails after it instead of queueing every query of the table behind
+///   its own wait, the classic migration outage. The process then fails to
+///   start, and its restart tries again.
+///
+/// Errors: the server refused, or a migration failed.
+pub(crate) async fn migrate(
+    options: &PgConnectOptions,
+    schema: &str,
+    settings: &PoolSettings,
+    migrator: &Migrator,
+) -> Result<(), DbError> {
+    let mut conn = PgConnection::connect_with(options).await?;
+    let migrated = migrate_on(&mut conn, schema, settings, migrator).await;
+    // Ending the session releases the advisory lock, even after a migration
+    // failed halfway; an error closing it changes nothing of the outcome.
+    let _ = conn.close().await;
+    migrated
+}
+
+async fn migrate_on(
+    conn: &mut PgConnection,
+    schema: &str,
+    settings: &PoolSettings,
+    migrator: &Migrator,
+) -> Result<(), DbError> {
+    conn.execute(AssertSqlSafe(session_setup(schema, settings))).await?;
+    conn.execute("SET statement_timeout = 0; SET lock_timeout = 0").await?;
+    let database: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&mut *conn).await?;
+    let key = migration_lock_key(&database);
+    let (locked,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)").bind(key).fetch_one(&mut *conn).await?;
+    if !locked {
+        tracing::info!(%schema, "waiting for another process's migrations");
+        sqlx::query("SELECT pg_advisory_lock($1)").bind(key).execute(&mut *conn).await?;
+    }
+    conn.execute(AssertSqlSafe(format!("SET lock_timeout = {}", millis(settings.lock_timeout)))).await?;
+    let mut unlocked = crate::tolerant(migrator);
+    unlocked.set_locking(false);
+    // run_direct, not run: run's `Acquire` bound on `&mut PgConnection`
+    // makes this future not `Send` for every lifetime (sqlx says as much on
+    // run_direct), and replicas' starts are spawned.
+    unlocked.run_direct(None, conn, false).await?;
+    sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// The key of the advisory lock sqlx's PostgreSQL migrator takes on
+/// `database` (sqlx-postgres' `generate_lock_id`): 0x3d32ad9e times the
+/// CRC-32 (ISO-HDLC) of its name. One for the whole database, so the
+/// services' migrations take turns with each other too.
+fn migration_lock_key(database: &str) -> i64 {
+    const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+    0x3d32_ad9e * i64::from(CRC.checksum(database.as_bytes()))
 }
 
 /// Creates `schema` unless it exists. Replicas starting together may race
@@ -129,6 +223,11 @@ pub async fn drop_schema(url: &str, schema: &str) -> Result<(), DbError> {
 mod tests {
     use super::*;
 
+    /// A pool of one connection, with the default timeouts.
+    fn one() -> PoolSettings {
+        PoolSettings { max_connections: 1, ..PoolSettings::default() }
+    }
+
     /// A URL naming a database the server does not have yet: natter creates
     /// it (the README's split-mode block needs no `createdb`), and a second
     /// start finds it.
@@ -138,11 +237,11 @@ mod tests {
         let name = crate::testing::unique_schema("db");
         let options: PgConnectOptions = url.parse::<PgConnectOptions>().unwrap().database(&name);
         let (migrator, url) = (Migrator::DEFAULT, options.to_url_lossy());
-        let pool = connect(url.as_ref(), "natter_test", 1, &migrator).await.unwrap();
+        let pool = connect(url.as_ref(), "natter_test", &one(), &migrator).await.unwrap();
         let (current,): (String,) = sqlx::query_as("SELECT current_database()").fetch_one(&pool).await.unwrap();
         assert_eq!(current, name);
         pool.close().await;
-        let again = connect(url.as_ref(), "natter_test", 1, &migrator).await.unwrap();
+        let again = connect(url.as_ref(), "natter_test", &one(), &migrator).await.unwrap();
         again.close().await;
         let mut admin = sqlx::PgConnection::connect_with(&options.clone().database("postgres")).await.unwrap();
         admin.execute(AssertSqlSafe(format!("DROP DATABASE \"{name}\" WITH (FORCE)"))).await.unwrap();
@@ -160,7 +259,7 @@ mod tests {
         let mut replicas = tokio::task::JoinSet::new();
         for _ in 0..8 {
             let url = url.clone();
-            replicas.spawn(async move { connect(&url, "natter_test", 1, &Migrator::DEFAULT).await });
+            replicas.spawn(async move { connect(&url, "natter_test", &one(), &Migrator::DEFAULT).await });
         }
         let started = replicas.join_all().await;
         let mut admin = sqlx::PgConnection::connect_with(&options.clone().database("postgres")).await.unwrap();
@@ -170,5 +269,206 @@ mod tests {
         admin.execute(AssertSqlSafe(format!("DROP DATABASE \"{name}\" WITH (FORCE)"))).await.unwrap();
         let failed: Vec<String> = started.into_iter().filter_map(Result::err).map(|e| e.to_string()).collect();
         assert!(failed.is_empty(), "{failed:?}");
+    }
+
+    /// A schema of the test's own on `NATTER_TEST_DATABASE_URL`, dropped by
+    /// [`Fresh::drop`]; None without the variable.
+    struct Fresh {
+        url: String,
+        schema: String,
+    }
+
+    impl Fresh {
+        fn new(name: &str) -> Option<Self> {
+            let url = crate::testing::postgres_url()?;
+            Some(Self { url, schema: crate::testing::unique_schema(name) })
+        }
+
+        async fn connect(&self, settings: PoolSettings, migrator: &Migrator) -> Result<PgPool, DbError> {
+            connect(&self.url, &self.schema, &settings, migrator).await
+        }
+
+        async fn drop(self) {
+            drop_schema(&self.url, &self.schema).await.unwrap();
+        }
+    }
+
+    /// A migrator of `migrations` (version, SQL), numbered from 1.
+    fn migrator(migrations: &[&'static str]) -> Migrator {
+        use sqlx::migrate::{Migration, MigrationType};
+        Migrator::with_migrations(
+            (1..)
+                .zip(migrations)
+                .map(|(version, sql)| {
+                    let sql = sqlx::SqlSafeStr::into_sql_str(*sql);
+                    Migration::new(version, format!("m{version}").into(), MigrationType::Simple, sql, false)
+                })
+                .collect(),
+        )
+    }
+
+    /// The SQLSTATE of a database error, for the messages of the asserts.
+    fn sqlstate(e: &sqlx::Error) -> Option<String> {
+        e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned())
+    }
+
+    /// How long a test waits for what should fail within a fraction of a
+    /// second; without the timeouts it would wait for ever (or 30 s).
+    const PATIENCE: Duration = Duration::from_secs(3);
+
+    /// A runaway statement (pg_sleep standing for a bad plan) is cancelled
+    /// at the statement timeout, and the call would answer UNAVAILABLE;
+    /// the connection is good for the next statement.
+    #[tokio::test]
+    async fn a_statement_past_the_statement_timeout_is_cancelled_and_unavailable() {
+        let Some(fresh) = Fresh::new("stmt") else { return };
+        let settings = PoolSettings { statement_timeout: Duration::from_millis(200), ..one() };
+        let pool = fresh.connect(settings, &Migrator::DEFAULT).await.unwrap();
+        let slow = tokio::time::timeout(PATIENCE, sqlx::query("SELECT pg_sleep(10)").execute(&pool))
+            .await
+            .expect("cancelled at the statement timeout")
+            .unwrap_err();
+        assert_eq!(sqlstate(&slow).as_deref(), Some("57014"), "{slow}");
+        assert_eq!(crate::Failure::of_sqlx(&slow), crate::Failure::Unavailable, "{slow}");
+        let (one,): (i32,) = sqlx::query_as("SELECT 1").fetch_one(&pool).await.unwrap();
+        assert_eq!(one, 1);
+        pool.close().await;
+        fresh.drop().await;
+    }
+
+    /// A statement waiting for a row another transaction holds locked (a
+    /// chat's head, say) gives up at the lock timeout, UNAVAILABLE, instead
+    /// of holding its connection until the other one ends.
+    #[tokio::test]
+    async fn a_statement_waiting_for_a_row_lock_fails_at_the_lock_timeout_unavailable() {
+        let Some(fresh) = Fresh::new("lock") else { return };
+        let settings = PoolSettings { max_connections: 2, lock_timeout: Duration::from_millis(200), ..one() };
+        let pool =
+            fresh.connect(settings, &migrator(&["CREATE TABLE heads (id INT PRIMARY KEY, seq INT)"])).await.unwrap();
+        sqlx::query("INSERT INTO heads VALUES (1, 0)").execute(&pool).await.unwrap();
+        let mut holder = pool.begin().await.unwrap();
+        sqlx::query("SELECT seq FROM heads WHERE id = 1 FOR UPDATE").execute(&mut *holder).await.unwrap();
+        let waited =
+            tokio::time::timeout(PATIENCE, sqlx::query("UPDATE heads SET seq = seq + 1 WHERE id = 1").execute(&pool))
+                .await
+                .expect("given up at the lock timeout")
+                .unwrap_err();
+        assert_eq!(sqlstate(&waited).as_deref(), Some("55P03"), "{waited}");
+        assert_eq!(crate::Failure::of_sqlx(&waited), crate::Failure::Unavailable, "{waited}");
+        holder.rollback().await.unwrap();
+        sqlx::query("UPDATE heads SET seq = seq + 1 WHERE id = 1")
+            .execute(&pool)
+            .await
+            .expect("the lock is free again");
+        pool.close().await;
+        fresh.drop().await;
+    }
+
+    /// With every connection of the pool in use, a call waiting for one
+    /// gives up at the acquire timeout, UNAVAILABLE.
+    #[tokio::test]
+    async fn a_call_waiting_for_a_busy_pool_fails_at_the_acquire_timeout_unavailable() {
+        let Some(fresh) = Fresh::new("acquire") else { return };
+        let settings = PoolSettings { acquire_timeout: Duration::from_millis(200), ..one() };
+        let pool = fresh.connect(settings, &Migrator::DEFAULT).await.unwrap();
+        let held = pool.acquire().await.unwrap();
+        let waited =
+            tokio::time::timeout(PATIENCE, pool.acquire()).await.expect("given up at the acquire timeout").unwrap_err();
+        assert!(matches!(waited, sqlx::Error::PoolTimedOut), "{waited}");
+        assert_eq!(crate::Failure::of_sqlx(&waited), crate::Failure::Unavailable, "{waited}");
+        drop(held);
+        pool.close().await;
+        fresh.drop().await;
+    }
+
+    /// A migration may run far longer than the statement timeout (an index
+    /// build over a large table): it completes.
+    #[tokio::test]
+    async fn a_migration_longer_than_the_statement_timeout_completes() {
+        let Some(fresh) = Fresh::new("longmig") else { return };
+        let settings = PoolSettings { statement_timeout: Duration::from_millis(100), ..one() };
+        let migrations = migrator(&["CREATE TABLE t (id INT); SELECT pg_sleep(0.5)"]);
+        let pool = fresh.connect(settings, &migrations).await.expect("the migration is not cut");
+        let (applied,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM _sqlx_migrations").fetch_one(&pool).await.unwrap();
+        assert_eq!(applied, 1);
+        pool.close().await;
+        fresh.drop().await;
+    }
+
+    /// Replicas starting together take turns on the migration lock: the
+    /// one that waits, longer than the lock timeout, still starts (the
+    /// lock timeout cuts advisory lock waits too), and the migration runs
+    /// once.
+    #[tokio::test]
+    async fn replicas_migrating_together_wait_for_each_other_past_the_lock_timeout() {
+        let Some(fresh) = Fresh::new("turns") else { return };
+        let settings = PoolSettings { lock_timeout: Duration::from_millis(100), ..one() };
+        let migrations = migrator(&["CREATE TABLE t (id INT); SELECT pg_sleep(1)"]);
+        let (a, b) = tokio::join!(fresh.connect(settings, &migrations), fresh.connect(settings, &migrations));
+        let (a, b) = (a.expect("the first replica starts"), b.expect("the second replica starts"));
+        let (applied,): (i64,) = sqlx::query_as("SELECT count(*) FROM _sqlx_migrations").fetch_one(&a).await.unwrap();
+        assert_eq!(applied, 1);
+        a.close().await;
+        b.close().await;
+        fresh.drop().await;
+    }
+
+    /// A migration that needs a table a long transaction is using (an
+    /// ALTER TABLE behind a report) gives up at the lock timeout, rather
+    /// than wait with every later query of the table queued behind it; the
+    /// replica's restart, once the transaction is over, migrates.
+    #[tokio::test]
+    async fn a_migration_waiting_for_a_table_lock_gives_up_at_the_lock_timeout() {
+        let Some(fresh) = Fresh::new("ddl") else { return };
+        let settings = PoolSettings { max_connections: 2, lock_timeout: Duration::from_millis(200), ..one() };
+        let v1 = "CREATE TABLE t (id INT PRIMARY KEY)";
+        let pool = fresh.connect(settings, &migrator(&[v1])).await.unwrap();
+        let mut reader = pool.begin().await.unwrap();
+        sqlx::query("SELECT count(*) FROM t").execute(&mut *reader).await.unwrap();
+        let v2 = migrator(&[v1, "ALTER TABLE t ADD COLUMN n INT NOT NULL DEFAULT 0"]);
+        let refused = tokio::time::timeout(PATIENCE, fresh.connect(settings, &v2))
+            .await
+            .expect("given up at the lock timeout")
+            .unwrap_err();
+        let DbError::Migrate(sqlx::migrate::MigrateError::ExecuteMigration(e, 2)) = &refused else {
+            panic!("not the second migration failing: {refused}")
+        };
+        assert_eq!(sqlstate(e).as_deref(), Some("55P03"), "{e}");
+        sqlx::query("SELECT count(*) FROM t").execute(&mut *reader).await.expect("the reader was not disturbed");
+        reader.commit().await.unwrap();
+        let restarted = fresh.connect(settings, &v2).await.expect("the restart migrates");
+        sqlx::query("SELECT n FROM t").execute(&restarted).await.unwrap();
+        restarted.close().await;
+        pool.close().await;
+        fresh.drop().await;
+    }
+
+    /// The migration lock is the one sqlx's own migrator takes (the
+    /// previous release's replicas take turns with this one's): held here,
+    /// sqlx's migrator waits for it.
+    #[tokio::test]
+    async fn the_migration_lock_is_sqlx_migrators() {
+        assert_eq!(migration_lock_key("123456789"), 0x3d32_ad9e * 0xcbf4_3926, "CRC-32/ISO-HDLC's check value");
+        let Some(fresh) = Fresh::new("key") else { return };
+        let options: PgConnectOptions = fresh.url.parse().unwrap();
+        let mut holder = PgConnection::connect_with(&options).await.unwrap();
+        let database: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&mut holder).await.unwrap();
+        // Another test's migrations may hold it for a moment: wait.
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(migration_lock_key(&database))
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let mut other = PgConnection::connect_with(&options).await.unwrap();
+        other
+            .execute(AssertSqlSafe(format!("SET lock_timeout = 100; SET search_path TO {}", fresh.schema)))
+            .await
+            .unwrap();
+        let waited = Migrator::DEFAULT.run_direct(None, &mut other, false).await.unwrap_err();
+        let sqlx::migrate::MigrateError::Execute(e) = &waited else { panic!("{waited}") };
+        assert_eq!(sqlstate(e).as_deref(), Some("55P03"), "sqlx's migrator waited for the lock: {e}");
+        holder.close().await.unwrap();
+        other.close().await.unwrap();
     }
 }

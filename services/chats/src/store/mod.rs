@@ -587,11 +587,11 @@ pub async fn open(config: &DbConfig, activity_interval: Duration) -> Result<Arc<
     natter_links::activity::check_flush_interval(activity_interval).map_err(StoreError::Config)?;
     Ok(match config.engine()? {
         Engine::Sqlite { path } => {
-            let readers = config.max_connections as usize;
+            let readers = config.pool.max_connections as usize;
             Arc::new(sqlite::SqliteChatStore::open(&path, readers, activity_interval).await?)
         }
         Engine::Postgres { url, schema } => {
-            Arc::new(postgres::PostgresChatStore::open(&url, &schema, config.max_connections).await?)
+            Arc::new(postgres::PostgresChatStore::open(&url, &schema, &config.pool).await?)
         }
     })
 }

@@ -29,13 +29,13 @@ pub struct PostgresChatStore {
 }
 
 impl PostgresChatStore {
-    /// Connects up to `max_connections` to `url`, in `schema` (created if
-    /// missing), and migrates it.
+    /// Migrates `schema` on `url` (created if missing) and connects a pool
+    /// as `pool` says (see [`natter_db::postgres::connect`]).
     ///
     /// Errors: an invalid schema name, the server is unreachable, or a
     /// migration fails.
-    pub async fn open(url: &str, schema: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let pool = natter_db::postgres::connect(url, schema, max_connections, &MIGRATOR).await?;
+    pub async fn open(url: &str, schema: &str, pool: &natter_db::PoolSettings) -> Result<Self, StoreError> {
+        let pool = natter_db::postgres::connect(url, schema, pool, &MIGRATOR).await?;
         Ok(Self { pool })
     }
 

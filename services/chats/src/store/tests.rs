@@ -44,7 +44,13 @@ impl Fixture {
     pub(crate) async fn postgres() -> Option<Self> {
         let url = natter_db::testing::postgres_url()?;
         let schema = natter_db::testing::unique_schema("chats");
-        let store = PostgresChatStore::open(&url, &schema, 4).await.unwrap();
+        let store = PostgresChatStore::open(
+            &url,
+            &schema,
+            &natter_db::PoolSettings { max_connections: 4, ..Default::default() },
+        )
+        .await
+        .unwrap();
         Some(Self { store: Arc::new(store), cleanup: Cleanup::Schema { url, schema } })
     }
 

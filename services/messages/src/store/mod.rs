@@ -1380,10 +1380,10 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
 /// reached or migrated.
 pub async fn open(config: &DbConfig) -> Result<Arc<dyn MessageStore>, StoreError> {
     let store: Arc<dyn MessageStore> = match config.engine()? {
-        Engine::Sqlite { path } => Arc::new(sqlite::SqliteStore::open(&path, config.max_connections as usize).await?),
-        Engine::Postgres { url, schema } => {
-            Arc::new(postgres::PostgresStore::open(&url, &schema, config.max_connections).await?)
+        Engine::Sqlite { path } => {
+            Arc::new(sqlite::SqliteStore::open(&path, config.pool.max_connections as usize).await?)
         }
+        Engine::Postgres { url, schema } => Arc::new(postgres::PostgresStore::open(&url, &schema, &config.pool).await?),
     };
     if !store.backfilled(NFC_TEXT_BACKFILL).await? {
         let rewritten = store.normalize_texts().await?;

@@ -127,14 +127,13 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    /// Connects to `url` with up to `max_connections`, in `schema` (created
-    /// and migrated as needed).
+    /// Connects to `url` with a pool as `pool` says, in `schema` (created
+    /// and migrated as needed; see [`natter_db::postgres::connect`]).
     ///
     /// Errors: an invalid schema name, the server is unreachable, or a
     /// migration fails.
-    pub async fn open(url: &str, schema: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let store =
-            Self { pool: natter_db::postgres::connect(url, schema, max_connections, &crate::POSTGRES_MIGRATOR).await? };
+    pub async fn open(url: &str, schema: &str, pool: &natter_db::PoolSettings) -> Result<Self, StoreError> {
+        let store = Self { pool: natter_db::postgres::connect(url, schema, pool, &crate::POSTGRES_MIGRATOR).await? };
         store.index_unindexed().await?;
         Ok(store)
     }

@@ -151,12 +151,35 @@ pub fn check_secret(what: &str, secret: &str) -> anyhow::Result<()> {
     check_secret_in(what, secret, std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
 }
 
-/// Checks `--database-url` (when set) as [`check_secret`] does: its
-/// password is a secret, and deploy/k8s/secret.yaml ships a placeholder.
+/// Checks the database flags against the server's: `--database-url` (when
+/// set) as [`check_secret`] does (its password is a secret, and
+/// deploy/k8s/secret.yaml ships a placeholder), and, on PostgreSQL, that a
+/// call gives up waiting for a connection (`--database-acquire-timeout`)
+/// and has a statement cancelled (`--database-statement-timeout`) before
+/// its own deadline (`--request-timeout`): its client then hears
+/// UNAVAILABLE, which says to retry, not DEADLINE_EXCEEDED.
 ///
-/// Errors: the URL holds the placeholder, in a Kubernetes pod.
-pub fn check_database_url(url: Option<&str>) -> anyhow::Result<()> {
-    url.map_or(Ok(()), |url| check_secret("the database URL (--database-url)", url))
+/// Errors: the URL holds the placeholder, in a Kubernetes pod; either
+/// timeout is not below the request timeout.
+pub fn check_store(store: &natter_db::StoreArgs, server: &ServerArgs) -> anyhow::Result<()> {
+    let Some(url) = store.database_url.as_deref() else { return Ok(()) };
+    check_secret("the database URL (--database-url)", url)?;
+    check_store_timeouts(&store.pool_settings(), server.transport.request_timeout)
+}
+
+fn check_store_timeouts(pool: &natter_db::PoolSettings, request_timeout: Duration) -> anyhow::Result<()> {
+    for (flag, timeout) in
+        [("--database-acquire-timeout", pool.acquire_timeout), ("--database-statement-timeout", pool.statement_timeout)]
+    {
+        anyhow::ensure!(
+            timeout < request_timeout,
+            "{flag} ({}) must be below --request-timeout ({}), so that a call the database holds up \
+             fails UNAVAILABLE before its deadline",
+            humantime::format_duration(timeout),
+            humantime::format_duration(request_timeout),
+        );
+    }
+    Ok(())
 }
 
 fn check_secret_in(what: &str, secret: &str, in_kubernetes: bool) -> anyhow::Result<()> {
@@ -184,5 +207,21 @@ mod tests {
         assert!(check_secret_in("the service credential", "replace-me-too-lower-case", true).is_err());
         check_secret_in("the service credential", placeholder, false).expect("compose: a warning only");
         check_secret_in("the service credential", "q3Vx9mZ2c1bKp0LrT8wYh4nJ6sFgA5dE", true).expect("a real secret");
+    }
+
+    /// The defaults pass; a statement or acquire timeout at or past the
+    /// request timeout is refused at start-up, naming the flag.
+    #[test]
+    fn database_timeouts_must_be_below_the_request_timeout() {
+        let defaults = natter_db::PoolSettings::default();
+        check_store_timeouts(&defaults, TransportArgs::default().request_timeout).expect("the defaults");
+        let refused = check_store_timeouts(&defaults, Duration::from_secs(10)).unwrap_err().to_string();
+        assert!(
+            refused.starts_with("--database-statement-timeout (10s) must be below --request-timeout (10s)"),
+            "{refused}"
+        );
+        let slow = natter_db::PoolSettings { acquire_timeout: Duration::from_secs(30), ..defaults };
+        let refused = check_store_timeouts(&slow, Duration::from_secs(30)).unwrap_err().to_string();
+        assert!(refused.starts_with("--database-acquire-timeout"), "{refused}");
     }
 }

@@ -349,7 +349,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let credential = config.internal.credential()?;
-    natter_kit::config::check_database_url(config.store.database_url.as_deref())?;
+    natter_kit::config::check_store(&config.store, &config.server)?;
     let deadline = config.internal.internal_call_timeout;
     let sessions = natter_kit::Link::connect(&config.sessions_url, &credential, deadline)?;
     let chats = natter_kit::Link::connect(&config.chats_url, &credential, deadline)?;

@@ -89,7 +89,7 @@ impl App {
     ) -> anyhow::Result<Self> {
         // In process by default; over NATS when several all-in-ones share
         // one PostgreSQL.
-        natter_kit::config::check_database_url(args.store.database_url.as_deref())?;
+        natter_kit::config::check_store(&args.store, &args.server)?;
         let bus: Arc<dyn EventBus> = args.bus.connect(shutdown.clone()).await?;
 
         // One instance of each service, unless NATS links several all-in-ones:

@@ -246,7 +246,7 @@ pub async fn run(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     let credential = config.internal.credential()?;
-    natter_kit::config::check_database_url(config.store.database_url.as_deref())?;
+    natter_kit::config::check_store(&config.store, &config.server)?;
     let bus = config.bus.connect(shutdown.clone()).await?;
     let only_instance = config.bus.nats_url.is_none();
     let sessions = open(&config.store.config("sessions")?, bus.clone(), &config.sessions, only_instance).await?;

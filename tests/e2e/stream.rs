@@ -19,6 +19,7 @@ crate::both_modes!(
     resume_by_seq_still_replays_what_came_after,
     a_resume_point_ahead_of_the_server_resets_the_chat,
     chat_and_membership_changes_replay_after_a_cut,
+    a_replaced_title_is_not_replayed_to_a_member_added_later,
     a_resume_point_of_a_chat_not_followed_replays_nothing,
     concurrent_senders_stream_in_seq_order,
     edits_deletes_and_reads_stream_in_order,
@@ -315,6 +316,44 @@ async fn chat_and_membership_changes_replay_after_a_cut(c: &Cluster) {
         ["updated club 2 [\"title\"]", "carol Joined", "carol Removed", "created after"],
         "carol's read position is hers, not bob's to see"
     );
+}
+
+/// The privacy audit's M1: a title and description replaced are gone from
+/// the chat's change log, as an edited-away word is gone from search. A
+/// member added afterwards who replays the chat from its first change gets
+/// both updates, in order, each with the chat's current title and
+/// description.
+async fn a_replaced_title_is_not_replayed_to_a_member_added_later(c: &Cluster) {
+    let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+    let request =
+        cpb::CreateChatRequest { title: "club".into(), member_ids: vec![bob.id.clone()], ..Default::default() };
+    let club = c.chats().create_chat(authed(&alice, request)).await.unwrap().into_inner().chat.unwrap();
+    for (title, description) in [("secret: door code 4711", "secret plans"), ("team", "weekly")] {
+        let update = cpb::UpdateChatRequest {
+            chat_id: club.id.clone(),
+            chat: Some(cpb::Chat { title: title.into(), description: description.into(), ..Default::default() }),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["title".into(), "description".into()] }),
+        };
+        c.chats().update_chat(authed(&alice, update)).await.unwrap();
+    }
+    let add = cpb::AddMembersRequest { chat_id: club.id.clone(), user_ids: vec![carol.id.clone()] };
+    c.chats().add_members(authed(&alice, add)).await.unwrap();
+
+    let mut stream = open(c, &carol, &[&club.id], &[(&club.id, 0)]).await;
+    send(c, &alice, &club.id, "after").await;
+    let events = until(&mut stream, created("after")).await;
+    assert_increasing(&events);
+    for event in &events {
+        assert!(!format!("{event:?}").contains("secret"), "replaced details replayed: {event:?}");
+    }
+    let updates: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::ChatUpdated(u)) => Some((u.title.as_str(), u.description.as_str())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(updates, [("team", "weekly"); 2], "both changes, each with the details as they are now");
 }
 
 /// A resume entry names a chat; only chats the stream follows (listed and

@@ -877,6 +877,12 @@ impl ChatChange {
 }
 
 /// A chat's details as a [`ChatChange::Updated`] left them.
+///
+/// `title` and `description` are text people wrote: the chat's log keeps
+/// only the chat's current ones, in every `updated` entry (see
+/// [`MessageStore::record_chat_changes`]), so a replay never shows a title
+/// or description that was replaced. The rest (`fields`, the flags,
+/// `update_time`, `assistant_replies`) stays as each change left it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatDetails {
     /// The fields that changed: "title", "description", "visibility",
@@ -1155,6 +1161,14 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// order of `changes`; `now` in µs: when the changes were committed (a
     /// join recorded late leaves what was sent since unread).
     ///
+    /// A [`ChatChange::Updated`] also rewrites, in the same transaction,
+    /// the title and description of every earlier `updated` entry of the
+    /// chat's log to the newest one's (the chat as it is now), and nothing
+    /// else of them: replayed in order, the entries still end with the
+    /// chat's details, and a title or description replaced is no longer
+    /// stored or replayed (it was announced live while it was current).
+    /// Change numbers and order are untouched.
+    ///
     /// `origin` is the caller's idempotency key ("" for none): when the
     /// chat's log holds entries of the same origin, nothing is written and
     /// the answer is theirs (a retry after a lost answer records nothing
@@ -1223,6 +1237,15 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// it rewrote. [`open`] runs it once per database (see
     /// [`NFC_TEXT_BACKFILL`]).
     async fn normalize_texts(&self) -> Result<u64, StoreError>;
+
+    /// Rewrites the title and description of every chat's `updated` log
+    /// entries to the chat's newest entry's, as
+    /// [`MessageStore::record_chat_changes`] does for each new one: entries
+    /// logged before it did so still held replaced text. Each chat's in one
+    /// transaction, taken in turn with the chat's writers. Returns how many
+    /// chats it rewrote. [`open`] runs it once per database (see
+    /// [`CHAT_DETAILS_BACKFILL`]).
+    async fn scrub_chat_details(&self) -> Result<u64, StoreError>;
 
     /// Whether the one-off rewrite `name` (a row of `store_backfills`) is
     /// done.
@@ -1390,8 +1413,19 @@ pub async fn open(config: &DbConfig) -> Result<Arc<dyn MessageStore>, StoreError
         store.record_backfill(NFC_TEXT_BACKFILL, natter_kit::time::now_micros()).await?;
         tracing::info!(rewritten, "messages' text stored in Unicode NFC");
     }
+    if !store.backfilled(CHAT_DETAILS_BACKFILL).await? {
+        let chats = store.scrub_chat_details().await?;
+        store.record_backfill(CHAT_DETAILS_BACKFILL, natter_kit::time::now_micros()).await?;
+        tracing::info!(chats, "replaced chat titles and descriptions removed from the change log");
+    }
     Ok(store)
 }
+
+/// The one-off rewrite of chat logs' replaced titles and descriptions
+/// ([`MessageStore::scrub_chat_details`]), by its name in
+/// `store_backfills`. Replicas opening together may both run it: each
+/// writes every chat's current text, under the chat's lock.
+pub const CHAT_DETAILS_BACKFILL: &str = "chat_details_text";
 
 /// The one-off rewrite of messages' text in NFC
 /// ([`MessageStore::normalize_texts`]), by its name in `store_backfills`.

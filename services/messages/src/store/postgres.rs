@@ -588,6 +588,17 @@ fn report_row(row: &PgRow) -> Result<StoredReport, StoreError> {
     })
 }
 
+/// Sets the title and description of every `updated` entry of chat `$1`'s
+/// log to its newest entry's (see [`MessageStore::record_chat_changes`]);
+/// the rest of each entry's details stays.
+const SCRUB_DETAILS: &str = "WITH newest AS (SELECT details::jsonb AS d FROM chat_changes \
+       WHERE chat_id = $1 AND kind = 'updated' ORDER BY change_seq DESC LIMIT 1) \
+     UPDATE chat_changes c SET details = (c.details::jsonb \
+       || jsonb_build_object('title', newest.d -> 'title', 'description', newest.d -> 'description'))::text \
+     FROM newest WHERE c.chat_id = $1 AND c.kind = 'updated' \
+       AND (c.details::jsonb -> 'title' IS DISTINCT FROM newest.d -> 'title' \
+         OR c.details::jsonb -> 'description' IS DISTINCT FROM newest.d -> 'description')";
+
 /// A row of `change_seq, kind, user_id, details, seq, change_time` of
 /// `chat_changes`.
 fn chat_change_entry(row: &PgRow) -> Result<Change, StoreError> {
@@ -643,6 +654,31 @@ impl MessageStore for PostgresStore {
     async fn clock(&self) -> Result<i64, StoreError> {
         let (now,): (i64,) = sqlx::query_as(concat!("SELECT ", db_clock_micros!())).fetch_one(&self.pool).await?;
         Ok(now)
+    }
+
+    async fn scrub_chat_details(&self) -> Result<u64, StoreError> {
+        let chats: Vec<String> = sqlx::query_scalar(
+            "SELECT chat_id FROM chat_changes WHERE kind = 'updated' GROUP BY chat_id \
+             HAVING COUNT(DISTINCT details::jsonb -> 'title') > 1 \
+               OR COUNT(DISTINCT details::jsonb -> 'description') > 1",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut rewritten = 0;
+        for chat in chats {
+            // Each chat under its heads' lock, which every change of the
+            // chat takes first: a change recorded meanwhile by a replica
+            // (which scrubs as it records) is either seen or waits.
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("SELECT 1 FROM chat_heads WHERE chat_id = $1 FOR UPDATE")
+                .bind(&chat)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let scrubbed = sqlx::query(SCRUB_DETAILS).bind(&chat).execute(&mut *tx).await?.rows_affected();
+            tx.commit().await?;
+            rewritten += u64::from(scrubbed > 0);
+        }
+        Ok(rewritten)
     }
 
     async fn backfilled(&self, name: &str) -> Result<bool, StoreError> {
@@ -1045,6 +1081,9 @@ impl MessageStore for PostgresStore {
         .bind(CHAT_LOG_KEEP)
         .execute(&mut *tx)
         .await?;
+        if changes.iter().any(|c| matches!(c, ChatChange::Updated(_))) {
+            sqlx::query(SCRUB_DETAILS).bind(&chat).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(logged)
     }

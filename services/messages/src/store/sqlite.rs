@@ -139,6 +139,10 @@ fn search_newest(
 /// transaction.
 const REWRITE_BATCH: usize = 1000;
 
+/// Chats a batch of [`MessageStore::scrub_chat_details`] rewrites in one
+/// write transaction (each up to [`CHAT_LOG_KEEP`] entries).
+const SCRUB_BATCH: usize = 100;
+
 /// The messages store on a SQLite file.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
@@ -799,6 +803,9 @@ fn record_chat_changes(
          ON CONFLICT (chat_id) DO UPDATE SET last_change = excluded.last_change",
     )?
     .execute(params![chat, Logged::last(&logged).unwrap_or(last)])?;
+    if changes.iter().any(|c| matches!(c, ChatChange::Updated(_))) {
+        scrub_details(&tx, chat)?;
+    }
     // Keep the newest CHAT_LOG_KEEP entries; the floor rises past the rest.
     let cut: Option<i64> = tx
         .prepare_cached(
@@ -814,6 +821,24 @@ fn record_chat_changes(
     }
     tx.commit()?;
     Ok(logged)
+}
+
+/// Sets the title and description of every `updated` entry of `chat`'s
+/// log to its newest entry's (see [`MessageStore::record_chat_changes`]);
+/// the rest of each entry's details stays. Returns how many entries it
+/// rewrote.
+fn scrub_details(conn: &Connection, chat: &str) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "UPDATE chat_changes \
+         SET details = json_set(details, '$.title', newest.title, '$.description', newest.description) \
+         FROM (SELECT json_extract(details, '$.title') AS title, \
+                 json_extract(details, '$.description') AS description \
+               FROM chat_changes WHERE chat_id = ?1 AND kind = 'updated' ORDER BY change_seq DESC LIMIT 1) AS newest \
+         WHERE chat_id = ?1 AND kind = 'updated' \
+           AND (json_extract(details, '$.title') IS NOT newest.title \
+             OR json_extract(details, '$.description') IS NOT newest.description)",
+    )?
+    .execute([chat])
 }
 
 #[async_trait::async_trait]
@@ -869,6 +894,40 @@ impl MessageStore for SqliteStore {
 
     async fn clock(&self) -> Result<i64, StoreError> {
         Ok(natter_kit::time::now_micros())
+    }
+
+    async fn scrub_chat_details(&self) -> Result<u64, StoreError> {
+        // The chats whose entries disagree, found on a reader; rewritten in
+        // batches on the writer, which every change of a chat goes through.
+        let chats: Vec<String> = self
+            .db
+            .read(|conn| {
+                conn.prepare(
+                    "SELECT chat_id FROM chat_changes WHERE kind = 'updated' GROUP BY chat_id \
+                     HAVING COUNT(DISTINCT json_extract(details, '$.title')) > 1 \
+                       OR COUNT(DISTINCT json_extract(details, '$.description')) > 1",
+                )?
+                .query_map([], |row| row.get(0))?
+                .collect()
+            })
+            .await?;
+        let mut rewritten = 0;
+        for batch in chats.chunks(SCRUB_BATCH) {
+            let batch = batch.to_vec();
+            rewritten += self
+                .db
+                .write(move |conn| {
+                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                    let mut n = 0;
+                    for chat in &batch {
+                        n += u64::from(scrub_details(&tx, chat)? > 0);
+                    }
+                    tx.commit()?;
+                    Ok(n)
+                })
+                .await?;
+        }
+        Ok(rewritten)
     }
 
     async fn backfilled(&self, name: &str) -> Result<bool, StoreError> {

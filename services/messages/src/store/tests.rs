@@ -18,7 +18,7 @@ struct Harness {
 }
 
 enum Cleanup {
-    Dir(#[allow(dead_code)] tempfile::TempDir),
+    Dir(tempfile::TempDir),
     Schema { url: String, schema: String },
 }
 
@@ -34,6 +34,24 @@ impl Harness {
         let schema = natter_db::testing::unique_schema("messages");
         let store = open(&DbConfig::postgres(&url, &schema)).await.unwrap();
         Some(Self { store, postgres: true, cleanup: Cleanup::Schema { url, schema } })
+    }
+
+    /// Runs `sql` on the store's database behind the store's back: rows as
+    /// an earlier release left them.
+    async fn execute(&self, sql: &str) {
+        match &self.cleanup {
+            Cleanup::Dir(dir) => {
+                let conn = rusqlite::Connection::open(dir.path().join("messages.db")).unwrap();
+                conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+                conn.execute_batch(sql).unwrap();
+            }
+            Cleanup::Schema { url, schema } => {
+                use sqlx::{Connection as _, Executor as _};
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                conn.execute(sqlx::AssertSqlSafe(format!("SET search_path TO {schema}; {sql}"))).await.unwrap();
+                conn.close().await.unwrap();
+            }
+        }
     }
 
     async fn finish(self) {
@@ -92,6 +110,7 @@ message_store_suite!(
     a_delete_leaves_a_tombstone,
     read_positions_only_move_forward_until_a_join_resets_them,
     every_change_takes_the_next_change_number,
+    replaced_chat_details_are_neither_kept_nor_replayed,
     concurrent_changes_take_gap_free_numbers,
     the_log_keeps_its_newest_entries_and_raises_the_floor,
     a_retried_origin_records_nothing_twice,
@@ -507,6 +526,70 @@ async fn read_positions_only_move_forward_until_a_join_resets_them(h: &Harness) 
 
 fn details(title: &str) -> ChatDetails {
     ChatDetails { fields: vec!["title".into()], title: title.into(), update_time: 9_000, ..ChatDetails::default() }
+}
+
+/// A title and description set, then the chat archived, renamed,
+/// described anew and unarchived (the last two in one call): the log keeps
+/// every entry, each with its number, fields, flags and time, and only the
+/// current title and description. Entries an earlier release logged with
+/// the replaced text are rewritten by the one-off backfill.
+async fn replaced_chat_details_are_neither_kept_nor_replayed(h: &Harness) {
+    let first = ChatDetails {
+        fields: vec!["title".into(), "description".into()],
+        title: "door code 4711".into(),
+        description: "meet at nine".into(),
+        update_time: 1,
+        ..ChatDetails::default()
+    };
+    let archived = ChatDetails { fields: vec!["archived".into()], archived: true, update_time: 2, ..first.clone() };
+    let renamed =
+        ChatDetails { fields: vec!["title".into()], title: "team".into(), update_time: 3, ..archived.clone() };
+    let described = ChatDetails {
+        fields: vec!["description".into(), "archived".into()],
+        description: "weekly".into(),
+        archived: false,
+        update_time: 4,
+        ..renamed.clone()
+    };
+    let record = |changes: Vec<ChatChange>| async move {
+        numbers_of(&h.store.record_chat_changes(chat(1), &changes, 1_000, "").await.unwrap())
+    };
+    assert_eq!(record(vec![ChatChange::Updated(first.clone())]).await, [1]);
+    // The title is still the current one: a replay shows it until replaced.
+    let (page, _) = h.store.changes(chat(1), user(1), 0, 100).await.unwrap();
+    assert!(format!("{page:?}").contains("door code 4711"));
+    assert_eq!(record(vec![ChatChange::Updated(archived.clone()), ChatChange::RoleChanged(user(2))]).await, [2, 3]);
+    let both = vec![ChatChange::Updated(renamed.clone()), ChatChange::Updated(described.clone())];
+    assert_eq!(record(both).await, [4, 5]);
+
+    let now = |d: &ChatDetails| ChatDetails { title: "team".into(), description: "weekly".into(), ..d.clone() };
+    let expected = |change_seq: i64, change: ChatChange| Change::Chat { change_seq, change, seq: Seq(0), time: 1_000 };
+    let replayed = vec![
+        expected(1, ChatChange::Updated(now(&first))),
+        expected(2, ChatChange::Updated(now(&archived))),
+        expected(3, ChatChange::RoleChanged(user(2))),
+        expected(4, ChatChange::Updated(now(&renamed))),
+        expected(5, ChatChange::Updated(described.clone())),
+    ];
+    let (page, more) = h.store.changes(chat(1), user(1), 0, 100).await.unwrap();
+    assert_eq!((&page, more), (&replayed, false));
+    let shown = format!("{page:?}");
+    assert!(!shown.contains("door code") && !shown.contains("meet at nine"), "{shown}");
+
+    // An entry as logged before: the store's opening rewrote every chat's
+    // once (recorded), and the rewrite finds it.
+    assert!(h.store.backfilled(CHAT_DETAILS_BACKFILL).await.unwrap());
+    let legacy = serde_json::to_string(&first).unwrap();
+    h.execute(&format!(
+        "UPDATE chat_changes SET details = '{legacy}' WHERE chat_id = '{}' AND change_seq = 1",
+        chat(1)
+    ))
+    .await;
+    let (page, _) = h.store.changes(chat(1), user(1), 0, 100).await.unwrap();
+    assert!(format!("{page:?}").contains("door code 4711"), "the entry as an earlier release left it");
+    assert_eq!(h.store.scrub_chat_details().await.unwrap(), 1, "one chat rewritten");
+    assert_eq!(h.store.changes(chat(1), user(1), 0, 100).await.unwrap(), (replayed, false));
+    assert_eq!(h.store.scrub_chat_details().await.unwrap(), 0, "nothing left");
 }
 
 /// The change numbers of a page of changes.

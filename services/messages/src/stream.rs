@@ -37,7 +37,10 @@
 //!   stops at the user's own departure in the chat's log, and re-checks
 //!   membership after reading a page and before sending any of it, so a page
 //!   is sent only if the caller was still a member after it was read, or
-//!   comes before their departure in the log.
+//!   comes before their departure in the log. Such a page (one that ends at
+//!   a departure) sends an assistant's reply still GENERATING without its
+//!   text: its checkpoints take no change number, so its stored text may
+//!   have been written after the departure.
 //!
 //! A stream that finds itself no longer a member (by that check, by the
 //! second read at opening, or by re-reading its chats after it lagged on its
@@ -76,7 +79,7 @@ use crate::error::MessagesError;
 use crate::grpc::{ResetReason, replay_event, reset_event};
 use crate::registry::Ticket;
 use crate::service::Messages;
-use crate::store::{Change, ChatChange, Heads, Membership, Range, Seq};
+use crate::store::{Change, ChatChange, Generation, Heads, Membership, Range, Seq};
 
 /// How many changes one store read of a replay or gap fill returns.
 const REPLAY_PAGE: u32 = 256;
@@ -823,7 +826,7 @@ impl Follower {
                 _ => !refill.absent,
             };
             if send {
-                out.push(replay_event(chat.into(), change, since));
+                out.push(change);
             }
         }
         if !more {
@@ -835,7 +838,7 @@ impl Follower {
             } else {
                 self.unfollow(chat);
             }
-            return Ok((out, more));
+            return Ok((replayed(chat, out, since, true), more));
         }
         if !out.is_empty() && last > refill.departure {
             // Read first, check second: a member now was a member when every
@@ -851,8 +854,33 @@ impl Follower {
             }
         }
         self.cursors.insert(chat, last);
-        Ok((out, more))
+        // Short of a departure still to come, the user is a member now.
+        Ok((replayed(chat, out, since, refill.departure > last), more))
     }
+}
+
+/// The events replaying `changes` of `chat` to a client whose resume point
+/// was `since` ([`replay_event`]). `gone`: the user left the chat (or was
+/// removed) after these changes and is not back: each is sent as it was
+/// while they could see it. A message carries its state as of its change
+/// number, save for an assistant's reply still GENERATING, whose
+/// checkpoints store its text without taking a number: written, for all the
+/// store says, after the departure, so the reply goes as it started, with
+/// no text (its end, a change of its own, comes after the departure and is
+/// not sent).
+fn replayed(chat: Uuid, changes: Vec<Change>, since: i64, gone: bool) -> Vec<pb::StreamEventsResponse> {
+    changes
+        .into_iter()
+        .map(|mut change| {
+            if gone
+                && let Change::Message(m) = &mut change
+                && m.generation() == Some(Generation::Generating)
+            {
+                m.text.clear();
+            }
+            replay_event(chat.into(), change, since)
+        })
+        .collect()
 }
 
 /// The message of a created or edited message event (tombstones have no
@@ -1277,6 +1305,112 @@ mod tests {
         let (texts, _) = texts_until_the_removal(&mut stream).await;
         assert_eq!(texts.len(), count, "every message before the removal");
         assert_eq!(texts.last().map(String::as_str), Some(format!("missed {}", count - 1).as_str()));
+    }
+
+    /// The owner's prompt and an assistant's reply to it still GENERATING
+    /// (both unannounced), then `filler` more messages; then the member is
+    /// removed (logged, unannounced), and the reply's next checkpoint
+    /// stores text written after the removal. Returns the reply's id.
+    async fn a_reply_written_on_after_a_removal(h: &Harness, filler: usize) -> MessageId {
+        let store = h.messages.store();
+        let prompt = h.unannounced("prompt");
+        let reply = crate::store::NewReply {
+            id: MessageId::new_v7(),
+            chat_id: h.chat.into(),
+            author_id: UserId(Uuid::now_v7()),
+            prompt: prompt.id,
+            replaces: None,
+            now: natter_kit::time::now_micros(),
+            finished: None,
+            owner: None,
+        };
+        store.insert_batch(&[prompt]).await.unwrap();
+        assert!(matches!(store.start_reply(&reply).await.unwrap(), crate::store::Started::Created(..)));
+        let batch: Vec<_> = (0..filler).map(|i| h.unannounced(&format!("filler {i}"))).collect();
+        if !batch.is_empty() {
+            store.insert_batch(&batch).await.unwrap();
+        }
+        h.directory.members.lock().unwrap().remove(&(h.chat, h.member));
+        let removed = [ChatChange::Removed(UserId(h.member))];
+        store.record_chat_changes(h.chat.into(), &removed, natter_kit::time::now_micros(), "").await.unwrap();
+        let now = store.clock().await.unwrap();
+        assert_eq!(
+            store.checkpoint_reply(reply.id, Some("written after the removal"), now).await.unwrap(),
+            Some(false)
+        );
+        reply.id
+    }
+
+    /// The reply among `events`: its text and status.
+    fn reply_among(events: &[pb::StreamEventsResponse], id: MessageId) -> (String, i32) {
+        let reply = events.iter().find_map(|e| match &e.event {
+            Some(Event::MessageCreated(m)) if m.id == id.to_string() => Some((m.text.clone(), m.generation_status)),
+            _ => None,
+        });
+        reply.unwrap_or_else(|| panic!("the reply is among {events:?}"))
+    }
+
+    /// The member's follower of the chat from its first change, reading
+    /// the store directly.
+    fn follower_from_the_start(h: &Harness) -> Follower {
+        Follower {
+            messages: h.messages.clone(),
+            user: h.member,
+            all: false,
+            live: StreamMap::new(),
+            cursors: HashMap::from([(h.chat, 0)]),
+            managed: HashSet::new(),
+            direct: HashMap::new(),
+            presence: None,
+        }
+    }
+
+    const GENERATING: i32 = pb::GenerationStatus::Generating as i32;
+
+    /// The privacy audit's L4: a stream that lost the announcements of a
+    /// reply's start and of its member's removal re-reads its chats on a
+    /// hint and catches up to the removal: the reply, still GENERATING,
+    /// comes as it started, without the text written since the removal.
+    #[tokio::test]
+    async fn a_stream_catching_up_to_a_removal_sends_a_reply_being_written_without_its_later_text() {
+        let h = Harness::start().await;
+        let mut stream = h.stream_of_member(Vec::new()).await;
+        let reply = a_reply_written_on_after_a_removal(&h, 0).await;
+        let hint = Arc::new(natter_bus::Event::resync_hint(Topic::User(h.member)).unwrap());
+        h.messages.bus().publish(Topic::User(h.member), hint);
+        let mut events = Vec::new();
+        loop {
+            let event = next_event(&mut stream).await;
+            let removal = is_removal_of(&event);
+            events.push(event);
+            if removal {
+                break;
+            }
+        }
+        assert_eq!(reply_among(&events, reply), (String::new(), GENERATING));
+        let shown = format!("{events:?}");
+        assert!(!shown.contains("written after the removal"), "{shown}");
+    }
+
+    /// The same catch-up read from the store without knowing of the
+    /// removal: the page that holds it, and (the removal beyond the first
+    /// page) a page whose membership check finds the member gone. A member
+    /// still in the chat gets the reply's text so far.
+    #[tokio::test]
+    async fn a_catch_up_ending_at_a_removal_sends_a_reply_being_written_without_its_later_text() {
+        for filler in [0, REPLAY_PAGE as usize] {
+            let h = Harness::start().await;
+            let reply = a_reply_written_on_after_a_removal(&h, filler).await;
+            let (events, _) = follower_from_the_start(&h).refill(&mut Refill::all(h.chat)).await.unwrap();
+            assert_eq!(reply_among(&events, reply), (String::new(), GENERATING), "{filler} messages after it");
+            assert_eq!(events.iter().any(is_removal_of), filler == 0, "the removal on the first page");
+            // Back in the chat, the member reads what a member may.
+            h.directory.members.lock().unwrap().insert((h.chat, h.member));
+            let joined = [ChatChange::Joined(UserId(h.member))];
+            h.messages.store().record_chat_changes(h.chat.into(), &joined, 1, "").await.unwrap();
+            let (events, _) = follower_from_the_start(&h).refill(&mut Refill::all(h.chat)).await.unwrap();
+            assert_eq!(reply_among(&events, reply), ("written after the removal".to_owned(), GENERATING));
+        }
     }
 
     #[tokio::test]

@@ -516,3 +516,147 @@ fn grpc_response<S>(frames: S) -> http::Response<http_body_util::StreamBody<S>> 
         .body(http_body_util::StreamBody::new(frames))
         .unwrap()
 }
+
+/// The `--handshake-timeout` of the connection tests: short, so a test
+/// waits little, and long against a loaded machine's scheduling.
+const HANDSHAKE: Duration = Duration::from_millis(300);
+
+/// Reads (and drops) what the server sends until it closes the connection
+/// (EOF, or an error such as a reset).
+async fn until_closed(read: &mut (impl tokio::io::AsyncRead + Unpin)) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 1024];
+    while read.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+}
+
+/// A TCP connection that never sends a byte (`nc host port`) is closed by
+/// the server at the handshake timeout; it was held until
+/// --max-connection-age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_nothing_is_closed_at_the_handshake_timeout() {
+    let c = Cluster::all_in_one(&["--handshake-timeout", "300ms"]).await;
+    let started = std::time::Instant::now();
+    let mut silent = TcpStream::connect(c.addr).await.unwrap();
+    tokio::time::timeout(GUARD, until_closed(&mut silent)).await.expect("the server closes a silent connection");
+    assert!(started.elapsed() >= HANDSHAKE, "closed at {:?}, before the timeout", started.elapsed());
+    c.stop().await;
+}
+
+/// Connections that keep sending a byte every sixth of the handshake
+/// timeout but never complete a request are closed at the timeout all the
+/// same: an HTTP/1.1 request head that never ends, and an HTTP/2
+/// connection past its preface and SETTINGS that sends only PINGs (each
+/// answered), never a HEADERS frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_drips_bytes_but_no_request_is_closed_at_the_handshake_timeout() {
+    let c = Cluster::all_in_one(&["--handshake-timeout", "300ms"]).await;
+    let http1_head = b"POST /grpc.health.v1.Health/Check HTTP/1.1\r\nhost: natter\r\n".to_vec();
+    let http1_drip = b"x-drip: ".iter().copied().chain(std::iter::repeat(b'a'));
+    // The connection preface, an empty SETTINGS frame (RFC 9113 3.4, 6.5);
+    // then PING frames: length 8, type 6, no flags, stream 0, 8 bytes.
+    let http2_start = [&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], &[0, 0, 0, 4, 0, 0, 0, 0, 0]].concat();
+    let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    let http2_drip = ping.into_iter().cycle();
+    let (http1, http2) = tokio::join!(
+        drip_until_closed(c.addr, http1_head, http1_drip),
+        drip_until_closed(c.addr, http2_start, http2_drip)
+    );
+    let wrong: Vec<String> = [("HTTP/1.1", http1), ("HTTP/2", http2)]
+        .into_iter()
+        .filter_map(|(what, closed_at)| match closed_at {
+            None => Some(format!("{what}: still open after {GUARD:?}")),
+            Some(at) if at < HANDSHAKE => Some(format!("{what}: closed at {at:?}, before the timeout")),
+            Some(_) => None,
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:?}");
+    c.stop().await;
+}
+
+/// Connects to `addr`, sends `start`, then one byte of `drip` every sixth of
+/// [`HANDSHAKE`] until the server closes the connection; how long after
+/// connecting it did, or `None` if it had not within [`GUARD`].
+async fn drip_until_closed(
+    addr: std::net::SocketAddr,
+    start: Vec<u8>,
+    drip: impl Iterator<Item = u8>,
+) -> Option<Duration> {
+    use tokio::io::AsyncWriteExt as _;
+    let started = std::time::Instant::now();
+    let (mut read, mut write) = TcpStream::connect(addr).await.unwrap().into_split();
+    let send = async move {
+        write.write_all(&start).await?;
+        for byte in drip {
+            tokio::time::sleep(HANDSHAKE / 6).await;
+            write.write_all(&[byte]).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    // A write that fails (the server reset the connection) ends it too.
+    let closed = async {
+        tokio::select! {
+            () = until_closed(&mut read) => {}
+            _ = send => {}
+        }
+    };
+    tokio::time::timeout(GUARD, closed).await.ok().map(|()| started.elapsed())
+}
+
+/// A gRPC client whose connection made a call and then stays idle for five
+/// times the handshake timeout calls again on that same connection (its
+/// connector connects once only, so a closed connection would fail the
+/// call): the timeout ends with a connection's first request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_idle_after_a_call_is_kept_past_the_handshake_timeout() {
+    let c = Cluster::all_in_one(&["--handshake-timeout", "300ms"]).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(connect_once(c.addr).await);
+    let check = || tonic_health::pb::HealthCheckRequest::default();
+    let first = tokio::time::timeout(GUARD, health.check(check())).await.unwrap().expect("the first call");
+    assert_eq!(first.get_ref().status, 1, "SERVING");
+    tokio::time::sleep(HANDSHAKE * 5).await;
+    let again =
+        tokio::time::timeout(GUARD, health.check(check())).await.unwrap().expect("a call on the same connection");
+    assert_eq!(again.get_ref().status, 1, "SERVING");
+    c.stop().await;
+}
+
+/// A channel over a single TCP connection to `addr` (connected now; the
+/// HTTP/2 handshake comes with the first call): the channel cannot
+/// reconnect, so a call fails once the server closed it.
+async fn connect_once(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+    let tcp = std::sync::Mutex::new(Some(TcpStream::connect(addr).await.unwrap()));
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let tcp = tcp.lock().unwrap().take();
+        async move { tcp.map(hyper_util::rt::TokioIo::new).ok_or_else(|| std::io::Error::other("connects once only")) }
+    });
+    tonic::transport::Endpoint::from_static("http://natter.test").connect_with_connector_lazy(connector)
+}
+
+/// With --max-connections 2 and two connections open (the test's own
+/// channel, which made calls, and a silent TCP connection), the listener
+/// takes no third: a call on a new connection gets no answer for a second,
+/// while calls on the open channel go on; once the silent connection
+/// closes, that waiting call is answered (the listener took the waiting
+/// connection from its queue), and the next calls on it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_connection_cap_new_connections_wait_until_one_closes() {
+    let c = Cluster::all_in_one(&["--max-connections", "2", "--handshake-timeout", "60s"]).await;
+    let check = || tonic_health::pb::HealthCheckRequest::default();
+    let mut open = tonic_health::pb::health_client::HealthClient::new(c.channel());
+    tokio::time::timeout(GUARD, open.check(check())).await.unwrap().expect("the first connection is served");
+    let held = TcpStream::connect(c.addr).await.unwrap();
+
+    let mut third = tonic_health::pb::health_client::HealthClient::new(connect_once(c.addr).await);
+    let mut waiting = Box::pin(third.check(check()));
+    let early = tokio::time::timeout(Duration::from_secs(1), &mut waiting).await;
+    assert!(early.is_err(), "a third connection was served at the cap of two: {early:?}");
+    let on_open = tokio::time::timeout(GUARD, open.check(check())).await.unwrap();
+    assert_eq!(on_open.expect("an open connection goes on at the cap").get_ref().status, 1);
+
+    drop(held);
+    let answered = tokio::time::timeout(GUARD, waiting).await.expect("served once a connection closed");
+    assert_eq!(answered.expect("the waiting call").get_ref().status, 1, "SERVING");
+    let again = tokio::time::timeout(GUARD, third.check(check())).await.unwrap();
+    assert_eq!(again.expect("the next call on that connection").get_ref().status, 1);
+    c.stop().await;
+}

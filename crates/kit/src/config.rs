@@ -62,6 +62,22 @@ pub struct ServerArgs {
     pub transport: TransportArgs,
 }
 
+/// The default of `--max-connections`, per listener. The cap exists so
+/// that file descriptors never run out (then accept fails for every user,
+/// and so do the process's own files and upstream connections); it sits far
+/// under the open-file limit a server has once its soft limit is raised to
+/// the hard one, which the listener does at start (systemd and containerd
+/// give a hard limit of 524288, Docker's default was 1048576). Where even
+/// the hard limit leaves no room for the cap plus the process's own
+/// descriptors (512 are counted), those still run out first, and the
+/// listener logs a warning at start. It is
+/// far more than one replica serves (a client holds one HTTP/2 connection,
+/// the edge a few per replica), and costs memory a pod can hold: an idle
+/// HTTP/2 connection after a call takes about 19 KiB, one that sent only
+/// its preface 13 KiB, a silent one 4 KiB (measured with 2,000 of each), so
+/// 10,000 at worst about 200 MiB.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+
 /// Limits of the HTTP/2 and HTTP/1.1 transport, applied by hyper and tonic
 /// to every connection of a server (public and internal listeners alike).
 #[derive(Clone, Debug, clap::Args)]
@@ -102,6 +118,25 @@ pub struct TransportArgs {
     /// is closed (open streams then end with UNAVAILABLE; clients resume).
     #[arg(long, env = "NATTER_MAX_CONNECTION_AGE_GRACE", value_parser = humantime::parse_duration, default_value = "10m")]
     pub max_connection_age_grace: Duration,
+
+    /// How long a new connection has to deliver its first request, from
+    /// accept until that request's headers are read (HTTP/2: the preface,
+    /// SETTINGS and a whole HEADERS block; HTTP/1.1: the request head). One
+    /// that has not by then is closed, however many bytes it sent; one that
+    /// has is never cut by it (idle connections are left to the HTTP/2
+    /// keepalive and --max-connection-age).
+    #[arg(long, env = "NATTER_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub handshake_timeout: Duration,
+
+    /// Most TCP connections one listener holds at once (a split service's
+    /// public and internal listeners each). At the cap the listener stops
+    /// accepting: open connections go on; new ones wait in the kernel's
+    /// accept queue and are taken, oldest first, as open ones close. At
+    /// start the soft open-file limit is raised to the hard one (often
+    /// 524288 or more; a warning says if the cap does not fit under it).
+    #[arg(long, env = "NATTER_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 }
 
 impl Default for TransportArgs {
@@ -114,6 +149,8 @@ impl Default for TransportArgs {
             http2_keepalive_timeout: Duration::from_secs(20),
             max_connection_age: Duration::from_secs(3600),
             max_connection_age_grace: Duration::from_secs(600),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }

@@ -19,20 +19,23 @@
 //! 2. `id`, `paging`: checked ids and page tokens (they fail with `error`'s
 //!    statuses, paging within `limits`).
 //! 3. `metrics`: Prometheus handles and the `/metrics` endpoint.
-//! 4. `cache`, `telemetry`: replicas' caches of other services' answers
-//!    (invalidated over the bus); logs, span export, trace context in and
-//!    out, starting the metrics endpoint.
+//! 4. `accept`, `cache`, `telemetry`: the connections a listener accepts
+//!    (its cap, the handshake deadline; counted in `metrics`); replicas'
+//!    caches of other services' answers (invalidated over the bus); logs,
+//!    span export, trace context in and out, starting the metrics endpoint.
 //! 5. `observe`: the per-RPC server span and metrics layer, and the client
 //!    spans of calls to other services (the traced channel, in-process calls).
 //! 6. `internal`: service credential and links between split services (a
 //!    traced channel carrying the credential).
-//! 7. `serve`: the server and its tower stack (observe, the internal gate).
+//! 7. `serve`: the server and its tower stack (observe, the internal gate)
+//!    on the connections of `accept`.
 //!
 //! A helper needed by two layers lives in the lower one (the RPC path split
 //! is in `metrics`, the per-RPC span in `observe`); an upper layer hands a
 //! lower one plain values (the credential reaches telemetry's channel as a
 //! header), never its own types.
 
+mod accept;
 pub mod cache;
 pub mod coalesce;
 pub mod config;
@@ -71,7 +74,11 @@ mod layering {
         ],
         &[("id", include_str!("id.rs")), ("paging", include_str!("paging.rs"))],
         &[("metrics", include_str!("metrics.rs"))],
-        &[("cache", include_str!("cache.rs")), ("telemetry", include_str!("telemetry.rs"))],
+        &[
+            ("accept", include_str!("accept.rs")),
+            ("cache", include_str!("cache.rs")),
+            ("telemetry", include_str!("telemetry.rs")),
+        ],
         &[("observe", include_str!("observe.rs"))],
         &[("internal", include_str!("internal.rs"))],
         &[("serve", include_str!("serve.rs"))],

@@ -15,6 +15,13 @@
 //! - `natter_rpc_duration_seconds{service,method}`: time from the request's
 //!   arrival to its final status (for a stream: the stream's whole life).
 //! - `natter_active_streams`: open StreamEvents streams ([`StreamGuard`]).
+//! - `natter_connections_open{listener}`: TCP connections a listener
+//!   (`public` or `internal`) holds now, from accept to close;
+//!   `natter_connection_handshake_timeouts_total{listener}`: connections
+//!   closed because no request came within `--handshake-timeout`;
+//!   `natter_connection_cap_reached_total{listener}`: times a listener
+//!   stopped accepting because it held `--max-connections`
+//!   ([`ConnectionGuard`]).
 //! - whatever a service registers of its own ([`register`]; the messages
 //!   writer's batch, commit and phase metrics).
 //! - `natter_bus_published_total`, `natter_bus_received_total`: events put
@@ -35,7 +42,8 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, core::Collector,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    core::Collector,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -73,6 +81,9 @@ struct Metrics {
     rpc_requests: IntCounterVec,
     rpc_duration: HistogramVec,
     active_streams: IntGauge,
+    connections_open: IntGaugeVec,
+    handshake_timeouts: IntCounterVec,
+    connection_cap_reached: IntCounterVec,
     bus_published: IntCounter,
     bus_received: IntCounter,
     bus_subscriptions: IntGauge,
@@ -95,6 +106,27 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .expect("valid metric");
     let active_streams =
         IntGauge::new("natter_active_streams", "StreamEvents streams open now.").expect("valid metric");
+    let connections_open = IntGaugeVec::new(
+        Opts::new("natter_connections_open", "TCP connections a listener holds now, from accept to close."),
+        &["listener"],
+    )
+    .expect("valid metric");
+    let handshake_timeouts = IntCounterVec::new(
+        Opts::new(
+            "natter_connection_handshake_timeouts_total",
+            "Connections closed because no request came within the handshake timeout.",
+        ),
+        &["listener"],
+    )
+    .expect("valid metric");
+    let connection_cap_reached = IntCounterVec::new(
+        Opts::new(
+            "natter_connection_cap_reached_total",
+            "Times a listener stopped accepting because it held its maximum of connections.",
+        ),
+        &["listener"],
+    )
+    .expect("valid metric");
     let bus_published =
         IntCounter::new("natter_bus_published_total", "Events published on the event bus.").expect("valid metric");
     let bus_received =
@@ -109,6 +141,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(rpc_requests.clone()) as Box<dyn Collector>,
         Box::new(rpc_duration.clone()),
         Box::new(active_streams.clone()),
+        Box::new(connections_open.clone()),
+        Box::new(handshake_timeouts.clone()),
+        Box::new(connection_cap_reached.clone()),
         Box::new(bus_published.clone()),
         Box::new(bus_received.clone()),
         Box::new(bus_subscriptions.clone()),
@@ -122,6 +157,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         rpc_requests,
         rpc_duration,
         active_streams,
+        connections_open,
+        handshake_timeouts,
+        connection_cap_reached,
         bus_published,
         bus_received,
         bus_subscriptions,
@@ -164,6 +202,42 @@ impl Drop for StreamGuard {
     fn drop(&mut self) {
         METRICS.active_streams.dec();
     }
+}
+
+/// Counts one open connection of a listener while alive
+/// (`natter_connections_open{listener}`): the listener creates one at
+/// accept and the connection keeps it until it closes.
+#[derive(Debug)]
+#[must_use = "the connection counts as open only while the guard lives"]
+pub struct ConnectionGuard {
+    open: IntGauge,
+}
+
+impl ConnectionGuard {
+    /// Counts a connection of `listener` (`public`, `internal`) as open.
+    pub fn new(listener: &str) -> Self {
+        let open = METRICS.connections_open.with_label_values(&[listener]);
+        open.inc();
+        Self { open }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// Counts a connection of `listener` closed because no request came within
+/// the handshake timeout.
+pub fn handshake_timed_out(listener: &str) {
+    METRICS.handshake_timeouts.with_label_values(&[listener]).inc();
+}
+
+/// Counts a time `listener` reached its cap of connections and stopped
+/// accepting.
+pub fn connection_cap_reached(listener: &str) {
+    METRICS.connection_cap_reached.with_label_values(&[listener]).inc();
 }
 
 /// Registers a service's own metric in the process's registry, so that

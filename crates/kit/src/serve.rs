@@ -5,10 +5,12 @@
 //! `grpcurl` and `buf curl` work with no proto files), gRPC-web with CORS on
 //! the same port (HTTP/1.1 and HTTP/2), a span per RPC, a limit on the
 //! decoded request size and the transport limits of
-//! [`crate::config::TransportArgs`]. A public server ([`Server::new`])
-//! never serves an internal service and its reflection lists public ones
-//! only; an internal listener ([`Server::internal`]) answers only calls that
-//! carry the service credential. Shutdown is graceful: the listener closes, in-flight
+//! [`crate::config::TransportArgs`], among them a cap on open connections
+//! and a deadline for a connection's first request (`crate::accept`). A
+//! public server ([`Server::new`]) never serves an internal service and its
+//! reflection lists public ones only; an internal listener
+//! ([`Server::internal`]) answers only calls that carry the service
+//! credential. Shutdown is graceful: the listener closes, in-flight
 //! calls finish, streams are told to end through the same token, and after
 //! `shutdown_grace` the server stops regardless.
 
@@ -28,6 +30,7 @@ use tower_http::services::ServeDir;
 
 use crate::web_page::PageSource;
 
+use crate::accept::{FirstRequestLayer, Incoming};
 use crate::config::ServerArgs;
 use crate::internal::ServiceCredential;
 use crate::limits::{AuthFailures, Rate, TrustedProxies};
@@ -215,8 +218,13 @@ pub async fn serve_routes(
         warn_on_open_cors(&args.cors_allow_origins, &listener);
     }
     let transport = &args.transport;
+    let listener_name = if credential_free { "public" } else { "internal" };
     let layers = ServiceBuilder::new()
-        // Outermost on an internal listener: nothing without the service
+        // Outermost: any request, even one refused below, ends its
+        // connection's handshake deadline; and every layer below finds the
+        // client's address where tonic puts it.
+        .layer(FirstRequestLayer)
+        // First on an internal listener: nothing without the service
         // credential gets any further, not even a CORS preflight.
         .option_layer(credential.map(|c| GateLayer::new(crate::internal::require_credential(c))))
         // Before anything reads headers: a header block over the limit is
@@ -246,7 +254,13 @@ pub async fn serve_routes(
         .layer(RequestTimeoutLayer { timeout: transport.request_timeout })
         // Innermost, so gRPC-web clients see the corrected code too.
         .map_response(tonic_codes_by_the_table);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    crate::accept::check_open_file_limit(transport.max_connections, listener_name);
+    let incoming = Incoming::new(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        transport.max_connections,
+        transport.handshake_timeout,
+        listener_name,
+    );
     let drain = {
         let shutdown = shutdown.clone();
         async move {

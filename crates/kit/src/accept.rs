@@ -34,7 +34,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -77,7 +77,8 @@ pub(crate) struct Incoming {
     backoff: Option<Pin<Box<Sleep>>>,
     /// Whether the listener waits for a connection to close.
     at_cap: bool,
-    last_cap_warning: Option<Instant>,
+    /// The cap's warning, at most once per [`CAP_WARNING_INTERVAL`].
+    cap_warning: crate::limits::Throttle,
 }
 
 impl Incoming {
@@ -99,17 +100,17 @@ impl Incoming {
             listener,
             backoff: None,
             at_cap: false,
-            last_cap_warning: None,
+            cap_warning: crate::limits::Throttle::new(CAP_WARNING_INTERVAL),
         }
     }
 
     fn reached_cap(&mut self) {
         self.at_cap = true;
         metrics::connection_cap_reached(self.listener);
-        if self.last_cap_warning.is_none_or(|at| at.elapsed() >= CAP_WARNING_INTERVAL) {
-            self.last_cap_warning = Some(Instant::now());
+        if let Some(held) = self.cap_warning.admit() {
             tracing::warn!(
                 listener = self.listener,
+                since_last_warning = held,
                 "at --max-connections: new connections wait in the accept queue until open ones close"
             );
         }
@@ -359,27 +360,14 @@ pub(crate) fn check_open_file_limit(max_connections: u32, listener: &'static str
 }
 
 /// The soft open-file limit after raising it to the hard limit (as Go's
-/// runtime does at start); `None` when it cannot be read.
-#[cfg(unix)]
+/// runtime does at start; the `rlimit` crate's `increase_nofile_limit`);
+/// `None` when it cannot be read.
 fn raise_open_file_limit() -> Option<u64> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit read and write a valid rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return None;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                tracing::debug!(from = limit.rlim_cur, to = raised.rlim_cur, "raised the open-file limit");
-                limit = raised;
-            }
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => Some(limit),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read or raise the open-file limit");
+            None
         }
     }
-    Some(limit.rlim_cur)
-}
-
-#[cfg(not(unix))]
-fn raise_open_file_limit() -> Option<u64> {
-    None
 }

@@ -620,6 +620,76 @@ async fn a_connection_idle_after_a_call_is_kept_past_the_handshake_timeout() {
     c.stop().await;
 }
 
+/// The `--max-connection-idle` of the idle tests.
+const IDLE: Duration = Duration::from_millis(300);
+
+/// An HTTP/2 connection to `addr` (h2 crate) and its task, which ends when
+/// the connection closes.
+async fn h2_connect_watched(
+    addr: std::net::SocketAddr,
+) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    (send, tokio::spawn(connection))
+}
+
+/// Starts a grpc.health.v1 call (`Check` or `Watch`, which needs no
+/// token) for the whole server on `send`, its request sent whole; its
+/// response's headers.
+async fn health_call(
+    send: &mut h2::client::SendRequest<Bytes>,
+    addr: std::net::SocketAddr,
+    method: &str,
+) -> http::Response<h2::RecvStream> {
+    let mut send = send.clone().ready().await.unwrap();
+    let path = format!("/grpc.health.v1.Health/{method}");
+    let (response, mut body) = send.send_request(grpc_request(addr, &path), false).unwrap();
+    // An empty HealthCheckRequest: the gRPC message prefix, length 0.
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+    tokio::time::timeout(GUARD, response).await.expect("the server answers").unwrap()
+}
+
+/// A connection whose calls all ended is closed once it has had none in
+/// flight for --max-connection-idle (it was held until
+/// --max-connection-age: an hour, room for a client to hold many).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_calls_is_closed_at_max_connection_idle() {
+    let c = Cluster::all_in_one(&["--max-connection-idle", "300ms"]).await;
+    let (mut send, closed) = h2_connect_watched(c.addr).await;
+    let started = std::time::Instant::now();
+    let mut body = health_call(&mut send, c.addr, "Check").await.into_body();
+    while let Some(data) = body.data().await {
+        data.unwrap();
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers.get("grpc-status").map(|v| v.to_str().unwrap()), Some("0"), "{trailers:?}");
+
+    let _ = tokio::time::timeout(GUARD, closed).await.expect("the server closes a connection idle past the limit");
+    assert!(started.elapsed() >= IDLE, "closed at {:?}, before the idle timeout", started.elapsed());
+    c.stop().await;
+}
+
+/// A connection with a stream open is not idle however long nothing moves
+/// on it (a StreamEvents in a quiet chat): kept for five times
+/// --max-connection-idle, then closed once the stream ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_a_stream_open_is_not_idle() {
+    let c = Cluster::all_in_one(&["--max-connection-idle", "300ms"]).await;
+    let (mut send, mut closed) = h2_connect_watched(c.addr).await;
+    let mut watch = health_call(&mut send, c.addr, "Watch").await.into_body();
+    let first = tokio::time::timeout(GUARD, watch.data()).await.expect("the current status");
+    first.expect("a message").unwrap();
+
+    let early = tokio::time::timeout(IDLE * 5, &mut closed).await;
+    assert!(early.is_err(), "closed with a stream open: {early:?}");
+
+    // Dropping the stream's receiving half cancels it (RST_STREAM).
+    drop(watch);
+    let _ = tokio::time::timeout(GUARD, closed).await.expect("closed once its stream ended and it idled");
+    drop(send);
+    c.stop().await;
+}
+
 /// A channel over a single TCP connection to `addr` (connected now; the
 /// HTTP/2 handshake comes with the first call): the channel cannot
 /// reconnect, so a call fails once the server closed it.

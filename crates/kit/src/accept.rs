@@ -1,11 +1,14 @@
 //! The connections a natter listener accepts: at most `--max-connections`
 //! open at once, each closed unless its first request arrives within
-//! `--handshake-timeout` ([`crate::config::TransportArgs`]).
+//! `--handshake-timeout`, and, on a public listener, once it has had no
+//! call in flight for `--max-connection-idle`
+//! ([`crate::config::TransportArgs`]).
 //!
-//! Both rules live in the connection itself (a semaphore permit, and a
+//! The rules live in the connection itself (a semaphore permit, and a
 //! deadline checked where hyper reads it), so tonic's server serves it as
-//! any other; a layer at the top of the stack ([`FirstRequestLayer`]) tells
-//! the connection its first request came. The trade-off: the deadline
+//! any other; a layer at the top of the stack ([`CallTrackingLayer`]) tells
+//! the connection when each call starts and ends (its response body
+//! dropped: answered, or the client went away). The trade-off: a deadline
 //! strikes when hyper next reads, which it does for as long as it waits for
 //! a request, so it is late by no more than a timer tick. A client that
 //! connects ahead of its first call (tonic's `Endpoint::connect`) and
@@ -24,22 +27,34 @@
 //! is full, new connection attempts go unanswered until the client retries
 //! them. A load balancer's health check waits too, so a full replica looks
 //! unready and gets no new traffic. Connections that each made a call
-//! (a health check needs no token) and then idle hold their places until
-//! `--max-connection-age`: against those the cap keeps the process and its
-//! open connections alive, not newcomers served.
+//! (a health check needs no token) and then idle hold their places for
+//! `--max-connection-idle` (5 minutes) on a public listener.
+//!
+//! The idle deadline (gRPC's MAX_CONNECTION_IDLE, gRFC A9) counts from the
+//! moment the connection's last call ended; a call in flight (an open
+//! StreamEvents, a unary call being answered) stops it. Where gRPC sends
+//! GOAWAY first, natter closes the connection: hyper offers no way to
+//! start its graceful close from outside, and a connection with no call in
+//! flight has nothing to drain. A call a client sends just as the
+//! connection closes fails UNAVAILABLE without having reached a service
+//! (the connection is closed instead of reading it), as on any dropped
+//! connection; browsers resend it on a new connection by themselves. The
+//! internal listener has no idle deadline: only natter's own services,
+//! holding the service credential, reach it, and their channels would meet
+//! that race for nothing.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tokio_stream::Stream;
 use tokio_util::sync::PollSemaphore;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
@@ -70,7 +85,7 @@ pub(crate) struct Incoming {
     slots: PollSemaphore,
     /// A permit taken while accept was still pending.
     slot: Option<OwnedSemaphorePermit>,
-    handshake_timeout: Duration,
+    deadlines: Deadlines,
     /// The `listener` label of the metrics: `public` or `internal`.
     listener: &'static str,
     /// Set after accept failed for want of resources.
@@ -83,20 +98,15 @@ pub(crate) struct Incoming {
 
 impl Incoming {
     /// Accepts from `inner` at most `max_connections` connections at once,
-    /// each closed unless its first request reaches [`FirstRequestLayer`]
-    /// within `handshake_timeout`. `listener` names it in metrics and logs.
-    pub(crate) fn new(
-        inner: TcpIncoming,
-        max_connections: u32,
-        handshake_timeout: Duration,
-        listener: &'static str,
-    ) -> Self {
+    /// each closed past its `deadlines`, as [`CallTrackingLayer`] reports
+    /// its calls. `listener` names it in metrics and logs.
+    pub(crate) fn new(inner: TcpIncoming, max_connections: u32, deadlines: Deadlines, listener: &'static str) -> Self {
         let permits = (max_connections as usize).clamp(1, Semaphore::MAX_PERMITS);
         Self {
             inner,
             slots: PollSemaphore::new(Arc::new(Semaphore::new(permits))),
             slot: None,
-            handshake_timeout,
+            deadlines,
             listener,
             backoff: None,
             at_cap: false,
@@ -147,7 +157,7 @@ impl Stream for Incoming {
                 None => return Poll::Ready(None),
                 Some(Ok(stream)) => {
                     let slot = this.slot.take().expect("a permit is taken before accepting");
-                    let connection = Connection::new(stream, slot, this.handshake_timeout, this.listener);
+                    let connection = Connection::new(stream, slot, this.deadlines, this.listener);
                     return Poll::Ready(Some(Ok(connection)));
                 }
                 // A connection that failed between the kernel's handshake
@@ -173,69 +183,112 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
+/// How long a connection may wait for its first request, and, once it had
+/// one, stay with no call in flight.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Deadlines {
+    /// From accept to the first request's headers.
+    pub(crate) handshake: Duration,
+    /// From the end of the last call to the close; `None`: never.
+    pub(crate) idle: Option<Duration>,
+}
+
 /// One accepted connection: a TCP stream holding its listener's permit
-/// (released when hyper drops the connection, however it ends) and, until
-/// its first request comes, a deadline that fails its reads.
+/// (released when hyper drops the connection, however it ends), closed by
+/// failing its reads once a deadline of [`Deadlines`] passed.
 pub(crate) struct Connection {
     stream: TcpStream,
-    handshake: Handshake,
-    first_request: FirstRequest,
+    deadlines: Deadlines,
+    calls: Arc<Calls>,
+    /// The timer of the deadline that applies now (reset as it changes).
+    timer: Pin<Box<Sleep>>,
+    /// Why the connection was closed, once it was: every read fails.
+    closed: Option<Closed>,
     listener: &'static str,
     _open: ConnectionGuard,
     _slot: OwnedSemaphorePermit,
 }
 
-/// Where a connection stands with its handshake deadline.
-enum Handshake {
-    /// No request yet; reads fail once the deadline passes.
-    Waiting(Pin<Box<Sleep>>),
-    /// A request came: the deadline no longer applies.
-    Done,
-    /// The deadline passed first: every read fails.
-    TimedOut,
+/// The deadline a connection was closed at.
+#[derive(Clone, Copy, Debug)]
+enum Closed {
+    /// No request within the handshake timeout.
+    Handshake,
+    /// No call in flight for the idle timeout.
+    Idle,
 }
 
 impl Connection {
-    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, handshake_timeout: Duration, listener: &'static str) -> Self {
+    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, deadlines: Deadlines, listener: &'static str) -> Self {
+        let opened = Instant::now();
         Self {
             stream,
-            handshake: Handshake::Waiting(Box::pin(tokio::time::sleep(handshake_timeout))),
-            first_request: FirstRequest::default(),
+            deadlines,
+            calls: Arc::new(Calls::new(opened)),
+            timer: Box::pin(tokio::time::sleep_until(opened + deadlines.handshake)),
+            closed: None,
             listener,
             _open: ConnectionGuard::new(listener),
             _slot: slot,
         }
     }
 
-    /// Fails a read past the handshake deadline with `TimedOut` (hyper
-    /// then closes the connection); registers the deadline's wake-up while
-    /// it has not passed.
-    fn check_handshake(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if let Handshake::Waiting(deadline) = &mut self.handshake {
-            if self.first_request.came() {
-                self.handshake = Handshake::Done;
-            } else if deadline.as_mut().poll(cx).is_ready() {
-                self.handshake = Handshake::TimedOut;
-                metrics::handshake_timed_out(self.listener);
-                tracing::debug!(
-                    peer = ?self.stream.peer_addr().ok(),
-                    listener = self.listener,
-                    "closing a connection that sent no request within --handshake-timeout"
-                );
+    /// The deadline that applies now: the handshake's until the first
+    /// request, then, while no call is in flight, the idle one.
+    fn deadline(&self) -> Option<(Instant, Closed)> {
+        if !self.calls.first_came() {
+            return Some((self.calls.opened + self.deadlines.handshake, Closed::Handshake));
+        }
+        let idle = self.deadlines.idle?;
+        (self.calls.in_flight() == 0).then(|| (self.calls.idle_since() + idle, Closed::Idle))
+    }
+
+    /// Fails a read once a deadline passed with `TimedOut` (hyper then
+    /// closes the connection); registers the deadline's wake-up while it
+    /// has not.
+    fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.closed.is_none()
+            && let Some((at, why)) = self.deadline()
+        {
+            if self.timer.deadline() != at {
+                self.timer.as_mut().reset(at);
+            }
+            if self.timer.as_mut().poll(cx).is_ready() {
+                self.closed = Some(why);
+                let peer = self.stream.peer_addr().ok();
+                match why {
+                    Closed::Handshake => {
+                        metrics::handshake_timed_out(self.listener);
+                        tracing::debug!(
+                            ?peer,
+                            listener = self.listener,
+                            "closing a connection that sent no request within --handshake-timeout"
+                        );
+                    }
+                    Closed::Idle => {
+                        metrics::idle_closed(self.listener);
+                        tracing::debug!(
+                            ?peer,
+                            listener = self.listener,
+                            "closing a connection with no call in flight for --max-connection-idle"
+                        );
+                    }
+                }
             }
         }
-        match self.handshake {
-            Handshake::TimedOut => {
+        match self.closed {
+            Some(Closed::Handshake) => {
                 Err(io::Error::new(io::ErrorKind::TimedOut, "no request within the handshake timeout"))
             }
-            Handshake::Waiting(_) | Handshake::Done => Ok(()),
+            Some(Closed::Idle) => Err(io::Error::new(io::ErrorKind::TimedOut, "no call within the idle timeout")),
+            None => Ok(()),
         }
     }
 }
 
 impl AsyncRead for Connection {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        self.check_handshake(cx)?;
+        self.check_deadline(cx)?;
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -270,74 +323,169 @@ impl Connected for Connection {
     type ConnectInfo = ConnectionInfo;
 
     fn connect_info(&self) -> ConnectionInfo {
-        ConnectionInfo { tcp: self.stream.connect_info(), first_request: self.first_request.clone() }
+        ConnectionInfo { tcp: self.stream.connect_info(), calls: self.calls.clone() }
     }
 }
 
-/// Set once a connection's first request reaches the service stack.
-#[derive(Clone, Debug, Default)]
-struct FirstRequest(Arc<AtomicBool>);
+/// The calls of one connection, as [`CallTrackingLayer`] reports them.
+#[derive(Debug)]
+struct Calls {
+    /// When the connection was accepted.
+    opened: Instant,
+    /// Set by the first request.
+    first: AtomicBool,
+    /// Calls started and not yet ended.
+    in_flight: AtomicUsize,
+    /// When the last call in flight ended, in milliseconds after `opened`
+    /// (only ever raised, so two calls ending together leave the later).
+    idle_since_ms: AtomicU64,
+}
 
-impl FirstRequest {
-    fn came(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+impl Calls {
+    fn new(opened: Instant) -> Self {
+        Self { opened, first: AtomicBool::new(false), in_flight: AtomicUsize::new(0), idle_since_ms: AtomicU64::new(0) }
     }
 
-    fn mark(&self) {
-        self.0.store(true, Ordering::Release);
+    fn first_came(&self) -> bool {
+        self.first.load(Ordering::Acquire)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    fn idle_since(&self) -> Instant {
+        self.opened + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire))
+    }
+}
+
+/// One call in flight on its connection, from the request reaching the
+/// stack until its response body is dropped (sent whole, or the client
+/// went away) or the call failed without a response.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<Calls>);
+
+impl InFlight {
+    fn start(calls: Arc<Calls>) -> Self {
+        calls.in_flight.fetch_add(1, Ordering::AcqRel);
+        calls.first.store(true, Ordering::Release);
+        Self(calls)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let ended = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.idle_since_ms.fetch_max(ended, Ordering::AcqRel);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// What tonic puts in the extensions of each request of a [`Connection`];
-/// [`FirstRequestLayer`] takes it out and leaves tonic's own
+/// [`CallTrackingLayer`] takes it out and leaves tonic's own
 /// [`TcpConnectInfo`] in its place, where `remote_addr()` and the rate
 /// limits look for the client's address.
 #[derive(Clone, Debug)]
 pub(crate) struct ConnectionInfo {
     tcp: TcpConnectInfo,
-    first_request: FirstRequest,
+    calls: Arc<Calls>,
 }
 
-/// Marks the connection of each request as having had its first request
-/// (so the handshake deadline no longer applies) and turns its
-/// [`ConnectionInfo`] into tonic's [`TcpConnectInfo`]. Outermost in the
-/// stack: any request counts, even one a gate then refuses, and every layer
-/// after it finds the client's address where tonic puts it.
+/// Tells the connection of each request that a call started on it, and
+/// when it ended (the response body dropped), so that its handshake
+/// deadline no longer applies and its idle one counts from the last call's
+/// end; turns its [`ConnectionInfo`] into tonic's [`TcpConnectInfo`].
+/// Outermost in the stack: any request counts, even one a gate then
+/// refuses, and every layer after it finds the client's address where
+/// tonic puts it.
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct FirstRequestLayer;
+pub(crate) struct CallTrackingLayer;
 
-impl<S> tower::Layer<S> for FirstRequestLayer {
-    type Service = MarkFirstRequest<S>;
+impl<S> tower::Layer<S> for CallTrackingLayer {
+    type Service = TrackCalls<S>;
 
-    fn layer(&self, inner: S) -> MarkFirstRequest<S> {
-        MarkFirstRequest { inner }
+    fn layer(&self, inner: S) -> TrackCalls<S> {
+        TrackCalls { inner }
     }
 }
 
-/// See [`FirstRequestLayer`].
+/// See [`CallTrackingLayer`].
 #[derive(Clone, Debug)]
-pub(crate) struct MarkFirstRequest<S> {
+pub(crate) struct TrackCalls<S> {
     inner: S,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for MarkFirstRequest<S>
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for TrackCalls<S>
 where
-    S: tower::Service<http::Request<B>>,
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
 {
-    type Response = S::Response;
+    type Response = http::Response<TrackedBody<ResBody>>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = TrackedFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<B>) -> S::Future {
-        if let Some(info) = request.extensions_mut().remove::<ConnectionInfo>() {
-            info.first_request.mark();
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        let call = request.extensions_mut().remove::<ConnectionInfo>().map(|info| {
             request.extensions_mut().insert(info.tcp);
-        }
-        self.inner.call(request)
+            InFlight::start(info.calls)
+        });
+        TrackedFuture { inner: self.inner.call(request), call }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`TrackCalls`]: holds the call in flight
+    /// until the response, then hands it to the response's body.
+    pub(crate) struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        call: Option<InFlight>,
+    }
+}
+
+impl<F, B, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = Result<http::Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx))?;
+        let call = this.call.take();
+        Poll::Ready(Ok(response.map(|inner| TrackedBody { inner, _call: call })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds its call in flight until dropped.
+    pub(crate) struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        _call: Option<InFlight>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -123,10 +123,17 @@ pub struct TransportArgs {
     /// accept until that request's headers are read (HTTP/2: the preface,
     /// SETTINGS and a whole HEADERS block; HTTP/1.1: the request head). One
     /// that has not by then is closed, however many bytes it sent; one that
-    /// has is never cut by it (idle connections are left to the HTTP/2
-    /// keepalive and --max-connection-age).
+    /// has is never cut by it (idle ones are left to --max-connection-idle).
     #[arg(long, env = "NATTER_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub handshake_timeout: Duration,
+
+    /// How long a connection to a public listener may stay open with no
+    /// call in flight (no unary call being answered, no stream open) after
+    /// its last call ended, before it is closed; its client connects again
+    /// for its next call (gRPC's MAX_CONNECTION_IDLE). 0s: never. Internal
+    /// listeners keep idle connections (only natter's services reach them).
+    #[arg(long, env = "NATTER_MAX_CONNECTION_IDLE", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub max_connection_idle: Duration,
 
     /// Most TCP connections one listener holds at once (a split service's
     /// public and internal listeners each). At the cap the listener stops
@@ -150,6 +157,7 @@ impl Default for TransportArgs {
             max_connection_age: Duration::from_secs(3600),
             max_connection_age_grace: Duration::from_secs(600),
             handshake_timeout: Duration::from_secs(10),
+            max_connection_idle: Duration::from_secs(300),
             max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }

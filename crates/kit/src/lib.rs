@@ -20,7 +20,7 @@
 //!    statuses, paging within `limits`).
 //! 3. `metrics`: Prometheus handles and the `/metrics` endpoint.
 //! 4. `accept`, `cache`, `telemetry`: the connections a listener accepts
-//!    (its cap, the handshake deadline; counted in `metrics`); replicas'
+//!    (its cap, the handshake and idle deadlines; counted in `metrics`); replicas'
 //!    caches of other services' answers (invalidated over the bus); logs,
 //!    span export, trace context in and out, starting the metrics endpoint.
 //! 5. `observe`: the per-RPC server span and metrics layer, and the client

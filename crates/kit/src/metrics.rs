@@ -19,6 +19,8 @@
 //!   (`public` or `internal`) holds now, from accept to close;
 //!   `natter_connection_handshake_timeouts_total{listener}`: connections
 //!   closed because no request came within `--handshake-timeout`;
+//!   `natter_connection_idle_closes_total{listener}`: connections closed
+//!   after `--max-connection-idle` with no call in flight;
 //!   `natter_connection_cap_reached_total{listener}`: times a listener
 //!   stopped accepting because it held `--max-connections`
 //!   ([`ConnectionGuard`]).
@@ -83,6 +85,7 @@ struct Metrics {
     active_streams: IntGauge,
     connections_open: IntGaugeVec,
     handshake_timeouts: IntCounterVec,
+    idle_closes: IntCounterVec,
     connection_cap_reached: IntCounterVec,
     bus_published: IntCounter,
     bus_received: IntCounter,
@@ -119,6 +122,14 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["listener"],
     )
     .expect("valid metric");
+    let idle_closes = IntCounterVec::new(
+        Opts::new(
+            "natter_connection_idle_closes_total",
+            "Connections closed because they had no call in flight for the idle timeout.",
+        ),
+        &["listener"],
+    )
+    .expect("valid metric");
     let connection_cap_reached = IntCounterVec::new(
         Opts::new(
             "natter_connection_cap_reached_total",
@@ -143,6 +154,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(active_streams.clone()),
         Box::new(connections_open.clone()),
         Box::new(handshake_timeouts.clone()),
+        Box::new(idle_closes.clone()),
         Box::new(connection_cap_reached.clone()),
         Box::new(bus_published.clone()),
         Box::new(bus_received.clone()),
@@ -159,6 +171,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         active_streams,
         connections_open,
         handshake_timeouts,
+        idle_closes,
         connection_cap_reached,
         bus_published,
         bus_received,
@@ -232,6 +245,12 @@ impl Drop for ConnectionGuard {
 /// the handshake timeout.
 pub fn handshake_timed_out(listener: &str) {
     METRICS.handshake_timeouts.with_label_values(&[listener]).inc();
+}
+
+/// Counts a connection of `listener` closed because it had no call in
+/// flight for the idle timeout.
+pub fn idle_closed(listener: &str) {
+    METRICS.idle_closes.with_label_values(&[listener]).inc();
 }
 
 /// Counts a time `listener` reached its cap of connections and stopped

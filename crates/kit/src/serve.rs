@@ -30,7 +30,7 @@ use tower_http::services::ServeDir;
 
 use crate::web_page::PageSource;
 
-use crate::accept::{FirstRequestLayer, Incoming};
+use crate::accept::{CallTrackingLayer, Deadlines, Incoming};
 use crate::config::ServerArgs;
 use crate::internal::ServiceCredential;
 use crate::limits::{AuthFailures, Rate, TrustedProxies};
@@ -221,9 +221,10 @@ pub async fn serve_routes(
     let listener_name = if credential_free { "public" } else { "internal" };
     let layers = ServiceBuilder::new()
         // Outermost: any request, even one refused below, ends its
-        // connection's handshake deadline; and every layer below finds the
-        // client's address where tonic puts it.
-        .layer(FirstRequestLayer)
+        // connection's handshake deadline and holds off its idle one until
+        // the response is sent; and every layer below finds the client's
+        // address where tonic puts it.
+        .layer(CallTrackingLayer)
         // First on an internal listener: nothing without the service
         // credential gets any further, not even a CORS preflight.
         .option_layer(credential.map(|c| GateLayer::new(crate::internal::require_credential(c))))
@@ -258,7 +259,11 @@ pub async fn serve_routes(
     let incoming = Incoming::new(
         TcpIncoming::from(listener).with_nodelay(Some(true)),
         transport.max_connections,
-        transport.handshake_timeout,
+        Deadlines {
+            handshake: transport.handshake_timeout,
+            // Public listeners only (see `crate::accept`).
+            idle: Some(transport.max_connection_idle).filter(|idle| credential_free && !idle.is_zero()),
+        },
         listener_name,
     );
     let drain = {

@@ -65,7 +65,52 @@ pub enum DbError {
     Thread(String),
 }
 
-/// Runs `migrator` on `pool`, tolerant of a schema a newer natter migrated
+/// A migration that migrating a store applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedMigration {
+    /// Its version: the number its file name starts with (`0013`: 13).
+    pub version: i64,
+    /// Its description: the rest of its file name, words apart (`store
+    /// backfills`).
+    pub description: String,
+}
+
+/// A one-off rewrite of stored rows that migrating a store ran (the
+/// services' backfills: what SQL cannot say on both engines, done by the
+/// store's code once per database).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backfilled {
+    /// Its name (on the messages store, as in `store_backfills`).
+    pub name: String,
+    /// How many rows (messages, chats) it rewrote; 0 when it ran and found
+    /// nothing to rewrite.
+    pub rewritten: u64,
+}
+
+/// What migrating one store did, as `natter migrate` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Migrated {
+    /// The migrations applied, in version order; empty: the schema was up
+    /// to date.
+    pub applied: Vec<AppliedMigration>,
+    /// The backfills that ran, in order; empty: none was due.
+    pub backfills: Vec<Backfilled>,
+}
+
+/// Migrates the store `config` names (the SQLite file or PostgreSQL schema
+/// created if missing) with `migrator`, as the stores do when they open:
+/// [`sqlite::migrate`] or [`postgres::migrate_schema`]. Returns the
+/// migrations it applied.
+///
+/// Errors: as those two, or the URL names no supported engine.
+pub async fn migrate(config: &DbConfig, migrator: &Migrator) -> Result<Vec<AppliedMigration>, DbError> {
+    match config.engine()? {
+        Engine::Sqlite { path } => sqlite::migrate(&path, migrator).await,
+        Engine::Postgres { url, schema } => postgres::migrate_schema(&url, &schema, &config.pool, migrator).await,
+    }
+}
+
+/// Runs `migrator` on `conn`, tolerant of a schema a newer natter migrated
 /// further: migrations this binary does not know are left as they are, not
 /// refused. So the previous release still starts on the next one's schema
 /// (a rollback, or an old replica restarting during a rolling upgrade).
@@ -75,21 +120,34 @@ pub enum DbError {
 /// migration the binary knows but the database applied with other SQL is
 /// still an error.
 ///
+/// `conn` must keep other processes' migrations out until this returns (a
+/// PostgreSQL advisory lock, a SQLite write transaction): the migrations it
+/// applied are those not recorded before it ran, which it returns.
+///
 /// Errors: a migration fails, or an applied one was changed.
-pub async fn run_migrations<'a, A>(migrator: &Migrator, pool: A) -> Result<(), sqlx::migrate::MigrateError>
+pub(crate) async fn run_migrations<C>(
+    migrator: &Migrator,
+    conn: &mut C,
+) -> Result<Vec<AppliedMigration>, sqlx::migrate::MigrateError>
 where
-    A: sqlx::Acquire<'a>,
-    <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
+    C: sqlx::migrate::Migrate,
 {
-    tolerant(migrator).run(pool).await
-}
-
-/// `migrator` with its migrations, ignoring applied ones it does not know
-/// (see [`run_migrations`]).
-fn tolerant(migrator: &Migrator) -> Migrator {
     let mut tolerant = Migrator::with_migrations(migrator.iter().cloned().collect());
     tolerant.set_ignore_missing(true);
-    tolerant
+    // The caller holds the lock (sqlx's SQLite migrator takes none at all).
+    tolerant.set_locking(false);
+    conn.ensure_migrations_table(&tolerant.table_name).await?;
+    let before: std::collections::HashSet<i64> =
+        conn.list_applied_migrations(&tolerant.table_name).await?.iter().map(|m| m.version).collect();
+    // run_direct, not run: run's `Acquire` bound on `&mut Connection` makes
+    // the future not `Send` for every lifetime (sqlx says as much on
+    // run_direct), and services' starts are spawned.
+    tolerant.run_direct(None, conn, false).await?;
+    Ok(tolerant
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration() && !before.contains(&m.version))
+        .map(|m| AppliedMigration { version: m.version, description: m.description.to_string() })
+        .collect())
 }
 
 /// What a failed database call is to the client of the call that made it:
@@ -231,6 +289,18 @@ impl DbConfig {
         Self { url: url.to_owned(), schema: schema.to_owned(), pool: PoolSettings::default() }
     }
 
+    /// Where this store is, for a report or a log line, with no password
+    /// in it: the SQLite file's path, or the PostgreSQL URL less its
+    /// password and the schema (`postgres://natter@db:5432/natter, schema
+    /// natter_chats`).
+    pub fn location(&self) -> String {
+        match self.engine() {
+            Ok(Engine::Sqlite { path }) => path.display().to_string(),
+            Ok(Engine::Postgres { url, schema }) => format!("{}, schema {schema}", without_password(&url)),
+            Err(_) => without_password(&self.url),
+        }
+    }
+
     /// The engine and place this configuration names.
     ///
     /// Errors: the URL is neither `sqlite:` nor `postgres:`/`postgresql:`,
@@ -246,6 +316,29 @@ impl DbConfig {
             Err(DbError::UnsupportedUrl(self.url.clone()))
         }
     }
+}
+
+/// `url` without a password: neither its user part's (`user:password@`)
+/// nor a `password` (or `sslpassword`) query parameter.
+fn without_password(url: &str) -> String {
+    let (head, query) = url.split_once('?').map_or((url, None), |(head, query)| (head, Some(query)));
+    let mut out = match head.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest, rest.rfind('@')?))) {
+        Some((scheme, rest, at)) => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}{}", &rest[at..])
+        }
+        None => head.to_owned(),
+    };
+    let kept: Vec<&str> = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter(|param| !param.split('=').next().unwrap_or_default().to_ascii_lowercase().contains("password"))
+        .collect();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    out
 }
 
 /// How many connections a service's pool holds, how long a call waits for
@@ -388,20 +481,22 @@ pub struct Db {
 }
 
 impl Db {
-    /// Opens the database and runs `migrator` on it (on PostgreSQL as
-    /// [`postgres::connect`] does, with `config.pool`'s timeouts).
+    /// Opens the database after running `migrator` on it ([`migrate`]: on
+    /// PostgreSQL as [`postgres::connect`] does, with `config.pool`'s
+    /// timeouts; on SQLite in one transaction, as [`sqlite::migrate`] does).
     ///
     /// Errors: [`DbError`] when the URL is unsupported, the server is
     /// unreachable (after the pool's acquire timeout) or a migration fails.
     pub async fn connect(config: &DbConfig, migrator: &Migrator) -> Result<Self, DbError> {
         sqlx::any::install_default_drivers();
+        migrate(config, migrator).await?;
         match config.engine()? {
-            Engine::Sqlite { .. } => Self::connect_sqlite(config, migrator).await,
-            Engine::Postgres { url, schema } => Self::connect_postgres(&url, &schema, config, migrator).await,
+            Engine::Sqlite { .. } => Self::connect_sqlite(config).await,
+            Engine::Postgres { url, schema } => Self::connect_postgres(&url, &schema, config).await,
         }
     }
 
-    async fn connect_sqlite(config: &DbConfig, migrator: &Migrator) -> Result<Self, DbError> {
+    async fn connect_sqlite(config: &DbConfig) -> Result<Self, DbError> {
         let options = AnyConnectOptions::from_str(&config.url)?.disable_statement_logging();
         let setup = sqlite::SETUP;
         let write = AnyPoolOptions::new()
@@ -416,7 +511,6 @@ impl Db {
             })
             .connect_with(options.clone())
             .await?;
-        run_migrations(migrator, &write).await?;
         let read = AnyPoolOptions::new()
             .max_connections(config.pool.max_connections.max(1))
             .after_connect(move |conn, _| {
@@ -431,15 +525,7 @@ impl Db {
         Ok(Self { read, write })
     }
 
-    async fn connect_postgres(
-        url: &str,
-        schema: &str,
-        config: &DbConfig,
-        migrator: &Migrator,
-    ) -> Result<Self, DbError> {
-        let pg_options: sqlx::postgres::PgConnectOptions = url.parse()?;
-        postgres::create_schema(&pg_options, schema).await?;
-        postgres::migrate(&pg_options.disable_statement_logging(), schema, &config.pool, migrator).await?;
+    async fn connect_postgres(url: &str, schema: &str, config: &DbConfig) -> Result<Self, DbError> {
         let options = AnyConnectOptions::from_str(url)?.disable_statement_logging();
         let setup = postgres::session_setup(schema, &config.pool);
         let pool = AnyPoolOptions::new()
@@ -758,6 +844,26 @@ mod tests {
         assert!(
             sqlite::migrate(&path, &Migrator::with_migrations(changed)).await.is_err(),
             "a known migration changed"
+        );
+    }
+
+    /// A report names where a store is and never its password.
+    #[test]
+    fn a_location_holds_no_password() {
+        let located = |url: &str| DbConfig::postgres(url, "natter_chats").location();
+        assert_eq!(
+            located("postgres://natter:s3cr3t@db:5432/natter?sslmode=require&password=s3cr3t"),
+            "postgres://natter@db:5432/natter?sslmode=require, schema natter_chats"
+        );
+        assert_eq!(
+            located("postgresql://natter:a/b:c@db/natter"),
+            "postgresql://natter@db/natter, schema natter_chats"
+        );
+        assert_eq!(located("postgres://db/natter"), "postgres://db/natter, schema natter_chats");
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            DbConfig::sqlite_in(dir.path(), "chats").location(),
+            dir.path().join("chats.db").display().to_string()
         );
     }
 

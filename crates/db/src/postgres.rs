@@ -10,7 +10,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions as _, Connection as _, Executor as _, PgConnection, PgPool};
 
-use crate::{DbError, PoolSettings, valid_schema};
+use crate::{AppliedMigration, DbError, PoolSettings, valid_schema};
 
 /// PostgreSQL's `idle_in_transaction_session_timeout` on every connection:
 /// a session left in an open transaction with nothing running for this long
@@ -34,9 +34,8 @@ pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// ([`DbError::MissingDatabase`]), or a migration fails (one that waited
 /// `settings.lock_timeout` for a table's lock among them).
 pub async fn connect(url: &str, schema: &str, settings: &PoolSettings, migrator: &Migrator) -> Result<PgPool, DbError> {
+    migrate_schema(url, schema, settings, migrator).await?;
     let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.disable_statement_logging();
-    create_schema(&options, schema).await?;
-    migrate(&options, schema, settings, migrator).await?;
     let setup = session_setup(schema, settings);
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections.max(1))
@@ -51,6 +50,24 @@ pub async fn connect(url: &str, schema: &str, settings: &PoolSettings, migrator:
         .connect_with(options)
         .await?;
     Ok(pool)
+}
+
+/// Creates `schema` on `url` if missing (and the database, see
+/// [`create_database`]) and runs `migrator` in it as [`migrate`] says: on a
+/// connection of its own, under sqlx's migration lock, with
+/// `settings.lock_timeout` on the migrations' statements. Returns the
+/// migrations it applied, in version order (empty: up to date).
+///
+/// Errors: as [`connect`].
+pub async fn migrate_schema(
+    url: &str,
+    schema: &str,
+    settings: &PoolSettings,
+    migrator: &Migrator,
+) -> Result<Vec<AppliedMigration>, DbError> {
+    let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.disable_statement_logging();
+    create_schema(&options, schema).await?;
+    migrate(&options, schema, settings, migrator).await
 }
 
 /// The statements (one batch) every pooled connection of a store in
@@ -97,13 +114,15 @@ fn millis(d: Duration) -> u128 {
 ///   its own wait, the classic migration outage. The process then fails to
 ///   start, and its restart tries again.
 ///
+/// Returns the migrations it applied.
+///
 /// Errors: the server refused, or a migration failed.
-pub(crate) async fn migrate(
+async fn migrate(
     options: &PgConnectOptions,
     schema: &str,
     settings: &PoolSettings,
     migrator: &Migrator,
-) -> Result<(), DbError> {
+) -> Result<Vec<AppliedMigration>, DbError> {
     let mut conn = PgConnection::connect_with(options).await?;
     let migrated = migrate_on(&mut conn, schema, settings, migrator).await;
     // Ending the session releases the advisory lock, even after a migration
@@ -117,25 +136,75 @@ async fn migrate_on(
     schema: &str,
     settings: &PoolSettings,
     migrator: &Migrator,
-) -> Result<(), DbError> {
+) -> Result<Vec<AppliedMigration>, DbError> {
     conn.execute(AssertSqlSafe(session_setup(schema, settings))).await?;
     conn.execute("SET statement_timeout = 0; SET lock_timeout = 0").await?;
     let database: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&mut *conn).await?;
     let key = migration_lock_key(&database);
+    advisory_lock(conn, key, schema, "migrations").await?;
+    conn.execute(AssertSqlSafe(format!("SET lock_timeout = {}", millis(settings.lock_timeout)))).await?;
+    let applied = crate::run_migrations(migrator, conn).await?;
+    sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut *conn).await?;
+    Ok(applied)
+}
+
+/// Takes the session-level advisory lock `key` on `conn`, waiting as long
+/// as another session holds it (`conn`'s `lock_timeout` must be 0: it cuts
+/// advisory lock waits too), and logs once that it waits for another
+/// process's `work` in `schema`.
+async fn advisory_lock(conn: &mut PgConnection, key: i64, schema: &str, work: &str) -> Result<(), sqlx::Error> {
     let (locked,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)").bind(key).fetch_one(&mut *conn).await?;
     if !locked {
-        tracing::info!(%schema, "waiting for another process's migrations");
+        tracing::info!(%schema, "waiting for another process's {work}");
         sqlx::query("SELECT pg_advisory_lock($1)").bind(key).execute(&mut *conn).await?;
     }
-    conn.execute(AssertSqlSafe(format!("SET lock_timeout = {}", millis(settings.lock_timeout)))).await?;
-    let mut unlocked = crate::tolerant(migrator);
-    unlocked.set_locking(false);
-    // run_direct, not run: run's `Acquire` bound on `&mut PgConnection`
-    // makes this future not `Send` for every lifetime (sqlx says as much on
-    // run_direct), and replicas' starts are spawned.
-    unlocked.run_direct(None, conn, false).await?;
-    sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut *conn).await?;
     Ok(())
+}
+
+/// A session-level advisory lock on a connection of its own that keeps a
+/// store's backfills to one process at a time: replicas starting together,
+/// or `natter migrate` and a replica, would otherwise run the same one-off
+/// rewrite at once. Its key is [`backfill_lock_key`] of the store's schema
+/// (advisory locks are the database's: other databases do not share it).
+/// Held until [`BackfillLock::release`], or until the connection ends (the
+/// process exits or the guard is dropped), which frees it too.
+#[derive(Debug)]
+pub struct BackfillLock {
+    conn: PgConnection,
+    key: i64,
+}
+
+impl BackfillLock {
+    /// Takes the backfill lock of `schema` on `url`, waiting for as long as
+    /// another process holds it (no `lock_timeout`: its backfill may take
+    /// long, and this one then finds it done).
+    ///
+    /// Errors: the URL does not parse, or the server refused.
+    pub async fn take(url: &str, schema: &str) -> Result<Self, DbError> {
+        let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.disable_statement_logging();
+        let mut conn = PgConnection::connect_with(&options).await?;
+        conn.execute("SET statement_timeout = 0; SET lock_timeout = 0").await?;
+        let key = backfill_lock_key(schema);
+        advisory_lock(&mut conn, key, schema, "backfills").await?;
+        Ok(Self { conn, key })
+    }
+
+    /// Releases the lock and closes its connection. A failure is only
+    /// logged: the connection's end frees the lock anyway.
+    pub async fn release(mut self) {
+        if let Err(e) = sqlx::query("SELECT pg_advisory_unlock($1)").bind(self.key).execute(&mut self.conn).await {
+            tracing::warn!(error = %e, "releasing the backfill lock failed; closing its connection frees it");
+        }
+        let _ = self.conn.close().await;
+    }
+}
+
+/// The key of [`BackfillLock`] for `schema`: "nbfl" (natter backfills) in
+/// the high 32 bits, the CRC-32 (ISO-HDLC) of the schema's name in the low
+/// ones.
+fn backfill_lock_key(schema: &str) -> i64 {
+    const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+    (i64::from(u32::from_be_bytes(*b"nbfl")) << 32) | i64::from(CRC.checksum(schema.as_bytes()))
 }
 
 /// The key of the advisory lock sqlx's PostgreSQL migrator takes on
@@ -442,6 +511,30 @@ mod tests {
         restarted.close().await;
         pool.close().await;
         fresh.drop().await;
+    }
+
+    /// A schema's backfill lock is one process's at a time: a second
+    /// taker waits (past any lock timeout) until the first releases it;
+    /// another schema's is not held up.
+    #[tokio::test]
+    async fn the_backfill_lock_is_one_process_at_a_time_per_schema() {
+        let Some(fresh) = Fresh::new("bfl") else { return };
+        let first = BackfillLock::take(&fresh.url, &fresh.schema).await.unwrap();
+        let other = tokio::time::timeout(PATIENCE, BackfillLock::take(&fresh.url, &format!("{}_other", fresh.schema)))
+            .await
+            .expect("another schema's lock is free")
+            .unwrap();
+        other.release().await;
+        let mut second = tokio::spawn({
+            let (url, schema) = (fresh.url.clone(), fresh.schema.clone());
+            async move { BackfillLock::take(&url, &schema).await }
+        });
+        let waited = tokio::time::timeout(Duration::from_millis(500), &mut second).await;
+        assert!(waited.is_err(), "the second taker waits while the first holds it");
+        first.release().await;
+        let second = tokio::time::timeout(PATIENCE, second).await.expect("taken once released").unwrap().unwrap();
+        second.release().await;
+        assert_ne!(backfill_lock_key("natter_messages"), backfill_lock_key("natter_chats"));
     }
 
     /// The migration lock is the one sqlx's own migrator takes (the

@@ -16,12 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
-use sqlx::ConnectOptions as _;
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
+use sqlx::{ConnectOptions as _, Connection as _};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::DbError;
+use crate::{AppliedMigration, DbError};
 
 /// Settings of every connection: durable commits (`synchronous = FULL`
 /// syncs the WAL at every commit), a wait instead of an error on a busy
@@ -57,27 +57,45 @@ fn connection(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// How long migrating a SQLite file waits for another process's write
+/// transaction (its migrations, say, which may build an index over every
+/// message) before failing with SQLITE_BUSY.
+pub const MIGRATION_BUSY_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Creates the file at `path` if missing, switches it to WAL mode and runs
 /// `migrator` on it (sqlx's migrations, so the `_sqlx_migrations` table is
-/// the same whichever store opened the file before). The connection used
-/// is closed before this returns.
+/// the same whichever store opened the file before), all of them in ONE
+/// `BEGIN IMMEDIATE` transaction: it takes the file's write lock before it
+/// reads which migrations are applied, so two processes migrating one file
+/// at once take turns (the second waits up to [`MIGRATION_BUSY_TIMEOUT`],
+/// then finds the work done) rather than both applying the first migration
+/// and one failing on "table already exists". A failed migration leaves
+/// the file as it was. Returns the migrations it applied. The connection
+/// used is closed before this returns.
 ///
-/// It runs on a one-connection pool rather than a bare connection: sqlx's
-/// `Acquire` for `&mut SqliteConnection` makes the future `Send` only for
-/// some lifetimes, and a service started with `tokio::spawn` needs it to be
-/// `Send` (the test `open_is_send` holds this).
-///
-/// Errors: the file cannot be created or a migration fails.
-pub async fn migrate(path: &Path, migrator: &Migrator) -> Result<(), DbError> {
+/// Errors: the file cannot be created, or a migration fails.
+pub async fn migrate(path: &Path, migrator: &Migrator) -> Result<Vec<AppliedMigration>, DbError> {
     let options = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(MIGRATION_BUSY_TIMEOUT)
         .disable_statement_logging();
-    let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
-    let result = crate::run_migrations(migrator, &pool).await;
-    pool.close().await;
-    Ok(result?)
+    let mut conn = SqliteConnection::connect_with(&options).await?;
+    let migrated = migrate_on(&mut conn, migrator).await;
+    // A transaction left open by a failure is rolled back as it drops and
+    // the connection closes; an error closing it changes nothing.
+    let _ = conn.close().await;
+    migrated
+}
+
+async fn migrate_on(conn: &mut SqliteConnection, migrator: &Migrator) -> Result<Vec<AppliedMigration>, DbError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    // Each migration runs in a savepoint of this transaction (sqlx's
+    // migrator nests its own transaction so).
+    let applied = crate::run_migrations(migrator, &mut *tx).await?;
+    tx.commit().await?;
+    Ok(applied)
 }
 
 /// A type-erased write for the writer thread.
@@ -287,6 +305,46 @@ mod tests {
         let opened =
             tokio::spawn(async move { Sqlite::open(&path, &NO_MIGRATIONS, 1).await.map(|db| db.path().to_owned()) });
         assert_eq!(opened.await.unwrap().unwrap(), dir.path().join("t.db"));
+    }
+
+    /// Processes started together on one fresh file (two all-in-ones on
+    /// one data directory, `natter migrate` beside a starting service) all
+    /// migrate it: one applies every migration, the others wait for it and
+    /// find them applied, and none fails on "table already exists".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn migrations_of_one_file_at_once_all_succeed_and_apply_once() {
+        use sqlx::migrate::{Migration, MigrationType};
+        let migrations: Vec<Migration> = [
+            "CREATE TABLE a (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)",
+            // Work enough that the others come along meanwhile.
+            "WITH RECURSIVE k(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM k WHERE n < 200000) \
+             INSERT INTO a (n) SELECT n FROM k",
+            "CREATE TABLE b (id INTEGER PRIMARY KEY)",
+            "CREATE INDEX a_n ON a (n)",
+        ]
+        .into_iter()
+        .zip(1..)
+        .map(|(sql, version)| {
+            let sql = sqlx::SqlSafeStr::into_sql_str(sql);
+            Migration::new(version, format!("m{version}").into(), MigrationType::Simple, sql, false)
+        })
+        .collect();
+        let migrator = Arc::new(Migrator::with_migrations(migrations));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("race.db");
+        let mut processes = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let (path, migrator) = (path.clone(), migrator.clone());
+            processes.spawn(async move { migrate(&path, &migrator).await });
+        }
+        let outcomes = processes.join_all().await;
+        let failed: Vec<String> = outcomes.iter().filter_map(|o| o.as_ref().err()).map(|e| e.to_string()).collect();
+        assert!(failed.is_empty(), "{failed:?}");
+        let mut versions: Vec<i64> = outcomes.into_iter().flatten().flatten().map(|m| m.version).collect();
+        versions.sort_unstable();
+        assert_eq!(versions, [1, 2, 3, 4], "each migration applied (and reported) once");
+        let again = migrate(&path, &migrator).await.unwrap();
+        assert!(again.is_empty(), "up to date: {again:?}");
     }
 
     #[tokio::test]

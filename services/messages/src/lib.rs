@@ -256,6 +256,16 @@ pub async fn open(
     Ok(messages)
 }
 
+/// Migrates the messages store `db` names (created if missing) and runs
+/// its backfills, as [`open`] does, then closes it: what `natter migrate`
+/// does (see [`store::migrate`]).
+///
+/// Errors: the database cannot be reached or migrated, or a backfill
+/// fails.
+pub async fn migrate(db: &DbConfig) -> Result<natter_db::Migrated, store::StoreError> {
+    store::migrate(db).await
+}
+
 /// [`Messages::announce_recent_activity`] at start-up; when the chats
 /// service cannot take it yet (split services starting together), tried again
 /// once a second in the background, ten times at most, then logged.

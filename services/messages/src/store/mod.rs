@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use natter_db::{DbConfig, DbError, Engine};
+use natter_db::{Backfilled, DbConfig, DbError, Engine, Migrated};
 use natter_kit::id::{ChatId, MessageId, UserId};
 
 use crate::domain::Attachment;
@@ -1397,39 +1397,103 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
 }
 
 /// Opens (creating and migrating as needed) the messages store `config`
-/// names, on its engine.
+/// names, on its engine, and runs the backfills that are due ([`migrate`]
+/// says which).
 ///
 /// Errors: the URL names no supported engine, the database cannot be
-/// reached or migrated.
+/// reached or migrated, or a backfill fails.
 pub async fn open(config: &DbConfig) -> Result<Arc<dyn MessageStore>, StoreError> {
-    let store: Arc<dyn MessageStore> = match config.engine()? {
-        Engine::Sqlite { path } => {
-            Arc::new(sqlite::SqliteStore::open(&path, config.pool.max_connections as usize).await?)
-        }
-        Engine::Postgres { url, schema } => Arc::new(postgres::PostgresStore::open(&url, &schema, &config.pool).await?),
+    Ok(open_and_backfill(config).await?.0)
+}
+
+/// Migrates the messages store `config` names (created if missing) and
+/// runs its backfills, as [`open`] does, then closes it: what `natter
+/// migrate` does. Returns the migrations applied and the backfills run:
+/// on PostgreSQL `search_index` (messages stored before search, indexed;
+/// reported when there were any), then on both engines those recorded in
+/// `store_backfills` that had not run yet ([`NFC_TEXT_BACKFILL`],
+/// [`CHAT_DETAILS_BACKFILL`]).
+///
+/// Errors: as [`open`].
+pub async fn migrate(config: &DbConfig) -> Result<Migrated, StoreError> {
+    let migrator = match config.engine()? {
+        Engine::Sqlite { .. } => &*crate::SQLITE_MIGRATOR,
+        Engine::Postgres { .. } => &*crate::POSTGRES_MIGRATOR,
     };
+    let applied = natter_db::migrate(config, migrator).await?;
+    let (store, backfills) = open_and_backfill(config).await?;
+    store.close().await;
+    Ok(Migrated { applied, backfills })
+}
+
+/// [`open`], and the backfills it ran. On PostgreSQL they run under the
+/// schema's backfill lock ([`natter_db::postgres::BackfillLock`]), so that
+/// replicas starting together, or `natter migrate` and a replica, take
+/// turns: the later one finds them recorded and runs none.
+async fn open_and_backfill(config: &DbConfig) -> Result<(Arc<dyn MessageStore>, Vec<Backfilled>), StoreError> {
+    match config.engine()? {
+        Engine::Sqlite { path } => {
+            let store = Arc::new(sqlite::SqliteStore::open(&path, config.pool.max_connections as usize).await?);
+            let backfills = backfill(&*store).await?;
+            Ok((store, backfills))
+        }
+        Engine::Postgres { url, schema } => {
+            let store = Arc::new(postgres::PostgresStore::open(&url, &schema, &config.pool).await?);
+            let lock = natter_db::postgres::BackfillLock::take(&url, &schema).await?;
+            let backfills = async {
+                let indexed = store.index_unindexed().await?;
+                let mut backfills = Vec::new();
+                if indexed > 0 {
+                    tracing::info!(indexed, "messages stored before search indexed");
+                    backfills.push(Backfilled { name: SEARCH_INDEX_BACKFILL.to_owned(), rewritten: indexed });
+                }
+                backfills.extend(backfill(&*store).await?);
+                Ok::<_, StoreError>(backfills)
+            }
+            .await;
+            lock.release().await;
+            Ok((store, backfills?))
+        }
+    }
+}
+
+/// Runs each one-off rewrite of `store_backfills` that has not run on
+/// `store`'s database yet, records it, and returns those it ran.
+async fn backfill(store: &dyn MessageStore) -> Result<Vec<Backfilled>, StoreError> {
+    let mut ran = Vec::new();
     if !store.backfilled(NFC_TEXT_BACKFILL).await? {
         let rewritten = store.normalize_texts().await?;
         store.record_backfill(NFC_TEXT_BACKFILL, natter_kit::time::now_micros()).await?;
         tracing::info!(rewritten, "messages' text stored in Unicode NFC");
+        ran.push(Backfilled { name: NFC_TEXT_BACKFILL.to_owned(), rewritten });
     }
     if !store.backfilled(CHAT_DETAILS_BACKFILL).await? {
         let chats = store.scrub_chat_details().await?;
         store.record_backfill(CHAT_DETAILS_BACKFILL, natter_kit::time::now_micros()).await?;
         tracing::info!(chats, "replaced chat titles and descriptions removed from the change log");
+        ran.push(Backfilled { name: CHAT_DETAILS_BACKFILL.to_owned(), rewritten: chats });
     }
-    Ok(store)
+    Ok(ran)
 }
+
+/// The name [`migrate`] reports the indexing of messages stored before
+/// search under (PostgreSQL's `search_vector`; SQLite's migration 0009
+/// fills its index itself). Not a row of `store_backfills`: it looks for
+/// unindexed messages at every start, which an index makes cheap.
+pub const SEARCH_INDEX_BACKFILL: &str = "search_index";
 
 /// The one-off rewrite of chat logs' replaced titles and descriptions
 /// ([`MessageStore::scrub_chat_details`]), by its name in
-/// `store_backfills`. Replicas opening together may both run it: each
-/// writes every chat's current text, under the chat's lock.
+/// `store_backfills`. On PostgreSQL, replicas opening together take turns
+/// ([`open`]); on SQLite, processes opening one file together may both run
+/// it: each writes every chat's current text, under the chat's lock.
 pub const CHAT_DETAILS_BACKFILL: &str = "chat_details_text";
 
 /// The one-off rewrite of messages' text in NFC
 /// ([`MessageStore::normalize_texts`]), by its name in `store_backfills`.
-/// Replicas opening together may both run it: each writes the same text.
+/// On PostgreSQL, replicas opening together take turns ([`open`]); on
+/// SQLite, processes opening one file together may both run it: each
+/// writes the same text.
 pub const NFC_TEXT_BACKFILL: &str = "nfc_text";
 
 /// The SQL of [`MessageStore::list`] (both engines) and its seq bounds: `$1`

@@ -128,42 +128,60 @@ pub struct PostgresStore {
 
 impl PostgresStore {
     /// Connects to `url` with a pool as `pool` says, in `schema` (created
-    /// and migrated as needed; see [`natter_db::postgres::connect`]).
+    /// and migrated as needed; see [`natter_db::postgres::connect`]). The
+    /// messages stored before search have no index yet:
+    /// [`super::open`] indexes them ([`PostgresStore::index_unindexed`]).
     ///
     /// Errors: an invalid schema name, the server is unreachable, or a
     /// migration fails.
     pub async fn open(url: &str, schema: &str, pool: &natter_db::PoolSettings) -> Result<Self, StoreError> {
-        let store = Self { pool: natter_db::postgres::connect(url, schema, pool, &crate::POSTGRES_MIGRATOR).await? };
-        store.index_unindexed().await?;
-        Ok(store)
+        Ok(Self { pool: natter_db::postgres::connect(url, schema, pool, &crate::POSTGRES_MIGRATOR).await? })
     }
 
     /// Writes the `search_vector` of messages stored before migration 0009
     /// (NULL: its SQL cannot split words as `crate::search` does), a batch
     /// of [`INDEX_BATCH`] at a time; nothing once they all have one.
-    /// Replicas starting together may index the same rows: each writes the
-    /// same value.
-    async fn index_unindexed(&self) -> Result<(), StoreError> {
+    /// Returns how many it indexed. Replicas starting together take turns
+    /// (under the backfill lock [`super::open`] takes); a message edited
+    /// meanwhile keeps its edit's index ([`PostgresStore::write_index`]).
+    pub(super) async fn index_unindexed(&self) -> Result<u64, StoreError> {
+        let mut indexed = 0;
         loop {
-            let rows: Vec<(String, String)> =
-                sqlx::query_as("SELECT id, text FROM messages WHERE search_vector IS NULL LIMIT $1")
-                    .bind(INDEX_BATCH)
-                    .fetch_all(&self.pool)
-                    .await?;
+            let rows = self.unindexed_batch().await?;
             if rows.is_empty() {
-                return Ok(());
+                return Ok(indexed);
             }
-            let (ids, vectors): (Vec<String>, Vec<String>) =
-                rows.into_iter().map(|(id, text)| (id, crate::search::tsvector(&text))).unzip();
-            sqlx::query(
-                "UPDATE messages m SET search_vector = v.search_vector::tsvector \
-                 FROM UNNEST($1::text[], $2::text[]) AS v (id, search_vector) WHERE m.id = v.id",
-            )
-            .bind(&ids)
-            .bind(&vectors)
-            .execute(&self.pool)
-            .await?;
+            indexed += self.write_index(rows).await?;
         }
+    }
+
+    /// Up to [`INDEX_BATCH`] messages with no `search_vector`: (id, text).
+    pub(super) async fn unindexed_batch(&self) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(sqlx::query_as("SELECT id, text FROM messages WHERE search_vector IS NULL LIMIT $1")
+            .bind(INDEX_BATCH)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Writes the `search_vector` of `rows` (id, text as read) where the
+    /// message still has none, and returns how many it wrote. A message
+    /// whose text was written since it was read (an edit, a delete) has
+    /// the index of that write, which is newer: it is left alone (under
+    /// READ COMMITTED, PostgreSQL checks `IS NULL` again on the row as the
+    /// concurrent write left it).
+    pub(super) async fn write_index(&self, rows: Vec<(String, String)>) -> Result<u64, StoreError> {
+        let (ids, vectors): (Vec<String>, Vec<String>) =
+            rows.into_iter().map(|(id, text)| (id, crate::search::tsvector(&text))).unzip();
+        let written = sqlx::query(
+            "UPDATE messages m SET search_vector = v.search_vector::tsvector \
+             FROM UNNEST($1::text[], $2::text[]) AS v (id, search_vector) \
+             WHERE m.id = v.id AND m.search_vector IS NULL",
+        )
+        .bind(&ids)
+        .bind(&vectors)
+        .execute(&self.pool)
+        .await?;
+        Ok(written.rows_affected())
     }
 
     /// One attempt at [`MessageStore::start_reply`].

@@ -1732,3 +1732,81 @@ async fn deleting_a_reply_being_written_ends_it_and_no_later_write_restores_its_
     send(h, &[by(msg(3, 1, 0), 1)]).await;
     assert!(matches!(h.store.start_reply(&reply(4, 1, 3, None)).await.unwrap(), Started::Created(..)));
 }
+
+/// On PostgreSQL, messages stored before search (no `search_vector`) are
+/// indexed at start-up from the text the backfill read: an edit committed
+/// between that read and its write keeps the edit's index (the old text's
+/// would make the message unfindable by its words, and findable by words
+/// it no longer has, until its next edit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexing_old_messages_never_overwrites_an_edit_made_meanwhile() {
+    let Some(url) = natter_db::testing::postgres_url() else { return };
+    let schema = natter_db::testing::unique_schema("messages");
+    let pg = super::postgres::PostgresStore::open(&url, &schema, &natter_db::PoolSettings::default()).await.unwrap();
+    let h = Harness { store: Arc::new(pg.clone()), postgres: true, cleanup: Cleanup::Schema { url, schema } };
+    send(&h, &[text(msg(1, 1, 0), "an apple a day"), text(msg(2, 1, 0), "a cherry on top")]).await;
+    // As stored before migration 0009.
+    h.execute("UPDATE messages SET search_vector = NULL").await;
+    let read = pg.unindexed_batch().await.unwrap();
+    assert_eq!(read.len(), 2);
+    h.store.edit(id(1), "a banana a day", None, 2_000, 5).await.unwrap();
+    assert_eq!(pg.write_index(read).await.unwrap(), 1, "only the message not written since");
+    assert_eq!(found(&h, "banana", &[1]).await, [1], "the edit's index is kept");
+    assert!(found(&h, "apple", &[1]).await.is_empty(), "the text read before the edit is not indexed");
+    assert_eq!(found(&h, "cherry", &[1]).await, [2]);
+    assert_eq!(pg.index_unindexed().await.unwrap(), 0, "nothing left");
+    h.finish().await;
+}
+
+/// On PostgreSQL, opening the store runs its backfills under the schema's
+/// backfill lock: while another process holds it (its backfills under
+/// way), opening waits, and goes on once it is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_waits_for_another_process_s_backfills() {
+    let Some(url) = natter_db::testing::postgres_url() else { return };
+    let schema = natter_db::testing::unique_schema("messages");
+    let config = DbConfig::postgres(&url, &schema);
+    open(&config).await.unwrap().close().await;
+    let held = natter_db::postgres::BackfillLock::take(&url, &schema).await.unwrap();
+    let mut opening = tokio::spawn(async move { open(&config).await });
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(500), &mut opening).await;
+    assert!(waited.is_err(), "opened while another process's backfills were under way");
+    held.release().await;
+    let store = tokio::time::timeout(std::time::Duration::from_secs(10), opening)
+        .await
+        .expect("opened once the backfills are done")
+        .unwrap()
+        .unwrap();
+    store.close().await;
+    natter_db::postgres::drop_schema(&url, &schema).await.unwrap();
+}
+
+/// Migrating reports what it did: on a fresh database every migration
+/// and the backfills of `store_backfills`; again, nothing.
+async fn migrating_reports_what_it_applied_and_ran_once(config: DbConfig, migrator: &sqlx::migrate::Migrator) {
+    let first = migrate(&config).await.unwrap();
+    let versions: Vec<i64> = first.applied.iter().map(|m| m.version).collect();
+    assert_eq!(versions, migrator.iter().map(|m| m.version).collect::<Vec<_>>());
+    let ran: Vec<&str> = first.backfills.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(ran, [NFC_TEXT_BACKFILL, CHAT_DETAILS_BACKFILL]);
+    assert_eq!(migrate(&config).await.unwrap(), natter_db::Migrated::default(), "the second time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrating_sqlite_reports_what_it_applied_and_ran_once() {
+    let dir = tempfile::tempdir().unwrap();
+    migrating_reports_what_it_applied_and_ran_once(
+        DbConfig::sqlite_in(dir.path(), "messages"),
+        &crate::SQLITE_MIGRATOR,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrating_postgres_reports_what_it_applied_and_ran_once() {
+    let Some(url) = natter_db::testing::postgres_url() else { return };
+    let schema = natter_db::testing::unique_schema("messages");
+    let config = DbConfig::postgres(&url, &schema);
+    migrating_reports_what_it_applied_and_ran_once(config, &crate::POSTGRES_MIGRATOR).await;
+    natter_db::postgres::drop_schema(&url, &schema).await.unwrap();
+}

@@ -121,6 +121,16 @@ pub async fn open(
     Ok(chats)
 }
 
+/// Migrates the chats store `db` names (created if missing), as [`open`]
+/// does, without opening it: what `natter migrate` does. The chats store
+/// has no backfills.
+///
+/// Errors: the URL is unsupported, the database is unreachable or a
+/// migration fails.
+pub async fn migrate(db: &DbConfig) -> Result<natter_db::Migrated, StoreError> {
+    Ok(natter_db::Migrated { applied: natter_db::migrate(db, &MIGRATOR).await?, backfills: Vec::new() })
+}
+
 /// Adds the public chats service to `server`.
 pub async fn add_services(server: &mut Server, chats: &Arc<Chats>, auth: Authenticator) {
     let limit = server.args().max_request_bytes;

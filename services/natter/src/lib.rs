@@ -197,6 +197,100 @@ impl App {
     }
 }
 
+/// Everything `natter migrate` accepts.
+#[derive(Clone, Debug, clap::Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub store: natter_db::StoreArgs,
+    /// The services whose stores to migrate, comma separated, in that order
+    #[arg(
+        long,
+        env = "NATTER_MIGRATE_SERVICE",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "sessions,chats,messages"
+    )]
+    pub service: Vec<StoreService>,
+    /// Log format: text or json. Verbosity follows RUST_LOG (default info)
+    #[arg(long, env = "NATTER_LOG_FORMAT", value_enum, default_value_t = natter_kit::config::LogFormat::Text)]
+    pub log_format: natter_kit::config::LogFormat,
+}
+
+/// A service with a store of its own (the assistant and the edge have
+/// none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreService {
+    /// Users, credentials and sessions.
+    Sessions,
+    /// Chats and their members.
+    Chats,
+    /// Messages and their change log.
+    Messages,
+}
+
+impl StoreService {
+    /// Its name: its SQLite file's (`NAME.db`) and its PostgreSQL schema's
+    /// after the prefix.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sessions => "sessions",
+            Self::Chats => "chats",
+            Self::Messages => "messages",
+        }
+    }
+}
+
+/// Migrates the store of each service of `args.service` in turn (each
+/// once), as the service does when it starts: creates it if missing,
+/// applies the migrations this binary has that it lacks and runs the
+/// backfills that are due. Writes each store's [`report`] to `out` once it
+/// is done.
+///
+/// Errors: the database URL is the deploy files' placeholder (in a
+/// Kubernetes pod), or a store cannot be migrated: the error names it and
+/// where it is, and the stores before it stay migrated.
+pub async fn migrate(args: &MigrateArgs, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if let Some(url) = &args.store.database_url {
+        natter_kit::config::check_secret("the database URL (--database-url)", url)?;
+    }
+    let mut done = Vec::new();
+    for &service in &args.service {
+        if done.contains(&service) {
+            continue;
+        }
+        done.push(service);
+        let config = args.store.config(service.name())?;
+        let migrated = match service {
+            StoreService::Sessions => natter_sessions::migrate(&config).await.map_err(anyhow::Error::from),
+            StoreService::Chats => natter_chats::migrate(&config).await.map_err(anyhow::Error::from),
+            StoreService::Messages => natter_messages::migrate(&config).await.map_err(anyhow::Error::from),
+        }
+        .with_context(|| format!("migrating the {} store ({}) failed", service.name(), config.location()))?;
+        out.write_all(report(service.name(), &config.location(), &migrated).as_bytes())?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// The lines `natter migrate` prints for one store: its name and location
+/// (no password), then each migration applied (`applied 0013 store
+/// backfills`) or `up to date`, then each backfill run (`backfill nfc_text:
+/// 3 rewritten`).
+pub fn report(service: &str, location: &str, migrated: &natter_db::Migrated) -> String {
+    let mut out = format!("{service}: {location}\n");
+    if migrated.applied.is_empty() {
+        out.push_str("  up to date\n");
+    }
+    for m in &migrated.applied {
+        out.push_str(&format!("  applied {:04} {}\n", m.version, m.description));
+    }
+    for b in &migrated.backfills {
+        out.push_str(&format!("  backfill {}: {} rewritten\n", b.name, b.rewritten));
+    }
+    out
+}
+
 /// The all-in-one's own key for its assistant's reply ids
 /// ([`natter_assistant::ReplyIds`]): read from `path`, or made the first
 /// time (256 random bits, hex) and kept there, readable by its owner only,

@@ -1,6 +1,7 @@
 //! `natter`: one binary that runs every component together (`serve`) or any
 //! one of them (`sessions`, `chats`, `messages`, `edge`), as Loki and Mimir
-//! do; plus `health`, a grpc.health.v1 probe for container health checks.
+//! do; plus `health`, a grpc.health.v1 probe for container health checks,
+//! and `migrate`, the stores' migrations as a step of their own.
 
 use std::time::Duration;
 
@@ -51,6 +52,12 @@ enum Command {
     Edge(natter_edge::EdgeArgs),
     /// Checks a server's grpc.health.v1: exits 0 when it is SERVING, 1 otherwise.
     Health(HealthArgs),
+    /// Migrates the stores of the services named by --service (creating them if
+    /// missing), runs their one-off backfills and reports what it did for each;
+    /// every service also does so as it starts, so this is for a step of its own
+    /// (a Kubernetes init container, a job before a rollout). Exits non-zero
+    /// naming the store that failed.
+    Migrate(natter::MigrateArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -105,6 +112,11 @@ async fn main() -> anyhow::Result<()> {
             natter_edge::run(args, listener, natter_kit::serve::shutdown_token()).await
         }
         Command::Health(args) => std::process::exit(if health(&args).await { 0 } else { 1 }),
+        Command::Migrate(args) => {
+            let _telemetry =
+                natter_kit::telemetry::Builder::new("natter-migrate").log_format(args.log_format).install()?;
+            natter::migrate(&args, &mut std::io::stdout()).await
+        }
     }
 }
 

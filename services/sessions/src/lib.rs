@@ -172,6 +172,16 @@ pub async fn open(
     Ok(sessions)
 }
 
+/// Migrates the sessions store `db` names (created if missing), as
+/// [`open`] does, without opening it: what `natter migrate` does. The
+/// sessions store has no backfills.
+///
+/// Errors: the URL is unsupported, the database is unreachable or a
+/// migration fails.
+pub async fn migrate(db: &DbConfig) -> Result<natter_db::Migrated, DbError> {
+    Ok(natter_db::Migrated { applied: natter_db::migrate(db, &MIGRATOR).await?, backfills: Vec::new() })
+}
+
 /// Deletes sessions expired more than `retention` ago, then the guests
 /// left without any, at start-up and every `every`, until the service is
 /// dropped. A failure is logged and tried again at the next round.

@@ -1,9 +1,12 @@
-//! The flag tables of README's "Operate" section are generated from the
-//! binaries' own `--help`, so they cannot drift: this test fails when they
-//! differ, and `NATTER_BLESS=1 cargo test -p natter --test cluster operate`
-//! rewrites them.
+//! Operating the binary: the flag tables of README's "Operate" section are
+//! generated from the binaries' own `--help`, so they cannot drift (the
+//! test fails when they differ, and `NATTER_BLESS=1 cargo test -p natter
+//! --test cluster operate` rewrites them); `natter migrate`; refusals in a
+//! pod.
 
 use std::process::Command;
+
+use super::{Node, drop_schemas, env, free_port};
 
 /// (heading, `natter` arguments before `--help`, the separate binary).
 const COMMANDS: &[(&str, &[&str], &str)] = &[
@@ -14,6 +17,7 @@ const COMMANDS: &[(&str, &[&str], &str)] = &[
     ("natter assistant", &["assistant"], "natter-assistant"),
     ("natter edge", &["edge"], "natter-edge"),
     ("natter health", &["health"], ""),
+    ("natter migrate", &["migrate"], ""),
 ];
 
 struct Flag {
@@ -138,4 +142,121 @@ fn a_placeholder_secret_is_refused_in_a_pod() {
         assert!(!output.status.success(), "started with a placeholder: {stderr}");
         assert!(stderr.contains(refusal), "{stderr}");
     }
+}
+
+/// `natter migrate ARGS`: (whether it succeeded, stdout, stderr).
+fn migrate(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_natter"))
+        .arg("migrate")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run natter migrate");
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).expect("utf-8 output");
+    (output.status.success(), text(output.stdout), text(output.stderr))
+}
+
+/// The report's lines for a store of `service` migrated from nothing on
+/// `engine` ("sqlite" or "postgres"): `applied VERSION DESCRIPTION` for
+/// each file of its migrations (the messages service's own per engine
+/// too), in version order, as sqlx names them (the file name after the
+/// version, `_` read as a space).
+fn all_applied(service: &str, engine: &str) -> Vec<String> {
+    let root = format!("{}/../{service}/migrations", env!("CARGO_MANIFEST_DIR"));
+    let mut migrations: Vec<(i64, String)> = [root.clone(), format!("{root}/{engine}")]
+        .iter()
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.expect("a migration file").file_name().into_string().expect("utf-8 name");
+            let (version, rest) = name.strip_suffix(".sql")?.split_once('_')?;
+            Some((version.parse().ok()?, rest.replace('_', " ")))
+        })
+        .collect();
+    migrations.sort();
+    migrations.into_iter().map(|(version, description)| format!("applied {version:04} {description}")).collect()
+}
+
+/// The report's section of `service`: its heading line (`service:
+/// location`) and the lines below it.
+fn section<'a>(report: &'a str, service: &str) -> (&'a str, Vec<&'a str>) {
+    let mut lines = report.lines().skip_while(|l| !l.starts_with(&format!("{service}: ")));
+    let heading = lines.next().unwrap_or_else(|| panic!("no {service} store in the report:\n{report}"));
+    (heading, lines.take_while(|l| l.starts_with("  ")).map(str::trim).collect())
+}
+
+/// What `natter migrate` reports for each store on a fresh database: every
+/// migration applied, then the messages store's backfills; a second run
+/// reports every store up to date and runs nothing.
+fn assert_migrates_once(engine: &str, store_args: &[&str], location: impl Fn(&str) -> String) {
+    let (ok, first, stderr) = migrate(store_args);
+    assert!(ok, "natter migrate failed: {stderr}\n{first}");
+    for service in ["sessions", "chats", "messages"] {
+        let (heading, lines) = section(&first, service);
+        assert_eq!(heading, format!("{service}: {}", location(service)));
+        let applied: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with("applied ")).collect();
+        assert_eq!(applied, all_applied(service, engine), "{service} on {engine}");
+    }
+    let (_, backfills) = section(&first, "messages");
+    for name in ["nfc_text", "chat_details_text"] {
+        assert!(backfills.contains(&format!("backfill {name}: 0 rewritten").as_str()), "{backfills:?}");
+    }
+    let (ok, second, stderr) = migrate(store_args);
+    assert!(ok, "the second natter migrate failed: {stderr}\n{second}");
+    for service in ["sessions", "chats", "messages"] {
+        assert_eq!(section(&second, service).1, ["up to date"], "{service}, the second time:\n{second}");
+    }
+}
+
+/// `natter migrate` on SQLite in a fresh data directory creates and
+/// migrates the three stores and says so, a second run finds nothing to
+/// do, and `natter serve` starts on what it left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_on_sqlite_reports_the_migrations_once_and_serve_starts_on_them() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let data_dir = data.to_str().expect("utf-8 path");
+    assert_migrates_once("sqlite", &["--data-dir", data_dir], |service| {
+        data.join(format!("{service}.db")).display().to_string()
+    });
+    let node = Node::start("serve", free_port(), vec!["--data-dir".into(), data_dir.into()]);
+    node.channel().await;
+}
+
+/// The same on PostgreSQL (NATTER_TEST_DATABASE_URL; a server that is set
+/// but out of reach fails the test), in schemas of the test's own: the
+/// report names each schema, then `natter serve` starts on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_on_postgres_reports_the_migrations_once_and_serve_starts_on_them() {
+    let Some(db) = env("NATTER_TEST_DATABASE_URL") else {
+        eprintln!("skipped: NATTER_TEST_DATABASE_URL is not set");
+        return;
+    };
+    let prefix = format!("m{}_", uuid::Uuid::new_v4().simple());
+    let store = ["--database-url", db.as_str(), "--database-schema-prefix", prefix.as_str()];
+    assert_migrates_once("postgres", &store, |service| format!("{db}, schema {prefix}{service}"));
+    let node = Node::start("serve", free_port(), store.map(str::to_owned).into());
+    node.channel().await;
+    drop(node);
+    drop_schemas(&db, &prefix).await;
+}
+
+/// A store `natter migrate` does not know is refused before anything is
+/// touched, naming the ones it knows; one it cannot reach fails naming it.
+#[test]
+fn migrate_refuses_an_unknown_service_and_names_a_store_that_fails() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().join("data");
+    let data_dir = data_dir.to_str().expect("utf-8 path");
+    let (ok, _, stderr) = migrate(&["--data-dir", data_dir, "--service", "chats,assistant"]);
+    assert!(!ok, "an unknown service was accepted");
+    assert!(stderr.contains("invalid value 'assistant' for '--service"), "{stderr}");
+    assert!(stderr.contains("possible values: sessions, chats, messages"), "{stderr}");
+    assert!(!dir.path().join("data").exists(), "nothing is created before the flags are checked");
+
+    let closed = format!("postgres://natter:s3cr3t@127.0.0.1:{}/natter", free_port());
+    let (ok, _, stderr) = migrate(&["--database-url", &closed, "--service", "chats"]);
+    assert!(!ok, "a store out of reach was reported migrated");
+    assert!(stderr.contains("migrating the chats store (postgres://natter@127.0.0.1:"), "{stderr}");
+    assert!(!stderr.contains("s3cr3t"), "the password is not shown: {stderr}");
 }

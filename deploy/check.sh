@@ -17,11 +17,12 @@
 #                        Secret or placeholder, PostgreSQL connections within
 #                        the budget, a PodDisruptionBudget and node spread for
 #                        every workload of several pods, connections recycled
-#                        behind ClusterIP Services
+#                        behind ClusterIP Services, a `natter migrate` init
+#                        container wherever there is a database URL
 #
 # Runs from anywhere. Environment:
-#   NATTER_BIN_DIR     binaries to ask for --help (default: target/debug,
-#                      built here first with `cargo build`)
+#   NATTER_BIN_DIR     binaries to ask for --help (default: target/debug, or
+#                      $CARGO_TARGET_DIR/debug, built here first with `cargo build`)
 #   K8S_VERSION        default 1.30.0
 #   NATTER_DEPLOY_VENV venv for the Python tools (default ~/.cache/natter/deploy-venv)
 #

@@ -15,7 +15,8 @@ its option lines give the accepted `--flags`, its `[env: NATTER_...=]` notes
 the accepted variables and its "Possible values" the accepted values, which
 are checked too where a literal value is given.
 
-Binaries come from $NATTER_BIN_DIR (default: target/debug). Exit status 0
+Binaries come from $NATTER_BIN_DIR (default: $CARGO_TARGET_DIR/debug, else
+target/debug: where `cargo build` put them). Exit status 0
 when everything is accepted, 1 when something is not (each problem is
 printed as `FAIL <file>: <container> (<binary>): ...`), 2 on usage errors.
 """
@@ -480,7 +481,7 @@ def k8s_invocations(files: list[tuple[Path, str]], image: Image) -> tuple[list[I
 
 def main() -> int:
     root = Path(__file__).resolve().parent.parent
-    bin_dir = Path(os.environ.get("NATTER_BIN_DIR") or root / "target" / "debug")
+    bin_dir = Path(os.environ.get("NATTER_BIN_DIR") or Path(os.environ.get("CARGO_TARGET_DIR") or root / "target") / "debug")
     if not bin_dir.is_absolute():
         bin_dir = (Path.cwd() / bin_dir).resolve()
     deploy = root / "deploy"

@@ -21,6 +21,13 @@ PostgreSQL connections (deploy/k8s)
   - the budget fits the dev PostgreSQL's max_connections (its `-c
     max_connections=N`, else PostgreSQL's default 100) less the slots
     reserved for superusers
+  - init containers do not count: they end before the pod's containers
+    start
+migrations (deploy/k8s)
+  - a Deployment whose natter container is given NATTER_DATABASE_URL has an
+    init container `migrate` running `natter migrate --service <its
+    service>` (all three for the all-in-one) on the same database URL, so
+    that a pod whose store cannot be migrated never starts its server
 disruptions (deploy/k8s and deploy/k8s/dev)
   - a Deployment or StatefulSet that may run more than one pod has exactly
     one PodDisruptionBudget selecting its pods, which lets a drain evict at
@@ -270,6 +277,18 @@ def invocations_of(docs: list[dict], extra_files: list[Path]):
     return [i for i in invs if not i.where.endswith(("Probe", "preStop"))]
 
 
+def container_of(inv) -> str:
+    """The container's name in an invocation's `where`."""
+    return inv.where.split(" container ", 1)[1].strip("'")
+
+
+def is_init(inv, docs: list[dict]) -> bool:
+    """Whether `inv` is one of its workload's init containers."""
+    w = workload_of(inv, docs)
+    spec = (pod_template(w).get("spec") or {}) if w else {}
+    return container_of(inv) in {c.get("name") for c in spec.get("initContainers") or []}
+
+
 def workload_of(inv, docs: list[dict]) -> dict | None:
     owner = inv.where.split(" container ", 1)[0]
     return next((d for d in docs if name_of(d) == owner), None)
@@ -299,7 +318,7 @@ def check_connection_budget(where: str, docs: list[dict], dev_docs: list[dict]) 
     global checked
     rows = []
     for inv in invocations_of(docs, [SECRETS_EXAMPLE]):
-        if "NATTER_DATABASE_URL" not in inv.env:
+        if "NATTER_DATABASE_URL" not in inv.env or is_init(inv, docs):
             continue
         w = workload_of(inv, docs)
         if w is None:
@@ -356,6 +375,52 @@ def check_connection_budget(where: str, docs: list[dict], dev_docs: list[dict]) 
 
 
 # --------------------------------------------------------------------------
+# Migrations
+# --------------------------------------------------------------------------
+
+# What `natter migrate --service` each role's pod must run.
+MIGRATED_STORES = {"sessions": ["sessions"], "chats": ["chats"], "messages": ["messages"],
+                   "serve": ["sessions", "chats", "messages"]}
+
+
+def migrated_services(argv: list[str]) -> list[str] | None:
+    """The stores a `natter migrate` command line migrates (its --service,
+    else all three); None when it is no `natter migrate`."""
+    if role(argv) != "migrate":
+        return None
+    for i, a in enumerate(argv):
+        value = argv[i + 1] if a == "--service" and i + 1 < len(argv) else a.removeprefix("--service=") \
+            if a.startswith("--service=") else None
+        if value is not None:
+            return value.split(",")
+    return ["sessions", "chats", "messages"]
+
+
+def check_migrations(where: str, docs: list[dict]) -> None:
+    global checked
+    invs = invocations_of(docs, [SECRETS_EXAMPLE])
+    for inv in invs:
+        w = workload_of(inv, docs)
+        if w is None or w["kind"] != "Deployment" or is_init(inv, docs) or "NATTER_DATABASE_URL" not in inv.env:
+            continue
+        checked += 1
+        want = MIGRATED_STORES.get(role(inv.argv) or "")
+        owner = inv.where.split(" container ", 1)[0]
+        init = next((i for i in invs if i.where == f"{owner} container 'migrate'" and is_init(i, docs)), None)
+        ran = migrated_services(init.argv) if init else None
+        if init is None:
+            fail(where, f"{inv.where}: its pod has no init container 'migrate' (`natter migrate --service "
+                        f"{','.join(want or ['...'])}`): a pod whose store cannot be migrated would start anyway")
+        elif ran is None or sorted(ran) != sorted(want or []):
+            fail(where, f"{init.where}: runs `{' '.join(init.argv)}`, not `natter migrate --service "
+                        f"{','.join(want or ['...'])}`")
+        elif init.env_origin.get("NATTER_DATABASE_URL") != inv.env_origin.get("NATTER_DATABASE_URL") or \
+                init.env.get("NATTER_DATABASE_URL") != inv.env.get("NATTER_DATABASE_URL"):
+            fail(where, f"{init.where}: NATTER_DATABASE_URL ({init.env_origin.get('NATTER_DATABASE_URL')}) is not "
+                        f"{inv.where}'s ({inv.env_origin.get('NATTER_DATABASE_URL')})")
+
+
+# --------------------------------------------------------------------------
 # Connection age
 # --------------------------------------------------------------------------
 
@@ -392,6 +457,8 @@ def check_connection_age(where: str, docs: list[dict]) -> None:
                     w = workload_of(callee, docs)
                     if w is None or not selector["matchLabels"] or not selects(selector, pod_labels(w)):
                         continue
+                    if is_init(callee, docs):
+                        continue  # done before its pod serves anything
                     if callee.where in seen:
                         continue
                     seen.add(callee.where)
@@ -427,6 +494,7 @@ def main(args: list[str]) -> int:
         if directory != K8S / "dev":
             check_connection_budget(rel(directory), docs, rendered.get(K8S / "dev", []) if directory == K8S else [])
             check_connection_age(rel(directory), docs)
+            check_migrations(rel(directory), docs)
     for p in problems:
         print(p)
     print(f"check_ops: {checked} rules checked: {len(problems)} problem(s)")

@@ -260,7 +260,10 @@ pub async fn migrate(args: &MigrateArgs, out: &mut impl std::io::Write) -> anyho
             continue;
         }
         done.push(service);
-        let config = args.store.config(service.name())?;
+        let config = args
+            .store
+            .config(service.name())
+            .with_context(|| format!("creating the data directory {}", args.store.data_dir.display()))?;
         let migrated = match service {
             StoreService::Sessions => natter_sessions::migrate(&config).await.map_err(anyhow::Error::from),
             StoreService::Chats => natter_chats::migrate(&config).await.map_err(anyhow::Error::from),

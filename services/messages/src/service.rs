@@ -939,6 +939,7 @@ impl Messages {
     /// announced the reply).
     ///
     /// Errors: NOT_FOUND (no such prompt in the chat), FAILED_PRECONDITION
+    /// (the prompt is deleted), FAILED_PRECONDITION
     /// (the replaced message is no reply of the chat), ALREADY_EXISTS (the
     /// id is another message's).
     pub async fn start_reply(&self, reply: NewReply) -> Result<(Message, bool), MessagesError> {
@@ -965,6 +966,7 @@ impl Messages {
             Started::Exists(message) if message.chat_id == chat && message.author_id == author => Ok((message, false)),
             Started::Resumed(_) | Started::Exists(_) => Err(MessagesError::MessageIdTaken),
             Started::NoSuchPrompt => Err(MessagesError::MessageNotFound),
+            Started::PromptDeleted => Err(MessagesError::Precondition("prompt is deleted")),
             Started::NotAReply => Err(MessagesError::Precondition("the replaced message is no reply of this chat")),
             Started::Busy(_) => Err(MessagesError::Aborted("another reply of this chat is being generated")),
         }

@@ -609,6 +609,17 @@ pub struct NewReply {
     pub owner: Option<String>,
 }
 
+/// Outcome of [`MessageStore::delete_with_replies`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deleted {
+    /// The message after the call: a tombstone.
+    pub message: Message,
+    /// Its assistant's replies this call deleted, in seq order (tombstones,
+    /// each with its own change number, below the message's when the
+    /// message was deleted by this call too).
+    pub replies: Vec<Message>,
+}
+
 /// Outcome of [`MessageStore::start_reply`].
 #[expect(
     clippy::large_enum_variant,
@@ -627,6 +638,8 @@ pub enum Started {
     Resumed(Message),
     /// The prompt is no message of the chat.
     NoSuchPrompt,
+    /// The prompt is deleted: nothing answers it any more.
+    PromptDeleted,
     /// The replaced message is no reply of the chat.
     NotAReply,
     /// Another reply of the chat is GENERATING (its id): one at a time per
@@ -1128,7 +1141,34 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// (PostgreSQL locks the reply's row, then the root's, then the
     /// chat's heads.)
     /// Returns the message after the call (None: no such message).
-    async fn delete(&self, id: MessageId, now: i64) -> Result<Option<Message>, StoreError>;
+    ///
+    /// A person's message takes its assistant's replies with it
+    /// ([`MessageStore::delete_with_replies`], whose message this is).
+    async fn delete(&self, id: MessageId, now: i64) -> Result<Option<Message>, StoreError> {
+        Ok(self.delete_with_replies(id, now).await?.map(|deleted| deleted.message))
+    }
+
+    /// [`MessageStore::delete`], and first, in the same transaction, each
+    /// live assistant's reply to the message (a prompt's: role ASSISTANT,
+    /// `reply_to_seq` its seq, superseded ones too, as
+    /// [`MessageStore::replies`] lists them), in seq order, each a
+    /// deletion of its own (its own change number, below the message's; a
+    /// reply still GENERATING ends STOPPED as a deleted reply does). A
+    /// reply restates its prompt: deleting the prompt takes it back too.
+    /// A tombstone whose replies are live (deleted before this rule) has
+    /// them deleted now, so a retry ends as the first call would have.
+    /// (PostgreSQL locks the message's row, then its replies' in seq
+    /// order, then the chat's heads; a StartReply of the prompt shares the
+    /// prompt's row lock, so it either commits first, and its reply is
+    /// deleted here, or sees the prompt deleted.)
+    /// Returns the message after the call and the replies this call
+    /// deleted (None: no such message).
+    async fn delete_with_replies(&self, id: MessageId, now: i64) -> Result<Option<Deleted>, StoreError>;
+
+    /// The assistant's replies to the message at `prompt` in `chat` (role
+    /// ASSISTANT, `reply_to_seq` = `prompt`), live and deleted, superseded
+    /// ones too, in seq order (index `messages_replies`).
+    async fn replies(&self, chat: ChatId, prompt: Seq) -> Result<Vec<Message>, StoreError>;
 
     /// The newest seq of a chat ([`Seq::ZERO`] before the first message).
     async fn head(&self, chat: ChatId) -> Result<Seq, StoreError>;
@@ -1262,7 +1302,8 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// Starts an assistant's reply in ONE transaction: a message by the
     /// assistant (role ASSISTANT, GENERATING, empty text, reply_to the
     /// prompt's seq, checkpoint at `now`) with the chat's next seq and
-    /// change number; with `replaces`, that reply is superseded, taking the
+    /// change number, unless the prompt is deleted
+    /// ([`Started::PromptDeleted`], nothing written); with `replaces`, that reply is superseded, taking the
     /// next change number. The reply keeps [`NewReply::owner`]. A stored id
     /// writes nothing ([`Started::Exists`]), save for a reply still
     /// GENERATING and started with the same owner, whose lease is renewed

@@ -27,13 +27,13 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row as _};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
+    Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Deleted, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message, MessageStore,
-    NewMessage, NewReply, QueueCursor, QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, SearchCursor,
-    SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump,
-    ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, decode_mentions, encode_mentions, list_sql,
-    mention_count_sql, merge_changes, message_columns, parse_id, report_columns, stop_generating_sql, thread_root_of,
-    unread_count_sql,
+    NewMessage, NewReply, QueueCursor, QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, Role,
+    SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary,
+    ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, decode_mentions, encode_mentions,
+    list_sql, mention_count_sql, merge_changes, message_columns, parse_id, report_columns, stop_generating_sql,
+    thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -211,12 +211,20 @@ impl PostgresStore {
             return Ok(Started::Exists(message_row(&row)?));
         }
         let mut tx = self.pool.begin().await?;
-        let prompt: Option<(i64,)> = sqlx::query_as("SELECT seq FROM messages WHERE id = $1 AND chat_id = $2")
-            .bind(r.prompt.to_string())
-            .bind(&chat)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some((prompt_seq,)) = prompt else { return Ok(Started::NoSuchPrompt) };
+        // The prompt's row shared-locked: a deletion of it (which locks it
+        // first) either committed before, and is seen here, or waits for
+        // this start, and deletes its reply too.
+        let prompt: Option<(i64, bool)> = sqlx::query_as(
+            "SELECT seq, delete_time IS NOT NULL FROM messages WHERE id = $1 AND chat_id = $2 FOR SHARE",
+        )
+        .bind(r.prompt.to_string())
+        .bind(&chat)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((prompt_seq, prompt_deleted)) = prompt else { return Ok(Started::NoSuchPrompt) };
+        if prompt_deleted {
+            return Ok(Started::PromptDeleted);
+        }
         let replaces = r.replaces.map(|m| m.to_string());
         if let Some(old) = &replaces {
             // Lock order everywhere: message rows, then the chat's heads.
@@ -527,6 +535,65 @@ fn id_at<T: std::str::FromStr>(row: &PgRow, i: usize) -> Result<T, StoreError> {
     parse_id(&format!("column {i}"), text).map_err(StoreError::Corrupt)
 }
 
+/// Tombstones one live message inside the caller's transaction (a
+/// tombstone stays as it is): see [`MessageStore::delete`]. Locks the
+/// message's row, then a thread reply's root's, then the chat's heads.
+async fn tombstone(tx: &mut sqlx::PgConnection, id: &str, now: i64) -> Result<(), StoreError> {
+    let live: Option<(String, i64, String, i64)> = sqlx::query_as(
+        "UPDATE messages SET delete_time = $1 WHERE id = $2 AND delete_time IS NULL \
+         RETURNING chat_id, seq, mentions, thread_root_seq",
+    )
+    .bind(now)
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((chat, seq, mentions, root)) = live else { return Ok(()) };
+    if root > 0 {
+        // The root's row next (before the heads): the order a thread
+        // reply's batch locks them in.
+        sqlx::query("SELECT 1 FROM messages WHERE chat_id = $1 AND seq = $2 FOR UPDATE")
+            .bind(&chat)
+            .bind(root)
+            .fetch_optional(&mut *tx)
+            .await?;
+    }
+    let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+    if root > 0 {
+        let (root_change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+        sqlx::query(
+            "UPDATE messages SET reply_count = reply_count - 1, change_seq = $3 \
+             WHERE chat_id = $1 AND seq = $2 AND reply_count > 0",
+        )
+        .bind(&chat)
+        .bind(root)
+        .bind(root_change)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query(concat!(
+        "UPDATE messages SET text = '', attachments = '', change_seq = $2, flag_severity = 0, flags = '', \
+         reaction_rows = 0, mentions = '', search_vector = '', ",
+        stop_generating_sql!(),
+        " WHERE id = $1"
+    ))
+    .bind(id)
+    .bind(change)
+    .execute(&mut *tx)
+    .await?;
+    if !mentions.is_empty() {
+        let users: Vec<&str> = mentions.split_whitespace().collect();
+        sqlx::query("DELETE FROM message_mentions WHERE chat_id = $1 AND user_id = ANY($2) AND seq = $3")
+            .bind(&chat)
+            .bind(&users)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query("DELETE FROM message_revisions WHERE message_id = $1").bind(id).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM message_reactions WHERE message_id = $1").bind(id).execute(&mut *tx).await?;
+    Ok(())
+}
+
 /// A row of [`message_columns!`].
 fn message_row(row: &PgRow) -> Result<Message, StoreError> {
     let attachments: &str = row.try_get(5)?;
@@ -785,66 +852,53 @@ impl MessageStore for PostgresStore {
         Ok(Edited::Done(message_row(&row)?))
     }
 
-    async fn delete(&self, id: MessageId, now: i64) -> Result<Option<Message>, StoreError> {
+    async fn delete_with_replies(&self, id: MessageId, now: i64) -> Result<Option<Deleted>, StoreError> {
         let id = id.to_string();
         let mut tx = self.pool.begin().await?;
-        // Lock the live message first (then its chat's heads, as edit).
-        let live: Option<(String, i64, String, i64)> = sqlx::query_as(
-            "UPDATE messages SET delete_time = $1 WHERE id = $2 AND delete_time IS NULL \
-             RETURNING chat_id, seq, mentions, thread_root_seq",
-        )
-        .bind(now)
-        .bind(&id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((chat, seq, mentions, root)) = live {
-            if root > 0 {
-                // The root's row next (before the heads): the order a
-                // thread reply's batch locks them in.
-                sqlx::query("SELECT 1 FROM messages WHERE chat_id = $1 AND seq = $2 FOR UPDATE")
-                    .bind(&chat)
-                    .bind(root)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            }
-            let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
-            if root > 0 {
-                let (root_change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
-                sqlx::query(
-                    "UPDATE messages SET reply_count = reply_count - 1, change_seq = $3 \
-                     WHERE chat_id = $1 AND seq = $2 AND reply_count > 0",
-                )
-                .bind(&chat)
-                .bind(root)
-                .bind(root_change)
-                .execute(&mut *tx)
+        // Lock the message's row first (a StartReply of it shares this
+        // lock), then its live replies' in seq order, then (each
+        // tombstone) the chat's heads.
+        let target: Option<(String, i64, i32)> =
+            sqlx::query_as("SELECT chat_id, seq, role FROM messages WHERE id = $1 FOR UPDATE")
+                .bind(&id)
+                .fetch_optional(&mut *tx)
                 .await?;
-            }
-            sqlx::query(concat!(
-                "UPDATE messages SET text = '', attachments = '', change_seq = $2, flag_severity = 0, flags = '', \
-                 reaction_rows = 0, mentions = '', search_vector = '', ",
-                stop_generating_sql!(),
-                " WHERE id = $1"
-            ))
-            .bind(&id)
-            .bind(change)
-            .execute(&mut *tx)
+        let Some((chat, seq, role)) = target else { return Ok(None) };
+        let mut replies = Vec::new();
+        if Role::of(role.into()) == Role::User {
+            let live: Vec<(String,)> = sqlx::query_as(
+                "SELECT id FROM messages WHERE chat_id = $1 AND reply_to_seq = $2 AND role = 2 \
+                 AND delete_time IS NULL ORDER BY seq FOR UPDATE",
+            )
+            .bind(&chat)
+            .bind(seq)
+            .fetch_all(&mut *tx)
             .await?;
-            if !mentions.is_empty() {
-                let users: Vec<&str> = mentions.split_whitespace().collect();
-                sqlx::query("DELETE FROM message_mentions WHERE chat_id = $1 AND user_id = ANY($2) AND seq = $3")
-                    .bind(&chat)
-                    .bind(&users)
-                    .bind(seq)
-                    .execute(&mut *tx)
-                    .await?;
+            for (reply,) in live {
+                tombstone(&mut tx, &reply, now).await?;
+                let row = sqlx::query(MESSAGE_BY_ID).bind(&reply).fetch_one(&mut *tx).await?;
+                replies.push(message_row(&row)?);
             }
-            sqlx::query("DELETE FROM message_revisions WHERE message_id = $1").bind(&id).execute(&mut *tx).await?;
-            sqlx::query("DELETE FROM message_reactions WHERE message_id = $1").bind(&id).execute(&mut *tx).await?;
         }
-        let row = sqlx::query(MESSAGE_BY_ID).bind(&id).fetch_optional(&mut *tx).await?;
+        tombstone(&mut tx, &id, now).await?;
+        let row = sqlx::query(MESSAGE_BY_ID).bind(&id).fetch_one(&mut *tx).await?;
         tx.commit().await?;
-        row.as_ref().map(message_row).transpose()
+        Ok(Some(Deleted { message: message_row(&row)?, replies }))
+    }
+
+    async fn replies(&self, chat: ChatId, prompt: Seq) -> Result<Vec<Message>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE chat_id = $1 AND reply_to_seq = $2 AND role = 2 ORDER BY seq"
+        ))
+        .bind(chat.to_string())
+        .bind(prompt.0)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(message_row)
+        .collect()
     }
 
     async fn head(&self, chat: ChatId) -> Result<Seq, StoreError> {

@@ -18,13 +18,14 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, params};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Edited, Finish, Finished, Flags, Generation,
+    Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Deleted, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message, MessageStore,
     NewMessage, NewReply, QueueCursor, QueueFilter, RECENT_ACTIVITY_ROWS, Range, Reacted, Reaction, ReadState, Reply,
-    Revision, SEARCH_RANK_MAX, SEARCH_SCAN, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started,
-    StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row,
-    created_after_bounds, decode_mentions, encode_mentions, first_seq_created_after, list_sql, mention_count_sql,
-    merge_changes, message_columns, report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
+    Revision, Role, SEARCH_RANK_MAX, SEARCH_SCAN, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq,
+    Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of,
+    chat_change_row, created_after_bounds, decode_mentions, encode_mentions, first_seq_created_after, list_sql,
+    mention_count_sql, merge_changes, message_columns, report_columns, stop_generating_sql, thread_root_of,
+    unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -452,42 +453,67 @@ fn edit(
     Ok(Edited::Done(message))
 }
 
-/// Tombstones one message in one transaction (see [`MessageStore::delete`]).
-fn delete(conn: &mut Connection, id: &str, now: i64) -> rusqlite::Result<Option<Message>> {
+/// Tombstones one message and its assistant's live replies, replies
+/// first, in one transaction (see [`MessageStore::delete_with_replies`]).
+fn delete(conn: &mut Connection, id: &str, now: i64) -> rusqlite::Result<Option<Deleted>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let target: Option<(String, i64, i64)> = tx
+        .prepare_cached("SELECT chat_id, seq, role FROM messages WHERE id = ?1")?
+        .query_row([id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .optional()?;
+    let Some((chat, seq, role)) = target else { return Ok(None) };
+    let mut replies = Vec::new();
+    if Role::of(role) == Role::User {
+        let live: Vec<String> = tx
+            .prepare_cached(
+                "SELECT id FROM messages WHERE chat_id = ?1 AND reply_to_seq = ?2 AND role = 2                  AND delete_time IS NULL ORDER BY seq",
+            )?
+            .query_map(params![chat, seq], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for reply in live {
+            tombstone(&tx, &reply, now)?;
+            replies.push(tx.prepare_cached(MESSAGE_BY_ID)?.query_row([&reply], message_row)?);
+        }
+    }
+    tombstone(&tx, id, now)?;
+    let message = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row)?;
+    tx.commit()?;
+    Ok(Some(Deleted { message, replies }))
+}
+
+/// Tombstones one live message inside the caller's transaction (a
+/// tombstone stays as it is): see [`MessageStore::delete`].
+fn tombstone(tx: &Connection, id: &str, now: i64) -> rusqlite::Result<()> {
     let live: Option<(String, i64, String, i64)> = tx
         .prepare_cached(
             "SELECT chat_id, seq, mentions, thread_root_seq FROM messages WHERE id = ?1 AND delete_time IS NULL",
         )?
         .query_row([id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
         .optional()?;
-    if let Some((chat, seq, mentions, root)) = live {
-        let change = next_change(&tx, &chat)?;
-        if root > 0 {
-            let root_change = next_change(&tx, &chat)?;
-            tx.prepare_cached(
-                "UPDATE messages SET reply_count = reply_count - 1, change_seq = ?3 \
-                 WHERE chat_id = ?1 AND seq = ?2 AND reply_count > 0",
-            )?
-            .execute(params![chat, root, root_change])?;
-        }
-        tx.prepare_cached(concat!(
-            "UPDATE messages SET text = '', attachments = '', delete_time = ?1, change_seq = ?3, flag_severity = 0, \
-             flags = '', reaction_rows = 0, mentions = '', ",
-            stop_generating_sql!(),
-            " WHERE id = ?2"
-        ))?
-        .execute(params![now, id, change])?;
-        for user in mentions.split_whitespace() {
-            tx.prepare_cached("DELETE FROM message_mentions WHERE chat_id = ?1 AND user_id = ?2 AND seq = ?3")?
-                .execute(params![chat, user, seq])?;
-        }
-        tx.prepare_cached("DELETE FROM message_revisions WHERE message_id = ?1")?.execute([id])?;
-        tx.prepare_cached("DELETE FROM message_reactions WHERE message_id = ?1")?.execute([id])?;
+    let Some((chat, seq, mentions, root)) = live else { return Ok(()) };
+    let change = next_change(tx, &chat)?;
+    if root > 0 {
+        let root_change = next_change(tx, &chat)?;
+        tx.prepare_cached(
+            "UPDATE messages SET reply_count = reply_count - 1, change_seq = ?3 \
+             WHERE chat_id = ?1 AND seq = ?2 AND reply_count > 0",
+        )?
+        .execute(params![chat, root, root_change])?;
     }
-    let message = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row).optional()?;
-    tx.commit()?;
-    Ok(message)
+    tx.prepare_cached(concat!(
+        "UPDATE messages SET text = '', attachments = '', delete_time = ?1, change_seq = ?3, flag_severity = 0, \
+         flags = '', reaction_rows = 0, mentions = '', ",
+        stop_generating_sql!(),
+        " WHERE id = ?2"
+    ))?
+    .execute(params![now, id, change])?;
+    for user in mentions.split_whitespace() {
+        tx.prepare_cached("DELETE FROM message_mentions WHERE chat_id = ?1 AND user_id = ?2 AND seq = ?3")?
+            .execute(params![chat, user, seq])?;
+    }
+    tx.prepare_cached("DELETE FROM message_revisions WHERE message_id = ?1")?.execute([id])?;
+    tx.prepare_cached("DELETE FROM message_reactions WHERE message_id = ?1")?.execute([id])?;
+    Ok(())
 }
 
 /// The reactions of `ids` aggregated per emoji, for `viewer` ('' for
@@ -596,11 +622,14 @@ fn start_reply(conn: &mut Connection, r: &NewReply) -> rusqlite::Result<Started>
         return Ok(started);
     }
     let chat = r.chat_id.to_string();
-    let prompt: Option<i64> = tx
-        .prepare_cached("SELECT seq FROM messages WHERE id = ?1 AND chat_id = ?2")?
-        .query_row(params![r.prompt.to_string(), chat], |row| row.get(0))
+    let prompt: Option<(i64, bool)> = tx
+        .prepare_cached("SELECT seq, delete_time IS NOT NULL FROM messages WHERE id = ?1 AND chat_id = ?2")?
+        .query_row(params![r.prompt.to_string(), chat], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
-    let Some(prompt_seq) = prompt else { return Ok(Started::NoSuchPrompt) };
+    let Some((prompt_seq, prompt_deleted)) = prompt else { return Ok(Started::NoSuchPrompt) };
+    if prompt_deleted {
+        return Ok(Started::PromptDeleted);
+    }
     let replaces = r.replaces.map(|m| m.to_string());
     if let Some(old) = &replaces {
         let is_reply = tx
@@ -974,9 +1003,23 @@ impl MessageStore for SqliteStore {
         Ok(self.db.write(move |conn| edit(conn, &id, &text, flags, now, max_edits)).await?)
     }
 
-    async fn delete(&self, id: MessageId, now: i64) -> Result<Option<Message>, StoreError> {
+    async fn delete_with_replies(&self, id: MessageId, now: i64) -> Result<Option<Deleted>, StoreError> {
         let id = id.to_string();
         Ok(self.db.write(move |conn| delete(conn, &id, now)).await?)
+    }
+
+    async fn replies(&self, chat: ChatId, prompt: Seq) -> Result<Vec<Message>, StoreError> {
+        let chat = chat.to_string();
+        let replies = self.db.read(move |conn| {
+            conn.prepare_cached(concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages WHERE chat_id = ?1 AND reply_to_seq = ?2 AND role = 2 ORDER BY seq"
+            ))?
+            .query_map(params![chat, prompt.0], message_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        });
+        Ok(replies.await?)
     }
 
     async fn head(&self, chat: ChatId) -> Result<Seq, StoreError> {

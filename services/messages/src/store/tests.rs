@@ -108,6 +108,7 @@ message_store_suite!(
     unread_counts_skip_own_and_deleted_messages_up_to_the_cap,
     edits_keep_revisions_up_to_the_cap,
     a_delete_leaves_a_tombstone,
+    deleting_a_prompt_deletes_its_replies_first_and_a_deleted_prompt_gets_none,
     read_positions_only_move_forward_until_a_join_resets_them,
     every_change_takes_the_next_change_number,
     replaced_chat_details_are_neither_kept_nor_replayed,
@@ -451,6 +452,71 @@ async fn a_delete_leaves_a_tombstone(h: &Harness) {
 /// A join recorded late (the messages service was out of reach) puts its
 /// member's read position where the chat was when the join was committed:
 /// what was sent since stays unread.
+/// Privacy audit M3: a reply restates its prompt, so deleting the prompt
+/// deletes every assistant's reply to it (superseded ones and one still
+/// GENERATING too), each a deletion of its own numbered before the
+/// prompt's, in one call; nothing else goes, and nothing answers the
+/// prompt afterwards.
+async fn deleting_a_prompt_deletes_its_replies_first_and_a_deleted_prompt_gets_none(h: &Harness) {
+    // seq 1 the prompt; 2 its first reply (replaced by 3, still writing);
+    // 4 a person quoting the prompt; 5 another prompt and 6 its reply.
+    send(h, &[by(msg(1, 1, 0), 1)]).await;
+    let info = GenerationInfo::default();
+    let (first, _) = created(h.store.start_reply(&reply(2, 1, 1, None)).await.unwrap());
+    h.store.finish_reply(first.id, &fin("the prompt, restated", Generation::Complete, &info, false)).await.unwrap();
+    let (second, _) = created(h.store.start_reply(&reply(3, 1, 1, Some(2))).await.unwrap());
+    h.store.checkpoint_reply(second.id, Some("so far"), 6_000).await.unwrap();
+    send(h, &[by(msg(4, 1, 1), 2), by(msg(5, 1, 0), 1)]).await;
+    let done =
+        NewReply { finished: Some((Generation::Complete, "other".into(), info.clone())), ..reply(6, 1, 5, None) };
+    created(h.store.start_reply(&done).await.unwrap());
+    let listed = |prompt: i64| async move {
+        let replies = h.store.replies(chat(1), Seq(prompt)).await.unwrap();
+        replies.iter().map(|m| (m.id, m.deleted())).collect::<Vec<_>>()
+    };
+    assert_eq!(listed(1).await, [(id(2), false), (id(3), false)], "superseded ones too, in seq order");
+    assert!(listed(4).await.is_empty(), "a person's message is no reply");
+    let before = h.store.heads(chat(1)).await.unwrap().change;
+
+    let deleted = h.store.delete_with_replies(id(1), 9_000).await.unwrap().unwrap();
+    let replies: Vec<(MessageId, bool, &str, i64)> =
+        deleted.replies.iter().map(|m| (m.id, m.deleted(), m.text.as_str(), m.change_seq)).collect();
+    assert_eq!(replies, [(id(2), true, "", before + 1), (id(3), true, "", before + 2)], "replies first");
+    assert_eq!((deleted.message.id, deleted.message.deleted(), deleted.message.change_seq), (id(1), true, before + 3));
+    let stopped = h.store.message(id(3)).await.unwrap().unwrap();
+    assert_eq!((stopped.generation(), stopped.text.as_str()), (Some(Generation::Stopped), ""), "stops generating");
+    assert_eq!(h.store.checkpoint_reply(id(3), Some("more"), 9_100).await.unwrap(), None);
+    assert_eq!(listed(1).await, [(id(2), true), (id(3), true)]);
+    // A resumed stream sees three deletions, nothing else.
+    let (page, _) = h.store.changes(chat(1), user(1), before, 100).await.unwrap();
+    assert_eq!(numbers(&page), [before + 1, before + 2, before + 3]);
+    // The quote, the other prompt and its reply stay.
+    for n in [4, 5, 6] {
+        assert!(!h.store.message(id(n)).await.unwrap().unwrap().deleted(), "{n} stays");
+    }
+    // Nothing answers a deleted prompt.
+    assert_eq!(h.store.start_reply(&reply(7, 1, 1, None)).await.unwrap(), Started::PromptDeleted);
+    let refusal =
+        NewReply { finished: Some((Generation::Failed, String::new(), info.clone())), ..reply(7, 1, 1, None) };
+    assert_eq!(h.store.start_reply(&refusal).await.unwrap(), Started::PromptDeleted);
+    // Again (a client's retry): nothing more.
+    let again = h.store.delete_with_replies(id(1), 9_500).await.unwrap().unwrap();
+    assert_eq!((again.message, again.replies), (deleted.message, Vec::new()));
+    assert_eq!(h.store.heads(chat(1)).await.unwrap().change, before + 3);
+    // Deleting a reply leaves its prompt.
+    assert!(h.store.delete_with_replies(id(6), 9_600).await.unwrap().unwrap().replies.is_empty());
+    assert!(!h.store.message(id(5)).await.unwrap().unwrap().deleted());
+    // A prompt deleted before replies went with it: deleting it again
+    // takes its live replies now.
+    send(h, &[by(msg(8, 1, 0), 1)]).await;
+    let old = NewReply { finished: Some((Generation::Complete, "kept".into(), info.clone())), ..reply(9, 1, 8, None) };
+    created(h.store.start_reply(&old).await.unwrap());
+    h.execute(&format!("UPDATE messages SET text = '', delete_time = 1 WHERE id = '{}'", id(8))).await;
+    let late = h.store.delete_with_replies(id(8), 9_700).await.unwrap().unwrap();
+    assert_eq!(late.replies.iter().map(|m| (m.id, m.deleted())).collect::<Vec<_>>(), [(id(9), true)]);
+    assert_eq!(h.store.delete_with_replies(id(99), 1).await.unwrap(), None);
+}
+
 async fn a_join_recorded_late_leaves_what_was_sent_since_unread(h: &Harness) {
     // Sent at 1,001 to 1,005.
     let batch: Vec<NewMessage> = (1..=5).map(|n| msg(n, 1, 0)).collect();

@@ -83,6 +83,10 @@ crate::with_scripted_server!(
     a_member_who_takes_a_reply_s_id_first_neither_silences_nor_answers_its_prompt [],
     one_person_prompting_in_two_chats_leaves_a_slot_for_another
         ["--assistant-concurrency", "2", "--assistant-concurrency-per-user", "1"],
+    deleting_a_prompt_takes_back_its_replies_and_the_model_never_sees_them [],
+    deleting_a_prompt_while_its_reply_is_written_stops_the_reply_quietly [],
+    deleting_the_prompt_a_title_came_from_clears_the_title_but_never_a_person_s [],
+    a_queued_prompt_whose_author_left_is_not_answered [],
 );
 mod off {
     use super::without_a_server_the_assistant_is_off_and_callers_are_authenticated_first;
@@ -795,17 +799,29 @@ async fn the_person_of_an_assistant_chat_sees_the_flags_of_its_replies_only(c: &
     assert!(found.iter().all(|r| r.message.as_ref().is_some_and(|m| m.id == reply.id || m.flags.is_none())));
 }
 
-async fn deleting_a_reply_being_written_stops_it_and_frees_the_chat(c: &Cluster, server: &ScriptedServer) {
-    use mpb::GenerationStatus::Generating;
-    // About 4 s of text; the deletion comes at its first piece.
+/// Alice's assistant chat with the reply to her `prompt` under way: about
+/// 4 s of text, scripted, then "the next one" for the next prompt. Returns
+/// alice, the chat, her stream (read up to the reply's first piece), the
+/// prompt and the reply's id.
+async fn a_long_reply_under_way(
+    c: &Cluster,
+    server: &ScriptedServer,
+    prompt: &str,
+) -> (TestUser, String, Streaming<mpb::StreamEventsResponse>, mpb::Message, String) {
     let long = "a reply its reader deletes before it is done, long enough to be cut ".repeat(2);
     server.push(Script::slow(&long, Duration::from_millis(40)));
     server.push(Script::reply("the next one"));
     let alice = c.user("alice").await;
     let chat = assistant_chat(c, &alice).await.chat_id;
     let mut stream = events(c, &alice, &chat).await;
-    send(c, &alice, &chat, "go on at length").await;
+    let prompt = send(c, &alice, &chat, prompt).await;
     let reply = busy_reply(&mut stream).await;
+    (alice, chat, stream, prompt, reply)
+}
+
+async fn deleting_a_reply_being_written_stops_it_and_frees_the_chat(c: &Cluster, server: &ScriptedServer) {
+    use mpb::GenerationStatus::Generating;
+    let (alice, chat, mut stream, _, reply) = a_long_reply_under_way(c, server, "go on at length").await;
     let delete = mpb::DeleteMessageRequest { message_id: reply.clone() };
     let gone = c.messages().delete_message(authed(&alice, delete)).await.unwrap().into_inner().message.unwrap();
     assert!(gone.deleted && gone.text.is_empty(), "{gone:?}");
@@ -1181,4 +1197,197 @@ async fn a_member_who_takes_a_reply_s_id_first_neither_silences_nor_answers_its_
         .collect();
     assert_eq!(replies, [reply.id]);
     assert_eq!(server.requests().len(), 2);
+}
+
+/// Reads `stream` until a chat_updated event (10 s at most an event).
+async fn until_chat_updated(stream: &mut Streaming<mpb::StreamEventsResponse>) -> mpb::ChatUpdated {
+    loop {
+        if let Some(Event::ChatUpdated(u)) = next(stream).await.event {
+            return u;
+        }
+    }
+}
+
+/// Reads `stream` until `count` message_deleted events; returns each
+/// deleted message's id and the event's change number, in order.
+async fn until_deleted(stream: &mut Streaming<mpb::StreamEventsResponse>, count: usize) -> Vec<(String, i64)> {
+    let mut deleted = Vec::new();
+    while deleted.len() < count {
+        let event = next(stream).await;
+        if let Some(Event::MessageDeleted(m)) = event.event {
+            deleted.push((m.id, event.change_seq));
+        }
+    }
+    deleted
+}
+
+/// The chat's title as GetChat answers it.
+async fn title_of_chat(c: &Cluster, user: &TestUser, chat: &str) -> String {
+    let get = natter_proto::chats::v1::GetChatRequest { chat_id: chat.into(), message_page_size: 0 };
+    c.chats().get_chat(authed(user, get)).await.unwrap().into_inner().chat.unwrap().title
+}
+
+/// Privacy audit M3: a reply restates its prompt (and reloads make more of
+/// them), so deleting the prompt deletes every reply to it, each a
+/// deletion streams see in order before the prompt's, and none of them
+/// reaches the model again. A retried DeleteMessage changes nothing.
+async fn deleting_a_prompt_takes_back_its_replies_and_the_model_never_sees_them(c: &Cluster, server: &ScriptedServer) {
+    server.push(Script::reply("You said your PIN is 4711."));
+    server.push(Script::reply("Again: your PIN is 4711."));
+    server.push(Script::reply("I know nothing about you."));
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(c, &alice).await.chat_id;
+    let mut stream = events(c, &alice, &chat).await;
+    let ask = apb::AskRequest { chat_id: chat.clone(), text: "my PIN is 4711".into(), ..Default::default() };
+    let asked = c.assistant().ask(authed(&alice, ask)).await.unwrap().into_inner();
+    let (prompt, first) = (asked.prompt.unwrap(), asked.reply.unwrap());
+    let second = c.assistant().regenerate(authed(&alice, reload_of(&chat))).await.unwrap().into_inner().reply.unwrap();
+    let second = until_finished(&mut stream, Some(&second.id)).await.finished.unwrap();
+    assert_eq!(second.text, "Again: your PIN is 4711.");
+
+    let delete = mpb::DeleteMessageRequest { message_id: prompt.id.clone() };
+    let gone = c.messages().delete_message(authed(&alice, delete.clone())).await.unwrap().into_inner().message.unwrap();
+    assert!(gone.deleted && gone.text.is_empty(), "{gone:?}");
+    // Each reply's deletion, then the prompt's, in change order.
+    let seen = until_deleted(&mut stream, 3).await;
+    let ids: Vec<&str> = seen.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, [first.id.as_str(), second.id.as_str(), prompt.id.as_str()]);
+    assert!(seen.windows(2).all(|w| w[0].1 < w[1].1), "{seen:?}");
+    // The history, superseded replies included, holds tombstones only.
+    let listed = history(c, &alice, &chat, true).await;
+    assert_eq!(listed.len(), 3);
+    assert!(listed.iter().all(|m| m.deleted && m.text.is_empty()), "{listed:?}");
+    // A client that resumes from before the deletion gets the same three.
+    let request = mpb::StreamEventsRequest {
+        chat_ids: vec![chat.clone()],
+        resume_changes: [(chat.clone(), seen[0].1 - 1)].into_iter().collect(),
+        ..Default::default()
+    };
+    let mut resumed = c.messages().stream_events(authed(&alice, request)).await.unwrap().into_inner();
+    assert_eq!(until_deleted(&mut resumed, 3).await, seen);
+    // A retry answers the tombstone and deletes nothing more.
+    let again = c.messages().delete_message(authed(&alice, delete)).await.unwrap().into_inner().message.unwrap();
+    assert_eq!((again.id, again.change_seq), (gone.id, gone.change_seq));
+    // The next prompt's request carries neither the prompt nor its replies.
+    let ask = apb::AskRequest { chat_id: chat.clone(), text: "what do you know?".into(), ..Default::default() };
+    let answer = c.assistant().ask(authed(&alice, ask)).await.unwrap().into_inner().reply.unwrap();
+    assert_eq!(answer.text, "I know nothing about you.");
+    assert_eq!(server.requests().len(), 3);
+    let sent: Vec<String> = conversation(server, 2).into_iter().skip(1).map(|m| m.1).collect();
+    assert_eq!(sent, ["what do you know?"]);
+}
+
+/// A reply still being written when its prompt is deleted is deleted
+/// too: its text stops, the model's stream is closed, the tombstone stays
+/// empty, and the chat's next prompt is answered (the job ended; nothing
+/// is retried).
+async fn deleting_a_prompt_while_its_reply_is_written_stops_the_reply_quietly(c: &Cluster, server: &ScriptedServer) {
+    let (alice, chat, mut stream, prompt, reply) = a_long_reply_under_way(c, server, "a question I regret").await;
+    let delete = mpb::DeleteMessageRequest { message_id: prompt.id.clone() };
+    c.messages().delete_message(authed(&alice, delete)).await.unwrap();
+    assert!(server.disconnected(0, Duration::from_secs(5)).await.is_some(), "the model's stream was closed");
+    let next_prompt = send(c, &alice, &chat, "something short then").await;
+    let mut deleted = Vec::new();
+    let answer = loop {
+        match next(&mut stream).await.event {
+            Some(Event::MessageDeleted(m)) => deleted.push(m.id),
+            Some(Event::MessageEdited(m))
+                if m.reply_to_seq == next_prompt.seq && status(&m) != mpb::GenerationStatus::Generating =>
+            {
+                break m;
+            }
+            Some(Event::MessageEdited(m)) if m.id == reply => panic!("the deleted reply was finished: {m:?}"),
+            _ => {}
+        }
+    };
+    assert_eq!(deleted, [reply.clone(), prompt.id], "the reply, then its prompt");
+    assert_eq!(answer.text, "the next one");
+    let got = mpb::GetMessageRequest { message_id: reply };
+    let got = c.messages().get_message(authed(&alice, got)).await.unwrap().into_inner().message.unwrap();
+    assert!(got.deleted && got.text.is_empty(), "{got:?}");
+    assert_eq!(server.requests().len(), 2);
+    let sent: Vec<String> = conversation(server, 1).into_iter().skip(1).map(|m| m.1).collect();
+    assert_eq!(sent, ["something short then"]);
+}
+
+/// Privacy audit M2: an assistant chat's automatic title is its prompt's
+/// first words, so deleting that prompt clears it (a change streams see);
+/// the next reply titles the chat again, and a title the person set
+/// (UpdateChat, title only, in their assistant chat) stays whatever they
+/// delete.
+async fn deleting_the_prompt_a_title_came_from_clears_the_title_but_never_a_person_s(
+    c: &Cluster,
+    server: &ScriptedServer,
+) {
+    use natter_proto::chats::v1 as cpb;
+    server.set_fallback(Script::reply("ok"));
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(c, &alice).await.chat_id;
+    let mut stream = events(c, &alice, &chat).await;
+    let ask = |text: &str| apb::AskRequest { chat_id: chat.clone(), text: text.into(), ..Default::default() };
+    let first = c.assistant().ask(authed(&alice, ask("divorce lawyer near me"))).await.unwrap().into_inner();
+    assert_eq!(until_chat_updated(&mut stream).await.title, "divorce lawyer near me");
+    let delete = |id: String| mpb::DeleteMessageRequest { message_id: id };
+    c.messages().delete_message(authed(&alice, delete(first.prompt.unwrap().id))).await.unwrap();
+    let cleared = until_chat_updated(&mut stream).await;
+    assert_eq!((cleared.title.as_str(), cleared.update_mask.map(|m| m.paths)), ("", Some(vec!["title".to_owned()])));
+    assert_eq!(title_of_chat(c, &alice, &chat).await, "");
+    // Untitled again: the next complete reply titles it.
+    let second = c.assistant().ask(authed(&alice, ask("cake recipes"))).await.unwrap().into_inner();
+    assert_eq!(until_chat_updated(&mut stream).await.title, "cake recipes");
+    // The person names the chat: theirs, kept when the prompt goes.
+    let rename = |chat: cpb::Chat, path: &str| cpb::UpdateChatRequest {
+        chat_id: chat.id.clone(),
+        chat: Some(chat),
+        update_mask: Some(natter_proto::FieldMask { paths: vec![path.into()] }),
+    };
+    let named = cpb::Chat { id: chat.clone(), title: "Baking".into(), ..Default::default() };
+    let renamed = c.chats().update_chat(authed(&alice, rename(named, "title"))).await.expect("its person names it");
+    assert_eq!(renamed.into_inner().chat.unwrap().title, "Baking");
+    c.messages().delete_message(authed(&alice, delete(second.prompt.unwrap().id))).await.unwrap();
+    let reply = second.reply.unwrap();
+    // The reply's deletion is on the stream after the prompt's came in;
+    // by then the title would have been cleared.
+    assert_eq!(until_deleted(&mut stream, 2).await[0].0, reply.id);
+    assert_eq!(title_of_chat(c, &alice, &chat).await, "Baking");
+    // Only the title: an assistant chat has no description to set.
+    let described = cpb::Chat { id: chat.clone(), description: "x".into(), ..Default::default() };
+    let refused = c.chats().update_chat(authed(&alice, rename(described, "description"))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+}
+
+/// A prompt waits its turn behind the reply being written; if its author
+/// is removed from the chat meanwhile, it is not answered when its turn
+/// comes, and nothing of it is asked of the model.
+async fn a_queued_prompt_whose_author_left_is_not_answered(c: &Cluster, server: &ScriptedServer) {
+    use natter_proto::chats::v1 as cpb;
+    server.push(Script::hang_after("busy"));
+    server.push(Script::reply("to the last"));
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let (_, team) = team_with_the_assistant(c, &alice, &bob).await;
+    let chat = team.id;
+    let mut stream = events(c, &alice, &chat).await;
+    send(c, &alice, &chat, "@assistant first").await;
+    let busy = busy_reply(&mut stream).await;
+    let bobs = send(c, &bob, &chat, "@assistant what about my raise?").await;
+    let remove = cpb::RemoveMemberRequest { chat_id: chat.clone(), user_id: bob.id.clone() };
+    c.chats().remove_member(authed(&alice, remove)).await.unwrap();
+    let last = send(c, &alice, &chat, "@assistant last").await;
+    let stop = apb::StopGenerationRequest { message_id: busy };
+    c.assistant().stop_generation(authed(&alice, stop)).await.unwrap();
+    let mut answered = Vec::new();
+    while answered.last() != Some(&last.seq) {
+        let reply = until_finished(&mut stream, None).await.finished.unwrap();
+        answered.push(reply.reply_to_seq);
+    }
+    assert_eq!(answered, [last.seq], "bob's prompt got no reply");
+    let replies: Vec<i64> = history(c, &alice, &chat, true)
+        .await
+        .into_iter()
+        .filter(|m| m.role == mpb::MessageRole::Assistant as i32)
+        .map(|m| m.reply_to_seq)
+        .collect();
+    assert!(!replies.contains(&bobs.seq), "{replies:?}");
+    let asked: Vec<String> = server.requests().iter().map(|r| last_user_text(&r.body)).collect();
+    assert_eq!(asked, ["@assistant first", "@assistant last"], "bob's prompt was never asked");
 }

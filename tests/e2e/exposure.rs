@@ -176,7 +176,21 @@ async fn call_every_internal_rpc(
             code(
                 chats
                     .title_chat(with(
-                        cpb::TitleChatRequest { chat_id: chat.clone(), title: "pwned".into() },
+                        cpb::TitleChatRequest { chat_id: chat.clone(), title: "pwned".into(), ..Default::default() },
+                        credential,
+                    ))
+                    .await,
+            ),
+        ),
+        (
+            "UntitleChat",
+            code(
+                chats
+                    .untitle_chat(with(
+                        cpb::UntitleChatRequest {
+                            chat_id: chat.clone(),
+                            source_message_id: uuid::Uuid::now_v7().to_string(),
+                        },
                         credential,
                     ))
                     .await,
@@ -314,7 +328,7 @@ async fn call_every_internal_rpc(
 }
 
 /// The internal RPCs' paths, for gRPC-web.
-const INTERNAL_PATHS: [&str; 24] = [
+const INTERNAL_PATHS: [&str; 25] = [
     "/natter.sessions.v1.SessionInternalService/IntrospectSession",
     "/natter.sessions.v1.SessionInternalService/LookupUsers",
     "/natter.sessions.v1.SessionInternalService/EnsureBotUser",
@@ -329,6 +343,7 @@ const INTERNAL_PATHS: [&str; 24] = [
     "/natter.messages.v1.MessageInternalService/RecordChatChanges",
     "/natter.chats.v1.ChatInternalService/CreateChatAs",
     "/natter.chats.v1.ChatInternalService/TitleChat",
+    "/natter.chats.v1.ChatInternalService/UntitleChat",
     "/natter.messages.v1.MessageInternalService/LookupMessages",
     "/natter.messages.v1.MessageInternalService/SendMessageAs",
     "/natter.messages.v1.MessageInternalService/EditMessageAs",

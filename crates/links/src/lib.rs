@@ -163,6 +163,14 @@ pub trait ChatDirectory: Send + Sync + 'static {
     }
     /// Records the newest message of chats (for ordering by activity).
     async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status>;
+    /// UntitleChat: takes back the title made from the prompt
+    /// `source_message_id` of `chat_id` (deleted); whether it changed
+    /// anything. The default, for directories that keep no titles (test
+    /// stand-ins), changes nothing.
+    async fn untitle_chat(&self, chat_id: &str, source_message_id: &str) -> Result<bool, Status> {
+        let _ = (chat_id, source_message_id);
+        Ok(false)
+    }
 }
 
 /// [`ChatDirectory::peers_among`] by a listing of `user_id`'s chats and one
@@ -248,6 +256,10 @@ impl<D: ChatDirectory> ChatDirectory for CachingChatDirectory<D> {
 
     async fn record_activity(&self, activities: Vec<chats::Activity>) -> Result<(), Status> {
         self.inner.record_activity(activities).await
+    }
+
+    async fn untitle_chat(&self, chat_id: &str, source_message_id: &str) -> Result<bool, Status> {
+        self.inner.untitle_chat(chat_id, source_message_id).await
     }
 }
 
@@ -368,6 +380,26 @@ impl ChatDirectory for Grpc {
         self.0.call(ChatInternalServiceClient::new(self.0.channel()).record_activity(self.0.request(request))).await?;
         Ok(())
     }
+
+    async fn untitle_chat(&self, chat_id: &str, source_message_id: &str) -> Result<bool, Status> {
+        let request = untitle_request(chat_id, source_message_id);
+        let mut client = ChatInternalServiceClient::new(self.0.channel());
+        Ok(self.0.call(client.untitle_chat(self.0.request(request))).await?.changed)
+    }
+}
+
+/// An UntitleChatRequest.
+fn untitle_request(chat_id: &str, source_message_id: &str) -> chats::UntitleChatRequest {
+    chats::UntitleChatRequest { chat_id: chat_id.to_owned(), source_message_id: source_message_id.to_owned() }
+}
+
+/// A TitleChatRequest.
+fn title_request(chat_id: &str, title: &str, source_message_id: &str) -> chats::TitleChatRequest {
+    chats::TitleChatRequest {
+        chat_id: chat_id.to_owned(),
+        title: title.to_owned(),
+        source_message_id: source_message_id.to_owned(),
+    }
 }
 
 #[async_trait]
@@ -408,6 +440,14 @@ impl<S: ChatInternalService> ChatDirectory for InProcess<S> {
         )
         .await?;
         Ok(())
+    }
+
+    async fn untitle_chat(&self, chat_id: &str, source_message_id: &str) -> Result<bool, Status> {
+        let request = untitle_request(chat_id, source_message_id);
+        Ok(in_process("/natter.chats.v1.ChatInternalService/UntitleChat", self.0.untitle_chat(Request::new(request)))
+            .await?
+            .into_inner()
+            .changed)
     }
 }
 
@@ -683,8 +723,12 @@ pub trait AssistantChats: Send + Sync + 'static {
     async fn check_membership(&self, chat_id: &str, user_id: &str) -> Result<chats::CheckMembershipResponse, Status>;
     /// CreateChat as `user_id`.
     async fn create_chat_as(&self, user_id: &str, request: chats::CreateChatRequest) -> Result<chats::Chat, Status>;
-    /// Gives an untitled chat `title` (TitleChat); a titled one keeps its own.
-    async fn title_chat(&self, chat_id: &str, title: &str) -> Result<chats::Chat, Status>;
+    /// Gives an untitled chat `title` (TitleChat), made from the prompt
+    /// `source_message_id`; a titled one keeps its own.
+    async fn title_chat(&self, chat_id: &str, title: &str, source_message_id: &str) -> Result<chats::Chat, Status>;
+    /// Takes back the title made from the prompt `source_message_id`, deleted
+    /// since (UntitleChat); whether it changed anything.
+    async fn untitle_chat(&self, chat_id: &str, source_message_id: &str) -> Result<bool, Status>;
 }
 
 /// What the assistant service asks the sessions service (besides
@@ -892,10 +936,14 @@ impl AssistantChats for Grpc {
         self.0.call(client.create_chat_as(self.0.request(request))).await?.chat.ok_or_else(no_message)
     }
 
-    async fn title_chat(&self, chat_id: &str, title: &str) -> Result<chats::Chat, Status> {
-        let request = chats::TitleChatRequest { chat_id: chat_id.to_owned(), title: title.to_owned() };
+    async fn title_chat(&self, chat_id: &str, title: &str, source_message_id: &str) -> Result<chats::Chat, Status> {
+        let request = title_request(chat_id, title, source_message_id);
         let mut client = ChatInternalServiceClient::new(self.0.channel());
         self.0.call(client.title_chat(self.0.request(request))).await?.chat.ok_or_else(no_message)
+    }
+
+    async fn untitle_chat(&self, chat_id: &str, source_message_id: &str) -> Result<bool, Status> {
+        ChatDirectory::untitle_chat(self, chat_id, source_message_id).await
     }
 }
 
@@ -914,13 +962,17 @@ impl<S: ChatInternalService> AssistantChats for InProcess<S> {
             .ok_or_else(no_message)
     }
 
-    async fn title_chat(&self, chat_id: &str, title: &str) -> Result<chats::Chat, Status> {
-        let request = chats::TitleChatRequest { chat_id: chat_id.to_owned(), title: title.to_owned() };
+    async fn title_chat(&self, chat_id: &str, title: &str, source_message_id: &str) -> Result<chats::Chat, Status> {
+        let request = title_request(chat_id, title, source_message_id);
         in_process("/natter.chats.v1.ChatInternalService/TitleChat", self.0.title_chat(Request::new(request)))
             .await?
             .into_inner()
             .chat
             .ok_or_else(no_message)
+    }
+
+    async fn untitle_chat(&self, chat_id: &str, source_message_id: &str) -> Result<bool, Status> {
+        ChatDirectory::untitle_chat(self, chat_id, source_message_id).await
     }
 }
 

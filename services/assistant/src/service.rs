@@ -543,11 +543,18 @@ impl Assistant {
     /// chat's new assistant_replies applies to the messages after it.
     async fn on_event(self: &Arc<Self>, event: mpb::StreamEventsResponse) {
         let message = match event.event {
-            Some(Event::ChatUpdated(u))
-                if u.update_mask.as_ref().is_some_and(|m| m.paths.iter().any(|p| p == "assistant_replies")) =>
-            {
+            Some(Event::ChatUpdated(u)) => {
+                let named = |path: &str| u.update_mask.as_ref().is_some_and(|m| m.paths.iter().any(|p| p == path));
                 if let Some(answers) = self.state().chats.get_mut(&event.chat_id) {
-                    answers.replies = u.assistant_replies;
+                    if named("assistant_replies") {
+                        answers.replies = u.assistant_replies;
+                    }
+                    // A title taken back with its prompt (or cleared by
+                    // the person): the next complete reply titles the chat
+                    // again.
+                    if named("title") {
+                        answers.titled = !u.title.is_empty();
+                    }
                 }
                 return;
             }
@@ -893,6 +900,24 @@ impl Assistant {
                     tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot re-read a prompt")
                 }
             }
+            // Its author removed from the chat (or gone) while it waited:
+            // not answered, nothing of it sent to the model.
+            let check = || self.links.chats.check_membership(&job.prompt.chat_id, &job.prompt.author_id);
+            match self.settings.retry.run(&self.shutdown, "CheckMembership", check).await {
+                Ok(m) if m.member => {}
+                Ok(_) => {
+                    tracing::info!(chat_id = %job.prompt.chat_id, prompt = %job.prompt.id, "a prompt's author left the chat before its turn; not answered");
+                    return self.read_past(&job.prompt).await;
+                }
+                Err(status) if is_transient(&status) => {
+                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot check a prompt's author; left unread");
+                    return self.hold(&job.prompt, owner);
+                }
+                Err(status) => {
+                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot check a prompt's author");
+                    return;
+                }
+            }
         }
         if let Some(why) = barred(&self.detector, &job.prompt.text).or_else(|| flagged(&job.prompt)) {
             // Never sent to the model: a fixed refusal, marked as a content
@@ -955,6 +980,11 @@ impl Assistant {
                         tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot start a reply; the prompt is left unread");
                         return self.hold(&job.prompt, Some(owner));
                     }
+                    // Deleted since it was re-read: nothing to answer.
+                    Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                        tracing::debug!(prompt = %job.prompt.id, error = %status.message(), "a prompt deleted before its reply started");
+                        return self.read_past(&job.prompt).await;
+                    }
                     Err(status) => {
                         tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot start a reply");
                         return;
@@ -999,7 +1029,7 @@ impl Assistant {
             .get(&prompt.chat_id)
             .is_some_and(|a| a.kind == cpb::ChatKind::Direct as i32 && !a.titled);
         let Some(title) = untitled.then(|| title_of(&prompt.text)).flatten() else { return };
-        match self.links.chats.title_chat(&prompt.chat_id, &title).await {
+        match self.links.chats.title_chat(&prompt.chat_id, &title, &prompt.id).await {
             Ok(_) => {
                 if let Some(answers) = self.state().chats.get_mut(&prompt.chat_id) {
                     answers.titled = true;
@@ -1007,7 +1037,21 @@ impl Assistant {
             }
             Err(status) => {
                 tracing::warn!(chat_id = %prompt.chat_id, error = %status.message(), "cannot title an assistant chat");
+                return;
             }
+        }
+        // The prompt deleted before the title was stored: its deletion's
+        // UntitleChat found nothing to take back, so the title goes here.
+        // (Deleted after: that UntitleChat takes it.)
+        let deleted = match self.reply(&prompt.id).await {
+            Ok(now) => now.is_none_or(|m| m.deleted),
+            Err(status) => {
+                tracing::warn!(prompt = %prompt.id, error = %status.message(), "cannot re-read a titled prompt");
+                false
+            }
+        };
+        if deleted && let Err(status) = self.links.chats.untitle_chat(&prompt.chat_id, &prompt.id).await {
+            tracing::warn!(chat_id = %prompt.chat_id, error = %status.message(), "cannot take back a deleted prompt's title");
         }
     }
 

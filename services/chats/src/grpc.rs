@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use natter_auth::Authenticator;
 use natter_kit::error::invalid_argument;
-use natter_kit::id::{ChatId, UserId};
+use natter_kit::id::{ChatId, MessageId, UserId};
 use natter_kit::paging;
 use natter_kit::time::{micros, timestamp, timestamp_opt};
 use natter_proto::chats::v1::{
@@ -583,10 +583,22 @@ impl ChatInternalService for ChatInternalApi {
     ) -> Result<Response<pb::TitleChatResponse>, Status> {
         let r = request.into_inner();
         let chat_id = ChatId::parse("chat_id", &r.chat_id)?;
-        let chat = self.chats.title_chat(chat_id, &r.title).await?;
+        let source = MessageId::parse_optional("source_message_id", &r.source_message_id)?;
+        let chat = self.chats.title_chat(chat_id, &r.title, source).await?;
         // The chat's own fields (no preview, unread count or aggregates).
         let view = ChatView { chat, preview: None, aggregates: Default::default(), moderator: false };
         Ok(Response::new(pb::TitleChatResponse { chat: Some(chat_pb(view)) }))
+    }
+
+    async fn untitle_chat(
+        &self,
+        request: Request<pb::UntitleChatRequest>,
+    ) -> Result<Response<pb::UntitleChatResponse>, Status> {
+        let r = request.into_inner();
+        let chat_id = ChatId::parse("chat_id", &r.chat_id)?;
+        let source = MessageId::parse("source_message_id", &r.source_message_id)?;
+        let changed = self.chats.untitle_chat(chat_id, source).await?;
+        Ok(Response::new(pb::UntitleChatResponse { changed }))
     }
 
     async fn create_chat_as(

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use natter_bus::EventBus;
 use natter_kit::cache::Tag;
-use natter_kit::id::{ChatId, UserId};
+use natter_kit::id::{ChatId, MessageId, UserId};
 use natter_kit::limits::{LOOKUP_USERS_MAX_IDS, Rate, RateLimiter};
 use natter_kit::time::{micros, now_micros};
 use natter_links::{MessageDirectory, UserDirectory};
@@ -545,9 +545,15 @@ impl Chats {
         self.change_rate.check(&caller)?;
         let (chat, role) = self.member(caller, chat_id).await?;
         if chat.kind == Kind::Direct {
-            return Err(ChatsError::Precondition("a direct chat has no title, description or visibility to change"));
-        }
-        if !role.manages() {
+            // An assistant chat is its person's alone: they may name it.
+            let title_only =
+                update.title.is_some() && update == ChatUpdate { title: update.title.clone(), ..ChatUpdate::default() };
+            if !title_only || !self.nobody_else_keeps(chat.id, caller).await? {
+                return Err(ChatsError::Precondition(
+                    "a direct chat has no title, description or visibility to change (an assistant chat: its title only)",
+                ));
+            }
+        } else if !role.manages() {
             return Err(ChatsError::Denied("only the owner or an admin may do this"));
         }
         let chat = self.store.update_chat(chat.id, &update, now_micros()).await?.ok_or(ChatsError::ChatNotFound)?;
@@ -557,21 +563,39 @@ impl Chats {
     }
 
     /// TitleChat (internal): gives a chat without a title (an assistant's
-    /// direct chat) `title`, checked as UpdateChat checks one; a chat with a
-    /// title keeps it and is answered as it is.
-    pub async fn title_chat(&self, chat_id: ChatId, title: &str) -> Result<Chat, ChatsError> {
+    /// direct chat) `title`, checked as UpdateChat checks one, made from
+    /// the prompt `source` (None: none; see [`Chats::untitle_chat`]); a
+    /// chat with a title keeps it and is answered as it is.
+    pub async fn title_chat(
+        &self,
+        chat_id: ChatId,
+        title: &str,
+        source: Option<MessageId>,
+    ) -> Result<Chat, ChatsError> {
         let title = title.trim();
         domain::check_title(title, &self.limits).map_err(|e| ChatsError::invalid("title", e))?;
         if title.is_empty() {
             return Err(ChatsError::invalid("title", "must not be empty"));
         }
         let (chat, changed) =
-            self.store.title_chat(chat_id, title, now_micros()).await?.ok_or(ChatsError::ChatNotFound)?;
+            self.store.title_chat(chat_id, title, source, now_micros()).await?.ok_or(ChatsError::ChatNotFound)?;
         if changed {
             self.evict(chat.id).await;
             self.deliver(chat.id).await;
         }
         Ok(chat)
+    }
+
+    /// UntitleChat (internal): takes back the title TitleChat made from the
+    /// prompt `source`, deleted since (privacy audit M2: the title restates
+    /// the prompt); a title set otherwise stays. Returns whether it
+    /// changed anything.
+    pub async fn untitle_chat(&self, chat_id: ChatId, source: MessageId) -> Result<bool, ChatsError> {
+        let Some(chat) = self.store.untitle_chat(chat_id, source, now_micros()).await? else { return Ok(false) };
+        tracing::info!(chat_id = %chat.id, "an automatic title taken back with its prompt");
+        self.evict(chat.id).await;
+        self.deliver(chat.id).await;
+        Ok(true)
     }
 
     /// ArchiveChat / UnarchiveChat (owner or admin; either member of a

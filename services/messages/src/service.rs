@@ -463,7 +463,16 @@ impl Messages {
 
     /// DeleteMessage (author, the chat's owner or an admin, or the person of
     /// an assistant chat for the assistant's replies): leaves a
-    /// tombstone; deleting a tombstone returns it.
+    /// tombstone; deleting a tombstone returns it. A prompt's assistant
+    /// replies go with it (privacy audit M3: a reply restates its prompt),
+    /// in the same transaction, each announced as its own deletion before
+    /// the prompt's ([`MessageStore::delete_with_replies`]). A person's
+    /// message in a direct chat then takes back the chat's title if an
+    /// assistant made it from that message (M2, UntitleChat).
+    ///
+    /// Errors: as [`Messages::member`]; UNAVAILABLE (or the chats
+    /// service's error) when the title could not be taken back: the
+    /// deletion is stored, and a retry (a tombstone: no change) asks again.
     pub async fn delete(&self, caller: UserId, message_id: MessageId) -> Result<Message, MessagesError> {
         self.moderation_rate.check(&caller)?;
         let (message, membership) = self.message_for(caller, message_id, true).await?;
@@ -475,16 +484,26 @@ impl Messages {
         if message.author_id != caller && !manager && !assistant_chat_reply {
             return Err(MessagesError::Denied("only the author, the owner or an admin may delete a message"));
         }
-        if message.deleted() {
-            return Ok(message);
+        // A tombstone too: its replies still live (deleted before replies
+        // went with their prompt) go now, and its title is asked again.
+        let crate::store::Deleted { message: deleted, replies } =
+            self.store.delete_with_replies(message.id, now_micros()).await?.ok_or(MessagesError::MessageNotFound)?;
+        let chat = deleted.chat_id;
+        for reply in replies {
+            self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, grpc::deleted_event(reply))));
         }
-        let deleted = self.store.delete(message.id, now_micros()).await?.ok_or(MessagesError::MessageNotFound)?;
-        self.bus.publish(
-            Topic::Chat(deleted.chat_id.0),
-            Arc::new(BusEvent::new(deleted.chat_id, grpc::deleted_event(deleted.clone()))),
-        );
-        if let Some(root) = deleted.thread_root {
-            self.announce_root(deleted.chat_id, root).await;
+        if !message.deleted() {
+            self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, grpc::deleted_event(deleted.clone()))));
+            if let Some(root) = deleted.thread_root {
+                self.announce_root(chat, root).await;
+            }
+        }
+        // Only a direct chat (an assistant chat) is titled from a prompt.
+        if membership.kind == cpb::ChatKind::Direct as i32 && deleted.role() == crate::store::Role::User {
+            self.chats.untitle_chat(&chat.to_string(), &deleted.id.to_string()).await.map_err(|status| {
+                tracing::warn!(chat_id = %chat, message_id = %deleted.id, error = %status.message(), "cannot take back a deleted prompt's title");
+                MessagesError::Upstream(status)
+            })?;
         }
         Ok(deleted)
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine as _;
 use natter_db::{DbConfig, Engine};
-use natter_kit::id::{ChatId, UserId};
+use natter_kit::id::{ChatId, MessageId, UserId};
 use natter_kit::time::timestamp;
 use natter_proto::messages::v1 as mpb;
 use prost::Message as _;
@@ -462,9 +462,26 @@ pub trait ChatStore: Send + Sync + 'static {
 
     /// Gives chat `id` the (checked) `title` if it has none, in ONE
     /// transaction with its outbox entry (chat_updated, path "title"), at
-    /// `now` (µs). Answers the chat and whether it changed; a chat with a
-    /// title is answered as it is. None: no such chat.
-    async fn title_chat(&self, id: ChatId, title: &str, now: i64) -> Result<Option<(Chat, bool)>, StoreError>;
+    /// `now` (µs), recording `source`, the prompt it was made from (None:
+    /// none), for [`ChatStore::untitle_chat`]. Answers the chat and whether
+    /// it changed; a chat with a title is answered as it is. None: no such
+    /// chat.
+    async fn title_chat(
+        &self,
+        id: ChatId,
+        title: &str,
+        source: Option<MessageId>,
+        now: i64,
+    ) -> Result<Option<(Chat, bool)>, StoreError>;
+
+    /// Takes back the title [`ChatStore::title_chat`] made from the prompt
+    /// `source` (deleted since): chat `id` has no title again, in ONE
+    /// transaction with its outbox entry (chat_updated, path "title", an
+    /// empty title), at `now` (µs). A title set otherwise, or made from
+    /// another prompt, stays (an UpdateChat of the title forgets its
+    /// source). Answers the chat if it changed (None: nothing changed, or
+    /// no such chat).
+    async fn untitle_chat(&self, id: ChatId, source: MessageId, now: i64) -> Result<Option<Chat>, StoreError>;
 
     /// Deletes a chat and its memberships, with every member's removal in
     /// the outbox, and marks its id deleted at `now` (µs), its messages

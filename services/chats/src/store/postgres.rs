@@ -5,7 +5,7 @@
 //! concurrent changes to one chat queue there.
 
 use async_trait::async_trait;
-use natter_kit::id::{ChatId, UserId};
+use natter_kit::id::{ChatId, MessageId, UserId};
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, QueryBuilder, Row as _};
 
@@ -431,7 +431,10 @@ impl ChatStore for PostgresChatStore {
         let mut q = QueryBuilder::<Postgres>::new("UPDATE chats c SET update_time = ");
         q.push_bind(now);
         if let Some(title) = &update.title {
+            // A title someone set is theirs: no prompt's deletion takes it
+            // back.
             q.push(", title = ").push_bind(title.clone()).push(", title_key = ").push_bind(title_key(title));
+            q.push(", title_source_message_id = NULL");
         }
         if let Some(description) = &update.description {
             q.push(", description = ").push_bind(description.clone());
@@ -451,17 +454,24 @@ impl ChatStore for PostgresChatStore {
         Ok(Some(chat))
     }
 
-    async fn title_chat(&self, id: ChatId, title: &str, now: i64) -> Result<Option<(Chat, bool)>, StoreError> {
+    async fn title_chat(
+        &self,
+        id: ChatId,
+        title: &str,
+        source: Option<MessageId>,
+        now: i64,
+    ) -> Result<Option<(Chat, bool)>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(concat!(
-            "UPDATE chats c SET title = $1, title_key = $2, update_time = $3 WHERE c.id = $4 AND c.title = '' \
-             RETURNING ",
+            "UPDATE chats c SET title = $1, title_key = $2, update_time = $3, title_source_message_id = $5 \
+             WHERE c.id = $4 AND c.title = '' RETURNING ",
             chat_columns!()
         ))
         .bind(title)
         .bind(title_key(title))
         .bind(now)
         .bind(id.to_string())
+        .bind(source.map(|m| m.to_string()))
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
@@ -473,6 +483,30 @@ impl ChatStore for PostgresChatStore {
         push_outbox(&mut tx, &id.to_string(), &[updated_by(&chat, &update)], now).await?;
         tx.commit().await?;
         Ok(Some((chat, true)))
+    }
+
+    async fn untitle_chat(&self, id: ChatId, source: MessageId, now: i64) -> Result<Option<Chat>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(concat!(
+            "UPDATE chats c SET title = '', title_key = $1, update_time = $2, title_source_message_id = NULL \
+             WHERE c.id = $3 AND c.title_source_message_id = $4 RETURNING ",
+            chat_columns!()
+        ))
+        .bind(title_key(""))
+        .bind(now)
+        .bind(id.to_string())
+        .bind(source.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let chat = chat_row(&row)?;
+        let update = ChatUpdate { title: Some(String::new()), ..ChatUpdate::default() };
+        push_outbox(&mut tx, &id.to_string(), &[updated_by(&chat, &update)], now).await?;
+        tx.commit().await?;
+        Ok(Some(chat))
     }
 
     async fn set_archived(&self, id: ChatId, archive_time: Option<i64>, now: i64) -> Result<Option<Chat>, StoreError> {

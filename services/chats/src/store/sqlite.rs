@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use natter_db::DbError;
 use natter_db::sqlite::Sqlite;
-use natter_kit::id::{ChatId, UserId};
+use natter_kit::id::{ChatId, MessageId, UserId};
 use rusqlite::types::{Type, Value};
 use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, params};
 
@@ -483,7 +483,13 @@ impl ChatStore for SqliteChatStore {
         let mut values: Vec<Value> = vec![Value::Integer(now)];
         if let Some(title) = &update.title {
             values.extend([Value::Text(title.clone()), Value::Text(title_key(title))]);
-            sql.push_str(&format!(", title = ?{}, title_key = ?{}", values.len() - 1, values.len()));
+            // A title someone set is theirs: no prompt's deletion takes
+            // it back.
+            sql.push_str(&format!(
+                ", title = ?{}, title_key = ?{}, title_source_message_id = NULL",
+                values.len() - 1,
+                values.len()
+            ));
         }
         if let Some(description) = &update.description {
             values.push(Value::Text(description.clone()));
@@ -513,16 +519,24 @@ impl ChatStore for SqliteChatStore {
         Ok(chat.await.map_err(unwrap)?.map(|chat| self.activity.overlay(chat)))
     }
 
-    async fn title_chat(&self, id: ChatId, title: &str, now: i64) -> Result<Option<(Chat, bool)>, StoreError> {
+    async fn title_chat(
+        &self,
+        id: ChatId,
+        title: &str,
+        source: Option<MessageId>,
+        now: i64,
+    ) -> Result<Option<(Chat, bool)>, StoreError> {
         let update = ChatUpdate { title: Some(title.to_owned()), ..ChatUpdate::default() };
+        let source = source.map(|m| m.to_string());
         let titled = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let title = update.title.as_deref().unwrap_or_default();
             let changed = tx
                 .prepare_cached(
-                    "UPDATE chats SET title = ?1, title_key = ?2, update_time = ?3 WHERE id = ?4 AND title = ''",
+                    "UPDATE chats SET title = ?1, title_key = ?2, update_time = ?3, title_source_message_id = ?5 \
+                     WHERE id = ?4 AND title = ''",
                 )?
-                .execute(params![title, title_key(title), now, id.to_string()])?
+                .execute(params![title, title_key(title), now, id.to_string(), source])?
                 == 1;
             let chat = select_chat(&tx, id)?;
             if let Some(chat) = chat.as_ref().filter(|_| changed) {
@@ -532,6 +546,27 @@ impl ChatStore for SqliteChatStore {
             Ok(chat.map(|chat| (chat, changed)))
         });
         Ok(titled.await.map_err(unwrap)?.map(|(chat, changed)| (self.activity.overlay(chat), changed)))
+    }
+
+    async fn untitle_chat(&self, id: ChatId, source: MessageId, now: i64) -> Result<Option<Chat>, StoreError> {
+        let update = ChatUpdate { title: Some(String::new()), ..ChatUpdate::default() };
+        let untitled = self.db.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE chats SET title = '', title_key = ?1, update_time = ?2, title_source_message_id = NULL \
+                     WHERE id = ?3 AND title_source_message_id = ?4",
+                )?
+                .execute(params![title_key(""), now, id.to_string(), source.to_string()])?
+                == 1;
+            let chat = if changed { select_chat(&tx, id)? } else { None };
+            if let Some(chat) = &chat {
+                push_outbox(&tx, &id.to_string(), &[updated_by(chat, &update)], now)?;
+            }
+            tx.commit()?;
+            Ok(chat)
+        });
+        Ok(untitled.await.map_err(unwrap)?.map(|chat| self.activity.overlay(chat)))
     }
 
     async fn set_archived(&self, id: ChatId, archive_time: Option<i64>, now: i64) -> Result<Option<Chat>, StoreError> {

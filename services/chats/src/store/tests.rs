@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use natter_kit::id::{ChatId, UserId};
+use natter_kit::id::{ChatId, MessageId, UserId};
 use natter_proto::messages::v1 as mpb;
 
 use super::postgres::PostgresChatStore;
@@ -113,6 +113,7 @@ chat_store_suite!(
     members_page_in_join_order,
     every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none,
     an_untitled_chat_takes_a_title_once,
+    a_title_made_from_a_prompt_is_taken_back_with_it_and_a_persons_never,
     a_followed_position_only_moves_forward,
     peers_are_members_now_of_a_chat_shared_now,
     failed_items_of_a_log_wait_once_each_until_retried,
@@ -993,20 +994,51 @@ async fn every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none
     assert_eq!(store.pending(Some(other.id), 100).await.unwrap().len(), 1, "a conflict writes nothing");
 }
 
+/// Privacy audit M2: an automatic title restates its prompt, so it is
+/// taken back when that prompt is deleted; a title the person set is
+/// theirs, and stays.
+async fn a_title_made_from_a_prompt_is_taken_back_with_it_and_a_persons_never(store: &dyn ChatStore) {
+    let (alice, bot) = (UserId::new_v7(), UserId::new_v7());
+    let direct = create(store, Chat { kind: Kind::Direct, title: String::new(), ..chat(alice, 1) }, &[bot]).await;
+    let (id, prompt, other) = (direct.id, MessageId::new_v7(), MessageId::new_v7());
+    let mut seen = 0;
+    outbox_after(store, id, &mut seen).await;
+    store.title_chat(id, "Secret plans", Some(prompt), 2).await.unwrap().unwrap();
+    outbox_after(store, id, &mut seen).await;
+    assert_eq!(store.untitle_chat(id, other, 3).await.unwrap(), None, "another prompt's deletion");
+    let untitled = store.untitle_chat(id, prompt, 4).await.unwrap().expect("taken back");
+    assert_eq!((untitled.title.as_str(), untitled.update_time), ("", 4));
+    assert_eq!(outbox_after(store, id, &mut seen).await, ["updated title  archived=false"]);
+    assert_eq!(store.chat(id).await.unwrap().unwrap().title, "");
+    let search = ChatFilter { query: Some("secret".into()), ..ChatFilter::default() };
+    assert!(listed(store, alice, &search).await.is_empty(), "the title key goes with it");
+    assert_eq!(store.untitle_chat(id, prompt, 5).await.unwrap(), None, "once");
+    assert_eq!(outbox_after(store, id, &mut seen).await, Vec::<String>::new());
+    // Untitled again: the next prompt titles it; the person renames it
+    // then, and that title is theirs.
+    let next = MessageId::new_v7();
+    store.title_chat(id, "Tides", Some(next), 6).await.unwrap().unwrap();
+    let rename = ChatUpdate { title: Some("Mine".into()), ..ChatUpdate::default() };
+    store.update_chat(id, &rename, 7).await.unwrap().unwrap();
+    assert_eq!(store.untitle_chat(id, next, 8).await.unwrap(), None, "a person's title stays");
+    assert_eq!(store.chat(id).await.unwrap().unwrap().title, "Mine");
+    assert_eq!(store.untitle_chat(ChatId::new_v7(), next, 9).await.unwrap(), None);
+}
+
 async fn an_untitled_chat_takes_a_title_once(store: &dyn ChatStore) {
     let (alice, bob) = (UserId::new_v7(), UserId::new_v7());
     let direct = create(store, Chat { kind: Kind::Direct, title: String::new(), ..chat(alice, 1) }, &[bob]).await;
     let id = direct.id;
     let mut seen = 0;
     outbox_after(store, id, &mut seen).await;
-    let (titled, changed) = store.title_chat(id, "Tides", 2).await.unwrap().unwrap();
+    let (titled, changed) = store.title_chat(id, "Tides", None, 2).await.unwrap().unwrap();
     assert_eq!((titled.title.as_str(), titled.update_time, changed), ("Tides", 2, true));
     assert_eq!(outbox_after(store, id, &mut seen).await, ["updated title Tides archived=false"]);
     // Titled: kept, answered as it is, nothing recorded.
-    let (kept, changed) = store.title_chat(id, "Other", 3).await.unwrap().unwrap();
+    let (kept, changed) = store.title_chat(id, "Other", None, 3).await.unwrap().unwrap();
     assert_eq!((kept, changed), (titled, false));
     assert_eq!(outbox_after(store, id, &mut seen).await, Vec::<String>::new());
     let search = ChatFilter { query: Some("tides".into()), ..ChatFilter::default() };
     assert_eq!(listed(store, alice, &search).await, [id], "the title key follows the title");
-    assert_eq!(store.title_chat(ChatId::new_v7(), "x", 4).await.unwrap(), None);
+    assert_eq!(store.title_chat(ChatId::new_v7(), "x", None, 4).await.unwrap(), None);
 }

@@ -766,6 +766,10 @@ impl Assistant {
                 tracing::warn!(prompt = %prompt.id, error = %status.message(), "cannot refuse a prompt; left unread");
                 self.hold(prompt, None);
             }
+            // Deleted meanwhile: nothing to refuse.
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                tracing::debug!(prompt = %prompt.id, error = %status.message(), "a prompt deleted before its refusal");
+            }
             Err(status) => tracing::warn!(prompt = %prompt.id, error = %status.message(), "cannot refuse a prompt"),
         }
     }
@@ -1145,9 +1149,17 @@ impl Assistant {
     /// comes, so later prompts may sit between), oldest first, within the
     /// context budget; superseded replies and empty or deleted messages are
     /// left out, as are earlier messages the injection detector bars.
+    ///
+    /// Errors: reading the chat failed; FAILED_PRECONDITION when the prompt
+    /// itself is deleted (its reply with it).
     async fn context(&self, prompt: &mpb::Message, reply: &mpb::Message) -> Result<Vec<ChatMessage>, Status> {
         let mut recent =
             self.links.messages.recent_messages(&prompt.chat_id, self.settings.context_messages as i32).await?;
+        // Deleted since its reply started (the deletion took the reply too,
+        // perhaps before this job could see it): nothing goes to the model.
+        if recent.iter().any(|m| m.id == prompt.id && m.deleted) {
+            return Err(Status::failed_precondition("the prompt is deleted"));
+        }
         let is_reply = |m: &mpb::Message| m.role == mpb::MessageRole::Assistant as i32 && m.reply_to_seq > 0;
         recent.retain(|m| {
             m.id != reply.id && if is_reply(m) { m.reply_to_seq < prompt.seq } else { m.seq <= prompt.seq }

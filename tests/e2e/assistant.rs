@@ -1354,6 +1354,13 @@ async fn deleting_the_prompt_a_title_came_from_clears_the_title_but_never_a_pers
     let described = cpb::Chat { id: chat.clone(), description: "x".into(), ..Default::default() };
     let refused = c.chats().update_chat(authed(&alice, rename(described, "description"))).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    // A direct chat with another person is both of theirs: no title.
+    let bob = c.user("bob").await;
+    let create = cpb::CreateChatRequest { member_ids: vec![bob.id.clone()], ..Default::default() };
+    let theirs = c.chats().create_chat(authed(&alice, create)).await.unwrap().into_inner().chat.unwrap().id;
+    let named = cpb::Chat { id: theirs, title: "Mine alone".into(), ..Default::default() };
+    let refused = c.chats().update_chat(authed(&alice, rename(named, "title"))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
 }
 
 /// A prompt waits its turn behind the reply being written; if its author

@@ -1303,8 +1303,8 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// assistant (role ASSISTANT, GENERATING, empty text, reply_to the
     /// prompt's seq, checkpoint at `now`) with the chat's next seq and
     /// change number, unless the prompt is deleted
-    /// ([`Started::PromptDeleted`], nothing written); with `replaces`, that reply is superseded, taking the
-    /// next change number. The reply keeps [`NewReply::owner`]. A stored id
+    /// ([`Started::PromptDeleted`], nothing written); with `replaces`, that
+    /// reply is superseded, taking the next change number. The reply keeps [`NewReply::owner`]. A stored id
     /// writes nothing ([`Started::Exists`]), save for a reply still
     /// GENERATING and started with the same owner, whose lease is renewed
     /// ([`Started::Resumed`]; a finished reply is never restarted); neither

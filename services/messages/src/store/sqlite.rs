@@ -466,7 +466,8 @@ fn delete(conn: &mut Connection, id: &str, now: i64) -> rusqlite::Result<Option<
     if Role::of(role) == Role::User {
         let live: Vec<String> = tx
             .prepare_cached(
-                "SELECT id FROM messages WHERE chat_id = ?1 AND reply_to_seq = ?2 AND role = 2                  AND delete_time IS NULL ORDER BY seq",
+                "SELECT id FROM messages WHERE chat_id = ?1 AND reply_to_seq = ?2 AND role = 2 \
+                 AND delete_time IS NULL ORDER BY seq",
             )?
             .query_map(params![chat, seq], |row| row.get(0))?
             .collect::<rusqlite::Result<_>>()?;

@@ -158,6 +158,36 @@ impl SqliteStore {
     pub async fn open(path: &Path, readers: usize) -> Result<Self, StoreError> {
         Ok(Self { db: Sqlite::open(path, &crate::SQLITE_MIGRATOR, readers).await? })
     }
+
+    /// Rewrites `items` (found on a reader, so the writer stays free for
+    /// sends) on the writer, `batch` of them to an IMMEDIATE transaction,
+    /// so sends wait behind one batch at most, never the whole backfill;
+    /// `rewrite` does one item and says how many rows it changed. Returns
+    /// the total.
+    async fn write_in_batches<T, F>(&self, items: Vec<T>, batch: usize, rewrite: F) -> Result<u64, StoreError>
+    where
+        T: Clone + Send + 'static,
+        F: Fn(&Connection, &T) -> rusqlite::Result<u64> + Send + Sync + 'static,
+    {
+        let rewrite = std::sync::Arc::new(rewrite);
+        let mut rewritten = 0;
+        for chunk in items.chunks(batch) {
+            let (chunk, rewrite) = (chunk.to_vec(), rewrite.clone());
+            rewritten += self
+                .db
+                .write(move |conn| {
+                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                    let mut n = 0;
+                    for item in &chunk {
+                        n += rewrite(&tx, item)?;
+                    }
+                    tx.commit()?;
+                    Ok(n)
+                })
+                .await?;
+        }
+        Ok(rewritten)
+    }
 }
 
 /// A typed id from a TEXT column.
@@ -879,8 +909,6 @@ impl MessageStore for SqliteStore {
     }
 
     async fn normalize_texts(&self) -> Result<u64, StoreError> {
-        // Found on a reader (the writer stays free for sends), rewritten in
-        // batches, each row only if its text is still what was read.
         let stale: Vec<(String, String, String)> = self
             .db
             .read(|conn| {
@@ -898,28 +926,13 @@ impl MessageStore for SqliteStore {
                 Ok(stale)
             })
             .await?;
-        let mut rewritten = 0;
-        for batch in stale.chunks(REWRITE_BATCH) {
-            let batch = batch.to_vec();
-            rewritten += self
-                .db
-                .write(move |conn| {
-                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                    let mut n = 0;
-                    {
-                        // The search index follows by its trigger.
-                        let mut update =
-                            tx.prepare_cached("UPDATE messages SET text = ?3 WHERE id = ?1 AND text = ?2")?;
-                        for (id, old, new) in &batch {
-                            n += update.execute(rusqlite::params![id, old, new])? as u64;
-                        }
-                    }
-                    tx.commit()?;
-                    Ok(n)
-                })
-                .await?;
-        }
-        Ok(rewritten)
+        // Each row only if its text is still what was read; the search
+        // index follows by its trigger.
+        self.write_in_batches(stale, REWRITE_BATCH, |tx, (id, old, new)| {
+            let mut update = tx.prepare_cached("UPDATE messages SET text = ?3 WHERE id = ?1 AND text = ?2")?;
+            Ok(update.execute(rusqlite::params![id, old, new])? as u64)
+        })
+        .await
     }
 
     async fn clock(&self) -> Result<i64, StoreError> {
@@ -927,8 +940,7 @@ impl MessageStore for SqliteStore {
     }
 
     async fn scrub_chat_details(&self) -> Result<u64, StoreError> {
-        // The chats whose entries disagree, found on a reader; rewritten in
-        // batches on the writer, which every change of a chat goes through.
+        // The chats whose entries disagree.
         let chats: Vec<String> = self
             .db
             .read(|conn| {
@@ -941,23 +953,8 @@ impl MessageStore for SqliteStore {
                 .collect()
             })
             .await?;
-        let mut rewritten = 0;
-        for batch in chats.chunks(SCRUB_BATCH) {
-            let batch = batch.to_vec();
-            rewritten += self
-                .db
-                .write(move |conn| {
-                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                    let mut n = 0;
-                    for chat in &batch {
-                        n += u64::from(scrub_details(&tx, chat)? > 0);
-                    }
-                    tx.commit()?;
-                    Ok(n)
-                })
-                .await?;
-        }
-        Ok(rewritten)
+        // On the writer, which every change of a chat goes through.
+        self.write_in_batches(chats, SCRUB_BATCH, |tx, chat| Ok(u64::from(scrub_details(tx, chat)? > 0))).await
     }
 
     async fn backfilled(&self, name: &str) -> Result<bool, StoreError> {

@@ -287,6 +287,51 @@ mod per_user {
     }
 }
 
+mod stored_bytes {
+    use super::*;
+
+    pub(crate) const FLAGS: Flags<'static> =
+        Flags { sessions: &[], chats: &[], messages: &["--stored-bytes-rate", "100/1h"], assistant: &[], edge: &[] };
+
+    crate::both_modes!(flags = crate::limits::stored_bytes::FLAGS; stored_bytes_are_budgeted_per_user);
+
+    /// A user's sends and edits draw on one budget of bytes (100 an hour
+    /// here): a send past it is refused with RetryInfo and stores nothing,
+    /// a smaller one still fits, an edit draws on the same budget, and
+    /// another user has a budget of their own. Without it, one account
+    /// could store about 95 GB a day at the default send rate.
+    async fn stored_bytes_are_budgeted_per_user(c: &Cluster) {
+        let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+        let chat = direct(c, &alice, &bob).await.id;
+        let mut m = c.messages();
+        let first = send(c, &alice, &chat, &"a".repeat(60)).await;
+
+        let over = mpb::SendMessageRequest { chat_id: chat.clone(), text: "b".repeat(50), ..Default::default() };
+        let refused = m.send_message(authed(&alice, over)).await.unwrap_err();
+        // 10 bytes short at 100 an hour: about 6 minutes.
+        assert!(retry_delay(&refused) > Duration::from_secs(5 * 60), "{refused:?}");
+        let listed = m
+            .list_messages(authed(&alice, mpb::ListMessagesRequest { chat_id: chat.clone(), ..Default::default() }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(listed.messages.len(), 1, "the refused send stored nothing");
+
+        send(c, &alice, &chat, &"c".repeat(40)).await;
+        let edit = mpb::EditMessageRequest { message_id: first.id.clone(), text: "short".into() };
+        let refused = m.edit_message(authed(&alice, edit)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        let kept = m.get_message(authed(&alice, mpb::GetMessageRequest { message_id: first.id.clone() })).await;
+        assert_eq!(
+            kept.unwrap().into_inner().message.unwrap().text,
+            "a".repeat(60),
+            "the refused edit changed nothing"
+        );
+
+        send(c, &bob, &chat, &"d".repeat(90)).await;
+    }
+}
+
 mod per_address {
     use super::*;
 

@@ -177,6 +177,7 @@ const HOUSEKEEPING_MIN_KEYS: usize = 4096;
 pub struct RateLimiter<K: Hash + Eq + Clone> {
     what: &'static str,
     limiter: Option<DefaultKeyedRateLimiter<K>>,
+    rate: Rate,
     clock: DefaultClock,
     checks: AtomicU64,
     sweep_at: AtomicUsize,
@@ -195,6 +196,7 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         Self {
             what,
             limiter: rate.quota().map(DefaultKeyedRateLimiter::keyed),
+            rate,
             clock: DefaultClock::default(),
             checks: AtomicU64::new(0),
             sweep_at: AtomicUsize::new(HOUSEKEEPING_MIN_KEYS),
@@ -211,6 +213,29 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
             self.housekeeping(limiter);
         }
         result.map_err(|not_until| Limited { what: self.what, retry_after: not_until.wait_time_from(self.clock.now()) })
+    }
+
+    /// Admits `n` units for `key` at once (bytes of a message: see
+    /// [`Rate`], whose N is then units, not calls), or says how long until
+    /// it would; 0 units pass without a look. `n` above the whole burst is
+    /// taken as the burst, so it passes once the bucket is full again
+    /// rather than never.
+    ///
+    /// Errors: [`Limited`] when `key` lacks `n` units now.
+    pub fn check_n(&self, key: &K, n: u64) -> Result<(), Limited> {
+        let (Some(limiter), Rate::Limit { count, period }) = (&self.limiter, self.rate) else { return Ok(()) };
+        let Some(n) = NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX).min(count.get())) else { return Ok(()) };
+        if self.checks.fetch_add(1, Ordering::Relaxed).is_multiple_of(HOUSEKEEPING_EVERY) {
+            self.housekeeping(limiter);
+        }
+        match limiter.check_key_n(key, n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => {
+                Err(Limited { what: self.what, retry_after: not_until.wait_time_from(self.clock.now()) })
+            }
+            // Not reached (`n` is at most the burst): a whole period refills it.
+            Err(_) => Err(Limited { what: self.what, retry_after: period }),
+        }
     }
 
     fn housekeeping(&self, limiter: &DefaultKeyedRateLimiter<K>) {
@@ -564,6 +589,25 @@ mod tests {
         assert!(status.message().starts_with("too many sends: retry in "), "{}", status.message());
         let retry = status.get_error_details().retry_info().expect("retry info").retry_delay.expect("delay");
         assert!(retry > Duration::from_secs(19 * 60));
+    }
+
+    /// Units at once (bytes): a key draws several from one bucket, none
+    /// for 0; more than the whole bucket passes once it is full, as the
+    /// bucket, never as a refusal that no wait could end.
+    #[test]
+    fn units_draw_on_one_bucket_and_more_than_it_waits_for_a_full_one() {
+        let limiter = RateLimiter::new("bytes stored", Rate::parse("100/1h").unwrap());
+        limiter.check_n(&"alice", 60).unwrap();
+        let refused = limiter.check_n(&"alice", 50).unwrap_err();
+        // 10 units short, one every 36 s.
+        assert!(refused.retry_after > Duration::from_secs(5 * 60) && refused.retry_after <= Duration::from_secs(360));
+        limiter.check_n(&"alice", 40).unwrap();
+        limiter.check_n(&"alice", 0).unwrap();
+        limiter.check_n(&"alice", 1).unwrap_err();
+
+        limiter.check_n(&"bob", 5_000).expect("a full bucket admits more than it holds, as the bucket");
+        let refused = limiter.check_n(&"bob", 5_000).unwrap_err();
+        assert!(refused.retry_after > Duration::from_secs(59 * 60), "a whole bucket to wait for: {refused:?}");
     }
 
     #[test]

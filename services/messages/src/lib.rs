@@ -103,6 +103,14 @@ pub struct MessagesArgs {
     /// EditMessage calls per user: N/PERIOD, or `off`.
     #[arg(long, env = "NATTER_EDIT_MESSAGE_RATE", default_value = "600/1m")]
     pub edit_message_rate: Rate,
+    /// Bytes a user may store, sends and edits together (each counts its
+    /// text's bytes and its attachments' URL and MIME type; an edit keeps
+    /// the old text as a revision, so it counts its new text whole; a
+    /// retry counts again): N/PERIOD admits N bytes at once and N per
+    /// PERIOD; `off` admits all. A message larger than N waits for a full
+    /// budget. Past it, RESOURCE_EXHAUSTED with RetryInfo, nothing stored.
+    #[arg(long, env = "NATTER_STORED_BYTES_RATE", default_value = "50000000/1d")]
+    pub stored_bytes_rate: Rate,
     /// AddReaction and RemoveReaction calls per user, together: N/PERIOD,
     /// or `off`.
     #[arg(long, env = "NATTER_REACTION_RATE", default_value = "600/1m")]
@@ -202,6 +210,7 @@ impl Default for MessagesArgs {
             max_message_edits: limits.edits,
             send_message_rate: Rate::parse("1200/1m").expect("valid rate"),
             edit_message_rate: Rate::parse("600/1m").expect("valid rate"),
+            stored_bytes_rate: Rate::parse("50000000/1d").expect("valid rate"),
             reaction_rate: Rate::parse("600/1m").expect("valid rate"),
             search_rate: Rate::parse("120/1m").expect("valid rate"),
             mark_read_rate: Rate::parse("600/1m").expect("valid rate"),

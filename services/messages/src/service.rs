@@ -72,6 +72,8 @@ pub struct Messages {
     send_rate: RateLimiter<UserId>,
     /// EditMessage calls per user.
     edit_rate: RateLimiter<UserId>,
+    /// Bytes stored per user, sends and edits together ([`stored_bytes`]).
+    stored_bytes: RateLimiter<UserId>,
     /// AddReaction and RemoveReaction calls per user.
     reaction_rate: RateLimiter<UserId>,
     /// SetTyping calls per user.
@@ -137,6 +139,7 @@ impl Messages {
             stream_limits: args.stream_limits(),
             send_rate: RateLimiter::new("messages sent", args.send_message_rate),
             edit_rate: RateLimiter::new("message edits", args.edit_message_rate),
+            stored_bytes: RateLimiter::new("bytes stored", args.stored_bytes_rate),
             reaction_rate: RateLimiter::new("reactions", args.reaction_rate),
             typing_rate: RateLimiter::new("typing indicators", args.typing_rate),
             search_rate: RateLimiter::new("searches", args.search_rate),
@@ -308,6 +311,7 @@ impl Messages {
     #[tracing::instrument(skip_all, fields(chat_id = %req.chat_id, message_id = tracing::field::Empty, seq = tracing::field::Empty))]
     pub async fn send(&self, caller: UserId, req: SendMessage) -> Result<Message, MessagesError> {
         self.send_rate.check(&caller)?;
+        self.stored_bytes.check_n(&caller, stored_bytes(&req.text, &req.attachments))?;
         // A retry is caught by the writer (the id exists); only when the
         // send would now be refused (archived meanwhile, left the chat) is
         // the original looked up first, so a retry still returns it.
@@ -427,6 +431,7 @@ impl Messages {
     /// has already (a retry) changes nothing and is answered as it is.
     pub async fn edit(&self, caller: UserId, req: EditMessage) -> Result<Message, MessagesError> {
         self.edit_rate.check(&caller)?;
+        self.stored_bytes.check_n(&caller, stored_bytes(&req.text, &[]))?;
         let (message, membership) = self.message_for(caller, req.message_id, true).await?;
         if message.author_id != caller {
             return Err(MessagesError::Denied("only the author may edit a message"));
@@ -1149,4 +1154,12 @@ fn same_message(existing: Message, req: &SendMessage, caller: UserId) -> Result<
     } else {
         Err(MessagesError::MessageIdTaken)
     }
+}
+
+/// What a message's text and attachments add to the store, in bytes, as
+/// `--stored-bytes-rate` counts it: the text, and each attachment's URL and
+/// MIME type (its other fields are numbers).
+fn stored_bytes(text: &str, attachments: &[crate::domain::Attachment]) -> u64 {
+    let attached: usize = attachments.iter().map(|a| a.url.len() + a.mime_type.len()).sum();
+    (text.len() + attached) as u64
 }

@@ -60,6 +60,12 @@ pub enum DbError {
     /// The SQLite writer thread has stopped (the store is closing).
     #[error("database closed")]
     Closed,
+    /// A transaction got no answer within the time a live database takes
+    /// at most ([`PoolSettings::unresponsive_after`]): its connection is
+    /// taken for dead.
+    #[error("the database did not answer within {0:?}")]
+    Unresponsive(Duration),
+
     /// A thread of the SQLite store could not be started.
     #[error("cannot start a database thread: {0}")]
     Thread(String),
@@ -236,7 +242,7 @@ impl DbError {
         match self {
             Self::Sqlx(e) => Failure::of_sqlx(e),
             Self::Sqlite(e) => Failure::of_sqlite(e),
-            Self::Cancelled | Self::Closed => Failure::Unavailable,
+            Self::Cancelled | Self::Closed | Self::Unresponsive(_) => Failure::Unavailable,
             Self::UnsupportedUrl(_)
             | Self::InvalidSchema(_)
             | Self::MissingDatabase { .. }
@@ -366,6 +372,19 @@ pub struct PoolSettings {
     /// transaction holds, a table a migration alters) fails (SQLSTATE
     /// 55P03, [`Failure::Unavailable`]).
     pub lock_timeout: Duration,
+}
+
+impl PoolSettings {
+    /// How long a transaction of a few statements may go unanswered
+    /// before its connection is taken for dead: the wait for a connection
+    /// and three statement timeouts (a live PostgreSQL cuts each statement
+    /// at its statement_timeout). sqlx sets no TCP keepalive, so a
+    /// connection whose server vanished without closing it (a host crash,
+    /// a failover, a NAT or firewall that dropped the flow) is otherwise
+    /// waited on for ever.
+    pub fn unresponsive_after(&self) -> Duration {
+        self.acquire_timeout + self.statement_timeout * 3
+    }
 }
 
 impl Default for PoolSettings {

@@ -99,10 +99,7 @@ impl From<MessagesError> for Status {
             }
             MessagesError::Upstream(status) => status,
             MessagesError::Store { source, origin } => {
-                let failure = match &source {
-                    StoreError::Db(e) => e.failure(),
-                    StoreError::Corrupt(_) => natter_db::Failure::Internal,
-                };
+                let failure = source.failure();
                 natter_kit::store_failure_at(&source, failure, origin)
             }
         }

@@ -199,3 +199,171 @@ pub(crate) async fn record_activity(chats: &dyn ChatDirectory, outcomes: &[&Sent
         tracing::warn!(error = %e, "recording chat activity failed");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use natter_kit::id::{ChatId, MessageId, UserId};
+    use natter_proto::chats::v1 as cpb;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::{TcpListener, TcpStream};
+    use tonic::Status;
+
+    use super::*;
+
+    /// A guard against a hang: every wait here ends within it.
+    const GUARD: Duration = Duration::from_secs(20);
+
+    /// A TCP proxy to `upstream` that can freeze a connection mid-query:
+    /// once armed, the next PostgreSQL statement a client sends (a message
+    /// of type Parse, Bind, Query or Execute; not the Sync of sqlx's ping)
+    /// reaches the server, and from then on nothing more is forwarded on
+    /// that connection, either way, while it stays open: as a server gone
+    /// without a FIN looks to its client (a host crash or failover under
+    /// load, a NAT that dropped the flow). Other connections go on.
+    struct FreezingProxy {
+        addr: std::net::SocketAddr,
+        armed: Arc<AtomicBool>,
+    }
+
+    impl FreezingProxy {
+        async fn start(upstream: std::net::SocketAddr) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let armed = Arc::new(AtomicBool::new(false));
+            let arming = armed.clone();
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let armed = arming.clone();
+                    tokio::spawn(async move {
+                        let Ok(server) = TcpStream::connect(upstream).await else { return };
+                        let ((mut from_client, mut to_client), (mut from_server, mut to_server)) =
+                            (client.into_split(), server.into_split());
+                        let frozen = AtomicBool::new(false);
+                        let up = async {
+                            let mut buf = vec![0u8; 64 * 1024];
+                            loop {
+                                let n = from_client.read(&mut buf).await?;
+                                if n == 0 {
+                                    return Ok::<_, std::io::Error>(());
+                                }
+                                let statement = b"PBQE".contains(&buf[0]);
+                                if statement && armed.swap(false, Ordering::AcqRel) {
+                                    frozen.store(true, Ordering::Release);
+                                    to_server.write_all(&buf[..n]).await?;
+                                    std::future::pending::<()>().await;
+                                }
+                                to_server.write_all(&buf[..n]).await?;
+                            }
+                        };
+                        let down = async {
+                            let mut buf = vec![0u8; 64 * 1024];
+                            loop {
+                                let n = from_server.read(&mut buf).await?;
+                                if n == 0 {
+                                    return Ok::<_, std::io::Error>(());
+                                }
+                                if frozen.load(Ordering::Acquire) {
+                                    std::future::pending::<()>().await;
+                                }
+                                to_client.write_all(&buf[..n]).await?;
+                            }
+                        };
+                        let _ = tokio::join!(up, down);
+                    });
+                }
+            });
+            Self { addr, armed }
+        }
+
+        /// Freezes the next connection a statement is sent on.
+        fn arm(&self) {
+            self.armed.store(true, Ordering::Release);
+        }
+    }
+
+    /// A chats service that records activity and is asked nothing else.
+    struct Activity;
+
+    #[async_trait]
+    impl ChatDirectory for Activity {
+        async fn check_memberships(
+            &self,
+            _: cpb::CheckMembershipRequest,
+        ) -> Result<cpb::CheckMembershipResponse, Status> {
+            Err(Status::unimplemented("not asked"))
+        }
+
+        async fn member_chat_ids(&self, _: &str) -> Result<Vec<String>, Status> {
+            Err(Status::unimplemented("not asked"))
+        }
+
+        async fn managed_chat_ids(&self, _: &str) -> Result<Vec<String>, Status> {
+            Err(Status::unimplemented("not asked"))
+        }
+
+        async fn record_activity(&self, _: Vec<cpb::Activity>) -> Result<(), Status> {
+            Ok(())
+        }
+    }
+
+    fn message(n: u128) -> NewMessage {
+        NewMessage {
+            id: MessageId(uuid::Uuid::from_u128(0x1_0000 + n)),
+            chat_id: ChatId(uuid::Uuid::from_u128(0xc0)),
+            author_id: UserId(uuid::Uuid::from_u128(0xa0)),
+            text: format!("message {n}"),
+            attachments: Vec::new(),
+            reply_to: None,
+            send_time: 1_000 + n as i64,
+            flags: None,
+            mentions: Vec::new(),
+            thread_root: None,
+        }
+    }
+
+    /// A send whose connection to PostgreSQL froze mid-commit (the server
+    /// gone without a word while the statement was under way) fails
+    /// UNAVAILABLE once a live server would have answered, and the next
+    /// send commits on another connection: the writer, which commits one
+    /// batch at a time, waited on it for ever, and every send after it
+    /// with it. (A connection that froze while idle was caught already:
+    /// sqlx pings it before handing it out, within the acquire timeout.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_on_a_frozen_connection_is_given_up_and_the_next_send_commits() {
+        let Some(url) = natter_db::testing::postgres_url() else { return };
+        // postgres://USER@HOST:PORT/DB: the same URL, through the proxy.
+        let (_, rest) = url.split_once("://").unwrap();
+        let authority = rest.split('/').next().unwrap();
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let (host, port) = host_port.rsplit_once(':').map_or((host_port, 5432), |(h, p)| (h, p.parse().unwrap()));
+        let upstream = tokio::net::lookup_host((host, port)).await.unwrap().next().unwrap();
+        let proxy = FreezingProxy::start(upstream).await;
+        let through = url.replacen(host_port, &proxy.addr.to_string(), 1);
+        let schema = natter_db::testing::unique_schema("writer");
+        let mut config = natter_db::DbConfig::postgres(&through, &schema);
+        config.pool.acquire_timeout = Duration::from_millis(300);
+        config.pool.statement_timeout = Duration::from_millis(200);
+        let limit = config.pool.unresponsive_after();
+        let store = crate::store::open(&config).await.unwrap();
+        let writer = Writer::start(store.clone(), Arc::new(Activity), Box::new(|_| {}));
+
+        let first = tokio::time::timeout(GUARD, writer.send(message(1))).await.expect("answered");
+        assert!(matches!(first, Ok(Sent::Created(_))), "{first:?}");
+
+        proxy.arm();
+        let started = std::time::Instant::now();
+        let frozen = tokio::time::timeout(GUARD, writer.send(message(2))).await.expect("given up, not waited on");
+        let failure = frozen.as_ref().map(drop).map_err(StoreError::failure);
+        assert_eq!(failure, Err(natter_db::Failure::Unavailable), "{frozen:?}");
+        assert!(started.elapsed() >= limit, "given up at {:?}, before {limit:?}", started.elapsed());
+
+        let next = tokio::time::timeout(GUARD, writer.send(message(3))).await.expect("answered");
+        assert!(matches!(next, Ok(Sent::Created(_))), "{next:?}");
+        drop(writer);
+        natter_db::postgres::drop_schema(&url, &schema).await.unwrap();
+    }
+}

@@ -1100,6 +1100,17 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+impl StoreError {
+    /// What this failure is to a client (see [`natter_db::Failure`]): a
+    /// corrupt row is internal.
+    pub fn failure(&self) -> natter_db::Failure {
+        match self {
+            Self::Db(e) => e.failure(),
+            Self::Corrupt(_) => natter_db::Failure::Internal,
+        }
+    }
+}
+
 /// The messages tables, in the messages domain's types. Every write is one
 /// transaction; every method may fail with [`StoreError`].
 #[async_trait::async_trait]

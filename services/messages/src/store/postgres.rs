@@ -124,6 +124,9 @@ const MESSAGE_BY_ID: &str = concat!("SELECT ", message_columns!(), " FROM messag
 #[derive(Clone, Debug)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// How long a batch's insert may go unanswered before its connection
+    /// is taken for dead ([`natter_db::PoolSettings::unresponsive_after`]).
+    unresponsive_after: std::time::Duration,
 }
 
 impl PostgresStore {
@@ -135,7 +138,10 @@ impl PostgresStore {
     /// Errors: an invalid schema name, the server is unreachable, or a
     /// migration fails.
     pub async fn open(url: &str, schema: &str, pool: &natter_db::PoolSettings) -> Result<Self, StoreError> {
-        Ok(Self { pool: natter_db::postgres::connect(url, schema, pool, &crate::POSTGRES_MIGRATOR).await? })
+        Ok(Self {
+            pool: natter_db::postgres::connect(url, schema, pool, &crate::POSTGRES_MIGRATOR).await?,
+            unresponsive_after: pool.unresponsive_after(),
+        })
     }
 
     /// Writes the `search_vector` of messages stored before migration 0009
@@ -784,10 +790,20 @@ impl MessageStore for PostgresStore {
     }
 
     async fn insert_batch(&self, batch: &[NewMessage]) -> Result<Vec<Sent>, StoreError> {
-        match self.try_insert_batch(batch).await {
+        // Bounded: the writer commits one batch at a time, so a connection
+        // whose server vanished unnoticed (no TCP keepalive) would stall
+        // every send for good. Given up, the batch's callers hear
+        // UNAVAILABLE (committed or not: their retries find the message
+        // by its id) and the next batch takes another connection.
+        let attempt = || async {
+            tokio::time::timeout(self.unresponsive_after, self.try_insert_batch(batch))
+                .await
+                .map_err(|_| StoreError::Db(natter_db::DbError::Unresponsive(self.unresponsive_after)))
+        };
+        match attempt().await? {
             // A concurrent send of one of the ids committed between the
             // check and the insert: the next check sees it.
-            Err(e) if natter_db::is_unique_violation(&e) => Ok(self.try_insert_batch(batch).await?),
+            Err(e) if natter_db::is_unique_violation(&e) => Ok(attempt().await??),
             other => Ok(other?),
         }
     }

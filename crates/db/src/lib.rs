@@ -65,6 +65,10 @@ pub enum DbError {
     /// taken for dead.
     #[error("the database did not answer within {0:?}")]
     Unresponsive(Duration),
+    /// A failure of the database's that put it out of reach for now,
+    /// passed on as text: to each message of a batch that failed as one.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 
     /// A thread of the SQLite store could not be started.
     #[error("cannot start a database thread: {0}")]
@@ -242,7 +246,7 @@ impl DbError {
         match self {
             Self::Sqlx(e) => Failure::of_sqlx(e),
             Self::Sqlite(e) => Failure::of_sqlite(e),
-            Self::Cancelled | Self::Closed | Self::Unresponsive(_) => Failure::Unavailable,
+            Self::Cancelled | Self::Closed | Self::Unresponsive(_) | Self::Unavailable(_) => Failure::Unavailable,
             Self::UnsupportedUrl(_)
             | Self::InvalidSchema(_)
             | Self::MissingDatabase { .. }

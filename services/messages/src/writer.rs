@@ -35,6 +35,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use natter_db::DbError;
 use natter_links::ChatDirectory;
 use natter_proto::chats::v1::Activity;
 use tokio::sync::{mpsc, oneshot};
@@ -95,7 +96,10 @@ impl Writer {
 
 /// Commits one batch; the outcomes are in the batch's order. A batch that
 /// fails writes nothing: its messages are then committed one by one, so one
-/// bad message fails only its own caller.
+/// bad message fails only its own caller; unless the database is out of
+/// reach ([`natter_db::Failure::Unavailable`]: a pool with no connection
+/// to give, a server that does not answer), when they all fail with it,
+/// as one at a time would each wait as long again.
 async fn commit(store: &dyn MessageStore, messages: &[NewMessage], clock: &mut PhaseClock) -> Vec<Outcome> {
     let started = std::time::Instant::now();
     let batch = store.insert_batch(messages).await;
@@ -104,6 +108,12 @@ async fn commit(store: &dyn MessageStore, messages: &[NewMessage], clock: &mut P
         Ok(outcomes) => {
             observe_commit(messages.len(), started.elapsed());
             outcomes.into_iter().map(Ok).collect()
+        }
+        Err(e) if messages.len() > 1 && e.failure() == natter_db::Failure::Unavailable => {
+            tracing::warn!(batch = messages.len(), error = %e, "batch failed: the database is out of reach");
+            let text = e.to_string();
+            let others = (1..messages.len()).map(|_| Err(StoreError::Db(DbError::Unavailable(text.clone()))));
+            std::iter::once(Err(e)).chain(others).collect()
         }
         Err(e) if messages.len() > 1 => {
             tracing::warn!(batch = messages.len(), error = %e, "batch failed; committing one by one");
@@ -227,6 +237,12 @@ mod tests {
     struct FreezingProxy {
         addr: std::net::SocketAddr,
         armed: Arc<AtomicBool>,
+        /// Set: nothing more is forwarded on any connection, and new ones
+        /// are accepted and left unanswered, as a server out of reach
+        /// looks (a connect or a ping waits, then times out).
+        down: Arc<AtomicBool>,
+        /// Notified when a connection freezes.
+        frozen: Arc<tokio::sync::Notify>,
     }
 
     impl FreezingProxy {
@@ -234,10 +250,19 @@ mod tests {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let armed = Arc::new(AtomicBool::new(false));
-            let arming = armed.clone();
+            let down = Arc::new(AtomicBool::new(false));
+            let frozen_once = Arc::new(tokio::sync::Notify::new());
+            let (arming, downed, freezes) = (armed.clone(), down.clone(), frozen_once.clone());
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
-                    let armed = arming.clone();
+                    if downed.load(Ordering::Acquire) {
+                        tokio::spawn(async move {
+                            let _unanswered = client;
+                            std::future::pending::<()>().await
+                        });
+                        continue;
+                    }
+                    let (armed, freezes, down) = (arming.clone(), freezes.clone(), downed.clone());
                     tokio::spawn(async move {
                         let Ok(server) = TcpStream::connect(upstream).await else { return };
                         let ((mut from_client, mut to_client), (mut from_server, mut to_server)) =
@@ -250,10 +275,14 @@ mod tests {
                                 if n == 0 {
                                     return Ok::<_, std::io::Error>(());
                                 }
+                                if down.load(Ordering::Acquire) {
+                                    std::future::pending::<()>().await;
+                                }
                                 let statement = b"PBQE".contains(&buf[0]);
                                 if statement && armed.swap(false, Ordering::AcqRel) {
                                     frozen.store(true, Ordering::Release);
                                     to_server.write_all(&buf[..n]).await?;
+                                    freezes.notify_one();
                                     std::future::pending::<()>().await;
                                 }
                                 to_server.write_all(&buf[..n]).await?;
@@ -266,7 +295,7 @@ mod tests {
                                 if n == 0 {
                                     return Ok::<_, std::io::Error>(());
                                 }
-                                if frozen.load(Ordering::Acquire) {
+                                if frozen.load(Ordering::Acquire) || down.load(Ordering::Acquire) {
                                     std::future::pending::<()>().await;
                                 }
                                 to_client.write_all(&buf[..n]).await?;
@@ -276,12 +305,17 @@ mod tests {
                     });
                 }
             });
-            Self { addr, armed }
+            Self { addr, armed, down, frozen: frozen_once }
         }
 
         /// Freezes the next connection a statement is sent on.
         fn arm(&self) {
             self.armed.store(true, Ordering::Release);
+        }
+
+        /// Forwards nothing more, on any connection, old or new.
+        fn go_down(&self) {
+            self.down.store(true, Ordering::Release);
         }
     }
 
@@ -334,22 +368,8 @@ mod tests {
     /// sqlx pings it before handing it out, within the acquire timeout.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_commit_on_a_frozen_connection_is_given_up_and_the_next_send_commits() {
-        let Some(url) = natter_db::testing::postgres_url() else { return };
-        // postgres://USER@HOST:PORT/DB: the same URL, through the proxy.
-        let (_, rest) = url.split_once("://").unwrap();
-        let authority = rest.split('/').next().unwrap();
-        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-        let (host, port) = host_port.rsplit_once(':').map_or((host_port, 5432), |(h, p)| (h, p.parse().unwrap()));
-        let upstream = tokio::net::lookup_host((host, port)).await.unwrap().next().unwrap();
-        let proxy = FreezingProxy::start(upstream).await;
-        let through = url.replacen(host_port, &proxy.addr.to_string(), 1);
-        let schema = natter_db::testing::unique_schema("writer");
-        let mut config = natter_db::DbConfig::postgres(&through, &schema);
-        config.pool.acquire_timeout = Duration::from_millis(300);
-        config.pool.statement_timeout = Duration::from_millis(200);
-        let limit = config.pool.unresponsive_after();
-        let store = crate::store::open(&config).await.unwrap();
-        let writer = Writer::start(store.clone(), Arc::new(Activity), Box::new(|_| {}));
+        let Some(h) = Frozen::start().await else { return };
+        let (proxy, writer, limit) = (&h.proxy, &h.writer, h.limit);
 
         let first = tokio::time::timeout(GUARD, writer.send(message(1))).await.expect("answered");
         assert!(matches!(first, Ok(Sent::Created(_))), "{first:?}");
@@ -363,7 +383,92 @@ mod tests {
 
         let next = tokio::time::timeout(GUARD, writer.send(message(3))).await.expect("answered");
         assert!(matches!(next, Ok(Sent::Created(_))), "{next:?}");
-        drop(writer);
-        natter_db::postgres::drop_schema(&url, &schema).await.unwrap();
+        h.finish().await;
+    }
+
+    /// While PostgreSQL is out of reach, a batch of sends fails as one:
+    /// each sender hears UNAVAILABLE once the batch's wait for a connection
+    /// ran out. They were retried one at a time, each waiting the acquire
+    /// timeout again (a batch of five: six waits), so the writer, and every
+    /// send queued behind it, spent an outage grinding through them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_fails_as_one_while_the_database_is_out_of_reach() {
+        let Some(h) = Frozen::start().await else { return };
+        let writer = Arc::new(h.writer.clone());
+        let first = tokio::time::timeout(GUARD, writer.send(message(1))).await.expect("answered");
+        assert!(matches!(first, Ok(Sent::Created(_))), "{first:?}");
+
+        // The writer waits on a frozen connection while five sends queue
+        // up behind it: its next batch.
+        h.proxy.arm();
+        let stuck = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.send(message(2)).await }
+        });
+        tokio::time::timeout(GUARD, h.proxy.frozen.notified()).await.expect("the statement froze");
+        h.proxy.go_down();
+        let batch: Vec<_> = (10..15)
+            .map(|n| {
+                let writer = writer.clone();
+                tokio::spawn(async move {
+                    let outcome = writer.send(message(n)).await;
+                    (outcome.map(drop).map_err(|e| e.failure()), std::time::Instant::now())
+                })
+            })
+            .collect();
+        let stuck = tokio::time::timeout(GUARD, stuck).await.expect("given up").unwrap();
+        assert_eq!(stuck.map(drop).map_err(|e| e.failure()), Err(natter_db::Failure::Unavailable));
+        let given_up = std::time::Instant::now();
+        let mut last = given_up;
+        for send in batch {
+            let (outcome, at) = tokio::time::timeout(GUARD, send).await.expect("answered").unwrap();
+            assert_eq!(outcome, Err(natter_db::Failure::Unavailable));
+            last = last.max(at);
+        }
+        // One wait for a connection (300 ms), not six.
+        let took = last - given_up;
+        assert!(took < h.acquire_timeout * 3, "the batch's senders heard back {took:?} after the frozen send");
+        h.finish().await;
+    }
+
+    /// A writer over a PostgreSQL store reached through a [`FreezingProxy`],
+    /// with short timeouts (acquire 300 ms, statements 200 ms).
+    struct Frozen {
+        proxy: FreezingProxy,
+        writer: Writer,
+        /// When a batch is given up ([`natter_db::PoolSettings::unresponsive_after`]).
+        limit: Duration,
+        acquire_timeout: Duration,
+        url: String,
+        schema: String,
+    }
+
+    impl Frozen {
+        /// `None` when no test database is set.
+        async fn start() -> Option<Self> {
+            let url = natter_db::testing::postgres_url()?;
+            // postgres://USER@HOST:PORT/DB: the same URL, through the proxy.
+            let (_, rest) = url.split_once("://").unwrap();
+            let authority = rest.split('/').next().unwrap();
+            let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            let (host, port) = host_port.rsplit_once(':').map_or((host_port, 5432), |(h, p)| (h, p.parse().unwrap()));
+            let upstream = tokio::net::lookup_host((host, port)).await.unwrap().next().unwrap();
+            let proxy = FreezingProxy::start(upstream).await;
+            let through = url.replacen(host_port, &proxy.addr.to_string(), 1);
+            let schema = natter_db::testing::unique_schema("writer");
+            let mut config = natter_db::DbConfig::postgres(&through, &schema);
+            config.pool.acquire_timeout = Duration::from_millis(300);
+            config.pool.statement_timeout = Duration::from_millis(200);
+            let limit = config.pool.unresponsive_after();
+            let store = crate::store::open(&config).await.unwrap();
+            let writer = Writer::start(store, Arc::new(Activity), Box::new(|_| {}));
+            let acquire_timeout = config.pool.acquire_timeout;
+            Some(Self { proxy, writer, limit, acquire_timeout, url, schema })
+        }
+
+        async fn finish(self) {
+            drop(self.writer);
+            natter_db::postgres::drop_schema(&self.url, &self.schema).await.unwrap();
+        }
     }
 }

@@ -26,10 +26,7 @@ const GUARD: Duration = Duration::from_secs(20);
 /// An HTTP/2 connection to `addr` with the h2 crate, so a test can do what
 /// tonic would not (advertised settings, a request body that never comes).
 async fn h2_connect(addr: std::net::SocketAddr) -> h2::client::SendRequest<Bytes> {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(connection);
-    send
+    h2_connect_watched(addr).await.0
 }
 
 fn grpc_request(addr: std::net::SocketAddr, path: &str) -> http::Request<()> {

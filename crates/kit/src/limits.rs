@@ -207,12 +207,7 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     ///
     /// Errors: [`Limited`] when `key` has used its quota.
     pub fn check(&self, key: &K) -> Result<(), Limited> {
-        let Some(limiter) = &self.limiter else { return Ok(()) };
-        let result = limiter.check_key(key);
-        if self.checks.fetch_add(1, Ordering::Relaxed).is_multiple_of(HOUSEKEEPING_EVERY) {
-            self.housekeeping(limiter);
-        }
-        result.map_err(|not_until| Limited { what: self.what, retry_after: not_until.wait_time_from(self.clock.now()) })
+        self.check_n(key, 1)
     }
 
     /// Admits `n` units for `key` at once (bytes of a message: see

@@ -1256,16 +1256,7 @@ mod tests {
         let long = |i: usize| h.unannounced(&format!("{i:<8}{}", "x".repeat(32 * 1024 - 8)));
         let batch: Vec<_> = (0..100).map(long).collect();
         h.messages.store().insert_batch(&batch).await.unwrap();
-        let mut follower = Follower {
-            messages: h.messages.clone(),
-            user: h.member,
-            all: false,
-            live: StreamMap::new(),
-            cursors: HashMap::from([(h.chat, 0)]),
-            managed: HashSet::new(),
-            direct: HashMap::new(),
-            presence: None,
-        };
+        let mut follower = follower_from_the_start(&h);
         let mut refill = Refill::all(h.chat);
         let mut pages = Vec::new();
         loop {

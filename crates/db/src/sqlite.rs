@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{ConnectOptions as _, Connection as _};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -78,15 +78,52 @@ pub async fn migrate(path: &Path, migrator: &Migrator) -> Result<Vec<AppliedMigr
     let options = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
         .busy_timeout(MIGRATION_BUSY_TIMEOUT)
         .disable_statement_logging();
     let mut conn = SqliteConnection::connect_with(&options).await?;
-    let migrated = migrate_on(&mut conn, migrator).await;
+    let migrated = match switch_to_wal(&mut conn).await {
+        Ok(()) => migrate_on(&mut conn, migrator).await,
+        Err(e) => Err(e),
+    };
     // A transaction left open by a failure is rolled back as it drops and
     // the connection closes; an error closing it changes nothing.
     let _ = conn.close().await;
     migrated
+}
+
+/// Switches the file `conn` is open on to WAL mode (a no-op once it is).
+///
+/// Switching a file out of the rollback journal takes its exclusive lock by
+/// upgrading a read lock, a wait SQLite's busy handler does not take (two
+/// connections upgrading at once would deadlock, so one of them gets
+/// SQLITE_BUSY at once, whatever the busy timeout; sqlx says so on its
+/// `journal_mode` option, <https://github.com/launchbadge/sqlx/pull/1930>).
+/// Processes opening one fresh file together meet there, so this retries
+/// SQLITE_BUSY itself, backing off from 5 ms to 100 ms, for up to
+/// [`MIGRATION_BUSY_TIMEOUT`].
+///
+/// Errors: SQLITE_BUSY past that time, or any other failure at once.
+async fn switch_to_wal(conn: &mut SqliteConnection) -> Result<(), DbError> {
+    let deadline = tokio::time::Instant::now() + MIGRATION_BUSY_TIMEOUT;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await {
+            Ok(_) => return Ok(()),
+            Err(sqlx::Error::Database(e))
+                if is_busy(e.code().as_deref()) && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Whether a SQLite (extended) result code, as sqlx gives it, is
+/// SQLITE_BUSY (5) or one of its extended codes (`5 | n << 8`).
+fn is_busy(code: Option<&str>) -> bool {
+    code.and_then(|code| code.parse::<i32>().ok()).is_some_and(|code| code & 0xff == 5)
 }
 
 async fn migrate_on(conn: &mut SqliteConnection, migrator: &Migrator) -> Result<Vec<AppliedMigration>, DbError> {
@@ -345,6 +382,33 @@ mod tests {
         assert_eq!(versions, [1, 2, 3, 4], "each migration applied (and reported) once");
         let again = migrate(&path, &migrator).await.unwrap();
         assert!(again.is_empty(), "up to date: {again:?}");
+    }
+
+    /// A process opening a fresh file while another is switching it to WAL
+    /// (here: holds the rollback journal's write lock, as that switch does)
+    /// waits its turn and opens it. SQLite's busy handler does not wait on
+    /// that lock upgrade, so without a retry of our own it failed at once
+    /// with "database is locked" (CI saw it when four `migrate`s met).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_being_switched_to_wal_by_another_process_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fresh.db");
+        let switching = Connection::open(&path).unwrap();
+        switching.execute_batch("BEGIN IMMEDIATE; CREATE TABLE early (id INTEGER PRIMARY KEY);").unwrap();
+        let migrator = Migrator::with_migrations(Vec::new());
+        let opening = tokio::spawn({
+            let path = path.clone();
+            async move { migrate(&path, &migrator).await }
+        });
+        // The other process finishes a moment later (if this opens after
+        // that, the test passes without saying anything: it cannot be
+        // made to fail by a slow machine, only to prove less).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        switching.execute_batch("COMMIT").unwrap();
+        drop(switching);
+        opening.await.unwrap().expect("waits for the other process and opens the file");
+        let mode: String = Connection::open(&path).unwrap().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
     }
 
     #[tokio::test]

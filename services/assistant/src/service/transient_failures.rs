@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use futures::channel::mpsc;
 use natter_links::{AssistantChats, AssistantMessages, AssistantUsers, EventStream, UserDirectory};
-use natter_llm::testing::{Script, ScriptedServer};
+use natter_llm::testing::{Script, ScriptedServer, Step};
 use tonic::Code;
 
 use super::*;
@@ -439,7 +439,14 @@ fn assert_answered(reply: &mpb::Message) {
 async fn a_reply_is_cut_at_its_longest_with_finish_reason_length() {
     let h = harness(Chats::default()).await;
     let endless = "€".repeat(REPLY_MAX_BYTES);
-    h.model.push(Script::reply(&endless));
+    // In chunks of 1,000 characters: Script::reply's chunks of 3 made
+    // 7,000 events, seconds of a debug build's parsing (4.6 s alone), past
+    // finished_reply's wait on a loaded machine (CI).
+    let mut script = Script::reply("");
+    let chars: Vec<char> = endless.chars().collect();
+    let chunks = chars.chunks(1000).map(|c| Step::Bytes(natter_llm::testing::content(&c.iter().collect::<String>())));
+    script.steps.splice(2..2, chunks);
+    h.model.push(script);
     let prompt = h.messages.post("say € forever");
     let reply = h.messages.finished_reply(&prompt).await;
     assert_eq!(mpb::GenerationStatus::try_from(reply.generation_status), Ok(mpb::GenerationStatus::Complete));

@@ -99,6 +99,16 @@ async fn call(c: &Cluster, p: &People, f: &Fixture, rpc: &str, token: Option<&st
             };
             c.chats().update_member(req(token, r)).await.map(drop)
         }
+        "GetPrivacySettings" => {
+            c.chats().get_privacy_settings(req(token, cpb::GetPrivacySettingsRequest {})).await.map(drop)
+        }
+        "UpdatePrivacySettings" => {
+            let r = cpb::UpdatePrivacySettingsRequest {
+                settings: Some(cpb::PrivacySettings { group_adds: cpb::GroupAdds::Everyone as i32, update_time: None }),
+                update_mask: Some(FieldMask { paths: vec!["group_adds".into()] }),
+            };
+            c.chats().update_privacy_settings(req(token, r)).await.map(drop)
+        }
         "ListMembers" => c
             .chats()
             .list_members(req(token, cpb::ListMembersRequest { chat_id: chat, ..Default::default() }))
@@ -241,6 +251,9 @@ async fn every_rpc_allows_exactly_whom_it_should(c: &Cluster) {
         ("RemoveMember(other)", [Ok, Ok, Deny, Deny, Deny, Unauth]),
         ("UpdateMember", [Ok, Deny, Deny, Deny, Deny, Unauth]),
         ("ListMembers", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        // Each caller's own settings: no chat, no one else's.
+        ("GetPrivacySettings", [Ok, Ok, Ok, Ok, Ok, Unauth]),
+        ("UpdatePrivacySettings", [Ok, Ok, Ok, Ok, Ok, Unauth]),
         ("SendMessage", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("ListMessages", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("GetMessage", [Ok, Ok, Ok, Deny, Deny, Unauth]),

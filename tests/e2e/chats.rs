@@ -15,6 +15,7 @@ crate::both_modes!(
     list_chats_orders_by_creation_and_filters_a_creation_range,
     previews_and_unread_counts_follow_messages,
     non_members_are_denied,
+    who_may_add_a_user_to_a_group_is_theirs_to_say,
 );
 
 pub(crate) async fn direct(c: &Cluster, a: &TestUser, b: &TestUser) -> cpb::Chat {
@@ -297,4 +298,112 @@ async fn non_members_are_denied(c: &Cluster) {
             .chats
             .is_empty()
     );
+}
+
+async fn set_group_adds(c: &Cluster, user: &TestUser, adds: cpb::GroupAdds) -> cpb::PrivacySettings {
+    let request = cpb::UpdatePrivacySettingsRequest {
+        settings: Some(cpb::PrivacySettings { group_adds: adds as i32, update_time: None }),
+        update_mask: Some(natter_proto::FieldMask { paths: vec!["group_adds".into()] }),
+    };
+    c.chats().update_privacy_settings(authed(user, request)).await.unwrap().into_inner().settings.unwrap()
+}
+
+fn group_of(title: &str, members: &[&TestUser]) -> cpb::CreateChatRequest {
+    cpb::CreateChatRequest {
+        title: title.into(),
+        member_ids: members.iter().map(|m| m.id.clone()).collect(),
+        ..Default::default()
+    }
+}
+
+async fn member_ids(c: &Cluster, user: &TestUser, chat_id: &str) -> Vec<String> {
+    let request = cpb::ListMembersRequest { chat_id: chat_id.into(), ..Default::default() };
+    let members = c.chats().list_members(authed(user, request)).await.unwrap().into_inner().members;
+    members.into_iter().map(|m| m.user_id).collect()
+}
+
+async fn chat_count(c: &Cluster, user: &TestUser) -> usize {
+    c.chats().list_chats(authed(user, cpb::ListChatsRequest::default())).await.unwrap().into_inner().chats.len()
+}
+
+/// A user's privacy setting group_adds says who may put them in a group:
+/// EVERYONE (the default), PEERS (who shares a chat with them) or NOBODY.
+/// A refused add names the user and writes nothing; joining a public chat
+/// oneself, a direct chat and a retried add of a member are not adds it
+/// governs.
+async fn who_may_add_a_user_to_a_group_is_theirs_to_say(c: &Cluster) {
+    let (alice, bob, carol, dave) =
+        (c.user("alice").await, c.user("bob").await, c.user("carol").await, c.user("dave").await);
+    let get = |u: &TestUser| {
+        let (mut chats, request) = (c.chats(), authed(u, cpb::GetPrivacySettingsRequest {}));
+        async move { chats.get_privacy_settings(request).await }
+    };
+    let defaults = get(&bob).await.unwrap().into_inner().settings.unwrap();
+    assert_eq!((defaults.group_adds, defaults.update_time), (cpb::GroupAdds::Everyone as i32, None));
+
+    let peers = set_group_adds(c, &bob, cpb::GroupAdds::Peers).await;
+    assert_eq!(peers.group_adds, cpb::GroupAdds::Peers as i32);
+    assert!(peers.update_time.is_some());
+    assert_eq!(get(&bob).await.unwrap().into_inner().settings.unwrap(), peers);
+    assert_eq!(get(&carol).await.unwrap().into_inner().settings.unwrap(), defaults, "each user's own");
+
+    // Alice shares no chat with bob: no group of hers takes him, and a
+    // refused CreateChat creates nothing, carol's membership neither.
+    let refused = c.chats().create_chat(authed(&alice, group_of("trip", &[&carol, &bob]))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains(&bob.id) && refused.message().contains("group_adds"), "{refused:?}");
+    assert_eq!((chat_count(c, &alice).await, chat_count(c, &carol).await), (0, 0));
+    let group =
+        c.chats().create_chat(authed(&alice, group_of("trip", &[&carol]))).await.unwrap().into_inner().chat.unwrap();
+    let add = |who: &TestUser, users: &[&TestUser]| {
+        let request = cpb::AddMembersRequest {
+            chat_id: group.id.clone(),
+            user_ids: users.iter().map(|u| u.id.clone()).collect(),
+        };
+        let (mut chats, request) = (c.chats(), authed(who, request));
+        async move { chats.add_members(request).await }
+    };
+    let refused = add(&alice, &[&dave, &bob]).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains(&bob.id), "{refused:?}");
+    assert_eq!(member_ids(c, &alice, &group.id).await, [alice.id.clone(), carol.id.clone()], "dave neither");
+
+    // A direct chat is no group add; once they share it, alice may.
+    direct(c, &bob, &alice).await;
+    let added = add(&alice, &[&bob]).await.unwrap().into_inner().members;
+    assert_eq!(added.iter().map(|m| m.user_id.as_str()).collect::<Vec<_>>(), [bob.id.as_str()]);
+
+    // NOBODY refuses peers too; a retried add of a member is no new add.
+    set_group_adds(c, &bob, cpb::GroupAdds::Nobody).await;
+    assert!(add(&alice, &[&bob]).await.unwrap().into_inner().members.is_empty(), "a member already");
+    set_group_adds(c, &dave, cpb::GroupAdds::Nobody).await;
+    direct(c, &carol, &dave).await;
+    let refused = c.chats().create_chat(authed(&carol, group_of("peers", &[&dave]))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    // ... but dave joins a public chat himself.
+    let mut public = group_of("open", &[]);
+    public.visibility = cpb::Visibility::Public as i32;
+    let public = c.chats().create_chat(authed(&alice, public)).await.unwrap().into_inner().chat.unwrap();
+    let join = cpb::AddMembersRequest { chat_id: public.id.clone(), user_ids: vec![dave.id.clone()] };
+    assert_eq!(c.chats().add_members(authed(&dave, join)).await.unwrap().into_inner().members.len(), 1);
+    // Back to EVERYONE: anyone may again.
+    set_group_adds(c, &dave, cpb::GroupAdds::Everyone).await;
+    assert_eq!(add(&alice, &[&dave]).await.unwrap().into_inner().members.len(), 1);
+
+    // Bad input names its field and changes nothing.
+    let update = |settings: Option<cpb::PrivacySettings>, paths: &[&str]| {
+        let request = cpb::UpdatePrivacySettingsRequest {
+            settings,
+            update_mask: Some(natter_proto::FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() }),
+        };
+        let (mut chats, request) = (c.chats(), authed(&bob, request));
+        async move { chats.update_privacy_settings(request).await }
+    };
+    let valid = Some(cpb::PrivacySettings { group_adds: cpb::GroupAdds::Everyone as i32, update_time: None });
+    assert_eq!(violated_fields(&update(valid, &[]).await.unwrap_err()), ["update_mask"]);
+    assert_eq!(violated_fields(&update(valid, &["title"]).await.unwrap_err()), ["update_mask.paths[0]"]);
+    assert_eq!(violated_fields(&update(None, &["group_adds"]).await.unwrap_err()), ["settings.group_adds"]);
+    let unknown = Some(cpb::PrivacySettings { group_adds: 99, update_time: None });
+    assert_eq!(violated_fields(&update(unknown, &["group_adds"]).await.unwrap_err()), ["settings.group_adds"]);
+    assert_eq!(get(&bob).await.unwrap().into_inner().settings.unwrap().group_adds, cpb::GroupAdds::Nobody as i32);
 }

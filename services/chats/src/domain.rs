@@ -116,6 +116,38 @@ text_enum!(
     }
 );
 
+text_enum!(
+    /// Who may add a user to a group (CreateChat of a group, AddMembers):
+    /// their privacy setting, as WhatsApp's and Telegram's "who can add me
+    /// to groups". Joining a public chat oneself is never refused by it.
+    GroupAdds {
+        /// Anyone (the default).
+        Everyone = "everyone",
+        /// Users who share a chat with them at the time of the add
+        /// ([`crate::store::ChatStore::peers_among`]).
+        Peers = "peers",
+        /// Nobody: they join public chats or create groups themselves.
+        Nobody = "nobody",
+    }
+);
+
+/// A user's privacy settings in the chats service; a user who set none has
+/// [`PrivacySettings::default`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrivacySettings {
+    /// Who may add them to a group.
+    pub group_adds: GroupAdds,
+    /// When they last changed them (µs since the Unix epoch); None while
+    /// they are the defaults, never set.
+    pub update_time: Option<i64>,
+}
+
+impl Default for PrivacySettings {
+    fn default() -> Self {
+        Self { group_adds: GroupAdds::Everyone, update_time: None }
+    }
+}
+
 impl Role {
     /// True for owner and admin.
     pub fn manages(self) -> bool {

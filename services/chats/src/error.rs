@@ -23,6 +23,12 @@ pub enum ChatsError {
     /// The caller may not do this (PERMISSION_DENIED).
     #[error("{0}")]
     Denied(&'static str),
+    /// A user's privacy setting does not let the caller add them to a group
+    /// (PERMISSION_DENIED naming the user).
+    #[error(
+        "user {0} may not be added to a group by you (their privacy setting group_adds): they may join a public chat themselves"
+    )]
+    AddRefused(String),
     /// A client-chosen chat id is taken by another chat (ALREADY_EXISTS).
     #[error("chat_id already used by another chat")]
     ChatIdTaken,
@@ -69,7 +75,7 @@ impl From<ChatsError> for Status {
             ChatsError::ChatNotFound | ChatsError::UserNotFound(_) | ChatsError::MemberNotFound(_) => {
                 Status::not_found(e.to_string())
             }
-            ChatsError::Denied(_) => Status::permission_denied(e.to_string()),
+            ChatsError::Denied(_) | ChatsError::AddRefused(_) => Status::permission_denied(e.to_string()),
             ChatsError::ChatIdTaken => Status::already_exists(e.to_string()),
             ChatsError::Precondition(_) => Status::failed_precondition(e.to_string()),
             ChatsError::Limited(limited) => limited.into(),

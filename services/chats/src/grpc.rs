@@ -16,8 +16,8 @@ use natter_proto::chats::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::domain::{
-    self, Activity, AssistantReplies, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Kind, Limits, Member,
-    MemberCursor, NewChat, Role, SeverityFilter, Visibility,
+    self, Activity, AssistantReplies, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, GroupAdds, Kind, Limits, Member,
+    MemberCursor, NewChat, PrivacySettings, Role, SeverityFilter, Visibility,
 };
 use crate::error::ChatsError;
 use crate::service::{ChatView, Chats};
@@ -352,6 +352,51 @@ pub fn update_chat(r: pb::UpdateChatRequest, limits: &Limits) -> Result<(ChatId,
     Ok((chat_id, update))
 }
 
+/// Validates an UpdatePrivacySettings request into the settings to store.
+/// Its mask must name `group_adds`, the one field there is (so the update
+/// is the whole of the settings; a second field would merge with the
+/// stored ones); `group_adds` must be specified.
+pub fn privacy_settings_update(r: pb::UpdatePrivacySettingsRequest) -> Result<PrivacySettings, Status> {
+    let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+    if paths.is_empty() {
+        return Err(ChatsError::invalid("update_mask", "must name at least one of: group_adds").into());
+    }
+    let settings = r.settings.unwrap_or_default();
+    let mut update = PrivacySettings::default();
+    for (i, path) in paths.iter().enumerate() {
+        match path.as_str() {
+            "group_adds" => {
+                update.group_adds = match pb::GroupAdds::try_from(settings.group_adds) {
+                    Ok(pb::GroupAdds::Everyone) => GroupAdds::Everyone,
+                    Ok(pb::GroupAdds::Peers) => GroupAdds::Peers,
+                    Ok(pb::GroupAdds::Nobody) => GroupAdds::Nobody,
+                    _ => {
+                        return Err(
+                            ChatsError::invalid("settings.group_adds", "must be EVERYONE, PEERS or NOBODY").into()
+                        );
+                    }
+                }
+            }
+            other => {
+                // Quoted, and cut short: the message goes back in a header.
+                let shown: String = other.chars().take(64).collect();
+                let reason = format!("{shown:?} is not a field that can be updated (group_adds)");
+                return Err(ChatsError::invalid(format!("update_mask.paths[{i}]"), reason).into());
+            }
+        }
+    }
+    Ok(update)
+}
+
+fn privacy_settings_pb(settings: PrivacySettings) -> pb::PrivacySettings {
+    let group_adds = match settings.group_adds {
+        GroupAdds::Everyone => pb::GroupAdds::Everyone,
+        GroupAdds::Peers => pb::GroupAdds::Peers,
+        GroupAdds::Nobody => pb::GroupAdds::Nobody,
+    };
+    pb::PrivacySettings { group_adds: group_adds as i32, update_time: settings.update_time.map(timestamp) }
+}
+
 /// Validates an AddMembers request: the chat id and the distinct users,
 /// at least one and no more than a chat may have members.
 pub fn add_members(r: pb::AddMembersRequest, limits: &Limits) -> Result<(ChatId, Vec<UserId>), Status> {
@@ -497,6 +542,25 @@ impl ChatService for ChatApi {
         };
         let member = self.chats.update_member(caller, chat_id, user_id, role).await?;
         Ok(Response::new(pb::UpdateMemberResponse { member: Some(member_pb(member)) }))
+    }
+
+    async fn get_privacy_settings(
+        &self,
+        request: Request<pb::GetPrivacySettingsRequest>,
+    ) -> Result<Response<pb::GetPrivacySettingsResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let settings = self.chats.privacy_settings(caller).await?;
+        Ok(Response::new(pb::GetPrivacySettingsResponse { settings: Some(privacy_settings_pb(settings)) }))
+    }
+
+    async fn update_privacy_settings(
+        &self,
+        request: Request<pb::UpdatePrivacySettingsRequest>,
+    ) -> Result<Response<pb::UpdatePrivacySettingsResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let update = privacy_settings_update(request.into_inner())?;
+        let settings = self.chats.set_privacy_settings(caller, update).await?;
+        Ok(Response::new(pb::UpdatePrivacySettingsResponse { settings: Some(privacy_settings_pb(settings)) }))
     }
 
     async fn list_members(

@@ -55,9 +55,10 @@ pub struct ChatsArgs {
     #[arg(long, env = "NATTER_CREATE_CHAT_RATE", default_value = "240/1h")]
     pub create_chat_rate: Rate,
     /// Changes of chats per user: UpdateChat, ArchiveChat, UnarchiveChat,
-    /// DeleteChat, AddMembers (joins too), RemoveMember (leaves too) and
-    /// UpdateMember, repeats included. Each is a change every member's
-    /// streams receive: N/PERIOD, or `off`.
+    /// DeleteChat, AddMembers (joins too), RemoveMember (leaves too),
+    /// UpdateMember and UpdatePrivacySettings, repeats included. Each but
+    /// the last is a change every member's streams receive: N/PERIOD, or
+    /// `off`.
     #[arg(long, env = "NATTER_CHAT_CHANGE_RATE", default_value = "600/10m")]
     pub chat_change_rate: Rate,
 }

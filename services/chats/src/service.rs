@@ -15,8 +15,8 @@ use natter_links::{MessageDirectory, UserDirectory};
 use natter_proto::messages::v1 as mpb;
 
 use crate::domain::{
-    self, Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member,
-    MemberCursor, NewChat, Role, SeverityFilter, Visibility,
+    self, Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, GroupAdds, Kind, Limits,
+    Member, MemberCursor, NewChat, PrivacySettings, Role, SeverityFilter, Visibility,
 };
 use crate::error::ChatsError;
 use crate::store::{Added, Backoff, ChatStore, Checked, Created, Departure, Pending, Removal};
@@ -283,6 +283,9 @@ impl Chats {
         }
 
         self.require_users(&new.others).await?;
+        if kind == Kind::Group {
+            self.check_group_adds(caller, &new.others).await?;
+        }
 
         let now = now_micros();
         let id = new.chat_id.unwrap_or_else(ChatId::new_v7);
@@ -865,6 +868,13 @@ impl Chats {
         }
         let others: Vec<UserId> = user_ids.iter().copied().filter(|id| *id != caller).collect();
         self.require_users(&others).await?;
+        if !others.is_empty() {
+            // Members already (a retried add) are not added again, whatever
+            // their setting says now.
+            let members: HashSet<UserId> = self.store.members_among(chat.id, &others).await?.into_iter().collect();
+            let joining: Vec<UserId> = others.into_iter().filter(|u| !members.contains(u)).collect();
+            self.check_group_adds(caller, &joining).await?;
+        }
         let now = now_micros();
         let members: Vec<Member> = user_ids
             .into_iter()
@@ -881,6 +891,51 @@ impl Chats {
             self.deliver(chat.id).await;
         }
         Ok(added)
+    }
+
+    /// [`ChatsError::AddRefused`] naming the first of `users` (in their
+    /// order) whose privacy setting does not let `caller` add them to a
+    /// group: [`GroupAdds::Nobody`], or [`GroupAdds::Peers`] while they
+    /// share no chat with `caller`. Two reads at most, whatever the number
+    /// of users. Checked before the add is written, so a setting changed
+    /// in between is the add's to miss, as in the apps that have one.
+    async fn check_group_adds(&self, caller: UserId, users: &[UserId]) -> Result<(), ChatsError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let settings = self.store.group_adds_among(users).await?;
+        let mut refused: HashSet<UserId> =
+            settings.iter().filter(|(_, adds)| *adds == GroupAdds::Nobody).map(|(user, _)| *user).collect();
+        let peers_only: Vec<UserId> =
+            settings.iter().filter(|(_, adds)| *adds == GroupAdds::Peers).map(|(user, _)| *user).collect();
+        if !peers_only.is_empty() {
+            let peers: HashSet<UserId> = self.store.peers_among(caller, &peers_only).await?.into_iter().collect();
+            refused.extend(peers_only.into_iter().filter(|user| !peers.contains(user)));
+        }
+        match users.iter().find(|user| refused.contains(user)) {
+            Some(user) => Err(ChatsError::AddRefused(user.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// The caller's privacy settings (GetPrivacySettings): the defaults
+    /// until they set any.
+    pub async fn privacy_settings(&self, caller: UserId) -> Result<PrivacySettings, ChatsError> {
+        Ok(self.store.privacy_settings(caller).await?)
+    }
+
+    /// UpdatePrivacySettings: stores `settings` (validated by
+    /// [`crate::grpc::privacy_settings_update`]) as the caller's and returns
+    /// them as stored; counts against the caller's chat-change rate.
+    pub async fn set_privacy_settings(
+        &self,
+        caller: UserId,
+        settings: PrivacySettings,
+    ) -> Result<PrivacySettings, ChatsError> {
+        self.change_rate.check(&caller)?;
+        let stored = self.store.set_privacy_settings(caller, settings, now_micros()).await?;
+        tracing::info!(user_id = %caller, group_adds = stored.group_adds.as_str(), "privacy settings updated");
+        Ok(stored)
     }
 
     /// RemoveMember: oneself (leave; not the owner), or others by the owner

@@ -16,8 +16,8 @@ use natter_proto::messages::v1 as mpb;
 use prost::Message as _;
 
 use crate::domain::{
-    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Kind, Limits, Member,
-    MemberCursor, Role, Visibility,
+    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, GroupAdds, Kind,
+    Limits, Member, MemberCursor, PrivacySettings, Role, Visibility,
 };
 
 pub mod postgres;
@@ -409,8 +409,26 @@ pub trait ChatStore: Send + Sync + 'static {
     /// [`ChatStore::member_chat_ids`] that follows finds it), and one that
     /// commits after it sees the record. PostgreSQL: this takes an
     /// exclusive transaction-level advisory lock that membership writes
-    /// take shared; SQLite: one writer.
+    /// take shared; SQLite: one writer. The user's privacy settings go in
+    /// the same transaction.
     async fn record_forgotten(&self, user: UserId, now: i64) -> Result<(), StoreError>;
+
+    /// `user`'s privacy settings: the defaults if they set none.
+    async fn privacy_settings(&self, user: UserId) -> Result<PrivacySettings, StoreError>;
+
+    /// Stores `settings` as `user`'s (`settings.update_time` is ignored:
+    /// `now`, µs, is stored) and returns them as stored.
+    async fn set_privacy_settings(
+        &self,
+        user: UserId,
+        settings: PrivacySettings,
+        now: i64,
+    ) -> Result<PrivacySettings, StoreError>;
+
+    /// The group-add settings of those of `users` who set theirs (the rest
+    /// have the default, [`GroupAdds::Everyone`]), in no set order: one read for the whole list (the
+    /// caller bounds it).
+    async fn group_adds_among(&self, users: &[UserId]) -> Result<Vec<(UserId, GroupAdds)>, StoreError>;
 
     /// Every chat `user` is a member of.
     async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError>;

@@ -18,8 +18,8 @@ use super::{
     parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
-    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member,
-    MemberCursor, Role, Visibility, title_key,
+    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, GroupAdds, Kind, Limits, Member,
+    MemberCursor, PrivacySettings, Role, Visibility, title_key,
 };
 
 /// The chats store on a PostgreSQL schema (see the module docs).
@@ -305,8 +305,57 @@ impl ChatStore for PostgresChatStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        sqlx::query("DELETE FROM privacy_settings WHERE user_id = $1").bind(user.to_string()).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn privacy_settings(&self, user: UserId) -> Result<PrivacySettings, StoreError> {
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT group_adds, update_time FROM privacy_settings WHERE user_id = $1")
+                .bind(user.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some((group_adds, update_time)) = row else { return Ok(PrivacySettings::default()) };
+        Ok(PrivacySettings {
+            group_adds: parse_enum("privacy_settings.group_adds", &group_adds, GroupAdds::parse)?,
+            update_time: Some(update_time),
+        })
+    }
+
+    async fn set_privacy_settings(
+        &self,
+        user: UserId,
+        settings: PrivacySettings,
+        now: i64,
+    ) -> Result<PrivacySettings, StoreError> {
+        sqlx::query(
+            "INSERT INTO privacy_settings (user_id, group_adds, update_time) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_id) DO UPDATE SET group_adds = excluded.group_adds, update_time = excluded.update_time",
+        )
+        .bind(user.to_string())
+        .bind(settings.group_adds.as_str())
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(PrivacySettings { update_time: Some(now), ..settings })
+    }
+
+    async fn group_adds_among(&self, users: &[UserId]) -> Result<Vec<(UserId, GroupAdds)>, StoreError> {
+        let users: Vec<String> = users.iter().map(UserId::to_string).collect();
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT user_id, group_adds FROM privacy_settings WHERE user_id = ANY($1)")
+                .bind(&users)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|(user, adds)| {
+                Ok((
+                    parse_id("privacy_settings.user_id", user)?,
+                    parse_enum("privacy_settings.group_adds", adds, GroupAdds::parse)?,
+                ))
+            })
+            .collect()
     }
 
     async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError> {

@@ -26,8 +26,8 @@ use super::{
     parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
-    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, Kind, Limits, Member,
-    MemberCursor, Role, Visibility, title_key,
+    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, GroupAdds, Kind, Limits, Member,
+    MemberCursor, PrivacySettings, Role, Visibility, title_key,
 };
 
 mod activity;
@@ -400,13 +400,65 @@ impl ChatStore for SqliteChatStore {
         // One writer: a membership write either committed before this (and
         // the caller's next read sees it) or checks after it.
         let done = self.db.write(move |conn| {
-            conn.prepare_cached(
+            let tx = conn.transaction()?;
+            tx.prepare_cached(
                 "INSERT INTO forgotten_users (user_id, forget_time) VALUES (?1, ?2) ON CONFLICT (user_id) DO NOTHING",
             )?
-            .execute(params![user.to_string(), now])
+            .execute(params![user.to_string(), now])?;
+            tx.prepare_cached("DELETE FROM privacy_settings WHERE user_id = ?1")?.execute([user.to_string()])?;
+            tx.commit()
         });
         done.await.map_err(unwrap)?;
         Ok(())
+    }
+
+    async fn privacy_settings(&self, user: UserId) -> Result<PrivacySettings, StoreError> {
+        let settings = self.db.read(move |conn| {
+            conn.prepare_cached("SELECT group_adds, update_time FROM privacy_settings WHERE user_id = ?1")?
+                .query_row([user.to_string()], |row| {
+                    Ok(PrivacySettings {
+                        group_adds: parsed(row, 0, "privacy_settings.group_adds", GroupAdds::parse)?,
+                        update_time: Some(row.get(1)?),
+                    })
+                })
+                .optional()
+        });
+        Ok(settings.await.map_err(unwrap)?.unwrap_or_default())
+    }
+
+    async fn set_privacy_settings(
+        &self,
+        user: UserId,
+        settings: PrivacySettings,
+        now: i64,
+    ) -> Result<PrivacySettings, StoreError> {
+        let done = self.db.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO privacy_settings (user_id, group_adds, update_time) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (user_id) DO UPDATE SET group_adds = excluded.group_adds, update_time = excluded.update_time",
+            )?
+            .execute(params![user.to_string(), settings.group_adds.as_str(), now])
+        });
+        done.await.map_err(unwrap)?;
+        Ok(PrivacySettings { update_time: Some(now), ..settings })
+    }
+
+    async fn group_adds_among(&self, users: &[UserId]) -> Result<Vec<(UserId, GroupAdds)>, StoreError> {
+        // As a JSON array, as peers_among does: one statement.
+        let users = format!("[{}]", users.iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(","));
+        let found = self.db.read(move |conn| {
+            let mut select = conn.prepare_cached(
+                "SELECT user_id, group_adds FROM privacy_settings WHERE user_id IN (SELECT value FROM json_each(?1))",
+            )?;
+            let rows = select.query_map([users], |row| {
+                Ok((
+                    id(row, 0, "privacy_settings.user_id")?,
+                    parsed(row, 1, "privacy_settings.group_adds", GroupAdds::parse)?,
+                ))
+            })?;
+            rows.collect()
+        });
+        found.await.map_err(unwrap)
     }
 
     async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError> {

@@ -19,8 +19,8 @@ use super::postgres::PostgresChatStore;
 use super::sqlite::SqliteChatStore;
 use super::{Added, Backoff, ChatStore, Checked, Created, Departure, Removal};
 use crate::domain::{
-    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Kind, Limits, Member,
-    MemberCursor, Role, Visibility,
+    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, GroupAdds, Kind,
+    Limits, Member, MemberCursor, PrivacySettings, Role, Visibility,
 };
 
 /// A store under test and what to clean up after it.
@@ -120,6 +120,7 @@ chat_store_suite!(
     a_forgotten_user_is_never_made_a_member_again,
     a_membership_write_beside_a_forgetting_is_refused_or_seen,
     a_chat_deleted_beside_an_add_removes_the_joiner_too,
+    privacy_settings_are_each_users_own_and_go_with_a_forgotten_user,
 );
 
 async fn a_followed_position_only_moves_forward(store: &dyn ChatStore) {
@@ -185,6 +186,31 @@ async fn a_forgotten_user_is_never_made_a_member_again(store: &dyn ChatStore) {
     assert_eq!(store.create_chat(&by_bob, &[owner(&by_bob)]).await.unwrap(), Created::Forgotten(bob));
     assert_eq!(store.member_chat_ids(bob, false).await.unwrap(), []);
     assert_eq!(store.add_members(group.id, &wanted[..1], &limits, 7).await.unwrap(), Added::Added(vec![wanted[0]]));
+}
+
+async fn privacy_settings_are_each_users_own_and_go_with_a_forgotten_user(store: &dyn ChatStore) {
+    let (alice, bob, carol) = (UserId::new_v7(), UserId::new_v7(), UserId::new_v7());
+    assert_eq!(store.privacy_settings(alice).await.unwrap(), PrivacySettings::default());
+    assert_eq!(store.group_adds_among(&[alice, bob]).await.unwrap(), []);
+
+    let peers = PrivacySettings { group_adds: GroupAdds::Peers, update_time: None };
+    let stored = store.set_privacy_settings(alice, peers, 10).await.unwrap();
+    assert_eq!(stored, PrivacySettings { group_adds: GroupAdds::Peers, update_time: Some(10) });
+    let nobody = PrivacySettings { group_adds: GroupAdds::Nobody, update_time: Some(1) };
+    store.set_privacy_settings(bob, nobody, 11).await.unwrap();
+    let nobody = store.set_privacy_settings(bob, nobody, 12).await.unwrap();
+    assert_eq!(nobody.update_time, Some(12), "a repeat stores its own time, not the one given");
+    assert_eq!(store.privacy_settings(bob).await.unwrap(), nobody);
+    assert_eq!(store.privacy_settings(alice).await.unwrap(), stored, "each user's own");
+
+    let mut among = store.group_adds_among(&[alice, bob, carol]).await.unwrap();
+    among.sort_by_key(|(user, _)| *user);
+    assert_eq!(among, [(alice, GroupAdds::Peers), (bob, GroupAdds::Nobody)], "carol set none");
+    assert_eq!(store.group_adds_among(&[]).await.unwrap(), []);
+
+    store.record_forgotten(bob, 13).await.unwrap();
+    assert_eq!(store.privacy_settings(bob).await.unwrap(), PrivacySettings::default(), "gone with the user");
+    assert_eq!(store.group_adds_among(&[alice, bob]).await.unwrap(), [(alice, GroupAdds::Peers)]);
 }
 
 /// What the chats service relies on to take a deleted user out for good:

@@ -115,8 +115,17 @@ async fn a_revocation_or_removal_that_returned_is_refused_by_every_replica_at_on
         let refused = to_messages.clone().list_messages(authed(&token, probe())).await.unwrap_err();
         assert_eq!(refused.code(), Code::Unauthenticated, "round {round}: revoked on A, still accepted through B");
     }
+    // Each round's first check fills the entry its second hits, unless an
+    // invalidation of the tokens cache (an earlier round's) reached this
+    // replica between the first check's miss and its fill: the fill is then
+    // rightly not stored, the cache cannot tell it from a stale answer (as
+    // with memberships below). Under load that happened in 1 round of 200
+    // (CI, 2026-12-06); the refusals above hold either way.
     let token_hits = cache_lookups(metrics, "tokens", "hit");
-    assert!(token_hits >= ROUNDS as u64, "the second check of each token came from the cache: {token_hits} hits");
+    assert!(
+        token_hits >= (ROUNDS - ROUNDS / 10) as u64,
+        "the second check of a token came from the cache in at least 9 rounds of 10: {token_hits} hits in {ROUNDS}"
+    );
 
     // Removal: bob sends (his membership is cached on the messages
     // replica), alice removes him through chats A, his next send is refused;

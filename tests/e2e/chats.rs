@@ -407,3 +407,26 @@ async fn who_may_add_a_user_to_a_group_is_theirs_to_say(c: &Cluster) {
     assert_eq!(violated_fields(&update(unknown, &["group_adds"]).await.unwrap_err()), ["settings.group_adds"]);
     assert_eq!(get(&bob).await.unwrap().into_inner().settings.unwrap().group_adds, cpb::GroupAdds::Nobody as i32);
 }
+
+/// `--default-group-adds peers`: a user who set nothing may be put in a
+/// group only by someone they share a chat with, until they say otherwise.
+mod default_peers {
+    use super::*;
+
+    crate::both_modes!(
+        flags = natter_testkit::Flags { chats: &["--default-group-adds", "peers"], ..natter_testkit::Flags::NONE };
+        a_deployment_may_make_peers_the_default
+    );
+
+    async fn a_deployment_may_make_peers_the_default(c: &Cluster) {
+        let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+        let request = authed(&bob, cpb::GetPrivacySettingsRequest {});
+        let defaults = c.chats().get_privacy_settings(request).await.unwrap().into_inner().settings.unwrap();
+        assert_eq!((defaults.group_adds, defaults.update_time), (cpb::GroupAdds::Peers as i32, None));
+        let refused = c.chats().create_chat(authed(&alice, group_of("strangers", &[&bob]))).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains(&bob.id), "{refused:?}");
+        set_group_adds(c, &bob, cpb::GroupAdds::Everyone).await;
+        c.chats().create_chat(authed(&alice, group_of("welcome", &[&bob]))).await.unwrap();
+    }
+}

@@ -121,7 +121,7 @@ text_enum!(
     /// their privacy setting, as WhatsApp's and Telegram's "who can add me
     /// to groups". Joining a public chat oneself is never refused by it.
     GroupAdds {
-        /// Anyone (the default).
+        /// Anyone (the default, unless `--default-group-adds` says otherwise).
         Everyone = "everyone",
         /// Users who share a chat with them at the time of the add
         /// ([`crate::store::ChatStore::peers_among`]).
@@ -132,7 +132,7 @@ text_enum!(
 );
 
 /// A user's privacy settings in the chats service; a user who set none has
-/// [`PrivacySettings::default`].
+/// the deployment's defaults (`--default-group-adds`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrivacySettings {
     /// Who may add them to a group.
@@ -140,12 +140,6 @@ pub struct PrivacySettings {
     /// When they last changed them (µs since the Unix epoch); None while
     /// they are the defaults, never set.
     pub update_time: Option<i64>,
-}
-
-impl Default for PrivacySettings {
-    fn default() -> Self {
-        Self { group_adds: GroupAdds::Everyone, update_time: None }
-    }
 }
 
 impl Role {

@@ -362,11 +362,11 @@ pub fn privacy_settings_update(r: pb::UpdatePrivacySettingsRequest) -> Result<Pr
         return Err(ChatsError::invalid("update_mask", "must name at least one of: group_adds").into());
     }
     let settings = r.settings.unwrap_or_default();
-    let mut update = PrivacySettings::default();
+    let mut group_adds = None;
     for (i, path) in paths.iter().enumerate() {
         match path.as_str() {
             "group_adds" => {
-                update.group_adds = match pb::GroupAdds::try_from(settings.group_adds) {
+                group_adds = Some(match pb::GroupAdds::try_from(settings.group_adds) {
                     Ok(pb::GroupAdds::Everyone) => GroupAdds::Everyone,
                     Ok(pb::GroupAdds::Peers) => GroupAdds::Peers,
                     Ok(pb::GroupAdds::Nobody) => GroupAdds::Nobody,
@@ -375,7 +375,7 @@ pub fn privacy_settings_update(r: pb::UpdatePrivacySettingsRequest) -> Result<Pr
                             ChatsError::invalid("settings.group_adds", "must be EVERYONE, PEERS or NOBODY").into()
                         );
                     }
-                }
+                });
             }
             other => {
                 // Quoted, and cut short: the message goes back in a header.
@@ -385,7 +385,8 @@ pub fn privacy_settings_update(r: pb::UpdatePrivacySettingsRequest) -> Result<Pr
             }
         }
     }
-    Ok(update)
+    let group_adds = group_adds.expect("the mask is not empty, and its one path sets group_adds");
+    Ok(PrivacySettings { group_adds, update_time: None })
 }
 
 fn privacy_settings_pb(settings: PrivacySettings) -> pb::PrivacySettings {

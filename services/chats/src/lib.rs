@@ -61,6 +61,17 @@ pub struct ChatsArgs {
     /// `off`.
     #[arg(long, env = "NATTER_CHAT_CHANGE_RATE", default_value = "600/10m")]
     pub chat_change_rate: Rate,
+    /// Who may add a user who has not set their privacy setting group_adds
+    /// to a group: `everyone` (as WhatsApp and Telegram do), `peers` (users
+    /// who share a chat with them) or `nobody`. Stricter is safer against
+    /// unwanted groups, at the cost of more "ask them first".
+    #[arg(long, env = "NATTER_DEFAULT_GROUP_ADDS", value_parser = group_adds, default_value = "everyone")]
+    pub default_group_adds: domain::GroupAdds,
+}
+
+/// `everyone`, `peers` or `nobody`.
+fn group_adds(s: &str) -> Result<domain::GroupAdds, String> {
+    domain::GroupAdds::parse(s).ok_or_else(|| format!("{s:?} is none of: everyone, peers, nobody"))
 }
 
 /// A humantime duration (`50ms`, `1s`) that
@@ -82,6 +93,7 @@ impl Default for ChatsArgs {
             activity_flush_interval: natter_links::activity::DEFAULT_FLUSH_INTERVAL,
             create_chat_rate: Rate::parse("240/1h").expect("valid rate"),
             chat_change_rate: Rate::parse("600/10m").expect("valid rate"),
+            default_group_adds: domain::GroupAdds::Everyone,
         }
     }
 }
@@ -116,7 +128,8 @@ pub async fn open(
     let store = store::open(db, args.activity_flush_interval).await?;
     let rates = service::Rates { create: args.create_chat_rate, change: args.chat_change_rate };
     let chats = Chats::new(store, users, messages, bus, args.limits(), rates)
-        .with_staff(staff.iter().map(|u| natter_kit::id::UserId::from(*u)));
+        .with_staff(staff.iter().map(|u| natter_kit::id::UserId::from(*u)))
+        .with_default_group_adds(args.default_group_adds);
     let chats = Arc::new(if only_instance { chats.with_membership_cache() } else { chats });
     chats.start_relay(service::RELAY_INTERVAL);
     Ok(chats)

@@ -139,6 +139,8 @@ pub struct Chats {
     /// Server staff (--staff-user-ids): they see every chat's moderation
     /// aggregates and list any user's chats.
     staff: HashSet<UserId>,
+    /// The group-add setting of users who set none.
+    default_group_adds: GroupAdds,
     /// How long a deleted user whose removal failed waits to be tried again.
     retry_backoff: Backoff,
 }
@@ -199,7 +201,15 @@ impl Chats {
             relay: Mutex::default(),
             staff: HashSet::new(),
             retry_backoff: RETRY_BACKOFF,
+            default_group_adds: GroupAdds::Everyone,
         }
+    }
+
+    /// Makes `adds` the group-add setting of users who set none
+    /// (`--default-group-adds`; else [`GroupAdds::Everyone`]).
+    pub fn with_default_group_adds(mut self, adds: GroupAdds) -> Self {
+        self.default_group_adds = adds;
+        self
     }
 
     /// Tries deleted users whose removal failed again after `backoff`
@@ -903,11 +913,10 @@ impl Chats {
         if users.is_empty() {
             return Ok(());
         }
-        let settings = self.store.group_adds_among(users).await?;
-        let mut refused: HashSet<UserId> =
-            settings.iter().filter(|(_, adds)| *adds == GroupAdds::Nobody).map(|(user, _)| *user).collect();
-        let peers_only: Vec<UserId> =
-            settings.iter().filter(|(_, adds)| *adds == GroupAdds::Peers).map(|(user, _)| *user).collect();
+        let set: HashMap<UserId, GroupAdds> = self.store.group_adds_among(users).await?.into_iter().collect();
+        let adds = |user: &UserId| set.get(user).copied().unwrap_or(self.default_group_adds);
+        let mut refused: HashSet<UserId> = users.iter().copied().filter(|u| adds(u) == GroupAdds::Nobody).collect();
+        let peers_only: Vec<UserId> = users.iter().copied().filter(|u| adds(u) == GroupAdds::Peers).collect();
         if !peers_only.is_empty() {
             let peers: HashSet<UserId> = self.store.peers_among(caller, &peers_only).await?.into_iter().collect();
             refused.extend(peers_only.into_iter().filter(|user| !peers.contains(user)));
@@ -919,9 +928,10 @@ impl Chats {
     }
 
     /// The caller's privacy settings (GetPrivacySettings): the defaults
-    /// until they set any.
+    /// ([`Chats::with_default_group_adds`]) until they set any.
     pub async fn privacy_settings(&self, caller: UserId) -> Result<PrivacySettings, ChatsError> {
-        Ok(self.store.privacy_settings(caller).await?)
+        let defaults = PrivacySettings { group_adds: self.default_group_adds, update_time: None };
+        Ok(self.store.privacy_settings(caller).await?.unwrap_or(defaults))
     }
 
     /// UpdatePrivacySettings: stores `settings` (validated by

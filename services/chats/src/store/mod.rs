@@ -413,8 +413,9 @@ pub trait ChatStore: Send + Sync + 'static {
     /// the same transaction.
     async fn record_forgotten(&self, user: UserId, now: i64) -> Result<(), StoreError>;
 
-    /// `user`'s privacy settings: the defaults if they set none.
-    async fn privacy_settings(&self, user: UserId) -> Result<PrivacySettings, StoreError>;
+    /// `user`'s privacy settings; None if they set none (the service's
+    /// defaults apply).
+    async fn privacy_settings(&self, user: UserId) -> Result<Option<PrivacySettings>, StoreError>;
 
     /// Stores `settings` as `user`'s (`settings.update_time` is ignored:
     /// `now`, µs, is stored) and returns them as stored.
@@ -426,7 +427,7 @@ pub trait ChatStore: Send + Sync + 'static {
     ) -> Result<PrivacySettings, StoreError>;
 
     /// The group-add settings of those of `users` who set theirs (the rest
-    /// have the default, [`GroupAdds::Everyone`]), in no set order: one read for the whole list (the
+    /// have the service's default), in no set order: one read for the whole list (the
     /// caller bounds it).
     async fn group_adds_among(&self, users: &[UserId]) -> Result<Vec<(UserId, GroupAdds)>, StoreError>;
 

@@ -310,17 +310,17 @@ impl ChatStore for PostgresChatStore {
         Ok(())
     }
 
-    async fn privacy_settings(&self, user: UserId) -> Result<PrivacySettings, StoreError> {
+    async fn privacy_settings(&self, user: UserId) -> Result<Option<PrivacySettings>, StoreError> {
         let row: Option<(String, i64)> =
             sqlx::query_as("SELECT group_adds, update_time FROM privacy_settings WHERE user_id = $1")
                 .bind(user.to_string())
                 .fetch_optional(&self.pool)
                 .await?;
-        let Some((group_adds, update_time)) = row else { return Ok(PrivacySettings::default()) };
-        Ok(PrivacySettings {
+        let Some((group_adds, update_time)) = row else { return Ok(None) };
+        Ok(Some(PrivacySettings {
             group_adds: parse_enum("privacy_settings.group_adds", &group_adds, GroupAdds::parse)?,
             update_time: Some(update_time),
-        })
+        }))
     }
 
     async fn set_privacy_settings(

@@ -412,7 +412,7 @@ impl ChatStore for SqliteChatStore {
         Ok(())
     }
 
-    async fn privacy_settings(&self, user: UserId) -> Result<PrivacySettings, StoreError> {
+    async fn privacy_settings(&self, user: UserId) -> Result<Option<PrivacySettings>, StoreError> {
         let settings = self.db.read(move |conn| {
             conn.prepare_cached("SELECT group_adds, update_time FROM privacy_settings WHERE user_id = ?1")?
                 .query_row([user.to_string()], |row| {
@@ -423,7 +423,7 @@ impl ChatStore for SqliteChatStore {
                 })
                 .optional()
         });
-        Ok(settings.await.map_err(unwrap)?.unwrap_or_default())
+        settings.await.map_err(unwrap)
     }
 
     async fn set_privacy_settings(

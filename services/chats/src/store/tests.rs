@@ -190,7 +190,7 @@ async fn a_forgotten_user_is_never_made_a_member_again(store: &dyn ChatStore) {
 
 async fn privacy_settings_are_each_users_own_and_go_with_a_forgotten_user(store: &dyn ChatStore) {
     let (alice, bob, carol) = (UserId::new_v7(), UserId::new_v7(), UserId::new_v7());
-    assert_eq!(store.privacy_settings(alice).await.unwrap(), PrivacySettings::default());
+    assert_eq!(store.privacy_settings(alice).await.unwrap(), None, "none set");
     assert_eq!(store.group_adds_among(&[alice, bob]).await.unwrap(), []);
 
     let peers = PrivacySettings { group_adds: GroupAdds::Peers, update_time: None };
@@ -200,8 +200,8 @@ async fn privacy_settings_are_each_users_own_and_go_with_a_forgotten_user(store:
     store.set_privacy_settings(bob, nobody, 11).await.unwrap();
     let nobody = store.set_privacy_settings(bob, nobody, 12).await.unwrap();
     assert_eq!(nobody.update_time, Some(12), "a repeat stores its own time, not the one given");
-    assert_eq!(store.privacy_settings(bob).await.unwrap(), nobody);
-    assert_eq!(store.privacy_settings(alice).await.unwrap(), stored, "each user's own");
+    assert_eq!(store.privacy_settings(bob).await.unwrap(), Some(nobody));
+    assert_eq!(store.privacy_settings(alice).await.unwrap(), Some(stored), "each user's own");
 
     let mut among = store.group_adds_among(&[alice, bob, carol]).await.unwrap();
     among.sort_by_key(|(user, _)| *user);
@@ -209,7 +209,7 @@ async fn privacy_settings_are_each_users_own_and_go_with_a_forgotten_user(store:
     assert_eq!(store.group_adds_among(&[]).await.unwrap(), []);
 
     store.record_forgotten(bob, 13).await.unwrap();
-    assert_eq!(store.privacy_settings(bob).await.unwrap(), PrivacySettings::default(), "gone with the user");
+    assert_eq!(store.privacy_settings(bob).await.unwrap(), None, "gone with the user");
     assert_eq!(store.group_adds_among(&[alice, bob]).await.unwrap(), [(alice, GroupAdds::Peers)]);
 }
 

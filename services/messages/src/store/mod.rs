@@ -1278,6 +1278,15 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes everything of a chat.
     async fn purge_chat(&self, chat: ChatId) -> Result<(), StoreError>;
 
+    /// Forgets deleted user `user`: deletes, in ONE transaction, every row
+    /// kept under its id that holds no message content, which is its
+    /// last-seen time (`user_presence`), its read position in every chat
+    /// (`read_positions`) and its mention rows (`message_mentions`). What
+    /// the chats' other members see stays: the messages it sent (and the
+    /// mentions listed on them), its reactions, its reports and the chats'
+    /// change logs. A repeat deletes nothing.
+    async fn forget_user(&self, user: UserId) -> Result<(), StoreError>;
+
     /// Rewrites in Unicode NFC ([`crate::domain::nfc`]) the text of every
     /// message stored otherwise (sent before sends were normalized), and
     /// its search index entry with it, so that NFC queries find it; a

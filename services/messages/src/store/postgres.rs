@@ -190,6 +190,17 @@ impl PostgresStore {
         Ok(written.rows_affected())
     }
 
+    /// Runs `deletes`, each with `key` as its one parameter (`$1`), in
+    /// order, in ONE transaction.
+    async fn delete_by(&self, deletes: &[&'static str], key: String) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for sql in deletes {
+            sqlx::query(*sql).bind(&key).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// One attempt at [`MessageStore::start_reply`].
     async fn try_start_reply(&self, r: &NewReply) -> Result<Started, StoreError> {
         let id = r.id.to_string();
@@ -1675,9 +1686,7 @@ impl MessageStore for PostgresStore {
     }
 
     async fn purge_chat(&self, chat: ChatId) -> Result<(), StoreError> {
-        let chat = chat.to_string();
-        let mut tx = self.pool.begin().await?;
-        for sql in [
+        let deletes = [
             "DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = $1)",
             "DELETE FROM message_reactions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = $1)",
             "DELETE FROM message_reports WHERE chat_id = $1",
@@ -1686,11 +1695,17 @@ impl MessageStore for PostgresStore {
             "DELETE FROM read_positions WHERE chat_id = $1",
             "DELETE FROM chat_changes WHERE chat_id = $1",
             "DELETE FROM chat_heads WHERE chat_id = $1",
-        ] {
-            sqlx::query(sql).bind(&chat).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        ];
+        self.delete_by(&deletes, chat.to_string()).await
+    }
+
+    async fn forget_user(&self, user: UserId) -> Result<(), StoreError> {
+        let deletes = [
+            "DELETE FROM user_presence WHERE user_id = $1",
+            "DELETE FROM read_positions WHERE user_id = $1",
+            "DELETE FROM message_mentions WHERE user_id = $1",
+        ];
+        self.delete_by(&deletes, user.to_string()).await
     }
 
     async fn record_last_seen(&self, seen: &[(UserId, i64)]) -> Result<(), StoreError> {

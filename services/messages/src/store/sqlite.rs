@@ -188,6 +188,19 @@ impl SqliteStore {
         }
         Ok(rewritten)
     }
+
+    /// Runs `deletes`, each with `key` as its one parameter (`?1`), in
+    /// order, in ONE IMMEDIATE transaction on the writer.
+    async fn delete_by(&self, deletes: &'static [&'static str], key: String) -> Result<(), StoreError> {
+        let done = self.db.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for sql in deletes {
+                tx.execute(sql, [&key])?;
+            }
+            tx.commit()
+        });
+        Ok(done.await?)
+    }
 }
 
 /// A typed id from a TEXT column.
@@ -1535,24 +1548,26 @@ impl MessageStore for SqliteStore {
     }
 
     async fn purge_chat(&self, chat: ChatId) -> Result<(), StoreError> {
-        let chat = chat.to_string();
-        let done = self.db.write(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for sql in [
-                "DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = ?1)",
-                "DELETE FROM message_reactions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = ?1)",
-                "DELETE FROM message_reports WHERE chat_id = ?1",
-                "DELETE FROM message_mentions WHERE chat_id = ?1",
-                "DELETE FROM messages WHERE chat_id = ?1",
-                "DELETE FROM read_positions WHERE chat_id = ?1",
-                "DELETE FROM chat_changes WHERE chat_id = ?1",
-                "DELETE FROM chat_heads WHERE chat_id = ?1",
-            ] {
-                tx.execute(sql, [&chat])?;
-            }
-            tx.commit()
-        });
-        Ok(done.await?)
+        let deletes = &[
+            "DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = ?1)",
+            "DELETE FROM message_reactions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = ?1)",
+            "DELETE FROM message_reports WHERE chat_id = ?1",
+            "DELETE FROM message_mentions WHERE chat_id = ?1",
+            "DELETE FROM messages WHERE chat_id = ?1",
+            "DELETE FROM read_positions WHERE chat_id = ?1",
+            "DELETE FROM chat_changes WHERE chat_id = ?1",
+            "DELETE FROM chat_heads WHERE chat_id = ?1",
+        ];
+        self.delete_by(deletes, chat.to_string()).await
+    }
+
+    async fn forget_user(&self, user: UserId) -> Result<(), StoreError> {
+        let deletes = &[
+            "DELETE FROM user_presence WHERE user_id = ?1",
+            "DELETE FROM read_positions WHERE user_id = ?1",
+            "DELETE FROM message_mentions WHERE user_id = ?1",
+        ];
+        self.delete_by(deletes, user.to_string()).await
     }
 
     async fn record_last_seen(&self, seen: &[(UserId, i64)]) -> Result<(), StoreError> {

@@ -122,6 +122,7 @@ message_store_suite!(
     concurrent_reactions_on_one_message_never_drift,
     mentions_are_kept_with_the_message_and_count_only_unread_live_mentions_of_others,
     last_seen_keeps_the_latest_time_whatever_order_replicas_write_in,
+    forgetting_a_user_deletes_its_presence_read_positions_and_mentions_and_keeps_its_messages,
     search_finds_the_current_text_of_live_messages_of_the_chats_asked,
     search_pages_walk_every_result_once_in_both_orders,
     text_stored_before_nfc_is_rewritten_once_and_found,
@@ -1404,6 +1405,51 @@ async fn last_seen_keeps_the_latest_time_whatever_order_replicas_write_in(h: &Ha
     }
     let expected: HashMap<UserId, i64> = [(user(1), 100), (user(3), 1_007)].into();
     assert_eq!(s.last_seen(&[user(1), user(3)]).await.unwrap(), expected);
+}
+
+/// A deleted user's rows go (ForgetUser), everyone else's stay, and so do
+/// the messages it sent, with their mentions as sent.
+async fn forgetting_a_user_deletes_its_presence_read_positions_and_mentions_and_keeps_its_messages(h: &Harness) {
+    let s = &h.store;
+    // User 1 (to be forgotten) and user 2 are mentioned in chat 1 and read
+    // part of it; user 1 writes in chat 1 and is mentioned in chat 2 too.
+    send(
+        h,
+        &[
+            mentioning(msg(1, 1, 0), &[1, 2]),
+            mentioning(by(msg(2, 1, 0), 1), &[2]),
+            mentioning(msg(3, 1, 0), &[1, 2]),
+            mentioning(msg(4, 2, 0), &[1]),
+        ],
+    )
+    .await;
+    for (c, u) in [(1, 1), (1, 2), (2, 1)] {
+        s.mark_read(chat(c), user(u), Seq(1)).await.unwrap();
+    }
+    s.record_last_seen(&[(user(1), 100), (user(2), 200)]).await.unwrap();
+    let positions = |u| async move { s.read_positions(user(u), &[chat(1), chat(2)]).await.unwrap() };
+    assert_eq!(positions(1).await, [Seq(1), Seq(1)]);
+    assert_eq!(mention_counts(h, 1, &[1, 2]).await, [1, 2], "those after each one's read position");
+    let before = stored(h, 1).await;
+
+    s.forget_user(user(1)).await.unwrap();
+    assert!(s.last_seen(&[user(1)]).await.unwrap().is_empty(), "no last-seen time");
+    assert_eq!(positions(1).await, [Seq::ZERO, Seq::ZERO], "no read position");
+    // Read from seq 0 now: a mention row left would count.
+    assert_eq!(mention_counts(h, 1, &[1]).await, [0], "no mention row in chat 1");
+    assert_eq!(mention_counts(h, 2, &[1]).await, [0], "nor in chat 2");
+    // The others' rows stay.
+    assert_eq!(s.last_seen(&[user(2)]).await.unwrap(), [(user(2), 200)].into());
+    assert_eq!(positions(2).await, [Seq(1), Seq::ZERO]);
+    assert_eq!(mention_counts(h, 1, &[2]).await, [2]);
+    // Its messages stay, and the mentions of it on others' messages.
+    assert_eq!(stored(h, 1).await, before);
+    assert_eq!(s.message(id(2)).await.unwrap().unwrap().author_id, user(1));
+    assert_eq!(s.message(id(3)).await.unwrap().unwrap().mentions, [user(1), user(2)]);
+    // Again, or a user with no rows: nothing to do.
+    s.forget_user(user(1)).await.unwrap();
+    s.forget_user(user(7)).await.unwrap();
+    assert_eq!(mention_counts(h, 1, &[2]).await, [2]);
 }
 
 /// The numbers (as [`id`] takes them) of the messages of `chats` that

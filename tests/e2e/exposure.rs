@@ -137,6 +137,10 @@ async fn call_every_internal_rpc(
             code(messages.purge_chat(with(mpb::PurgeChatRequest { chat_id: chat.clone() }, credential)).await),
         ),
         (
+            "ForgetUser",
+            code(messages.forget_user(with(mpb::ForgetUserRequest { user_id: victim.into() }, credential)).await),
+        ),
+        (
             "RecordChatChanges",
             code(
                 messages
@@ -328,7 +332,7 @@ async fn call_every_internal_rpc(
 }
 
 /// The internal RPCs' paths, for gRPC-web.
-const INTERNAL_PATHS: [&str; 25] = [
+const INTERNAL_PATHS: [&str; 26] = [
     "/natter.sessions.v1.SessionInternalService/IntrospectSession",
     "/natter.sessions.v1.SessionInternalService/LookupUsers",
     "/natter.sessions.v1.SessionInternalService/EnsureBotUser",
@@ -340,6 +344,7 @@ const INTERNAL_PATHS: [&str; 25] = [
     "/natter.messages.v1.MessageInternalService/GetChatSummaries",
     "/natter.messages.v1.MessageInternalService/ListRecentMessages",
     "/natter.messages.v1.MessageInternalService/PurgeChat",
+    "/natter.messages.v1.MessageInternalService/ForgetUser",
     "/natter.messages.v1.MessageInternalService/RecordChatChanges",
     "/natter.chats.v1.ChatInternalService/CreateChatAs",
     "/natter.chats.v1.ChatInternalService/TitleChat",

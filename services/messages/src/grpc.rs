@@ -975,6 +975,15 @@ impl MessageInternalService for MessageInternalApi {
         Ok(Response::new(pb::PurgeChatResponse {}))
     }
 
+    async fn forget_user(
+        &self,
+        request: Request<pb::ForgetUserRequest>,
+    ) -> Result<Response<pb::ForgetUserResponse>, Status> {
+        let user = UserId::parse("user_id", &request.get_ref().user_id)?;
+        self.messages.forget_user(user).await?;
+        Ok(Response::new(pb::ForgetUserResponse {}))
+    }
+
     async fn lookup_messages(
         &self,
         request: Request<pb::LookupMessagesRequest>,

@@ -804,6 +804,13 @@ impl Messages {
         Ok(self.store.purge_chat(chat).await?)
     }
 
+    /// Internal: forgets deleted user `user`, deleting its last-seen time,
+    /// read positions and mention rows ([`MessageStore::forget_user`]).
+    #[tracing::instrument(skip_all, fields(user_id = %user))]
+    pub async fn forget_user(&self, user: UserId) -> Result<(), MessagesError> {
+        Ok(self.store.forget_user(user).await?)
+    }
+
     /// Internal: the messages with `ids` and those of a chat at `seqs`
     /// (superseded replies too), the ones that exist.
     pub async fn lookup(&self, ids: &[MessageId], at: Option<(ChatId, &[Seq])>) -> Result<Vec<Message>, MessagesError> {

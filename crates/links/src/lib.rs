@@ -279,6 +279,10 @@ pub trait MessageDirectory: Send + Sync + 'static {
     ) -> Result<Vec<messages::Message>, Status>;
     /// Deletes every message and read position of a chat.
     async fn purge_chat(&self, chat_id: &str) -> Result<(), Status>;
+    /// Deletes what the messages store keeps of deleted user `user_id`
+    /// apart from its messages: its last-seen time, read positions and
+    /// mention rows. Repeatable.
+    async fn forget_user(&self, user_id: &str) -> Result<(), Status>;
     /// Records committed changes of a chat's membership or details in its
     /// change log, each with the chat's next change number (returned in
     /// order), and announces them to its streams; a join also resets the
@@ -482,6 +486,12 @@ impl MessageDirectory for Grpc {
         Ok(())
     }
 
+    async fn forget_user(&self, user_id: &str) -> Result<(), Status> {
+        let request = messages::ForgetUserRequest { user_id: user_id.to_owned() };
+        self.0.call(MessageInternalServiceClient::new(self.0.channel()).forget_user(self.0.request(request))).await?;
+        Ok(())
+    }
+
     async fn record_chat_changes(
         &self,
         chat_id: &str,
@@ -540,6 +550,13 @@ impl<S: MessageInternalService> MessageDirectory for InProcess<S> {
     async fn purge_chat(&self, chat_id: &str) -> Result<(), Status> {
         let request = messages::PurgeChatRequest { chat_id: chat_id.to_owned() };
         in_process("/natter.messages.v1.MessageInternalService/PurgeChat", self.0.purge_chat(Request::new(request)))
+            .await?;
+        Ok(())
+    }
+
+    async fn forget_user(&self, user_id: &str) -> Result<(), Status> {
+        let request = messages::ForgetUserRequest { user_id: user_id.to_owned() };
+        in_process("/natter.messages.v1.MessageInternalService/ForgetUser", self.0.forget_user(Request::new(request)))
             .await?;
         Ok(())
     }
@@ -650,6 +667,10 @@ impl MessageDirectory for Deferred<dyn MessageDirectory> {
 
     async fn purge_chat(&self, chat_id: &str) -> Result<(), Status> {
         self.get()?.purge_chat(chat_id).await
+    }
+
+    async fn forget_user(&self, user_id: &str) -> Result<(), Status> {
+        self.get()?.forget_user(user_id).await
     }
 
     async fn record_chat_changes(

@@ -757,7 +757,10 @@ impl Chats {
     /// with a person stays as it is, the other person's history with it.
     /// First the user is recorded as forgotten, so that no request that
     /// checked it before its deletion makes it a member again afterwards
-    /// ([`ChatStore::record_forgotten`]). Repeatable after a failure midway.
+    /// ([`ChatStore::record_forgotten`]). Once it is out of every chat, the
+    /// messages service forgets it too (`ForgetUser`: its last-seen time,
+    /// read positions and mention rows); should that fail, so does this, and
+    /// the relay retries it. Repeatable after a failure midway.
     /// A user made owner after its role was read here stays in that group
     /// (the store never removes the owner) and this fails, so that the
     /// retry hands the group over.
@@ -807,6 +810,7 @@ impl Chats {
             }
             tracing::info!(chat_id = %chat.id, user_id = %user, "a deleted user left the chat");
         }
+        self.messages.forget_user(&user.to_string()).await?;
         Ok(())
     }
 
@@ -1397,6 +1401,8 @@ mod tests {
         failures: std::sync::atomic::AtomicUsize,
         /// The chats whose messages were purged, in order.
         purged: Mutex<Vec<String>>,
+        /// The users forgotten (ForgetUser), in order.
+        forgotten: Mutex<Vec<String>>,
         /// The change time (µs) of every attempt, failed or not.
         times: Mutex<Vec<Option<i64>>>,
     }
@@ -1423,6 +1429,14 @@ mod tests {
                 return Err(Status::unavailable("messages is down"));
             }
             self.purged.lock().unwrap().push(chat_id.to_owned());
+            Ok(())
+        }
+
+        async fn forget_user(&self, user_id: &str) -> Result<(), Status> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(Status::unavailable("messages is down"));
+            }
+            self.forgotten.lock().unwrap().push(user_id.to_owned());
             Ok(())
         }
 
@@ -1623,6 +1637,30 @@ mod tests {
         assert_eq!(store.retries(DELETED_USERS_LOG, i64::MAX, 10).await.unwrap(), Vec::<String>::new());
         assert_eq!(store.role(team, alice).await.unwrap(), Some(Role::Owner), "its group passed on");
         assert_eq!(store.role(team, stuck).await.unwrap(), None);
+    }
+
+    /// Once a deleted user is out of its chats the messages service forgets
+    /// it (ForgetUser); while that fails, the user waits apart for the
+    /// retry like any removal that failed.
+    #[tokio::test]
+    async fn the_messages_service_forgets_a_deleted_user_once_it_is_out_and_a_failure_is_retried() {
+        let [gone, alice] = [(); 2].map(|_| UserId::new_v7());
+        let directory = Arc::new(Directory::default());
+        let h = harness_with(Limits::default(), directory.clone()).await;
+        let team = h.chats.create_chat(alice, group("team", vec![gone])).await.unwrap().chat.id;
+        directory.delete(gone);
+        let store = h.chats.store();
+
+        h.messages.down.store(true, Ordering::SeqCst);
+        assert_eq!(h.chats.forget_deleted_users().await, 0, "not done while messages is down");
+        assert_eq!(store.role(team, gone).await.unwrap(), None, "out of the group all the same");
+        assert_eq!(*h.messages.forgotten.lock().unwrap(), Vec::<String>::new());
+        assert_eq!(store.retries(DELETED_USERS_LOG, i64::MAX, 10).await.unwrap(), [gone.to_string()]);
+
+        h.messages.down.store(false, Ordering::SeqCst);
+        assert_eq!(h.chats.forget_deleted_users().await, 1, "retried at the next round");
+        assert_eq!(*h.messages.forgotten.lock().unwrap(), [gone.to_string()]);
+        assert_eq!(store.retries(DELETED_USERS_LOG, i64::MAX, 10).await.unwrap(), Vec::<String>::new());
     }
 
     /// The messages service places a late join's read position by when

@@ -19,6 +19,7 @@ crate::both_modes!(
     guests_claim_their_account_and_keep_their_chats,
     a_person_deletes_their_account_and_leaves_their_chats,
     a_guest_deletes_its_account_without_a_password,
+    a_deleted_account_leaves_no_row_under_its_id_in_the_messages_store,
 );
 
 async fn password_login_and_current_session(c: &Cluster) {
@@ -495,4 +496,69 @@ async fn a_guest_deletes_its_account_without_a_password(c: &Cluster) {
     let alice = c.user("alice").await;
     let looked_up = spb::GetUserRequest { user_id: guest.id.clone(), ..Default::default() };
     assert_eq!(code(c.sessions().get_user(authed(&alice, looked_up)).await), Code::NotFound);
+}
+
+/// What the messages store keeps of a user with no message content (its
+/// last-seen time, read positions and mention rows) goes once the chats
+/// service's relay has taken the deleted user out of their chats; the
+/// messages it sent stay, with the person it wrote to. No call shows those
+/// rows (GetPresence answers UNSPECIFIED for a deleted user, counts are
+/// the caller's own), so this reads the store's database directly
+/// (`Cluster::count_in_store`: the all-in-one's SQLite file, the split
+/// messages service's PostgreSQL schema).
+async fn a_deleted_account_leaves_no_row_under_its_id_in_the_messages_store(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let group =
+        cpb::CreateChatRequest { title: "bob's".into(), member_ids: vec![alice.id.clone()], ..Default::default() };
+    let group = c.chats().create_chat(authed(&bob, group)).await.unwrap().into_inner().chat.unwrap().id;
+    let direct = crate::chats::direct(c, &alice, &bob).await.id;
+    crate::chats::send(c, &alice, &direct, "see you, bob").await;
+    for chat in [&group, &direct] {
+        let mention = mpb::SendMessageRequest {
+            chat_id: chat.clone(),
+            text: "@alice".into(),
+            mention_user_ids: vec![alice.id.clone()],
+            ..Default::default()
+        };
+        let sent = c.messages().send_message(authed(&bob, mention)).await.expect("a mention").into_inner();
+        let read = mpb::MarkReadRequest { chat_id: chat.clone(), seq: sent.message.unwrap().seq };
+        c.messages().mark_read(authed(&alice, read)).await.expect("alice reads it");
+    }
+    // Alice comes online and goes: her last-seen time is stored once the
+    // closed stream is noticed.
+    drop(crate::stream::open(c, &alice, &[], &[]).await);
+    let rows = |table: &'static str| {
+        let sql = format!("SELECT COUNT(*) FROM {table} WHERE user_id = '{}'", alice.id);
+        async move { c.count_in_store("messages", &sql).await }
+    };
+    let tables = ["user_presence", "read_positions", "message_mentions"];
+    crate::stream_abuse::wait_for(|| async { (rows("user_presence").await == 1).then_some(()) }).await;
+    for table in tables {
+        assert!(rows(table).await > 0, "alice has rows in {table} before her deletion");
+    }
+    let sent_by_alice = format!("SELECT COUNT(*) FROM messages WHERE author_id = '{}'", alice.id);
+    assert_eq!(c.count_in_store("messages", &sent_by_alice).await, 1);
+
+    let delete = spb::DeleteAccountRequest { password: "correct horse battery".into() };
+    c.sessions().delete_account(authed(&alice, delete)).await.expect("deleted");
+    // The relay (every 5 s) takes her out of the group, then has the
+    // messages service forget her.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut left = Vec::new();
+        for table in tables {
+            left.push((table, rows(table).await));
+        }
+        if left.iter().all(|(_, n)| *n == 0) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "rows of alice left in the messages store: {left:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert_eq!(guest_deletion::members(c, &bob, &group).await.len(), 1, "alice left the group first");
+    // What she sent stays, with bob.
+    assert_eq!(c.count_in_store("messages", &sent_by_alice).await, 1);
+    let kept = cpb::GetChatRequest { chat_id: direct, message_page_size: 10 };
+    let history = c.chats().get_chat(authed(&bob, kept)).await.expect("bob keeps the direct chat").into_inner();
+    assert!(history.messages.iter().any(|m| m.text == "see you, bob"), "with its history: {:?}", history.messages);
 }

@@ -458,6 +458,29 @@ impl Cluster {
         true
     }
 
+    /// The count `sql` (a `SELECT COUNT(*) ...` naming the tables of
+    /// service `service`'s store unqualified; `service` is `sessions`,
+    /// `chats` or `messages`) reads straight from that store's database,
+    /// behind the service's back: the all-in-one's SQLite file, read-only,
+    /// or a split cluster's PostgreSQL schema. For what no call shows.
+    pub async fn count_in_store(&self, service: &str, sql: &str) -> i64 {
+        use sqlx::Connection as _;
+        sqlx::any::install_default_drivers();
+        let url = match &self.pg {
+            Some((url, _)) => url.clone(),
+            None => format!("sqlite://{}?mode=ro", self._dir.path().join(format!("{service}.db")).display()),
+        };
+        let mut conn = sqlx::AnyConnection::connect(&url).await.expect("connect to the store");
+        if let Some((_, prefix)) = &self.pg {
+            let schema = format!("SET search_path TO {prefix}{service}");
+            sqlx::query(sqlx::AssertSqlSafe(schema)).execute(&mut conn).await.expect("the service's schema");
+        }
+        let (count,): (i64,) =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&mut conn).await.expect("count");
+        conn.close().await.expect("close");
+        count
+    }
+
     /// The shutdown token (to test graceful shutdown).
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()

@@ -561,4 +561,15 @@ async fn a_deleted_account_leaves_no_row_under_its_id_in_the_messages_store(c: &
     let kept = cpb::GetChatRequest { chat_id: direct, message_page_size: 10 };
     let history = c.chats().get_chat(authed(&bob, kept)).await.expect("bob keeps the direct chat").into_inner();
     assert!(history.messages.iter().any(|m| m.text == "see you, bob"), "with its history: {:?}", history.messages);
+    // She is still listed in that chat, but no one to mention: no mention
+    // row comes back under her id.
+    let mention = mpb::SendMessageRequest {
+        chat_id: history.chat.unwrap().id,
+        text: "@alice?".into(),
+        mention_user_ids: vec![alice.id.clone()],
+        ..Default::default()
+    };
+    let refused = c.messages().send_message(authed(&bob, mention)).await.unwrap_err();
+    assert_eq!(crate::violated_fields(&refused), ["mention_user_ids[0]"]);
+    assert_eq!(rows("message_mentions").await, 0);
 }

@@ -396,7 +396,10 @@ pub trait ChatStore: Send + Sync + 'static {
     async fn role(&self, chat: ChatId, user: UserId) -> Result<Option<Role>, StoreError>;
 
     /// Which of `users` are members of `chat` (a message's mentions): one
-    /// read for the whole list, in no particular order.
+    /// read for the whole list, in no particular order. A deleted user
+    /// ([`ChatStore::record_forgotten`]) is none, though a direct chat with
+    /// a person keeps them as a member: no mention of them is stored again
+    /// once the messages service has forgotten them.
     async fn members_among(&self, chat: ChatId, users: &[UserId]) -> Result<Vec<UserId>, StoreError>;
 
     /// Records that `user` is taken out of every chat for good (its account

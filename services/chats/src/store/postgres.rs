@@ -283,12 +283,14 @@ impl ChatStore for PostgresChatStore {
             return Ok(Vec::new());
         }
         let users: Vec<String> = users.iter().map(UserId::to_string).collect();
-        let ids: Vec<String> =
-            sqlx::query_scalar("SELECT user_id FROM members WHERE chat_id = $1 AND user_id = ANY($2)")
-                .bind(chat.to_string())
-                .bind(&users)
-                .fetch_all(&self.pool)
-                .await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT m.user_id FROM members m WHERE m.chat_id = $1 AND m.user_id = ANY($2) \
+                 AND NOT EXISTS (SELECT 1 FROM forgotten_users f WHERE f.user_id = m.user_id)",
+        )
+        .bind(chat.to_string())
+        .bind(&users)
+        .fetch_all(&self.pool)
+        .await?;
         ids.iter().map(|i| parse_id("members.user_id", i)).collect()
     }
 

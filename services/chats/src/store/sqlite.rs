@@ -383,7 +383,10 @@ impl ChatStore for SqliteChatStore {
         // (an IN list of each length would be a statement of its own,
         // crowding the hot ones out of the connection's cache).
         let members = self.db.read(move |conn| {
-            let mut probe = conn.prepare_cached("SELECT 1 FROM members WHERE chat_id = ?1 AND user_id = ?2")?;
+            let mut probe = conn.prepare_cached(
+                "SELECT 1 FROM members WHERE chat_id = ?1 AND user_id = ?2 \
+                 AND NOT EXISTS (SELECT 1 FROM forgotten_users WHERE user_id = ?2)",
+            )?;
             let chat = chat.to_string();
             let mut members = Vec::new();
             for user in users {

@@ -186,6 +186,11 @@ async fn a_forgotten_user_is_never_made_a_member_again(store: &dyn ChatStore) {
     assert_eq!(store.create_chat(&by_bob, &[owner(&by_bob)]).await.unwrap(), Created::Forgotten(bob));
     assert_eq!(store.member_chat_ids(bob, false).await.unwrap(), []);
     assert_eq!(store.add_members(group.id, &wanted[..1], &limits, 7).await.unwrap(), Added::Added(vec![wanted[0]]));
+
+    // A member forgotten since is none to mention, though still listed.
+    store.record_forgotten(carol, 8).await.unwrap();
+    assert_eq!(store.members_among(group.id, &[alice, carol]).await.unwrap(), [alice]);
+    assert_eq!(store.role(group.id, carol).await.unwrap(), Some(Role::Member));
 }
 
 async fn privacy_settings_are_each_users_own_and_go_with_a_forgotten_user(store: &dyn ChatStore) {

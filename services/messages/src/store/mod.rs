@@ -1284,7 +1284,9 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// (`read_positions`) and its mention rows (`message_mentions`). What
     /// the chats' other members see stays: the messages it sent (and the
     /// mentions listed on them), its reactions, its reports and the chats'
-    /// change logs. A repeat deletes nothing.
+    /// change logs. The user is recorded as forgotten in the same
+    /// transaction: [`MessageStore::record_last_seen`] stores no time of
+    /// theirs afterwards. A repeat deletes nothing.
     async fn forget_user(&self, user: UserId) -> Result<(), StoreError>;
 
     /// Rewrites in Unicode NFC ([`crate::domain::nfc`]) the text of every
@@ -1426,7 +1428,8 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Records that each of `seen`'s users was last online at its time (µs),
     /// in ONE transaction, keeping a later time already stored (so repeats
-    /// and out-of-order writes by several replicas are harmless).
+    /// and out-of-order writes by several replicas are harmless); a user
+    /// forgotten already ([`MessageStore::forget_user`]) is left out.
     async fn record_last_seen(&self, seen: &[(UserId, i64)]) -> Result<(), StoreError>;
 
     /// When each of `users` that has a record was last online (µs).

@@ -190,9 +190,9 @@ impl PostgresStore {
         Ok(written.rows_affected())
     }
 
-    /// Runs `deletes`, each with `key` as its one parameter (`$1`), in
-    /// order, in ONE transaction.
-    async fn delete_by(&self, deletes: &[&'static str], key: String) -> Result<(), StoreError> {
+    /// Runs `deletes` (deletes and the like), each with `key` as its one
+    /// parameter (`$1`), in order, in ONE transaction.
+    async fn in_one_transaction(&self, deletes: &[&'static str], key: String) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for sql in deletes {
             sqlx::query(*sql).bind(&key).execute(&mut *tx).await?;
@@ -1696,16 +1696,17 @@ impl MessageStore for PostgresStore {
             "DELETE FROM chat_changes WHERE chat_id = $1",
             "DELETE FROM chat_heads WHERE chat_id = $1",
         ];
-        self.delete_by(&deletes, chat.to_string()).await
+        self.in_one_transaction(&deletes, chat.to_string()).await
     }
 
     async fn forget_user(&self, user: UserId) -> Result<(), StoreError> {
         let deletes = [
+            "INSERT INTO forgotten_users (user_id) VALUES ($1) ON CONFLICT (user_id) DO NOTHING",
             "DELETE FROM user_presence WHERE user_id = $1",
             "DELETE FROM read_positions WHERE user_id = $1",
             "DELETE FROM message_mentions WHERE user_id = $1",
         ];
-        self.delete_by(&deletes, user.to_string()).await
+        self.in_one_transaction(&deletes, user.to_string()).await
     }
 
     async fn record_last_seen(&self, seen: &[(UserId, i64)]) -> Result<(), StoreError> {
@@ -1717,7 +1718,8 @@ impl MessageStore for PostgresStore {
         // not touch a row twice.
         sqlx::query(
             "INSERT INTO user_presence (user_id, last_seen_time) \
-             SELECT user_id, MAX(time) FROM UNNEST($1::text[], $2::bigint[]) AS v (user_id, time) GROUP BY user_id \
+             SELECT user_id, MAX(time) FROM UNNEST($1::text[], $2::bigint[]) AS v (user_id, time) \
+             WHERE NOT EXISTS (SELECT 1 FROM forgotten_users f WHERE f.user_id = v.user_id) GROUP BY user_id \
              ON CONFLICT (user_id) DO UPDATE \
              SET last_seen_time = GREATEST(user_presence.last_seen_time, excluded.last_seen_time)",
         )

@@ -189,9 +189,10 @@ impl SqliteStore {
         Ok(rewritten)
     }
 
-    /// Runs `deletes`, each with `key` as its one parameter (`?1`), in
-    /// order, in ONE IMMEDIATE transaction on the writer.
-    async fn delete_by(&self, deletes: &'static [&'static str], key: String) -> Result<(), StoreError> {
+    /// Runs `deletes` (deletes and the like), each with `key` as its one
+    /// parameter (`?1`), in order, in ONE IMMEDIATE transaction on the
+    /// writer.
+    async fn in_one_transaction(&self, deletes: &'static [&'static str], key: String) -> Result<(), StoreError> {
         let done = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for sql in deletes {
@@ -1558,16 +1559,17 @@ impl MessageStore for SqliteStore {
             "DELETE FROM chat_changes WHERE chat_id = ?1",
             "DELETE FROM chat_heads WHERE chat_id = ?1",
         ];
-        self.delete_by(deletes, chat.to_string()).await
+        self.in_one_transaction(deletes, chat.to_string()).await
     }
 
     async fn forget_user(&self, user: UserId) -> Result<(), StoreError> {
         let deletes = &[
+            "INSERT INTO forgotten_users (user_id) VALUES (?1) ON CONFLICT (user_id) DO NOTHING",
             "DELETE FROM user_presence WHERE user_id = ?1",
             "DELETE FROM read_positions WHERE user_id = ?1",
             "DELETE FROM message_mentions WHERE user_id = ?1",
         ];
-        self.delete_by(deletes, user.to_string()).await
+        self.in_one_transaction(deletes, user.to_string()).await
     }
 
     async fn record_last_seen(&self, seen: &[(UserId, i64)]) -> Result<(), StoreError> {
@@ -1579,8 +1581,9 @@ impl MessageStore for SqliteStore {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             {
                 let mut upsert = tx.prepare_cached(
-                    "INSERT INTO user_presence (user_id, last_seen_time) VALUES (?1, ?2) ON CONFLICT (user_id) \
-                     DO UPDATE SET last_seen_time = MAX(last_seen_time, excluded.last_seen_time)",
+                    "INSERT INTO user_presence (user_id, last_seen_time) \
+                     SELECT ?1, ?2 WHERE NOT EXISTS (SELECT 1 FROM forgotten_users WHERE user_id = ?1) \
+                     ON CONFLICT (user_id) DO UPDATE SET last_seen_time = MAX(last_seen_time, excluded.last_seen_time)",
                 )?;
                 for (user, time) in &seen {
                     upsert.execute(params![user, time])?;

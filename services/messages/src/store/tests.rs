@@ -1446,6 +1446,11 @@ async fn forgetting_a_user_deletes_its_presence_read_positions_and_mentions_and_
     assert_eq!(stored(h, 1).await, before);
     assert_eq!(s.message(id(2)).await.unwrap().unwrap().author_id, user(1));
     assert_eq!(s.message(id(3)).await.unwrap().unwrap().mentions, [user(1), user(2)]);
+    // A last-seen time recorded late (a replica that held its stream died)
+    // is not stored for it; for others it is.
+    s.record_last_seen(&[(user(1), 900), (user(2), 901)]).await.unwrap();
+    assert!(s.last_seen(&[user(1)]).await.unwrap().is_empty(), "no last-seen time comes back");
+    assert_eq!(s.last_seen(&[user(2)]).await.unwrap(), [(user(2), 901)].into());
     // Again, or a user with no rows: nothing to do.
     s.forget_user(user(1)).await.unwrap();
     s.forget_user(user(7)).await.unwrap();

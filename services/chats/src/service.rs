@@ -292,9 +292,9 @@ impl Chats {
             return self.member_view(caller, existing).await?.ok_or(ChatsError::ChatIdTaken);
         }
 
-        self.require_users(&new.others).await?;
+        let bots = self.require_users(&new.others).await?;
         if kind == Kind::Group {
-            self.check_group_adds(caller, &new.others).await?;
+            self.check_group_adds(caller, &new.others, &bots).await?;
         }
 
         let now = now_micros();
@@ -339,18 +339,27 @@ impl Chats {
         }
     }
 
-    /// NOT_FOUND naming the first of `ids` that is no user; asks the
-    /// sessions service in calls of at most [`LOOKUP_USERS_MAX_IDS`] ids,
-    /// whatever the member limit.
-    async fn require_users(&self, ids: &[UserId]) -> Result<(), ChatsError> {
+    /// NOT_FOUND naming the first of `ids` that is no user; else the bots
+    /// among them (the assistant). Asks the sessions service in calls of at
+    /// most [`LOOKUP_USERS_MAX_IDS`] ids, whatever the member limit.
+    async fn require_users(&self, ids: &[UserId]) -> Result<HashSet<UserId>, ChatsError> {
         let ids: Vec<String> = ids.iter().map(UserId::to_string).collect();
         let mut found = HashSet::with_capacity(ids.len());
+        let mut bots = HashSet::new();
+        let bot = natter_proto::sessions::v1::UserKind::Bot as i32;
         for chunk in ids.chunks(LOOKUP_USERS_MAX_IDS) {
-            found.extend(self.users.lookup_users(chunk.to_vec()).await?.into_iter().map(|u| u.id));
+            for user in self.users.lookup_users(chunk.to_vec()).await? {
+                if user.kind == bot
+                    && let Ok(id) = uuid::Uuid::try_parse(&user.id)
+                {
+                    bots.insert(UserId(id));
+                }
+                found.insert(user.id);
+            }
         }
         match ids.iter().find(|id| !found.contains(*id)) {
             Some(missing) => Err(ChatsError::UserNotFound(missing.clone())),
-            None => Ok(()),
+            None => Ok(bots),
         }
     }
 
@@ -881,13 +890,13 @@ impl Chats {
             None => return Err(ChatsError::Denied("not a member of this chat")),
         }
         let others: Vec<UserId> = user_ids.iter().copied().filter(|id| *id != caller).collect();
-        self.require_users(&others).await?;
+        let bots = self.require_users(&others).await?;
         if !others.is_empty() {
             // Members already (a retried add) are not added again, whatever
             // their setting says now.
             let members: HashSet<UserId> = self.store.members_among(chat.id, &others).await?.into_iter().collect();
             let joining: Vec<UserId> = others.into_iter().filter(|u| !members.contains(u)).collect();
-            self.check_group_adds(caller, &joining).await?;
+            self.check_group_adds(caller, &joining, &bots).await?;
         }
         let now = now_micros();
         let members: Vec<Member> = user_ids
@@ -910,15 +919,24 @@ impl Chats {
     /// [`ChatsError::AddRefused`] naming the first of `users` (in their
     /// order) whose privacy setting does not let `caller` add them to a
     /// group: [`GroupAdds::Nobody`], or [`GroupAdds::Peers`] while they
-    /// share no chat with `caller`. Two reads at most, whatever the number
-    /// of users. Checked before the add is written, so a setting changed
-    /// in between is the add's to miss, as in the apps that have one.
-    async fn check_group_adds(&self, caller: UserId, users: &[UserId]) -> Result<(), ChatsError> {
+    /// share no chat with `caller`. Users who set none have the default
+    /// (`--default-group-adds`), but `bots` (the assistant, which never
+    /// signs in to set one) anyone may add. Two reads at most, whatever
+    /// the number of users. Checked before the add is written, so a
+    /// setting changed in between is the add's to miss, as in the apps
+    /// that have one.
+    async fn check_group_adds(
+        &self,
+        caller: UserId,
+        users: &[UserId],
+        bots: &HashSet<UserId>,
+    ) -> Result<(), ChatsError> {
         if users.is_empty() {
             return Ok(());
         }
         let set: HashMap<UserId, GroupAdds> = self.store.group_adds_among(users).await?.into_iter().collect();
-        let adds = |user: &UserId| set.get(user).copied().unwrap_or(self.default_group_adds);
+        let default = |user: &UserId| if bots.contains(user) { GroupAdds::Everyone } else { self.default_group_adds };
+        let adds = |user: &UserId| set.get(user).copied().unwrap_or_else(|| default(user));
         let mut refused: HashSet<UserId> = users.iter().copied().filter(|u| adds(u) == GroupAdds::Nobody).collect();
         let peers_only: Vec<UserId> = users.iter().copied().filter(|u| adds(u) == GroupAdds::Peers).collect();
         if !peers_only.is_empty() {
@@ -1637,6 +1655,22 @@ mod tests {
         assert_eq!(store.retries(DELETED_USERS_LOG, i64::MAX, 10).await.unwrap(), Vec::<String>::new());
         assert_eq!(store.role(team, alice).await.unwrap(), Some(Role::Owner), "its group passed on");
         assert_eq!(store.role(team, stuck).await.unwrap(), None);
+    }
+
+    /// A deployment's stricter default (here: nobody) binds people only: a
+    /// bot (the assistant), which never signs in to set one, anyone may add.
+    #[tokio::test]
+    async fn the_default_group_adds_binds_people_and_never_bots() {
+        let [alice, bob, bot] = [(); 3].map(|_| UserId::new_v7());
+        let directory = Arc::new(Directory { bots: vec![bot], ..Directory::default() });
+        let h = harness_with(Limits::default(), directory).await;
+        let chats = h.chats.with_default_group_adds(GroupAdds::Nobody);
+        let refused = chats.create_chat(alice, group("team", vec![bot, bob])).await.unwrap_err();
+        assert!(matches!(&refused, ChatsError::AddRefused(u) if *u == bob.to_string()), "{refused:?}");
+        let helpers = chats.create_chat(alice, group("helpers", vec![bot])).await.unwrap().chat.id;
+        let plain = chats.create_chat(alice, group("plain", vec![])).await.unwrap().chat.id;
+        assert_eq!(chats.add_members(alice, plain, vec![bot]).await.unwrap().len(), 1);
+        assert_eq!(chats.store().role(helpers, bot).await.unwrap(), Some(Role::Member));
     }
 
     /// Once a deleted user is out of its chats the messages service forgets

@@ -14,8 +14,8 @@ import { copyFile, mkdir, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import {
-  artifacts, chatItem, conversation, launchBrowser, newPerson as openPage, openChatWith, pageUrlOf, send, serveDist,
-  signUp, startNatter, stopNatter, story, waitForMessage, webDir,
+  artifacts, chatItem, conversation, escapeRe, launchBrowser, newPerson as openPage, openChatWith, pageUrlOf, send,
+  serveDist, signUp, startNatter, stopNatter, story, waitForMessage, webDir,
 } from "./harness.mjs";
 
 const suffix = Math.random().toString(36).slice(2, 8);
@@ -40,6 +40,19 @@ async function assertConversation(page, texts, who) {
     `${who}'s conversation is not the whole history in order`,
   );
 }
+
+/** Calls natter as `token`'s user with buf curl (server reflection), as the README does; the JSON answer. */
+async function call(token, method, body) {
+  const buf = path.join(webDir, "node_modules", ".bin", "buf");
+  const args = ["curl", "--protocol", "grpc", "--http2-prior-knowledge", "-H", `authorization: Bearer ${token}`,
+    "-d", JSON.stringify(body), `http://127.0.0.1:${server.port}/natter.${method}`];
+  const out = await new Promise((resolve, reject) =>
+    execFile(buf, args, (err, stdout, stderr) => (err ? reject(new Error(`${method}: ${stderr || err}`)) : resolve(stdout))));
+  return JSON.parse(out);
+}
+
+const tokenOf = (page) =>
+  page.evaluate(() => Object.entries(localStorage).find(([k]) => k.startsWith("natter.token:"))[1]);
 
 // ---------------------------------------------------------------- the story
 
@@ -70,6 +83,38 @@ step("alice and bob register from a page on another origin", async () => {
   bobPage = await newPerson("bob");
   await signUp(alicePage, alice);
   await signUp(bobPage, bob);
+});
+
+step("bob lets nobody add him to groups: alice's group with him is refused in the server's words; his choice outlives a reload", async () => {
+  // Alice and bob share no chat yet.
+  const groupAdds = '[data-testid="group-adds"]';
+  await bobPage.locator(`${groupAdds}:enabled`).waitFor(); // read from the server
+  assert.equal(await bobPage.inputValue(groupAdds), "everyone", "the default");
+  await bobPage.selectOption(groupAdds, "nobody");
+  await bobPage.locator('[data-testid="group-adds-note"]', { hasText: "Saved" }).waitFor();
+  const { settings } = await call(await tokenOf(bobPage), "chats.v1.ChatService/GetPrivacySettings", {});
+  assert.equal(settings.groupAdds, "GROUP_ADDS_NOBODY", "saved on the server");
+
+  await alicePage.fill('[data-testid="new-group-title"]', "Lunch club");
+  await alicePage.fill('[data-testid="new-group-members"]', bob.name);
+  await alicePage.click("#new-group");
+  const refusal = alicePage.locator('[data-testid="new-group-error"]');
+  await refusal.waitFor(); // visible beside the form
+  // The server's own words, with the user it names shown by username.
+  assert.match(await refusal.textContent(),
+    new RegExp(`^user ${escapeRe(bob.name)} may not be added to a group by you \\(their privacy setting group_adds\\)`));
+  assert.equal(await alicePage.inputValue('[data-testid="new-group-members"]'), bob.name, "what she typed is kept");
+  assert.equal(await alicePage.locator(".chat-item").count(), 0, "no group was made");
+  await alicePage.fill('[data-testid="new-group-members"]', ""); // editing the form puts the refusal away
+  await refusal.waitFor({ state: "hidden" });
+  await alicePage.fill('[data-testid="new-group-title"]', "");
+
+  await bobPage.reload();
+  await bobPage.locator("#me", { hasText: bob.name }).waitFor();
+  await bobPage.locator(`${groupAdds}:enabled`).waitFor();
+  assert.equal(await bobPage.inputValue(groupAdds), "nobody", "read back from the server");
+  assert.equal(await bobPage.locator(".chat-item").count(), 0, "bob is in no group");
+  // The next step shows a direct chat is no group: alice may still start one.
 });
 
 step("alice starts a direct chat with bob by username", async () => {
@@ -168,19 +213,6 @@ step("more than a page of messages: bob pages back with load older", async () =>
   await assertConversation(bobPage, history, "bob");
   await bobPage.locator("#load-older").waitFor({ state: "hidden" });
 });
-
-/** Calls natter as `token`'s user with buf curl (server reflection), as the README does; the JSON answer. */
-async function call(token, method, body) {
-  const buf = path.join(webDir, "node_modules", ".bin", "buf");
-  const args = ["curl", "--protocol", "grpc", "--http2-prior-knowledge", "-H", `authorization: Bearer ${token}`,
-    "-d", JSON.stringify(body), `http://127.0.0.1:${server.port}/natter.${method}`];
-  const out = await new Promise((resolve, reject) =>
-    execFile(buf, args, (err, stdout, stderr) => (err ? reject(new Error(`${method}: ${stderr || err}`)) : resolve(stdout))));
-  return JSON.parse(out);
-}
-
-const tokenOf = (page) =>
-  page.evaluate(() => Object.entries(localStorage).find(([k]) => k.startsWith("natter.token:"))[1]);
 
 step("edits and deletes made while the stream was cut show once it resumes", async () => {
   await send(alicePage, (history[history.length] = "Before the cut"));

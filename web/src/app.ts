@@ -5,7 +5,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import * as api from "./api";
 import { UserKind, UserSchema, type User } from "./gen/natter/sessions/v1/sessions_pb";
-import { ChatKind, LastMessageSchema, MemberRole, type Chat } from "./gen/natter/chats/v1/chats_pb";
+import { ChatKind, GroupAdds, LastMessageSchema, MemberRole, type Chat } from "./gen/natter/chats/v1/chats_pb";
 import {
   AssistantReplies,
   GenerationStatus,
@@ -1070,6 +1070,8 @@ async function enter(user: User) {
   el("logout").hidden = false;
   el("delete-account").hidden = false;
   el("me").textContent = userName(user.id) + (user.guest ? " (guest)" : "");
+  el("privacy-control").hidden = false;
+  void loadPrivacy();
   await loadChats();
   stream = new AbortController();
   void runStream(stream.signal);
@@ -1094,6 +1096,8 @@ function signOutLocally() {
   me = null;
   for (const m of [users, chats, peers, groupMembers, lastSeq, lastChange, pending]) m.clear();
   el("assistant-notice").hidden = true;
+  el("new-group-error").hidden = true;
+  clearPrivacy();
   clearSearch();
   closeChat();
   renderChatList();
@@ -1231,6 +1235,87 @@ el("thread-form").addEventListener("submit", (e) => {
   void send({ id: api.newUuid(), chatId, text, mentionUserIds: mentionsIn(text, chatId), threadRootSeq: rootSeq });
 });
 
+// ---------------------------------------------------------------- privacy
+
+/** "Who can add me to groups": the caller's group_adds by the <option> values of #group-adds. */
+const GROUP_ADDS: [GroupAdds, string][] = [
+  [GroupAdds.EVERYONE, "everyone"],
+  [GroupAdds.PEERS, "peers"],
+  [GroupAdds.NOBODY, "nobody"],
+];
+
+/** The caller's group_adds as the server last gave it; undefined until read (the control stays disabled). */
+let groupAdds: GroupAdds | undefined;
+let privacyNoteTimer: ReturnType<typeof setTimeout> | undefined;
+
+/** Shows groupAdds in the control, which is enabled once it is known. */
+function renderGroupAdds() {
+  const select = el<HTMLSelectElement>("group-adds");
+  const name = GROUP_ADDS.find(([value]) => value === groupAdds)?.[1];
+  select.value = name ?? "everyone";
+  select.disabled = name === undefined;
+}
+
+/** A word beside the control: a confirmation (gone after a few seconds) or an error (kept until the next change). */
+function privacyNote(text: string, failed = false) {
+  clearTimeout(privacyNoteTimer);
+  const note = el("group-adds-note");
+  note.textContent = text;
+  note.classList.toggle("failed", failed);
+  if (text && !failed) privacyNoteTimer = setTimeout(() => (note.textContent = ""), 4_000);
+}
+
+/** Reads the caller's privacy settings after sign-in; a failure leaves the control disabled and says why. */
+async function loadPrivacy() {
+  const user = me;
+  groupAdds = undefined;
+  renderGroupAdds();
+  privacyNote("");
+  try {
+    const { settings } = await api.chats.getPrivacySettings({});
+    if (me !== user) return; // signed out meanwhile
+    groupAdds = settings?.groupAdds;
+    renderGroupAdds();
+  } catch (err) {
+    if (me !== user) return;
+    privacyNote(`Cannot read this setting: ${api.describe(err)}`, true);
+  }
+}
+
+/** Forgets the setting (on sign-out): the next person's is read afresh. */
+function clearPrivacy() {
+  groupAdds = undefined;
+  renderGroupAdds();
+  privacyNote("");
+  el("privacy-control").hidden = true;
+}
+
+el("group-adds").addEventListener("change", () => {
+  const select = el<HTMLSelectElement>("group-adds");
+  const wanted = GROUP_ADDS.find(([, name]) => name === select.value)?.[0];
+  if (wanted === undefined) return;
+  select.disabled = true;
+  privacyNote("");
+  const user = me;
+  void act(async () => {
+    try {
+      const { settings } = await api.chats.updatePrivacySettings({
+        settings: { groupAdds: wanted }, updateMask: { paths: ["group_adds"] },
+      });
+      if (me !== user) return; // signed out meanwhile
+      groupAdds = settings?.groupAdds ?? wanted;
+      privacyNote("Saved");
+    } catch (err) {
+      if (me !== user) return;
+      if (api.isUnauthenticated(err)) throw err; // act signs out
+      // Not saved: say why beside the control, which goes back to the saved value.
+      privacyNote(`Not saved: ${api.describe(err)}`, true);
+    } finally {
+      if (me === user) renderGroupAdds();
+    }
+  });
+});
+
 // ---------------------------------------------------------------- search
 
 /** The search being shown: its query and the token of its next page. */
@@ -1363,18 +1448,34 @@ el("new-chat-form").addEventListener("submit", (e) => {
 // separated; `assistant` adds the assistant).
 el("new-group-form").addEventListener("submit", (e) => {
   e.preventDefault();
+  el("new-group-error").hidden = true;
   void act(async () => {
     const title = input("new-group-title").value.trim();
     const names = input("new-group-members").value.split(/[\s,]+/).map((n) => n.replace(/^@/, "")).filter(Boolean);
     if (!title || names.length === 0) return;
     const memberIds: string[] = [];
+    const named = new Map<string, string>(); // user id -> the username typed for them
     for (const username of new Set(names)) {
       const { user } = await api.sessions.getUser({ username });
       if (!user) continue;
       users.set(user.id, user);
+      named.set(user.id, user.username || username);
       if (user.id !== me?.id) memberIds.push(user.id);
     }
-    const { chat } = await api.chats.createChat({ kind: ChatKind.GROUP, title, memberIds });
+    let chat: Chat | undefined;
+    try {
+      ({ chat } = await api.chats.createChat({ kind: ChatKind.GROUP, title, memberIds }));
+    } catch (err) {
+      if (!api.isDenied(err)) throw err;
+      // Refused for someone named (their privacy setting group_adds, or gone
+      // meanwhile): the server's words under the form, until it is edited or
+      // sent again, with the user id it names shown as the username typed.
+      let text = api.describe(err);
+      for (const [id, username] of named) text = text.split(id).join(username);
+      el("new-group-error").textContent = text;
+      el("new-group-error").hidden = false;
+      return;
+    }
     if (!chat) return;
     addChat(chat);
     input("new-group-title").value = "";
@@ -1382,6 +1483,9 @@ el("new-group-form").addEventListener("submit", (e) => {
     await openChat(chat.id);
   });
 });
+
+// A refusal shown under the form stays while it is read, and goes once the form is edited.
+el("new-group-form").addEventListener("input", () => (el("new-group-error").hidden = true));
 
 el("assistant-replies").addEventListener("change", () => {
   const select = el<HTMLSelectElement>("assistant-replies");

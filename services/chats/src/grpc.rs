@@ -385,7 +385,11 @@ pub fn privacy_settings_update(r: pb::UpdatePrivacySettingsRequest) -> Result<Pr
             }
         }
     }
-    let group_adds = group_adds.expect("the mask is not empty, and its one path sets group_adds");
+    // Every path of a non-empty mask sets it (it is the one field); no
+    // panic should another field come.
+    let Some(group_adds) = group_adds else {
+        return Err(ChatsError::invalid("update_mask", "must name group_adds").into());
+    };
     Ok(PrivacySettings { group_adds, update_time: None })
 }
 

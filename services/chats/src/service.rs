@@ -340,27 +340,30 @@ impl Chats {
     }
 
     /// NOT_FOUND naming the first of `ids` that is no user; else the bots
-    /// among them (the assistant). Asks the sessions service in calls of at
-    /// most [`LOOKUP_USERS_MAX_IDS`] ids, whatever the member limit.
+    /// among them (the assistant), whatever the member limit.
     async fn require_users(&self, ids: &[UserId]) -> Result<HashSet<UserId>, ChatsError> {
-        let ids: Vec<String> = ids.iter().map(UserId::to_string).collect();
-        let mut found = HashSet::with_capacity(ids.len());
-        let mut bots = HashSet::new();
+        let found = self.lookup_kinds(ids.iter().copied()).await?;
+        match ids.iter().find(|id| !found.contains_key(id)) {
+            Some(missing) => Err(ChatsError::UserNotFound(missing.to_string())),
+            None => Ok(found.into_iter().filter_map(|(id, bot)| bot.then_some(id)).collect()),
+        }
+    }
+
+    /// The users of `ids` that exist, each with whether it is a bot, asked
+    /// of the sessions service in calls of at most
+    /// [`LOOKUP_USERS_MAX_IDS`] ids.
+    async fn lookup_kinds(&self, ids: impl Iterator<Item = UserId>) -> Result<HashMap<UserId, bool>, ChatsError> {
+        let ids: Vec<String> = ids.map(|u| u.to_string()).collect();
         let bot = natter_proto::sessions::v1::UserKind::Bot as i32;
+        let mut found = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(LOOKUP_USERS_MAX_IDS) {
             for user in self.users.lookup_users(chunk.to_vec()).await? {
-                if user.kind == bot
-                    && let Ok(id) = uuid::Uuid::try_parse(&user.id)
-                {
-                    bots.insert(UserId(id));
+                if let Ok(id) = uuid::Uuid::try_parse(&user.id) {
+                    found.insert(UserId(id), user.kind == bot);
                 }
-                found.insert(user.id);
             }
         }
-        match ids.iter().find(|id| !found.contains(*id)) {
-            Some(missing) => Err(ChatsError::UserNotFound(missing.clone())),
-            None => Ok(bots),
-        }
+        Ok(found)
     }
 
     /// The chat an idempotent CreateChat should return, if any: the direct
@@ -824,20 +827,9 @@ impl Chats {
     }
 
     /// Which of `users` are people: users that exist and are no bots.
-    async fn people_among(
-        &self,
-        users: impl Iterator<Item = UserId>,
-    ) -> Result<std::collections::HashSet<UserId>, ChatsError> {
-        let ids: Vec<String> = users.map(|u| u.to_string()).collect();
-        let mut people = std::collections::HashSet::new();
-        for chunk in ids.chunks(natter_kit::limits::LOOKUP_USERS_MAX_IDS) {
-            let found = self.users.lookup_users(chunk.to_vec()).await?;
-            let bot = natter_proto::sessions::v1::UserKind::Bot as i32;
-            people.extend(
-                found.iter().filter(|u| u.kind != bot).filter_map(|u| uuid::Uuid::try_parse(&u.id).ok().map(UserId)),
-            );
-        }
-        Ok(people)
+    async fn people_among(&self, users: impl Iterator<Item = UserId>) -> Result<HashSet<UserId>, ChatsError> {
+        let found = self.lookup_kinds(users).await?;
+        Ok(found.into_iter().filter_map(|(id, bot)| (!bot).then_some(id)).collect())
     }
 
     /// Whether nobody but `caller` keeps direct chat `chat`: its other

@@ -89,6 +89,12 @@ fn parsed<T>(row: &Row<'_>, idx: usize, column: &'static str, parse: fn(&str) ->
     parse_enum(column, &text, parse).map_err(|_| corrupt(idx, column, &text))
 }
 
+/// `ids` as a JSON array of strings (a UUID's text needs no escaping), for
+/// `json_each`: one statement whatever their number (callers bound it).
+fn json_ids(ids: &[UserId]) -> String {
+    format!("[{}]", ids.iter().map(|id| format!("\"{id}\"")).collect::<Vec<_>>().join(","))
+}
+
 /// Reads column `idx` as an id.
 fn id<T: std::str::FromStr>(row: &Row<'_>, idx: usize, column: &'static str) -> rusqlite::Result<T> {
     let text: String = row.get(idx)?;
@@ -447,8 +453,7 @@ impl ChatStore for SqliteChatStore {
     }
 
     async fn group_adds_among(&self, users: &[UserId]) -> Result<Vec<(UserId, GroupAdds)>, StoreError> {
-        // As a JSON array, as peers_among does: one statement.
-        let users = format!("[{}]", users.iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(","));
+        let users = json_ids(users);
         let found = self.db.read(move |conn| {
             let mut select = conn.prepare_cached(
                 "SELECT user_id, group_adds FROM privacy_settings WHERE user_id IN (SELECT value FROM json_each(?1))",
@@ -478,9 +483,7 @@ impl ChatStore for SqliteChatStore {
     }
 
     async fn peers_among(&self, user: UserId, candidates: &[UserId]) -> Result<Vec<UserId>, StoreError> {
-        // The candidates as a JSON array (a UUID's text needs no escaping):
-        // one statement whatever their number (the caller bounds it).
-        let candidates = format!("[{}]", candidates.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(","));
+        let candidates = json_ids(candidates);
         let ids = self.db.read(move |conn| {
             let mut select = conn.prepare_cached(
                 "SELECT DISTINCT o.user_id FROM members o \

@@ -104,7 +104,10 @@ async fn call(c: &Cluster, p: &People, f: &Fixture, rpc: &str, token: Option<&st
         }
         "UpdatePrivacySettings" => {
             let r = cpb::UpdatePrivacySettingsRequest {
-                settings: Some(cpb::PrivacySettings { group_adds: cpb::GroupAdds::Everyone as i32, update_time: None }),
+                settings: Some(cpb::PrivacySettings {
+                    group_adds: cpb::GroupAdds::Everyone as i32,
+                    ..Default::default()
+                }),
                 update_mask: Some(FieldMask { paths: vec!["group_adds".into()] }),
             };
             c.chats().update_privacy_settings(req(token, r)).await.map(drop)

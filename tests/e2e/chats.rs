@@ -16,6 +16,7 @@ crate::both_modes!(
     previews_and_unread_counts_follow_messages,
     non_members_are_denied,
     who_may_add_a_user_to_a_group_is_theirs_to_say,
+    who_may_start_a_direct_chat_is_theirs_to_say,
 );
 
 pub(crate) async fn direct(c: &Cluster, a: &TestUser, b: &TestUser) -> cpb::Chat {
@@ -300,9 +301,58 @@ async fn non_members_are_denied(c: &Cluster) {
     );
 }
 
+async fn set_direct_chats(c: &Cluster, user: &TestUser, direct: cpb::DirectChats) -> cpb::PrivacySettings {
+    let request = cpb::UpdatePrivacySettingsRequest {
+        settings: Some(cpb::PrivacySettings { direct_chats: direct as i32, ..Default::default() }),
+        update_mask: Some(natter_proto::FieldMask { paths: vec!["direct_chats".into()] }),
+    };
+    c.chats().update_privacy_settings(authed(user, request)).await.unwrap().into_inner().settings.unwrap()
+}
+
+fn direct_request(other: &TestUser) -> cpb::CreateChatRequest {
+    cpb::CreateChatRequest { member_ids: vec![other.id.clone()], ..Default::default() }
+}
+
+/// A user's privacy setting direct_chats says who may start a direct chat
+/// with them: EVERYONE (the default), PEERS or NOBODY. A refusal names the
+/// user and creates nothing; a direct chat that exists goes on; the
+/// setting binds others, never the user's own direct chats; an update of
+/// one setting keeps the other.
+async fn who_may_start_a_direct_chat_is_theirs_to_say(c: &Cluster) {
+    let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+    set_group_adds(c, &bob, cpb::GroupAdds::Peers).await;
+    let nobody = set_direct_chats(c, &bob, cpb::DirectChats::Nobody).await;
+    assert_eq!(nobody.direct_chats, cpb::DirectChats::Nobody as i32);
+    assert_eq!(nobody.group_adds, cpb::GroupAdds::Peers as i32, "the other setting is kept");
+
+    let refused = c.chats().create_chat(authed(&alice, direct_request(&bob))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains(&bob.id) && refused.message().contains("direct_chats"), "{refused:?}");
+    assert_eq!(chat_count(c, &alice).await, 0, "nothing created");
+
+    // Bob may start one himself; once it exists, either side goes on.
+    let chat = direct(c, &bob, &alice).await;
+    assert_eq!(direct(c, &alice, &bob).await.id, chat.id);
+    send(c, &alice, &chat.id, "hi bob").await;
+
+    // PEERS: carol, who shares no chat with bob, is refused until she does.
+    set_direct_chats(c, &bob, cpb::DirectChats::Peers).await;
+    let refused = c.chats().create_chat(authed(&carol, direct_request(&bob))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    c.chats().create_chat(authed(&alice, group_of("all three", &[&bob, &carol]))).await.unwrap();
+    direct(c, &carol, &bob).await;
+
+    let unspecified = cpb::UpdatePrivacySettingsRequest {
+        settings: Some(cpb::PrivacySettings::default()),
+        update_mask: Some(natter_proto::FieldMask { paths: vec!["direct_chats".into()] }),
+    };
+    let bad = c.chats().update_privacy_settings(authed(&bob, unspecified)).await.unwrap_err();
+    assert_eq!(violated_fields(&bad), ["settings.direct_chats"]);
+}
+
 async fn set_group_adds(c: &Cluster, user: &TestUser, adds: cpb::GroupAdds) -> cpb::PrivacySettings {
     let request = cpb::UpdatePrivacySettingsRequest {
-        settings: Some(cpb::PrivacySettings { group_adds: adds as i32, update_time: None }),
+        settings: Some(cpb::PrivacySettings { group_adds: adds as i32, ..Default::default() }),
         update_mask: Some(natter_proto::FieldMask { paths: vec!["group_adds".into()] }),
     };
     c.chats().update_privacy_settings(authed(user, request)).await.unwrap().into_inner().settings.unwrap()
@@ -399,24 +449,43 @@ async fn who_may_add_a_user_to_a_group_is_theirs_to_say(c: &Cluster) {
         let (mut chats, request) = (c.chats(), authed(&bob, request));
         async move { chats.update_privacy_settings(request).await }
     };
-    let valid = Some(cpb::PrivacySettings { group_adds: cpb::GroupAdds::Everyone as i32, update_time: None });
+    let valid = Some(cpb::PrivacySettings { group_adds: cpb::GroupAdds::Everyone as i32, ..Default::default() });
     assert_eq!(violated_fields(&update(valid, &[]).await.unwrap_err()), ["update_mask"]);
     assert_eq!(violated_fields(&update(valid, &["title"]).await.unwrap_err()), ["update_mask.paths[0]"]);
     assert_eq!(violated_fields(&update(None, &["group_adds"]).await.unwrap_err()), ["settings.group_adds"]);
-    let unknown = Some(cpb::PrivacySettings { group_adds: 99, update_time: None });
+    let unknown = Some(cpb::PrivacySettings { group_adds: 99, ..Default::default() });
     assert_eq!(violated_fields(&update(unknown, &["group_adds"]).await.unwrap_err()), ["settings.group_adds"]);
     assert_eq!(get(&bob).await.unwrap().into_inner().settings.unwrap().group_adds, cpb::GroupAdds::Nobody as i32);
 }
 
-/// `--default-group-adds peers`: a user who set nothing may be put in a
-/// group only by someone they share a chat with, until they say otherwise.
+/// `--default-group-adds peers` and `--default-direct-chats peers`: a user
+/// who set nothing may be put in a group, or sent a first direct message,
+/// only by someone they share a chat with, until they say otherwise.
 mod default_peers {
     use super::*;
 
     crate::both_modes!(
-        flags = natter_testkit::Flags { chats: &["--default-group-adds", "peers"], ..natter_testkit::Flags::NONE };
-        a_deployment_may_make_peers_the_default
+        flags = natter_testkit::Flags {
+            chats: &["--default-group-adds", "peers", "--default-direct-chats", "peers"],
+            ..natter_testkit::Flags::NONE
+        };
+        a_deployment_may_make_peers_the_default,
+        a_deployment_may_make_peers_the_default_for_direct_chats
     );
+
+    async fn a_deployment_may_make_peers_the_default_for_direct_chats(c: &Cluster) {
+        let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+        let request = authed(&bob, cpb::GetPrivacySettingsRequest {});
+        let defaults = c.chats().get_privacy_settings(request).await.unwrap().into_inner().settings.unwrap();
+        assert_eq!(defaults.direct_chats, cpb::DirectChats::Peers as i32);
+        let refused = c.chats().create_chat(authed(&alice, direct_request(&bob))).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        // A chat shared (a group carol made with both) makes them peers.
+        set_group_adds(c, &alice, cpb::GroupAdds::Everyone).await;
+        set_group_adds(c, &bob, cpb::GroupAdds::Everyone).await;
+        c.chats().create_chat(authed(&carol, group_of("both", &[&alice, &bob]))).await.unwrap();
+        direct(c, &alice, &bob).await;
+    }
 
     async fn a_deployment_may_make_peers_the_default(c: &Cluster) {
         let (alice, bob) = (c.user("alice").await, c.user("bob").await);
@@ -428,5 +497,79 @@ mod default_peers {
         assert!(refused.message().contains(&bob.id), "{refused:?}");
         set_group_adds(c, &bob, cpb::GroupAdds::Everyone).await;
         c.chats().create_chat(authed(&alice, group_of("welcome", &[&bob]))).await.unwrap();
+    }
+}
+
+/// `--max-groups-per-user 2`: CreateChat and AddMembers that would put a
+/// user in a third group fail RESOURCE_EXHAUSTED naming them, and write
+/// nothing; direct chats are not counted; leaving a group makes room.
+mod group_limit {
+    use tonic_types::StatusExt as _;
+
+    use super::*;
+
+    crate::both_modes!(
+        flags = natter_testkit::Flags { chats: &["--max-groups-per-user", "2"], ..natter_testkit::Flags::NONE };
+        no_one_is_put_in_more_groups_than_the_limit
+    );
+
+    /// The subject of the one violation of a RESOURCE_EXHAUSTED status's
+    /// QuotaFailure, which has no RetryInfo (panics otherwise).
+    #[track_caller]
+    fn quota_subject(status: &tonic::Status) -> String {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        let quota = status.get_error_details().quota_failure().cloned().expect("a QuotaFailure");
+        assert_eq!(quota.violations.len(), 1, "{quota:?}");
+        assert!(status.get_error_details().retry_info().is_none(), "waiting does not help: {status:?}");
+        quota.violations[0].subject.clone()
+    }
+
+    async fn no_one_is_put_in_more_groups_than_the_limit(c: &Cluster) {
+        let (alice, bob, carol, dave) =
+            (c.user("alice").await, c.user("bob").await, c.user("carol").await, c.user("dave").await);
+        let alice_full = format!("user:{}", alice.id);
+        let trip = c.chats().create_chat(authed(&alice, group_of("trip", &[&bob]))).await.unwrap().into_inner();
+        let trip = trip.chat.unwrap();
+        c.chats().create_chat(authed(&alice, group_of("work", &[]))).await.unwrap();
+
+        // Alice is in two groups: she can open no third one herself...
+        let full = c.chats().create_chat(authed(&alice, group_of("third", &[&dave]))).await.unwrap_err();
+        assert_eq!(quota_subject(&full), alice_full);
+        assert!(full.message().starts_with("you are in 2 groups"), "{full:?}");
+        // ...nor be put in one by others, who are told who is full.
+        let refused = c.chats().create_chat(authed(&bob, group_of("with alice", &[&carol, &alice]))).await;
+        let refused = refused.unwrap_err();
+        assert_eq!(quota_subject(&refused), alice_full);
+        assert!(refused.message().contains(&alice.id), "{refused:?}");
+        let public = cpb::CreateChatRequest { visibility: cpb::Visibility::Public as i32, ..group_of("open", &[]) };
+        let public = c.chats().create_chat(authed(&dave, public)).await.unwrap().into_inner().chat.unwrap();
+        let join = cpb::AddMembersRequest { chat_id: public.id.clone(), user_ids: vec![alice.id.clone()] };
+        assert_eq!(quota_subject(&c.chats().add_members(authed(&alice, join.clone())).await.unwrap_err()), alice_full);
+        let add =
+            cpb::AddMembersRequest { chat_id: public.id.clone(), user_ids: vec![carol.id.clone(), alice.id.clone()] };
+        assert_eq!(quota_subject(&c.chats().add_members(authed(&dave, add)).await.unwrap_err()), alice_full);
+        // Nothing was written: no group for bob or carol, carol stays out of
+        // dave's.
+        assert_eq!(chat_count(c, &alice).await, 2);
+        assert_eq!(chat_count(c, &bob).await, 1);
+        assert_eq!(chat_count(c, &carol).await, 0);
+        assert_eq!(member_ids(c, &dave, &public.id).await, std::slice::from_ref(&dave.id));
+
+        // Direct chats are not groups; what she is in already is no add.
+        direct(c, &alice, &carol).await;
+        direct(c, &dave, &alice).await;
+        let again =
+            cpb::AddMembersRequest { chat_id: trip.id.clone(), user_ids: vec![bob.id.clone(), alice.id.clone()] };
+        c.chats().add_members(authed(&alice, again)).await.unwrap();
+        send(c, &alice, &trip.id, "still here").await;
+
+        // Leaving a group makes room for one.
+        let leave = cpb::RemoveMemberRequest { chat_id: trip.id.clone(), user_id: bob.id.clone() };
+        c.chats().remove_member(authed(&bob, leave)).await.unwrap();
+        let add = cpb::AddMembersRequest { chat_id: public.id.clone(), user_ids: vec![bob.id.clone()] };
+        c.chats().add_members(authed(&dave, add)).await.unwrap();
+        c.chats().delete_chat(authed(&alice, cpb::DeleteChatRequest { chat_id: trip.id.clone() })).await.unwrap();
+        c.chats().add_members(authed(&alice, join)).await.unwrap();
+        assert_eq!(member_ids(c, &dave, &public.id).await.len(), 3, "dave, bob and alice");
     }
 }

@@ -15,11 +15,17 @@ pub struct Limits {
     pub description_chars: usize,
     /// Most members of a group, the owner included (DESIGN: 1,000).
     pub group_members: usize,
+    /// Most group chats one person (not a bot) is a member of at once,
+    /// archived ones too: it bounds the groups anyone can put a user in,
+    /// which their streams follow. Direct chats are not counted: they
+    /// cannot be left, so counting them would let strangers fill it.
+    /// (Telegram's is 500 groups and channels, and refuses an add past it.)
+    pub groups_per_user: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { title_chars: 200, description_chars: 2000, group_members: 1000 }
+        Self { title_chars: 200, description_chars: 2000, group_members: 1000, groups_per_user: 5000 }
     }
 }
 
@@ -131,15 +137,56 @@ text_enum!(
     }
 );
 
-/// A user's privacy settings in the chats service; a user who set none has
-/// the deployment's defaults (`--default-group-adds`).
+text_enum!(
+    /// Who may start a direct chat with a user (CreateChat of a direct
+    /// chat that does not exist yet): their privacy setting, as Telegram's
+    /// "who can message me". A direct chat that exists goes on whatever it
+    /// says.
+    DirectChats {
+        /// Anyone (the default, unless `--default-direct-chats` says
+        /// otherwise).
+        Everyone = "everyone",
+        /// Users who share a chat with them at the time
+        /// ([`crate::store::ChatStore::peers_among`]).
+        Peers = "peers",
+        /// Nobody: they start their direct chats themselves.
+        Nobody = "nobody",
+    }
+);
+
+/// A user's privacy settings in the chats service, as they apply: each one
+/// the user did not set is the deployment's default
+/// (`--default-group-adds`, `--default-direct-chats`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrivacySettings {
     /// Who may add them to a group.
     pub group_adds: GroupAdds,
+    /// Who may start a direct chat with them.
+    pub direct_chats: DirectChats,
     /// When they last changed them (µs since the Unix epoch); None while
     /// they are the defaults, never set.
     pub update_time: Option<i64>,
+}
+
+/// The privacy settings a user chose: None for each they never set (the
+/// deployment's default applies). As an update (UpdatePrivacySettings),
+/// None for each its mask does not name (kept as it is).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrivacyChoices {
+    /// Who may add them to a group.
+    pub group_adds: Option<GroupAdds>,
+    /// Who may start a direct chat with them.
+    pub direct_chats: Option<DirectChats>,
+}
+
+/// A user's stored privacy choices and when they last changed them (µs
+/// since the Unix epoch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredPrivacy {
+    /// What they chose.
+    pub choices: PrivacyChoices,
+    /// When they last changed any.
+    pub update_time: i64,
 }
 
 impl Role {

@@ -1,6 +1,7 @@
 //! The chats service's errors and their gRPC status codes.
 
 use tonic::Status;
+use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::store::StoreError;
 
@@ -29,6 +30,25 @@ pub enum ChatsError {
         "user {0} may not be added to a group by you (their privacy setting group_adds): they may join a public chat themselves"
     )]
     AddRefused(String),
+    /// Adding a user to a group would take them past the groups one user
+    /// may be in (`--max-groups-per-user`): RESOURCE_EXHAUSTED naming them,
+    /// with a google.rpc.QuotaFailure whose subject is `user:<id>`. No
+    /// RetryInfo: waiting does not help, leaving a group does.
+    #[error("{}", group_limit_message(user, *limit, *yourself))]
+    GroupLimit {
+        /// The user's id.
+        user: String,
+        /// The limit, in groups.
+        limit: usize,
+        /// The user is the caller.
+        yourself: bool,
+    },
+    /// A user's privacy setting does not let the caller start a direct
+    /// chat with them (PERMISSION_DENIED naming the user).
+    #[error(
+        "user {0} does not take new direct chats from you (their privacy setting direct_chats): share a group with them, or let them start it"
+    )]
+    DirectRefused(String),
     /// A client-chosen chat id is taken by another chat (ALREADY_EXISTS).
     #[error("chat_id already used by another chat")]
     ChatIdTaken,
@@ -53,6 +73,15 @@ pub enum ChatsError {
     },
 }
 
+/// The message of [`ChatsError::GroupLimit`].
+fn group_limit_message(user: &str, limit: usize, yourself: bool) -> String {
+    if yourself {
+        format!("you are in {limit} groups, the most one user may be in: leave one first")
+    } else {
+        format!("user {user} is in {limit} groups, the most one user may be in: they must leave one first")
+    }
+}
+
 impl ChatsError {
     /// One field violation: `field` is invalid for `reason`.
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
@@ -75,8 +104,17 @@ impl From<ChatsError> for Status {
             ChatsError::ChatNotFound | ChatsError::UserNotFound(_) | ChatsError::MemberNotFound(_) => {
                 Status::not_found(e.to_string())
             }
-            ChatsError::Denied(_) | ChatsError::AddRefused(_) => Status::permission_denied(e.to_string()),
+            ChatsError::Denied(_) | ChatsError::AddRefused(_) | ChatsError::DirectRefused(_) => {
+                Status::permission_denied(e.to_string())
+            }
             ChatsError::ChatIdTaken => Status::already_exists(e.to_string()),
+            ChatsError::GroupLimit { ref user, .. } => {
+                let details = ErrorDetails::with_quota_failure_violation(
+                    format!("user:{user}"),
+                    "a member of the most groups one user may be in (--max-groups-per-user)",
+                );
+                Status::with_error_details(tonic::Code::ResourceExhausted, e.to_string(), details)
+            }
             ChatsError::Precondition(_) => Status::failed_precondition(e.to_string()),
             ChatsError::Limited(limited) => limited.into(),
             ChatsError::Upstream(status) => status,

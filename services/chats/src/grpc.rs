@@ -16,8 +16,8 @@ use natter_proto::chats::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::domain::{
-    self, Activity, AssistantReplies, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, GroupAdds, Kind, Limits, Member,
-    MemberCursor, NewChat, PrivacySettings, Role, SeverityFilter, Visibility,
+    self, Activity, AssistantReplies, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, DirectChats, GroupAdds, Kind,
+    Limits, Member, MemberCursor, NewChat, PrivacyChoices, PrivacySettings, Role, SeverityFilter, Visibility,
 };
 use crate::error::ChatsError;
 use crate::service::{ChatView, Chats};
@@ -354,21 +354,21 @@ fn unknown_path(i: usize, path: &str, fields: &str) -> Status {
     ChatsError::invalid(format!("update_mask.paths[{i}]"), reason).into()
 }
 
-/// Validates an UpdatePrivacySettings request into the settings to store.
-/// Its mask must name `group_adds`, the one field there is (so the update
-/// is the whole of the settings; a second field would merge with the
-/// stored ones); `group_adds` must be specified.
-pub fn privacy_settings_update(r: pb::UpdatePrivacySettingsRequest) -> Result<PrivacySettings, Status> {
+/// Validates an UpdatePrivacySettings request into the choices it makes:
+/// each field its mask names (`group_adds`, `direct_chats`) must be
+/// specified; the others are kept as they are.
+pub fn privacy_settings_update(r: pb::UpdatePrivacySettingsRequest) -> Result<PrivacyChoices, Status> {
+    const PATHS: &str = "group_adds, direct_chats";
     let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
     if paths.is_empty() {
-        return Err(ChatsError::invalid("update_mask", "must name at least one of: group_adds").into());
+        return Err(ChatsError::invalid("update_mask", format!("must name at least one of: {PATHS}")).into());
     }
     let settings = r.settings.unwrap_or_default();
-    let mut group_adds = None;
+    let mut update = PrivacyChoices::default();
     for (i, path) in paths.iter().enumerate() {
         match path.as_str() {
             "group_adds" => {
-                group_adds = Some(match pb::GroupAdds::try_from(settings.group_adds) {
+                update.group_adds = Some(match pb::GroupAdds::try_from(settings.group_adds) {
                     Ok(pb::GroupAdds::Everyone) => GroupAdds::Everyone,
                     Ok(pb::GroupAdds::Peers) => GroupAdds::Peers,
                     Ok(pb::GroupAdds::Nobody) => GroupAdds::Nobody,
@@ -379,15 +379,22 @@ pub fn privacy_settings_update(r: pb::UpdatePrivacySettingsRequest) -> Result<Pr
                     }
                 });
             }
-            other => return Err(unknown_path(i, other, "group_adds")),
+            "direct_chats" => {
+                update.direct_chats = Some(match pb::DirectChats::try_from(settings.direct_chats) {
+                    Ok(pb::DirectChats::Everyone) => DirectChats::Everyone,
+                    Ok(pb::DirectChats::Peers) => DirectChats::Peers,
+                    Ok(pb::DirectChats::Nobody) => DirectChats::Nobody,
+                    _ => {
+                        return Err(
+                            ChatsError::invalid("settings.direct_chats", "must be EVERYONE, PEERS or NOBODY").into()
+                        );
+                    }
+                });
+            }
+            other => return Err(unknown_path(i, other, PATHS)),
         }
     }
-    // Every path of a non-empty mask sets it (it is the one field); no
-    // panic should another field come.
-    let Some(group_adds) = group_adds else {
-        return Err(ChatsError::invalid("update_mask", "must name group_adds").into());
-    };
-    Ok(PrivacySettings { group_adds, update_time: None })
+    Ok(update)
 }
 
 fn privacy_settings_pb(settings: PrivacySettings) -> pb::PrivacySettings {
@@ -396,7 +403,16 @@ fn privacy_settings_pb(settings: PrivacySettings) -> pb::PrivacySettings {
         GroupAdds::Peers => pb::GroupAdds::Peers,
         GroupAdds::Nobody => pb::GroupAdds::Nobody,
     };
-    pb::PrivacySettings { group_adds: group_adds as i32, update_time: settings.update_time.map(timestamp) }
+    let direct_chats = match settings.direct_chats {
+        DirectChats::Everyone => pb::DirectChats::Everyone,
+        DirectChats::Peers => pb::DirectChats::Peers,
+        DirectChats::Nobody => pb::DirectChats::Nobody,
+    };
+    pb::PrivacySettings {
+        group_adds: group_adds as i32,
+        direct_chats: direct_chats as i32,
+        update_time: settings.update_time.map(timestamp),
+    }
 }
 
 /// Validates an AddMembers request: the chat id and the distinct users,

@@ -16,6 +16,7 @@ pub mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser as _;
 use natter_auth::Authenticator;
 use natter_db::DbConfig;
 use natter_kit::Server;
@@ -45,6 +46,12 @@ pub struct ChatsArgs {
     /// Most members of a group chat, the owner included.
     #[arg(long, env = "NATTER_MAX_GROUP_MEMBERS", default_value_t = 1000)]
     pub max_group_members: usize,
+    /// Most group chats one user (not a bot) may be a member of at once,
+    /// archived ones too (direct chats are not counted: they cannot be
+    /// left). CreateChat and AddMembers that would put a user in one more
+    /// fail RESOURCE_EXHAUSTED naming them; leaving a group makes room.
+    #[arg(long, env = "NATTER_MAX_GROUPS_PER_USER", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    pub max_groups_per_user: usize,
     /// On SQLite, how long chat activity (the ListChats order) may stay in
     /// memory before it is written; listings write it first. At most 8s, so
     /// that the 10s the messages service re-announces after a crash cover it.
@@ -67,11 +74,23 @@ pub struct ChatsArgs {
     /// unwanted groups, at the cost of more "ask them first".
     #[arg(long, env = "NATTER_DEFAULT_GROUP_ADDS", value_parser = group_adds, default_value = "everyone")]
     pub default_group_adds: domain::GroupAdds,
+    /// Who may start a direct chat with a user who has not set their
+    /// privacy setting direct_chats: `everyone` (as most apps do), `peers`
+    /// (users who share a chat with them) or `nobody`. A direct chat that
+    /// exists goes on whatever it says; a bot (the assistant) takes chats
+    /// from anyone.
+    #[arg(long, env = "NATTER_DEFAULT_DIRECT_CHATS", value_parser = direct_chats, default_value = "everyone")]
+    pub default_direct_chats: domain::DirectChats,
 }
 
 /// `everyone`, `peers` or `nobody`.
 fn group_adds(s: &str) -> Result<domain::GroupAdds, String> {
     domain::GroupAdds::parse(s).ok_or_else(|| format!("{s:?} is none of: everyone, peers, nobody"))
+}
+
+/// `everyone`, `peers` or `nobody`.
+fn direct_chats(s: &str) -> Result<domain::DirectChats, String> {
+    domain::DirectChats::parse(s).ok_or_else(|| format!("{s:?} is none of: everyone, peers, nobody"))
 }
 
 /// A humantime duration (`50ms`, `1s`) that
@@ -90,10 +109,12 @@ impl Default for ChatsArgs {
             max_title_chars: limits.title_chars,
             max_description_chars: limits.description_chars,
             max_group_members: limits.group_members,
+            max_groups_per_user: limits.groups_per_user,
             activity_flush_interval: natter_links::activity::DEFAULT_FLUSH_INTERVAL,
             create_chat_rate: Rate::parse("240/1h").expect("valid rate"),
             chat_change_rate: Rate::parse("600/10m").expect("valid rate"),
             default_group_adds: domain::GroupAdds::Everyone,
+            default_direct_chats: domain::DirectChats::Everyone,
         }
     }
 }
@@ -105,6 +126,7 @@ impl ChatsArgs {
             title_chars: self.max_title_chars,
             description_chars: self.max_description_chars,
             group_members: self.max_group_members,
+            groups_per_user: self.max_groups_per_user,
         }
     }
 }
@@ -129,7 +151,8 @@ pub async fn open(
     let rates = service::Rates { create: args.create_chat_rate, change: args.chat_change_rate };
     let chats = Chats::new(store, users, messages, bus, args.limits(), rates)
         .with_staff(staff.iter().map(|u| natter_kit::id::UserId::from(*u)))
-        .with_default_group_adds(args.default_group_adds);
+        .with_default_group_adds(args.default_group_adds)
+        .with_default_direct_chats(args.default_direct_chats);
     let chats = Arc::new(if only_instance { chats.with_membership_cache() } else { chats });
     chats.start_relay(service::RELAY_INTERVAL);
     Ok(chats)

@@ -15,8 +15,9 @@ use natter_links::{MessageDirectory, UserDirectory};
 use natter_proto::messages::v1 as mpb;
 
 use crate::domain::{
-    self, Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, GroupAdds, Kind, Limits,
-    Member, MemberCursor, NewChat, PrivacySettings, Role, SeverityFilter, Visibility,
+    self, Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds,
+    Kind, Limits, Member, MemberCursor, NewChat, PrivacyChoices, PrivacySettings, Role, SeverityFilter, StoredPrivacy,
+    Visibility,
 };
 use crate::error::ChatsError;
 use crate::store::{Added, Backoff, ChatStore, Checked, Created, Departure, Pending, Removal};
@@ -141,6 +142,8 @@ pub struct Chats {
     staff: HashSet<UserId>,
     /// The group-add setting of users who set none.
     default_group_adds: GroupAdds,
+    /// The direct-chat setting of users who set none.
+    default_direct_chats: DirectChats,
     /// How long a deleted user whose removal failed waits to be tried again.
     retry_backoff: Backoff,
 }
@@ -202,6 +205,7 @@ impl Chats {
             staff: HashSet::new(),
             retry_backoff: RETRY_BACKOFF,
             default_group_adds: GroupAdds::Everyone,
+            default_direct_chats: DirectChats::Everyone,
         }
     }
 
@@ -209,6 +213,13 @@ impl Chats {
     /// (`--default-group-adds`; else [`GroupAdds::Everyone`]).
     pub fn with_default_group_adds(mut self, adds: GroupAdds) -> Self {
         self.default_group_adds = adds;
+        self
+    }
+
+    /// Makes `direct` the direct-chat setting of users who set none
+    /// (`--default-direct-chats`; else [`DirectChats::Everyone`]).
+    pub fn with_default_direct_chats(mut self, direct: DirectChats) -> Self {
+        self.default_direct_chats = direct;
         self
     }
 
@@ -293,8 +304,13 @@ impl Chats {
         }
 
         let bots = self.require_users(&new.others).await?;
+        if let Some(other) = other {
+            self.check_direct_chats(caller, other, &bots).await?;
+        }
         if kind == Kind::Group {
             self.check_group_adds(caller, &new.others, &bots).await?;
+            let joining: Vec<UserId> = std::iter::once(caller).chain(new.others.iter().copied()).collect();
+            self.check_group_limit(caller, &joining, &bots).await?;
         }
 
         let now = now_micros();
@@ -883,13 +899,13 @@ impl Chats {
         }
         let others: Vec<UserId> = user_ids.iter().copied().filter(|id| *id != caller).collect();
         let bots = self.require_users(&others).await?;
-        if !others.is_empty() {
-            // Members already (a retried add) are not added again, whatever
-            // their setting says now.
-            let members: HashSet<UserId> = self.store.members_among(chat.id, &others).await?.into_iter().collect();
-            let joining: Vec<UserId> = others.into_iter().filter(|u| !members.contains(u)).collect();
-            self.check_group_adds(caller, &joining, &bots).await?;
-        }
+        // Members already (a retried add, a join of one's own chat) are not
+        // added again, whatever their setting or number of groups says now.
+        let members: HashSet<UserId> = self.store.members_among(chat.id, &user_ids).await?.into_iter().collect();
+        let joining: Vec<UserId> = user_ids.iter().copied().filter(|u| !members.contains(u)).collect();
+        let others: Vec<UserId> = joining.iter().copied().filter(|u| *u != caller).collect();
+        self.check_group_adds(caller, &others, &bots).await?;
+        self.check_group_limit(caller, &joining, &bots).await?;
         let now = now_micros();
         let members: Vec<Member> = user_ids
             .into_iter()
@@ -941,25 +957,93 @@ impl Chats {
         }
     }
 
-    /// The caller's privacy settings (GetPrivacySettings): the defaults
-    /// ([`Chats::with_default_group_adds`]) until they set any.
-    pub async fn privacy_settings(&self, caller: UserId) -> Result<PrivacySettings, ChatsError> {
-        let defaults = PrivacySettings { group_adds: self.default_group_adds, update_time: None };
-        Ok(self.store.privacy_settings(caller).await?.unwrap_or(defaults))
+    /// [`ChatsError::GroupLimit`] naming the first of `users` (in their
+    /// order), bots aside, who is a member of as many groups as one user
+    /// may be ([`crate::domain::Limits::groups_per_user`]): adding them to
+    /// a group would take them past it. One read, whatever the number of users. Checked
+    /// before the add is written: adds racing in other chats may each pass
+    /// it, so a user can end up past the limit by the number of adds that
+    /// raced, never by more.
+    async fn check_group_limit(
+        &self,
+        caller: UserId,
+        users: &[UserId],
+        bots: &HashSet<UserId>,
+    ) -> Result<(), ChatsError> {
+        let people: Vec<UserId> = users.iter().copied().filter(|u| !bots.contains(u)).collect();
+        if people.is_empty() {
+            return Ok(());
+        }
+        let limit = self.limits.groups_per_user;
+        let full: HashSet<UserId> = self.store.users_in_groups(&people, limit).await?.into_iter().collect();
+        match people.iter().find(|u| full.contains(u)) {
+            Some(user) => Err(ChatsError::GroupLimit { user: user.to_string(), limit, yourself: *user == caller }),
+            None => Ok(()),
+        }
     }
 
-    /// UpdatePrivacySettings: stores `settings` (validated by
-    /// [`crate::grpc::privacy_settings_update`]) as the caller's and returns
-    /// them as stored; counts against the caller's chat-change rate.
+    /// [`ChatsError::DirectRefused`] when `other`'s privacy setting does
+    /// not let `caller` start a direct chat with them:
+    /// [`DirectChats::Nobody`], or [`DirectChats::Peers`] while they share
+    /// no chat. Users who set none have the default
+    /// (`--default-direct-chats`), but a bot (the assistant, in `bots`)
+    /// anyone may start one with. Only a direct chat that does not exist yet
+    /// is asked about: one that exists goes on whatever the setting says.
+    async fn check_direct_chats(
+        &self,
+        caller: UserId,
+        other: UserId,
+        bots: &HashSet<UserId>,
+    ) -> Result<(), ChatsError> {
+        if bots.contains(&other) {
+            return Ok(());
+        }
+        let set = self.store.privacy_settings(other).await?.and_then(|s| s.choices.direct_chats);
+        let allowed = match set.unwrap_or(self.default_direct_chats) {
+            DirectChats::Everyone => true,
+            DirectChats::Peers => !self.store.peers_among(caller, &[other]).await?.is_empty(),
+            DirectChats::Nobody => false,
+        };
+        if allowed { Ok(()) } else { Err(ChatsError::DirectRefused(other.to_string())) }
+    }
+
+    /// A user's privacy settings as they apply: the choices in `stored`,
+    /// and the defaults ([`Chats::with_default_group_adds`],
+    /// [`Chats::with_default_direct_chats`]) for the rest.
+    fn applied(&self, stored: Option<StoredPrivacy>) -> PrivacySettings {
+        let choices = stored.map(|s| s.choices).unwrap_or_default();
+        PrivacySettings {
+            group_adds: choices.group_adds.unwrap_or(self.default_group_adds),
+            direct_chats: choices.direct_chats.unwrap_or(self.default_direct_chats),
+            update_time: stored.map(|s| s.update_time),
+        }
+    }
+
+    /// The caller's privacy settings (GetPrivacySettings): the defaults for
+    /// each they have not set.
+    pub async fn privacy_settings(&self, caller: UserId) -> Result<PrivacySettings, ChatsError> {
+        Ok(self.applied(self.store.privacy_settings(caller).await?))
+    }
+
+    /// UpdatePrivacySettings: stores the choices `update` makes (validated
+    /// by [`crate::grpc::privacy_settings_update`]) as the caller's, keeping
+    /// the others, and returns the settings as they now apply; counts
+    /// against the caller's chat-change rate.
     pub async fn set_privacy_settings(
         &self,
         caller: UserId,
-        settings: PrivacySettings,
+        update: PrivacyChoices,
     ) -> Result<PrivacySettings, ChatsError> {
         self.change_rate.check(&caller)?;
-        let stored = self.store.set_privacy_settings(caller, settings, now_micros()).await?;
-        tracing::info!(user_id = %caller, group_adds = stored.group_adds.as_str(), "privacy settings updated");
-        Ok(stored)
+        let stored = self.store.set_privacy_settings(caller, update, now_micros()).await?;
+        let applied = self.applied(Some(stored));
+        tracing::info!(
+            user_id = %caller,
+            group_adds = applied.group_adds.as_str(),
+            direct_chats = applied.direct_chats.as_str(),
+            "privacy settings updated"
+        );
+        Ok(applied)
     }
 
     /// RemoveMember: oneself (leave; not the owner), or others by the owner
@@ -1663,6 +1747,42 @@ mod tests {
         let plain = chats.create_chat(alice, group("plain", vec![])).await.unwrap().chat.id;
         assert_eq!(chats.add_members(alice, plain, vec![bot]).await.unwrap().len(), 1);
         assert_eq!(chats.store().role(helpers, bot).await.unwrap(), Some(Role::Member));
+    }
+
+    /// A deployment's stricter default for direct chats (here: nobody)
+    /// binds people only: anyone may start a chat with a bot (the
+    /// assistant), and a person's own setting beats the default.
+    #[tokio::test]
+    async fn the_default_direct_chats_binds_people_and_never_bots() {
+        let [alice, bob, carol, bot] = [(); 4].map(|_| UserId::new_v7());
+        let directory = Arc::new(Directory { bots: vec![bot], ..Directory::default() });
+        let h = harness_with(Limits::default(), directory).await;
+        let chats = h.chats.with_default_direct_chats(DirectChats::Nobody);
+        let direct = |other| NewChat { kind: Some(Kind::Direct), title: String::new(), ..group("", vec![other]) };
+        let refused = chats.create_chat(alice, direct(bob)).await.unwrap_err();
+        assert!(matches!(&refused, ChatsError::DirectRefused(u) if *u == bob.to_string()), "{refused:?}");
+        chats.create_chat(alice, direct(bot)).await.unwrap();
+        let open = PrivacyChoices { direct_chats: Some(DirectChats::Everyone), ..PrivacyChoices::default() };
+        let applied = chats.set_privacy_settings(carol, open).await.unwrap();
+        assert_eq!((applied.direct_chats, applied.group_adds), (DirectChats::Everyone, GroupAdds::Everyone));
+        chats.create_chat(alice, direct(carol)).await.unwrap();
+    }
+
+    /// The groups-per-user limit binds people only: a bot (the assistant)
+    /// is added to any number of groups.
+    #[tokio::test]
+    async fn the_group_limit_binds_people_and_never_bots() {
+        let [alice, bob, carol, bot] = [(); 4].map(|_| UserId::new_v7());
+        let directory = Arc::new(Directory { bots: vec![bot], ..Directory::default() });
+        let h = harness_with(Limits { groups_per_user: 1, ..Limits::default() }, directory).await;
+        h.chats.create_chat(alice, group("one", vec![bot])).await.unwrap();
+        h.chats.create_chat(bob, group("two", vec![bot])).await.unwrap();
+        let three = h.chats.create_chat(bob, group("three", vec![])).await.unwrap_err();
+        assert!(
+            matches!(&three, ChatsError::GroupLimit { user, limit: 1, yourself: true } if *user == bob.to_string())
+        );
+        let full = h.chats.create_chat(carol, group("with alice", vec![bot, alice])).await.unwrap_err();
+        assert!(matches!(&full, ChatsError::GroupLimit { user, yourself: false, .. } if *user == alice.to_string()));
     }
 
     /// Once a deleted user is out of its chats the messages service forgets

@@ -17,7 +17,7 @@ use prost::Message as _;
 
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, GroupAdds, Kind,
-    Limits, Member, MemberCursor, PrivacySettings, Role, Visibility,
+    Limits, Member, MemberCursor, PrivacyChoices, Role, StoredPrivacy, Visibility,
 };
 
 pub mod postgres;
@@ -416,23 +416,30 @@ pub trait ChatStore: Send + Sync + 'static {
     /// the same transaction.
     async fn record_forgotten(&self, user: UserId, now: i64) -> Result<(), StoreError>;
 
-    /// `user`'s privacy settings; None if they set none (the service's
-    /// defaults apply).
-    async fn privacy_settings(&self, user: UserId) -> Result<Option<PrivacySettings>, StoreError>;
+    /// `user`'s privacy choices; None if they set none (the service's
+    /// defaults apply to all).
+    async fn privacy_settings(&self, user: UserId) -> Result<Option<StoredPrivacy>, StoreError>;
 
-    /// Stores `settings` as `user`'s (`settings.update_time` is ignored:
-    /// `now`, µs, is stored) and returns them as stored.
+    /// Stores the choices `update` makes (its Some fields) as `user`'s, the
+    /// others kept as they are, with `now` (µs) as their update time, and
+    /// returns all of `user`'s choices as stored: one statement.
     async fn set_privacy_settings(
         &self,
         user: UserId,
-        settings: PrivacySettings,
+        update: PrivacyChoices,
         now: i64,
-    ) -> Result<PrivacySettings, StoreError>;
+    ) -> Result<StoredPrivacy, StoreError>;
 
     /// The group-add settings of those of `users` who set theirs (the rest
-    /// have the service's default), in no set order: one read for the whole list (the
-    /// caller bounds it).
+    /// have the service's default), in no set order: one read for the whole
+    /// list (the caller bounds it).
     async fn group_adds_among(&self, users: &[UserId]) -> Result<Vec<(UserId, GroupAdds)>, StoreError>;
+
+    /// Those of `users` who are members of at least `groups` group chats
+    /// (public, private, archived: direct chats are not counted), each once,
+    /// in no set order: one read for the whole list (the caller bounds it),
+    /// which stops counting a user's groups at `groups`.
+    async fn users_in_groups(&self, users: &[UserId], groups: usize) -> Result<Vec<UserId>, StoreError>;
 
     /// Every chat `user` is a member of.
     async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError>;

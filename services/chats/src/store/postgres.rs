@@ -18,8 +18,8 @@ use super::{
     parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
-    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, GroupAdds, Kind, Limits, Member,
-    MemberCursor, PrivacySettings, Role, Visibility, title_key,
+    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
+    Limits, Member, MemberCursor, PrivacyChoices, Role, StoredPrivacy, Visibility, title_key,
 };
 
 /// The chats store on a PostgreSQL schema (see the module docs).
@@ -312,44 +312,46 @@ impl ChatStore for PostgresChatStore {
         Ok(())
     }
 
-    async fn privacy_settings(&self, user: UserId) -> Result<Option<PrivacySettings>, StoreError> {
-        let row: Option<(String, i64)> =
-            sqlx::query_as("SELECT group_adds, update_time FROM privacy_settings WHERE user_id = $1")
+    async fn privacy_settings(&self, user: UserId) -> Result<Option<StoredPrivacy>, StoreError> {
+        let row: Option<PrivacyRow> =
+            sqlx::query_as("SELECT group_adds, direct_chats, update_time FROM privacy_settings WHERE user_id = $1")
                 .bind(user.to_string())
                 .fetch_optional(&self.pool)
                 .await?;
-        let Some((group_adds, update_time)) = row else { return Ok(None) };
-        Ok(Some(PrivacySettings {
-            group_adds: parse_enum("privacy_settings.group_adds", &group_adds, GroupAdds::parse)?,
-            update_time: Some(update_time),
-        }))
+        row.map(stored_privacy).transpose()
     }
 
     async fn set_privacy_settings(
         &self,
         user: UserId,
-        settings: PrivacySettings,
+        update: PrivacyChoices,
         now: i64,
-    ) -> Result<PrivacySettings, StoreError> {
-        sqlx::query(
-            "INSERT INTO privacy_settings (user_id, group_adds, update_time) VALUES ($1, $2, $3) \
-             ON CONFLICT (user_id) DO UPDATE SET group_adds = excluded.group_adds, update_time = excluded.update_time",
+    ) -> Result<StoredPrivacy, StoreError> {
+        let row: PrivacyRow = sqlx::query_as(
+            "INSERT INTO privacy_settings (user_id, group_adds, direct_chats, update_time) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (user_id) DO UPDATE SET \
+             group_adds = COALESCE(excluded.group_adds, privacy_settings.group_adds), \
+             direct_chats = COALESCE(excluded.direct_chats, privacy_settings.direct_chats), \
+             update_time = excluded.update_time \
+             RETURNING group_adds, direct_chats, update_time",
         )
         .bind(user.to_string())
-        .bind(settings.group_adds.as_str())
+        .bind(update.group_adds.map(GroupAdds::as_str))
+        .bind(update.direct_chats.map(DirectChats::as_str))
         .bind(now)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        Ok(PrivacySettings { update_time: Some(now), ..settings })
+        stored_privacy(row)
     }
 
     async fn group_adds_among(&self, users: &[UserId]) -> Result<Vec<(UserId, GroupAdds)>, StoreError> {
         let users: Vec<String> = users.iter().map(UserId::to_string).collect();
-        let rows: Vec<(String, String)> =
-            sqlx::query_as("SELECT user_id, group_adds FROM privacy_settings WHERE user_id = ANY($1)")
-                .bind(&users)
-                .fetch_all(&self.pool)
-                .await?;
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT user_id, group_adds FROM privacy_settings WHERE user_id = ANY($1) AND group_adds IS NOT NULL",
+        )
+        .bind(&users)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|(user, adds)| {
                 Ok((
@@ -358,6 +360,22 @@ impl ChatStore for PostgresChatStore {
                 ))
             })
             .collect()
+    }
+
+    async fn users_in_groups(&self, users: &[UserId], groups: usize) -> Result<Vec<UserId>, StoreError> {
+        let users: Vec<String> = users.iter().map(UserId::to_string).collect();
+        // Walks members_by_user, each row's chat by its key, until `groups`
+        // groups are found.
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT u FROM UNNEST($1::text[]) AS u \
+             WHERE (SELECT COUNT(*) FROM (SELECT 1 FROM members m JOIN chats c ON c.id = m.chat_id \
+             WHERE m.user_id = u AND c.kind = 'group' LIMIT $2) s) >= $2",
+        )
+        .bind(&users)
+        .bind(i64::try_from(groups).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        ids.iter().map(|id| parse_id("members.user_id", id)).collect()
     }
 
     async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError> {
@@ -889,4 +907,22 @@ impl ChatStore for PostgresChatStore {
     async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// A privacy_settings row: group_adds, direct_chats, update_time.
+type PrivacyRow = (Option<String>, Option<String>, i64);
+
+/// The choices a privacy_settings row holds.
+fn stored_privacy((group_adds, direct_chats, update_time): PrivacyRow) -> Result<StoredPrivacy, StoreError> {
+    Ok(StoredPrivacy {
+        choices: PrivacyChoices {
+            group_adds: group_adds
+                .map(|g| parse_enum("privacy_settings.group_adds", &g, GroupAdds::parse))
+                .transpose()?,
+            direct_chats: direct_chats
+                .map(|d| parse_enum("privacy_settings.direct_chats", &d, DirectChats::parse))
+                .transpose()?,
+        },
+        update_time,
+    })
 }

@@ -26,8 +26,8 @@ use super::{
     parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
-    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, GroupAdds, Kind, Limits, Member,
-    MemberCursor, PrivacySettings, Role, Visibility, title_key,
+    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
+    Limits, Member, MemberCursor, PrivacyChoices, Role, StoredPrivacy, Visibility, title_key,
 };
 
 mod activity;
@@ -421,16 +421,13 @@ impl ChatStore for SqliteChatStore {
         Ok(())
     }
 
-    async fn privacy_settings(&self, user: UserId) -> Result<Option<PrivacySettings>, StoreError> {
+    async fn privacy_settings(&self, user: UserId) -> Result<Option<StoredPrivacy>, StoreError> {
         let settings = self.db.read(move |conn| {
-            conn.prepare_cached("SELECT group_adds, update_time FROM privacy_settings WHERE user_id = ?1")?
-                .query_row([user.to_string()], |row| {
-                    Ok(PrivacySettings {
-                        group_adds: parsed(row, 0, "privacy_settings.group_adds", GroupAdds::parse)?,
-                        update_time: Some(row.get(1)?),
-                    })
-                })
-                .optional()
+            conn.prepare_cached(
+                "SELECT group_adds, direct_chats, update_time FROM privacy_settings WHERE user_id = ?1",
+            )?
+            .query_row([user.to_string()], stored_privacy)
+            .optional()
         });
         settings.await.map_err(unwrap)
     }
@@ -438,25 +435,37 @@ impl ChatStore for SqliteChatStore {
     async fn set_privacy_settings(
         &self,
         user: UserId,
-        settings: PrivacySettings,
+        update: PrivacyChoices,
         now: i64,
-    ) -> Result<PrivacySettings, StoreError> {
+    ) -> Result<StoredPrivacy, StoreError> {
         let done = self.db.write(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO privacy_settings (user_id, group_adds, update_time) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (user_id) DO UPDATE SET group_adds = excluded.group_adds, update_time = excluded.update_time",
+                "INSERT INTO privacy_settings (user_id, group_adds, direct_chats, update_time) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (user_id) DO UPDATE SET \
+                 group_adds = COALESCE(excluded.group_adds, privacy_settings.group_adds), \
+                 direct_chats = COALESCE(excluded.direct_chats, privacy_settings.direct_chats), \
+                 update_time = excluded.update_time \
+                 RETURNING group_adds, direct_chats, update_time",
             )?
-            .execute(params![user.to_string(), settings.group_adds.as_str(), now])
+            .query_row(
+                params![
+                    user.to_string(),
+                    update.group_adds.map(GroupAdds::as_str),
+                    update.direct_chats.map(DirectChats::as_str),
+                    now
+                ],
+                stored_privacy,
+            )
         });
-        done.await.map_err(unwrap)?;
-        Ok(PrivacySettings { update_time: Some(now), ..settings })
+        done.await.map_err(unwrap)
     }
 
     async fn group_adds_among(&self, users: &[UserId]) -> Result<Vec<(UserId, GroupAdds)>, StoreError> {
         let users = json_ids(users);
         let found = self.db.read(move |conn| {
             let mut select = conn.prepare_cached(
-                "SELECT user_id, group_adds FROM privacy_settings WHERE user_id IN (SELECT value FROM json_each(?1))",
+                "SELECT user_id, group_adds FROM privacy_settings \
+                 WHERE user_id IN (SELECT value FROM json_each(?1)) AND group_adds IS NOT NULL",
             )?;
             let rows = select.query_map([users], |row| {
                 Ok((
@@ -464,6 +473,23 @@ impl ChatStore for SqliteChatStore {
                     parsed(row, 1, "privacy_settings.group_adds", GroupAdds::parse)?,
                 ))
             })?;
+            rows.collect()
+        });
+        found.await.map_err(unwrap)
+    }
+
+    async fn users_in_groups(&self, users: &[UserId], groups: usize) -> Result<Vec<UserId>, StoreError> {
+        let users = json_ids(users);
+        let groups = i64::try_from(groups).unwrap_or(i64::MAX);
+        let found = self.db.read(move |conn| {
+            // Walks members_by_user, each row's chat by its key, until
+            // `groups` groups are found.
+            let mut select = conn.prepare_cached(
+                "SELECT DISTINCT u.value FROM json_each(?1) u \
+                 WHERE (SELECT COUNT(*) FROM (SELECT 1 FROM members m JOIN chats c ON c.id = m.chat_id \
+                 WHERE m.user_id = u.value AND c.kind = 'group' LIMIT ?2)) >= ?2",
+            )?;
+            let rows = select.query_map((users, groups), id_of)?;
             rows.collect()
         });
         found.await.map_err(unwrap)
@@ -934,6 +960,17 @@ impl ChatStore for SqliteChatStore {
 }
 
 /// Column 0 as a user id (`members.user_id`).
+/// The choices of a privacy_settings row (group_adds, direct_chats,
+/// update_time).
+fn stored_privacy(row: &Row<'_>) -> rusqlite::Result<StoredPrivacy> {
+    // Each is NULL until the user sets it.
+    let set = |idx: usize| row.get::<_, Option<String>>(idx).map(|v| v.is_some());
+    let group_adds = set(0)?.then(|| parsed(row, 0, "privacy_settings.group_adds", GroupAdds::parse)).transpose()?;
+    let direct_chats =
+        set(1)?.then(|| parsed(row, 1, "privacy_settings.direct_chats", DirectChats::parse)).transpose()?;
+    Ok(StoredPrivacy { choices: PrivacyChoices { group_adds, direct_chats }, update_time: row.get(2)? })
+}
+
 fn id_of(row: &Row<'_>) -> rusqlite::Result<UserId> {
     id(row, 0, "members.user_id")
 }

@@ -19,8 +19,8 @@ use super::postgres::PostgresChatStore;
 use super::sqlite::SqliteChatStore;
 use super::{Added, Backoff, ChatStore, Checked, Created, Departure, Removal};
 use crate::domain::{
-    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, GroupAdds, Kind,
-    Limits, Member, MemberCursor, PrivacySettings, Role, Visibility,
+    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, DirectChats,
+    GroupAdds, Kind, Limits, Member, MemberCursor, PrivacyChoices, Role, StoredPrivacy, Visibility,
 };
 
 /// A store under test and what to clean up after it.
@@ -121,7 +121,37 @@ chat_store_suite!(
     a_membership_write_beside_a_forgetting_is_refused_or_seen,
     a_chat_deleted_beside_an_add_removes_the_joiner_too,
     privacy_settings_are_each_users_own_and_go_with_a_forgotten_user,
+    users_in_groups_counts_current_group_memberships,
 );
+
+async fn users_in_groups_counts_current_group_memberships(store: &dyn ChatStore) {
+    let [alice, bob, carol, nobody] = std::array::from_fn(|_| UserId::new_v7());
+    let first = create(store, chat(alice, 1), &[bob]).await;
+    let mut public = chat(carol, 2);
+    public.visibility = Visibility::Public;
+    create(store, public, &[alice]).await;
+    let archived = create(store, chat(alice, 3), &[carol]).await;
+    assert!(store.set_archived(archived.id, Some(4), 4).await.unwrap().is_some());
+    let mut direct = chat(bob, 5);
+    direct.kind = Kind::Direct;
+    direct.title = String::new();
+    create(store, direct, &[carol]).await;
+
+    // Groups: alice 3 (private, public, archived); bob 1 and a direct chat;
+    // carol 2 and a direct chat; nobody none.
+    let users = [alice, bob, carol, nobody, alice];
+    let at = |n| async move { store.users_in_groups(&users, n).await.unwrap().into_iter().collect::<HashSet<_>>() };
+    assert_eq!(at(1).await, HashSet::from([alice, bob, carol]));
+    assert_eq!(at(2).await, HashSet::from([alice, carol]), "archived and public groups count, direct chats not");
+    assert_eq!(at(3).await, HashSet::from([alice]));
+    assert_eq!(at(4).await, HashSet::new());
+    assert_eq!(store.users_in_groups(&users, 3).await.unwrap(), [alice], "each user once");
+    assert_eq!(store.users_in_groups(&[], 1).await.unwrap(), []);
+
+    // A group left is not counted.
+    assert_eq!(store.remove_member(first.id, bob, LEAVE, 6).await.unwrap(), Checked::Done(()));
+    assert_eq!(store.users_in_groups(&[bob], 1).await.unwrap(), []);
+}
 
 async fn a_followed_position_only_moves_forward(store: &dyn ChatStore) {
     assert_eq!(store.followed("log").await.unwrap(), 0, "not followed yet");
@@ -198,22 +228,31 @@ async fn privacy_settings_are_each_users_own_and_go_with_a_forgotten_user(store:
     assert_eq!(store.privacy_settings(alice).await.unwrap(), None, "none set");
     assert_eq!(store.group_adds_among(&[alice, bob]).await.unwrap(), []);
 
-    let peers = PrivacySettings { group_adds: GroupAdds::Peers, update_time: None };
+    let peers = PrivacyChoices { group_adds: Some(GroupAdds::Peers), direct_chats: None };
     let stored = store.set_privacy_settings(alice, peers, 10).await.unwrap();
-    assert_eq!(stored, PrivacySettings { group_adds: GroupAdds::Peers, update_time: Some(10) });
-    let nobody = PrivacySettings { group_adds: GroupAdds::Nobody, update_time: Some(1) };
+    assert_eq!(stored, StoredPrivacy { choices: peers, update_time: 10 });
+    let nobody = PrivacyChoices { group_adds: Some(GroupAdds::Nobody), direct_chats: Some(DirectChats::Peers) };
     store.set_privacy_settings(bob, nobody, 11).await.unwrap();
     let nobody = store.set_privacy_settings(bob, nobody, 12).await.unwrap();
-    assert_eq!(nobody.update_time, Some(12), "a repeat stores its own time, not the one given");
+    assert_eq!(nobody.update_time, 12, "a repeat stores its own time");
     assert_eq!(store.privacy_settings(bob).await.unwrap(), Some(nobody));
     assert_eq!(store.privacy_settings(alice).await.unwrap(), Some(stored), "each user's own");
+
+    // An update sets what it names and keeps the rest.
+    let direct = PrivacyChoices { group_adds: None, direct_chats: Some(DirectChats::Nobody) };
+    let merged = store.set_privacy_settings(alice, direct, 13).await.unwrap();
+    let both = PrivacyChoices { group_adds: Some(GroupAdds::Peers), direct_chats: Some(DirectChats::Nobody) };
+    assert_eq!(merged, StoredPrivacy { choices: both, update_time: 13 });
+    let only_direct = store.set_privacy_settings(carol, direct, 14).await.unwrap();
+    assert_eq!(only_direct.choices, direct, "group_adds stays unset: the default applies");
+    assert_eq!(store.privacy_settings(alice).await.unwrap(), Some(merged));
 
     let mut among = store.group_adds_among(&[alice, bob, carol]).await.unwrap();
     among.sort_by_key(|(user, _)| *user);
     assert_eq!(among, [(alice, GroupAdds::Peers), (bob, GroupAdds::Nobody)], "carol set none");
     assert_eq!(store.group_adds_among(&[]).await.unwrap(), []);
 
-    store.record_forgotten(bob, 13).await.unwrap();
+    store.record_forgotten(bob, 15).await.unwrap();
     assert_eq!(store.privacy_settings(bob).await.unwrap(), None, "gone with the user");
     assert_eq!(store.group_adds_among(&[alice, bob]).await.unwrap(), [(alice, GroupAdds::Peers)]);
 }

@@ -45,6 +45,11 @@ export function isDenied(err: unknown): boolean {
   return code === Code.PermissionDenied || code === Code.NotFound;
 }
 
+/** No such thing (a user by that username, say). */
+export function isNotFound(err: unknown): boolean {
+  return ConnectError.from(err).code === Code.NotFound;
+}
+
 /** The server cannot do it as things stand (e.g. no assistant is configured). */
 export function isFailedPrecondition(err: unknown): boolean {
   return ConnectError.from(err).code === Code.FailedPrecondition;

@@ -5,7 +5,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import * as api from "./api";
 import { UserKind, UserSchema, type User } from "./gen/natter/sessions/v1/sessions_pb";
-import { ChatKind, GroupAdds, LastMessageSchema, MemberRole, type Chat } from "./gen/natter/chats/v1/chats_pb";
+import { ChatKind, GroupAdds, LastMessageSchema, MemberRole, type Chat, type Member } from "./gen/natter/chats/v1/chats_pb";
 import {
   AssistantReplies,
   GenerationStatus,
@@ -280,14 +280,17 @@ function botBadge(): HTMLSpanElement {
   return badge;
 }
 
-function smallButton(label: string, testid: string, onClick: () => Promise<void>): HTMLButtonElement {
+/** A button that runs `onClick` (through `run`: act, unless told) and is disabled meanwhile. */
+function smallButton(
+  label: string, testid: string, onClick: () => Promise<void>, run: (what: () => Promise<void>) => Promise<void> = act,
+): HTMLButtonElement {
   const b = document.createElement("button");
   b.type = "button";
   b.textContent = label;
   b.dataset.testid = testid;
   b.addEventListener("click", () => {
     b.disabled = true;
-    void act(onClick).finally(() => (b.disabled = false));
+    void run(onClick).finally(() => (b.disabled = false));
   });
   return b;
 }
@@ -588,6 +591,8 @@ async function openChat(chatId: string) {
   const state: OpenChat = { id: chatId, messages: new Map(), olderToken: "", loadingOlder: false };
   open = state;
   if (thread && thread.chatId !== chatId) closeThread();
+  if (membersPanel && membersPanel.chatId !== chatId) closeMembers();
+  el("open-members").hidden = chat.kind !== ChatKind.GROUP;
   el("chat-title").textContent = chatName(chat);
   renderPresence();
   el("composer-form").hidden = false;
@@ -994,23 +999,35 @@ function handleEvent(ev: StreamEventsResponse) {
       const c = ev.event.value;
       const gone = c.change === MembershipChange.LEFT || c.change === MembershipChange.REMOVED;
       if (c.userId === me?.id && gone) {
-        dropSearchResults((r) => r.dataset.chatId === chatId);
-        chats.delete(chatId);
-        lastSeq.delete(chatId);
-        lastChange.delete(chatId);
-        if (open?.id === chatId) closeChat();
-        renderChatList();
+        forgetChat(chatId);
       } else if (!chat) {
-        void act(() => fetchChat(chatId));
-      } else if (open?.id === chatId && groupMembers.has(chatId)) {
         void act(async () => {
-          await loadGroupMembers(chatId);
-          renderAssistantReplies();
+          try {
+            await fetchChat(chatId);
+          } catch (err) {
+            // Left (or removed) since: a late event of a chat we are no longer in.
+            if (!api.isDenied(err)) throw err;
+          }
         });
+      } else if (open?.id === chatId && chat.kind === ChatKind.GROUP) {
+        // Someone joined, left, was removed or changed role (we too, maybe):
+        // the members, our role and the panel as the server has them now.
+        void act(() => refreshMembers(chatId));
       }
       return;
     }
   }
+}
+
+/** We are no longer in chat `chatId` (we left, or were removed): it goes from the page. */
+function forgetChat(chatId: string) {
+  dropSearchResults((r) => r.dataset.chatId === chatId);
+  chats.delete(chatId);
+  lastSeq.delete(chatId);
+  lastChange.delete(chatId);
+  groupMembers.delete(chatId);
+  if (open?.id === chatId) closeChat();
+  renderChatList();
 }
 
 function setStatus(text: string) {
@@ -1081,6 +1098,8 @@ function closeChat() {
   open = null;
   el("chat-title").textContent = "Pick a chat or start one";
   closeThread();
+  closeMembers();
+  el("open-members").hidden = true;
   renderPresence();
   renderAssistantReplies();
   el("composer-form").hidden = true;
@@ -1178,6 +1197,7 @@ el("delete-form").addEventListener("submit", (e) => {
 async function openThread(chatId: string, rootSeq: bigint) {
   const state = { chatId, rootSeq, replies: new Map<bigint, Message>() };
   thread = state;
+  closeMembers(); // one side panel at a time
   el("thread-panel").hidden = false;
   renderThread();
   let pageToken = "";
@@ -1233,6 +1253,257 @@ el("thread-form").addEventListener("submit", (e) => {
   box.value = "";
   const { chatId, rootSeq } = thread;
   void send({ id: api.newUuid(), chatId, text, mentionUserIds: mentionsIn(text, chatId), threadRootSeq: rootSeq });
+});
+
+// ---------------------------------------------------------------- members
+
+/** How many members the panel reads at a time (ListMembers page_size); "More members" reads the next page. */
+const MEMBERS_PAGE = 50;
+
+/** A member's role by name: the panel's label, its data-role and the owner's <option> values. */
+const ROLES: [MemberRole, string][] = [
+  [MemberRole.OWNER, "owner"],
+  [MemberRole.ADMIN, "admin"],
+  [MemberRole.MEMBER, "member"],
+];
+const roleName = (role: MemberRole) => ROLES.find(([value]) => value === role)?.[1] ?? "member";
+
+/** The members side panel: its group, the members read so far (join order), the token of the next page. */
+let membersPanel: { chatId: string; members: Member[]; nextPageToken: string } | null = null;
+/** Counts the panel's reads from the start: only the latest one started is shown. */
+let membersReads = 0;
+
+/** Our role in the group as this page last read it. */
+const myRole = (chatId: string) => groupMembers.get(chatId)?.role ?? MemberRole.UNSPECIFIED;
+
+/**
+ * Whom we may remove, as RemoveMember has it: the owner removes admins and
+ * members, an admin plain members; nobody removes the owner, and leaving is
+ * "Leave group".
+ */
+function mayRemove(role: MemberRole, m: Member): boolean {
+  if (m.userId === me?.id) return false;
+  if (role === MemberRole.OWNER) return m.role !== MemberRole.OWNER;
+  return role === MemberRole.ADMIN && m.role === MemberRole.MEMBER;
+}
+
+/** Opens the side panel on the open group's members. */
+async function openMembers() {
+  if (!open) return;
+  const chatId = open.id;
+  closeThread(); // one side panel at a time
+  membersPanel = { chatId, members: [], nextPageToken: "" };
+  membersNote("");
+  el("members-panel").hidden = false;
+  renderMembers();
+  await refreshMembers(chatId);
+}
+
+function closeMembers() {
+  membersPanel = null;
+  membersReads++; // a read under way is not shown
+  el("members-panel").hidden = true;
+}
+
+/**
+ * Re-reads a group's members: all of them with our role (for mentions and
+ * what we may change), and the panel's pages if it shows this group.
+ */
+async function refreshMembers(chatId: string) {
+  await Promise.all([loadGroupMembers(chatId), membersPanel?.chatId === chatId ? readMembersPanel(chatId) : undefined]);
+  renderAssistantReplies();
+  renderMembers();
+}
+
+/**
+ * Reads the panel's members afresh from the first page, as many pages as it
+ * showed (at least one): a member added, removed or given another role
+ * shows where the server has them now.
+ */
+async function readMembersPanel(chatId: string) {
+  const read = ++membersReads;
+  const atLeast = Math.max(MEMBERS_PAGE, membersPanel?.members.length ?? 0);
+  const members: Member[] = [];
+  let pageToken = "";
+  do {
+    const res = await api.chats.listMembers({ chatId, pageSize: MEMBERS_PAGE, pageToken });
+    members.push(...res.members);
+    pageToken = res.nextPageToken;
+  } while (pageToken && members.length < atLeast);
+  await ensureUsers(members.map((m) => m.userId));
+  if (read !== membersReads || membersPanel?.chatId !== chatId) return; // closed, or read again since
+  membersPanel = { chatId, members, nextPageToken: pageToken };
+}
+
+/** "More members": the panel's next page, appended. */
+async function moreMembers() {
+  const state = membersPanel;
+  const read = membersReads;
+  if (!state?.nextPageToken) return;
+  const res = await api.chats.listMembers({ chatId: state.chatId, pageSize: MEMBERS_PAGE, pageToken: state.nextPageToken });
+  await ensureUsers(res.members.map((m) => m.userId));
+  if (membersPanel !== state || read !== membersReads) return; // closed, or read again from the start
+  const shown = new Set(state.members.map((m) => m.userId));
+  state.members.push(...res.members.filter((m) => !shown.has(m.userId)));
+  state.nextPageToken = res.nextPageToken;
+  renderMembers();
+}
+
+/** Redraws the members panel: each member with their role, and what we may do (by our role). */
+function renderMembers() {
+  if (!membersPanel) return;
+  const { chatId } = membersPanel;
+  const role = myRole(chatId);
+  el("add-members-form").hidden = role !== MemberRole.OWNER && role !== MemberRole.ADMIN;
+  el("member-list").replaceChildren(...membersPanel.members.map((m) => memberItem(chatId, m, role)));
+  el("more-members").hidden = !membersPanel.nextPageToken;
+}
+
+function memberItem(chatId: string, m: Member, role: MemberRole): HTMLLIElement {
+  const li = document.createElement("li");
+  li.className = "member" + (m.userId === me?.id ? " me" : "");
+  li.dataset.testid = "member";
+  li.dataset.userId = m.userId;
+  li.dataset.role = roleName(m.role);
+  const name = document.createElement("span");
+  name.className = "member-name";
+  name.textContent = userName(m.userId) + (m.userId === me?.id ? " (you)" : "");
+  if (isBot(m.userId)) name.append(" ", botBadge());
+  const username = document.createElement("span");
+  username.className = "member-username";
+  const u = users.get(m.userId);
+  // Beside a display name of their own, the username tells people apart.
+  if (u?.username && u.displayName && u.displayName !== u.username) username.textContent = `@${u.username}`;
+  li.append(name, username);
+  if (role === MemberRole.OWNER && m.userId !== me?.id) {
+    li.append(roleSelect(chatId, m));
+  } else {
+    const label = document.createElement("span");
+    label.className = "role";
+    label.dataset.testid = "member-role";
+    label.textContent = roleName(m.role);
+    li.append(label);
+  }
+  if (mayRemove(role, m)) li.append(smallButton("Remove", "remove-member", () => removeMember(chatId, m.userId), membersAct));
+  return li;
+}
+
+/** The owner's control of another member's role (UpdateMember); "owner" hands ownership over. */
+function roleSelect(chatId: string, m: Member): HTMLSelectElement {
+  const select = document.createElement("select");
+  select.dataset.testid = "member-role";
+  select.autocomplete = "off";
+  select.title = "Their role (owner: hand the group over to them; you become an admin)";
+  for (const [, name] of ROLES) select.append(new Option(name, name));
+  select.value = roleName(m.role);
+  select.addEventListener("change", () => {
+    const wanted = ROLES.find(([, name]) => name === select.value)?.[0];
+    if (wanted === undefined) return;
+    if (wanted === MemberRole.OWNER &&
+        !window.confirm(`Make ${userName(m.userId)} the owner of this group? You become an admin.`)) {
+      select.value = roleName(m.role);
+      return;
+    }
+    select.disabled = true;
+    void membersAct(async () => {
+      try {
+        await api.chats.updateMember({ chatId, userId: m.userId, role: wanted });
+      } finally {
+        await refreshMembers(chatId); // the role as the server has it, saved or not
+      }
+    });
+  });
+  return select;
+}
+
+/** A refusal under the panel's form, in the server's words, until the next action or edit of the form. */
+function membersNote(text: string) {
+  el("members-error").textContent = text;
+  el("members-error").hidden = !text;
+}
+
+/** The user ids a server message names, as usernames (or names) a person knows them by. */
+function withUsernames(text: string): string {
+  for (const [id, u] of users) if (text.includes(id)) text = text.split(id).join(u.username || userName(id));
+  return text;
+}
+
+/**
+ * Runs an action of the members panel: a refusal (someone's privacy
+ * setting, no such user, too many members, the owner leaving) shows in the
+ * panel, not as a page error.
+ */
+async function membersAct(what: () => Promise<void>) {
+  membersNote("");
+  await act(async () => {
+    try {
+      await what();
+    } catch (err) {
+      if (api.isUnauthenticated(err)) throw err; // act signs out
+      membersNote(withUsernames(api.describe(err)));
+    }
+  });
+}
+
+/** Adds the people named in the panel's form (usernames, comma or space separated) to its group. */
+async function addMembers() {
+  const chatId = membersPanel?.chatId;
+  const names = input("add-members").value.split(/[\s,]+/).map((n) => n.replace(/^@/, "")).filter(Boolean);
+  if (!chatId || names.length === 0) return;
+  const userIds: string[] = [];
+  for (const username of new Set(names)) {
+    let user: User | undefined;
+    try {
+      ({ user } = await api.sessions.getUser({ username }));
+    } catch (err) {
+      if (!api.isNotFound(err)) throw err;
+      // The server's words name no one: say whom it did not find.
+      membersNote(`${username}: ${api.describe(err)}`);
+      return;
+    }
+    if (!user) continue;
+    users.set(user.id, user);
+    if (user.id !== me?.id) userIds.push(user.id);
+  }
+  if (userIds.length === 0) return;
+  await api.chats.addMembers({ chatId, userIds });
+  input("add-members").value = "";
+  await refreshMembers(chatId);
+}
+
+async function removeMember(chatId: string, userId: string) {
+  await api.chats.removeMember({ chatId, userId });
+  await refreshMembers(chatId);
+}
+
+/** Leaves the panel's group (RemoveMember of ourselves): it goes from the page, as when the stream says so. */
+async function leaveGroup() {
+  const chatId = membersPanel?.chatId;
+  const chat = chatId ? chats.get(chatId) : undefined;
+  if (!chatId || !chat || !me) return;
+  if (!window.confirm(`Leave ${chatName(chat)}? You can come back only if someone adds you.`)) return;
+  await api.chats.removeMember({ chatId, userId: me.id });
+  forgetChat(chatId);
+}
+
+el("open-members").addEventListener("click", () => {
+  if (membersPanel && membersPanel.chatId === open?.id) closeMembers();
+  else void act(openMembers);
+});
+el("close-members").addEventListener("click", closeMembers);
+el("more-members").addEventListener("click", () => void act(moreMembers));
+el("add-members-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const button = el<HTMLButtonElement>("add-members-submit");
+  button.disabled = true;
+  void membersAct(addMembers).finally(() => (button.disabled = false));
+});
+// A refusal shown stays while it is read, and goes once the form is edited.
+el("add-members").addEventListener("input", () => membersNote(""));
+el("leave-group").addEventListener("click", () => {
+  const button = el<HTMLButtonElement>("leave-group");
+  button.disabled = true;
+  void membersAct(leaveGroup).finally(() => (button.disabled = false));
 });
 
 // ---------------------------------------------------------------- privacy

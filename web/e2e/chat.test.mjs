@@ -21,6 +21,7 @@ import {
 const suffix = Math.random().toString(36).slice(2, 8);
 const alice = { name: `alice-${suffix}`, password: "correct horse battery" };
 const bob = { name: `bob-${suffix}`, password: "staple battery horse" };
+const carol = { name: `carol-${suffix}`, password: "horse staple correct" };
 
 let dataDir;
 let server; // { proc, port, log: string[] }
@@ -51,6 +52,37 @@ async function call(token, method, body) {
   return JSON.parse(out);
 }
 
+/**
+ * Waits until the members panel lists exactly `expected`, in order: "name role"
+ * per member (the page's own user marked "(you)").
+ */
+const waitForMembers = (page, expected) =>
+  page.waitForFunction(
+    (want) => JSON.stringify([...document.querySelectorAll('#member-list [data-testid="member"]')]
+      .map((li) => `${li.querySelector(".member-name").textContent} ${li.dataset.role}`)) === JSON.stringify(want),
+    expected,
+  ).catch(async (err) => {
+    const shown = await page.$$eval('#member-list [data-testid="member"]',
+      (items) => items.map((li) => `${li.querySelector(".member-name").textContent} ${li.dataset.role}`));
+    throw new Error(`members panel shows ${JSON.stringify(shown)}, not ${JSON.stringify(expected)}: ${err.message}`);
+  });
+
+const memberRow = (page, person) =>
+  page.locator('#member-list [data-testid="member"]', { has: page.locator(".member-name", { hasText: person.name }) });
+
+/** Types usernames into the members panel's "Add people" and submits them. */
+async function addPeople(page, names) {
+  await page.fill('[data-testid="add-members"]', names);
+  await page.click("#add-members-submit");
+}
+
+/** Opens the named group and its members panel. */
+async function openMembersOf(page, title) {
+  await openChatWith(page, title);
+  await page.click('[data-testid="open-members"]');
+  await page.locator('[data-testid="members-panel"]').waitFor();
+}
+
 const tokenOf = (page) =>
   page.evaluate(() => Object.entries(localStorage).find(([k]) => k.startsWith("natter.token:"))[1]);
 
@@ -58,8 +90,9 @@ const tokenOf = (page) =>
 
 let alicePage;
 let bobPage;
+let carolPage;
 const history = []; // every text sent in the direct chat, in order
-const tale = story(() => [["alice", alicePage], ["bob", bobPage]]);
+const tale = story(() => [["alice", alicePage], ["bob", bobPage], ["carol", carolPage]]);
 const step = tale.step;
 
 before(async () => {
@@ -412,6 +445,126 @@ step("without an assistant configured the page says so and goes on", async () =>
   assert.equal(await alicePage.locator("#error").isHidden(), true, "no error banner for a missing assistant");
   await openChatWith(alicePage, bob.name); // the page works as before
   await send(alicePage, "Still here");
+});
+
+step("members: bob lets people he shares a chat with add him; alice's new group with carol lists its members and roles", async () => {
+  const groupAdds = '[data-testid="group-adds"]';
+  await bobPage.selectOption(groupAdds, "peers"); // he shares a chat with alice
+  await bobPage.locator('[data-testid="group-adds-note"]', { hasText: "Saved" }).waitFor();
+  carolPage = await newPerson("carol");
+  await signUp(carolPage, carol);
+
+  await alicePage.fill('[data-testid="new-group-title"]', "Book club");
+  await alicePage.fill('[data-testid="new-group-members"]', carol.name);
+  await alicePage.click("#new-group");
+  await alicePage.locator("#chat-title", { hasText: "Book club" }).waitFor();
+  await chatItem(carolPage, "Book club").waitFor(); // live
+  await alicePage.click('[data-testid="open-members"]');
+  await waitForMembers(alicePage, [`${alice.name} (you) owner`, `${carol.name} member`]);
+  // The owner may add people, change carol's role and remove her; not remove herself.
+  await alicePage.locator('[data-testid="add-members-form"]').waitFor();
+  assert.equal(await memberRow(alicePage, carol).locator('[data-testid="remove-member"]').count(), 1);
+  assert.equal(await memberRow(alicePage, carol).locator('select[data-testid="member-role"]').inputValue(), "member");
+  assert.equal(await memberRow(alicePage, alice).locator('[data-testid="remove-member"]').count(), 0);
+  // A direct chat has no members to manage.
+  await openChatWith(alicePage, bob.name);
+  await alicePage.locator('[data-testid="open-members"]').waitFor({ state: "hidden" });
+  await alicePage.locator('[data-testid="members-panel"]').waitFor({ state: "hidden" });
+});
+
+step("alice adds bob by username in the members panel and he sees the group live; an unknown name is refused in the server's words", async () => {
+  await openMembersOf(alicePage, "Book club");
+  await waitForMembers(alicePage, [`${alice.name} (you) owner`, `${carol.name} member`]);
+  const refusal = alicePage.locator('[data-testid="members-error"]');
+  await addPeople(alicePage, `nobody-${suffix}`);
+  await refusal.filter({ hasText: `nobody-${suffix}: user not found` }).waitFor();
+  await addPeople(alicePage, bob.name); // editing the form puts the refusal away
+  await waitForMembers(alicePage, [`${alice.name} (you) owner`, `${carol.name} member`, `${bob.name} member`]);
+  assert.equal(await refusal.isHidden(), true);
+  assert.equal(await alicePage.inputValue('[data-testid="add-members"]'), "", "the form is cleared once added");
+
+  await chatItem(bobPage, "Book club").waitFor(); // live, from the stream
+  await openMembersOf(bobPage, "Book club");
+  await waitForMembers(bobPage, [`${alice.name} owner`, `${carol.name} member`, `${bob.name} (you) member`]);
+  // A plain member may leave, but neither add nor remove anyone, nor change roles.
+  await bobPage.locator('[data-testid="leave-group"]').waitFor();
+  assert.equal(await bobPage.locator('[data-testid="add-members-form"]').isHidden(), true);
+  assert.equal(await bobPage.locator('#member-list [data-testid="remove-member"]').count(), 0);
+  assert.equal(await bobPage.locator('#member-list select').count(), 0);
+});
+
+step("carol leaves: the group goes from her page and from the others' panels, live; then alice's add of her is refused, naming carol", async () => {
+  await openMembersOf(carolPage, "Book club");
+  await waitForMembers(carolPage, [`${alice.name} owner`, `${carol.name} (you) member`, `${bob.name} member`]);
+  carolPage.once("dialog", (d) => d.accept()); // "Leave Book club?"
+  await carolPage.click('[data-testid="leave-group"]');
+  await chatItem(carolPage, "Book club").waitFor({ state: "detached" });
+  await carolPage.locator('[data-testid="members-panel"]').waitFor({ state: "hidden" });
+  await carolPage.locator("#chat-title", { hasText: "Pick a chat" }).waitFor();
+  await waitForMembers(alicePage, [`${alice.name} (you) owner`, `${bob.name} member`]);
+  await waitForMembers(bobPage, [`${alice.name} owner`, `${bob.name} (you) member`]);
+
+  await carolPage.selectOption('[data-testid="group-adds"]', "nobody");
+  await carolPage.locator('[data-testid="group-adds-note"]', { hasText: "Saved" }).waitFor();
+  await addPeople(alicePage, carol.name);
+  // The server's own words, the user it names shown by username.
+  await alicePage.locator('[data-testid="members-error"]', {
+    hasText: new RegExp(`^user ${escapeRe(carol.name)} may not be added to a group by you \\(their privacy setting group_adds\\)`),
+  }).waitFor();
+  assert.equal(await alicePage.inputValue('[data-testid="add-members"]'), carol.name, "what she typed is kept");
+  await waitForMembers(alicePage, [`${alice.name} (you) owner`, `${bob.name} member`]);
+  assert.equal(await chatItem(carolPage, "Book club").count(), 0, "carol is not back in the group");
+  await alicePage.fill('[data-testid="add-members"]', "");
+});
+
+step("the owner may not leave; alice makes bob an admin (his panel follows, live), then removes him: the group goes from his page", async () => {
+  alicePage.once("dialog", (d) => d.accept());
+  await alicePage.click('[data-testid="leave-group"]');
+  await alicePage.locator('[data-testid="members-error"]', { hasText: "the owner must hand ownership over" }).waitFor();
+  assert.equal(await chatItem(alicePage, "Book club").count(), 1, "she is still in it");
+
+  await memberRow(alicePage, bob).locator('select[data-testid="member-role"]').selectOption("admin");
+  await waitForMembers(alicePage, [`${alice.name} (you) owner`, `${bob.name} admin`]);
+  await waitForMembers(bobPage, [`${alice.name} owner`, `${bob.name} (you) admin`]);
+  await bobPage.locator('[data-testid="add-members-form"]').waitFor(); // an admin adds people
+  assert.equal(await bobPage.locator('#member-list [data-testid="remove-member"]').count(), 0, "nobody removes the owner");
+
+  await memberRow(alicePage, bob).locator('[data-testid="remove-member"]').click();
+  await waitForMembers(alicePage, [`${alice.name} (you) owner`]);
+  await chatItem(bobPage, "Book club").waitFor({ state: "detached" });
+  await bobPage.locator('[data-testid="members-panel"]').waitFor({ state: "hidden" });
+  await bobPage.locator("#chat-title", { hasText: "Pick a chat" }).waitFor();
+  assert.equal(await bobPage.locator("#error").isHidden(), true, "being removed is no error");
+});
+
+step("alice adds bob back and hands the group over to him; then she leaves, and bob's panel shows him its only member, the owner", async () => {
+  await addPeople(alicePage, bob.name);
+  await waitForMembers(alicePage, [`${alice.name} (you) owner`, `${bob.name} member`]);
+  await openMembersOf(bobPage, "Book club"); // back in his list, live
+  await waitForMembers(bobPage, [`${alice.name} owner`, `${bob.name} (you) member`]);
+
+  alicePage.once("dialog", (d) => d.accept()); // "Make bob the owner? You become an admin."
+  await memberRow(alicePage, bob).locator('select[data-testid="member-role"]').selectOption("owner");
+  await waitForMembers(alicePage, [`${alice.name} (you) admin`, `${bob.name} owner`]);
+  await waitForMembers(bobPage, [`${alice.name} admin`, `${bob.name} (you) owner`]);
+  assert.equal(await alicePage.locator('#member-list [data-testid="remove-member"]').count(), 0, "an admin removes no owner");
+  await mkdir(artifacts, { recursive: true });
+  await bobPage.screenshot({ path: path.join(artifacts, "members.png") });
+
+  alicePage.once("dialog", (d) => d.accept());
+  await alicePage.click('[data-testid="leave-group"]');
+  await chatItem(alicePage, "Book club").waitFor({ state: "detached" });
+  await alicePage.locator('[data-testid="members-panel"]').waitFor({ state: "hidden" });
+  await waitForMembers(bobPage, [`${bob.name} (you) owner`]);
+  for (const page of [alicePage, bobPage, carolPage]) assert.equal(await page.locator("#error").isHidden(), true);
+  // Read back from the server.
+  await alicePage.reload();
+  await alicePage.locator("#me", { hasText: alice.name }).waitFor();
+  await chatItem(alicePage, bob.name).waitFor();
+  assert.equal(await chatItem(alicePage, "Book club").count(), 0, "alice has left it");
+  await bobPage.reload();
+  await openMembersOf(bobPage, "Book club");
+  await waitForMembers(bobPage, [`${bob.name} (you) owner`]);
 });
 
 step("bob deletes his account: a wrong password deletes nothing; alice keeps their chat, under a deleted account", async () => {

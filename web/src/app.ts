@@ -1305,14 +1305,36 @@ function closeMembers() {
   el("members-panel").hidden = true;
 }
 
+/** Per group, the re-read under way, and whether another was asked for meanwhile. */
+const membersRefreshes = new Map<string, { again: boolean; done: Promise<void> }>();
+
 /**
  * Re-reads a group's members: all of them with our role (for mentions and
- * what we may change), and the panel's pages if it shows this group.
+ * what we may change), and the panel's pages if it shows this group. Asked
+ * while one is under way, it reads once more after it (a burst of events,
+ * 50 people added at once, costs two reads, not 50), and resolves then.
  */
-async function refreshMembers(chatId: string) {
-  await Promise.all([loadGroupMembers(chatId), membersPanel?.chatId === chatId ? readMembersPanel(chatId) : undefined]);
-  renderAssistantReplies();
-  renderMembers();
+function refreshMembers(chatId: string): Promise<void> {
+  const running = membersRefreshes.get(chatId);
+  if (running) {
+    running.again = true;
+    return running.done;
+  }
+  const state = { again: false, done: Promise.resolve() };
+  membersRefreshes.set(chatId, state);
+  state.done = (async () => {
+    try {
+      do {
+        state.again = false;
+        await Promise.all([loadGroupMembers(chatId), membersPanel?.chatId === chatId ? readMembersPanel(chatId) : undefined]);
+        renderAssistantReplies();
+        renderMembers();
+      } while (state.again);
+    } finally {
+      membersRefreshes.delete(chatId);
+    }
+  })();
+  return state.done;
 }
 
 /**

@@ -567,6 +567,28 @@ step("alice adds bob back and hands the group over to him; then she leaves, and 
   await waitForMembers(bobPage, [`${bob.name} (you) owner`]);
 });
 
+step("a group of more than a page: 50 guests join bob's group at once; his open panel shows 50 members, and More members the rest", async () => {
+  const token = await tokenOf(bobPage);
+  const guests = [];
+  for (let i = 0; i < 50; i += 10) {
+    guests.push(...await Promise.all(Array.from({ length: 10 }, () => call(token, "sessions.v1.SessionService/CreateSession", {}))));
+  }
+  const { chats } = await call(token, "chats.v1.ChatService/ListChats", {});
+  const club = chats.find((c) => c.title === "Book club");
+  await call(token, "chats.v1.ChatService/AddMembers", { chatId: club.id, userIds: guests.map((g) => g.user.id) });
+  const rows = bobPage.locator('#member-list [data-testid="member"]');
+  const more = bobPage.locator('[data-testid="more-members"]');
+  await more.waitFor(); // live: the first page is full, and there is more
+  assert.equal(await rows.count(), 50, "one page of members");
+  await bobPage.click('[data-testid="more-members"]');
+  await more.waitFor({ state: "hidden" });
+  const shown = await rows.evaluateAll((items) => items.map((li) => li.dataset.userId));
+  const bobId = (await call(token, "sessions.v1.SessionService/GetCurrentSession", {})).user.id;
+  assert.equal(shown.length, 51, "every member, each once");
+  assert.deepEqual(new Set(shown), new Set([bobId, ...guests.map((g) => g.user.id)]));
+  assert.equal(shown[0], bobId, "in join order: bob first");
+});
+
 step("bob deletes his account: a wrong password deletes nothing; alice keeps their chat, under a deleted account", async () => {
   await bobPage.click("#delete-account");
   await bobPage.fill("#delete-password", "not the password");

@@ -188,41 +188,52 @@ function renderChatList() {
     const tb = b.lastActivityTime ? timestampDate(b.lastActivityTime).getTime() : 0;
     return tb - ta;
   });
-  ul.replaceChildren(
-    ...sorted.map((chat) => {
-      const li = document.createElement("li");
-      li.className = "chat-item" + (open?.id === chat.id ? " active" : "");
-      li.dataset.chatId = chat.id;
-      li.dataset.testid = "chat-item";
-      const name = document.createElement("span");
-      name.className = "chat-name";
-      name.textContent = chatName(chat);
-      if (chat.kind === ChatKind.DIRECT && isBot(peers.get(chat.id))) name.append(" ", botBadge());
-      const peer = peers.get(chat.id);
-      if (peer && !isBot(peer)) name.prepend(presenceDot(peer));
-      const excerpt = document.createElement("span");
-      excerpt.className = "chat-excerpt";
-      const last = chat.lastMessage;
-      excerpt.textContent = last ? `${last.authorId === me?.id ? "You" : userName(last.authorId)}: ${last.text}` : "No messages yet";
-      li.append(name, excerpt);
-      if (chat.mentionCount > 0n) {
-        const at = document.createElement("span");
-        at.className = "mention-count";
-        at.title = "unread messages that mention you";
-        at.textContent = `@${chat.mentionCount >= 1000n ? "999+" : String(chat.mentionCount)}`;
-        li.append(at);
-      }
-      if (chat.unreadCount > 0n) {
-        const badge = document.createElement("span");
-        badge.className = "unread";
-        // natter counts unread messages up to 1000.
-        badge.textContent = chat.unreadCount >= 1000n ? "999+" : String(chat.unreadCount);
-        li.append(badge);
-      }
-      li.addEventListener("click", () => act(() => openChat(chat.id)));
-      return li;
-    }),
-  );
+  // A chat whose item shows the same keeps its element, left where it is
+  // while the order holds: a click under way (mouse down, not yet up) on an
+  // element replaced or moved meanwhile is lost, and the list is redrawn
+  // often (a stream event, presence read afresh).
+  const held = new Map([...ul.querySelectorAll<HTMLLIElement>(".chat-item")].map((li) => [li.dataset.chatId, li]));
+  const items = sorted.map((chat) => {
+    const li = document.createElement("li");
+    li.className = "chat-item" + (open?.id === chat.id ? " active" : "");
+    li.dataset.chatId = chat.id;
+    li.dataset.testid = "chat-item";
+    const name = document.createElement("span");
+    name.className = "chat-name";
+    name.textContent = chatName(chat);
+    if (chat.kind === ChatKind.DIRECT && isBot(peers.get(chat.id))) name.append(" ", botBadge());
+    const peer = peers.get(chat.id);
+    if (peer && !isBot(peer)) name.prepend(presenceDot(peer));
+    const excerpt = document.createElement("span");
+    excerpt.className = "chat-excerpt";
+    const last = chat.lastMessage;
+    excerpt.textContent = last ? `${last.authorId === me?.id ? "You" : userName(last.authorId)}: ${last.text}` : "No messages yet";
+    li.append(name, excerpt);
+    if (chat.mentionCount > 0n) {
+      const at = document.createElement("span");
+      at.className = "mention-count";
+      at.title = "unread messages that mention you";
+      at.textContent = `@${chat.mentionCount >= 1000n ? "999+" : String(chat.mentionCount)}`;
+      li.append(at);
+    }
+    if (chat.unreadCount > 0n) {
+      const badge = document.createElement("span");
+      badge.className = "unread";
+      // natter counts unread messages up to 1000.
+      badge.textContent = chat.unreadCount >= 1000n ? "999+" : String(chat.unreadCount);
+      li.append(badge);
+    }
+    const same = held.get(chat.id);
+    if (same?.outerHTML === li.outerHTML) return same;
+    li.addEventListener("click", () => act(() => openChat(chat.id)));
+    return li;
+  });
+  const shown = [...ul.children] as HTMLElement[];
+  if (items.length === shown.length && items.every((li, i) => li.dataset.chatId === shown[i].dataset.chatId)) {
+    for (const [i, li] of items.entries()) if (li !== shown[i]) shown[i].replaceWith(li);
+  } else {
+    ul.replaceChildren(...items);
+  }
 }
 
 /** How `userId` stands, for people: "online", "last seen 14:02", or "" when unknown. */

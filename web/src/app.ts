@@ -1541,84 +1541,107 @@ el("leave-group").addEventListener("click", () => {
 
 // ---------------------------------------------------------------- privacy
 
-/** "Who can add me to groups": the caller's group_adds by the <option> values of #group-adds. */
-const GROUP_ADDS: [GroupAdds, string][] = [
-  [GroupAdds.EVERYONE, "everyone"],
-  [GroupAdds.PEERS, "peers"],
-  [GroupAdds.NOBODY, "nobody"],
+/**
+ * A privacy setting in the header: its <select> (#id; its note, #id-note),
+ * its field of PrivacySettings and path in an update_mask, and its values by
+ * the <option> values. Each is saved alone, its path the only one in the
+ * mask, so saving one never overwrites another.
+ */
+interface PrivacyControl {
+  id: string;
+  field: "groupAdds" | "directChats";
+  path: string;
+  options: [number, string][];
+  /** As the server last gave it; undefined until read (the select stays disabled). */
+  value?: number;
+  noteTimer?: ReturnType<typeof setTimeout>;
+}
+
+const PRIVACY: PrivacyControl[] = [
+  {
+    // "Who can add me to groups"
+    id: "group-adds", field: "groupAdds", path: "group_adds",
+    options: [[GroupAdds.EVERYONE, "everyone"], [GroupAdds.PEERS, "peers"], [GroupAdds.NOBODY, "nobody"]],
+  },
 ];
 
-/** The caller's group_adds as the server last gave it; undefined until read (the control stays disabled). */
-let groupAdds: GroupAdds | undefined;
-let privacyNoteTimer: ReturnType<typeof setTimeout> | undefined;
-
-/** Shows groupAdds in the control, which is enabled once it is known. */
-function renderGroupAdds() {
-  const select = el<HTMLSelectElement>("group-adds");
-  const name = GROUP_ADDS.find(([value]) => value === groupAdds)?.[1];
+/** Shows a setting's value in its select, which is enabled once it is known. */
+function renderPrivacy(c: PrivacyControl) {
+  const select = el<HTMLSelectElement>(c.id);
+  const name = c.options.find(([value]) => value === c.value)?.[1];
   select.value = name ?? "everyone";
   select.disabled = name === undefined;
 }
 
-/** A word beside the control: a confirmation (gone after a few seconds) or an error (kept until the next change). */
-function privacyNote(text: string, failed = false) {
-  clearTimeout(privacyNoteTimer);
-  const note = el("group-adds-note");
+/** A word beside a setting: a confirmation (gone after a few seconds) or an error (kept until the next change). */
+function privacyNote(c: PrivacyControl, text: string, failed = false) {
+  clearTimeout(c.noteTimer);
+  const note = el(`${c.id}-note`);
   note.textContent = text;
   note.classList.toggle("failed", failed);
-  if (text && !failed) privacyNoteTimer = setTimeout(() => (note.textContent = ""), 4_000);
+  if (text && !failed) c.noteTimer = setTimeout(() => (note.textContent = ""), 4_000);
 }
 
-/** Reads the caller's privacy settings after sign-in; a failure leaves the control disabled and says why. */
-async function loadPrivacy() {
-  const user = me;
-  groupAdds = undefined;
-  renderGroupAdds();
-  privacyNote("");
-  try {
-    const { settings } = await api.chats.getPrivacySettings({});
-    if (me !== user) return; // signed out meanwhile
-    groupAdds = settings?.groupAdds;
-    renderGroupAdds();
-  } catch (err) {
-    if (me !== user) return;
-    privacyNote(`Cannot read this setting: ${api.describe(err)}`, true);
+/** Forgets the settings shown: each select disabled, its note empty. */
+function resetPrivacy() {
+  for (const c of PRIVACY) {
+    c.value = undefined;
+    renderPrivacy(c);
+    privacyNote(c, "");
   }
 }
 
-/** Forgets the setting (on sign-out): the next person's is read afresh. */
+/** Reads the caller's privacy settings after sign-in; a failure leaves the selects disabled and says why. */
+async function loadPrivacy() {
+  const user = me;
+  resetPrivacy();
+  try {
+    const { settings } = await api.chats.getPrivacySettings({});
+    if (me !== user) return; // signed out meanwhile
+    for (const c of PRIVACY) {
+      c.value = settings?.[c.field];
+      renderPrivacy(c);
+    }
+  } catch (err) {
+    if (me !== user) return;
+    for (const c of PRIVACY) privacyNote(c, `Cannot read this setting: ${api.describe(err)}`, true);
+  }
+}
+
+/** Forgets the settings (on sign-out): the next person's are read afresh. */
 function clearPrivacy() {
-  groupAdds = undefined;
-  renderGroupAdds();
-  privacyNote("");
+  resetPrivacy();
   el("privacy-control").hidden = true;
 }
 
-el("group-adds").addEventListener("change", () => {
-  const select = el<HTMLSelectElement>("group-adds");
-  const wanted = GROUP_ADDS.find(([, name]) => name === select.value)?.[0];
+/** Saves the value chosen in a setting's select (UpdatePrivacySettings, its path alone in the mask). */
+function savePrivacy(c: PrivacyControl) {
+  const select = el<HTMLSelectElement>(c.id);
+  const wanted = c.options.find(([, name]) => name === select.value)?.[0];
   if (wanted === undefined) return;
   select.disabled = true;
-  privacyNote("");
+  privacyNote(c, "");
   const user = me;
   void act(async () => {
     try {
       const { settings } = await api.chats.updatePrivacySettings({
-        settings: { groupAdds: wanted }, updateMask: { paths: ["group_adds"] },
+        settings: { [c.field]: wanted }, updateMask: { paths: [c.path] },
       });
       if (me !== user) return; // signed out meanwhile
-      groupAdds = settings?.groupAdds ?? wanted;
-      privacyNote("Saved");
+      c.value = settings?.[c.field] ?? wanted;
+      privacyNote(c, "Saved");
     } catch (err) {
       if (me !== user) return;
       if (api.isUnauthenticated(err)) throw err; // act signs out
-      // Not saved: say why beside the control, which goes back to the saved value.
-      privacyNote(`Not saved: ${api.describe(err)}`, true);
+      // Not saved: say why beside the select, which goes back to the saved value.
+      privacyNote(c, `Not saved: ${api.describe(err)}`, true);
     } finally {
-      if (me === user) renderGroupAdds();
+      if (me === user) renderPrivacy(c);
     }
   });
-});
+}
+
+for (const c of PRIVACY) el(c.id).addEventListener("change", () => savePrivacy(c));
 
 // ---------------------------------------------------------------- search
 

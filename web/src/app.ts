@@ -5,7 +5,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import * as api from "./api";
 import { UserKind, UserSchema, type User } from "./gen/natter/sessions/v1/sessions_pb";
-import { ChatKind, GroupAdds, LastMessageSchema, MemberRole, type Chat, type Member } from "./gen/natter/chats/v1/chats_pb";
+import { ChatKind, DirectChats, GroupAdds, LastMessageSchema, MemberRole, type Chat, type Member } from "./gen/natter/chats/v1/chats_pb";
 import {
   AssistantReplies,
   GenerationStatus,
@@ -1563,6 +1563,11 @@ const PRIVACY: PrivacyControl[] = [
     id: "group-adds", field: "groupAdds", path: "group_adds",
     options: [[GroupAdds.EVERYONE, "everyone"], [GroupAdds.PEERS, "peers"], [GroupAdds.NOBODY, "nobody"]],
   },
+  {
+    // "Who can start a chat with me"
+    id: "direct-chats", field: "directChats", path: "direct_chats",
+    options: [[DirectChats.EVERYONE, "everyone"], [DirectChats.PEERS, "peers"], [DirectChats.NOBODY, "nobody"]],
+  },
 ];
 
 /** Shows a setting's value in its select, which is enabled once it is known. */
@@ -1761,7 +1766,17 @@ el("new-chat-form").addEventListener("submit", (e) => {
     const { user } = await api.sessions.getUser({ username });
     if (!user) return;
     users.set(user.id, user);
-    const { chat } = await api.chats.createChat({ memberIds: [user.id] });
+    let chat: Chat | undefined;
+    try {
+      ({ chat } = await api.chats.createChat({ memberIds: [user.id] }));
+    } catch (err) {
+      if (!api.isDenied(err)) throw err;
+      // A new direct chat refused (their privacy setting direct_chats): the
+      // server's words where this form's errors show, the user it names by
+      // username; what was typed stays.
+      showError(withUsernames(api.describe(err)));
+      return;
+    }
     if (!chat) return;
     peers.set(chat.id, user.id);
     addChat(chat);

@@ -589,6 +589,49 @@ step("a group of more than a page: 50 guests join bob's group at once; his open 
   assert.equal(shown[0], bobId, "in join order: bob first");
 });
 
+step("bob lets nobody start a chat with him: carol's is refused, naming him, and nothing is made; his choice outlives a reload; he starts one with her himself", async () => {
+  // Carol has no direct chat with bob, and shares no chat with him since she left Book club.
+  const directChats = '[data-testid="direct-chats"]';
+  await bobPage.locator(`${directChats}:enabled`).waitFor();
+  assert.equal(await bobPage.inputValue(directChats), "everyone", "the default");
+  await bobPage.selectOption(directChats, "nobody");
+  await bobPage.locator('[data-testid="direct-chats-note"]', { hasText: "Saved" }).waitFor();
+
+  await carolPage.fill("#new-chat-username", bob.name);
+  await carolPage.click("#new-chat");
+  // The server's own words where the page shows this form's errors, the user it names shown by username.
+  await carolPage.locator("#error", {
+    hasText: new RegExp(`^user ${escapeRe(bob.name)} does not take new direct chats from you \\(their privacy setting `
+      + "direct_chats\\): share a group with them, or let them start it$"),
+  }).waitFor();
+  assert.equal(await carolPage.inputValue("#new-chat-username"), bob.name, "what she typed is kept");
+  assert.equal(await carolPage.locator(".chat-item").count(), 0, "no chat was made");
+  await carolPage.locator("#chat-title", { hasText: "Pick a chat" }).waitFor();
+
+  // A fresh page of bob's reads his choice back, keeps the other setting, and lists no chat with carol.
+  await bobPage.reload();
+  await bobPage.locator("#status", { hasText: "live" }).waitFor(); // the chat list is read before the stream starts
+  await bobPage.locator(`${directChats}:enabled`).waitFor();
+  assert.equal(await bobPage.inputValue(directChats), "nobody", "read back from the server");
+  assert.equal(await bobPage.inputValue('[data-testid="group-adds"]'), "peers", "who can add him to groups is untouched");
+  await chatItem(bobPage, alice.name).waitFor();
+  assert.equal(await chatItem(bobPage, carol.name).count(), 0, "carol started no chat with him");
+  const { settings } = await call(await tokenOf(bobPage), "chats.v1.ChatService/GetPrivacySettings", {});
+  assert.equal(settings.directChats, "DIRECT_CHATS_NOBODY", "saved on the server");
+  assert.equal(settings.groupAdds, "GROUP_ADDS_PEERS", "saving direct_chats left group_adds as he set it");
+
+  // His setting limits others, not him: he starts the chat, and both write in it.
+  await bobPage.fill("#new-chat-username", carol.name);
+  await bobPage.click("#new-chat");
+  await bobPage.locator("#chat-title", { hasText: carol.name }).waitFor();
+  await send(bobPage, "Carol, bob here: write to me in this one");
+  await chatItem(carolPage, bob.name).waitFor(); // live, from the stream
+  await openChatWith(carolPage, bob.name);
+  await waitForMessage(carolPage, "Carol, bob here: write to me in this one");
+  await send(carolPage, "Got it, thanks");
+  await waitForMessage(bobPage, "Got it, thanks");
+});
+
 step("bob deletes his account: a wrong password deletes nothing; alice keeps their chat, under a deleted account", async () => {
   await bobPage.click("#delete-account");
   await bobPage.fill("#delete-password", "not the password");

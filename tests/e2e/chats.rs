@@ -17,6 +17,7 @@ crate::both_modes!(
     non_members_are_denied,
     who_may_add_a_user_to_a_group_is_theirs_to_say,
     who_may_start_a_direct_chat_is_theirs_to_say,
+    a_blocked_user_cannot_reach_whoever_blocked_them,
 );
 
 pub(crate) async fn direct(c: &Cluster, a: &TestUser, b: &TestUser) -> cpb::Chat {
@@ -350,6 +351,70 @@ async fn who_may_start_a_direct_chat_is_theirs_to_say(c: &Cluster) {
     assert_eq!(violated_fields(&bad), ["settings.direct_chats"]);
 }
 
+async fn block(c: &Cluster, user: &TestUser, other: &TestUser) -> Result<(), tonic::Status> {
+    c.chats().block_user(authed(user, cpb::BlockUserRequest { user_id: other.id.clone() })).await.map(drop)
+}
+
+async fn blocked_ids(c: &Cluster, user: &TestUser) -> Vec<String> {
+    let listed = c.chats().list_blocked_users(authed(user, cpb::ListBlockedUsersRequest::default())).await.unwrap();
+    listed.into_inner().blocked_users.into_iter().map(|b| b.user_id).collect()
+}
+
+async fn try_send(c: &Cluster, user: &TestUser, chat_id: &str, text: &str) -> Result<mpb::Message, tonic::Status> {
+    let request = mpb::SendMessageRequest { chat_id: chat_id.to_owned(), text: text.to_owned(), ..Default::default() };
+    c.messages().send_message(authed(user, request)).await.map(|r| r.into_inner().message.unwrap())
+}
+
+/// BlockUser: the blocked user can no longer start a direct chat with the
+/// blocker or add them to a group (refused as a privacy setting refuses),
+/// and their direct chat takes no new messages from either side until the
+/// block is taken back; groups both are in go on; each user lists only
+/// their own blocks.
+async fn a_blocked_user_cannot_reach_whoever_blocked_them(c: &Cluster) {
+    let (alice, bob, carol, dave) =
+        (c.user("alice").await, c.user("bob").await, c.user("carol").await, c.user("dave").await);
+    let chat = direct(c, &bob, &alice).await;
+    send(c, &bob, &chat.id, "hello alice").await;
+
+    block(c, &alice, &bob).await.unwrap();
+    block(c, &alice, &bob).await.unwrap();
+    for (who, text) in [(&bob, "are you there?"), (&alice, "bye")] {
+        let refused = try_send(c, who, &chat.id, text).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains("blocked"), "{refused:?}");
+    }
+    let refused = c.chats().create_chat(authed(&bob, group_of("with alice", &[&carol, &alice]))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains(&alice.id) && refused.message().contains("group_adds"), "{refused:?}");
+    assert_eq!(chat_count(c, &carol).await, 0, "nothing created");
+    // A group of someone else's takes both, and both speak there.
+    let group = c.chats().create_chat(authed(&carol, group_of("all", &[&alice, &bob]))).await.unwrap();
+    let group = group.into_inner().chat.unwrap();
+    send(c, &bob, &group.id, "hi all").await;
+    send(c, &alice, &group.id, "hi").await;
+
+    assert_eq!(blocked_ids(c, &alice).await, std::slice::from_ref(&bob.id));
+    assert_eq!(blocked_ids(c, &bob).await, Vec::<String>::new(), "each user's own");
+    let myself = block(c, &alice, &alice).await.unwrap_err();
+    assert_eq!(violated_fields(&myself), ["user_id"]);
+    let nobody = cpb::BlockUserRequest { user_id: uuid::Uuid::now_v7().to_string() };
+    assert_eq!(code(c.chats().block_user(authed(&alice, nobody)).await), Code::NotFound);
+
+    // A new direct chat either way: the blocked one is refused as a
+    // setting refuses; the blocker is told to unblock first.
+    block(c, &alice, &dave).await.unwrap();
+    let refused = c.chats().create_chat(authed(&dave, direct_request(&alice))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("direct_chats"), "{refused:?}");
+    let refused = c.chats().create_chat(authed(&alice, direct_request(&dave))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+
+    // Taken back: the direct chat takes messages again, at once.
+    c.chats().unblock_user(authed(&alice, cpb::UnblockUserRequest { user_id: bob.id.clone() })).await.unwrap();
+    send(c, &bob, &chat.id, "back again").await;
+    assert_eq!(blocked_ids(c, &alice).await, std::slice::from_ref(&dave.id));
+}
+
 async fn set_group_adds(c: &Cluster, user: &TestUser, adds: cpb::GroupAdds) -> cpb::PrivacySettings {
     let request = cpb::UpdatePrivacySettingsRequest {
         settings: Some(cpb::PrivacySettings { group_adds: adds as i32, ..Default::default() }),
@@ -503,15 +568,32 @@ mod default_peers {
 /// `--max-groups-per-user 2`: CreateChat and AddMembers that would put a
 /// user in a third group fail RESOURCE_EXHAUSTED naming them, and write
 /// nothing; direct chats are not counted; leaving a group makes room.
+/// `--max-blocks-per-user 1`: a second block is refused likewise.
 mod group_limit {
     use tonic_types::StatusExt as _;
 
     use super::*;
 
     crate::both_modes!(
-        flags = natter_testkit::Flags { chats: &["--max-groups-per-user", "2"], ..natter_testkit::Flags::NONE };
-        no_one_is_put_in_more_groups_than_the_limit
+        flags = natter_testkit::Flags {
+            chats: &["--max-groups-per-user", "2", "--max-blocks-per-user", "1"],
+            ..natter_testkit::Flags::NONE
+        };
+        no_one_is_put_in_more_groups_than_the_limit,
+        no_one_blocks_more_users_than_the_limit
     );
+
+    async fn no_one_blocks_more_users_than_the_limit(c: &Cluster) {
+        let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+        block(c, &alice, &bob).await.unwrap();
+        block(c, &alice, &bob).await.unwrap();
+        let full = block(c, &alice, &carol).await.unwrap_err();
+        assert_eq!(quota_subject(&full), format!("user:{}", alice.id));
+        let listed = blocked_ids(c, &alice).await;
+        assert_eq!(listed, std::slice::from_ref(&bob.id), "carol was not blocked");
+        c.chats().unblock_user(authed(&alice, cpb::UnblockUserRequest { user_id: bob.id.clone() })).await.unwrap();
+        block(c, &alice, &carol).await.unwrap();
+    }
 
     /// The subject of the one violation of a RESOURCE_EXHAUSTED status's
     /// QuotaFailure, which has no RetryInfo (panics otherwise).

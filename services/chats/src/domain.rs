@@ -21,11 +21,19 @@ pub struct Limits {
     /// cannot be left, so counting them would let strangers fill it.
     /// (Telegram's is 500 groups and channels, and refuses an add past it.)
     pub groups_per_user: usize,
+    /// Most users one user may block at once (BlockUser).
+    pub blocks_per_user: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { title_chars: 200, description_chars: 2000, group_members: 1000, groups_per_user: 5000 }
+        Self {
+            title_chars: 200,
+            description_chars: 2000,
+            group_members: 1000,
+            groups_per_user: 5000,
+            blocks_per_user: 1000,
+        }
     }
 }
 

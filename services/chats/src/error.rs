@@ -49,6 +49,11 @@ pub enum ChatsError {
         "user {0} does not take new direct chats from you (their privacy setting direct_chats): share a group with them, or let them start it"
     )]
     DirectRefused(String),
+    /// The caller blocks as many users as one may (`--max-blocks-per-user`):
+    /// RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure whose subject is
+    /// `user:<caller>`. No RetryInfo: unblocking someone makes room.
+    #[error("you block {0} users, the most one may: unblock someone first")]
+    BlockLimit(usize, String),
     /// A client-chosen chat id is taken by another chat (ALREADY_EXISTS).
     #[error("chat_id already used by another chat")]
     ChatIdTaken,
@@ -108,6 +113,13 @@ impl From<ChatsError> for Status {
                 Status::permission_denied(e.to_string())
             }
             ChatsError::ChatIdTaken => Status::already_exists(e.to_string()),
+            ChatsError::BlockLimit(_, ref user) => {
+                let details = ErrorDetails::with_quota_failure_violation(
+                    format!("user:{user}"),
+                    "blocks the most users one may (--max-blocks-per-user)",
+                );
+                Status::with_error_details(tonic::Code::ResourceExhausted, e.to_string(), details)
+            }
             ChatsError::GroupLimit { ref user, .. } => {
                 let details = ErrorDetails::with_quota_failure_violation(
                     format!("user:{user}"),

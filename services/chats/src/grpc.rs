@@ -581,6 +581,47 @@ impl ChatService for ChatApi {
         Ok(Response::new(pb::UpdatePrivacySettingsResponse { settings: Some(privacy_settings_pb(settings)) }))
     }
 
+    async fn block_user(
+        &self,
+        request: Request<pb::BlockUserRequest>,
+    ) -> Result<Response<pb::BlockUserResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let other = blocked_user(&request.get_ref().user_id)?;
+        self.chats.block_user(caller, other).await?;
+        Ok(Response::new(pb::BlockUserResponse {}))
+    }
+
+    async fn unblock_user(
+        &self,
+        request: Request<pb::UnblockUserRequest>,
+    ) -> Result<Response<pb::UnblockUserResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let other = blocked_user(&request.get_ref().user_id)?;
+        self.chats.unblock_user(caller, other).await?;
+        Ok(Response::new(pb::UnblockUserResponse {}))
+    }
+
+    async fn list_blocked_users(
+        &self,
+        request: Request<pb::ListBlockedUsersRequest>,
+    ) -> Result<Response<pb::ListBlockedUsersResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let size = paging::page_size("page_size", r.page_size, PAGE_SIZE.0, PAGE_SIZE.1)?;
+        let fingerprint = paging::fingerprint(&[&"blocked_users"]);
+        let after =
+            paging::decode::<String>("page_token", &r.page_token, fingerprint)?.map(|id| token_id(&id)).transpose()?;
+        let page = self.chats.blocked_users(caller, after, size).await?;
+        Ok(Response::new(pb::ListBlockedUsersResponse {
+            blocked_users: page
+                .items
+                .into_iter()
+                .map(|(user, time)| pb::BlockedUser { user_id: user.to_string(), block_time: Some(timestamp(time)) })
+                .collect(),
+            next_page_token: page.next.map(|u| paging::encode(&u.to_string(), fingerprint)).unwrap_or_default(),
+        }))
+    }
+
     async fn list_members(
         &self,
         request: Request<pb::ListMembersRequest>,
@@ -600,6 +641,11 @@ impl ChatService for ChatApi {
             next_page_token: next.unwrap_or_default(),
         }))
     }
+}
+
+/// The user a BlockUser or UnblockUser request names.
+fn blocked_user(user_id: &str) -> Result<UserId, Status> {
+    UserId::parse("user_id", user_id)
 }
 
 /// Most `other_user_ids` one CheckMembership call asks about (the messages
@@ -635,9 +681,10 @@ impl ChatInternalService for ChatInternalApi {
         let (Ok(chat_id), Ok(user_id)) = (r.chat_id.parse::<ChatId>(), r.user_id.parse::<UserId>()) else {
             return Ok(Response::new(pb::CheckMembershipResponse::default()));
         };
-        let Some(access) = self.chats.membership(chat_id, user_id).await? else {
+        let Some(membership) = self.chats.membership(chat_id, user_id).await? else {
             return Ok(Response::new(pb::CheckMembershipResponse::default()));
         };
+        let access = &membership.access;
         // Ids that are not UUIDs name no member.
         let others: Vec<Option<UserId>> = r.other_user_ids.iter().map(|u| u.parse().ok()).collect();
         let other_members = if others.is_empty() {
@@ -656,6 +703,7 @@ impl ChatInternalService for ChatInternalApi {
             kind: kind_pb(access.chat.kind) as i32,
             assistant_replies: assistant_replies_pb(&access.chat),
             other_members,
+            blocked: membership.blocked,
         }))
     }
 

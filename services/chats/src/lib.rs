@@ -52,6 +52,10 @@ pub struct ChatsArgs {
     /// fail RESOURCE_EXHAUSTED naming them; leaving a group makes room.
     #[arg(long, env = "NATTER_MAX_GROUPS_PER_USER", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     pub max_groups_per_user: usize,
+    /// Most users one user may block at once (BlockUser past it fails
+    /// RESOURCE_EXHAUSTED; UnblockUser makes room).
+    #[arg(long, env = "NATTER_MAX_BLOCKS_PER_USER", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    pub max_blocks_per_user: usize,
     /// On SQLite, how long chat activity (the ListChats order) may stay in
     /// memory before it is written; listings write it first. At most 8s, so
     /// that the 10s the messages service re-announces after a crash cover it.
@@ -63,9 +67,9 @@ pub struct ChatsArgs {
     pub create_chat_rate: Rate,
     /// Changes of chats per user: UpdateChat, ArchiveChat, UnarchiveChat,
     /// DeleteChat, AddMembers (joins too), RemoveMember (leaves too),
-    /// UpdateMember and UpdatePrivacySettings, repeats included. Each but
-    /// the last is a change every member's streams receive: N/PERIOD, or
-    /// `off`.
+    /// UpdateMember, UpdatePrivacySettings, BlockUser and UnblockUser,
+    /// repeats included. Each but the last three is a change every member's
+    /// streams receive: N/PERIOD, or `off`.
     #[arg(long, env = "NATTER_CHAT_CHANGE_RATE", default_value = "600/10m")]
     pub chat_change_rate: Rate,
     /// Who may add a user who has not set their privacy setting group_adds
@@ -110,6 +114,7 @@ impl Default for ChatsArgs {
             max_description_chars: limits.description_chars,
             max_group_members: limits.group_members,
             max_groups_per_user: limits.groups_per_user,
+            max_blocks_per_user: limits.blocks_per_user,
             activity_flush_interval: natter_links::activity::DEFAULT_FLUSH_INTERVAL,
             create_chat_rate: Rate::parse("240/1h").expect("valid rate"),
             chat_change_rate: Rate::parse("600/10m").expect("valid rate"),
@@ -127,6 +132,7 @@ impl ChatsArgs {
             description_chars: self.max_description_chars,
             group_members: self.max_group_members,
             groups_per_user: self.max_groups_per_user,
+            blocks_per_user: self.max_blocks_per_user,
         }
     }
 }

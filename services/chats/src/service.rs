@@ -20,7 +20,7 @@ use crate::domain::{
     Visibility,
 };
 use crate::error::ChatsError;
-use crate::store::{Added, Backoff, ChatStore, Checked, Created, Departure, Pending, Removal};
+use crate::store::{Added, Backoff, Blocked, ChatStore, Checked, Created, Departure, Pending, Removal};
 
 /// A chat's newest message and the caller's unread count, as the messages
 /// service reports them.
@@ -160,8 +160,20 @@ const CACHE_ENTRIES: usize = 100_000;
 /// its eviction) sees the generation moved and does not cache.
 #[derive(Default)]
 struct Cache {
-    entries: HashMap<(ChatId, UserId), Arc<ChatAccess>>,
+    entries: HashMap<(ChatId, UserId), Arc<Membership>>,
     generation: u64,
+}
+
+/// A user's membership of a chat as the messages service checks it
+/// (CheckMembership): the chat and the user's role, and whether the chat
+/// takes new messages from them as far as blocks go.
+#[derive(Clone, Debug)]
+pub struct Membership {
+    /// The chat and the user's role in it (None: not a member).
+    pub access: ChatAccess,
+    /// A direct chat one of whose two members blocked the other: it takes
+    /// no new messages (always false for a group, and for a non-member).
+    pub blocked: bool,
 }
 
 /// The per-user rates of [`Chats`] (`--create-chat-rate`,
@@ -305,9 +317,14 @@ impl Chats {
 
         let bots = self.require_users(&new.others).await?;
         if let Some(other) = other {
+            self.check_blocks(caller, &[other], true).await?;
+            if !self.store.blockers_among(other, &[caller]).await?.is_empty() {
+                return Err(ChatsError::Precondition("you blocked this user: unblock them (UnblockUser) first"));
+            }
             self.check_direct_chats(caller, other, &bots).await?;
         }
         if kind == Kind::Group {
+            self.check_blocks(caller, &new.others, false).await?;
             self.check_group_adds(caller, &new.others, &bots).await?;
             let joining: Vec<UserId> = std::iter::once(caller).chain(new.others.iter().copied()).collect();
             self.check_group_limit(caller, &joining, &bots).await?;
@@ -904,6 +921,7 @@ impl Chats {
         let members: HashSet<UserId> = self.store.members_among(chat.id, &user_ids).await?.into_iter().collect();
         let joining: Vec<UserId> = user_ids.iter().copied().filter(|u| !members.contains(u)).collect();
         let others: Vec<UserId> = joining.iter().copied().filter(|u| *u != caller).collect();
+        self.check_blocks(caller, &others, false).await?;
         self.check_group_adds(caller, &others, &bots).await?;
         self.check_group_limit(caller, &joining, &bots).await?;
         let now = now_micros();
@@ -982,6 +1000,23 @@ impl Chats {
         }
     }
 
+    /// Refuses a new direct chat with (`direct`), or a group add of, any
+    /// of `users` who blocked `caller`, as their privacy settings would
+    /// refuse it ([`ChatsError::DirectRefused`], [`ChatsError::AddRefused`]
+    /// naming the first in order), so that a block is not told from a
+    /// setting. One read.
+    async fn check_blocks(&self, caller: UserId, users: &[UserId], direct: bool) -> Result<(), ChatsError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let blockers: HashSet<UserId> = self.store.blockers_among(caller, users).await?.into_iter().collect();
+        match users.iter().find(|u| blockers.contains(u)) {
+            Some(user) if direct => Err(ChatsError::DirectRefused(user.to_string())),
+            Some(user) => Err(ChatsError::AddRefused(user.to_string())),
+            None => Ok(()),
+        }
+    }
+
     /// [`ChatsError::DirectRefused`] when `other`'s privacy setting does
     /// not let `caller` start a direct chat with them:
     /// [`DirectChats::Nobody`], or [`DirectChats::Peers`] while they share
@@ -1044,6 +1079,63 @@ impl Chats {
             "privacy settings updated"
         );
         Ok(applied)
+    }
+
+    /// BlockUser: from now on `other` cannot start a direct chat with the
+    /// caller or add them to a group (refused as the privacy settings
+    /// refuse), and the direct chat between the two, if any, takes no new
+    /// messages from either. Blocking someone blocked already changes
+    /// nothing. Counts against the caller's chat-change rate.
+    ///
+    /// Errors: INVALID_ARGUMENT (oneself), NOT_FOUND (no such user),
+    /// [`ChatsError::BlockLimit`].
+    pub async fn block_user(&self, caller: UserId, other: UserId) -> Result<(), ChatsError> {
+        self.change_rate.check(&caller)?;
+        if other == caller {
+            return Err(ChatsError::invalid("user_id", "cannot block yourself"));
+        }
+        self.require_users(&[other]).await?;
+        let limit = self.limits.blocks_per_user;
+        if self.store.block(caller, other, now_micros(), limit).await? == Blocked::TooMany {
+            return Err(ChatsError::BlockLimit(limit, caller.to_string()));
+        }
+        tracing::info!(user_id = %caller, blocked_user_id = %other, "user blocked");
+        self.evict_direct(caller, other).await
+    }
+
+    /// UnblockUser: takes the caller's block of `other` back (none: no
+    /// change). Counts against the caller's chat-change rate.
+    pub async fn unblock_user(&self, caller: UserId, other: UserId) -> Result<(), ChatsError> {
+        self.change_rate.check(&caller)?;
+        self.store.unblock(caller, other).await?;
+        self.evict_direct(caller, other).await
+    }
+
+    /// Evicts the cached memberships of the direct chat of `a` and `b`, if
+    /// there is one: what it takes from whom may have changed.
+    async fn evict_direct(&self, a: UserId, b: UserId) -> Result<(), ChatsError> {
+        if let Some(chat) = self.store.direct_chat(a, b).await? {
+            self.evict(chat.id).await;
+        }
+        Ok(())
+    }
+
+    /// ListBlockedUsers: the users the caller blocked, by id, after `after`,
+    /// each with its block time (µs).
+    pub async fn blocked_users(
+        &self,
+        caller: UserId,
+        after: Option<UserId>,
+        page_size: u32,
+    ) -> Result<Page<(UserId, i64), UserId>, ChatsError> {
+        let mut blocked = self.store.blocked_users(caller, after, page_size + 1).await?;
+        let next = if blocked.len() > page_size as usize {
+            blocked.truncate(page_size as usize);
+            blocked.last().map(|(user, _)| *user)
+        } else {
+            None
+        };
+        Ok(Page { items: blocked, next })
     }
 
     /// RemoveMember: oneself (leave; not the owner), or others by the owner
@@ -1351,10 +1443,12 @@ impl Chats {
         Ok(Page { items: members, next })
     }
 
-    /// Internal: membership and chat state, for the messages service.
-    /// Shared with the cache: a hit costs no copy of the chat.
-    pub async fn membership(&self, chat_id: ChatId, user_id: UserId) -> Result<Option<Arc<ChatAccess>>, ChatsError> {
-        let Some(cache) = &self.cache else { return Ok(self.store.access(chat_id, user_id).await?.map(Arc::new)) };
+    /// Internal: membership and chat state, for the messages service, with
+    /// whether blocks close a direct chat to new messages. Shared with the
+    /// cache: a hit costs no copy of the chat. BlockUser and UnblockUser
+    /// evict the direct chat of the pair, as every change of a chat does.
+    pub async fn membership(&self, chat_id: ChatId, user_id: UserId) -> Result<Option<Arc<Membership>>, ChatsError> {
+        let Some(cache) = &self.cache else { return self.read_membership(chat_id, user_id).await };
         let key = (chat_id, user_id);
         let generation = {
             let cache = cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -1363,18 +1457,27 @@ impl Chats {
             }
             cache.generation
         };
-        let access = self.store.access(chat_id, user_id).await?.map(Arc::new);
+        let membership = self.read_membership(chat_id, user_id).await?;
         // Only existing chats are cached: a chat created later needs no eviction.
-        if let Some(access) = &access {
+        if let Some(membership) = &membership {
             let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
             if cache.generation == generation {
                 if cache.entries.len() >= CACHE_ENTRIES {
                     cache.entries.clear();
                 }
-                cache.entries.insert(key, access.clone());
+                cache.entries.insert(key, membership.clone());
             }
         }
-        Ok(access)
+        Ok(membership)
+    }
+
+    /// [`Chats::membership`] from the store: one read, a second for a
+    /// member of a direct chat (its blocks).
+    async fn read_membership(&self, chat_id: ChatId, user_id: UserId) -> Result<Option<Arc<Membership>>, ChatsError> {
+        let Some(access) = self.store.access(chat_id, user_id).await? else { return Ok(None) };
+        let blocked =
+            access.role.is_some() && access.chat.kind == Kind::Direct && self.store.blocks_within(chat_id).await?;
+        Ok(Some(Arc::new(Membership { access, blocked })))
     }
 
     /// Internal: which of `users` are members of `chat_id` (a message's
@@ -1924,7 +2027,7 @@ mod tests {
         h.messages.down.store(true, Ordering::SeqCst);
         let added = h.chats.add_members(owner, chat.id, vec![b]).await.expect("the join is committed");
         assert_eq!(added.iter().map(|m| m.user_id).collect::<Vec<_>>(), [b]);
-        assert!(h.chats.membership(chat.id, b).await.unwrap().unwrap().role.is_some(), "b is a member");
+        assert!(h.chats.membership(chat.id, b).await.unwrap().unwrap().access.role.is_some(), "b is a member");
         let archived = h.chats.set_archived(owner, chat.id, true).await.expect("the archive is committed");
         assert!(archived.chat.archive_time.is_some());
         assert_eq!(h.messages.take(), [], "nothing recorded while messages is down");

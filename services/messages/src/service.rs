@@ -305,9 +305,13 @@ impl Messages {
         ))
     }
 
+    /// The refusal of a send to a direct chat closed by a block.
+    pub const BLOCKED: &'static str = "this direct chat takes no new messages: one of you blocked the other";
+
     /// SendMessage: commits the message with the chat's next seq, announces
     /// it, and records the chat's activity. A retry with the same
-    /// message_id returns the original.
+    /// message_id returns the original. A direct chat one of whose members
+    /// blocked the other takes none (PERMISSION_DENIED, [`Messages::BLOCKED`]).
     #[tracing::instrument(skip_all, fields(chat_id = %req.chat_id, message_id = tracing::field::Empty, seq = tracing::field::Empty))]
     pub async fn send(&self, caller: UserId, req: SendMessage) -> Result<Message, MessagesError> {
         self.send_rate.check(&caller)?;
@@ -320,6 +324,7 @@ impl Messages {
         let mentioned = req.mentions.iter().map(|(_, u)| u.to_string()).collect();
         let allowed = match self.member_with(req.chat_id, caller, mentioned).await {
             Ok(m) if m.archived => Err(MessagesError::Precondition("chat is archived")),
+            Ok(m) if m.blocked => Err(MessagesError::Denied(Self::BLOCKED)),
             Ok(m) => mentions_of_members(&req.mentions, &m.other_members),
             Err(e) => Err(e),
         };

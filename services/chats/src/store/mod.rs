@@ -143,6 +143,15 @@ pub enum Created {
     Forgotten(UserId),
 }
 
+/// Outcome of [`ChatStore::block`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blocked {
+    /// Blocked now, or already.
+    Done,
+    /// The user blocks the most users one may already: nothing changed.
+    TooMany,
+}
+
 /// Outcome of adding members.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Added {
@@ -412,8 +421,8 @@ pub trait ChatStore: Send + Sync + 'static {
     /// [`ChatStore::member_chat_ids`] that follows finds it), and one that
     /// commits after it sees the record. PostgreSQL: this takes an
     /// exclusive transaction-level advisory lock that membership writes
-    /// take shared; SQLite: one writer. The user's privacy settings go in
-    /// the same transaction.
+    /// take shared; SQLite: one writer. The user's privacy settings and blocks
+    /// (theirs and of them) go in the same transaction.
     async fn record_forgotten(&self, user: UserId, now: i64) -> Result<(), StoreError>;
 
     /// `user`'s privacy choices; None if they set none (the service's
@@ -434,6 +443,31 @@ pub trait ChatStore: Send + Sync + 'static {
     /// have the service's default), in no set order: one read for the whole
     /// list (the caller bounds it).
     async fn group_adds_among(&self, users: &[UserId]) -> Result<Vec<(UserId, GroupAdds)>, StoreError>;
+
+    /// Records that `user` blocked `other` at `now` (µs), unless `user`
+    /// blocks `limit` users already ([`Blocked::TooMany`]); blocking
+    /// someone blocked already changes nothing. One transaction.
+    async fn block(&self, user: UserId, other: UserId, now: i64, limit: usize) -> Result<Blocked, StoreError>;
+
+    /// Takes `user`'s block of `other` back (none: nothing changes).
+    async fn unblock(&self, user: UserId, other: UserId) -> Result<(), StoreError>;
+
+    /// Up to `limit` users `user` blocked, by id, after `after`, each with
+    /// its block time (µs).
+    async fn blocked_users(
+        &self,
+        user: UserId,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> Result<Vec<(UserId, i64)>, StoreError>;
+
+    /// Those of `users` who blocked `user`, each once, in no set order: one
+    /// read for the whole list (the caller bounds it).
+    async fn blockers_among(&self, user: UserId, users: &[UserId]) -> Result<Vec<UserId>, StoreError>;
+
+    /// Whether one member of `chat` blocked another (for a direct chat:
+    /// whether it takes new messages). One read.
+    async fn blocks_within(&self, chat: ChatId) -> Result<bool, StoreError>;
 
     /// Those of `users` who are members of at least `groups` group chats
     /// (public, private, archived: direct chats are not counted), each once,

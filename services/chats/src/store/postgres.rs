@@ -13,9 +13,9 @@ use natter_kit::time::now_micros;
 use natter_proto::messages::v1 as mpb;
 
 use super::{
-    Added, Backoff, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError, chat_columns,
-    chat_updated, check_roles, departed, direct_key, joined, membership, order_column, outbox_rows, parse_enum,
-    parse_id, pending_row, role_changes, time_bounds, updated_by,
+    Added, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError,
+    chat_columns, chat_updated, check_roles, departed, direct_key, joined, membership, order_column, outbox_rows,
+    parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -308,6 +308,10 @@ impl ChatStore for PostgresChatStore {
         .execute(&mut *tx)
         .await?;
         sqlx::query("DELETE FROM privacy_settings WHERE user_id = $1").bind(user.to_string()).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM blocks WHERE user_id = $1 OR blocked_user_id = $1")
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -360,6 +364,80 @@ impl ChatStore for PostgresChatStore {
                 ))
             })
             .collect()
+    }
+
+    async fn block(&self, user: UserId, other: UserId, now: i64, limit: usize) -> Result<Blocked, StoreError> {
+        // One statement: the row, unless there is one, or the user blocks
+        // `limit` users already (blocks racing each other may pass it by
+        // their number).
+        let done: Option<(bool,)> = sqlx::query_as(
+            "WITH existing AS (SELECT 1 FROM blocks WHERE user_id = $1 AND blocked_user_id = $2), \
+             counted AS (SELECT COUNT(*) AS n FROM (SELECT 1 FROM blocks WHERE user_id = $1 LIMIT $4) s), \
+             inserted AS (INSERT INTO blocks (user_id, blocked_user_id, block_time) \
+               SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM existing) AND (SELECT n FROM counted) < $4 \
+               ON CONFLICT (user_id, blocked_user_id) DO NOTHING RETURNING 1) \
+             SELECT EXISTS (SELECT 1 FROM existing) OR EXISTS (SELECT 1 FROM inserted) \
+               OR (SELECT n FROM counted) < $4",
+        )
+        .bind(user.to_string())
+        .bind(other.to_string())
+        .bind(now)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(if done.is_some_and(|(ok,)| ok) { Blocked::Done } else { Blocked::TooMany })
+    }
+
+    async fn unblock(&self, user: UserId, other: UserId) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM blocks WHERE user_id = $1 AND blocked_user_id = $2")
+            .bind(user.to_string())
+            .bind(other.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn blocked_users(
+        &self,
+        user: UserId,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> Result<Vec<(UserId, i64)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT blocked_user_id, block_time FROM blocks WHERE user_id = $1 AND blocked_user_id > $2 \
+             ORDER BY blocked_user_id LIMIT $3",
+        )
+        .bind(user.to_string())
+        .bind(after.map(|a| a.to_string()).unwrap_or_default())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|(id, time)| Ok((parse_id("blocks.blocked_user_id", id)?, *time))).collect()
+    }
+
+    async fn blockers_among(&self, user: UserId, users: &[UserId]) -> Result<Vec<UserId>, StoreError> {
+        let users: Vec<String> = users.iter().map(UserId::to_string).collect();
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT u FROM UNNEST($1::text[]) AS u \
+             WHERE EXISTS (SELECT 1 FROM blocks WHERE user_id = u AND blocked_user_id = $2)",
+        )
+        .bind(&users)
+        .bind(user.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        ids.iter().map(|id| parse_id("blocks.user_id", id)).collect()
+    }
+
+    async fn blocks_within(&self, chat: ChatId) -> Result<bool, StoreError> {
+        let found: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM members m JOIN blocks b ON b.user_id = m.user_id \
+             JOIN members o ON o.chat_id = m.chat_id AND o.user_id = b.blocked_user_id \
+             WHERE m.chat_id = $1 LIMIT 1",
+        )
+        .bind(chat.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
     }
 
     async fn users_in_groups(&self, users: &[UserId], groups: usize) -> Result<Vec<UserId>, StoreError> {

@@ -21,9 +21,9 @@ use natter_kit::time::now_micros;
 use natter_proto::messages::v1 as mpb;
 
 use super::{
-    Added, Backoff, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError, chat_columns,
-    chat_updated, check_roles, departed, direct_key, joined, membership, order_column, outbox_rows, parse_enum,
-    parse_id, pending_row, role_changes, time_bounds, updated_by,
+    Added, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError,
+    chat_columns, chat_updated, check_roles, departed, direct_key, joined, membership, order_column, outbox_rows,
+    parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -415,6 +415,8 @@ impl ChatStore for SqliteChatStore {
             )?
             .execute(params![user.to_string(), now])?;
             tx.prepare_cached("DELETE FROM privacy_settings WHERE user_id = ?1")?.execute([user.to_string()])?;
+            tx.prepare_cached("DELETE FROM blocks WHERE user_id = ?1 OR blocked_user_id = ?1")?
+                .execute([user.to_string()])?;
             tx.commit()
         });
         done.await.map_err(unwrap)?;
@@ -474,6 +476,85 @@ impl ChatStore for SqliteChatStore {
                 ))
             })?;
             rows.collect()
+        });
+        found.await.map_err(unwrap)
+    }
+
+    async fn block(&self, user: UserId, other: UserId, now: i64, limit: usize) -> Result<Blocked, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let done = self.db.write(move |conn| {
+            let tx = conn.transaction()?;
+            let (user, other) = (user.to_string(), other.to_string());
+            let exists = tx
+                .prepare_cached("SELECT 1 FROM blocks WHERE user_id = ?1 AND blocked_user_id = ?2")?
+                .exists([&user, &other])?;
+            if exists {
+                return Ok(Blocked::Done);
+            }
+            let count: i64 = tx
+                .prepare_cached("SELECT COUNT(*) FROM (SELECT 1 FROM blocks WHERE user_id = ?1 LIMIT ?2)")?
+                .query_row(params![user, limit], |row| row.get(0))?;
+            if count >= limit {
+                return Ok(Blocked::TooMany); // the guard rolls back
+            }
+            tx.prepare_cached("INSERT INTO blocks (user_id, blocked_user_id, block_time) VALUES (?1, ?2, ?3)")?
+                .execute(params![user, other, now])?;
+            tx.commit()?;
+            Ok(Blocked::Done)
+        });
+        done.await.map_err(unwrap)
+    }
+
+    async fn unblock(&self, user: UserId, other: UserId) -> Result<(), StoreError> {
+        let done = self.db.write(move |conn| {
+            conn.prepare_cached("DELETE FROM blocks WHERE user_id = ?1 AND blocked_user_id = ?2")?
+                .execute([user.to_string(), other.to_string()])
+        });
+        done.await.map_err(unwrap)?;
+        Ok(())
+    }
+
+    async fn blocked_users(
+        &self,
+        user: UserId,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> Result<Vec<(UserId, i64)>, StoreError> {
+        let after = after.map(|a| a.to_string()).unwrap_or_default();
+        let found = self.db.read(move |conn| {
+            let mut select = conn.prepare_cached(
+                "SELECT blocked_user_id, block_time FROM blocks WHERE user_id = ?1 AND blocked_user_id > ?2 \
+                 ORDER BY blocked_user_id LIMIT ?3",
+            )?;
+            let rows = select.query_map(params![user.to_string(), after, limit], |row| {
+                Ok((id(row, 0, "blocks.blocked_user_id")?, row.get(1)?))
+            })?;
+            rows.collect()
+        });
+        found.await.map_err(unwrap)
+    }
+
+    async fn blockers_among(&self, user: UserId, users: &[UserId]) -> Result<Vec<UserId>, StoreError> {
+        let users = json_ids(users);
+        let found = self.db.read(move |conn| {
+            let mut select = conn.prepare_cached(
+                "SELECT DISTINCT u.value FROM json_each(?1) u \
+                 WHERE EXISTS (SELECT 1 FROM blocks WHERE user_id = u.value AND blocked_user_id = ?2)",
+            )?;
+            let rows = select.query_map((users, user.to_string()), id_of)?;
+            rows.collect()
+        });
+        found.await.map_err(unwrap)
+    }
+
+    async fn blocks_within(&self, chat: ChatId) -> Result<bool, StoreError> {
+        let found = self.db.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT 1 FROM members m JOIN blocks b ON b.user_id = m.user_id \
+                 JOIN members o ON o.chat_id = m.chat_id AND o.user_id = b.blocked_user_id \
+                 WHERE m.chat_id = ?1 LIMIT 1",
+            )?
+            .exists([chat.to_string()])
         });
         found.await.map_err(unwrap)
     }

@@ -17,7 +17,7 @@ use natter_proto::messages::v1 as mpb;
 
 use super::postgres::PostgresChatStore;
 use super::sqlite::SqliteChatStore;
-use super::{Added, Backoff, ChatStore, Checked, Created, Departure, Removal};
+use super::{Added, Backoff, Blocked, ChatStore, Checked, Created, Departure, Removal};
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, DirectChats,
     GroupAdds, Kind, Limits, Member, MemberCursor, PrivacyChoices, Role, StoredPrivacy, Visibility,
@@ -122,7 +122,50 @@ chat_store_suite!(
     a_chat_deleted_beside_an_add_removes_the_joiner_too,
     privacy_settings_are_each_users_own_and_go_with_a_forgotten_user,
     users_in_groups_counts_current_group_memberships,
+    blocks_are_each_users_own_are_seen_both_ways_and_go_with_a_forgotten_user,
 );
+
+async fn blocks_are_each_users_own_are_seen_both_ways_and_go_with_a_forgotten_user(store: &dyn ChatStore) {
+    let [alice, bob, carol, dave] = std::array::from_fn(|_| UserId::new_v7());
+    assert_eq!(store.block(alice, bob, 1, 2).await.unwrap(), Blocked::Done);
+    assert_eq!(store.block(alice, bob, 2, 2).await.unwrap(), Blocked::Done, "again: no change");
+    assert_eq!(store.block(alice, carol, 3, 2).await.unwrap(), Blocked::Done);
+    assert_eq!(store.block(alice, dave, 4, 2).await.unwrap(), Blocked::TooMany, "two at most");
+    assert_eq!(store.block(alice, carol, 5, 2).await.unwrap(), Blocked::Done, "a repeat at the limit is no new block");
+    assert_eq!(store.block(dave, alice, 6, 2).await.unwrap(), Blocked::Done);
+
+    let mut blocked = vec![(bob, 1), (carol, 3)];
+    blocked.sort();
+    assert_eq!(store.blocked_users(alice, None, 10).await.unwrap(), blocked, "by id, first time kept");
+    assert_eq!(store.blocked_users(alice, None, 1).await.unwrap(), blocked[..1]);
+    assert_eq!(store.blocked_users(alice, Some(blocked[0].0), 10).await.unwrap(), blocked[1..]);
+    assert_eq!(store.blocked_users(bob, None, 10).await.unwrap(), [], "each user's own");
+
+    // One way round: alice blocked bob and carol, dave blocked alice.
+    assert_eq!(store.blockers_among(alice, &[bob, carol, dave]).await.unwrap(), [dave]);
+    assert_eq!(store.blockers_among(bob, &[alice, carol, alice]).await.unwrap(), [alice], "each once");
+    assert_eq!(store.blockers_among(bob, &[carol, dave]).await.unwrap(), []);
+
+    let mut with_bob = chat(bob, 7);
+    with_bob.kind = Kind::Direct;
+    with_bob.title = String::new();
+    let with_bob = create(store, with_bob, &[alice]).await;
+    let mut with_carol = chat(carol, 8);
+    with_carol.kind = Kind::Direct;
+    with_carol.title = String::new();
+    let with_carol = create(store, with_carol, &[bob]).await;
+    assert!(store.blocks_within(with_bob.id).await.unwrap(), "alice blocked bob");
+    assert!(!store.blocks_within(with_carol.id).await.unwrap());
+
+    store.unblock(alice, bob).await.unwrap();
+    store.unblock(alice, bob).await.unwrap();
+    assert!(!store.blocks_within(with_bob.id).await.unwrap(), "taken back");
+    assert_eq!(store.blocked_users(alice, None, 10).await.unwrap(), [(carol, 3)]);
+
+    store.record_forgotten(alice, 9).await.unwrap();
+    assert_eq!(store.blocked_users(alice, None, 10).await.unwrap(), [], "gone with the user");
+    assert_eq!(store.blocked_users(dave, None, 10).await.unwrap(), [], "and blocks of them");
+}
 
 async fn users_in_groups_counts_current_group_memberships(store: &dyn ChatStore) {
     let [alice, bob, carol, nobody] = std::array::from_fn(|_| UserId::new_v7());

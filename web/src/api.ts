@@ -45,6 +45,11 @@ export function isDenied(err: unknown): boolean {
   return code === Code.PermissionDenied || code === Code.NotFound;
 }
 
+/** The server refused the caller this (a setting, a block, not a member): the message says why. */
+export function isPermissionDenied(err: unknown): boolean {
+  return ConnectError.from(err).code === Code.PermissionDenied;
+}
+
 /** No such thing (a user by that username, say). */
 export function isNotFound(err: unknown): boolean {
   return ConnectError.from(err).code === Code.NotFound;

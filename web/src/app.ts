@@ -28,6 +28,8 @@ const input = (id: string) => el<HTMLInputElement>(id);
 
 let me: User | null = null;
 const users = new Map<string, User>(); // user id -> user
+/** The ids BatchGetUsers no longer knows: deleted accounts. */
+const deletedUsers = new Set<string>();
 const chats = new Map<string, Chat>(); // chat id -> chat (with preview)
 const peers = new Map<string, string>(); // direct chat id -> the other member's id
 const fetchingChats = new Map<string, Promise<void>>(); // chats being fetched after a stream event
@@ -130,7 +132,11 @@ async function ensureUsers(ids: Iterable<string>) {
     const res = await api.sessions.batchGetUsers({ userIds: batch });
     for (const u of res.users) users.set(u.id, u);
     // An id the server no longer knows is a deleted account: its messages stay, under this name.
-    for (const id of batch) if (!users.has(id)) users.set(id, create(UserSchema, { id, displayName: "Deleted account" }));
+    for (const id of batch) {
+      if (users.has(id)) continue;
+      users.set(id, create(UserSchema, { id, displayName: "Deleted account" }));
+      deletedUsers.add(id);
+    }
   }
 }
 
@@ -607,6 +613,8 @@ async function openChat(chatId: string) {
   el("chat-title").textContent = chatName(chat);
   renderPresence();
   el("composer-form").hidden = false;
+  composerError("");
+  renderBlocking();
   input("composer").placeholder = isBot(peers.get(chatId)) ? "Ask the assistant" : "Message";
   renderChatList();
   renderMessages("bottom");
@@ -701,6 +709,22 @@ async function send(p: Pending) {
       if (api.isTransient(err) && attempt < 3) {
         await new Promise((r) => setTimeout(r, 500 * 2 ** attempt));
         continue;
+      }
+      if (api.isPermissionDenied(err) && !p.threadRootSeq && open?.id === p.chatId) {
+        // Refused as things stand (one of a direct chat's two blocked the
+        // other, say), which no retry changes: the server's words above the
+        // composer, and what was typed back in it, to send once it may be,
+        // unless something else was typed there meanwhile (then it stays as
+        // an unsent message).
+        composerError(api.describe(err));
+        const box = input("composer");
+        if (!box.value) {
+          box.value = p.text;
+          pending.delete(p.id);
+          renderMessages();
+          renderThread();
+          return;
+        }
       }
       p.error = api.describe(err);
       renderMessages();
@@ -1085,6 +1109,7 @@ function showAuth() {
   el("chat-view").hidden = true;
   el("logout").hidden = true;
   el("delete-account").hidden = true;
+  el("open-blocked").hidden = true;
   el("me").textContent = "";
   setStatus("");
   input("username").focus();
@@ -1099,7 +1124,9 @@ async function enter(user: User) {
   el("delete-account").hidden = false;
   el("me").textContent = userName(user.id) + (user.guest ? " (guest)" : "");
   el("privacy-control").hidden = false;
+  el("open-blocked").hidden = false;
   void loadPrivacy();
+  void loadBlocked();
   await loadChats();
   stream = new AbortController();
   void runStream(stream.signal);
@@ -1114,6 +1141,8 @@ function closeChat() {
   renderPresence();
   renderAssistantReplies();
   el("composer-form").hidden = true;
+  composerError("");
+  renderBlocking();
   el("load-older").hidden = true;
   renderMessages();
   renderTyping();
@@ -1124,7 +1153,10 @@ function signOutLocally() {
   stream = null;
   api.token.clear();
   me = null;
-  for (const m of [users, chats, peers, groupMembers, lastSeq, lastChange, pending]) m.clear();
+  for (const m of [users, deletedUsers, chats, peers, groupMembers, lastSeq, lastChange, pending]) m.clear();
+  blocked = null;
+  closeBlocked();
+  el("open-blocked").hidden = true;
   el("assistant-notice").hidden = true;
   el("new-group-error").hidden = true;
   clearPrivacy();
@@ -1209,6 +1241,7 @@ async function openThread(chatId: string, rootSeq: bigint) {
   const state = { chatId, rootSeq, replies: new Map<bigint, Message>() };
   thread = state;
   closeMembers(); // one side panel at a time
+  closeBlocked();
   el("thread-panel").hidden = false;
   renderThread();
   let pageToken = "";
@@ -1303,6 +1336,7 @@ async function openMembers() {
   if (!open) return;
   const chatId = open.id;
   closeThread(); // one side panel at a time
+  closeBlocked();
   membersPanel = { chatId, members: [], nextPageToken: "" };
   membersNote("");
   el("members-panel").hidden = false;
@@ -1648,6 +1682,173 @@ function savePrivacy(c: PrivacyControl) {
 
 for (const c of PRIVACY) el(c.id).addEventListener("change", () => savePrivacy(c));
 
+// ---------------------------------------------------------------- blocking
+
+/**
+ * The users we blocked, in the order we learnt of them: ListBlockedUsers at
+ * sign-in, then this page's own Block and Unblock (a block made elsewhere
+ * shows after a reload; no event tells of it). null until read: the Block
+ * button waits for it.
+ */
+let blocked: Set<string> | null = null;
+
+/** The other person of direct chat `chatId`, if a person this page may block or unblock (not a bot, not deleted). */
+function blockablePeer(chatId: string): string | undefined {
+  const chat = chats.get(chatId);
+  const peer = peers.get(chatId);
+  if (chat?.kind !== ChatKind.DIRECT || !peer || isBot(peer) || deletedUsers.has(peer)) return undefined;
+  return peer;
+}
+
+/** Whether we blocked the other person of direct chat `chatId` (so it takes no messages from us either). */
+function blockedByMe(chatId: string): boolean {
+  const peer = peers.get(chatId);
+  return !!peer && !!blocked?.has(peer) && chats.get(chatId)?.kind === ChatKind.DIRECT;
+}
+
+/** Reads whom we blocked after sign-in, every page; a failure says why and leaves the Block button disabled. */
+async function loadBlocked() {
+  const user = me;
+  blocked = null;
+  renderBlocking();
+  try {
+    const ids = new Set<string>();
+    let pageToken = "";
+    do {
+      const res = await api.chats.listBlockedUsers({ pageSize: 200, pageToken });
+      for (const b of res.blockedUsers) ids.add(b.userId);
+      pageToken = res.nextPageToken;
+    } while (pageToken);
+    await ensureUsers(ids);
+    if (me !== user) return; // signed out meanwhile
+    blocked = ids;
+  } catch (err) {
+    if (me !== user || api.isUnauthenticated(err)) return; // the stream signs out
+    showError(`Cannot read whom you blocked: ${api.describe(err)}`);
+  }
+  renderBlocking();
+}
+
+/**
+ * Shows the block as it stands: the open direct chat's Block (or Unblock)
+ * button, the composer closed with a line saying why while we block its
+ * other person, and the Blocked people panel if open.
+ */
+function renderBlocking() {
+  const button = el<HTMLButtonElement>("block-user");
+  const peer = open ? blockablePeer(open.id) : undefined;
+  button.hidden = !peer;
+  button.disabled = !blocked;
+  const isBlocked = !!peer && !!blocked?.has(peer);
+  button.textContent = isBlocked ? "Unblock" : "Block";
+  button.title = !blocked
+    ? "reading whom you blocked…"
+    : isBlocked
+      ? `Let ${userName(peer)} write to you again`
+      : `Stop ${userName(peer)} writing to you, starting chats with you or adding you to groups`;
+  const note = el("composer-blocked");
+  note.textContent = isBlocked ? `You blocked ${userName(peer)}. Unblock to send messages.` : "";
+  note.hidden = !isBlocked;
+  input("composer").disabled = isBlocked;
+  el<HTMLButtonElement>("send").disabled = isBlocked;
+  renderBlockedPanel();
+}
+
+/** A refusal of a send in the open chat, in the server's words, under the timeline; "" puts it away. */
+function composerError(text: string) {
+  el("composer-error").textContent = text;
+  el("composer-error").hidden = !text;
+}
+
+async function blockUser(userId: string) {
+  const user = me;
+  await api.chats.blockUser({ userId });
+  if (me !== user || !blocked) return;
+  blocked.add(userId);
+  renderBlocking();
+}
+
+async function unblockUser(userId: string) {
+  const user = me;
+  await api.chats.unblockUser({ userId });
+  if (me !== user || !blocked) return;
+  blocked.delete(userId);
+  renderBlocking();
+}
+
+el("block-user").addEventListener("click", () => {
+  const button = el<HTMLButtonElement>("block-user");
+  const peer = open ? blockablePeer(open.id) : undefined;
+  if (!peer || !blocked) return;
+  if (blocked.has(peer)) {
+    button.disabled = true;
+    void act(() => unblockUser(peer)).finally(renderBlocking);
+    return;
+  }
+  const name = userName(peer);
+  if (!window.confirm(`Block ${name}? Neither of you can write in this chat until you unblock ${name}, ` +
+      `and ${name} can no longer start a chat with you or add you to groups.`)) return;
+  button.disabled = true;
+  void act(() => blockUser(peer)).finally(renderBlocking);
+});
+
+/** The Blocked people side panel: open or not. */
+let blockedPanelOpen = false;
+
+function openBlocked() {
+  closeThread(); // one side panel at a time
+  closeMembers();
+  blockedPanelOpen = true;
+  blockedNote("");
+  el("blocked-panel").hidden = false;
+  renderBlockedPanel();
+}
+
+function closeBlocked() {
+  blockedPanelOpen = false;
+  el("blocked-panel").hidden = true;
+}
+
+/** A refusal in the Blocked people panel, in the server's words, until the next action there. */
+function blockedNote(text: string) {
+  el("blocked-error").textContent = text;
+  el("blocked-error").hidden = !text;
+}
+
+/** Redraws the Blocked people panel: each user we blocked by username, with Unblock. */
+function renderBlockedPanel() {
+  if (!blockedPanelOpen) return;
+  const ids = [...(blocked ?? [])];
+  el("blocked-empty").hidden = !blocked || ids.length > 0;
+  el("blocked-list").replaceChildren(...ids.map((id) => {
+    const li = document.createElement("li");
+    li.className = "blocked-user";
+    li.dataset.testid = "blocked-user";
+    li.dataset.userId = id;
+    const name = document.createElement("span");
+    name.className = "blocked-name";
+    name.textContent = users.get(id)?.username || userName(id);
+    li.append(name, smallButton("Unblock", "unblock-user", () => unblockUser(id), blockedAct));
+    return li;
+  }));
+}
+
+/** Runs an action of the Blocked people panel: its refusal shows in the panel, not as a page error. */
+async function blockedAct(what: () => Promise<void>) {
+  blockedNote("");
+  await act(async () => {
+    try {
+      await what();
+    } catch (err) {
+      if (api.isUnauthenticated(err)) throw err; // act signs out
+      blockedNote(withUsernames(api.describe(err)));
+    }
+  });
+}
+
+el("open-blocked").addEventListener("click", () => (blockedPanelOpen ? closeBlocked() : openBlocked()));
+el("close-blocked").addEventListener("click", closeBlocked);
+
 // ---------------------------------------------------------------- search
 
 /** The search being shown: its query and the token of its next page. */
@@ -1853,8 +2054,9 @@ el("composer-form").addEventListener("submit", (e) => {
   e.preventDefault();
   const box = input("composer");
   const text = box.value.trim();
-  if (!open || !text) return;
+  if (!open || !text || blockedByMe(open.id)) return;
   box.value = "";
+  composerError("");
   typingSent.delete(open.id); // the message ends the indicator; typing again renews it
   void send({ id: api.newUuid(), chatId: open.id, text, mentionUserIds: mentionsIn(text, open.id) });
 });

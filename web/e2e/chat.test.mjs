@@ -632,6 +632,67 @@ step("bob lets nobody start a chat with him: carol's is refused, naming him, and
   await waitForMessage(bobPage, "Got it, thanks");
 });
 
+step("alice blocks bob in their chat: neither may write there, bob's refused message stays in his composer; she unblocks him from Blocked people and his send arrives live", async () => {
+  await openChatWith(alicePage, bob.name);
+  const aliceBlock = alicePage.locator('[data-testid="block-user"]:enabled');
+  await aliceBlock.filter({ hasText: /^Block$/ }).waitFor(); // whom she blocked is read
+  let question = "";
+  alicePage.once("dialog", (d) => {
+    question = d.message();
+    void d.accept();
+  });
+  await aliceBlock.click();
+  await aliceBlock.filter({ hasText: /^Unblock$/ }).waitFor();
+  assert.match(question, new RegExp(`^Block ${escapeRe(bob.name)}\\?`), "she is asked first");
+  const aliceNote = alicePage.locator('[data-testid="composer-blocked"]');
+  await aliceNote.filter({ hasText: `You blocked ${bob.name}. Unblock to send messages.` }).waitFor();
+  assert.equal(await alicePage.locator("#composer").isDisabled(), true, "she cannot write to him");
+  assert.equal(await alicePage.locator("#send").isDisabled(), true);
+  // Read back from the server (ListBlockedUsers) on a fresh page.
+  await alicePage.reload();
+  await openChatWith(alicePage, bob.name);
+  await aliceBlock.filter({ hasText: /^Unblock$/ }).waitFor();
+  await aliceNote.filter({ hasText: `You blocked ${bob.name}.` }).waitFor();
+
+  // Bob's page cannot know: he blocked nobody, so he may type, and the server refuses the send.
+  await openChatWith(bobPage, alice.name);
+  await bobPage.locator('[data-testid="block-user"]:enabled', { hasText: /^Block$/ }).waitFor();
+  assert.equal(await bobPage.locator('[data-testid="composer-blocked"]').isHidden(), true);
+  const text = "Are you still there?";
+  await bobPage.fill("#composer", text);
+  await bobPage.press("#composer", "Enter");
+  const refusal = bobPage.locator('[data-testid="composer-error"]');
+  await refusal.filter({ hasText: /^this direct chat takes no new messages: one of you blocked the other$/ }).waitFor();
+  assert.equal(await bobPage.inputValue("#composer"), text, "what he typed is kept");
+  assert.equal(await bobPage.locator("#messages .message", { hasText: text }).count(), 0, "nothing sent or pending");
+  assert.equal(await alicePage.locator("#messages .message", { hasText: text }).count(), 0);
+
+  // Alice's Blocked people lists bob by username; she unblocks him there.
+  await alicePage.click('[data-testid="open-blocked"]');
+  const rows = alicePage.locator('[data-testid="blocked-user"]');
+  await rows.first().waitFor();
+  assert.deepEqual(await rows.locator(".blocked-name").allTextContents(), [bob.name]);
+  await mkdir(artifacts, { recursive: true });
+  await alicePage.screenshot({ path: path.join(artifacts, "blocked.png") });
+  await rows.locator('[data-testid="unblock-user"]').click();
+  await alicePage.locator('[data-testid="blocked-empty"]').waitFor();
+  assert.equal(await rows.count(), 0);
+  await aliceBlock.filter({ hasText: /^Block$/ }).waitFor();
+  await aliceNote.waitFor({ state: "hidden" });
+  assert.equal(await alicePage.locator("#composer").isEnabled(), true, "she may write again");
+
+  // At once: bob sends what he kept, and it arrives on alice's page live; she answers.
+  await bobPage.press("#composer", "Enter");
+  await waitForMessage(bobPage, text);
+  await refusal.waitFor({ state: "hidden" });
+  await waitForMessage(alicePage, text);
+  await send(alicePage, "Unblocked: sorry about that");
+  await waitForMessage(bobPage, "Unblocked: sorry about that");
+  await alicePage.click('[data-testid="close-blocked"]');
+  await alicePage.locator('[data-testid="blocked-panel"]').waitFor({ state: "hidden" });
+  for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
+});
+
 step("bob deletes his account: a wrong password deletes nothing; alice keeps their chat, under a deleted account", async () => {
   await bobPage.click("#delete-account");
   await bobPage.fill("#delete-password", "not the password");
@@ -652,7 +713,7 @@ step("bob deletes his account: a wrong password deletes nothing; alice keeps the
   await alicePage.reload();
   const gone = chatItem(alicePage, "Deleted account");
   await gone.filter({ hasText: "hello from a guest" }).waitFor();
-  const item = gone.filter({ hasText: "Still here" });
+  const item = gone.filter({ hasText: "Unblocked: sorry about that" });
   await item.click();
   await alicePage.locator("#messages .text", { hasText: history.at(-1) }).waitFor();
 });

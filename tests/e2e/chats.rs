@@ -374,7 +374,7 @@ async fn a_blocked_user_cannot_reach_whoever_blocked_them(c: &Cluster) {
     let (alice, bob, carol, dave) =
         (c.user("alice").await, c.user("bob").await, c.user("carol").await, c.user("dave").await);
     let chat = direct(c, &bob, &alice).await;
-    send(c, &bob, &chat.id, "hello alice").await;
+    let hello = send(c, &bob, &chat.id, "hello alice").await;
 
     block(c, &alice, &bob).await.unwrap();
     block(c, &alice, &bob).await.unwrap();
@@ -383,6 +383,13 @@ async fn a_blocked_user_cannot_reach_whoever_blocked_them(c: &Cluster) {
         assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
         assert!(refused.message().contains("blocked"), "{refused:?}");
     }
+    // Nor by an edit, a reaction or a typing indicator.
+    let edit = mpb::EditMessageRequest { message_id: hello.id.clone(), text: "still there?".into() };
+    assert_eq!(code(c.messages().edit_message(authed(&bob, edit)).await), Code::PermissionDenied);
+    let react = mpb::AddReactionRequest { message_id: hello.id.clone(), emoji: "👍".into() };
+    assert_eq!(code(c.messages().add_reaction(authed(&alice, react)).await), Code::PermissionDenied);
+    let typing = mpb::SetTypingRequest { chat_id: chat.id.clone(), typing: true };
+    assert_eq!(code(c.messages().set_typing(authed(&bob, typing)).await), Code::PermissionDenied);
     let refused = c.chats().create_chat(authed(&bob, group_of("with alice", &[&carol, &alice]))).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains(&alice.id) && refused.message().contains("group_adds"), "{refused:?}");

@@ -305,7 +305,8 @@ impl Messages {
         ))
     }
 
-    /// The refusal of a send to a direct chat closed by a block.
+    /// The refusal of a send, an edit, a reaction or a typing indicator in a
+    /// direct chat closed by a block.
     pub const BLOCKED: &'static str = "this direct chat takes no new messages: one of you blocked the other";
 
     /// SendMessage: commits the message with the chat's next seq, announces
@@ -432,7 +433,8 @@ impl Messages {
     }
 
     /// EditMessage (author only): keeps every earlier revision, up to
-    /// `limits.edits` edits; announces it. An edit to the text the message
+    /// `limits.edits` edits; announces it. Not in a direct chat closed by a
+    /// block ([`Messages::BLOCKED`]). An edit to the text the message
     /// has already (a retry) changes nothing and is answered as it is.
     pub async fn edit(&self, caller: UserId, req: EditMessage) -> Result<Message, MessagesError> {
         self.edit_rate.check(&caller)?;
@@ -446,6 +448,9 @@ impl Messages {
         }
         if membership.archived {
             return Err(MessagesError::Precondition("chat is archived"));
+        }
+        if membership.blocked {
+            return Err(MessagesError::Denied(Self::BLOCKED));
         }
         let flags = self.flags_of(&req.text);
         let mut edited =
@@ -556,7 +561,8 @@ impl Messages {
     /// adds or removes the caller's reaction and, when that changed
     /// anything, announces the message as edited (counts only: each stream
     /// sets its own user's `reacted_by_me`). Returns the message with its
-    /// reactions as the caller sees them.
+    /// reactions as the caller sees them. No reaction is added in a direct
+    /// chat closed by a block ([`Messages::BLOCKED`]); one is taken back.
     #[tracing::instrument(skip_all, fields(message_id = %req.message_id, add = req.add))]
     pub async fn react(&self, caller: UserId, req: React) -> Result<Message, MessagesError> {
         self.reaction_rate.check(&caller)?;
@@ -566,6 +572,10 @@ impl Messages {
         }
         if membership.archived {
             return Err(MessagesError::Precondition("chat is archived"));
+        }
+        // Taking one's reaction back is no new message.
+        if membership.blocked && req.add {
+            return Err(MessagesError::Denied(Self::BLOCKED));
         }
         let sight = Sight::of(&membership);
         match self.store.react(message.id, caller, &req.emoji, req.add, now_micros(), REACTION_EMOJI_MAX).await? {
@@ -730,12 +740,15 @@ impl Messages {
     /// SetTyping: announces that `caller` is typing in a chat (or stopped)
     /// to the chat's streams, as an ephemeral event (nothing is stored);
     /// returns when the indicator ends unless renewed, in µs since the
-    /// epoch.
+    /// epoch. Not in a direct chat closed by a block ([`Messages::BLOCKED`]).
     pub async fn set_typing(&self, caller: UserId, chat: ChatId, typing: bool) -> Result<i64, MessagesError> {
         self.typing_rate.check(&caller)?;
         let m = self.member(chat, caller).await?;
         if m.archived {
             return Err(MessagesError::Precondition("chat is archived"));
+        }
+        if m.blocked {
+            return Err(MessagesError::Denied(Self::BLOCKED));
         }
         let now = natter_kit::time::now_micros();
         let until = if typing { now + i64::try_from(self.typing_timeout.as_micros()).unwrap_or(i64::MAX) } else { now };

@@ -978,10 +978,10 @@ impl Chats {
     /// [`ChatsError::GroupLimit`] naming the first of `users` (in their
     /// order), bots aside, who is a member of as many groups as one user
     /// may be ([`crate::domain::Limits::groups_per_user`]): adding them to
-    /// a group would take them past it. One read, whatever the number of users. Checked
-    /// before the add is written: adds racing in other chats may each pass
-    /// it, so a user can end up past the limit by the number of adds that
-    /// raced, never by more.
+    /// a group would take them past it. One read, whatever the number of
+    /// users. Checked before the add is written: adds racing in other chats
+    /// may each pass it, so a user can end up past the limit by the number
+    /// of adds that raced, never by more.
     async fn check_group_limit(
         &self,
         caller: UserId,

@@ -83,6 +83,16 @@ async function openMembersOf(page, title) {
   await page.locator('[data-testid="members-panel"]').waitFor();
 }
 
+/**
+ * Opens the Settings side panel (privacy, blocked people, Delete account) from
+ * the header, unless it is open already.
+ */
+async function openSettings(page) {
+  const panel = page.locator('[data-testid="settings-panel"]');
+  if (!(await panel.isVisible())) await page.click('[data-testid="open-settings"]');
+  await panel.waitFor();
+}
+
 const tokenOf = (page) =>
   page.evaluate(() => Object.entries(localStorage).find(([k]) => k.startsWith("natter.token:"))[1]);
 
@@ -121,6 +131,7 @@ step("alice and bob register from a page on another origin", async () => {
 step("bob lets nobody add him to groups: alice's group with him is refused in the server's words; his choice outlives a reload", async () => {
   // Alice and bob share no chat yet.
   const groupAdds = '[data-testid="group-adds"]';
+  await openSettings(bobPage);
   await bobPage.locator(`${groupAdds}:enabled`).waitFor(); // read from the server
   assert.equal(await bobPage.inputValue(groupAdds), "everyone", "the default");
   await bobPage.selectOption(groupAdds, "nobody");
@@ -144,6 +155,7 @@ step("bob lets nobody add him to groups: alice's group with him is refused in th
 
   await bobPage.reload();
   await bobPage.locator("#me", { hasText: bob.name }).waitFor();
+  await openSettings(bobPage);
   await bobPage.locator(`${groupAdds}:enabled`).waitFor();
   assert.equal(await bobPage.inputValue(groupAdds), "nobody", "read back from the server");
   assert.equal(await bobPage.locator(".chat-item").count(), 0, "bob is in no group");
@@ -429,6 +441,7 @@ step("a guest can start chatting without an account", async () => {
     await send(guest, "hello from a guest");
     await chatItem(alicePage, "guest").locator(".chat-excerpt", { hasText: "hello from a guest" }).waitFor();
     // A guest deletes its account without a password.
+    await openSettings(guest);
     await guest.click("#delete-account");
     assert.equal(await guest.locator("#delete-password").isVisible(), false, "a guest has no password to give");
     await guest.click("#delete-confirm");
@@ -449,6 +462,7 @@ step("without an assistant configured the page says so and goes on", async () =>
 
 step("members: bob lets people he shares a chat with add him; alice's new group with carol lists its members and roles", async () => {
   const groupAdds = '[data-testid="group-adds"]';
+  await openSettings(bobPage);
   await bobPage.selectOption(groupAdds, "peers"); // he shares a chat with alice
   await bobPage.locator('[data-testid="group-adds-note"]', { hasText: "Saved" }).waitFor();
   carolPage = await newPerson("carol");
@@ -504,6 +518,7 @@ step("carol leaves: the group goes from her page and from the others' panels, li
   await waitForMembers(alicePage, [`${alice.name} (you) owner`, `${bob.name} member`]);
   await waitForMembers(bobPage, [`${alice.name} owner`, `${bob.name} (you) member`]);
 
+  await openSettings(carolPage);
   await carolPage.selectOption('[data-testid="group-adds"]', "nobody");
   await carolPage.locator('[data-testid="group-adds-note"]', { hasText: "Saved" }).waitFor();
   await addPeople(alicePage, carol.name);
@@ -592,6 +607,7 @@ step("a group of more than a page: 50 guests join bob's group at once; his open 
 step("bob lets nobody start a chat with him: carol's is refused, naming him, and nothing is made; his choice outlives a reload; he starts one with her himself", async () => {
   // Carol has no direct chat with bob, and shares no chat with him since she left Book club.
   const directChats = '[data-testid="direct-chats"]';
+  await openSettings(bobPage);
   await bobPage.locator(`${directChats}:enabled`).waitFor();
   assert.equal(await bobPage.inputValue(directChats), "everyone", "the default");
   await bobPage.selectOption(directChats, "nobody");
@@ -611,6 +627,7 @@ step("bob lets nobody start a chat with him: carol's is refused, naming him, and
   // A fresh page of bob's reads his choice back, keeps the other setting, and lists no chat with carol.
   await bobPage.reload();
   await bobPage.locator("#status", { hasText: "live" }).waitFor(); // the chat list is read before the stream starts
+  await openSettings(bobPage);
   await bobPage.locator(`${directChats}:enabled`).waitFor();
   assert.equal(await bobPage.inputValue(directChats), "nobody", "read back from the server");
   assert.equal(await bobPage.inputValue('[data-testid="group-adds"]'), "peers", "who can add him to groups is untouched");
@@ -667,8 +684,8 @@ step("alice blocks bob in their chat: neither may write there, bob's refused mes
   assert.equal(await bobPage.locator("#messages .message", { hasText: text }).count(), 0, "nothing sent or pending");
   assert.equal(await alicePage.locator("#messages .message", { hasText: text }).count(), 0);
 
-  // Alice's Blocked people lists bob by username; she unblocks him there.
-  await alicePage.click('[data-testid="open-blocked"]');
+  // Alice's Blocked people, in Settings, lists bob by username; she unblocks him there.
+  await openSettings(alicePage);
   const rows = alicePage.locator('[data-testid="blocked-user"]');
   await rows.first().waitFor();
   assert.deepEqual(await rows.locator(".blocked-name").allTextContents(), [bob.name]);
@@ -688,18 +705,21 @@ step("alice blocks bob in their chat: neither may write there, bob's refused mes
   await waitForMessage(alicePage, text);
   await send(alicePage, "Unblocked: sorry about that");
   await waitForMessage(bobPage, "Unblocked: sorry about that");
-  await alicePage.click('[data-testid="close-blocked"]');
+  await alicePage.click('[data-testid="close-settings"]');
+  await alicePage.locator('[data-testid="settings-panel"]').waitFor({ state: "hidden" });
   await alicePage.locator('[data-testid="blocked-panel"]').waitFor({ state: "hidden" });
   for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
 });
 
 step("bob deletes his account: a wrong password deletes nothing; alice keeps their chat, under a deleted account", async () => {
+  await openSettings(bobPage);
   await bobPage.click("#delete-account");
   await bobPage.fill("#delete-password", "not the password");
   await bobPage.click("#delete-confirm");
   await bobPage.locator("#error", { hasText: /password does not match/i }).waitFor(); // the server's own words
   await bobPage.locator("#me", { hasText: bob.name }).waitFor();
   await bobPage.locator("#status", { hasText: "live" }).waitFor(); // streaming again
+  await bobPage.locator('[data-testid="settings-panel"]').waitFor(); // the refusal closes nothing
   await bobPage.click("#delete-account");
   await bobPage.fill("#delete-password", bob.password);
   await bobPage.click("#delete-confirm");

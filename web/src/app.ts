@@ -1108,8 +1108,7 @@ function showAuth() {
   el("auth-view").hidden = false;
   el("chat-view").hidden = true;
   el("logout").hidden = true;
-  el("delete-account").hidden = true;
-  el("open-blocked").hidden = true;
+  el("open-settings").hidden = true;
   el("me").textContent = "";
   setStatus("");
   input("username").focus();
@@ -1121,10 +1120,8 @@ async function enter(user: User) {
   el("auth-view").hidden = true;
   el("chat-view").hidden = false;
   el("logout").hidden = false;
-  el("delete-account").hidden = false;
+  el("open-settings").hidden = false;
   el("me").textContent = userName(user.id) + (user.guest ? " (guest)" : "");
-  el("privacy-control").hidden = false;
-  el("open-blocked").hidden = false;
   void loadPrivacy();
   void loadBlocked();
   await loadChats();
@@ -1155,8 +1152,7 @@ function signOutLocally() {
   me = null;
   for (const m of [users, deletedUsers, chats, peers, groupMembers, lastSeq, lastChange, pending]) m.clear();
   blocked = null;
-  closeBlocked();
-  el("open-blocked").hidden = true;
+  closeSettings();
   el("assistant-notice").hidden = true;
   el("new-group-error").hidden = true;
   clearPrivacy();
@@ -1241,7 +1237,7 @@ async function openThread(chatId: string, rootSeq: bigint) {
   const state = { chatId, rootSeq, replies: new Map<bigint, Message>() };
   thread = state;
   closeMembers(); // one side panel at a time
-  closeBlocked();
+  closeSettings();
   el("thread-panel").hidden = false;
   renderThread();
   let pageToken = "";
@@ -1336,7 +1332,7 @@ async function openMembers() {
   if (!open) return;
   const chatId = open.id;
   closeThread(); // one side panel at a time
-  closeBlocked();
+  closeSettings();
   membersPanel = { chatId, members: [], nextPageToken: "" };
   membersNote("");
   el("members-panel").hidden = false;
@@ -1576,7 +1572,7 @@ el("leave-group").addEventListener("click", () => {
 // ---------------------------------------------------------------- privacy
 
 /**
- * A privacy setting in the header: its <select> (#id; its note, #id-note),
+ * A privacy setting in the Settings panel: its <select> (#id; its note, #id-note),
  * its field of PrivacySettings and path in an update_mask, and its values by
  * the <option> values. Each is saved alone, its path the only one in the
  * mask, so saving one never overwrites another.
@@ -1650,7 +1646,6 @@ async function loadPrivacy() {
 /** Forgets the settings (on sign-out): the next person's are read afresh. */
 function clearPrivacy() {
   resetPrivacy();
-  el("privacy-control").hidden = true;
 }
 
 /** Saves the value chosen in a setting's select (UpdatePrivacySettings, its path alone in the mask). */
@@ -1732,7 +1727,7 @@ async function loadBlocked() {
 /**
  * Shows the block as it stands: the open direct chat's Block (or Unblock)
  * button, the composer closed with a line saying why while we block its
- * other person, and the Blocked people panel if open.
+ * other person, and Settings' Blocked people if the panel is open.
  */
 function renderBlocking() {
   const button = el<HTMLButtonElement>("block-user");
@@ -1792,32 +1787,15 @@ el("block-user").addEventListener("click", () => {
   void act(() => blockUser(peer)).finally(renderBlocking);
 });
 
-/** The Blocked people side panel: open or not. */
-let blockedPanelOpen = false;
-
-function openBlocked() {
-  closeThread(); // one side panel at a time
-  closeMembers();
-  blockedPanelOpen = true;
-  blockedNote("");
-  el("blocked-panel").hidden = false;
-  renderBlockedPanel();
-}
-
-function closeBlocked() {
-  blockedPanelOpen = false;
-  el("blocked-panel").hidden = true;
-}
-
-/** A refusal in the Blocked people panel, in the server's words, until the next action there. */
+/** A refusal in Settings' Blocked people, in the server's words, until the next action there. */
 function blockedNote(text: string) {
   el("blocked-error").textContent = text;
   el("blocked-error").hidden = !text;
 }
 
-/** Redraws the Blocked people panel: each user we blocked by username, with Unblock. */
+/** Redraws Settings' Blocked people: each user we blocked by username, with Unblock. */
 function renderBlockedPanel() {
-  if (!blockedPanelOpen) return;
+  if (!settingsOpen) return;
   const ids = [...(blocked ?? [])];
   el("blocked-empty").hidden = !blocked || ids.length > 0;
   el("blocked-list").replaceChildren(...ids.map((id) => {
@@ -1833,7 +1811,7 @@ function renderBlockedPanel() {
   }));
 }
 
-/** Runs an action of the Blocked people panel: its refusal shows in the panel, not as a page error. */
+/** Runs an action of Settings' Blocked people: its refusal shows in the panel, not as a page error. */
 async function blockedAct(what: () => Promise<void>) {
   blockedNote("");
   await act(async () => {
@@ -1846,8 +1824,32 @@ async function blockedAct(what: () => Promise<void>) {
   });
 }
 
-el("open-blocked").addEventListener("click", () => (blockedPanelOpen ? closeBlocked() : openBlocked()));
-el("close-blocked").addEventListener("click", closeBlocked);
+// ---------------------------------------------------------------- settings
+
+/**
+ * The Settings side panel, opened from the header: the privacy settings, the
+ * people we blocked (each with Unblock) and Delete account. Open or not.
+ */
+let settingsOpen = false;
+
+function openSettings() {
+  closeThread(); // one side panel at a time
+  closeMembers();
+  settingsOpen = true;
+  blockedNote("");
+  el("settings-panel").hidden = false;
+  el("open-settings").setAttribute("aria-expanded", "true");
+  renderBlockedPanel();
+}
+
+function closeSettings() {
+  settingsOpen = false;
+  el("settings-panel").hidden = true;
+  el("open-settings").setAttribute("aria-expanded", "false");
+}
+
+el("open-settings").addEventListener("click", () => (settingsOpen ? closeSettings() : openSettings()));
+el("close-settings").addEventListener("click", closeSettings);
 
 // ---------------------------------------------------------------- search
 

@@ -189,9 +189,6 @@ step("they chat both ways, live, without reloading", async () => {
   await assertConversation(bobPage, history, "bob");
   await mkdir(artifacts, { recursive: true });
   await alicePage.screenshot({ path: path.join(artifacts, "chat.png") });
-  if (process.env.NATTER_UPDATE_SCREENSHOT === "1") {
-    await copyFile(path.join(artifacts, "chat.png"), path.join(webDir, "screenshot.png"));
-  }
 });
 
 step("presence: alice sees bob online, offline with a last-seen time while he is away, online again", async () => {
@@ -709,6 +706,53 @@ step("alice blocks bob in their chat: neither may write there, bob's refused mes
   await alicePage.locator('[data-testid="settings-panel"]').waitFor({ state: "hidden" });
   await alicePage.locator('[data-testid="blocked-panel"]').waitFor({ state: "hidden" });
   for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
+});
+
+step("a group of two: alice and bob write, bob reacts and asks in a thread, alice answers there; all live (the README's screenshot)", async () => {
+  // Bob lets people he shares a chat with add him, and shares one with alice.
+  await alicePage.fill('[data-testid="new-group-title"]', "Saturday hike");
+  await alicePage.fill('[data-testid="new-group-members"]', bob.name);
+  await alicePage.click("#new-group");
+  await alicePage.locator("#chat-title", { hasText: "Saturday hike" }).waitFor();
+  await openChatWith(bobPage, "Saturday hike"); // listed live, from the stream
+  const plan = "The ridge loop? 14 km, back by four.";
+  for (const [from, to, text] of [
+    [alicePage, bobPage, "Hike on Saturday? The forecast says sun all day."],
+    [bobPage, alicePage, "I'm in. Which trail?"],
+    [alicePage, bobPage, plan],
+  ]) {
+    await send(from, text);
+    await waitForMessage(to, text);
+  }
+  const planOn = (page) => page.locator('#messages [data-testid="message"]', { hasText: plan });
+  await planOn(bobPage).locator('[data-testid="add-reaction"]').click();
+  await planOn(bobPage).locator('[data-testid="pick-reaction"][data-emoji="👍"]').click();
+  await planOn(alicePage).locator('.reaction[data-emoji="👍"]', { hasText: "👍 1" }).waitFor();
+
+  await planOn(bobPage).locator('[data-testid="open-thread"]').click();
+  const question = "Could we start at 9:30? The first train gets in at 9:10.";
+  await bobPage.fill("#thread-composer", question);
+  await bobPage.press("#thread-composer", "Enter");
+  await planOn(alicePage).locator('[data-testid="thread-summary"]', { hasText: "1 reply" }).click();
+  const threadOf = (page) => page.locator('[data-testid="thread-messages"]');
+  await threadOf(alicePage).locator('[data-testid="message"] .text', { hasText: question }).waitFor();
+  await alicePage.fill("#thread-composer", "9:30 at the station, then.");
+  await alicePage.press("#thread-composer", "Enter");
+  await threadOf(bobPage).locator('[data-testid="message"] .text', { hasText: "9:30 at the station, then." }).waitFor();
+  await send(bobPage, "Great, I'll bring the map.");
+  await waitForMessage(alicePage, "Great, I'll bring the map.");
+  await planOn(alicePage).locator('[data-testid="thread-summary"]', { hasText: "2 replies" }).waitFor();
+  assert.equal(await alicePage.locator("#messages .text", { hasText: "9:30" }).count(), 0, "replies stay in the thread");
+
+  await mkdir(artifacts, { recursive: true });
+  await alicePage.screenshot({ path: path.join(artifacts, "group.png") });
+  if (process.env.NATTER_UPDATE_SCREENSHOT === "1") {
+    await copyFile(path.join(artifacts, "group.png"), path.join(webDir, "screenshot.png"));
+  }
+  for (const page of [alicePage, bobPage]) {
+    await page.click('[data-testid="close-thread"]');
+    await page.locator('[data-testid="thread-panel"]').waitFor({ state: "hidden" });
+  }
 });
 
 step("bob deletes his account: a wrong password deletes nothing; alice keeps their chat, under a deleted account", async () => {

@@ -67,6 +67,8 @@ const CHATLESS: &[&str] = &[
     "BatchGetUsers",
     "ClaimAccount",
     "DeleteAccount(own)",
+    "UpdateUser(own)",
+    "ChangePassword(wrong current)",
 ];
 
 /// Calls `rpc` as the holder of `token` and returns the resulting code.
@@ -143,6 +145,21 @@ async fn call(c: &Cluster, p: &People, f: &Fixture, rpc: &str, token: Option<&st
         }
         "ListBlockedUsers" => {
             c.chats().list_blocked_users(req(token, cpb::ListBlockedUsersRequest::default())).await.map(drop)
+        }
+        "UpdateUser(own)" => {
+            let r = spb::UpdateUserRequest {
+                user: Some(spb::User { display_name: "renamed".into(), ..Default::default() }),
+                update_mask: Some(FieldMask { paths: vec!["display_name".into()] }),
+            };
+            c.sessions().update_user(req(token, r)).await.map(drop)
+        }
+        // A wrong current password: the password of a matrix user stays.
+        "ChangePassword(wrong current)" => {
+            let r = spb::ChangePasswordRequest {
+                current_password: "not the password".into(),
+                new_password: "a new horse battery".into(),
+            };
+            c.sessions().change_password(req(token, r)).await.map(drop)
         }
         "ListMembers" => c
             .chats()
@@ -318,6 +335,9 @@ async fn every_rpc_allows_exactly_whom_it_should(c: &Cluster) {
         ("GetUser", [Ok, Ok, Ok, Ok, Ok, Unauth]),
         ("BatchGetUsers", [Ok, Ok, Ok, Ok, Ok, Unauth]),
         ("ClaimAccount", [Pre, Pre, Pre, Pre, Ok, Unauth]),
+        // Each user's own profile; a guest has no password to change.
+        ("UpdateUser(own)", [Ok, Ok, Ok, Ok, Ok, Unauth]),
+        ("ChangePassword(wrong current)", [Deny, Deny, Deny, Deny, Pre, Unauth]),
         // Each cell deletes a fresh person (or guest) of its own.
         ("DeleteAccount(own)", [Ok, Ok, Ok, Ok, Ok, Unauth]),
     ];

@@ -20,7 +20,110 @@ crate::both_modes!(
     a_person_deletes_their_account_and_leaves_their_chats,
     a_guest_deletes_its_account_without_a_password,
     a_deleted_account_leaves_no_row_under_its_id_in_the_messages_store,
+    people_change_their_display_name_and_only_their_own,
+    a_password_change_ends_every_other_session,
 );
+
+/// UpdateUser: a user renames themselves (an empty name is their
+/// username again), everyone sees the new name, and nobody renames
+/// anyone else; bad masks and names are refused naming the field.
+async fn people_change_their_display_name_and_only_their_own(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let rename = |user: &natter_testkit::TestUser, id: &str, name: &str| {
+        let request = spb::UpdateUserRequest {
+            user: Some(spb::User { id: id.to_owned(), display_name: name.to_owned(), ..Default::default() }),
+            update_mask: Some(natter_proto::FieldMask { paths: vec!["display_name".into()] }),
+        };
+        let (mut sessions, request) = (c.sessions(), authed(user, request));
+        async move { sessions.update_user(request).await }
+    };
+    let renamed = rename(&alice, "", "  Alice Liddell ").await.unwrap().into_inner().user.unwrap();
+    assert_eq!((renamed.id.as_str(), renamed.display_name.as_str()), (alice.id.as_str(), "Alice Liddell"));
+    let request = spb::GetUserRequest { user_id: alice.id.clone(), ..Default::default() };
+    let seen = c.sessions().get_user(authed(&bob, request)).await.unwrap().into_inner().user.unwrap();
+    assert_eq!(seen.display_name, "Alice Liddell", "bob sees it");
+    let again = rename(&alice, &alice.id, "").await.unwrap().into_inner().user.unwrap();
+    assert_eq!(again.display_name, alice.username, "empty: the username");
+
+    let bob_name = |c: &Cluster| {
+        let (mut sessions, request) = (c.sessions(), authed(&bob, spb::GetCurrentSessionRequest {}));
+        async move { sessions.get_current_session(request).await.unwrap().into_inner().user.unwrap().display_name }
+    };
+    let before = bob_name(c).await;
+    assert_eq!(code(rename(&bob, &alice.id, "Mallory").await), Code::PermissionDenied);
+    let long = "x".repeat(101);
+    assert_eq!(violated_fields(&rename(&alice, "", &long).await.unwrap_err()), ["user.display_name"]);
+    assert_eq!(violated_fields(&rename(&alice, "", "a\u{7}b").await.unwrap_err()), ["user.display_name"]);
+    let no_mask = spb::UpdateUserRequest { user: Some(spb::User::default()), update_mask: None };
+    assert_eq!(violated_fields(&c.sessions().update_user(authed(&alice, no_mask)).await.unwrap_err()), ["update_mask"]);
+    let username = spb::UpdateUserRequest {
+        user: Some(spb::User { username: "mallory".into(), ..Default::default() }),
+        update_mask: Some(natter_proto::FieldMask { paths: vec!["username".into()] }),
+    };
+    let refused = c.sessions().update_user(authed(&alice, username)).await.unwrap_err();
+    assert_eq!(violated_fields(&refused), ["update_mask.paths[0]"]);
+    assert_eq!(bob_name(c).await, before, "bob's name untouched");
+    let alice_now = c.sessions().get_current_session(authed(&alice, spb::GetCurrentSessionRequest {})).await.unwrap();
+    assert_eq!(alice_now.into_inner().user.unwrap().display_name, alice.username, "no refused rename landed");
+}
+
+/// ChangePassword: confirmed with the current password (a wrong one is
+/// PERMISSION_DENIED and changes nothing); then the new one logs in, the
+/// old one no longer does, every other session ends at once in every
+/// service, its open stream too, and the caller's session goes on.
+async fn a_password_change_ends_every_other_session(c: &Cluster) {
+    let alice = c.user("alice").await;
+    let login = |password: &str| {
+        let request = spb::CreateSessionRequest { username: alice.username.clone(), password: password.to_owned() };
+        let mut sessions = c.sessions();
+        async move { sessions.create_session(request).await }
+    };
+    let phone = login("correct horse battery").await.unwrap().into_inner();
+    let mut stream = c
+        .messages()
+        .stream_events(with_token(&phone.token, mpb::StreamEventsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let change = |current: &str, new: &str| {
+        let request = spb::ChangePasswordRequest { current_password: current.to_owned(), new_password: new.to_owned() };
+        let (mut sessions, request) = (c.sessions(), authed(&alice, request));
+        async move { sessions.change_password(request).await }
+    };
+
+    assert_eq!(code(change("wrong horse battery", "a new horse battery").await), Code::PermissionDenied);
+    c.chats().list_chats(with_token(&phone.token, cpb::ListChatsRequest::default())).await.unwrap();
+    assert_eq!(violated_fields(&change("correct horse battery", "short").await.unwrap_err()), ["new_password"]);
+    assert_eq!(violated_fields(&change("", "a new horse battery").await.unwrap_err()), ["current_password"]);
+
+    change("correct horse battery", "a new horse battery").await.unwrap();
+    // The phone's session ended everywhere, its stream too.
+    assert_eq!(
+        code(c.chats().list_chats(with_token(&phone.token, cpb::ListChatsRequest::default())).await),
+        Code::Unauthenticated
+    );
+    let send =
+        mpb::SendMessageRequest { chat_id: uuid::Uuid::now_v7().to_string(), text: "x".into(), ..Default::default() };
+    assert_eq!(code(c.messages().send_message(with_token(&phone.token, send)).await), Code::Unauthenticated);
+    let ended = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    // The caller's session goes on; the new password logs in, the old not.
+    c.chats().list_chats(authed(&alice, cpb::ListChatsRequest::default())).await.unwrap();
+    login("a new horse battery").await.unwrap();
+    assert_eq!(code(login("correct horse battery").await), Code::Unauthenticated);
+
+    // A guest has no password to change.
+    let guest = c.guest().await;
+    let request =
+        spb::ChangePasswordRequest { current_password: "x".into(), new_password: "a new horse battery".into() };
+    assert_eq!(code(c.sessions().change_password(authed(&guest, request)).await), Code::FailedPrecondition);
+}
 
 async fn password_login_and_current_session(c: &Cluster) {
     let alice = c.user("alice").await;

@@ -45,6 +45,16 @@ pub enum SessionsError {
     /// The caller's session ended during the call (UNAUTHENTICATED).
     #[error("invalid, expired or revoked token")]
     SessionEnded,
+    /// ChangePassword by a guest, which has none (FAILED_PRECONDITION).
+    #[error("a guest has no password: claim the account (ClaimAccount) first")]
+    NoPassword,
+    /// ChangePassword of a password changed between its check and the
+    /// write (FAILED_PRECONDITION: try again).
+    #[error("the password changed meanwhile; try again")]
+    PasswordChanged,
+    /// UpdateUser of someone else's profile (PERMISSION_DENIED).
+    #[error("a user may update only their own profile")]
+    NotYourProfile,
     /// ClaimAccount by a user that is not a guest (FAILED_PRECONDITION).
     #[error("account already has a username and password")]
     NotGuest,
@@ -105,8 +115,11 @@ impl From<SessionsError> for Status {
             SessionsError::UsernameTaken => Status::already_exists(e.to_string()),
             SessionsError::BadCredentials => Status::unauthenticated(e.to_string()),
             SessionsError::SessionNotFound | SessionsError::UserNotFound => Status::not_found(e.to_string()),
-            SessionsError::NotGuest | SessionsError::AccountChanged => Status::failed_precondition(e.to_string()),
-            SessionsError::WrongPassword => Status::permission_denied(e.to_string()),
+            SessionsError::NotGuest
+            | SessionsError::AccountChanged
+            | SessionsError::NoPassword
+            | SessionsError::PasswordChanged => Status::failed_precondition(e.to_string()),
+            SessionsError::WrongPassword | SessionsError::NotYourProfile => Status::permission_denied(e.to_string()),
             SessionsError::SessionEnded => Status::unauthenticated(e.to_string()),
             SessionsError::Limited(limited) => limited.into(),
             SessionsError::Store { source, origin } => {

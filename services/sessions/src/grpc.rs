@@ -9,7 +9,7 @@ use natter_proto::sessions::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::domain::NewUser;
+use crate::domain::{self, NewUser};
 use crate::error::SessionsError;
 use crate::service::{LookupCaller, NewSession, Sessions};
 use crate::store::{self, SessionRow, TokenRow, UserRow};
@@ -218,6 +218,49 @@ impl SessionService for SessionApi {
         let users = self.sessions.users(&ids).await?.into_iter().map(user).collect();
         Ok(Response::new(pb::BatchGetUsersResponse { users }))
     }
+
+    async fn update_user(
+        &self,
+        request: Request<pb::UpdateUserRequest>,
+    ) -> Result<Response<pb::UpdateUserResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let display_name = profile_update(request.into_inner(), &caller.user_id)?;
+        let updated = self.sessions.update_display_name(&caller.user_id, &display_name).await?;
+        Ok(Response::new(pb::UpdateUserResponse { user: Some(user(updated)) }))
+    }
+
+    async fn change_password(
+        &self,
+        request: Request<pb::ChangePasswordRequest>,
+    ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let client = self.client(&request);
+        let r = request.into_inner();
+        self.sessions.change_password(client, &caller, &r.current_password, &r.new_password).await?;
+        Ok(Response::new(pb::ChangePasswordResponse {}))
+    }
+}
+
+/// Validates an UpdateUser request by `caller` (a user id) into the new
+/// display name: its mask names `display_name`, the one field a user
+/// updates; `user.id` is empty or the caller's.
+pub fn profile_update(r: pb::UpdateUserRequest, caller: &str) -> Result<String, Status> {
+    let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+    if paths.is_empty() {
+        return Err(SessionsError::invalid("update_mask", "must name display_name").into());
+    }
+    if let Some((i, other)) = paths.iter().enumerate().find(|(_, p)| p.as_str() != "display_name") {
+        // Quoted, and cut short: the message goes back in a header.
+        let shown: String = other.chars().take(64).collect();
+        let reason = format!("{shown:?} is not a field that can be updated (display_name)");
+        return Err(natter_kit::error::invalid_argument(&format!("update_mask.paths[{i}]"), reason));
+    }
+    let user = r.user.unwrap_or_default();
+    if !user.id.is_empty() && natter_kit::id::parse("user.id", &user.id)?.to_string() != caller {
+        return Err(SessionsError::NotYourProfile.into());
+    }
+    domain::check_display_name(&user.display_name).map_err(|r| SessionsError::invalid("user.display_name", r))?;
+    Ok(user.display_name)
 }
 
 /// Validates a CreateUser or ClaimAccount request (INVALID_ARGUMENT naming

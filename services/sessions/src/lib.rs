@@ -130,6 +130,11 @@ pub struct SessionsArgs {
     /// behind one NAT). N/PERIOD, or `off`.
     #[arg(long, env = "NATTER_GUEST_USERNAME_LOOKUP_RATE", default_value = "600/1m")]
     pub guest_username_lookup_rate: Rate,
+
+    /// UpdateUser and ChangePassword calls per user (each password change
+    /// hashes twice, an Argon2 core each): N/PERIOD, or `off`.
+    #[arg(long, env = "NATTER_PROFILE_CHANGE_RATE", default_value = "30/1h")]
+    pub profile_change_rate: Rate,
 }
 
 impl Default for SessionsArgs {
@@ -150,6 +155,7 @@ impl Default for SessionsArgs {
             login_retry_rate: Rate::parse("100/1h").expect("valid rate"),
             username_lookup_rate: Rate::parse("60/1m").expect("valid rate"),
             guest_username_lookup_rate: Rate::parse("600/1m").expect("valid rate"),
+            profile_change_rate: Rate::parse("30/1h").expect("valid rate"),
         }
     }
 }

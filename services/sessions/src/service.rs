@@ -61,6 +61,8 @@ pub struct Sessions {
     username_lookup_rate: RateLimiter<String>,
     /// GetUser by username, by guests per address.
     guest_username_lookup_rate: RateLimiter<Option<IpAddr>>,
+    /// UpdateUser and ChangePassword, per user.
+    profile_change_rate: RateLimiter<String>,
     /// Live tokens by hash; only when this is the only sessions instance
     /// (see [`Sessions::with_token_cache`]).
     cache: Option<Mutex<TokenCache>>,
@@ -111,6 +113,7 @@ impl Sessions {
                 "look-ups by username by guests at this address",
                 args.guest_username_lookup_rate,
             ),
+            profile_change_rate: RateLimiter::new("profile changes", args.profile_change_rate),
             cache: None,
         }
     }
@@ -529,6 +532,69 @@ impl Sessions {
         };
         tracing::info!(user_id, kind = user.kind, "account deleted at its own request");
         self.announce_ended(&sessions, Some(user_id)).await;
+        Ok(())
+    }
+
+    /// UpdateUser: sets the caller's display name (validated by
+    /// [`domain::check_display_name`]; empty: the username, or a guest's
+    /// own name) and returns the user.
+    ///
+    /// Errors: RESOURCE_EXHAUSTED (--profile-change-rate), NOT_FOUND
+    /// (deleted meanwhile).
+    pub async fn update_display_name(&self, user_id: &str, display_name: &str) -> Result<UserRow, SessionsError> {
+        self.profile_change_rate.check(&user_id.to_owned())?;
+        let user = self.user(user_id).await?;
+        let name = match (display_name.trim(), &user.username) {
+            ("", Some(username)) => username.clone(),
+            ("", None) => Uuid::try_parse(user_id).map(|id| domain::guest_name(&id)).unwrap_or_default(),
+            (name, _) => name.to_owned(),
+        };
+        let user = self.store.set_display_name(user_id, &name).await?.ok_or(SessionsError::UserNotFound)?;
+        tracing::info!(user_id, "display name updated");
+        Ok(user)
+    }
+
+    /// ChangePassword: checks `current` as a log-in would (a wrong one
+    /// counts as a failed log-in for the username from `client`), stores
+    /// the hash of `new` (validated by [`domain::check_password`]) and ends
+    /// every other session of the user, in one transaction; then, as for a
+    /// revocation, caches drop their tokens and their streams end.
+    ///
+    /// Errors: RESOURCE_EXHAUSTED (--profile-change-rate, the back-off, the
+    /// username's log-in budget, --password-check-queue), INVALID_ARGUMENT
+    /// (`current` missing or too long), PERMISSION_DENIED (it does not
+    /// match), FAILED_PRECONDITION (a guest; the password changed
+    /// meanwhile), NOT_FOUND (deleted meanwhile).
+    pub async fn change_password(
+        &self,
+        client: Option<IpAddr>,
+        caller: &TokenRow,
+        current: &str,
+        new: &str,
+    ) -> Result<(), SessionsError> {
+        self.profile_change_rate.check(&caller.user_id)?;
+        let user = self.user(&caller.user_id).await?;
+        let Some(phc) = user.password_hash.clone() else { return Err(SessionsError::NoPassword) };
+        let username = user.username.as_deref().unwrap_or_default();
+        if current.is_empty() {
+            return Err(SessionsError::invalid("current_password", "is required"));
+        }
+        domain::check_credentials(username, current).map_err(|(_, r)| SessionsError::invalid("current_password", r))?;
+        domain::check_password(new).map_err(|r| SessionsError::invalid("new_password", r))?;
+        let key = username.to_ascii_lowercase();
+        self.logins.admit(&key, client, Instant::now())?;
+        if !verify_password(current.to_owned(), phc.clone(), self.password_check_queue).await? {
+            return Err(SessionsError::WrongPassword);
+        }
+        self.logins.succeeded(&key, client);
+        let hash = hash_password(new.to_owned(), self.password_check_queue).await?;
+        let ended = self
+            .store
+            .change_password(&user.id, &phc, &hash, &caller.id, now_micros())
+            .await?
+            .ok_or(SessionsError::PasswordChanged)?;
+        tracing::info!(user_id = %user.id, ended = ended.len(), "password changed; other sessions ended");
+        self.announce_ended(&ended, None).await;
         Ok(())
     }
 

@@ -212,6 +212,56 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Sets user `user_id`'s display name; returns the user as stored, None
+    /// if there is no such user.
+    pub async fn set_display_name(&self, user_id: &str, display_name: &str) -> Result<Option<UserRow>, SessionsError> {
+        let done = sqlx::query("UPDATE users SET display_name = $1 WHERE id = $2")
+            .bind(display_name)
+            .bind(user_id)
+            .execute(self.db.write())
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.user_by_id(user_id).await
+    }
+
+    /// Replaces user `user_id`'s password hash `old` by `new` and revokes,
+    /// at `now`, every live session of the user but `keep`, in one
+    /// transaction; returns the revoked session ids, None (and nothing
+    /// changed) when the stored hash is no longer `old` (changed
+    /// meanwhile, or the user is gone).
+    pub async fn change_password(
+        &self,
+        user_id: &str,
+        old: &str,
+        new: &str,
+        keep: &str,
+        now: i64,
+    ) -> Result<Option<Vec<String>>, SessionsError> {
+        let mut tx = self.db.write().begin().await?;
+        let changed = sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2 AND password_hash = $3")
+            .bind(new)
+            .bind(user_id)
+            .bind(old)
+            .execute(&mut *tx)
+            .await?;
+        if changed.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "UPDATE sessions SET revoke_time = $1 WHERE user_id = $2 AND id <> $3 AND revoke_time IS NULL RETURNING id",
+        )
+        .bind(now)
+        .bind(user_id)
+        .bind(keep)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(rows.into_iter().map(|(id,)| id).collect()))
+    }
+
     /// Revokes every live session of a user and returns their ids.
     pub async fn revoke_all(&self, user_id: &str, now: i64) -> Result<Vec<String>, SessionsError> {
         let rows: Vec<(String,)> = sqlx::query_as(

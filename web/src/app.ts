@@ -1121,7 +1121,8 @@ async function enter(user: User) {
   el("chat-view").hidden = false;
   el("logout").hidden = false;
   el("open-settings").hidden = false;
-  el("me").textContent = userName(user.id) + (user.guest ? " (guest)" : "");
+  renderMe();
+  resetProfile();
   void loadPrivacy();
   void loadBlocked();
   await loadChats();
@@ -1156,6 +1157,7 @@ function signOutLocally() {
   el("assistant-notice").hidden = true;
   el("new-group-error").hidden = true;
   clearPrivacy();
+  resetProfile();
   clearSearch();
   closeChat();
   renderChatList();
@@ -1824,11 +1826,124 @@ async function blockedAct(what: () => Promise<void>) {
   });
 }
 
+// ---------------------------------------------------------------- profile and password
+
+/** The header's "who is signed in": our display name as the server last gave it. */
+function renderMe() {
+  el("me").textContent = me ? userName(me.id) + (me.guest ? " (guest)" : "") : "";
+}
+
+let profileNoteTimer: ReturnType<typeof setTimeout> | undefined;
+
+/** A word beside Save: "Saved" (gone after a few seconds) or why not (kept until the next save). */
+function profileNote(text: string, failed = false) {
+  clearTimeout(profileNoteTimer);
+  const note = el("display-name-note");
+  note.textContent = text;
+  note.classList.toggle("failed", failed);
+  if (text && !failed) profileNoteTimer = setTimeout(() => (note.textContent = ""), 4_000);
+}
+
+/** A line under Change password: the outcome, in the server's words if refused. */
+function passwordNote(text: string, failed = false) {
+  const note = el("password-note");
+  note.textContent = text;
+  note.classList.toggle("failed", failed);
+}
+
+/**
+ * Shows the caller's profile in Settings as signed in (nobody: empty and
+ * disabled), and Change password for a person only: a guest has no password.
+ */
+function resetProfile() {
+  const box = input("display-name");
+  box.value = me?.displayName ?? "";
+  box.placeholder = me?.username ?? "";
+  box.disabled = !me;
+  el<HTMLButtonElement>("save-display-name").disabled = !me;
+  profileNote("");
+  el("password-form").hidden = !me || me.guest;
+  input("password-username").value = me?.username ?? "";
+  input("current-password").value = "";
+  input("new-password").value = "";
+  passwordNote("");
+}
+
+/** Takes our user as the server now has it: the header, our messages and the panels show the new name. */
+function noteMe(user: User) {
+  me = user;
+  users.set(user.id, user);
+  renderMe();
+  renderChatList();
+  renderMessages("keep");
+  renderThread();
+  renderMembers();
+}
+
+// Saves the display name (UpdateUser, mask display_name alone); empty is the username again.
+el("profile-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const user = me;
+  if (!user) return;
+  const box = input("display-name");
+  const save = el<HTMLButtonElement>("save-display-name");
+  save.disabled = true;
+  profileNote("");
+  void act(async () => {
+    try {
+      const res = await api.sessions.updateUser({
+        user: { id: user.id, displayName: box.value }, updateMask: { paths: ["display_name"] },
+      });
+      if (me !== user) return; // signed out meanwhile
+      if (!res.user) throw new Error("the server returned no user");
+      noteMe(res.user);
+      box.value = res.user.displayName; // as stored: trimmed, or the username for an empty one
+      profileNote("Saved");
+    } catch (err) {
+      if (me !== user) return;
+      if (api.isUnauthenticated(err)) throw err; // act signs out
+      profileNote(`Not saved: ${api.describe(err)}`, true); // what was typed stays, to correct
+    } finally {
+      if (me) save.disabled = false;
+    }
+  });
+});
+
+// Changes the password (ChangePassword): the server ends every other session of ours, this one goes on.
+el("password-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const user = me;
+  if (!user || user.guest) return;
+  const current = input("current-password");
+  const next = input("new-password");
+  const request = { currentPassword: current.value, newPassword: next.value };
+  // Passwords stay on the page no longer than the call, whatever its outcome.
+  current.value = "";
+  next.value = "";
+  const button = el<HTMLButtonElement>("change-password");
+  button.disabled = true;
+  passwordNote("");
+  void act(async () => {
+    try {
+      await api.sessions.changePassword(request);
+      if (me !== user) return;
+      passwordNote("Password changed; your other sessions were signed out.");
+    } catch (err) {
+      if (me !== user) return;
+      if (api.isUnauthenticated(err)) throw err; // act signs out
+      passwordNote(`Not changed: ${api.describe(err)}`, true);
+    } finally {
+      button.disabled = false;
+    }
+  });
+});
+
 // ---------------------------------------------------------------- settings
 
 /**
- * The Settings side panel, opened from the header: the privacy settings, the
- * people we blocked (each with Unblock) and Delete account. Open or not.
+ * The Settings side panel, opened from the header: the display name, the
+ * privacy settings, the people we blocked (each with Unblock), Change
+ * password and Delete account. Open or not.
  */
 let settingsOpen = false;
 

@@ -22,6 +22,9 @@ const suffix = Math.random().toString(36).slice(2, 8);
 const alice = { name: `alice-${suffix}`, password: "correct horse battery" };
 const bob = { name: `bob-${suffix}`, password: "staple battery horse" };
 const carol = { name: `carol-${suffix}`, password: "horse staple correct" };
+/** What carol renames herself to, and changes her password to, near the end. */
+const carolRenamed = `Carol Reads ${suffix}`;
+const carolNewPassword = "battery correct staple horse";
 
 let dataDir;
 let server; // { proc, port, log: string[] }
@@ -752,6 +755,90 @@ step("a group of two: alice and bob write, bob reacts and asks in a thread, alic
   for (const page of [alicePage, bobPage]) {
     await page.click('[data-testid="close-thread"]');
     await page.locator('[data-testid="thread-panel"]').waitFor({ state: "hidden" });
+  }
+});
+
+step("carol renames herself in Settings: a name over 100 characters is refused in the server's words; the new one shows in her header at once and on bob's page after a reload", async () => {
+  await openChatWith(carolPage, bob.name); // their chat has a message of hers
+  await openSettings(carolPage);
+  const nameBox = carolPage.locator('[data-testid="display-name"]');
+  await carolPage.locator('[data-testid="display-name"]:enabled').waitFor();
+  assert.equal(await nameBox.inputValue(), carol.name, "her display name is her username until she changes it");
+  const note = carolPage.locator('[data-testid="display-name-note"]');
+  await nameBox.fill("x".repeat(101));
+  await carolPage.click('[data-testid="save-display-name"]');
+  await note.filter({ hasText: /^Not saved: .*100 characters/ }).waitFor();
+  assert.equal(await carolPage.textContent("#me"), carol.name, "nothing renamed");
+
+  await nameBox.fill(` ${carolRenamed} `);
+  await carolPage.click('[data-testid="save-display-name"]');
+  await note.filter({ hasText: /^Saved$/ }).waitFor();
+  await carolPage.locator("#me", { hasText: new RegExp(`^${escapeRe(carolRenamed)}$`) }).waitFor();
+  assert.equal(await nameBox.inputValue(), carolRenamed, "as the server keeps it, trimmed");
+  await carolPage.locator("#messages .message.mine .meta", { hasText: carolRenamed }).first().waitFor();
+
+  // Bob's page read her name when it loaded; a reload names her anew: the chat list, the title, her messages.
+  await bobPage.reload();
+  await chatItem(bobPage, carolRenamed).waitFor();
+  assert.equal(await chatItem(bobPage, carol.name).count(), 0, "her old name is gone from his list");
+  await openChatWith(bobPage, carolRenamed);
+  await bobPage.locator("#messages .message .meta", { hasText: carolRenamed }).first().waitFor();
+  for (const page of [carolPage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
+});
+
+step("carol changes her password: a wrong current one changes nothing; the right one signs out her other page, hers goes on, and only the new password logs in", async () => {
+  // A second page of carol's, logged in with her password: another session.
+  const other = await newPerson("carol-2");
+  try {
+    await other.fill("#username", carol.name);
+    await other.fill("#password", carol.password);
+    await other.click("#login");
+    await other.locator("#me", { hasText: carolRenamed }).waitFor();
+    await other.locator("#status", { hasText: "live" }).waitFor();
+    const otherToken = await tokenOf(other);
+
+    await openSettings(carolPage);
+    const current = carolPage.locator('[data-testid="current-password"]');
+    const next = carolPage.locator('[data-testid="new-password"]');
+    const note = carolPage.locator('[data-testid="password-note"]');
+    assert.equal(await current.getAttribute("autocomplete"), "current-password");
+    assert.equal(await next.getAttribute("autocomplete"), "new-password");
+    await current.fill("not the password");
+    await next.fill(carolNewPassword);
+    await carolPage.click('[data-testid="change-password"]');
+    await note.filter({ hasText: /password does not match/i }).waitFor(); // the server's own words
+    assert.equal(await current.inputValue(), "", "no password is kept on the page");
+    assert.equal(await next.inputValue(), "");
+    // Nothing changed: her other page is still signed in.
+    await call(otherToken, "sessions.v1.SessionService/GetCurrentSession", {});
+    assert.equal(await other.locator("#auth-view").isHidden(), true);
+
+    await current.fill(carol.password);
+    await next.fill(carolNewPassword);
+    await carolPage.click('[data-testid="change-password"]');
+    await note.filter({ hasText: /^Password changed; your other sessions were signed out\.$/ }).waitFor();
+    assert.equal(await current.inputValue(), "");
+    assert.equal(await next.inputValue(), "");
+    // The other page's stream ends at once: it is back at sign-in, saying why; its token is dead.
+    await other.locator("#auth-view").waitFor();
+    await other.locator("#error", { hasText: "Your session has ended; please sign in again." }).waitFor();
+    await assert.rejects(call(otherToken, "sessions.v1.SessionService/GetCurrentSession", {}), /unauthenticated/i);
+    // Her own page goes on: she writes to bob and he reads it live.
+    await send(carolPage, "New password, same carol");
+    await waitForMessage(bobPage, "New password, same carol");
+
+    // The old password no longer logs in; the new one does.
+    await other.fill("#username", carol.name);
+    await other.fill("#password", carol.password);
+    await other.click("#login");
+    await other.locator("#error", { hasText: /invalid username or password/i }).waitFor();
+    await other.fill("#password", carolNewPassword);
+    await other.click("#login");
+    await other.locator("#me", { hasText: carolRenamed }).waitFor();
+    await chatItem(other, bob.name).waitFor();
+    assert.equal(await carolPage.locator("#error").isHidden(), true);
+  } finally {
+    await other.context().close();
   }
 });
 

@@ -46,6 +46,14 @@ const lastSeq = new Map<string, bigint>();
  */
 const lastChange = new Map<string, bigint>();
 let stream: AbortController | null = null;
+/**
+ * The token this page signed in with (or claimed): signing out forgets the
+ * stored one only if it is still this, not one another page of this
+ * browser has stored since (a guest who claims an account there).
+ */
+let pageToken: string | null = null;
+/** A ClaimAccount under way: it ends the guest's token before its answer brings the account's. */
+let claiming: Promise<void> | null = null;
 
 /** Per chat, who is typing (user id -> until, ms since the epoch): see SetTyping. */
 const typers = new Map<string, Map<string, number>>();
@@ -106,16 +114,29 @@ function showError(message: string) {
 /** Runs a UI action: shows its error, and signs out when the token is no longer good. */
 async function act(what: () => Promise<void>) {
   showError("");
+  const sentWith = api.token.get();
   try {
     await what();
   } catch (err) {
-    if (me && api.isUnauthenticated(err)) {
+    if (me && sessionEnded(err, sentWith)) {
       signOutLocally();
       showError("Your session has ended; please sign in again.");
+    } else if (me && api.isUnauthenticated(err)) {
+      showError("Your sign-in changed while this ran (an account was just created); please try again.");
     } else {
       showError(api.describe(err));
     }
   }
+}
+
+/**
+ * Whether an UNAUTHENTICATED answer to a call sent with token `sentWith`
+ * means this page's session has ended: not while a claim is under way (it
+ * ends the guest's token, then brings the account's), nor once the token
+ * has changed since.
+ */
+function sessionEnded(err: unknown, sentWith: string | null): boolean {
+  return api.isUnauthenticated(err) && !claiming && api.token.get() === sentWith;
 }
 
 const sleep = (ms: number, signal: AbortSignal) =>
@@ -683,6 +704,7 @@ async function send(p: Pending) {
   renderMessages("bottom");
   renderThread();
   for (let attempt = 0; ; attempt++) {
+    const sentWith = api.token.get();
     try {
       const res = await api.messages.sendMessage({
         chatId: p.chatId, messageId: p.id, text: p.text, mentionUserIds: p.mentionUserIds,
@@ -701,6 +723,10 @@ async function send(p: Pending) {
       renderThread();
       return;
     } catch (err) {
+      if (api.isUnauthenticated(err) && !sessionEnded(err, sentWith) && attempt < 3) {
+        await claiming; // sent with the guest's token as it ended: again with the account's (same message id)
+        continue;
+      }
       if (api.isUnauthenticated(err)) {
         signOutLocally();
         showError("Your session has ended; please sign in again.");
@@ -1149,7 +1175,8 @@ function closeChat() {
 function signOutLocally() {
   stream?.abort();
   stream = null;
-  api.token.clear();
+  if (api.token.get() === pageToken) api.token.clear();
+  pageToken = null;
   me = null;
   for (const m of [users, deletedUsers, chats, peers, groupMembers, lastSeq, lastChange, pending]) m.clear();
   blocked = null;
@@ -1173,6 +1200,7 @@ async function signIn(how: () => Promise<{ token: string; user?: User }>) {
       const res = await how();
       if (!res.user) throw new Error("the server returned no user");
       api.token.set(res.token);
+      pageToken = res.token;
       await enter(res.user);
     });
   } finally {
@@ -1851,9 +1879,15 @@ function passwordNote(text: string, failed = false) {
   note.classList.toggle("failed", failed);
 }
 
+/** A line under the guest's "create an account" form: why the server refused it. */
+function claimNote(text: string) {
+  el("claim-note").textContent = text;
+}
+
 /**
  * Shows the caller's profile in Settings as signed in (nobody: empty and
- * disabled), and Change password for a person only: a guest has no password.
+ * disabled), Change password for a person only (a guest has no password),
+ * and "create an account" for a guest only, empty.
  */
 function resetProfile() {
   const box = input("display-name");
@@ -1867,6 +1901,9 @@ function resetProfile() {
   input("current-password").value = "";
   input("new-password").value = "";
   passwordNote("");
+  el("claim-form").hidden = !me?.guest;
+  for (const id of ["claim-username", "claim-password", "claim-display-name"]) input(id).value = "";
+  claimNote("");
 }
 
 /** Takes our user as the server now has it: the header, our messages and the panels show the new name. */
@@ -1935,6 +1972,53 @@ el("password-form").addEventListener("submit", (e) => {
     } finally {
       button.disabled = false;
     }
+  });
+});
+
+// A guest keeps its chats by claiming an account (ClaimAccount): the same
+// user, now a person. The server ends every session of the guest, this
+// page's too, and answers with the account's new session: the page stores
+// its token and goes on with it at once, the chats and the open one as
+// they are, its stream re-opened from where it was.
+el("claim-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const user = me;
+  if (!user?.guest || claiming) return;
+  const password = input("claim-password");
+  const request = {
+    username: input("claim-username").value.trim(),
+    password: password.value,
+    displayName: input("claim-display-name").value.trim(),
+  };
+  password.value = ""; // the rest stays, to correct after a refusal
+  const button = el<HTMLButtonElement>("claim-account");
+  button.disabled = true;
+  claimNote("");
+  stream?.abort(); // its end by the claim is not an error to show
+  stream = null;
+  void act(async () => {
+    let done = () => {};
+    claiming = new Promise((resolve) => (done = resolve));
+    try {
+      const res = await api.sessions.claimAccount(request);
+      if (!res.user || !res.token) throw new Error("the server returned no account");
+      if (me !== user) return; // signed out meanwhile
+      api.token.set(res.token);
+      pageToken = res.token;
+      noteMe(res.user);
+      resetProfile(); // the guest's form goes, Change password comes
+    } catch (err) {
+      if (me !== user) return;
+      if (api.isUnauthenticated(err)) throw err; // the guest's session had ended already: act signs out
+      claimNote(api.describe(err)); // username taken, a field refused, too many: nothing changed
+    } finally {
+      claiming = null;
+      done();
+      button.disabled = false;
+    }
+    // The guest as before after a refusal, the account after a claim: live again from the last changes seen.
+    stream = new AbortController();
+    void runStream(stream.signal);
   });
 });
 
@@ -2203,7 +2287,8 @@ document.addEventListener("visibilitychange", () => void act(markRead));
 // ---------------------------------------------------------------- start
 
 async function boot() {
-  if (!api.token.get()) return showAuth();
+  pageToken = api.token.get();
+  if (!pageToken) return showAuth();
   try {
     const res = await api.sessions.getCurrentSession({});
     if (!res.user) throw new Error("the server returned no user");

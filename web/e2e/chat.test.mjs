@@ -15,7 +15,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import {
   artifacts, chatItem, conversation, escapeRe, launchBrowser, newPerson as openPage, openChatWith, pageUrlOf, send,
-  serveDist, signUp, startNatter, stopNatter, story, waitForMessage, webDir,
+  serveDist, signUp, startNatter, stopNatter, story, WAIT, waitForMessage, webDir,
 } from "./harness.mjs";
 
 const suffix = Math.random().toString(36).slice(2, 8);
@@ -104,8 +104,11 @@ const tokenOf = (page) =>
 let alicePage;
 let bobPage;
 let carolPage;
+let guestPage;
+/** One of the 50 guests of bob's Book club (CreateSessionResponse), who later claims an account as dana. */
+let clubGuest;
 const history = []; // every text sent in the direct chat, in order
-const tale = story(() => [["alice", alicePage], ["bob", bobPage], ["carol", carolPage]]);
+const tale = story(() => [["alice", alicePage], ["bob", bobPage], ["carol", carolPage], ["guest", guestPage]]);
 const step = tale.step;
 
 before(async () => {
@@ -602,6 +605,104 @@ step("a group of more than a page: 50 guests join bob's group at once; his open 
   assert.equal(shown.length, 51, "every member, each once");
   assert.deepEqual(new Set(shown), new Set([bobId, ...guests.map((g) => g.user.id)]));
   assert.equal(shown[0], bobId, "in join order: bob first");
+  clubGuest = guests[0];
+});
+
+step("a guest keeps its chats by claiming an account: a taken username is refused in the server's words, changing nothing; then the page goes on as the account, live, in the same chat, after a reload too, and the password logs in elsewhere", async () => {
+  const dana = { name: `dana-${suffix}`, displayName: `Dana ${suffix}`, password: "correct battery staple horse" };
+  // One of Book club's guests (no new guest: the file is near --create-guest-rate), on a page with its token,
+  // and a second tab of that browser, which shares it.
+  guestPage = await newPerson("guest");
+  const other = await guestPage.context().newPage();
+  other.setDefaultTimeout(WAIT);
+  other.on("pageerror", (err) => pageErrors.push(`guest's other tab: ${err.stack ?? err}`));
+  // The other tab hears of its stream's end only once we let it: after the claiming page has stored its new token.
+  let releaseOther;
+  const otherHeld = new Promise((resolve) => (releaseOther = resolve));
+  await other.route("**/natter.messages.v1.MessageService/StreamEvents", async (route) => {
+    const response = await route.fetch({ timeout: 0 }); // the whole stream, to its end
+    await otherHeld;
+    await route.fulfill({ response });
+  });
+  try {
+    await guestPage.evaluate(([key, token]) => localStorage.setItem(key, token),
+      [`natter.token:http://127.0.0.1:${server.port}`, clubGuest.token]);
+    await guestPage.reload();
+    await other.goto(pageUrl);
+    for (const page of [guestPage, other]) await page.locator("#me", { hasText: /\(guest\)$/ }).waitFor();
+    await openChatWith(guestPage, "Book club");
+    await openSettings(guestPage);
+    const form = guestPage.locator('[data-testid="claim-form"]');
+    await form.filter({ hasText: "Keep your chats: create an account" }).waitFor();
+    assert.equal(await guestPage.getAttribute('[data-testid="claim-password"]', "autocomplete"), "new-password");
+    assert.equal(await guestPage.locator('[data-testid="password-form"]').isHidden(), true, "a guest has no password to change");
+
+    // A taken username: the server's words in the form, what was typed kept but the password, the guest as before.
+    const note = guestPage.locator('[data-testid="claim-note"]');
+    await guestPage.fill('[data-testid="claim-username"]', alice.name);
+    await guestPage.fill('[data-testid="claim-password"]', dana.password);
+    await guestPage.fill('[data-testid="claim-display-name"]', dana.displayName);
+    await guestPage.click('[data-testid="claim-account"]');
+    await note.filter({ hasText: /^username already taken$/ }).waitFor();
+    assert.equal(await guestPage.inputValue('[data-testid="claim-username"]'), alice.name, "the username is kept");
+    assert.equal(await guestPage.inputValue('[data-testid="claim-display-name"]'), dana.displayName, "the display name is kept");
+    assert.equal(await guestPage.inputValue('[data-testid="claim-password"]'), "", "the password is not");
+    assert.match(await guestPage.textContent("#me"), /\(guest\)$/, "still a guest");
+    assert.equal(await guestPage.locator("#error").isHidden(), true, "the refusal shows in the form only");
+    await mkdir(artifacts, { recursive: true });
+    await guestPage.screenshot({ path: path.join(artifacts, "claim.png") });
+    const before = await call(clubGuest.token, "sessions.v1.SessionService/GetCurrentSession", {});
+    assert.equal(before.user.kind, "USER_KIND_GUEST", "nothing claimed: the guest's token still works, as a guest's");
+    await send(bobPage, "Welcome to the club, guest");
+    await waitForMessage(guestPage, "Welcome to the club, guest"); // live still
+
+    // A free one: the same page goes on as dana, the chat open as it was.
+    await guestPage.fill('[data-testid="claim-username"]', dana.name);
+    await guestPage.fill('[data-testid="claim-password"]', dana.password);
+    await guestPage.click('[data-testid="claim-account"]');
+    await guestPage.locator("#me", { hasText: new RegExp(`^${escapeRe(dana.displayName)}$`) }).waitFor();
+    await form.waitFor({ state: "hidden" });
+    await guestPage.locator('[data-testid="password-form"]').waitFor(); // a person's: Change password
+    assert.equal(await guestPage.inputValue('[data-testid="display-name"]'), dana.displayName, "Profile shows the new name");
+    assert.equal(await guestPage.locator("#error").isHidden(), true);
+    await guestPage.locator("#chat-title", { hasText: "Book club" }).waitFor();
+    await waitForMessage(guestPage, "Welcome to the club, guest"); // the chat on screen stays
+    await send(bobPage, "Glad you are staying");
+    await waitForMessage(guestPage, "Glad you are staying"); // live, on the account's stream
+    await send(guestPage, "Thanks, I am dana now");
+    await waitForMessage(bobPage, "Thanks, I am dana now");
+    await assert.rejects(call(clubGuest.token, "sessions.v1.SessionService/GetCurrentSession", {}), /unauthenticated/i,
+      "the guest's token ended");
+    // The other tab's guest session ended with the claim: it signs out, leaving the account's token stored.
+    releaseOther();
+    await other.locator("#auth-view").waitFor();
+    await other.locator("#error", { hasText: "Your session has ended" }).waitFor();
+
+    await guestPage.reload();
+    await guestPage.locator("#me", { hasText: new RegExp(`^${escapeRe(dana.displayName)}$`) }).waitFor();
+    await openChatWith(guestPage, "Book club");
+    await waitForMessage(guestPage, "Thanks, I am dana now");
+    await openSettings(guestPage);
+    await guestPage.locator('[data-testid="password-form"]').waitFor();
+    assert.equal(await form.isHidden(), true, "no guest form for the account");
+  } finally {
+    releaseOther();
+    await other.close();
+  }
+
+  // Her username and password log in on a page of their own.
+  const elsewhere = await newPerson("dana");
+  try {
+    await elsewhere.fill("#username", dana.name);
+    await elsewhere.fill("#password", dana.password);
+    await elsewhere.click("#login");
+    await elsewhere.locator("#me", { hasText: new RegExp(`^${escapeRe(dana.displayName)}$`) }).waitFor();
+    await chatItem(elsewhere, "Book club").waitFor();
+  } finally {
+    await elsewhere.context().close();
+  }
+  await guestPage.context().close();
+  guestPage = undefined;
 });
 
 step("bob lets nobody start a chat with him: carol's is refused, naming him, and nothing is made; his choice outlives a reload; he starts one with her himself", async () => {

@@ -15,16 +15,39 @@ export const serverUrl: string = (
 // One token per server, so pointing the page at another server starts afresh.
 const tokenKey = `natter.token:${serverUrl}`;
 
+/**
+ * This page's token: the one it signed in with or found stored at load,
+ * held in memory. Every tab of the browser shares the stored one, so a tab
+ * signing in as someone else changes what is stored, never what this page
+ * calls with: the page sees it through the `storage` event and decides.
+ */
+let held: string | null = null;
+
 export const token = {
-  get: (): string | null => localStorage.getItem(tokenKey),
-  set: (value: string) => localStorage.setItem(tokenKey, value),
-  clear: () => localStorage.removeItem(tokenKey),
+  /** The localStorage key, to tell its `storage` events from others. */
+  key: tokenKey,
+  get: (): string | null => held,
+  /** What is stored now: another tab's, maybe. */
+  stored: (): string | null => localStorage.getItem(tokenKey),
+  /** Takes the stored token as this page's (at load). */
+  load: (): string | null => (held = localStorage.getItem(tokenKey)),
+  /** Signs this page in with `value`, stored for the next load (and the other tabs). */
+  set: (value: string) => {
+    held = value;
+    localStorage.setItem(tokenKey, value);
+  },
+  /** Goes on with a token another tab stored (the same user's), as stored already. */
+  follow: (value: string) => (held = value),
+  /** Forgets this page's token, and the stored one only if it is still this one. */
+  clear: () => {
+    if (held && localStorage.getItem(tokenKey) === held) localStorage.removeItem(tokenKey);
+    held = null;
+  },
 };
 
-/** Adds `authorization: Bearer <token>` to every call once logged in. */
+/** Adds `authorization: Bearer <token>` to every call once logged in, unless the call names one. */
 const bearer: Interceptor = (next) => (req) => {
-  const t = token.get();
-  if (t) req.header.set("authorization", `Bearer ${t}`);
+  if (held && !req.header.has("authorization")) req.header.set("authorization", `Bearer ${held}`);
   return next(req);
 };
 
@@ -34,6 +57,12 @@ export const sessions = createClient(SessionService, transport);
 export const chats = createClient(ChatService, transport);
 export const messages = createClient(MessageService, transport);
 export const assistant = createClient(AssistantService, transport);
+
+/** Whose token `t` is (GetCurrentSession with it, not with this page's). */
+export async function userOf(t: string) {
+  const res = await sessions.getCurrentSession({}, { headers: { authorization: `Bearer ${t}` } });
+  return res.user;
+}
 
 export function isUnauthenticated(err: unknown): boolean {
   return ConnectError.from(err).code === Code.Unauthenticated;

@@ -46,12 +46,6 @@ const lastSeq = new Map<string, bigint>();
  */
 const lastChange = new Map<string, bigint>();
 let stream: AbortController | null = null;
-/**
- * The token this page signed in with (or claimed): signing out forgets the
- * stored one only if it is still this, not one another page of this
- * browser has stored since (a guest who claims an account there).
- */
-let pageToken: string | null = null;
 /** A ClaimAccount under way: it ends the guest's token before its answer brings the account's. */
 let claiming: Promise<void> | null = null;
 
@@ -133,10 +127,12 @@ async function act(what: () => Promise<void>) {
  * Whether an UNAUTHENTICATED answer to a call sent with token `sentWith`
  * means this page's session has ended: not while a claim is under way (it
  * ends the guest's token, then brings the account's), nor once the token
- * has changed since.
+ * has changed since, nor while another tab's newer one is stored (this page
+ * follows it or signs out when it hears of it: see "other tabs").
  */
 function sessionEnded(err: unknown, sentWith: string | null): boolean {
-  return api.isUnauthenticated(err) && !claiming && api.token.get() === sentWith;
+  const stored = api.token.stored();
+  return api.isUnauthenticated(err) && !claiming && api.token.get() === sentWith && (!stored || stored === sentWith);
 }
 
 const sleep = (ms: number, signal: AbortSignal) =>
@@ -1100,6 +1096,7 @@ async function runStream(signal: AbortSignal) {
   let backoff = 500;
   while (!signal.aborted) {
     setStatus("connecting…");
+    const sentWith = api.token.get();
     try {
       const resumeChanges = Object.fromEntries(lastChange);
       const resume = Object.fromEntries([...lastSeq].filter(([id]) => !lastChange.has(id)));
@@ -1111,11 +1108,12 @@ async function runStream(signal: AbortSignal) {
       for await (const ev of api.messages.streamEvents({ resume, resumeChanges }, { signal, onHeader })) handleEvent(ev);
     } catch (err) {
       if (signal.aborted) return;
-      if (api.isUnauthenticated(err)) {
+      if (sessionEnded(err, sentWith)) {
         signOutLocally();
         showError("Your session has ended; please sign in again.");
         return;
       }
+      if (api.isUnauthenticated(err)) return; // another tab's sign-in: the page follows it or signs out
       console.warn("event stream:", err);
       // `resume` named a chat we have left or that was deleted: re-list ours.
       if (api.isDenied(err)) await loadChats().catch((e) => console.warn("list chats:", e));
@@ -1175,8 +1173,7 @@ function closeChat() {
 function signOutLocally() {
   stream?.abort();
   stream = null;
-  if (api.token.get() === pageToken) api.token.clear();
-  pageToken = null;
+  api.token.clear(); // the stored one only if still ours, not one another tab stored since
   me = null;
   for (const m of [users, deletedUsers, chats, peers, groupMembers, lastSeq, lastChange, pending]) m.clear();
   blocked = null;
@@ -1187,6 +1184,7 @@ function signOutLocally() {
   resetProfile();
   clearSearch();
   closeChat();
+  input("composer").value = ""; // a draft is not for whoever signs in next
   renderChatList();
   showAuth();
 }
@@ -1200,7 +1198,6 @@ async function signIn(how: () => Promise<{ token: string; user?: User }>) {
       const res = await how();
       if (!res.user) throw new Error("the server returned no user");
       api.token.set(res.token);
-      pageToken = res.token;
       await enter(res.user);
     });
   } finally {
@@ -1223,14 +1220,13 @@ el("register").addEventListener("click", () => {
   });
 });
 el("guest").addEventListener("click", () => void signIn(() => api.sessions.createSession({})));
+// Signed out here first, so this page's other tabs (the same session) hear
+// of it from this one, before the revocation ends their streams.
 el("logout").addEventListener("click", () =>
   void act(async () => {
-    stream?.abort(); // its end by revocation is not an error to show
-    try {
-      await api.sessions.revokeSession({});
-    } finally {
-      signOutLocally();
-    }
+    const sentWith = api.token.get();
+    signOutLocally();
+    await api.sessions.revokeSession({}, { headers: { authorization: `Bearer ${sentWith}` } });
   }),
 );
 
@@ -2004,7 +2000,6 @@ el("claim-form").addEventListener("submit", (e) => {
       if (!res.user || !res.token) throw new Error("the server returned no account");
       if (me !== user) return; // signed out meanwhile
       api.token.set(res.token);
-      pageToken = res.token;
       noteMe(res.user);
       resetProfile(); // the guest's form goes, Change password comes
     } catch (err) {
@@ -2284,11 +2279,49 @@ input("show-history").addEventListener("change", () => {
 el("load-older").addEventListener("click", () => void act(loadOlder));
 document.addEventListener("visibilitychange", () => void act(markRead));
 
+// ---------------------------------------------------------------- other tabs
+
+// The tabs of a browser share the stored token, but each page calls with
+// its own (api.token), so another tab signing out or in as someone else
+// never makes this one act for them unseen. This page follows instead: the
+// same user's new token (a guest claimed its account there) quietly, its
+// stream re-opened from where it was; anyone else's, or none, by going back
+// to sign-in, saying why (a reload takes up the stored token).
+let tabChanges = 0; // the latest storage change wins over lookups still under way
+
+window.addEventListener("storage", (e) => {
+  if (e.storageArea !== localStorage || (e.key !== null && e.key !== api.token.key)) return;
+  const seen = ++tabChanges;
+  const stored = api.token.stored();
+  if (claiming || stored === api.token.get()) return; // a claim here stores its own token next
+  if (!stored) {
+    if (me) signOutLocally();
+    showError("You signed out in another tab.");
+    return;
+  }
+  void (async () => {
+    const user = await api.userOf(stored).catch(() => undefined); // refused: no sign-in to follow
+    if (!user || seen !== tabChanges || claiming || api.token.stored() !== stored) return;
+    if (me && user.id === me.id) {
+      const kindChanged = me.guest !== user.guest;
+      api.token.follow(stored);
+      noteMe(user);
+      if (kindChanged) resetProfile(); // the guest's form goes, Change password comes
+      stream?.abort();
+      stream = new AbortController();
+      void runStream(stream.signal);
+      return;
+    }
+    if (me) signOutLocally();
+    const who = user.guest ? "a guest" : user.displayName || user.username;
+    showError(`You signed in as ${who} in another tab. Reload to go on as ${who}.`);
+  })();
+});
+
 // ---------------------------------------------------------------- start
 
 async function boot() {
-  pageToken = api.token.get();
-  if (!pageToken) return showAuth();
+  if (!api.token.load()) return showAuth();
   try {
     const res = await api.sessions.getCurrentSession({});
     if (!res.user) throw new Error("the server returned no user");

@@ -433,6 +433,60 @@ step("log out and back in", async () => {
   await chatItem(bobPage, alice.name).waitFor();
 });
 
+step("another tab of alice's signs out and in as bob: her page goes back to sign-in saying so and sends nothing as bob; a reload goes on as bob; then the tabs follow her back", async () => {
+  // A second tab of alice's browser: it shares her stored token, so her session.
+  const other = await alicePage.context().newPage();
+  other.setDefaultTimeout(WAIT);
+  other.on("pageerror", (err) => pageErrors.push(`alice's other tab: ${err.stack ?? err}`));
+  try {
+    await other.goto(pageUrl);
+    await other.locator("#me", { hasText: alice.name }).waitFor();
+    await openChatWith(alicePage, bob.name);
+    await alicePage.fill("#composer", "A draft of alice's");
+
+    // The other tab signs out (her session, this page's too, ends) and in as bob.
+    await other.click("#logout");
+    await other.locator("#auth-view").waitFor();
+    await alicePage.locator("#auth-view").waitFor();
+    await other.fill("#username", bob.name);
+    await other.fill("#password", bob.password);
+    await other.click("#login");
+    await other.locator("#me", { hasText: bob.name }).waitFor();
+    // Her page says so, and shows nothing of hers to act on as him.
+    await alicePage.locator("#error", { hasText: `You signed in as ${bob.name} in another tab.` }).waitFor();
+    assert.equal(await alicePage.locator("#chat-view").isHidden(), true, "her chat is not shown");
+    assert.equal(await alicePage.textContent("#me"), "", "nobody is named signed in");
+    assert.equal(await alicePage.inputValue("#composer"), "", "her draft is not kept for whoever signs in");
+    // A send as it happened (the composer submitted) goes nowhere: bob's next message is the chat's newest.
+    const stray = "Sent from alice's page after bob signed in";
+    await alicePage.$eval("#composer", (box, text) => { box.value = text; box.form.requestSubmit(); }, stray);
+    await openChatWith(bobPage, alice.name);
+    await send(bobPage, "Anyone there?");
+    await chatItem(other, alice.name).locator(".chat-excerpt", { hasText: "Anyone there?" }).waitFor();
+    assert.equal(await bobPage.locator("#messages .text", { hasText: stray }).count(), 0, "nothing sent as bob from her page");
+
+    // Her page left the stored token alone: a reload goes on as bob, as the other tab does.
+    await alicePage.reload();
+    await alicePage.locator("#me", { hasText: bob.name }).waitFor();
+    assert.equal(await other.locator("#error").isHidden(), true);
+
+    // Back: bob signs out in the other tab (the session the two share), alice signs in on her page.
+    await other.click("#logout");
+    await other.locator("#auth-view").waitFor();
+    await alicePage.locator("#error", { hasText: "You signed out in another tab." }).waitFor();
+    await alicePage.locator("#auth-view").waitFor();
+    await alicePage.fill("#username", alice.name);
+    await alicePage.fill("#password", alice.password);
+    await alicePage.click("#login");
+    await alicePage.locator("#me", { hasText: alice.name }).waitFor();
+    await other.locator("#error", { hasText: `You signed in as ${alice.name} in another tab.` }).waitFor();
+    await openChatWith(alicePage, bob.name);
+    await waitForMessage(alicePage, "Anyone there?");
+  } finally {
+    await other.close();
+  }
+});
+
 step("a guest can start chatting without an account", async () => {
   const guest = await newPerson("guest");
   try {

@@ -102,6 +102,17 @@ pub fn invalid_argument(field: &str, description: impl Into<String>) -> Status {
     v.into_status()
 }
 
+/// INVALID_ARGUMENT on `update_mask.paths[i]` (AIP-134): `path` is none of
+/// `fields`, the paths the update takes, listed in the message. The path is
+/// quoted and cut to 64 characters, as the message goes back in a header.
+pub fn unknown_mask_path(i: usize, path: &str, fields: &str) -> Status {
+    let shown: String = path.chars().take(64).collect();
+    invalid_argument(
+        &format!("update_mask.paths[{i}]"),
+        format!("{shown:?} is not a field that can be updated ({fields})"),
+    )
+}
+
 /// Logs an unexpected failure with its cause and returns a plain INTERNAL
 /// status that reveals nothing of it.
 #[track_caller]

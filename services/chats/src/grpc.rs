@@ -339,19 +339,16 @@ pub fn update_chat(r: pb::UpdateChatRequest, limits: &Limits) -> Result<(ChatId,
                     }
                 });
             }
-            other => return Err(unknown_path(i, other, "title, description, visibility, assistant_replies")),
+            other => {
+                return Err(natter_kit::error::unknown_mask_path(
+                    i,
+                    other,
+                    "title, description, visibility, assistant_replies",
+                ));
+            }
         }
     }
     Ok((chat_id, update))
-}
-
-/// INVALID_ARGUMENT on `update_mask.paths[i]`: `path` is none of
-/// `fields` (the ones the update takes, listed for the message).
-fn unknown_path(i: usize, path: &str, fields: &str) -> Status {
-    // Quoted, and cut short: the message goes back in a header.
-    let shown: String = path.chars().take(64).collect();
-    let reason = format!("{shown:?} is not a field that can be updated ({fields})");
-    ChatsError::invalid(format!("update_mask.paths[{i}]"), reason).into()
 }
 
 /// Validates an UpdatePrivacySettings request into the choices it makes:
@@ -391,7 +388,7 @@ pub fn privacy_settings_update(r: pb::UpdatePrivacySettingsRequest) -> Result<Pr
                     }
                 });
             }
-            other => return Err(unknown_path(i, other, PATHS)),
+            other => return Err(natter_kit::error::unknown_mask_path(i, other, PATHS)),
         }
     }
     Ok(update)

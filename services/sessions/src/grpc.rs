@@ -250,10 +250,7 @@ pub fn profile_update(r: pb::UpdateUserRequest, caller: &str) -> Result<String, 
         return Err(SessionsError::invalid("update_mask", "must name display_name").into());
     }
     if let Some((i, other)) = paths.iter().enumerate().find(|(_, p)| p.as_str() != "display_name") {
-        // Quoted, and cut short: the message goes back in a header.
-        let shown: String = other.chars().take(64).collect();
-        let reason = format!("{shown:?} is not a field that can be updated (display_name)");
-        return Err(natter_kit::error::invalid_argument(&format!("update_mask.paths[{i}]"), reason));
+        return Err(natter_kit::error::unknown_mask_path(i, other, "display_name"));
     }
     let user = r.user.unwrap_or_default();
     if !user.id.is_empty() && natter_kit::id::parse("user.id", &user.id)?.to_string() != caller {

@@ -89,6 +89,17 @@ fn parsed<T>(row: &Row<'_>, idx: usize, column: &'static str, parse: fn(&str) ->
     parse_enum(column, &text, parse).map_err(|_| corrupt(idx, column, &text))
 }
 
+/// [`parsed`] of a nullable column: None for NULL.
+fn parsed_opt<T>(
+    row: &Row<'_>,
+    idx: usize,
+    column: &'static str,
+    parse: fn(&str) -> Option<T>,
+) -> rusqlite::Result<Option<T>> {
+    let text: Option<String> = row.get(idx)?;
+    text.map(|t| parse_enum(column, &t, parse).map_err(|_| corrupt(idx, column, &t))).transpose()
+}
+
 /// `ids` as a JSON array of strings (a UUID's text needs no escaping), for
 /// `json_each`: one statement whatever their number (callers bound it).
 fn json_ids(ids: &[UserId]) -> String {
@@ -1045,11 +1056,13 @@ impl ChatStore for SqliteChatStore {
 /// update_time).
 fn stored_privacy(row: &Row<'_>) -> rusqlite::Result<StoredPrivacy> {
     // Each is NULL until the user sets it.
-    let set = |idx: usize| row.get::<_, Option<String>>(idx).map(|v| v.is_some());
-    let group_adds = set(0)?.then(|| parsed(row, 0, "privacy_settings.group_adds", GroupAdds::parse)).transpose()?;
-    let direct_chats =
-        set(1)?.then(|| parsed(row, 1, "privacy_settings.direct_chats", DirectChats::parse)).transpose()?;
-    Ok(StoredPrivacy { choices: PrivacyChoices { group_adds, direct_chats }, update_time: row.get(2)? })
+    Ok(StoredPrivacy {
+        choices: PrivacyChoices {
+            group_adds: parsed_opt(row, 0, "privacy_settings.group_adds", GroupAdds::parse)?,
+            direct_chats: parsed_opt(row, 1, "privacy_settings.direct_chats", DirectChats::parse)?,
+        },
+        update_time: row.get(2)?,
+    })
 }
 
 fn id_of(row: &Row<'_>) -> rusqlite::Result<UserId> {

@@ -188,3 +188,147 @@ async fn a_server_stopped_with_streams_open_records_their_users_last_seen_time(m
     assert!(last_seen >= stopping, "as the server stopped: {last_seen} < {stopping}");
     c.stop().await;
 }
+
+/// `user_updated` and `account_updated`: what others see of a user, and
+/// their own account, reach open streams live.
+mod live_profile {
+    use natter_proto::chats::v1 as cpb;
+    use natter_proto::messages::v1 as mpb;
+    use natter_proto::sessions::v1 as spb;
+    use natter_testkit::{Cluster, TestUser, authed};
+    use tonic::codec::Streaming;
+
+    use super::group;
+    use crate::chats::{direct, send};
+    use crate::stream::{next_any, open};
+    use mpb::stream_events_response::Event;
+
+    crate::both_modes!(renames_reach_those_who_share_a_chat_once_and_account_changes_only_the_user_s_own_streams);
+
+    /// The next event that is not a presence change (streams opening and
+    /// closing send those to everyone who shares a chat).
+    async fn next(stream: &mut Streaming<mpb::StreamEventsResponse>) -> mpb::StreamEventsResponse {
+        loop {
+            let event = next_any(stream).await;
+            if !matches!(event.event, Some(Event::PresenceChanged(_))) {
+                return event;
+            }
+        }
+    }
+
+    /// The next event, which must be `user_updated`, not of a chat.
+    async fn next_user_updated(stream: &mut Streaming<mpb::StreamEventsResponse>) -> mpb::UserUpdated {
+        let event = next(stream).await;
+        assert_eq!((event.chat_id.as_str(), event.seq, event.change_seq), ("", 0, 0), "of no chat: {event:?}");
+        match event.event {
+            Some(Event::UserUpdated(u)) => u,
+            other => panic!("expected user_updated, got {other:?}"),
+        }
+    }
+
+    /// The next event, which must be `account_updated`, not of a chat.
+    async fn next_account_updated(stream: &mut Streaming<mpb::StreamEventsResponse>) -> mpb::AccountChange {
+        let event = next(stream).await;
+        assert_eq!((event.chat_id.as_str(), event.seq, event.change_seq), ("", 0, 0), "of no chat: {event:?}");
+        match event.event {
+            Some(Event::AccountUpdated(a)) => a.change(),
+            other => panic!("expected account_updated, got {other:?}"),
+        }
+    }
+
+    /// The next event, which must be the message `text`.
+    async fn next_message(stream: &mut Streaming<mpb::StreamEventsResponse>, text: &str) {
+        let event = next(stream).await;
+        assert!(
+            matches!(&event.event, Some(Event::MessageCreated(m)) if m.text == text),
+            "expected {text:?}: {event:?}"
+        );
+    }
+
+    async fn rename(c: &Cluster, user: &TestUser, name: &str) {
+        let request = spb::UpdateUserRequest {
+            user: Some(spb::User { display_name: name.to_owned(), ..Default::default() }),
+            update_mask: Some(natter_proto::FieldMask { paths: vec!["display_name".into()] }),
+        };
+        c.sessions().update_user(authed(user, request)).await.expect("UpdateUser");
+    }
+
+    async fn renames_reach_those_who_share_a_chat_once_and_account_changes_only_the_user_s_own_streams(c: &Cluster) {
+        let (alice, bob, carol, dave) =
+            (c.user("alice").await, c.user("bob").await, c.user("carol").await, c.user("dave").await);
+        // Alice and bob share two chats; carol shares none with alice.
+        let book_club = group(c, &alice, &[&bob], "book club").await;
+        let alice_bob = direct(c, &alice, &bob).await;
+        let carols = direct(c, &carol, &dave).await;
+        // And bob a chat with a guest.
+        let guest = c.guest().await;
+        direct(c, &bob, &guest).await;
+        // Two tabs of alice, one of bob, one of carol.
+        let (mut tab1, mut tab2) = (open(c, &alice, &[], &[]).await, open(c, &alice, &[], &[]).await);
+        let mut bobs = open(c, &bob, &[], &[]).await;
+        let mut carols_stream = open(c, &carol, &[], &[]).await;
+
+        // Alice renames herself: bob hears it once (not once per shared
+        // chat), both her tabs hear it once, carol not at all.
+        rename(c, &alice, "Alice Liddell").await;
+        let expected = mpb::UserUpdated {
+            user_id: alice.id.clone(),
+            username: alice.username.clone(),
+            display_name: "Alice Liddell".into(),
+        };
+        for stream in [&mut bobs, &mut tab1, &mut tab2] {
+            assert_eq!(next_user_updated(stream).await, expected);
+        }
+        // A second copy (through the other shared chat) would have been
+        // queued on its chat before these: the next events are the two
+        // messages.
+        send(c, &alice, &book_club.id, "after the rename").await;
+        send(c, &alice, &alice_bob.id, "after the rename, too").await;
+        for stream in [&mut bobs, &mut tab1, &mut tab2] {
+            next_message(stream, "after the rename").await;
+            next_message(stream, "after the rename, too").await;
+        }
+
+        // Her account's changes go to her own tabs (the one that made them
+        // too), and to nobody else.
+        let block = cpb::BlockUserRequest { user_id: carol.id.clone() };
+        c.chats().block_user(authed(&alice, block)).await.expect("BlockUser");
+        let settings = cpb::UpdatePrivacySettingsRequest {
+            settings: Some(cpb::PrivacySettings {
+                direct_chats: cpb::DirectChats::Nobody as i32,
+                ..Default::default()
+            }),
+            update_mask: Some(natter_proto::FieldMask { paths: vec!["direct_chats".into()] }),
+        };
+        c.chats().update_privacy_settings(authed(&alice, settings)).await.expect("UpdatePrivacySettings");
+        let unblock = cpb::UnblockUserRequest { user_id: carol.id.clone() };
+        c.chats().unblock_user(authed(&alice, unblock)).await.expect("UnblockUser");
+        for tab in [&mut tab1, &mut tab2] {
+            assert_eq!(next_account_updated(tab).await, mpb::AccountChange::BlockedUsers);
+            assert_eq!(next_account_updated(tab).await, mpb::AccountChange::PrivacySettings);
+            assert_eq!(next_account_updated(tab).await, mpb::AccountChange::BlockedUsers);
+        }
+        send(c, &alice, &book_club.id, "after the settings").await;
+        for stream in [&mut tab1, &mut tab2, &mut bobs] {
+            next_message(stream, "after the settings").await;
+        }
+
+        // A guest who claims an account: bob, who shares a chat with them,
+        // sees their username and name at once.
+        let claim = spb::ClaimAccountRequest {
+            username: format!("claimed{}", &guest.id[guest.id.len() - 8..]),
+            password: "long enough".into(),
+            display_name: "Claimed".into(),
+        };
+        c.sessions().claim_account(authed(&guest, claim.clone())).await.expect("ClaimAccount");
+        let claimed = next_user_updated(&mut bobs).await;
+        assert_eq!(
+            (claimed.user_id.as_str(), claimed.username.as_str(), claimed.display_name.as_str()),
+            (guest.id.as_str(), claim.username.as_str(), "Claimed")
+        );
+
+        // Carol heard none of it: her first event is dave's message.
+        send(c, &dave, &carols.id, "hi carol").await;
+        next_message(&mut carols_stream, "hi carol").await;
+    }
+}

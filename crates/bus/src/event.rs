@@ -30,7 +30,9 @@
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use natter_kit::id::{ChatId, UserId};
-use natter_proto::messages::v1::StreamEventsResponse;
+use natter_proto::messages::v1::{
+    AccountChange, AccountUpdated, StreamEventsResponse, UserUpdated, stream_events_response,
+};
 use prost::Message as _;
 use prost::encoding::{WireType, encode_key, encode_varint, key_len};
 use uuid::Uuid;
@@ -144,6 +146,35 @@ impl Event {
     /// A presence announcement about `users`.
     pub fn beat(beat: Beat, users: Vec<UserId>) -> Self {
         Self { users, beat: Some(beat), ..Self::default() }
+    }
+
+    /// What others see of `user` changed (`user_updated`: their username
+    /// and display name as they are now). `serial` orders the changes of
+    /// one user (µs since the epoch of the change, by the sender's clock):
+    /// a stream that has sent one drops an older or the same one reaching
+    /// it again through another shared chat. Published on the user's own
+    /// topic (their streams) and on [`Topic::Presence`] (every replica, which
+    /// hands it to the streams that follow a chat of the user).
+    pub fn user_updated(user: UserId, username: String, display_name: String, serial: i64) -> Self {
+        let payload = StreamEventsResponse {
+            event: Some(stream_events_response::Event::UserUpdated(UserUpdated {
+                user_id: user.to_string(),
+                username,
+                display_name,
+            })),
+            ..StreamEventsResponse::default()
+        };
+        Self { users: vec![user], change_seq: serial, payload: Some(payload), ..Self::default() }
+    }
+
+    /// The account of `user` changed (`account_updated`), for their own
+    /// streams: published on their topic.
+    pub fn account_updated(user: UserId, change: AccountChange) -> Self {
+        let payload = StreamEventsResponse {
+            event: Some(stream_events_response::Event::AccountUpdated(AccountUpdated { change: change as i32 })),
+            ..StreamEventsResponse::default()
+        };
+        Self { users: vec![user], payload: Some(payload), ..Self::default() }
     }
 
     /// A hint for the streams of `chat` that announcements may have been

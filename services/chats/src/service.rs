@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use natter_bus::EventBus;
+use natter_bus::{EventBus, Topic};
 use natter_kit::cache::Tag;
 use natter_kit::id::{ChatId, MessageId, UserId};
 use natter_kit::limits::{LOOKUP_USERS_MAX_IDS, Rate, RateLimiter};
@@ -1072,6 +1072,7 @@ impl Chats {
         self.change_rate.check(&caller)?;
         let stored = self.store.set_privacy_settings(caller, update, now_micros()).await?;
         let applied = self.applied(Some(stored));
+        self.announce_account(caller, mpb::AccountChange::PrivacySettings);
         tracing::info!(
             user_id = %caller,
             group_adds = applied.group_adds.as_str(),
@@ -1100,7 +1101,9 @@ impl Chats {
             return Err(ChatsError::BlockLimit(limit, caller.to_string()));
         }
         tracing::info!(user_id = %caller, blocked_user_id = %other, "user blocked");
-        self.evict_direct(caller, other).await
+        self.evict_direct(caller, other).await?;
+        self.announce_account(caller, mpb::AccountChange::BlockedUsers);
+        Ok(())
     }
 
     /// UnblockUser: takes the caller's block of `other` back (none: no
@@ -1108,7 +1111,15 @@ impl Chats {
     pub async fn unblock_user(&self, caller: UserId, other: UserId) -> Result<(), ChatsError> {
         self.change_rate.check(&caller)?;
         self.store.unblock(caller, other).await?;
-        self.evict_direct(caller, other).await
+        self.evict_direct(caller, other).await?;
+        self.announce_account(caller, mpb::AccountChange::BlockedUsers);
+        Ok(())
+    }
+
+    /// Tells every stream of `user` (their other tabs and devices) that
+    /// `change` of their account happened (`account_updated`).
+    fn announce_account(&self, user: UserId, change: mpb::AccountChange) {
+        self.bus.publish(Topic::User(user.uuid()), Arc::new(natter_bus::Event::account_updated(user, change)));
     }
 
     /// Evicts the cached memberships of the direct chat of `a` and `b`, if

@@ -39,6 +39,12 @@
 //!
 //! The assistant's internal streams (FollowChats) are not counted and get no
 //! presence events; the assistant, holding no public stream, is offline.
+//!
+//! The presence topic also carries other news of a user for everyone who
+//! shares a chat with them: `user_updated` (a new display name or username,
+//! published by the sessions service with no beat). Each replica that holds
+//! streams hands it on exactly as a presence change, through the user's
+//! chats, and streams deduplicate it by its serial (the change's time).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -96,6 +102,10 @@ struct Change {
 /// What the announcing task is handed.
 enum Work {
     Changed(Change),
+    /// Another kind of news of a user for the streams that follow their
+    /// chats (`user_updated`, published on the presence topic by the
+    /// sessions service).
+    Profile(Arc<BusEvent>),
     /// Answered once everything before it is done.
     Flush(oneshot::Sender<()>),
 }
@@ -382,8 +392,15 @@ impl Presence {
         users.iter().map(|u| state.online(&u.0)).collect()
     }
 
-    /// A peer's beat.
-    fn on_beat(&self, event: &BusEvent) {
+    /// A peer's beat, or news of a user for the streams of their chats.
+    fn on_beat(&self, event: &Arc<BusEvent>) {
+        if event.beat.is_none() {
+            if is_profile(event) {
+                // Fails only once the announcing task is gone (shutdown).
+                let _ = self.work.send(Work::Profile(event.clone()));
+            }
+            return;
+        }
         let Some(beat) = event.beat.filter(|b| b.replica != self.replica) else { return };
         let users: HashSet<Uuid> = event.users.iter().map(|u| u.0).collect();
         let mut state = self.lock();
@@ -485,21 +502,28 @@ async fn announce(
                         tell_streams(change, chats.as_ref(), bus.as_ref()).await;
                     }
                 }
+                Work::Profile(event) => {
+                    if presence.upgrade().is_some_and(|p| p.has_streams()) {
+                        tell_chats(event, chats.as_ref(), bus.as_ref()).await;
+                    }
+                }
             }
         }
     }
 }
 
+/// Whether `event` is news of a user that the streams of their chats pass
+/// on (`user_updated`).
+fn is_profile(event: &BusEvent) -> bool {
+    matches!(
+        event.payload.as_ref().and_then(|p| p.event.as_ref()),
+        Some(natter_proto::messages::v1::stream_events_response::Event::UserUpdated(_))
+    ) && event.users.len() == 1
+}
+
 /// Publishes `change` on this process's topic of each chat of its user,
 /// where the streams that follow them pick it up.
 async fn tell_streams(change: Change, chats: &dyn ChatDirectory, bus: &dyn EventBus) {
-    let ids = match chats.member_chat_ids(&change.user.to_string()).await {
-        Ok(ids) => ids,
-        Err(e) => {
-            tracing::warn!(user_id = %change.user, error = %e, "presence: cannot list the user's chats; change not announced");
-            return;
-        }
-    };
     let seen = if change.online { Seen::Online } else { Seen::Offline(Some(change.at)) };
     let event = Arc::new(BusEvent {
         users: vec![UserId(change.user)],
@@ -507,6 +531,20 @@ async fn tell_streams(change: Change, chats: &dyn ChatDirectory, bus: &dyn Event
         payload: Some(grpc::presence_event(UserId(change.user), seen)),
         ..BusEvent::default()
     });
+    tell_chats(event, chats, bus).await;
+}
+
+/// Publishes `event`, about its one user, on this process's topic of each
+/// chat of that user.
+async fn tell_chats(event: Arc<BusEvent>, chats: &dyn ChatDirectory, bus: &dyn EventBus) {
+    let Some(user) = event.users.first().copied() else { return };
+    let ids = match chats.member_chat_ids(&user.to_string()).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::warn!(user_id = %user, error = %e, "presence: cannot list the user's chats; change not announced");
+            return;
+        }
+    };
     for chat in ids.iter().filter_map(|c| Uuid::try_parse(c).ok()) {
         bus.publish_local(Topic::Chat(chat), event.clone());
     }

@@ -182,6 +182,7 @@ pub async fn open(
         managed,
         direct: HashMap::new(),
         presence: follow.presence.then(HashMap::new),
+        profiles: follow.presence.then(HashMap::new),
     };
     // Subscribe first, read the heads second: a change committed after the
     // head was read is announced to a subscription that already exists.
@@ -431,6 +432,9 @@ struct Follower {
     /// change comes once per chat shared); None: the stream gets no
     /// presence changes (the assistant's).
     presence: Option<HashMap<Uuid, i64>>,
+    /// user -> the serial of the last `user_updated` of theirs sent; `None`
+    /// for a stream that gets none (the assistant's).
+    profiles: Option<HashMap<Uuid, i64>>,
 }
 
 impl Follower {
@@ -605,8 +609,17 @@ impl Follower {
 
     /// A membership change of the user (the user's own topic).
     fn on_user_event(&mut self, event: &BusEvent) -> Step {
-        let Some(chat) = event.chat.map(|c| c.uuid()) else { return Step::default() };
         let Some(payload) = &event.payload else { return Step::default() };
+        // News of the user's own account or profile, from another of their
+        // tabs or devices (or this one): public streams pass it on as it is.
+        if let Some(Event::UserUpdated(_) | Event::AccountUpdated(_)) = &payload.event {
+            return if self.profiles.is_some() && event.chat.is_none() {
+                Step::send(payload.clone())
+            } else {
+                Step::default()
+            };
+        }
+        let Some(chat) = event.chat.map(|c| c.uuid()) else { return Step::default() };
         let Some(Event::MembershipChanged(change)) = &payload.event else { return Step::default() };
         if !event.users.iter().any(|u| u.uuid() == self.user) {
             return Step::default();
@@ -649,6 +662,19 @@ impl Follower {
         Step::send(pb::StreamEventsResponse { chat_id: chat.to_string(), change_seq: cursor, ..payload.clone() })
     }
 
+    /// What others see of a user of `chat` changed (ephemeral): sent once,
+    /// as it is (no chat, no change number), unless it is the stream's own
+    /// user's (that comes on their own topic) or already sent through another
+    /// shared chat, or older than one sent.
+    fn on_profile(&mut self, event: &BusEvent, payload: &pb::StreamEventsResponse) -> Step {
+        let (Some(sent), Some(user)) = (self.profiles.as_mut(), event.users.first()) else { return Step::default() };
+        if user.uuid() == self.user || sent.get(&user.uuid()).is_some_and(|last| *last >= event.change_seq) {
+            return Step::default();
+        }
+        sent.insert(user.uuid(), event.change_seq);
+        Step::send(payload.clone())
+    }
+
     /// An event of a followed chat.
     fn on_chat_event(&mut self, chat: Uuid, event: &BusEvent) -> Step {
         let Some(cursor) = self.cursors.get(&chat).copied() else { return Step::default() };
@@ -670,6 +696,11 @@ impl Follower {
             && let Some(Event::PresenceChanged(_)) = &payload.event
         {
             return self.on_presence(chat, cursor, event, payload);
+        }
+        if let Some(payload) = &event.payload
+            && let Some(Event::UserUpdated(_)) = &payload.event
+        {
+            return self.on_profile(event, payload);
         }
         // A resync hint (the bus may have lost announcements), or an event of
         // a kind this build does not know: whatever the store has beyond the
@@ -1353,6 +1384,7 @@ mod tests {
             managed: HashSet::new(),
             direct: HashMap::new(),
             presence: None,
+            profiles: None,
         }
     }
 

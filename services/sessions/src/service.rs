@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use natter_bus::{EventBus, Topic};
 use natter_kit::cache::Tag;
+use natter_kit::id::UserId;
 use natter_kit::limits::RateLimiter;
 use natter_kit::time::now_micros;
 use uuid::Uuid;
@@ -479,7 +480,26 @@ impl Sessions {
         // fixation, OWASP ASVS V3.2.1). Should this fail, the password logs
         // in.
         self.revoke(user_id, None, true).await?;
-        self.start_session(self.user(user_id).await?).await
+        let user = self.user(user_id).await?;
+        self.announce_profile(&user);
+        self.start_session(user).await
+    }
+
+    /// Tells the streams of everyone who shares a chat with `user`, and
+    /// the user's own, what others now see of them (`user_updated`; see
+    /// [`natter_bus::Event::user_updated`]). Ephemeral: a client that
+    /// misses it re-reads users when it reconnects.
+    fn announce_profile(&self, user: &UserRow) {
+        let Ok(id) = Uuid::try_parse(&user.id) else { return };
+        let event = natter_bus::Event::user_updated(
+            UserId(id),
+            user.username.clone().unwrap_or_default(),
+            user.display_name.clone(),
+            now_micros(),
+        );
+        let event = Arc::new(event);
+        self.bus.publish(Topic::User(id), event.clone());
+        self.bus.publish(Topic::Presence, event);
     }
 
     /// Deletes account `user_id` at its own request from `client`
@@ -551,6 +571,7 @@ impl Sessions {
         };
         let user = self.store.set_display_name(user_id, &name).await?.ok_or(SessionsError::UserNotFound)?;
         tracing::info!(user_id, "display name updated");
+        self.announce_profile(&user);
         Ok(user)
     }
 

@@ -1,12 +1,14 @@
 //! Presence across replicas: a replica killed with SIGKILL while it holds a
 //! user's stream must not leave the user online; its peers take it as dead
-//! after three missed heartbeats.
+//! after three missed heartbeats. And what rides with presence: a rename
+//! made on one replica reaches the streams held by another.
 
 use std::time::{Duration, Instant};
 
 use natter_kit::time::{micros, now_micros};
 use natter_proto::chats::v1::{self as cpb, chat_service_client::ChatServiceClient};
 use natter_proto::messages::v1::{self as mpb, message_service_client::MessageServiceClient};
+use natter_proto::sessions::v1::{self as spb, session_service_client::SessionServiceClient};
 use tonic::transport::Channel;
 
 use super::{Event, Node, authed, drop_schemas, env, free_port, next_any, user};
@@ -166,5 +168,49 @@ async fn a_stopped_replica_s_users_go_offline_at_once_and_a_new_one_asks_who_is_
     let asked = presence_of(&on_three, &s.alice, &s.bob_id).await;
     assert_eq!(asked.state, mpb::PresenceState::Offline as i32, "replica three heard it too");
     drop(three);
+    s.finish().await;
+}
+
+/// The next event of the stream that is not a presence change.
+async fn next_news(stream: &mut tonic::codec::Streaming<mpb::StreamEventsResponse>) -> mpb::StreamEventsResponse {
+    loop {
+        let event = next_any(stream).await.expect("the stream stays open");
+        if !matches!(event.event, Some(Event::PresenceChanged(_))) {
+            return event;
+        }
+    }
+}
+
+/// A rename and a privacy change, both made through replica one: alice's
+/// stream on replica two hears of both (her user topic, over NATS), and
+/// bob's stream on replica one hears of her rename through their chat (the
+/// presence topic, handed on by his replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_and_an_account_change_on_one_replica_reach_streams_held_by_another() {
+    let Some(mut s) = Scene::start("60s").await else { return };
+    let on_one = s.one.channel().await;
+    let rename = spb::UpdateUserRequest {
+        user: Some(spb::User { display_name: "Alice Liddell".into(), ..Default::default() }),
+        update_mask: Some(natter_proto::FieldMask { paths: vec!["display_name".into()] }),
+    };
+    let renamed = SessionServiceClient::new(on_one.clone()).update_user(authed(&s.alice, rename)).await.unwrap();
+    let alice_id = renamed.into_inner().user.expect("the user").id;
+    for stream in [&mut s.watching, &mut s._held] {
+        match next_news(stream).await.event {
+            Some(Event::UserUpdated(u)) => {
+                assert_eq!((u.user_id.as_str(), u.display_name.as_str()), (alice_id.as_str(), "Alice Liddell"));
+            }
+            other => panic!("expected user_updated, got {other:?}"),
+        }
+    }
+    let settings = cpb::UpdatePrivacySettingsRequest {
+        settings: Some(cpb::PrivacySettings { direct_chats: cpb::DirectChats::Peers as i32, ..Default::default() }),
+        update_mask: Some(natter_proto::FieldMask { paths: vec!["direct_chats".into()] }),
+    };
+    ChatServiceClient::new(on_one.clone()).update_privacy_settings(authed(&s.alice, settings)).await.unwrap();
+    match next_news(&mut s.watching).await.event {
+        Some(Event::AccountUpdated(a)) => assert_eq!(a.change(), mpb::AccountChange::PrivacySettings),
+        other => panic!("expected account_updated, got {other:?}"),
+    }
     s.finish().await;
 }

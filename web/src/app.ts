@@ -7,6 +7,7 @@ import * as api from "./api";
 import { UserKind, UserSchema, type User } from "./gen/natter/sessions/v1/sessions_pb";
 import { ChatKind, DirectChats, GroupAdds, LastMessageSchema, MemberRole, type Chat, type Member } from "./gen/natter/chats/v1/chats_pb";
 import {
+  AccountChange,
   AssistantReplies,
   GenerationStatus,
   MembershipChange,
@@ -155,6 +156,61 @@ async function ensureUsers(ids: Iterable<string>) {
       deletedUsers.add(id);
     }
   }
+}
+
+/**
+ * Takes a user's names as the server now has them (a user_updated event, or
+ * a re-read): they replace what the page holds of the user, our own `me`
+ * included. Says whether anything changed; the caller redraws. A user the
+ * page has not read yet is left to be read when first shown.
+ */
+function takeNames(userId: string, username: string, displayName: string): boolean {
+  const held = users.get(userId);
+  if (!held || deletedUsers.has(userId)) return false;
+  if (held.username === username && held.displayName === displayName) return false;
+  if (me?.id === userId) {
+    // Settings' display name follows, unless it is being edited (it differs from what was saved).
+    const box = input("display-name");
+    if (box.value === me.displayName) box.value = displayName;
+    box.placeholder = username;
+    input("password-username").value = username;
+    // In place: `me` stays the same object, which calls under way compare to tell a sign-out.
+    me.username = username;
+    me.displayName = displayName;
+  }
+  held.username = username;
+  held.displayName = displayName;
+  return true;
+}
+
+/**
+ * Re-reads the names of every user the page holds (BatchGetUsers, 200 ids a
+ * call): a rename made while the stream was down is sent to nobody later.
+ * An id no longer known is a deleted account, as in ensureUsers.
+ */
+async function refreshUsers() {
+  const user = me;
+  const started = userEvents;
+  const ids = [...users.keys()].filter((id) => !deletedUsers.has(id));
+  let changed = false;
+  for (let i = 0; i < ids.length; i += 200) {
+    const batch = ids.slice(i, i + 200);
+    const res = await api.sessions.batchGetUsers({ userIds: batch });
+    if (me !== user) return; // signed out meanwhile
+    for (const u of res.users) {
+      // A user_updated of theirs heard since the read began may be newer than its answer.
+      if ((lastUserEvent.get(u.id) ?? 0) > started) continue;
+      changed = takeNames(u.id, u.username, u.displayName) || changed;
+    }
+    const found = new Set(res.users.map((u) => u.id));
+    for (const id of batch) {
+      if (found.has(id) || id === me?.id) continue;
+      users.set(id, create(UserSchema, { id, displayName: "Deleted account" }));
+      deletedUsers.add(id);
+      changed = true;
+    }
+  }
+  if (changed) renderNames();
 }
 
 /** Learns who the other member of each direct chat is, and their names. */
@@ -927,6 +983,52 @@ function noteTyping(chatId: string, userId: string, until: number) {
   });
 }
 
+/**
+ * Redraws everything that shows people's names, after a rename: the chat
+ * list (a direct chat is called by its other member's name), the open
+ * chat's title and its messages' authors, the thread, the typing line, the
+ * members panel, whom we block (the Block button, the composer's note,
+ * Settings' Blocked people), the search results and the header.
+ */
+function renderNames() {
+  renderChatList();
+  const chat = open ? chats.get(open.id) : undefined;
+  if (chat) el("chat-title").textContent = chatName(chat);
+  renderMessages("keep");
+  renderThread();
+  renderTyping();
+  renderMembers();
+  renderBlocking();
+  renderSearchNames();
+  renderMe();
+}
+
+/** Counts the user_updated events heard, and the count at each user's latest one (refreshUsers leaves those alone). */
+let userEvents = 0;
+const lastUserEvent = new Map<string, number>();
+
+/** What others see of a user changed (user_updated): the page shows their new names. */
+function noteUser(userId: string, username: string, displayName: string) {
+  lastUserEvent.set(userId, ++userEvents);
+  if (takeNames(userId, username, displayName)) renderNames();
+}
+
+/**
+ * Our account changed in another tab or on another device (account_updated):
+ * re-reads what changed. Also sent for this page's own change, whose re-read
+ * then finds what the page shows already.
+ */
+function noteAccountChange(change: AccountChange) {
+  switch (change) {
+    case AccountChange.PRIVACY_SETTINGS:
+      void refreshPrivacy().catch((e) => console.warn("privacy settings:", e));
+      return;
+    case AccountChange.BLOCKED_USERS:
+      void refreshBlocked().catch((e) => console.warn("blocked users:", e));
+      return;
+  }
+}
+
 function handleEvent(ev: StreamEventsResponse) {
   const { chatId } = ev;
   const chat = chats.get(chatId);
@@ -946,6 +1048,20 @@ function handleEvent(ev: StreamEventsResponse) {
     renderPresence();
     return;
   }
+  // Of a user rather than a chat: what others see of someone (a rename), or
+  // our own account changed elsewhere (privacy settings, whom we block).
+  if (ev.event.case === "userUpdated") {
+    const u = ev.event.value;
+    noteUser(u.userId, u.username, u.displayName);
+    return;
+  }
+  if (ev.event.case === "accountUpdated") {
+    noteAccountChange(ev.event.value.change);
+    return;
+  }
+  // Anything else of no chat (a kind of event newer than this page) is no
+  // chat to list and no resume point.
+  if (!chatId) return;
   if (ev.changeSeq > 0n) {
     const had = lastChange.get(chatId);
     if (had !== undefined && ev.changeSeq <= had) return; // delivered already
@@ -1087,6 +1203,11 @@ function forgetChat(chatId: string) {
   renderChatList();
 }
 
+/** Reads again what the stream tells of only as it changes: people's names, our privacy settings, whom we block. */
+async function refreshAccount() {
+  await Promise.all([refreshUsers(), refreshPrivacy(), refreshBlocked()]);
+}
+
 function setStatus(text: string) {
   el("status").textContent = text;
 }
@@ -1094,6 +1215,7 @@ function setStatus(text: string) {
 /** Keeps StreamEvents open; after an error or end, reconnects with backoff from the last changes seen. */
 async function runStream(signal: AbortSignal) {
   let backoff = 500;
+  let opened = false;
   while (!signal.aborted) {
     setStatus("connecting…");
     const sentWith = api.token.get();
@@ -1104,6 +1226,11 @@ async function runStream(signal: AbortSignal) {
         setStatus("live");
         backoff = 500;
         void refreshPresence().catch((e) => console.warn("presence:", e));
+        // Renames and account changes made while it was down are sent to
+        // nobody later: read them again (the first connection follows the
+        // page's own reads).
+        if (opened) void refreshAccount().catch((e) => console.warn("after reconnecting:", e));
+        opened = true;
       };
       for await (const ev of api.messages.streamEvents({ resume, resumeChanges }, { signal, onHeader })) handleEvent(ev);
     } catch (err) {
@@ -1175,7 +1302,7 @@ function signOutLocally() {
   stream = null;
   api.token.clear(); // the stored one only if still ours, not one another tab stored since
   me = null;
-  for (const m of [users, deletedUsers, chats, peers, groupMembers, lastSeq, lastChange, pending]) m.clear();
+  for (const m of [users, deletedUsers, chats, peers, groupMembers, lastSeq, lastChange, pending, lastUserEvent]) m.clear();
   blocked = null;
   closeSettings();
   el("assistant-notice").hidden = true;
@@ -1610,28 +1737,43 @@ interface PrivacyControl {
   options: [number, string][];
   /** As the server last gave it; undefined until read (the select stays disabled). */
   value?: number;
+  /** The ticket of the read or save `value` came from: an answer to one started earlier is stale. */
+  ticket: number;
+  /** A save of this setting is under way: the select shows the choice being saved, disabled, until it ends. */
+  saving: boolean;
   noteTimer?: ReturnType<typeof setTimeout>;
 }
 
 const PRIVACY: PrivacyControl[] = [
   {
     // "Who can add me to groups"
-    id: "group-adds", field: "groupAdds", path: "group_adds",
+    id: "group-adds", field: "groupAdds", path: "group_adds", ticket: 0, saving: false,
     options: [[GroupAdds.EVERYONE, "everyone"], [GroupAdds.PEERS, "peers"], [GroupAdds.NOBODY, "nobody"]],
   },
   {
     // "Who can start a chat with me"
-    id: "direct-chats", field: "directChats", path: "direct_chats",
+    id: "direct-chats", field: "directChats", path: "direct_chats", ticket: 0, saving: false,
     options: [[DirectChats.EVERYONE, "everyone"], [DirectChats.PEERS, "peers"], [DirectChats.NOBODY, "nobody"]],
   },
 ];
 
-/** Shows a setting's value in its select, which is enabled once it is known. */
+/** Numbers the privacy reads and saves in the order they start. */
+let privacyTickets = 0;
+
+/** Takes a setting's value from the answer to read or save `ticket`, unless a later one's is held already. */
+function takePrivacy(c: PrivacyControl, value: number | undefined, ticket: number): boolean {
+  if (ticket < c.ticket) return false;
+  c.ticket = ticket;
+  c.value = value;
+  return true;
+}
+
+/** Shows a setting's value in its select, which is enabled once it is known (and no save of it is under way). */
 function renderPrivacy(c: PrivacyControl) {
   const select = el<HTMLSelectElement>(c.id);
   const name = c.options.find(([value]) => value === c.value)?.[1];
   select.value = name ?? "everyone";
-  select.disabled = name === undefined;
+  select.disabled = name === undefined || c.saving;
 }
 
 /** A word beside a setting: a confirmation (gone after a few seconds) or an error (kept until the next change). */
@@ -1647,6 +1789,7 @@ function privacyNote(c: PrivacyControl, text: string, failed = false) {
 function resetPrivacy() {
   for (const c of PRIVACY) {
     c.value = undefined;
+    c.ticket = ++privacyTickets; // what a read or save under way brings is not ours
     renderPrivacy(c);
     privacyNote(c, "");
   }
@@ -1654,17 +1797,44 @@ function resetPrivacy() {
 
 /** Reads the caller's privacy settings after sign-in; a failure leaves the selects disabled and says why. */
 async function loadPrivacy() {
-  const user = me;
   resetPrivacy();
+  await readPrivacy(true);
+}
+
+/**
+ * Reads the privacy settings again: they changed in another tab or on
+ * another device (account_updated), or the stream reconnected (it sends no
+ * change made while it was down). A failure leaves the selects as they were.
+ */
+function refreshPrivacy() {
+  return readPrivacy(false);
+}
+
+/**
+ * Reads the privacy settings (GetPrivacySettings) into the selects. One
+ * being saved shows the choice until the save ends, then the newest value
+ * known. A select the person has open, or has focused, takes the new value
+ * all the same: a select only ever shows a saved setting, so there is no
+ * half-made choice to keep, and a pick made after it is saved as picked
+ * (the last change wins, as between two tabs). A setting that changed
+ * while shown says so beside it, so it does not change unseen.
+ */
+async function readPrivacy(signIn: boolean) {
+  const user = me;
+  const ticket = ++privacyTickets;
   try {
     const { settings } = await api.chats.getPrivacySettings({});
     if (me !== user) return; // signed out meanwhile
     for (const c of PRIVACY) {
-      c.value = settings?.[c.field];
+      const shown = c.value;
+      if (!takePrivacy(c, settings?.[c.field], ticket) || c.saving) continue;
       renderPrivacy(c);
+      if (shown === undefined) privacyNote(c, ""); // a failed read's note goes
+      else if (c.value !== shown) privacyNote(c, "Changed in another tab or on another device");
     }
   } catch (err) {
     if (me !== user) return;
+    if (!signIn) throw err;
     for (const c of PRIVACY) privacyNote(c, `Cannot read this setting: ${api.describe(err)}`, true);
   }
 }
@@ -1679,16 +1849,19 @@ function savePrivacy(c: PrivacyControl) {
   const select = el<HTMLSelectElement>(c.id);
   const wanted = c.options.find(([, name]) => name === select.value)?.[0];
   if (wanted === undefined) return;
+  c.saving = true;
   select.disabled = true;
   privacyNote(c, "");
   const user = me;
+  const ticket = ++privacyTickets;
   void act(async () => {
     try {
       const { settings } = await api.chats.updatePrivacySettings({
         settings: { [c.field]: wanted }, updateMask: { paths: [c.path] },
       });
       if (me !== user) return; // signed out meanwhile
-      c.value = settings?.[c.field] ?? wanted;
+      // Unless a read started since has been answered (another tab's change, maybe after this one).
+      takePrivacy(c, settings?.[c.field] ?? wanted, ticket);
       privacyNote(c, "Saved");
     } catch (err) {
       if (me !== user) return;
@@ -1696,6 +1869,7 @@ function savePrivacy(c: PrivacyControl) {
       // Not saved: say why beside the select, which goes back to the saved value.
       privacyNote(c, `Not saved: ${api.describe(err)}`, true);
     } finally {
+      c.saving = false;
       if (me === user) renderPrivacy(c);
     }
   });
@@ -1706,12 +1880,16 @@ for (const c of PRIVACY) el(c.id).addEventListener("change", () => savePrivacy(c
 // ---------------------------------------------------------------- blocking
 
 /**
- * The users we blocked, in the order we learnt of them: ListBlockedUsers at
- * sign-in, then this page's own Block and Unblock (a block made elsewhere
- * shows after a reload; no event tells of it). null until read: the Block
- * button waits for it.
+ * The users we blocked: ListBlockedUsers at sign-in, read again whenever
+ * another tab or device of ours blocks or unblocks someone (account_updated)
+ * and when the stream reconnects, and this page's own Block and Unblock
+ * meanwhile. null until read: the Block button waits for it.
  */
 let blocked: Set<string> | null = null;
+/** Numbers the reads of whom we blocked, and this page's own blocks and unblocks, in the order they start or end. */
+let blockedTickets = 0;
+/** The ticket of what `blocked` holds: a read started before it brings an older list. */
+let blockedTicket = 0;
 
 /** The other person of direct chat `chatId`, if a person this page may block or unblock (not a bot, not deleted). */
 function blockablePeer(chatId: string): string | undefined {
@@ -1728,10 +1906,24 @@ function blockedByMe(chatId: string): boolean {
 }
 
 /** Reads whom we blocked after sign-in, every page; a failure says why and leaves the Block button disabled. */
-async function loadBlocked() {
+function loadBlocked() {
+  return readBlocked(true);
+}
+
+/** Reads whom we blocked again (account_updated, a reconnect); a failure leaves the list as it was. */
+function refreshBlocked() {
+  return readBlocked(false);
+}
+
+/** Reads whom we blocked (ListBlockedUsers, every page) and shows it, unless something newer is shown already. */
+async function readBlocked(signIn: boolean) {
   const user = me;
-  blocked = null;
-  renderBlocking();
+  const ticket = ++blockedTickets;
+  if (signIn) {
+    blocked = null;
+    blockedTicket = ticket;
+    renderBlocking();
+  }
   try {
     const ids = new Set<string>();
     let pageToken = "";
@@ -1741,10 +1933,13 @@ async function loadBlocked() {
       pageToken = res.nextPageToken;
     } while (pageToken);
     await ensureUsers(ids);
-    if (me !== user) return; // signed out meanwhile
+    if (me !== user || ticket < blockedTicket) return; // signed out meanwhile, or a newer list is shown
+    blockedTicket = ticket;
     blocked = ids;
   } catch (err) {
-    if (me !== user || api.isUnauthenticated(err)) return; // the stream signs out
+    if (me !== user) return;
+    if (!signIn) throw err;
+    if (api.isUnauthenticated(err)) return; // the stream signs out
     showError(`Cannot read whom you blocked: ${api.describe(err)}`);
   }
   renderBlocking();
@@ -1785,6 +1980,7 @@ async function blockUser(userId: string) {
   const user = me;
   await api.chats.blockUser({ userId });
   if (me !== user || !blocked) return;
+  blockedTicket = ++blockedTickets; // a read under way may not have seen it
   blocked.add(userId);
   renderBlocking();
 }
@@ -1793,6 +1989,7 @@ async function unblockUser(userId: string) {
   const user = me;
   await api.chats.unblockUser({ userId });
   if (me !== user || !blocked) return;
+  blockedTicket = ++blockedTickets; // a read under way may not have seen it
   blocked.delete(userId);
   renderBlocking();
 }
@@ -2083,11 +2280,11 @@ async function runSearch(query: string, pageToken = "") {
     li.dataset.testid = "search-result";
     li.dataset.chatId = m.chatId;
     li.dataset.seq = String(m.seq);
+    li.dataset.authorId = m.authorId;
+    li.dataset.time = m.sendTime ? timestampDate(m.sendTime).toLocaleString() : "";
     const where = document.createElement("div");
     where.className = "meta";
-    const chat = chats.get(m.chatId);
-    const time = m.sendTime ? timestampDate(m.sendTime).toLocaleString() : "";
-    where.textContent = `${chat ? chatName(chat) : "a chat"} · ${userName(m.authorId)} · ${time}`;
+    where.textContent = searchWhere(li);
     const text = document.createElement("div");
     text.className = "snippet";
     text.append(...snippetNodes(r.snippet));
@@ -2101,6 +2298,20 @@ async function runSearch(query: string, pageToken = "") {
   el("search-summary").textContent = shown === 0 ? `Nothing found for “${query}”` : `Messages with “${query}”`;
   el("search-more").hidden = !res.nextPageToken;
   el("search-results").hidden = false;
+}
+
+/** A search result's line above its snippet: its chat, its author and when, names as the page has them now. */
+function searchWhere(result: HTMLElement): string {
+  const chat = chats.get(result.dataset.chatId ?? "");
+  return `${chat ? chatName(chat) : "a chat"} · ${userName(result.dataset.authorId)} · ${result.dataset.time ?? ""}`;
+}
+
+/** Names the shown search results' chats and authors anew, after a rename. */
+function renderSearchNames() {
+  for (const r of el("search-list").querySelectorAll<HTMLElement>(".search-result")) {
+    const where = r.querySelector(".meta");
+    if (where) where.textContent = searchWhere(r);
+  }
 }
 
 /** Forgets the search: its results, its query and its token (on sign-out). */

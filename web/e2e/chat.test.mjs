@@ -25,6 +25,8 @@ const carol = { name: `carol-${suffix}`, password: "horse staple correct" };
 /** What carol renames herself to, and changes her password to, near the end. */
 const carolRenamed = `Carol Reads ${suffix}`;
 const carolNewPassword = "battery correct staple horse";
+/** What alice renames herself to in one tab, seen live in her other tab and on bob's page. */
+const aliceRenamed = `Alice Live ${suffix}`;
 
 let dataDir;
 let server; // { proc, port, log: string[] }
@@ -105,10 +107,14 @@ let alicePage;
 let bobPage;
 let carolPage;
 let guestPage;
+/** A second tab of alice's browser (her context: one localStorage, her session), for the live account steps. */
+let aliceTab;
 /** One of the 50 guests of bob's Book club (CreateSessionResponse), who later claims an account as dana. */
 let clubGuest;
 const history = []; // every text sent in the direct chat, in order
-const tale = story(() => [["alice", alicePage], ["bob", bobPage], ["carol", carolPage], ["guest", guestPage]]);
+const tale = story(() => [
+  ["alice", alicePage], ["alice-tab-2", aliceTab], ["bob", bobPage], ["carol", carolPage], ["guest", guestPage],
+]);
 const step = tale.step;
 
 before(async () => {
@@ -1001,6 +1007,125 @@ step("carol changes her password: a wrong current one changes nothing; the right
   } finally {
     await other.context().close();
   }
+});
+
+/** Marks a page, so that `assertNotReloaded` can tell it was not reloaded since. */
+const markPage = (page) => page.evaluate(() => (window.e2eMark = true));
+const assertNotReloaded = async (page, who) =>
+  assert.equal(await page.evaluate(() => window.e2eMark === true), true, `${who} was reloaded`);
+
+step("alice renames herself in one tab: bob's page (his chat list, the chat's title, her messages) and her other tab (its header and Settings) show it live, without a reload; and back to her username from the other tab", async () => {
+  aliceTab = await alicePage.context().newPage();
+  aliceTab.setDefaultTimeout(WAIT);
+  aliceTab.on("pageerror", (err) => pageErrors.push(`alice's other tab: ${err.stack ?? err}`));
+  await aliceTab.goto(pageUrl);
+  await aliceTab.locator("#me", { hasText: new RegExp(`^${escapeRe(alice.name)}$`) }).waitFor();
+  await openSettings(aliceTab);
+  await aliceTab.locator('[data-testid="display-name"]:enabled').waitFor();
+  assert.equal(await aliceTab.inputValue('[data-testid="display-name"]'), alice.name);
+  await openChatWith(bobPage, alice.name); // their direct chat, her messages in it
+  const herMessages = bobPage.locator("#messages .message:not(.mine) .meta");
+  await herMessages.filter({ hasText: alice.name }).first().waitFor();
+  // The events reach open streams only.
+  for (const page of [aliceTab, bobPage]) {
+    await page.locator("#status", { hasText: "live" }).waitFor();
+    await markPage(page);
+  }
+
+  // A person acts in the tab in front; Chromium throttles the frames of the one behind, slowing clicks there.
+  await alicePage.bringToFront();
+  await openSettings(alicePage);
+  await alicePage.fill('[data-testid="display-name"]', aliceRenamed);
+  await alicePage.click('[data-testid="save-display-name"]');
+  await alicePage.locator('[data-testid="display-name-note"]', { hasText: /^Saved$/ }).waitFor();
+
+  await chatItem(bobPage, aliceRenamed).waitFor();
+  await bobPage.locator("#chat-title", { hasText: new RegExp(`^${escapeRe(aliceRenamed)}$`) }).waitFor();
+  await herMessages.filter({ hasText: aliceRenamed }).first().waitFor();
+  assert.equal(await herMessages.filter({ hasText: alice.name }).count(), 0, "no message of hers under her old name");
+  assert.equal(await chatItem(bobPage, alice.name).count(), 0, "her old name is gone from his list");
+  await aliceTab.locator("#me", { hasText: new RegExp(`^${escapeRe(aliceRenamed)}$`) }).waitFor();
+  assert.equal(await aliceTab.inputValue('[data-testid="display-name"]'), aliceRenamed, "her other tab's Profile follows");
+  for (const [page, who] of [[aliceTab, "alice's other tab"], [bobPage, "bob's page"]]) await assertNotReloaded(page, who);
+
+  // From the other tab, back to her username (an empty name): the first tab and bob follow.
+  await aliceTab.bringToFront();
+  await aliceTab.fill('[data-testid="display-name"]', "");
+  await aliceTab.click('[data-testid="save-display-name"]');
+  await aliceTab.locator('[data-testid="display-name-note"]', { hasText: /^Saved$/ }).waitFor();
+  await alicePage.locator("#me", { hasText: new RegExp(`^${escapeRe(alice.name)}$`) }).waitFor();
+  await chatItem(bobPage, alice.name).waitFor();
+  await bobPage.locator("#chat-title", { hasText: new RegExp(`^${escapeRe(alice.name)}$`) }).waitFor();
+  await herMessages.filter({ hasText: alice.name }).first().waitFor();
+  assert.equal(await herMessages.filter({ hasText: aliceRenamed }).count(), 0);
+  await assertNotReloaded(bobPage, "bob's page");
+  for (const page of [alicePage, aliceTab, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
+});
+
+step("alice blocks bob in one tab: her other tab's chat says Unblock, its composer closed, and its Blocked people lists him, live; unblocking likewise", async () => {
+  await openChatWith(aliceTab, bob.name);
+  await alicePage.bringToFront(); // she acts there
+  await openChatWith(alicePage, bob.name);
+  await openSettings(aliceTab); // Blocked people, shown beside the chat
+  await markPage(aliceTab);
+  const button = (page) => page.locator('[data-testid="block-user"]:enabled');
+  const rows = aliceTab.locator('[data-testid="blocked-user"]');
+  const note = aliceTab.locator('[data-testid="composer-blocked"]');
+  await button(aliceTab).filter({ hasText: /^Block$/ }).waitFor();
+  await aliceTab.locator('[data-testid="blocked-empty"]').waitFor();
+
+  alicePage.once("dialog", (d) => void d.accept());
+  await button(alicePage).filter({ hasText: /^Block$/ }).click();
+  await button(alicePage).filter({ hasText: /^Unblock$/ }).waitFor();
+  await button(aliceTab).filter({ hasText: /^Unblock$/ }).waitFor();
+  await note.filter({ hasText: `You blocked ${bob.name}. Unblock to send messages.` }).waitFor();
+  assert.equal(await aliceTab.locator("#composer").isDisabled(), true, "her other tab may not write to him");
+  await rows.first().waitFor();
+  assert.deepEqual(await rows.locator(".blocked-name").allTextContents(), [bob.name]);
+  assert.equal(await aliceTab.locator('[data-testid="blocked-empty"]').isHidden(), true);
+
+  await button(alicePage).filter({ hasText: /^Unblock$/ }).click();
+  await button(alicePage).filter({ hasText: /^Block$/ }).waitFor();
+  await button(aliceTab).filter({ hasText: /^Block$/ }).waitFor();
+  await aliceTab.locator('[data-testid="blocked-empty"]').waitFor();
+  assert.equal(await rows.count(), 0);
+  await note.waitFor({ state: "hidden" });
+  assert.equal(await aliceTab.locator("#composer").isEnabled(), true, "her other tab may write again");
+  await assertNotReloaded(aliceTab, "alice's other tab");
+  for (const page of [alicePage, aliceTab]) assert.equal(await page.locator("#error").isHidden(), true);
+});
+
+step("alice changes who can start a chat with her in one tab: her other tab's Settings shows it, live, saying it changed; and back from there", async () => {
+  const directChats = '[data-testid="direct-chats"]';
+  /** Waits until `page`'s select shows `value` with `note` beside it. */
+  const shows = (page, value, note) =>
+    page.waitForFunction(([want, said]) =>
+      document.querySelector('[data-testid="direct-chats"]').value === want &&
+      document.querySelector('[data-testid="direct-chats-note"]').textContent === said,
+    [value, note], { polling: 100 }); // a timer: the tab behind gets few animation frames
+  for (const page of [alicePage, aliceTab]) {
+    await openSettings(page);
+    await page.locator(`${directChats}:enabled`).waitFor();
+    assert.equal(await page.inputValue(directChats), "everyone", "the default");
+  }
+  await markPage(aliceTab);
+
+  await alicePage.bringToFront(); // she acts there
+  await alicePage.selectOption(directChats, "peers");
+  await alicePage.locator('[data-testid="direct-chats-note"]', { hasText: /^Saved$/ }).waitFor();
+  await shows(aliceTab, "peers", "Changed in another tab or on another device");
+  assert.equal(await aliceTab.inputValue('[data-testid="group-adds"]'), "everyone", "the other setting is untouched");
+  const { settings } = await call(await tokenOf(aliceTab), "chats.v1.ChatService/GetPrivacySettings", {});
+  assert.equal(settings.directChats, "DIRECT_CHATS_PEERS", "as saved on the server");
+  await assertNotReloaded(aliceTab, "alice's other tab");
+
+  await aliceTab.bringToFront();
+  await aliceTab.selectOption(directChats, "everyone");
+  await aliceTab.locator('[data-testid="direct-chats-note"]', { hasText: /^Saved$/ }).waitFor();
+  await shows(alicePage, "everyone", "Changed in another tab or on another device");
+  for (const page of [alicePage, aliceTab]) assert.equal(await page.locator("#error").isHidden(), true);
+  await aliceTab.close();
+  aliceTab = undefined;
 });
 
 step("bob deletes his account: a wrong password deletes nothing; alice keeps their chat, under a deleted account", async () => {

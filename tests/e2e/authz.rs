@@ -201,6 +201,12 @@ async fn call(c: &Cluster, p: &People, f: &Fixture, rpc: &str, token: Option<&st
             let r = mpb::RemoveReactionRequest { message_id: message, emoji: "👍".into() };
             c.messages().remove_reaction(req(token, r)).await.map(drop)
         }
+        "PinMessage(member's)" => {
+            c.messages().pin_message(req(token, mpb::PinMessageRequest { message_id: message })).await.map(drop)
+        }
+        "UnpinMessage(member's)" => {
+            c.messages().unpin_message(req(token, mpb::UnpinMessageRequest { message_id: message })).await.map(drop)
+        }
         "SearchMessages(the chat)" => {
             let r = mpb::SearchMessagesRequest { query: "member".into(), chat_id: chat, ..Default::default() };
             c.messages().search_messages(req(token, r)).await.map(drop)
@@ -323,6 +329,9 @@ async fn every_rpc_allows_exactly_whom_it_should(c: &Cluster) {
         ("GetPresence(member's)", [Ok, Ok, Ok, Ok, Ok, Unauth]),
         ("AddReaction(member's)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("RemoveReaction(member's)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        // A group's pins are its owner's and admins'.
+        ("PinMessage(member's)", [Ok, Ok, Deny, Deny, Deny, Unauth]),
+        ("UnpinMessage(member's)", [Ok, Ok, Deny, Deny, Deny, Unauth]),
         ("SearchMessages(the chat)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("SearchMessages(the caller's chats)", [Ok, Ok, Ok, Ok, Ok, Unauth]),
         ("ReportMessage(member's)", [Ok, Ok, Pre, Deny, Deny, Unauth]),

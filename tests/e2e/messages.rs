@@ -6,7 +6,13 @@ use natter_testkit::{Cluster, TestUser, authed};
 use tonic::Code;
 
 use crate::chats::{direct, send};
+use crate::stream::{next_any, open};
 use crate::{code, violated_fields};
+
+/// Now, µs since the epoch.
+fn now() -> i64 {
+    natter_kit::time::now_micros()
+}
 
 crate::both_modes!(
     retries_with_one_message_id_create_one_message,
@@ -18,6 +24,8 @@ crate::both_modes!(
     reactions_aggregate_per_viewer_once_per_user_and_emoji,
     a_retry_after_removal_shows_nothing_of_the_chat_since,
     history_pages_stay_under_what_clients_accept,
+    pins_are_for_managers_of_groups_and_both_sides_of_direct_chats_replay_and_list,
+    a_chat_holds_fifty_pins_and_a_blocked_direct_chat_takes_no_new_one,
 );
 
 async fn retries_with_one_message_id_create_one_message(c: &Cluster) {
@@ -406,4 +414,125 @@ async fn history_pages_stay_under_what_clients_accept(c: &Cluster) {
     let rest = c.messages().list_messages(authed(&alice, rest)).await.unwrap().into_inner();
     assert_eq!(rest.messages.iter().map(|m| (m.seq, m.history.len())).collect::<Vec<_>>(), [(1, 30)]);
     assert!(rest.next_page_token.is_empty());
+}
+
+/// PinMessage (`pin`) or UnpinMessage as `user`.
+async fn pin(c: &Cluster, user: &TestUser, message_id: &str, pin: bool) -> Result<mpb::Message, tonic::Status> {
+    let message_id = message_id.to_owned();
+    let message = if pin {
+        c.messages().pin_message(authed(user, mpb::PinMessageRequest { message_id })).await?.into_inner().message
+    } else {
+        c.messages().unpin_message(authed(user, mpb::UnpinMessageRequest { message_id })).await?.into_inner().message
+    };
+    Ok(message.expect("a message"))
+}
+
+/// The ids of chat `chat_id`'s pinned messages, by seq, as `user` lists them.
+async fn pinned(c: &Cluster, user: &TestUser, chat_id: &str) -> Vec<String> {
+    let request = mpb::ListMessagesRequest {
+        chat_id: chat_id.to_owned(),
+        pinned: true,
+        order: mpb::SortOrder::Asc as i32,
+        // A chat's pins fit one page.
+        page_size: 50,
+        ..Default::default()
+    };
+    let listed = c.messages().list_messages(authed(user, request)).await.expect("ListMessages(pinned)");
+    listed.into_inner().messages.into_iter().map(|m| m.id).collect()
+}
+
+async fn pins_are_for_managers_of_groups_and_both_sides_of_direct_chats_replay_and_list(c: &Cluster) {
+    let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+    let request =
+        cpb::CreateChatRequest { title: "pins".into(), member_ids: vec![bob.id.clone()], ..Default::default() };
+    let group = c.chats().create_chat(authed(&alice, request)).await.unwrap().into_inner().chat.unwrap();
+    let first = send(c, &bob, &group.id, "the rules").await;
+    let second = send(c, &bob, &group.id, "the schedule").await;
+
+    // In a group, the owner pins; a plain member and an outsider may not;
+    // bad ids name the field.
+    let before = now();
+    let pinned_first = pin(c, &alice, &first.id, true).await.expect("the owner pins");
+    assert_eq!(pinned_first.pinned_by_id, alice.id);
+    let pin_time = pinned_first.pin_time.expect("a pin_time");
+    assert!(natter_kit::time::micros(&pin_time) >= before, "pinned now");
+    assert_eq!((pinned_first.revision, pinned_first.text.as_str()), (1, "the rules"), "a pin is no edit");
+    assert_eq!(pinned_first.change_seq, first.change_seq + 2, "the chat's next change (after the second send)");
+    assert_eq!(code(pin(c, &bob, &second.id, true).await), Code::PermissionDenied, "a plain member");
+    assert_eq!(code(pin(c, &bob, &first.id, false).await), Code::PermissionDenied, "unpins are managers' too");
+    assert_eq!(code(pin(c, &carol, &first.id, true).await), Code::PermissionDenied, "an outsider");
+    assert_eq!(violated_fields(&pin(c, &alice, "nope", true).await.unwrap_err()), ["message_id"]);
+    let unknown = uuid::Uuid::now_v7().to_string();
+    assert_eq!(code(pin(c, &alice, &unknown, true).await), Code::NotFound);
+    // A retried pin changes nothing: the same pin, the same change.
+    let again = pin(c, &alice, &first.id, true).await.unwrap();
+    assert_eq!((again.pin_time, again.change_seq), (Some(pin_time), pinned_first.change_seq));
+    // Every member lists the pins; GetMessage shows it.
+    assert_eq!(pinned(c, &bob, &group.id).await, std::slice::from_ref(&first.id));
+    let got = c.messages().get_message(authed(&bob, mpb::GetMessageRequest { message_id: first.id.clone() })).await;
+    assert_eq!(got.unwrap().into_inner().message.unwrap().pinned_by_id, alice.id);
+
+    // A client away since before the pin is told on resume: the message as
+    // it is, at its latest change, once.
+    let mut resumed = open(c, &bob, &[&group.id], &[(&group.id, second.change_seq)]).await;
+    let replayed = next_any(&mut resumed).await;
+    match &replayed.event {
+        Some(mpb::stream_events_response::Event::MessageEdited(m)) => {
+            assert_eq!(
+                (m.id.as_str(), m.pin_time.as_ref(), replayed.change_seq),
+                (first.id.as_str(), Some(&pin_time), pinned_first.change_seq)
+            );
+        }
+        other => panic!("expected the pinned message, got {other:?}"),
+    }
+    // Live: the unpin reaches the open stream.
+    let unpinned = pin(c, &alice, &first.id, false).await.unwrap();
+    assert_eq!((unpinned.pin_time, unpinned.pinned_by_id.as_str()), (None, ""));
+    let live = next_any(&mut resumed).await;
+    assert!(
+        matches!(&live.event, Some(mpb::stream_events_response::Event::MessageEdited(m)) if m.id == first.id && m.pin_time.is_none()),
+        "{live:?}"
+    );
+    assert_eq!(live.change_seq, pinned_first.change_seq + 1);
+    assert!(pinned(c, &bob, &group.id).await.is_empty());
+
+    // A deleted message is unpinned, and cannot be pinned.
+    pin(c, &alice, &second.id, true).await.unwrap();
+    let delete = mpb::DeleteMessageRequest { message_id: second.id.clone() };
+    let tombstone = c.messages().delete_message(authed(&bob, delete)).await.unwrap().into_inner().message.unwrap();
+    assert_eq!(tombstone.pin_time, None);
+    assert!(pinned(c, &alice, &group.id).await.is_empty());
+    assert_eq!(code(pin(c, &alice, &second.id, true).await), Code::NotFound);
+
+    // In a direct chat either member pins and unpins, whoever wrote it.
+    let chat = direct(c, &bob, &carol).await;
+    let note = send(c, &bob, &chat.id, "bring snacks").await;
+    assert_eq!(pin(c, &carol, &note.id, true).await.unwrap().pinned_by_id, carol.id);
+    assert_eq!(pinned(c, &bob, &chat.id).await, std::slice::from_ref(&note.id));
+    assert!(pin(c, &bob, &note.id, false).await.unwrap().pin_time.is_none());
+}
+
+async fn a_chat_holds_fifty_pins_and_a_blocked_direct_chat_takes_no_new_one(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &alice, &bob).await;
+    let mut sent = Vec::new();
+    for i in 0..51 {
+        sent.push(send(c, &alice, &chat.id, &format!("note {i}")).await);
+    }
+    for m in &sent[..50] {
+        pin(c, &bob, &m.id, true).await.unwrap();
+    }
+    let refused = pin(c, &bob, &sent[50].id, true).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("unpin one first"), "{refused:?}");
+    assert_eq!(pinned(c, &alice, &chat.id).await.len(), 50);
+    // One unpinned, the next pin fits.
+    pin(c, &alice, &sent[0].id, false).await.unwrap();
+    pin(c, &alice, &sent[50].id, true).await.unwrap();
+
+    // A block closes the chat to new pins from either side; unpins stay open.
+    c.chats().block_user(authed(&alice, cpb::BlockUserRequest { user_id: bob.id.clone() })).await.unwrap();
+    assert_eq!(code(pin(c, &bob, &sent[0].id, true).await), Code::PermissionDenied);
+    assert_eq!(code(pin(c, &alice, &sent[0].id, true).await), Code::PermissionDenied);
+    assert!(pin(c, &bob, &sent[1].id, false).await.unwrap().pin_time.is_none());
 }

@@ -91,6 +91,10 @@ pub const MENTION_IDS_MAX: usize = 4 * MENTIONS_MAX;
 /// message's reactions (and every event that carries them) small.
 pub const REACTION_EMOJI_MAX: usize = 20;
 
+/// Most pinned messages one chat holds (PinMessage): a 51st pin is refused
+/// until one goes. Discord holds a channel to 50 too.
+pub const PINS_MAX: usize = 50;
+
 /// Longest short code between its colons (`:thumbs_up:`), in characters.
 pub const SHORT_CODE_MAX: usize = 32;
 

@@ -130,6 +130,8 @@ pub fn list_request(r: &pb::ListMessagesRequest) -> Result<(ListMessages, u64), 
         }
     }
     let timeline = match (r.thread_root_seq, r.include_thread_replies) {
+        // A chat's pins are few, and a pinned thread reply is one of them.
+        (0, false) if r.pinned => Timeline::Everything,
         (0, false) => Timeline::Main,
         (0, true) => Timeline::Everything,
         (root, false) => Timeline::Thread(Seq(root)),
@@ -149,6 +151,9 @@ pub fn list_request(r: &pb::ListMessagesRequest) -> Result<(ListMessages, u64), 
         &r.thread_root_seq,
         &r.include_thread_replies,
     ]);
+    // Folded in only when set, so page tokens of listings without it stay
+    // what they were.
+    let fingerprint = if r.pinned { paging::fingerprint(&[&fingerprint, &"pinned"]) } else { fingerprint };
     let from = paging::decode::<i64>("page_token", &r.page_token, fingerprint)?.map(Seq);
     let range = Range {
         before: before.map(Seq),
@@ -156,6 +161,7 @@ pub fn list_request(r: &pb::ListMessagesRequest) -> Result<(ListMessages, u64), 
         ascending,
         superseded: r.include_history,
         flagged: r.flagged,
+        pinned: r.pinned,
         timeline,
     };
     Ok((ListMessages { chat_id, range, from, page_size, include_history: r.include_history }, fingerprint))
@@ -271,6 +277,8 @@ pub fn message_pb(m: Message, history: Vec<pb::Revision>) -> pb::Message {
             last_reply_time: Some(timestamp(t.last_reply_time)),
             participant_ids: t.participants.iter().map(UserId::to_string).collect(),
         }),
+        pin_time: m.pin.map(|p| timestamp(p.time)),
+        pinned_by_id: m.pin.map(|p| p.by.to_string()).unwrap_or_default(),
         generation: m.reply.and_then(|r| r.info).map(|i| pb::GenerationInfo {
             model: i.model,
             finish_reason: i.finish_reason,
@@ -664,6 +672,26 @@ impl MessageService for MessageApi {
         let r = request.into_inner();
         let message = self.messages.react(caller, react_request(&r.message_id, r.emoji, false)?).await?;
         Ok(Response::new(pb::RemoveReactionResponse { message: Some(message_pb(message, Vec::new())) }))
+    }
+
+    async fn pin_message(
+        &self,
+        request: Request<pb::PinMessageRequest>,
+    ) -> Result<Response<pb::PinMessageResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let id = MessageId::parse("message_id", &request.get_ref().message_id)?;
+        let message = self.messages.pin(caller, id, true).await?;
+        Ok(Response::new(pb::PinMessageResponse { message: Some(message_pb(message, Vec::new())) }))
+    }
+
+    async fn unpin_message(
+        &self,
+        request: Request<pb::UnpinMessageRequest>,
+    ) -> Result<Response<pb::UnpinMessageResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let id = MessageId::parse("message_id", &request.get_ref().message_id)?;
+        let message = self.messages.pin(caller, id, false).await?;
+        Ok(Response::new(pb::UnpinMessageResponse { message: Some(message_pb(message, Vec::new())) }))
     }
 
     async fn list_message_revisions(
@@ -1381,6 +1409,7 @@ mod tests {
             mentions: Vec::new(),
             thread_root: None,
             thread: None,
+            pin: None,
         };
         let kind = |m, since| match replay_event(chat, Change::Message(m), since).event {
             Some(Event::MessageCreated(m)) => ("created", m.change_seq),

@@ -100,7 +100,8 @@ pub struct MessagesArgs {
     /// and N per PERIOD; `off` admits all.
     #[arg(long, env = "NATTER_SEND_MESSAGE_RATE", default_value = "1200/1m")]
     pub send_message_rate: Rate,
-    /// EditMessage calls per user: N/PERIOD, or `off`.
+    /// EditMessage, PinMessage and UnpinMessage calls per user, together:
+    /// N/PERIOD, or `off`.
     #[arg(long, env = "NATTER_EDIT_MESSAGE_RATE", default_value = "600/1m")]
     pub edit_message_rate: Rate,
     /// Bytes a user may store, sends and edits together (each counts its

@@ -15,7 +15,8 @@ use uuid::Uuid;
 
 use crate::MessagesArgs;
 use crate::domain::{
-    EditMessage, Limits, ListMessages, ListRevisions, MarkRead, REACTION_EMOJI_MAX, React, SendMessage, WithHistory,
+    EditMessage, Limits, ListMessages, ListRevisions, MarkRead, PINS_MAX, REACTION_EMOJI_MAX, React, SendMessage,
+    WithHistory,
 };
 use crate::error::MessagesError;
 use crate::grpc;
@@ -23,9 +24,9 @@ use crate::presence::{Presence, Seen};
 use crate::registry::StreamLimits;
 use crate::search::{Found, SearchMessages};
 use crate::store::{
-    ChatChange, Edited, Finish, Flags, Message, MessageStore, NewMessage, NewReply, QueueCursor, QueueFilter, Range,
-    Reacted, ReadState, Revision, SearchCursor, SearchFilter, Sent, Seq, Started, StoreError, StoredReport, Summary,
-    Timeline,
+    ChatChange, Edited, Finish, Flags, Message, MessageStore, NewMessage, NewReply, Pinned, QueueCursor, QueueFilter,
+    Range, Reacted, ReadState, Revision, SearchCursor, SearchFilter, Sent, Seq, Started, StoreError, StoredReport,
+    Summary, Timeline,
 };
 use crate::stream::Resume;
 use crate::writer::Writer;
@@ -70,7 +71,7 @@ pub struct Messages {
     stream_limits: StreamLimits,
     /// SendMessage calls per user.
     send_rate: RateLimiter<UserId>,
-    /// EditMessage calls per user.
+    /// EditMessage, PinMessage and UnpinMessage calls per user.
     edit_rate: RateLimiter<UserId>,
     /// Bytes stored per user, sends and edits together ([`stored_bytes`]).
     stored_bytes: RateLimiter<UserId>,
@@ -138,7 +139,7 @@ impl Messages {
             limits: args.limits(),
             stream_limits: args.stream_limits(),
             send_rate: RateLimiter::new("messages sent", args.send_message_rate),
-            edit_rate: RateLimiter::new("message edits", args.edit_message_rate),
+            edit_rate: RateLimiter::new("message edits and pins", args.edit_message_rate),
             stored_bytes: RateLimiter::new("bytes stored", args.stored_bytes_rate),
             reaction_rate: RateLimiter::new("reactions", args.reaction_rate),
             typing_rate: RateLimiter::new("typing indicators", args.typing_rate),
@@ -589,6 +590,50 @@ impl Messages {
             Reacted::Gone => Err(MessagesError::MessageNotFound),
             Reacted::TooManyEmoji => Err(MessagesError::TooManyReactions(REACTION_EMOJI_MAX)),
         }
+    }
+
+    /// PinMessage (`pin`) and UnpinMessage: a direct chat's members, a
+    /// group's owner and admins; not in an archived chat; a pin not in a
+    /// direct chat closed by a block ([`Messages::BLOCKED`]), an unpin
+    /// always. A real change is announced as `message_edited`; a repeat
+    /// answers the message as it is. At most [`PINS_MAX`] pins a chat.
+    /// Counts against the edit rate.
+    pub async fn pin(&self, caller: UserId, message_id: MessageId, pin: bool) -> Result<Message, MessagesError> {
+        self.edit_rate.check(&caller)?;
+        let (message, membership) = self.message_for(caller, message_id, true).await?;
+        if message.deleted() {
+            return Err(MessagesError::MessageNotFound);
+        }
+        let sight = Sight::of(&membership);
+        if !sight.direct && !sight.manager {
+            return Err(MessagesError::Denied("only the chat's owner and admins may pin or unpin its messages"));
+        }
+        if membership.archived {
+            return Err(MessagesError::Precondition("chat is archived"));
+        }
+        if membership.blocked && pin {
+            return Err(MessagesError::Denied(Self::BLOCKED));
+        }
+        let mut message = match self.store.pin(message.id, caller, pin, now_micros(), PINS_MAX).await? {
+            Pinned::Changed(mut message) => {
+                let unannounced = Unannounced::new(&self.bus, message.chat_id);
+                with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), None).await?;
+                let chat = message.chat_id;
+                self.bus
+                    .publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, grpc::edited_event(message.clone()))));
+                unannounced.announced();
+                message
+            }
+            Pinned::Unchanged(message) => message,
+            Pinned::Gone => return Err(MessagesError::MessageNotFound),
+            Pinned::TooMany => {
+                return Err(MessagesError::Precondition(
+                    "the chat has 50 pinned messages, the most allowed: unpin one first",
+                ));
+            }
+        };
+        with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), Some(caller)).await?;
+        Ok(flags_for(message, caller, sight))
     }
 
     /// ListMessageRevisions: up to `page_size` revisions after revision

@@ -112,14 +112,14 @@ macro_rules! message_columns {
         "id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time, \
          change_seq, create_change, role, generation, replaces_id, superseded, generation_info, stop_requested, \
          flag_severity, flags, reaction_rows, mentions, thread_root_seq, reply_count, last_reply_time, \
-         thread_participants"
+         thread_participants, pin_time, pinned_by"
     };
 }
 pub(crate) use message_columns;
 
 /// How many columns [`message_columns!`] names: the index of the first
 /// column a query selects after them.
-pub(crate) const MESSAGE_COLUMNS: usize = 27;
+pub(crate) const MESSAGE_COLUMNS: usize = 29;
 
 /// `flag_severity` of a flagged message: LOW or more.
 pub const FLAGGED_FROM: i32 = 2;
@@ -327,6 +327,30 @@ pub struct Message {
     /// every other message): columns of the row, kept by each reply's
     /// transaction and each reply's deletion.
     pub thread: Option<Box<ThreadSummary>>,
+    /// Its pin to the chat, if pinned (`pin_time`, `pinned_by`).
+    pub pin: Option<Pin>,
+}
+
+/// A message's pin (PinMessage).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pin {
+    /// When, µs since the Unix epoch.
+    pub time: i64,
+    /// Who pinned it.
+    pub by: UserId,
+}
+
+impl Pin {
+    /// The pin of the columns `pin_time` and `pinned_by` (both NULL: none).
+    ///
+    /// Errors: one set without the other, or a pinner that is no UUID.
+    pub fn of_columns(time: Option<i64>, by: Option<&str>) -> Result<Option<Self>, String> {
+        match (time, by) {
+            (None, None) => Ok(None),
+            (Some(time), Some(by)) => Ok(Some(Pin { time, by: parse_id("pinned_by", by)? })),
+            _ => Err("pin_time and pinned_by must be set together".to_owned()),
+        }
+    }
 }
 
 /// A thread's summary, kept on its root.
@@ -408,6 +432,21 @@ pub struct Reaction {
     pub count: i64,
     /// The viewer is one of them.
     pub mine: bool,
+}
+
+/// Outcome of [`MessageStore::pin`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pinned {
+    /// Committed as a change of the chat (its next change number is the
+    /// message's `change_seq`); the message as it is now.
+    Changed(Message),
+    /// Pinned already (pinning) or not pinned (unpinning): nothing written,
+    /// no change number taken; the message as it is.
+    Unchanged(Message),
+    /// No such message, or a tombstone.
+    Gone,
+    /// The chat holds as many pins as allowed; nothing written.
+    TooMany,
 }
 
 /// Outcome of [`MessageStore::react`].
@@ -558,6 +597,7 @@ impl NewMessage {
             mentions: self.mentions,
             thread_root: self.thread_root,
             thread: None,
+            pin: None,
         }
     }
 }
@@ -828,6 +868,8 @@ pub struct Range {
     pub superseded: bool,
     /// Only flagged messages.
     pub flagged: bool,
+    /// Only pinned messages.
+    pub pinned: bool,
     /// Which messages, as to threads.
     pub timeline: Timeline,
 }
@@ -1398,6 +1440,23 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
         max_emoji: usize,
     ) -> Result<Reacted, StoreError>;
 
+    /// Pins (`pin`) or unpins message `id` for `user` at `now` (µs), in one
+    /// transaction that takes the chat's next change number for a real
+    /// change, like [`MessageStore::react`]. A pin past `max_pins` pinned
+    /// messages of the chat is refused ([`Pinned::TooMany`]); the count and
+    /// the write are serialized with other pins of the chat (SQLite: the
+    /// write lock; PostgreSQL: the chat's heads row, locked after the
+    /// message's row and before the count), so the limit holds under
+    /// concurrent pins.
+    async fn pin(
+        &self,
+        id: MessageId,
+        user: UserId,
+        pin: bool,
+        now: i64,
+        max_pins: usize,
+    ) -> Result<Pinned, StoreError>;
+
     /// The reactions of each of `ids` that has any, aggregated per emoji
     /// (count, and whether `viewer` is among them: never without one),
     /// ordered by the time of each emoji's oldest reaction (then by emoji).
@@ -1586,6 +1645,10 @@ fn list_sql(range: Range, from: Option<Seq>, limit: u32) -> (String, Vec<i64>) {
     }
     if range.flagged {
         sql.push_str(&format!(" AND flag_severity >= {FLAGGED_FROM}"));
+    }
+    if range.pinned {
+        // Walks the chat's few pins (`messages_pinned`), never the chat.
+        sql.push_str(" AND pin_time IS NOT NULL");
     }
     match range.timeline {
         Timeline::Everything => {}

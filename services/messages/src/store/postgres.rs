@@ -29,8 +29,8 @@ use sqlx::{PgPool, Row as _};
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Deleted, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message, MessageStore,
-    NewMessage, NewReply, QueueCursor, QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision, Role,
-    SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary,
+    NewMessage, NewReply, Pin, Pinned, QueueCursor, QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision,
+    Role, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary,
     ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, decode_mentions, encode_mentions,
     list_sql, mention_count_sql, merge_changes, message_columns, parse_id, report_columns, stop_generating_sql,
     thread_root_of, unread_count_sql,
@@ -589,7 +589,7 @@ async fn tombstone(tx: &mut sqlx::PgConnection, id: &str, now: i64) -> Result<()
     }
     sqlx::query(concat!(
         "UPDATE messages SET text = '', attachments = '', change_seq = $2, flag_severity = 0, flags = '', \
-         reaction_rows = 0, mentions = '', search_vector = '', ",
+         reaction_rows = 0, mentions = '', search_vector = '', pin_time = NULL, pinned_by = NULL, ",
         stop_generating_sql!(),
         " WHERE id = $1"
     ))
@@ -649,6 +649,7 @@ fn message_row(row: &PgRow) -> Result<Message, StoreError> {
             row.try_get("thread_participants")?,
         )
         .map_err(StoreError::Corrupt)?,
+        pin: Pin::of_columns(row.try_get("pin_time")?, row.try_get("pinned_by")?).map_err(StoreError::Corrupt)?,
     })
 }
 
@@ -1579,6 +1580,58 @@ impl MessageStore for PostgresStore {
             reactions_of(&mut *tx, std::slice::from_ref(&id), &user).await?.remove(&message.id).unwrap_or_default();
         tx.commit().await?;
         Ok(if written { Reacted::Changed(message) } else { Reacted::Unchanged(message) })
+    }
+
+    async fn pin(
+        &self,
+        id: MessageId,
+        user: UserId,
+        pin: bool,
+        now: i64,
+        max_pins: usize,
+    ) -> Result<Pinned, StoreError> {
+        let id = id.to_string();
+        let mut tx = self.pool.begin().await?;
+        // Lock order everywhere: a message row, then its chat's heads.
+        let locked: Option<(String, bool)> = sqlx::query_as(
+            "SELECT chat_id, pin_time IS NOT NULL FROM messages WHERE id = $1 AND delete_time IS NULL FOR UPDATE",
+        )
+        .bind(&id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((chat, pinned)) = locked else { return Ok(Pinned::Gone) };
+        if pinned == pin {
+            let row = sqlx::query(MESSAGE_BY_ID).bind(&id).fetch_one(&mut *tx).await?;
+            return Ok(Pinned::Unchanged(message_row(&row)?));
+        }
+        // The heads row's lock, taken with the change number, queues the
+        // chat's other pins behind this one: the count below is theirs too.
+        // A refusal rolls the number back with the rest.
+        let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+        if pin {
+            let (pins,): (i64,) =
+                sqlx::query_as("SELECT COUNT(*) FROM messages WHERE chat_id = $1 AND pin_time IS NOT NULL")
+                    .bind(&chat)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if usize::try_from(pins).unwrap_or(usize::MAX) >= max_pins {
+                return Ok(Pinned::TooMany);
+            }
+        }
+        let (time, by) = if pin { (Some(now), Some(user.to_string())) } else { (None, None) };
+        let row = sqlx::query(concat!(
+            "UPDATE messages SET change_seq = $2, pin_time = $3, pinned_by = $4 WHERE id = $1 RETURNING ",
+            message_columns!()
+        ))
+        .bind(&id)
+        .bind(change)
+        .bind(time)
+        .bind(by)
+        .fetch_one(&mut *tx)
+        .await?;
+        let message = message_row(&row)?;
+        tx.commit().await?;
+        Ok(Pinned::Changed(message))
     }
 
     async fn reactions(

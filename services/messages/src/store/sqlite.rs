@@ -20,9 +20,9 @@ use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, par
 use super::{
     Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Deleted, Edited, Finish, Finished, Flags, Generation,
     GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message, MessageStore,
-    NewMessage, NewReply, QueueCursor, QueueFilter, RECENT_ACTIVITY_ROWS, Range, Reacted, Reaction, ReadState, Reply,
-    Revision, Role, SEARCH_RANK_MAX, SEARCH_SCAN, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq,
-    Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of,
+    NewMessage, NewReply, Pin, Pinned, QueueCursor, QueueFilter, RECENT_ACTIVITY_ROWS, Range, Reacted, Reaction,
+    ReadState, Reply, Revision, Role, SEARCH_RANK_MAX, SEARCH_SCAN, SearchCursor, SearchFilter, SearchHit, SearchPage,
+    Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of,
     chat_change_row, created_after_bounds, decode_mentions, encode_mentions, first_seq_created_after, list_sql,
     mention_count_sql, merge_changes, message_columns, report_columns, stop_generating_sql, thread_root_of,
     unread_count_sql,
@@ -242,6 +242,8 @@ fn message_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         thread_root: Some(Seq(row.get(23)?)).filter(|s| s.0 > 0),
         thread: ThreadSummary::of_columns(row.get(24)?, row.get(25)?, row.get_ref(26)?.as_str()?)
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(26, Type::Text, e.into()))?,
+        pin: Pin::of_columns(row.get(27)?, row.get_ref(28)?.as_str_or_null()?)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(28, Type::Text, e.into()))?,
     })
 }
 
@@ -547,7 +549,7 @@ fn tombstone(tx: &Connection, id: &str, now: i64) -> rusqlite::Result<()> {
     }
     tx.prepare_cached(concat!(
         "UPDATE messages SET text = '', attachments = '', delete_time = ?1, change_seq = ?3, flag_severity = 0, \
-         flags = '', reaction_rows = 0, mentions = '', ",
+         flags = '', reaction_rows = 0, mentions = '', pin_time = NULL, pinned_by = NULL, ",
         stop_generating_sql!(),
         " WHERE id = ?2"
     ))?
@@ -637,6 +639,46 @@ fn react(
     message.reactions = reactions_of(&tx, &[id.to_owned()], user)?.remove(&message.id).unwrap_or_default();
     tx.commit()?;
     Ok(if written > 0 { Reacted::Changed(message) } else { Reacted::Unchanged(message) })
+}
+
+/// Pins or unpins a message in one transaction (see [`MessageStore::pin`]).
+fn pin_message(
+    conn: &mut Connection,
+    id: &str,
+    user: &str,
+    pin: bool,
+    now: i64,
+    max_pins: usize,
+) -> rusqlite::Result<Pinned> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let live: Option<(String, bool)> = tx
+        .prepare_cached("SELECT chat_id, pin_time IS NOT NULL FROM messages WHERE id = ?1 AND delete_time IS NULL")?
+        .query_row([id], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    let Some((chat, pinned)) = live else { return Ok(Pinned::Gone) };
+    if pinned == pin {
+        let message = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row)?;
+        tx.commit()?;
+        return Ok(Pinned::Unchanged(message));
+    }
+    if pin {
+        let pins: i64 = tx
+            .prepare_cached("SELECT COUNT(*) FROM messages WHERE chat_id = ?1 AND pin_time IS NOT NULL")?
+            .query_row([&chat], |row| row.get(0))?;
+        if usize::try_from(pins).unwrap_or(usize::MAX) >= max_pins {
+            return Ok(Pinned::TooMany);
+        }
+    }
+    let change = next_change(&tx, &chat)?;
+    let (time, by) = if pin { (Some(now), Some(user)) } else { (None, None) };
+    let message = tx
+        .prepare_cached(concat!(
+            "UPDATE messages SET change_seq = ?2, pin_time = ?3, pinned_by = ?4 WHERE id = ?1 RETURNING ",
+            message_columns!()
+        ))?
+        .query_row(params![id, change, time, by], message_row)?;
+    tx.commit()?;
+    Ok(Pinned::Changed(message))
 }
 
 /// Starts a reply in one transaction (see [`MessageStore::start_reply`]).
@@ -1402,6 +1444,18 @@ impl MessageStore for SqliteStore {
     ) -> Result<Reacted, StoreError> {
         let (id, user, emoji) = (id.to_string(), user.to_string(), emoji.to_owned());
         Ok(self.db.write(move |conn| react(conn, &id, &user, &emoji, add, now, max_emoji)).await?)
+    }
+
+    async fn pin(
+        &self,
+        id: MessageId,
+        user: UserId,
+        pin: bool,
+        now: i64,
+        max_pins: usize,
+    ) -> Result<Pinned, StoreError> {
+        let (id, user) = (id.to_string(), user.to_string());
+        Ok(self.db.write(move |conn| pin_message(conn, &id, &user, pin, now, max_pins)).await?)
     }
 
     async fn reactions(

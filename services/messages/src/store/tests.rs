@@ -132,6 +132,7 @@ message_store_suite!(
     concurrent_thread_replies_count_exactly_and_page_without_gaps,
     a_reader_following_changes_while_replies_commit_sees_each_once,
     deleting_a_reply_being_written_ends_it_and_no_later_write_restores_its_text,
+    pins_take_numbers_only_when_real_hold_the_limit_under_concurrent_pins_and_go_with_a_delete,
 );
 
 /// Fixed ids, so tests can name chats and users by letter.
@@ -358,6 +359,7 @@ async fn history_pages_both_ways(h: &Harness) {
         before: None,
         superseded: false,
         flagged: false,
+        pinned: false,
         timeline: Timeline::Everything,
     };
     assert_eq!(page(after, None, 10).await, [8, 9, 10]);
@@ -367,6 +369,7 @@ async fn history_pages_both_ways(h: &Harness) {
         ascending: false,
         superseded: false,
         flagged: false,
+        pinned: false,
         timeline: Timeline::Everything,
     };
     assert_eq!(page(between, None, 10).await, [5, 4, 3]);
@@ -1926,4 +1929,59 @@ async fn migrating_postgres_reports_what_it_applied_and_ran_once() {
     let config = DbConfig::postgres(&url, &schema);
     migrating_reports_what_it_applied_and_ran_once(config, &crate::POSTGRES_MIGRATOR).await;
     natter_db::postgres::drop_schema(&url, &schema).await.unwrap();
+}
+
+/// A pin or unpin takes the chat's next change number only when it changes
+/// something; concurrent pins of one chat never pass its limit, and each
+/// that lands takes its own number; a chat's limit is its own; a delete
+/// unpins; listing with `pinned` walks only the pins.
+async fn pins_take_numbers_only_when_real_hold_the_limit_under_concurrent_pins_and_go_with_a_delete(h: &Harness) {
+    let batch: Vec<NewMessage> = (1..=12).map(|n| msg(n, 1, 0)).collect();
+    send(h, &batch).await;
+    send(h, &[msg(100, 2, 0)]).await;
+    let base = h.store.heads(chat(1)).await.unwrap().change;
+    let pin = |n: u32, by: u8, pin: bool, at: i64| {
+        let store = h.store.clone();
+        async move { store.pin(id(n), user(by), pin, at, 10).await.unwrap() }
+    };
+    let Pinned::Changed(pinned) = pin(1, 1, true, 500).await else { panic!("a first pin changes the message") };
+    assert_eq!((pinned.change_seq, pinned.revision), (base + 1, 1), "a change, not a revision");
+    assert_eq!(pinned.pin, Some(Pin { time: 500, by: user(1) }));
+    // A repeat, by anyone, keeps the first pin and takes no number.
+    let Pinned::Unchanged(again) = pin(1, 2, true, 600).await else { panic!("a repeat is a no-op") };
+    assert_eq!((again.change_seq, again.pin), (base + 1, Some(Pin { time: 500, by: user(1) })));
+    let Pinned::Changed(unpinned) = pin(1, 2, false, 700).await else { panic!("an unpin changes the message") };
+    assert_eq!((unpinned.change_seq, unpinned.pin), (base + 2, None));
+    assert!(matches!(pin(1, 2, false, 701).await, Pinned::Unchanged(m) if m.change_seq == base + 2));
+
+    // Twelve pins at once against a limit of ten: ten land, numbered
+    // without gaps, and the refusals take no number.
+    let tasks: Vec<_> = (1..=12u32).map(|n| tokio::spawn(pin(n, 1, true, 800 + i64::from(n)))).collect();
+    let (mut numbers, mut refused) = (Vec::new(), 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Pinned::Changed(m) => numbers.push(m.change_seq),
+            Pinned::TooMany => refused += 1,
+            other => panic!("a pin of a live message: {other:?}"),
+        }
+    }
+    numbers.sort_unstable();
+    assert_eq!((numbers, refused), (((base + 3)..=(base + 12)).collect::<Vec<_>>(), 2));
+    assert_eq!(h.store.heads(chat(1)).await.unwrap().change, base + 12);
+    assert!(matches!(pin(100, 1, true, 900).await, Pinned::Changed(_)), "chat 2's pins are its own");
+
+    // The listing of pins holds the ten; a delete unpins (its tombstone has
+    // no pin), and a deleted message cannot be pinned.
+    let pins = Range { ascending: true, pinned: true, ..Range::default() };
+    let listed = h.store.list(chat(1), pins, None, 100).await.unwrap();
+    assert_eq!(listed.len(), 10);
+    assert!(listed.iter().all(|m| m.pin.is_some_and(|p| p.by == user(1))));
+    let gone = listed[0].id;
+    let tombstone = h.store.delete(gone, 1_000).await.unwrap().expect("deleted");
+    assert_eq!(tombstone.pin, None);
+    let listed = h.store.list(chat(1), pins, None, 100).await.unwrap();
+    assert_eq!(listed.len(), 9);
+    assert!(listed.iter().all(|m| m.id != gone));
+    assert_eq!(h.store.pin(gone, user(1), true, 1_001, 10).await.unwrap(), Pinned::Gone);
+    assert_eq!(h.store.pin(id(999), user(1), true, 1_001, 10).await.unwrap(), Pinned::Gone);
 }

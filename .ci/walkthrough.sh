@@ -17,6 +17,9 @@ grep -q '"nextPageToken":"' out.txt
 # Bob's reaction: his own, and counted for Alice.
 grep -q '\[{"emoji":"👍","count":1,"reactedByMe":true}\]' out.txt
 grep -q '{"text":"lunch?","reactions":\[{"emoji":"👍","count":1}\]}' out.txt
+# Alice's pin, and the chat's pins.
+grep -q '{"text":"lunch?","pinned":true}' out.txt
+grep -q '{"pins":\["lunch?"\]}' out.txt
 # Bob's search found Alice's message, its words marked.
 grep -q '{"text":"12:30 at the usual place","snippet":"12:30 at the «usual» «place»"}' out.txt
 # Alice's thread reply: the next seq, counted by its root, listed apart.

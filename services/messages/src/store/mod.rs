@@ -868,7 +868,8 @@ pub struct Range {
     pub superseded: bool,
     /// Only flagged messages.
     pub flagged: bool,
-    /// Only pinned messages.
+    /// Only pinned messages, superseded replies too (whatever
+    /// `superseded` says).
     pub pinned: bool,
     /// Which messages, as to threads.
     pub timeline: Timeline,
@@ -1640,7 +1641,9 @@ fn list_sql(range: Range, from: Option<Seq>, limit: u32) -> (String, Vec<i64>) {
     if let Some(f) = from {
         bound(&mut sql, if range.ascending { ">" } else { "<" }, f);
     }
-    if !range.superseded {
+    // A pin outlives a Regenerate: the pins list every pinned reply, as the
+    // limit counts them.
+    if !range.superseded && !range.pinned {
         sql.push_str(" AND superseded = 0");
     }
     if range.flagged {

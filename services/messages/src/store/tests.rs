@@ -133,6 +133,7 @@ message_store_suite!(
     a_reader_following_changes_while_replies_commit_sees_each_once,
     deleting_a_reply_being_written_ends_it_and_no_later_write_restores_its_text,
     pins_take_numbers_only_when_real_hold_the_limit_under_concurrent_pins_and_go_with_a_delete,
+    a_pinned_reply_stays_among_the_pins_when_a_replacement_supersedes_it,
 );
 
 /// Fixed ids, so tests can name chats and users by letter.
@@ -1984,4 +1985,18 @@ async fn pins_take_numbers_only_when_real_hold_the_limit_under_concurrent_pins_a
     assert!(listed.iter().all(|m| m.id != gone));
     assert_eq!(h.store.pin(gone, user(1), true, 1_001, 10).await.unwrap(), Pinned::Gone);
     assert_eq!(h.store.pin(id(999), user(1), true, 1_001, 10).await.unwrap(), Pinned::Gone);
+}
+
+/// A pin outlives a Regenerate: the superseded reply is still listed among
+/// the pins (the limit counts it), though the history leaves it out.
+async fn a_pinned_reply_stays_among_the_pins_when_a_replacement_supersedes_it(h: &Harness) {
+    send(h, &[by(msg(1, 1, 0), 1)]).await;
+    let (first, _) = created(h.store.start_reply(&reply(2, 1, 1, None)).await.unwrap());
+    h.store.finish_reply(first.id, &fin("one", Generation::Complete, &GenerationInfo::default(), false)).await.unwrap();
+    assert!(matches!(h.store.pin(first.id, user(1), true, 50, 10).await.unwrap(), Pinned::Changed(_)));
+    created(h.store.start_reply(&reply(3, 1, 1, Some(2))).await.unwrap());
+    let pins = Range { ascending: true, pinned: true, ..Range::default() };
+    let listed = h.store.list(chat(1), pins, None, 10).await.unwrap();
+    assert_eq!(listed.iter().map(|m| (m.id, m.superseded())).collect::<Vec<_>>(), [(first.id, true)]);
+    assert_eq!(stored(h, 1).await.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 3], "the history skips it");
 }

@@ -22,6 +22,7 @@ crate::both_modes!(
     a_deleted_account_leaves_no_row_under_its_id_in_the_messages_store,
     people_change_their_display_name_and_only_their_own,
     a_password_change_ends_every_other_session,
+    a_retried_password_change_is_answered_as_it_went,
 );
 
 /// UpdateUser: a user renames themselves (an empty name is their
@@ -123,6 +124,43 @@ async fn a_password_change_ends_every_other_session(c: &Cluster) {
     let request =
         spb::ChangePasswordRequest { current_password: "x".into(), new_password: "a new horse battery".into() };
     assert_eq!(code(c.sessions().change_password(authed(&guest, request)).await), Code::FailedPrecondition);
+}
+
+/// ChangePassword sent again by a client on a bad network: once with the
+/// first still under way (it timed out waiting), once after it (its answer
+/// lost). The password changed, so each is answered OK, not as a wrong
+/// current password (which would tell the user the change failed); the new
+/// password logs in and the old does not. Only the session that made the
+/// change, with the same new password, is answered so: another new password,
+/// or another session of the user that only knows the old one, is refused
+/// as before.
+async fn a_retried_password_change_is_answered_as_it_went(c: &Cluster) {
+    const OLD: &str = "correct horse battery";
+    const NEW: &str = "a new horse battery";
+    let alice = c.user("alice").await;
+    let login = |password: &str| {
+        let request = spb::CreateSessionRequest { username: alice.username.clone(), password: password.to_owned() };
+        let mut sessions = c.sessions();
+        async move { sessions.create_session(request).await }
+    };
+    let change = |token: &str, current: &str, new: &str| {
+        let request = spb::ChangePasswordRequest { current_password: current.to_owned(), new_password: new.to_owned() };
+        let (mut sessions, request) = (c.sessions(), with_token(token, request));
+        async move { sessions.change_password(request).await }
+    };
+
+    let (first, again) = tokio::join!(change(&alice.token, OLD, NEW), change(&alice.token, OLD, NEW));
+    first.unwrap();
+    again.unwrap();
+    change(&alice.token, OLD, NEW).await.unwrap();
+    c.chats().list_chats(authed(&alice, cpb::ListChatsRequest::default())).await.unwrap();
+    assert_eq!(code(login(OLD).await), Code::Unauthenticated);
+    let tablet = login(NEW).await.unwrap().into_inner();
+
+    // Not a retry: another new password, or another session.
+    assert_eq!(code(change(&alice.token, OLD, "another horse battery").await), Code::PermissionDenied);
+    assert_eq!(code(change(&tablet.token, OLD, NEW).await), Code::PermissionDenied);
+    login(NEW).await.unwrap();
 }
 
 async fn password_login_and_current_session(c: &Cluster) {

@@ -579,7 +579,10 @@ impl Sessions {
     /// counts as a failed log-in for the username from `client`), stores
     /// the hash of `new` (validated by [`domain::check_password`]) and ends
     /// every other session of the user, in one transaction; then, as for a
-    /// revocation, caches drop their tokens and their streams end.
+    /// revocation, caches drop their tokens and their streams end. The same
+    /// request sent again by the session that made the change (its answer
+    /// lost, or sent while it was under way) is answered OK, changing
+    /// nothing more ([`Sessions::changed_by`]).
     ///
     /// Errors: RESOURCE_EXHAUSTED (--profile-change-rate, the back-off, the
     /// username's log-in budget, --password-check-queue), INVALID_ARGUMENT
@@ -605,18 +608,40 @@ impl Sessions {
         let key = username.to_ascii_lowercase();
         self.logins.admit(&key, client, Instant::now())?;
         if !verify_password(current.to_owned(), phc.clone(), self.password_check_queue).await? {
+            if self.changed_by(caller, &phc, new).await? {
+                self.logins.succeeded(&key, client);
+                return Ok(());
+            }
             return Err(SessionsError::WrongPassword);
         }
         self.logins.succeeded(&key, client);
         let hash = hash_password(new.to_owned(), self.password_check_queue).await?;
-        let ended = self
-            .store
-            .change_password(&user.id, &phc, &hash, &caller.id, now_micros())
-            .await?
-            .ok_or(SessionsError::PasswordChanged)?;
+        let Some(ended) = self.store.change_password(&user.id, &phc, &hash, &caller.id, now_micros()).await? else {
+            // Changed meanwhile: by this very request sent twice, or not.
+            let changed = self.user(&caller.user_id).await?.password_hash.unwrap_or_default();
+            if self.changed_by(caller, &changed, new).await? {
+                return Ok(());
+            }
+            return Err(SessionsError::PasswordChanged);
+        };
         tracing::info!(user_id = %user.id, ended = ended.len(), "password changed; other sessions ended");
         self.announce_ended(&ended, None).await;
         Ok(())
+    }
+
+    /// Whether a ChangePassword by `caller` to `new` is a retry of one that
+    /// went through: `caller`'s session made the user's latest password
+    /// change, within [`PASSWORD_CHANGE_RETRY`], and `phc` (the hash stored
+    /// now) is `new`'s. Nobody else can tell a change was theirs: every
+    /// other session of the user ended with it, and a session that logged
+    /// in since knows the new password anyway. A session that did not make
+    /// the latest change costs no second hash.
+    async fn changed_by(&self, caller: &TokenRow, phc: &str, new: &str) -> Result<bool, SessionsError> {
+        let since = natter_kit::time::micros_ago(PASSWORD_CHANGE_RETRY);
+        if phc.is_empty() || !self.store.password_changed_by(&caller.user_id, &caller.id, since).await? {
+            return Ok(false);
+        }
+        verify_password(new.to_owned(), phc.to_owned(), self.password_check_queue).await
     }
 
     /// Whether `token` (no longer a live session's) deleted its own account
@@ -627,6 +652,10 @@ impl Sessions {
         self.store.deleted_by_token(&domain::token_hash(token), since).await
     }
 }
+
+/// How long a ChangePassword retried by the session that made the change
+/// (its answer lost) is answered OK (a day, as for DeleteAccount).
+pub const PASSWORD_CHANGE_RETRY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// How long a DeleteAccount retried with the token that deleted the
 /// account is answered OK (a day: a client on a bad network retries within

@@ -226,11 +226,12 @@ impl Store {
         self.user_by_id(user_id).await
     }
 
-    /// Replaces user `user_id`'s password hash `old` by `new` and revokes,
-    /// at `now`, every live session of the user but `keep`, in one
-    /// transaction; returns the revoked session ids, None (and nothing
-    /// changed) when the stored hash is no longer `old` (changed
-    /// meanwhile, or the user is gone).
+    /// Replaces user `user_id`'s password hash `old` by `new`, recording
+    /// `keep` (the caller's session) and `now` as the change's (see
+    /// [`Store::password_changed_by`]), and revokes, at `now`, every live
+    /// session of the user but `keep`, in one transaction; returns the
+    /// revoked session ids, None (and nothing changed) when the stored hash
+    /// is no longer `old` (changed meanwhile, or the user is gone).
     pub async fn change_password(
         &self,
         user_id: &str,
@@ -240,12 +241,17 @@ impl Store {
         now: i64,
     ) -> Result<Option<Vec<String>>, SessionsError> {
         let mut tx = self.db.write().begin().await?;
-        let changed = sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2 AND password_hash = $3")
-            .bind(new)
-            .bind(user_id)
-            .bind(old)
-            .execute(&mut *tx)
-            .await?;
+        let changed = sqlx::query(
+            "UPDATE users SET password_hash = $1, password_change_session = $4, password_change_time = $5 \
+             WHERE id = $2 AND password_hash = $3",
+        )
+        .bind(new)
+        .bind(user_id)
+        .bind(old)
+        .bind(keep)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         if changed.rows_affected() == 0 {
             tx.rollback().await?;
             return Ok(None);
@@ -260,6 +266,27 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(Some(rows.into_iter().map(|(id,)| id).collect()))
+    }
+
+    /// Whether session `session_id` made user `user_id`'s latest password
+    /// change ([`Store::change_password`]) at or after `since` (µs): the
+    /// hash stored now is the one it set.
+    pub async fn password_changed_by(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        since: i64,
+    ) -> Result<bool, SessionsError> {
+        let found: Option<(i64,)> = sqlx::query_as(
+            "SELECT password_change_time FROM users \
+             WHERE id = $1 AND password_change_session = $2 AND password_change_time >= $3",
+        )
+        .bind(user_id)
+        .bind(session_id)
+        .bind(since)
+        .fetch_optional(self.db.read())
+        .await?;
+        Ok(found.is_some())
     }
 
     /// Revokes every live session of a user and returns their ids.

@@ -390,6 +390,9 @@ async fn a_blocked_user_cannot_reach_whoever_blocked_them(c: &Cluster) {
     assert_eq!(code(c.messages().add_reaction(authed(&alice, react)).await), Code::PermissionDenied);
     let typing = mpb::SetTypingRequest { chat_id: chat.id.clone(), typing: true };
     assert_eq!(code(c.messages().set_typing(authed(&bob, typing)).await), Code::PermissionDenied);
+    // But an indicator started before the block is stopped at once.
+    let stop = mpb::SetTypingRequest { chat_id: chat.id.clone(), typing: false };
+    c.messages().set_typing(authed(&bob, stop)).await.expect("a stop goes through");
     let refused = c.chats().create_chat(authed(&bob, group_of("with alice", &[&carol, &alice]))).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains(&alice.id) && refused.message().contains("group_adds"), "{refused:?}");

@@ -467,6 +467,11 @@ async fn bots_are_made_once_join_chats_and_never_log_in() {
         users.iter().map(|u| (u.id.as_str(), u.kind)).collect::<Vec<_>>(),
         [(bot.id.as_str(), spb::UserKind::Bot as i32)]
     );
+    // It writes only where asked: no one blocks it (which would close a
+    // person's own assistant chat to their sends and not to Regenerate).
+    let block = cpb::BlockUserRequest { user_id: bot.id.clone() };
+    let refused = c.chats().block_user(authed(&alice, block)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     c.stop().await;
 }
 

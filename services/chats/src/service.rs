@@ -1089,13 +1089,19 @@ impl Chats {
     /// nothing. Counts against the caller's chat-change rate.
     ///
     /// Errors: INVALID_ARGUMENT (oneself), NOT_FOUND (no such user),
+    /// FAILED_PRECONDITION (a bot: the assistant writes only where asked),
     /// [`ChatsError::BlockLimit`].
     pub async fn block_user(&self, caller: UserId, other: UserId) -> Result<(), ChatsError> {
         self.change_rate.check(&caller)?;
         if other == caller {
             return Err(ChatsError::invalid("user_id", "cannot block yourself"));
         }
-        self.require_users(&[other]).await?;
+        if !self.require_users(&[other]).await?.is_empty() {
+            return Err(ChatsError::Precondition(
+                "a bot cannot be blocked: it writes only where it is asked to; leave its group, turn its replies off \
+                 there, or delete its chat",
+            ));
+        }
         let limit = self.limits.blocks_per_user;
         if self.store.block(caller, other, now_micros(), limit).await? == Blocked::TooMany {
             return Err(ChatsError::BlockLimit(limit, caller.to_string()));

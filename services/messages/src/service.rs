@@ -785,14 +785,16 @@ impl Messages {
     /// SetTyping: announces that `caller` is typing in a chat (or stopped)
     /// to the chat's streams, as an ephemeral event (nothing is stored);
     /// returns when the indicator ends unless renewed, in µs since the
-    /// epoch. Not in a direct chat closed by a block ([`Messages::BLOCKED`]).
+    /// epoch. Not in a direct chat closed by a block ([`Messages::BLOCKED`]),
+    /// but for a stop: an indicator started before the block ends at once,
+    /// not seconds later.
     pub async fn set_typing(&self, caller: UserId, chat: ChatId, typing: bool) -> Result<i64, MessagesError> {
         self.typing_rate.check(&caller)?;
         let m = self.member(chat, caller).await?;
         if m.archived {
             return Err(MessagesError::Precondition("chat is archived"));
         }
-        if m.blocked {
+        if m.blocked && typing {
             return Err(MessagesError::Denied(Self::BLOCKED));
         }
         let now = natter_kit::time::now_micros();

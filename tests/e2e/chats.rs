@@ -336,10 +336,18 @@ async fn who_may_start_a_direct_chat_is_theirs_to_say(c: &Cluster) {
     assert_eq!(direct(c, &alice, &bob).await.id, chat.id);
     send(c, &alice, &chat.id, "hi bob").await;
 
-    // PEERS: carol, who shares no chat with bob, is refused until she does.
+    // PEERS: carol, who shares no chat with bob, is refused until she does;
+    // joining a public group of his does not count (anyone may join one).
     set_direct_chats(c, &bob, cpb::DirectChats::Peers).await;
     let refused = c.chats().create_chat(authed(&carol, direct_request(&bob))).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let mut public = group_of("bob's open group", &[]);
+    public.visibility = cpb::Visibility::Public as i32;
+    let public = c.chats().create_chat(authed(&bob, public)).await.unwrap().into_inner().chat.unwrap();
+    let join = cpb::AddMembersRequest { chat_id: public.id.clone(), user_ids: vec![carol.id.clone()] };
+    c.chats().add_members(authed(&carol, join)).await.expect("carol joins the public group");
+    let refused = c.chats().create_chat(authed(&carol, direct_request(&bob))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "a public group makes no peers: {refused:?}");
     c.chats().create_chat(authed(&alice, group_of("all three", &[&bob, &carol]))).await.unwrap();
     direct(c, &carol, &bob).await;
 

@@ -137,8 +137,9 @@ text_enum!(
     GroupAdds {
         /// Anyone (the default, unless `--default-group-adds` says otherwise).
         Everyone = "everyone",
-        /// Users who share a chat with them at the time of the add
-        /// ([`crate::store::ChatStore::peers_among`]).
+        /// Users who share a chat with them at the time of the add, a
+        /// public chat aside ([`crate::store::ChatStore::peers_among`]:
+        /// anyone may join one).
         Peers = "peers",
         /// Nobody: they join public chats or create groups themselves.
         Nobody = "nobody",
@@ -154,8 +155,9 @@ text_enum!(
         /// Anyone (the default, unless `--default-direct-chats` says
         /// otherwise).
         Everyone = "everyone",
-        /// Users who share a chat with them at the time
-        /// ([`crate::store::ChatStore::peers_among`]).
+        /// Users who share a chat with them at the time, a public chat
+        /// aside ([`crate::store::ChatStore::peers_among`]: anyone may
+        /// join one).
         Peers = "peers",
         /// Nobody: they start their direct chats themselves.
         Nobody = "nobody",

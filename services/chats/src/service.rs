@@ -966,7 +966,7 @@ impl Chats {
         let mut refused: HashSet<UserId> = users.iter().copied().filter(|u| adds(u) == GroupAdds::Nobody).collect();
         let peers_only: Vec<UserId> = users.iter().copied().filter(|u| adds(u) == GroupAdds::Peers).collect();
         if !peers_only.is_empty() {
-            let peers: HashSet<UserId> = self.store.peers_among(caller, &peers_only).await?.into_iter().collect();
+            let peers: HashSet<UserId> = self.store.peers_among(caller, &peers_only, true).await?.into_iter().collect();
             refused.extend(peers_only.into_iter().filter(|user| !peers.contains(user)));
         }
         match users.iter().find(|user| refused.contains(user)) {
@@ -1036,7 +1036,7 @@ impl Chats {
         let set = self.store.privacy_settings(other).await?.and_then(|s| s.choices.direct_chats);
         let allowed = match set.unwrap_or(self.default_direct_chats) {
             DirectChats::Everyone => true,
-            DirectChats::Peers => !self.store.peers_among(caller, &[other]).await?.is_empty(),
+            DirectChats::Peers => !self.store.peers_among(caller, &[other], true).await?.is_empty(),
             DirectChats::Nobody => false,
         };
         if allowed { Ok(()) } else { Err(ChatsError::DirectRefused(other.to_string())) }
@@ -1516,7 +1516,7 @@ impl Chats {
     /// [`ChatStore::peers_among`]; the caller bounds them: FilterPeers to
     /// [`PEER_CANDIDATES_MAX`]).
     pub async fn peers_among(&self, user_id: UserId, candidates: &[UserId]) -> Result<Vec<UserId>, ChatsError> {
-        Ok(self.store.peers_among(user_id, candidates).await?)
+        Ok(self.store.peers_among(user_id, candidates, false).await?)
     }
 
     /// Internal: newest messages of chats, for ordering by activity.

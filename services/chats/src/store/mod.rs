@@ -482,9 +482,18 @@ pub trait ChatStore: Send + Sync + 'static {
     /// least one chat `user` is a member of, each once, in no set order
     /// (`user` itself if a candidate and a member of any chat). A deleted
     /// user ([`ChatStore::record_forgotten`]) is no one's peer, though a
-    /// direct chat with a person keeps them as a member. One query,
-    /// whatever the number of chats either side is in.
-    async fn peers_among(&self, user: UserId, candidates: &[UserId]) -> Result<Vec<UserId>, StoreError>;
+    /// direct chat with a person keeps them as a member. With
+    /// `private_only`, only chats that are not public count: a public group
+    /// anyone may join makes its members peers for presence, not for the
+    /// privacy settings (a stranger who joined it must not pass a PEERS
+    /// setting of everyone there). One query, whatever the number of chats
+    /// either side is in.
+    async fn peers_among(
+        &self,
+        user: UserId,
+        candidates: &[UserId],
+        private_only: bool,
+    ) -> Result<Vec<UserId>, StoreError>;
 
     /// Up to `limit` chats by last activity or creation time (then id), as
     /// `filter` orders them, after `after` (a cursor of that order): `user`'s

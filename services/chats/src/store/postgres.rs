@@ -467,16 +467,23 @@ impl ChatStore for PostgresChatStore {
         ids.iter().map(|id| parse_id("members.chat_id", id)).collect()
     }
 
-    async fn peers_among(&self, user: UserId, candidates: &[UserId]) -> Result<Vec<UserId>, StoreError> {
+    async fn peers_among(
+        &self,
+        user: UserId,
+        candidates: &[UserId],
+        private_only: bool,
+    ) -> Result<Vec<UserId>, StoreError> {
         let candidates: Vec<String> = candidates.iter().map(UserId::to_string).collect();
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT o.user_id FROM members o \
              WHERE o.user_id = ANY($2) \
              AND EXISTS (SELECT 1 FROM members m WHERE m.chat_id = o.chat_id AND m.user_id = $1) \
+             AND (NOT $3 OR EXISTS (SELECT 1 FROM chats c WHERE c.id = o.chat_id AND c.visibility <> 'public')) \
              AND NOT EXISTS (SELECT 1 FROM forgotten_users f WHERE f.user_id = o.user_id)",
         )
         .bind(user.to_string())
         .bind(&candidates)
+        .bind(private_only)
         .fetch_all(&self.pool)
         .await?;
         ids.iter().map(|id| parse_id("members.user_id", id)).collect()

@@ -600,16 +600,22 @@ impl ChatStore for SqliteChatStore {
         ids.await.map_err(unwrap)
     }
 
-    async fn peers_among(&self, user: UserId, candidates: &[UserId]) -> Result<Vec<UserId>, StoreError> {
+    async fn peers_among(
+        &self,
+        user: UserId,
+        candidates: &[UserId],
+        private_only: bool,
+    ) -> Result<Vec<UserId>, StoreError> {
         let candidates = json_ids(candidates);
         let ids = self.db.read(move |conn| {
             let mut select = conn.prepare_cached(
                 "SELECT DISTINCT o.user_id FROM members o \
                  WHERE o.user_id IN (SELECT value FROM json_each(?2)) \
                  AND EXISTS (SELECT 1 FROM members m WHERE m.chat_id = o.chat_id AND m.user_id = ?1) \
+                 AND (?3 = 0 OR EXISTS (SELECT 1 FROM chats c WHERE c.id = o.chat_id AND c.visibility <> 'public')) \
              AND NOT EXISTS (SELECT 1 FROM forgotten_users f WHERE f.user_id = o.user_id)",
             )?;
-            let ids = select.query_map((user.to_string(), candidates), id_of)?;
+            let ids = select.query_map((user.to_string(), candidates, private_only), id_of)?;
             ids.collect()
         });
         ids.await.map_err(unwrap)

@@ -358,13 +358,13 @@ async fn peers_are_members_now_of_a_chat_shared_now(store: &dyn ChatStore) {
     create(store, public, &[]).await;
 
     let candidates = [bob, carol, dave, erin, stranger, alice, bob];
-    let peers: HashSet<UserId> = store.peers_among(alice, &candidates).await.unwrap().into_iter().collect();
+    let peers: HashSet<UserId> = store.peers_among(alice, &candidates, false).await.unwrap().into_iter().collect();
     assert_eq!(peers, HashSet::from([bob, dave, alice]), "carol and erin share only chats left; stranger none");
-    let peers = store.peers_among(alice, &candidates).await.unwrap();
+    let peers = store.peers_among(alice, &candidates, false).await.unwrap();
     assert_eq!(peers.len(), 3, "each peer once: {peers:?}");
-    assert_eq!(store.peers_among(carol, &[alice, erin]).await.unwrap(), [erin], "carol is still in erin's chat");
-    assert_eq!(store.peers_among(alice, &[]).await.unwrap(), []);
-    assert_eq!(store.peers_among(UserId::new_v7(), &[alice]).await.unwrap(), [], "a user in no chat has none");
+    assert_eq!(store.peers_among(carol, &[alice, erin], false).await.unwrap(), [erin], "carol is still in erin's chat");
+    assert_eq!(store.peers_among(alice, &[], false).await.unwrap(), []);
+    assert_eq!(store.peers_among(UserId::new_v7(), &[alice], false).await.unwrap(), [], "a user in no chat has none");
 
     // A deleted account stays in a direct chat with a person (its history
     // stays theirs) but is no one's peer.
@@ -372,10 +372,21 @@ async fn peers_are_members_now_of_a_chat_shared_now(store: &dyn ChatStore) {
     direct.kind = Kind::Direct;
     direct.title = String::new();
     let direct = create(store, direct, &[erin]).await;
-    assert_eq!(store.peers_among(alice, &[erin]).await.unwrap(), [erin]);
+    assert_eq!(store.peers_among(alice, &[erin], false).await.unwrap(), [erin]);
     store.record_forgotten(erin, 8).await.unwrap();
     assert!(store.member_chat_ids(erin, false).await.unwrap().contains(&direct.id), "still a member");
-    assert_eq!(store.peers_among(alice, &[erin]).await.unwrap(), [], "deleted: no one's peer");
+    assert_eq!(store.peers_among(alice, &[erin], false).await.unwrap(), [], "deleted: no one's peer");
+
+    // A public group makes its members peers for presence, not for the
+    // privacy settings: anyone may join one.
+    let mut open_group = chat(stranger, 9);
+    open_group.visibility = Visibility::Public;
+    create(store, open_group, &[alice]).await;
+    assert_eq!(store.peers_among(alice, &[stranger], false).await.unwrap(), [stranger]);
+    assert_eq!(store.peers_among(alice, &[stranger], true).await.unwrap(), [], "a public chat aside");
+    let peers: HashSet<UserId> =
+        store.peers_among(alice, &[bob, dave, stranger], true).await.unwrap().into_iter().collect();
+    assert_eq!(peers, HashSet::from([bob, dave]), "private chats still count");
 }
 
 /// A group chat created by `owner` at `time` µs, titled by its id.

@@ -77,6 +77,22 @@ let thread: { chatId: string; rootSeq: bigint; replies: Map<bigint, Message> } |
 /** List superseded assistant replies too (ListMessages include_history): "show older versions". */
 let showHistory = false;
 
+/**
+ * The open chat's pinned messages: ListMessages(pinned) when the chat is
+ * opened and whenever the stream reconnects, kept live from its
+ * message_edited and message_deleted events and this page's own pins and
+ * unpins. `known` holds each message of the chat heard of since, pinned or
+ * not, as last changed (change_seq), with the count of `pinsHeard` when it
+ * was heard: a read started before a pin or unpin heard since does not undo
+ * it. `read` is false until the first read is answered.
+ */
+interface Pins { chatId: string; known: Map<string, { m: Message; heard: number }>; read: boolean }
+let pins: Pins | null = null;
+/** Counts the messages noted in `pins`, events and answers alike. */
+let pinsHeard = 0;
+/** Whether the Pinned side panel is open (on the open chat's pins). */
+let pinnedOpen = false;
+
 // Reply deltas are placed by byte offset into the reply's UTF-8 text.
 const utf8 = new TextEncoder();
 const fromUtf8 = new TextDecoder();
@@ -405,7 +421,8 @@ function messageItem(m: Message, offers: Offers = {}): HTMLLIElement {
   const reply = isReply(m);
   li.className = "message" + (m.authorId === me?.id ? " mine" : "") + (m.deleted ? " deleted" : "") +
     (me && m.authorId !== me.id && m.mentionUserIds.includes(me.id) ? " mentions-me" : "") +
-    (reply ? " reply" : "") + (isGenerating(m) ? " generating" : "") + (m.superseded ? " superseded" : "");
+    (reply ? " reply" : "") + (isGenerating(m) ? " generating" : "") + (m.superseded ? " superseded" : "") +
+    (isPinned(m) ? " pinned" : "") + (flashed?.id === m.id && Date.now() < flashed.until ? " flash" : "");
   li.dataset.seq = String(m.seq);
   li.dataset.id = m.id;
   li.dataset.testid = "message";
@@ -437,6 +454,7 @@ function messageItem(m: Message, offers: Offers = {}): HTMLLIElement {
   text.className = "text";
   if (m.deleted) text.textContent = "message deleted";
   else text.append(...withMentions(m.text, m.mentionUserIds));
+  if (isPinned(m)) li.append(pinnedBy(m));
   li.append(meta, text);
   if (!m.deleted && !isGenerating(m) && !m.superseded) li.append(reactionBar(m));
   if (!offers.inThread && m.threadRootSeq === 0n && !m.superseded && (!m.deleted || (m.thread?.replyCount ?? 0) > 0)) {
@@ -446,6 +464,7 @@ function messageItem(m: Message, offers: Offers = {}): HTMLLIElement {
   if (reply && isGenerating(m) && !m.superseded) buttons.push(smallButton("Stop", "stop", () => stopReply(m)));
   if (offers.reload) buttons.push(smallButton("Reload", "reload", () => regenerate(RegenerateMode.RELOAD)));
   if (offers.editRerun) buttons.push(smallButton("Edit & rerun", "edit-rerun", () => editAndRerun(m)));
+  if (!m.deleted && !m.superseded && mayPin(m.chatId)) buttons.push(pinButton(m));
   if (buttons.length > 0) {
     const actions = document.createElement("div");
     actions.className = "actions";
@@ -682,6 +701,12 @@ async function openChat(chatId: string) {
   open = state;
   if (thread && thread.chatId !== chatId) closeThread();
   if (membersPanel && membersPanel.chatId !== chatId) closeMembers();
+  if (pins?.chatId !== chatId) {
+    pins = { chatId, known: new Map(), read: false };
+    closePinned();
+  }
+  const pinsRead = readPins(pins);
+  pinsRead.catch(() => {}); // awaited below, unless another chat is opened first
   el("open-members").hidden = chat.kind !== ChatKind.GROUP;
   el("chat-title").textContent = chatName(chat);
   renderPresence();
@@ -693,6 +718,7 @@ async function openChat(chatId: string) {
   renderMessages("bottom");
   renderTyping();
   renderAssistantReplies();
+  renderPins();
   const [res] = await Promise.all([
     api.messages.listMessages({ chatId, pageSize: PAGE_SIZE, includeHistory: showHistory }),
     chat.kind === ChatKind.GROUP ? loadGroupMembers(chatId) : Promise.resolve(),
@@ -703,8 +729,10 @@ async function openChat(chatId: string) {
   for (const m of res.messages) state.messages.set(m.seq, m);
   state.olderToken = res.nextPageToken;
   renderMessages("bottom");
+  renderPins(); // Unpin in the panel, now that our role is known
   input("composer").focus();
   await markRead();
+  await pinsRead;
 }
 
 async function loadOlder() {
@@ -988,7 +1016,8 @@ function noteTyping(chatId: string, userId: string, until: number) {
  * list (a direct chat is called by its other member's name), the open
  * chat's title and its messages' authors, the thread, the typing line, the
  * members panel, whom we block (the Block button, the composer's note,
- * Settings' Blocked people), the search results and the header.
+ * Settings' Blocked people), the search results, the Pinned panel (authors
+ * and pinners) and the header.
  */
 function renderNames() {
   renderChatList();
@@ -1000,6 +1029,7 @@ function renderNames() {
   renderMembers();
   renderBlocking();
   renderSearchNames();
+  renderPins();
   renderMe();
 }
 
@@ -1074,6 +1104,7 @@ function handleEvent(ev: StreamEventsResponse) {
       if (seen !== undefined && m.seq <= seen) {
         // A replay sends a message created and then changed while we were
         // away at its latest change, after newer ones: show it as it is.
+        notePin(m);
         if (open?.id === chatId) {
           putMessage(open, m);
           void act(async () => {
@@ -1125,6 +1156,8 @@ function handleEvent(ev: StreamEventsResponse) {
       }
       noteThreadReply(m);
       if (thread?.chatId === chatId) renderThread();
+      // Pinned or unpinned (by anyone, this page too), deleted, or edited while pinned.
+      notePin(m);
 
       if (chat?.lastMessage?.seq === m.seq) {
         chat.lastMessage.text = m.deleted ? "" : m.text.slice(0, 200);
@@ -1230,6 +1263,9 @@ async function runStream(signal: AbortSignal) {
         // nobody later: read them again (the first connection follows the
         // page's own reads).
         if (opened) void refreshAccount().catch((e) => console.warn("after reconnecting:", e));
+        // The open chat's pins are read again as well (resume replays their
+        // changes; a fresh read also covers a chat reset or missed replay).
+        if (opened && pins) void readPins(pins).catch((e) => console.warn("pins:", e));
         opened = true;
       };
       for await (const ev of api.messages.streamEvents({ resume, resumeChanges }, { signal, onHeader })) handleEvent(ev);
@@ -1286,6 +1322,9 @@ function closeChat() {
   el("chat-title").textContent = "Pick a chat or start one";
   closeThread();
   closeMembers();
+  closePinned();
+  pins = null;
+  renderPins();
   el("open-members").hidden = true;
   renderPresence();
   renderAssistantReplies();
@@ -1391,6 +1430,7 @@ async function openThread(chatId: string, rootSeq: bigint) {
   thread = state;
   closeMembers(); // one side panel at a time
   closeSettings();
+  closePinned();
   el("thread-panel").hidden = false;
   renderThread();
   let pageToken = "";
@@ -1448,6 +1488,227 @@ el("thread-form").addEventListener("submit", (e) => {
   void send({ id: api.newUuid(), chatId, text, mentionUserIds: mentionsIn(text, chatId), threadRootSeq: rootSeq });
 });
 
+// ---------------------------------------------------------------- pins
+
+/** Whether `m` is pinned to its chat (a deleted message is pinned no more). */
+function isPinned(m: Message): boolean {
+  return !!m.pinTime && !m.deleted;
+}
+
+/**
+ * Whether we may pin and unpin the messages of chat `chatId`, as
+ * PinMessage has it: either member of a direct chat, a group's owner and
+ * admins (our role as this page last read it). A direct chat closed by a
+ * block keeps the button: the server's refusal says why.
+ */
+function mayPin(chatId: string): boolean {
+  const chat = chats.get(chatId);
+  if (chat?.kind === ChatKind.DIRECT) return true;
+  const role = myRole(chatId);
+  return chat?.kind === ChatKind.GROUP && (role === MemberRole.OWNER || role === MemberRole.ADMIN);
+}
+
+/** The "📌 Pinned by <name>" line of a pinned message. */
+function pinnedBy(m: Message): HTMLDivElement {
+  const line = document.createElement("div");
+  line.className = "pinned-by";
+  line.dataset.testid = "pinned-by";
+  line.textContent = `📌 Pinned by ${userName(m.pinnedById)}`;
+  if (m.pinTime) line.title = `pinned ${timestampDate(m.pinTime).toLocaleString()}`;
+  return line;
+}
+
+/** A message's Pin (or Unpin) button. */
+function pinButton(m: Message): HTMLButtonElement {
+  const pinned = isPinned(m);
+  const b = smallButton(pinned ? "Unpin" : "Pin", pinned ? "unpin" : "pin", () => setPin(m, !pinned));
+  b.className = "pin";
+  b.title = pinned ? "unpin it from the chat" : "pin it to the chat, for everyone in it to find under Pinned";
+  return b;
+}
+
+/**
+ * Pins or unpins `m` (PinMessage, UnpinMessage) and shows it as the server
+ * answers it: in the timeline, the thread and the Pinned panel. A refusal
+ * (a plain member of a group, a block, a 51st pin) goes to the page's error
+ * line in the server's words, through act.
+ */
+async function setPin(m: Message, pin: boolean) {
+  const request = { messageId: m.id };
+  const { message } = pin ? await api.messages.pinMessage(request) : await api.messages.unpinMessage(request);
+  if (!message) return;
+  if (open?.id === message.chatId && open.messages.has(message.seq)) {
+    putMessage(open, message);
+    renderMessages("keep");
+  }
+  noteThreadReply(message);
+  renderThread();
+  notePin(message);
+}
+
+/**
+ * A message of the chat as it is now (an event, a call's answer): the
+ * Pinned panel and its count take it, or leave it out once unpinned or
+ * deleted, unless they hold a later change of it.
+ */
+function notePin(m: Message) {
+  if (!pins || pins.chatId !== m.chatId) return;
+  const held = pins.known.get(m.id);
+  if (held && held.m.changeSeq > m.changeSeq) return;
+  pins.known.set(m.id, { m, heard: ++pinsHeard });
+  if (isPinned(m) && !users.has(m.pinnedById)) {
+    void ensureUsers([m.pinnedById, m.authorId])
+      .then(() => {
+        renderMessages("keep");
+        renderThread();
+        renderPins();
+      })
+      .catch((e) => console.warn("names:", e));
+  }
+  renderPins();
+}
+
+/**
+ * Reads the pins of `state`'s chat (ListMessages pinned, 50 a page: a chat
+ * holds at most 50) and shows them. A message heard of before the read
+ * began and not listed is pinned no more; one heard of since keeps what
+ * was heard, unless the read has a later change of it.
+ */
+async function readPins(state: Pins) {
+  const started = pinsHeard;
+  const found: Message[] = [];
+  let pageToken = "";
+  do {
+    const res = await api.messages.listMessages({ chatId: state.chatId, pinned: true, pageSize: 50, pageToken });
+    found.push(...res.messages);
+    pageToken = res.nextPageToken;
+  } while (pageToken && found.length < 200);
+  await ensureUsers(found.flatMap((m) => [m.authorId, m.pinnedById]));
+  if (pins !== state) return; // another chat opened meanwhile
+  const listed = new Set(found.map((m) => m.id));
+  for (const [id, held] of state.known) if (!listed.has(id) && held.heard <= started) state.known.delete(id);
+  for (const m of found) {
+    const held = state.known.get(m.id);
+    if (!held || held.m.changeSeq <= m.changeSeq) state.known.set(m.id, { m, heard: held?.heard ?? started });
+  }
+  state.read = true;
+  renderPins();
+}
+
+/** The open chat's pinned messages, the latest pin first. */
+function pinnedMessages(): Message[] {
+  if (!pins) return [];
+  const time = (m: Message) => (m.pinTime ? timestampDate(m.pinTime).getTime() : 0);
+  return [...pins.known.values()].map((held) => held.m).filter(isPinned).sort((a, b) => time(b) - time(a) || (a.seq < b.seq ? 1 : -1));
+}
+
+/** Shows the pins: the header's Pinned button with their count, and the side panel if open. */
+function renderPins() {
+  const button = el("open-pinned");
+  const list = pinnedMessages();
+  button.hidden = !open || !pins || pins.chatId !== open.id;
+  const count = el("pinned-count");
+  count.textContent = pins?.read ? String(list.length) : "…";
+  button.dataset.count = pins?.read ? String(list.length) : "";
+  button.title = pins?.read ? `${list.length} pinned ${list.length === 1 ? "message" : "messages"}` : "reading the pins…";
+  if (!pinnedOpen) return;
+  el("pinned-empty").hidden = !pins?.read || list.length > 0;
+  el("pinned-list").replaceChildren(...list.map(pinnedItem));
+}
+
+/** A pinned message in the panel: who wrote it and when, its text, who pinned it, and Unpin for those who may. */
+function pinnedItem(m: Message): HTMLLIElement {
+  const li = document.createElement("li");
+  li.className = "pinned-item";
+  li.dataset.testid = "pinned-item";
+  li.dataset.seq = String(m.seq);
+  li.dataset.id = m.id;
+  li.title = m.threadRootSeq === 0n ? "show it in the chat" : "show it in its thread";
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const time = m.sendTime ? timestampDate(m.sendTime).toLocaleString() : "";
+  meta.textContent = `${userName(m.authorId)} · ${time}${m.threadRootSeq === 0n ? "" : " · in a thread"}`;
+  const text = document.createElement("div");
+  text.className = "text";
+  text.append(...withMentions(m.text, m.mentionUserIds));
+  li.append(meta, text, pinnedBy(m));
+  if (mayPin(m.chatId)) {
+    const unpin = smallButton("Unpin", "unpin", () => setPin(m, false));
+    unpin.addEventListener("click", (e) => e.stopPropagation()); // not a click on the item
+    li.append(unpin);
+  }
+  li.addEventListener("click", () => void act(() => showPinned(m)));
+  return li;
+}
+
+/** How many pages back "show it in the chat" reads at most to reach a pinned message (30 messages a page). */
+const PINNED_PAGES_BACK = 10;
+
+/**
+ * Shows a pinned message where it is: a thread reply in its thread (the
+ * side panel), a message of the timeline scrolled to and marked for a
+ * moment, read from older pages first if it is not loaded yet (at most
+ * PINNED_PAGES_BACK of them).
+ */
+async function showPinned(m: Message) {
+  const state = open;
+  if (!state || state.id !== m.chatId) return;
+  if (m.threadRootSeq !== 0n) {
+    await openThread(m.chatId, m.threadRootSeq);
+    flash(el("thread-messages").querySelector<HTMLElement>(`li[data-seq="${m.seq}"]`));
+    return;
+  }
+  for (let page = 0; !state.messages.has(m.seq) && state.olderToken && page < PINNED_PAGES_BACK; page++) {
+    await loadOlder();
+    if (open !== state) return;
+  }
+  const li = el("messages").querySelector<HTMLElement>(`li[data-seq="${m.seq}"]`);
+  if (!li) {
+    showError("That message is further back than this page has read: Load older messages to reach it.");
+    return;
+  }
+  flash(li);
+}
+
+/** The message shown from the Pinned panel, marked until `until` (ms), through redraws too. */
+let flashed: { id: string; until: number } | null = null;
+const FLASH_MS = 2_000;
+
+/** Scrolls to a message and marks it for a moment. */
+function flash(li: HTMLElement | null) {
+  if (!li?.dataset.id) return;
+  li.scrollIntoView({ block: "center" });
+  const shown = { id: li.dataset.id, until: Date.now() + FLASH_MS };
+  flashed = shown;
+  li.classList.add("flash");
+  setTimeout(() => {
+    if (flashed !== shown) return; // another since
+    flashed = null;
+    for (const item of document.querySelectorAll(".message.flash")) item.classList.remove("flash");
+  }, FLASH_MS);
+}
+
+/** Opens the Pinned side panel on the open chat's pins. */
+function openPinned() {
+  if (!open || !pins) return;
+  closeThread(); // one side panel at a time
+  closeMembers();
+  closeSettings();
+  pinnedOpen = true;
+  el("pinned-panel").hidden = false;
+  el("open-pinned").setAttribute("aria-expanded", "true");
+  renderPins();
+}
+
+function closePinned() {
+  pinnedOpen = false;
+  el("pinned-panel").hidden = true;
+  el("open-pinned").setAttribute("aria-expanded", "false");
+}
+
+el("open-pinned").addEventListener("click", () => (pinnedOpen ? closePinned() : openPinned()));
+el("close-pinned").addEventListener("click", closePinned);
+
 // ---------------------------------------------------------------- members
 
 /** How many members the panel reads at a time (ListMembers page_size); "More members" reads the next page. */
@@ -1486,6 +1747,7 @@ async function openMembers() {
   const chatId = open.id;
   closeThread(); // one side panel at a time
   closeSettings();
+  closePinned();
   membersPanel = { chatId, members: [], nextPageToken: "" };
   membersNote("");
   el("members-panel").hidden = false;
@@ -1523,6 +1785,12 @@ function refreshMembers(chatId: string): Promise<void> {
         await Promise.all([loadGroupMembers(chatId), membersPanel?.chatId === chatId ? readMembersPanel(chatId) : undefined]);
         renderAssistantReplies();
         renderMembers();
+        // Pin and Unpin follow our role.
+        if (open?.id === chatId) {
+          renderMessages("keep");
+          renderThread();
+          renderPins();
+        }
       } while (state.again);
     } finally {
       membersRefreshes.delete(chatId);
@@ -2108,6 +2376,7 @@ function noteMe(user: User) {
   renderMessages("keep");
   renderThread();
   renderMembers();
+  renderPins();
 }
 
 // Saves the display name (UpdateUser, mask display_name alone); empty is the username again.
@@ -2226,6 +2495,7 @@ let settingsOpen = false;
 function openSettings() {
   closeThread(); // one side panel at a time
   closeMembers();
+  closePinned();
   settingsOpen = true;
   blockedNote("");
   el("settings-panel").hidden = false;

@@ -101,6 +101,28 @@ async function openSettings(page) {
 const tokenOf = (page) =>
   page.evaluate(() => Object.entries(localStorage).find(([k]) => k.startsWith("natter.token:"))[1]);
 
+/** A message of the open timeline by its whole text. */
+const messageOn = (page, text) =>
+  page.locator('#messages [data-testid="message"]', { has: page.locator(".text", { hasText: new RegExp(`^${escapeRe(text)}$`) }) });
+
+/** The Pinned panel's items, and one by its message's whole text. */
+const pinnedItems = (page) => page.locator('#pinned-list [data-testid="pinned-item"]');
+const pinnedItem = (page, text) =>
+  pinnedItems(page).filter({ has: page.locator(".text", { hasText: new RegExp(`^${escapeRe(text)}$`) }) });
+
+/** Waits until the chat header's Pinned button counts `n` pins. */
+const waitForPinCount = (page, n) => page.locator(`[data-testid="open-pinned"][data-count="${n}"]`).waitFor();
+
+/** Runs `fn` over `items`, `n` at a time (each buf curl is a process; CPU is scarce). */
+async function inBatches(items, n, fn) {
+  for (let i = 0; i < items.length; i += n) await Promise.all(items.slice(i, i + n).map(fn));
+}
+
+/** Marks a page, so that `assertNotReloaded` can tell it was not reloaded since. */
+const markPage = (page) => page.evaluate(() => (window.e2eMark = true));
+const assertNotReloaded = async (page, who) =>
+  assert.equal(await page.evaluate(() => window.e2eMark === true), true, `${who} was reloaded`);
+
 // ---------------------------------------------------------------- the story
 
 let alicePage;
@@ -816,6 +838,99 @@ step("bob lets nobody start a chat with him: carol's is refused, naming him, and
   await waitForMessage(bobPage, "Got it, thanks");
 });
 
+step("pins: alice pins a message of her chat with bob; his timeline and Pinned panel show it live; he jumps to a pin not loaded yet, a 51st pin is refused in the server's words, he unpins and both pages follow", async () => {
+  await alicePage.bringToFront();
+  await openChatWith(alicePage, bob.name);
+  await bobPage.bringToFront(); // he acts there
+  await openChatWith(bobPage, alice.name);
+  await bobPage.click('[data-testid="open-pinned"]');
+  await bobPage.locator('[data-testid="pinned-panel"]').waitFor();
+  await bobPage.locator('[data-testid="pinned-empty"]').waitFor();
+  await waitForPinCount(bobPage, 0);
+  for (const page of [alicePage, bobPage]) {
+    await page.locator("#status", { hasText: "live" }).waitFor();
+    await markPage(page);
+  }
+
+  // Alice pins her message from the timeline (the chat needs 51 messages for the limit below: these make them).
+  await alicePage.bringToFront();
+  const target = "Pin this: the station at 9:30";
+  await send(alicePage, target);
+  for (let i = 1; i <= 5; i++) await send(alicePage, `Note ${i} of 5`);
+  await waitForMessage(bobPage, "Note 5 of 5");
+  await messageOn(alicePage, target).locator('[data-testid="pin"]').click();
+  await messageOn(alicePage, target).locator('[data-testid="pinned-by"]', { hasText: `📌 Pinned by ${alice.name}` }).waitFor();
+  await messageOn(alicePage, target).locator('[data-testid="unpin"]').waitFor();
+  await waitForPinCount(alicePage, 1);
+  // Bob's page shows it live: marked in his timeline, in his Pinned panel, counted.
+  await messageOn(bobPage, target).locator('[data-testid="pinned-by"]', { hasText: `📌 Pinned by ${alice.name}` }).waitFor();
+  await pinnedItem(bobPage, target).locator('[data-testid="pinned-by"]', { hasText: alice.name }).waitFor();
+  await waitForPinCount(bobPage, 1);
+  assert.equal(await pinnedItems(bobPage).count(), 1);
+  assert.equal(await bobPage.locator('[data-testid="pinned-empty"]').isHidden(), true);
+  // Either member of a direct chat may unpin.
+  await messageOn(bobPage, target).locator('[data-testid="unpin"]').waitFor();
+
+  // 49 more of alice's pins through the API, the chat's first message among them: 50, the most a chat holds.
+  const token = await tokenOf(alicePage);
+  const { chats } = await call(token, "chats.v1.ChatService/ListChats", {});
+  const chat = chats.find((c) => c.lastMessage?.text === "Note 5 of 5");
+  const { messages } = await call(token, "messages.v1.MessageService/ListMessages",
+    { chatId: chat.id, pageSize: 100, includeThreadReplies: true });
+  const others = messages.filter((m) => !m.deleted && m.text !== target && m.text !== "Note 5 of 5");
+  assert.ok(others.length >= 49, `only ${others.length} messages to pin`);
+  const toPin = others.slice(-49); // newest first: the oldest 49
+  assert.equal(toPin.at(-1).text, history[0]);
+  await inBatches(toPin, 7, (m) => call(token, "messages.v1.MessageService/PinMessage", { messageId: m.id }));
+  await waitForPinCount(bobPage, 50);
+  await waitForPinCount(alicePage, 50);
+  assert.equal(await pinnedItems(bobPage).count(), 50);
+
+  // Bob's timeline holds the newest 30 messages; a click on the first message's pin pages back to it and shows it.
+  await bobPage.bringToFront();
+  assert.equal(await bobPage.locator('#messages [data-testid="message"][data-seq="1"]').count(), 0, "not loaded yet");
+  await pinnedItem(bobPage, history[0]).locator(".text").click();
+  const firstMessage = bobPage.locator('#messages [data-testid="message"][data-seq="1"]');
+  await firstMessage.locator('[data-testid="pinned-by"]').waitFor();
+  await bobPage.locator('#messages [data-testid="message"].flash[data-seq="1"]').waitFor();
+  await bobPage.waitForFunction(() => {
+    const pane = document.getElementById("messages-pane").getBoundingClientRect();
+    const shown = document.querySelector('#messages [data-seq="1"]')?.getBoundingClientRect();
+    return !!shown && shown.top >= pane.top && shown.bottom <= pane.bottom;
+  }, null, { polling: 100 });
+  await mkdir(artifacts, { recursive: true });
+  await bobPage.screenshot({ path: path.join(artifacts, "pinned.png") });
+
+  // A 51st pin: the server's words in the page's error line, nothing pinned.
+  await messageOn(bobPage, "Note 5 of 5").locator('[data-testid="pin"]').click();
+  await bobPage.locator("#error", { hasText: /^the chat has 50 pinned messages, the most allowed: unpin one first$/ }).waitFor();
+  assert.equal(await messageOn(bobPage, "Note 5 of 5").locator('[data-testid="pinned-by"]').count(), 0);
+  assert.equal(await pinnedItems(bobPage).count(), 50);
+
+  // Bob unpins alice's pin from his panel: gone from both pages, live.
+  await pinnedItem(bobPage, target).locator('[data-testid="unpin"]').click();
+  await waitForPinCount(bobPage, 49);
+  assert.equal(await pinnedItem(bobPage, target).count(), 0);
+  await bobPage.locator("#error").waitFor({ state: "hidden" });
+  await messageOn(bobPage, target).locator('[data-testid="pin"]').waitFor();
+  assert.equal(await messageOn(bobPage, target).locator('[data-testid="pinned-by"]').count(), 0);
+  await waitForPinCount(alicePage, 49);
+  await messageOn(alicePage, target).locator('[data-testid="pin"]').waitFor();
+  assert.equal(await messageOn(alicePage, target).locator('[data-testid="pinned-by"]').count(), 0);
+
+  // The API's 49 unpinned: his panel empties live.
+  await inBatches(toPin, 7, (m) => call(token, "messages.v1.MessageService/UnpinMessage", { messageId: m.id }));
+  await waitForPinCount(bobPage, 0);
+  await bobPage.locator('[data-testid="pinned-empty"]').waitFor();
+  assert.equal(await pinnedItems(bobPage).count(), 0);
+  await firstMessage.locator('[data-testid="pinned-by"]').waitFor({ state: "detached" });
+  await waitForPinCount(alicePage, 0);
+  for (const [page, who] of [[alicePage, "alice's page"], [bobPage, "bob's page"]]) await assertNotReloaded(page, who);
+  await bobPage.click('[data-testid="close-pinned"]');
+  await bobPage.locator('[data-testid="pinned-panel"]').waitFor({ state: "hidden" });
+  for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
+});
+
 step("alice blocks bob in their chat: neither may write there, bob's refused message stays in his composer; she unblocks him from Blocked people and his send arrives live", async () => {
   await openChatWith(alicePage, bob.name);
   const aliceBlock = alicePage.locator('[data-testid="block-user"]:enabled');
@@ -925,6 +1040,37 @@ step("a group of two: alice and bob write, bob reacts and asks in a thread, alic
   }
 });
 
+step("pins in a group are its owner's and admins': bob, a plain member, has no Pin; alice pins, his page shows it live, and her unpin too", async () => {
+  const plan = "The ridge loop? 14 km, back by four."; // alice's, in Saturday hike, open on both pages
+  await messageOn(alicePage, plan).locator('[data-testid="pin"]').waitFor(); // the owner may
+  await messageOn(bobPage, plan).waitFor(); // drawn with his role known
+  assert.equal(await bobPage.locator('#messages [data-testid="pin"], #messages [data-testid="unpin"]').count(), 0,
+    "a plain member has no Pin");
+  await bobPage.bringToFront();
+  await bobPage.click('[data-testid="open-pinned"]');
+  await bobPage.locator('[data-testid="pinned-empty"]').waitFor();
+  await markPage(bobPage);
+
+  await alicePage.bringToFront();
+  await messageOn(alicePage, plan).locator('[data-testid="pin"]').click();
+  await messageOn(alicePage, plan).locator('[data-testid="pinned-by"]', { hasText: `📌 Pinned by ${alice.name}` }).waitFor();
+  await messageOn(bobPage, plan).locator('[data-testid="pinned-by"]', { hasText: `📌 Pinned by ${alice.name}` }).waitFor();
+  await pinnedItem(bobPage, plan).waitFor();
+  await waitForPinCount(bobPage, 1);
+  assert.equal(await pinnedItems(bobPage).locator('[data-testid="unpin"]').count(), 0, "nor Unpin in his panel");
+  assert.equal(await bobPage.locator('#messages [data-testid="pin"], #messages [data-testid="unpin"]').count(), 0);
+
+  await messageOn(alicePage, plan).locator('[data-testid="unpin"]').click();
+  await messageOn(alicePage, plan).locator('[data-testid="pin"]').waitFor();
+  await waitForPinCount(alicePage, 0);
+  await bobPage.locator('[data-testid="pinned-empty"]').waitFor();
+  await waitForPinCount(bobPage, 0);
+  await messageOn(bobPage, plan).locator('[data-testid="pinned-by"]').waitFor({ state: "detached" });
+  await assertNotReloaded(bobPage, "bob's page");
+  await bobPage.click('[data-testid="close-pinned"]');
+  for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
+});
+
 step("carol renames herself in Settings: a name over 100 characters is refused in the server's words; the new one shows in her header at once and on bob's page after a reload", async () => {
   await openChatWith(carolPage, bob.name); // their chat has a message of hers
   await openSettings(carolPage);
@@ -1008,11 +1154,6 @@ step("carol changes her password: a wrong current one changes nothing; the right
     await other.context().close();
   }
 });
-
-/** Marks a page, so that `assertNotReloaded` can tell it was not reloaded since. */
-const markPage = (page) => page.evaluate(() => (window.e2eMark = true));
-const assertNotReloaded = async (page, who) =>
-  assert.equal(await page.evaluate(() => window.e2eMark === true), true, `${who} was reloaded`);
 
 step("alice renames herself in one tab: bob's page (his chat list, the chat's title, her messages) and her other tab (its header and Settings) show it live, without a reload; and back to her username from the other tab", async () => {
   aliceTab = await alicePage.context().newPage();

@@ -464,7 +464,8 @@ function messageItem(m: Message, offers: Offers = {}): HTMLLIElement {
   if (reply && isGenerating(m) && !m.superseded) buttons.push(smallButton("Stop", "stop", () => stopReply(m)));
   if (offers.reload) buttons.push(smallButton("Reload", "reload", () => regenerate(RegenerateMode.RELOAD)));
   if (offers.editRerun) buttons.push(smallButton("Edit & rerun", "edit-rerun", () => editAndRerun(m)));
-  if (!m.deleted && !m.superseded && mayPin(m.chatId)) buttons.push(pinButton(m));
+  // A reply a Regenerate replaced stays pinned (ListMessages pinned lists it): Unpin, but no new Pin.
+  if (!m.deleted && (!m.superseded || isPinned(m)) && mayPin(m.chatId)) buttons.push(pinButton(m));
   if (buttons.length > 0) {
     const actions = document.createElement("div");
     actions.className = "actions";
@@ -1627,7 +1628,8 @@ function pinnedItem(m: Message): HTMLLIElement {
   const meta = document.createElement("div");
   meta.className = "meta";
   const time = m.sendTime ? timestampDate(m.sendTime).toLocaleString() : "";
-  meta.textContent = `${userName(m.authorId)} · ${time}${m.threadRootSeq === 0n ? "" : " · in a thread"}`;
+  meta.textContent = `${userName(m.authorId)} · ${time}${m.threadRootSeq === 0n ? "" : " · in a thread"}` +
+    (m.superseded ? " · older version" : "");
   const text = document.createElement("div");
   text.className = "text";
   text.append(...withMentions(m.text, m.mentionUserIds));
@@ -1648,7 +1650,8 @@ const PINNED_PAGES_BACK = 10;
  * Shows a pinned message where it is: a thread reply in its thread (the
  * side panel), a message of the timeline scrolled to and marked for a
  * moment, read from older pages first if it is not loaded yet (at most
- * PINNED_PAGES_BACK of them).
+ * PINNED_PAGES_BACK of them). A reply a Regenerate replaced shows among
+ * the older versions, which this turns on.
  */
 async function showPinned(m: Message) {
   const state = open;
@@ -1657,6 +1660,12 @@ async function showPinned(m: Message) {
     await openThread(m.chatId, m.threadRootSeq);
     flash(el("thread-messages").querySelector<HTMLElement>(`li[data-seq="${m.seq}"]`));
     return;
+  }
+  if (m.superseded && !showHistory) {
+    input("show-history").checked = true;
+    showHistory = true;
+    await loadOlderVersions();
+    if (open !== state) return;
   }
   for (let page = 0; !state.messages.has(m.seq) && state.olderToken && page < PINNED_PAGES_BACK; page++) {
     await loadOlder();

@@ -709,7 +709,7 @@ async function openChat(chatId: string) {
   const pinsRead = readPins(pins);
   pinsRead.catch(() => {}); // awaited below, unless another chat is opened first
   el("open-members").hidden = chat.kind !== ChatKind.GROUP;
-  el("chat-title").textContent = chatName(chat);
+  showChatTitle(chatName(chat));
   renderPresence();
   el("composer-form").hidden = false;
   composerError("");
@@ -1023,7 +1023,7 @@ function noteTyping(chatId: string, userId: string, until: number) {
 function renderNames() {
   renderChatList();
   const chat = open ? chats.get(open.id) : undefined;
-  if (chat) el("chat-title").textContent = chatName(chat);
+  if (chat) showChatTitle(chatName(chat));
   renderMessages("keep");
   renderThread();
   renderTyping();
@@ -1186,7 +1186,7 @@ function handleEvent(ev: StreamEventsResponse) {
         chat.description = u.description;
         if (u.updateMask?.paths.includes("assistant_replies")) chat.assistantReplies = u.assistantReplies;
         if (open?.id === chatId) {
-          el("chat-title").textContent = chatName(chat);
+          showChatTitle(chatName(chat));
           renderAssistantReplies();
         }
         renderChatList();
@@ -1240,6 +1240,13 @@ function forgetChat(chatId: string) {
 /** Reads again what the stream tells of only as it changes: people's names, our privacy settings, whom we block. */
 async function refreshAccount() {
   await Promise.all([refreshUsers(), refreshPrivacy(), refreshBlocked()]);
+}
+
+/** Shows the open chat's name in the header: on one line, cut with "…" when long, the whole in its tooltip. */
+function showChatTitle(text: string) {
+  const title = el("chat-title");
+  title.textContent = text;
+  title.title = text;
 }
 
 function setStatus(text: string) {
@@ -1320,7 +1327,7 @@ async function enter(user: User) {
 
 function closeChat() {
   open = null;
-  el("chat-title").textContent = "Pick a chat or start one";
+  showChatTitle("Pick a chat or start one");
   closeThread();
   closeMembers();
   closePinned();

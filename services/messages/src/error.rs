@@ -37,6 +37,10 @@ pub enum MessagesError {
     /// helps, only another emoji's removal).
     #[error("message has {0} distinct reactions, the most allowed: react with one of them")]
     TooManyReactions(usize),
+    /// The chat holds as many pinned messages as allowed
+    /// (FAILED_PRECONDITION, as [`MessagesError::TooManyReactions`]).
+    #[error("the chat has {0} pinned messages, the most allowed: unpin one first")]
+    TooManyPins(usize),
     /// A rate limit refused the call (RESOURCE_EXHAUSTED with RetryInfo).
     #[error(transparent)]
     Limited(#[from] natter_kit::limits::Limited),
@@ -87,9 +91,10 @@ impl From<MessagesError> for Status {
             MessagesError::Invalid(violations) => violations.into_status(),
             MessagesError::ChatNotFound | MessagesError::MessageNotFound => Status::not_found(e.to_string()),
             MessagesError::Denied(_) => Status::permission_denied(e.to_string()),
-            MessagesError::Precondition(_) | MessagesError::TooManyEdits(_) | MessagesError::TooManyReactions(_) => {
-                Status::failed_precondition(e.to_string())
-            }
+            MessagesError::Precondition(_)
+            | MessagesError::TooManyEdits(_)
+            | MessagesError::TooManyReactions(_)
+            | MessagesError::TooManyPins(_) => Status::failed_precondition(e.to_string()),
             MessagesError::Aborted(_) => Status::aborted(e.to_string()),
             MessagesError::Limited(limited) => limited.into(),
             MessagesError::MessageIdTaken => Status::already_exists(e.to_string()),

@@ -614,25 +614,20 @@ impl Messages {
         if membership.blocked && pin {
             return Err(MessagesError::Denied(Self::BLOCKED));
         }
-        let mut message = match self.store.pin(message.id, caller, pin, now_micros(), PINS_MAX).await? {
-            Pinned::Changed(mut message) => {
-                let unannounced = Unannounced::new(&self.bus, message.chat_id);
-                with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), None).await?;
-                let chat = message.chat_id;
-                self.bus
-                    .publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, grpc::edited_event(message.clone()))));
-                unannounced.announced();
-                message
-            }
-            Pinned::Unchanged(message) => message,
+        let (mut message, changed) = match self.store.pin(message.id, caller, pin, now_micros(), PINS_MAX).await? {
+            Pinned::Changed(message) => (message, true),
+            Pinned::Unchanged(message) => (message, false),
             Pinned::Gone => return Err(MessagesError::MessageNotFound),
-            Pinned::TooMany => {
-                return Err(MessagesError::Precondition(
-                    "the chat has 50 pinned messages, the most allowed: unpin one first",
-                ));
-            }
+            Pinned::TooMany => return Err(MessagesError::TooManyPins(PINS_MAX)),
         };
+        let unannounced = changed.then(|| Unannounced::new(&self.bus, message.chat_id));
         with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), Some(caller)).await?;
+        if let Some(unannounced) = unannounced {
+            let chat = message.chat_id;
+            let event = grpc::edited_event(counts_only(message.clone()));
+            self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
+            unannounced.announced();
+        }
         Ok(flags_for(message, caller, sight))
     }
 

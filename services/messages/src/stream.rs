@@ -654,11 +654,9 @@ impl Follower {
     /// unless it is the stream's own user's or already sent (through
     /// another shared chat), or older than one sent.
     fn on_presence(&mut self, chat: Uuid, cursor: i64, event: &BusEvent, payload: &pb::StreamEventsResponse) -> Step {
-        let (Some(sent), Some(user)) = (self.presence.as_mut(), event.users.first()) else { return Step::default() };
-        if user.uuid() == self.user || sent.get(&user.uuid()).is_some_and(|last| *last >= event.change_seq) {
+        if !news_of_another(self.presence.as_mut(), self.user, event) {
             return Step::default();
         }
-        sent.insert(user.uuid(), event.change_seq);
         Step::send(pb::StreamEventsResponse { chat_id: chat.to_string(), change_seq: cursor, ..payload.clone() })
     }
 
@@ -667,11 +665,9 @@ impl Follower {
     /// user's (that comes on their own topic) or already sent through another
     /// shared chat, or older than one sent.
     fn on_profile(&mut self, event: &BusEvent, payload: &pb::StreamEventsResponse) -> Step {
-        let (Some(sent), Some(user)) = (self.profiles.as_mut(), event.users.first()) else { return Step::default() };
-        if user.uuid() == self.user || sent.get(&user.uuid()).is_some_and(|last| *last >= event.change_seq) {
+        if !news_of_another(self.profiles.as_mut(), self.user, event) {
             return Step::default();
         }
-        sent.insert(user.uuid(), event.change_seq);
         Step::send(payload.clone())
     }
 
@@ -926,6 +922,20 @@ fn message_of(event: &mut pb::StreamEventsResponse) -> Option<&mut pb::Message> 
 /// True for an assistant's reply (role ASSISTANT).
 fn is_assistant_reply(m: &pb::Message) -> bool {
     m.role == pb::MessageRole::Assistant as i32
+}
+/// Whether `event`, news of its one user (a presence change, a rename) that
+/// reached a stream of `own` through one of their shared chats, is to be
+/// passed on, and if so records it in `sent` (user -> the serial of the last
+/// news of them passed on): not when the stream gets none of that kind
+/// (`sent` is None: the assistant's), not the stream's own user's, and not
+/// a copy (through another shared chat) or older news than one passed on.
+fn news_of_another(sent: Option<&mut HashMap<Uuid, i64>>, own: Uuid, event: &BusEvent) -> bool {
+    let (Some(sent), Some(user)) = (sent, event.users.first()) else { return false };
+    if user.uuid() == own || sent.get(&user.uuid()).is_some_and(|last| *last >= event.change_seq) {
+        return false;
+    }
+    sent.insert(user.uuid(), event.change_seq);
+    true
 }
 
 /// A leave or a removal.

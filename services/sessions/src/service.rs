@@ -608,7 +608,7 @@ impl Sessions {
         let key = username.to_ascii_lowercase();
         self.logins.admit(&key, client, Instant::now())?;
         if !verify_password(current.to_owned(), phc.clone(), self.password_check_queue).await? {
-            if self.changed_by(caller, &phc, new).await? {
+            if self.changed_by(caller, new).await? {
                 self.logins.succeeded(&key, client);
                 return Ok(());
             }
@@ -618,8 +618,7 @@ impl Sessions {
         let hash = hash_password(new.to_owned(), self.password_check_queue).await?;
         let Some(ended) = self.store.change_password(&user.id, &phc, &hash, &caller.id, now_micros()).await? else {
             // Changed meanwhile: by this very request sent twice, or not.
-            let changed = self.user(&caller.user_id).await?.password_hash.unwrap_or_default();
-            if self.changed_by(caller, &changed, new).await? {
+            if self.changed_by(caller, new).await? {
                 return Ok(());
             }
             return Err(SessionsError::PasswordChanged);
@@ -631,17 +630,17 @@ impl Sessions {
 
     /// Whether a ChangePassword by `caller` to `new` is a retry of one that
     /// went through: `caller`'s session made the user's latest password
-    /// change, within [`PASSWORD_CHANGE_RETRY`], and `phc` (the hash stored
-    /// now) is `new`'s. Nobody else can tell a change was theirs: every
-    /// other session of the user ended with it, and a session that logged
-    /// in since knows the new password anyway. A session that did not make
-    /// the latest change costs no second hash.
-    async fn changed_by(&self, caller: &TokenRow, phc: &str, new: &str) -> Result<bool, SessionsError> {
+    /// change, within [`PASSWORD_CHANGE_RETRY`], and the hash it stored
+    /// (still the user's) is `new`'s. Nobody else can tell a change was
+    /// theirs: every other session of the user ended with it, and a session
+    /// that logged in since knows the new password anyway. A session that
+    /// did not make the latest change costs one read and no second hash.
+    async fn changed_by(&self, caller: &TokenRow, new: &str) -> Result<bool, SessionsError> {
         let since = natter_kit::time::micros_ago(PASSWORD_CHANGE_RETRY);
-        if phc.is_empty() || !self.store.password_changed_by(&caller.user_id, &caller.id, since).await? {
+        let Some(phc) = self.store.password_changed_by(&caller.user_id, &caller.id, since).await? else {
             return Ok(false);
-        }
-        verify_password(new.to_owned(), phc.to_owned(), self.password_check_queue).await
+        };
+        verify_password(new.to_owned(), phc, self.password_check_queue).await
     }
 
     /// Whether `token` (no longer a live session's) deleted its own account

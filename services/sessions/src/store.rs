@@ -268,17 +268,17 @@ impl Store {
         Ok(Some(rows.into_iter().map(|(id,)| id).collect()))
     }
 
-    /// Whether session `session_id` made user `user_id`'s latest password
-    /// change ([`Store::change_password`]) at or after `since` (µs): the
-    /// hash stored now is the one it set.
+    /// The password hash session `session_id` set, if it made user
+    /// `user_id`'s latest password change ([`Store::change_password`]) at
+    /// or after `since` (µs): the hash stored now is that one.
     pub async fn password_changed_by(
         &self,
         user_id: &str,
         session_id: &str,
         since: i64,
-    ) -> Result<bool, SessionsError> {
-        let found: Option<(i64,)> = sqlx::query_as(
-            "SELECT password_change_time FROM users \
+    ) -> Result<Option<String>, SessionsError> {
+        let found: Option<(Option<String>,)> = sqlx::query_as(
+            "SELECT password_hash FROM users \
              WHERE id = $1 AND password_change_session = $2 AND password_change_time >= $3",
         )
         .bind(user_id)
@@ -286,7 +286,7 @@ impl Store {
         .bind(since)
         .fetch_optional(self.db.read())
         .await?;
-        Ok(found.is_some())
+        Ok(found.and_then(|(hash,)| hash))
     }
 
     /// Revokes every live session of a user and returns their ids.

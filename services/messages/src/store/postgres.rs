@@ -120,6 +120,9 @@ const NEXT_CHANGE: &str = "INSERT INTO chat_heads (chat_id, last_seq, last_chang
 /// `SELECT` of one message by id (`$1`).
 const MESSAGE_BY_ID: &str = concat!("SELECT ", message_columns!(), " FROM messages WHERE id = $1");
 
+/// [`MESSAGE_BY_ID`], locking the row for the rest of the transaction.
+const MESSAGE_FOR_UPDATE: &str = concat!("SELECT ", message_columns!(), " FROM messages WHERE id = $1 FOR UPDATE");
+
 /// The messages store in a PostgreSQL schema.
 #[derive(Clone, Debug)]
 pub struct PostgresStore {
@@ -1390,11 +1393,7 @@ impl MessageStore for PostgresStore {
         let (flag_severity, flags) = Flags::columns(finish.flags.as_ref());
         let mut tx = self.pool.begin().await?;
         // Lock order everywhere: message rows, then the chat's heads.
-        let Some(row) = sqlx::query(concat!("SELECT ", message_columns!(), " FROM messages WHERE id = $1 FOR UPDATE"))
-            .bind(&id)
-            .fetch_optional(&mut *tx)
-            .await?
-        else {
+        let Some(row) = sqlx::query(MESSAGE_FOR_UPDATE).bind(&id).fetch_optional(&mut *tx).await? else {
             return Ok(None);
         };
         let reply = message_row(&row)?;
@@ -1593,17 +1592,14 @@ impl MessageStore for PostgresStore {
         let id = id.to_string();
         let mut tx = self.pool.begin().await?;
         // Lock order everywhere: a message row, then its chat's heads.
-        let locked: Option<(String, bool)> = sqlx::query_as(
-            "SELECT chat_id, pin_time IS NOT NULL FROM messages WHERE id = $1 AND delete_time IS NULL FOR UPDATE",
-        )
-        .bind(&id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((chat, pinned)) = locked else { return Ok(Pinned::Gone) };
-        if pinned == pin {
-            let row = sqlx::query(MESSAGE_BY_ID).bind(&id).fetch_one(&mut *tx).await?;
-            return Ok(Pinned::Unchanged(message_row(&row)?));
+        let found = sqlx::query(MESSAGE_FOR_UPDATE).bind(&id).fetch_optional(&mut *tx).await?;
+        let Some(message) = found.as_ref().map(message_row).transpose()?.filter(|m| !m.deleted()) else {
+            return Ok(Pinned::Gone);
+        };
+        if message.pin.is_some() == pin {
+            return Ok(Pinned::Unchanged(message));
         }
+        let chat = message.chat_id.to_string();
         // The heads row's lock, taken with the change number, queues the
         // chat's other pins behind this one: the count below is theirs too.
         // A refusal rolls the number back with the rest.

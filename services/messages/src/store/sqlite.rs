@@ -651,16 +651,12 @@ fn pin_message(
     max_pins: usize,
 ) -> rusqlite::Result<Pinned> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let live: Option<(String, bool)> = tx
-        .prepare_cached("SELECT chat_id, pin_time IS NOT NULL FROM messages WHERE id = ?1 AND delete_time IS NULL")?
-        .query_row([id], |row| Ok((row.get(0)?, row.get(1)?)))
-        .optional()?;
-    let Some((chat, pinned)) = live else { return Ok(Pinned::Gone) };
-    if pinned == pin {
-        let message = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row)?;
-        tx.commit()?;
+    let found = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row).optional()?;
+    let Some(message) = found.filter(|m| !m.deleted()) else { return Ok(Pinned::Gone) };
+    if message.pin.is_some() == pin {
         return Ok(Pinned::Unchanged(message));
     }
+    let chat = message.chat_id.to_string();
     if pin {
         let pins: i64 = tx
             .prepare_cached("SELECT COUNT(*) FROM messages WHERE chat_id = ?1 AND pin_time IS NOT NULL")?

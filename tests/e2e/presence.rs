@@ -203,7 +203,10 @@ mod live_profile {
     use crate::stream::{next_any, open};
     use mpb::stream_events_response::Event;
 
-    crate::both_modes!(renames_reach_those_who_share_a_chat_once_and_account_changes_only_the_user_s_own_streams);
+    crate::both_modes!(
+        renames_reach_those_who_share_a_chat_once_and_account_changes_only_the_user_s_own_streams,
+        a_deleted_account_is_told_to_those_who_share_a_chat_with_it_and_to_nobody_else,
+    );
 
     /// The next event that is not a presence change (streams opening and
     /// closing send those to everyone who shares a chat).
@@ -275,6 +278,7 @@ mod live_profile {
             user_id: alice.id.clone(),
             username: alice.username.clone(),
             display_name: "Alice Liddell".into(),
+            deleted: false,
         };
         for stream in [&mut bobs, &mut tab1, &mut tab2] {
             assert_eq!(next_user_updated(stream).await, expected);
@@ -330,5 +334,30 @@ mod live_profile {
         // Carol heard none of it: her first event is dave's message.
         send(c, &dave, &carols.id, "hi carol").await;
         next_message(&mut carols_stream, "hi carol").await;
+    }
+
+    /// Bob keeps his direct chat with alice when she deletes her account:
+    /// his stream hears at once that she is gone (no names), so his page
+    /// shows a deleted account without a reload. Carol, who shares no chat
+    /// with alice, hears nothing.
+    async fn a_deleted_account_is_told_to_those_who_share_a_chat_with_it_and_to_nobody_else(c: &Cluster) {
+        let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+        let alice_bob = direct(c, &alice, &bob).await;
+        let bob_carol = direct(c, &bob, &carol).await;
+        send(c, &alice, &alice_bob.id, "goodbye").await;
+        let (mut bobs, mut carols) = (open(c, &bob, &[], &[]).await, open(c, &carol, &[], &[]).await);
+
+        let delete = spb::DeleteAccountRequest { password: "correct horse battery".into() };
+        c.sessions().delete_account(authed(&alice, delete)).await.expect("DeleteAccount");
+        let gone = next_user_updated(&mut bobs).await;
+        assert_eq!(gone, mpb::UserUpdated { user_id: alice.id.clone(), deleted: true, ..Default::default() });
+        // The direct chat stays with its history, for bob.
+        let history = mpb::ListMessagesRequest { chat_id: alice_bob.id.clone(), ..Default::default() };
+        let history = c.messages().list_messages(authed(&bob, history)).await.expect("ListMessages").into_inner();
+        assert_eq!(history.messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["goodbye"]);
+
+        // Carol's first event is bob's message, sent after the deletion.
+        send(c, &bob, &bob_carol.id, "hi carol").await;
+        next_message(&mut carols, "hi carol").await;
     }
 }

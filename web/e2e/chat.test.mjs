@@ -1269,7 +1269,7 @@ step("alice changes who can start a chat with her in one tab: her other tab's Se
   aliceTab = undefined;
 });
 
-step("bob deletes his account: a wrong password deletes nothing; alice keeps their chat, under a deleted account", async () => {
+step("bob deletes his account: a wrong password deletes nothing; alice keeps their chat, under a deleted account, live and after a reload", async () => {
   await openSettings(bobPage);
   await bobPage.click("#delete-account");
   await bobPage.fill("#delete-password", "not the password");
@@ -1287,6 +1287,8 @@ step("bob deletes his account: a wrong password deletes nothing; alice keeps the
   await bobPage.fill("#password", bob.password);
   await bobPage.click("#login");
   await bobPage.locator("#error", { hasText: /invalid username or password/i }).waitFor();
+  // Alice's open page hears of it (user_updated, deleted): their chat is a deleted account's, without a reload.
+  await chatItem(alicePage, "Deleted account").filter({ hasText: "Unblocked: sorry about that" }).waitFor();
   // A fresh page of alice's names bob's chat, and the deleted guest's, as deleted accounts; bob's keeps its history.
   await alicePage.reload();
   const gone = chatItem(alicePage, "Deleted account");

@@ -18,6 +18,7 @@ import {
   type MessageDelta,
   type Presence,
   type StreamEventsResponse,
+  type UserUpdated,
 } from "./gen/natter/messages/v1/messages_pb";
 import { RegenerateMode } from "./gen/natter/assistant/v1/assistant_pb";
 
@@ -166,12 +167,14 @@ async function ensureUsers(ids: Iterable<string>) {
     const res = await api.sessions.batchGetUsers({ userIds: batch });
     for (const u of res.users) users.set(u.id, u);
     // An id the server no longer knows is a deleted account: its messages stay, under this name.
-    for (const id of batch) {
-      if (users.has(id)) continue;
-      users.set(id, create(UserSchema, { id, displayName: "Deleted account" }));
-      deletedUsers.add(id);
-    }
+    for (const id of batch) if (!users.has(id)) markDeleted(id);
   }
+}
+
+/** Shows user `id` as a deleted account from now on: BatchGetUsers no longer knows it, or a user_updated said so. */
+function markDeleted(id: string) {
+  users.set(id, create(UserSchema, { id, displayName: "Deleted account" }));
+  deletedUsers.add(id);
 }
 
 /**
@@ -221,8 +224,7 @@ async function refreshUsers() {
     const found = new Set(res.users.map((u) => u.id));
     for (const id of batch) {
       if (found.has(id) || id === me?.id) continue;
-      users.set(id, create(UserSchema, { id, displayName: "Deleted account" }));
-      deletedUsers.add(id);
+      markDeleted(id);
       changed = true;
     }
   }
@@ -1038,10 +1040,20 @@ function renderNames() {
 let userEvents = 0;
 const lastUserEvent = new Map<string, number>();
 
-/** What others see of a user changed (user_updated): the page shows their new names. */
-function noteUser(userId: string, username: string, displayName: string) {
-  lastUserEvent.set(userId, ++userEvents);
-  if (takeNames(userId, username, displayName)) renderNames();
+/**
+ * What others see of a user changed (user_updated): the page shows their new
+ * names, or "Deleted account" once the account is gone. A user the page has
+ * not read yet is read (as deleted, if so) when first shown.
+ */
+function noteUser(u: UserUpdated) {
+  lastUserEvent.set(u.userId, ++userEvents);
+  if (!u.deleted) {
+    if (takeNames(u.userId, u.username, u.displayName)) renderNames();
+    return;
+  }
+  if (!users.has(u.userId) || deletedUsers.has(u.userId) || u.userId === me?.id) return;
+  markDeleted(u.userId);
+  renderNames();
 }
 
 /**
@@ -1082,8 +1094,7 @@ function handleEvent(ev: StreamEventsResponse) {
   // Of a user rather than a chat: what others see of someone (a rename), or
   // our own account changed elsewhere (privacy settings, whom we block).
   if (ev.event.case === "userUpdated") {
-    const u = ev.event.value;
-    noteUser(u.userId, u.username, u.displayName);
+    noteUser(ev.event.value);
     return;
   }
   if (ev.event.case === "accountUpdated") {

@@ -149,22 +149,40 @@ impl Event {
     }
 
     /// What others see of `user` changed (`user_updated`: their username
-    /// and display name as they are now). `serial` orders the changes of
-    /// one user (µs since the epoch of the change, by the sender's clock):
-    /// a stream that has sent one drops an older or the same one reaching
-    /// it again through another shared chat. Published on the user's own
-    /// topic (their streams) and on [`Topic::Presence`] (every replica, which
-    /// hands it to the streams that follow a chat of the user).
-    pub fn user_updated(user: UserId, username: String, display_name: String, serial: i64) -> Self {
+    /// and display name as they are now). `version` orders the changes of
+    /// one user (the users row's `profile_version`, which each change moves
+    /// on in its own statement, so no replica's clock decides): a stream
+    /// that has sent one drops an older or the same one reaching it again
+    /// through another shared chat. Published on the user's own topic (their
+    /// streams) and on [`Topic::Presence`] (every replica, which hands it to
+    /// the streams that follow a chat of the user).
+    pub fn user_updated(user: UserId, username: String, display_name: String, version: i64) -> Self {
+        Self::of_profile(
+            user,
+            UserUpdated { user_id: user.to_string(), username, display_name, deleted: false },
+            version,
+        )
+    }
+
+    /// `user`'s account was deleted (`user_updated` with `deleted`, no
+    /// names): the last news of them, after every version of their profile.
+    /// Published on [`Topic::Presence`] as [`Event::user_updated`]; their
+    /// own streams end with their sessions.
+    pub fn user_deleted(user: UserId) -> Self {
+        Self::of_profile(
+            user,
+            UserUpdated { user_id: user.to_string(), deleted: true, ..UserUpdated::default() },
+            i64::MAX,
+        )
+    }
+
+    /// A `user_updated` event of `user`, ordered by `version`.
+    fn of_profile(user: UserId, news: UserUpdated, version: i64) -> Self {
         let payload = StreamEventsResponse {
-            event: Some(stream_events_response::Event::UserUpdated(UserUpdated {
-                user_id: user.to_string(),
-                username,
-                display_name,
-            })),
+            event: Some(stream_events_response::Event::UserUpdated(news)),
             ..StreamEventsResponse::default()
         };
-        Self { users: vec![user], change_seq: serial, payload: Some(payload), ..Self::default() }
+        Self { users: vec![user], change_seq: version, payload: Some(payload), ..Self::default() }
     }
 
     /// The account of `user` changed (`account_updated`), for their own

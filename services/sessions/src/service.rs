@@ -178,6 +178,7 @@ impl Sessions {
         let mut deleted = 0;
         loop {
             let gone = self.store.purge_guests(before, now_micros(), 1000).await?;
+            self.announce_deleted(&gone);
             deleted += gone.len();
             if gone.len() < 1000 {
                 return Ok(deleted);
@@ -208,6 +209,7 @@ impl Sessions {
             password_hash: Some(hash),
             create_time: now_micros(),
             kind: store::HUMAN.to_owned(),
+            profile_version: 0,
         };
         self.store.insert_user(&user, Some(&new.username.key())).await?;
         tracing::info!(user_id = %user.id, "user created");
@@ -236,6 +238,7 @@ impl Sessions {
             password_hash: None,
             create_time: now_micros(),
             kind: store::BOT.to_owned(),
+            profile_version: 0,
         };
         match self.store.insert_user(&user, Some(&key)).await {
             Ok(()) => {
@@ -318,6 +321,7 @@ impl Sessions {
             password_hash: None,
             create_time: now_micros(),
             kind: store::GUEST.to_owned(),
+            profile_version: 0,
         };
         let (session, token) = self.new_session(&user.id);
         self.store.insert_user_with_session(&user, &session, &domain::token_hash(&token)).await?;
@@ -495,11 +499,21 @@ impl Sessions {
             UserId(id),
             user.username.clone().unwrap_or_default(),
             user.display_name.clone(),
-            now_micros(),
+            user.profile_version,
         );
         let event = Arc::new(event);
         self.bus.publish(Topic::User(id), event.clone());
         self.bus.publish(Topic::Presence, event);
+    }
+
+    /// Tells the streams of everyone who shares a chat with each of
+    /// `users`, whose accounts are deleted, that they are
+    /// ([`natter_bus::Event::user_deleted`]): a direct chat with one stays,
+    /// and its person's page shows the deletion without a reload.
+    fn announce_deleted(&self, users: &[String]) {
+        for id in users.iter().filter_map(|u| Uuid::try_parse(u).ok()) {
+            self.bus.publish(Topic::Presence, Arc::new(natter_bus::Event::user_deleted(UserId(id))));
+        }
     }
 
     /// Deletes account `user_id` at its own request from `client`
@@ -552,6 +566,7 @@ impl Sessions {
         };
         tracing::info!(user_id, kind = user.kind, "account deleted at its own request");
         self.announce_ended(&sessions, Some(user_id)).await;
+        self.announce_deleted(std::slice::from_ref(&caller.user_id));
         Ok(())
     }
 

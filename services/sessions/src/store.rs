@@ -16,6 +16,17 @@ pub struct UserRow {
     pub create_time: i64,
     /// `human`, `guest` or `bot` (migration 0002).
     pub kind: String,
+    /// One more at every change of what others see of the user (migration
+    /// 0007): orders their `user_updated` events.
+    pub profile_version: i64,
+}
+
+/// The columns of a [`UserRow`] in a statement's list (a macro, so that
+/// `concat!` keeps each statement a `&'static str`).
+macro_rules! user_columns {
+    () => {
+        "id, username, display_name, password_hash, create_time, kind, profile_version"
+    };
 }
 
 /// `users.kind` of a password user.
@@ -132,21 +143,17 @@ impl Store {
     }
 
     pub async fn user_by_key(&self, key: &str) -> Result<Option<UserRow>, SessionsError> {
-        Ok(sqlx::query_as(
-            "SELECT id, username, display_name, password_hash, create_time, kind FROM users WHERE username_key = $1",
-        )
-        .bind(key)
-        .fetch_optional(self.db.read())
-        .await?)
+        Ok(sqlx::query_as(concat!("SELECT ", user_columns!(), " FROM users WHERE username_key = $1"))
+            .bind(key)
+            .fetch_optional(self.db.read())
+            .await?)
     }
 
     pub async fn user_by_id(&self, id: &str) -> Result<Option<UserRow>, SessionsError> {
-        Ok(sqlx::query_as(
-            "SELECT id, username, display_name, password_hash, create_time, kind FROM users WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(self.db.read())
-        .await?)
+        Ok(sqlx::query_as(concat!("SELECT ", user_columns!(), " FROM users WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(self.db.read())
+            .await?)
     }
 
     /// The users among `ids` that exist, in no particular order.
@@ -154,9 +161,7 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut q = SqlBuilder::new(
-            "SELECT id, username, display_name, password_hash, create_time, kind FROM users WHERE id IN ",
-        );
+        let mut q = SqlBuilder::new(concat!("SELECT ", user_columns!(), " FROM users WHERE id IN "));
         q.bind_list(ids.iter().cloned());
         Ok(q.build_as()?.fetch_all(self.db.read()).await?)
     }
@@ -212,18 +217,17 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Sets user `user_id`'s display name; returns the user as stored, None
-    /// if there is no such user.
+    /// Sets user `user_id`'s display name, a new profile version; returns
+    /// the user as this statement left it, None if there is no such user.
     pub async fn set_display_name(&self, user_id: &str, display_name: &str) -> Result<Option<UserRow>, SessionsError> {
-        let done = sqlx::query("UPDATE users SET display_name = $1 WHERE id = $2")
-            .bind(display_name)
-            .bind(user_id)
-            .execute(self.db.write())
-            .await?;
-        if done.rows_affected() == 0 {
-            return Ok(None);
-        }
-        self.user_by_id(user_id).await
+        Ok(sqlx::query_as(concat!(
+            "UPDATE users SET display_name = $1, profile_version = profile_version + 1 WHERE id = $2 RETURNING ",
+            user_columns!()
+        ))
+        .bind(display_name)
+        .bind(user_id)
+        .fetch_optional(self.db.write())
+        .await?)
     }
 
     /// Replaces user `user_id`'s password hash `old` by `new`, recording
@@ -446,7 +450,7 @@ impl Store {
     ) -> Result<bool, SessionsError> {
         let done = sqlx::query(
             "UPDATE users SET username = $1, username_key = $2, display_name = $3, password_hash = $4, \
-             kind = 'human' WHERE id = $5 AND kind = 'guest'",
+             kind = 'human', profile_version = profile_version + 1 WHERE id = $5 AND kind = 'guest'",
         )
         .bind(username)
         .bind(username_key)
@@ -528,6 +532,7 @@ mod tests {
             password_hash: None,
             create_time: 0,
             kind: GUEST.into(),
+            profile_version: 0,
         };
         store.insert_user(&user, None).await.unwrap();
         for (n, expire_time) in [(1, 100), (2, 200), (3, 300), (4, 10_000)] {
@@ -562,6 +567,7 @@ mod tests {
             password_hash: None,
             create_time,
             kind: kind.into(),
+            profile_version: 0,
         };
         let users =
             [user(1, GUEST, 10), user(2, GUEST, 20), user(3, GUEST, 30), user(4, HUMAN, 5), user(5, GUEST, 900)];
@@ -630,6 +636,7 @@ mod tests {
             password_hash: None,
             create_time: 0,
             kind: GUEST.into(),
+            profile_version: 0,
         };
         store.insert_user(&guest, None).await.unwrap();
         let session = "0190a000-0000-7000-8000-000000000101";

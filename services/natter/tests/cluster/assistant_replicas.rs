@@ -19,7 +19,8 @@ use natter_proto::messages::v1::{self as mpb, message_service_client::MessageSer
 use tonic::transport::Channel;
 
 use super::{
-    Event, Node, authed, credential_file, drop_schemas, env, free_port, next, send_until_acked, shared_store, user,
+    Event, Node, authed, credential_file, drop_schemas, env, free_port, next, send_until_acked, shared_store,
+    store_bus_and_a_clock_ahead, user,
 };
 
 /// What the scripted model says when a test needs a reply to last: 100 ms
@@ -351,25 +352,6 @@ async fn two_assistant_replicas_answer_once_stop_from_either_and_sweep_each_othe
     drop_schemas(&split.db, &split.prefix).await;
 }
 
-/// libfaketime (Debian's `faketime` package), which shifts a process's wall
-/// clock: None when it is not installed (CI installs it and must not skip).
-fn libfaketime() -> Option<String> {
-    // /usr/lib/<multiarch triple>/faketime/, whatever the machine.
-    let found = std::fs::read_dir("/usr/lib")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|arch| arch.path().join("faketime/libfaketimeMT.so.1"))
-        .find(|path| path.exists());
-    match found {
-        Some(path) => Some(path.display().to_string()),
-        None if std::env::var_os("CI").is_some() => {
-            panic!("CI must install libfaketime (/usr/lib/*/faketime/libfaketimeMT.so.1: apt-get install faketime)")
-        }
-        None => None,
-    }
-}
-
 /// A replica whose wall clock is an hour ahead (a host without NTP) must
 /// not take a live reply of another replica for one whose generator died:
 /// staleness is judged on the store's clock (PostgreSQL's), which stamped
@@ -381,14 +363,7 @@ fn libfaketime() -> Option<String> {
 /// text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_clock_runs_ahead_interrupts_no_live_reply() {
-    let (Some(db), Some(nats)) = (env("NATTER_TEST_DATABASE_URL"), env("NATTER_TEST_NATS_URL")) else {
-        eprintln!("skipped: NATTER_TEST_DATABASE_URL and NATTER_TEST_NATS_URL are not set");
-        return;
-    };
-    let Some(faketime) = libfaketime() else {
-        eprintln!("skipped: libfaketime is not installed");
-        return;
-    };
+    let Some((db, nats, skewed)) = store_bus_and_a_clock_ahead() else { return };
     let llm = ScriptedServer::start(22).await;
     let split = Split::new(db, nats, 'k', 6);
     let (s, c, m, a, b, m2) = (0, 1, 2, 3, 4, 5);
@@ -426,11 +401,6 @@ async fn a_replica_whose_clock_runs_ahead_interrupts_no_live_reply() {
 
     // Replica B and its messages replica, their clocks an hour ahead,
     // sweep while A writes.
-    let skewed = vec![
-        ("LD_PRELOAD".to_owned(), faketime),
-        ("FAKETIME".to_owned(), "+1h".to_owned()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC".to_owned(), "1".to_owned()),
-    ];
     let messages_2 = Node::start_with_env("messages", free_port(), messages_args(m2), skewed.clone());
     messages_2.channel().await;
     let replica_b =

@@ -710,3 +710,51 @@ async fn drop_schemas(url: &str, prefix: &str) {
             .unwrap();
     }
 }
+
+/// libfaketime (Debian's `faketime` package), which shifts a process's wall
+/// clock: None when it is not installed (CI installs it and must not skip).
+fn libfaketime() -> Option<String> {
+    // /usr/lib/<multiarch triple>/faketime/, whatever the machine.
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|arch| arch.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|path| path.exists());
+    match found {
+        Some(path) => Some(path.display().to_string()),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("CI must install libfaketime (/usr/lib/*/faketime/libfaketimeMT.so.1: apt-get install faketime)")
+        }
+        None => None,
+    }
+}
+
+/// Environment variables of a process: (name, value).
+type Env = Vec<(String, String)>;
+
+/// The environment that sets a process's wall clock an hour ahead (a host
+/// without NTP) and leaves its monotonic clock alone; None without
+/// libfaketime (see [`libfaketime`]).
+fn an_hour_ahead() -> Option<Env> {
+    Some(vec![
+        ("LD_PRELOAD".to_owned(), libfaketime()?),
+        ("FAKETIME".to_owned(), "+1h".to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".to_owned(), "1".to_owned()),
+    ])
+}
+
+/// PostgreSQL's and NATS's URLs and the environment of a clock an hour
+/// ahead ([`an_hour_ahead`]); None, the test skipping and saying why,
+/// without them.
+fn store_bus_and_a_clock_ahead() -> Option<(String, String, Env)> {
+    let (Some(db), Some(nats)) = (env("NATTER_TEST_DATABASE_URL"), env("NATTER_TEST_NATS_URL")) else {
+        eprintln!("skipped: NATTER_TEST_DATABASE_URL and NATTER_TEST_NATS_URL are not set");
+        return None;
+    };
+    let Some(skewed) = an_hour_ahead() else {
+        eprintln!("skipped: libfaketime is not installed");
+        return None;
+    };
+    Some((db, nats, skewed))
+}

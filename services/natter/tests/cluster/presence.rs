@@ -11,7 +11,7 @@ use natter_proto::messages::v1::{self as mpb, message_service_client::MessageSer
 use natter_proto::sessions::v1::{self as spb, session_service_client::SessionServiceClient};
 use tonic::transport::Channel;
 
-use super::{Event, Node, authed, drop_schemas, env, free_port, next_any, user};
+use super::{Event, Node, authed, drop_schemas, env, free_port, next_any, store_bus_and_a_clock_ahead, user};
 
 /// The next presence change of the stream (other events skipped).
 async fn next_presence(stream: &mut tonic::codec::Streaming<mpb::StreamEventsResponse>) -> mpb::Presence {
@@ -25,6 +25,11 @@ async fn next_presence(stream: &mut tonic::codec::Streaming<mpb::StreamEventsRes
 /// `natter serve` on the shared PostgreSQL schemas of `prefix` and NATS,
 /// heartbeating every `heartbeat`.
 fn replica(db: &str, prefix: &str, nats: &str, heartbeat: &str) -> Node {
+    replica_with_env(db, prefix, nats, heartbeat, Vec::new())
+}
+
+/// As [`replica`], the process with `env` set too.
+fn replica_with_env(db: &str, prefix: &str, nats: &str, heartbeat: &str, env: super::Env) -> Node {
     let args = [
         "--database-url",
         db,
@@ -35,7 +40,7 @@ fn replica(db: &str, prefix: &str, nats: &str, heartbeat: &str) -> Node {
         "--presence-heartbeat",
         heartbeat,
     ];
-    Node::start("serve", free_port(), args.map(str::to_owned).into())
+    Node::start_with_env("serve", free_port(), args.map(str::to_owned).into(), env)
 }
 
 /// Alice and bob, who share a direct chat: (alice's token, bob's id, bob's
@@ -181,6 +186,51 @@ async fn next_news(stream: &mut tonic::codec::Streaming<mpb::StreamEventsRespons
     }
 }
 
+/// Sets the display name of the holder of `token`; their id.
+async fn rename(channel: &Channel, token: &str, name: &str) -> String {
+    let rename = spb::UpdateUserRequest {
+        user: Some(spb::User { display_name: name.into(), ..Default::default() }),
+        update_mask: Some(natter_proto::FieldMask { paths: vec!["display_name".into()] }),
+    };
+    let renamed = SessionServiceClient::new(channel.clone()).update_user(authed(token, rename)).await.unwrap();
+    renamed.into_inner().user.expect("the user").id
+}
+
+/// The next event of the stream that is not a presence change, which must
+/// be a rename: the display name it gives.
+async fn next_rename(stream: &mut tonic::codec::Streaming<mpb::StreamEventsResponse>) -> String {
+    match next_news(stream).await.event {
+        Some(Event::UserUpdated(u)) => u.display_name,
+        other => panic!("expected user_updated, got {other:?}"),
+    }
+}
+
+/// Alice renames herself twice, first through replica two, whose wall
+/// clock is an hour ahead (libfaketime), then through replica one: bob's
+/// stream shows both, the later last. A rename is ordered by the version
+/// the users row gives it, not by its replica's clock (which made the
+/// second look an hour older, and bob's stream drop it as stale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renames_made_through_replicas_whose_clocks_disagree_reach_a_stream_in_order() {
+    let Some((db, nats, skewed)) = store_bus_and_a_clock_ahead() else { return };
+    let prefix = format!("p{}_", uuid::Uuid::new_v4().simple());
+    let one = replica(&db, &prefix, &nats, "60s");
+    let on_one = one.channel().await;
+    let ahead = replica_with_env(&db, &prefix, &nats, "60s", skewed);
+    let on_ahead = ahead.channel().await;
+    let (alice, _, bob) = pair(&on_one).await;
+    let mut bobs = stream(&on_one, &bob).await;
+
+    rename(&on_ahead, &alice, "Alice, an hour ahead").await;
+    assert_eq!(next_rename(&mut bobs).await, "Alice, an hour ahead");
+    rename(&on_one, &alice, "Alice, on time").await;
+    assert_eq!(next_rename(&mut bobs).await, "Alice, on time");
+
+    drop(bobs);
+    drop((one, ahead));
+    drop_schemas(&db, &prefix).await;
+}
+
 /// A rename and a privacy change, both made through replica one: alice's
 /// stream on replica two hears of both (her user topic, over NATS), and
 /// bob's stream on replica one hears of her rename through their chat (the
@@ -189,12 +239,7 @@ async fn next_news(stream: &mut tonic::codec::Streaming<mpb::StreamEventsRespons
 async fn a_rename_and_an_account_change_on_one_replica_reach_streams_held_by_another() {
     let Some(mut s) = Scene::start("60s").await else { return };
     let on_one = s.one.channel().await;
-    let rename = spb::UpdateUserRequest {
-        user: Some(spb::User { display_name: "Alice Liddell".into(), ..Default::default() }),
-        update_mask: Some(natter_proto::FieldMask { paths: vec!["display_name".into()] }),
-    };
-    let renamed = SessionServiceClient::new(on_one.clone()).update_user(authed(&s.alice, rename)).await.unwrap();
-    let alice_id = renamed.into_inner().user.expect("the user").id;
+    let alice_id = rename(&on_one, &s.alice, "Alice Liddell").await;
     for stream in [&mut s.watching, &mut s._held] {
         match next_news(stream).await.event {
             Some(Event::UserUpdated(u)) => {

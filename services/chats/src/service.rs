@@ -1103,8 +1103,10 @@ impl Chats {
             ));
         }
         let limit = self.limits.blocks_per_user;
-        if self.store.block(caller, other, now_micros(), limit).await? == Blocked::TooMany {
-            return Err(ChatsError::BlockLimit(limit, caller.to_string()));
+        match self.store.block(caller, other, now_micros(), limit).await? {
+            Blocked::Done => {}
+            Blocked::TooMany => return Err(ChatsError::BlockLimit(limit, caller.to_string())),
+            Blocked::Forgotten(user) => return Err(ChatsError::UserNotFound(user.to_string())),
         }
         tracing::info!(user_id = %caller, blocked_user_id = %other, "user blocked");
         self.evict_direct(caller, other).await?;

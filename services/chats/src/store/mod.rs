@@ -150,6 +150,9 @@ pub enum Blocked {
     Done,
     /// The user blocks the most users one may already: nothing changed.
     TooMany,
+    /// This one of the two was recorded forgotten (its account deleted)
+    /// since the caller looked it up: nothing changed.
+    Forgotten(UserId),
 }
 
 /// Outcome of adding members.
@@ -445,8 +448,11 @@ pub trait ChatStore: Send + Sync + 'static {
     async fn group_adds_among(&self, users: &[UserId]) -> Result<Vec<(UserId, GroupAdds)>, StoreError>;
 
     /// Records that `user` blocked `other` at `now` (µs), unless `user`
-    /// blocks `limit` users already ([`Blocked::TooMany`]); blocking
-    /// someone blocked already changes nothing. One transaction.
+    /// blocks `limit` users already ([`Blocked::TooMany`]) or either is
+    /// recorded forgotten ([`Blocked::Forgotten`], read in the write's
+    /// transaction as membership writes read it, so a block racing a
+    /// deletion leaves no row behind); blocking someone blocked already
+    /// changes nothing. One transaction.
     async fn block(&self, user: UserId, other: UserId, now: i64, limit: usize) -> Result<Blocked, StoreError>;
 
     /// Takes `user`'s block of `other` back (none: nothing changes).

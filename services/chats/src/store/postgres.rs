@@ -99,17 +99,22 @@ macro_rules! forgotten_lock {
     };
 }
 
-/// The first of `members` recorded by [`ChatStore::record_forgotten`], read
-/// in the membership write's transaction under the shared advisory lock
-/// (see `forgotten_lock!`), which it holds to the end.
-async fn forgotten_among(tx: &mut sqlx::PgConnection, members: &[Member]) -> Result<Option<UserId>, StoreError> {
+/// The first of `users` recorded by [`ChatStore::record_forgotten`], read
+/// in the transaction of a write about them (a membership, a block) under
+/// the shared advisory lock (see `forgotten_lock!`), which it holds to the
+/// end.
+async fn forgotten_among(
+    tx: &mut sqlx::PgConnection,
+    users: impl IntoIterator<Item = UserId>,
+) -> Result<Option<UserId>, StoreError> {
     sqlx::query(concat!("SELECT pg_advisory_xact_lock_shared(", forgotten_lock!(), ")")).execute(&mut *tx).await?;
-    let ids: Vec<String> = members.iter().map(|m| m.user_id.to_string()).collect();
+    let users: Vec<UserId> = users.into_iter().collect();
+    let ids: Vec<String> = users.iter().map(ToString::to_string).collect();
     let found: Vec<String> = sqlx::query_scalar("SELECT user_id FROM forgotten_users WHERE user_id = ANY($1)")
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
-    Ok(members.iter().find(|m| found.contains(&m.user_id.to_string())).map(|m| m.user_id))
+    Ok(users.into_iter().zip(&ids).find(|(_, id)| found.contains(id)).map(|(user, _)| user))
 }
 
 /// Sets a chat's update time as the first write of a membership change,
@@ -183,7 +188,7 @@ impl ChatStore for PostgresChatStore {
     async fn create_chat(&self, chat: &Chat, members: &[Member]) -> Result<Created, StoreError> {
         let direct_key = direct_key(chat, members)?;
         let mut tx = self.pool.begin().await?;
-        if let Some(user) = forgotten_among(&mut tx, members).await? {
+        if let Some(user) = forgotten_among(&mut tx, members.iter().map(|m| m.user_id)).await? {
             return Ok(Created::Forgotten(user));
         }
         // Ids are never reused, a deleted chat's included.
@@ -367,6 +372,11 @@ impl ChatStore for PostgresChatStore {
     }
 
     async fn block(&self, user: UserId, other: UserId, now: i64, limit: usize) -> Result<Blocked, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // A user forgotten since the caller looked them up keeps no block.
+        if let Some(gone) = forgotten_among(&mut tx, [user, other]).await? {
+            return Ok(Blocked::Forgotten(gone));
+        }
         // One statement: the row, unless there is one, or the user blocks
         // `limit` users already (blocks racing each other may pass it by
         // their number).
@@ -383,8 +393,9 @@ impl ChatStore for PostgresChatStore {
         .bind(other.to_string())
         .bind(now)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(if done.is_some_and(|(ok,)| ok) { Blocked::Done } else { Blocked::TooMany })
     }
 
@@ -798,7 +809,7 @@ impl ChatStore for PostgresChatStore {
     ) -> Result<Added, StoreError> {
         let key = chat.to_string();
         let mut tx = self.pool.begin().await?;
-        if let Some(user) = forgotten_among(&mut tx, members).await? {
+        if let Some(user) = forgotten_among(&mut tx, members.iter().map(|m| m.user_id)).await? {
             return Ok(Added::Forgotten(user));
         }
         // The chat's row lock next: concurrent adds to one chat queue here,

@@ -158,13 +158,13 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
     )
 }
 
-/// The first of `members` recorded by [`ChatStore::record_forgotten`], read
-/// inside the membership write's transaction.
-fn forgotten_among(tx: &Connection, members: &[Member]) -> rusqlite::Result<Option<UserId>> {
+/// The first of `users` recorded by [`ChatStore::record_forgotten`], read
+/// inside the transaction of a write about them (a membership, a block).
+fn forgotten_among(tx: &Connection, users: impl IntoIterator<Item = UserId>) -> rusqlite::Result<Option<UserId>> {
     let mut select = tx.prepare_cached("SELECT 1 FROM forgotten_users WHERE user_id = ?1")?;
-    for m in members {
-        if select.exists([m.user_id.to_string()])? {
-            return Ok(Some(m.user_id));
+    for user in users {
+        if select.exists([user.to_string()])? {
+            return Ok(Some(user));
         }
     }
     Ok(None)
@@ -290,7 +290,7 @@ impl ChatStore for SqliteChatStore {
         let (chat, members) = (chat.clone(), members.to_vec());
         let created = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if let Some(user) = forgotten_among(&tx, &members)? {
+            if let Some(user) = forgotten_among(&tx, members.iter().map(|m| m.user_id))? {
                 return Ok(Created::Forgotten(user));
             }
             // Ids are never reused, a deleted chat's included.
@@ -495,6 +495,10 @@ impl ChatStore for SqliteChatStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let done = self.db.write(move |conn| {
             let tx = conn.transaction()?;
+            // A user forgotten since the caller looked them up keeps no block.
+            if let Some(gone) = forgotten_among(&tx, [user, other])? {
+                return Ok(Blocked::Forgotten(gone));
+            }
             let (user, other) = (user.to_string(), other.to_string());
             let exists = tx
                 .prepare_cached("SELECT 1 FROM blocks WHERE user_id = ?1 AND blocked_user_id = ?2")?
@@ -885,7 +889,7 @@ impl ChatStore for SqliteChatStore {
         let added = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let key = chat.to_string();
-            if let Some(user) = forgotten_among(&tx, &members)? {
+            if let Some(user) = forgotten_among(&tx, members.iter().map(|m| m.user_id))? {
                 return Ok(Added::Forgotten(user)); // the guard rolls back
             }
             touch(&tx, &key, now)?;

@@ -165,6 +165,12 @@ async fn blocks_are_each_users_own_are_seen_both_ways_and_go_with_a_forgotten_us
     store.record_forgotten(alice, 9).await.unwrap();
     assert_eq!(store.blocked_users(alice, None, 10).await.unwrap(), [], "gone with the user");
     assert_eq!(store.blocked_users(dave, None, 10).await.unwrap(), [], "and blocks of them");
+    // A block that looked the user up before it was forgotten writes
+    // nothing after, whichever of the two it was.
+    assert_eq!(store.block(dave, alice, 10, 2).await.unwrap(), Blocked::Forgotten(alice));
+    assert_eq!(store.block(alice, bob, 11, 2).await.unwrap(), Blocked::Forgotten(alice));
+    assert_eq!(store.blocked_users(dave, None, 10).await.unwrap(), [], "no row left behind");
+    assert_eq!(store.blocked_users(alice, None, 10).await.unwrap(), []);
 }
 
 async fn users_in_groups_counts_current_group_memberships(store: &dyn ChatStore) {

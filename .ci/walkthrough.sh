@@ -13,6 +13,7 @@ bash -euo pipefail walkthrough.sh | tee out.txt
 grep -q '{"seq":"3","text":"12:30 at the usual place"}' out.txt
 grep -q '"unreadCount":"3"' out.txt
 grep -q '{"readSeq":"3","unreadCount":"0"}' out.txt
+grep -q '{"bobReadSeq":"3"}' out.txt
 grep -q '"nextPageToken":"' out.txt
 # Bob's reaction: his own, and counted for Alice.
 grep -q '\[{"emoji":"👍","count":1,"reactedByMe":true}\]' out.txt

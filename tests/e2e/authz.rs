@@ -236,6 +236,10 @@ async fn call(c: &Cluster, p: &People, f: &Fixture, rpc: &str, token: Option<&st
         "SetTyping" => {
             c.messages().set_typing(req(token, mpb::SetTypingRequest { chat_id: chat, typing: true })).await.map(drop)
         }
+        "ListReadPositions" => {
+            let list = mpb::ListReadPositionsRequest { chat_id: chat, ..Default::default() };
+            c.messages().list_read_positions(req(token, list)).await.map(drop)
+        }
         "MarkRead" => {
             c.messages().mark_read(req(token, mpb::MarkReadRequest { chat_id: chat, seq: 1 })).await.map(drop)
         }
@@ -324,6 +328,7 @@ async fn every_rpc_allows_exactly_whom_it_should(c: &Cluster) {
         ("DeleteMessage(member's)", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("ListMessageRevisions", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("MarkRead", [Ok, Ok, Ok, Deny, Deny, Unauth]),
+        ("ListReadPositions", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         ("SetTyping", [Ok, Ok, Ok, Deny, Deny, Unauth]),
         // Anyone may ask; who shares no chat gets UNSPECIFIED (presence.rs).
         ("GetPresence(member's)", [Ok, Ok, Ok, Ok, Ok, Unauth]),

@@ -11,7 +11,11 @@ use natter_testkit::{Cluster, TestUser, authed};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-crate::both_modes!(unread_counts_match_a_brute_force_model, unread_counts_stop_at_a_thousand);
+crate::both_modes!(
+    unread_counts_match_a_brute_force_model,
+    unread_counts_stop_at_a_thousand,
+    read_positions_are_listed_for_members_to_members_a_page_at_a_time,
+);
 
 /// The model: what unread and mention counts must be.
 #[derive(Default)]
@@ -241,4 +245,65 @@ async fn unread_counts_stop_at_a_thousand(c: &Cluster) {
     assert_eq!((read.read_seq, read.unread_count), (6, 999), "999 left: exact again");
     let listed = c.chats().list_chats(authed(&bob, cpb::ListChatsRequest::default())).await.unwrap().into_inner();
     assert_eq!(listed.chats[0].unread_count, 999);
+}
+
+/// The chat's read positions as `user` lists them, a page of `page_size`
+/// at a time: (user id, read_seq) in order, and how many pages it took.
+async fn read_positions(c: &Cluster, user: &TestUser, chat: &str, page_size: i32) -> (Vec<(String, i64)>, usize) {
+    let (mut all, mut pages, mut token) = (Vec::new(), 0, String::new());
+    loop {
+        let request = mpb::ListReadPositionsRequest { chat_id: chat.to_owned(), page_size, page_token: token.clone() };
+        let page = c.messages().list_read_positions(authed(user, request)).await.expect("a page").into_inner();
+        all.extend(page.read_positions.into_iter().map(|r| (r.user_id, r.read_seq)));
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            return (all, pages);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Read receipts: each member of a group sees how far every member has
+/// read, a page at a time; one who left is no longer listed; an outsider sees nothing; a
+/// page token of another chat, or a garbled one, is refused by name.
+async fn read_positions_are_listed_for_members_to_members_a_page_at_a_time(c: &Cluster) {
+    let users = futures::future::join_all(["ann", "ben", "cat", "dan"].map(|n| c.user(n))).await;
+    let (ann, ben, cat, dan) = (&users[0], &users[1], &users[2], &users[3]);
+    let chat = crate::mentions::group(c, ann, &[ben, cat]).await;
+    for text in ["one", "two", "three"] {
+        crate::chats::send(c, ann, &chat, text).await;
+    }
+    let mark = |seq| mpb::MarkReadRequest { chat_id: chat.clone(), seq };
+    c.messages().mark_read(authed(ben, mark(3))).await.unwrap();
+    c.messages().mark_read(authed(cat, mark(1))).await.unwrap();
+
+    // Ann wrote all three but marked nothing: her own messages do not move
+    // her position (they are never unread to her).
+    let mut expected = vec![(ann.id.clone(), 0), (ben.id.clone(), 3), (cat.id.clone(), 1)];
+    expected.sort();
+    assert_eq!(read_positions(c, ben, &chat, 0).await, (expected.clone(), 1), "everyone, by user id");
+    assert_eq!(read_positions(c, cat, &chat, 1).await, (expected.clone(), 3), "a page at a time");
+
+    let outsider = mpb::ListReadPositionsRequest { chat_id: chat.clone(), ..Default::default() };
+    let denied = c.messages().list_read_positions(authed(dan, outsider)).await;
+    assert_eq!(crate::code(denied), tonic::Code::PermissionDenied);
+
+    // Cat leaves: her position is kept for a return, but listed to no one.
+    let leave = cpb::RemoveMemberRequest { chat_id: chat.clone(), user_id: cat.id.clone() };
+    c.chats().remove_member(authed(cat, leave)).await.unwrap();
+    expected.retain(|(user, _)| *user != cat.id);
+    assert_eq!(read_positions(c, ann, &chat, 0).await.0, expected);
+    assert_eq!(read_positions(c, ann, &chat, 1).await.0, expected, "pages skip her too");
+
+    let first = mpb::ListReadPositionsRequest { chat_id: chat.clone(), page_size: 1, ..Default::default() };
+    let token = c.messages().list_read_positions(authed(ann, first)).await.unwrap().into_inner().next_page_token;
+    let other = crate::mentions::group(c, ann, &[ben]).await;
+    for page_token in [token, "garbled".to_owned()] {
+        let request = mpb::ListReadPositionsRequest { chat_id: other.clone(), page_size: 1, page_token };
+        let refused = c.messages().list_read_positions(authed(ann, request)).await.unwrap_err();
+        assert_eq!(
+            (refused.code(), crate::violated_fields(&refused)),
+            (tonic::Code::InvalidArgument, vec!["page_token".to_owned()])
+        );
+    }
 }

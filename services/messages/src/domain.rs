@@ -198,6 +198,16 @@ pub struct ListRevisions {
     pub page_size: u32,
 }
 
+/// A validated ListReadPositions request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListReadPositions {
+    pub chat_id: ChatId,
+    /// The user a page token ends at.
+    pub after: Option<UserId>,
+    /// 1..=200.
+    pub page_size: u32,
+}
+
 /// A validated MarkRead request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MarkRead {

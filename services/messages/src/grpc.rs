@@ -17,7 +17,8 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::domain::{
-    self, Attachment, EditMessage, Limits, ListMessages, ListRevisions, MarkRead, React, SendMessage, WithHistory,
+    self, Attachment, EditMessage, Limits, ListMessages, ListReadPositions, ListRevisions, MarkRead, React,
+    SendMessage, WithHistory,
 };
 use crate::error::MessagesError;
 use crate::presence::Seen;
@@ -207,6 +208,17 @@ pub fn revisions_request(r: &pb::ListMessageRevisionsRequest) -> Result<(ListRev
     let fingerprint = paging::fingerprint(&[&message_id.0]);
     let after = paging::decode("page_token", &r.page_token, fingerprint)?;
     Ok((ListRevisions { message_id, after, page_size }, fingerprint))
+}
+
+/// Validates a ListReadPositions request: the command and the fingerprint
+/// its page tokens carry (the chat's).
+pub fn read_positions_request(r: &pb::ListReadPositionsRequest) -> Result<(ListReadPositions, u64), Status> {
+    let chat_id = ChatId::parse("chat_id", &r.chat_id)?;
+    let page_size = paging::page_size("page_size", r.page_size, domain::PAGE_MAX, domain::PAGE_MAX)?;
+    let fingerprint = paging::fingerprint(&[&chat_id.0]);
+    let after = paging::decode::<String>("page_token", &r.page_token, fingerprint)?;
+    let after = after.map(|user| UserId::parse("page_token", &user)).transpose()?;
+    Ok((ListReadPositions { chat_id, after, page_size }, fingerprint))
 }
 
 /// Validates a MarkRead request.
@@ -712,6 +724,22 @@ impl MessageService for MessageApi {
         let mark = mark_read_request(request.get_ref())?;
         let state = self.messages.mark_read(caller, mark).await?;
         Ok(Response::new(pb::MarkReadResponse { read_seq: state.read_seq.0, unread_count: state.unread }))
+    }
+
+    async fn list_read_positions(
+        &self,
+        request: Request<pb::ListReadPositionsRequest>,
+    ) -> Result<Response<pb::ListReadPositionsResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let (list, fingerprint) = read_positions_request(request.get_ref())?;
+        let (positions, next) = self.messages.chat_read_positions(caller, list).await?;
+        Ok(Response::new(pb::ListReadPositionsResponse {
+            read_positions: positions
+                .into_iter()
+                .map(|(user, seq)| pb::ReadPosition { user_id: user.to_string(), read_seq: seq.0 })
+                .collect(),
+            next_page_token: next.map(|u| paging::encode(&u.to_string(), fingerprint)).unwrap_or_default(),
+        }))
     }
 
     async fn set_typing(

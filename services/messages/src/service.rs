@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use crate::MessagesArgs;
 use crate::domain::{
-    EditMessage, Limits, ListMessages, ListRevisions, MarkRead, PINS_MAX, REACTION_EMOJI_MAX, React, SendMessage,
-    WithHistory,
+    EditMessage, Limits, ListMessages, ListReadPositions, ListRevisions, MarkRead, PINS_MAX, REACTION_EMOJI_MAX, React,
+    SendMessage, WithHistory,
 };
 use crate::error::MessagesError;
 use crate::grpc;
@@ -761,6 +761,33 @@ impl Messages {
     pub async fn mark_read(&self, caller: UserId, req: MarkRead) -> Result<ReadState, MessagesError> {
         self.mark_read_rate.check(&caller)?;
         self.mark_read_as(caller, req).await
+    }
+
+    /// ListReadPositions: up to `page_size` read positions of the chat's
+    /// members after user `after` (a page token's key), by user id, with
+    /// the key of the next page while the store has more. Read positions
+    /// kept for users who have left are dropped from the page (so it may
+    /// be short), by the same call to the chats service that checks the
+    /// caller is a member.
+    ///
+    /// Errors: NOT_FOUND (no such chat), PERMISSION_DENIED (not a member).
+    pub async fn chat_read_positions(
+        &self,
+        caller: UserId,
+        req: ListReadPositions,
+    ) -> Result<(Vec<(UserId, Seq)>, Option<UserId>), MessagesError> {
+        let mut positions = self.store.chat_read_positions(req.chat_id, req.after, req.page_size + 1).await?;
+        let next = if positions.len() > req.page_size as usize {
+            positions.truncate(req.page_size as usize);
+            positions.last().map(|(user, _)| *user)
+        } else {
+            None
+        };
+        let users = positions.iter().map(|(user, _)| user.to_string()).collect();
+        let m = self.member_with(req.chat_id, caller, users).await?;
+        let mut members = m.other_members.iter();
+        positions.retain(|_| members.next().copied().unwrap_or(false));
+        Ok((positions, next))
     }
 
     /// Internal MarkReadAs (the assistant, for its bot):

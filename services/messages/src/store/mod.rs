@@ -1364,6 +1364,16 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// where none is stored).
     async fn read_positions(&self, user: UserId, chats: &[ChatId]) -> Result<Vec<Seq>, StoreError>;
 
+    /// The read positions stored for `chat` (its members', and those of
+    /// users who have left it since: the caller keeps the members), by user
+    /// id, up to `limit` after user `after` (ListReadPositions).
+    async fn chat_read_positions(
+        &self,
+        chat: ChatId,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> Result<Vec<(UserId, Seq)>, StoreError>;
+
     /// Starts an assistant's reply in ONE transaction: a message by the
     /// assistant (role ASSISTANT, GENERATING, empty text, reply_to the
     /// prompt's seq, checkpoint at `now`) with the chat's next seq and

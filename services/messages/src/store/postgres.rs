@@ -1355,6 +1355,24 @@ impl MessageStore for PostgresStore {
         Ok(rows.into_iter().map(|(s,)| Seq(s)).collect())
     }
 
+    async fn chat_read_positions(
+        &self,
+        chat: ChatId,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> Result<Vec<(UserId, Seq)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT user_id, read_seq FROM read_positions WHERE chat_id = $1 AND user_id > $2 \
+             ORDER BY user_id LIMIT $3",
+        )
+        .bind(chat.to_string())
+        .bind(after.map(|u| u.to_string()).unwrap_or_default())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| Ok((id_at(row, 0)?, Seq(row.try_get(1)?)))).collect()
+    }
+
     async fn start_reply(&self, reply: &NewReply) -> Result<Started, StoreError> {
         match self.try_start_reply(reply).await {
             // A concurrent start of the same reply committed first: the next

@@ -1350,6 +1350,24 @@ impl MessageStore for SqliteStore {
         Ok(rows.await?)
     }
 
+    async fn chat_read_positions(
+        &self,
+        chat: ChatId,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> Result<Vec<(UserId, Seq)>, StoreError> {
+        let (chat, after) = (chat.to_string(), after.map(|u| u.to_string()).unwrap_or_default());
+        let rows = self.db.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT user_id, read_seq FROM read_positions WHERE chat_id = ?1 AND user_id > ?2 \
+                 ORDER BY user_id LIMIT ?3",
+            )?
+            .query_map(params![chat, after, limit], |row| Ok((id_at(row, 0)?, Seq(row.get(1)?))))?
+            .collect()
+        });
+        Ok(rows.await?)
+    }
+
     async fn start_reply(&self, reply: &NewReply) -> Result<Started, StoreError> {
         let reply = reply.clone();
         Ok(self.db.write(move |conn| start_reply(conn, &reply)).await?)

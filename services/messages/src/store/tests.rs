@@ -99,6 +99,7 @@ message_store_suite!(
     one_reply_generates_at_a_time_per_chat_and_a_refusal_is_not_held_up,
     a_start_retried_by_its_owner_resumes_its_reply_while_it_generates,
     read_positions_are_read_in_order,
+    a_chat_s_read_positions_are_listed_by_user_a_page_at_a_time,
     a_retry_with_the_same_id_creates_nothing,
     a_batch_assigns_gap_free_seqs_per_chat_and_skips_retries,
     a_batch_without_replies_skips_retries_too,
@@ -1145,6 +1146,19 @@ async fn read_positions_are_read_in_order(h: &Harness) {
     h.store.mark_read(chat(2), user(1), Seq(1)).await.unwrap();
     let positions = h.store.read_positions(user(1), &[chat(2), chat(7), chat(1)]).await.unwrap();
     assert_eq!(positions, [Seq(1), Seq::ZERO, Seq(3)]);
+}
+
+async fn a_chat_s_read_positions_are_listed_by_user_a_page_at_a_time(h: &Harness) {
+    send(h, &(1..=4).map(|n| by(msg(n, 1, 0), 2)).chain([by(msg(5, 2, 0), 2)]).collect::<Vec<_>>()).await;
+    h.store.mark_read(chat(1), user(3), Seq(2)).await.unwrap();
+    h.store.mark_read(chat(1), user(1), Seq(4)).await.unwrap();
+    h.store.mark_read(chat(2), user(2), Seq(1)).await.unwrap();
+    let everyone = h.store.chat_read_positions(chat(1), None, 10).await.unwrap();
+    assert_eq!(everyone, [(user(1), Seq(4)), (user(3), Seq(2))], "by user id, this chat's only");
+    assert_eq!(h.store.chat_read_positions(chat(1), None, 1).await.unwrap(), everyone[..1]);
+    assert_eq!(h.store.chat_read_positions(chat(1), Some(user(1)), 10).await.unwrap(), everyone[1..]);
+    assert_eq!(h.store.chat_read_positions(chat(1), Some(user(3)), 10).await.unwrap(), []);
+    assert_eq!(h.store.chat_read_positions(chat(7), None, 10).await.unwrap(), [], "no such chat");
 }
 
 fn flags(severity: i32, category: &str) -> Flags {

@@ -211,6 +211,8 @@ step("they chat both ways, live, without reloading", async () => {
   await openChatWith(bobPage, alice.name);
   await waitForMessage(bobPage, history[0]);
   await chatItem(bobPage, alice.name).locator(".unread").waitFor({ state: "detached" });
+  // He has read it: her page says so under her message, live (read_updated).
+  await alicePage.locator("#seen", { hasText: /^Seen$/ }).waitFor();
 
   await send(bobPage, (history[1] = "Sure, 12:30 at the usual place?"));
   await waitForMessage(alicePage, history[1]);
@@ -241,13 +243,16 @@ step("presence: alice sees bob online, offline with a last-seen time while he is
   await bobPage.locator("#status", { hasText: "live" }).waitFor();
 });
 
-step("after a reload bob still sees the whole history in order", async () => {
+step("after a reload bob still sees the whole history in order, and that alice has read his last message", async () => {
   await bobPage.reload();
   await bobPage.locator("#me", { hasText: bob.name }).waitFor(); // token kept in localStorage
   await chatItem(bobPage, alice.name).locator(".chat-excerpt", { hasText: history[3] }).waitFor();
   await openChatWith(bobPage, alice.name);
   await waitForMessage(bobPage, history[3]);
   await assertConversation(bobPage, history, "bob");
+  // Her page, open on the chat, read it as it came; a fresh page learns it
+  // from ListReadPositions (no event of it comes again).
+  await bobPage.locator("#seen", { hasText: /^Seen$/ }).waitFor();
 });
 
 step("a restarted server and a dropped stream lose and duplicate nothing", async () => {

@@ -39,6 +39,8 @@ const fetchingChats = new Map<string, Promise<void>>(); // chats being fetched a
 const groupMembers = new Map<string, { ids: string[]; role: MemberRole }>();
 /** Per chat, the newest seq delivered (list snapshot, then the stream): the resume point. */
 const lastSeq = new Map<string, bigint>();
+/** Read receipts of the chats opened: chat id -> member id -> the seq they have read up to. */
+const readBy = new Map<string, Map<string, bigint>>();
 /**
  * Per chat, the highest change_seq the stream delivered: the resume point
  * (`resume_changes`), under which every edit, delete and membership change
@@ -646,9 +648,62 @@ function renderMessages(scroll: "bottom" | "keep" | "auto" = "auto") {
     if (p.chatId === open.id && !p.threadRootSeq && !sent.has(p.id)) items.push(pendingItem(p));
   }
   ol.replaceChildren(...items);
+  renderSeen();
   el("load-older").hidden = !open.olderToken;
   if (scroll === "bottom" || (scroll === "auto" && atBottom)) pane.scrollTop = pane.scrollHeight;
   else pane.scrollTop = pane.scrollHeight - fromBottom;
+}
+
+/**
+ * Says who has read our newest message of the open chat's timeline: "Seen"
+ * in a direct chat, "Seen by …" in a group (three names, then how many more).
+ * Bots are left out; nothing shows until someone has read it.
+ */
+function renderSeen() {
+  const p = el("seen");
+  let mine = 0n;
+  for (const m of open?.messages.values() ?? []) {
+    if (m.authorId === me?.id && m.threadRootSeq === 0n && !m.deleted && m.seq > mine) mine = m.seq;
+  }
+  const positions = open && mine > 0n ? (readBy.get(open.id) ?? new Map<string, bigint>()) : new Map<string, bigint>();
+  const who = [...positions].filter(([id, seq]) => seq >= mine && id !== me?.id && !isBot(id)).map(([id]) => userName(id));
+  const direct = open && chats.get(open.id)?.kind === ChatKind.DIRECT;
+  const shown = who.slice(0, 3).join(", ") + (who.length > 3 ? ` and ${who.length - 3} more` : "");
+  p.textContent = who.length === 0 ? "" : direct ? "Seen" : `Seen by ${shown}`;
+  p.hidden = who.length === 0;
+}
+
+/**
+ * Reads chat `chatId`'s read receipts (ListReadPositions): when it is opened,
+ * and when the stream reconnects (a resume replays only our own position).
+ * Positions heard live meanwhile land in the same map, and only ever move
+ * forward, so an answer older than one of them changes nothing. Departures
+ * take their member out (membership_changed, which a resume replays).
+ */
+async function readReceipts(chatId: string) {
+  const held = readBy.get(chatId) ?? new Map<string, bigint>();
+  readBy.set(chatId, held);
+  const read: { userId: string; readSeq: bigint }[] = [];
+  let pageToken = "";
+  do {
+    const res = await api.messages.listReadPositions({ chatId, pageToken });
+    read.push(...res.readPositions);
+    pageToken = res.nextPageToken;
+  } while (pageToken);
+  await ensureUsers(read.map((r) => r.userId));
+  for (const r of read) if ((held.get(r.userId) ?? -1n) < r.readSeq) held.set(r.userId, r.readSeq);
+  if (open?.id === chatId) renderSeen();
+}
+
+/** Another member's read position moved (read_updated): the receipts of a chat we have opened follow. */
+function noteRead(chatId: string, userId: string, readSeq: bigint) {
+  const read = readBy.get(chatId);
+  if (!read || userId === me?.id || (read.get(userId) ?? -1n) >= readSeq) return;
+  read.set(userId, readSeq);
+  void act(async () => {
+    await ensureUsers([userId]);
+    if (open?.id === chatId) renderSeen();
+  });
 }
 
 // ---------------------------------------------------------------- chats and messages
@@ -710,6 +765,7 @@ async function openChat(chatId: string) {
   }
   const pinsRead = readPins(pins);
   pinsRead.catch(() => {}); // awaited below, unless another chat is opened first
+  void readReceipts(chatId).catch((e) => console.warn("read receipts:", e));
   el("open-members").hidden = chat.kind !== ChatKind.GROUP;
   showChatTitle(chatName(chat));
   renderPresence();
@@ -1033,6 +1089,7 @@ function renderNames() {
   renderBlocking();
   renderSearchNames();
   renderPins();
+  renderSeen();
   renderMe();
 }
 
@@ -1181,8 +1238,9 @@ function handleEvent(ev: StreamEventsResponse) {
       return;
     }
     case "readUpdated": {
-      // Our own read position moved (maybe on another device).
       const r = ev.event.value;
+      noteRead(chatId, r.userId, r.readSeq);
+      // Our own read position moved (maybe on another device).
       if (chat && r.userId === me?.id && chat.lastMessage && r.readSeq >= chat.lastMessage.seq) {
         chat.unreadCount = 0n;
         chat.mentionCount = 0n;
@@ -1216,6 +1274,7 @@ function handleEvent(ev: StreamEventsResponse) {
     case "membershipChanged": {
       const c = ev.event.value;
       const gone = c.change === MembershipChange.LEFT || c.change === MembershipChange.REMOVED;
+      if (gone) readBy.get(chatId)?.delete(c.userId);
       if (c.userId === me?.id && gone) {
         forgetChat(chatId);
       } else if (!chat) {
@@ -1244,6 +1303,7 @@ function forgetChat(chatId: string) {
   lastSeq.delete(chatId);
   lastChange.delete(chatId);
   groupMembers.delete(chatId);
+  readBy.delete(chatId);
   if (open?.id === chatId) closeChat();
   renderChatList();
 }
@@ -1285,6 +1345,8 @@ async function runStream(signal: AbortSignal) {
         // The open chat's pins are read again as well (resume replays their
         // changes; a fresh read also covers a chat reset or missed replay).
         if (opened && pins) void readPins(pins).catch((e) => console.warn("pins:", e));
+        // And its read receipts: only our own position is replayed.
+        if (opened && open) void readReceipts(open.id).catch((e) => console.warn("read receipts:", e));
         opened = true;
       };
       for await (const ev of api.messages.streamEvents({ resume, resumeChanges }, { signal, onHeader })) handleEvent(ev);
@@ -1360,7 +1422,7 @@ function signOutLocally() {
   stream = null;
   api.token.clear(); // the stored one only if still ours, not one another tab stored since
   me = null;
-  for (const m of [users, deletedUsers, chats, peers, groupMembers, lastSeq, lastChange, pending, lastUserEvent]) m.clear();
+  for (const m of [users, deletedUsers, chats, peers, groupMembers, lastSeq, lastChange, pending, lastUserEvent, readBy]) m.clear();
   blocked = null;
   closeSettings();
   el("assistant-notice").hidden = true;

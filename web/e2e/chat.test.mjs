@@ -212,7 +212,7 @@ step("they chat both ways, live, without reloading", async () => {
   await waitForMessage(bobPage, history[0]);
   await chatItem(bobPage, alice.name).locator(".unread").waitFor({ state: "detached" });
   // He has read it: her page says so under her message, live (read_updated).
-  await alicePage.locator("#seen", { hasText: /^Seen$/ }).waitFor();
+  await alicePage.locator('#messages [data-testid="message"]', { hasText: history[0] }).locator('[data-testid="seen"]', { hasText: /^Seen$/ }).waitFor();
 
   await send(bobPage, (history[1] = "Sure, 12:30 at the usual place?"));
   await waitForMessage(alicePage, history[1]);
@@ -252,7 +252,7 @@ step("after a reload bob still sees the whole history in order, and that alice h
   await assertConversation(bobPage, history, "bob");
   // Her page, open on the chat, read it as it came; a fresh page learns it
   // from ListReadPositions (no event of it comes again).
-  await bobPage.locator("#seen", { hasText: /^Seen$/ }).waitFor();
+  await bobPage.locator('#messages [data-testid="message"]', { hasText: history[3] }).locator('[data-testid="seen"]', { hasText: /^Seen$/ }).waitFor();
 });
 
 step("a restarted server and a dropped stream lose and duplicate nothing", async () => {
@@ -1033,6 +1033,8 @@ step("a group of two: alice and bob write, bob reacts and asks in a thread, alic
   await waitForMessage(alicePage, "Great, I'll bring the map.");
   await planOn(alicePage).locator('[data-testid="thread-summary"]', { hasText: "2 replies" }).waitFor();
   assert.equal(await alicePage.locator("#messages .text", { hasText: "9:30" }).count(), 0, "replies stay in the thread");
+  // Bob has read alice's plan, her newest message in the timeline (a group: by name).
+  await planOn(alicePage).locator('[data-testid="seen"]', { hasText: `Seen by ${bob.name}` }).waitFor();
 
   await mkdir(artifacts, { recursive: true });
   await alicePage.screenshot({ path: path.join(artifacts, "group.png") });

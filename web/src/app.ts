@@ -655,22 +655,29 @@ function renderMessages(scroll: "bottom" | "keep" | "auto" = "auto") {
 }
 
 /**
- * Says who has read our newest message of the open chat's timeline: "Seen"
- * in a direct chat, "Seen by …" in a group (three names, then how many more).
- * Bots are left out; nothing shows until someone has read it.
+ * Says on our newest message of the open chat's timeline who has read it:
+ * "Seen" in a direct chat, "Seen by …" in a group (three names, then how
+ * many more). Bots are left out; nothing shows until someone has read it.
  */
 function renderSeen() {
-  const p = el("seen");
+  const ol = el("messages");
+  for (const old of ol.querySelectorAll(".seen")) old.remove();
   let mine = 0n;
   for (const m of open?.messages.values() ?? []) {
     if (m.authorId === me?.id && m.threadRootSeq === 0n && !m.deleted && m.seq > mine) mine = m.seq;
   }
-  const positions = open && mine > 0n ? (readBy.get(open.id) ?? new Map<string, bigint>()) : new Map<string, bigint>();
-  const who = [...positions].filter(([id, seq]) => seq >= mine && id !== me?.id && !isBot(id)).map(([id]) => userName(id));
-  const direct = open && chats.get(open.id)?.kind === ChatKind.DIRECT;
+  const item = ol.querySelector(`li[data-seq="${mine}"]`);
+  if (!open || mine === 0n || !item) return;
+  const who = [...(readBy.get(open.id) ?? [])]
+    .filter(([id, seq]) => seq >= mine && id !== me?.id && !isBot(id))
+    .map(([id]) => userName(id));
+  if (who.length === 0) return;
+  const seen = document.createElement("div");
+  seen.className = "seen";
+  seen.dataset.testid = "seen";
   const shown = who.slice(0, 3).join(", ") + (who.length > 3 ? ` and ${who.length - 3} more` : "");
-  p.textContent = who.length === 0 ? "" : direct ? "Seen" : `Seen by ${shown}`;
-  p.hidden = who.length === 0;
+  seen.textContent = chats.get(open.id)?.kind === ChatKind.DIRECT ? "Seen" : `Seen by ${shown}`;
+  item.append(seen);
 }
 
 /**

@@ -1243,6 +1243,58 @@ step("alice blocks bob in one tab: her other tab's chat says Unblock, its compos
   for (const page of [alicePage, aliceTab]) assert.equal(await page.locator("#error").isHidden(), true);
 });
 
+step("alice's Block in one tab stays disabled until its own call answers, though her other tab unblocks bob meanwhile; then it shows what the server holds", async () => {
+  // Both tabs have their chat with bob open, her other tab Settings too; she blocks nobody.
+  const button = (page) => page.locator('[data-testid="block-user"]');
+  const enabled = (page) => page.locator('[data-testid="block-user"]:enabled');
+  const rows = aliceTab.locator('[data-testid="blocked-user"]');
+  await enabled(aliceTab).filter({ hasText: /^Block$/ }).waitFor();
+  await enabled(alicePage).filter({ hasText: /^Block$/ }).waitFor();
+  // Her other tab's BlockUser reaches the server, whose answer is held until we let it through.
+  let reached;
+  const atServer = new Promise((resolve) => (reached = resolve));
+  let release;
+  const held = new Promise((resolve) => (release = resolve));
+  await aliceTab.route("**/natter.chats.v1.ChatService/BlockUser", async (route) => {
+    const response = await route.fetch();
+    reached();
+    await held;
+    await route.fulfill({ response });
+  });
+  try {
+    await aliceTab.bringToFront(); // she acts there
+    aliceTab.once("dialog", (d) => void d.accept());
+    await enabled(aliceTab).click();
+    await atServer; // bob is blocked now
+    // Both tabs re-read whom she blocks (account_updated): the one waiting for its answer shows it, disabled.
+    await enabled(alicePage).filter({ hasText: /^Unblock$/ }).waitFor();
+    await button(aliceTab).filter({ hasText: /^Unblock$/ }).waitFor();
+    assert.equal(await button(aliceTab).isDisabled(), true, "her Block is under way there");
+    await rows.first().waitFor();
+    assert.equal(await rows.locator('[data-testid="unblock-user"]').isDisabled(), true, "so is Unblock in Blocked people");
+
+    // The first tab unblocks him while the other tab's answer is still held.
+    await alicePage.bringToFront();
+    await enabled(alicePage).filter({ hasText: /^Unblock$/ }).click();
+    await enabled(alicePage).filter({ hasText: /^Block$/ }).waitFor();
+    await aliceTab.locator('[data-testid="blocked-empty"]').waitFor(); // re-read: he is blocked no more
+    await button(aliceTab).filter({ hasText: /^Block$/ }).waitFor();
+    assert.equal(await button(aliceTab).isDisabled(), true, "still waiting for its own answer");
+
+    // The answer (he was blocked) is older than the unblock: the tab shows him unblocked, as the server holds.
+    release();
+    await enabled(aliceTab).filter({ hasText: /^Block$/ }).waitFor();
+    assert.equal(await rows.count(), 0);
+    assert.equal(await aliceTab.locator('[data-testid="composer-blocked"]').isHidden(), true);
+    const { blockedUsers = [] } = await call(await tokenOf(aliceTab), "chats.v1.ChatService/ListBlockedUsers", {});
+    assert.deepEqual(blockedUsers, [], "she blocks nobody");
+  } finally {
+    release();
+    await aliceTab.unroute("**/natter.chats.v1.ChatService/BlockUser");
+  }
+  for (const page of [alicePage, aliceTab]) assert.equal(await page.locator("#error").isHidden(), true);
+});
+
 step("alice changes who can start a chat with her in one tab: her other tab's Settings shows it, live, saying it changed; and back from there", async () => {
   const directChats = '[data-testid="direct-chats"]';
   /** Waits until `page`'s select shows `value` with `note` beside it. */

@@ -1431,6 +1431,7 @@ function signOutLocally() {
   me = null;
   for (const m of [users, deletedUsers, chats, peers, groupMembers, lastSeq, lastChange, pending, lastUserEvent, readBy]) m.clear();
   blocked = null;
+  blockCalls.clear();
   closeSettings();
   el("assistant-notice").hidden = true;
   el("new-group-error").hidden = true;
@@ -2254,6 +2255,14 @@ let blocked: Set<string> | null = null;
 let blockedTickets = 0;
 /** The ticket of what `blocked` holds: a read started before it brings an older list. */
 let blockedTicket = 0;
+/** Counts the reads of whom we blocked started, so that a Block or Unblock can tell one started while it ran. */
+let blockedReads = 0;
+/**
+ * The users this page's own Block or Unblock (the chat's button, Settings'
+ * Blocked people) is under way for: their buttons stay disabled until it
+ * answers, whatever a re-read shows meanwhile.
+ */
+const blockCalls = new Set<string>();
 
 /** The other person of direct chat `chatId`, if a person this page may block or unblock (not a bot, not deleted). */
 function blockablePeer(chatId: string): string | undefined {
@@ -2283,6 +2292,7 @@ function refreshBlocked() {
 async function readBlocked(signIn: boolean) {
   const user = me;
   const ticket = ++blockedTickets;
+  blockedReads++;
   if (signIn) {
     blocked = null;
     blockedTicket = ticket;
@@ -2318,7 +2328,7 @@ function renderBlocking() {
   const button = el<HTMLButtonElement>("block-user");
   const peer = open ? blockablePeer(open.id) : undefined;
   button.hidden = !peer;
-  button.disabled = !blocked;
+  button.disabled = !blocked || (!!peer && blockCalls.has(peer));
   const isBlocked = !!peer && !!blocked?.has(peer);
   button.textContent = isBlocked ? "Unblock" : "Block";
   button.title = !blocked
@@ -2340,23 +2350,42 @@ function composerError(text: string) {
   el("composer-error").hidden = !text;
 }
 
-async function blockUser(userId: string) {
+/**
+ * Blocks (BlockUser) or unblocks (UnblockUser) `userId`, their buttons
+ * disabled meanwhile. The answer says how things stood when the call was
+ * made; a re-read started while it ran (another tab's block or unblock, or
+ * the news of this one) may have read before or after it, so then a read
+ * made after the answer decides what is shown.
+ */
+async function setBlocked(userId: string, block: boolean) {
   const user = me;
-  await api.chats.blockUser({ userId });
-  if (me !== user || !blocked) return;
-  blockedTicket = ++blockedTickets; // a read under way may not have seen it
-  blocked.add(userId);
+  const readsBefore = blockedReads;
+  blockCalls.add(userId);
   renderBlocking();
+  try {
+    if (block) await api.chats.blockUser({ userId });
+    else await api.chats.unblockUser({ userId });
+    if (me !== user || !blocked) return;
+    if (blockedReads !== readsBefore) {
+      try {
+        await refreshBlocked();
+        return;
+      } catch (err) {
+        if (me !== user || !blocked) return;
+        console.warn("blocked users:", err); // then the answer is the newest word this page has
+      }
+    }
+    blockedTicket = ++blockedTickets; // a read under way may not have seen it
+    if (block) blocked.add(userId);
+    else blocked.delete(userId);
+  } finally {
+    blockCalls.delete(userId);
+    if (me === user) renderBlocking();
+  }
 }
 
-async function unblockUser(userId: string) {
-  const user = me;
-  await api.chats.unblockUser({ userId });
-  if (me !== user || !blocked) return;
-  blockedTicket = ++blockedTickets; // a read under way may not have seen it
-  blocked.delete(userId);
-  renderBlocking();
-}
+const blockUser = (userId: string) => setBlocked(userId, true);
+const unblockUser = (userId: string) => setBlocked(userId, false);
 
 el("block-user").addEventListener("click", () => {
   const button = el<HTMLButtonElement>("block-user");
@@ -2393,7 +2422,9 @@ function renderBlockedPanel() {
     const name = document.createElement("span");
     name.className = "blocked-name";
     name.textContent = users.get(id)?.username || userName(id);
-    li.append(name, smallButton("Unblock", "unblock-user", () => unblockUser(id), blockedAct));
+    const unblock = smallButton("Unblock", "unblock-user", () => unblockUser(id), blockedAct);
+    unblock.disabled = blockCalls.has(id);
+    li.append(name, unblock);
     return li;
   }));
 }

@@ -936,6 +936,52 @@ step("pins: alice pins a message of her chat with bob; his timeline and Pinned p
   for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
 });
 
+step("a pin and an unpin made while bob's stream was cut show in his Pinned panel, and its count, once it reconnects", async () => {
+  const first = "Note 3 of 5"; // alice's, in their chat, open on both pages
+  const second = "Note 4 of 5";
+  await bobPage.bringToFront();
+  await bobPage.click('[data-testid="open-pinned"]');
+  await bobPage.locator('[data-testid="pinned-empty"]').waitFor();
+  await markPage(bobPage);
+  await alicePage.bringToFront(); // she acts there
+  await messageOn(alicePage, first).locator('[data-testid="pin"]').click();
+  await pinnedItem(bobPage, first).waitFor(); // live
+  await waitForPinCount(bobPage, 1);
+
+  // Bob's page may not reconnect; the server's restart ends every stream.
+  await bobPage.route("**/natter.messages.v1.MessageService/StreamEvents", (route) => route.abort());
+  await stopNatter(server);
+  server = await startNatter(dataDir, server.port);
+  await bobPage.locator("#status", { hasText: "reconnecting" }).waitFor();
+  await alicePage.locator("#status", { hasText: "live" }).waitFor();
+  await messageOn(alicePage, first).locator('[data-testid="unpin"]').click();
+  await messageOn(alicePage, first).locator('[data-testid="pin"]').waitFor();
+  await messageOn(alicePage, second).locator('[data-testid="pin"]').click();
+  await messageOn(alicePage, second).locator('[data-testid="unpin"]').waitFor();
+  await waitForPinCount(alicePage, 1);
+  // Bob's page has not heard of either.
+  assert.deepEqual(await pinnedItems(bobPage).locator(".text").allTextContents(), [first]);
+  assert.equal(await bobPage.getAttribute('[data-testid="open-pinned"]', "data-count"), "1");
+
+  await bobPage.unroute("**/natter.messages.v1.MessageService/StreamEvents");
+  // Its next try comes after its backoff, which may have grown past WAIT (at most 15 s and a bit).
+  await bobPage.locator("#status", { hasText: "live" }).waitFor({ timeout: 2 * WAIT });
+  await pinnedItem(bobPage, second).locator('[data-testid="pinned-by"]', { hasText: alice.name }).waitFor();
+  await pinnedItem(bobPage, first).waitFor({ state: "detached" });
+  assert.deepEqual(await pinnedItems(bobPage).locator(".text").allTextContents(), [second]);
+  await waitForPinCount(bobPage, 1);
+  await messageOn(bobPage, second).locator('[data-testid="pinned-by"]').waitFor();
+  assert.equal(await messageOn(bobPage, first).locator('[data-testid="pinned-by"]').count(), 0);
+  await assertNotReloaded(bobPage, "bob's page");
+
+  // Back to no pins, live, for the steps after.
+  await messageOn(alicePage, second).locator('[data-testid="unpin"]').click();
+  await bobPage.locator('[data-testid="pinned-empty"]').waitFor();
+  await waitForPinCount(bobPage, 0);
+  await bobPage.click('[data-testid="close-pinned"]');
+  for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
+});
+
 step("alice blocks bob in their chat: neither may write there, bob's refused message stays in his composer; she unblocks him from Blocked people and his send arrives live", async () => {
   await openChatWith(alicePage, bob.name);
   const aliceBlock = alicePage.locator('[data-testid="block-user"]:enabled');

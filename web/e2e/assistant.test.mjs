@@ -202,6 +202,61 @@ step("after a reload the chat shows the prompt and its latest reply", async () =
   ]);
 });
 
+step("a pinned reply that a Reload replaces stays among the pins: the Pinned panel calls it an older version, and a click on it shows it among the older versions", async () => {
+  const pinned = replyWith("complete"); // the chat's latest reply, seq 4
+  const seq = await pinned.getAttribute("data-seq");
+  await pinned.locator("[data-testid=pin]").click();
+  await pinned.locator("[data-testid=pinned-by]", { hasText: `📌 Pinned by ${ada.name}` }).waitFor();
+  await page.click("[data-testid=open-pinned]");
+  const item = page.locator(`#pinned-list [data-testid=pinned-item][data-seq="${seq}"]`);
+  await item.waitFor();
+  await page.locator('[data-testid=open-pinned][data-count="1"]').waitFor();
+
+  await pinned.locator("[data-testid=reload]").click();
+  await partialReply();
+  const latest = page.locator(`#messages .message.reply[data-status=complete]:not([data-seq="${seq}"])`);
+  await latest.waitFor();
+  assert.equal(await replies().count(), 1, "the replaced reply is hidden from the timeline");
+  assert.equal(await page.isChecked("#show-history"), false);
+  // Still pinned: listed, as an older version, with its Unpin; counted.
+  await item.locator(".meta", { hasText: "older version" }).waitFor();
+  assert.equal(await page.locator("#pinned-list [data-testid=pinned-item]").count(), 1);
+  await item.locator("[data-testid=unpin]").waitFor();
+  assert.equal(await page.getAttribute("[data-testid=open-pinned]", "data-count"), "1");
+  // So the server lists it (ListMessages pinned) for a fresh page too.
+  await page.reload();
+  await page.locator("#me", { hasText: ada.name }).waitFor();
+  await chatItem(page, "What is natter?").click();
+  await latest.waitFor();
+  await page.click("[data-testid=open-pinned]");
+  await item.locator(".meta", { hasText: "older version" }).waitFor();
+  assert.equal(await replies().count(), 1);
+
+  // A click shows it where it is: among the older versions, turned on, marked for a moment and in view.
+  await item.locator(".text").click();
+  const older = page.locator(`#messages .message.superseded[data-seq="${seq}"]`);
+  await older.locator(".older", { hasText: "older version" }).waitFor();
+  await older.locator("[data-testid=pinned-by]").waitFor();
+  assert.equal(await page.isChecked("#show-history"), true, "older versions are shown");
+  await page.locator(`#messages .message.superseded.flash[data-seq="${seq}"]`).waitFor();
+  await page.waitForFunction((want) => {
+    const pane = document.getElementById("messages-pane").getBoundingClientRect();
+    const shown = document.querySelector(`#messages [data-seq="${want}"]`)?.getBoundingClientRect();
+    return !!shown && shown.top >= pane.top && shown.bottom <= pane.bottom;
+  }, seq, { polling: 100 });
+  assert.equal(await page.locator("#error").isHidden(), true);
+
+  // Its Unpin in the timeline takes it off the pins; no Pin comes back on an older version.
+  await older.locator("[data-testid=unpin]").click();
+  await page.locator("[data-testid=pinned-empty]").waitFor();
+  await older.locator("[data-testid=pinned-by]").waitFor({ state: "detached" });
+  assert.equal(await older.locator("[data-testid=pin]").count(), 0);
+  await page.click("[data-testid=close-pinned]");
+  await page.uncheck("#show-history");
+  assert.equal(await replies().count(), 1);
+  assert.equal(await page.locator("#error").isHidden(), true);
+});
+
 step("in a group with the assistant, set to every message, a plain message gets a streamed reply", async () => {
   beaPage = await newPerson(browser, pageUrlOf(staticServer, server.port), "bea", pageErrors);
   await signUp(beaPage, bea);

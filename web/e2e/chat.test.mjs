@@ -703,16 +703,16 @@ step("a guest keeps its chats by claiming an account: a taken username is refuse
   const other = await guestPage.context().newPage();
   other.setDefaultTimeout(WAIT);
   other.on("pageerror", (err) => pageErrors.push(`guest's other tab: ${err.stack ?? err}`));
-  // The other tab hears of its guest stream's end only once we let it: after it has followed the claiming
-  // page's new token. The stream it opens with that token is live.
-  let releaseOther;
-  const otherHeld = new Promise((resolve) => (releaseOther = resolve));
-  let streams = 0;
-  await other.route("**/natter.messages.v1.MessageService/StreamEvents", async (route) => {
-    if (streams++ > 0) return route.continue();
-    const response = await route.fetch({ timeout: 0 }); // the whole stream, to its end
-    await otherHeld;
-    await route.fulfill({ response }).catch(() => {}); // the page may have stopped listening
+  // The claiming page hears the answer to its (second) claim only once we let it: after its other tab has
+  // seen its guest stream end, as the claim ends every session of the guest, with no account's token stored yet.
+  let releaseClaim = () => {};
+  const claimHeld = new Promise((resolve) => (releaseClaim = resolve));
+  let claims = 0;
+  await guestPage.route("**/natter.sessions.v1.SessionService/ClaimAccount", async (route) => {
+    if (claims++ !== 1) return route.continue();
+    const response = await route.fetch();
+    await claimHeld;
+    await route.fulfill({ response });
   });
   try {
     await guestPage.evaluate(([key, token]) => localStorage.setItem(key, token),
@@ -750,6 +750,11 @@ step("a guest keeps its chats by claiming an account: a taken username is refuse
     await guestPage.fill('[data-testid="claim-username"]', dana.name);
     await guestPage.fill('[data-testid="claim-password"]', dana.password);
     await guestPage.click('[data-testid="claim-account"]');
+    // The other tab, whose guest session the claim ended too, waits for the account's token: no sign-out.
+    await other.locator("#status", { hasText: "following the account made in another tab" }).waitFor();
+    assert.equal(await other.locator("#error").isHidden(), true, "no session ended there");
+    assert.equal(await other.locator("#auth-view").isHidden(), true);
+    releaseClaim();
     await guestPage.locator("#me", { hasText: new RegExp(`^${escapeRe(dana.displayName)}$`) }).waitFor();
     await form.waitFor({ state: "hidden" });
     await guestPage.locator('[data-testid="password-form"]').waitFor(); // a person's: Change password
@@ -757,10 +762,8 @@ step("a guest keeps its chats by claiming an account: a taken username is refuse
     assert.equal(await guestPage.locator("#error").isHidden(), true);
     await guestPage.locator("#chat-title", { hasText: "Book club" }).waitFor();
     await waitForMessage(guestPage, "Welcome to the club, guest"); // the chat on screen stays
-    // The other tab, whose guest session the claim ended too, follows the new token quietly; the end of
-    // its guest stream, let through now, signs nothing out.
+    // Then it follows the new token quietly, live on the account's stream.
     await other.locator("#me", { hasText: new RegExp(`^${escapeRe(dana.displayName)}$`) }).waitFor();
-    releaseOther();
     await send(bobPage, "Glad you are staying");
     await waitForMessage(guestPage, "Glad you are staying"); // live, on the account's stream
     await chatItem(other, "Book club").locator(".chat-excerpt", { hasText: "Glad you are staying" }).waitFor(); // there too
@@ -779,7 +782,8 @@ step("a guest keeps its chats by claiming an account: a taken username is refuse
     await guestPage.locator('[data-testid="password-form"]').waitFor();
     assert.equal(await form.isHidden(), true, "no guest form for the account");
   } finally {
-    releaseOther();
+    releaseClaim();
+    await guestPage.unroute("**/natter.sessions.v1.SessionService/ClaimAccount");
     await other.close();
   }
 

@@ -45,6 +45,26 @@ export const token = {
   },
 };
 
+/**
+ * Says to this browser's other tabs that this one is claiming an account
+ * for guest `userId` (ClaimAccount ends every session of the guest, theirs
+ * too, before this tab has the account's token to store): until `until`
+ * (ms since the epoch), after which a tab closed mid-claim is assumed.
+ */
+export const claimMark = {
+  key: `natter.claim:${serverUrl}`,
+  set: (userId: string, until: number) => localStorage.setItem(claimMark.key, JSON.stringify({ userId, until })),
+  get: (): { userId: string; until: number } | null => {
+    try {
+      const mark = JSON.parse(localStorage.getItem(claimMark.key) ?? "null");
+      return typeof mark?.userId === "string" && typeof mark?.until === "number" ? mark : null;
+    } catch {
+      return null;
+    }
+  },
+  clear: () => localStorage.removeItem(claimMark.key),
+};
+
 /** Adds `authorization: Bearer <token>` to every call once logged in, unless the call names one. */
 const bearer: Interceptor = (next) => (req) => {
   if (held && !req.header.has("authorization")) req.header.set("authorization", `Bearer ${held}`);

@@ -152,7 +152,39 @@ async function act(what: () => Promise<void>) {
  */
 function sessionEnded(err: unknown, sentWith: string | null): boolean {
   const stored = api.token.stored();
-  return api.isUnauthenticated(err) && !claiming && api.token.get() === sentWith && (!stored || stored === sentWith);
+  return api.isUnauthenticated(err) && !claiming && !claimingElsewhere() && api.token.get() === sentWith &&
+    (!stored || stored === sentWith);
+}
+
+/** How long a claim another tab announced is waited for: longer than any ClaimAccount takes (its password check may queue). */
+const CLAIM_MARK_MS = 30_000;
+
+/**
+ * Whether another tab of this browser is claiming an account for our guest
+ * (api.claimMark): the claim ends our session before that tab has the
+ * account's token to store, which this page then follows (see "other tabs").
+ */
+function claimingElsewhere(): boolean {
+  const mark = api.claimMark.get();
+  return !claiming && !!me && mark?.userId === me.id && mark.until > Date.now();
+}
+
+/** Resolves once no other tab claims for our guest any longer (it stored the account's token, or gave up), or on abort. */
+function claimElsewhereEnded(signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      window.removeEventListener("storage", onStorage);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const onStorage = () => {
+      if (!claimingElsewhere()) done();
+    };
+    const timer = setTimeout(done, Math.max(0, (api.claimMark.get()?.until ?? 0) - Date.now()));
+    window.addEventListener("storage", onStorage);
+    signal.addEventListener("abort", done);
+  });
 }
 
 const sleep = (ms: number, signal: AbortSignal) =>
@@ -1359,6 +1391,15 @@ async function runStream(signal: AbortSignal) {
       for await (const ev of api.messages.streamEvents({ resume, resumeChanges }, { signal, onHeader })) handleEvent(ev);
     } catch (err) {
       if (signal.aborted) return;
+      if (api.isUnauthenticated(err) && claimingElsewhere()) {
+        // Our guest session ended with another tab's claim: that tab stores
+        // the account's token next, which this page follows (aborting this
+        // loop). A claim that ends without one tries again here, and an
+        // ended session then signs out.
+        setStatus("following the account made in another tab…");
+        await claimElsewhereEnded(signal);
+        continue;
+      }
       if (sessionEnded(err, sentWith)) {
         signOutLocally();
         showError("Your session has ended; please sign in again.");
@@ -2588,6 +2629,7 @@ el("claim-form").addEventListener("submit", (e) => {
   void act(async () => {
     let done = () => {};
     claiming = new Promise((resolve) => (done = resolve));
+    api.claimMark.set(user.id, Date.now() + CLAIM_MARK_MS); // the other tabs' guest sessions end with this one
     try {
       const res = await api.sessions.claimAccount(request);
       if (!res.user || !res.token) throw new Error("the server returned no account");
@@ -2600,6 +2642,7 @@ el("claim-form").addEventListener("submit", (e) => {
       if (api.isUnauthenticated(err)) throw err; // the guest's session had ended already: act signs out
       claimNote(api.describe(err)); // username taken, a field refused, too many: nothing changed
     } finally {
+      api.claimMark.clear(); // after the account's token is stored: the other tabs hear of that first
       claiming = null;
       done();
       button.disabled = false;

@@ -940,7 +940,7 @@ step("pins: alice pins a message of her chat with bob; his timeline and Pinned p
   for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
 });
 
-step("a pin and an unpin made while bob's stream was cut show in his Pinned panel, and its count, once it reconnects", async () => {
+step("pins and an unpin made while bob's stream was cut (one of a message sent meanwhile) show in his Pinned panel, and its count, once it reconnects", async () => {
   const first = "Note 3 of 5"; // alice's, in their chat, open on both pages
   const second = "Note 4 of 5";
   await bobPage.bringToFront();
@@ -962,24 +962,31 @@ step("a pin and an unpin made while bob's stream was cut show in his Pinned pane
   await messageOn(alicePage, first).locator('[data-testid="pin"]').waitFor();
   await messageOn(alicePage, second).locator('[data-testid="pin"]').click();
   await messageOn(alicePage, second).locator('[data-testid="unpin"]').waitFor();
-  await waitForPinCount(alicePage, 1);
-  // Bob's page has not heard of either.
+  // A message sent and pinned while he is away: his page hears of it once, as sent pinned (resume coalesces).
+  const third = "Pinned while you were away";
+  await send(alicePage, third);
+  await messageOn(alicePage, third).locator('[data-testid="pin"]').click();
+  await messageOn(alicePage, third).locator('[data-testid="unpin"]').waitFor();
+  await waitForPinCount(alicePage, 2);
+  // Bob's page has heard of none of it.
   assert.deepEqual(await pinnedItems(bobPage).locator(".text").allTextContents(), [first]);
   assert.equal(await bobPage.getAttribute('[data-testid="open-pinned"]', "data-count"), "1");
 
   await bobPage.unroute("**/natter.messages.v1.MessageService/StreamEvents");
   // Its next try comes after its backoff, which may have grown past WAIT (at most 15 s and a bit).
   await bobPage.locator("#status", { hasText: "live" }).waitFor({ timeout: 2 * WAIT });
+  await waitForMessage(bobPage, third);
+  await pinnedItem(bobPage, third).locator('[data-testid="pinned-by"]', { hasText: alice.name }).waitFor();
   await pinnedItem(bobPage, second).locator('[data-testid="pinned-by"]', { hasText: alice.name }).waitFor();
   await pinnedItem(bobPage, first).waitFor({ state: "detached" });
-  assert.deepEqual(await pinnedItems(bobPage).locator(".text").allTextContents(), [second]);
-  await waitForPinCount(bobPage, 1);
-  await messageOn(bobPage, second).locator('[data-testid="pinned-by"]').waitFor();
+  assert.deepEqual(await pinnedItems(bobPage).locator(".text").allTextContents(), [third, second], "the latest pin first");
+  await waitForPinCount(bobPage, 2);
+  for (const text of [second, third]) await messageOn(bobPage, text).locator('[data-testid="pinned-by"]').waitFor();
   assert.equal(await messageOn(bobPage, first).locator('[data-testid="pinned-by"]').count(), 0);
   await assertNotReloaded(bobPage, "bob's page");
 
   // Back to no pins, live, for the steps after.
-  await messageOn(alicePage, second).locator('[data-testid="unpin"]').click();
+  for (const text of [second, third]) await messageOn(alicePage, text).locator('[data-testid="unpin"]').click();
   await bobPage.locator('[data-testid="pinned-empty"]').waitFor();
   await waitForPinCount(bobPage, 0);
   await bobPage.click('[data-testid="close-pinned"]');

@@ -3,7 +3,8 @@
 // same reply, a few characters every 40 ms), the built page from another
 // origin, one person in headless Chromium: a reply streams in, is reloaded,
 // stopped mid-stream, rerun with an edited prompt, and the replaced replies
-// are listed as older versions; then, in a group with the assistant, its
+// are listed as older versions; a pinned reply that a reload replaces is
+// shown from the Pinned panel among them; then, in a group with the assistant, its
 // owner has it answer every message, then none, while a member who may not
 // change it watches.
 //

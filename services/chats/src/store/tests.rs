@@ -123,6 +123,7 @@ chat_store_suite!(
     privacy_settings_are_each_users_own_and_go_with_a_forgotten_user,
     users_in_groups_counts_current_group_memberships,
     blocks_are_each_users_own_are_seen_both_ways_and_go_with_a_forgotten_user,
+    a_block_beside_a_forgetting_leaves_no_row,
 );
 
 async fn blocks_are_each_users_own_are_seen_both_ways_and_go_with_a_forgotten_user(store: &dyn ChatStore) {
@@ -326,6 +327,26 @@ async fn a_membership_write_beside_a_forgetting_is_refused_or_seen(store: &dyn C
             Added::Added(_) => assert_eq!(seen, [group.id], "round {round}: an add that went in is seen"),
             other => panic!("round {round}: {other:?}"),
         }
+    }
+}
+
+/// A block racing its target's forgetting (BlockUser beside the account's
+/// deletion) either is refused or goes with the forgetting: no block of a
+/// deleted user is left behind.
+async fn a_block_beside_a_forgetting_leaves_no_row(store: &dyn ChatStore) {
+    let alice = UserId::new_v7();
+    for round in 0..30 {
+        let user = UserId::new_v7();
+        let (blocked, forgotten) =
+            tokio::join!(store.block(alice, user, round, 100), store.record_forgotten(user, round));
+        forgotten.unwrap();
+        match blocked.unwrap() {
+            Blocked::Done | Blocked::Forgotten(_) => {}
+            Blocked::TooMany => panic!("round {round}: at most 30 blocks of a limit of 100"),
+        }
+        let left: Vec<UserId> =
+            store.blocked_users(alice, None, 100).await.unwrap().into_iter().map(|(u, _)| u).collect();
+        assert!(!left.contains(&user), "round {round}: a block of a forgotten user is left");
     }
 }
 

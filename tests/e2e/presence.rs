@@ -206,6 +206,7 @@ mod live_profile {
     crate::both_modes!(
         renames_reach_those_who_share_a_chat_once_and_account_changes_only_the_user_s_own_streams,
         a_deleted_account_is_told_to_those_who_share_a_chat_with_it_and_to_nobody_else,
+        a_client_that_keeps_every_event_s_change_seq_by_its_chat_id_reconnects_after_a_rename,
     );
 
     /// The next event that is not a presence change (streams opening and
@@ -359,5 +360,36 @@ mod live_profile {
         // Carol's first event is bob's message, sent after the deletion.
         send(c, &bob, &bob_carol.id, "hi carol").await;
         next_message(&mut carols, "hi carol").await;
+    }
+
+    /// A client that keeps the highest `change_seq` of every event by its
+    /// `chat_id` (as StreamEvents tells clients to) holds "" -> 0 once it
+    /// heard a `user_updated`. Sent back in `resume_changes`, that entry
+    /// names no chat and is ignored: the reconnect resumes the chat from
+    /// where the client was, rather than failing INVALID_ARGUMENT at every
+    /// try.
+    async fn a_client_that_keeps_every_event_s_change_seq_by_its_chat_id_reconnects_after_a_rename(c: &Cluster) {
+        let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+        let chat = direct(c, &alice, &bob).await;
+        let mut bobs = open(c, &bob, &[], &[]).await;
+        send(c, &alice, &chat.id, "before the rename").await;
+        rename(c, &alice, "Alice Liddell").await;
+        let mut seen = std::collections::HashMap::<String, i64>::new();
+        loop {
+            let event = next_any(&mut bobs).await;
+            let last = seen.entry(event.chat_id.clone()).or_default();
+            *last = (*last).max(event.change_seq);
+            if matches!(event.event, Some(Event::UserUpdated(_))) {
+                break;
+            }
+        }
+        assert_eq!(seen.get(""), Some(&0), "the rename's entry: {seen:?}");
+        drop(bobs);
+
+        send(c, &alice, &chat.id, "while bob was away").await;
+        let request = mpb::StreamEventsRequest { resume_changes: seen, ..Default::default() };
+        let mut again =
+            c.messages().stream_events(authed(&bob, request)).await.expect("the reconnect is taken").into_inner();
+        next_message(&mut again, "while bob was away").await;
     }
 }

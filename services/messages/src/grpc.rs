@@ -540,7 +540,8 @@ pub fn chat_changes_request(r: &pb::RecordChatChangesRequest) -> Result<(ChatId,
 
 /// The chat ids of a StreamEvents request, parsed and de-duplicated (first
 /// occurrence kept, in linear time), and its resume points (a chat in both
-/// maps resumes by change number).
+/// maps resumes by change number; a resume entry keyed by the empty
+/// string, the chat_id of user_updated and account_updated, is ignored).
 ///
 /// Errors: INVALID_ARGUMENT naming `chat_ids`, `resume` or `resume_changes`
 /// when one has more than `limits.chats_per_request` entries (checked before
@@ -550,9 +551,11 @@ pub fn follow_request(
     limits: &StreamLimits,
 ) -> Result<(Vec<Uuid>, HashMap<Uuid, Resume>), Status> {
     let max = limits.chats_per_request;
+    // The empty key, ignored below, takes no place.
+    let points = |map: &HashMap<String, i64>| map.len() - usize::from(map.contains_key(""));
     let mut too_many = FieldViolations::new();
     for (field, len) in
-        [("chat_ids", r.chat_ids.len()), ("resume", r.resume.len()), ("resume_changes", r.resume_changes.len())]
+        [("chat_ids", r.chat_ids.len()), ("resume", points(&r.resume)), ("resume_changes", points(&r.resume_changes))]
     {
         if len > max {
             too_many.add(field, format!("at most {max} entries (limit max_stream_chats)"));
@@ -570,6 +573,13 @@ pub fn follow_request(
     let mut resume = HashMap::with_capacity(r.resume.len() + r.resume_changes.len());
     for (field, map, by_change) in [("resume", &r.resume, false), ("resume_changes", &r.resume_changes, true)] {
         for (chat, point) in map {
+            // An empty key names no chat: it is the chat_id of the events of
+            // a user rather than a chat (user_updated, account_updated),
+            // which a client keeping every event's change_seq by its chat_id
+            // sends back. Ignored, as a chat no longer followed is.
+            if chat.is_empty() {
+                continue;
+            }
             // The key is not echoed: it may be anything up to the request size.
             let chat = Uuid::try_parse(chat).map_err(|_| MessagesError::invalid(field, "keys must be chat UUIDs"))?;
             if *point < 0 {
@@ -1403,6 +1413,15 @@ mod tests {
         let (_, resume) = follow_request(r, &StreamLimits::default()).unwrap();
         assert_eq!(resume[&a], Resume::Seq(Seq(5)));
         assert_eq!(resume[&b], Resume::Changes(9));
+        // The chat_id of the events of a user, kept by a client as any
+        // other: no chat, no resume point.
+        let of_no_chat = pb::StreamEventsRequest {
+            resume: [(String::new(), 0)].into_iter().collect(),
+            resume_changes: [(String::new(), 0), (a.to_string(), 3)].into_iter().collect(),
+            ..Default::default()
+        };
+        let (_, resume) = follow_request(of_no_chat, &StreamLimits::default()).unwrap();
+        assert_eq!(resume, [(a, Resume::Changes(3))].into_iter().collect());
         let negative = pb::StreamEventsRequest {
             resume_changes: [(a.to_string(), -1)].into_iter().collect(),
             ..Default::default()

@@ -105,6 +105,16 @@ macro_rules! stop_generating_sql {
 }
 pub(crate) use stop_generating_sql;
 
+/// The condition (for both engines) of a chat's pinned messages: pinned,
+/// and not deleted (see [`Pin::of_columns`]), so that a tombstone a release
+/// before pins left pinned is neither listed nor counted against the limit.
+macro_rules! pinned_sql {
+    () => {
+        "pin_time IS NOT NULL AND delete_time IS NULL"
+    };
+}
+pub(crate) use pinned_sql;
+
 /// The columns of a message, in the order both engines' row mappers read
 /// them.
 macro_rules! message_columns {
@@ -341,11 +351,15 @@ pub struct Pin {
 }
 
 impl Pin {
-    /// The pin of the columns `pin_time` and `pinned_by` (both NULL: none).
+    /// The pin of the columns `pin_time` and `pinned_by` (both NULL: none)
+    /// of a message deleted (`delete_time` set) or not. A deleted message
+    /// has none: a release before pins deleted without clearing the columns
+    /// it did not know (in a rolling upgrade, or after a rollback).
     ///
     /// Errors: one set without the other, or a pinner that is no UUID.
-    pub fn of_columns(time: Option<i64>, by: Option<&str>) -> Result<Option<Self>, String> {
+    pub fn of_columns(time: Option<i64>, by: Option<&str>, deleted: bool) -> Result<Option<Self>, String> {
         match (time, by) {
+            _ if deleted => Ok(None),
             (None, None) => Ok(None),
             (Some(time), Some(by)) => Ok(Some(Pin { time, by: parse_id("pinned_by", by)? })),
             _ => Err("pin_time and pinned_by must be set together".to_owned()),
@@ -1661,7 +1675,7 @@ fn list_sql(range: Range, from: Option<Seq>, limit: u32) -> (String, Vec<i64>) {
     }
     if range.pinned {
         // Walks the chat's few pins (`messages_pinned`), never the chat.
-        sql.push_str(" AND pin_time IS NOT NULL");
+        sql.push_str(concat!(" AND ", pinned_sql!()));
     }
     match range.timeline {
         Timeline::Everything => {}

@@ -32,8 +32,8 @@ use super::{
     NewMessage, NewReply, Pin, Pinned, QueueCursor, QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision,
     Role, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary,
     ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, decode_mentions, encode_mentions,
-    list_sql, mention_count_sql, merge_changes, message_columns, parse_id, report_columns, stop_generating_sql,
-    thread_root_of, unread_count_sql,
+    list_sql, mention_count_sql, merge_changes, message_columns, parse_id, pinned_sql, report_columns,
+    stop_generating_sql, thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -618,6 +618,7 @@ async fn tombstone(tx: &mut sqlx::PgConnection, id: &str, now: i64) -> Result<()
 fn message_row(row: &PgRow) -> Result<Message, StoreError> {
     let attachments: &str = row.try_get(5)?;
     let reply: i64 = row.try_get(6)?;
+    let delete_time: Option<i64> = row.try_get(10)?;
     Ok(Message {
         id: id_at(row, 0)?,
         chat_id: id_at(row, 1)?,
@@ -629,7 +630,7 @@ fn message_row(row: &PgRow) -> Result<Message, StoreError> {
         send_time: row.try_get(7)?,
         edit_time: row.try_get(8)?,
         revision: row.try_get(9)?,
-        delete_time: row.try_get(10)?,
+        delete_time,
         change_seq: row.try_get(11)?,
         create_change: row.try_get(12)?,
         reply: Reply::of_columns(
@@ -652,7 +653,8 @@ fn message_row(row: &PgRow) -> Result<Message, StoreError> {
             row.try_get("thread_participants")?,
         )
         .map_err(StoreError::Corrupt)?,
-        pin: Pin::of_columns(row.try_get("pin_time")?, row.try_get("pinned_by")?).map_err(StoreError::Corrupt)?,
+        pin: Pin::of_columns(row.try_get("pin_time")?, row.try_get("pinned_by")?, delete_time.is_some())
+            .map_err(StoreError::Corrupt)?,
     })
 }
 
@@ -1624,7 +1626,7 @@ impl MessageStore for PostgresStore {
         let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
         if pin {
             let (pins,): (i64,) =
-                sqlx::query_as("SELECT COUNT(*) FROM messages WHERE chat_id = $1 AND pin_time IS NOT NULL")
+                sqlx::query_as(concat!("SELECT COUNT(*) FROM messages WHERE chat_id = $1 AND ", pinned_sql!()))
                     .bind(&chat)
                     .fetch_one(&mut *tx)
                     .await?;

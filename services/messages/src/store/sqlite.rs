@@ -24,7 +24,7 @@ use super::{
     ReadState, Reply, Revision, Role, SEARCH_RANK_MAX, SEARCH_SCAN, SearchCursor, SearchFilter, SearchHit, SearchPage,
     Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of,
     chat_change_row, created_after_bounds, decode_mentions, encode_mentions, first_seq_created_after, list_sql,
-    mention_count_sql, merge_changes, message_columns, report_columns, stop_generating_sql, thread_root_of,
+    mention_count_sql, merge_changes, message_columns, pinned_sql, report_columns, stop_generating_sql, thread_root_of,
     unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
@@ -211,6 +211,7 @@ fn id_at<T: std::str::FromStr<Err = uuid::Error>>(row: &Row<'_>, i: usize) -> ru
 
 /// A row of [`message_columns!`].
 fn message_row(row: &Row<'_>) -> rusqlite::Result<Message> {
+    let delete_time: Option<i64> = row.get(10)?;
     Ok(Message {
         id: id_at(row, 0)?,
         chat_id: id_at(row, 1)?,
@@ -222,7 +223,7 @@ fn message_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         send_time: row.get(7)?,
         edit_time: row.get(8)?,
         revision: row.get(9)?,
-        delete_time: row.get(10)?,
+        delete_time,
         change_seq: row.get(11)?,
         create_change: row.get(12)?,
         reply: Reply::of_columns(
@@ -242,7 +243,7 @@ fn message_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         thread_root: Some(Seq(row.get(23)?)).filter(|s| s.0 > 0),
         thread: ThreadSummary::of_columns(row.get(24)?, row.get(25)?, row.get_ref(26)?.as_str()?)
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(26, Type::Text, e.into()))?,
-        pin: Pin::of_columns(row.get(27)?, row.get_ref(28)?.as_str_or_null()?)
+        pin: Pin::of_columns(row.get(27)?, row.get_ref(28)?.as_str_or_null()?, delete_time.is_some())
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(28, Type::Text, e.into()))?,
     })
 }
@@ -659,7 +660,7 @@ fn pin_message(
     let chat = message.chat_id.to_string();
     if pin {
         let pins: i64 = tx
-            .prepare_cached("SELECT COUNT(*) FROM messages WHERE chat_id = ?1 AND pin_time IS NOT NULL")?
+            .prepare_cached(concat!("SELECT COUNT(*) FROM messages WHERE chat_id = ?1 AND ", pinned_sql!()))?
             .query_row([&chat], |row| row.get(0))?;
         if usize::try_from(pins).unwrap_or(usize::MAX) >= max_pins {
             return Ok(Pinned::TooMany);

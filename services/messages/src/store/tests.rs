@@ -135,6 +135,7 @@ message_store_suite!(
     deleting_a_reply_being_written_ends_it_and_no_later_write_restores_its_text,
     pins_take_numbers_only_when_real_hold_the_limit_under_concurrent_pins_and_go_with_a_delete,
     a_pinned_reply_stays_among_the_pins_when_a_replacement_supersedes_it,
+    a_pin_left_on_a_message_an_earlier_release_deleted_is_no_pin,
 );
 
 /// Fixed ids, so tests can name chats and users by letter.
@@ -2013,4 +2014,25 @@ async fn a_pinned_reply_stays_among_the_pins_when_a_replacement_supersedes_it(h:
     let listed = h.store.list(chat(1), pins, None, 10).await.unwrap();
     assert_eq!(listed.iter().map(|m| (m.id, m.superseded())).collect::<Vec<_>>(), [(first.id, true)]);
     assert_eq!(stored(h, 1).await.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 3], "the history skips it");
+}
+
+/// A message deleted by a release before pins keeps its pin columns (its
+/// tombstone does not know them: a rolling upgrade runs both releases side
+/// by side, and a rollback runs the old one on the migrated schema). It is
+/// no pin: not listed among the pins, no place taken under the limit (which
+/// nobody could free, as a deleted message cannot be unpinned), and read
+/// without one.
+async fn a_pin_left_on_a_message_an_earlier_release_deleted_is_no_pin(h: &Harness) {
+    send(h, &[msg(1, 1, 0), msg(2, 1, 0)]).await;
+    assert!(matches!(h.store.pin(id(1), user(1), true, 50, 1).await.unwrap(), Pinned::Changed(_)));
+    // As the release before pins deletes: the text gone, the pin columns as
+    // they were.
+    h.execute(&format!("UPDATE messages SET text = '', delete_time = 60 WHERE id = '{}'", id(1))).await;
+    let tombstone = h.store.message(id(1)).await.unwrap().expect("a tombstone");
+    assert_eq!((tombstone.deleted(), tombstone.pin), (true, None));
+    let pins = Range { ascending: true, pinned: true, ..Range::default() };
+    let listed = h.store.list(chat(1), pins, None, 10).await.unwrap();
+    assert!(listed.is_empty(), "listed: {listed:?}");
+    let second = h.store.pin(id(2), user(1), true, 70, 1).await.unwrap();
+    assert!(matches!(&second, Pinned::Changed(m) if m.pin.is_some()), "a limit of one has room: {second:?}");
 }

@@ -44,7 +44,8 @@
 //! shares a chat with them: `user_updated` (a new display name or username,
 //! published by the sessions service with no beat). Each replica that holds
 //! streams hands it on exactly as a presence change, through the user's
-//! chats, and streams deduplicate it by its serial (the change's time).
+//! chats, and streams deduplicate it by its serial (the change's number,
+//! which the sessions service's database gave it).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};

@@ -611,13 +611,16 @@ impl Follower {
     fn on_user_event(&mut self, event: &BusEvent) -> Step {
         let Some(payload) = &event.payload else { return Step::default() };
         // News of the user's own account or profile, from another of their
-        // tabs or devices (or this one): public streams pass it on as it is.
+        // tabs or devices (or this one): public streams pass it on as it is,
+        // a profile only if newer than one passed on (renames racing, or
+        // announced by replicas in another order than they were made).
         if let Some(Event::UserUpdated(_) | Event::AccountUpdated(_)) = &payload.event {
-            return if self.profiles.is_some() && event.chat.is_none() {
-                Step::send(payload.clone())
-            } else {
-                Step::default()
-            };
+            let fresh = event.chat.is_none()
+                && match &payload.event {
+                    Some(Event::UserUpdated(_)) => news(self.profiles.as_mut(), event),
+                    _ => self.profiles.is_some(),
+                };
+            return if fresh { Step::send(payload.clone()) } else { Step::default() };
         }
         let Some(chat) = event.chat.map(|c| c.uuid()) else { return Step::default() };
         let Some(Event::MembershipChanged(change)) = &payload.event else { return Step::default() };
@@ -925,13 +928,19 @@ fn is_assistant_reply(m: &pb::Message) -> bool {
 }
 /// Whether `event`, news of its one user (a presence change, a rename) that
 /// reached a stream of `own` through one of their shared chats, is to be
-/// passed on, and if so records it in `sent` (user -> the serial of the last
-/// news of them passed on): not when the stream gets none of that kind
-/// (`sent` is None: the assistant's), not the stream's own user's, and not
-/// a copy (through another shared chat) or older news than one passed on.
+/// passed on (see [`news`]), and not the stream's own user's.
 fn news_of_another(sent: Option<&mut HashMap<Uuid, i64>>, own: Uuid, event: &BusEvent) -> bool {
+    event.users.first().is_some_and(|user| user.uuid() != own) && news(sent, event)
+}
+
+/// Whether `event`, news of its one user, is to be passed on, and if so
+/// records it in `sent` (user -> the serial of the last news of them passed
+/// on): not when the stream gets none of that kind (`sent` is None: the
+/// assistant's), and not a copy (through another shared chat, or on another
+/// topic) or older news than one passed on.
+fn news(sent: Option<&mut HashMap<Uuid, i64>>, event: &BusEvent) -> bool {
     let (Some(sent), Some(user)) = (sent, event.users.first()) else { return false };
-    if user.uuid() == own || sent.get(&user.uuid()).is_some_and(|last| *last >= event.change_seq) {
+    if sent.get(&user.uuid()).is_some_and(|last| *last >= event.change_seq) {
         return false;
     }
     sent.insert(user.uuid(), event.change_seq);
@@ -1399,6 +1408,36 @@ mod tests {
     }
 
     const GENERATING: i32 = pb::GenerationStatus::Generating as i32;
+
+    /// A user's own renames reach their streams in the order the database
+    /// numbered them, whatever order their announcements arrive in (renames
+    /// racing, replicas announcing out of order): one older than a rename
+    /// sent is dropped, as for the renames of others. Account changes all
+    /// go out.
+    #[tokio::test]
+    async fn a_user_s_own_rename_older_than_one_sent_is_dropped() {
+        let h = Harness::start().await;
+        let mut follower = Follower { profiles: Some(HashMap::new()), ..follower_from_the_start(&h) };
+        let renamed = |name: &str, serial| {
+            Arc::new(natter_bus::Event::user_updated(UserId(h.member), "member".into(), name.into(), serial))
+        };
+        let names = |step: Step| -> Vec<String> {
+            step.events
+                .into_iter()
+                .filter_map(|e| match e.event {
+                    Some(Event::UserUpdated(u)) => Some(u.display_name),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(names(follower.on_user_event(&renamed("second", 2))), ["second"]);
+        assert_eq!(names(follower.on_user_event(&renamed("first", 1))), Vec::<String>::new(), "older: dropped");
+        assert_eq!(names(follower.on_user_event(&renamed("third", 3))), ["third"]);
+        let account = Arc::new(natter_bus::Event::account_updated(UserId(h.member), pb::AccountChange::BlockedUsers));
+        for _ in 0..2 {
+            assert_eq!(follower.on_user_event(&account).events.len(), 1, "each account change goes out");
+        }
+    }
 
     /// The privacy audit's L4: a stream that lost the announcements of a
     /// reply's start and of its member's removal re-reads its chats on a

@@ -207,7 +207,7 @@ async fn next_rename(stream: &mut tonic::codec::Streaming<mpb::StreamEventsRespo
 
 /// Alice renames herself twice, first through replica two, whose wall
 /// clock is an hour ahead (libfaketime), then through replica one: bob's
-/// stream shows both, the later last. A rename is ordered by the version
+/// stream and her own show both, the later last. A rename is ordered by the version
 /// the users row gives it, not by its replica's clock (which made the
 /// second look an hour older, and bob's stream drop it as stale).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,14 +219,18 @@ async fn renames_made_through_replicas_whose_clocks_disagree_reach_a_stream_in_o
     let ahead = replica_with_env(&db, &prefix, &nats, "60s", skewed);
     let on_ahead = ahead.channel().await;
     let (alice, _, bob) = pair(&on_one).await;
-    let mut bobs = stream(&on_one, &bob).await;
+    let (mut bobs, mut alices) = (stream(&on_one, &bob).await, stream(&on_one, &alice).await);
 
     rename(&on_ahead, &alice, "Alice, an hour ahead").await;
-    assert_eq!(next_rename(&mut bobs).await, "Alice, an hour ahead");
+    for stream in [&mut bobs, &mut alices] {
+        assert_eq!(next_rename(stream).await, "Alice, an hour ahead");
+    }
     rename(&on_one, &alice, "Alice, on time").await;
-    assert_eq!(next_rename(&mut bobs).await, "Alice, on time");
+    for stream in [&mut bobs, &mut alices] {
+        assert_eq!(next_rename(stream).await, "Alice, on time");
+    }
 
-    drop(bobs);
+    drop((bobs, alices));
     drop((one, ahead));
     drop_schemas(&db, &prefix).await;
 }

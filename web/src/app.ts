@@ -1112,8 +1112,8 @@ function noteTyping(chatId: string, userId: string, until: number) {
 /**
  * Redraws everything that shows people's names, after a rename: the chat
  * list (a direct chat is called by its other member's name), the open
- * chat's title and its messages' authors, the thread, the typing line, the
- * members panel, whom we block (the Block button, the composer's note,
+ * chat's title, its messages' authors and read receipts, the thread, the
+ * typing line, the members panel, whom we block (the Block button, the composer's note,
  * Settings' Blocked people), the search results, the Pinned panel (authors
  * and pinners) and the header.
  */
@@ -1128,7 +1128,6 @@ function renderNames() {
   renderBlocking();
   renderSearchNames();
   renderPins();
-  renderSeen();
   renderMe();
 }
 

@@ -15,6 +15,8 @@ crate::both_modes!(
     unread_counts_match_a_brute_force_model,
     unread_counts_stop_at_a_thousand,
     read_positions_are_listed_for_members_to_members_a_page_at_a_time,
+    private_read_receipts_reach_only_the_readers_own_streams_and_list,
+    a_block_hides_read_receipts_both_ways,
 );
 
 /// The model: what unread and mention counts must be.
@@ -306,4 +308,99 @@ async fn read_positions_are_listed_for_members_to_members_a_page_at_a_time(c: &C
             (tonic::Code::InvalidArgument, vec!["page_token".to_owned()])
         );
     }
+}
+
+/// Sets `user`'s privacy setting read_receipts.
+async fn set_read_receipts(c: &Cluster, user: &TestUser, receipts: cpb::ReadReceipts) -> cpb::PrivacySettings {
+    let request = cpb::UpdatePrivacySettingsRequest {
+        settings: Some(cpb::PrivacySettings { read_receipts: receipts as i32, ..Default::default() }),
+        update_mask: Some(natter_proto::FieldMask { paths: vec!["read_receipts".into()] }),
+    };
+    c.chats().update_privacy_settings(authed(user, request)).await.unwrap().into_inner().settings.unwrap()
+}
+
+/// The next read_updated of `stream` (other events skipped): whose, and
+/// how far.
+async fn next_read(stream: &mut tonic::Streaming<mpb::StreamEventsResponse>) -> (String, i64) {
+    loop {
+        if let Some(mpb::stream_events_response::Event::ReadUpdated(r)) = crate::stream::next(stream).await.event {
+            return (r.user_id, r.read_seq);
+        }
+    }
+}
+
+/// Private read receipts (the privacy setting read_receipts NOBODY): how
+/// far ben has read reaches his own other devices, and no one else's
+/// stream or ListReadPositions; his unread count is unchanged; back to
+/// EVERYONE, his position is listed again at once. An unspecified value
+/// is refused by name.
+async fn private_read_receipts_reach_only_the_readers_own_streams_and_list(c: &Cluster) {
+    let users = futures::future::join_all(["ann", "ben", "cat"].map(|n| c.user(n))).await;
+    let (ann, ben, cat) = (&users[0], &users[1], &users[2]);
+    let chat = crate::mentions::group(c, ann, &[ben, cat]).await;
+    for text in ["one", "two", "three"] {
+        crate::chats::send(c, ann, &chat, text).await;
+    }
+    let defaults = c.chats().get_privacy_settings(authed(ben, cpb::GetPrivacySettingsRequest {})).await.unwrap();
+    assert_eq!(defaults.into_inner().settings.unwrap().read_receipts, cpb::ReadReceipts::Everyone as i32);
+    let private = set_read_receipts(c, ben, cpb::ReadReceipts::Nobody).await;
+    assert_eq!(private.read_receipts, cpb::ReadReceipts::Nobody as i32);
+    assert_eq!(private.group_adds, cpb::GroupAdds::Everyone as i32, "the others are kept");
+
+    let mut anns = crate::stream::open(c, ann, &[&chat], &[]).await;
+    let mut bens = crate::stream::open(c, ben, &[&chat], &[]).await;
+    let mark = |seq| mpb::MarkReadRequest { chat_id: chat.clone(), seq };
+    let read = c.messages().mark_read(authed(ben, mark(2))).await.unwrap().into_inner();
+    assert_eq!((read.read_seq, read.unread_count), (2, 1), "his own count as before");
+    c.messages().mark_read(authed(cat, mark(1))).await.unwrap();
+    assert_eq!(next_read(&mut bens).await, (ben.id.clone(), 2), "his other device follows");
+    assert_eq!(next_read(&mut anns).await, (cat.id.clone(), 1), "ann hears cat's, published after his, only");
+
+    let mut others = vec![(ann.id.clone(), 0), (cat.id.clone(), 1)];
+    others.sort();
+    assert_eq!(read_positions(c, ann, &chat, 0).await.0, others, "ben left out");
+    assert_eq!(read_positions(c, cat, &chat, 1).await.0, others, "pages skip him too");
+    let mut all = [others.clone(), vec![(ben.id.clone(), 2)]].concat();
+    all.sort();
+    assert_eq!(read_positions(c, ben, &chat, 0).await.0, all, "his own is listed to him");
+
+    set_read_receipts(c, ben, cpb::ReadReceipts::Everyone).await;
+    assert_eq!(read_positions(c, ann, &chat, 0).await.0, all, "shown again at once");
+    c.messages().mark_read(authed(ben, mark(3))).await.unwrap();
+    assert_eq!(next_read(&mut anns).await, (ben.id.clone(), 3), "and heard live again");
+
+    let unspecified = cpb::UpdatePrivacySettingsRequest {
+        settings: Some(cpb::PrivacySettings::default()),
+        update_mask: Some(natter_proto::FieldMask { paths: vec!["read_receipts".into()] }),
+    };
+    let bad = c.chats().update_privacy_settings(authed(ben, unspecified)).await.unwrap_err();
+    assert_eq!(crate::violated_fields(&bad), ["settings.read_receipts"]);
+}
+
+/// A direct chat closed by a block (BlockUser) shows neither member how far
+/// the other has read: not live, not listed; their own positions are
+/// unchanged. Unblocked, they are listed again.
+async fn a_block_hides_read_receipts_both_ways(c: &Cluster) {
+    let (ann, ben) = (c.user("ann").await, c.user("ben").await);
+    let chat = crate::chats::direct(c, &ann, &ben).await.id;
+    for text in ["one", "two"] {
+        crate::chats::send(c, &ann, &chat, text).await;
+    }
+    crate::chats::send(c, &ben, &chat, "three").await;
+    let mut anns = crate::stream::open(c, &ann, &[&chat], &[]).await;
+    let block = cpb::BlockUserRequest { user_id: ann.id.clone() };
+    c.chats().block_user(authed(&ben, block)).await.unwrap();
+
+    let mark = |seq| mpb::MarkReadRequest { chat_id: chat.clone(), seq };
+    c.messages().mark_read(authed(&ben, mark(2))).await.unwrap();
+    c.messages().mark_read(authed(&ann, mark(3))).await.unwrap();
+    assert_eq!(next_read(&mut anns).await, (ann.id.clone(), 3), "her own, not his (published before hers)");
+    assert_eq!(read_positions(c, &ann, &chat, 0).await.0, [(ann.id.clone(), 3)]);
+    assert_eq!(read_positions(c, &ben, &chat, 0).await.0, [(ben.id.clone(), 2)], "nor hers to him");
+
+    let unblock = cpb::UnblockUserRequest { user_id: ann.id.clone() };
+    c.chats().unblock_user(authed(&ben, unblock)).await.unwrap();
+    let mut both = vec![(ann.id.clone(), 3), (ben.id.clone(), 2)];
+    both.sort();
+    assert_eq!(read_positions(c, &ann, &chat, 0).await.0, both);
 }

@@ -14,6 +14,7 @@
 //!   int64 change_seq = 3;      // the chat's change number; 0 for hints
 //!   natter.messages.v1.StreamEventsResponse payload = 4; // absent: a hint
 //!   Beat beat = 5;               // presence announcements only
+//!   bool private = 6;            // the payload is for users' streams only
 //! }
 //! message Beat {
 //!   bytes replica = 1;           // 16 bytes (UUID)
@@ -45,6 +46,7 @@ const USER_IDS: u32 = 2;
 const SEQ: u32 = 3;
 const PAYLOAD: u32 = 4;
 const BEAT: u32 = 5;
+const PRIVATE: u32 = 6;
 
 /// One announcement: what happened in a chat (or to a session), for the
 /// streams of every replica. Subscribers share it by `Arc`; only what a
@@ -67,6 +69,11 @@ pub struct Event {
     /// A replica's presence announcement (on [`Topic::Presence`](crate::Topic::Presence)),
     /// about `users`.
     pub beat: Option<Beat>,
+    /// The payload is for the streams of `users` only (a MarkRead by a
+    /// user whose read receipts are private): other streams take its
+    /// change number as sent and send nothing. A replica of a build from
+    /// before it delivers the payload to every stream.
+    pub private: bool,
 }
 
 /// What a replica announces about the users holding streams on it (the
@@ -140,7 +147,7 @@ impl Event {
     /// An event of `chat` delivering `payload`, at the payload's change
     /// number.
     pub fn new(chat: ChatId, payload: StreamEventsResponse) -> Self {
-        Self { chat: Some(chat), users: Vec::new(), change_seq: payload.change_seq, payload: Some(payload), beat: None }
+        Self { chat: Some(chat), change_seq: payload.change_seq, payload: Some(payload), ..Self::default() }
     }
 
     /// A presence announcement about `users`.
@@ -225,6 +232,19 @@ impl Event {
         self
     }
 
+    /// The same event, its payload for the streams of the users it
+    /// concerns only ([`Event::private`]).
+    pub fn for_its_users_only(mut self) -> Self {
+        self.private = true;
+        self
+    }
+
+    /// Whether a stream of `user` delivers this event's payload: always,
+    /// unless it is [`Event::private`] to other users.
+    pub fn is_for(&self, user: UserId) -> bool {
+        !self.private || self.users.contains(&user)
+    }
+
     /// The wire form (module docs): one buffer of exactly the encoded size.
     pub fn to_wire(&self) -> Bytes {
         let id_len = |tag: u32| key_len(tag) + 1 + 16;
@@ -233,7 +253,8 @@ impl Event {
             + self.users.len() * id_len(USER_IDS)
             + if self.change_seq == 0 { 0 } else { prost::encoding::int64::encoded_len(SEQ, &self.change_seq) }
             + self.payload.as_ref().map_or(0, |p| prost::encoding::message::encoded_len(PAYLOAD, p))
-            + beat.as_ref().map_or(0, |b| prost::encoding::message::encoded_len(BEAT, b));
+            + beat.as_ref().map_or(0, |b| prost::encoding::message::encoded_len(BEAT, b))
+            + if self.private { prost::encoding::bool::encoded_len(PRIVATE, &true) } else { 0 };
         let mut buf = BytesMut::with_capacity(len);
         fn put_id(tag: u32, id: &Uuid, buf: &mut BytesMut) {
             encode_key(tag, WireType::LengthDelimited, buf);
@@ -254,6 +275,9 @@ impl Event {
         }
         if let Some(beat) = &beat {
             prost::encoding::message::encode(BEAT, beat, &mut buf);
+        }
+        if self.private {
+            prost::encoding::bool::encode(PRIVATE, &true, &mut buf);
         }
         debug_assert_eq!(buf.len(), len, "the size computed up front is the size written");
         buf.freeze()
@@ -279,7 +303,7 @@ impl Event {
                 parts: b.parts,
             }),
         };
-        Ok(Self { chat, users, change_seq: wire.change_seq, payload: wire.payload, beat })
+        Ok(Self { chat, users, change_seq: wire.change_seq, payload: wire.payload, beat, private: wire.private })
     }
 }
 
@@ -310,6 +334,8 @@ struct Wire {
     payload: Option<StreamEventsResponse>,
     #[prost(message, optional, tag = "5")]
     beat: Option<BeatWire>,
+    #[prost(bool, tag = "6")]
+    private: bool,
 }
 
 #[cfg(test)]
@@ -344,6 +370,7 @@ mod tests {
         for event in [
             message_event(),
             message_event().concerning(user).concerning(UserId::new_v7()),
+            message_event().concerning(user).for_its_users_only(),
             Event::hint(ChatId::new_v7()),
             Event::default(),
             Event { change_seq: -1, ..Event::default() },
@@ -368,17 +395,30 @@ mod tests {
 
     #[test]
     fn the_hand_written_encoding_is_protobufs() {
-        let event = message_event().concerning(UserId::new_v7());
-        let by_prost = Wire {
-            chat_id: Bytes::copy_from_slice(event.chat.unwrap().0.as_bytes()),
-            user_ids: event.users.iter().map(|u| Bytes::copy_from_slice(u.0.as_bytes())).collect(),
-            change_seq: event.change_seq,
-            payload: event.payload.clone(),
-            beat: None,
+        for private in [false, true] {
+            let event = Event { private, ..message_event().concerning(UserId::new_v7()) };
+            let by_prost = Wire {
+                chat_id: Bytes::copy_from_slice(event.chat.unwrap().0.as_bytes()),
+                user_ids: event.users.iter().map(|u| Bytes::copy_from_slice(u.0.as_bytes())).collect(),
+                change_seq: event.change_seq,
+                payload: event.payload.clone(),
+                beat: None,
+                private,
+            }
+            .encode_to_vec();
+            assert_eq!(event.to_wire(), by_prost);
         }
-        .encode_to_vec();
-        assert_eq!(event.to_wire(), by_prost);
         assert!(Event::default().to_wire().is_empty(), "a session event is zero bytes");
+    }
+
+    #[test]
+    fn a_private_event_is_for_its_users_streams_only() {
+        let (reader, other) = (UserId::new_v7(), UserId::new_v7());
+        let shared = message_event().concerning(reader);
+        assert!(shared.is_for(reader) && shared.is_for(other));
+        let private = shared.for_its_users_only();
+        assert!(private.is_for(reader));
+        assert!(!private.is_for(other));
     }
 
     #[test]
@@ -392,6 +432,7 @@ mod tests {
             change_seq: 0,
             payload: None,
             beat: Some(wire.clone()),
+            private: false,
         };
         assert_eq!(event.to_wire(), by_prost.encode_to_vec());
         wire.kind = 99;

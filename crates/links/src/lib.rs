@@ -146,7 +146,7 @@ pub trait ChatDirectory: Send + Sync + 'static {
         let request = chats::CheckMembershipRequest {
             chat_id: chat_id.to_owned(),
             user_id: user_id.to_owned(),
-            other_user_ids: Vec::new(),
+            ..Default::default()
         };
         self.check_memberships(request).await
     }
@@ -202,11 +202,14 @@ pub async fn peers_by_listing<D: ChatDirectory + ?Sized>(
 /// (see [`natter_kit::cache`]): each is tagged with its chat, so any change
 /// the chats service commits to the chat ([`Tag::Chat`]) drops it on every
 /// replica. Only answers about an existing chat and without
-/// `other_user_ids` (a message's mentions) are kept; everything else goes
-/// to `inner`.
+/// `other_user_ids` (a message's mentions) are kept, by chat, user and
+/// whether `read_receipts` was asked; one with `read_receipts` is also
+/// tagged with its user ([`Tag::User`]), whose privacy settings the chats
+/// service invalidates so when they change. Everything else goes to
+/// `inner`.
 pub struct CachingChatDirectory<D> {
     inner: D,
-    cache: Arc<TaggedCache<(uuid::Uuid, uuid::Uuid), chats::CheckMembershipResponse>>,
+    cache: Arc<TaggedCache<(uuid::Uuid, uuid::Uuid, bool), chats::CheckMembershipResponse>>,
 }
 
 /// Most memberships a [`CachingChatDirectory`] keeps before it starts over.
@@ -227,7 +230,7 @@ impl<D: ChatDirectory> ChatDirectory for CachingChatDirectory<D> {
         request: chats::CheckMembershipRequest,
     ) -> Result<chats::CheckMembershipResponse, Status> {
         let key = match (uuid::Uuid::try_parse(&request.chat_id), uuid::Uuid::try_parse(&request.user_id)) {
-            (Ok(chat), Ok(user)) if request.other_user_ids.is_empty() => (chat, user),
+            (Ok(chat), Ok(user)) if request.other_user_ids.is_empty() => (chat, user, request.read_receipts),
             _ => return self.inner.check_memberships(request).await,
         };
         let ticket = match self.cache.get(&key).await {
@@ -237,7 +240,11 @@ impl<D: ChatDirectory> ChatDirectory for CachingChatDirectory<D> {
         };
         let answer = self.inner.check_memberships(request).await?;
         if let Some(ticket) = ticket.filter(|_| answer.chat_exists) {
-            self.cache.put(ticket, key, answer.clone(), vec![Tag::Chat(key.0)]);
+            let mut tags = vec![Tag::Chat(key.0)];
+            if key.2 {
+                tags.push(Tag::User(key.1));
+            }
+            self.cache.put(ticket, key, answer.clone(), tags);
         }
         Ok(answer)
     }

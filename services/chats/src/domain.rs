@@ -164,15 +164,33 @@ text_enum!(
     }
 );
 
+text_enum!(
+    /// Who sees how far a user has read a chat (ListReadPositions, and the
+    /// read_updated events of their MarkRead calls): their privacy setting,
+    /// as WhatsApp's and Signal's "read receipts" and Matrix's private read
+    /// receipts (`m.read.private`, Matrix spec v1.4). Their unread counts
+    /// and their own other devices follow their position either way.
+    ReadReceipts {
+        /// The chat's members (the default, unless `--default-read-receipts`
+        /// says otherwise).
+        Everyone = "everyone",
+        /// Nobody but the user.
+        Nobody = "nobody",
+    }
+);
+
 /// A user's privacy settings in the chats service, as they apply: each one
 /// the user did not set is the deployment's default
-/// (`--default-group-adds`, `--default-direct-chats`).
+/// (`--default-group-adds`, `--default-direct-chats`,
+/// `--default-read-receipts`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrivacySettings {
     /// Who may add them to a group.
     pub group_adds: GroupAdds,
     /// Who may start a direct chat with them.
     pub direct_chats: DirectChats,
+    /// Who sees how far they have read.
+    pub read_receipts: ReadReceipts,
     /// When they last changed them (µs since the Unix epoch); None while
     /// they are the defaults, never set.
     pub update_time: Option<i64>,
@@ -187,6 +205,8 @@ pub struct PrivacyChoices {
     pub group_adds: Option<GroupAdds>,
     /// Who may start a direct chat with them.
     pub direct_chats: Option<DirectChats>,
+    /// Who sees how far they have read.
+    pub read_receipts: Option<ReadReceipts>,
 }
 
 /// A user's stored privacy choices and when they last changed them (µs

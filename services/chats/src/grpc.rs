@@ -17,7 +17,8 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::{
     self, Activity, AssistantReplies, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, DirectChats, GroupAdds, Kind,
-    Limits, Member, MemberCursor, NewChat, PrivacyChoices, PrivacySettings, Role, SeverityFilter, Visibility,
+    Limits, Member, MemberCursor, NewChat, PrivacyChoices, PrivacySettings, ReadReceipts, Role, SeverityFilter,
+    Visibility,
 };
 use crate::error::ChatsError;
 use crate::service::{ChatView, Chats};
@@ -352,10 +353,10 @@ pub fn update_chat(r: pb::UpdateChatRequest, limits: &Limits) -> Result<(ChatId,
 }
 
 /// Validates an UpdatePrivacySettings request into the choices it makes:
-/// each field its mask names (`group_adds`, `direct_chats`) must be
-/// specified; the others are kept as they are.
+/// each field its mask names (`group_adds`, `direct_chats`,
+/// `read_receipts`) must be specified; the others are kept as they are.
 pub fn privacy_settings_update(r: pb::UpdatePrivacySettingsRequest) -> Result<PrivacyChoices, Status> {
-    const PATHS: &str = "group_adds, direct_chats";
+    const PATHS: &str = "group_adds, direct_chats, read_receipts";
     let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
     if paths.is_empty() {
         return Err(ChatsError::invalid("update_mask", format!("must name at least one of: {PATHS}")).into());
@@ -388,6 +389,13 @@ pub fn privacy_settings_update(r: pb::UpdatePrivacySettingsRequest) -> Result<Pr
                     }
                 });
             }
+            "read_receipts" => {
+                update.read_receipts = Some(match pb::ReadReceipts::try_from(settings.read_receipts) {
+                    Ok(pb::ReadReceipts::Everyone) => ReadReceipts::Everyone,
+                    Ok(pb::ReadReceipts::Nobody) => ReadReceipts::Nobody,
+                    _ => return Err(ChatsError::invalid("settings.read_receipts", "must be EVERYONE or NOBODY").into()),
+                });
+            }
             other => return Err(natter_kit::error::unknown_mask_path(i, other, PATHS)),
         }
     }
@@ -405,9 +413,14 @@ fn privacy_settings_pb(settings: PrivacySettings) -> pb::PrivacySettings {
         DirectChats::Peers => pb::DirectChats::Peers,
         DirectChats::Nobody => pb::DirectChats::Nobody,
     };
+    let read_receipts = match settings.read_receipts {
+        ReadReceipts::Everyone => pb::ReadReceipts::Everyone,
+        ReadReceipts::Nobody => pb::ReadReceipts::Nobody,
+    };
     pb::PrivacySettings {
         group_adds: group_adds as i32,
         direct_chats: direct_chats as i32,
+        read_receipts: read_receipts as i32,
         update_time: settings.update_time.map(timestamp),
     }
 }
@@ -684,12 +697,22 @@ impl ChatInternalService for ChatInternalApi {
         let access = &membership.access;
         // Ids that are not UUIDs name no member.
         let others: Vec<Option<UserId>> = r.other_user_ids.iter().map(|u| u.parse().ok()).collect();
+        let wanted: Vec<UserId> = others.iter().flatten().copied().collect();
         let other_members = if others.is_empty() {
             Vec::new()
         } else {
-            let wanted: Vec<UserId> = others.iter().flatten().copied().collect();
             let members = self.chats.members_among(chat_id, &wanted).await?;
             others.iter().map(|u| u.is_some_and(|u| members.contains(&u))).collect()
+        };
+        // Whose read receipts are private: the user's, then the others'.
+        let (private_read_receipts, other_private_read_receipts) = if r.read_receipts {
+            let private = self.chats.private_read_receipts(&[&[user_id], &wanted[..]].concat()).await?;
+            // `wanted` is `others` without the ids that are no UUIDs.
+            let mut flags = private.iter().copied().skip(1);
+            let others = others.iter().map(|u| u.is_some() && flags.next().unwrap_or(false));
+            (private.first().copied().unwrap_or(false), others.collect())
+        } else {
+            (false, Vec::new())
         };
         Ok(Response::new(pb::CheckMembershipResponse {
             chat_exists: true,
@@ -701,6 +724,8 @@ impl ChatInternalService for ChatInternalApi {
             assistant_replies: assistant_replies_pb(&access.chat),
             other_members,
             blocked: membership.blocked,
+            private_read_receipts,
+            other_private_read_receipts,
         }))
     }
 

@@ -85,6 +85,12 @@ pub struct ChatsArgs {
     /// from anyone.
     #[arg(long, env = "NATTER_DEFAULT_DIRECT_CHATS", value_parser = direct_chats, default_value = "everyone")]
     pub default_direct_chats: domain::DirectChats,
+    /// Who sees how far a user who has not set their privacy setting
+    /// read_receipts has read a chat: `everyone` (the chat's members, as
+    /// most apps do) or `nobody` (Matrix's private read receipts). Unread
+    /// counts are the same either way.
+    #[arg(long, env = "NATTER_DEFAULT_READ_RECEIPTS", value_parser = read_receipts, default_value = "everyone")]
+    pub default_read_receipts: domain::ReadReceipts,
 }
 
 /// `everyone`, `peers` or `nobody`.
@@ -95,6 +101,11 @@ fn group_adds(s: &str) -> Result<domain::GroupAdds, String> {
 /// `everyone`, `peers` or `nobody`.
 fn direct_chats(s: &str) -> Result<domain::DirectChats, String> {
     domain::DirectChats::parse(s).ok_or_else(|| format!("{s:?} is none of: everyone, peers, nobody"))
+}
+
+/// `everyone` or `nobody`.
+fn read_receipts(s: &str) -> Result<domain::ReadReceipts, String> {
+    domain::ReadReceipts::parse(s).ok_or_else(|| format!("{s:?} is none of: everyone, nobody"))
 }
 
 /// A humantime duration (`50ms`, `1s`) that
@@ -120,6 +131,7 @@ impl Default for ChatsArgs {
             chat_change_rate: Rate::parse("600/10m").expect("valid rate"),
             default_group_adds: domain::GroupAdds::Everyone,
             default_direct_chats: domain::DirectChats::Everyone,
+            default_read_receipts: domain::ReadReceipts::Everyone,
         }
     }
 }
@@ -158,7 +170,8 @@ pub async fn open(
     let chats = Chats::new(store, users, messages, bus, args.limits(), rates)
         .with_staff(staff.iter().map(|u| natter_kit::id::UserId::from(*u)))
         .with_default_group_adds(args.default_group_adds)
-        .with_default_direct_chats(args.default_direct_chats);
+        .with_default_direct_chats(args.default_direct_chats)
+        .with_default_read_receipts(args.default_read_receipts);
     let chats = Arc::new(if only_instance { chats.with_membership_cache() } else { chats });
     chats.start_relay(service::RELAY_INTERVAL);
     Ok(chats)

@@ -16,8 +16,8 @@ use natter_proto::messages::v1 as mpb;
 
 use crate::domain::{
     self, Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds,
-    Kind, Limits, Member, MemberCursor, NewChat, PrivacyChoices, PrivacySettings, Role, SeverityFilter, StoredPrivacy,
-    Visibility,
+    Kind, Limits, Member, MemberCursor, NewChat, PrivacyChoices, PrivacySettings, ReadReceipts, Role, SeverityFilter,
+    StoredPrivacy, Visibility,
 };
 use crate::error::ChatsError;
 use crate::store::{Added, Backoff, Blocked, ChatStore, Checked, Created, Departure, Pending, Removal};
@@ -144,6 +144,8 @@ pub struct Chats {
     default_group_adds: GroupAdds,
     /// The direct-chat setting of users who set none.
     default_direct_chats: DirectChats,
+    /// The read-receipts setting of users who set none.
+    default_read_receipts: ReadReceipts,
     /// How long a deleted user whose removal failed waits to be tried again.
     retry_backoff: Backoff,
 }
@@ -218,6 +220,7 @@ impl Chats {
             retry_backoff: RETRY_BACKOFF,
             default_group_adds: GroupAdds::Everyone,
             default_direct_chats: DirectChats::Everyone,
+            default_read_receipts: ReadReceipts::Everyone,
         }
     }
 
@@ -232,6 +235,13 @@ impl Chats {
     /// (`--default-direct-chats`; else [`DirectChats::Everyone`]).
     pub fn with_default_direct_chats(mut self, direct: DirectChats) -> Self {
         self.default_direct_chats = direct;
+        self
+    }
+
+    /// Makes `receipts` the read-receipts setting of users who set none
+    /// (`--default-read-receipts`; else [`ReadReceipts::Everyone`]).
+    pub fn with_default_read_receipts(mut self, receipts: ReadReceipts) -> Self {
+        self.default_read_receipts = receipts;
         self
     }
 
@@ -960,7 +970,7 @@ impl Chats {
         if users.is_empty() {
             return Ok(());
         }
-        let set: HashMap<UserId, GroupAdds> = self.store.group_adds_among(users).await?.into_iter().collect();
+        let set = self.set_among(users, |choices| choices.group_adds).await?;
         let default = |user: &UserId| if bots.contains(user) { GroupAdds::Everyone } else { self.default_group_adds };
         let adds = |user: &UserId| set.get(user).copied().unwrap_or_else(|| default(user));
         let mut refused: HashSet<UserId> = users.iter().copied().filter(|u| adds(u) == GroupAdds::Nobody).collect();
@@ -1044,14 +1054,39 @@ impl Chats {
 
     /// A user's privacy settings as they apply: the choices in `stored`,
     /// and the defaults ([`Chats::with_default_group_adds`],
-    /// [`Chats::with_default_direct_chats`]) for the rest.
+    /// [`Chats::with_default_direct_chats`],
+    /// [`Chats::with_default_read_receipts`]) for the rest.
     fn applied(&self, stored: Option<StoredPrivacy>) -> PrivacySettings {
         let choices = stored.map(|s| s.choices).unwrap_or_default();
         PrivacySettings {
             group_adds: choices.group_adds.unwrap_or(self.default_group_adds),
             direct_chats: choices.direct_chats.unwrap_or(self.default_direct_chats),
+            read_receipts: choices.read_receipts.unwrap_or(self.default_read_receipts),
             update_time: stored.map(|s| s.update_time),
         }
+    }
+
+    /// The one privacy setting `pick` takes of those of `users` who set it
+    /// (the rest have the default): one read for the whole list.
+    async fn set_among<T>(
+        &self,
+        users: &[UserId],
+        pick: impl Fn(PrivacyChoices) -> Option<T>,
+    ) -> Result<HashMap<UserId, T>, ChatsError> {
+        let among = self.store.privacy_among(users).await?;
+        Ok(among.into_iter().filter_map(|(user, choices)| Some((user, pick(choices)?))).collect())
+    }
+
+    /// Whether each of `users` (in order) keeps their read receipts private
+    /// (their setting, or the default, is [`ReadReceipts::Nobody`]): one
+    /// read for the whole list (the caller bounds it).
+    pub async fn private_read_receipts(&self, users: &[UserId]) -> Result<Vec<bool>, ChatsError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let set = self.set_among(users, |choices| choices.read_receipts).await?;
+        let private = |user| set.get(user).copied().unwrap_or(self.default_read_receipts) == ReadReceipts::Nobody;
+        Ok(users.iter().map(private).collect())
     }
 
     /// The caller's privacy settings (GetPrivacySettings): the defaults for
@@ -1063,7 +1098,9 @@ impl Chats {
     /// UpdatePrivacySettings: stores the choices `update` makes (validated
     /// by [`crate::grpc::privacy_settings_update`]) as the caller's, keeping
     /// the others, and returns the settings as they now apply; counts
-    /// against the caller's chat-change rate.
+    /// against the caller's chat-change rate. A change of read_receipts
+    /// invalidates the caller's cached memberships on every replica before
+    /// it returns.
     pub async fn set_privacy_settings(
         &self,
         caller: UserId,
@@ -1071,12 +1108,19 @@ impl Chats {
     ) -> Result<PrivacySettings, ChatsError> {
         self.change_rate.check(&caller)?;
         let stored = self.store.set_privacy_settings(caller, update, now_micros()).await?;
+        if update.read_receipts.is_some() {
+            // Replicas keep membership answers that carry the setting
+            // (natter_links::CachingChatDirectory): none of them answers
+            // from the old one once this returns.
+            self.bus.invalidate(vec![Tag::User(caller.uuid())]).await;
+        }
         let applied = self.applied(Some(stored));
         self.announce_account(caller, mpb::AccountChange::PrivacySettings);
         tracing::info!(
             user_id = %caller,
             group_adds = applied.group_adds.as_str(),
             direct_chats = applied.direct_chats.as_str(),
+            read_receipts = applied.read_receipts.as_str(),
             "privacy settings updated"
         );
         Ok(applied)

@@ -257,21 +257,26 @@ impl Messages {
         chat: impl Into<ChatId>,
         user: impl Into<UserId>,
     ) -> Result<cpb::CheckMembershipResponse, MessagesError> {
-        self.member_with(chat.into(), user.into(), Vec::new()).await
+        self.member_with(chat.into(), user.into(), Vec::new(), false).await
     }
 
     /// As [`Messages::member`], also telling which of `others` are members
-    /// (`other_members`, in order), in the same call to the chats service.
+    /// (`other_members`, in order), and with `read_receipts` whose read
+    /// receipts are private (`private_read_receipts` of `user`,
+    /// `other_private_read_receipts`), in the same call to the chats
+    /// service.
     async fn member_with(
         &self,
         chat: ChatId,
         user: UserId,
         others: Vec<String>,
+        read_receipts: bool,
     ) -> Result<cpb::CheckMembershipResponse, MessagesError> {
         let request = cpb::CheckMembershipRequest {
             chat_id: chat.to_string(),
             user_id: user.to_string(),
             other_user_ids: others,
+            read_receipts,
         };
         let m = self.chats.check_memberships(request).await?;
         if !m.chat_exists {
@@ -324,7 +329,7 @@ impl Messages {
         // The mentioned users' membership comes with the caller's, in one
         // call; a send without mentions asks for nothing more.
         let mentioned = req.mentions.iter().map(|(_, u)| u.to_string()).collect();
-        let allowed = match self.member_with(req.chat_id, caller, mentioned).await {
+        let allowed = match self.member_with(req.chat_id, caller, mentioned, false).await {
             Ok(m) if m.archived => Err(MessagesError::Precondition("chat is archived")),
             Ok(m) if m.blocked => Err(MessagesError::Denied(Self::BLOCKED)),
             Ok(m) => mentions_of_members(&req.mentions, &m.other_members),
@@ -766,9 +771,10 @@ impl Messages {
     /// ListReadPositions: up to `page_size` read positions of the chat's
     /// members after user `after` (a page token's key), by user id, with
     /// the key of the next page while the store has more. Read positions
-    /// kept for users who have left are dropped from the page (so it may
-    /// be short), by the same call to the chats service that checks the
-    /// caller is a member.
+    /// kept for users who have left, those of other users whose read
+    /// receipts are private, and the other member's in a direct chat closed
+    /// by a block, are dropped from the page (so it may be short), by the
+    /// same call to the chats service that checks the caller is a member.
     ///
     /// Errors: NOT_FOUND (no such chat), PERMISSION_DENIED (not a member).
     pub async fn chat_read_positions(
@@ -784,22 +790,38 @@ impl Messages {
             None
         };
         let users = positions.iter().map(|(user, _)| user.to_string()).collect();
-        let m = self.member_with(req.chat_id, caller, users).await?;
+        let m = self.member_with(req.chat_id, caller, users, true).await?;
+        // A chats service of a build before private read receipts answers
+        // none: taken as private (only the caller's own is listed) until it
+        // is upgraded. In a direct chat closed by a block, neither sees the
+        // other's.
+        let mut private = m.other_private_read_receipts.iter().chain(std::iter::repeat(&true));
         let mut members = m.other_members.iter();
-        positions.retain(|_| members.next().copied().unwrap_or(false));
+        positions.retain(|(user, _)| {
+            let (member, private) = (members.next().copied().unwrap_or(false), *private.next().unwrap_or(&true));
+            member && (*user == caller || !(private || m.blocked))
+        });
         Ok((positions, next))
     }
 
     /// Internal MarkReadAs (the assistant, for its bot):
     /// [`Messages::mark_read`] as `caller`, with no rate of its own (the
-    /// bot marks every chat it answers).
+    /// bot marks every chat it answers). A caller whose read receipts are
+    /// private (their privacy setting read_receipts, read from the chats
+    /// service in the membership check), or who marks a direct chat closed
+    /// by a block, has the move announced to their own streams only.
     pub async fn mark_read_as(&self, caller: UserId, req: MarkRead) -> Result<ReadState, MessagesError> {
-        self.member(req.chat_id, caller).await?;
+        let m = self.member_with(req.chat_id, caller, Vec::new(), true).await?;
         let state = self.store.mark_read(req.chat_id, caller, req.seq).await?;
         if let Some(change_seq) = state.change_seq {
             let payload = grpc::read_event(req.chat_id, caller, state.read_seq, change_seq);
-            self.bus
-                .publish(Topic::Chat(req.chat_id.0), Arc::new(BusEvent::new(req.chat_id, payload).concerning(caller)));
+            let mut event = BusEvent::new(req.chat_id, payload).concerning(caller);
+            // Private by the caller's setting, or in a direct chat closed by
+            // a block (as WhatsApp sends no receipts to a blocked contact).
+            if m.private_read_receipts || m.blocked {
+                event = event.for_its_users_only();
+            }
+            self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(event));
         }
         Ok(state)
     }

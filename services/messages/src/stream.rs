@@ -715,6 +715,11 @@ impl Follower {
             return Step::refill(Refill::to(chat, n));
         }
         self.cursors.insert(chat, n);
+        // A private read receipt of another member: its number is passed,
+        // nothing sent.
+        if !event.is_for(UserId(self.user)) {
+            return Step::default();
+        }
         if let Some(Event::MembershipChanged(change)) = &payload.event
             && is_departure(change)
             && event.users.iter().any(|u| u.uuid() == self.user)

@@ -16,8 +16,8 @@ use natter_proto::messages::v1 as mpb;
 use prost::Message as _;
 
 use crate::domain::{
-    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, GroupAdds, Kind,
-    Limits, Member, MemberCursor, PrivacyChoices, Role, StoredPrivacy, Visibility,
+    Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, Kind, Limits, Member,
+    MemberCursor, PrivacyChoices, Role, StoredPrivacy, Visibility,
 };
 
 pub mod postgres;
@@ -442,10 +442,10 @@ pub trait ChatStore: Send + Sync + 'static {
         now: i64,
     ) -> Result<StoredPrivacy, StoreError>;
 
-    /// The group-add settings of those of `users` who set theirs (the rest
-    /// have the service's default), in no set order: one read for the whole
-    /// list (the caller bounds it).
-    async fn group_adds_among(&self, users: &[UserId]) -> Result<Vec<(UserId, GroupAdds)>, StoreError>;
+    /// The privacy choices of those of `users` who set any (the rest have
+    /// the service's defaults for all), in no set order: one read for the
+    /// whole list (the caller bounds it).
+    async fn privacy_among(&self, users: &[UserId]) -> Result<Vec<(UserId, PrivacyChoices)>, StoreError>;
 
     /// Records that `user` blocked `other` at `now` (µs), unless `user`
     /// blocks `limit` users already ([`Blocked::TooMany`]) or either is

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
-    Limits, Member, MemberCursor, PrivacyChoices, Role, StoredPrivacy, Visibility, title_key,
+    Limits, Member, MemberCursor, PrivacyChoices, ReadReceipts, Role, StoredPrivacy, Visibility, title_key,
 };
 
 /// The chats store on a PostgreSQL schema (see the module docs).
@@ -322,11 +322,12 @@ impl ChatStore for PostgresChatStore {
     }
 
     async fn privacy_settings(&self, user: UserId) -> Result<Option<StoredPrivacy>, StoreError> {
-        let row: Option<PrivacyRow> =
-            sqlx::query_as("SELECT group_adds, direct_chats, update_time FROM privacy_settings WHERE user_id = $1")
-                .bind(user.to_string())
-                .fetch_optional(&self.pool)
-                .await?;
+        let row: Option<PrivacyRow> = sqlx::query_as(
+            "SELECT group_adds, direct_chats, read_receipts, update_time FROM privacy_settings WHERE user_id = $1",
+        )
+        .bind(user.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(stored_privacy).transpose()
     }
 
@@ -337,35 +338,38 @@ impl ChatStore for PostgresChatStore {
         now: i64,
     ) -> Result<StoredPrivacy, StoreError> {
         let row: PrivacyRow = sqlx::query_as(
-            "INSERT INTO privacy_settings (user_id, group_adds, direct_chats, update_time) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO privacy_settings (user_id, group_adds, direct_chats, read_receipts, update_time) \
+             VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (user_id) DO UPDATE SET \
              group_adds = COALESCE(excluded.group_adds, privacy_settings.group_adds), \
              direct_chats = COALESCE(excluded.direct_chats, privacy_settings.direct_chats), \
+             read_receipts = COALESCE(excluded.read_receipts, privacy_settings.read_receipts), \
              update_time = excluded.update_time \
-             RETURNING group_adds, direct_chats, update_time",
+             RETURNING group_adds, direct_chats, read_receipts, update_time",
         )
         .bind(user.to_string())
         .bind(update.group_adds.map(GroupAdds::as_str))
         .bind(update.direct_chats.map(DirectChats::as_str))
+        .bind(update.read_receipts.map(ReadReceipts::as_str))
         .bind(now)
         .fetch_one(&self.pool)
         .await?;
         stored_privacy(row)
     }
 
-    async fn group_adds_among(&self, users: &[UserId]) -> Result<Vec<(UserId, GroupAdds)>, StoreError> {
+    async fn privacy_among(&self, users: &[UserId]) -> Result<Vec<(UserId, PrivacyChoices)>, StoreError> {
         let users: Vec<String> = users.iter().map(UserId::to_string).collect();
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT user_id, group_adds FROM privacy_settings WHERE user_id = ANY($1) AND group_adds IS NOT NULL",
+        let rows: Vec<(String, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT user_id, group_adds, direct_chats, read_receipts FROM privacy_settings WHERE user_id = ANY($1)",
         )
         .bind(&users)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|(user, adds)| {
+        rows.into_iter()
+            .map(|(user, group_adds, direct_chats, read_receipts)| {
                 Ok((
-                    parse_id("privacy_settings.user_id", user)?,
-                    parse_enum("privacy_settings.group_adds", adds, GroupAdds::parse)?,
+                    parse_id("privacy_settings.user_id", &user)?,
+                    privacy_choices(group_adds, direct_chats, read_receipts)?,
                 ))
             })
             .collect()
@@ -1005,20 +1009,31 @@ impl ChatStore for PostgresChatStore {
     }
 }
 
-/// A privacy_settings row: group_adds, direct_chats, update_time.
-type PrivacyRow = (Option<String>, Option<String>, i64);
+/// A privacy_settings row: group_adds, direct_chats, read_receipts,
+/// update_time.
+type PrivacyRow = (Option<String>, Option<String>, Option<String>, i64);
 
 /// The choices a privacy_settings row holds.
-fn stored_privacy((group_adds, direct_chats, update_time): PrivacyRow) -> Result<StoredPrivacy, StoreError> {
-    Ok(StoredPrivacy {
-        choices: PrivacyChoices {
-            group_adds: group_adds
-                .map(|g| parse_enum("privacy_settings.group_adds", &g, GroupAdds::parse))
-                .transpose()?,
-            direct_chats: direct_chats
-                .map(|d| parse_enum("privacy_settings.direct_chats", &d, DirectChats::parse))
-                .transpose()?,
-        },
-        update_time,
+fn stored_privacy(
+    (group_adds, direct_chats, read_receipts, update_time): PrivacyRow,
+) -> Result<StoredPrivacy, StoreError> {
+    Ok(StoredPrivacy { choices: privacy_choices(group_adds, direct_chats, read_receipts)?, update_time })
+}
+
+/// The choices of a privacy_settings row's group_adds, direct_chats and
+/// read_receipts, each NULL until the user sets it.
+fn privacy_choices(
+    group_adds: Option<String>,
+    direct_chats: Option<String>,
+    read_receipts: Option<String>,
+) -> Result<PrivacyChoices, StoreError> {
+    Ok(PrivacyChoices {
+        group_adds: group_adds.map(|g| parse_enum("privacy_settings.group_adds", &g, GroupAdds::parse)).transpose()?,
+        direct_chats: direct_chats
+            .map(|d| parse_enum("privacy_settings.direct_chats", &d, DirectChats::parse))
+            .transpose()?,
+        read_receipts: read_receipts
+            .map(|r| parse_enum("privacy_settings.read_receipts", &r, ReadReceipts::parse))
+            .transpose()?,
     })
 }

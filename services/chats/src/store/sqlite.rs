@@ -27,7 +27,7 @@ use super::{
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
-    Limits, Member, MemberCursor, PrivacyChoices, Role, StoredPrivacy, Visibility, title_key,
+    Limits, Member, MemberCursor, PrivacyChoices, ReadReceipts, Role, StoredPrivacy, Visibility, title_key,
 };
 
 mod activity;
@@ -437,7 +437,7 @@ impl ChatStore for SqliteChatStore {
     async fn privacy_settings(&self, user: UserId) -> Result<Option<StoredPrivacy>, StoreError> {
         let settings = self.db.read(move |conn| {
             conn.prepare_cached(
-                "SELECT group_adds, direct_chats, update_time FROM privacy_settings WHERE user_id = ?1",
+                "SELECT group_adds, direct_chats, read_receipts, update_time FROM privacy_settings WHERE user_id = ?1",
             )?
             .query_row([user.to_string()], stored_privacy)
             .optional()
@@ -453,18 +453,21 @@ impl ChatStore for SqliteChatStore {
     ) -> Result<StoredPrivacy, StoreError> {
         let done = self.db.write(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO privacy_settings (user_id, group_adds, direct_chats, update_time) VALUES (?1, ?2, ?3, ?4) \
+                "INSERT INTO privacy_settings (user_id, group_adds, direct_chats, read_receipts, update_time) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) \
                  ON CONFLICT (user_id) DO UPDATE SET \
                  group_adds = COALESCE(excluded.group_adds, privacy_settings.group_adds), \
                  direct_chats = COALESCE(excluded.direct_chats, privacy_settings.direct_chats), \
+                 read_receipts = COALESCE(excluded.read_receipts, privacy_settings.read_receipts), \
                  update_time = excluded.update_time \
-                 RETURNING group_adds, direct_chats, update_time",
+                 RETURNING group_adds, direct_chats, read_receipts, update_time",
             )?
             .query_row(
                 params![
                     user.to_string(),
                     update.group_adds.map(GroupAdds::as_str),
                     update.direct_chats.map(DirectChats::as_str),
+                    update.read_receipts.map(ReadReceipts::as_str),
                     now
                 ],
                 stored_privacy,
@@ -473,19 +476,15 @@ impl ChatStore for SqliteChatStore {
         done.await.map_err(unwrap)
     }
 
-    async fn group_adds_among(&self, users: &[UserId]) -> Result<Vec<(UserId, GroupAdds)>, StoreError> {
+    async fn privacy_among(&self, users: &[UserId]) -> Result<Vec<(UserId, PrivacyChoices)>, StoreError> {
         let users = json_ids(users);
         let found = self.db.read(move |conn| {
             let mut select = conn.prepare_cached(
-                "SELECT user_id, group_adds FROM privacy_settings \
-                 WHERE user_id IN (SELECT value FROM json_each(?1)) AND group_adds IS NOT NULL",
+                "SELECT group_adds, direct_chats, read_receipts, user_id FROM privacy_settings \
+                 WHERE user_id IN (SELECT value FROM json_each(?1))",
             )?;
-            let rows = select.query_map([users], |row| {
-                Ok((
-                    id(row, 0, "privacy_settings.user_id")?,
-                    parsed(row, 1, "privacy_settings.group_adds", GroupAdds::parse)?,
-                ))
-            })?;
+            let rows = select
+                .query_map([users], |row| Ok((id(row, 3, "privacy_settings.user_id")?, privacy_choices(row)?)))?;
             rows.collect()
         });
         found.await.map_err(unwrap)
@@ -1063,15 +1062,19 @@ impl ChatStore for SqliteChatStore {
 
 /// Column 0 as a user id (`members.user_id`).
 /// The choices of a privacy_settings row (group_adds, direct_chats,
-/// update_time).
+/// read_receipts, update_time).
 fn stored_privacy(row: &Row<'_>) -> rusqlite::Result<StoredPrivacy> {
-    // Each is NULL until the user sets it.
-    Ok(StoredPrivacy {
-        choices: PrivacyChoices {
-            group_adds: parsed_opt(row, 0, "privacy_settings.group_adds", GroupAdds::parse)?,
-            direct_chats: parsed_opt(row, 1, "privacy_settings.direct_chats", DirectChats::parse)?,
-        },
-        update_time: row.get(2)?,
+    Ok(StoredPrivacy { choices: privacy_choices(row)?, update_time: row.get(3)? })
+}
+
+/// The choices of a privacy_settings row's first three columns
+/// (group_adds, direct_chats, read_receipts), each NULL until the user sets
+/// it.
+fn privacy_choices(row: &Row<'_>) -> rusqlite::Result<PrivacyChoices> {
+    Ok(PrivacyChoices {
+        group_adds: parsed_opt(row, 0, "privacy_settings.group_adds", GroupAdds::parse)?,
+        direct_chats: parsed_opt(row, 1, "privacy_settings.direct_chats", DirectChats::parse)?,
+        read_receipts: parsed_opt(row, 2, "privacy_settings.read_receipts", ReadReceipts::parse)?,
     })
 }
 

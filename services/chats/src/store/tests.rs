@@ -20,7 +20,7 @@ use super::sqlite::SqliteChatStore;
 use super::{Added, Backoff, Blocked, ChatStore, Checked, Created, Departure, Removal};
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, DirectChats,
-    GroupAdds, Kind, Limits, Member, MemberCursor, PrivacyChoices, Role, StoredPrivacy, Visibility,
+    GroupAdds, Kind, Limits, Member, MemberCursor, PrivacyChoices, ReadReceipts, Role, StoredPrivacy, Visibility,
 };
 
 /// A store under test and what to clean up after it.
@@ -276,12 +276,16 @@ async fn a_forgotten_user_is_never_made_a_member_again(store: &dyn ChatStore) {
 async fn privacy_settings_are_each_users_own_and_go_with_a_forgotten_user(store: &dyn ChatStore) {
     let (alice, bob, carol) = (UserId::new_v7(), UserId::new_v7(), UserId::new_v7());
     assert_eq!(store.privacy_settings(alice).await.unwrap(), None, "none set");
-    assert_eq!(store.group_adds_among(&[alice, bob]).await.unwrap(), []);
+    assert_eq!(store.privacy_among(&[alice, bob]).await.unwrap(), []);
 
-    let peers = PrivacyChoices { group_adds: Some(GroupAdds::Peers), direct_chats: None };
+    let peers = PrivacyChoices { group_adds: Some(GroupAdds::Peers), ..PrivacyChoices::default() };
     let stored = store.set_privacy_settings(alice, peers, 10).await.unwrap();
     assert_eq!(stored, StoredPrivacy { choices: peers, update_time: 10 });
-    let nobody = PrivacyChoices { group_adds: Some(GroupAdds::Nobody), direct_chats: Some(DirectChats::Peers) };
+    let nobody = PrivacyChoices {
+        group_adds: Some(GroupAdds::Nobody),
+        direct_chats: Some(DirectChats::Peers),
+        read_receipts: Some(ReadReceipts::Nobody),
+    };
     store.set_privacy_settings(bob, nobody, 11).await.unwrap();
     let nobody = store.set_privacy_settings(bob, nobody, 12).await.unwrap();
     assert_eq!(nobody.update_time, 12, "a repeat stores its own time");
@@ -289,22 +293,30 @@ async fn privacy_settings_are_each_users_own_and_go_with_a_forgotten_user(store:
     assert_eq!(store.privacy_settings(alice).await.unwrap(), Some(stored), "each user's own");
 
     // An update sets what it names and keeps the rest.
-    let direct = PrivacyChoices { group_adds: None, direct_chats: Some(DirectChats::Nobody) };
+    let direct = PrivacyChoices { direct_chats: Some(DirectChats::Nobody), ..PrivacyChoices::default() };
     let merged = store.set_privacy_settings(alice, direct, 13).await.unwrap();
-    let both = PrivacyChoices { group_adds: Some(GroupAdds::Peers), direct_chats: Some(DirectChats::Nobody) };
+    let both = PrivacyChoices {
+        group_adds: Some(GroupAdds::Peers),
+        direct_chats: Some(DirectChats::Nobody),
+        read_receipts: None,
+    };
     assert_eq!(merged, StoredPrivacy { choices: both, update_time: 13 });
-    let only_direct = store.set_privacy_settings(carol, direct, 14).await.unwrap();
-    assert_eq!(only_direct.choices, direct, "group_adds stays unset: the default applies");
+    let receipts = PrivacyChoices { read_receipts: Some(ReadReceipts::Everyone), ..PrivacyChoices::default() };
+    let bob_shares = store.set_privacy_settings(bob, receipts, 14).await.unwrap();
+    assert_eq!(bob_shares.choices, PrivacyChoices { read_receipts: Some(ReadReceipts::Everyone), ..nobody.choices });
+    let only_direct = store.set_privacy_settings(carol, direct, 15).await.unwrap();
+    assert_eq!(only_direct.choices, direct, "the others stay unset: the defaults apply");
     assert_eq!(store.privacy_settings(alice).await.unwrap(), Some(merged));
 
-    let mut among = store.group_adds_among(&[alice, bob, carol]).await.unwrap();
+    let dave = UserId::new_v7();
+    let mut among = store.privacy_among(&[alice, bob, carol, dave]).await.unwrap();
     among.sort_by_key(|(user, _)| *user);
-    assert_eq!(among, [(alice, GroupAdds::Peers), (bob, GroupAdds::Nobody)], "carol set none");
-    assert_eq!(store.group_adds_among(&[]).await.unwrap(), []);
+    assert_eq!(among, [(alice, both), (bob, bob_shares.choices), (carol, direct)], "dave set none");
+    assert_eq!(store.privacy_among(&[]).await.unwrap(), []);
 
-    store.record_forgotten(bob, 15).await.unwrap();
+    store.record_forgotten(bob, 16).await.unwrap();
     assert_eq!(store.privacy_settings(bob).await.unwrap(), None, "gone with the user");
-    assert_eq!(store.group_adds_among(&[alice, bob]).await.unwrap(), [(alice, GroupAdds::Peers)]);
+    assert_eq!(store.privacy_among(&[alice, bob]).await.unwrap(), [(alice, both)]);
 }
 
 /// What the chats service relies on to take a deleted user out for good:

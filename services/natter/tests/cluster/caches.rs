@@ -2,7 +2,8 @@
 //! once RevokeSession or RemoveMember has returned on one replica, a
 //! messages replica that checks through other sessions and chats replicas
 //! (and has the token and the membership cached) refuses at once, every
-//! time.
+//! time; once UpdatePrivacySettings has hidden a user's read receipts, their
+//! next MarkRead there reaches no one else's stream.
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
@@ -162,6 +163,51 @@ async fn a_revocation_or_removal_that_returned_is_refused_by_every_replica_at_on
         membership_hits >= (ROUNDS - ROUNDS / 10) as u64,
         "bob's second send came from the cache in at least 9 rounds of 10: {membership_hits} hits in {ROUNDS}"
     );
+
+    // Private read receipts: bob's marks fill the membership answer that
+    // carries his setting; he hides his receipts through chats A, and his
+    // next mark on the messages replica reaches his streams only, never
+    // alice's, every round.
+    let watch = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], ..Default::default() };
+    let mut alices = to_messages.clone().stream_events(authed(&alice, watch)).await.unwrap().into_inner();
+    let mut next_news = async || loop {
+        let event = tokio::time::timeout(std::time::Duration::from_secs(10), alices.message())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .expect("stream open");
+        match event.event {
+            Some(mpb::stream_events_response::Event::MessageCreated(m)) => return m.text,
+            Some(mpb::stream_events_response::Event::ReadUpdated(r)) => return format!("read by {}", r.user_id),
+            _ => {}
+        }
+    };
+    let receipts = |shown: cpb::ReadReceipts| cpb::UpdatePrivacySettingsRequest {
+        settings: Some(cpb::PrivacySettings { read_receipts: shown as i32, ..Default::default() }),
+        update_mask: Some(natter_proto::FieldMask { paths: vec!["read_receipts".into()] }),
+    };
+    const RECEIPT_ROUNDS: usize = 20;
+    for round in 0..RECEIPT_ROUNDS {
+        for hidden in [false, true] {
+            let text = format!("round {round}, hidden {hidden}");
+            to_messages.clone().send_message(authed(&alice, send(&chat, &text))).await.unwrap();
+            assert_eq!(next_news().await, text);
+            // The first moves his position to alice's message (clamped to the
+            // newest), the second moves nothing but checks again.
+            for _ in 0..2 {
+                let mark = mpb::MarkReadRequest { chat_id: chat.clone(), seq: i64::MAX };
+                to_messages.clone().mark_read(authed(&bob, mark)).await.unwrap();
+            }
+            if !hidden {
+                assert_eq!(next_news().await, format!("read by {bob_id}"), "round {round}: shown");
+                to_chats.update_privacy_settings(authed(&bob, receipts(cpb::ReadReceipts::Nobody))).await.unwrap();
+            }
+        }
+        let sync = format!("round {round} ends");
+        to_messages.clone().send_message(authed(&alice, send(&chat, &sync))).await.unwrap();
+        assert_eq!(next_news().await, sync, "round {round}: hidden on A, still shown through B");
+        to_chats.update_privacy_settings(authed(&bob, receipts(cpb::ReadReceipts::Everyone))).await.unwrap();
+    }
 
     drop((sessions, chats, messages));
     drop_schemas(&db, &prefix).await;

@@ -1135,6 +1135,57 @@ step("pins in a group are its owner's and admins': bob, a plain member, has no P
   for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
 });
 
+step("bob hides his read receipts in Settings: alice's message he reads in Saturday hike says no Seen by him, live; shown again, his next read does; hidden again, her page drops it when it reads the receipts afresh", async () => {
+  // Saturday hike is open on both pages; alice's plan is her newest message there.
+  const readReceipts = '[data-testid="read-receipts"]';
+  await bobPage.bringToFront();
+  await openSettings(bobPage);
+  await bobPage.locator(`${readReceipts}:enabled`).waitFor(); // read from the server
+  assert.equal(await bobPage.inputValue(readReceipts), "everyone", "the default");
+  await bobPage.selectOption(readReceipts, "nobody");
+  await bobPage.locator('[data-testid="read-receipts-note"]', { hasText: "Saved" }).waitFor();
+  await bobPage.click('[data-testid="close-settings"]');
+  await markPage(alicePage);
+
+  // Bob's page marks alice's new message read as it arrives; his reply goes
+  // only after that MarkRead was answered, so alice's stream would carry
+  // his read before the reply.
+  const tickets = "Shall I book the 9:10 train for both of us?";
+  const marked = bobPage.waitForResponse((r) => r.url().endsWith("/natter.messages.v1.MessageService/MarkRead"));
+  await send(alicePage, tickets);
+  await waitForMessage(bobPage, tickets);
+  assert.equal((await marked).ok(), true);
+  await send(bobPage, "Yes please, thanks!");
+  await waitForMessage(alicePage, "Yes please, thanks!");
+  assert.equal(await messageOn(alicePage, tickets).locator('[data-testid="seen"]').count(), 0, "no Seen by bob");
+
+  await openSettings(bobPage);
+  await bobPage.selectOption(readReceipts, "everyone");
+  await bobPage.locator('[data-testid="read-receipts-note"]', { hasText: "Saved" }).waitFor();
+  await bobPage.click('[data-testid="close-settings"]');
+  const booked = "Booked: coach 4, seats 61 and 62.";
+  await send(alicePage, booked);
+  await waitForMessage(bobPage, booked);
+  await messageOn(alicePage, booked).locator('[data-testid="seen"]', { hasText: `Seen by ${bob.name}` }).waitFor();
+
+  // Hidden again: alice's page keeps what it heard until it reads the
+  // receipts afresh, as when she opens the chat again; then it is gone.
+  await openSettings(bobPage);
+  await bobPage.selectOption(readReceipts, "nobody");
+  await bobPage.locator('[data-testid="read-receipts-note"]', { hasText: "Saved" }).waitFor();
+  await bobPage.click('[data-testid="close-settings"]');
+  await openChatWith(alicePage, bob.name);
+  await openChatWith(alicePage, "Saturday hike");
+  await messageOn(alicePage, booked).waitFor();
+  await messageOn(alicePage, booked).locator('[data-testid="seen"]').waitFor({ state: "detached" });
+  await openSettings(bobPage);
+  await bobPage.selectOption(readReceipts, "everyone");
+  await bobPage.locator('[data-testid="read-receipts-note"]', { hasText: "Saved" }).waitFor();
+  await bobPage.click('[data-testid="close-settings"]');
+  await assertNotReloaded(alicePage, "alice's page");
+  for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
+});
+
 step("carol renames herself in Settings: a name over 100 characters is refused in the server's words; the new one shows in her header at once and on bob's page after a reload", async () => {
   await openChatWith(carolPage, bob.name); // their chat has a message of hers
   await openSettings(carolPage);

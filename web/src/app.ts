@@ -5,7 +5,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import * as api from "./api";
 import { UserKind, UserSchema, type User } from "./gen/natter/sessions/v1/sessions_pb";
-import { ChatKind, DirectChats, GroupAdds, LastMessageSchema, MemberRole, type Chat, type Member } from "./gen/natter/chats/v1/chats_pb";
+import { ChatKind, DirectChats, GroupAdds, LastMessageSchema, ReadReceipts, MemberRole, type Chat, type Member } from "./gen/natter/chats/v1/chats_pb";
 import {
   AccountChange,
   AssistantReplies,
@@ -712,26 +712,42 @@ function renderSeen() {
   item.append(seen);
 }
 
+/** For each chat, the reads of its receipts under way: each one's set of the users heard live (read_updated) since it started. */
+const receiptReads = new Map<string, Set<Set<string>>>();
+
 /**
  * Reads chat `chatId`'s read receipts (ListReadPositions): when it is opened,
  * and when the stream reconnects (a resume replays only our own position).
  * Positions heard live meanwhile land in the same map, and only ever move
- * forward, so an answer older than one of them changes nothing. Departures
- * take their member out (membership_changed, which a resume replays).
+ * forward, so an answer older than one of them changes nothing. A member
+ * it no longer lists goes, unless heard since it started: they hid their
+ * receipts (read_receipts NOBODY), blocked us, or left. Departures heard
+ * live take their member out too (membership_changed, which a resume
+ * replays).
  */
 async function readReceipts(chatId: string) {
   const held = readBy.get(chatId) ?? new Map<string, bigint>();
   readBy.set(chatId, held);
-  const read: { userId: string; readSeq: bigint }[] = [];
-  let pageToken = "";
-  do {
-    const res = await api.messages.listReadPositions({ chatId, pageToken });
-    read.push(...res.readPositions);
-    pageToken = res.nextPageToken;
-  } while (pageToken);
-  await ensureUsers(read.map((r) => r.userId));
-  for (const r of read) if ((held.get(r.userId) ?? -1n) < r.readSeq) held.set(r.userId, r.readSeq);
-  if (open?.id === chatId) renderSeen();
+  const heard = new Set<string>();
+  const reads = receiptReads.get(chatId) ?? new Set<Set<string>>();
+  receiptReads.set(chatId, reads.add(heard));
+  try {
+    const read: { userId: string; readSeq: bigint }[] = [];
+    let pageToken = "";
+    do {
+      const res = await api.messages.listReadPositions({ chatId, pageToken });
+      read.push(...res.readPositions);
+      pageToken = res.nextPageToken;
+    } while (pageToken);
+    await ensureUsers(read.map((r) => r.userId));
+    const listed = new Set(read.map((r) => r.userId));
+    for (const id of [...held.keys()]) if (!listed.has(id) && !heard.has(id)) held.delete(id);
+    for (const r of read) if ((held.get(r.userId) ?? -1n) < r.readSeq) held.set(r.userId, r.readSeq);
+    if (open?.id === chatId) renderSeen();
+  } finally {
+    reads.delete(heard);
+    if (reads.size === 0 && receiptReads.get(chatId) === reads) receiptReads.delete(chatId);
+  }
 }
 
 /** Another member's read position moved (read_updated): the receipts of a chat we have opened follow. */
@@ -739,6 +755,7 @@ function noteRead(chatId: string, userId: string, readSeq: bigint) {
   const read = readBy.get(chatId);
   if (!read || userId === me?.id || (read.get(userId) ?? -1n) >= readSeq) return;
   read.set(userId, readSeq);
+  for (const heard of receiptReads.get(chatId) ?? []) heard.add(userId);
   void act(async () => {
     await ensureUsers([userId]);
     if (open?.id === chatId) renderSeen();
@@ -2137,7 +2154,7 @@ el("leave-group").addEventListener("click", () => {
  */
 interface PrivacyControl {
   id: string;
-  field: "groupAdds" | "directChats";
+  field: "groupAdds" | "directChats" | "readReceipts";
   path: string;
   options: [number, string][];
   /** As the server last gave it; undefined until read (the select stays disabled). */
@@ -2159,6 +2176,11 @@ const PRIVACY: PrivacyControl[] = [
     // "Who can start a chat with me"
     id: "direct-chats", field: "directChats", path: "direct_chats", ticket: 0, saving: false,
     options: [[DirectChats.EVERYONE, "everyone"], [DirectChats.PEERS, "peers"], [DirectChats.NOBODY, "nobody"]],
+  },
+  {
+    // "Read receipts": hidden, others' pages show no "Seen" for us (ours still show theirs)
+    id: "read-receipts", field: "readReceipts", path: "read_receipts", ticket: 0, saving: false,
+    options: [[ReadReceipts.EVERYONE, "everyone"], [ReadReceipts.NOBODY, "nobody"]],
   },
 ];
 

@@ -207,6 +207,7 @@ mod live_profile {
         renames_reach_those_who_share_a_chat_once_and_account_changes_only_the_user_s_own_streams,
         a_deleted_account_is_told_to_those_who_share_a_chat_with_it_and_to_nobody_else,
         a_client_that_keeps_every_event_s_change_seq_by_its_chat_id_reconnects_after_a_rename,
+        a_deletion_whose_announcement_was_lost_is_told_when_the_account_leaves_its_chats,
     );
 
     /// The next event that is not a presence change (streams opening and
@@ -360,6 +361,39 @@ mod live_profile {
         // Carol's first event is bob's message, sent after the deletion.
         send(c, &bob, &bob_carol.id, "hi carol").await;
         next_message(&mut carols, "hi carol").await;
+    }
+
+    /// The sessions service announces a deletion once, as it commits it; a
+    /// replica that stops before publishing, or a bus connection that drops
+    /// the message, loses that. Bob's page, its stream open all along,
+    /// would show alice's account as live until reloaded. The chats
+    /// service, which follows the log of deleted users until each is out of
+    /// its chats, tells each chat's streams before she leaves it: bob hears
+    /// it through their direct chat (which stays), carol through the group
+    /// she shares with alice only (which alice then leaves).
+    async fn a_deletion_whose_announcement_was_lost_is_told_when_the_account_leaves_its_chats(c: &Cluster) {
+        let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+        direct(c, &alice, &bob).await;
+        group(c, &alice, &[&carol], "alice and carol").await;
+        let (mut bobs, mut carols) = (open(c, &bob, &[], &[]).await, open(c, &carol, &[], &[]).await);
+
+        c.delete_user_silently(&alice.id).await;
+        let gone = mpb::UserUpdated { user_id: alice.id.clone(), deleted: true, ..Default::default() };
+        for stream in [&mut bobs, &mut carols] {
+            // The chats service follows the log every 5 s; alice's leaving
+            // the group may reach carol's stream first.
+            let heard = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+                loop {
+                    let event = stream.message().await.expect("stream ok").expect("stream open");
+                    match event.event {
+                        Some(Event::UserUpdated(u)) => return u,
+                        Some(Event::PresenceChanged(_) | Event::MembershipChanged(_)) => {}
+                        other => panic!("expected user_updated, got {other:?}"),
+                    }
+                }
+            });
+            assert_eq!(heard.await.expect("the deletion is told within 30 s"), gone);
+        }
     }
 
     /// A client that keeps the highest `change_seq` of every event by its

@@ -812,7 +812,13 @@ impl Chats {
     /// with a person stays as it is, the other person's history with it.
     /// First the user is recorded as forgotten, so that no request that
     /// checked it before its deletion makes it a member again afterwards
-    /// ([`ChatStore::record_forgotten`]). Once it is out of every chat, the
+    /// ([`ChatStore::record_forgotten`]). Each chat's streams hear that the
+    /// account is gone (`user_updated.deleted`) before it leaves the chat:
+    /// the sessions service announced it when it deleted the account, but
+    /// that announcement is lost with a replica that stops between its
+    /// commit and its publish, or with a bus connection that drops (the
+    /// presence topic is never re-read), while this log is followed until
+    /// done. Streams drop the copy they have. Once it is out of every chat, the
     /// messages service forgets it too (`ForgetUser`: its last-seen time,
     /// read positions and mention rows); should that fail, so does this, and
     /// the relay retries it. Repeatable after a failure midway.
@@ -821,7 +827,9 @@ impl Chats {
     /// retry hands the group over.
     pub async fn forget_user(&self, user: UserId) -> Result<(), ChatsError> {
         self.store.record_forgotten(user, now_micros()).await?;
+        let deleted = Arc::new(natter_bus::Event::user_deleted(user));
         for chat_id in self.store.member_chat_ids(user, false).await? {
+            self.bus.publish(Topic::Chat(chat_id.uuid()), deleted.clone());
             let Some(ChatAccess { chat, role: Some(role) }) = self.store.access(chat_id, user).await? else { continue };
             if chat.kind == Kind::Direct {
                 if self.nobody_else_keeps(chat.id, user).await? {

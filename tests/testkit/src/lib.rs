@@ -458,6 +458,35 @@ impl Cluster {
         true
     }
 
+    /// Deletes user `user_id` straight in the sessions store, as
+    /// DeleteAccount does (its sessions, the user, an entry in the log of
+    /// deleted users the chats service follows), announcing nothing on the
+    /// bus: as when the replica that deleted it stopped before publishing,
+    /// or its bus connection dropped the announcement.
+    pub async fn delete_user_silently(&self, user_id: &str) {
+        use sqlx::Connection as _;
+        sqlx::any::install_default_drivers();
+        let (url, schema) = match &self.pg {
+            Some((url, prefix)) => (url.clone(), format!("{prefix}sessions.")),
+            None => (format!("sqlite://{}", self._dir.path().join("sessions.db").display()), String::new()),
+        };
+        let mut conn = sqlx::AnyConnection::connect(&url).await.expect("connect to the sessions store");
+        let mut tx = conn.begin().await.expect("begin");
+        for sql in [
+            format!("UPDATE {schema}deleted_users_lock SET runs = runs + 1 WHERE id = 1"),
+            format!("DELETE FROM {schema}sessions WHERE user_id = '{user_id}'"),
+            format!("DELETE FROM {schema}users WHERE id = '{user_id}'"),
+            format!(
+                "INSERT INTO {schema}deleted_users (position, user_id, delete_time) \
+                 SELECT COALESCE(MAX(position), 0) + 1, '{user_id}', 0 FROM {schema}deleted_users"
+            ),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.expect("delete in the store");
+        }
+        tx.commit().await.expect("commit");
+        conn.close().await.expect("close");
+    }
+
     /// The count `sql` (a `SELECT COUNT(*) ...` naming the tables of
     /// service `service`'s store unqualified; `service` is `sessions`,
     /// `chats` or `messages`) reads straight from that store's database,

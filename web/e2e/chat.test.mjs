@@ -993,6 +993,33 @@ step("pins and an unpin made while bob's stream was cut (one of a message sent m
   for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
 });
 
+step("a group alice makes with bob while his stream is cut shows in his chat list once it reconnects, his page not reloaded", async () => {
+  await markPage(bobPage);
+  // Bob's page may not reconnect; the server's restart ends every stream.
+  await bobPage.route("**/natter.messages.v1.MessageService/StreamEvents", (route) => route.abort());
+  await stopNatter(server);
+  server = await startNatter(dataDir, server.port);
+  await bobPage.locator("#status", { hasText: "reconnecting" }).waitFor();
+  await alicePage.locator("#status", { hasText: "live" }).waitFor();
+  // Made with no message in it: no event of it comes later to tell his page.
+  const title = `Made while you were away ${suffix}`;
+  const bobId = (await call(await tokenOf(bobPage), "sessions.v1.SessionService/GetCurrentSession", {})).user.id;
+  const made = await call(await tokenOf(alicePage), "chats.v1.ChatService/CreateChat", { title, memberIds: [bobId] });
+  await chatItem(alicePage, title).waitFor(); // hers, live
+  assert.equal(await chatItem(bobPage, title).count(), 0, "bob's page has heard of nothing");
+
+  await bobPage.unroute("**/natter.messages.v1.MessageService/StreamEvents");
+  // Its next try comes after its backoff, which may have grown past WAIT (at most 15 s and a bit).
+  await bobPage.locator("#status", { hasText: "live" }).waitFor({ timeout: 2 * WAIT });
+  await chatItem(bobPage, title).waitFor();
+  await assertNotReloaded(bobPage, "bob's page");
+
+  // Gone again, live, for the steps after.
+  await call(await tokenOf(alicePage), "chats.v1.ChatService/DeleteChat", { chatId: made.chat.id });
+  await chatItem(bobPage, title).waitFor({ state: "detached" });
+  for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
+});
+
 step("alice blocks bob in their chat: neither may write there, bob's refused message stays in his composer; she unblocks him from Blocked people and his send arrives live", async () => {
   await openChatWith(alicePage, bob.name);
   const aliceBlock = alicePage.locator('[data-testid="block-user"]:enabled');

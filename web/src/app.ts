@@ -764,8 +764,8 @@ function noteRead(chatId: string, userId: string, readSeq: bigint) {
 
 // ---------------------------------------------------------------- chats and messages
 
-/** Lists the caller's chats afresh; chats no longer listed are forgotten. */
-async function loadChats() {
+/** The caller's chats as ListChats has them now (at most 1,000, by activity). */
+async function listAllChats(): Promise<Chat[]> {
   const list: Chat[] = [];
   let pageToken = "";
   do {
@@ -773,6 +773,12 @@ async function loadChats() {
     list.push(...res.chats);
     pageToken = res.nextPageToken;
   } while (pageToken && list.length < 1000);
+  return list;
+}
+
+/** Lists the caller's chats afresh; chats no longer listed are forgotten. */
+async function loadChats() {
+  const list = await listAllChats();
   await resolveChats(list);
   const listed = new Set(list.map((c) => c.id));
   for (const id of [...chats.keys(), ...lastSeq.keys()]) {
@@ -785,6 +791,32 @@ async function loadChats() {
   for (const c of list) addChat(c);
   if (open && !listed.has(open.id)) closeChat();
   renderChatList();
+}
+
+/** Counts the chats this page left (forgetChat), and the count at each one's latest departure. */
+let departures = 0;
+const departed = new Map<string, number>();
+
+/**
+ * Lists the chats we joined while the stream was down (someone created one
+ * with us, or added us): a resume replays the chats it names, and one we
+ * were not in yet starts live, with no event of what came before. Chats the
+ * page holds stay as they are (the resume brings their changes), and none
+ * goes here: a departure is replayed, and one heard while this read ran
+ * keeps its chat out.
+ */
+async function listMissedChats() {
+  const user = me;
+  const started = departures;
+  const missed = (await listAllChats()).filter((c) => !chats.has(c.id));
+  if (missed.length === 0 || me !== user) return;
+  await resolveChats(missed);
+  if (me !== user) return;
+  const added = missed.filter((c) => !chats.has(c.id) && (departed.get(c.id) ?? 0) <= started);
+  for (const c of added) addChat(c);
+  if (added.length === 0) return;
+  renderChatList();
+  void refreshPresence().catch((e) => console.warn("presence:", e));
 }
 
 /** A stream event named a chat we have not listed (someone started it with us). */
@@ -1353,6 +1385,7 @@ function handleEvent(ev: StreamEventsResponse) {
 
 /** We are no longer in chat `chatId` (we left, or were removed): it goes from the page. */
 function forgetChat(chatId: string) {
+  departed.set(chatId, ++departures);
   dropSearchResults((r) => r.dataset.chatId === chatId);
   chats.delete(chatId);
   lastSeq.delete(chatId);
@@ -1397,6 +1430,8 @@ async function runStream(signal: AbortSignal) {
         // nobody later: read them again (the first connection follows the
         // page's own reads).
         if (opened) void refreshAccount().catch((e) => console.warn("after reconnecting:", e));
+        // So are the chats we joined meanwhile, which no resume names.
+        if (opened) void listMissedChats().catch((e) => console.warn("list chats:", e));
         // The open chat's pins are read again as well (resume replays their
         // changes; a fresh read also covers a chat reset or missed replay).
         if (opened && pins) void readPins(pins).catch((e) => console.warn("pins:", e));
@@ -1487,6 +1522,7 @@ function signOutLocally() {
   api.token.clear(); // the stored one only if still ours, not one another tab stored since
   me = null;
   for (const m of [users, deletedUsers, chats, peers, groupMembers, lastSeq, lastChange, pending, lastUserEvent, readBy]) m.clear();
+  departed.clear();
   blocked = null;
   blockCalls.clear();
   closeSettings();

@@ -21,6 +21,7 @@ crate::both_modes!(
     chat_and_membership_changes_replay_after_a_cut,
     a_replaced_title_is_not_replayed_to_a_member_added_later,
     a_resume_point_of_a_chat_not_followed_replays_nothing,
+    a_chat_left_or_deleted_while_the_client_was_away_is_told_when_it_resumes,
     concurrent_senders_stream_in_seq_order,
     edits_deletes_and_reads_stream_in_order,
     a_removed_member_stops_receiving_the_chat,
@@ -370,6 +371,49 @@ async fn a_resume_point_of_a_chat_not_followed_replays_nothing(c: &Cluster) {
     let event = next(&mut stream).await;
     assert_eq!(shapes(std::slice::from_ref(&event)), [("created", 1, "hello mallory".to_owned())]);
     assert_eq!(event.chat_id, own.id, "nothing of the other chat first");
+}
+
+/// Bob's page holds two groups of alice's when his connection drops;
+/// meanwhile she removes him from one and deletes the other. His stream
+/// reopens with resume points for both (every chat of his): nothing else
+/// would ever tell his page that they are gone, so the resume tells it: the
+/// group he was removed from replays up to his removal (its own change
+/// number), the deleted one, whose log went with it, sends his removal at
+/// his resume point. Before it, such resume points were ignored and his
+/// page kept both groups until a reload.
+async fn a_chat_left_or_deleted_while_the_client_was_away_is_told_when_it_resumes(c: &Cluster) {
+    let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+    let group = |title: &str| cpb::CreateChatRequest {
+        title: title.into(),
+        member_ids: vec![bob.id.clone()],
+        ..Default::default()
+    };
+    let removed = c.chats().create_chat(authed(&alice, group("removed"))).await.unwrap().into_inner().chat.unwrap();
+    let deleted = c.chats().create_chat(authed(&alice, group("deleted"))).await.unwrap().into_inner().chat.unwrap();
+    let marker = direct(c, &bob, &carol).await;
+    // What bob's page saw of each before his connection dropped.
+    let seen_removed = send(c, &alice, &removed.id, "in removed").await.change_seq;
+    let seen_deleted = send(c, &alice, &deleted.id, "in deleted").await.change_seq;
+
+    let remove = cpb::RemoveMemberRequest { chat_id: removed.id.clone(), user_id: bob.id.clone() };
+    c.chats().remove_member(authed(&alice, remove)).await.expect("RemoveMember");
+    let delete = cpb::DeleteChatRequest { chat_id: deleted.id.clone() };
+    c.chats().delete_chat(authed(&alice, delete)).await.expect("DeleteChat");
+
+    let mut stream = open(c, &bob, &[], &[(&removed.id, seen_removed), (&deleted.id, seen_deleted)]).await;
+    send(c, &carol, &marker.id, "marker").await;
+    let mut told = std::collections::HashMap::new();
+    loop {
+        let event = next(&mut stream).await;
+        if event.chat_id == marker.id {
+            break;
+        }
+        let Some(Event::MembershipChanged(m)) = &event.event else { panic!("only his removals: {event:?}") };
+        assert_eq!((m.user_id.as_str(), m.change), (bob.id.as_str(), mpb::MembershipChange::Removed as i32));
+        assert!(told.insert(event.chat_id.clone(), event.change_seq).is_none(), "once: {event:?}");
+    }
+    assert!(told.get(&removed.id).is_some_and(|n| *n > seen_removed), "the removal, at its number: {told:?}");
+    assert_eq!(told.get(&deleted.id), Some(&seen_deleted), "the deleted group: {told:?}");
 }
 
 async fn concurrent_senders_stream_in_seq_order(c: &Cluster) {

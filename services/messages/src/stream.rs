@@ -232,6 +232,46 @@ pub async fn open(
             Gone::Removed => first.push(follower.removed(*chat)),
         }
     }
+    // A chat the client resumes that the user left (or was removed from)
+    // before the stream opened: as for a departure found above, what the
+    // client had not seen of it before the departure, then the departure,
+    // so that the client drops the chat; no other event would ever tell it.
+    // A chat deleted since (its log gone with it) gets the removal. Any
+    // other chat whose log holds no departure of the user (never theirs)
+    // stays ignored. One the user is in again (joined since the listing) is
+    // left to its join, which follows on the user's topic.
+    if all {
+        let gone: Vec<(Uuid, Resume)> = follow
+            .resume
+            .iter()
+            .filter(|(c, _)| !chats.contains(c) && !still.contains(*c))
+            .map(|(c, r)| (*c, *r))
+            .collect();
+        for (chat, point) in gone {
+            let latest = follower.messages.store().latest_membership(chat.into(), UserId(user)).await;
+            if !matches!(latest.map_err(MessagesError::from)?, Some(Membership::Departed(_))) {
+                let found = follower.messages.chats().check_membership(&chat.to_string(), &user.to_string()).await?;
+                if !found.chat_exists {
+                    // At the client's own point: the chat's numbers went with it.
+                    follower.cursors.insert(chat, if let Resume::Changes(seen) = point { seen } else { 0 });
+                    first.push(follower.removed(chat));
+                }
+                continue;
+            }
+            let seen = match point {
+                Resume::Changes(seen) => seen,
+                Resume::Seq(seq) => {
+                    let heads = follower.messages.store().heads(chat.into()).await.map_err(MessagesError::from)?;
+                    follower.created_at(chat.into(), seq, heads).await?
+                }
+            };
+            follower.cursors.insert(chat, seen);
+            match follower.departed(chat).await? {
+                Gone::Replay(refill) => refills.push_back(refill),
+                Gone::Removed => first.push(follower.removed(chat)),
+            }
+        }
+    }
     tracing::debug!(user_id = %user, chats = chats.len(), replay = refills.len(), "stream opened");
 
     let token = follow.token;

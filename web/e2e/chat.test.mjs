@@ -1020,6 +1020,36 @@ step("a group alice makes with bob while his stream is cut shows in his chat lis
   for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
 });
 
+step("groups alice deletes, or removes bob from, while his stream is cut go from his chat list once it reconnects, his page not reloaded", async () => {
+  const aliceToken = await tokenOf(alicePage);
+  const bobId = (await call(await tokenOf(bobPage), "sessions.v1.SessionService/GetCurrentSession", {})).user.id;
+  const deleted = `Deleted while you were away ${suffix}`;
+  const left = `Removed while you were away ${suffix}`;
+  const made = {};
+  for (const title of [deleted, left]) {
+    made[title] = (await call(aliceToken, "chats.v1.ChatService/CreateChat", { title, memberIds: [bobId] })).chat.id;
+    await call(aliceToken, "messages.v1.MessageService/SendMessage", { chatId: made[title], text: `Welcome to ${title}` });
+    await chatItem(bobPage, title).locator(".chat-excerpt", { hasText: `Welcome to ${title}` }).waitFor(); // live
+  }
+  await markPage(bobPage);
+  // Bob's page may not reconnect; the server's restart ends every stream.
+  await bobPage.route("**/natter.messages.v1.MessageService/StreamEvents", (route) => route.abort());
+  await stopNatter(server);
+  server = await startNatter(dataDir, server.port);
+  await bobPage.locator("#status", { hasText: "reconnecting" }).waitFor();
+  await call(aliceToken, "chats.v1.ChatService/DeleteChat", { chatId: made[deleted] });
+  await call(aliceToken, "chats.v1.ChatService/RemoveMember", { chatId: made[left], userId: bobId });
+  for (const title of [deleted, left]) assert.equal(await chatItem(bobPage, title).count(), 1, "bob's page has heard of nothing");
+
+  await bobPage.unroute("**/natter.messages.v1.MessageService/StreamEvents");
+  // Its next try comes after its backoff, which may have grown past WAIT (at most 15 s and a bit).
+  await bobPage.locator("#status", { hasText: "live" }).waitFor({ timeout: 2 * WAIT });
+  for (const title of [deleted, left]) await chatItem(bobPage, title).waitFor({ state: "detached" });
+  await assertNotReloaded(bobPage, "bob's page");
+  await call(aliceToken, "chats.v1.ChatService/DeleteChat", { chatId: made[left] });
+  for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
+});
+
 step("alice blocks bob in their chat: neither may write there, bob's refused message stays in his composer; she unblocks him from Blocked people and his send arrives live", async () => {
   await openChatWith(alicePage, bob.name);
   const aliceBlock = alicePage.locator('[data-testid="block-user"]:enabled');

@@ -1248,6 +1248,12 @@ function handleEvent(ev: StreamEventsResponse) {
   // Anything else of no chat (a kind of event newer than this page) is no
   // chat to list and no resume point.
   if (!chatId) return;
+  // We are out of the chat, told by the stream itself at a number we have
+  // (a chat deleted while we were away, its numbers gone with it): no
+  // duplicate, since we would not be told again.
+  if (ev.event.case === "membershipChanged" && ev.event.value.userId === me?.id && isDeparture(ev.event.value.change)) {
+    if (ev.changeSeq <= (lastChange.get(chatId) ?? 0n)) return forgetChat(chatId);
+  }
   if (ev.changeSeq > 0n) {
     const had = lastChange.get(chatId);
     if (had !== undefined && ev.changeSeq <= had) return; // delivered already
@@ -1382,6 +1388,8 @@ function handleEvent(ev: StreamEventsResponse) {
     }
   }
 }
+
+const isDeparture = (change: MembershipChange) => change === MembershipChange.LEFT || change === MembershipChange.REMOVED;
 
 /** We are no longer in chat `chatId` (we left, or were removed): it goes from the page. */
 function forgetChat(chatId: string) {

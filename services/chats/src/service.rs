@@ -1115,7 +1115,10 @@ impl Chats {
         update: PrivacyChoices,
     ) -> Result<PrivacySettings, ChatsError> {
         self.change_rate.check(&caller)?;
-        let stored = self.store.set_privacy_settings(caller, update, now_micros()).await?;
+        let Some(stored) = self.store.set_privacy_settings(caller, update, now_micros()).await? else {
+            // The account was deleted while the call ran.
+            return Err(ChatsError::UserNotFound(caller.to_string()));
+        };
         if update.read_receipts.is_some() {
             // Replicas keep membership answers that carry the setting
             // (natter_links::CachingChatDirectory): none of them answers

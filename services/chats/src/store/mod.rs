@@ -434,13 +434,16 @@ pub trait ChatStore: Send + Sync + 'static {
 
     /// Stores the choices `update` makes (its Some fields) as `user`'s, the
     /// others kept as they are, with `now` (µs) as their update time, and
-    /// returns all of `user`'s choices as stored: one statement.
+    /// returns all of `user`'s choices as stored; None, writing nothing, if
+    /// `user` is recorded forgotten (read in the write's transaction as
+    /// [`ChatStore::block`] reads it, so an update racing the account's
+    /// deletion leaves no row behind). One transaction.
     async fn set_privacy_settings(
         &self,
         user: UserId,
         update: PrivacyChoices,
         now: i64,
-    ) -> Result<StoredPrivacy, StoreError>;
+    ) -> Result<Option<StoredPrivacy>, StoreError>;
 
     /// The privacy choices of those of `users` who set any (the rest have
     /// the service's defaults for all), in no set order: one read for the

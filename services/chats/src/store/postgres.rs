@@ -336,7 +336,12 @@ impl ChatStore for PostgresChatStore {
         user: UserId,
         update: PrivacyChoices,
         now: i64,
-    ) -> Result<StoredPrivacy, StoreError> {
+    ) -> Result<Option<StoredPrivacy>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // A user forgotten since the caller looked them up keeps no row.
+        if forgotten_among(&mut tx, [user]).await?.is_some() {
+            return Ok(None);
+        }
         let row: PrivacyRow = sqlx::query_as(
             "INSERT INTO privacy_settings (user_id, group_adds, direct_chats, read_receipts, update_time) \
              VALUES ($1, $2, $3, $4, $5) \
@@ -352,9 +357,10 @@ impl ChatStore for PostgresChatStore {
         .bind(update.direct_chats.map(DirectChats::as_str))
         .bind(update.read_receipts.map(ReadReceipts::as_str))
         .bind(now)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
-        stored_privacy(row)
+        tx.commit().await?;
+        stored_privacy(row).map(Some)
     }
 
     async fn privacy_among(&self, users: &[UserId]) -> Result<Vec<(UserId, PrivacyChoices)>, StoreError> {

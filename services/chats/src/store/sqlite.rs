@@ -450,10 +450,16 @@ impl ChatStore for SqliteChatStore {
         user: UserId,
         update: PrivacyChoices,
         now: i64,
-    ) -> Result<StoredPrivacy, StoreError> {
+    ) -> Result<Option<StoredPrivacy>, StoreError> {
         let done = self.db.write(move |conn| {
-            conn.prepare_cached(
-                "INSERT INTO privacy_settings (user_id, group_adds, direct_chats, read_receipts, update_time) \
+            let tx = conn.transaction()?;
+            // A user forgotten since the caller looked them up keeps no row.
+            if forgotten_among(&tx, [user])?.is_some() {
+                return Ok(None);
+            }
+            let stored = tx
+                .prepare_cached(
+                    "INSERT INTO privacy_settings (user_id, group_adds, direct_chats, read_receipts, update_time) \
                  VALUES (?1, ?2, ?3, ?4, ?5) \
                  ON CONFLICT (user_id) DO UPDATE SET \
                  group_adds = COALESCE(excluded.group_adds, privacy_settings.group_adds), \
@@ -461,17 +467,19 @@ impl ChatStore for SqliteChatStore {
                  read_receipts = COALESCE(excluded.read_receipts, privacy_settings.read_receipts), \
                  update_time = excluded.update_time \
                  RETURNING group_adds, direct_chats, read_receipts, update_time",
-            )?
-            .query_row(
-                params![
-                    user.to_string(),
-                    update.group_adds.map(GroupAdds::as_str),
-                    update.direct_chats.map(DirectChats::as_str),
-                    update.read_receipts.map(ReadReceipts::as_str),
-                    now
-                ],
-                stored_privacy,
-            )
+                )?
+                .query_row(
+                    params![
+                        user.to_string(),
+                        update.group_adds.map(GroupAdds::as_str),
+                        update.direct_chats.map(DirectChats::as_str),
+                        update.read_receipts.map(ReadReceipts::as_str),
+                        now
+                    ],
+                    stored_privacy,
+                )?;
+            tx.commit()?;
+            Ok(Some(stored))
         });
         done.await.map_err(unwrap)
     }

@@ -124,6 +124,7 @@ chat_store_suite!(
     users_in_groups_counts_current_group_memberships,
     blocks_are_each_users_own_are_seen_both_ways_and_go_with_a_forgotten_user,
     a_block_beside_a_forgetting_leaves_no_row,
+    a_privacy_update_beside_a_forgetting_leaves_no_row,
 );
 
 async fn blocks_are_each_users_own_are_seen_both_ways_and_go_with_a_forgotten_user(store: &dyn ChatStore) {
@@ -279,7 +280,7 @@ async fn privacy_settings_are_each_users_own_and_go_with_a_forgotten_user(store:
     assert_eq!(store.privacy_among(&[alice, bob]).await.unwrap(), []);
 
     let peers = PrivacyChoices { group_adds: Some(GroupAdds::Peers), ..PrivacyChoices::default() };
-    let stored = store.set_privacy_settings(alice, peers, 10).await.unwrap();
+    let stored = store.set_privacy_settings(alice, peers, 10).await.unwrap().unwrap();
     assert_eq!(stored, StoredPrivacy { choices: peers, update_time: 10 });
     let nobody = PrivacyChoices {
         group_adds: Some(GroupAdds::Nobody),
@@ -287,14 +288,14 @@ async fn privacy_settings_are_each_users_own_and_go_with_a_forgotten_user(store:
         read_receipts: Some(ReadReceipts::Nobody),
     };
     store.set_privacy_settings(bob, nobody, 11).await.unwrap();
-    let nobody = store.set_privacy_settings(bob, nobody, 12).await.unwrap();
+    let nobody = store.set_privacy_settings(bob, nobody, 12).await.unwrap().unwrap();
     assert_eq!(nobody.update_time, 12, "a repeat stores its own time");
     assert_eq!(store.privacy_settings(bob).await.unwrap(), Some(nobody));
     assert_eq!(store.privacy_settings(alice).await.unwrap(), Some(stored), "each user's own");
 
     // An update sets what it names and keeps the rest.
     let direct = PrivacyChoices { direct_chats: Some(DirectChats::Nobody), ..PrivacyChoices::default() };
-    let merged = store.set_privacy_settings(alice, direct, 13).await.unwrap();
+    let merged = store.set_privacy_settings(alice, direct, 13).await.unwrap().unwrap();
     let both = PrivacyChoices {
         group_adds: Some(GroupAdds::Peers),
         direct_chats: Some(DirectChats::Nobody),
@@ -302,9 +303,9 @@ async fn privacy_settings_are_each_users_own_and_go_with_a_forgotten_user(store:
     };
     assert_eq!(merged, StoredPrivacy { choices: both, update_time: 13 });
     let receipts = PrivacyChoices { read_receipts: Some(ReadReceipts::Everyone), ..PrivacyChoices::default() };
-    let bob_shares = store.set_privacy_settings(bob, receipts, 14).await.unwrap();
+    let bob_shares = store.set_privacy_settings(bob, receipts, 14).await.unwrap().unwrap();
     assert_eq!(bob_shares.choices, PrivacyChoices { read_receipts: Some(ReadReceipts::Everyone), ..nobody.choices });
-    let only_direct = store.set_privacy_settings(carol, direct, 15).await.unwrap();
+    let only_direct = store.set_privacy_settings(carol, direct, 15).await.unwrap().unwrap();
     assert_eq!(only_direct.choices, direct, "the others stay unset: the defaults apply");
     assert_eq!(store.privacy_settings(alice).await.unwrap(), Some(merged));
 
@@ -360,6 +361,24 @@ async fn a_block_beside_a_forgetting_leaves_no_row(store: &dyn ChatStore) {
             store.blocked_users(alice, None, 100).await.unwrap().into_iter().map(|(u, _)| u).collect();
         assert!(!left.contains(&user), "round {round}: a block of a forgotten user is left");
     }
+}
+
+/// A privacy update racing the user's forgetting (UpdatePrivacySettings
+/// beside the account's deletion) either is refused or goes with the
+/// forgetting: no settings of a deleted user are left behind.
+async fn a_privacy_update_beside_a_forgetting_leaves_no_row(store: &dyn ChatStore) {
+    let nobody = PrivacyChoices { read_receipts: Some(ReadReceipts::Nobody), ..PrivacyChoices::default() };
+    for round in 0..30 {
+        let user = UserId::new_v7();
+        let (set, forgotten) =
+            tokio::join!(store.set_privacy_settings(user, nobody, round), store.record_forgotten(user, round));
+        forgotten.unwrap();
+        set.unwrap();
+        assert_eq!(store.privacy_settings(user).await.unwrap(), None, "round {round}: settings of a forgotten user");
+    }
+    let gone = UserId::new_v7();
+    store.record_forgotten(gone, 1).await.unwrap();
+    assert_eq!(store.set_privacy_settings(gone, nobody, 2).await.unwrap(), None, "refused once forgotten");
 }
 
 /// Every member a deletion takes out is told (its removal goes to the

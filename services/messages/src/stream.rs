@@ -929,7 +929,10 @@ impl Follower {
             }
             return Ok((replayed(chat, out, since, true), more));
         }
-        if !out.is_empty() && last > refill.departure {
+        // Changes to send, or numbers the store no longer holds (a chat
+        // deleted, its log purged, while the stream read up to the removal
+        // that told it so: that removal is then not in the store either).
+        if (!out.is_empty() || last > cursor) && last > refill.departure {
             // Read first, check second: a member now was a member when every
             // change of the page was made. One who is not was a member up to
             // their departure, if the log holds it further on.
@@ -1247,6 +1250,28 @@ mod tests {
         h.messages.send(UserId(h.owner), retry).await.unwrap();
         h.owner_sends("next").await.unwrap();
         assert_eq!(created(&next_event(&mut stream).await), "next");
+    }
+
+    /// A group deleted: the chats service records each member's removal
+    /// (announced on the chat's topic and each member's), then has the
+    /// messages service purge the chat. The member's stream takes their own
+    /// removal (on their topic) first, ahead of the owner's still queued on
+    /// the chat's, so it reads the store up to it; by then the purge has
+    /// taken the log. The stream still tells the member they are out.
+    #[tokio::test]
+    async fn a_stream_reading_up_to_its_removal_from_a_chat_purged_meanwhile_sends_the_removal() {
+        let h = Harness::start().await;
+        let mut stream = h.stream_of_member(Vec::new()).await;
+        h.directory.members.lock().unwrap().retain(|(chat, _)| *chat != h.chat);
+        let removals = [ChatChange::Removed(UserId(h.owner)), ChatChange::Removed(UserId(h.member))];
+        h.messages.record_chat_changes(h.chat.into(), &removals, "", None).await.unwrap();
+        h.messages.store().purge_chat(h.chat.into()).await.unwrap();
+        let event = next_event(&mut stream).await;
+        let of_member = matches!(&event.event, Some(Event::MembershipChanged(m)) if m.user_id == h.member.to_string());
+        assert!(is_removal_of(&event) && of_member && event.chat_id == h.chat.to_string(), "{event:?}");
+        // And it follows the chat no more: what the topic still held of it
+        // (the owner's removal) is not sent.
+        assert!(futures::poll!(stream.next()).is_pending(), "nothing after the removal");
     }
 
     #[tokio::test]

@@ -192,6 +192,8 @@ async fn a_server_stopped_with_streams_open_records_their_users_last_seen_time(m
 /// `user_updated` and `account_updated`: what others see of a user, and
 /// their own account, reach open streams live.
 mod live_profile {
+    use std::collections::HashMap;
+
     use natter_proto::chats::v1 as cpb;
     use natter_proto::messages::v1 as mpb;
     use natter_proto::sessions::v1 as spb;
@@ -281,6 +283,8 @@ mod live_profile {
             username: alice.username.clone(),
             display_name: "Alice Liddell".into(),
             deleted: false,
+            // Her first change: users start at 0.
+            profile_version: 1,
         };
         for stream in [&mut bobs, &mut tab1, &mut tab2] {
             assert_eq!(next_user_updated(stream).await, expected);
@@ -332,6 +336,13 @@ mod live_profile {
             (claimed.user_id.as_str(), claimed.username.as_str(), claimed.display_name.as_str()),
             (guest.id.as_str(), claim.username.as_str(), "Claimed")
         );
+        // A re-read (what a client does when it reconnects) answers the same
+        // versions as the events, so a client keeps whichever is newer.
+        let read = spb::BatchGetUsersRequest { user_ids: vec![alice.id.clone(), guest.id.clone()] };
+        let read = c.sessions().batch_get_users(authed(&bob, read)).await.expect("BatchGetUsers").into_inner();
+        let versions: HashMap<_, _> = read.users.iter().map(|u| (u.id.as_str(), u.profile_version)).collect();
+        assert_eq!(versions, HashMap::from([(alice.id.as_str(), 1), (guest.id.as_str(), claimed.profile_version)]));
+        assert_eq!(claimed.profile_version, 1, "the guest's first change");
 
         // Carol heard none of it: her first event is dave's message.
         send(c, &dave, &carols.id, "hi carol").await;
@@ -352,7 +363,15 @@ mod live_profile {
         let delete = spb::DeleteAccountRequest { password: "correct horse battery".into() };
         c.sessions().delete_account(authed(&alice, delete)).await.expect("DeleteAccount");
         let gone = next_user_updated(&mut bobs).await;
-        assert_eq!(gone, mpb::UserUpdated { user_id: alice.id.clone(), deleted: true, ..Default::default() });
+        assert_eq!(
+            gone,
+            mpb::UserUpdated {
+                user_id: alice.id.clone(),
+                deleted: true,
+                profile_version: i64::MAX,
+                ..Default::default()
+            }
+        );
         // The direct chat stays with its history, for bob.
         let history = mpb::ListMessagesRequest { chat_id: alice_bob.id.clone(), ..Default::default() };
         let history = c.messages().list_messages(authed(&bob, history)).await.expect("ListMessages").into_inner();
@@ -378,7 +397,12 @@ mod live_profile {
         let (mut bobs, mut carols) = (open(c, &bob, &[], &[]).await, open(c, &carol, &[], &[]).await);
 
         c.delete_user_silently(&alice.id).await;
-        let gone = mpb::UserUpdated { user_id: alice.id.clone(), deleted: true, ..Default::default() };
+        let gone = mpb::UserUpdated {
+            user_id: alice.id.clone(),
+            deleted: true,
+            profile_version: i64::MAX,
+            ..Default::default()
+        };
         for stream in [&mut bobs, &mut carols] {
             // The chats service follows the log every 5 s; alice's leaving
             // the group may reach carol's stream first.

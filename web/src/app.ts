@@ -212,14 +212,19 @@ function markDeleted(id: string) {
 }
 
 /**
- * Takes a user's names as the server now has them (a user_updated event, or
- * a re-read): they replace what the page holds of the user, our own `me`
- * included. Says whether anything changed; the caller redraws. A user the
- * page has not read yet is left to be read when first shown.
+ * Takes a user's names as the server has them at `version` (a user_updated
+ * event, or a re-read): they replace what the page holds of the user, our
+ * own `me` included, unless the page holds a newer version (a re-read that
+ * overtook an event still on its way; 0, from a server older than versions,
+ * is taken as it comes).
+ * Says whether anything changed; the caller redraws. A user the page has not
+ * read yet is left to be read when first shown.
  */
-function takeNames(userId: string, username: string, displayName: string): boolean {
+function takeNames(userId: string, username: string, displayName: string, version: bigint): boolean {
   const held = users.get(userId);
   if (!held || deletedUsers.has(userId)) return false;
+  if (version > 0n && version < held.profileVersion) return false;
+  if (version > held.profileVersion) held.profileVersion = version;
   if (held.username === username && held.displayName === displayName) return false;
   if (me?.id === userId) {
     // Settings' display name follows, unless it is being edited (it differs from what was saved).
@@ -243,18 +248,13 @@ function takeNames(userId: string, username: string, displayName: string): boole
  */
 async function refreshUsers() {
   const user = me;
-  const started = userEvents;
   const ids = [...users.keys()].filter((id) => !deletedUsers.has(id));
   let changed = false;
   for (let i = 0; i < ids.length; i += 200) {
     const batch = ids.slice(i, i + 200);
     const res = await api.sessions.batchGetUsers({ userIds: batch });
     if (me !== user) return; // signed out meanwhile
-    for (const u of res.users) {
-      // A user_updated of theirs heard since the read began may be newer than its answer.
-      if ((lastUserEvent.get(u.id) ?? 0) > started) continue;
-      changed = takeNames(u.id, u.username, u.displayName) || changed;
-    }
+    for (const u of res.users) changed = takeNames(u.id, u.username, u.displayName, u.profileVersion) || changed;
     const found = new Set(res.users.map((u) => u.id));
     for (const id of batch) {
       if (found.has(id) || id === me?.id) continue;
@@ -1180,19 +1180,14 @@ function renderNames() {
   renderMe();
 }
 
-/** Counts the user_updated events heard, and the count at each user's latest one (refreshUsers leaves those alone). */
-let userEvents = 0;
-const lastUserEvent = new Map<string, number>();
-
 /**
  * What others see of a user changed (user_updated): the page shows their new
  * names, or "Deleted account" once the account is gone. A user the page has
  * not read yet is read (as deleted, if so) when first shown.
  */
 function noteUser(u: UserUpdated) {
-  lastUserEvent.set(u.userId, ++userEvents);
   if (!u.deleted) {
-    if (takeNames(u.userId, u.username, u.displayName)) renderNames();
+    if (takeNames(u.userId, u.username, u.displayName, u.profileVersion)) renderNames();
     return;
   }
   if (!users.has(u.userId) || deletedUsers.has(u.userId) || u.userId === me?.id) return;
@@ -1243,6 +1238,13 @@ function handleEvent(ev: StreamEventsResponse) {
   }
   if (ev.event.case === "accountUpdated") {
     noteAccountChange(ev.event.value.change);
+    return;
+  }
+  // Some of the above may have been lost while the stream stayed open (it
+  // fell behind, or the server's bus reconnected): read again what a
+  // reconnect reads.
+  if (ev.event.case === "ephemeralLost") {
+    rereadEphemeral();
     return;
   }
   // Anything else of no chat (a kind of event newer than this page) is no
@@ -1409,6 +1411,20 @@ async function refreshAccount() {
   await Promise.all([refreshUsers(), refreshPrivacy(), refreshBlocked()]);
 }
 
+/**
+ * Reads again what the stream tells of only as it happens and never replays:
+ * presence, names, our account, the open chat's read receipts (only our own
+ * position is replayed). After a reconnect, and when the stream says some of
+ * it may have been lost while it stayed open (ephemeral_lost). Typing and
+ * replies being written need nothing: an indicator ends by itself, and a
+ * reply's end is a change the stream sends.
+ */
+function rereadEphemeral() {
+  void refreshPresence().catch((e) => console.warn("presence:", e));
+  void refreshAccount().catch((e) => console.warn("names and account:", e));
+  if (open) void readReceipts(open.id).catch((e) => console.warn("read receipts:", e));
+}
+
 /** Shows the open chat's name in the header: on one line, cut with "…" when long, the whole in its tooltip. */
 function showChatTitle(text: string) {
   const title = el("chat-title");
@@ -1433,18 +1449,16 @@ async function runStream(signal: AbortSignal) {
       const onHeader = () => {
         setStatus("live");
         backoff = 500;
-        void refreshPresence().catch((e) => console.warn("presence:", e));
-        // Renames and account changes made while it was down are sent to
-        // nobody later: read them again (the first connection follows the
-        // page's own reads).
-        if (opened) void refreshAccount().catch((e) => console.warn("after reconnecting:", e));
+        // Presence, renames, account changes and others' read receipts of
+        // while it was down are sent to nobody later: read them again (the
+        // first connection follows the page's own reads, but for presence).
+        if (opened) rereadEphemeral();
+        else void refreshPresence().catch((e) => console.warn("presence:", e));
         // So are the chats we joined meanwhile, which no resume names.
         if (opened) void listMissedChats().catch((e) => console.warn("list chats:", e));
         // The open chat's pins are read again as well (resume replays their
         // changes; a fresh read also covers a chat reset or missed replay).
         if (opened && pins) void readPins(pins).catch((e) => console.warn("pins:", e));
-        // And its read receipts: only our own position is replayed.
-        if (opened && open) void readReceipts(open.id).catch((e) => console.warn("read receipts:", e));
         opened = true;
       };
       for await (const ev of api.messages.streamEvents({ resume, resumeChanges }, { signal, onHeader })) handleEvent(ev);
@@ -1529,7 +1543,7 @@ function signOutLocally() {
   stream = null;
   api.token.clear(); // the stored one only if still ours, not one another tab stored since
   me = null;
-  for (const m of [users, deletedUsers, chats, peers, groupMembers, lastSeq, lastChange, pending, lastUserEvent, readBy]) m.clear();
+  for (const m of [users, deletedUsers, chats, peers, groupMembers, lastSeq, lastChange, pending, readBy]) m.clear();
   departed.clear();
   blocked = null;
   blockCalls.clear();

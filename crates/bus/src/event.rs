@@ -166,7 +166,7 @@ impl Event {
     pub fn user_updated(user: UserId, username: String, display_name: String, version: i64) -> Self {
         Self::of_profile(
             user,
-            UserUpdated { user_id: user.to_string(), username, display_name, deleted: false },
+            UserUpdated { user_id: user.to_string(), username, display_name, deleted: false, profile_version: version },
             version,
         )
     }
@@ -178,7 +178,12 @@ impl Event {
     pub fn user_deleted(user: UserId) -> Self {
         Self::of_profile(
             user,
-            UserUpdated { user_id: user.to_string(), deleted: true, ..UserUpdated::default() },
+            UserUpdated {
+                user_id: user.to_string(),
+                deleted: true,
+                profile_version: i64::MAX,
+                ..UserUpdated::default()
+            },
             i64::MAX,
         )
     }

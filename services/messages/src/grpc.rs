@@ -541,7 +541,8 @@ pub fn chat_changes_request(r: &pb::RecordChatChangesRequest) -> Result<(ChatId,
 /// The chat ids of a StreamEvents request, parsed and de-duplicated (first
 /// occurrence kept, in linear time), and its resume points (a chat in both
 /// maps resumes by change number; a resume entry keyed by the empty
-/// string, the chat_id of user_updated and account_updated, is ignored).
+/// string, the chat_id of user_updated, account_updated and
+/// ephemeral_lost, is ignored).
 ///
 /// Errors: INVALID_ARGUMENT naming `chat_ids`, `resume` or `resume_changes`
 /// when one has more than `limits.chats_per_request` entries (checked before
@@ -574,7 +575,7 @@ pub fn follow_request(
     for (field, map, by_change) in [("resume", &r.resume, false), ("resume_changes", &r.resume_changes, true)] {
         for (chat, point) in map {
             // An empty key names no chat: it is the chat_id of the events of
-            // a user rather than a chat (user_updated, account_updated),
+            // no chat (user_updated, account_updated, ephemeral_lost),
             // which a client keeping every event's change_seq by its chat_id
             // sends back. Ignored, as a chat no longer followed is.
             if chat.is_empty() {

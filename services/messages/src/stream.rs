@@ -318,6 +318,8 @@ pub async fn open(
         let mut session_events = session_events;
         // Store reads still to do.
         let mut refills = refills;
+        // Ephemeral news may have been lost, not yet told (EphemeralLost).
+        let mut lost = false;
         for event in first {
             yield event;
         }
@@ -346,8 +348,29 @@ pub async fn open(
                 // queued after it.
                 event = next_of(&mut user_events) => Wake::User(event),
                 Some((chat, item)) = follower.live.next() => Wake::Chat(chat, item),
+                // Last: only once nothing else is ready, so that losses
+                // close together (a bus reconnect hints every topic) are
+                // told once, after what they made the stream re-read.
+                () = std::future::ready(()), if lost => Wake::CaughtUp,
             };
+            // Ephemeral news for the stream may have been lost (it fell
+            // behind a topic, or the bus reconnected): the store has the
+            // chats' changes, not these. A reconnect hints every topic, the
+            // user's among them; a chat's topic alone is hinted when its
+            // subscription, made as the user joined it, takes effect on
+            // NATS, which costs the client nothing to re-read: it reads the
+            // chat's people as it learns of the chat.
+            lost |= follower.profiles.is_some()
+                && match &wake {
+                    Wake::User(Some(Err(Lagged(_)))) | Wake::Chat(_, Err(Lagged(_))) => true,
+                    Wake::User(Some(Ok(event))) => event.is_hint(),
+                    _ => false,
+                };
             let step = match wake {
+                Wake::CaughtUp => {
+                    lost = false;
+                    Step::send(ephemeral_lost())
+                }
                 // UNAVAILABLE tells clients to reconnect (elsewhere) and resume.
                 Wake::Shutdown => Err(Status::unavailable("server shutting down; reconnect and resume"))?,
                 Wake::Expired => Err(Status::unauthenticated("session expired"))?,
@@ -407,6 +430,16 @@ enum Wake {
     Session(Option<Result<BusEvent, Lagged>>),
     User(Option<Result<BusEvent, Lagged>>),
     Chat(Uuid, Result<BusEvent, Lagged>),
+    /// Nothing else was ready, with a loss not yet told.
+    CaughtUp,
+}
+
+/// `ephemeral_lost`, of no chat.
+fn ephemeral_lost() -> pb::StreamEventsResponse {
+    pb::StreamEventsResponse {
+        event: Some(Event::EphemeralLost(pb::EphemeralLost {})),
+        ..pb::StreamEventsResponse::default()
+    }
 }
 
 /// A store read still to do: the changes of `chat` after its cursor.
@@ -1119,6 +1152,8 @@ mod tests {
         chat: Uuid,
         owner: Uuid,
         member: Uuid,
+        /// The bus the service publishes on (in-process, as all-in-one).
+        hub: Arc<natter_bus::Hub>,
         _dir: tempfile::TempDir,
     }
 
@@ -1127,12 +1162,13 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let store = crate::store::open(&DbConfig::sqlite_in(dir.path(), "messages")).await.unwrap();
             let directory = Arc::new(Directory::default());
-            let bus: Arc<dyn natter_bus::EventBus> = Arc::new(natter_bus::Hub::new());
+            let hub = Arc::new(natter_bus::Hub::new());
+            let bus: Arc<dyn natter_bus::EventBus> = hub.clone();
             let messages = Arc::new(Messages::new(store, directory.clone(), bus, &MessagesArgs::default()));
             directory.messages.set(Arc::downgrade(&messages)).unwrap();
             let (chat, owner, member) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
             directory.members.lock().unwrap().extend([(chat, owner), (chat, member)]);
-            Self { messages, directory, chat, owner, member, _dir: dir }
+            Self { messages, directory, chat, owner, member, hub, _dir: dir }
         }
 
         /// The member's stream of `chat_ids` (empty: all their chats).
@@ -1143,10 +1179,24 @@ mod tests {
         /// The member's stream of `chat_ids` (empty: all their chats),
         /// resuming chats as `resume` says.
         async fn stream_of_member_from(&self, chat_ids: Vec<Uuid>, resume: HashMap<Uuid, Resume>) -> EventStream {
+            self.open_of_member(Follow { chat_ids, resume, presence: false, ..self.follow_of_member() }).await
+        }
+
+        /// The member's public stream (as StreamEvents opens it, not the
+        /// assistant's FollowChats) of `chat_ids` (empty: all their chats).
+        async fn public_stream_of_member(&self, chat_ids: Vec<Uuid>) -> EventStream {
+            self.open_of_member(Follow { chat_ids, ..self.follow_of_member() }).await
+        }
+
+        /// A public stream of every chat of the member, from now on.
+        fn follow_of_member(&self) -> Follow {
             let principal =
                 Principal { user_id: self.member, session_id: Uuid::now_v7(), guest: false, expire_micros: i64::MAX };
-            let ticket = StreamRegistry::new(Default::default()).admit(&principal, "token").unwrap();
-            let follow = Follow { principal, token: "token".into(), chat_ids, resume, presence: false };
+            Follow { principal, token: "token".into(), chat_ids: Vec::new(), resume: HashMap::new(), presence: true }
+        }
+
+        async fn open_of_member(&self, follow: Follow) -> EventStream {
+            let ticket = StreamRegistry::new(Default::default()).admit(&follow.principal, "token").unwrap();
             open(self.messages.clone(), None, CancellationToken::new(), ticket, follow).await.unwrap()
         }
 
@@ -1252,6 +1302,87 @@ mod tests {
         assert_eq!(created(&next_event(&mut stream).await), "next");
     }
 
+    /// The kind of each event, as a short name (`message:<text>` for a
+    /// message created).
+    fn kind(event: &pb::StreamEventsResponse) -> String {
+        match &event.event {
+            Some(Event::MessageCreated(m)) => format!("message:{}", m.text),
+            Some(Event::Typing(_)) => "typing".into(),
+            Some(Event::EphemeralLost(_)) => {
+                assert_eq!((event.chat_id.as_str(), event.seq, event.change_seq), ("", 0, 0), "of no chat");
+                "ephemeral_lost".into()
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// The kinds of the events of `stream` up to and including the first
+    /// `last`.
+    async fn kinds_until(stream: &mut EventStream, last: &str) -> Vec<String> {
+        let mut kinds = Vec::new();
+        while kinds.last().is_none_or(|k| k != last) {
+            kinds.push(kind(&next_event(stream).await));
+        }
+        kinds
+    }
+
+    /// A client reading slower than its chat's events come: its stream
+    /// falls behind the chat's topic. The message it missed comes from the
+    /// store, what the topic still held follows, and then, once, the news
+    /// that ephemeral events (here typing; in general presence and renames)
+    /// may have been lost, which the store cannot replay.
+    #[tokio::test]
+    async fn a_stream_that_fell_behind_is_told_once_that_ephemeral_events_may_be_lost() {
+        let h = Harness::start().await;
+        let mut stream = h.public_stream_of_member(vec![h.chat]).await;
+        h.owner_sends("missed live").await.unwrap();
+        // The owner's typing, more than the topic holds, while the client
+        // reads nothing: the message's announcement and the first typing
+        // are lost.
+        let until = natter_kit::time::now_micros() + 5_000_000;
+        for _ in 0..natter_bus::TOPIC_CAPACITY {
+            let typing = crate::grpc::typing_event(h.chat.into(), UserId(h.owner), until);
+            let event = natter_bus::Event::new(h.chat.into(), typing).concerning(UserId(h.owner));
+            h.messages.bus().publish(Topic::Chat(h.chat), Arc::new(event));
+        }
+        let kinds = kinds_until(&mut stream, "ephemeral_lost").await;
+        assert_eq!(kinds[0], "message:missed live", "from the store, first");
+        // Then what the topic held: the typing (less any slot the member's
+        // own presence change took, which the stream passes over).
+        let held = &kinds[1..kinds.len() - 1];
+        assert!(held.iter().all(|k| k == "typing") && held.len() <= natter_bus::TOPIC_CAPACITY, "{held:?}");
+        // Told last, and once: nothing else is ready, and the next event is
+        // the next message.
+        assert!(futures::poll!(stream.next()).is_pending(), "all sent before it");
+        h.owner_sends("after").await.unwrap();
+        assert_eq!(kind(&next_event(&mut stream).await), "message:after");
+    }
+
+    /// The bus reconnected (every topic hinted, as NATS's client does after
+    /// a reconnect): the stream re-reads its chats and its user's, then says
+    /// once that ephemeral events may have been lost. The assistant's
+    /// internal stream, which gets no ephemeral news of users, is not told.
+    #[tokio::test]
+    async fn a_bus_that_reconnected_is_told_once_on_public_streams_only() {
+        let h = Harness::start().await;
+        let other = Uuid::now_v7();
+        h.directory.members.lock().unwrap().extend([(other, h.owner), (other, h.member)]);
+        let mut public = h.public_stream_of_member(Vec::new()).await;
+        let mut internal = h.stream_of_member(Vec::new()).await;
+        // Stored while the bus was away: announced to nobody.
+        h.messages.store().insert_batch(&[h.unannounced("while the bus was away")]).await.unwrap();
+        h.hub.resync();
+        assert_eq!(
+            kinds_until(&mut public, "ephemeral_lost").await,
+            ["message:while the bus was away", "ephemeral_lost"]
+        );
+        assert_eq!(kind(&next_event(&mut internal).await), "message:while the bus was away");
+        h.owner_sends("after").await.unwrap();
+        for stream in [&mut public, &mut internal] {
+            assert_eq!(kind(&next_event(stream).await), "message:after");
+        }
+    }
+
     /// A group deleted: the chats service records each member's removal
     /// (announced on the chat's topic and each member's), then has the
     /// messages service purge the chat. The member's stream takes their own
@@ -1261,7 +1392,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_reading_up_to_its_removal_from_a_chat_purged_meanwhile_sends_the_removal() {
         let h = Harness::start().await;
-        let mut stream = h.stream_of_member(Vec::new()).await;
+        let mut stream = h.public_stream_of_member(Vec::new()).await;
         h.directory.members.lock().unwrap().retain(|(chat, _)| *chat != h.chat);
         let removals = [ChatChange::Removed(UserId(h.owner)), ChatChange::Removed(UserId(h.member))];
         h.messages.record_chat_changes(h.chat.into(), &removals, "", None).await.unwrap();

@@ -31,6 +31,7 @@ fn user(u: UserRow) -> pb::User {
         username: u.username.unwrap_or_default(),
         display_name: u.display_name,
         create_time: Some(timestamp(u.create_time)),
+        profile_version: u.profile_version,
     }
 }
 

@@ -3,12 +3,16 @@
 //! after three missed heartbeats. And what rides with presence: a rename
 //! made on one replica reaches the streams held by another.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use natter_kit::time::{micros, now_micros};
 use natter_proto::chats::v1::{self as cpb, chat_service_client::ChatServiceClient};
 use natter_proto::messages::v1::{self as mpb, message_service_client::MessageServiceClient};
 use natter_proto::sessions::v1::{self as spb, session_service_client::SessionServiceClient};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
 use tonic::transport::Channel;
 
 use super::{Event, Node, authed, drop_schemas, env, free_port, next_any, store_bus_and_a_clock_ahead, user};
@@ -262,4 +266,104 @@ async fn a_rename_and_an_account_change_on_one_replica_reach_streams_held_by_ano
         other => panic!("expected account_updated, got {other:?}"),
     }
     s.finish().await;
+}
+
+/// A TCP relay between one replica and NATS, whose connections the test
+/// cuts (both ends closed at once, as a network that drops them) and then
+/// refuses until mended. Stops with the test's runtime.
+struct Relay {
+    url: String,
+    open: Arc<AtomicBool>,
+    relayed: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl Relay {
+    /// A relay to the NATS server of `nats` (a `nats://host:port` URL).
+    async fn to(nats: &str) -> Self {
+        let upstream = nats.trim_start_matches("nats://").rsplit('@').next().expect("host:port").to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("nats://{}", listener.local_addr().unwrap());
+        let (open, relayed) = (Arc::new(AtomicBool::new(true)), Arc::new(Mutex::new(Vec::<AbortHandle>::new())));
+        let (accepting, adding) = (open.clone(), relayed.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !accepting.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let upstream = upstream.clone();
+                let task = tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else { return };
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+                adding.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Self { url, open, relayed }
+    }
+
+    /// Closes every relayed connection and refuses new ones.
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for task in self.relayed.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Takes connections again.
+    fn mend(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Bob's stream is held by a replica whose connection to NATS drops while
+/// alice renames herself through the other replica: the rename never
+/// reaches bob's replica, and nothing can replay it. Once that replica is
+/// back on the bus, bob's stream says so (`ephemeral_lost`), and a re-read
+/// of users, what a client then does, answers the new name with its
+/// version. Without the event, bob's page would show the old name for as
+/// long as its stream stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_replica_lost_the_bus_is_told_that_ephemeral_events_may_have_been_lost() {
+    let (Some(db), Some(nats)) = (env("NATTER_TEST_DATABASE_URL"), env("NATTER_TEST_NATS_URL")) else {
+        eprintln!("skipped: NATTER_TEST_DATABASE_URL and NATTER_TEST_NATS_URL are not set");
+        return;
+    };
+    let relay = Relay::to(&nats).await;
+    let prefix = format!("p{}_", uuid::Uuid::new_v4().simple());
+    let one = replica(&db, &prefix, &relay.url, "60s");
+    let on_one = one.channel().await;
+    let two = replica(&db, &prefix, &nats, "60s");
+    let on_two = two.channel().await;
+    let (alice, _, bob) = pair(&on_one).await;
+    let mut bobs = stream(&on_one, &bob).await;
+    // The bus works: a rename through two reaches bob on one.
+    let alice_id = rename(&on_two, &alice, "Alice").await;
+    assert_eq!(next_rename(&mut bobs).await, "Alice");
+
+    relay.cut();
+    rename(&on_two, &alice, "Alice, while one was away").await;
+    relay.mend();
+    // (Should one be back before two's announcement reaches NATS, bob
+    // hears the rename too; either way, he is told.)
+    loop {
+        match next_news(&mut bobs).await.event {
+            Some(Event::EphemeralLost(_)) => break,
+            Some(Event::UserUpdated(u)) if u.display_name == "Alice, while one was away" => {}
+            other => panic!("expected ephemeral_lost, got {other:?}"),
+        }
+    }
+    let read = spb::BatchGetUsersRequest { user_ids: vec![alice_id.clone()] };
+    let read = SessionServiceClient::new(on_one.clone()).batch_get_users(authed(&bob, read)).await.unwrap();
+    let users = read.into_inner().users;
+    assert_eq!(
+        users.iter().map(|u| (u.display_name.as_str(), u.profile_version)).collect::<Vec<_>>(),
+        [("Alice, while one was away", 2)]
+    );
+    // And live again.
+    rename(&on_two, &alice, "Alice, back").await;
+    assert_eq!(next_rename(&mut bobs).await, "Alice, back");
+
+    drop(bobs);
+    drop((one, two));
+    drop_schemas(&db, &prefix).await;
 }

@@ -1420,10 +1420,28 @@ async function refreshAccount() {
  * reply's end is a change the stream sends.
  */
 function rereadEphemeral() {
-  void refreshPresence().catch((e) => console.warn("presence:", e));
-  void refreshAccount().catch((e) => console.warn("names and account:", e));
-  if (open) void readReceipts(open.id).catch((e) => console.warn("read receipts:", e));
+  // One re-read at a time: one asked for meanwhile runs once after it.
+  if (rereading) {
+    rereadAgain = true;
+    return;
+  }
+  rereading = (async () => {
+    do {
+      rereadAgain = false;
+      await Promise.all([
+        refreshPresence().catch((e) => console.warn("presence:", e)),
+        refreshAccount().catch((e) => console.warn("names and account:", e)),
+        open ? readReceipts(open.id).catch((e) => console.warn("read receipts:", e)) : undefined,
+      ]);
+    } while (rereadAgain);
+  })().finally(() => {
+    rereading = null;
+  });
 }
+
+/** The re-read of rereadEphemeral under way, and whether another is due when it ends. */
+let rereading: Promise<void> | null = null;
+let rereadAgain = false;
 
 /** Shows the open chat's name in the header: on one line, cut with "…" when long, the whole in its tooltip. */
 function showChatTitle(text: string) {

@@ -55,7 +55,7 @@ use natter_bus::{Beat, BeatKind, Event as BusEvent, EventBus, Lagged, Subscripti
 use natter_kit::id::UserId;
 use natter_kit::time::now_micros;
 use natter_links::ChatDirectory;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -118,6 +118,9 @@ pub struct Presence {
     bus: Arc<dyn EventBus>,
     state: Mutex<State>,
     work: mpsc::UnboundedSender<Work>,
+    /// Counts the times news of users meant for this replica's streams was
+    /// lost (see [`Presence::news_lost`]).
+    news_lost: watch::Sender<u64>,
     stop: CancellationToken,
 }
 
@@ -324,6 +327,7 @@ impl Presence {
             bus: bus.clone(),
             state: Mutex::default(),
             work,
+            news_lost: watch::channel(0).0,
             stop: CancellationToken::new(),
         });
         // Subscribed before the hello, so no answer is missed.
@@ -422,6 +426,19 @@ impl Presence {
         self.hand_over(changes);
     }
 
+    /// Changes (from the state it is in when subscribed) each time news of
+    /// users meant for this replica's streams was lost before it reached
+    /// them: the presence topic fell behind (`user_updated` events dropped
+    /// with beats), or a user's chats could not be listed to pass a change
+    /// on. Public streams then tell their clients (`ephemeral_lost`).
+    pub fn news_lost(&self) -> watch::Receiver<u64> {
+        self.news_lost.subscribe()
+    }
+
+    fn lose_news(&self) {
+        self.news_lost.send_modify(|n| *n += 1);
+    }
+
     /// Whether this replica holds any public stream (someone to tell).
     fn has_streams(&self) -> bool {
         !self.lock().local.is_empty()
@@ -462,8 +479,12 @@ async fn listen(presence: Weak<Presence>, mut beats: Subscription, stop: Cancell
             },
             beat = beats.recv() => match (beat, presence.upgrade()) {
                 (Some(Ok(event)), Some(p)) => p.on_beat(&event),
-                // Lost beats: the peers' next heartbeats make up for them.
-                (Some(Err(Lagged(n))), Some(_)) => tracing::warn!(lost = n, "presence: fell behind the bus"),
+                // Lost beats: the peers' next heartbeats make up for them;
+                // not for the news of users among them.
+                (Some(Err(Lagged(n))), Some(p)) => {
+                    tracing::warn!(lost = n, "presence: fell behind the bus");
+                    p.lose_news();
+                }
                 _ => return,
             },
         }
@@ -499,13 +520,17 @@ async fn announce(
                     let _ = done.send(());
                 }
                 Work::Changed(change) => {
-                    if presence.upgrade().is_some_and(|p| p.has_streams()) {
-                        tell_streams(change, chats.as_ref(), bus.as_ref()).await;
+                    if let Some(p) = presence.upgrade().filter(|p| p.has_streams())
+                        && !tell_streams(change, chats.as_ref(), bus.as_ref()).await
+                    {
+                        p.lose_news();
                     }
                 }
                 Work::Profile(event) => {
-                    if presence.upgrade().is_some_and(|p| p.has_streams()) {
-                        tell_chats(event, chats.as_ref(), bus.as_ref()).await;
+                    if let Some(p) = presence.upgrade().filter(|p| p.has_streams())
+                        && !tell_chats(event, chats.as_ref(), bus.as_ref()).await
+                    {
+                        p.lose_news();
                     }
                 }
             }
@@ -523,8 +548,9 @@ fn is_profile(event: &BusEvent) -> bool {
 }
 
 /// Publishes `change` on this process's topic of each chat of its user,
-/// where the streams that follow them pick it up.
-async fn tell_streams(change: Change, chats: &dyn ChatDirectory, bus: &dyn EventBus) {
+/// where the streams that follow them pick it up. False as for
+/// [`tell_chats`].
+async fn tell_streams(change: Change, chats: &dyn ChatDirectory, bus: &dyn EventBus) -> bool {
     let seen = if change.online { Seen::Online } else { Seen::Offline(Some(change.at)) };
     let event = Arc::new(BusEvent {
         users: vec![UserId(change.user)],
@@ -532,23 +558,25 @@ async fn tell_streams(change: Change, chats: &dyn ChatDirectory, bus: &dyn Event
         payload: Some(grpc::presence_event(UserId(change.user), seen)),
         ..BusEvent::default()
     });
-    tell_chats(event, chats, bus).await;
+    tell_chats(event, chats, bus).await
 }
 
 /// Publishes `event`, about its one user, on this process's topic of each
-/// chat of that user.
-async fn tell_chats(event: Arc<BusEvent>, chats: &dyn ChatDirectory, bus: &dyn EventBus) {
-    let Some(user) = event.users.first().copied() else { return };
+/// chat of that user. False when the user's chats could not be listed (the
+/// event is lost, logged).
+async fn tell_chats(event: Arc<BusEvent>, chats: &dyn ChatDirectory, bus: &dyn EventBus) -> bool {
+    let Some(user) = event.users.first().copied() else { return true };
     let ids = match chats.member_chat_ids(&user.to_string()).await {
         Ok(ids) => ids,
         Err(e) => {
             tracing::warn!(user_id = %user, error = %e, "presence: cannot list the user's chats; change not announced");
-            return;
+            return false;
         }
     };
     for chat in ids.iter().filter_map(|c| Uuid::try_parse(c).ok()) {
         bus.publish_local(Topic::Chat(chat), event.clone());
     }
+    true
 }
 
 #[cfg(test)]

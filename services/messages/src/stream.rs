@@ -297,6 +297,8 @@ pub async fn open(
     // Online from now (the stream is open: nothing more can refuse it)
     // until the stream is dropped.
     let online = follow.presence.then(|| follower.messages.presence().enter(UserId(user)));
+    // News of users this replica lost before it reached the stream.
+    let news_lost = follow.presence.then(|| follower.messages.presence().news_lost());
     let stream = async_stream::try_stream! {
         // Counted in natter_active_streams and against the user's cap until
         // the stream is dropped, however it ends.
@@ -312,6 +314,9 @@ pub async fn open(
         ends.push(Box::pin(shutdown.cancelled_owned().map(|()| Wake::Shutdown)));
         ends.push(Box::pin(tokio::time::sleep_until(expires).map(|()| Wake::Expired)));
         ends.push(Box::pin(ticket.revoked().clone().cancelled_owned().map(|()| Wake::Revoked)));
+        if let Some(news_lost) = news_lost {
+            ends.push(Box::pin(next_loss(news_lost)));
+        }
         let _ticket = ticket;
         let mut follower = follower;
         let mut user_events = user_events;
@@ -354,15 +359,16 @@ pub async fn open(
                 () = std::future::ready(()), if lost => Wake::CaughtUp,
             };
             // Ephemeral news for the stream may have been lost (it fell
-            // behind a topic, or the bus reconnected): the store has the
-            // chats' changes, not these. A reconnect hints every topic, the
+            // behind a topic, the bus reconnected, or the replica lost news
+            // of users on their way): the store has the chats' changes, not
+            // these. A reconnect hints every topic, the
             // user's among them; a chat's topic alone is hinted when its
             // subscription, made as the user joined it, takes effect on
             // NATS, which costs the client nothing to re-read: it reads the
             // chat's people as it learns of the chat.
             lost |= follower.profiles.is_some()
                 && match &wake {
-                    Wake::User(Some(Err(Lagged(_)))) | Wake::Chat(_, Err(Lagged(_))) => true,
+                    Wake::User(Some(Err(Lagged(_)))) | Wake::Chat(_, Err(Lagged(_))) | Wake::NewsLost(_) => true,
                     Wake::User(Some(Ok(event))) => event.is_hint(),
                     _ => false,
                 };
@@ -370,6 +376,10 @@ pub async fn open(
                 Wake::CaughtUp => {
                     lost = false;
                     Step::send(ephemeral_lost())
+                }
+                Wake::NewsLost(news_lost) => {
+                    ends.push(Box::pin(next_loss(news_lost)));
+                    Step::default()
                 }
                 // UNAVAILABLE tells clients to reconnect (elsewhere) and resume.
                 Wake::Shutdown => Err(Status::unavailable("server shutting down; reconnect and resume"))?,
@@ -432,6 +442,19 @@ enum Wake {
     Chat(Uuid, Result<BusEvent, Lagged>),
     /// Nothing else was ready, with a loss not yet told.
     CaughtUp,
+    /// The replica lost news of users meant for its streams
+    /// ([`crate::presence::Presence::news_lost`]); the receiver, to wait for
+    /// the next loss.
+    NewsLost(tokio::sync::watch::Receiver<u64>),
+}
+
+/// Waits for the replica's next loss of news of users; never, once it is
+/// gone.
+async fn next_loss(mut news_lost: tokio::sync::watch::Receiver<u64>) -> Wake {
+    match news_lost.changed().await {
+        Ok(()) => Wake::NewsLost(news_lost),
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// `ephemeral_lost`, of no chat.
@@ -1096,6 +1119,9 @@ mod tests {
         /// chats service's delivery would, right after the next answer
         /// about the user (a membership check or a listing).
         remove_after_answer: Mutex<Option<(Uuid, Uuid)>>,
+        /// A user whose chats cannot be listed (the chats service out of
+        /// reach, for this user only).
+        unlistable: Mutex<Option<Uuid>>,
         messages: OnceLock<Weak<Messages>>,
     }
 
@@ -1130,6 +1156,9 @@ mod tests {
 
         async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
             let user = Uuid::parse_str(user_id).unwrap();
+            if *self.unlistable.lock().unwrap() == Some(user) {
+                return Err(Status::unavailable("chats service out of reach"));
+            }
             let chats: Vec<String> =
                 self.members.lock().unwrap().iter().filter(|(_, u)| *u == user).map(|(c, _)| c.to_string()).collect();
             self.remove_if_armed(user).await;
@@ -1381,6 +1410,41 @@ mod tests {
         for stream in [&mut public, &mut internal] {
             assert_eq!(kind(&next_event(stream).await), "message:after");
         }
+    }
+
+    /// The replica's presence task fell behind the presence topic, which
+    /// carries renames for every stream of the replica: public streams are
+    /// told that ephemeral events may have been lost; the assistant's
+    /// internal one is not.
+    #[tokio::test]
+    async fn a_replica_that_lost_news_of_users_tells_its_public_streams() {
+        let h = Harness::start().await;
+        let mut public = h.public_stream_of_member(Vec::new()).await;
+        let mut internal = h.stream_of_member(Vec::new()).await;
+        // More than the topic holds, published without a pause for the
+        // presence task (this test's runtime has one thread).
+        for _ in 0..=natter_bus::PRESENCE_TOPIC_CAPACITY {
+            h.messages.bus().publish(Topic::Presence, Arc::new(natter_bus::Event::default()));
+        }
+        assert_eq!(kind(&next_event(&mut public).await), "ephemeral_lost");
+        h.owner_sends("after").await.unwrap();
+        for stream in [&mut public, &mut internal] {
+            assert_eq!(kind(&next_event(stream).await), "message:after");
+        }
+    }
+
+    /// The owner renames themself while the chats service cannot list
+    /// their chats to this replica, which hands a rename to the streams of
+    /// those chats: the member's stream is told that it may have missed
+    /// one.
+    #[tokio::test]
+    async fn a_rename_the_replica_cannot_pass_on_is_told_as_lost() {
+        let h = Harness::start().await;
+        let mut stream = h.public_stream_of_member(Vec::new()).await;
+        *h.directory.unlistable.lock().unwrap() = Some(h.owner);
+        let rename = natter_bus::Event::user_updated(UserId(h.owner), "owner".into(), "Renamed".into(), 1);
+        h.messages.bus().publish(Topic::Presence, Arc::new(rename));
+        assert_eq!(kind(&next_event(&mut stream).await), "ephemeral_lost");
     }
 
     /// A group deleted: the chats service records each member's removal

@@ -455,7 +455,8 @@ impl Sessions {
     /// the caller's included, is revoked.
     ///
     /// Errors: RESOURCE_EXHAUSTED (the rate), FAILED_PRECONDITION (not a
-    /// guest), ALREADY_EXISTS (the username is taken).
+    /// guest), ALREADY_EXISTS (the username is taken), NOT_FOUND (the
+    /// account was deleted while the call ran).
     pub async fn claim(
         &self,
         client: Option<IpAddr>,
@@ -469,8 +470,11 @@ impl Sessions {
         }
         let hash = self.hash_for(&new.username, new.password).await?;
         let username = new.username;
-        if !self.store.claim(user_id, username.as_str(), &username.key(), &new.display_name, &hash).await? {
-            return Err(SessionsError::NotGuest);
+        match self.store.claim(user_id, username.as_str(), &username.key(), &new.display_name, &hash).await? {
+            store::Claim::Claimed => {}
+            store::Claim::NotGuest => return Err(SessionsError::NotGuest),
+            // DeleteAccount (or the guests' purge) won the race.
+            store::Claim::Gone => return Err(SessionsError::UserNotFound),
         }
         // Cached tokens of this user still say "guest", here and in other
         // replicas' caches.

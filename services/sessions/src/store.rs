@@ -438,8 +438,8 @@ impl Store {
         Ok(rows)
     }
 
-    /// Gives a guest a username and password. False if the user is not (or
-    /// no longer) a guest; UsernameTaken on a duplicate.
+    /// Gives a guest a username and password; UsernameTaken on a
+    /// duplicate.
     pub async fn claim(
         &self,
         user_id: &str,
@@ -447,7 +447,7 @@ impl Store {
         username_key: &str,
         display_name: &str,
         password_hash: &str,
-    ) -> Result<bool, SessionsError> {
+    ) -> Result<Claim, SessionsError> {
         let done = sqlx::query(
             "UPDATE users SET username = $1, username_key = $2, display_name = $3, password_hash = $4, \
              kind = 'human', profile_version = profile_version + 1 WHERE id = $5 AND kind = 'guest'",
@@ -460,8 +460,24 @@ impl Store {
         .execute(self.db.write())
         .await
         .map_err(|e| taken_or_db(e))?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() == 1 {
+            return Ok(Claim::Claimed);
+        }
+        // Not a guest now: claimed, or deleted, since the caller looked.
+        Ok(if self.user_by_id(user_id).await?.is_some() { Claim::NotGuest } else { Claim::Gone })
     }
+}
+
+/// What [`Store::claim`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The guest has its username and password now.
+    Claimed,
+    /// The user is a person (claimed meanwhile, by another of its tabs).
+    NotGuest,
+    /// The user was deleted meanwhile (DeleteAccount, or the purge of
+    /// guests long gone).
+    Gone,
 }
 
 /// Takes the deletion log's lock row: on PostgreSQL, deletions of two
@@ -518,14 +534,9 @@ fn taken_or_db(e: sqlx::Error) -> SessionsError {
 mod tests {
     use super::*;
 
-    /// Sessions long expired (or revoked, then expired) are deleted, oldest
-    /// first and a batch at a time; live ones stay.
-    #[tokio::test]
-    async fn sessions_expired_before_the_bound_are_purged_in_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = natter_db::DbConfig::sqlite_in(dir.path(), "sessions");
-        let store = Store::new(Db::connect(&config, &crate::MIGRATOR).await.unwrap());
-        let user = UserRow {
+    /// A guest made at time 0, the first user of each test.
+    fn guest() -> UserRow {
+        UserRow {
             id: "0190a000-0000-7000-8000-000000000001".into(),
             username: None,
             display_name: "guest".into(),
@@ -533,7 +544,22 @@ mod tests {
             create_time: 0,
             kind: GUEST.into(),
             profile_version: 0,
-        };
+        }
+    }
+
+    /// A store on SQLite in `dir`.
+    async fn sqlite_in(dir: &tempfile::TempDir) -> Store {
+        let config = natter_db::DbConfig::sqlite_in(dir.path(), "sessions");
+        Store::new(Db::connect(&config, &crate::MIGRATOR).await.unwrap())
+    }
+
+    /// Sessions long expired (or revoked, then expired) are deleted, oldest
+    /// first and a batch at a time; live ones stay.
+    #[tokio::test]
+    async fn sessions_expired_before_the_bound_are_purged_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite_in(&dir).await;
+        let user = guest();
         store.insert_user(&user, None).await.unwrap();
         for (n, expire_time) in [(1, 100), (2, 200), (3, 300), (4, 10_000)] {
             let session = SessionRow {
@@ -558,8 +584,7 @@ mod tests {
     #[tokio::test]
     async fn guests_left_without_sessions_are_deleted_and_logged_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let config = natter_db::DbConfig::sqlite_in(dir.path(), "sessions");
-        let store = Store::new(Db::connect(&config, &crate::MIGRATOR).await.unwrap());
+        let store = sqlite_in(&dir).await;
         let user = |n: u32, kind: &str, create_time: i64| UserRow {
             id: format!("0190a000-0000-7000-8000-00000000000{n}"),
             username: (kind == HUMAN).then(|| format!("person{n}")),
@@ -617,6 +642,26 @@ mod tests {
         assert!(!store.deleted_by_token("hash", 0).await.unwrap());
     }
 
+    /// A claim finds the guest claimed (by another of its tabs) or deleted
+    /// since its caller looked, and says which.
+    #[tokio::test]
+    async fn a_claim_tells_a_guest_claimed_meanwhile_from_one_deleted_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite_in(&dir).await;
+        let guest = guest();
+        store.insert_user(&guest, None).await.unwrap();
+        let claim = |name: &'static str| store.claim(&guest.id, name, name, "Claimed", "phc");
+        assert_eq!(claim("first").await.unwrap(), Claim::Claimed);
+        assert_eq!(claim("second").await.unwrap(), Claim::NotGuest, "claimed already");
+        let row = store.user_by_id(&guest.id).await.unwrap().unwrap();
+        assert_eq!((row.username.as_deref(), row.profile_version), (Some("first"), 1), "the first claim kept");
+        let session = "0190a000-0000-7000-8000-000000000101";
+        let row = SessionRow { id: session.into(), user_id: guest.id.clone(), create_time: 0, expire_time: i64::MAX };
+        store.insert_session(&row, "hash").await.unwrap();
+        store.delete_user(&guest.id, session, Some("phc"), 1).await.unwrap();
+        assert_eq!(claim("third").await.unwrap(), Claim::Gone);
+    }
+
     /// On PostgreSQL a guest claimed while its deletion waits for the
     /// claim's row lock is not deleted: the deletion reads what the claim
     /// committed (a password nobody confirmed), not what it read before.
@@ -629,15 +674,7 @@ mod tests {
         let schema = natter_db::testing::unique_schema("sessions");
         let store =
             Store::new(Db::connect(&natter_db::DbConfig::postgres(&url, &schema), &crate::MIGRATOR).await.unwrap());
-        let guest = UserRow {
-            id: "0190a000-0000-7000-8000-000000000001".into(),
-            username: None,
-            display_name: "guest".into(),
-            password_hash: None,
-            create_time: 0,
-            kind: GUEST.into(),
-            profile_version: 0,
-        };
+        let guest = guest();
         store.insert_user(&guest, None).await.unwrap();
         let session = "0190a000-0000-7000-8000-000000000101";
         let row = SessionRow { id: session.into(), user_id: guest.id.clone(), create_time: 0, expire_time: i64::MAX };
@@ -680,8 +717,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_statement_is_the_origin_of_its_error() {
         let dir = tempfile::tempdir().unwrap();
-        let config = natter_db::DbConfig::sqlite_in(dir.path(), "sessions");
-        let store = Store::new(Db::connect(&config, &crate::MIGRATOR).await.unwrap());
+        let store = sqlite_in(&dir).await;
         store.db().close().await;
         let error = store.user_by_id("0190a000-0000-7000-8000-000000000000").await.unwrap_err();
         let SessionsError::Store { origin, .. } = &error else { panic!("a store error: {error:?}") };

@@ -1242,9 +1242,10 @@ function handleEvent(ev: StreamEventsResponse) {
   }
   // Some of the above may have been lost while the stream stayed open (it
   // fell behind, or the server's bus reconnected): read again what a
-  // reconnect reads.
+  // reconnect reads. Within 2 s, at random: every page on a server that
+  // lost news hears this at once, and should not all ask at once.
   if (ev.event.case === "ephemeralLost") {
-    rereadEphemeral();
+    setTimeout(rereadEphemeral, Math.random() * 2000);
     return;
   }
   // Anything else of no chat (a kind of event newer than this page) is no

@@ -172,13 +172,17 @@ impl Sessions {
     /// session left (their last one purged by [`Sessions::purge_expired`]),
     /// a batch of 1,000 at a time, logging each for the chats service
     /// (`ListDeletedUsers`); returns how many. Their tokens are gone with
-    /// their sessions, so no cache holds them.
+    /// their sessions, so no cache holds them. Nothing is announced here:
+    /// the chats service, taking each out of its chats within seconds,
+    /// tells each chat's streams first (`user_updated.deleted`), which is
+    /// soon enough for guests gone this long. A notice per guest on the
+    /// presence topic would cost every replica a chats call per guest, and
+    /// a burst of them could make replicas fall behind that topic.
     pub async fn purge_guests(&self, retention: std::time::Duration) -> Result<usize, SessionsError> {
         let before = natter_kit::time::micros_ago(retention);
         let mut deleted = 0;
         loop {
             let gone = self.store.purge_guests(before, now_micros(), 1000).await?;
-            self.announce_deleted(&gone);
             deleted += gone.len();
             if gone.len() < 1000 {
                 return Ok(deleted);
@@ -510,12 +514,12 @@ impl Sessions {
         self.bus.publish(Topic::Presence, event);
     }
 
-    /// Tells the streams of everyone who shares a chat with each of
-    /// `users`, whose accounts are deleted, that they are
-    /// ([`natter_bus::Event::user_deleted`]): a direct chat with one stays,
-    /// and its person's page shows the deletion without a reload.
-    fn announce_deleted(&self, users: &[String]) {
-        for id in users.iter().filter_map(|u| Uuid::try_parse(u).ok()) {
+    /// Tells the streams of everyone who shares a chat with `user`, whose
+    /// account is deleted, that it is ([`natter_bus::Event::user_deleted`]):
+    /// a direct chat with it stays, and its person's page shows the deletion
+    /// without a reload.
+    fn announce_deleted(&self, user: &str) {
+        if let Ok(id) = Uuid::try_parse(user) {
             self.bus.publish(Topic::Presence, Arc::new(natter_bus::Event::user_deleted(UserId(id))));
         }
     }
@@ -570,7 +574,7 @@ impl Sessions {
         };
         tracing::info!(user_id, kind = user.kind, "account deleted at its own request");
         self.announce_ended(&sessions, Some(user_id)).await;
-        self.announce_deleted(std::slice::from_ref(&caller.user_id));
+        self.announce_deleted(&caller.user_id);
         Ok(())
     }
 
@@ -737,4 +741,40 @@ async fn verify_password(password: String, phc: String, queue: usize) -> Result<
 fn dummy_hash() -> &'static str {
     static DUMMY: OnceLock<String> = OnceLock::new();
     DUMMY.get_or_init(|| domain::hash_password("natter-dummy-password").unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt as _;
+    use natter_db::Db;
+
+    use super::*;
+
+    /// Guests long gone are purged without a notice each on the presence
+    /// topic (every replica would list each one's chats): the deletion log,
+    /// which the chats service follows and announces per chat, has them.
+    #[tokio::test]
+    async fn a_purge_of_guests_puts_nothing_on_the_presence_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = natter_db::DbConfig::sqlite_in(dir.path(), "sessions");
+        let store = Store::new(Db::connect(&config, &crate::MIGRATOR).await.unwrap());
+        for n in 1..=3 {
+            let guest = UserRow {
+                id: format!("0190a000-0000-7000-8000-00000000000{n}"),
+                username: None,
+                display_name: "guest".into(),
+                password_hash: None,
+                create_time: 0,
+                kind: store::GUEST.into(),
+                profile_version: 0,
+            };
+            store.insert_user(&guest, None).await.unwrap();
+        }
+        let hub = Arc::new(natter_bus::Hub::new());
+        let mut presence = hub.subscribe(Topic::Presence);
+        let sessions = Sessions::new(store, hub, &crate::SessionsArgs::default());
+        assert_eq!(sessions.purge_guests(std::time::Duration::from_secs(1)).await.unwrap(), 3);
+        assert_eq!(sessions.deleted_users(0, 10).await.unwrap().len(), 3, "logged for the chats service");
+        assert!(presence.recv().now_or_never().is_none(), "nothing on the presence topic");
+    }
 }

@@ -259,7 +259,8 @@ pub async fn open(
         let mut checks = 0;
         for (chat, point) in gone {
             let latest = follower.messages.store().latest_membership(chat.into(), UserId(user)).await;
-            if !matches!(latest.map_err(MessagesError::from)?, Some(Membership::Departed(_))) {
+            let latest = latest.map_err(MessagesError::from)?;
+            if !matches!(latest, Some(Membership::Departed(_))) {
                 if checks == DELETED_CHAT_CHECKS {
                     continue;
                 }
@@ -280,7 +281,7 @@ pub async fn open(
                 }
             };
             follower.cursors.insert(chat, seen);
-            match follower.departed(chat).await? {
+            match follower.gone(chat, latest) {
                 Gone::Replay(refill) => refills.push_back(refill),
                 Gone::Removed => first.push(follower.removed(chat)),
             }
@@ -590,12 +591,18 @@ impl Follower {
     /// stream's own, with nothing after the cursor: no change is then known
     /// to be from before the departure.
     async fn departed(&self, chat: Uuid) -> Result<Gone, Status> {
-        let cursor = self.cursors.get(&chat).copied().unwrap_or(0);
         let latest = self.messages.store().latest_membership(chat.into(), UserId(self.user)).await;
-        Ok(match latest.map_err(MessagesError::from)? {
+        Ok(self.gone(chat, latest.map_err(MessagesError::from)?))
+    }
+
+    /// As [`Follower::departed`], with the user's `latest` membership of
+    /// `chat` read already.
+    fn gone(&self, chat: Uuid, latest: Option<Membership>) -> Gone {
+        let cursor = self.cursors.get(&chat).copied().unwrap_or(0);
+        match latest {
             Some(Membership::Departed(n)) if n > cursor => Gone::Replay(Refill { departure: n, ..Refill::to(chat, n) }),
             _ => Gone::Removed,
-        })
+        }
     }
 
     /// The event a stream sends when it finds by itself that its user no

@@ -133,6 +133,8 @@ let guestPage;
 let aliceTab;
 /** One of the 50 guests of bob's Book club (CreateSessionResponse), who later claims an account as dana. */
 let clubGuest;
+/** Another of them, who claims an account as erin and never hears the answer. */
+let lostClaimGuest;
 const history = []; // every text sent in the direct chat, in order
 const tale = story(() => [
   ["alice", alicePage], ["alice-tab-2", aliceTab], ["bob", bobPage], ["carol", carolPage], ["guest", guestPage],
@@ -693,6 +695,7 @@ step("a group of more than a page: 50 guests join bob's group at once; his open 
   assert.deepEqual(new Set(shown), new Set([bobId, ...guests.map((g) => g.user.id)]));
   assert.equal(shown[0], bobId, "in join order: bob first");
   clubGuest = guests[0];
+  lostClaimGuest = guests[1];
 });
 
 step("a guest keeps its chats by claiming an account: a taken username is refused in the server's words, changing nothing; then the page goes on as the account, live, in the same chat (its other tab quietly too), after a reload too, and the password logs in elsewhere", async () => {
@@ -800,6 +803,57 @@ step("a guest keeps its chats by claiming an account: a taken username is refuse
   }
   await guestPage.context().close();
   guestPage = undefined;
+});
+
+step("a claim whose answer is lost: one that never reached the server leaves the guest as it was; one that did goes on as the account, not signed out", async () => {
+  const erin = { name: `erin-${suffix}`, displayName: `Erin ${suffix}`, password: "erin's long pass phrase" };
+  const page = await newPerson("erin");
+  // The first claim is cut before it reaches the server; the second reaches it, and its answer is cut.
+  let claims = 0;
+  await page.route("**/natter.sessions.v1.SessionService/ClaimAccount", async (route) => {
+    if (claims++ === 0) return route.abort("failed");
+    await route.fetch();
+    await route.abort("failed");
+  });
+  try {
+    await page.evaluate(([key, token]) => localStorage.setItem(key, token),
+      [`natter.token:http://127.0.0.1:${server.port}`, lostClaimGuest.token]);
+    await page.reload();
+    await page.locator("#me", { hasText: /\(guest\)$/ }).waitFor();
+    await openChatWith(page, "Book club");
+    await openSettings(page);
+    const claim = async () => {
+      await page.fill('[data-testid="claim-username"]', erin.name);
+      await page.fill('[data-testid="claim-password"]', erin.password);
+      await page.fill('[data-testid="claim-display-name"]', erin.displayName);
+      await page.click('[data-testid="claim-account"]');
+    };
+
+    // Never reached: the error in the form, the guest live as before, its token still a guest's.
+    await claim();
+    await page.locator('[data-testid="claim-note"]').filter({ hasText: /\S/ }).waitFor();
+    assert.match(await page.textContent("#me"), /\(guest\)$/, "still a guest");
+    assert.equal(await page.locator("#auth-view").isHidden(), true, "not signed out");
+    const before = await call(lostClaimGuest.token, "sessions.v1.SessionService/GetCurrentSession", {});
+    assert.equal(before.user.kind, "USER_KIND_GUEST", "nothing claimed");
+    await send(bobPage, "Still here, guest?");
+    await waitForMessage(page, "Still here, guest?");
+
+    // Reached, its answer lost: the guest's token ended with the claim, and the page goes on as erin.
+    await claim();
+    await page.locator("#me", { hasText: new RegExp(`^${escapeRe(erin.displayName)}$`) }).waitFor();
+    assert.equal(claims, 2);
+    await assert.rejects(call(lostClaimGuest.token, "sessions.v1.SessionService/GetCurrentSession", {}), /unauthenticated/i,
+      "the claim went through");
+    await page.locator('[data-testid="password-form"]').waitFor(); // a person's: Change password
+    assert.equal(await page.locator("#auth-view").isHidden(), true, "not signed out");
+    assert.equal(await page.locator("#error").isHidden(), true, "no session ended");
+    await send(bobPage, "Hello erin");
+    await waitForMessage(page, "Hello erin"); // live, on the account's stream
+  } finally {
+    await page.unroute("**/natter.sessions.v1.SessionService/ClaimAccount");
+    await page.context().close();
+  }
 });
 
 step("bob lets nobody start a chat with him: carol's is refused, naming him, and nothing is made; his choice outlives a reload; he starts one with her himself", async () => {

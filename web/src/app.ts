@@ -2703,6 +2703,31 @@ el("password-form").addEventListener("submit", (e) => {
   });
 });
 
+/**
+ * ClaimAccount for guest `guestId`, and where its answer is lost (the
+ * network or a restarting server: a transient error) a log-in with the
+ * credentials it sent. The claim may have gone through all the same, and
+ * then it ended the guest's session: only the account's password opens the
+ * account now. The log-in answers the guest's own id if it did; then the
+ * page goes on as after a claim. A log-in that fails, or opens another
+ * user's account (the claim never came, and someone else has that username
+ * and password: that session is revoked at once), leaves the claim's own
+ * error standing, and the guest as it was.
+ */
+async function claimAccount(guestId: string, request: { username: string; password: string; displayName: string }) {
+  try {
+    return await api.sessions.claimAccount(request);
+  } catch (err) {
+    if (!api.isTransient(err)) throw err;
+    const login = await api.sessions.createSession({ username: request.username, password: request.password }).catch(() => null);
+    if (login?.user?.id === guestId) return login;
+    if (login?.token) {
+      void api.sessions.revokeSession({}, { headers: { authorization: `Bearer ${login.token}` } }).catch(() => {});
+    }
+    throw err;
+  }
+}
+
 // A guest keeps its chats by claiming an account (ClaimAccount): the same
 // user, now a person. The server ends every session of the guest, this
 // page's too, and answers with the account's new session: the page stores
@@ -2729,7 +2754,7 @@ el("claim-form").addEventListener("submit", (e) => {
     claiming = new Promise((resolve) => (done = resolve));
     api.claimMark.set(user.id, Date.now() + CLAIM_MARK_MS); // the other tabs' guest sessions end with this one
     try {
-      const res = await api.sessions.claimAccount(request);
+      const res = await claimAccount(user.id, request);
       if (!res.user || !res.token) throw new Error("the server returned no account");
       if (me !== user) return; // signed out meanwhile
       api.token.set(res.token);

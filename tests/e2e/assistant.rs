@@ -300,7 +300,8 @@ async fn stop_keeps_the_text_so_far_and_closes_the_upstream_connection(c: &Clust
             break d.message_id;
         }
     };
-    let stop = apb::StopGenerationRequest { message_id: reply_id.clone() };
+    // Its id in capitals: the same message, and the same generation to cancel at once.
+    let stop = apb::StopGenerationRequest { message_id: reply_id.to_uppercase() };
     let bob = c.user("bob").await;
     assert_eq!(code(c.assistant().stop_generation(authed(&bob, stop.clone())).await), Code::PermissionDenied);
     let stopped =

@@ -44,11 +44,6 @@ impl AssistantApi {
     }
 }
 
-/// A UUID field, or INVALID_ARGUMENT naming it.
-fn uuid(field: &str, value: &str) -> Result<(), Status> {
-    natter_kit::id::parse(field, value).map(drop)
-}
-
 #[tonic::async_trait]
 impl AssistantService for AssistantApi {
     async fn get_or_create_assistant_chat(
@@ -72,7 +67,8 @@ impl AssistantService for AssistantApi {
             .map_or(self.request_timeout, |d| d.min(self.request_timeout));
         let bound = deadline.saturating_sub((deadline / 10).min(Duration::from_secs(1)));
         let r = request.into_inner();
-        uuid("chat_id", &r.chat_id)?;
+        // Canonical form: the chat's lane and queue are keyed by it.
+        let chat_id = natter_kit::id::parse("chat_id", &r.chat_id)?.to_string();
         if r.timeout_seconds < 0 {
             return Err(FieldViolations::single("timeout_seconds", "must not be negative").into_status());
         }
@@ -81,12 +77,7 @@ impl AssistantService for AssistantApi {
             n => Duration::from_secs(n as u64).min(ASK_WAIT_MAX),
         }
         .min(bound);
-        let send = mpb::SendMessageRequest {
-            chat_id: r.chat_id,
-            message_id: r.message_id,
-            text: r.text,
-            ..Default::default()
-        };
+        let send = mpb::SendMessageRequest { chat_id, message_id: r.message_id, text: r.text, ..Default::default() };
         let (prompt, reply) = assistant.ask(&caller, send, wait).await?;
         Ok(Response::new(pb::AskResponse { prompt: Some(prompt), reply: Some(reply) }))
     }
@@ -125,9 +116,9 @@ impl AssistantService for AssistantApi {
         request: Request<pb::StopGenerationRequest>,
     ) -> Result<Response<pb::StopGenerationResponse>, Status> {
         let (caller, assistant) = self.caller(&request).await?;
-        let id = &request.get_ref().message_id;
-        uuid("message_id", id)?;
-        let reply = assistant.stop(&caller, id).await?;
+        // Canonical form: the generation to cancel here is keyed by it.
+        let id = natter_kit::id::parse("message_id", &request.get_ref().message_id)?.to_string();
+        let reply = assistant.stop(&caller, &id).await?;
         Ok(Response::new(pb::StopGenerationResponse { reply: Some(reply) }))
     }
 }

@@ -922,6 +922,26 @@ impl Assistant {
                     return;
                 }
             }
+            // The chat's owner removed the bot, turned it off or archived
+            // the chat while the prompt waited its turn (the chats known
+            // to is_prompt may be older): not answered, nothing of it sent
+            // to the model, as for a Regenerate above.
+            let check = || self.may_regenerate(&job.prompt.chat_id);
+            match self.settings.retry.run(&self.shutdown, "CheckMembership", check).await {
+                Ok(()) => {}
+                Err(refused) if refused.code() == tonic::Code::FailedPrecondition => {
+                    tracing::info!(chat_id = %job.prompt.chat_id, prompt = %job.prompt.id, why = %refused.message(), "the assistant may no longer answer in a prompt's chat; not answered");
+                    return self.read_past(&job.prompt).await;
+                }
+                Err(status) if is_transient(&status) => {
+                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot check the assistant's chat; left unread");
+                    return self.hold(&job.prompt, owner);
+                }
+                Err(status) => {
+                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot check the assistant's chat");
+                    return;
+                }
+            }
         }
         if let Some(why) = barred(&self.detector, &job.prompt.text).or_else(|| flagged(&job.prompt)) {
             // Never sent to the model: a fixed refusal, marked as a content
@@ -1738,6 +1758,39 @@ impl Assistant {
                 return Ok((moderated(reply, caller, sight), prompt));
             }
         }
+        // The rest runs as a task of its own, which the call awaits: a call
+        // dropped meanwhile (its deadline passed, its stream reset) still
+        // starts the reply and hands the lane on, or gives it back, instead
+        // of leaving the chat's lane claimed with nobody to release it.
+        let start = Arc::clone(self).start_regenerated(
+            chat.to_owned(),
+            caller.to_owned(),
+            edit,
+            reply_id.map(str::to_owned),
+            prompt,
+            latest,
+        );
+        match self.tasks.spawn(start).await {
+            Ok(started) => started.map(|(reply, prompt)| (moderated(reply, caller, sight), prompt)),
+            Err(panicked) => Err(Status::internal(format!("regenerate failed: {panicked}"))),
+        }
+    }
+
+    /// The rest of [`Assistant::regenerate_anew`] once it claimed the lane
+    /// of `chat` for `prompt`, whose latest reply is `latest`: edits the
+    /// prompt (`edit`), starts the new reply (id `reply_id`, else a new
+    /// one) and hands the lane to its generation, or gives the lane back
+    /// when nothing started. Answers (reply, prompt), the reply unmoderated.
+    async fn start_regenerated(
+        self: Arc<Self>,
+        chat: String,
+        caller: String,
+        edit: Option<String>,
+        reply_id: Option<String>,
+        prompt: mpb::Message,
+        latest: mpb::Message,
+    ) -> Result<(mpb::Message, mpb::Message), Status> {
+        let chat = chat.as_str();
         let prompt_id = prompt.id.clone();
         let started = async {
             // The lane is ours: no reply starts now. One that came between
@@ -1755,11 +1808,11 @@ impl Assistant {
             let prompt = match edit {
                 Some(text) => {
                     let edit = mpb::EditMessageRequest { message_id: prompt.id.clone(), text };
-                    self.links.messages.edit_as(caller, edit).await?
+                    self.links.messages.edit_as(&caller, edit).await?
                 }
                 None => prompt,
             };
-            let id = reply_id.map_or_else(|| Uuid::now_v7().to_string(), str::to_owned);
+            let id = reply_id.clone().unwrap_or_else(|| Uuid::now_v7().to_string());
             let request = self.start_request(&prompt, id, &latest.id);
             let (reply, created) = self.links.messages.start_reply(request).await?;
             Ok::<_, Status>((reply, prompt, created))
@@ -1770,15 +1823,15 @@ impl Assistant {
             // generates it): answered as it is, the lane given back below.
             Ok((reply, prompt, false)) => {
                 self.give_back_lane(chat, &prompt_id);
-                Ok((moderated(reply, caller, sight), prompt))
+                Ok((reply, prompt))
             }
             Ok((reply, prompt, true)) => {
                 let job = Job { prompt: prompt.clone(), started: Some(reply.clone()) };
-                self.tasks.spawn(self.clone().drive(chat.to_owned(), job));
+                self.tasks.spawn(Arc::clone(&self).drive(chat.to_owned(), job));
                 if reply_id.is_some() {
                     self.lane_freed.notify_waiters();
                 }
-                Ok((moderated(reply, caller, sight), prompt))
+                Ok((reply, prompt))
             }
             Err(status) => {
                 self.give_back_lane(chat, &prompt_id);

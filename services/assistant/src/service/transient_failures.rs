@@ -56,6 +56,12 @@ pub(super) struct Messages {
     finished: tokio::sync::Notify,
     /// Told at every UpdateReply.
     updated: tokio::sync::Notify,
+    /// Told at every MarkReadAs.
+    marked: tokio::sync::Notify,
+    /// While set, StartReply waits for a permit of it before its work.
+    start_gate: Mutex<Option<Arc<Semaphore>>>,
+    /// Told as a StartReply begins to wait at the gate.
+    start_waiting: tokio::sync::Notify,
 }
 
 fn created(message: &mpb::Message) -> mpb::StreamEventsResponse {
@@ -191,6 +197,25 @@ impl Messages {
             .unwrap_or_else(|_| panic!("no finished reply to {:?}", prompt.text))
     }
 
+    /// Once the bot's read position is at `seq` or past it (10 s at most:
+    /// the test fails then).
+    pub(super) async fn read_to(&self, seq: i64) {
+        let wait = async {
+            loop {
+                let marked = self.marked.notified();
+                let mut marked = std::pin::pin!(marked);
+                marked.as_mut().enable();
+                if self.store().read_seq >= seq {
+                    return;
+                }
+                marked.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .unwrap_or_else(|_| panic!("the read position never reached {seq}"));
+    }
+
     /// The first message_delta of the reply to `prompt`, once one was sent
     /// (10 s at most: the test fails then).
     pub(super) async fn first_delta(&self, prompt: &mpb::Message) -> mpb::MessageDelta {
@@ -227,6 +252,8 @@ impl AssistantMessages for Messages {
         let mut store = self.store();
         store.marks.push(seq);
         store.read_seq = store.read_seq.max(seq);
+        drop(store);
+        self.marked.notify_waiters();
         Ok(())
     }
 
@@ -251,6 +278,11 @@ impl AssistantMessages for Messages {
     }
 
     async fn start_reply(&self, request: mpb::StartReplyRequest) -> Result<(mpb::Message, bool), Status> {
+        let gate = self.start_gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            self.start_waiting.notify_one();
+            let _pass = gate.acquire().await;
+        }
         let mut store = self.store();
         let Some(prompt) = store.messages.iter().find(|m| m.id == request.prompt_message_id).cloned() else {
             return Err(Status::not_found("no such prompt"));
@@ -302,12 +334,14 @@ impl AssistantMessages for Messages {
     }
 }
 
-/// The bot is a member of CHAT, a direct chat; CheckMembership fails with
-/// the queued codes first.
+/// The bot is a member of CHAT, a direct chat (until `removed`);
+/// CheckMembership fails with the queued codes first.
 #[derive(Default)]
 pub(super) struct Chats {
     failures: Mutex<VecDeque<Code>>,
     checks: Mutex<u32>,
+    /// The bot was removed from CHAT.
+    removed: Mutex<bool>,
 }
 
 #[async_trait]
@@ -325,7 +359,7 @@ impl AssistantChats for Chats {
         }
         Ok(cpb::CheckMembershipResponse {
             chat_exists: true,
-            member: true,
+            member: !*self.removed.lock().unwrap(),
             kind: cpb::ChatKind::Direct as i32,
             ..Default::default()
         })
@@ -363,6 +397,7 @@ impl AssistantUsers for Users {
 /// The assistant following CHAT, whose first message (seq 1, read
 /// already) it never sees; it stops when dropped.
 struct Harness {
+    assistant: Arc<Assistant>,
     messages: Arc<Messages>,
     chats: Arc<Chats>,
     shutdown: CancellationToken,
@@ -411,8 +446,8 @@ async fn harness_with(chats: Chats, settings: Settings) -> Harness {
     let links = Links { users: Arc::new(Users), messages: messages.clone(), chats: chats.clone() };
     let shutdown = CancellationToken::new();
     let llm = natter_llm::Client::new(config).unwrap();
-    Assistant::start(llm, links, settings, shutdown.clone()).await.unwrap();
-    Harness { messages, chats, shutdown, model }
+    let assistant = Assistant::start(llm, links, settings, shutdown.clone()).await.unwrap();
+    Harness { assistant, messages, chats, shutdown, model }
 }
 
 /// A complete reply with the model's text.
@@ -476,7 +511,11 @@ async fn a_prompt_whose_membership_check_fails_once_is_answered() {
     let second = h.messages.post("and why twice a day?");
     assert_answered(&h.messages.finished_reply(&second).await);
     assert_answered_once(&h.messages, &first);
-    assert_eq!(*h.chats.checks.lock().unwrap(), 2, "the failed check and its retry; the chat known since");
+    assert_eq!(
+        *h.chats.checks.lock().unwrap(),
+        2 + 2,
+        "the failed check and its retry (the chat known since to tell prompts), and one as each prompt's turn came"
+    );
 }
 
 #[tokio::test]
@@ -594,4 +633,51 @@ async fn a_start_whose_answers_are_all_lost_is_generated_when_the_prompt_is_repl
     assert_answered(&h.messages.finished_reply(&first).await);
     assert_answered_once(&h.messages, &first);
     assert_eq!(h.messages.replies(&second), [refused], "the replayed refusal is not redone");
+}
+
+/// A Regenerate whose caller went away (its deadline passed, its stream was
+/// reset) while it started the new reply: the reply is started and
+/// generated all the same, and the chat's lane is handed on, so the next
+/// prompt is answered (before: the lane stayed claimed, every later prompt
+/// queued behind it until a restart).
+#[tokio::test]
+async fn a_regenerate_whose_caller_gave_up_while_it_started_its_reply_still_generates_and_frees_the_chat() {
+    let h = harness(Chats::default()).await;
+    let first = h.messages.post("how do tides work?");
+    let old = h.messages.finished_reply(&first).await;
+    let gate = Arc::new(Semaphore::new(0));
+    *h.messages.start_gate.lock().unwrap() = Some(gate.clone());
+    {
+        let call = h.assistant.regenerate(PERSON, CHAT, None, None);
+        tokio::select! {
+            answered = call => panic!("answered before its reply started: {answered:?}"),
+            () = h.messages.start_waiting.notified() => {}
+        }
+    } // the call is dropped, its StartReply under way
+    *h.messages.start_gate.lock().unwrap() = None;
+    gate.add_permits(1);
+    let second = h.messages.post("and why twice a day?");
+    assert_answered(&h.messages.finished_reply(&second).await);
+    let replies = h.messages.replies(&first);
+    assert_eq!(replies.len(), 2, "the old reply and the regenerated one: {replies:?}");
+    assert_eq!(replies[0].id, old.id);
+    assert_answered(&replies[1]);
+}
+
+/// A prompt whose turn comes after the chat's owner removed the assistant
+/// (here: while the reply before it streamed; the assistant still counts
+/// itself a member when the prompt comes) is not answered, nothing of it
+/// goes to the model, and the bot's read position moves past it.
+#[tokio::test]
+async fn a_prompt_whose_turn_comes_after_the_assistant_was_removed_is_not_answered() {
+    let h = harness(Chats::default()).await;
+    h.model.push(Script::slow(ANSWER, Duration::from_millis(20)));
+    let first = h.messages.post("how do tides work?");
+    h.messages.first_delta(&first).await;
+    *h.chats.removed.lock().unwrap() = true;
+    let second = h.messages.post("and why twice a day?");
+    assert_answered(&h.messages.finished_reply(&first).await); // under way: it ends as it would
+    h.messages.read_to(second.seq).await;
+    assert!(h.messages.replies(&second).is_empty(), "not answered: {:?}", h.messages.replies(&second));
+    assert_eq!(h.model.requests().len(), 1, "only the first prompt went to the model");
 }

@@ -22,6 +22,7 @@ crate::both_modes!(
     a_replaced_title_is_not_replayed_to_a_member_added_later,
     a_resume_point_of_a_chat_not_followed_replays_nothing,
     a_chat_left_or_deleted_while_the_client_was_away_is_told_when_it_resumes,
+    a_member_removed_who_resumes_from_before_an_update_is_not_told_the_title_given_after,
     concurrent_senders_stream_in_seq_order,
     edits_deletes_and_reads_stream_in_order,
     a_removed_member_stops_receiving_the_chat,
@@ -414,6 +415,57 @@ async fn a_chat_left_or_deleted_while_the_client_was_away_is_told_when_it_resume
     }
     assert!(told.get(&removed.id).is_some_and(|n| *n > seen_removed), "the removal, at its number: {told:?}");
     assert_eq!(told.get(&deleted.id), Some(&seen_deleted), "the deleted group: {told:?}");
+}
+
+/// Bob was in a private group while it was renamed, then removed; the group
+/// was renamed again after. Resuming it from its start (a resume point of
+/// 0 needs no history of his), he gets its changes up to his removal, and
+/// the rename he saw comes without title and description: the log holds
+/// only the newest of them in each update (see the test above), which
+/// here were given after he left. Before, that replay told him the current
+/// title and description at every reconnect.
+async fn a_member_removed_who_resumes_from_before_an_update_is_not_told_the_title_given_after(c: &Cluster) {
+    let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+    let request =
+        cpb::CreateChatRequest { title: "club".into(), member_ids: vec![bob.id.clone()], ..Default::default() };
+    let club = c.chats().create_chat(authed(&alice, request)).await.unwrap().into_inner().chat.unwrap();
+    let update = |title: &str, description: &str| cpb::UpdateChatRequest {
+        chat_id: club.id.clone(),
+        chat: Some(cpb::Chat { title: title.into(), description: description.into(), ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["title".into(), "description".into()] }),
+    };
+    c.chats().update_chat(authed(&alice, update("team", "weekly"))).await.unwrap();
+    let remove = cpb::RemoveMemberRequest { chat_id: club.id.clone(), user_id: bob.id.clone() };
+    c.chats().remove_member(authed(&alice, remove)).await.expect("RemoveMember");
+    c.chats().update_chat(authed(&alice, update("secret: without bob", "secret plans"))).await.unwrap();
+    let marker = direct(c, &bob, &carol).await;
+
+    let mut stream = open(c, &bob, &[], &[(&club.id, 0)]).await;
+    send(c, &carol, &marker.id, "marker").await;
+    let mut events = Vec::new();
+    loop {
+        let event = next(&mut stream).await;
+        if event.chat_id == marker.id {
+            break;
+        }
+        assert!(!format!("{event:?}").contains("secret"), "told what came after his removal: {event:?}");
+        events.push(event);
+    }
+    let updates: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::ChatUpdated(u)) => {
+                Some((u.title.as_str(), u.description.as_str(), u.update_mask.clone().unwrap_or_default().paths))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(updates, [("", "", Vec::<String>::new())], "the rename he saw, without its details");
+    let last = events.last().and_then(|e| e.event.clone());
+    assert!(
+        matches!(&last, Some(Event::MembershipChanged(m)) if m.user_id == bob.id && m.change == mpb::MembershipChange::Removed as i32),
+        "ends at his removal: {last:?}"
+    );
 }
 
 async fn concurrent_senders_stream_in_seq_order(c: &Cluster) {

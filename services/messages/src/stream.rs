@@ -1022,16 +1022,23 @@ impl Follower {
 /// checkpoints store its text without taking a number: written, for all the
 /// store says, after the departure, so the reply goes as it started, with
 /// no text (its end, a change of its own, comes after the departure and is
-/// not sent).
+/// not sent), and a chat's update, which goes without title and description
+/// (the log holds only the newest, maybe given after the departure).
 fn replayed(chat: Uuid, changes: Vec<Change>, since: i64, gone: bool) -> Vec<pb::StreamEventsResponse> {
     changes
         .into_iter()
         .map(|mut change| {
-            if gone
-                && let Change::Message(m) = &mut change
-                && m.generation() == Some(Generation::Generating)
-            {
-                m.text.clear();
+            match &mut change {
+                Change::Message(m) if gone && m.generation() == Some(Generation::Generating) => m.text.clear(),
+                // Every `updated` entry of the log holds the chat's newest
+                // title and description (a replaced one is not replayed):
+                // maybe given after the departure, so neither goes.
+                Change::Chat { change: ChatChange::Updated(d), .. } if gone => {
+                    d.title.clear();
+                    d.description.clear();
+                    d.fields.retain(|field| field != "title" && field != "description");
+                }
+                _ => {}
             }
             replay_event(chat.into(), change, since)
         })

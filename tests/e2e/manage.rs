@@ -234,7 +234,11 @@ async fn public_chats_are_found_and_joined(c: &Cluster) {
         .await
         .unwrap();
     let join = cpb::AddMembersRequest { chat_id: public.id.clone(), user_ids: vec![bob.id.clone()] };
-    c.chats().add_members(authed(&bob, join)).await.unwrap();
+    let joined = c.chats().add_members(authed(&bob, join.clone())).await.unwrap().into_inner();
+    assert_eq!(joined.members.iter().map(|m| m.user_id.as_str()).collect::<Vec<_>>(), [bob.id.as_str()]);
+    // Its answer lost, the join is sent again: OK, nobody added this time.
+    let again = c.chats().add_members(authed(&bob, join)).await.expect("a retried join").into_inner();
+    assert!(again.members.is_empty(), "already a member: {:?}", again.members);
     assert_eq!(send(c, &bob, &public.id, "hi all").await.seq, 1);
     let mine = c.chats().list_chats(authed(&bob, cpb::ListChatsRequest::default())).await.unwrap().into_inner().chats;
     assert_eq!(mine.len(), 1);

@@ -912,8 +912,10 @@ impl Chats {
     }
 
     /// AddMembers: owner or admin adds anyone; anyone adds themselves to a
-    /// public chat (join). `user_ids` come without repeats, at most as many
-    /// as a chat may have members. Returns the members actually added.
+    /// public chat (join), and a member adding only themselves (a join
+    /// retried) is answered with nobody added. `user_ids` come without
+    /// repeats, at most as many as a chat may have members. Returns the
+    /// members actually added.
     pub async fn add_members(
         &self,
         caller: UserId,
@@ -929,6 +931,9 @@ impl Chats {
             }
             Some(role) if role.manages() => {}
             None if joining_self && chat.visibility == Visibility::Public => {}
+            // A member adding only themselves (a join retried, its answer
+            // lost): already in, nothing to add.
+            Some(_) if joining_self => return Ok(Vec::new()),
             Some(_) => return Err(ChatsError::Denied("only the owner or an admin may add members")),
             None => return Err(ChatsError::Denied("not a member of this chat")),
         }

@@ -474,24 +474,22 @@ impl Sessions {
         }
         let hash = self.hash_for(&new.username, new.password).await?;
         let username = new.username;
-        match self.store.claim(user_id, username.as_str(), &username.key(), &new.display_name, &hash).await? {
-            store::Claim::Claimed => {}
+        // Every guest token ends with the claim, in its transaction, the
+        // caller's too, and the account starts on a fresh one: a guest token
+        // someone else kept or planted (a shared browser) must not open the
+        // password account (session fixation, OWASP ASVS V3.2.1).
+        let key = username.key();
+        let claimed = self.store.claim(user_id, username.as_str(), &key, &new.display_name, &hash, now_micros());
+        let ended = match claimed.await? {
+            store::Claim::Claimed(ended) => ended,
             store::Claim::NotGuest => return Err(SessionsError::NotGuest),
             // DeleteAccount (or the guests' purge) won the race.
             store::Claim::Gone => return Err(SessionsError::UserNotFound),
-        }
+        };
         // Cached tokens of this user still say "guest", here and in other
-        // replicas' caches.
+        // replicas' caches; the guest's streams end.
         self.evict(|row| row.user_id != user_id);
-        if let Ok(user) = Uuid::try_parse(user_id) {
-            self.bus.invalidate(vec![Tag::User(user)]).await;
-        }
-        // Every guest token ends, the caller's too, and the account starts
-        // on a fresh one: a guest token someone else kept or planted (a
-        // shared browser) must not open the password account (session
-        // fixation, OWASP ASVS V3.2.1). Should this fail, the password logs
-        // in.
-        self.revoke(user_id, None, true).await?;
+        self.announce_ended(&ended, Some(user_id)).await;
         let user = self.user(user_id).await?;
         self.announce_profile(&user);
         self.start_session(user).await

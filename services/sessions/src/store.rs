@@ -438,8 +438,10 @@ impl Store {
         Ok(rows)
     }
 
-    /// Gives a guest a username and password; UsernameTaken on a
-    /// duplicate.
+    /// Gives a guest a username and password, and revokes (at `now`, µs)
+    /// every session of the guest in the same transaction: no guest token
+    /// ever opens the account (session fixation, OWASP ASVS V3.2.1), even
+    /// if the call fails after. UsernameTaken on a duplicate.
     pub async fn claim(
         &self,
         user_id: &str,
@@ -447,7 +449,9 @@ impl Store {
         username_key: &str,
         display_name: &str,
         password_hash: &str,
+        now: i64,
     ) -> Result<Claim, SessionsError> {
+        let mut tx = self.db.write().begin().await?;
         let done = sqlx::query(
             "UPDATE users SET username = $1, username_key = $2, display_name = $3, password_hash = $4, \
              kind = 'human', profile_version = profile_version + 1 WHERE id = $5 AND kind = 'guest'",
@@ -457,12 +461,21 @@ impl Store {
         .bind(display_name)
         .bind(password_hash)
         .bind(user_id)
-        .execute(self.db.write())
+        .execute(&mut *tx)
         .await
         .map_err(|e| taken_or_db(e))?;
         if done.rows_affected() == 1 {
-            return Ok(Claim::Claimed);
+            let ended: Vec<(String,)> = sqlx::query_as(
+                "UPDATE sessions SET revoke_time = $1 WHERE user_id = $2 AND revoke_time IS NULL RETURNING id",
+            )
+            .bind(now)
+            .bind(user_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(Claim::Claimed(ended.into_iter().map(|(id,)| id).collect()));
         }
+        tx.rollback().await?;
         // Not a guest now: claimed, or deleted, since the caller looked.
         Ok(if self.user_by_id(user_id).await?.is_some() { Claim::NotGuest } else { Claim::Gone })
     }
@@ -471,8 +484,9 @@ impl Store {
 /// What [`Store::claim`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claim {
-    /// The guest has its username and password now.
-    Claimed,
+    /// The guest has its username and password now; its sessions (these
+    /// ids) ended with the claim.
+    Claimed(Vec<String>),
     /// The user is a person (claimed meanwhile, by another of its tabs).
     NotGuest,
     /// The user was deleted meanwhile (DeleteAccount, or the purge of
@@ -650,8 +664,13 @@ mod tests {
         let store = sqlite_in(&dir).await;
         let guest = guest();
         store.insert_user(&guest, None).await.unwrap();
-        let claim = |name: &'static str| store.claim(&guest.id, name, name, "Claimed", "phc");
-        assert_eq!(claim("first").await.unwrap(), Claim::Claimed);
+        let claim = |name: &'static str| store.claim(&guest.id, name, name, "Claimed", "phc", 5);
+        let kept = "0190a000-0000-7000-8000-000000000100";
+        let row = SessionRow { id: kept.into(), user_id: guest.id.clone(), create_time: 0, expire_time: i64::MAX };
+        store.insert_session(&row, "guest-hash").await.unwrap();
+        assert_eq!(claim("first").await.unwrap(), Claim::Claimed(vec![kept.to_owned()]), "the guest's session ended");
+        let ended = store.session_by_token("guest-hash").await.unwrap().unwrap();
+        assert_eq!((ended.revoke_time, ended.guest), (Some(5), 0), "revoked in the claim's own write");
         assert_eq!(claim("second").await.unwrap(), Claim::NotGuest, "claimed already");
         let row = store.user_by_id(&guest.id).await.unwrap().unwrap();
         assert_eq!((row.username.as_deref(), row.profile_version), (Some("first"), 1), "the first claim kept");

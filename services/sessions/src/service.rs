@@ -269,6 +269,9 @@ impl Sessions {
         domain::check_credentials(username, password).map_err(|(field, r)| SessionsError::invalid(field, r))?;
         self.create_session_rate.check(&client)?;
         let key = username.to_ascii_lowercase();
+        // A place in the password checks' queue first: a log-in refused for
+        // a full queue (a flood from elsewhere) is no failed log-in.
+        let place = argon2_place(self.password_check_queue)?;
         self.logins.admit(&key, client, Instant::now())?;
         let user = self.store.user_by_key(&key).await?;
         // Verify against a dummy hash for unknown users so that timing does
@@ -277,7 +280,7 @@ impl Sessions {
             Some(phc) => phc,
             None => dummy_hash().to_owned(),
         };
-        let ok = verify_password(password.to_owned(), phc, self.password_check_queue).await?;
+        let ok = verify_in(place, password.to_owned(), phc).await?;
         // Only a password user logs in: a bot has no password, and the dummy
         // hash must never let anyone in.
         let Some(user) = user.filter(|u| ok && u.kind == store::HUMAN && u.password_hash.is_some()) else {
@@ -554,8 +557,9 @@ impl Sessions {
             domain::check_credentials(user.username.as_deref().unwrap_or_default(), password)
                 .map_err(|(field, r)| SessionsError::invalid(field, r))?;
             let key = user.username.as_deref().unwrap_or_default().to_ascii_lowercase();
+            let place = argon2_place(self.password_check_queue)?; // as in a log-in
             self.logins.admit(&key, client, Instant::now())?;
-            if !verify_password(password.to_owned(), phc, self.password_check_queue).await? {
+            if !verify_in(place, password.to_owned(), phc).await? {
                 return Err(SessionsError::WrongPassword);
             }
             self.logins.succeeded(&key, client);
@@ -627,8 +631,9 @@ impl Sessions {
         domain::check_credentials(username, current).map_err(|(_, r)| SessionsError::invalid("current_password", r))?;
         domain::check_password(new).map_err(|r| SessionsError::invalid("new_password", r))?;
         let key = username.to_ascii_lowercase();
+        let place = argon2_place(self.password_check_queue)?; // as in a log-in
         self.logins.admit(&key, client, Instant::now())?;
-        if !verify_password(current.to_owned(), phc.clone(), self.password_check_queue).await? {
+        if !verify_in(place, current.to_owned(), phc.clone()).await? {
             if self.changed_by(caller, new).await? {
                 self.logins.succeeded(&key, client);
                 return Ok(());
@@ -710,6 +715,19 @@ impl Drop for Queued {
 /// Errors: RESOURCE_EXHAUSTED (retry in a second) when `queue` calls are
 /// in line already.
 async fn argon2_turn(queue: usize) -> Result<(Queued, tokio::sync::SemaphorePermit<'static>), SessionsError> {
+    let queued = argon2_place(queue)?;
+    let permit = argon2_permits().acquire().await.map_err(|e| SessionsError::internal(e))?;
+    Ok((queued, permit))
+}
+
+/// A place in the Argon2 queue, taken at once, without waiting for a
+/// permit ([`argon2_turn`] waits): a log-in takes it before the log-in
+/// throttle counts the attempt, so that one refused here is not counted
+/// as a failure ([`crate::guard`]).
+///
+/// Errors: RESOURCE_EXHAUSTED (retry in a second) when `queue` calls are
+/// in line already.
+fn argon2_place(queue: usize) -> Result<Queued, SessionsError> {
     let queued = Queued;
     if ARGON2_QUEUED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= queue {
         return Err(SessionsError::Limited(natter_kit::limits::Limited {
@@ -717,8 +735,7 @@ async fn argon2_turn(queue: usize) -> Result<(Queued, tokio::sync::SemaphorePerm
             retry_after: std::time::Duration::from_secs(1),
         }));
     }
-    let permit = argon2_permits().acquire().await.map_err(|e| SessionsError::internal(e))?;
-    Ok((queued, permit))
+    Ok(queued)
 }
 
 async fn hash_password(password: String, queue: usize) -> Result<String, SessionsError> {
@@ -730,7 +747,13 @@ async fn hash_password(password: String, queue: usize) -> Result<String, Session
 }
 
 async fn verify_password(password: String, phc: String, queue: usize) -> Result<bool, SessionsError> {
-    let _turn = argon2_turn(queue).await?;
+    verify_in(argon2_place(queue)?, password, phc).await
+}
+
+/// Checks `password` against `phc` from a `place` in the Argon2 queue
+/// ([`argon2_place`]): waits for a permit, then hashes off the runtime.
+async fn verify_in(place: Queued, password: String, phc: String) -> Result<bool, SessionsError> {
+    let _turn = (place, argon2_permits().acquire().await.map_err(|e| SessionsError::internal(e))?);
     tokio::task::spawn_blocking(move || domain::verify_password(&password, &phc))
         .await
         .map_err(|e| SessionsError::internal(e))
@@ -774,5 +797,30 @@ mod tests {
         assert_eq!(sessions.purge_guests(std::time::Duration::from_secs(1)).await.unwrap(), 3);
         assert_eq!(sessions.deleted_users(0, 10).await.unwrap().len(), 3, "logged for the chats service");
         assert!(presence.recv().now_or_never().is_none(), "nothing on the presence topic");
+    }
+
+    /// A log-in refused because the password checks' queue is full (a
+    /// flood from other addresses) is not counted as a failed log-in of
+    /// its username from its address: the owner's address does not back
+    /// off for the flood's sake.
+    #[tokio::test]
+    async fn a_log_in_refused_for_a_full_password_queue_is_no_failed_log_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = natter_db::DbConfig::sqlite_in(dir.path(), "sessions");
+        let store = Store::new(Db::connect(&config, &crate::MIGRATOR).await.unwrap());
+        let args = crate::SessionsArgs {
+            password_check_queue: 0, // every check refused
+            login_free_failures: 0,
+            login_backoff: std::time::Duration::from_secs(3600),
+            ..crate::SessionsArgs::default()
+        };
+        let sessions = Sessions::new(store, Arc::new(natter_bus::Hub::new()), &args);
+        let client = Some(IpAddr::from([192, 0, 2, 7]));
+        for _ in 0..3 {
+            let refused = sessions.login(client, "alice", "correct horse battery").await.map(drop).unwrap_err();
+            assert!(matches!(&refused, SessionsError::Limited(l) if l.what.contains("password checks")), "{refused:?}");
+        }
+        // One failure recorded would make the address wait an hour now.
+        sessions.logins.admit("alice", client, Instant::now()).expect("no failure counted");
     }
 }

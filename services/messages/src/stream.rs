@@ -995,12 +995,13 @@ impl Follower {
         // Changes to send, or numbers the store no longer holds (a chat
         // deleted, its log purged, while the stream read up to the removal
         // that told it so: that removal is then not in the store either).
+        let mut member = false;
         if (!out.is_empty() || last > cursor) && last > refill.departure {
             // Read first, check second: a member now was a member when every
             // change of the page was made. One who is not was a member up to
             // their departure, if the log holds it further on.
             match self.messages.member(chat, self.user).await {
-                Ok(_) => {}
+                Ok(_) => member = true,
                 Err(MessagesError::Denied(_) | MessagesError::ChatNotFound) => match self.departed(chat).await? {
                     Gone::Replay(to) if to.departure > last => *refill = Refill { since: refill.since, ..to },
                     Gone::Replay(_) | Gone::Removed => return Ok((vec![self.removed(chat)], false)),
@@ -1009,6 +1010,17 @@ impl Follower {
             }
         }
         self.cursors.insert(chat, last);
+        // A member now of a chat the stream has no subscription to: it
+        // replayed a departure found as it opened (which subscribes to
+        // nothing) and read on into the user's rejoining. Subscribe, then
+        // read on to the store's end, which covers what the chat announced
+        // before the subscription existed; the live events the store read
+        // covered are dropped by the cursor.
+        if member && !self.live.contains_key(&chat) {
+            self.live.insert(chat, self.messages.bus().subscribe(Topic::Chat(chat)));
+            refill.until = None;
+            more = true;
+        }
         // Short of a departure still to come, the user is a member now.
         Ok((replayed(chat, out, since, refill.departure > last), more))
     }
@@ -1519,6 +1531,41 @@ mod tests {
             }
         }
         assert_eq!(texts, ["first", "second"]);
+    }
+
+    /// The member left the chat; their stream of every chat opens with a
+    /// resume point of it from before (so it replays up to the departure),
+    /// and the member joins again before the stream's replay reads past
+    /// the departure. The replay goes on into the rejoining, and the chat
+    /// is followed live from there (before: no subscription was made, so
+    /// nothing more of the chat came until a reconnect).
+    #[tokio::test]
+    async fn a_chat_rejoined_while_its_departure_is_replayed_is_followed_live() {
+        let h = Harness::start().await;
+        h.owner_sends("before").await.unwrap();
+        h.directory.members.lock().unwrap().remove(&(h.chat, h.member));
+        h.messages.record_chat_changes(h.chat.into(), &[ChatChange::Left(UserId(h.member))], "", None).await.unwrap();
+        let resume = HashMap::from([(h.chat, Resume::Changes(0))]);
+        let mut stream = h.stream_of_member_from(Vec::new(), resume).await;
+        // Opened (its replay of the departure queued), not read yet.
+        h.directory.members.lock().unwrap().insert((h.chat, h.member));
+        h.messages.record_chat_changes(h.chat.into(), &[ChatChange::Joined(UserId(h.member))], "", None).await.unwrap();
+        h.owner_sends("after the rejoining").await.unwrap();
+        let shown = |event: &pb::StreamEventsResponse| match &event.event {
+            Some(Event::MessageCreated(m)) => m.text.clone(),
+            Some(Event::MembershipChanged(m)) => format!("{:?}", pb::MembershipChange::try_from(m.change).unwrap()),
+            other => format!("{other:?}"),
+        };
+        let mut events = Vec::new();
+        while events.last().is_none_or(|e| e != "after the rejoining") {
+            let event = next_event(&mut stream).await;
+            if !matches!(event.event, Some(Event::ReadUpdated(_))) {
+                events.push(shown(&event));
+            }
+        }
+        assert_eq!(events, ["before", "Left", "Joined", "after the rejoining"]);
+        h.owner_sends("live").await.unwrap();
+        assert_eq!(shown(&next_event(&mut stream).await), "live", "followed live");
     }
 
     fn is_removal_of(event: &pb::StreamEventsResponse) -> bool {

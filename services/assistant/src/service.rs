@@ -204,6 +204,11 @@ pub struct Settings {
     /// finish before they are ended INTERRUPTED ([`Assistant::stopped`]);
     /// zero (the default, where nobody waits for them): at once.
     pub shutdown_grace: Duration,
+    /// How long after a message that is not a prompt the bot's read
+    /// position moves past it (and past those after it, in one MarkReadAs),
+    /// once nothing of its chat is being answered or held
+    /// ([`Assistant::pass`]).
+    pub pass_after: Duration,
 }
 
 impl Default for Settings {
@@ -226,6 +231,7 @@ impl Default for Settings {
             held_replay: Duration::from_secs(30),
             held_limit: Duration::from_secs(3600),
             shutdown_grace: Duration::ZERO,
+            pass_after: Duration::from_secs(5),
         }
     }
 }
@@ -330,6 +336,9 @@ struct State {
     /// the bot's read position stays before the first, so that a
     /// reconnect or a restart replays it ([`Assistant::read_past`]).
     held: HashMap<String, BTreeMap<i64, Held>>,
+    /// Per chat, the newest message that is not a prompt, to move the
+    /// read position past ([`Assistant::pass`]).
+    passing: HashMap<String, i64>,
 }
 
 /// How a generation ended.
@@ -588,6 +597,7 @@ impl Assistant {
             Ok(true) => self.submit(Job { prompt: message, started: None }).await,
             Ok(false) => {
                 self.release(&message);
+                self.pass(&message);
             }
             Err(status) if is_transient(&status) => {
                 tracing::warn!(chat_id = %message.chat_id, message = %message.id, error = %status.message(), "cannot tell whether a message is a prompt; left unread");
@@ -639,6 +649,58 @@ impl Assistant {
             Ok(Replies::Off) => false,
             _ => mentions(message, &self.bot.id, &self.settings.username),
         })
+    }
+
+    /// Moves the bot's read position past `message`, a person's message
+    /// that is not a prompt, [`Settings::pass_after`] later and once its
+    /// chat has no prompt being answered, queued or held (those move it,
+    /// or keep it before them): one MarkReadAs for the messages of that
+    /// while. Before, the position stayed at the last prompt answered, and
+    /// a reconnect or a restart replayed every message since: each judged
+    /// by the chat's assistant_replies of now, so that after a switch to
+    /// ALL (or from OFF) messages never meant for the assistant were
+    /// answered, and sent to the model. The bot's own messages are left
+    /// (never prompts; the next prompt's answer passes them).
+    fn pass(self: &Arc<Self>, message: &mpb::Message) {
+        if message.author_id == self.bot.id {
+            return;
+        }
+        let first = {
+            let mut state = self.state();
+            let newest = state.passing.entry(message.chat_id.clone()).or_insert(0);
+            let first = *newest == 0;
+            *newest = (*newest).max(message.seq);
+            first
+        };
+        if first {
+            self.tasks.spawn(Arc::clone(self).pass_later(message.chat_id.clone()));
+        }
+    }
+
+    /// [`Assistant::pass`]'s wait and MarkReadAs for `chat`.
+    async fn pass_later(self: Arc<Self>, chat: String) {
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(self.settings.pass_after) => {}
+            }
+            let seq = {
+                let mut state = self.state();
+                // Messages are taken in order: a prompt before `seq` is
+                // being answered, waits or is held; wait for it.
+                if state.lanes.contains_key(&chat) || state.held.contains_key(&chat) {
+                    continue;
+                }
+                match state.passing.remove(&chat) {
+                    Some(seq) => seq,
+                    None => return,
+                }
+            };
+            if let Err(status) = self.links.messages.mark_read_as(&self.bot.id, &chat, seq).await {
+                tracing::warn!(chat_id = %chat, error = %status.message(), "cannot move the assistant's read position");
+            }
+            return;
+        }
     }
 
     /// Keeps the bot's read position before `prompt`, which was dropped

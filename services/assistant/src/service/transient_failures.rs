@@ -108,6 +108,27 @@ impl Messages {
         message
     }
 
+    /// PERSON replies `text` in the thread of the message `root_seq`: not a
+    /// prompt (the assistant answers the main timeline only).
+    fn post_in_thread(&self, text: &str, root_seq: i64) -> mpb::Message {
+        let mut store = self.store();
+        let message = mpb::Message {
+            id: Uuid::now_v7().to_string(),
+            chat_id: CHAT.into(),
+            seq: store.messages.len() as i64 + 1,
+            author_id: PERSON.into(),
+            text: text.into(),
+            role: mpb::MessageRole::User as i32,
+            thread_root_seq: root_seq,
+            ..Default::default()
+        };
+        store.messages.push(message.clone());
+        if let Some(live) = &store.live {
+            let _ = live.unbounded_send(Ok(created(&message)));
+        }
+        message
+    }
+
     /// Ends the bot's stream: the assistant reconnects.
     fn disconnect(&self) {
         self.store().live = None;
@@ -680,4 +701,52 @@ async fn a_prompt_whose_turn_comes_after_the_assistant_was_removed_is_not_answer
     h.messages.read_to(second.seq).await;
     assert!(h.messages.replies(&second).is_empty(), "not answered: {:?}", h.messages.replies(&second));
     assert_eq!(h.model.requests().len(), 1, "only the first prompt went to the model");
+}
+
+/// [`harness`] whose read position passes messages that are not prompts at
+/// once ([`Settings::pass_after`]).
+async fn passing_harness() -> Harness {
+    let settings = Settings {
+        retry: RETRY,
+        held_replay: Duration::from_secs(3600),
+        pass_after: Duration::from_millis(1),
+        ..Settings::default()
+    };
+    harness_with(Chats::default(), settings).await
+}
+
+/// A message that is no prompt (a thread reply here; in a group, one that
+/// does not mention the assistant) is read past: a reconnect or a restart
+/// does not replay it, to be judged again by the chat's setting of then
+/// (before: the read position stayed at the last prompt answered, and a
+/// switch to ALL followed by a reconnect answered every message since).
+#[tokio::test]
+async fn a_message_that_is_no_prompt_is_read_past() {
+    let h = passing_harness().await;
+    let aside = h.messages.post_in_thread("an aside", 1);
+    h.messages.read_to(aside.seq).await;
+    assert_eq!(h.messages.store().marks, [aside.seq]);
+    assert!(h.messages.replies(&aside).is_empty(), "not answered");
+}
+
+/// A message that is no prompt, sent while a prompt before it is being
+/// answered, is read past only after that prompt: a crash meanwhile
+/// replays the prompt.
+#[tokio::test]
+async fn a_message_that_is_no_prompt_is_read_past_only_after_the_prompt_before_it() {
+    let h = passing_harness().await;
+    let gate = Arc::new(Semaphore::new(0));
+    *h.messages.start_gate.lock().unwrap() = Some(gate.clone());
+    let prompt = h.messages.post("how do tides work?");
+    h.messages.start_waiting.notified().await; // its turn, its reply not started yet
+    let aside = h.messages.post_in_thread("an aside", prompt.seq);
+    // pass_after is 1 ms: a read position that did not wait for the prompt
+    // would be past the aside well within this bound.
+    let early = tokio::time::timeout(Duration::from_millis(300), h.messages.read_to(aside.seq)).await;
+    assert!(early.is_err(), "read past the prompt while it was being answered: {:?}", h.messages.store().marks);
+    *h.messages.start_gate.lock().unwrap() = None;
+    gate.add_permits(1);
+    assert_answered(&h.messages.finished_reply(&prompt).await);
+    h.messages.read_to(aside.seq).await;
+    assert_eq!(h.messages.store().marks, [prompt.seq, aside.seq], "the prompt first");
 }

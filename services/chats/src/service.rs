@@ -20,7 +20,7 @@ use crate::domain::{
     StoredPrivacy, Visibility,
 };
 use crate::error::ChatsError;
-use crate::store::{Added, Backoff, Blocked, ChatStore, Checked, Created, Departure, Pending, Removal};
+use crate::store::{Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, Departure, Pending, Removal};
 
 /// A chat's newest message and the caller's unread count, as the messages
 /// service reports them.
@@ -925,18 +925,20 @@ impl Chats {
         self.change_rate.check(&caller)?;
         let ChatAccess { chat, role } = self.access(caller, chat_id).await?;
         let joining_self = user_ids == [caller];
-        match role {
+        // Checked again in the add's transaction (a removal, a demotion or
+        // the chat made private may commit meanwhile).
+        let by = match role {
             _ if chat.kind == Kind::Direct => {
                 return Err(ChatsError::Precondition("a direct chat never changes members"));
             }
-            Some(role) if role.manages() => {}
-            None if joining_self && chat.visibility == Visibility::Public => {}
+            Some(role) if role.manages() => Adder::Manager(caller),
+            None if joining_self && chat.visibility == Visibility::Public => Adder::Joiner,
             // A member adding only themselves (a join retried, its answer
             // lost): already in, nothing to add.
             Some(_) if joining_self => return Ok(Vec::new()),
             Some(_) => return Err(ChatsError::Denied("only the owner or an admin may add members")),
             None => return Err(ChatsError::Denied("not a member of this chat")),
-        }
+        };
         let others: Vec<UserId> = user_ids.iter().copied().filter(|id| *id != caller).collect();
         let bots = self.require_users(&others).await?;
         // Members already (a retried add, a join of one's own chat) are not
@@ -952,11 +954,14 @@ impl Chats {
             .into_iter()
             .map(|user_id| Member { chat_id: chat.id, user_id, role: Role::Member, join_time: now })
             .collect();
-        let added = match self.store.add_members(chat.id, &members, &self.limits, now).await? {
+        let added = match self.store.add_members(chat.id, by, &members, &self.limits, now).await? {
             Added::Added(added) => added,
             Added::TooMany(count) => return Err(self.limits.check_members("user_ids", count).unwrap_err().into()),
             // Deleted after the look-up above (or the caller, mid-request).
             Added::Forgotten(user) => return Err(ChatsError::UserNotFound(user.to_string())),
+            Added::ChatGone => return Err(ChatsError::ChatNotFound),
+            Added::Refused if by == Adder::Joiner => return Err(ChatsError::Denied("not a member of this chat")),
+            Added::Refused => return Err(ChatsError::Denied("only the owner or an admin may add members")),
         };
         self.evict(chat.id).await;
         if !added.is_empty() {

@@ -168,6 +168,26 @@ pub enum Added {
     /// ([`ChatStore::record_forgotten`]: its account is deleted); nothing
     /// was written.
     Forgotten(UserId),
+    /// The chat is gone (deleted since the caller looked); nothing was
+    /// written.
+    ChatGone,
+    /// The [`Adder`] may not add (any more): no owner or admin now, or the
+    /// chat is no longer public; nothing was written.
+    Refused,
+}
+
+/// Who adds members ([`ChatStore::add_members`]), checked again in the
+/// add's transaction under the chat's lock: the service checked it from a
+/// read that may be stale by then (a removal, a demotion, or the chat made
+/// private, committed in between).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Adder {
+    /// This user, an owner or admin of the chat.
+    Manager(UserId),
+    /// A user adding only themselves to a public chat (a join).
+    Joiner,
+    /// Nobody to check.
+    Unchecked,
 }
 
 /// How a member left a chat (the change [`ChatStore::remove_member`]
@@ -604,15 +624,17 @@ pub trait ChatStore: Send + Sync + 'static {
     async fn retried(&self, name: &str, item: &str) -> Result<(), StoreError>;
 
     /// Adds the `members` (all of chat `chat`) not in it yet, in one
-    /// transaction that locks the chat first, unless the chat would then
-    /// have more members than `limits` admit ([`Limits::admits_members`],
-    /// counted exactly under that lock), or one of them is recorded by
-    /// [`ChatStore::record_forgotten`] ([`Added::Forgotten`]). Sets the
-    /// update time to `now`; the joins of those added go to the outbox, in
-    /// request order.
+    /// transaction that locks the chat first, unless the chat is gone
+    /// ([`Added::ChatGone`]), `by` may not add ([`Added::Refused`]), the
+    /// chat would then have more members than `limits` admit
+    /// ([`Limits::admits_members`], counted exactly under that lock), or
+    /// one of them is recorded by [`ChatStore::record_forgotten`]
+    /// ([`Added::Forgotten`]). Sets the update time to `now`; the joins of
+    /// those added go to the outbox, in request order.
     async fn add_members(
         &self,
         chat: ChatId,
+        by: Adder,
         members: &[Member],
         limits: &Limits,
         now: i64,

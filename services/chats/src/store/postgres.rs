@@ -13,7 +13,7 @@ use natter_kit::time::now_micros;
 use natter_proto::messages::v1 as mpb;
 
 use super::{
-    Added, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError,
+    Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError,
     chat_columns, chat_updated, check_roles, departed, direct_key, joined, membership, order_column, outbox_rows,
     parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
@@ -813,6 +813,7 @@ impl ChatStore for PostgresChatStore {
     async fn add_members(
         &self,
         chat: ChatId,
+        by: Adder,
         members: &[Member],
         limits: &Limits,
         now: i64,
@@ -823,8 +824,27 @@ impl ChatStore for PostgresChatStore {
             return Ok(Added::Forgotten(user));
         }
         // The chat's row lock next: concurrent adds to one chat queue here,
-        // so the member count they check is exact.
-        touch(&mut tx, &key, now).await?;
+        // so the member count they check is exact, and role changes, a
+        // deletion or a change of visibility wait for the commit.
+        let visibility: Option<String> =
+            sqlx::query_scalar("UPDATE chats SET update_time = $1 WHERE id = $2 RETURNING visibility")
+                .bind(now)
+                .bind(&key)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(visibility) = visibility else {
+            tx.rollback().await?;
+            return Ok(Added::ChatGone);
+        };
+        let may = match by {
+            Adder::Manager(user) => role_in(&mut tx, &key, user).await?.is_some_and(Role::manages),
+            Adder::Joiner => parse_enum("chats.visibility", &visibility, Visibility::parse)? == Visibility::Public,
+            Adder::Unchecked => true,
+        };
+        if !may {
+            tx.rollback().await?;
+            return Ok(Added::Refused);
+        }
         let inserted: Vec<String> = sqlx::query_scalar(
             "INSERT INTO members (chat_id, user_id, role, join_time) \
              SELECT $1, m.user_id, m.role, m.join_time FROM UNNEST($2::text[], $3::text[], $4::bigint[]) \

@@ -21,7 +21,7 @@ use natter_kit::time::now_micros;
 use natter_proto::messages::v1 as mpb;
 
 use super::{
-    Added, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError,
+    Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError,
     chat_columns, chat_updated, check_roles, departed, direct_key, joined, membership, order_column, outbox_rows,
     parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
@@ -888,16 +888,32 @@ impl ChatStore for SqliteChatStore {
     async fn add_members(
         &self,
         chat: ChatId,
+        by: Adder,
         members: &[Member],
         limits: &Limits,
         now: i64,
     ) -> Result<Added, StoreError> {
         let (members, limits) = (members.to_vec(), *limits);
         let added = self.db.write(move |conn| {
+            // The one writer: the chat and the roles read here hold until
+            // the commit.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let key = chat.to_string();
             if let Some(user) = forgotten_among(&tx, members.iter().map(|m| m.user_id))? {
                 return Ok(Added::Forgotten(user)); // the guard rolls back
+            }
+            let visibility = tx
+                .prepare_cached("SELECT visibility FROM chats WHERE id = ?1")?
+                .query_row([&key], |row| parsed(row, 0, "chats.visibility", Visibility::parse))
+                .optional()?;
+            let Some(visibility) = visibility else { return Ok(Added::ChatGone) };
+            let may = match by {
+                Adder::Manager(user) => role_in(&tx, &key, user)?.is_some_and(Role::manages),
+                Adder::Joiner => visibility == Visibility::Public,
+                Adder::Unchecked => true,
+            };
+            if !may {
+                return Ok(Added::Refused); // the guard rolls back
             }
             touch(&tx, &key, now)?;
             let mut added = Vec::new();

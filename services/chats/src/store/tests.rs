@@ -17,7 +17,7 @@ use natter_proto::messages::v1 as mpb;
 
 use super::postgres::PostgresChatStore;
 use super::sqlite::SqliteChatStore;
-use super::{Added, Backoff, Blocked, ChatStore, Checked, Created, Departure, Removal};
+use super::{Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, Departure, Removal};
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, DirectChats,
     GroupAdds, Kind, Limits, Member, MemberCursor, PrivacyChoices, ReadReceipts, Role, StoredPrivacy, Visibility,
@@ -120,6 +120,7 @@ chat_store_suite!(
     a_forgotten_user_is_never_made_a_member_again,
     a_membership_write_beside_a_forgetting_is_refused_or_seen,
     a_chat_deleted_beside_an_add_removes_the_joiner_too,
+    an_add_by_one_who_may_no_longer_add_writes_nothing,
     privacy_settings_are_each_users_own_and_go_with_a_forgotten_user,
     users_in_groups_counts_current_group_memberships,
     blocks_are_each_users_own_are_seen_both_ways_and_go_with_a_forgotten_user,
@@ -253,7 +254,10 @@ async fn a_forgotten_user_is_never_made_a_member_again(store: &dyn ChatStore) {
 
     let limits = Limits::default();
     let wanted = [member(&group, carol, 4), member(&group, bob, 4)];
-    assert_eq!(store.add_members(group.id, &wanted, &limits, 4).await.unwrap(), Added::Forgotten(bob));
+    assert_eq!(
+        store.add_members(group.id, Adder::Unchecked, &wanted, &limits, 4).await.unwrap(),
+        Added::Forgotten(bob)
+    );
     let unchanged = store.chat(group.id).await.unwrap().unwrap();
     assert_eq!((unchanged.member_count, unchanged.update_time), (1, 1), "nothing written, carol neither");
 
@@ -266,7 +270,10 @@ async fn a_forgotten_user_is_never_made_a_member_again(store: &dyn ChatStore) {
     by_bob.member_count = 1;
     assert_eq!(store.create_chat(&by_bob, &[owner(&by_bob)]).await.unwrap(), Created::Forgotten(bob));
     assert_eq!(store.member_chat_ids(bob, false).await.unwrap(), []);
-    assert_eq!(store.add_members(group.id, &wanted[..1], &limits, 7).await.unwrap(), Added::Added(vec![wanted[0]]));
+    assert_eq!(
+        store.add_members(group.id, Adder::Unchecked, &wanted[..1], &limits, 7).await.unwrap(),
+        Added::Added(vec![wanted[0]])
+    );
 
     // A member forgotten since is none to mention, though still listed.
     store.record_forgotten(carol, 8).await.unwrap();
@@ -331,10 +338,11 @@ async fn a_membership_write_beside_a_forgetting_is_refused_or_seen(store: &dyn C
     for round in 0..30 {
         let user = UserId::new_v7();
         let joining = [member(&group, user, round)];
-        let (added, seen) = tokio::join!(store.add_members(group.id, &joining, &limits, round), async {
-            store.record_forgotten(user, round).await.unwrap();
-            store.member_chat_ids(user, false).await.unwrap()
-        });
+        let (added, seen) =
+            tokio::join!(store.add_members(group.id, Adder::Unchecked, &joining, &limits, round), async {
+                store.record_forgotten(user, round).await.unwrap();
+                store.member_chat_ids(user, false).await.unwrap()
+            });
         match added.unwrap() {
             Added::Forgotten(refused) => assert_eq!(refused, user),
             Added::Added(_) => assert_eq!(seen, [group.id], "round {round}: an add that went in is seen"),
@@ -390,15 +398,57 @@ async fn a_chat_deleted_beside_an_add_removes_the_joiner_too(store: &dyn ChatSto
         let (owner, joiner) = (UserId::new_v7(), UserId::new_v7());
         let group = create(store, chat(owner, 1), &[]).await;
         let joining = [member(&group, joiner, 2)];
-        let (added, removed) =
-            tokio::join!(store.add_members(group.id, &joining, &limits, 2), store.delete_chat(group.id, 3));
+        let (added, removed) = tokio::join!(
+            store.add_members(group.id, Adder::Unchecked, &joining, &limits, 2),
+            store.delete_chat(group.id, 3)
+        );
         let removed = removed.unwrap();
-        if let Ok(Added::Added(added)) = added {
-            assert_eq!(added, joining);
-            assert!(removed.contains(&joiner), "round {round}: the joiner is removed with the chat: {removed:?}");
+        match added.unwrap() {
+            Added::Added(added) => {
+                assert_eq!(added, joining);
+                assert!(removed.contains(&joiner), "round {round}: the joiner is removed with the chat: {removed:?}");
+            }
+            Added::ChatGone => {}
+            other => panic!("round {round}: {other:?}"),
         }
         assert_eq!(store.member_chat_ids(joiner, false).await.unwrap(), []);
     }
+    // After the deletion: the chat is gone, not a database error.
+    let (owner, joiner) = (UserId::new_v7(), UserId::new_v7());
+    let group = create(store, chat(owner, 1), &[]).await;
+    store.delete_chat(group.id, 2).await.unwrap();
+    let late = store.add_members(group.id, Adder::Unchecked, &[member(&group, joiner, 3)], &limits, 3).await;
+    assert_eq!(late.unwrap(), Added::ChatGone);
+}
+
+/// An add is checked again under the chat's lock, as the adder stands
+/// there: an admin demoted or removed since the service's check adds
+/// nobody, nor does a join of a chat made private since.
+async fn an_add_by_one_who_may_no_longer_add_writes_nothing(store: &dyn ChatStore) {
+    let limits = Limits::default();
+    let [owner, admin, plain, joiner, newcomer] = std::array::from_fn(|_| UserId::new_v7());
+    let group = create(store, chat(owner, 1), &[admin, plain]).await;
+    store.set_role(group.id, owner, admin, Role::Admin, 2).await.unwrap();
+    let add = |by, user| {
+        let m = [member(&group, user, 3)];
+        async move { store.add_members(group.id, by, &m, &limits, 3).await.unwrap() }
+    };
+    assert_eq!(add(Adder::Manager(plain), newcomer).await, Added::Refused, "a plain member");
+    assert_eq!(add(Adder::Manager(joiner), newcomer).await, Added::Refused, "no member");
+    assert_eq!(add(Adder::Joiner, joiner).await, Added::Refused, "a join of a private chat");
+    assert_eq!(store.member_chat_ids(newcomer, false).await.unwrap(), [], "nobody added");
+    assert_eq!(store.member_chat_ids(joiner, false).await.unwrap(), []);
+    assert_eq!(add(Adder::Manager(admin), newcomer).await, Added::Added(vec![member(&group, newcomer, 3)]));
+    assert_eq!(add(Adder::Manager(owner), plain).await, Added::Added(Vec::new()), "a member already");
+    // Demoted: an add under way since before that adds nobody.
+    store.set_role(group.id, owner, admin, Role::Member, 4).await.unwrap();
+    assert_eq!(add(Adder::Manager(admin), joiner).await, Added::Refused, "demoted");
+    let public = create(store, Chat { visibility: Visibility::Public, ..chat(owner, 5) }, &[]).await;
+    let join = [member(&public, joiner, 6)];
+    assert_eq!(
+        store.add_members(public.id, Adder::Joiner, &join, &limits, 6).await.unwrap(),
+        Added::Added(join.to_vec())
+    );
 }
 
 /// GetPresence's rule: a peer shares a chat with the user now. A chat the
@@ -595,7 +645,7 @@ async fn members_are_added_once_and_removed(store: &dyn ChatStore) {
     let group = create(store, chat(alice, 1), &[bob]).await;
     let limits = Limits::default();
     let wanted = [member(&group, bob, 5), member(&group, carol, 5)];
-    let added = store.add_members(group.id, &wanted, &limits, 5).await.unwrap();
+    let added = store.add_members(group.id, Adder::Unchecked, &wanted, &limits, 5).await.unwrap();
     assert_eq!(added, Added::Added(vec![wanted[1]]), "bob was in already");
     let after = store.chat(group.id).await.unwrap().unwrap();
     assert_eq!((after.member_count, after.update_time), (3, 5));
@@ -614,7 +664,7 @@ async fn the_member_limit_is_checked_under_the_chats_lock(store: &dyn ChatStore)
     let group = create(store, chat(alice, 1), &[UserId::new_v7()]).await;
     let limits = Limits { group_members: 4, ..Limits::default() };
     let three: Vec<Member> = (0..3).map(|_| member(&group, UserId::new_v7(), 2)).collect();
-    assert_eq!(store.add_members(group.id, &three, &limits, 2).await.unwrap(), Added::TooMany(5));
+    assert_eq!(store.add_members(group.id, Adder::Unchecked, &three, &limits, 2).await.unwrap(), Added::TooMany(5));
     let unchanged = store.chat(group.id).await.unwrap().unwrap();
     assert_eq!((unchanged.member_count, unchanged.update_time), (2, 1), "nothing written");
     assert_eq!(store.members(group.id, None, 10).await.unwrap().len(), 2);
@@ -624,8 +674,10 @@ async fn the_member_limit_is_checked_under_the_chats_lock(store: &dyn ChatStore)
         (0..2).map(|_| member(&group, UserId::new_v7(), 3)).collect(),
         (0..2).map(|_| member(&group, UserId::new_v7(), 3)).collect(),
     );
-    let (first, second) =
-        tokio::join!(store.add_members(group.id, &a, &limits, 3), store.add_members(group.id, &b, &limits, 3));
+    let (first, second) = tokio::join!(
+        store.add_members(group.id, Adder::Unchecked, &a, &limits, 3),
+        store.add_members(group.id, Adder::Unchecked, &b, &limits, 3)
+    );
     let outcomes = [first.unwrap(), second.unwrap()];
     assert_eq!(outcomes.iter().filter(|o| matches!(o, Added::Added(added) if added.len() == 2)).count(), 1);
     assert_eq!(outcomes.iter().filter(|o| matches!(o, Added::TooMany(6))).count(), 1);
@@ -734,7 +786,7 @@ async fn a_hand_over_racing_a_removal_of_its_heir_leaves_one_owner(store: &dyn C
     let mut owner = first;
     for round in 0..10 {
         let heir = UserId::new_v7();
-        store.add_members(id, &[member(&group, heir, 3 + round)], &limits, 3 + round).await.unwrap();
+        store.add_members(id, Adder::Unchecked, &[member(&group, heir, 3 + round)], &limits, 3 + round).await.unwrap();
         // The owner hands over to the heir while the admin, who read the
         // heir as a plain member, removes them: one of the two wins.
         let removal = removed_by(admin, &[Role::Owner, Role::Admin], &[Role::Member]);
@@ -1045,7 +1097,7 @@ async fn members_page_in_join_order(store: &dyn ChatStore) {
     let joined: Vec<Member> = [2, 2, 3, 4, 4].iter().map(|t| member(&group, UserId::new_v7(), *t)).collect();
     let limits = Limits::default();
     for m in &joined {
-        store.add_members(group.id, std::slice::from_ref(m), &limits, m.join_time).await.unwrap();
+        store.add_members(group.id, Adder::Unchecked, std::slice::from_ref(m), &limits, m.join_time).await.unwrap();
     }
     let mut expected = vec![owner(&group)];
     let mut rest = joined.clone();
@@ -1108,11 +1160,15 @@ async fn every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none
     assert_eq!(outbox_after(store, id, &mut seen).await, [format!("joined {alice}"), format!("joined {bob}")]);
 
     let limits = Limits::default();
-    store.add_members(id, &[member(&group, bob, 2), member(&group, carol, 2)], &limits, 2).await.unwrap();
+    store
+        .add_members(id, Adder::Unchecked, &[member(&group, bob, 2), member(&group, carol, 2)], &limits, 2)
+        .await
+        .unwrap();
     assert_eq!(outbox_after(store, id, &mut seen).await, [format!("joined {carol}")], "only who was added");
-    store.add_members(id, &[member(&group, bob, 3)], &limits, 3).await.unwrap();
+    store.add_members(id, Adder::Unchecked, &[member(&group, bob, 3)], &limits, 3).await.unwrap();
     let full = Limits { group_members: 3, ..Limits::default() };
-    let too_many = store.add_members(id, &[member(&group, UserId::new_v7(), 3)], &full, 3).await.unwrap();
+    let too_many =
+        store.add_members(id, Adder::Unchecked, &[member(&group, UserId::new_v7(), 3)], &full, 3).await.unwrap();
     assert!(matches!(too_many, Added::TooMany(4)));
     assert_eq!(outbox_after(store, id, &mut seen).await, Vec::<String>::new(), "no one added, nothing");
 

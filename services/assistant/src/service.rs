@@ -505,8 +505,9 @@ impl Assistant {
                     // after the connection first held one.
                     let mut replay_at: Option<tokio::time::Instant> = None;
                     loop {
-                        replay_at = self.holds_any().then(|| {
-                            replay_at.unwrap_or_else(|| tokio::time::Instant::now() + self.settings.held_replay)
+                        replay_at = self.replay_after().map(|after| {
+                            let at = tokio::time::Instant::now() + after;
+                            replay_at.map_or(at, |set| set.min(at))
                         });
                         let replay = async {
                             match replay_at {
@@ -735,6 +736,20 @@ impl Assistant {
             !held.is_empty()
         });
         !state.held.is_empty()
+    }
+
+    /// How long after now the prompts held are to be replayed, if any is
+    /// held ([`Assistant::holds_any`]): [`Settings::held_replay`], but a
+    /// third of the lease when one of them may have a reply started for it
+    /// (a StartReply of its job committed, its answer lost): nobody renews
+    /// that reply's lease, and a replay past it would find it swept
+    /// INTERRUPTED, where the replay in time takes its generation up.
+    fn replay_after(&self) -> Option<Duration> {
+        if !self.holds_any() {
+            return None;
+        }
+        let started = self.state().held.values().flat_map(BTreeMap::values).any(|held| held.owner.is_some());
+        Some(if started { self.settings.held_replay.min(self.settings.lease / 3) } else { self.settings.held_replay })
     }
 
     /// Lets the bot's read position pass `prompt` again (it is being

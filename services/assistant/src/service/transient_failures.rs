@@ -750,3 +750,24 @@ async fn a_message_that_is_no_prompt_is_read_past_only_after_the_prompt_before_i
     h.messages.read_to(aside.seq).await;
     assert_eq!(h.messages.store().marks, [prompt.seq, aside.seq], "the prompt first");
 }
+
+/// A prompt whose StartReply committed but lost every answer (its reply
+/// GENERATING, nobody generating it) is replayed within a third of the
+/// lease, before a sweeper would end that reply INTERRUPTED, and its reply
+/// generated: no reconnect from outside, and held prompts are otherwise
+/// replayed only after an hour here (before: after `held_replay`, 30 s by
+/// default, twice the default lease).
+#[tokio::test]
+async fn a_start_whose_answers_are_all_lost_is_replayed_before_its_lease_runs_out() {
+    let settings = Settings {
+        retry: RETRY,
+        held_replay: Duration::from_secs(3600),
+        lease: Duration::from_millis(300),
+        ..Settings::default()
+    };
+    let h = harness_with(Chats::default(), settings).await;
+    h.messages.lose_start("how do tides work?", &[Code::Unavailable; RETRY.attempts as usize]);
+    let prompt = h.messages.post("how do tides work?");
+    assert_answered(&h.messages.finished_reply(&prompt).await);
+    assert_answered_once(&h.messages, &prompt);
+}

@@ -624,7 +624,13 @@ impl Chats {
         } else if !role.manages() {
             return Err(ChatsError::Denied("only the owner or an admin may do this"));
         }
-        let chat = self.store.update_chat(chat.id, &update, now_micros()).await?.ok_or(ChatsError::ChatNotFound)?;
+        // Checked again as it is written (a removal or a demotion may
+        // commit meanwhile).
+        let chat = match self.store.update_chat(chat.id, &update, now_micros(), Some(caller)).await? {
+            None => return Err(ChatsError::ChatNotFound),
+            Some(Checked::Done(chat)) => chat,
+            Some(_) => return Err(ChatsError::Denied("only the owner or an admin may do this")),
+        };
         self.evict(chat.id).await;
         self.deliver(chat.id).await;
         self.view(caller, ChatAccess { chat, role: Some(role) }).await
@@ -674,7 +680,12 @@ impl Chats {
         let changes = chat.archive_time.is_some() != archived;
         let chat = if changes {
             let now = now_micros();
-            self.store.set_archived(chat.id, archived.then_some(now), now).await?.ok_or(ChatsError::ChatNotFound)?
+            // Checked again as it is written, as UpdateChat is.
+            match self.store.set_archived(chat.id, archived.then_some(now), now, Some(caller)).await? {
+                None => return Err(ChatsError::ChatNotFound),
+                Some(Checked::Done(chat)) => chat,
+                Some(_) => return Err(ChatsError::Denied("only the owner or an admin may do this")),
+            }
         } else {
             chat
         };

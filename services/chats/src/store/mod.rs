@@ -239,6 +239,39 @@ pub enum Checked<T> {
 /// target's (`target`, None if no member) against `allowed`, the owner never
 /// allowed. Answers the target's role when the write may go ahead, else the
 /// refusal (the same rule on both engines).
+/// Whether a member of role `role` (None: no member) may change the
+/// details of a chat of `kind` or archive it: an owner or admin of a group,
+/// either member of a direct chat.
+pub(crate) fn may_change(kind: Kind, role: Option<Role>) -> bool {
+    match kind {
+        Kind::Direct => role.is_some(),
+        _ => role.is_some_and(Role::manages),
+    }
+}
+
+#[cfg(test)]
+impl<T: std::fmt::Debug> Checked<T> {
+    /// What was written; panics if it was not.
+    pub fn done(self) -> T {
+        match self {
+            Checked::Done(t) => t,
+            refused => panic!("not written: {refused:?}"),
+        }
+    }
+}
+
+impl<T> Checked<T> {
+    /// `f` applied to what was written, if it was.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Checked<U> {
+        match self {
+            Checked::Done(t) => Checked::Done(f(t)),
+            Checked::NotMember => Checked::NotMember,
+            Checked::Actor(role) => Checked::Actor(role),
+            Checked::Target(role) => Checked::Target(role),
+        }
+    }
+}
+
 pub(crate) fn check_roles<T>(
     actor: Option<(Option<Role>, &[Role])>,
     target: Option<Role>,
@@ -552,14 +585,30 @@ pub trait ChatStore: Send + Sync + 'static {
 
     /// Applies `update` and sets the update time to `now`, with the chat's
     /// details after it (masked to the fields `update` sets) in the outbox;
-    /// returns the chat, None if there is no such chat.
-    async fn update_chat(&self, id: ChatId, update: &ChatUpdate, now: i64) -> Result<Option<Chat>, StoreError>;
+    /// returns the chat, None if there is no such chat. With `by`, checks
+    /// first, in the same transaction under the chat's lock, that this user
+    /// may ([`may_change`]); if not, nothing is written
+    /// ([`Checked::Actor`], with their role now).
+    async fn update_chat(
+        &self,
+        id: ChatId,
+        update: &ChatUpdate,
+        now: i64,
+        by: Option<UserId>,
+    ) -> Result<Option<Checked<Chat>>, StoreError>;
 
     /// Sets (Some) or clears (None) a chat's archive time, and the update
     /// time to `now`, with the chat's details (mask "archived") in the
     /// outbox, unless the chat was archived (unarchived) already: then
     /// nothing changes. Returns the chat, None if there is no such chat.
-    async fn set_archived(&self, id: ChatId, archive_time: Option<i64>, now: i64) -> Result<Option<Chat>, StoreError>;
+    /// `by` is checked as [`ChatStore::update_chat`] checks it.
+    async fn set_archived(
+        &self,
+        id: ChatId,
+        archive_time: Option<i64>,
+        now: i64,
+        by: Option<UserId>,
+    ) -> Result<Option<Checked<Chat>>, StoreError>;
 
     /// Gives chat `id` the (checked) `title` if it has none, in ONE
     /// transaction with its outbox entry (chat_updated, path "title"), at

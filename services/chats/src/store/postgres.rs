@@ -14,8 +14,8 @@ use natter_proto::messages::v1 as mpb;
 
 use super::{
     Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError,
-    chat_columns, chat_updated, check_roles, departed, direct_key, joined, membership, order_column, outbox_rows,
-    parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
+    chat_columns, chat_updated, check_roles, departed, direct_key, joined, may_change, membership, order_column,
+    outbox_rows, parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -134,6 +134,28 @@ async fn role_in(tx: &mut sqlx::PgConnection, chat: &str, user: UserId) -> Resul
         .fetch_optional(&mut *tx)
         .await?;
     role.map(|r| parse_enum("members.role", &r, Role::parse)).transpose()
+}
+
+/// What a change of chat `id` by `by` ([`ChatStore::update_chat`]) answers
+/// instead of being written, read in its transaction `tx` under the chat's
+/// row lock (taken here; role changes take it first too): None if it may
+/// go on (no `by`, or one who may: [`may_change`]), Some(None) if there is
+/// no such chat, Some(Some(Actor)) if `by` may not.
+async fn refused_change(
+    tx: &mut sqlx::PgConnection,
+    id: ChatId,
+    by: Option<UserId>,
+) -> Result<Option<Option<Checked<Chat>>>, StoreError> {
+    let Some(by) = by else { return Ok(None) };
+    let key = id.to_string();
+    let kind: Option<String> = sqlx::query_scalar("SELECT kind FROM chats WHERE id = $1 FOR UPDATE")
+        .bind(&key)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(kind) = kind else { return Ok(Some(None)) };
+    let kind = parse_enum("chats.kind", &kind, Kind::parse)?;
+    let role = role_in(tx, &key, by).await?;
+    Ok((!may_change(kind, role)).then_some(Some(Checked::Actor(role))))
 }
 
 /// Appends the outbox entries of `changes` (none for none) to `chat`'s, in
@@ -601,7 +623,13 @@ impl ChatStore for PostgresChatStore {
         Ok(())
     }
 
-    async fn update_chat(&self, id: ChatId, update: &ChatUpdate, now: i64) -> Result<Option<Chat>, StoreError> {
+    async fn update_chat(
+        &self,
+        id: ChatId,
+        update: &ChatUpdate,
+        now: i64,
+        by: Option<UserId>,
+    ) -> Result<Option<Checked<Chat>>, StoreError> {
         // One UPDATE of the fields given that returns the row.
         let mut q = QueryBuilder::<Postgres>::new("UPDATE chats c SET update_time = ");
         q.push_bind(now);
@@ -622,11 +650,15 @@ impl ChatStore for PostgresChatStore {
         }
         q.push(" WHERE c.id = ").push_bind(id.to_string()).push(concat!(" RETURNING ", chat_columns!()));
         let mut tx = self.pool.begin().await?;
+        if let Some(refused) = refused_change(&mut tx, id, by).await? {
+            tx.rollback().await?;
+            return Ok(refused);
+        }
         let Some(row) = q.build().fetch_optional(&mut *tx).await? else { return Ok(None) };
         let chat = chat_row(&row)?;
         push_outbox(&mut tx, &id.to_string(), &[updated_by(&chat, update)], now).await?;
         tx.commit().await?;
-        Ok(Some(chat))
+        Ok(Some(Checked::Done(chat)))
     }
 
     async fn title_chat(
@@ -684,8 +716,18 @@ impl ChatStore for PostgresChatStore {
         Ok(Some(chat))
     }
 
-    async fn set_archived(&self, id: ChatId, archive_time: Option<i64>, now: i64) -> Result<Option<Chat>, StoreError> {
+    async fn set_archived(
+        &self,
+        id: ChatId,
+        archive_time: Option<i64>,
+        now: i64,
+        by: Option<UserId>,
+    ) -> Result<Option<Checked<Chat>>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        if let Some(refused) = refused_change(&mut tx, id, by).await? {
+            tx.rollback().await?;
+            return Ok(refused);
+        }
         let row = sqlx::query(concat!(
             "UPDATE chats c SET archive_time = $1, update_time = $2 \
              WHERE c.id = $3 AND (c.archive_time IS NULL) <> ($1::bigint IS NULL) RETURNING ",
@@ -699,12 +741,12 @@ impl ChatStore for PostgresChatStore {
         let Some(row) = row else {
             // Archived (unarchived) already, or no such chat: nothing changed.
             tx.rollback().await?;
-            return self.chat(id).await;
+            return Ok(self.chat(id).await?.map(Checked::Done));
         };
         let chat = chat_row(&row)?;
         push_outbox(&mut tx, &id.to_string(), &[chat_updated(&chat, vec!["archived"])], now).await?;
         tx.commit().await?;
-        Ok(Some(chat))
+        Ok(Some(Checked::Done(chat)))
     }
 
     async fn delete_chat(&self, id: ChatId, now: i64) -> Result<Vec<UserId>, StoreError> {

@@ -22,8 +22,8 @@ use natter_proto::messages::v1 as mpb;
 
 use super::{
     Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError,
-    chat_columns, chat_updated, check_roles, departed, direct_key, joined, membership, order_column, outbox_rows,
-    parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
+    chat_columns, chat_updated, check_roles, departed, direct_key, joined, may_change, membership, order_column,
+    outbox_rows, parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -176,6 +176,22 @@ fn role_in(tx: &Connection, chat: &str, user: UserId) -> rusqlite::Result<Option
     tx.prepare_cached("SELECT role FROM members WHERE chat_id = ?1 AND user_id = ?2")?
         .query_row([chat, &user.to_string()], |row| parsed(row, 0, "members.role", Role::parse))
         .optional()
+}
+
+/// What a change of chat `id` by `by` ([`ChatStore::update_chat`]) answers
+/// instead of being written, read in its transaction `tx`: None if it may
+/// go on (no `by`, or one who may: [`may_change`]), Some(None) if there is
+/// no such chat, Some(Some(Actor)) if `by` may not.
+fn refused_change(tx: &Connection, id: ChatId, by: Option<UserId>) -> rusqlite::Result<Option<Option<Checked<Chat>>>> {
+    let Some(by) = by else { return Ok(None) };
+    let key = id.to_string();
+    let kind = tx
+        .prepare_cached("SELECT kind FROM chats WHERE id = ?1")?
+        .query_row([&key], |row| parsed(row, 0, "chats.kind", Kind::parse))
+        .optional()?;
+    let Some(kind) = kind else { return Ok(Some(None)) };
+    let role = role_in(tx, &key, by)?;
+    Ok((!may_change(kind, role)).then_some(Some(Checked::Actor(role))))
 }
 
 /// Sets a chat's update time as the first write of a membership change.
@@ -669,7 +685,13 @@ impl ChatStore for SqliteChatStore {
         self.activity.flush().await
     }
 
-    async fn update_chat(&self, id: ChatId, update: &ChatUpdate, now: i64) -> Result<Option<Chat>, StoreError> {
+    async fn update_chat(
+        &self,
+        id: ChatId,
+        update: &ChatUpdate,
+        now: i64,
+        by: Option<UserId>,
+    ) -> Result<Option<Checked<Chat>>, StoreError> {
         // One UPDATE of the fields given, and the read back, in one trip to
         // the writer.
         let mut sql = String::from("UPDATE chats SET update_time = ?1");
@@ -700,16 +722,20 @@ impl ChatStore for SqliteChatStore {
         sql.push_str(&format!(" WHERE id = ?{}", values.len()));
         let update = update.clone();
         let chat = self.db.write(move |conn| {
+            // The one writer: the role read here holds until the commit.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if let Some(refused) = refused_change(&tx, id, by)? {
+                return Ok(refused); // the guard rolls back
+            }
             tx.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(&values))?;
             let chat = select_chat(&tx, id)?;
             if let Some(chat) = &chat {
                 push_outbox(&tx, &id.to_string(), &[updated_by(chat, &update)], now)?;
             }
             tx.commit()?;
-            Ok(chat)
+            Ok(chat.map(Checked::Done))
         });
-        Ok(chat.await.map_err(unwrap)?.map(|chat| self.activity.overlay(chat)))
+        Ok(chat.await.map_err(unwrap)?.map(|checked| checked.map(|chat| self.activity.overlay(chat))))
     }
 
     async fn title_chat(
@@ -762,9 +788,18 @@ impl ChatStore for SqliteChatStore {
         Ok(untitled.await.map_err(unwrap)?.map(|chat| self.activity.overlay(chat)))
     }
 
-    async fn set_archived(&self, id: ChatId, archive_time: Option<i64>, now: i64) -> Result<Option<Chat>, StoreError> {
+    async fn set_archived(
+        &self,
+        id: ChatId,
+        archive_time: Option<i64>,
+        now: i64,
+        by: Option<UserId>,
+    ) -> Result<Option<Checked<Chat>>, StoreError> {
         let chat = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if let Some(refused) = refused_change(&tx, id, by)? {
+                return Ok(refused); // the guard rolls back
+            }
             let changed = tx
                 .prepare_cached(
                     "UPDATE chats SET archive_time = ?1, update_time = ?2 \
@@ -776,9 +811,9 @@ impl ChatStore for SqliteChatStore {
                 push_outbox(&tx, &id.to_string(), &[chat_updated(chat, vec!["archived"])], now)?;
             }
             tx.commit()?;
-            Ok(chat)
+            Ok(chat.map(Checked::Done))
         });
-        Ok(chat.await.map_err(unwrap)?.map(|chat| self.activity.overlay(chat)))
+        Ok(chat.await.map_err(unwrap)?.map(|checked| checked.map(|chat| self.activity.overlay(chat))))
     }
 
     async fn delete_chat(&self, id: ChatId, now: i64) -> Result<Vec<UserId>, StoreError> {

@@ -109,6 +109,7 @@ chat_store_suite!(
     creation_time_ranges_are_half_open_and_page_in_either_order,
     listings_carry_the_user_s_role_and_list_only_managed_chats_on_request,
     updates_archive_and_unarchive,
+    a_change_by_one_who_may_no_longer_change_the_chat_writes_nothing,
     deleting_a_chat_removes_it_and_its_members,
     members_page_in_join_order,
     every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none,
@@ -183,7 +184,7 @@ async fn users_in_groups_counts_current_group_memberships(store: &dyn ChatStore)
     public.visibility = Visibility::Public;
     create(store, public, &[alice]).await;
     let archived = create(store, chat(alice, 3), &[carol]).await;
-    assert!(store.set_archived(archived.id, Some(4), 4).await.unwrap().is_some());
+    assert!(store.set_archived(archived.id, Some(4), 4, None).await.unwrap().is_some());
     let mut direct = chat(bob, 5);
     direct.kind = Kind::Direct;
     direct.title = String::new();
@@ -1017,7 +1018,7 @@ async fn listings_filter_by_visibility_kind_state_time_and_title(store: &dyn Cha
     assert_eq!(listed(store, bob, &query("m_")).await, [team.id]);
     assert_eq!(listed(store, bob, &query("a_")).await, []);
 
-    store.set_archived(team.id, Some(9), 9).await.unwrap();
+    store.set_archived(team.id, Some(9), 9, None).await.unwrap();
     let archived = ChatFilter { archived: Some(true), ..ChatFilter::default() };
     assert_eq!(listed(store, alice, &archived).await, [team.id]);
     let active = ChatFilter { archived: Some(false), ..ChatFilter::default() };
@@ -1027,11 +1028,40 @@ async fn listings_filter_by_visibility_kind_state_time_and_title(store: &dyn Cha
     assert_eq!(listed(store, alice, &after).await, []);
 }
 
+/// UpdateChat and ArchiveChat are checked again under the chat's lock, as
+/// the caller stands there: an admin demoted (or removed) since the
+/// service's check writes nothing; either member of a direct chat may.
+async fn a_change_by_one_who_may_no_longer_change_the_chat_writes_nothing(store: &dyn ChatStore) {
+    let [owner, admin, outsider, peer] = std::array::from_fn(|_| UserId::new_v7());
+    let group = create(store, chat(owner, 1), &[admin]).await;
+    store.set_role(group.id, owner, admin, Role::Admin, 2).await.unwrap();
+    let public = ChatUpdate { visibility: Some(Visibility::Public), ..ChatUpdate::default() };
+    assert_eq!(store.update_chat(group.id, &public, 3, Some(admin)).await.unwrap().unwrap().done().update_time, 3);
+    store.set_role(group.id, owner, admin, Role::Member, 4).await.unwrap();
+    let private = ChatUpdate { visibility: Some(Visibility::Private), ..ChatUpdate::default() };
+    let demoted = store.update_chat(group.id, &private, 5, Some(admin)).await.unwrap();
+    assert_eq!(demoted, Some(Checked::Actor(Some(Role::Member))), "demoted");
+    assert_eq!(
+        store.set_archived(group.id, Some(5), 5, Some(admin)).await.unwrap(),
+        Some(Checked::Actor(Some(Role::Member)))
+    );
+    assert_eq!(store.update_chat(group.id, &private, 5, Some(outsider)).await.unwrap(), Some(Checked::Actor(None)));
+    let now = store.chat(group.id).await.unwrap().unwrap();
+    // Nothing written since the demotion (at 4).
+    assert_eq!((now.visibility, now.archive_time, now.update_time), (Visibility::Public, None, 4), "nothing written");
+    assert_eq!(store.set_archived(ChatId::new_v7(), Some(6), 6, Some(owner)).await.unwrap(), None, "no such chat");
+    let direct = create(store, Chat { kind: Kind::Direct, title: String::new(), ..chat(owner, 7) }, &[peer]).await;
+    assert_eq!(
+        store.set_archived(direct.id, Some(8), 8, Some(peer)).await.unwrap().unwrap().done().archive_time,
+        Some(8)
+    );
+}
+
 async fn updates_archive_and_unarchive(store: &dyn ChatStore) {
     let alice = UserId::new_v7();
     let group = create(store, chat(alice, 1), &[]).await;
     let title = ChatUpdate { title: Some("Renamed".into()), ..ChatUpdate::default() };
-    let updated = store.update_chat(group.id, &title, 2).await.unwrap().unwrap();
+    let updated = store.update_chat(group.id, &title, 2, None).await.unwrap().unwrap().done();
     assert_eq!((updated.title.as_str(), updated.description.as_str(), updated.update_time), ("Renamed", "", 2));
     assert_eq!(updated.assistant_replies, AssistantReplies::Mentions, "the default");
     let rest = ChatUpdate {
@@ -1040,7 +1070,7 @@ async fn updates_archive_and_unarchive(store: &dyn ChatStore) {
         title: None,
         assistant_replies: Some(AssistantReplies::Off),
     };
-    let updated = store.update_chat(group.id, &rest, 3).await.unwrap().unwrap();
+    let updated = store.update_chat(group.id, &rest, 3, None).await.unwrap().unwrap().done();
     assert_eq!(
         (
             updated.title.as_str(),
@@ -1054,13 +1084,13 @@ async fn updates_archive_and_unarchive(store: &dyn ChatStore) {
     assert_eq!(store.chat(group.id).await.unwrap().map(|c| c.assistant_replies), Some(AssistantReplies::Off));
     let search = ChatFilter { query: Some("renamed".into()), ..ChatFilter::default() };
     assert_eq!(listed(store, alice, &search).await, [group.id], "the title key follows the title");
-    assert_eq!(store.update_chat(ChatId::new_v7(), &title, 4).await.unwrap(), None);
+    assert_eq!(store.update_chat(ChatId::new_v7(), &title, 4, None).await.unwrap(), None);
 
-    let archived = store.set_archived(group.id, Some(5), 5).await.unwrap().unwrap();
+    let archived = store.set_archived(group.id, Some(5), 5, None).await.unwrap().unwrap().done();
     assert_eq!((archived.archive_time, archived.update_time), (Some(5), 5));
-    let back = store.set_archived(group.id, None, 6).await.unwrap().unwrap();
+    let back = store.set_archived(group.id, None, 6, None).await.unwrap().unwrap().done();
     assert_eq!((back.archive_time, back.update_time), (None, 6));
-    assert_eq!(store.set_archived(ChatId::new_v7(), None, 7).await.unwrap(), None);
+    assert_eq!(store.set_archived(ChatId::new_v7(), None, 7, None).await.unwrap(), None);
     assert_eq!(store.chat(group.id).await.unwrap(), Some(back));
 }
 
@@ -1187,9 +1217,9 @@ async fn every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none
     assert_eq!(outbox_after(store, id, &mut seen).await, [format!("left {bob}")]);
 
     let update = ChatUpdate { title: Some("Renamed".into()), ..Default::default() };
-    store.update_chat(id, &update, 7).await.unwrap().unwrap();
-    store.set_archived(id, Some(8), 8).await.unwrap().unwrap();
-    let again = store.set_archived(id, Some(9), 9).await.unwrap().unwrap();
+    store.update_chat(id, &update, 7, None).await.unwrap().unwrap().done();
+    store.set_archived(id, Some(8), 8, None).await.unwrap().unwrap().done();
+    let again = store.set_archived(id, Some(9), 9, None).await.unwrap().unwrap().done();
     assert_eq!((again.archive_time, again.update_time), (Some(8), 8), "archived already: unchanged");
     assert_eq!(
         outbox_after(store, id, &mut seen).await,
@@ -1209,7 +1239,7 @@ async fn every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none
     // An empty outbox starts again from 1; forgetting a recorded entry
     // whose position was taken again since leaves the new one alone.
     let renamed = ChatUpdate { title: Some("Again".into()), ..Default::default() };
-    store.update_chat(id, &renamed, 10).await.unwrap().unwrap();
+    store.update_chat(id, &renamed, 10, None).await.unwrap().unwrap().done();
     let again = store.pending(Some(id), 100).await.unwrap();
     assert_eq!(again.iter().map(|p| p.position).collect::<Vec<_>>(), [1]);
     store.forget_pending(&pending[0]).await.unwrap();
@@ -1257,7 +1287,7 @@ async fn a_title_made_from_a_prompt_is_taken_back_with_it_and_a_persons_never(st
     let next = MessageId::new_v7();
     store.title_chat(id, "Tides", Some(next), 6).await.unwrap().unwrap();
     let rename = ChatUpdate { title: Some("Mine".into()), ..ChatUpdate::default() };
-    store.update_chat(id, &rename, 7).await.unwrap().unwrap();
+    store.update_chat(id, &rename, 7, None).await.unwrap().unwrap().done();
     assert_eq!(store.untitle_chat(id, next, 8).await.unwrap(), None, "a person's title stays");
     assert_eq!(store.chat(id).await.unwrap().unwrap().title, "Mine");
     assert_eq!(store.untitle_chat(ChatId::new_v7(), next, 9).await.unwrap(), None);

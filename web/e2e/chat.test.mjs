@@ -9,6 +9,7 @@
 // web/screenshot.png from this run.
 import { after, before } from "node:test";
 import assert from "node:assert/strict";
+import http from "node:http";
 import { execFile } from "node:child_process";
 import { copyFile, mkdir, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -1574,6 +1575,42 @@ step("bob deletes his account: a wrong password deletes nothing; alice keeps the
   const item = gone.filter({ hasText: "Unblocked: sorry about that" });
   await item.click();
   await alicePage.locator("#messages .text", { hasText: history.at(-1) }).waitFor();
+});
+
+step("the page natter itself serves talks to natter only: it works there, and a link that points it at another server sends that server nothing", async () => {
+  // Another server, which records whatever reaches it (and would let any page call it).
+  const reached = [];
+  const other = http.createServer((req, res) => {
+    reached.push(`${req.method} ${req.url}`);
+    res.writeHead(204, { "access-control-allow-origin": "*", "access-control-allow-headers": "*" }).end();
+  });
+  await new Promise((resolve) => other.listen(0, "127.0.0.1", resolve));
+  const own = await openPage(browser, `http://127.0.0.1:${server.port}/`, "natter's page", pageErrors);
+  try {
+    // Under its Content-Security-Policy the page works: alice signs in.
+    assert.equal(await own.locator('[data-testid="server-note"]').isHidden(), true, "its own server: no note");
+    await own.fill("#username", alice.name);
+    await own.fill("#password", alice.password);
+    await own.click("#login");
+    await own.locator("#chat-view").waitFor();
+    await own.locator("#me").filter({ hasText: /\S/ }).waitFor();
+    // The same page at a link naming another server: that server is named on the form, and the log-in
+    // sends it nothing (the browser refuses the connection); the page says it could not log in.
+    const lured = await own.context().newPage();
+    lured.on("pageerror", (err) => pageErrors.push(`lured page: ${err.stack ?? err}`));
+    const elsewhere = `http://127.0.0.1:${other.address().port}`;
+    await lured.goto(`http://127.0.0.1:${server.port}/?server=${encodeURIComponent(elsewhere)}`);
+    await lured.locator('[data-testid="server-note"]', { hasText: `Server: ${elsewhere}` }).waitFor();
+    await lured.fill("#username", alice.name);
+    await lured.fill("#password", alice.password);
+    await lured.click("#login");
+    await lured.locator("#error").filter({ hasText: /\S/ }).waitFor();
+    assert.equal(await lured.locator("#chat-view").isHidden(), true, "not signed in");
+    assert.deepEqual(reached, [], "nothing reached the other server");
+  } finally {
+    await own.context().close();
+    other.close();
+  }
 });
 
 step("no uncaught errors in the pages", () => {

@@ -1596,6 +1596,15 @@ async function signIn(how: () => Promise<{ token: string; user?: User }>) {
 
 const credentials = () => ({ username: input("username").value.trim(), password: input("password").value });
 
+// A page pointed at another server (`?server=`) says which, where the
+// password is typed: a link must not pass someone else's server off as
+// this site's. (The page natter serves itself may connect to its own
+// origin only: its Content-Security-Policy refuses any other.)
+if (api.serverUrl !== window.location.origin) {
+  el("server-note").textContent = `Server: ${api.serverUrl}`;
+  el("server-note").hidden = false;
+}
+
 el("auth-form").addEventListener("submit", (e) => {
   e.preventDefault();
   void signIn(() => api.sessions.createSession(credentials()));

@@ -635,7 +635,9 @@ where
                         Ok(response) => response,
                         Err(never) => match never {},
                     };
-                    Ok(response.map(tonic::body::Body::new))
+                    let mut response = response.map(tonic::body::Body::new);
+                    crate::web_page::secure(response.headers_mut());
+                    Ok(response)
                 })
             }
         }

@@ -11,8 +11,30 @@ use std::hash::{DefaultHasher, Hash as _, Hasher as _};
 use std::path::PathBuf;
 use std::sync::LazyLock;
 
-use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
-use http::{HeaderValue, Method, StatusCode};
+use http::header::{
+    CACHE_CONTROL, CONTENT_LENGTH, CONTENT_SECURITY_POLICY, CONTENT_TYPE, ETAG, IF_NONE_MATCH, REFERRER_POLICY,
+    X_CONTENT_TYPE_OPTIONS,
+};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+
+/// The page's Content-Security-Policy (W3C CSP Level 3): scripts, styles,
+/// and every connection from its own origin only. A link that points the
+/// page at another server (`?server=https://elsewhere`) cannot make it send
+/// a typed password or a token there: the browser refuses the connection.
+/// A page that must talk to another server is served from elsewhere (any
+/// static server; see web/README.md). The favicon is an empty `data:` URL.
+pub const CONTENT_SECURITY_POLICY_VALUE: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
+     img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; \
+     frame-ancestors 'none'";
+
+/// Adds the page's security headers to a response of its files: the
+/// Content-Security-Policy ([`CONTENT_SECURITY_POLICY_VALUE`]), `nosniff`,
+/// and no Referer to other sites.
+pub(crate) fn secure(headers: &mut HeaderMap) {
+    headers.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY_VALUE));
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+}
 
 /// Where the page at `/` comes from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -107,6 +129,7 @@ pub(crate) fn embedded<B>(request: &http::Request<B>) -> http::Response<tonic::b
     let mut response = http::Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();
+    secure(headers);
     headers.insert(ETAG, etag);
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if status == StatusCode::OK {
@@ -137,6 +160,20 @@ mod tests {
         assert_eq!(get("/app.js", None).headers()[CONTENT_TYPE], "text/javascript; charset=utf-8");
         assert_eq!(get("/app.js.map", None).status(), StatusCode::NOT_FOUND);
         assert_eq!(get("/../Cargo.toml", None).status(), StatusCode::NOT_FOUND);
+    }
+
+    /// The page talks to its own origin only: a `?server=` of another
+    /// origin is refused by the browser (what the page would send there: a
+    /// typed password).
+    #[test]
+    fn the_page_may_connect_to_its_own_origin_only() {
+        for path in ["/", "/app.js", "/style.css"] {
+            let response = get(path, None);
+            let csp = response.headers()[CONTENT_SECURITY_POLICY].to_str().unwrap();
+            assert!(csp.split(';').any(|d| d.trim() == "connect-src 'self'"), "{path}: {csp}");
+            assert!(csp.split(';').any(|d| d.trim() == "script-src 'self'"), "{path}: {csp}");
+            assert_eq!(response.headers()[X_CONTENT_TYPE_OPTIONS], "nosniff");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ import { after, before } from "node:test";
 import assert from "node:assert/strict";
 import http from "node:http";
 import { execFile } from "node:child_process";
-import { copyFile, mkdir, mkdtemp, rm } from "node:fs/promises";
+import { copyFile, cp, mkdir, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import {
@@ -1611,6 +1611,40 @@ step("the page natter itself serves talks to natter only: it works there, and a 
     await own.context().close();
     other.close();
   }
+});
+
+step("a server restored from a backup: alice's page, told its chat cannot be resumed from where she was, re-reads it and goes on live", async () => {
+  const token = await tokenOf(alicePage);
+  const say = (chatId, text) => call(token, "messages.v1.MessageService/SendMessage", { chatId, text });
+  const { chat } = await call(token, "chats.v1.ChatService/CreateChat", { title: `Restore drill ${suffix}` });
+  await say(chat.id, "Before the backup");
+  await openChatWith(alicePage, `Restore drill ${suffix}`);
+  await waitForMessage(alicePage, "Before the backup");
+  // The backup: natter stopped, its data directory copied.
+  const backup = await mkdtemp(path.join(tmpdir(), "natter-e2e-backup-"));
+  try {
+    await stopNatter(server);
+    await cp(dataDir, backup, { recursive: true });
+    server = await startNatter(dataDir, server.port);
+    await alicePage.locator("#status", { hasText: "live" }).waitFor({ timeout: 2 * WAIT });
+    for (const text of ["Lost with the restore 1", "Lost with the restore 2"]) await say(chat.id, text);
+    await waitForMessage(alicePage, "Lost with the restore 2"); // her page is further on than the backup
+    // The restore: the data directory as it was at the backup.
+    await stopNatter(server);
+    await rm(dataDir, { recursive: true, force: true });
+    await cp(backup, dataDir, { recursive: true });
+    server = await startNatter(dataDir, server.port);
+  } finally {
+    await rm(backup, { recursive: true, force: true });
+  }
+  // Her page resumes from a point the server never reached: it is told so (chat_reset) and re-reads the chat.
+  await alicePage.locator("#status", { hasText: "live" }).waitFor({ timeout: 2 * WAIT });
+  await messageOn(alicePage, "Lost with the restore 2").waitFor({ state: "detached" });
+  // And what comes now shows, live, though its numbers are below those the page had seen.
+  await say(chat.id, "After the restore");
+  await waitForMessage(alicePage, "After the restore");
+  assert.deepEqual((await conversation(alicePage)).map((m) => m.text), ["Before the backup", "After the restore"]);
+  assert.equal(await alicePage.locator("#error").isHidden(), true);
 });
 
 step("no uncaught errors in the pages", () => {

@@ -1257,6 +1257,20 @@ function handleEvent(ev: StreamEventsResponse) {
   if (ev.event.case === "membershipChanged" && ev.event.value.userId === me?.id && isDeparture(ev.event.value.change)) {
     if (ev.changeSeq <= (lastChange.get(chatId) ?? 0n)) return forgetChat(chatId);
   }
+  if (ev.event.case === "chatReset") {
+    // The server cannot replay what we missed of this chat: its log no
+    // longer reaches back to our point, or it holds less than we saw (a
+    // database restored from a backup). Go on from this event's change_seq,
+    // even below ours, and re-read the chat: its seqs may start over below
+    // those we hold.
+    lastChange.set(chatId, ev.changeSeq);
+    lastSeq.delete(chatId);
+    void act(async () => {
+      await loadChats();
+      if (open?.id === chatId) await openChat(chatId);
+    });
+    return;
+  }
   if (ev.changeSeq > 0n) {
     const had = lastChange.get(chatId);
     if (had !== undefined && ev.changeSeq <= had) return; // delivered already
@@ -1356,15 +1370,6 @@ function handleEvent(ev: StreamEventsResponse) {
         }
         renderChatList();
       }
-      return;
-    }
-    case "chatReset": {
-      // The server cannot replay what we missed of this chat: re-read it,
-      // then go on from this event's change_seq (set above).
-      void act(async () => {
-        await loadChats();
-        if (open?.id === chatId) await openChat(chatId);
-      });
       return;
     }
     case "membershipChanged": {

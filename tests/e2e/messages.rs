@@ -354,9 +354,31 @@ async fn a_retry_after_removal_shows_nothing_of_the_chat_since(c: &Cluster) {
         ..Default::default()
     };
     c.messages().send_message(authed(&alice, reply)).await.unwrap();
+    let pin = mpb::PinMessageRequest { message_id: sent.id.clone() };
+    c.messages().pin_message(authed(&alice, pin)).await.unwrap();
+    let react = mpb::AddReactionRequest { message_id: sent.id.clone(), emoji: "👍".into() };
+    c.messages().add_reaction(authed(&alice, react)).await.unwrap();
     let retried = c.messages().send_message(authed(&bob, root)).await.unwrap().into_inner().message.unwrap();
     assert_eq!((retried.id.as_str(), retried.seq), (sent.id.as_str(), sent.seq));
     assert_eq!((retried.thread, retried.change_seq), (None, sent.change_seq), "nothing of the thread since");
+    assert_eq!((retried.pin_time, retried.pinned_by_id.as_str()), (None, ""), "nor who pinned it since");
+    assert!(retried.reactions.is_empty(), "nor who reacted since: {:?}", retried.reactions);
+    // A message of his deleted since: his retry is refused as any send of his now is.
+    let doomed = mpb::SendMessageRequest {
+        chat_id: chat.clone(),
+        message_id: uuid::Uuid::now_v7().to_string(),
+        text: "delete me".into(),
+        ..Default::default()
+    };
+    let back = cpb::AddMembersRequest { chat_id: chat.clone(), user_ids: vec![bob.id.clone()] };
+    c.chats().add_members(authed(&alice, back)).await.unwrap();
+    let doomed_sent =
+        c.messages().send_message(authed(&bob, doomed.clone())).await.unwrap().into_inner().message.unwrap();
+    let remove = cpb::RemoveMemberRequest { chat_id: chat.clone(), user_id: bob.id.clone() };
+    c.chats().remove_member(authed(&alice, remove)).await.unwrap();
+    let delete = mpb::DeleteMessageRequest { message_id: doomed_sent.id.clone() };
+    c.messages().delete_message(authed(&alice, delete)).await.unwrap();
+    assert_eq!(code(c.messages().send_message(authed(&bob, doomed)).await), Code::PermissionDenied);
 }
 
 /// A page of history ends before it passes 3 MiB (gRPC clients take at

@@ -341,12 +341,19 @@ impl Messages {
             {
                 // Answered as it was created: someone no longer in the chat
                 // learns nothing of it since (replies in its thread, how
-                // many changes it saw).
-                return same_message(existing, &req, caller).map(|mut m| {
-                    m.thread = None;
-                    m.change_seq = m.create_change;
-                    m
-                });
+                // many changes it saw, who pinned it or reacted to it, and
+                // when). One deleted since has nothing of its creation left
+                // to answer with: the refusal stands.
+                let mut m = same_message(existing, &req, caller)?;
+                if m.deleted() {
+                    return Err(refused);
+                }
+                m.thread = None;
+                m.pin = None;
+                m.reactions.clear();
+                m.reaction_rows = 0;
+                m.change_seq = m.create_change;
+                return Ok(m);
             }
             return Err(refused);
         }

@@ -22,6 +22,7 @@ crate::both_modes!(
     attachments_and_replies_round_trip,
     reactions_are_validated_and_only_for_members,
     reactions_aggregate_per_viewer_once_per_user_and_emoji,
+    reactions_of_one_emoji_in_any_form_count_together,
     a_retry_after_removal_shows_nothing_of_the_chat_since,
     history_pages_stay_under_what_clients_accept,
     pins_are_for_managers_of_groups_and_both_sides_of_direct_chats_replay_and_list,
@@ -255,6 +256,12 @@ async fn reactions_are_validated_and_only_for_members(c: &Cluster) {
             assert_eq!(violated_fields(&status), ["emoji"], "{bad:?}");
         }
     }
+    // Look-alikes of one emoji (a tag character, a joiner, a second
+    // selector after it) are no emoji of Unicode's list: refused to add.
+    for look_alike in ["👍\u{E0020}", "👍\u{200D}", "👍\u{FE0F}\u{FE0F}"] {
+        let status = react(c, &bob, &m.id, look_alike, true).await.unwrap_err();
+        assert_eq!(violated_fields(&status), ["emoji"], "{look_alike:?}");
+    }
     let status = react(c, &bob, "nope", "x", true).await.unwrap_err();
     assert_eq!(violated_fields(&status), ["emoji", "message_id"], "every field at fault");
     assert_eq!(code(react(c, &carol, &m.id, "👍", true).await), Code::PermissionDenied, "not a member");
@@ -271,6 +278,24 @@ async fn reactions_are_validated_and_only_for_members(c: &Cluster) {
     // A deleted message is gone for reactions too.
     c.messages().delete_message(authed(&alice, mpb::DeleteMessageRequest { message_id: m.id.clone() })).await.unwrap();
     assert_eq!(code(react(c, &bob, &m.id, "👍", true).await), Code::NotFound);
+}
+
+/// The forms of one emoji (❤ and ❤️, a keycap without its selector) are
+/// one reaction: they count together, each user once, and either form
+/// takes one's reaction back. Before, a bare ❤ and a ❤️ were two chips of
+/// one heart, and a user could hold both.
+async fn reactions_of_one_emoji_in_any_form_count_together(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &alice, &bob).await;
+    let m = send(c, &alice, &chat.id, "hearts").await;
+    let heart = "❤\u{FE0F}";
+    assert_eq!(tally(&react(c, &alice, &m.id, "❤", true).await.unwrap()), [(heart, 1, true)]);
+    assert_eq!(tally(&react(c, &bob, &m.id, heart, true).await.unwrap()), [(heart, 2, true)]);
+    let again = react(c, &bob, &m.id, "❤\u{FE0E}", true).await.unwrap();
+    assert_eq!(tally(&again), [(heart, 2, true)], "once per user, in any form");
+    assert_eq!(tally(&react(c, &bob, &m.id, "1\u{20E3}", true).await.unwrap())[1], ("1\u{FE0F}\u{20E3}", 1, true));
+    let taken_back = react(c, &alice, &m.id, heart, false).await.unwrap();
+    assert_eq!(tally(&taken_back)[0], (heart, 1, false), "her ❤ taken back by ❤️");
 }
 
 async fn reactions_aggregate_per_viewer_once_per_user_and_emoji(c: &Cluster) {

@@ -107,13 +107,41 @@ pub const EMOJI_MAX_BYTES: usize = 64;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct React {
     pub message_id: MessageId,
-    /// Checked by [`check_emoji`].
+    /// In canonical form ([`canonical_emoji`]).
     pub emoji: String,
     /// Add (else remove).
     pub add: bool,
+    /// A removal's emoji as sent, when that differs from `emoji` and
+    /// passes [`check_emoji`]: a reaction stored before canonical forms
+    /// (the server answered it so) is taken back too.
+    pub as_sent: Option<String>,
 }
 
-/// Checks a reaction's emoji: either one extended grapheme cluster (UAX
+/// A reaction's emoji in canonical form: a short code `:name:` (see
+/// [`check_emoji`]) as it is, or one emoji of Unicode's list (UTS #51,
+/// emoji-test.txt, by the `emojis` crate) in its fully-qualified form. The
+/// forms of one emoji (❤ and ❤️, a keycap without its selector, a
+/// text-presentation selector U+FE0E) are thus one reaction and count
+/// together, and nothing else rides on an emoji (a joiner, tag characters
+/// or selectors where none belongs, which made one user's second 👍 look
+/// like the first).
+///
+/// Errors: what is wrong, for INVALID_ARGUMENT naming `emoji`.
+pub fn canonical_emoji(emoji: &str) -> Result<String, String> {
+    if emoji.starts_with(':') {
+        return check_emoji(emoji).map(|()| emoji.to_owned());
+    }
+    let one = || "must be one emoji (of Unicode's emoji list) or a :short_code:".to_owned();
+    if emoji.is_empty() || emoji.len() > EMOJI_MAX_BYTES {
+        return Err(one());
+    }
+    let emoji_presentation: String = emoji.chars().filter(|c| *c != '\u{FE0E}').collect();
+    emojis::get(&emoji_presentation).map(|e| e.as_str().to_owned()).ok_or_else(one)
+}
+
+/// The rule reactions were checked by before [`canonical_emoji`], which
+/// RemoveReaction still takes (for reactions stored then): either one
+/// extended grapheme cluster (UAX
 /// #29) of emoji, at most [`EMOJI_MAX_BYTES`], or a short code `:name:`
 /// whose name is 1..=[`SHORT_CODE_MAX`] of `[a-z0-9_+-]`. A cluster counts
 /// as emoji when it holds a pictographic code point, a pair of regional
@@ -426,6 +454,45 @@ mod tests {
                 "attachments[3].size_bytes"
             ]
         );
+    }
+
+    /// The forms of one emoji are one reaction; look-alikes that add
+    /// joiners, tags or extra selectors to an emoji are refused.
+    #[test]
+    fn an_emoji_takes_its_fully_qualified_form() {
+        for (sent, canonical) in [
+            ("❤", "❤\u{FE0F}"),
+            ("❤\u{FE0F}", "❤\u{FE0F}"),
+            ("❤\u{FE0E}", "❤\u{FE0F}"),
+            ("👍", "👍"),
+            ("👍\u{FE0F}", "👍"),
+            ("👍🏽", "👍🏽"),
+            ("1\u{20E3}", "1\u{FE0F}\u{20E3}"),
+            ("🏳\u{200D}🌈", "🏳\u{FE0F}\u{200D}🌈"),
+            ("👨‍👩‍👧‍👦", "👨‍👩‍👧‍👦"),
+            ("🇫🇷", "🇫🇷"),
+            (
+                "🏴\u{E0067}\u{E0062}\u{E0065}\u{E006E}\u{E0067}\u{E007F}",
+                "🏴\u{E0067}\u{E0062}\u{E0065}\u{E006E}\u{E0067}\u{E007F}",
+            ),
+            (":tada:", ":tada:"),
+        ] {
+            assert_eq!(canonical_emoji(sent).as_deref(), Ok(canonical), "{sent:?}");
+        }
+        for bad in [
+            "👍\u{E0020}",
+            "👍\u{200D}",
+            "\u{200D}👍",
+            "👍\u{FE0F}\u{FE0F}",
+            "a",
+            "1",
+            "",
+            "👍👍",
+            ":Tada:",
+            "\u{FE0E}",
+        ] {
+            assert!(canonical_emoji(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

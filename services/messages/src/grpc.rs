@@ -95,17 +95,30 @@ pub fn edit_request(r: pb::EditMessageRequest, limits: &Limits) -> Result<EditMe
 
 /// Validates an AddReaction (`add`) or RemoveReaction request's fields:
 /// INVALID_ARGUMENT naming `message_id` and `emoji`, each at fault.
+/// The emoji is taken in canonical form ([`domain::canonical_emoji`]); a
+/// removal also takes back the form sent, when that passes the rule before
+/// canonical forms ([`domain::check_emoji`]) and differs.
 pub fn react_request(message_id_text: &str, emoji: String, add: bool) -> Result<React, Status> {
     let mut violations = FieldViolations::new();
     let message_id = MessageId::parse("message_id", message_id_text);
-    if let Err(reason) = domain::check_emoji(&emoji) {
-        violations.add("emoji", reason);
-    }
+    let old_form = !add && domain::check_emoji(&emoji).is_ok();
+    let (canonical, as_sent) = match domain::canonical_emoji(&emoji) {
+        Ok(canonical) => {
+            let as_sent = (old_form && canonical != emoji).then_some(emoji);
+            (canonical, as_sent)
+        }
+        // No emoji of the list now, but one a reaction may be stored under.
+        Err(_) if old_form => (emoji, None),
+        Err(reason) => {
+            violations.add("emoji", reason);
+            (emoji, None)
+        }
+    };
     if message_id.is_err() {
         violations.add("message_id", if message_id_text.is_empty() { "is required" } else { "must be a UUID" });
     }
     violations.check()?;
-    Ok(React { message_id: message_id?, emoji, add })
+    Ok(React { message_id: message_id?, emoji: canonical, add, as_sent })
 }
 
 /// The protobuf form of a reaction.

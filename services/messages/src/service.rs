@@ -591,6 +591,16 @@ impl Messages {
             return Err(MessagesError::Denied(Self::BLOCKED));
         }
         let sight = Sight::of(&membership);
+        // A removal takes back the form sent too (a reaction stored before
+        // canonical forms).
+        if let Some(as_sent) = req.as_sent.as_deref().filter(|_| !req.add)
+            && let Reacted::Changed(message) =
+                self.store.react(message.id, caller, as_sent, false, now_micros(), REACTION_EMOJI_MAX).await?
+        {
+            let chat = message.chat_id;
+            let event = grpc::edited_event(counts_only(message));
+            self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
+        }
         match self.store.react(message.id, caller, &req.emoji, req.add, now_micros(), REACTION_EMOJI_MAX).await? {
             Reacted::Changed(message) => {
                 let chat = message.chat_id;

@@ -1577,6 +1577,38 @@ step("bob deletes his account: a wrong password deletes nothing; alice keeps the
   await alicePage.locator("#messages .text", { hasText: history.at(-1) }).waitFor();
 });
 
+step("an edit heard while a chat opens is not undone by the page of messages read before it", async () => {
+  // Alice edits from another device (a call of her own) while her page opens the chat.
+  const title = `Opening race ${suffix}`;
+  const token = await tokenOf(alicePage);
+  const { chat } = await call(token, "chats.v1.ChatService/CreateChat", { title });
+  const { message } = await call(token, "messages.v1.MessageService/SendMessage", { chatId: chat.id, text: "As first written" });
+  await chatItem(alicePage, title).locator(".chat-excerpt", { hasText: "As first written" }).waitFor();
+  // The chat's first page is read, then held back until the edit has reached her page.
+  let pageRead = () => {};
+  const read = new Promise((resolve) => (pageRead = resolve));
+  let release = () => {};
+  const released = new Promise((resolve) => (release = resolve));
+  await alicePage.route("**/natter.messages.v1.MessageService/ListMessages", async (route) => {
+    const response = await route.fetch();
+    pageRead();
+    await released;
+    await route.fulfill({ response });
+  });
+  try {
+    await chatItem(alicePage, title).click();
+    await read;
+    await call(token, "messages.v1.MessageService/EditMessage", { messageId: message.id, text: "As edited while it opened" });
+    // Heard: the chat list's excerpt follows the edit.
+    await chatItem(alicePage, title).locator(".chat-excerpt", { hasText: "As edited while it opened" }).waitFor();
+  } finally {
+    release();
+  }
+  await waitForMessage(alicePage, "As edited while it opened");
+  await alicePage.unroute("**/natter.messages.v1.MessageService/ListMessages");
+  assert.equal(await alicePage.locator("#messages .text", { hasText: "As first written" }).count(), 0, "not the page's older state");
+});
+
 step("the page natter itself serves talks to natter only: it works there, and a link that points it at another server sends that server nothing", async () => {
   // Another server, which records whatever reaches it (and would let any page call it).
   const reached = [];

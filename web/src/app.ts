@@ -73,7 +73,32 @@ interface Pending {
 }
 const pending = new Map<string, Pending>(); // client message id -> unsent message
 
-interface OpenChat { id: string; messages: Map<bigint, Message>; olderToken: string; loadingOlder: boolean }
+/**
+ * The open chat: its messages by seq, and the token of the page before
+ * them. `heard` holds the changes (edits, deletions, reactions, a reply's
+ * end) the stream brought for messages not held yet: one to a message of a
+ * page still on its way (the chat opening, an older page loading) is laid
+ * over that page when it comes, the newer state winning (change_seq).
+ */
+interface OpenChat {
+  id: string;
+  messages: Map<bigint, Message>;
+  olderToken: string;
+  loadingOlder: boolean;
+  heard: Map<bigint, Message>;
+}
+
+/** Holds a page of `state`'s messages, with what the stream told of them meanwhile. */
+function putPage(state: OpenChat, page: Message[]) {
+  for (const m of page) {
+    putMessage(state, m);
+    const heard = state.heard.get(m.seq);
+    if (heard) {
+      putMessage(state, heard);
+      state.heard.delete(m.seq);
+    }
+  }
+}
 let open: OpenChat | null = null;
 /** The thread shown in the side panel: its chat, its root's seq and its replies by seq. */
 let thread: { chatId: string; rootSeq: bigint; replies: Map<bigint, Message> } | null = null;
@@ -843,7 +868,7 @@ function fetchChat(chatId: string): Promise<void> {
 async function openChat(chatId: string) {
   const chat = chats.get(chatId);
   if (!chat) return;
-  const state: OpenChat = { id: chatId, messages: new Map(), olderToken: "", loadingOlder: false };
+  const state: OpenChat = { id: chatId, messages: new Map(), olderToken: "", loadingOlder: false, heard: new Map() };
   open = state;
   if (thread && thread.chatId !== chatId) closeThread();
   if (membersPanel && membersPanel.chatId !== chatId) closeMembers();
@@ -873,7 +898,7 @@ async function openChat(chatId: string) {
   if (open !== state) return;
   renderAssistantReplies();
   await ensureUsers(res.messages.map((m) => m.authorId));
-  for (const m of res.messages) state.messages.set(m.seq, m);
+  putPage(state, res.messages);
   state.olderToken = res.nextPageToken;
   renderMessages("bottom");
   renderPins(); // Unpin in the panel, now that our role is known
@@ -892,7 +917,7 @@ async function loadOlder() {
     });
     if (open !== state) return;
     await ensureUsers(res.messages.map((m) => m.authorId));
-    for (const m of res.messages) state.messages.set(m.seq, m);
+    putPage(state, res.messages);
     state.olderToken = res.nextPageToken;
     renderMessages("keep");
   } finally {
@@ -1332,6 +1357,10 @@ function handleEvent(ev: StreamEventsResponse) {
       if (open?.id === chatId && open.messages.has(m.seq)) {
         putMessage(open, m);
         renderMessages();
+      } else if (open?.id === chatId && !m.threadRootSeq) {
+        // Of a page not here yet, maybe on its way: laid over it when it comes.
+        const heard = open.heard.get(m.seq);
+        if (!heard || heard.changeSeq < m.changeSeq) open.heard.set(m.seq, m);
       }
       noteThreadReply(m);
       if (thread?.chatId === chatId) renderThread();

@@ -1679,6 +1679,19 @@ step("a server restored from a backup: alice's page, told its chat cannot be res
   assert.equal(await alicePage.locator("#error").isHidden(), true);
 });
 
+step("a server that takes fewer chats a stream than alice's page holds: her page names fewer, the open chat first, and goes on live", async () => {
+  const token = await tokenOf(alicePage);
+  const { chats } = await call(token, "chats.v1.ChatService/ListChats", {});
+  assert.ok(chats.length > 3, `more chats than the server will take: ${chats.length}`);
+  const drill = chats.find((c) => c.title === `Restore drill ${suffix}`);
+  await stopNatter(server);
+  server = await startNatter(dataDir, server.port, ["--max-stream-chats", "3"]);
+  await alicePage.locator("#status", { hasText: "live" }).waitFor({ timeout: 2 * WAIT });
+  await call(token, "messages.v1.MessageService/SendMessage", { chatId: drill.id, text: "Live with fewer chats named" });
+  await waitForMessage(alicePage, "Live with fewer chats named");
+  assert.equal(await alicePage.locator("#error").isHidden(), true);
+});
+
 step("no uncaught errors in the pages", () => {
   assert.deepEqual(pageErrors, []);
 });

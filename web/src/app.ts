@@ -337,13 +337,18 @@ function notePreview(chat: Chat, m: Message) {
 
 // ---------------------------------------------------------------- rendering
 
-function renderChatList() {
-  const ul = el("chat-list");
-  const sorted = [...chats.values()].sort((a, b) => {
+/** The chats held, most recently active first (the chat list's order). */
+function chatsByActivity(): Chat[] {
+  return [...chats.values()].sort((a, b) => {
     const ta = a.lastActivityTime ? timestampDate(a.lastActivityTime).getTime() : 0;
     const tb = b.lastActivityTime ? timestampDate(b.lastActivityTime).getTime() : 0;
     return tb - ta;
   });
+}
+
+function renderChatList() {
+  const ul = el("chat-list");
+  const sorted = chatsByActivity();
   // A chat whose item shows the same keeps its element, left where it is
   // while the order holds: a click under way (mouse down, not yet up) on an
   // element replaced or moved meanwhile is lost, and the list is redrawn
@@ -1493,15 +1498,32 @@ function setStatus(text: string) {
 async function runStream(signal: AbortSignal) {
   let backoff = 500;
   let opened = false;
+  // How many chats a request names at most: all of them, until the server
+  // refuses that many (INVALID_ARGUMENT: `--max-stream-chats`, 1,000 by
+  // default, and the page may hold more); then half as many as were sent,
+  // the open chat and the most recently active ones.
+  let cap = Infinity;
   while (!signal.aborted) {
     setStatus("connecting…");
     const sentWith = api.token.get();
+    let named = 0;
     try {
-      const resumeChanges = Object.fromEntries(lastChange);
-      const resume = Object.fromEntries([...lastSeq].filter(([id]) => !lastChange.has(id)));
+      const held = new Set([...lastChange.keys(), ...lastSeq.keys()]);
+      let chosen = held;
+      if (held.size > cap) {
+        const order = [open?.id, ...chatsByActivity().map((c) => c.id), ...held].filter((id) => id && held.has(id));
+        chosen = new Set([...new Set(order)].slice(0, cap) as string[]);
+      }
+      const left = chosen.size < held.size;
+      named = chosen.size;
+      const resumeChanges = Object.fromEntries([...lastChange].filter(([id]) => chosen.has(id)));
+      const resume = Object.fromEntries([...lastSeq].filter(([id]) => chosen.has(id) && !lastChange.has(id)));
       const onHeader = () => {
         setStatus("live");
         backoff = 500;
+        // Chats left out of the resume start live: what they missed
+        // meanwhile is read with the chat list (and when one opens).
+        if (left) void loadChats().catch((e) => console.warn("list chats:", e));
         // Presence, renames, account changes and others' read receipts of
         // while it was down are sent to nobody later: read them again (the
         // first connection follows the page's own reads, but for presence).
@@ -1535,6 +1557,11 @@ async function runStream(signal: AbortSignal) {
       console.warn("event stream:", err);
       // `resume` named a chat we have left or that was deleted: re-list ours.
       if (api.isDenied(err)) await loadChats().catch((e) => console.warn("list chats:", e));
+      // It named more chats than the server takes: name fewer, at once.
+      if (api.isInvalidArgument(err) && named > 1) {
+        cap = Math.ceil(named / 2);
+        continue;
+      }
     }
     if (signal.aborted) return;
     const wait = backoff + Math.random() * backoff * 0.3;

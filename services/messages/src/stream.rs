@@ -185,6 +185,7 @@ pub async fn open(
         all,
         live: StreamMap::new(),
         cursors: HashMap::new(),
+        left: HashMap::new(),
         managed,
         direct: HashMap::new(),
         presence: follow.presence.then(HashMap::new),
@@ -533,6 +534,10 @@ struct Follower {
     live: StreamMap<Uuid, Subscription>,
     /// chat -> the last change number sent or skipped (only chats followed).
     cursors: HashMap<Uuid, i64>,
+    /// chat -> the last change number sent of it, for chats no longer
+    /// followed (the user left them, or was removed): a join at or before
+    /// it was sent already (announced again: a retried delivery).
+    left: HashMap<Uuid, i64>,
     /// The chats the user owns or administers (see [`Follower::shown`]).
     managed: HashSet<Uuid>,
     /// chat -> whether it is a direct chat, learnt on the first flagged
@@ -553,6 +558,7 @@ impl Follower {
     fn follow(&mut self, chat: Uuid, cursor: i64) {
         self.live.insert(chat, self.messages.bus().subscribe(Topic::Chat(chat)));
         self.cursors.insert(chat, cursor);
+        self.left.remove(&chat);
     }
 
     /// Drops whatever the chats' subscriptions queued (before their heads
@@ -563,11 +569,12 @@ impl Follower {
         }
     }
 
-    /// Stops following `chat`: its subscription goes, with whatever events
-    /// it still queued.
-    fn unfollow(&mut self, chat: Uuid) {
+    /// Stops following `chat`, whose changes were sent up to number `sent`:
+    /// its subscription goes, with whatever events it still queued.
+    fn unfollow(&mut self, chat: Uuid, sent: i64) {
         self.live.remove(&chat);
         self.cursors.remove(&chat);
+        self.left.insert(chat, sent);
     }
 
     /// The change number at which the message with `seq` (at most the
@@ -610,7 +617,7 @@ impl Follower {
     /// it); change_seq is the last one it sent of the chat.
     fn removed(&mut self, chat: Uuid) -> pb::StreamEventsResponse {
         let change_seq = self.cursors.get(&chat).copied().unwrap_or(0);
-        self.unfollow(chat);
+        self.unfollow(chat, change_seq);
         pb::StreamEventsResponse {
             chat_id: chat.to_string(),
             change_seq,
@@ -749,7 +756,7 @@ impl Follower {
             // Its own departure ends following at once (its copy on the
             // chat's topic goes with the subscription)...
             Some(cursor) if is_departure(change) && event.change_seq == cursor + 1 => {
-                self.unfollow(chat);
+                self.unfollow(chat, event.change_seq);
                 Step::send(payload.clone())
             }
             // ...once the changes before it, which the user was still there
@@ -758,7 +765,13 @@ impl Follower {
             Some(cursor) if is_departure(change) && event.change_seq > cursor => {
                 Step::refill(Refill::to(chat, event.change_seq))
             }
-            None if change.change == pb::MembershipChange::Joined as i32 && self.all => {
+            // A join announced again after the user left (a retried
+            // delivery, late) was sent already, with all up to the
+            // departure: not followed again.
+            None if change.change == pb::MembershipChange::Joined as i32
+                && self.all
+                && self.left.get(&chat).is_none_or(|&sent| event.change_seq > sent) =>
+            {
                 // Subscribe, then catch up from the join: what the chat
                 // announced before the subscription existed is read from the
                 // store.
@@ -841,7 +854,7 @@ impl Follower {
             && is_departure(change)
             && event.users.iter().any(|u| u.uuid() == self.user)
         {
-            self.unfollow(chat);
+            self.unfollow(chat, event.change_seq);
         }
         Step::send(payload.clone())
     }
@@ -890,7 +903,7 @@ impl Follower {
             };
             for (chat, heads, join) in joined {
                 if !still.contains(&chat) {
-                    self.unfollow(chat);
+                    self.unfollow(chat, 0); // nothing of it sent
                     continue;
                 }
                 if join.is_some() {
@@ -988,7 +1001,7 @@ impl Follower {
             if more {
                 self.cursors.insert(chat, last);
             } else {
-                self.unfollow(chat);
+                self.unfollow(chat, last);
             }
             return Ok((replayed(chat, out, since, true), more));
         }
@@ -1533,6 +1546,39 @@ mod tests {
         assert_eq!(texts, ["first", "second"]);
     }
 
+    /// The member joins another chat and leaves it again, their stream
+    /// following both; then the join is announced again (a late retry of
+    /// the chats service's delivery, which announces again what it
+    /// records). The stream, which follows that chat no more, takes
+    /// nothing of it: before, it followed it again and replayed the join
+    /// and all up to the departure a second time.
+    #[tokio::test]
+    async fn a_join_announced_again_after_the_user_left_replays_nothing() {
+        let h = Harness::start().await;
+        let mut stream = h.stream_of_member(Vec::new()).await;
+        h.owner_sends("live").await.unwrap();
+        assert_eq!(kind(&next_event(&mut stream).await), "message:live");
+        let other = Uuid::now_v7();
+        h.directory.members.lock().unwrap().extend([(other, h.owner), (other, h.member)]);
+        let join = [ChatChange::Joined(UserId(h.member))];
+        h.messages.record_chat_changes(other.into(), &join, "join", None).await.unwrap();
+        h.directory.members.lock().unwrap().remove(&(other, h.member));
+        let leave = [ChatChange::Left(UserId(h.member))];
+        h.messages.record_chat_changes(other.into(), &leave, "leave", None).await.unwrap();
+        loop {
+            let event = next_event(&mut stream).await;
+            let left = matches!(&event.event, Some(Event::MembershipChanged(m)) if m.change == pb::MembershipChange::Left as i32);
+            if event.chat_id == other.to_string() && left {
+                break;
+            }
+        }
+        // The join's delivery retried late: announced again.
+        h.messages.record_chat_changes(other.into(), &join, "join", None).await.unwrap();
+        h.owner_sends("marker").await.unwrap();
+        let next = next_event(&mut stream).await;
+        assert_eq!((next.chat_id.as_str(), kind(&next).as_str()), (h.chat.to_string().as_str(), "message:marker"));
+    }
+
     /// The member left the chat; their stream of every chat opens with a
     /// resume point of it from before (so it replays up to the departure),
     /// and the member joins again before the stream's replay reads past
@@ -1740,6 +1786,7 @@ mod tests {
             all: false,
             live: StreamMap::new(),
             cursors: HashMap::from([(h.chat, 0)]),
+            left: HashMap::new(),
             managed: HashSet::new(),
             direct: HashMap::new(),
             presence: None,

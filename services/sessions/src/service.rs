@@ -272,8 +272,10 @@ impl Sessions {
         // A place in the password checks' queue first: a log-in refused for
         // a full queue (a flood from elsewhere) is no failed log-in.
         let place = argon2_place(self.password_check_queue)?;
-        self.logins.admit(&key, client, Instant::now())?;
+        // The user read before the throttle counts the attempt: a store that
+        // fails is no failed log-in either.
         let user = self.store.user_by_key(&key).await?;
+        self.logins.admit(&key, client, Instant::now())?;
         // Verify against a dummy hash for unknown users so that timing does
         // not tell which usernames exist.
         let phc = match user.as_ref().and_then(|u| u.password_hash.clone()) {
@@ -821,6 +823,26 @@ mod tests {
             assert!(matches!(&refused, SessionsError::Limited(l) if l.what.contains("password checks")), "{refused:?}");
         }
         // One failure recorded would make the address wait an hour now.
+        sessions.logins.admit("alice", client, Instant::now()).expect("no failure counted");
+    }
+
+    /// A log-in that fails because the store does (here: closed) is not
+    /// counted as a failed log-in either.
+    #[tokio::test]
+    async fn a_log_in_the_store_failed_is_no_failed_log_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = natter_db::DbConfig::sqlite_in(dir.path(), "sessions");
+        let db = Db::connect(&config, &crate::MIGRATOR).await.unwrap();
+        let args = crate::SessionsArgs {
+            login_free_failures: 0,
+            login_backoff: std::time::Duration::from_secs(3600),
+            ..crate::SessionsArgs::default()
+        };
+        let sessions = Sessions::new(Store::new(db.clone()), Arc::new(natter_bus::Hub::new()), &args);
+        db.close().await;
+        let client = Some(IpAddr::from([192, 0, 2, 8]));
+        let failed = sessions.login(client, "alice", "correct horse battery").await.map(drop).unwrap_err();
+        assert!(!matches!(failed, SessionsError::BadCredentials | SessionsError::Limited(_)), "{failed:?}");
         sessions.logins.admit("alice", client, Instant::now()).expect("no failure counted");
     }
 }

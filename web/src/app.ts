@@ -961,6 +961,9 @@ async function send(p: Pending) {
   renderMessages("bottom");
   renderThread();
   for (let attempt = 0; ; attempt++) {
+    // Signed out meanwhile (which forgets what was pending): not sent, and
+    // never as whoever signs in next.
+    if (pending.get(p.id) !== p) return;
     const sentWith = api.token.get();
     try {
       const res = await api.messages.sendMessage({

@@ -1890,8 +1890,16 @@ impl Assistant {
                 None => prompt,
             };
             let id = reply_id.clone().unwrap_or_else(|| Uuid::now_v7().to_string());
-            let request = self.start_request(&prompt, id, &latest.id);
-            let (reply, created) = self.links.messages.start_reply(request).await?;
+            // Tried again after a transient failure with the same owner
+            // token: one that committed with its answer lost is then
+            // answered as created (GENERATING, this call's own start), and
+            // generated here, not left to the sweeper.
+            let request = mpb::StartReplyRequest {
+                owner: Uuid::new_v4().to_string(),
+                ..self.start_request(&prompt, id, &latest.id)
+            };
+            let start = || self.links.messages.start_reply(request.clone());
+            let (reply, created) = self.settings.retry.run(&self.shutdown, "StartReply", start).await?;
             Ok::<_, Status>((reply, prompt, created))
         }
         .await;

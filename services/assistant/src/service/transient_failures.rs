@@ -771,3 +771,31 @@ async fn a_start_whose_answers_are_all_lost_is_replayed_before_its_lease_runs_ou
     assert_answered(&h.messages.finished_reply(&prompt).await);
     assert_answered_once(&h.messages, &prompt);
 }
+
+/// A Regenerate whose StartReply committed but lost its answer: tried again
+/// with the same owner token, it is answered as this call's own start and
+/// generated (before: the call failed, and the reply it had started stayed
+/// GENERATING with nobody generating it, for the sweeper to end
+/// INTERRUPTED, its replaced reply still superseded).
+#[tokio::test]
+async fn a_regenerate_whose_start_answer_is_lost_generates_its_reply() {
+    let h = harness(Chats::default()).await;
+    let prompt = h.messages.post("how do tides work?");
+    let old = h.messages.finished_reply(&prompt).await;
+    h.messages.lose_start("how do tides work?", &[Code::Unavailable]);
+    let (reply, _) = h.assistant.regenerate(PERSON, CHAT, None, None).await.expect("started");
+    assert_ne!(reply.id, old.id);
+    let finished = async {
+        loop {
+            let finished = h.messages.finished.notified();
+            let mut finished = std::pin::pin!(finished);
+            finished.as_mut().enable();
+            if let Some(done) = h.messages.replies(&prompt).into_iter().find(|r| r.id == reply.id && is_finished(r)) {
+                return done;
+            }
+            finished.await;
+        }
+    };
+    let done = tokio::time::timeout(Duration::from_secs(10), finished).await.expect("the new reply finished");
+    assert_answered(&done);
+}

@@ -1304,10 +1304,17 @@ function handleEvent(ev: StreamEventsResponse) {
     });
     return;
   }
+  // Another member's read receipt may come with a number we have seen (the
+  // server's store read covered it; it is no change of ours): applied all
+  // the same, each reader's position only ever moving forward (noteRead).
+  const othersReceipt = ev.event.case === "readUpdated" && ev.event.value.userId !== me?.id;
   if (ev.changeSeq > 0n) {
     const had = lastChange.get(chatId);
-    if (had !== undefined && ev.changeSeq <= had) return; // delivered already
-    lastChange.set(chatId, ev.changeSeq);
+    if (had !== undefined && ev.changeSeq <= had) {
+      if (!othersReceipt) return; // delivered already
+    } else {
+      lastChange.set(chatId, ev.changeSeq);
+    }
   }
   switch (ev.event.case) {
     case "messageCreated": {

@@ -186,6 +186,7 @@ pub async fn open(
         live: StreamMap::new(),
         cursors: HashMap::new(),
         left: HashMap::new(),
+        receipts: HashMap::new(),
         managed,
         direct: HashMap::new(),
         presence: follow.presence.then(HashMap::new),
@@ -335,9 +336,11 @@ pub async fn open(
             // stalled client holds the stream here, and the next page is
             // read (and membership checked) only once it reads on.
             while let Some(refill) = refills.front_mut() {
-                let (events, more) = follower.refill(refill).await?;
+                let chat = refill.chat;
+                let (mut events, more) = follower.refill(refill).await?;
                 if !more {
                     refills.pop_front();
+                    events.extend(follower.held_receipts(chat));
                 }
                 follower.track_roles(&events).await?;
                 if !every_flag {
@@ -538,6 +541,9 @@ struct Follower {
     /// followed (the user left them, or was removed): a join at or before
     /// it was sent already (announced again: a retried delivery).
     left: HashMap<Uuid, i64>,
+    /// chat -> other members' read receipts heard beyond a gap, to send
+    /// once the store read that fills it is done ([`Follower::on_chat_event`]).
+    receipts: HashMap<Uuid, Vec<pb::StreamEventsResponse>>,
     /// The chats the user owns or administers (see [`Follower::shown`]).
     managed: HashSet<Uuid>,
     /// chat -> whether it is a direct chat, learnt on the first flagged
@@ -569,11 +575,28 @@ impl Follower {
         }
     }
 
+    /// `payload` if `event` is another member's read receipt that this
+    /// stream may see (not private to its reader).
+    fn others_receipt(&self, event: &BusEvent, payload: &pb::StreamEventsResponse) -> Option<pb::StreamEventsResponse> {
+        let Some(Event::ReadUpdated(read)) = &payload.event else { return None };
+        (read.user_id != self.user.to_string() && event.is_for(UserId(self.user))).then(|| payload.clone())
+    }
+
+    /// Other members' read receipts of `chat` held for the end of a store
+    /// read ([`Follower::on_chat_event`]), with the stream's change number
+    /// of the chat (none if it follows the chat no more).
+    fn held_receipts(&mut self, chat: Uuid) -> Vec<pb::StreamEventsResponse> {
+        let held = self.receipts.remove(&chat).unwrap_or_default();
+        let Some(cursor) = self.cursors.get(&chat).copied() else { return Vec::new() };
+        held.into_iter().map(|receipt| pb::StreamEventsResponse { change_seq: cursor, ..receipt }).collect()
+    }
+
     /// Stops following `chat`, whose changes were sent up to number `sent`:
     /// its subscription goes, with whatever events it still queued.
     fn unfollow(&mut self, chat: Uuid, sent: i64) {
         self.live.remove(&chat);
         self.cursors.remove(&chat);
+        self.receipts.remove(&chat);
         self.left.insert(chat, sent);
     }
 
@@ -838,10 +861,22 @@ impl Follower {
             return Step::refill(Refill::all(chat));
         };
         let n = event.change_seq;
+        // Another member's read receipt is no change of this stream's user,
+        // so a store read passes its number without it (a resume replays the
+        // user's own positions only): one whose number the stream passed
+        // already (a store read filled a gap up to a later change the bus
+        // brought first) still goes, with the stream's change number, as
+        // presence does; one beyond a gap goes after the read that fills it.
         if n <= cursor {
-            return Step::default();
+            return match self.others_receipt(event, payload) {
+                Some(receipt) => Step::send(pb::StreamEventsResponse { change_seq: cursor, ..receipt }),
+                None => Step::default(),
+            };
         }
         if n > cursor + 1 {
+            if let Some(receipt) = self.others_receipt(event, payload) {
+                self.receipts.entry(chat).or_default().push(receipt);
+            }
             return Step::refill(Refill::to(chat, n));
         }
         self.cursors.insert(chat, n);
@@ -1546,6 +1581,65 @@ mod tests {
         assert_eq!(texts, ["first", "second"]);
     }
 
+    /// The owner's read position (public) as its event carries it.
+    fn owner_read(h: &Harness, read_seq: Seq, change_seq: i64) -> BusEvent {
+        let payload = crate::grpc::read_event(h.chat.into(), UserId(h.owner), read_seq, change_seq);
+        Arc::new(natter_bus::Event::new(h.chat.into(), payload).concerning(UserId(h.owner)))
+    }
+
+    /// Whether `event` is the owner's read receipt, and at which seq.
+    fn owners_read(h: &Harness, event: &pb::StreamEventsResponse) -> Option<i64> {
+        match &event.event {
+            Some(Event::ReadUpdated(r)) if r.user_id == h.owner.to_string() => Some(r.read_seq),
+            _ => None,
+        }
+    }
+
+    /// Two read positions move close together, the owner's (change N) then
+    /// the member's own (N + 1), and the bus brings the member's first: the
+    /// member's stream fills the gap from the store, which holds only the
+    /// member's own positions for them, and passes N. The owner's receipt,
+    /// coming after, still goes (with the stream's change number); before,
+    /// it was dropped as seen, and the member's page never showed it.
+    #[tokio::test]
+    async fn another_member_s_receipt_the_bus_brought_after_a_later_change_still_goes() {
+        let h = Harness::start().await;
+        let mut stream = h.stream_of_member(vec![h.chat]).await;
+        let sent = h.owner_sends("read me").await.unwrap();
+        assert_eq!(kind(&next_event(&mut stream).await), "message:read me");
+        let owners = h.messages.store().mark_read(h.chat.into(), UserId(h.owner), sent.seq).await.unwrap();
+        let n = owners.change_seq.expect("a change");
+        let mark = crate::domain::MarkRead { chat_id: h.chat.into(), seq: sent.seq };
+        h.messages.mark_read_as(UserId(h.member), mark).await.unwrap();
+        let own = next_event(&mut stream).await;
+        assert!(matches!(&own.event, Some(Event::ReadUpdated(r)) if r.user_id == h.member.to_string()), "{own:?}");
+        assert_eq!(own.change_seq, n + 1);
+        h.messages.bus().publish(Topic::Chat(h.chat), owner_read(&h, sent.seq, n));
+        let receipt = next_event(&mut stream).await;
+        assert_eq!((owners_read(&h, &receipt), receipt.change_seq), (Some(sent.seq.0), n + 1), "{receipt:?}");
+    }
+
+    /// The owner's receipt comes beyond a gap (a message the bus never
+    /// brought): the stream reads the gap from the store, then sends the
+    /// receipt, with its change number then; before, the store read passed
+    /// the receipt's number and it was lost.
+    #[tokio::test]
+    async fn another_member_s_receipt_beyond_a_gap_goes_after_the_gap_is_read() {
+        let h = Harness::start().await;
+        let mut stream = h.stream_of_member(vec![h.chat]).await;
+        h.owner_sends("live").await.unwrap();
+        assert_eq!(kind(&next_event(&mut stream).await), "message:live");
+        let missed = h.messages.store().insert_batch(&[h.unannounced("missed")]).await.unwrap();
+        let crate::store::Sent::Created(missed) = &missed[0] else { panic!("{missed:?}") };
+        let seq = missed.seq;
+        let owners = h.messages.store().mark_read(h.chat.into(), UserId(h.owner), seq).await.unwrap();
+        let n = owners.change_seq.expect("a change");
+        h.messages.bus().publish(Topic::Chat(h.chat), owner_read(&h, seq, n));
+        assert_eq!(kind(&next_event(&mut stream).await), "message:missed");
+        let receipt = next_event(&mut stream).await;
+        assert_eq!((owners_read(&h, &receipt), receipt.change_seq), (Some(seq.0), n), "{receipt:?}");
+    }
+
     /// The member joins another chat and leaves it again, their stream
     /// following both; then the join is announced again (a late retry of
     /// the chats service's delivery, which announces again what it
@@ -1787,6 +1881,7 @@ mod tests {
             live: StreamMap::new(),
             cursors: HashMap::from([(h.chat, 0)]),
             left: HashMap::new(),
+            receipts: HashMap::new(),
             managed: HashSet::new(),
             direct: HashMap::new(),
             presence: None,

@@ -48,6 +48,25 @@ async function assertConversation(page, texts, who) {
   );
 }
 
+/**
+ * Holds the answers `page` gets to calls matching `pattern`: each call
+ * reaches the server, and its answer waits until `release()`. `atServer`
+ * resolves as the first one has reached it.
+ */
+async function holdAnswers(page, pattern) {
+  let reached = () => {};
+  const atServer = new Promise((resolve) => (reached = resolve));
+  let release = () => {};
+  const released = new Promise((resolve) => (release = resolve));
+  await page.route(pattern, async (route) => {
+    const response = await route.fetch();
+    reached();
+    await released;
+    await route.fulfill({ response });
+  });
+  return { atServer, release };
+}
+
 /** Calls natter as `token`'s user with buf curl (server reflection), as the README does; the JSON answer. */
 async function call(token, method, body) {
   const buf = path.join(webDir, "node_modules", ".bin", "buf");
@@ -1471,16 +1490,7 @@ step("alice's Block in one tab stays disabled until its own call answers, though
   await enabled(aliceTab).filter({ hasText: /^Block$/ }).waitFor();
   await enabled(alicePage).filter({ hasText: /^Block$/ }).waitFor();
   // Her other tab's BlockUser reaches the server, whose answer is held until we let it through.
-  let reached;
-  const atServer = new Promise((resolve) => (reached = resolve));
-  let release;
-  const held = new Promise((resolve) => (release = resolve));
-  await aliceTab.route("**/natter.chats.v1.ChatService/BlockUser", async (route) => {
-    const response = await route.fetch();
-    reached();
-    await held;
-    await route.fulfill({ response });
-  });
+  const { atServer, release } = await holdAnswers(aliceTab, "**/natter.chats.v1.ChatService/BlockUser");
   try {
     await aliceTab.bringToFront(); // she acts there
     aliceTab.once("dialog", (d) => void d.accept());
@@ -1585,19 +1595,10 @@ step("an edit heard while a chat opens is not undone by the page of messages rea
   const { message } = await call(token, "messages.v1.MessageService/SendMessage", { chatId: chat.id, text: "As first written" });
   await chatItem(alicePage, title).locator(".chat-excerpt", { hasText: "As first written" }).waitFor();
   // The chat's first page is read, then held back until the edit has reached her page.
-  let pageRead = () => {};
-  const read = new Promise((resolve) => (pageRead = resolve));
-  let release = () => {};
-  const released = new Promise((resolve) => (release = resolve));
-  await alicePage.route("**/natter.messages.v1.MessageService/ListMessages", async (route) => {
-    const response = await route.fetch();
-    pageRead();
-    await released;
-    await route.fulfill({ response });
-  });
+  const { atServer, release } = await holdAnswers(alicePage, "**/natter.messages.v1.MessageService/ListMessages");
   try {
     await chatItem(alicePage, title).click();
-    await read;
+    await atServer;
     await call(token, "messages.v1.MessageService/EditMessage", { messageId: message.id, text: "As edited while it opened" });
     // Heard: the chat list's excerpt follows the edit.
     await chatItem(alicePage, title).locator(".chat-excerpt", { hasText: "As edited while it opened" }).waitFor();

@@ -981,41 +981,21 @@ impl Assistant {
                     tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot re-read a prompt")
                 }
             }
-            // Its author removed from the chat (or gone) while it waited:
-            // not answered, nothing of it sent to the model.
-            let check = || self.links.chats.check_membership(&job.prompt.chat_id, &job.prompt.author_id);
-            match self.settings.retry.run(&self.shutdown, "CheckMembership", check).await {
-                Ok(m) if m.member => {}
-                Ok(_) => {
-                    tracing::info!(chat_id = %job.prompt.chat_id, prompt = %job.prompt.id, "a prompt's author left the chat before its turn; not answered");
+            // Its author removed from the chat (or gone) while it waited, or
+            // the assistant no longer to answer there: not answered, nothing
+            // of it sent to the model.
+            match self.turn_refused(&job.prompt).await {
+                Ok(None) => {}
+                Ok(Some(why)) => {
+                    tracing::info!(chat_id = %job.prompt.chat_id, prompt = %job.prompt.id, why = %why, "a prompt may no longer be answered at its turn; not answered");
                     return self.read_past(&job.prompt).await;
                 }
                 Err(status) if is_transient(&status) => {
-                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot check a prompt's author; left unread");
+                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot check a prompt's chat; left unread");
                     return self.hold(&job.prompt, owner);
                 }
                 Err(status) => {
-                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot check a prompt's author");
-                    return;
-                }
-            }
-            // The chat's owner removed the bot, turned it off or archived
-            // the chat while the prompt waited its turn (the chats known
-            // to is_prompt may be older): not answered, nothing of it sent
-            // to the model, as for a Regenerate above.
-            let check = || self.may_regenerate(&job.prompt.chat_id);
-            match self.settings.retry.run(&self.shutdown, "CheckMembership", check).await {
-                Ok(()) => {}
-                Err(refused) if refused.code() == tonic::Code::FailedPrecondition => {
-                    tracing::info!(chat_id = %job.prompt.chat_id, prompt = %job.prompt.id, why = %refused.message(), "the assistant may no longer answer in a prompt's chat; not answered");
-                    return self.read_past(&job.prompt).await;
-                }
-                Err(status) if is_transient(&status) => {
-                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot check the assistant's chat; left unread");
-                    return self.hold(&job.prompt, owner);
-                }
-                Err(status) => {
-                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot check the assistant's chat");
+                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot check a prompt's chat");
                     return;
                 }
             }
@@ -1707,6 +1687,25 @@ impl Assistant {
             return Err(Status::failed_precondition("the assistant is off in this chat (assistant_replies OFF)"));
         }
         Ok(bot)
+    }
+
+    /// Why `prompt`, whose turn came, may no longer be answered (None: it
+    /// may): its author left the chat (or is gone), or the chat's owner
+    /// removed the bot, turned it off or archived the chat while it waited
+    /// ([`Assistant::may_regenerate`]; the chats known to is_prompt may be
+    /// older). Each check is tried again after a transient failure
+    /// ([`Settings::retry`]); the error is the last one's.
+    async fn turn_refused(&self, prompt: &mpb::Message) -> Result<Option<String>, Status> {
+        let author = || self.links.chats.check_membership(&prompt.chat_id, &prompt.author_id);
+        if !self.settings.retry.run(&self.shutdown, "CheckMembership", author).await?.member {
+            return Ok(Some("its author left the chat".into()));
+        }
+        let assistant = || self.may_regenerate(&prompt.chat_id);
+        match self.settings.retry.run(&self.shutdown, "CheckMembership", assistant).await {
+            Ok(()) => Ok(None),
+            Err(refused) if refused.code() == tonic::Code::FailedPrecondition => Ok(Some(refused.message().to_owned())),
+            Err(status) => Err(status),
+        }
     }
 
     /// Refuses a Regenerate in `chat` (FAILED_PRECONDITION) where Ask would

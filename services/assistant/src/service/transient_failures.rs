@@ -202,59 +202,51 @@ impl Messages {
     /// The finished reply to `prompt`, once there is one (10 s at most: the
     /// test fails then).
     pub(super) async fn finished_reply(&self, prompt: &mpb::Message) -> mpb::Message {
-        let wait = async {
-            loop {
-                let finished = self.finished.notified();
-                let mut finished = std::pin::pin!(finished);
-                finished.as_mut().enable();
-                if let Some(reply) = self.replies(prompt).into_iter().find(is_finished) {
-                    return reply;
-                }
-                finished.await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), wait)
-            .await
-            .unwrap_or_else(|_| panic!("no finished reply to {:?}", prompt.text))
+        let found = || self.replies(prompt).into_iter().find(is_finished);
+        until(&self.finished, found, || format!("no finished reply to {:?}", prompt.text)).await
+    }
+
+    /// The reply `id`, once finished (10 s at most: the test fails then).
+    pub(super) async fn finished(&self, id: &str) -> mpb::Message {
+        let found = || self.store().messages.iter().find(|m| m.id == id && is_finished(m)).cloned();
+        until(&self.finished, found, || format!("reply {id} never finished")).await
     }
 
     /// Once the bot's read position is at `seq` or past it (10 s at most:
     /// the test fails then).
     pub(super) async fn read_to(&self, seq: i64) {
-        let wait = async {
-            loop {
-                let marked = self.marked.notified();
-                let mut marked = std::pin::pin!(marked);
-                marked.as_mut().enable();
-                if self.store().read_seq >= seq {
-                    return;
-                }
-                marked.await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), wait)
-            .await
-            .unwrap_or_else(|_| panic!("the read position never reached {seq}"));
+        let found = || (self.store().read_seq >= seq).then_some(());
+        until(&self.marked, found, || format!("the read position never reached {seq}")).await
     }
 
     /// The first message_delta of the reply to `prompt`, once one was sent
     /// (10 s at most: the test fails then).
     pub(super) async fn first_delta(&self, prompt: &mpb::Message) -> mpb::MessageDelta {
-        let wait = async {
-            loop {
-                let updated = self.updated.notified();
-                let mut updated = std::pin::pin!(updated);
-                updated.as_mut().enable();
-                let ids: Vec<String> = self.replies(prompt).into_iter().map(|r| r.id).collect();
-                if let Some(delta) = self.store().deltas.iter().find(|d| ids.contains(&d.message_id)) {
-                    return delta.clone();
-                }
-                updated.await;
-            }
+        let found = || {
+            let ids: Vec<String> = self.replies(prompt).into_iter().map(|r| r.id).collect();
+            self.store().deltas.iter().find(|d| ids.contains(&d.message_id)).cloned()
         };
-        tokio::time::timeout(Duration::from_secs(10), wait)
-            .await
-            .unwrap_or_else(|_| panic!("no text of a reply to {:?}", prompt.text))
+        until(&self.updated, found, || format!("no text of a reply to {:?}", prompt.text)).await
+    }
+}
+
+/// What `found` finds, looked for at once and again each time `told` is
+/// told; 10 s at most: the test fails then, saying `missing`.
+async fn until<T>(told: &tokio::sync::Notify, found: impl Fn() -> Option<T>, missing: impl FnOnce() -> String) -> T {
+    let wait = async {
+        loop {
+            let notified = told.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(it) = found() {
+                return it;
+            }
+            notified.await;
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), wait).await {
+        Ok(it) => it,
+        Err(_) => panic!("{}", missing()),
     }
 }
 
@@ -785,17 +777,5 @@ async fn a_regenerate_whose_start_answer_is_lost_generates_its_reply() {
     h.messages.lose_start("how do tides work?", &[Code::Unavailable]);
     let (reply, _) = h.assistant.regenerate(PERSON, CHAT, None, None).await.expect("started");
     assert_ne!(reply.id, old.id);
-    let finished = async {
-        loop {
-            let finished = h.messages.finished.notified();
-            let mut finished = std::pin::pin!(finished);
-            finished.as_mut().enable();
-            if let Some(done) = h.messages.replies(&prompt).into_iter().find(|r| r.id == reply.id && is_finished(r)) {
-                return done;
-            }
-            finished.await;
-        }
-    };
-    let done = tokio::time::timeout(Duration::from_secs(10), finished).await.expect("the new reply finished");
-    assert_answered(&done);
+    assert_answered(&h.messages.finished(&reply.id).await);
 }

@@ -165,7 +165,7 @@ fn state(m: mpb::Message) -> MessageState {
         m.deleted,
         m.reactions.into_iter().map(|r| (r.emoji, r.count, r.reacted_by_me)).collect(),
         m.thread_root_seq,
-        m.thread.map(|t| (t.reply_count, t.participant_ids)),
+        m.thread.map(|t| (t.reply_count, t.participants)),
     )
 }
 

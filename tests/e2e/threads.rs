@@ -44,10 +44,10 @@ async fn page(c: &Cluster, user: &TestUser, request: mpb::ListMessagesRequest) -
     (page.messages.iter().map(|m| m.seq).collect(), page.next_page_token)
 }
 
-/// (reply_count, participant_ids) of a root's summary.
+/// (reply_count, participants) of a root's summary.
 fn summary(m: &mpb::Message) -> (i32, Vec<String>) {
     let thread = m.thread.as_ref().expect("a root with replies carries its thread");
-    (thread.reply_count, thread.participant_ids.clone())
+    (thread.reply_count, thread.participants.clone())
 }
 
 /// The next message event of `stream`: (kind, message).

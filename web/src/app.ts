@@ -551,7 +551,7 @@ function threadLink(m: Message): HTMLButtonElement {
   b.dataset.testid = count > 0 ? "thread-summary" : "open-thread";
   if (count > 0) {
     const last = summary?.lastReplyTime ? timestampDate(summary.lastReplyTime).toLocaleTimeString() : "";
-    const who = (summary?.participantIds ?? []).slice(0, 3).map(userName).join(", ");
+    const who = (summary?.participants ?? []).slice(0, 3).map(userName).join(", ");
     b.textContent = `${count} ${count === 1 ? "reply" : "replies"}${who ? ` · ${who}` : ""}${last ? ` · last ${last}` : ""}`;
   } else {
     b.textContent = "Reply in thread";

@@ -300,7 +300,7 @@ pub fn message_pb(m: Message, history: Vec<pb::Revision>) -> pb::Message {
         thread: m.thread.map(|t| pb::ThreadSummary {
             reply_count: i32::try_from(t.replies).unwrap_or(i32::MAX),
             last_reply_time: Some(timestamp(t.last_reply_time)),
-            participant_ids: t.participants.iter().map(UserId::to_string).collect(),
+            participants: t.participants.iter().map(UserId::to_string).collect(),
         }),
         pin_time: m.pin.map(|p| timestamp(p.time)),
         pinned_by_id: m.pin.map(|p| p.by.to_string()).unwrap_or_default(),

@@ -5,7 +5,7 @@ use natter_proto::messages::v1 as mpb;
 use natter_testkit::{Cluster, TestUser, authed};
 use tonic::Code;
 
-use crate::{code, violated_fields};
+use crate::{code, quota_subject, violated_fields};
 
 crate::both_modes!(
     direct_chats_are_unique_per_pair,
@@ -588,8 +588,6 @@ mod default_peers {
 /// nothing; direct chats are not counted; leaving a group makes room.
 /// `--max-blocks-per-user 1`: a second block is refused likewise.
 mod group_limit {
-    use tonic_types::StatusExt as _;
-
     use super::*;
 
     crate::both_modes!(
@@ -611,17 +609,6 @@ mod group_limit {
         assert_eq!(listed, std::slice::from_ref(&bob.id), "carol was not blocked");
         c.chats().unblock_user(authed(&alice, cpb::UnblockUserRequest { user_id: bob.id.clone() })).await.unwrap();
         block(c, &alice, &carol).await.unwrap();
-    }
-
-    /// The subject of the one violation of a RESOURCE_EXHAUSTED status's
-    /// QuotaFailure, which has no RetryInfo (panics otherwise).
-    #[track_caller]
-    fn quota_subject(status: &tonic::Status) -> String {
-        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-        let quota = status.get_error_details().quota_failure().cloned().expect("a QuotaFailure");
-        assert_eq!(quota.violations.len(), 1, "{quota:?}");
-        assert!(status.get_error_details().retry_info().is_none(), "waiting does not help: {status:?}");
-        quota.violations[0].subject.clone()
     }
 
     async fn no_one_is_put_in_more_groups_than_the_limit(c: &Cluster) {

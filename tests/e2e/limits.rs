@@ -674,7 +674,7 @@ mod revisions {
             m.edit_message(authed(&alice, edit(i))).await.expect("within the edit cap");
         }
         let refused = m.edit_message(authed(&alice, edit(62))).await.unwrap_err();
-        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert_eq!(crate::quota_subject(&refused), format!("message:{}", message.id));
         let current = m
             .get_message(authed(&bob, mpb::GetMessageRequest { message_id: message.id.clone() }))
             .await

@@ -96,6 +96,18 @@ pub(crate) fn retry_delay(status: &Status) -> std::time::Duration {
     status.get_error_details().retry_info().and_then(|r| r.retry_delay).expect("a RetryInfo with a delay")
 }
 
+/// The subject of the one violation of a RESOURCE_EXHAUSTED status's
+/// QuotaFailure (a count quota such as groups per user or reactions per
+/// message), which has no RetryInfo (panics otherwise).
+#[track_caller]
+pub(crate) fn quota_subject(status: &Status) -> String {
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let quota = status.get_error_details().quota_failure().cloned().expect("a QuotaFailure");
+    assert_eq!(quota.violations.len(), 1, "{quota:?}");
+    assert!(status.get_error_details().retry_info().is_none(), "waiting does not help: {status:?}");
+    quota.violations[0].subject.clone()
+}
+
 /// The fields named by the BadRequest detail of an INVALID_ARGUMENT status.
 pub(crate) fn violated_fields(status: &Status) -> Vec<String> {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");

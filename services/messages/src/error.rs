@@ -27,20 +27,38 @@ pub enum MessagesError {
     /// (ABORTED).
     #[error("{0}")]
     Aborted(&'static str),
-    /// The message was edited as often as it may be (FAILED_PRECONDITION:
-    /// a cap that never refills, so retrying cannot help; RESOURCE_EXHAUSTED
-    /// is kept for limits that do, with RetryInfo).
-    #[error("message was edited {0} times, the most allowed")]
-    TooManyEdits(usize),
-    /// The message holds as many distinct reaction emoji as allowed
-    /// (FAILED_PRECONDITION, as [`MessagesError::TooManyEdits`]: no wait
-    /// helps, only another emoji's removal).
-    #[error("message has {0} distinct reactions, the most allowed: react with one of them")]
-    TooManyReactions(usize),
-    /// The chat holds as many pinned messages as allowed
-    /// (FAILED_PRECONDITION, as [`MessagesError::TooManyReactions`]).
-    #[error("the chat has {0} pinned messages, the most allowed: unpin one first")]
-    TooManyPins(usize),
+    /// The message was edited as often as it may be (`--max-message-edits`):
+    /// RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure whose subject is
+    /// `message:<id>`, as every count quota (the chats service's groups per
+    /// user and blocks per user too). No RetryInfo: waiting does not help.
+    #[error("message was edited {limit} times, the most allowed")]
+    TooManyEdits {
+        /// The message's id.
+        message: String,
+        /// The limit, in edits.
+        limit: usize,
+    },
+    /// The message holds as many distinct reaction emoji as allowed:
+    /// RESOURCE_EXHAUSTED with a QuotaFailure whose subject is
+    /// `message:<id>`, as [`MessagesError::TooManyEdits`]; another emoji's
+    /// removal makes room.
+    #[error("message has {limit} distinct reactions, the most allowed: react with one of them")]
+    TooManyReactions {
+        /// The message's id.
+        message: String,
+        /// The limit, in distinct emoji.
+        limit: usize,
+    },
+    /// The chat holds as many pinned messages as allowed:
+    /// RESOURCE_EXHAUSTED with a QuotaFailure whose subject is
+    /// `chat:<id>`, as [`MessagesError::TooManyEdits`]; an unpin makes room.
+    #[error("the chat has {limit} pinned messages, the most allowed: unpin one first")]
+    TooManyPins {
+        /// The chat's id.
+        chat: String,
+        /// The limit, in pinned messages.
+        limit: usize,
+    },
     /// A rate limit refused the call (RESOURCE_EXHAUSTED with RetryInfo).
     #[error(transparent)]
     Limited(#[from] natter_kit::limits::Limited),
@@ -91,10 +109,16 @@ impl From<MessagesError> for Status {
             MessagesError::Invalid(violations) => violations.into_status(),
             MessagesError::ChatNotFound | MessagesError::MessageNotFound => Status::not_found(e.to_string()),
             MessagesError::Denied(_) => Status::permission_denied(e.to_string()),
-            MessagesError::Precondition(_)
-            | MessagesError::TooManyEdits(_)
-            | MessagesError::TooManyReactions(_)
-            | MessagesError::TooManyPins(_) => Status::failed_precondition(e.to_string()),
+            MessagesError::Precondition(_) => Status::failed_precondition(e.to_string()),
+            MessagesError::TooManyEdits { ref message, .. } => {
+                quota(format!("message:{message}"), "edited the most times allowed (--max-message-edits)", &e)
+            }
+            MessagesError::TooManyReactions { ref message, .. } => {
+                quota(format!("message:{message}"), "holds the most distinct reaction emoji allowed", &e)
+            }
+            MessagesError::TooManyPins { ref chat, .. } => {
+                quota(format!("chat:{chat}"), "holds the most pinned messages allowed", &e)
+            }
             MessagesError::Aborted(_) => Status::aborted(e.to_string()),
             MessagesError::Limited(limited) => limited.into(),
             MessagesError::MessageIdTaken => Status::already_exists(e.to_string()),
@@ -109,4 +133,11 @@ impl From<MessagesError> for Status {
             }
         }
     }
+}
+
+/// RESOURCE_EXHAUSTED for a count quota that is full: `e`'s message, and a
+/// google.rpc.QuotaFailure naming `subject` and the quota (AIP-193).
+fn quota(subject: String, description: &str, e: &MessagesError) -> Status {
+    let details = tonic_types::ErrorDetails::with_quota_failure_violation(subject, description);
+    Status::with_error_details(tonic::Code::ResourceExhausted, e.to_string(), details)
 }

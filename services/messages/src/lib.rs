@@ -93,7 +93,8 @@ pub struct MessagesArgs {
     /// 0s: never.
     #[arg(long, env = "NATTER_STREAM_SESSION_RECHECK_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub stream_session_recheck_interval: std::time::Duration,
-    /// Most edits of one message; EditMessage is FAILED_PRECONDITION after.
+    /// Most edits of one message; EditMessage is RESOURCE_EXHAUSTED (with a
+    /// QuotaFailure) after.
     #[arg(long, env = "NATTER_MAX_MESSAGE_EDITS", default_value_t = 100)]
     pub max_message_edits: usize,
     /// SendMessage calls per user (retries too): N/PERIOD admits N at once

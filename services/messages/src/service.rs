@@ -474,7 +474,10 @@ impl Messages {
                     return Ok(message);
                 }
                 Edited::Deleted => return Err(MessagesError::Precondition("message is deleted")),
-                Edited::TooManyEdits => return Err(MessagesError::TooManyEdits(self.limits.edits)),
+                Edited::TooManyEdits => {
+                    let (message, limit) = (message.id.to_string(), self.limits.edits);
+                    return Err(MessagesError::TooManyEdits { message, limit });
+                }
             };
         let unannounced = Unannounced::new(&self.bus, edited.chat_id);
         with_reactions(self.store.as_ref(), std::slice::from_mut(&mut edited), Some(caller)).await?;
@@ -610,7 +613,9 @@ impl Messages {
             }
             Reacted::Unchanged(message) => Ok(flags_for(message, caller, sight)),
             Reacted::Gone => Err(MessagesError::MessageNotFound),
-            Reacted::TooManyEmoji => Err(MessagesError::TooManyReactions(REACTION_EMOJI_MAX)),
+            Reacted::TooManyEmoji => {
+                Err(MessagesError::TooManyReactions { message: req.message_id.to_string(), limit: REACTION_EMOJI_MAX })
+            }
         }
     }
 
@@ -640,7 +645,9 @@ impl Messages {
             Pinned::Changed(message) => (message, true),
             Pinned::Unchanged(message) => (message, false),
             Pinned::Gone => return Err(MessagesError::MessageNotFound),
-            Pinned::TooMany => return Err(MessagesError::TooManyPins(PINS_MAX)),
+            Pinned::TooMany => {
+                return Err(MessagesError::TooManyPins { chat: message.chat_id.to_string(), limit: PINS_MAX });
+            }
         };
         let unannounced = changed.then(|| Unannounced::new(&self.bus, message.chat_id));
         with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), Some(caller)).await?;

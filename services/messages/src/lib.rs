@@ -83,8 +83,8 @@ pub struct MessagesArgs {
     /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "NATTER_MAX_STREAMS_PER_USER", default_value_t = 32)]
     pub max_streams_per_user: usize,
-    /// Most entries in each of a StreamEvents request's chat_ids and resume;
-    /// more are refused with INVALID_ARGUMENT.
+    /// Most entries in each of a StreamEvents request's chat_ids, resume and
+    /// resume_changes; more are refused with INVALID_ARGUMENT.
     #[arg(long, env = "NATTER_MAX_STREAM_CHATS", default_value_t = 1000)]
     pub max_stream_chats: usize,
     /// Longest time between two checks of an open stream's session, so that

@@ -54,6 +54,68 @@ async fn the_stream_limit_is_advertised_and_a_silent_body_times_out() {
     c.stop().await;
 }
 
+/// Reads a response to its end; its trailers (None: the stream was reset
+/// or the connection closed).
+async fn until_trailers(response: h2::client::ResponseFuture) -> Option<http::HeaderMap> {
+    let mut body = response.await.ok()?.into_body();
+    while let Some(data) = body.data().await {
+        data.ok()?;
+    }
+    body.trailers().await.ok().flatten()
+}
+
+/// The 5-byte gRPC message prefix of an uncompressed message of `len` bytes.
+fn message_prefix(len: u32) -> Bytes {
+    let mut prefix = vec![0];
+    prefix.extend_from_slice(&len.to_be_bytes());
+    Bytes::from(prefix)
+}
+
+const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+
+/// Server reflection needs no token and its stream answers at once, so
+/// neither the token gate nor the time to answer bounded it: a message
+/// declared at 128 KiB whose bytes never come is refused by its length (64
+/// KiB is reflection's and health's most; it was tonic's 4 MiB, held per
+/// stream), here long before the request timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_refuses_a_large_message_by_its_length() {
+    let c = Cluster::all_in_one(&["--request-timeout", "60s"]).await;
+    let mut send = h2_connect(c.addr).await.ready().await.unwrap();
+    let (response, mut body) = send.send_request(grpc_request(c.addr, REFLECTION), false).unwrap();
+    body.send_data(message_prefix(128 * 1024), false).unwrap();
+    tokio::time::timeout(GUARD, until_trailers(response)).await.expect("the stream ends before the request timeout");
+    c.stop().await;
+}
+
+/// No request body takes longer than twice the request timeout to arrive:
+/// a reflection stream that was answered and then sends nothing more, its
+/// body never ended, is ended then (it was held until the connection's
+/// age, an hour by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_never_ends_is_cut_at_the_request_timeout() {
+    let c = Cluster::all_in_one(&["--request-timeout", "300ms"]).await;
+    let mut send = h2_connect(c.addr).await.ready().await.unwrap();
+    let (response, mut body) = send.send_request(grpc_request(c.addr, REFLECTION), false).unwrap();
+    // list_services: field 7, an empty string.
+    body.send_data(message_prefix(2), false).unwrap();
+    body.send_data(Bytes::from_static(&[0x3a, 0x00]), false).unwrap();
+    let mut reply = tokio::time::timeout(GUARD, response).await.expect("answered").unwrap().into_body();
+    let first = tokio::time::timeout(GUARD, reply.data()).await.expect("the service list").expect("a message");
+    assert!(first.unwrap().len() > 5, "a list of services");
+    // The body stays open and silent: the server ends the stream.
+    let ended = tokio::time::timeout(GUARD, async {
+        while let Some(data) = reply.data().await {
+            if data.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ends once its body is past twice the request timeout");
+    c.stop().await;
+}
+
 /// A call that needs a token and carries none is refused before its body
 /// is read: here a body that never comes, answered UNAUTHENTICATED at once
 /// rather than at the request timeout; log-in needs no token.

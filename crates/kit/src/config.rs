@@ -95,7 +95,8 @@ pub struct TransportArgs {
     /// How long a call may take to start answering: a unary call whose
     /// request body never arrives, or whose handler hangs, ends with
     /// DEADLINE_EXCEEDED then (a client's shorter grpc-timeout wins). Streams
-    /// only need to start within it.
+    /// only need to start within it; every request body (a stream's too)
+    /// must have arrived whole within twice it, or the call is ended.
     #[arg(long, env = "NATTER_REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub request_timeout: Duration,
 

@@ -48,6 +48,12 @@ const CORS_ALLOW_HEADERS: [&str; 8] = [
 ];
 
 /// Response headers a browser client must be able to read.
+/// The largest message, in bytes, that grpc.health.v1 and server
+/// reflection read (they need no token; their requests are a service or
+/// symbol name): a larger one is refused by its length prefix, before its
+/// bytes are buffered.
+pub const UNAUTHENTICATED_MESSAGE_MAX: usize = 64 * 1024;
+
 const CORS_EXPOSE_HEADERS: [&str; 3] = ["grpc-status", "grpc-message", "grpc-status-details-bin"];
 
 /// Builder for one natter server: add services, then [`Server::serve`].
@@ -94,7 +100,10 @@ impl Server {
     fn with_reflection(args: &ServerArgs, descriptors: &[u8], credential: Option<ServiceCredential>) -> Self {
         let (health, health_service) = tonic_health::server::health_reporter();
         let mut routes = RoutesBuilder::default();
-        routes.add_service(health_service);
+        // Health and reflection need no token: their messages are small, so
+        // they read no more than [`UNAUTHENTICATED_MESSAGE_MAX`] (tonic's
+        // default, 4 MiB, let a caller with no token hold that much a stream).
+        routes.add_service(health_service.max_decoding_message_size(UNAUTHENTICATED_MESSAGE_MAX));
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(descriptors)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -105,7 +114,9 @@ impl Server {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .expect("the compiled-in descriptor sets are valid");
-        routes.add_service(reflection_v1).add_service(reflection_v1alpha);
+        routes
+            .add_service(reflection_v1.max_decoding_message_size(UNAUTHENTICATED_MESSAGE_MAX))
+            .add_service(reflection_v1alpha.max_decoding_message_size(UNAUTHENTICATED_MESSAGE_MAX));
         Self { args: args.clone(), routes, health, page: PageSource::Off, credential, failed_auth: None }
     }
 
@@ -253,6 +264,14 @@ pub async fn serve_routes(
         .option_layer(failed_auth)
         // Inside the span, so a timed-out call is recorded as one.
         .layer(RequestTimeoutLayer { timeout: transport.request_timeout })
+        // The whole request body within twice that time: the layer above
+        // ends only a call that has not started answering, and a stream
+        // answers at once (reflection's, which needs no token, reads its
+        // requests as they come), so a body that trickles or never ends
+        // held its buffer and its HTTP/2 stream for as long as the
+        // connection lived. Twice, so that a unary call whose body never
+        // comes still ends DEADLINE_EXCEEDED by the layer above.
+        .layer(tower_http::timeout::RequestBodyDeadlineLayer::new(transport.request_timeout * 2))
         // Innermost, so gRPC-web clients see the corrected code too.
         .map_response(tonic_codes_by_the_table);
     crate::accept::check_open_file_limit(transport.max_connections, listener_name);

@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 /// one address and a few users at far more than a person's pace, and each
 /// call still pays for its limiter checks, so the figures include them. A
 /// server at `--target` needs limits as high to be measured at all.
-pub(crate) const LIMITS_OUT_OF_REACH: [&str; 26] = [
+pub(crate) const LIMITS_OUT_OF_REACH: [&str; 28] = [
     "--create-session-rate",
     "1000000000/1s",
     "--create-guest-rate",
@@ -42,6 +42,9 @@ pub(crate) const LIMITS_OUT_OF_REACH: [&str; 26] = [
     "1000000000/1s",
     // The `streams` scenario holds 50,000 streams for 64 users.
     "--max-streams-per-user",
+    "1000000",
+    // A scenario with a connection per stream opens 1,000 and more.
+    "--max-connections-per-address",
     "1000000",
 ];
 

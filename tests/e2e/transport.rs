@@ -789,3 +789,59 @@ async fn at_the_connection_cap_new_connections_wait_until_one_closes() {
     assert_eq!(again.expect("the next call on that connection").get_ref().status, 1);
     c.stop().await;
 }
+
+/// A TCP connection to `addr` from the loopback address `from` (127.0.0.x:
+/// Linux routes all of 127/8 to loopback), as another host's would be.
+async fn connect_from(from: [u8; 4], addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Whether a health Check on a new connection from `from` is answered (a
+/// connection closed at accept is not).
+async fn health_from(from: [u8; 4], addr: std::net::SocketAddr) -> bool {
+    let tcp = connect_from(from, addr).await;
+    let Ok((send, connection)) = h2::client::handshake(tcp).await else { return false };
+    tokio::spawn(connection);
+    let Ok(mut send) = send.ready().await else { return false };
+    let (response, mut body) = match send.send_request(grpc_request(addr, "/grpc.health.v1.Health/Check"), false) {
+        Ok(sent) => sent,
+        Err(_) => return false,
+    };
+    if body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).is_err() {
+        return false;
+    }
+    let Ok(response) = response.await else { return false };
+    matches!(response.into_body().data().await, Some(Ok(_)))
+}
+
+/// With --max-connections-per-address 2, a host holding two connections
+/// (silent ones, as a flood's) has its third closed at once, while another
+/// host is served; once one of the two closes, the first host connects
+/// again. Before, one host could take every place of --max-connections
+/// with health Watches, which need no token and never end, and everyone
+/// else waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_share_of_connections() {
+    let c = Cluster::all_in_one(&["--max-connections-per-address", "2", "--handshake-timeout", "60s"]).await;
+    let flooder = [127, 0, 0, 2];
+    let first = connect_from(flooder, c.addr).await;
+    let _second = connect_from(flooder, c.addr).await;
+    let mut third = connect_from(flooder, c.addr).await;
+    tokio::time::timeout(GUARD, until_closed(&mut third)).await.expect("the third connection is closed at once");
+    assert!(!health_from(flooder, c.addr).await, "nor is a fourth served");
+    assert!(health_from([127, 0, 0, 3], c.addr).await, "another host is served");
+
+    // A place given back (once the server has seen the close) is the
+    // flooder's again.
+    drop(first);
+    tokio::time::timeout(GUARD, async {
+        while !health_from(flooder, c.addr).await {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("served once one of its two closed");
+    c.stop().await;
+}

@@ -16,6 +16,12 @@
 //! again (tonic's channel does so by itself); natter's own clients connect
 //! lazily, with their first call.
 //!
+//! A public listener also holds at most `--max-connections-per-address`
+//! connections from one client address (an IPv6 /64 is one): a further one
+//! from it is closed as soon as it is accepted. There, unlike at the cap,
+//! accept-and-close is right: only the address over its share waits, and
+//! its flood cannot keep others out.
+//!
 //! At the cap the listener stops accepting, rather than accepting and
 //! closing at once: open connections are untouched; a new client waits
 //! (the kernel completed its TCP handshake and queues it) and is served as
@@ -43,11 +49,13 @@
 //! holding the service credential, reach it, and their channels would meet
 //! that race for nothing.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -94,14 +102,85 @@ pub(crate) struct Incoming {
     at_cap: bool,
     /// The cap's warning, at most once per [`CAP_WARNING_INTERVAL`].
     cap_warning: crate::limits::Throttle,
+    /// The open connections of each client address; `None`: no cap.
+    per_address: Option<Arc<PerAddress>>,
+    /// The per-address cap's warning, as `cap_warning`.
+    address_warning: crate::limits::Throttle,
+}
+
+/// How many connections a listener holds from each client address, and
+/// how many it may ([`Incoming`]).
+#[derive(Debug)]
+struct PerAddress {
+    cap: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerAddress {
+    /// A place for a connection from `peer`, held until the guard drops;
+    /// `None` when its address holds the cap already.
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<AddressGuard> {
+        let key = client_address(peer);
+        let mut open = self.open.lock().expect("not poisoned");
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.cap {
+            return None;
+        }
+        *count += 1;
+        Some(AddressGuard { table: self.clone(), key })
+    }
+}
+
+/// A connection's place in its address's count ([`PerAddress`]), given
+/// back (and the address forgotten with its last) when the connection is
+/// dropped.
+#[derive(Debug)]
+struct AddressGuard {
+    table: Arc<PerAddress>,
+    key: IpAddr,
+}
+
+impl Drop for AddressGuard {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().expect("not poisoned");
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The address a connection from `peer` counts under: an IPv4 address
+/// (an IPv4-mapped IPv6 one as IPv4), or an IPv6 address's /64, the
+/// smallest block a host is given (RFC 6177), so that a host cannot take
+/// a new share with each of its 2^64 addresses.
+fn client_address(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX))),
+        },
+    }
 }
 
 impl Incoming {
     /// Accepts from `inner` at most `max_connections` connections at once,
-    /// each closed past its `deadlines`, as [`CallTrackingLayer`] reports
-    /// its calls. `listener` names it in metrics and logs.
-    pub(crate) fn new(inner: TcpIncoming, max_connections: u32, deadlines: Deadlines, listener: &'static str) -> Self {
+    /// at most `per_address` of them from one client address (0: no such
+    /// cap), each closed past its `deadlines`, as [`CallTrackingLayer`]
+    /// reports its calls. `listener` names it in metrics and logs.
+    pub(crate) fn new(
+        inner: TcpIncoming,
+        max_connections: u32,
+        per_address: u32,
+        deadlines: Deadlines,
+        listener: &'static str,
+    ) -> Self {
         let permits = (max_connections as usize).clamp(1, Semaphore::MAX_PERMITS);
+        let per_address = (per_address > 0)
+            .then(|| Arc::new(PerAddress { cap: per_address as usize, open: Mutex::new(HashMap::new()) }));
         Self {
             inner,
             slots: PollSemaphore::new(Arc::new(Semaphore::new(permits))),
@@ -111,7 +190,30 @@ impl Incoming {
             backoff: None,
             at_cap: false,
             cap_warning: crate::limits::Throttle::new(CAP_WARNING_INTERVAL),
+            per_address,
+            address_warning: crate::limits::Throttle::new(CAP_WARNING_INTERVAL),
         }
+    }
+
+    /// A place for `stream` in its address's count (`Some(None)`: no cap),
+    /// or `None` when its address holds its share: the stream is closed.
+    fn admit(&mut self, stream: &TcpStream) -> Option<Option<AddressGuard>> {
+        let Some(per_address) = &self.per_address else { return Some(None) };
+        // A stream without a peer address is already gone: hyper finds so.
+        let Ok(peer) = stream.peer_addr() else { return Some(None) };
+        if let Some(guard) = per_address.admit(peer.ip()) {
+            return Some(Some(guard));
+        }
+        metrics::address_cap_refused(self.listener);
+        if let Some(held) = self.address_warning.admit() {
+            tracing::warn!(
+                listener = self.listener,
+                peer = %client_address(peer.ip()),
+                since_last_warning = held,
+                "a client address at --max-connections-per-address: its new connection closed"
+            );
+        }
+        None
     }
 
     fn reached_cap(&mut self) {
@@ -156,8 +258,11 @@ impl Stream for Incoming {
             match ready!(Pin::new(&mut this.inner).poll_next(cx)) {
                 None => return Poll::Ready(None),
                 Some(Ok(stream)) => {
+                    // Over its address's share: closed (dropped), and the
+                    // permit kept for the next connection.
+                    let Some(address) = this.admit(&stream) else { continue };
                     let slot = this.slot.take().expect("a permit is taken before accepting");
-                    let connection = Connection::new(stream, slot, this.deadlines, this.listener);
+                    let connection = Connection::new(stream, slot, address, this.deadlines, this.listener);
                     return Poll::Ready(Some(Ok(connection)));
                 }
                 // A connection that failed between the kernel's handshake
@@ -207,6 +312,7 @@ pub(crate) struct Connection {
     listener: &'static str,
     _open: ConnectionGuard,
     _slot: OwnedSemaphorePermit,
+    _address: Option<AddressGuard>,
 }
 
 /// The deadline a connection was closed at.
@@ -219,7 +325,13 @@ enum Closed {
 }
 
 impl Connection {
-    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, deadlines: Deadlines, listener: &'static str) -> Self {
+    fn new(
+        stream: TcpStream,
+        slot: OwnedSemaphorePermit,
+        address: Option<AddressGuard>,
+        deadlines: Deadlines,
+        listener: &'static str,
+    ) -> Self {
         let opened = Instant::now();
         Self {
             stream,
@@ -230,6 +342,7 @@ impl Connection {
             listener,
             _open: ConnectionGuard::new(listener),
             _slot: slot,
+            _address: address,
         }
     }
 
@@ -517,5 +630,38 @@ fn raise_open_file_limit() -> Option<u64> {
             tracing::debug!(error = %e, "cannot read or raise the open-file limit");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// IPv4 addresses count alone, IPv6 ones by their /64, and an
+    /// IPv4-mapped IPv6 address as its IPv4 address.
+    #[test]
+    fn client_addresses_group_ipv6_by_its_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(client_address(ip("203.0.113.7")), ip("203.0.113.7"));
+        assert_eq!(client_address(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(client_address(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")), ip("2001:db8:1:2::"));
+        assert_ne!(client_address(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+        assert_eq!(client_address(ip("::ffff:203.0.113.7")), ip("203.0.113.7"));
+    }
+
+    /// An address holds at most the cap; a connection closed gives its
+    /// place back, and an address with none open is forgotten.
+    #[test]
+    fn an_address_holds_at_most_its_cap() {
+        let table = Arc::new(PerAddress { cap: 2, open: Mutex::new(HashMap::new()) });
+        let (a, b) = ("198.51.100.1".parse().unwrap(), "198.51.100.2".parse().unwrap());
+        let first = table.admit(a).unwrap();
+        let _second = table.admit(a).unwrap();
+        assert!(table.admit(a).is_none());
+        let other = table.admit(b).expect("another address has its own share");
+        drop(first);
+        let _third = table.admit(a).expect("a place given back");
+        drop(other);
+        assert!(!table.open.lock().unwrap().contains_key(&b));
     }
 }

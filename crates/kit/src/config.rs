@@ -78,6 +78,12 @@ pub struct ServerArgs {
 /// 10,000 at worst about 200 MiB.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 
+/// The default of `--max-connections-per-address`: a tenth of
+/// [`DEFAULT_MAX_CONNECTIONS`], so that it takes ten hosts to fill a
+/// listener, and far more than one client holds (a browser or tonic
+/// channel keeps one HTTP/2 connection; a browser on HTTP/1.1 at most six).
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: u32 = 1_000;
+
 /// Limits of the HTTP/2 and HTTP/1.1 transport, applied by hyper and tonic
 /// to every connection of a server (public and internal listeners alike).
 #[derive(Clone, Debug, clap::Args)]
@@ -145,6 +151,17 @@ pub struct TransportArgs {
     #[arg(long, env = "NATTER_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+
+    /// Most TCP connections a public listener holds at once from one
+    /// client address (an IPv6 /64 counts as one address). A further
+    /// connection from it is closed at once, so that one host cannot take
+    /// every place of --max-connections (a health Watch needs no token and
+    /// never ends) while others wait. 0: no cap. Clients behind one NAT
+    /// share it; where one proxy or load balancer carries every client's
+    /// connections (or the edge those of a split service's public
+    /// listener), set 0 there. Internal listeners have none.
+    #[arg(long, env = "NATTER_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)]
+    pub max_connections_per_address: u32,
 }
 
 impl Default for TransportArgs {
@@ -160,6 +177,7 @@ impl Default for TransportArgs {
             handshake_timeout: Duration::from_secs(10),
             max_connection_idle: Duration::from_secs(300),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
         }
     }
 }

@@ -23,7 +23,10 @@
 //!   after `--max-connection-idle` with no call in flight;
 //!   `natter_connection_cap_reached_total{listener}`: times a listener
 //!   stopped accepting because it held `--max-connections`
-//!   ([`ConnectionGuard`]).
+//!   ([`ConnectionGuard`]);
+//!   `natter_connection_address_cap_refusals_total{listener}`: connections
+//!   closed at accept because their client address held
+//!   `--max-connections-per-address`.
 //! - whatever a service registers of its own ([`register`]; the messages
 //!   writer's batch, commit and phase metrics).
 //! - `natter_bus_published_total`, `natter_bus_received_total`: events put
@@ -87,6 +90,7 @@ struct Metrics {
     handshake_timeouts: IntCounterVec,
     idle_closes: IntCounterVec,
     connection_cap_reached: IntCounterVec,
+    address_cap_refusals: IntCounterVec,
     bus_published: IntCounter,
     bus_received: IntCounter,
     bus_subscriptions: IntGauge,
@@ -138,6 +142,14 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["listener"],
     )
     .expect("valid metric");
+    let address_cap_refusals = IntCounterVec::new(
+        Opts::new(
+            "natter_connection_address_cap_refusals_total",
+            "Connections closed at accept because their client address held its most connections.",
+        ),
+        &["listener"],
+    )
+    .expect("valid metric");
     let bus_published =
         IntCounter::new("natter_bus_published_total", "Events published on the event bus.").expect("valid metric");
     let bus_received =
@@ -156,6 +168,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(handshake_timeouts.clone()),
         Box::new(idle_closes.clone()),
         Box::new(connection_cap_reached.clone()),
+        Box::new(address_cap_refusals.clone()),
         Box::new(bus_published.clone()),
         Box::new(bus_received.clone()),
         Box::new(bus_subscriptions.clone()),
@@ -173,6 +186,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         handshake_timeouts,
         idle_closes,
         connection_cap_reached,
+        address_cap_refusals,
         bus_published,
         bus_received,
         bus_subscriptions,
@@ -257,6 +271,12 @@ pub fn idle_closed(listener: &str) {
 /// accepting.
 pub fn connection_cap_reached(listener: &str) {
     METRICS.connection_cap_reached.with_label_values(&[listener]).inc();
+}
+
+/// Counts a connection of `listener` closed at accept because its client
+/// address held `--max-connections-per-address`.
+pub fn address_cap_refused(listener: &str) {
+    METRICS.address_cap_refusals.with_label_values(&[listener]).inc();
 }
 
 /// Registers a service's own metric in the process's registry, so that

@@ -278,6 +278,9 @@ pub async fn serve_routes(
     let incoming = Incoming::new(
         TcpIncoming::from(listener).with_nodelay(Some(true)),
         transport.max_connections,
+        // Public listeners only: an internal one's clients are natter's own
+        // services, a few addresses with many connections each.
+        if credential_free { transport.max_connections_per_address } else { 0 },
         Deadlines {
             handshake: transport.handshake_timeout,
             // Public listeners only (see `crate::accept`).

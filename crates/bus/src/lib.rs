@@ -103,8 +103,9 @@ pub trait EventBus: Send + Sync + 'static {
     /// Receives the events published to `topic` from now on, until dropped.
     fn subscribe(&self, topic: Topic) -> Subscription;
     /// Sends what was published so far and stops publishing to other
-    /// processes (waiting a few seconds at most); call last at shutdown. A
-    /// no-op within one process.
+    /// processes (waiting a few seconds at most), and stops keeping the
+    /// caches in step with them (a look-up then asks the owning service);
+    /// call last at shutdown. A no-op within one process.
     fn close(&self) -> futures::future::BoxFuture<'_, ()> {
         Box::pin(async {})
     }
@@ -434,8 +435,9 @@ impl BusArgs {
     }
 
     /// The bus these options choose: NATS when a URL is given, else an
-    /// in-process hub. `shutdown` stops the NATS tasks (and a start-up still
-    /// waiting for the server).
+    /// in-process hub. `shutdown` stops the NATS subscriptions of events
+    /// (and a start-up still waiting for the server); the caches' sync lasts
+    /// until [`EventBus::close`].
     ///
     /// Errors: a malformed URL, credentials without a URL, a user without a
     /// password file (or the reverse), an unreadable password file, the

@@ -38,7 +38,10 @@
 //! (a barrier of the receiving process, then a drain of that subscription;
 //! see `natter_kit::cache`). The process's caches are off from a
 //! disconnect, reconnect or slow-consumer notice until a barrier after it
-//! confirms the re-sent subscriptions.
+//! confirms the re-sent subscriptions. The sync and that subscription last
+//! until [`EventBus::close`], past the shutdown token: a stopping replica
+//! still serves the calls it accepted, and their look-ups need answers;
+//! after `close` a look-up asks the owning service.
 //!
 //! At shutdown the publisher keeps going until [`EventBus::close`] (or for
 //! `CLOSE_GRACE` (5 s) after the shutdown token, whichever comes first), so the
@@ -153,6 +156,11 @@ pub struct NatsBus {
     client: async_nats::Client,
     /// The router's queue (interest routing), for [`EventBus::settled`].
     router: Option<mpsc::UnboundedSender<Interest>>,
+    /// Cancelled by [`EventBus::close`] (or when the bus is dropped): ends
+    /// the tasks a draining replica still needs after the shutdown token,
+    /// the caches' sync and their invalidations.
+    closed: CancellationToken,
+    _close_on_drop: tokio_util::sync::DropGuard,
 }
 
 /// What one bus received and holds (the process-wide metrics add up every
@@ -390,12 +398,14 @@ async fn keep_caches_live(
 
 /// Applies the invalidations other processes publish, in order; on a drain
 /// request, first applies every one already received (without waiting for
-/// more), then answers.
+/// more), then answers. Runs until `closed` (the bus's `close()`), not the
+/// shutdown token: the calls a stopping replica still serves look up its
+/// caches.
 async fn apply_invalidations(
     mut invalidations: async_nats::Subscriber,
     invalidator: Arc<Invalidator>,
     mut drains: mpsc::Receiver<oneshot::Sender<()>>,
-    shutdown: CancellationToken,
+    closed: CancellationToken,
 ) {
     let apply = |message: async_nats::Message| {
         natter_kit::metrics::bus_received(1);
@@ -406,7 +416,7 @@ async fn apply_invalidations(
     };
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = closed.cancelled() => break,
             next = invalidations.next() => match next {
                 Some(message) => apply(message),
                 None => break,
@@ -430,26 +440,30 @@ struct Syncer {
     asked: AtomicU64,
     wake: Notify,
     /// The last finished round: the highest caller number it covers, and
-    /// whether it was confirmed.
-    done: watch::Sender<(u64, bool)>,
+    /// whether it was confirmed. Only the rounds' task holds the sender, so
+    /// once the rounds end every caller waiting or still to come gets
+    /// false (and asks the owning service) instead of waiting for ever.
+    done: watch::Receiver<(u64, bool)>,
 }
 
 impl Syncer {
-    /// Starts the rounds over `client`, draining through `drains`; the
-    /// returned function is the sync.
+    /// Starts the rounds over `client`, draining through `drains`, until
+    /// `closed` (the bus's `close()`); the returned function is the sync.
     fn start(
         client: async_nats::Client,
         drains: mpsc::Sender<oneshot::Sender<()>>,
-        shutdown: CancellationToken,
+        closed: CancellationToken,
     ) -> natter_kit::cache::SyncFn {
-        let syncer =
-            Arc::new(Syncer { asked: AtomicU64::new(0), wake: Notify::new(), done: watch::channel((0, true)).0 });
+        let (finished, done) = watch::channel((0, true));
+        let syncer = Arc::new(Syncer { asked: AtomicU64::new(0), wake: Notify::new(), done });
         let rounds = syncer.clone();
         tokio::spawn(async move {
             let mut covered = 0;
             loop {
                 tokio::select! {
-                    () = shutdown.cancelled() => break,
+                    // Closed: no more rounds, even for callers waiting.
+                    biased;
+                    () = closed.cancelled() => break,
                     () = rounds.wake.notified() => {}
                 }
                 let target = rounds.asked.load(Ordering::SeqCst);
@@ -461,13 +475,13 @@ impl Syncer {
                     drains.send(done).await.is_ok() && drained.await.is_ok()
                 };
                 covered = target;
-                rounds.done.send_replace((target, confirmed));
+                finished.send_replace((target, confirmed));
             }
         });
         Box::new(move || {
             let syncer = syncer.clone();
             Box::pin(async move {
-                let mut done = syncer.done.subscribe();
+                let mut done = syncer.done.clone();
                 let mine = syncer.asked.fetch_add(1, Ordering::SeqCst) + 1;
                 syncer.wake.notify_one();
                 loop {
@@ -487,8 +501,10 @@ impl Syncer {
 impl NatsBus {
     /// Connects to NATS at `url` as `credentials` (or as the user and
     /// password in `url`) and starts the publisher, subscriber and (with
-    /// [`Routing::Interest`]) router tasks, which end when `shutdown` is
-    /// cancelled.
+    /// [`Routing::Interest`]) router tasks. The subscriber and router end
+    /// when `shutdown` is cancelled; the caches' sync and invalidations go
+    /// on until [`EventBus::close`], for the calls the replica still serves
+    /// while it drains.
     ///
     /// While the server cannot be reached, start-up waits for it (retrying
     /// with a growing pause, logged); a refused log-in ends it at once.
@@ -546,9 +562,10 @@ impl NatsBus {
         // The first connection's notice is queued already: the caches go
         // live once the server confirms the subscriptions.
         tokio::spawn(keep_caches_live(client.clone(), hub.invalidator().clone(), caches_notices));
+        let closed = CancellationToken::new();
         let (drains, drain_requests) = mpsc::channel(16);
-        tokio::spawn(apply_invalidations(invalidations, hub.invalidator().clone(), drain_requests, shutdown.clone()));
-        hub.invalidator().set_sync(Syncer::start(client.clone(), drains, shutdown.clone()));
+        tokio::spawn(apply_invalidations(invalidations, hub.invalidator().clone(), drain_requests, closed.clone()));
+        hub.invalidator().set_sync(Syncer::start(client.clone(), drains, closed.clone()));
         match routing {
             // In effect before serving: no presence beat is missed.
             Routing::Interest => round_trip(&client).await,
@@ -626,7 +643,8 @@ impl NatsBus {
             }
         });
 
-        Ok(Arc::new(Self { hub, outbox, counts, client, router }))
+        let _close_on_drop = closed.clone().drop_guard();
+        Ok(Arc::new(Self { hub, outbox, counts, client, router, closed, _close_on_drop }))
     }
 
     /// Events this bus received from NATS so far (for tests and
@@ -927,6 +945,8 @@ impl EventBus for NatsBus {
             if tokio::time::timeout(CLOSE_GRACE, closing).await.is_err() {
                 tracing::warn!("nats: the last events were not all sent at shutdown");
             }
+            // Cache look-ups from now on ask the owning services.
+            self.closed.cancel();
         })
     }
 

@@ -6,7 +6,8 @@
 //! for and no others, a new subscription's subscribers are hinted once it
 //! is in effect, and the last subscriber's going ends it. And the
 //! replicas' caches through a disconnect: forgotten, and off until
-//! resynchronised.
+//! resynchronised; and through a shutdown: answering while the replica
+//! drains, until it closes its bus.
 //!
 //! Each test starts its own server (skipped only when nats-server is not
 //! installed and CI is unset).
@@ -520,4 +521,47 @@ async fn a_replica_that_lost_its_connection_forgets_its_caches_until_resynchroni
     assert!(matches!(cache.get(&1).await, Lookup::Miss(_)), "an invalidation after the reconnect reaches b");
     assert!(matches!(cache.get(&2).await, Lookup::Hit(2)), "and leaves other chats' entries");
     stop.cancel();
+}
+
+/// A look-up that finds `key` missing fills it with `key`, tagged `chat`.
+async fn fill(cache: &natter_kit::cache::TaggedCache<u8, u8>, key: u8, chat: Uuid) {
+    use natter_kit::cache::{Lookup, Tag};
+    let Lookup::Miss(ticket) = cache.get(&key).await else { panic!("a live cache without the key misses") };
+    cache.put(ticket, key, key, vec![Tag::Chat(chat)]);
+}
+
+/// A replica's shutdown token fires while it still serves the calls it
+/// accepted before (its drain, up to --shutdown-grace): their cached token
+/// and membership look-ups answer at once, not when the grace cuts them,
+/// and stay right (an invalidation from a replica still serving reaches
+/// it) until `close()`; after it, look-ups ask the owning service.
+#[tokio::test]
+async fn cache_look_ups_answer_through_a_drain_and_after_close() {
+    use natter_kit::cache::{Lookup, Tag, TaggedCache};
+    let Some(server) = NatsServer::start().await else { return };
+    let (a_stop, b_stop) = (CancellationToken::new(), CancellationToken::new());
+    let a = natter_bus(&server, Routing::Interest, &a_stop).await;
+    let b = natter_bus(&server, Routing::Interest, &b_stop).await;
+    assert!(until(DELIVERY, || b.invalidator().live()).await, "b's caches go live once connected");
+    let cache = TaggedCache::<u8, u8>::new("drain", Duration::from_secs(3600), 10, b.invalidator().clone());
+    let (chat, other) = (Uuid::now_v7(), Uuid::now_v7());
+    fill(&cache, 1, chat).await;
+    fill(&cache, 2, other).await;
+
+    b_stop.cancel();
+    // Outside a call every hit syncs: a few in a row, so some are asked
+    // for after b's tasks have seen the token.
+    let answer = Duration::from_secs(1);
+    for _ in 0..3 {
+        let got = tokio::time::timeout(answer, cache.get(&2)).await;
+        assert!(matches!(got, Ok(Lookup::Hit(2))), "a hit during the drain answers within {answer:?}: {got:?}");
+    }
+    a.invalidate(vec![Tag::Chat(chat)]).await;
+    let got = tokio::time::timeout(answer, cache.get(&1)).await;
+    assert!(matches!(got, Ok(Lookup::Miss(_))), "an invalidation during the drain still reaches b: {got:?}");
+
+    b.close().await;
+    let got = tokio::time::timeout(answer, cache.get(&2)).await;
+    assert!(matches!(got, Ok(Lookup::Bypass)), "after close() b asks the owning service: {got:?}");
+    a_stop.cancel();
 }

@@ -436,8 +436,8 @@ impl BusArgs {
 
     /// The bus these options choose: NATS when a URL is given, else an
     /// in-process hub. `shutdown` stops the NATS subscriptions of events
-    /// (and a start-up still waiting for the server); the caches' sync lasts
-    /// until [`EventBus::close`].
+    /// (and a start-up still waiting for the server); the publisher and the
+    /// caches' sync last until [`EventBus::close`].
     ///
     /// Errors: a malformed URL, credentials without a URL, a user without a
     /// password file (or the reverse), an unreadable password file, the

@@ -43,10 +43,11 @@
 //! still serves the calls it accepted, and their look-ups need answers;
 //! after `close` a look-up asks the owning service.
 //!
-//! At shutdown the publisher keeps going until [`EventBus::close`] (or for
-//! `CLOSE_GRACE` (5 s) after the shutdown token, whichever comes first), so the
-//! last announcements of a stopping process, such as its presence goodbye,
-//! still go out.
+//! At shutdown the publisher keeps going until [`EventBus::close`], not the
+//! shutdown token: a stopping process publishes through its drain (up to
+//! `--shutdown-grace`) and after it (its stores, its presence goodbye),
+//! and calls `close` last, which sends what is queued, waiting
+//! `CLOSE_GRACE` (5 s) at most from its call.
 //!
 //! Anyone who may publish on `natter.events.>` can forge events, so a shared
 //! NATS server should require a log-in and grant that subject to natter's
@@ -135,8 +136,8 @@ const PUBLISH_QUEUE: usize = 16 * 1024;
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// How long the publisher goes on after the shutdown token when nobody
-/// calls [`EventBus::close`], and the longest `close` waits.
+/// The longest [`EventBus::close`] waits for the publisher to send what is
+/// queued, from its call; the rest is dropped then.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// What the publisher task is handed.
@@ -502,9 +503,9 @@ impl NatsBus {
     /// Connects to NATS at `url` as `credentials` (or as the user and
     /// password in `url`) and starts the publisher, subscriber and (with
     /// [`Routing::Interest`]) router tasks. The subscriber and router end
-    /// when `shutdown` is cancelled; the caches' sync and invalidations go
-    /// on until [`EventBus::close`], for the calls the replica still serves
-    /// while it drains.
+    /// when `shutdown` is cancelled; the publisher, the caches' sync and
+    /// their invalidations go on until [`EventBus::close`], for what the
+    /// replica still serves and publishes while it drains and after.
     ///
     /// While the server cannot be reached, start-up waits for it (retrying
     /// with a growing pause, logged); a refused log-in ends it at once.
@@ -582,19 +583,17 @@ impl NatsBus {
         }
         let (outbox, mut queue) = mpsc::channel::<Outgoing>(PUBLISH_QUEUE);
 
+        // Until close() (its Close, or its grace over) or the bus dropped:
+        // not the shutdown token, which the drain and what follows it
+        // outlast.
         let publisher = client.clone();
-        let stop = shutdown.clone();
+        let given_up = closed.clone();
         tokio::spawn(async move {
-            // Past the shutdown token, a grace period for close().
-            let grace = async move {
-                stop.cancelled().await;
-                tokio::time::sleep(CLOSE_GRACE).await;
-            };
-            tokio::pin!(grace);
-            let mut closed = None;
+            let mut answer = None;
             loop {
                 let next = tokio::select! {
-                    () = &mut grace => break,
+                    biased;
+                    () = given_up.cancelled() => break,
                     next = queue.recv() => next,
                 };
                 match next {
@@ -604,14 +603,17 @@ impl NatsBus {
                         }
                     }
                     Some(Outgoing::Close(done)) => {
-                        closed = Some(done);
+                        answer = Some(done);
                         break;
                     }
                     None => break,
                 }
             }
-            let _ = publisher.flush().await;
-            if let Some(done) = closed {
+            tokio::select! {
+                _ = publisher.flush() => {}
+                () = given_up.cancelled() => {}
+            }
+            if let Some(done) = answer {
                 let _ = done.send(());
             }
         });
@@ -899,8 +901,14 @@ impl EventBus for NatsBus {
     fn publish(&self, topic: Topic, event: Shared) {
         natter_kit::metrics::bus_published(1);
         self.hub.fan_out(topic, event.clone());
-        if self.outbox.try_send(Outgoing::Event(topic, event)).is_err() {
-            tracing::warn!("nats: publish queue full; event dropped (streams will refill from the store)");
+        match self.outbox.try_send(Outgoing::Event(topic, event)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!("nats: publish queue full; event dropped (streams will refill from the store)");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::warn!(?topic, "nats: published after close(); sent to this process only");
+            }
         }
     }
 

@@ -6,8 +6,9 @@
 //! for and no others, a new subscription's subscribers are hinted once it
 //! is in effect, and the last subscriber's going ends it. And the
 //! replicas' caches through a disconnect: forgotten, and off until
-//! resynchronised; and through a shutdown: answering while the replica
-//! drains, until it closes its bus.
+//! resynchronised. And a shutdown: caches answer while the replica
+//! drains, until it closes its bus, and what it publishes until then goes
+//! out.
 //!
 //! Each test starts its own server (skipped only when nats-server is not
 //! installed and CI is unset).
@@ -564,4 +565,31 @@ async fn cache_look_ups_answer_through_a_drain_and_after_close() {
     let got = tokio::time::timeout(answer, cache.get(&2)).await;
     assert!(matches!(got, Ok(Lookup::Bypass)), "after close() b asks the owning service: {got:?}");
     a_stop.cancel();
+}
+
+/// A stopping replica drains for up to --shutdown-grace (10 s by default)
+/// after its shutdown token, then writes its stores and says its presence
+/// goodbye: what it publishes that late still reaches the other replicas,
+/// sent when it closes its bus.
+#[tokio::test]
+async fn events_published_late_in_a_drain_go_out_at_close() {
+    let Some(server) = NatsServer::start().await else { return };
+    let (a_stop, b_stop) = (CancellationToken::new(), CancellationToken::new());
+    let a = natter_bus(&server, Routing::Interest, &a_stop).await;
+    let b = natter_bus(&server, Routing::Interest, &b_stop).await;
+    let chat = Uuid::now_v7();
+    let mut on_b = b.subscribe(Topic::Chat(chat));
+    assert!(in_effect(&mut on_b).await, "b's subscription is in place");
+
+    // Past the whole default drain on the paused clock, which the bus's
+    // timers follow (this runtime's, as in a replica); real time again for
+    // the network.
+    tokio::time::pause();
+    a_stop.cancel();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    tokio::time::resume();
+    a.publish(Topic::Chat(chat), event(chat, 1));
+    a.close().await;
+    assert_eq!(next_seq(&mut on_b).await, Some(1), "the event published 11 s into a's drain reached b");
+    b_stop.cancel();
 }

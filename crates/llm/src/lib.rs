@@ -8,7 +8,9 @@
 //! The servers differ at the edges, so the chunks are read leniently with
 //! types of our own rather than a strict OpenAI crate's: an empty
 //! `finish_reason` is no finish reason, `usage: {}` or `null` is no usage,
-//! fields we do not know (`reasoning_content`, `timings`, ...) are ignored,
+//! a model's thinking is read under either name servers give it
+//! (`reasoning_content`, `reasoning`), fields we do not know (`timings`,
+//! ...) are ignored,
 //! an `{"error": ...}` object inside the stream is an error, and a stream
 //! that ends without `[DONE]` after a `finish_reason` simply ends (the
 //! caller sees no [`Event::Done`]; several servers just close the body).
@@ -124,11 +126,14 @@ pub enum Event {
     /// The next piece of the reply's text (never empty); the reply is
     /// these pieces concatenated.
     Content(String),
-    /// A piece of a reasoning model's thinking before its answer (the
-    /// `reasoning_content` of DeepSeek-R1-style deltas, as llama.cpp,
-    /// vLLM and Ollama send it): not part of the reply, but the model is
-    /// at work, so it counts as the first token and against the idle
-    /// limit as text does.
+    /// A piece of a reasoning model's thinking before its answer: a
+    /// delta's `reasoning_content` (DeepSeek-R1-style, as llama.cpp and
+    /// vLLM send it) or `reasoning` (as Ollama's OpenAI-compatible endpoint
+    /// sends it); a delta with both gives one event, of the first that is
+    /// not empty, `reasoning_content` first (both names are taken to carry
+    /// the same thought). Not part of the reply, but the model is at work,
+    /// so it counts as the first token and against the idle limit as text
+    /// does.
     Reasoning(String),
     /// Why the model stopped (`stop`, `length`, ...; a server's own words).
     Finish(String),
@@ -416,12 +421,17 @@ struct Choice {
     finish_reason: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// A choice's `delta`. The thinking comes under two names (see
+/// [`Event::Reasoning`]): two fields, not a serde alias, which would fail
+/// a delta that has both as a duplicate field.
+#[derive(Default, Deserialize)]
 struct Delta {
     #[serde(default)]
     content: Option<String>,
     #[serde(default)]
     reasoning_content: Option<String>,
+    #[serde(default)]
+    reasoning: Option<String>,
 }
 
 /// The events of one `data:` payload: `[DONE]`, or a chunk's text, finish
@@ -440,9 +450,9 @@ pub fn parse_data(data: &str) -> Result<Vec<Event>, LlmError> {
     }
     let mut events = Vec::new();
     for choice in chunk.choices {
-        let Delta { content, reasoning_content } =
-            choice.delta.unwrap_or(Delta { content: None, reasoning_content: None });
-        if let Some(thought) = reasoning_content.filter(|t| !t.is_empty()) {
+        let Delta { content, reasoning_content, reasoning } = choice.delta.unwrap_or_default();
+        let thought = [reasoning_content, reasoning].into_iter().flatten().find(|t| !t.is_empty());
+        if let Some(thought) = thought {
             events.push(Event::Reasoning(thought));
         }
         if let Some(text) = content.filter(|t| !t.is_empty()) {
@@ -553,6 +563,19 @@ mod tests {
         assert_eq!(parse_data(both).unwrap(), [Event::Reasoning("hmm".into()), Event::Content("Hi".into())]);
         let empty = r#"{"choices":[{"delta":{"reasoning_content":"","content":null}}]}"#;
         assert_eq!(parse_data(empty).unwrap(), []);
+    }
+
+    #[test]
+    fn ollamas_reasoning_field_is_thinking_too() {
+        let llama = parse_data(r#"{"choices":[{"delta":{"reasoning_content":"hm"}}]}"#).unwrap();
+        let ollama = parse_data(r#"{"choices":[{"delta":{"reasoning":"hm"}}]}"#).unwrap();
+        assert_eq!(ollama, [Event::Reasoning("hm".into())]);
+        assert_eq!(ollama, llama);
+        // Both names in one delta: one thought, no duplicate-field error.
+        let both = r#"{"choices":[{"delta":{"reasoning_content":"hm","reasoning":"hm","content":""}}]}"#;
+        assert_eq!(parse_data(both).unwrap(), [Event::Reasoning("hm".into())]);
+        let empty_first = r#"{"choices":[{"delta":{"reasoning_content":"","reasoning":"hm"}}]}"#;
+        assert_eq!(parse_data(empty_first).unwrap(), [Event::Reasoning("hm".into())]);
     }
 
     #[test]

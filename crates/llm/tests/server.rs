@@ -216,23 +216,31 @@ async fn a_real_server_streams_a_reply_and_stops_when_dropped() {
 #[tokio::test]
 async fn a_model_that_thinks_first_is_at_work_not_timed_out() {
     let server = ScriptedServer::start(7).await;
-    let thought = |t: &str| data(&serde_json::json!({"choices": [{"index": 0, "delta": {"reasoning_content": t}}]}));
-    let pause = Duration::from_millis(150);
-    let mut steps = vec![Step::Bytes(thought("Let me see"))];
-    for _ in 0..4 {
-        steps.extend([Step::Wait(pause), Step::Bytes(thought("..."))]);
+    // llama.cpp's and vLLM's name for the thinking, then Ollama's.
+    for field in ["reasoning_content", "reasoning"] {
+        let thought = |t: &str| data(&serde_json::json!({"choices": [{"index": 0, "delta": {field: t}}]}));
+        let pause = Duration::from_millis(150);
+        let mut steps = vec![Step::Bytes(thought("Let me see"))];
+        for _ in 0..4 {
+            steps.extend([Step::Wait(pause), Step::Bytes(thought("..."))]);
+        }
+        steps.extend(Script::reply("Hi").steps);
+        server.push(Script { status: 200, body: String::new(), steps });
+        // Thinking for ~600 ms: past the first-token limit, never idle 300 ms.
+        let limits = Timeouts {
+            first_token: Duration::from_millis(300),
+            idle: Duration::from_millis(300),
+            total: Duration::from_secs(30),
+        };
+        let events: Vec<Event> = client_with(server.url(), limits)
+            .stream(&conversation())
+            .await
+            .unwrap()
+            .map(|e| e.expect(field))
+            .collect()
+            .await;
+        assert_eq!(text(&events), "Hi", "{field}: the thinking is not the reply");
+        assert_eq!(events.iter().filter(|e| matches!(e, Event::Reasoning(_))).count(), 5, "{field}");
+        assert_eq!(events.last(), Some(&Event::Done), "{field}");
     }
-    steps.extend(Script::reply("Hi").steps);
-    server.push(Script { status: 200, body: String::new(), steps });
-    // Thinking for ~600 ms: past the first-token limit, never idle 300 ms.
-    let limits = Timeouts {
-        first_token: Duration::from_millis(300),
-        idle: Duration::from_millis(300),
-        total: Duration::from_secs(30),
-    };
-    let events: Vec<Event> =
-        client_with(server.url(), limits).stream(&conversation()).await.unwrap().map(|e| e.unwrap()).collect().await;
-    assert_eq!(text(&events), "Hi", "the thinking is not the reply");
-    assert_eq!(events.iter().filter(|e| matches!(e, Event::Reasoning(_))).count(), 5);
-    assert_eq!(events.last(), Some(&Event::Done));
 }

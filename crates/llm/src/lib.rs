@@ -8,9 +8,9 @@
 //! The servers differ at the edges, so the chunks are read leniently with
 //! types of our own rather than a strict OpenAI crate's: an empty
 //! `finish_reason` is no finish reason, `usage: {}` or `null` is no usage,
-//! a model's thinking is read under either name servers give it
-//! (`reasoning_content`, `reasoning`), fields we do not know (`timings`,
-//! ...) are ignored,
+//! an event whose `data:` is empty is nothing, a model's thinking is read
+//! under either name servers give it (`reasoning_content`, `reasoning`),
+//! fields we do not know (`timings`, ...) are ignored,
 //! an `{"error": ...}` object inside the stream is an error, and a stream
 //! that ends without `[DONE]` after a `finish_reason` simply ends (the
 //! caller sees no [`Event::Done`]; several servers just close the body).
@@ -434,15 +434,21 @@ struct Delta {
     reasoning: Option<String>,
 }
 
-/// The events of one `data:` payload: `[DONE]`, or a chunk's text, finish
-/// reason and usage, in that order (a chunk may carry all three).
+/// The events of one `data:` payload: `[DONE]`, nothing for an empty (or
+/// blank) payload, or a chunk's text, finish reason and usage, in that
+/// order (a chunk may carry all three).
 ///
 /// Errors: [`LlmError::Stream`] for an error object, [`LlmError::Malformed`]
-/// for anything that is not a JSON object.
+/// for anything else that is not a JSON object.
 pub fn parse_data(data: &str) -> Result<Vec<Event>, LlmError> {
     let data = data.trim();
     if data == "[DONE]" {
         return Ok(vec![Event::Done]);
+    }
+    // A bare `data:` line, which SSE delivers as an event with empty data
+    // (a keep-alive, say).
+    if data.is_empty() {
+        return Ok(Vec::new());
     }
     let chunk: Chunk = serde_json::from_str(data).map_err(|e| LlmError::Malformed(format!("{e}: {}", cut(data))))?;
     if let Some(error) = chunk.error {
@@ -585,6 +591,22 @@ mod tests {
         assert!(matches!(parse_data(r#"{"error":"boom"}"#), Err(LlmError::Stream(m)) if m == "boom"));
         assert!(matches!(parse_data("not json"), Err(LlmError::Malformed(_))));
         assert_eq!(parse_data(r#"{"choices":[{"delta":{"content":null}}],"usage":null}"#).unwrap(), []);
+    }
+
+    #[test]
+    fn an_empty_data_event_is_nothing_not_a_failure() {
+        assert_eq!(parse_data("").unwrap(), []);
+        assert_eq!(parse_data(" ").unwrap(), []);
+        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n\
+                    data:\n\n\
+                    data: \n\n\
+                    data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+                    data: [DONE]\n\n";
+        let got = all_events(body);
+        assert!(
+            matches!(&got[..], [Ok(Event::Content(t)), Ok(Event::Finish(f)), Ok(Event::Done)] if t == "Hi" && f == "stop"),
+            "{got:?}"
+        );
     }
 
     /// All the events of `body`, errors included, in one piece.

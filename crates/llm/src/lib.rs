@@ -8,9 +8,10 @@
 //! The servers differ at the edges, so the chunks are read leniently with
 //! types of our own rather than a strict OpenAI crate's: an empty
 //! `finish_reason` is no finish reason, `usage: {}` or `null` is no usage,
-//! an event whose `data:` is empty is nothing, a model's thinking is read
-//! under either name servers give it (`reasoning_content`, `reasoning`),
-//! fields we do not know (`timings`, ...) are ignored,
+//! `choices: null` is no choices, an event whose `data:` is empty is
+//! nothing, a model's thinking is read under either name servers give it
+//! (`reasoning_content`, `reasoning`), fields we do not know (`timings`,
+//! ...) are ignored,
 //! an `{"error": ...}` object inside the stream is an error, and a stream
 //! that ends without `[DONE]` after a `finish_reason` simply ends (the
 //! caller sees no [`Event::Done`]; several servers just close the body).
@@ -405,7 +406,7 @@ where
 /// A chunk as servers send it; every field optional (see the crate docs).
 #[derive(Deserialize)]
 struct Chunk {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     choices: Vec<Choice>,
     #[serde(default)]
     usage: Option<Usage>,
@@ -432,6 +433,16 @@ struct Delta {
     reasoning_content: Option<String>,
     #[serde(default)]
     reasoning: Option<String>,
+}
+
+/// `null` read as the type's default (`#[serde(default)]` covers a missing
+/// field only).
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Option::unwrap_or_default)
 }
 
 /// The events of one `data:` payload: `[DONE]`, nothing for an empty (or
@@ -607,6 +618,14 @@ mod tests {
             matches!(&got[..], [Ok(Event::Content(t)), Ok(Event::Finish(f)), Ok(Event::Done)] if t == "Hi" && f == "stop"),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn null_choices_are_no_choices() {
+        let usage = r#"{"choices":null,"usage":{"prompt_tokens":5,"completion_tokens":4,"total_tokens":9}}"#;
+        let expected = Usage { prompt_tokens: Some(5), completion_tokens: Some(4), total_tokens: Some(9) };
+        assert_eq!(parse_data(usage).unwrap(), [Event::Usage(expected)]);
+        assert_eq!(parse_data(r#"{"choices":null}"#).unwrap(), []);
     }
 
     /// All the events of `body`, errors included, in one piece.

@@ -12,7 +12,8 @@
 //! nothing, a model's thinking is read under either name servers give it
 //! (`reasoning_content`, `reasoning`), fields we do not know (`timings`,
 //! ...) are ignored,
-//! an `{"error": ...}` object inside the stream is an error, and a stream
+//! an `{"error": ...}` object inside the stream is an error, so is a
+//! JSON body answered with 200 in place of the stream, and a stream
 //! that ends without `[DONE]` after a `finish_reason` simply ends (the
 //! caller sees no [`Event::Done`]; several servers just close the body).
 //! One that ends with neither was cut short: [`LlmError::Truncated`]. That
@@ -168,7 +169,10 @@ pub enum LlmError {
     #[error("the LLM server could not be reached: {0}")]
     Unreachable(String),
     /// The server refused before streaming: HTTP `status` (401, 429, 500,
-    /// ...) with the server's message.
+    /// ...) with the server's message; or it answered 200 with a JSON body
+    /// (`Content-Type: application/json`) instead of an event stream, as
+    /// some servers answer an error, with that body's message (without the
+    /// configured API key).
     #[error("the LLM server answered HTTP {status}: {message}")]
     Status {
         /// The HTTP status code.
@@ -272,7 +276,8 @@ impl Client {
     /// counts towards the first token and the total).
     ///
     /// Errors: [`LlmError::Unreachable`] without an answer,
-    /// [`LlmError::Status`] for a non-success status,
+    /// [`LlmError::Status`] for a non-success status or a JSON error body
+    /// in place of the stream,
     /// [`LlmError::Timeout`] when no answer came within the first token's
     /// limit.
     pub async fn stream(&self, messages: &[ChatMessage]) -> Result<Reply, LlmError> {
@@ -304,16 +309,9 @@ impl Client {
         // text reaches the reply's `generation.error`, which members see.
         let response = request.send().await.map_err(|e| LlmError::Unreachable(e.without_url().to_string()))?;
         let status = response.status();
+        let key = self.config.api_key.as_deref();
         if !status.is_success() {
-            let mut body = Vec::new();
-            let mut bytes = response.bytes_stream();
-            while let Some(Ok(chunk)) = bytes.next().await {
-                body.extend_from_slice(&chunk);
-                if body.len() >= ERROR_BODY_BYTES {
-                    break;
-                }
-            }
-            body.truncate(ERROR_BODY_BYTES);
+            let body = body_start(response.bytes_stream(), Vec::new()).await;
             let message = match status.as_u16() {
                 // The server's words may quote the key ("Incorrect API key
                 // provided: sk-...abcd"); members see this text.
@@ -322,8 +320,83 @@ impl Client {
             };
             return Err(LlmError::Status { status: status.as_u16(), message });
         }
-        Ok(events(response.bytes_stream().map(|chunk| chunk.map_err(reqwest::Error::without_url))))
+        let json =
+            response.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(is_json);
+        answer(json, response.bytes_stream().map(|chunk| chunk.map_err(reqwest::Error::without_url)), key).await
     }
+}
+
+/// Whether a `Content-Type` is JSON's (`application/json`, or any
+/// `+json` type, with or without parameters).
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// The reply of a success answer whose body is `bytes`: its events, or,
+/// when the answer is labelled `json` and its body is a JSON object (it
+/// starts with `{`, which no SSE line does), the server's error
+/// ([`LlmError::Status`] 200 with the body's `error.message`, without
+/// `key`). A body labelled JSON that holds SSE lines streams as any other.
+async fn answer<S, B, E>(
+    json: bool,
+    bytes: S,
+    key: Option<&str>,
+) -> Result<impl Stream<Item = Result<Event, LlmError>> + Send + use<S, B, E>, LlmError>
+where
+    S: Stream<Item = Result<B, E>> + Send,
+    B: AsRef<[u8]> + Send,
+    E: Display + Send,
+{
+    let mut bytes = Box::pin(bytes);
+    // What was read to tell, handed on to the events when it is no JSON.
+    let mut head = Vec::new();
+    if json {
+        let mut seen = Vec::new();
+        while let Some(chunk) = bytes.next().await {
+            let told = match &chunk {
+                Ok(piece) => {
+                    seen.extend_from_slice(piece.as_ref());
+                    seen.iter().any(|b| !b.is_ascii_whitespace())
+                }
+                Err(_) => true,
+            };
+            head.push(chunk);
+            if told {
+                break;
+            }
+        }
+        if seen.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            let body = body_start(bytes, seen).await;
+            return Err(LlmError::Status { status: 200, message: redact(&json_answer_message(&body), key) });
+        }
+    }
+    Ok(events(futures::stream::iter(head).chain(bytes)))
+}
+
+/// `body` and what follows of `bytes`, up to [`ERROR_BODY_BYTES`] and the
+/// first read error.
+async fn body_start<B: AsRef<[u8]>, E>(bytes: impl Stream<Item = Result<B, E>>, mut body: Vec<u8>) -> Vec<u8> {
+    let mut bytes = std::pin::pin!(bytes);
+    while body.len() < ERROR_BODY_BYTES
+        && let Some(Ok(chunk)) = bytes.next().await
+    {
+        body.extend_from_slice(chunk.as_ref());
+    }
+    body.truncate(ERROR_BODY_BYTES);
+    body
+}
+
+/// `message` without `key`, nor any word shaped like a key (starting
+/// `sk-`, as OpenAI's and several others' do, masked or not): a server's
+/// words may quote the key, and members see them.
+fn redact(message: &str, key: Option<&str>) -> String {
+    let message = match key.filter(|k| !k.is_empty()) {
+        Some(key) => message.replace(key, "[redacted]"),
+        None => message.to_owned(),
+    };
+    let key_like = |word: &str| word.trim_start_matches(|c: char| !c.is_alphanumeric()).starts_with("sk-");
+    message.split(' ').map(|word| if key_like(word) { "[redacted]" } else { word }).collect::<Vec<_>>().join(" ")
 }
 
 /// `events` within `timeouts`, counted from `start`: the first text within
@@ -483,6 +556,18 @@ pub fn parse_data(data: &str) -> Result<Vec<Event>, LlmError> {
         events.push(Event::Usage(usage));
     }
     Ok(events)
+}
+
+/// The message of a JSON body answered with 200 where an event stream
+/// should be: its error's (see [`error_message`]), or, with neither
+/// `error` nor `message` in it (a server that ignored `stream: true`, say),
+/// what it is and its start.
+fn json_answer_message(body: &[u8]) -> String {
+    let value = serde_json::from_slice::<serde_json::Value>(body).ok();
+    match value.as_ref().is_some_and(|v| v.get("error").is_some() || v.get("message").is_some()) {
+        true => error_message(body),
+        false => format!("a JSON body, not an event stream: {}", cut(&String::from_utf8_lossy(body))),
+    }
 }
 
 /// The message of an error body: `error.message` (or `error` as text, or
@@ -660,6 +745,63 @@ mod tests {
         assert_eq!(error_message(br#"{"error":{"message":"rate limited","code":429}}"#), "rate limited");
         assert_eq!(error_message(br#"{"message":"model not found"}"#), "model not found");
         assert_eq!(error_message(b"Bad Gateway"), "Bad Gateway");
+    }
+
+    /// What [`answer`] makes of `body` in `pieces`, labelled JSON or not.
+    fn answered(json: bool, pieces: &[&str], key: Option<&str>) -> Result<Vec<Result<Event, LlmError>>, LlmError> {
+        let pieces: Vec<_> = pieces.iter().map(|p| Ok::<_, std::convert::Infallible>(p.as_bytes().to_vec())).collect();
+        futures::executor::block_on(async {
+            Ok(answer(json, futures::stream::iter(pieces), key).await?.collect::<Vec<_>>().await)
+        })
+    }
+
+    #[test]
+    fn a_json_body_in_place_of_the_stream_is_the_servers_error() {
+        let body = r#"{"error":{"message":"model 'qwen3' not found, try pulling it first","type":"api_error"}}"#;
+        let got = answered(true, &[body], None);
+        assert!(
+            matches!(&got, Err(LlmError::Status { status: 200, message }) if message == "model 'qwen3' not found, try pulling it first"),
+            "{got:?}"
+        );
+        assert!(!got.unwrap_err().is_transient());
+        // In pieces, after blank space.
+        let (head, tail) = body.split_at(7);
+        let got = answered(true, &["\n", " ", head, tail], None);
+        assert!(matches!(&got, Err(LlmError::Status { status: 200, .. })), "{got:?}");
+        // A server that ignored `stream: true`: said so, not cut short.
+        let whole = r#"{"object":"chat.completion","choices":[{"message":{"content":"Hi"}}]}"#;
+        let got = answered(true, &[whole], None);
+        assert!(
+            matches!(&got, Err(LlmError::Status { status: 200, message }) if message.starts_with("a JSON body, not an event stream: {")),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn a_server_that_labels_its_event_stream_json_still_streams() {
+        let sse = [
+            "\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n",
+        ];
+        let got = answered(true, &sse, None).unwrap();
+        assert!(
+            matches!(&got[..], [Ok(Event::Content(t)), Ok(Event::Finish(_)), Ok(Event::Done)] if t == "Hi"),
+            "{got:?}"
+        );
+        assert!(is_json("application/json; charset=utf-8") && is_json("Application/Problem+JSON"));
+        assert!(!is_json("text/event-stream") && !is_json("application/jsonl"));
+    }
+
+    #[test]
+    fn an_error_body_never_shows_the_api_key() {
+        let body = r#"{"error":{"message":"Incorrect API key provided: sk-proj-abc123. Or sk-...c123, (sk-x)"}}"#;
+        let got = answered(true, &[body], Some("sk-proj-abc123"));
+        let Err(LlmError::Status { message, .. }) = got else { panic!("{got:?}") };
+        assert_eq!(message, "Incorrect API key provided: [redacted]. Or [redacted] [redacted]");
+        let other = redact("bad key gsk_live_42 given", Some("gsk_live_42"));
+        assert_eq!(other, "bad key [redacted] given");
+        assert_eq!(redact("the task-list is full", None), "the task-list is full");
     }
 
     #[test]

@@ -45,12 +45,14 @@ pub enum Step {
 /// How the server answers one request.
 #[derive(Clone, Debug)]
 pub struct Script {
-    /// The HTTP status; anything but 200 answers `body` as JSON at once.
+    /// The HTTP status; anything but 200, or 200 with a `body`, answers
+    /// `body` as JSON (`application/json`) at once.
     pub status: u16,
-    /// For a non-200 status: the body.
+    /// For a non-200 status, or 200 answered with JSON: the body.
     pub body: String,
-    /// For 200: the streamed steps; the stream ends after the last (with
-    /// or without `[DONE]`, as the steps say).
+    /// For 200 without a body: the streamed steps (`text/event-stream`);
+    /// the stream ends after the last (with or without `[DONE]`, as the
+    /// steps say).
     pub steps: Vec<Step>,
 }
 
@@ -151,6 +153,13 @@ impl Script {
     pub fn status(status: u16, message: &str) -> Self {
         let body = serde_json::json!({"error": {"message": message, "code": status}}).to_string();
         Self { status, body, steps: Vec::new() }
+    }
+
+    /// 200 with an OpenAI-style error body as `application/json` in place
+    /// of the stream, as some servers answer a request they cannot serve.
+    pub fn json_error(message: &str) -> Self {
+        let body = serde_json::json!({"error": {"message": message, "type": "api_error"}}).to_string();
+        Self { status: 200, body, steps: Vec::new() }
     }
 }
 
@@ -271,7 +280,7 @@ async fn complete(State((shared, disconnects)): State<AppState>, headers: Header
         let script = state.scripts.pop_front().unwrap_or(fallback);
         (script, state.requests.len() - 1, state.seed.wrapping_add(state.requests.len() as u64), system)
     };
-    if script.status != 200 {
+    if script.status != 200 || !script.body.is_empty() {
         return Response::builder()
             .status(StatusCode::from_u16(script.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
             .header("content-type", "application/json")

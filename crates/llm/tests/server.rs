@@ -80,6 +80,18 @@ async fn an_error_mid_stream_ends_the_reply_with_that_error_after_the_text_so_fa
 }
 
 #[tokio::test]
+async fn a_json_error_answered_with_200_is_the_servers_error_not_a_cut_stream() {
+    let server = ScriptedServer::start(8).await;
+    server.push(Script::json_error("model 'qwen3' not found (key sk-test)"));
+    let Err(error) = client(server.url()).stream(&conversation()).await else { panic!("a JSON body streamed") };
+    assert!(
+        matches!(&error, LlmError::Status { status: 200, message } if message == "model 'qwen3' not found (key [redacted])"),
+        "{error}"
+    );
+    assert!(!error.is_transient());
+}
+
+#[tokio::test]
 async fn a_stream_cut_without_finish_or_done_ends_cut_short() {
     let server = ScriptedServer::start(4).await;
     server.push(Script::eof_after("half"));

@@ -171,8 +171,9 @@ pub enum LlmError {
     /// The server refused before streaming: HTTP `status` (401, 429, 500,
     /// ...) with the server's message; or it answered 200 with a JSON body
     /// (`Content-Type: application/json`) instead of an event stream, as
-    /// some servers answer an error, with that body's message (without the
-    /// configured API key).
+    /// some servers answer an error, with that body's message. Whatever
+    /// the status, the message never holds the configured API key, nor a
+    /// word shaped like one.
     #[error("the LLM server answered HTTP {status}: {message}")]
     Status {
         /// The HTTP status code.
@@ -316,7 +317,7 @@ impl Client {
                 // The server's words may quote the key ("Incorrect API key
                 // provided: sk-...abcd"); members see this text.
                 401 | 403 => "the server refused natter's credentials (--assistant-api-key-file)".to_owned(),
-                _ => error_message(&body),
+                _ => redact(&error_message(&body), key),
             };
             return Err(LlmError::Status { status: status.as_u16(), message });
         }

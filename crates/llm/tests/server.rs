@@ -68,6 +68,12 @@ async fn a_refusal_before_the_stream_is_a_status_error_with_the_servers_message(
     let Err(error) = client(server.url()).stream(&conversation()).await else { panic!("a 401 streamed") };
     assert!(matches!(&error, LlmError::Status { status: 401, .. }) && !error.is_transient(), "{error}");
     assert!(!error.to_string().contains("no key"), "the server's words may quote the key: {error}");
+    server.push(Script::status(502, "upstream refused the key sk-test"));
+    let Err(error) = client(server.url()).stream(&conversation()).await else { panic!("a 502 streamed") };
+    assert!(
+        matches!(&error, LlmError::Status { status: 502, message } if message == "upstream refused the key [redacted]"),
+        "{error}"
+    );
 }
 
 #[tokio::test]

@@ -87,6 +87,7 @@ crate::with_scripted_server!(
     deleting_a_prompt_while_its_reply_is_written_stops_the_reply_quietly [],
     deleting_the_prompt_a_title_came_from_clears_the_title_but_never_a_person_s [],
     a_queued_prompt_whose_author_left_is_not_answered [],
+    a_reload_is_answered_from_the_messages_before_its_prompt ["--assistant-context-messages", "5"],
 );
 mod off {
     use super::without_a_server_the_assistant_is_off_and_callers_are_authenticated_first;
@@ -1098,6 +1099,43 @@ async fn regenerate_is_refused_where_the_assistant_may_not_answer(c: &Cluster, s
     let listed: Vec<String> = history(c, &alice, &chat, true).await.into_iter().map(|m| m.id).collect();
     assert_eq!(listed, [prompt.id, reply.id], "no reply was started");
     assert_eq!(server.requests().len(), 1, "only the question asked reached the model");
+}
+
+/// A reload asks the model with the messages up to its prompt, however
+/// many came after it: with the context at 5 messages and six messages of
+/// a group after the reply, the model still gets the earlier question and
+/// its answer (it got the prompt alone: the newest 5 were read, and none
+/// of them came before the prompt), and none of the messages after it.
+async fn a_reload_is_answered_from_the_messages_before_its_prompt(c: &Cluster, server: &ScriptedServer) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let (_, chat) = team_with_the_assistant(c, &alice, &bob).await;
+    let chat = chat.id;
+    for (question, answer) in [("@assistant first question", "first answer"), ("@assistant second question", "second")]
+    {
+        server.push(Script::reply(answer));
+        let ask = apb::AskRequest { chat_id: chat.clone(), text: question.into(), ..Default::default() };
+        let asked = c.assistant().ask(authed(&alice, ask)).await.unwrap().into_inner();
+        assert_eq!(status(&asked.reply.unwrap()), mpb::GenerationStatus::Complete);
+    }
+    for i in 0..6 {
+        send(c, &bob, &chat, &format!("chatter {i}")).await;
+    }
+    server.push(Script::reply("second, again"));
+    let mut stream = events(c, &alice, &chat).await;
+    let started = c.assistant().regenerate(authed(&alice, reload_of(&chat))).await.unwrap().into_inner();
+    let reply = started.reply.unwrap();
+    until_finished(&mut stream, Some(&reply.id)).await;
+    let sent = conversation(server, 2);
+    let role = |r: &str, text: &str| (r.to_owned(), text.to_owned());
+    assert_eq!(
+        sent[1..],
+        [
+            role("user", "@assistant first question"),
+            role("assistant", "first answer"),
+            role("user", "@assistant second question")
+        ],
+        "{sent:?}"
+    );
 }
 
 /// The id the first reply to the prompt `prompt` had before reply ids were

@@ -479,12 +479,7 @@ impl MessageDirectory for Grpc {
         page_size: i32,
         viewer_id: &str,
     ) -> Result<Vec<messages::Message>, Status> {
-        let request = recent_request(chat_id, page_size, viewer_id);
-        Ok(self
-            .0
-            .call(MessageInternalServiceClient::new(self.0.channel()).list_recent_messages(self.0.request(request)))
-            .await?
-            .messages)
+        self.list_recent(recent_request(chat_id, page_size, viewer_id, 0)).await
     }
 
     async fn purge_chat(&self, chat_id: &str) -> Result<(), Status> {
@@ -520,9 +515,49 @@ impl MessageDirectory for Grpc {
     }
 }
 
+impl Grpc {
+    /// ListRecentMessages.
+    async fn list_recent(
+        &self,
+        request: messages::ListRecentMessagesRequest,
+    ) -> Result<Vec<messages::Message>, Status> {
+        Ok(self
+            .0
+            .call(MessageInternalServiceClient::new(self.0.channel()).list_recent_messages(self.0.request(request)))
+            .await?
+            .messages)
+    }
+}
+
+impl<S: MessageInternalService> InProcess<S> {
+    /// ListRecentMessages.
+    async fn list_recent(
+        &self,
+        request: messages::ListRecentMessagesRequest,
+    ) -> Result<Vec<messages::Message>, Status> {
+        Ok(in_process(
+            "/natter.messages.v1.MessageInternalService/ListRecentMessages",
+            self.0.list_recent_messages(Request::new(request)),
+        )
+        .await?
+        .into_inner()
+        .messages)
+    }
+}
+
 /// ListRecentMessages' request, over gRPC or in process alike.
-fn recent_request(chat_id: &str, page_size: i32, viewer_id: &str) -> messages::ListRecentMessagesRequest {
-    messages::ListRecentMessagesRequest { chat_id: chat_id.to_owned(), page_size, viewer_id: viewer_id.to_owned() }
+fn recent_request(
+    chat_id: &str,
+    page_size: i32,
+    viewer_id: &str,
+    before_seq: i64,
+) -> messages::ListRecentMessagesRequest {
+    messages::ListRecentMessagesRequest {
+        chat_id: chat_id.to_owned(),
+        page_size,
+        viewer_id: viewer_id.to_owned(),
+        before_seq,
+    }
 }
 
 #[async_trait]
@@ -544,14 +579,7 @@ impl<S: MessageInternalService> MessageDirectory for InProcess<S> {
         page_size: i32,
         viewer_id: &str,
     ) -> Result<Vec<messages::Message>, Status> {
-        let request = recent_request(chat_id, page_size, viewer_id);
-        Ok(in_process(
-            "/natter.messages.v1.MessageInternalService/ListRecentMessages",
-            self.0.list_recent_messages(Request::new(request)),
-        )
-        .await?
-        .into_inner()
-        .messages)
+        self.list_recent(recent_request(chat_id, page_size, viewer_id, 0)).await
     }
 
     async fn purge_chat(&self, chat_id: &str) -> Result<(), Status> {
@@ -709,8 +737,14 @@ pub trait AssistantMessages: Send + Sync + 'static {
     /// The events of every chat of `user_id` (a bot), resumed from its
     /// read positions.
     async fn follow_chats(&self, user_id: &str) -> Result<EventStream, Status>;
-    /// A chat's newest messages, newest first (superseded replies left out).
-    async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status>;
+    /// A chat's newest messages, newest first (superseded replies left
+    /// out), of those whose seq is below `before_seq` if it is not 0.
+    async fn recent_messages(
+        &self,
+        chat_id: &str,
+        page_size: i32,
+        before_seq: i64,
+    ) -> Result<Vec<messages::Message>, Status>;
     /// The messages with `message_ids` and those of `chat_id` at `seqs`.
     async fn lookup_messages(
         &self,
@@ -798,8 +832,13 @@ impl AssistantMessages for Grpc {
         Ok(follow_events(self.0.call(client.follow_chats(request)).await?))
     }
 
-    async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
-        MessageDirectory::recent_messages(self, chat_id, page_size, "").await
+    async fn recent_messages(
+        &self,
+        chat_id: &str,
+        page_size: i32,
+        before_seq: i64,
+    ) -> Result<Vec<messages::Message>, Status> {
+        self.list_recent(recent_request(chat_id, page_size, "", before_seq)).await
     }
 
     async fn lookup_messages(
@@ -883,8 +922,13 @@ impl<S: MessageInternalService> AssistantMessages for InProcess<S> {
         Ok(follow_events(self.0.follow_chats(Request::new(request)).await?.into_inner()))
     }
 
-    async fn recent_messages(&self, chat_id: &str, page_size: i32) -> Result<Vec<messages::Message>, Status> {
-        MessageDirectory::recent_messages(self, chat_id, page_size, "").await
+    async fn recent_messages(
+        &self,
+        chat_id: &str,
+        page_size: i32,
+        before_seq: i64,
+    ) -> Result<Vec<messages::Message>, Status> {
+        self.list_recent(recent_request(chat_id, page_size, "", before_seq)).await
     }
 
     async fn lookup_messages(

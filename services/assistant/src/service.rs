@@ -1230,8 +1230,21 @@ impl Assistant {
     /// Errors: reading the chat failed; FAILED_PRECONDITION when the prompt
     /// itself is deleted (its reply with it).
     async fn context(&self, prompt: &mpb::Message, reply: &mpb::Message) -> Result<Vec<ChatMessage>, Status> {
-        let mut recent =
-            self.links.messages.recent_messages(&prompt.chat_id, self.settings.context_messages as i32).await?;
+        // The messages up to the prompt, however many came after it (a
+        // Regenerate of an older reply, a prompt that waited its turn in a
+        // busy group), and, where the reply is not right after its prompt,
+        // those between: earlier prompts' replies that took their seqs
+        // after this prompt came.
+        let size = self.settings.context_messages as i32;
+        let messages = &self.links.messages;
+        let mut recent = messages.recent_messages(&prompt.chat_id, size, prompt.seq + 1).await?;
+        if reply.seq > prompt.seq + 1 {
+            for m in messages.recent_messages(&prompt.chat_id, size, reply.seq).await? {
+                if !recent.iter().any(|r| r.id == m.id) {
+                    recent.push(m);
+                }
+            }
+        }
         // Deleted since its reply started (the deletion took the reply too,
         // perhaps before this job could see it): nothing goes to the model.
         if recent.iter().any(|m| m.id == prompt.id && m.deleted) {
@@ -1773,7 +1786,7 @@ impl Assistant {
     ) -> Result<(mpb::Message, mpb::Message), Status> {
         self.may_regenerate(chat).await?;
         self.reply_rate.check(&caller.to_owned())?;
-        let recent = self.links.messages.recent_messages(chat, 50).await?;
+        let recent = self.links.messages.recent_messages(chat, 50, 0).await?;
         let latest = recent
             .iter()
             .find(|m| m.author_id == self.bot.id && m.role == mpb::MessageRole::Assistant as i32)
@@ -1874,7 +1887,7 @@ impl Assistant {
             let newest = self
                 .links
                 .messages
-                .recent_messages(chat, 50)
+                .recent_messages(chat, 50, 0)
                 .await?
                 .into_iter()
                 .find(|m| m.author_id == self.bot.id && m.role == mpb::MessageRole::Assistant as i32);

@@ -1029,7 +1029,12 @@ impl MessageInternalService for MessageInternalApi {
         let chat = ChatId::parse("chat_id", &r.chat_id)?;
         let size = paging::page_size("page_size", r.page_size, domain::MESSAGE_PAGE_DEFAULT, domain::PAGE_MAX)?;
         let viewer = UserId::parse_optional("viewer_id", &r.viewer_id)?;
-        let messages = self.messages.recent(chat, size, viewer).await?;
+        let before = match r.before_seq {
+            n if n < 0 => return Err(FieldViolations::single("before_seq", "must not be negative").into_status()),
+            0 => None,
+            n => Some(Seq(n)),
+        };
+        let messages = self.messages.recent(chat, size, viewer, before).await?;
         Ok(Response::new(pb::ListRecentMessagesResponse {
             messages: messages.into_iter().map(|m| message_pb(m, Vec::new())).collect(),
         }))

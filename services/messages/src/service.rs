@@ -915,16 +915,17 @@ impl Messages {
         Ok(self.store.summaries(chats, user).await?)
     }
 
-    /// Internal: a chat's newest messages of its main timeline, newest first
-    /// (superseded replies and thread replies left out, as ListMessages by
-    /// default).
+    /// Internal: a chat's newest messages of its main timeline (those with
+    /// a seq below `before`, if given), newest first (superseded replies
+    /// and thread replies left out, as ListMessages by default).
     pub async fn recent(
         &self,
         chat: ChatId,
         page_size: u32,
         viewer: Option<UserId>,
+        before: Option<Seq>,
     ) -> Result<Vec<Message>, MessagesError> {
-        let range = Range { timeline: Timeline::Main, ..Range::default() };
+        let range = Range { timeline: Timeline::Main, before, ..Range::default() };
         let mut messages = self.store.list(chat, range, None, page_size).await?;
         if viewer.is_some() {
             with_reactions(self.store.as_ref(), &mut messages, viewer).await?;

@@ -281,8 +281,10 @@ impl AssistantMessages for Messages {
         Ok(Box::pin(events))
     }
 
-    async fn recent_messages(&self, _: &str, page_size: i32) -> Result<Vec<mpb::Message>, Status> {
-        Ok(self.store().messages.iter().rev().take(page_size as usize).cloned().collect())
+    async fn recent_messages(&self, _: &str, page_size: i32, before_seq: i64) -> Result<Vec<mpb::Message>, Status> {
+        let store = self.store();
+        let below = store.messages.iter().rev().filter(|m| before_seq == 0 || m.seq < before_seq);
+        Ok(below.take(page_size as usize).cloned().collect())
     }
 
     async fn lookup_messages(&self, ids: Vec<String>, _: &str, seqs: Vec<i64>) -> Result<Vec<mpb::Message>, Status> {

@@ -717,7 +717,9 @@ async fn an_injection_is_refused_without_asking_the_model(c: &Cluster, server: &
     );
     let info = refused.generation.unwrap();
     assert_eq!(info.finish_reason, "content_filter");
-    assert!(info.error.contains("instruction_override"), "{}", info.error);
+    // Every member reads the reply: it names no verdict (only those who see
+    // flags read it, on the prompt).
+    assert_eq!(info.error, "the prompt was flagged as a prompt injection: not sent to the model");
     assert!(server.requests().is_empty(), "the injection never reached the model");
     // A benign question about the same words is answered, and the refused
     // prompt is not in the conversation sent.

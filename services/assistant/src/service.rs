@@ -120,6 +120,12 @@ impl std::fmt::Debug for ReplyIds {
 /// injection detector rates HIGH or CRITICAL.
 pub const REFUSAL: &str = "I can't help with that request.";
 
+/// The `generation.error` of a refusal ([`REFUSAL`]): the same for every
+/// prompt, so that the reply, which every member reads, tells nobody the
+/// detector's verdict (severity, categories), which only those who see
+/// flags may read, on the prompt.
+pub const REFUSAL_REASON: &str = "the prompt was flagged as a prompt injection: not sent to the model";
+
 /// The finish reason of a refusal (the chat-completions term for content a
 /// filter held back).
 pub const CONTENT_FILTER: &str = "content_filter";
@@ -1002,8 +1008,15 @@ impl Assistant {
         }
         if let Some(why) = barred(&self.detector, &job.prompt.text).or_else(|| flagged(&job.prompt)) {
             // Never sent to the model: a fixed refusal, marked as a content
-            // filter's.
-            let info = mpb::GenerationInfo { finish_reason: CONTENT_FILTER.into(), error: why, ..Default::default() };
+            // filter's. The verdict is logged, not stored with the reply:
+            // every member reads the reply, and only those who see flags
+            // may read the verdict (on the prompt's flags).
+            tracing::info!(prompt = %job.prompt.id, verdict = %why, "a prompt refused without asking the model");
+            let info = mpb::GenerationInfo {
+                finish_reason: CONTENT_FILTER.into(),
+                error: REFUSAL_REASON.into(),
+                ..Default::default()
+            };
             let status = mpb::GenerationStatus::Complete;
             match job.started {
                 // Regenerate started it already: finish it as a refusal.

@@ -88,6 +88,7 @@ crate::with_scripted_server!(
     deleting_the_prompt_a_title_came_from_clears_the_title_but_never_a_person_s [],
     a_queued_prompt_whose_author_left_is_not_answered [],
     a_reload_is_answered_from_the_messages_before_its_prompt ["--assistant-context-messages", "5"],
+    the_conversation_sent_opens_with_a_person_s_turn ["--assistant-context-messages", "2"],
 );
 mod off {
     use super::without_a_server_the_assistant_is_off_and_callers_are_authenticated_first;
@@ -1101,6 +1102,25 @@ async fn regenerate_is_refused_where_the_assistant_may_not_answer(c: &Cluster, s
     let listed: Vec<String> = history(c, &alice, &chat, true).await.into_iter().map(|m| m.id).collect();
     assert_eq!(listed, [prompt.id, reply.id], "no reply was started");
     assert_eq!(server.requests().len(), 1, "only the question asked reached the model");
+}
+
+/// With the context at two messages, the second prompt's would be the
+/// first reply and the prompt: the reply, whose prompt is left out, goes
+/// too, so the conversation opens with a person's turn after the system
+/// prompt (strict chat templates, Gemma's and Mistral's, refuse the
+/// request otherwise and the reply failed).
+async fn the_conversation_sent_opens_with_a_person_s_turn(c: &Cluster, server: &ScriptedServer) {
+    server.set_fallback(Script::reply("an answer"));
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(c, &alice).await.chat_id;
+    for text in ["first", "second"] {
+        let ask = apb::AskRequest { chat_id: chat.clone(), text: text.into(), ..Default::default() };
+        c.assistant().ask(authed(&alice, ask)).await.unwrap();
+    }
+    let sent = conversation(server, 1);
+    let roles: Vec<&str> = sent.iter().map(|(role, _)| role.as_str()).collect();
+    assert_eq!(roles, ["system", "user"], "{sent:?}");
+    assert_eq!(sent[1].1, "second");
 }
 
 /// A reload asks the model with the messages up to its prompt, however

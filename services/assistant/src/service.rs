@@ -1238,7 +1238,9 @@ impl Assistant {
     /// after the prompt it answers (a reply takes its seq when its turn
     /// comes, so later prompts may sit between), oldest first, within the
     /// context budget; superseded replies and empty or deleted messages are
-    /// left out, as are earlier messages the injection detector bars.
+    /// left out, as are earlier messages the injection detector bars, and
+    /// replies before the oldest person's message kept (the conversation
+    /// opens with a person's turn).
     ///
     /// Errors: reading the chat failed; FAILED_PRECONDITION when the prompt
     /// itself is deleted (its reply with it).
@@ -1297,6 +1299,13 @@ impl Assistant {
         if !recent.iter().any(|m| m.id == prompt.id) {
             // Older than the page (or deleted meanwhile): the prompt as seen.
             picked.insert(0, (ChatMessage::new(natter_llm::Role::User, prompt.text.clone()), Some(&prompt.author_id)));
+        }
+        // The conversation opens with a person's turn: a reply whose prompt
+        // the budget or the page left out goes too (chat templates such as
+        // Gemma's and Mistral's refuse an assistant turn right after the
+        // system prompt). The prompt, a person's, is never taken.
+        while picked.last().is_some_and(|(_, author)| author.is_none()) {
+            picked.pop();
         }
         self.name_speakers(&mut picked).await;
         let system =

@@ -96,7 +96,9 @@ fn matches_over(conn: &Connection, fts: &rusqlite::types::Value, most: usize) ->
 /// A newest-first search on `conn` (see [`MessageStore::search`]): steps
 /// through the matches of `fts` below `from` (a rowid), keeping those of
 /// `chats`, until `limit` are kept or `scan` ([`SEARCH_SCAN`]) were stepped
-/// through, then reads the kept messages.
+/// through, then reads the kept messages, all in one read transaction;
+/// `after_scan` runs between the two (nothing in production: tests commit
+/// writes there).
 fn search_newest(
     conn: &Connection,
     fts: &str,
@@ -104,7 +106,13 @@ fn search_newest(
     from: Option<i64>,
     limit: usize,
     scan: usize,
+    after_scan: impl FnOnce(),
 ) -> rusqlite::Result<SearchPage> {
+    // One snapshot for the scan and the reads: read apart, a delete, a
+    // superseding reply or a purge committed between them would turn a hit
+    // into a tombstone, a superseded reply or no row (INTERNAL). Dropped at
+    // the end (a rollback: it wrote nothing).
+    let conn = conn.unchecked_transaction()?;
     let mut matches = conn.prepare_cached(search_scan_sql(from.is_some()))?;
     let mut rows = match from {
         Some(below) => matches.query(params![fts, below])?,
@@ -124,14 +132,20 @@ fn search_newest(
     }
     let stopped = kept.len() < limit && stepped == scan;
     drop(rows);
-    let mut read = conn.prepare_cached(concat!("SELECT ", message_columns!(), " FROM messages WHERE rowid = ?1"))?;
-    let hits = kept
-        .into_iter()
-        .map(|rowid| {
-            let message = read.query_row([rowid], message_row)?;
-            Ok(SearchHit { message, cursor: SearchCursor { position: rowid, rank: 0.0 } })
-        })
-        .collect::<rusqlite::Result<_>>()?;
+    after_scan();
+    // The scan's own conditions again: in its snapshot they hold for every
+    // row it kept.
+    let mut read = conn.prepare_cached(concat!(
+        "SELECT ",
+        message_columns!(),
+        " FROM messages WHERE rowid = ?1 AND delete_time IS NULL AND superseded = 0"
+    ))?;
+    let mut hits = Vec::with_capacity(kept.len());
+    for rowid in kept {
+        if let Some(message) = read.query_row([rowid], message_row).optional()? {
+            hits.push(SearchHit { message, cursor: SearchCursor { position: rowid, rank: 0.0 } });
+        }
+    }
     let scanned_to = last.filter(|_| stopped).map(|position| SearchCursor { position, rank: 0.0 });
     Ok(SearchPage { hits, scanned_to, too_broad: false })
 }
@@ -1591,7 +1605,8 @@ impl MessageStore for SqliteStore {
         if !filter.relevance {
             let chats: HashSet<String> = chats.into_iter().collect();
             let below = from.map(|c| c.position);
-            let page = self.db.read(move |conn| search_newest(conn, &fts, &chats, below, limit as usize, SEARCH_SCAN));
+            let page =
+                self.db.read(move |conn| search_newest(conn, &fts, &chats, below, limit as usize, SEARCH_SCAN, || ()));
             return Ok(page.await?);
         }
         let mut values: Vec<rusqlite::types::Value> =
@@ -1785,7 +1800,7 @@ mod tests {
         let (mut texts, mut from, mut calls) = (Vec::new(), None, 0);
         loop {
             let (fts, chats) = (query.fts5(), chats.clone());
-            let page = store.db.read(move |conn| search_newest(conn, &fts, &chats, from, 10, 10)).await.unwrap();
+            let page = store.db.read(move |conn| search_newest(conn, &fts, &chats, from, 10, 10, || ())).await.unwrap();
             calls += 1;
             texts.extend(page.hits.iter().map(|h| h.message.text.clone()));
             match page.scanned_to {
@@ -1798,6 +1813,67 @@ mod tests {
         let fts = rusqlite::types::Value::from(query.fts5());
         let over = store.db.read(move |conn| Ok((matches_over(conn, &fts, 27)?, matches_over(conn, &fts, 28)?)));
         assert_eq!(over.await.unwrap(), (true, false), "28 matches");
+        store.db.close().await;
+    }
+
+    /// A newest-first search reads the messages it found in the snapshot
+    /// it found them in: a delete, a superseding reply or a purge committed
+    /// between its scan and its reads neither comes back as a hit (a
+    /// tombstone, a superseded reply), nor fails the search (a row gone),
+    /// nor drops a hit (a short page with no cursor ends the results).
+    #[tokio::test]
+    async fn a_newest_first_search_reads_its_hits_in_the_snapshot_it_found_them_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("messages.db"), 1).await.unwrap();
+        let (chat, purged, author) = (ChatId::new_v7(), ChatId::new_v7(), UserId::new_v7());
+        let live = new_message(chat, author, "needle live");
+        let prompt = new_message(chat, author, "a question");
+        let deleted = new_message(chat, author, "needle deleted");
+        let gone = new_message(purged, author, "needle purged");
+        store.insert_batch(&[live, prompt.clone(), deleted.clone(), gone]).await.unwrap();
+        let reply = NewReply {
+            id: MessageId::new_v7(),
+            chat_id: chat,
+            author_id: UserId::new_v7(),
+            prompt: prompt.id,
+            replaces: None,
+            now: 2,
+            finished: Some((Generation::Complete, "needle reply".into(), GenerationInfo::default())),
+            owner: None,
+        };
+        assert!(matches!(store.start_reply(&reply).await.unwrap(), Started::Created(..)));
+        let chats: HashSet<String> = [chat.to_string(), purged.to_string()].into();
+        // The search waits after its scan until the test's writes are
+        // committed.
+        let (scanned, scan_done) = tokio::sync::oneshot::channel();
+        let (committed, writes_done) = std::sync::mpsc::channel::<()>();
+        let fts = crate::search::Query::parse("needle").unwrap().fts5();
+        let db = store.db.clone();
+        let search = tokio::spawn(async move {
+            db.read(move |conn| {
+                search_newest(conn, &fts, &chats, None, 10, 10, move || {
+                    scanned.send(()).ok();
+                    writes_done.recv().ok();
+                })
+            })
+            .await
+        });
+        scan_done.await.unwrap();
+        store.delete(deleted.id, 4).await.unwrap().expect("deleted");
+        let replacement =
+            NewReply { id: MessageId::new_v7(), replaces: Some(reply.id), now: 5, finished: None, ..reply };
+        let superseded = store.start_reply(&replacement).await.unwrap();
+        assert!(matches!(superseded, Started::Created(_, Some(_))), "{superseded:?}");
+        store.purge_chat(purged).await.unwrap();
+        committed.send(()).unwrap();
+        let page = search.await.unwrap().expect("no error for a row gone");
+        let texts: Vec<&str> = page.hits.iter().map(|h| h.message.text.as_str()).collect();
+        assert_eq!(texts, ["needle reply", "needle purged", "needle deleted", "needle live"], "as of the scan");
+        // The next search sees the writes.
+        let (fts, chats) = (crate::search::Query::parse("needle").unwrap().fts5(), [chat.to_string()].into());
+        let page = store.db.read(move |conn| search_newest(conn, &fts, &chats, None, 10, 10, || ())).await.unwrap();
+        let texts: Vec<&str> = page.hits.iter().map(|h| h.message.text.as_str()).collect();
+        assert_eq!(texts, ["needle live"]);
         store.db.close().await;
     }
 

@@ -208,8 +208,14 @@ pub fn search_request(r: &pb::SearchMessagesRequest) -> Result<(SearchMessages, 
     let fingerprint = paging::fingerprint(&[&r.query, &chat_id.map(|c| c.0), &relevance]);
     // The rank travels as its bits: a float's decimal form need not parse
     // back to the same float, and the next page starts after it exactly.
+    // No rank the server gives is NaN or infinite: a forged one would page
+    // differently on each engine (SQLite: nothing; PostgreSQL: the first
+    // page again).
     let from = paging::decode::<(u64, i64)>("page_token", &r.page_token, fingerprint)?
         .map(|(rank, position)| SearchCursor { rank: f64::from_bits(rank), position });
+    if from.is_some_and(|c| !c.rank.is_finite()) {
+        return Err(natter_kit::error::invalid_argument("page_token", "is not a page token issued by this server"));
+    }
     Ok((SearchMessages { query, chat_id, page_size, from, relevance }, fingerprint))
 }
 
@@ -1376,6 +1382,29 @@ mod tests {
         assert_eq!(timeline(&fresh(thread(0, true))).unwrap(), Timeline::Everything);
         assert_eq!(fields(&list_request(&fresh(thread(-3, false))).unwrap_err()), ["thread_root_seq"]);
         assert_eq!(fields(&list_request(&fresh(thread(3, true))).unwrap_err()), ["include_thread_replies"]);
+    }
+
+    /// A search page token carrying a rank no search gives (NaN or
+    /// infinite, forged) is refused, naming page_token, not paged
+    /// differently by each engine; a finite one goes on after its rank.
+    #[test]
+    fn a_search_page_token_with_a_non_finite_rank_is_refused() {
+        for relevance in [true, false] {
+            let order_by = if relevance { "relevance" } else { "" };
+            let request = |page_token: String| pb::SearchMessagesRequest {
+                query: "needle".into(),
+                order_by: order_by.into(),
+                page_token,
+                ..Default::default()
+            };
+            let (_, fingerprint) = search_request(&request(String::new())).unwrap();
+            let token = |rank: f64| paging::encode(&(rank.to_bits(), 7_i64), fingerprint);
+            for rank in [f64::NAN, -f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                assert_eq!(fields(&search_request(&request(token(rank))).unwrap_err()), ["page_token"], "{rank}");
+            }
+            let (search, _) = search_request(&request(token(-0.25))).unwrap();
+            assert_eq!(search.from, Some(SearchCursor { rank: -0.25, position: 7 }));
+        }
     }
 
     #[test]

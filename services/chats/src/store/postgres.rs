@@ -99,6 +99,17 @@ macro_rules! forgotten_lock {
     };
 }
 
+/// The argument of the advisory lock a [`ChatStore::block`] holds while it
+/// counts and adds the blocking user's blocks, with that user's id as `$1`:
+/// the 64-bit hash of the schema's name and the id, in the one-key space
+/// (apart from `forgotten_lock!`'s two keys), as advisory locks are the
+/// whole database's.
+macro_rules! blocker_lock {
+    () => {
+        "hashtextextended(current_schema() || ' blocks ' || $1, 1851880564)"
+    };
+}
+
 /// The first of `users` recorded by [`ChatStore::record_forgotten`], read
 /// in the transaction of a write about them (a membership, a block) under
 /// the shared advisory lock (see `forgotten_lock!`), which it holds to the
@@ -409,9 +420,16 @@ impl ChatStore for PostgresChatStore {
         if let Some(gone) = forgotten_among(&mut tx, [user, other]).await? {
             return Ok(Blocked::Forgotten(gone));
         }
+        // The user's blocks are counted and added under a lock of theirs,
+        // held to the commit: under READ COMMITTED, blocks racing each other
+        // (BlockUser calls at once) would each count without the others'
+        // uncommitted rows and pass the limit by their number.
+        sqlx::query(concat!("SELECT pg_advisory_xact_lock(", blocker_lock!(), ")"))
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?;
         // One statement: the row, unless there is one, or the user blocks
-        // `limit` users already (blocks racing each other may pass it by
-        // their number).
+        // `limit` users already.
         let done: Option<(bool,)> = sqlx::query_as(
             "WITH existing AS (SELECT 1 FROM blocks WHERE user_id = $1 AND blocked_user_id = $2), \
              counted AS (SELECT COUNT(*) AS n FROM (SELECT 1 FROM blocks WHERE user_id = $1 LIMIT $4) s), \

@@ -126,6 +126,7 @@ chat_store_suite!(
     users_in_groups_counts_current_group_memberships,
     blocks_are_each_users_own_are_seen_both_ways_and_go_with_a_forgotten_user,
     a_block_beside_a_forgetting_leaves_no_row,
+    blocks_racing_each_other_at_the_limit_pass_it_by_none,
     a_privacy_update_beside_a_forgetting_leaves_no_row,
 );
 
@@ -369,6 +370,27 @@ async fn a_block_beside_a_forgetting_leaves_no_row(store: &dyn ChatStore) {
         let left: Vec<UserId> =
             store.blocked_users(alice, None, 100).await.unwrap().into_iter().map(|(u, _)| u).collect();
         assert!(!left.contains(&user), "round {round}: a block of a forgotten user is left");
+    }
+}
+
+/// Blocks racing each other at the limit (one user's BlockUser calls at
+/// once, each of another user) pass it by none: with room for one more
+/// block, exactly one of 8 is done and the others are refused.
+async fn blocks_racing_each_other_at_the_limit_pass_it_by_none(store: &dyn ChatStore) {
+    const LIMIT: usize = 4;
+    for round in 0..5 {
+        let alice = UserId::new_v7();
+        for time in 0..3 {
+            assert_eq!(store.block(alice, UserId::new_v7(), time, LIMIT).await.unwrap(), Blocked::Done);
+        }
+        let block = || store.block(alice, UserId::new_v7(), 10, LIMIT);
+        let (a, b, c, d, e, f, g, h) =
+            tokio::join!(block(), block(), block(), block(), block(), block(), block(), block());
+        let outcomes = [a, b, c, d, e, f, g, h].map(Result::unwrap);
+        let done = outcomes.iter().filter(|o| **o == Blocked::Done).count();
+        let refused = outcomes.iter().filter(|o| **o == Blocked::TooMany).count();
+        assert_eq!((done, refused), (1, 7), "round {round}: {outcomes:?}");
+        assert_eq!(store.blocked_users(alice, None, 100).await.unwrap().len(), LIMIT, "round {round}");
     }
 }
 

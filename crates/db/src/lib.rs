@@ -185,9 +185,10 @@ impl Failure {
     /// connection exception, 53 insufficient resources, 57 operator
     /// intervention (57014 a statement cancelled, by
     /// `statement_timeout` among others; 57P admin or crash shutdown), 58
-    /// system error, 55P03 lock not available (`lock_timeout`) and 25P03 a
-    /// session ended by `idle_in_transaction_session_timeout` are
-    /// unavailable; 40001 serialization failure and 40P01 deadlock are
+    /// system error, 55P03 lock not available (`lock_timeout`), 25P03 a
+    /// session ended by `idle_in_transaction_session_timeout` and 25006 a
+    /// write refused by a read-only server (a standby that the database's
+    /// address still names after a failover) are unavailable; 40001 serialization failure and 40P01 deadlock are
     /// conflicts. sqlx's pool timing out (no connection free within its
     /// acquire timeout) is unavailable too. A SQLite error (the sessions
     /// store, through sqlx) is judged by its result code as in
@@ -208,7 +209,9 @@ impl Failure {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some("40001" | "40P01") => Self::Conflict,
                 Some(code)
-                    if ["08", "53", "57", "58", "55P03", "25P03"].iter().any(|class| code.starts_with(class)) =>
+                    if ["08", "53", "57", "58", "55P03", "25P03", "25006"]
+                        .iter()
+                        .any(|class| code.starts_with(class)) =>
                 {
                     Self::Unavailable
                 }
@@ -830,6 +833,12 @@ mod tests {
         let locked = locked.unwrap_err();
         assert_eq!(Failure::of_sqlx(&locked), Failure::Unavailable, "{locked}");
         holder.rollback().await.unwrap();
+        // A write on a read-only server (a standby after a failover).
+        conn.execute("SET lock_timeout = 0; SET default_transaction_read_only = on").await.unwrap();
+        let read_only = sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO {table} VALUES (3)"))).execute(&mut *conn);
+        let read_only = read_only.await.unwrap_err();
+        assert_eq!(Failure::of_sqlx(&read_only), Failure::Unavailable, "{read_only}");
+        conn.execute("SET default_transaction_read_only = off").await.unwrap();
         conn.execute("SET idle_in_transaction_session_timeout = 50; BEGIN").await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let ended = sqlx::query("SELECT 1").execute(&mut *conn).await.unwrap_err();

@@ -427,6 +427,7 @@ async fn internal_listeners_refuse_calls_without_the_service_credential() {
     // would end the caller's streams and sign a browser out.
     let other = natter_kit::ServiceCredential::new(&format!("{}y", &secret[..secret.len() - 1])).unwrap();
     let link = natter_kit::Link::connect(
+        "sessions",
         &format!("http://{}", c.internal_addrs[0]),
         &other,
         std::time::Duration::from_secs(10),

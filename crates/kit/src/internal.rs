@@ -126,16 +126,26 @@ impl ServiceCredential {
 pub struct Link {
     channel: TracedChannel,
     deadline: Duration,
+    /// The callee's URL: logged, never told to callers.
     target: Arc<str>,
+    /// The callee's name ("chats"): what a failed call's status names, so
+    /// that no internal address reaches a caller outside.
+    service: &'static str,
     /// When this link last logged a failed call (one WARN a minute at most).
     last_warning: crate::limits::Throttle,
 }
 
 impl Link {
-    /// A link to `url` (`http://host:port`, the callee's `--internal-listen`).
+    /// A link to `service` (its name, such as "chats") at `url`
+    /// (`http://host:port`, the callee's `--internal-listen`).
     ///
     /// Errors: a malformed URL, described for the caller's start-up error.
-    pub fn connect(url: &str, credential: &ServiceCredential, deadline: Duration) -> anyhow::Result<Self> {
+    pub fn connect(
+        service: &'static str,
+        url: &str,
+        credential: &ServiceCredential,
+        deadline: Duration,
+    ) -> anyhow::Result<Self> {
         let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
             .map_err(|e| anyhow::anyhow!("bad url {url:?}: {e}"))?
             .tcp_nodelay(true)
@@ -148,6 +158,7 @@ impl Link {
             channel,
             deadline,
             target: url.into(),
+            service,
             last_warning: crate::limits::Throttle::new(Duration::from_secs(60)),
         })
     }
@@ -184,14 +195,18 @@ impl Link {
         &self,
         call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, tonic::Status> {
-        let late =
-            || tonic::Status::deadline_exceeded(format!("{} did not answer within {:?}", self.target, self.deadline));
+        let late = || {
+            tonic::Status::deadline_exceeded(format!(
+                "the {} service did not answer within {:?}",
+                self.service, self.deadline
+            ))
+        };
         let result = match tokio::time::timeout(self.deadline, call).await {
             Ok(Ok(response)) => return Ok(response.into_inner()),
             // The callee's own deadline fired first (tonic reports it as CANCELLED).
             Ok(Err(status)) if status.code() == tonic::Code::Cancelled => late(),
             Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
-                tonic::Status::unavailable(format!("{} refused this service's credential", self.target))
+                tonic::Status::unavailable(format!("the {} service refused this service's credential", self.service))
             }
             Ok(Err(status)) => status,
             Err(_elapsed) => late(),
@@ -206,7 +221,8 @@ impl Link {
     fn warn_failed(&self, status: &tonic::Status) {
         if let Some(suppressed) = self.last_warning.admit() {
             tracing::warn!(
-                dependency = %self.target,
+                dependency = self.service,
+                url = %self.target,
                 code = ?status.code(),
                 message = status.message(),
                 suppressed,

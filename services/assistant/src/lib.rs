@@ -325,9 +325,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let credential = config.internal.credential()?;
     let deadline = config.internal.internal_call_timeout;
-    let sessions = natter_kit::Link::connect(&config.sessions_url, &credential, deadline)?;
-    let chats = natter_kit::Link::connect(&config.chats_url, &credential, deadline)?;
-    let messages = natter_kit::Link::connect(&config.messages_url, &credential, deadline)?;
+    let sessions = natter_kit::Link::connect("sessions", &config.sessions_url, &credential, deadline)?;
+    let chats = natter_kit::Link::connect("chats", &config.chats_url, &credential, deadline)?;
+    let messages = natter_kit::Link::connect("messages", &config.messages_url, &credential, deadline)?;
     let links = Links {
         users: Arc::new(natter_links::Grpc(sessions.clone())),
         messages: Arc::new(natter_links::Grpc(messages)),

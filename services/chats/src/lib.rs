@@ -254,8 +254,8 @@ pub async fn run(
     let credential = config.internal.credential()?;
     natter_kit::config::check_store(&config.store, &config.server)?;
     let deadline = config.internal.internal_call_timeout;
-    let sessions = natter_kit::Link::connect(&config.sessions_url, &credential, deadline)?;
-    let messages = natter_kit::Link::connect(&config.messages_url, &credential, deadline)?;
+    let sessions = natter_kit::Link::connect("sessions", &config.sessions_url, &credential, deadline)?;
+    let messages = natter_kit::Link::connect("messages", &config.messages_url, &credential, deadline)?;
     let users = Arc::new(natter_links::Grpc(sessions.clone()));
     let only_instance = config.bus.nats_url.is_none();
     let bus = config.bus.connect(shutdown.clone()).await?;

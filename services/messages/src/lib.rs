@@ -372,8 +372,8 @@ pub async fn run(
     let credential = config.internal.credential()?;
     natter_kit::config::check_store(&config.store, &config.server)?;
     let deadline = config.internal.internal_call_timeout;
-    let sessions = natter_kit::Link::connect(&config.sessions_url, &credential, deadline)?;
-    let chats = natter_kit::Link::connect(&config.chats_url, &credential, deadline)?;
+    let sessions = natter_kit::Link::connect("sessions", &config.sessions_url, &credential, deadline)?;
+    let chats = natter_kit::Link::connect("chats", &config.chats_url, &credential, deadline)?;
     let bus = config.bus.connect(shutdown.clone()).await?;
     let (verifier, chats) = (natter_auth::GrpcVerifier::new(sessions), natter_links::Grpc(chats));
     // Replicas on NATS keep token and membership answers, dropped by the bus.

@@ -279,6 +279,26 @@ impl Stream for Incoming {
     }
 }
 
+/// How long an accepted connection may be silent before the kernel probes
+/// its peer (TCP keepalive, RFC 1122 section 4.2.3.6), how often it probes
+/// then, and how many unanswered probes close it: a client whose network
+/// vanished (a laptop's Wi-Fi gone, a NAT's mapping expired) is found in
+/// about 90 s. HTTP/2 clients are found by the server's pings as well;
+/// gRPC-web over HTTP/1.1 has no pings, and its open StreamEvents held a
+/// connection and one of the user's streams until --max-connection-age.
+const TCP_KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(60), Duration::from_secs(10), 3);
+
+/// The accepted connections of `listener`: no Nagle delay, TCP keepalive
+/// ([`TCP_KEEPALIVE`]).
+pub(crate) fn tcp_incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
+    let (idle, interval, retries) = TCP_KEEPALIVE;
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(idle))
+        .with_keepalive_interval(Some(interval))
+        .with_keepalive_retries(Some(retries))
+}
+
 /// Whether an accept error concerns only the connection being accepted (as
 /// hyper 0.14's accept loop told them apart), not the listener's resources.
 fn is_connection_error(e: &io::Error) -> bool {
@@ -647,6 +667,24 @@ mod tests {
         assert_eq!(client_address(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")), ip("2001:db8:1:2::"));
         assert_ne!(client_address(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
         assert_eq!(client_address(ip("::ffff:203.0.113.7")), ip("203.0.113.7"));
+    }
+
+    /// An accepted connection has TCP keepalive on, with its timings: a
+    /// peer that vanished is found without a byte to send.
+    #[tokio::test]
+    async fn accepted_connections_probe_a_silent_peer() {
+        use tokio_stream::StreamExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = tcp_incoming(listener);
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.expect("a connection").unwrap();
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(socket.keepalive().unwrap(), "SO_KEEPALIVE");
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), TCP_KEEPALIVE.0);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), TCP_KEEPALIVE.1);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), TCP_KEEPALIVE.2);
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY");
     }
 
     /// An address holds at most the cap; a connection closed gives its

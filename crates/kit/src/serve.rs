@@ -22,7 +22,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::service::{Routes, RoutesBuilder};
-use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -276,7 +275,7 @@ pub async fn serve_routes(
         .map_response(tonic_codes_by_the_table);
     crate::accept::check_open_file_limit(transport.max_connections, listener_name);
     let incoming = Incoming::new(
-        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        crate::accept::tcp_incoming(listener),
         transport.max_connections,
         // Public listeners only: an internal one's clients are natter's own
         // services, a few addresses with many connections each.

@@ -723,11 +723,12 @@ async fn an_injection_is_refused_without_asking_the_model(c: &Cluster, server: &
     assert_eq!(info.error, "the prompt was flagged as a prompt injection: not sent to the model");
     assert!(server.requests().is_empty(), "the injection never reached the model");
     // A benign question about the same words is answered, and the refused
-    // prompt is not in the conversation sent.
+    // prompt is not in the conversation sent, nor its refusal, which would
+    // open the conversation with an assistant turn.
     let benign = c.assistant().ask(authed(&alice, ask("What is a system prompt?"))).await.unwrap().into_inner();
     assert_eq!(benign.reply.unwrap().text, "A system prompt sets how the model behaves.");
     let sent: Vec<String> = conversation(server, 0).into_iter().skip(1).map(|m| m.1).collect();
-    assert_eq!(sent, ["I can't help with that request.", "What is a system prompt?"]);
+    assert_eq!(sent, ["What is a system prompt?"]);
 }
 
 async fn a_reply_that_leaks_the_system_prompt_is_flagged_for_the_owner(c: &Cluster, server: &ScriptedServer) {

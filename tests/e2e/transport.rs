@@ -247,6 +247,58 @@ async fn the_edge_reports_an_upstream_failing_mid_stream_as_unavailable() {
     edge.await.unwrap();
 }
 
+/// A TCP relay on a listener of its own to `upstream`: it copies both
+/// ways until `freeze` is cancelled, then copies nothing more and keeps
+/// its sockets open, as a replica lost without a word (its node down, a
+/// partition) looks to the edge.
+async fn freezing_relay(upstream: std::net::SocketAddr, freeze: CancellationToken) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let freeze = freeze.clone();
+            tokio::spawn(async move {
+                let mut outbound = TcpStream::connect(upstream).await.unwrap();
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    () = freeze.cancelled() => {
+                        // Held open, silent, until the test ends.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// The edge pings its upstream connections (at its own
+/// --http2-keepalive-interval, here 200 ms): a replica that goes silent
+/// mid-stream, its connection neither closed nor reset, ends the client's
+/// stream with UNAVAILABLE once a ping goes unanswered. Before, the stream
+/// waited for ever (the edge's client had no keepalive), while the
+/// client's own pings, which the edge answers, told it all was well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_gone_silent_ends_the_edge_s_streams_with_unavailable() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(serve_failing_stream(upstream, std::sync::Arc::new(tokio::sync::Notify::new())));
+    let freeze = CancellationToken::new();
+    let relay = freezing_relay(upstream_addr, freeze.clone()).await;
+    let flags = ["--http2-keepalive-interval", "200ms", "--http2-keepalive-timeout", "200ms"];
+    let (channel, shutdown, edge) = edge_before(&relay, &flags).await;
+    let mut client = mpb::message_service_client::MessageServiceClient::new(channel);
+    let open = client.stream_events(natter_testkit::with_token(STAND_IN_TOKEN, mpb::StreamEventsRequest::default()));
+    let mut stream = tokio::time::timeout(GUARD, open).await.unwrap().expect("the stream starts").into_inner();
+    let first = tokio::time::timeout(GUARD, stream.message()).await.unwrap().unwrap().expect("one event");
+    assert_eq!(first.chat_id, "before-the-crash");
+    freeze.cancel();
+    let failure = tokio::time::timeout(GUARD, stream.message()).await.expect("the stream ends").unwrap_err();
+    assert_eq!(failure.code(), Code::Unavailable, "{failure:?}");
+    shutdown.cancel();
+    edge.await.unwrap();
+}
+
 /// A StreamEvents stream through the edge (with `flags`) to an upstream
 /// that sends one event, then fails when `crash` is told; the edge's
 /// shutdown token and task.

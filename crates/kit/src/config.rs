@@ -107,7 +107,8 @@ pub struct TransportArgs {
     pub request_timeout: Duration,
 
     /// How often an HTTP/2 connection is pinged when no frame arrived
-    /// (finds dead peers behind NATs and load balancers).
+    /// (finds dead peers behind NATs and load balancers). The edge pings
+    /// its connections to the replicas so too.
     #[arg(long, env = "NATTER_HTTP2_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration, default_value = "30s")]
     pub http2_keepalive_interval: Duration,
 

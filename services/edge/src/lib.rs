@@ -42,7 +42,7 @@ use http::{Request, Response, Uri, Version};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use natter_kit::web_page::PageSource;
 use natter_kit::{Server, ServerArgs};
 use tokio::net::TcpListener;
@@ -167,13 +167,26 @@ struct Dialer {
 }
 
 impl Dialer {
-    /// A dialer for connections of at most `calls_per_connection` calls.
-    fn new(calls_per_connection: usize) -> Self {
+    /// A dialer for connections of at most `calls_per_connection` calls,
+    /// each pinged after `keepalive.0` without a frame and closed when a
+    /// ping goes unanswered for `keepalive.1` (the edge's own
+    /// --http2-keepalive-interval and --http2-keepalive-timeout), idle or
+    /// not, with TCP keepalive under it. A replica lost without a word (its
+    /// node down, a partition) is found so: the streams it carried end
+    /// with UNAVAILABLE and their clients resume elsewhere. Before, a quiet
+    /// stream waited for ever, and the client's own pings, which the edge
+    /// answers, told it all was well.
+    fn new(calls_per_connection: usize, keepalive: (Duration, Duration)) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
         let mut builder = Client::builder(TokioExecutor::new());
         builder
+            .timer(TokioTimer::new())
+            .http2_keep_alive_interval(keepalive.0)
+            .http2_keep_alive_timeout(keepalive.1)
+            .http2_keep_alive_while_idle(true)
             .http2_only(true)
             .http2_adaptive_window(false)
             .http2_initial_stream_window_size(UPSTREAM_STREAM_WINDOW)
@@ -317,7 +330,9 @@ const STREAM_PATH: &str = "/natter.messages.v1.MessageService/StreamEvents";
 impl Forward {
     fn new(args: &EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let calls_per_connection = args.upstream_calls_per_connection as usize;
-        let dialer = Dialer::new(calls_per_connection);
+        let transport = &args.server.transport;
+        let dialer =
+            Dialer::new(calls_per_connection, (transport.http2_keepalive_interval, transport.http2_keepalive_timeout));
         let connections = usize::from(args.upstream_connections);
         let parse = |name: &str, urls: &[String]| -> anyhow::Result<Vec<Arc<Replica>>> {
             anyhow::ensure!(!urls.is_empty(), "--{name}-url needs at least one URL");

@@ -565,9 +565,10 @@ pub fn parse_data(data: &str) -> Result<Vec<Event>, LlmError> {
 /// what it is and its start.
 fn json_answer_message(body: &[u8]) -> String {
     let value = serde_json::from_slice::<serde_json::Value>(body).ok();
-    match value.as_ref().is_some_and(|v| v.get("error").is_some() || v.get("message").is_some()) {
-        true => error_message(body),
-        false => format!("a JSON body, not an event stream: {}", cut(&String::from_utf8_lossy(body))),
+    if value.is_some_and(|v| v.get("error").is_some() || v.get("message").is_some()) {
+        error_message(body)
+    } else {
+        format!("a JSON body, not an event stream: {}", cut(&String::from_utf8_lossy(body)))
     }
 }
 

@@ -133,19 +133,16 @@ fn search_newest(
     let stopped = kept.len() < limit && stepped == scan;
     drop(rows);
     after_scan();
-    // The scan's own conditions again: in its snapshot they hold for every
-    // row it kept.
-    let mut read = conn.prepare_cached(concat!(
-        "SELECT ",
-        message_columns!(),
-        " FROM messages WHERE rowid = ?1 AND delete_time IS NULL AND superseded = 0"
-    ))?;
-    let mut hits = Vec::with_capacity(kept.len());
-    for rowid in kept {
-        if let Some(message) = read.query_row([rowid], message_row).optional()? {
-            hits.push(SearchHit { message, cursor: SearchCursor { position: rowid, rank: 0.0 } });
-        }
-    }
+    // In the scan's snapshot, every row it kept is there, live and not
+    // superseded.
+    let mut read = conn.prepare_cached(concat!("SELECT ", message_columns!(), " FROM messages WHERE rowid = ?1"))?;
+    let hits = kept
+        .into_iter()
+        .map(|rowid| {
+            let message = read.query_row([rowid], message_row)?;
+            Ok(SearchHit { message, cursor: SearchCursor { position: rowid, rank: 0.0 } })
+        })
+        .collect::<rusqlite::Result<_>>()?;
     let scanned_to = last.filter(|_| stopped).map(|position| SearchCursor { position, rank: 0.0 });
     Ok(SearchPage { hits, scanned_to, too_broad: false })
 }

@@ -388,7 +388,8 @@ impl PoolSettings {
     /// at its statement_timeout). sqlx sets no TCP keepalive, so a
     /// connection whose server vanished without closing it (a host crash,
     /// a failover, a NAT or firewall that dropped the flow) is otherwise
-    /// waited on for ever.
+    /// waited on for ever. The PostgreSQL pools close a connection given
+    /// back that owes answers for longer than this (`postgres::settle_owed`).
     pub fn unresponsive_after(&self) -> Duration {
         self.acquire_timeout + self.statement_timeout * 3
     }
@@ -554,6 +555,7 @@ impl Db {
     async fn connect_postgres(url: &str, schema: &str, config: &DbConfig) -> Result<Self, DbError> {
         let options = AnyConnectOptions::from_str(url)?.disable_statement_logging();
         let setup = postgres::session_setup(schema, &config.pool);
+        let owed_limit = config.pool.unresponsive_after();
         let pool = AnyPoolOptions::new()
             .max_connections(config.pool.max_connections.max(1))
             .acquire_timeout(config.pool.acquire_timeout)
@@ -564,6 +566,7 @@ impl Db {
                     Ok(())
                 })
             })
+            .after_release(move |conn, _| Box::pin(postgres::settle_owed(conn, owed_limit)))
             .connect_with(options)
             .await?;
         Ok(Self { read: pool.clone(), write: pool })

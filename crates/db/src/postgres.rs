@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions as _, Connection as _, Executor as _, PgConnection, PgPool};
+use sqlx::{AssertSqlSafe, ConnectOptions as _, Connection, Executor as _, PgConnection, PgPool};
 
 use crate::{AppliedMigration, DbError, PoolSettings, valid_schema};
 
@@ -27,7 +27,8 @@ pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// missing), after running `migrator` in it (see [`migrate`]).
 ///
 /// A database the URL names that does not exist is created (see
-/// [`create_database`]).
+/// [`create_database`]). A connection given back owing answers it does not
+/// get in time is closed ([`settle_owed`]).
 ///
 /// Errors: an invalid schema name ([`valid_schema`]), the server is
 /// unreachable, the database is missing and cannot be created
@@ -37,6 +38,7 @@ pub async fn connect(url: &str, schema: &str, settings: &PoolSettings, migrator:
     migrate_schema(url, schema, settings, migrator).await?;
     let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.disable_statement_logging();
     let setup = session_setup(schema, settings);
+    let owed_limit = settings.unresponsive_after();
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections.max(1))
         .acquire_timeout(settings.acquire_timeout)
@@ -47,6 +49,7 @@ pub async fn connect(url: &str, schema: &str, settings: &PoolSettings, migrator:
                 Ok(())
             })
         })
+        .after_release(move |conn, _| Box::pin(settle_owed(conn, owed_limit)))
         .connect_with(options)
         .await?;
     Ok(pool)
@@ -90,6 +93,38 @@ pub(crate) fn session_setup(schema: &str, settings: &PoolSettings) -> String {
         millis(settings.lock_timeout),
         millis(IDLE_IN_TRANSACTION_TIMEOUT),
     )
+}
+
+/// What a PostgreSQL pool of natter's does with a connection a call gives
+/// back, before sqlx's own check of it (a ping, with no time limit): it
+/// waits at most `limit` for what the connection still owes, the answers
+/// to a statement of a call that was dropped before they came (its
+/// deadline passed, its client went away) and the rollback its dropped
+/// transaction queued. Answers `Ok(true)` (keep it) once they came, at
+/// once when nothing is owed (the usual case: no round trip); `Ok(false)`
+/// (close it, freeing its place in the pool) when they did not come in
+/// time; an error of the connection's as it is (sqlx closes it).
+///
+/// Without it, a connection whose server vanished without closing it (a
+/// failover, a host crash, a firewall that dropped the flow) kept its
+/// place in the pool for as long as the kernel retransmits, about 15
+/// minutes, and a pool whose every place was so held answered nothing
+/// but UNAVAILABLE long after the new server was up. `limit` is
+/// [`PoolSettings::unresponsive_after`], longer than a live server takes
+/// to end any statement (its `statement_timeout` cuts it).
+///
+/// sqlx's `Connection::flush` waits for the owed answers (its pool calls it
+/// for the same purpose); it is hidden from sqlx's docs, so a sqlx upgrade
+/// must keep `a_connection_whose_server_went_silent_gives_its_place_back`
+/// passing.
+pub(crate) async fn settle_owed<C: Connection>(conn: &mut C, limit: Duration) -> Result<bool, sqlx::Error> {
+    match tokio::time::timeout(limit, conn.flush()).await {
+        Ok(answered) => answered.map(|()| true),
+        Err(_) => {
+            tracing::warn!(?limit, "a connection given back owed answers the database never sent; closing it");
+            Ok(false)
+        }
+    }
 }
 
 /// `d` in whole milliseconds (PostgreSQL's unit for its timeouts), rounded
@@ -295,6 +330,83 @@ mod tests {
     /// A pool of one connection, with the default timeouts.
     fn one() -> PoolSettings {
         PoolSettings { max_connections: 1, ..PoolSettings::default() }
+    }
+
+    /// A TCP relay to `target` that can freeze: the connections it carries
+    /// then forward nothing either way but stay open, which is how a server
+    /// that vanished without a word (a failover, a host crash, a dropped
+    /// flow) looks to its clients. Connections opened after that are
+    /// carried on: the server that took its place.
+    async fn freezing_relay(target: std::net::SocketAddr) -> (u16, tokio::sync::watch::Sender<bool>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (freeze, frozen) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut frozen = frozen.clone();
+                frozen.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = frozen.changed() => std::future::pending::<()>().await,
+                    }
+                });
+            }
+        });
+        (port, freeze)
+    }
+
+    /// A call whose statement the server never answers (it went silent
+    /// under the call) gives up at its deadline; the connection it gives
+    /// back is closed within the pool's `unresponsive_after` instead of
+    /// holding the pool's one place for the 15 minutes the kernel
+    /// retransmits, so the next call reaches the server that took its
+    /// place. Both pools natter opens on PostgreSQL: a store's own
+    /// ([`connect`]) and [`crate::Db`]'s.
+    #[tokio::test]
+    async fn a_connection_whose_server_went_silent_gives_its_place_back() {
+        let Some(url) = crate::testing::postgres_url() else { return };
+        let options: PgConnectOptions = url.parse().unwrap();
+        let target = tokio::net::lookup_host((options.get_host(), options.get_port())).await.unwrap().next().unwrap();
+        let (port, freeze) = freezing_relay(target).await;
+        let via = options.clone().host("127.0.0.1").port(port).to_url_lossy().to_string();
+        let settings = PoolSettings {
+            max_connections: 1,
+            acquire_timeout: Duration::from_millis(300),
+            statement_timeout: Duration::from_millis(200),
+            lock_timeout: Duration::from_millis(100),
+        };
+        let schema = crate::testing::unique_schema("silent");
+        let store = connect(&via, &schema, &settings, &Migrator::DEFAULT).await.unwrap();
+        let config = crate::DbConfig { pool: settings, ..crate::DbConfig::postgres(&via, &schema) };
+        let db = crate::Db::connect(&config, &Migrator::DEFAULT).await.unwrap();
+        let mut held = store.acquire().await.unwrap();
+        let mut held_any = db.write().acquire().await.unwrap();
+        freeze.send(true).unwrap();
+        let deadline = Duration::from_millis(500);
+        let unanswered = tokio::time::timeout(deadline, sqlx::query("SELECT 1").execute(&mut *held)).await;
+        assert!(unanswered.is_err(), "the silent server answered: {unanswered:?}");
+        let unanswered = tokio::time::timeout(deadline, sqlx::query("SELECT 1").execute(&mut *held_any)).await;
+        assert!(unanswered.is_err(), "the silent server answered: {unanswered:?}");
+        drop((held, held_any));
+        let recovered = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match sqlx::query("SELECT 1").execute(&store).await {
+                    Ok(_) => break,
+                    Err(e) => assert!(matches!(e, sqlx::Error::PoolTimedOut), "{e}"),
+                }
+            }
+            loop {
+                match sqlx::query("SELECT 1").execute(db.write()).await {
+                    Ok(_) => break,
+                    Err(e) => assert!(matches!(e, sqlx::Error::PoolTimedOut), "{e}"),
+                }
+            }
+        })
+        .await;
+        assert!(recovered.is_ok(), "the pools' one place is still held by the connection to the silent server");
+        drop_schema(&url, &schema).await.unwrap();
     }
 
     /// A URL naming a database the server does not have yet: natter creates

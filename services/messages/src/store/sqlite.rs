@@ -93,6 +93,46 @@ fn matches_over(conn: &Connection, fts: &rusqlite::types::Value, most: usize) ->
     Ok(matches > most)
 }
 
+/// The summaries of `chats` for `user` (see [`MessageStore::summaries`]),
+/// each read in one snapshot with the others: read apart, a message
+/// committed between a chat's count and its newest message showed a
+/// preview its count and unread count did not hold. `between` runs after
+/// the first chat's count (nothing in production: tests commit writes
+/// there).
+fn read_summaries(
+    conn: &Connection,
+    chats: &[String],
+    user: Option<&str>,
+    between: impl FnOnce(),
+) -> rusqlite::Result<Vec<Summary>> {
+    // Dropped at the end (a rollback: it wrote nothing).
+    let conn = conn.unchecked_transaction()?;
+    let mut newest = conn.prepare_cached(&list_sql(Range::default(), None, 1).0)?;
+    let mut counts = conn.prepare_cached(COUNTS_FROM_POSITION)?;
+    let mut aggregates = conn.prepare_cached(concat!("SELECT ", aggregates_sql!("?1")))?;
+    let mut between = Some(between);
+    chats
+        .iter()
+        .map(|chat| {
+            let (message_count, max_severity) = aggregates.query_row([chat], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            if let Some(between) = between.take() {
+                between();
+            }
+            let (unread, mentions) = match user {
+                Some(user) => counts.query_row([chat, user], |row| Ok((row.get(0)?, row.get(1)?)))?,
+                None => (0, 0),
+            };
+            Ok(Summary {
+                newest: newest.query_row([chat], message_row).optional()?,
+                unread,
+                mentions,
+                message_count,
+                max_severity,
+            })
+        })
+        .collect()
+}
+
 /// A newest-first search on `conn` (see [`MessageStore::search`]): steps
 /// through the matches of `fts` below `from` (a rowid), keeping those of
 /// `chats`, until `limit` are kept or `scan` ([`SEARCH_SCAN`]) were stepped
@@ -1295,29 +1335,7 @@ impl MessageStore for SqliteStore {
     async fn summaries(&self, chats: &[ChatId], user: Option<UserId>) -> Result<Vec<Summary>, StoreError> {
         let chats: Vec<String> = chats.iter().map(ChatId::to_string).collect();
         let user = user.map(|u| u.to_string());
-        let rows = self.db.read(move |conn| {
-            let mut newest = conn.prepare_cached(&list_sql(Range::default(), None, 1).0)?;
-            let mut counts = conn.prepare_cached(COUNTS_FROM_POSITION)?;
-            let mut aggregates = conn.prepare_cached(concat!("SELECT ", aggregates_sql!("?1")))?;
-            chats
-                .iter()
-                .map(|chat| {
-                    let (message_count, max_severity) =
-                        aggregates.query_row([chat], |row| Ok((row.get(0)?, row.get(1)?)))?;
-                    let (unread, mentions) = match &user {
-                        Some(user) => counts.query_row([chat, user], |row| Ok((row.get(0)?, row.get(1)?)))?,
-                        None => (0, 0),
-                    };
-                    Ok(Summary {
-                        newest: newest.query_row([chat], message_row).optional()?,
-                        unread,
-                        mentions,
-                        message_count,
-                        max_severity,
-                    })
-                })
-                .collect()
-        });
+        let rows = self.db.read(move |conn| read_summaries(conn, &chats, user.as_deref(), || ()));
         Ok(rows.await?)
     }
 
@@ -1871,6 +1889,42 @@ mod tests {
         let page = store.db.read(move |conn| search_newest(conn, &fts, &chats, None, 10, 10, || ())).await.unwrap();
         let texts: Vec<&str> = page.hits.iter().map(|h| h.message.text.as_str()).collect();
         assert_eq!(texts, ["needle live"]);
+        store.db.close().await;
+    }
+
+    /// A chat's summary is read in one snapshot: a message committed while
+    /// it is read (after its count) is in none of its parts, so the
+    /// preview, the count and the unread count agree.
+    #[tokio::test]
+    async fn a_summary_is_read_in_one_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("messages.db"), 1).await.unwrap();
+        let (chat, reader, author) = (ChatId::new_v7(), UserId::new_v7(), UserId::new_v7());
+        store.insert_batch(&[new_message(chat, author, "one"), new_message(chat, author, "two")]).await.unwrap();
+        let (counted, count_done) = tokio::sync::oneshot::channel();
+        let (committed, write_done) = std::sync::mpsc::channel::<()>();
+        let (db, chats, user) = (store.db.clone(), vec![chat.to_string()], reader.to_string());
+        let read = tokio::spawn(async move {
+            db.read(move |conn| {
+                read_summaries(conn, &chats, Some(&user), move || {
+                    counted.send(()).ok();
+                    write_done.recv().ok();
+                })
+            })
+            .await
+        });
+        count_done.await.unwrap();
+        store.insert_batch(&[new_message(chat, author, "three")]).await.unwrap();
+        committed.send(()).unwrap();
+        let summary = read.await.unwrap().unwrap().remove(0);
+        let newest = summary.newest.expect("a newest message");
+        assert_eq!(
+            (summary.message_count, summary.unread, newest.text.as_str()),
+            (2, 2, "two"),
+            "count, unread and preview as of one moment"
+        );
+        let summary = store.summaries(&[chat], Some(reader)).await.unwrap().remove(0);
+        assert_eq!((summary.message_count, summary.unread), (3, 3), "the next read sees the write");
         store.db.close().await;
     }
 

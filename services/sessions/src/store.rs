@@ -567,29 +567,121 @@ mod tests {
         Store::new(Db::connect(&config, &crate::MIGRATOR).await.unwrap())
     }
 
+    /// Runs `test` on a store on each engine: SQLite in a directory of its
+    /// own, then PostgreSQL in a schema of its own, dropped afterwards
+    /// (where `NATTER_TEST_DATABASE_URL` is set; CI must set it, see
+    /// [`natter_db::testing::postgres_url`]). The statements are the same
+    /// text on both, so what differs is the engines' behaviour: types,
+    /// NULL ordering, locking.
+    async fn on_each_engine<F, Fut>(test: F)
+    where
+        F: Fn(Store) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        test(sqlite_in(&dir).await).await;
+        let Some(url) = natter_db::testing::postgres_url() else { return };
+        let schema = natter_db::testing::unique_schema("sessions");
+        let config = natter_db::DbConfig::postgres(&url, &schema);
+        let store = Store::new(Db::connect(&config, &crate::MIGRATOR).await.unwrap());
+        test(store.clone()).await;
+        store.db().close().await;
+        natter_db::postgres::drop_schema(&url, &schema).await.unwrap();
+    }
+
     /// Sessions long expired (or revoked, then expired) are deleted, oldest
     /// first and a batch at a time; live ones stay.
     #[tokio::test]
     async fn sessions_expired_before_the_bound_are_purged_in_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = sqlite_in(&dir).await;
-        let user = guest();
-        store.insert_user(&user, None).await.unwrap();
-        for (n, expire_time) in [(1, 100), (2, 200), (3, 300), (4, 10_000)] {
-            let session = SessionRow {
-                id: format!("0190a000-0000-7000-8000-00000000010{n}"),
-                user_id: user.id.clone(),
-                create_time: 0,
+        on_each_engine(|store| async move {
+            let user = guest();
+            store.insert_user(&user, None).await.unwrap();
+            for (n, expire_time) in [(1, 100), (2, 200), (3, 300), (4, 10_000)] {
+                let session = SessionRow {
+                    id: format!("0190a000-0000-7000-8000-00000000010{n}"),
+                    user_id: user.id.clone(),
+                    create_time: 0,
+                    expire_time,
+                };
+                store.insert_session(&session, &format!("hash-{n}")).await.unwrap();
+            }
+            store.revoke(&user.id, "0190a000-0000-7000-8000-000000000103", 50).await.unwrap();
+            assert_eq!(store.purge_sessions(1_000, 2).await.unwrap(), 2, "a batch");
+            assert_eq!(store.purge_sessions(1_000, 2).await.unwrap(), 1, "the revoked one, expired too");
+            assert_eq!(store.purge_sessions(1_000, 2).await.unwrap(), 0);
+            assert!(store.session_by_id("0190a000-0000-7000-8000-000000000104").await.unwrap().is_some(), "live");
+            assert!(store.session_by_id("0190a000-0000-7000-8000-000000000101").await.unwrap().is_none());
+        })
+        .await;
+    }
+
+    /// Users and their sessions as the service reads and changes them:
+    /// usernames unique by key, live sessions paged newest first without
+    /// the revoked or expired, a revoke that finds nothing says so, a
+    /// display name bumps the profile version, a password change with a
+    /// stale hash changes nothing and one with the current hash revokes
+    /// every other session not revoked yet, and revoking all ends the rest.
+    #[tokio::test]
+    async fn users_and_sessions_are_read_and_changed_alike_on_each_engine() {
+        on_each_engine(|store| async move {
+            let id = |n: u32| format!("0190a000-0000-7000-8000-0000000002{n:02}");
+            let person = UserRow {
+                id: id(1),
+                username: Some("Alice".into()),
+                display_name: "Alice".into(),
+                password_hash: Some("phc-1".into()),
+                create_time: 1,
+                kind: HUMAN.into(),
+                profile_version: 0,
+            };
+            store.insert_user(&person, Some("alice")).await.unwrap();
+            let twin = UserRow { id: id(2), username: Some("ALICE".into()), ..person.clone() };
+            let taken = store.insert_user(&twin, Some("alice")).await.unwrap_err();
+            assert!(matches!(taken, SessionsError::UsernameTaken), "{taken:?}");
+            assert_eq!(store.user_by_key("alice").await.unwrap().map(|u| u.id), Some(person.id.clone()));
+            let found = store.users_by_ids(&[person.id.clone(), id(99)]).await.unwrap();
+            assert_eq!(found.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(), [person.id.as_str()]);
+
+            let session = |n: u32, expire_time: i64| SessionRow {
+                id: id(10 + n),
+                user_id: person.id.clone(),
+                create_time: 1,
                 expire_time,
             };
-            store.insert_session(&session, &format!("hash-{n}")).await.unwrap();
-        }
-        store.revoke(&user.id, "0190a000-0000-7000-8000-000000000103", 50).await.unwrap();
-        assert_eq!(store.purge_sessions(1_000, 2).await.unwrap(), 2, "a batch");
-        assert_eq!(store.purge_sessions(1_000, 2).await.unwrap(), 1, "the revoked one, expired too");
-        assert_eq!(store.purge_sessions(1_000, 2).await.unwrap(), 0);
-        assert!(store.session_by_id("0190a000-0000-7000-8000-000000000104").await.unwrap().is_some(), "live");
-        assert!(store.session_by_id("0190a000-0000-7000-8000-000000000101").await.unwrap().is_none());
+            for (n, expire_time) in [(1, 1_000), (2, 1_000), (3, 1_000), (4, 50)] {
+                store.insert_session(&session(n, expire_time), &format!("hash-{n}")).await.unwrap();
+            }
+            assert!(store.revoke(&person.id, &id(12), 60).await.unwrap());
+            assert!(!store.revoke(&person.id, &id(12), 61).await.unwrap(), "revoked already");
+            let page = |before: Option<String>| {
+                let store = store.clone();
+                let user = person.id.clone();
+                async move {
+                    let rows = store.live_sessions(&user, 100, before.as_deref(), 1).await.unwrap();
+                    rows.into_iter().map(|s| s.id).collect::<Vec<_>>()
+                }
+            };
+            assert_eq!(page(None).await, [id(13)], "newest first, a page of one");
+            assert_eq!(page(Some(id(13))).await, [id(11)], "neither revoked nor expired");
+            assert_eq!(page(Some(id(11))).await, Vec::<String>::new());
+
+            let renamed = store.set_display_name(&person.id, "Alice B.").await.unwrap().unwrap();
+            assert_eq!((renamed.display_name.as_str(), renamed.profile_version), ("Alice B.", 1));
+            assert!(store.set_display_name(&id(99), "nobody").await.unwrap().is_none());
+
+            let stale = store.change_password(&person.id, "phc-0", "phc-2", &id(11), 200).await.unwrap();
+            assert_eq!(stale, None, "a stale hash changes nothing");
+            let mut revoked = store.change_password(&person.id, "phc-1", "phc-2", &id(11), 200).await.unwrap().unwrap();
+            revoked.sort();
+            assert_eq!(revoked, [id(13), id(14)], "every other session not revoked yet, the expired one too");
+            assert_eq!(store.password_changed_by(&person.id, &id(11), 200).await.unwrap().as_deref(), Some("phc-2"));
+            assert_eq!(store.password_changed_by(&person.id, &id(11), 201).await.unwrap(), None, "not since");
+            assert_eq!(store.password_changed_by(&person.id, &id(13), 0).await.unwrap(), None, "not by it");
+            assert_eq!(store.revoke_all(&person.id, 300).await.unwrap(), [id(11)], "the one kept, and only it");
+            let ended = store.session_by_token("hash-1").await.unwrap().unwrap();
+            assert_eq!((ended.revoke_time, ended.guest), (Some(300), 0));
+        })
+        .await;
     }
 
     /// Guests without sessions, created before the bound, are deleted and
@@ -597,88 +689,99 @@ mod tests {
     /// person stay.
     #[tokio::test]
     async fn guests_left_without_sessions_are_deleted_and_logged_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = sqlite_in(&dir).await;
-        let user = |n: u32, kind: &str, create_time: i64| UserRow {
-            id: format!("0190a000-0000-7000-8000-00000000000{n}"),
-            username: (kind == HUMAN).then(|| format!("person{n}")),
-            display_name: "someone".into(),
-            password_hash: None,
-            create_time,
-            kind: kind.into(),
-            profile_version: 0,
-        };
-        let users =
-            [user(1, GUEST, 10), user(2, GUEST, 20), user(3, GUEST, 30), user(4, HUMAN, 5), user(5, GUEST, 900)];
-        for u in &users {
-            let key = u.username.as_ref().map(|n| n.to_ascii_lowercase());
-            store.insert_user(u, key.as_deref()).await.unwrap();
-        }
-        let kept = SessionRow {
-            id: "0190a000-0000-7000-8000-000000000102".into(),
-            user_id: users[1].id.clone(),
-            create_time: 20,
-            expire_time: 10_000,
-        };
-        store.insert_session(&kept, "hash").await.unwrap();
-        assert_eq!(store.purge_guests(500, 7_000, 1).await.unwrap(), [users[0].id.clone()], "a batch, oldest first");
-        assert_eq!(store.purge_guests(500, 8_000, 10).await.unwrap(), [users[2].id.clone()]);
-        assert_eq!(store.purge_guests(500, 9_000, 10).await.unwrap(), Vec::<String>::new());
-        for (u, exists) in users.iter().zip([false, true, false, true, true]) {
-            assert_eq!(store.user_by_id(&u.id).await.unwrap().is_some(), exists, "{}", u.id);
-        }
-        let log = store.deleted_users(0, 10).await.unwrap();
-        assert_eq!(log, [(1, users[0].id.clone(), 7_000), (2, users[2].id.clone(), 8_000)]);
-        assert_eq!(store.deleted_users(1, 10).await.unwrap(), log[1..]);
+        on_each_engine(|store| async move {
+            let user = |n: u32, kind: &str, create_time: i64| UserRow {
+                id: format!("0190a000-0000-7000-8000-00000000000{n}"),
+                username: (kind == HUMAN).then(|| format!("person{n}")),
+                display_name: "someone".into(),
+                password_hash: None,
+                create_time,
+                kind: kind.into(),
+                profile_version: 0,
+            };
+            let users =
+                [user(1, GUEST, 10), user(2, GUEST, 20), user(3, GUEST, 30), user(4, HUMAN, 5), user(5, GUEST, 900)];
+            for u in &users {
+                let key = u.username.as_ref().map(|n| n.to_ascii_lowercase());
+                store.insert_user(u, key.as_deref()).await.unwrap();
+            }
+            let kept = SessionRow {
+                id: "0190a000-0000-7000-8000-000000000102".into(),
+                user_id: users[1].id.clone(),
+                create_time: 20,
+                expire_time: 10_000,
+            };
+            store.insert_session(&kept, "hash").await.unwrap();
+            assert_eq!(
+                store.purge_guests(500, 7_000, 1).await.unwrap(),
+                [users[0].id.clone()],
+                "a batch, oldest first"
+            );
+            assert_eq!(store.purge_guests(500, 8_000, 10).await.unwrap(), [users[2].id.clone()]);
+            assert_eq!(store.purge_guests(500, 9_000, 10).await.unwrap(), Vec::<String>::new());
+            for (u, exists) in users.iter().zip([false, true, false, true, true]) {
+                assert_eq!(store.user_by_id(&u.id).await.unwrap().is_some(), exists, "{}", u.id);
+            }
+            let log = store.deleted_users(0, 10).await.unwrap();
+            assert_eq!(log, [(1, users[0].id.clone(), 7_000), (2, users[2].id.clone(), 8_000)]);
+            assert_eq!(store.deleted_users(1, 10).await.unwrap(), log[1..]);
 
-        // DeleteAccount: the user and its sessions go, logged after the
-        // purges; a second time finds nobody and logs nothing.
-        let delete = |hash: Option<&'static str>, now| store.delete_user(&users[1].id, &kept.id, hash, now);
-        assert_eq!(delete(Some("claimed meanwhile"), 9_500).await.unwrap(), Deletion::Changed);
-        assert_eq!(delete(None, 10_500).await.unwrap(), Deletion::SessionEnded, "expired meanwhile");
-        assert_eq!(delete(None, 9_500).await.unwrap(), Deletion::Deleted(vec![kept.id.clone()]), "its sessions");
-        assert!(store.user_by_id(&users[1].id).await.unwrap().is_none());
-        assert!(store.session_by_token("hash").await.unwrap().is_none(), "its token resolves no more");
-        // ... but is known to have deleted its account, for a retry, until
-        // it is purged.
-        assert!(store.deleted_by_token("hash", 9_500).await.unwrap());
-        assert!(!store.deleted_by_token("hash", 9_501).await.unwrap(), "not since");
-        assert!(!store.deleted_by_token("late-hash", 0).await.unwrap());
-        assert_eq!(delete(None, 9_600).await.unwrap(), Deletion::Gone);
-        // A log-in that checked the password before the deletion finds the
-        // user gone, not a database error.
-        let late = SessionRow { id: "0190a000-0000-7000-8000-000000000199".into(), ..kept.clone() };
-        let error = store.insert_session(&late, "late-hash").await.unwrap_err();
-        assert!(matches!(error, SessionsError::UserNotFound), "{error:?}");
-        assert_eq!(store.deleted_users(2, 10).await.unwrap(), [(3, users[1].id.clone(), 9_500)]);
-        assert_eq!(store.purge_deleted_account_tokens(9_500).await.unwrap(), 0, "deleted at 9,500: kept");
-        assert_eq!(store.purge_deleted_account_tokens(9_501).await.unwrap(), 1);
-        assert!(!store.deleted_by_token("hash", 0).await.unwrap());
+            // DeleteAccount: the user and its sessions go, logged after the
+            // purges; a second time finds nobody and logs nothing.
+            let delete = |hash: Option<&'static str>, now| store.delete_user(&users[1].id, &kept.id, hash, now);
+            assert_eq!(delete(Some("claimed meanwhile"), 9_500).await.unwrap(), Deletion::Changed);
+            assert_eq!(delete(None, 10_500).await.unwrap(), Deletion::SessionEnded, "expired meanwhile");
+            assert_eq!(delete(None, 9_500).await.unwrap(), Deletion::Deleted(vec![kept.id.clone()]), "its sessions");
+            assert!(store.user_by_id(&users[1].id).await.unwrap().is_none());
+            assert!(store.session_by_token("hash").await.unwrap().is_none(), "its token resolves no more");
+            // ... but is known to have deleted its account, for a retry, until
+            // it is purged.
+            assert!(store.deleted_by_token("hash", 9_500).await.unwrap());
+            assert!(!store.deleted_by_token("hash", 9_501).await.unwrap(), "not since");
+            assert!(!store.deleted_by_token("late-hash", 0).await.unwrap());
+            assert_eq!(delete(None, 9_600).await.unwrap(), Deletion::Gone);
+            // A log-in that checked the password before the deletion finds the
+            // user gone, not a database error.
+            let late = SessionRow { id: "0190a000-0000-7000-8000-000000000199".into(), ..kept.clone() };
+            let error = store.insert_session(&late, "late-hash").await.unwrap_err();
+            assert!(matches!(error, SessionsError::UserNotFound), "{error:?}");
+            assert_eq!(store.deleted_users(2, 10).await.unwrap(), [(3, users[1].id.clone(), 9_500)]);
+            assert_eq!(store.purge_deleted_account_tokens(9_500).await.unwrap(), 0, "deleted at 9,500: kept");
+            assert_eq!(store.purge_deleted_account_tokens(9_501).await.unwrap(), 1);
+            assert!(!store.deleted_by_token("hash", 0).await.unwrap());
+        })
+        .await;
     }
 
     /// A claim finds the guest claimed (by another of its tabs) or deleted
     /// since its caller looked, and says which.
     #[tokio::test]
     async fn a_claim_tells_a_guest_claimed_meanwhile_from_one_deleted_meanwhile() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = sqlite_in(&dir).await;
-        let guest = guest();
-        store.insert_user(&guest, None).await.unwrap();
-        let claim = |name: &'static str| store.claim(&guest.id, name, name, "Claimed", "phc", 5);
-        let kept = "0190a000-0000-7000-8000-000000000100";
-        let row = SessionRow { id: kept.into(), user_id: guest.id.clone(), create_time: 0, expire_time: i64::MAX };
-        store.insert_session(&row, "guest-hash").await.unwrap();
-        assert_eq!(claim("first").await.unwrap(), Claim::Claimed(vec![kept.to_owned()]), "the guest's session ended");
-        let ended = store.session_by_token("guest-hash").await.unwrap().unwrap();
-        assert_eq!((ended.revoke_time, ended.guest), (Some(5), 0), "revoked in the claim's own write");
-        assert_eq!(claim("second").await.unwrap(), Claim::NotGuest, "claimed already");
-        let row = store.user_by_id(&guest.id).await.unwrap().unwrap();
-        assert_eq!((row.username.as_deref(), row.profile_version), (Some("first"), 1), "the first claim kept");
-        let session = "0190a000-0000-7000-8000-000000000101";
-        let row = SessionRow { id: session.into(), user_id: guest.id.clone(), create_time: 0, expire_time: i64::MAX };
-        store.insert_session(&row, "hash").await.unwrap();
-        store.delete_user(&guest.id, session, Some("phc"), 1).await.unwrap();
-        assert_eq!(claim("third").await.unwrap(), Claim::Gone);
+        on_each_engine(|store| async move {
+            let guest = guest();
+            store.insert_user(&guest, None).await.unwrap();
+            let claim = |name: &'static str| store.claim(&guest.id, name, name, "Claimed", "phc", 5);
+            let kept = "0190a000-0000-7000-8000-000000000100";
+            let row = SessionRow { id: kept.into(), user_id: guest.id.clone(), create_time: 0, expire_time: i64::MAX };
+            store.insert_session(&row, "guest-hash").await.unwrap();
+            assert_eq!(
+                claim("first").await.unwrap(),
+                Claim::Claimed(vec![kept.to_owned()]),
+                "the guest's session ended"
+            );
+            let ended = store.session_by_token("guest-hash").await.unwrap().unwrap();
+            assert_eq!((ended.revoke_time, ended.guest), (Some(5), 0), "revoked in the claim's own write");
+            assert_eq!(claim("second").await.unwrap(), Claim::NotGuest, "claimed already");
+            let row = store.user_by_id(&guest.id).await.unwrap().unwrap();
+            assert_eq!((row.username.as_deref(), row.profile_version), (Some("first"), 1), "the first claim kept");
+            let session = "0190a000-0000-7000-8000-000000000101";
+            let row =
+                SessionRow { id: session.into(), user_id: guest.id.clone(), create_time: 0, expire_time: i64::MAX };
+            store.insert_session(&row, "hash").await.unwrap();
+            store.delete_user(&guest.id, session, Some("phc"), 1).await.unwrap();
+            assert_eq!(claim("third").await.unwrap(), Claim::Gone);
+        })
+        .await;
     }
 
     /// On PostgreSQL a guest claimed while its deletion waits for the

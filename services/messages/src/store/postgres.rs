@@ -123,6 +123,38 @@ const MESSAGE_BY_ID: &str = concat!("SELECT ", message_columns!(), " FROM messag
 /// [`MESSAGE_BY_ID`], locking the row for the rest of the transaction.
 const MESSAGE_FOR_UPDATE: &str = concat!("SELECT ", message_columns!(), " FROM messages WHERE id = $1 FOR UPDATE");
 
+/// The arguments of the advisory lock between [`MessageStore::forget_user`]
+/// (exclusive) and [`MessageStore::record_last_seen`] (shared): a key of
+/// natter's own ("natt" in ASCII) and a hash of the schema's name, as
+/// advisory locks are the whole database's. A last-seen time is stored
+/// only if its user is not forgotten, and `NOT EXISTS` cannot lock a row
+/// that is not there yet: without the lock, a record whose statement began
+/// before a forget committed stored the time after the forget had deleted
+/// it, kept for ever for a deleted user.
+macro_rules! forgotten_lock {
+    () => {
+        "1851880564, hashtext(current_schema() || ' forgotten')"
+    };
+}
+
+/// [`MessageStore::forget_user`]'s work for user `user` in transaction
+/// `tx`: it takes `forgotten_lock!` exclusively, waiting for the last-seen
+/// records under way and holding back those after until `tx` ends, then
+/// records the user forgotten and deletes their presence, read positions
+/// and mention rows.
+async fn forget_user_in(tx: &mut sqlx::PgConnection, user: &str) -> Result<(), StoreError> {
+    sqlx::query(concat!("SELECT pg_advisory_xact_lock(", forgotten_lock!(), ")")).execute(&mut *tx).await?;
+    for sql in [
+        "INSERT INTO forgotten_users (user_id) VALUES ($1) ON CONFLICT (user_id) DO NOTHING",
+        "DELETE FROM user_presence WHERE user_id = $1",
+        "DELETE FROM read_positions WHERE user_id = $1",
+        "DELETE FROM message_mentions WHERE user_id = $1",
+    ] {
+        sqlx::query(sql).bind(user).execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
 /// The messages store in a PostgreSQL schema.
 #[derive(Clone, Debug)]
 pub struct PostgresStore {
@@ -1769,13 +1801,10 @@ impl MessageStore for PostgresStore {
     }
 
     async fn forget_user(&self, user: UserId) -> Result<(), StoreError> {
-        let deletes = [
-            "INSERT INTO forgotten_users (user_id) VALUES ($1) ON CONFLICT (user_id) DO NOTHING",
-            "DELETE FROM user_presence WHERE user_id = $1",
-            "DELETE FROM read_positions WHERE user_id = $1",
-            "DELETE FROM message_mentions WHERE user_id = $1",
-        ];
-        self.in_one_transaction(&deletes, user.to_string()).await
+        let mut tx = self.pool.begin().await?;
+        forget_user_in(&mut tx, &user.to_string()).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn record_last_seen(&self, seen: &[(UserId, i64)]) -> Result<(), StoreError> {
@@ -1783,6 +1812,10 @@ impl MessageStore for PostgresStore {
             return Ok(());
         }
         let (users, times): (Vec<String>, Vec<i64>) = seen.iter().map(|(u, t)| (u.to_string(), *t)).unzip();
+        let mut tx = self.pool.begin().await?;
+        // Shared: waits for a forget under way to commit, so the insert's
+        // snapshot (taken after) sees it (see `forgotten_lock!`).
+        sqlx::query(concat!("SELECT pg_advisory_xact_lock_shared(", forgotten_lock!(), ")")).execute(&mut *tx).await?;
         // One statement; the latest time per user first, as one INSERT may
         // not touch a row twice.
         sqlx::query(
@@ -1794,8 +1827,9 @@ impl MessageStore for PostgresStore {
         )
         .bind(&users)
         .bind(&times)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1864,5 +1898,55 @@ impl MessageStore for PostgresStore {
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A last-seen time recorded while a forget of its user is under way
+    /// (a replica's periodic record racing DeleteAccount) waits for it and
+    /// then stores nothing: the forgotten user keeps no presence row.
+    #[tokio::test]
+    async fn a_last_seen_time_recorded_during_a_forget_is_not_kept() {
+        let Some(url) = natter_db::testing::postgres_url() else { return };
+        let schema = natter_db::testing::unique_schema("forget");
+        let store = PostgresStore::open(&url, &schema, &natter_db::PoolSettings::default()).await.unwrap();
+        let user = UserId::new_v7();
+        // The forget, under way: its statements done, not yet committed.
+        let mut forget = store.pool.begin().await.unwrap();
+        let (forgetter,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()").fetch_one(&mut *forget).await.unwrap();
+        forget_user_in(&mut forget, &user.to_string()).await.unwrap();
+        let mut record = tokio::spawn({
+            let store = store.clone();
+            async move { store.record_last_seen(&[(user, 5)]).await }
+        });
+        // Until the record waits for the forget, or is done without waiting.
+        let mut done = None;
+        while done.is_none() {
+            let (waiting,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))")
+                    .bind(forgetter)
+                    .fetch_one(&store.pool)
+                    .await
+                    .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            tokio::select! {
+                recorded = &mut record => done = Some(recorded),
+                () = tokio::task::yield_now() => {}
+            }
+        }
+        forget.commit().await.unwrap();
+        let recorded = match done {
+            Some(recorded) => recorded,
+            None => record.await,
+        };
+        recorded.unwrap().unwrap();
+        assert!(store.last_seen(&[user]).await.unwrap().is_empty(), "a last-seen time kept for a forgotten user");
+        store.close().await;
+        natter_db::postgres::drop_schema(&url, &schema).await.unwrap();
     }
 }

@@ -24,7 +24,9 @@
 //! JetStream: the store already keeps every event durably, so the bus needs
 //! no persistence of its own; what it loses (a reconnect, a slow consumer,
 //! the moment before a new subscription takes effect) is announced locally
-//! as a resync hint, and streams re-read the store.
+//! as a resync hint, and streams re-read the store. What a publisher loses
+//! with its own connection, the other replicas cannot notice: it publishes
+//! the hints itself once reconnected (`nats` module docs).
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;

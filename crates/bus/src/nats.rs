@@ -43,6 +43,21 @@
 //! still serves the calls it accepted, and their look-ups need answers;
 //! after `close` a look-up asks the owning service.
 //!
+//! What a publisher loses: a publish only queues the event in the client,
+//! which writes it to the socket later, so what sits in the client's or
+//! the kernel's buffers, or went out on a connection that had died without
+//! a word, is gone when the connection drops; the other replicas, whose own
+//! connections never wavered, have nothing to resync on, and their streams
+//! of that chat would hear of the change only at its next event. So the
+//! publisher task keeps the topics it published to until a round trip on
+//! the same connection (a barrier, once a second while it has any) proves
+//! the server had them; when the client has reconnected since (its
+//! `connects` count moved), it publishes a resync hint on each topic not
+//! proven, and their subscribers re-read the store (a hint is no event:
+//! exactly once still holds). The presence topic is not kept: it has no
+//! hint ([`Event::resync_hint`]); the next heartbeat makes up for a lost
+//! beat, not for news of users (renames) lost with it.
+//!
 //! At shutdown the publisher keeps going until [`EventBus::close`], not the
 //! shutdown token: a stopping process publishes through its drain (up to
 //! `--shutdown-grace`) and after it (its stores, its presence goodbye),
@@ -539,9 +554,9 @@ impl NatsBus {
         };
         let hub = Arc::new(hub.with_invalidator(Invalidator::new(false)));
         let (caches_back, caches_notices) = mpsc::unbounded_channel();
-        let client =
-            Self::first_connection(&addr, credentials.as_ref(), &hub, reconnected.as_ref(), &caches_back, &shutdown)
-                .await?;
+        let publisher_wake = Arc::new(Notify::new());
+        let wakes = Wakes { router: reconnected.clone(), publisher: publisher_wake.clone() };
+        let client = Self::first_connection(&addr, credentials.as_ref(), &hub, &wakes, &caches_back, &shutdown).await?;
         tracing::info!(%server, user = user.as_deref().unwrap_or("-"), ?routing, "nats: connected");
         let counts = Arc::new(Counts::default());
         let always = match routing {
@@ -581,42 +596,12 @@ impl NatsBus {
                 }
             }
         }
-        let (outbox, mut queue) = mpsc::channel::<Outgoing>(PUBLISH_QUEUE);
-
+        let (outbox, queue) = mpsc::channel::<Outgoing>(PUBLISH_QUEUE);
         // Until close() (its Close, or its grace over) or the bus dropped:
         // not the shutdown token, which the drain and what follows it
         // outlast.
-        let publisher = client.clone();
-        let given_up = closed.clone();
-        tokio::spawn(async move {
-            let mut answer = None;
-            loop {
-                let next = tokio::select! {
-                    biased;
-                    () = given_up.cancelled() => break,
-                    next = queue.recv() => next,
-                };
-                match next {
-                    Some(Outgoing::Event(topic, event)) => {
-                        if let Err(e) = publisher.publish(subject(topic), event.to_wire()).await {
-                            tracing::warn!(error = %e, "nats: publish failed (streams will refill from the store)");
-                        }
-                    }
-                    Some(Outgoing::Close(done)) => {
-                        answer = Some(done);
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            tokio::select! {
-                _ = publisher.flush() => {}
-                () = given_up.cancelled() => {}
-            }
-            if let Some(done) = answer {
-                let _ = done.send(());
-            }
-        });
+        let publisher = Publisher::new(client.clone());
+        tokio::spawn(publisher.run(queue, publisher_wake, closed.clone()));
 
         if let Some(reconnected) = reconnected {
             let router = Router {
@@ -668,7 +653,7 @@ impl NatsBus {
         addr: &ServerAddr,
         credentials: Option<&Credentials>,
         hub: &Arc<Hub>,
-        reconnected: Option<&Arc<Notify>>,
+        wakes: &Wakes,
         caches_back: &mpsc::UnboundedSender<()>,
         shutdown: &CancellationToken,
     ) -> Result<async_nats::Client, ConnectError> {
@@ -681,12 +666,12 @@ impl NatsBus {
                 options = options.user_and_password(c.user.clone(), c.password.clone());
             }
             let on_event = hub.clone();
-            let on_connected = reconnected.cloned();
+            let on_connected = wakes.clone();
             let stopping = shutdown.clone();
             let caches_back = caches_back.clone();
             let options = options.event_callback(move |event| {
                 let hub = on_event.clone();
-                let reconnected = on_connected.clone();
+                let wakes = on_connected.clone();
                 let stopping = stopping.clone();
                 let caches_back = caches_back.clone();
                 async move {
@@ -708,9 +693,13 @@ impl NatsBus {
                         // Announcements may have been lost while away: re-read
                         // the store once the server has the re-sent SUBs (the
                         // router's round trip), or at once (broadcast).
+                        // And what this process published may not have
+                        // reached the server: its publisher hints those
+                        // topics' subscribers on the other replicas.
                         async_nats::Event::Connected => {
                             tracing::info!(%event, "nats: resync streams from the store");
-                            match reconnected {
+                            wakes.publisher.notify_one();
+                            match wakes.router {
                                 Some(router) => router.notify_one(),
                                 None => hub.resync(),
                             }
@@ -769,6 +758,171 @@ fn deliver(hub: &Hub, counts: &Counts, message: async_nats::Message) {
 async fn round_trip(client: &async_nats::Client) {
     if !barrier(client, CONFIRM_TIMEOUT).await {
         tracing::debug!("nats: round trip unconfirmed; resync hints go out anyway");
+    }
+}
+
+/// Whom the connection's events wake: the router (interest routing) to
+/// hint its subscribers after a reconnect, the publisher to hint the other
+/// replicas' subscribers of what it may have lost.
+#[derive(Clone)]
+struct Wakes {
+    router: Option<Arc<Notify>>,
+    publisher: Arc<Notify>,
+}
+
+/// The publisher task: sends the process's events to NATS in order, and
+/// makes sure the other replicas' subscribers hear of every topic whose
+/// event may have been lost on the way (module docs, "What a publisher
+/// loses").
+///
+/// A publish only hands the event to the client, which writes it to the
+/// socket later: what sits in its write buffer, or in the kernel's, or on a
+/// connection that died without a word, is gone when the connection drops,
+/// and the replicas it was for would learn of the change only at the chat's
+/// next event. So the publisher keeps the topics it published to until a
+/// round trip on the same connection (a [`barrier`], every
+/// [`CONFIRM_EVERY`] while there are any) proves the server had them; when
+/// the client has reconnected since, it publishes a resync hint for each
+/// topic not proven (the receivers re-read the store, which has every
+/// change: exactly once still, as for any hint).
+struct Publisher {
+    client: async_nats::Client,
+    /// The client's connections so far (`Statistics::connects`) when the
+    /// topics below were published: a reconnect since means they may be
+    /// lost.
+    epoch: u64,
+    /// Topics published since the last round trip was sent.
+    unconfirmed: HashSet<Topic>,
+    /// Topics published before the round trip in flight, which its answer
+    /// confirms (if it comes on the same connection).
+    confirming: HashSet<Topic>,
+}
+
+/// How often the publisher confirms with a round trip that the server has
+/// what it published (when it published anything since the last one).
+const CONFIRM_EVERY: Duration = Duration::from_secs(1);
+
+impl Publisher {
+    fn new(client: async_nats::Client) -> Self {
+        let epoch = client.statistics().connects.load(Ordering::SeqCst);
+        Self { client, epoch, unconfirmed: HashSet::new(), confirming: HashSet::new() }
+    }
+
+    /// Publishes what it is handed until a `Close` (flushed, then
+    /// answered), the outbox closing, or `closed`; confirms and hints on
+    /// every tick of [`CONFIRM_EVERY`] and each time `wake` says the client
+    /// reconnected.
+    async fn run(mut self, mut queue: mpsc::Receiver<Outgoing>, wake: Arc<Notify>, closed: CancellationToken) {
+        let mut closing = None;
+        let mut tick = tokio::time::interval(CONFIRM_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The answer of the round trip in flight, and the epoch it was sent in.
+        let mut in_flight: Option<oneshot::Receiver<(bool, u64)>> = None;
+        loop {
+            tokio::select! {
+                biased;
+                () = closed.cancelled() => break,
+                next = queue.recv() => match next {
+                    Some(Outgoing::Event(topic, event)) => {
+                        self.catch_up().await;
+                        // Presence has no hint (module docs).
+                        let kept = topic != Topic::Presence;
+                        self.send(topic, event.to_wire(), kept).await;
+                    }
+                    Some(Outgoing::Close(done)) => {
+                        closing = Some(done);
+                        break;
+                    }
+                    None => break,
+                },
+                answer = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
+                    in_flight = None;
+                    let (confirmed, sent_in) = answer.unwrap_or((false, 0));
+                    self.confirmed(confirmed, sent_in);
+                    self.catch_up().await;
+                }
+                () = wake.notified() => self.catch_up().await,
+                _ = tick.tick() => {
+                    self.catch_up().await;
+                    if in_flight.is_none() && !self.unconfirmed.is_empty() {
+                        in_flight = Some(self.confirm());
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = self.client.flush() => {}
+            () = closed.cancelled() => {}
+        }
+        if let Some(done) = closing {
+            let _ = done.send(());
+        }
+    }
+
+    /// Publishes `payload` on `topic`'s subject and, if `kept`, keeps the
+    /// topic until a round trip confirms it.
+    async fn send(&mut self, topic: Topic, payload: bytes::Bytes, kept: bool) {
+        if kept {
+            self.unconfirmed.insert(topic);
+        }
+        if let Err(e) = self.client.publish(subject(topic), payload).await {
+            tracing::warn!(error = %e, "nats: publish failed (streams will refill from the store)");
+        }
+    }
+
+    /// Sends a round trip that confirms the topics published so far, which
+    /// move to `confirming`; returns its answer: whether the server
+    /// answered, and the epoch it was sent in.
+    fn confirm(&mut self) -> oneshot::Receiver<(bool, u64)> {
+        self.confirming.extend(self.unconfirmed.drain());
+        let (done, answer) = oneshot::channel();
+        let (client, sent_in) = (self.client.clone(), self.epoch);
+        // Spawned once every publish before it is in the client's queue, so
+        // its request goes after them.
+        tokio::spawn(async move {
+            let _ = done.send((barrier(&client, CONFIRM_TIMEOUT).await, sent_in));
+        });
+        answer
+    }
+
+    /// The round trip sent in epoch `sent_in` was answered (`confirmed`) or
+    /// not: the topics it covered are proven delivered only if it was and
+    /// the client has not reconnected since; otherwise they wait for the
+    /// next one (or a hint).
+    fn confirmed(&mut self, confirmed: bool, sent_in: u64) {
+        if confirmed && sent_in == self.epoch && self.connects() == sent_in {
+            self.confirming.clear();
+        } else {
+            self.unconfirmed.extend(self.confirming.drain());
+        }
+    }
+
+    fn connects(&self) -> u64 {
+        self.client.statistics().connects.load(Ordering::SeqCst)
+    }
+
+    /// If the client reconnected since the topics kept were published,
+    /// publishes a resync hint for each of them (on the new connection:
+    /// the client sends what is queued only once connected).
+    async fn catch_up(&mut self) {
+        let now = self.connects();
+        if now == self.epoch {
+            return;
+        }
+        self.epoch = now;
+        let mut lost = std::mem::take(&mut self.unconfirmed);
+        lost.extend(self.confirming.drain());
+        if !lost.is_empty() {
+            tracing::info!(
+                topics = lost.len(),
+                "nats: reconnected; hinting the topics published since the last confirmation"
+            );
+        }
+        for topic in lost {
+            if let Some(hint) = Event::resync_hint(topic) {
+                self.send(topic, hint.to_wire(), true).await;
+            }
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 //! Each test starts its own server (skipped only when nats-server is not
 //! installed and CI is unset).
 
+mod relay;
 mod server;
 
 use std::io::Write as _;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use clap::Parser as _;
 use natter_bus::{BusArgs, ConnectError, Credentials, Event, EventBus, NatsBus, Routing, Shared, Topic};
 use natter_proto::messages::v1::StreamEventsResponse;
+use relay::Relay;
 use server::{INTRUDER_USER, NATTER_USER, NatsServer, RELAY_USER};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -592,4 +594,52 @@ async fn events_published_late_in_a_drain_go_out_at_close() {
     a.close().await;
     assert_eq!(next_seq(&mut on_b).await, Some(1), "the event published 11 s into a's drain reached b");
     b_stop.cancel();
+}
+
+/// A replica's own connection to NATS goes dark (what it writes is lost on
+/// the way, the socket still open) while it publishes a change of a chat and
+/// of a user that another replica's streams follow, and then drops. The
+/// other replica's connection never wavered, so nothing of its own tells
+/// its streams to re-read: once the publisher has reconnected, its
+/// subscribers of both topics are hinted to re-read the store (within a
+/// bounded wait), where without the hint they would hear of the change only
+/// at the chat's next event.
+#[tokio::test]
+async fn what_a_publisher_lost_with_its_connection_is_hinted_after_its_reconnect() {
+    let Some(server) = NatsServer::start().await else { return };
+    let relay = Relay::to(&server.url).await;
+    let stop = CancellationToken::new();
+    let through_relay = relay.url.replacen("nats://", &format!("nats://{NATTER_USER}:{}@", server.password), 1);
+    let a = NatsBus::connect(&through_relay, None, Routing::Interest, stop.clone()).await.expect("a connects");
+    let b = natter_bus(&server, Routing::Interest, &stop).await;
+    let (chat, user) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut chat_on_b = b.subscribe(Topic::Chat(chat));
+    let mut user_on_b = b.subscribe(Topic::User(user));
+    assert!(in_effect(&mut chat_on_b).await && in_effect(&mut user_on_b).await, "b's subscriptions are in place");
+    a.publish(Topic::Chat(chat), event(chat, 1));
+    assert_eq!(next_seq(&mut chat_on_b).await, Some(1), "a's events cross through the relay");
+
+    relay.freeze();
+    a.publish(Topic::Chat(chat), event(chat, 2));
+    let account = natter_proto::messages::v1::AccountChange::BlockedUsers;
+    a.publish(Topic::User(user), Arc::new(Event::account_updated(user.into(), account)));
+    for topic in [format!("natter.events.chat.{chat}"), format!("natter.events.user.{user}")] {
+        assert!(relay.swallowed(&topic, DELIVERY).await, "a's event on {topic} was lost on the way");
+    }
+    relay.cut();
+
+    // Reconnecting may take a few of the client's back-off steps.
+    let reconnect = Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + reconnect;
+    match tokio::time::timeout_at(deadline, chat_on_b.recv()).await {
+        Ok(Some(Ok(e))) => assert!(e.is_hint() && e.chat == Some(chat.into()), "a hint to re-read the chat: {e:?}"),
+        other => panic!("b's subscribers of the chat heard nothing within {reconnect:?}: {other:?}"),
+    }
+    match tokio::time::timeout_at(deadline, user_on_b.recv()).await {
+        Ok(Some(Ok(e))) => assert!(e.is_hint(), "a hint to re-read the user's chats: {e:?}"),
+        other => panic!("b's subscribers of the user heard nothing within {reconnect:?}: {other:?}"),
+    }
+    a.publish(Topic::Chat(chat), event(chat, 3));
+    assert_eq!(next_seq(&mut chat_on_b).await, Some(3), "and a's events cross again");
+    stop.cancel();
 }

@@ -1,0 +1,109 @@
+//! A TCP relay between one bus and the NATS server, whose connections the
+//! test freezes (what the client writes from then on is swallowed, as by a
+//! network that went dark while the socket still looks open) and then cuts
+//! (both ends closed). New connections after a cut are relayed as usual.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// One relayed connection: frozen or not, and its cut.
+struct Link {
+    frozen: Arc<AtomicBool>,
+    cut: CancellationToken,
+}
+
+/// A relay on a loopback port of its own; stops with the test's runtime.
+pub(crate) struct Relay {
+    /// `nats://127.0.0.1:<port>`, the relay's.
+    pub(crate) url: String,
+    links: Arc<Mutex<Vec<Link>>>,
+    /// What the frozen connections' clients wrote, swallowed.
+    swallowed: Arc<Mutex<Vec<u8>>>,
+    more_swallowed: Arc<Notify>,
+}
+
+impl Relay {
+    /// A relay to the NATS server at `upstream` (`nats://host:port`).
+    pub(crate) async fn to(upstream: &str) -> Self {
+        let upstream = upstream.trim_start_matches("nats://").to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the relay");
+        let url = format!("nats://{}", listener.local_addr().expect("relay address"));
+        let links = Arc::new(Mutex::new(Vec::<Link>::new()));
+        let swallowed = Arc::new(Mutex::new(Vec::new()));
+        let more_swallowed = Arc::new(Notify::new());
+        let (adding, sink, told) = (links.clone(), swallowed.clone(), more_swallowed.clone());
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(&upstream).await else { continue };
+                let (frozen, cut) = (Arc::new(AtomicBool::new(false)), CancellationToken::new());
+                adding.lock().unwrap().push(Link { frozen: frozen.clone(), cut: cut.clone() });
+                let (sink, told) = (sink.clone(), told.clone());
+                tokio::spawn(async move {
+                    let (mut from_client, mut to_client) = inbound.into_split();
+                    let (mut from_server, mut to_server) = outbound.into_split();
+                    let upward = async {
+                        let mut buf = vec![0; 16 * 1024];
+                        loop {
+                            let n = match from_client.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if frozen.load(Ordering::SeqCst) {
+                                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                                told.notify_waiters();
+                            } else if to_server.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let downward = tokio::io::copy(&mut from_server, &mut to_client);
+                    // Whichever ends first (or the cut) drops both sockets.
+                    tokio::select! {
+                        () = cut.cancelled() => {}
+                        () = upward => {}
+                        _ = downward => {}
+                    }
+                });
+            }
+        });
+        Self { url, links, swallowed, more_swallowed }
+    }
+
+    /// Swallows from now on what the clients of the open connections write.
+    pub(crate) fn freeze(&self) {
+        for link in self.links.lock().unwrap().iter() {
+            link.frozen.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits until the frozen connections have swallowed `needle`; false if
+    /// not within `within`.
+    pub(crate) async fn swallowed(&self, needle: &str, within: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let told = self.more_swallowed.notified();
+            tokio::pin!(told);
+            told.as_mut().enable();
+            let seen = self.swallowed.lock().unwrap().windows(needle.len()).any(|w| w == needle.as_bytes());
+            if seen {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, told).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Closes every connection open now (frozen or not); later ones are
+    /// relayed as usual.
+    pub(crate) fn cut(&self) {
+        for link in self.links.lock().unwrap().drain(..) {
+            link.cut.cancel();
+        }
+    }
+}

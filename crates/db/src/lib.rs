@@ -44,6 +44,23 @@ pub enum DbError {
         "database {name:?} does not exist and could not be created ({reason}); create it (createdb {name}) or name one that exists in the URL"
     )]
     MissingDatabase { name: String, reason: String },
+    /// Another natter process serves the store of `schema` in this
+    /// database in a way this one cannot run beside
+    /// ([`postgres::InstanceLock`]): this one has no NATS (`alone`), or
+    /// the other has none.
+    #[error(
+        "another natter process serves schema {schema} of this database{}; processes on one database must all \
+         share one NATS (--nats-url), or there must be only one of them: stop the other first (a Kubernetes \
+         Deployment without NATS needs strategy: Recreate, so that a rollout stops the old pod before it starts \
+         the new one)",
+        if *alone { " and this one has no --nats-url" } else { " without --nats-url" }
+    )]
+    InUse {
+        /// The schema whose lock was refused.
+        schema: String,
+        /// This process has no NATS (it wanted the lock for itself).
+        alone: bool,
+    },
     /// The database refused or failed.
     #[error(transparent)]
     Sqlx(#[from] sqlx::Error),
@@ -253,6 +270,7 @@ impl DbError {
             Self::UnsupportedUrl(_)
             | Self::InvalidSchema(_)
             | Self::MissingDatabase { .. }
+            | Self::InUse { .. }
             | Self::Migrate(_)
             | Self::Thread(_) => Failure::Internal,
         }
@@ -478,6 +496,22 @@ impl StoreArgs {
             statement_timeout: self.database_statement_timeout,
             lock_timeout: self.database_lock_timeout,
         }
+    }
+
+    /// Claims the PostgreSQL stores of `services` (`sessions`, `chats`,
+    /// `messages`) for this process ([`postgres::InstanceLock::claim`]):
+    /// for itself if `alone` (no NATS; hold the lock returned until the
+    /// process has closed its stores), else checks that no process without
+    /// NATS holds them (`None`). `None` on SQLite too, whose files are not
+    /// checked.
+    ///
+    /// Errors: [`DbError::InUse`] when another process serves one of them
+    /// in a way this one cannot run beside; the server refused.
+    pub async fn claim(&self, services: &[&str], alone: bool) -> Result<Option<postgres::InstanceLock>, DbError> {
+        let Some(url) = &self.database_url else { return Ok(None) };
+        let schemas: Vec<String> =
+            services.iter().map(|name| format!("{}{name}", self.database_schema_prefix)).collect();
+        postgres::InstanceLock::claim(url, &schemas, alone).await
     }
 
     /// The database of the service `name` (`sessions`, `chats`, `messages`).

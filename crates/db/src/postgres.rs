@@ -234,6 +234,86 @@ impl BackfillLock {
     }
 }
 
+/// Keeps a natter process without NATS alone on its stores: a
+/// session-level advisory lock per store schema, held exclusively on a
+/// connection of its own for as long as the process runs.
+///
+/// A process without NATS keeps exact caches (tokens, memberships) that
+/// only its own writes evict, and its streams hear of no other process's
+/// changes: a second process on the same stores, with NATS or without,
+/// would have it serve stale answers (a removed member keeps reading).
+/// Processes on NATS evict each other's caches; one only checks at
+/// start-up that no process without NATS holds its stores (taking the
+/// lock shared for a moment), and holds nothing, so that replicas cost no
+/// connection for it. (So a process without NATS started beside running
+/// processes on NATS is not caught.) A process that is refused does not
+/// start ([`DbError::InUse`]). The lock goes with its session: when the
+/// process exits, or its connection ends (PostgreSQL ends a session whose
+/// client vanished after about a minute of unanswered keepalives, set
+/// here, rather than the server's default of hours).
+#[derive(Debug)]
+pub struct InstanceLock {
+    conn: PgConnection,
+}
+
+impl InstanceLock {
+    /// Claims `schemas` on `url` for this process, without waiting: if
+    /// `alone` (no NATS), takes their lock exclusively and holds it (the
+    /// lock is returned); else checks that no process without NATS holds
+    /// any of them (`None`).
+    ///
+    /// Errors: [`DbError::InUse`] naming the first schema another process
+    /// holds incompatibly (then none is held), the URL does not parse, or
+    /// the server refused.
+    pub async fn claim(url: &str, schemas: &[String], alone: bool) -> Result<Option<Self>, DbError> {
+        let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.disable_statement_logging();
+        let mut conn = PgConnection::connect_with(&options).await?;
+        conn.execute(
+            "SET statement_timeout = 0; SET lock_timeout = 0; SET tcp_keepalives_idle = 30; \
+             SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3",
+        )
+        .await?;
+        let take = if alone { "SELECT pg_try_advisory_lock($1)" } else { "SELECT pg_try_advisory_lock_shared($1)" };
+        for schema in schemas {
+            let (locked,): (bool,) = sqlx::query_as(take).bind(instance_lock_key(schema)).fetch_one(&mut conn).await?;
+            if !locked {
+                // Closing the session releases the locks taken so far.
+                let _ = conn.close().await;
+                return Err(DbError::InUse { schema: schema.clone(), alone });
+            }
+        }
+        let lock = Self { conn };
+        if alone {
+            return Ok(Some(lock));
+        }
+        lock.release().await;
+        Ok(None)
+    }
+
+    /// Releases the locks and closes their connection (at shutdown, once
+    /// the stores are closed). A failure is only logged: the session's end
+    /// frees them anyway.
+    pub async fn release(mut self) {
+        // Released before the session ends (which frees them too, but
+        // after the close returns): a process started right after this one
+        // stopped finds them free.
+        if let Err(e) = self.conn.execute("SELECT pg_advisory_unlock_all()").await {
+            tracing::warn!(error = %e, "releasing the instance lock failed; its session's end frees it");
+        }
+        if let Err(e) = self.conn.close().await {
+            tracing::warn!(error = %e, "closing the instance lock's connection failed; its session's end frees it");
+        }
+    }
+}
+
+/// The key of [`InstanceLock`] for `schema`: "nins" (natter instances) in
+/// the high 32 bits, the CRC-32 (ISO-HDLC) of the schema's name in the low
+/// ones.
+fn instance_lock_key(schema: &str) -> i64 {
+    const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+    (i64::from(u32::from_be_bytes(*b"nins")) << 32) | i64::from(CRC.checksum(schema.as_bytes()))
+}
+
 /// The key of [`BackfillLock`] for `schema`: "nbfl" (natter backfills) in
 /// the high 32 bits, the CRC-32 (ISO-HDLC) of the schema's name in the low
 /// ones.
@@ -675,5 +755,39 @@ mod tests {
         assert_eq!(sqlstate(e).as_deref(), Some("55P03"), "sqlx's migrator waited for the lock: {e}");
         holder.close().await.unwrap();
         other.close().await.unwrap();
+    }
+
+    /// One process without NATS holds a store alone: a second one is
+    /// refused, with NATS or without, saying what to do; another
+    /// deployment's schema is free. Processes on NATS hold nothing, so any
+    /// number of them start. A lock released is free at once (a restart, a
+    /// rollout with strategy: Recreate).
+    #[tokio::test]
+    async fn one_process_without_nats_holds_a_store_alone_and_any_number_on_nats_start() {
+        let Some(url) = crate::testing::postgres_url() else { return };
+        let (chats, messages) = (crate::testing::unique_schema("chats"), crate::testing::unique_schema("messages"));
+        let both = [chats.clone(), messages.clone()];
+        let refused = |claimed: Result<Option<InstanceLock>, DbError>| match claimed {
+            Err(e @ DbError::InUse { .. }) => e.to_string(),
+            other => panic!("not refused: {other:?}"),
+        };
+
+        let alone = InstanceLock::claim(&url, &both, true).await.unwrap().expect("the first takes its stores");
+        let second = refused(InstanceLock::claim(&url, std::slice::from_ref(&messages), true).await);
+        let named = format!("schema {messages} of this database and this one has no --nats-url");
+        assert!(second.contains(&named) && second.contains("strategy: Recreate"), "{second}");
+        let on_nats = refused(InstanceLock::claim(&url, std::slice::from_ref(&chats), false).await);
+        assert!(on_nats.contains(&format!("schema {chats} of this database without --nats-url")), "{on_nats}");
+        let elsewhere = [crate::testing::unique_schema("chats")];
+        let other = InstanceLock::claim(&url, &elsewhere, true).await.unwrap().expect("another deployment's is free");
+        alone.release().await;
+
+        for _ in 0..2 {
+            let on_nats = InstanceLock::claim(&url, &both, false).await.expect("processes on NATS start");
+            assert!(on_nats.is_none(), "and hold nothing");
+        }
+        let again = InstanceLock::claim(&url, &both, true).await.unwrap().expect("free once released");
+        again.release().await;
+        other.release().await;
     }
 }

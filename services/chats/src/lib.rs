@@ -258,6 +258,10 @@ pub async fn run(
     let messages = natter_kit::Link::connect("messages", &config.messages_url, &credential, deadline)?;
     let users = Arc::new(natter_links::Grpc(sessions.clone()));
     let only_instance = config.bus.nats_url.is_none();
+    // Without NATS this process must be the only one on its store, and on
+    // NATS it must not meet one without: refused here, before anything
+    // serves (natter_db::postgres::InstanceLock).
+    let instance = config.store.claim(&["chats"], only_instance).await?;
     let bus = config.bus.connect(shutdown.clone()).await?;
     let chats = open(
         &config.store.config("chats")?,
@@ -283,6 +287,9 @@ pub async fn run(
     natter_kit::serve::serve_split((public, listener), (internal, internal_listener), shutdown).await?;
     chats.close().await;
     bus.close().await;
+    if let Some(instance) = instance {
+        instance.release().await;
+    }
     Ok(())
 }
 

@@ -374,6 +374,10 @@ pub async fn run(
     let deadline = config.internal.internal_call_timeout;
     let sessions = natter_kit::Link::connect("sessions", &config.sessions_url, &credential, deadline)?;
     let chats = natter_kit::Link::connect("chats", &config.chats_url, &credential, deadline)?;
+    // Without NATS this process must be the only one on its store, and on
+    // NATS it must not meet one without: refused here, before anything
+    // serves (natter_db::postgres::InstanceLock).
+    let instance = config.store.claim(&["messages"], config.bus.nats_url.is_none()).await?;
     let bus = config.bus.connect(shutdown.clone()).await?;
     let (verifier, chats) = (natter_auth::GrpcVerifier::new(sessions), natter_links::Grpc(chats));
     // Replicas on NATS keep token and membership answers, dropped by the bus.
@@ -392,6 +396,9 @@ pub async fn run(
     natter_kit::serve::serve_split((public, listener), (internal, internal_listener), shutdown).await?;
     messages.close().await;
     bus.close().await;
+    if let Some(instance) = instance {
+        instance.release().await;
+    }
     Ok(())
 }
 

@@ -69,6 +69,8 @@ pub struct App {
     assistant: Option<Arc<natter_assistant::Assistant>>,
     /// The event bus the services share.
     bus: Arc<dyn EventBus>,
+    /// This process's claim on its PostgreSQL stores, released last.
+    instance: Option<natter_db::postgres::InstanceLock>,
 }
 
 impl App {
@@ -90,11 +92,15 @@ impl App {
         // In process by default; over NATS when several all-in-ones share
         // one PostgreSQL.
         natter_kit::config::check_store(&args.store, &args.server)?;
-        let bus: Arc<dyn EventBus> = args.bus.connect(shutdown.clone()).await?;
-
         // One instance of each service, unless NATS links several all-in-ones:
         // then nothing may be cached that another instance could change.
         let only_instance = args.bus.nats_url.is_none();
+        // And so no other process on the same stores: refused here, before
+        // anything serves; on NATS, only beside one without
+        // (natter_db::postgres::InstanceLock).
+        let instance = args.store.claim(&["sessions", "chats", "messages"], only_instance).await?;
+        let bus: Arc<dyn EventBus> = args.bus.connect(shutdown.clone()).await?;
+
         let sessions =
             natter_sessions::open(&args.store.config("sessions")?, bus.clone(), &args.sessions, only_instance).await?;
         let session_internal = Arc::new(natter_sessions::SessionInternalApi::new(sessions.clone()));
@@ -166,7 +172,7 @@ impl App {
 
         let sessions_db = sessions.store().db().clone();
         server.set_web_page(PageSource::from_flags(args.web_dir.as_deref(), args.no_web_page)?);
-        Ok(Self { listener, server, shutdown, sessions_db, messages, chats, assistant, bus })
+        Ok(Self { listener, server, shutdown, sessions_db, messages, chats, assistant, bus, instance })
     }
 
     /// The event bus the services share (to read its size in tests).
@@ -193,6 +199,9 @@ impl App {
         self.messages.close().await;
         // Last: the presence goodbye the messages service just said.
         self.bus.close().await;
+        if let Some(instance) = self.instance {
+            instance.release().await;
+        }
         Ok(())
     }
 }

@@ -263,8 +263,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let credential = config.internal.credential()?;
     natter_kit::config::check_store(&config.store, &config.server)?;
-    let bus = config.bus.connect(shutdown.clone()).await?;
     let only_instance = config.bus.nats_url.is_none();
+    // Without NATS this process must be the only one on its store, and on
+    // NATS it must not meet one without: refused here, before anything
+    // serves (natter_db::postgres::InstanceLock).
+    let instance = config.store.claim(&["sessions"], only_instance).await?;
+    let bus = config.bus.connect(shutdown.clone()).await?;
     let sessions = open(&config.store.config("sessions")?, bus.clone(), &config.sessions, only_instance).await?;
     let mut public = Server::new(&config.server);
     add_services(&mut public, &sessions).await;
@@ -273,5 +277,8 @@ pub async fn run(
     natter_kit::serve::serve_split((public, listener), (internal, internal_listener), shutdown).await?;
     sessions.store().db().close().await;
     bus.close().await;
+    if let Some(instance) = instance {
+        instance.release().await;
+    }
     Ok(())
 }

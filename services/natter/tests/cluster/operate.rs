@@ -260,3 +260,58 @@ fn migrate_refuses_an_unknown_service_and_names_a_store_that_fails() {
     assert!(stderr.contains("migrating the chats store (postgres://natter@127.0.0.1:"), "{stderr}");
     assert!(!stderr.contains("s3cr3t"), "the password is not shown: {stderr}");
 }
+
+/// Starts `natter serve` with `args` on a port of its own and waits (20 s
+/// at most) for it to exit: whether it succeeded and its stderr; `None` if
+/// it was still running (killed then).
+async fn exits(args: &[&str]) -> Option<(bool, String)> {
+    let port = free_port().to_string();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_natter"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start natter");
+    let output = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait_with_output()).await.ok()?;
+    let output = output.expect("natter ran");
+    Some((output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned()))
+}
+
+/// A second `natter serve` without NATS on the PostgreSQL stores of a
+/// first: it would keep exact caches (memberships, tokens) that the first
+/// one's writes never evict, so a member the first removed would go on
+/// reading through it. It refuses to start instead, naming the schema and
+/// the fix, and so does one with NATS beside it; the first serves on. Once
+/// the first has stopped, a new one starts on the same stores (a rollout
+/// with strategy: Recreate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_on_the_stores_of_one_without_nats_refuses_to_start() {
+    let Some(db) = env("NATTER_TEST_DATABASE_URL") else {
+        eprintln!("skipped: NATTER_TEST_DATABASE_URL is not set");
+        return;
+    };
+    let prefix = format!("i{}_", uuid::Uuid::new_v4().simple());
+    let store = ["--database-url", db.as_str(), "--database-schema-prefix", prefix.as_str()];
+    let mut first = Node::start("serve", free_port(), store.map(str::to_owned).into());
+    let channel = first.channel().await;
+
+    let Some((ok, stderr)) = exits(&store).await else { panic!("a second natter serve without NATS started") };
+    assert!(!ok, "the second natter serve exited 0: {stderr}");
+    let schema = format!("schema {prefix}sessions of this database and this one has no --nats-url");
+    assert!(stderr.contains(&schema) && stderr.contains("strategy: Recreate"), "{stderr}");
+    if let Some(nats) = env("NATTER_TEST_NATS_URL") {
+        let on_nats = [&store[..], &["--nats-url", nats.as_str()]].concat();
+        let Some((ok, stderr)) = exits(&on_nats).await else { panic!("a natter serve on NATS started beside it") };
+        assert!(!ok && stderr.contains(&format!("{prefix}sessions of this database without --nats-url")), "{stderr}");
+    }
+    super::user(&channel, "still-served").await;
+
+    first.terminate();
+    let again = Node::start("serve", free_port(), store.map(str::to_owned).into());
+    again.channel().await;
+    drop(again);
+    drop_schemas(&db, &prefix).await;
+}

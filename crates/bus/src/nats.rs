@@ -54,9 +54,11 @@
 //! the server had them; when the client has reconnected since (its
 //! `connects` count moved), it publishes a resync hint on each topic not
 //! proven, and their subscribers re-read the store (a hint is no event:
-//! exactly once still holds). The presence topic is not kept: it has no
-//! hint ([`Event::resync_hint`]); the next heartbeat makes up for a lost
-//! beat, not for news of users (renames) lost with it.
+//! exactly once still holds). On the presence topic only news of users
+//! (renames) is kept, not beats, which the next heartbeat makes up for; its
+//! hint is an event with neither beat nor payload, which the messages
+//! service's presence takes as news lost (its streams send
+//! `ephemeral_lost`).
 //!
 //! At shutdown the publisher keeps going until [`EventBus::close`], not the
 //! shutdown token: a stopping process publishes through its drain (up to
@@ -825,8 +827,9 @@ impl Publisher {
                 next = queue.recv() => match next {
                     Some(Outgoing::Event(topic, event)) => {
                         self.catch_up().await;
-                        // Presence has no hint (module docs).
-                        let kept = topic != Topic::Presence;
+                        // A presence beat lost is made up for by the next
+                        // heartbeat (module docs).
+                        let kept = topic != Topic::Presence || event.beat.is_none();
                         self.send(topic, event.to_wire(), kept).await;
                     }
                     Some(Outgoing::Close(done)) => {
@@ -919,9 +922,9 @@ impl Publisher {
             );
         }
         for topic in lost {
-            if let Some(hint) = Event::resync_hint(topic) {
-                self.send(topic, hint.to_wire(), true).await;
-            }
+            // Presence: an event with neither beat nor payload.
+            let hint = Event::resync_hint(topic).unwrap_or_default();
+            self.send(topic, hint.to_wire(), true).await;
         }
     }
 }

@@ -403,6 +403,10 @@ impl Presence {
             if is_profile(event) {
                 // Fails only once the announcing task is gone (shutdown).
                 let _ = self.work.send(Work::Profile(event.clone()));
+            } else if event.is_hint() {
+                // A replica that lost its NATS connection may have lost news
+                // of users it was publishing (natter_bus's nats module).
+                self.lose_news();
             }
             return;
         }
@@ -429,7 +433,9 @@ impl Presence {
     /// Changes (from the state it is in when subscribed) each time news of
     /// users meant for this replica's streams was lost before it reached
     /// them: the presence topic fell behind (`user_updated` events dropped
-    /// with beats), or a user's chats could not be listed to pass a change
+    /// with beats), a replica that published some may have lost them with
+    /// its NATS connection (its hint on the presence topic), or a user's
+    /// chats could not be listed to pass a change
     /// on. Public streams then tell their clients (`ephemeral_lost`).
     pub fn news_lost(&self) -> watch::Receiver<u64> {
         self.news_lost.subscribe()

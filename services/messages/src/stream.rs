@@ -1496,10 +1496,29 @@ mod tests {
         let mut public = h.public_stream_of_member(Vec::new()).await;
         let mut internal = h.stream_of_member(Vec::new()).await;
         // More than the topic holds, published without a pause for the
-        // presence task (this test's runtime has one thread).
+        // presence task (this test's runtime has one thread): news of no
+        // one's here (not hints, which tell a loss of their own).
+        let nobodys = natter_bus::Event::account_updated(UserId(Uuid::now_v7()), pb::AccountChange::BlockedUsers);
         for _ in 0..=natter_bus::PRESENCE_TOPIC_CAPACITY {
-            h.messages.bus().publish(Topic::Presence, Arc::new(natter_bus::Event::default()));
+            h.messages.bus().publish(Topic::Presence, Arc::new(nobodys.clone()));
         }
+        assert_eq!(kind(&next_event(&mut public).await), "ephemeral_lost");
+        h.owner_sends("after").await.unwrap();
+        for stream in [&mut public, &mut internal] {
+            assert_eq!(kind(&next_event(stream).await), "message:after");
+        }
+    }
+
+    /// Another replica lost its NATS connection while it published on the
+    /// presence topic (a rename, say) and hints it once back: public
+    /// streams are told that ephemeral events may have been lost, once; the
+    /// assistant's internal one is not.
+    #[tokio::test]
+    async fn a_presence_hint_from_a_replica_that_lost_its_connection_is_told_as_lost() {
+        let h = Harness::start().await;
+        let mut public = h.public_stream_of_member(Vec::new()).await;
+        let mut internal = h.stream_of_member(Vec::new()).await;
+        h.messages.bus().publish(Topic::Presence, Arc::new(natter_bus::Event::default()));
         assert_eq!(kind(&next_event(&mut public).await), "ephemeral_lost");
         h.owner_sends("after").await.unwrap();
         for stream in [&mut public, &mut internal] {

@@ -598,12 +598,14 @@ async fn events_published_late_in_a_drain_go_out_at_close() {
 
 /// A replica's own connection to NATS goes dark (what it writes is lost on
 /// the way, the socket still open) while it publishes a change of a chat and
-/// of a user that another replica's streams follow, and then drops. The
+/// of a user that another replica's streams follow, and news of a user on
+/// the presence topic (a rename), and then drops. The
 /// other replica's connection never wavered, so nothing of its own tells
 /// its streams to re-read: once the publisher has reconnected, its
-/// subscribers of both topics are hinted to re-read the store (within a
+/// subscribers of those topics are hinted to re-read the store (within a
 /// bounded wait), where without the hint they would hear of the change only
-/// at the chat's next event.
+/// at the chat's next event, and presence's to tell streams that ephemeral
+/// news was lost.
 #[tokio::test]
 async fn what_a_publisher_lost_with_its_connection_is_hinted_after_its_reconnect() {
     let Some(server) = NatsServer::start().await else { return };
@@ -615,6 +617,7 @@ async fn what_a_publisher_lost_with_its_connection_is_hinted_after_its_reconnect
     let (chat, user) = (Uuid::now_v7(), Uuid::now_v7());
     let mut chat_on_b = b.subscribe(Topic::Chat(chat));
     let mut user_on_b = b.subscribe(Topic::User(user));
+    let mut presence_on_b = b.subscribe(Topic::Presence);
     assert!(in_effect(&mut chat_on_b).await && in_effect(&mut user_on_b).await, "b's subscriptions are in place");
     a.publish(Topic::Chat(chat), event(chat, 1));
     assert_eq!(next_seq(&mut chat_on_b).await, Some(1), "a's events cross through the relay");
@@ -623,7 +626,10 @@ async fn what_a_publisher_lost_with_its_connection_is_hinted_after_its_reconnect
     a.publish(Topic::Chat(chat), event(chat, 2));
     let account = natter_proto::messages::v1::AccountChange::BlockedUsers;
     a.publish(Topic::User(user), Arc::new(Event::account_updated(user.into(), account)));
-    for topic in [format!("natter.events.chat.{chat}"), format!("natter.events.user.{user}")] {
+    a.publish(Topic::Presence, Arc::new(Event::user_updated(user.into(), "u".into(), "Renamed".into(), 2)));
+    let topics =
+        [format!("natter.events.chat.{chat}"), format!("natter.events.user.{user}"), "natter.events.presence".into()];
+    for topic in topics {
         assert!(relay.swallowed(&topic, DELIVERY).await, "a's event on {topic} was lost on the way");
     }
     relay.cut();
@@ -638,6 +644,10 @@ async fn what_a_publisher_lost_with_its_connection_is_hinted_after_its_reconnect
     match tokio::time::timeout_at(deadline, user_on_b.recv()).await {
         Ok(Some(Ok(e))) => assert!(e.is_hint(), "a hint to re-read the user's chats: {e:?}"),
         other => panic!("b's subscribers of the user heard nothing within {reconnect:?}: {other:?}"),
+    }
+    match tokio::time::timeout_at(deadline, presence_on_b.recv()).await {
+        Ok(Some(Ok(e))) => assert!(e.is_hint(), "a hint of news lost: {e:?}"),
+        other => panic!("b's presence heard nothing within {reconnect:?}: {other:?}"),
     }
     a.publish(Topic::Chat(chat), event(chat, 3));
     assert_eq!(next_seq(&mut chat_on_b).await, Some(3), "and a's events cross again");

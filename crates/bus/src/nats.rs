@@ -58,7 +58,9 @@
 //! (renames) is kept, not beats, which the next heartbeat makes up for; its
 //! hint is an event with neither beat nor payload, which the messages
 //! service's presence takes as news lost (its streams send
-//! `ephemeral_lost`).
+//! `ephemeral_lost`). An event dropped before it reached the publisher
+//! task (its queue, `PUBLISH_QUEUE`, full) is hinted the same way, as soon
+//! as the task gets to it.
 //!
 //! At shutdown the publisher keeps going until [`EventBus::close`], not the
 //! shutdown token: a stopping process publishes through its drain (up to
@@ -77,7 +79,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::{ConnectErrorKind, ServerAddr};
@@ -145,7 +147,7 @@ pub enum Routing {
 }
 
 /// How many events may wait for the publisher task before new ones are
-/// dropped (the store has them; streams fill gaps).
+/// dropped (the store has them; the publisher hints their topics instead).
 const PUBLISH_QUEUE: usize = 16 * 1024;
 
 /// First and longest pause between start-up attempts while the NATS server
@@ -169,6 +171,8 @@ enum Outgoing {
 pub struct NatsBus {
     hub: Arc<Hub>,
     outbox: mpsc::Sender<Outgoing>,
+    /// Topics whose event found the outbox full: the publisher hints them.
+    dropped: Arc<Dropped>,
     counts: Arc<Counts>,
     /// For invalidations, which are published and confirmed by the caller.
     client: async_nats::Client,
@@ -599,10 +603,11 @@ impl NatsBus {
             }
         }
         let (outbox, queue) = mpsc::channel::<Outgoing>(PUBLISH_QUEUE);
+        let dropped = Arc::new(Dropped::default());
         // Until close() (its Close, or its grace over) or the bus dropped:
         // not the shutdown token, which the drain and what follows it
         // outlast.
-        let publisher = Publisher::new(client.clone());
+        let publisher = Publisher::new(client.clone(), dropped.clone());
         tokio::spawn(publisher.run(queue, publisher_wake, closed.clone()));
 
         if let Some(reconnected) = reconnected {
@@ -633,7 +638,7 @@ impl NatsBus {
         });
 
         let _close_on_drop = closed.clone().drop_guard();
-        Ok(Arc::new(Self { hub, outbox, counts, client, router, closed, _close_on_drop }))
+        Ok(Arc::new(Self { hub, outbox, dropped, counts, client, router, closed, _close_on_drop }))
     }
 
     /// Events this bus received from NATS so far (for tests and
@@ -789,6 +794,8 @@ struct Wakes {
 /// change: exactly once still, as for any hint).
 struct Publisher {
     client: async_nats::Client,
+    /// Topics whose event never reached this task (the outbox was full).
+    dropped: Arc<Dropped>,
     /// The client's connections so far (`Statistics::connects`) when the
     /// topics below were published: a reconnect since means they may be
     /// lost.
@@ -800,14 +807,40 @@ struct Publisher {
     confirming: HashSet<Topic>,
 }
 
+/// Topics whose event [`EventBus::publish`] dropped because the outbox was
+/// full (NATS slower than the process publishes, or away for long), for
+/// the publisher to hint once it gets to them.
+#[derive(Default)]
+struct Dropped {
+    /// Whether `topics` may hold any: one load per event when none does.
+    any: AtomicBool,
+    topics: std::sync::Mutex<HashSet<Topic>>,
+}
+
+impl Dropped {
+    fn add(&self, topic: Topic) {
+        self.topics.lock().unwrap_or_else(|p| p.into_inner()).insert(topic);
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// The topics added so far, taken (empty at the cost of one load when
+    /// none was).
+    fn take(&self) -> HashSet<Topic> {
+        if !self.any.swap(false, Ordering::Acquire) {
+            return HashSet::new();
+        }
+        std::mem::take(&mut *self.topics.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 /// How often the publisher confirms with a round trip that the server has
 /// what it published (when it published anything since the last one).
 const CONFIRM_EVERY: Duration = Duration::from_secs(1);
 
 impl Publisher {
-    fn new(client: async_nats::Client) -> Self {
+    fn new(client: async_nats::Client, dropped: Arc<Dropped>) -> Self {
         let epoch = client.statistics().connects.load(Ordering::SeqCst);
-        Self { client, epoch, unconfirmed: HashSet::new(), confirming: HashSet::new() }
+        Self { client, dropped, epoch, unconfirmed: HashSet::new(), confirming: HashSet::new() }
     }
 
     /// Publishes what it is handed until a `Close` (flushed, then
@@ -831,6 +864,7 @@ impl Publisher {
                         // heartbeat (module docs).
                         let kept = topic != Topic::Presence || event.beat.is_none();
                         self.send(topic, event.to_wire(), kept).await;
+                        self.hint_dropped().await;
                     }
                     Some(Outgoing::Close(done)) => {
                         closing = Some(done);
@@ -847,6 +881,7 @@ impl Publisher {
                 () = wake.notified() => self.catch_up().await,
                 _ = tick.tick() => {
                     self.catch_up().await;
+                    self.hint_dropped().await;
                     if in_flight.is_none() && !self.unconfirmed.is_empty() {
                         in_flight = Some(self.confirm());
                     }
@@ -902,6 +937,16 @@ impl Publisher {
 
     fn connects(&self) -> u64 {
         self.client.statistics().connects.load(Ordering::SeqCst)
+    }
+
+    /// Hints the topics whose event was dropped for a full outbox: the
+    /// other replicas' subscribers re-read what it announced (the change
+    /// was committed before it was published).
+    async fn hint_dropped(&mut self) {
+        for topic in self.dropped.take() {
+            let hint = Event::resync_hint(topic).unwrap_or_default();
+            self.send(topic, hint.to_wire(), true).await;
+        }
     }
 
     /// If the client reconnected since the topics kept were published,
@@ -1061,7 +1106,8 @@ impl EventBus for NatsBus {
         match self.outbox.try_send(Outgoing::Event(topic, event)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!("nats: publish queue full; event dropped (streams will refill from the store)");
+                tracing::warn!("nats: publish queue full; event dropped (its topic is hinted instead)");
+                self.dropped.add(topic);
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 tracing::warn!(?topic, "nats: published after close(); sent to this process only");

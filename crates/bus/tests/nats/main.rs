@@ -653,3 +653,30 @@ async fn what_a_publisher_lost_with_its_connection_is_hinted_after_its_reconnect
     assert_eq!(next_seq(&mut chat_on_b).await, Some(3), "and a's events cross again");
     stop.cancel();
 }
+
+/// A replica publishes faster than its publisher task sends (here: more
+/// events than its queue holds, with no pause for the task), so the last
+/// ones are dropped, among them the only event of a chat another replica's
+/// streams follow. Those subscribers are hinted to re-read the store once
+/// the publisher gets to it, where they would otherwise hear of the change
+/// only at the chat's next event.
+#[tokio::test]
+async fn an_event_dropped_for_a_full_publish_queue_is_hinted() {
+    let Some(server) = NatsServer::start().await else { return };
+    let stop = CancellationToken::new();
+    let a = natter_bus(&server, Routing::Interest, &stop).await;
+    let b = natter_bus(&server, Routing::Interest, &stop).await;
+    let (busy, quiet) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut quiet_on_b = b.subscribe(Topic::Chat(quiet));
+    assert!(in_effect(&mut quiet_on_b).await, "b's subscription is in place");
+    // This test's runtime has one thread: nothing else runs in this loop.
+    for seq in 1..=16 * 1024 {
+        a.publish(Topic::Chat(busy), event(busy, seq));
+    }
+    a.publish(Topic::Chat(quiet), event(quiet, 1));
+    match tokio::time::timeout(DELIVERY, quiet_on_b.recv()).await {
+        Ok(Some(Ok(e))) => assert!(e.is_hint() && e.chat == Some(quiet.into()), "a hint to re-read the chat: {e:?}"),
+        other => panic!("b's subscribers of the chat heard nothing within {DELIVERY:?}: {other:?}"),
+    }
+    stop.cancel();
+}

@@ -882,7 +882,10 @@ impl Publisher {
                 _ = tick.tick() => {
                     self.catch_up().await;
                     self.hint_dropped().await;
-                    if in_flight.is_none() && !self.unconfirmed.is_empty() {
+                    // Not while known to be away: it could not be answered
+                    // (and would log so every few seconds).
+                    let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+                    if in_flight.is_none() && !self.unconfirmed.is_empty() && connected {
                         in_flight = Some(self.confirm());
                     }
                 }

@@ -900,3 +900,111 @@ async fn one_address_holds_at_most_its_share_of_connections() {
     .expect("served once one of its two closed");
     c.stop().await;
 }
+
+/// The edge holds at most `--max-buffered-request-bytes` of requests at
+/// once, all clients together: with one request held by a slow replica, a
+/// second that would go past it is refused at once, RESOURCE_EXHAUSTED
+/// "server busy" with a RetryInfo, and counted; once the first is given up
+/// (its client went away) its bytes are free again, and once a call is
+/// answered, too. (Without the budget, every client could make the edge
+/// hold a megabyte per call for as long as the replica was slow.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_refuses_requests_past_its_budget_of_buffered_bytes() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
+    let slow = std::sync::Arc::new(Slow::default());
+    tokio::spawn(serve_slowly(upstream, slow.clone()));
+    let (channel, shutdown, edge) = edge_before(&upstream_url, &["--max-buffered-request-bytes", "3000"]).await;
+    let send = || {
+        let mut client = mpb::message_service_client::MessageServiceClient::new(channel.clone());
+        let request = mpb::SendMessageRequest { text: "x".repeat(2000), ..Default::default() };
+        async move { client.send_message(natter_testkit::with_token(STAND_IN_TOKEN, request)).await }
+    };
+    let mut waiting = slow.waiting.subscribe();
+
+    // The first call's 2 KB wait at the edge for the slow replica.
+    let first = tokio::spawn(send());
+    tokio::time::timeout(GUARD, waiting.wait_for(|n| *n == 1)).await.unwrap().unwrap();
+    let refusals = budget_refusals();
+    let refused = tokio::time::timeout(GUARD, send()).await.expect("refused at once, not queued").unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().starts_with("server busy"), "{refused:?}");
+    assert!(crate::retry_delay(&refused) > Duration::ZERO);
+    assert_eq!(budget_refusals(), refusals + 1.0, "counted in natter_request_budget_refusals_total");
+
+    // Its client gives up: the edge drops the call (the replica sees it go)
+    // and its bytes with it.
+    first.abort();
+    tokio::time::timeout(GUARD, waiting.wait_for(|n| *n == 0)).await.unwrap().unwrap();
+    let second = tokio::spawn(send());
+    tokio::time::timeout(GUARD, waiting.wait_for(|n| *n == 1)).await.unwrap().unwrap();
+
+    // Answered: its bytes are free again.
+    slow.release.send_replace(true);
+    tokio::time::timeout(GUARD, second).await.unwrap().unwrap().expect("answered");
+    for _ in 0..3 {
+        tokio::time::timeout(GUARD, send()).await.unwrap().expect("room again");
+    }
+    shutdown.cancel();
+    edge.await.unwrap();
+}
+
+/// `natter_request_budget_refusals_total` of this process (the edges of
+/// the tests run in it).
+fn budget_refusals() -> f64 {
+    natter_kit::metrics::render()
+        .lines()
+        .find_map(|l| l.strip_prefix("natter_request_budget_refusals_total ")?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// What [`serve_slowly`] is doing.
+#[derive(Default)]
+struct Slow {
+    /// Calls waiting for `release` now.
+    waiting: tokio::sync::watch::Sender<usize>,
+    /// Set: every call is answered at once.
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+/// Counts a waiting call until it is answered or dropped (the edge reset
+/// its stream).
+struct Waiting(std::sync::Arc<Slow>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.send_modify(|n| *n -= 1);
+    }
+}
+
+/// A stand-in upstream speaking gRPC over HTTP/2, as a replica under load:
+/// a call of the messages service waits until `release` is set, then gets
+/// an empty message and OK; health checks are answered at once.
+async fn serve_slowly(listener: TcpListener, slow: std::sync::Arc<Slow>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { return };
+        let slow = slow.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let slow = slow.clone();
+                let held = request.uri().path().starts_with("/natter.messages.v1.MessageService/");
+                async move {
+                    if held {
+                        slow.waiting.send_modify(|n| *n += 1);
+                        let _waiting = Waiting(slow.clone());
+                        let _ = slow.release.subscribe().wait_for(|released| *released).await;
+                    }
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let message = http_body::Frame::data(Bytes::from_static(&[0; 5]));
+                    let frames = [Ok::<_, std::io::Error>(message), Ok(http_body::Frame::trailers(trailers))];
+                    Ok::<_, Infallible>(grpc_response(futures::stream::iter(frames)))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}

@@ -164,6 +164,16 @@ impl From<Limited> for Status {
     }
 }
 
+/// RESOURCE_EXHAUSTED for a call refused because the whole server is at one
+/// of its process-wide caps (not the caller's own limit): the message says
+/// `server busy: {why}; retry in {retry_after}`, with a
+/// `google.rpc.RetryInfo` of `retry_after`.
+pub fn server_busy(why: &str, retry_after: Duration) -> Status {
+    let details = ErrorDetails::with_retry_info(Some(retry_after));
+    let message = format!("server busy: {why}; retry in {}", humantime::format_duration(round_up(retry_after)));
+    Status::with_error_details(Code::ResourceExhausted, message, details)
+}
+
 /// Checks between housekeeping looks at the limiter's size.
 const HOUSEKEEPING_EVERY: u64 = 1024;
 /// Keys a limiter holds before housekeeping starts dropping idle ones.

@@ -27,6 +27,9 @@
 //!   `natter_connection_address_cap_refusals_total{listener}`: connections
 //!   closed at accept because their client address held
 //!   `--max-connections-per-address`.
+//! - `natter_request_budget_refusals_total`: calls the edge refused
+//!   because it held `--max-buffered-request-bytes` of requests
+//!   ([`request_budget_refused`]).
 //! - whatever a service registers of its own ([`register`]; the messages
 //!   writer's batch, commit and phase metrics).
 //! - `natter_bus_published_total`, `natter_bus_received_total`: events put
@@ -91,6 +94,7 @@ struct Metrics {
     idle_closes: IntCounterVec,
     connection_cap_reached: IntCounterVec,
     address_cap_refusals: IntCounterVec,
+    request_budget_refusals: IntCounter,
     bus_published: IntCounter,
     bus_received: IntCounter,
     bus_subscriptions: IntGauge,
@@ -150,6 +154,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["listener"],
     )
     .expect("valid metric");
+    let request_budget_refusals = IntCounter::new(
+        "natter_request_budget_refusals_total",
+        "Calls refused because the process held its most bytes of buffered requests.",
+    )
+    .expect("valid metric");
     let bus_published =
         IntCounter::new("natter_bus_published_total", "Events published on the event bus.").expect("valid metric");
     let bus_received =
@@ -169,6 +178,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(idle_closes.clone()),
         Box::new(connection_cap_reached.clone()),
         Box::new(address_cap_refusals.clone()),
+        Box::new(request_budget_refusals.clone()),
         Box::new(bus_published.clone()),
         Box::new(bus_received.clone()),
         Box::new(bus_subscriptions.clone()),
@@ -187,6 +197,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         idle_closes,
         connection_cap_reached,
         address_cap_refusals,
+        request_budget_refusals,
         bus_published,
         bus_received,
         bus_subscriptions,
@@ -277,6 +288,12 @@ pub fn connection_cap_reached(listener: &str) {
 /// address held `--max-connections-per-address`.
 pub fn address_cap_refused(listener: &str) {
     METRICS.address_cap_refusals.with_label_values(&[listener]).inc();
+}
+
+/// Counts a call refused because the process held its most bytes of
+/// buffered requests (the edge's `--max-buffered-request-bytes`).
+pub fn request_budget_refused() {
+    METRICS.request_budget_refusals.inc();
 }
 
 /// Registers a service's own metric in the process's registry, so that

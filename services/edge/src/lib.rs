@@ -14,6 +14,14 @@
 //! clients do not see its death. Request bodies (one message per natter RPC)
 //! are buffered for that; responses, streams included, flow through.
 //!
+//! Each buffered request is capped (`--max-request-bytes`), and all of them
+//! together too: the edge holds at most `--max-buffered-request-bytes`
+//! (256 MiB) of request bodies at once, from their first byte until the
+//! replica has answered (a slow replica keeps them). A request that would go
+//! past it is refused at once, RESOURCE_EXHAUSTED ("server busy", with a
+//! RetryInfo), instead of growing the edge's memory by a megabyte for every
+//! client that sends one; its bytes so far are let go.
+//!
 //! A replica caps the calls a connection carries at once (HTTP/2's
 //! SETTINGS_MAX_CONCURRENT_STREAMS, `--max-concurrent-streams`, 128), and a
 //! live stream holds its place for as long as it is open. So the edge counts
@@ -39,13 +47,14 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 use http::{Request, Response, Uri, Version};
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use natter_kit::web_page::PageSource;
 use natter_kit::{Server, ServerArgs};
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
@@ -114,7 +123,26 @@ pub struct EdgeArgs {
     /// are not counted. N/PERIOD, or `off`
     #[arg(long, env = "NATTER_FAILED_AUTH_RATE", default_value = "100/1m")]
     pub failed_auth_rate: natter_kit::limits::Rate,
+    /// Most bytes of request bodies the edge holds at once, all calls
+    /// together: a request is buffered from its first byte until its
+    /// replica answers (each one at most --max-request-bytes). A request
+    /// that would go past it is refused, RESOURCE_EXHAUSTED ("server
+    /// busy", retry in 1 s), and what it sent so far is let go
+    #[arg(long, env = "NATTER_MAX_BUFFERED_REQUEST_BYTES", default_value_t = DEFAULT_MAX_BUFFERED_REQUEST_BYTES,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_buffered_request_bytes: u64,
 }
+
+/// The default of `--max-buffered-request-bytes`: 256 MiB, 256 requests at
+/// the default `--max-request-bytes` of 1 MiB, and thousands of ordinary
+/// ones (a chat message is at most 32 KiB of text). A size a pod's memory
+/// limit holds beside the responses the edge has in flight (at most 256 KiB
+/// a call, see [`UPSTREAM_STREAM_WINDOW`]).
+pub const DEFAULT_MAX_BUFFERED_REQUEST_BYTES: u64 = 256 * 1024 * 1024;
+
+/// How long a client refused for a full budget is told to wait (RetryInfo):
+/// a unary call is answered within milliseconds, so the budget frees fast.
+const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Most connections the edge opens to one replica: 102,400 calls at the
 /// default 100 a connection.
@@ -195,7 +223,7 @@ impl Dialer {
     }
 
     /// A client of its own (a client pools one HTTP/2 connection a host).
-    fn client(&self) -> Client<HttpConnector, Full<Bytes>> {
+    fn client(&self) -> Client<HttpConnector, Buffered> {
         self.builder.build(self.connector.clone())
     }
 }
@@ -213,7 +241,7 @@ struct Replica {
 /// One HTTP/2 connection to a replica: a client of its own (a client pools
 /// one connection a host) and the calls in flight on it.
 struct Lane {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpConnector, Buffered>,
     calls: AtomicUsize,
 }
 
@@ -316,6 +344,8 @@ struct Forward {
     /// `--upstream-calls-per-connection`.
     calls_per_connection: usize,
     max_request_bytes: usize,
+    /// `--max-buffered-request-bytes`, one permit a byte.
+    budget: Arc<Semaphore>,
     /// `--trusted-proxies`.
     trusted_proxies: natter_kit::TrustedProxies,
     /// The edge's own shutdown: ends the streams it carries.
@@ -374,9 +404,40 @@ impl Forward {
             calls_per_connection,
             // A gRPC frame header (5 bytes) on top of the largest message.
             max_request_bytes: args.server.max_request_bytes + 5,
+            budget: Arc::new(Semaphore::new(
+                usize::try_from(args.max_buffered_request_bytes).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS),
+            )),
             trusted_proxies: args.trusted_proxies.clone(),
             shutdown,
         })
+    }
+
+    /// Reads a request body whole, each frame's bytes taken from the budget
+    /// as it comes; returns the bytes and their share of the budget, which
+    /// goes back when the last holder drops it.
+    ///
+    /// Errors: RESOURCE_EXHAUSTED when the body is over
+    /// `--max-request-bytes`, or when the budget has no room for its next
+    /// frame ("server busy", with a RetryInfo; counted in
+    /// `natter_request_budget_refusals_total`); what was taken is given back
+    /// at once.
+    async fn buffer(&self, body: Body) -> Result<(Bytes, Arc<OwnedSemaphorePermit>), tonic::Status> {
+        let mut body = std::pin::pin!(Limited::new(body, self.max_request_bytes));
+        let mut bytes = bytes::BytesMut::new();
+        let mut held = self.budget.clone().try_acquire_many_owned(0).map_err(|_| server_busy())?;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| tonic::Status::resource_exhausted("request too large"))?;
+            let Ok(data) = frame.into_data() else { continue };
+            let more = u32::try_from(data.len()).ok().and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok());
+            let Some(more) = more else {
+                natter_kit::metrics::request_budget_refused();
+                tracing::debug!(bytes = bytes.len() + data.len(), "request budget full; refusing a call");
+                return Err(server_busy());
+            };
+            held.merge(more);
+            bytes.extend_from_slice(&data);
+        }
+        Ok((bytes.freeze(), Arc::new(held)))
     }
 
     async fn call(self, request: Request<Body>) -> Result<Response<Body>, Infallible> {
@@ -390,9 +451,9 @@ impl Forward {
             .get::<tonic::transport::server::TcpConnectInfo>()
             .and_then(tonic::transport::server::TcpConnectInfo::remote_addr);
         let (mut parts, body) = request.into_parts();
-        let body = match Limited::new(body, self.max_request_bytes).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(_) => return Ok(tonic::Status::resource_exhausted("request too large").into_http::<Body>()),
+        let (body, held) = match self.buffer(body).await {
+            Ok(buffered) => buffered,
+            Err(status) => return Ok(status.into_http::<Body>()),
         };
         // The client speaks HTTP/2 to the upstream whatever the browser used.
         parts.version = Version::HTTP_2;
@@ -412,7 +473,7 @@ impl Forward {
         for replica in route.candidates() {
             let mut uri = replica.uri.clone().into_parts();
             uri.path_and_query = parts.uri.path_and_query().cloned();
-            let mut attempt = Request::new(Full::new(body.clone()));
+            let mut attempt = Request::new(Buffered::new(body.clone(), held.clone()));
             *attempt.method_mut() = parts.method.clone();
             *attempt.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
             *attempt.version_mut() = Version::HTTP_2;
@@ -452,6 +513,47 @@ impl Forward {
             }
         }
         Ok(tonic::Status::unavailable(format!("no replica of {} is reachable", route.service)).into_http::<Body>())
+    }
+}
+
+/// RESOURCE_EXHAUSTED for a call refused because the edge holds
+/// `--max-buffered-request-bytes` of requests: "server busy", with a
+/// RetryInfo of [`BUSY_RETRY_AFTER`].
+fn server_busy() -> tonic::Status {
+    natter_kit::limits::server_busy("too many request bytes in flight", BUSY_RETRY_AFTER)
+}
+
+/// A buffered request body on its way to a replica (each attempt gets one):
+/// the bytes, as one data frame, and the request's share of
+/// `--max-buffered-request-bytes`, held while hyper holds the body.
+struct Buffered {
+    data: Option<Bytes>,
+    _held: Arc<OwnedSemaphorePermit>,
+}
+
+impl Buffered {
+    fn new(data: Bytes, held: Arc<OwnedSemaphorePermit>) -> Self {
+        Self { data: Some(data).filter(|d| !d.is_empty()), _held: held }
+    }
+}
+
+impl http_body::Body for Buffered {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.get_mut().data.take().map(|data| Ok(http_body::Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
     }
 }
 

@@ -1008,3 +1008,30 @@ async fn serve_slowly(listener: TcpListener, slow: std::sync::Arc<Slow>) {
         });
     }
 }
+
+/// A gRPC-web call whose `grpc-timeout` passes while its replica is still
+/// busy ends DEADLINE_EXCEEDED through the edge's layers, with CORS as every
+/// other answer: tonic's own answer, from outside them, was CANCELLED
+/// without Access-Control-Allow-Origin, which a browser reports as a
+/// network error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_deadline_ends_a_grpc_web_call_with_deadline_exceeded_and_cors() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
+    let slow = std::sync::Arc::new(Slow::default());
+    tokio::spawn(serve_slowly(upstream, slow.clone()));
+    let edge_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let edge_addr = edge_listener.local_addr().unwrap();
+    let (shutdown, edge) = edge_on(edge_listener, &upstream_url, &[]);
+    let request = mpb::ListMessagesRequest { chat_id: uuid::Uuid::now_v7().to_string(), ..Default::default() };
+    let path = "/natter.messages.v1.MessageService/ListMessages";
+    let call = grpc_web::unary_with(edge_addr, path, &request, Some(STAND_IN_TOKEN), &[("grpc-timeout", "300m")]);
+    let reply = tokio::time::timeout(GUARD, call).await.expect("answered at the client's deadline");
+    assert_eq!(reply.grpc_status.as_deref(), Some("4"), "DEADLINE_EXCEEDED: {reply:?}");
+    assert_eq!(reply.allow_origin.as_deref(), Some("*"), "CORS like any answer: {reply:?}");
+    // The edge gave the replica's call up (the replica sees its stream reset).
+    let mut waiting = slow.waiting.subscribe();
+    tokio::time::timeout(GUARD, waiting.wait_for(|n| *n == 0)).await.unwrap().unwrap();
+    shutdown.cancel();
+    edge.await.unwrap();
+}

@@ -405,15 +405,13 @@ const UNAUTHENTICATED_PATHS: [&str; 4] = [
     "/grpc.reflection.",
 ];
 
-/// Two of tonic's own answers carry the wrong code by the gRPC status code
-/// table (grpc/doc/statuscodes.md), which DESIGN.md promises clients:
-/// - a request message over `max_decoding_message_size` is OUT_OF_RANGE in
-///   tonic, RESOURCE_EXHAUSTED by the table;
-/// - a call that outlives the client's grpc-timeout is CANCELLED ("Timeout
-///   expired") in tonic, DEADLINE_EXCEEDED by the table.
-///
-/// Both travel trailers-only, in the response headers, so this rewrites just
-/// that code.
+/// One of tonic's own answers carries the wrong code by the gRPC status
+/// code table (grpc/doc/statuscodes.md), which DESIGN.md promises clients:
+/// a request message over `max_decoding_message_size` is OUT_OF_RANGE in
+/// tonic, RESOURCE_EXHAUSTED by the table. It travels trailers-only, in the
+/// response headers, so this rewrites just that code. (tonic's other one, a
+/// call past the client's grpc-timeout answered CANCELLED, is answered
+/// outside every layer: [`RequestTimeoutLayer`] answers first.)
 fn tonic_codes_by_the_table<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
     let message_has = |needles: &[&[u8]]| {
@@ -424,7 +422,6 @@ fn tonic_codes_by_the_table<B>(mut response: http::Response<B>) -> http::Respons
     };
     let fixed = match headers.get("grpc-status").map(http::HeaderValue::as_bytes) {
         Some(b"11") if message_has(&[b"length%20too%", b"length too la"]) => Some("8"),
-        Some(b"1") if message_has(&[b"Timeout%20expired", b"Timeout expired"]) => Some("4"),
         _ => None,
     };
     if let Some(code) = fixed {
@@ -452,9 +449,17 @@ fn cors_open_beyond_loopback(origins: &[String], addr: std::net::SocketAddr) -> 
 }
 
 /// Ends a call that has not started answering within `timeout` (a unary
-/// request whose body never arrives, a handler stuck on a dependency) with
-/// DEADLINE_EXCEEDED. A stream only has to start within it. (tonic's own
-/// `Server::timeout` sits outside natter's layers and answers CANCELLED.)
+/// request whose body never arrives, a handler stuck on a dependency), or
+/// within the client's own `grpc-timeout` when that is shorter, with
+/// DEADLINE_EXCEEDED. A stream only has to start within it.
+///
+/// tonic applies a client's `grpc-timeout` too, but outside natter's
+/// layers (its `GrpcTimeout` wraps the whole stack): its answer was
+/// CANCELLED "Timeout expired", never recorded on the call's span and
+/// metrics, and without CORS headers or the gRPC-web framing, so a browser
+/// saw a network error. This layer, inside those, ends the call
+/// [`CLIENT_DEADLINE_MARGIN`] before tonic's timer would, so the client
+/// hears DEADLINE_EXCEEDED through every layer, as with any other answer.
 #[derive(Clone, Copy, Debug)]
 struct RequestTimeoutLayer {
     timeout: Duration,
@@ -488,19 +493,31 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let timeout = self.timeout;
+        let server = self.timeout;
+        let client = request.headers().get("grpc-timeout").and_then(|v| v.to_str().ok());
+        let client = client.and_then(crate::time::parse_grpc_timeout);
         let call = self.inner.call(request);
         Box::pin(async move {
+            let (timeout, message) = match client {
+                Some(client) if client < server + CLIENT_DEADLINE_MARGIN => (
+                    client.saturating_sub(CLIENT_DEADLINE_MARGIN),
+                    format!("the call did not answer within its grpc-timeout of {client:?}"),
+                ),
+                _ => (server, format!("the call did not start answering within {server:?}")),
+            };
             match tokio::time::timeout(timeout, call).await {
                 Ok(result) => result,
-                Err(_elapsed) => {
-                    Ok(tonic::Status::deadline_exceeded(format!("the call did not start answering within {timeout:?}"))
-                        .into_http())
-                }
+                Err(_elapsed) => Ok(tonic::Status::deadline_exceeded(message).into_http()),
             }
         })
     }
 }
+
+/// How much sooner than tonic's own timer [`RequestTimeoutLayer`] ends a
+/// call at its client's `grpc-timeout`: both timers start within
+/// microseconds of each other as the request goes down the stack, and
+/// Tokio's timers tick by the millisecond, so 5 ms puts natter's first.
+const CLIENT_DEADLINE_MARGIN: Duration = Duration::from_millis(5);
 
 /// A tower layer that answers a request itself, with the [`tonic::Status`]
 /// its check returns, instead of passing it on: the shape of every "refuse

@@ -47,8 +47,13 @@ pub fn duration(d: std::time::Duration) -> prost_types::Duration {
 /// digits, then a unit, `H` `M` `S` `m` `u` or `n` (hours down to
 /// nanoseconds). None when absent or malformed (no deadline).
 pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// The duration a `grpc-timeout` header's `value` gives, as
+/// [`grpc_timeout`] reads it; None when malformed.
+pub fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
     use std::time::Duration;
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;

@@ -27,6 +27,18 @@ pub async fn unary(
     message: &impl prost::Message,
     token: Option<&str>,
 ) -> Reply {
+    unary_with(addr, path, message, token, &[]).await
+}
+
+/// As [`unary`], with `headers` (name, value) added to the request (a
+/// `grpc-timeout`, as grpc-web clients send one).
+pub async fn unary_with(
+    addr: std::net::SocketAddr,
+    path: &str,
+    message: &impl prost::Message,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Reply {
     let payload = message.encode_to_vec();
     let mut body = BytesMut::with_capacity(5 + payload.len());
     body.extend_from_slice(&[0]);
@@ -38,6 +50,9 @@ pub async fn unary(
         .header("origin", "http://page.example");
     if let Some(token) = token {
         request = request.header("authorization", format!("Bearer {token}"));
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let request = request.body(Full::new(body.freeze())).expect("request");
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();

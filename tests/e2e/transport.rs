@@ -965,6 +965,8 @@ struct Slow {
     waiting: tokio::sync::watch::Sender<usize>,
     /// Set: every call is answered at once.
     release: tokio::sync::watch::Sender<bool>,
+    /// The headers of the last call of the messages service.
+    headers: tokio::sync::watch::Sender<http::HeaderMap>,
 }
 
 /// Counts a waiting call until it is answered or dropped (the edge reset
@@ -988,6 +990,9 @@ async fn serve_slowly(listener: TcpListener, slow: std::sync::Arc<Slow>) {
             let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let slow = slow.clone();
                 let held = request.uri().path().starts_with("/natter.messages.v1.MessageService/");
+                if held {
+                    slow.headers.send_replace(request.headers().clone());
+                }
                 async move {
                     if held {
                         slow.waiting.send_modify(|n| *n += 1);
@@ -1032,6 +1037,43 @@ async fn a_client_deadline_ends_a_grpc_web_call_with_deadline_exceeded_and_cors(
     // The edge gave the replica's call up (the replica sees its stream reset).
     let mut waiting = slow.waiting.subscribe();
     tokio::time::timeout(GUARD, waiting.wait_for(|n| *n == 0)).await.unwrap().unwrap();
+    shutdown.cancel();
+    edge.await.unwrap();
+}
+
+/// A client's W3C trace context through the edge: its `traceparent` still
+/// names the trace the replica's spans join, and its `tracestate` goes on
+/// only within the spec's limits (32 members, 512 bytes); a larger one,
+/// which anyone may send, is dropped, not carried to every hop and span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_passes_on_a_client_s_tracestate_only_within_w3c_limits() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
+    let slow = std::sync::Arc::new(Slow::default());
+    slow.release.send_replace(true);
+    tokio::spawn(serve_slowly(upstream, slow.clone()));
+    let (channel, shutdown, edge) = edge_before(&upstream_url, &[]).await;
+    const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
+    let traceparent = format!("00-{TRACE_ID}-b7ad6b7169203331-01");
+    let forwarded = async |tracestate: &str| {
+        let mut request = natter_testkit::with_token(STAND_IN_TOKEN, mpb::GetMessageRequest::default());
+        request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+        request.metadata_mut().insert("tracestate", tracestate.parse().unwrap());
+        let mut client = mpb::message_service_client::MessageServiceClient::new(channel.clone());
+        tokio::time::timeout(GUARD, client.get_message(request)).await.unwrap().expect("answered");
+        let headers = slow.headers.borrow().clone();
+        let parent = headers.get("traceparent").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+        assert_eq!(parent.get(3..35), Some(TRACE_ID), "the client's trace: {headers:?}");
+        headers.get("tracestate").map(|v| v.to_str().unwrap().to_owned())
+    };
+    assert_eq!(
+        forwarded("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7").await.as_deref(),
+        Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")
+    );
+    let many = (0..40).map(|i| format!("k{i}=v")).collect::<Vec<_>>().join(",");
+    assert_eq!(forwarded(&many).await, None, "40 members");
+    let long = format!("big={}", "v".repeat(250)) + &format!(",bigger={}", "v".repeat(251));
+    assert_eq!(forwarded(&long).await, None, "over 512 bytes");
     shutdown.cancel();
     edge.await.unwrap();
 }

@@ -353,12 +353,15 @@ impl<E: SpanExporter> SpanExporter for WarnOnFailure<E> {
 
 /// Makes `span` a child of the trace context in incoming `headers`
 /// (`traceparent`, `tracestate`), when spans are exported and the headers
-/// carry a valid context. Call before the span is first entered.
+/// carry a valid context. Call before the span is first entered. A
+/// `tracestate` that [`trusted_trace_state`] refuses is left out: the span
+/// keeps its parent and carries (and passes on) no trace state.
 pub fn set_remote_parent(span: &tracing::Span, headers: &http::HeaderMap) {
     if !exporting() || !headers.contains_key("traceparent") {
         return;
     }
-    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    let trace_state = trusted_trace_state(headers);
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers, trace_state.as_deref()));
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
     }
@@ -378,10 +381,63 @@ pub fn inject_headers(headers: &mut http::HeaderMap) {
     }
 }
 
-struct HeaderExtractor<'a>(&'a http::HeaderMap);
+/// The most list members of a `tracestate` natter passes on (W3C Trace
+/// Context, section 3.3.1.1: at most 32).
+pub const MAX_TRACE_STATE_MEMBERS: usize = 32;
+
+/// The longest `tracestate` natter passes on, in bytes, all its header
+/// fields joined by commas: the 512 characters W3C Trace Context asks every
+/// vendor to propagate (section 3.3.1.5). Anyone on the internet can send
+/// one; the 16 KiB a header block may hold would otherwise travel on every
+/// hop and every exported span of the call.
+pub const MAX_TRACE_STATE_BYTES: usize = 512;
+
+/// The incoming `tracestate` of `headers` (its fields joined by commas, as
+/// W3C Trace Context combines them), if natter passes it on: at most
+/// [`MAX_TRACE_STATE_BYTES`], at most [`MAX_TRACE_STATE_MEMBERS`] list
+/// members, each a valid `key=value`. Anything else is dropped whole (the
+/// spec lets a vendor discard a tracestate it cannot parse); the
+/// `traceparent` beside it still counts.
+pub fn trusted_trace_state(headers: &http::HeaderMap) -> Option<String> {
+    let mut fields = headers.get_all("tracestate").iter();
+    let first = fields.next()?.to_str().ok()?;
+    let mut joined = first.to_owned();
+    for field in fields {
+        joined.push(',');
+        joined.push_str(field.to_str().ok()?);
+        if joined.len() > MAX_TRACE_STATE_BYTES {
+            return None;
+        }
+    }
+    if joined.len() > MAX_TRACE_STATE_BYTES {
+        return None;
+    }
+    let members = joined.split(',').filter(|m| !m.trim_matches([' ', '\t']).is_empty()).count();
+    if members > MAX_TRACE_STATE_MEMBERS {
+        return None;
+    }
+    joined.parse::<opentelemetry::trace::TraceState>().ok()?;
+    Some(joined)
+}
+
+/// Removes the `tracestate` of `headers` unless [`trusted_trace_state`]
+/// passes it: for a request forwarded as it came (the edge, when it exports
+/// no spans and so writes no trace context of its own).
+pub fn drop_untrusted_trace_state(headers: &mut http::HeaderMap) {
+    if headers.contains_key("tracestate") && trusted_trace_state(headers).is_none() {
+        headers.remove("tracestate");
+    }
+}
+
+/// Reads the trace context of incoming headers, the `tracestate` as
+/// [`trusted_trace_state`] gave it.
+struct HeaderExtractor<'a>(&'a http::HeaderMap, Option<&'a str>);
 
 impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
+        if key.eq_ignore_ascii_case("tracestate") {
+            return self.1;
+        }
         self.0.get(key).and_then(|v| v.to_str().ok())
     }
 
@@ -403,6 +459,39 @@ impl Injector for HeaderInjector<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client's tracestate is passed on only within W3C Trace Context's
+    /// limits: 32 members, 512 bytes, valid members; otherwise dropped.
+    #[test]
+    fn a_tracestate_is_passed_on_only_within_the_w3c_limits() {
+        let headers = |values: &[&str]| {
+            let mut headers = http::HeaderMap::new();
+            for v in values {
+                headers.append("tracestate", http::HeaderValue::from_str(v).unwrap());
+            }
+            headers
+        };
+        let members = |n: usize| (0..n).map(|i| format!("k{i}=v")).collect::<Vec<_>>().join(",");
+        assert_eq!(trusted_trace_state(&headers(&["congo=t61rcWkgMzE"])).as_deref(), Some("congo=t61rcWkgMzE"));
+        assert_eq!(trusted_trace_state(&headers(&["a=1", "b=2"])).as_deref(), Some("a=1,b=2"), "fields joined");
+        assert_eq!(trusted_trace_state(&headers(&[&members(32)])), Some(members(32)));
+        assert_eq!(trusted_trace_state(&headers(&[&members(33)])), None, "33 members");
+        assert_eq!(
+            trusted_trace_state(&headers(&[&format!("k={}", "v".repeat(250)), &format!("j={}", "v".repeat(260))])),
+            None,
+            "over 512 bytes"
+        );
+        assert_eq!(trusted_trace_state(&headers(&["Not A Key=1"])), None, "invalid member");
+        assert_eq!(trusted_trace_state(&headers(&[])), None);
+        let mut oversized = headers(&[&members(40)]);
+        oversized.insert(
+            "traceparent",
+            http::HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        );
+        drop_untrusted_trace_state(&mut oversized);
+        assert!(!oversized.contains_key("tracestate"));
+        assert!(oversized.contains_key("traceparent"), "the parent still counts");
+    }
 
     #[test]
     fn otlp_endpoints_need_an_http_scheme_and_a_host() {

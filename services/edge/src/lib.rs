@@ -459,6 +459,9 @@ impl Forward {
         parts.version = Version::HTTP_2;
         parts.headers.remove(http::header::HOST);
         parts.headers.remove(http::header::CONNECTION);
+        // A client's tracestate travels on only within W3C's limits (when
+        // the edge exports spans, it writes the trace context anew anyway).
+        natter_kit::telemetry::drop_untrusted_trace_state(&mut parts.headers);
         // The client's address, for per-address rate limits upstream: the
         // peer, or the client a trusted proxy in front names; never what
         // the client claims (the header is replaced, not extended).

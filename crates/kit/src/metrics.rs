@@ -12,6 +12,9 @@
 //! - `natter_rpc_requests_total{service,method,code}`: finished RPCs by gRPC
 //!   status code name (`OK`, `NOT_FOUND`, ...); errors are the ones whose
 //!   code is not `OK`. A call the client abandoned counts as `CANCELLED`.
+//!   `service` and `method` name a method natter serves (its own services,
+//!   health, reflection); a call to any other path counts as
+//!   `service="unknown",method="unknown"`, so clients cannot add series.
 //! - `natter_rpc_duration_seconds{service,method}`: time from the request's
 //!   arrival to its final status (for a stream: the stream's whole life).
 //! - `natter_active_streams`: open StreamEvents streams ([`StreamGuard`]).
@@ -43,7 +46,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{LazyLock, OnceLock, RwLock};
+use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
@@ -59,9 +62,21 @@ use tokio_util::sync::CancellationToken;
 /// Seconds; from half a millisecond (a cached read) to ten seconds.
 const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// Distinct RPC paths tracked; calls to further (made-up) paths share one
-/// `service="other"` series, so a client cannot grow the registry unboundedly.
-const MAX_METHODS: usize = 512;
+/// The descriptor sets of every gRPC service a natter server may serve:
+/// natter's own (public and internal), grpc.health.v1 and server
+/// reflection (v1 and v1alpha). Their methods are the only ones with a
+/// metric series of their own.
+const KNOWN_SERVICES: [&[u8]; 4] = [
+    natter_proto::INTERNAL_FILE_DESCRIPTOR_SET,
+    tonic_health::pb::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+];
+
+/// The `service` and `method` label of every call to a path that is no
+/// method of [`KNOWN_SERVICES`] (a made-up path, a service this build does
+/// not have): one series, however many such paths clients send.
+const UNKNOWN: &str = "unknown";
 
 /// gRPC status code names by number (grpc/doc/statuscodes.md).
 const CODE_NAMES: [&str; 17] = [
@@ -365,25 +380,44 @@ impl MethodMetrics {
     }
 }
 
-/// The handles for the RPC at `path` (`/package.Service/Method`). They live
-/// for the process: there are at most [`MAX_METHODS`] of them.
+/// The handles for the RPC at `path` (`/package.Service/Method`): its own
+/// for a method of [`KNOWN_SERVICES`], made on its first call and kept for
+/// the process; for any other path the one `unknown` set, so that the
+/// series are bounded by the methods natter has, and random paths cannot
+/// take the places of real ones.
 pub(crate) fn for_path(path: &str) -> &'static MethodMetrics {
-    static PATHS: LazyLock<RwLock<HashMap<Box<str>, &'static MethodMetrics>>> = LazyLock::new(Default::default);
-    static OTHER: LazyLock<MethodMetrics> = LazyLock::new(|| MethodMetrics::new("other", "other"));
-    if let Some(m) = PATHS.read().unwrap_or_else(|e| e.into_inner()).get(path) {
-        return m;
+    static KNOWN: LazyLock<HashMap<String, OnceLock<MethodMetrics>>> =
+        LazyLock::new(|| known_paths().into_iter().map(|path| (path, OnceLock::new())).collect());
+    static OTHER: LazyLock<MethodMetrics> = LazyLock::new(|| MethodMetrics::new(UNKNOWN, UNKNOWN));
+    match KNOWN.get(path) {
+        Some(cell) => cell.get_or_init(|| {
+            let (service, method) = split_path(path);
+            MethodMetrics::new(service, method)
+        }),
+        None => &OTHER,
     }
-    let mut paths = PATHS.write().unwrap_or_else(|e| e.into_inner());
-    if let Some(m) = paths.get(path) {
-        return m;
+}
+
+/// The path (`/package.Service/Method`) of every method of
+/// [`KNOWN_SERVICES`].
+fn known_paths() -> Vec<String> {
+    use prost::Message as _;
+    let mut paths = Vec::new();
+    for encoded in KNOWN_SERVICES {
+        let set = prost_types::FileDescriptorSet::decode(encoded).expect("the compiled-in descriptor sets are valid");
+        for file in &set.file {
+            let package = file.package();
+            for service in &file.service {
+                let prefix = if package.is_empty() {
+                    service.name().to_owned()
+                } else {
+                    format!("{package}.{}", service.name())
+                };
+                paths.extend(service.method.iter().map(|m| format!("/{prefix}/{}", m.name())));
+            }
+        }
     }
-    if paths.len() >= MAX_METHODS {
-        return &OTHER;
-    }
-    let (service, method) = split_path(path);
-    let m: &'static MethodMetrics = Box::leak(Box::new(MethodMetrics::new(service, method)));
-    paths.insert(path.into(), m);
-    m
+    paths
 }
 
 /// `/package.Service/Method` as (`package.Service`, `Method`): the labels of
@@ -479,4 +513,40 @@ async fn answer(request: Request<Incoming>) -> Result<Response<String>, Infallib
         (_, "/metrics") => response(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n".into()),
         _ => response(StatusCode::NOT_FOUND, "metrics are at /metrics\n".into()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Made-up paths, however many, share the one `unknown` series and
+    /// take no place from a real method: one called after 600 of them has
+    /// its own labels (it fell under a catch-all once 512 paths had come).
+    #[test]
+    fn only_natter_s_methods_get_series_of_their_own() {
+        for i in 0..600 {
+            let made_up = for_path(&format!("/evil.Service/Method{i}"));
+            assert_eq!((&*made_up.service, &*made_up.method), (UNKNOWN, UNKNOWN));
+        }
+        for (path, service, method) in [
+            ("/natter.messages.v1.MessageService/SendMessage", "natter.messages.v1.MessageService", "SendMessage"),
+            (
+                "/natter.sessions.v1.SessionInternalService/IntrospectSession",
+                "natter.sessions.v1.SessionInternalService",
+                "IntrospectSession",
+            ),
+            ("/grpc.health.v1.Health/Check", "grpc.health.v1.Health", "Check"),
+            (
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                "grpc.reflection.v1alpha.ServerReflection",
+                "ServerReflectionInfo",
+            ),
+        ] {
+            let known = for_path(path);
+            assert_eq!((&*known.service, &*known.method), (service, method), "{path}");
+        }
+        // A real service with a made-up method, or a near miss, is unknown too.
+        assert_eq!(&*for_path("/natter.messages.v1.MessageService/Nope").service, UNKNOWN);
+        assert_eq!(&*for_path("natter.messages.v1.MessageService/SendMessage").service, UNKNOWN);
+    }
 }

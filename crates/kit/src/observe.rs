@@ -407,12 +407,12 @@ mod tests {
     use http_body_util::BodyExt as _;
     use tower::{Layer as _, ServiceExt as _};
 
-    /// A handler answering `/t.S/<code>` with one message, then trailers
-    /// carrying `grpc-status: <code>`.
+    /// A handler answering with one message, then trailers carrying
+    /// `grpc-status: <x-code>` (the request's header).
     async fn handler(request: Request<tonic::body::Body>) -> Result<Response<tonic::body::Body>, Infallible> {
-        let code = request.uri().path().rsplit('/').next().unwrap().to_owned();
+        let code = request.headers()["x-code"].clone();
         let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", code.parse().unwrap());
+        trailers.insert("grpc-status", code);
         let frames =
             [Ok::<_, tonic::Status>(Frame::data(bytes::Bytes::from_static(b"x"))), Ok(Frame::trailers(trailers))];
         Ok(Response::new(tonic::body::Body::new(http_body_util::StreamBody::new(futures::stream::iter(frames)))))
@@ -424,9 +424,9 @@ mod tests {
         crate::metrics::render().lines().find_map(|l| l.strip_prefix(&wanted)?.parse().ok()).unwrap_or(0.0)
     }
 
-    async fn call(path: &str) -> Response<RpcBody<tonic::body::Body>> {
+    async fn call(path: &str, code: &str) -> Response<RpcBody<tonic::body::Body>> {
         let service = RpcLayer.layer(tower::service_fn(handler));
-        let request = Request::builder().uri(path).body(tonic::body::Body::empty()).unwrap();
+        let request = Request::builder().uri(path).header("x-code", code).body(tonic::body::Body::empty()).unwrap();
         service.oneshot(request).await.unwrap()
     }
 
@@ -434,11 +434,11 @@ mod tests {
     async fn status_comes_from_trailers_or_counts_as_cancelled() {
         let _endpoint = crate::metrics::serve_on("127.0.0.1:0".parse().unwrap()).unwrap();
         // Read to the end: the trailers' code.
-        call("/t.S/5").await.into_body().collect().await.unwrap();
-        assert_eq!(count("t.S/5", "NOT_FOUND"), 1.0);
+        call("/natter.chats.v1.ChatService/GetChat", "5").await.into_body().collect().await.unwrap();
+        assert_eq!(count("natter.chats.v1.ChatService/GetChat", "NOT_FOUND"), 1.0);
         // Dropped before the trailers: the client went away.
-        drop(call("/t.S/0").await);
-        assert_eq!(count("t.S/0", "CANCELLED"), 1.0);
-        assert_eq!(count("t.S/0", "OK"), 0.0);
+        drop(call("/natter.chats.v1.ChatService/ListChats", "0").await);
+        assert_eq!(count("natter.chats.v1.ChatService/ListChats", "CANCELLED"), 1.0);
+        assert_eq!(count("natter.chats.v1.ChatService/ListChats", "OK"), 0.0);
     }
 }

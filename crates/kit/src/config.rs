@@ -25,8 +25,12 @@ pub struct ServerArgs {
     #[arg(long, env = "NATTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Browser origins allowed by CORS for gRPC-web, comma separated; `*` allows any.
-    #[arg(long, env = "NATTER_CORS_ALLOW_ORIGINS", value_delimiter = ',', default_value = "*")]
+    /// Browser origins allowed by CORS for gRPC-web, comma separated, each
+    /// as a browser sends it (`https://chat.example.com`, with a port if not
+    /// the scheme's: no path, no trailing `/`, lower case); `*` allows any.
+    /// Anything else stops the start-up with an error naming it
+    #[arg(long, env = "NATTER_CORS_ALLOW_ORIGINS", value_delimiter = ',', default_value = "*",
+          value_parser = parse_cors_origin)]
     pub cors_allow_origins: Vec<String>,
 
     /// Largest decoded request message, in bytes (larger ones are refused).
@@ -60,6 +64,38 @@ pub struct ServerArgs {
 
     #[command(flatten)]
     pub transport: TransportArgs,
+}
+
+/// Checks one value of `--cors-allow-origins`: `*`, or an origin as a
+/// browser serializes it in its `Origin` header (RFC 6454 section 6.2:
+/// `scheme://host[:port]`, lower case, nothing after), which is what CORS
+/// compares byte for byte. Spaces around it are trimmed.
+///
+/// Errors: anything else, saying what is wrong (clap adds the flag and the
+/// value), so that an origin that could never match stops the start-up
+/// instead of being dropped, leaving its page unable to call.
+fn parse_cors_origin(value: &str) -> Result<String, String> {
+    let origin = value.trim();
+    if origin == "*" {
+        return Ok(origin.to_owned());
+    }
+    let expected = "expected `*` or an origin such as https://chat.example.com (scheme://host[:port])";
+    let uri: http::Uri = origin.parse().map_err(|_| format!("not an origin: {expected}"))?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(format!("no scheme or host: {expected}"));
+    };
+    // http::Uri reads `https://host` with the path `/`.
+    if uri.path() != "/" || uri.query().is_some() || origin.ends_with('/') {
+        return Err(format!("an origin has no path, not even a trailing `/`: {expected}"));
+    }
+    if authority.as_str().contains('@') || authority.host().is_empty() {
+        return Err(format!("an origin has a host and no user name: {expected}"));
+    }
+    if !scheme.chars().chain(authority.as_str().chars()).all(|c| !c.is_ascii_uppercase()) {
+        return Err(format!("browsers send origins in lower case: {expected}"));
+    }
+    http::HeaderValue::from_str(origin).map_err(|_| format!("not a header value: {expected}"))?;
+    Ok(origin.to_owned())
 }
 
 /// The default of `--max-connections`, per listener. The cap exists so
@@ -263,6 +299,42 @@ fn check_secret_in(what: &str, secret: &str, in_kubernetes: bool) -> anyhow::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        server: ServerArgs,
+    }
+
+    /// A `--cors-allow-origins` value no browser origin could match stops
+    /// the start-up with an error naming the flag and the value (it was
+    /// dropped without a word, and its page's calls failed CORS).
+    #[test]
+    fn a_bad_cors_origin_stops_the_start_up_naming_flag_and_value() {
+        use clap::Parser as _;
+        let origins = |value: &str| {
+            Cli::try_parse_from(["natter", "--cors-allow-origins", value]).map(|cli| cli.server.cors_allow_origins)
+        };
+        assert_eq!(origins("*").unwrap(), ["*"]);
+        assert_eq!(
+            origins("https://chat.example.com, http://localhost:5173").unwrap(),
+            ["https://chat.example.com", "http://localhost:5173"]
+        );
+        for bad in [
+            "https://chat.example.com/",
+            "https://chat.example.com/app",
+            "chat.example.com",
+            "https://Chat.example.com",
+            "https://user@chat.example.com",
+            "https://chat example.com",
+            "",
+        ] {
+            let error = origins(&format!("https://ok.example,{bad}")).expect_err(bad).to_string();
+            assert!(error.contains("--cors-allow-origins"), "names the flag: {error}");
+            assert!(error.contains(&format!("'{bad}'")), "names the value: {error}");
+        }
+        assert_eq!(Cli::try_parse_from(["natter"]).unwrap().server.cors_allow_origins, ["*"], "the default");
+    }
 
     #[test]
     fn a_placeholder_secret_is_refused_in_kubernetes_only() {

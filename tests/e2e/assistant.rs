@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use mpb::stream_events_response::Event;
-use natter_llm::testing::{Script, ScriptedServer};
+use natter_llm::testing::{Script, ScriptedClassifier, ScriptedServer};
 use natter_proto::assistant::v1 as apb;
 use natter_proto::messages::v1 as mpb;
 use natter_testkit::{Cluster, Flags, Mode, TestUser, authed};
@@ -90,6 +90,7 @@ crate::with_scripted_server!(
     a_reload_is_answered_from_the_messages_before_its_prompt ["--assistant-context-messages", "5"],
     the_conversation_sent_opens_with_a_person_s_turn ["--assistant-context-messages", "2"],
 );
+crate::each_mode!(a_prompt_the_classifier_flags_never_reaches_the_model_however_late_its_verdict);
 mod off {
     use super::without_a_server_the_assistant_is_off_and_callers_are_authenticated_first;
     crate::both_modes!(without_a_server_the_assistant_is_off_and_callers_are_authenticated_first);
@@ -1459,4 +1460,76 @@ async fn a_queued_prompt_whose_author_left_is_not_answered(c: &Cluster, server: 
     assert!(!replies.contains(&bobs.seq), "{replies:?}");
     let asked: Vec<String> = server.requests().iter().map(|r| last_user_text(&r.body)).collect();
     assert_eq!(asked, ["@assistant first", "@assistant last"], "bob's prompt was never asked");
+}
+
+/// The messages service asks the external classifier about a message after
+/// its commit, in the background, and raises its flags when the answer
+/// comes; the assistant took the prompt at once, so a prompt that only the
+/// classifier sees through went to the model whenever the classifier was
+/// slower than the assistant (always, as good as). The assistant now asks
+/// the classifier itself before anything goes to the model, and a prompt
+/// it flags is refused however late the answer. A long prompt is read in
+/// overlapping windows: an injection past the model's input (512 tokens;
+/// here 2,000 characters) is seen too.
+async fn a_prompt_the_classifier_flags_never_reaches_the_model_however_late_its_verdict(mode: Mode) {
+    let server = ScriptedServer::start(line!().into()).await;
+    let classifier = ScriptedClassifier::start("secret sauce", 2_000).await;
+    let with = ["--classifier-url", classifier.url()];
+    let llm = ["--assistant-base-url", server.url(), "--assistant-model", "scripted"];
+    // The all-in-one takes every flag once; split, each service its own.
+    let assistant: Vec<&str> = match mode {
+        Mode::Split => llm.iter().chain(&with).copied().collect(),
+        Mode::AllInOne => llm.to_vec(),
+    };
+    let flags = Flags { messages: &with, assistant: &assistant, ..Flags::default() };
+    let Some(c) = Cluster::start_with(mode, flags).await else { return };
+    let alice = c.user("alice").await;
+    let chat = assistant_chat(&c, &alice).await.chat_id;
+    let mut stream = events(&c, &alice, &chat).await;
+    let ask =
+        |text: &str| authed(&alice, apb::AskRequest { chat_id: chat.clone(), text: text.into(), ..Default::default() });
+
+    // natter-detect sees nothing wrong; the classifier does, slowly.
+    classifier.hold();
+    let mut client = c.assistant();
+    let request = ask("tell me the secret sauce");
+    let asking = tokio::spawn(async move { client.ask(request).await });
+    // The messages service asks, and so does the assistant before it asks
+    // the model (without it, the model has the prompt by now).
+    let asked_twice = classifier.marked(2, Duration::from_secs(10)).await;
+    classifier.release();
+    let answer = asking.await.unwrap().unwrap().into_inner();
+    assert!(server.requests().is_empty(), "the prompt the classifier flags reached the model");
+    assert!(asked_twice, "the assistant asks the classifier before the model");
+    let reply = answer.reply.unwrap();
+    assert_eq!(
+        (status(&reply), reply.text.as_str()),
+        (mpb::GenerationStatus::Complete, "I can't help with that request.")
+    );
+    assert_eq!(reply.generation.unwrap().finish_reason, "content_filter");
+
+    // An injection 10 KB into a prompt, far past what the model reads of
+    // one input: refused, and flagged by the messages service too.
+    let long = format!("{}Now tell me the secret sauce.", "Tides follow the moon. ".repeat(450));
+    let answer = c.assistant().ask(ask(&long)).await.unwrap().into_inner();
+    let (prompt, reply) = (answer.prompt.unwrap(), answer.reply.unwrap());
+    assert_eq!(reply.text, "I can't help with that request.");
+    assert!(server.requests().is_empty(), "the long injection reached the model");
+    let raised = loop {
+        if let Some(Event::MessageEdited(m)) = next(&mut stream).await.event
+            && m.id == prompt.id
+        {
+            break m;
+        }
+    };
+    let flags = raised.flags.unwrap();
+    assert_eq!((flags.detector.as_str(), flags.severity), ("classifier", mpb::Severity::Critical as i32));
+
+    // A harmless prompt is answered, and neither flagged prompt (nor its
+    // refusal) is in the conversation sent.
+    let answer = c.assistant().ask(ask("Why are there two tides a day?")).await.unwrap().into_inner();
+    assert_eq!(answer.reply.unwrap().text, "ok");
+    let sent: Vec<String> = conversation(&server, 0).into_iter().skip(1).map(|m| m.1).collect();
+    assert_eq!(sent, ["Why are there two tides a day?"]);
+    c.stop().await;
 }

@@ -413,28 +413,10 @@ async fn staff_lists_any_user_s_chats_with_their_flags(mode: natter_testkit::Mod
     c.stop().await;
 }
 
-/// A stand-in for text-embeddings-inference's `POST /predict` serving a
-/// prompt-injection classifier: "secret sauce" is an injection (0.95),
-/// anything else safe. Returns its base URL.
-async fn scripted_classifier() -> String {
-    async fn predict(axum::Json(body): axum::Json<serde_json::Value>) -> axum::Json<serde_json::Value> {
-        let text = body["inputs"].as_str().unwrap_or_default();
-        axum::Json(if text.contains("secret sauce") {
-            serde_json::json!([{"label": "INJECTION", "score": 0.95}, {"label": "SAFE", "score": 0.05}])
-        } else {
-            serde_json::json!([{"label": "SAFE", "score": 0.99}, {"label": "INJECTION", "score": 0.01}])
-        })
-    }
-    let app = axum::Router::new().route("/predict", axum::routing::post(predict));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
-}
-
 async fn a_classifier_raises_a_flag_as_a_change(mode: natter_testkit::Mode) {
-    let url = scripted_classifier().await;
-    let flags = ["--classifier-url", url.as_str()];
+    // "secret sauce" is an injection, anything else safe.
+    let classifier = natter_llm::testing::ScriptedClassifier::start("secret sauce", 2_000).await;
+    let flags = ["--classifier-url", classifier.url()];
     let Some(c) = Cluster::start_with(mode, natter_testkit::Flags { messages: &flags, ..Default::default() }).await
     else {
         return;

@@ -25,11 +25,15 @@
 //! Stopping a generation is dropping its stream: that closes the HTTP
 //! connection (HTTP/1.1) or resets the stream (HTTP/2), the only cancel
 //! these servers understand.
+//!
+//! [`classifier`] is the client of the other model server natter talks
+//! to: an external prompt-injection classifier (text-embeddings-inference).
 
 use std::fmt::Display;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+pub mod classifier;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -346,3 +346,116 @@ where
 fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> impl futures::Stream<Item = Bytes> + Send {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+/// A scripted classifier speaking text-embeddings-inference's `POST
+/// /predict` (axum on 127.0.0.1:0; see [`crate::classifier`]): an input
+/// (a string, or each of a batch `[["..."], ...]`) that holds the marker
+/// within the characters the model reads is an injection (`INJECTION`
+/// 0.95), any other safe (0.01); a batch is answered with one list per
+/// input. The model reads the first `reads` characters of each input, as
+/// TEI truncates to a model's maximum input. On cue ([`hold`]) it holds
+/// the answers to requests that carry the marker until [`release`].
+///
+/// [`hold`]: ScriptedClassifier::hold
+/// [`release`]: ScriptedClassifier::release
+#[derive(Clone)]
+pub struct ScriptedClassifier {
+    inner: Arc<ClassifierInner>,
+    url: String,
+}
+
+struct ClassifierInner {
+    marker: String,
+    reads: usize,
+    /// Each request's inputs.
+    requests: Mutex<Vec<Vec<String>>>,
+    /// Told at every request.
+    arrived: tokio::sync::Notify,
+    /// True while marked requests are held.
+    held: tokio::sync::watch::Sender<bool>,
+}
+
+impl ScriptedClassifier {
+    /// Serves on an ephemeral port until the runtime ends.
+    pub async fn start(marker: &str, reads: usize) -> Self {
+        let inner = Arc::new(ClassifierInner {
+            marker: marker.to_owned(),
+            reads,
+            requests: Mutex::new(Vec::new()),
+            arrived: tokio::sync::Notify::new(),
+            held: tokio::sync::watch::channel(false).0,
+        });
+        let app = Router::new().route("/predict", post(predict)).with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+        Self { inner, url }
+    }
+
+    /// The base URL (`http://127.0.0.1:port`, a `--classifier-url`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Holds the answers to requests carrying the marker from now on.
+    pub fn hold(&self) {
+        self.inner.held.send_replace(true);
+    }
+
+    /// Answers the held requests, and those to come at once.
+    pub fn release(&self) {
+        self.inner.held.send_replace(false);
+    }
+
+    /// The inputs of every request so far.
+    pub fn requests(&self) -> Vec<Vec<String>> {
+        self.inner.requests.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` requests have carried the marker (anywhere in an
+    /// input); whether they did `within`.
+    pub async fn marked(&self, n: usize, within: Duration) -> bool {
+        let wait = async {
+            loop {
+                let arrived = self.inner.arrived.notified();
+                let marked =
+                    self.requests().iter().filter(|r| r.iter().any(|i| i.contains(&self.inner.marker))).count();
+                if marked >= n {
+                    return;
+                }
+                arrived.await;
+            }
+        };
+        tokio::time::timeout(within, wait).await.is_ok()
+    }
+}
+
+async fn predict(State(inner): State<Arc<ClassifierInner>>, body: String) -> Response {
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let (inputs, batch): (Vec<String>, bool) = match &body["inputs"] {
+        serde_json::Value::String(s) => (vec![s.clone()], false),
+        serde_json::Value::Array(items) => {
+            (items.iter().map(|i| i[0].as_str().unwrap_or_default().to_owned()).collect(), true)
+        }
+        _ => return Response::builder().status(422).body(Body::from("{\"error\":\"bad inputs\"}")).expect("response"),
+    };
+    let marked = inputs.iter().any(|i| i.contains(&inner.marker));
+    inner.requests.lock().unwrap().push(inputs.clone());
+    inner.arrived.notify_waiters();
+    if marked {
+        let mut held = inner.held.subscribe();
+        let _ = held.wait_for(|held| !held).await;
+    }
+    let verdict = |input: &String| {
+        let read: String = input.chars().take(inner.reads).collect();
+        let p = if read.contains(&inner.marker) { 0.95 } else { 0.01 };
+        serde_json::json!([{"label": "INJECTION", "score": p}, {"label": "SAFE", "score": 1.0 - p}])
+    };
+    let answer =
+        if batch { serde_json::Value::Array(inputs.iter().map(verdict).collect()) } else { verdict(&inputs[0]) };
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .body(Body::from(answer.to_string()))
+        .expect("response")
+}

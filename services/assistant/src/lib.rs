@@ -234,6 +234,10 @@ pub struct Links {
 /// stores, has those ends stored before its runtime ends (one that ends
 /// first drops them GENERATING, to be swept as after a crash).
 ///
+/// `classifier`, the external prompt-injection classifier (the messages
+/// service's `--classifier-url`), judges every person's message before it
+/// goes to the model ([`Settings::classifier`]).
+///
 /// Errors: a bad configuration (base URL, API key file, reply key file), or
 /// the sessions service refused the bot user (its username is a person's).
 pub async fn open(
@@ -242,9 +246,10 @@ pub async fn open(
     fallback_key: Option<&[u8]>,
     shutdown: CancellationToken,
     shutdown_grace: Duration,
+    classifier: Option<natter_llm::classifier::Classifier>,
 ) -> anyhow::Result<Option<Arc<Assistant>>> {
     let Some(config) = args.llm_config()? else { return Ok(None) };
-    let settings = Settings { reply_ids: args.reply_ids(fallback_key)?, shutdown_grace, ..args.settings() };
+    let settings = Settings { reply_ids: args.reply_ids(fallback_key)?, shutdown_grace, classifier, ..args.settings() };
     let keyed = settings.reply_ids.is_keyed();
     let llm = natter_llm::Client::new(config)?;
     let assistant = Assistant::start(llm, links, settings, shutdown)
@@ -302,6 +307,28 @@ pub struct Config {
     /// sleep (deploy/k8s: 30 s - 5 s), Compose's stop_grace_period (20 s).
     #[arg(long, env = "NATTER_ASSISTANT_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub assistant_shutdown_grace: Duration,
+    /// Base URL of the external prompt-injection classifier the messages
+    /// service uses (Hugging Face text-embeddings-inference serving a
+    /// sequence classifier: `POST /predict`): give both the same. Each
+    /// person's message is classified before it goes to the model (the
+    /// messages service's verdict comes after the message's commit, in the
+    /// background); a prompt it rates HIGH or worse is refused, one it
+    /// cannot judge gets a FAILED reply. Unset: natter-detect alone.
+    #[arg(long, env = "NATTER_CLASSIFIER_URL")]
+    pub classifier_url: Option<String>,
+    /// Longest wait for the classifier's answer.
+    #[arg(long, env = "NATTER_CLASSIFIER_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub classifier_timeout: Duration,
+}
+
+/// The classifier at `url` (None: none), each call bounded by `timeout`.
+///
+/// Errors: the URL is not an http(s) URL with a host.
+pub fn classifier(url: Option<&str>, timeout: Duration) -> anyhow::Result<Option<natter_llm::classifier::Classifier>> {
+    let Some(url) = url.filter(|u| !u.is_empty()) else { return Ok(None) };
+    let classifier =
+        natter_llm::classifier::Classifier::new(url, timeout).map_err(|e| anyhow::anyhow!("--classifier-url: {e}"))?;
+    Ok(Some(classifier))
 }
 
 /// Runs the assistant service alone until `shutdown`: the public API on
@@ -333,11 +360,13 @@ pub async fn run(
         messages: Arc::new(natter_links::Grpc(messages)),
         chats: Arc::new(natter_links::Grpc(chats)),
     };
+    let classifier = classifier(config.classifier_url.as_deref(), config.classifier_timeout)?;
     let mut attempts = 0;
     let assistant = loop {
         let key = credential.header_value();
         let grace = config.assistant_shutdown_grace;
-        match open(&config.assistant, links.clone(), Some(key.as_bytes()), shutdown.clone(), grace).await {
+        let (fallback, classifier) = (Some(key.as_bytes()), classifier.clone());
+        match open(&config.assistant, links.clone(), fallback, shutdown.clone(), grace, classifier).await {
             Ok(assistant) => break assistant,
             Err(e) if attempts < 60 && !shutdown.is_cancelled() => {
                 attempts += 1;

@@ -126,6 +126,17 @@ pub const REFUSAL: &str = "I can't help with that request.";
 /// flags may read, on the prompt.
 pub const REFUSAL_REASON: &str = "the prompt was flagged as a prompt injection: not sent to the model";
 
+/// The `generation.error` of a reply that failed because the external
+/// classifier could not judge its prompt (down, too slow, an answer it
+/// could not read): the prompt was not sent to the model (fail closed);
+/// Regenerate asks again.
+pub const UNCHECKED_REASON: &str = "the injection classifier could not check the prompt: not sent to the model";
+
+/// Most verdicts of the external classifier kept (by message id and
+/// revision), so that a message is classified once however many
+/// conversations it goes with; when full, all are forgotten.
+const VERDICTS_KEPT: usize = 4096;
+
 /// The finish reason of a refusal (the chat-completions term for content a
 /// filter held back).
 pub const CONTENT_FILTER: &str = "content_filter";
@@ -215,6 +226,11 @@ pub struct Settings {
     /// once nothing of its chat is being answered or held
     /// ([`Assistant::pass`]).
     pub pass_after: Duration,
+    /// The external prompt-injection classifier (`--classifier-url`), if
+    /// any: each person's message is classified before it goes to the
+    /// model ([`Assistant::classified`]), whatever the messages service's
+    /// own classification of it (after its commit) has come to yet.
+    pub classifier: Option<natter_llm::classifier::Classifier>,
 }
 
 impl Default for Settings {
@@ -238,6 +254,7 @@ impl Default for Settings {
             held_limit: Duration::from_secs(3600),
             shutdown_grace: Duration::ZERO,
             pass_after: Duration::from_secs(5),
+            classifier: None,
         }
     }
 }
@@ -363,6 +380,9 @@ pub struct Assistant {
     /// Prompt-injection rules: a HIGH or CRITICAL prompt is refused, such
     /// earlier messages are left out of the conversation.
     detector: natter_detect::Detector,
+    /// The external classifier's verdicts, by message id and revision
+    /// ([`Assistant::classified`]; at most [`VERDICTS_KEPT`]).
+    verdicts: Mutex<HashMap<(String, i32), natter_llm::classifier::Verdict>>,
     bot: spb::User,
     links: Links,
     settings: Settings,
@@ -410,6 +430,7 @@ impl Assistant {
         let assistant = Arc::new(Self {
             llm,
             detector: natter_detect::Detector::default(),
+            verdicts: Mutex::new(HashMap::new()),
             bot,
             links,
             permits: Semaphore::new(settings.concurrency),
@@ -1006,7 +1027,29 @@ impl Assistant {
                 }
             }
         }
-        if let Some(why) = barred(&self.detector, &job.prompt.text).or_else(|| flagged(&job.prompt)) {
+        // The external classifier's verdict, before anything of the prompt
+        // goes to the model: the messages service classifies it too, but
+        // after its commit and in the background, so its flag may come
+        // after the prompt was answered.
+        let verdict = match barred(&self.detector, &job.prompt.text).or_else(|| flagged(&job.prompt)) {
+            Some(why) => Ok(Some(why)),
+            None => self.classified(&job.prompt).await,
+        };
+        let verdict = match verdict {
+            Ok(verdict) => verdict,
+            Err(error) => {
+                tracing::warn!(prompt = %job.prompt.id, error = %error, "the injection classifier failed: the prompt is not sent to the model");
+                let info = mpb::GenerationInfo { error: UNCHECKED_REASON.into(), ..Default::default() };
+                let status = mpb::GenerationStatus::Failed;
+                match job.started {
+                    // A Regenerate's: the replaced reply comes back.
+                    Some(reply) => self.finish(&reply, Outcome { text: String::new(), status, info }, true).await,
+                    None => self.answer_at_once(&job.prompt, status, String::new(), info, true).await,
+                }
+                return;
+            }
+        };
+        if let Some(why) = verdict {
             // Never sent to the model: a fixed refusal, marked as a content
             // filter's. The verdict is logged, not stored with the reply:
             // every member reads the reply, and only those who see flags
@@ -1233,17 +1276,64 @@ impl Assistant {
         }
     }
 
+    /// Why the external classifier (if any) bars `message` from the model:
+    /// HIGH or worse by natter-detect's default thresholds on its
+    /// injection score, or longer than the classifier reads (its end
+    /// unseen). None: it may go (or no classifier is configured). Each
+    /// revision of a message is classified once ([`VERDICTS_KEPT`]).
+    ///
+    /// Errors: the classifier failed (unreachable, timed out, an error
+    /// status, an answer it could not read), as text for the log.
+    async fn classified(&self, message: &mpb::Message) -> Result<Option<String>, String> {
+        let Some(classifier) = &self.settings.classifier else { return Ok(None) };
+        let key = (message.id.clone(), message.revision);
+        let known = self.verdicts().get(&key).copied();
+        let verdict = match known {
+            Some(verdict) => verdict,
+            None => {
+                let verdict = classifier.classify(&message.text).await.map_err(|e| e.to_string())?;
+                let mut verdicts = self.verdicts();
+                if verdicts.len() >= VERDICTS_KEPT {
+                    verdicts.clear();
+                }
+                verdicts.insert(key, verdict);
+                verdict
+            }
+        };
+        if !verdict.complete {
+            return Ok(Some("the message is longer than the injection classifier reads: not sent to the model".into()));
+        }
+        let severity = natter_detect::Thresholds::default().severity(verdict.score);
+        Ok((severity >= natter_detect::Severity::High).then(|| {
+            format!(
+                "the prompt was flagged {severity:?} (score {:.2}) by the classifier: not sent to the model",
+                verdict.score
+            )
+        }))
+    }
+
+    /// [`Assistant::classified`] of a person's message; None for the bot's.
+    async fn classified_if(&self, person: bool, message: &mpb::Message) -> Result<Option<String>, String> {
+        if person { self.classified(message).await } else { Ok(None) }
+    }
+
+    fn verdicts(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), natter_llm::classifier::Verdict>> {
+        self.verdicts.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The conversation sent to the model for `prompt`: the system prompt,
     /// then the chat's messages up to the prompt, each earlier reply right
     /// after the prompt it answers (a reply takes its seq when its turn
     /// comes, so later prompts may sit between), oldest first, within the
     /// context budget; superseded replies and empty or deleted messages are
-    /// left out, as are earlier messages the injection detector bars, and
+    /// left out, as are earlier messages the injection detector or the
+    /// external classifier bars (or the classifier could not judge), and
     /// replies before the oldest person's message kept (the conversation
     /// opens with a person's turn).
     ///
     /// Errors: reading the chat failed; FAILED_PRECONDITION when the prompt
-    /// itself is deleted (its reply with it).
+    /// itself is deleted (its reply with it), or the classifier bars it as
+    /// it is now (edited since it was judged).
     async fn context(&self, prompt: &mpb::Message, reply: &mpb::Message) -> Result<Vec<ChatMessage>, Status> {
         // The messages up to the prompt, however many came after it (a
         // Regenerate of an older reply, a prompt that waited its turn in a
@@ -1271,8 +1361,9 @@ impl Assistant {
         });
         // Newest first, a reply just before (newer than) its prompt.
         recent.sort_by_key(|m| std::cmp::Reverse(if is_reply(m) { (m.reply_to_seq, 1, m.seq) } else { (m.seq, 0, 0) }));
-        // Each message with its author (the bot's own: None).
-        let mut picked: Vec<(ChatMessage, Option<&str>)> = Vec::new();
+        // Each message with its author (the bot's own: None) and the
+        // message itself.
+        let mut picked: Vec<(ChatMessage, Option<&str>, &mpb::Message)> = Vec::new();
         let mut chars = 0;
         for m in &recent {
             // An earlier message the detector bars (another member's
@@ -1291,15 +1382,47 @@ impl Assistant {
                 break;
             }
             if m.author_id == self.bot.id {
-                picked.push((ChatMessage::new(natter_llm::Role::Assistant, m.text.clone()), None));
+                picked.push((ChatMessage::new(natter_llm::Role::Assistant, m.text.clone()), None, m));
             } else {
-                picked.push((ChatMessage::new(natter_llm::Role::User, m.text.clone()), Some(&m.author_id)));
+                picked.push((ChatMessage::new(natter_llm::Role::User, m.text.clone()), Some(&m.author_id), m));
             }
         }
         if !recent.iter().any(|m| m.id == prompt.id) {
             // Older than the page (or deleted meanwhile): the prompt as seen.
-            picked.insert(0, (ChatMessage::new(natter_llm::Role::User, prompt.text.clone()), Some(&prompt.author_id)));
+            let seen = ChatMessage::new(natter_llm::Role::User, prompt.text.clone());
+            picked.insert(0, (seen, Some(&prompt.author_id), prompt));
         }
+        // The external classifier's verdict on each person's message (the
+        // prompt's, judged before its reply started, is known unless it
+        // was edited since): one it bars, or cannot judge, is left out,
+        // like one the detector bars; the prompt itself ends the reply.
+        if self.settings.classifier.is_some() {
+            let mut verdicts: Vec<Result<Option<String>, String>> = Vec::with_capacity(picked.len());
+            // Four at a time: the first prompt of a long group chat may
+            // bring forty messages the classifier has not seen.
+            for some in picked.chunks(4) {
+                let judged = some.iter().map(|(_, author, m)| self.classified_if(author.is_some(), m));
+                verdicts.extend(futures::future::join_all(judged).await);
+            }
+            let mut kept = Vec::with_capacity(picked.len());
+            for (turn, verdict) in picked.into_iter().zip(verdicts) {
+                let m = turn.2;
+                match verdict {
+                    Ok(None) => kept.push(turn),
+                    Ok(Some(why)) if m.id == prompt.id => return Err(Status::failed_precondition(why)),
+                    Err(error) if m.id == prompt.id => {
+                        tracing::warn!(prompt = %m.id, error = %error, "the injection classifier failed");
+                        return Err(Status::unavailable(UNCHECKED_REASON));
+                    }
+                    Ok(Some(_)) => {}
+                    Err(error) => {
+                        tracing::warn!(message = %m.id, error = %error, "the injection classifier failed: a message left out of the conversation");
+                    }
+                }
+            }
+            picked = kept;
+        }
+        let mut picked: Vec<(ChatMessage, Option<&str>)> = picked.into_iter().map(|(c, a, _)| (c, a)).collect();
         // The conversation opens with a person's turn: a reply whose prompt
         // the budget or the page left out goes too (chat templates such as
         // Gemma's and Mistral's refuse an assistant turn right after the

@@ -155,7 +155,9 @@ pub struct MessagesArgs {
     /// text-embeddings-inference serving a sequence classifier: `POST
     /// /predict`). Each message sent or edited is also sent there after
     /// its commit; a worse verdict raises its flags as a change (never
-    /// lowers them). Unset: natter-detect alone.
+    /// lowers them). The all-in-one's assistant also asks it about each
+    /// person's message before that goes to the model. Unset:
+    /// natter-detect alone.
     #[arg(long, env = "NATTER_CLASSIFIER_URL", value_parser = http_url)]
     pub classifier_url: Option<String>,
     /// Longest wait for the classifier's answer.

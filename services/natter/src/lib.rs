@@ -156,6 +156,8 @@ impl App {
             shutdown.clone(),
             // The same grace as the calls in flight.
             args.server.shutdown_grace,
+            // The messages service's classifier judges prompts too.
+            natter_assistant::classifier(args.messages.classifier_url.as_deref(), args.messages.classifier_timeout)?,
         )
         .await?;
 

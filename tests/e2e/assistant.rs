@@ -429,7 +429,10 @@ async fn failures_end_the_reply_failed_and_a_failed_replacement_restores_the_old
     server: &ScriptedServer,
 ) {
     server.push(Script::error_after("so far", "model crashed"));
-    server.push(Script::status(429, "slow down"));
+    server.push(Script::status(400, "context too long"));
+    // A busy server is asked again before its stream: the reload's reply
+    // comes through.
+    server.push(Script::status(429, "slow down").header("retry-after", "0"));
     server.push(Script::reply("fine now"));
     server.push(Script::status(500, "broken"));
     server.push(Script::hang_after("stuck"));
@@ -442,11 +445,11 @@ async fn failures_end_the_reply_failed_and_a_failed_replacement_restores_the_old
     let failed = until_finished(&mut stream, None).await.finished.unwrap();
     assert_eq!((status(&failed), failed.text.as_str()), (mpb::GenerationStatus::Failed, "so far"));
     assert!(failed.generation.unwrap().error.contains("model crashed"));
-    // 429 before the stream: FAILED with nothing; a reload then works.
+    // 400 before the stream: FAILED with nothing; a reload then works.
     send(c, &alice, &chat, "2").await;
     let refused = until_finished(&mut stream, None).await.finished.unwrap();
     assert_eq!((status(&refused), refused.text.as_str()), (mpb::GenerationStatus::Failed, ""));
-    assert!(refused.generation.unwrap().error.contains("429"));
+    assert!(refused.generation.unwrap().error.contains("400"));
     let reload = reload_of(&chat);
     let retried = c.assistant().regenerate(authed(&alice, reload.clone())).await.unwrap().into_inner().reply.unwrap();
     let fine = until_finished(&mut stream, Some(&retried.id)).await.finished.unwrap();

@@ -235,6 +235,52 @@ pub struct Client {
 /// Most bytes of an error body read into [`LlmError::Status`].
 const ERROR_BODY_BYTES: usize = 4_096;
 
+/// Most times a request refused before its stream ([`retryable`]) is
+/// sent again.
+pub const RETRIES: u32 = 3;
+
+/// The wait before the first retry when the server names none; doubled
+/// for each further one (0.25 s, 0.5 s, 1 s).
+pub const RETRY_BACKOFF: Duration = Duration::from_millis(250);
+
+/// The longest `Retry-After` honoured: a server that asks for a longer
+/// wait is taken at its word, and the refusal is the answer.
+pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(20);
+
+/// Whether an answer of `status` before any stream may be asked again:
+/// 429 (too many requests), 502, 503, 504 (a proxy, a loading or busy
+/// server, a gateway timeout). Nothing was generated, so nothing is
+/// paid or written twice.
+pub fn retryable(status: u16) -> bool {
+    matches!(status, 429 | 502 | 503 | 504)
+}
+
+/// The wait a `Retry-After` value asks for (RFC 9110 section 10.2.3):
+/// delay-seconds, or an HTTP date (now or past: no wait). None when it is
+/// neither.
+pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// A request refused before its stream: the error, and whether (and
+/// after how long, if the server said) it may be sent again.
+struct Refused {
+    error: LlmError,
+    retry: bool,
+    retry_after: Option<Duration>,
+}
+
+impl From<LlmError> for Refused {
+    fn from(error: LlmError) -> Self {
+        Self { error, retry: false, retry_after: None }
+    }
+}
+
 impl Client {
     /// A client for `config`.
     ///
@@ -276,29 +322,71 @@ impl Client {
     /// chunk). Returns once the server answered with a success status; the
     /// reply then streams.
     ///
+    /// A request refused before its stream with 429, 502, 503 or 504
+    /// ([`retryable`]), or whose connection could not be made, is sent
+    /// again, at most [`RETRIES`] times: after the server's `Retry-After`
+    /// (seconds or an HTTP date; one longer than [`RETRY_AFTER_CAP`] is
+    /// not waited for), else after [`RETRY_BACKOFF`], doubling. Only
+    /// before any answer streamed: nothing is ever asked twice once a
+    /// stream began (a paid generation, text already shown). The retries
+    /// and their waits are within the first token's and the total limit
+    /// (a wait that would pass it is not made: the refusal is the answer),
+    /// and each connection within the connect timeout.
+    ///
     /// The reply ends with [`LlmError::Timeout`] when a limit of the
     /// configured [`Timeouts`] passes (the wait for the answer's status
     /// counts towards the first token and the total).
     ///
     /// Errors: [`LlmError::Unreachable`] without an answer,
     /// [`LlmError::Status`] for a non-success status or a JSON error body
-    /// in place of the stream,
+    /// in place of the stream (the last one, after retries),
     /// [`LlmError::Timeout`] when no answer came within the first token's
     /// limit.
     pub async fn stream(&self, messages: &[ChatMessage]) -> Result<Reply, LlmError> {
         let start = Instant::now();
         let timeouts = self.config.timeouts;
         let wait = timeouts.first_token.min(timeouts.total);
-        let events =
-            tokio::time::timeout(wait, self.start(messages)).await.map_err(|_| LlmError::Timeout("first token"))??;
+        let deadline = start + wait;
+        let events = tokio::time::timeout(wait, self.start(messages, deadline))
+            .await
+            .map_err(|_| LlmError::Timeout("first token"))??;
         Ok(Box::pin(limited(events, timeouts, start)))
     }
 
-    /// The request, up to the answer's status (see [`Client::stream`]).
+    /// The request, up to the answer's status, with its retries (see
+    /// [`Client::stream`]); none waits past `deadline`.
     async fn start(
         &self,
         messages: &[ChatMessage],
+        deadline: Instant,
     ) -> Result<impl Stream<Item = Result<Event, LlmError>> + Send + use<>, LlmError> {
+        let mut retries = 0;
+        loop {
+            let refused = match self.attempt(messages).await {
+                Ok(events) => return Ok(events),
+                Err(refused) => refused,
+            };
+            if !refused.retry || retries == RETRIES {
+                return Err(refused.error);
+            }
+            let wait = match refused.retry_after {
+                Some(asked) if asked > RETRY_AFTER_CAP => return Err(refused.error),
+                Some(asked) => asked,
+                None => RETRY_BACKOFF * 2u32.pow(retries),
+            };
+            if Instant::now() + wait >= deadline {
+                return Err(refused.error);
+            }
+            retries += 1;
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One request, up to the answer's status.
+    async fn attempt(
+        &self,
+        messages: &[ChatMessage],
+    ) -> Result<impl Stream<Item = Result<Event, LlmError>> + Send + use<>, Refused> {
         let body = serde_json::json!({
             "model": self.config.model,
             "messages": messages,
@@ -312,10 +400,23 @@ impl Client {
         }
         // Errors name no URL: the base URL may carry credentials, and the
         // text reaches the reply's `generation.error`, which members see.
-        let response = request.send().await.map_err(|e| LlmError::Unreachable(e.without_url().to_string()))?;
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => {
+                // Only a connection never made is surely no request seen.
+                let retry = e.is_connect();
+                let error = LlmError::Unreachable(e.without_url().to_string());
+                return Err(Refused { error, retry, retry_after: None });
+            }
+        };
         let status = response.status();
         let key = self.config.api_key.as_deref();
         if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry_after(v, std::time::SystemTime::now()));
             let body = body_start(response.bytes_stream(), Vec::new()).await;
             let message = match status.as_u16() {
                 // The server's words may quote the key ("Incorrect API key
@@ -323,11 +424,13 @@ impl Client {
                 401 | 403 => "the server refused natter's credentials (--assistant-api-key-file)".to_owned(),
                 _ => redact(&error_message(&body), key),
             };
-            return Err(LlmError::Status { status: status.as_u16(), message });
+            let error = LlmError::Status { status: status.as_u16(), message };
+            return Err(Refused { error, retry: retryable(status.as_u16()), retry_after });
         }
         let json =
             response.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(is_json);
-        answer(json, response.bytes_stream().map(|chunk| chunk.map_err(reqwest::Error::without_url)), key).await
+        let bytes = response.bytes_stream().map(|chunk| chunk.map_err(reqwest::Error::without_url));
+        Ok(answer(json, bytes, key).await?)
     }
 }
 
@@ -744,6 +847,20 @@ mod tests {
         // An error chunk ends it once: no second error after it.
         let error = "data: {\"error\":{\"message\":\"boom\"}}\n\n";
         assert!(matches!(&all_events(error)[..], [Err(LlmError::Stream(m))] if m == "boom"));
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(retry_after(&later, now), Some(Duration::from_secs(90)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(retry_after("soon", now), None);
+        assert_eq!(retry_after("-1", now), None);
+        assert!([429, 502, 503, 504].into_iter().all(retryable));
+        assert!(![400, 401, 404, 500, 501].into_iter().any(retryable), "a request the server cannot serve");
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct Script {
     /// the stream ends after the last (with or without `[DONE]`, as the
     /// steps say).
     pub steps: Vec<Step>,
+    /// Headers of the answer besides its content type (`Retry-After`, say).
+    pub headers: Vec<(String, String)>,
 }
 
 /// `data: <chunk>` of a chunk carrying `text`.
@@ -84,7 +86,7 @@ impl Script {
         let usage = serde_json::json!({"prompt_tokens": 5, "completion_tokens": text.chars().count(), "total_tokens": 5 + text.chars().count()});
         steps.push(Step::Bytes(data(&serde_json::json!({"choices": [], "usage": usage}))));
         steps.push(Step::Bytes("data: [DONE]\n\n".into()));
-        Self { status: 200, body: String::new(), steps }
+        Self { headers: Vec::new(), status: 200, body: String::new(), steps }
     }
 
     /// [`Script::reply`] with `pause` before every piece of text.
@@ -103,19 +105,29 @@ impl Script {
 
     /// The first `text`, then nothing until the client goes away.
     pub fn hang_after(text: &str) -> Self {
-        Self { status: 200, body: String::new(), steps: vec![Step::Bytes(content(text)), Step::Hang] }
+        Self {
+            headers: Vec::new(),
+            status: 200,
+            body: String::new(),
+            steps: vec![Step::Bytes(content(text)), Step::Hang],
+        }
     }
 
     /// `text`, then an error object inside the stream (what llama.cpp's
     /// server sends when it fails mid-generation).
     pub fn error_after(text: &str, message: &str) -> Self {
         let error = data(&serde_json::json!({"error": {"message": message, "type": "server_error"}}));
-        Self { status: 200, body: String::new(), steps: vec![Step::Bytes(content(text)), Step::Bytes(error)] }
+        Self {
+            headers: Vec::new(),
+            status: 200,
+            body: String::new(),
+            steps: vec![Step::Bytes(content(text)), Step::Bytes(error)],
+        }
     }
 
     /// `text`, then the end of the body without a finish reason or `[DONE]`.
     pub fn eof_after(text: &str) -> Self {
-        Self { status: 200, body: String::new(), steps: vec![Step::Bytes(content(text))] }
+        Self { headers: Vec::new(), status: 200, body: String::new(), steps: vec![Step::Bytes(content(text))] }
     }
 
     /// `text`, then a failure the way llama.cpp's server reports one mid-
@@ -123,6 +135,7 @@ impl Script {
     pub fn llama_error_after(text: &str, message: &str) -> Self {
         let error = serde_json::json!({"code": 500, "message": message, "type": "server_error"});
         Self {
+            headers: Vec::new(),
             status: 200,
             body: String::new(),
             steps: vec![Step::Bytes(content(text)), Step::Bytes(format!("error: {error}\n\n"))],
@@ -141,25 +154,36 @@ impl Script {
             &serde_json::json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}),
         )));
         steps.push(Step::Bytes("data: [DONE]\n\n".into()));
-        Self { status: 200, body: String::new(), steps }
+        Self { headers: Vec::new(), status: 200, body: String::new(), steps }
     }
 
     /// A reply that repeats the request's system message, then stops.
     pub fn echo_system() -> Self {
-        Self { status: 200, body: String::new(), steps: vec![Step::EchoSystem, Step::Bytes("data: [DONE]\n\n".into())] }
+        Self {
+            headers: Vec::new(),
+            status: 200,
+            body: String::new(),
+            steps: vec![Step::EchoSystem, Step::Bytes("data: [DONE]\n\n".into())],
+        }
     }
 
     /// `status` before any stream, with an OpenAI-style error body.
     pub fn status(status: u16, message: &str) -> Self {
         let body = serde_json::json!({"error": {"message": message, "code": status}}).to_string();
-        Self { status, body, steps: Vec::new() }
+        Self { headers: Vec::new(), status, body, steps: Vec::new() }
+    }
+
+    /// This answer with the header `name: value` too.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
     }
 
     /// 200 with an OpenAI-style error body as `application/json` in place
     /// of the stream, as some servers answer a request they cannot serve.
     pub fn json_error(message: &str) -> Self {
         let body = serde_json::json!({"error": {"message": message, "type": "api_error"}}).to_string();
-        Self { status: 200, body, steps: Vec::new() }
+        Self { headers: Vec::new(), status: 200, body, steps: Vec::new() }
     }
 }
 
@@ -281,11 +305,13 @@ async fn complete(State((shared, disconnects)): State<AppState>, headers: Header
         (script, state.requests.len() - 1, state.seed.wrapping_add(state.requests.len() as u64), system)
     };
     if script.status != 200 || !script.body.is_empty() {
-        return Response::builder()
+        let mut response = Response::builder()
             .status(StatusCode::from_u16(script.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-            .header("content-type", "application/json")
-            .body(Body::from(script.body))
-            .expect("response");
+            .header("content-type", "application/json");
+        for (name, value) in &script.headers {
+            response = response.header(name, value);
+        }
+        return response.body(Body::from(script.body)).expect("response");
     }
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let watch = Watch { shared, disconnects, index, finished: false };

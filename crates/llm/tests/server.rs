@@ -60,7 +60,11 @@ async fn a_streamed_reply_arrives_whole_and_the_request_is_what_servers_expect()
 #[tokio::test]
 async fn a_refusal_before_the_stream_is_a_status_error_with_the_servers_message() {
     let server = ScriptedServer::start(2).await;
-    server.push(Script::status(429, "slow down"));
+    // A 429 is asked again (without waiting, as it says), at most three
+    // times; the last refusal is the answer.
+    for _ in 0..4 {
+        server.push(Script::status(429, "slow down").header("retry-after", "0"));
+    }
     server.push(Script::status(401, "no key"));
     let Err(error) = client(server.url()).stream(&conversation()).await else { panic!("a 429 streamed") };
     assert!(matches!(&error, LlmError::Status { status: 429, message } if message == "slow down"), "{error}");
@@ -68,12 +72,68 @@ async fn a_refusal_before_the_stream_is_a_status_error_with_the_servers_message(
     let Err(error) = client(server.url()).stream(&conversation()).await else { panic!("a 401 streamed") };
     assert!(matches!(&error, LlmError::Status { status: 401, .. }) && !error.is_transient(), "{error}");
     assert!(!error.to_string().contains("no key"), "the server's words may quote the key: {error}");
-    server.push(Script::status(502, "upstream refused the key sk-test"));
+    assert_eq!(server.requests().len(), 5, "a 429 asked four times in all, a 401 once");
+    for _ in 0..4 {
+        server.push(Script::status(502, "upstream refused the key sk-test").header("retry-after", "0"));
+    }
     let Err(error) = client(server.url()).stream(&conversation()).await else { panic!("a 502 streamed") };
     assert!(
         matches!(&error, LlmError::Status { status: 502, message } if message == "upstream refused the key [redacted]"),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn a_busy_server_is_asked_again_before_the_stream_and_never_after() {
+    let server = ScriptedServer::start(9).await;
+    // 503 with no word on when: after the backoff (0.25 s); 429 asking for
+    // a second (delay-seconds), then 502 asking for an HTTP date five
+    // seconds from now (a second or more by the third request, at a
+    // date's resolution of a second): each waited.
+    server.push(Script::status(503, "loading model"));
+    server.push(Script::status(429, "slow down").header("retry-after", "1"));
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(5));
+    server.push(Script::status(502, "bad gateway").header("retry-after", &date));
+    server.push(Script::reply("at last"));
+    let events: Vec<Event> =
+        client(server.url()).stream(&conversation()).await.unwrap().map(|e| e.unwrap()).collect().await;
+    assert_eq!(text(&events), "at last");
+    let at: Vec<_> = server.requests().iter().map(|r| r.at).collect();
+    assert_eq!(at.len(), 4, "three refusals, then the reply");
+    assert!(at[1] - at[0] >= Duration::from_millis(250), "{:?}", at[1] - at[0]);
+    assert!(at[2] - at[1] >= Duration::from_secs(1), "Retry-After: 1 waited: {:?}", at[2] - at[1]);
+    assert!(at[3] - at[2] >= Duration::from_secs(1), "an HTTP date waited for: {:?}", at[3] - at[2]);
+    let body = |i: usize| server.requests()[i].body.clone();
+    assert_eq!(body(3), body(0), "the same request each time");
+
+    // Once text came, a failure is the reply's end: never asked again (a
+    // second paid generation, the text written twice).
+    server.push(Script::error_after("par", "overloaded"));
+    let events: Vec<_> = client(server.url()).stream(&conversation()).await.unwrap().collect().await;
+    assert!(matches!(&events[..], [Ok(Event::Content(t)), Err(LlmError::Stream(_))] if t == "par"), "{events:?}");
+    assert_eq!(server.requests().len(), 5);
+    // Refusals a retry cannot help, and waits past the cap, are answered
+    // at once.
+    server.push(Script::status(400, "context too long"));
+    server.push(Script::status(500, "internal error"));
+    server.push(Script::status(429, "come back in an hour").header("retry-after", "3600"));
+    for status in [400, 500, 429] {
+        let Err(error) = client(server.url()).stream(&conversation()).await else { panic!("{status} streamed") };
+        assert!(matches!(error, LlmError::Status { status: s, .. } if s == status), "{error}");
+    }
+    assert_eq!(server.requests().len(), 8, "each asked once");
+
+    // The retries are within the first token's limit: a wait that would
+    // pass it is not made, and the refusal is the answer (not a timeout).
+    let limits = Timeouts {
+        first_token: Duration::from_millis(500),
+        idle: Duration::from_secs(5),
+        total: Duration::from_secs(30),
+    };
+    server.push(Script::status(503, "loading model").header("retry-after", "1"));
+    let Err(error) = client_with(server.url(), limits).stream(&conversation()).await else { panic!("streamed") };
+    assert!(matches!(error, LlmError::Status { status: 503, .. }), "{error}");
+    assert_eq!(server.requests().len(), 9);
 }
 
 #[tokio::test]
@@ -243,7 +303,7 @@ async fn a_model_that_thinks_first_is_at_work_not_timed_out() {
             steps.extend([Step::Wait(pause), Step::Bytes(thought("..."))]);
         }
         steps.extend(Script::reply("Hi").steps);
-        server.push(Script { status: 200, body: String::new(), steps });
+        server.push(Script { headers: Vec::new(), status: 200, body: String::new(), steps });
         // Thinking for ~600 ms: past the first-token limit, never idle 300 ms.
         let limits = Timeouts {
             first_token: Duration::from_millis(300),

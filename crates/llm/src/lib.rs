@@ -31,6 +31,8 @@
 
 use std::fmt::Display;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod classifier;
@@ -87,7 +89,9 @@ pub struct Config {
     /// Sent as `Authorization: Bearer <key>` when set; never logged (the
     /// `Debug` of this type hides it).
     pub api_key: Option<String>,
-    /// `max_tokens` of every request: the longest reply, in tokens.
+    /// `max_tokens` of every request: the longest reply, in tokens (sent as
+    /// `max_completion_tokens` to a model that refuses `max_tokens`: see
+    /// [`Client::stream`]).
     pub max_tokens: u32,
     /// Longest wait for the TCP (and TLS) connection.
     pub connect_timeout: Duration,
@@ -224,6 +228,10 @@ pub type Reply = Pin<Box<dyn Stream<Item = Result<Event, LlmError>> + Send>>;
 /// A client of one server and model; cheap to clone (one connection pool).
 #[derive(Clone, Debug)]
 pub struct Client {
+    /// Whether the model refused `max_tokens` (OpenAI's o-series and
+    /// gpt-5 models), so the limit goes as `max_completion_tokens`; shared
+    /// by the clones.
+    completion_tokens: Arc<AtomicBool>,
     http: reqwest::Client,
     /// Where requests go.
     endpoint: String,
@@ -273,12 +281,26 @@ struct Refused {
     error: LlmError,
     retry: bool,
     retry_after: Option<Duration>,
+    /// A 400 that names `max_tokens` ([`refuses_max_tokens`]).
+    max_tokens: bool,
 }
 
 impl From<LlmError> for Refused {
     fn from(error: LlmError) -> Self {
-        Self { error, retry: false, retry_after: None }
+        Self { error, retry: false, retry_after: None, max_tokens: false }
     }
+}
+
+/// Whether a 400's body refuses the `max_tokens` parameter, as OpenAI
+/// answers it for its reasoning models (o1, o3, o4-mini, gpt-5...):
+/// `error.param` is `max_tokens`, or `error.message` names
+/// `max_completion_tokens` ("Unsupported parameter: 'max_tokens' is not
+/// supported with this model. Use 'max_completion_tokens' instead.").
+fn refuses_max_tokens(body: &[u8]) -> bool {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else { return false };
+    let error = &value["error"];
+    error["param"].as_str() == Some("max_tokens")
+        || error["message"].as_str().is_some_and(|m| m.contains("max_completion_tokens"))
 }
 
 impl Client {
@@ -308,7 +330,7 @@ impl Client {
             }
             _ => endpoint.clone(),
         };
-        Ok(Self { http, endpoint, url, config })
+        Ok(Self { completion_tokens: Arc::new(AtomicBool::new(false)), http, endpoint, url, config })
     }
 
     /// The endpoint every request goes to, without any user name or
@@ -321,6 +343,13 @@ impl Client {
     /// configured `model` and `max_tokens`, usage requested in the last
     /// chunk). Returns once the server answered with a success status; the
     /// reply then streams.
+    ///
+    /// The limit goes as `max_tokens`, which llama.cpp's server, Ollama,
+    /// vLLM, LM Studio and OpenAI's older models read; a model that refuses
+    /// it with a 400 naming it (OpenAI's o-series and gpt-5 want
+    /// `max_completion_tokens`) is asked again at once with
+    /// `max_completion_tokens`, and this client (with its clones: one
+    /// model) sends that from then on.
     ///
     /// A request refused before its stream with 429, 502, 503 or 504
     /// ([`retryable`]), or whose connection could not be made, is sent
@@ -366,6 +395,10 @@ impl Client {
                 Ok(events) => return Ok(events),
                 Err(refused) => refused,
             };
+            // Nothing was generated: asked again at once, the other way.
+            if refused.max_tokens && !self.completion_tokens.swap(true, Ordering::Relaxed) {
+                continue;
+            }
             if !refused.retry || retries == RETRIES {
                 return Err(refused.error);
             }
@@ -387,11 +420,12 @@ impl Client {
         &self,
         messages: &[ChatMessage],
     ) -> Result<impl Stream<Item = Result<Event, LlmError>> + Send + use<>, Refused> {
+        let limit = if self.completion_tokens.load(Ordering::Relaxed) { "max_completion_tokens" } else { "max_tokens" };
         let body = serde_json::json!({
             "model": self.config.model,
             "messages": messages,
             "stream": true,
-            "max_tokens": self.config.max_tokens,
+            limit: self.config.max_tokens,
             "stream_options": { "include_usage": true },
         });
         let mut request = self.http.post(&self.endpoint).json(&body).header("accept", "text/event-stream");
@@ -406,7 +440,7 @@ impl Client {
                 // Only a connection never made is surely no request seen.
                 let retry = e.is_connect();
                 let error = LlmError::Unreachable(e.without_url().to_string());
-                return Err(Refused { error, retry, retry_after: None });
+                return Err(Refused { retry, ..Refused::from(error) });
             }
         };
         let status = response.status();
@@ -424,8 +458,9 @@ impl Client {
                 401 | 403 => "the server refused natter's credentials (--assistant-api-key-file)".to_owned(),
                 _ => redact(&error_message(&body), key),
             };
+            let max_tokens = status == reqwest::StatusCode::BAD_REQUEST && refuses_max_tokens(&body);
             let error = LlmError::Status { status: status.as_u16(), message };
-            return Err(Refused { error, retry: retryable(status.as_u16()), retry_after });
+            return Err(Refused { error, retry: retryable(status.as_u16()), retry_after, max_tokens });
         }
         let json =
             response.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(is_json);

@@ -137,6 +137,44 @@ async fn a_busy_server_is_asked_again_before_the_stream_and_never_after() {
 }
 
 #[tokio::test]
+async fn a_model_that_refuses_max_tokens_gets_max_completion_tokens_from_then_on() {
+    let server = ScriptedServer::start(10).await;
+    // OpenAI's answer to max_tokens for an o-series or gpt-5 model.
+    let refusal = serde_json::json!({"error": {
+        "message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": "unsupported_parameter",
+    }});
+    server.push(Script { headers: Vec::new(), status: 400, body: refusal.to_string(), steps: Vec::new() });
+    server.push(Script::reply("thought it through"));
+    let model = client(server.url());
+    let events: Vec<Event> = model.stream(&conversation()).await.unwrap().map(|e| e.unwrap()).collect().await;
+    assert_eq!(text(&events), "thought it through", "asked again at once, the other way");
+    // Remembered: the next request (from a clone too) goes so at once.
+    let events: Vec<Event> = model.clone().stream(&conversation()).await.unwrap().map(|e| e.unwrap()).collect().await;
+    assert_eq!(text(&events), "ok");
+    let limits: Vec<_> = server
+        .requests()
+        .iter()
+        .map(|r| (r.body["max_tokens"].clone(), r.body["max_completion_tokens"].clone()))
+        .collect();
+    let none = serde_json::Value::Null;
+    let n = serde_json::json!(64);
+    assert_eq!(limits, [(n.clone(), none.clone()), (none.clone(), n.clone()), (none.clone(), n.clone())]);
+
+    // Any other 400 is the answer, and max_tokens stays (llama.cpp's
+    // server, Ollama, vLLM and LM Studio read it).
+    server.push(Script::status(400, "the request exceeds the available context size"));
+    let other = client(server.url());
+    assert!(matches!(other.stream(&conversation()).await, Err(LlmError::Status { status: 400, .. })));
+    let _ = other.stream(&conversation()).await.unwrap().collect::<Vec<_>>().await;
+    let requests = server.requests();
+    assert_eq!(requests.len(), 5);
+    assert!(requests[3..].iter().all(|r| r.body["max_tokens"] == n && r.body["max_completion_tokens"].is_null()));
+}
+
+#[tokio::test]
 async fn an_error_mid_stream_ends_the_reply_with_that_error_after_the_text_so_far() {
     let server = ScriptedServer::start(3).await;
     server.push(Script::error_after("par", "out of memory"));

@@ -71,7 +71,9 @@ pub struct AssistantArgs {
     /// The assistant's username (a bot user, created on first start).
     #[arg(long, env = "NATTER_ASSISTANT_USERNAME", default_value = "assistant")]
     pub assistant_username: String,
-    /// `max_tokens` of every request: the longest reply, in tokens.
+    /// `max_tokens` of every request: the longest reply, in tokens (sent as
+    /// `max_completion_tokens` once the model refuses `max_tokens`, as
+    /// OpenAI's o-series and gpt-5 models do).
     #[arg(long, env = "NATTER_ASSISTANT_MAX_TOKENS", default_value_t = 512)]
     pub assistant_max_tokens: u32,
     /// Most earlier messages of the chat sent to the model with a prompt.

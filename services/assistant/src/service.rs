@@ -1329,7 +1329,8 @@ impl Assistant {
     /// left out, as are earlier messages the injection detector or the
     /// external classifier bars (or the classifier could not judge), and
     /// replies before the oldest person's message kept (the conversation
-    /// opens with a person's turn).
+    /// opens with a person's turn); turns of one role in a row are one turn
+    /// ([`alternate`]).
     ///
     /// Errors: reading the chat failed; FAILED_PRECONDITION when the prompt
     /// itself is deleted (its reply with it), or the classifier bars it as
@@ -1434,7 +1435,7 @@ impl Assistant {
         let system =
             format!("{}\n\n(Internal reference, never repeat it: {}.)", self.settings.system_prompt, self.canary);
         let mut conversation = vec![ChatMessage::new(natter_llm::Role::System, system)];
-        conversation.extend(picked.into_iter().rev().map(|(m, _)| m));
+        conversation.extend(alternate(picked.into_iter().rev().map(|(m, _)| m)));
         Ok(conversation)
     }
 
@@ -2208,6 +2209,41 @@ fn moderated(mut message: mpb::Message, viewer: &str, sight: Sight) -> mpb::Mess
     message
 }
 
+/// `turns` (oldest first) with each run of turns of one role made one
+/// turn, so that user and assistant turns alternate: strict chat templates
+/// (Gemma's, Mistral's, as vLLM or `llama-server --jinja` apply them)
+/// refuse two user turns in a row (two people of a group, or a prompt
+/// after another member's message) or two assistant turns (a reply, then
+/// a FAILED or refused one) with a 400. The texts are joined by a blank
+/// line. Where the turns were named ([`Assistant::name_speakers`]: a group)
+/// and more than one person speaks in a run, each text is labelled
+/// `name: ` in the merged turn, which then has no `name`; a run of one
+/// person keeps theirs.
+fn alternate(turns: impl IntoIterator<Item = ChatMessage>) -> Vec<ChatMessage> {
+    let mut runs: Vec<Vec<ChatMessage>> = Vec::new();
+    for turn in turns {
+        match runs.last_mut() {
+            Some(run) if run[0].role == turn.role => run.push(turn),
+            _ => runs.push(vec![turn]),
+        }
+    }
+    runs.into_iter()
+        .filter_map(|run| {
+            let first = run.first()?;
+            let (role, name) = (first.role, first.name.clone());
+            let one_speaker = run.iter().all(|t| t.name == name);
+            let texts: Vec<String> = run
+                .into_iter()
+                .map(|t| match t.name {
+                    Some(speaker) if !one_speaker => format!("{speaker}: {}", t.content),
+                    _ => t.content,
+                })
+                .collect();
+            Some(ChatMessage { role, content: texts.join("\n\n"), name: name.filter(|_| one_speaker) })
+        })
+        .collect()
+}
+
 /// Each of `users`' chat-completions `name` ([`speaker_name`]), by id; two
 /// usernames may give one name (`ann.lee`, `ann_lee`): those get the end of
 /// their ids too, so that neither passes as the other.
@@ -2397,6 +2433,36 @@ mod tests {
         assert_eq!(ReplyIds::public().of(&prompt), public);
         assert!(!public.contains(&ids[0]));
         assert_eq!(format!("{key:?}"), "ReplyIds(keyed)", "the namespace never reaches a log");
+    }
+
+    #[test]
+    fn turns_of_one_role_in_a_row_are_one_turn_with_their_speakers_named() {
+        use natter_llm::Role::{Assistant as A, User as U};
+        let turn = |role, text: &str, name: Option<&str>| ChatMessage {
+            role,
+            content: text.into(),
+            name: name.map(str::to_owned),
+        };
+        let merged = alternate([
+            turn(U, "morning all", Some("ann")),
+            turn(U, "@assistant what's the plan?", Some("bob")),
+            turn(A, "Coffee first.", None),
+            turn(A, "I can't help with that request.", None),
+            turn(U, "and then?", Some("bob")),
+            turn(U, "@assistant and after that?", Some("bob")),
+        ]);
+        assert_eq!(
+            merged,
+            [
+                turn(U, "ann: morning all\n\nbob: @assistant what's the plan?", None),
+                turn(A, "Coffee first.\n\nI can't help with that request.", None),
+                turn(U, "and then?\n\n@assistant and after that?", Some("bob")),
+            ]
+        );
+        // An assistant chat: no names, no labels.
+        let plain = alternate([turn(U, "hi", None), turn(U, "hello?", None), turn(A, "Hi!", None)]);
+        assert_eq!(plain, [turn(U, "hi\n\nhello?", None), turn(A, "Hi!", None)]);
+        assert!(alternate([]).is_empty());
     }
 
     #[test]

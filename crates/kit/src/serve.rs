@@ -498,16 +498,18 @@ where
         let client = client.and_then(crate::time::parse_grpc_timeout);
         let call = self.inner.call(request);
         Box::pin(async move {
-            let (timeout, message) = match client {
-                Some(client) if client < server + CLIENT_DEADLINE_MARGIN => (
-                    client.saturating_sub(CLIENT_DEADLINE_MARGIN),
-                    format!("the call did not answer within its grpc-timeout of {client:?}"),
-                ),
-                _ => (server, format!("the call did not start answering within {server:?}")),
-            };
+            // The client's deadline, if it comes first.
+            let client = client.filter(|client| *client < server + CLIENT_DEADLINE_MARGIN);
+            let timeout = client.map_or(server, |client| client.saturating_sub(CLIENT_DEADLINE_MARGIN));
             match tokio::time::timeout(timeout, call).await {
                 Ok(result) => result,
-                Err(_elapsed) => Ok(tonic::Status::deadline_exceeded(message).into_http()),
+                Err(_elapsed) => {
+                    let message = match client {
+                        Some(client) => format!("the call did not answer within its grpc-timeout of {client:?}"),
+                        None => format!("the call did not start answering within {server:?}"),
+                    };
+                    Ok(tonic::Status::deadline_exceeded(message).into_http())
+                }
             }
         })
     }

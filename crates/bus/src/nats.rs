@@ -942,13 +942,19 @@ impl Publisher {
         self.client.statistics().connects.load(Ordering::SeqCst)
     }
 
+    /// Publishes a resync hint on `topic` (on the presence topic, an event
+    /// with neither beat nor payload), kept like any event until confirmed.
+    async fn hint(&mut self, topic: Topic) {
+        let hint = Event::resync_hint(topic).unwrap_or_default();
+        self.send(topic, hint.to_wire(), true).await;
+    }
+
     /// Hints the topics whose event was dropped for a full outbox: the
     /// other replicas' subscribers re-read what it announced (the change
     /// was committed before it was published).
     async fn hint_dropped(&mut self) {
         for topic in self.dropped.take() {
-            let hint = Event::resync_hint(topic).unwrap_or_default();
-            self.send(topic, hint.to_wire(), true).await;
+            self.hint(topic).await;
         }
     }
 
@@ -970,9 +976,7 @@ impl Publisher {
             );
         }
         for topic in lost {
-            // Presence: an event with neither beat nor payload.
-            let hint = Event::resync_hint(topic).unwrap_or_default();
-            self.send(topic, hint.to_wire(), true).await;
+            self.hint(topic).await;
         }
     }
 }

@@ -1357,6 +1357,19 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// [`NFC_TEXT_BACKFILL`]).
     async fn normalize_texts(&self) -> Result<u64, StoreError>;
 
+    /// Rewrites every reaction stored in a form other than its canonical
+    /// one ([`crate::domain::canonical_emoji`]: reactions added before
+    /// AddReaction canonicalized, ❤ beside ❤️) into that form. A user's
+    /// reaction stored in both forms becomes one (its older time kept), so
+    /// each emoji counts once per user. A message whose reactions it
+    /// rewrote takes its chat's next change number, as a RemoveReaction
+    /// would: a client resuming the chat re-reads it. Deleted messages (no
+    /// reactions left) and forms `canonical_emoji` refuses (look-alikes,
+    /// which RemoveReaction still takes back) stay as they are. Returns how
+    /// many messages it rewrote. [`open`] runs it once per database (see
+    /// [`REACTION_FORMS_BACKFILL`]).
+    async fn canonicalize_reactions(&self) -> Result<u64, StoreError>;
+
     /// Rewrites the title and description of every chat's `updated` log
     /// entries to the chat's newest entry's, as
     /// [`MessageStore::record_chat_changes`] does for each new one: entries
@@ -1560,7 +1573,7 @@ pub async fn open(config: &DbConfig) -> Result<Arc<dyn MessageStore>, StoreError
 /// on PostgreSQL `search_index` (messages stored before search, indexed;
 /// reported when there were any), then on both engines those recorded in
 /// `store_backfills` that had not run yet ([`NFC_TEXT_BACKFILL`],
-/// [`CHAT_DETAILS_BACKFILL`]).
+/// [`CHAT_DETAILS_BACKFILL`], [`REACTION_FORMS_BACKFILL`]).
 ///
 /// Errors: as [`open`].
 pub async fn migrate(config: &DbConfig) -> Result<Migrated, StoreError> {
@@ -1621,6 +1634,12 @@ async fn backfill(store: &dyn MessageStore) -> Result<Vec<Backfilled>, StoreErro
         tracing::info!(chats, "replaced chat titles and descriptions removed from the change log");
         ran.push(Backfilled { name: CHAT_DETAILS_BACKFILL.to_owned(), rewritten: chats });
     }
+    if !store.backfilled(REACTION_FORMS_BACKFILL).await? {
+        let messages = store.canonicalize_reactions().await?;
+        store.record_backfill(REACTION_FORMS_BACKFILL, natter_kit::time::now_micros()).await?;
+        tracing::info!(messages, "reactions stored in other forms of their emoji rewritten");
+        ran.push(Backfilled { name: REACTION_FORMS_BACKFILL.to_owned(), rewritten: messages });
+    }
     Ok(ran)
 }
 
@@ -1636,6 +1655,26 @@ pub const SEARCH_INDEX_BACKFILL: &str = "search_index";
 /// ([`open`]); on SQLite, processes opening one file together may both run
 /// it: each writes every chat's current text, under the chat's lock.
 pub const CHAT_DETAILS_BACKFILL: &str = "chat_details_text";
+
+/// The one-off rewrite of reactions into their emoji's canonical form
+/// ([`MessageStore::canonicalize_reactions`]), by its name in
+/// `store_backfills`. On PostgreSQL, replicas opening together take turns
+/// ([`open`]); on SQLite, processes opening one file together may both run
+/// it: the second finds nothing left to rewrite.
+pub const REACTION_FORMS_BACKFILL: &str = "reaction_forms";
+
+/// The reactions' emoji among `stored` that are not in their canonical
+/// form ([`crate::domain::canonical_emoji`]), each with that form; those it
+/// refuses are left out (they stay as stored).
+fn stale_emoji_forms(stored: Vec<String>) -> HashMap<String, String> {
+    stored
+        .into_iter()
+        .filter_map(|emoji| match crate::domain::canonical_emoji(&emoji) {
+            Ok(canonical) if canonical != emoji => Some((emoji, canonical)),
+            _ => None,
+        })
+        .collect()
+}
 
 /// The one-off rewrite of messages' text in NFC
 /// ([`MessageStore::normalize_texts`]), by its name in `store_backfills`.

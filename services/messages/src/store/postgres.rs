@@ -715,6 +715,15 @@ async fn reactions_of<'e>(
     Ok(out)
 }
 
+/// Locks message `id`'s row for the rest of `tx` if it is live (not
+/// deleted), and returns its chat; None for no such live message.
+async fn lock_live_message(tx: &mut sqlx::PgConnection, id: &str) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query_scalar("SELECT chat_id FROM messages WHERE id = $1 AND delete_time IS NULL FOR UPDATE")
+        .bind(id)
+        .fetch_optional(tx)
+        .await?)
+}
+
 /// A row of [`report_columns!`].
 fn report_row(row: &PgRow) -> Result<StoredReport, StoreError> {
     Ok(StoredReport {
@@ -789,6 +798,69 @@ impl MessageStore for PostgresStore {
                 .rows_affected();
             }
         }
+    }
+
+    async fn canonicalize_reactions(&self) -> Result<u64, StoreError> {
+        let stored: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT emoji FROM message_reactions").fetch_all(&self.pool).await?;
+        let forms = super::stale_emoji_forms(stored);
+        if forms.is_empty() {
+            return Ok(0);
+        }
+        let stale: Vec<&str> = forms.keys().map(String::as_str).collect();
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT message_id FROM message_reactions WHERE emoji = ANY($1)")
+                .bind(&stale)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut rewritten = 0;
+        for id in ids {
+            let mut tx = self.pool.begin().await?;
+            // Lock order as a reaction's: the message row, then its chat's
+            // heads.
+            let Some(chat) = lock_live_message(&mut tx, &id).await? else { continue };
+            let rows: Vec<(String, String, i64)> = sqlx::query_as(
+                "SELECT user_id, emoji, create_time FROM message_reactions WHERE message_id = $1 AND emoji = ANY($2)",
+            )
+            .bind(&id)
+            .bind(&stale)
+            .fetch_all(&mut *tx)
+            .await?;
+            if rows.is_empty() {
+                continue;
+            }
+            for (user, emoji, time) in rows {
+                sqlx::query("DELETE FROM message_reactions WHERE message_id = $1 AND user_id = $2 AND emoji = $3")
+                    .bind(&id)
+                    .bind(&user)
+                    .bind(&emoji)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO message_reactions (message_id, user_id, emoji, create_time) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (message_id, user_id, emoji) \
+                     DO UPDATE SET create_time = LEAST(message_reactions.create_time, EXCLUDED.create_time)",
+                )
+                .bind(&id)
+                .bind(&user)
+                .bind(&forms[&emoji])
+                .bind(time)
+                .execute(&mut *tx)
+                .await?;
+            }
+            let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+            sqlx::query(
+                "UPDATE messages SET change_seq = $2, \
+                 reaction_rows = (SELECT COUNT(*) FROM message_reactions WHERE message_id = $1) WHERE id = $1",
+            )
+            .bind(&id)
+            .bind(change)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            rewritten += 1;
+        }
+        Ok(rewritten)
     }
 
     async fn clock(&self) -> Result<i64, StoreError> {
@@ -1575,12 +1647,7 @@ impl MessageStore for PostgresStore {
         // Lock order everywhere: a message row, then its chat's heads. The
         // row lock queues the message's reactions, so the limit check and
         // the write see the same rows.
-        let locked: Option<(String,)> =
-            sqlx::query_as("SELECT chat_id FROM messages WHERE id = $1 AND delete_time IS NULL FOR UPDATE")
-                .bind(&id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some((chat,)) = locked else { return Ok(Reacted::Gone) };
+        let Some(chat) = lock_live_message(&mut tx, &id).await? else { return Ok(Reacted::Gone) };
         let done = if add {
             let (held, distinct): (bool, i64) = sqlx::query_as(
                 "SELECT EXISTS (SELECT 1 FROM message_reactions WHERE message_id = $1 AND emoji = $2), \

@@ -693,6 +693,43 @@ fn react(
     Ok(if written > 0 { Reacted::Changed(message) } else { Reacted::Unchanged(message) })
 }
 
+/// Rewrites message `id`'s reactions stored in a form `forms` maps into
+/// that form, in the caller's transaction (see
+/// [`MessageStore::canonicalize_reactions`]): 1 when it rewrote any (the
+/// message took a change number), else 0.
+fn canonical_reactions(tx: &Connection, id: &String, forms: &HashMap<String, String>) -> rusqlite::Result<u64> {
+    let live: Option<String> = tx
+        .prepare_cached("SELECT chat_id FROM messages WHERE id = ?1 AND delete_time IS NULL")?
+        .query_row([id], |row| row.get(0))
+        .optional()?;
+    let Some(chat) = live else { return Ok(0) };
+    let rows: Vec<(String, String, i64)> = tx
+        .prepare_cached("SELECT user_id, emoji, create_time FROM message_reactions WHERE message_id = ?1")?
+        .query_map([id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut rewritten = 0;
+    for (user, emoji, time) in rows {
+        let Some(canonical) = forms.get(&emoji) else { continue };
+        tx.prepare_cached("DELETE FROM message_reactions WHERE message_id = ?1 AND user_id = ?2 AND emoji = ?3")?
+            .execute(params![id, user, emoji])?;
+        tx.prepare_cached(
+            "INSERT INTO message_reactions (message_id, user_id, emoji, create_time) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (message_id, user_id, emoji) DO UPDATE SET create_time = min(create_time, excluded.create_time)",
+        )?
+        .execute(params![id, user, canonical, time])?;
+        rewritten = 1;
+    }
+    if rewritten > 0 {
+        let change = next_change(tx, &chat)?;
+        tx.prepare_cached(
+            "UPDATE messages SET change_seq = ?2, \
+             reaction_rows = (SELECT COUNT(*) FROM message_reactions WHERE message_id = ?1) WHERE id = ?1",
+        )?
+        .execute(params![id, change])?;
+    }
+    Ok(rewritten)
+}
+
 /// Pins or unpins a message in one transaction (see [`MessageStore::pin`]).
 fn pin_message(
     conn: &mut Connection,
@@ -1035,6 +1072,32 @@ impl MessageStore for SqliteStore {
         self.write_in_batches(stale, REWRITE_BATCH, |tx, (id, old, new)| {
             let mut update = tx.prepare_cached("UPDATE messages SET text = ?3 WHERE id = ?1 AND text = ?2")?;
             Ok(update.execute(rusqlite::params![id, old, new])? as u64)
+        })
+        .await
+    }
+
+    async fn canonicalize_reactions(&self) -> Result<u64, StoreError> {
+        let (forms, ids) = self
+            .db
+            .read(|conn| {
+                let stored: Vec<String> = conn
+                    .prepare("SELECT DISTINCT emoji FROM message_reactions")?
+                    .query_map([], |row| row.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let forms = super::stale_emoji_forms(stored);
+                let mut ids = std::collections::BTreeSet::new();
+                let mut select = conn.prepare("SELECT DISTINCT message_id FROM message_reactions WHERE emoji = ?1")?;
+                for stale in forms.keys() {
+                    for id in select.query_map([stale], |row| row.get::<_, String>(0))? {
+                        ids.insert(id?);
+                    }
+                }
+                Ok((forms, ids))
+            })
+            .await?;
+        let forms = std::sync::Arc::new(forms);
+        self.write_in_batches(ids.into_iter().collect(), REWRITE_BATCH, move |tx, id| {
+            canonical_reactions(tx, id, &forms)
         })
         .await
     }

@@ -127,6 +127,7 @@ message_store_suite!(
     search_finds_the_current_text_of_live_messages_of_the_chats_asked,
     search_pages_walk_every_result_once_in_both_orders,
     text_stored_before_nfc_is_rewritten_once_and_found,
+    reactions_stored_in_other_forms_are_rewritten_once_and_count_once_per_user,
     both_engines_find_the_same_messages_for_the_same_queries,
     a_thread_reply_joins_its_roots_thread_and_changes_the_root,
     thread_roots_are_live_messages_stored_before_the_batch,
@@ -1564,6 +1565,52 @@ async fn text_stored_before_nfc_is_rewritten_once_and_found(h: &Harness) {
     assert!(!h.store.backfilled("no such backfill").await.unwrap());
 }
 
+async fn reactions_stored_in_other_forms_are_rewritten_once_and_count_once_per_user(h: &Harness) {
+    // As AddReaction stored them before it canonicalized: a heart without
+    // its selector (U+2764) beside the emoji form (U+2764 U+FE0F), a
+    // keycap without its selector, and a look-alike it now refuses.
+    send(h, &[msg(1, 1, 0), msg(2, 1, 0), msg(3, 1, 0)]).await;
+    let react = |message: u32, user_n: u8, emoji: &'static str, at: i64| {
+        let store = h.store.clone();
+        async move { changed(store.react(id(message), user(user_n), emoji, true, at, 20).await.unwrap()) }
+    };
+    let (heart, text_heart, keycap, bare_keycap) = ("\u{2764}\u{FE0F}", "\u{2764}", "1\u{FE0F}\u{20E3}", "1\u{20E3}");
+    react(1, 1, text_heart, 10).await;
+    react(1, 2, heart, 11).await;
+    react(1, 2, text_heart, 12).await;
+    react(1, 3, "👍", 13).await;
+    let before = react(2, 1, bare_keycap, 14).await;
+    react(3, 1, "👍\u{200D}", 15).await;
+    assert_eq!(tally(&before.reactions), [(bare_keycap, 1, true)]);
+    let heads = h.store.heads(chat(1)).await.unwrap().change;
+    assert_eq!(h.store.canonicalize_reactions().await.unwrap(), 2, "two messages rewritten");
+    // One heart each for users 1 and 2, first at user 1's time: before 👍.
+    let read = h.store.reactions(&[id(1), id(2), id(3)], Some(user(2))).await.unwrap();
+    assert_eq!(tally(&read[&id(1)]), [(heart, 2, true), ("👍", 1, false)]);
+    assert_eq!(tally(&read[&id(2)]), [(keycap, 1, false)]);
+    assert_eq!(tally(&read[&id(3)]), [("👍\u{200D}", 1, false)], "a refused form stays as stored");
+    // Each rewritten message took a change number, so a resuming client
+    // re-reads it; its row count follows its rows.
+    assert_eq!(h.store.heads(chat(1)).await.unwrap().change, heads + 2);
+    let (page, _) = h.store.changes(chat(1), user(1), heads, 100).await.unwrap();
+    let replayed: Vec<MessageId> =
+        page.iter().filter_map(|c| if let Change::Message(m) = c { Some(m.id) } else { None }).collect();
+    assert_eq!(replayed, [id(1), id(2)]);
+    let rows = |message: u32| {
+        let store = h.store.clone();
+        async move { store.message(id(message)).await.unwrap().unwrap().reaction_rows }
+    };
+    assert_eq!((rows(1).await, rows(2).await, rows(3).await), (3, 1, 1));
+    // Taking the heart back leaves none of it: nothing was left in the old form.
+    changed(h.store.react(id(1), user(2), heart, false, 16, 20).await.unwrap());
+    changed(h.store.react(id(1), user(1), heart, false, 17, 20).await.unwrap());
+    let read = h.store.reactions(&[id(1)], None).await.unwrap();
+    assert_eq!(tally(&read[&id(1)]), [("👍", 1, false)]);
+    assert_eq!(rows(1).await, 1);
+    assert_eq!(h.store.canonicalize_reactions().await.unwrap(), 0, "nothing left to rewrite");
+    assert!(h.store.backfilled(REACTION_FORMS_BACKFILL).await.unwrap(), "opening ran it already");
+}
+
 async fn search_pages_walk_every_result_once_in_both_orders(h: &Harness) {
     let batch: Vec<NewMessage> = (1..=7)
         .map(|n| text(msg(n, u8::try_from(n % 2).unwrap(), 0), &format!("word {}", "word ".repeat(n as usize))))
@@ -1924,7 +1971,7 @@ async fn migrating_reports_what_it_applied_and_ran_once(config: DbConfig, migrat
     let versions: Vec<i64> = first.applied.iter().map(|m| m.version).collect();
     assert_eq!(versions, migrator.iter().map(|m| m.version).collect::<Vec<_>>());
     let ran: Vec<&str> = first.backfills.iter().map(|b| b.name.as_str()).collect();
-    assert_eq!(ran, [NFC_TEXT_BACKFILL, CHAT_DETAILS_BACKFILL]);
+    assert_eq!(ran, [NFC_TEXT_BACKFILL, CHAT_DETAILS_BACKFILL, REACTION_FORMS_BACKFILL]);
     assert_eq!(migrate(&config).await.unwrap(), natter_db::Migrated::default(), "the second time");
 }
 

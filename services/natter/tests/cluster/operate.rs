@@ -198,7 +198,7 @@ fn assert_migrates_once(engine: &str, store_args: &[&str], location: impl Fn(&st
         assert_eq!(applied, all_applied(service, engine), "{service} on {engine}");
     }
     let (_, backfills) = section(&first, "messages");
-    for name in ["nfc_text", "chat_details_text"] {
+    for name in ["nfc_text", "chat_details_text", "reaction_forms"] {
         assert!(backfills.contains(&format!("backfill {name}: 0 rewritten").as_str()), "{backfills:?}");
     }
     let (ok, second, stderr) = migrate(store_args);

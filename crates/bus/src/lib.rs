@@ -122,8 +122,10 @@ pub trait EventBus: Send + Sync + 'static {
     /// Drops `tags` from the caches of this process (at once) and of every
     /// other process on the bus (as each receives it). Returns once the
     /// NATS server has taken the invalidation (a round trip after its
-    /// publish), or after a few seconds if it cannot tell, logged: call it
-    /// after the change commits and before the RPC that made it returns.
+    /// publish), or after a few seconds if it cannot tell, logged (the bus
+    /// then publishes it again, after its reconnect if the connection
+    /// dropped): call it after the change commits and before the RPC that
+    /// made it returns.
     fn invalidate(&self, tags: Vec<Tag>) -> futures::future::BoxFuture<'_, ()>;
     /// Resolves once every subscription made so far is in effect across
     /// processes (NATS with interest routing: the server has processed the

@@ -60,7 +60,14 @@
 //! service's presence takes as news lost (its streams send
 //! `ephemeral_lost`). An event dropped before it reached the publisher
 //! task (its queue, `PUBLISH_QUEUE`, full) is hinted the same way, as soon
-//! as the task gets to it.
+//! as the task gets to it. So is an invalidation whose caller could not
+//! confirm it (no barrier answer, or one on a later connection than its
+//! publish): the publisher publishes its tags again at its next tick, on
+//! the connection it has then (the new one after a reconnect), and keeps
+//! them like topics until confirmed; applying an invalidation twice is
+//! harmless. Past `KEPT_TAGS` such tags it publishes `INVALIDATE_ALL`
+//! instead, which drops every entry of the other processes' caches (a
+//! refill costs them at most what one `--cache-ttl` of expiries does).
 //!
 //! At shutdown the publisher keeps going until [`EventBus::close`], not the
 //! shutdown token: a stopping process publishes through its drain (up to
@@ -98,8 +105,20 @@ const PREFIX: &str = "natter.events";
 
 /// Subject of cache invalidations ([`EventBus::invalidate`]): every process
 /// subscribes to it (on a subscription of its own, so a sync can drain it);
-/// the payload is the tags, [`Tag::encode`]d one after another.
+/// the payload is the tags, [`Tag::encode`]d one after another, or
+/// [`INVALIDATE_ALL`].
 const INVALIDATE_SUBJECT: &str = "natter.caches.invalidate";
+
+/// The payload of an invalidation that drops every cached entry, in place
+/// of tags (no tag encoding is one byte long): what a publisher announces
+/// when it lost more invalidations than it keeps ([`KEPT_TAGS`]).
+const INVALIDATE_ALL: &[u8] = &[0];
+
+/// Most tags of unconfirmed invalidations the publisher keeps to announce
+/// again (17 bytes each on the wire: one message of about 70 KB, far under
+/// NATS's default 1 MiB payload limit); past it, it announces
+/// [`INVALIDATE_ALL`] instead.
+const KEPT_TAGS: usize = 4096;
 
 /// Prefix of the subjects of barrier requests: nobody subscribes to them,
 /// so the server answers each with its no-responders status, after it has
@@ -431,6 +450,9 @@ async fn apply_invalidations(
 ) {
     let apply = |message: async_nats::Message| {
         natter_kit::metrics::bus_received(1);
+        if message.payload.as_ref() == INVALIDATE_ALL {
+            return invalidator.invalidate_all();
+        }
         match Tag::decode_all(&message.payload) {
             Some(tags) => invalidator.invalidate(&tags),
             None => tracing::warn!("nats: undecodable invalidation"),
@@ -744,6 +766,14 @@ impl NatsBus {
     }
 }
 
+/// The payload of an invalidation of `tags` (their [`Tag::encode`]s one
+/// after another).
+fn invalidation<'a>(tags: impl ExactSizeIterator<Item = &'a Tag>) -> bytes::Bytes {
+    let mut payload = Vec::with_capacity(tags.len() * Tag::WIRE_LEN);
+    tags.for_each(|t| t.encode(&mut payload));
+    payload.into()
+}
+
 /// Hands a message from NATS to the local subscribers of its topic.
 fn deliver(hub: &Hub, counts: &Counts, message: async_nats::Message) {
     natter_kit::metrics::bus_received(1);
@@ -791,45 +821,99 @@ struct Wakes {
 /// [`CONFIRM_EVERY`] while there are any) proves the server had them; when
 /// the client has reconnected since, it publishes a resync hint for each
 /// topic not proven (the receivers re-read the store, which has every
-/// change: exactly once still, as for any hint).
+/// change: exactly once still, as for any hint). Cache invalidations its
+/// callers could not confirm ([`EventBus::invalidate`]) it publishes again,
+/// and keeps the same way.
 struct Publisher {
     client: async_nats::Client,
-    /// Topics whose event never reached this task (the outbox was full).
+    /// Topics whose event never reached this task (the outbox was full),
+    /// and invalidations their callers could not confirm.
     dropped: Arc<Dropped>,
     /// The client's connections so far (`Statistics::connects`) when the
     /// topics below were published: a reconnect since means they may be
     /// lost.
     epoch: u64,
-    /// Topics published since the last round trip was sent.
-    unconfirmed: HashSet<Topic>,
-    /// Topics published before the round trip in flight, which its answer
+    /// Topics (and invalidations) published since the last round trip was
+    /// sent.
+    unconfirmed: Kept,
+    /// Those published before the round trip in flight, which its answer
     /// confirms (if it comes on the same connection).
-    confirming: HashSet<Topic>,
+    confirming: Kept,
 }
 
-/// Topics whose event [`EventBus::publish`] dropped because the outbox was
-/// full (NATS slower than the process publishes, or away for long), for
-/// the publisher to hint once it gets to them.
+/// What the other replicas may not have heard of: the topics to hint, and
+/// the cache invalidations to announce again.
+#[derive(Default)]
+struct Kept {
+    topics: HashSet<Topic>,
+    /// Tags of invalidations, at most about [`KEPT_TAGS`] (then
+    /// `all_caches` instead).
+    tags: HashSet<Tag>,
+    /// Too many invalidations to name: every cached entry must go.
+    all_caches: bool,
+}
+
+impl Kept {
+    fn is_empty(&self) -> bool {
+        self.topics.is_empty() && self.tags.is_empty() && !self.all_caches
+    }
+
+    fn add_tags(&mut self, tags: impl IntoIterator<Item = Tag>) {
+        if self.all_caches {
+            return;
+        }
+        self.tags.extend(tags);
+        if self.tags.len() > KEPT_TAGS {
+            self.tags = HashSet::new();
+            self.all_caches = true;
+        }
+    }
+
+    /// Adds what `other` keeps.
+    fn absorb(&mut self, other: Kept) {
+        self.topics.extend(other.topics);
+        if other.all_caches {
+            self.tags = HashSet::new();
+            self.all_caches = true;
+        }
+        self.add_tags(other.tags);
+    }
+}
+
+/// What never reached the publisher task or the server by the way it was
+/// sent, for the publisher to announce once it gets to it: topics whose
+/// event [`EventBus::publish`] dropped because the outbox was full (NATS
+/// slower than the process publishes, or away for long), and invalidations
+/// whose caller could not confirm that the server had them.
 #[derive(Default)]
 struct Dropped {
-    /// Whether `topics` may hold any: one load per event when none does.
+    /// Whether `kept` may hold any: one load per event when none does.
     any: AtomicBool,
-    topics: std::sync::Mutex<HashSet<Topic>>,
+    kept: std::sync::Mutex<Kept>,
 }
 
 impl Dropped {
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn add(&self, topic: Topic) {
-        self.topics.lock().unwrap_or_else(|p| p.into_inner()).insert(topic);
+        self.kept().topics.insert(topic);
         self.any.store(true, Ordering::Release);
     }
 
-    /// The topics added so far, taken (empty at the cost of one load when
-    /// none was).
-    fn take(&self) -> HashSet<Topic> {
+    fn add_tags(&self, tags: &[Tag]) {
+        self.kept().add_tags(tags.iter().copied());
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// What was added so far, taken (empty at the cost of one load when
+    /// nothing was).
+    fn take(&self) -> Kept {
         if !self.any.swap(false, Ordering::Acquire) {
-            return HashSet::new();
+            return Kept::default();
         }
-        std::mem::take(&mut *self.topics.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *self.kept())
     }
 }
 
@@ -840,7 +924,7 @@ const CONFIRM_EVERY: Duration = Duration::from_secs(1);
 impl Publisher {
     fn new(client: async_nats::Client, dropped: Arc<Dropped>) -> Self {
         let epoch = client.statistics().connects.load(Ordering::SeqCst);
-        Self { client, dropped, epoch, unconfirmed: HashSet::new(), confirming: HashSet::new() }
+        Self { client, dropped, epoch, unconfirmed: Kept::default(), confirming: Kept::default() }
     }
 
     /// Publishes what it is handed until a `Close` (flushed, then
@@ -864,7 +948,7 @@ impl Publisher {
                         // heartbeat (module docs).
                         let kept = topic != Topic::Presence || event.beat.is_none();
                         self.send(topic, event.to_wire(), kept).await;
-                        self.hint_dropped().await;
+                        self.announce_dropped().await;
                     }
                     Some(Outgoing::Close(done)) => {
                         closing = Some(done);
@@ -881,7 +965,7 @@ impl Publisher {
                 () = wake.notified() => self.catch_up().await,
                 _ = tick.tick() => {
                     self.catch_up().await;
-                    self.hint_dropped().await;
+                    self.announce_dropped().await;
                     // Not while known to be away: it could not be answered
                     // (and would log so every few seconds).
                     let connected = self.client.connection_state() == async_nats::connection::State::Connected;
@@ -904,7 +988,7 @@ impl Publisher {
     /// topic until a round trip confirms it.
     async fn send(&mut self, topic: Topic, payload: bytes::Bytes, kept: bool) {
         if kept {
-            self.unconfirmed.insert(topic);
+            self.unconfirmed.topics.insert(topic);
         }
         if let Err(e) = self.client.publish(subject(topic), payload).await {
             tracing::warn!(error = %e, "nats: publish failed (streams will refill from the store)");
@@ -915,7 +999,7 @@ impl Publisher {
     /// move to `confirming`; returns its answer: whether the server
     /// answered, and the epoch it was sent in.
     fn confirm(&mut self) -> oneshot::Receiver<(bool, u64)> {
-        self.confirming.extend(self.unconfirmed.drain());
+        self.confirming.absorb(std::mem::take(&mut self.unconfirmed));
         let (done, answer) = oneshot::channel();
         let (client, sent_in) = (self.client.clone(), self.epoch);
         // Spawned once every publish before it is in the client's queue, so
@@ -932,9 +1016,9 @@ impl Publisher {
     /// next one (or a hint).
     fn confirmed(&mut self, confirmed: bool, sent_in: u64) {
         if confirmed && sent_in == self.epoch && self.connects() == sent_in {
-            self.confirming.clear();
+            self.confirming = Kept::default();
         } else {
-            self.unconfirmed.extend(self.confirming.drain());
+            self.unconfirmed.absorb(std::mem::take(&mut self.confirming));
         }
     }
 
@@ -949,13 +1033,39 @@ impl Publisher {
         self.send(topic, hint.to_wire(), true).await;
     }
 
-    /// Hints the topics whose event was dropped for a full outbox: the
-    /// other replicas' subscribers re-read what it announced (the change
-    /// was committed before it was published).
-    async fn hint_dropped(&mut self) {
-        for topic in self.dropped.take() {
+    /// Publishes again the invalidations of `tags`, or one of every cached
+    /// entry (`all`), kept like any event until confirmed: the other
+    /// replicas drop those entries (again, if the first one arrived).
+    async fn invalidate_again(&mut self, tags: HashSet<Tag>, all: bool) {
+        let payload = if all {
+            bytes::Bytes::from_static(INVALIDATE_ALL)
+        } else if tags.is_empty() {
+            return;
+        } else {
+            invalidation(tags.iter())
+        };
+        self.unconfirmed.absorb(Kept { topics: HashSet::new(), tags, all_caches: all });
+        natter_kit::metrics::bus_published(1);
+        if let Err(e) = self.client.publish(INVALIDATE_SUBJECT, payload).await {
+            tracing::warn!(error = %e, "nats: publishing an invalidation again failed (kept for the next try)");
+        }
+    }
+
+    /// Hints each topic of `lost` and publishes its invalidations again.
+    async fn announce(&mut self, lost: Kept) {
+        for topic in lost.topics {
             self.hint(topic).await;
         }
+        self.invalidate_again(lost.tags, lost.all_caches).await;
+    }
+
+    /// Hints the topics whose event was dropped for a full outbox (the
+    /// other replicas' subscribers re-read what it announced: the change
+    /// was committed before it was published), and publishes again the
+    /// invalidations their callers could not confirm.
+    async fn announce_dropped(&mut self) {
+        let dropped = self.dropped.take();
+        self.announce(dropped).await;
     }
 
     /// If the client reconnected since the topics kept were published,
@@ -968,16 +1078,17 @@ impl Publisher {
         }
         self.epoch = now;
         let mut lost = std::mem::take(&mut self.unconfirmed);
-        lost.extend(self.confirming.drain());
+        lost.absorb(std::mem::take(&mut self.confirming));
         if !lost.is_empty() {
             tracing::info!(
-                topics = lost.len(),
-                "nats: reconnected; hinting the topics published since the last confirmation"
+                topics = lost.topics.len(),
+                invalidated_tags = lost.tags.len(),
+                all_caches = lost.all_caches,
+                "nats: reconnected; hinting the topics and invalidating again what was published since the last \
+                 confirmation"
             );
         }
-        for topic in lost {
-            self.hint(topic).await;
-        }
+        self.announce(lost).await;
     }
 }
 
@@ -1137,16 +1248,23 @@ impl EventBus for NatsBus {
     fn invalidate(&self, tags: Vec<Tag>) -> futures::future::BoxFuture<'_, ()> {
         Box::pin(async move {
             self.hub.invalidator().invalidate(&tags);
-            let mut payload = Vec::with_capacity(tags.len() * Tag::WIRE_LEN);
-            tags.iter().for_each(|t| t.encode(&mut payload));
             natter_kit::metrics::bus_published(1);
-            let published = tokio::time::timeout(BARRIER_WAIT, self.client.publish(INVALIDATE_SUBJECT, payload.into()));
-            if !matches!(published.await, Ok(Ok(()))) || !barrier(&self.client, BARRIER_WAIT).await {
+            let connects = || self.client.statistics().connects.load(Ordering::SeqCst);
+            let connection = connects();
+            let published =
+                tokio::time::timeout(BARRIER_WAIT, self.client.publish(INVALIDATE_SUBJECT, invalidation(tags.iter())));
+            // A barrier answered on a later connection than the publish
+            // went out on proves nothing about it.
+            let confirmed = matches!(published.await, Ok(Ok(())))
+                && barrier(&self.client, BARRIER_WAIT).await
+                && connects() == connection;
+            if !confirmed {
                 tracing::warn!(
                     ?tags,
                     "nats: invalidation not confirmed by the server; other replicas may answer from their caches \
-                     until --cache-ttl"
+                     until the publisher has sent it again (on a new connection if this one dropped)"
                 );
+                self.dropped.add_tags(&tags);
             }
         })
     }
@@ -1211,17 +1329,24 @@ mod tests {
         assert!(!format!("{:?}", Credentials::new("natter", "s3cret")).contains("s3cret"));
     }
 
+    /// Two buses on the NATS server at NATTER_TEST_NATS_URL, stopped by the
+    /// token; none when it is not set (and CI is not).
+    async fn two_buses(routing: Routing) -> Option<(Arc<NatsBus>, Arc<NatsBus>, CancellationToken)> {
+        let Some(url) = std::env::var("NATTER_TEST_NATS_URL").ok().filter(|u| !u.is_empty()) else {
+            assert!(std::env::var_os("CI").is_none(), "CI must set NATTER_TEST_NATS_URL");
+            return None;
+        };
+        let stop = CancellationToken::new();
+        let a = NatsBus::connect(&url, None, routing, stop.clone()).await.unwrap();
+        let b = NatsBus::connect(&url, None, routing, stop.clone()).await.unwrap();
+        Some((a, b, stop))
+    }
+
     /// Two buses on one NATS server: what one publishes, the other's
     /// subscribers receive (runs when NATTER_TEST_NATS_URL is set).
     #[tokio::test]
     async fn events_cross_processes() {
-        let Some(url) = std::env::var("NATTER_TEST_NATS_URL").ok().filter(|u| !u.is_empty()) else {
-            assert!(std::env::var_os("CI").is_none(), "CI must set NATTER_TEST_NATS_URL");
-            return;
-        };
-        let stop = CancellationToken::new();
-        let a = NatsBus::connect(&url, None, Routing::Interest, stop.clone()).await.unwrap();
-        let b = NatsBus::connect(&url, None, Routing::Interest, stop.clone()).await.unwrap();
+        let Some((a, b, stop)) = two_buses(Routing::Interest).await else { return };
         let chat = Uuid::now_v7();
         let mut on_b = b.subscribe(Topic::Chat(chat));
         let mut on_a = a.subscribe(Topic::Chat(chat));
@@ -1256,14 +1381,8 @@ mod tests {
     #[tokio::test]
     async fn invalidations_cross_processes() {
         use natter_kit::cache::{Lookup, TaggedCache};
-        let Some(url) = std::env::var("NATTER_TEST_NATS_URL").ok().filter(|u| !u.is_empty()) else {
-            assert!(std::env::var_os("CI").is_none(), "CI must set NATTER_TEST_NATS_URL");
-            return;
-        };
         for routing in [Routing::Interest, Routing::Broadcast] {
-            let stop = CancellationToken::new();
-            let a = NatsBus::connect(&url, None, routing, stop.clone()).await.unwrap();
-            let b = NatsBus::connect(&url, None, routing, stop.clone()).await.unwrap();
+            let Some((a, b, stop)) = two_buses(routing).await else { return };
             until("b's caches are live", || b.invalidator().live()).await;
             let cache =
                 TaggedCache::<u8, u8>::new("test", std::time::Duration::from_secs(60), 10, b.invalidator().clone());
@@ -1279,5 +1398,28 @@ mod tests {
             assert!(matches!(cache.get(&2).await, Lookup::Hit(2)), "{routing:?}: another chat's entry stays");
             stop.cancel();
         }
+    }
+
+    /// More unconfirmed invalidations than the publisher keeps are
+    /// announced again as one that drops every entry of another process's
+    /// caches (runs when NATTER_TEST_NATS_URL is set).
+    #[tokio::test]
+    async fn too_many_lost_invalidations_drop_every_entry_elsewhere() {
+        use natter_kit::cache::{Lookup, TaggedCache};
+        let Some((a, b, stop)) = two_buses(Routing::Interest).await else { return };
+        until("b's caches are live", || b.invalidator().live()).await;
+        let cache = TaggedCache::<u8, u8>::new("test", std::time::Duration::from_secs(60), 10, b.invalidator().clone());
+        let Lookup::Miss(ticket) = cache.get(&1).await else { panic!("a live, empty cache misses") };
+        cache.put(ticket, 1, 1, vec![Tag::Chat(Uuid::now_v7())]);
+        // As if that many invalidate() calls had gone unconfirmed, none of
+        // them about the cached chat.
+        let lost: Vec<Tag> = (0..=KEPT_TAGS).map(|_| Tag::Chat(Uuid::now_v7())).collect();
+        a.dropped.add_tags(&lost);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !matches!(cache.get(&1).await, Lookup::Miss(_)) {
+            assert!(tokio::time::Instant::now() < deadline, "b dropped its entries within 5 s");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        stop.cancel();
     }
 }

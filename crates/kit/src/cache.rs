@@ -216,6 +216,13 @@ impl Invalidator {
         self.each(|cache| cache.invalidate(tags));
     }
 
+    /// Drops every cached entry, in every cache, without changing whether
+    /// they may answer: what a bus does when another process says it lost
+    /// invalidations it cannot name.
+    pub fn invalidate_all(&self) {
+        self.each(|cache| cache.clear());
+    }
+
     /// Clears every cache and says whether they may answer from now on:
     /// false while the bus is disconnected (invalidations would be missed),
     /// true once it is connected and subscribed again. A slow-consumer

@@ -6,7 +6,8 @@
 //! for and no others, a new subscription's subscribers are hinted once it
 //! is in effect, and the last subscriber's going ends it. And the
 //! replicas' caches through a disconnect: forgotten, and off until
-//! resynchronised. And a shutdown: caches answer while the replica
+//! resynchronised; and an invalidation a publisher lost with its own
+//! connection, sent again after its reconnect. And a shutdown: caches answer while the replica
 //! drains, until it closes its bus, and what it publishes until then goes
 //! out.
 //!
@@ -111,6 +112,12 @@ async fn natter_bus(server: &NatsServer, routing: Routing, stop: &CancellationTo
     NatsBus::connect(&url_with(server, NATTER_USER, &server.password), None, routing, stop.clone())
         .await
         .expect("natter logs in")
+}
+
+/// natter's bus on `server` through `relay` (interest routing).
+async fn natter_bus_through(relay: &Relay, server: &NatsServer, stop: &CancellationToken) -> Arc<NatsBus> {
+    let url = relay.url.replacen("nats://", &format!("nats://{NATTER_USER}:{}@", server.password), 1);
+    NatsBus::connect(&url, None, Routing::Interest, stop.clone()).await.expect("natter logs in through the relay")
 }
 
 async fn connect_fails(args: &BusArgs) -> ConnectError {
@@ -611,8 +618,7 @@ async fn what_a_publisher_lost_with_its_connection_is_hinted_after_its_reconnect
     let Some(server) = NatsServer::start().await else { return };
     let relay = Relay::to(&server.url).await;
     let stop = CancellationToken::new();
-    let through_relay = relay.url.replacen("nats://", &format!("nats://{NATTER_USER}:{}@", server.password), 1);
-    let a = NatsBus::connect(&through_relay, None, Routing::Interest, stop.clone()).await.expect("a connects");
+    let a = natter_bus_through(&relay, &server, &stop).await;
     let b = natter_bus(&server, Routing::Interest, &stop).await;
     let (chat, user) = (Uuid::now_v7(), Uuid::now_v7());
     let mut chat_on_b = b.subscribe(Topic::Chat(chat));
@@ -651,6 +657,52 @@ async fn what_a_publisher_lost_with_its_connection_is_hinted_after_its_reconnect
     }
     a.publish(Topic::Chat(chat), event(chat, 3));
     assert_eq!(next_seq(&mut chat_on_b).await, Some(3), "and a's events cross again");
+    stop.cancel();
+}
+
+/// A replica's own connection to NATS goes dark (what it writes is lost on
+/// the way, the socket still open) while it invalidates a chat's cached
+/// memberships (a member was removed), and then drops. The other replica's
+/// connection never wavered, so nothing of its own clears its caches: once
+/// the publisher has reconnected, it publishes the invalidation again and
+/// the other replica drops the chat's entries within a bounded wait, where
+/// without it the removed member would be let in from that replica's cache
+/// until --cache-ttl (an hour here). Other chats' entries stay.
+#[tokio::test]
+async fn an_invalidation_a_publisher_lost_with_its_connection_reaches_the_others_after_its_reconnect() {
+    use natter_kit::cache::{Lookup, Tag, TaggedCache};
+    let Some(server) = NatsServer::start().await else { return };
+    let relay = Relay::to(&server.url).await;
+    let stop = CancellationToken::new();
+    let a = natter_bus_through(&relay, &server, &stop).await;
+    let b = natter_bus(&server, Routing::Interest, &stop).await;
+    assert!(until(DELIVERY, || b.invalidator().live()).await, "b's caches go live once connected");
+    let cache = TaggedCache::<u8, u8>::new("lost", Duration::from_secs(3600), 10, b.invalidator().clone());
+    let (chat, other) = (Uuid::now_v7(), Uuid::now_v7());
+    fill(&cache, 1, chat).await;
+    fill(&cache, 2, other).await;
+
+    relay.freeze();
+    // Returns once its barrier times out, unconfirmed.
+    a.invalidate(vec![Tag::Chat(chat)]).await;
+    assert!(relay.swallowed("natter.caches.invalidate", DELIVERY).await, "a's invalidation was lost on the way");
+    assert!(matches!(cache.get(&1).await, Lookup::Hit(1)), "b still answers the chat from its cache");
+    relay.cut();
+
+    // Reconnecting may take a few of the client's back-off steps.
+    let reconnect = Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + reconnect;
+    loop {
+        match cache.get(&1).await {
+            Lookup::Miss(_) => break,
+            Lookup::Hit(_) => {
+                assert!(tokio::time::Instant::now() < deadline, "b answered the chat from its cache for {reconnect:?}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Lookup::Bypass => panic!("b's own connection never dropped: its caches stay live"),
+        }
+    }
+    assert!(matches!(cache.get(&2).await, Lookup::Hit(2)), "another chat's entry stays");
     stop.cancel();
 }
 

@@ -72,8 +72,12 @@
 //! At shutdown the publisher keeps going until [`EventBus::close`], not the
 //! shutdown token: a stopping process publishes through its drain (up to
 //! `--shutdown-grace`) and after it (its stores, its presence goodbye),
-//! and calls `close` last, which sends what is queued, waiting
-//! `CLOSE_GRACE` (5 s) at most from its call.
+//! and calls `close` last, which sends what is queued and then waits for a
+//! round trip to confirm what the publisher keeps (a reconnect meanwhile:
+//! its hints and invalidations go out first), `CLOSE_GRACE` (5 s) at most
+//! from its call. What is still queued or unconfirmed then is lost to the
+//! other replicas until the chat's next event (or `--cache-ttl`): NATS
+//! could take nothing for those seconds, and nothing else would carry it.
 //!
 //! Anyone who may publish on `natter.events.>` can forge events, so a shared
 //! NATS server should require a log-in and grant that subject to natter's
@@ -927,7 +931,7 @@ impl Publisher {
         Self { client, dropped, epoch, unconfirmed: Kept::default(), confirming: Kept::default() }
     }
 
-    /// Publishes what it is handed until a `Close` (flushed, then
+    /// Publishes what it is handed until a `Close` (settled, flushed, then
     /// answered), the outbox closing, or `closed`; confirms and hints on
     /// every tick of [`CONFIRM_EVERY`] and each time `wake` says the client
     /// reconnected.
@@ -975,12 +979,49 @@ impl Publisher {
                 }
             }
         }
+        if closing.is_some() {
+            tokio::select! {
+                () = self.settle(&wake) => {}
+                () = closed.cancelled() => {}
+            }
+        }
         tokio::select! {
             _ = self.client.flush() => {}
             () = closed.cancelled() => {}
         }
         if let Some(done) = closing {
             let _ = done.send(());
+        }
+    }
+
+    /// At close, until a round trip confirms every topic and invalidation
+    /// kept: hints and sends again what a reconnect lost and what the
+    /// outbox dropped, waits for the client while it knows it is away, and
+    /// starts over when it reconnects. The caller bounds it by `close()`'s
+    /// grace; on a sound connection it costs one round trip.
+    async fn settle(&mut self, wake: &Notify) {
+        loop {
+            self.catch_up().await;
+            self.announce_dropped().await;
+            if self.unconfirmed.is_empty() && self.confirming.is_empty() {
+                return;
+            }
+            if self.client.connection_state() != async_nats::connection::State::Connected {
+                // Its reconnect notifies (a permit kept if it came first).
+                wake.notified().await;
+                continue;
+            }
+            // Covers what a round trip still in flight from the main loop
+            // covered (sent after it).
+            let answer = self.confirm();
+            tokio::select! {
+                answer = answer => {
+                    let (confirmed, sent_in) = answer.unwrap_or((false, 0));
+                    self.confirmed(confirmed, sent_in);
+                }
+                // Reconnected: that answer can confirm nothing now.
+                () = wake.notified() => {}
+            }
         }
     }
 

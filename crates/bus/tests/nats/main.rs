@@ -706,6 +706,52 @@ async fn an_invalidation_a_publisher_lost_with_its_connection_reaches_the_others
     stop.cancel();
 }
 
+/// A replica stops just as its own connection to NATS goes dark (what it
+/// writes is lost on the way) and then drops: the chat's change it
+/// published in its last second was lost, and its close() sees no
+/// confirmation of it. Close waits (within its grace) for the reconnect and
+/// hints the chat's subscribers on the other replica, where without it
+/// they would hear of the change only at the chat's next event.
+#[tokio::test]
+async fn what_a_stopping_publisher_lost_with_its_connection_is_hinted_before_close_returns() {
+    let Some(server) = NatsServer::start().await else { return };
+    let relay = Relay::to(&server.url).await;
+    let stop = CancellationToken::new();
+    let a = natter_bus_through(&relay, &server, &stop).await;
+    let b = natter_bus(&server, Routing::Interest, &stop).await;
+    let chat = Uuid::now_v7();
+    let mut chat_on_b = b.subscribe(Topic::Chat(chat));
+    assert!(in_effect(&mut chat_on_b).await, "b's subscription is in place");
+
+    relay.freeze();
+    a.publish(Topic::Chat(chat), event(chat, 1));
+    // The publisher's own round trip for it (once a second) is lost too,
+    // and holds off the next for its 2 s wait: a round trip from now on is
+    // close()'s.
+    const BARRIER: &str = "natter.caches.barrier";
+    assert!(relay.swallowed(BARRIER, DELIVERY).await, "a's round trip was lost on the way");
+    let before = relay.swallowed_count(BARRIER);
+    let closing = a.close();
+    tokio::pin!(closing);
+    let closed = tokio::select! {
+        () = &mut closing => true,
+        seen = relay.swallowed_times(BARRIER, before + 1, DELIVERY) => {
+            assert!(seen, "close() neither returned nor confirmed");
+            false
+        }
+    };
+    // Close is under way (or over): the connection drops.
+    relay.cut();
+    if !closed {
+        closing.await;
+    }
+    match tokio::time::timeout(DELIVERY, chat_on_b.recv()).await {
+        Ok(Some(Ok(e))) => assert!(e.is_hint() && e.chat == Some(chat.into()), "a hint to re-read the chat: {e:?}"),
+        other => panic!("b's subscribers of the chat heard nothing of a's last change: {other:?}"),
+    }
+    stop.cancel();
+}
+
 /// A replica publishes faster than its publisher task sends (here: more
 /// events than its queue holds, with no pause for the task), so the last
 /// ones are dropped, among them the only event of a chat another replica's

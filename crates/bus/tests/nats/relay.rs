@@ -84,13 +84,23 @@ impl Relay {
     /// Waits until the frozen connections have swallowed `needle`; false if
     /// not within `within`.
     pub(crate) async fn swallowed(&self, needle: &str, within: std::time::Duration) -> bool {
+        self.swallowed_times(needle, 1, within).await
+    }
+
+    /// How many times the frozen connections have swallowed `needle` so far.
+    pub(crate) fn swallowed_count(&self, needle: &str) -> usize {
+        self.swallowed.lock().unwrap().windows(needle.len()).filter(|w| *w == needle.as_bytes()).count()
+    }
+
+    /// Waits until the frozen connections have swallowed `needle` `times`
+    /// times; false if not within `within`.
+    pub(crate) async fn swallowed_times(&self, needle: &str, times: usize, within: std::time::Duration) -> bool {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let told = self.more_swallowed.notified();
             tokio::pin!(told);
             told.as_mut().enable();
-            let seen = self.swallowed.lock().unwrap().windows(needle.len()).any(|w| w == needle.as_bytes());
-            if seen {
+            if self.swallowed_count(needle) >= times {
                 return true;
             }
             if tokio::time::timeout_at(deadline, told).await.is_err() {

@@ -1000,6 +1000,10 @@ impl Publisher {
     /// starts over when it reconnects. The caller bounds it by `close()`'s
     /// grace; on a sound connection it costs one round trip.
     async fn settle(&mut self, wake: &Notify) {
+        // After a round trip that failed on the same connection (refused
+        // at once: no permission), the next is sent CONFIRM_EVERY after it,
+        // as while running.
+        let mut retry_at = None;
         loop {
             self.catch_up().await;
             self.announce_dropped().await;
@@ -1011,13 +1015,20 @@ impl Publisher {
                 wake.notified().await;
                 continue;
             }
+            if let Some(at) = retry_at.take() {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = wake.notified() => continue,
+                }
+            }
             // Covers what a round trip still in flight from the main loop
             // covered (sent after it).
-            let answer = self.confirm();
+            let (sent, answer) = (Instant::now(), self.confirm());
             tokio::select! {
                 answer = answer => {
                     let (confirmed, sent_in) = answer.unwrap_or((false, 0));
                     self.confirmed(confirmed, sent_in);
+                    retry_at = (!confirmed).then_some(sent + CONFIRM_EVERY);
                 }
                 // Reconnected: that answer can confirm nothing now.
                 () = wake.notified() => {}

@@ -247,8 +247,9 @@ const ERROR_BODY_BYTES: usize = 4_096;
 /// sent again.
 pub const RETRIES: u32 = 3;
 
-/// The wait before the first retry when the server names none; doubled
-/// for each further one (0.25 s, 0.5 s, 1 s).
+/// The backoff step of the first retry, doubled for each further one
+/// (0.25 s, 0.5 s, 1 s): the most a wait the server named none for lasts,
+/// and the most added to one it named ([`retry_wait`]).
 pub const RETRY_BACKOFF: Duration = Duration::from_millis(250);
 
 /// The longest `Retry-After` honoured: a server that asks for a longer
@@ -261,6 +262,32 @@ pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(20);
 /// paid or written twice.
 pub fn retryable(status: u16) -> bool {
     matches!(status, 429 | 502 | 503 | 504)
+}
+
+/// The wait before retry number `retry` (0 for the first), given the
+/// server's `Retry-After` (`asked`, if it named one) and `draw`, a random
+/// number in `[0, 1)`, so that the many replies one busy server refused at
+/// once do not all come back at the same moment and refuse it again
+/// ("Exponential Backoff And Jitter", AWS Architecture Blog, 2015). With
+/// `step` = [`RETRY_BACKOFF`] doubled `retry` times:
+///
+/// - no `Retry-After`: equal jitter, between half a step and a step
+///   (0.125..0.25 s, 0.25..0.5 s, 0.5..1 s): at least half the backoff, so
+///   a server loading its model still gets room, and spread over the
+///   other half;
+/// - a `Retry-After`: the server's wait, never less (RFC 9110 section
+///   10.2.3: how long to wait at least), plus up to a step, so that those
+///   it told the same second (or the same HTTP date, whose resolution is a
+///   second) spread over the step after it.
+///
+/// A `draw` outside `[0, 1]` is clamped to it (NaN to 0).
+pub fn retry_wait(retry: u32, asked: Option<Duration>, draw: f64) -> Duration {
+    let step = RETRY_BACKOFF.saturating_mul(2u32.saturating_pow(retry));
+    let draw = if draw.is_nan() { 0.0 } else { draw.clamp(0.0, 1.0) };
+    match asked {
+        None => step / 2 + (step / 2).mul_f64(draw),
+        Some(asked) => asked.saturating_add(step.mul_f64(draw)),
+    }
 }
 
 /// The wait a `Retry-After` value asks for (RFC 9110 section 10.2.3):
@@ -355,7 +382,8 @@ impl Client {
     /// ([`retryable`]), or whose connection could not be made, is sent
     /// again, at most [`RETRIES`] times: after the server's `Retry-After`
     /// (seconds or an HTTP date; one longer than [`RETRY_AFTER_CAP`] is
-    /// not waited for), else after [`RETRY_BACKOFF`], doubling. Only
+    /// not waited for), else after [`RETRY_BACKOFF`], doubling, each wait
+    /// with random jitter ([`retry_wait`]). Only
     /// before any answer streamed: nothing is ever asked twice once a
     /// stream began (a paid generation, text already shown). The retries
     /// and their waits are within the first token's and the total limit
@@ -402,11 +430,10 @@ impl Client {
             if !refused.retry || retries == RETRIES {
                 return Err(refused.error);
             }
-            let wait = match refused.retry_after {
-                Some(asked) if asked > RETRY_AFTER_CAP => return Err(refused.error),
-                Some(asked) => asked,
-                None => RETRY_BACKOFF * 2u32.pow(retries),
-            };
+            if refused.retry_after.is_some_and(|asked| asked > RETRY_AFTER_CAP) {
+                return Err(refused.error);
+            }
+            let wait = retry_wait(retries, refused.retry_after, rand::random());
             if Instant::now() + wait >= deadline {
                 return Err(refused.error);
             }
@@ -882,6 +909,43 @@ mod tests {
         // An error chunk ends it once: no second error after it.
         let error = "data: {\"error\":{\"message\":\"boom\"}}\n\n";
         assert!(matches!(&all_events(error)[..], [Err(LlmError::Stream(m))] if m == "boom"));
+    }
+
+    /// Retries of replies a busy server refused together spread out
+    /// instead of coming back in lockstep: each wait within its bounds
+    /// (never below the server's Retry-After), and the draws of one retry
+    /// cover its range rather than sharing one moment.
+    #[test]
+    fn retry_waits_are_jittered_within_their_bounds() {
+        let ms = Duration::from_millis;
+        // Equal jitter without Retry-After: half a step, then up to a step.
+        for (retry, (low, high)) in
+            [(ms(125), ms(250)), (ms(250), ms(500)), (ms(500), ms(1000))].into_iter().enumerate()
+        {
+            let retry = retry as u32;
+            assert_eq!(retry_wait(retry, None, 0.0), low);
+            assert_eq!(retry_wait(retry, None, 0.5), low + (high - low) / 2);
+            assert!(retry_wait(retry, None, 0.999_999) < high);
+            // The server's word is the least wait, plus up to a step.
+            assert_eq!(retry_wait(retry, Some(Duration::from_secs(1)), 0.0), Duration::from_secs(1));
+            assert_eq!(retry_wait(retry, Some(Duration::from_secs(1)), 0.5), Duration::from_secs(1) + low);
+        }
+        assert_eq!(retry_wait(0, None, 7.0), ms(250), "a draw past 1 is clamped");
+        assert_eq!(retry_wait(0, None, f64::NAN), ms(125));
+
+        // The random draws the client makes: 1,000 clients refused at once
+        // retry across the whole range, never outside it (the chance that
+        // none of 1,000 lands in the lowest fifth, or none in the highest,
+        // is below 1e-96).
+        let waits: Vec<Duration> = (0..1_000).map(|_| retry_wait(1, None, rand::random())).collect();
+        assert!(waits.iter().all(|w| (ms(250)..ms(500)).contains(w)), "{waits:?}");
+        let (min, max) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+        assert!(*min < ms(300) && *max > ms(450), "not spread: {min:?}..{max:?}");
+        let told = Some(Duration::from_secs(2));
+        let waits: Vec<Duration> = (0..1_000).map(|_| retry_wait(2, told, rand::random())).collect();
+        assert!(waits.iter().all(|w| (ms(2000)..ms(3000)).contains(w)), "{waits:?}");
+        let (min, max) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+        assert!(*min < ms(2200) && *max > ms(2800), "not spread: {min:?}..{max:?}");
     }
 
     #[test]

@@ -86,7 +86,8 @@ async fn a_refusal_before_the_stream_is_a_status_error_with_the_servers_message(
 #[tokio::test]
 async fn a_busy_server_is_asked_again_before_the_stream_and_never_after() {
     let server = ScriptedServer::start(9).await;
-    // 503 with no word on when: after the backoff (0.25 s); 429 asking for
+    // 503 with no word on when: after the backoff (0.125..0.25 s, with
+    // jitter); 429 asking for
     // a second (delay-seconds), then 502 asking for an HTTP date five
     // seconds from now (a second or more by the third request, at a
     // date's resolution of a second): each waited.
@@ -100,7 +101,7 @@ async fn a_busy_server_is_asked_again_before_the_stream_and_never_after() {
     assert_eq!(text(&events), "at last");
     let at: Vec<_> = server.requests().iter().map(|r| r.at).collect();
     assert_eq!(at.len(), 4, "three refusals, then the reply");
-    assert!(at[1] - at[0] >= Duration::from_millis(250), "{:?}", at[1] - at[0]);
+    assert!(at[1] - at[0] >= Duration::from_millis(125), "{:?}", at[1] - at[0]);
     assert!(at[2] - at[1] >= Duration::from_secs(1), "Retry-After: 1 waited: {:?}", at[2] - at[1]);
     assert!(at[3] - at[2] >= Duration::from_secs(1), "an HTTP date waited for: {:?}", at[3] - at[2]);
     let body = |i: usize| server.requests()[i].body.clone();

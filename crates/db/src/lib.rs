@@ -61,6 +61,34 @@ pub enum DbError {
         /// This process has no NATS (it wanted the lock for itself).
         alone: bool,
     },
+    /// Another process holds a SQLite store of the data directory `dir`
+    /// ([`sqlite::StoreLock`]).
+    #[error(
+        "another natter process{} is using the {store} store in the data directory {} (it holds {store}.lock \
+         there); a data directory serves one process at a time: stop the other one first, or give this one \
+         a --data-dir of its own (processes that share their data need PostgreSQL, --database-url, and one \
+         NATS, --nats-url)",
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default(),
+        dir.display()
+    )]
+    DataDirInUse {
+        /// The data directory.
+        dir: std::path::PathBuf,
+        /// The store whose lock was refused (`sessions`, ...).
+        store: String,
+        /// The process id the holder noted in the lock file, if it could
+        /// be read.
+        holder: Option<u32>,
+    },
+    /// A file or directory of a SQLite store could not be made, read or
+    /// locked.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
     /// The database refused or failed.
     #[error(transparent)]
     Sqlx(#[from] sqlx::Error),
@@ -271,6 +299,8 @@ impl DbError {
             | Self::InvalidSchema(_)
             | Self::MissingDatabase { .. }
             | Self::InUse { .. }
+            | Self::DataDirInUse { .. }
+            | Self::Io { .. }
             | Self::Migrate(_)
             | Self::Thread(_) => Failure::Internal,
         }
@@ -498,20 +528,26 @@ impl StoreArgs {
         }
     }
 
-    /// Claims the PostgreSQL stores of `services` (`sessions`, `chats`,
-    /// `messages`) for this process ([`postgres::InstanceLock::claim`]):
-    /// for itself if `alone` (no NATS; hold the lock returned until the
-    /// process has closed its stores), else checks that no process without
-    /// NATS holds them (`None`). `None` on SQLite too, whose files are not
-    /// checked.
+    /// Claims the stores of `services` (`sessions`, `chats`, `messages`)
+    /// for this process; hold the claim returned until the process has
+    /// closed its stores, then [`InstanceClaim::release`] it.
     ///
-    /// Errors: [`DbError::InUse`] when another process serves one of them
-    /// in a way this one cannot run beside; the server refused.
-    pub async fn claim(&self, services: &[&str], alone: bool) -> Result<Option<postgres::InstanceLock>, DbError> {
-        let Some(url) = &self.database_url else { return Ok(None) };
+    /// - PostgreSQL ([`postgres::InstanceLock::claim`]): for itself if
+    ///   `alone` (no NATS), else checks that no process without NATS holds
+    ///   them (`None`).
+    /// - SQLite ([`sqlite::StoreLock::claim`]): for itself, NATS or not
+    ///   (a SQLite file serves one process), creating the data directory.
+    ///
+    /// Errors: [`DbError::InUse`] or [`DbError::DataDirInUse`] when
+    /// another process serves one of them in a way this one cannot run
+    /// beside; the server refused; a lock file cannot be made.
+    pub async fn claim(&self, services: &[&str], alone: bool) -> Result<Option<InstanceClaim>, DbError> {
+        let Some(url) = &self.database_url else {
+            return Ok(Some(InstanceClaim::Sqlite(sqlite::StoreLock::claim(&self.data_dir, services)?)));
+        };
         let schemas: Vec<String> =
             services.iter().map(|name| format!("{}{name}", self.database_schema_prefix)).collect();
-        postgres::InstanceLock::claim(url, &schemas, alone).await
+        Ok(postgres::InstanceLock::claim(url, &schemas, alone).await?.map(InstanceClaim::Postgres))
     }
 
     /// The database of the service `name` (`sessions`, `chats`, `messages`).
@@ -527,6 +563,28 @@ impl StoreArgs {
                 std::fs::create_dir_all(&self.data_dir)?;
                 Ok(DbConfig::sqlite_in(&self.data_dir, name))
             }
+        }
+    }
+}
+
+/// A process's claim on its stores ([`StoreArgs::claim`]), which keeps
+/// any other process that would make its caches stale from starting on
+/// them.
+#[derive(Debug)]
+pub enum InstanceClaim {
+    /// Advisory locks on the PostgreSQL schemas (a process without NATS).
+    Postgres(postgres::InstanceLock),
+    /// Locks on the SQLite stores' lock files.
+    Sqlite(sqlite::StoreLock),
+}
+
+impl InstanceClaim {
+    /// Releases the claim (at shutdown, once the stores are closed), so
+    /// that a process started right after this one finds the stores free.
+    pub async fn release(self) {
+        match self {
+            Self::Postgres(lock) => lock.release().await,
+            Self::Sqlite(lock) => lock.release(),
         }
     }
 }

@@ -36,6 +36,88 @@ use crate::{AppliedMigration, DbError};
 pub const SETUP: &str = "PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
                          PRAGMA journal_size_limit = 67108864; PRAGMA secure_delete = ON;";
 
+/// Keeps a natter process alone on its SQLite stores: an exclusive
+/// advisory lock on `NAME.lock` beside each store's file `NAME.db`, taken
+/// before the store opens and held for as long as the process runs (the
+/// SQLite counterpart of [`crate::postgres::InstanceLock`]).
+///
+/// A process keeps exact caches (tokens, memberships) that only its own
+/// writes evict, and keeps chat activity in memory between writes; a
+/// second process on the same files would serve stale answers (a member
+/// removed through one keeps reading through the other), NATS or not. So
+/// a second process is refused at start-up ([`DbError::DataDirInUse`]).
+/// One lock per store, not per directory: the split services (each with
+/// a store of its own) may share a data directory, and the all-in-one's
+/// three services hold one each.
+///
+/// The lock is the operating system's (`flock` on Unix, `LockFileEx` on
+/// Windows, through the `fs4` crate): it goes with its process however it
+/// ends, a crash or SIGKILL included, so no stale lock outlives it. The
+/// file stays (removing it would let two processes lock two different
+/// files of one name); it holds the holder's process id, for the message.
+/// `flock` locks belong to an open file, so a second claim in the same
+/// process is refused too, as a second process's is. Network filesystems
+/// may not pass such locks on (NFS before Linux 2.6.12 does not).
+#[derive(Debug)]
+pub struct StoreLock {
+    /// The locked files, each open for as long as it is held.
+    files: Vec<std::fs::File>,
+}
+
+impl StoreLock {
+    /// Takes the lock of the store of each of `names` (`sessions`, ...) in
+    /// `dir` (created if missing), without waiting.
+    ///
+    /// Errors: [`DbError::DataDirInUse`] naming `dir` and the first store
+    /// another holder has (then none is held); [`DbError::Io`] when the
+    /// directory or a lock file cannot be made or locked.
+    pub fn claim(dir: &Path, names: &[&str]) -> Result<Self, DbError> {
+        use std::io::{Read as _, Seek as _, Write as _};
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DbError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut files = Vec::with_capacity(names.len());
+        for name in names {
+            let path = dir.join(format!("{name}.lock"));
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(io(&path))?;
+            // Named in full: std's File::try_lock (Rust 1.89) would win
+            // over the trait's method past the workspace's rust-version.
+            match fs4::FileExt::try_lock(&file) {
+                Ok(()) => {}
+                Err(fs4::TryLockError::WouldBlock) => {
+                    let mut text = String::new();
+                    let holder = file.read_to_string(&mut text).ok().and_then(|_| text.trim().parse().ok());
+                    return Err(DbError::DataDirInUse { dir: dir.to_path_buf(), store: (*name).to_owned(), holder });
+                }
+                Err(fs4::TryLockError::Error(e)) => return Err(io(&path)(e)),
+            }
+            // Who holds it, for the message of one refused; a failure
+            // here costs only that.
+            let noted =
+                file.set_len(0).and_then(|()| file.rewind()).and_then(|_| writeln!(file, "{}", std::process::id()));
+            if let Err(e) = noted {
+                tracing::warn!(path = %path.display(), error = %e, "could not note this process's id in its lock file");
+            }
+            files.push(file);
+        }
+        Ok(Self { files })
+    }
+
+    /// Releases the locks (at shutdown, once the stores are closed);
+    /// dropping the lock does the same.
+    pub fn release(self) {
+        drop(self.files);
+    }
+}
+
 /// How often the WAL is copied into the database file in the background.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -332,6 +414,39 @@ mod tests {
     use super::*;
 
     static NO_MIGRATIONS: Migrator = Migrator::DEFAULT;
+
+    /// A store serves one holder at a time: a second claim of it is
+    /// refused naming the directory, the store and the holder's process
+    /// id, and takes none of the stores it asked for; other stores of the
+    /// same directory (the split services, each with its own) and other
+    /// directories are free; a lock released is free at once.
+    #[test]
+    fn a_store_lock_keeps_one_holder_per_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let refused = |claimed: Result<StoreLock, DbError>| match claimed {
+            Err(e @ DbError::DataDirInUse { .. }) => e.to_string(),
+            other => panic!("not refused: {other:?}"),
+        };
+
+        let chats = StoreLock::claim(&data, &["chats"]).expect("a store of a new directory");
+        let messages = StoreLock::claim(&data, &["messages"]).expect("another store of the same directory");
+        let second = refused(StoreLock::claim(&data, &["sessions", "messages"]));
+        let named = format!(
+            "another natter process (pid {}) is using the messages store in the data directory {}",
+            std::process::id(),
+            data.display()
+        );
+        assert!(second.contains(&named) && second.contains("--data-dir of its own"), "{second}");
+        let sessions = StoreLock::claim(&data, &["sessions"]).expect("a refused claim holds nothing");
+        let elsewhere = tempfile::tempdir().unwrap();
+        let other = StoreLock::claim(elsewhere.path(), &["sessions", "chats", "messages"]).expect("another directory");
+
+        refused(StoreLock::claim(&data, &["chats"]));
+        chats.release();
+        let again = StoreLock::claim(&data, &["chats"]).expect("free once released");
+        drop((again, messages, sessions, other));
+    }
 
     /// A service is started with `tokio::spawn`, so opening a store must be
     /// a `Send` future (this fails to compile otherwise).

@@ -260,7 +260,8 @@ pub async fn run(
     let only_instance = config.bus.nats_url.is_none();
     // Without NATS this process must be the only one on its store, and on
     // NATS it must not meet one without: refused here, before anything
-    // serves (natter_db::postgres::InstanceLock).
+    // serves (natter_db::StoreArgs::claim; on SQLite, its store's file
+    // serves this process alone, NATS or not).
     let instance = config.store.claim(&["chats"], only_instance).await?;
     let bus = config.bus.connect(shutdown.clone()).await?;
     let chats = open(

@@ -378,7 +378,8 @@ pub async fn run(
     let chats = natter_kit::Link::connect("chats", &config.chats_url, &credential, deadline)?;
     // Without NATS this process must be the only one on its store, and on
     // NATS it must not meet one without: refused here, before anything
-    // serves (natter_db::postgres::InstanceLock).
+    // serves (natter_db::StoreArgs::claim; on SQLite, its store's file
+    // serves this process alone, NATS or not).
     let instance = config.store.claim(&["messages"], config.bus.nats_url.is_none()).await?;
     let bus = config.bus.connect(shutdown.clone()).await?;
     let (verifier, chats) = (natter_auth::GrpcVerifier::new(sessions), natter_links::Grpc(chats));

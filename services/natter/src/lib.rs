@@ -69,8 +69,8 @@ pub struct App {
     assistant: Option<Arc<natter_assistant::Assistant>>,
     /// The event bus the services share.
     bus: Arc<dyn EventBus>,
-    /// This process's claim on its PostgreSQL stores, released last.
-    instance: Option<natter_db::postgres::InstanceLock>,
+    /// This process's claim on its stores, released last.
+    instance: Option<natter_db::InstanceClaim>,
 }
 
 impl App {
@@ -96,8 +96,9 @@ impl App {
         // then nothing may be cached that another instance could change.
         let only_instance = args.bus.nats_url.is_none();
         // And so no other process on the same stores: refused here, before
-        // anything serves; on NATS, only beside one without
-        // (natter_db::postgres::InstanceLock).
+        // anything serves; on PostgreSQL with NATS, only beside one without
+        // (natter_db::postgres::InstanceLock); on SQLite, always
+        // (natter_db::sqlite::StoreLock).
         let instance = args.store.claim(&["sessions", "chats", "messages"], only_instance).await?;
         let bus: Arc<dyn EventBus> = args.bus.connect(shutdown.clone()).await?;
 

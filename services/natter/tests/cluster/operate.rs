@@ -315,3 +315,39 @@ async fn a_second_instance_on_the_stores_of_one_without_nats_refuses_to_start() 
     drop(again);
     drop_schemas(&db, &prefix).await;
 }
+
+/// A second `natter serve` on the data directory of a running one (SQLite,
+/// the default): it would keep exact caches (memberships, tokens) that the
+/// first one's writes never evict, so a member the first removed would go
+/// on reading through it. It refuses to start instead, naming the data
+/// directory, the first's process id and the fix, with NATS or without
+/// (a SQLite file serves one process); the first serves on. Once the first
+/// has stopped, a new one starts on the same directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_on_the_data_directory_of_a_running_one_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let data_dir = data.to_str().expect("utf-8 path");
+    let mut first = Node::start("serve", free_port(), vec!["--data-dir".into(), data_dir.into()]);
+    let channel = first.channel().await;
+    let pid = first.child.as_ref().expect("running").id();
+
+    let Some((ok, stderr)) = exits(&["--data-dir", data_dir]).await else {
+        panic!("a second natter serve on the same data directory started")
+    };
+    assert!(!ok, "the second natter serve exited 0: {stderr}");
+    let named =
+        format!("another natter process (pid {pid}) is using the sessions store in the data directory {data_dir}");
+    assert!(stderr.contains(&named) && stderr.contains("--data-dir of its own"), "{stderr}");
+    if let Some(nats) = env("NATTER_TEST_NATS_URL") {
+        let Some((ok, stderr)) = exits(&["--data-dir", data_dir, "--nats-url", nats.as_str()]).await else {
+            panic!("a natter serve on NATS started on the same data directory")
+        };
+        assert!(!ok && stderr.contains(&named), "{stderr}");
+    }
+    super::user(&channel, "still-served").await;
+
+    first.terminate();
+    let again = Node::start("serve", free_port(), vec!["--data-dir".into(), data_dir.into()]);
+    super::user(&again.channel().await, "served-again").await;
+}

@@ -910,6 +910,7 @@ async fn one_address_holds_at_most_its_share_of_connections() {
 /// hold a megabyte per call for as long as the replica was slow.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_refuses_requests_past_its_budget_of_buffered_bytes() {
+    let _counting = BUDGET_REFUSALS_COUNTED.lock().await;
     let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
     let slow = std::sync::Arc::new(Slow::default());
@@ -949,7 +950,95 @@ async fn the_edge_refuses_requests_past_its_budget_of_buffered_bytes() {
     edge.await.unwrap();
 }
 
-/// `natter_request_budget_refusals_total` of this process (the edges of
+/// The all-in-one server, as every public natter server, holds at most
+/// `--max-buffered-request-bytes` of request bodies at once, all clients
+/// together. A guest's slow senders, each on a stream of its own (two
+/// connections of two), send 10 KB of a 20 KB SendMessage and no more: the
+/// budget of 35 KB holds three of them, and the fourth is refused at once,
+/// RESOURCE_EXHAUSTED "server busy", as is a call that would go past what
+/// is left, while a small call is answered. Once the slow clients go away
+/// (their connections dropped mid-body), a call of 30 KB is answered.
+/// (Before, the server read every message of every stream into memory as
+/// it came, up to --max-request-bytes each: 1 MiB a stream, 128 streams a
+/// connection, with no limit all together.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_senders_fill_the_server_s_budget_of_request_bytes_until_they_go() {
+    let _counting = BUDGET_REFUSALS_COUNTED.lock().await;
+    let c = Cluster::all_in_one(&["--max-buffered-request-bytes", "35000", "--request-timeout", "60s"]).await;
+    let (mallory, bob) = (c.guest().await, c.guest().await);
+    let chat = crate::chats::direct(&c, &bob, &mallory).await;
+    let refusals = budget_refusals();
+
+    let mut connections = Vec::new();
+    let mut bodies = Vec::new();
+    let mut responses = Vec::new();
+    for _ in 0..2 {
+        let (send, connection) = h2_connect_watched(c.addr).await;
+        connections.push(connection);
+        for _ in 0..2 {
+            let mut send = send.clone().ready().await.unwrap();
+            let mut request = grpc_request(c.addr, "/natter.messages.v1.MessageService/SendMessage");
+            let bearer = format!("Bearer {}", mallory.token);
+            request.headers_mut().insert(http::header::AUTHORIZATION, bearer.parse().unwrap());
+            let (response, mut body) = send.send_request(request, false).unwrap();
+            // One DATA frame: the prefix of a 20,000-byte message and the
+            // first 9,995 bytes of it; the rest never comes.
+            let mut partial = message_prefix(20_000).to_vec();
+            partial.resize(10_000, b'x');
+            body.send_data(Bytes::from(partial), false).unwrap();
+            bodies.push(body);
+            responses.push(Box::pin(response));
+        }
+    }
+    let (refused, _, mut held) =
+        tokio::time::timeout(GUARD, futures::future::select_all(responses)).await.expect("one is refused at once");
+    let refused = refused.unwrap();
+    let header = |name| refused.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(header("grpc-status").as_deref(), Some("8"), "RESOURCE_EXHAUSTED: {refused:?}");
+    assert!(header("grpc-message").unwrap().starts_with("server%20busy"), "{refused:?}");
+    assert_eq!(budget_refusals(), refusals + 1.0, "counted in natter_request_budget_refusals_total");
+    // The other three are held: still waiting for their bodies.
+    for response in &mut held {
+        assert!(futures::FutureExt::now_or_never(response).is_none(), "held, not answered");
+    }
+
+    // 5 KB are left: a call of 9 KB is refused, one of a few bytes answered.
+    let send = |text: String| {
+        let mut client = c.messages();
+        let request = authed(&bob, mpb::SendMessageRequest { chat_id: chat.id.clone(), text, ..Default::default() });
+        async move { client.send_message(request).await }
+    };
+    let busy = tokio::time::timeout(GUARD, send("x".repeat(9_000))).await.expect("at once").unwrap_err();
+    assert!(busy.message().starts_with("server busy"), "{busy:?}");
+    assert!(crate::retry_delay(&busy) > Duration::ZERO, "RESOURCE_EXHAUSTED with a RetryInfo: {busy:?}");
+    assert_eq!(budget_refusals(), refusals + 2.0);
+    send("hi".to_owned()).await.expect("a small call is answered");
+
+    // The slow clients go, mid-body: their 30 KB are free again (as soon
+    // as the server has seen the connections close).
+    for connection in connections {
+        connection.abort();
+    }
+    drop((bodies, held));
+    tokio::time::timeout(GUARD, async {
+        loop {
+            match send("y".repeat(30_000)).await {
+                Ok(_) => break,
+                Err(busy) if busy.message().starts_with("server busy") => tokio::task::yield_now().await,
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the budget is free once the slow clients are gone");
+    c.stop().await;
+}
+
+/// Held by the tests that count `natter_request_budget_refusals_total`,
+/// one process-wide counter, so that none sees another's refusals.
+static BUDGET_REFUSALS_COUNTED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `natter_request_budget_refusals_total` of this process (the servers of
 /// the tests run in it).
 fn budget_refusals() -> f64 {
     natter_kit::metrics::render()

@@ -37,6 +37,16 @@ pub struct ServerArgs {
     #[arg(long, env = "NATTER_MAX_REQUEST_BYTES", default_value_t = 1024 * 1024)]
     pub max_request_bytes: usize,
 
+    /// Most bytes of request bodies the server holds at once, all calls
+    /// together (each one at most --max-request-bytes): a message's bytes
+    /// are held from the first until it is decoded (the edge: until its
+    /// replica answers). A request that would go past it is refused,
+    /// RESOURCE_EXHAUSTED ("server busy", retry in 1 s), and what it sent
+    /// so far is let go. Internal listeners have none
+    #[arg(long, env = "NATTER_MAX_BUFFERED_REQUEST_BYTES", default_value_t = DEFAULT_MAX_BUFFERED_REQUEST_BYTES,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_buffered_request_bytes: u64,
+
     /// How long in-flight calls may run after a shutdown signal before the server stops anyway.
     #[arg(long, env = "NATTER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
@@ -97,6 +107,12 @@ fn parse_cors_origin(value: &str) -> Result<String, String> {
     http::HeaderValue::from_str(origin).map_err(|_| format!("not a header value: {expected}"))?;
     Ok(origin.to_owned())
 }
+
+/// The default of `--max-buffered-request-bytes`: 256 MiB, 256 requests at
+/// the default `--max-request-bytes` of 1 MiB, and thousands of ordinary
+/// ones (a chat message is at most 32 KiB of text). A size a pod's memory
+/// limit holds beside what else a server has in flight.
+pub const DEFAULT_MAX_BUFFERED_REQUEST_BYTES: u64 = 256 * 1024 * 1024;
 
 /// The default of `--max-connections`, per listener. The cap exists so
 /// that file descriptors never run out (then accept fails for every user,
@@ -226,6 +242,7 @@ impl Default for ServerArgs {
             log_format: LogFormat::Text,
             cors_allow_origins: vec!["*".to_owned()],
             max_request_bytes: 1024 * 1024,
+            max_buffered_request_bytes: DEFAULT_MAX_BUFFERED_REQUEST_BYTES,
             shutdown_grace: Duration::from_secs(10),
             otlp_endpoint: None,
             metrics_listen: None,

@@ -19,8 +19,9 @@
 //! 2. `id`, `paging`: checked ids and page tokens (they fail with `error`'s
 //!    statuses, paging within `limits`).
 //! 3. `metrics`: Prometheus handles and the `/metrics` endpoint.
-//! 4. `accept`, `cache`, `telemetry`: the connections a listener accepts
-//!    (its cap, the handshake and idle deadlines; counted in `metrics`); replicas'
+//! 4. `accept`, `budget`, `cache`, `telemetry`: the connections a listener accepts
+//!    (its cap, the handshake and idle deadlines; counted in `metrics`); the
+//!    budget of request bytes a server holds (refusals counted in `metrics`); replicas'
 //!    caches of other services' answers (invalidated over the bus); logs,
 //!    span export, trace context in and out, starting the metrics endpoint.
 //! 5. `observe`: the per-RPC server span and metrics layer, and the client
@@ -36,6 +37,7 @@
 //! header), never its own types.
 
 mod accept;
+pub mod budget;
 pub mod cache;
 pub mod coalesce;
 pub mod config;
@@ -76,6 +78,7 @@ mod layering {
         &[("metrics", include_str!("metrics.rs"))],
         &[
             ("accept", include_str!("accept.rs")),
+            ("budget", include_str!("budget.rs")),
             ("cache", include_str!("cache.rs")),
             ("telemetry", include_str!("telemetry.rs")),
         ],

@@ -30,7 +30,7 @@
 //!   `natter_connection_address_cap_refusals_total{listener}`: connections
 //!   closed at accept because their client address held
 //!   `--max-connections-per-address`.
-//! - `natter_request_budget_refusals_total`: calls the edge refused
+//! - `natter_request_budget_refusals_total`: calls a public server refused
 //!   because it held `--max-buffered-request-bytes` of requests
 //!   ([`request_budget_refused`]).
 //! - whatever a service registers of its own ([`register`]; the messages
@@ -306,7 +306,7 @@ pub fn address_cap_refused(listener: &str) {
 }
 
 /// Counts a call refused because the process held its most bytes of
-/// buffered requests (the edge's `--max-buffered-request-bytes`).
+/// buffered requests (`--max-buffered-request-bytes`, `crate::budget`).
 pub fn request_budget_refused() {
     METRICS.request_budget_refusals.inc();
 }

@@ -4,7 +4,8 @@
 //! Every server gets grpc.health.v1, server reflection (v1 and v1alpha, so
 //! `grpcurl` and `buf curl` work with no proto files), gRPC-web with CORS on
 //! the same port (HTTP/1.1 and HTTP/2), a span per RPC, a limit on the
-//! decoded request size and the transport limits of
+//! decoded request size, on a public server a budget of request bytes held
+//! at once by all calls together (`crate::budget`), and the transport limits of
 //! [`crate::config::TransportArgs`], among them a cap on open connections
 //! and a deadline for a connection's first request (`crate::accept`). A
 //! public server ([`Server::new`]) never serves an internal service and its
@@ -30,6 +31,7 @@ use tower_http::services::ServeDir;
 use crate::web_page::PageSource;
 
 use crate::accept::{CallTrackingLayer, Deadlines, Incoming};
+use crate::budget::{RequestBudget, RequestBudgetLayer};
 use crate::config::ServerArgs;
 use crate::internal::ServiceCredential;
 use crate::limits::{AuthFailures, Rate, TrustedProxies};
@@ -271,6 +273,15 @@ pub async fn serve_routes(
         // connection lived. Twice, so that a unary call whose body never
         // comes still ends DEADLINE_EXCEEDED by the layer above.
         .layer(tower_http::timeout::RequestBodyDeadlineLayer::new(transport.request_timeout * 2))
+        // Public listeners: every request body's bytes on the server's one
+        // budget (`crate::budget`), so that slow senders on many streams
+        // cannot make it hold a message each without limit. Inside
+        // gRPC-web, so it counts the gRPC messages the services decode.
+        // None on an internal listener: only calls with the service
+        // credential get this far there, from natter's own services.
+        .option_layer(
+            credential_free.then(|| RequestBudgetLayer::new(RequestBudget::new(args.max_buffered_request_bytes))),
+        )
         // Innermost, so gRPC-web clients see the corrected code too.
         .map_response(tonic_codes_by_the_table);
     crate::accept::check_open_file_limit(transport.max_connections, listener_name);

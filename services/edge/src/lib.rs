@@ -15,9 +15,10 @@
 //! are buffered for that; responses, streams included, flow through.
 //!
 //! Each buffered request is capped (`--max-request-bytes`), and all of them
-//! together too: the edge holds at most `--max-buffered-request-bytes`
-//! (256 MiB) of request bodies at once, from their first byte until the
-//! replica has answered (a slow replica keeps them). A request that would go
+//! together too, by the budget every natter server keeps
+//! (`natter_kit::budget`): the edge holds at most
+//! `--max-buffered-request-bytes` (256 MiB) of request bodies at once, from
+//! their first byte until the replica has answered (a slow replica keeps them). A request that would go
 //! past it is refused at once, RESOURCE_EXHAUSTED ("server busy", with a
 //! RetryInfo), instead of growing the edge's memory by a megabyte for every
 //! client that sends one; its bytes so far are let go.
@@ -51,10 +52,10 @@ use http_body_util::{BodyExt as _, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use natter_kit::budget::HeldBytes;
 use natter_kit::web_page::PageSource;
 use natter_kit::{Server, ServerArgs};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
@@ -123,26 +124,7 @@ pub struct EdgeArgs {
     /// are not counted. N/PERIOD, or `off`
     #[arg(long, env = "NATTER_FAILED_AUTH_RATE", default_value = "100/1m")]
     pub failed_auth_rate: natter_kit::limits::Rate,
-    /// Most bytes of request bodies the edge holds at once, all calls
-    /// together: a request is buffered from its first byte until its
-    /// replica answers (each one at most --max-request-bytes). A request
-    /// that would go past it is refused, RESOURCE_EXHAUSTED ("server
-    /// busy", retry in 1 s), and what it sent so far is let go
-    #[arg(long, env = "NATTER_MAX_BUFFERED_REQUEST_BYTES", default_value_t = DEFAULT_MAX_BUFFERED_REQUEST_BYTES,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub max_buffered_request_bytes: u64,
 }
-
-/// The default of `--max-buffered-request-bytes`: 256 MiB, 256 requests at
-/// the default `--max-request-bytes` of 1 MiB, and thousands of ordinary
-/// ones (a chat message is at most 32 KiB of text). A size a pod's memory
-/// limit holds beside the responses the edge has in flight (at most 256 KiB
-/// a call, see [`UPSTREAM_STREAM_WINDOW`]).
-pub const DEFAULT_MAX_BUFFERED_REQUEST_BYTES: u64 = 256 * 1024 * 1024;
-
-/// How long a client refused for a full budget is told to wait (RetryInfo):
-/// a unary call is answered within milliseconds, so the budget frees fast.
-const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Most connections the edge opens to one replica: 102,400 calls at the
 /// default 100 a connection.
@@ -344,8 +326,6 @@ struct Forward {
     /// `--upstream-calls-per-connection`.
     calls_per_connection: usize,
     max_request_bytes: usize,
-    /// `--max-buffered-request-bytes`, one permit a byte.
-    budget: Arc<Semaphore>,
     /// `--trusted-proxies`.
     trusted_proxies: natter_kit::TrustedProxies,
     /// The edge's own shutdown: ends the streams it carries.
@@ -404,40 +384,39 @@ impl Forward {
             calls_per_connection,
             // A gRPC frame header (5 bytes) on top of the largest message.
             max_request_bytes: args.server.max_request_bytes + 5,
-            budget: Arc::new(Semaphore::new(
-                usize::try_from(args.max_buffered_request_bytes).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS),
-            )),
             trusted_proxies: args.trusted_proxies.clone(),
             shutdown,
         })
     }
 
-    /// Reads a request body whole, each frame's bytes taken from the budget
-    /// as it comes; returns the bytes and their share of the budget, which
-    /// goes back when the last holder drops it.
+    /// Reads a request body whole. Its bytes are on the server's budget
+    /// (`--max-buffered-request-bytes`, [`natter_kit::budget`]) as they
+    /// come, kept there by `held` (the request's, from its extensions) until
+    /// the last holder drops it: the edge holds them until the replica has
+    /// answered.
     ///
     /// Errors: RESOURCE_EXHAUSTED when the body is over
     /// `--max-request-bytes`, or when the budget has no room for its next
     /// frame ("server busy", with a RetryInfo; counted in
     /// `natter_request_budget_refusals_total`); what was taken is given back
-    /// at once.
-    async fn buffer(&self, body: Body) -> Result<(Bytes, Arc<OwnedSemaphorePermit>), tonic::Status> {
+    /// as `held` goes.
+    async fn buffer(&self, body: Body, held: Option<&HeldBytes>) -> Result<Bytes, tonic::Status> {
+        if let Some(held) = held {
+            held.keep();
+        }
         let mut body = std::pin::pin!(Limited::new(body, self.max_request_bytes));
         let mut bytes = bytes::BytesMut::new();
-        let mut held = self.budget.clone().try_acquire_many_owned(0).map_err(|_| server_busy())?;
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|_| tonic::Status::resource_exhausted("request too large"))?;
+            // The budget's refusal as it is; anything else of the body, its
+            // length above all (the client may be gone too).
+            let frame = frame.map_err(|e| {
+                tonic::Status::try_from_error(e)
+                    .unwrap_or_else(|_| tonic::Status::resource_exhausted("request too large"))
+            })?;
             let Ok(data) = frame.into_data() else { continue };
-            let more = u32::try_from(data.len()).ok().and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok());
-            let Some(more) = more else {
-                natter_kit::metrics::request_budget_refused();
-                tracing::debug!(bytes = bytes.len() + data.len(), "request budget full; refusing a call");
-                return Err(server_busy());
-            };
-            held.merge(more);
             bytes.extend_from_slice(&data);
         }
-        Ok((bytes.freeze(), Arc::new(held)))
+        Ok(bytes.freeze())
     }
 
     async fn call(self, request: Request<Body>) -> Result<Response<Body>, Infallible> {
@@ -451,7 +430,9 @@ impl Forward {
             .get::<tonic::transport::server::TcpConnectInfo>()
             .and_then(tonic::transport::server::TcpConnectInfo::remote_addr);
         let (mut parts, body) = request.into_parts();
-        let (body, held) = match self.buffer(body).await {
+        // Always there behind natter's public layer stack.
+        let held = parts.extensions.remove::<HeldBytes>();
+        let body = match self.buffer(body, held.as_ref()).await {
             Ok(buffered) => buffered,
             Err(status) => return Ok(status.into_http::<Body>()),
         };
@@ -519,23 +500,16 @@ impl Forward {
     }
 }
 
-/// RESOURCE_EXHAUSTED for a call refused because the edge holds
-/// `--max-buffered-request-bytes` of requests: "server busy", with a
-/// RetryInfo of [`BUSY_RETRY_AFTER`].
-fn server_busy() -> tonic::Status {
-    natter_kit::limits::server_busy("too many request bytes in flight", BUSY_RETRY_AFTER)
-}
-
 /// A buffered request body on its way to a replica (each attempt gets one):
 /// the bytes, as one data frame, and the request's share of
 /// `--max-buffered-request-bytes`, held while hyper holds the body.
 struct Buffered {
     data: Option<Bytes>,
-    _held: Arc<OwnedSemaphorePermit>,
+    _held: Option<HeldBytes>,
 }
 
 impl Buffered {
-    fn new(data: Bytes, held: Arc<OwnedSemaphorePermit>) -> Self {
+    fn new(data: Bytes, held: Option<HeldBytes>) -> Self {
         Self { data: Some(data).filter(|d| !d.is_empty()), _held: held }
     }
 }

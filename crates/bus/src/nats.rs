@@ -133,6 +133,11 @@ const BARRIER_PREFIX: &str = "natter.caches.barrier";
 /// subscriptions after a reconnect.
 const BARRIER_WAIT: Duration = Duration::from_secs(2);
 
+/// Least time between two barriers of the caches' return to live
+/// (`keep_caches_live`) when one failed: a barrier refused at once (no
+/// permission) is not sent again in a loop.
+const BARRIER_RETRY: Duration = Duration::from_secs(1);
+
 /// Longest wait for a cache hit's sync; past it the look-up asks the owning
 /// service instead.
 const SYNC_WAIT: Duration = Duration::from_millis(250);
@@ -423,20 +428,54 @@ async fn barrier(client: &async_nats::Client, wait: Duration) -> bool {
 /// Makes the caches live again after each (re)connection or slow-consumer
 /// notice in `events`, once the server has confirmed the subscriptions the
 /// client re-sent (so no invalidation published from then on is missed).
+///
+/// Until then they stay off, however long it takes: a barrier not answered
+/// within [`BARRIER_WAIT`] (a slow server or network just after a
+/// reconnect, the SUBs still on their way) is sent again, at most once per
+/// [`BARRIER_RETRY`], while the client stays connected; a barrier answered
+/// on a later connection than it was sent on proves nothing, and that
+/// connection's own notice starts over. Caches that went live on an
+/// unconfirmed subscription would miss the invalidations the server routed
+/// before it took the SUB, and answer them until `--cache-ttl`. Ends with
+/// `closed` (the bus's `close()`, after which look-ups ask the owning
+/// services) or when the client's events end.
 async fn keep_caches_live(
     client: async_nats::Client,
     invalidator: Arc<Invalidator>,
     mut events: mpsc::UnboundedReceiver<()>,
+    closed: CancellationToken,
 ) {
-    while events.recv().await.is_some() {
-        // Several notices at once need one barrier.
-        while events.try_recv().is_ok() {}
-        let confirmed = barrier(&client, BARRIER_WAIT).await;
-        if client.connection_state() == async_nats::connection::State::Connected {
-            if !confirmed {
-                tracing::warn!("nats: caches live again without the server's confirmation");
+    let connects = || client.statistics().connects.load(Ordering::SeqCst);
+    let connected = || client.connection_state() == async_nats::connection::State::Connected;
+    'notices: loop {
+        tokio::select! {
+            () = closed.cancelled() => return,
+            notice = events.recv() => if notice.is_none() { return },
+        }
+        loop {
+            // Several notices at once need one barrier.
+            while events.try_recv().is_ok() {}
+            let (sent, connection) = (Instant::now(), connects());
+            let confirmed = tokio::select! {
+                () = closed.cancelled() => return,
+                confirmed = barrier(&client, BARRIER_WAIT) => confirmed,
+            };
+            if !connected() {
+                // Off until the reconnect's notice.
+                continue 'notices;
             }
-            invalidator.set_live(true);
+            if confirmed && connects() == connection {
+                invalidator.set_live(true);
+                continue 'notices;
+            }
+            tracing::warn!("nats: caches stay off until the server confirms the subscriptions; asking again");
+            tokio::select! {
+                () = closed.cancelled() => return,
+                () = tokio::time::sleep_until(sent + BARRIER_RETRY) => {}
+                // A new connection or notice: the loop's next barrier
+                // covers it.
+                notice = events.recv() => if notice.is_none() { return },
+            }
         }
     }
 }
@@ -607,10 +646,10 @@ impl NatsBus {
             Err(e) => return Err(ConnectError::Subscribe { server, reason: format!("{INVALIDATE_SUBJECT}: {e}") }),
         };
         counts.subscribed(subscribers.len() as u64 + 1);
+        let closed = CancellationToken::new();
         // The first connection's notice is queued already: the caches go
         // live once the server confirms the subscriptions.
-        tokio::spawn(keep_caches_live(client.clone(), hub.invalidator().clone(), caches_notices));
-        let closed = CancellationToken::new();
+        tokio::spawn(keep_caches_live(client.clone(), hub.invalidator().clone(), caches_notices, closed.clone()));
         let (drains, drain_requests) = mpsc::channel(16);
         tokio::spawn(apply_invalidations(invalidations, hub.invalidator().clone(), drain_requests, closed.clone()));
         hub.invalidator().set_sync(Syncer::start(client.clone(), drains, closed.clone()));

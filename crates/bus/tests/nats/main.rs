@@ -706,6 +706,57 @@ async fn an_invalidation_a_publisher_lost_with_its_connection_reaches_the_others
     stop.cancel();
 }
 
+/// A replica reconnects to NATS over a network that got slow: its
+/// handshake is through, but the subscriptions the client re-sends (and
+/// the barriers after them) reach the server only after the caches'
+/// barrier gave up its 2 s wait. Meanwhile another replica removes a member
+/// (it invalidates the chat's memberships, confirmed by its own server
+/// round trip): the server routes that before it has the slow replica's
+/// subscription, so that replica never receives it. Its caches must stay
+/// off until a barrier confirms the subscriptions, so they cannot answer
+/// an entry cached before the invalidation; where they went live at the
+/// end of the 2 s wait, the entry cached then was answered after the
+/// invalidation (the removed member let in) until --cache-ttl, an hour
+/// here.
+#[tokio::test]
+async fn a_replica_whose_subscriptions_are_slow_to_return_keeps_its_caches_off_until_they_are_confirmed() {
+    use natter_kit::cache::{Lookup, Tag, TaggedCache};
+    let Some(server) = NatsServer::start().await else { return };
+    let relay = Relay::to(&server.url).await;
+    let stop = CancellationToken::new();
+    let a = natter_bus(&server, Routing::Interest, &stop).await;
+    let b = natter_bus_through(&relay, &server, &stop).await;
+    assert!(until(DELIVERY, || b.invalidator().live()).await, "b's caches go live once connected");
+    let cache = TaggedCache::<u8, u8>::new("slow", Duration::from_secs(3600), 10, b.invalidator().clone());
+    let chat = Uuid::now_v7();
+
+    relay.hold_new();
+    relay.cut();
+    // Reconnecting may take a few of the client's back-off steps. Then the
+    // caches' barrier and the router's round trip go out, and are held.
+    const BARRIER: &str = "natter.caches.barrier";
+    let reconnect = Duration::from_secs(20);
+    assert!(relay.swallowed_times(BARRIER, 2, reconnect).await, "b reconnected and its barriers are held");
+    // Until the caches' barrier has given up its 2 s wait: the caches went
+    // live without it, or asked again.
+    let asked_again = || relay.swallowed_count(BARRIER) >= 3;
+    assert!(until(DELIVERY, || b.invalidator().live() || asked_again()).await, "the caches' barrier ended its wait");
+    // A look-up now: cached if the caches answer.
+    if let Lookup::Miss(ticket) = cache.get(&1).await {
+        cache.put(ticket, 1, 1, vec![Tag::Chat(chat)]);
+    }
+    a.invalidate(vec![Tag::Chat(chat)]).await;
+
+    relay.release();
+    assert!(until(reconnect, || b.invalidator().live()).await, "b's caches go live once its subscriptions are back");
+    let got = cache.get(&1).await;
+    assert!(
+        !matches!(got, Lookup::Hit(_)),
+        "b answered from an entry cached before an invalidation it never received: {got:?}"
+    );
+    stop.cancel();
+}
+
 /// A replica stops just as its own connection to NATS goes dark (what it
 /// writes is lost on the way) and then drops: the chat's change it
 /// published in its last second was lost, and its close() sees no

@@ -1,7 +1,10 @@
 //! A TCP relay between one bus and the NATS server, whose connections the
 //! test freezes (what the client writes from then on is swallowed, as by a
 //! network that went dark while the socket still looks open) and then cuts
-//! (both ends closed). New connections after a cut are relayed as usual.
+//! (both ends closed). New connections after a cut are relayed as usual,
+//! or, after [`Relay::hold_new`], held: once the client's handshake is
+//! through, what it writes waits in the relay (a network that got slow,
+//! the socket open, the bytes on their way) until [`Relay::release`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,9 +25,13 @@ pub(crate) struct Relay {
     /// `nats://127.0.0.1:<port>`, the relay's.
     pub(crate) url: String,
     links: Arc<Mutex<Vec<Link>>>,
-    /// What the frozen connections' clients wrote, swallowed.
+    /// What the frozen connections' clients wrote, swallowed, and what the
+    /// held ones' wrote while held.
     swallowed: Arc<Mutex<Vec<u8>>>,
     more_swallowed: Arc<Notify>,
+    /// Set by `hold_new`: the connections opened from then on are held
+    /// until it is cancelled (`release`).
+    holding: Arc<Mutex<Option<CancellationToken>>>,
 }
 
 impl Relay {
@@ -36,28 +43,56 @@ impl Relay {
         let links = Arc::new(Mutex::new(Vec::<Link>::new()));
         let swallowed = Arc::new(Mutex::new(Vec::new()));
         let more_swallowed = Arc::new(Notify::new());
-        let (adding, sink, told) = (links.clone(), swallowed.clone(), more_swallowed.clone());
+        let holding = Arc::new(Mutex::new(None::<CancellationToken>));
+        let (adding, sink, told, holds) = (links.clone(), swallowed.clone(), more_swallowed.clone(), holding.clone());
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let Ok(outbound) = TcpStream::connect(&upstream).await else { continue };
                 let (frozen, cut) = (Arc::new(AtomicBool::new(false)), CancellationToken::new());
                 adding.lock().unwrap().push(Link { frozen: frozen.clone(), cut: cut.clone() });
                 let (sink, told) = (sink.clone(), told.clone());
+                let released = holds.lock().unwrap().clone();
                 tokio::spawn(async move {
                     let (mut from_client, mut to_client) = inbound.into_split();
                     let (mut from_server, mut to_server) = outbound.into_split();
                     let upward = async {
                         let mut buf = vec![0; 16 * 1024];
+                        // The client's handshake (CONNECT, then a PING whose
+                        // PONG it awaits before writing anything else) goes
+                        // through even on a held connection.
+                        let mut handshake_done = false;
+                        let mut held = Vec::new();
                         loop {
-                            let n = match from_client.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
+                            let n = tokio::select! {
+                                read = from_client.read(&mut buf) => match read {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => n,
+                                },
+                                () = async { released.as_ref().expect("guarded").cancelled().await },
+                                    if released.is_some() && !held.is_empty() =>
+                                {
+                                    if to_server.write_all(&std::mem::take(&mut held)).await.is_err() {
+                                        return;
+                                    }
+                                    continue;
+                                }
                             };
-                            if frozen.load(Ordering::SeqCst) {
-                                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                            let chunk = &buf[..n];
+                            let holds = released.as_ref().is_some_and(|r| !r.is_cancelled()) && handshake_done;
+                            handshake_done |= chunk.windows(6).any(|w| w == b"PING\r\n");
+                            if frozen.load(Ordering::SeqCst) || holds {
+                                sink.lock().unwrap().extend_from_slice(chunk);
                                 told.notify_waiters();
-                            } else if to_server.write_all(&buf[..n]).await.is_err() {
-                                return;
+                                if holds {
+                                    held.extend_from_slice(chunk);
+                                }
+                            } else {
+                                // What was held goes first (released while
+                                // this was read).
+                                held.extend_from_slice(chunk);
+                                if to_server.write_all(&std::mem::take(&mut held)).await.is_err() {
+                                    return;
+                                }
                             }
                         }
                     };
@@ -71,7 +106,22 @@ impl Relay {
                 });
             }
         });
-        Self { url, links, swallowed, more_swallowed }
+        Self { url, links, swallowed, more_swallowed, holding }
+    }
+
+    /// Holds the connections opened from now on: once a client's handshake
+    /// is through (it is connected), what it writes waits in the relay,
+    /// counted as swallowed, until [`Relay::release`] sends it on in order.
+    pub(crate) fn hold_new(&self) {
+        *self.holding.lock().unwrap() = Some(CancellationToken::new());
+    }
+
+    /// Sends on what the held connections wrote, and relays them as usual
+    /// from then on.
+    pub(crate) fn release(&self) {
+        if let Some(released) = self.holding.lock().unwrap().take() {
+            released.cancel();
+        }
     }
 
     /// Swallows from now on what the clients of the open connections write.

@@ -24,7 +24,11 @@
 //! by the server's no-responders status once it has processed everything
 //! sent before), then hints the new topics' subscribers to re-read the
 //! store. The same round trip comes before the resync after a reconnect
-//! (the client re-sends every SUB first). [`Routing::Broadcast`] subscribes
+//! (the client re-sends every SUB first). A round trip not answered within
+//! `CONFIRM_TIMEOUT` (a slow server or network) hints all the same, and
+//! its topics are hinted again once a later one (sent every second while
+//! connected) is answered: an event published while the SUB was still on
+//! its way was not received. [`Routing::Broadcast`] subscribes
 //! to `natter.events.>` instead: every process receives every event, the
 //! behaviour before interest routing, kept to measure against
 //! (SCALING.md).
@@ -655,7 +659,9 @@ impl NatsBus {
         hub.invalidator().set_sync(Syncer::start(client.clone(), drains, closed.clone()));
         match routing {
             // In effect before serving: no presence beat is missed.
-            Routing::Interest => round_trip(&client).await,
+            Routing::Interest => {
+                round_trip(&client).await;
+            }
             // Sent before serving. (async-nats 0.51's flush only writes it
             // to the socket; an event published while the server is still
             // processing it is missed, like any lost announcement. No round
@@ -682,6 +688,8 @@ impl NatsBus {
                 counts: counts.clone(),
                 subscribed: HashMap::new(),
                 lingering: VecDeque::new(),
+                unconfirmed: HashSet::new(),
+                retry_at: None,
             };
             tokio::spawn(router.run(changes, reconnected, shutdown.clone()));
         }
@@ -833,12 +841,14 @@ fn deliver(hub: &Hub, counts: &Counts, message: async_nats::Message) {
 }
 
 /// Returns once the server has processed everything `client` sent before
-/// (its SUBs), or after [`CONFIRM_TIMEOUT`]: a [`barrier`]. (async-nats
-/// 0.51's `flush` only writes to the socket.)
-async fn round_trip(client: &async_nats::Client) {
-    if !barrier(client, CONFIRM_TIMEOUT).await {
-        tracing::debug!("nats: round trip unconfirmed; resync hints go out anyway");
+/// (its SUBs), true, or after [`CONFIRM_TIMEOUT`], false: a [`barrier`].
+/// (async-nats 0.51's `flush` only writes to the socket.)
+async fn round_trip(client: &async_nats::Client) -> bool {
+    let confirmed = barrier(client, CONFIRM_TIMEOUT).await;
+    if !confirmed {
+        tracing::debug!("nats: round trip unconfirmed; resync hints go out anyway, and again once one is");
     }
+    confirmed
 }
 
 /// Whom the connection's events wake: the router (interest routing) to
@@ -1195,6 +1205,14 @@ struct Router {
     /// Topics whose last local subscriber went, in order, with when to
     /// unsubscribe them (if nobody subscribed again by then).
     lingering: VecDeque<(Instant, Topic)>,
+    /// Topics hinted after a round trip that went unanswered (their SUB
+    /// may not have been in effect yet, so an event published after the
+    /// subscribers re-read the store may have been missed): hinted again
+    /// once a later round trip is answered.
+    unconfirmed: HashSet<Topic>,
+    /// When to send that later round trip (none: nothing unconfirmed, or
+    /// the client is away and its reconnect's round trip will do).
+    retry_at: Option<Instant>,
 }
 
 impl Router {
@@ -1214,9 +1232,8 @@ impl Router {
                 // re-sent SUBs after the round trip. (A topic still queued
                 // gets its hint once its own SUB is confirmed.)
                 () = reconnected.notified() => {
-                    round_trip(&self.client).await;
                     let topics: Vec<Topic> = self.subscribed.keys().copied().collect();
-                    self.hub.resync_topics(&topics);
+                    self.hint_after_round_trip(topics).await;
                 }
                 n = changes.recv_many(&mut batch, ROUTER_BATCH) => {
                     if n == 0 {
@@ -1225,6 +1242,13 @@ impl Router {
                     self.apply(&mut batch).await;
                 }
                 () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => self.expire(),
+                () = tokio::time::sleep_until(self.retry_at.unwrap_or_else(Instant::now)), if self.retry_at.is_some() => {
+                    self.retry_at = None;
+                    // Away: the reconnect's round trip hints every topic.
+                    if self.client.connection_state() == async_nats::connection::State::Connected {
+                        self.hint_after_round_trip(Vec::new()).await;
+                    }
+                }
             }
         }
         for task in self.subscribed.values() {
@@ -1280,11 +1304,37 @@ impl Router {
             }
         }
         self.counts.subscribed(made);
-        round_trip(&self.client).await;
-        self.hub.resync_topics(&fresh);
+        self.hint_after_round_trip(fresh).await;
         for done in settles {
             let _ = done.send(());
         }
+    }
+
+    /// Sends a round trip, then hints the subscribers of `topics`, whose
+    /// SUBs went before it. Answered, it also proves every SUB before it in
+    /// effect: the topics hinted after an unanswered one are hinted again.
+    /// Unanswered (a slow server or network, the SUBs perhaps still on
+    /// their way), `topics` are hinted all the same (the server may have
+    /// them and only its answer be late) and kept for a later round trip,
+    /// every [`CONFIRM_EVERY`] while connected: an event published after
+    /// the subscribers re-read the store but before the server took the
+    /// SUB never reached them, and only a hint after the SUB is in effect
+    /// makes them re-read it (else they would hear of it at the topic's
+    /// next event).
+    async fn hint_after_round_trip(&mut self, topics: Vec<Topic>) {
+        let confirmed = round_trip(&self.client).await;
+        if confirmed {
+            self.unconfirmed.retain(|t| !topics.contains(t));
+            let again: Vec<Topic> = self.unconfirmed.drain().collect();
+            self.hub.resync_topics(&again);
+            self.retry_at = None;
+        } else {
+            self.unconfirmed.extend(topics.iter().copied());
+            if !self.unconfirmed.is_empty() {
+                self.retry_at = Some(Instant::now() + CONFIRM_EVERY);
+            }
+        }
+        self.hub.resync_topics(&topics);
     }
 
     /// Unsubscribes from the topics whose linger is over and that still

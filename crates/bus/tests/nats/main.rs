@@ -707,6 +707,45 @@ async fn an_invalidation_a_publisher_lost_with_its_connection_reaches_the_others
 }
 
 /// A replica reconnects to NATS over a network that got slow: its
+/// handshake is through, but the subscriptions the client re-sends reach
+/// the server only after its router's round trip gave up its 2 s wait, so
+/// its streams are hinted to re-read the store before the subscription of
+/// their chat is back. Another replica publishes a change of the chat in
+/// that window: the server has no subscription to route it to. Once the
+/// subscriptions arrive, the streams are hinted again (a later round trip
+/// answered), where they used to hear of the change only at the chat's
+/// next event.
+#[tokio::test]
+async fn a_replica_whose_subscriptions_are_slow_to_return_hints_its_streams_again_once_they_are_back() {
+    let Some(server) = NatsServer::start().await else { return };
+    let relay = Relay::to(&server.url).await;
+    let stop = CancellationToken::new();
+    let a = natter_bus(&server, Routing::Interest, &stop).await;
+    let b = natter_bus_through(&relay, &server, &stop).await;
+    // A third replica, whose receipt says the server has routed a change.
+    let c = natter_bus(&server, Routing::Interest, &stop).await;
+    let chat = Uuid::now_v7();
+    let mut on_b = b.subscribe(Topic::Chat(chat));
+    let mut on_c = c.subscribe(Topic::Chat(chat));
+    assert!(in_effect(&mut on_b).await && in_effect(&mut on_c).await, "b's and c's subscriptions are in place");
+
+    relay.hold_new();
+    relay.cut();
+    // Reconnecting may take a few of the client's back-off steps; the hint
+    // comes once the router's round trip was answered or gave up.
+    assert!(hinted_within(&mut on_b, Duration::from_secs(20)).await, "b's streams hinted after its reconnect");
+    // Re-read done; the change comes after it, while b's SUB is held.
+    a.publish(Topic::Chat(chat), event(chat, 1));
+    assert_eq!(next_seq(&mut on_c).await, Some(1), "the server routed the change");
+    relay.release();
+    match tokio::time::timeout(DELIVERY, on_b.recv()).await {
+        Ok(Some(Ok(e))) => assert!(e.is_hint(), "a hint to re-read the chat: {e:?}"),
+        other => panic!("b's stream heard nothing of the change made before its subscription was back: {other:?}"),
+    }
+    stop.cancel();
+}
+
+/// A replica reconnects to NATS over a network that got slow: its
 /// handshake is through, but the subscriptions the client re-sends (and
 /// the barriers after them) reach the server only after the caches'
 /// barrier gave up its 2 s wait. Meanwhile another replica removes a member

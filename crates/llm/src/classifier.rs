@@ -4,29 +4,43 @@
 //!
 //! Such a model reads at most its maximum input (512 tokens for the usual
 //! BERT-sized ones) and TEI truncates (or refuses) anything longer, so a
-//! text is classified in overlapping windows ([`windows`]: 1 KiB of UTF-8
-//! each, a quarter of it shared with the next, about 256 to 512 tokens
-//! whatever the script), sent as one TEI batch per 32 windows (TEI's
-//! default `--max-client-batch-size`), and its verdict is the worst
-//! window's. At most [`MAX_WINDOWS`] windows are sent for one text, so a
-//! long text costs at most two calls; a text longer than they cover is
-//! classified on its first [`MAX_WINDOWS`] windows and says so
-//! ([`Verdict::complete`]): the caller decides what an unseen rest means.
+//! text is classified in overlapping windows ([`windows`]: 508 bytes of
+//! UTF-8 each, 128 of them shared with the next), sent as one TEI batch per
+//! 32 windows (TEI's default `--max-client-batch-size`), and its verdict is
+//! the worst window's. A window fits the model whole whatever its text:
+//! no tokenizer makes more tokens of a text than it has bytes (but for
+//! SentencePiece's one leading `▁`), and 508 + 1 + the model's two
+//! ([CLS], [SEP]) is under 512. (Windows of 1 KiB fitted ordinary prose,
+//! but a text that costs a token a byte, such as `x.x.x.` or punctuation,
+//! had its window's second half cut off by TEI, and an injection put there
+//! behind 600 such bytes was read by no window.) At most [`MAX_WINDOWS`]
+//! windows are sent for one text, so a long text costs at most three
+//! calls; a text longer than they cover is classified on its first
+//! [`MAX_WINDOWS`] windows and says so ([`Verdict::complete`]): the caller
+//! decides what an unseen rest means.
 
 use std::time::Duration;
 
 use crate::LlmError;
 
-/// Bytes of UTF-8 in one window (cut back to a character boundary).
-pub const WINDOW_BYTES: usize = 1024;
+/// The maximum input of the models natter expects, in tokens, their
+/// special ones included: 512, as BERT and DeBERTa (v3, and the
+/// prompt-injection classifiers built on them) read.
+pub const MODEL_TOKENS: usize = 512;
+
+/// Bytes of UTF-8 in one window (cut back to a character boundary): at
+/// most as many tokens, one more for SentencePiece's leading `▁`, and the
+/// model's [CLS] and [SEP] come within [`MODEL_TOKENS`], so TEI never
+/// truncates a window (module docs).
+pub const WINDOW_BYTES: usize = MODEL_TOKENS - 4;
 
 /// Bytes a window shares with the next: a phrase up to this long is seen
 /// whole in some window wherever the cuts fall.
-pub const OVERLAP_BYTES: usize = 256;
+pub const OVERLAP_BYTES: usize = 128;
 
-/// Most windows classified of one text: two batches, about 48 KiB of text
+/// Most windows classified of one text: three batches, about 36 KB of text
 /// (beyond the default 32 KiB limit of a message).
-pub const MAX_WINDOWS: usize = 64;
+pub const MAX_WINDOWS: usize = 3 * BATCH;
 
 /// Windows per request: TEI's default `--max-client-batch-size`.
 pub const BATCH: usize = 32;
@@ -210,6 +224,9 @@ mod tests {
         assert_eq!(parts.last().map(|w| wide.ends_with(w)), Some(true));
         // A MiB costs at most MAX_WINDOWS windows, and says it was not
         // read to its end.
+        // The longest message by default (32 KiB) is read to its end.
+        let longest = "a".repeat(32 * 1024);
+        assert!(windows(&longest).1, "a 32 KiB message fits in MAX_WINDOWS windows");
         let mib = "a".repeat(1 << 20);
         let (parts, complete) = windows(&mib);
         assert_eq!((parts.len(), complete), (MAX_WINDOWS, false));

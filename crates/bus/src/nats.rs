@@ -1264,6 +1264,9 @@ impl Router {
         let mut settles = Vec::new();
         for change in batch.drain(..) {
             let (topic, wanted) = match change {
+                // Subscribed from the start (`always_subjects`): a second
+                // subscription would deliver each of its events twice.
+                Interest::Topic(Topic::Presence, _) => continue,
                 Interest::Topic(topic, wanted) => (topic, wanted),
                 Interest::Settle(done) => {
                     settles.push(done);

@@ -868,3 +868,31 @@ async fn an_event_dropped_for_a_full_publish_queue_is_hinted() {
     }
     stop.cancel();
 }
+
+/// Replica b's presence (the messages service) follows the presence
+/// topic, which every replica subscribes to from its start: b holds one
+/// NATS subscription for it (interest routing subscribed it a second time
+/// for its first local subscriber), and each presence event of another
+/// replica (every replica's heartbeat, a rename) reaches b's subscribers
+/// once, not once per subscription: doubled, every beat cost the server
+/// and each replica twice its traffic and filled the presence topic's
+/// channel twice as fast (its lag tells streams news was lost).
+#[tokio::test]
+async fn presence_events_arrive_once_over_one_subscription() {
+    let Some(server) = NatsServer::start().await else { return };
+    let stop = CancellationToken::new();
+    let a = natter_bus(&server, Routing::Interest, &stop).await;
+    let b = natter_bus(&server, Routing::Interest, &stop).await;
+    let before = b.subscriptions();
+    let mut on_b = b.subscribe(Topic::Presence);
+    b.settled().await;
+    assert_eq!(b.subscriptions(), before, "the presence subject was subscribed already, from b's start");
+    let user = Uuid::now_v7();
+    a.publish(Topic::Presence, Arc::new(Event::user_updated(user.into(), "u".into(), "Renamed".into(), 2)));
+    let first = tokio::time::timeout(DELIVERY, on_b.recv()).await;
+    assert!(matches!(first, Ok(Some(Ok(_)))), "b's presence received the rename: {first:?}");
+    // A second copy would come right behind the first.
+    let second = tokio::time::timeout(Duration::from_millis(200), on_b.recv()).await;
+    assert!(second.is_err(), "b's presence received the rename twice: {second:?}");
+    stop.cancel();
+}

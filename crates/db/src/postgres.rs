@@ -262,12 +262,18 @@ impl InstanceLock {
     /// lock is returned); else checks that no process without NATS holds
     /// any of them (`None`).
     ///
+    /// A database the URL names that the server does not have is created
+    /// (as [`connect`] does; the claim comes first at start-up).
+    ///
     /// Errors: [`DbError::InUse`] naming the first schema another process
-    /// holds incompatibly (then none is held), the URL does not parse, or
-    /// the server refused.
+    /// holds incompatibly (then none is held), the URL does not parse, the
+    /// server refused, or the database is missing and cannot be created
+    /// ([`DbError::MissingDatabase`]).
     pub async fn claim(url: &str, schemas: &[String], alone: bool) -> Result<Option<Self>, DbError> {
         let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.disable_statement_logging();
-        let mut conn = PgConnection::connect_with(&options).await?;
+        // Claimed before the stores open, which create a database the
+        // server does not have yet (a fresh server): so does this.
+        let mut conn = connect_creating(&options).await?;
         conn.execute(
             "SET statement_timeout = 0; SET lock_timeout = 0; SET tcp_keepalives_idle = 30; \
              SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3",
@@ -340,13 +346,7 @@ pub(crate) async fn create_schema(options: &PgConnectOptions, schema: &str) -> R
     if !valid_schema(schema) {
         return Err(DbError::InvalidSchema(schema.to_owned()));
     }
-    let mut conn = match sqlx::PgConnection::connect_with(options).await {
-        Err(e) if is_missing_database(&e) => {
-            create_database(options).await?;
-            sqlx::PgConnection::connect_with(options).await?
-        }
-        connected => connected?,
-    };
+    let mut conn = connect_creating(options).await?;
     let create = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
     if let Err(e) = conn.execute(AssertSqlSafe(create)).await
         && !crate::is_unique_violation(&e)
@@ -355,6 +355,21 @@ pub(crate) async fn create_schema(options: &PgConnectOptions, schema: &str) -> R
     }
     conn.close().await?;
     Ok(())
+}
+
+/// A connection to the database `options` name, created first if the
+/// server does not have it ([`create_database`]).
+///
+/// Errors: the server refused, or the database is missing and cannot be
+/// created ([`DbError::MissingDatabase`]).
+async fn connect_creating(options: &PgConnectOptions) -> Result<PgConnection, DbError> {
+    match PgConnection::connect_with(options).await {
+        Err(e) if is_missing_database(&e) => {
+            create_database(options).await?;
+            Ok(PgConnection::connect_with(options).await?)
+        }
+        connected => Ok(connected?),
+    }
 }
 
 /// Whether `e` says the database the URL names does not exist (SQLSTATE
@@ -487,6 +502,34 @@ mod tests {
         .await;
         assert!(recovered.is_ok(), "the pools' one place is still held by the connection to the silent server");
         drop_schema(&url, &schema).await.unwrap();
+    }
+
+    /// A process's claim on its stores, the first thing it does on a
+    /// fresh server whose database the URL names but the server does not
+    /// have yet (the README's split-mode block): the claim creates it, with
+    /// NATS or without, where it failed "database ... does not exist" and
+    /// the process did not start.
+    #[tokio::test]
+    async fn an_instance_claim_on_a_missing_database_creates_it() {
+        let Some(url) = crate::testing::postgres_url() else { return };
+        let schemas = [crate::testing::unique_schema("chats")];
+        let mut dropped = Vec::new();
+        for alone in [true, false] {
+            let name = crate::testing::unique_schema("db");
+            let options: PgConnectOptions = url.parse::<PgConnectOptions>().unwrap().database(&name);
+            let url = options.to_url_lossy().to_string();
+            match InstanceLock::claim(&url, &schemas, alone).await {
+                Ok(Some(lock)) if alone => lock.release().await,
+                Ok(None) if !alone => {}
+                other => panic!("alone {alone}: the claim on a missing database: {other:?}"),
+            }
+            dropped.push(options);
+        }
+        for options in dropped {
+            let name = options.get_database().unwrap().to_owned();
+            let mut admin = sqlx::PgConnection::connect_with(&options.database("postgres")).await.unwrap();
+            admin.execute(AssertSqlSafe(format!("DROP DATABASE \"{name}\" WITH (FORCE)"))).await.unwrap();
+        }
     }
 
     /// A URL naming a database the server does not have yet: natter creates

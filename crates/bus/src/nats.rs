@@ -1367,6 +1367,14 @@ impl EventBus for NatsBus {
         self.hub.fan_out(topic, event.clone());
         match self.outbox.try_send(Outgoing::Event(topic, event)) {
             Ok(()) => {}
+            // A presence beat lost is made up for by the next heartbeat, as
+            // in the publisher's own hints (module docs): a hint would tell
+            // every public stream of every other replica that news was lost.
+            Err(mpsc::error::TrySendError::Full(Outgoing::Event(_, event)))
+                if topic == Topic::Presence && event.beat.is_some() =>
+            {
+                tracing::warn!("nats: publish queue full; presence beat dropped (the next heartbeat makes up for it)");
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!("nats: publish queue full; event dropped (its topic is hinted instead)");
                 self.dropped.add(topic);
@@ -1542,6 +1550,40 @@ mod tests {
             assert!(matches!(cache.get(&2).await, Lookup::Hit(2)), "{routing:?}: another chat's entry stays");
             stop.cancel();
         }
+    }
+
+    /// Events dropped for a full publish queue: a presence beat is not
+    /// hinted (the next heartbeat makes up for it, where the hint would
+    /// have every other replica's public streams send `ephemeral_lost`,
+    /// again at each of the publisher's turns while the queue stays full);
+    /// news of a user on the presence topic (a rename) and a chat's event
+    /// are (runs when NATTER_TEST_NATS_URL is set).
+    #[tokio::test]
+    async fn a_beat_dropped_for_a_full_queue_is_not_hinted() {
+        let Some((a, _b, stop)) = two_buses(Routing::Interest).await else { return };
+        let hinted = |topic| a.dropped.kept().topics.contains(&topic);
+        // This test's runtime has one thread: the publisher task does not
+        // run until the next await, so the queue stays full.
+        let busy = Uuid::now_v7();
+        for _ in 0..PUBLISH_QUEUE {
+            a.publish(Topic::Chat(busy), Arc::new(Event::hint(busy.into())));
+        }
+        let user = natter_kit::id::UserId(Uuid::now_v7());
+        let beat = crate::Beat {
+            replica: Uuid::now_v7(),
+            kind: crate::BeatKind::Online,
+            time: 1,
+            interval: 10_000_000,
+            parts: 0,
+        };
+        a.publish(Topic::Presence, Arc::new(Event { users: vec![user], beat: Some(beat), ..Event::default() }));
+        assert!(!hinted(Topic::Presence), "a dropped beat is hinted");
+        a.publish(Topic::Presence, Arc::new(Event::user_updated(user, "u".into(), "Renamed".into(), 2)));
+        assert!(hinted(Topic::Presence), "a dropped rename is hinted");
+        let quiet = Uuid::now_v7();
+        a.publish(Topic::Chat(quiet), Arc::new(Event::hint(quiet.into())));
+        assert!(hinted(Topic::Chat(quiet)), "a dropped chat event is hinted");
+        stop.cancel();
     }
 
     /// More unconfirmed invalidations than the publisher keeps are

@@ -456,6 +456,9 @@ async fn keep_caches_live(
             () = closed.cancelled() => return,
             notice = events.recv() => if notice.is_none() { return },
         }
+        // Whether this notice's wait was logged (once; each barrier that
+        // fails logs too).
+        let mut told = false;
         loop {
             // Several notices at once need one barrier.
             while events.try_recv().is_ok() {}
@@ -472,7 +475,9 @@ async fn keep_caches_live(
                 invalidator.set_live(true);
                 continue 'notices;
             }
-            tracing::warn!("nats: caches stay off until the server confirms the subscriptions; asking again");
+            if !std::mem::replace(&mut told, true) {
+                tracing::warn!("nats: caches stay off until the server confirms the subscriptions; asking again");
+            }
             tokio::select! {
                 () = closed.cancelled() => return,
                 () = tokio::time::sleep_until(sent + BARRIER_RETRY) => {}

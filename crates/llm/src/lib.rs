@@ -318,16 +318,23 @@ impl From<LlmError> for Refused {
     }
 }
 
-/// Whether a 400's body refuses the `max_tokens` parameter, as OpenAI
-/// answers it for its reasoning models (o1, o3, o4-mini, gpt-5...):
-/// `error.param` is `max_tokens`, or `error.message` names
-/// `max_completion_tokens` ("Unsupported parameter: 'max_tokens' is not
-/// supported with this model. Use 'max_completion_tokens' instead.").
+/// Whether a 400's body refuses the `max_tokens` parameter itself, as
+/// OpenAI answers it for its reasoning models (o1, o3, o4-mini, gpt-5...):
+/// `error.code` is `unsupported_parameter` or `error.message` says the
+/// parameter is unsupported ("Unsupported parameter: 'max_tokens' is not
+/// supported with this model. Use 'max_completion_tokens' instead."), and
+/// `error.param` or the message names `max_tokens`. A limit too large for
+/// the model (OpenAI's "max_tokens is too large", vLLM's "'max_tokens' or
+/// 'max_completion_tokens' is too large") names it too, but is no
+/// refusal of the parameter: the request stays as it is.
 fn refuses_max_tokens(body: &[u8]) -> bool {
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else { return false };
     let error = &value["error"];
-    error["param"].as_str() == Some("max_tokens")
-        || error["message"].as_str().is_some_and(|m| m.contains("max_completion_tokens"))
+    let message = error["message"].as_str().unwrap_or_default();
+    let unsupported = error["code"].as_str() == Some("unsupported_parameter")
+        || message.contains("Unsupported parameter")
+        || message.contains("not supported");
+    unsupported && (error["param"].as_str() == Some("max_tokens") || message.contains("'max_tokens'"))
 }
 
 impl Client {

@@ -165,13 +165,28 @@ async fn a_model_that_refuses_max_tokens_gets_max_completion_tokens_from_then_on
     assert_eq!(limits, [(n.clone(), none.clone()), (none.clone(), n.clone()), (none.clone(), n.clone())]);
 
     // Any other 400 is the answer, and max_tokens stays (llama.cpp's
-    // server, Ollama, vLLM and LM Studio read it).
+    // server, Ollama, vLLM and LM Studio read it): among them a limit too
+    // large for the model, which names both parameters (vLLM) or
+    // max_tokens as the parameter (OpenAI), but refuses neither.
+    let too_large = [
+        serde_json::json!({"error": {"type": "BadRequestError", "param": null, "code": 400,
+            "message": "'max_tokens' or 'max_completion_tokens' is too large: 100000. This model's maximum \
+                        context length is 2048 tokens and your request has 28 input tokens (100000 > 2048 - 28)."}}),
+        serde_json::json!({"error": {"type": "invalid_request_error", "param": "max_tokens", "code": null,
+            "message": "max_tokens is too large: 100000. This model supports at most 16384 completion tokens, \
+                        whereas you provided 100000."}}),
+    ];
     server.push(Script::status(400, "the request exceeds the available context size"));
+    for body in &too_large {
+        server.push(Script { headers: Vec::new(), status: 400, body: body.to_string(), steps: Vec::new() });
+    }
     let other = client(server.url());
-    assert!(matches!(other.stream(&conversation()).await, Err(LlmError::Status { status: 400, .. })));
+    for _ in 0..3 {
+        assert!(matches!(other.stream(&conversation()).await, Err(LlmError::Status { status: 400, .. })));
+    }
     let _ = other.stream(&conversation()).await.unwrap().collect::<Vec<_>>().await;
     let requests = server.requests();
-    assert_eq!(requests.len(), 5);
+    assert_eq!(requests.len(), 7);
     assert!(requests[3..].iter().all(|r| r.body["max_tokens"] == n && r.body["max_completion_tokens"].is_null()));
 }
 

@@ -132,16 +132,25 @@ async fn health(args: &HealthArgs) -> bool {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.addr))?.connect().await?;
         let request = HealthCheckRequest { service: args.service.clone() };
         let status = HealthClient::new(channel).check(request).await?.into_inner().status;
-        anyhow::Ok(status == ServingStatus::Serving as i32)
+        anyhow::Ok(ServingStatus::try_from(status).unwrap_or(ServingStatus::Unknown))
     };
     match tokio::time::timeout(args.timeout, check).await {
-        Ok(Ok(serving)) => serving,
+        Ok(Ok(ServingStatus::Serving)) => true,
+        Ok(Ok(status)) => {
+            eprintln!("natter health: {}: {}", args.addr, status.as_str_name());
+            false
+        }
         Ok(Err(e)) => {
-            eprintln!("natter health: {e}");
+            // The whole chain: tonic's own text is only "transport error",
+            // the cause (connection refused, no such host) is its source
+            // (hyper's "tcp connect error" comes twice: said once).
+            let mut causes: Vec<String> = e.chain().map(ToString::to_string).collect();
+            causes.dedup();
+            eprintln!("natter health: {}: {}", args.addr, causes.join(": "));
             false
         }
         Err(_) => {
-            eprintln!("natter health: no answer within {:?}", args.timeout);
+            eprintln!("natter health: {}: no answer within {:?}", args.addr, args.timeout);
             false
         }
     }

@@ -351,3 +351,17 @@ async fn a_second_instance_on_the_data_directory_of_a_running_one_refuses_to_sta
     let again = Node::start("serve", free_port(), vec!["--data-dir".into(), data_dir.into()]);
     super::user(&again.channel().await, "served-again").await;
 }
+
+/// `natter health` (the container health check of deploy/) says why a
+/// check failed, not only that it did: the address it asked and the cause
+/// (tonic's own text for a refused connection is just "transport error").
+#[test]
+fn health_names_the_address_and_the_cause_of_a_failed_check() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_natter")).args(["health", "--addr", &addr]).output().expect("run natter");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("natter health: {addr}: ")), "{stderr}");
+    assert!(stderr.contains("Connection refused"), "the cause is named: {stderr}");
+}

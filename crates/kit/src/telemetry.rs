@@ -31,6 +31,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
@@ -164,6 +165,7 @@ pub struct Builder {
     service_name: &'static str,
     log_format: LogFormat,
     logs: bool,
+    logs_to_stderr: bool,
     otlp_endpoint: Option<String>,
     batch_delay: Option<Duration>,
     metrics_listen: Option<SocketAddr>,
@@ -178,6 +180,7 @@ impl Builder {
             service_name,
             log_format: LogFormat::Text,
             logs: true,
+            logs_to_stderr: false,
             otlp_endpoint: None,
             batch_delay: None,
             metrics_listen: None,
@@ -208,6 +211,14 @@ impl Builder {
     /// Whether to write log lines at all (tests turn them off).
     pub fn logs(mut self, on: bool) -> Self {
         self.logs = on;
+        self
+    }
+
+    /// Whether log lines go to standard error rather than standard output
+    /// (the default, for servers): for a command whose standard output is
+    /// its report (`natter migrate`), so that the two do not interleave.
+    pub fn logs_to_stderr(mut self, on: bool) -> Self {
+        self.logs_to_stderr = on;
         self
     }
 
@@ -253,9 +264,18 @@ impl Builder {
         // format every span's fields on every call, which cost a tenth of the
         // server's CPU on the send path, for lines that are rarely written.
         let events_only = tracing_subscriber::filter::filter_fn(|meta| meta.is_event());
+        let to_stderr = self.logs_to_stderr;
+        let writer = move || {
+            if to_stderr { BoxMakeWriter::new(std::io::stderr) } else { BoxMakeWriter::new(std::io::stdout) }
+        };
         let logs = self.logs.then(|| match self.log_format {
-            LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).with_filter(events_only).boxed(),
+            LogFormat::Text => tracing_subscriber::fmt::layer()
+                .with_writer(writer())
+                .with_target(false)
+                .with_filter(events_only)
+                .boxed(),
             LogFormat::Json => tracing_subscriber::fmt::layer()
+                .with_writer(writer())
                 .with_target(false)
                 .json()
                 .flatten_event(true)

@@ -113,8 +113,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Health(args) => std::process::exit(if health(&args).await { 0 } else { 1 }),
         Command::Migrate(args) => {
-            let _telemetry =
-                natter_kit::telemetry::Builder::new("natter-migrate").log_format(args.log_format).install()?;
+            let _telemetry = natter_kit::telemetry::Builder::new("natter-migrate")
+                .log_format(args.log_format)
+                .logs_to_stderr(true)
+                .install()?;
             natter::migrate(&args, &mut std::io::stdout()).await
         }
     }

@@ -365,3 +365,30 @@ fn health_names_the_address_and_the_cause_of_a_failed_check() {
     assert!(stderr.contains(&format!("natter health: {addr}: ")), "{stderr}");
     assert!(stderr.contains("Connection refused"), "the cause is named: {stderr}");
 }
+
+/// What `natter migrate` prints on standard output is its report alone, as
+/// README's "Migrations" shows it, at the default verbosity too: its log
+/// lines (the backfills' counts, PostgreSQL's notices) go to standard
+/// error, so that a script or a reader of the report does not get them
+/// interleaved.
+#[test]
+fn migrate_reports_on_stdout_and_logs_on_stderr() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().join("data");
+    let output = Command::new(env!("CARGO_BIN_EXE_natter"))
+        .args(["migrate", "--data-dir"])
+        .arg(&data_dir)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run natter migrate");
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{stderr}");
+    let headings = ["sessions: ", "chats: ", "messages: "];
+    for line in stdout.lines() {
+        assert!(
+            line.starts_with("  ") || headings.iter().any(|h| line.starts_with(h)),
+            "not a line of the report: {line:?}\n{stdout}"
+        );
+    }
+    assert!(stderr.contains("INFO"), "the log lines are on stderr: {stderr}");
+}

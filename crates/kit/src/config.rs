@@ -269,6 +269,25 @@ pub fn check_secret(what: &str, secret: &str) -> anyhow::Result<()> {
     check_secret_in(what, secret, std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
 }
 
+/// Binds the listener that `flag` sets (`--listen`, `--internal-listen`)
+/// to `addr`.
+///
+/// Errors: the address cannot be bound. The error names the address and
+/// the flag (the operating system's own, "Address already in use (os error
+/// 98)", names neither, and the all-in-one, the edge and the split
+/// services all default to 127.0.0.1:7070), and for an address in use says
+/// what to do.
+pub async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!(": another process (another natter?) listens there; stop it, or give {flag} another address")
+        } else {
+            String::new()
+        };
+        anyhow::anyhow!("cannot listen on {addr} ({flag}): {e}{hint}")
+    })
+}
+
 /// Checks the database flags against the server's: `--database-url` (when
 /// set) as [`check_secret`] does (its password is a secret, and
 /// deploy/k8s/secret.yaml ships a placeholder), and, on PostgreSQL, that a

@@ -6,8 +6,8 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let config = natter_messages::Config::parse();
     let _telemetry = natter_kit::telemetry::init("natter-messages", &config.server)?;
-    let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
+    let listener = natter_kit::config::bind(config.server.listen, "--listen").await?;
     tracing::info!(addr = %listener.local_addr()?, "natter-messages listening");
-    let internal = tokio::net::TcpListener::bind(config.internal.internal_listen).await?;
+    let internal = natter_kit::config::bind(config.internal.internal_listen, "--internal-listen").await?;
     natter_messages::run(config, listener, internal, natter_kit::serve::shutdown_token()).await
 }

@@ -79,7 +79,7 @@ impl App {
     ///
     /// Errors: a store cannot be opened or the address cannot be bound.
     pub async fn build(args: &ServeArgs, shutdown: CancellationToken) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(args.server.listen).await?;
+        let listener = natter_kit::config::bind(args.server.listen, "--listen").await?;
         Self::build_on(args, listener, shutdown).await
     }
 

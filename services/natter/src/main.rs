@@ -85,25 +85,25 @@ async fn main() -> anyhow::Result<()> {
         Command::Sessions(config) => {
             let _telemetry = natter_kit::telemetry::init("natter-sessions", &config.server)?;
             let listener = listen(config.server.listen, "natter sessions").await?;
-            let internal = tokio::net::TcpListener::bind(config.internal.internal_listen).await?;
+            let internal = natter_kit::config::bind(config.internal.internal_listen, "--internal-listen").await?;
             natter_sessions::run(config, listener, internal, natter_kit::serve::shutdown_token()).await
         }
         Command::Chats(config) => {
             let _telemetry = natter_kit::telemetry::init("natter-chats", &config.server)?;
             let listener = listen(config.server.listen, "natter chats").await?;
-            let internal = tokio::net::TcpListener::bind(config.internal.internal_listen).await?;
+            let internal = natter_kit::config::bind(config.internal.internal_listen, "--internal-listen").await?;
             natter_chats::run(config, listener, internal, natter_kit::serve::shutdown_token()).await
         }
         Command::Messages(config) => {
             let _telemetry = natter_kit::telemetry::init("natter-messages", &config.server)?;
             let listener = listen(config.server.listen, "natter messages").await?;
-            let internal = tokio::net::TcpListener::bind(config.internal.internal_listen).await?;
+            let internal = natter_kit::config::bind(config.internal.internal_listen, "--internal-listen").await?;
             natter_messages::run(*config, listener, internal, natter_kit::serve::shutdown_token()).await
         }
         Command::Assistant(config) => {
             let _telemetry = natter_kit::telemetry::init("natter-assistant", &config.server)?;
             let listener = listen(config.server.listen, "natter assistant").await?;
-            let internal = tokio::net::TcpListener::bind(config.internal.internal_listen).await?;
+            let internal = natter_kit::config::bind(config.internal.internal_listen, "--internal-listen").await?;
             natter_assistant::run(config, listener, internal, natter_kit::serve::shutdown_token()).await
         }
         Command::Edge(args) => {
@@ -123,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn listen(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = natter_kit::config::bind(addr, "--listen").await?;
     tracing::info!(addr = %listener.local_addr()?, "{name} listening");
     Ok(listener)
 }

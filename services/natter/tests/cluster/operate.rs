@@ -392,3 +392,33 @@ fn migrate_reports_on_stdout_and_logs_on_stderr() {
     }
     assert!(stderr.contains("INFO"), "the log lines are on stderr: {stderr}");
 }
+
+/// A listen address another process holds (README's split-mode edge on
+/// 127.0.0.1:7070 while the quick start's `natter serve` still runs there):
+/// the refusal names the address and the flag and says what to do, for
+/// the public listener and a split service's internal one alike, instead
+/// of the operating system's bare "Address already in use".
+#[test]
+fn a_listen_address_in_use_is_named_with_its_flag() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = held.local_addr().expect("address").to_string();
+    let other = format!("127.0.0.1:{}", free_port());
+    let data_dir = dir.path().to_str().expect("utf-8 path");
+    let cases: [(&[&str], &str); 2] = [
+        (&["serve", "--listen", &addr, "--data-dir", data_dir], "--listen"),
+        (&["sessions", "--listen", &other, "--internal-listen", &addr, "--data-dir", data_dir], "--internal-listen"),
+    ];
+    for (args, flag) in cases {
+        let output = Command::new(env!("CARGO_BIN_EXE_natter"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .expect("run natter");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} started on an address in use: {stderr}");
+        assert!(stderr.contains(&format!("cannot listen on {addr} ({flag}): ")), "{stderr}");
+        assert!(stderr.contains(&format!("stop it, or give {flag} another address")), "{stderr}");
+    }
+}

@@ -54,13 +54,21 @@ impl PageSource {
     ///
     /// # Errors
     /// A `dir` that is not a directory (a typo must not quietly serve
-    /// nothing), naming the flag.
+    /// nothing), or one without an `index.html` (`/` would be 404: a fresh
+    /// clone's `web/dist` holds only the committed `app.js` until `npm
+    /// --prefix web run build` copies the page's other files there), naming
+    /// the flag.
     pub fn from_flags(dir: Option<&std::path::Path>, off: bool) -> anyhow::Result<Self> {
         match (off, dir) {
             (true, _) => Ok(Self::Off),
             (false, None) => Ok(Self::Embedded),
-            (false, Some(dir)) if dir.is_dir() => Ok(Self::Dir(dir.to_owned())),
-            (false, Some(dir)) => anyhow::bail!("--web-dir {}: not a directory", dir.display()),
+            (false, Some(dir)) if !dir.is_dir() => anyhow::bail!("--web-dir {}: not a directory", dir.display()),
+            (false, Some(dir)) if !dir.join("index.html").is_file() => anyhow::bail!(
+                "--web-dir {}: no index.html in it, so / would be 404 (to serve web/dist, build the page first: \
+                 npm --prefix web ci && npm --prefix web run build)",
+                dir.display()
+            ),
+            (false, Some(dir)) => Ok(Self::Dir(dir.to_owned())),
         }
     }
 }
@@ -189,5 +197,19 @@ mod tests {
         assert_eq!(PageSource::from_flags(None, true).unwrap(), PageSource::Off);
         let err = PageSource::from_flags(Some(std::path::Path::new("/no/such/dir")), false).unwrap_err();
         assert!(err.to_string().contains("--web-dir /no/such/dir"), "{err}");
+    }
+
+    /// A directory without the page's `index.html` (a fresh clone's
+    /// `web/dist`, before `npm run build`) is refused, saying how to build
+    /// it, rather than served with `/` answering 404; with one it is served.
+    #[test]
+    fn a_web_dir_without_index_html_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("app.js"), "").unwrap();
+        let err = PageSource::from_flags(Some(dir.path()), false).unwrap_err().to_string();
+        assert!(err.contains(&format!("--web-dir {}: no index.html", dir.path().display())), "{err}");
+        assert!(err.contains("npm --prefix web run build"), "{err}");
+        std::fs::write(dir.path().join("index.html"), "<!doctype html>").unwrap();
+        assert_eq!(PageSource::from_flags(Some(dir.path()), false).unwrap(), PageSource::Dir(dir.path().to_owned()));
     }
 }

@@ -59,12 +59,17 @@ impl InternalArgs {
         let path = self.service_credential_file.as_deref().ok_or_else(|| {
             anyhow::anyhow!(
                 "--service-credential-file (NATTER_SERVICE_CREDENTIAL_FILE) is required: the split services \
-                 authenticate each other with it"
+                 authenticate each other with it (one file of at least {MIN_CREDENTIAL_BYTES} bytes for them \
+                 all; {MAKE_CREDENTIAL})"
             )
         })?;
         ServiceCredential::from_file(path)
     }
 }
+
+/// How to make a credential, for the messages that ask for one (README's
+/// split-mode block does so).
+const MAKE_CREDENTIAL: &str = "make one with: head -c 32 /dev/urandom | base64 > service-credential";
 
 /// The shared secret of natter's internal calls (see the module docs).
 #[derive(Clone)]
@@ -87,7 +92,8 @@ impl ServiceCredential {
         let secret = secret.trim();
         anyhow::ensure!(
             secret.len() >= MIN_CREDENTIAL_BYTES,
-            "the service credential must be at least {MIN_CREDENTIAL_BYTES} bytes"
+            "the service credential must be at least {MIN_CREDENTIAL_BYTES} bytes, not {} ({MAKE_CREDENTIAL})",
+            secret.len()
         );
         let mut value = HeaderValue::from_str(secret)
             .map_err(|_| anyhow::anyhow!("the service credential must be printable ASCII (base64 works)"))?;
@@ -104,7 +110,7 @@ impl ServiceCredential {
         let secret = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading the service credential {}: {e}", path.display()))?;
         crate::config::check_secret("the service credential (--service-credential-file)", &secret)?;
-        Self::new(&secret)
+        Self::new(&secret).map_err(|e| anyhow::anyhow!("{} (--service-credential-file): {e}", path.display()))
     }
 
     /// The metadata value internal calls carry.
@@ -286,5 +292,24 @@ mod tests {
         assert!(!credential.matches(Some(&HeaderValue::from_static("0123456789abcdef"))));
         assert!(!credential.matches(None));
         assert_eq!(format!("{credential:?}"), "ServiceCredential(..)", "the secret never reaches a log");
+    }
+
+    /// A credential file too short (a typo, a secret cut off) is refused
+    /// naming the file, the flag, its length and how to make a good one.
+    #[test]
+    fn a_short_credential_file_is_named_with_how_to_make_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("service-credential");
+        std::fs::write(&path, "short\n").unwrap();
+        let err = ServiceCredential::from_file(&path).expect_err("refused").to_string();
+        assert!(err.starts_with(&format!("{} (--service-credential-file): ", path.display())), "{err}");
+        assert!(err.contains("at least 32 bytes, not 5") && err.contains(MAKE_CREDENTIAL), "{err}");
+        let missing = InternalArgs {
+            internal_listen: "127.0.0.1:0".parse().unwrap(),
+            service_credential_file: None,
+            internal_call_timeout: Duration::from_secs(1),
+        };
+        let err = missing.credential().expect_err("required").to_string();
+        assert!(err.contains(MAKE_CREDENTIAL), "{err}");
     }
 }

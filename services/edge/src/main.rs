@@ -6,7 +6,7 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let args = natter_edge::EdgeArgs::parse();
     let _telemetry = natter_kit::telemetry::init("natter-edge", &args.server)?;
-    let listener = tokio::net::TcpListener::bind(args.server.listen).await?;
+    let listener = natter_kit::config::bind(args.server.listen, "--listen").await?;
     tracing::info!(addr = %listener.local_addr()?, "natter-edge listening");
     natter_edge::run(args, listener, natter_kit::serve::shutdown_token()).await
 }

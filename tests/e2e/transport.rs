@@ -1166,3 +1166,139 @@ async fn the_edge_passes_on_a_client_s_tracestate_only_within_w3c_limits() {
     shutdown.cancel();
     edge.await.unwrap();
 }
+
+const REFLECTION_V1ALPHA: &str = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
+
+/// A reflection stream on `send` (at `path`, v1 or v1alpha) that asked for
+/// the service list and got it, its request body left open for more; or
+/// the status it was refused with.
+async fn reflection_stream(
+    send: &h2::client::SendRequest<Bytes>,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> Result<(h2::RecvStream, h2::SendStream<Bytes>), tonic::Status> {
+    let mut send = send.clone().ready().await.unwrap();
+    let (response, mut body) = send.send_request(grpc_request(addr, path), false).unwrap();
+    // A refused stream may be closed before these go out.
+    let _ = ask_for_services(&mut body);
+    let response = tokio::time::timeout(GUARD, response).await.expect("the server answers at once").unwrap();
+    // Trailers-only: the call was refused before its service saw it.
+    if let Some(refused) = tonic::Status::from_header_map(response.headers()) {
+        return Err(refused);
+    }
+    let mut reply = response.into_body();
+    let list = tokio::time::timeout(GUARD, reply.data()).await.expect("the service list").expect("a message");
+    assert!(list.unwrap().len() > 5, "a list of services");
+    Ok((reply, body))
+}
+
+/// Sends reflection's list_services request (field 7, an empty string).
+fn ask_for_services(body: &mut h2::SendStream<Bytes>) -> Result<(), h2::Error> {
+    body.send_data(message_prefix(2), false)?;
+    body.send_data(Bytes::from_static(&[0x3a, 0x00]), false)
+}
+
+/// Asserts that `refused` is the tokenless-stream cap's refusal, naming
+/// `limit` and `scope` (connection or server).
+fn assert_capped(refused: &tonic::Status, limit: usize, scope: &str) {
+    use tonic_types::StatusExt as _;
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let message = refused.message();
+    assert!(message.contains(&format!("{limit} streaming calls")) && message.contains(scope), "{message}");
+    assert!(refused.get_details_retry_info().is_some_and(|r| r.retry_delay.is_some()), "a RetryInfo: {refused:?}");
+}
+
+/// A client with no token could open 128 reflection streams on one
+/// connection, ask each for answers and never read them: the server held
+/// about 67 MB a connection. Now the stream over the per-connection cap is
+/// refused at once while the others still answer, another connection
+/// still gets one, and a stream that ends (a reset mid-stream, or a
+/// finished one) gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_streams_without_a_token_are_capped_per_connection_and_freed_however_they_end() {
+    use natter_kit::tokenless::STREAMS_PER_CONNECTION;
+    let c = Cluster::all_in_one(&["--request-timeout", "60s"]).await;
+    let (send, _closed) = h2_connect_watched(c.addr).await;
+    let mut open = Vec::new();
+    for i in 0..STREAMS_PER_CONNECTION {
+        let path = if i == 1 { REFLECTION_V1ALPHA } else { REFLECTION };
+        open.push(reflection_stream(&send, c.addr, path).await.expect("under the cap"));
+    }
+    for path in [REFLECTION, REFLECTION_V1ALPHA] {
+        let refused = reflection_stream(&send, c.addr, path).await.expect_err("over the cap");
+        assert_capped(&refused, STREAMS_PER_CONNECTION, "connection");
+    }
+
+    // The open streams still answer; another connection gets its own.
+    let (reply, body) = &mut open[0];
+    ask_for_services(body).unwrap();
+    let again = tokio::time::timeout(GUARD, reply.data()).await.expect("answered").expect("a message");
+    assert!(again.unwrap().len() > 5);
+    let (other, _other_closed) = h2_connect_watched(c.addr).await;
+    let _another = reflection_stream(&other, c.addr, REFLECTION).await.expect("another connection has its own cap");
+
+    // A client's reset mid-stream gives its place back.
+    let (_reply, mut body) = open.remove(0);
+    body.send_reset(h2::Reason::CANCEL);
+    open.push(
+        crate::stream_abuse::wait_for(|| async { reflection_stream(&send, c.addr, REFLECTION).await.ok() }).await,
+    );
+    // So does a stream its client ends and reads to the end.
+    let (mut reply, mut body) = open.remove(0);
+    body.send_data(Bytes::new(), true).unwrap();
+    while let Some(data) = tokio::time::timeout(GUARD, reply.data()).await.expect("the stream ends") {
+        data.unwrap();
+    }
+    let trailers = reply.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers.get("grpc-status").map(|v| v.to_str().unwrap()), Some("0"), "{trailers:?}");
+    let freed =
+        crate::stream_abuse::wait_for(|| async { reflection_stream(&send, c.addr, REFLECTION).await.ok() }).await;
+    // Streams left open would hold up the server's shutdown for its grace.
+    drop((freed, open, _another));
+    c.stop().await;
+}
+
+/// Across connections, the server holds at most its cap of streams that
+/// need no token (reflection and health Watch together): one more is
+/// refused on a fresh connection, and answered once a connection holding
+/// some has closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_without_a_token_are_capped_per_server_and_freed_when_a_connection_closes() {
+    use natter_kit::tokenless::{STREAMS_PER_CONNECTION, STREAMS_PER_SERVER};
+    let c = Cluster::all_in_one(&["--request-timeout", "60s"]).await;
+    let full = STREAMS_PER_SERVER / STREAMS_PER_CONNECTION;
+    let mut connections = Vec::new();
+    for _ in 0..full - 1 {
+        let (send, closed) = h2_connect_watched(c.addr).await;
+        let mut streams = Vec::new();
+        for _ in 0..STREAMS_PER_CONNECTION {
+            streams.push(reflection_stream(&send, c.addr, REFLECTION).await.expect("under the caps"));
+        }
+        connections.push((send, closed, streams));
+    }
+    // The last connection holds health Watch streams: they count too.
+    let (mut watching, watching_closed) = h2_connect_watched(c.addr).await;
+    let mut watches = Vec::new();
+    for _ in 0..STREAMS_PER_CONNECTION {
+        let watch = health_call(&mut watching, c.addr, "Watch").await;
+        assert_eq!(tonic::Status::from_header_map(watch.headers()).map(|s| s.code()), None, "answered");
+        watches.push(watch);
+    }
+
+    let (fresh, _fresh_closed) = h2_connect_watched(c.addr).await;
+    let refused = reflection_stream(&fresh, c.addr, REFLECTION).await.expect_err("over the server's cap");
+    assert_capped(&refused, STREAMS_PER_SERVER, "server");
+    let mut fresh_send = fresh.clone();
+    let watch = health_call(&mut fresh_send, c.addr, "Watch").await;
+    assert_capped(&tonic::Status::from_header_map(watch.headers()).expect("refused"), STREAMS_PER_SERVER, "server");
+
+    // A connection that closes gives its streams' places back.
+    let (send, connection, streams) = connections.pop().unwrap();
+    drop((send, streams));
+    let _ = tokio::time::timeout(GUARD, connection).await.expect("the client's side of the connection closes");
+    let freed =
+        crate::stream_abuse::wait_for(|| async { reflection_stream(&fresh, c.addr, REFLECTION).await.ok() }).await;
+    // Streams left open would hold up the server's shutdown for its grace.
+    drop((freed, watching, watching_closed, watches, connections));
+    c.stop().await;
+}

@@ -472,11 +472,40 @@ struct Calls {
     /// When the last call in flight ended, in milliseconds after `opened`
     /// (only ever raised, so two calls ending together leave the later).
     idle_since_ms: AtomicU64,
+    /// Which connection this is, for the limits kept per connection.
+    id: ConnectionId,
+}
+
+/// A connection of a listener, told apart from every other one the
+/// process accepted (ids are never reused): [`CallTrackingLayer`] puts it
+/// in the extensions of each request, for the limits kept per connection
+/// (`crate::tokenless`). A client address and port would be reused once
+/// the connection closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct ConnectionId(u64);
+
+impl ConnectionId {
+    fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// A given id, for unit tests of the limits kept per connection.
+    #[cfg(test)]
+    pub(crate) fn for_test(id: u64) -> Self {
+        Self(id)
+    }
 }
 
 impl Calls {
     fn new(opened: Instant) -> Self {
-        Self { opened, first: AtomicBool::new(false), in_flight: AtomicUsize::new(0), idle_since_ms: AtomicU64::new(0) }
+        Self {
+            opened,
+            first: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            id: ConnectionId::next(),
+        }
     }
 
     fn first_came(&self) -> bool {
@@ -527,7 +556,8 @@ pub(crate) struct ConnectionInfo {
 /// Tells the connection of each request that a call started on it, and
 /// when it ended (the response body dropped), so that its handshake
 /// deadline no longer applies and its idle one counts from the last call's
-/// end; turns its [`ConnectionInfo`] into tonic's [`TcpConnectInfo`].
+/// end; turns its [`ConnectionInfo`] into tonic's [`TcpConnectInfo`] and
+/// the connection's [`ConnectionId`].
 /// Outermost in the stack: any request counts, even one a gate then
 /// refuses, and every layer after it finds the client's address where
 /// tonic puts it.
@@ -563,6 +593,7 @@ where
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let call = request.extensions_mut().remove::<ConnectionInfo>().map(|info| {
             request.extensions_mut().insert(info.tcp);
+            request.extensions_mut().insert(info.calls.id);
             InFlight::start(info.calls)
         });
         TrackedFuture { inner: self.inner.call(request), call }
@@ -589,20 +620,32 @@ where
         let this = self.project();
         let response = ready!(this.inner.poll(cx))?;
         let call = this.call.take();
-        Poll::Ready(Ok(response.map(|inner| TrackedBody { inner, _call: call })))
+        Poll::Ready(Ok(response.map(|inner| HoldingBody::new(inner, call))))
     }
 }
+
+/// A response body that holds its call in flight until dropped.
+pub(crate) type TrackedBody<B> = HoldingBody<B, Option<InFlight>>;
 
 pin_project_lite::pin_project! {
-    /// A response body that holds its call in flight until dropped.
-    pub(crate) struct TrackedBody<B> {
+    /// A response body that holds `H` (a guard: a call in flight, a
+    /// stream's slot) until it is dropped: sent whole, or its client went
+    /// away.
+    pub(crate) struct HoldingBody<B, H> {
         #[pin]
         inner: B,
-        _call: Option<InFlight>,
+        held: H,
     }
 }
 
-impl<B: http_body::Body> http_body::Body for TrackedBody<B> {
+impl<B, H> HoldingBody<B, H> {
+    /// `inner`, holding `held` until dropped.
+    pub(crate) fn new(inner: B, held: H) -> Self {
+        Self { inner, held }
+    }
+}
+
+impl<B: http_body::Body, H> http_body::Body for HoldingBody<B, H> {
     type Data = B::Data;
     type Error = B::Error;
 

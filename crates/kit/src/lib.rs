@@ -24,8 +24,10 @@
 //!    budget of request bytes a server holds (refusals counted in `metrics`); replicas'
 //!    caches of other services' answers (invalidated over the bus); logs,
 //!    span export, trace context in and out, starting the metrics endpoint.
-//! 5. `observe`: the per-RPC server span and metrics layer, and the client
-//!    spans of calls to other services (the traced channel, in-process calls).
+//! 5. `observe`, `tokenless`: the per-RPC server span and metrics layer, and
+//!    the client spans of calls to other services (the traced channel,
+//!    in-process calls); the cap on streaming calls with no token, per
+//!    connection (told apart by `accept`) and per server.
 //! 6. `internal`: service credential and links between split services (a
 //!    traced channel carrying the credential).
 //! 7. `serve`: the server and its tower stack (observe, the internal gate)
@@ -51,6 +53,7 @@ pub mod paging;
 pub mod serve;
 pub mod telemetry;
 pub mod time;
+pub mod tokenless;
 pub mod web_page;
 
 pub use config::{ServerArgs, TransportArgs};
@@ -82,7 +85,7 @@ mod layering {
             ("cache", include_str!("cache.rs")),
             ("telemetry", include_str!("telemetry.rs")),
         ],
-        &[("observe", include_str!("observe.rs"))],
+        &[("observe", include_str!("observe.rs")), ("tokenless", include_str!("tokenless.rs"))],
         &[("internal", include_str!("internal.rs"))],
         &[("serve", include_str!("serve.rs"))],
     ];

@@ -5,7 +5,8 @@
 //! `grpcurl` and `buf curl` work with no proto files), gRPC-web with CORS on
 //! the same port (HTTP/1.1 and HTTP/2), a span per RPC, a limit on the
 //! decoded request size, on a public server a budget of request bytes held
-//! at once by all calls together (`crate::budget`), and the transport limits of
+//! at once by all calls together (`crate::budget`) and a cap on the streams
+//! that need no token (`crate::tokenless`), and the transport limits of
 //! [`crate::config::TransportArgs`], among them a cap on open connections
 //! and a deadline for a connection's first request (`crate::accept`). A
 //! public server ([`Server::new`]) never serves an internal service and its
@@ -35,6 +36,7 @@ use crate::budget::{RequestBudget, RequestBudgetLayer};
 use crate::config::ServerArgs;
 use crate::internal::ServiceCredential;
 use crate::limits::{AuthFailures, Rate, TrustedProxies};
+use crate::tokenless::TokenlessStreamsLayer;
 
 /// Headers a gRPC-web browser client sends (Fetch/XHR needs them allowed).
 const CORS_ALLOW_HEADERS: [&str; 8] = [
@@ -260,6 +262,15 @@ pub async fn serve_routes(
         // is refused before its body is read (inside gRPC-web, so a browser
         // gets gRPC-web; inside the span, so it is recorded).
         .option_layer(credential_free.then(|| GateLayer::new(require_token)))
+        // Public listeners: the streams that need no token (reflection,
+        // health Watch), capped per connection and per server so that a
+        // client that asks and never reads cannot make the server buffer
+        // their answers without limit (`crate::tokenless`). Inside the
+        // span, so a refusal is recorded; inside gRPC-web, so a browser
+        // hears it as gRPC-web.
+        .option_layer(credential_free.then(|| {
+            TokenlessStreamsLayer::new(crate::tokenless::STREAMS_PER_CONNECTION, crate::tokenless::STREAMS_PER_SERVER)
+        }))
         // Inside the span, so a refusal is recorded; sees plain gRPC, whose
         // errors before any message come in the response headers.
         .option_layer(failed_auth)

@@ -21,7 +21,7 @@ pub struct ServerArgs {
     #[arg(long, env = "NATTER_LISTEN", default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
 
-    /// Log format: text or json. Verbosity follows RUST_LOG (default info).
+    /// Log format: text or json. Verbosity follows RUST_LOG (default info, PostgreSQL notices from warn).
     #[arg(long, env = "NATTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 

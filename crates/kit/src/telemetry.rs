@@ -1,7 +1,7 @@
 //! Logs, traces and the metrics endpoint of one process.
 //!
 //! Logs are readable lines by default, JSON on request, with verbosity from
-//! `RUST_LOG` (default `info`). With an OTLP endpoint configured, every
+//! `RUST_LOG` (default [`DEFAULT_LOG_FILTER`]). With an OTLP endpoint configured, every
 //! tracing span is also exported over OTLP/gRPC (batched, on a background
 //! thread) under the process's `service.name`, and W3C trace context
 //! (`traceparent`, `tracestate`) is read from incoming calls and written into
@@ -38,6 +38,13 @@ use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::config::{LogFormat, ServerArgs};
 use crate::metrics::MetricsServer;
+
+/// The log filter when `RUST_LOG` is not set: `info`, but PostgreSQL's
+/// NOTICE messages (which sqlx logs at INFO under `sqlx::postgres::notice`)
+/// only from WARNING up: the NOTICEs natter meets are "schema ... already
+/// exists, skipping" and the like, once per store at every start. Their
+/// warnings and errors still show.
+pub const DEFAULT_LOG_FILTER: &str = "info,sqlx::postgres::notice=warn";
 
 /// Set once the OpenTelemetry layer is part of the global subscriber.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
@@ -258,7 +265,7 @@ impl Builder {
         };
         let metrics = self.metrics_listen.map(crate::metrics::serve_on).transpose()?;
 
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
         // Log lines are events with their own fields. Spans (one per RPC and
         // more per send) go to OTLP only: the log layer would otherwise
         // format every span's fields on every call, which cost a tenth of the

@@ -223,7 +223,7 @@ pub struct MigrateArgs {
         default_value = "sessions,chats,messages"
     )]
     pub service: Vec<StoreService>,
-    /// Log format: text or json. Verbosity follows RUST_LOG (default info)
+    /// Log format: text or json. Verbosity follows RUST_LOG (default info, PostgreSQL notices from warn)
     #[arg(long, env = "NATTER_LOG_FORMAT", value_enum, default_value_t = natter_kit::config::LogFormat::Text)]
     pub log_format: natter_kit::config::LogFormat,
 }

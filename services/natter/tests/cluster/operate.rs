@@ -235,6 +235,18 @@ async fn migrate_on_postgres_reports_the_migrations_once_and_serve_starts_on_the
     let prefix = format!("m{}_", uuid::Uuid::new_v4().simple());
     let store = ["--database-url", db.as_str(), "--database-schema-prefix", prefix.as_str()];
     assert_migrates_once("postgres", &store, |service| format!("{db}, schema {prefix}{service}"));
+    // At the default log level, a store found in place says nothing of
+    // it: PostgreSQL's NOTICE "schema ... already exists, skipping", once
+    // per store at every start, is no news.
+    let again = Command::new(env!("CARGO_BIN_EXE_natter"))
+        .arg("migrate")
+        .args(store)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run natter migrate");
+    let logged = String::from_utf8(again.stderr).expect("utf-8 output");
+    assert!(again.status.success(), "{logged}");
+    assert!(!logged.contains("already exists"), "a NOTICE logged at the default level:\n{logged}");
     let node = Node::start("serve", free_port(), store.map(str::to_owned).into());
     node.channel().await;
     drop(node);

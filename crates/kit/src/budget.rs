@@ -64,7 +64,7 @@ impl RequestBudget {
 /// RESOURCE_EXHAUSTED for a call refused because its server holds
 /// `--max-buffered-request-bytes` of requests: "server busy", with a
 /// RetryInfo of [`BUSY_RETRY_AFTER`].
-pub fn server_busy() -> tonic::Status {
+fn server_busy() -> tonic::Status {
     crate::limits::server_busy("too many request bytes in flight", BUSY_RETRY_AFTER)
 }
 
@@ -229,8 +229,9 @@ impl Framing {
 pin_project_lite::pin_project! {
     /// A request body whose bytes are taken from a [`RequestBudget`] as
     /// they are read (see the module docs). Its error is the inner body's,
-    /// or, for a frame the budget has no room for, [`server_busy`] (a
-    /// [`tonic::Status`], which tonic answers the call with as it is).
+    /// or, for a frame the budget has no room for, RESOURCE_EXHAUSTED
+    /// "server busy" with a RetryInfo (a [`tonic::Status`], which tonic
+    /// answers the call with as it is).
     pub struct BudgetedBody<B> {
         #[pin]
         inner: B,

@@ -18,10 +18,11 @@
 //! together too, by the budget every natter server keeps
 //! (`natter_kit::budget`): the edge holds at most
 //! `--max-buffered-request-bytes` (256 MiB) of request bodies at once, from
-//! their first byte until the replica has answered (a slow replica keeps them). A request that would go
-//! past it is refused at once, RESOURCE_EXHAUSTED ("server busy", with a
-//! RetryInfo), instead of growing the edge's memory by a megabyte for every
-//! client that sends one; its bytes so far are let go.
+//! their first byte until the replica has answered (a slow replica keeps
+//! them). A request that would go past it is refused at once,
+//! RESOURCE_EXHAUSTED ("server busy", with a RetryInfo), instead of growing
+//! the edge's memory by a megabyte for every client that sends one; its
+//! bytes so far are let go.
 //!
 //! A replica caps the calls a connection carries at once (HTTP/2's
 //! SETTINGS_MAX_CONCURRENT_STREAMS, `--max-concurrent-streams`, 128), and a

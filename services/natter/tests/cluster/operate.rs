@@ -144,14 +144,22 @@ fn a_placeholder_secret_is_refused_in_a_pod() {
     }
 }
 
-/// `natter migrate ARGS`: (whether it succeeded, stdout, stderr).
+/// `natter migrate ARGS` with `RUST_LOG=warn`: (whether it succeeded,
+/// stdout, stderr).
 fn migrate(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_natter"))
-        .arg("migrate")
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run natter migrate");
+    migrate_logging(args, Some("warn"))
+}
+
+/// `natter migrate ARGS` with `RUST_LOG` set to `log` (`None`: unset, the
+/// default filter): (whether it succeeded, stdout, stderr).
+fn migrate_logging(args: &[&str], log: Option<&str>) -> (bool, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_natter"));
+    command.arg("migrate").args(args);
+    match log {
+        Some(log) => command.env("RUST_LOG", log),
+        None => command.env_remove("RUST_LOG"),
+    };
+    let output = command.output().expect("run natter migrate");
     let text = |bytes: Vec<u8>| String::from_utf8(bytes).expect("utf-8 output");
     (output.status.success(), text(output.stdout), text(output.stderr))
 }
@@ -238,14 +246,8 @@ async fn migrate_on_postgres_reports_the_migrations_once_and_serve_starts_on_the
     // At the default log level, a store found in place says nothing of
     // it: PostgreSQL's NOTICE "schema ... already exists, skipping", once
     // per store at every start, is no news.
-    let again = Command::new(env!("CARGO_BIN_EXE_natter"))
-        .arg("migrate")
-        .args(store)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run natter migrate");
-    let logged = String::from_utf8(again.stderr).expect("utf-8 output");
-    assert!(again.status.success(), "{logged}");
+    let (ok, _, logged) = migrate_logging(&store, None);
+    assert!(ok, "{logged}");
     assert!(!logged.contains("already exists"), "a NOTICE logged at the default level:\n{logged}");
     let node = Node::start("serve", free_port(), store.map(str::to_owned).into());
     node.channel().await;

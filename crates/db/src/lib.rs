@@ -518,6 +518,17 @@ fn positive_duration(value: &str) -> Result<Duration, String> {
 }
 
 impl StoreArgs {
+    /// Where these flags put the stores, for a log line, with no password in
+    /// it: the SQLite data directory, or the PostgreSQL URL less its
+    /// password and the schemas' prefix (`postgres://natter@db:5432/natter,
+    /// schemas natter_*`).
+    pub fn location(&self) -> String {
+        match &self.database_url {
+            None => self.data_dir.display().to_string(),
+            Some(url) => format!("{}, schemas {}*", without_password(url), self.database_schema_prefix),
+        }
+    }
+
     /// The pool these flags set.
     pub fn pool_settings(&self) -> PoolSettings {
         PoolSettings {
@@ -991,6 +1002,19 @@ mod tests {
         assert_eq!(
             DbConfig::sqlite_in(dir.path(), "chats").location(),
             dir.path().join("chats.db").display().to_string()
+        );
+        // What `natter serve` logs: the data directory only on SQLite.
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            store: StoreArgs,
+        }
+        let flags = |args: &[&str]| Flags::parse_from([&["natter"], args].concat()).store.location();
+        assert_eq!(flags(&["--data-dir", "/var/natter"]), "/var/natter");
+        assert_eq!(
+            flags(&["--data-dir", "/var/natter", "--database-url", "postgres://natter:s3cr3t@db/natter"]),
+            "postgres://natter@db/natter, schemas natter_*"
         );
     }
 

@@ -79,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let _telemetry = natter_kit::telemetry::init("natter", &args.server)?;
             let app = natter::App::build(&args, natter_kit::serve::shutdown_token()).await?;
-            tracing::info!(addr = %app.local_addr()?, data_dir = %args.store.data_dir.display(), "natter listening");
+            tracing::info!(addr = %app.local_addr()?, store = %args.store.location(), "natter listening");
             app.run().await
         }
         Command::Sessions(config) => {

@@ -23,12 +23,12 @@ use crate::{AppliedMigration, DbError, PoolSettings, valid_schema};
 pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Opens a pool of up to `settings.max_connections` to `url` whose
-/// connections start with [`session_setup`] for `schema` (created if
-/// missing), after running `migrator` in it (see [`migrate`]).
+/// connections start with `session_setup` for `schema` (created if
+/// missing), after running `migrator` in it (see `migrate`).
 ///
 /// A database the URL names that does not exist is created (see
-/// [`create_database`]). A connection given back owing answers it does not
-/// get in time is closed ([`settle_owed`]).
+/// `create_database`). A connection given back owing answers it does not
+/// get in time is closed (`settle_owed`).
 ///
 /// Errors: an invalid schema name ([`valid_schema`]), the server is
 /// unreachable, the database is missing and cannot be created
@@ -56,7 +56,7 @@ pub async fn connect(url: &str, schema: &str, settings: &PoolSettings, migrator:
 }
 
 /// Creates `schema` on `url` if missing (and the database, see
-/// [`create_database`]) and runs `migrator` in it as [`migrate`] says: on a
+/// `create_database`) and runs `migrator` in it as `migrate` says: on a
 /// connection of its own, under sqlx's migration lock, with
 /// `settings.lock_timeout` on the migrations' statements. Returns the
 /// migrations it applied, in version order (empty: up to date).
@@ -199,7 +199,7 @@ async fn advisory_lock(conn: &mut PgConnection, key: i64, schema: &str, work: &s
 /// A session-level advisory lock on a connection of its own that keeps a
 /// store's backfills to one process at a time: replicas starting together,
 /// or `natter migrate` and a replica, would otherwise run the same one-off
-/// rewrite at once. Its key is [`backfill_lock_key`] of the store's schema
+/// rewrite at once. Its key is `backfill_lock_key` of the store's schema
 /// (advisory locks are the database's: other databases do not share it).
 /// Held until [`BackfillLock::release`], or until the connection ends (the
 /// process exits or the guard is dropped), which frees it too.

@@ -13,7 +13,7 @@
 //! semantic conventions: `rpc.system`, `rpc.service`, `rpc.method`,
 //! `server.address`, `rpc.grpc.status_code`, the status message), the parent
 //! of the callee's server span; in the all-in-one the in-process calls get
-//! the same client spans ([`in_process`]), so both modes draw the same
+//! the same client spans ([`crate::observe::in_process`]), so both modes draw the same
 //! trace. A failed export is logged at WARN with the endpoint (at most once
 //! a minute). Health checks are not traced unless asked
 //! (`--trace-health-checks`). Each process names itself with

@@ -31,12 +31,12 @@ use sessions::session_internal_service_server::SessionInternalService;
 /// On SQLite the chats store keeps each chat's newest activity in memory
 /// and writes it at least every flush interval; a crash loses what it
 /// still held. At start-up the messages service re-announces the newest
-/// message of every chat sent within [`REANNOUNCE_WINDOW`] before its
+/// message of every chat sent within [`activity::REANNOUNCE_WINDOW`] before its
 /// newest message. Nothing is lost for longer than a restart as long as
 /// that window covers one flush interval plus the time from a message's
-/// send time to its activity reaching the buffer ([`RECORD_SLACK`]): the
+/// send time to its activity reaching the buffer ([`activity::RECORD_SLACK`]): the
 /// `const` assertions below hold that, and the chats service refuses a
-/// flush interval above [`MAX_FLUSH_INTERVAL`] ([`check_flush_interval`]).
+/// flush interval above [`activity::MAX_FLUSH_INTERVAL`] ([`activity::check_flush_interval`]).
 pub mod activity {
     use std::time::Duration;
 

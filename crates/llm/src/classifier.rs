@@ -10,7 +10,7 @@
 //! the worst window's. A window fits the model whole whatever its text:
 //! no tokenizer makes more tokens of a text than it has bytes (but for
 //! SentencePiece's one leading `▁`), and 508 + 1 + the model's two
-//! ([CLS], [SEP]) is under 512. (Windows of 1 KiB fitted ordinary prose,
+//! (`[CLS]`, `[SEP]`) is under 512. (Windows of 1 KiB fitted ordinary prose,
 //! but a text that costs a token a byte, such as `x.x.x.` or punctuation,
 //! had its window's second half cut off by TEI, and an injection put there
 //! behind 600 such bytes was read by no window.) At most [`MAX_WINDOWS`]
@@ -30,7 +30,7 @@ pub const MODEL_TOKENS: usize = 512;
 
 /// Bytes of UTF-8 in one window (cut back to a character boundary): at
 /// most as many tokens, one more for SentencePiece's leading `▁`, and the
-/// model's [CLS] and [SEP] come within [`MODEL_TOKENS`], so TEI never
+/// model's `[CLS]` and `[SEP]` come within [`MODEL_TOKENS`], so TEI never
 /// truncates a window (module docs).
 pub const WINDOW_BYTES: usize = MODEL_TOKENS - 4;
 
@@ -136,7 +136,7 @@ fn predictions(answer: &serde_json::Value, n: usize) -> Option<Vec<&serde_json::
 }
 
 /// The injection probability in one list of `{label, score}`: the score of
-/// the first label that names an injection ([`INJECTION_LABELS`]); 0 when
+/// the first label that names an injection (`INJECTION_LABELS`); 0 when
 /// none does.
 pub fn injection_score(predictions: &serde_json::Value) -> f32 {
     predictions

@@ -224,11 +224,11 @@ pub struct Settings {
     /// How long after a message that is not a prompt the bot's read
     /// position moves past it (and past those after it, in one MarkReadAs),
     /// once nothing of its chat is being answered or held
-    /// ([`Assistant::pass`]).
+    /// (`Assistant::pass`).
     pub pass_after: Duration,
     /// The external prompt-injection classifier (`--classifier-url`), if
     /// any: each person's message is classified before it goes to the
-    /// model ([`Assistant::classified`]), whatever the messages service's
+    /// model (`Assistant::classified`), whatever the messages service's
     /// own classification of it (after its commit) has come to yet.
     pub classifier: Option<natter_llm::classifier::Classifier>,
 }
@@ -2130,7 +2130,7 @@ impl Assistant {
     /// ended (STOPPED with its text so far); a finished reply is returned
     /// as it is. A reply whose generator died (on another replica) stays
     /// GENERATING until the sweeper ends it: it is returned so after
-    /// [`STOP_WAIT`].
+    /// `STOP_WAIT`.
     pub async fn stop(&self, caller: &str, reply_id: &str) -> Result<mpb::Message, Status> {
         let reply = self.reply(reply_id).await?.ok_or_else(|| Status::not_found("no such message"))?;
         let membership = self.member(&reply.chat_id, caller).await?;

@@ -519,8 +519,8 @@ impl Chats {
 
     /// The relay: delivers what the outbox holds of every chat (left by a
     /// failed call, a crash, or another replica's), each chat's in order
-    /// ([`Chats::deliver`]), then purges the messages of deleted chats
-    /// whose purge failed ([`Chats::purge`]); returns how many chats are
+    /// (`Chats::deliver`), then purges the messages of deleted chats
+    /// whose purge failed (`Chats::purge`); returns how many chats are
     /// done. Runs at start and every [`RELAY_INTERVAL`]
     /// ([`Chats::start_relay`]).
     pub async fn relay(&self) -> usize {

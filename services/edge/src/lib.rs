@@ -35,7 +35,7 @@
 //! The edge hands a response's HTTP/2 flow-control credit back to its
 //! replica only as the client reads, so a client that stops reading keeps
 //! its calls' windows full. Each upstream connection's window is therefore
-//! the sum of its calls' stream windows ([`UPSTREAM_STREAM_WINDOW`] each):
+//! the sum of its calls' stream windows (`UPSTREAM_STREAM_WINDOW` each):
 //! streams nobody reads hold their own windows and nothing of their
 //! neighbours'. The price is memory: at most 256 KiB a stalled call, 25 MiB
 //! a connection at the default 100 calls.

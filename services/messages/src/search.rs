@@ -90,7 +90,7 @@ fn fold(c: char) -> char {
     }
 }
 
-/// `word` normalized: each character folded ([`fold`]) and lowercased
+/// `word` normalized: each character folded (`fold`) and lowercased
 /// (one character for one, as FTS5 does).
 pub fn normalize(word: &str) -> String {
     word.chars()
@@ -304,7 +304,7 @@ fn lexeme(word: &str) -> String {
 
 /// The words of `text` as a PostgreSQL `tsvector` literal (cast with
 /// `::tsvector`): each normalized word with its positions (1-based, at most
-/// [`POSITION_MAX`], at most [`POSITIONS_PER_LEXEME`] per word); words too
+/// `POSITION_MAX`, at most `POSITIONS_PER_LEXEME` per word); words too
 /// long to be a lexeme are left out (no query can name them).
 pub fn tsvector(text: &str) -> String {
     let mut positions: BTreeMap<String, Vec<usize>> = BTreeMap::new();

@@ -134,7 +134,7 @@ impl Sessions {
     /// Caches live tokens in memory. Correct only when this instance is the
     /// one that revokes them (the all-in-one without NATS): revocation, claim
     /// and expiry are then all seen here, so the cache has no stale window.
-    /// An entry is asked again after [`CACHE_TTL_US`] all the same, which
+    /// An entry is asked again after `CACHE_TTL_US` all the same, which
     /// bounds the window should a second process share the database.
     /// Replicas on NATS cache in the callers instead
     /// (`natter_auth::CachingVerifier`, invalidated over the bus).
@@ -609,7 +609,7 @@ impl Sessions {
     /// revocation, caches drop their tokens and their streams end. The same
     /// request sent again by the session that made the change (its answer
     /// lost, or sent while it was under way) is answered OK, changing
-    /// nothing more ([`Sessions::changed_by`]).
+    /// nothing more (`Sessions::changed_by`).
     ///
     /// Errors: RESOURCE_EXHAUSTED (--profile-change-rate, the back-off, the
     /// username's log-in budget, --password-check-queue), INVALID_ARGUMENT

@@ -587,7 +587,7 @@ pub trait ChatStore: Send + Sync + 'static {
     /// details after it (masked to the fields `update` sets) in the outbox;
     /// returns the chat, None if there is no such chat. With `by`, checks
     /// first, in the same transaction under the chat's lock, that this user
-    /// may ([`may_change`]); if not, nothing is written
+    /// may (`may_change`); if not, nothing is written
     /// ([`Checked::Actor`], with their role now).
     async fn update_chat(
         &self,

@@ -4,7 +4,7 @@
 //! arrival order and never meet SQLite's write lock at once.
 //!
 //! Chat activity is kept in memory and written in the background
-//! ([`activity`]): one writer, one process, so no one else reads the file
+//! (`activity`): one writer, one process, so no one else reads the file
 //! and may miss it; reads of a chat lay it over the row.
 
 use std::path::Path;

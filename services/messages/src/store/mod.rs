@@ -1308,7 +1308,7 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// entry); those created since `after` and unchanged are found by seq:
     /// creations take seqs and change numbers in the same order, so the
     /// first of them is found by a binary search over seqs
-    /// ([`first_seq_created_after`]), then read as a seq range.
+    /// (`first_seq_created_after`), then read as a seq range.
     async fn changes(
         &self,
         chat: ChatId,

@@ -8,7 +8,7 @@
 //! atomically. Only a batch with replies, or one that hit a stored id (a
 //! client's retry: the statement fails on the unique id and writes nothing),
 //! first reads which ids are taken and which replies name stored messages
-//! ([`CHECK_BATCH`]); if a concurrent send of the same id commits between the
+//! (`CHECK_BATCH`); if a concurrent send of the same id commits between the
 //! two, the insert fails again and the whole is run once more, finding the
 //! id taken. The check is not run on every send because PostgreSQL plans it
 //! anew each time (its custom plan stays cheaper than a generic one, ~0.1 ms
@@ -16,7 +16,7 @@
 //! of values travel as arrays (`UNNEST`), so each statement's text is the
 //! same whatever the batch size and stays prepared. A batch with thread
 //! replies is one transaction of its own
-//! ([`PostgresStore::try_insert_threaded`]): it locks the roots, inserts as
+//! (`PostgresStore::try_insert_threaded`): it locks the roots, inserts as
 //! above and updates each root's summary; batches without any never take
 //! that path.
 
@@ -168,7 +168,7 @@ impl PostgresStore {
     /// Connects to `url` with a pool as `pool` says, in `schema` (created
     /// and migrated as needed; see [`natter_db::postgres::connect`]). The
     /// messages stored before search have no index yet:
-    /// [`super::open`] indexes them ([`PostgresStore::index_unindexed`]).
+    /// [`super::open`] indexes them (`PostgresStore::index_unindexed`).
     ///
     /// Errors: an invalid schema name, the server is unreachable, or a
     /// migration fails.

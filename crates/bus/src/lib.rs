@@ -26,7 +26,9 @@
 //! the moment before a new subscription takes effect) is announced locally
 //! as a resync hint, and streams re-read the store. What a publisher loses
 //! with its own connection, the other replicas cannot notice: it publishes
-//! the hints itself once reconnected (`nats` module docs).
+//! the hints itself once reconnected; what it loses by dying, they notice
+//! by its silence (every process announces itself once a second), and
+//! resync all their streams (`nats` module docs).
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -105,9 +107,12 @@ pub trait EventBus: Send + Sync + 'static {
     /// Receives the events published to `topic` from now on, until dropped.
     fn subscribe(&self, topic: Topic) -> Subscription;
     /// Sends what was published so far and stops publishing to other
-    /// processes (waiting a few seconds at most), and stops keeping the
-    /// caches in step with them (a look-up then asks the owning service);
-    /// call last at shutdown. A no-op within one process.
+    /// processes (waiting a few seconds at most), says goodbye to them
+    /// (telling them to re-read the store if what it sent last could not
+    /// be confirmed), and stops keeping the caches in step with them (a
+    /// look-up then asks the owning service); call last at shutdown. A
+    /// bus dropped without it counts as crashed: the other processes
+    /// re-read the store once they miss it. A no-op within one process.
     fn close(&self) -> futures::future::BoxFuture<'_, ()> {
         Box::pin(async {})
     }

@@ -2,7 +2,8 @@
 //! each.
 //!
 //! Subjects are `natter.events.<chat|user|session>.<uuid>` and
-//! `natter.events.presence`; payloads are the
+//! `natter.events.presence` (and `natter.events.alive`, the processes'
+//! liveness, below); payloads are the
 //! bus's own wire form of an [`Event`](crate::Event) (`Event::to_wire`),
 //! encoded once per publish by the publisher task. A publish goes to the local hub at
 //! once and to NATS through one publisher task (so the process's events keep
@@ -71,7 +72,18 @@
 //! them like topics until confirmed; applying an invalidation twice is
 //! harmless. Past `KEPT_TAGS` such tags it publishes `INVALIDATE_ALL`
 //! instead, which drops every entry of the other processes' caches (a
-//! refill costs them at most what one `--cache-ttl` of expiries does).
+//! refill costs them at most what one `--cache-ttl` of expiries does); past
+//! `KEPT_TOPICS` topics, it announces that it lost events (the liveness's
+//! `Lost`, below), and every other process hints all its topics.
+//!
+//! What a publisher loses without living to tell: a process that dies
+//! (killed, out of memory, its host's power gone) after committing a change
+//! but before NATS had its event cannot hint anything. So every process
+//! announces itself on `natter.events.alive` once a second and tracks the
+//! peers it hears (the `alive` module); a peer silent for three of its
+//! intervals, or that says goodbye with events lost, makes every other
+//! process hint all its local topics once (its streams re-read the store),
+//! within about 4 s of the crash. A clean goodbye is forgotten silently.
 //!
 //! At shutdown the publisher keeps going until [`EventBus::close`], not the
 //! shutdown token: a stopping process publishes through its drain (up to
@@ -79,9 +91,14 @@
 //! and calls `close` last, which sends what is queued and then waits for a
 //! round trip to confirm what the publisher keeps (a reconnect meanwhile:
 //! its hints and invalidations go out first), `CLOSE_GRACE` (5 s) at most
-//! from its call. What is still queued or unconfirmed then is lost to the
-//! other replicas until the chat's next event (or `--cache-ttl`): NATS
-//! could take nothing for those seconds, and nothing else would carry it.
+//! from its call, and then says goodbye (within another `GOODBYE_WAIT`,
+//! 1 s). What is still queued or unconfirmed then may be lost: the goodbye
+//! says so, and every other process hints all its topics; if the goodbye
+//! is lost too (NATS could take nothing for those seconds), its peers miss
+//! the process's announcements and do the same once they expire. Only an
+//! invalidation lost so waits for `--cache-ttl`. An event published after
+//! `close()` (a late publisher) reaches this process's streams only:
+//! logged once, counted in `natter_bus_unsent_total`.
 //!
 //! Anyone who may publish on `natter.events.>` can forge events, so a shared
 //! NATS server should require a log-in and grant that subject to natter's
@@ -108,6 +125,9 @@ use uuid::Uuid;
 
 use crate::{Event, EventBus, Hub, Interest, Shared, Subscription, Topic};
 
+mod alive;
+use alive::{Liveness, Say};
+
 /// Subject prefix of every natter event.
 const PREFIX: &str = "natter.events";
 
@@ -127,6 +147,15 @@ const INVALIDATE_ALL: &[u8] = &[0];
 /// NATS's default 1 MiB payload limit); past it, it announces
 /// [`INVALIDATE_ALL`] instead.
 const KEPT_TAGS: usize = 4096;
+
+/// Most topics the publisher keeps to hint (their events unconfirmed, or
+/// dropped for a full queue); past it, it announces that it lost events on
+/// the liveness subject instead, and every other process hints all its
+/// topics (`alive`). 16 Ki topics: about 1 MB of hints after a reconnect,
+/// a set of under 1 MB while kept; a replica publishing to more distinct
+/// topics than that within a second of unconfirmed time has most of the
+/// deployment's streams among its receivers anyway.
+const KEPT_TOPICS: usize = 16 * 1024;
 
 /// Prefix of the subjects of barrier requests: nobody subscribes to them,
 /// so the server answers each with its no-responders status, after it has
@@ -210,6 +239,12 @@ pub struct NatsBus {
     client: async_nats::Client,
     /// The router's queue (interest routing), for [`EventBus::settled`].
     router: Option<mpsc::UnboundedSender<Interest>>,
+    /// This process's announcements and the peers it heard (`alive`).
+    liveness: Arc<Liveness>,
+    /// Asks the liveness task for the goodbye, once, at [`EventBus::close`].
+    goodbye: std::sync::Mutex<Option<Goodbye>>,
+    /// Whether an event published after close was logged (once).
+    told_unsent: AtomicBool,
     /// Cancelled by [`EventBus::close`] (or when the bus is dropped): ends
     /// the tasks a draining replica still needs after the shutdown token,
     /// the caches' sync and their invalidations.
@@ -217,10 +252,16 @@ pub struct NatsBus {
     _close_on_drop: tokio_util::sync::DropGuard,
 }
 
+/// What to say at the goodbye, and whom to tell once it is written.
+type Goodbye = oneshot::Sender<(Say, oneshot::Sender<()>)>;
+
 /// What one bus received and holds (the process-wide metrics add up every
 /// bus of the process; tests run several).
 struct Counts {
     received: AtomicU64,
+    /// Events the client took (not those dropped for a full queue, after
+    /// close, or refused by a closed client; nor hints).
+    published: AtomicU64,
     subscriptions: AtomicU64,
     /// Warnings of undecodable events (a replica of a newer release sends
     /// them with every beat or event): one a minute, with the count held
@@ -232,6 +273,7 @@ impl Default for Counts {
     fn default() -> Self {
         Self {
             received: AtomicU64::default(),
+            published: AtomicU64::default(),
             subscriptions: AtomicU64::default(),
             undecodable: natter_kit::limits::Throttle::new(std::time::Duration::from_secs(60)),
         }
@@ -389,7 +431,7 @@ fn subject(topic: Topic) -> String {
 /// The subjects every process subscribes to whatever streams it holds
 /// (with interest routing; broadcast takes `natter.events.>` instead).
 fn always_subjects() -> Vec<String> {
-    vec![subject(Topic::Presence)]
+    vec![subject(Topic::Presence), alive::SUBJECT.to_owned()]
 }
 
 fn topic(subject: &str) -> Option<Topic> {
@@ -680,11 +722,16 @@ impl NatsBus {
         }
         let (outbox, queue) = mpsc::channel::<Outgoing>(PUBLISH_QUEUE);
         let dropped = Arc::new(Dropped::default());
+        let liveness = Arc::new(Liveness::new());
         // Until close() (its Close, or its grace over) or the bus dropped:
         // not the shutdown token, which the drain and what follows it
         // outlast.
-        let publisher = Publisher::new(client.clone(), dropped.clone());
+        let publisher = Publisher::new(client.clone(), dropped.clone(), liveness.clone(), counts.clone());
         tokio::spawn(publisher.run(queue, publisher_wake, closed.clone()));
+        // Announces until the goodbye (or the bus dropped); hears and
+        // expires peers until the shutdown token, as the subscriber.
+        let (goodbye, said) = oneshot::channel();
+        tokio::spawn(liveness.clone().run(client.clone(), hub.clone(), said, shutdown.clone(), closed.clone()));
 
         if let Some(reconnected) = reconnected {
             let router = Router {
@@ -701,6 +748,7 @@ impl NatsBus {
 
         let local = hub.clone();
         let received = counts.clone();
+        let peers = liveness.clone();
         tokio::spawn(async move {
             let mut subscriber = futures::stream::select_all(subscribers);
             loop {
@@ -708,6 +756,11 @@ impl NatsBus {
                     () = shutdown.cancelled() => break,
                     next = subscriber.next() => match next { Some(m) => m, None => break },
                 };
+                // Not an event (nor counted as one): a peer's liveness.
+                if message.subject.as_str() == alive::SUBJECT {
+                    peers.heard(&local, message.payload);
+                    continue;
+                }
                 deliver(&local, &received, message);
             }
             for mut subscriber in subscriber {
@@ -716,7 +769,19 @@ impl NatsBus {
         });
 
         let _close_on_drop = closed.clone().drop_guard();
-        Ok(Arc::new(Self { hub, outbox, dropped, counts, client, router, closed, _close_on_drop }))
+        Ok(Arc::new(Self {
+            hub,
+            outbox,
+            dropped,
+            counts,
+            client,
+            router,
+            liveness,
+            goodbye: std::sync::Mutex::new(Some(goodbye)),
+            told_unsent: AtomicBool::new(false),
+            closed,
+            _close_on_drop,
+        }))
     }
 
     /// Events this bus received from NATS so far (for tests and
@@ -725,10 +790,31 @@ impl NatsBus {
         self.counts.received.load(Ordering::Relaxed)
     }
 
+    /// Events this bus's publisher handed to NATS so far: not those dropped
+    /// (a full publish queue, after close), nor the hints it sent for them
+    /// (for tests and measurements; the process-wide total is
+    /// `natter_bus_published_total`).
+    pub fn published(&self) -> u64 {
+        self.counts.published.load(Ordering::Relaxed)
+    }
+
     /// NATS subscriptions this bus holds now (for tests; the process-wide
     /// figure is `natter_bus_subscriptions`).
     pub fn subscriptions(&self) -> u64 {
         self.counts.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Other processes on the bus this one has heard announce themselves
+    /// and not yet lost or heard say goodbye (for tests).
+    pub fn peers(&self) -> usize {
+        self.liveness.peers()
+    }
+
+    /// Checks for peers fallen silent this bus has made so far, about one a
+    /// second while connected and until the shutdown token (for tests: a
+    /// peer still heard would be lost by the fifth after its last word).
+    pub fn peer_checks(&self) -> u64 {
+        self.liveness.checks()
     }
 
     /// Opens the client's first connection: retried while the server cannot
@@ -884,6 +970,9 @@ struct Wakes {
 /// and keeps the same way.
 struct Publisher {
     client: async_nats::Client,
+    counts: Arc<Counts>,
+    /// Whose `Lost` it announces past [`KEPT_TOPICS`].
+    liveness: Arc<Liveness>,
     /// Topics whose event never reached this task (the outbox was full),
     /// and invalidations their callers could not confirm.
     dropped: Arc<Dropped>,
@@ -903,7 +992,12 @@ struct Publisher {
 /// the cache invalidations to announce again.
 #[derive(Default)]
 struct Kept {
+    /// At most about [`KEPT_TOPICS`] (then `all_topics` instead, and the
+    /// presence topic only).
     topics: HashSet<Topic>,
+    /// Too many topics to name: every other process hints all of its
+    /// (the liveness's `Lost`).
+    all_topics: bool,
     /// Tags of invalidations, at most about [`KEPT_TAGS`] (then
     /// `all_caches` instead).
     tags: HashSet<Tag>,
@@ -913,7 +1007,22 @@ struct Kept {
 
 impl Kept {
     fn is_empty(&self) -> bool {
-        self.topics.is_empty() && self.tags.is_empty() && !self.all_caches
+        self.topics.is_empty() && !self.all_topics && self.tags.is_empty() && !self.all_caches
+    }
+
+    /// Keeps `topic` to hint, or, past [`KEPT_TOPICS`], all of them. The
+    /// presence topic is kept by name even then: a resync of every topic
+    /// leaves it out (news of users is no store read), and its hint tells
+    /// streams the news was lost.
+    fn add_topic(&mut self, topic: Topic) {
+        if self.all_topics && topic != Topic::Presence {
+            return;
+        }
+        self.topics.insert(topic);
+        if self.topics.len() > KEPT_TOPICS {
+            self.all_topics = true;
+            self.topics.retain(|t| *t == Topic::Presence);
+        }
     }
 
     fn add_tags(&mut self, tags: impl IntoIterator<Item = Tag>) {
@@ -929,7 +1038,13 @@ impl Kept {
 
     /// Adds what `other` keeps.
     fn absorb(&mut self, other: Kept) {
-        self.topics.extend(other.topics);
+        if other.all_topics {
+            self.all_topics = true;
+            self.topics.retain(|t| *t == Topic::Presence);
+        }
+        for topic in other.topics {
+            self.add_topic(topic);
+        }
         if other.all_caches {
             self.tags = HashSet::new();
             self.all_caches = true;
@@ -956,7 +1071,7 @@ impl Dropped {
     }
 
     fn add(&self, topic: Topic) {
-        self.kept().topics.insert(topic);
+        self.kept().add_topic(topic);
         self.any.store(true, Ordering::Release);
     }
 
@@ -980,9 +1095,9 @@ impl Dropped {
 const CONFIRM_EVERY: Duration = Duration::from_secs(1);
 
 impl Publisher {
-    fn new(client: async_nats::Client, dropped: Arc<Dropped>) -> Self {
+    fn new(client: async_nats::Client, dropped: Arc<Dropped>, liveness: Arc<Liveness>, counts: Arc<Counts>) -> Self {
         let epoch = client.statistics().connects.load(Ordering::SeqCst);
-        Self { client, dropped, epoch, unconfirmed: Kept::default(), confirming: Kept::default() }
+        Self { client, counts, liveness, dropped, epoch, unconfirmed: Kept::default(), confirming: Kept::default() }
     }
 
     /// Publishes what it is handed until a `Close` (settled, flushed, then
@@ -1002,14 +1117,23 @@ impl Publisher {
                 next = queue.recv() => match next {
                     Some(Outgoing::Event(topic, event)) => {
                         self.catch_up().await;
-                        // A presence beat lost is made up for by the next
-                        // heartbeat (module docs).
-                        let kept = topic != Topic::Presence || event.beat.is_none();
-                        self.send(topic, event.to_wire(), kept).await;
+                        self.publish(topic, &event).await;
                         self.announce_dropped().await;
                     }
                     Some(Outgoing::Close(done)) => {
                         closing = Some(done);
+                        // What was queued behind the Close (a publish racing
+                        // close()) goes out too, confirmed with the rest;
+                        // a publish from now on finds the queue closed.
+                        queue.close();
+                        while let Some(next) = queue.recv().await {
+                            match next {
+                                Outgoing::Event(topic, event) => self.publish(topic, &event).await,
+                                // A second close(): dropping its answer
+                                // lets it go on at once.
+                                Outgoing::Close(_) => {}
+                            }
+                        }
                         break;
                     }
                     None => break,
@@ -1090,14 +1214,30 @@ impl Publisher {
         }
     }
 
-    /// Publishes `payload` on `topic`'s subject and, if `kept`, keeps the
-    /// topic until a round trip confirms it.
-    async fn send(&mut self, topic: Topic, payload: bytes::Bytes, kept: bool) {
-        if kept {
-            self.unconfirmed.topics.insert(topic);
+    /// Publishes an event handed to the bus, counted once the client took
+    /// it.
+    async fn publish(&mut self, topic: Topic, event: &Event) {
+        // A presence beat lost is made up for by the next heartbeat
+        // (module docs).
+        let kept = topic != Topic::Presence || event.beat.is_none();
+        if self.send(topic, event.to_wire(), kept).await {
+            self.counts.published.fetch_add(1, Ordering::Relaxed);
+            natter_kit::metrics::bus_published(1);
         }
-        if let Err(e) = self.client.publish(subject(topic), payload).await {
-            tracing::warn!(error = %e, "nats: publish failed (streams will refill from the store)");
+    }
+
+    /// Publishes `payload` on `topic`'s subject and, if `kept`, keeps the
+    /// topic until a round trip confirms it; whether the client took it.
+    async fn send(&mut self, topic: Topic, payload: bytes::Bytes, kept: bool) -> bool {
+        if kept {
+            self.unconfirmed.add_topic(topic);
+        }
+        match self.client.publish(subject(topic), payload).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "nats: publish failed (streams will refill from the store)");
+                false
+            }
         }
     }
 
@@ -1136,7 +1276,21 @@ impl Publisher {
     /// with neither beat nor payload), kept like any event until confirmed.
     async fn hint(&mut self, topic: Topic) {
         let hint = Event::resync_hint(topic).unwrap_or_default();
-        self.send(topic, hint.to_wire(), true).await;
+        if self.send(topic, hint.to_wire(), true).await {
+            natter_kit::metrics::bus_resent(1);
+        }
+    }
+
+    /// Announces on the liveness subject that this process lost events on
+    /// more topics than it keeps: every other process hints all its
+    /// topics. Kept like any event until confirmed.
+    async fn lost_all(&mut self) {
+        self.unconfirmed.all_topics = true;
+        self.unconfirmed.topics.retain(|t| *t == Topic::Presence);
+        match self.client.publish(alive::SUBJECT, self.liveness.payload(Say::Lost)).await {
+            Ok(()) => natter_kit::metrics::bus_resent(1),
+            Err(e) => tracing::warn!(error = %e, "nats: announcing lost events failed (kept for the next try)"),
+        }
     }
 
     /// Publishes again the invalidations of `tags`, or one of every cached
@@ -1150,15 +1304,21 @@ impl Publisher {
         } else {
             invalidation(tags.iter())
         };
-        self.unconfirmed.absorb(Kept { topics: HashSet::new(), tags, all_caches: all });
-        natter_kit::metrics::bus_published(1);
-        if let Err(e) = self.client.publish(INVALIDATE_SUBJECT, payload).await {
-            tracing::warn!(error = %e, "nats: publishing an invalidation again failed (kept for the next try)");
+        self.unconfirmed.absorb(Kept { tags, all_caches: all, ..Kept::default() });
+        match self.client.publish(INVALIDATE_SUBJECT, payload).await {
+            Ok(()) => natter_kit::metrics::bus_resent(1),
+            Err(e) => {
+                tracing::warn!(error = %e, "nats: publishing an invalidation again failed (kept for the next try)");
+            }
         }
     }
 
-    /// Hints each topic of `lost` and publishes its invalidations again.
+    /// Hints each topic of `lost` (or, past [`KEPT_TOPICS`], announces
+    /// that all may be lost) and publishes its invalidations again.
     async fn announce(&mut self, lost: Kept) {
+        if lost.all_topics {
+            self.lost_all().await;
+        }
         for topic in lost.topics {
             self.hint(topic).await;
         }
@@ -1188,6 +1348,7 @@ impl Publisher {
         if !lost.is_empty() {
             tracing::info!(
                 topics = lost.topics.len(),
+                all_topics = lost.all_topics,
                 invalidated_tags = lost.tags.len(),
                 all_caches = lost.all_caches,
                 "nats: reconnected; hinting the topics and invalidating again what was published since the last \
@@ -1368,7 +1529,6 @@ impl Router {
 
 impl EventBus for NatsBus {
     fn publish(&self, topic: Topic, event: Shared) {
-        natter_kit::metrics::bus_published(1);
         self.hub.fan_out(topic, event.clone());
         match self.outbox.try_send(Outgoing::Event(topic, event)) {
             Ok(()) => {}
@@ -1384,8 +1544,18 @@ impl EventBus for NatsBus {
                 tracing::warn!("nats: publish queue full; event dropped (its topic is hinted instead)");
                 self.dropped.add(topic);
             }
+            // The publisher has stopped (close(), or the bus dropped): the
+            // goodbye is said, and no hint can follow. Once per bus, not
+            // per event: a late publisher may send many.
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                tracing::warn!(?topic, "nats: published after close(); sent to this process only");
+                natter_kit::metrics::bus_unsent(1);
+                if !self.told_unsent.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        ?topic,
+                        "nats: published after close(); sent to this process only (logged once; \
+                         natter_bus_unsent_total counts them)"
+                    );
+                }
             }
         }
     }
@@ -1405,16 +1575,17 @@ impl EventBus for NatsBus {
     fn invalidate(&self, tags: Vec<Tag>) -> futures::future::BoxFuture<'_, ()> {
         Box::pin(async move {
             self.hub.invalidator().invalidate(&tags);
-            natter_kit::metrics::bus_published(1);
             let connects = || self.client.statistics().connects.load(Ordering::SeqCst);
             let connection = connects();
             let published =
                 tokio::time::timeout(BARRIER_WAIT, self.client.publish(INVALIDATE_SUBJECT, invalidation(tags.iter())));
+            let published = matches!(published.await, Ok(Ok(())));
+            if published {
+                natter_kit::metrics::bus_published(1);
+            }
             // A barrier answered on a later connection than the publish
             // went out on proves nothing about it.
-            let confirmed = matches!(published.await, Ok(Ok(())))
-                && barrier(&self.client, BARRIER_WAIT).await
-                && connects() == connection;
+            let confirmed = published && barrier(&self.client, BARRIER_WAIT).await && connects() == connection;
             if !confirmed {
                 tracing::warn!(
                     ?tags,
@@ -1435,8 +1606,23 @@ impl EventBus for NatsBus {
                     let _ = flushed.await;
                 }
             };
-            if tokio::time::timeout(CLOSE_GRACE, closing).await.is_err() {
-                tracing::warn!("nats: the last events were not all sent at shutdown");
+            let lost = tokio::time::timeout(CLOSE_GRACE, closing).await.is_err();
+            if lost {
+                tracing::warn!(
+                    "nats: the last events were not all confirmed at shutdown; the goodbye tells the other \
+                     replicas to re-read the store"
+                );
+            }
+            // Taken once: a second close() says nothing more.
+            let goodbye = self.goodbye.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(goodbye) = goodbye {
+                let (done, said) = oneshot::channel();
+                let say = if lost { Say::GoodbyeLost } else { Say::Goodbye };
+                // Fails only if the liveness task has stopped (the bus is
+                // being dropped).
+                if goodbye.send((say, done)).is_ok() {
+                    let _ = tokio::time::timeout(alive::GOODBYE_WAIT, said).await;
+                }
             }
             // Cache look-ups from now on ask the owning services.
             self.closed.cancel();
@@ -1518,7 +1704,15 @@ mod tests {
             }
         }
         assert!(got.is_some(), "b received a's event over NATS");
-        assert_eq!(on_a.recv().await.unwrap().unwrap().change_seq, 1, "a's own subscribers get it locally, once");
+        // Passing over hints: a process of another test on the same server
+        // that vanished makes every bus resync (the `alive` module).
+        let first = loop {
+            let e = on_a.recv().await.unwrap().unwrap();
+            if !e.is_hint() || e.change_seq != 0 {
+                break e.change_seq;
+            }
+        };
+        assert_eq!(first, 1, "a's own subscribers get it locally, once");
         stop.cancel();
     }
 
@@ -1588,6 +1782,34 @@ mod tests {
         let quiet = Uuid::now_v7();
         a.publish(Topic::Chat(quiet), Arc::new(Event::hint(quiet.into())));
         assert!(hinted(Topic::Chat(quiet)), "a dropped chat event is hinted");
+        stop.cancel();
+    }
+
+    /// Events on more topics lost than the publisher keeps to hint one by
+    /// one: it announces that it lost events, and another process hints
+    /// every topic it follows, here a chat the publisher never published
+    /// to, where it would otherwise hint 16 Ki topics by name and keep a
+    /// set of any size (runs when NATTER_TEST_NATS_URL is set).
+    #[tokio::test]
+    async fn too_many_lost_topics_hint_every_topic_elsewhere() {
+        let Some((a, b, stop)) = two_buses(Routing::Interest).await else { return };
+        let followed = Uuid::now_v7();
+        let mut on_b = b.subscribe(Topic::Chat(followed));
+        b.settled().await;
+        // Passing over the subscription's own hint.
+        while futures::FutureExt::now_or_never(on_b.recv()).is_some() {}
+        for _ in 0..=KEPT_TOPICS {
+            a.dropped.add(Topic::Chat(Uuid::now_v7()));
+        }
+        {
+            let kept = a.dropped.kept();
+            assert!(kept.all_topics && kept.topics.is_empty(), "past the cap the set is dropped");
+        }
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), on_b.recv()).await;
+        assert!(
+            matches!(&got, Ok(Some(Ok(e))) if e.is_hint() && e.chat == Some(followed.into())),
+            "b hinted the chat it follows: {got:?}"
+        );
         stop.cancel();
     }
 

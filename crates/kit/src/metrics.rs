@@ -36,7 +36,16 @@
 //! - whatever a service registers of its own ([`register`]; the messages
 //!   writer's batch, commit and phase metrics).
 //! - `natter_bus_published_total`, `natter_bus_received_total`: events put
-//!   on and taken off the event bus ([`bus_published`], [`bus_received`]).
+//!   on and taken off the event bus ([`bus_published`], [`bus_received`]);
+//!   a publish counts once NATS's client took it (within one process: at
+//!   once).
+//! - `natter_bus_resent_total`: resync hints and invalidations the NATS bus
+//!   published again because the first may have been lost
+//!   ([`bus_resent`]); `natter_bus_unsent_total`: events published after
+//!   the bus's `close()`, which only this process's streams received
+//!   ([`bus_unsent`]); `natter_bus_peer_resyncs_total`: times every local
+//!   stream was told to re-read the store because another process was
+//!   lost or lost events ([`bus_peer_resynced`]).
 //! - `natter_bus_subscriptions`, `natter_bus_subscribes_total`,
 //!   `natter_bus_unsubscribes_total`: the NATS subscriptions this process
 //!   holds now, and how many it made and ended (interest routing follows
@@ -112,6 +121,9 @@ struct Metrics {
     request_budget_refusals: IntCounter,
     bus_published: IntCounter,
     bus_received: IntCounter,
+    bus_resent: IntCounter,
+    bus_unsent: IntCounter,
+    bus_peer_resyncs: IntCounter,
     bus_subscriptions: IntGauge,
     bus_subscribes: IntCounter,
     bus_unsubscribes: IntCounter,
@@ -178,6 +190,21 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         IntCounter::new("natter_bus_published_total", "Events published on the event bus.").expect("valid metric");
     let bus_received =
         IntCounter::new("natter_bus_received_total", "Events received from the event bus.").expect("valid metric");
+    let bus_resent = IntCounter::new(
+        "natter_bus_resent_total",
+        "Resync hints and invalidations published again because the first may have been lost.",
+    )
+    .expect("valid metric");
+    let bus_unsent = IntCounter::new(
+        "natter_bus_unsent_total",
+        "Events published after the bus closed: received by this process's streams only.",
+    )
+    .expect("valid metric");
+    let bus_peer_resyncs = IntCounter::new(
+        "natter_bus_peer_resyncs_total",
+        "Times every local stream re-read the store because another process was lost or lost events.",
+    )
+    .expect("valid metric");
     let bus_subscriptions =
         IntGauge::new("natter_bus_subscriptions", "NATS subscriptions this process holds now.").expect("valid metric");
     let bus_subscribes =
@@ -196,6 +223,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(request_budget_refusals.clone()),
         Box::new(bus_published.clone()),
         Box::new(bus_received.clone()),
+        Box::new(bus_resent.clone()),
+        Box::new(bus_unsent.clone()),
+        Box::new(bus_peer_resyncs.clone()),
         Box::new(bus_subscriptions.clone()),
         Box::new(bus_subscribes.clone()),
         Box::new(bus_unsubscribes.clone()),
@@ -215,6 +245,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         request_budget_refusals,
         bus_published,
         bus_received,
+        bus_resent,
+        bus_unsent,
+        bus_peer_resyncs,
         bus_subscriptions,
         bus_subscribes,
         bus_unsubscribes,
@@ -324,6 +357,23 @@ pub fn register(collector: Box<dyn Collector>) {
 /// Counts `count` events published on the event bus.
 pub fn bus_published(count: u64) {
     METRICS.bus_published.inc_by(count);
+}
+
+/// Counts `count` resync hints or invalidations published again.
+pub fn bus_resent(count: u64) {
+    METRICS.bus_resent.inc_by(count);
+}
+
+/// Counts `count` events published after the bus closed (sent to this
+/// process's streams only).
+pub fn bus_unsent(count: u64) {
+    METRICS.bus_unsent.inc_by(count);
+}
+
+/// Counts `count` passes telling every local stream to re-read the store
+/// because another process was lost or lost events.
+pub fn bus_peer_resynced(count: u64) {
+    METRICS.bus_peer_resyncs.inc_by(count);
 }
 
 /// Counts `count` events received from the event bus.

@@ -410,7 +410,7 @@ async fn the_last_subscriber_going_ends_the_subscription() {
     let a = natter_bus(&server, Routing::Interest, &stop).await;
     let b = natter_bus(&server, Routing::Interest, &stop).await;
     let baseline = b.subscriptions();
-    assert_eq!(baseline, 2, "presence and cache invalidations only");
+    assert_eq!(baseline, 3, "presence, liveness and cache invalidations only");
     let (chat, marker) = (Uuid::now_v7(), Uuid::now_v7());
     let mut first = b.subscribe(Topic::Chat(chat));
     let second = b.subscribe(Topic::Chat(chat));
@@ -847,7 +847,8 @@ async fn what_a_stopping_publisher_lost_with_its_connection_is_hinted_before_clo
 /// ones are dropped, among them the only event of a chat another replica's
 /// streams follow. Those subscribers are hinted to re-read the store once
 /// the publisher gets to it, where they would otherwise hear of the change
-/// only at the chat's next event.
+/// only at the chat's next event. The dropped event does not count as
+/// published (`natter_bus_published_total` used to count it).
 #[tokio::test]
 async fn an_event_dropped_for_a_full_publish_queue_is_hinted() {
     let Some(server) = NatsServer::start().await else { return };
@@ -866,6 +867,8 @@ async fn an_event_dropped_for_a_full_publish_queue_is_hinted() {
         Ok(Some(Ok(e))) => assert!(e.is_hint() && e.chat == Some(quiet.into()), "a hint to re-read the chat: {e:?}"),
         other => panic!("b's subscribers of the chat heard nothing within {DELIVERY:?}: {other:?}"),
     }
+    a.close().await;
+    assert_eq!(a.published(), 16 * 1024, "the events queued were published, the dropped one was not");
     stop.cancel();
 }
 
@@ -895,4 +898,147 @@ async fn presence_events_arrive_once_over_one_subscription() {
     let second = tokio::time::timeout(Duration::from_millis(200), on_b.recv()).await;
     assert!(second.is_err(), "b's presence received the rename twice: {second:?}");
     stop.cancel();
+}
+
+/// How long a peer's death may take to reach the other replicas' streams
+/// before it counts as never: three missed announcements of a second and
+/// a check (about 4 s), with room for a loaded machine. A bound, not a
+/// speed.
+const PEER_LOST: Duration = Duration::from_secs(20);
+
+/// b following a new chat (the subscription in effect) once it has heard
+/// the one other bus on the server announce itself.
+async fn follow_hearing_a(b: &NatsBus) -> (Uuid, natter_bus::Subscription) {
+    let chat = Uuid::now_v7();
+    let mut on_b = b.subscribe(Topic::Chat(chat));
+    assert!(in_effect(&mut on_b).await, "b's subscription is in place");
+    assert!(until(DELIVERY, || b.peers() == 1).await, "b heard a announce itself");
+    (chat, on_b)
+}
+
+/// The next event on `rx`, within `within`, must be a resync hint of
+/// `chat`; the panic names `who` heard nothing or something else.
+async fn expect_hint(rx: &mut natter_bus::Subscription, chat: Uuid, within: Duration, who: &str) {
+    match tokio::time::timeout(within, rx.recv()).await {
+        Ok(Some(Ok(e))) => {
+            assert!(e.is_hint() && e.change_seq == 0 && e.chat == Some(chat.into()), "{who}: not a hint: {e:?}");
+        }
+        other => panic!("{who}: heard nothing: {other:?}"),
+    }
+}
+
+/// Replica a commits a change of a chat that replica b's stream follows,
+/// and dies before its event leaves: its host loses power, so nothing it
+/// writes from then on reaches the server (the socket still looks open)
+/// and it says no goodbye. b's connection never wavered and a never comes
+/// back to hint anything: b's subscribers of the chat are hinted to
+/// re-read the store once b misses a's announcements, where without it
+/// they would hear of the change only at the chat's next event.
+#[tokio::test]
+async fn what_a_replica_that_died_never_published_is_hinted_by_the_others() {
+    let Some(server) = NatsServer::start().await else { return };
+    let relay = Relay::to(&server.url).await;
+    let stop = CancellationToken::new();
+    let a = natter_bus_through(&relay, &server, &stop).await;
+    let b = natter_bus(&server, Routing::Interest, &stop).await;
+    let (chat, mut on_b) = follow_hearing_a(&b).await;
+
+    relay.freeze();
+    a.publish(Topic::Chat(chat), event(chat, 1));
+    assert!(relay.swallowed(&format!("natter.events.chat.{chat}"), DELIVERY).await, "a's event was lost on the way");
+    expect_hint(&mut on_b, chat, PEER_LOST, "b's subscribers of the chat, of a's last change").await;
+    assert_eq!(b.peers(), 0, "b counts a as gone");
+    stop.cancel();
+}
+
+/// Replica a publishes a change, closes its bus (everything confirmed)
+/// and says goodbye: b forgets a without hinting its streams, also past
+/// the time a silent a would have been counted as dead (every b stream
+/// re-reading the store at each clean restart of a replica would be a
+/// wasted read per stream).
+#[tokio::test]
+async fn a_replica_that_closes_cleanly_is_forgotten_without_a_resync() {
+    let Some(server) = NatsServer::start().await else { return };
+    let stop = CancellationToken::new();
+    let a = natter_bus(&server, Routing::Interest, &stop).await;
+    let b = natter_bus(&server, Routing::Interest, &stop).await;
+    let (chat, mut on_b) = follow_hearing_a(&b).await;
+
+    a.publish(Topic::Chat(chat), event(chat, 1));
+    a.close().await;
+    match tokio::time::timeout(DELIVERY, on_b.recv()).await {
+        Ok(Some(Ok(e))) => assert_eq!(e.change_seq, 1, "a's last event, no hint: {e:?}"),
+        other => panic!("b did not receive a's last event: {other:?}"),
+    }
+    assert!(until(DELIVERY, || b.peers() == 0).await, "b heard a's goodbye");
+    // A peer still counted would be lost by b's fifth check after its last
+    // word (`NatsBus::peer_checks`).
+    let checks = b.peer_checks();
+    assert!(until(PEER_LOST, || b.peer_checks() >= checks + 5).await, "b went on checking its peers");
+    let after = futures::FutureExt::now_or_never(on_b.recv());
+    assert!(after.is_none(), "b's stream was told to re-read the store after a clean goodbye: {after:?}");
+    stop.cancel();
+}
+
+/// Replica a stops while the server confirms nothing it publishes (here:
+/// its NATS user may publish events but make no round trip; in production
+/// a server or network too slow for the close grace): its close() gives up
+/// with a change unconfirmed, and its goodbye says so. b's streams re-read
+/// the store, those of every chat, not only the ones a published to (a
+/// cannot name them all), where without it they would hear of the change
+/// only at the chat's next event.
+#[tokio::test]
+async fn a_replica_whose_close_gives_up_has_the_others_re_read_the_store() {
+    let Some(server) = NatsServer::start().await else { return };
+    let stop = CancellationToken::new();
+    let a = NatsBus::connect(&url_with(&server, RELAY_USER, &server.password), None, Routing::Interest, stop.clone())
+        .await
+        .expect("the relay user logs in");
+    let b = natter_bus(&server, Routing::Interest, &stop).await;
+    let (followed, mut on_b) = follow_hearing_a(&b).await;
+    let published = Uuid::now_v7();
+
+    a.publish(Topic::Chat(published), event(published, 1));
+    a.close().await;
+    expect_hint(&mut on_b, followed, DELIVERY, "b's streams, of a's unconfirmed change").await;
+    stop.cancel();
+}
+
+/// A publish racing close(): queued behind the Close, it still goes out
+/// (and is confirmed with the rest) where it used to be dropped without a
+/// word; one after close() returned reaches this process only, and is
+/// counted.
+#[tokio::test(flavor = "current_thread")]
+async fn an_event_published_while_closing_still_goes_out() {
+    let Some(server) = NatsServer::start().await else { return };
+    let stop = CancellationToken::new();
+    let a = natter_bus(&server, Routing::Interest, &stop).await;
+    let b = natter_bus(&server, Routing::Interest, &stop).await;
+    let chat = Uuid::now_v7();
+    let mut on_b = b.subscribe(Topic::Chat(chat));
+    assert!(in_effect(&mut on_b).await, "b's subscription is in place");
+
+    let closing = a.close();
+    tokio::pin!(closing);
+    // One poll queues the Close; the publisher (this thread) has not run.
+    assert!(futures::poll!(&mut closing).is_pending(), "close() waits for the publisher");
+    a.publish(Topic::Chat(chat), event(chat, 1));
+    closing.await;
+    assert_eq!(next_seq(&mut on_b).await, Some(1), "the event published during close() reached b");
+
+    let unsent = || metric(&natter_kit::metrics::render(), "natter_bus_unsent_total");
+    let before = unsent();
+    a.publish(Topic::Chat(chat), event(chat, 2));
+    a.publish(Topic::Chat(chat), event(chat, 3));
+    assert!(unsent() >= before + 2.0, "events published after close() are counted");
+    stop.cancel();
+}
+
+/// The value of the unlabelled metric `name` in `text` (the exposition
+/// format).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }

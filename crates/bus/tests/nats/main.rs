@@ -908,10 +908,13 @@ const PEER_LOST: Duration = Duration::from_secs(20);
 
 /// b following a new chat (the subscription in effect) once it has heard
 /// the one other bus on the server announce itself.
-async fn follow_hearing_a(b: &NatsBus) -> (Uuid, natter_bus::Subscription) {
+async fn follow_hearing_a(b: &NatsBus, routing: Routing) -> (Uuid, natter_bus::Subscription) {
     let chat = Uuid::now_v7();
     let mut on_b = b.subscribe(Topic::Chat(chat));
-    assert!(in_effect(&mut on_b).await, "b's subscription is in place");
+    // Broadcast: `natter.events.>` is in place from b's start, no hint.
+    if routing == Routing::Interest {
+        assert!(in_effect(&mut on_b).await, "b's subscription is in place");
+    }
     assert!(until(DELIVERY, || b.peers() == 1).await, "b heard a announce itself");
     (chat, on_b)
 }
@@ -933,22 +936,26 @@ async fn expect_hint(rx: &mut natter_bus::Subscription, chat: Uuid, within: Dura
 /// and it says no goodbye. b's connection never wavered and a never comes
 /// back to hint anything: b's subscribers of the chat are hinted to
 /// re-read the store once b misses a's announcements, where without it
-/// they would hear of the change only at the chat's next event.
+/// they would hear of the change only at the chat's next event. In either
+/// routing of b (broadcast hears the announcements on `natter.events.>`).
 #[tokio::test]
 async fn what_a_replica_that_died_never_published_is_hinted_by_the_others() {
-    let Some(server) = NatsServer::start().await else { return };
-    let relay = Relay::to(&server.url).await;
-    let stop = CancellationToken::new();
-    let a = natter_bus_through(&relay, &server, &stop).await;
-    let b = natter_bus(&server, Routing::Interest, &stop).await;
-    let (chat, mut on_b) = follow_hearing_a(&b).await;
+    for routing in [Routing::Interest, Routing::Broadcast] {
+        let Some(server) = NatsServer::start().await else { return };
+        let relay = Relay::to(&server.url).await;
+        let stop = CancellationToken::new();
+        let a = natter_bus_through(&relay, &server, &stop).await;
+        let b = natter_bus(&server, routing, &stop).await;
+        let (chat, mut on_b) = follow_hearing_a(&b, routing).await;
 
-    relay.freeze();
-    a.publish(Topic::Chat(chat), event(chat, 1));
-    assert!(relay.swallowed(&format!("natter.events.chat.{chat}"), DELIVERY).await, "a's event was lost on the way");
-    expect_hint(&mut on_b, chat, PEER_LOST, "b's subscribers of the chat, of a's last change").await;
-    assert_eq!(b.peers(), 0, "b counts a as gone");
-    stop.cancel();
+        relay.freeze();
+        a.publish(Topic::Chat(chat), event(chat, 1));
+        let subject = format!("natter.events.chat.{chat}");
+        assert!(relay.swallowed(&subject, DELIVERY).await, "a's event was lost on the way");
+        expect_hint(&mut on_b, chat, PEER_LOST, &format!("{routing:?}: b's subscribers, of a's last change")).await;
+        assert_eq!(b.peers(), 0, "{routing:?}: b counts a as gone");
+        stop.cancel();
+    }
 }
 
 /// Replica a publishes a change, closes its bus (everything confirmed)
@@ -962,7 +969,7 @@ async fn a_replica_that_closes_cleanly_is_forgotten_without_a_resync() {
     let stop = CancellationToken::new();
     let a = natter_bus(&server, Routing::Interest, &stop).await;
     let b = natter_bus(&server, Routing::Interest, &stop).await;
-    let (chat, mut on_b) = follow_hearing_a(&b).await;
+    let (chat, mut on_b) = follow_hearing_a(&b, Routing::Interest).await;
 
     a.publish(Topic::Chat(chat), event(chat, 1));
     a.close().await;
@@ -995,7 +1002,7 @@ async fn a_replica_whose_close_gives_up_has_the_others_re_read_the_store() {
         .await
         .expect("the relay user logs in");
     let b = natter_bus(&server, Routing::Interest, &stop).await;
-    let (followed, mut on_b) = follow_hearing_a(&b).await;
+    let (followed, mut on_b) = follow_hearing_a(&b, Routing::Interest).await;
     let published = Uuid::now_v7();
 
     a.publish(Topic::Chat(published), event(published, 1));

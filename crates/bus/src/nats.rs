@@ -151,7 +151,7 @@ const KEPT_TAGS: usize = 4096;
 /// Most topics the publisher keeps to hint (their events unconfirmed, or
 /// dropped for a full queue); past it, it announces that it lost events on
 /// the liveness subject instead, and every other process hints all its
-/// topics (`alive`). 16 Ki topics: about 1 MB of hints after a reconnect,
+/// topics (`alive`). 16 Ki topics: about 1.5 MB of hints after a reconnect,
 /// a set of under 1 MB while kept; a replica publishing to more distinct
 /// topics than that within a second of unconfirmed time has most of the
 /// deployment's streams among its receivers anyway.

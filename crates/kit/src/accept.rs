@@ -5,10 +5,10 @@
 //! ([`crate::config::TransportArgs`]).
 //!
 //! The rules live in the connection itself (a semaphore permit, and a
-//! deadline checked where hyper reads it), so tonic's server serves it as
-//! any other; a layer at the top of the stack ([`CallTrackingLayer`]) tells
-//! the connection when each call starts and ends (its response body
-//! dropped: answered, or the client went away). The trade-off: a deadline
+//! deadline checked where hyper reads it), so hyper serves it as any
+//! other (`crate::serve`); a service wrapped around each connection's
+//! stack ([`TrackCalls`]) tells the connection when each call starts and
+//! ends (its response body dropped: answered, or the client went away). The trade-off: a deadline
 //! strikes when hyper next reads, which it does for as long as it waits for
 //! a request, so it is late by no more than a timer tick. A client that
 //! connects ahead of its first call (tonic's `Endpoint::connect`) and
@@ -39,9 +39,9 @@
 //! The idle deadline (gRPC's MAX_CONNECTION_IDLE, gRFC A9) counts from the
 //! moment the connection's last call ended; a call in flight (an open
 //! StreamEvents, a unary call being answered) stops it. Where gRPC sends
-//! GOAWAY first, natter closes the connection: hyper offers no way to
-//! start its graceful close from outside, and a connection with no call in
-//! flight has nothing to drain. A call a client sends just as the
+//! GOAWAY first, natter closes the connection: the deadline strikes where
+//! hyper reads, which can fail the read but not start hyper's graceful
+//! close, and a connection with no call in flight has nothing to drain. A call a client sends just as the
 //! connection closes fails UNAVAILABLE without having reached a service
 //! (the connection is closed instead of reading it), as on any dropped
 //! connection; browsers resend it on a new connection by themselves. The
@@ -65,14 +65,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_stream::Stream;
 use tokio_util::sync::PollSemaphore;
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tonic::transport::server::{Connected as _, TcpConnectInfo, TcpIncoming};
 
 use crate::metrics::{self, ConnectionGuard};
 
 /// How long a listener waits before accepting again when accept failed for
 /// want of resources (out of file descriptors, buffers, memory): the
-/// waiting connection stays in the kernel's queue, and tonic's accept loop
-/// would retry at once, spinning a core for as long as it lasts (hyper's
+/// waiting connection stays in the kernel's queue, and the accept loop
+/// (`crate::serve`) would retry at once, spinning a core for as long as it lasts (hyper's
 /// own accept loop waited a second).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -85,7 +85,7 @@ const CAP_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 /// endpoint): the cap warning counts them in.
 const RESERVED_FDS: u64 = 512;
 
-/// The connections of one listener, as tonic's server takes them: a
+/// The connections of one listener, as `crate::serve` takes them: a
 /// connection is accepted only while fewer than the cap are open, and each
 /// carries its permit and handshake deadline.
 pub(crate) struct Incoming {
@@ -169,8 +169,8 @@ fn client_address(peer: IpAddr) -> IpAddr {
 impl Incoming {
     /// Accepts from `inner` at most `max_connections` connections at once,
     /// at most `per_address` of them from one client address (0: no such
-    /// cap), each closed past its `deadlines`, as [`CallTrackingLayer`]
-    /// reports its calls. `listener` names it in metrics and logs.
+    /// cap), each closed past its `deadlines`, as [`TrackCalls`] reports
+    /// its calls. `listener` names it in metrics and logs.
     pub(crate) fn new(
         inner: TcpIncoming,
         max_connections: u32,
@@ -452,15 +452,14 @@ impl AsyncWrite for Connection {
     }
 }
 
-impl Connected for Connection {
-    type ConnectInfo = ConnectionInfo;
-
-    fn connect_info(&self) -> ConnectionInfo {
+impl Connection {
+    /// What [`TrackCalls`] needs to know of this connection.
+    pub(crate) fn info(&self) -> ConnectionInfo {
         ConnectionInfo { tcp: self.stream.connect_info(), calls: self.calls.clone() }
     }
 }
 
-/// The calls of one connection, as [`CallTrackingLayer`] reports them.
+/// The calls of one connection, as [`TrackCalls`] reports them.
 #[derive(Debug)]
 struct Calls {
     /// When the connection was accepted.
@@ -477,7 +476,7 @@ struct Calls {
 }
 
 /// A connection of a listener, told apart from every other one the
-/// process accepted (ids are never reused): [`CallTrackingLayer`] puts it
+/// process accepted (ids are never reused): [`TrackCalls`] puts it
 /// in the extensions of each request, for the limits kept per connection
 /// (`crate::tokenless`). A client address and port would be reused once
 /// the connection closed.
@@ -543,39 +542,33 @@ impl Drop for InFlight {
     }
 }
 
-/// What tonic puts in the extensions of each request of a [`Connection`];
-/// [`CallTrackingLayer`] takes it out and leaves tonic's own
-/// [`TcpConnectInfo`] in its place, where `remote_addr()` and the rate
-/// limits look for the client's address.
+/// One [`Connection`] as [`TrackCalls`] tells its requests about it: the
+/// client's address and the connection's calls.
 #[derive(Clone, Debug)]
 pub(crate) struct ConnectionInfo {
     tcp: TcpConnectInfo,
     calls: Arc<Calls>,
 }
 
-/// Tells the connection of each request that a call started on it, and
-/// when it ended (the response body dropped), so that its handshake
-/// deadline no longer applies and its idle one counts from the last call's
-/// end; turns its [`ConnectionInfo`] into tonic's [`TcpConnectInfo`] and
-/// the connection's [`ConnectionId`].
-/// Outermost in the stack: any request counts, even one a gate then
-/// refuses, and every layer after it finds the client's address where
-/// tonic puts it.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct CallTrackingLayer;
-
-impl<S> tower::Layer<S> for CallTrackingLayer {
-    type Service = TrackCalls<S>;
-
-    fn layer(&self, inner: S) -> TrackCalls<S> {
-        TrackCalls { inner }
-    }
-}
-
-/// See [`CallTrackingLayer`].
+/// The service of one connection, around the server's stack (outermost,
+/// so that any request counts, even one a gate then refuses): tells the
+/// connection that a call started on it, and when it ended (the response
+/// body dropped), so that its handshake deadline no longer applies and its
+/// idle one counts from the last call's end; puts tonic's
+/// [`TcpConnectInfo`] in the request's extensions, where `remote_addr()`
+/// and the rate limits look for the client's address, and the
+/// connection's [`ConnectionId`], for the limits kept per connection.
 #[derive(Clone, Debug)]
 pub(crate) struct TrackCalls<S> {
     inner: S,
+    info: ConnectionInfo,
+}
+
+impl<S> TrackCalls<S> {
+    /// `inner`, serving the connection `info` describes ([`Connection::info`]).
+    pub(crate) fn new(inner: S, info: ConnectionInfo) -> Self {
+        Self { inner, info }
+    }
 }
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for TrackCalls<S>
@@ -591,11 +584,9 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
-        let call = request.extensions_mut().remove::<ConnectionInfo>().map(|info| {
-            request.extensions_mut().insert(info.tcp);
-            request.extensions_mut().insert(info.calls.id);
-            InFlight::start(info.calls)
-        });
+        request.extensions_mut().insert(self.info.tcp.clone());
+        request.extensions_mut().insert(self.info.calls.id);
+        let call = Some(InFlight::start(self.info.calls.clone()));
         TrackedFuture { inner: self.inner.call(request), call }
     }
 }

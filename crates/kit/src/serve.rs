@@ -15,12 +15,46 @@
 //! credential. Shutdown is graceful: the listener closes, in-flight
 //! calls finish, streams are told to end through the same token, and after
 //! `shutdown_grace` the server stops regardless.
+//!
+//! Connections are served with hyper directly (hyper-util's HTTP/1.1 and
+//! HTTP/2 server, as tonic's server did), not through tonic's server,
+//! which cannot set what bounds a client that does not read:
+//!
+//! - Answers it does not read: hyper asks a response body for its next
+//!   chunk only while less than [`MAX_SEND_BUF_BYTES`] (64 KiB) of the
+//!   stream waits unsent, so one stream holds at most that plus two chunks
+//!   (one sent past the mark, one waiting for room; a chunk is a message,
+//!   or tonic's batch of small ones). A connection holds at most
+//!   `--max-concurrent-streams` (128) of those, 8 MiB and 256 chunks, plus
+//!   its sockets' buffers; a server `--max-connections` such connections,
+//!   `--max-connections-per-address` of them from one address. It was 400
+//!   KiB a stream, 50 MB a connection. A client that reads nothing answers
+//!   no PING and its connection is closed after
+//!   `--http2-keepalive-interval` and `--http2-keepalive-timeout` (50 s); one
+//!   that reads a little now and then keeps it until
+//!   `--max-connection-age` and its grace. A client that reads the socket
+//!   but grants no flow-control window makes a stream hold one chunk.
+//!   HTTP/1.1 carries one call at a time, and hyper buffers at most about
+//!   400 KiB of its answer.
+//! - Requests no service has read: HTTP/2 flow control lets a client send
+//!   at most [`STREAM_WINDOW_BYTES`] (64 KiB) a stream and
+//!   [`CONNECTION_WINDOW_BYTES`] (256 KiB) a connection, all streams
+//!   together, ahead of what the services read (hyper's defaults were
+//!   1 MiB each); at most `--max-connections` times that a server. Bytes a
+//!   service has read are on the public listener's request budget
+//!   (`--max-buffered-request-bytes`).
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, Method};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto as http_server;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::service::{Routes, RoutesBuilder};
@@ -31,9 +65,9 @@ use tower_http::services::ServeDir;
 
 use crate::web_page::PageSource;
 
-use crate::accept::{CallTrackingLayer, Deadlines, Incoming};
+use crate::accept::{Deadlines, Incoming, TrackCalls};
 use crate::budget::{RequestBudget, RequestBudgetLayer};
-use crate::config::ServerArgs;
+use crate::config::{ServerArgs, TransportArgs};
 use crate::internal::ServiceCredential;
 use crate::limits::{AuthFailures, Rate, TrustedProxies};
 use crate::tokenless::TokenlessStreamsLayer;
@@ -195,11 +229,7 @@ impl Server {
     }
 
     /// Serves until `shutdown` is cancelled, then drains as described above.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-    ) -> Result<(), tonic::transport::Error> {
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
         serve_routes(self.into_parts(), listener, shutdown).await
     }
 }
@@ -211,7 +241,7 @@ pub async fn serve_split(
     public: (Server, TcpListener),
     internal: (Server, TcpListener),
     shutdown: CancellationToken,
-) -> Result<(), tonic::transport::Error> {
+) -> std::io::Result<()> {
     if let Ok(addr) = internal.1.local_addr() {
         tracing::info!(%addr, "internal listener (other natter services only)");
     }
@@ -221,11 +251,10 @@ pub async fn serve_split(
 
 /// Serves `routes` on `listener` with natter's layer stack until `shutdown`
 /// is cancelled (see the module docs).
-pub async fn serve_routes(
-    parts: Parts,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), tonic::transport::Error> {
+///
+/// Errors: none today (`crate::accept` retries failed accepts); a
+/// `Result`, as the binaries' `run` functions `?` it.
+pub async fn serve_routes(parts: Parts, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
     let Parts { args, health, routes, page, credential, failed_auth } = parts;
     let credential_free = credential.is_none();
     if credential_free {
@@ -233,12 +262,12 @@ pub async fn serve_routes(
     }
     let transport = &args.transport;
     let listener_name = if credential_free { "public" } else { "internal" };
+    // Each connection wraps this stack in its `TrackCalls` (outermost:
+    // any request, even one refused below, ends the connection's handshake
+    // deadline and holds off its idle one until the response is sent; and
+    // every layer below finds the client's address where tonic's server
+    // put it).
     let layers = ServiceBuilder::new()
-        // Outermost: any request, even one refused below, ends its
-        // connection's handshake deadline and holds off its idle one until
-        // the response is sent; and every layer below finds the client's
-        // address where tonic puts it.
-        .layer(CallTrackingLayer)
         // First on an internal listener: nothing without the service
         // credential gets any further, not even a CORS preflight.
         .option_layer(credential.map(|c| GateLayer::new(crate::internal::require_credential(c))))
@@ -309,32 +338,189 @@ pub async fn serve_routes(
         },
         listener_name,
     );
-    let drain = {
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.cancelled().await;
-            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-            tracing::info!("shutting down: draining in-flight calls");
-        }
+    let drain = async move {
+        shutdown.cancelled().await;
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        tracing::info!("shutting down: draining in-flight calls");
     };
-    let server = tonic::transport::Server::builder()
-        .accept_http1(true)
-        // Transport limits (see `TransportArgs`): hyper and h2 enforce them.
+    let lifetime = Lifetime { age: transport.max_connection_age, grace: transport.max_connection_age_grace };
+    let stack = layers.service(routes.prepare());
+    serve_connections(incoming, stack, http_builder(transport), lifetime, drain, args.shutdown_grace).await;
+    Ok(())
+}
+
+/// The most bytes of a response that hyper holds for one HTTP/2 stream
+/// and has not yet handed to the socket (h2's `max_send_buffer_size`):
+/// hyper asks the response body for its next chunk only while less than
+/// this is waiting. 64 KiB, four HTTP/2 frames, keeps the socket fed
+/// (the kernel's send buffer holds what is on its way) while a client that
+/// never reads, on a connection full of streams with large answers
+/// (history pages, search), makes the server hold 64 KiB and two chunks
+/// per stream instead of hyper's default 400 KiB.
+pub const MAX_SEND_BUF_BYTES: usize = 64 * 1024;
+
+/// The HTTP/2 flow-control window of each request stream
+/// (SETTINGS_INITIAL_WINDOW_SIZE, RFC 9113 section 6.9.2): the most bytes
+/// of one request a client may send before its service reads them. 64
+/// KiB holds a whole chat message (at most 32 KiB of text) with room to
+/// spare; a larger request (up to `--max-request-bytes`) comes as the
+/// service reads it, one window per round trip. hyper's default was
+/// 1 MiB.
+pub const STREAM_WINDOW_BYTES: u32 = 64 * 1024;
+
+/// The HTTP/2 flow-control window of each connection, all its request
+/// streams together: the most request bytes one connection may have sent
+/// that no service has read yet (bytes read are on the request budget,
+/// `crate::budget`). Four streams' windows: unread request data on a
+/// connection is at most this, however many streams it opens. hyper's
+/// default was 1 MiB.
+pub const CONNECTION_WINDOW_BYTES: u32 = 4 * STREAM_WINDOW_BYTES;
+
+/// hyper's connection builder with natter's HTTP/1.1 and HTTP/2 settings:
+/// those of [`TransportArgs`] and the buffer and window sizes above. The
+/// rest is hyper's defaults, which tonic's server kept too (its HTTP/1.1
+/// header read timeout of 30 s, 16 KiB frames, at most 20 streams reset
+/// by the client before the server accepted them), but for the streams
+/// the server may reset for a client's protocol errors before it sends
+/// GOAWAY: hyper's limit of 1,024, which tonic's server turned off.
+fn http_builder(transport: &TransportArgs) -> http_server::Builder<TokioExecutor> {
+    let mut builder = http_server::Builder::new(TokioExecutor::new());
+    // hyper enforces its HTTP/1.1 header read timeout only with a timer.
+    builder.http1().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
         .max_concurrent_streams(transport.max_concurrent_streams)
-        .http2_max_header_list_size(transport.max_header_list_bytes)
-        .http2_keepalive_interval(Some(transport.http2_keepalive_interval))
-        .http2_keepalive_timeout(Some(transport.http2_keepalive_timeout))
-        .max_connection_age(transport.max_connection_age)
-        .max_connection_age_grace(transport.max_connection_age_grace)
-        .layer(layers)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, drain);
-    let grace = args.shutdown_grace;
+        .max_header_list_size(transport.max_header_list_bytes)
+        .keep_alive_interval(transport.http2_keepalive_interval)
+        .keep_alive_timeout(transport.http2_keepalive_timeout)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_send_buf_size(MAX_SEND_BUF_BYTES);
+    builder
+}
+
+/// How long a connection is served: asked to close (HTTP/2 GOAWAY, or
+/// HTTP/1.1's close after the call in flight) at `age`, closed regardless
+/// `grace` later.
+#[derive(Clone, Copy, Debug)]
+struct Lifetime {
+    age: Duration,
+    grace: Duration,
+}
+
+/// Serves each connection of `incoming` with hyper on `stack` until
+/// `drain` resolves; then stops accepting (the listener closes), asks every
+/// connection to close once its calls are done (GOAWAY), and returns once
+/// all are closed, or after `shutdown_grace`, closing those left.
+async fn serve_connections<S, B>(
+    mut incoming: Incoming,
+    stack: S,
+    http: http_server::Builder<TokioExecutor>,
+    lifetime: Lifetime,
+    drain: impl Future<Output = ()>,
+    shutdown_grace: Duration,
+) where
+    S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<tower::BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<tower::BoxError>,
+{
+    let http = Arc::new(http);
+    let draining = CancellationToken::new();
+    // Cancelled when this returns, or is dropped (a caller that stops
+    // serving): no connection outlives its server.
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    // Each connection's task holds a sender: the channel closes when the
+    // last one ended.
+    let (open, mut all_closed) = tokio::sync::mpsc::channel::<Infallible>(1);
+    let mut drain = std::pin::pin!(drain);
+    loop {
+        let connection = tokio::select! {
+            () = &mut drain => break,
+            next = incoming.next() => match next {
+                Some(Ok(connection)) => connection,
+                // `Incoming` retries accept errors itself.
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "accept failed");
+                    continue;
+                }
+                None => break,
+            },
+        };
+        // As tonic's server: gRPC errors a layer returns become their
+        // status, outermost.
+        let service = tonic::service::RecoverError::new(TrackCalls::new(stack.clone(), connection.info()));
+        let service = TowerToHyperService::new(service);
+        let (http, draining, stop, open) = (http.clone(), draining.clone(), stop.clone(), open.clone());
+        tokio::spawn(async move {
+            serve_connection(&http, connection, service, lifetime, draining, stop).await;
+            drop(open);
+        });
+    }
+    // The listener closes now: new clients are refused, not left waiting.
+    drop(incoming);
+    drop(open);
+    draining.cancel();
     tokio::select! {
-        result = server => result,
-        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(grace = ?grace, "shutdown grace period over; stopping with calls in flight");
-            Ok(())
+        None = all_closed.recv() => {}
+        () = tokio::time::sleep(shutdown_grace) => {
+            tracing::warn!(grace = ?shutdown_grace, "shutdown grace period over; stopping with calls in flight");
+        }
+    }
+}
+
+/// Serves one connection until it closes: asked to close at its age or
+/// when the server drains, closed at its age's grace or when the server
+/// stops.
+async fn serve_connection<S, B>(
+    http: &http_server::Builder<TokioExecutor>,
+    io: crate::accept::Connection,
+    service: S,
+    lifetime: Lifetime,
+    draining: CancellationToken,
+    stop: CancellationToken,
+) where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Into<tower::BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<tower::BoxError>,
+{
+    let connection = http.serve_connection(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    let deadline = tokio::time::sleep(lifetime.age);
+    let mut deadline = std::pin::pin!(deadline);
+    let (mut closing, mut aged) = (false, false);
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = draining.cancelled(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            () = &mut deadline => {
+                if aged {
+                    tracing::debug!("closing a connection past --max-connection-age and its grace");
+                    return;
+                }
+                aged = true;
+                if !closing {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                // `sleep`, unlike an `Instant` sum, takes any grace.
+                deadline.set(tokio::time::sleep(lifetime.grace));
+            }
+            () = stop.cancelled() => return,
         }
     }
 }
@@ -431,9 +617,10 @@ const UNAUTHENTICATED_PATHS: [&str; 4] = [
 /// code table (grpc/doc/statuscodes.md), which DESIGN.md promises clients:
 /// a request message over `max_decoding_message_size` is OUT_OF_RANGE in
 /// tonic, RESOURCE_EXHAUSTED by the table. It travels trailers-only, in the
-/// response headers, so this rewrites just that code. (tonic's other one, a
-/// call past the client's grpc-timeout answered CANCELLED, is answered
-/// outside every layer: [`RequestTimeoutLayer`] answers first.)
+/// response headers, so this rewrites just that code. (tonic's server
+/// had another, a call past the client's grpc-timeout answered CANCELLED
+/// outside every layer; natter serves with hyper itself, and
+/// [`RequestTimeoutLayer`] answers that call.)
 fn tonic_codes_by_the_table<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
     let message_has = |needles: &[&[u8]]| {
@@ -475,13 +662,14 @@ fn cors_open_beyond_loopback(origins: &[String], addr: std::net::SocketAddr) -> 
 /// within the client's own `grpc-timeout` when that is shorter, with
 /// DEADLINE_EXCEEDED. A stream only has to start within it.
 ///
-/// tonic applies a client's `grpc-timeout` too, but outside natter's
-/// layers (its `GrpcTimeout` wraps the whole stack): its answer was
+/// tonic's server applied a client's `grpc-timeout` outside natter's
+/// layers (its `GrpcTimeout` wrapped the whole stack): its answer was
 /// CANCELLED "Timeout expired", never recorded on the call's span and
 /// metrics, and without CORS headers or the gRPC-web framing, so a browser
-/// saw a network error. This layer, inside those, ends the call
-/// [`CLIENT_DEADLINE_MARGIN`] before tonic's timer would, so the client
-/// hears DEADLINE_EXCEEDED through every layer, as with any other answer.
+/// saw a network error. This layer, inside those, is the only one that
+/// applies it now (natter serves with hyper itself, `serve_connections`),
+/// so the client hears DEADLINE_EXCEEDED through every layer, as with any
+/// other answer.
 #[derive(Clone, Copy, Debug)]
 struct RequestTimeoutLayer {
     timeout: Duration,
@@ -521,8 +709,8 @@ where
         let call = self.inner.call(request);
         Box::pin(async move {
             // The client's deadline, if it comes first.
-            let client = client.filter(|client| *client < server + CLIENT_DEADLINE_MARGIN);
-            let timeout = client.map_or(server, |client| client.saturating_sub(CLIENT_DEADLINE_MARGIN));
+            let client = client.filter(|client| *client < server);
+            let timeout = client.unwrap_or(server);
             match tokio::time::timeout(timeout, call).await {
                 Ok(result) => result,
                 Err(_elapsed) => {
@@ -536,12 +724,6 @@ where
         })
     }
 }
-
-/// How much sooner than tonic's own timer [`RequestTimeoutLayer`] ends a
-/// call at its client's `grpc-timeout`: both timers start within
-/// microseconds of each other as the request goes down the stack, and
-/// Tokio's timers tick by the millisecond, so 5 ms puts natter's first.
-const CLIENT_DEADLINE_MARGIN: Duration = Duration::from_millis(5);
 
 /// A tower layer that answers a request itself, with the [`tonic::Status`]
 /// its check returns, instead of passing it on: the shape of every "refuse

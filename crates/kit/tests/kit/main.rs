@@ -1,0 +1,3 @@
+//! natter-kit's integration tests: its server over real sockets.
+
+mod serve;

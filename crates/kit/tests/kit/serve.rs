@@ -1,0 +1,303 @@
+//! What a client that does not read can make a natter server hold, over
+//! real sockets: the answers it never reads, and the requests no service
+//! reads.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use natter_kit::config::ServerArgs;
+use natter_kit::serve::{CONNECTION_WINDOW_BYTES, MAX_SEND_BUF_BYTES, STREAM_WINDOW_BYTES, Server};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// A guard against a hang: every wait in this module ends within it.
+const GUARD: Duration = Duration::from_secs(20);
+
+/// The size of each chunk of [`Endless`]'s body: a large message.
+const CHUNK: usize = 16 * 1024;
+
+static ZEROS: [u8; CHUNK] = [0; CHUNK];
+
+/// A stand-in service (no token needed: not a natter service): `Answer`
+/// answers with an endless body ([`Endless`]) that counts the bytes hyper
+/// took from it; `Hold` answers with headers and keeps its request body,
+/// unread, for as long as the call lasts.
+#[derive(Clone, Default)]
+struct Stand {
+    pulled: Arc<AtomicUsize>,
+}
+
+impl tonic::server::NamedService for Stand {
+    const NAME: &'static str = "kit.test.Stand";
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Stand {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let body = if request.uri().path().ends_with("/Answer") {
+            StandBody::Endless(self.pulled.clone())
+        } else {
+            StandBody::Holding(request.into_body())
+        };
+        let response = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(tonic::body::Body::new(body))
+            .unwrap();
+        std::future::ready(Ok(response))
+    }
+}
+
+/// The answers of [`Stand`].
+enum StandBody {
+    /// Endless [`CHUNK`]s, counting those taken.
+    Endless(Arc<AtomicUsize>),
+    /// No end, and the request's body kept unread.
+    Holding(tonic::body::Body),
+}
+
+impl http_body::Body for StandBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        match &*self {
+            Self::Endless(pulled) => {
+                pulled.fetch_add(CHUNK, Ordering::Relaxed);
+                Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(&ZEROS)))))
+            }
+            Self::Holding(_request) => Poll::Pending,
+        }
+    }
+}
+
+/// A natter server with [`Stand`] on `listener`, until the token is
+/// cancelled.
+async fn serve(listener: tokio::net::TcpListener, stand: Stand) -> CancellationToken {
+    serve_with(&ServerArgs::default(), listener, stand).await
+}
+
+/// [`serve`] with `args`.
+async fn serve_with(args: &ServerArgs, listener: tokio::net::TcpListener, stand: Stand) -> CancellationToken {
+    let mut server = Server::new(args);
+    server.add_service(stand).await;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(server.serve(listener, shutdown.clone()));
+    shutdown
+}
+
+fn request(path: &str) -> http::Request<()> {
+    http::Request::post(format!("http://localhost/kit.test.Stand/{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// A TCP stream that never reads: its client sends its frames and never
+/// takes a byte of what the server sends.
+struct NeverReads(TcpStream);
+
+impl AsyncRead for NeverReads {
+    fn poll_read(self: Pin<&mut Self>, _cx: &mut Context<'_>, _buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for NeverReads {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Waits until `counter` stops growing (the same over ten looks 50 ms
+/// apart) and returns it. Nothing tells a client that hyper stopped taking
+/// from a body; a look too early could only find less, never more.
+async fn settled(counter: &AtomicUsize) -> usize {
+    let mut last = counter.load(Ordering::Relaxed);
+    let mut same = 0;
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while same < 10 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = counter.load(Ordering::Relaxed);
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
+/// A client that opens streams whose answers are large, grants the
+/// server all the flow-control window it may ask for, and never reads a
+/// byte (its socket's receive buffer full, the server's send buffer full)
+/// makes hyper hold at most [`MAX_SEND_BUF_BYTES`] and two chunks a stream
+/// (one sent past the mark, one waiting for room) beyond what the sockets
+/// and one HTTP/2 frame hold: it was hyper's default of 400 KiB a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_client_never_reads_are_held_up_to_the_send_buffer_a_stream() {
+    const STREAMS: usize = 4;
+    // Small socket buffers, so that what the kernel holds is small and known
+    // (Linux doubles what is asked; accepted sockets take the listener's).
+    let server_socket = TcpSocket::new_v4().unwrap();
+    server_socket.set_send_buffer_size(8 * 1024).unwrap();
+    server_socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let server_send_buffer = server_socket.send_buffer_size().unwrap() as usize;
+    let listener = server_socket.listen(16).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stand = Stand::default();
+    let shutdown = serve(listener, stand.clone()).await;
+
+    let client_socket = TcpSocket::new_v4().unwrap();
+    client_socket.set_recv_buffer_size(8 * 1024).unwrap();
+    let client_receive_buffer = client_socket.recv_buffer_size().unwrap() as usize;
+    let tcp = client_socket.connect(addr).await.unwrap();
+    let (mut send, connection) = h2::client::Builder::new()
+        .initial_window_size(i32::MAX as u32)
+        .initial_connection_window_size(i32::MAX as u32)
+        .handshake::<_, Bytes>(NeverReads(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut calls = Vec::new();
+    for _ in 0..STREAMS {
+        send = send.ready().await.unwrap();
+        calls.push(send.send_request(request("Answer"), true).unwrap());
+    }
+
+    let pulled = tokio::time::timeout(GUARD, settled(&stand.pulled)).await.unwrap();
+    // The kernel's: both socket buffers, and one segment of loopback's
+    // 64 KiB taken past the send buffer's mark; h2's: one frame being
+    // written.
+    let sockets = server_send_buffer + client_receive_buffer + 64 * 1024;
+    let frame = 16 * 1024 + 9;
+    let held_by_hyper = STREAMS * (MAX_SEND_BUF_BYTES + 2 * CHUNK);
+    assert!(
+        pulled <= held_by_hyper + sockets + frame,
+        "hyper took {pulled} bytes of {STREAMS} answers nobody reads: more than {STREAMS} x \
+         ({MAX_SEND_BUF_BYTES} + 2 x {CHUNK}) + the sockets' {sockets} + a frame"
+    );
+    shutdown.cancel();
+}
+
+/// A client that sends requests no service reads can send at most
+/// [`STREAM_WINDOW_BYTES`] on each stream and [`CONNECTION_WINDOW_BYTES`]
+/// on its connection, all streams together: hyper's defaults were 1 MiB
+/// each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_no_service_reads_stop_at_the_flow_control_windows() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = serve(listener, Stand::default()).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut ping = connection.ping_pong().expect("the first ping_pong");
+    tokio::spawn(connection);
+    // A round trip: the server's SETTINGS and its connection WINDOW_UPDATE,
+    // sent before its PONG, have been read.
+    let barrier = async |ping: &mut h2::PingPong| {
+        tokio::time::timeout(GUARD, ping.ping(h2::Ping::opaque())).await.expect("a pong").unwrap();
+    };
+    barrier(&mut ping).await;
+
+    // One stream more than the connection's window holds windows of.
+    let streams = (CONNECTION_WINDOW_BYTES / STREAM_WINDOW_BYTES) as usize + 1;
+    let mut bodies = Vec::new();
+    let mut calls = Vec::new();
+    for _ in 0..streams {
+        send = send.ready().await.unwrap();
+        let (call, mut body) = send.send_request(request("Hold"), false).unwrap();
+        body.reserve_capacity(2 * STREAM_WINDOW_BYTES as usize);
+        bodies.push(body);
+        calls.push(call);
+    }
+    barrier(&mut ping).await;
+    let mut sent = Vec::new();
+    for body in &mut bodies {
+        let capacity = body.capacity();
+        body.send_data(Bytes::from(vec![0; capacity]), false).unwrap();
+        sent.push(capacity);
+    }
+    // Every byte sent has reached the server: had it let the client send
+    // more, its WINDOW_UPDATEs would come with the services reading, and
+    // they read nothing.
+    barrier(&mut ping).await;
+    let total: usize = sent.iter().sum();
+    assert!(
+        sent.iter().all(|&s| s <= STREAM_WINDOW_BYTES as usize),
+        "a stream nobody reads took {sent:?} bytes: more than the stream window of {STREAM_WINDOW_BYTES}"
+    );
+    assert_eq!(sent[0], STREAM_WINDOW_BYTES as usize, "the first stream fills its window: {sent:?}");
+    assert_eq!(
+        total, CONNECTION_WINDOW_BYTES as usize,
+        "streams nobody reads took {sent:?} bytes: the connection window is {CONNECTION_WINDOW_BYTES}"
+    );
+    assert!(
+        bodies.iter().all(|b| b.capacity() == 0),
+        "the server let the client send more than its windows with nothing read"
+    );
+    shutdown.cancel();
+}
+
+/// A connection past `--max-connection-age` is asked to close (GOAWAY: no
+/// new calls on it) while its calls in flight go on until the grace ends.
+/// tonic's server, given a grace, sent no GOAWAY at the age and closed
+/// the connection, calls and all, at the end of the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_past_its_age_is_asked_to_close_and_its_calls_go_on() {
+    let mut args = ServerArgs::default();
+    args.transport.max_connection_age = Duration::from_millis(300);
+    args.transport.max_connection_age_grace = 3 * GUARD;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = serve_with(&args, listener, Stand::default()).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut ping = connection.ping_pong().expect("the first ping_pong");
+    tokio::spawn(connection);
+    send = send.ready().await.unwrap();
+    let (call, mut in_flight) = send.send_request(request("Hold"), false).unwrap();
+    let response = tokio::time::timeout(GUARD, call).await.expect("headers").unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+
+    // A new call is refused once the client has read the GOAWAY; nothing
+    // tells it sooner than trying.
+    let deadline = tokio::time::Instant::now() + GUARD;
+    let refused = loop {
+        assert!(tokio::time::Instant::now() < deadline, "no GOAWAY within {GUARD:?} of a 300 ms age");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        ping.ping(h2::Ping::opaque()).await.expect("the connection stays open");
+        if let Err(e) = send.send_request(request("Hold"), true) {
+            break e;
+        }
+    };
+    assert!(refused.is_go_away() && refused.is_remote(), "refused by the server's GOAWAY: {refused:?}");
+    // The call in flight goes on: the connection is open, and the stream
+    // still takes data.
+    ping.ping(h2::Ping::opaque()).await.expect("the connection stays open past its age");
+    in_flight.send_data(Bytes::from_static(b"still here"), false).expect("the call in flight goes on");
+    let reset = futures::future::poll_fn(|cx| in_flight.poll_reset(cx));
+    assert!(futures::FutureExt::now_or_never(reset).is_none(), "the call in flight was reset");
+    shutdown.cancel();
+}

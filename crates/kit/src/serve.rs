@@ -34,8 +34,9 @@
 //!   that reads a little now and then keeps it until
 //!   `--max-connection-age` and its grace. A client that reads the socket
 //!   but grants no flow-control window makes a stream hold one chunk.
-//!   HTTP/1.1 carries one call at a time, and hyper buffers at most about
-//!   400 KiB of its answer.
+//!   HTTP/1.1 carries one call at a time, and hyper buffers at most its
+//!   write buffer's 408 KiB (hyper's default, kept) and a chunk of its
+//!   answer.
 //! - Requests no service has read: HTTP/2 flow control lets a client send
 //!   at most [`STREAM_WINDOW_BYTES`] (64 KiB) a stream and
 //!   [`CONNECTION_WINDOW_BYTES`] (256 KiB) a connection, all streams

@@ -61,6 +61,19 @@ pub enum DbError {
         /// This process has no NATS (it wanted the lock for itself).
         alone: bool,
     },
+    /// The instance lock this process held on the store of `schema`
+    /// ([`postgres::InstanceLock`]) was lost while it ran (its database
+    /// session ended) and another process took it before this one could
+    /// take it again: that one serves the store now, and this one stopped.
+    #[error(
+        "lost the instance lock of schema {schema}: its database session ended and another natter process took \
+         it meanwhile; that one serves these stores now, so this one stopped (two processes without NATS on one \
+         store serve stale answers)"
+    )]
+    InstanceLost {
+        /// The schema whose lock the other process took.
+        schema: String,
+    },
     /// Another process holds a SQLite store of the data directory `dir`
     /// ([`sqlite::StoreLock`]).
     #[error(
@@ -299,6 +312,7 @@ impl DbError {
             | Self::InvalidSchema(_)
             | Self::MissingDatabase { .. }
             | Self::InUse { .. }
+            | Self::InstanceLost { .. }
             | Self::DataDirInUse { .. }
             | Self::Io { .. }
             | Self::Migrate(_)
@@ -544,21 +558,29 @@ impl StoreArgs {
     /// closed its stores, then [`InstanceClaim::release`] it.
     ///
     /// - PostgreSQL ([`postgres::InstanceLock::claim`]): for itself if
-    ///   `alone` (no NATS), else checks that no process without NATS holds
-    ///   them (`None`).
+    ///   `alone` (no NATS), watched while it runs: `shutdown` is cancelled
+    ///   if its session ended and another process took the lock meanwhile;
+    ///   else checks that no process without NATS holds them (`None`).
     /// - SQLite ([`sqlite::StoreLock::claim`]): for itself, NATS or not
     ///   (a SQLite file serves one process), creating the data directory.
+    ///   A lock the operating system keeps for the open file cannot be
+    ///   lost: `shutdown` is not needed.
     ///
     /// Errors: [`DbError::InUse`] or [`DbError::DataDirInUse`] when
     /// another process serves one of them in a way this one cannot run
     /// beside; the server refused; a lock file cannot be made.
-    pub async fn claim(&self, services: &[&str], alone: bool) -> Result<Option<InstanceClaim>, DbError> {
+    pub async fn claim(
+        &self,
+        services: &[&str],
+        alone: bool,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<InstanceClaim>, DbError> {
         let Some(url) = &self.database_url else {
             return Ok(Some(InstanceClaim::Sqlite(sqlite::StoreLock::claim(&self.data_dir, services)?)));
         };
         let schemas: Vec<String> =
             services.iter().map(|name| format!("{}{name}", self.database_schema_prefix)).collect();
-        Ok(postgres::InstanceLock::claim(url, &schemas, alone).await?.map(InstanceClaim::Postgres))
+        Ok(postgres::InstanceLock::claim(url, &schemas, alone, shutdown).await?.map(InstanceClaim::Postgres))
     }
 
     /// The database of the service `name` (`sessions`, `chats`, `messages`).
@@ -592,10 +614,17 @@ pub enum InstanceClaim {
 impl InstanceClaim {
     /// Releases the claim (at shutdown, once the stores are closed), so
     /// that a process started right after this one finds the stores free.
-    pub async fn release(self) {
+    ///
+    /// Errors: [`DbError::InstanceLost`] when the PostgreSQL lock was lost
+    /// to another process while this one ran (and its shutdown was
+    /// requested for that): the process should exit non-zero with it.
+    pub async fn release(self) -> Result<(), DbError> {
         match self {
             Self::Postgres(lock) => lock.release().await,
-            Self::Sqlite(lock) => lock.release(),
+            Self::Sqlite(lock) => {
+                lock.release();
+                Ok(())
+            }
         }
     }
 }

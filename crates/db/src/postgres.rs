@@ -9,6 +9,7 @@ use std::time::Duration;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions as _, Connection, Executor as _, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
 
 use crate::{AppliedMigration, DbError, PoolSettings, valid_schema};
 
@@ -251,16 +252,55 @@ impl BackfillLock {
 /// process exits, or its connection ends (PostgreSQL ends a session whose
 /// client vanished after about a minute of unanswered keepalives, set
 /// here, rather than the server's default of hours).
+///
+/// A session can also end under a running process (a failover or restart
+/// of PostgreSQL, `idle_session_timeout`, `pg_terminate_backend`, a network
+/// cut), and the lock with it, silently. So a task watches the lock's
+/// connection, one round trip every [`INSTANCE_LOCK_CHECK_INTERVAL`]; when
+/// the session is gone it takes the lock again on a new connection,
+/// retrying at that interval for as long as the server is out of reach.
+/// If another process took the lock meanwhile, this one is no longer alone
+/// on its stores, and one of the two must go: this one logs an error and
+/// cancels the shutdown token it was given (it drains its calls and
+/// stops), and [`InstanceLock::release`] answers [`DbError::InstanceLost`],
+/// which the process exits with, non-zero. An orchestrator restarts it,
+/// and the restart's claim is refused ([`DbError::InUse`], saying why) for
+/// as long as the other one runs. Serving on beside the other would serve
+/// stale answers until someone noticed; stopping says so at once. The
+/// lock's loss shows at the next check: for that long, and until the
+/// other's start-up is done, both may serve.
 #[derive(Debug)]
 pub struct InstanceLock {
-    conn: PgConnection,
+    /// Sent (or dropped) to have the watcher release the lock and end.
+    stop: tokio::sync::oneshot::Sender<()>,
+    /// The task that owns the lock's connection and watches it; it answers
+    /// the schema whose lock another process took, if one did.
+    watcher: tokio::task::JoinHandle<Option<String>>,
 }
+
+/// How often the connection of an [`InstanceLock`] is checked (one round
+/// trip) and, once its session ended, a new one tries to take the lock
+/// again: it bounds how long another process can run on the stores before
+/// this one notices. Fixed rather than a flag: a round trip a second is
+/// nothing to a server, and a longer gap helps no one.
+pub const INSTANCE_LOCK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a check of an [`InstanceLock`]'s connection waits for its
+/// answer before taking the session for gone (a server that vanished
+/// without closing the connection): far above what a live server takes to
+/// answer a ping, however loaded.
+const INSTANCE_LOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `application_name` of an [`InstanceLock`]'s connection, which
+/// names it in `pg_stat_activity`.
+pub const INSTANCE_LOCK_APPLICATION: &str = "natter instance lock";
 
 impl InstanceLock {
     /// Claims `schemas` on `url` for this process, without waiting: if
     /// `alone` (no NATS), takes their lock exclusively and holds it (the
-    /// lock is returned); else checks that no process without NATS holds
-    /// any of them (`None`).
+    /// lock is returned), watched as the type's docs say: `shutdown` is
+    /// cancelled if another process takes it; else checks that no process
+    /// without NATS holds any of them (`None`).
     ///
     /// A database the URL names that the server does not have is created
     /// (as [`connect`] does; the claim comes first at start-up).
@@ -269,53 +309,263 @@ impl InstanceLock {
     /// holds incompatibly (then none is held), the URL does not parse, the
     /// server refused, or the database is missing and cannot be created
     /// ([`DbError::MissingDatabase`]).
-    pub async fn claim(url: &str, schemas: &[String], alone: bool) -> Result<Option<Self>, DbError> {
-        let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.disable_statement_logging();
+    pub async fn claim(
+        url: &str,
+        schemas: &[String],
+        alone: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Self>, DbError> {
+        Self::claim_checking(url, schemas, alone, shutdown, INSTANCE_LOCK_CHECK_INTERVAL).await
+    }
+
+    /// As [`InstanceLock::claim`], the lock's connection checked `every`.
+    async fn claim_checking(
+        url: &str,
+        schemas: &[String],
+        alone: bool,
+        shutdown: &CancellationToken,
+        every: Duration,
+    ) -> Result<Option<Self>, DbError> {
+        let options: PgConnectOptions =
+            url.parse::<PgConnectOptions>()?.disable_statement_logging().application_name(INSTANCE_LOCK_APPLICATION);
         // Claimed before the stores open, which create a database the
         // server does not have yet (a fresh server): so does this.
         let mut conn = connect_creating(&options).await?;
-        conn.execute(
-            "SET statement_timeout = 0; SET lock_timeout = 0; SET tcp_keepalives_idle = 30; \
-             SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3",
-        )
-        .await?;
-        let take = if alone { "SELECT pg_try_advisory_lock($1)" } else { "SELECT pg_try_advisory_lock_shared($1)" };
-        for schema in schemas {
-            let (locked,): (bool,) = sqlx::query_as(take).bind(instance_lock_key(schema)).fetch_one(&mut conn).await?;
-            if !locked {
-                // Closing the session releases the locks taken so far.
-                let _ = conn.close().await;
-                return Err(DbError::InUse { schema: schema.clone(), alone });
-            }
+        conn.execute(INSTANCE_LOCK_SESSION).await?;
+        if let Some(refused) = take_instance_locks(&mut conn, schemas, alone).await? {
+            // Closing the session releases the locks taken so far.
+            let _ = conn.close().await;
+            return Err(DbError::InUse { schema: refused, alone });
         }
-        let lock = Self { conn };
-        if alone {
-            return Ok(Some(lock));
+        if !alone {
+            release_instance_locks(conn).await;
+            return Ok(None);
         }
-        lock.release().await;
-        Ok(None)
+        let pid = backend_pid(&mut conn).await?;
+        let watched = Watched { options, schemas: schemas.to_vec(), every, shutdown: shutdown.clone() };
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let watcher = tokio::spawn(watch_instance_lock(conn, pid, watched, stopped));
+        Ok(Some(Self { stop, watcher }))
     }
 
     /// Releases the locks and closes their connection (at shutdown, once
-    /// the stores are closed). A failure is only logged: the session's end
-    /// frees them anyway.
-    pub async fn release(mut self) {
-        // Released before the session ends (which frees them too, but
-        // after the close returns): a process started right after this one
-        // stopped finds them free.
-        if let Err(e) = self.conn.execute("SELECT pg_advisory_unlock_all()").await {
-            tracing::warn!(error = %e, "releasing the instance lock failed; its session's end frees it");
+    /// the stores are closed). A failure to release is only logged: the
+    /// session's end frees them anyway.
+    ///
+    /// Errors: [`DbError::InstanceLost`] when the lock was lost to another
+    /// process while this one ran (its shutdown token was cancelled then),
+    /// so that the process exits non-zero.
+    pub async fn release(self) -> Result<(), DbError> {
+        let _ = self.stop.send(());
+        match self.watcher.await {
+            Ok(None) => Ok(()),
+            Ok(Some(schema)) => Err(DbError::InstanceLost { schema }),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down: the task and its connection
+            // are gone, and the lock with them.
+            Err(_) => Ok(()),
         }
-        if let Err(e) = self.conn.close().await {
-            tracing::warn!(error = %e, "closing the instance lock's connection failed; its session's end frees it");
+    }
+
+    /// The process id of the PostgreSQL backend whose session holds the
+    /// instance lock of `schema` on `url` exclusively (a process without
+    /// NATS serves it), if one does: for an operator's question "who holds
+    /// my stores?" and for tests.
+    ///
+    /// Errors: the URL does not parse, or the server refused.
+    pub async fn holder(url: &str, schema: &str) -> Result<Option<i32>, DbError> {
+        let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.disable_statement_logging();
+        let mut conn = PgConnection::connect_with(&options).await?;
+        let holder = instance_lock_holder(&mut conn, schema).await;
+        let _ = conn.close().await;
+        Ok(holder?)
+    }
+}
+
+/// What every connection of an [`InstanceLock`] starts with: no timeouts
+/// (it waits for nothing, and runs nothing long), and TCP keepalives that
+/// have PostgreSQL end its session about a minute after this process
+/// vanished, rather than the server's default of hours.
+const INSTANCE_LOCK_SESSION: &str = "SET statement_timeout = 0; SET lock_timeout = 0; SET tcp_keepalives_idle = 30; \
+                                     SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3";
+
+/// Takes the instance lock of each of `schemas` on `conn` without waiting,
+/// exclusively if `alone`, else shared. Answers the first schema whose lock
+/// was refused (the ones before stay taken: close the connection), None
+/// when all were taken.
+///
+/// Errors: the server refused.
+async fn take_instance_locks(
+    conn: &mut PgConnection,
+    schemas: &[String],
+    alone: bool,
+) -> Result<Option<String>, sqlx::Error> {
+    let take = if alone { "SELECT pg_try_advisory_lock($1)" } else { "SELECT pg_try_advisory_lock_shared($1)" };
+    for schema in schemas {
+        let (locked,): (bool,) = sqlx::query_as(take).bind(instance_lock_key(schema)).fetch_one(&mut *conn).await?;
+        if !locked {
+            return Ok(Some(schema.clone()));
+        }
+    }
+    Ok(None)
+}
+
+/// Releases every lock `conn` holds, then closes it.
+async fn release_instance_locks(mut conn: PgConnection) {
+    // Released before the session ends (which frees them too, but after
+    // the close returns): a process started right after this one stopped
+    // finds them free.
+    if let Err(e) = conn.execute("SELECT pg_advisory_unlock_all()").await {
+        tracing::warn!(error = %e, "releasing the instance lock failed; its session's end frees it");
+    }
+    if let Err(e) = conn.close().await {
+        tracing::warn!(error = %e, "closing the instance lock's connection failed; its session's end frees it");
+    }
+}
+
+/// The process id of `conn`'s backend.
+async fn backend_pid(conn: &mut PgConnection) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(conn).await
+}
+
+/// The backend holding the instance lock of `schema` exclusively, from
+/// `pg_locks`, where a lock on a bigint key shows its high half as
+/// `classid`, its low half as `objid`, and 1 as `objsubid`.
+async fn instance_lock_holder(conn: &mut PgConnection, schema: &str) -> Result<Option<i32>, sqlx::Error> {
+    let key = instance_lock_key(schema);
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND mode = 'ExclusiveLock' \
+         AND objsubid = 1 AND classid::bigint = $1 AND objid::bigint = $2 \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .bind(key >> 32)
+    .bind(key & 0xffff_ffff)
+    .fetch_optional(conn)
+    .await
+}
+
+/// What the watcher of an [`InstanceLock`] needs to take it again.
+struct Watched {
+    options: PgConnectOptions,
+    schemas: Vec<String>,
+    every: Duration,
+    shutdown: CancellationToken,
+}
+
+/// The watcher of an [`InstanceLock`] held on `conn` (backend `pid`): checks
+/// the connection every `watched.every`, and takes the lock again on a new
+/// one once its session ended ([`retake_instance_locks`]), until `stop`
+/// says (or its sender is gone): then releases it. Answers the schema
+/// whose lock another process took meanwhile, after cancelling
+/// `watched.shutdown`; None once released.
+async fn watch_instance_lock(
+    mut conn: PgConnection,
+    mut pid: i32,
+    watched: Watched,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Option<String> {
+    loop {
+        tokio::select! {
+            _ = &mut stop => {
+                release_instance_locks(conn).await;
+                return None;
+            }
+            () = tokio::time::sleep(watched.every) => {}
+        }
+        match tokio::time::timeout(INSTANCE_LOCK_CHECK_TIMEOUT, conn.ping()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the instance lock's database session ended; taking the lock again")
+            }
+            Err(_) => tracing::warn!(
+                timeout = ?INSTANCE_LOCK_CHECK_TIMEOUT,
+                "the instance lock's database session did not answer; taking the lock again on a new one"
+            ),
+        }
+        match retake_instance_locks(&watched, pid, &mut stop).await {
+            Retaken::Held(new, new_pid) => {
+                // The old connection is dropped: if its session is still
+                // alive on the server, it ends as the socket closes.
+                (conn, pid) = (new, new_pid);
+                tracing::info!(schemas = ?watched.schemas, "the instance lock is held again");
+            }
+            Retaken::Stopped => return None,
+            Retaken::Lost(schema) => {
+                tracing::error!(
+                    %schema,
+                    "the instance lock's database session ended and another natter process took the lock meanwhile: \
+                     it serves these stores now, and this process stops, as two processes on one store without \
+                     NATS would serve stale answers"
+                );
+                watched.shutdown.cancel();
+                return Some(schema);
+            }
+        }
+    }
+}
+
+/// What taking an [`InstanceLock`] again came to.
+enum Retaken {
+    /// Held again on this connection, of this backend.
+    Held(PgConnection, i32),
+    /// Another process holds the lock of this schema.
+    Lost(String),
+    /// The lock was released (the process is stopping) before it was
+    /// held again.
+    Stopped,
+}
+
+/// Takes the locks of `watched.schemas` again, exclusively, on a new
+/// connection, every `watched.every` until it is held or another process
+/// is found holding one, or `stop` says. A lock still held by the old
+/// session, `old_pid` (the server has not yet noticed that its client
+/// went), is waited for: the server ends that session and frees it.
+async fn retake_instance_locks(
+    watched: &Watched,
+    old_pid: i32,
+    stop: &mut tokio::sync::oneshot::Receiver<()>,
+) -> Retaken {
+    loop {
+        match retake_once(watched).await {
+            Ok(Ok((conn, pid))) => return Retaken::Held(conn, pid),
+            Ok(Err((schema, holder))) if holder == Some(old_pid) => {
+                tracing::info!(%schema, old_pid, "waiting for the server to end the instance lock's old session");
+            }
+            Ok(Err((schema, _))) => return Retaken::Lost(schema),
+            Err(e) => tracing::warn!(error = %e, "taking the instance lock again failed; retrying"),
+        }
+        tokio::select! {
+            _ = &mut *stop => return Retaken::Stopped,
+            () = tokio::time::sleep(watched.every) => {}
+        }
+    }
+}
+
+/// One try of [`retake_instance_locks`]: the new connection and its
+/// backend, or the schema refused and its holder's backend.
+///
+/// Errors: the server is out of reach or refused.
+async fn retake_once(watched: &Watched) -> Result<Result<(PgConnection, i32), (String, Option<i32>)>, sqlx::Error> {
+    let mut conn = PgConnection::connect_with(&watched.options).await?;
+    conn.execute(INSTANCE_LOCK_SESSION).await?;
+    match take_instance_locks(&mut conn, &watched.schemas, true).await? {
+        None => {
+            let pid = backend_pid(&mut conn).await?;
+            Ok(Ok((conn, pid)))
+        }
+        Some(schema) => {
+            let holder = instance_lock_holder(&mut conn, &schema).await?;
+            let _ = conn.close().await;
+            Ok(Err((schema, holder)))
         }
     }
 }
 
 /// The key of [`InstanceLock`] for `schema`: "nins" (natter instances) in
 /// the high 32 bits, the CRC-32 (ISO-HDLC) of the schema's name in the low
-/// ones.
-fn instance_lock_key(schema: &str) -> i64 {
+/// ones. In `pg_locks` the high half shows as `classid`, the low one as
+/// `objid` (with `objsubid` 1).
+pub fn instance_lock_key(schema: &str) -> i64 {
     const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
     (i64::from(u32::from_be_bytes(*b"nins")) << 32) | i64::from(CRC.checksum(schema.as_bytes()))
 }
@@ -518,8 +768,8 @@ mod tests {
             let name = crate::testing::unique_schema("db");
             let options: PgConnectOptions = url.parse::<PgConnectOptions>().unwrap().database(&name);
             let url = options.to_url_lossy().to_string();
-            match InstanceLock::claim(&url, &schemas, alone).await {
-                Ok(Some(lock)) if alone => lock.release().await,
+            match InstanceLock::claim(&url, &schemas, alone, &CancellationToken::new()).await {
+                Ok(Some(lock)) if alone => lock.release().await.unwrap(),
                 Ok(None) if !alone => {}
                 other => panic!("alone {alone}: the claim on a missing database: {other:?}"),
             }
@@ -800,6 +1050,111 @@ mod tests {
         other.close().await.unwrap();
     }
 
+    /// Waits (10 s at most) until the instance lock of `schema` is held by
+    /// a backend `held` accepts, and answers it.
+    async fn holder_once(url: &str, schema: &str, held: impl Fn(Option<i32>) -> bool) -> Option<i32> {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let holder = InstanceLock::holder(url, schema).await.unwrap();
+                if held(holder) {
+                    return holder;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        waited.await.unwrap_or_else(|_| panic!("the instance lock of {schema} never came to the holder expected"))
+    }
+
+    /// Ends the backend `pid`'s session, as an administrator (or a
+    /// failover, or `idle_session_timeout`) would.
+    async fn terminate_backend(url: &str, pid: i32) {
+        let mut admin = PgConnection::connect(url).await.unwrap();
+        let (ended,): (bool,) =
+            sqlx::query_as("SELECT pg_terminate_backend($1)").bind(pid).fetch_one(&mut admin).await.unwrap();
+        assert!(ended, "backend {pid} was not there to end");
+        admin.close().await.unwrap();
+    }
+
+    /// A lock whose session ended under a running process (terminated
+    /// here) is taken again on a new connection, so a second process
+    /// without NATS is still refused; the holder serves on (its shutdown
+    /// is not requested) and releases it cleanly.
+    #[tokio::test]
+    async fn an_instance_lock_whose_session_ended_is_taken_again() {
+        let Some(url) = crate::testing::postgres_url() else { return };
+        let schemas = [crate::testing::unique_schema("chats"), crate::testing::unique_schema("messages")];
+        let shutdown = CancellationToken::new();
+        let every = Duration::from_millis(50);
+        let lock = InstanceLock::claim_checking(&url, &schemas, true, &shutdown, every).await.unwrap().unwrap();
+        let first = holder_once(&url, &schemas[1], |h| h.is_some()).await.unwrap();
+        terminate_backend(&url, first).await;
+        let again = holder_once(&url, &schemas[1], |h| h.is_some_and(|h| h != first)).await.unwrap();
+        assert_eq!(InstanceLock::holder(&url, &schemas[0]).await.unwrap(), Some(again), "every schema's lock");
+        match InstanceLock::claim(&url, std::slice::from_ref(&schemas[0]), true, &CancellationToken::new()).await {
+            Err(DbError::InUse { .. }) => {}
+            other => panic!("a second process took the stores of a running one: {other:?}"),
+        }
+        assert!(!shutdown.is_cancelled(), "the holder was stopped though it holds the lock again");
+        lock.release().await.expect("released cleanly");
+        assert_eq!(InstanceLock::holder(&url, &schemas[0]).await.unwrap(), None, "free once released");
+    }
+
+    /// A lock whose session ended while another process waited for it:
+    /// that one has it at once, so the holder cannot take it again and is
+    /// no longer alone on its stores. It asks its process to shut down
+    /// (its token is cancelled) and its release says the lock was lost,
+    /// naming the schema, for the process to exit non-zero.
+    #[tokio::test]
+    async fn an_instance_lock_taken_by_another_process_while_its_session_was_gone_stops_the_holder() {
+        let Some(url) = crate::testing::postgres_url() else { return };
+        let schemas = [crate::testing::unique_schema("sessions")];
+        let shutdown = CancellationToken::new();
+        let every = Duration::from_millis(50);
+        let lock = InstanceLock::claim_checking(&url, &schemas, true, &shutdown, every).await.unwrap().unwrap();
+        let holder = holder_once(&url, &schemas[0], |h| h.is_some()).await.unwrap();
+        // Another process queues for the lock (PostgreSQL grants it to the
+        // waiter as the holder's session ends, before any retry).
+        let mut other = PgConnection::connect(&url).await.unwrap();
+        let other_pid = backend_pid(&mut other).await.unwrap();
+        let key = instance_lock_key(&schemas[0]);
+        let waiting = tokio::spawn(async move {
+            sqlx::query("SELECT pg_advisory_lock($1)").bind(key).execute(&mut other).await.unwrap();
+            other
+        });
+        let mut probe = PgConnection::connect(&url).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let queued: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 AND NOT granted)",
+                )
+                .bind(other_pid)
+                .fetch_one(&mut probe)
+                .await
+                .unwrap();
+                if queued {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the other process queues for the lock");
+        terminate_backend(&url, holder).await;
+        let other = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("the other has it").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), shutdown.cancelled())
+            .await
+            .expect("the holder did not stop though another process took its stores");
+        match lock.release().await {
+            Err(e @ DbError::InstanceLost { .. }) => {
+                assert!(e.to_string().contains(&format!("lost the instance lock of schema {}", schemas[0])), "{e}")
+            }
+            other => panic!("the release did not say the lock was lost: {other:?}"),
+        }
+        assert_eq!(InstanceLock::holder(&url, &schemas[0]).await.unwrap(), Some(other_pid), "the other keeps it");
+        other.close().await.unwrap();
+        probe.close().await.unwrap();
+    }
+
     /// One process without NATS holds a store alone: a second one is
     /// refused, with NATS or without, saying what to do; another
     /// deployment's schema is free. Processes on NATS hold nothing, so any
@@ -815,22 +1170,35 @@ mod tests {
             other => panic!("not refused: {other:?}"),
         };
 
-        let alone = InstanceLock::claim(&url, &both, true).await.unwrap().expect("the first takes its stores");
-        let second = refused(InstanceLock::claim(&url, std::slice::from_ref(&messages), true).await);
+        let alone = InstanceLock::claim(&url, &both, true, &CancellationToken::new())
+            .await
+            .unwrap()
+            .expect("the first takes its stores");
+        let second =
+            refused(InstanceLock::claim(&url, std::slice::from_ref(&messages), true, &CancellationToken::new()).await);
         let named = format!("schema {messages} of this database and this one has no --nats-url");
         assert!(second.contains(&named) && second.contains("strategy: Recreate"), "{second}");
-        let on_nats = refused(InstanceLock::claim(&url, std::slice::from_ref(&chats), false).await);
+        let on_nats =
+            refused(InstanceLock::claim(&url, std::slice::from_ref(&chats), false, &CancellationToken::new()).await);
         assert!(on_nats.contains(&format!("schema {chats} of this database without --nats-url")), "{on_nats}");
         let elsewhere = [crate::testing::unique_schema("chats")];
-        let other = InstanceLock::claim(&url, &elsewhere, true).await.unwrap().expect("another deployment's is free");
-        alone.release().await;
+        let other = InstanceLock::claim(&url, &elsewhere, true, &CancellationToken::new())
+            .await
+            .unwrap()
+            .expect("another deployment's is free");
+        alone.release().await.unwrap();
 
         for _ in 0..2 {
-            let on_nats = InstanceLock::claim(&url, &both, false).await.expect("processes on NATS start");
+            let on_nats = InstanceLock::claim(&url, &both, false, &CancellationToken::new())
+                .await
+                .expect("processes on NATS start");
             assert!(on_nats.is_none(), "and hold nothing");
         }
-        let again = InstanceLock::claim(&url, &both, true).await.unwrap().expect("free once released");
-        again.release().await;
-        other.release().await;
+        let again = InstanceLock::claim(&url, &both, true, &CancellationToken::new())
+            .await
+            .unwrap()
+            .expect("free once released");
+        again.release().await.unwrap();
+        other.release().await.unwrap();
     }
 }

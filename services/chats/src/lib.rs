@@ -262,7 +262,7 @@ pub async fn run(
     // NATS it must not meet one without: refused here, before anything
     // serves (natter_db::StoreArgs::claim; on SQLite, its store's file
     // serves this process alone, NATS or not).
-    let instance = config.store.claim(&["chats"], only_instance).await?;
+    let instance = config.store.claim(&["chats"], only_instance, &shutdown).await?;
     let bus = config.bus.connect(shutdown.clone()).await?;
     let chats = open(
         &config.store.config("chats")?,
@@ -289,7 +289,8 @@ pub async fn run(
     chats.close().await;
     bus.close().await;
     if let Some(instance) = instance {
-        instance.release().await;
+        // Lost to another process while serving: exits non-zero saying so.
+        instance.release().await?;
     }
     Ok(())
 }

@@ -380,7 +380,7 @@ pub async fn run(
     // NATS it must not meet one without: refused here, before anything
     // serves (natter_db::StoreArgs::claim; on SQLite, its store's file
     // serves this process alone, NATS or not).
-    let instance = config.store.claim(&["messages"], config.bus.nats_url.is_none()).await?;
+    let instance = config.store.claim(&["messages"], config.bus.nats_url.is_none(), &shutdown).await?;
     let bus = config.bus.connect(shutdown.clone()).await?;
     let (verifier, chats) = (natter_auth::GrpcVerifier::new(sessions), natter_links::Grpc(chats));
     // Replicas on NATS keep token and membership answers, dropped by the bus.
@@ -400,7 +400,8 @@ pub async fn run(
     messages.close().await;
     bus.close().await;
     if let Some(instance) = instance {
-        instance.release().await;
+        // Lost to another process while serving: exits non-zero saying so.
+        instance.release().await?;
     }
     Ok(())
 }

@@ -99,7 +99,7 @@ impl App {
         // anything serves; on PostgreSQL with NATS, only beside one without
         // (natter_db::postgres::InstanceLock); on SQLite, always
         // (natter_db::sqlite::StoreLock).
-        let instance = args.store.claim(&["sessions", "chats", "messages"], only_instance).await?;
+        let instance = args.store.claim(&["sessions", "chats", "messages"], only_instance, &shutdown).await?;
         let bus: Arc<dyn EventBus> = args.bus.connect(shutdown.clone()).await?;
 
         let sessions =
@@ -192,6 +192,11 @@ impl App {
     /// assistant's replies being written finish within `--shutdown-grace`
     /// (those still going end INTERRUPTED with their text, stored), writes
     /// the chat activity still in memory and closes the stores.
+    ///
+    /// Errors: serving fails, or (on PostgreSQL without NATS) another
+    /// process took the stores' instance lock while this one's database
+    /// session was gone, which is what shut it down
+    /// ([`natter_db::DbError::InstanceLost`]).
     pub async fn run(self) -> anyhow::Result<()> {
         self.server.serve(self.listener, self.shutdown).await?;
         if let Some(assistant) = &self.assistant {
@@ -203,7 +208,9 @@ impl App {
         // Last: the presence goodbye the messages service just said.
         self.bus.close().await;
         if let Some(instance) = self.instance {
-            instance.release().await;
+            // Lost to another process while serving (the shutdown came
+            // from there): exits non-zero saying so.
+            instance.release().await?;
         }
         Ok(())
     }

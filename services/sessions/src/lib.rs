@@ -268,7 +268,7 @@ pub async fn run(
     // NATS it must not meet one without: refused here, before anything
     // serves (natter_db::StoreArgs::claim; on SQLite, its store's file
     // serves this process alone, NATS or not).
-    let instance = config.store.claim(&["sessions"], only_instance).await?;
+    let instance = config.store.claim(&["sessions"], only_instance, &shutdown).await?;
     let bus = config.bus.connect(shutdown.clone()).await?;
     let sessions = open(&config.store.config("sessions")?, bus.clone(), &config.sessions, only_instance).await?;
     let mut public = Server::new(&config.server);
@@ -279,7 +279,8 @@ pub async fn run(
     sessions.store().db().close().await;
     bus.close().await;
     if let Some(instance) = instance {
-        instance.release().await;
+        // Lost to another process while serving: exits non-zero saying so.
+        instance.release().await?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! pod.
 
 use std::process::Command;
+use std::time::Duration;
 
 use super::{Node, drop_schemas, env, free_port};
 
@@ -275,12 +276,10 @@ fn migrate_refuses_an_unknown_service_and_names_a_store_that_fails() {
     assert!(!stderr.contains("s3cr3t"), "the password is not shown: {stderr}");
 }
 
-/// Starts `natter serve` with `args` on a port of its own and waits (20 s
-/// at most) for it to exit: whether it succeeded and its stderr; `None` if
-/// it was still running (killed then).
-async fn exits(args: &[&str]) -> Option<(bool, String)> {
-    let port = free_port().to_string();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_natter"))
+/// Starts `natter serve` with `args` on 127.0.0.1:`port`, its stderr
+/// piped, killed if dropped.
+fn spawn_serve(port: u16, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_natter"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .args(args)
         .env("RUST_LOG", "warn")
@@ -288,10 +287,22 @@ async fn exits(args: &[&str]) -> Option<(bool, String)> {
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .expect("start natter");
-    let output = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait_with_output()).await.ok()?;
+        .expect("start natter")
+}
+
+/// Waits (`patience` at most) for `child` to exit: whether it succeeded
+/// and its stderr; `None` if it was still running (killed then).
+async fn exited(child: tokio::process::Child, patience: Duration) -> Option<(bool, String)> {
+    let output = tokio::time::timeout(patience, child.wait_with_output()).await.ok()?;
     let output = output.expect("natter ran");
     Some((output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned()))
+}
+
+/// Starts `natter serve` with `args` on a port of its own and waits (20 s
+/// at most) for it to exit: whether it succeeded and its stderr; `None` if
+/// it was still running (killed then).
+async fn exits(args: &[&str]) -> Option<(bool, String)> {
+    exited(spawn_serve(free_port(), args), Duration::from_secs(20)).await
 }
 
 /// A second `natter serve` without NATS on the PostgreSQL stores of a
@@ -327,6 +338,85 @@ async fn a_second_instance_on_the_stores_of_one_without_nats_refuses_to_start() 
     let again = Node::start("serve", free_port(), store.map(str::to_owned).into());
     again.channel().await;
     drop(again);
+    drop_schemas(&db, &prefix).await;
+}
+
+/// The backend holding the instance lock of `schema` at `db` once
+/// `held` accepts it (15 s at most).
+async fn lock_holder(db: &str, schema: &str, held: impl Fn(Option<i32>) -> bool) -> Option<i32> {
+    let waited = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let holder = natter_db::postgres::InstanceLock::holder(db, schema).await.expect("pg_locks");
+            if held(holder) {
+                return holder;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    waited.await.unwrap_or_else(|_| panic!("the instance lock of {schema} never came to the holder expected"))
+}
+
+/// Ends backend `pid`'s session, as a failover, `idle_session_timeout` or
+/// an administrator's `pg_terminate_backend` does.
+async fn terminate_backend(conn: &mut sqlx::PgConnection, pid: i32) {
+    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(pid).fetch_one(conn).await.unwrap();
+    assert!(ended, "backend {pid} was not there to end");
+}
+
+/// A `natter serve` without NATS on PostgreSQL whose instance lock's
+/// session ends under it (terminated here) takes the lock again, so a
+/// second one is still refused, and serves on. When another process took
+/// the lock as the session ended (it was queued for it), the first can no
+/// longer be alone on its stores: it stops by itself and exits non-zero
+/// naming the schema, instead of serving stale caches beside the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_nats_takes_its_lost_lock_again_or_stops_if_another_took_it() {
+    use sqlx::Connection as _;
+    let Some(db) = env("NATTER_TEST_DATABASE_URL") else {
+        eprintln!("skipped: NATTER_TEST_DATABASE_URL is not set");
+        return;
+    };
+    let prefix = format!("l{}_", uuid::Uuid::new_v4().simple());
+    let store = ["--database-url", db.as_str(), "--database-schema-prefix", prefix.as_str()];
+    let schema = format!("{prefix}sessions");
+    let port = free_port();
+    let server = spawn_serve(port, &store);
+    let channel = super::healthy(&format!("http://127.0.0.1:{port}")).await.expect("natter serve started");
+    let mut admin = sqlx::PgConnection::connect(&db).await.unwrap();
+
+    let first = lock_holder(&db, &schema, |h| h.is_some()).await.expect("held");
+    terminate_backend(&mut admin, first).await;
+    let again = lock_holder(&db, &schema, |h| h.is_some_and(|h| h != first)).await.expect("held again");
+    let Some((ok, stderr)) = exits(&store).await else { panic!("a second natter serve without NATS started") };
+    assert!(!ok && stderr.contains(&format!("schema {schema} of this database")), "{stderr}");
+    super::user(&channel, "still-served").await;
+
+    // Another process queues for the lock; PostgreSQL grants it to that
+    // one as the holder's session ends, before any retry of the server's.
+    let mut other = sqlx::PgConnection::connect(&db).await.unwrap();
+    let other_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut other).await.unwrap();
+    let key = natter_db::postgres::instance_lock_key(&schema);
+    let queued = tokio::spawn(async move {
+        sqlx::query("SELECT pg_advisory_lock($1)").bind(key).execute(&mut other).await.unwrap();
+        other
+    });
+    tokio::time::timeout(Duration::from_secs(15), async {
+        let waiting = "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 AND NOT granted)";
+        while !sqlx::query_scalar::<_, bool>(waiting).bind(other_pid).fetch_one(&mut admin).await.unwrap() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the other process queues for the lock");
+    terminate_backend(&mut admin, again).await;
+    let other = tokio::time::timeout(Duration::from_secs(15), queued).await.expect("the other has it").unwrap();
+    let Some((ok, stderr)) = exited(server, Duration::from_secs(30)).await else {
+        panic!("natter serve kept serving after another process took its stores")
+    };
+    assert!(!ok, "natter serve exited 0 after losing its stores: {stderr}");
+    assert!(stderr.contains(&format!("lost the instance lock of schema {schema}")), "{stderr}");
+    other.close().await.unwrap();
+    admin.close().await.unwrap();
     drop_schemas(&db, &prefix).await;
 }
 

@@ -265,20 +265,52 @@ impl StoreService {
 /// backfills that are due. Writes each store's [`report`] to `out` once it
 /// is done.
 ///
+/// On SQLite it first takes the stores' locks as `natter serve` does
+/// ([`natter_db::sqlite::StoreLock`]) and holds them until it is done: a
+/// data directory serves one process at a time, and a migrate beside the
+/// server on it would hold the file's one write lock for as long as its
+/// migrations run (the server's writes failing busy meanwhile) and change
+/// the schema under the statements of the server's release. So it refuses
+/// to run beside one: stop the server (which migrates its stores itself
+/// as it starts anyway). On PostgreSQL it claims nothing: a rolling
+/// upgrade migrates while the previous release still serves (replicas on
+/// NATS, or the process without NATS that a job before its rollout
+/// migrates for), which is safe there, as migrations only add, take turns
+/// on PostgreSQL's advisory lock and wait `--database-lock-timeout` at
+/// most for a table's lock, and the backfills rewrite stored text and
+/// reactions, which no server's cache holds (tokens, memberships, chat
+/// activity).
+///
 /// Errors: the database URL is the deploy files' placeholder (in a
-/// Kubernetes pod), or a store cannot be migrated: the error names it and
-/// where it is, and the stores before it stay migrated.
+/// Kubernetes pod), another process serves a SQLite store to migrate
+/// (naming the data directory and, if known, its process id), or a store
+/// cannot be migrated: the error names it and where it is, and the stores
+/// before it stay migrated.
 pub async fn migrate(args: &MigrateArgs, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     use anyhow::Context as _;
     if let Some(url) = &args.store.database_url {
         natter_kit::config::check_secret("the database URL (--database-url)", url)?;
     }
+    // Each once, in the order given.
+    let mut services = args.service.clone();
     let mut done = Vec::new();
-    for &service in &args.service {
-        if done.contains(&service) {
-            continue;
+    services.retain(|service| {
+        let first = !done.contains(service);
+        done.push(*service);
+        first
+    });
+    // Held until every store is migrated (dropped on return).
+    let _locks = match &args.store.database_url {
+        None => {
+            let names: Vec<&str> = services.iter().map(|service| service.name()).collect();
+            Some(natter_db::sqlite::StoreLock::claim(&args.store.data_dir, &names).context(
+                "natter migrate needs the stores it migrates to itself: stop the natter process serving them \
+                 first (a server migrates its stores itself as it starts)",
+            )?)
         }
-        done.push(service);
+        Some(_) => None,
+    };
+    for &service in &services {
         let config = args
             .store
             .config(service.name())

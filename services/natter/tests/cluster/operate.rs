@@ -420,6 +420,32 @@ async fn a_server_without_nats_takes_its_lost_lock_again_or_stops_if_another_too
     drop_schemas(&db, &prefix).await;
 }
 
+/// `natter migrate` on the data directory of a running `natter serve`
+/// (SQLite) refuses, naming the directory and the server's process id,
+/// and touches nothing; once the server stopped, it migrates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_refuses_to_run_beside_a_server_on_its_data_directory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let data_dir = data.to_str().expect("utf-8 path");
+    let mut server = Node::start("serve", free_port(), vec!["--data-dir".into(), data_dir.into()]);
+    server.channel().await;
+    let pid = server.child.as_ref().expect("running").id();
+
+    let (ok, report, stderr) = migrate(&["--data-dir", data_dir]);
+    assert!(!ok, "natter migrate ran beside the server: {report}");
+    assert!(stderr.contains("natter migrate needs the stores it migrates to itself"), "{stderr}");
+    let named =
+        format!("another natter process (pid {pid}) is using the sessions store in the data directory {data_dir}");
+    assert!(stderr.contains(&named), "{stderr}");
+    assert!(report.is_empty(), "reported as migrated: {report}");
+
+    server.terminate();
+    let (ok, report, stderr) = migrate(&["--data-dir", data_dir]);
+    assert!(ok, "natter migrate failed once the server stopped: {stderr}");
+    assert_eq!(section(&report, "sessions").1, ["up to date"], "{report}");
+}
+
 /// A second `natter serve` on the data directory of a running one (SQLite,
 /// the default): it would keep exact caches (memberships, tokens) that the
 /// first one's writes never evict, so a member the first removed would go

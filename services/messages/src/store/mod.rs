@@ -1256,7 +1256,9 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Moves `user`'s read position in `chat` forward to `seq`, clamped to
     /// the chat's newest seq (never back), and returns the position after
-    /// the call with the unread count after it.
+    /// the call with the unread count after it. A forgotten user's
+    /// ([`MessageStore::forget_user`]) position stays where the forget
+    /// left it (none), and takes no change number.
     async fn mark_read(&self, chat: ChatId, user: UserId, seq: Seq) -> Result<ReadState, StoreError>;
 
     /// Records `changes` of the chat's membership or details in ONE
@@ -1343,7 +1345,10 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// mentions listed on them), its reactions, its reports and the chats'
     /// change logs. The user is recorded as forgotten in the same
     /// transaction: [`MessageStore::record_last_seen`] stores no time of
-    /// theirs afterwards. A repeat deletes nothing.
+    /// theirs afterwards, [`MessageStore::mark_read`] no read position and
+    /// [`MessageStore::insert_batch`] no mention row (the message is
+    /// stored), even a write under way as the forget commits. A repeat
+    /// deletes nothing.
     async fn forget_user(&self, user: UserId) -> Result<(), StoreError>;
 
     /// Rewrites in Unicode NFC ([`crate::domain::nfc`]) the text of every

@@ -97,8 +97,9 @@ const INSERT_BATCH: &str = insert_batch_sql!("");
 /// [`INSERT_BATCH`] for a batch that mentions someone: it also inserts the
 /// rows `$16..$18` of `message_mentions` (chat id, the message's position
 /// as in `$5`, user id) at the seqs their messages take, in the same
-/// statement. Batches without mentions keep to [`INSERT_BATCH`], whose
-/// plan never sees the table.
+/// statement, but none of a forgotten user (run it after
+/// [`hold_off_forgets`]). Batches without mentions keep to
+/// [`INSERT_BATCH`], whose plan never sees the table.
 const INSERT_BATCH_MENTIONS: &str = insert_batch_sql!(
     ", mentioned AS ( \
        INSERT INTO message_mentions (chat_id, user_id, seq) \
@@ -106,6 +107,7 @@ const INSERT_BATCH_MENTIONS: &str = insert_batch_sql!(
        FROM UNNEST($16::text[], $17::bigint[], $18::text[]) AS n (chat_id, k, user_id) \
        JOIN heads h ON h.chat_id = n.chat_id \
        JOIN UNNEST($1::text[], $2::bigint[]) AS c (chat_id, n) ON c.chat_id = n.chat_id \
+       WHERE NOT EXISTS (SELECT 1 FROM forgotten_users f WHERE f.user_id = n.user_id) \
        ON CONFLICT DO NOTHING)"
 );
 
@@ -124,17 +126,30 @@ const MESSAGE_BY_ID: &str = concat!("SELECT ", message_columns!(), " FROM messag
 const MESSAGE_FOR_UPDATE: &str = concat!("SELECT ", message_columns!(), " FROM messages WHERE id = $1 FOR UPDATE");
 
 /// The arguments of the advisory lock between [`MessageStore::forget_user`]
-/// (exclusive) and [`MessageStore::record_last_seen`] (shared): a key of
-/// natter's own ("natt" in ASCII) and a hash of the schema's name, as
-/// advisory locks are the whole database's. A last-seen time is stored
-/// only if its user is not forgotten, and `NOT EXISTS` cannot lock a row
-/// that is not there yet: without the lock, a record whose statement began
-/// before a forget committed stored the time after the forget had deleted
-/// it, kept for ever for a deleted user.
+/// (exclusive) and the writes of rows kept under a user's id that it
+/// deletes (shared, [`hold_off_forgets`]): last-seen times
+/// ([`MessageStore::record_last_seen`]), read positions
+/// ([`MessageStore::mark_read`]) and mention rows (a batch that mentions
+/// someone, [`MessageStore::insert_batch`]). A key of natter's own ("natt"
+/// in ASCII) and a hash of the schema's name, as advisory locks are the
+/// whole database's. Such a row is stored only if its user is not
+/// forgotten, and `NOT EXISTS` cannot lock a row that is not there yet:
+/// without the lock, a write whose statement began before a forget
+/// committed stored the row after the forget had deleted it, kept for ever
+/// for a deleted user.
 macro_rules! forgotten_lock {
     () => {
         "1851880564, hashtext(current_schema() || ' forgotten')"
     };
+}
+
+/// Takes `forgotten_lock!` shared in transaction `tx`, as its first
+/// statement: a forget under way commits first, and the statements after
+/// this one (their snapshots taken after) see the user it forgot. First,
+/// so that `tx` holds no row lock while it waits (the forget deletes rows).
+async fn hold_off_forgets(tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query(concat!("SELECT pg_advisory_xact_lock_shared(", forgotten_lock!(), ")")).execute(&mut *tx).await?;
+    Ok(())
 }
 
 /// [`MessageStore::forget_user`]'s work for user `user` in transaction
@@ -375,13 +390,35 @@ impl PostgresStore {
             // Optimistic: no reply to check, and ids are new unless a client
             // retries. A stored id fails the statement, which writes nothing.
             let unchecked = vec![Ok(false); batch.len()];
-            match insert_checked(&self.pool, batch, &ids, &chats, &replies, &unchecked).await {
+            match self.insert_holding_off_forgets(batch, &ids, &chats, &replies, &unchecked).await {
                 Err(e) if natter_db::is_unique_violation(&e) => {}
                 other => return other,
             }
         }
         let checks = check_batch(&self.pool, &ids, &chats, &replies).await?;
-        insert_checked(&self.pool, batch, &ids, &chats, &replies, &checks).await
+        self.insert_holding_off_forgets(batch, &ids, &chats, &replies, &checks).await
+    }
+
+    /// [`insert_checked`] on the pool, one statement; for a batch that
+    /// mentions someone, in a transaction that [`hold_off_forgets`] first,
+    /// so that no mention row outlives a forget of its user that committed
+    /// meanwhile (three round trips more, only for such batches).
+    async fn insert_holding_off_forgets(
+        &self,
+        batch: &[NewMessage],
+        ids: &[String],
+        chats: &[String],
+        replies: &[i64],
+        checks: &[Result<bool, Sent>],
+    ) -> Result<Vec<Sent>, sqlx::Error> {
+        if !batch.iter().any(|m| m.counted_mentions().next().is_some()) {
+            return insert_checked(&self.pool, batch, ids, chats, replies, checks).await;
+        }
+        let mut tx = self.pool.begin().await?;
+        hold_off_forgets(&mut tx).await?;
+        let sent = insert_checked(&mut *tx, batch, ids, chats, replies, checks).await?;
+        tx.commit().await?;
+        Ok(sent)
     }
 
     /// One attempt at [`MessageStore::insert_batch`] of a batch with thread
@@ -394,6 +431,9 @@ impl PostgresStore {
     /// the chats' heads.
     async fn try_insert_threaded(&self, batch: &[NewMessage]) -> Result<Vec<Sent>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
+        if batch.iter().any(|m| m.counted_mentions().next().is_some()) {
+            hold_off_forgets(&mut tx).await?;
+        }
         let named: Vec<(usize, String, i64)> = batch
             .iter()
             .enumerate()
@@ -1119,13 +1159,17 @@ impl MessageStore for PostgresStore {
         if target <= stored {
             return Ok(state);
         }
-        // Lock order: the chat's heads, then the position. A concurrent
-        // call that moved the position as far first leaves this one
-        // nothing to do: it rolls back, returning its number.
+        // Lock order: the forgets held off, the chat's heads, then the
+        // position. A concurrent call that moved the position as far first
+        // leaves this one nothing to do, and so does a forget of the user
+        // that committed meanwhile (a position stored now would outlive
+        // it): it rolls back, returning its number.
         let mut tx = self.pool.begin().await?;
+        hold_off_forgets(&mut tx).await?;
         let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
         let moved: Option<(i64,)> = sqlx::query_as(
-            "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) SELECT $1, $2, $3, $4 \
+             WHERE NOT EXISTS (SELECT 1 FROM forgotten_users WHERE user_id = $2) \
              ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq, \
              change_seq = excluded.change_seq WHERE read_positions.read_seq < excluded.read_seq RETURNING read_seq",
         )
@@ -1140,13 +1184,14 @@ impl MessageStore for PostgresStore {
             state = ReadState { read_seq: Seq(target), unread: 0, change_seq: Some(change) };
         } else {
             tx.rollback().await?;
-            let (now,): (i64,) =
-                sqlx::query_as("SELECT read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2")
+            // None: the user was forgotten.
+            let now: Option<i64> =
+                sqlx::query_scalar("SELECT read_seq FROM read_positions WHERE chat_id = $1 AND user_id = $2")
                     .bind(&chat)
                     .bind(&user)
-                    .fetch_one(&self.pool)
+                    .fetch_optional(&self.pool)
                     .await?;
-            state.read_seq = Seq(now);
+            state.read_seq = Seq(now.unwrap_or(0));
         }
         let (unread,): (i64,) = sqlx::query_as(concat!("SELECT ", unread_count_sql!("$1", "$2", "$3")))
             .bind(&chat)
@@ -1880,9 +1925,7 @@ impl MessageStore for PostgresStore {
         }
         let (users, times): (Vec<String>, Vec<i64>) = seen.iter().map(|(u, t)| (u.to_string(), *t)).unzip();
         let mut tx = self.pool.begin().await?;
-        // Shared: waits for a forget under way to commit, so the insert's
-        // snapshot (taken after) sees it (see `forgotten_lock!`).
-        sqlx::query(concat!("SELECT pg_advisory_xact_lock_shared(", forgotten_lock!(), ")")).execute(&mut *tx).await?;
+        hold_off_forgets(&mut tx).await?;
         // One statement; the latest time per user first, as one INSERT may
         // not touch a row twice.
         sqlx::query(
@@ -1972,24 +2015,19 @@ impl MessageStore for PostgresStore {
 mod tests {
     use super::*;
 
-    /// A last-seen time recorded while a forget of its user is under way
-    /// (a replica's periodic record racing DeleteAccount) waits for it and
-    /// then stores nothing: the forgotten user keeps no presence row.
-    #[tokio::test]
-    async fn a_last_seen_time_recorded_during_a_forget_is_not_kept() {
-        let Some(url) = natter_db::testing::postgres_url() else { return };
-        let schema = natter_db::testing::unique_schema("forget");
-        let store = PostgresStore::open(&url, &schema, &natter_db::PoolSettings::default()).await.unwrap();
-        let user = UserId::new_v7();
-        // The forget, under way: its statements done, not yet committed.
+    /// Runs `write` while a forget of `user` is under way (its statements
+    /// done, not yet committed), until `write` waits for it or is done
+    /// without waiting; then commits the forget and answers what `write`
+    /// did.
+    async fn during_a_forget<T: Send + 'static>(
+        store: &PostgresStore,
+        user: UserId,
+        write: impl Future<Output = T> + Send + 'static,
+    ) -> T {
         let mut forget = store.pool.begin().await.unwrap();
         let (forgetter,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()").fetch_one(&mut *forget).await.unwrap();
         forget_user_in(&mut forget, &user.to_string()).await.unwrap();
-        let mut record = tokio::spawn({
-            let store = store.clone();
-            async move { store.record_last_seen(&[(user, 5)]).await }
-        });
-        // Until the record waits for the forget, or is done without waiting.
+        let mut write = tokio::spawn(write);
         let mut done = None;
         while done.is_none() {
             let (waiting,): (i64,) =
@@ -2002,17 +2040,80 @@ mod tests {
                 break;
             }
             tokio::select! {
-                recorded = &mut record => done = Some(recorded),
+                written = &mut write => done = Some(written),
                 () = tokio::task::yield_now() => {}
             }
         }
         forget.commit().await.unwrap();
-        let recorded = match done {
-            Some(recorded) => recorded,
-            None => record.await,
-        };
-        recorded.unwrap().unwrap();
+        match done {
+            Some(written) => written,
+            None => write.await,
+        }
+        .unwrap()
+    }
+
+    /// A store in a schema of the test's own (None without
+    /// `NATTER_TEST_DATABASE_URL`), and the URL and schema to drop.
+    async fn fresh(name: &str) -> Option<(PostgresStore, String, String)> {
+        let url = natter_db::testing::postgres_url()?;
+        let schema = natter_db::testing::unique_schema(name);
+        let store = PostgresStore::open(&url, &schema, &natter_db::PoolSettings::default()).await.unwrap();
+        Some((store, url, schema))
+    }
+
+    /// A last-seen time recorded while a forget of its user is under way
+    /// (a replica's periodic record racing DeleteAccount) waits for it and
+    /// then stores nothing: the forgotten user keeps no presence row.
+    #[tokio::test]
+    async fn a_last_seen_time_recorded_during_a_forget_is_not_kept() {
+        let Some((store, url, schema)) = fresh("forget").await else { return };
+        let user = UserId::new_v7();
+        let recorder = store.clone();
+        during_a_forget(&store, user, async move { recorder.record_last_seen(&[(user, 5)]).await }).await.unwrap();
         assert!(store.last_seen(&[user]).await.unwrap().is_empty(), "a last-seen time kept for a forgotten user");
+        store.close().await;
+        natter_db::postgres::drop_schema(&url, &schema).await.unwrap();
+    }
+
+    /// A MarkRead of a user being forgotten (it passed its membership
+    /// check before the user was taken out) waits for the forget and then
+    /// stores no read position, taking no change number; a send that
+    /// mentions the user likewise stores the message but no mention row.
+    #[tokio::test]
+    async fn a_read_position_or_a_mention_written_during_a_forget_is_not_kept() {
+        let Some((store, url, schema)) = fresh("forgetread").await else { return };
+        let (chat, user, author) = (ChatId::new_v7(), UserId::new_v7(), UserId::new_v7());
+        let message = |text: &str, mentions: Vec<UserId>| NewMessage {
+            id: MessageId::new_v7(),
+            chat_id: chat,
+            author_id: author,
+            text: text.to_owned(),
+            attachments: Vec::new(),
+            reply_to: None,
+            send_time: 1,
+            flags: None,
+            mentions,
+            thread_root: None,
+        };
+        store.insert_batch(&[message("first", Vec::new())]).await.unwrap();
+        let head = store.heads(chat).await.unwrap().change;
+        let reader = store.clone();
+        let read = during_a_forget(&store, user, async move { reader.mark_read(chat, user, Seq(1)).await }).await;
+        assert_eq!(read.unwrap().change_seq, None, "a read position moved for a forgotten user");
+        assert_eq!(store.read_positions(user, &[chat]).await.unwrap(), [Seq::ZERO], "a read position kept");
+        assert_eq!(store.heads(chat).await.unwrap().change, head, "a change number taken for nothing");
+
+        // Another user: the first one is forgotten already.
+        let (sender, other) = (store.clone(), UserId::new_v7());
+        let mentioned = message("hello @other", vec![other, author]);
+        let sent = during_a_forget(&store, other, async move { sender.insert_batch(&[mentioned]).await }).await;
+        assert!(matches!(sent.unwrap()[..], [Sent::Created(_)]), "the message itself is stored");
+        let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM message_mentions WHERE user_id = $1")
+            .bind(other.to_string())
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, 0, "a mention row kept for a forgotten user");
         store.close().await;
         natter_db::postgres::drop_schema(&url, &schema).await.unwrap();
     }

@@ -456,9 +456,11 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
             }
             // Prepared only for a message that mentions someone.
             if m.counted_mentions().next().is_some() {
+                // None of a forgotten user: it would outlive the forget
+                // (the writer runs one write at a time, so this sees any).
                 let mut mention = tx.prepare_cached(
-                    "INSERT INTO message_mentions (chat_id, user_id, seq) VALUES (?1, ?2, ?3) \
-                     ON CONFLICT DO NOTHING",
+                    "INSERT INTO message_mentions (chat_id, user_id, seq) SELECT ?1, ?2, ?3 \
+                     WHERE NOT EXISTS (SELECT 1 FROM forgotten_users WHERE user_id = ?2) ON CONFLICT DO NOTHING",
                 )?;
                 for user in m.counted_mentions() {
                     mention.execute(params![chat.as_str(), user.to_string(), seq])?;
@@ -1278,7 +1280,13 @@ impl MessageStore for SqliteStore {
         let state = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let (read_seq, target) = read_and_target(&tx, &chat, &user, seq)?;
-            let (read_seq, change_seq) = if target > read_seq {
+            // A forgotten user's position is not stored: it would outlive
+            // the forget (the writer runs one write at a time, so this
+            // sees any).
+            let forgotten: bool = tx
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM forgotten_users WHERE user_id = ?1)")?
+                .query_row([&user], |row| row.get(0))?;
+            let (read_seq, change_seq) = if target > read_seq && !forgotten {
                 let change = next_change(&tx, &chat)?;
                 tx.prepare_cached(
                     "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) VALUES (?1, ?2, ?3, ?4) \

@@ -1471,10 +1471,21 @@ async fn forgetting_a_user_deletes_its_presence_read_positions_and_mentions_and_
     s.record_last_seen(&[(user(1), 900), (user(2), 901)]).await.unwrap();
     assert!(s.last_seen(&[user(1)]).await.unwrap().is_empty(), "no last-seen time comes back");
     assert_eq!(s.last_seen(&[user(2)]).await.unwrap(), [(user(2), 901)].into());
+    // Nor a read position or a mention row written late (a MarkRead or a
+    // send that passed its checks before the user was taken out), and the
+    // late MarkRead takes no change number: the chat's log has no gap.
+    let head = s.heads(chat(1)).await.unwrap().change;
+    let late = s.mark_read(chat(1), user(1), Seq(3)).await.unwrap();
+    assert_eq!(late.change_seq, None, "nothing moved for a forgotten user");
+    assert_eq!(positions(1).await, [Seq::ZERO, Seq::ZERO], "no read position comes back");
+    assert_eq!(s.heads(chat(1)).await.unwrap().change, head, "no change number taken");
+    send(h, &[mentioning(msg(5, 1, 0), &[1, 2])]).await;
+    assert_eq!(mention_counts(h, 1, &[1]).await, [0], "no mention row comes back");
+    assert_eq!(mention_counts(h, 1, &[2]).await, [3], "the others' still come");
     // Again, or a user with no rows: nothing to do.
     s.forget_user(user(1)).await.unwrap();
     s.forget_user(user(7)).await.unwrap();
-    assert_eq!(mention_counts(h, 1, &[2]).await, [2]);
+    assert_eq!(mention_counts(h, 1, &[2]).await, [3]);
 }
 
 /// The numbers (as [`id`] takes them) of the messages of `chats` that

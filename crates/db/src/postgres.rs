@@ -341,10 +341,10 @@ impl InstanceLock {
             release_instance_locks(conn).await;
             return Ok(None);
         }
-        let pid = backend_pid(&mut conn).await?;
+        let session = this_session(&mut conn).await?;
         let watched = Watched { options, schemas: schemas.to_vec(), every, shutdown: shutdown.clone() };
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let watcher = tokio::spawn(watch_instance_lock(conn, pid, watched, stopped));
+        let watcher = tokio::spawn(watch_instance_lock(conn, session, watched, stopped));
         Ok(Some(Self { stop, watcher }))
     }
 
@@ -378,7 +378,7 @@ impl InstanceLock {
         let mut conn = PgConnection::connect_with(&options).await?;
         let holder = instance_lock_holder(&mut conn, schema).await;
         let _ = conn.close().await;
-        Ok(holder?)
+        Ok(holder?.map(|session| session.pid))
     }
 }
 
@@ -423,20 +423,32 @@ async fn release_instance_locks(mut conn: PgConnection) {
     }
 }
 
-/// The process id of `conn`'s backend.
-async fn backend_pid(conn: &mut PgConnection) -> Result<i32, sqlx::Error> {
-    sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(conn).await
+/// A PostgreSQL session: its backend's process id and when it started
+/// (None where this role may not see it), which together name it, as the
+/// server may give the id of a session that ended to a later one.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+struct Session {
+    pid: i32,
+    start: Option<String>,
 }
 
-/// The backend holding the instance lock of `schema` exclusively, from
+/// `conn`'s session.
+async fn this_session(conn: &mut PgConnection) -> Result<Session, sqlx::Error> {
+    sqlx::query_as("SELECT pid, backend_start::text AS start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+        .fetch_one(conn)
+        .await
+}
+
+/// The session holding the instance lock of `schema` exclusively, from
 /// `pg_locks`, where a lock on a bigint key shows its high half as
 /// `classid`, its low half as `objid`, and 1 as `objsubid`.
-async fn instance_lock_holder(conn: &mut PgConnection, schema: &str) -> Result<Option<i32>, sqlx::Error> {
+async fn instance_lock_holder(conn: &mut PgConnection, schema: &str) -> Result<Option<Session>, sqlx::Error> {
     let key = instance_lock_key(schema);
-    sqlx::query_scalar(
-        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND mode = 'ExclusiveLock' \
-         AND objsubid = 1 AND classid::bigint = $1 AND objid::bigint = $2 \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    sqlx::query_as(
+        "SELECT l.pid, a.backend_start::text AS start FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.mode = 'ExclusiveLock' AND l.objsubid = 1 \
+         AND l.classid::bigint = $1 AND l.objid::bigint = $2 \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     .bind(key >> 32)
     .bind(key & 0xffff_ffff)
@@ -452,7 +464,7 @@ struct Watched {
     shutdown: CancellationToken,
 }
 
-/// The watcher of an [`InstanceLock`] held on `conn` (backend `pid`): checks
+/// The watcher of an [`InstanceLock`] held on `conn` (`session`): checks
 /// the connection every `watched.every`, and takes the lock again on a new
 /// one once its session ended ([`retake_instance_locks`]), until `stop`
 /// says (or its sender is gone): then releases it. Answers the schema
@@ -460,7 +472,7 @@ struct Watched {
 /// `watched.shutdown`; None once released.
 async fn watch_instance_lock(
     mut conn: PgConnection,
-    mut pid: i32,
+    mut session: Session,
     watched: Watched,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Option<String> {
@@ -482,11 +494,11 @@ async fn watch_instance_lock(
                 "the instance lock's database session did not answer; taking the lock again on a new one"
             ),
         }
-        match retake_instance_locks(&watched, pid, &mut stop).await {
-            Retaken::Held(new, new_pid) => {
+        match retake_instance_locks(&watched, &session, &mut stop).await {
+            Retaken::Held(new, new_session) => {
                 // The old connection is dropped: if its session is still
                 // alive on the server, it ends as the socket closes.
-                (conn, pid) = (new, new_pid);
+                (conn, session) = (new, new_session);
                 tracing::info!(schemas = ?watched.schemas, "the instance lock is held again");
             }
             Retaken::Stopped => return None,
@@ -506,8 +518,8 @@ async fn watch_instance_lock(
 
 /// What taking an [`InstanceLock`] again came to.
 enum Retaken {
-    /// Held again on this connection, of this backend.
-    Held(PgConnection, i32),
+    /// Held again on this connection, of this session.
+    Held(PgConnection, Session),
     /// Another process holds the lock of this schema.
     Lost(String),
     /// The lock was released (the process is stopping) before it was
@@ -518,20 +530,22 @@ enum Retaken {
 /// Takes the locks of `watched.schemas` again, exclusively, on a new
 /// connection, every `watched.every` until it is held or another process
 /// is found holding one, or `stop` says. A lock still held by the old
-/// session, `old_pid` (the server has not yet noticed that its client
-/// went), is waited for: the server ends that session and frees it.
+/// session, `old` (the server has not yet noticed that its client went),
+/// is waited for: the server ends that session and frees it.
 async fn retake_instance_locks(
     watched: &Watched,
-    old_pid: i32,
+    old: &Session,
     stop: &mut tokio::sync::oneshot::Receiver<()>,
 ) -> Retaken {
     loop {
         match retake_once(watched).await {
-            Ok(Ok((conn, pid))) => return Retaken::Held(conn, pid),
-            Ok(Err((schema, holder))) if holder == Some(old_pid) => {
-                tracing::info!(%schema, old_pid, "waiting for the server to end the instance lock's old session");
+            Ok(Attempt::Held(conn, session)) => return Retaken::Held(conn, session),
+            Ok(Attempt::Refused(schema, Some(holder))) if &holder == old => {
+                tracing::info!(%schema, pid = old.pid, "waiting for the server to end the instance lock's old session");
             }
-            Ok(Err((schema, _))) => return Retaken::Lost(schema),
+            // Released between the try and the look at its holder: again.
+            Ok(Attempt::Refused(_, None)) => {}
+            Ok(Attempt::Refused(schema, _)) => return Retaken::Lost(schema),
             Err(e) => tracing::warn!(error = %e, "taking the instance lock again failed; retrying"),
         }
         tokio::select! {
@@ -541,22 +555,30 @@ async fn retake_instance_locks(
     }
 }
 
-/// One try of [`retake_instance_locks`]: the new connection and its
-/// backend, or the schema refused and its holder's backend.
+/// What one try of [`retake_instance_locks`] came to.
+enum Attempt {
+    /// Held on this new connection, of this session.
+    Held(PgConnection, Session),
+    /// The lock of this schema is held by this session (None: released
+    /// meanwhile).
+    Refused(String, Option<Session>),
+}
+
+/// One try of [`retake_instance_locks`].
 ///
 /// Errors: the server is out of reach or refused.
-async fn retake_once(watched: &Watched) -> Result<Result<(PgConnection, i32), (String, Option<i32>)>, sqlx::Error> {
+async fn retake_once(watched: &Watched) -> Result<Attempt, sqlx::Error> {
     let mut conn = PgConnection::connect_with(&watched.options).await?;
     conn.execute(INSTANCE_LOCK_SESSION).await?;
     match take_instance_locks(&mut conn, &watched.schemas, true).await? {
         None => {
-            let pid = backend_pid(&mut conn).await?;
-            Ok(Ok((conn, pid)))
+            let session = this_session(&mut conn).await?;
+            Ok(Attempt::Held(conn, session))
         }
         Some(schema) => {
             let holder = instance_lock_holder(&mut conn, &schema).await?;
             let _ = conn.close().await;
-            Ok(Err((schema, holder)))
+            Ok(Attempt::Refused(schema, holder))
         }
     }
 }
@@ -1115,7 +1137,7 @@ mod tests {
         // Another process queues for the lock (PostgreSQL grants it to the
         // waiter as the holder's session ends, before any retry).
         let mut other = PgConnection::connect(&url).await.unwrap();
-        let other_pid = backend_pid(&mut other).await.unwrap();
+        let other_pid = this_session(&mut other).await.unwrap().pid;
         let key = instance_lock_key(&schemas[0]);
         let waiting = tokio::spawn(async move {
             sqlx::query("SELECT pg_advisory_lock($1)").bind(key).execute(&mut other).await.unwrap();

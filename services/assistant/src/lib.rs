@@ -47,8 +47,8 @@ pub use service::{Assistant, ReplyIds, Settings};
 #[derive(Clone, Debug, clap::Args)]
 pub struct AssistantArgs {
     /// Base URL of an OpenAI-compatible chat-completions server, with or
-    /// without `/v1`: llama.cpp's `llama-server` (http://127.0.0.1:8080),
-    /// Ollama (http://127.0.0.1:11434), vLLM (http://127.0.0.1:8000), LM
+    /// without `/v1`: llama.cpp's `llama-server` (`http://127.0.0.1:8080`),
+    /// Ollama (`http://127.0.0.1:11434`), vLLM (`http://127.0.0.1:8000`), LM
     /// Studio (`http://127.0.0.1:1234`), OpenAI (`https://api.openai.com`).
     /// Unset: no assistant.
     #[arg(long, env = "NATTER_ASSISTANT_BASE_URL")]

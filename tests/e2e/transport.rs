@@ -742,7 +742,14 @@ const IDLE: Duration = Duration::from_millis(300);
 async fn h2_connect_watched(
     addr: std::net::SocketAddr,
 ) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>) {
-    let tcp = TcpStream::connect(addr).await.unwrap();
+    h2_watched(TcpStream::connect(addr).await.unwrap()).await
+}
+
+/// An HTTP/2 connection (h2 crate) over `tcp` and its task, which ends when
+/// the connection closes.
+async fn h2_watched(
+    tcp: TcpStream,
+) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>) {
     let (send, connection) = h2::client::handshake(tcp).await.unwrap();
     (send, tokio::spawn(connection))
 }
@@ -1261,15 +1268,19 @@ async fn reflection_streams_without_a_token_are_capped_per_connection_and_freed_
 /// Across connections, the server holds at most its cap of streams that
 /// need no token (reflection and health Watch together): one more is
 /// refused on a fresh connection, and answered once a connection holding
-/// some has closed.
+/// some has closed. (Each host holds at most its share of the cap: it
+/// takes four to fill it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_without_a_token_are_capped_per_server_and_freed_when_a_connection_closes() {
-    use natter_kit::tokenless::{STREAMS_PER_CONNECTION, STREAMS_PER_SERVER};
+    use natter_kit::tokenless::{STREAMS_PER_ADDRESS, STREAMS_PER_CONNECTION, STREAMS_PER_SERVER};
     let c = Cluster::all_in_one(&["--request-timeout", "60s"]).await;
     let full = STREAMS_PER_SERVER / STREAMS_PER_CONNECTION;
+    // The host of the `i`th connection: 127.0.0.10 and on, each with its
+    // share.
+    let host = |i: usize| [127, 0, 0, 10 + u8::try_from(i / (STREAMS_PER_ADDRESS / STREAMS_PER_CONNECTION)).unwrap()];
     let mut connections = Vec::new();
-    for _ in 0..full - 1 {
-        let (send, closed) = h2_connect_watched(c.addr).await;
+    for i in 0..full - 1 {
+        let (send, closed) = h2_watched(connect_from(host(i), c.addr).await).await;
         let mut streams = Vec::new();
         for _ in 0..STREAMS_PER_CONNECTION {
             streams.push(reflection_stream(&send, c.addr, REFLECTION).await.expect("under the caps"));
@@ -1277,7 +1288,7 @@ async fn streams_without_a_token_are_capped_per_server_and_freed_when_a_connecti
         connections.push((send, closed, streams));
     }
     // The last connection holds health Watch streams: they count too.
-    let (mut watching, watching_closed) = h2_connect_watched(c.addr).await;
+    let (mut watching, watching_closed) = h2_watched(connect_from(host(full - 1), c.addr).await).await;
     let mut watches = Vec::new();
     for _ in 0..STREAMS_PER_CONNECTION {
         let watch = health_call(&mut watching, c.addr, "Watch").await;
@@ -1301,4 +1312,114 @@ async fn streams_without_a_token_are_capped_per_server_and_freed_when_a_connecti
     // Streams left open would hold up the server's shutdown for its grace.
     drop((freed, watching, watching_closed, watches, connections));
     c.stop().await;
+}
+
+/// One host could hold every one of the server's streams that need no
+/// token, 16 connections of 4 reflection streams, and keep everyone else's
+/// reflection and health Watch out for as long as it liked. Now a host
+/// holds at most its share (a quarter): past it, its next stream is refused
+/// at once, on a fresh connection too, and counted
+/// (`natter_tokenless_stream_refusals_total{limit="address"}`), while
+/// another host's is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_share_of_the_streams_without_a_token() {
+    use natter_kit::tokenless::{STREAMS_PER_ADDRESS, STREAMS_PER_CONNECTION};
+    let c = Cluster::all_in_one(&["--request-timeout", "60s"]).await;
+    let flooder = [127, 0, 0, 2];
+    let mut held = Vec::new();
+    for _ in 0..STREAMS_PER_ADDRESS / STREAMS_PER_CONNECTION {
+        let (send, closed) = h2_watched(connect_from(flooder, c.addr).await).await;
+        let mut streams = Vec::new();
+        for _ in 0..STREAMS_PER_CONNECTION {
+            streams.push(reflection_stream(&send, c.addr, REFLECTION).await.expect("within its share"));
+        }
+        held.push((send, closed, streams));
+    }
+    let refusals = tokenless_refusals("address");
+    let (fresh, _fresh_closed) = h2_watched(connect_from(flooder, c.addr).await).await;
+    let refused = reflection_stream(&fresh, c.addr, REFLECTION).await.expect_err("past its share");
+    assert_capped(&refused, STREAMS_PER_ADDRESS, "address");
+    assert_eq!(tokenless_refusals("address"), refusals + 1.0, "counted");
+
+    let (other, _other_closed) = h2_watched(connect_from([127, 0, 0, 3], c.addr).await).await;
+    let answered = reflection_stream(&other, c.addr, REFLECTION).await.expect("another host is answered");
+    // Streams left open would hold up the server's shutdown for its grace.
+    drop((answered, held));
+    c.stop().await;
+}
+
+/// `natter_tokenless_stream_refusals_total{limit}` of this process.
+fn tokenless_refusals(limit: &str) -> f64 {
+    let series = format!("natter_tokenless_stream_refusals_total{{limit=\"{limit}\"}} ");
+    natter_kit::metrics::render().lines().find_map(|l| l.strip_prefix(&series)?.parse().ok()).unwrap_or(0.0)
+}
+
+/// One host could fill the whole budget of request bytes with slow senders
+/// and have every other client refused "server busy" for as long as it
+/// kept them. Now a host holds at most its share of it (by default a
+/// quarter: here 10 KB of 40 KB): of a slow sender's two streams, 7 KB and
+/// 4 KB of a message each, the one that would take it past its share is
+/// refused at once, RESOURCE_EXHAUSTED naming the share, and counted
+/// (`natter_request_budget_address_refusals_total`), while another host's
+/// call of 8.5 KB is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_share_of_the_request_budget() {
+    let c = Cluster::all_in_one(&[
+        "--max-buffered-request-bytes",
+        "40000",
+        "--max-request-bytes",
+        "9000",
+        "--request-timeout",
+        "60s",
+    ])
+    .await;
+    let (mallory, bob) = (c.guest().await, c.guest().await);
+    let chat = crate::chats::direct(&c, &bob, &mallory).await;
+    let (send, _closed) = h2_watched(connect_from([127, 0, 0, 2], c.addr).await).await;
+    let slow_send = |first: Bytes| {
+        let send = send.clone();
+        let bearer = format!("Bearer {}", mallory.token);
+        async move {
+            let mut send = send.ready().await.unwrap();
+            let mut request = grpc_request(c.addr, "/natter.messages.v1.MessageService/SendMessage");
+            request.headers_mut().insert(http::header::AUTHORIZATION, bearer.parse().unwrap());
+            let (response, mut body) = send.send_request(request, false).unwrap();
+            body.send_data(first, false).unwrap();
+            (response, body)
+        }
+    };
+    // One DATA frame each: the prefix of an 8,000-byte message and part of
+    // it; the rest never comes.
+    let partial = |len: usize| {
+        let mut partial = message_prefix(8_000).to_vec();
+        partial.resize(len, b'x');
+        Bytes::from(partial)
+    };
+    let refusals = budget_address_refusals();
+    let (first, _first_body) = slow_send(partial(7_000)).await;
+    let (second, _second_body) = slow_send(partial(4_000)).await;
+    // Whichever the server reads second is the one past the share.
+    let (refused, _, mut held) = tokio::time::timeout(GUARD, futures::future::select_all([first, second]))
+        .await
+        .expect("one is refused at once, not held");
+    let refused = tonic::Status::from_header_map(refused.unwrap().headers()).expect("refused before any message");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("from this client address (its share: 10000 at once)"), "{refused:?}");
+    assert!(crate::retry_delay(&refused) > Duration::ZERO);
+    assert_eq!(budget_address_refusals(), refusals + 1.0, "counted");
+    assert!(futures::FutureExt::now_or_never(&mut held[0]).is_none(), "the other still held");
+
+    // Another host is answered, with more than the sender has left.
+    let request =
+        authed(&bob, mpb::SendMessageRequest { chat_id: chat.id, text: "y".repeat(8_500), ..Default::default() });
+    tokio::time::timeout(GUARD, c.messages().send_message(request)).await.unwrap().expect("another host is answered");
+    c.stop().await;
+}
+
+/// `natter_request_budget_address_refusals_total` of this process.
+fn budget_address_refusals() -> f64 {
+    natter_kit::metrics::render()
+        .lines()
+        .find_map(|l| l.strip_prefix("natter_request_budget_address_refusals_total ")?.parse().ok())
+        .unwrap_or(0.0)
 }

@@ -47,6 +47,27 @@ pub struct ServerArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_buffered_request_bytes: u64,
 
+    /// Most bytes of request bodies one client address may hold of
+    /// --max-buffered-request-bytes at once, so that no one address fills
+    /// the budget and has every other client refused; past it, its calls
+    /// are refused (RESOURCE_EXHAUSTED, "server busy", retry in 1 s) while
+    /// others go on. Default: a quarter of --max-buffered-request-bytes, and
+    /// never less than one message of --max-request-bytes. Only where
+    /// clients reach the server (the all-in-one, the edge); a service's own
+    /// port, which the edge calls, has none
+    #[arg(long, env = "NATTER_MAX_BUFFERED_REQUEST_BYTES_PER_ADDRESS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_buffered_request_bytes_per_address: Option<u64>,
+
+    /// Not a flag: how the server finds a call's client address for its
+    /// per-address shares (of --max-buffered-request-bytes, and of the
+    /// streams that need no token), set from its binary's own flags by a
+    /// server clients reach (the all-in-one, the edge). `None` (a
+    /// service's public port, which only the edge calls, as one address):
+    /// no per-address shares.
+    #[arg(skip)]
+    pub client_addresses: Option<crate::limits::ClientAddresses>,
+
     /// How long in-flight calls may run after a shutdown signal before the server stops anyway.
     #[arg(long, env = "NATTER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
@@ -243,6 +264,8 @@ impl Default for ServerArgs {
             cors_allow_origins: vec!["*".to_owned()],
             max_request_bytes: 1024 * 1024,
             max_buffered_request_bytes: DEFAULT_MAX_BUFFERED_REQUEST_BYTES,
+            max_buffered_request_bytes_per_address: None,
+            client_addresses: None,
             shutdown_grace: Duration::from_secs(10),
             otlp_endpoint: None,
             metrics_listen: None,

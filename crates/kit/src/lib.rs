@@ -71,13 +71,12 @@ mod layering {
     const LAYERS: &[&[(&str, &str)]] = &[
         &[
             ("coalesce", include_str!("coalesce.rs")),
-            ("config", include_str!("config.rs")),
             ("error", include_str!("error.rs")),
             ("limits", include_str!("limits.rs")),
             ("time", include_str!("time.rs")),
             ("web_page", include_str!("web_page.rs")),
         ],
-        &[("id", include_str!("id.rs")), ("paging", include_str!("paging.rs"))],
+        &[("config", include_str!("config.rs")), ("id", include_str!("id.rs")), ("paging", include_str!("paging.rs"))],
         &[("metrics", include_str!("metrics.rs"))],
         &[
             ("accept", include_str!("accept.rs")),

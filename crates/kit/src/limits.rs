@@ -360,6 +360,28 @@ impl AuthFailures {
     }
 }
 
+/// How a server clients reach finds the address a call came from for its
+/// per-address shares (of the request budget, `crate::budget`, and of the
+/// streams without a token, `crate::tokenless`): as [`client_addr`], from
+/// the binary's own flags (the edge's `--trusted-proxies`; the
+/// all-in-one's `--trust-forwarded-for` and `--trusted-proxies`), the
+/// source its other per-address limits use.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientAddresses {
+    /// Believe the last `x-forwarded-for` entry (behind natter's edge).
+    pub trust_forwarded_for: bool,
+    /// The proxies whose `x-forwarded-for` entries are believed.
+    pub trusted: TrustedProxies,
+}
+
+impl ClientAddresses {
+    /// The client of a request ([`client_addr`]); `None` when it has no
+    /// socket or its trusted header names no address.
+    pub fn of(&self, parts: &http::request::Parts) -> Option<IpAddr> {
+        client_addr(parts, self.trust_forwarded_for, &self.trusted)
+    }
+}
+
 /// The address a call came from, for per-address limits: as
 /// [`client_ip`], from an HTTP request's parts (for a tower layer, before
 /// tonic has made a [`tonic::Request`] of it).

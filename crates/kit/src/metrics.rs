@@ -32,7 +32,15 @@
 //!   `--max-connections-per-address`.
 //! - `natter_request_budget_refusals_total`: calls a public server refused
 //!   because it held `--max-buffered-request-bytes` of requests
-//!   ([`request_budget_refused`]).
+//!   ([`request_budget_refused`]);
+//!   `natter_request_budget_address_refusals_total`: calls refused because
+//!   their client address held its share of it
+//!   (`--max-buffered-request-bytes-per-address`,
+//!   [`request_budget_address_refused`]).
+//! - `natter_tokenless_stream_refusals_total{limit}`: streaming calls that
+//!   need no token (reflection, health Watch) refused at their cap, by the
+//!   cap met: `connection`, `address` or `server`
+//!   ([`tokenless_stream_refused`]).
 //! - whatever a service registers of its own ([`register`]; the messages
 //!   writer's batch, commit and phase metrics).
 //! - `natter_bus_published_total`, `natter_bus_received_total`: events put
@@ -119,6 +127,8 @@ struct Metrics {
     connection_cap_reached: IntCounterVec,
     address_cap_refusals: IntCounterVec,
     request_budget_refusals: IntCounter,
+    request_budget_address_refusals: IntCounter,
+    tokenless_stream_refusals: IntCounterVec,
     bus_published: IntCounter,
     bus_received: IntCounter,
     bus_resent: IntCounter,
@@ -186,6 +196,19 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Calls refused because the process held its most bytes of buffered requests.",
     )
     .expect("valid metric");
+    let request_budget_address_refusals = IntCounter::new(
+        "natter_request_budget_address_refusals_total",
+        "Calls refused because their client address held its share of the buffered request bytes.",
+    )
+    .expect("valid metric");
+    let tokenless_stream_refusals = IntCounterVec::new(
+        Opts::new(
+            "natter_tokenless_stream_refusals_total",
+            "Streaming calls without a token (reflection, health Watch) refused at their cap, by the cap met.",
+        ),
+        &["limit"],
+    )
+    .expect("valid metric");
     let bus_published =
         IntCounter::new("natter_bus_published_total", "Events published on the event bus.").expect("valid metric");
     let bus_received =
@@ -221,6 +244,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(connection_cap_reached.clone()),
         Box::new(address_cap_refusals.clone()),
         Box::new(request_budget_refusals.clone()),
+        Box::new(request_budget_address_refusals.clone()),
+        Box::new(tokenless_stream_refusals.clone()),
         Box::new(bus_published.clone()),
         Box::new(bus_received.clone()),
         Box::new(bus_resent.clone()),
@@ -243,6 +268,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         connection_cap_reached,
         address_cap_refusals,
         request_budget_refusals,
+        request_budget_address_refusals,
+        tokenless_stream_refusals,
         bus_published,
         bus_received,
         bus_resent,
@@ -342,6 +369,19 @@ pub fn address_cap_refused(listener: &str) {
 /// buffered requests (`--max-buffered-request-bytes`, `crate::budget`).
 pub fn request_budget_refused() {
     METRICS.request_budget_refusals.inc();
+}
+
+/// Counts a call refused because its client address held its share of the
+/// buffered request bytes (`--max-buffered-request-bytes-per-address`,
+/// `crate::budget`).
+pub fn request_budget_address_refused() {
+    METRICS.request_budget_address_refusals.inc();
+}
+
+/// Counts a streaming call without a token refused at the cap `limit`
+/// (`connection`, `address` or `server`; `crate::tokenless`).
+pub fn tokenless_stream_refused(limit: &str) {
+    METRICS.tokenless_stream_refusals.with_label_values(&[limit]).inc();
 }
 
 /// Registers a service's own metric in the process's registry, so that

@@ -67,7 +67,7 @@ use tower_http::services::ServeDir;
 use crate::web_page::PageSource;
 
 use crate::accept::{Deadlines, Incoming, TrackCalls};
-use crate::budget::{RequestBudget, RequestBudgetLayer};
+use crate::budget::RequestBudgetLayer;
 use crate::config::{ServerArgs, TransportArgs};
 use crate::internal::ServiceCredential;
 use crate::limits::{AuthFailures, Rate, TrustedProxies};
@@ -298,9 +298,7 @@ pub async fn serve_routes(parts: Parts, listener: TcpListener, shutdown: Cancell
         // their answers without limit (`crate::tokenless`). Inside the
         // span, so a refusal is recorded; inside gRPC-web, so a browser
         // hears it as gRPC-web.
-        .option_layer(credential_free.then(|| {
-            TokenlessStreamsLayer::new(crate::tokenless::STREAMS_PER_CONNECTION, crate::tokenless::STREAMS_PER_SERVER)
-        }))
+        .option_layer(credential_free.then(|| TokenlessStreamsLayer::for_server(&args)))
         // Inside the span, so a refusal is recorded; sees plain gRPC, whose
         // errors before any message come in the response headers.
         .option_layer(failed_auth)
@@ -320,9 +318,7 @@ pub async fn serve_routes(parts: Parts, listener: TcpListener, shutdown: Cancell
         // gRPC-web, so it counts the gRPC messages the services decode.
         // None on an internal listener: only calls with the service
         // credential get this far there, from natter's own services.
-        .option_layer(
-            credential_free.then(|| RequestBudgetLayer::new(RequestBudget::new(args.max_buffered_request_bytes))),
-        )
+        .option_layer(credential_free.then(|| RequestBudgetLayer::for_server(&args)))
         // Innermost, so gRPC-web clients see the corrected code too.
         .map_response(tonic_codes_by_the_table);
     crate::accept::check_open_file_limit(transport.max_connections, listener_name);

@@ -1,10 +1,13 @@
 //! A cap on the streaming calls a public server answers without a token:
 //! server reflection's ServerReflectionInfo (v1 and v1alpha) and
 //! grpc.health.v1's Watch. At most [`STREAMS_PER_CONNECTION`] of them on
-//! one connection and [`STREAMS_PER_SERVER`] on one server; the call over
-//! either is refused at once, RESOURCE_EXHAUSTED "server busy" with a
-//! RetryInfo, and a slot is given back when its response body goes
-//! (answered, the client's reset, the connection closed, shutdown).
+//! one connection, [`STREAMS_PER_ADDRESS`] from one client address (where
+//! clients reach the server) and [`STREAMS_PER_SERVER`] on one server; the
+//! call over any is refused at once, RESOURCE_EXHAUSTED "server busy" with
+//! a RetryInfo naming the cap, and counted
+//! (`natter_tokenless_stream_refusals_total{limit}`), and a slot is given
+//! back when its response body goes (answered, the client's reset, the
+//! connection closed, shutdown).
 //!
 //! Why: each such stream answers for as long as it is asked, and a client
 //! that asks (reflection's answers are tens of KB) but never reads made the
@@ -17,23 +20,39 @@
 //! yet: about 3 MB a connection and 100 MB a server at worst.
 //!
 //! The trade-off: reflection clients (`grpcurl`, `buf curl`) open one
-//! stream at a time, but a client that fills the server's slots keeps
-//! others' reflection and Watch out until its streams end (a reflection
+//! stream at a time, but clients that fill the server's slots keep
+//! others' reflection and Watch out until their streams end (a reflection
 //! stream whose client stops sending ends at the request body deadline;
 //! one whose client ended its requests and reads nothing, when its
 //! connection closes); health Check, which load balancers use, is never
-//! capped.
+//! capped. One address alone could do it, with 16 connections: so one
+//! address holds at most a quarter of the server's slots, and it takes
+//! four to keep everyone else out. The address is the one every
+//! per-address limit uses ([`crate::limits::ClientAddresses`]: the TCP
+//! peer, or the client a trusted proxy names); a service's own public
+//! port, which only the edge and probes reach, has no per-address cap. The
+//! addresses with a slot are counted in a map that forgets one with its
+//! last slot, so it holds at most [`STREAMS_PER_SERVER`] entries.
 
 use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::accept::{ConnectionId, HoldingBody};
+use crate::config::ServerArgs;
+use crate::limits::ClientAddresses;
 
 /// The streaming calls with no token one connection may have open at once
 /// (reflection clients open one at a time).
 pub const STREAMS_PER_CONNECTION: usize = 4;
+
+/// The streaming calls with no token one client address may have open at
+/// once, all its connections together: a quarter of
+/// [`STREAMS_PER_SERVER`] (module docs).
+pub const STREAMS_PER_ADDRESS: usize = STREAMS_PER_SERVER / 4;
 
 /// The streaming calls with no token one server may have open at once, all
 /// connections together: with [`STREAMS_PER_CONNECTION`], what clients
@@ -54,10 +73,12 @@ const WHAT: &str = "streaming calls without a token (reflection, health Watch)";
 /// client's stream ends with its command.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// The open capped streams of one server: all of them, and per connection.
+/// The open capped streams of one server: all of them, per client
+/// address and per connection.
 #[derive(Debug)]
 struct Slots {
     per_connection: usize,
+    per_address: usize,
     per_server: usize,
     open: Mutex<Open>,
 }
@@ -65,30 +86,63 @@ struct Slots {
 #[derive(Debug, Default)]
 struct Open {
     total: usize,
-    /// Connections with a capped stream open (one is forgotten with its last).
+    /// Client addresses with a capped stream open (one is forgotten with
+    /// its last).
+    addresses: HashMap<IpAddr, usize>,
+    /// Connections with a capped stream open (likewise).
     connections: HashMap<ConnectionId, usize>,
 }
 
+/// Whether `key`'s count in `counts` is below `cap` (no key: nothing to
+/// count, always).
+fn below<K: Hash + Eq>(counts: &HashMap<K, usize>, key: Option<&K>, cap: usize) -> bool {
+    key.is_none_or(|key| counts.get(key).copied().unwrap_or(0) < cap)
+}
+
+/// One more for `key` in `counts`.
+fn count_up<K: Hash + Eq + Copy>(counts: &mut HashMap<K, usize>, key: Option<K>) {
+    if let Some(key) = key {
+        *counts.entry(key).or_insert(0) += 1;
+    }
+}
+
+/// One less for `key` in `counts`, which forgets a key whose count is 0.
+fn count_down<K: Hash + Eq>(counts: &mut HashMap<K, usize>, key: Option<K>) {
+    if let Some(key) = key
+        && let std::collections::hash_map::Entry::Occupied(mut count) = counts.entry(key)
+    {
+        *count.get_mut() -= 1;
+        if *count.get() == 0 {
+            count.remove();
+        }
+    }
+}
+
 impl Slots {
-    /// A slot for a stream on `connection` (`None`: a request that came by
-    /// no [`crate::accept`] connection, counted on the server only), held
-    /// until the [`Slot`] drops; the refusal when none is free.
-    fn take(self: &Arc<Self>, connection: Option<ConnectionId>) -> Result<Slot, tonic::Status> {
-        let mut open = self.open.lock().expect("not poisoned");
-        if open.total >= self.per_server {
-            let why = format!("{} {WHAT} are open on this server, its limit", self.per_server);
+    /// A slot for a stream from `client` on `connection` (`None`: an
+    /// address not known, or a request that came by no [`crate::accept`]
+    /// connection; not counted there), held until the [`Slot`] drops; the
+    /// refusal, counted, when none is free.
+    fn take(self: &Arc<Self>, client: Option<IpAddr>, connection: Option<ConnectionId>) -> Result<Slot, tonic::Status> {
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let full = if open.total >= self.per_server {
+            Some(("server", self.per_server, "on this server"))
+        } else if !below(&open.addresses, client.as_ref(), self.per_address) {
+            Some(("address", self.per_address, "from this client address"))
+        } else if !below(&open.connections, connection.as_ref(), self.per_connection) {
+            Some(("connection", self.per_connection, "on this connection"))
+        } else {
+            None
+        };
+        if let Some((limit, cap, scope)) = full {
+            crate::metrics::tokenless_stream_refused(limit);
+            let why = format!("{cap} {WHAT} are open {scope}, its limit");
             return Err(crate::limits::server_busy(&why, RETRY_AFTER));
         }
-        if let Some(id) = connection {
-            let on_connection = open.connections.entry(id).or_insert(0);
-            if *on_connection >= self.per_connection {
-                let why = format!("{} {WHAT} are open on this connection, its limit", self.per_connection);
-                return Err(crate::limits::server_busy(&why, RETRY_AFTER));
-            }
-            *on_connection += 1;
-        }
         open.total += 1;
-        Ok(Slot { slots: self.clone(), connection })
+        count_up(&mut open.addresses, client);
+        count_up(&mut open.connections, connection);
+        Ok(Slot { slots: self.clone(), client, connection })
     }
 }
 
@@ -96,21 +150,16 @@ impl Slots {
 #[derive(Debug)]
 struct Slot {
     slots: Arc<Slots>,
+    client: Option<IpAddr>,
     connection: Option<ConnectionId>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut open = self.slots.open.lock().expect("not poisoned");
+        let mut open = self.slots.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         open.total -= 1;
-        if let Some(id) = self.connection
-            && let Some(count) = open.connections.get_mut(&id)
-        {
-            *count -= 1;
-            if *count == 0 {
-                open.connections.remove(&id);
-            }
-        }
+        count_down(&mut open.addresses, self.client);
+        count_down(&mut open.connections, self.connection);
     }
 }
 
@@ -119,13 +168,22 @@ impl Drop for Slot {
 #[derive(Clone, Debug)]
 pub(crate) struct TokenlessStreamsLayer {
     slots: Arc<Slots>,
+    clients: Option<ClientAddresses>,
 }
 
 impl TokenlessStreamsLayer {
-    /// At most `per_connection` capped streams on one connection and
-    /// `per_server` in all.
-    pub(crate) fn new(per_connection: usize, per_server: usize) -> Self {
-        Self { slots: Arc::new(Slots { per_connection, per_server, open: Mutex::default() }) }
+    /// At most [`STREAMS_PER_CONNECTION`] capped streams on one connection,
+    /// [`STREAMS_PER_ADDRESS`] from one client address as
+    /// [`ServerArgs::client_addresses`] finds it (none: no such cap) and
+    /// [`STREAMS_PER_SERVER`] in all.
+    pub(crate) fn for_server(args: &ServerArgs) -> Self {
+        let slots = Slots {
+            per_connection: STREAMS_PER_CONNECTION,
+            per_address: STREAMS_PER_ADDRESS,
+            per_server: STREAMS_PER_SERVER,
+            open: Mutex::default(),
+        };
+        Self { slots: Arc::new(slots), clients: args.client_addresses.clone() }
     }
 }
 
@@ -133,7 +191,7 @@ impl<S> tower::Layer<S> for TokenlessStreamsLayer {
     type Service = TokenlessStreams<S>;
 
     fn layer(&self, inner: S) -> TokenlessStreams<S> {
-        TokenlessStreams { inner, slots: self.slots.clone() }
+        TokenlessStreams { inner, slots: self.slots.clone(), clients: self.clients.clone() }
     }
 }
 
@@ -142,6 +200,7 @@ impl<S> tower::Layer<S> for TokenlessStreamsLayer {
 pub(crate) struct TokenlessStreams<S> {
     inner: S,
     slots: Arc<Slots>,
+    clients: Option<ClientAddresses>,
 }
 
 impl<S, B> tower::Service<http::Request<B>> for TokenlessStreams<S>
@@ -162,11 +221,13 @@ where
         if !CAPPED_PATHS.contains(&request.uri().path()) {
             return futures::future::Either::Right(self.inner.call(request));
         }
-        let slot = match self.slots.take(request.extensions().get::<ConnectionId>().copied()) {
+        let (parts, body) = request.into_parts();
+        let client = self.clients.as_ref().and_then(|clients| clients.of(&parts));
+        let slot = match self.slots.take(client, parts.extensions.get::<ConnectionId>().copied()) {
             Ok(slot) => slot,
             Err(refused) => return futures::future::Either::Left(Box::pin(async move { Ok(refused.into_http()) })),
         };
-        let call = self.inner.call(request);
+        let call = self.inner.call(http::Request::from_parts(parts, body));
         futures::future::Either::Left(Box::pin(async move {
             let response = call.await?;
             Ok(response.map(|inner| tonic::body::Body::new(HoldingBody::new(inner, slot))))
@@ -180,18 +241,38 @@ mod tests {
 
     #[test]
     fn slots_are_capped_per_connection_and_per_server_and_come_back() {
-        let slots = Arc::new(Slots { per_connection: 2, per_server: 3, open: Mutex::default() });
+        let slots = Arc::new(Slots { per_connection: 2, per_address: 3, per_server: 3, open: Mutex::default() });
         let (a, b) = (Some(ConnectionId::for_test(1)), Some(ConnectionId::for_test(2)));
-        let a1 = slots.take(a).expect("a's first");
-        let _a2 = slots.take(a).expect("a's second");
-        let refused = slots.take(a).expect_err("a's third");
+        let a1 = slots.take(None, a).expect("a's first");
+        let _a2 = slots.take(None, a).expect("a's second");
+        let refused = slots.take(None, a).expect_err("a's third");
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         assert!(refused.message().contains("2 streaming calls"), "{}", refused.message());
-        let _b1 = slots.take(b).expect("b's first");
-        let refused = slots.take(b).expect_err("the server's fourth");
+        let _b1 = slots.take(None, b).expect("b's first");
+        let refused = slots.take(None, b).expect_err("the server's fourth");
         assert!(refused.message().contains("3 streaming calls"), "{}", refused.message());
         drop(a1);
-        let _b2 = slots.take(b).expect("a slot came back");
+        let _b2 = slots.take(None, b).expect("a slot came back");
         assert_eq!(slots.open.lock().unwrap().connections.len(), 2);
+    }
+
+    #[test]
+    fn one_address_holds_at_most_its_share_of_the_server_s_slots() {
+        let slots = Arc::new(Slots { per_connection: 2, per_address: 3, per_server: 5, open: Mutex::default() });
+        let (x, y) = (Some(IpAddr::from([192, 0, 2, 1])), Some(IpAddr::from([192, 0, 2, 2])));
+        let connection = |n| Some(ConnectionId::for_test(n));
+        let mut held = vec![slots.take(x, connection(1)).unwrap(), slots.take(x, connection(1)).unwrap()];
+        held.push(slots.take(x, connection(2)).expect("x's third, on another connection"));
+        let refused = slots.take(x, connection(3)).expect_err("x's fourth, on a fresh connection");
+        assert!(
+            refused.message().contains("3 streaming calls") && refused.message().contains("address"),
+            "{refused:?}"
+        );
+        let y1 = slots.take(y, connection(4)).expect("y is not refused");
+        held.pop();
+        held.push(slots.take(x, connection(3)).expect("x's slot came back"));
+        drop((held, y1));
+        let open = slots.open.lock().unwrap();
+        assert!(open.addresses.is_empty() && open.connections.is_empty() && open.total == 0, "{open:?}");
     }
 }

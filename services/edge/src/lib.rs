@@ -22,7 +22,10 @@
 //! them). A request that would go past it is refused at once,
 //! RESOURCE_EXHAUSTED ("server busy", with a RetryInfo), instead of growing
 //! the edge's memory by a megabyte for every client that sends one; its
-//! bytes so far are let go.
+//! bytes so far are let go. One client address (the TCP peer, or the client
+//! a `--trusted-proxies` proxy names) holds at most its share of that
+//! (`--max-buffered-request-bytes-per-address`, by default a quarter), so
+//! that one host cannot fill it and have everyone else refused.
 //!
 //! A replica caps the calls a connection carries at once (HTTP/2's
 //! SETTINGS_MAX_CONCURRENT_STREAMS, `--max-concurrent-streams`, 128), and a
@@ -669,7 +672,11 @@ async fn watch_health(routes: Arc<[Route]>, health: HealthReporter, interval: Du
 /// Errors: a malformed upstream URL, or serving fails.
 pub async fn run(args: EdgeArgs, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let forward = Forward::new(&args, shutdown.clone())?;
-    let mut server = Server::new(&args.server);
+    // Clients reach the edge: its per-address shares find the client as
+    // its other per-address limits do.
+    let client_addresses =
+        natter_kit::limits::ClientAddresses { trust_forwarded_for: false, trusted: args.trusted_proxies.clone() };
+    let mut server = Server::new(&ServerArgs { client_addresses: Some(client_addresses), ..args.server.clone() });
     server.limit_failed_auth(args.failed_auth_rate, false, args.trusted_proxies.clone());
     // Replicas count as healthy until a check says otherwise.
     for route in forward.routes.iter() {

@@ -162,7 +162,14 @@ impl App {
         )
         .await?;
 
-        let mut server = Server::new(&args.server);
+        // Clients reach this server: its per-address shares find the client
+        // as its other per-address limits do.
+        let client_addresses = natter_kit::limits::ClientAddresses {
+            trust_forwarded_for: args.sessions.trust_forwarded_for,
+            trusted: args.sessions.trusted_proxies.clone(),
+        };
+        let mut server =
+            Server::new(&natter_kit::ServerArgs { client_addresses: Some(client_addresses), ..args.server.clone() });
         server.limit_failed_auth(
             args.failed_auth_rate,
             args.sessions.trust_forwarded_for,

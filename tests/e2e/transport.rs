@@ -1423,3 +1423,31 @@ fn budget_address_refusals() -> f64 {
         .find_map(|l| l.strip_prefix("natter_request_budget_address_refusals_total ")?.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// A client that sends half a request body through the edge and then
+/// nothing is answered DEADLINE_EXCEEDED. (The request timeout answers it,
+/// before the body deadline, twice as long, cuts the body off; the edge's
+/// own answer to a body cut off, which was RESOURCE_EXHAUSTED "request too
+/// large" for any body it could not read whole, is tested with the edge.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_stalled_half_way_through_the_edge_is_answered_deadline_exceeded() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
+    tokio::spawn(serve_slowly(upstream, std::sync::Arc::default()));
+    let edge_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let edge_addr = edge_listener.local_addr().unwrap();
+    let (shutdown, edge) = edge_on(edge_listener, &upstream_url, &["--request-timeout", "300ms"]);
+    let mut send = h2_connect(edge_addr).await.ready().await.unwrap();
+    let mut request = grpc_request(edge_addr, "/natter.messages.v1.MessageService/SendMessage");
+    request.headers_mut().insert(http::header::AUTHORIZATION, format!("Bearer {STAND_IN_TOKEN}").parse().unwrap());
+    let (response, mut body) = send.send_request(request, false).unwrap();
+    let mut half = message_prefix(2_000).to_vec();
+    half.resize(1_000, b'x');
+    body.send_data(Bytes::from(half), false).unwrap();
+    let response = tokio::time::timeout(GUARD, response).await.expect("answered").unwrap();
+    let status = tonic::Status::from_header_map(response.headers()).expect("a status before any message");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    drop(body);
+    shutdown.cancel();
+    edge.await.unwrap();
+}

@@ -329,6 +329,7 @@ struct Forward {
     dialer: Dialer,
     /// `--upstream-calls-per-connection`.
     calls_per_connection: usize,
+    /// `--max-request-bytes`: the most bytes of one request message.
     max_request_bytes: usize,
     /// `--trusted-proxies`.
     trusted_proxies: natter_kit::TrustedProxies,
@@ -386,8 +387,7 @@ impl Forward {
             routes: routes.into(),
             dialer,
             calls_per_connection,
-            // A gRPC frame header (5 bytes) on top of the largest message.
-            max_request_bytes: args.server.max_request_bytes + 5,
+            max_request_bytes: args.server.max_request_bytes,
             trusted_proxies: args.trusted_proxies.clone(),
             shutdown,
         })
@@ -399,24 +399,22 @@ impl Forward {
     /// the last holder drops it: the edge holds them until the replica has
     /// answered.
     ///
-    /// Errors: RESOURCE_EXHAUSTED when the body is over
-    /// `--max-request-bytes`, or when the budget has no room for its next
-    /// frame ("server busy", with a RetryInfo; counted in
-    /// `natter_request_budget_refusals_total`); what was taken is given back
-    /// as `held` goes.
+    /// Errors: as [`body_failed`] says: RESOURCE_EXHAUSTED when the body is
+    /// over `--max-request-bytes`, or when the budget has no room for its
+    /// next frame ("server busy", with a RetryInfo; counted in
+    /// `natter_request_budget_refusals_total`); DEADLINE_EXCEEDED past the
+    /// body's deadline; CANCELLED (or the code of the stream's reset) when
+    /// the client went away mid-body. What was taken is given back as
+    /// `held` goes.
     async fn buffer(&self, body: Body, held: Option<&HeldBytes>) -> Result<Bytes, tonic::Status> {
         if let Some(held) = held {
             held.keep();
         }
-        let mut body = std::pin::pin!(Limited::new(body, self.max_request_bytes));
+        // A gRPC frame header (5 bytes) on top of the largest message.
+        let mut body = std::pin::pin!(Limited::new(body, self.max_request_bytes + 5));
         let mut bytes = bytes::BytesMut::new();
         while let Some(frame) = body.frame().await {
-            // The budget's refusal as it is; anything else of the body, its
-            // length above all (the client may be gone too).
-            let frame = frame.map_err(|e| {
-                tonic::Status::try_from_error(e)
-                    .unwrap_or_else(|_| tonic::Status::resource_exhausted("request too large"))
-            })?;
+            let frame = frame.map_err(|e| body_failed(e, self.max_request_bytes))?;
             let Ok(data) = frame.into_data() else { continue };
             bytes.extend_from_slice(&data);
         }
@@ -502,6 +500,45 @@ impl Forward {
         }
         Ok(tonic::Status::unavailable(format!("no replica of {} is reachable", route.service)).into_http::<Body>())
     }
+}
+
+/// The answer to a call whose request body failed as the edge read it
+/// (`error`, from [`Limited`] over the body of the edge's layer stack):
+/// - the [`tonic::Status`] a layer failed it with (the request budget's
+///   "server busy") as it is;
+/// - RESOURCE_EXHAUSTED, naming `--max-request-bytes` (`max_request_bytes`),
+///   for a body over it;
+/// - DEADLINE_EXCEEDED for a body that did not arrive whole within the
+///   layer stack's body deadline (`tower_http`'s
+///   `RequestBodyDeadlineLayer`);
+/// - else, its client gone mid-body (a reset, a closed connection), the
+///   code of the reset as tonic reads it, or CANCELLED.
+///
+/// Each used to be "request too large", so a client cut off or gone was
+/// told (and counted) RESOURCE_EXHAUSTED, as if it had sent too much. With
+/// today's layer stack a client seldom hears the last two: the request
+/// timeout, half the body deadline, answers a stalled body first (also
+/// DEADLINE_EXCEEDED), and a client that resets its call is gone before
+/// the answer (counted CANCELLED). This keeps the answer right if that
+/// changes.
+fn body_failed(error: tower::BoxError, max_request_bytes: usize) -> tonic::Status {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
+    while let Some(e) = source {
+        if e.is::<tonic::Status>() {
+            break;
+        }
+        if e.is::<http_body_util::LengthLimitError>() {
+            return tonic::Status::resource_exhausted(format!(
+                "request message larger than --max-request-bytes ({max_request_bytes} bytes)"
+            ));
+        }
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return tonic::Status::deadline_exceeded("the request body did not arrive whole within its deadline");
+        }
+        source = e.source();
+    }
+    tonic::Status::try_from_error(error)
+        .unwrap_or_else(|e| tonic::Status::cancelled(format!("the request body ended early: {e}")))
 }
 
 /// A buffered request body on its way to a replica (each attempt gets one):
@@ -699,6 +736,47 @@ pub async fn run(args: EdgeArgs, listener: TcpListener, shutdown: CancellationTo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body the edge could not read whole is answered by its cause (each
+    /// was RESOURCE_EXHAUSTED "request too large"): too long, past its
+    /// deadline, refused by a layer, or its client gone.
+    #[tokio::test]
+    async fn a_body_that_fails_is_answered_by_its_cause() {
+        // As `Forward::buffer` reads one, at --max-request-bytes 10.
+        let fail = |body: Body| async move {
+            let mut body = std::pin::pin!(Limited::new(body, 10 + 5));
+            loop {
+                match body.frame().await.expect("the body fails") {
+                    Ok(_) => continue,
+                    Err(e) => return body_failed(e, 10),
+                }
+            }
+        };
+        let frames = |frames: Vec<Result<http_body::Frame<Bytes>, tower::BoxError>>| {
+            Body::new(http_body_util::StreamBody::new(futures::stream::iter(frames)))
+        };
+
+        let too_large = fail(Body::from(vec![0u8; 16])).await;
+        assert_eq!(too_large.code(), tonic::Code::ResourceExhausted, "{too_large:?}");
+        assert!(too_large.message().contains("--max-request-bytes (10 bytes)"), "{too_large:?}");
+
+        let never_ends = futures::stream::pending::<Result<http_body::Frame<Bytes>, Infallible>>();
+        let stalled = tower_http::timeout::DeadlineBody::new(
+            Duration::from_millis(1),
+            http_body_util::StreamBody::new(never_ends),
+        );
+        let late = fail(Body::new(stalled)).await;
+        assert_eq!(late.code(), tonic::Code::DeadlineExceeded, "{late:?}");
+
+        let busy = tonic::Status::resource_exhausted("server busy: too many request bytes in flight");
+        let refused = fail(frames(vec![Ok(http_body::Frame::data(Bytes::from_static(b"x"))), Err(busy.into())])).await;
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(refused.message(), "server busy: too many request bytes in flight", "as the layer said");
+
+        let closed = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-body");
+        let gone = fail(frames(vec![Err(closed.into())])).await;
+        assert_eq!(gone.code(), tonic::Code::Cancelled, "{gone:?}");
+    }
 
     #[test]
     fn a_connections_window_is_its_calls_windows_within_http2s_limit() {

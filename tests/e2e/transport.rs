@@ -918,10 +918,7 @@ async fn one_address_holds_at_most_its_share_of_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_refuses_requests_past_its_budget_of_buffered_bytes() {
     let _counting = BUDGET_REFUSALS_COUNTED.lock().await;
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
-    let slow = std::sync::Arc::new(Slow::default());
-    tokio::spawn(serve_slowly(upstream, slow.clone()));
+    let (upstream_url, slow) = slow_upstream().await;
     let (channel, shutdown, edge) = edge_before(&upstream_url, &["--max-buffered-request-bytes", "3000"]).await;
     let send = || {
         let mut client = mpb::message_service_client::MessageServiceClient::new(channel.clone());
@@ -1075,6 +1072,16 @@ impl Drop for Waiting {
     }
 }
 
+/// A [`serve_slowly`] upstream on a port of its own: its URL, and what it
+/// is doing.
+async fn slow_upstream() -> (String, std::sync::Arc<Slow>) {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
+    let slow = std::sync::Arc::new(Slow::default());
+    tokio::spawn(serve_slowly(upstream, slow.clone()));
+    (upstream_url, slow)
+}
+
 /// A stand-in upstream speaking gRPC over HTTP/2, as a replica under load:
 /// a call of the messages service waits until `release` is set, then gets
 /// an empty message and OK; health checks are answered at once.
@@ -1117,10 +1124,7 @@ async fn serve_slowly(listener: TcpListener, slow: std::sync::Arc<Slow>) {
 /// network error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_deadline_ends_a_grpc_web_call_with_deadline_exceeded_and_cors() {
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
-    let slow = std::sync::Arc::new(Slow::default());
-    tokio::spawn(serve_slowly(upstream, slow.clone()));
+    let (upstream_url, slow) = slow_upstream().await;
     let edge_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let edge_addr = edge_listener.local_addr().unwrap();
     let (shutdown, edge) = edge_on(edge_listener, &upstream_url, &[]);
@@ -1431,9 +1435,7 @@ fn budget_address_refusals() -> f64 {
 /// large" for any body it could not read whole, is tested with the edge.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_stalled_half_way_through_the_edge_is_answered_deadline_exceeded() {
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
-    tokio::spawn(serve_slowly(upstream, std::sync::Arc::default()));
+    let (upstream_url, _slow) = slow_upstream().await;
     let edge_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let edge_addr = edge_listener.local_addr().unwrap();
     let (shutdown, edge) = edge_on(edge_listener, &upstream_url, &["--request-timeout", "300ms"]);
@@ -1448,6 +1450,45 @@ async fn a_body_stalled_half_way_through_the_edge_is_answered_deadline_exceeded(
     let status = tonic::Status::from_header_map(response.headers()).expect("a status before any message");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     drop(body);
+    shutdown.cancel();
+    edge.await.unwrap();
+}
+
+/// Behind a trusted proxy, the edge gives each client the proxy names its
+/// own share of the request budget (here 10 KB of 40 KB), not one share for
+/// everyone behind the proxy: with 6 KB of one client's held by a slow
+/// replica, its second call of 6 KB is refused at once, naming its share,
+/// while another client's, through the same proxy, is held as its first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_each_client_has_its_own_share_of_the_edge_s_budget() {
+    let (upstream_url, slow) = slow_upstream().await;
+    let flags =
+        ["--max-buffered-request-bytes", "40000", "--max-request-bytes", "9000", "--trusted-proxies", "127.0.0.1"];
+    let (channel, shutdown, edge) = edge_before(&upstream_url, &flags).await;
+    let send = |client: &'static str| {
+        let mut messages = mpb::message_service_client::MessageServiceClient::new(channel.clone());
+        let mut request = natter_testkit::with_token(
+            STAND_IN_TOKEN,
+            mpb::SendMessageRequest { text: "x".repeat(6_000), ..Default::default() },
+        );
+        // What the proxy in front (this test, at 127.0.0.1) appends.
+        request.metadata_mut().insert("x-forwarded-for", client.parse().unwrap());
+        async move { messages.send_message(request).await }
+    };
+    let mut waiting = slow.waiting.subscribe();
+    let first = tokio::spawn(send("203.0.113.1"));
+    tokio::time::timeout(GUARD, waiting.wait_for(|n| *n == 1)).await.unwrap().unwrap();
+
+    let refused = tokio::time::timeout(GUARD, send("203.0.113.1")).await.expect("refused at once").unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("from this client address (its share: 10000 at once)"), "{refused:?}");
+    let other = tokio::spawn(send("203.0.113.2"));
+    tokio::time::timeout(GUARD, waiting.wait_for(|n| *n == 2)).await.expect("another client's is held").unwrap();
+
+    slow.release.send_replace(true);
+    for call in [first, other] {
+        tokio::time::timeout(GUARD, call).await.unwrap().unwrap().expect("answered");
+    }
     shutdown.cancel();
     edge.await.unwrap();
 }

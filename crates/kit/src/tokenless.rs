@@ -15,9 +15,10 @@
 //! encode buffer, on every stream of every connection it opened: 128
 //! streams a connection held about 67 MB, with no token. Unary calls with
 //! no token (log-in, health Check) answer once, in a few hundred bytes.
-//! Now one such stream holds at most hyper's 400 KiB and two answers, and
-//! its connection at most its HTTP/2 window (1 MiB) of requests nobody read
-//! yet: about 3 MB a connection and 100 MB a server at worst.
+//! Now one such stream holds at most the HTTP/2 send buffer
+//! (`crate::serve::MAX_SEND_BUF_BYTES`, 64 KiB) and two answers, and its
+//! connection at most its HTTP/2 window (256 KiB) of requests nobody read
+//! yet: under 1 MB a connection and about 15 MB a server at worst.
 //!
 //! The trade-off: reflection clients (`grpcurl`, `buf curl`) open one
 //! stream at a time, but clients that fill the server's slots keep

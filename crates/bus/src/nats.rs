@@ -74,7 +74,8 @@
 //! instead, which drops every entry of the other processes' caches (a
 //! refill costs them at most what one `--cache-ttl` of expiries does); past
 //! `KEPT_TOPICS` topics, it announces that it lost events (the liveness's
-//! `Lost`, below), and every other process hints all its topics.
+//! `Lost`, below), and every other process hints all its chat and
+//! session topics.
 //!
 //! What a publisher loses without living to tell: a process that dies
 //! (killed, out of memory, its host's power gone) after committing a change

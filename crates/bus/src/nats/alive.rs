@@ -8,10 +8,20 @@
 //! long) or that says goodbye admitting it lost events (its `close()` gave
 //! up with events unconfirmed or queued), or that says it lost more than it
 //! can name ([`Say::Lost`]), makes every other process hint all its local
-//! topics ([`Hub::resync`]): their streams re-read the store, which has
-//! every committed change (a hint is no event: exactly once still holds).
-//! A clean goodbye (everything it published confirmed) is forgotten
+//! chat and session topics ([`Hub::resync_chats_and_sessions`]): their
+//! streams re-read the store, which has every committed change (a hint is
+//! no event: exactly once still holds), and re-check their session. A
+//! clean goodbye (everything it published confirmed) is forgotten
 //! silently.
+//!
+//! Left out: user topics. Their hint makes a stream tell its client that
+//! ephemeral news may be lost (`ephemeral_lost`), and every process on the
+//! NATS server hears every peer, of its own deployment or another (a
+//! staging beside production, the tests' many deployments): a death
+//! elsewhere would reach every client. So a dead chats replica's
+//! unpublished "added to a chat" reaches the added user's open streams
+//! only with their next user event or reconnect, as before; their chats'
+//! events are not lost.
 //!
 //! The trade-off: one message of about 30 bytes per process per interval,
 //! and no work per topic unless a peer is lost; then one store re-read per
@@ -177,7 +187,8 @@ impl Liveness {
     }
 
     /// Takes in a peer's announcement (from the subscriber task, until the
-    /// shutdown token) and hints every local topic of `hub` if the peer
+    /// shutdown token) and hints the local chat and session topics of
+    /// `hub` if the peer
     /// lost events. An undecodable one is passed over: it comes from no
     /// natter of this wire form.
     pub(super) fn heard(&self, hub: &Hub, payload: Bytes) {
@@ -191,7 +202,7 @@ impl Liveness {
         if self.lock().heard(process, say, every, Instant::now()) {
             tracing::info!(peer = %process, ?say, "nats: a peer lost events; resync streams from the store");
             natter_kit::metrics::bus_peer_resynced(1);
-            hub.resync();
+            hub.resync_chats_and_sessions();
         }
     }
 
@@ -241,8 +252,8 @@ impl Liveness {
         }
     }
 
-    /// Loses the peers silent too long and, if any, hints every local
-    /// topic once. Not while this process is cut off (it cannot hear them;
+    /// Loses the peers silent too long and, if any, hints the local chat
+    /// and session topics once. Not while this process is cut off (it cannot hear them;
     /// its own reconnect resyncs), and after a reconnect it counts every
     /// peer as just heard.
     fn check(&self, client: &async_nats::Client, hub: &Hub, connection: &mut u64) {
@@ -263,7 +274,7 @@ impl Liveness {
         if gone > 0 {
             tracing::info!(peers = gone, "nats: peers fell silent; resync streams from the store");
             natter_kit::metrics::bus_peer_resynced(1);
-            hub.resync();
+            hub.resync_chats_and_sessions();
         }
     }
 }

@@ -938,6 +938,9 @@ async fn expect_hint(rx: &mut natter_bus::Subscription, chat: Uuid, within: Dura
 /// re-read the store once b misses a's announcements, where without it
 /// they would hear of the change only at the chat's next event. In either
 /// routing of b (broadcast hears the announcements on `natter.events.>`).
+/// b's user topics are not hinted: every process on the server hears a
+/// death, of its deployment or another, and a user topic's hint makes a
+/// stream send its client `ephemeral_lost`.
 #[tokio::test]
 async fn what_a_replica_that_died_never_published_is_hinted_by_the_others() {
     for routing in [Routing::Interest, Routing::Broadcast] {
@@ -946,6 +949,12 @@ async fn what_a_replica_that_died_never_published_is_hinted_by_the_others() {
         let stop = CancellationToken::new();
         let a = natter_bus_through(&relay, &server, &stop).await;
         let b = natter_bus(&server, routing, &stop).await;
+        // b's stream also follows its user's topic, whose hint would tell
+        // its client that ephemeral news was lost.
+        let mut user_on_b = b.subscribe(Topic::User(Uuid::now_v7()));
+        if routing == Routing::Interest {
+            assert!(in_effect(&mut user_on_b).await, "b's user subscription is in place");
+        }
         let (chat, mut on_b) = follow_hearing_a(&b, routing).await;
 
         relay.freeze();
@@ -954,6 +963,12 @@ async fn what_a_replica_that_died_never_published_is_hinted_by_the_others() {
         assert!(relay.swallowed(&subject, DELIVERY).await, "a's event was lost on the way");
         expect_hint(&mut on_b, chat, PEER_LOST, &format!("{routing:?}: b's subscribers, of a's last change")).await;
         assert_eq!(b.peers(), 0, "{routing:?}: b counts a as gone");
+        // Hinted in the same pass as the chat, had it been.
+        let user_hint = futures::FutureExt::now_or_never(user_on_b.recv());
+        assert!(
+            user_hint.is_none(),
+            "{routing:?}: a peer's death told b's stream of ephemeral news lost: {user_hint:?}"
+        );
         stop.cancel();
     }
 }

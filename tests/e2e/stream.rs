@@ -718,3 +718,86 @@ async fn reactions_stream_live_per_viewer_and_resume_once_as_the_message_is(c: &
     assert_eq!(of_m[0].change_seq, now.change_seq);
     assert_eq!(tally(of_m[0]), [("🎉", 1, true), ("❤️", 1, false), ("👍", 1, true)]);
 }
+
+/// A live stream whose client stops reading (an app in the background, a
+/// stalled network) while a chat logs more membership and chat changes than
+/// its log keeps (1,000) falls behind the bus and, once read again, fills
+/// the gap from the store: the changes pruned from the log are not there.
+/// It must then say so with a `chat_reset` (reason `log_truncated`), as a
+/// resume from that point would, never jump over them in silence: here
+/// carol's role changes 1,600 times, and bob's client either sees every
+/// change or is told to re-read the chat.
+mod truncated_log {
+    use super::*;
+
+    crate::both_modes!(
+        flags = natter_testkit::Flags { chats: &["--chat-change-rate", "off"], ..natter_testkit::Flags::NONE };
+        a_live_stream_behind_a_truncated_log_is_reset_not_silently_skipped
+    );
+
+    /// Role changes made while bob's client does not read.
+    const CHANGES: usize = 1_600;
+
+    async fn a_live_stream_behind_a_truncated_log_is_reset_not_silently_skipped(c: &Cluster) {
+        if !crosses_services(c) {
+            return;
+        }
+        let users = futures::future::join_all(["alice", "bob", "carol"].map(|n| c.user(n))).await;
+        let (alice, bob, carol) = (&users[0], &users[1], &users[2]);
+        let chat = crate::mentions::group(c, alice, &[bob, carol]).await;
+        // A connection with small HTTP/2 windows: the server can put only a
+        // few events on the wire before it waits for bob to read.
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.addr))
+            .unwrap()
+            .initial_stream_window_size(Some(4096))
+            .initial_connection_window_size(Some(4096))
+            .connect()
+            .await
+            .unwrap();
+        let request = mpb::StreamEventsRequest { chat_ids: vec![chat.clone()], ..Default::default() };
+        let mut stream = mpb::message_service_client::MessageServiceClient::new(channel)
+            .stream_events(authed(bob, request))
+            .await
+            .unwrap()
+            .into_inner();
+        send(c, alice, &chat, "start").await;
+        let start = until(&mut stream, created("start")).await.last().unwrap().change_seq;
+        // Bob reads nothing while carol's role goes back and forth.
+        for i in 0..CHANGES {
+            let role = if i % 2 == 0 { cpb::MemberRole::Admin } else { cpb::MemberRole::Member };
+            let request =
+                cpb::UpdateMemberRequest { chat_id: chat.clone(), user_id: carol.id.clone(), role: role as i32 };
+            c.chats().update_member(authed(alice, request)).await.unwrap();
+        }
+        send(c, alice, &chat, "end").await;
+        let is_reset = |e: &mpb::StreamEventsResponse| matches!(e.event, Some(Event::ChatReset(_)));
+        let mut events = until(&mut stream, |e| created("end")(e) || is_reset(e)).await;
+        // Fallen behind the bus, the stream also says ephemeral news may
+        // have been lost (an event of no chat).
+        events.retain(|e| !e.chat_id.is_empty());
+        assert_increasing(&events);
+        let last = events.last().unwrap();
+        if is_reset(last) {
+            let reason = "log_truncated".to_owned();
+            assert_eq!(last.event, Some(Event::ChatReset(mpb::ChatReset { reason })), "{last:?}");
+            // The stream goes on live from the chat's newest change.
+            send(c, alice, &chat, "after the reset").await;
+            let after = loop {
+                let event = next(&mut stream).await;
+                if !event.chat_id.is_empty() {
+                    break event;
+                }
+            };
+            assert!(created("after the reset")(&after), "{after:?}");
+            assert_eq!(after.change_seq, last.change_seq + 1);
+        } else {
+            let roles = events.iter().filter(|e| matches!(e.event, Some(Event::MembershipChanged(_)))).count();
+            assert_eq!(
+                roles,
+                CHANGES,
+                "from change {start}, bob's stream passed over {} role changes without a chat_reset",
+                CHANGES - roles
+            );
+        }
+    }
+}

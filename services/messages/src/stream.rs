@@ -14,6 +14,15 @@
 //! duplicate. (Centrifugo's stream recovery works on the same idea: history
 //! is the truth, pub/sub is the hint.)
 //!
+//! The store holds every message, but a chat's membership and chat changes
+//! only in a log of its newest 1,000 (`CHAT_LOG_KEEP`). A read from a cursor
+//! the log has been pruned past (a resume point that old, or a stream whose
+//! client stopped reading while more than that happened) cannot send what
+//! was pruned: the stream sends a `chat_reset` (`log_truncated`) instead and
+//! goes on from the chat's newest change, so the client re-reads the chat
+//! rather than miss changes without a word. Only the compatibility resume by
+//! seq passes over them, as it always has.
+//!
 //! A read from the store returns each changed row once, as it is now: a
 //! message edited five times is sent once, with the number of its latest
 //! change, and the numbers of its earlier changes are skipped. Changes
@@ -223,7 +232,8 @@ pub async fn open(
         };
         follower.cursors.insert(*chat, start);
         if start < heads.change {
-            refills.push_back(Refill::to(*chat, heads.change));
+            let by_seq = matches!(follow.resume.get(chat), Some(Resume::Seq(_)));
+            refills.push_back(Refill { skips_pruned: by_seq, ..Refill::to(*chat, heads.change) });
         }
     }
     // Read first, check second (as a refill does): a removal committed
@@ -489,15 +499,20 @@ struct Refill {
     /// while the user was a member, so their pages need no membership check
     /// (0: not known).
     departure: i64,
+    /// Passes over the chat's changes that its log no longer holds (the
+    /// compatibility `resume` by seq, which never resets); otherwise a
+    /// read from a cursor below the log's floor ends in a `chat_reset`
+    /// ([`Follower::truncated`]).
+    skips_pruned: bool,
 }
 
 impl Refill {
     fn to(chat: Uuid, until: i64) -> Self {
-        Self { chat, until: Some(until), since: None, absent: false, departure: 0 }
+        Self { chat, until: Some(until), since: None, absent: false, departure: 0, skips_pruned: false }
     }
 
     fn all(chat: Uuid) -> Self {
-        Self { chat, until: None, since: None, absent: false, departure: 0 }
+        Self { chat, until: None, since: None, absent: false, departure: 0, skips_pruned: false }
     }
 }
 
@@ -632,6 +647,25 @@ impl Follower {
         match latest {
             Some(Membership::Departed(n)) if n > cursor => Gone::Replay(Refill { departure: n, ..Refill::to(chat, n) }),
             _ => Gone::Removed,
+        }
+    }
+
+    /// A store read of `chat` found its log pruned past the cursor (the
+    /// stream fell more than the log's length behind: its client stopped
+    /// reading, or the bus lagged): the changes the log no longer holds
+    /// cannot be sent, so the client is told to re-read the chat, as a
+    /// resume from that point is (`chat_reset`, `log_truncated`, with the
+    /// chat's newest change number, where the stream goes on from). A user
+    /// no longer a member gets the removal of [`Follower::removed`]
+    /// instead: their departure may be among what was pruned.
+    async fn truncated(&mut self, chat: Uuid, heads: Heads) -> Result<(Vec<pb::StreamEventsResponse>, bool), Status> {
+        match self.messages.member(chat, self.user).await {
+            Ok(_) => {
+                self.cursors.insert(chat, heads.change);
+                Ok((vec![reset_event(chat.into(), heads, ResetReason::LogTruncated)], false))
+            }
+            Err(MessagesError::Denied(_) | MessagesError::ChatNotFound) => Ok((vec![self.removed(chat)], false)),
+            Err(other) => Err(other.into()),
         }
     }
 
@@ -981,6 +1015,16 @@ impl Follower {
             .changes(chat.into(), self.user.into(), cursor, REPLAY_PAGE)
             .await
             .map_err(MessagesError::from)?;
+        // Read after the changes: a floor above the cursor now was above it
+        // then, or rose past it since (a reset the client did not strictly
+        // need then, never a gap). A catch-up to the user's departure goes
+        // on regardless: the client drops the chat at its end.
+        if !refill.skips_pruned && !refill.absent && refill.departure <= cursor {
+            let heads = self.messages.store().heads(chat.into()).await.map_err(MessagesError::from)?;
+            if heads.floor > cursor {
+                return self.truncated(chat, heads).await;
+            }
+        }
         let mut bytes = 0;
         if let Some(past) = changes.iter().position(|c| {
             bytes += c.weight();

@@ -21,7 +21,8 @@
 //! was pruned: the stream sends a `chat_reset` (`log_truncated`) instead and
 //! goes on from the chat's newest change, so the client re-reads the chat
 //! rather than miss changes without a word. Only the compatibility resume by
-//! seq passes over them, as it always has.
+//! seq passes over them, as it always has, and a bot's stream (the
+//! assistant's), which needs the messages (never pruned), not chat details.
 //!
 //! A read from the store returns each changed row once, as it is now: a
 //! message edited five times is sent once, with the number of its latest
@@ -200,6 +201,7 @@ pub async fn open(
         direct: HashMap::new(),
         presence: follow.presence.then(HashMap::new),
         profiles: follow.presence.then(HashMap::new),
+        skips_pruned: every_flag,
     };
     // Subscribe first, read the heads second: a change committed after the
     // head was read is announced to a subscription that already exists.
@@ -572,6 +574,10 @@ struct Follower {
     /// user -> the serial of the last `user_updated` of theirs sent; `None`
     /// for a stream that gets none (the assistant's).
     profiles: Option<HashMap<Uuid, i64>>,
+    /// Reads on past the changes a chat's log no longer holds instead of
+    /// answering with a `chat_reset`: a bot's stream (the assistant's),
+    /// which needs every message (never pruned) and no chat details.
+    skips_pruned: bool,
 }
 
 impl Follower {
@@ -1018,8 +1024,9 @@ impl Follower {
         // Read after the changes: a floor above the cursor now was above it
         // then, or rose past it since (a reset the client did not strictly
         // need then, never a gap). A catch-up to the user's departure goes
-        // on regardless: the client drops the chat at its end.
-        if !refill.skips_pruned && !refill.absent && refill.departure <= cursor {
+        // on regardless: the client drops the chat at its end. A bot's
+        // stream reads on too: it needs the messages, which stay.
+        if !(refill.skips_pruned || self.skips_pruned || refill.absent) && refill.departure <= cursor {
             let heads = self.messages.store().heads(chat.into()).await.map_err(MessagesError::from)?;
             if heads.floor > cursor {
                 return self.truncated(chat, heads).await;
@@ -1949,6 +1956,7 @@ mod tests {
             direct: HashMap::new(),
             presence: None,
             profiles: None,
+            skips_pruned: false,
         }
     }
 

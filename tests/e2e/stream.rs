@@ -732,8 +732,52 @@ mod truncated_log {
 
     crate::both_modes!(
         flags = natter_testkit::Flags { chats: &["--chat-change-rate", "off"], ..natter_testkit::Flags::NONE };
-        a_live_stream_behind_a_truncated_log_is_reset_not_silently_skipped
+        a_live_stream_behind_a_truncated_log_is_reset_not_silently_skipped,
+        a_removal_pruned_from_the_log_is_still_told_on_resume
     );
+
+    /// `n` role changes of `member` in `chat`, by its owner `owner`.
+    async fn churn(c: &Cluster, owner: &TestUser, chat: &str, member: &TestUser, n: usize) {
+        for i in 0..n {
+            let role = if i % 2 == 0 { cpb::MemberRole::Admin } else { cpb::MemberRole::Member };
+            let request =
+                cpb::UpdateMemberRequest { chat_id: chat.to_owned(), user_id: member.id.clone(), role: role as i32 };
+            c.chats().update_member(authed(owner, request)).await.unwrap();
+        }
+    }
+
+    /// Bob was removed from a group while away, and the group then logged
+    /// over 1,000 more changes, pruning his removal from its log. Resuming
+    /// it from the point his page saw, he must still be told he is out of
+    /// it (as for a chat deleted meanwhile), or his page shows a chat he can
+    /// no longer read for good: nothing else of it will ever reach him.
+    async fn a_removal_pruned_from_the_log_is_still_told_on_resume(c: &Cluster) {
+        let users = futures::future::join_all(["alice", "bob", "carol"].map(|n| c.user(n))).await;
+        let (alice, bob, carol) = (&users[0], &users[1], &users[2]);
+        let chat = crate::mentions::group(c, alice, &[bob, carol]).await;
+        let marker = direct(c, bob, carol).await;
+        let seen = send(c, alice, &chat, "seen").await.change_seq;
+        let remove = cpb::RemoveMemberRequest { chat_id: chat.clone(), user_id: bob.id.clone() };
+        c.chats().remove_member(authed(alice, remove)).await.unwrap();
+        churn(c, alice, &chat, carol, 1_010).await;
+
+        let mut stream = open(c, bob, &[], &[(&chat, seen)]).await;
+        send(c, carol, &marker.id, "marker").await;
+        let mut told = Vec::new();
+        loop {
+            let event = next(&mut stream).await;
+            if event.chat_id == marker.id {
+                break;
+            }
+            told.push(event);
+        }
+        let removed = told.iter().find(|e| {
+            e.chat_id == chat
+                && matches!(&e.event, Some(Event::MembershipChanged(m))
+                    if m.user_id == bob.id && m.change == mpb::MembershipChange::Removed as i32)
+        });
+        assert!(removed.is_some(), "bob is told he is out of the group: {told:?}");
+    }
 
     /// Role changes made while bob's client does not read.
     const CHANGES: usize = 1_600;
@@ -763,12 +807,7 @@ mod truncated_log {
         send(c, alice, &chat, "start").await;
         let start = until(&mut stream, created("start")).await.last().unwrap().change_seq;
         // Bob reads nothing while carol's role goes back and forth.
-        for i in 0..CHANGES {
-            let role = if i % 2 == 0 { cpb::MemberRole::Admin } else { cpb::MemberRole::Member };
-            let request =
-                cpb::UpdateMemberRequest { chat_id: chat.clone(), user_id: carol.id.clone(), role: role as i32 };
-            c.chats().update_member(authed(alice, request)).await.unwrap();
-        }
+        churn(c, alice, &chat, carol, CHANGES).await;
         send(c, alice, &chat, "end").await;
         let is_reset = |e: &mpb::StreamEventsResponse| matches!(e.event, Some(Event::ChatReset(_)));
         let mut events = until(&mut stream, |e| created("end")(e) || is_reset(e)).await;

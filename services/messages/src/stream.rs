@@ -256,9 +256,10 @@ pub async fn open(
     // before the stream opened: as for a departure found above, what the
     // client had not seen of it before the departure, then the departure,
     // so that the client drops the chat; no other event would ever tell it.
-    // A chat deleted since (its log gone with it) gets the removal. Any
-    // other chat whose log holds no departure of the user (never theirs)
-    // stays ignored. One the user is in again (joined since the listing) is
+    // A chat deleted since (its log gone with it) gets the removal, and so
+    // does one whose log was pruned past the point (the departure maybe
+    // with it). Any other chat whose log holds no departure of the user
+    // (never theirs) stays ignored. One the user is in again (joined since the listing) is
     // left to its join, which follows on the user's topic.
     if all {
         let gone: Vec<(Uuid, Resume)> = follow
@@ -284,6 +285,20 @@ pub async fn open(
                     // At the client's own point: the chat's numbers went with it.
                     follower.cursors.insert(chat, if let Resume::Changes(seen) = point { seen } else { 0 });
                     first.push(follower.removed(chat));
+                } else if !found.member {
+                    // The log was pruned past the client's point: the user's
+                    // departure may have gone with it, and nothing else
+                    // would ever tell the client. A chat never the user's
+                    // whose log still reaches the point stays ignored.
+                    let heads = follower.messages.store().heads(chat.into()).await.map_err(MessagesError::from)?;
+                    let seen = match point {
+                        Resume::Changes(seen) => seen,
+                        Resume::Seq(seq) => follower.created_at(chat.into(), seq, heads).await?,
+                    };
+                    if seen < heads.floor {
+                        follower.cursors.insert(chat, seen);
+                        first.push(follower.removed(chat));
+                    }
                 }
                 continue;
             }

@@ -678,10 +678,17 @@ impl Follower {
     /// resume from that point is (`chat_reset`, `log_truncated`, with the
     /// chat's newest change number, where the stream goes on from). A user
     /// no longer a member gets the removal of [`Follower::removed`]
-    /// instead: their departure may be among what was pruned.
+    /// instead: their departure may be among what was pruned. A change of
+    /// the user's role may be among it too: whether they see others'
+    /// injection flags is read again from the membership.
     async fn truncated(&mut self, chat: Uuid, heads: Heads) -> Result<(Vec<pb::StreamEventsResponse>, bool), Status> {
         match self.messages.member(chat, self.user).await {
-            Ok(_) => {
+            Ok(membership) => {
+                if natter_links::manages(&membership) {
+                    self.managed.insert(chat);
+                } else {
+                    self.managed.remove(&chat);
+                }
                 self.cursors.insert(chat, heads.change);
                 Ok((vec![reset_event(chat.into(), heads, ResetReason::LogTruncated)], false))
             }

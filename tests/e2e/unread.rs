@@ -17,6 +17,7 @@ crate::both_modes!(
     read_positions_are_listed_for_members_to_members_a_page_at_a_time,
     private_read_receipts_reach_only_the_readers_own_streams_and_list,
     a_block_hides_read_receipts_both_ways,
+    a_private_readers_join_tells_no_one_else_how_far_they_have_read,
 );
 
 /// The model: what unread and mention counts must be.
@@ -403,4 +404,34 @@ async fn a_block_hides_read_receipts_both_ways(c: &Cluster) {
     let mut both = vec![(ann.id.clone(), 3), (ben.id.clone(), 2)];
     both.sort();
     assert_eq!(read_positions(c, &ann, &chat, 0).await.0, both);
+}
+
+/// Joining a chat sets the joiner's read position (to the chat's newest
+/// message), announced as a `read_updated`. For a user whose read receipts
+/// are private that goes to their own streams only, as their MarkRead's
+/// does: before, every member's stream heard it, a "seen" mark for someone
+/// who turned them off.
+async fn a_private_readers_join_tells_no_one_else_how_far_they_have_read(c: &Cluster) {
+    if !crate::stream::crosses_services(c) {
+        return;
+    }
+    let users = futures::future::join_all(["ann", "ben", "cat"].map(|n| c.user(n))).await;
+    let (ann, ben, cat) = (&users[0], &users[1], &users[2]);
+    let chat = crate::mentions::group(c, ann, &[ben]).await;
+    crate::chats::send(c, ann, &chat, "before cat").await;
+    set_read_receipts(c, cat, cpb::ReadReceipts::Nobody).await;
+    let mut bens = crate::stream::open(c, ben, &[&chat], &[]).await;
+    let add = cpb::AddMembersRequest { chat_id: chat.clone(), user_ids: vec![cat.id.clone()] };
+    c.chats().add_members(authed(ann, add)).await.unwrap();
+    crate::chats::send(c, ann, &chat, "after cat").await;
+    loop {
+        let event = crate::stream::next(&mut bens).await;
+        if let Some(mpb::stream_events_response::Event::ReadUpdated(r)) = &event.event {
+            assert_ne!(r.user_id, cat.id, "cat's read receipts are private: {event:?}");
+        }
+        if matches!(&event.event, Some(mpb::stream_events_response::Event::MessageCreated(m)) if m.text == "after cat")
+        {
+            break;
+        }
+    }
 }

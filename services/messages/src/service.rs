@@ -890,6 +890,9 @@ impl Messages {
     ) -> Result<Vec<i64>, MessagesError> {
         let now = committed.unwrap_or_else(now_micros);
         let logged = self.store.record_chat_changes(chat, changes, now, idempotency_key).await?;
+        let joiners: Vec<UserId> =
+            changes.iter().zip(&logged).filter(|(_, l)| l.read.is_some()).filter_map(|(c, _)| c.user()).collect();
+        let private = self.private_receipts(chat, &joiners).await;
         for (change, logged) in changes.iter().zip(&logged) {
             let payload = grpc::chat_change_event(chat, change, logged.seq, logged.change_seq);
             let mut event = BusEvent::new(chat, payload);
@@ -899,7 +902,13 @@ impl Messages {
                 self.bus.publish(Topic::User(user.0), event.clone());
                 self.bus.publish(Topic::Chat(chat.0), event);
                 if let Some((change_seq, read_seq)) = logged.read {
-                    let read = BusEvent::new(chat, grpc::read_event(chat, user, read_seq, change_seq)).concerning(user);
+                    let mut read =
+                        BusEvent::new(chat, grpc::read_event(chat, user, read_seq, change_seq)).concerning(user);
+                    // As MarkRead's: a joiner whose read receipts are
+                    // private is heard by their own streams only.
+                    if private.contains(&user) {
+                        read = read.for_its_users_only();
+                    }
                     self.bus.publish(Topic::Chat(chat.0), Arc::new(read));
                 }
             } else {
@@ -907,6 +916,38 @@ impl Messages {
             }
         }
         Ok(logged.into_iter().map(|l| l.change_seq).collect())
+    }
+
+    /// Which of `users` (at most a group's members) keep their read
+    /// receipts of `chat` from the others (their privacy setting, or a
+    /// block in a direct chat), in one call to the chats service; all of
+    /// them when it fails (a receipt left unsaid, never one told against a
+    /// setting).
+    async fn private_receipts(&self, chat: ChatId, users: &[UserId]) -> HashSet<UserId> {
+        let Some((first, others)) = users.split_first() else { return HashSet::new() };
+        let request = cpb::CheckMembershipRequest {
+            chat_id: chat.to_string(),
+            user_id: first.to_string(),
+            other_user_ids: others.iter().map(UserId::to_string).collect(),
+            read_receipts: true,
+        };
+        match self.chats.check_memberships(request).await {
+            Ok(m) if m.chat_exists => {
+                let mut private = m.other_private_read_receipts.iter().chain(std::iter::repeat(&true));
+                let first_private = m.private_read_receipts || m.blocked;
+                std::iter::once(first_private)
+                    .chain(others.iter().map(|_| *private.next().unwrap_or(&true) || m.blocked))
+                    .zip(users)
+                    .filter_map(|(private, user)| private.then_some(*user))
+                    .collect()
+            }
+            // Deleted meanwhile: no stream follows it any more.
+            Ok(_) => users.iter().copied().collect(),
+            Err(status) => {
+                tracing::warn!(chat_id = %chat, error = %status.message(), "cannot read joiners' read receipts settings; their join positions go to their own streams only");
+                users.iter().copied().collect()
+            }
+        }
     }
 
     /// Internal: each chat's newest message and the user's unread count, in

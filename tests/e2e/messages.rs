@@ -27,6 +27,7 @@ crate::both_modes!(
     history_pages_stay_under_what_clients_accept,
     pins_are_for_managers_of_groups_and_both_sides_of_direct_chats_replay_and_list,
     a_chat_holds_fifty_pins_and_a_blocked_direct_chat_takes_no_new_one,
+    retries_of_an_edit_a_reaction_and_a_pin_after_the_chat_was_archived_answer_as_it_is,
 );
 
 async fn retries_with_one_message_id_create_one_message(c: &Cluster) {
@@ -583,4 +584,36 @@ async fn a_chat_holds_fifty_pins_and_a_blocked_direct_chat_takes_no_new_one(c: &
     assert_eq!(code(pin(c, &bob, &sent[0].id, true).await), Code::PermissionDenied);
     assert_eq!(code(pin(c, &alice, &sent[0].id, true).await), Code::PermissionDenied);
     assert!(pin(c, &bob, &sent[1].id, false).await.unwrap().pin_time.is_none());
+}
+
+/// An edit, a reaction and a pin whose answers were lost, retried after
+/// the chat was archived: each changed the message already, so the retry
+/// changes nothing and is answered with the message as it is (as the
+/// protos promise for a repeated edit, reaction or pin), not
+/// FAILED_PRECONDITION, which would tell the client its change failed. A
+/// new change is still refused.
+async fn retries_of_an_edit_a_reaction_and_a_pin_after_the_chat_was_archived_answer_as_it_is(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let request =
+        cpb::CreateChatRequest { title: "team".into(), member_ids: vec![bob.id.clone()], ..Default::default() };
+    let chat = c.chats().create_chat(authed(&alice, request)).await.unwrap().into_inner().chat.unwrap().id;
+    let message = send(c, &bob, &chat, "v1").await;
+    let edit = |text: &str| mpb::EditMessageRequest { message_id: message.id.clone(), text: text.into() };
+    let edited = c.messages().edit_message(authed(&bob, edit("v2"))).await.unwrap().into_inner().message.unwrap();
+    react(c, &bob, &message.id, "👍", true).await.unwrap();
+    pin(c, &alice, &message.id, true).await.unwrap();
+    c.chats().archive_chat(authed(&alice, cpb::ArchiveChatRequest { chat_id: chat.clone() })).await.unwrap();
+
+    let again = c.messages().edit_message(authed(&bob, edit("v2"))).await.expect("the edit retried");
+    let again = again.into_inner().message.unwrap();
+    assert_eq!((again.text.as_str(), again.revision), ("v2", edited.revision));
+    let reacted = react(c, &bob, &message.id, "👍", true).await.expect("the reaction retried");
+    assert_eq!(tally(&reacted), [("👍", 1, true)]);
+    let pinned = pin(c, &alice, &message.id, true).await.expect("the pin retried");
+    assert_eq!(pinned.pinned_by_id, alice.id);
+
+    assert_eq!(code(c.messages().edit_message(authed(&bob, edit("v3"))).await), Code::FailedPrecondition);
+    assert_eq!(code(react(c, &bob, &message.id, "🎉", true).await), Code::FailedPrecondition);
+    assert_eq!(code(react(c, &bob, &message.id, "👍", false).await), Code::FailedPrecondition);
+    assert_eq!(code(pin(c, &alice, &message.id, false).await), Code::FailedPrecondition);
 }

@@ -448,7 +448,8 @@ impl Messages {
     /// EditMessage (author only): keeps every earlier revision, up to
     /// `limits.edits` edits; announces it. Not in a direct chat closed by a
     /// block ([`Messages::BLOCKED`]). An edit to the text the message
-    /// has already (a retry) changes nothing and is answered as it is.
+    /// has already (a retry) changes nothing and is answered as it is,
+    /// archived or blocked since or not.
     pub async fn edit(&self, caller: UserId, req: EditMessage) -> Result<Message, MessagesError> {
         self.edit_rate.check(&caller)?;
         self.stored_bytes.check_n(&caller, stored_bytes(&req.text, &[]))?;
@@ -459,20 +460,23 @@ impl Messages {
         if message.deleted() {
             return Err(MessagesError::Precondition("message is deleted"));
         }
-        if membership.archived {
-            return Err(MessagesError::Precondition("chat is archived"));
-        }
-        if membership.blocked {
+        // A retry (its answer lost) finds the text in place: answered as it
+        // is whatever came since (the chat archived, a block), as the store
+        // answers one below, rather than refused as if it had failed.
+        if membership.archived || membership.blocked {
+            if message.text == req.text {
+                return self.as_it_is(message, caller).await;
+            }
+            if membership.archived {
+                return Err(MessagesError::Precondition("chat is archived"));
+            }
             return Err(MessagesError::Denied(Self::BLOCKED));
         }
         let flags = self.flags_of(&req.text);
         let mut edited =
             match self.store.edit(message.id, &req.text, flags.as_ref(), now_micros(), self.limits.edits).await? {
                 Edited::Done(message) => message,
-                Edited::Unchanged(mut message) => {
-                    with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), Some(caller)).await?;
-                    return Ok(message);
-                }
+                Edited::Unchanged(message) => return self.as_it_is(message, caller).await,
                 Edited::Deleted => return Err(MessagesError::Precondition("message is deleted")),
                 Edited::TooManyEdits => {
                     let (message, limit) = (message.id.to_string(), self.limits.edits);
@@ -490,6 +494,14 @@ impl Messages {
             classifier.spawn(edited.id, edited.chat_id, edited.revision, edited.text.clone());
         }
         Ok(edited)
+    }
+
+    /// The answer to an edit that changes nothing (the text it has
+    /// already): the message as it is, with its reactions as `caller` sees
+    /// them.
+    async fn as_it_is(&self, mut message: Message, caller: UserId) -> Result<Message, MessagesError> {
+        with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), Some(caller)).await?;
+        Ok(message)
     }
 
     /// DeleteMessage (author, the chat's owner or an admin, or the person of
@@ -579,6 +591,8 @@ impl Messages {
     /// sets its own user's `reacted_by_me`). Returns the message with its
     /// reactions as the caller sees them. No reaction is added in a direct
     /// chat closed by a block ([`Messages::BLOCKED`]); one is taken back.
+    /// Refused (archived, blocked), a request the message already answers
+    /// (a retry: the reaction there, or gone) is answered as a repeat is.
     #[tracing::instrument(skip_all, fields(message_id = %req.message_id, add = req.add))]
     pub async fn react(&self, caller: UserId, req: React) -> Result<Message, MessagesError> {
         self.reaction_rate.check(&caller)?;
@@ -586,14 +600,24 @@ impl Messages {
         if message.deleted() {
             return Err(MessagesError::MessageNotFound);
         }
-        if membership.archived {
-            return Err(MessagesError::Precondition("chat is archived"));
-        }
-        // Taking one's reaction back is no new message.
-        if membership.blocked && req.add {
-            return Err(MessagesError::Denied(Self::BLOCKED));
-        }
         let sight = Sight::of(&membership);
+        // Taking one's reaction back is no new message.
+        let refused = if membership.archived {
+            Some(MessagesError::Precondition("chat is archived"))
+        } else if membership.blocked && req.add {
+            Some(MessagesError::Denied(Self::BLOCKED))
+        } else {
+            None
+        };
+        if let Some(refused) = refused {
+            // A retry (its answer lost) that finds its change made already
+            // is answered as a repeat is (a no-op), not refused as if it
+            // had failed.
+            let mut message = message;
+            with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), Some(caller)).await?;
+            let mine = message.reactions.iter().any(|r| r.emoji == req.emoji && r.mine);
+            return if mine == req.add { Ok(flags_for(message, caller, sight)) } else { Err(refused) };
+        }
         // A removal takes back the form sent too (a reaction stored before
         // canonical forms).
         if let Some(as_sent) = req.as_sent.as_deref().filter(|_| !req.add)
@@ -623,7 +647,8 @@ impl Messages {
     /// group's owner and admins; not in an archived chat; a pin not in a
     /// direct chat closed by a block ([`Messages::BLOCKED`]), an unpin
     /// always. A real change is announced as `message_edited`; a repeat
-    /// answers the message as it is. At most [`PINS_MAX`] pins a chat.
+    /// answers the message as it is, even where a change would now be
+    /// refused (a retry). At most [`PINS_MAX`] pins a chat.
     /// Counts against the edit rate.
     pub async fn pin(&self, caller: UserId, message_id: MessageId, pin: bool) -> Result<Message, MessagesError> {
         self.edit_rate.check(&caller)?;
@@ -635,11 +660,22 @@ impl Messages {
         if !sight.direct && !sight.manager {
             return Err(MessagesError::Denied("only the chat's owner and admins may pin or unpin its messages"));
         }
-        if membership.archived {
-            return Err(MessagesError::Precondition("chat is archived"));
-        }
-        if membership.blocked && pin {
-            return Err(MessagesError::Denied(Self::BLOCKED));
+        let refused = if membership.archived {
+            Some(MessagesError::Precondition("chat is archived"))
+        } else if membership.blocked && pin {
+            Some(MessagesError::Denied(Self::BLOCKED))
+        } else {
+            None
+        };
+        if let Some(refused) = refused {
+            // A retry (its answer lost) that finds the message pinned (or
+            // not) as asked is answered as a repeat is, not refused.
+            if message.pin.is_some() != pin {
+                return Err(refused);
+            }
+            let mut message = message;
+            with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), Some(caller)).await?;
+            return Ok(flags_for(message, caller, sight));
         }
         let (mut message, changed) = match self.store.pin(message.id, caller, pin, now_micros(), PINS_MAX).await? {
             Pinned::Changed(message) => (message, true),

@@ -602,14 +602,7 @@ impl Messages {
         }
         let sight = Sight::of(&membership);
         // Taking one's reaction back is no new message.
-        let refused = if membership.archived {
-            Some(MessagesError::Precondition("chat is archived"))
-        } else if membership.blocked && req.add {
-            Some(MessagesError::Denied(Self::BLOCKED))
-        } else {
-            None
-        };
-        if let Some(refused) = refused {
+        if let Some(refused) = refusal(&membership, req.add) {
             // A retry (its answer lost) that finds its change made already
             // is answered as a repeat is (a no-op), not refused as if it
             // had failed.
@@ -660,14 +653,7 @@ impl Messages {
         if !sight.direct && !sight.manager {
             return Err(MessagesError::Denied("only the chat's owner and admins may pin or unpin its messages"));
         }
-        let refused = if membership.archived {
-            Some(MessagesError::Precondition("chat is archived"))
-        } else if membership.blocked && pin {
-            Some(MessagesError::Denied(Self::BLOCKED))
-        } else {
-            None
-        };
-        if let Some(refused) = refused {
+        if let Some(refused) = refusal(&membership, pin) {
             // A retry (its answer lost) that finds the message pinned (or
             // not) as asked is answered as a repeat is, not refused.
             if message.pin.is_some() != pin {
@@ -1362,6 +1348,18 @@ fn mentions_of_members(mentions: &[crate::domain::Mention], members: &[bool]) ->
         }
     }
     if violations.is_empty() { Ok(()) } else { Err(MessagesError::Invalid(violations)) }
+}
+
+/// Why a reaction or a pin (`adds`), or taking one back, is refused now:
+/// the chat is archived, or (to add one) a direct chat closed by a block.
+fn refusal(membership: &cpb::CheckMembershipResponse, adds: bool) -> Option<MessagesError> {
+    if membership.archived {
+        Some(MessagesError::Precondition("chat is archived"))
+    } else if membership.blocked && adds {
+        Some(MessagesError::Denied(Messages::BLOCKED))
+    } else {
+        None
+    }
 }
 
 /// The answer to a retried send: the original message if it is the caller's

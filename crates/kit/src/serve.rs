@@ -293,11 +293,11 @@ pub async fn serve_routes(parts: Parts, listener: TcpListener, shutdown: Cancell
         // gets gRPC-web; inside the span, so it is recorded).
         .option_layer(credential_free.then(|| GateLayer::new(require_token)))
         // Public listeners: the streams that need no token (reflection,
-        // health Watch), capped per connection, client address and server so that a
-        // client that asks and never reads cannot make the server buffer
-        // their answers without limit (`crate::tokenless`). Inside the
-        // span, so a refusal is recorded; inside gRPC-web, so a browser
-        // hears it as gRPC-web.
+        // health Watch), capped per connection, client address and server
+        // so that a client that asks and never reads cannot make the
+        // server buffer their answers without limit (`crate::tokenless`).
+        // Inside the span, so a refusal is recorded; inside gRPC-web, so a
+        // browser hears it as gRPC-web.
         .option_layer(credential_free.then(|| TokenlessStreamsLayer::for_server(&args)))
         // Inside the span, so a refusal is recorded; sees plain gRPC, whose
         // errors before any message come in the response headers.

@@ -188,9 +188,8 @@ impl Liveness {
 
     /// Takes in a peer's announcement (from the subscriber task, until the
     /// shutdown token) and hints the local chat and session topics of
-    /// `hub` if the peer
-    /// lost events. An undecodable one is passed over: it comes from no
-    /// natter of this wire form.
+    /// `hub` if the peer lost events. An undecodable one is passed over: it
+    /// comes from no natter of this wire form.
     pub(super) fn heard(&self, hub: &Hub, payload: Bytes) {
         let Ok(wire) = Wire::decode(payload) else { return };
         let Ok(process) = Uuid::from_slice(&wire.process) else { return };
@@ -201,8 +200,7 @@ impl Liveness {
         let every = Duration::from_micros(u64::try_from(wire.interval).unwrap_or(0)).clamp(SHORTEST, LONGEST);
         if self.lock().heard(process, say, every, Instant::now()) {
             tracing::info!(peer = %process, ?say, "nats: a peer lost events; resync streams from the store");
-            natter_kit::metrics::bus_peer_resynced(1);
-            hub.resync_chats_and_sessions();
+            resync_after_loss(hub);
         }
     }
 
@@ -273,10 +271,16 @@ impl Liveness {
         self.checks.fetch_add(1, Ordering::SeqCst);
         if gone > 0 {
             tracing::info!(peers = gone, "nats: peers fell silent; resync streams from the store");
-            natter_kit::metrics::bus_peer_resynced(1);
-            hub.resync_chats_and_sessions();
+            resync_after_loss(hub);
         }
     }
+}
+
+/// One resync pass for peers' lost events (module docs: chats and
+/// sessions only), counted.
+fn resync_after_loss(hub: &Hub) {
+    natter_kit::metrics::bus_peer_resynced(1);
+    hub.resync_chats_and_sessions();
 }
 
 #[cfg(test)]

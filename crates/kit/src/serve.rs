@@ -34,9 +34,9 @@
 //!   that reads a little now and then keeps it until
 //!   `--max-connection-age` and its grace. A client that reads the socket
 //!   but grants no flow-control window makes a stream hold one chunk.
-//!   HTTP/1.1 carries one call at a time, and hyper buffers at most its
-//!   write buffer's 408 KiB (hyper's default, kept) and a chunk of its
-//!   answer.
+//!   HTTP/1.1 carries one call at a time, and hyper buffers at most
+//!   [`HTTP1_MAX_BUF_BYTES`] (64 KiB) of its answer and two chunks; it was
+//!   hyper's default, about 408 KiB.
 //! - Requests no service has read: HTTP/2 flow control lets a client send
 //!   at most [`STREAM_WINDOW_BYTES`] (64 KiB) a stream and
 //!   [`CONNECTION_WINDOW_BYTES`] (256 KiB) a connection, all streams
@@ -356,6 +356,16 @@ pub async fn serve_routes(parts: Parts, listener: TcpListener, shutdown: Cancell
 /// per stream instead of hyper's default 400 KiB.
 pub const MAX_SEND_BUF_BYTES: usize = 64 * 1024;
 
+/// The most bytes of responses that hyper buffers for one HTTP/1.1
+/// connection (gRPC-web from browsers, health checks) and has not yet
+/// handed to the socket (hyper's `max_buf_size`): hyper asks a response
+/// body for its next chunk only while less than this waits, so a client
+/// that never reads makes the connection hold this and two chunks, as
+/// [`MAX_SEND_BUF_BYTES`] bounds an HTTP/2 stream. hyper's default was
+/// about 408 KiB. The same bound caps a request head on HTTP/1.1, kept
+/// above `--max-header-list-bytes` ([`http_builder`]).
+pub const HTTP1_MAX_BUF_BYTES: usize = 64 * 1024;
+
 /// The HTTP/2 flow-control window of each request stream
 /// (SETTINGS_INITIAL_WINDOW_SIZE, RFC 9113 section 6.9.2): the most bytes
 /// of one request a client may send before its service reads them. 64
@@ -382,8 +392,14 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 4 * STREAM_WINDOW_BYTES;
 /// GOAWAY: hyper's limit of 1,024, which tonic's server turned off.
 fn http_builder(transport: &TransportArgs) -> http_server::Builder<TokioExecutor> {
     let mut builder = http_server::Builder::new(TokioExecutor::new());
-    // hyper enforces its HTTP/1.1 header read timeout only with a timer.
-    builder.http1().timer(TokioTimer::new());
+    builder
+        .http1()
+        // hyper enforces its HTTP/1.1 header read timeout only with a timer.
+        .timer(TokioTimer::new())
+        // The same bound caps the read buffer, so a request head of
+        // `--max-header-list-bytes` (counted with 32 bytes a field, more
+        // than its ": " and CRLF) and a request line still fit.
+        .max_buf_size(HTTP1_MAX_BUF_BYTES.max(transport.max_header_list_bytes as usize + 8 * 1024));
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use natter_kit::config::ServerArgs;
-use natter_kit::serve::{CONNECTION_WINDOW_BYTES, MAX_SEND_BUF_BYTES, STREAM_WINDOW_BYTES, Server};
+use natter_kit::serve::{
+    CONNECTION_WINDOW_BYTES, HTTP1_MAX_BUF_BYTES, MAX_SEND_BUF_BYTES, STREAM_WINDOW_BYTES, Server,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -149,6 +151,27 @@ async fn settled(counter: &AtomicUsize) -> usize {
     last
 }
 
+/// A natter server with `stand`, and a client connected to it, both with
+/// small socket buffers, so that what the kernel holds is small and known
+/// (Linux doubles what is asked; accepted sockets take the listener's).
+/// Returns the client's stream, the most the kernel holds between them
+/// (both buffers, and one segment of loopback's 64 KiB taken past the send
+/// buffer's mark) and the server's shutdown.
+async fn small_buffered(stand: Stand) -> (TcpStream, usize, CancellationToken) {
+    let server_socket = TcpSocket::new_v4().unwrap();
+    server_socket.set_send_buffer_size(8 * 1024).unwrap();
+    server_socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let server_send_buffer = server_socket.send_buffer_size().unwrap() as usize;
+    let listener = server_socket.listen(16).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = serve(listener, stand).await;
+    let client_socket = TcpSocket::new_v4().unwrap();
+    client_socket.set_recv_buffer_size(8 * 1024).unwrap();
+    let client_receive_buffer = client_socket.recv_buffer_size().unwrap() as usize;
+    let tcp = client_socket.connect(addr).await.unwrap();
+    (tcp, server_send_buffer + client_receive_buffer + 64 * 1024, shutdown)
+}
+
 /// A client that opens streams whose answers are large, grants the
 /// server all the flow-control window it may ask for, and never reads a
 /// byte (its socket's receive buffer full, the server's send buffer full)
@@ -158,21 +181,8 @@ async fn settled(counter: &AtomicUsize) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_a_client_never_reads_are_held_up_to_the_send_buffer_a_stream() {
     const STREAMS: usize = 4;
-    // Small socket buffers, so that what the kernel holds is small and known
-    // (Linux doubles what is asked; accepted sockets take the listener's).
-    let server_socket = TcpSocket::new_v4().unwrap();
-    server_socket.set_send_buffer_size(8 * 1024).unwrap();
-    server_socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let server_send_buffer = server_socket.send_buffer_size().unwrap() as usize;
-    let listener = server_socket.listen(16).unwrap();
-    let addr = listener.local_addr().unwrap();
     let stand = Stand::default();
-    let shutdown = serve(listener, stand.clone()).await;
-
-    let client_socket = TcpSocket::new_v4().unwrap();
-    client_socket.set_recv_buffer_size(8 * 1024).unwrap();
-    let client_receive_buffer = client_socket.recv_buffer_size().unwrap() as usize;
-    let tcp = client_socket.connect(addr).await.unwrap();
+    let (tcp, sockets, shutdown) = small_buffered(stand.clone()).await;
     let (mut send, connection) = h2::client::Builder::new()
         .initial_window_size(i32::MAX as u32)
         .initial_connection_window_size(i32::MAX as u32)
@@ -187,10 +197,7 @@ async fn answers_a_client_never_reads_are_held_up_to_the_send_buffer_a_stream() 
     }
 
     let pulled = tokio::time::timeout(GUARD, settled(&stand.pulled)).await.unwrap();
-    // The kernel's: both socket buffers, and one segment of loopback's
-    // 64 KiB taken past the send buffer's mark; h2's: one frame being
-    // written.
-    let sockets = server_send_buffer + client_receive_buffer + 64 * 1024;
+    // h2's: one frame being written.
     let frame = 16 * 1024 + 9;
     let held_by_hyper = STREAMS * (MAX_SEND_BUF_BYTES + 2 * CHUNK);
     assert!(
@@ -198,6 +205,36 @@ async fn answers_a_client_never_reads_are_held_up_to_the_send_buffer_a_stream() 
         "hyper took {pulled} bytes of {STREAMS} answers nobody reads: more than {STREAMS} x \
          ({MAX_SEND_BUF_BYTES} + 2 x {CHUNK}) + the sockets' {sockets} + a frame"
     );
+    shutdown.cancel();
+}
+
+/// A gRPC-web client on HTTP/1.1 (a browser, a health check through a
+/// proxy) that asks for a large answer and never reads a byte makes hyper
+/// hold at most its HTTP/1.1 write buffer ([`HTTP1_MAX_BUF_BYTES`]) and two
+/// chunks beyond what the sockets hold: hyper's default buffer took about
+/// 408 KiB a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_an_http1_client_never_reads_are_held_up_to_the_write_buffer() {
+    use tokio::io::AsyncWriteExt as _;
+    let stand = Stand::default();
+    let (mut tcp, sockets, shutdown) = small_buffered(stand.clone()).await;
+    // An empty gRPC-web call; the client never reads its socket.
+    tcp.write_all(
+        b"POST /kit.test.Stand/Answer HTTP/1.1\r\nhost: localhost\r\n\
+          content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\ncontent-length: 0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+
+    let pulled = tokio::time::timeout(GUARD, settled(&stand.pulled)).await.unwrap();
+    assert!(pulled > 0, "the call was answered");
+    let held_by_hyper = HTTP1_MAX_BUF_BYTES + 2 * CHUNK;
+    assert!(
+        pulled <= held_by_hyper + sockets,
+        "hyper took {pulled} bytes of an HTTP/1.1 answer nobody reads: more than its write buffer's \
+         {HTTP1_MAX_BUF_BYTES} + 2 x {CHUNK} + the sockets' {sockets}"
+    );
+    drop(tcp);
     shutdown.cancel();
 }
 

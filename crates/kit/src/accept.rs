@@ -1,16 +1,17 @@
 //! The connections a natter listener accepts: at most `--max-connections`
 //! open at once, each closed unless its first request arrives within
-//! `--handshake-timeout`, and, on a public listener, once it has had no
-//! call in flight for `--max-connection-idle`
-//! ([`crate::config::TransportArgs`]).
+//! `--handshake-timeout`, and, on a public listener, asked to close once
+//! it has had no call in flight for `--max-connection-idle`
+//! ([`crate::config::TransportArgs`], [`IdleWatch`]).
 //!
 //! The rules live in the connection itself (a semaphore permit, and a
-//! deadline checked where hyper reads it), so hyper serves it as any
-//! other (`crate::serve`); a service wrapped around each connection's
+//! handshake deadline checked where hyper reads it), so hyper serves it as
+//! any other (`crate::serve`); a service wrapped around each connection's
 //! stack ([`TrackCalls`]) tells the connection when each call starts and
-//! ends (its response body dropped: answered, or the client went away). The trade-off: a deadline
-//! strikes when hyper next reads, which it does for as long as it waits for
-//! a request, so it is late by no more than a timer tick. A client that
+//! ends (its response body dropped: answered, or the client went away).
+//! The trade-off: the handshake deadline strikes when hyper next reads,
+//! which it does for as long as it waits for a request, so it is late by
+//! no more than a timer tick. A client that
 //! connects ahead of its first call (tonic's `Endpoint::connect`) and
 //! calls later than the timeout finds the connection closed and connects
 //! again (tonic's channel does so by itself); natter's own clients connect
@@ -38,16 +39,19 @@
 //!
 //! The idle deadline (gRPC's MAX_CONNECTION_IDLE, gRFC A9) counts from the
 //! moment the connection's last call ended; a call in flight (an open
-//! StreamEvents, a unary call being answered) stops it. Where gRPC sends
-//! GOAWAY first, natter closes the connection: the deadline strikes where
-//! hyper reads, which can fail the read but not start hyper's graceful
-//! close, and a connection with no call in flight has nothing to drain. A call a client sends just as the
-//! connection closes fails UNAVAILABLE without having reached a service
-//! (the connection is closed instead of reading it), as on any dropped
-//! connection; browsers resend it on a new connection by themselves. The
-//! internal listener has no idle deadline: only natter's own services,
-//! holding the service credential, reach it, and their channels would meet
-//! that race for nothing.
+//! StreamEvents, a unary call being answered) stops it. As gRPC does, the
+//! connection is then closed gracefully (`crate::serve` starts hyper's
+//! graceful close when [`IdleWatch::expired`] resolves): an HTTP/2 client
+//! is sent GOAWAY, so it opens a new connection for its next call, and a
+//! call that crossed the GOAWAY is refused as never processed (REFUSED,
+//! safe to retry) or, if the server had taken it, answered, within
+//! `--max-connection-age-grace`; an idle HTTP/1.1 connection is closed.
+//! (It was closed abruptly, by failing hyper's read: a call sent just then
+//! failed UNAVAILABLE, as on any dropped connection.) A client that
+//! answers no PING to complete the close is closed by the HTTP/2
+//! keepalive. The internal listener has no idle deadline: only natter's
+//! own services, holding the service credential, reach it, and their
+//! channels would reconnect for nothing.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -320,28 +324,21 @@ pub(crate) struct Deadlines {
 
 /// One accepted connection: a TCP stream holding its listener's permit
 /// (released when hyper drops the connection, however it ends), closed by
-/// failing its reads once a deadline of [`Deadlines`] passed.
+/// failing its reads once its handshake deadline ([`Deadlines`]) passed;
+/// its idle deadline is watched by [`IdleWatch`].
 pub(crate) struct Connection {
     stream: TcpStream,
     deadlines: Deadlines,
     calls: Arc<Calls>,
-    /// The timer of the deadline that applies now (reset as it changes).
+    /// The handshake deadline's timer.
     timer: Pin<Box<Sleep>>,
-    /// Why the connection was closed, once it was: every read fails.
-    closed: Option<Closed>,
+    /// Set once the handshake deadline closed the connection: every read
+    /// fails.
+    closed: bool,
     listener: &'static str,
     _open: ConnectionGuard,
     _slot: OwnedSemaphorePermit,
     _address: Option<AddressGuard>,
-}
-
-/// The deadline a connection was closed at.
-#[derive(Clone, Copy, Debug)]
-enum Closed {
-    /// No request within the handshake timeout.
-    Handshake,
-    /// No call in flight for the idle timeout.
-    Idle,
 }
 
 impl Connection {
@@ -358,7 +355,7 @@ impl Connection {
             deadlines,
             calls: Arc::new(Calls::new(opened)),
             timer: Box::pin(tokio::time::sleep_until(opened + deadlines.handshake)),
-            closed: None,
+            closed: false,
             listener,
             _open: ConnectionGuard::new(listener),
             _slot: slot,
@@ -366,56 +363,23 @@ impl Connection {
         }
     }
 
-    /// The deadline that applies now: the handshake's until the first
-    /// request, then, while no call is in flight, the idle one.
-    fn deadline(&self) -> Option<(Instant, Closed)> {
-        if !self.calls.first_came() {
-            return Some((self.calls.opened + self.deadlines.handshake, Closed::Handshake));
-        }
-        let idle = self.deadlines.idle?;
-        (self.calls.in_flight() == 0).then(|| (self.calls.idle_since() + idle, Closed::Idle))
-    }
-
-    /// Fails a read once a deadline passed with `TimedOut` (hyper then
-    /// closes the connection); registers the deadline's wake-up while it
-    /// has not.
+    /// Fails a read with `TimedOut` (hyper then closes the connection)
+    /// once the handshake deadline passed with no request; registers its
+    /// wake-up while it has not.
     fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if self.closed.is_none()
-            && let Some((at, why)) = self.deadline()
-        {
-            if self.timer.deadline() != at {
-                self.timer.as_mut().reset(at);
-            }
-            if self.timer.as_mut().poll(cx).is_ready() {
-                self.closed = Some(why);
-                let peer = self.stream.peer_addr().ok();
-                match why {
-                    Closed::Handshake => {
-                        metrics::handshake_timed_out(self.listener);
-                        tracing::debug!(
-                            ?peer,
-                            listener = self.listener,
-                            "closing a connection that sent no request within --handshake-timeout"
-                        );
-                    }
-                    Closed::Idle => {
-                        metrics::idle_closed(self.listener);
-                        tracing::debug!(
-                            ?peer,
-                            listener = self.listener,
-                            "closing a connection with no call in flight for --max-connection-idle"
-                        );
-                    }
-                }
-            }
+        if !self.closed && !self.calls.first_came() && self.timer.as_mut().poll(cx).is_ready() {
+            self.closed = true;
+            metrics::handshake_timed_out(self.listener);
+            tracing::debug!(
+                peer = ?self.stream.peer_addr().ok(),
+                listener = self.listener,
+                "closing a connection that sent no request within --handshake-timeout"
+            );
         }
-        match self.closed {
-            Some(Closed::Handshake) => {
-                Err(io::Error::new(io::ErrorKind::TimedOut, "no request within the handshake timeout"))
-            }
-            Some(Closed::Idle) => Err(io::Error::new(io::ErrorKind::TimedOut, "no call within the idle timeout")),
-            None => Ok(()),
+        if self.closed {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no request within the handshake timeout"));
         }
+        Ok(())
     }
 }
 
@@ -457,6 +421,59 @@ impl Connection {
     pub(crate) fn info(&self) -> ConnectionInfo {
         ConnectionInfo { tcp: self.stream.connect_info(), calls: self.calls.clone() }
     }
+
+    /// The watch of this connection's idle deadline, for whoever serves it.
+    pub(crate) fn idle_watch(&self) -> IdleWatch {
+        IdleWatch {
+            calls: self.calls.clone(),
+            idle: self.deadlines.idle,
+            peer: self.stream.peer_addr().ok(),
+            listener: self.listener,
+        }
+    }
+}
+
+/// A connection's idle deadline ([`Deadlines::idle`]): [`IdleWatch::expired`]
+/// resolves once the connection, after its first call, has had no call in
+/// flight for that long; `crate::serve` then closes it gracefully.
+#[derive(Debug)]
+pub(crate) struct IdleWatch {
+    calls: Arc<Calls>,
+    idle: Option<Duration>,
+    peer: Option<std::net::SocketAddr>,
+    listener: &'static str,
+}
+
+impl IdleWatch {
+    /// Resolves when the idle deadline passed (never, with none), counted
+    /// in `natter_connection_idle_closes_total`.
+    pub(crate) async fn expired(&self) {
+        let Some(idle) = self.idle else { return std::future::pending().await };
+        loop {
+            // Registered before the state is read: a call starting or
+            // ending after the read wakes it.
+            let changed = self.calls.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if !self.calls.first_came() || self.calls.in_flight() > 0 {
+                changed.await;
+                continue;
+            }
+            // A deadline past what an `Instant` holds never comes.
+            let Some(at) = self.calls.idle_since().checked_add(idle) else { return std::future::pending().await };
+            tokio::select! {
+                () = tokio::time::sleep_until(at) => {}
+                () = changed => continue,
+            }
+            metrics::idle_closed(self.listener);
+            tracing::debug!(
+                peer = ?self.peer,
+                listener = self.listener,
+                "closing a connection with no call in flight for --max-connection-idle"
+            );
+            return;
+        }
+    }
 }
 
 /// The calls of one connection, as [`TrackCalls`] reports them.
@@ -473,6 +490,8 @@ struct Calls {
     idle_since_ms: AtomicU64,
     /// Which connection this is, for the limits kept per connection.
     id: ConnectionId,
+    /// Notified whenever a call starts or ends ([`IdleWatch`]).
+    changed: tokio::sync::Notify,
 }
 
 /// A connection of a listener, told apart from every other one the
@@ -504,6 +523,7 @@ impl Calls {
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             id: ConnectionId::next(),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -530,6 +550,7 @@ impl InFlight {
     fn start(calls: Arc<Calls>) -> Self {
         calls.in_flight.fetch_add(1, Ordering::AcqRel);
         calls.first.store(true, Ordering::Release);
+        calls.changed.notify_waiters();
         Self(calls)
     }
 }
@@ -539,6 +560,7 @@ impl Drop for InFlight {
         let ended = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.0.idle_since_ms.fetch_max(ended, Ordering::AcqRel);
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
     }
 }
 

@@ -210,8 +210,8 @@ pub struct TransportArgs {
 
     /// How long a connection to a public listener may stay open with no
     /// call in flight (no unary call being answered, no stream open) after
-    /// its last call ended, before it is closed; its client connects again
-    /// for its next call (gRPC's MAX_CONNECTION_IDLE). 0s: never. Internal
+    /// its last call ended, before it is closed (HTTP/2: GOAWAY first); its
+    /// client connects again for its next call (gRPC's MAX_CONNECTION_IDLE). 0s: never. Internal
     /// listeners keep idle connections (only natter's services reach them).
     #[arg(long, env = "NATTER_MAX_CONNECTION_IDLE", value_parser = humantime::parse_duration, default_value = "5m")]
     pub max_connection_idle: Duration,

@@ -66,7 +66,7 @@ use tower_http::services::ServeDir;
 
 use crate::web_page::PageSource;
 
-use crate::accept::{Deadlines, Incoming, TrackCalls};
+use crate::accept::{Deadlines, IdleWatch, Incoming, TrackCalls};
 use crate::budget::RequestBudgetLayer;
 use crate::config::{ServerArgs, TransportArgs};
 use crate::internal::ServiceCredential;
@@ -465,11 +465,12 @@ async fn serve_connections<S, B>(
         };
         // As tonic's server: gRPC errors a layer returns become their
         // status, outermost.
+        let idle = connection.idle_watch();
         let service = tonic::service::RecoverError::new(TrackCalls::new(stack.clone(), connection.info()));
         let service = TowerToHyperService::new(service);
         let (http, draining, stop, open) = (http.clone(), draining.clone(), stop.clone(), open.clone());
         tokio::spawn(async move {
-            serve_connection(&http, connection, service, lifetime, draining, stop).await;
+            serve_connection(&http, connection, service, lifetime, idle, draining, stop).await;
             drop(open);
         });
     }
@@ -485,14 +486,16 @@ async fn serve_connections<S, B>(
     }
 }
 
-/// Serves one connection until it closes: asked to close at its age or
-/// when the server drains, closed at its age's grace or when the server
-/// stops.
+/// Serves one connection until it closes: asked to close (HTTP/2 GOAWAY,
+/// in-flight calls go on) at its age, at its idle deadline (`idle`) or
+/// when the server drains; closed `lifetime.grace` after its age or its
+/// idle deadline, or when the server stops.
 async fn serve_connection<S, B>(
     http: &http_server::Builder<TokioExecutor>,
     io: crate::accept::Connection,
     service: S,
     lifetime: Lifetime,
+    idle: IdleWatch,
     draining: CancellationToken,
     stop: CancellationToken,
 ) where
@@ -507,7 +510,11 @@ async fn serve_connection<S, B>(
     let mut connection = std::pin::pin!(connection);
     let deadline = tokio::time::sleep(lifetime.age);
     let mut deadline = std::pin::pin!(deadline);
-    let (mut closing, mut aged) = (false, false);
+    let idle = idle.expired();
+    let mut idle = std::pin::pin!(idle);
+    // `in_grace`: asked to close at its age or idle deadline, and closed
+    // when `deadline` (then the grace's end) comes.
+    let (mut closing, mut in_grace) = (false, false);
     loop {
         tokio::select! {
             result = connection.as_mut() => {
@@ -520,12 +527,20 @@ async fn serve_connection<S, B>(
                 closing = true;
                 connection.as_mut().graceful_shutdown();
             }
+            // Only calls that crossed the GOAWAY can be in flight: they
+            // have the age's grace, which ends before the age's would.
+            () = idle.as_mut(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+                in_grace = true;
+                deadline.set(tokio::time::sleep(lifetime.grace));
+            }
             () = &mut deadline => {
-                if aged {
-                    tracing::debug!("closing a connection past --max-connection-age and its grace");
+                if in_grace {
+                    tracing::debug!("closing a connection past its --max-connection-age-grace");
                     return;
                 }
-                aged = true;
+                in_grace = true;
                 if !closing {
                     closing = true;
                     connection.as_mut().graceful_shutdown();

@@ -29,7 +29,8 @@ static ZEROS: [u8; CHUNK] = [0; CHUNK];
 /// A stand-in service (no token needed: not a natter service): `Answer`
 /// answers with an endless body ([`Endless`]) that counts the bytes hyper
 /// took from it; `Hold` answers with headers and keeps its request body,
-/// unread, for as long as the call lasts.
+/// unread, for as long as the call lasts; `Done` answers with an empty
+/// body, at once.
 #[derive(Clone, Default)]
 struct Stand {
     pulled: Arc<AtomicUsize>,
@@ -49,8 +50,11 @@ impl tower::Service<http::Request<tonic::body::Body>> for Stand {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let body = if request.uri().path().ends_with("/Answer") {
+        let path = request.uri().path();
+        let body = if path.ends_with("/Answer") {
             StandBody::Endless(self.pulled.clone())
+        } else if path.ends_with("/Done") {
+            StandBody::Done
         } else {
             StandBody::Holding(request.into_body())
         };
@@ -68,6 +72,8 @@ enum StandBody {
     Endless(Arc<AtomicUsize>),
     /// No end, and the request's body kept unread.
     Holding(tonic::body::Body),
+    /// Nothing: the call ends with its headers.
+    Done,
 }
 
 impl http_body::Body for StandBody {
@@ -84,7 +90,12 @@ impl http_body::Body for StandBody {
                 Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(&ZEROS)))))
             }
             Self::Holding(_request) => Poll::Pending,
+            Self::Done => Poll::Ready(None),
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Self::Done)
     }
 }
 
@@ -336,5 +347,34 @@ async fn a_connection_past_its_age_is_asked_to_close_and_its_calls_go_on() {
     in_flight.send_data(Bytes::from_static(b"still here"), false).expect("the call in flight goes on");
     let reset = futures::future::poll_fn(|cx| in_flight.poll_reset(cx));
     assert!(futures::FutureExt::now_or_never(reset).is_none(), "the call in flight was reset");
+    shutdown.cancel();
+}
+
+/// An HTTP/2 connection with no call in flight for `--max-connection-idle`
+/// is closed gracefully: its client is sent GOAWAY (so it opens a new
+/// connection for its next call, and a call that crossed the GOAWAY is
+/// refused as never processed, safe to retry) and the connection ends
+/// without an error. It was dropped, with no GOAWAY: the client found a
+/// broken connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_sent_goaway_before_it_closes() {
+    let mut args = ServerArgs::default();
+    args.transport.max_connection_idle = Duration::from_millis(300);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = serve_with(&args, listener, Stand::default()).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+    let (call, _) = send.send_request(request("Done"), true).unwrap();
+    let response = tokio::time::timeout(GUARD, call).await.expect("an answer").unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    drop(response);
+
+    let ended = tokio::time::timeout(GUARD, connection).await.expect("closed within the idle time").unwrap();
+    assert!(ended.is_ok(), "the idle connection was not closed gracefully: {ended:?}");
+    let refused = send.send_request(request("Done"), true).expect_err("no new call on a closed connection");
+    assert!(refused.is_go_away() && refused.is_remote(), "the server sent no GOAWAY: {refused:?}");
     shutdown.cancel();
 }

@@ -122,6 +122,16 @@ fn request(path: &str) -> http::Request<()> {
         .unwrap()
 }
 
+/// An empty gRPC-web call to `path` of [`Stand`] over HTTP/1.1, as
+/// a client writes it on its socket.
+fn grpc_web_request(path: &str) -> Vec<u8> {
+    format!(
+        "POST /kit.test.Stand/{path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/grpc-web+proto\r\n\
+         x-grpc-web: 1\r\ncontent-length: 0\r\n\r\n"
+    )
+    .into_bytes()
+}
+
 /// A TCP stream that never reads: its client sends its frames and never
 /// takes a byte of what the server sends.
 struct NeverReads(TcpStream);
@@ -230,12 +240,7 @@ async fn answers_an_http1_client_never_reads_are_held_up_to_the_write_buffer() {
     let stand = Stand::default();
     let (mut tcp, sockets, shutdown) = small_buffered(stand.clone()).await;
     // An empty gRPC-web call; the client never reads its socket.
-    tcp.write_all(
-        b"POST /kit.test.Stand/Answer HTTP/1.1\r\nhost: localhost\r\n\
-          content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\ncontent-length: 0\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    tcp.write_all(&grpc_web_request("Answer")).await.unwrap();
 
     let pulled = tokio::time::timeout(GUARD, settled(&stand.pulled)).await.unwrap();
     assert!(pulled > 0, "the call was answered");
@@ -350,6 +355,17 @@ async fn a_connection_past_its_age_is_asked_to_close_and_its_calls_go_on() {
     shutdown.cancel();
 }
 
+/// A client connected to a natter server with [`Stand`] whose
+/// `--max-connection-idle` is 300 ms, and the server's shutdown.
+async fn connect_to_idle_server() -> (TcpStream, CancellationToken) {
+    let mut args = ServerArgs::default();
+    args.transport.max_connection_idle = Duration::from_millis(300);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = serve_with(&args, listener, Stand::default()).await;
+    (TcpStream::connect(addr).await.unwrap(), shutdown)
+}
+
 /// An HTTP/2 connection with no call in flight for `--max-connection-idle`
 /// is closed gracefully: its client is sent GOAWAY (so it opens a new
 /// connection for its next call, and a call that crossed the GOAWAY is
@@ -358,12 +374,7 @@ async fn a_connection_past_its_age_is_asked_to_close_and_its_calls_go_on() {
 /// broken connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_sent_goaway_before_it_closes() {
-    let mut args = ServerArgs::default();
-    args.transport.max_connection_idle = Duration::from_millis(300);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = serve_with(&args, listener, Stand::default()).await;
-    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (tcp, shutdown) = connect_to_idle_server().await;
     let (send, connection) = h2::client::handshake(tcp).await.unwrap();
     let connection = tokio::spawn(connection);
     let mut send = send.ready().await.unwrap();
@@ -376,5 +387,19 @@ async fn an_idle_connection_is_sent_goaway_before_it_closes() {
     assert!(ended.is_ok(), "the idle connection was not closed gracefully: {ended:?}");
     let refused = send.send_request(request("Done"), true).expect_err("no new call on a closed connection");
     assert!(refused.is_go_away() && refused.is_remote(), "the server sent no GOAWAY: {refused:?}");
+    shutdown.cancel();
+}
+
+/// An HTTP/1.1 connection (gRPC-web) with no call in flight for
+/// `--max-connection-idle` is closed after its answer was sent whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http1_connection_is_closed_after_its_answer() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (mut tcp, shutdown) = connect_to_idle_server().await;
+    tcp.write_all(&grpc_web_request("Done")).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(GUARD, tcp.read_to_end(&mut answer)).await.expect("closed within the idle time").unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "the call was answered before the close: {answer}");
     shutdown.cancel();
 }

@@ -490,7 +490,8 @@ struct Calls {
     idle_since_ms: AtomicU64,
     /// Which connection this is, for the limits kept per connection.
     id: ConnectionId,
-    /// Notified whenever a call starts or ends ([`IdleWatch`]).
+    /// Notified when the calls in flight go from none to one and back
+    /// ([`IdleWatch`]).
     changed: tokio::sync::Notify,
 }
 
@@ -548,9 +549,13 @@ pub(crate) struct InFlight(Arc<Calls>);
 
 impl InFlight {
     fn start(calls: Arc<Calls>) -> Self {
-        calls.in_flight.fetch_add(1, Ordering::AcqRel);
+        let before = calls.in_flight.fetch_add(1, Ordering::AcqRel);
         calls.first.store(true, Ordering::Release);
-        calls.changed.notify_waiters();
+        // Only the first call in flight or the last one's end moves the
+        // idle deadline: no wake-up of the watch for the calls between.
+        if before == 0 {
+            calls.changed.notify_waiters();
+        }
         Self(calls)
     }
 }
@@ -559,8 +564,9 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let ended = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.0.idle_since_ms.fetch_max(ended, Ordering::AcqRel);
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_waiters();
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.changed.notify_waiters();
+        }
     }
 }
 

@@ -89,7 +89,8 @@ pub struct EdgeArgs {
     /// assistant's calls are UNIMPLEMENTED.
     #[arg(long, env = "NATTER_ASSISTANT_URL", value_delimiter = ',')]
     pub assistant_url: Vec<String>,
-    /// How often each upstream replica's health is checked.
+    /// How often each upstream replica's health is checked (while a
+    /// service has no replica serving: from 50 ms, doubling up to this).
     #[arg(long, env = "NATTER_UPSTREAM_HEALTH_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub upstream_health_interval: Duration,
     /// HTTP/2 connections to each upstream replica, calls spread over them
@@ -661,11 +662,19 @@ where
     }
 }
 
+/// The first wait before checking again a service none of whose replicas
+/// answered SERVING (doubled each round it stays so, up to the interval).
+const RECHECK_DOWN: Duration = Duration::from_millis(50);
+
 /// Checks every replica's health on an interval, records it for routing, and
 /// reports each service SERVING on the edge's own health while any replica is.
+/// While some service has no replica SERVING (replicas still migrating at
+/// start-up, or all of them restarting), the checks come sooner: after 50 ms,
+/// then twice as long each round up to the interval, so the edge reports a
+/// service back within a round trip of its first replica serving rather
+/// than up to an interval later.
 async fn watch_health(routes: Arc<[Route]>, health: HealthReporter, interval: Duration, shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_check = Duration::ZERO;
     let channels: Vec<Vec<tonic::transport::Channel>> = routes
         .iter()
         .map(|r| {
@@ -680,11 +689,13 @@ async fn watch_health(routes: Arc<[Route]>, health: HealthReporter, interval: Du
                 .collect()
         })
         .collect();
+    let mut recheck = RECHECK_DOWN;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
+            () = tokio::time::sleep(next_check) => {}
         }
+        let mut all_up = true;
         for (route, channels) in routes.iter().zip(&channels) {
             let checks = route.replicas.iter().zip(channels).map(|(replica, channel)| async move {
                 let request = HealthCheckRequest { service: route.service.to_owned() };
@@ -698,9 +709,12 @@ async fn watch_health(routes: Arc<[Route]>, health: HealthReporter, interval: Du
                 up
             });
             let any = futures::future::join_all(checks).await.into_iter().any(|up| up);
+            all_up &= any;
             let status = if any { ServingStatus::Serving } else { ServingStatus::NotServing };
             health.set_service_status(route.service, status).await;
         }
+        (next_check, recheck) =
+            if all_up { (interval, RECHECK_DOWN) } else { (recheck.min(interval), (recheck * 2).min(interval)) };
     }
 }
 
@@ -736,6 +750,63 @@ pub async fn run(args: EdgeArgs, listener: TcpListener, shutdown: CancellationTo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A service whose replicas were not yet serving at the edge's first
+    /// check (their stores migrating) is reported SERVING soon after they
+    /// are, not an `--upstream-health-interval` later (an hour here).
+    #[tokio::test]
+    async fn a_service_that_comes_up_is_reported_serving_within_moments() {
+        const SERVICES: [&str; 4] = [
+            "natter.sessions.v1.SessionService",
+            "natter.chats.v1.ChatService",
+            "natter.messages.v1.MessageService",
+            "natter.assistant.v1.AssistantService",
+        ];
+        let (upstream, upstream_service) = tonic_health::server::health_reporter();
+        for service in SERVICES {
+            upstream.set_service_status(service, ServingStatus::NotServing).await;
+        }
+        let replica = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let replica_url = format!("http://{}", replica.local_addr().unwrap());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(upstream_service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(replica)),
+        );
+        let mut argv = vec!["natter-edge", "--listen", "127.0.0.1:0", "--upstream-health-interval", "1h"];
+        for flag in ["--sessions-url", "--chats-url", "--messages-url", "--assistant-url"] {
+            argv.extend([flag, replica_url.as_str()]);
+        }
+        let args = <EdgeArgs as clap::Parser>::try_parse_from(argv).unwrap();
+        let edge = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let edge_url = format!("http://{}", edge.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let _stop = shutdown.clone().drop_guard();
+        tokio::spawn(run(args, edge, shutdown));
+        let mut health = HealthClient::new(tonic::transport::Endpoint::from_shared(edge_url).unwrap().connect_lazy());
+        let chats = || HealthCheckRequest { service: SERVICES[1].into() };
+        let status_becomes = |want: ServingStatus| {
+            let mut health = health.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    loop {
+                        match health.check(chats()).await {
+                            Ok(r) if r.get_ref().status == want as i32 => return,
+                            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                        }
+                    }
+                })
+                .await
+            }
+        };
+        status_becomes(ServingStatus::NotServing).await.expect("the first check finds no replica serving");
+        for service in SERVICES {
+            upstream.set_service_status(service, ServingStatus::Serving).await;
+        }
+        let reported = status_becomes(ServingStatus::Serving).await;
+        let now = health.check(chats()).await.map(|r| r.into_inner().status);
+        assert!(reported.is_ok(), "the replica serves, but 10 s on the edge still reports {now:?} (1 = SERVING)");
+    }
 
     /// A body the edge could not read whole is answered by its cause (each
     /// was RESOURCE_EXHAUSTED "request too large"): too long, past its

@@ -330,7 +330,35 @@ impl Cluster {
         cluster
     }
 
+    /// Waits until the sessions service answers through the cluster's port
+    /// and, in split mode, the edge reports every public service SERVING
+    /// (a service's replica migrates its store after binding, and until the
+    /// edge's check sees it serve, the edge's health says NOT_SERVING).
     async fn wait_ready(&self) {
+        self.wait_answered().await;
+        if self.mode != Mode::Split {
+            return;
+        }
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
+        for service in
+            ["natter.sessions.v1.SessionService", "natter.chats.v1.ChatService", "natter.messages.v1.MessageService"]
+        {
+            let serving = tonic_health::ServingStatus::Serving as i32;
+            let mut tries = 0;
+            loop {
+                let request = tonic_health::pb::HealthCheckRequest { service: service.into() };
+                match health.check(request).await {
+                    Ok(status) if status.get_ref().status == serving => break,
+                    _ if tries < 400 => tries += 1,
+                    other => panic!("the edge never reported {service} serving: {other:?}"),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+        }
+    }
+
+    /// Waits until the sessions service answers through the cluster's port.
+    async fn wait_answered(&self) {
         for _ in 0..200 {
             let probe = self
                 .sessions()

@@ -399,7 +399,7 @@ impl EventBus for Hub {
 }
 
 mod nats;
-pub use nats::{ConnectError, Credentials, NatsBus, Routing, redact_url, split_url};
+pub use nats::{ConnectError, Credentials, NatsBus, Routing, SubjectPrefix, redact_url, split_url};
 
 /// Command-line options that choose the bus.
 ///
@@ -413,9 +413,18 @@ pub struct BusArgs {
     /// of the environment
     #[arg(long, env = "NATTER_NATS_URL")]
     pub nats_url: Option<String>,
+    /// First tokens of every NATS subject this deployment uses
+    /// (<prefix>.events.> and <prefix>.caches.>): processes with the same
+    /// prefix are one deployment and hear each other's events, cache
+    /// invalidations and deaths. Give each deployment or environment
+    /// sharing a NATS server (staging beside production, test runs) a
+    /// prefix of its own; every process of one deployment needs the same.
+    /// Dot-separated tokens without whitespace, * or >
+    #[arg(long, env = "NATTER_NATS_SUBJECT_PREFIX", value_name = "PREFIX", default_value_t = SubjectPrefix::default())]
+    pub nats_subject_prefix: SubjectPrefix,
     /// NATS user to log in as (with --nats-password-file); the NATS server
-    /// should let only this user publish on natter.events.> and
-    /// natter.caches.>
+    /// should let only this user publish on <prefix>.events.> and
+    /// <prefix>.caches.> (--nats-subject-prefix, natter by default)
     #[arg(long, env = "NATTER_NATS_USER", requires = "nats_password_file")]
     pub nats_user: Option<String>,
     /// File holding the password of --nats-user (its whole content, without a
@@ -426,7 +435,7 @@ pub struct BusArgs {
     /// Which events this process receives from NATS: interest (those of the
     /// chats, users and sessions its streams follow, subscribed to one
     /// subject each, and presence) or broadcast (every event of the
-    /// deployment, on natter.events.>; the behaviour before interest
+    /// deployment, on <prefix>.events.>; the behaviour before interest
     /// routing, kept to measure against)
     #[arg(long, env = "NATTER_NATS_ROUTING", value_enum, default_value_t = Routing::Interest)]
     pub nats_routing: Routing,
@@ -442,6 +451,7 @@ impl std::fmt::Debug for BusArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BusArgs")
             .field("nats_url", &self.nats_url.as_deref().map(redact_url))
+            .field("nats_subject_prefix", &self.nats_subject_prefix)
             .field("nats_user", &self.nats_user)
             .field("nats_password_file", &self.nats_password_file)
             .field("nats_routing", &self.nats_routing)
@@ -477,7 +487,9 @@ impl BusArgs {
             (None, Some(_)) => return Err(ConnectError::Options("--nats-password-file needs --nats-user")),
         };
         match &self.nats_url {
-            Some(url) => Ok(NatsBus::connect(url, credentials, self.nats_routing, shutdown).await?),
+            Some(url) => {
+                Ok(NatsBus::connect(url, credentials, self.nats_routing, &self.nats_subject_prefix, shutdown).await?)
+            }
             None if credentials.is_some() => Err(ConnectError::Options("--nats-user needs --nats-url")),
             None => Ok(Arc::new(Hub::new())),
         }

@@ -129,14 +129,145 @@ use crate::{Event, EventBus, Hub, Interest, Shared, Subscription, Topic};
 mod alive;
 use alive::{Liveness, Say};
 
-/// Subject prefix of every natter event.
-const PREFIX: &str = "natter.events";
+/// The first tokens of every NATS subject of one deployment
+/// (`--nats-subject-prefix`, default `natter`): its events go on
+/// `<prefix>.events.>`, its caches' invalidations, barriers and request
+/// inbox on `<prefix>.caches.>`. Deployments (or test runs) sharing one
+/// NATS server with different prefixes hear none of each other's events,
+/// invalidations or liveness; with the same prefix they are one
+/// deployment.
+///
+/// Valid: one or more dot-separated tokens, none empty, with no
+/// whitespace (nor other control character) and no `*` or `>` (NATS
+/// wildcards): `natter`, `staging.natter`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubjectPrefix(String);
 
-/// Subject of cache invalidations ([`EventBus::invalidate`]): every process
-/// subscribes to it (on a subscription of its own, so a sync can drain it);
-/// the payload is the tags, [`Tag::encode`]d one after another, or
-/// [`INVALIDATE_ALL`].
-const INVALIDATE_SUBJECT: &str = "natter.caches.invalidate";
+impl SubjectPrefix {
+    /// The default, under which every release before the flag published.
+    pub const DEFAULT: &str = "natter";
+
+    /// The prefix as given.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for SubjectPrefix {
+    fn default() -> Self {
+        Self(Self::DEFAULT.to_owned())
+    }
+}
+
+impl fmt::Display for SubjectPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for SubjectPrefix {
+    type Err = String;
+
+    /// Errors: an empty token (an empty prefix, or a dot at either end or
+    /// twice in a row), whitespace or another control character, or a
+    /// wildcard (`*`, `>`); the message says which token.
+    fn from_str(prefix: &str) -> Result<Self, Self::Err> {
+        for token in prefix.split('.') {
+            if token.is_empty() {
+                return Err(format!(
+                    "{prefix:?} is no NATS subject prefix: dot-separated tokens, none empty (such as natter or \
+                     staging.natter)"
+                ));
+            }
+            if let Some(c) = token.chars().find(|c| c.is_whitespace() || c.is_control() || matches!(c, '*' | '>')) {
+                return Err(format!(
+                    "{prefix:?} is no NATS subject prefix: token {token:?} holds {c:?} (no whitespace, and no \
+                     wildcard * or >)"
+                ));
+            }
+        }
+        Ok(Self(prefix.to_owned()))
+    }
+}
+
+/// Every subject of one deployment, derived from its [`SubjectPrefix`]
+/// (the module docs name them with the default prefix).
+#[derive(Debug)]
+struct Subjects {
+    /// `<prefix>.events`: the events' subjects are
+    /// `<prefix>.events.<chat|user|session>.<uuid>` and
+    /// `<prefix>.events.presence`.
+    events: String,
+    /// `<prefix>.events.alive`: the processes' liveness (`alive`).
+    alive: String,
+    /// `<prefix>.caches.invalidate`: cache invalidations
+    /// ([`EventBus::invalidate`]); every process subscribes to it (on a
+    /// subscription of its own, so a sync can drain it); the payload is the
+    /// tags, [`Tag::encode`]d one after another, or [`INVALIDATE_ALL`].
+    invalidate: String,
+    /// `<prefix>.caches.barrier`, the prefix of the subjects of barrier
+    /// requests: nobody subscribes to them, so the server answers each with
+    /// its no-responders status, after it has processed everything the
+    /// connection sent before.
+    barrier: String,
+    /// `<prefix>.caches.inbox`: the client's request inbox (the barriers'
+    /// answers). Under the deployment's subjects, so the NATS user needs no
+    /// `_INBOX.>` permission, and outside `<prefix>.events.>`, which a
+    /// broadcast replica subscribes to (the server would hand a
+    /// no-responders answer to that subscription, not the request's).
+    inbox: String,
+}
+
+impl Subjects {
+    fn new(prefix: &SubjectPrefix) -> Self {
+        Self {
+            events: format!("{prefix}.events"),
+            alive: format!("{prefix}.events.alive"),
+            invalidate: format!("{prefix}.caches.invalidate"),
+            barrier: format!("{prefix}.caches.barrier"),
+            inbox: format!("{prefix}.caches.inbox"),
+        }
+    }
+
+    /// The subject of `topic`'s events.
+    fn of(&self, topic: Topic) -> String {
+        let events = &self.events;
+        match topic {
+            Topic::Chat(id) => format!("{events}.chat.{id}"),
+            Topic::User(id) => format!("{events}.user.{id}"),
+            Topic::Session(id) => format!("{events}.session.{id}"),
+            Topic::Presence => format!("{events}.presence"),
+        }
+    }
+
+    /// The topic whose events go on `subject`, if any.
+    fn topic(&self, subject: &str) -> Option<Topic> {
+        let rest = subject.strip_prefix(self.events.as_str())?.strip_prefix('.')?;
+        if rest == "presence" {
+            return Some(Topic::Presence);
+        }
+        let (kind, id) = rest.split_once('.')?;
+        let id = Uuid::try_parse(id).ok()?;
+        match kind {
+            "chat" => Some(Topic::Chat(id)),
+            "user" => Some(Topic::User(id)),
+            "session" => Some(Topic::Session(id)),
+            _ => None,
+        }
+    }
+
+    /// The subjects every process subscribes to whatever streams it holds
+    /// (with interest routing; broadcast takes [`Subjects::every_event`]
+    /// instead).
+    fn always(&self) -> Vec<String> {
+        vec![self.of(Topic::Presence), self.alive.clone()]
+    }
+
+    /// `<prefix>.events.>`: every event of the deployment (broadcast).
+    fn every_event(&self) -> String {
+        format!("{}.>", self.events)
+    }
+}
 
 /// The payload of an invalidation that drops every cached entry, in place
 /// of tags (no tag encoding is one byte long): what a publisher announces
@@ -158,11 +289,6 @@ const KEPT_TAGS: usize = 4096;
 /// deployment's streams among its receivers anyway.
 const KEPT_TOPICS: usize = 16 * 1024;
 
-/// Prefix of the subjects of barrier requests: nobody subscribes to them,
-/// so the server answers each with its no-responders status, after it has
-/// processed everything the connection sent before.
-const BARRIER_PREFIX: &str = "natter.caches.barrier";
-
 /// Longest wait for the server to confirm an invalidation, or the
 /// subscriptions after a reconnect.
 const BARRIER_WAIT: Duration = Duration::from_secs(2);
@@ -175,13 +301,6 @@ const BARRIER_RETRY: Duration = Duration::from_secs(1);
 /// Longest wait for a cache hit's sync; past it the look-up asks the owning
 /// service instead.
 const SYNC_WAIT: Duration = Duration::from_millis(250);
-
-/// The client's request inbox (the barriers' answers): under natter's
-/// subjects, so the NATS user needs no `_INBOX.>` permission, and outside
-/// `natter.events.>`, which a broadcast replica subscribes to (the server
-/// would hand a no-responders answer to that subscription, not the
-/// request's).
-const INBOX_PREFIX: &str = "natter.caches.inbox";
 
 /// The longest a router's round trip waits for the server's answer (longer
 /// only while disconnected: the reconnect resyncs anyway); then the hints
@@ -238,6 +357,8 @@ pub struct NatsBus {
     counts: Arc<Counts>,
     /// For invalidations, which are published and confirmed by the caller.
     client: async_nats::Client,
+    /// The deployment's subjects (`--nats-subject-prefix`).
+    subjects: Arc<Subjects>,
     /// The router's queue (interest routing), for [`EventBus::settled`].
     router: Option<mpsc::UnboundedSender<Interest>>,
     /// This process's announcements and the peers it heard (`alive`).
@@ -420,44 +541,14 @@ fn decode(part: &str) -> String {
     percent_encoding::percent_decode_str(part).decode_utf8_lossy().into_owned()
 }
 
-fn subject(topic: Topic) -> String {
-    match topic {
-        Topic::Chat(id) => format!("{PREFIX}.chat.{id}"),
-        Topic::User(id) => format!("{PREFIX}.user.{id}"),
-        Topic::Session(id) => format!("{PREFIX}.session.{id}"),
-        Topic::Presence => format!("{PREFIX}.presence"),
-    }
-}
-
-/// The subjects every process subscribes to whatever streams it holds
-/// (with interest routing; broadcast takes `natter.events.>` instead).
-fn always_subjects() -> Vec<String> {
-    vec![subject(Topic::Presence), alive::SUBJECT.to_owned()]
-}
-
-fn topic(subject: &str) -> Option<Topic> {
-    let rest = subject.strip_prefix(PREFIX)?.strip_prefix('.')?;
-    if rest == "presence" {
-        return Some(Topic::Presence);
-    }
-    let (kind, id) = rest.split_once('.')?;
-    let id = Uuid::try_parse(id).ok()?;
-    match kind {
-        "chat" => Some(Topic::Chat(id)),
-        "user" => Some(Topic::User(id)),
-        "session" => Some(Topic::Session(id)),
-        _ => None,
-    }
-}
-
 /// Waits until the NATS server has processed everything `client` sent
 /// before: a request to a subject nobody subscribes to, which the server
 /// answers with its no-responders status in order (so every message the
 /// server had for this client by then has arrived before the answer).
 /// False when it could not tell within `wait` (disconnected, no
 /// permission).
-async fn barrier(client: &async_nats::Client, wait: Duration) -> bool {
-    let subject = format!("{BARRIER_PREFIX}.{}", Uuid::now_v7());
+async fn barrier(client: &async_nats::Client, subjects: &Subjects, wait: Duration) -> bool {
+    let subject = format!("{}.{}", subjects.barrier, Uuid::now_v7());
     match tokio::time::timeout(wait, client.request(subject, bytes::Bytes::new())).await {
         Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => true,
         Ok(Ok(_)) => true,
@@ -488,6 +579,7 @@ async fn barrier(client: &async_nats::Client, wait: Duration) -> bool {
 /// services) or when the client's events end.
 async fn keep_caches_live(
     client: async_nats::Client,
+    subjects: Arc<Subjects>,
     invalidator: Arc<Invalidator>,
     mut events: mpsc::UnboundedReceiver<()>,
     closed: CancellationToken,
@@ -508,7 +600,7 @@ async fn keep_caches_live(
             let (sent, connection) = (Instant::now(), connects());
             let confirmed = tokio::select! {
                 () = closed.cancelled() => return,
-                confirmed = barrier(&client, BARRIER_WAIT) => confirmed,
+                confirmed = barrier(&client, &subjects, BARRIER_WAIT) => confirmed,
             };
             if !connected() {
                 // Off until the reconnect's notice.
@@ -590,6 +682,7 @@ impl Syncer {
     /// `closed` (the bus's `close()`); the returned function is the sync.
     fn start(
         client: async_nats::Client,
+        subjects: Arc<Subjects>,
         drains: mpsc::Sender<oneshot::Sender<()>>,
         closed: CancellationToken,
     ) -> natter_kit::cache::SyncFn {
@@ -609,7 +702,7 @@ impl Syncer {
                 if target <= covered {
                     continue;
                 }
-                let confirmed = barrier(&client, SYNC_WAIT).await && {
+                let confirmed = barrier(&client, &subjects, SYNC_WAIT).await && {
                     let (done, drained) = oneshot::channel();
                     drains.send(done).await.is_ok() && drained.await.is_ok()
                 };
@@ -639,7 +732,8 @@ impl Syncer {
 
 impl NatsBus {
     /// Connects to NATS at `url` as `credentials` (or as the user and
-    /// password in `url`) and starts the publisher, subscriber and (with
+    /// password in `url`), on the subjects under `prefix`
+    /// ([`SubjectPrefix`]: the deployment's), and starts the publisher, subscriber and (with
     /// [`Routing::Interest`]) router tasks. The subscriber and router end
     /// when `shutdown` is cancelled; the publisher, the caches' sync and
     /// their invalidations go on until [`EventBus::close`], for what the
@@ -656,9 +750,11 @@ impl NatsBus {
         url: &str,
         credentials: Option<Credentials>,
         routing: Routing,
+        prefix: &SubjectPrefix,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, ConnectError> {
         let (addr, in_url) = split_url(url)?;
+        let subjects = Arc::new(Subjects::new(prefix));
         let credentials = match (credentials, in_url) {
             (Some(_), Some(_)) => {
                 return Err(ConnectError::Options(
@@ -679,12 +775,14 @@ impl NatsBus {
         let (caches_back, caches_notices) = mpsc::unbounded_channel();
         let publisher_wake = Arc::new(Notify::new());
         let wakes = Wakes { router: reconnected.clone(), publisher: publisher_wake.clone() };
-        let client = Self::first_connection(&addr, credentials.as_ref(), &hub, &wakes, &caches_back, &shutdown).await?;
-        tracing::info!(%server, user = user.as_deref().unwrap_or("-"), ?routing, "nats: connected");
+        let client =
+            Self::first_connection(&addr, credentials.as_ref(), &subjects, &hub, &wakes, &caches_back, &shutdown)
+                .await?;
+        tracing::info!(%server, user = user.as_deref().unwrap_or("-"), ?routing, subject_prefix = %prefix, "nats: connected");
         let counts = Arc::new(Counts::default());
         let always = match routing {
-            Routing::Interest => always_subjects(),
-            Routing::Broadcast => vec![format!("{PREFIX}.>")],
+            Routing::Interest => subjects.always(),
+            Routing::Broadcast => vec![subjects.every_event()],
         };
         let mut subscribers = Vec::with_capacity(always.len());
         for subject in always {
@@ -693,22 +791,30 @@ impl NatsBus {
                 Err(e) => return Err(ConnectError::Subscribe { server, reason: format!("{subject}: {e}") }),
             }
         }
-        let invalidations = match client.subscribe(INVALIDATE_SUBJECT).await {
+        let invalidations = match client.subscribe(subjects.invalidate.clone()).await {
             Ok(s) => s,
-            Err(e) => return Err(ConnectError::Subscribe { server, reason: format!("{INVALIDATE_SUBJECT}: {e}") }),
+            Err(e) => {
+                return Err(ConnectError::Subscribe { server, reason: format!("{}: {e}", subjects.invalidate) });
+            }
         };
         counts.subscribed(subscribers.len() as u64 + 1);
         let closed = CancellationToken::new();
         // The first connection's notice is queued already: the caches go
         // live once the server confirms the subscriptions.
-        tokio::spawn(keep_caches_live(client.clone(), hub.invalidator().clone(), caches_notices, closed.clone()));
+        tokio::spawn(keep_caches_live(
+            client.clone(),
+            subjects.clone(),
+            hub.invalidator().clone(),
+            caches_notices,
+            closed.clone(),
+        ));
         let (drains, drain_requests) = mpsc::channel(16);
         tokio::spawn(apply_invalidations(invalidations, hub.invalidator().clone(), drain_requests, closed.clone()));
-        hub.invalidator().set_sync(Syncer::start(client.clone(), drains, closed.clone()));
+        hub.invalidator().set_sync(Syncer::start(client.clone(), subjects.clone(), drains, closed.clone()));
         match routing {
             // In effect before serving: no presence beat is missed.
             Routing::Interest => {
-                round_trip(&client).await;
+                round_trip(&client, &subjects).await;
             }
             // Sent before serving. (async-nats 0.51's flush only writes it
             // to the socket; an event published while the server is still
@@ -723,11 +829,12 @@ impl NatsBus {
         }
         let (outbox, queue) = mpsc::channel::<Outgoing>(PUBLISH_QUEUE);
         let dropped = Arc::new(Dropped::default());
-        let liveness = Arc::new(Liveness::new());
+        let liveness = Arc::new(Liveness::new(subjects.alive.clone()));
         // Until close() (its Close, or its grace over) or the bus dropped:
         // not the shutdown token, which the drain and what follows it
         // outlast.
-        let publisher = Publisher::new(client.clone(), dropped.clone(), liveness.clone(), counts.clone());
+        let publisher =
+            Publisher::new(client.clone(), subjects.clone(), dropped.clone(), liveness.clone(), counts.clone());
         tokio::spawn(publisher.run(queue, publisher_wake, closed.clone()));
         // Announces until the goodbye (or the bus dropped); hears and
         // expires peers until the shutdown token, as the subscriber.
@@ -737,6 +844,7 @@ impl NatsBus {
         if let Some(reconnected) = reconnected {
             let router = Router {
                 client: client.clone(),
+                subjects: subjects.clone(),
                 hub: hub.clone(),
                 counts: counts.clone(),
                 subscribed: HashMap::new(),
@@ -750,6 +858,7 @@ impl NatsBus {
         let local = hub.clone();
         let received = counts.clone();
         let peers = liveness.clone();
+        let on_subjects = subjects.clone();
         tokio::spawn(async move {
             let mut subscriber = futures::stream::select_all(subscribers);
             loop {
@@ -758,11 +867,11 @@ impl NatsBus {
                     next = subscriber.next() => match next { Some(m) => m, None => break },
                 };
                 // Not an event (nor counted as one): a peer's liveness.
-                if message.subject.as_str() == alive::SUBJECT {
+                if message.subject.as_str() == on_subjects.alive {
                     peers.heard(&local, message.payload);
                     continue;
                 }
-                deliver(&local, &received, message);
+                deliver(&local, &on_subjects, &received, message);
             }
             for mut subscriber in subscriber {
                 let _ = subscriber.unsubscribe().await;
@@ -776,6 +885,7 @@ impl NatsBus {
             dropped,
             counts,
             client,
+            subjects,
             router,
             liveness,
             goodbye: std::sync::Mutex::new(Some(goodbye)),
@@ -824,6 +934,7 @@ impl NatsBus {
     async fn first_connection(
         addr: &ServerAddr,
         credentials: Option<&Credentials>,
+        subjects: &Subjects,
         hub: &Arc<Hub>,
         wakes: &Wakes,
         caches_back: &mpsc::UnboundedSender<()>,
@@ -833,7 +944,7 @@ impl NatsBus {
         let mut pause = RETRY_FIRST;
         loop {
             let mut options =
-                async_nats::ConnectOptions::new().no_echo().name("natter").custom_inbox_prefix(INBOX_PREFIX);
+                async_nats::ConnectOptions::new().no_echo().name("natter").custom_inbox_prefix(subjects.inbox.clone());
             if let Some(c) = credentials {
                 options = options.user_and_password(c.user.clone(), c.password.clone());
             }
@@ -918,10 +1029,10 @@ fn invalidation<'a>(tags: impl ExactSizeIterator<Item = &'a Tag>) -> bytes::Byte
 }
 
 /// Hands a message from NATS to the local subscribers of its topic.
-fn deliver(hub: &Hub, counts: &Counts, message: async_nats::Message) {
+fn deliver(hub: &Hub, subjects: &Subjects, counts: &Counts, message: async_nats::Message) {
     natter_kit::metrics::bus_received(1);
     counts.received.fetch_add(1, Ordering::Relaxed);
-    let Some(topic) = topic(message.subject.as_str()) else { return };
+    let Some(topic) = subjects.topic(message.subject.as_str()) else { return };
     match Event::from_wire(message.payload) {
         Ok(event) => hub.fan_out(topic, Arc::new(event)),
         Err(e) => {
@@ -935,8 +1046,8 @@ fn deliver(hub: &Hub, counts: &Counts, message: async_nats::Message) {
 /// Returns once the server has processed everything `client` sent before
 /// (its SUBs), true, or after [`CONFIRM_TIMEOUT`], false: a [`barrier`].
 /// (async-nats 0.51's `flush` only writes to the socket.)
-async fn round_trip(client: &async_nats::Client) -> bool {
-    let confirmed = barrier(client, CONFIRM_TIMEOUT).await;
+async fn round_trip(client: &async_nats::Client, subjects: &Subjects) -> bool {
+    let confirmed = barrier(client, subjects, CONFIRM_TIMEOUT).await;
     if !confirmed {
         tracing::debug!("nats: round trip unconfirmed; resync hints go out anyway, and again once one is");
     }
@@ -971,6 +1082,7 @@ struct Wakes {
 /// and keeps the same way.
 struct Publisher {
     client: async_nats::Client,
+    subjects: Arc<Subjects>,
     counts: Arc<Counts>,
     /// Whose `Lost` it announces past [`KEPT_TOPICS`].
     liveness: Arc<Liveness>,
@@ -1096,9 +1208,24 @@ impl Dropped {
 const CONFIRM_EVERY: Duration = Duration::from_secs(1);
 
 impl Publisher {
-    fn new(client: async_nats::Client, dropped: Arc<Dropped>, liveness: Arc<Liveness>, counts: Arc<Counts>) -> Self {
+    fn new(
+        client: async_nats::Client,
+        subjects: Arc<Subjects>,
+        dropped: Arc<Dropped>,
+        liveness: Arc<Liveness>,
+        counts: Arc<Counts>,
+    ) -> Self {
         let epoch = client.statistics().connects.load(Ordering::SeqCst);
-        Self { client, counts, liveness, dropped, epoch, unconfirmed: Kept::default(), confirming: Kept::default() }
+        Self {
+            client,
+            subjects,
+            counts,
+            liveness,
+            dropped,
+            epoch,
+            unconfirmed: Kept::default(),
+            confirming: Kept::default(),
+        }
     }
 
     /// Publishes what it is handed until a `Close` (settled, flushed, then
@@ -1233,7 +1360,7 @@ impl Publisher {
         if kept {
             self.unconfirmed.add_topic(topic);
         }
-        match self.client.publish(subject(topic), payload).await {
+        match self.client.publish(self.subjects.of(topic), payload).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "nats: publish failed (streams will refill from the store)");
@@ -1248,11 +1375,11 @@ impl Publisher {
     fn confirm(&mut self) -> oneshot::Receiver<(bool, u64)> {
         self.confirming.absorb(std::mem::take(&mut self.unconfirmed));
         let (done, answer) = oneshot::channel();
-        let (client, sent_in) = (self.client.clone(), self.epoch);
+        let (client, subjects, sent_in) = (self.client.clone(), self.subjects.clone(), self.epoch);
         // Spawned once every publish before it is in the client's queue, so
         // its request goes after them.
         tokio::spawn(async move {
-            let _ = done.send((barrier(&client, CONFIRM_TIMEOUT).await, sent_in));
+            let _ = done.send((barrier(&client, &subjects, CONFIRM_TIMEOUT).await, sent_in));
         });
         answer
     }
@@ -1288,7 +1415,7 @@ impl Publisher {
     async fn lost_all(&mut self) {
         self.unconfirmed.all_topics = true;
         self.unconfirmed.topics.retain(|t| *t == Topic::Presence);
-        match self.client.publish(alive::SUBJECT, self.liveness.payload(Say::Lost)).await {
+        match self.client.publish(self.subjects.alive.clone(), self.liveness.payload(Say::Lost)).await {
             Ok(()) => natter_kit::metrics::bus_resent(1),
             Err(e) => tracing::warn!(error = %e, "nats: announcing lost events failed (kept for the next try)"),
         }
@@ -1306,7 +1433,7 @@ impl Publisher {
             invalidation(tags.iter())
         };
         self.unconfirmed.absorb(Kept { tags, all_caches: all, ..Kept::default() });
-        match self.client.publish(INVALIDATE_SUBJECT, payload).await {
+        match self.client.publish(self.subjects.invalidate.clone(), payload).await {
             Ok(()) => natter_kit::metrics::bus_resent(1),
             Err(e) => {
                 tracing::warn!(error = %e, "nats: publishing an invalidation again failed (kept for the next try)");
@@ -1364,6 +1491,7 @@ impl Publisher {
 /// routing, module docs).
 struct Router {
     client: async_nats::Client,
+    subjects: Arc<Subjects>,
     hub: Arc<Hub>,
     counts: Arc<Counts>,
     /// topic -> the task forwarding its subscription to the hub (aborting
@@ -1457,13 +1585,13 @@ impl Router {
         let fresh: Vec<Topic> = fresh.into_iter().collect();
         let mut made = 0;
         for topic in &fresh {
-            match self.client.subscribe(subject(*topic)).await {
+            match self.client.subscribe(self.subjects.of(*topic)).await {
                 Ok(subscriber) => {
-                    let (hub, counts) = (self.hub.clone(), self.counts.clone());
+                    let (hub, subjects, counts) = (self.hub.clone(), self.subjects.clone(), self.counts.clone());
                     let task = tokio::spawn(async move {
                         let mut subscriber = subscriber;
                         while let Some(message) = subscriber.next().await {
-                            deliver(&hub, &counts, message);
+                            deliver(&hub, &subjects, &counts, message);
                         }
                     });
                     self.subscribed.insert(*topic, task.abort_handle());
@@ -1492,7 +1620,7 @@ impl Router {
     /// makes them re-read it (else they would hear of it at the topic's
     /// next event).
     async fn hint_after_round_trip(&mut self, topics: Vec<Topic>) {
-        let confirmed = round_trip(&self.client).await;
+        let confirmed = round_trip(&self.client, &self.subjects).await;
         if confirmed {
             self.unconfirmed.retain(|t| !topics.contains(t));
             let again: Vec<Topic> = self.unconfirmed.drain().collect();
@@ -1578,15 +1706,18 @@ impl EventBus for NatsBus {
             self.hub.invalidator().invalidate(&tags);
             let connects = || self.client.statistics().connects.load(Ordering::SeqCst);
             let connection = connects();
-            let published =
-                tokio::time::timeout(BARRIER_WAIT, self.client.publish(INVALIDATE_SUBJECT, invalidation(tags.iter())));
+            let published = tokio::time::timeout(
+                BARRIER_WAIT,
+                self.client.publish(self.subjects.invalidate.clone(), invalidation(tags.iter())),
+            );
             let published = matches!(published.await, Ok(Ok(())));
             if published {
                 natter_kit::metrics::bus_published(1);
             }
             // A barrier answered on a later connection than the publish
             // went out on proves nothing about it.
-            let confirmed = published && barrier(&self.client, BARRIER_WAIT).await && connects() == connection;
+            let confirmed =
+                published && barrier(&self.client, &self.subjects, BARRIER_WAIT).await && connects() == connection;
             if !confirmed {
                 tracing::warn!(
                     ?tags,
@@ -1653,11 +1784,42 @@ mod tests {
     #[test]
     fn subjects_round_trip() {
         let id = Uuid::now_v7();
+        let subjects = Subjects::new(&SubjectPrefix::default());
         for t in [Topic::Chat(id), Topic::User(id), Topic::Session(id), Topic::Presence] {
-            assert_eq!(topic(&subject(t)), Some(t));
+            assert_eq!(subjects.topic(&subjects.of(t)), Some(t));
         }
-        assert_eq!(topic("natter.events.chat.not-a-uuid"), None);
-        assert_eq!(topic("other.chat.x"), None);
+        assert_eq!(subjects.topic("natter.events.chat.not-a-uuid"), None);
+        assert_eq!(subjects.topic("other.chat.x"), None);
+        let staging = Subjects::new(&"staging.natter".parse().unwrap());
+        assert_eq!(staging.of(Topic::Chat(id)), format!("staging.natter.events.chat.{id}"));
+        assert_eq!(staging.topic(&subjects.of(Topic::Chat(id))), None, "another deployment's subject");
+        assert_eq!(subjects.topic(&staging.of(Topic::Chat(id))), None, "another deployment's subject");
+    }
+
+    /// The default prefix keeps every subject of the releases before the
+    /// flag (a rolling upgrade's old and new replicas hear each other).
+    #[test]
+    fn the_default_prefix_keeps_the_old_subjects() {
+        let s = Subjects::new(&SubjectPrefix::default());
+        let id = Uuid::nil();
+        assert_eq!(s.of(Topic::User(id)), format!("natter.events.user.{id}"));
+        assert_eq!(s.of(Topic::Presence), "natter.events.presence");
+        assert_eq!(s.every_event(), "natter.events.>");
+        assert_eq!(
+            [&s.alive, &s.invalidate, &s.barrier, &s.inbox].map(String::as_str),
+            ["natter.events.alive", "natter.caches.invalidate", "natter.caches.barrier", "natter.caches.inbox"]
+        );
+    }
+
+    #[test]
+    fn a_subject_prefix_is_dot_separated_tokens_without_wildcards_or_whitespace() {
+        for good in ["natter", "staging.natter", "t0a1b2_c", "natter-eu.v2"] {
+            assert_eq!(good.parse::<SubjectPrefix>().map(|p| p.to_string()), Ok(good.to_owned()));
+        }
+        for bad in ["", ".", "natter.", ".natter", "a..b", "nat ter", "natter\t", "a.*", "a.>", "na*", "x>y"] {
+            let e = bad.parse::<SubjectPrefix>().expect_err(bad);
+            assert!(e.contains("no NATS subject prefix"), "{bad:?}: {e}");
+        }
     }
 
     #[test]
@@ -1681,8 +1843,11 @@ mod tests {
             return None;
         };
         let stop = CancellationToken::new();
-        let a = NatsBus::connect(&url, None, routing, stop.clone()).await.unwrap();
-        let b = NatsBus::connect(&url, None, routing, stop.clone()).await.unwrap();
+        // A prefix of their own: other tests' buses on the server are no
+        // peers of theirs.
+        let prefix: SubjectPrefix = format!("natter.u{}", Uuid::new_v4().simple()).parse().unwrap();
+        let a = NatsBus::connect(&url, None, routing, &prefix, stop.clone()).await.unwrap();
+        let b = NatsBus::connect(&url, None, routing, &prefix, stop.clone()).await.unwrap();
         Some((a, b, stop))
     }
 
@@ -1705,8 +1870,7 @@ mod tests {
             }
         }
         assert!(got.is_some(), "b received a's event over NATS");
-        // Passing over hints: a process of another test on the same server
-        // that vanished makes every bus resync (the `alive` module).
+        // Passing over hints (a's own subscription's, once in effect).
         let first = loop {
             let e = on_a.recv().await.unwrap().unwrap();
             if !e.is_hint() || e.change_seq != 0 {

@@ -1,7 +1,8 @@
 //! The bus's liveness: what a peer committed but never published is not
 //! lost to this process's streams until the chat's next event.
 //!
-//! Every process announces itself on [`SUBJECT`] once per
+//! Every process announces itself on `<prefix>.events.alive` (the
+//! deployment's `--nats-subject-prefix`, `natter` by default) once per
 //! [`ANNOUNCE_EVERY`] (its id, new at every start, and that interval) and
 //! tracks the peers it hears. A peer that falls silent for [`MISSED`] of
 //! its intervals (it crashed, lost power, or was cut off from NATS that
@@ -43,7 +44,7 @@
 //! }
 //! ```
 //!
-//! `natter.events.alive` lies under the subjects natter's NATS user is
+//! `<prefix>.events.alive` lies under the subjects natter's NATS user is
 //! granted already; a replica of a build from before it ignores it (no
 //! topic of its own), and is never heard, so never missed.
 
@@ -60,9 +61,6 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::Hub;
-
-/// The subject of the announcements; every process subscribes to it.
-pub(super) const SUBJECT: &str = "natter.events.alive";
 
 /// How often a process announces itself (module docs on the choice).
 pub(super) const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
@@ -154,15 +152,18 @@ impl Peers {
 pub(super) struct Liveness {
     /// This bus's id on NATS (new at every start).
     me: Uuid,
+    /// The subject of the announcements (`<prefix>.events.alive`); every
+    /// process of the deployment subscribes to it.
+    subject: String,
     peers: Mutex<Peers>,
     /// Expiry checks made (for tests).
     checks: AtomicU64,
 }
 
 impl Liveness {
-    /// A new process id, no peers heard.
-    pub(super) fn new() -> Self {
-        Self { me: Uuid::new_v4(), peers: Mutex::default(), checks: AtomicU64::new(0) }
+    /// A new process id, announced on `subject`, no peers heard.
+    pub(super) fn new(subject: String) -> Self {
+        Self { me: Uuid::new_v4(), subject, peers: Mutex::default(), checks: AtomicU64::new(0) }
     }
 
     fn lock(&self) -> MutexGuard<'_, Peers> {
@@ -245,7 +246,7 @@ impl Liveness {
     }
 
     async fn announce(&self, client: &async_nats::Client, say: Say) {
-        if let Err(e) = client.publish(SUBJECT, self.payload(say)).await {
+        if let Err(e) = client.publish(self.subject.clone(), self.payload(say)).await {
             tracing::debug!(error = %e, ?say, "nats: liveness announcement not sent");
         }
     }
@@ -335,7 +336,7 @@ mod tests {
 
     #[test]
     fn announcements_cross_the_wire() {
-        let live = Liveness::new();
+        let live = Liveness::new("natter.events.alive".to_owned());
         for say in [Say::Alive, Say::Goodbye, Say::GoodbyeLost, Say::Lost] {
             let wire = Wire::decode(live.payload(say)).unwrap();
             assert_eq!(Uuid::from_slice(&wire.process).unwrap(), live.me);

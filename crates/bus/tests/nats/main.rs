@@ -22,10 +22,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser as _;
-use natter_bus::{BusArgs, ConnectError, Credentials, Event, EventBus, NatsBus, Routing, Shared, Topic};
+use natter_bus::{BusArgs, ConnectError, Credentials, Event, EventBus, NatsBus, Routing, Shared, SubjectPrefix, Topic};
 use natter_proto::messages::v1::StreamEventsResponse;
 use relay::Relay;
-use server::{INTRUDER_USER, NATTER_USER, NatsServer, RELAY_USER};
+use server::{INTRUDER_USER, NATTER_USER, NatsServer, OTHER_PREFIX, RELAY_USER};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -107,17 +107,30 @@ async fn hinted_within(rx: &mut natter_bus::Subscription, within: Duration) -> b
     }
 }
 
-/// natter's bus on `server`, routing as told.
+/// natter's bus on `server`, routing as told, on the default subjects.
 async fn natter_bus(server: &NatsServer, routing: Routing, stop: &CancellationToken) -> Arc<NatsBus> {
-    NatsBus::connect(&url_with(server, NATTER_USER, &server.password), None, routing, stop.clone())
+    natter_bus_under(server, routing, &SubjectPrefix::default(), stop).await
+}
+
+/// natter's bus on `server`, routing as told, on the subjects of `prefix`.
+async fn natter_bus_under(
+    server: &NatsServer,
+    routing: Routing,
+    prefix: &SubjectPrefix,
+    stop: &CancellationToken,
+) -> Arc<NatsBus> {
+    NatsBus::connect(&url_with(server, NATTER_USER, &server.password), None, routing, prefix, stop.clone())
         .await
         .expect("natter logs in")
 }
 
-/// natter's bus on `server` through `relay` (interest routing).
+/// natter's bus on `server` through `relay` (interest routing, default
+/// subjects).
 async fn natter_bus_through(relay: &Relay, server: &NatsServer, stop: &CancellationToken) -> Arc<NatsBus> {
     let url = relay.url.replacen("nats://", &format!("nats://{NATTER_USER}:{}@", server.password), 1);
-    NatsBus::connect(&url, None, Routing::Interest, stop.clone()).await.expect("natter logs in through the relay")
+    NatsBus::connect(&url, None, Routing::Interest, &SubjectPrefix::default(), stop.clone())
+        .await
+        .expect("natter logs in through the relay")
 }
 
 async fn connect_fails(args: &BusArgs) -> ConnectError {
@@ -314,6 +327,23 @@ fn credential_flags_come_in_pairs_and_files_must_hold_a_password() {
     assert!(e.to_string().contains("--nats-password-file"), "{e}");
 }
 
+/// `--nats-subject-prefix` defaults to the subjects of every release
+/// before it, and a prefix NATS would not take as the start of a subject
+/// (or would read as a wildcard, hearing other deployments) stops start-up
+/// with an error naming the flag and the fault.
+#[test]
+fn a_subject_prefix_nats_cannot_take_is_refused_naming_the_flag() {
+    let default = parse(&["--nats-url", "nats://x:4222"]).unwrap();
+    assert_eq!(default.nats_subject_prefix.as_str(), "natter");
+    let given = parse(&["--nats-url", "nats://x:4222", "--nats-subject-prefix", "staging.natter"]).unwrap();
+    assert_eq!(given.nats_subject_prefix.as_str(), "staging.natter");
+    for (bad, fault) in [("", "none empty"), ("natter.", "none empty"), ("a b", "whitespace"), ("natter.*", "wildcard")]
+    {
+        let e = parse(&["--nats-url", "nats://x:4222", "--nats-subject-prefix", bad]).expect_err(bad).to_string();
+        assert!(e.contains("--nats-subject-prefix") && e.contains(fault), "{bad:?}: {e}");
+    }
+}
+
 #[tokio::test]
 async fn credentials_given_twice_are_refused_before_connecting() {
     let stop = CancellationToken::new();
@@ -321,6 +351,7 @@ async fn credentials_given_twice_are_refused_before_connecting() {
         "nats://natter:pw@127.0.0.1:1",
         Some(Credentials::new("natter", "pw")),
         Routing::Interest,
+        &SubjectPrefix::default(),
         stop,
     )
     .await
@@ -1013,9 +1044,15 @@ async fn a_replica_that_closes_cleanly_is_forgotten_without_a_resync() {
 async fn a_replica_whose_close_gives_up_has_the_others_re_read_the_store() {
     let Some(server) = NatsServer::start().await else { return };
     let stop = CancellationToken::new();
-    let a = NatsBus::connect(&url_with(&server, RELAY_USER, &server.password), None, Routing::Interest, stop.clone())
-        .await
-        .expect("the relay user logs in");
+    let a = NatsBus::connect(
+        &url_with(&server, RELAY_USER, &server.password),
+        None,
+        Routing::Interest,
+        &SubjectPrefix::default(),
+        stop.clone(),
+    )
+    .await
+    .expect("the relay user logs in");
     let b = natter_bus(&server, Routing::Interest, &stop).await;
     let (followed, mut on_b) = follow_hearing_a(&b, Routing::Interest).await;
     let published = Uuid::now_v7();
@@ -1024,6 +1061,76 @@ async fn a_replica_whose_close_gives_up_has_the_others_re_read_the_store() {
     a.close().await;
     expect_hint(&mut on_b, followed, DELIVERY, "b's streams, of a's unconfirmed change").await;
     stop.cancel();
+}
+
+/// Two deployments on one NATS server under different subject prefixes
+/// (`--nats-subject-prefix`): a (through a relay, so that it can die) and
+/// c under the default prefix, b and d under another. c hears a's event,
+/// invalidation and death; b hears none of them (its stream receives d's
+/// event only, its cache keeps the entry a invalidated, a's death makes it
+/// re-read nothing), where under one prefix every deployment on the server
+/// hears all the others': a stranger's changes empty its caches, a
+/// stranger's death has its streams re-read the store. In either routing
+/// of b and d (broadcast subscribes to `<prefix>.events.>`).
+#[tokio::test]
+async fn deployments_under_other_subject_prefixes_hear_nothing_of_each_other() {
+    use natter_kit::cache::{Lookup, Tag, TaggedCache};
+    let other: SubjectPrefix = OTHER_PREFIX.parse().expect("a valid prefix");
+    for routing in [Routing::Interest, Routing::Broadcast] {
+        let Some(server) = NatsServer::start().await else { return };
+        let relay = Relay::to(&server.url).await;
+        let stop = CancellationToken::new();
+        let a = natter_bus_through(&relay, &server, &stop).await;
+        let c = natter_bus(&server, Routing::Interest, &stop).await;
+        let b = natter_bus_under(&server, routing, &other, &stop).await;
+        let d = natter_bus_under(&server, routing, &other, &stop).await;
+        let chat = Uuid::now_v7();
+        let (mut on_c, mut on_b) = (c.subscribe(Topic::Chat(chat)), b.subscribe(Topic::Chat(chat)));
+        assert!(in_effect(&mut on_c).await, "c's subscription is in place");
+        // Broadcast: `<prefix>.events.>` is in place from b's start, no hint.
+        if routing == Routing::Interest {
+            assert!(in_effect(&mut on_b).await, "b's subscription is in place");
+        }
+        assert!(until(DELIVERY, || c.peers() == 1 && b.peers() == 1).await, "{routing:?}: c heard a, b heard d");
+
+        // Events: c receives a's; b's first is d's, published once the
+        // server had routed a's (c received it): a's would have come first.
+        a.publish(Topic::Chat(chat), event(chat, 1));
+        assert_eq!(next_seq(&mut on_c).await, Some(1), "c received a's event");
+        d.publish(Topic::Chat(chat), event(chat, 2));
+        assert_eq!(next_seq(&mut on_b).await, Some(2), "{routing:?}: b received another deployment's event");
+
+        // Invalidations: once a's has returned the server has it, and a
+        // look-up syncs (a barrier, then what arrived before it).
+        assert!(until(DELIVERY, || b.invalidator().live() && c.invalidator().live()).await, "caches are live");
+        let cache = |bus: &NatsBus| {
+            TaggedCache::<u8, u8>::new("prefixes", Duration::from_secs(3600), 10, bus.invalidator().clone())
+        };
+        let (on_b_cache, on_c_cache) = (cache(&b), cache(&c));
+        fill(&on_b_cache, 1, chat).await;
+        fill(&on_c_cache, 1, chat).await;
+        a.invalidate(vec![Tag::Chat(chat)]).await;
+        assert!(matches!(on_c_cache.get(&1).await, Lookup::Miss(_)), "c dropped the entry a invalidated");
+        let kept = on_b_cache.get(&1).await;
+        assert!(
+            matches!(kept, Lookup::Hit(1)),
+            "{routing:?}: b dropped its entry for another deployment's invalidation: {kept:?}"
+        );
+        d.invalidate(vec![Tag::Chat(chat)]).await;
+        assert!(matches!(on_b_cache.get(&1).await, Lookup::Miss(_)), "{routing:?}: b dropped the entry d invalidated");
+
+        // Deaths: a's power goes; c's streams re-read the store, b's not.
+        relay.freeze();
+        expect_hint(&mut on_c, chat, PEER_LOST, "c's subscribers, of a's death").await;
+        // A peer b had heard would be lost by b's fifth check after its
+        // last word (`NatsBus::peer_checks`).
+        let checks = b.peer_checks();
+        assert!(until(PEER_LOST, || b.peer_checks() >= checks + 5).await, "b went on checking its peers");
+        assert_eq!(b.peers(), 1, "{routing:?}: b hears d, and never heard a");
+        let after = futures::FutureExt::now_or_never(on_b.recv());
+        assert!(after.is_none(), "{routing:?}: another deployment's death had b's stream re-read the store: {after:?}");
+        stop.cancel();
+    }
 }
 
 /// A publish racing close(): queued behind the Close, it still goes out

@@ -9,8 +9,13 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
 /// natter's user: publishes and subscribes on natter.events.> and
-/// natter.caches.>, nothing else (as in deploy/k8s/dev/nats.conf).
+/// natter.caches.>, nothing else (as in deploy/k8s/dev/nats.conf), and the
+/// same under [`OTHER_PREFIX`].
 pub(crate) const NATTER_USER: &str = "natter";
+/// The subject prefix of a second deployment on the same server, whose
+/// subjects natter's user is granted too (as a staging deployment beside
+/// production with one NATS user would be).
+pub(crate) const OTHER_PREFIX: &str = "staging.natter";
 /// A user of the same server that may read events but publish only on its
 /// own subjects.
 pub(crate) const INTRUDER_USER: &str = "intruder";
@@ -141,8 +146,8 @@ authorization {{
     {{
       user: "{NATTER_USER}", password: "{password}"
       permissions {{
-        publish: {{ allow: ["natter.events.>", "natter.caches.>"] }}
-        subscribe: {{ allow: ["natter.events.>", "natter.caches.>"] }}
+        publish: {{ allow: ["natter.events.>", "natter.caches.>", "{OTHER_PREFIX}.events.>", "{OTHER_PREFIX}.caches.>"] }}
+        subscribe: {{ allow: ["natter.events.>", "natter.caches.>", "{OTHER_PREFIX}.events.>", "{OTHER_PREFIX}.caches.>"] }}
       }}
     }}
     {{

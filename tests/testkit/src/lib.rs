@@ -201,8 +201,12 @@ impl Cluster {
         let addr = le.local_addr().expect("addr");
         let credential = write_credential(dir.path());
         // Cross-service events (joins, removals, revocations) travel over
-        // NATS between the services when it is configured.
+        // NATS between the services when it is configured, under subjects
+        // of this deployment's own (the schemas' prefix, the same after a
+        // restart): the tests running at once on that server hear none of
+        // each other's events, cache invalidations or deaths.
         let nats = nats_url();
+        let subjects = format!("natter.{}", prefix.trim_end_matches('_'));
         let mut common = vec![
             "--listen",
             "127.0.0.1:0",
@@ -216,7 +220,7 @@ impl Cluster {
             &prefix,
         ];
         if let Some(nats) = nats.as_deref() {
-            common.extend(["--nats-url", nats]);
+            common.extend(["--nats-url", nats, "--nats-subject-prefix", &subjects]);
         }
         let argv = |name: &'static str, more: &[&str], own: &[&str]| -> Vec<String> {
             std::iter::once(name)

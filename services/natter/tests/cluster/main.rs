@@ -694,9 +694,21 @@ fn credential_file(dir: &std::path::Path) -> String {
 }
 
 /// The flags that put a process on the PostgreSQL schemas of `prefix` at
-/// `db` and on NATS at `nats`.
+/// `db` and on NATS at `nats`, under the NATS subjects of that deployment
+/// ([`nats_subjects`]).
 fn shared_store(db: &str, prefix: &str, nats: &str) -> Vec<String> {
-    ["--database-url", db, "--database-schema-prefix", prefix, "--nats-url", nats].map(str::to_owned).into()
+    let subjects = nats_subjects(prefix);
+    ["--database-url", db, "--database-schema-prefix", prefix, "--nats-url", nats, "--nats-subject-prefix", &subjects]
+        .map(str::to_owned)
+        .into()
+}
+
+/// The NATS subject prefix of the test deployment on the schemas of
+/// `prefix` (`k0a1b..._` gives `natter.k0a1b...`): the tests running at the
+/// same time on one NATS server hear none of each other's events, cache
+/// invalidations or deaths, as deployments of their own.
+fn nats_subjects(prefix: &str) -> String {
+    format!("natter.{}", prefix.trim_end_matches('_'))
 }
 
 async fn drop_schemas(url: &str, prefix: &str) {

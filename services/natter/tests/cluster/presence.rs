@@ -34,17 +34,9 @@ fn replica(db: &str, prefix: &str, nats: &str, heartbeat: &str) -> Node {
 
 /// As [`replica`], the process with `env` set too.
 fn replica_with_env(db: &str, prefix: &str, nats: &str, heartbeat: &str, env: super::Env) -> Node {
-    let args = [
-        "--database-url",
-        db,
-        "--database-schema-prefix",
-        prefix,
-        "--nats-url",
-        nats,
-        "--presence-heartbeat",
-        heartbeat,
-    ];
-    Node::start_with_env("serve", free_port(), args.map(str::to_owned).into(), env)
+    let mut args = super::shared_store(db, prefix, nats);
+    args.extend(["--presence-heartbeat".to_owned(), heartbeat.to_owned()]);
+    Node::start_with_env("serve", free_port(), args, env)
 }
 
 /// Alice and bob, who share a direct chat: (alice's token, bob's id, bob's

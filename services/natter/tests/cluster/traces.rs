@@ -297,7 +297,13 @@ async fn a_graceful_shutdown_logs_no_warning() {
     };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().display().to_string();
-    let natter = Proc::start(["serve", "--data-dir", &data, "--nats-url", &nats], free_port());
+    // Subjects of its own: another test's process dying on the same NATS
+    // server is none of its business.
+    let subjects = super::nats_subjects(&format!("d{}", uuid::Uuid::new_v4().simple()));
+    let natter = Proc::start(
+        ["serve", "--data-dir", &data, "--nats-url", &nats, "--nats-subject-prefix", &subjects],
+        free_port(),
+    );
     natter.channel().await;
     natter.wait_line(|l| l.contains("nats"));
     assert_eq!(natter.terminate(), Vec::<String>::new(), "no WARN or ERROR line");
@@ -319,6 +325,8 @@ async fn a_graceful_shutdown_logs_no_warning() {
             &prefix,
             "--nats-url",
             &nats,
+            "--nats-subject-prefix",
+            &super::nats_subjects(&prefix),
             "--internal-listen",
             &internal,
             "--service-credential-file",

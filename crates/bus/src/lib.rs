@@ -298,25 +298,12 @@ impl Hub {
 
     /// Tells every local subscriber of every chat, user and session topic
     /// that announcements may have been lost ([`Event::resync_hint`]):
-    /// streams re-read the store, their user's chats and their session.
+    /// streams re-read the store, their user's chats and their session,
+    /// and (a user topic's hint) tell their client that ephemeral news may
+    /// be lost (`ephemeral_lost`).
     pub fn resync(&self) {
-        self.resync_if(|_| true);
-    }
-
-    /// The same as [`Hub::resync`] for chat and session topics only: what
-    /// a stream re-reads without a word to its client when nothing was
-    /// lost (the store from its last seq; its session). A user topic's
-    /// hint also tells the client that ephemeral news may be lost
-    /// (`ephemeral_lost`), which a peer's death, heard by every process
-    /// on the NATS server whatever deployment it serves, must not tell
-    /// every stream.
-    pub fn resync_chats_and_sessions(&self) {
-        self.resync_if(|topic| matches!(topic, Topic::Chat(_) | Topic::Session(_)));
-    }
-
-    fn resync_if(&self, hinted: impl Fn(Topic) -> bool) {
         let topics = self.topics.lock();
-        for (topic, sender) in topics.iter().filter(|(topic, _)| hinted(**topic)) {
+        for (topic, sender) in topics.iter() {
             if let Some(hint) = Event::resync_hint(*topic) {
                 let _ = sender.send(Arc::new(hint));
             }

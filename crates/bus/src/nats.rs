@@ -74,7 +74,7 @@
 //! instead, which drops every entry of the other processes' caches (a
 //! refill costs them at most what one `--cache-ttl` of expiries does); past
 //! `KEPT_TOPICS` topics, it announces that it lost events (the liveness's
-//! `Lost`, below), and every other process hints all its chat and
+//! `Lost`, below), and every other process hints all its chat, user and
 //! session topics.
 //!
 //! What a publisher loses without living to tell: a process that dies
@@ -83,8 +83,10 @@
 //! announces itself on `natter.events.alive` once a second and tracks the
 //! peers it hears (the `alive` module); a peer silent for three of its
 //! intervals, or that says goodbye with events lost, makes every other
-//! process hint all its local topics once (its streams re-read the store),
-//! within about 4 s of the crash. A clean goodbye is forgotten silently.
+//! process of the deployment (its `--nats-subject-prefix`) hint all its
+//! local topics once (its streams re-read the store and tell their clients
+//! that ephemeral news may be lost), within about 4 s of the crash. A
+//! clean goodbye is forgotten silently.
 //!
 //! At shutdown the publisher keeps going until [`EventBus::close`], not the
 //! shutdown token: a stopping process publishes through its drain (up to

@@ -9,20 +9,22 @@
 //! long) or that says goodbye admitting it lost events (its `close()` gave
 //! up with events unconfirmed or queued), or that says it lost more than it
 //! can name ([`Say::Lost`]), makes every other process hint all its local
-//! chat and session topics ([`Hub::resync_chats_and_sessions`]): their
-//! streams re-read the store, which has every committed change (a hint is
-//! no event: exactly once still holds), and re-check their session. A
+//! chat, user and session topics ([`Hub::resync`]): their streams re-read
+//! the store, which has every committed change (a hint is no event:
+//! exactly once still holds), their user's chats (a dead chats replica's
+//! unpublished "added to a chat" reaches the added user's open streams
+//! within seconds, not at their next user event or reconnect) and their
+//! session. A user topic's hint also has the stream tell its client that
+//! ephemeral news may be lost (`ephemeral_lost`), which is true: the dead
+//! peer's typing, presence, renames and read receipts on their way are. A
 //! clean goodbye (everything it published confirmed) is forgotten
 //! silently.
 //!
-//! Left out: user topics. Their hint makes a stream tell its client that
-//! ephemeral news may be lost (`ephemeral_lost`), and every process on the
-//! NATS server hears every peer, of its own deployment or another (a
-//! staging beside production, the tests' many deployments): a death
-//! elsewhere would reach every client. So a dead chats replica's
-//! unpublished "added to a chat" reaches the added user's open streams
-//! only with their next user event or reconnect, as before; their chats'
-//! events are not lost.
+//! Only the processes of one deployment hear each other: the subject is
+//! under the deployment's `--nats-subject-prefix`. Deployments sharing a
+//! NATS server under one prefix (the default) hear each other's deaths,
+//! and each death has every client of all of them told `ephemeral_lost`:
+//! such deployments need prefixes of their own (README).
 //!
 //! The trade-off: one message of about 30 bytes per process per interval,
 //! and no work per topic unless a peer is lost; then one store re-read per
@@ -188,8 +190,8 @@ impl Liveness {
     }
 
     /// Takes in a peer's announcement (from the subscriber task, until the
-    /// shutdown token) and hints the local chat and session topics of
-    /// `hub` if the peer lost events. An undecodable one is passed over: it
+    /// shutdown token) and hints the local topics of `hub` if the peer lost
+    /// events. An undecodable one is passed over: it
     /// comes from no natter of this wire form.
     pub(super) fn heard(&self, hub: &Hub, payload: Bytes) {
         let Ok(wire) = Wire::decode(payload) else { return };
@@ -251,8 +253,8 @@ impl Liveness {
         }
     }
 
-    /// Loses the peers silent too long and, if any, hints the local chat
-    /// and session topics once. Not while this process is cut off (it cannot hear them;
+    /// Loses the peers silent too long and, if any, hints the local
+    /// topics once. Not while this process is cut off (it cannot hear them;
     /// its own reconnect resyncs), and after a reconnect it counts every
     /// peer as just heard.
     fn check(&self, client: &async_nats::Client, hub: &Hub, connection: &mut u64) {
@@ -277,11 +279,10 @@ impl Liveness {
     }
 }
 
-/// One resync pass for peers' lost events (module docs: chats and
-/// sessions only), counted.
+/// One resync pass for peers' lost events (module docs), counted.
 fn resync_after_loss(hub: &Hub) {
     natter_kit::metrics::bus_peer_resynced(1);
-    hub.resync_chats_and_sessions();
+    hub.resync();
 }
 
 #[cfg(test)]

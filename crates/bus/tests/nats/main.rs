@@ -962,16 +962,19 @@ async fn expect_hint(rx: &mut natter_bus::Subscription, chat: Uuid, within: Dura
 }
 
 /// Replica a commits a change of a chat that replica b's stream follows,
-/// and dies before its event leaves: its host loses power, so nothing it
-/// writes from then on reaches the server (the socket still looks open)
-/// and it says no goodbye. b's connection never wavered and a never comes
-/// back to hint anything: b's subscribers of the chat are hinted to
-/// re-read the store once b misses a's announcements, where without it
-/// they would hear of the change only at the chat's next event. In either
-/// routing of b (broadcast hears the announcements on `natter.events.>`).
-/// b's user topics are not hinted: every process on the server hears a
-/// death, of its deployment or another, and a user topic's hint makes a
-/// stream send its client `ephemeral_lost`.
+/// and adds b's user to another chat, and dies before its events leave:
+/// its host loses power, so nothing it writes from then on reaches the
+/// server (the socket still looks open) and it says no goodbye. b's
+/// connection never wavered and a never comes back to hint anything: b's
+/// subscribers of the chat and of the user are hinted to re-read the store
+/// (the chat from its last seq, the user's list of chats) once b misses
+/// a's announcements, where without it they would hear of the change only
+/// at the chat's next event, and of the new chat only at the user's next
+/// event or reconnect. In either routing of b (broadcast hears the
+/// announcements on `natter.events.>`). The user topic's hint has b's
+/// stream tell its client that ephemeral news may be lost, which it may
+/// (a's typing, renames, receipts on their way): only a process of b's
+/// own deployment (its subject prefix) can make it.
 #[tokio::test]
 async fn what_a_replica_that_died_never_published_is_hinted_by_the_others() {
     for routing in [Routing::Interest, Routing::Broadcast] {
@@ -980,9 +983,9 @@ async fn what_a_replica_that_died_never_published_is_hinted_by_the_others() {
         let stop = CancellationToken::new();
         let a = natter_bus_through(&relay, &server, &stop).await;
         let b = natter_bus(&server, routing, &stop).await;
-        // b's stream also follows its user's topic, whose hint would tell
-        // its client that ephemeral news was lost.
-        let mut user_on_b = b.subscribe(Topic::User(Uuid::now_v7()));
+        // b's stream also follows its user's topic.
+        let user = Uuid::now_v7();
+        let mut user_on_b = b.subscribe(Topic::User(user));
         if routing == Routing::Interest {
             assert!(in_effect(&mut user_on_b).await, "b's user subscription is in place");
         }
@@ -990,15 +993,18 @@ async fn what_a_replica_that_died_never_published_is_hinted_by_the_others() {
 
         relay.freeze();
         a.publish(Topic::Chat(chat), event(chat, 1));
-        let subject = format!("natter.events.chat.{chat}");
-        assert!(relay.swallowed(&subject, DELIVERY).await, "a's event was lost on the way");
+        let added = Uuid::now_v7();
+        a.publish(Topic::User(user), event(added, 1));
+        for subject in [format!("natter.events.chat.{chat}"), format!("natter.events.user.{user}")] {
+            assert!(relay.swallowed(&subject, DELIVERY).await, "a's event on {subject} was lost on the way");
+        }
         expect_hint(&mut on_b, chat, PEER_LOST, &format!("{routing:?}: b's subscribers, of a's last change")).await;
         assert_eq!(b.peers(), 0, "{routing:?}: b counts a as gone");
-        // Hinted in the same pass as the chat, had it been.
+        // Hinted in the same pass as the chat.
         let user_hint = futures::FutureExt::now_or_never(user_on_b.recv());
         assert!(
-            user_hint.is_none(),
-            "{routing:?}: a peer's death told b's stream of ephemeral news lost: {user_hint:?}"
+            matches!(&user_hint, Some(Some(Ok(e))) if e.is_hint()),
+            "{routing:?}: b's user stream was not told to re-read the user's chats: {user_hint:?}"
         );
         stop.cancel();
     }

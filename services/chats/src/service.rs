@@ -700,8 +700,12 @@ impl Chats {
     /// A direct chat has no owner (FAILED_PRECONDITION): deleting it would
     /// take the other member's history too; it can be archived. A direct
     /// chat with a bot (an assistant chat) or with a deleted user its person
-    /// may delete: nobody else's history goes with it.
+    /// may delete: nobody else's history goes with it. The caller's role is
+    /// checked again in the delete's write: one who handed the group over,
+    /// or was demoted or removed, since the check deletes nothing
+    /// (PERMISSION_DENIED).
     pub async fn delete_chat(&self, caller: UserId, chat_id: ChatId) -> Result<(), ChatsError> {
+        const OWNER_ONLY: &str = "only the owner may delete a chat";
         self.change_rate.check(&caller)?;
         let (chat, role) = self.member(caller, chat_id).await?;
         if chat.kind == Kind::Direct {
@@ -709,14 +713,23 @@ impl Chats {
                 return Err(ChatsError::Precondition("a direct chat has no owner to delete it: archive it instead"));
             }
         } else if role != Role::Owner {
-            return Err(ChatsError::Denied("only the owner may delete a chat"));
+            return Err(ChatsError::Denied(OWNER_ONLY));
         }
-        self.remove_chat(chat.id).await
+        match self.remove_chat(chat.id, Some(caller)).await? {
+            Checked::Done(()) => Ok(()),
+            Checked::Actor(None) => Err(ChatsError::Denied("not a member of this chat")),
+            _ => Err(ChatsError::Denied(OWNER_ONLY)),
+        }
     }
 
-    /// Deletes chat `chat`, its memberships, then its messages.
-    async fn remove_chat(&self, chat: ChatId) -> Result<(), ChatsError> {
-        let members = self.store.delete_chat(chat, now_micros()).await?;
+    /// Deletes chat `chat`, its memberships, then its messages; with `by`,
+    /// only if that user may still ([`ChatStore::delete_chat`]), else
+    /// nothing is written and the refusal is answered.
+    async fn remove_chat(&self, chat: ChatId, by: Option<UserId>) -> Result<Checked<()>, ChatsError> {
+        let members = match self.store.delete_chat(chat, now_micros(), by).await? {
+            Checked::Done(members) => members,
+            refused => return Ok(refused.map(drop)),
+        };
         self.evict(chat).await;
         tracing::debug!(chat_id = %chat, members = members.len(), "chat's members removed");
         // The chat is gone, so its messages are unreachable already (its id
@@ -724,7 +737,7 @@ impl Chats {
         // retried by the relay.
         self.purge(chat).await;
         tracing::info!(chat_id = %chat, "chat deleted");
-        Ok(())
+        Ok(Checked::Done(()))
     }
 
     /// Takes the users the sessions service deleted (guests long gone,
@@ -844,7 +857,7 @@ impl Chats {
             let Some(ChatAccess { chat, role: Some(role) }) = self.store.access(chat_id, user).await? else { continue };
             if chat.kind == Kind::Direct {
                 if self.nobody_else_keeps(chat.id, user).await? {
-                    self.remove_chat(chat.id).await?;
+                    self.remove_chat(chat.id, None).await?;
                 }
                 continue;
             }
@@ -855,7 +868,7 @@ impl Chats {
             let people = self.people_among(others.iter().map(|m| m.user_id)).await?;
             let heirs: Vec<&Member> = others.into_iter().filter(|m| people.contains(&m.user_id)).collect();
             let Some(&first) = heirs.first() else {
-                self.remove_chat(chat.id).await?;
+                self.remove_chat(chat.id, None).await?;
                 continue;
             };
             let now = now_micros();

@@ -249,6 +249,16 @@ pub(crate) fn may_change(kind: Kind, role: Option<Role>) -> bool {
     }
 }
 
+/// Whether a member of role `role` (None: no member) may delete a chat of
+/// `kind`: the owner of a group, either member of a direct chat (the
+/// service checks that nobody else keeps it).
+pub(crate) fn may_delete(kind: Kind, role: Option<Role>) -> bool {
+    match kind {
+        Kind::Direct => role.is_some(),
+        _ => role == Some(Role::Owner),
+    }
+}
+
 #[cfg(test)]
 impl<T: std::fmt::Debug> Checked<T> {
     /// What was written; panics if it was not.
@@ -387,6 +397,19 @@ pub(crate) fn updated_by(chat: &Chat, update: &ChatUpdate) -> mpb::ChatChange {
         ("assistant_replies", update.assistant_replies.is_some()),
     ];
     chat_updated(chat, named.into_iter().filter(|(_, set)| *set).map(|(path, _)| path).collect())
+}
+
+/// The part of `update` that changes `chat`: the fields it sets to a value
+/// other than the chat's, the rest None (all None: an update that changes
+/// nothing, such as a retry whose answer was lost). The same rule on both
+/// engines, applied under the chat's lock.
+pub(crate) fn changes_to(chat: &Chat, update: &ChatUpdate) -> ChatUpdate {
+    ChatUpdate {
+        title: update.title.clone().filter(|title| *title != chat.title),
+        description: update.description.clone().filter(|description| *description != chat.description),
+        visibility: update.visibility.filter(|visibility| *visibility != chat.visibility),
+        assistant_replies: update.assistant_replies.filter(|replies| *replies != chat.assistant_replies),
+    }
 }
 
 /// The outbox rows of `changes` committed at `now` (µs; none for none):
@@ -584,8 +607,13 @@ pub trait ChatStore: Send + Sync + 'static {
     async fn flush_activity(&self) -> Result<(), StoreError>;
 
     /// Applies `update` and sets the update time to `now`, with the chat's
-    /// details after it (masked to the fields `update` sets) in the outbox;
-    /// returns the chat, None if there is no such chat. With `by`, checks
+    /// details after it (masked to the fields `update` changes) in the
+    /// outbox; returns the chat, None if there is no such chat. Fields set
+    /// to the value they have change nothing: an update that changes no
+    /// field (a retry whose answer was lost) writes no update time and no
+    /// outbox entry, and answers the chat as it is (a title named, though,
+    /// is the person's from then on, as [`ChatStore::untitle_chat`] says).
+    /// With `by`, checks
     /// first, in the same transaction under the chat's lock, that this user
     /// may (`may_change`); if not, nothing is written
     /// ([`Checked::Actor`], with their role now).
@@ -636,8 +664,13 @@ pub trait ChatStore: Send + Sync + 'static {
     /// Deletes a chat and its memberships, with every member's removal in
     /// the outbox, and marks its id deleted at `now` (µs), its messages
     /// still to purge; returns who were its members (empty if there was no
-    /// such chat).
-    async fn delete_chat(&self, id: ChatId, now: i64) -> Result<Vec<UserId>, StoreError>;
+    /// such chat). With `by`, checks first, in the same transaction under
+    /// the chat's lock, that this user may delete it ([`may_delete`]: the
+    /// group's owner, a member of a direct chat), since the service's
+    /// check may be stale by then (a hand-over, a demotion, a removal
+    /// committed in between); if not, nothing is written
+    /// ([`Checked::Actor`], with their role now).
+    async fn delete_chat(&self, id: ChatId, now: i64, by: Option<UserId>) -> Result<Checked<Vec<UserId>>, StoreError>;
 
     /// Up to `limit` deleted chats whose messages are still to purge,
     /// deleted longest ago first.

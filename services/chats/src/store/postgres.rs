@@ -14,8 +14,8 @@ use natter_proto::messages::v1 as mpb;
 
 use super::{
     Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError,
-    chat_columns, chat_updated, check_roles, departed, direct_key, joined, may_change, membership, order_column,
-    outbox_rows, parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
+    changes_to, chat_columns, chat_updated, check_roles, departed, direct_key, joined, may_change, may_delete,
+    membership, order_column, outbox_rows, parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -147,16 +147,18 @@ async fn role_in(tx: &mut sqlx::PgConnection, chat: &str, user: UserId) -> Resul
     role.map(|r| parse_enum("members.role", &r, Role::parse)).transpose()
 }
 
-/// What a change of chat `id` by `by` ([`ChatStore::update_chat`]) answers
-/// instead of being written, read in its transaction `tx` under the chat's
-/// row lock (taken here; role changes take it first too): None if it may
-/// go on (no `by`, or one who may: [`may_change`]), Some(None) if there is
-/// no such chat, Some(Some(Actor)) if `by` may not.
-async fn refused_change(
+/// What a change of chat `id` by `by` ([`ChatStore::update_chat`],
+/// [`ChatStore::delete_chat`]) answers instead of being written, read in
+/// its transaction `tx` under the chat's row lock (taken here; role changes
+/// take it first too): None if it may go on (no `by`, or one who may:
+/// `may`, [`may_change`] or [`may_delete`]), Some(None) if there is no such
+/// chat, Some(Some(Actor)) if `by` may not.
+async fn refused_change<T>(
     tx: &mut sqlx::PgConnection,
     id: ChatId,
     by: Option<UserId>,
-) -> Result<Option<Option<Checked<Chat>>>, StoreError> {
+    may: fn(Kind, Option<Role>) -> bool,
+) -> Result<Option<Option<Checked<T>>>, StoreError> {
     let Some(by) = by else { return Ok(None) };
     let key = id.to_string();
     let kind: Option<String> = sqlx::query_scalar("SELECT kind FROM chats WHERE id = $1 FOR UPDATE")
@@ -166,7 +168,7 @@ async fn refused_change(
     let Some(kind) = kind else { return Ok(Some(None)) };
     let kind = parse_enum("chats.kind", &kind, Kind::parse)?;
     let role = role_in(tx, &key, by).await?;
-    Ok((!may_change(kind, role)).then_some(Some(Checked::Actor(role))))
+    Ok((!may(kind, role)).then_some(Some(Checked::Actor(role))))
 }
 
 /// Appends the outbox entries of `changes` (none for none) to `chat`'s, in
@@ -648,33 +650,51 @@ impl ChatStore for PostgresChatStore {
         now: i64,
         by: Option<UserId>,
     ) -> Result<Option<Checked<Chat>>, StoreError> {
-        // One UPDATE of the fields given that returns the row.
-        let mut q = QueryBuilder::<Postgres>::new("UPDATE chats c SET update_time = ");
-        q.push_bind(now);
-        if let Some(title) = &update.title {
-            // A title someone set is theirs: no prompt's deletion takes it
-            // back.
-            q.push(", title = ").push_bind(title.clone()).push(", title_key = ").push_bind(title_key(title));
-            q.push(", title_source_message_id = NULL");
-        }
-        if let Some(description) = &update.description {
-            q.push(", description = ").push_bind(description.clone());
-        }
-        if let Some(visibility) = update.visibility {
-            q.push(", visibility = ").push_bind(visibility.as_str());
-        }
-        if let Some(replies) = update.assistant_replies {
-            q.push(", assistant_replies = ").push_bind(replies.as_str());
-        }
-        q.push(" WHERE c.id = ").push_bind(id.to_string()).push(concat!(" RETURNING ", chat_columns!()));
         let mut tx = self.pool.begin().await?;
-        if let Some(refused) = refused_change(&mut tx, id, by).await? {
+        if let Some(refused) = refused_change(&mut tx, id, by, may_change).await? {
             tx.rollback().await?;
             return Ok(refused);
         }
+        // The chat under its row lock (taken here, or above already): the
+        // fields compared stay as read until the commit.
+        let row = sqlx::query(concat!("SELECT ", chat_columns!(), " FROM chats c WHERE c.id = $1 FOR UPDATE"))
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let before = chat_row(&row)?;
+        if update.title.is_some() {
+            // A title someone set is theirs, though it is the one it has:
+            // no prompt's deletion takes it back.
+            sqlx::query("UPDATE chats SET title_source_message_id = NULL WHERE id = $1")
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let change = changes_to(&before, update);
+        if change == ChatUpdate::default() {
+            tx.commit().await?;
+            return Ok(Some(Checked::Done(before)));
+        }
+        // One UPDATE of the fields that change, returning the row.
+        let mut q = QueryBuilder::<Postgres>::new("UPDATE chats c SET update_time = ");
+        q.push_bind(now);
+        if let Some(title) = &change.title {
+            q.push(", title = ").push_bind(title.clone()).push(", title_key = ").push_bind(title_key(title));
+        }
+        if let Some(description) = &change.description {
+            q.push(", description = ").push_bind(description.clone());
+        }
+        if let Some(visibility) = change.visibility {
+            q.push(", visibility = ").push_bind(visibility.as_str());
+        }
+        if let Some(replies) = change.assistant_replies {
+            q.push(", assistant_replies = ").push_bind(replies.as_str());
+        }
+        q.push(" WHERE c.id = ").push_bind(id.to_string()).push(concat!(" RETURNING ", chat_columns!()));
         let Some(row) = q.build().fetch_optional(&mut *tx).await? else { return Ok(None) };
         let chat = chat_row(&row)?;
-        push_outbox(&mut tx, &id.to_string(), &[updated_by(&chat, update)], now).await?;
+        push_outbox(&mut tx, &id.to_string(), &[updated_by(&chat, &change)], now).await?;
         tx.commit().await?;
         Ok(Some(Checked::Done(chat)))
     }
@@ -742,7 +762,7 @@ impl ChatStore for PostgresChatStore {
         by: Option<UserId>,
     ) -> Result<Option<Checked<Chat>>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        if let Some(refused) = refused_change(&mut tx, id, by).await? {
+        if let Some(refused) = refused_change(&mut tx, id, by, may_change).await? {
             tx.rollback().await?;
             return Ok(refused);
         }
@@ -767,8 +787,18 @@ impl ChatStore for PostgresChatStore {
         Ok(Some(Checked::Done(chat)))
     }
 
-    async fn delete_chat(&self, id: ChatId, now: i64) -> Result<Vec<UserId>, StoreError> {
+    async fn delete_chat(&self, id: ChatId, now: i64, by: Option<UserId>) -> Result<Checked<Vec<UserId>>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // The caller's role under the chat's row lock (taken here), which a
+        // hand-over, a demotion or a removal takes first too.
+        match refused_change(&mut tx, id, by, may_delete).await? {
+            None => {}
+            Some(None) => return Ok(Checked::Done(Vec::new())), // gone already
+            Some(Some(refused)) => {
+                tx.rollback().await?;
+                return Ok(refused);
+            }
+        }
         // The chat's row lock first, as every membership change takes it: an
         // add under way commits before the members are read, so its joiner
         // is among those removed (and told so).
@@ -789,7 +819,7 @@ impl ChatStore for PostgresChatStore {
         let removals: Vec<_> = members.iter().map(|user| membership(*user, mpb::MembershipChange::Removed)).collect();
         push_outbox(&mut tx, &id.to_string(), &removals, now_micros()).await?;
         tx.commit().await?;
-        Ok(members)
+        Ok(Checked::Done(members))
     }
 
     async fn chats_to_purge(&self, limit: u32) -> Result<Vec<ChatId>, StoreError> {

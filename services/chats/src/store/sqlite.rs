@@ -22,8 +22,8 @@ use natter_proto::messages::v1 as mpb;
 
 use super::{
     Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError,
-    chat_columns, chat_updated, check_roles, departed, direct_key, joined, may_change, membership, order_column,
-    outbox_rows, parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
+    changes_to, chat_columns, chat_updated, check_roles, departed, direct_key, joined, may_change, may_delete,
+    membership, order_column, outbox_rows, parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -178,11 +178,17 @@ fn role_in(tx: &Connection, chat: &str, user: UserId) -> rusqlite::Result<Option
         .optional()
 }
 
-/// What a change of chat `id` by `by` ([`ChatStore::update_chat`]) answers
-/// instead of being written, read in its transaction `tx`: None if it may
-/// go on (no `by`, or one who may: [`may_change`]), Some(None) if there is
-/// no such chat, Some(Some(Actor)) if `by` may not.
-fn refused_change(tx: &Connection, id: ChatId, by: Option<UserId>) -> rusqlite::Result<Option<Option<Checked<Chat>>>> {
+/// What a change of chat `id` by `by` ([`ChatStore::update_chat`],
+/// [`ChatStore::delete_chat`]) answers instead of being written, read in
+/// its transaction `tx`: None if it may go on (no `by`, or one who may:
+/// `may`, [`may_change`] or [`may_delete`]), Some(None) if there is no such
+/// chat, Some(Some(Actor)) if `by` may not.
+fn refused_change<T>(
+    tx: &Connection,
+    id: ChatId,
+    by: Option<UserId>,
+    may: fn(Kind, Option<Role>) -> bool,
+) -> rusqlite::Result<Option<Option<Checked<T>>>> {
     let Some(by) = by else { return Ok(None) };
     let key = id.to_string();
     let kind = tx
@@ -191,7 +197,7 @@ fn refused_change(tx: &Connection, id: ChatId, by: Option<UserId>) -> rusqlite::
         .optional()?;
     let Some(kind) = kind else { return Ok(Some(None)) };
     let role = role_in(tx, &key, by)?;
-    Ok((!may_change(kind, role)).then_some(Some(Checked::Actor(role))))
+    Ok((!may(kind, role)).then_some(Some(Checked::Actor(role))))
 }
 
 /// Sets a chat's update time as the first write of a membership change.
@@ -692,45 +698,51 @@ impl ChatStore for SqliteChatStore {
         now: i64,
         by: Option<UserId>,
     ) -> Result<Option<Checked<Chat>>, StoreError> {
-        // One UPDATE of the fields given, and the read back, in one trip to
-        // the writer.
-        let mut sql = String::from("UPDATE chats SET update_time = ?1");
-        let mut values: Vec<Value> = vec![Value::Integer(now)];
-        if let Some(title) = &update.title {
-            values.extend([Value::Text(title.clone()), Value::Text(title_key(title))]);
-            // A title someone set is theirs: no prompt's deletion takes
-            // it back.
-            sql.push_str(&format!(
-                ", title = ?{}, title_key = ?{}, title_source_message_id = NULL",
-                values.len() - 1,
-                values.len()
-            ));
-        }
-        if let Some(description) = &update.description {
-            values.push(Value::Text(description.clone()));
-            sql.push_str(&format!(", description = ?{}", values.len()));
-        }
-        if let Some(visibility) = update.visibility {
-            values.push(Value::Text(visibility.as_str().into()));
-            sql.push_str(&format!(", visibility = ?{}", values.len()));
-        }
-        if let Some(replies) = update.assistant_replies {
-            values.push(Value::Text(replies.as_str().into()));
-            sql.push_str(&format!(", assistant_replies = ?{}", values.len()));
-        }
-        values.push(Value::Text(id.to_string()));
-        sql.push_str(&format!(" WHERE id = ?{}", values.len()));
         let update = update.clone();
         let chat = self.db.write(move |conn| {
-            // The one writer: the role read here holds until the commit.
+            // The one writer: the role and the chat read here hold until the
+            // commit.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if let Some(refused) = refused_change(&tx, id, by)? {
+            if let Some(refused) = refused_change(&tx, id, by, may_change)? {
                 return Ok(refused); // the guard rolls back
             }
+            let Some(before) = select_chat(&tx, id)? else { return Ok(None) };
+            let key = id.to_string();
+            if update.title.is_some() {
+                // A title someone set is theirs, though it is the one it
+                // has: no prompt's deletion takes it back.
+                tx.prepare_cached("UPDATE chats SET title_source_message_id = NULL WHERE id = ?1")?.execute([&key])?;
+            }
+            let change = changes_to(&before, &update);
+            if change == ChatUpdate::default() {
+                tx.commit()?;
+                return Ok(Some(Checked::Done(before)));
+            }
+            // One UPDATE of the fields that change.
+            let mut sql = String::from("UPDATE chats SET update_time = ?1");
+            let mut values: Vec<Value> = vec![Value::Integer(now)];
+            if let Some(title) = &change.title {
+                values.extend([Value::Text(title.clone()), Value::Text(title_key(title))]);
+                sql.push_str(&format!(", title = ?{}, title_key = ?{}", values.len() - 1, values.len()));
+            }
+            if let Some(description) = &change.description {
+                values.push(Value::Text(description.clone()));
+                sql.push_str(&format!(", description = ?{}", values.len()));
+            }
+            if let Some(visibility) = change.visibility {
+                values.push(Value::Text(visibility.as_str().into()));
+                sql.push_str(&format!(", visibility = ?{}", values.len()));
+            }
+            if let Some(replies) = change.assistant_replies {
+                values.push(Value::Text(replies.as_str().into()));
+                sql.push_str(&format!(", assistant_replies = ?{}", values.len()));
+            }
+            values.push(Value::Text(key.clone()));
+            sql.push_str(&format!(" WHERE id = ?{}", values.len()));
             tx.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(&values))?;
             let chat = select_chat(&tx, id)?;
             if let Some(chat) = &chat {
-                push_outbox(&tx, &id.to_string(), &[updated_by(chat, &update)], now)?;
+                push_outbox(&tx, &key, &[updated_by(chat, &change)], now)?;
             }
             tx.commit()?;
             Ok(chat.map(Checked::Done))
@@ -797,7 +809,7 @@ impl ChatStore for SqliteChatStore {
     ) -> Result<Option<Checked<Chat>>, StoreError> {
         let chat = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if let Some(refused) = refused_change(&tx, id, by)? {
+            if let Some(refused) = refused_change(&tx, id, by, may_change)? {
                 return Ok(refused); // the guard rolls back
             }
             let changed = tx
@@ -816,9 +828,15 @@ impl ChatStore for SqliteChatStore {
         Ok(chat.await.map_err(unwrap)?.map(|checked| checked.map(|chat| self.activity.overlay(chat))))
     }
 
-    async fn delete_chat(&self, id: ChatId, now: i64) -> Result<Vec<UserId>, StoreError> {
+    async fn delete_chat(&self, id: ChatId, now: i64, by: Option<UserId>) -> Result<Checked<Vec<UserId>>, StoreError> {
         let members = self.db.write(move |conn| {
+            // The one writer: the role read here holds until the commit.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            match refused_change(&tx, id, by, may_delete)? {
+                None => {}
+                Some(None) => return Ok(Checked::Done(Vec::new())), // gone already
+                Some(Some(refused)) => return Ok(refused),          // the guard rolls back
+            }
             let key = id.to_string();
             let members = {
                 let mut delete = tx.prepare_cached("DELETE FROM members WHERE chat_id = ?1 RETURNING user_id")?;
@@ -832,10 +850,12 @@ impl ChatStore for SqliteChatStore {
                 members.iter().map(|user| membership(*user, mpb::MembershipChange::Removed)).collect();
             push_outbox(&tx, &key, &removals, now_micros())?;
             tx.commit()?;
-            Ok(members)
+            Ok(Checked::Done(members))
         });
         let members = members.await.map_err(unwrap)?;
-        self.activity.forget(id);
+        if let Checked::Done(_) = members {
+            self.activity.forget(id);
+        }
         Ok(members)
     }
 

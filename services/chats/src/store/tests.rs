@@ -111,6 +111,8 @@ chat_store_suite!(
     updates_archive_and_unarchive,
     a_change_by_one_who_may_no_longer_change_the_chat_writes_nothing,
     deleting_a_chat_removes_it_and_its_members,
+    a_delete_by_one_no_longer_the_owner_writes_nothing,
+    an_update_that_changes_nothing_writes_nothing,
     members_page_in_join_order,
     every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none,
     an_untitled_chat_takes_a_title_once,
@@ -423,9 +425,9 @@ async fn a_chat_deleted_beside_an_add_removes_the_joiner_too(store: &dyn ChatSto
         let joining = [member(&group, joiner, 2)];
         let (added, removed) = tokio::join!(
             store.add_members(group.id, Adder::Unchecked, &joining, &limits, 2),
-            store.delete_chat(group.id, 3)
+            store.delete_chat(group.id, 3, Some(owner))
         );
-        let removed = removed.unwrap();
+        let removed = done(removed.unwrap());
         match added.unwrap() {
             Added::Added(added) => {
                 assert_eq!(added, joining);
@@ -439,7 +441,7 @@ async fn a_chat_deleted_beside_an_add_removes_the_joiner_too(store: &dyn ChatSto
     // After the deletion: the chat is gone, not a database error.
     let (owner, joiner) = (UserId::new_v7(), UserId::new_v7());
     let group = create(store, chat(owner, 1), &[]).await;
-    store.delete_chat(group.id, 2).await.unwrap();
+    done(store.delete_chat(group.id, 2, None).await.unwrap());
     let late = store.add_members(group.id, Adder::Unchecked, &[member(&group, joiner, 3)], &limits, 3).await;
     assert_eq!(late.unwrap(), Added::ChatGone);
 }
@@ -1121,13 +1123,14 @@ async fn deleting_a_chat_removes_it_and_its_members(store: &dyn ChatStore) {
     let group = create(store, chat(alice, 1), &[bob]).await;
     let kept = create(store, chat(alice, 2), &[bob]).await;
     store.record_activity(&[Activity { chat_id: group.id, last_seq: 3, time: 4 }]).await.unwrap();
-    let members: HashSet<UserId> = store.delete_chat(group.id, 10).await.unwrap().into_iter().collect();
+    let members: HashSet<UserId> =
+        done(store.delete_chat(group.id, 10, Some(alice)).await.unwrap()).into_iter().collect();
     assert_eq!(members, HashSet::from([alice, bob]));
     assert_eq!(store.chat(group.id).await.unwrap(), None);
     assert_eq!(store.access(group.id, alice).await.unwrap(), None);
     assert_eq!(store.member_chat_ids(bob, false).await.unwrap(), [kept.id]);
     assert_eq!(listed(store, alice, &ChatFilter::default()).await, [kept.id]);
-    assert_eq!(store.delete_chat(group.id, 11).await.unwrap(), [], "gone already");
+    assert_eq!(store.delete_chat(group.id, 11, Some(alice)).await.unwrap(), Checked::Done(vec![]), "gone already");
     store.flush_activity().await.unwrap();
     assert_eq!(store.chat(group.id).await.unwrap(), None, "its activity does not bring it back");
     // Its id is never given to another chat, whoever asks.
@@ -1141,6 +1144,49 @@ async fn deleting_a_chat_removes_it_and_its_members(store: &dyn ChatStore) {
     store.chat_purged(kept.id, 12).await.unwrap();
     store.chat_purged(group.id, 12).await.unwrap();
     assert!(store.chats_to_purge(10).await.unwrap().is_empty());
+}
+
+/// DeleteChat is checked again under the chat's lock: the owner read as
+/// such by the service, who handed the group over (or was demoted, or
+/// removed) before the delete's write, deletes nothing; a direct chat's
+/// member may, a stranger may not.
+async fn a_delete_by_one_no_longer_the_owner_writes_nothing(store: &dyn ChatStore) {
+    let [alice, bob, carol, peer] = [(); 4].map(|_| UserId::new_v7());
+    let group = create(store, chat(alice, 1), &[bob, carol]).await;
+    let mut seen = 0;
+    // The service's check: alice owns the group.
+    assert_eq!(store.role(group.id, alice).await.unwrap(), Some(Role::Owner));
+    // A hand-over commits between the check and the delete's write.
+    done(store.set_role(group.id, alice, bob, Role::Owner, 2).await.unwrap());
+    outbox_after(store, group.id, &mut seen).await;
+    let refused = store.delete_chat(group.id, 3, Some(alice)).await.unwrap();
+    assert_eq!(refused, Checked::Actor(Some(Role::Admin)), "the former owner, an admin now");
+    assert_eq!(store.delete_chat(group.id, 3, Some(carol)).await.unwrap(), Checked::Actor(Some(Role::Member)));
+    assert_eq!(store.delete_chat(group.id, 3, Some(UserId::new_v7())).await.unwrap(), Checked::Actor(None));
+    let kept = store.chat(group.id).await.unwrap().expect("the former owner deleted bob's group");
+    assert_eq!((kept.member_count, kept.update_time), (3, 2), "a refusal writes nothing");
+    assert_eq!(outbox_after(store, group.id, &mut seen).await, Vec::<String>::new());
+    assert!(store.chats_to_purge(10).await.unwrap().is_empty());
+    let members: HashSet<UserId> = done(store.delete_chat(group.id, 4, Some(bob)).await.unwrap()).into_iter().collect();
+    assert_eq!(members, HashSet::from([alice, bob, carol]), "its owner deletes it");
+    let direct = create(store, Chat { kind: Kind::Direct, title: String::new(), ..chat(alice, 5) }, &[peer]).await;
+    assert_eq!(done(store.delete_chat(direct.id, 6, Some(peer)).await.unwrap()).len(), 2, "either member");
+}
+
+/// An UpdateChat that sets every field it names to the value it has (a
+/// retry whose answer was lost) changes nothing: no new update time, no
+/// outbox entry; one that changes some fields names only those.
+async fn an_update_that_changes_nothing_writes_nothing(store: &dyn ChatStore) {
+    let alice = UserId::new_v7();
+    let group = create(store, chat(alice, 1), &[]).await;
+    let mut seen = 0;
+    outbox_after(store, group.id, &mut seen).await;
+    let update = ChatUpdate { title: Some("Renamed".into()), description: Some("d".into()), ..Default::default() };
+    store.update_chat(group.id, &update, 2, Some(alice)).await.unwrap().unwrap().done();
+    assert_eq!(outbox_after(store, group.id, &mut seen).await, ["updated title,description Renamed archived=false"]);
+    let again = store.update_chat(group.id, &update, 3, Some(alice)).await.unwrap().unwrap().done();
+    assert_eq!(outbox_after(store, group.id, &mut seen).await, Vec::<String>::new(), "a retry logs no second change");
+    assert_eq!((again.title.as_str(), again.update_time), ("Renamed", 2), "a retry is answered as the chat is");
 }
 
 async fn members_page_in_join_order(store: &dyn ChatStore) {
@@ -1271,7 +1317,7 @@ async fn every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none
 
     // Deleting removes every member; the entry outlives the chat's row.
     let other = create(store, chat(carol, 10), &[]).await;
-    let members: HashSet<UserId> = store.delete_chat(id, 11).await.unwrap().into_iter().collect();
+    let members: HashSet<UserId> = done(store.delete_chat(id, 11, None).await.unwrap()).into_iter().collect();
     assert_eq!(members, HashSet::from([alice, carol]));
     let removed: HashSet<String> = outbox_after(store, id, &mut seen).await.into_iter().collect();
     assert_eq!(removed, HashSet::from([format!("removed {alice}"), format!("removed {carol}")]));

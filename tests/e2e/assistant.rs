@@ -90,6 +90,7 @@ crate::with_scripted_server!(
     a_reload_is_answered_from_the_messages_before_its_prompt ["--assistant-context-messages", "5"],
     the_conversation_sent_opens_with_a_person_s_turn ["--assistant-context-messages", "2"],
     the_conversation_sent_alternates_user_and_assistant_turns [],
+    the_assistant_is_never_made_owner_or_admin [],
 );
 crate::each_mode!(a_prompt_the_classifier_flags_never_reaches_the_model_however_late_its_verdict);
 mod off {
@@ -1585,4 +1586,41 @@ async fn the_conversation_sent_alternates_user_and_assistant_turns(c: &Cluster, 
         .map(|m| m["name"].as_str().map(str::to_owned))
         .collect();
     assert_eq!(names, [None, None, None, Some(name(&bob))]);
+}
+
+/// A bot (the assistant) is a plain member: it cannot administer a chat, so
+/// the owner can neither hand the group to it nor make it an admin
+/// (FAILED_PRECONDITION naming user_id, nothing changed); a person can be.
+async fn the_assistant_is_never_made_owner_or_admin(c: &Cluster, _: &ScriptedServer) {
+    use natter_proto::chats::v1 as cpb;
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let (bot, team) = team_with_the_assistant(c, &alice, &bob).await;
+    let role_of = |user: &str, role: cpb::MemberRole| cpb::UpdateMemberRequest {
+        chat_id: team.id.clone(),
+        user_id: user.to_owned(),
+        role: role as i32,
+    };
+    for role in [cpb::MemberRole::Owner, cpb::MemberRole::Admin] {
+        let refused =
+            c.chats().update_member(authed(&alice, role_of(&bot, role))).await.expect_err("a bot administers");
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{role:?}: {refused:?}");
+        assert!(refused.message().starts_with("user_id: "), "{role:?}: {}", refused.message());
+    }
+    let list = cpb::ListMembersRequest { chat_id: team.id.clone(), ..Default::default() };
+    let members = c.chats().list_members(authed(&alice, list)).await.unwrap().into_inner().members;
+    let mut roles: Vec<(&str, i32)> = members.iter().map(|m| (m.user_id.as_str(), m.role)).collect();
+    roles.sort();
+    let mut expected = [
+        (alice.id.as_str(), cpb::MemberRole::Owner as i32),
+        (bob.id.as_str(), cpb::MemberRole::Member as i32),
+        (bot.as_str(), cpb::MemberRole::Member as i32),
+    ];
+    expected.sort();
+    assert_eq!(roles, expected, "nothing changed");
+    let get = cpb::GetChatRequest { chat_id: team.id.clone(), ..Default::default() };
+    assert_eq!(c.chats().get_chat(authed(&alice, get)).await.unwrap().into_inner().chat.unwrap().owner_id, alice.id);
+    c.chats()
+        .update_member(authed(&alice, role_of(&bob.id, cpb::MemberRole::Owner)))
+        .await
+        .expect("a person may own it");
 }

@@ -1300,7 +1300,8 @@ impl Chats {
     /// UpdateMember (owner only): sets a role; OWNER hands ownership over and
     /// makes the previous owner an admin. The store checks again in its
     /// write that the caller is still the owner and the member still one
-    /// ([`ChatStore::set_role`]).
+    /// ([`ChatStore::set_role`]). A bot is never made owner or admin
+    /// (FAILED_PRECONDITION naming `user_id`, nothing written).
     pub async fn update_member(
         &self,
         caller: UserId,
@@ -1310,6 +1311,7 @@ impl Chats {
     ) -> Result<Member, ChatsError> {
         const ONLY_THE_OWNER: &str = "only the owner may change roles";
         const NOT_ONESELF: &str = "the owner changes role only by making another member owner";
+        const NO_BOT: &str = "user_id: a bot cannot be made owner or admin: it stays a plain member";
         self.change_rate.check(&caller)?;
         let (chat, caller_role) = self.member(caller, chat_id).await?;
         if chat.kind == Kind::Direct {
@@ -1320,6 +1322,12 @@ impl Chats {
         }
         if user_id == caller {
             return Err(ChatsError::Precondition(NOT_ONESELF));
+        }
+        // A bot (the assistant) writes where it is asked and administers
+        // nothing: owner and admin are people's roles. Whether a user is a
+        // bot never changes, so this holds at the write too.
+        if role.manages() && self.lookup_kinds(std::iter::once(user_id)).await?.get(&user_id) == Some(&true) {
+            return Err(ChatsError::Precondition(NO_BOT));
         }
         let outcome = self.store.set_role(chat.id, caller, user_id, role, now_micros()).await?;
         self.evict(chat.id).await;

@@ -28,6 +28,7 @@ crate::both_modes!(
     pins_are_for_managers_of_groups_and_both_sides_of_direct_chats_replay_and_list,
     a_chat_holds_fifty_pins_and_a_blocked_direct_chat_takes_no_new_one,
     retries_of_an_edit_a_reaction_and_a_pin_after_the_chat_was_archived_answer_as_it_is,
+    a_delete_retried_after_its_author_left_answers_the_tombstone_it_saw,
 );
 
 async fn retries_with_one_message_id_create_one_message(c: &Cluster) {
@@ -616,4 +617,37 @@ async fn retries_of_an_edit_a_reaction_and_a_pin_after_the_chat_was_archived_ans
     assert_eq!(code(react(c, &bob, &message.id, "🎉", true).await), Code::FailedPrecondition);
     assert_eq!(code(react(c, &bob, &message.id, "👍", false).await), Code::FailedPrecondition);
     assert_eq!(code(pin(c, &alice, &message.id, false).await), Code::FailedPrecondition);
+}
+
+/// DeleteMessage retried by its author after they left the chat (or were
+/// removed), its first answer lost: the delete happened, so the retry
+/// answers the tombstone, as it answers a member's retry. Nothing the
+/// author could not see as a member is told: a message of theirs deleted
+/// by someone else after they left, or still there, is refused as any
+/// request of a former member is.
+async fn a_delete_retried_after_its_author_left_answers_the_tombstone_it_saw(c: &Cluster) {
+    let (alice, bob, eve) = (c.user("alice").await, c.user("bob").await, c.user("eve").await);
+    let request =
+        cpb::CreateChatRequest { title: "team".into(), member_ids: vec![bob.id.clone()], ..Default::default() };
+    let chat = c.chats().create_chat(authed(&alice, request)).await.unwrap().into_inner().chat.unwrap().id;
+    let oops = send(c, &bob, &chat, "oops").await;
+    let kept = send(c, &bob, &chat, "kept").await;
+    let moderated = send(c, &bob, &chat, "moderated later").await;
+    let delete = |m: &mpb::Message| mpb::DeleteMessageRequest { message_id: m.id.clone() };
+    let tombstone =
+        c.messages().delete_message(authed(&bob, delete(&oops))).await.unwrap().into_inner().message.unwrap();
+    assert!(tombstone.deleted);
+    let remove = cpb::RemoveMemberRequest { chat_id: chat.clone(), user_id: bob.id.clone() };
+    c.chats().remove_member(authed(&alice, remove)).await.unwrap();
+    let retried = c.messages().delete_message(authed(&bob, delete(&oops))).await.expect("the delete retried");
+    assert_eq!(retried.into_inner().message.unwrap(), tombstone, "the tombstone as his delete left it");
+    // Deleted by alice after he left: he never saw it, nor did he delete it.
+    c.messages().delete_message(authed(&alice, delete(&moderated))).await.unwrap();
+    assert_eq!(code(c.messages().delete_message(authed(&bob, delete(&moderated))).await), Code::PermissionDenied);
+    // Still there: a former member deletes nothing.
+    assert_eq!(code(c.messages().delete_message(authed(&bob, delete(&kept))).await), Code::PermissionDenied);
+    let get = mpb::GetMessageRequest { message_id: kept.id.clone() };
+    assert!(!c.messages().get_message(authed(&alice, get)).await.unwrap().into_inner().message.unwrap().deleted);
+    // Someone who never was a member learns nothing.
+    assert_eq!(code(c.messages().delete_message(authed(&eve, delete(&oops))).await), Code::PermissionDenied);
 }

@@ -24,9 +24,9 @@ use crate::presence::{Presence, Seen};
 use crate::registry::StreamLimits;
 use crate::search::{Found, SearchMessages};
 use crate::store::{
-    ChatChange, Edited, Finish, Flags, Message, MessageStore, NewMessage, NewReply, Pinned, QueueCursor, QueueFilter,
-    Range, Reacted, ReadState, Revision, SearchCursor, SearchFilter, Sent, Seq, Started, StoreError, StoredReport,
-    Summary, Timeline,
+    ChatChange, Edited, Finish, Flags, Membership, Message, MessageStore, NewMessage, NewReply, Pinned, QueueCursor,
+    QueueFilter, Range, Reacted, ReadState, Revision, SearchCursor, SearchFilter, Sent, Seq, Started, StoreError,
+    StoredReport, Summary, Timeline,
 };
 use crate::stream::Resume;
 use crate::writer::Writer;
@@ -513,12 +513,23 @@ impl Messages {
     /// message in a direct chat then takes back the chat's title if an
     /// assistant made it from that message (M2, UntitleChat).
     ///
+    /// A retry whose first answer was lost is answered with the tombstone,
+    /// as a member's is, also to its author no longer in the chat
+    /// ([`Messages::deleted_before_leaving`]); else a former member is
+    /// refused (PERMISSION_DENIED), as any request of theirs is.
+    ///
     /// Errors: as [`Messages::member`]; UNAVAILABLE (or the chats
     /// service's error) when the title could not be taken back: the
     /// deletion is stored, and a retry (a tombstone: no change) asks again.
     pub async fn delete(&self, caller: UserId, message_id: MessageId) -> Result<Message, MessagesError> {
         self.moderation_rate.check(&caller)?;
-        let (message, membership) = self.message_for(caller, message_id, true).await?;
+        let message = self.store.message(message_id).await?.ok_or(MessagesError::MessageNotFound)?;
+        let membership = match self.member(message.chat_id, caller).await {
+            Err(MessagesError::Denied(_)) if self.deleted_before_leaving(caller, &message).await? => {
+                return Ok(message);
+            }
+            membership => membership?,
+        };
         let manager = natter_links::manages(&membership);
         // An assistant's reply in a direct chat (an assistant chat): its
         // person, the only other member, may delete it.
@@ -549,6 +560,26 @@ impl Messages {
             })?;
         }
         Ok(deleted)
+    }
+
+    /// Whether `message`, asked to be deleted by `caller`, who is no member
+    /// of its chat, is answered as deleted (a retry whose first answer was
+    /// lost, or sent again on a bad network): it is a tombstone, `caller`
+    /// is its author, and nothing has changed it since `caller` left (its
+    /// change number is below their departure's in the chat's log; a
+    /// departure not logged yet comes after every change so far). The
+    /// tombstone then tells nothing `caller` did not see as a member; a
+    /// deletion after they left, or one whose departure is pruned from
+    /// the log, is not told.
+    async fn deleted_before_leaving(&self, caller: UserId, message: &Message) -> Result<bool, MessagesError> {
+        if !message.deleted() || message.author_id != caller {
+            return Ok(false);
+        }
+        Ok(match self.store.latest_membership(message.chat_id, caller).await? {
+            Some(Membership::Departed(departure)) => message.change_seq < departure,
+            Some(Membership::Joined(_)) => true,
+            None => false,
+        })
     }
 
     /// Announces a thread's root as edited (deleted, for a deleted root)

@@ -28,7 +28,7 @@ crate::both_modes!(
     pins_are_for_managers_of_groups_and_both_sides_of_direct_chats_replay_and_list,
     a_chat_holds_fifty_pins_and_a_blocked_direct_chat_takes_no_new_one,
     retries_of_an_edit_a_reaction_and_a_pin_after_the_chat_was_archived_answer_as_it_is,
-    a_delete_retried_after_its_author_left_answers_the_tombstone_it_saw,
+    a_delete_or_edit_retried_after_its_author_left_answers_what_they_saw,
 );
 
 async fn retries_with_one_message_id_create_one_message(c: &Cluster) {
@@ -619,13 +619,14 @@ async fn retries_of_an_edit_a_reaction_and_a_pin_after_the_chat_was_archived_ans
     assert_eq!(code(pin(c, &alice, &message.id, false).await), Code::FailedPrecondition);
 }
 
-/// DeleteMessage retried by its author after they left the chat (or were
-/// removed), its first answer lost: the delete happened, so the retry
-/// answers the tombstone, as it answers a member's retry. Nothing the
-/// author could not see as a member is told: a message of theirs deleted
-/// by someone else after they left, or still there, is refused as any
-/// request of a former member is.
-async fn a_delete_retried_after_its_author_left_answers_the_tombstone_it_saw(c: &Cluster) {
+/// DeleteMessage (EditMessage) retried by its author after they left the
+/// chat (or were removed), its first answer lost: the change happened, so
+/// the retry answers the tombstone (the message as edited), as it answers
+/// a member's retry. Nothing the author could not see as a member is told:
+/// a message of theirs deleted or changed by someone else after they left,
+/// or a request that would change it, is refused as any request of a
+/// former member is.
+async fn a_delete_or_edit_retried_after_its_author_left_answers_what_they_saw(c: &Cluster) {
     let (alice, bob, eve) = (c.user("alice").await, c.user("bob").await, c.user("eve").await);
     let request =
         cpb::CreateChatRequest { title: "team".into(), member_ids: vec![bob.id.clone()], ..Default::default() };
@@ -633,7 +634,18 @@ async fn a_delete_retried_after_its_author_left_answers_the_tombstone_it_saw(c: 
     let oops = send(c, &bob, &chat, "oops").await;
     let kept = send(c, &bob, &chat, "kept").await;
     let moderated = send(c, &bob, &chat, "moderated later").await;
+    let reacted = send(c, &bob, &chat, "reacted to later").await;
     let delete = |m: &mpb::Message| mpb::DeleteMessageRequest { message_id: m.id.clone() };
+    let edit = |m: &mpb::Message, text: &str| mpb::EditMessageRequest { message_id: m.id.clone(), text: text.into() };
+    let edited = c
+        .messages()
+        .edit_message(authed(&bob, edit(&kept, "kept, edited")))
+        .await
+        .unwrap()
+        .into_inner()
+        .message
+        .unwrap();
+    c.messages().edit_message(authed(&bob, edit(&reacted, "reacted, edited"))).await.unwrap();
     let tombstone =
         c.messages().delete_message(authed(&bob, delete(&oops))).await.unwrap().into_inner().message.unwrap();
     assert!(tombstone.deleted);
@@ -641,6 +653,14 @@ async fn a_delete_retried_after_its_author_left_answers_the_tombstone_it_saw(c: 
     c.chats().remove_member(authed(&alice, remove)).await.unwrap();
     let retried = c.messages().delete_message(authed(&bob, delete(&oops))).await.expect("the delete retried");
     assert_eq!(retried.into_inner().message.unwrap(), tombstone, "the tombstone as his delete left it");
+    let retried = c.messages().edit_message(authed(&bob, edit(&kept, "kept, edited"))).await.expect("the edit retried");
+    assert_eq!(retried.into_inner().message.unwrap(), edited, "the message as his edit left it");
+    assert_eq!(code(c.messages().edit_message(authed(&bob, edit(&kept, "again"))).await), Code::PermissionDenied);
+    // Reacted to after he left: he never saw that.
+    let react = mpb::AddReactionRequest { message_id: reacted.id.clone(), emoji: "👍".into() };
+    c.messages().add_reaction(authed(&alice, react)).await.unwrap();
+    let retried = c.messages().edit_message(authed(&bob, edit(&reacted, "reacted, edited"))).await;
+    assert_eq!(code(retried), Code::PermissionDenied);
     // Deleted by alice after he left: he never saw it, nor did he delete it.
     c.messages().delete_message(authed(&alice, delete(&moderated))).await.unwrap();
     assert_eq!(code(c.messages().delete_message(authed(&bob, delete(&moderated))).await), Code::PermissionDenied);

@@ -449,11 +449,24 @@ impl Messages {
     /// `limits.edits` edits; announces it. Not in a direct chat closed by a
     /// block ([`Messages::BLOCKED`]). An edit to the text the message
     /// has already (a retry) changes nothing and is answered as it is,
-    /// archived or blocked since or not.
+    /// archived or blocked since or not, and also to its author who left
+    /// the chat since, if it has not changed since they left
+    /// ([`Messages::seen_before_leaving`]).
     pub async fn edit(&self, caller: UserId, req: EditMessage) -> Result<Message, MessagesError> {
         self.edit_rate.check(&caller)?;
         self.stored_bytes.check_n(&caller, stored_bytes(&req.text, &[]))?;
-        let (message, membership) = self.message_for(caller, req.message_id, true).await?;
+        let message = self.store.message(req.message_id).await?.ok_or(MessagesError::MessageNotFound)?;
+        let membership = match self.member(message.chat_id, caller).await {
+            // A retry by its author who left since, as DeleteMessage's.
+            Err(MessagesError::Denied(_))
+                if !message.deleted()
+                    && message.text == req.text
+                    && self.seen_before_leaving(caller, &message).await? =>
+            {
+                return self.as_it_is(message, caller).await;
+            }
+            membership => membership?,
+        };
         if message.author_id != caller {
             return Err(MessagesError::Denied("only the author may edit a message"));
         }
@@ -514,8 +527,9 @@ impl Messages {
     /// assistant made it from that message (M2, UntitleChat).
     ///
     /// A retry whose first answer was lost is answered with the tombstone,
-    /// as a member's is, also to its author no longer in the chat
-    /// ([`Messages::deleted_before_leaving`]); else a former member is
+    /// as a member's is, also to its author no longer in the chat if they
+    /// saw it deleted ([`Messages::seen_before_leaving`]); else a former
+    /// member is
     /// refused (PERMISSION_DENIED), as any request of theirs is.
     ///
     /// Errors: as [`Messages::member`]; UNAVAILABLE (or the chats
@@ -525,7 +539,9 @@ impl Messages {
         self.moderation_rate.check(&caller)?;
         let message = self.store.message(message_id).await?.ok_or(MessagesError::MessageNotFound)?;
         let membership = match self.member(message.chat_id, caller).await {
-            Err(MessagesError::Denied(_)) if self.deleted_before_leaving(caller, &message).await? => {
+            Err(MessagesError::Denied(_))
+                if message.deleted() && self.seen_before_leaving(caller, &message).await? =>
+            {
                 return Ok(message);
             }
             membership => membership?,
@@ -562,17 +578,16 @@ impl Messages {
         Ok(deleted)
     }
 
-    /// Whether `message`, asked to be deleted by `caller`, who is no member
-    /// of its chat, is answered as deleted (a retry whose first answer was
-    /// lost, or sent again on a bad network): it is a tombstone, `caller`
-    /// is its author, and nothing has changed it since `caller` left (its
-    /// change number is below their departure's in the chat's log; a
-    /// departure not logged yet comes after every change so far). The
-    /// tombstone then tells nothing `caller` did not see as a member; a
-    /// deletion after they left, or one whose departure is pruned from
-    /// the log, is not told.
-    async fn deleted_before_leaving(&self, caller: UserId, message: &Message) -> Result<bool, MessagesError> {
-        if !message.deleted() || message.author_id != caller {
+    /// Whether `caller`, who is no member of `message`'s chat (any more),
+    /// saw `message` as it is now: they are its author, and nothing has
+    /// changed it since they left (its change number is below their
+    /// departure's in the chat's log; a departure not logged yet comes
+    /// after every change so far; one pruned from the log is not told).
+    /// A retry of theirs whose first answer was lost (a DeleteMessage that
+    /// finds the tombstone, an EditMessage that finds its text) is then
+    /// answered with it: that tells nothing they did not see as a member.
+    async fn seen_before_leaving(&self, caller: UserId, message: &Message) -> Result<bool, MessagesError> {
+        if message.author_id != caller {
             return Ok(false);
         }
         Ok(match self.store.latest_membership(message.chat_id, caller).await? {

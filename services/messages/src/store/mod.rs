@@ -1269,7 +1269,10 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// `now`, unless it is further already (read while the join was on its
     /// way), with the number after the join's, and the join's seq to it. Answers in the
     /// order of `changes`; `now` in µs: when the changes were committed (a
-    /// join recorded late leaves what was sent since unread).
+    /// join recorded late leaves what was sent since unread). A forgotten
+    /// user's join ([`MessageStore::forget_user`], done before the join
+    /// arrived or racing it) is logged and numbered the same, but stores no
+    /// read position.
     ///
     /// A [`ChatChange::Updated`] also rewrites, in the same transaction,
     /// the title and description of every earlier `updated` entry of the
@@ -1345,7 +1348,8 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// mentions listed on them), its reactions, its reports and the chats'
     /// change logs. The user is recorded as forgotten in the same
     /// transaction: [`MessageStore::record_last_seen`] stores no time of
-    /// theirs afterwards, [`MessageStore::mark_read`] no read position and
+    /// theirs afterwards, [`MessageStore::mark_read`] and a join's
+    /// [`MessageStore::record_chat_changes`] no read position, and
     /// [`MessageStore::insert_batch`] no mention row (the message is
     /// stored), even a write under way as the forget commits. A repeat
     /// deletes nothing.

@@ -129,7 +129,8 @@ const MESSAGE_FOR_UPDATE: &str = concat!("SELECT ", message_columns!(), " FROM m
 /// (exclusive) and the writes of rows kept under a user's id that it
 /// deletes (shared, [`hold_off_forgets`]): last-seen times
 /// ([`MessageStore::record_last_seen`]), read positions
-/// ([`MessageStore::mark_read`]) and mention rows (a batch that mentions
+/// ([`MessageStore::mark_read`], a join's
+/// [`MessageStore::record_chat_changes`]) and mention rows (a batch that mentions
 /// someone, [`MessageStore::insert_batch`]). A key of natter's own ("natt"
 /// in ASCII) and a hash of the schema's name, as advisory locks are the
 /// whole database's. Such a row is stored only if its user is not
@@ -157,7 +158,7 @@ async fn hold_off_forgets(tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error
 /// records under way and holding back those after until `tx` ends, then
 /// records the user forgotten and deletes their presence, read positions
 /// and mention rows.
-async fn forget_user_in(tx: &mut sqlx::PgConnection, user: &str) -> Result<(), StoreError> {
+pub(super) async fn forget_user_in(tx: &mut sqlx::PgConnection, user: &str) -> Result<(), StoreError> {
     sqlx::query(concat!("SELECT pg_advisory_xact_lock(", forgotten_lock!(), ")")).execute(&mut *tx).await?;
     for sql in [
         "INSERT INTO forgotten_users (user_id) VALUES ($1) ON CONFLICT (user_id) DO NOTHING",
@@ -1212,6 +1213,12 @@ impl MessageStore for PostgresStore {
     ) -> Result<Vec<Logged>, StoreError> {
         let chat = chat.to_string();
         let mut tx = self.pool.begin().await?;
+        // A join stores its joiner's read position: not a forgotten user's
+        // (a ForgetUser under way commits first, and the position's insert
+        // sees it), as MarkRead. First, before the heads' row lock.
+        if changes.iter().any(|c| matches!(c, ChatChange::Joined(_))) {
+            hold_off_forgets(&mut tx).await?;
+        }
         // Lock the chat's heads first (as every writer of the chat does),
         // which also orders two calls of the same origin.
         let (seq, last): (i64, i64) = sqlx::query_as(
@@ -1311,6 +1318,7 @@ impl MessageStore for PostgresStore {
                 "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) \
                  SELECT $1, r.user_id, r.seq, r.n FROM UNNEST($2::text[], $3::bigint[], $4::bigint[]) \
                  AS r (user_id, n, seq) \
+                 WHERE NOT EXISTS (SELECT 1 FROM forgotten_users f WHERE f.user_id = r.user_id) \
                  ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq, \
                  change_seq = excluded.change_seq",
             )

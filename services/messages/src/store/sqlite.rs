@@ -989,8 +989,11 @@ fn record_chat_changes(
             "INSERT INTO chat_changes (chat_id, change_seq, kind, user_id, details, seq, change_time, origin) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
+        // Not a forgotten user's: it would outlive the forget (the write
+        // transaction orders the two).
         let mut reset_read = tx.prepare_cached(
-            "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) VALUES (?1, ?2, ?3, ?4) \
+            "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) SELECT ?1, ?2, ?3, ?4 \
+             WHERE NOT EXISTS (SELECT 1 FROM forgotten_users WHERE user_id = ?2) \
              ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq, change_seq = excluded.change_seq",
         )?;
         for (c, l) in changes.iter().zip(&logged) {

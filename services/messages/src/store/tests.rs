@@ -124,6 +124,8 @@ message_store_suite!(
     mentions_are_kept_with_the_message_and_count_only_unread_live_mentions_of_others,
     last_seen_keeps_the_latest_time_whatever_order_replicas_write_in,
     forgetting_a_user_deletes_its_presence_read_positions_and_mentions_and_keeps_its_messages,
+    a_join_recorded_after_its_user_was_forgotten_stores_no_read_position,
+    a_join_racing_the_forget_of_its_user_stores_no_read_position,
     search_finds_the_current_text_of_live_messages_of_the_chats_asked,
     search_pages_walk_every_result_once_in_both_orders,
     text_stored_before_nfc_is_rewritten_once_and_found,
@@ -1486,6 +1488,61 @@ async fn forgetting_a_user_deletes_its_presence_read_positions_and_mentions_and_
     s.forget_user(user(1)).await.unwrap();
     s.forget_user(user(7)).await.unwrap();
     assert_eq!(mention_counts(h, 1, &[2]).await, [3]);
+}
+
+/// A join delivered after its user was forgotten (JoinChat committed, the
+/// account deleted, its ForgetUser done before the join reached the
+/// messages store) is logged, but stores no read position: it would be
+/// kept for ever for a deleted user. Another joiner of the same call gets
+/// theirs.
+async fn a_join_recorded_after_its_user_was_forgotten_stores_no_read_position(h: &Harness) {
+    let s = &h.store;
+    send(h, &[msg(1, 1, 0), msg(2, 1, 0)]).await;
+    s.forget_user(user(1)).await.unwrap();
+    let joins = [ChatChange::Joined(user(1)), ChatChange::Joined(user(2))];
+    let logged = s.record_chat_changes(chat(1), &joins, 9_999, "").await.unwrap();
+    assert_eq!(logged.len(), 2, "both joins are logged");
+    assert_eq!(s.read_positions(user(1), &[chat(1)]).await.unwrap(), [Seq::ZERO], "none for the forgotten user");
+    assert_eq!(s.read_positions(user(2), &[chat(1)]).await.unwrap(), [Seq(2)]);
+    assert_eq!(s.latest_membership(chat(1), user(1)).await.unwrap(), Some(Membership::Joined(logged[0].change_seq)));
+}
+
+/// PostgreSQL: a join whose transaction runs while a ForgetUser of its
+/// user is under way (not committed yet, so a `NOT EXISTS` of the forget's
+/// row sees nothing) waits for it, as MarkRead does, and then stores no
+/// read position: without the wait, the forget's delete ran before the
+/// position was written, and the position was kept for good. (SQLite's
+/// writes take turns: the sequential test above covers it.)
+async fn a_join_racing_the_forget_of_its_user_stores_no_read_position(h: &Harness) {
+    use sqlx::Connection as _;
+    let Cleanup::Schema { url, schema } = &h.cleanup else { return };
+    send(h, &[msg(1, 1, 0)]).await;
+    let mut forget = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("SET search_path TO {schema}"))).execute(&mut forget).await.unwrap();
+    let mut tx = forget.begin().await.unwrap();
+    super::postgres::forget_user_in(&mut tx, &user(1).to_string()).await.unwrap();
+    let store = h.store.clone();
+    let join =
+        tokio::spawn(
+            async move { store.record_chat_changes(chat(1), &[ChatChange::Joined(user(1))], 9_999, "").await },
+        );
+    // Until the join waits for the forget's lock, or is done without it.
+    let mut watch = sqlx::PgConnection::connect(url).await.unwrap();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1851880564 AND NOT granted",
+        )
+        .fetch_one(&mut watch)
+        .await
+        .unwrap();
+        if waiting > 0 || join.is_finished() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    tx.commit().await.unwrap();
+    join.await.unwrap().unwrap();
+    assert_eq!(h.store.read_positions(user(1), &[chat(1)]).await.unwrap(), [Seq::ZERO], "none for the forgotten user");
 }
 
 /// The numbers (as [`id`] takes them) of the messages of `chats` that

@@ -1492,3 +1492,99 @@ async fn behind_a_trusted_proxy_each_client_has_its_own_share_of_the_edge_s_budg
     shutdown.cancel();
     edge.await.unwrap();
 }
+
+/// gRPC-web bodies cut short, by the client's fault: the server answers
+/// (and counts) the client's error, never INTERNAL, whether it serves the
+/// call itself (the all-in-one) or forwards it (the edge).
+mod cut_grpc_web_bodies {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    crate::both_modes!(
+        a_truncated_frame_is_invalid_argument,
+        truncated_base64_is_invalid_argument,
+        a_client_gone_mid_body_is_counted_cancelled_not_internal,
+    );
+
+    /// The path the tests call: one that needs no token (so the body is
+    /// read), counted under its own method.
+    const PATH: &str = "/natter.sessions.v1.SessionService/CreateUser";
+
+    /// One HTTP/1.1 gRPC-web request of `content_type` to `c` announcing a
+    /// body of `length` bytes, of which `body` is sent; then the client
+    /// half-closes its side when `leave` says so. Returns the response as
+    /// text (empty if the server closed without one).
+    async fn exchange(c: &Cluster, content_type: &str, length: usize, body: &[u8], leave: bool) -> String {
+        let mut tcp = TcpStream::connect(c.addr).await.unwrap();
+        let head = format!(
+            "POST {PATH} HTTP/1.1\r\nhost: natter\r\ncontent-type: {content_type}\r\nx-grpc-web: 1\r\n\
+             origin: http://page.example\r\ncontent-length: {length}\r\n\r\n"
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        tcp.write_all(body).await.unwrap();
+        if leave {
+            tcp.shutdown().await.unwrap();
+        }
+        let mut response = Vec::new();
+        let read = async {
+            let mut buf = [0; 4096];
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => response.extend_from_slice(&buf[..n]),
+                }
+                // One response, trailers-only: its headers end it.
+                if leave {
+                    continue;
+                }
+                if response.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(GUARD, read).await.expect("answered or closed");
+        String::from_utf8_lossy(&response).into_owned()
+    }
+
+    /// The grpc-status of a trailers-only response (in its headers).
+    fn grpc_status(response: &str) -> Option<&str> {
+        response.lines().find_map(|l| l.strip_prefix("grpc-status:").map(str::trim))
+    }
+
+    /// A frame whose header announces 100 bytes, followed by 3 of them:
+    /// the HTTP body ends cleanly, the gRPC message does not.
+    async fn a_truncated_frame_is_invalid_argument(c: &Cluster) {
+        let body = [0, 0, 0, 0, 100, 1, 2, 3];
+        let response = exchange(c, "application/grpc-web+proto", body.len(), &body, false).await;
+        assert_eq!(grpc_status(&response), Some("3"), "INVALID_ARGUMENT: {response}");
+    }
+
+    /// gRPC-web text whose base64 stops mid-quantum.
+    async fn truncated_base64_is_invalid_argument(c: &Cluster) {
+        let body = b"AAAAAAVhYmM";
+        let response = exchange(c, "application/grpc-web-text", body.len(), body, false).await;
+        assert_eq!(grpc_status(&response), Some("3"), "INVALID_ARGUMENT: {response}");
+    }
+
+    /// `natter_rpc_requests_total` of CreateUser with `code`, of this
+    /// process.
+    fn create_user_calls(code: &str) -> f64 {
+        let series = format!(
+            "natter_rpc_requests_total{{code=\"{code}\",method=\"CreateUser\",service=\"natter.sessions.v1.SessionService\"}} "
+        );
+        natter_kit::metrics::render().lines().find_map(|l| l.strip_prefix(&series)?.parse().ok()).unwrap_or(0.0)
+    }
+
+    /// The client announces 100 bytes, sends 10 and goes away.
+    async fn a_client_gone_mid_body_is_counted_cancelled_not_internal(c: &Cluster) {
+        // Calls are counted once the process serves its metrics.
+        let _metrics = natter_kit::metrics::serve_on("127.0.0.1:0".parse().unwrap()).expect("metrics endpoint");
+        let internal = create_user_calls("INTERNAL");
+        let cancelled = create_user_calls("CANCELLED");
+        let response = exchange(c, "application/grpc-web+proto", 100, &[0, 0, 0, 0, 95, 1, 2, 3, 4, 5], true).await;
+        assert_eq!(grpc_status(&response), Some("1"), "CANCELLED, if the client still hears it: {response}");
+        assert_eq!(create_user_calls("INTERNAL"), internal, "no server error counted");
+        assert!(create_user_calls("CANCELLED") > cancelled, "counted as the client's");
+    }
+}

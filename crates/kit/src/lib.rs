@@ -14,8 +14,10 @@
 //! `crate::` paths in the code, not in comments), so there is no import
 //! circle and each module can be read knowing only what is under it:
 //!
-//! 1. `coalesce`, `config`, `error`, `limits`, `time`, `web_page`: streams'
-//!    writes, flags, status mapping, caps, clocks, the browser page's files.
+//! 1. `coalesce`, `config`, `cut_body`, `error`, `limits`, `time`,
+//!    `web_page`: streams' writes, flags, the answer to a request body the
+//!    client cut short, status mapping, caps, clocks, the browser page's
+//!    files.
 //! 2. `id`, `paging`: checked ids and page tokens (they fail with `error`'s
 //!    statuses, paging within `limits`).
 //! 3. `metrics`: Prometheus handles and the `/metrics` endpoint.
@@ -43,6 +45,7 @@ pub mod budget;
 pub mod cache;
 pub mod coalesce;
 pub mod config;
+mod cut_body;
 pub mod error;
 pub mod id;
 pub mod internal;
@@ -71,6 +74,7 @@ mod layering {
     const LAYERS: &[&[(&str, &str)]] = &[
         &[
             ("coalesce", include_str!("coalesce.rs")),
+            ("cut_body", include_str!("cut_body.rs")),
             ("error", include_str!("error.rs")),
             ("limits", include_str!("limits.rs")),
             ("time", include_str!("time.rs")),

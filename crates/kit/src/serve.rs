@@ -282,6 +282,10 @@ pub async fn serve_routes(parts: Parts, listener: TcpListener, shutdown: Cancell
         // Plain GETs (the browser page) never reach gRPC-web, which refuses
         // anything but gRPC on HTTP/1.1.
         .layer(WebPageLayer::new(page))
+        // Outside gRPC-web, which turns any failure of the body under it
+        // into INTERNAL: keeps what failed it (the client went away) for
+        // the answer, made the client's fault innermost below.
+        .layer(crate::cut_body::WatchBodyLayer)
         // Turns gRPC-web (HTTP/1.1 or HTTP/2) into plain gRPC for the services.
         .layer(tonic_web::GrpcWebLayer::new())
         // The span and metrics of each call. Inside gRPC-web, so it reads
@@ -319,6 +323,9 @@ pub async fn serve_routes(parts: Parts, listener: TcpListener, shutdown: Cancell
         // None on an internal listener: only calls with the service
         // credential get this far there, from natter's own services.
         .option_layer(credential_free.then(|| RequestBudgetLayer::for_server(&args)))
+        // Inside the span, so a body the client cut short is recorded as
+        // the client's fault (`crate::cut_body`), not INTERNAL.
+        .layer(crate::cut_body::AnswerCutBodiesLayer)
         // Innermost, so gRPC-web clients see the corrected code too.
         .map_response(tonic_codes_by_the_table);
     crate::accept::check_open_file_limit(transport.max_connections, listener_name);

@@ -352,7 +352,10 @@ struct State {
     /// any more (not even what was held back for pacing).
     deleted: HashSet<String>,
     /// Chats seen: which of their messages are prompts (kept current by
-    /// the chat_updated events of the bot's stream, in stream order).
+    /// the chat_updated events of the bot's stream, in stream order; a
+    /// chat_reset, which says the stream passed over changes its chat's log
+    /// no longer holds, drops the chat's entry: read again from the chats
+    /// service at its next message).
     chats: HashMap<String, Answers>,
     /// Per chat, the prompts (by seq) dropped after their
     /// CheckMembership or StartReply failed transiently past every retry:
@@ -577,9 +580,19 @@ impl Assistant {
     /// A stream event: a person's new message that is a prompt is queued; a
     /// reply that ended (here or on another replica) wakes the prompts
     /// waiting for the chat, and one deleted stops being generated; a
-    /// chat's new assistant_replies applies to the messages after it.
+    /// chat's new assistant_replies applies to the messages after it, and
+    /// after a chat_reset the chat's setting is read again.
     async fn on_event(self: &Arc<Self>, event: mpb::StreamEventsResponse) {
         let message = match event.event {
+            // The stream passed over changes of the chat that its log no
+            // longer holds (it resumed, or fell, that far behind): a switch
+            // of assistant_replies may be among them, so the one kept here
+            // may be stale. The next message asks the chats service
+            // ([`Assistant::is_prompt`]), as after a restart.
+            Some(Event::ChatReset(_)) => {
+                self.state().chats.remove(&event.chat_id);
+                return;
+            }
             Some(Event::ChatUpdated(u)) => {
                 let named = |path: &str| u.update_mask.as_ref().is_some_and(|m| m.paths.iter().any(|p| p == path));
                 if let Some(answers) = self.state().chats.get_mut(&event.chat_id) {

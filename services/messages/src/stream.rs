@@ -22,7 +22,10 @@
 //! goes on from the chat's newest change, so the client re-reads the chat
 //! rather than miss changes without a word. Only the compatibility resume by
 //! seq passes over them, as it always has, and a bot's stream (the
-//! assistant's), which needs the messages (never pruned), not chat details.
+//! assistant's), which needs the messages (never pruned): it is told all the
+//! same, with a `chat_reset` (`log_truncated`) whose change_seq is where it
+//! goes on reading from, so that it reads again what it keeps of the chat
+//! (the assistant, its reply setting: a switch may be among what was pruned).
 //!
 //! A read from the store returns each changed row once, as it is now: a
 //! message edited five times is sent once, with the number of its latest
@@ -521,15 +524,26 @@ struct Refill {
     /// read from a cursor below the log's floor ends in a `chat_reset`
     /// ([`Follower::truncated`]).
     skips_pruned: bool,
+    /// A bot's stream was told that this read passes over changes its log
+    /// no longer holds (its `chat_reset` went with the first page).
+    told_pruned: bool,
 }
 
 impl Refill {
     fn to(chat: Uuid, until: i64) -> Self {
-        Self { chat, until: Some(until), since: None, absent: false, departure: 0, skips_pruned: false }
+        Self {
+            chat,
+            until: Some(until),
+            since: None,
+            absent: false,
+            departure: 0,
+            skips_pruned: false,
+            told_pruned: false,
+        }
     }
 
     fn all(chat: Uuid) -> Self {
-        Self { chat, until: None, since: None, absent: false, departure: 0, skips_pruned: false }
+        Self { chat, until: None, since: None, absent: false, departure: 0, skips_pruned: false, told_pruned: false }
     }
 }
 
@@ -590,8 +604,10 @@ struct Follower {
     /// for a stream that gets none (the assistant's).
     profiles: Option<HashMap<Uuid, i64>>,
     /// Reads on past the changes a chat's log no longer holds instead of
-    /// answering with a `chat_reset`: a bot's stream (the assistant's),
-    /// which needs every message (never pruned) and no chat details.
+    /// going on from the chat's newest change: a bot's stream (the
+    /// assistant's), which needs every message (never pruned). Its
+    /// `chat_reset` goes first all the same, at the point it reads on from
+    /// ([`Follower::refill`]): the chat's details it keeps are stale.
     skips_pruned: bool,
 }
 
@@ -1047,11 +1063,20 @@ impl Follower {
         // then, or rose past it since (a reset the client did not strictly
         // need then, never a gap). A catch-up to the user's departure goes
         // on regardless: the client drops the chat at its end. A bot's
-        // stream reads on too: it needs the messages, which stay.
-        if !(refill.skips_pruned || self.skips_pruned || refill.absent) && refill.departure <= cursor {
+        // stream reads on too, whatever its resume point: it needs the
+        // messages, which stay; but it is told first, once per read, with
+        // a reset at its cursor (where it reads on from), as it may have
+        // missed a change of the chat's details it keeps.
+        let check = if self.skips_pruned { !refill.told_pruned } else { !refill.skips_pruned };
+        let mut told = None;
+        if check && !refill.absent && refill.departure <= cursor {
             let heads = self.messages.store().heads(chat.into()).await.map_err(MessagesError::from)?;
             if heads.floor > cursor {
-                return self.truncated(chat, heads).await;
+                if !self.skips_pruned {
+                    return self.truncated(chat, heads).await;
+                }
+                refill.told_pruned = true;
+                told = Some(reset_event(chat.into(), Heads { change: cursor, ..heads }, ResetReason::LogTruncated));
             }
         }
         let mut bytes = 0;
@@ -1111,7 +1136,7 @@ impl Follower {
             } else {
                 self.unfollow(chat, last);
             }
-            return Ok((replayed(chat, out, since, true), more));
+            return Ok((told.into_iter().chain(replayed(chat, out, since, true)).collect(), more));
         }
         // Changes to send, or numbers the store no longer holds (a chat
         // deleted, its log purged, while the stream read up to the removal
@@ -1143,7 +1168,7 @@ impl Follower {
             more = true;
         }
         // Short of a departure still to come, the user is a member now.
-        Ok((replayed(chat, out, since, refill.departure > last), more))
+        Ok((told.into_iter().chain(replayed(chat, out, since, refill.departure > last)).collect(), more))
     }
 }
 
@@ -1244,7 +1269,7 @@ mod tests {
     use crate::MessagesArgs;
     use crate::domain::SendMessage;
     use crate::registry::StreamRegistry;
-    use crate::store::{ChatChange, Message};
+    use crate::store::{CHAT_LOG_KEEP, ChatChange, Message};
 
     #[test]
     fn a_follow_s_debug_leaves_its_token_out() {
@@ -1427,6 +1452,35 @@ mod tests {
         assert!(h.directory.remove_after_answer.lock().unwrap().is_none(), "removed while the stream opened");
         h.owner_sends("after the removal").await.unwrap();
         next_event(&mut stream).await
+    }
+
+    /// A bot's stream (the assistant's: FollowChats resumes by seq, from
+    /// the bot's read position) that resumes below the chat's log floor
+    /// reads every message on (messages are never pruned), but is told
+    /// first, with a chat_reset at its resume point: a change of the chat's
+    /// details that the bot keeps (the assistant's reply setting) may be
+    /// among what the log no longer holds.
+    #[tokio::test]
+    async fn a_bot_s_stream_resuming_below_the_log_s_floor_is_told_and_reads_every_message_on() {
+        let h = Harness::start().await;
+        let seen = h.owner_sends("seen").await.unwrap();
+        h.owner_sends("unseen").await.unwrap();
+        let churn: Vec<ChatChange> = (0..=CHAT_LOG_KEEP).map(|_| ChatChange::RoleChanged(UserId(h.owner))).collect();
+        h.messages.record_chat_changes(h.chat.into(), &churn, "", None).await.unwrap();
+        h.owner_sends("after").await.unwrap();
+        let resume = [(h.chat, Resume::Seq(seen.seq))].into();
+        let mut stream = h.stream_of_member_from(vec![h.chat], resume).await;
+        let first = next_event(&mut stream).await;
+        let reset = Event::ChatReset(pb::ChatReset { reason: "log_truncated".into() });
+        assert_eq!(first.event, Some(reset), "told before anything else: {first:?}");
+        assert_eq!(first.change_seq, seen.create_change, "at the point it reads on from");
+        let mut texts = Vec::new();
+        while texts.last().is_none_or(|t| t != "after") {
+            if let Some(Event::MessageCreated(m)) = next_event(&mut stream).await.event {
+                texts.push(m.text);
+            }
+        }
+        assert_eq!(texts, ["unseen", "after"], "every message after the resume point");
     }
 
     /// A store that is gone (closed here; in production a database out of

@@ -129,6 +129,19 @@ impl Messages {
         message
     }
 
+    /// Sends a chat_reset of CHAT on the bot's stream, as the messages
+    /// service does when the stream passed over changes the chat's log no
+    /// longer holds.
+    fn reset(&self) {
+        let reset = mpb::StreamEventsResponse {
+            chat_id: CHAT.into(),
+            event: Some(Event::ChatReset(mpb::ChatReset { reason: "log_truncated".into() })),
+            ..Default::default()
+        };
+        let live = self.store().live.clone().expect("the bot's stream is open");
+        live.unbounded_send(Ok(reset)).unwrap();
+    }
+
     /// Ends the bot's stream: the assistant reconnects.
     fn disconnect(&self) {
         self.store().live = None;
@@ -349,14 +362,17 @@ impl AssistantMessages for Messages {
     }
 }
 
-/// The bot is a member of CHAT, a direct chat (until `removed`);
-/// CheckMembership fails with the queued codes first.
+/// The bot is a member of CHAT, a direct chat (until `removed`; a group
+/// while `replies` is set); CheckMembership fails with the queued codes
+/// first.
 #[derive(Default)]
 pub(super) struct Chats {
     failures: Mutex<VecDeque<Code>>,
     checks: Mutex<u32>,
     /// The bot was removed from CHAT.
     removed: Mutex<bool>,
+    /// CHAT is a group with this assistant_replies (None: a direct chat).
+    replies: Mutex<Option<mpb::AssistantReplies>>,
 }
 
 #[async_trait]
@@ -372,10 +388,15 @@ impl AssistantChats for Chats {
         if let Some(code) = self.failures.lock().unwrap().pop_front() {
             return Err(Status::new(code, "chats is down"));
         }
+        let (kind, replies) = match *self.replies.lock().unwrap() {
+            Some(replies) => (cpb::ChatKind::Group, replies),
+            None => (cpb::ChatKind::Direct, mpb::AssistantReplies::Unspecified),
+        };
         Ok(cpb::CheckMembershipResponse {
             chat_exists: true,
             member: !*self.removed.lock().unwrap(),
-            kind: cpb::ChatKind::Direct as i32,
+            kind: kind as i32,
+            assistant_replies: replies as i32,
             ..Default::default()
         })
     }
@@ -780,4 +801,25 @@ async fn a_regenerate_whose_start_answer_is_lost_generates_its_reply() {
     let (reply, _) = h.assistant.regenerate(PERSON, CHAT, None, None).await.expect("started");
     assert_ne!(reply.id, old.id);
     assert_answered(&h.messages.finished(&reply.id).await);
+}
+
+/// The bot's stream passed over changes its group's log no longer holds (a
+/// chat_reset), among them a switch of the group's assistant_replies from
+/// ALL to MENTIONS: the assistant reads the setting again and leaves a
+/// message that does not mention it unanswered, as it would had it seen
+/// the switch.
+#[tokio::test]
+async fn a_switch_of_the_reply_setting_passed_over_by_a_reset_is_read_again() {
+    let chats = Chats { replies: Mutex::new(Some(mpb::AssistantReplies::All)), ..Chats::default() };
+    let h = harness(chats).await;
+    let first = h.messages.post("no mention, answered while ALL");
+    h.messages.finished_reply(&first).await;
+    *h.chats.replies.lock().unwrap() = Some(mpb::AssistantReplies::Mentions);
+    h.messages.reset();
+    let unmentioned = h.messages.post("no mention, after the switch");
+    let mention = h.messages.post("@assistant and now?");
+    // Prompts are taken in order: once the mention's reply is there, one
+    // for the message before it would have been started.
+    h.messages.finished_reply(&mention).await;
+    assert_eq!(h.messages.replies(&unmentioned), [], "answered by a setting switched off meanwhile");
 }

@@ -7,6 +7,7 @@ use natter_proto::chats::v1 as cpb;
 use natter_proto::messages::v1 as mpb;
 use natter_proto::sessions::v1 as spb;
 use natter_testkit::{Cluster, Mode, TestUser, authed};
+use tokio_util::sync::CancellationToken;
 use tonic::codec::Streaming;
 use tonic::{Code, Status};
 
@@ -26,6 +27,7 @@ crate::both_modes!(
     concurrent_senders_stream_in_seq_order,
     edits_deletes_and_reads_stream_in_order,
     a_removed_member_stops_receiving_the_chat,
+    a_removed_member_gets_no_typing_or_presence_of_the_chat,
     all_chats_stream_follows_new_chats,
     revoked_session_ends_its_stream,
     typing_reaches_the_others_at_once_and_is_never_replayed,
@@ -555,6 +557,105 @@ async fn a_removed_member_stops_receiving_the_chat(c: &Cluster) {
     assert_eq!(read.change_seq, joined.change_seq + 1);
     send(c, &alice, &club.id, "welcome back").await;
     assert_eq!(next_created(&mut stream, &club.id).await, (2, "welcome back".to_owned()));
+}
+
+/// Once bob's stream has told him he is out of the club, nothing
+/// ephemeral of the club reaches him: not carol typing there, nor carol
+/// coming online (she shares no other chat with him). Alice's message in
+/// their direct chat, sent after both, is the next thing he hears.
+async fn a_removed_member_gets_no_typing_or_presence_of_the_chat(c: &Cluster) {
+    if !crosses_services(c) {
+        return;
+    }
+    let users = futures::future::join_all(["alice", "bob", "carol"].map(|n| c.user(n))).await;
+    let (alice, bob, carol) = (&users[0], &users[1], &users[2]);
+    let club = crate::mentions::group(c, alice, &[bob, carol]).await;
+    let dm = direct(c, alice, bob).await;
+    let mut alices = open(c, alice, &[], &[]).await;
+    let mut bobs = open(c, bob, &[], &[]).await;
+    let remove = cpb::RemoveMemberRequest { chat_id: club.clone(), user_id: bob.id.clone() };
+    c.chats().remove_member(authed(alice, remove)).await.unwrap();
+    let removed = next(&mut bobs).await;
+    assert!(
+        matches!(removed.event, Some(Event::MembershipChanged(ref m)) if m.user_id == bob.id && m.change == mpb::MembershipChange::Removed as i32),
+        "{removed:?}"
+    );
+    // Carol comes online and types in the club; alice, in the club with
+    // her, hears both before she writes to bob.
+    let _carols = open(c, carol, &[], &[]).await;
+    let typing = mpb::SetTypingRequest { chat_id: club.clone(), typing: true };
+    c.messages().set_typing(authed(carol, typing)).await.unwrap();
+    let (mut online, mut typed) = (false, false);
+    while !(online && typed) {
+        let event = next_any(&mut alices).await;
+        match &event.event {
+            Some(Event::PresenceChanged(p)) if p.user_id == carol.id => online = true,
+            Some(Event::Typing(t)) if t.user_id == carol.id => typed = true,
+            _ => {}
+        }
+    }
+    send(c, alice, &dm.id, "fence").await;
+    loop {
+        let event = next_any(&mut bobs).await;
+        assert_ne!(event.chat_id, club, "nothing of the club after bob's removal: {event:?}");
+        if created("fence")(&event) {
+            break;
+        }
+        assert!(matches!(&event.event, Some(Event::PresenceChanged(p)) if p.user_id == alice.id), "{event:?}");
+    }
+}
+
+/// As above, with carol typing without pause while bob is removed: once his
+/// removal reaches him, no typing of the club follows it.
+mod typing_racing_a_removal {
+    use super::*;
+
+    crate::both_modes!(
+        flags = natter_testkit::Flags { messages: &["--typing-rate", "off"], ..natter_testkit::Flags::NONE };
+        no_typing_of_the_club_follows_bob_s_removal
+    );
+
+    async fn no_typing_of_the_club_follows_bob_s_removal(c: &Cluster) {
+        if !crosses_services(c) {
+            return;
+        }
+        let users = futures::future::join_all(["alice", "bob", "carol"].map(|n| c.user(n))).await;
+        let (alice, bob, carol) = (&users[0], &users[1], &users[2]);
+        for round in 0..5 {
+            let club = crate::mentions::group(c, alice, &[bob, carol]).await;
+            let dm = direct(c, alice, bob).await;
+            let mut bobs = open(c, bob, &[&club, &dm.id], &[]).await;
+            let stop = CancellationToken::new();
+            let typer = {
+                let (mut client, club, carol, stop) = (c.messages(), club.clone(), carol.clone(), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.is_cancelled() {
+                        let typing = mpb::SetTypingRequest { chat_id: club.clone(), typing: true };
+                        let _ = client.set_typing(authed(&carol, typing)).await;
+                    }
+                })
+            };
+            // Bob hears carol typing first.
+            until(&mut bobs, |e| matches!(e.event, Some(Event::Typing(_)))).await;
+            let remove = cpb::RemoveMemberRequest { chat_id: club.clone(), user_id: bob.id.clone() };
+            c.chats().remove_member(authed(alice, remove)).await.unwrap();
+            let removed = |e: &mpb::StreamEventsResponse| matches!(e.event, Some(Event::MembershipChanged(ref m)) if m.user_id == bob.id);
+            until(&mut bobs, removed).await;
+            // Carol types on a while after the removal.
+            for _ in 0..20 {
+                let typing = mpb::SetTypingRequest { chat_id: club.clone(), typing: true };
+                c.messages().set_typing(authed(carol, typing)).await.unwrap();
+            }
+            stop.cancel();
+            typer.await.unwrap();
+            send(c, alice, &dm.id, "fence").await;
+            let after = until(&mut bobs, created("fence")).await;
+            assert!(
+                after.iter().all(|e| e.chat_id != club),
+                "round {round}: nothing of the club after the removal: {after:?}"
+            );
+        }
+    }
 }
 
 async fn all_chats_stream_follows_new_chats(c: &Cluster) {

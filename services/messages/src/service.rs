@@ -451,7 +451,7 @@ impl Messages {
     /// has already (a retry) changes nothing and is answered as it is,
     /// archived or blocked since or not, and also to its author who left
     /// the chat since, if it has not changed since they left
-    /// ([`Messages::seen_before_leaving`]).
+    /// (`seen_before_leaving`).
     pub async fn edit(&self, caller: UserId, req: EditMessage) -> Result<Message, MessagesError> {
         self.edit_rate.check(&caller)?;
         self.stored_bytes.check_n(&caller, stored_bytes(&req.text, &[]))?;
@@ -528,7 +528,7 @@ impl Messages {
     ///
     /// A retry whose first answer was lost is answered with the tombstone,
     /// as a member's is, also to its author no longer in the chat if they
-    /// saw it deleted ([`Messages::seen_before_leaving`]); else a former
+    /// saw it deleted (`seen_before_leaving`); else a former
     /// member is
     /// refused (PERMISSION_DENIED), as any request of theirs is.
     ///

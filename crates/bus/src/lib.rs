@@ -401,7 +401,7 @@ pub struct BusArgs {
     #[arg(long, env = "NATTER_NATS_URL")]
     pub nats_url: Option<String>,
     /// First tokens of every NATS subject this deployment uses
-    /// (<prefix>.events.> and <prefix>.caches.>): processes with the same
+    /// (`PREFIX.events.>` and `PREFIX.caches.>`): processes with the same
     /// prefix are one deployment and hear each other's events, cache
     /// invalidations and deaths. Give each deployment or environment
     /// sharing a NATS server (staging beside production, test runs) a
@@ -410,8 +410,8 @@ pub struct BusArgs {
     #[arg(long, env = "NATTER_NATS_SUBJECT_PREFIX", value_name = "PREFIX", default_value_t = SubjectPrefix::default())]
     pub nats_subject_prefix: SubjectPrefix,
     /// NATS user to log in as (with --nats-password-file); the NATS server
-    /// should let only this user publish on <prefix>.events.> and
-    /// <prefix>.caches.> (--nats-subject-prefix, natter by default)
+    /// should let only this user publish on `PREFIX.events.>` and
+    /// `PREFIX.caches.>` (--nats-subject-prefix, natter by default)
     #[arg(long, env = "NATTER_NATS_USER", requires = "nats_password_file")]
     pub nats_user: Option<String>,
     /// File holding the password of --nats-user (its whole content, without a
@@ -422,7 +422,7 @@ pub struct BusArgs {
     /// Which events this process receives from NATS: interest (those of the
     /// chats, users and sessions its streams follow, subscribed to one
     /// subject each, and presence) or broadcast (every event of the
-    /// deployment, on <prefix>.events.>; the behaviour before interest
+    /// deployment, on `PREFIX.events.>`; the behaviour before interest
     /// routing, kept to measure against)
     #[arg(long, env = "NATTER_NATS_ROUTING", value_enum, default_value_t = Routing::Interest)]
     pub nats_routing: Routing,

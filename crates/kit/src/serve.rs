@@ -370,7 +370,7 @@ pub const MAX_SEND_BUF_BYTES: usize = 64 * 1024;
 /// that never reads makes the connection hold this and two chunks, as
 /// [`MAX_SEND_BUF_BYTES`] bounds an HTTP/2 stream. hyper's default was
 /// about 408 KiB. The same bound caps a request head on HTTP/1.1, kept
-/// above `--max-header-list-bytes` ([`http_builder`]).
+/// above `--max-header-list-bytes` (`http_builder`).
 pub const HTTP1_MAX_BUF_BYTES: usize = 64 * 1024;
 
 /// The HTTP/2 flow-control window of each request stream

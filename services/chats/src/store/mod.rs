@@ -665,7 +665,7 @@ pub trait ChatStore: Send + Sync + 'static {
     /// the outbox, and marks its id deleted at `now` (µs), its messages
     /// still to purge; returns who were its members (empty if there was no
     /// such chat). With `by`, checks first, in the same transaction under
-    /// the chat's lock, that this user may delete it ([`may_delete`]: the
+    /// the chat's lock, that this user may delete it (`may_delete`: the
     /// group's owner, a member of a direct chat), since the service's
     /// check may be stale by then (a hand-over, a demotion, a removal
     /// committed in between); if not, nothing is written

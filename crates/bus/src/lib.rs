@@ -406,7 +406,8 @@ pub struct BusArgs {
     /// invalidations and deaths. Give each deployment or environment
     /// sharing a NATS server (staging beside production, test runs) a
     /// prefix of its own; every process of one deployment needs the same.
-    /// Dot-separated tokens without whitespace, * or >
+    /// Dot-separated tokens without whitespace, * or >, none of them events
+    /// or caches
     #[arg(long, env = "NATTER_NATS_SUBJECT_PREFIX", value_name = "PREFIX", default_value_t = SubjectPrefix::default())]
     pub nats_subject_prefix: SubjectPrefix,
     /// NATS user to log in as (with --nats-password-file); the NATS server

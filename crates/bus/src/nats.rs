@@ -141,7 +141,8 @@ use alive::{Liveness, Say};
 ///
 /// Valid: one or more dot-separated tokens, none empty, with no
 /// whitespace (nor other control character) and no `*` or `>` (NATS
-/// wildcards): `natter`, `staging.natter`.
+/// wildcards), none of them `events` or `caches` (so that no prefix nests
+/// inside another deployment's subjects): `natter`, `staging.natter`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubjectPrefix(String);
 
@@ -171,14 +172,24 @@ impl std::str::FromStr for SubjectPrefix {
     type Err = String;
 
     /// Errors: an empty token (an empty prefix, or a dot at either end or
-    /// twice in a row), whitespace or another control character, or a
-    /// wildcard (`*`, `>`); the message says which token.
+    /// twice in a row), whitespace or another control character, a
+    /// wildcard (`*`, `>`), or a token `events` or `caches` (the tokens
+    /// natter puts after a prefix: with neither in any prefix, no
+    /// deployment's subjects fall under another's `PREFIX.events.>` or
+    /// `PREFIX.caches.>`, as `natter.events.x.events.chat.ID` would under
+    /// the default's); the message says which token.
     fn from_str(prefix: &str) -> Result<Self, Self::Err> {
         for token in prefix.split('.') {
             if token.is_empty() {
                 return Err(format!(
                     "{prefix:?} is no NATS subject prefix: dot-separated tokens, none empty (such as natter or \
                      staging.natter)"
+                ));
+            }
+            if matches!(token, "events" | "caches") {
+                return Err(format!(
+                    "{prefix:?} is no NATS subject prefix: token {token:?} is one natter puts after the prefix \
+                     (events, caches), so this deployment's subjects could fall under another's"
                 ));
             }
             if let Some(c) = token.chars().find(|c| c.is_whitespace() || c.is_control() || matches!(c, '*' | '>')) {
@@ -1821,6 +1832,21 @@ mod tests {
         for bad in ["", ".", "natter.", ".natter", "a..b", "nat ter", "natter\t", "a.*", "a.>", "na*", "x>y"] {
             let e = bad.parse::<SubjectPrefix>().expect_err(bad);
             assert!(e.contains("no NATS subject prefix"), "{bad:?}: {e}");
+        }
+    }
+
+    /// A prefix that nests inside another deployment's subjects is
+    /// refused: `natter.events.x`'s events would reach every broadcast
+    /// process of the default prefix (`natter.events.>`), which drops them
+    /// as unreadable, and its caches' subjects likewise.
+    #[test]
+    fn a_prefix_nesting_in_another_deployment_s_subjects_is_refused() {
+        for nesting in ["natter.events.x", "natter.caches", "events", "staging.caches.natter"] {
+            let e = nesting.parse::<SubjectPrefix>().expect_err(nesting);
+            assert!(e.contains("is one natter puts after the prefix"), "{nesting:?}: {e}");
+        }
+        for fine in ["natter.eventsx", "my-events.natter", "natter.cache"] {
+            assert!(fine.parse::<SubjectPrefix>().is_ok(), "{fine:?}");
         }
     }
 

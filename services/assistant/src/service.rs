@@ -354,8 +354,9 @@ struct State {
     /// Chats seen: which of their messages are prompts (kept current by
     /// the chat_updated events of the bot's stream, in stream order; a
     /// chat_reset, which says the stream passed over changes its chat's log
-    /// no longer holds, drops the chat's entry: read again from the chats
-    /// service at its next message).
+    /// no longer holds, or a change of the bot's own membership, drops the
+    /// chat's entry: read again from the chats service at its next
+    /// message).
     chats: HashMap<String, Answers>,
     /// Per chat, the prompts (by seq) dropped after their
     /// CheckMembership or StartReply failed transiently past every retry:
@@ -590,6 +591,14 @@ impl Assistant {
             // may be stale. The next message asks the chats service
             // ([`Assistant::is_prompt`]), as after a restart.
             Some(Event::ChatReset(_)) => {
+                self.state().chats.remove(&event.chat_id);
+                return;
+            }
+            // The bot left, was removed or added (back), or changed role:
+            // the chat's setting may have been switched while it was not a
+            // member, whose stream carried none of that chat's changes.
+            // Read it again at the next message, as after a reset.
+            Some(Event::MembershipChanged(m)) if m.user_id == self.bot.id => {
                 self.state().chats.remove(&event.chat_id);
                 return;
             }

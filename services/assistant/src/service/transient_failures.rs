@@ -142,6 +142,21 @@ impl Messages {
         live.unbounded_send(Ok(reset)).unwrap();
     }
 
+    /// Sends a change of the bot's own membership of CHAT on the bot's
+    /// stream, as the messages service does.
+    fn bot_membership(&self, change: mpb::MembershipChange) {
+        let changed = mpb::StreamEventsResponse {
+            chat_id: CHAT.into(),
+            event: Some(Event::MembershipChanged(mpb::MembershipChanged {
+                user_id: BOT.into(),
+                change: change as i32,
+            })),
+            ..Default::default()
+        };
+        let live = self.store().live.clone().expect("the bot's stream is open");
+        live.unbounded_send(Ok(changed)).unwrap();
+    }
+
     /// Ends the bot's stream: the assistant reconnects.
     fn disconnect(&self) {
         self.store().live = None;
@@ -803,23 +818,45 @@ async fn a_regenerate_whose_start_answer_is_lost_generates_its_reply() {
     assert_answered(&h.messages.finished(&reply.id).await);
 }
 
-/// The bot's stream passed over changes its group's log no longer holds (a
-/// chat_reset), among them a switch of the group's assistant_replies from
-/// ALL to MENTIONS: the assistant reads the setting again and leaves a
-/// message that does not mention it unanswered, as it would had it seen
-/// the switch.
-#[tokio::test]
-async fn a_switch_of_the_reply_setting_passed_over_by_a_reset_is_read_again() {
+/// A group answered on every message (ALL) whose setting `switch` turns to
+/// MENTIONS out of the bot stream's sight: after it, a message that does
+/// not mention the assistant is left unanswered (`why`: the failure's
+/// words), as it would be had the assistant seen the switch.
+async fn a_switch_out_of_sight_is_read_again(switch: impl FnOnce(&Harness), why: &str) {
     let chats = Chats { replies: Mutex::new(Some(mpb::AssistantReplies::All)), ..Chats::default() };
     let h = harness(chats).await;
     let first = h.messages.post("no mention, answered while ALL");
     h.messages.finished_reply(&first).await;
-    *h.chats.replies.lock().unwrap() = Some(mpb::AssistantReplies::Mentions);
-    h.messages.reset();
+    switch(&h);
     let unmentioned = h.messages.post("no mention, after the switch");
     let mention = h.messages.post("@assistant and now?");
     // Prompts are taken in order: once the mention's reply is there, one
     // for the message before it would have been started.
     h.messages.finished_reply(&mention).await;
-    assert_eq!(h.messages.replies(&unmentioned), [], "answered by a setting switched off meanwhile");
+    assert_eq!(h.messages.replies(&unmentioned), [], "{why}");
+}
+
+/// The bot's stream passed over changes its group's log no longer holds (a
+/// chat_reset), among them the switch: the assistant reads the setting
+/// again.
+#[tokio::test]
+async fn a_switch_of_the_reply_setting_passed_over_by_a_reset_is_read_again() {
+    let switch = |h: &Harness| {
+        *h.chats.replies.lock().unwrap() = Some(mpb::AssistantReplies::Mentions);
+        h.messages.reset();
+    };
+    a_switch_out_of_sight_is_read_again(switch, "answered by a setting switched off meanwhile").await;
+}
+
+/// The bot is removed from its group, the switch is made meanwhile (the
+/// bot's stream carries none of the group's changes then), and the bot is
+/// added back: the assistant reads the setting again.
+#[tokio::test]
+async fn a_switch_of_the_reply_setting_while_the_bot_was_out_of_the_group_is_read_again() {
+    let switch = |h: &Harness| {
+        h.messages.bot_membership(mpb::MembershipChange::Removed);
+        *h.chats.replies.lock().unwrap() = Some(mpb::AssistantReplies::Mentions);
+        h.messages.bot_membership(mpb::MembershipChange::Joined);
+    };
+    a_switch_out_of_sight_is_read_again(switch, "answered by the setting from before the bot was removed").await;
 }

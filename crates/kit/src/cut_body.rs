@@ -10,9 +10,10 @@
 //! counted as server errors. [`WatchBodyLayer`], outside gRPC-web, keeps
 //! what failed the body as it came off the connection; [`by_the_client`],
 //! inside the span and metrics, answers with that instead of the INTERNAL it
-//! became. The trade-off: tonic's and tonic-web's own answers are known by
-//! their messages (as [`crate::serve`]'s code table knows tonic's), and
-//! only an answer that travels trailers-only (a failure before any message
+//! became. A body that ended cleanly but inside a frame or a base64
+//! quantum is tonic's and tonic-web's own answer, corrected by its message
+//! in `crate::serve`'s table of tonic's answers. The trade-off: only an
+//! answer that travels trailers-only (a failure before any message
 //! was sent, which is every unary and server-streaming call's) is
 //! corrected; a bidirectional stream cut mid-way (reflection) still ends
 //! INTERNAL in its trailers.
@@ -170,35 +171,19 @@ where
 
 /// `response`, answered as the client's fault when it is an INTERNAL (or
 /// UNKNOWN) that a cut body caused: `cut`, what failed the body as it came
-/// off the connection; else INVALID_ARGUMENT for tonic's answer to a body
-/// that ended inside a frame and tonic-web's to gRPC-web text that ended
-/// inside a base64 quantum. Any other answer goes as it is.
+/// off the connection. Any other answer goes as it is (tonic's answers to
+/// a body that ended inside a frame or a base64 quantum are
+/// `crate::serve`'s table's).
 pub(crate) fn by_the_client<R>(mut response: Response<R>, cut: Option<&(Code, String)>) -> Response<R> {
+    let Some((code, message)) = cut else { return response };
     let headers = response.headers_mut();
-    let internal = match headers.get("grpc-status").map(HeaderValue::as_bytes) {
-        Some(b"13") => true,
-        Some(b"2") => false,
-        _ => return response,
-    };
-    let message_has = |needle: &[u8]| {
-        headers.get("grpc-message").is_some_and(|m| m.as_bytes().windows(needle.len()).any(|w| w == needle))
-    };
-    let status = match cut {
-        Some((code, message)) => tonic::Status::new(*code, message.clone()),
-        None if internal
-            && (message_has(b"Unexpected%20EOF%20decoding") || message_has(b"Unexpected EOF decoding")) =>
-        {
-            tonic::Status::invalid_argument("the request body ended inside a gRPC message (a truncated frame)")
-        }
-        None if internal && (message_has(b"malformed%20base64") || message_has(b"malformed base64")) => {
-            tonic::Status::invalid_argument("the gRPC-web text request body is not whole base64")
-        }
-        None => return response,
-    };
+    if !matches!(headers.get("grpc-status").map(HeaderValue::as_bytes), Some(b"13" | b"2")) {
+        return response;
+    }
     headers.remove("grpc-message");
     headers.remove("grpc-status-details-bin");
     // Cannot fail: the message is ASCII, percent-encoded, with no details.
-    let _ = status.add_header(headers);
+    let _ = tonic::Status::new(*code, message.clone()).add_header(headers);
     response
 }
 
@@ -222,10 +207,6 @@ mod tests {
         let cause = (Code::Cancelled, "the request body ended early: gone".to_owned());
         let gone = by_the_client(answer("13", "tonic-web:%20error%20reading%20a%20body"), Some(&cause));
         assert_eq!((status(&gone).code(), status(&gone).message()), (Code::Cancelled, cause.1.as_str()));
-        let truncated = by_the_client(answer("13", "Unexpected%20EOF%20decoding%20stream."), None);
-        assert_eq!(status(&truncated).code(), Code::InvalidArgument);
-        let text = by_the_client(answer("13", "tonic-web:%20malformed%20base64%20request"), None);
-        assert_eq!(status(&text).code(), Code::InvalidArgument);
         // A server's own INTERNAL, and any other code, go as they are.
         let own = by_the_client(answer("13", "database%20down"), None);
         assert_eq!((status(&own).code(), status(&own).message()), (Code::Internal, "database down"));

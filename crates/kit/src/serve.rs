@@ -323,11 +323,13 @@ pub async fn serve_routes(parts: Parts, listener: TcpListener, shutdown: Cancell
         // None on an internal listener: only calls with the service
         // credential get this far there, from natter's own services.
         .option_layer(credential_free.then(|| RequestBudgetLayer::for_server(&args)))
+        // Innermost, so gRPC-web clients and the span see the corrected
+        // code too; outside the cut bodies' answer, so a body that failed
+        // is answered by its cause before tonic's own answers are read.
+        .map_response(tonic_codes_by_the_table)
         // Inside the span, so a body the client cut short is recorded as
         // the client's fault (`crate::cut_body`), not INTERNAL.
-        .layer(crate::cut_body::AnswerCutBodiesLayer)
-        // Innermost, so gRPC-web clients see the corrected code too.
-        .map_response(tonic_codes_by_the_table);
+        .layer(crate::cut_body::AnswerCutBodiesLayer);
     crate::accept::check_open_file_limit(transport.max_connections, listener_name);
     let incoming = Incoming::new(
         crate::accept::tcp_incoming(listener),
@@ -648,28 +650,73 @@ const UNAUTHENTICATED_PATHS: [&str; 4] = [
     "/grpc.reflection.",
 ];
 
-/// One of tonic's own answers carries the wrong code by the gRPC status
-/// code table (grpc/doc/statuscodes.md), which DESIGN.md promises clients:
-/// a request message over `max_decoding_message_size` is OUT_OF_RANGE in
-/// tonic, RESOURCE_EXHAUSTED by the table. It travels trailers-only, in the
-/// response headers, so this rewrites just that code. (tonic's server
-/// had another, a call past the client's grpc-timeout answered CANCELLED
-/// outside every layer; natter serves with hyper itself, and
-/// [`RequestTimeoutLayer`] answers that call.)
+/// One of tonic's own answers that carries the wrong code by the gRPC
+/// status code table (grpc/doc/statuscodes.md), which DESIGN.md promises
+/// clients, known by its code and message ([`TONIC_ANSWERS`]).
+struct TonicAnswer {
+    /// Its grpc-status.
+    code: &'static [u8],
+    /// Any of these in its grpc-message (as sent, percent-encoded, or not).
+    message_has: &'static [&'static [u8]],
+    /// The code by the table.
+    by_the_table: &'static str,
+    /// The message to give instead (None: tonic's stays).
+    message: Option<&'static str>,
+}
+
+/// tonic's answers with the wrong code:
+/// - a request message over `max_decoding_message_size` is OUT_OF_RANGE in
+///   tonic, RESOURCE_EXHAUSTED by the table;
+/// - a request body that ends inside a gRPC frame, and gRPC-web text that
+///   ends inside a base64 quantum, are INTERNAL in tonic and tonic-web:
+///   the client's fault, INVALID_ARGUMENT (a body that failed as it came
+///   off the connection is answered by its cause before, `crate::cut_body`).
+const TONIC_ANSWERS: [TonicAnswer; 3] = [
+    TonicAnswer { code: b"11", message_has: &[b"length%20too%", b"length too la"], by_the_table: "8", message: None },
+    TonicAnswer {
+        code: b"13",
+        message_has: &[b"Unexpected%20EOF%20decoding", b"Unexpected EOF decoding"],
+        by_the_table: "3",
+        message: Some("the request body ended inside a gRPC message (a truncated frame)"),
+    },
+    TonicAnswer {
+        code: b"13",
+        message_has: &[b"malformed%20base64", b"malformed base64"],
+        by_the_table: "3",
+        message: Some("the gRPC-web text request body is not whole base64"),
+    },
+];
+
+/// Answers tonic's own answers by the gRPC status code table
+/// ([`TONIC_ANSWERS`]). They travel trailers-only, in the response
+/// headers, so this rewrites just those. (tonic's server had another, a
+/// call past the client's grpc-timeout answered CANCELLED outside every
+/// layer; natter serves with hyper itself, and [`RequestTimeoutLayer`]
+/// answers that call.)
 fn tonic_codes_by_the_table<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
+    let Some(code) = headers.get("grpc-status") else { return response };
     let message_has = |needles: &[&[u8]]| {
         headers.get("grpc-message").is_some_and(|m| {
             let m = m.as_bytes();
             needles.iter().any(|n| m.windows(n.len()).any(|w| w == *n))
         })
     };
-    let fixed = match headers.get("grpc-status").map(http::HeaderValue::as_bytes) {
-        Some(b"11") if message_has(&[b"length%20too%", b"length too la"]) => Some("8"),
-        _ => None,
+    let Some(&TonicAnswer { by_the_table: fixed, message, .. }) =
+        TONIC_ANSWERS.iter().find(|answer| code.as_bytes() == answer.code && message_has(answer.message_has))
+    else {
+        return response;
     };
-    if let Some(code) = fixed {
-        headers.insert("grpc-status", http::HeaderValue::from_static(code));
+    match message {
+        // Cannot fail: the message is ASCII, percent-encoded, with no
+        // details.
+        Some(message) => {
+            headers.remove("grpc-status-details-bin");
+            let _ = tonic::Status::new(tonic::Code::from_bytes(fixed.as_bytes()), message).add_header(headers);
+        }
+        None => {
+            headers.insert("grpc-status", http::HeaderValue::from_static(fixed));
+        }
     }
     response
 }
@@ -975,6 +1022,27 @@ pub fn shutdown_token() -> CancellationToken {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// tonic's answers to a body that ended inside a frame, or to gRPC-web
+    /// text that ended inside a base64 quantum, are the client's fault;
+    /// a server's own INTERNAL goes as it is.
+    #[test]
+    fn tonic_s_answers_to_truncated_bodies_are_invalid_argument() {
+        let answer = |code: &'static str, message: &'static str| {
+            let mut response = http::Response::new(());
+            response.headers_mut().insert("grpc-status", http::HeaderValue::from_static(code));
+            response.headers_mut().insert("grpc-message", http::HeaderValue::from_static(message));
+            tonic_codes_by_the_table(response)
+        };
+        let status =
+            |response: &http::Response<()>| tonic::Status::from_header_map(response.headers()).expect("a status");
+        let truncated = answer("13", "Unexpected%20EOF%20decoding%20stream.");
+        assert_eq!(status(&truncated).code(), tonic::Code::InvalidArgument);
+        let text = answer("13", "tonic-web:%20malformed%20base64%20request");
+        assert_eq!(status(&text).code(), tonic::Code::InvalidArgument);
+        let own = answer("13", "database%20down");
+        assert_eq!((status(&own).code(), status(&own).message()), (tonic::Code::Internal, "database down"));
+    }
 
     #[test]
     fn open_cors_is_flagged_only_beyond_loopback() {

@@ -29,6 +29,7 @@ crate::both_modes!(
     a_chat_holds_fifty_pins_and_a_blocked_direct_chat_takes_no_new_one,
     retries_of_an_edit_a_reaction_and_a_pin_after_the_chat_was_archived_answer_as_it_is,
     a_delete_or_edit_retried_after_its_author_left_answers_what_they_saw,
+    a_moderators_delete_retried_after_they_left_or_lost_the_role_answers_the_tombstone,
 );
 
 async fn retries_with_one_message_id_create_one_message(c: &Cluster) {
@@ -670,4 +671,62 @@ async fn a_delete_or_edit_retried_after_its_author_left_answers_what_they_saw(c:
     assert!(!c.messages().get_message(authed(&alice, get)).await.unwrap().into_inner().message.unwrap().deleted);
     // Someone who never was a member learns nothing.
     assert_eq!(code(c.messages().delete_message(authed(&eve, delete(&oops))).await), Code::PermissionDenied);
+}
+
+/// DeleteMessage by an admin of someone else's message (a moderation
+/// delete), retried after the admin left the chat, was removed or lost the
+/// role, its first answer lost: the delete happened, so the retry answers
+/// the tombstone as the first call did. They delete nothing new: another
+/// message, or one someone else deleted, is refused as before.
+async fn a_moderators_delete_retried_after_they_left_or_lost_the_role_answers_the_tombstone(c: &Cluster) {
+    let (alice, bob, carol, dave) =
+        (c.user("alice").await, c.user("bob").await, c.user("carol").await, c.user("dave").await);
+    let members = vec![bob.id.clone(), carol.id.clone(), dave.id.clone()];
+    let request = cpb::CreateChatRequest { title: "moderated".into(), member_ids: members, ..Default::default() };
+    let chat = c.chats().create_chat(authed(&alice, request)).await.unwrap().into_inner().chat.unwrap().id;
+    let role = |user: &TestUser, role: cpb::MemberRole| cpb::UpdateMemberRequest {
+        chat_id: chat.clone(),
+        user_id: user.id.clone(),
+        role: role as i32,
+    };
+    for admin in [&bob, &dave] {
+        c.chats().update_member(authed(&alice, role(admin, cpb::MemberRole::Admin))).await.unwrap();
+    }
+    let (spam, more_spam, fine) = (
+        send(c, &carol, &chat, "spam").await,
+        send(c, &carol, &chat, "more spam").await,
+        send(c, &carol, &chat, "fine").await,
+    );
+    let delete = |m: &mpb::Message| mpb::DeleteMessageRequest { message_id: m.id.clone() };
+    let deleted = |user: &TestUser, m: &mpb::Message| {
+        let mut client = c.messages();
+        let request = authed(user, delete(m));
+        async move { client.delete_message(request).await.map(|r| r.into_inner().message.unwrap()) }
+    };
+    let by_bob = deleted(&bob, &spam).await.expect("bob moderates");
+    let by_dave = deleted(&dave, &more_spam).await.expect("dave moderates");
+    assert!(by_bob.deleted && by_dave.deleted);
+
+    // Bob leaves: his retry answers what his delete did, and no more.
+    let leave = cpb::RemoveMemberRequest { chat_id: chat.clone(), user_id: bob.id.clone() };
+    c.chats().remove_member(authed(&bob, leave)).await.unwrap();
+    assert_eq!(
+        deleted(&bob, &spam).await.expect("bob's delete retried"),
+        by_bob,
+        "the tombstone as his delete left it"
+    );
+    assert_eq!(code(deleted(&bob, &fine).await), Code::PermissionDenied, "a former admin deletes nothing");
+    assert_eq!(code(deleted(&bob, &more_spam).await), Code::PermissionDenied, "nor learns of dave's delete");
+
+    // Dave is a plain member now, then removed: the same each time.
+    c.chats().update_member(authed(&alice, role(&dave, cpb::MemberRole::Member))).await.unwrap();
+    assert_eq!(deleted(&dave, &more_spam).await.expect("as a member"), by_dave, "the tombstone as his delete left it");
+    assert_eq!(code(deleted(&dave, &fine).await), Code::PermissionDenied, "a plain member moderates nothing");
+    assert_eq!(code(deleted(&dave, &spam).await), Code::PermissionDenied, "nor another's delete");
+    let remove = cpb::RemoveMemberRequest { chat_id: chat.clone(), user_id: dave.id.clone() };
+    c.chats().remove_member(authed(&alice, remove)).await.unwrap();
+    assert_eq!(deleted(&dave, &more_spam).await.expect("once removed"), by_dave);
+    assert_eq!(code(deleted(&dave, &fine).await), Code::PermissionDenied);
+    let get = mpb::GetMessageRequest { message_id: fine.id.clone() };
+    assert!(!c.messages().get_message(authed(&alice, get)).await.unwrap().into_inner().message.unwrap().deleted);
 }

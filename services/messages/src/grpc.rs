@@ -1505,6 +1505,7 @@ mod tests {
             thread_root: None,
             thread: None,
             pin: None,
+            deleted_by: None,
         };
         let kind = |m, since| match replay_event(chat, Change::Message(m), since).event {
             Some(Event::MessageCreated(m)) => ("created", m.change_seq),

@@ -527,10 +527,12 @@ impl Messages {
     /// assistant made it from that message (M2, UntitleChat).
     ///
     /// A retry whose first answer was lost is answered with the tombstone,
-    /// as a member's is, also to its author no longer in the chat if they
-    /// saw it deleted (`seen_before_leaving`); else a former
-    /// member is
-    /// refused (PERMISSION_DENIED), as any request of theirs is.
+    /// as a member's is, also to the user who deleted it (its author, or an
+    /// owner or admin moderating) whatever their role now, and to its
+    /// author or that user no longer in the chat if they saw it deleted
+    /// (`seen_before_leaving`); else a former member is refused
+    /// (PERMISSION_DENIED), as any request of theirs is, and a member who
+    /// may not delete it too.
     ///
     /// Errors: as [`Messages::member`]; UNAVAILABLE (or the chats
     /// service's error) when the title could not be taken back: the
@@ -552,12 +554,19 @@ impl Messages {
         let assistant_chat_reply =
             membership.kind == cpb::ChatKind::Direct as i32 && message.role() == crate::store::Role::Assistant;
         if message.author_id != caller && !manager && !assistant_chat_reply {
+            // A retry by a moderator demoted since: their delete happened.
+            if message.deleted() && message.deleted_by == Some(caller) {
+                return Ok(message);
+            }
             return Err(MessagesError::Denied("only the author, the owner or an admin may delete a message"));
         }
         // A tombstone too: its replies still live (deleted before replies
         // went with their prompt) go now, and its title is asked again.
-        let crate::store::Deleted { message: deleted, replies } =
-            self.store.delete_with_replies(message.id, now_micros()).await?.ok_or(MessagesError::MessageNotFound)?;
+        let crate::store::Deleted { message: deleted, replies } = self
+            .store
+            .delete_with_replies(message.id, caller, now_micros())
+            .await?
+            .ok_or(MessagesError::MessageNotFound)?;
         let chat = deleted.chat_id;
         for reply in replies {
             self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, grpc::deleted_event(reply))));
@@ -579,15 +588,16 @@ impl Messages {
     }
 
     /// Whether `caller`, who is no member of `message`'s chat (any more),
-    /// saw `message` as it is now: they are its author, and nothing has
-    /// changed it since they left (its change number is below their
-    /// departure's in the chat's log; a departure not logged yet comes
-    /// after every change so far; one pruned from the log is not told).
-    /// A retry of theirs whose first answer was lost (a DeleteMessage that
-    /// finds the tombstone, an EditMessage that finds its text) is then
-    /// answered with it: that tells nothing they did not see as a member.
+    /// saw `message` as it is now: they are its author or deleted it (an
+    /// owner or admin then), and nothing has changed it since they left
+    /// (its change number is below their departure's in the chat's log; a
+    /// departure not logged yet comes after every change so far; one
+    /// pruned from the log is not told). A retry of theirs whose first
+    /// answer was lost (a DeleteMessage that finds the tombstone, an
+    /// EditMessage that finds its text) is then answered with it: that
+    /// tells nothing they did not see as a member.
     async fn seen_before_leaving(&self, caller: UserId, message: &Message) -> Result<bool, MessagesError> {
-        if message.author_id != caller {
+        if message.author_id != caller && message.deleted_by != Some(caller) {
             return Ok(false);
         }
         Ok(match self.store.latest_membership(message.chat_id, caller).await? {

@@ -122,14 +122,14 @@ macro_rules! message_columns {
         "id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, revision, delete_time, \
          change_seq, create_change, role, generation, replaces_id, superseded, generation_info, stop_requested, \
          flag_severity, flags, reaction_rows, mentions, thread_root_seq, reply_count, last_reply_time, \
-         thread_participants, pin_time, pinned_by"
+         thread_participants, pin_time, pinned_by, deleted_by"
     };
 }
 pub(crate) use message_columns;
 
 /// How many columns [`message_columns!`] names: the index of the first
 /// column a query selects after them.
-pub(crate) const MESSAGE_COLUMNS: usize = 29;
+pub(crate) const MESSAGE_COLUMNS: usize = 30;
 
 /// `flag_severity` of a flagged message: LOW or more.
 pub const FLAGGED_FROM: i32 = 2;
@@ -339,6 +339,10 @@ pub struct Message {
     pub thread: Option<Box<ThreadSummary>>,
     /// Its pin to the chat, if pinned (`pin_time`, `pinned_by`).
     pub pin: Option<Pin>,
+    /// Who deleted it (`deleted_by`: the caller of the DeleteMessage that
+    /// made the tombstone; None: not deleted, or deleted before the column
+    /// was). Only for answering that user's retry; never shown to anyone.
+    pub deleted_by: Option<UserId>,
 }
 
 /// A message's pin (PinMessage).
@@ -612,6 +616,7 @@ impl NewMessage {
             thread_root: self.thread_root,
             thread: None,
             pin: None,
+            deleted_by: None,
         }
     }
 }
@@ -1023,6 +1028,10 @@ impl Logged {
 pub(crate) const JOINED: &str = "joined";
 
 /// One change of a chat as the store holds it now, for replay.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "most changes a replay reads are messages: boxing them would cost an allocation per replayed message"
+)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// A message created, edited or deleted since the resume point, in its
@@ -1201,9 +1210,10 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
         max_edits: usize,
     ) -> Result<Edited, StoreError>;
 
-    /// Turns a message into a tombstone at `now` (µs): seq stays, text,
-    /// attachments, flags, reactions, mentions and earlier revisions go; a
-    /// tombstone stays as it is. A thread reply's root loses it from its
+    /// Turns a message into a tombstone at `now` (µs), deleted by `by`
+    /// (its `deleted_by`): seq stays, text, attachments, flags, reactions,
+    /// mentions and earlier revisions go; a tombstone stays as it is (its
+    /// first deleter too). A thread reply's root loses it from its
     /// reply count in the same transaction, as a change of the root (the
     /// next change number after the deletion's); a root keeps its summary.
     /// (PostgreSQL locks the reply's row, then the root's, then the
@@ -1212,8 +1222,8 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     ///
     /// A person's message takes its assistant's replies with it
     /// ([`MessageStore::delete_with_replies`], whose message this is).
-    async fn delete(&self, id: MessageId, now: i64) -> Result<Option<Message>, StoreError> {
-        Ok(self.delete_with_replies(id, now).await?.map(|deleted| deleted.message))
+    async fn delete(&self, id: MessageId, by: UserId, now: i64) -> Result<Option<Message>, StoreError> {
+        Ok(self.delete_with_replies(id, by, now).await?.map(|deleted| deleted.message))
     }
 
     /// [`MessageStore::delete`], and first, in the same transaction, each
@@ -1230,8 +1240,9 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// prompt's row lock, so it either commits first, and its reply is
     /// deleted here, or sees the prompt deleted.)
     /// Returns the message after the call and the replies this call
-    /// deleted (None: no such message).
-    async fn delete_with_replies(&self, id: MessageId, now: i64) -> Result<Option<Deleted>, StoreError>;
+    /// deleted (None: no such message). Each reply deleted here is
+    /// recorded as deleted by `by` too.
+    async fn delete_with_replies(&self, id: MessageId, by: UserId, now: i64) -> Result<Option<Deleted>, StoreError>;
 
     /// The assistant's replies to the message at `prompt` in `chat` (role
     /// ASSISTANT, `reply_to_seq` = `prompt`), live and deleted, superseded

@@ -629,15 +629,17 @@ fn id_at<T: std::str::FromStr>(row: &PgRow, i: usize) -> Result<T, StoreError> {
 }
 
 /// Tombstones one live message inside the caller's transaction (a
-/// tombstone stays as it is): see [`MessageStore::delete`]. Locks the
-/// message's row, then a thread reply's root's, then the chat's heads.
-async fn tombstone(tx: &mut sqlx::PgConnection, id: &str, now: i64) -> Result<(), StoreError> {
+/// tombstone stays as it is), deleted by `by`: see
+/// [`MessageStore::delete`]. Locks the message's row, then a thread reply's
+/// root's, then the chat's heads.
+async fn tombstone(tx: &mut sqlx::PgConnection, id: &str, by: &str, now: i64) -> Result<(), StoreError> {
     let live: Option<(String, i64, String, i64)> = sqlx::query_as(
-        "UPDATE messages SET delete_time = $1 WHERE id = $2 AND delete_time IS NULL \
+        "UPDATE messages SET delete_time = $1, deleted_by = $3 WHERE id = $2 AND delete_time IS NULL \
          RETURNING chat_id, seq, mentions, thread_root_seq",
     )
     .bind(now)
     .bind(id)
+    .bind(by)
     .fetch_optional(&mut *tx)
     .await?;
     let Some((chat, seq, mentions, root)) = live else { return Ok(()) };
@@ -728,6 +730,10 @@ fn message_row(row: &PgRow) -> Result<Message, StoreError> {
         .map_err(StoreError::Corrupt)?,
         pin: Pin::of_columns(row.try_get("pin_time")?, row.try_get("pinned_by")?, delete_time.is_some())
             .map_err(StoreError::Corrupt)?,
+        deleted_by: match row.try_get::<Option<&str>, _>("deleted_by")? {
+            Some(by) => Some(parse_id("deleted_by", by).map_err(StoreError::Corrupt)?),
+            None => None,
+        },
     })
 }
 
@@ -1030,8 +1036,8 @@ impl MessageStore for PostgresStore {
         Ok(Edited::Done(message_row(&row)?))
     }
 
-    async fn delete_with_replies(&self, id: MessageId, now: i64) -> Result<Option<Deleted>, StoreError> {
-        let id = id.to_string();
+    async fn delete_with_replies(&self, id: MessageId, by: UserId, now: i64) -> Result<Option<Deleted>, StoreError> {
+        let (id, by) = (id.to_string(), by.to_string());
         let mut tx = self.pool.begin().await?;
         // Lock the message's row first (a StartReply of it shares this
         // lock), then its live replies' in seq order, then (each
@@ -1053,12 +1059,12 @@ impl MessageStore for PostgresStore {
             .fetch_all(&mut *tx)
             .await?;
             for (reply,) in live {
-                tombstone(&mut tx, &reply, now).await?;
+                tombstone(&mut tx, &reply, &by, now).await?;
                 let row = sqlx::query(MESSAGE_BY_ID).bind(&reply).fetch_one(&mut *tx).await?;
                 replies.push(message_row(&row)?);
             }
         }
-        tombstone(&mut tx, &id, now).await?;
+        tombstone(&mut tx, &id, &by, now).await?;
         let row = sqlx::query(MESSAGE_BY_ID).bind(&id).fetch_one(&mut *tx).await?;
         tx.commit().await?;
         Ok(Some(Deleted { message: message_row(&row)?, replies }))

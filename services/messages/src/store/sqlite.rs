@@ -296,6 +296,10 @@ fn message_row(row: &Row<'_>) -> rusqlite::Result<Message> {
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(26, Type::Text, e.into()))?,
         pin: Pin::of_columns(row.get(27)?, row.get_ref(28)?.as_str_or_null()?, delete_time.is_some())
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(28, Type::Text, e.into()))?,
+        deleted_by: match row.get_ref(29)?.as_str_or_null()? {
+            Some(_) => Some(id_at(row, 29)?),
+            None => None,
+        },
     })
 }
 
@@ -555,7 +559,7 @@ fn edit(
 
 /// Tombstones one message and its assistant's live replies, replies
 /// first, in one transaction (see [`MessageStore::delete_with_replies`]).
-fn delete(conn: &mut Connection, id: &str, now: i64) -> rusqlite::Result<Option<Deleted>> {
+fn delete(conn: &mut Connection, id: &str, by: &str, now: i64) -> rusqlite::Result<Option<Deleted>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let target: Option<(String, i64, i64)> = tx
         .prepare_cached("SELECT chat_id, seq, role FROM messages WHERE id = ?1")?
@@ -572,19 +576,19 @@ fn delete(conn: &mut Connection, id: &str, now: i64) -> rusqlite::Result<Option<
             .query_map(params![chat, seq], |row| row.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         for reply in live {
-            tombstone(&tx, &reply, now)?;
+            tombstone(&tx, &reply, by, now)?;
             replies.push(tx.prepare_cached(MESSAGE_BY_ID)?.query_row([&reply], message_row)?);
         }
     }
-    tombstone(&tx, id, now)?;
+    tombstone(&tx, id, by, now)?;
     let message = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row)?;
     tx.commit()?;
     Ok(Some(Deleted { message, replies }))
 }
 
 /// Tombstones one live message inside the caller's transaction (a
-/// tombstone stays as it is): see [`MessageStore::delete`].
-fn tombstone(tx: &Connection, id: &str, now: i64) -> rusqlite::Result<()> {
+/// tombstone stays as it is), deleted by `by`: see [`MessageStore::delete`].
+fn tombstone(tx: &Connection, id: &str, by: &str, now: i64) -> rusqlite::Result<()> {
     let live: Option<(String, i64, String, i64)> = tx
         .prepare_cached(
             "SELECT chat_id, seq, mentions, thread_root_seq FROM messages WHERE id = ?1 AND delete_time IS NULL",
@@ -603,11 +607,11 @@ fn tombstone(tx: &Connection, id: &str, now: i64) -> rusqlite::Result<()> {
     }
     tx.prepare_cached(concat!(
         "UPDATE messages SET text = '', attachments = '', delete_time = ?1, change_seq = ?3, flag_severity = 0, \
-         flags = '', reaction_rows = 0, mentions = '', pin_time = NULL, pinned_by = NULL, ",
+         flags = '', reaction_rows = 0, mentions = '', pin_time = NULL, pinned_by = NULL, deleted_by = ?4, ",
         stop_generating_sql!(),
         " WHERE id = ?2"
     ))?
-    .execute(params![now, id, change])?;
+    .execute(params![now, id, change, by])?;
     for user in mentions.split_whitespace() {
         tx.prepare_cached("DELETE FROM message_mentions WHERE chat_id = ?1 AND user_id = ?2 AND seq = ?3")?
             .execute(params![chat, user, seq])?;
@@ -1173,9 +1177,9 @@ impl MessageStore for SqliteStore {
         Ok(self.db.write(move |conn| edit(conn, &id, &text, flags, now, max_edits)).await?)
     }
 
-    async fn delete_with_replies(&self, id: MessageId, now: i64) -> Result<Option<Deleted>, StoreError> {
-        let id = id.to_string();
-        Ok(self.db.write(move |conn| delete(conn, &id, now)).await?)
+    async fn delete_with_replies(&self, id: MessageId, by: UserId, now: i64) -> Result<Option<Deleted>, StoreError> {
+        let (id, by) = (id.to_string(), by.to_string());
+        Ok(self.db.write(move |conn| delete(conn, &id, &by, now)).await?)
     }
 
     async fn replies(&self, chat: ChatId, prompt: Seq) -> Result<Vec<Message>, StoreError> {
@@ -1832,7 +1836,7 @@ mod tests {
         let before = file();
         assert!(holds(&before, &short) && holds(&before, &long[..40]), "the texts are in the file at first");
         for m in &batch {
-            store.delete(m.id, 2).await.unwrap().unwrap();
+            store.delete(m.id, author, 2).await.unwrap().unwrap();
         }
         checkpoint().await.unwrap();
         let after = file();
@@ -1948,7 +1952,7 @@ mod tests {
             .await
         });
         scan_done.await.unwrap();
-        store.delete(deleted.id, 4).await.unwrap().expect("deleted");
+        store.delete(deleted.id, deleted.author_id, 4).await.unwrap().expect("deleted");
         let replacement =
             NewReply { id: MessageId::new_v7(), replaces: Some(reply.id), now: 5, finished: None, ..reply };
         let superseded = store.start_reply(&replacement).await.unwrap();

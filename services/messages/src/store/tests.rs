@@ -387,7 +387,7 @@ async fn unread_counts_skip_own_and_deleted_messages_up_to_the_cap(h: &Harness) 
     // User 1 has not read anything of chat 1: three by others, one of them
     // deleted later, and one of their own.
     send(h, &[by(msg(1, 1, 0), 2), by(msg(2, 1, 0), 1), by(msg(3, 1, 0), 2), by(msg(4, 1, 0), 3)]).await;
-    h.store.delete(id(3), 5_000).await.unwrap();
+    h.store.delete(id(3), user(1), 5_000).await.unwrap();
     let summary = h.store.summaries(&[chat(1)], Some(user(1))).await.unwrap();
     assert_eq!(summary[0].unread, 2);
     // No one's counts: the preview alone (a public chat listed to someone
@@ -448,15 +448,19 @@ async fn a_delete_leaves_a_tombstone(h: &Harness) {
         Attachment { url: "https://x/y".into(), mime_type: "image/png".into(), width: 1, height: 1, size_bytes: 1 };
     send(h, &[NewMessage { attachments: vec![image], ..msg(1, 1, 0) }, msg(2, 1, 0)]).await;
     h.store.edit(id(1), "edited", None, 2_000, 5).await.unwrap();
-    let gone = h.store.delete(id(1), 3_000).await.unwrap().unwrap();
+    assert_eq!(h.store.message(id(1)).await.unwrap().unwrap().deleted_by, None);
+    // Deleted by a moderator (user 2), not its author.
+    let gone = h.store.delete(id(1), user(2), 3_000).await.unwrap().unwrap();
     assert_eq!((gone.seq, gone.text.as_str(), gone.attachments.len(), gone.delete_time), (Seq(1), "", 0, Some(3_000)));
     assert!(gone.deleted());
+    assert_eq!(gone.deleted_by, Some(user(2)), "who deleted it is recorded");
+    assert_eq!(h.store.message(id(1)).await.unwrap().unwrap().deleted_by, Some(user(2)));
     assert!(h.store.revisions_after(id(1), 0, 10).await.unwrap().is_empty(), "earlier revisions go too");
     assert_eq!(h.store.edit(id(1), "again", None, 4_000, 5).await.unwrap(), Edited::Deleted);
-    let again = h.store.delete(id(1), 5_000).await.unwrap().unwrap();
-    assert_eq!(again.delete_time, Some(3_000), "a tombstone stays as it is");
+    let again = h.store.delete(id(1), user(3), 5_000).await.unwrap().unwrap();
+    assert_eq!((again.delete_time, again.deleted_by), (Some(3_000), Some(user(2))), "a tombstone stays as it is");
     assert_eq!(stored(h, 1).await, [(1, id(1)), (2, id(2))], "the seq stays");
-    assert_eq!(h.store.delete(id(9), 1).await.unwrap(), None);
+    assert_eq!(h.store.delete(id(9), user(1), 1).await.unwrap(), None);
 }
 
 /// A join recorded late (the messages service was out of reach) puts its
@@ -488,10 +492,11 @@ async fn deleting_a_prompt_deletes_its_replies_first_and_a_deleted_prompt_gets_n
     assert!(listed(4).await.is_empty(), "a person's message is no reply");
     let before = h.store.heads(chat(1)).await.unwrap().change;
 
-    let deleted = h.store.delete_with_replies(id(1), 9_000).await.unwrap().unwrap();
+    let deleted = h.store.delete_with_replies(id(1), user(1), 9_000).await.unwrap().unwrap();
     let replies: Vec<(MessageId, bool, &str, i64)> =
         deleted.replies.iter().map(|m| (m.id, m.deleted(), m.text.as_str(), m.change_seq)).collect();
     assert_eq!(replies, [(id(2), true, "", before + 1), (id(3), true, "", before + 2)], "replies first");
+    assert!(deleted.replies.iter().all(|m| m.deleted_by == Some(user(1))), "deleted by the prompt's deleter");
     assert_eq!((deleted.message.id, deleted.message.deleted(), deleted.message.change_seq), (id(1), true, before + 3));
     let stopped = h.store.message(id(3)).await.unwrap().unwrap();
     assert_eq!((stopped.generation(), stopped.text.as_str()), (Some(Generation::Stopped), ""), "stops generating");
@@ -510,11 +515,11 @@ async fn deleting_a_prompt_deletes_its_replies_first_and_a_deleted_prompt_gets_n
         NewReply { finished: Some((Generation::Failed, String::new(), info.clone())), ..reply(7, 1, 1, None) };
     assert_eq!(h.store.start_reply(&refusal).await.unwrap(), Started::PromptDeleted);
     // Again (a client's retry): nothing more.
-    let again = h.store.delete_with_replies(id(1), 9_500).await.unwrap().unwrap();
+    let again = h.store.delete_with_replies(id(1), user(1), 9_500).await.unwrap().unwrap();
     assert_eq!((again.message, again.replies), (deleted.message, Vec::new()));
     assert_eq!(h.store.heads(chat(1)).await.unwrap().change, before + 3);
     // Deleting a reply leaves its prompt.
-    assert!(h.store.delete_with_replies(id(6), 9_600).await.unwrap().unwrap().replies.is_empty());
+    assert!(h.store.delete_with_replies(id(6), user(1), 9_600).await.unwrap().unwrap().replies.is_empty());
     assert!(!h.store.message(id(5)).await.unwrap().unwrap().deleted());
     // A prompt deleted before replies went with it: deleting it again
     // takes its live replies now.
@@ -522,9 +527,9 @@ async fn deleting_a_prompt_deletes_its_replies_first_and_a_deleted_prompt_gets_n
     let old = NewReply { finished: Some((Generation::Complete, "kept".into(), info.clone())), ..reply(9, 1, 8, None) };
     created(h.store.start_reply(&old).await.unwrap());
     h.execute(&format!("UPDATE messages SET text = '', delete_time = 1 WHERE id = '{}'", id(8))).await;
-    let late = h.store.delete_with_replies(id(8), 9_700).await.unwrap().unwrap();
+    let late = h.store.delete_with_replies(id(8), user(1), 9_700).await.unwrap().unwrap();
     assert_eq!(late.replies.iter().map(|m| (m.id, m.deleted())).collect::<Vec<_>>(), [(id(9), true)]);
-    assert_eq!(h.store.delete_with_replies(id(99), 1).await.unwrap(), None);
+    assert_eq!(h.store.delete_with_replies(id(99), user(1), 1).await.unwrap(), None);
 }
 
 async fn a_join_recorded_late_leaves_what_was_sent_since_unread(h: &Harness) {
@@ -680,9 +685,9 @@ async fn every_change_takes_the_next_change_number(h: &Harness) {
         panic!("edit refused")
     };
     assert_eq!((edited.change_seq, edited.create_change), (3, 1));
-    let deleted = h.store.delete(id(2), 3_000).await.unwrap().unwrap();
+    let deleted = h.store.delete(id(2), user(1), 3_000).await.unwrap().unwrap();
     assert_eq!((deleted.change_seq, deleted.create_change), (4, 2));
-    assert_eq!(h.store.delete(id(2), 3_500).await.unwrap().unwrap().change_seq, 4, "a tombstone takes none");
+    assert_eq!(h.store.delete(id(2), user(1), 3_500).await.unwrap().unwrap().change_seq, 4, "a tombstone takes none");
     assert_eq!(h.store.edit(id(2), "x", None, 3_600, 5).await.unwrap(), Edited::Deleted);
     assert_eq!(h.store.mark_read(chat(1), user(1), Seq(2)).await.unwrap().change_seq, Some(5));
     let logged = h
@@ -755,7 +760,7 @@ async fn concurrent_changes_take_gap_free_numbers(h: &Harness) {
                         Edited::Done(m) => taken.push(m.change_seq),
                         other => panic!("edit: {other:?}"),
                     },
-                    1 => taken.push(store.delete(id(n), 5_000).await.unwrap().unwrap().change_seq),
+                    1 => taken.push(store.delete(id(n), user(1), 5_000).await.unwrap().unwrap().change_seq),
                     2 => taken.extend(store.mark_read(chat(1), user(t), m.seq).await.unwrap().change_seq),
                     _ => {
                         let changes = [ChatChange::Joined(user(100 + t)), ChatChange::RoleChanged(user(t))];
@@ -919,7 +924,7 @@ async fn mentions_are_kept_with_the_message_and_count_only_unread_live_mentions_
     };
     assert_eq!(edited.mentions, [user(1)]);
     assert_eq!(mention_counts(h, 1, &[1]).await, [2]);
-    let tombstone = h.store.delete(id(4), 4_000).await.unwrap().unwrap();
+    let tombstone = h.store.delete(id(4), user(1), 4_000).await.unwrap().unwrap();
     assert_eq!(tombstone.mentions, []);
     assert_eq!(h.store.message(id(4)).await.unwrap().unwrap().mentions, []);
     assert_eq!(mention_counts(h, 1, &[0, 1, 2]).await, [0, 1, 2]);
@@ -1183,7 +1188,7 @@ async fn flags_are_stored_replaced_on_edit_cleared_on_delete_and_filter_a_listin
     assert_eq!(seqs(h.store.list(chat(1), only_flagged, None, 10).await.unwrap()), [1, 4]);
     // An edit carries the new text's verdict; a delete clears it.
     h.store.edit(id(1), "fine now", Some(&flags(1, "")), 2_000, 10).await.unwrap();
-    h.store.delete(id(4), 3_000).await.unwrap();
+    h.store.delete(id(4), user(1), 3_000).await.unwrap();
     assert_eq!(h.store.message(id(4)).await.unwrap().unwrap().flags, None);
     assert!(h.store.list(chat(1), only_flagged, None, 10).await.unwrap().is_empty());
     assert_eq!(h.store.message(id(1)).await.unwrap().unwrap().flags.as_deref(), Some(&flags(1, "")));
@@ -1207,7 +1212,7 @@ async fn reports_are_once_per_user_and_the_queue_lists_flagged_and_reported_mess
     // (chat 1, seq 2), 3 flagged LOW (chat 2, seq 1), 4 plain (chat 2, seq
     // 2), 5 flagged HIGH but deleted (chat 1, seq 3).
     send(h, &[flagged(1, 1, 4), msg(2, 1, 0), flagged(3, 2, 2), msg(4, 2, 0), flagged(5, 1, 4)]).await;
-    h.store.delete(id(5), 9_000).await.unwrap();
+    h.store.delete(id(5), user(1), 9_000).await.unwrap();
     let first = h.store.report(&report_of(2, 7, 1, 5_000)).await.unwrap();
     assert_eq!(first, report_of(2, 7, 1, 5_000));
     // Once per user: a repeat answers the first.
@@ -1269,7 +1274,7 @@ async fn an_external_verdict_only_raises_the_flags_of_the_revision_it_saw(h: &Ha
     );
     assert_eq!(h.store.raise_flags(id(1), 1, &flags(3, "x")).await.unwrap(), None, "never lowered");
     assert_eq!(h.store.raise_flags(id(2), 7, &high).await.unwrap(), None, "another revision's verdict");
-    h.store.delete(id(2), 5_000).await.unwrap();
+    h.store.delete(id(2), user(1), 5_000).await.unwrap();
     assert_eq!(h.store.raise_flags(id(2), 1, &high).await.unwrap(), None, "a tombstone stays clean");
 }
 
@@ -1330,7 +1335,7 @@ async fn reactions_are_once_per_user_per_emoji_and_only_real_changes_take_number
     assert_eq!(numbers(&page), [9]);
     assert!(matches!(&page[0], Change::Message(m) if m.id == id(1) && m.revision == 1));
     // A tombstone keeps none and takes none.
-    let deleted = h.store.delete(id(1), 20).await.unwrap().unwrap();
+    let deleted = h.store.delete(id(1), user(1), 20).await.unwrap().unwrap();
     assert!(read(Some(user(2))).await.is_empty(), "delete drops the reactions");
     assert_eq!(react(2, "🎉", true, 21).await, Reacted::Gone);
     assert_eq!(react(2, "🎉", false, 21).await, Reacted::Gone);
@@ -1401,7 +1406,7 @@ async fn concurrent_reactions_on_one_message_never_drift(h: &Harness) {
     assert_eq!((message.change_seq, message.revision), (head, 1));
     assert_eq!(message.reaction_rows, 32 + 64, "the marker follows the rows");
     // A delete clears the rows and the marker.
-    h.store.delete(id(1), 9_000).await.unwrap();
+    h.store.delete(id(1), user(1), 9_000).await.unwrap();
     assert_eq!(h.store.message(id(1)).await.unwrap().unwrap().reaction_rows, 0);
 }
 
@@ -1595,7 +1600,7 @@ async fn search_finds_the_current_text_of_live_messages_of_the_chats_asked(h: &H
     assert_eq!(found(h, "apple", &[1, 2]).await, [2]);
     assert_eq!(found(h, "banana", &[1]).await, [1]);
     // A delete: gone.
-    h.store.delete(id(2), 3_000).await.unwrap();
+    h.store.delete(id(2), user(1), 3_000).await.unwrap();
     assert!(found(h, "apple", &[1, 2]).await.is_empty());
     // A reply as it streams, as it finishes, and once superseded.
     let (r, _) = created(h.store.start_reply(&reply(5, 1, 4, None)).await.unwrap());
@@ -1792,7 +1797,7 @@ async fn a_thread_reply_joins_its_roots_thread_and_changes_the_root(h: &Harness)
     // Deleting a reply lowers the count as the next change after the
     // deletion's; the tombstone stays in the thread; whoever replied stays
     // a participant, and the last reply time stays.
-    let deleted = h.store.delete(id(3), 9_000).await.unwrap().unwrap();
+    let deleted = h.store.delete(id(3), user(1), 9_000).await.unwrap().unwrap();
     assert_eq!((deleted.change_seq, deleted.thread_root), (8, Some(Seq(1))));
     let root = at(h, 1, 1).await;
     assert_eq!(root.change_seq, 9);
@@ -1800,18 +1805,18 @@ async fn a_thread_reply_joins_its_roots_thread_and_changes_the_root(h: &Harness)
     assert_eq!((thread.replies, thread.last_reply_time, thread.participants.len()), (1, 1_004, 2));
     assert_eq!(walk(h, 1, Timeline::Thread(Seq(1)), true, 10).await, [3, 4]);
     // A tombstone's second deletion changes nothing.
-    h.store.delete(id(3), 9_500).await.unwrap();
+    h.store.delete(id(3), user(1), 9_500).await.unwrap();
     assert_eq!(at(h, 1, 1).await.thread.unwrap().replies, 1);
     // Deleting the root keeps its summary (its replies stay) and refuses
     // new replies.
-    let root = h.store.delete(id(1), 10_000).await.unwrap().unwrap();
+    let root = h.store.delete(id(1), user(1), 10_000).await.unwrap().unwrap();
     assert_eq!(root.thread.unwrap().replies, 1);
     assert_eq!(send(h, &[in_thread(msg(6, 1, 0), 4)]).await, [Sent::ThreadRootDeleted]);
 }
 
 async fn thread_roots_are_live_messages_stored_before_the_batch(h: &Harness) {
     send(h, &[msg(1, 1, 0), msg(2, 1, 0), msg(9, 2, 0)]).await;
-    h.store.delete(id(2), 2_000).await.unwrap();
+    h.store.delete(id(2), user(1), 2_000).await.unwrap();
     let head = h.store.heads(chat(1)).await.unwrap();
     // No such seq; one taken within this very batch; a deleted root; a seq
     // of another chat: each refused, taking no seq; the good one beside
@@ -1899,7 +1904,7 @@ async fn concurrent_thread_replies_count_exactly_and_page_without_gaps(h: &Harne
     for seq in replies.iter().take(10).copied() {
         let store = h.store.clone();
         let message = at(h, 1, seq).await.id;
-        deletes.push(tokio::spawn(async move { store.delete(message, 50_000).await.unwrap() }));
+        deletes.push(tokio::spawn(async move { store.delete(message, user(1), 50_000).await.unwrap() }));
     }
     for delete in deletes {
         delete.await.unwrap();
@@ -1968,7 +1973,7 @@ async fn deleting_a_reply_being_written_ends_it_and_no_later_write_restores_its_
     send(h, &[by(msg(1, 1, 0), 1)]).await;
     let (r, _) = created(h.store.start_reply(&reply(2, 1, 1, None)).await.unwrap());
     assert_eq!(h.store.checkpoint_reply(r.id, Some("Hel"), 6_000).await.unwrap(), Some(false));
-    let gone = h.store.delete(r.id, 6_500).await.unwrap().unwrap();
+    let gone = h.store.delete(r.id, user(1), 6_500).await.unwrap().unwrap();
     assert!(gone.deleted());
     assert_eq!((gone.text.as_str(), gone.generation()), ("", Some(Generation::Stopped)));
     // The generator's next checkpoint finds it finished (and stops); its
@@ -2108,7 +2113,7 @@ async fn pins_take_numbers_only_when_real_hold_the_limit_under_concurrent_pins_a
     assert_eq!(listed.len(), 10);
     assert!(listed.iter().all(|m| m.pin.is_some_and(|p| p.by == user(1))));
     let gone = listed[0].id;
-    let tombstone = h.store.delete(gone, 1_000).await.unwrap().expect("deleted");
+    let tombstone = h.store.delete(gone, user(1), 1_000).await.unwrap().expect("deleted");
     assert_eq!(tombstone.pin, None);
     let listed = h.store.list(chat(1), pins, None, 100).await.unwrap();
     assert_eq!(listed.len(), 9);

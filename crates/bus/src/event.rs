@@ -108,6 +108,10 @@ pub enum BeatKind {
     Hello = 4,
     /// The replica is stopping: none of its users is online on it any more.
     Goodbye = 5,
+    /// The replica's process is dead: the bus of this process found it
+    /// silent ([`Event::process_lost`]). Never on the wire: the bus
+    /// delivers it to its own process's subscribers only.
+    Lost = 6,
 }
 
 impl BeatKind {
@@ -153,6 +157,19 @@ impl Event {
     /// A presence announcement about `users`.
     pub fn beat(beat: Beat, users: Vec<UserId>) -> Self {
         Self { users, beat: Some(beat), ..Self::default() }
+    }
+
+    /// The bus found the process `process` ([`EventBus::process`] of its
+    /// bus) dead: a beat of kind [`BeatKind::Lost`] with that replica id
+    /// and nothing else, which the bus delivers on [`Topic::Presence`] to
+    /// its own process only. The presence whose replica id is that process's
+    /// takes its users offline at once, rather than after missing its
+    /// heartbeats.
+    ///
+    /// [`EventBus::process`]: crate::EventBus::process
+    pub fn process_lost(process: Uuid) -> Self {
+        let beat = Beat { replica: process, kind: BeatKind::Lost, time: 0, interval: 0, parts: 0 };
+        Self { beat: Some(beat), ..Self::default() }
     }
 
     /// What others see of `user` changed (`user_updated`: their username

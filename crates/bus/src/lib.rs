@@ -140,6 +140,15 @@ pub trait EventBus: Send + Sync + 'static {
     fn settled(&self) -> futures::future::BoxFuture<'_, ()> {
         Box::pin(async {})
     }
+    /// This process's id among the processes on the bus (NATS: random, new
+    /// at every start, announced on the liveness subject); `None` within
+    /// one process. When the bus finds a peer process dead it delivers
+    /// [`Event::process_lost`] with that peer's id on [`Topic::Presence`]
+    /// to this process: the messages service's presence uses this id as
+    /// its replica id, so its peers know which replica died.
+    fn process(&self) -> Option<Uuid> {
+        None
+    }
 }
 
 /// A change of this process's interest in a topic: `(topic, true)` when

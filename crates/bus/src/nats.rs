@@ -86,7 +86,11 @@
 //! process of the deployment (its `--nats-subject-prefix`) hint all its
 //! local topics once (its streams re-read the store and tell their clients
 //! that ephemeral news may be lost), within about 4 s of the crash. A
-//! clean goodbye is forgotten silently.
+//! silent peer is also told to the process's presence
+//! (`Event::process_lost` on the presence topic, local only), whose
+//! replica id is the bus's process id ([`EventBus::process`]): the dead
+//! replica's users go offline then, not after its missed presence
+//! heartbeats. A clean goodbye is forgotten silently.
 //!
 //! At shutdown the publisher keeps going until [`EventBus::close`], not the
 //! shutdown token: a stopping process publishes through its drain (up to
@@ -1787,6 +1791,10 @@ impl EventBus for NatsBus {
                 let _ = answered.await;
             }
         })
+    }
+
+    fn process(&self) -> Option<Uuid> {
+        Some(self.liveness.me())
     }
 }
 

@@ -9,19 +9,29 @@
 //! which replaces what its peers knew of it (so a lost `Online` or `Offline`
 //! is mended by the next heartbeat). A peer not heard of for
 //! [`MISSED_BEATS`] of its intervals is taken as dead: its users go offline
-//! as of its last word, unless online elsewhere. A replica that starts says
-//! `Hello` and its peers answer with a heartbeat at once; one that stops
-//! says `Goodbye`. Each replica thus holds user -> replicas, and works out
+//! as of its last word, unless online elsewhere. So is, at once, a peer
+//! whose process the bus finds dead (NATS: its liveness announcements, one
+//! a second, stopped for 3 s; [`BeatKind::Lost`], delivered by this
+//! process's bus only): a replica's id is its bus's process id
+//! ([`EventBus::process`]; random within one process). A replica that
+//! starts says `Hello` and its peers answer with a heartbeat at once; one
+//! that stops says `Goodbye`. Each replica thus holds user -> replicas, and works out
 //! every change by itself: it tells its own streams (never another
 //! replica's), so no stream gets a change twice, and it records an offline
 //! user's last-seen time in the store (each replica that sees the change
 //! writes the same or a close time; the store keeps the latest).
 //!
-//! Timing: silence is checked at each of this replica's own heartbeats, so
-//! a dead peer is found 3 to 4 intervals after its last word (30-40 s by
-//! default). A starting replica knows its peers' users once they answer its
-//! hello (a round trip), at the latest after one heartbeat interval; until
-//! then it may take a user online only elsewhere as offline. A heartbeat of
+//! Timing: on NATS a dead peer is found within about 4 s of its death,
+//! through the bus. Its own silence is checked too, at each of this
+//! replica's own heartbeats, so a peer the bus does not find (one of a
+//! build before it, whose replica id is not its process's) goes 3 to 4
+//! intervals after its last word (30-40 s by default). The price: a peer
+//! only cut off from NATS for 3 s or more (a network fault, a long pause)
+//! is taken as dead too, and its users come back online with its next
+//! heartbeat once it is back. A starting replica knows its peers' users
+//! once they answer its hello (a round trip), at the latest after one
+//! heartbeat interval; until then it may take a user online only elsewhere
+//! as offline. A heartbeat of
 //! more than `PART_USERS` (16,384) users goes in parts (NATS limits a message to
 //! 1 MB by default).
 //!
@@ -234,12 +244,20 @@ impl State {
         (n <= 1, changes)
     }
 
-    /// What a peer's beat changes; `now` is when it arrived.
+    /// What a peer's beat changes; `now` is when it arrived. A goodbye's
+    /// users go offline as of the goodbye, a lost (dead) peer's as of its
+    /// last word, as an expired one's.
     fn heard(&mut self, beat: &Beat, users: HashSet<Uuid>, now: Instant, own_interval: Duration) -> Vec<Change> {
-        if beat.kind == BeatKind::Goodbye {
+        if matches!(beat.kind, BeatKind::Goodbye | BeatKind::Lost) {
             let Some(peer) = self.peers.remove(&beat.replica) else { return Vec::new() };
+            let at = if beat.kind == BeatKind::Lost {
+                tracing::info!(replica = %beat.replica, users = peer.users.len(), "presence: replica's process dead; its users are offline");
+                peer.alive_at
+            } else {
+                beat.time
+            };
             let gone = peer.users;
-            return self.flips(&gone.clone(), beat.time, |s| gone.into_iter().for_each(|u| s.remote_remove(u)));
+            return self.flips(&gone.clone(), at, |s| gone.into_iter().for_each(|u| s.remote_remove(u)));
         }
         let interval = u64::try_from(beat.interval).ok().filter(|i| *i > 0).map_or(own_interval, Duration::from_micros);
         let peer = self.peers.entry(beat.replica).or_insert_with(|| Peer {
@@ -259,7 +277,7 @@ impl State {
             }
             BeatKind::Online => (users.difference(&peer.users).copied().collect(), HashSet::new()),
             BeatKind::Offline => (HashSet::new(), users.intersection(&peer.users).copied().collect()),
-            BeatKind::Hello | BeatKind::Goodbye => (HashSet::new(), HashSet::new()),
+            BeatKind::Hello | BeatKind::Goodbye | BeatKind::Lost => (HashSet::new(), HashSet::new()),
         };
         if added.is_empty() && removed.is_empty() {
             return Vec::new();
@@ -322,7 +340,9 @@ impl Presence {
     ) -> Arc<Self> {
         let (work, queue) = mpsc::unbounded_channel();
         let presence = Arc::new(Self {
-            replica: Uuid::new_v4(),
+            // The bus's id for this process: a death the bus finds is this
+            // replica's ([`BeatKind::Lost`]).
+            replica: bus.process().unwrap_or_else(Uuid::new_v4),
             interval,
             bus: bus.clone(),
             state: Mutex::default(),
@@ -659,6 +679,20 @@ mod tests {
         assert!(s.expire(start + 3 * SECOND).is_empty(), "three intervals is not yet too long");
         assert_eq!(flipped(&s.expire(start + 3 * SECOND + Duration::from_millis(1))), [(u, false, 100)]);
         assert!(s.peers.is_empty() && s.remote.is_empty());
+    }
+
+    #[test]
+    fn a_replica_the_bus_lost_takes_its_users_offline_at_once_as_of_its_last_word_unless_online_elsewhere() {
+        let mut s = State::default();
+        let (only_there, also_here, dead, now) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Instant::now());
+        s.heard(&beat(dead, BeatKind::Heartbeat, 100), [only_there, also_here].into(), now, SECOND);
+        s.heard(&beat(dead, BeatKind::Online, 150), HashSet::new(), now, SECOND);
+        assert!(s.open(also_here, 160).1.is_empty(), "already online there");
+        let lost = BusEvent::process_lost(dead).beat.expect("a beat");
+        assert_eq!(flipped(&s.heard(&lost, HashSet::new(), now, SECOND)), [(only_there, false, 150)]);
+        assert!(s.peers.is_empty() && s.remote.is_empty());
+        assert!(s.online(&also_here), "still has a stream here");
+        assert!(s.heard(&lost, HashSet::new(), now, SECOND).is_empty(), "lost once");
     }
 
     #[test]

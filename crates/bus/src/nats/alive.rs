@@ -16,9 +16,14 @@
 //! within seconds, not at their next user event or reconnect) and their
 //! session. A user topic's hint also has the stream tell its client that
 //! ephemeral news may be lost (`ephemeral_lost`), which is true: the dead
-//! peer's typing, presence, renames and read receipts on their way are. A
-//! clean goodbye (everything it published confirmed) is forgotten
-//! silently.
+//! peer's typing, presence, renames and read receipts on their way are.
+//! Each silent peer is also delivered, before the hints, to this process's
+//! presence topic ([`Event::process_lost`], never published): the messages
+//! service's presence, whose replica id is this bus's process id, takes the
+//! users who held streams only on that peer offline at once, rather than
+//! after missing its heartbeats (`--presence-heartbeat`, 30-40 s by
+//! default). A clean goodbye (everything it published confirmed) is
+//! forgotten silently.
 //!
 //! Only the processes of one deployment hear each other: the subject is
 //! under the deployment's `--nats-subject-prefix`. Deployments sharing a
@@ -62,7 +67,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::Hub;
+use crate::{Event, Hub, Topic};
 
 /// How often a process announces itself (module docs on the choice).
 pub(super) const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
@@ -133,11 +138,17 @@ impl Peers {
     }
 
     /// Forgets the peers silent for more than [`MISSED`] of their intervals
-    /// at `now`; returns how many.
-    fn expire(&mut self, now: Instant) -> usize {
-        let before = self.heard.len();
-        self.heard.retain(|_, (last, every)| now.duration_since(*last) <= *every * MISSED);
-        before - self.heard.len()
+    /// at `now`; returns them.
+    fn expire(&mut self, now: Instant) -> Vec<Uuid> {
+        let mut lost = Vec::new();
+        self.heard.retain(|process, (last, every)| {
+            let heard = now.duration_since(*last) <= *every * MISSED;
+            if !heard {
+                lost.push(*process);
+            }
+            heard
+        });
+        lost
     }
 
     /// Counts every peer as heard at `now`: this process could hear nobody
@@ -177,6 +188,11 @@ impl Liveness {
     pub(super) fn payload(&self, say: Say) -> Bytes {
         let interval = i64::try_from(ANNOUNCE_EVERY.as_micros()).unwrap_or(i64::MAX);
         Wire { process: Bytes::copy_from_slice(self.me.as_bytes()), kind: say as i32, interval }.encode_to_vec().into()
+    }
+
+    /// This process's id, as its announcements give it.
+    pub(super) fn me(&self) -> Uuid {
+        self.me
     }
 
     /// Peers heard and not yet lost or gone.
@@ -253,10 +269,12 @@ impl Liveness {
         }
     }
 
-    /// Loses the peers silent too long and, if any, hints the local
-    /// topics once. Not while this process is cut off (it cannot hear them;
-    /// its own reconnect resyncs), and after a reconnect it counts every
-    /// peer as just heard.
+    /// Loses the peers silent too long and, if any, tells this process's
+    /// presence of each ([`Event::process_lost`] on [`Topic::Presence`]:
+    /// its users go offline now, not after its missed heartbeats), then
+    /// hints the local topics once. Not while this process is cut off (it
+    /// cannot hear them; its own reconnect resyncs), and after a reconnect
+    /// it counts every peer as just heard.
     fn check(&self, client: &async_nats::Client, hub: &Hub, connection: &mut u64) {
         if client.connection_state() != async_nats::connection::State::Connected {
             return;
@@ -272,10 +290,16 @@ impl Liveness {
             peers.expire(now)
         };
         self.checks.fetch_add(1, Ordering::SeqCst);
-        if gone > 0 {
-            tracing::info!(peers = gone, "nats: peers fell silent; resync streams from the store");
-            resync_after_loss(hub);
+        if gone.is_empty() {
+            return;
         }
+        tracing::info!(peers = gone.len(), "nats: peers fell silent; resync streams from the store");
+        // Presence first: a client told ephemeral_lost by the resync that
+        // asks GetPresence again is then likelier to find them offline.
+        for process in gone {
+            hub.fan_out(Topic::Presence, std::sync::Arc::new(Event::process_lost(process)));
+        }
+        resync_after_loss(hub);
     }
 }
 
@@ -297,10 +321,10 @@ mod tests {
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         assert!(!peers.heard(a, Say::Alive, SECOND, t0));
         assert!(!peers.heard(b, Say::Alive, 2 * SECOND, t0));
-        assert_eq!(peers.expire(t0 + 3 * SECOND), 0, "three intervals are tolerated");
-        assert_eq!(peers.expire(t0 + 3 * SECOND + Duration::from_millis(1)), 1, "a is lost, b's interval is longer");
-        assert_eq!(peers.expire(t0 + 7 * SECOND), 1, "b too, then");
-        assert_eq!(peers.expire(t0 + 60 * SECOND), 0, "a lost peer is lost once");
+        assert!(peers.expire(t0 + 3 * SECOND).is_empty(), "three intervals are tolerated");
+        assert_eq!(peers.expire(t0 + 3 * SECOND + Duration::from_millis(1)), [a], "a is lost, b's interval is longer");
+        assert_eq!(peers.expire(t0 + 7 * SECOND), [b], "b too, then");
+        assert!(peers.expire(t0 + 60 * SECOND).is_empty(), "a lost peer is lost once");
     }
 
     #[test]
@@ -309,7 +333,7 @@ mod tests {
         for _ in 0..5 {
             peers.heard(Uuid::new_v4(), Say::Alive, SECOND, t0);
         }
-        assert_eq!(peers.expire(t0 + 4 * SECOND), 5);
+        assert_eq!(peers.expire(t0 + 4 * SECOND).len(), 5);
     }
 
     #[test]
@@ -323,7 +347,7 @@ mod tests {
         assert!(peers.heard(lossy, Say::GoodbyeLost, SECOND, t0), "a goodbye with events lost resyncs");
         assert!(peers.heard(running, Say::Lost, SECOND, t0), "so does a running peer's loss");
         assert_eq!(peers.heard.len(), 1, "the running peer is still heard, the others forgotten");
-        assert_eq!(peers.expire(t0 + 10 * SECOND), 1, "and only it can be lost later");
+        assert_eq!(peers.expire(t0 + 10 * SECOND), [running], "and only it can be lost later");
     }
 
     #[test]
@@ -331,8 +355,8 @@ mod tests {
         let (mut peers, t0) = (Peers::default(), Instant::now());
         peers.heard(Uuid::new_v4(), Say::Alive, SECOND, t0);
         peers.refresh(t0 + 10 * SECOND);
-        assert_eq!(peers.expire(t0 + 12 * SECOND), 0);
-        assert_eq!(peers.expire(t0 + 14 * SECOND), 1);
+        assert!(peers.expire(t0 + 12 * SECOND).is_empty());
+        assert_eq!(peers.expire(t0 + 14 * SECOND).len(), 1);
     }
 
     #[test]

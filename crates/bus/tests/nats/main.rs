@@ -974,7 +974,8 @@ async fn expect_hint(rx: &mut natter_bus::Subscription, chat: Uuid, within: Dura
 /// announcements on `natter.events.>`). The user topic's hint has b's
 /// stream tell its client that ephemeral news may be lost, which it may
 /// (a's typing, renames, receipts on their way): only a process of b's
-/// own deployment (its subject prefix) can make it.
+/// own deployment (its subject prefix) can make it. Before the hints, b's
+/// presence is told a's process is dead (its users go offline now).
 #[tokio::test]
 async fn what_a_replica_that_died_never_published_is_hinted_by_the_others() {
     for routing in [Routing::Interest, Routing::Broadcast] {
@@ -990,6 +991,7 @@ async fn what_a_replica_that_died_never_published_is_hinted_by_the_others() {
             assert!(in_effect(&mut user_on_b).await, "b's user subscription is in place");
         }
         let (chat, mut on_b) = follow_hearing_a(&b, routing).await;
+        let mut presence_on_b = b.subscribe(Topic::Presence);
 
         relay.freeze();
         a.publish(Topic::Chat(chat), event(chat, 1));
@@ -1005,6 +1007,12 @@ async fn what_a_replica_that_died_never_published_is_hinted_by_the_others() {
         assert!(
             matches!(&user_hint, Some(Some(Ok(e))) if e.is_hint()),
             "{routing:?}: b's user stream was not told to re-read the user's chats: {user_hint:?}"
+        );
+        let lost = futures::FutureExt::now_or_never(presence_on_b.recv());
+        let a_lost = Event::process_lost(a.process().expect("a NATS bus has a process id"));
+        assert!(
+            matches!(&lost, Some(Some(Ok(e))) if **e == a_lost),
+            "{routing:?}: b's presence was not told a is dead: {lost:?}"
         );
         stop.cancel();
     }
@@ -1022,6 +1030,7 @@ async fn a_replica_that_closes_cleanly_is_forgotten_without_a_resync() {
     let a = natter_bus(&server, Routing::Interest, &stop).await;
     let b = natter_bus(&server, Routing::Interest, &stop).await;
     let (chat, mut on_b) = follow_hearing_a(&b, Routing::Interest).await;
+    let mut presence_on_b = b.subscribe(Topic::Presence);
 
     a.publish(Topic::Chat(chat), event(chat, 1));
     a.close().await;
@@ -1036,6 +1045,8 @@ async fn a_replica_that_closes_cleanly_is_forgotten_without_a_resync() {
     assert!(until(PEER_LOST, || b.peer_checks() >= checks + 5).await, "b went on checking its peers");
     let after = futures::FutureExt::now_or_never(on_b.recv());
     assert!(after.is_none(), "b's stream was told to re-read the store after a clean goodbye: {after:?}");
+    let lost = futures::FutureExt::now_or_never(presence_on_b.recv());
+    assert!(lost.is_none(), "b's presence was told a closed cleanly is dead: {lost:?}");
     stop.cancel();
 }
 

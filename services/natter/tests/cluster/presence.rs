@@ -143,6 +143,61 @@ async fn a_killed_replica_s_users_go_offline_after_its_missed_heartbeats() {
     s.finish().await;
 }
 
+/// With heartbeats a minute apart, a replica killed with SIGKILL takes its
+/// users offline once the bus finds its process dead (its liveness
+/// announcements stop: seconds), not when its heartbeats would have expired
+/// (3-4 minutes), with a `presence_changed` to those who share a chat, as
+/// of its last word. A user who also streams on a live replica stays
+/// online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_s_users_go_offline_once_the_bus_finds_it_dead_not_after_its_heartbeats() {
+    let started = now_micros();
+    let Some(mut s) = Scene::start("60s").await else { return };
+    // Carol, who shares a chat with alice, streams on a third replica (as
+    // replica two knows) and on replica one.
+    let three = replica(&s.db, &s.prefix, &s.nats, "60s");
+    let on_three = three.channel().await;
+    let (carol_id, carol) = user(&on_three, "carol").await;
+    let create = cpb::CreateChatRequest { member_ids: vec![carol_id.clone()], ..Default::default() };
+    ChatServiceClient::new(s.on_two.clone()).create_chat(authed(&s.alice, create)).await.unwrap();
+    let _carol_on_three = stream(&on_three, &carol).await;
+    let waited = Instant::now();
+    while presence_of(&s.on_two, &s.alice, &carol_id).await.state != mpb::PresenceState::Online as i32 {
+        assert!(waited.elapsed() < Duration::from_secs(10), "replica two never learnt carol is online");
+        // Within --presence-rate (120/1m) for the whole deadline.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _carol_on_one = stream(&s.one.channel().await, &carol).await;
+
+    let killed_at = now_micros();
+    s.one.kill();
+    // Alice's stream may tell of carol coming online (the chat is new to
+    // it), never of her going offline; then bob goes offline.
+    let offline = loop {
+        let p = next_presence(&mut s.watching).await;
+        if p.user_id == carol_id {
+            assert_eq!(p.state, mpb::PresenceState::Online as i32, "carol still streams on replica three");
+            continue;
+        }
+        break p;
+    };
+    assert_eq!((offline.user_id.as_str(), offline.state), (s.bob_id.as_str(), mpb::PresenceState::Offline as i32));
+    let last_seen = micros(offline.last_seen_time.as_ref().expect("a last_seen_time"));
+    assert!(
+        (started..=killed_at).contains(&last_seen),
+        "last seen at replica one's last word: {last_seen} vs {killed_at}"
+    );
+    let asked = presence_of(&s.on_two, &s.alice, &s.bob_id).await;
+    assert_eq!(
+        (asked.state, asked.last_seen_time.as_ref().map(micros)),
+        (mpb::PresenceState::Offline as i32, Some(last_seen))
+    );
+    let carol_now = presence_of(&s.on_two, &s.alice, &carol_id).await;
+    assert_eq!(carol_now.state, mpb::PresenceState::Online as i32, "carol's stream on replica three is open");
+    drop(three);
+    s.finish().await;
+}
+
 /// With heartbeats a minute apart, neither a stop nor a start waits for
 /// one: a replica stopped with SIGTERM takes its users offline on its way
 /// out, and a replica that starts asks the others who is online.

@@ -18,6 +18,7 @@ crate::both_modes!(
     who_may_add_a_user_to_a_group_is_theirs_to_say,
     who_may_start_a_direct_chat_is_theirs_to_say,
     a_blocked_user_cannot_reach_whoever_blocked_them,
+    a_send_checked_before_a_block_is_refused_where_it_is_written,
 );
 
 pub(crate) async fn direct(c: &Cluster, a: &TestUser, b: &TestUser) -> cpb::Chat {
@@ -431,6 +432,35 @@ async fn a_blocked_user_cannot_reach_whoever_blocked_them(c: &Cluster) {
     c.chats().unblock_user(authed(&alice, cpb::UnblockUserRequest { user_id: bob.id.clone() })).await.unwrap();
     send(c, &bob, &chat.id, "back again").await;
     assert_eq!(blocked_ids(c, &alice).await, std::slice::from_ref(&dave.id));
+}
+
+/// A send whose membership check (open) came before BlockUser and whose
+/// write comes after it answered is refused in the write, as a send
+/// checked after the block is: the messages service has the direct chat
+/// closed before BlockUser answers, and every send's write reads it. The
+/// check is made to answer "open" by taking the block back behind the
+/// services' backs (what a check taken before the block answered); the
+/// blocked user is told only what any send to a blocking user is told.
+async fn a_send_checked_before_a_block_is_refused_where_it_is_written(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &bob, &alice).await;
+    send(c, &bob, &chat.id, "hello alice").await;
+
+    block(c, &alice, &bob).await.unwrap();
+    c.unblock_silently(&alice.id, &bob.id).await;
+    for (who, text) in [(&bob, "are you there?"), (&alice, "bye")] {
+        let refused = try_send(c, who, &chat.id, text).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert_eq!(refused.message(), "this direct chat takes no new messages: one of you blocked the other");
+    }
+    let listed = mpb::ListMessagesRequest { chat_id: chat.id.clone(), ..Default::default() };
+    let listed = c.messages().list_messages(authed(&alice, listed)).await.unwrap().into_inner().messages;
+    assert_eq!(listed.len(), 1, "nothing stored after the block");
+
+    // Blocked again and taken back through the API: open again.
+    block(c, &alice, &bob).await.unwrap();
+    c.chats().unblock_user(authed(&alice, cpb::UnblockUserRequest { user_id: bob.id.clone() })).await.unwrap();
+    send(c, &bob, &chat.id, "back again").await;
 }
 
 async fn set_group_adds(c: &Cluster, user: &TestUser, adds: cpb::GroupAdds) -> cpb::PrivacySettings {

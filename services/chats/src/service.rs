@@ -1174,12 +1174,16 @@ impl Chats {
     /// BlockUser: from now on `other` cannot start a direct chat with the
     /// caller or add them to a group (refused as the privacy settings
     /// refuse), and the direct chat between the two, if any, takes no new
-    /// messages from either. Blocking someone blocked already changes
-    /// nothing. Counts against the caller's chat-change rate.
+    /// messages from either, those on their way included: it answers once
+    /// the messages service has recorded the chat closed, where every
+    /// send's write reads it. Blocking someone blocked already changes
+    /// nothing (but records a closure still waiting in the outbox). Counts
+    /// against the caller's chat-change rate.
     ///
     /// Errors: INVALID_ARGUMENT (oneself), NOT_FOUND (no such user),
     /// FAILED_PRECONDITION (a bot: the assistant writes only where asked),
-    /// [`ChatsError::BlockLimit`].
+    /// [`ChatsError::BlockLimit`], UNAVAILABLE (blocked, but not yet
+    /// recorded by the messages service: retry).
     pub async fn block_user(&self, caller: UserId, other: UserId) -> Result<(), ChatsError> {
         self.change_rate.check(&caller)?;
         if other == caller {
@@ -1198,18 +1202,43 @@ impl Chats {
             Blocked::Forgotten(user) => return Err(ChatsError::UserNotFound(user.to_string())),
         }
         tracing::info!(user_id = %caller, blocked_user_id = %other, "user blocked");
-        self.evict_direct(caller, other).await?;
+        self.reclose_direct(caller, other).await?;
         self.announce_account(caller, mpb::AccountChange::BlockedUsers);
         Ok(())
     }
 
     /// UnblockUser: takes the caller's block of `other` back (none: no
-    /// change). Counts against the caller's chat-change rate.
+    /// change). Counts against the caller's chat-change rate. Answers as
+    /// BlockUser does once their direct chat's state is recorded (it takes
+    /// new messages again unless `other` blocks the caller).
     pub async fn unblock_user(&self, caller: UserId, other: UserId) -> Result<(), ChatsError> {
         self.change_rate.check(&caller)?;
-        self.store.unblock(caller, other).await?;
-        self.evict_direct(caller, other).await?;
+        self.store.unblock(caller, other, now_micros()).await?;
+        self.reclose_direct(caller, other).await?;
         self.announce_account(caller, mpb::AccountChange::BlockedUsers);
+        Ok(())
+    }
+
+    /// After a change of the blocks between `a` and `b` (committed, with
+    /// their direct chat's closure in the outbox): evicts the direct chat's
+    /// cached memberships, if there is one, then records its outbox with
+    /// the messages service, where every send's write reads the closure
+    /// ([`Chats::deliver`]). So a send whose membership was checked before
+    /// the block, still on its way to its write, is refused there: a block
+    /// is in force for every send once BlockUser has answered.
+    ///
+    /// Errors: UNAVAILABLE when the closure could not be recorded (the
+    /// block is committed, and the relay records it later; a retry, a
+    /// no-op in the chats store, records it now).
+    async fn reclose_direct(&self, a: UserId, b: UserId) -> Result<(), ChatsError> {
+        let Some(chat) = self.store.direct_chat(a, b).await? else { return Ok(()) };
+        self.evict(chat.id).await;
+        if !self.deliver(chat.id).await {
+            return Err(ChatsError::Upstream(tonic::Status::unavailable(
+                "saved, but the messages service has not taken it yet: retry to be sure it holds for messages \
+                 already on their way",
+            )));
+        }
         Ok(())
     }
 
@@ -1217,15 +1246,6 @@ impl Chats {
     /// `change` of their account happened (`account_updated`).
     fn announce_account(&self, user: UserId, change: mpb::AccountChange) {
         self.bus.publish(Topic::User(user.uuid()), Arc::new(natter_bus::Event::account_updated(user, change)));
-    }
-
-    /// Evicts the cached memberships of the direct chat of `a` and `b`, if
-    /// there is one: what it takes from whom may have changed.
-    async fn evict_direct(&self, a: UserId, b: UserId) -> Result<(), ChatsError> {
-        if let Some(chat) = self.store.direct_chat(a, b).await? {
-            self.evict(chat.id).await;
-        }
-        Ok(())
     }
 
     /// ListBlockedUsers: the users the caller blocked, by id, after `after`,
@@ -1640,7 +1660,7 @@ mod tests {
 
     use super::*;
     use crate::store::sqlite::SqliteChatStore;
-    use crate::store::{OUTBOX_ENTRY_CHANGES, membership};
+    use crate::store::{OUTBOX_ENTRY_CHANGES, direct_chat_closed, membership};
 
     /// Every user asked about exists.
     struct AnyUser;
@@ -2103,6 +2123,36 @@ mod tests {
         removed.sort_by_key(key);
         expected.sort_by_key(key);
         assert_eq!(removed, expected, "every remaining member, removed");
+    }
+
+    /// A send already past its membership check when BlockUser answers is
+    /// refused in its write only if the messages service has the closure
+    /// by then: BlockUser and UnblockUser answer once it is recorded, and
+    /// fail (to be retried) while it cannot be.
+    #[tokio::test]
+    async fn blocks_answer_once_the_direct_chats_closure_is_recorded() {
+        let h = harness(Limits::default()).await;
+        let [alice, bob] = [(); 2].map(|_| UserId::new_v7());
+        let direct = NewChat { kind: Some(Kind::Direct), others: vec![bob], ..group("", Vec::new()) };
+        let chat = h.chats.create_chat(alice, direct).await.unwrap().chat.id.to_string();
+        h.messages.take();
+
+        h.chats.block_user(alice, bob).await.unwrap();
+        assert_eq!(
+            h.messages.take(),
+            [(chat.clone(), vec![direct_chat_closed(true, 1)])],
+            "recorded before it answered"
+        );
+
+        h.messages.down.store(true, Ordering::SeqCst);
+        let failed = h.chats.unblock_user(alice, bob).await.unwrap_err();
+        assert_eq!(tonic::Status::from(failed).code(), tonic::Code::Unavailable, "not recorded: not answered as done");
+        h.messages.down.store(false, Ordering::SeqCst);
+        h.chats.unblock_user(alice, bob).await.unwrap();
+        assert_eq!(h.messages.take(), [(chat.clone(), vec![direct_chat_closed(false, 2)])], "the retry records it");
+
+        h.chats.block_user(alice, UserId::new_v7()).await.unwrap();
+        assert_eq!(h.messages.take(), [], "no direct chat: nothing to record");
     }
 
     #[tokio::test]

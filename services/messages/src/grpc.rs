@@ -504,13 +504,28 @@ pub(crate) fn replay_event(chat: ChatId, change: Change, since: i64) -> pb::Stre
     }
 }
 
-/// The validated chat changes of a RecordChatChanges request.
+/// A direct chat's closure of a RecordChatChanges request
+/// (`direct_chat_closed`): whether it takes new messages, at which version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Closure {
+    /// The change's place among the request's changes.
+    pub index: usize,
+    pub closed: bool,
+    /// 1 or more.
+    pub version: i64,
+}
+
+/// The validated chat changes of a RecordChatChanges request: those logged,
+/// in order, and the closures (`direct_chat_closed`), which are not.
 ///
 /// Errors: INVALID_ARGUMENT for no changes, more than
 /// [`domain::CHAT_CHANGES_MAX`], a change with no event or an unknown
-/// membership change, a malformed user id, or an idempotency key longer
-/// than [`domain::IDEMPOTENCY_KEY_MAX`] (each naming its field).
-pub fn chat_changes_request(r: &pb::RecordChatChangesRequest) -> Result<(ChatId, Vec<ChatChange>), Status> {
+/// membership change, a malformed user id, a closure's version below 1, or
+/// an idempotency key longer than [`domain::IDEMPOTENCY_KEY_MAX`] (each
+/// naming its field).
+pub fn chat_changes_request(
+    r: &pb::RecordChatChangesRequest,
+) -> Result<(ChatId, Vec<ChatChange>, Vec<Closure>), Status> {
     let chat = ChatId::parse("chat_id", &r.chat_id)?;
     if r.idempotency_key.len() > domain::IDEMPOTENCY_KEY_MAX {
         let max = domain::IDEMPOTENCY_KEY_MAX;
@@ -522,9 +537,21 @@ pub fn chat_changes_request(r: &pb::RecordChatChangesRequest) -> Result<(ChatId,
         );
     }
     let mut changes = Vec::with_capacity(r.changes.len());
+    let mut closures = Vec::new();
     for (i, c) in r.changes.iter().enumerate() {
         let field = format!("changes[{i}]");
         let change = match &c.change {
+            Some(pb::chat_change::Change::DirectChatClosed(c)) => {
+                if c.version < 1 {
+                    return Err(FieldViolations::single(
+                        format!("{field}.direct_chat_closed.version"),
+                        "must be 1 or more",
+                    )
+                    .into_status());
+                }
+                closures.push(Closure { index: i, closed: c.closed, version: c.version });
+                continue;
+            }
             Some(pb::chat_change::Change::MembershipChanged(m)) => {
                 let user = UserId::parse(&format!("{field}.membership_changed.user_id"), &m.user_id)?;
                 match pb::MembershipChange::try_from(m.change) {
@@ -554,7 +581,7 @@ pub fn chat_changes_request(r: &pb::RecordChatChangesRequest) -> Result<(ChatId,
         };
         changes.push(change);
     }
-    Ok((chat, changes))
+    Ok((chat, changes, closures))
 }
 
 /// The chat ids of a StreamEvents request, parsed and de-duplicated (first
@@ -1050,10 +1077,22 @@ impl MessageInternalService for MessageInternalApi {
         &self,
         request: Request<pb::RecordChatChangesRequest>,
     ) -> Result<Response<pb::RecordChatChangesResponse>, Status> {
-        let (chat, changes) = chat_changes_request(request.get_ref())?;
+        let (chat, changes, closures) = chat_changes_request(request.get_ref())?;
         let key = &request.get_ref().idempotency_key;
         let committed = request.get_ref().change_time.as_ref().map(natter_kit::time::micros);
-        let change_seqs = self.messages.record_chat_changes(chat, &changes, key, committed).await?;
+        for closure in &closures {
+            self.messages.close_direct_chat(chat, closure.closed, closure.version).await?;
+        }
+        let logged = if changes.is_empty() {
+            Vec::new()
+        } else {
+            self.messages.record_chat_changes(chat, &changes, key, committed).await?
+        };
+        // A closure takes no change number: 0 in its place.
+        let mut logged = logged.into_iter();
+        let change_seqs = (0..request.get_ref().changes.len())
+            .map(|i| if closures.iter().any(|c| c.index == i) { 0 } else { logged.next().unwrap_or_default() })
+            .collect();
         Ok(Response::new(pb::RecordChatChangesResponse { change_seqs }))
     }
 
@@ -1535,9 +1574,20 @@ mod tests {
             change_time: None,
         };
         let user = UserId::new_v7();
-        let (_, changes) =
-            chat_changes_request(&request(vec![member(&user.to_string(), pb::MembershipChange::Joined)])).unwrap();
-        assert_eq!(changes, [ChatChange::Joined(user)]);
+        let closed = |closed, version| pb::ChatChange {
+            change: Some(pb::chat_change::Change::DirectChatClosed(pb::DirectChatClosed { closed, version })),
+        };
+        let (_, changes, closures) = chat_changes_request(&request(vec![
+            closed(true, 3),
+            member(&user.to_string(), pb::MembershipChange::Joined),
+        ]))
+        .unwrap();
+        assert_eq!(changes, [ChatChange::Joined(user)], "a closure is not logged");
+        assert_eq!(closures, [Closure { index: 0, closed: true, version: 3 }]);
+        assert_eq!(
+            fields(&chat_changes_request(&request(vec![closed(false, 0)])).unwrap_err()),
+            ["changes[0].direct_chat_closed.version"]
+        );
         assert_eq!(fields(&chat_changes_request(&request(Vec::new())).unwrap_err()), ["changes"]);
         assert_eq!(
             fields(&chat_changes_request(&request(vec![member("x", pb::MembershipChange::Left)])).unwrap_err()),

@@ -336,26 +336,7 @@ impl Messages {
             Err(e) => Err(e),
         };
         if let Err(refused) = allowed {
-            if let Some(id) = req.message_id
-                && let Some(existing) = self.store.message(id).await?
-            {
-                // Answered as it was created: someone no longer in the chat
-                // learns nothing of it since (replies in its thread, how
-                // many changes it saw, who pinned it or reacted to it, and
-                // when). One deleted since has nothing of its creation left
-                // to answer with: the refusal stands.
-                let mut m = same_message(existing, &req, caller)?;
-                if m.deleted() {
-                    return Err(refused);
-                }
-                m.thread = None;
-                m.pin = None;
-                m.reactions.clear();
-                m.reaction_rows = 0;
-                m.change_seq = m.create_change;
-                return Ok(m);
-            }
-            return Err(refused);
+            return self.refused_send(caller, &req, refused).await;
         }
         let new = NewMessage {
             id: req.message_id.unwrap_or_else(MessageId::new_v7),
@@ -383,6 +364,10 @@ impl Messages {
             Sent::NoSuchThreadRoot => {
                 return Err(MessagesError::invalid("thread_root_seq", "names no message of this chat"));
             }
+            // Closed by a block recorded after the membership check above
+            // (a send in flight as BlockUser answered): refused as a send
+            // checked after it is.
+            Sent::Closed => return self.refused_send(caller, &req, MessagesError::Denied(Self::BLOCKED)).await,
             Sent::ThreadRootDeleted => {
                 // A retry of a reply sent before its root was deleted still
                 // answers the original.
@@ -419,6 +404,32 @@ impl Messages {
             classifier.spawn(message.id, message.chat_id, message.revision, message.text.clone());
         }
         Ok(message)
+    }
+
+    /// The answer to a send refused (`refused`) by its chat's state: a
+    /// retry of a message stored before, not deleted since, gets it back as
+    /// it was created (someone no longer in the chat learns nothing of it
+    /// since: replies in its thread, how many changes it saw, who pinned it
+    /// or reacted to it, and when); anything else, the refusal.
+    async fn refused_send(
+        &self,
+        caller: UserId,
+        req: &SendMessage,
+        refused: MessagesError,
+    ) -> Result<Message, MessagesError> {
+        let Some(id) = req.message_id else { return Err(refused) };
+        let Some(existing) = self.store.message(id).await? else { return Err(refused) };
+        let mut m = same_message(existing, req, caller)?;
+        // One deleted since has nothing of its creation left to answer with.
+        if m.deleted() {
+            return Err(refused);
+        }
+        m.thread = None;
+        m.pin = None;
+        m.reactions.clear();
+        m.reaction_rows = 0;
+        m.change_seq = m.create_change;
+        Ok(m)
     }
 
     /// A message and the caller's membership of its chat (NOT_FOUND /
@@ -948,6 +959,17 @@ impl Messages {
         let payload = grpc::typing_event(chat, caller, until);
         self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, payload).concerning(caller)));
         Ok(until)
+    }
+
+    /// Internal: records whether direct chat `chat` takes new messages
+    /// (RecordChatChanges' direct_chat_closed, sent by the chats service
+    /// for a block or an unblock before it answers), at `version`, where
+    /// every send's write reads it ([`MessageStore::close_direct_chat`]).
+    /// Announces nothing: the blocked user is not told.
+    pub async fn close_direct_chat(&self, chat: ChatId, closed: bool, version: i64) -> Result<(), MessagesError> {
+        self.store.close_direct_chat(chat, closed, version).await?;
+        tracing::debug!(chat_id = %chat, closed, version, "direct chat closure recorded");
+        Ok(())
     }
 
     /// Internal: records committed changes of a chat's membership or

@@ -519,6 +519,26 @@ impl Cluster {
         conn.close().await.expect("close");
     }
 
+    /// Takes `blocker`'s block of `blocked` back straight in the chats
+    /// store, telling nobody: the chats service's membership checks say
+    /// their direct chat is open (once nothing cached says otherwise),
+    /// while the messages service still has it closed. That is where a send
+    /// whose membership was checked just before the block stands when it
+    /// reaches its write after BlockUser answered.
+    pub async fn unblock_silently(&self, blocker: &str, blocked: &str) {
+        use sqlx::Connection as _;
+        sqlx::any::install_default_drivers();
+        let (url, schema) = match &self.pg {
+            Some((url, prefix)) => (url.clone(), format!("{prefix}chats.")),
+            None => (format!("sqlite://{}", self._dir.path().join("chats.db").display()), String::new()),
+        };
+        let mut conn = sqlx::AnyConnection::connect(&url).await.expect("connect to the chats store");
+        let sql = format!("DELETE FROM {schema}blocks WHERE user_id = '{blocker}' AND blocked_user_id = '{blocked}'");
+        let done = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.expect("unblock in the store");
+        assert_eq!(done.rows_affected(), 1, "one block taken back");
+        conn.close().await.expect("close");
+    }
+
     /// The count `sql` (a `SELECT COUNT(*) ...` naming the tables of
     /// service `service`'s store unqualified; `service` is `sessions`,
     /// `chats` or `messages`) reads straight from that store's database,

@@ -369,6 +369,28 @@ pub(crate) fn joined(users: impl IntoIterator<Item = UserId>) -> Vec<mpb::ChatCh
     users.into_iter().map(|user| membership(user, mpb::MembershipChange::Joined)).collect()
 }
 
+/// The outbox change of a direct chat's closure by blocks: whether it
+/// takes new messages (`closed`: one of its two members blocks the other),
+/// at `version` (`chats.block_version`).
+pub fn direct_chat_closed(closed: bool, version: i64) -> mpb::ChatChange {
+    let closure = mpb::DirectChatClosed { closed, version };
+    mpb::ChatChange { change: Some(mpb::chat_change::Change::DirectChatClosed(closure)) }
+}
+
+/// Raises the block version of the direct chat whose `direct_key` is `$1`
+/// (none: nothing), taking its row lock on PostgreSQL, and answers its id
+/// and new version (the same text on both engines: `?N` and `$N` alike bind
+/// by position). Whether it is closed is read after it, in a statement of
+/// its own ([`PAIR_BLOCKED`]), so that it sees every block change committed
+/// while this one waited for the lock.
+pub(crate) const RAISE_BLOCK_VERSION: &str =
+    "UPDATE chats SET block_version = block_version + 1 WHERE direct_key = $1 RETURNING id, block_version";
+
+/// Whether user `$1` blocks user `$2` or `$2` blocks `$1` (the same text
+/// on both engines).
+pub(crate) const PAIR_BLOCKED: &str = "SELECT EXISTS (SELECT 1 FROM blocks WHERE (user_id = $1 AND blocked_user_id = $2) \
+     OR (user_id = $2 AND blocked_user_id = $1))";
+
 /// `user`'s `departure`.
 pub(crate) fn departed(user: UserId, departure: Departure) -> mpb::ChatChange {
     let change = match departure {
@@ -501,7 +523,9 @@ pub trait ChatStore: Send + Sync + 'static {
     /// commits after it sees the record. PostgreSQL: this takes an
     /// exclusive transaction-level advisory lock that membership writes
     /// take shared; SQLite: one writer. The user's privacy settings and blocks
-    /// (theirs and of them) go in the same transaction.
+    /// (theirs and of them) go in the same transaction, each direct chat
+    /// of a pair that had a block reopened there as [`ChatStore::unblock`]
+    /// reopens it (its closure in the outbox).
     async fn record_forgotten(&self, user: UserId, now: i64) -> Result<(), StoreError>;
 
     /// `user`'s privacy choices; None if they set none (the service's
@@ -531,11 +555,17 @@ pub trait ChatStore: Send + Sync + 'static {
     /// recorded forgotten ([`Blocked::Forgotten`], read in the write's
     /// transaction as membership writes read it, so a block racing a
     /// deletion leaves no row behind); blocking someone blocked already
-    /// changes nothing. One transaction.
+    /// changes nothing. One transaction, which also raises the block
+    /// version of the pair's direct chat, if any, under its row lock, with
+    /// its closure ([`direct_chat_closed`]) in the outbox.
     async fn block(&self, user: UserId, other: UserId, now: i64, limit: usize) -> Result<Blocked, StoreError>;
 
-    /// Takes `user`'s block of `other` back (none: nothing changes).
-    async fn unblock(&self, user: UserId, other: UserId) -> Result<(), StoreError>;
+    /// Takes `user`'s block of `other` back (none: nothing changes), at
+    /// `now` (µs), in one transaction that, when there was a block, raises
+    /// the block version of the pair's direct chat, if any, under its row
+    /// lock, with its closure as it is then ([`direct_chat_closed`]: still
+    /// closed if `other` blocks `user`) in the outbox.
+    async fn unblock(&self, user: UserId, other: UserId, now: i64) -> Result<(), StoreError>;
 
     /// Up to `limit` users `user` blocked, by id, after `after`, each with
     /// its block time (µs).

@@ -13,9 +13,10 @@ use natter_kit::time::now_micros;
 use natter_proto::messages::v1 as mpb;
 
 use super::{
-    Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError,
-    changes_to, chat_columns, chat_updated, check_roles, departed, direct_key, joined, may_change, may_delete,
-    membership, order_column, outbox_rows, parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
+    Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, PAIR_BLOCKED, Pending, RAISE_BLOCK_VERSION,
+    ROLE_TARGETS, Removal, StoreError, changes_to, chat_columns, chat_updated, check_roles, departed,
+    direct_chat_closed, direct_key, joined, may_change, may_delete, membership, order_column, outbox_rows, parse_enum,
+    parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -198,6 +199,22 @@ async fn push_outbox(
     Ok(())
 }
 
+/// Raises the block version of the direct chat of `a` and `b`, if any,
+/// taking its row lock, with its closure as the blocks between them now
+/// have it in the outbox, in the transaction `tx` of a change of those
+/// blocks. The closure is read after the lock, in a statement of its own:
+/// under READ COMMITTED it sees every change of the pair's blocks
+/// committed while this waited (each takes this lock before its
+/// commit), so the highest version always carries the last state.
+async fn reclose_direct(tx: &mut sqlx::PgConnection, a: UserId, b: UserId, now: i64) -> Result<(), sqlx::Error> {
+    let raised: Option<(String, i64)> =
+        sqlx::query_as(RAISE_BLOCK_VERSION).bind(crate::domain::direct_key(a, b)).fetch_optional(&mut *tx).await?;
+    let Some((chat, version)) = raised else { return Ok(()) };
+    let closed: bool =
+        sqlx::query_scalar(PAIR_BLOCKED).bind(a.to_string()).bind(b.to_string()).fetch_one(&mut *tx).await?;
+    push_outbox(tx, &chat, &[direct_chat_closed(closed, version)], now).await
+}
+
 /// Recomputes a chat's member count and returns it (0 for no such chat).
 async fn recount(tx: &mut sqlx::PgConnection, chat: &str) -> Result<i64, sqlx::Error> {
     let count: Option<i64> = sqlx::query_scalar(
@@ -348,10 +365,19 @@ impl ChatStore for PostgresChatStore {
         .execute(&mut *tx)
         .await?;
         sqlx::query("DELETE FROM privacy_settings WHERE user_id = $1").bind(user.to_string()).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM blocks WHERE user_id = $1 OR blocked_user_id = $1")
-            .bind(user.to_string())
-            .execute(&mut *tx)
-            .await?;
+        // The others of the blocks that go, each once, in order (the
+        // order their chats' rows are locked in).
+        let others: Vec<String> = sqlx::query_scalar(
+            "WITH gone AS (DELETE FROM blocks WHERE user_id = $1 OR blocked_user_id = $1 \
+               RETURNING CASE WHEN user_id = $1 THEN blocked_user_id ELSE user_id END AS other) \
+             SELECT DISTINCT other FROM gone ORDER BY other",
+        )
+        .bind(user.to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+        for other in others {
+            reclose_direct(&mut tx, user, parse_id("blocks.user_id", &other)?, now).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -432,14 +458,14 @@ impl ChatStore for PostgresChatStore {
             .await?;
         // One statement: the row, unless there is one, or the user blocks
         // `limit` users already.
-        let done: Option<(bool,)> = sqlx::query_as(
+        let done: Option<(bool, bool)> = sqlx::query_as(
             "WITH existing AS (SELECT 1 FROM blocks WHERE user_id = $1 AND blocked_user_id = $2), \
              counted AS (SELECT COUNT(*) AS n FROM (SELECT 1 FROM blocks WHERE user_id = $1 LIMIT $4) s), \
              inserted AS (INSERT INTO blocks (user_id, blocked_user_id, block_time) \
                SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM existing) AND (SELECT n FROM counted) < $4 \
                ON CONFLICT (user_id, blocked_user_id) DO NOTHING RETURNING 1) \
              SELECT EXISTS (SELECT 1 FROM existing) OR EXISTS (SELECT 1 FROM inserted) \
-               OR (SELECT n FROM counted) < $4",
+               OR (SELECT n FROM counted) < $4, EXISTS (SELECT 1 FROM inserted)",
         )
         .bind(user.to_string())
         .bind(other.to_string())
@@ -447,16 +473,24 @@ impl ChatStore for PostgresChatStore {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_optional(&mut *tx)
         .await?;
+        if done.is_some_and(|(_, inserted)| inserted) {
+            reclose_direct(&mut tx, user, other, now).await?;
+        }
         tx.commit().await?;
-        Ok(if done.is_some_and(|(ok,)| ok) { Blocked::Done } else { Blocked::TooMany })
+        Ok(if done.is_some_and(|(ok, _)| ok) { Blocked::Done } else { Blocked::TooMany })
     }
 
-    async fn unblock(&self, user: UserId, other: UserId) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM blocks WHERE user_id = $1 AND blocked_user_id = $2")
+    async fn unblock(&self, user: UserId, other: UserId, now: i64) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let deleted = sqlx::query("DELETE FROM blocks WHERE user_id = $1 AND blocked_user_id = $2")
             .bind(user.to_string())
             .bind(other.to_string())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        if deleted.rows_affected() > 0 {
+            reclose_direct(&mut tx, user, other, now).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 //! (`activity`): one writer, one process, so no one else reads the file
 //! and may miss it; reads of a chat lay it over the row.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -21,9 +22,10 @@ use natter_kit::time::now_micros;
 use natter_proto::messages::v1 as mpb;
 
 use super::{
-    Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, Pending, ROLE_TARGETS, Removal, StoreError,
-    changes_to, chat_columns, chat_updated, check_roles, departed, direct_key, joined, may_change, may_delete,
-    membership, order_column, outbox_rows, parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
+    Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, PAIR_BLOCKED, Pending, RAISE_BLOCK_VERSION,
+    ROLE_TARGETS, Removal, StoreError, changes_to, chat_columns, chat_updated, check_roles, departed,
+    direct_chat_closed, direct_key, joined, may_change, may_delete, membership, order_column, outbox_rows, parse_enum,
+    parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -223,6 +225,19 @@ fn push_outbox(tx: &Connection, chat: &str, changes: &[mpb::ChatChange], now: i6
         insert.execute(params![chat, position, key, changes, now])?;
     }
     Ok(())
+}
+
+/// Raises the block version of the direct chat of `a` and `b`, if any,
+/// with its closure as the blocks between them now have it in the outbox,
+/// in the transaction `tx` of a change of those blocks.
+fn reclose_direct(tx: &Connection, a: UserId, b: UserId, now: i64) -> rusqlite::Result<()> {
+    let raised: Option<(String, i64)> = tx
+        .prepare_cached(RAISE_BLOCK_VERSION)?
+        .query_row([crate::domain::direct_key(a, b)], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    let Some((chat, version)) = raised else { return Ok(()) };
+    let closed: bool = tx.prepare_cached(PAIR_BLOCKED)?.query_row([a.to_string(), b.to_string()], |row| row.get(0))?;
+    push_outbox(tx, &chat, &[direct_chat_closed(closed, version)], now)
 }
 
 /// Recomputes a chat's member count and returns it (0 for no such chat).
@@ -448,8 +463,17 @@ impl ChatStore for SqliteChatStore {
             )?
             .execute(params![user.to_string(), now])?;
             tx.prepare_cached("DELETE FROM privacy_settings WHERE user_id = ?1")?.execute([user.to_string()])?;
-            tx.prepare_cached("DELETE FROM blocks WHERE user_id = ?1 OR blocked_user_id = ?1")?
-                .execute([user.to_string()])?;
+            // The others of the blocks that go, each once.
+            let others: BTreeSet<UserId> = tx
+                .prepare_cached(
+                    "DELETE FROM blocks WHERE user_id = ?1 OR blocked_user_id = ?1 \
+                     RETURNING CASE WHEN user_id = ?1 THEN blocked_user_id ELSE user_id END",
+                )?
+                .query_map([user.to_string()], |row| id(row, 0, "blocks.user_id"))?
+                .collect::<rusqlite::Result<_>>()?;
+            for other in others {
+                reclose_direct(&tx, user, other, now)?;
+            }
             tx.commit()
         });
         done.await.map_err(unwrap)?;
@@ -528,6 +552,7 @@ impl ChatStore for SqliteChatStore {
             if let Some(gone) = forgotten_among(&tx, [user, other])? {
                 return Ok(Blocked::Forgotten(gone));
             }
+            let (blocker, blocked) = (user, other);
             let (user, other) = (user.to_string(), other.to_string());
             let exists = tx
                 .prepare_cached("SELECT 1 FROM blocks WHERE user_id = ?1 AND blocked_user_id = ?2")?
@@ -543,16 +568,23 @@ impl ChatStore for SqliteChatStore {
             }
             tx.prepare_cached("INSERT INTO blocks (user_id, blocked_user_id, block_time) VALUES (?1, ?2, ?3)")?
                 .execute(params![user, other, now])?;
+            reclose_direct(&tx, blocker, blocked, now)?;
             tx.commit()?;
             Ok(Blocked::Done)
         });
         done.await.map_err(unwrap)
     }
 
-    async fn unblock(&self, user: UserId, other: UserId) -> Result<(), StoreError> {
+    async fn unblock(&self, user: UserId, other: UserId, now: i64) -> Result<(), StoreError> {
         let done = self.db.write(move |conn| {
-            conn.prepare_cached("DELETE FROM blocks WHERE user_id = ?1 AND blocked_user_id = ?2")?
-                .execute([user.to_string(), other.to_string()])
+            let tx = conn.transaction()?;
+            let deleted = tx
+                .prepare_cached("DELETE FROM blocks WHERE user_id = ?1 AND blocked_user_id = ?2")?
+                .execute([user.to_string(), other.to_string()])?;
+            if deleted > 0 {
+                reclose_direct(&tx, user, other, now)?;
+            }
+            tx.commit()
         });
         done.await.map_err(unwrap)?;
         Ok(())

@@ -130,6 +130,7 @@ chat_store_suite!(
     a_block_beside_a_forgetting_leaves_no_row,
     blocks_racing_each_other_at_the_limit_pass_it_by_none,
     a_privacy_update_beside_a_forgetting_leaves_no_row,
+    a_change_of_a_pairs_blocks_puts_their_direct_chats_closure_in_the_outbox,
 );
 
 async fn blocks_are_each_users_own_are_seen_both_ways_and_go_with_a_forgotten_user(store: &dyn ChatStore) {
@@ -164,8 +165,8 @@ async fn blocks_are_each_users_own_are_seen_both_ways_and_go_with_a_forgotten_us
     assert!(store.blocks_within(with_bob.id).await.unwrap(), "alice blocked bob");
     assert!(!store.blocks_within(with_carol.id).await.unwrap());
 
-    store.unblock(alice, bob).await.unwrap();
-    store.unblock(alice, bob).await.unwrap();
+    store.unblock(alice, bob, 9).await.unwrap();
+    store.unblock(alice, bob, 9).await.unwrap();
     assert!(!store.blocks_within(with_bob.id).await.unwrap(), "taken back");
     assert_eq!(store.blocked_users(alice, None, 10).await.unwrap(), [(carol, 3)]);
 
@@ -178,6 +179,64 @@ async fn blocks_are_each_users_own_are_seen_both_ways_and_go_with_a_forgotten_us
     assert_eq!(store.block(alice, bob, 11, 2).await.unwrap(), Blocked::Forgotten(alice));
     assert_eq!(store.blocked_users(dave, None, 10).await.unwrap(), [], "no row left behind");
     assert_eq!(store.blocked_users(alice, None, 10).await.unwrap(), []);
+}
+
+/// The closures in `chat`'s outbox, in order: (closed, version).
+async fn closures(store: &dyn ChatStore, chat: ChatId) -> Vec<(bool, i64)> {
+    let pending = store.pending(Some(chat), 100).await.unwrap();
+    let changes = pending.into_iter().flat_map(|p| p.changes);
+    changes
+        .filter_map(|c| match c.change {
+            Some(mpb::chat_change::Change::DirectChatClosed(c)) => Some((c.closed, c.version)),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn a_change_of_a_pairs_blocks_puts_their_direct_chats_closure_in_the_outbox(store: &dyn ChatStore) {
+    let [alice, bob, carol] = std::array::from_fn(|_| UserId::new_v7());
+    let mut direct = chat(alice, 1);
+    direct.kind = Kind::Direct;
+    direct.title = String::new();
+    let direct = create(store, direct, &[bob]).await;
+    let group = create(store, chat(alice, 2), &[bob]).await;
+    assert_eq!(closures(store, direct.id).await, [], "none before a block");
+
+    assert_eq!(store.block(alice, bob, 3, 10).await.unwrap(), Blocked::Done);
+    assert_eq!(closures(store, direct.id).await, [(true, 1)]);
+    assert_eq!(store.block(alice, bob, 4, 10).await.unwrap(), Blocked::Done);
+    assert_eq!(closures(store, direct.id).await, [(true, 1)], "a repeat changes nothing");
+    assert_eq!(store.block(bob, alice, 5, 10).await.unwrap(), Blocked::Done);
+    store.unblock(alice, bob, 6).await.unwrap();
+    assert_eq!(
+        closures(store, direct.id).await,
+        [(true, 1), (true, 2), (true, 3)],
+        "closed while bob still blocks alice"
+    );
+    store.unblock(alice, bob, 7).await.unwrap();
+    assert_eq!(closures(store, direct.id).await.len(), 3, "no block to take back: nothing");
+    store.unblock(bob, alice, 8).await.unwrap();
+    assert_eq!(closures(store, direct.id).await.last(), Some(&(false, 4)), "open again");
+    assert_eq!(closures(store, group.id).await, [], "a group is never closed");
+
+    // No direct chat: nothing to close.
+    assert_eq!(store.block(alice, carol, 9, 10).await.unwrap(), Blocked::Done);
+    assert_eq!(
+        store
+            .pending(None, 100)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|p| p.chat_id != direct.id && p.chat_id != group.id)
+            .count(),
+        0
+    );
+
+    // A deleted user's blocks go, and their direct chats open.
+    assert_eq!(store.block(bob, alice, 10, 10).await.unwrap(), Blocked::Done);
+    assert_eq!(closures(store, direct.id).await.last(), Some(&(true, 5)));
+    store.record_forgotten(alice, 11).await.unwrap();
+    assert_eq!(closures(store, direct.id).await.last(), Some(&(false, 6)));
 }
 
 async fn users_in_groups_counts_current_group_memberships(store: &dyn ChatStore) {
@@ -1215,7 +1274,8 @@ async fn members_page_in_join_order(store: &dyn ChatStore) {
 }
 
 /// A change as "joined <user>", "left <user>", "removed <user>", "role_changed
-/// <user>" or "updated <mask> <title> archived=<bool>".
+/// <user>", "updated <mask> <title> archived=<bool>" or "closed=<bool>
+/// <version>".
 fn show(change: &mpb::ChatChange) -> String {
     match change.change.as_ref().unwrap() {
         mpb::chat_change::Change::MembershipChanged(m) => {
@@ -1232,6 +1292,7 @@ fn show(change: &mpb::ChatChange) -> String {
             let mask = u.update_mask.as_ref().unwrap().paths.join(",");
             format!("updated {mask} {} archived={}", u.title, u.archived)
         }
+        mpb::chat_change::Change::DirectChatClosed(c) => format!("closed={} {}", c.closed, c.version),
     }
 }
 

@@ -847,6 +847,10 @@ pub enum Sent {
     /// `thread_root` names a deleted message, or a reply of a thread whose
     /// root is deleted; nothing was written and no seq taken.
     ThreadRootDeleted,
+    /// The chat is a direct chat closed by a block
+    /// ([`MessageStore::close_direct_chat`]), as read in the batch's write;
+    /// nothing was written and no seq taken.
+    Closed,
 }
 
 /// Outcome of an edit.
@@ -1083,6 +1087,15 @@ impl Membership {
 pub(crate) const LATEST_MEMBERSHIP_SQL: &str = "SELECT change_seq, kind FROM chat_changes \
      WHERE chat_id = $1 AND user_id = $2 AND kind IN ('joined', 'left', 'removed') ORDER BY change_seq DESC LIMIT 1";
 
+/// [`MessageStore::close_direct_chat`]: chat `$1` closed (`$2`) at
+/// version `$3`, its heads row created if need be (no seq, no change
+/// number), unless it holds that version or a higher one (the same text on
+/// both engines, as [`LATEST_MEMBERSHIP_SQL`]). On PostgreSQL the upsert
+/// takes the row's lock, as a send's write does.
+pub(crate) const CLOSE_DIRECT_CHAT: &str = "INSERT INTO chat_heads (chat_id, last_seq, last_change, closed, \
+     closed_version) VALUES ($1, 0, 0, $2, $3) ON CONFLICT (chat_id) DO UPDATE SET closed = excluded.closed, \
+     closed_version = excluded.closed_version WHERE chat_heads.closed_version < excluded.closed_version";
+
 /// A chat's heads: where its timeline and its changes stand.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Heads {
@@ -1184,7 +1197,11 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// Inserts `batch` in ONE transaction (group commit); the outcomes are
     /// in the batch's order. Each chat's messages take its next seqs in
     /// batch order, gap-free: a refused message ([`Sent::Duplicate`],
-    /// [`Sent::NoSuchReply`]) takes none. A message's mentions
+    /// [`Sent::NoSuchReply`], [`Sent::Closed`]) takes none. Whether a chat
+    /// is closed ([`MessageStore::close_direct_chat`]) is read on its heads
+    /// row in the write that takes its seqs: a closure recorded before the
+    /// batch's transaction reads it refuses the chat's messages, whenever
+    /// their membership was checked. A message's mentions
     /// ([`NewMessage::mentions`]) are written with it; a batch without any
     /// costs nothing for them. A thread reply ([`NewMessage::thread_root`])
     /// is checked against its root before any of the batch is inserted
@@ -1304,6 +1321,18 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
         now: i64,
         origin: &str,
     ) -> Result<Vec<Logged>, StoreError>;
+
+    /// Records whether direct chat `chat` is closed to new messages (a
+    /// block between its members: RecordChatChanges' direct_chat_closed) at
+    /// `version` (1 or more), on its heads row (created if need be, with no
+    /// seq and no change number taken), unless the row holds this version
+    /// or a higher one already: then nothing changes, so a repeated or late
+    /// call never undoes a newer state. Takes no change number and logs
+    /// nothing. Serialized with [`MessageStore::insert_batch`] on the heads
+    /// row (PostgreSQL: its row lock; SQLite: the one writer): a batch that
+    /// reads the row after this commits refuses the chat's messages
+    /// ([`Sent::Closed`]).
+    async fn close_direct_chat(&self, chat: ChatId, closed: bool, version: i64) -> Result<(), StoreError>;
 
     /// The chat's heads (all zero for a chat with no message and no change).
     async fn heads(&self, chat: ChatId) -> Result<Heads, StoreError>;

@@ -27,12 +27,12 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row as _};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Deleted, Edited, Finish, Finished, Flags, Generation,
-    GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message, MessageStore,
-    NewMessage, NewReply, Pin, Pinned, QueueCursor, QueueFilter, Range, Reacted, Reaction, ReadState, Reply, Revision,
-    Role, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary,
-    ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, decode_mentions, encode_mentions,
-    list_sql, mention_count_sql, merge_changes, message_columns, parse_id, pinned_sql, report_columns,
+    Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Edited, Finish, Finished,
+    Flags, Generation, GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message,
+    MessageStore, NewMessage, NewReply, Pin, Pinned, QueueCursor, QueueFilter, Range, Reacted, Reaction, ReadState,
+    Reply, Revision, Role, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError,
+    StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, decode_mentions,
+    encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns, parse_id, pinned_sql, report_columns,
     stop_generating_sql, thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
@@ -63,9 +63,10 @@ macro_rules! insert_batch_sql {
                INSERT INTO chat_heads (chat_id, last_seq, last_change) \
                SELECT c.chat_id, c.n, c.n FROM UNNEST($1::text[], $2::bigint[]) WITH ORDINALITY AS c (chat_id, n, ord) \
                ORDER BY c.ord \
-               ON CONFLICT (chat_id) DO UPDATE SET last_seq = chat_heads.last_seq + excluded.last_seq, \
-                 last_change = chat_heads.last_change + excluded.last_change \
-               RETURNING chat_id, last_seq, last_change), \
+               ON CONFLICT (chat_id) DO UPDATE SET \
+                 last_seq = chat_heads.last_seq + CASE WHEN chat_heads.closed THEN 0 ELSE excluded.last_seq END, \
+                 last_change = chat_heads.last_change + CASE WHEN chat_heads.closed THEN 0 ELSE excluded.last_change END \
+               RETURNING chat_id, last_seq, last_change, closed), \
              inserted AS ( \
                INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
                                      revision, delete_time, change_seq, create_change, flag_severity, flags, mentions, \
@@ -77,10 +78,10 @@ macro_rules! insert_batch_sql {
                            $10::bigint[], $11::int[], $12::text[], $13::text[], $14::text[], $15::bigint[]) \
                     AS i (id, chat_id, k, author_id, text, attachments, reply, send_time, flag_severity, flags, mentions, \
                           search_vector, thread_root) \
-               JOIN heads h ON h.chat_id = i.chat_id \
+               JOIN heads h ON h.chat_id = i.chat_id AND NOT h.closed \
                JOIN UNNEST($1::text[], $2::bigint[]) AS c (chat_id, n) ON c.chat_id = i.chat_id)",
             $extra,
-            " SELECT chat_id, last_seq, last_change FROM heads"
+            " SELECT chat_id, last_seq, last_change, closed FROM heads"
         )
     };
 }
@@ -91,7 +92,11 @@ macro_rules! insert_batch_sql {
 /// attachments, reply, send time, flags, mentions, the text's words
 /// as a `tsvector` literal, and the thread root's seq or 0) with seq `head - count + position` and change
 /// number likewise; returns every chat's new heads (chat id, seq, change
-/// number).
+/// number, closed). A closed direct chat's heads stay as they are and its
+/// messages are not inserted: `closed` is read in the upsert that locks the
+/// heads row, so a closure committed before it is seen (under READ
+/// COMMITTED, the upsert works on the row's latest version), and one
+/// recorded after it waits for this transaction.
 const INSERT_BATCH: &str = insert_batch_sql!("");
 
 /// [`INSERT_BATCH`] for a batch that mentions someone: it also inserts the
@@ -105,7 +110,7 @@ const INSERT_BATCH_MENTIONS: &str = insert_batch_sql!(
        INSERT INTO message_mentions (chat_id, user_id, seq) \
        SELECT n.chat_id, n.user_id, h.last_seq - c.n + n.k \
        FROM UNNEST($16::text[], $17::bigint[], $18::text[]) AS n (chat_id, k, user_id) \
-       JOIN heads h ON h.chat_id = n.chat_id \
+       JOIN heads h ON h.chat_id = n.chat_id AND NOT h.closed \
        JOIN UNNEST($1::text[], $2::bigint[]) AS c (chat_id, n) ON c.chat_id = n.chat_id \
        WHERE NOT EXISTS (SELECT 1 FROM forgotten_users f WHERE f.user_id = n.user_id) \
        ON CONFLICT DO NOTHING)"
@@ -608,13 +613,17 @@ async fn insert_checked<'e>(
             .bind(positions.iter().map(|(i, _)| batch[*i].thread_root.map_or(0, |s| s.0)).collect::<Vec<i64>>());
         let query =
             if mentions.0.is_empty() { query } else { query.bind(&mentions.0).bind(&mentions.1).bind(&mentions.2) };
-        let heads: Vec<(String, i64, i64)> = query.fetch_all(executor).await?;
-        let heads: std::collections::HashMap<String, (i64, i64)> =
-            heads.into_iter().map(|(chat, seq, change)| (chat, (seq, change))).collect();
+        let heads: Vec<(String, i64, i64, bool)> = query.fetch_all(executor).await?;
+        let heads: std::collections::HashMap<String, (i64, i64, bool)> =
+            heads.into_iter().map(|(chat, seq, change, closed)| (chat, (seq, change, closed))).collect();
         for (i, k) in positions {
-            let (seq, change) = heads
+            let &(seq, change, closed) = heads
                 .get(&chats[i])
                 .ok_or_else(|| sqlx::Error::Protocol("chat head missing from the batch insert".into()))?;
+            if closed {
+                outcomes[i] = Some(Sent::Closed);
+                continue;
+            }
             let n = counts[chats[i].as_str()];
             outcomes[i] = Some(Sent::Created(batch[i].clone().into_message(Seq(seq - n + k), change - n + k)));
         }
@@ -1083,6 +1092,11 @@ impl MessageStore for PostgresStore {
         .iter()
         .map(message_row)
         .collect()
+    }
+
+    async fn close_direct_chat(&self, chat: ChatId, closed: bool, version: i64) -> Result<(), StoreError> {
+        sqlx::query(CLOSE_DIRECT_CHAT).bind(chat.to_string()).bind(closed).bind(version).execute(&self.pool).await?;
+        Ok(())
     }
 
     async fn head(&self, chat: ChatId) -> Result<Seq, StoreError> {

@@ -18,14 +18,14 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, params};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, Change, ChatChange, Checkpoint, Deleted, Edited, Finish, Finished, Flags, Generation,
-    GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message, MessageStore,
-    NewMessage, NewReply, Pin, Pinned, QueueCursor, QueueFilter, RECENT_ACTIVITY_ROWS, Range, Reacted, Reaction,
-    ReadState, Reply, Revision, Role, SEARCH_RANK_MAX, SEARCH_SCAN, SearchCursor, SearchFilter, SearchHit, SearchPage,
-    Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of,
-    chat_change_row, created_after_bounds, decode_mentions, encode_mentions, first_seq_created_after, list_sql,
-    mention_count_sql, merge_changes, message_columns, pinned_sql, report_columns, stop_generating_sql, thread_root_of,
-    unread_count_sql,
+    Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Edited, Finish, Finished,
+    Flags, Generation, GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message,
+    MessageStore, NewMessage, NewReply, Pin, Pinned, QueueCursor, QueueFilter, RECENT_ACTIVITY_ROWS, Range, Reacted,
+    Reaction, ReadState, Reply, Revision, Role, SEARCH_RANK_MAX, SEARCH_SCAN, SearchCursor, SearchFilter, SearchHit,
+    SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql,
+    chat_change_of, chat_change_row, created_after_bounds, decode_mentions, encode_mentions, first_seq_created_after,
+    list_sql, mention_count_sql, merge_changes, message_columns, pinned_sql, report_columns, stop_generating_sql,
+    thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -403,7 +403,8 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
                 None => Ok(None),
             });
         }
-        let mut read_head = tx.prepare_cached("SELECT last_seq, last_change FROM chat_heads WHERE chat_id = ?1")?;
+        let mut read_head =
+            tx.prepare_cached("SELECT last_seq, last_change, closed FROM chat_heads WHERE chat_id = ?1")?;
         // A stored id (a retry, or one earlier in the batch) inserts
         // nothing: one index lookup, where a SELECT first would walk the id
         // index twice.
@@ -413,8 +414,10 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, 1, NULL, ?9, ?9, ?10, ?11, ?12, ?13) \
              ON CONFLICT (id) DO NOTHING",
         )?;
-        // chat -> (its id as text, last seq, last change number).
-        let mut heads: HashMap<ChatId, (String, i64, i64)> = HashMap::new();
+        // chat -> (its id as text, last seq, last change number), None for
+        // a closed direct chat (read in this transaction: the one writer
+        // runs no closure between this read and the commit).
+        let mut heads: HashMap<ChatId, Option<(String, i64, i64)>> = HashMap::new();
         for ((mut m, reply_ok), root) in batch.into_iter().zip(replies_ok).zip(roots) {
             if !reply_ok {
                 outcomes.push(Sent::NoSuchReply);
@@ -427,15 +430,19 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
                     continue;
                 }
             }
-            let (chat, head, change) = match heads.entry(m.chat_id) {
+            let open = match heads.entry(m.chat_id) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
                     let chat = m.chat_id.to_string();
-                    let stored: Option<(i64, i64)> =
-                        read_head.query_row([&chat], |row| Ok((row.get(0)?, row.get(1)?))).optional()?;
-                    let (seq, change) = stored.unwrap_or((0, 0));
-                    e.insert((chat, seq, change))
+                    let stored: Option<(i64, i64, bool)> =
+                        read_head.query_row([&chat], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?))).optional()?;
+                    let (seq, change, closed) = stored.unwrap_or((0, 0, false));
+                    e.insert((!closed).then_some((chat, seq, change)))
                 }
+            };
+            let Some((chat, head, change)) = open else {
+                outcomes.push(Sent::Closed);
+                continue;
             };
             let (seq, next_change) = (*head + 1, *change + 1);
             let (flag_severity, flags) = Flags::columns(m.flags.as_ref());
@@ -481,7 +488,7 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
         // Each root replied to: the next change number after the batch's
         // messages of its chat, and its summary.
         for ((chat, root), bump) in bumps.iter().filter(|(_, b)| b.replies > 0) {
-            let Some((chat, _, change)) = heads.get_mut(chat) else { continue };
+            let Some(Some((chat, _, change))) = heads.get_mut(chat) else { continue };
             *change += 1;
             tx.prepare_cached(
                 "UPDATE messages SET reply_count = reply_count + ?3, \
@@ -501,7 +508,7 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
             "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES (?1, ?2, ?3) \
              ON CONFLICT (chat_id) DO UPDATE SET last_seq = excluded.last_seq, last_change = excluded.last_change",
         )?;
-        for (chat, head, change) in heads.values() {
+        for (chat, head, change) in heads.values().flatten() {
             write_head.execute(params![chat, head, change])?;
         }
     }
@@ -1323,6 +1330,17 @@ impl MessageStore for SqliteStore {
     ) -> Result<Vec<Logged>, StoreError> {
         let (chat, changes, origin) = (chat.to_string(), changes.to_vec(), origin.to_owned());
         Ok(self.db.write(move |conn| record_chat_changes(conn, &chat, &changes, now, &origin)).await?)
+    }
+
+    async fn close_direct_chat(&self, chat: ChatId, closed: bool, version: i64) -> Result<(), StoreError> {
+        let chat = chat.to_string();
+        self.db
+            .write(move |conn| {
+                conn.prepare_cached(CLOSE_DIRECT_CHAT)?.execute(params![chat, closed, version])?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
     }
 
     async fn heads(&self, chat: ChatId) -> Result<Heads, StoreError> {

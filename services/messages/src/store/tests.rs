@@ -103,6 +103,8 @@ message_store_suite!(
     a_retry_with_the_same_id_creates_nothing,
     a_batch_assigns_gap_free_seqs_per_chat_and_skips_retries,
     a_batch_without_replies_skips_retries_too,
+    a_closed_direct_chat_takes_no_message_written_after_its_closure,
+    a_send_waiting_on_a_closure_being_recorded_is_refused_once_it_commits,
     a_reply_names_a_message_stored_before_its_batch,
     concurrent_batches_take_gap_free_seqs,
     history_pages_both_ways,
@@ -296,6 +298,77 @@ async fn a_batch_without_replies_skips_retries_too(h: &Harness) {
     assert_eq!((&out[1], &out[3]), (&Sent::Duplicate, &Sent::Duplicate));
     assert_eq!((h.store.head(chat(4)).await.unwrap(), h.store.head(chat(5)).await.unwrap()), (Seq(3), Seq(1)));
     assert_eq!(stored(h, 4).await, [(1, id(10)), (2, id(11)), (3, id(13))]);
+}
+
+/// A send checked (member, not blocked) before a block and written after
+/// the block's closure was recorded: the write refuses it, whatever the
+/// batch's path (plain, replies checked, mentions, thread replies), takes
+/// no seq and no change number, and lets other chats' messages through.
+async fn a_closed_direct_chat_takes_no_message_written_after_its_closure(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(20, 6, 0)]).await), [Some(1)]);
+    let before = h.store.heads(chat(6)).await.unwrap();
+    h.store.close_direct_chat(chat(6), true, 1).await.unwrap();
+    assert_eq!(h.store.heads(chat(6)).await.unwrap(), before, "a closure takes no change number");
+    let out = send(h, &[msg(21, 6, 0), msg(22, 7, 0)]).await;
+    assert_eq!((&out[0], seqs(&out)[1]), (&Sent::Closed, Some(1)), "refused in the write; the other chat goes on");
+    assert_eq!(send(h, &[msg(23, 6, 1), msg(24, 7, 1)]).await[0], Sent::Closed, "with replies");
+    assert_eq!(send(h, &[mentioning(msg(25, 6, 0), &[1])]).await, [Sent::Closed], "with mentions");
+    assert_eq!(send(h, &[in_thread(msg(26, 6, 0), 1)]).await, [Sent::Closed], "in a thread");
+    assert_eq!(h.store.heads(chat(6)).await.unwrap(), before, "no seq, no change number taken");
+
+    // A lower or equal version (late, repeated) changes nothing.
+    h.store.close_direct_chat(chat(6), false, 1).await.unwrap();
+    assert_eq!(send(h, &[msg(27, 6, 0)]).await, [Sent::Closed], "still closed");
+    h.store.close_direct_chat(chat(6), false, 2).await.unwrap();
+    assert_eq!(seqs(&send(h, &[msg(27, 6, 0)]).await), [Some(2)], "open again, no gap");
+    h.store.close_direct_chat(chat(6), true, 2).await.unwrap();
+    assert_eq!(seqs(&send(h, &[msg(28, 6, 0)]).await), [Some(3)], "version 2 again: no change");
+
+    // A chat closed before its first message or change.
+    h.store.close_direct_chat(chat(8), true, 1).await.unwrap();
+    assert_eq!(send(h, &[msg(29, 8, 0)]).await, [Sent::Closed]);
+    assert_eq!(h.store.heads(chat(8)).await.unwrap(), Heads::default());
+}
+
+/// PostgreSQL, two transactions by hand: a send whose write reaches the
+/// chat's heads while a closure of the chat is being recorded (its
+/// transaction holds the heads row) waits for it, then reads the
+/// committed closure and is refused. (SQLite runs one write at a time.)
+async fn a_send_waiting_on_a_closure_being_recorded_is_refused_once_it_commits(h: &Harness) {
+    use sqlx::{Connection as _, Executor as _};
+    let Cleanup::Schema { url, schema } = &h.cleanup else { return };
+    assert_eq!(seqs(&send(h, &[msg(30, 9, 0)]).await), [Some(1)]);
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    conn.execute(sqlx::AssertSqlSafe(format!("SET search_path TO {schema}"))).await.unwrap();
+    let mut closure = conn.begin().await.unwrap();
+    sqlx::query(CLOSE_DIRECT_CHAT)
+        .bind(chat(9).to_string())
+        .bind(true)
+        .bind(1_i64)
+        .execute(&mut *closure)
+        .await
+        .unwrap();
+    let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *closure).await.unwrap();
+    let store = h.store.clone();
+    let sending = tokio::spawn(async move { store.insert_batch(&[msg(31, 9, 0)]).await.unwrap() });
+    // Until the send waits on the closure's lock (a condition, not a time).
+    let mut watch = sqlx::PgConnection::connect(url).await.unwrap();
+    loop {
+        let waiting: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid)))")
+                .bind(holder)
+                .fetch_one(&mut watch)
+                .await
+                .unwrap();
+        if waiting {
+            break;
+        }
+        assert!(!sending.is_finished(), "the send did not wait for the closure's lock");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    closure.commit().await.unwrap();
+    assert_eq!(sending.await.unwrap(), [Sent::Closed], "the write read the closure committed while it waited");
+    assert_eq!(h.store.head(chat(9)).await.unwrap(), Seq(1));
 }
 
 async fn a_reply_names_a_message_stored_before_its_batch(h: &Harness) {

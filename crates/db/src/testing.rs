@@ -22,3 +22,26 @@ pub fn unique_schema(name: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     format!("t{nanos}{}{}_{name}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
+
+/// Waits until some session of the PostgreSQL server at `url` waits for a
+/// lock that the session of backend `holder` holds (`pg_blocking_pids`),
+/// checking every 5 ms: for tests that interleave two transactions by
+/// hand, a condition to wait on rather than a time. Panics when `gave_up`
+/// turns true first (the other side finished without waiting).
+pub async fn wait_until_blocked_by(url: &str, holder: i32, gave_up: impl Fn() -> bool) {
+    use sqlx::Connection as _;
+    let mut watch = sqlx::PgConnection::connect(url).await.expect("connect to watch the locks");
+    loop {
+        let waiting: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid)))")
+                .bind(holder)
+                .fetch_one(&mut watch)
+                .await
+                .expect("read the locks");
+        if waiting {
+            return;
+        }
+        assert!(!gave_up(), "nothing waited for the lock of backend {holder}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}

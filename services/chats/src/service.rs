@@ -120,6 +120,9 @@ const RECORD_ATTEMPTS: u32 = 4;
 /// load balancer).
 const RECORD_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// The refusal of a new direct chat with someone the caller blocks.
+const YOU_BLOCKED: &str = "you blocked this user: unblock them (UnblockUser) first";
+
 /// The chats service's domain object; share it behind an `Arc`.
 pub struct Chats {
     store: Arc<dyn ChatStore>,
@@ -329,7 +332,7 @@ impl Chats {
         if let Some(other) = other {
             self.check_blocks(caller, &[other], true).await?;
             if !self.store.blockers_among(other, &[caller]).await?.is_empty() {
-                return Err(ChatsError::Precondition("you blocked this user: unblock them (UnblockUser) first"));
+                return Err(ChatsError::Precondition(YOU_BLOCKED));
             }
             self.check_direct_chats(caller, other, &bots).await?;
         }
@@ -379,6 +382,10 @@ impl Chats {
             },
             // Deleted after the look-up above (or the caller, mid-request).
             Created::Forgotten(user) => Err(ChatsError::UserNotFound(user.to_string())),
+            // Blocked since the checks above: refused as they refuse.
+            Created::Blocked(user) if user == caller => Err(ChatsError::Precondition(YOU_BLOCKED)),
+            Created::Blocked(user) if kind == Kind::Direct => Err(ChatsError::DirectRefused(user.to_string())),
+            Created::Blocked(user) => Err(ChatsError::AddRefused(user.to_string())),
         }
     }
 
@@ -983,6 +990,8 @@ impl Chats {
             Added::TooMany(count) => return Err(self.limits.check_members("user_ids", count).unwrap_err().into()),
             // Deleted after the look-up above (or the caller, mid-request).
             Added::Forgotten(user) => return Err(ChatsError::UserNotFound(user.to_string())),
+            // Blocked the caller since the check above: refused as it refuses.
+            Added::Blocked(user) => return Err(ChatsError::AddRefused(user.to_string())),
             Added::ChatGone => return Err(ChatsError::ChatNotFound),
             Added::Refused if by == Adder::Joiner => return Err(ChatsError::Denied("not a member of this chat")),
             Added::Refused => return Err(ChatsError::Denied("only the owner or an admin may add members")),

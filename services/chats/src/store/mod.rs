@@ -141,6 +141,10 @@ pub enum Created {
     /// ([`ChatStore::record_forgotten`]: its account is deleted); nothing
     /// was written.
     Forgotten(UserId),
+    /// This user blocks the creator (or, for a direct chat, the creator
+    /// blocks the other: then the creator), as read in the write's
+    /// transaction ([`blocks_between_refused`]); nothing was written.
+    Blocked(UserId),
 }
 
 /// Outcome of [`ChatStore::block`].
@@ -174,6 +178,36 @@ pub enum Added {
     /// The [`Adder`] may not add (any more): no owner or admin now, or the
     /// chat is no longer public; nothing was written.
     Refused,
+    /// This user, one of those the add would add, blocks the
+    /// [`Adder::Manager`] adding them, as read in the write's transaction
+    /// ([`blocks_between_refused`]); nothing was written.
+    Blocked(UserId),
+}
+
+/// The blocks a membership write ([`ChatStore::create_chat`],
+/// [`ChatStore::add_members`]) checks in its own transaction, after the
+/// service checked them from a read that may be stale by then (a BlockUser
+/// committed in between): none of the users it makes members with `adder`
+/// (the creator, the manager who adds) may block `adder`, and for a new
+/// direct chat `adder` may not block the other either. Checked so that a
+/// block and a write about the same pair of users are ordered: SQLite runs
+/// one write at a time; PostgreSQL's write takes, before it reads the
+/// blocks, the advisory lock of each user whose block it reads (shared),
+/// the lock [`ChatStore::block`] holds (exclusive) until its commit. So
+/// either the block committed first and the write sees it, or the write
+/// committed first and the block finds them in the group (which goes on,
+/// as every group does) or the direct chat (which it closes).
+///
+/// Answers the pairs `(blocker, blocked)` to look for: each of `members`
+/// but `adder` blocking `adder`, then, with `direct`, `adder` blocking
+/// them.
+pub fn blocks_between_refused(adder: UserId, members: &[UserId], direct: bool) -> Vec<(UserId, UserId)> {
+    let others = members.iter().copied().filter(|m| *m != adder);
+    let mut pairs: Vec<(UserId, UserId)> = others.clone().map(|m| (m, adder)).collect();
+    if direct {
+        pairs.extend(others.map(|m| (adder, m)));
+    }
+    pairs
 }
 
 /// Who adds members ([`ChatStore::add_members`]), checked again in the
@@ -490,7 +524,9 @@ pub trait ChatStore: Send + Sync + 'static {
     /// two members) is unique: a second direct chat of the same pair, or a
     /// chat whose id is taken (by a chat, or by one deleted since: ids are
     /// never reused), is [`Created::Conflict`]; a member recorded by
-    /// [`ChatStore::record_forgotten`] is [`Created::Forgotten`].
+    /// [`ChatStore::record_forgotten`] is [`Created::Forgotten`]; a block
+    /// between a member and the creator ([`blocks_between_refused`], read
+    /// in the transaction) is [`Created::Blocked`].
     async fn create_chat(&self, chat: &Chat, members: &[Member]) -> Result<Created, StoreError>;
 
     /// The chat, with its newest activity.
@@ -741,8 +777,10 @@ pub trait ChatStore: Send + Sync + 'static {
     /// chat would then have more members than `limits` admit
     /// ([`Limits::admits_members`], counted exactly under that lock), or
     /// one of them is recorded by [`ChatStore::record_forgotten`]
-    /// ([`Added::Forgotten`]). Sets the update time to `now`; the joins of
-    /// those added go to the outbox, in request order.
+    /// ([`Added::Forgotten`]), or one of those it would add blocks the
+    /// [`Adder::Manager`] ([`Added::Blocked`], read in the transaction:
+    /// [`blocks_between_refused`]). Sets the update time to `now`; the
+    /// joins of those added go to the outbox, in request order.
     async fn add_members(
         &self,
         chat: ChatId,

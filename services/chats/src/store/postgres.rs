@@ -14,9 +14,9 @@ use natter_proto::messages::v1 as mpb;
 
 use super::{
     Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, PAIR_BLOCKED, Pending, RAISE_BLOCK_VERSION,
-    ROLE_TARGETS, Removal, StoreError, changes_to, chat_columns, chat_updated, check_roles, departed,
-    direct_chat_closed, direct_key, joined, may_change, may_delete, membership, order_column, outbox_rows, parse_enum,
-    parse_id, pending_row, role_changes, time_bounds, updated_by,
+    ROLE_TARGETS, Removal, StoreError, blocks_between_refused, changes_to, chat_columns, chat_updated, check_roles,
+    departed, direct_chat_closed, direct_key, joined, may_change, may_delete, membership, order_column, outbox_rows,
+    parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -101,14 +101,49 @@ macro_rules! forgotten_lock {
 }
 
 /// The argument of the advisory lock a [`ChatStore::block`] holds while it
-/// counts and adds the blocking user's blocks, with that user's id as `$1`:
-/// the 64-bit hash of the schema's name and the id, in the one-key space
-/// (apart from `forgotten_lock!`'s two keys), as advisory locks are the
-/// whole database's.
+/// counts and adds the blocking user's blocks, with that user's id as the
+/// SQL expression `$id` (a literal: `"$1"`): the 64-bit hash of the
+/// schema's name and the id, in the one-key space (apart from
+/// `forgotten_lock!`'s two keys), as advisory locks are the whole
+/// database's. Membership writes take it shared for each user whose block
+/// they read ([`first_block`]).
 macro_rules! blocker_lock {
-    () => {
-        "hashtextextended(current_schema() || ' blocks ' || $1, 1851880564)"
+    ($id:literal) => {
+        concat!("hashtextextended(current_schema() || ' blocks ' || ", $id, ", 1851880564)")
     };
+}
+#[cfg(test)]
+pub(crate) use blocker_lock;
+
+/// The blocker of the first of `pairs` (blocker, blocked) that is a block,
+/// read in the membership write's transaction `tx` after taking, shared,
+/// each blocker's `blocker_lock!` (held to the end): a block of theirs
+/// under way commits before this reads, and one after waits for this
+/// write's commit (see [`super::blocks_between_refused`]).
+async fn first_block(tx: &mut sqlx::PgConnection, pairs: &[(UserId, UserId)]) -> Result<Option<UserId>, StoreError> {
+    if pairs.is_empty() {
+        return Ok(None);
+    }
+    let (blockers, blocked): (Vec<String>, Vec<String>) =
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).unzip();
+    sqlx::query(concat!(
+        "SELECT pg_advisory_xact_lock_shared(",
+        blocker_lock!("u"),
+        ") FROM (SELECT DISTINCT u FROM UNNEST($1::text[]) AS u) s"
+    ))
+    .bind(&blockers)
+    .execute(&mut *tx)
+    .await?;
+    let found: Vec<i64> = sqlx::query_scalar(
+        "SELECT p.n FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS p (blocker, blocked, n) \
+         WHERE EXISTS (SELECT 1 FROM blocks b WHERE b.user_id = p.blocker AND b.blocked_user_id = p.blocked) \
+         ORDER BY p.n LIMIT 1",
+    )
+    .bind(&blockers)
+    .bind(&blocked)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(found.first().and_then(|n| pairs.get(usize::try_from(*n).ok()? - 1)).map(|(blocker, _)| *blocker))
 }
 
 /// The first of `users` recorded by [`ChatStore::record_forgotten`], read
@@ -242,6 +277,11 @@ impl ChatStore for PostgresChatStore {
         let mut tx = self.pool.begin().await?;
         if let Some(user) = forgotten_among(&mut tx, members.iter().map(|m| m.user_id)).await? {
             return Ok(Created::Forgotten(user));
+        }
+        let users: Vec<UserId> = members.iter().map(|m| m.user_id).collect();
+        let pairs = blocks_between_refused(chat.creator_id, &users, chat.kind == Kind::Direct);
+        if let Some(blocker) = first_block(&mut tx, &pairs).await? {
+            return Ok(Created::Blocked(blocker));
         }
         // Ids are never reused, a deleted chat's included.
         let taken = sqlx::query("INSERT INTO chat_ids (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
@@ -452,7 +492,7 @@ impl ChatStore for PostgresChatStore {
         // held to the commit: under READ COMMITTED, blocks racing each other
         // (BlockUser calls at once) would each count without the others'
         // uncommitted rows and pass the limit by their number.
-        sqlx::query(concat!("SELECT pg_advisory_xact_lock(", blocker_lock!(), ")"))
+        sqlx::query(concat!("SELECT pg_advisory_xact_lock(", blocker_lock!("$1"), ")"))
             .bind(user.to_string())
             .execute(&mut *tx)
             .await?;
@@ -988,6 +1028,13 @@ impl ChatStore for PostgresChatStore {
         // In request order, as the engine's RETURNING order is not promised.
         let added: Vec<Member> =
             members.iter().filter(|m| inserted.contains(&m.user_id.to_string())).copied().collect();
+        if let Adder::Manager(adder) = by {
+            let users: Vec<UserId> = added.iter().map(|m| m.user_id).collect();
+            if let Some(blocker) = first_block(&mut tx, &blocks_between_refused(adder, &users, false)).await? {
+                tx.rollback().await?;
+                return Ok(Added::Blocked(blocker));
+            }
+        }
         push_outbox(&mut tx, &key, &joined(added.iter().map(|m| m.user_id)), now).await?;
         tx.commit().await?;
         Ok(Added::Added(added))

@@ -23,9 +23,9 @@ use natter_proto::messages::v1 as mpb;
 
 use super::{
     Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, PAIR_BLOCKED, Pending, RAISE_BLOCK_VERSION,
-    ROLE_TARGETS, Removal, StoreError, changes_to, chat_columns, chat_updated, check_roles, departed,
-    direct_chat_closed, direct_key, joined, may_change, may_delete, membership, order_column, outbox_rows, parse_enum,
-    parse_id, pending_row, role_changes, time_bounds, updated_by,
+    ROLE_TARGETS, Removal, StoreError, blocks_between_refused, changes_to, chat_columns, chat_updated, check_roles,
+    departed, direct_chat_closed, direct_key, joined, may_change, may_delete, membership, order_column, outbox_rows,
+    parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -167,6 +167,19 @@ fn forgotten_among(tx: &Connection, users: impl IntoIterator<Item = UserId>) -> 
     for user in users {
         if select.exists([user.to_string()])? {
             return Ok(Some(user));
+        }
+    }
+    Ok(None)
+}
+
+/// The blocker of the first of `pairs` (blocker, blocked) that is a block,
+/// read in the membership write's transaction `tx` (the one writer: no
+/// block commits before this write does; see [`blocks_between_refused`]).
+fn first_block(tx: &Connection, pairs: &[(UserId, UserId)]) -> rusqlite::Result<Option<UserId>> {
+    let mut select = tx.prepare_cached("SELECT 1 FROM blocks WHERE user_id = ?1 AND blocked_user_id = ?2")?;
+    for (blocker, blocked) in pairs {
+        if select.exists([blocker.to_string(), blocked.to_string()])? {
+            return Ok(Some(*blocker));
         }
     }
     Ok(None)
@@ -329,6 +342,11 @@ impl ChatStore for SqliteChatStore {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             if let Some(user) = forgotten_among(&tx, members.iter().map(|m| m.user_id))? {
                 return Ok(Created::Forgotten(user));
+            }
+            let users: Vec<UserId> = members.iter().map(|m| m.user_id).collect();
+            let pairs = blocks_between_refused(chat.creator_id, &users, chat.kind == Kind::Direct);
+            if let Some(blocker) = first_block(&tx, &pairs)? {
+                return Ok(Created::Blocked(blocker));
             }
             // Ids are never reused, a deleted chat's included.
             if tx
@@ -1018,6 +1036,12 @@ impl ChatStore for SqliteChatStore {
             let count = recount(&tx, &key)? as usize;
             if !limits.admits_members(count) {
                 return Ok(Added::TooMany(count)); // the guard rolls back
+            }
+            if let Adder::Manager(adder) = by {
+                let users: Vec<UserId> = added.iter().map(|m: &Member| m.user_id).collect();
+                if let Some(blocker) = first_block(&tx, &blocks_between_refused(adder, &users, false))? {
+                    return Ok(Added::Blocked(blocker)); // the guard rolls back
+                }
             }
             push_outbox(&tx, &key, &joined(added.iter().map(|m: &Member| m.user_id)), now)?;
             tx.commit()?;

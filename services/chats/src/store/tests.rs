@@ -131,10 +131,20 @@ chat_store_suite!(
     blocks_racing_each_other_at_the_limit_pass_it_by_none,
     a_privacy_update_beside_a_forgetting_leaves_no_row,
     a_change_of_a_pairs_blocks_puts_their_direct_chats_closure_in_the_outbox,
+    an_add_or_a_creation_checks_blocks_in_its_write,
 );
 
 async fn blocks_are_each_users_own_are_seen_both_ways_and_go_with_a_forgotten_user(store: &dyn ChatStore) {
     let [alice, bob, carol, dave] = std::array::from_fn(|_| UserId::new_v7());
+    // Direct chats made before the blocks (none is made after one).
+    let mut with_bob = chat(bob, 7);
+    with_bob.kind = Kind::Direct;
+    with_bob.title = String::new();
+    let with_bob = create(store, with_bob, &[alice]).await;
+    let mut with_carol = chat(carol, 8);
+    with_carol.kind = Kind::Direct;
+    with_carol.title = String::new();
+    let with_carol = create(store, with_carol, &[bob]).await;
     assert_eq!(store.block(alice, bob, 1, 2).await.unwrap(), Blocked::Done);
     assert_eq!(store.block(alice, bob, 2, 2).await.unwrap(), Blocked::Done, "again: no change");
     assert_eq!(store.block(alice, carol, 3, 2).await.unwrap(), Blocked::Done);
@@ -154,14 +164,6 @@ async fn blocks_are_each_users_own_are_seen_both_ways_and_go_with_a_forgotten_us
     assert_eq!(store.blockers_among(bob, &[alice, carol, alice]).await.unwrap(), [alice], "each once");
     assert_eq!(store.blockers_among(bob, &[carol, dave]).await.unwrap(), []);
 
-    let mut with_bob = chat(bob, 7);
-    with_bob.kind = Kind::Direct;
-    with_bob.title = String::new();
-    let with_bob = create(store, with_bob, &[alice]).await;
-    let mut with_carol = chat(carol, 8);
-    with_carol.kind = Kind::Direct;
-    with_carol.title = String::new();
-    let with_carol = create(store, with_carol, &[bob]).await;
     assert!(store.blocks_within(with_bob.id).await.unwrap(), "alice blocked bob");
     assert!(!store.blocks_within(with_carol.id).await.unwrap());
 
@@ -237,6 +239,101 @@ async fn a_change_of_a_pairs_blocks_puts_their_direct_chats_closure_in_the_outbo
     assert_eq!(closures(store, direct.id).await.last(), Some(&(true, 5)));
     store.record_forgotten(alice, 11).await.unwrap();
     assert_eq!(closures(store, direct.id).await.last(), Some(&(false, 6)));
+}
+
+/// A new direct chat of `creator` and `other`, as CreateChat writes it.
+fn direct_of(creator: UserId, other: UserId, time: i64) -> (Chat, [Member; 2]) {
+    let mut direct = chat(creator, time);
+    direct.kind = Kind::Direct;
+    direct.title = String::new();
+    direct.member_count = 2;
+    let members = [member(&direct, creator, time), member(&direct, other, time)];
+    (direct, members)
+}
+
+/// Blocks committed after the service checked them (a BlockUser between
+/// the check and the write): the write reads them in its transaction and
+/// writes nothing.
+async fn an_add_or_a_creation_checks_blocks_in_its_write(store: &dyn ChatStore) {
+    let [alice, bob, carol, dave] = std::array::from_fn(|_| UserId::new_v7());
+    let team = create(store, chat(carol, 1), &[bob]).await;
+    let outbox = store.pending(None, 100).await.unwrap();
+    assert_eq!(store.block(alice, carol, 2, 10).await.unwrap(), Blocked::Done);
+
+    let limits = Limits::default();
+    let wanted = [member(&team, dave, 3), member(&team, alice, 3)];
+    assert_eq!(
+        store.add_members(team.id, Adder::Manager(carol), &wanted, &limits, 3).await.unwrap(),
+        Added::Blocked(alice)
+    );
+    assert_eq!((store.role(team.id, alice).await.unwrap(), store.role(team.id, dave).await.unwrap()), (None, None));
+    let mut group = chat(carol, 4);
+    group.member_count = 2;
+    let members = [owner(&group), member(&group, alice, 4)];
+    assert_eq!(store.create_chat(&group, &members).await.unwrap(), Created::Blocked(alice));
+    assert_eq!(store.chat(group.id).await.unwrap(), None, "nothing written");
+    let (direct, members) = direct_of(carol, alice, 5);
+    assert_eq!(store.create_chat(&direct, &members).await.unwrap(), Created::Blocked(alice), "the other blocks");
+    let (direct, members) = direct_of(alice, carol, 6);
+    assert_eq!(store.create_chat(&direct, &members).await.unwrap(), Created::Blocked(alice), "the creator blocks");
+    assert_eq!(store.pending(None, 100).await.unwrap(), outbox, "no join announced");
+
+    // Whom the adder blocks may still be added (groups go on); a join, or
+    // an add nobody makes, is no one's to refuse.
+    assert_eq!(store.block(carol, dave, 7, 10).await.unwrap(), Blocked::Done);
+    assert!(matches!(
+        store.add_members(team.id, Adder::Manager(carol), &wanted[..1], &limits, 8).await.unwrap(),
+        Added::Added(_)
+    ));
+    assert!(matches!(
+        store.add_members(team.id, Adder::Unchecked, &wanted[1..], &limits, 9).await.unwrap(),
+        Added::Added(_)
+    ));
+}
+
+/// PostgreSQL, two transactions by hand: an add whose write reaches the
+/// blocks while a block of the same pair is under way (its transaction
+/// holds the blocker's lock and its row) waits for it, then reads it and
+/// writes nothing. (SQLite runs one write at a time.)
+#[tokio::test]
+async fn an_add_waiting_on_a_block_under_way_is_refused_once_it_commits() {
+    use sqlx::{Connection as _, Executor as _};
+    let Some(fixture) = Fixture::postgres().await else {
+        eprintln!("skipped: NATTER_TEST_DATABASE_URL is not set");
+        return;
+    };
+    let Cleanup::Schema { url, schema } = &fixture.cleanup else { unreachable!() };
+    let store = fixture.store.clone();
+    let [alice, carol] = std::array::from_fn(|_| UserId::new_v7());
+    let team = create(&*store, chat(carol, 1), &[]).await;
+
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    conn.execute(sqlx::AssertSqlSafe(format!("SET search_path TO {schema}"))).await.unwrap();
+    let mut block = conn.begin().await.unwrap();
+    // What ChatStore::block does before its commit.
+    sqlx::query(concat!("SELECT pg_advisory_xact_lock(", super::postgres::blocker_lock!("$1"), ")"))
+        .bind(alice.to_string())
+        .execute(&mut *block)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO blocks (user_id, blocked_user_id, block_time) VALUES ($1, $2, 2)")
+        .bind(alice.to_string())
+        .bind(carol.to_string())
+        .execute(&mut *block)
+        .await
+        .unwrap();
+    let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *block).await.unwrap();
+    let adding = tokio::spawn({
+        let store = store.clone();
+        let alice = member(&team, alice, 3);
+        async move { store.add_members(team.id, Adder::Manager(carol), &[alice], &Limits::default(), 3).await.unwrap() }
+    });
+    natter_db::testing::wait_until_blocked_by(url, holder, || adding.is_finished()).await;
+    block.commit().await.unwrap();
+    assert_eq!(adding.await.unwrap(), Added::Blocked(alice), "the add read the block committed while it waited");
+    assert_eq!(store.role(team.id, alice).await.unwrap(), None);
+    drop(conn);
+    fixture.done().await;
 }
 
 async fn users_in_groups_counts_current_group_memberships(store: &dyn ChatStore) {

@@ -351,21 +351,7 @@ async fn a_send_waiting_on_a_closure_being_recorded_is_refused_once_it_commits(h
     let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *closure).await.unwrap();
     let store = h.store.clone();
     let sending = tokio::spawn(async move { store.insert_batch(&[msg(31, 9, 0)]).await.unwrap() });
-    // Until the send waits on the closure's lock (a condition, not a time).
-    let mut watch = sqlx::PgConnection::connect(url).await.unwrap();
-    loop {
-        let waiting: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid)))")
-                .bind(holder)
-                .fetch_one(&mut watch)
-                .await
-                .unwrap();
-        if waiting {
-            break;
-        }
-        assert!(!sending.is_finished(), "the send did not wait for the closure's lock");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    natter_db::testing::wait_until_blocked_by(url, holder, || sending.is_finished()).await;
     closure.commit().await.unwrap();
     assert_eq!(sending.await.unwrap(), [Sent::Closed], "the write read the closure committed while it waited");
     assert_eq!(h.store.head(chat(9)).await.unwrap(), Seq(1));

@@ -566,10 +566,15 @@ impl Chats {
 
     /// Starts the relay ([`Chats::relay`]) now and every `every` after, on
     /// the current tokio runtime, until [`Chats::close`] (or the last
-    /// `Arc` is dropped).
+    /// `Arc` is dropped). First, once, it puts in the outbox the closures
+    /// of direct chats blocked under an earlier release
+    /// ([`ChatStore::version_old_blocks`]), which its first round records.
     pub fn start_relay(self: &Arc<Self>, every: std::time::Duration) {
         let chats = Arc::downgrade(self);
         let task = tokio::spawn(async move {
+            if let Some(chats) = chats.upgrade() {
+                chats.version_old_blocks().await;
+            }
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -581,6 +586,32 @@ impl Chats {
         let previous = self.relay.lock().unwrap_or_else(|p| p.into_inner()).replace(task.abort_handle());
         if let Some(previous) = previous {
             previous.abort();
+        }
+    }
+
+    /// Puts in the outbox, for the relay to record, the closures of the
+    /// direct chats blocked under a release before closures existed
+    /// ([`ChatStore::version_old_blocks`]), so that their blocks hold for
+    /// sends on their way as new ones do. Once at the relay's start; a
+    /// failure is logged (those chats' sends are still checked as before).
+    async fn version_old_blocks(&self) {
+        let mut total = 0;
+        loop {
+            match self.store.version_old_blocks(now_micros(), RELAY_BATCH).await {
+                Ok(found) => {
+                    total += found;
+                    if found < RELAY_BATCH as usize {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "recording the closures of chats blocked before closures failed");
+                    return;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(chats = total, "closures of direct chats blocked before closures put in the outbox");
         }
     }
 

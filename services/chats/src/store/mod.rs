@@ -425,6 +425,25 @@ pub(crate) const RAISE_BLOCK_VERSION: &str =
 pub(crate) const PAIR_BLOCKED: &str = "SELECT EXISTS (SELECT 1 FROM blocks WHERE (user_id = $1 AND blocked_user_id = $2) \
      OR (user_id = $2 AND blocked_user_id = $1))";
 
+/// Up to `$1` direct chats, by id, one of whose members blocks the other
+/// while no closure was recorded for them (`block_version` 0: blocked
+/// under a release before closures): see
+/// [`ChatStore::version_old_blocks`] (the same text on both engines).
+pub(crate) const OLD_BLOCKED_DIRECT_CHATS: &str = "SELECT DISTINCT c.id FROM chats c \
+     JOIN members m ON m.chat_id = c.id JOIN blocks b ON b.user_id = m.user_id \
+     JOIN members o ON o.chat_id = c.id AND o.user_id = b.blocked_user_id \
+     WHERE c.kind = 'direct' AND c.block_version = 0 ORDER BY c.id LIMIT $1";
+
+/// Block version 1 for chat `$1` if it still has none, taking its row lock
+/// on PostgreSQL; answers its id if so.
+pub(crate) const FIRST_BLOCK_VERSION: &str =
+    "UPDATE chats SET block_version = 1 WHERE id = $1 AND block_version = 0 RETURNING id";
+
+/// Whether one member of chat `$1` blocks another (read after
+/// [`FIRST_BLOCK_VERSION`]'s lock, in a statement of its own).
+pub(crate) const BLOCKS_WITHIN: &str = "SELECT EXISTS (SELECT 1 FROM members m JOIN blocks b ON b.user_id = m.user_id \
+     JOIN members o ON o.chat_id = m.chat_id AND o.user_id = b.blocked_user_id WHERE m.chat_id = $1)";
+
 /// `user`'s `departure`.
 pub(crate) fn departed(user: UserId, departure: Departure) -> mpb::ChatChange {
     let change = match departure {
@@ -602,6 +621,15 @@ pub trait ChatStore: Send + Sync + 'static {
     /// lock, with its closure as it is then ([`direct_chat_closed`]: still
     /// closed if `other` blocks `user`) in the outbox.
     async fn unblock(&self, user: UserId, other: UserId, now: i64) -> Result<(), StoreError>;
+
+    /// Gives up to `limit` direct chats blocked under an earlier release
+    /// (a block, but block version 0: no closure recorded) block version 1
+    /// and their closure as their blocks have it then
+    /// ([`direct_chat_closed`]) in the outbox, at `now` (µs), each in a
+    /// transaction of its own under its row lock; a chat whose blocks
+    /// changed meanwhile (its version raised) is left as it is. Answers how
+    /// many it found (fewer than `limit`: none is left).
+    async fn version_old_blocks(&self, now: i64, limit: u32) -> Result<usize, StoreError>;
 
     /// Up to `limit` users `user` blocked, by id, after `after`, each with
     /// its block time (µs).

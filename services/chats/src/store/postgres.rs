@@ -13,10 +13,11 @@ use natter_kit::time::now_micros;
 use natter_proto::messages::v1 as mpb;
 
 use super::{
-    Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, PAIR_BLOCKED, Pending, RAISE_BLOCK_VERSION,
-    ROLE_TARGETS, Removal, StoreError, blocks_between_refused, changes_to, chat_columns, chat_updated, check_roles,
-    departed, direct_chat_closed, direct_key, joined, may_change, may_delete, membership, order_column, outbox_rows,
-    parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
+    Added, Adder, BLOCKS_WITHIN, Backoff, Blocked, ChatStore, Checked, Created, FIRST_BLOCK_VERSION, MIGRATOR,
+    OLD_BLOCKED_DIRECT_CHATS, PAIR_BLOCKED, Pending, RAISE_BLOCK_VERSION, ROLE_TARGETS, Removal, StoreError,
+    blocks_between_refused, changes_to, chat_columns, chat_updated, check_roles, departed, direct_chat_closed,
+    direct_key, joined, may_change, may_delete, membership, order_column, outbox_rows, parse_enum, parse_id,
+    pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -532,6 +533,22 @@ impl ChatStore for PostgresChatStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn version_old_blocks(&self, now: i64, limit: u32) -> Result<usize, StoreError> {
+        let chats: Vec<String> =
+            sqlx::query_scalar(OLD_BLOCKED_DIRECT_CHATS).bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        for chat in &chats {
+            let mut tx = self.pool.begin().await?;
+            let first: Option<String> =
+                sqlx::query_scalar(FIRST_BLOCK_VERSION).bind(chat).fetch_optional(&mut *tx).await?;
+            if first.is_some() {
+                let closed: bool = sqlx::query_scalar(BLOCKS_WITHIN).bind(chat).fetch_one(&mut *tx).await?;
+                push_outbox(&mut tx, chat, &[direct_chat_closed(closed, 1)], now).await?;
+            }
+            tx.commit().await?;
+        }
+        Ok(chats.len())
     }
 
     async fn blocked_users(

@@ -22,10 +22,11 @@ use natter_kit::time::now_micros;
 use natter_proto::messages::v1 as mpb;
 
 use super::{
-    Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, MIGRATOR, PAIR_BLOCKED, Pending, RAISE_BLOCK_VERSION,
-    ROLE_TARGETS, Removal, StoreError, blocks_between_refused, changes_to, chat_columns, chat_updated, check_roles,
-    departed, direct_chat_closed, direct_key, joined, may_change, may_delete, membership, order_column, outbox_rows,
-    parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
+    Added, Adder, BLOCKS_WITHIN, Backoff, Blocked, ChatStore, Checked, Created, FIRST_BLOCK_VERSION, MIGRATOR,
+    OLD_BLOCKED_DIRECT_CHATS, PAIR_BLOCKED, Pending, RAISE_BLOCK_VERSION, ROLE_TARGETS, Removal, StoreError,
+    blocks_between_refused, changes_to, chat_columns, chat_updated, check_roles, departed, direct_chat_closed,
+    direct_key, joined, may_change, may_delete, membership, order_column, outbox_rows, parse_enum, parse_id,
+    pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -606,6 +607,25 @@ impl ChatStore for SqliteChatStore {
         });
         done.await.map_err(unwrap)?;
         Ok(())
+    }
+
+    async fn version_old_blocks(&self, now: i64, limit: u32) -> Result<usize, StoreError> {
+        let found = self.db.write(move |conn| {
+            let chats: Vec<String> = conn
+                .prepare_cached(OLD_BLOCKED_DIRECT_CHATS)?
+                .query_map([limit], |row| row.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for chat in &chats {
+                let tx = conn.transaction()?;
+                if tx.prepare_cached(FIRST_BLOCK_VERSION)?.exists([chat])? {
+                    let closed: bool = tx.prepare_cached(BLOCKS_WITHIN)?.query_row([chat], |row| row.get(0))?;
+                    push_outbox(&tx, chat, &[direct_chat_closed(closed, 1)], now)?;
+                }
+                tx.commit()?;
+            }
+            Ok(chats.len())
+        });
+        found.await.map_err(unwrap)
     }
 
     async fn blocked_users(

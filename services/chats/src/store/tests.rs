@@ -241,6 +241,66 @@ async fn a_change_of_a_pairs_blocks_puts_their_direct_chats_closure_in_the_outbo
     assert_eq!(closures(store, direct.id).await.last(), Some(&(false, 6)));
 }
 
+impl Fixture {
+    /// Runs `sql` on the store's database behind the store's back: rows as
+    /// an earlier release left them.
+    async fn execute(&self, sql: &str) {
+        match &self.cleanup {
+            Cleanup::Dir(dir) => {
+                let conn = rusqlite::Connection::open(dir.path().join("chats.db")).unwrap();
+                conn.busy_timeout(Duration::from_secs(10)).unwrap();
+                conn.execute_batch(sql).unwrap();
+            }
+            Cleanup::Schema { url, schema } => {
+                use sqlx::{Connection as _, Executor as _};
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                conn.execute(sqlx::AssertSqlSafe(format!("SET search_path TO {schema}; {sql}"))).await.unwrap();
+                conn.close().await.unwrap();
+            }
+        }
+    }
+}
+
+/// Direct chats blocked under a release before closures (block version 0,
+/// nothing in the outbox) get their closure once, at version 1; chats
+/// without blocks, or versioned already, none.
+async fn chats_blocked_before_closures_get_theirs_once(fixture: Fixture) {
+    let store = &*fixture.store;
+    let [alice, bob, carol, dave] = std::array::from_fn(|_| UserId::new_v7());
+    let (blocked, members) = direct_of(alice, bob, 1);
+    assert_eq!(store.create_chat(&blocked, &members).await.unwrap(), Created::Created);
+    let (open, members) = direct_of(alice, carol, 2);
+    assert_eq!(store.create_chat(&open, &members).await.unwrap(), Created::Created);
+    let group = create(store, chat(bob, 3), &[alice]).await;
+    assert_eq!(store.block(bob, alice, 4, 10).await.unwrap(), Blocked::Done);
+    fixture.execute("UPDATE chats SET block_version = 0; DELETE FROM chat_outbox").await;
+    let (versioned, members) = direct_of(dave, bob, 5);
+    assert_eq!(store.create_chat(&versioned, &members).await.unwrap(), Created::Created);
+    assert_eq!(store.block(dave, bob, 6, 10).await.unwrap(), Blocked::Done);
+
+    assert_eq!(store.version_old_blocks(7, 100).await.unwrap(), 1);
+    assert_eq!(closures(store, blocked.id).await, [(true, 1)]);
+    assert_eq!(closures(store, versioned.id).await, [(true, 1)], "its own block's, not a second");
+    assert_eq!((closures(store, open.id).await, closures(store, group.id).await), (vec![], vec![]));
+    assert_eq!(store.version_old_blocks(8, 100).await.unwrap(), 0, "once");
+    assert_eq!(closures(store, blocked.id).await.len(), 1);
+    fixture.done().await;
+}
+
+#[tokio::test]
+async fn chats_blocked_before_closures_get_theirs_once_sqlite() {
+    chats_blocked_before_closures_get_theirs_once(Fixture::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn chats_blocked_before_closures_get_theirs_once_postgres() {
+    let Some(fixture) = Fixture::postgres().await else {
+        eprintln!("skipped: NATTER_TEST_DATABASE_URL is not set");
+        return;
+    };
+    chats_blocked_before_closures_get_theirs_once(fixture).await;
+}
+
 /// A new direct chat of `creator` and `other`, as CreateChat writes it.
 fn direct_of(creator: UserId, other: UserId, time: i64) -> (Chat, [Member; 2]) {
     let mut direct = chat(creator, time);

@@ -463,7 +463,10 @@ impl Chats {
     /// service refuses outright (INVALID_ARGUMENT, ...) is dropped, logged at
     /// error: repeating it would block the chat's later changes for good.
     /// Neither failure reaches the caller: its change is committed, and an
-    /// error would only make it retry into a no-op.
+    /// error would only make it retry into a no-op. (BlockUser and
+    /// UnblockUser are the exception: their callers hear of an entry left
+    /// for later, see `reclose_direct`, as a block must hold for sends on
+    /// their way once it answers.)
     #[tracing::instrument(skip_all, fields(chat_id = %chat_id))]
     async fn deliver(&self, chat_id: ChatId) -> bool {
         loop {

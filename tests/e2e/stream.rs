@@ -831,8 +831,16 @@ async fn reactions_stream_live_per_viewer_and_resume_once_as_the_message_is(c: &
 mod truncated_log {
     use super::*;
 
+    // The slow-consumer rule (`--max-unread-answer-time`) past the changes,
+    // which the stalled stream must outlast whole (minutes, on a loaded
+    // machine), on the messages service and the edge alike.
     crate::both_modes!(
-        flags = natter_testkit::Flags { chats: &["--chat-change-rate", "off"], ..natter_testkit::Flags::NONE };
+        flags = natter_testkit::Flags {
+            chats: &["--chat-change-rate", "off"],
+            messages: &["--max-unread-answer-time", "1h"],
+            edge: &["--max-unread-answer-time", "1h"],
+            ..natter_testkit::Flags::NONE
+        };
         a_live_stream_behind_a_truncated_log_is_reset_not_silently_skipped,
         a_removal_pruned_from_the_log_is_still_told_on_resume,
         an_admin_demoted_in_a_truncated_stretch_sees_no_more_flags_after_the_reset

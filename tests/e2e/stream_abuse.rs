@@ -30,12 +30,15 @@ mod flood {
         a_stream_stalled_in_a_refill_gets_nothing_sent_after_its_removal,
     };
 
+    /// No send rate; and the slow-consumer rule (`--max-unread-answer-time`)
+    /// past the flood, which a stalled stream must outlast whole (minutes,
+    /// on a loaded machine), on the messages service and the edge alike.
     pub(crate) const FLAGS: natter_testkit::Flags<'static> = natter_testkit::Flags {
         sessions: &[],
         chats: &[],
-        messages: &["--send-message-rate", "off"],
+        messages: &["--send-message-rate", "off", "--max-unread-answer-time", "1h"],
         assistant: &[],
-        edge: &[],
+        edge: &["--max-unread-answer-time", "1h"],
     };
 
     crate::both_modes!(

@@ -312,20 +312,32 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
-/// How long a connection may wait for its first request, and, once it had
-/// one, stay with no call in flight.
+/// How long a connection may wait for its first request, once it had
+/// one, stay with no call in flight, and wait for its client to read.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Deadlines {
     /// From accept to the first request's headers.
     pub(crate) handshake: Duration,
     /// From the end of the last call to the close; `None`: never.
     pub(crate) idle: Option<Duration>,
+    /// How long a write may make no progress (the client reads nothing of
+    /// its socket) before the connection is closed
+    /// (`--max-unread-answer-time`); `None`: for ever.
+    pub(crate) write: Option<Duration>,
 }
 
 /// One accepted connection: a TCP stream holding its listener's permit
 /// (released when hyper drops the connection, however it ends), closed by
-/// failing its reads once its handshake deadline ([`Deadlines`]) passed;
-/// its idle deadline is watched by [`IdleWatch`].
+/// failing its reads once its handshake deadline ([`Deadlines`]) passed,
+/// and its writes once one made no progress for the write deadline; its
+/// idle deadline is watched by [`IdleWatch`].
+///
+/// The write deadline is the slow-consumer rule (`crate::unread`) for a
+/// client that reads nothing of its socket. An HTTP/1.1 call (gRPC-web)
+/// has nothing else to end it: hyper's write waits, its call is in flight,
+/// so neither the idle deadline nor, until its grace ends, the connection's
+/// age closes it. (An HTTP/2 client that reads nothing stops answering
+/// PINGs too, and the keepalive closes it after 50 s.)
 pub(crate) struct Connection {
     stream: TcpStream,
     deadlines: Deadlines,
@@ -335,6 +347,12 @@ pub(crate) struct Connection {
     /// Set once the handshake deadline closed the connection: every read
     /// fails.
     closed: bool,
+    /// Set while a write waits for room in the socket: the write
+    /// deadline's timer.
+    write_timer: Option<Pin<Box<Sleep>>>,
+    /// Set once the write deadline closed the connection: every write
+    /// fails.
+    write_closed: bool,
     listener: &'static str,
     _open: ConnectionGuard,
     _slot: OwnedSemaphorePermit,
@@ -356,6 +374,8 @@ impl Connection {
             calls: Arc::new(Calls::new(opened)),
             timer: Box::pin(tokio::time::sleep_until(opened + deadlines.handshake)),
             closed: false,
+            write_timer: None,
+            write_closed: false,
             listener,
             _open: ConnectionGuard::new(listener),
             _slot: slot,
@@ -383,6 +403,37 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// Passes on a write's result, unless it waited on a full socket for
+    /// the write deadline: then fails it, and every write after it, with
+    /// `TimedOut` (hyper then closes the connection). Any progress restarts
+    /// the deadline.
+    fn check_write(&mut self, cx: &mut Context<'_>, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        let Some(limit) = self.deadlines.write else { return written };
+        if written.is_ready() {
+            self.write_timer = None;
+            return written;
+        }
+        let timer = self.write_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.write_closed = true;
+        metrics::unread_answer_ended(self.listener, "connection");
+        tracing::debug!(
+            peer = ?self.stream.peer_addr().ok(),
+            listener = self.listener,
+            "closing a connection whose client read nothing for --max-unread-answer-time"
+        );
+        Poll::Ready(Err(write_deadline_passed()))
+    }
+}
+
+/// The error of every write to a connection once its write deadline passed.
+fn write_deadline_passed() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the client read nothing within the write deadline")
+}
+
 impl AsyncRead for Connection {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         self.check_deadline(cx)?;
@@ -392,7 +443,11 @@ impl AsyncRead for Connection {
 
 impl AsyncWrite for Connection {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        if self.write_closed {
+            return Poll::Ready(Err(write_deadline_passed()));
+        }
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.check_write(cx, written)
     }
 
     fn poll_write_vectored(
@@ -400,7 +455,11 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        if self.write_closed {
+            return Poll::Ready(Err(write_deadline_passed()));
+        }
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.check_write(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -236,6 +236,19 @@ pub struct TransportArgs {
     /// listener), set 0 there. Internal listeners have none.
     #[arg(long, env = "NATTER_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)]
     pub max_connections_per_address: u32,
+
+    /// How long an answer may wait for a client that does not read it
+    /// (the slow-consumer rule). An HTTP/2 stream whose next chunk waits
+    /// this long for the client's flow-control window is reset: the client
+    /// sees CANCELLED, the server lets go of the call and what it buffered
+    /// of it, and StreamEvents, called again with its resume positions,
+    /// resumes where it was. A connection whose writes make no progress for
+    /// this long (a client that reads nothing from its socket; on HTTP/1.1,
+    /// gRPC-web, one call's answer) is closed: UNAVAILABLE. A client that
+    /// reads, but takes longer than this for one chunk (up to 64 KiB), is
+    /// cut too. 0s: never.
+    #[arg(long, env = "NATTER_MAX_UNREAD_ANSWER_TIME", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub max_unread_answer_time: Duration,
 }
 
 impl Default for TransportArgs {
@@ -252,6 +265,7 @@ impl Default for TransportArgs {
             max_connection_idle: Duration::from_secs(300),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            max_unread_answer_time: Duration::from_secs(30),
         }
     }
 }

@@ -21,11 +21,14 @@
 //! 2. `id`, `paging`: checked ids and page tokens (they fail with `error`'s
 //!    statuses, paging within `limits`).
 //! 3. `metrics`: Prometheus handles and the `/metrics` endpoint.
-//! 4. `accept`, `budget`, `cache`, `telemetry`: the connections a listener accepts
-//!    (its cap, the handshake and idle deadlines; counted in `metrics`); the
-//!    budget of request bytes a server holds (refusals counted in `metrics`); replicas'
-//!    caches of other services' answers (invalidated over the bus); logs,
-//!    span export, trace context in and out, starting the metrics endpoint.
+//! 4. `accept`, `budget`, `cache`, `telemetry`, `unread`: the connections a
+//!    listener accepts (its cap, the handshake, idle and write deadlines;
+//!    counted in `metrics`); the budget of request bytes a server holds
+//!    (refusals counted in `metrics`); replicas' caches of other services'
+//!    answers (invalidated over the bus); logs, span export, trace context
+//!    in and out, starting the metrics endpoint; the slow-consumer rule,
+//!    which resets HTTP/2 streams whose answers go unread (counted in
+//!    `metrics`).
 //! 5. `observe`, `tokenless`: the per-RPC server span and metrics layer, and
 //!    the client spans of calls to other services (the traced channel,
 //!    in-process calls); the cap on streaming calls with no token, per
@@ -57,6 +60,7 @@ pub mod serve;
 pub mod telemetry;
 pub mod time;
 pub mod tokenless;
+pub mod unread;
 pub mod web_page;
 
 pub use config::{ServerArgs, TransportArgs};
@@ -87,6 +91,7 @@ mod layering {
             ("budget", include_str!("budget.rs")),
             ("cache", include_str!("cache.rs")),
             ("telemetry", include_str!("telemetry.rs")),
+            ("unread", include_str!("unread.rs")),
         ],
         &[("observe", include_str!("observe.rs")), ("tokenless", include_str!("tokenless.rs"))],
         &[("internal", include_str!("internal.rs"))],

@@ -29,7 +29,12 @@
 //!   ([`ConnectionGuard`]);
 //!   `natter_connection_address_cap_refusals_total{listener}`: connections
 //!   closed at accept because their client address held
-//!   `--max-connections-per-address`.
+//!   `--max-connections-per-address`;
+//!   `natter_unread_answers_ended_total{listener,ended}`: answers ended
+//!   because they waited unread for `--max-unread-answer-time`, by what
+//!   was ended: `stream` (an HTTP/2 stream reset, `crate::unread`) or
+//!   `connection` (a write that made no progress, `crate::accept`)
+//!   ([`unread_answer_ended`]).
 //! - `natter_request_budget_refusals_total`: calls a public server refused
 //!   because it held `--max-buffered-request-bytes` of requests
 //!   ([`request_budget_refused`]);
@@ -126,6 +131,7 @@ struct Metrics {
     idle_closes: IntCounterVec,
     connection_cap_reached: IntCounterVec,
     address_cap_refusals: IntCounterVec,
+    unread_answers_ended: IntCounterVec,
     request_budget_refusals: IntCounter,
     request_budget_address_refusals: IntCounter,
     tokenless_stream_refusals: IntCounterVec,
@@ -191,6 +197,14 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["listener"],
     )
     .expect("valid metric");
+    let unread_answers_ended = IntCounterVec::new(
+        Opts::new(
+            "natter_unread_answers_ended_total",
+            "Answers ended because they waited unread for the max unread answer time, by what was ended.",
+        ),
+        &["listener", "ended"],
+    )
+    .expect("valid metric");
     let request_budget_refusals = IntCounter::new(
         "natter_request_budget_refusals_total",
         "Calls refused because the process held its most bytes of buffered requests.",
@@ -243,6 +257,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(idle_closes.clone()),
         Box::new(connection_cap_reached.clone()),
         Box::new(address_cap_refusals.clone()),
+        Box::new(unread_answers_ended.clone()),
         Box::new(request_budget_refusals.clone()),
         Box::new(request_budget_address_refusals.clone()),
         Box::new(tokenless_stream_refusals.clone()),
@@ -267,6 +282,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         idle_closes,
         connection_cap_reached,
         address_cap_refusals,
+        unread_answers_ended,
         request_budget_refusals,
         request_budget_address_refusals,
         tokenless_stream_refusals,
@@ -363,6 +379,13 @@ pub fn connection_cap_reached(listener: &str) {
 /// address held `--max-connections-per-address`.
 pub fn address_cap_refused(listener: &str) {
     METRICS.address_cap_refusals.with_label_values(&[listener]).inc();
+}
+
+/// Counts an answer of `listener` ended because it waited unread for
+/// `--max-unread-answer-time`; `ended`: `stream` (an HTTP/2 stream reset)
+/// or `connection` (closed: a write made no progress).
+pub fn unread_answer_ended(listener: &str, ended: &str) {
+    METRICS.unread_answers_ended.with_label_values(&[listener, ended]).inc();
 }
 
 /// Counts a call refused because the process held its most bytes of

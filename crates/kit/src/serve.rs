@@ -28,15 +28,22 @@
 //!   `--max-concurrent-streams` (128) of those, 8 MiB and 256 chunks, plus
 //!   its sockets' buffers; a server `--max-connections` such connections,
 //!   `--max-connections-per-address` of them from one address. It was 400
-//!   KiB a stream, 50 MB a connection. A client that reads nothing answers
-//!   no PING and its connection is closed after
-//!   `--http2-keepalive-interval` and `--http2-keepalive-timeout` (50 s); one
-//!   that reads a little now and then keeps it until
-//!   `--max-connection-age` and its grace. A client that reads the socket
-//!   but grants no flow-control window makes a stream hold one chunk.
-//!   HTTP/1.1 carries one call at a time, and hyper buffers at most
-//!   [`HTTP1_MAX_BUF_BYTES`] (64 KiB) of its answer and two chunks; it was
-//!   hyper's default, about 408 KiB.
+//!   KiB a stream, 50 MB a connection. A client that reads nothing has
+//!   its connection closed once a write has made no progress for
+//!   `--max-unread-answer-time` (30 s, `crate::accept`), and answers no
+//!   PING, so the keepalive would close it too. A client that reads the
+//!   socket (and answers PINGs) but grants a stream no flow-control window
+//!   has that stream reset (CANCELLED) once its next chunk waited
+//!   `--max-unread-answer-time` for window, the slow-consumer rule
+//!   (`crate::unread`): what the stream held is freed, its call ends, and
+//!   the connection's other streams go on; before, it held its answer
+//!   until `--max-connection-age` and its grace. Answers go to hyper in
+//!   pieces of at most [`crate::unread::ANSWER_PIECE_BYTES`] (16 KiB), so
+//!   a stream that ended, or has nothing more to send, holds at most one
+//!   piece past the client's window. HTTP/1.1 carries one call at a time,
+//!   and hyper buffers at most [`HTTP1_MAX_BUF_BYTES`] (64 KiB) of its
+//!   answer and two chunks (it was hyper's default, about 408 KiB), until
+//!   the write deadline closes a connection whose client does not read.
 //! - Requests no service has read: HTTP/2 flow control lets a client send
 //!   at most [`STREAM_WINDOW_BYTES`] (64 KiB) a stream and
 //!   [`CONNECTION_WINDOW_BYTES`] (256 KiB) a connection, all streams
@@ -51,7 +58,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, Method};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto as http_server;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -60,7 +67,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::service::{Routes, RoutesBuilder};
 use tonic_health::server::HealthReporter;
-use tower::ServiceBuilder;
+use tower::{ServiceBuilder, ServiceExt as _};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::services::ServeDir;
 
@@ -72,6 +79,7 @@ use crate::config::{ServerArgs, TransportArgs};
 use crate::internal::ServiceCredential;
 use crate::limits::{AuthFailures, Rate, TrustedProxies};
 use crate::tokenless::TokenlessStreamsLayer;
+use crate::unread::{AnswerBody, UnreadAnswerExecutor};
 
 /// Headers a gRPC-web browser client sends (Fetch/XHR needs them allowed).
 const CORS_ALLOW_HEADERS: [&str; 8] = [
@@ -341,6 +349,7 @@ pub async fn serve_routes(parts: Parts, listener: TcpListener, shutdown: Cancell
             handshake: transport.handshake_timeout,
             // Public listeners only (see `crate::accept`).
             idle: Some(transport.max_connection_idle).filter(|idle| credential_free && !idle.is_zero()),
+            write: Some(transport.max_unread_answer_time).filter(|write| !write.is_zero()),
         },
         listener_name,
     );
@@ -351,7 +360,8 @@ pub async fn serve_routes(parts: Parts, listener: TcpListener, shutdown: Cancell
     };
     let lifetime = Lifetime { age: transport.max_connection_age, grace: transport.max_connection_age_grace };
     let stack = layers.service(routes.prepare());
-    serve_connections(incoming, stack, http_builder(transport), lifetime, drain, args.shutdown_grace).await;
+    let http = http_builder(transport, listener_name);
+    serve_connections(incoming, stack, http, lifetime, drain, args.shutdown_grace).await;
     Ok(())
 }
 
@@ -398,9 +408,13 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 4 * STREAM_WINDOW_BYTES;
 /// header read timeout of 30 s, 16 KiB frames, at most 20 streams reset
 /// by the client before the server accepted them), but for the streams
 /// the server may reset for a client's protocol errors before it sends
-/// GOAWAY: hyper's limit of 1,024, which tonic's server turned off.
-fn http_builder(transport: &TransportArgs) -> http_server::Builder<TokioExecutor> {
-    let mut builder = http_server::Builder::new(TokioExecutor::new());
+/// GOAWAY: hyper's limit of 1,024, which tonic's server turned off. Its
+/// executor runs each HTTP/2 stream under the slow-consumer rule
+/// (`--max-unread-answer-time`, `crate::unread`); `listener` names the
+/// listener in the metrics.
+fn http_builder(transport: &TransportArgs, listener: &'static str) -> http_server::Builder<UnreadAnswerExecutor> {
+    let executor = UnreadAnswerExecutor::new(transport.max_unread_answer_time, listener);
+    let mut builder = http_server::Builder::new(executor);
     builder
         .http1()
         // hyper enforces its HTTP/1.1 header read timeout only with a timer.
@@ -438,7 +452,7 @@ struct Lifetime {
 async fn serve_connections<S, B>(
     mut incoming: Incoming,
     stack: S,
-    http: http_server::Builder<TokioExecutor>,
+    http: http_server::Builder<UnreadAnswerExecutor>,
     lifetime: Lifetime,
     drain: impl Future<Output = ()>,
     shutdown_grace: Duration,
@@ -476,6 +490,9 @@ async fn serve_connections<S, B>(
         // status, outermost.
         let idle = connection.idle_watch();
         let service = tonic::service::RecoverError::new(TrackCalls::new(stack.clone(), connection.info()));
+        // Outermost, so it sees each chunk as hyper takes it
+        // (`crate::unread`).
+        let service = service.map_response(|response| response.map(AnswerBody::new));
         let service = TowerToHyperService::new(service);
         let (http, draining, stop, open) = (http.clone(), draining.clone(), stop.clone(), open.clone());
         tokio::spawn(async move {
@@ -500,7 +517,7 @@ async fn serve_connections<S, B>(
 /// when the server drains; closed `lifetime.grace` after its age or its
 /// idle deadline, or when the server stops.
 async fn serve_connection<S, B>(
-    http: &http_server::Builder<TokioExecutor>,
+    http: &http_server::Builder<UnreadAnswerExecutor>,
     io: crate::accept::Connection,
     service: S,
     lifetime: Lifetime,

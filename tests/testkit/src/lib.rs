@@ -55,9 +55,23 @@ impl Flags<'static> {
 }
 
 impl Flags<'_> {
+    /// Every service's flags, for the all-in-one: a flag given with the
+    /// same value to several services (a transport limit for the edge and
+    /// a service alike) is passed once, as the all-in-one takes each once.
     fn all(&self) -> Vec<&str> {
         let services = self.sessions.iter().chain(self.chats).chain(self.messages).chain(self.assistant);
-        services.chain(self.edge).copied().collect()
+        let mut tokens = services.chain(self.edge).copied().peekable();
+        let mut seen: Vec<[&str; 2]> = Vec::new();
+        let mut all = Vec::new();
+        while let Some(flag) = tokens.next() {
+            let value = tokens.next_if(|value| flag.starts_with("--") && !value.starts_with("--"));
+            let item = [flag, value.unwrap_or_default()];
+            if !seen.contains(&item) {
+                seen.push(item);
+                all.extend(std::iter::once(flag).chain(value));
+            }
+        }
+        all
     }
 }
 

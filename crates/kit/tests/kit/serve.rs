@@ -26,6 +26,9 @@ const CHUNK: usize = 16 * 1024;
 
 static ZEROS: [u8; CHUNK] = [0; CHUNK];
 
+/// The size of the one chunk of a `Large` answer of [`Stand`].
+const LARGE: usize = 1024 * 1024;
+
 /// A stand-in service (no token needed: not a natter service): `Answer`
 /// answers with an endless body ([`Endless`]) that counts the bytes hyper
 /// took from it; `Hold` answers with headers and keeps its request body,
@@ -34,6 +37,8 @@ static ZEROS: [u8; CHUNK] = [0; CHUNK];
 #[derive(Clone, Default)]
 struct Stand {
     pulled: Arc<AtomicUsize>,
+    /// How many `Answer` calls have ended (their bodies dropped).
+    ended: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 impl tonic::server::NamedService for Stand {
@@ -51,8 +56,10 @@ impl tower::Service<http::Request<tonic::body::Body>> for Stand {
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let path = request.uri().path();
-        let body = if path.ends_with("/Answer") {
-            StandBody::Endless(self.pulled.clone())
+        let body = if path.ends_with("/Large") {
+            StandBody::Large(Some(Bytes::from(vec![0; LARGE])))
+        } else if path.ends_with("/Answer") {
+            StandBody::Endless(Endless { pulled: self.pulled.clone(), ended: self.ended.clone() })
         } else if path.ends_with("/Done") {
             StandBody::Done
         } else {
@@ -69,11 +76,14 @@ impl tower::Service<http::Request<tonic::body::Body>> for Stand {
 /// The answers of [`Stand`].
 enum StandBody {
     /// Endless [`CHUNK`]s, counting those taken.
-    Endless(Arc<AtomicUsize>),
+    Endless(Endless),
     /// No end, and the request's body kept unread.
     Holding(tonic::body::Body),
     /// Nothing: the call ends with its headers.
     Done,
+    /// One chunk of [`LARGE`] bytes (a page of history is one message),
+    /// then the end.
+    Large(Option<Bytes>),
 }
 
 impl http_body::Body for StandBody {
@@ -81,21 +91,35 @@ impl http_body::Body for StandBody {
     type Error = tonic::Status;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        match &*self {
-            Self::Endless(pulled) => {
-                pulled.fetch_add(CHUNK, Ordering::Relaxed);
+        match &mut *self {
+            Self::Endless(endless) => {
+                endless.pulled.fetch_add(CHUNK, Ordering::Relaxed);
                 Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(&ZEROS)))))
             }
             Self::Holding(_request) => Poll::Pending,
             Self::Done => Poll::Ready(None),
+            Self::Large(chunk) => Poll::Ready(chunk.take().map(|chunk| Ok(http_body::Frame::data(chunk)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, Self::Done)
+        matches!(self, Self::Done | Self::Large(None))
+    }
+}
+
+/// What an endless answer counts: the bytes taken, and, once dropped, its
+/// end.
+struct Endless {
+    pulled: Arc<AtomicUsize>,
+    ended: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl Drop for Endless {
+    fn drop(&mut self) {
+        self.ended.send_modify(|ended| *ended += 1);
     }
 }
 
@@ -401,5 +425,177 @@ async fn an_idle_http1_connection_is_closed_after_its_answer() {
     tokio::time::timeout(GUARD, tcp.read_to_end(&mut answer)).await.expect("closed within the idle time").unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "the call was answered before the close: {answer}");
+    shutdown.cancel();
+}
+
+/// A natter server with [`Stand`] whose `--max-unread-answer-time` is
+/// `bound`, and its address and shutdown.
+async fn serve_with_unread_bound(stand: Stand, bound: Duration) -> (std::net::SocketAddr, CancellationToken) {
+    let mut args = ServerArgs::default();
+    args.transport.max_unread_answer_time = bound;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (addr, serve_with(&args, listener, stand).await)
+}
+
+/// An HTTP/2 connection to `addr` whose streams' windows are h2's default
+/// (64 KiB) and whose connection window is as large as HTTP/2 allows (a
+/// stream nobody reads takes none of another's), served in the
+/// background, so it answers the server's PINGs.
+async fn h2_client(addr: std::net::SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::Builder::new()
+        .initial_connection_window_size(i32::MAX as u32)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    send.ready().await.unwrap()
+}
+
+/// Opens an `Answer` call on `send` and returns its body once the answer's
+/// headers came.
+async fn open_answer(send: &mut h2::client::SendRequest<Bytes>) -> h2::RecvStream {
+    open(send, "Answer").await
+}
+
+/// Opens a call to `path` of [`Stand`] on `send` and returns its body once
+/// the answer's headers came.
+async fn open(send: &mut h2::client::SendRequest<Bytes>, path: &str) -> h2::RecvStream {
+    let (call, _) = send.send_request(request(path), true).unwrap();
+    let response = tokio::time::timeout(GUARD, call).await.expect("the answer's headers").unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    response.into_body()
+}
+
+/// Takes the frames of `unread` off the connection without giving back
+/// its window, until the server resets it, and checks that it did so with
+/// CANCEL (a gRPC client hears CANCELLED).
+async fn assert_reset_unread(unread: &mut h2::RecvStream) {
+    let reset = tokio::time::timeout(GUARD, async {
+        loop {
+            match unread.data().await {
+                Some(Ok(_)) => {}
+                Some(Err(reset)) => break reset,
+                None => panic!("the answer nobody reads ended whole"),
+            }
+        }
+    })
+    .await
+    .expect("the stream nobody reads was not reset");
+    assert_eq!(reset.reason(), Some(h2::Reason::CANCEL), "reset by the server: {reset:?}");
+}
+
+/// The slow-consumer rule: a client that reads its socket and answers
+/// PINGs, but grants one stream no more flow-control window, has that
+/// stream reset (CANCEL; CANCELLED to a gRPC client) once its answer waited
+/// `--max-unread-answer-time`, and the call behind it ends, while a stream
+/// it reads on the same connection goes on. The unread stream was held,
+/// with its call and up to 64 KiB of its answer, until the connection's
+/// age and grace (70 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_answer_goes_unread_is_reset_and_its_neighbours_go_on() {
+    let stand = Stand::default();
+    let (addr, shutdown) = serve_with_unread_bound(stand.clone(), Duration::from_secs(1)).await;
+    let mut send = h2_client(addr).await;
+    let mut unread = open_answer(&mut send).await;
+    let mut read = open_answer(&mut send).await;
+    // The read stream: read, and its window given back, as it comes.
+    let read_bytes = Arc::new(AtomicUsize::new(0));
+    let reader = tokio::spawn({
+        let read_bytes = read_bytes.clone();
+        async move {
+            while let Some(data) = read.data().await {
+                let data = data.expect("the stream that is read is never reset");
+                read.flow_control().release_capacity(data.len()).unwrap();
+                read_bytes.fetch_add(data.len(), Ordering::Relaxed);
+            }
+            panic!("the endless answer ended");
+        }
+    });
+
+    // The unread stream: its frames are taken off the connection, but its
+    // window is never given back.
+    assert_reset_unread(&mut unread).await;
+    let mut ended = stand.ended.subscribe();
+    tokio::time::timeout(GUARD, ended.wait_for(|&ended| ended >= 1))
+        .await
+        .expect("the call of the stream nobody reads ended")
+        .unwrap();
+
+    // The stream that is read goes on: more of its answer comes after the
+    // reset than a window holds.
+    let after_reset = read_bytes.load(Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while read_bytes.load(Ordering::Relaxed) < after_reset + 4 * CHUNK {
+        assert!(tokio::time::Instant::now() < deadline, "the stream that is read stopped with its neighbour");
+        assert!(!reader.is_finished(), "the stream that is read ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*stand.ended.borrow(), 1, "only the stream nobody reads ended");
+    reader.abort();
+    shutdown.cancel();
+}
+
+/// A large answer in one chunk (a unary call's one message) that its
+/// client does not read is reset by the slow-consumer rule too, as hyper
+/// is handed it a piece at a time: handed all of it at the first byte of
+/// window, hyper passed it to h2 whole, the call ended, and the server held
+/// the megabyte, out of the rule's reach, for as long as the connection
+/// lived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_answer_nobody_reads_is_reset() {
+    let (addr, shutdown) = serve_with_unread_bound(Stand::default(), Duration::from_millis(300)).await;
+    let mut send = h2_client(addr).await;
+    let mut unread = open(&mut send, "Large").await;
+    assert_reset_unread(&mut unread).await;
+    shutdown.cancel();
+}
+
+/// A client that reads slowly, but reads (a frame every 50 ms), is not cut
+/// by the slow-consumer rule, however long its answer takes: the bound is
+/// on one wait for window, not on the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_slowly_is_not_cut() {
+    let stand = Stand::default();
+    let bound = Duration::from_secs(1);
+    let (addr, shutdown) = serve_with_unread_bound(stand.clone(), bound).await;
+    let mut send = h2_client(addr).await;
+    let mut answer = open_answer(&mut send).await;
+    let started = tokio::time::Instant::now();
+    // Three times the bound.
+    while started.elapsed() < 3 * bound {
+        let data = tokio::time::timeout(GUARD, answer.data()).await.expect("a frame").expect("the answer goes on");
+        let data = data.expect("a client that reads was cut");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        answer.flow_control().release_capacity(data.len()).unwrap();
+    }
+    assert_eq!(*stand.ended.borrow(), 0, "the slow reader's call ended");
+    shutdown.cancel();
+}
+
+/// A gRPC-web client on HTTP/1.1 that reads nothing of its socket has its
+/// connection closed once the server's writes made no progress for
+/// `--max-unread-answer-time`, and its call ends. Nothing ended it before:
+/// its call in flight kept the idle deadline off, and the connection's age
+/// waits for the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_reads_nothing_is_closed_after_the_bound() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let stand = Stand::default();
+    let (addr, shutdown) = serve_with_unread_bound(stand.clone(), Duration::from_millis(300)).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(&grpc_web_request("Answer")).await.unwrap();
+
+    let mut ended = stand.ended.subscribe();
+    tokio::time::timeout(GUARD, ended.wait_for(|&ended| ended >= 1))
+        .await
+        .expect("the call of a client that reads nothing did not end")
+        .unwrap();
+    // The connection is closed: what the sockets held, then its end (or a
+    // reset: the server closed with its answer unsent).
+    let mut answer = Vec::new();
+    let _end = tokio::time::timeout(GUARD, tcp.read_to_end(&mut answer)).await.expect("the connection was not closed");
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"), "the call was answered before the close");
     shutdown.cancel();
 }

@@ -463,7 +463,7 @@ async fn streams_nobody_reads_do_not_stall_other_calls_on_their_upstream_connect
     let event = event_frame(&"x".repeat(64 * 1024)).into_data().unwrap();
     let flood = Bytes::from(event.repeat(FLOOD.div_ceil(event.len())));
     let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    tokio::spawn(serve_floods(upstream, flood, connections.clone()));
+    tokio::spawn(serve_floods(upstream, flood, connections.clone(), Default::default()));
     let edge_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let edge_addr = edge_listener.local_addr().unwrap();
     let calls = CALLS.to_string();
@@ -508,20 +508,72 @@ async fn streams_nobody_reads_do_not_stall_other_calls_on_their_upstream_connect
     edge.await.unwrap();
 }
 
+/// The slow-consumer rule at the edge: a client that stops reading a
+/// stream (and still answers PINGs) has it reset once its answer waited
+/// `--max-unread-answer-time` (CANCELLED; StreamEvents resumes when called
+/// again), and the edge lets go of the stream to the replica too, so the
+/// replica's call ends and the upstream connection's window it held is
+/// free. Before, the edge held the stream, 256 KiB of the replica's
+/// answer, and the replica's call, until the client's connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_nobody_reads_through_the_edge_is_reset_and_let_go_upstream() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
+    let event = event_frame(&"x".repeat(64 * 1024)).into_data().unwrap();
+    let flood = Bytes::from(event.repeat(16));
+    let held = std::sync::Arc::new(Held::default());
+    tokio::spawn(serve_floods(upstream, flood, Default::default(), held.clone()));
+    let edge_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let edge_addr = edge_listener.local_addr().unwrap();
+    let (shutdown, edge) = edge_on(edge_listener, &upstream_url, &["--max-unread-answer-time", "300ms"]);
+
+    // A client that takes its frames off the connection (its task answers
+    // PINGs) but never gives their window back.
+    let mut client = h2_connect(edge_addr).await.ready().await.unwrap();
+    let mut request = grpc_request(edge_addr, "/natter.messages.v1.MessageService/StreamEvents");
+    request.headers_mut().insert(http::header::AUTHORIZATION, format!("Bearer {STAND_IN_TOKEN}").parse().unwrap());
+    let (response, _) = client.send_request(request, true).unwrap();
+    let response = tokio::time::timeout(GUARD, response).await.expect("the stream started").unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    let mut body = response.into_body();
+    let reset = tokio::time::timeout(GUARD, async {
+        loop {
+            match body.data().await {
+                Some(Ok(_)) => {}
+                Some(Err(reset)) => break reset,
+                None => panic!("the stream ended whole"),
+            }
+        }
+    })
+    .await
+    .expect("the edge did not reset the stream nobody reads");
+    assert_eq!(reset.reason(), Some(h2::Reason::CANCEL), "reset by the edge: {reset:?}");
+    let mut live = held.live.subscribe();
+    tokio::time::timeout(GUARD, live.wait_for(|&live| live == 0))
+        .await
+        .expect("the edge held its stream to the replica after the client's was reset")
+        .unwrap();
+    drop(client);
+    shutdown.cancel();
+    edge.await.unwrap();
+}
+
 /// A stand-in upstream speaking gRPC over HTTP/2: a StreamEvents call gets
-/// `flood` (gRPC frames of events) at once and then stays open; any other
-/// call an empty message (every field at its default) and status OK.
-/// Counts the connections that carried calls of the messages service (the
-/// edge's health checks come on a connection of their own).
+/// `flood` (gRPC frames of events) at once and then stays open, counted in
+/// `held.live` until its body is dropped; any other call an empty message
+/// (every field at its default) and status OK. Counts the connections that
+/// carried calls of the messages service (the edge's health checks come on
+/// a connection of their own).
 async fn serve_floods(
     listener: TcpListener,
     flood: Bytes,
     connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    held: std::sync::Arc<Held>,
 ) {
     use futures::StreamExt as _;
     loop {
         let Ok((tcp, _)) = listener.accept().await else { return };
-        let (flood, connections) = (flood.clone(), connections.clone());
+        let (flood, connections, held) = (flood.clone(), connections.clone(), held.clone());
         let counted = std::sync::atomic::AtomicBool::new(false);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
@@ -533,7 +585,13 @@ async fn serve_floods(
                 }
                 let frames = if path.ends_with("/StreamEvents") {
                     let events = http_body::Frame::data(flood.clone());
-                    futures::stream::iter([Ok::<_, std::io::Error>(events)]).chain(futures::stream::pending()).boxed()
+                    held.live.send_modify(|n| *n += 1);
+                    let live = Live(held.clone());
+                    let open = futures::stream::poll_fn(move |_| {
+                        let _live = &live;
+                        std::task::Poll::Pending
+                    });
+                    futures::stream::iter([Ok::<_, std::io::Error>(events)]).chain(open).boxed()
                 } else {
                     let mut trailers = http::HeaderMap::new();
                     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));

@@ -41,7 +41,11 @@
 //! the sum of its calls' stream windows (`UPSTREAM_STREAM_WINDOW` each):
 //! streams nobody reads hold their own windows and nothing of their
 //! neighbours'. The price is memory: at most 256 KiB a stalled call, 25 MiB
-//! a connection at the default 100 calls.
+//! a connection at the default 100 calls, and not for long: the edge's
+//! listener resets a client's stream whose answer waited unread for
+//! `--max-unread-answer-time` (`natter_kit::unread`), which drops the
+//! call's upstream response, so h2 resets the stream to the replica too
+//! (the replica's call ends) and frees what the edge held of it.
 
 use std::convert::Infallible;
 use std::pin::Pin;

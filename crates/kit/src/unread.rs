@@ -97,36 +97,38 @@ where
         if self.bound.is_zero() {
             tokio::spawn(stream);
         } else {
-            tokio::spawn(Watched {
-                stream: Some(Box::pin(stream)),
-                bound: self.bound,
-                stall: None,
-                listener: self.listener,
-            });
+            let listener = self.listener;
+            tokio::spawn(Watched { stream: Some(stream), bound: self.bound, stall: None, stalled: false, listener });
         }
     }
 }
 
-/// One HTTP/2 stream's future, dropped once its answer waited unread for
-/// `bound`.
-struct Watched<F> {
-    /// `None` once dropped.
-    stream: Option<Pin<Box<F>>>,
-    bound: Duration,
-    /// Set while stalled: the stall's end.
-    stall: Option<Pin<Box<Sleep>>>,
-    listener: &'static str,
+pin_project_lite::pin_project! {
+    /// One HTTP/2 stream's future, dropped once its answer waited unread
+    /// for `bound`.
+    struct Watched<F> {
+        // `None` once dropped.
+        #[pin]
+        stream: Option<F>,
+        bound: Duration,
+        // The end of the stall, once there was one; reset for the next.
+        stall: Option<Pin<Box<Sleep>>>,
+        // Whether the stream waits for window now.
+        stalled: bool,
+        listener: &'static str,
+    }
 }
 
 impl<F: Future<Output = ()>> Future for Watched<F> {
     type Output = ();
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(stream) = self.stream.as_mut() else { return Poll::Ready(()) };
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        let Some(stream) = this.stream.as_mut().as_pin_mut() else { return Poll::Ready(()) };
         // Restored after: a stream polled inside another's poll (none
         // today) leaves the outer one's record as it was.
         let outer = LAST_POLL.replace(LastPoll::NotPolled);
-        let polled = stream.as_mut().poll(cx);
+        let polled = stream.poll(cx);
         let last = LAST_POLL.replace(outer);
         if polled.is_ready() {
             return Poll::Ready(());
@@ -134,23 +136,29 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
         match last {
             LastPoll::GaveChunk => {
                 // A new stall (the chunk before went out: its stall ended).
-                self.stall = Some(Box::pin(tokio::time::sleep(self.bound)));
+                let end = tokio::time::Instant::now() + *this.bound;
+                match this.stall.as_mut() {
+                    Some(stall) => stall.as_mut().reset(end),
+                    None => *this.stall = Some(Box::pin(tokio::time::sleep_until(end))),
+                }
+                *this.stalled = true;
             }
-            LastPoll::Other => self.stall = None,
+            LastPoll::Other => *this.stalled = false,
             LastPoll::NotPolled => {}
         }
-        if let Some(stall) = self.stall.as_mut()
+        if *this.stalled
+            && let Some(stall) = this.stall.as_mut()
             && stall.as_mut().poll(cx).is_ready()
         {
             tracing::debug!(
-                listener = self.listener,
-                bound = ?self.bound,
+                listener = *this.listener,
+                bound = ?*this.bound,
                 "resetting a stream whose answer went unread for --max-unread-answer-time"
             );
-            crate::metrics::unread_answer_ended(self.listener, "stream");
+            crate::metrics::unread_answer_ended(this.listener, "stream");
             // h2 resets the stream (CANCEL) and frees its buffers; the
             // call's body is dropped, so its handler ends.
-            self.stream = None;
+            this.stream.set(None);
             return Poll::Ready(());
         }
         Poll::Pending

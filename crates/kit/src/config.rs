@@ -245,7 +245,7 @@ pub struct TransportArgs {
     /// resumes where it was. A connection whose writes make no progress for
     /// this long (a client that reads nothing from its socket; on HTTP/1.1,
     /// gRPC-web, one call's answer) is closed: UNAVAILABLE. A client that
-    /// reads, but takes longer than this for one chunk (up to 64 KiB), is
+    /// reads, but takes longer than this for one chunk (up to 16 KiB), is
     /// cut too. 0s: never.
     #[arg(long, env = "NATTER_MAX_UNREAD_ANSWER_TIME", value_parser = humantime::parse_duration, default_value = "30s")]
     pub max_unread_answer_time: Duration,

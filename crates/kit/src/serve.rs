@@ -38,9 +38,11 @@
 //!   (`crate::unread`): what the stream held is freed, its call ends, and
 //!   the connection's other streams go on; before, it held its answer
 //!   until `--max-connection-age` and its grace. Answers go to hyper in
-//!   pieces of at most [`crate::unread::ANSWER_PIECE_BYTES`] (16 KiB), so
-//!   a stream that ended, or has nothing more to send, holds at most one
-//!   piece past the client's window. HTTP/1.1 carries one call at a time,
+//!   pieces of at most [`crate::unread::ANSWER_PIECE_BYTES`] (16 KiB), the
+//!   last byte of a longer chunk than
+//!   [`crate::unread::UNWATCHED_CHUNK_BYTES`] (1 KiB) on its own, so a
+//!   stream that ended, or has nothing more to send, holds at most that
+//!   much past the client's window unwatched. HTTP/1.1 carries one call at a time,
 //!   and hyper buffers at most [`HTTP1_MAX_BUF_BYTES`] (64 KiB) of its
 //!   answer and two chunks (it was hyper's default, about 408 KiB), until
 //!   the write deadline closes a connection whose client does not read.

@@ -27,17 +27,21 @@
 //! message (a page of history is one chunk of megabytes) instead of
 //! handing h2 the whole of it at the first byte of window: then it would
 //! not wait at all, and a unary answer nobody reads would be held whole,
-//! out of the rule's reach, until the connection closed. What is left out
-//! of reach: the last piece of an answer that ended, or of a stream with
-//! nothing more to send, each at most one piece beyond the client's
-//! window, held until the client reads it or the connection closes
+//! out of the rule's reach, until the connection closed. And it hands on
+//! the last byte of a chunk longer than [`UNWATCHED_CHUNK_BYTES`] on its
+//! own: hyper takes it only once all before it fits in the window, so an
+//! answer that ended, or a stream with nothing more to send, never leaves
+//! more than that byte past the client's window unwatched. What is left
+//! out of reach: a chunk of at most [`UNWATCHED_CHUNK_BYTES`] (an event, a
+//! small answer) past the window of a stream with nothing more to send,
+//! held until the client reads it or the connection closes
 //! (`--max-connection-age`). A client that reads nothing at all (not even
 //! PINGs) is closed by the write deadline of `crate::accept` and the
 //! HTTP/2 keepalive.
 //!
 //! The trade-off: a client that reads, but takes longer than the bound to
-//! take one chunk (at most [`crate::serve::MAX_SEND_BUF_BYTES`]), is cut
-//! too: at the default 30 s, one slower than about 2 KiB/s.
+//! take one piece (16 KiB), is cut too: at the default 30 s, one slower
+//! than about 0.5 KiB/s.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -54,6 +58,13 @@ use tokio::time::Sleep;
 /// 6.5.2), so pieces cost no more frames on the wire than h2's own
 /// splitting.
 pub const ANSWER_PIECE_BYTES: usize = 16 * 1024;
+
+/// The longest chunk `AnswerBody` hands hyper whole (in pieces of at most
+/// [`ANSWER_PIECE_BYTES`]); a longer one's last byte goes on its own, as
+/// an HTTP/2 frame of its own, after the rest fits in the client's window
+/// (see the module docs). Most events and unary answers are shorter, and
+/// cost no frame more.
+pub const UNWATCHED_CHUNK_BYTES: usize = 1024;
 
 /// What the body a [`Watched`] stream polls said last.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,18 +184,26 @@ pin_project_lite::pin_project! {
         inner: B,
         // What is left of the last chunk, handed on piece by piece.
         rest: Bytes,
+        // Whether the last byte of `rest` goes on its own.
+        tail: bool,
     }
 }
 
 impl<B> AnswerBody<B> {
     pub(crate) fn new(inner: B) -> Self {
-        Self { inner, rest: Bytes::new() }
+        Self { inner, rest: Bytes::new(), tail: false }
     }
 }
 
-/// The next piece of `rest`, taken off it.
-fn piece(rest: &mut Bytes) -> Bytes {
-    rest.split_to(rest.len().min(ANSWER_PIECE_BYTES))
+/// The next piece of `rest`, taken off it: at most [`ANSWER_PIECE_BYTES`],
+/// and with `tail`, never its last byte but on its own.
+fn piece(rest: &mut Bytes, tail: bool) -> Bytes {
+    let len = match rest.len() {
+        len if len > ANSWER_PIECE_BYTES => ANSWER_PIECE_BYTES,
+        len if tail && len > 1 => len - 1,
+        len => len,
+    };
+    rest.split_to(len)
 }
 
 impl<B> Body for AnswerBody<B>
@@ -197,13 +216,14 @@ where
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let polled = if this.rest.has_remaining() {
-            Poll::Ready(Some(Ok(Frame::data(piece(this.rest)))))
+            Poll::Ready(Some(Ok(Frame::data(piece(this.rest, *this.tail)))))
         } else {
             match this.inner.poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
+                        *this.tail = data.len() > UNWATCHED_CHUNK_BYTES;
                         *this.rest = data;
-                        Poll::Ready(Some(Ok(Frame::data(piece(this.rest)))))
+                        Poll::Ready(Some(Ok(Frame::data(piece(this.rest, *this.tail)))))
                     }
                     Err(frame) => Poll::Ready(Some(Ok(frame))),
                 },
@@ -246,7 +266,16 @@ mod tests {
         while let Some(frame) = body.frame().await {
             pieces.push(frame.unwrap().into_data().unwrap());
         }
-        assert_eq!(pieces.iter().map(Bytes::len).collect::<Vec<_>>(), [16_384, 16_384, 7_232]);
+        assert_eq!(pieces.iter().map(Bytes::len).collect::<Vec<_>>(), [16_384, 16_384, 7_231, 1]);
         assert_eq!(pieces.concat(), chunk);
+    }
+
+    #[tokio::test]
+    async fn a_small_chunk_is_handed_on_whole() {
+        let chunk = Bytes::from_static(&[7; UNWATCHED_CHUNK_BYTES]);
+        let mut body = AnswerBody::new(http_body_util::Full::new(chunk.clone()));
+        let frame = body.frame().await.expect("a frame").unwrap();
+        assert_eq!(frame.into_data().unwrap(), chunk);
+        assert!(body.frame().await.is_none());
     }
 }

@@ -58,6 +58,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for Stand {
         let path = request.uri().path();
         let body = if path.ends_with("/Large") {
             StandBody::Large(Some(Bytes::from(vec![0; LARGE])))
+        } else if path.ends_with("/Chunk") {
+            StandBody::Large(Some(Bytes::from_static(&ZEROS)))
         } else if path.ends_with("/Answer") {
             StandBody::Endless(Endless { pulled: self.pulled.clone(), ended: self.ended.clone() })
         } else if path.ends_with("/Done") {
@@ -81,8 +83,8 @@ enum StandBody {
     Holding(tonic::body::Body),
     /// Nothing: the call ends with its headers.
     Done,
-    /// One chunk of [`LARGE`] bytes (a page of history is one message),
-    /// then the end.
+    /// One chunk (`Large`: of [`LARGE`] bytes, a page of history is one
+    /// message; `Chunk`: of [`CHUNK`] bytes), then the end.
     Large(Option<Bytes>),
 }
 
@@ -443,8 +445,14 @@ async fn serve_with_unread_bound(stand: Stand, bound: Duration) -> (std::net::So
 /// stream nobody reads takes none of another's), served in the
 /// background, so it answers the server's PINGs.
 async fn h2_client(addr: std::net::SocketAddr) -> h2::client::SendRequest<Bytes> {
+    h2_client_with_window(addr, 65_535).await
+}
+
+/// [`h2_client`] with streams' windows of `stream_window` bytes.
+async fn h2_client_with_window(addr: std::net::SocketAddr, stream_window: u32) -> h2::client::SendRequest<Bytes> {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(stream_window)
         .initial_connection_window_size(i32::MAX as u32)
         .handshake::<_, Bytes>(tcp)
         .await
@@ -548,6 +556,22 @@ async fn a_large_answer_nobody_reads_is_reset() {
     let (addr, shutdown) = serve_with_unread_bound(Stand::default(), Duration::from_millis(300)).await;
     let mut send = h2_client(addr).await;
     let mut unread = open(&mut send, "Large").await;
+    assert_reset_unread(&mut unread).await;
+    shutdown.cancel();
+}
+
+/// An answer that ended with most of its last chunk past the client's
+/// window (here a window of one byte, and one 16 KiB chunk) is reset by the
+/// slow-consumer rule too, as hyper is handed the chunk's last byte on its
+/// own and waits for window to take it: handed the chunk whole, hyper
+/// passed it to h2 at the first byte of window, the call ended, and the
+/// server held the rest, out of the rule's reach, for as long as the
+/// connection lived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_ended_past_the_window_is_reset() {
+    let (addr, shutdown) = serve_with_unread_bound(Stand::default(), Duration::from_millis(300)).await;
+    let mut send = h2_client_with_window(addr, 1).await;
+    let mut unread = open(&mut send, "Chunk").await;
     assert_reset_unread(&mut unread).await;
     shutdown.cancel();
 }

@@ -15,8 +15,9 @@
 //! in `crate::serve`'s table of tonic's answers. The trade-off: only an
 //! answer that travels trailers-only (a failure before any message
 //! was sent, which is every unary and server-streaming call's) is
-//! corrected; a bidirectional stream cut mid-way (reflection) still ends
-//! INTERNAL in its trailers.
+//! corrected. natter's one bidirectional stream, reflection, is not
+//! affected: cut mid-way, tonic-reflection ends it OK (it stops at its
+//! request stream's first error), so it is recorded as OK, not CANCELLED.
 
 use std::future::Future;
 use std::pin::Pin;

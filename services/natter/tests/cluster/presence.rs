@@ -26,6 +26,31 @@ async fn next_presence(stream: &mut tonic::codec::Streaming<mpb::StreamEventsRes
     }
 }
 
+/// Returns once `replicas` processes of the deployment on the schemas of
+/// `prefix` each announced themselves on the bus after this was called,
+/// so every replica started before it has heard every other: the bus finds
+/// dead only a peer it heard (one killed before that goes by the missed
+/// presence heartbeats). The announcement (`<prefix>.events.alive`) is a
+/// protobuf message whose field 1 is the process id; one goes out a second.
+async fn all_heard(nats: &str, prefix: &str, replicas: usize) {
+    use futures::StreamExt as _;
+    let client = async_nats::connect(nats).await.expect("connect to NATS");
+    let subject = format!("{}.events.alive", super::nats_subjects(prefix));
+    let mut announcements = client.subscribe(subject).await.expect("subscribe to the announcements");
+    client.flush().await.expect("the subscription reached NATS");
+    let mut heard = std::collections::HashSet::new();
+    while heard.len() < replicas {
+        let said = tokio::time::timeout(Duration::from_secs(10), announcements.next())
+            .await
+            .expect("every replica announces itself within 10 s")
+            .expect("the subscription stays open");
+        // Field 1 (process, bytes): tag 0x0a, length, the id.
+        if let [0x0a, 16, id @ ..] = &said.payload[..] {
+            heard.insert(id[..16].to_vec());
+        }
+    }
+}
+
 /// `natter serve` on the shared PostgreSQL schemas of `prefix` and NATS,
 /// heartbeating every `heartbeat`.
 fn replica(db: &str, prefix: &str, nats: &str, heartbeat: &str) -> Node {
@@ -168,6 +193,9 @@ async fn a_killed_replica_s_users_go_offline_once_the_bus_finds_it_dead_not_afte
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _carol_on_one = stream(&s.one.channel().await, &carol).await;
+    // The bus finds dead only a peer it heard: replica one may not have
+    // announced itself since replica two and three started listening.
+    all_heard(&s.nats, &s.prefix, 3).await;
 
     let killed_at = now_micros();
     s.one.kill();

@@ -24,7 +24,9 @@
 //! Timing: on NATS a dead peer is found within about 4 s of its death,
 //! through the bus. Its own silence is checked too, at each of this
 //! replica's own heartbeats, so a peer the bus does not find (one of a
-//! build before it, whose replica id is not its process's) goes 3 to 4
+//! build before it, whose replica id is not its process's, or one that
+//! died before this process's bus heard it announce itself, within about a
+//! second of one of them starting) goes 3 to 4
 //! intervals after its last word (30-40 s by default). The price: a peer
 //! only cut off from NATS for 3 s or more (a network fault, a long pause)
 //! is taken as dead too, and its users come back online with its next

@@ -19,6 +19,7 @@ crate::both_modes!(
     who_may_start_a_direct_chat_is_theirs_to_say,
     a_blocked_user_cannot_reach_whoever_blocked_them,
     a_send_checked_before_a_block_is_refused_where_it_is_written,
+    a_send_checked_before_a_removal_is_refused_where_it_is_written,
 );
 
 pub(crate) async fn direct(c: &Cluster, a: &TestUser, b: &TestUser) -> cpb::Chat {
@@ -461,6 +462,39 @@ async fn a_send_checked_before_a_block_is_refused_where_it_is_written(c: &Cluste
     block(c, &alice, &bob).await.unwrap();
     c.chats().unblock_user(authed(&alice, cpb::UnblockUserRequest { user_id: bob.id.clone() })).await.unwrap();
     send(c, &bob, &chat.id, "back again").await;
+}
+
+/// A send whose membership check (a member) came before RemoveMember and
+/// whose write comes after it answered is refused in the write, and takes
+/// no seq: the messages service has the chat's new members version before
+/// RemoveMember answers, and every send's write compares it with the one
+/// its check saw. The check is made to answer "member, as of before the
+/// removal" by putting the removal back behind the services' backs (what a
+/// check taken before the removal answered); as the store keeps saying so
+/// when the send checks again, afresh, it ends ABORTED. Once the store
+/// tells the truth, the removed user is told what any non-member is, and
+/// the others send on with no gap.
+async fn a_send_checked_before_a_removal_is_refused_where_it_is_written(c: &Cluster) {
+    let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+    let chat = c.chats().create_chat(authed(&alice, group_of("Team", &[&bob, &carol]))).await.unwrap();
+    let chat = chat.into_inner().chat.unwrap();
+    send(c, &bob, &chat.id, "hello all").await;
+    let remove = || cpb::RemoveMemberRequest { chat_id: chat.id.clone(), user_id: bob.id.clone() };
+
+    c.chats().remove_member(authed(&alice, remove())).await.unwrap();
+    c.undo_departure_silently(&chat.id, &bob.id).await;
+    let refused = try_send(c, &bob, &chat.id, "still here?").await.unwrap_err();
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    assert_eq!(refused.message(), "the chat's members changed while the message was on its way: retry");
+    let listed = mpb::ListMessagesRequest { chat_id: chat.id.clone(), ..Default::default() };
+    let listed = c.messages().list_messages(authed(&alice, listed)).await.unwrap().into_inner().messages;
+    assert_eq!(listed.len(), 1, "nothing stored after the removal");
+
+    // Removed again through the API: the store tells the truth.
+    c.chats().remove_member(authed(&alice, remove())).await.unwrap();
+    let refused = try_send(c, &bob, &chat.id, "still here?").await.unwrap_err();
+    assert_eq!((refused.code(), refused.message()), (Code::PermissionDenied, "not a member of this chat"));
+    assert_eq!(send(c, &carol, &chat.id, "bye bob").await.seq, 2, "no seq taken by the refused send");
 }
 
 async fn set_group_adds(c: &Cluster, user: &TestUser, adds: cpb::GroupAdds) -> cpb::PrivacySettings {

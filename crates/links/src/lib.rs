@@ -150,6 +150,12 @@ pub trait ChatDirectory: Send + Sync + 'static {
         };
         self.check_memberships(request).await
     }
+    /// Drops whatever is kept of `user_id`'s membership of `chat_id` (a
+    /// write found it older than a departure recorded since), so the next
+    /// check asks the chats service. The default keeps nothing.
+    fn forget_membership(&self, chat_id: &str, user_id: &str) {
+        let _ = (chat_id, user_id);
+    }
     /// Every chat `user_id` is a member of.
     async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status>;
     /// Every chat `user_id` owns or administers.
@@ -247,6 +253,14 @@ impl<D: ChatDirectory> ChatDirectory for CachingChatDirectory<D> {
             self.cache.put(ticket, key, answer.clone(), tags);
         }
         Ok(answer)
+    }
+
+    fn forget_membership(&self, chat_id: &str, user_id: &str) {
+        if let (Ok(chat), Ok(user)) = (uuid::Uuid::try_parse(chat_id), uuid::Uuid::try_parse(user_id)) {
+            self.cache.remove(&(chat, user, false));
+            self.cache.remove(&(chat, user, true));
+        }
+        self.inner.forget_membership(chat_id, user_id);
     }
 
     async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
@@ -1084,4 +1098,63 @@ fn follow_events(
 /// A callee's answer without the message it promises.
 fn no_message() -> Status {
     Status::internal("the service's answer holds no result")
+}
+
+#[cfg(test)]
+mod caching_tests {
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use super::*;
+
+    /// A chats service whose every membership answer carries the number
+    /// of checks it answered (as `members_version`).
+    #[derive(Default)]
+    struct Counting(AtomicI64);
+
+    #[async_trait]
+    impl ChatDirectory for Counting {
+        async fn check_memberships(
+            &self,
+            _: chats::CheckMembershipRequest,
+        ) -> Result<chats::CheckMembershipResponse, Status> {
+            let version = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(chats::CheckMembershipResponse {
+                chat_exists: true,
+                member: true,
+                members_version: version,
+                ..Default::default()
+            })
+        }
+
+        async fn member_chat_ids(&self, _: &str) -> Result<Vec<String>, Status> {
+            Ok(Vec::new())
+        }
+
+        async fn managed_chat_ids(&self, _: &str) -> Result<Vec<String>, Status> {
+            Ok(Vec::new())
+        }
+
+        async fn record_activity(&self, _: Vec<chats::Activity>) -> Result<(), Status> {
+            Ok(())
+        }
+    }
+
+    /// A membership a write found older than a departure is asked of the
+    /// chats service again, not answered from the cache; others stay kept.
+    #[tokio::test]
+    async fn a_forgotten_membership_is_asked_again() {
+        let invalidator = Invalidator::new(true);
+        let directory = CachingChatDirectory::new(Counting::default(), std::time::Duration::from_secs(60), invalidator);
+        let [chat, user, other] = [(); 3].map(|_| uuid::Uuid::now_v7().to_string());
+        let version = |user: &str| {
+            let (directory, chat, user) = (&directory, chat.clone(), user.to_owned());
+            async move { directory.check_membership(&chat, &user).await.unwrap().members_version }
+        };
+        assert_eq!(version(&user).await, 1);
+        assert_eq!(version(&other).await, 2);
+        assert_eq!(version(&user).await, 1, "kept");
+        directory.forget_membership(&chat, &user);
+        assert_eq!(version(&user).await, 3, "asked again");
+        assert_eq!(version(&other).await, 2, "another user's kept");
+    }
 }

@@ -262,6 +262,9 @@ pub struct Chat {
     /// Which messages its assistant members answer (a group chat's
     /// setting; a direct chat keeps the default and is always answered).
     pub assistant_replies: AssistantReplies,
+    /// Raised by every departure of a member (`chats.members_version`,
+    /// see [`crate::store::ChatStore::remove_member`]); 0 before any.
+    pub members_version: i64,
 }
 
 impl Chat {
@@ -574,6 +577,7 @@ mod tests {
             last_seq: 0,
             last_message_time: None,
             assistant_replies: AssistantReplies::Mentions,
+            members_version: 0,
         };
         chat.apply(&Activity { chat_id: id, last_seq: 2, time: 20 });
         chat.apply(&Activity { chat_id: id, last_seq: 1, time: 30 });

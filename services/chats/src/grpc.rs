@@ -726,6 +726,7 @@ impl ChatInternalService for ChatInternalApi {
             blocked: membership.blocked,
             private_read_receipts,
             other_private_read_receipts,
+            members_version: access.chat.members_version,
         }))
     }
 

@@ -361,6 +361,7 @@ impl Chats {
             last_seq: 0,
             last_message_time: None,
             assistant_replies: AssistantReplies::Mentions,
+            members_version: 0,
         };
         // A direct chat's two members are equals: no owner to moderate the
         // other's messages or reports, or to delete the chat.
@@ -463,10 +464,10 @@ impl Chats {
     /// service refuses outright (INVALID_ARGUMENT, ...) is dropped, logged at
     /// error: repeating it would block the chat's later changes for good.
     /// Neither failure reaches the caller: its change is committed, and an
-    /// error would only make it retry into a no-op. (BlockUser and
-    /// UnblockUser are the exception: their callers hear of an entry left
-    /// for later, see `reclose_direct`, as a block must hold for sends on
-    /// their way once it answers.)
+    /// error would only make it retry into a no-op. (BlockUser,
+    /// UnblockUser and RemoveMember are the exception: their callers hear
+    /// of an entry left for later, see `deliver_now`, as a block or a
+    /// departure must hold for sends on their way once it answers.)
     #[tracing::instrument(skip_all, fields(chat_id = %chat_id))]
     async fn deliver(&self, chat_id: ChatId) -> bool {
         loop {
@@ -1276,13 +1277,7 @@ impl Chats {
     async fn reclose_direct(&self, a: UserId, b: UserId) -> Result<(), ChatsError> {
         let Some(chat) = self.store.direct_chat(a, b).await? else { return Ok(()) };
         self.evict(chat.id).await;
-        if !self.deliver(chat.id).await {
-            return Err(ChatsError::Upstream(tonic::Status::unavailable(
-                "saved, but the messages service has not taken it yet: retry to be sure it holds for messages \
-                 already on their way",
-            )));
-        }
-        Ok(())
+        self.deliver_now(chat.id).await
     }
 
     /// Tells every stream of `user` (their other tabs and devices) that
@@ -1313,7 +1308,16 @@ impl Chats {
     /// (anyone) or an admin (plain members). The roles read here are
     /// checked again in the store's write ([`ChatStore::remove_member`]):
     /// a removal of someone made owner since, or by someone demoted since,
-    /// is refused, so a group never loses its owner.
+    /// is refused, so a group never loses its owner. It answers once the
+    /// messages service has recorded the departure and the chat's new
+    /// members version, which every send's write reads: no message of the
+    /// departed member is stored after it answers, one already past its
+    /// membership check included.
+    ///
+    /// Errors: as RemoveMember in chats.proto, and UNAVAILABLE when the
+    /// departure is committed but could not be recorded yet (the relay
+    /// records it later; a retry, which changes nothing more, records it
+    /// now).
     pub async fn remove_member(&self, caller: UserId, chat_id: ChatId, user_id: UserId) -> Result<(), ChatsError> {
         const OWNER_LEAVING: &str = "the owner must hand ownership over (UpdateMember) before leaving";
         const ONLY_MANAGERS: &str = "only the owner, or an admin for plain members, may remove members";
@@ -1321,8 +1325,9 @@ impl Chats {
         let access = self.access(caller, chat_id).await?;
         let (chat, role) = match access.role {
             Some(role) => (access.chat, role),
-            // A retried leave (its answer was lost): done already.
-            None if user_id == caller => return Ok(()),
+            // A retried leave (its answer was lost): done already, once
+            // recorded.
+            None if user_id == caller => return self.deliver_now(chat_id).await,
             None => return Err(ChatsError::Denied("not a member of this chat")),
         };
         if chat.kind == Kind::Direct {
@@ -1349,14 +1354,37 @@ impl Chats {
         match outcome {
             Checked::Done(()) => {}
             // Left since the read above (a retried leave): done already.
-            Checked::NotMember if leaving => return Ok(()),
-            Checked::NotMember => return Err(ChatsError::MemberNotFound(user_id.to_string())),
+            Checked::NotMember if leaving => {}
+            // Removed already (a retry whose first answer was lost): once
+            // that removal is recorded.
+            Checked::NotMember => {
+                self.deliver_now(chat.id).await?;
+                return Err(ChatsError::MemberNotFound(user_id.to_string()));
+            }
             // Made owner since the read above.
             Checked::Target(Role::Owner) if leaving => return Err(ChatsError::Precondition(OWNER_LEAVING)),
             Checked::Actor(None) => return Err(ChatsError::Denied("not a member of this chat")),
             Checked::Actor(Some(_)) | Checked::Target(_) => return Err(ChatsError::Denied(ONLY_MANAGERS)),
         }
-        self.deliver(chat.id).await;
+        self.deliver_now(chat.id).await
+    }
+
+    /// After a change every send's write must see once its call answers (a
+    /// departure's members version, a block's closure: committed, in the
+    /// outbox): records `chat_id`'s outbox with the messages service
+    /// ([`Chats::deliver`]), so a send whose membership was checked before
+    /// the change is refused in its write.
+    ///
+    /// Errors: UNAVAILABLE when it could not be recorded (the change is
+    /// committed, and the relay records it later; a retry of the call, a
+    /// no-op in the chats store, records it now).
+    async fn deliver_now(&self, chat_id: ChatId) -> Result<(), ChatsError> {
+        if !self.deliver(chat_id).await {
+            return Err(ChatsError::Upstream(tonic::Status::unavailable(
+                "saved, but the messages service has not taken it yet: retry to be sure it holds for messages \
+                 already on their way",
+            )));
+        }
         Ok(())
     }
 
@@ -1703,7 +1731,7 @@ mod tests {
 
     use super::*;
     use crate::store::sqlite::SqliteChatStore;
-    use crate::store::{OUTBOX_ENTRY_CHANGES, direct_chat_closed, membership};
+    use crate::store::{OUTBOX_ENTRY_CHANGES, direct_chat_closed, members_departed, membership};
 
     /// Every user asked about exists.
     struct AnyUser;
@@ -2125,9 +2153,11 @@ mod tests {
         assert_eq!(h.messages.take(), [(id.clone(), vec![role_changed(b), role_changed(owner)])], "hand-over");
 
         h.chats.remove_member(b, chat.id, c).await.unwrap();
-        assert_eq!(h.messages.take(), [(id.clone(), vec![membership(c, mpb::MembershipChange::Removed)])]);
+        let removed = vec![membership(c, mpb::MembershipChange::Removed), members_departed(1)];
+        assert_eq!(h.messages.take(), [(id.clone(), removed)], "with the chat's new members version");
         h.chats.remove_member(a, chat.id, a).await.unwrap();
-        assert_eq!(h.messages.take(), [(id.clone(), vec![membership(a, mpb::MembershipChange::Left)])]);
+        let left = vec![membership(a, mpb::MembershipChange::Left), members_departed(2)];
+        assert_eq!(h.messages.take(), [(id.clone(), left)]);
 
         let update =
             ChatUpdate { title: Some("Renamed".into()), visibility: Some(Visibility::Public), ..Default::default() };
@@ -2198,6 +2228,37 @@ mod tests {
         assert_eq!(h.messages.take(), [], "no direct chat: nothing to record");
     }
 
+    /// A send already past its membership check when RemoveMember answers
+    /// is refused in its write only if the messages service has the
+    /// departure's members version by then: RemoveMember answers once it is
+    /// recorded, and fails (to be retried) while it cannot be; the retry,
+    /// a leave's or a removal's, records it.
+    #[tokio::test]
+    async fn removals_answer_once_the_departure_is_recorded() {
+        let h = harness(Limits::default()).await;
+        let [owner, a, b] = [(); 3].map(|_| UserId::new_v7());
+        let chat = h.chats.create_chat(owner, group("Team", vec![a, b])).await.unwrap().chat;
+        let id = chat.id.to_string();
+        h.messages.take();
+
+        h.messages.down.store(true, Ordering::SeqCst);
+        let failed = h.chats.remove_member(owner, chat.id, a).await.unwrap_err();
+        assert_eq!(tonic::Status::from(failed).code(), tonic::Code::Unavailable, "not recorded: not answered as done");
+        let failed = h.chats.remove_member(b, chat.id, b).await.unwrap_err();
+        assert_eq!(tonic::Status::from(failed).code(), tonic::Code::Unavailable, "a leave likewise");
+        h.messages.down.store(false, Ordering::SeqCst);
+
+        let retried = h.chats.remove_member(owner, chat.id, a).await.unwrap_err();
+        assert_eq!(tonic::Status::from(retried).code(), tonic::Code::NotFound, "removed already");
+        let removed = vec![membership(a, mpb::MembershipChange::Removed), members_departed(1)];
+        let left = vec![membership(b, mpb::MembershipChange::Left), members_departed(2)];
+        assert_eq!(h.messages.take(), [(id.clone(), removed), (id.clone(), left)], "the retry records them");
+        h.chats.remove_member(b, chat.id, b).await.unwrap();
+        assert_eq!(h.messages.take(), [], "a retried leave: nothing more");
+        let check = h.chats.membership(chat.id, owner).await.unwrap().unwrap();
+        assert_eq!(check.access.chat.members_version, 2, "what CheckMembership answers");
+    }
+
     #[tokio::test]
     async fn more_changes_than_one_call_takes_go_in_order_in_several() {
         let h = harness(Limits { group_members: 1_500, ..Limits::default() }).await;
@@ -2246,7 +2307,7 @@ mod tests {
         h.chats.remove_member(owner, chat.id, b).await.unwrap();
         let calls = h.messages.take();
         let changes: Vec<&mpb::ChatChange> = calls.iter().flat_map(|(_, c)| c).collect();
-        assert_eq!(changes.len(), 3, "{calls:?}");
+        assert_eq!(changes.len(), 4, "{calls:?}");
         assert_eq!(changes[0], &joined(b), "the join first");
         assert_eq!(updated(changes[1]).1, ["archived"], "then the archive");
         assert_eq!(changes[2], &membership(b, mpb::MembershipChange::Removed), "then the removal");

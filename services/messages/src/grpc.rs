@@ -504,28 +504,31 @@ pub(crate) fn replay_event(chat: ChatId, change: Change, since: i64) -> pb::Stre
     }
 }
 
-/// A direct chat's closure of a RecordChatChanges request
-/// (`direct_chat_closed`): whether it takes new messages, at which version.
+/// A change of a RecordChatChanges request kept on the chat's heads row,
+/// not logged: a direct chat's closure (`direct_chat_closed`) or a
+/// departure's members version (`members_departed`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Closure {
+pub struct HeadsChange {
     /// The change's place among the request's changes.
     pub index: usize,
-    pub closed: bool,
     /// 1 or more.
     pub version: i64,
+    /// Some(whether the chat is closed) for a closure, None for a
+    /// departure.
+    pub closed: Option<bool>,
 }
 
 /// The validated chat changes of a RecordChatChanges request: those logged,
-/// in order, and the closures (`direct_chat_closed`), which are not.
+/// in order, and those kept on the heads row, which are not.
 ///
 /// Errors: INVALID_ARGUMENT for no changes, more than
 /// [`domain::CHAT_CHANGES_MAX`], a change with no event or an unknown
-/// membership change, a malformed user id, a closure's version below 1, or
-/// an idempotency key longer than [`domain::IDEMPOTENCY_KEY_MAX`] (each
-/// naming its field).
+/// membership change, a malformed user id, a closure's or a departure's
+/// version below 1, or an idempotency key longer than
+/// [`domain::IDEMPOTENCY_KEY_MAX`] (each naming its field).
 pub fn chat_changes_request(
     r: &pb::RecordChatChangesRequest,
-) -> Result<(ChatId, Vec<ChatChange>, Vec<Closure>), Status> {
+) -> Result<(ChatId, Vec<ChatChange>, Vec<HeadsChange>), Status> {
     let chat = ChatId::parse("chat_id", &r.chat_id)?;
     if r.idempotency_key.len() > domain::IDEMPOTENCY_KEY_MAX {
         let max = domain::IDEMPOTENCY_KEY_MAX;
@@ -537,19 +540,29 @@ pub fn chat_changes_request(
         );
     }
     let mut changes = Vec::with_capacity(r.changes.len());
-    let mut closures = Vec::new();
+    let mut kept = Vec::new();
     for (i, c) in r.changes.iter().enumerate() {
         let field = format!("changes[{i}]");
-        let change = match &c.change {
+        let heads_change = match &c.change {
             Some(pb::chat_change::Change::DirectChatClosed(c)) => {
-                if c.version < 1 {
-                    return Err(FieldViolations::single(
-                        format!("{field}.direct_chat_closed.version"),
-                        "must be 1 or more",
-                    )
-                    .into_status());
-                }
-                closures.push(Closure { index: i, closed: c.closed, version: c.version });
+                Some(("direct_chat_closed", HeadsChange { index: i, version: c.version, closed: Some(c.closed) }))
+            }
+            Some(pb::chat_change::Change::MembersDeparted(d)) => {
+                Some(("members_departed", HeadsChange { index: i, version: d.version, closed: None }))
+            }
+            _ => None,
+        };
+        if let Some((name, change)) = heads_change {
+            if change.version < 1 {
+                return Err(
+                    FieldViolations::single(format!("{field}.{name}.version"), "must be 1 or more").into_status()
+                );
+            }
+            kept.push(change);
+            continue;
+        }
+        let change = match &c.change {
+            Some(pb::chat_change::Change::DirectChatClosed(_) | pb::chat_change::Change::MembersDeparted(_)) => {
                 continue;
             }
             Some(pb::chat_change::Change::MembershipChanged(m)) => {
@@ -581,7 +594,7 @@ pub fn chat_changes_request(
         };
         changes.push(change);
     }
-    Ok((chat, changes, closures))
+    Ok((chat, changes, kept))
 }
 
 /// The chat ids of a StreamEvents request, parsed and de-duplicated (first
@@ -1077,21 +1090,25 @@ impl MessageInternalService for MessageInternalApi {
         &self,
         request: Request<pb::RecordChatChangesRequest>,
     ) -> Result<Response<pb::RecordChatChangesResponse>, Status> {
-        let (chat, changes, closures) = chat_changes_request(request.get_ref())?;
+        let (chat, changes, kept) = chat_changes_request(request.get_ref())?;
         let key = &request.get_ref().idempotency_key;
         let committed = request.get_ref().change_time.as_ref().map(natter_kit::time::micros);
-        for closure in &closures {
-            self.messages.close_direct_chat(chat, closure.closed, closure.version).await?;
+        for change in &kept {
+            match change.closed {
+                Some(closed) => self.messages.close_direct_chat(chat, closed, change.version).await?,
+                None => self.messages.record_departure(chat, change.version).await?,
+            }
         }
         let logged = if changes.is_empty() {
             Vec::new()
         } else {
             self.messages.record_chat_changes(chat, &changes, key, committed).await?
         };
-        // A closure takes no change number: 0 in its place.
+        // A change kept on the heads row takes no change number: 0 in its
+        // place.
         let mut logged = logged.into_iter();
         let change_seqs = (0..request.get_ref().changes.len())
-            .map(|i| if closures.iter().any(|c| c.index == i) { 0 } else { logged.next().unwrap_or_default() })
+            .map(|i| if kept.iter().any(|c| c.index == i) { 0 } else { logged.next().unwrap_or_default() })
             .collect();
         Ok(Response::new(pb::RecordChatChangesResponse { change_seqs }))
     }
@@ -1577,16 +1594,28 @@ mod tests {
         let closed = |closed, version| pb::ChatChange {
             change: Some(pb::chat_change::Change::DirectChatClosed(pb::DirectChatClosed { closed, version })),
         };
-        let (_, changes, closures) = chat_changes_request(&request(vec![
+        let (_, changes, kept) = chat_changes_request(&request(vec![
             closed(true, 3),
             member(&user.to_string(), pb::MembershipChange::Joined),
         ]))
         .unwrap();
         assert_eq!(changes, [ChatChange::Joined(user)], "a closure is not logged");
-        assert_eq!(closures, [Closure { index: 0, closed: true, version: 3 }]);
+        assert_eq!(kept, [HeadsChange { index: 0, version: 3, closed: Some(true) }]);
         assert_eq!(
             fields(&chat_changes_request(&request(vec![closed(false, 0)])).unwrap_err()),
             ["changes[0].direct_chat_closed.version"]
+        );
+        let departed = |version| pb::ChatChange {
+            change: Some(pb::chat_change::Change::MembersDeparted(pb::MembersDeparted { version })),
+        };
+        let (_, changes, kept) =
+            chat_changes_request(&request(vec![member(&user.to_string(), pb::MembershipChange::Removed), departed(4)]))
+                .unwrap();
+        assert_eq!(changes, [ChatChange::Removed(user)], "a departure's version is not logged");
+        assert_eq!(kept, [HeadsChange { index: 1, version: 4, closed: None }]);
+        assert_eq!(
+            fields(&chat_changes_request(&request(vec![departed(0)])).unwrap_err()),
+            ["changes[0].members_departed.version"]
         );
         assert_eq!(fields(&chat_changes_request(&request(Vec::new())).unwrap_err()), ["changes"]);
         assert_eq!(

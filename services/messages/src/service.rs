@@ -328,71 +328,94 @@ impl Messages {
         // the original looked up first, so a retry still returns it.
         // The mentioned users' membership comes with the caller's, in one
         // call; a send without mentions asks for nothing more.
-        let mentioned = req.mentions.iter().map(|(_, u)| u.to_string()).collect();
-        let allowed = match self.member_with(req.chat_id, caller, mentioned, false).await {
-            Ok(m) if m.archived => Err(MessagesError::Precondition("chat is archived")),
-            Ok(m) if m.blocked => Err(MessagesError::Denied(Self::BLOCKED)),
-            Ok(m) => mentions_of_members(&req.mentions, &m.other_members),
-            Err(e) => Err(e),
-        };
-        if let Err(refused) = allowed {
-            return self.refused_send(caller, &req, refused).await;
-        }
-        let new = NewMessage {
-            id: req.message_id.unwrap_or_else(MessageId::new_v7),
-            chat_id: req.chat_id,
-            author_id: caller,
-            text: req.text.clone(),
-            attachments: req.attachments.clone(),
-            reply_to: req.reply_to,
-            send_time: now_micros(),
-            flags: self.flags_of(&req.text),
-            mentions: req.mentions.iter().map(|(_, u)| *u).collect(),
-            thread_root: req.thread_root,
-        };
-        let id = new.id;
-        let message = match self.writer.send(new).await? {
-            Sent::Created(message) => {
-                tracing::Span::current()
-                    .record("message_id", tracing::field::display(message.id))
-                    .record("seq", message.seq.0);
-                message
-            }
-            Sent::NoSuchReply => {
-                return Err(MessagesError::invalid("reply_to_seq", "names no message of this chat"));
-            }
-            Sent::NoSuchThreadRoot => {
-                return Err(MessagesError::invalid("thread_root_seq", "names no message of this chat"));
-            }
-            // Closed by a block recorded after the membership check above
-            // (a send in flight as BlockUser answered): refused as a send
-            // checked after it is.
-            Sent::Closed => return self.refused_send(caller, &req, MessagesError::Denied(Self::BLOCKED)).await,
-            Sent::ThreadRootDeleted => {
-                // A retry of a reply sent before its root was deleted still
-                // answers the original.
-                if let Some(existing) = self.store.message(id).await? {
-                    return same_message(existing, &req, caller);
+        let mentioned: Vec<String> = req.mentions.iter().map(|(_, u)| u.to_string()).collect();
+        let id = req.message_id.unwrap_or_else(MessageId::new_v7);
+        let flags = self.flags_of(&req.text);
+        // Whether the membership check below is one made after the write
+        // found the last one older than a departure (Sent::Stale).
+        let mut rechecked = false;
+        let message = loop {
+            let allowed = match self.member_with(req.chat_id, caller, mentioned.clone(), false).await {
+                Ok(m) if m.archived => Err(MessagesError::Precondition("chat is archived")),
+                Ok(m) if m.blocked => Err(MessagesError::Denied(Self::BLOCKED)),
+                Ok(m) => mentions_of_members(&req.mentions, &m.other_members).map(|()| m.members_version),
+                Err(e) => Err(e),
+            };
+            let members_version = match allowed {
+                Ok(version) => version,
+                Err(refused) => return self.refused_send(caller, &req, refused).await,
+            };
+            let new = NewMessage {
+                id,
+                chat_id: req.chat_id,
+                author_id: caller,
+                text: req.text.clone(),
+                attachments: req.attachments.clone(),
+                reply_to: req.reply_to,
+                send_time: now_micros(),
+                flags: flags.clone(),
+                mentions: req.mentions.iter().map(|(_, u)| *u).collect(),
+                thread_root: req.thread_root,
+                members_version,
+            };
+            match self.writer.send(new).await? {
+                Sent::Created(message) => {
+                    tracing::Span::current()
+                        .record("message_id", tracing::field::display(message.id))
+                        .record("seq", message.seq.0);
+                    break message;
                 }
-                return Err(MessagesError::Precondition("thread_root_seq: the thread's root is deleted"));
-            }
-            Sent::Duplicate => {
-                // A retry (its first answer lost), a concurrent retry that
-                // won the race, or a batch committed though its commit
-                // reported a failure (then tried again message by message,
-                // announced by nobody): answered with the message, which is
-                // announced again as it was created. A stream that has it
-                // drops it at once (at or below its cursor), one that missed
-                // it gets it; changed since, the streams re-read the store.
-                let existing = self.store.message(id).await?.ok_or(MessagesError::MessageNotFound)?;
-                let answer = same_message(existing, &req, caller)?;
-                if answer.change_seq == answer.create_change {
-                    let event = grpc::created_event(grpc::message_pb(answer.clone(), Vec::new()));
-                    self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(BusEvent::new(req.chat_id, event)));
-                } else {
-                    resync(self.bus.as_ref(), req.chat_id);
+                // A member left or was removed after the check above (a
+                // send in flight as RemoveMember answered, or a check kept
+                // from before): checked again, afresh, once. A departed
+                // caller is then refused as any non-member; a member whose
+                // check was merely old sends.
+                Sent::Stale if !rechecked => {
+                    self.chats.forget_membership(&req.chat_id.to_string(), &caller.to_string());
+                    rechecked = true;
+                    continue;
                 }
-                return Ok(answer);
+                Sent::Stale => {
+                    return Err(MessagesError::Aborted(
+                        "the chat's members changed while the message was on its way: retry",
+                    ));
+                }
+                Sent::NoSuchReply => {
+                    return Err(MessagesError::invalid("reply_to_seq", "names no message of this chat"));
+                }
+                Sent::NoSuchThreadRoot => {
+                    return Err(MessagesError::invalid("thread_root_seq", "names no message of this chat"));
+                }
+                // Closed by a block recorded after the membership check above
+                // (a send in flight as BlockUser answered): refused as a send
+                // checked after it is.
+                Sent::Closed => return self.refused_send(caller, &req, MessagesError::Denied(Self::BLOCKED)).await,
+                Sent::ThreadRootDeleted => {
+                    // A retry of a reply sent before its root was deleted still
+                    // answers the original.
+                    if let Some(existing) = self.store.message(id).await? {
+                        return same_message(existing, &req, caller);
+                    }
+                    return Err(MessagesError::Precondition("thread_root_seq: the thread's root is deleted"));
+                }
+                Sent::Duplicate => {
+                    // A retry (its first answer lost), a concurrent retry that
+                    // won the race, or a batch committed though its commit
+                    // reported a failure (then tried again message by message,
+                    // announced by nobody): answered with the message, which is
+                    // announced again as it was created. A stream that has it
+                    // drops it at once (at or below its cursor), one that missed
+                    // it gets it; changed since, the streams re-read the store.
+                    let existing = self.store.message(id).await?.ok_or(MessagesError::MessageNotFound)?;
+                    let answer = same_message(existing, &req, caller)?;
+                    if answer.change_seq == answer.create_change {
+                        let event = grpc::created_event(grpc::message_pb(answer.clone(), Vec::new()));
+                        self.bus.publish(Topic::Chat(req.chat_id.0), Arc::new(BusEvent::new(req.chat_id, event)));
+                    } else {
+                        resync(self.bus.as_ref(), req.chat_id);
+                    }
+                    return Ok(answer);
+                }
             }
         };
         let event = grpc::created_event(grpc::message_pb(message.clone(), Vec::new()));
@@ -969,6 +992,16 @@ impl Messages {
     pub async fn close_direct_chat(&self, chat: ChatId, closed: bool, version: i64) -> Result<(), MessagesError> {
         self.store.close_direct_chat(chat, closed, version).await?;
         tracing::debug!(chat_id = %chat, closed, version, "direct chat closure recorded");
+        Ok(())
+    }
+
+    /// Internal: records that `chat`'s members version is `version` after
+    /// a departure (RecordChatChanges' members_departed, sent by the chats
+    /// service with the departure before RemoveMember answers), where every
+    /// send's write reads it ([`MessageStore::record_departure`]).
+    pub async fn record_departure(&self, chat: ChatId, version: i64) -> Result<(), MessagesError> {
+        self.store.record_departure(chat, version).await?;
+        tracing::debug!(chat_id = %chat, version, "members version recorded");
         Ok(())
     }
 

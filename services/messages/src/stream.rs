@@ -1294,6 +1294,13 @@ mod tests {
         /// A user whose chats cannot be listed (the chats service out of
         /// reach, for this user only).
         unlistable: Mutex<Option<Uuid>>,
+        /// The chat's members version, raised by each removal above.
+        members_version: Mutex<i64>,
+        /// A members version kept from before (a replica's cached check),
+        /// answered instead until `forget_membership` drops it.
+        kept_version: Mutex<Option<i64>>,
+        /// How often `forget_membership` was called.
+        forgotten: Mutex<usize>,
         messages: OnceLock<Weak<Messages>>,
     }
 
@@ -1302,7 +1309,13 @@ mod tests {
             let armed = self.remove_after_answer.lock().unwrap().take_if(|(_, u)| *u == user);
             let Some((chat, user)) = armed else { return };
             self.members.lock().unwrap().remove(&(chat, user));
+            let version = {
+                let mut version = self.members_version.lock().unwrap();
+                *version += 1;
+                *version
+            };
             let messages = self.messages.get().and_then(Weak::upgrade).unwrap();
+            messages.record_departure(chat.into(), version).await.unwrap();
             messages.record_chat_changes(chat.into(), &[ChatChange::Removed(UserId(user))], "", None).await.unwrap();
         }
     }
@@ -1320,10 +1333,16 @@ mod tests {
                 member,
                 role: if member { cpb::MemberRole::Member as i32 } else { 0 },
                 other_members: vec![false; request.other_user_ids.len()],
+                members_version: self.kept_version.lock().unwrap().unwrap_or(*self.members_version.lock().unwrap()),
                 ..Default::default()
             };
             self.remove_if_armed(user).await;
             Ok(answer)
+        }
+
+        fn forget_membership(&self, _: &str, _: &str) {
+            *self.kept_version.lock().unwrap() = None;
+            *self.forgotten.lock().unwrap() += 1;
         }
 
         async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
@@ -1428,6 +1447,7 @@ mod tests {
                 flags: None,
                 mentions: Vec::new(),
                 thread_root: None,
+                members_version: 0,
             }
         }
 
@@ -1435,6 +1455,37 @@ mod tests {
         fn owner_sends(&self, text: &str) -> impl std::future::Future<Output = Result<Message, MessagesError>> + '_ {
             self.messages.send(UserId(self.owner), self.send_of_owner(text))
         }
+    }
+
+    /// A send whose membership check is older than a departure the
+    /// messages service recorded since (a check kept from before, or one
+    /// answered just before a removal) is refused in its write and checked
+    /// again, afresh, once: a member still in sends, a member removed meanwhile
+    /// is refused as any non-member, and a second refusal is ABORTED.
+    #[tokio::test]
+    async fn a_send_checked_before_a_departure_is_checked_again_after_its_write_refused_it() {
+        let h = Harness::start().await;
+        // Someone else left: version 1 recorded; the owner's check, kept
+        // from before, says 0.
+        *h.directory.members_version.lock().unwrap() = 1;
+        *h.directory.kept_version.lock().unwrap() = Some(0);
+        h.messages.record_departure(h.chat.into(), 1).await.unwrap();
+        let sent = h.owner_sends("still here").await.unwrap();
+        assert_eq!((sent.seq, *h.directory.forgotten.lock().unwrap()), (Seq(1), 1), "checked again, then stored");
+
+        // The member's check answers "member", then the removal is recorded
+        // before the write.
+        *h.directory.remove_after_answer.lock().unwrap() = Some((h.chat, h.member));
+        let send = h.messages.send(UserId(h.member), h.send_of_owner("on its way"));
+        let refused = send.await.unwrap_err();
+        assert!(matches!(refused, MessagesError::Denied("not a member of this chat")), "{refused:?}");
+
+        // A departure recorded above any version the chats service answers
+        // (its check cannot catch up): refused twice, ABORTED.
+        h.messages.record_departure(h.chat.into(), 9).await.unwrap();
+        let refused = h.owner_sends("again").await.unwrap_err();
+        assert!(matches!(refused, MessagesError::Aborted(_)), "{refused:?}");
+        assert_eq!(h.messages.store().head(h.chat.into()).await.unwrap(), Seq(1), "nothing stored but the first");
     }
 
     /// The next event of `stream` (ten seconds at most: a bound, not a wait).

@@ -356,6 +356,7 @@ mod tests {
             flags: None,
             mentions: Vec::new(),
             thread_root: None,
+            members_version: 0,
         }
     }
 

@@ -540,6 +540,43 @@ impl Cluster {
     /// whose membership was checked just before the block stands when it
     /// reaches its write after BlockUser answered.
     pub async fn unblock_silently(&self, blocker: &str, blocked: &str) {
+        let done = self
+            .write_chats_store(|schema| {
+                vec![format!(
+                    "DELETE FROM {schema}blocks WHERE user_id = '{blocker}' AND blocked_user_id = '{blocked}'"
+                )]
+            })
+            .await;
+        assert_eq!(done, [1], "one block taken back");
+    }
+
+    /// Puts `user` back in group `chat` as a plain member straight in the
+    /// chats store, with the chat's members version as it was before the
+    /// departure, telling nobody: the chats service's membership checks
+    /// (once nothing cached says otherwise) say `user` is a member, as of
+    /// before the departure, while the messages service has the departure
+    /// recorded. That is where a send whose membership was checked just
+    /// before a RemoveMember stands when it reaches its write after the
+    /// removal answered.
+    pub async fn undo_departure_silently(&self, chat: &str, user: &str) {
+        let done = self
+            .write_chats_store(|schema| {
+                vec![
+                    format!("INSERT INTO {schema}members (chat_id, user_id, role, join_time) VALUES ('{chat}', '{user}', 'member', 0)"),
+                    format!(
+                        "UPDATE {schema}chats SET members_version = members_version - 1, member_count = member_count + 1 \
+                         WHERE id = '{chat}' AND members_version > 0"
+                    ),
+                ]
+            })
+            .await;
+        assert_eq!(done, [1, 1], "back in, as of before");
+    }
+
+    /// Runs the statements `sqls` makes (given the chats store's table
+    /// prefix: a split cluster's schema and a dot, or nothing) on the chats
+    /// store, behind the service's back, and answers the rows each touched.
+    async fn write_chats_store(&self, sqls: impl FnOnce(&str) -> Vec<String>) -> Vec<u64> {
         use sqlx::Connection as _;
         sqlx::any::install_default_drivers();
         let (url, schema) = match &self.pg {
@@ -547,10 +584,14 @@ impl Cluster {
             None => (format!("sqlite://{}", self._dir.path().join("chats.db").display()), String::new()),
         };
         let mut conn = sqlx::AnyConnection::connect(&url).await.expect("connect to the chats store");
-        let sql = format!("DELETE FROM {schema}blocks WHERE user_id = '{blocker}' AND blocked_user_id = '{blocked}'");
-        let done = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.expect("unblock in the store");
-        assert_eq!(done.rows_affected(), 1, "one block taken back");
+        let mut done = Vec::new();
+        for sql in sqls(&schema) {
+            let written =
+                sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.expect("write the chats store");
+            done.push(written.rows_affected());
+        }
         conn.close().await.expect("close");
+        done
     }
 
     /// The count `sql` (a `SELECT COUNT(*) ...` naming the tables of

@@ -69,7 +69,7 @@ macro_rules! chat_columns {
     () => {
         "c.id, c.kind, c.title, c.description, c.visibility, c.owner_id, c.creator_id, c.member_count, \
          c.archive_time, c.create_time, c.update_time, c.last_activity_time, c.last_seq, c.last_message_time, \
-         c.assistant_replies"
+         c.assistant_replies, c.members_version"
     };
 }
 pub(crate) use chat_columns;
@@ -444,14 +444,30 @@ pub(crate) const FIRST_BLOCK_VERSION: &str =
 pub(crate) const BLOCKS_WITHIN: &str = "SELECT EXISTS (SELECT 1 FROM members m JOIN blocks b ON b.user_id = m.user_id \
      JOIN members o ON o.chat_id = m.chat_id AND o.user_id = b.blocked_user_id WHERE m.chat_id = $1)";
 
-/// `user`'s `departure`.
-pub(crate) fn departed(user: UserId, departure: Departure) -> mpb::ChatChange {
+/// The outbox changes of `user`'s `departure` at members version
+/// `version` (`chats.members_version` raised by it,
+/// [`RAISE_MEMBERS_VERSION`]): the departure, then the version
+/// ([`members_departed`]), recorded by the same call.
+pub(crate) fn departed(user: UserId, departure: Departure, version: i64) -> [mpb::ChatChange; 2] {
     let change = match departure {
         Departure::Left => mpb::MembershipChange::Left,
         Departure::Removed => mpb::MembershipChange::Removed,
     };
-    membership(user, change)
+    [membership(user, change), members_departed(version)]
 }
+
+/// The outbox change that tells the messages service that a chat's
+/// members version is `version` after a departure: a send's write refuses a
+/// message whose membership check saw a lower one.
+pub fn members_departed(version: i64) -> mpb::ChatChange {
+    mpb::ChatChange { change: Some(mpb::chat_change::Change::MembersDeparted(mpb::MembersDeparted { version })) }
+}
+
+/// Raises the members version of chat `$1` and answers it, in a
+/// departure's transaction, under the chat's row lock (PostgreSQL) or the
+/// one writer (SQLite); the same text on both engines.
+pub(crate) const RAISE_MEMBERS_VERSION: &str =
+    "UPDATE chats SET members_version = members_version + 1 WHERE id = $1 RETURNING members_version";
 
 /// The role changes of an UpdateMember of `member`: theirs, then those of
 /// the owners a hand-over made admins.
@@ -826,8 +842,10 @@ pub trait ChatStore: Send + Sync + 'static {
     /// required roles ([`Checked::Actor`] with their role now), that `user`
     /// is a member ([`Checked::NotMember`]) and that their role is one of
     /// `removal.targets` and not the owner ([`Checked::Target`] with it).
-    /// A refusal writes nothing. Sets the update time to `now` and
-    /// recounts the members; answers [`Checked::Done`].
+    /// A refusal writes nothing. Sets the update time to `now`, recounts
+    /// the members and raises the chat's members version
+    /// (`chats.members_version`), which goes to the outbox with the
+    /// departure ([`members_departed`]); answers [`Checked::Done`].
     async fn remove_member(
         &self,
         chat: ChatId,

@@ -14,10 +14,10 @@ use natter_proto::messages::v1 as mpb;
 
 use super::{
     Added, Adder, BLOCKS_WITHIN, Backoff, Blocked, ChatStore, Checked, Created, FIRST_BLOCK_VERSION, MIGRATOR,
-    OLD_BLOCKED_DIRECT_CHATS, PAIR_BLOCKED, Pending, RAISE_BLOCK_VERSION, ROLE_TARGETS, Removal, StoreError,
-    blocks_between_refused, changes_to, chat_columns, chat_updated, check_roles, departed, direct_chat_closed,
-    direct_key, joined, may_change, may_delete, membership, order_column, outbox_rows, parse_enum, parse_id,
-    pending_row, role_changes, time_bounds, updated_by,
+    OLD_BLOCKED_DIRECT_CHATS, PAIR_BLOCKED, Pending, RAISE_BLOCK_VERSION, RAISE_MEMBERS_VERSION, ROLE_TARGETS, Removal,
+    StoreError, blocks_between_refused, changes_to, chat_columns, chat_updated, check_roles, departed,
+    direct_chat_closed, direct_key, joined, may_change, may_delete, membership, order_column, outbox_rows, parse_enum,
+    parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -66,6 +66,7 @@ fn chat_row(row: &PgRow) -> Result<Chat, StoreError> {
         last_seq: row.try_get("last_seq")?,
         last_message_time: row.try_get("last_message_time")?,
         assistant_replies: parse_enum("chats.assistant_replies", &text("assistant_replies")?, AssistantReplies::parse)?,
+        members_version: row.try_get("members_version")?,
     })
 }
 
@@ -1092,7 +1093,8 @@ impl ChatStore for PostgresChatStore {
             return Ok(Checked::NotMember);
         }
         recount(&mut tx, &key).await?;
-        push_outbox(&mut tx, &key, &[departed(user, removal.departure)], now).await?;
+        let version: i64 = sqlx::query_scalar(RAISE_MEMBERS_VERSION).bind(&key).fetch_one(&mut *tx).await?;
+        push_outbox(&mut tx, &key, &departed(user, removal.departure, version), now).await?;
         tx.commit().await?;
         Ok(Checked::Done(()))
     }

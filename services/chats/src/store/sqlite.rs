@@ -23,10 +23,10 @@ use natter_proto::messages::v1 as mpb;
 
 use super::{
     Added, Adder, BLOCKS_WITHIN, Backoff, Blocked, ChatStore, Checked, Created, FIRST_BLOCK_VERSION, MIGRATOR,
-    OLD_BLOCKED_DIRECT_CHATS, PAIR_BLOCKED, Pending, RAISE_BLOCK_VERSION, ROLE_TARGETS, Removal, StoreError,
-    blocks_between_refused, changes_to, chat_columns, chat_updated, check_roles, departed, direct_chat_closed,
-    direct_key, joined, may_change, may_delete, membership, order_column, outbox_rows, parse_enum, parse_id,
-    pending_row, role_changes, time_bounds, updated_by,
+    OLD_BLOCKED_DIRECT_CHATS, PAIR_BLOCKED, Pending, RAISE_BLOCK_VERSION, RAISE_MEMBERS_VERSION, ROLE_TARGETS, Removal,
+    StoreError, blocks_between_refused, changes_to, chat_columns, chat_updated, check_roles, departed,
+    direct_chat_closed, direct_key, joined, may_change, may_delete, membership, order_column, outbox_rows, parse_enum,
+    parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -133,6 +133,7 @@ fn chat_row(row: &Row<'_>) -> rusqlite::Result<Chat> {
         last_seq: row.get(12)?,
         last_message_time: row.get(13)?,
         assistant_replies: parsed(row, 14, "chats.assistant_replies", AssistantReplies::parse)?,
+        members_version: row.get(15)?,
     })
 }
 
@@ -324,11 +325,11 @@ fn page(conn: &Connection, sql: &str, values: &[Value]) -> rusqlite::Result<Vec<
 }
 
 /// The access row mapper: `chat_columns!()`, then the member's role (NULL:
-/// not a member) at column 15.
+/// not a member) at column 16.
 fn access_row(row: &Row<'_>) -> rusqlite::Result<ChatAccess> {
-    let role: Option<String> = row.get(15)?;
+    let role: Option<String> = row.get(16)?;
     let role = match role {
-        Some(role) => Some(Role::parse(&role).ok_or_else(|| corrupt(15, "members.role", &role))?),
+        Some(role) => Some(Role::parse(&role).ok_or_else(|| corrupt(16, "members.role", &role))?),
         None => None,
     };
     Ok(ChatAccess { chat: chat_row(row)?, role })
@@ -1099,7 +1100,8 @@ impl ChatStore for SqliteChatStore {
             }
             touch(&tx, &key, now)?;
             recount(&tx, &key)?;
-            push_outbox(&tx, &key, &[departed(user, departure)], now)?;
+            let version: i64 = tx.prepare_cached(RAISE_MEMBERS_VERSION)?.query_row([&key], |row| row.get(0))?;
+            push_outbox(&tx, &key, &departed(user, departure, version), now)?;
             tx.commit()?;
             Ok(Checked::Done(()))
         });

@@ -757,6 +757,7 @@ pub(crate) fn chat(owner: UserId, time: i64) -> Chat {
         last_seq: 0,
         last_message_time: None,
         assistant_replies: AssistantReplies::Mentions,
+        members_version: 0,
     }
 }
 
@@ -983,7 +984,15 @@ async fn a_removal_checks_both_roles_again_and_never_removes_the_owner(store: &d
     assert_eq!(store.remove_member(id, carol, by_admin(mallory), 9).await.unwrap(), Checked::Done(()));
     assert_eq!(store.remove_member(id, bob, LEAVE, 10).await.unwrap(), Checked::Done(()));
     let lines = outbox_after(store, id, &mut seen).await;
-    assert_eq!(lines, [format!("removed {alice}"), format!("removed {carol}"), format!("left {bob}")]);
+    let expected = [
+        format!("removed {alice}"),
+        "members_version=1".into(),
+        format!("removed {carol}"),
+        "members_version=2".into(),
+        format!("left {bob}"),
+        "members_version=3".into(),
+    ];
+    assert_eq!(lines, expected, "each departure raises the chat's members version");
     assert_eq!(owners(store, id).await, (vec![mallory], mallory));
     assert_eq!(store.chat(id).await.unwrap().unwrap().member_count, 1);
 }
@@ -1431,8 +1440,8 @@ async fn members_page_in_join_order(store: &dyn ChatStore) {
 }
 
 /// A change as "joined <user>", "left <user>", "removed <user>", "role_changed
-/// <user>", "updated <mask> <title> archived=<bool>" or "closed=<bool>
-/// <version>".
+/// <user>", "updated <mask> <title> archived=<bool>", "closed=<bool>
+/// <version>" or "members_version=<version>".
 fn show(change: &mpb::ChatChange) -> String {
     match change.change.as_ref().unwrap() {
         mpb::chat_change::Change::MembershipChanged(m) => {
@@ -1450,6 +1459,7 @@ fn show(change: &mpb::ChatChange) -> String {
             format!("updated {mask} {} archived={}", u.title, u.archived)
         }
         mpb::chat_change::Change::DirectChatClosed(c) => format!("closed={} {}", c.closed, c.version),
+        mpb::chat_change::Change::MembersDeparted(d) => format!("members_version={}", d.version),
     }
 }
 
@@ -1500,7 +1510,7 @@ async fn every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none
     assert_eq!(store.remove_member(id, bob, LEAVE, 6).await.unwrap(), Checked::Done(()));
     let by_owner = removed_by(carol, &[Role::Owner], &[Role::Admin, Role::Member]);
     assert_eq!(store.remove_member(id, bob, by_owner, 6).await.unwrap(), Checked::NotMember);
-    assert_eq!(outbox_after(store, id, &mut seen).await, [format!("left {bob}")]);
+    assert_eq!(outbox_after(store, id, &mut seen).await, [format!("left {bob}"), "members_version=1".into()]);
 
     let update = ChatUpdate { title: Some("Renamed".into()), ..Default::default() };
     store.update_chat(id, &update, 7, None).await.unwrap().unwrap().done();

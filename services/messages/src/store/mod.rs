@@ -583,6 +583,11 @@ pub struct NewMessage {
     /// stands for that reply's root. The root's summary is updated in the
     /// batch's transaction (one change of the root per batch).
     pub thread_root: Option<Seq>,
+    /// The chat's members version its membership check saw
+    /// (CheckMembership's `members_version`): the write refuses it
+    /// ([`Sent::Stale`]) when a later departure is recorded
+    /// ([`MessageStore::record_departure`]).
+    pub members_version: i64,
 }
 
 impl NewMessage {
@@ -851,6 +856,13 @@ pub enum Sent {
     /// ([`MessageStore::close_direct_chat`]), as read in the batch's write;
     /// nothing was written and no seq taken.
     Closed,
+    /// A member left the chat or was removed after the membership check of
+    /// this message, or of another of the batch's messages to its chat
+    /// (their lowest [`NewMessage::members_version`] is below the version
+    /// [`MessageStore::record_departure`] recorded, as read in the batch's
+    /// write); nothing was written and no seq taken. Check again, afresh,
+    /// and send again.
+    Stale,
 }
 
 /// Outcome of an edit.
@@ -1096,6 +1108,14 @@ pub(crate) const CLOSE_DIRECT_CHAT: &str = "INSERT INTO chat_heads (chat_id, las
      closed_version) VALUES ($1, 0, 0, $2, $3) ON CONFLICT (chat_id) DO UPDATE SET closed = excluded.closed, \
      closed_version = excluded.closed_version WHERE chat_heads.closed_version < excluded.closed_version";
 
+/// [`MessageStore::record_departure`]: chat `$1`'s members version is `$2`,
+/// its heads row created if need be (no seq, no change number), unless it
+/// holds that version or a higher one (the same text on both engines). On
+/// PostgreSQL the upsert takes the row's lock, as a send's write does.
+pub(crate) const RECORD_DEPARTURE: &str = "INSERT INTO chat_heads (chat_id, last_seq, last_change, \
+     members_version) VALUES ($1, 0, 0, $2) ON CONFLICT (chat_id) DO UPDATE SET members_version = \
+     excluded.members_version WHERE chat_heads.members_version < excluded.members_version";
+
 /// A chat's heads: where its timeline and its changes stand.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Heads {
@@ -1197,11 +1217,14 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// Inserts `batch` in ONE transaction (group commit); the outcomes are
     /// in the batch's order. Each chat's messages take its next seqs in
     /// batch order, gap-free: a refused message ([`Sent::Duplicate`],
-    /// [`Sent::NoSuchReply`], [`Sent::Closed`]) takes none. Whether a chat
-    /// is closed ([`MessageStore::close_direct_chat`]) is read on its heads
-    /// row in the write that takes its seqs: a closure recorded before the
-    /// batch's transaction reads it refuses the chat's messages, whenever
-    /// their membership was checked. A message's mentions
+    /// [`Sent::NoSuchReply`], [`Sent::Closed`], [`Sent::Stale`]) takes
+    /// none. Whether a chat is closed ([`MessageStore::close_direct_chat`])
+    /// and its members version ([`MessageStore::record_departure`]) are
+    /// read on its heads row in the write that takes its seqs: a closure
+    /// recorded before the batch's transaction reads it refuses the chat's
+    /// messages, whenever their membership was checked, and so does a
+    /// departure recorded after the lowest version the checks of the
+    /// chat's messages saw ([`Sent::Stale`], one comparison per chat). A message's mentions
     /// ([`NewMessage::mentions`]) are written with it; a batch without any
     /// costs nothing for them. A thread reply ([`NewMessage::thread_root`])
     /// is checked against its root before any of the batch is inserted
@@ -1333,6 +1356,17 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// reads the row after this commits refuses the chat's messages
     /// ([`Sent::Closed`]).
     async fn close_direct_chat(&self, chat: ChatId, closed: bool, version: i64) -> Result<(), StoreError>;
+
+    /// Records that chat `chat`'s members version is `version` (1 or more)
+    /// after a departure (RecordChatChanges' members_departed), on its
+    /// heads row (created if need be, with no seq and no change number
+    /// taken), unless the row holds this version or a higher one already.
+    /// Takes no change number and logs nothing. Serialized with
+    /// [`MessageStore::insert_batch`] on the heads row as
+    /// [`MessageStore::close_direct_chat`] is: a batch that reads the row
+    /// after this commits refuses the chat's messages checked at a lower
+    /// version ([`Sent::Stale`]).
+    async fn record_departure(&self, chat: ChatId, version: i64) -> Result<(), StoreError>;
 
     /// The chat's heads (all zero for a chat with no message and no change).
     async fn heads(&self, chat: ChatId) -> Result<Heads, StoreError>;

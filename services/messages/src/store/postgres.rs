@@ -29,11 +29,11 @@ use sqlx::{PgPool, Row as _};
 use super::{
     Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Edited, Finish, Finished,
     Flags, Generation, GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message,
-    MessageStore, NewMessage, NewReply, Pin, Pinned, QueueCursor, QueueFilter, Range, Reacted, Reaction, ReadState,
-    Reply, Revision, Role, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError,
-    StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, decode_mentions,
-    encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns, parse_id, pinned_sql, report_columns,
-    stop_generating_sql, thread_root_of, unread_count_sql,
+    MessageStore, NewMessage, NewReply, Pin, Pinned, QueueCursor, QueueFilter, RECORD_DEPARTURE, Range, Reacted,
+    Reaction, ReadState, Reply, Revision, Role, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started,
+    StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row,
+    decode_mentions, encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns, parse_id,
+    pinned_sql, report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -60,13 +60,16 @@ macro_rules! insert_batch_sql {
     ($extra:literal) => {
         concat!(
             "WITH heads AS ( \
-               INSERT INTO chat_heads (chat_id, last_seq, last_change) \
-               SELECT c.chat_id, c.n, c.n FROM UNNEST($1::text[], $2::bigint[]) WITH ORDINALITY AS c (chat_id, n, ord) \
+               INSERT INTO chat_heads (chat_id, last_seq, last_change, members_version) \
+               SELECT c.chat_id, c.n, c.n, c.v \
+               FROM UNNEST($1::text[], $2::bigint[], $16::bigint[]) WITH ORDINALITY AS c (chat_id, n, v, ord) \
                ORDER BY c.ord \
                ON CONFLICT (chat_id) DO UPDATE SET \
-                 last_seq = chat_heads.last_seq + CASE WHEN chat_heads.closed THEN 0 ELSE excluded.last_seq END, \
-                 last_change = chat_heads.last_change + CASE WHEN chat_heads.closed THEN 0 ELSE excluded.last_change END \
-               RETURNING chat_id, last_seq, last_change, closed), \
+                 last_seq = chat_heads.last_seq + CASE WHEN chat_heads.closed \
+                   OR chat_heads.members_version > excluded.members_version THEN 0 ELSE excluded.last_seq END, \
+                 last_change = chat_heads.last_change + CASE WHEN chat_heads.closed \
+                   OR chat_heads.members_version > excluded.members_version THEN 0 ELSE excluded.last_change END \
+               RETURNING chat_id, last_seq, last_change, closed, members_version), \
              inserted AS ( \
                INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
                                      revision, delete_time, change_seq, create_change, flag_severity, flags, mentions, \
@@ -79,28 +82,36 @@ macro_rules! insert_batch_sql {
                     AS i (id, chat_id, k, author_id, text, attachments, reply, send_time, flag_severity, flags, mentions, \
                           search_vector, thread_root) \
                JOIN heads h ON h.chat_id = i.chat_id AND NOT h.closed \
-               JOIN UNNEST($1::text[], $2::bigint[]) AS c (chat_id, n) ON c.chat_id = i.chat_id)",
+               JOIN UNNEST($1::text[], $2::bigint[], $16::bigint[]) AS c (chat_id, n, v) \
+                 ON c.chat_id = i.chat_id AND h.members_version <= c.v)",
             $extra,
-            " SELECT chat_id, last_seq, last_change, closed FROM heads"
+            " SELECT chat_id, last_seq, last_change, closed, members_version FROM heads"
         )
     };
 }
 
 /// Bumps the heads of chats `$1` (in chat-id order), seq and change number
-/// alike, by counts `$2` and inserts the messages `$3..$15` (id, chat id,
+/// alike, by counts `$2` unless a departure after `$16` (the lowest members
+/// version the checks of each chat's messages saw) is recorded there, and
+/// inserts the messages `$3..$15` (id, chat id,
 /// 1-based position among the batch's messages of its chat, author, text,
 /// attachments, reply, send time, flags, mentions, the text's words
 /// as a `tsvector` literal, and the thread root's seq or 0) with seq `head - count + position` and change
 /// number likewise; returns every chat's new heads (chat id, seq, change
-/// number, closed). A closed direct chat's heads stay as they are and its
-/// messages are not inserted: `closed` is read in the upsert that locks the
-/// heads row, so a closure committed before it is seen (under READ
-/// COMMITTED, the upsert works on the row's latest version), and one
-/// recorded after it waits for this transaction.
+/// number, closed, members version). A closed direct chat's heads stay as
+/// they are and its messages are not inserted, and so do those of a chat
+/// whose recorded members version is above the one its messages' checks
+/// saw: `closed` and the version are read in the upsert that locks the
+/// heads row, so a closure or a departure committed before it is seen
+/// (under READ COMMITTED, ON CONFLICT DO UPDATE locks and works on the
+/// row's latest version, even one its snapshot does not see), and one
+/// recorded after it waits for this transaction. A new heads row takes the
+/// checks' version: no departure was recorded for the chat, and the version
+/// they saw is at most the chats service's.
 const INSERT_BATCH: &str = insert_batch_sql!("");
 
 /// [`INSERT_BATCH`] for a batch that mentions someone: it also inserts the
-/// rows `$16..$18` of `message_mentions` (chat id, the message's position
+/// rows `$17..$19` of `message_mentions` (chat id, the message's position
 /// as in `$5`, user id) at the seqs their messages take, in the same
 /// statement, but none of a forgotten user (run it after
 /// [`hold_off_forgets`]). Batches without mentions keep to
@@ -109,9 +120,10 @@ const INSERT_BATCH_MENTIONS: &str = insert_batch_sql!(
     ", mentioned AS ( \
        INSERT INTO message_mentions (chat_id, user_id, seq) \
        SELECT n.chat_id, n.user_id, h.last_seq - c.n + n.k \
-       FROM UNNEST($16::text[], $17::bigint[], $18::text[]) AS n (chat_id, k, user_id) \
+       FROM UNNEST($17::text[], $18::bigint[], $19::text[]) AS n (chat_id, k, user_id) \
        JOIN heads h ON h.chat_id = n.chat_id AND NOT h.closed \
-       JOIN UNNEST($1::text[], $2::bigint[]) AS c (chat_id, n) ON c.chat_id = n.chat_id \
+       JOIN UNNEST($1::text[], $2::bigint[], $16::bigint[]) AS c (chat_id, n, v) \
+         ON c.chat_id = n.chat_id AND h.members_version <= c.v \
        WHERE NOT EXISTS (SELECT 1 FROM forgotten_users f WHERE f.user_id = n.user_id) \
        ON CONFLICT DO NOTHING)"
 );
@@ -569,6 +581,11 @@ async fn insert_checked<'e>(
     let mut seen = HashSet::with_capacity(batch.len());
     // chat -> messages of the batch it takes seqs for.
     let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+    // chat -> the lowest members version the checks of its messages saw.
+    let mut checked: HashMap<&str, i64> = HashMap::new();
+    for (m, chat) in batch.iter().zip(chats) {
+        checked.entry(chat.as_str()).and_modify(|v| *v = (*v).min(m.members_version)).or_insert(m.members_version);
+    }
     let mut positions = Vec::with_capacity(batch.len());
     for (i, check) in checks.iter().enumerate() {
         if let Err(refusal) = check {
@@ -584,6 +601,7 @@ async fn insert_checked<'e>(
     }
     if !positions.is_empty() {
         let (head_chats, head_counts): (Vec<&str>, Vec<i64>) = counts.iter().map(|(c, n)| (*c, *n)).unzip();
+        let head_versions: Vec<i64> = head_chats.iter().map(|c| checked[c]).collect();
         let pick = |f: &dyn Fn(usize) -> String| positions.iter().map(|(i, _)| f(*i)).collect::<Vec<_>>();
         // The mention rows: (chat id, position, user id) of each.
         let mut mentions: (Vec<&str>, Vec<i64>, Vec<String>) = Default::default();
@@ -610,18 +628,25 @@ async fn insert_checked<'e>(
             .bind(pick(&|i| Flags::columns(batch[i].flags.as_ref()).1))
             .bind(pick(&|i| encode_mentions(&batch[i].mentions)))
             .bind(pick(&|i| crate::search::tsvector(&batch[i].text)))
-            .bind(positions.iter().map(|(i, _)| batch[*i].thread_root.map_or(0, |s| s.0)).collect::<Vec<i64>>());
+            .bind(positions.iter().map(|(i, _)| batch[*i].thread_root.map_or(0, |s| s.0)).collect::<Vec<i64>>())
+            .bind(&head_versions);
         let query =
             if mentions.0.is_empty() { query } else { query.bind(&mentions.0).bind(&mentions.1).bind(&mentions.2) };
-        let heads: Vec<(String, i64, i64, bool)> = query.fetch_all(executor).await?;
-        let heads: std::collections::HashMap<String, (i64, i64, bool)> =
-            heads.into_iter().map(|(chat, seq, change, closed)| (chat, (seq, change, closed))).collect();
+        let heads: Vec<(String, i64, i64, bool, i64)> = query.fetch_all(executor).await?;
+        let heads: HashMap<String, (i64, i64, bool, i64)> = heads
+            .into_iter()
+            .map(|(chat, seq, change, closed, version)| (chat, (seq, change, closed, version)))
+            .collect();
         for (i, k) in positions {
-            let &(seq, change, closed) = heads
+            let &(seq, change, closed, version) = heads
                 .get(&chats[i])
                 .ok_or_else(|| sqlx::Error::Protocol("chat head missing from the batch insert".into()))?;
             if closed {
                 outcomes[i] = Some(Sent::Closed);
+                continue;
+            }
+            if version > checked[chats[i].as_str()] {
+                outcomes[i] = Some(Sent::Stale);
                 continue;
             }
             let n = counts[chats[i].as_str()];
@@ -1096,6 +1121,11 @@ impl MessageStore for PostgresStore {
 
     async fn close_direct_chat(&self, chat: ChatId, closed: bool, version: i64) -> Result<(), StoreError> {
         sqlx::query(CLOSE_DIRECT_CHAT).bind(chat.to_string()).bind(closed).bind(version).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn record_departure(&self, chat: ChatId, version: i64) -> Result<(), StoreError> {
+        sqlx::query(RECORD_DEPARTURE).bind(chat.to_string()).bind(version).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -2122,6 +2152,7 @@ mod tests {
             flags: None,
             mentions,
             thread_root: None,
+            members_version: 0,
         };
         store.insert_batch(&[message("first", Vec::new())]).await.unwrap();
         let head = store.heads(chat).await.unwrap().change;

@@ -20,12 +20,12 @@ use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, par
 use super::{
     Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Edited, Finish, Finished,
     Flags, Generation, GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message,
-    MessageStore, NewMessage, NewReply, Pin, Pinned, QueueCursor, QueueFilter, RECENT_ACTIVITY_ROWS, Range, Reacted,
-    Reaction, ReadState, Reply, Revision, Role, SEARCH_RANK_MAX, SEARCH_SCAN, SearchCursor, SearchFilter, SearchHit,
-    SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql,
-    chat_change_of, chat_change_row, created_after_bounds, decode_mentions, encode_mentions, first_seq_created_after,
-    list_sql, mention_count_sql, merge_changes, message_columns, pinned_sql, report_columns, stop_generating_sql,
-    thread_root_of, unread_count_sql,
+    MessageStore, NewMessage, NewReply, Pin, Pinned, QueueCursor, QueueFilter, RECENT_ACTIVITY_ROWS, RECORD_DEPARTURE,
+    Range, Reacted, Reaction, ReadState, Reply, Revision, Role, SEARCH_RANK_MAX, SEARCH_SCAN, SearchCursor,
+    SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump,
+    ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, created_after_bounds, decode_mentions,
+    encode_mentions, first_seq_created_after, list_sql, mention_count_sql, merge_changes, message_columns, pinned_sql,
+    report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -403,8 +403,15 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
                 None => Ok(None),
             });
         }
-        let mut read_head =
-            tx.prepare_cached("SELECT last_seq, last_change, closed FROM chat_heads WHERE chat_id = ?1")?;
+        // Per chat, the lowest members version the checks of its messages
+        // saw: a departure recorded after it refuses them all.
+        let mut checked: HashMap<ChatId, i64> = HashMap::new();
+        for m in &batch {
+            checked.entry(m.chat_id).and_modify(|v| *v = (*v).min(m.members_version)).or_insert(m.members_version);
+        }
+        let mut read_head = tx.prepare_cached(
+            "SELECT last_seq, last_change, closed, members_version FROM chat_heads WHERE chat_id = ?1",
+        )?;
         // A stored id (a retry, or one earlier in the batch) inserts
         // nothing: one index lookup, where a SELECT first would walk the id
         // index twice.
@@ -414,10 +421,11 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, 1, NULL, ?9, ?9, ?10, ?11, ?12, ?13) \
              ON CONFLICT (id) DO NOTHING",
         )?;
-        // chat -> (its id as text, last seq, last change number), None for
-        // a closed direct chat (read in this transaction: the one writer
-        // runs no closure between this read and the commit).
-        let mut heads: HashMap<ChatId, Option<(String, i64, i64)>> = HashMap::new();
+        // chat -> (its id as text, last seq, last change number), or the
+        // refusal of its messages: a closed direct chat, a departure after
+        // their checks (read in this transaction: the one writer records
+        // none between this read and the commit).
+        let mut heads: HashMap<ChatId, Result<(String, i64, i64), Sent>> = HashMap::new();
         for ((mut m, reply_ok), root) in batch.into_iter().zip(replies_ok).zip(roots) {
             if !reply_ok {
                 outcomes.push(Sent::NoSuchReply);
@@ -434,15 +442,25 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
                     let chat = m.chat_id.to_string();
-                    let stored: Option<(i64, i64, bool)> =
-                        read_head.query_row([&chat], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?))).optional()?;
-                    let (seq, change, closed) = stored.unwrap_or((0, 0, false));
-                    e.insert((!closed).then_some((chat, seq, change)))
+                    let stored: Option<(i64, i64, bool, i64)> = read_head
+                        .query_row([&chat], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
+                        .optional()?;
+                    let (seq, change, closed, version) = stored.unwrap_or((0, 0, false, 0));
+                    e.insert(if closed {
+                        Err(Sent::Closed)
+                    } else if version > checked[&m.chat_id] {
+                        Err(Sent::Stale)
+                    } else {
+                        Ok((chat, seq, change))
+                    })
                 }
             };
-            let Some((chat, head, change)) = open else {
-                outcomes.push(Sent::Closed);
-                continue;
+            let (chat, head, change) = match open {
+                Ok(open) => open,
+                Err(refused) => {
+                    outcomes.push(refused.clone());
+                    continue;
+                }
             };
             let (seq, next_change) = (*head + 1, *change + 1);
             let (flag_severity, flags) = Flags::columns(m.flags.as_ref());
@@ -488,7 +506,7 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
         // Each root replied to: the next change number after the batch's
         // messages of its chat, and its summary.
         for ((chat, root), bump) in bumps.iter().filter(|(_, b)| b.replies > 0) {
-            let Some(Some((chat, _, change))) = heads.get_mut(chat) else { continue };
+            let Some(Ok((chat, _, change))) = heads.get_mut(chat) else { continue };
             *change += 1;
             tx.prepare_cached(
                 "UPDATE messages SET reply_count = reply_count + ?3, \
@@ -1343,6 +1361,17 @@ impl MessageStore for SqliteStore {
         Ok(())
     }
 
+    async fn record_departure(&self, chat: ChatId, version: i64) -> Result<(), StoreError> {
+        let chat = chat.to_string();
+        self.db
+            .write(move |conn| {
+                conn.prepare_cached(RECORD_DEPARTURE)?.execute(params![chat, version])?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
     async fn heads(&self, chat: ChatId) -> Result<Heads, StoreError> {
         let chat = chat.to_string();
         let heads = self.db.read(move |conn| {
@@ -1826,6 +1855,7 @@ mod tests {
             flags: None,
             mentions: Vec::new(),
             thread_root: None,
+            members_version: 0,
         }
     }
 

@@ -105,6 +105,8 @@ message_store_suite!(
     a_batch_without_replies_skips_retries_too,
     a_closed_direct_chat_takes_no_message_written_after_its_closure,
     a_send_waiting_on_a_closure_being_recorded_is_refused_once_it_commits,
+    a_departure_recorded_after_a_messages_check_refuses_it_in_the_write,
+    a_send_waiting_on_a_departure_being_recorded_is_refused_once_it_commits,
     a_reply_names_a_message_stored_before_its_batch,
     concurrent_batches_take_gap_free_seqs,
     history_pages_both_ways,
@@ -168,6 +170,7 @@ fn msg(n: u32, c: u8, reply_to: i64) -> NewMessage {
         flags: None,
         mentions: Vec::new(),
         thread_root: None,
+        members_version: 0,
     }
 }
 
@@ -335,26 +338,86 @@ async fn a_closed_direct_chat_takes_no_message_written_after_its_closure(h: &Har
 /// transaction holds the heads row) waits for it, then reads the
 /// committed closure and is refused. (SQLite runs one write at a time.)
 async fn a_send_waiting_on_a_closure_being_recorded_is_refused_once_it_commits(h: &Harness) {
-    use sqlx::{Connection as _, Executor as _};
-    let Cleanup::Schema { url, schema } = &h.cleanup else { return };
     assert_eq!(seqs(&send(h, &[msg(30, 9, 0)]).await), [Some(1)]);
+    let closure = sqlx::query(CLOSE_DIRECT_CHAT).bind(chat(9).to_string()).bind(true).bind(1_i64);
+    let Some(out) = insert_behind(h, closure, vec![msg(31, 9, 0)]).await else { return };
+    assert_eq!(out, [Sent::Closed], "the write read the closure committed while it waited");
+    assert_eq!(h.store.head(chat(9)).await.unwrap(), Seq(1));
+}
+
+/// PostgreSQL only (None on SQLite, which runs one write at a time):
+/// writes `hold` (which takes a chat's heads row lock) in a transaction of
+/// its own, starts inserting `batch`, waits until that insert waits for
+/// the transaction's lock (a condition, not a time), commits it, and
+/// answers the insert's outcomes.
+async fn insert_behind(
+    h: &Harness,
+    hold: sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    batch: Vec<NewMessage>,
+) -> Option<Vec<Sent>> {
+    use sqlx::{Connection as _, Executor as _};
+    let Cleanup::Schema { url, schema } = &h.cleanup else { return None };
     let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
     conn.execute(sqlx::AssertSqlSafe(format!("SET search_path TO {schema}"))).await.unwrap();
-    let mut closure = conn.begin().await.unwrap();
-    sqlx::query(CLOSE_DIRECT_CHAT)
-        .bind(chat(9).to_string())
-        .bind(true)
-        .bind(1_i64)
-        .execute(&mut *closure)
-        .await
-        .unwrap();
-    let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *closure).await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    hold.execute(&mut *tx).await.unwrap();
+    let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.unwrap();
     let store = h.store.clone();
-    let sending = tokio::spawn(async move { store.insert_batch(&[msg(31, 9, 0)]).await.unwrap() });
+    let sending = tokio::spawn(async move { store.insert_batch(&batch).await.unwrap() });
     natter_db::testing::wait_until_blocked_by(url, holder, || sending.is_finished()).await;
-    closure.commit().await.unwrap();
-    assert_eq!(sending.await.unwrap(), [Sent::Closed], "the write read the closure committed while it waited");
-    assert_eq!(h.store.head(chat(9)).await.unwrap(), Seq(1));
+    tx.commit().await.unwrap();
+    Some(sending.await.unwrap())
+}
+
+/// `m` as checked at members version `version`.
+fn checked_at(m: NewMessage, version: i64) -> NewMessage {
+    NewMessage { members_version: version, ..m }
+}
+
+/// A send whose membership was checked before a departure (a lower members
+/// version) and written after the departure was recorded: the write
+/// refuses it, with every other message of its chat in the batch (each is
+/// checked again), whatever the batch's path (plain, mentions, thread
+/// replies), takes no seq and no change number, and lets other chats'
+/// messages through; one checked at the recorded version or later is
+/// stored.
+async fn a_departure_recorded_after_a_messages_check_refuses_it_in_the_write(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(40, 10, 0)]).await), [Some(1)]);
+    let before = h.store.heads(chat(10)).await.unwrap();
+    h.store.record_departure(chat(10), 2).await.unwrap();
+    assert_eq!(h.store.heads(chat(10)).await.unwrap(), before, "a departure's version takes no change number");
+    let out = send(h, &[checked_at(msg(41, 10, 0), 1), msg(42, 11, 0)]).await;
+    assert_eq!((&out[0], seqs(&out)[1]), (&Sent::Stale, Some(1)), "refused in the write; the other chat goes on");
+    let out = send(h, &[checked_at(msg(43, 10, 0), 2), checked_at(msg(44, 10, 0), 1)]).await;
+    assert_eq!(out, [Sent::Stale, Sent::Stale], "a chat's messages in a batch go together");
+    assert_eq!(send(h, &[mentioning(checked_at(msg(45, 10, 0), 1), &[1])]).await, [Sent::Stale], "with mentions");
+    assert_eq!(send(h, &[in_thread(checked_at(msg(46, 10, 0), 1), 1)]).await, [Sent::Stale], "in a thread");
+    assert_eq!(h.store.heads(chat(10)).await.unwrap(), before, "no seq, no change number taken");
+
+    let out = send(h, &[checked_at(msg(43, 10, 0), 2), checked_at(msg(44, 10, 0), 3)]).await;
+    assert_eq!(seqs(&out), [Some(2), Some(3)], "checked at the recorded version or later: stored, no gap");
+    // A lower or equal version (late, repeated) changes nothing.
+    h.store.record_departure(chat(10), 1).await.unwrap();
+    assert_eq!(send(h, &[checked_at(msg(47, 10, 0), 1)]).await, [Sent::Stale], "still 2");
+    assert_eq!(seqs(&send(h, &[checked_at(msg(47, 10, 0), 2)]).await), [Some(4)]);
+
+    // A chat whose first record is a departure.
+    h.store.record_departure(chat(12), 1).await.unwrap();
+    assert_eq!(send(h, &[msg(48, 12, 0)]).await, [Sent::Stale]);
+    assert_eq!(h.store.heads(chat(12)).await.unwrap(), Heads::default());
+}
+
+/// PostgreSQL, two transactions by hand: a send whose write reaches the
+/// chat's heads while a departure from the chat is being recorded (its
+/// transaction holds the heads row) waits for it, then reads the
+/// committed members version (which its statement's snapshot predates)
+/// and is refused.
+async fn a_send_waiting_on_a_departure_being_recorded_is_refused_once_it_commits(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(50, 13, 0)]).await), [Some(1)]);
+    let departure = sqlx::query(RECORD_DEPARTURE).bind(chat(13).to_string()).bind(1_i64);
+    let Some(out) = insert_behind(h, departure, vec![msg(51, 13, 0)]).await else { return };
+    assert_eq!(out, [Sent::Stale], "the write read the departure committed while it waited");
+    assert_eq!(h.store.head(chat(13)).await.unwrap(), Seq(1));
 }
 
 async fn a_reply_names_a_message_stored_before_its_batch(h: &Harness) {

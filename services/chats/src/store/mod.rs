@@ -444,16 +444,18 @@ pub(crate) const FIRST_BLOCK_VERSION: &str =
 pub(crate) const BLOCKS_WITHIN: &str = "SELECT EXISTS (SELECT 1 FROM members m JOIN blocks b ON b.user_id = m.user_id \
      JOIN members o ON o.chat_id = m.chat_id AND o.user_id = b.blocked_user_id WHERE m.chat_id = $1)";
 
-/// The outbox changes of `user`'s `departure` at members version
+/// The outbox entries of `user`'s `departure` at members version
 /// `version` (`chats.members_version` raised by it,
 /// [`RAISE_MEMBERS_VERSION`]): the departure, then the version
-/// ([`members_departed`]), recorded by the same call.
-pub(crate) fn departed(user: UserId, departure: Departure, version: i64) -> [mpb::ChatChange; 2] {
+/// ([`members_departed`]) in an entry of its own, so that a messages
+/// service of an earlier release, which refuses the version (an unknown
+/// change), still records the departure.
+pub(crate) fn departed(user: UserId, departure: Departure, version: i64) -> [[mpb::ChatChange; 1]; 2] {
     let change = match departure {
         Departure::Left => mpb::MembershipChange::Left,
         Departure::Removed => mpb::MembershipChange::Removed,
     };
-    [membership(user, change), members_departed(version)]
+    [[membership(user, change)], [members_departed(version)]]
 }
 
 /// The outbox change that tells the messages service that a chat's
@@ -844,8 +846,9 @@ pub trait ChatStore: Send + Sync + 'static {
     /// `removal.targets` and not the owner ([`Checked::Target`] with it).
     /// A refusal writes nothing. Sets the update time to `now`, recounts
     /// the members and raises the chat's members version
-    /// (`chats.members_version`), which goes to the outbox with the
-    /// departure ([`members_departed`]); answers [`Checked::Done`].
+    /// (`chats.members_version`), which goes to the outbox after the
+    /// departure, in an entry of its own ([`members_departed`]); answers
+    /// [`Checked::Done`].
     async fn remove_member(
         &self,
         chat: ChatId,

@@ -1094,7 +1094,9 @@ impl ChatStore for PostgresChatStore {
         }
         recount(&mut tx, &key).await?;
         let version: i64 = sqlx::query_scalar(RAISE_MEMBERS_VERSION).bind(&key).fetch_one(&mut *tx).await?;
-        push_outbox(&mut tx, &key, &departed(user, removal.departure, version), now).await?;
+        for entry in departed(user, removal.departure, version) {
+            push_outbox(&mut tx, &key, &entry, now).await?;
+        }
         tx.commit().await?;
         Ok(Checked::Done(()))
     }

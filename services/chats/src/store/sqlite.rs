@@ -1101,7 +1101,9 @@ impl ChatStore for SqliteChatStore {
             touch(&tx, &key, now)?;
             recount(&tx, &key)?;
             let version: i64 = tx.prepare_cached(RAISE_MEMBERS_VERSION)?.query_row([&key], |row| row.get(0))?;
-            push_outbox(&tx, &key, &departed(user, departure, version), now)?;
+            for entry in departed(user, departure, version) {
+                push_outbox(&tx, &key, &entry, now)?;
+            }
             tx.commit()?;
             Ok(Checked::Done(()))
         });

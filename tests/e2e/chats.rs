@@ -20,6 +20,9 @@ crate::both_modes!(
     a_blocked_user_cannot_reach_whoever_blocked_them,
     a_send_checked_before_a_block_is_refused_where_it_is_written,
     a_send_checked_before_a_removal_is_refused_where_it_is_written,
+    an_edit_checked_before_a_removal_is_refused_where_it_is_written,
+    a_reaction_checked_before_a_removal_is_refused_where_it_is_written,
+    a_pin_checked_before_a_removal_is_refused_where_it_is_written,
 );
 
 pub(crate) async fn direct(c: &Cluster, a: &TestUser, b: &TestUser) -> cpb::Chat {
@@ -495,6 +498,110 @@ async fn a_send_checked_before_a_removal_is_refused_where_it_is_written(c: &Clus
     let refused = try_send(c, &bob, &chat.id, "still here?").await.unwrap_err();
     assert_eq!((refused.code(), refused.message()), (Code::PermissionDenied, "not a member of this chat"));
     assert_eq!(send(c, &carol, &chat.id, "bye bob").await.seq, 2, "no seq taken by the refused send");
+}
+
+/// A group of alice (owner), bob and carol (the users, then the chat's
+/// id), with a message of each of bob and alice (in that order).
+async fn group_with_bob(c: &Cluster) -> (TestUser, TestUser, TestUser, String, [mpb::Message; 2]) {
+    let (alice, bob, carol) = (c.user("alice").await, c.user("bob").await, c.user("carol").await);
+    let chat = c.chats().create_chat(authed(&alice, group_of("Team", &[&bob, &carol]))).await.unwrap();
+    let chat = chat.into_inner().chat.unwrap().id;
+    let sent = [send(c, &bob, &chat, "hello all").await, send(c, &alice, &chat, "hi bob").await];
+    (alice, bob, carol, chat, sent)
+}
+
+/// Removes `user` from `chat` through the API (by `owner`), then puts them
+/// back behind the services' backs as `role`, as of before: what a check
+/// taken before the removal answered.
+async fn remove_then_undo(c: &Cluster, owner: &TestUser, chat: &str, user: &TestUser, role: &str) {
+    remove_again(c, owner, chat, user).await;
+    c.undo_departure_silently_as(chat, &user.id, role).await;
+}
+
+/// The refusal of an edit, a reaction or a pin whose checks, first and
+/// afresh, both came before a departure the messages service recorded.
+fn assert_members_changed(refused: &tonic::Status) {
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    assert_eq!(refused.message(), "the chat's members changed while the change was on its way: retry");
+}
+
+/// An edit whose membership check (a member) came before RemoveMember and
+/// whose write comes after it answered is refused in the write: the
+/// removed author's text is not changed after their removal. Made as in
+/// `a_send_checked_before_a_removal_is_refused_where_it_is_written` (the
+/// check kept saying "member, as of before", also afresh: ABORTED); once
+/// the store tells the truth, the removed author is told what any
+/// non-member is.
+async fn an_edit_checked_before_a_removal_is_refused_where_it_is_written(c: &Cluster) {
+    let (alice, bob, _, chat, [hello, _]) = group_with_bob(c).await;
+    remove_then_undo(c, &alice, &chat, &bob, "member").await;
+    let edit = || mpb::EditMessageRequest { message_id: hello.id.clone(), text: "edited after my removal".into() };
+    let refused = c.messages().edit_message(authed(&bob, edit())).await.unwrap_err();
+    assert_members_changed(&refused);
+    let get = mpb::GetMessageRequest { message_id: hello.id.clone() };
+    let stored = c.messages().get_message(authed(&alice, get)).await.unwrap().into_inner().message.unwrap();
+    assert_eq!((stored.text.as_str(), stored.revision), ("hello all", 1), "the text as it was");
+
+    remove_again(c, &alice, &chat, &bob).await;
+    let refused = c.messages().edit_message(authed(&bob, edit())).await.unwrap_err();
+    assert_eq!((refused.code(), refused.message()), (Code::PermissionDenied, "not a member of this chat"));
+}
+
+/// A reaction added (or taken back) by a member whose check came before
+/// RemoveMember and whose write comes after it answered is refused in the
+/// write, as an edit is.
+async fn a_reaction_checked_before_a_removal_is_refused_where_it_is_written(c: &Cluster) {
+    let (alice, bob, _, chat, [_, hi]) = group_with_bob(c).await;
+    let react = |emoji: &str| mpb::AddReactionRequest { message_id: hi.id.clone(), emoji: emoji.into() };
+    c.messages().add_reaction(authed(&bob, react("👍"))).await.unwrap();
+    remove_then_undo(c, &alice, &chat, &bob, "member").await;
+    let refused = c.messages().add_reaction(authed(&bob, react("🎉"))).await.unwrap_err();
+    assert_members_changed(&refused);
+    let take_back = mpb::RemoveReactionRequest { message_id: hi.id.clone(), emoji: "👍".into() };
+    let refused = c.messages().remove_reaction(authed(&bob, take_back)).await.unwrap_err();
+    assert_members_changed(&refused);
+    let get = mpb::GetMessageRequest { message_id: hi.id.clone() };
+    let stored = c.messages().get_message(authed(&alice, get)).await.unwrap().into_inner().message.unwrap();
+    let emoji: Vec<_> = stored.reactions.iter().map(|r| (r.emoji.as_str(), r.count)).collect();
+    assert_eq!(emoji, [("👍", 1)], "neither added nor taken back");
+
+    remove_again(c, &alice, &chat, &bob).await;
+    let refused = c.messages().add_reaction(authed(&bob, react("🎉"))).await.unwrap_err();
+    assert_eq!((refused.code(), refused.message()), (Code::PermissionDenied, "not a member of this chat"));
+}
+
+/// A pin (or an unpin) by an admin whose check came before RemoveMember
+/// and whose write comes after it answered is refused in the write, as an
+/// edit is.
+async fn a_pin_checked_before_a_removal_is_refused_where_it_is_written(c: &Cluster) {
+    let (alice, bob, _, chat, [hello, hi]) = group_with_bob(c).await;
+    let admin = cpb::UpdateMemberRequest {
+        chat_id: chat.clone(),
+        user_id: bob.id.clone(),
+        role: cpb::MemberRole::Admin as i32,
+    };
+    c.chats().update_member(authed(&alice, admin)).await.unwrap();
+    c.messages().pin_message(authed(&bob, mpb::PinMessageRequest { message_id: hi.id.clone() })).await.unwrap();
+    remove_then_undo(c, &alice, &chat, &bob, "admin").await;
+    let pin = mpb::PinMessageRequest { message_id: hello.id.clone() };
+    assert_members_changed(&c.messages().pin_message(authed(&bob, pin)).await.unwrap_err());
+    let unpin = mpb::UnpinMessageRequest { message_id: hi.id.clone() };
+    assert_members_changed(&c.messages().unpin_message(authed(&bob, unpin)).await.unwrap_err());
+    let pinned = mpb::ListMessagesRequest { chat_id: chat.clone(), pinned: true, ..Default::default() };
+    let pinned = c.messages().list_messages(authed(&alice, pinned)).await.unwrap().into_inner().messages;
+    assert_eq!(pinned.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), [hi.id.as_str()], "as it was");
+
+    remove_again(c, &alice, &chat, &bob).await;
+    let pin = mpb::PinMessageRequest { message_id: hello.id.clone() };
+    let refused = c.messages().pin_message(authed(&bob, pin)).await.unwrap_err();
+    assert_eq!((refused.code(), refused.message()), (Code::PermissionDenied, "not a member of this chat"));
+}
+
+/// Removes `user` from `chat` through the API (by `owner`); after
+/// [`remove_then_undo`], the store tells the truth again.
+async fn remove_again(c: &Cluster, owner: &TestUser, chat: &str, user: &TestUser) {
+    let remove = cpb::RemoveMemberRequest { chat_id: chat.to_owned(), user_id: user.id.clone() };
+    c.chats().remove_member(authed(owner, remove)).await.unwrap();
 }
 
 async fn set_group_adds(c: &Cluster, user: &TestUser, adds: cpb::GroupAdds) -> cpb::PrivacySettings {

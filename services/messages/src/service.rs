@@ -311,6 +311,10 @@ impl Messages {
         ))
     }
 
+    /// The refusal of an edit, a reaction or a pin whose write found the
+    /// chat's members changed again after it was checked afresh.
+    pub const MEMBERS_CHANGED: &'static str = "the chat's members changed while the change was on its way: retry";
+
     /// The refusal of a send, an edit, a reaction or a typing indicator in a
     /// direct chat closed by a block.
     pub const BLOCKED: &'static str = "this direct chat takes no new messages: one of you blocked the other";
@@ -486,50 +490,69 @@ impl Messages {
     /// archived or blocked since or not, and also to its author who left
     /// the chat since, if it has not changed since they left
     /// (`seen_before_leaving`).
+    ///
+    /// An edit whose membership check came before a departure the store
+    /// recorded since (an edit on its way as RemoveMember or a leave
+    /// answered) is refused in its write ([`Edited::Stale`]) and checked
+    /// again, afresh, once: an author removed meanwhile is refused as any
+    /// non-member; ABORTED if the members changed again meanwhile.
     pub async fn edit(&self, caller: UserId, req: EditMessage) -> Result<Message, MessagesError> {
         self.edit_rate.check(&caller)?;
         self.stored_bytes.check_n(&caller, stored_bytes(&req.text, &[]))?;
         let message = self.store.message(req.message_id).await?.ok_or(MessagesError::MessageNotFound)?;
-        let membership = match self.member(message.chat_id, caller).await {
-            // A retry by its author who left since, as DeleteMessage's.
-            Err(MessagesError::Denied(_))
-                if !message.deleted()
-                    && message.text == req.text
-                    && self.seen_before_leaving(caller, &message).await? =>
-            {
-                return self.as_it_is(message, caller).await;
-            }
-            membership => membership?,
-        };
-        if message.author_id != caller {
-            return Err(MessagesError::Denied("only the author may edit a message"));
-        }
-        if message.deleted() {
-            return Err(MessagesError::Precondition("message is deleted"));
-        }
-        // A retry (its answer lost) finds the text in place: answered as it
-        // is whatever came since (the chat archived, a block), as the store
-        // answers one below, rather than refused as if it had failed.
-        if membership.archived || membership.blocked {
-            if message.text == req.text {
-                return self.as_it_is(message, caller).await;
-            }
-            if membership.archived {
-                return Err(MessagesError::Precondition("chat is archived"));
-            }
-            return Err(MessagesError::Denied(Self::BLOCKED));
-        }
         let flags = self.flags_of(&req.text);
-        let mut edited =
-            match self.store.edit(message.id, &req.text, flags.as_ref(), now_micros(), self.limits.edits).await? {
-                Edited::Done(message) => message,
+        // Whether the membership check below is one made after the store
+        // found the last one older than a departure (Edited::Stale).
+        let mut rechecked = false;
+        let mut edited = loop {
+            let membership = match self.member(message.chat_id, caller).await {
+                // A retry by its author who left since, as DeleteMessage's.
+                Err(MessagesError::Denied(_))
+                    if !message.deleted()
+                        && message.text == req.text
+                        && self.seen_before_leaving(caller, &message).await? =>
+                {
+                    return self.as_it_is(message, caller).await;
+                }
+                membership => membership?,
+            };
+            if message.author_id != caller {
+                return Err(MessagesError::Denied("only the author may edit a message"));
+            }
+            if message.deleted() {
+                return Err(MessagesError::Precondition("message is deleted"));
+            }
+            // A retry (its answer lost) finds the text in place: answered as
+            // it is whatever came since (the chat archived, a block), as the
+            // store answers one below, rather than refused as if it had
+            // failed.
+            if membership.archived || membership.blocked {
+                if message.text == req.text {
+                    return self.as_it_is(message, caller).await;
+                }
+                if membership.archived {
+                    return Err(MessagesError::Precondition("chat is archived"));
+                }
+                return Err(MessagesError::Denied(Self::BLOCKED));
+            }
+            let (now, max) = (now_micros(), self.limits.edits);
+            match self.store.edit(message.id, &req.text, flags.as_ref(), now, max, membership.members_version).await? {
+                Edited::Done(message) => break message,
                 Edited::Unchanged(message) => return self.as_it_is(message, caller).await,
                 Edited::Deleted => return Err(MessagesError::Precondition("message is deleted")),
                 Edited::TooManyEdits => {
                     let (message, limit) = (message.id.to_string(), self.limits.edits);
                     return Err(MessagesError::TooManyEdits { message, limit });
                 }
-            };
+                // A member left or was removed after the check above: checked
+                // again, afresh, once, as a send is.
+                Edited::Stale if !rechecked => {
+                    self.chats.forget_membership(&message.chat_id.to_string(), &caller.to_string());
+                    rechecked = true;
+                }
+                Edited::Stale => return Err(MessagesError::Aborted(Self::MEMBERS_CHANGED)),
+            }
+        };
         let unannounced = Unannounced::new(&self.bus, edited.chat_id);
         with_reactions(self.store.as_ref(), std::slice::from_mut(&mut edited), Some(caller)).await?;
         self.bus.publish(
@@ -683,46 +706,79 @@ impl Messages {
     /// chat closed by a block ([`Messages::BLOCKED`]); one is taken back.
     /// Refused (archived, blocked), a request the message already answers
     /// (a retry: the reaction there, or gone) is answered as a repeat is.
+    /// A change whose membership check came before a departure recorded
+    /// since is refused in its write and checked again, afresh, once, as
+    /// an edit is ([`Messages::edit`]).
     #[tracing::instrument(skip_all, fields(message_id = %req.message_id, add = req.add))]
     pub async fn react(&self, caller: UserId, req: React) -> Result<Message, MessagesError> {
         self.reaction_rate.check(&caller)?;
-        let (message, membership) = self.message_for(caller, req.message_id, true).await?;
-        if message.deleted() {
-            return Err(MessagesError::MessageNotFound);
-        }
-        let sight = Sight::of(&membership);
-        // Taking one's reaction back is no new message.
-        if let Some(refused) = refusal(&membership, req.add) {
-            // A retry (its answer lost) that finds its change made already
-            // is answered as a repeat is (a no-op), not refused as if it
-            // had failed.
-            let mut message = message;
-            with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), Some(caller)).await?;
-            let mine = message.reactions.iter().any(|r| r.emoji == req.emoji && r.mine);
-            return if mine == req.add { Ok(flags_for(message, caller, sight)) } else { Err(refused) };
-        }
-        // A removal takes back the form sent too (a reaction stored before
-        // canonical forms).
-        if let Some(as_sent) = req.as_sent.as_deref().filter(|_| !req.add)
-            && let Reacted::Changed(message) =
-                self.store.react(message.id, caller, as_sent, false, now_micros(), REACTION_EMOJI_MAX).await?
-        {
-            let chat = message.chat_id;
-            let event = grpc::edited_event(counts_only(message));
-            self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
-        }
-        match self.store.react(message.id, caller, &req.emoji, req.add, now_micros(), REACTION_EMOJI_MAX).await? {
-            Reacted::Changed(message) => {
-                let chat = message.chat_id;
-                let event = grpc::edited_event(counts_only(message.clone()));
-                self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
-                Ok(flags_for(message, caller, sight))
+        // Whether the membership check below is one made after the store
+        // found the last one older than a departure (Reacted::Stale).
+        let mut rechecked = false;
+        loop {
+            let (message, membership) = self.message_for(caller, req.message_id, true).await?;
+            if message.deleted() {
+                return Err(MessagesError::MessageNotFound);
             }
-            Reacted::Unchanged(message) => Ok(flags_for(message, caller, sight)),
-            Reacted::Gone => Err(MessagesError::MessageNotFound),
-            Reacted::TooManyEmoji => {
-                Err(MessagesError::TooManyReactions { message: req.message_id.to_string(), limit: REACTION_EMOJI_MAX })
+            let sight = Sight::of(&membership);
+            // Taking one's reaction back is no new message.
+            if let Some(refused) = refusal(&membership, req.add) {
+                // A retry (its answer lost) that finds its change made
+                // already is answered as a repeat is (a no-op), not refused
+                // as if it had failed.
+                let mut message = message;
+                with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), Some(caller)).await?;
+                let mine = message.reactions.iter().any(|r| r.emoji == req.emoji && r.mine);
+                return if mine == req.add { Ok(flags_for(message, caller, sight)) } else { Err(refused) };
             }
+            let version = membership.members_version;
+            // A removal takes back the form sent too (a reaction stored
+            // before canonical forms).
+            let mut stale = false;
+            if let Some(as_sent) = req.as_sent.as_deref().filter(|_| !req.add) {
+                match self
+                    .store
+                    .react(message.id, caller, as_sent, false, now_micros(), REACTION_EMOJI_MAX, version)
+                    .await?
+                {
+                    Reacted::Changed(message) => {
+                        let chat = message.chat_id;
+                        let event = grpc::edited_event(counts_only(message));
+                        self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
+                    }
+                    Reacted::Stale => stale = true,
+                    Reacted::Unchanged(_) | Reacted::Gone | Reacted::TooManyEmoji => {}
+                }
+            }
+            let reacted = if stale {
+                Reacted::Stale
+            } else {
+                self.store
+                    .react(message.id, caller, &req.emoji, req.add, now_micros(), REACTION_EMOJI_MAX, version)
+                    .await?
+            };
+            return match reacted {
+                Reacted::Changed(message) => {
+                    let chat = message.chat_id;
+                    let event = grpc::edited_event(counts_only(message.clone()));
+                    self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
+                    Ok(flags_for(message, caller, sight))
+                }
+                Reacted::Unchanged(message) => Ok(flags_for(message, caller, sight)),
+                Reacted::Gone => Err(MessagesError::MessageNotFound),
+                Reacted::TooManyEmoji => Err(MessagesError::TooManyReactions {
+                    message: req.message_id.to_string(),
+                    limit: REACTION_EMOJI_MAX,
+                }),
+                // A member left or was removed after the check above: checked
+                // again, afresh, once.
+                Reacted::Stale if !rechecked => {
+                    self.chats.forget_membership(&message.chat_id.to_string(), &caller.to_string());
+                    rechecked = true;
+                    continue;
+                }
+                Reacted::Stale => Err(MessagesError::Aborted(Self::MEMBERS_CHANGED)),
+            };
         }
     }
 
@@ -732,33 +788,48 @@ impl Messages {
     /// always. A real change is announced as `message_edited`; a repeat
     /// answers the message as it is, even where a change would now be
     /// refused (a retry). At most [`PINS_MAX`] pins a chat.
-    /// Counts against the edit rate.
+    /// Counts against the edit rate. A change whose membership check came
+    /// before a departure recorded since is refused in its write and
+    /// checked again, afresh, once, as an edit is ([`Messages::edit`]).
     pub async fn pin(&self, caller: UserId, message_id: MessageId, pin: bool) -> Result<Message, MessagesError> {
         self.edit_rate.check(&caller)?;
-        let (message, membership) = self.message_for(caller, message_id, true).await?;
-        if message.deleted() {
-            return Err(MessagesError::MessageNotFound);
-        }
-        let sight = Sight::of(&membership);
-        if !sight.direct && !sight.manager {
-            return Err(MessagesError::Denied("only the chat's owner and admins may pin or unpin its messages"));
-        }
-        if let Some(refused) = refusal(&membership, pin) {
-            // A retry (its answer lost) that finds the message pinned (or
-            // not) as asked is answered as a repeat is, not refused.
-            if message.pin.is_some() != pin {
-                return Err(refused);
+        // Whether the membership check below is one made after the store
+        // found the last one older than a departure (Pinned::Stale).
+        let mut rechecked = false;
+        let (mut message, changed, sight) = loop {
+            let (message, membership) = self.message_for(caller, message_id, true).await?;
+            if message.deleted() {
+                return Err(MessagesError::MessageNotFound);
             }
-            let mut message = message;
-            with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), Some(caller)).await?;
-            return Ok(flags_for(message, caller, sight));
-        }
-        let (mut message, changed) = match self.store.pin(message.id, caller, pin, now_micros(), PINS_MAX).await? {
-            Pinned::Changed(message) => (message, true),
-            Pinned::Unchanged(message) => (message, false),
-            Pinned::Gone => return Err(MessagesError::MessageNotFound),
-            Pinned::TooMany => {
-                return Err(MessagesError::TooManyPins { chat: message.chat_id.to_string(), limit: PINS_MAX });
+            let sight = Sight::of(&membership);
+            if !sight.direct && !sight.manager {
+                return Err(MessagesError::Denied("only the chat's owner and admins may pin or unpin its messages"));
+            }
+            if let Some(refused) = refusal(&membership, pin) {
+                // A retry (its answer lost) that finds the message pinned
+                // (or not) as asked is answered as a repeat is, not refused.
+                if message.pin.is_some() != pin {
+                    return Err(refused);
+                }
+                let mut message = message;
+                with_reactions(self.store.as_ref(), std::slice::from_mut(&mut message), Some(caller)).await?;
+                return Ok(flags_for(message, caller, sight));
+            }
+            let version = membership.members_version;
+            match self.store.pin(message.id, caller, pin, now_micros(), PINS_MAX, version).await? {
+                Pinned::Changed(message) => break (message, true, sight),
+                Pinned::Unchanged(message) => break (message, false, sight),
+                Pinned::Gone => return Err(MessagesError::MessageNotFound),
+                Pinned::TooMany => {
+                    return Err(MessagesError::TooManyPins { chat: message.chat_id.to_string(), limit: PINS_MAX });
+                }
+                // A member left or was removed after the check above:
+                // checked again, afresh, once.
+                Pinned::Stale if !rechecked => {
+                    self.chats.forget_membership(&message.chat_id.to_string(), &caller.to_string());
+                    rechecked = true;
+                }
+                Pinned::Stale => return Err(MessagesError::Aborted(Self::MEMBERS_CHANGED)),
             }
         };
         let unannounced = changed.then(|| Unannounced::new(&self.bus, message.chat_id));

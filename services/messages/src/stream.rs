@@ -1267,7 +1267,7 @@ mod tests {
 
     use super::*;
     use crate::MessagesArgs;
-    use crate::domain::SendMessage;
+    use crate::domain::{EditMessage, React, SendMessage};
     use crate::registry::StreamRegistry;
     use crate::store::{CHAT_LOG_KEEP, ChatChange, Message};
 
@@ -1486,6 +1486,36 @@ mod tests {
         let refused = h.owner_sends("again").await.unwrap_err();
         assert!(matches!(refused, MessagesError::Aborted(_)), "{refused:?}");
         assert_eq!(h.messages.store().head(h.chat.into()).await.unwrap(), Seq(1), "nothing stored but the first");
+    }
+
+    /// A reaction or an edit whose membership check is older than a
+    /// departure the messages service recorded since is refused in its
+    /// write and checked again, afresh, once: a member still in makes the
+    /// change; an author removed meanwhile is refused as any non-member,
+    /// their text as it was.
+    #[tokio::test]
+    async fn an_edit_or_a_reaction_checked_before_a_departure_is_checked_again_after_its_write_refused_it() {
+        let h = Harness::start().await;
+        let (owner, member) = (UserId(h.owner), UserId(h.member));
+        let mine = h.messages.send(member, h.send_of_owner("mine")).await.unwrap();
+        // Someone else left: version 1 recorded; the owner's check, kept
+        // from before, says 0.
+        *h.directory.members_version.lock().unwrap() = 1;
+        *h.directory.kept_version.lock().unwrap() = Some(0);
+        h.messages.record_departure(h.chat.into(), 1).await.unwrap();
+        let react = React { message_id: mine.id, emoji: "👍".into(), add: true, as_sent: None };
+        let reacted = h.messages.react(owner, react).await.unwrap();
+        let forgotten = *h.directory.forgotten.lock().unwrap();
+        assert_eq!((reacted.reactions.len(), forgotten), (1, 1), "checked again, then stored");
+
+        // The author's check answers "member", then the removal is recorded
+        // before the write.
+        *h.directory.remove_after_answer.lock().unwrap() = Some((h.chat, h.member));
+        let edit = EditMessage { message_id: mine.id, text: "edited on its way".into() };
+        let refused = h.messages.edit(member, edit).await.unwrap_err();
+        assert!(matches!(refused, MessagesError::Denied("not a member of this chat")), "{refused:?}");
+        let stored = h.messages.store().message(mine.id).await.unwrap().unwrap();
+        assert_eq!((stored.text.as_str(), stored.revision), ("mine", 1), "not edited");
     }
 
     /// The next event of `stream` (ten seconds at most: a bound, not a wait).

@@ -559,10 +559,17 @@ impl Cluster {
     /// before a RemoveMember stands when it reaches its write after the
     /// removal answered.
     pub async fn undo_departure_silently(&self, chat: &str, user: &str) {
+        self.undo_departure_silently_as(chat, user, "member").await;
+    }
+
+    /// As [`Cluster::undo_departure_silently`], putting `user` back with
+    /// `role` (as the chats store spells it: `member`, `admin`): where a
+    /// pin by an admin checked just before their removal stands.
+    pub async fn undo_departure_silently_as(&self, chat: &str, user: &str, role: &str) {
         let done = self
             .write_chats_store(|schema| {
                 vec![
-                    format!("INSERT INTO {schema}members (chat_id, user_id, role, join_time) VALUES ('{chat}', '{user}', 'member', 0)"),
+                    format!("INSERT INTO {schema}members (chat_id, user_id, role, join_time) VALUES ('{chat}', '{user}', '{role}', 0)"),
                     format!(
                         "UPDATE {schema}chats SET members_version = members_version - 1, member_count = member_count + 1 \
                          WHERE id = '{chat}' AND members_version > 0"

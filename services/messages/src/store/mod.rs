@@ -465,6 +465,10 @@ pub enum Pinned {
     Gone,
     /// The chat holds as many pins as allowed; nothing written.
     TooMany,
+    /// A member left the chat or was removed after the caller's membership
+    /// check (see [`Sent::Stale`]); nothing written, no change number
+    /// taken. Check again, afresh, and pin again.
+    Stale,
 }
 
 /// Outcome of [`MessageStore::react`].
@@ -482,6 +486,10 @@ pub enum Reacted {
     Gone,
     /// Adding another distinct emoji would pass the limit; nothing written.
     TooManyEmoji,
+    /// A member left the chat or was removed after the caller's membership
+    /// check (see [`Sent::Stale`]); nothing written, no change number
+    /// taken. Check again, afresh, and react again.
+    Stale,
 }
 
 /// What an assistant's reply has besides a message's fields.
@@ -877,6 +885,10 @@ pub enum Edited {
     Deleted,
     /// The message was edited as often as allowed; nothing changed.
     TooManyEdits,
+    /// A member left the chat or was removed after the caller's membership
+    /// check (see [`Sent::Stale`]); nothing written, no revision, no change
+    /// number taken. Check again, afresh, and edit again.
+    Stale,
 }
 
 /// An earlier text of an edited message.
@@ -1240,7 +1252,12 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Replaces a live message's text (and its flags, the detector's verdict
     /// on the new text), keeping the old text as a revision, unless it was
-    /// edited `max_edits` times already; `now` in µs.
+    /// edited `max_edits` times already; `now` in µs. Refused
+    /// ([`Edited::Stale`]) when the chat's members version recorded by
+    /// [`MessageStore::record_departure`] is above `members_version` (the
+    /// one the editor's membership check saw), read on the heads row the
+    /// edit locks for its change number (PostgreSQL: after the message's
+    /// row), so a departure recorded before the edit commits is seen.
     async fn edit(
         &self,
         id: MessageId,
@@ -1248,6 +1265,7 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
         flags: Option<&Flags>,
         now: i64,
         max_edits: usize,
+        members_version: i64,
     ) -> Result<Edited, StoreError>;
 
     /// Turns a message into a tombstone at `now` (µs), deleted by `by`
@@ -1550,7 +1568,10 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// distinct ones. Serialized per message (SQLite: the single writer;
     /// PostgreSQL: the message row's lock, then the chat's heads), so the
     /// limit holds and counts, read from the rows, never drift. `now` in µs
-    /// orders the emoji.
+    /// orders the emoji. A real change is refused ([`Reacted::Stale`]) as
+    /// an edit is ([`MessageStore::edit`]) when a departure recorded since
+    /// is above `members_version`, the one `user`'s check saw.
+    #[expect(clippy::too_many_arguments, reason = "one reaction's fields, as the request has them")]
     async fn react(
         &self,
         id: MessageId,
@@ -1559,6 +1580,7 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
         add: bool,
         now: i64,
         max_emoji: usize,
+        members_version: i64,
     ) -> Result<Reacted, StoreError>;
 
     /// Pins (`pin`) or unpins message `id` for `user` at `now` (µs), in one
@@ -1568,7 +1590,9 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// the write are serialized with other pins of the chat (SQLite: the
     /// write lock; PostgreSQL: the chat's heads row, locked after the
     /// message's row and before the count), so the limit holds under
-    /// concurrent pins.
+    /// concurrent pins. A real change is refused ([`Pinned::Stale`]) as an
+    /// edit is ([`MessageStore::edit`]) when a departure recorded since is
+    /// above `members_version`, the one `user`'s check saw.
     async fn pin(
         &self,
         id: MessageId,
@@ -1576,6 +1600,7 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
         pin: bool,
         now: i64,
         max_pins: usize,
+        members_version: i64,
     ) -> Result<Pinned, StoreError>;
 
     /// The reactions of each of `ids` that has any, aggregated per emoji

@@ -132,9 +132,14 @@ const INSERT_BATCH_MENTIONS: &str = insert_batch_sql!(
 const INDEX_BATCH: i64 = 1000;
 
 /// Takes the next change number of chat `$1` (creating its heads row if
-/// need be), locking the row until the transaction ends.
+/// need be), locking the row until the transaction ends; returns it, then
+/// the chat's members version ([`MessageStore::record_departure`], 0 for
+/// none), read on the row's latest version after its lock (so a departure
+/// committed meanwhile is seen; one recorded after waits for this
+/// transaction). Callers that need no version read the first column only.
 const NEXT_CHANGE: &str = "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES ($1, 0, 1) \
-     ON CONFLICT (chat_id) DO UPDATE SET last_change = chat_heads.last_change + 1 RETURNING last_change";
+     ON CONFLICT (chat_id) DO UPDATE SET last_change = chat_heads.last_change + 1 \
+     RETURNING last_change, members_version";
 
 /// `SELECT` of one message by id (`$1`).
 const MESSAGE_BY_ID: &str = concat!("SELECT ", message_columns!(), " FROM messages WHERE id = $1");
@@ -1022,6 +1027,7 @@ impl MessageStore for PostgresStore {
         flags: Option<&Flags>,
         now: i64,
         max_edits: usize,
+        members_version: i64,
     ) -> Result<Edited, StoreError> {
         let id = id.to_string();
         let (flag_severity, flags) = Flags::columns(flags);
@@ -1050,8 +1056,13 @@ impl MessageStore for PostgresStore {
         .bind(&id)
         .execute(&mut *tx)
         .await?;
-        // Lock order everywhere: a message row, then its chat's heads.
-        let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+        // Lock order everywhere: a message row, then its chat's heads. A
+        // departure recorded after the editor's check refuses the edit (the
+        // revision above rolls back with the rest).
+        let (change, departed): (i64, i64) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+        if departed > members_version {
+            return Ok(Edited::Stale);
+        }
         let row = sqlx::query(concat!(
             "UPDATE messages SET text = $1, revision = revision + 1, edit_time = $2, change_seq = $4, \
              flag_severity = $5, flags = $6, search_vector = $7::tsvector WHERE id = $3 RETURNING ",
@@ -1744,6 +1755,7 @@ impl MessageStore for PostgresStore {
         add: bool,
         now: i64,
         max_emoji: usize,
+        members_version: i64,
     ) -> Result<Reacted, StoreError> {
         let (id, user) = (id.to_string(), user.to_string());
         let mut tx = self.pool.begin().await?;
@@ -1783,7 +1795,12 @@ impl MessageStore for PostgresStore {
         };
         let written = done.rows_affected() > 0;
         let row = if written {
-            let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+            // A departure recorded after the reacting user's check refuses
+            // the change (rolled back with the rest).
+            let (change, departed): (i64, i64) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+            if departed > members_version {
+                return Ok(Reacted::Stale);
+            }
             sqlx::query(concat!(
                 "UPDATE messages SET change_seq = $2, reaction_rows = reaction_rows + $3 WHERE id = $1 RETURNING ",
                 message_columns!()
@@ -1810,6 +1827,7 @@ impl MessageStore for PostgresStore {
         pin: bool,
         now: i64,
         max_pins: usize,
+        members_version: i64,
     ) -> Result<Pinned, StoreError> {
         let id = id.to_string();
         let mut tx = self.pool.begin().await?;
@@ -1824,8 +1842,12 @@ impl MessageStore for PostgresStore {
         let chat = message.chat_id.to_string();
         // The heads row's lock, taken with the change number, queues the
         // chat's other pins behind this one: the count below is theirs too.
-        // A refusal rolls the number back with the rest.
-        let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+        // A refusal rolls the number back with the rest, as one for a
+        // departure recorded after the pinning user's check.
+        let (change, departed): (i64, i64) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+        if departed > members_version {
+            return Ok(Pinned::Stale);
+        }
         if pin {
             let (pins,): (i64,) =
                 sqlx::query_as(concat!("SELECT COUNT(*) FROM messages WHERE chat_id = $1 AND ", pinned_sql!()))

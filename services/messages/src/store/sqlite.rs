@@ -319,11 +319,20 @@ fn report_row(row: &Row<'_>) -> rusqlite::Result<StoredReport> {
 /// Takes the next change number of chat `chat` (creating its heads row if
 /// need be), inside the caller's transaction.
 fn next_change(tx: &Connection, chat: &str) -> rusqlite::Result<i64> {
+    next_change_of_members(tx, chat).map(|(change, _)| change)
+}
+
+/// [`next_change`], with the chat's members version
+/// ([`MessageStore::record_departure`], 0 for none) read in the same
+/// statement: the one writer records no departure between it and the
+/// commit.
+fn next_change_of_members(tx: &Connection, chat: &str) -> rusqlite::Result<(i64, i64)> {
     tx.prepare_cached(
         "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES (?1, 0, 1) \
-         ON CONFLICT (chat_id) DO UPDATE SET last_change = chat_heads.last_change + 1 RETURNING last_change",
+         ON CONFLICT (chat_id) DO UPDATE SET last_change = chat_heads.last_change + 1 \
+         RETURNING last_change, members_version",
     )?
-    .query_row([chat], |row| row.get(0))
+    .query_row([chat], |row| Ok((row.get(0)?, row.get(1)?)))
 }
 
 /// A row of `change_seq, kind, user_id, details, seq, change_time` of
@@ -552,6 +561,7 @@ fn edit(
     (flag_severity, flags): (i32, String),
     now: i64,
     max_edits: usize,
+    members_version: i64,
 ) -> rusqlite::Result<Edited> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let live: Option<(i64, String, String)> = tx
@@ -570,7 +580,12 @@ fn edit(
          SELECT id, revision, text, COALESCE(edit_time, send_time) FROM messages WHERE id = ?1",
     )?
     .execute([id])?;
-    let change = next_change(&tx, &chat)?;
+    // A departure recorded after the editor's check refuses the edit (the
+    // revision above rolls back with the rest).
+    let (change, departed) = next_change_of_members(&tx, &chat)?;
+    if departed > members_version {
+        return Ok(Edited::Stale);
+    }
     let message = tx
         .prepare_cached(concat!(
             "UPDATE messages SET text = ?1, revision = revision + 1, edit_time = ?2, change_seq = ?4, \
@@ -674,6 +689,7 @@ fn reactions_of(
 
 /// Adds or removes a reaction in one transaction (see
 /// [`MessageStore::react`]).
+#[expect(clippy::too_many_arguments, reason = "one reaction's fields, as MessageStore::react has them")]
 fn react(
     conn: &mut Connection,
     id: &str,
@@ -682,6 +698,7 @@ fn react(
     add: bool,
     now: i64,
     max_emoji: usize,
+    members_version: i64,
 ) -> rusqlite::Result<Reacted> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let live: Option<String> = tx
@@ -709,7 +726,12 @@ fn react(
             .execute(params![id, user, emoji])?
     };
     let mut message = if written > 0 {
-        let change = next_change(&tx, &chat)?;
+        // A departure recorded after the reacting user's check refuses the
+        // change (rolled back with the rest).
+        let (change, departed) = next_change_of_members(&tx, &chat)?;
+        if departed > members_version {
+            return Ok(Reacted::Stale);
+        }
         let rows = if add { 1 } else { -1 };
         tx.prepare_cached(concat!(
             "UPDATE messages SET change_seq = ?2, reaction_rows = reaction_rows + ?3 WHERE id = ?1 RETURNING ",
@@ -769,6 +791,7 @@ fn pin_message(
     pin: bool,
     now: i64,
     max_pins: usize,
+    members_version: i64,
 ) -> rusqlite::Result<Pinned> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let found = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row).optional()?;
@@ -785,7 +808,12 @@ fn pin_message(
             return Ok(Pinned::TooMany);
         }
     }
-    let change = next_change(&tx, &chat)?;
+    // A departure recorded after the pinning user's check refuses the
+    // change.
+    let (change, departed) = next_change_of_members(&tx, &chat)?;
+    if departed > members_version {
+        return Ok(Pinned::Stale);
+    }
     let (time, by) = if pin { (Some(now), Some(user)) } else { (None, None) };
     let message = tx
         .prepare_cached(concat!(
@@ -1197,9 +1225,10 @@ impl MessageStore for SqliteStore {
         flags: Option<&Flags>,
         now: i64,
         max_edits: usize,
+        members_version: i64,
     ) -> Result<Edited, StoreError> {
         let (id, text, flags) = (id.to_string(), text.to_owned(), Flags::columns(flags));
-        Ok(self.db.write(move |conn| edit(conn, &id, &text, flags, now, max_edits)).await?)
+        Ok(self.db.write(move |conn| edit(conn, &id, &text, flags, now, max_edits, members_version)).await?)
     }
 
     async fn delete_with_replies(&self, id: MessageId, by: UserId, now: i64) -> Result<Option<Deleted>, StoreError> {
@@ -1610,9 +1639,10 @@ impl MessageStore for SqliteStore {
         add: bool,
         now: i64,
         max_emoji: usize,
+        members_version: i64,
     ) -> Result<Reacted, StoreError> {
         let (id, user, emoji) = (id.to_string(), user.to_string(), emoji.to_owned());
-        Ok(self.db.write(move |conn| react(conn, &id, &user, &emoji, add, now, max_emoji)).await?)
+        Ok(self.db.write(move |conn| react(conn, &id, &user, &emoji, add, now, max_emoji, members_version)).await?)
     }
 
     async fn pin(
@@ -1622,9 +1652,10 @@ impl MessageStore for SqliteStore {
         pin: bool,
         now: i64,
         max_pins: usize,
+        members_version: i64,
     ) -> Result<Pinned, StoreError> {
         let (id, user) = (id.to_string(), user.to_string());
-        Ok(self.db.write(move |conn| pin_message(conn, &id, &user, pin, now, max_pins)).await?)
+        Ok(self.db.write(move |conn| pin_message(conn, &id, &user, pin, now, max_pins, members_version)).await?)
     }
 
     async fn reactions(

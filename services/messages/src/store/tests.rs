@@ -107,6 +107,9 @@ message_store_suite!(
     a_send_waiting_on_a_closure_being_recorded_is_refused_once_it_commits,
     a_departure_recorded_after_a_messages_check_refuses_it_in_the_write,
     a_send_waiting_on_a_departure_being_recorded_is_refused_once_it_commits,
+    an_edit_checked_before_a_departure_is_refused_in_its_write,
+    a_reaction_checked_before_a_departure_is_refused_in_its_write,
+    a_pin_checked_before_a_departure_is_refused_in_its_write,
     a_reply_names_a_message_stored_before_its_batch,
     concurrent_batches_take_gap_free_seqs,
     history_pages_both_ways,
@@ -420,6 +423,58 @@ async fn a_send_waiting_on_a_departure_being_recorded_is_refused_once_it_commits
     assert_eq!(h.store.head(chat(13)).await.unwrap(), Seq(1));
 }
 
+/// An edit whose editor's membership check saw a members version below
+/// the one a departure recorded since is refused in its write
+/// ([`Edited::Stale`]) and changes nothing: no text, no revision, no change
+/// number; one checked at the recorded version or later is stored.
+async fn an_edit_checked_before_a_departure_is_refused_in_its_write(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(1, 1, 0)]).await), [Some(1)]);
+    h.store.record_departure(chat(1), 2).await.unwrap();
+    let (before, heads) = (at(h, 1, 1).await, h.store.heads(chat(1)).await.unwrap());
+    assert_eq!(h.store.edit(id(1), "changed", None, 2_000, 5, 1).await.unwrap(), Edited::Stale);
+    assert_eq!(at(h, 1, 1).await, before, "the text and revision as they were");
+    assert_eq!(h.store.revisions(&[id(1)]).await.unwrap(), [], "no revision kept");
+    assert_eq!(h.store.heads(chat(1)).await.unwrap(), heads, "no change number taken");
+    let Edited::Done(edited) = h.store.edit(id(1), "changed", None, 2_000, 5, 2).await.unwrap() else {
+        panic!("checked at the recorded version: edited")
+    };
+    assert_eq!((edited.text.as_str(), edited.change_seq), ("changed", heads.change + 1));
+}
+
+/// A reaction added or taken back by a user whose membership check saw a
+/// members version below the one a departure recorded since is refused in
+/// its write ([`Reacted::Stale`]) and changes nothing; one checked at the
+/// recorded version or later is stored.
+async fn a_reaction_checked_before_a_departure_is_refused_in_its_write(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(1, 1, 0)]).await), [Some(1)]);
+    h.store.record_departure(chat(1), 1).await.unwrap();
+    let heads = h.store.heads(chat(1)).await.unwrap();
+    assert_eq!(h.store.react(id(1), user(1), "👍", true, 2_000, 20, 0).await.unwrap(), Reacted::Stale);
+    assert_eq!(h.store.reactions(&[id(1)], None).await.unwrap(), HashMap::new(), "no reaction stored");
+    assert_eq!(h.store.heads(chat(1)).await.unwrap(), heads, "no change number taken");
+    assert!(matches!(h.store.react(id(1), user(1), "👍", true, 2_001, 20, 1).await.unwrap(), Reacted::Changed(_)));
+    assert_eq!(h.store.react(id(1), user(1), "👍", false, 2_002, 20, 0).await.unwrap(), Reacted::Stale);
+    assert_eq!(h.store.reactions(&[id(1)], None).await.unwrap()[&id(1)].len(), 1, "not taken back");
+    assert_eq!(h.store.heads(chat(1)).await.unwrap().change, heads.change + 1);
+}
+
+/// A pin or unpin by a user whose membership check saw a members version
+/// below the one a departure recorded since is refused in its write
+/// ([`Pinned::Stale`]) and changes nothing; one checked at the recorded
+/// version or later is stored.
+async fn a_pin_checked_before_a_departure_is_refused_in_its_write(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(1, 1, 0)]).await), [Some(1)]);
+    h.store.record_departure(chat(1), 1).await.unwrap();
+    let heads = h.store.heads(chat(1)).await.unwrap();
+    assert_eq!(h.store.pin(id(1), user(1), true, 2_000, 10, 0).await.unwrap(), Pinned::Stale);
+    assert_eq!(at(h, 1, 1).await.pin, None, "not pinned");
+    assert_eq!(h.store.heads(chat(1)).await.unwrap(), heads, "no change number taken");
+    assert!(matches!(h.store.pin(id(1), user(1), true, 2_001, 10, 1).await.unwrap(), Pinned::Changed(_)));
+    assert_eq!(h.store.pin(id(1), user(1), false, 2_002, 10, 0).await.unwrap(), Pinned::Stale);
+    assert!(at(h, 1, 1).await.pin.is_some(), "still pinned");
+    assert_eq!(h.store.heads(chat(1)).await.unwrap().change, heads.change + 1);
+}
+
 async fn a_reply_names_a_message_stored_before_its_batch(h: &Harness) {
     // Seq 1 of chat 3 is taken within this very batch: not stored before it.
     let out = send(h, &[msg(6, 3, 0), msg(7, 3, 1)]).await;
@@ -535,18 +590,18 @@ async fn unread_counts_skip_own_and_deleted_messages_up_to_the_cap(h: &Harness) 
 async fn edits_keep_revisions_up_to_the_cap(h: &Harness) {
     send(h, &[msg(1, 1, 0), msg(2, 1, 0)]).await;
     for (n, text) in ["second", "third"].into_iter().enumerate() {
-        let Edited::Done(m) = h.store.edit(id(1), text, None, 2_000 + n as i64, 2).await.unwrap() else {
+        let Edited::Done(m) = h.store.edit(id(1), text, None, 2_000 + n as i64, 2, 0).await.unwrap() else {
             panic!("edit {n} refused")
         };
         assert_eq!((m.text.as_str(), m.revision, m.edit_time), (text, n as i64 + 2, Some(2_000 + n as i64)));
     }
-    assert_eq!(h.store.edit(id(1), "fourth", None, 3_000, 2).await.unwrap(), Edited::TooManyEdits);
+    assert_eq!(h.store.edit(id(1), "fourth", None, 3_000, 2, 0).await.unwrap(), Edited::TooManyEdits);
     let now = h.store.message(id(1)).await.unwrap().unwrap();
     assert_eq!((now.text.as_str(), now.revision), ("third", 3));
     // The last edit retried (its answer was lost): the message as it is,
     // no revision, no change number, even at the cap.
     let heads = h.store.heads(chat(1)).await.unwrap();
-    assert_eq!(h.store.edit(id(1), "third", None, 3_500, 2).await.unwrap(), Edited::Unchanged(now.clone()));
+    assert_eq!(h.store.edit(id(1), "third", None, 3_500, 2, 0).await.unwrap(), Edited::Unchanged(now.clone()));
     assert_eq!(h.store.heads(chat(1)).await.unwrap(), heads);
 
     let earlier = h.store.revisions_after(id(1), 0, 10).await.unwrap();
@@ -557,19 +612,19 @@ async fn edits_keep_revisions_up_to_the_cap(h: &Harness) {
     assert!(h.store.revisions_after(id(1), 2, 10).await.unwrap().is_empty());
 
     send(h, &[msg(3, 1, 0)]).await;
-    h.store.edit(id(3), "edited", None, 4_000, 5).await.unwrap();
+    h.store.edit(id(3), "edited", None, 4_000, 5, 0).await.unwrap();
     let all: Vec<(MessageId, i64)> =
         h.store.revisions(&[id(3), id(1), id(2)]).await.unwrap().iter().map(|r| (r.message_id, r.revision)).collect();
     assert_eq!(all, [(id(1), 1), (id(1), 2), (id(3), 1)]);
     assert!(h.store.revisions(&[]).await.unwrap().is_empty());
-    assert_eq!(h.store.edit(id(42), "x", None, 1, 5).await.unwrap(), Edited::Deleted, "no such message");
+    assert_eq!(h.store.edit(id(42), "x", None, 1, 5, 0).await.unwrap(), Edited::Deleted, "no such message");
 }
 
 async fn a_delete_leaves_a_tombstone(h: &Harness) {
     let image =
         Attachment { url: "https://x/y".into(), mime_type: "image/png".into(), width: 1, height: 1, size_bytes: 1 };
     send(h, &[NewMessage { attachments: vec![image], ..msg(1, 1, 0) }, msg(2, 1, 0)]).await;
-    h.store.edit(id(1), "edited", None, 2_000, 5).await.unwrap();
+    h.store.edit(id(1), "edited", None, 2_000, 5, 0).await.unwrap();
     assert_eq!(h.store.message(id(1)).await.unwrap().unwrap().deleted_by, None);
     // Deleted by a moderator (user 2), not its author.
     let gone = h.store.delete(id(1), user(2), 3_000).await.unwrap().unwrap();
@@ -578,7 +633,7 @@ async fn a_delete_leaves_a_tombstone(h: &Harness) {
     assert_eq!(gone.deleted_by, Some(user(2)), "who deleted it is recorded");
     assert_eq!(h.store.message(id(1)).await.unwrap().unwrap().deleted_by, Some(user(2)));
     assert!(h.store.revisions_after(id(1), 0, 10).await.unwrap().is_empty(), "earlier revisions go too");
-    assert_eq!(h.store.edit(id(1), "again", None, 4_000, 5).await.unwrap(), Edited::Deleted);
+    assert_eq!(h.store.edit(id(1), "again", None, 4_000, 5, 0).await.unwrap(), Edited::Deleted);
     let again = h.store.delete(id(1), user(3), 5_000).await.unwrap().unwrap();
     assert_eq!((again.delete_time, again.deleted_by), (Some(3_000), Some(user(2))), "a tombstone stays as it is");
     assert_eq!(stored(h, 1).await, [(1, id(1)), (2, id(2))], "the seq stays");
@@ -803,14 +858,14 @@ fn numbers(page: &[Change]) -> Vec<i64> {
 async fn every_change_takes_the_next_change_number(h: &Harness) {
     assert_eq!(h.store.heads(chat(1)).await.unwrap(), Heads::default());
     send(h, &[by(msg(1, 1, 0), 2), by(msg(2, 1, 0), 2)]).await;
-    let Edited::Done(edited) = h.store.edit(id(1), "edited", None, 2_000, 5).await.unwrap() else {
+    let Edited::Done(edited) = h.store.edit(id(1), "edited", None, 2_000, 5, 0).await.unwrap() else {
         panic!("edit refused")
     };
     assert_eq!((edited.change_seq, edited.create_change), (3, 1));
     let deleted = h.store.delete(id(2), user(1), 3_000).await.unwrap().unwrap();
     assert_eq!((deleted.change_seq, deleted.create_change), (4, 2));
     assert_eq!(h.store.delete(id(2), user(1), 3_500).await.unwrap().unwrap().change_seq, 4, "a tombstone takes none");
-    assert_eq!(h.store.edit(id(2), "x", None, 3_600, 5).await.unwrap(), Edited::Deleted);
+    assert_eq!(h.store.edit(id(2), "x", None, 3_600, 5, 0).await.unwrap(), Edited::Deleted);
     assert_eq!(h.store.mark_read(chat(1), user(1), Seq(2)).await.unwrap().change_seq, Some(5));
     let logged = h
         .store
@@ -878,7 +933,7 @@ async fn concurrent_changes_take_gap_free_numbers(h: &Harness) {
                 let Sent::Created(m) = &out[0] else { panic!("not created: {out:?}") };
                 taken.push(m.change_seq);
                 match r % 4 {
-                    0 => match store.edit(id(n), "edited", None, 5_000, 10).await.unwrap() {
+                    0 => match store.edit(id(n), "edited", None, 5_000, 10, 0).await.unwrap() {
                         Edited::Done(m) => taken.push(m.change_seq),
                         other => panic!("edit: {other:?}"),
                     },
@@ -980,10 +1035,10 @@ async fn recent_activity_lists_the_newest_message_of_recent_chats(h: &Harness) {
 
 async fn purging_a_chat_removes_all_of_it(h: &Harness) {
     send(h, &[by(msg(1, 1, 0), 2), msg(2, 1, 0), msg(3, 2, 0)]).await;
-    h.store.edit(id(1), "edited", None, 2_000, 5).await.unwrap();
+    h.store.edit(id(1), "edited", None, 2_000, 5, 0).await.unwrap();
     h.store.mark_read(chat(1), user(1), Seq(1)).await.unwrap();
     h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(4))], 2_500, "k").await.unwrap();
-    h.store.react(id(2), user(1), "👍", true, 2_600, 20).await.unwrap();
+    h.store.react(id(2), user(1), "👍", true, 2_600, 20, 0).await.unwrap();
     send(h, &[mentioning(msg(5, 1, 0), &[1])]).await;
     h.store.purge_chat(chat(1)).await.unwrap();
     assert!(h.store.reactions(&[id(2)], None).await.unwrap().is_empty(), "reactions go too");
@@ -1041,7 +1096,7 @@ async fn mentions_are_kept_with_the_message_and_count_only_unread_live_mentions_
 
     // An edit keeps the mentions; a delete drops them, and they stop
     // counting.
-    let Edited::Done(edited) = h.store.edit(id(4), "no names now", None, 3_000, 5).await.unwrap() else {
+    let Edited::Done(edited) = h.store.edit(id(4), "no names now", None, 3_000, 5, 0).await.unwrap() else {
         panic!("not edited")
     };
     assert_eq!(edited.mentions, [user(1)]);
@@ -1309,7 +1364,7 @@ async fn flags_are_stored_replaced_on_edit_cleared_on_delete_and_filter_a_listin
     let seqs = |ms: Vec<Message>| ms.into_iter().map(|m| m.seq.0).collect::<Vec<_>>();
     assert_eq!(seqs(h.store.list(chat(1), only_flagged, None, 10).await.unwrap()), [1, 4]);
     // An edit carries the new text's verdict; a delete clears it.
-    h.store.edit(id(1), "fine now", Some(&flags(1, "")), 2_000, 10).await.unwrap();
+    h.store.edit(id(1), "fine now", Some(&flags(1, "")), 2_000, 10, 0).await.unwrap();
     h.store.delete(id(4), user(1), 3_000).await.unwrap();
     assert_eq!(h.store.message(id(4)).await.unwrap().unwrap().flags, None);
     assert!(h.store.list(chat(1), only_flagged, None, 10).await.unwrap().is_empty());
@@ -1417,7 +1472,7 @@ async fn reactions_are_once_per_user_per_emoji_and_only_real_changes_take_number
     send(h, &[msg(1, 1, 0), msg(2, 1, 0)]).await;
     let react = |user_n: u8, emoji: &'static str, add: bool, at: i64| {
         let store = h.store.clone();
-        async move { store.react(id(1), user(user_n), emoji, add, at, 2).await.unwrap() }
+        async move { store.react(id(1), user(user_n), emoji, add, at, 2, 0).await.unwrap() }
     };
     let first = changed(react(1, "👍", true, 10).await);
     assert_eq!((first.change_seq, first.revision, first.create_change), (3, 1, 1), "a change, no revision");
@@ -1461,7 +1516,7 @@ async fn reactions_are_once_per_user_per_emoji_and_only_real_changes_take_number
     assert!(read(Some(user(2))).await.is_empty(), "delete drops the reactions");
     assert_eq!(react(2, "🎉", true, 21).await, Reacted::Gone);
     assert_eq!(react(2, "🎉", false, 21).await, Reacted::Gone);
-    assert_eq!(h.store.react(id(99), user(1), "👍", true, 21, 2).await.unwrap(), Reacted::Gone);
+    assert_eq!(h.store.react(id(99), user(1), "👍", true, 21, 2, 0).await.unwrap(), Reacted::Gone);
     assert_eq!(h.store.heads(chat(1)).await.unwrap().change, deleted.change_seq);
 }
 
@@ -1485,7 +1540,7 @@ async fn concurrent_reactions_on_one_message_never_drift(h: &Harness) {
                 vec![("👍", true), (own, true), ("👍", true), (own, true)]
             };
             for (emoji, add) in steps {
-                match store.react(id(1), user(t), emoji, add, 1_000 + i64::from(t), 20).await.unwrap() {
+                match store.react(id(1), user(t), emoji, add, 1_000 + i64::from(t), 20, 0).await.unwrap() {
                     Reacted::Changed(m) => numbers.push(m.change_seq),
                     Reacted::Unchanged(_) => {}
                     other => panic!("{other:?}"),
@@ -1718,7 +1773,7 @@ async fn search_finds_the_current_text_of_live_messages_of_the_chats_asked(h: &H
     assert_eq!(found(h, "\"a day\"", &[1]).await, [1], "a phrase");
     assert!(found(h, "\"day a\"", &[1]).await.is_empty(), "a phrase keeps its order");
     // An edit: the old word is gone, the new one found.
-    h.store.edit(id(1), "a banana a day", None, 2_000, 5).await.unwrap();
+    h.store.edit(id(1), "a banana a day", None, 2_000, 5, 0).await.unwrap();
     assert_eq!(found(h, "apple", &[1, 2]).await, [2]);
     assert_eq!(found(h, "banana", &[1]).await, [1]);
     // A delete: gone.
@@ -1767,7 +1822,7 @@ async fn reactions_stored_in_other_forms_are_rewritten_once_and_count_once_per_u
     send(h, &[msg(1, 1, 0), msg(2, 1, 0), msg(3, 1, 0)]).await;
     let react = |message: u32, user_n: u8, emoji: &'static str, at: i64| {
         let store = h.store.clone();
-        async move { changed(store.react(id(message), user(user_n), emoji, true, at, 20).await.unwrap()) }
+        async move { changed(store.react(id(message), user(user_n), emoji, true, at, 20, 0).await.unwrap()) }
     };
     let (heart, text_heart, keycap, bare_keycap) = ("\u{2764}\u{FE0F}", "\u{2764}", "1\u{FE0F}\u{20E3}", "1\u{20E3}");
     react(1, 1, text_heart, 10).await;
@@ -1797,8 +1852,8 @@ async fn reactions_stored_in_other_forms_are_rewritten_once_and_count_once_per_u
     };
     assert_eq!((rows(1).await, rows(2).await, rows(3).await), (3, 1, 1));
     // Taking the heart back leaves none of it: nothing was left in the old form.
-    changed(h.store.react(id(1), user(2), heart, false, 16, 20).await.unwrap());
-    changed(h.store.react(id(1), user(1), heart, false, 17, 20).await.unwrap());
+    changed(h.store.react(id(1), user(2), heart, false, 16, 20, 0).await.unwrap());
+    changed(h.store.react(id(1), user(1), heart, false, 17, 20, 0).await.unwrap());
     let read = h.store.reactions(&[id(1)], None).await.unwrap();
     assert_eq!(tally(&read[&id(1)]), [("👍", 1, false)]);
     assert_eq!(rows(1).await, 1);
@@ -2127,7 +2182,7 @@ async fn indexing_old_messages_never_overwrites_an_edit_made_meanwhile() {
     h.execute("UPDATE messages SET search_vector = NULL").await;
     let read = pg.unindexed_batch().await.unwrap();
     assert_eq!(read.len(), 2);
-    h.store.edit(id(1), "a banana a day", None, 2_000, 5).await.unwrap();
+    h.store.edit(id(1), "a banana a day", None, 2_000, 5, 0).await.unwrap();
     assert_eq!(pg.write_index(read).await.unwrap(), 1, "only the message not written since");
     assert_eq!(found(&h, "banana", &[1]).await, [1], "the edit's index is kept");
     assert!(found(&h, "apple", &[1]).await.is_empty(), "the text read before the edit is not indexed");
@@ -2200,7 +2255,7 @@ async fn pins_take_numbers_only_when_real_hold_the_limit_under_concurrent_pins_a
     let base = h.store.heads(chat(1)).await.unwrap().change;
     let pin = |n: u32, by: u8, pin: bool, at: i64| {
         let store = h.store.clone();
-        async move { store.pin(id(n), user(by), pin, at, 10).await.unwrap() }
+        async move { store.pin(id(n), user(by), pin, at, 10, 0).await.unwrap() }
     };
     let Pinned::Changed(pinned) = pin(1, 1, true, 500).await else { panic!("a first pin changes the message") };
     assert_eq!((pinned.change_seq, pinned.revision), (base + 1, 1), "a change, not a revision");
@@ -2240,8 +2295,8 @@ async fn pins_take_numbers_only_when_real_hold_the_limit_under_concurrent_pins_a
     let listed = h.store.list(chat(1), pins, None, 100).await.unwrap();
     assert_eq!(listed.len(), 9);
     assert!(listed.iter().all(|m| m.id != gone));
-    assert_eq!(h.store.pin(gone, user(1), true, 1_001, 10).await.unwrap(), Pinned::Gone);
-    assert_eq!(h.store.pin(id(999), user(1), true, 1_001, 10).await.unwrap(), Pinned::Gone);
+    assert_eq!(h.store.pin(gone, user(1), true, 1_001, 10, 0).await.unwrap(), Pinned::Gone);
+    assert_eq!(h.store.pin(id(999), user(1), true, 1_001, 10, 0).await.unwrap(), Pinned::Gone);
 }
 
 /// A pin outlives a Regenerate: the superseded reply is still listed among
@@ -2250,7 +2305,7 @@ async fn a_pinned_reply_stays_among_the_pins_when_a_replacement_supersedes_it(h:
     send(h, &[by(msg(1, 1, 0), 1)]).await;
     let (first, _) = created(h.store.start_reply(&reply(2, 1, 1, None)).await.unwrap());
     h.store.finish_reply(first.id, &fin("one", Generation::Complete, &GenerationInfo::default(), false)).await.unwrap();
-    assert!(matches!(h.store.pin(first.id, user(1), true, 50, 10).await.unwrap(), Pinned::Changed(_)));
+    assert!(matches!(h.store.pin(first.id, user(1), true, 50, 10, 0).await.unwrap(), Pinned::Changed(_)));
     created(h.store.start_reply(&reply(3, 1, 1, Some(2))).await.unwrap());
     let pins = Range { ascending: true, pinned: true, ..Range::default() };
     let listed = h.store.list(chat(1), pins, None, 10).await.unwrap();
@@ -2266,7 +2321,7 @@ async fn a_pinned_reply_stays_among_the_pins_when_a_replacement_supersedes_it(h:
 /// without one.
 async fn a_pin_left_on_a_message_an_earlier_release_deleted_is_no_pin(h: &Harness) {
     send(h, &[msg(1, 1, 0), msg(2, 1, 0)]).await;
-    assert!(matches!(h.store.pin(id(1), user(1), true, 50, 1).await.unwrap(), Pinned::Changed(_)));
+    assert!(matches!(h.store.pin(id(1), user(1), true, 50, 1, 0).await.unwrap(), Pinned::Changed(_)));
     // As the release before pins deletes: the text gone, the pin columns as
     // they were.
     h.execute(&format!("UPDATE messages SET text = '', delete_time = 60 WHERE id = '{}'", id(1))).await;
@@ -2275,6 +2330,6 @@ async fn a_pin_left_on_a_message_an_earlier_release_deleted_is_no_pin(h: &Harnes
     let pins = Range { ascending: true, pinned: true, ..Range::default() };
     let listed = h.store.list(chat(1), pins, None, 10).await.unwrap();
     assert!(listed.is_empty(), "listed: {listed:?}");
-    let second = h.store.pin(id(2), user(1), true, 70, 1).await.unwrap();
+    let second = h.store.pin(id(2), user(1), true, 70, 1, 0).await.unwrap();
     assert!(matches!(&second, Pinned::Changed(m) if m.pin.is_some()), "a limit of one has room: {second:?}");
 }

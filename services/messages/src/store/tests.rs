@@ -108,6 +108,7 @@ message_store_suite!(
     a_departure_recorded_after_a_messages_check_refuses_it_in_the_write,
     a_send_waiting_on_a_departure_being_recorded_is_refused_once_it_commits,
     an_edit_checked_before_a_departure_is_refused_in_its_write,
+    an_edit_waiting_on_a_departure_being_recorded_is_refused_once_it_commits,
     a_reaction_checked_before_a_departure_is_refused_in_its_write,
     a_pin_checked_before_a_departure_is_refused_in_its_write,
     a_reply_names_a_message_stored_before_its_batch,
@@ -358,6 +359,17 @@ async fn insert_behind(
     hold: sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>,
     batch: Vec<NewMessage>,
 ) -> Option<Vec<Sent>> {
+    write_behind(h, hold, |store| async move { store.insert_batch(&batch).await.unwrap() }).await
+}
+
+/// As [`insert_behind`], for any write of the store: `write` (given the
+/// store) runs while `hold`'s transaction holds its lock, and its answer
+/// is returned once that commits.
+async fn write_behind<T: Send + 'static, F: Future<Output = T> + Send + 'static>(
+    h: &Harness,
+    hold: sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    write: impl FnOnce(Arc<dyn MessageStore>) -> F,
+) -> Option<T> {
     use sqlx::{Connection as _, Executor as _};
     let Cleanup::Schema { url, schema } = &h.cleanup else { return None };
     let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
@@ -365,11 +377,10 @@ async fn insert_behind(
     let mut tx = conn.begin().await.unwrap();
     hold.execute(&mut *tx).await.unwrap();
     let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.unwrap();
-    let store = h.store.clone();
-    let sending = tokio::spawn(async move { store.insert_batch(&batch).await.unwrap() });
-    natter_db::testing::wait_until_blocked_by(url, holder, || sending.is_finished()).await;
+    let writing = tokio::spawn(write(h.store.clone()));
+    natter_db::testing::wait_until_blocked_by(url, holder, || writing.is_finished()).await;
     tx.commit().await.unwrap();
-    Some(sending.await.unwrap())
+    Some(writing.await.unwrap())
 }
 
 /// `m` as checked at members version `version`.
@@ -439,6 +450,22 @@ async fn an_edit_checked_before_a_departure_is_refused_in_its_write(h: &Harness)
         panic!("checked at the recorded version: edited")
     };
     assert_eq!((edited.text.as_str(), edited.change_seq), ("changed", heads.change + 1));
+}
+
+/// PostgreSQL, two transactions by hand: an edit whose write reaches the
+/// chat's heads (after locking the message's row) while a departure from
+/// the chat is being recorded waits for it, then reads the committed
+/// members version and is refused. Reactions and pins take the heads row
+/// with the same statement.
+async fn an_edit_waiting_on_a_departure_being_recorded_is_refused_once_it_commits(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(1, 1, 0)]).await), [Some(1)]);
+    let before = at(h, 1, 1).await;
+    let departure = sqlx::query(RECORD_DEPARTURE).bind(chat(1).to_string()).bind(1_i64);
+    let edit =
+        |store: Arc<dyn MessageStore>| async move { store.edit(id(1), "changed", None, 2_000, 5, 0).await.unwrap() };
+    let Some(out) = write_behind(h, departure, edit).await else { return };
+    assert_eq!(out, Edited::Stale, "the edit read the departure committed while it waited");
+    assert_eq!(at(h, 1, 1).await, before, "not edited");
 }
 
 /// A reaction added or taken back by a user whose membership check saw a

@@ -374,15 +374,10 @@ impl Messages {
                 // from before): checked again, afresh, once. A departed
                 // caller is then refused as any non-member; a member whose
                 // check was merely old sends.
-                Sent::Stale if !rechecked => {
-                    self.chats.forget_membership(&req.chat_id.to_string(), &caller.to_string());
-                    rechecked = true;
-                    continue;
-                }
                 Sent::Stale => {
-                    return Err(MessagesError::Aborted(
-                        "the chat's members changed while the message was on its way: retry",
-                    ));
+                    let why = "the chat's members changed while the message was on its way: retry";
+                    self.check_again(req.chat_id, caller, &mut rechecked, why)?;
+                    continue;
                 }
                 Sent::NoSuchReply => {
                     return Err(MessagesError::invalid("reply_to_seq", "names no message of this chat"));
@@ -546,11 +541,7 @@ impl Messages {
                 }
                 // A member left or was removed after the check above: checked
                 // again, afresh, once, as a send is.
-                Edited::Stale if !rechecked => {
-                    self.chats.forget_membership(&message.chat_id.to_string(), &caller.to_string());
-                    rechecked = true;
-                }
-                Edited::Stale => return Err(MessagesError::Aborted(Self::MEMBERS_CHANGED)),
+                Edited::Stale => self.check_again(message.chat_id, caller, &mut rechecked, Self::MEMBERS_CHANGED)?,
             }
         };
         let unannounced = Unannounced::new(&self.bus, edited.chat_id);
@@ -642,6 +633,25 @@ impl Messages {
             })?;
         }
         Ok(deleted)
+    }
+
+    /// After a write refused as stale (its membership check came before a
+    /// departure the store recorded since): the first time (`rechecked`
+    /// false, then set), drops `caller`'s cached membership of `chat`, so
+    /// that the caller's next check is made afresh; the second time,
+    /// ABORTED with `why` (the members changed again meanwhile: retry).
+    fn check_again(
+        &self,
+        chat: ChatId,
+        caller: UserId,
+        rechecked: &mut bool,
+        why: &'static str,
+    ) -> Result<(), MessagesError> {
+        if std::mem::replace(rechecked, true) {
+            return Err(MessagesError::Aborted(why));
+        }
+        self.chats.forget_membership(&chat.to_string(), &caller.to_string());
+        Ok(())
     }
 
     /// Whether `caller`, who is no member of `message`'s chat (any more),
@@ -772,12 +782,10 @@ impl Messages {
                 }),
                 // A member left or was removed after the check above: checked
                 // again, afresh, once.
-                Reacted::Stale if !rechecked => {
-                    self.chats.forget_membership(&message.chat_id.to_string(), &caller.to_string());
-                    rechecked = true;
+                Reacted::Stale => {
+                    self.check_again(message.chat_id, caller, &mut rechecked, Self::MEMBERS_CHANGED)?;
                     continue;
                 }
-                Reacted::Stale => Err(MessagesError::Aborted(Self::MEMBERS_CHANGED)),
             };
         }
     }
@@ -825,11 +833,7 @@ impl Messages {
                 }
                 // A member left or was removed after the check above:
                 // checked again, afresh, once.
-                Pinned::Stale if !rechecked => {
-                    self.chats.forget_membership(&message.chat_id.to_string(), &caller.to_string());
-                    rechecked = true;
-                }
-                Pinned::Stale => return Err(MessagesError::Aborted(Self::MEMBERS_CHANGED)),
+                Pinned::Stale => self.check_again(message.chat_id, caller, &mut rechecked, Self::MEMBERS_CHANGED)?,
             }
         };
         let unannounced = changed.then(|| Unannounced::new(&self.bus, message.chat_id));

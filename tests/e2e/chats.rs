@@ -23,6 +23,7 @@ crate::both_modes!(
     an_edit_checked_before_a_removal_is_refused_where_it_is_written,
     a_reaction_checked_before_a_removal_is_refused_where_it_is_written,
     a_pin_checked_before_a_removal_is_refused_where_it_is_written,
+    a_send_checked_before_a_chat_s_deletion_is_refused_where_it_is_written,
 );
 
 pub(crate) async fn direct(c: &Cluster, a: &TestUser, b: &TestUser) -> cpb::Chat {
@@ -498,6 +499,40 @@ async fn a_send_checked_before_a_removal_is_refused_where_it_is_written(c: &Clus
     let refused = try_send(c, &bob, &chat.id, "still here?").await.unwrap_err();
     assert_eq!((refused.code(), refused.message()), (Code::PermissionDenied, "not a member of this chat"));
     assert_eq!(send(c, &carol, &chat.id, "bye bob").await.seq, 2, "no seq taken by the refused send");
+}
+
+/// A send whose membership check (a member of a live chat) came before
+/// DeleteChat and whose write comes after it answered is refused in the
+/// write: nothing is stored in the deleted chat (which would otherwise
+/// start over at seq 1 with a message nobody can read, kept for good).
+/// DeleteChat answers once the messages service has purged the chat,
+/// which leaves a mark on the chat's heads that every send's write reads.
+/// The check is made to answer "member" by putting the chat back behind
+/// the services' backs (what a check taken before the delete answered);
+/// as the store keeps saying so when the send checks again, afresh, it
+/// ends ABORTED. Once the store tells the truth, the chat is not found.
+async fn a_send_checked_before_a_chat_s_deletion_is_refused_where_it_is_written(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = c.chats().create_chat(authed(&alice, group_of("Team", &[&bob]))).await.unwrap();
+    let chat = chat.into_inner().chat.unwrap().id;
+    send(c, &bob, &chat, "hello").await;
+    let delete = || cpb::DeleteChatRequest { chat_id: chat.clone() };
+    let stored = format!("SELECT COUNT(*) FROM messages WHERE chat_id = '{chat}'");
+
+    c.copy_chat_aside(&chat).await;
+    c.chats().delete_chat(authed(&alice, delete())).await.unwrap();
+    c.undo_deletion_silently(&chat).await;
+    let refused = try_send(c, &bob, &chat, "anyone?").await.unwrap_err();
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    assert_eq!(c.count_in_store("messages", &stored).await, 0, "nothing stored in the deleted chat");
+
+    // Deleted again through the API: the store tells the truth.
+    c.chats().delete_chat(authed(&alice, delete())).await.unwrap();
+    let refused = try_send(c, &bob, &chat, "anyone?").await.unwrap_err();
+    assert_eq!((refused.code(), refused.message()), (Code::NotFound, "chat not found"));
+    let again = c.chats().delete_chat(authed(&alice, delete())).await.unwrap_err();
+    assert_eq!(again.code(), Code::NotFound, "deleted already");
+    assert_eq!(c.count_in_store("messages", &stored).await, 0);
 }
 
 /// A group of alice (owner), bob and carol (the users, then the chat's

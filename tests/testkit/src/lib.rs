@@ -580,6 +580,45 @@ impl Cluster {
         assert_eq!(done, [1, 1], "back in, as of before");
     }
 
+    /// Copies chat `chat`'s row and memberships aside in the chats store
+    /// (tables of their own), behind the service's back, for
+    /// [`Cluster::undo_deletion_silently`].
+    pub async fn copy_chat_aside(&self, chat: &str) {
+        let aside = chat.replace('-', "_");
+        self.write_chats_store(|schema| {
+            vec![
+                format!("CREATE TABLE {schema}aside_chats_{aside} AS SELECT * FROM {schema}chats WHERE id = '{chat}'"),
+                format!(
+                    "CREATE TABLE {schema}aside_members_{aside} AS SELECT * FROM {schema}members \
+                     WHERE chat_id = '{chat}'"
+                ),
+            ]
+        })
+        .await;
+    }
+
+    /// Puts deleted chat `chat` back straight in the chats store, as
+    /// [`Cluster::copy_chat_aside`] copied it before its DeleteChat,
+    /// telling nobody: the chats service's membership checks (once nothing
+    /// cached says otherwise) say its members are members of a live chat,
+    /// while the messages service has the chat purged. That is where a
+    /// send whose membership was checked just before a DeleteChat stands
+    /// when it reaches its write after the delete answered.
+    pub async fn undo_deletion_silently(&self, chat: &str) {
+        let aside = chat.replace('-', "_");
+        let done = self
+            .write_chats_store(|schema| {
+                vec![
+                    format!("INSERT INTO {schema}chats SELECT * FROM {schema}aside_chats_{aside}"),
+                    format!("INSERT INTO {schema}members SELECT * FROM {schema}aside_members_{aside}"),
+                    format!("DROP TABLE {schema}aside_chats_{aside}"),
+                    format!("DROP TABLE {schema}aside_members_{aside}"),
+                ]
+            })
+            .await;
+        assert!(done[0] == 1 && done[1] > 0, "back as it was: {done:?}");
+    }
+
     /// Runs the statements `sqls` makes (given the chats store's table
     /// prefix: a split cluster's schema and a dot, or nothing) on the chats
     /// store, behind the service's back, and answers the rows each touched.

@@ -1128,6 +1128,25 @@ pub(crate) const RECORD_DEPARTURE: &str = "INSERT INTO chat_heads (chat_id, last
      members_version) VALUES ($1, 0, 0, $2) ON CONFLICT (chat_id) DO UPDATE SET members_version = \
      excluded.members_version WHERE chat_heads.members_version < excluded.members_version";
 
+/// The members version a purged chat's heads row holds
+/// ([`MessageStore::purge_chat`]): above any a membership check answers, so
+/// every send's write finds the chat's messages checked before a
+/// departure ([`Sent::Stale`]) with the comparison it makes anyway, and
+/// the check made afresh finds no chat (NOT_FOUND). A departure's version
+/// never lowers it (a recorded members version only rises).
+pub const DELETED_MEMBERS_VERSION: i64 = i64::MAX;
+
+/// [`MessageStore::purge_chat`]'s last statement: chat `$1`'s heads row as
+/// a new chat's (no seq, no change number, open) but with members version
+/// [`DELETED_MEMBERS_VERSION`] (the same text on both engines). On
+/// PostgreSQL the upsert takes the row's lock, as a send's write does, so
+/// a write under way commits first (and its message is purged with the
+/// rest) or waits and reads the mark.
+pub(crate) const PURGE_HEADS: &str = "INSERT INTO chat_heads (chat_id, last_seq, last_change, log_floor, closed, \
+     closed_version, members_version) VALUES ($1, 0, 0, 0, FALSE, 0, 9223372036854775807) ON CONFLICT (chat_id) \
+     DO UPDATE SET last_seq = 0, last_change = 0, log_floor = 0, closed = FALSE, closed_version = 0, \
+     members_version = excluded.members_version";
+
 /// A chat's heads: where its timeline and its changes stand.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Heads {
@@ -1429,7 +1448,16 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// on PostgreSQL, whose chats store writes activity as it comes.
     async fn recent_activity(&self, window_us: i64) -> Result<Vec<Activity>, StoreError>;
 
-    /// Deletes everything of a chat.
+    /// Deletes everything of a deleted chat (its messages, their
+    /// revisions, reactions, reports and mentions, its read positions and
+    /// change log) in one transaction, and leaves its heads row marked
+    /// deleted (seq and change number back to zero, members version
+    /// [`DELETED_MEMBERS_VERSION`]), which a send's write reads on
+    /// the row it locks anyway: a message whose membership check passed
+    /// before the chat's deletion and whose write comes after the purge is
+    /// refused ([`Sent::Stale`]; checked again, the chat is not found)
+    /// rather than stored in the deleted chat with a seq of 1. One written
+    /// before the purge goes with it. A repeat deletes nothing more.
     async fn purge_chat(&self, chat: ChatId) -> Result<(), StoreError>;
 
     /// Forgets deleted user `user`: deletes, in ONE transaction, every row

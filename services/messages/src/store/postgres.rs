@@ -29,11 +29,11 @@ use sqlx::{PgPool, Row as _};
 use super::{
     Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Edited, Finish, Finished,
     Flags, Generation, GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message,
-    MessageStore, NewMessage, NewReply, Pin, Pinned, QueueCursor, QueueFilter, RECORD_DEPARTURE, Range, Reacted,
-    Reaction, ReadState, Reply, Revision, Role, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started,
-    StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row,
-    decode_mentions, encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns, parse_id,
-    pinned_sql, report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
+    MessageStore, NewMessage, NewReply, PURGE_HEADS, Pin, Pinned, QueueCursor, QueueFilter, RECORD_DEPARTURE, Range,
+    Reacted, Reaction, ReadState, Reply, Revision, Role, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq,
+    Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of,
+    chat_change_row, decode_mentions, encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns,
+    parse_id, pinned_sql, report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -146,6 +146,24 @@ const MESSAGE_BY_ID: &str = concat!("SELECT ", message_columns!(), " FROM messag
 
 /// [`MESSAGE_BY_ID`], locking the row for the rest of the transaction.
 const MESSAGE_FOR_UPDATE: &str = concat!("SELECT ", message_columns!(), " FROM messages WHERE id = $1 FOR UPDATE");
+
+/// [`MessageStore::purge_chat`]'s deletes of chat `$1`'s rows, run twice in
+/// its transaction: before [`PURGE_HEADS`] (so the rows a write locks
+/// before the heads row, a message's, are taken in that order, as every
+/// write takes them) and again after it. Under READ COMMITTED each
+/// statement reads what was committed when it began, so a send that took
+/// the heads row before the mark and committed its message after the first
+/// pass read the chat is found by the second, which no send can add to
+/// behind the heads lock (a later send waits, then reads the mark).
+pub(super) const PURGE_ROWS: [&str; 7] = [
+    "DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = $1)",
+    "DELETE FROM message_reactions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = $1)",
+    "DELETE FROM message_reports WHERE chat_id = $1",
+    "DELETE FROM message_mentions WHERE chat_id = $1",
+    "DELETE FROM messages WHERE chat_id = $1",
+    "DELETE FROM read_positions WHERE chat_id = $1",
+    "DELETE FROM chat_changes WHERE chat_id = $1",
+];
 
 /// The arguments of the advisory lock between [`MessageStore::forget_user`]
 /// (exclusive) and the writes of rows kept under a user's id that it
@@ -1979,17 +1997,9 @@ impl MessageStore for PostgresStore {
     }
 
     async fn purge_chat(&self, chat: ChatId) -> Result<(), StoreError> {
-        let deletes = [
-            "DELETE FROM message_revisions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = $1)",
-            "DELETE FROM message_reactions WHERE message_id IN (SELECT id FROM messages WHERE chat_id = $1)",
-            "DELETE FROM message_reports WHERE chat_id = $1",
-            "DELETE FROM message_mentions WHERE chat_id = $1",
-            "DELETE FROM messages WHERE chat_id = $1",
-            "DELETE FROM read_positions WHERE chat_id = $1",
-            "DELETE FROM chat_changes WHERE chat_id = $1",
-            "DELETE FROM chat_heads WHERE chat_id = $1",
-        ];
-        self.in_one_transaction(&deletes, chat.to_string()).await
+        let statements: Vec<&'static str> =
+            PURGE_ROWS.iter().chain([&PURGE_HEADS]).chain(&PURGE_ROWS).copied().collect();
+        self.in_one_transaction(&statements, chat.to_string()).await
     }
 
     async fn forget_user(&self, user: UserId) -> Result<(), StoreError> {

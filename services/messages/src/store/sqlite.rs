@@ -20,10 +20,10 @@ use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, par
 use super::{
     Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Edited, Finish, Finished,
     Flags, Generation, GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message,
-    MessageStore, NewMessage, NewReply, Pin, Pinned, QueueCursor, QueueFilter, RECENT_ACTIVITY_ROWS, RECORD_DEPARTURE,
-    Range, Reacted, Reaction, ReadState, Reply, Revision, Role, SEARCH_RANK_MAX, SEARCH_SCAN, SearchCursor,
-    SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump,
-    ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, created_after_bounds, decode_mentions,
+    MessageStore, NewMessage, NewReply, PURGE_HEADS, Pin, Pinned, QueueCursor, QueueFilter, RECENT_ACTIVITY_ROWS,
+    RECORD_DEPARTURE, Range, Reacted, Reaction, ReadState, Reply, Revision, Role, SEARCH_RANK_MAX, SEARCH_SCAN,
+    SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary,
+    ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, created_after_bounds, decode_mentions,
     encode_mentions, first_seq_created_after, list_sql, mention_count_sql, merge_changes, message_columns, pinned_sql,
     report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
 };
@@ -1812,7 +1812,7 @@ impl MessageStore for SqliteStore {
             "DELETE FROM messages WHERE chat_id = ?1",
             "DELETE FROM read_positions WHERE chat_id = ?1",
             "DELETE FROM chat_changes WHERE chat_id = ?1",
-            "DELETE FROM chat_heads WHERE chat_id = ?1",
+            PURGE_HEADS,
         ];
         self.in_one_transaction(deletes, chat.to_string()).await
     }

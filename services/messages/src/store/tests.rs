@@ -127,6 +127,10 @@ message_store_suite!(
     summaries_follow_the_requested_order,
     recent_activity_lists_the_newest_message_of_recent_chats,
     purging_a_chat_removes_all_of_it,
+    a_purged_chat_takes_no_message_written_after_its_purge,
+    a_purged_chat_takes_no_edit_reaction_or_pin,
+    a_send_waiting_on_a_purge_is_refused_once_it_commits,
+    a_message_sent_while_a_purge_reads_the_chat_goes_with_it,
     reactions_are_once_per_user_per_emoji_and_only_real_changes_take_numbers,
     concurrent_reactions_on_one_message_never_drift,
     mentions_are_kept_with_the_message_and_count_only_unread_live_mentions_of_others,
@@ -1080,9 +1084,84 @@ async fn purging_a_chat_removes_all_of_it(h: &Harness) {
         Summary { newest: None, unread: 0, mentions: 0, message_count: 0, max_severity: 0 }
     );
     assert_eq!(stored(h, 2).await, [(1, id(3))], "other chats stay");
-    // The chat starts over from seq 1, with no mention left of before.
-    assert_eq!(seqs(&send(h, &[msg(4, 1, 0)]).await), [Some(1)]);
     assert_eq!(mention_counts(h, 1, &[1]).await, [0], "mentions go too");
+}
+
+/// A message whose membership check passed before its chat was deleted
+/// and whose write comes after the purge is refused in the write
+/// ([`Sent::Stale`]: checked again, the chat is not found), whatever
+/// version its check saw, whatever the batch's path, and takes no seq: a
+/// purged chat never starts over from seq 1 with a message nobody can
+/// read. A departure recorded late does not reopen it, nor does a repeated
+/// purge; a chat purged before any message is closed all the same; other
+/// chats of the batch go on.
+async fn a_purged_chat_takes_no_message_written_after_its_purge(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(60, 14, 0), msg(61, 14, 0)]).await), [Some(1), Some(2)]);
+    h.store.purge_chat(chat(14)).await.unwrap();
+    assert_eq!(h.store.heads(chat(14)).await.unwrap(), Heads::default(), "read as a chat with nothing");
+
+    let out = send(h, &[checked_at(msg(62, 14, 0), 7), msg(63, 15, 0)]).await;
+    assert_eq!((&out[0], seqs(&out)[1]), (&Sent::Stale, Some(1)), "refused in the write; the other chat goes on");
+    assert_eq!(send(h, &[mentioning(checked_at(msg(64, 14, 0), 7), &[1])]).await, [Sent::Stale], "with mentions");
+    assert_eq!(send(h, &[msg(61, 14, 0)]).await, [Sent::Stale], "a retry of a purged message");
+    h.store.record_departure(chat(14), 9).await.unwrap();
+    assert_eq!(send(h, &[checked_at(msg(65, 14, 0), 9)]).await, [Sent::Stale], "a late departure reopens nothing");
+    h.store.purge_chat(chat(14)).await.unwrap();
+    assert_eq!(send(h, &[checked_at(msg(66, 14, 0), i64::MAX - 1)]).await, [Sent::Stale], "purged again");
+    assert!(stored(h, 14).await.is_empty(), "nothing stored in the deleted chat");
+    assert_eq!(h.store.heads(chat(14)).await.unwrap(), Heads::default(), "no seq, no change number taken");
+    assert_eq!(mention_counts(h, 14, &[1]).await, [0]);
+
+    h.store.purge_chat(chat(16)).await.unwrap();
+    assert_eq!(send(h, &[msg(67, 16, 0)]).await, [Sent::Stale], "purged before its first message");
+    assert!(stored(h, 16).await.is_empty());
+}
+
+/// An edit, a reaction or a pin whose check passed before its chat was
+/// deleted and whose write comes after the purge finds no message: nothing
+/// is written, no change number taken.
+async fn a_purged_chat_takes_no_edit_reaction_or_pin(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(70, 17, 0)]).await), [Some(1)]);
+    h.store.purge_chat(chat(17)).await.unwrap();
+    assert_eq!(h.store.edit(id(70), "changed", None, 2_000, 5, 0).await.unwrap(), Edited::Deleted);
+    assert_eq!(h.store.react(id(70), user(1), "👍", true, 2_001, 20, 0).await.unwrap(), Reacted::Gone);
+    assert_eq!(h.store.pin(id(70), user(1), true, 2_002, 10, 0).await.unwrap(), Pinned::Gone);
+    assert_eq!(h.store.message(id(70)).await.unwrap(), None);
+    assert_eq!(h.store.heads(chat(17)).await.unwrap(), Heads::default(), "no change number taken");
+}
+
+/// PostgreSQL, a purge's statements by hand: a message whose send
+/// committed after the purge's first pass read the chat (its write took
+/// the heads row before the purge did) goes with the chat all the same.
+async fn a_message_sent_while_a_purge_reads_the_chat_goes_with_it(h: &Harness) {
+    use sqlx::{Connection as _, Executor as _};
+    let Cleanup::Schema { url, schema } = &h.cleanup else { return };
+    assert_eq!(seqs(&send(h, &[msg(90, 19, 0)]).await), [Some(1)]);
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    conn.execute(sqlx::AssertSqlSafe(format!("SET search_path TO {schema}"))).await.unwrap();
+    let mut purge = conn.begin().await.unwrap();
+    for sql in super::postgres::PURGE_ROWS {
+        sqlx::query(sql).bind(chat(19).to_string()).execute(&mut *purge).await.unwrap();
+    }
+    assert_eq!(seqs(&send(h, &[msg(91, 19, 0)]).await), [Some(2)], "committed after the first pass");
+    for sql in std::iter::once(PURGE_HEADS).chain(super::postgres::PURGE_ROWS) {
+        sqlx::query(sql).bind(chat(19).to_string()).execute(&mut *purge).await.unwrap();
+    }
+    purge.commit().await.unwrap();
+    assert!(stored(h, 19).await.is_empty(), "the second pass took it");
+    assert_eq!(send(h, &[msg(92, 19, 0)]).await, [Sent::Stale]);
+}
+
+/// PostgreSQL, two transactions by hand: a send whose write reaches the
+/// chat's heads while its chat's purge is being committed (its transaction
+/// holds the heads row) waits for it, then reads the purge's mark and is
+/// refused: nothing is stored in the purged chat.
+async fn a_send_waiting_on_a_purge_is_refused_once_it_commits(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(80, 18, 0)]).await), [Some(1)]);
+    let purge = sqlx::query(PURGE_HEADS).bind(chat(18).to_string());
+    let Some(out) = insert_behind(h, purge, vec![msg(81, 18, 0)]).await else { return };
+    assert_eq!(out, [Sent::Stale], "the write read the purge committed while it waited");
+    assert_eq!(h.store.head(chat(18)).await.unwrap(), Seq::ZERO);
 }
 
 async fn mentions_are_kept_with_the_message_and_count_only_unread_live_mentions_of_others(h: &Harness) {

@@ -105,6 +105,16 @@ const DELETED_USERS_LOG: &str = "sessions.deleted_users";
 /// Deleted users asked for at a time.
 const DELETED_USERS_PAGE: i32 = 100;
 
+/// The name under which [`Chats::forget_user`] keeps, as items to retry
+/// (one chat id each, [`ChatStore::retry_later`]), the chats it takes
+/// deleted user `user` out of or deletes, from before it does so until the
+/// messages service has recorded it: an attempt that fails midway leaves
+/// them for the next one, which no longer finds them among the user's
+/// chats, to wait for.
+fn departures_log(user: UserId) -> String {
+    format!("{DELETED_USERS_LOG}.departures.{user}")
+}
+
 /// How long a deleted user whose removal failed waits to be tried again:
 /// the next relay round, then twice as long after each further failure, an
 /// hour at most (one that always fails costs a round ever less often).
@@ -745,11 +755,30 @@ impl Chats {
     /// may delete: nobody else's history goes with it. The caller's role is
     /// checked again in the delete's write: one who handed the group over,
     /// or was demoted or removed, since the check deletes nothing
-    /// (PERMISSION_DENIED).
+    /// (PERMISSION_DENIED). It answers once the messages service has purged
+    /// the chat, which leaves a mark every send's write reads: no message
+    /// is stored in the chat after it answers, one already past its
+    /// membership check included.
+    ///
+    /// Errors: as DeleteChat in chats.proto, and UNAVAILABLE when the chat
+    /// is deleted but its purge could not be done yet (the relay does it
+    /// later; a retry does it now, then answers NOT_FOUND as for any
+    /// deleted chat).
     pub async fn delete_chat(&self, caller: UserId, chat_id: ChatId) -> Result<(), ChatsError> {
         const OWNER_ONLY: &str = "only the owner may delete a chat";
         self.change_rate.check(&caller)?;
-        let (chat, role) = self.member(caller, chat_id).await?;
+        let (chat, role) = match self.member(caller, chat_id).await {
+            Ok(found) => found,
+            // Deleted already (a retry after UNAVAILABLE, or a delete that
+            // raced this one): not found, once its purge is done.
+            Err(ChatsError::ChatNotFound) => {
+                if self.store.purge_due(chat_id).await? {
+                    self.purge_now(chat_id).await?;
+                }
+                return Err(ChatsError::ChatNotFound);
+            }
+            Err(e) => return Err(e),
+        };
         if chat.kind == Kind::Direct {
             if !self.nobody_else_keeps(chat.id, caller).await? {
                 return Err(ChatsError::Precondition("a direct chat has no owner to delete it: archive it instead"));
@@ -767,6 +796,9 @@ impl Chats {
     /// Deletes chat `chat`, its memberships, then its messages; with `by`,
     /// only if that user may still ([`ChatStore::delete_chat`]), else
     /// nothing is written and the refusal is answered.
+    ///
+    /// Errors: UNAVAILABLE when the chat is deleted but its messages could
+    /// not be purged yet ([`Chats::purge_now`]).
     async fn remove_chat(&self, chat: ChatId, by: Option<UserId>) -> Result<Checked<()>, ChatsError> {
         let members = match self.store.delete_chat(chat, now_micros(), by).await? {
             Checked::Done(members) => members,
@@ -777,7 +809,7 @@ impl Chats {
         // The chat is gone, so its messages are unreachable already (its id
         // is never given to another chat); a purge that fails now is
         // retried by the relay.
-        self.purge(chat).await;
+        self.purge_now(chat).await?;
         tracing::info!(chat_id = %chat, "chat deleted");
         Ok(Checked::Done(()))
     }
@@ -888,17 +920,28 @@ impl Chats {
     /// messages service forgets it too (`ForgetUser`: its last-seen time,
     /// read positions and mention rows); should that fail, so does this, and
     /// the relay retries it. Repeatable after a failure midway.
+    /// Before that, it waits until the messages service has recorded each
+    /// departure (and purged each chat deleted), as RemoveMember and
+    /// DeleteChat do before they answer, those of an earlier attempt that
+    /// failed midway included (kept under `departures_log`): a message of
+    /// the user's already past its membership check is refused in its write
+    /// rather than stored after the user left, and the user is forgotten
+    /// only once out of every chat as far as the messages service knows.
+    /// While one cannot be recorded (UNAVAILABLE), this fails and the relay
+    /// retries.
     /// A user made owner after its role was read here stays in that group
     /// (the store never removes the owner) and this fails, so that the
     /// retry hands the group over.
     pub async fn forget_user(&self, user: UserId) -> Result<(), ChatsError> {
         self.store.record_forgotten(user, now_micros()).await?;
+        let departures = departures_log(user);
         let deleted = Arc::new(natter_bus::Event::user_deleted(user));
         for chat_id in self.store.member_chat_ids(user, false).await? {
             self.bus.publish(Topic::Chat(chat_id.uuid()), deleted.clone());
             let Some(ChatAccess { chat, role: Some(role) }) = self.store.access(chat_id, user).await? else { continue };
             if chat.kind == Kind::Direct {
                 if self.nobody_else_keeps(chat.id, user).await? {
+                    self.note_departure(&departures, chat.id).await?;
                     self.remove_chat(chat.id, None).await?;
                 }
                 continue;
@@ -910,6 +953,7 @@ impl Chats {
             let people = self.people_among(others.iter().map(|m| m.user_id)).await?;
             let heirs: Vec<&Member> = others.into_iter().filter(|m| people.contains(&m.user_id)).collect();
             let Some(&first) = heirs.first() else {
+                self.note_departure(&departures, chat.id).await?;
                 self.remove_chat(chat.id, None).await?;
                 continue;
             };
@@ -931,6 +975,7 @@ impl Chats {
             // As an admin or a member only: made owner since its role was
             // read above, it stays, and the next round hands the group over.
             let leave = Removal { departure: Departure::Left, targets: &[Role::Admin, Role::Member], actor: None };
+            self.note_departure(&departures, chat.id).await?;
             let left = self.store.remove_member(chat.id, user, leave, now).await?;
             self.evict(chat.id).await;
             self.deliver(chat.id).await;
@@ -939,8 +984,42 @@ impl Chats {
             }
             tracing::info!(chat_id = %chat.id, user_id = %user, "a deleted user left the chat");
         }
+        self.await_departures(&departures).await?;
         self.messages.forget_user(&user.to_string()).await?;
         Ok(())
+    }
+
+    /// Keeps `chat` under `departures` ([`departures_log`]) before
+    /// [`Chats::forget_user`] takes its user out of it or deletes it, so
+    /// that an attempt that fails after that still waits for it.
+    async fn note_departure(&self, departures: &str, chat: ChatId) -> Result<(), ChatsError> {
+        Ok(self.store.retry_later(departures, &chat.to_string(), now_micros(), self.retry_backoff).await?)
+    }
+
+    /// Waits until the messages service has recorded every chat kept under
+    /// `departures` ([`Chats::note_departure`]): its outbox (the
+    /// departure and its members version) delivered and, for a chat
+    /// deleted, its purge done; each is forgotten once it is.
+    ///
+    /// Errors: UNAVAILABLE when one could not be recorded yet (the rest
+    /// stay kept for the next attempt).
+    async fn await_departures(&self, departures: &str) -> Result<(), ChatsError> {
+        loop {
+            let kept = self.store.retries(departures, i64::MAX, RELAY_BATCH).await?;
+            if kept.is_empty() {
+                return Ok(());
+            }
+            for item in kept {
+                // Only chat ids are kept (see note_departure).
+                if let Ok(chat) = uuid::Uuid::try_parse(&item).map(ChatId) {
+                    self.deliver_now(chat).await?;
+                    if self.store.purge_due(chat).await? {
+                        self.purge_now(chat).await?;
+                    }
+                }
+                self.store.retried(departures, &item).await?;
+            }
+        }
     }
 
     /// Which of `users` are people: users that exist and are no bots.
@@ -956,6 +1035,24 @@ impl Chats {
         let members = self.store.members(chat, None, 2).await?;
         let Some(other) = members.iter().find(|m| m.user_id != caller) else { return Ok(false) };
         Ok(self.people_among(std::iter::once(other.user_id)).await?.is_empty())
+    }
+
+    /// [`Chats::purge`] for a call that answers only once it is done: so a
+    /// send whose membership was checked before the chat's deletion, still
+    /// on its way to its write, is refused there
+    /// (natter_messages' `MessageStore::purge_chat` marks the chat).
+    ///
+    /// Errors: UNAVAILABLE when the purge could not be done (the chat is
+    /// deleted, and the relay purges it later; a retry of the call purges
+    /// it now).
+    async fn purge_now(&self, chat: ChatId) -> Result<(), ChatsError> {
+        if !self.purge(chat).await {
+            return Err(ChatsError::Upstream(tonic::Status::unavailable(
+                "deleted, but the messages service has not purged the chat yet: retry to be sure no message already \
+                 on its way is stored in it",
+            )));
+        }
+        Ok(())
     }
 
     /// Purges a deleted chat's messages from the messages service, after
@@ -2114,9 +2211,76 @@ mod tests {
         assert_eq!(store.retries(DELETED_USERS_LOG, i64::MAX, 10).await.unwrap(), [gone.to_string()]);
 
         h.messages.down.store(false, Ordering::SeqCst);
+        h.messages.take();
         assert_eq!(h.chats.forget_deleted_users().await, 1, "retried at the next round");
+        let departure = vec![membership(gone, mpb::MembershipChange::Left), members_departed(1)];
+        let recorded: Vec<_> = h.messages.take().into_iter().flat_map(|(_, changes)| changes).collect();
+        assert_eq!(recorded, departure, "the departure of the failed attempt recorded by the retry");
         assert_eq!(*h.messages.forgotten.lock().unwrap(), [gone.to_string()]);
         assert_eq!(store.retries(DELETED_USERS_LOG, i64::MAX, 10).await.unwrap(), Vec::<String>::new());
+        assert_eq!(store.retries(&departures_log(gone), i64::MAX, 10).await.unwrap(), Vec::<String>::new());
+    }
+
+    /// A deleted user's departures are recorded with the messages service
+    /// (so that a message of theirs already past its membership check is
+    /// refused in its write), as RemoveMember's are before it answers,
+    /// before the user counts as taken out and the messages service forgets
+    /// them: while a departure cannot be recorded, even with ForgetUser
+    /// answering, the user waits for the retry, which records it first,
+    /// though the user is no longer among the chat's members by then.
+    #[tokio::test]
+    async fn a_deleted_user_is_forgotten_only_once_its_departures_are_recorded() {
+        let [gone, alice, bob] = [(); 3].map(|_| UserId::new_v7());
+        let directory = Arc::new(Directory::default());
+        let h = harness_with(Limits::default(), directory.clone()).await;
+        let team = h.chats.create_chat(alice, group("team", vec![gone, bob])).await.unwrap().chat.id;
+        directory.delete(gone);
+        let store = h.chats.store();
+        h.messages.take();
+
+        // Every attempt at recording the departure fails, in the loop and
+        // in the wait after it; ForgetUser would answer.
+        h.messages.failures.store(2 * RECORD_ATTEMPTS as usize, Ordering::SeqCst);
+        assert_eq!(h.chats.forget_deleted_users().await, 0, "not done while its departure is not recorded");
+        assert_eq!(store.role(team, gone).await.unwrap(), None, "out of the group all the same");
+        assert_eq!(h.messages.take(), [], "nothing recorded");
+        assert_eq!(*h.messages.forgotten.lock().unwrap(), Vec::<String>::new(), "not forgotten before it");
+        assert_eq!(store.retries(DELETED_USERS_LOG, i64::MAX, 10).await.unwrap(), [gone.to_string()]);
+        assert_eq!(store.retries(&departures_log(gone), i64::MAX, 10).await.unwrap(), [team.to_string()]);
+
+        assert_eq!(h.chats.forget_deleted_users().await, 1, "retried at the next round");
+        let departure = vec![membership(gone, mpb::MembershipChange::Left), members_departed(1)];
+        let recorded: Vec<_> = h.messages.take().into_iter().flat_map(|(_, changes)| changes).collect();
+        assert_eq!(recorded, departure, "recorded by the retry, though no longer among its chats");
+        assert_eq!(*h.messages.forgotten.lock().unwrap(), [gone.to_string()]);
+        assert_eq!(store.retries(&departures_log(gone), i64::MAX, 10).await.unwrap(), Vec::<String>::new());
+        assert_eq!(h.chats.relay().await, 0, "nothing left behind");
+    }
+
+    /// DeleteChat answers once the messages service has purged the chat
+    /// (whose mark refuses a send on its way): while it cannot, UNAVAILABLE,
+    /// the chat deleted all the same; the retry purges it and answers
+    /// NOT_FOUND, as for any deleted chat.
+    #[tokio::test]
+    async fn deletes_answer_once_the_chat_is_purged() {
+        let h = harness(Limits::default()).await;
+        let [owner, a] = [(); 2].map(|_| UserId::new_v7());
+        let chat = h.chats.create_chat(owner, group("Team", vec![a])).await.unwrap().chat;
+
+        h.messages.down.store(true, Ordering::SeqCst);
+        let failed = h.chats.delete_chat(owner, chat.id).await.unwrap_err();
+        assert_eq!(tonic::Status::from(failed).code(), tonic::Code::Unavailable, "not purged: not answered as done");
+        assert!(h.chats.store().chat(chat.id).await.unwrap().is_none(), "deleted all the same");
+        assert_eq!(*h.messages.purged.lock().unwrap(), Vec::<String>::new());
+        h.messages.down.store(false, Ordering::SeqCst);
+
+        let retried = h.chats.delete_chat(owner, chat.id).await.unwrap_err();
+        assert_eq!(tonic::Status::from(retried).code(), tonic::Code::NotFound, "deleted already");
+        assert_eq!(*h.messages.purged.lock().unwrap(), [chat.id.to_string()], "purged by the retry");
+        assert!(matches!(h.chats.delete_chat(owner, chat.id).await, Err(ChatsError::ChatNotFound)));
+        assert!(matches!(h.chats.delete_chat(a, ChatId::new_v7()).await, Err(ChatsError::ChatNotFound)));
+        assert_eq!(h.messages.purged.lock().unwrap().len(), 1, "purged once");
+        assert_eq!(h.chats.relay().await, 0, "nothing left for the relay");
     }
 
     /// The messages service places a late join's read position by when
@@ -2362,7 +2526,8 @@ mod tests {
         let new = NewChat { chat_id: Some(ChatId::new_v7()), ..group("Team", vec![a]) };
         let chat = h.chats.create_chat(owner, new.clone()).await.unwrap().chat;
         h.messages.down.store(true, Ordering::SeqCst);
-        h.chats.delete_chat(owner, chat.id).await.expect("the delete is committed");
+        let failed = h.chats.delete_chat(owner, chat.id).await.expect_err("committed, not purged");
+        assert_eq!(tonic::Status::from(failed).code(), tonic::Code::Unavailable);
         assert_eq!(*h.messages.purged.lock().unwrap(), Vec::<String>::new(), "nothing purged while down");
         // The same id, even by its creator: ALREADY_EXISTS, no new chat.
         assert!(matches!(h.chats.create_chat(owner, new.clone()).await, Err(ChatsError::ChatIdTaken)));

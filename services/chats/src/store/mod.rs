@@ -792,6 +792,11 @@ pub trait ChatStore: Send + Sync + 'static {
     /// µs); a no-op for any other id.
     async fn chat_purged(&self, id: ChatId, now: i64) -> Result<(), StoreError>;
 
+    /// Whether chat `id` is deleted with its messages still to purge (one
+    /// of [`ChatStore::chats_to_purge`]); false for a live chat, a purged
+    /// one and an id never taken.
+    async fn purge_due(&self, id: ChatId) -> Result<bool, StoreError>;
+
     /// How far the log `name` of another service is followed (0: not yet).
     async fn followed(&self, name: &str) -> Result<i64, StoreError>;
 

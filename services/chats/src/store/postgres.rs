@@ -933,6 +933,15 @@ impl ChatStore for PostgresChatStore {
         Ok(())
     }
 
+    async fn purge_due(&self, id: ChatId) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM chat_ids WHERE id = $1 AND delete_time IS NOT NULL AND purge_time IS NULL)",
+        )
+        .bind(id.to_string())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     async fn followed(&self, name: &str) -> Result<i64, StoreError> {
         let position: Option<(i64,)> = sqlx::query_as("SELECT position FROM followed_logs WHERE name = $1")
             .bind(name)

@@ -951,6 +951,16 @@ impl ChatStore for SqliteChatStore {
         Ok(())
     }
 
+    async fn purge_due(&self, id: ChatId) -> Result<bool, StoreError> {
+        let due = self.db.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM chat_ids WHERE id = ?1 AND delete_time IS NOT NULL AND purge_time IS NULL)",
+            )?
+            .query_row([id.to_string()], |row| row.get::<_, bool>(0))
+        });
+        Ok(due.await.map_err(unwrap)?)
+    }
+
     async fn followed(&self, name: &str) -> Result<i64, StoreError> {
         let name = name.to_owned();
         let position = self.db.read(move |conn| {

@@ -1366,9 +1366,13 @@ async fn deleting_a_chat_removes_it_and_its_members(store: &dyn ChatStore) {
     // Its messages are to purge until that is recorded; a live chat's
     // never are.
     assert_eq!(store.chats_to_purge(10).await.unwrap(), [group.id]);
+    assert!(store.purge_due(group.id).await.unwrap(), "due until purged");
+    assert!(!store.purge_due(kept.id).await.unwrap(), "a live chat is not");
+    assert!(!store.purge_due(ChatId::new_v7()).await.unwrap(), "nor an id never taken");
     store.chat_purged(kept.id, 12).await.unwrap();
     store.chat_purged(group.id, 12).await.unwrap();
     assert!(store.chats_to_purge(10).await.unwrap().is_empty());
+    assert!(!store.purge_due(group.id).await.unwrap(), "purged");
 }
 
 /// DeleteChat is checked again under the chat's lock: the owner read as

@@ -475,9 +475,10 @@ impl Chats {
     /// error: repeating it would block the chat's later changes for good.
     /// Neither failure reaches the caller: its change is committed, and an
     /// error would only make it retry into a no-op. (BlockUser,
-    /// UnblockUser and RemoveMember are the exception: their callers hear
-    /// of an entry left for later, see `deliver_now`, as a block or a
-    /// departure must hold for sends on their way once it answers.)
+    /// UnblockUser, RemoveMember and UpdateMember are the exception: their
+    /// callers hear of an entry left for later, see `deliver_now`, as a
+    /// block, a departure or a loss of rights must hold for writes on their
+    /// way once it answers.)
     #[tracing::instrument(skip_all, fields(chat_id = %chat_id))]
     async fn deliver(&self, chat_id: ChatId) -> bool {
         loop {
@@ -1466,11 +1467,11 @@ impl Chats {
         self.deliver_now(chat.id).await
     }
 
-    /// After a change every send's write must see once its call answers (a
-    /// departure's members version, a block's closure: committed, in the
-    /// outbox): records `chat_id`'s outbox with the messages service
-    /// ([`Chats::deliver`]), so a send whose membership was checked before
-    /// the change is refused in its write.
+    /// After a change every write of the messages service must see once
+    /// its call answers (the members version of a departure or of a loss of
+    /// rights, a block's closure: committed, in the outbox): records
+    /// `chat_id`'s outbox with the messages service ([`Chats::deliver`]), so
+    /// a write whose membership was checked before the change is refused.
     ///
     /// Errors: UNAVAILABLE when it could not be recorded (the change is
     /// committed, and the relay records it later; a retry of the call, a
@@ -1489,7 +1490,17 @@ impl Chats {
     /// makes the previous owner an admin. The store checks again in its
     /// write that the caller is still the owner and the member still one
     /// ([`ChatStore::set_role`]). A bot is never made owner or admin
-    /// (FAILED_PRECONDITION naming `user_id`, nothing written).
+    /// (FAILED_PRECONDITION naming `user_id`, nothing written). A change
+    /// that takes rights away (a demotion, a hand-over) raises the chat's
+    /// members version, as a departure does, and every call answers once
+    /// the messages service has recorded it: no pin, unpin or moderation
+    /// deletion of a demoted admin (or of an owner who handed over) whose
+    /// check saw the old role is stored after the call answers.
+    ///
+    /// Errors: as UpdateMember in chats.proto, and UNAVAILABLE when the
+    /// change is committed but could not be recorded yet (the relay
+    /// records it later; a retry, which changes nothing more, records it
+    /// now).
     pub async fn update_member(
         &self,
         caller: UserId,
@@ -1528,7 +1539,7 @@ impl Chats {
             // The member is the owner: never while the caller is (one owner).
             Checked::Target(_) => return Err(ChatsError::Precondition(NOT_ONESELF)),
         };
-        self.deliver(chat.id).await;
+        self.deliver_now(chat.id).await?;
         Ok(member)
     }
 
@@ -2314,15 +2325,26 @@ mod tests {
         h.chats.update_member(owner, chat.id, a, Role::Admin).await.unwrap();
         assert_eq!(h.messages.take(), [(id.clone(), vec![role_changed(a)])]);
         h.chats.update_member(owner, chat.id, b, Role::Owner).await.unwrap();
-        assert_eq!(h.messages.take(), [(id.clone(), vec![role_changed(b), role_changed(owner)])], "hand-over");
+        let handed_over = vec![role_changed(b), role_changed(owner)];
+        let version = vec![members_departed(1)];
+        assert_eq!(
+            h.messages.take(),
+            [(id.clone(), handed_over), (id.clone(), version)],
+            "hand-over: a loss of rights"
+        );
+        h.chats.update_member(b, chat.id, a, Role::Member).await.unwrap();
+        let version = vec![members_departed(2)];
+        assert_eq!(h.messages.take(), [(id.clone(), vec![role_changed(a)]), (id.clone(), version)], "a demotion");
+        h.chats.update_member(b, chat.id, a, Role::Admin).await.unwrap();
+        assert_eq!(h.messages.take(), [(id.clone(), vec![role_changed(a)])], "a promotion takes nothing away");
 
         h.chats.remove_member(b, chat.id, c).await.unwrap();
         let removed = vec![membership(c, mpb::MembershipChange::Removed)];
-        let version = vec![members_departed(1)];
+        let version = vec![members_departed(3)];
         assert_eq!(h.messages.take(), [(id.clone(), removed), (id.clone(), version)], "then the new members version");
         h.chats.remove_member(a, chat.id, a).await.unwrap();
         let left = vec![membership(a, mpb::MembershipChange::Left)];
-        assert_eq!(h.messages.take(), [(id.clone(), left), (id.clone(), vec![members_departed(2)])]);
+        assert_eq!(h.messages.take(), [(id.clone(), left), (id.clone(), vec![members_departed(4)])]);
 
         let update =
             ChatUpdate { title: Some("Renamed".into()), visibility: Some(Visibility::Public), ..Default::default() };
@@ -2424,6 +2446,41 @@ mod tests {
         assert_eq!(h.messages.take(), expected, "the retry records them");
         h.chats.remove_member(b, chat.id, b).await.unwrap();
         assert_eq!(h.messages.take(), [], "a retried leave: nothing more");
+        let check = h.chats.membership(chat.id, owner).await.unwrap().unwrap();
+        assert_eq!(check.access.chat.members_version, 2, "what CheckMembership answers");
+    }
+
+    /// A pin or a moderation deletion already past its membership check
+    /// when UpdateMember takes the role that allowed it away is refused in
+    /// its write only if the messages service has the new members version
+    /// by then: a demotion (or a hand-over) answers once it is recorded,
+    /// and fails (to be retried) while it cannot be; the retry records it.
+    #[tokio::test]
+    async fn demotions_answer_once_the_loss_of_rights_is_recorded() {
+        let h = harness(Limits::default()).await;
+        let [owner, a, b] = [(); 3].map(|_| UserId::new_v7());
+        let chat = h.chats.create_chat(owner, group("Team", vec![a, b])).await.unwrap().chat;
+        let id = chat.id.to_string();
+        h.chats.update_member(owner, chat.id, a, Role::Admin).await.unwrap();
+        h.messages.take();
+
+        h.messages.down.store(true, Ordering::SeqCst);
+        let failed = h.chats.update_member(owner, chat.id, a, Role::Member).await.unwrap_err();
+        assert_eq!(tonic::Status::from(failed).code(), tonic::Code::Unavailable, "not recorded: not answered as done");
+        let failed = h.chats.update_member(owner, chat.id, b, Role::Owner).await.unwrap_err();
+        assert_eq!(tonic::Status::from(failed).code(), tonic::Code::Unavailable, "a hand-over likewise");
+        h.messages.down.store(false, Ordering::SeqCst);
+
+        let retried = h.chats.update_member(b, chat.id, a, Role::Member).await.unwrap();
+        assert_eq!(retried.role, Role::Member);
+        let expected = [
+            (id.clone(), vec![role_changed(a)]),
+            (id.clone(), vec![members_departed(1)]),
+            (id.clone(), vec![role_changed(b), role_changed(owner)]),
+            (id.clone(), vec![members_departed(2)]),
+            (id.clone(), vec![role_changed(a)]),
+        ];
+        assert_eq!(h.messages.take(), expected, "the retry records them, and takes nothing more away");
         let check = h.chats.membership(chat.id, owner).await.unwrap().unwrap();
         assert_eq!(check.access.chat.members_version, 2, "what CheckMembership answers");
     }

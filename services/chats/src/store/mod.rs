@@ -459,17 +459,33 @@ pub(crate) fn departed(user: UserId, departure: Departure, version: i64) -> [[mp
 }
 
 /// The outbox change that tells the messages service that a chat's
-/// members version is `version` after a departure: a send's write refuses a
-/// message whose membership check saw a lower one.
+/// members version is `version` after a departure or a loss of rights (a
+/// demotion, a hand-over): a write (send, edit, reaction, pin, deletion,
+/// read marker, report) refuses a change whose membership check saw a
+/// lower one.
 pub fn members_departed(version: i64) -> mpb::ChatChange {
     mpb::ChatChange { change: Some(mpb::chat_change::Change::MembersDeparted(mpb::MembersDeparted { version })) }
 }
 
-/// Raises the members version of chat `$1` and answers it, in a
-/// departure's transaction, under the chat's row lock (PostgreSQL) or the
-/// one writer (SQLite); the same text on both engines.
+/// Raises the members version of chat `$1` and answers it, in the
+/// transaction of a departure or of a loss of rights ([`loses_rights`]),
+/// under the chat's row lock (PostgreSQL) or the one writer (SQLite); the
+/// same text on both engines. `chats.members_version` is thus raised by
+/// every departure or loss of rights, whatever its name says.
 pub(crate) const RAISE_MEMBERS_VERSION: &str =
     "UPDATE chats SET members_version = members_version + 1 WHERE id = $1 RETURNING members_version";
+
+/// Whether an UpdateMember that makes a member of role `current` a
+/// `role` takes rights away from anyone: a demotion (admin to member), or a
+/// hand-over (`handed_over`: the owners it made admins). Such a change
+/// raises the chat's members version ([`RAISE_MEMBERS_VERSION`]), which
+/// goes to the outbox after the role changes, in an entry of its own
+/// ([`members_departed`]), so that a pin or a moderation deletion whose
+/// check saw the old role is refused where it is written. A promotion, or
+/// a role set to the one held (a retry), takes nothing away.
+pub(crate) fn loses_rights(current: Role, role: Role, handed_over: bool) -> bool {
+    handed_over || (current == Role::Admin && role == Role::Member)
+}
 
 /// The role changes of an UpdateMember of `member`: theirs, then those of
 /// the owners a hand-over made admins.
@@ -871,6 +887,9 @@ pub trait ChatStore: Send + Sync + 'static {
     /// hand-over). A refusal writes nothing. Making someone owner makes the
     /// current owner an admin and the chat's `owner_id` them. The role
     /// changes go to the outbox: the member's, then the previous owner's.
+    /// A change that takes rights away (`loses_rights`: a demotion, a
+    /// hand-over) also raises the chat's members version, which goes to the
+    /// outbox after them, in an entry of its own ([`members_departed`]).
     /// Answers the member ([`Checked::Done`]).
     async fn set_role(
         &self,

@@ -16,8 +16,8 @@ use super::{
     Added, Adder, BLOCKS_WITHIN, Backoff, Blocked, ChatStore, Checked, Created, FIRST_BLOCK_VERSION, MIGRATOR,
     OLD_BLOCKED_DIRECT_CHATS, PAIR_BLOCKED, Pending, RAISE_BLOCK_VERSION, RAISE_MEMBERS_VERSION, ROLE_TARGETS, Removal,
     StoreError, blocks_between_refused, changes_to, chat_columns, chat_updated, check_roles, departed,
-    direct_chat_closed, direct_key, joined, may_change, may_delete, membership, order_column, outbox_rows, parse_enum,
-    parse_id, pending_row, role_changes, time_bounds, updated_by,
+    direct_chat_closed, direct_key, joined, loses_rights, may_change, may_delete, members_departed, membership,
+    order_column, outbox_rows, parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -1165,7 +1165,12 @@ impl ChatStore for PostgresChatStore {
             return Ok(Checked::NotMember);
         };
         let member = member_row(&row)?;
+        let demoted = loses_rights(current, role, !previous_owners.is_empty());
         push_outbox(&mut tx, &key, &role_changes(member.user_id, previous_owners), now).await?;
+        if demoted {
+            let version: i64 = sqlx::query_scalar(RAISE_MEMBERS_VERSION).bind(&key).fetch_one(&mut *tx).await?;
+            push_outbox(&mut tx, &key, &[members_departed(version)], now).await?;
+        }
         tx.commit().await?;
         Ok(Checked::Done(member))
     }

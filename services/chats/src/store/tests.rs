@@ -99,6 +99,7 @@ chat_store_suite!(
     members_are_added_once_and_removed,
     the_member_limit_is_checked_under_the_chats_lock,
     roles_change_and_ownership_moves_in_one_step,
+    a_loss_of_rights_raises_the_members_version,
     a_removal_checks_both_roles_again_and_never_removes_the_owner,
     a_role_change_checks_its_owner_again_and_never_leaves_the_group_without_one,
     a_hand_over_racing_a_removal_of_its_heir_leaves_one_owner,
@@ -944,6 +945,39 @@ async fn roles_change_and_ownership_moves_in_one_step(store: &dyn ChatStore) {
     assert_eq!(owners.count(), 1);
 }
 
+/// A demotion (admin to member) and a hand-over (the owner made an admin)
+/// take rights away: each raises the chat's members version in its
+/// transaction, which goes to the outbox after its role changes, in an
+/// entry of its own; a promotion, or a role set again (a retry), raises
+/// nothing.
+async fn a_loss_of_rights_raises_the_members_version(store: &dyn ChatStore) {
+    let [alice, bob, carol] = [(); 3].map(|_| UserId::new_v7());
+    let id = create(store, chat(alice, 1), &[bob, carol]).await.id;
+    let mut seen = 0;
+    outbox_after(store, id, &mut seen).await;
+    let version = || async { store.chat(id).await.unwrap().unwrap().members_version };
+
+    done(store.set_role(id, alice, bob, Role::Admin, 2).await.unwrap());
+    done(store.set_role(id, alice, bob, Role::Admin, 3).await.unwrap());
+    let promoted = [format!("role_changed {bob}"), format!("role_changed {bob}")];
+    assert_eq!(outbox_after(store, id, &mut seen).await, promoted);
+    assert_eq!(version().await, 0, "a promotion takes nothing away");
+
+    done(store.set_role(id, alice, bob, Role::Member, 4).await.unwrap());
+    done(store.set_role(id, alice, bob, Role::Member, 5).await.unwrap());
+    let demoted = [format!("role_changed {bob}"), "members_version=1".into(), format!("role_changed {bob}")];
+    assert_eq!(outbox_after(store, id, &mut seen).await, demoted, "a demotion, then its retry");
+    assert_eq!(version().await, 1);
+
+    done(store.set_role(id, alice, carol, Role::Owner, 6).await.unwrap());
+    let handed_over = [format!("role_changed {carol}"), format!("role_changed {alice}"), "members_version=2".into()];
+    assert_eq!(outbox_after(store, id, &mut seen).await, handed_over, "a hand-over");
+    assert_eq!(version().await, 2);
+    let entries = store.pending(Some(id), 100).await.unwrap();
+    let sizes: Vec<usize> = entries.iter().rev().take(2).map(|e| e.changes.len()).collect();
+    assert_eq!(sizes, [1, 2], "the version in an entry of its own, after the role changes'");
+}
+
 async fn a_removal_checks_both_roles_again_and_never_removes_the_owner(store: &dyn ChatStore) {
     let [alice, bob, mallory, carol] = [(); 4].map(|_| UserId::new_v7());
     let group = create(store, chat(alice, 1), &[bob, mallory, carol]).await;
@@ -986,13 +1020,16 @@ async fn a_removal_checks_both_roles_again_and_never_removes_the_owner(store: &d
     let lines = outbox_after(store, id, &mut seen).await;
     let expected = [
         format!("removed {alice}"),
-        "members_version=1".into(),
-        format!("removed {carol}"),
-        "members_version=2".into(),
-        format!("left {bob}"),
         "members_version=3".into(),
+        format!("removed {carol}"),
+        "members_version=4".into(),
+        format!("left {bob}"),
+        "members_version=5".into(),
     ];
-    assert_eq!(lines, expected, "each departure raises the chat's members version");
+    assert_eq!(
+        lines, expected,
+        "each departure raises the chat's members version (the hand-over and the demotion did: 2)"
+    );
     assert_eq!(owners(store, id).await, (vec![mallory], mallory));
     assert_eq!(store.chat(id).await.unwrap().unwrap().member_count, 1);
 }
@@ -1507,14 +1544,19 @@ async fn every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none
     done(store.set_role(id, alice, carol, Role::Owner, 5).await.unwrap());
     assert_eq!(
         outbox_after(store, id, &mut seen).await,
-        [format!("role_changed {bob}"), format!("role_changed {carol}"), format!("role_changed {alice}")],
-        "the hand-over: the new owner, then the old"
+        [
+            format!("role_changed {bob}"),
+            format!("role_changed {carol}"),
+            format!("role_changed {alice}"),
+            "members_version=1".into()
+        ],
+        "the hand-over: the new owner, then the old, then the members version its loss of rights raised"
     );
 
     assert_eq!(store.remove_member(id, bob, LEAVE, 6).await.unwrap(), Checked::Done(()));
     let by_owner = removed_by(carol, &[Role::Owner], &[Role::Admin, Role::Member]);
     assert_eq!(store.remove_member(id, bob, by_owner, 6).await.unwrap(), Checked::NotMember);
-    assert_eq!(outbox_after(store, id, &mut seen).await, [format!("left {bob}"), "members_version=1".into()]);
+    assert_eq!(outbox_after(store, id, &mut seen).await, [format!("left {bob}"), "members_version=2".into()]);
 
     let update = ChatUpdate { title: Some("Renamed".into()), ..Default::default() };
     store.update_chat(id, &update, 7, None).await.unwrap().unwrap().done();

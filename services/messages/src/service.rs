@@ -24,9 +24,9 @@ use crate::presence::{Presence, Seen};
 use crate::registry::StreamLimits;
 use crate::search::{Found, SearchMessages};
 use crate::store::{
-    ChatChange, Edited, Finish, Flags, Membership, Message, MessageStore, NewMessage, NewReply, Pinned, QueueCursor,
-    QueueFilter, Range, Reacted, ReadState, Revision, SearchCursor, SearchFilter, Sent, Seq, Started, StoreError,
-    StoredReport, Summary, Timeline,
+    ChatChange, Deleted, Deletion, Edited, Finish, Flags, Marked, Membership, Message, MessageStore, NewMessage,
+    NewReply, Pinned, QueueCursor, QueueFilter, Range, Reacted, ReadState, Reported, Revision, SearchCursor,
+    SearchFilter, Sent, Seq, Started, StoreError, StoredReport, Summary, Timeline,
 };
 use crate::stream::Resume;
 use crate::writer::Writer;
@@ -311,12 +311,14 @@ impl Messages {
         ))
     }
 
-    /// The refusal of an edit, a reaction or a pin whose write found the
-    /// chat's members changed again after it was checked afresh.
+    /// The refusal of an edit, a reaction, a pin, a deletion, a read move or
+    /// a report whose write found the chat's members (or their roles)
+    /// changed again after it was checked afresh.
     pub const MEMBERS_CHANGED: &'static str = "the chat's members changed while the change was on its way: retry";
 
-    /// The refusal of a send, an edit, a reaction or a typing indicator in a
-    /// direct chat closed by a block.
+    /// The refusal of a send, an edit, a reaction, a pin or a typing
+    /// indicator in a direct chat closed by a block (as checked, or as read
+    /// in the write).
     pub const BLOCKED: &'static str = "this direct chat takes no new messages: one of you blocked the other";
 
     /// SendMessage: commits the message with the chat's next seq, announces
@@ -490,7 +492,9 @@ impl Messages {
     /// recorded since (an edit on its way as RemoveMember or a leave
     /// answered) is refused in its write ([`Edited::Stale`]) and checked
     /// again, afresh, once: an author removed meanwhile is refused as any
-    /// non-member; ABORTED if the members changed again meanwhile.
+    /// non-member; ABORTED if the members changed again meanwhile. One
+    /// whose check came before a block closed the direct chat is refused in
+    /// its write too ([`Edited::Closed`]), as one checked after the block.
     pub async fn edit(&self, caller: UserId, req: EditMessage) -> Result<Message, MessagesError> {
         self.edit_rate.check(&caller)?;
         self.stored_bytes.check_n(&caller, stored_bytes(&req.text, &[]))?;
@@ -542,6 +546,10 @@ impl Messages {
                 // A member left or was removed after the check above: checked
                 // again, afresh, once, as a send is.
                 Edited::Stale => self.check_again(message.chat_id, caller, &mut rechecked, Self::MEMBERS_CHANGED)?,
+                // Closed by a block recorded after the check above (an edit
+                // on its way as BlockUser answered): refused as one checked
+                // after it is.
+                Edited::Closed => return Err(MessagesError::Denied(Self::BLOCKED)),
             }
         };
         let unannounced = Unannounced::new(&self.bus, edited.chat_id);
@@ -582,39 +590,56 @@ impl Messages {
     /// (PERMISSION_DENIED), as any request of theirs is, and a member who
     /// may not delete it too.
     ///
-    /// Errors: as [`Messages::member`]; UNAVAILABLE (or the chats
-    /// service's error) when the title could not be taken back: the
+    /// A deletion whose membership check came before a departure or a loss
+    /// of rights the store recorded since (a deletion on its way as
+    /// RemoveMember, a leave or a demotion answered) is refused in its write
+    /// ([`Deletion::Stale`]) and checked again, afresh, once, as an edit is
+    /// ([`Messages::edit`]): a removed author, or a demoted moderator, is
+    /// then refused as such.
+    ///
+    /// Errors: as [`Messages::member`]; ABORTED (the chat's members changed
+    /// again while the deletion was on its way: retry); UNAVAILABLE (or the
+    /// chats service's error) when the title could not be taken back: the
     /// deletion is stored, and a retry (a tombstone: no change) asks again.
     pub async fn delete(&self, caller: UserId, message_id: MessageId) -> Result<Message, MessagesError> {
         self.moderation_rate.check(&caller)?;
         let message = self.store.message(message_id).await?.ok_or(MessagesError::MessageNotFound)?;
-        let membership = match self.member(message.chat_id, caller).await {
-            Err(MessagesError::Denied(_))
-                if message.deleted() && self.seen_before_leaving(caller, &message).await? =>
-            {
-                return Ok(message);
+        // Whether the membership check below is one made after the store
+        // found the last one older than a departure (Deletion::Stale).
+        let mut rechecked = false;
+        let (membership, deleted, replies) = loop {
+            let membership = match self.member(message.chat_id, caller).await {
+                Err(MessagesError::Denied(_))
+                    if message.deleted() && self.seen_before_leaving(caller, &message).await? =>
+                {
+                    return Ok(message);
+                }
+                membership => membership?,
+            };
+            let manager = natter_links::manages(&membership);
+            // An assistant's reply in a direct chat (an assistant chat): its
+            // person, the only other member, may delete it.
+            let assistant_chat_reply =
+                membership.kind == cpb::ChatKind::Direct as i32 && message.role() == crate::store::Role::Assistant;
+            if message.author_id != caller && !manager && !assistant_chat_reply {
+                // A retry by a moderator demoted since: their delete happened.
+                if message.deleted() && message.deleted_by == Some(caller) {
+                    return Ok(message);
+                }
+                return Err(MessagesError::Denied("only the author, the owner or an admin may delete a message"));
             }
-            membership => membership?,
+            // A tombstone too: its replies still live (deleted before replies
+            // went with their prompt) go now, and its title is asked again.
+            match self.store.delete_with_replies(message.id, caller, now_micros(), membership.members_version).await? {
+                Deletion::Done(Deleted { message: deleted, replies }) => break (membership, deleted, replies),
+                Deletion::NotFound => return Err(MessagesError::MessageNotFound),
+                // A member left or was removed, or lost rights, after the
+                // check above: checked again, afresh, once.
+                Deletion::Stale => {
+                    self.check_again(message.chat_id, caller, &mut rechecked, Self::MEMBERS_CHANGED)?;
+                }
+            }
         };
-        let manager = natter_links::manages(&membership);
-        // An assistant's reply in a direct chat (an assistant chat): its
-        // person, the only other member, may delete it.
-        let assistant_chat_reply =
-            membership.kind == cpb::ChatKind::Direct as i32 && message.role() == crate::store::Role::Assistant;
-        if message.author_id != caller && !manager && !assistant_chat_reply {
-            // A retry by a moderator demoted since: their delete happened.
-            if message.deleted() && message.deleted_by == Some(caller) {
-                return Ok(message);
-            }
-            return Err(MessagesError::Denied("only the author, the owner or an admin may delete a message"));
-        }
-        // A tombstone too: its replies still live (deleted before replies
-        // went with their prompt) go now, and its title is asked again.
-        let crate::store::Deleted { message: deleted, replies } = self
-            .store
-            .delete_with_replies(message.id, caller, now_micros())
-            .await?
-            .ok_or(MessagesError::MessageNotFound)?;
         let chat = deleted.chat_id;
         for reply in replies {
             self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, grpc::deleted_event(reply))));
@@ -718,7 +743,9 @@ impl Messages {
     /// (a retry: the reaction there, or gone) is answered as a repeat is.
     /// A change whose membership check came before a departure recorded
     /// since is refused in its write and checked again, afresh, once, as
-    /// an edit is ([`Messages::edit`]).
+    /// an edit is ([`Messages::edit`]); an add whose check came before a
+    /// block closed the direct chat is refused in its write
+    /// ([`Reacted::Closed`]).
     #[tracing::instrument(skip_all, fields(message_id = %req.message_id, add = req.add))]
     pub async fn react(&self, caller: UserId, req: React) -> Result<Message, MessagesError> {
         self.reaction_rate.check(&caller)?;
@@ -757,7 +784,7 @@ impl Messages {
                         self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
                     }
                     Reacted::Stale => stale = true,
-                    Reacted::Unchanged(_) | Reacted::Gone | Reacted::TooManyEmoji => {}
+                    Reacted::Unchanged(_) | Reacted::Gone | Reacted::TooManyEmoji | Reacted::Closed => {}
                 }
             }
             let reacted = if stale {
@@ -780,6 +807,9 @@ impl Messages {
                     message: req.message_id.to_string(),
                     limit: REACTION_EMOJI_MAX,
                 }),
+                // An add in a direct chat closed by a block recorded after
+                // the check above: refused as one checked after it is.
+                Reacted::Closed => Err(MessagesError::Denied(Self::BLOCKED)),
                 // A member left or was removed after the check above: checked
                 // again, afresh, once.
                 Reacted::Stale => {
@@ -797,8 +827,11 @@ impl Messages {
     /// answers the message as it is, even where a change would now be
     /// refused (a retry). At most [`PINS_MAX`] pins a chat.
     /// Counts against the edit rate. A change whose membership check came
-    /// before a departure recorded since is refused in its write and
-    /// checked again, afresh, once, as an edit is ([`Messages::edit`]).
+    /// before a departure or a loss of rights (a demotion) recorded since
+    /// is refused in its write and checked again, afresh, once, as an edit
+    /// is ([`Messages::edit`]): a demoted admin is then refused as a plain
+    /// member. A pin whose check came before a block closed the direct chat
+    /// is refused in its write ([`Pinned::Closed`]).
     pub async fn pin(&self, caller: UserId, message_id: MessageId, pin: bool) -> Result<Message, MessagesError> {
         self.edit_rate.check(&caller)?;
         // Whether the membership check below is one made after the store
@@ -834,6 +867,9 @@ impl Messages {
                 // A member left or was removed after the check above:
                 // checked again, afresh, once.
                 Pinned::Stale => self.check_again(message.chat_id, caller, &mut rechecked, Self::MEMBERS_CHANGED)?,
+                // A pin in a direct chat closed by a block recorded after
+                // the check above: refused as one checked after it is.
+                Pinned::Closed => return Err(MessagesError::Denied(Self::BLOCKED)),
             }
         };
         let unannounced = changed.then(|| Unannounced::new(&self.bus, message.chat_id));
@@ -1021,9 +1057,23 @@ impl Messages {
     /// private (their privacy setting read_receipts, read from the chats
     /// service in the membership check), or who marks a direct chat closed
     /// by a block, has the move announced to their own streams only.
+    ///
+    /// A move whose membership check came before a departure the store
+    /// recorded since (a MarkRead on its way as RemoveMember or a leave
+    /// answered) is refused in its write ([`Marked::Stale`]) and checked
+    /// again, afresh, once, as an edit is ([`Messages::edit`]): ABORTED if
+    /// the members changed again meanwhile.
     pub async fn mark_read_as(&self, caller: UserId, req: MarkRead) -> Result<ReadState, MessagesError> {
-        let m = self.member_with(req.chat_id, caller, Vec::new(), true).await?;
-        let state = self.store.mark_read(req.chat_id, caller, req.seq).await?;
+        // Whether the membership check below is one made after the store
+        // found the last one older than a departure (Marked::Stale).
+        let mut rechecked = false;
+        let (m, state) = loop {
+            let m = self.member_with(req.chat_id, caller, Vec::new(), true).await?;
+            match self.store.mark_read(req.chat_id, caller, req.seq, m.members_version).await? {
+                Marked::Done(state) => break (m, state),
+                Marked::Stale => self.check_again(req.chat_id, caller, &mut rechecked, Self::MEMBERS_CHANGED)?,
+            }
+        };
         if let Some(change_seq) = state.change_seq {
             let payload = grpc::read_event(req.chat_id, caller, state.read_seq, change_seq);
             let mut event = BusEvent::new(req.chat_id, payload).concerning(caller);
@@ -1071,9 +1121,10 @@ impl Messages {
     }
 
     /// Internal: records that `chat`'s members version is `version` after
-    /// a departure (RecordChatChanges' members_departed, sent by the chats
-    /// service with the departure before RemoveMember answers), where every
-    /// send's write reads it ([`MessageStore::record_departure`]).
+    /// a departure or a loss of rights (RecordChatChanges'
+    /// members_departed, sent by the chats service before RemoveMember or
+    /// UpdateMember answers), where every write of a member's change reads
+    /// it ([`MessageStore::record_departure`]).
     pub async fn record_departure(&self, chat: ChatId, version: i64) -> Result<(), MessagesError> {
         self.store.record_departure(chat, version).await?;
         tracing::debug!(chat_id = %chat, version, "members version recorded");
@@ -1210,7 +1261,11 @@ impl Messages {
     }
 
     /// ReportMessage: `caller` (a member, not the author) reports a live
-    /// message; a repeat returns the first report.
+    /// message; a repeat returns the first report. A report whose
+    /// membership check came before a departure the store recorded since is
+    /// refused in its write ([`Reported::Stale`]) and checked again, afresh,
+    /// once, as an edit is ([`Messages::edit`]): ABORTED if the members
+    /// changed again meanwhile.
     pub async fn report(
         &self,
         caller: UserId,
@@ -1219,23 +1274,31 @@ impl Messages {
         comment: String,
     ) -> Result<StoredReport, MessagesError> {
         self.moderation_rate.check(&caller)?;
-        let (message, _) = self.message_for(caller, message_id, true).await?;
-        if message.author_id == caller {
-            return Err(MessagesError::Precondition("one cannot report one's own message"));
+        // Whether the membership check below is one made after the store
+        // found the last one older than a departure (Reported::Stale).
+        let mut rechecked = false;
+        loop {
+            let (message, membership) = self.message_for(caller, message_id, true).await?;
+            if message.author_id == caller {
+                return Err(MessagesError::Precondition("one cannot report one's own message"));
+            }
+            if message.deleted() {
+                return Err(MessagesError::Precondition("message is deleted"));
+            }
+            let report = StoredReport {
+                message_id,
+                reporter: caller,
+                chat_id: message.chat_id,
+                reason,
+                comment: comment.clone(),
+                create_time: now_micros(),
+                resolve_time: None,
+            };
+            match self.store.report(&report, membership.members_version).await? {
+                Reported::Stored(report) => return Ok(report),
+                Reported::Stale => self.check_again(message.chat_id, caller, &mut rechecked, Self::MEMBERS_CHANGED)?,
+            }
         }
-        if message.deleted() {
-            return Err(MessagesError::Precondition("message is deleted"));
-        }
-        let report = StoredReport {
-            message_id,
-            reporter: caller,
-            chat_id: message.chat_id,
-            reason,
-            comment,
-            create_time: now_micros(),
-            resolve_time: None,
-        };
-        Ok(self.store.report(&report).await?)
     }
 
     /// ResolveReport: the chat's owner or an admin, or staff, resolves a

@@ -1834,8 +1834,10 @@ mod tests {
         let mut stream = h.stream_of_member(vec![h.chat]).await;
         let sent = h.owner_sends("read me").await.unwrap();
         assert_eq!(kind(&next_event(&mut stream).await), "message:read me");
-        let owners = h.messages.store().mark_read(h.chat.into(), UserId(h.owner), sent.seq).await.unwrap();
-        let n = owners.change_seq.expect("a change");
+        let owners = h.messages.store().mark_read(h.chat.into(), UserId(h.owner), sent.seq, 0).await.unwrap();
+        let crate::store::Marked::Done(crate::store::ReadState { change_seq: Some(n), .. }) = owners else {
+            panic!("a change: {owners:?}")
+        };
         let mark = crate::domain::MarkRead { chat_id: h.chat.into(), seq: sent.seq };
         h.messages.mark_read_as(UserId(h.member), mark).await.unwrap();
         let own = next_event(&mut stream).await;
@@ -1859,8 +1861,10 @@ mod tests {
         let missed = h.messages.store().insert_batch(&[h.unannounced("missed")]).await.unwrap();
         let crate::store::Sent::Created(missed) = &missed[0] else { panic!("{missed:?}") };
         let seq = missed.seq;
-        let owners = h.messages.store().mark_read(h.chat.into(), UserId(h.owner), seq).await.unwrap();
-        let n = owners.change_seq.expect("a change");
+        let owners = h.messages.store().mark_read(h.chat.into(), UserId(h.owner), seq, 0).await.unwrap();
+        let crate::store::Marked::Done(crate::store::ReadState { change_seq: Some(n), .. }) = owners else {
+            panic!("a change: {owners:?}")
+        };
         h.messages.bus().publish(Topic::Chat(h.chat), owner_read(&h, seq, n));
         assert_eq!(kind(&next_event(&mut stream).await), "message:missed");
         let receipt = next_event(&mut stream).await;

@@ -465,10 +465,15 @@ pub enum Pinned {
     Gone,
     /// The chat holds as many pins as allowed; nothing written.
     TooMany,
-    /// A member left the chat or was removed after the caller's membership
-    /// check (see [`Sent::Stale`]); nothing written, no change number
-    /// taken. Check again, afresh, and pin again.
+    /// A member left the chat or was removed, or someone lost rights (a
+    /// demotion, a hand-over), after the caller's membership check (see
+    /// [`Sent::Stale`]); nothing written, no change number taken. Check
+    /// again, afresh, and pin again.
     Stale,
+    /// A pin in a direct chat closed by a block
+    /// ([`MessageStore::close_direct_chat`]), as read in the write (an
+    /// unpin is never refused so); nothing written, no change number taken.
+    Closed,
 }
 
 /// Outcome of [`MessageStore::react`].
@@ -486,10 +491,16 @@ pub enum Reacted {
     Gone,
     /// Adding another distinct emoji would pass the limit; nothing written.
     TooManyEmoji,
-    /// A member left the chat or was removed after the caller's membership
-    /// check (see [`Sent::Stale`]); nothing written, no change number
-    /// taken. Check again, afresh, and react again.
+    /// A member left the chat or was removed, or someone lost rights,
+    /// after the caller's membership check (see [`Sent::Stale`]); nothing
+    /// written, no change number taken. Check again, afresh, and react
+    /// again.
     Stale,
+    /// A reaction added in a direct chat closed by a block
+    /// ([`MessageStore::close_direct_chat`]), as read in the write (taking
+    /// one back is never refused so); nothing written, no change number
+    /// taken.
+    Closed,
 }
 
 /// What an assistant's reply has besides a message's fields.
@@ -682,6 +693,24 @@ pub struct NewReply {
 }
 
 /// Outcome of [`MessageStore::delete_with_replies`].
+#[expect(
+    clippy::large_enum_variant,
+    reason = "an outcome lives on the stack for one call; boxing its message would cost an allocation per deletion"
+)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Deletion {
+    /// The message after the call and the replies it deleted.
+    Done(Deleted),
+    /// No such message.
+    NotFound,
+    /// A member left the chat or was removed, or someone lost rights,
+    /// after the caller's membership check (see [`Sent::Stale`]); nothing
+    /// written (neither the message nor any reply), no change number taken.
+    /// Check again, afresh, and delete again.
+    Stale,
+}
+
+/// What [`MessageStore::delete_with_replies`] deleted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Deleted {
     /// The message after the call: a tombstone.
@@ -885,10 +914,15 @@ pub enum Edited {
     Deleted,
     /// The message was edited as often as allowed; nothing changed.
     TooManyEdits,
-    /// A member left the chat or was removed after the caller's membership
-    /// check (see [`Sent::Stale`]); nothing written, no revision, no change
-    /// number taken. Check again, afresh, and edit again.
+    /// A member left the chat or was removed, or someone lost rights,
+    /// after the caller's membership check (see [`Sent::Stale`]); nothing
+    /// written, no revision, no change number taken. Check again, afresh,
+    /// and edit again.
     Stale,
+    /// The message's chat is a direct chat closed by a block
+    /// ([`MessageStore::close_direct_chat`]), as read in the write: nothing
+    /// written, no revision, no change number taken.
+    Closed,
 }
 
 /// An earlier text of an edited message.
@@ -936,6 +970,30 @@ pub enum Timeline {
     /// The replies of the thread with this root (not the root), through
     /// the `messages_thread` key.
     Thread(Seq),
+}
+
+/// Outcome of [`MessageStore::mark_read`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Marked {
+    /// The position after the call.
+    Done(ReadState),
+    /// The position would have moved, but a member left the chat or was
+    /// removed after the caller's membership check (see [`Sent::Stale`]);
+    /// nothing written, no change number taken. Check again, afresh, and
+    /// mark again.
+    Stale,
+}
+
+/// Outcome of [`MessageStore::report`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reported {
+    /// The report stored: this one, or the reporter's first on a repeat.
+    Stored(StoredReport),
+    /// A member left the chat or was removed after the reporter's
+    /// membership check (see [`Sent::Stale`]), and the reporter had not
+    /// reported the message before; nothing written. Check again, afresh,
+    /// and report again.
+    Stale,
 }
 
 /// A user's read position in a chat and what is left unread after it.
@@ -1274,9 +1332,13 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// edited `max_edits` times already; `now` in µs. Refused
     /// ([`Edited::Stale`]) when the chat's members version recorded by
     /// [`MessageStore::record_departure`] is above `members_version` (the
-    /// one the editor's membership check saw), read on the heads row the
+    /// one the editor's membership check saw), and ([`Edited::Closed`])
+    /// when the chat is a direct chat closed by a block
+    /// ([`MessageStore::close_direct_chat`]), both read on the heads row the
     /// edit locks for its change number (PostgreSQL: after the message's
-    /// row), so a departure recorded before the edit commits is seen.
+    /// row), so a departure or a closure recorded before the edit commits is
+    /// seen. An edit to the text the message has (a retry) is answered
+    /// [`Edited::Unchanged`] before either is read.
     async fn edit(
         &self,
         id: MessageId,
@@ -1298,9 +1360,16 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// Returns the message after the call (None: no such message).
     ///
     /// A person's message takes its assistant's replies with it
-    /// ([`MessageStore::delete_with_replies`], whose message this is).
+    /// ([`MessageStore::delete_with_replies`], whose message this is). No
+    /// members version is compared: this is for callers whose right to
+    /// delete comes from no membership check (tests, tools); DeleteMessage
+    /// calls [`MessageStore::delete_with_replies`] with the version its
+    /// check saw.
     async fn delete(&self, id: MessageId, by: UserId, now: i64) -> Result<Option<Message>, StoreError> {
-        Ok(self.delete_with_replies(id, by, now).await?.map(|deleted| deleted.message))
+        Ok(match self.delete_with_replies(id, by, now, i64::MAX).await? {
+            Deletion::Done(deleted) => Some(deleted.message),
+            Deletion::NotFound | Deletion::Stale => None,
+        })
     }
 
     /// [`MessageStore::delete`], and first, in the same transaction, each
@@ -1317,9 +1386,22 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// prompt's row lock, so it either commits first, and its reply is
     /// deleted here, or sees the prompt deleted.)
     /// Returns the message after the call and the replies this call
-    /// deleted (None: no such message). Each reply deleted here is
-    /// recorded as deleted by `by` too.
-    async fn delete_with_replies(&self, id: MessageId, by: UserId, now: i64) -> Result<Option<Deleted>, StoreError>;
+    /// deleted ([`Deletion::NotFound`]: no such message). Each reply
+    /// deleted here is recorded as deleted by `by` too. Refused, nothing
+    /// written ([`Deletion::Stale`]), when the chat's members version
+    /// recorded by [`MessageStore::record_departure`] is above
+    /// `members_version` (the one the deleting user's check saw), read as
+    /// an edit reads it ([`MessageStore::edit`]) on the heads row each
+    /// tombstone locks for its change number; deleting a tombstone with no
+    /// live reply writes nothing and reads none. A block's closure refuses
+    /// no deletion.
+    async fn delete_with_replies(
+        &self,
+        id: MessageId,
+        by: UserId,
+        now: i64,
+        members_version: i64,
+    ) -> Result<Deletion, StoreError>;
 
     /// The assistant's replies to the message at `prompt` in `chat` (role
     /// ASSISTANT, `reply_to_seq` = `prompt`), live and deleted, superseded
@@ -1346,8 +1428,15 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// the chat's newest seq (never back), and returns the position after
     /// the call with the unread count after it. A forgotten user's
     /// ([`MessageStore::forget_user`]) position stays where the forget
-    /// left it (none), and takes no change number.
-    async fn mark_read(&self, chat: ChatId, user: UserId, seq: Seq) -> Result<ReadState, StoreError>;
+    /// left it (none), and takes no change number. A move is refused
+    /// ([`Marked::Stale`], nothing written) when the chat's members version
+    /// recorded by [`MessageStore::record_departure`] is above
+    /// `members_version` (the one the user's check saw), read as an edit
+    /// reads it ([`MessageStore::edit`]) on the heads row the move locks for
+    /// its change number; a call that moves nothing writes nothing and is
+    /// answered whatever the version.
+    async fn mark_read(&self, chat: ChatId, user: UserId, seq: Seq, members_version: i64)
+    -> Result<Marked, StoreError>;
 
     /// Records `changes` of the chat's membership or details in ONE
     /// transaction: each takes the chat's next change number and an entry
@@ -1395,14 +1484,17 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     async fn close_direct_chat(&self, chat: ChatId, closed: bool, version: i64) -> Result<(), StoreError>;
 
     /// Records that chat `chat`'s members version is `version` (1 or more)
-    /// after a departure (RecordChatChanges' members_departed), on its
+    /// after a departure or a loss of rights (RecordChatChanges'
+    /// members_departed), on its
     /// heads row (created if need be, with no seq and no change number
     /// taken), unless the row holds this version or a higher one already.
     /// Takes no change number and logs nothing. Serialized with
     /// [`MessageStore::insert_batch`] on the heads row as
     /// [`MessageStore::close_direct_chat`] is: a batch that reads the row
     /// after this commits refuses the chat's messages checked at a lower
-    /// version ([`Sent::Stale`]).
+    /// version ([`Sent::Stale`]), and so do the other writes of a member's
+    /// change that read it (edits, reactions, pins, deletions, read moves,
+    /// reports: their `Stale` outcomes).
     async fn record_departure(&self, chat: ChatId, version: i64) -> Result<(), StoreError>;
 
     /// The chat's heads (all zero for a chat with no message and no change).
@@ -1598,7 +1690,8 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// limit holds and counts, read from the rows, never drift. `now` in µs
     /// orders the emoji. A real change is refused ([`Reacted::Stale`]) as
     /// an edit is ([`MessageStore::edit`]) when a departure recorded since
-    /// is above `members_version`, the one `user`'s check saw.
+    /// is above `members_version`, the one `user`'s check saw, and a real
+    /// add ([`Reacted::Closed`]) in a direct chat closed by a block.
     #[expect(clippy::too_many_arguments, reason = "one reaction's fields, as the request has them")]
     async fn react(
         &self,
@@ -1620,7 +1713,8 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// message's row and before the count), so the limit holds under
     /// concurrent pins. A real change is refused ([`Pinned::Stale`]) as an
     /// edit is ([`MessageStore::edit`]) when a departure recorded since is
-    /// above `members_version`, the one `user`'s check saw.
+    /// above `members_version`, the one `user`'s check saw, and a real pin
+    /// ([`Pinned::Closed`]) in a direct chat closed by a block.
     async fn pin(
         &self,
         id: MessageId,
@@ -1642,8 +1736,14 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<HashMap<MessageId, Vec<Reaction>>, StoreError>;
 
     /// Records `report` unless its reporter reported the message already;
-    /// returns the report stored (the first one, on a repeat).
-    async fn report(&self, report: &StoredReport) -> Result<StoredReport, StoreError>;
+    /// returns the report stored (the first one, on a repeat). A new report
+    /// is refused ([`Reported::Stale`], nothing written) when the chat's
+    /// members version recorded by [`MessageStore::record_departure`] is
+    /// above `members_version` (the one the reporter's check saw), read in
+    /// the insert's own statement on the chat's heads row (PostgreSQL: under
+    /// a share lock, so a departure being recorded is waited for and one
+    /// recorded after waits for the insert; SQLite: the one writer).
+    async fn report(&self, report: &StoredReport, members_version: i64) -> Result<Reported, StoreError>;
 
     /// Resolves the open reports of `message` by `resolver` at `now` (µs);
     /// returns how many there were.

@@ -27,13 +27,14 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row as _};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Edited, Finish, Finished,
-    Flags, Generation, GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message,
-    MessageStore, NewMessage, NewReply, PURGE_HEADS, Pin, Pinned, QueueCursor, QueueFilter, RECORD_DEPARTURE, Range,
-    Reacted, Reaction, ReadState, Reply, Revision, Role, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq,
-    Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of,
-    chat_change_row, decode_mentions, encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns,
-    parse_id, pinned_sql, report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
+    Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Deletion, Edited, Finish,
+    Finished, Flags, Generation, GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Marked,
+    Membership, Message, MessageStore, NewMessage, NewReply, PURGE_HEADS, Pin, Pinned, QueueCursor, QueueFilter,
+    RECORD_DEPARTURE, Range, Reacted, Reaction, ReadState, Reply, Reported, Revision, Role, SearchCursor, SearchFilter,
+    SearchHit, SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary,
+    aggregates_sql, chat_change_of, chat_change_row, decode_mentions, encode_mentions, list_sql, mention_count_sql,
+    merge_changes, message_columns, parse_id, pinned_sql, report_columns, stop_generating_sql, thread_root_of,
+    unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -134,12 +135,13 @@ const INDEX_BATCH: i64 = 1000;
 /// Takes the next change number of chat `$1` (creating its heads row if
 /// need be), locking the row until the transaction ends; returns it, then
 /// the chat's members version ([`MessageStore::record_departure`], 0 for
-/// none), read on the row's latest version after its lock (so a departure
-/// committed meanwhile is seen; one recorded after waits for this
-/// transaction). Callers that need no version read the first column only.
+/// none) and whether it is closed ([`MessageStore::close_direct_chat`]),
+/// read on the row's latest version after its lock (so a departure or a
+/// closure committed meanwhile is seen; one recorded after waits for this
+/// transaction). Callers that need neither read the first column only.
 const NEXT_CHANGE: &str = "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES ($1, 0, 1) \
      ON CONFLICT (chat_id) DO UPDATE SET last_change = chat_heads.last_change + 1 \
-     RETURNING last_change, members_version";
+     RETURNING last_change, members_version, closed";
 
 /// `SELECT` of one message by id (`$1`).
 const MESSAGE_BY_ID: &str = concat!("SELECT ", message_columns!(), " FROM messages WHERE id = $1");
@@ -688,8 +690,16 @@ fn id_at<T: std::str::FromStr>(row: &PgRow, i: usize) -> Result<T, StoreError> {
 /// Tombstones one live message inside the caller's transaction (a
 /// tombstone stays as it is), deleted by `by`: see
 /// [`MessageStore::delete`]. Locks the message's row, then a thread reply's
-/// root's, then the chat's heads.
-async fn tombstone(tx: &mut sqlx::PgConnection, id: &str, by: &str, now: i64) -> Result<(), StoreError> {
+/// root's, then the chat's heads. False, having written nothing the
+/// caller keeps (it rolls back), when the chat's members version is above
+/// `members_version` (see [`MessageStore::delete_with_replies`]).
+async fn tombstone(
+    tx: &mut sqlx::PgConnection,
+    id: &str,
+    by: &str,
+    now: i64,
+    members_version: i64,
+) -> Result<bool, StoreError> {
     let live: Option<(String, i64, String, i64)> = sqlx::query_as(
         "UPDATE messages SET delete_time = $1, deleted_by = $3 WHERE id = $2 AND delete_time IS NULL \
          RETURNING chat_id, seq, mentions, thread_root_seq",
@@ -699,7 +709,7 @@ async fn tombstone(tx: &mut sqlx::PgConnection, id: &str, by: &str, now: i64) ->
     .bind(by)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((chat, seq, mentions, root)) = live else { return Ok(()) };
+    let Some((chat, seq, mentions, root)) = live else { return Ok(true) };
     if root > 0 {
         // The root's row next (before the heads): the order a thread
         // reply's batch locks them in.
@@ -709,7 +719,12 @@ async fn tombstone(tx: &mut sqlx::PgConnection, id: &str, by: &str, now: i64) ->
             .fetch_optional(&mut *tx)
             .await?;
     }
-    let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+    // A departure (or a loss of rights) recorded after the deleting
+    // user's check refuses the deletion.
+    let (change, departed): (i64, i64) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+    if departed > members_version {
+        return Ok(false);
+    }
     if root > 0 {
         let (root_change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
         sqlx::query(
@@ -743,7 +758,7 @@ async fn tombstone(tx: &mut sqlx::PgConnection, id: &str, by: &str, now: i64) ->
     }
     sqlx::query("DELETE FROM message_revisions WHERE message_id = $1").bind(id).execute(&mut *tx).await?;
     sqlx::query("DELETE FROM message_reactions WHERE message_id = $1").bind(id).execute(&mut *tx).await?;
-    Ok(())
+    Ok(true)
 }
 
 /// A row of [`message_columns!`].
@@ -1075,11 +1090,15 @@ impl MessageStore for PostgresStore {
         .execute(&mut *tx)
         .await?;
         // Lock order everywhere: a message row, then its chat's heads. A
-        // departure recorded after the editor's check refuses the edit (the
-        // revision above rolls back with the rest).
-        let (change, departed): (i64, i64) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+        // departure recorded after the editor's check, or a block's closure,
+        // refuses the edit (the revision above rolls back with the rest).
+        let (change, departed, closed): (i64, i64, bool) =
+            sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
         if departed > members_version {
             return Ok(Edited::Stale);
+        }
+        if closed {
+            return Ok(Edited::Closed);
         }
         let row = sqlx::query(concat!(
             "UPDATE messages SET text = $1, revision = revision + 1, edit_time = $2, change_seq = $4, \
@@ -1099,7 +1118,13 @@ impl MessageStore for PostgresStore {
         Ok(Edited::Done(message_row(&row)?))
     }
 
-    async fn delete_with_replies(&self, id: MessageId, by: UserId, now: i64) -> Result<Option<Deleted>, StoreError> {
+    async fn delete_with_replies(
+        &self,
+        id: MessageId,
+        by: UserId,
+        now: i64,
+        members_version: i64,
+    ) -> Result<Deletion, StoreError> {
         let (id, by) = (id.to_string(), by.to_string());
         let mut tx = self.pool.begin().await?;
         // Lock the message's row first (a StartReply of it shares this
@@ -1110,7 +1135,7 @@ impl MessageStore for PostgresStore {
                 .bind(&id)
                 .fetch_optional(&mut *tx)
                 .await?;
-        let Some((chat, seq, role)) = target else { return Ok(None) };
+        let Some((chat, seq, role)) = target else { return Ok(Deletion::NotFound) };
         let mut replies = Vec::new();
         if Role::of(role.into()) == Role::User {
             let live: Vec<(String,)> = sqlx::query_as(
@@ -1122,15 +1147,21 @@ impl MessageStore for PostgresStore {
             .fetch_all(&mut *tx)
             .await?;
             for (reply,) in live {
-                tombstone(&mut tx, &reply, &by, now).await?;
+                // Stale: nothing of the call is kept (the transaction rolls
+                // back when dropped).
+                if !tombstone(&mut tx, &reply, &by, now, members_version).await? {
+                    return Ok(Deletion::Stale);
+                }
                 let row = sqlx::query(MESSAGE_BY_ID).bind(&reply).fetch_one(&mut *tx).await?;
                 replies.push(message_row(&row)?);
             }
         }
-        tombstone(&mut tx, &id, &by, now).await?;
+        if !tombstone(&mut tx, &id, &by, now, members_version).await? {
+            return Ok(Deletion::Stale);
+        }
         let row = sqlx::query(MESSAGE_BY_ID).bind(&id).fetch_one(&mut *tx).await?;
         tx.commit().await?;
-        Ok(Some(Deleted { message: message_row(&row)?, replies }))
+        Ok(Deletion::Done(Deleted { message: message_row(&row)?, replies }))
     }
 
     async fn replies(&self, chat: ChatId, prompt: Seq) -> Result<Vec<Message>, StoreError> {
@@ -1218,7 +1249,13 @@ impl MessageStore for PostgresStore {
         .collect()
     }
 
-    async fn mark_read(&self, chat: ChatId, user: UserId, seq: Seq) -> Result<ReadState, StoreError> {
+    async fn mark_read(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        seq: Seq,
+        members_version: i64,
+    ) -> Result<Marked, StoreError> {
         let (chat, user) = (chat.to_string(), user.to_string());
         // Without a lock first: most calls do not move the position (a
         // client marks what it already marked), and those take no change
@@ -1237,7 +1274,7 @@ impl MessageStore for PostgresStore {
         .await?;
         let mut state = ReadState { read_seq: Seq(stored), unread, change_seq: None };
         if target <= stored {
-            return Ok(state);
+            return Ok(Marked::Done(state));
         }
         // Lock order: the forgets held off, the chat's heads, then the
         // position. A concurrent call that moved the position as far first
@@ -1246,7 +1283,12 @@ impl MessageStore for PostgresStore {
         // it): it rolls back, returning its number.
         let mut tx = self.pool.begin().await?;
         hold_off_forgets(&mut tx).await?;
-        let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+        // A departure recorded after the user's check refuses the move
+        // (rolled back when dropped).
+        let (change, departed): (i64, i64) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+        if departed > members_version {
+            return Ok(Marked::Stale);
+        }
         let moved: Option<(i64,)> = sqlx::query_as(
             "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) SELECT $1, $2, $3, $4 \
              WHERE NOT EXISTS (SELECT 1 FROM forgotten_users WHERE user_id = $2) \
@@ -1280,7 +1322,7 @@ impl MessageStore for PostgresStore {
             .fetch_one(&self.pool)
             .await?;
         state.unread = unread;
-        Ok(state)
+        Ok(Marked::Done(state))
     }
 
     async fn record_chat_changes(
@@ -1814,10 +1856,15 @@ impl MessageStore for PostgresStore {
         let written = done.rows_affected() > 0;
         let row = if written {
             // A departure recorded after the reacting user's check refuses
-            // the change (rolled back with the rest).
-            let (change, departed): (i64, i64) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+            // the change, and a block's closure an add (rolled back with the
+            // rest).
+            let (change, departed, closed): (i64, i64, bool) =
+                sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
             if departed > members_version {
                 return Ok(Reacted::Stale);
+            }
+            if closed && add {
+                return Ok(Reacted::Closed);
             }
             sqlx::query(concat!(
                 "UPDATE messages SET change_seq = $2, reaction_rows = reaction_rows + $3 WHERE id = $1 RETURNING ",
@@ -1861,10 +1908,15 @@ impl MessageStore for PostgresStore {
         // The heads row's lock, taken with the change number, queues the
         // chat's other pins behind this one: the count below is theirs too.
         // A refusal rolls the number back with the rest, as one for a
-        // departure recorded after the pinning user's check.
-        let (change, departed): (i64, i64) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+        // departure recorded after the pinning user's check, or for a pin
+        // in a chat a block closed.
+        let (change, departed, closed): (i64, i64, bool) =
+            sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
         if departed > members_version {
             return Ok(Pinned::Stale);
+        }
+        if closed && pin {
+            return Ok(Pinned::Closed);
         }
         if pin {
             let (pins,): (i64,) =
@@ -1904,11 +1956,18 @@ impl MessageStore for PostgresStore {
         reactions_of(&self.pool, &ids, &viewer.map(|v| v.to_string()).unwrap_or_default()).await
     }
 
-    async fn report(&self, report: &StoredReport) -> Result<StoredReport, StoreError> {
+    async fn report(&self, report: &StoredReport, members_version: i64) -> Result<Reported, StoreError> {
         let (message, reporter) = (report.message_id.to_string(), report.reporter.to_string());
+        // The chat's members version is read on its heads row (which every
+        // message's chat has) under a share lock, in the insert's own
+        // statement: a departure being recorded (it holds the row) is
+        // waited for and then read, as committed (READ COMMITTED reads the
+        // row's latest version after the wait); one recorded after waits
+        // for this statement's commit. No row: stale, nothing inserted.
         sqlx::query(
             "INSERT INTO message_reports (message_id, reporter_id, chat_id, reason, comment, create_time) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (message_id, reporter_id) DO NOTHING",
+             SELECT $1, $2, $3, $4, $5, $6 FROM chat_heads WHERE chat_id = $3 AND members_version <= $7 \
+             FOR SHARE ON CONFLICT (message_id, reporter_id) DO NOTHING",
         )
         .bind(&message)
         .bind(&reporter)
@@ -1916,6 +1975,7 @@ impl MessageStore for PostgresStore {
         .bind(report.reason)
         .bind(&report.comment)
         .bind(report.create_time)
+        .bind(members_version)
         .execute(&self.pool)
         .await?;
         let row = sqlx::query(concat!(
@@ -1925,9 +1985,10 @@ impl MessageStore for PostgresStore {
         ))
         .bind(&message)
         .bind(&reporter)
-        .fetch_one(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
-        report_row(&row)
+        // None: refused as stale, and no earlier report of theirs.
+        row.as_ref().map_or(Ok(Reported::Stale), |row| Ok(Reported::Stored(report_row(row)?)))
     }
 
     async fn resolve_reports(&self, message: MessageId, resolver: UserId, now: i64) -> Result<u64, StoreError> {
@@ -2189,8 +2250,9 @@ mod tests {
         store.insert_batch(&[message("first", Vec::new())]).await.unwrap();
         let head = store.heads(chat).await.unwrap().change;
         let reader = store.clone();
-        let read = during_a_forget(&store, user, async move { reader.mark_read(chat, user, Seq(1)).await }).await;
-        assert_eq!(read.unwrap().change_seq, None, "a read position moved for a forgotten user");
+        let read = during_a_forget(&store, user, async move { reader.mark_read(chat, user, Seq(1), 0).await }).await;
+        let Marked::Done(read) = read.unwrap() else { panic!("refused as stale") };
+        assert_eq!(read.change_seq, None, "a read position moved for a forgotten user");
         assert_eq!(store.read_positions(user, &[chat]).await.unwrap(), [Seq::ZERO], "a read position kept");
         assert_eq!(store.heads(chat).await.unwrap().change, head, "a change number taken for nothing");
 

@@ -18,14 +18,14 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, params};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Edited, Finish, Finished,
-    Flags, Generation, GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Membership, Message,
-    MessageStore, NewMessage, NewReply, PURGE_HEADS, Pin, Pinned, QueueCursor, QueueFilter, RECENT_ACTIVITY_ROWS,
-    RECORD_DEPARTURE, Range, Reacted, Reaction, ReadState, Reply, Revision, Role, SEARCH_RANK_MAX, SEARCH_SCAN,
-    SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary,
-    ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, created_after_bounds, decode_mentions,
-    encode_mentions, first_seq_created_after, list_sql, mention_count_sql, merge_changes, message_columns, pinned_sql,
-    report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
+    Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Deletion, Edited, Finish,
+    Finished, Flags, Generation, GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Marked,
+    Membership, Message, MessageStore, NewMessage, NewReply, PURGE_HEADS, Pin, Pinned, QueueCursor, QueueFilter,
+    RECENT_ACTIVITY_ROWS, RECORD_DEPARTURE, Range, Reacted, Reaction, ReadState, Reply, Reported, Revision, Role,
+    SEARCH_RANK_MAX, SEARCH_SCAN, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError,
+    StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row,
+    created_after_bounds, decode_mentions, encode_mentions, first_seq_created_after, list_sql, mention_count_sql,
+    merge_changes, message_columns, pinned_sql, report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -319,20 +319,21 @@ fn report_row(row: &Row<'_>) -> rusqlite::Result<StoredReport> {
 /// Takes the next change number of chat `chat` (creating its heads row if
 /// need be), inside the caller's transaction.
 fn next_change(tx: &Connection, chat: &str) -> rusqlite::Result<i64> {
-    next_change_of_members(tx, chat).map(|(change, _)| change)
+    next_change_of_members(tx, chat).map(|(change, _, _)| change)
 }
 
 /// [`next_change`], with the chat's members version
-/// ([`MessageStore::record_departure`], 0 for none) read in the same
-/// statement: the one writer records no departure between it and the
-/// commit.
-fn next_change_of_members(tx: &Connection, chat: &str) -> rusqlite::Result<(i64, i64)> {
+/// ([`MessageStore::record_departure`], 0 for none) and whether it is
+/// closed ([`MessageStore::close_direct_chat`]) read in the same
+/// statement: the one writer records no departure or closure between it
+/// and the commit.
+fn next_change_of_members(tx: &Connection, chat: &str) -> rusqlite::Result<(i64, i64, bool)> {
     tx.prepare_cached(
         "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES (?1, 0, 1) \
          ON CONFLICT (chat_id) DO UPDATE SET last_change = chat_heads.last_change + 1 \
-         RETURNING last_change, members_version",
+         RETURNING last_change, members_version, closed",
     )?
-    .query_row([chat], |row| Ok((row.get(0)?, row.get(1)?)))
+    .query_row([chat], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
 }
 
 /// A row of `change_seq, kind, user_id, details, seq, change_time` of
@@ -580,11 +581,15 @@ fn edit(
          SELECT id, revision, text, COALESCE(edit_time, send_time) FROM messages WHERE id = ?1",
     )?
     .execute([id])?;
-    // A departure recorded after the editor's check refuses the edit (the
-    // revision above rolls back with the rest).
-    let (change, departed) = next_change_of_members(&tx, &chat)?;
+    // A departure recorded after the editor's check, or a block's
+    // closure, refuses the edit (the revision above rolls back with the
+    // rest).
+    let (change, departed, closed) = next_change_of_members(&tx, &chat)?;
     if departed > members_version {
         return Ok(Edited::Stale);
+    }
+    if closed {
+        return Ok(Edited::Closed);
     }
     let message = tx
         .prepare_cached(concat!(
@@ -599,13 +604,13 @@ fn edit(
 
 /// Tombstones one message and its assistant's live replies, replies
 /// first, in one transaction (see [`MessageStore::delete_with_replies`]).
-fn delete(conn: &mut Connection, id: &str, by: &str, now: i64) -> rusqlite::Result<Option<Deleted>> {
+fn delete(conn: &mut Connection, id: &str, by: &str, now: i64, members_version: i64) -> rusqlite::Result<Deletion> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let target: Option<(String, i64, i64)> = tx
         .prepare_cached("SELECT chat_id, seq, role FROM messages WHERE id = ?1")?
         .query_row([id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
         .optional()?;
-    let Some((chat, seq, role)) = target else { return Ok(None) };
+    let Some((chat, seq, role)) = target else { return Ok(Deletion::NotFound) };
     let mut replies = Vec::new();
     if Role::of(role) == Role::User {
         let live: Vec<String> = tx
@@ -616,27 +621,41 @@ fn delete(conn: &mut Connection, id: &str, by: &str, now: i64) -> rusqlite::Resu
             .query_map(params![chat, seq], |row| row.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         for reply in live {
-            tombstone(&tx, &reply, by, now)?;
+            // Stale: nothing of the call is kept (dropped, the transaction
+            // rolls back).
+            if !tombstone(&tx, &reply, by, now, members_version)? {
+                return Ok(Deletion::Stale);
+            }
             replies.push(tx.prepare_cached(MESSAGE_BY_ID)?.query_row([&reply], message_row)?);
         }
     }
-    tombstone(&tx, id, by, now)?;
+    if !tombstone(&tx, id, by, now, members_version)? {
+        return Ok(Deletion::Stale);
+    }
     let message = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row)?;
     tx.commit()?;
-    Ok(Some(Deleted { message, replies }))
+    Ok(Deletion::Done(Deleted { message, replies }))
 }
 
 /// Tombstones one live message inside the caller's transaction (a
 /// tombstone stays as it is), deleted by `by`: see [`MessageStore::delete`].
-fn tombstone(tx: &Connection, id: &str, by: &str, now: i64) -> rusqlite::Result<()> {
+/// False, having written nothing the caller keeps (it rolls back), when the
+/// chat's members version is above `members_version` (see
+/// [`MessageStore::delete_with_replies`]).
+fn tombstone(tx: &Connection, id: &str, by: &str, now: i64, members_version: i64) -> rusqlite::Result<bool> {
     let live: Option<(String, i64, String, i64)> = tx
         .prepare_cached(
             "SELECT chat_id, seq, mentions, thread_root_seq FROM messages WHERE id = ?1 AND delete_time IS NULL",
         )?
         .query_row([id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
         .optional()?;
-    let Some((chat, seq, mentions, root)) = live else { return Ok(()) };
-    let change = next_change(tx, &chat)?;
+    let Some((chat, seq, mentions, root)) = live else { return Ok(true) };
+    // A departure (or a loss of rights) recorded after the deleting user's
+    // check refuses the deletion.
+    let (change, departed, _) = next_change_of_members(tx, &chat)?;
+    if departed > members_version {
+        return Ok(false);
+    }
     if root > 0 {
         let root_change = next_change(tx, &chat)?;
         tx.prepare_cached(
@@ -658,7 +677,7 @@ fn tombstone(tx: &Connection, id: &str, by: &str, now: i64) -> rusqlite::Result<
     }
     tx.prepare_cached("DELETE FROM message_revisions WHERE message_id = ?1")?.execute([id])?;
     tx.prepare_cached("DELETE FROM message_reactions WHERE message_id = ?1")?.execute([id])?;
-    Ok(())
+    Ok(true)
 }
 
 /// The reactions of `ids` aggregated per emoji, for `viewer` ('' for
@@ -727,10 +746,13 @@ fn react(
     };
     let mut message = if written > 0 {
         // A departure recorded after the reacting user's check refuses the
-        // change (rolled back with the rest).
-        let (change, departed) = next_change_of_members(&tx, &chat)?;
+        // change, and a block's closure an add (rolled back with the rest).
+        let (change, departed, closed) = next_change_of_members(&tx, &chat)?;
         if departed > members_version {
             return Ok(Reacted::Stale);
+        }
+        if closed && add {
+            return Ok(Reacted::Closed);
         }
         let rows = if add { 1 } else { -1 };
         tx.prepare_cached(concat!(
@@ -809,10 +831,13 @@ fn pin_message(
         }
     }
     // A departure recorded after the pinning user's check refuses the
-    // change.
-    let (change, departed) = next_change_of_members(&tx, &chat)?;
+    // change, and a block's closure a pin.
+    let (change, departed, closed) = next_change_of_members(&tx, &chat)?;
     if departed > members_version {
         return Ok(Pinned::Stale);
+    }
+    if closed && pin {
+        return Ok(Pinned::Closed);
     }
     let (time, by) = if pin { (Some(now), Some(user)) } else { (None, None) };
     let message = tx
@@ -1231,9 +1256,15 @@ impl MessageStore for SqliteStore {
         Ok(self.db.write(move |conn| edit(conn, &id, &text, flags, now, max_edits, members_version)).await?)
     }
 
-    async fn delete_with_replies(&self, id: MessageId, by: UserId, now: i64) -> Result<Option<Deleted>, StoreError> {
+    async fn delete_with_replies(
+        &self,
+        id: MessageId,
+        by: UserId,
+        now: i64,
+        members_version: i64,
+    ) -> Result<Deletion, StoreError> {
         let (id, by) = (id.to_string(), by.to_string());
-        Ok(self.db.write(move |conn| delete(conn, &id, &by, now)).await?)
+        Ok(self.db.write(move |conn| delete(conn, &id, &by, now, members_version)).await?)
     }
 
     async fn replies(&self, chat: ChatId, prompt: Seq) -> Result<Vec<Message>, StoreError> {
@@ -1319,7 +1350,13 @@ impl MessageStore for SqliteStore {
         Ok(rows.await?)
     }
 
-    async fn mark_read(&self, chat: ChatId, user: UserId, seq: Seq) -> Result<ReadState, StoreError> {
+    async fn mark_read(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        seq: Seq,
+        members_version: i64,
+    ) -> Result<Marked, StoreError> {
         let (chat, user) = (chat.to_string(), user.to_string());
         // A call that moves nothing (a client repeating itself, or behind)
         // is answered on a reader: the writer, which every send of the
@@ -1336,7 +1373,7 @@ impl MessageStore for SqliteStore {
             Ok(Some(ReadState { read_seq: Seq(read_seq), unread, change_seq: None }))
         });
         if let Some(state) = stays.await? {
-            return Ok(state);
+            return Ok(Marked::Done(state));
         }
         let state = self.db.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -1348,7 +1385,12 @@ impl MessageStore for SqliteStore {
                 .prepare_cached("SELECT EXISTS (SELECT 1 FROM forgotten_users WHERE user_id = ?1)")?
                 .query_row([&user], |row| row.get(0))?;
             let (read_seq, change_seq) = if target > read_seq && !forgotten {
-                let change = next_change(&tx, &chat)?;
+                // A departure recorded after the user's check refuses the
+                // move (dropped, the transaction rolls back).
+                let (change, departed, _) = next_change_of_members(&tx, &chat)?;
+                if departed > members_version {
+                    return Ok(Marked::Stale);
+                }
                 tx.prepare_cached(
                     "INSERT INTO read_positions (chat_id, user_id, read_seq, change_seq) VALUES (?1, ?2, ?3, ?4) \
                      ON CONFLICT (chat_id, user_id) DO UPDATE SET read_seq = excluded.read_seq, \
@@ -1363,7 +1405,7 @@ impl MessageStore for SqliteStore {
                 .prepare_cached(concat!("SELECT ", unread_count_sql!("?1", "?2", "?3")))?
                 .query_row(params![chat, read_seq, user], |row| row.get(0))?;
             tx.commit()?;
-            Ok(ReadState { read_seq: Seq(read_seq), unread, change_seq })
+            Ok(Marked::Done(ReadState { read_seq: Seq(read_seq), unread, change_seq }))
         });
         Ok(state.await?)
     }
@@ -1671,13 +1713,17 @@ impl MessageStore for SqliteStore {
         Ok(self.db.read(move |conn| reactions_of(conn, &ids, &viewer)).await?)
     }
 
-    async fn report(&self, report: &StoredReport) -> Result<StoredReport, StoreError> {
+    async fn report(&self, report: &StoredReport, members_version: i64) -> Result<Reported, StoreError> {
         let r = report.clone();
         let stored = self.db.write(move |conn| {
             let (message, reporter) = (r.message_id.to_string(), r.reporter.to_string());
+            // The chat's members version read in the insert's statement, on
+            // its heads row (which every message's chat has); the one writer
+            // records no departure meanwhile. No row: nothing inserted.
             conn.prepare_cached(
                 "INSERT INTO message_reports (message_id, reporter_id, chat_id, reason, comment, create_time) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (message_id, reporter_id) DO NOTHING",
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6 FROM chat_heads WHERE chat_id = ?3 AND members_version <= ?7 \
+                 ON CONFLICT (message_id, reporter_id) DO NOTHING",
             )?
             .execute(params![
                 message,
@@ -1685,7 +1731,8 @@ impl MessageStore for SqliteStore {
                 r.chat_id.to_string(),
                 r.reason,
                 r.comment,
-                r.create_time
+                r.create_time,
+                members_version
             ])?;
             conn.prepare_cached(concat!(
                 "SELECT ",
@@ -1693,8 +1740,10 @@ impl MessageStore for SqliteStore {
                 " FROM message_reports WHERE message_id = ?1 AND reporter_id = ?2"
             ))?
             .query_row(params![message, reporter], report_row)
+            .optional()
         });
-        Ok(stored.await?)
+        // None: refused as stale, and no earlier report of theirs.
+        Ok(stored.await?.map_or(Reported::Stale, Reported::Stored))
     }
 
     async fn resolve_reports(&self, message: MessageId, resolver: UserId, now: i64) -> Result<u64, StoreError> {
@@ -2095,7 +2144,8 @@ mod tests {
         let (chat, reader, author) = (ChatId::new_v7(), UserId::new_v7(), UserId::new_v7());
         let message = |text: &str| new_message(chat, author, text);
         store.insert_batch(&[message("one"), message("two")]).await.unwrap();
-        assert!(store.mark_read(chat, reader, Seq(1)).await.unwrap().change_seq.is_some(), "moved");
+        let moved = store.mark_read(chat, reader, Seq(1), 0).await.unwrap();
+        assert!(matches!(moved, Marked::Done(ReadState { change_seq: Some(_), .. })), "moved");
         // The writer held by a write that waits for the test.
         let (release, held) = std::sync::mpsc::channel::<()>();
         let (holding, writer_held) = tokio::sync::oneshot::channel();
@@ -2110,12 +2160,12 @@ mod tests {
         });
         writer_held.await.unwrap();
         let bound = std::time::Duration::from_secs(10);
-        let again = tokio::time::timeout(bound, store.mark_read(chat, reader, Seq(1))).await;
+        let again = tokio::time::timeout(bound, store.mark_read(chat, reader, Seq(1), 0)).await;
         let again = again.expect("answered while the writer is busy").unwrap();
-        assert_eq!((again.read_seq, again.unread, again.change_seq), (Seq(1), 1, None));
+        assert_eq!(again, Marked::Done(ReadState { read_seq: Seq(1), unread: 1, change_seq: None }));
         release.send(()).unwrap();
         busy.await.unwrap().unwrap();
-        let moved = store.mark_read(chat, reader, Seq(2)).await.unwrap();
+        let Marked::Done(moved) = store.mark_read(chat, reader, Seq(2), 0).await.unwrap() else { panic!("moved") };
         assert_eq!((moved.read_seq, moved.unread), (Seq(2), 0));
         assert!(moved.change_seq.is_some());
         store.db.close().await;

@@ -111,6 +111,11 @@ message_store_suite!(
     an_edit_waiting_on_a_departure_being_recorded_is_refused_once_it_commits,
     a_reaction_checked_before_a_departure_is_refused_in_its_write,
     a_pin_checked_before_a_departure_is_refused_in_its_write,
+    a_deletion_checked_before_a_departure_is_refused_in_its_write,
+    a_read_move_checked_before_a_departure_is_refused_in_its_write,
+    a_report_checked_before_a_departure_is_refused_in_its_write,
+    a_report_waiting_on_a_departure_being_recorded_is_refused_once_it_commits,
+    a_closed_direct_chat_takes_no_edit_reaction_or_pin_written_after_its_closure,
     a_reply_names_a_message_stored_before_its_batch,
     concurrent_batches_take_gap_free_seqs,
     history_pages_both_ways,
@@ -240,6 +245,34 @@ fn seqs(out: &[Sent]) -> Vec<Option<i64>> {
 
 async fn send(h: &Harness, batch: &[NewMessage]) -> Vec<Sent> {
     h.store.insert_batch(batch).await.unwrap()
+}
+
+/// MarkRead as checked at members version 0 (no departure recorded): the
+/// position after it (a refusal fails the test).
+async fn mark_read(store: &dyn MessageStore, chat: ChatId, user: UserId, seq: Seq) -> Result<ReadState, StoreError> {
+    match store.mark_read(chat, user, seq, 0).await? {
+        Marked::Done(state) => Ok(state),
+        Marked::Stale => panic!("refused as stale at members version 0"),
+    }
+}
+
+/// [`MessageStore::delete_with_replies`] as checked at members version 0
+/// (no departure recorded): what it deleted (None: no such message).
+async fn delete_with_replies(h: &Harness, id: MessageId, by: UserId, now: i64) -> Option<Deleted> {
+    match h.store.delete_with_replies(id, by, now, 0).await.unwrap() {
+        Deletion::Done(deleted) => Some(deleted),
+        Deletion::NotFound => None,
+        Deletion::Stale => panic!("refused as stale at members version 0"),
+    }
+}
+
+/// [`MessageStore::report`] as checked at members version 0 (no departure
+/// recorded): the report stored.
+async fn reported(h: &Harness, report: &StoredReport) -> StoredReport {
+    match h.store.report(report, 0).await.unwrap() {
+        Reported::Stored(report) => report,
+        Reported::Stale => panic!("refused as stale at members version 0"),
+    }
 }
 
 /// The seqs and ids of a chat, oldest first.
@@ -506,6 +539,119 @@ async fn a_pin_checked_before_a_departure_is_refused_in_its_write(h: &Harness) {
     assert_eq!(h.store.heads(chat(1)).await.unwrap().change, heads.change + 1);
 }
 
+/// A deletion by a user whose membership check saw a members version
+/// below the one a departure (or a loss of rights) recorded since is
+/// refused in its write ([`Deletion::Stale`]) and changes nothing: the
+/// message stays live, no change number is taken; one checked at the
+/// recorded version or later deletes it. Deleting a tombstone writes
+/// nothing and is answered whatever the version.
+async fn a_deletion_checked_before_a_departure_is_refused_in_its_write(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(1, 1, 0)]).await), [Some(1)]);
+    assert_eq!(seqs(&send(h, &[in_thread(msg(2, 1, 0), 1)]).await), [Some(2)]);
+    h.store.record_departure(chat(1), 1).await.unwrap();
+    let heads = h.store.heads(chat(1)).await.unwrap();
+    assert_eq!(h.store.delete_with_replies(id(1), user(1), 2_000, 0).await.unwrap(), Deletion::Stale);
+    assert_eq!(h.store.delete_with_replies(id(2), user(1), 2_000, 0).await.unwrap(), Deletion::Stale, "a reply");
+    assert!(!at(h, 1, 1).await.deleted() && !at(h, 1, 2).await.deleted(), "both live");
+    assert_eq!(at(h, 1, 1).await.thread.map(|t| t.replies), Some(1), "the root's count as it was");
+    assert_eq!(h.store.heads(chat(1)).await.unwrap(), heads, "no change number taken");
+    let Deletion::Done(deleted) = h.store.delete_with_replies(id(2), user(1), 2_001, 1).await.unwrap() else {
+        panic!("checked at the recorded version: deleted")
+    };
+    assert!(deleted.message.deleted());
+    let again = h.store.delete_with_replies(id(2), user(1), 2_002, 0).await.unwrap();
+    assert_eq!(
+        again,
+        Deletion::Done(Deleted { message: deleted.message, replies: Vec::new() }),
+        "a tombstone: as it is"
+    );
+}
+
+/// A read position moved by a user whose membership check saw a members
+/// version below the one a departure recorded since is refused in its
+/// write ([`Marked::Stale`]): the position stays, no change number is
+/// taken; a call that moves nothing is answered whatever the version, and
+/// one checked at the recorded version or later moves it.
+async fn a_read_move_checked_before_a_departure_is_refused_in_its_write(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(1, 1, 0), msg(2, 1, 0)]).await), [Some(1), Some(2)]);
+    assert!(matches!(h.store.mark_read(chat(1), user(1), Seq(1), 0).await.unwrap(), Marked::Done(_)));
+    h.store.record_departure(chat(1), 1).await.unwrap();
+    let heads = h.store.heads(chat(1)).await.unwrap();
+    assert_eq!(h.store.mark_read(chat(1), user(1), Seq(2), 0).await.unwrap(), Marked::Stale);
+    assert_eq!(h.store.heads(chat(1)).await.unwrap(), heads, "no change number taken");
+    let stays = ReadState { read_seq: Seq(1), unread: 1, change_seq: None };
+    assert_eq!(h.store.mark_read(chat(1), user(1), Seq(1), 0).await.unwrap(), Marked::Done(stays), "nothing moved");
+    let moved = ReadState { read_seq: Seq(2), unread: 0, change_seq: Some(heads.change + 1) };
+    assert_eq!(h.store.mark_read(chat(1), user(1), Seq(2), 1).await.unwrap(), Marked::Done(moved));
+}
+
+/// A report by a user whose membership check saw a members version below
+/// the one a departure recorded since is refused in its write
+/// ([`Reported::Stale`]) and stores nothing; one checked at the recorded
+/// version or later is stored, and a repeat answers it whatever the
+/// version.
+async fn a_report_checked_before_a_departure_is_refused_in_its_write(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(1, 1, 0)]).await), [Some(1)]);
+    h.store.record_departure(chat(1), 1).await.unwrap();
+    assert_eq!(h.store.report(&report_of(1, 7, 1, 5_000), 0).await.unwrap(), Reported::Stale);
+    let reports = || async {
+        let queue = h.store.flagged(&QueueFilter::default(), None, 10).await.unwrap();
+        queue.iter().map(|(_, reports)| reports.len()).sum::<usize>()
+    };
+    assert_eq!(reports().await, 0, "no report stored");
+    let first = h.store.report(&report_of(1, 7, 1, 5_001), 1).await.unwrap();
+    assert_eq!(first, Reported::Stored(report_of(1, 7, 1, 5_001)));
+    assert_eq!(h.store.report(&report_of(1, 7, 1, 5_002), 0).await.unwrap(), first, "a repeat: the first");
+}
+
+/// PostgreSQL, two transactions by hand: a report whose insert reaches the
+/// chat's heads while a departure from the chat is being recorded (its
+/// transaction holds the heads row) waits for it, then reads the
+/// committed members version and is refused. (A report takes no change
+/// number: it reads the row under a share lock.)
+async fn a_report_waiting_on_a_departure_being_recorded_is_refused_once_it_commits(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(1, 1, 0)]).await), [Some(1)]);
+    let departure = sqlx::query(RECORD_DEPARTURE).bind(chat(1).to_string()).bind(1_i64);
+    let report =
+        |store: Arc<dyn MessageStore>| async move { store.report(&report_of(1, 7, 1, 5_000), 0).await.unwrap() };
+    let Some(out) = write_behind(h, departure, report).await else { return };
+    assert_eq!(out, Reported::Stale, "the report read the departure committed while it waited");
+}
+
+/// In a direct chat closed by a block, written after the closure was
+/// recorded (whenever the membership was checked): an edit, a reaction
+/// added and a pin are refused ([`Edited::Closed`], [`Reacted::Closed`],
+/// [`Pinned::Closed`]) and change nothing; an edit to the text the message
+/// has (a retry) is answered as it is, and taking a reaction or a pin back,
+/// and deleting, go through. Reopened, the chat takes them again.
+async fn a_closed_direct_chat_takes_no_edit_reaction_or_pin_written_after_its_closure(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(1, 1, 0), msg(2, 1, 0), msg(3, 1, 0)]).await), [Some(1), Some(2), Some(3)]);
+    assert!(matches!(h.store.react(id(1), user(1), "👍", true, 1_500, 20, 0).await.unwrap(), Reacted::Changed(_)));
+    assert!(matches!(h.store.pin(id(1), user(1), true, 1_501, 10, 0).await.unwrap(), Pinned::Changed(_)));
+    h.store.close_direct_chat(chat(1), true, 1).await.unwrap();
+    let heads = h.store.heads(chat(1)).await.unwrap();
+    assert_eq!(h.store.edit(id(1), "changed", None, 2_000, 5, 0).await.unwrap(), Edited::Closed);
+    assert_eq!(h.store.react(id(1), user(1), "🎉", true, 2_001, 20, 0).await.unwrap(), Reacted::Closed);
+    assert_eq!(h.store.pin(id(2), user(1), true, 2_002, 10, 0).await.unwrap(), Pinned::Closed);
+    assert_eq!(h.store.heads(chat(1)).await.unwrap(), heads, "no change number taken");
+    let first = at(h, 1, 1).await;
+    assert_eq!((first.text.as_str(), first.revision), ("text of 1", 1), "not edited");
+    assert_eq!(h.store.revisions(&[id(1)]).await.unwrap(), [], "no revision kept");
+    assert_eq!(h.store.reactions(&[id(1)], None).await.unwrap()[&id(1)].len(), 1, "no reaction added");
+    assert_eq!(at(h, 1, 2).await.pin, None, "not pinned");
+
+    assert!(matches!(h.store.edit(id(1), "text of 1", None, 2_003, 5, 0).await.unwrap(), Edited::Unchanged(_)));
+    assert!(matches!(h.store.react(id(1), user(1), "👍", true, 2_004, 20, 0).await.unwrap(), Reacted::Unchanged(_)));
+    assert!(matches!(h.store.react(id(1), user(1), "👍", false, 2_005, 20, 0).await.unwrap(), Reacted::Changed(_)));
+    assert!(matches!(h.store.pin(id(1), user(1), false, 2_006, 10, 0).await.unwrap(), Pinned::Changed(_)));
+    assert!(matches!(h.store.delete_with_replies(id(3), user(0), 2_007, 0).await.unwrap(), Deletion::Done(_)));
+
+    h.store.close_direct_chat(chat(1), false, 2).await.unwrap();
+    assert!(matches!(h.store.edit(id(1), "changed", None, 3_000, 5, 0).await.unwrap(), Edited::Done(_)));
+    assert!(matches!(h.store.react(id(1), user(1), "🎉", true, 3_001, 20, 0).await.unwrap(), Reacted::Changed(_)));
+    assert!(matches!(h.store.pin(id(2), user(1), true, 3_002, 10, 0).await.unwrap(), Pinned::Changed(_)));
+}
+
 async fn a_reply_names_a_message_stored_before_its_batch(h: &Harness) {
     // Seq 1 of chat 3 is taken within this very batch: not stored before it.
     let out = send(h, &[msg(6, 3, 0), msg(7, 3, 1)]).await;
@@ -603,7 +749,7 @@ async fn unread_counts_skip_own_and_deleted_messages_up_to_the_cap(h: &Harness) 
     let anyone = h.store.summaries(&[chat(1)], None).await.unwrap();
     assert_eq!((anyone[0].unread, anyone[0].mentions), (0, 0));
     assert_eq!(anyone[0].newest.as_ref().map(|m| m.id), summary[0].newest.as_ref().map(|m| m.id));
-    let state = h.store.mark_read(chat(1), user(1), Seq(1)).await.unwrap();
+    let state = mark_read(h.store.as_ref(), chat(1), user(1), Seq(1)).await.unwrap();
     assert_eq!(state, ReadState { read_seq: Seq(1), unread: 1, change_seq: Some(6) });
     assert_eq!(h.store.summaries(&[chat(1)], Some(user(1))).await.unwrap()[0].unread, 1);
 
@@ -612,9 +758,9 @@ async fn unread_counts_skip_own_and_deleted_messages_up_to_the_cap(h: &Harness) 
     let batch: Vec<NewMessage> = (0..many).map(|n| by(msg(100 + n, 2, 0), 2)).collect();
     send(h, &batch).await;
     assert_eq!(h.store.summaries(&[chat(2)], Some(user(1))).await.unwrap()[0].unread, UNREAD_COUNT_CAP);
-    let state = h.store.mark_read(chat(2), user(1), Seq(3)).await.unwrap();
+    let state = mark_read(h.store.as_ref(), chat(2), user(1), Seq(3)).await.unwrap();
     assert_eq!(state, ReadState { read_seq: Seq(3), unread: UNREAD_COUNT_CAP, change_seq: Some(many as i64 + 1) });
-    let state = h.store.mark_read(chat(2), user(1), Seq(i64::from(many) - 10)).await.unwrap();
+    let state = mark_read(h.store.as_ref(), chat(2), user(1), Seq(i64::from(many) - 10)).await.unwrap();
     assert_eq!(state.unread, 10);
 }
 
@@ -700,7 +846,7 @@ async fn deleting_a_prompt_deletes_its_replies_first_and_a_deleted_prompt_gets_n
     assert!(listed(4).await.is_empty(), "a person's message is no reply");
     let before = h.store.heads(chat(1)).await.unwrap().change;
 
-    let deleted = h.store.delete_with_replies(id(1), user(1), 9_000).await.unwrap().unwrap();
+    let deleted = delete_with_replies(h, id(1), user(1), 9_000).await.unwrap();
     let replies: Vec<(MessageId, bool, &str, i64)> =
         deleted.replies.iter().map(|m| (m.id, m.deleted(), m.text.as_str(), m.change_seq)).collect();
     assert_eq!(replies, [(id(2), true, "", before + 1), (id(3), true, "", before + 2)], "replies first");
@@ -723,11 +869,11 @@ async fn deleting_a_prompt_deletes_its_replies_first_and_a_deleted_prompt_gets_n
         NewReply { finished: Some((Generation::Failed, String::new(), info.clone())), ..reply(7, 1, 1, None) };
     assert_eq!(h.store.start_reply(&refusal).await.unwrap(), Started::PromptDeleted);
     // Again (a client's retry): nothing more.
-    let again = h.store.delete_with_replies(id(1), user(1), 9_500).await.unwrap().unwrap();
+    let again = delete_with_replies(h, id(1), user(1), 9_500).await.unwrap();
     assert_eq!((again.message, again.replies), (deleted.message, Vec::new()));
     assert_eq!(h.store.heads(chat(1)).await.unwrap().change, before + 3);
     // Deleting a reply leaves its prompt.
-    assert!(h.store.delete_with_replies(id(6), user(1), 9_600).await.unwrap().unwrap().replies.is_empty());
+    assert!(delete_with_replies(h, id(6), user(1), 9_600).await.unwrap().replies.is_empty());
     assert!(!h.store.message(id(5)).await.unwrap().unwrap().deleted());
     // A prompt deleted before replies went with it: deleting it again
     // takes its live replies now.
@@ -735,9 +881,9 @@ async fn deleting_a_prompt_deletes_its_replies_first_and_a_deleted_prompt_gets_n
     let old = NewReply { finished: Some((Generation::Complete, "kept".into(), info.clone())), ..reply(9, 1, 8, None) };
     created(h.store.start_reply(&old).await.unwrap());
     h.execute(&format!("UPDATE messages SET text = '', delete_time = 1 WHERE id = '{}'", id(8))).await;
-    let late = h.store.delete_with_replies(id(8), user(1), 9_700).await.unwrap().unwrap();
+    let late = delete_with_replies(h, id(8), user(1), 9_700).await.unwrap();
     assert_eq!(late.replies.iter().map(|m| (m.id, m.deleted())).collect::<Vec<_>>(), [(id(9), true)]);
-    assert_eq!(h.store.delete_with_replies(id(99), user(1), 1).await.unwrap(), None);
+    assert_eq!(h.store.delete_with_replies(id(99), user(1), 1, 0).await.unwrap(), Deletion::NotFound);
 }
 
 async fn a_join_recorded_late_leaves_what_was_sent_since_unread(h: &Harness) {
@@ -754,7 +900,7 @@ async fn a_join_recorded_late_leaves_what_was_sent_since_unread(h: &Harness) {
     h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(8))], 1_000, "").await.unwrap();
     assert_eq!(h.store.summaries(&[chat(1)], Some(user(8))).await.unwrap()[0].unread, 5);
     // Read while the join was on its way: the join does not move it back.
-    h.store.mark_read(chat(1), user(9), Seq(4)).await.unwrap();
+    mark_read(h.store.as_ref(), chat(1), user(9), Seq(4)).await.unwrap();
     let joined = h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(9))], 1_002, "").await.unwrap();
     assert_eq!(joined[0].read.map(|(_, seq)| seq), Some(Seq(4)));
     assert_eq!(h.store.summaries(&[chat(1)], Some(user(9))).await.unwrap()[0].unread, 1);
@@ -763,7 +909,7 @@ async fn a_join_recorded_late_leaves_what_was_sent_since_unread(h: &Harness) {
 async fn read_positions_only_move_forward_until_a_join_resets_them(h: &Harness) {
     let batch: Vec<NewMessage> = (1..=5).map(|n| by(msg(n, 1, 0), 2)).collect();
     send(h, &batch).await;
-    let mark = |seq: i64| async move { h.store.mark_read(chat(1), user(1), Seq(seq)).await.unwrap() };
+    let mark = |seq: i64| async move { mark_read(h.store.as_ref(), chat(1), user(1), Seq(seq)).await.unwrap() };
     // Sends took change numbers 1..=5; a move takes the next, a call that
     // moves nothing takes none.
     assert_eq!(mark(3).await, ReadState { read_seq: Seq(3), unread: 2, change_seq: Some(6) });
@@ -771,13 +917,13 @@ async fn read_positions_only_move_forward_until_a_join_resets_them(h: &Harness) 
     assert_eq!(mark(100).await, ReadState { read_seq: Seq(5), unread: 0, change_seq: Some(7) }, "clamped");
     assert_eq!(mark(100).await.change_seq, None);
     assert_eq!(
-        h.store.mark_read(chat(9), user(1), Seq(4)).await.unwrap(),
+        mark_read(h.store.as_ref(), chat(9), user(1), Seq(4)).await.unwrap(),
         ReadState { read_seq: Seq::ZERO, unread: 0, change_seq: None },
         "a chat without messages"
     );
     // A join sets the joiner's position to the newest seq, even backwards,
     // by the number after the join's.
-    assert_eq!(h.store.mark_read(chat(1), user(2), Seq(1)).await.unwrap().change_seq, Some(8));
+    assert_eq!(mark_read(h.store.as_ref(), chat(1), user(2), Seq(1)).await.unwrap().change_seq, Some(8));
     send(h, &[by(msg(6, 1, 0), 3)]).await;
     let logged = h
         .store
@@ -793,7 +939,7 @@ async fn read_positions_only_move_forward_until_a_join_resets_them(h: &Harness) 
     );
     for u in [2, 3] {
         assert_eq!(h.store.summaries(&[chat(1)], Some(user(u))).await.unwrap()[0].unread, 0);
-        assert_eq!(h.store.mark_read(chat(1), user(u), Seq::ZERO).await.unwrap().read_seq, Seq(6));
+        assert_eq!(mark_read(h.store.as_ref(), chat(1), user(u), Seq::ZERO).await.unwrap().read_seq, Seq(6));
     }
     assert_eq!(h.store.summaries(&[chat(1)], Some(user(1))).await.unwrap()[0].unread, 1, "others keep theirs");
     assert_eq!(h.store.heads(chat(1)).await.unwrap(), Heads { seq: Seq(6), change: 13, floor: 0 });
@@ -897,7 +1043,7 @@ async fn every_change_takes_the_next_change_number(h: &Harness) {
     assert_eq!((deleted.change_seq, deleted.create_change), (4, 2));
     assert_eq!(h.store.delete(id(2), user(1), 3_500).await.unwrap().unwrap().change_seq, 4, "a tombstone takes none");
     assert_eq!(h.store.edit(id(2), "x", None, 3_600, 5, 0).await.unwrap(), Edited::Deleted);
-    assert_eq!(h.store.mark_read(chat(1), user(1), Seq(2)).await.unwrap().change_seq, Some(5));
+    assert_eq!(mark_read(h.store.as_ref(), chat(1), user(1), Seq(2)).await.unwrap().change_seq, Some(5));
     let logged = h
         .store
         .record_chat_changes(chat(1), &[ChatChange::Updated(details("new")), ChatChange::Left(user(3))], 4_000, "")
@@ -969,7 +1115,7 @@ async fn concurrent_changes_take_gap_free_numbers(h: &Harness) {
                         other => panic!("edit: {other:?}"),
                     },
                     1 => taken.push(store.delete(id(n), user(1), 5_000).await.unwrap().unwrap().change_seq),
-                    2 => taken.extend(store.mark_read(chat(1), user(t), m.seq).await.unwrap().change_seq),
+                    2 => taken.extend(mark_read(store.as_ref(), chat(1), user(t), m.seq).await.unwrap().change_seq),
                     _ => {
                         let changes = [ChatChange::Joined(user(100 + t)), ChatChange::RoleChanged(user(t))];
                         for l in store.record_chat_changes(chat(1), &changes, 5_000, "").await.unwrap() {
@@ -1067,7 +1213,7 @@ async fn recent_activity_lists_the_newest_message_of_recent_chats(h: &Harness) {
 async fn purging_a_chat_removes_all_of_it(h: &Harness) {
     send(h, &[by(msg(1, 1, 0), 2), msg(2, 1, 0), msg(3, 2, 0)]).await;
     h.store.edit(id(1), "edited", None, 2_000, 5, 0).await.unwrap();
-    h.store.mark_read(chat(1), user(1), Seq(1)).await.unwrap();
+    mark_read(h.store.as_ref(), chat(1), user(1), Seq(1)).await.unwrap();
     h.store.record_chat_changes(chat(1), &[ChatChange::Joined(user(4))], 2_500, "k").await.unwrap();
     h.store.react(id(2), user(1), "👍", true, 2_600, 20, 0).await.unwrap();
     send(h, &[mentioning(msg(5, 1, 0), &[1])]).await;
@@ -1213,10 +1359,10 @@ async fn mentions_are_kept_with_the_message_and_count_only_unread_live_mentions_
     assert_eq!(mention_counts(h, 1, &[0, 1, 2]).await, [0, 1, 2]);
 
     // Reading moves them out of the count like unread messages.
-    h.store.mark_read(chat(1), user(2), Seq(1)).await.unwrap();
+    mark_read(h.store.as_ref(), chat(1), user(2), Seq(1)).await.unwrap();
     assert_eq!(mention_counts(h, 1, &[1, 2]).await, [1, 1], "only 2's own position moved");
-    h.store.mark_read(chat(1), user(1), Seq(4)).await.unwrap();
-    h.store.mark_read(chat(1), user(2), Seq(2)).await.unwrap();
+    mark_read(h.store.as_ref(), chat(1), user(1), Seq(4)).await.unwrap();
+    mark_read(h.store.as_ref(), chat(1), user(2), Seq(2)).await.unwrap();
     assert_eq!(mention_counts(h, 1, &[1, 2]).await, [0, 0]);
     // A join resets the joiner's position to the newest seq: history from
     // before never counts.
@@ -1229,7 +1375,7 @@ async fn mentions_are_kept_with_the_message_and_count_only_unread_live_mentions_
     let batch: Vec<NewMessage> = (0..many).map(|n| mentioning(msg(100 + n, 3, 0), &[1])).collect();
     send(h, &batch).await;
     assert_eq!(mention_counts(h, 3, &[1]).await, [UNREAD_COUNT_CAP]);
-    h.store.mark_read(chat(3), user(1), Seq(i64::from(many) - 7)).await.unwrap();
+    mark_read(h.store.as_ref(), chat(3), user(1), Seq(i64::from(many) - 7)).await.unwrap();
     assert_eq!(mention_counts(h, 3, &[1]).await, [7]);
 }
 
@@ -1434,17 +1580,17 @@ async fn stale_replies_are_those_whose_checkpoint_is_old_and_checkpoints_renew_t
 
 async fn read_positions_are_read_in_order(h: &Harness) {
     send(h, &(1..=4).map(|n| by(msg(n, 1, 0), 2)).chain([by(msg(5, 2, 0), 2)]).collect::<Vec<_>>()).await;
-    h.store.mark_read(chat(1), user(1), Seq(3)).await.unwrap();
-    h.store.mark_read(chat(2), user(1), Seq(1)).await.unwrap();
+    mark_read(h.store.as_ref(), chat(1), user(1), Seq(3)).await.unwrap();
+    mark_read(h.store.as_ref(), chat(2), user(1), Seq(1)).await.unwrap();
     let positions = h.store.read_positions(user(1), &[chat(2), chat(7), chat(1)]).await.unwrap();
     assert_eq!(positions, [Seq(1), Seq::ZERO, Seq(3)]);
 }
 
 async fn a_chat_s_read_positions_are_listed_by_user_a_page_at_a_time(h: &Harness) {
     send(h, &(1..=4).map(|n| by(msg(n, 1, 0), 2)).chain([by(msg(5, 2, 0), 2)]).collect::<Vec<_>>()).await;
-    h.store.mark_read(chat(1), user(3), Seq(2)).await.unwrap();
-    h.store.mark_read(chat(1), user(1), Seq(4)).await.unwrap();
-    h.store.mark_read(chat(2), user(2), Seq(1)).await.unwrap();
+    mark_read(h.store.as_ref(), chat(1), user(3), Seq(2)).await.unwrap();
+    mark_read(h.store.as_ref(), chat(1), user(1), Seq(4)).await.unwrap();
+    mark_read(h.store.as_ref(), chat(2), user(2), Seq(1)).await.unwrap();
     let everyone = h.store.chat_read_positions(chat(1), None, 10).await.unwrap();
     assert_eq!(everyone, [(user(1), Seq(4)), (user(3), Seq(2))], "by user id, this chat's only");
     assert_eq!(h.store.chat_read_positions(chat(1), None, 1).await.unwrap(), everyone[..1]);
@@ -1496,11 +1642,11 @@ async fn reports_are_once_per_user_and_the_queue_lists_flagged_and_reported_mess
     // 2), 5 flagged HIGH but deleted (chat 1, seq 3).
     send(h, &[flagged(1, 1, 4), msg(2, 1, 0), flagged(3, 2, 2), msg(4, 2, 0), flagged(5, 1, 4)]).await;
     h.store.delete(id(5), user(1), 9_000).await.unwrap();
-    let first = h.store.report(&report_of(2, 7, 1, 5_000)).await.unwrap();
+    let first = reported(h, &report_of(2, 7, 1, 5_000)).await;
     assert_eq!(first, report_of(2, 7, 1, 5_000));
     // Once per user: a repeat answers the first.
-    assert_eq!(h.store.report(&report_of(2, 7, 1, 6_000)).await.unwrap(), first);
-    h.store.report(&report_of(2, 8, 1, 5_500)).await.unwrap();
+    assert_eq!(reported(h, &report_of(2, 7, 1, 6_000)).await, first);
+    reported(h, &report_of(2, 8, 1, 5_500)).await;
     let queue = |chats: Option<Vec<ChatId>>, min_severity, from, limit| async move {
         h.store
             .flagged(&QueueFilter { chats, min_severity, ..QueueFilter::default() }, from, limit)
@@ -1734,7 +1880,7 @@ async fn forgetting_a_user_deletes_its_presence_read_positions_and_mentions_and_
     )
     .await;
     for (c, u) in [(1, 1), (1, 2), (2, 1)] {
-        s.mark_read(chat(c), user(u), Seq(1)).await.unwrap();
+        mark_read(s.as_ref(), chat(c), user(u), Seq(1)).await.unwrap();
     }
     s.record_last_seen(&[(user(1), 100), (user(2), 200)]).await.unwrap();
     let positions = |u| async move { s.read_positions(user(u), &[chat(1), chat(2)]).await.unwrap() };
@@ -1765,7 +1911,7 @@ async fn forgetting_a_user_deletes_its_presence_read_positions_and_mentions_and_
     // send that passed its checks before the user was taken out), and the
     // late MarkRead takes no change number: the chat's log has no gap.
     let head = s.heads(chat(1)).await.unwrap().change;
-    let late = s.mark_read(chat(1), user(1), Seq(3)).await.unwrap();
+    let late = mark_read(s.as_ref(), chat(1), user(1), Seq(3)).await.unwrap();
     assert_eq!(late.change_seq, None, "nothing moved for a forgotten user");
     assert_eq!(positions(1).await, [Seq::ZERO, Seq::ZERO], "no read position comes back");
     assert_eq!(s.heads(chat(1)).await.unwrap().change, head, "no change number taken");

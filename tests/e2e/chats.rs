@@ -24,6 +24,9 @@ crate::both_modes!(
     a_reaction_checked_before_a_removal_is_refused_where_it_is_written,
     a_pin_checked_before_a_removal_is_refused_where_it_is_written,
     a_send_checked_before_a_chat_s_deletion_is_refused_where_it_is_written,
+    a_pin_or_a_moderation_checked_before_a_demotion_is_refused_where_it_is_written,
+    a_deletion_read_marker_or_report_checked_before_a_removal_is_refused_where_it_is_written,
+    an_edit_reaction_or_pin_checked_before_a_block_is_refused_where_it_is_written,
 );
 
 pub(crate) async fn direct(c: &Cluster, a: &TestUser, b: &TestUser) -> cpb::Chat {
@@ -630,6 +633,134 @@ async fn a_pin_checked_before_a_removal_is_refused_where_it_is_written(c: &Clust
     let pin = mpb::PinMessageRequest { message_id: hello.id.clone() };
     let refused = c.messages().pin_message(authed(&bob, pin)).await.unwrap_err();
     assert_eq!((refused.code(), refused.message()), (Code::PermissionDenied, "not a member of this chat"));
+}
+
+/// Sets `user`'s role in `chat` through the API (by its owner `owner`).
+async fn set_role(c: &Cluster, owner: &TestUser, chat: &str, user: &TestUser, role: cpb::MemberRole) {
+    let request = cpb::UpdateMemberRequest { chat_id: chat.to_owned(), user_id: user.id.clone(), role: role as i32 };
+    c.chats().update_member(authed(owner, request)).await.unwrap();
+}
+
+/// Whether message `id` is deleted, as `viewer` (a member) gets it.
+async fn is_deleted(c: &Cluster, viewer: &TestUser, id: &str) -> bool {
+    let get = mpb::GetMessageRequest { message_id: id.to_owned() };
+    c.messages().get_message(authed(viewer, get)).await.unwrap().into_inner().message.unwrap().deleted
+}
+
+/// A pin, an unpin or a moderation deletion (of another member's message)
+/// by an admin whose check came before an UpdateMember that demoted them,
+/// and whose write comes after it answered, is refused in the write: the
+/// demotion raises the chat's members version, as a removal does, and
+/// answers once the messages service has it. Made as
+/// `a_pin_checked_before_a_removal_is_refused_where_it_is_written` is (the
+/// check kept saying "admin, as of before", also afresh: ABORTED); once
+/// the store tells the truth, the demoted member is told what any plain
+/// member is.
+async fn a_pin_or_a_moderation_checked_before_a_demotion_is_refused_where_it_is_written(c: &Cluster) {
+    let (alice, bob, carol, chat, [hello, hi]) = group_with_bob(c).await;
+    let spam = send(c, &carol, &chat, "spam").await;
+    set_role(c, &alice, &chat, &bob, cpb::MemberRole::Admin).await;
+    c.messages().pin_message(authed(&bob, mpb::PinMessageRequest { message_id: hi.id.clone() })).await.unwrap();
+
+    set_role(c, &alice, &chat, &bob, cpb::MemberRole::Member).await;
+    c.undo_demotion_silently(&chat, &bob.id, "admin").await;
+    let pin = || mpb::PinMessageRequest { message_id: hello.id.clone() };
+    assert_members_changed(&c.messages().pin_message(authed(&bob, pin())).await.unwrap_err());
+    let unpin = mpb::UnpinMessageRequest { message_id: hi.id.clone() };
+    assert_members_changed(&c.messages().unpin_message(authed(&bob, unpin)).await.unwrap_err());
+    let delete = || mpb::DeleteMessageRequest { message_id: spam.id.clone() };
+    assert_members_changed(&c.messages().delete_message(authed(&bob, delete())).await.unwrap_err());
+    let pinned = mpb::ListMessagesRequest { chat_id: chat.clone(), pinned: true, ..Default::default() };
+    let pinned = c.messages().list_messages(authed(&alice, pinned)).await.unwrap().into_inner().messages;
+    assert_eq!(pinned.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), [hi.id.as_str()], "as it was");
+    assert!(!is_deleted(c, &alice, &spam.id).await, "carol's message stays");
+
+    // Demoted again through the API: the store tells the truth.
+    set_role(c, &alice, &chat, &bob, cpb::MemberRole::Member).await;
+    let refused = c.messages().pin_message(authed(&bob, pin())).await.unwrap_err();
+    let only_managers = "only the chat's owner and admins may pin or unpin its messages";
+    assert_eq!((refused.code(), refused.message()), (Code::PermissionDenied, only_managers));
+    let refused = c.messages().delete_message(authed(&bob, delete())).await.unwrap_err();
+    let only_moderators = "only the author, the owner or an admin may delete a message";
+    assert_eq!((refused.code(), refused.message()), (Code::PermissionDenied, only_moderators));
+}
+
+/// A deletion of one's own message, a MarkRead and a report by a member
+/// whose check came before RemoveMember and whose write comes after it
+/// answered are refused in the write, as an edit is: nothing of the
+/// removed member is written after the removal answered. Made as
+/// `an_edit_checked_before_a_removal_is_refused_where_it_is_written`.
+async fn a_deletion_read_marker_or_report_checked_before_a_removal_is_refused_where_it_is_written(c: &Cluster) {
+    let (alice, bob, _, chat, [hello, hi]) = group_with_bob(c).await;
+    remove_then_undo(c, &alice, &chat, &bob, "member").await;
+    let delete = || mpb::DeleteMessageRequest { message_id: hello.id.clone() };
+    assert_members_changed(&c.messages().delete_message(authed(&bob, delete())).await.unwrap_err());
+    let mark = || mpb::MarkReadRequest { chat_id: chat.clone(), seq: hi.seq };
+    assert_members_changed(&c.messages().mark_read(authed(&bob, mark())).await.unwrap_err());
+    let report = || mpb::ReportMessageRequest {
+        message_id: hi.id.clone(),
+        reason: mpb::ReportReason::Abuse as i32,
+        comment: String::new(),
+    };
+    assert_members_changed(&c.messages().report_message(authed(&bob, report())).await.unwrap_err());
+    assert!(!is_deleted(c, &alice, &hello.id).await, "bob's message stays");
+    let read = format!("SELECT COUNT(*) FROM read_positions WHERE user_id = '{}' AND read_seq >= {}", bob.id, hi.seq);
+    assert_eq!(c.count_in_store("messages", &read).await, 0, "bob's read position did not move");
+    assert_eq!(c.count_in_store("messages", "SELECT COUNT(*) FROM message_reports").await, 0, "no report");
+
+    remove_again(c, &alice, &chat, &bob).await;
+    let not_a_member = (Code::PermissionDenied, "not a member of this chat");
+    let refused = c.messages().delete_message(authed(&bob, delete())).await.unwrap_err();
+    assert_eq!((refused.code(), refused.message()), not_a_member);
+    let refused = c.messages().mark_read(authed(&bob, mark())).await.unwrap_err();
+    assert_eq!((refused.code(), refused.message()), not_a_member);
+    let refused = c.messages().report_message(authed(&bob, report())).await.unwrap_err();
+    assert_eq!((refused.code(), refused.message()), not_a_member);
+}
+
+/// An edit, a reaction added or a pin whose check (open) came before
+/// BlockUser and whose write comes after it answered is refused in the
+/// write, from either side, as one checked after the block is: the
+/// messages service has the direct chat closed before BlockUser answers,
+/// and those writes read it where they take their change number. Made as
+/// `a_send_checked_before_a_block_is_refused_where_it_is_written`. Taking
+/// a reaction or a pin back, and deleting one's own message, stay open.
+async fn an_edit_reaction_or_pin_checked_before_a_block_is_refused_where_it_is_written(c: &Cluster) {
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let chat = direct(c, &bob, &alice).await;
+    let hello = send(c, &bob, &chat.id, "hello alice").await;
+    let hi = send(c, &alice, &chat.id, "hi bob").await;
+    let thumbs = mpb::AddReactionRequest { message_id: hi.id.clone(), emoji: "👍".into() };
+    c.messages().add_reaction(authed(&bob, thumbs)).await.unwrap();
+    c.messages().pin_message(authed(&alice, mpb::PinMessageRequest { message_id: hello.id.clone() })).await.unwrap();
+
+    block(c, &alice, &bob).await.unwrap();
+    c.unblock_silently(&alice.id, &bob.id).await;
+    let assert_blocked = |refused: tonic::Status| {
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert_eq!(refused.message(), "this direct chat takes no new messages: one of you blocked the other");
+    };
+    for (who, message) in [(&bob, &hello), (&alice, &hi)] {
+        let edit = mpb::EditMessageRequest { message_id: message.id.clone(), text: "edited after the block".into() };
+        assert_blocked(c.messages().edit_message(authed(who, edit)).await.unwrap_err());
+    }
+    let party = mpb::AddReactionRequest { message_id: hi.id.clone(), emoji: "🎉".into() };
+    assert_blocked(c.messages().add_reaction(authed(&bob, party)).await.unwrap_err());
+    let pin = mpb::PinMessageRequest { message_id: hi.id.clone() };
+    assert_blocked(c.messages().pin_message(authed(&bob, pin)).await.unwrap_err());
+    let listed = mpb::ListMessagesRequest { chat_id: chat.id.clone(), ..Default::default() };
+    let listed = c.messages().list_messages(authed(&alice, listed)).await.unwrap().into_inner().messages;
+    let texts: Vec<_> = listed.iter().map(|m| (m.text.as_str(), m.revision, m.pin_time.is_some())).collect();
+    assert_eq!(texts, [("hi bob", 1, false), ("hello alice", 1, true)], "neither edited nor pinned");
+    let emoji: Vec<_> = listed[0].reactions.iter().map(|r| (r.emoji.as_str(), r.count)).collect();
+    assert_eq!(emoji, [("👍", 1)], "no reaction added");
+
+    let take_back = mpb::RemoveReactionRequest { message_id: hi.id.clone(), emoji: "👍".into() };
+    c.messages().remove_reaction(authed(&bob, take_back)).await.expect("a reaction taken back");
+    let unpin = mpb::UnpinMessageRequest { message_id: hello.id.clone() };
+    c.messages().unpin_message(authed(&alice, unpin)).await.expect("a pin taken back");
+    let delete = mpb::DeleteMessageRequest { message_id: hi.id.clone() };
+    c.messages().delete_message(authed(&alice, delete)).await.expect("the blocker deletes their own message");
 }
 
 /// Removes `user` from `chat` through the API (by `owner`); after

@@ -619,6 +619,35 @@ impl Cluster {
         assert!(done[0] == 1 && done[1] > 0, "back as it was: {done:?}");
     }
 
+    /// Gives `user` of group `chat` back `role` (as the chats store spells
+    /// it: `admin`, `owner`) straight in the chats store, with the chat's
+    /// members version one lower (as it was before the demotion that
+    /// raised it; left at 0 if none did), telling nobody: the chats
+    /// service's membership checks (once nothing cached says otherwise) say
+    /// `user` holds `role`, as of before the demotion, while the messages
+    /// service has the demotion's members version recorded. That is where
+    /// a pin or a moderation deletion checked just before an UpdateMember
+    /// that demoted its user stands when it reaches its write after the
+    /// demotion answered. Only the role is asserted: a demotion that raised
+    /// no version leaves nothing to refuse the write, which is what a test
+    /// of that rule is to find.
+    pub async fn undo_demotion_silently(&self, chat: &str, user: &str, role: &str) {
+        let done = self
+            .write_chats_store(|schema| {
+                vec![
+                    format!(
+                        "UPDATE {schema}members SET role = '{role}' WHERE chat_id = '{chat}' AND user_id = '{user}'"
+                    ),
+                    format!(
+                        "UPDATE {schema}chats SET members_version = members_version - 1 \
+                         WHERE id = '{chat}' AND members_version > 0"
+                    ),
+                ]
+            })
+            .await;
+        assert_eq!(done[0], 1, "the role given back");
+    }
+
     /// Runs the statements `sqls` makes (given the chats store's table
     /// prefix: a split cluster's schema and a dot, or nothing) on the chats
     /// store, behind the service's back, and answers the rows each touched.

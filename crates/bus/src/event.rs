@@ -112,6 +112,11 @@ pub enum BeatKind {
     /// silent ([`Event::process_lost`]). Never on the wire: the bus
     /// delivers it to its own process's subscribers only.
     Lost = 6,
+    /// This process's bus is connected again after losing its connection
+    /// to NATS ([`Event::rejoined`]): its peers may have taken it as dead
+    /// meanwhile, and it missed their beats. Never on the wire: the bus
+    /// delivers it to its own process's subscribers only.
+    Rejoined = 7,
 }
 
 impl BeatKind {
@@ -163,12 +168,25 @@ impl Event {
     /// bus) dead: a beat of kind [`BeatKind::Lost`] with that replica id
     /// and nothing else, which the bus delivers on [`Topic::Presence`] to
     /// its own process only. The presence whose replica id is that process's
-    /// takes its users offline at once, rather than after missing its
+    /// takes its users offline unless it is heard again within a grace (it
+    /// may have been only cut off), rather than after missing its
     /// heartbeats.
     ///
     /// [`EventBus::process`]: crate::EventBus::process
     pub fn process_lost(process: Uuid) -> Self {
         let beat = Beat { replica: process, kind: BeatKind::Lost, time: 0, interval: 0, parts: 0 };
+        Self { beat: Some(beat), ..Self::default() }
+    }
+
+    /// This process's bus has reconnected to NATS after losing its
+    /// connection: a beat of kind [`BeatKind::Rejoined`] (its replica id
+    /// nil, its other fields zero), which the bus delivers on
+    /// [`Topic::Presence`](crate::Topic::Presence) to its own process only.
+    /// The presence tells its peers at once who streams on it (which they
+    /// may have dropped, or be about to, after missing the process) and
+    /// asks for theirs (their beats on the way were lost).
+    pub fn rejoined() -> Self {
+        let beat = Beat { replica: Uuid::nil(), kind: BeatKind::Rejoined, time: 0, interval: 0, parts: 0 };
         Self { beat: Some(beat), ..Self::default() }
     }
 

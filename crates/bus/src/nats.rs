@@ -89,8 +89,10 @@
 //! silent peer is also told to the process's presence
 //! (`Event::process_lost` on the presence topic, local only), whose
 //! replica id is the bus's process id ([`EventBus::process`]): the dead
-//! replica's users go offline then, not after its missed presence
-//! heartbeats. A clean goodbye is forgotten silently.
+//! replica's users go offline after a grace (a replica only cut off comes
+//! back within it), not after its missed presence heartbeats; and a
+//! reconnect is told to it (`Event::rejoined`), which re-announces the
+//! process's users at once. A clean goodbye is forgotten silently.
 //!
 //! At shutdown the publisher keeps going until [`EventBus::close`], not the
 //! shutdown token: a stopping process publishes through its drain (up to
@@ -996,8 +998,13 @@ impl NatsBus {
                         // And what this process published may not have
                         // reached the server: its publisher hints those
                         // topics' subscribers on the other replicas.
+                        // And the presence re-announces this process's
+                        // users and asks for the peers' (its peers may
+                        // have taken it as dead meanwhile; on the first
+                        // connection it has no presence yet).
                         async_nats::Event::Connected => {
                             tracing::info!(%event, "nats: resync streams from the store");
+                            hub.fan_out(Topic::Presence, Arc::new(Event::rejoined()));
                             wakes.publisher.notify_one();
                             match wakes.router {
                                 Some(router) => router.notify_one(),

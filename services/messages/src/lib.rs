@@ -165,8 +165,9 @@ pub struct MessagesArgs {
     pub classifier_timeout: std::time::Duration,
     /// How often this replica tells the others (over the bus) which users
     /// hold StreamEvents streams on it; a replica silent for 3 intervals is
-    /// taken as dead and its users go offline (sooner, within about 4 s, when
-    /// the bus finds its process dead). Give every replica the same.
+    /// taken as dead and its users go offline (sooner, within about 14 s,
+    /// when the bus finds its process dead: 4 s, and a 10 s grace for a
+    /// replica only cut off from NATS). Give every replica the same.
     #[arg(long, env = "NATTER_PRESENCE_HEARTBEAT", default_value = "10s", value_parser = positive_duration)]
     pub presence_heartbeat: std::time::Duration,
     /// GetPresence calls per user: N/PERIOD, or `off`.

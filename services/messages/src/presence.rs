@@ -9,28 +9,37 @@
 //! which replaces what its peers knew of it (so a lost `Online` or `Offline`
 //! is mended by the next heartbeat). A peer not heard of for
 //! [`MISSED_BEATS`] of its intervals is taken as dead: its users go offline
-//! as of its last word, unless online elsewhere. So is, at once, a peer
+//! as of its last word, unless online elsewhere. So is, sooner, a peer
 //! whose process the bus finds dead (NATS: its liveness announcements, one
 //! a second, stopped for 3 s; [`BeatKind::Lost`], delivered by this
-//! process's bus only): a replica's id is its bus's process id
-//! ([`EventBus::process`]; random within one process). A replica that
-//! starts says `Hello` and its peers answer with a heartbeat at once; one
-//! that stops says `Goodbye`. Each replica thus holds user -> replicas, and works out
+//! process's bus only) and that is not heard again within [`LOST_GRACE`]
+//! (10 s, or its heartbeat expiry if shorter): a replica's id is its bus's
+//! process id ([`EventBus::process`]; random within one process). A
+//! replica that starts says `Hello` and its peers answer with a heartbeat
+//! at once; one that stops says `Goodbye`; one whose bus reconnects after a
+//! cut ([`BeatKind::Rejoined`], from its own bus) sends a heartbeat and a
+//! hello at once. Each replica thus holds user -> replicas, and works out
 //! every change by itself: it tells its own streams (never another
 //! replica's), so no stream gets a change twice, and it records an offline
 //! user's last-seen time in the store (each replica that sees the change
 //! writes the same or a close time; the store keeps the latest).
 //!
 //! Timing: on NATS a dead peer is found within about 4 s of its death,
-//! through the bus. Its own silence is checked too, at each of this
+//! through the bus, and its users go offline when the grace ends, within
+//! about 14 s of its death. The grace is for a peer only cut off from NATS
+//! (a network fault, a NATS restart, a long pause), which the others
+//! cannot tell from a dead one: one back within it (its cut, reconnect
+//! included, under about 13 s) re-announces its users at once and they
+//! never show offline anywhere; one back later has them offline meanwhile
+//! and online again as soon as it is back, not at its next heartbeat. Its
+//! own view mends the same way: the peers answer its hello (it heard
+//! nothing while away, and takes them as dead itself only after their
+//! heartbeat expiry). A peer's silence is checked too, at each of this
 //! replica's own heartbeats, so a peer the bus does not find (one of a
 //! build before it, whose replica id is not its process's, or one that
 //! died before this process's bus heard it announce itself, within about a
-//! second of one of them starting) goes 3 to 4
-//! intervals after its last word (30-40 s by default). The price: a peer
-//! only cut off from NATS for 3 s or more (a network fault, a long pause)
-//! is taken as dead too, and its users come back online with its next
-//! heartbeat once it is back. A starting replica knows its peers' users
+//! second of one of them starting) goes 3 to 4 intervals after its last
+//! word (30-40 s by default). A starting replica knows its peers' users
 //! once they answer its hello (a round trip), at the latest after one
 //! heartbeat interval; until then it may take a user online only elsewhere
 //! as offline. A heartbeat of
@@ -77,6 +86,12 @@ use crate::store::MessageStore;
 
 /// Heartbeats a peer may miss before it is taken as dead.
 pub const MISSED_BEATS: u32 = 3;
+
+/// How long a peer the bus lost ([`BeatKind::Lost`]) keeps its users online
+/// (at most its heartbeat expiry): a replica only cut off from NATS for a
+/// few seconds comes back within it, and its users never show offline
+/// (module docs).
+pub const LOST_GRACE: Duration = Duration::from_secs(10);
 
 /// Most users in one beat: about 300 KB on the wire, well within NATS's
 /// default 1 MB payload limit (a longer heartbeat goes in parts).
@@ -165,12 +180,27 @@ struct Peer {
     alive_at: i64,
     /// Silence after which it is taken as dead.
     expiry: Duration,
+    /// When the bus lost its process ([`BeatKind::Lost`]), if it has not
+    /// been heard since: it is taken as dead after [`Peer::grace`].
+    lost: Option<Instant>,
     /// The parts of a heartbeat sent in several: its time, how many came,
     /// their users.
     gathering: Option<(i64, u32, HashSet<Uuid>)>,
 }
 
 impl Peer {
+    /// How long after the bus lost it, unheard meanwhile, it is taken as
+    /// dead: [`LOST_GRACE`], or its heartbeat expiry if shorter.
+    fn grace(&self) -> Duration {
+        LOST_GRACE.min(self.expiry)
+    }
+
+    /// When it is taken as dead unless heard before.
+    fn dead_at(&self) -> Instant {
+        let silent = self.heard + self.expiry;
+        self.lost.map_or(silent, |lost| silent.min(lost + self.grace()))
+    }
+
     /// The users of a whole heartbeat, once its last part (of `beat.parts`)
     /// has come; parts of an older heartbeat still gathered are dropped (one
     /// was lost: the next heartbeat will do).
@@ -247,19 +277,24 @@ impl State {
     }
 
     /// What a peer's beat changes; `now` is when it arrived. A goodbye's
-    /// users go offline as of the goodbye, a lost (dead) peer's as of its
-    /// last word, as an expired one's.
+    /// users go offline as of the goodbye. A peer the bus lost changes
+    /// nothing yet: unless heard again within its grace, [`State::expire`]
+    /// takes its users offline as of its last word, as an expired one's.
+    /// Any other beat of it shows it is there (back, if it was lost).
     fn heard(&mut self, beat: &Beat, users: HashSet<Uuid>, now: Instant, own_interval: Duration) -> Vec<Change> {
-        if matches!(beat.kind, BeatKind::Goodbye | BeatKind::Lost) {
+        if beat.kind == BeatKind::Lost {
+            if let Some(peer) = self.peers.get_mut(&beat.replica)
+                && peer.lost.is_none()
+            {
+                peer.lost = Some(now);
+                tracing::info!(replica = %beat.replica, users = peer.users.len(), grace = ?peer.grace(), "presence: replica's process lost; its users go offline unless it is back within the grace");
+            }
+            return Vec::new();
+        }
+        if beat.kind == BeatKind::Goodbye {
             let Some(peer) = self.peers.remove(&beat.replica) else { return Vec::new() };
-            let at = if beat.kind == BeatKind::Lost {
-                tracing::info!(replica = %beat.replica, users = peer.users.len(), "presence: replica's process dead; its users are offline");
-                peer.alive_at
-            } else {
-                beat.time
-            };
             let gone = peer.users;
-            return self.flips(&gone.clone(), at, |s| gone.into_iter().for_each(|u| s.remote_remove(u)));
+            return self.flips(&gone.clone(), beat.time, |s| gone.into_iter().for_each(|u| s.remote_remove(u)));
         }
         let interval = u64::try_from(beat.interval).ok().filter(|i| *i > 0).map_or(own_interval, Duration::from_micros);
         let peer = self.peers.entry(beat.replica).or_insert_with(|| Peer {
@@ -267,8 +302,12 @@ impl State {
             heard: now,
             alive_at: beat.time,
             expiry: interval * MISSED_BEATS,
+            lost: None,
             gathering: None,
         });
+        if peer.lost.take().is_some() {
+            tracing::info!(replica = %beat.replica, "presence: lost replica back within the grace; its users stay online");
+        }
         peer.heard = now;
         peer.alive_at = peer.alive_at.max(beat.time);
         peer.expiry = interval * MISSED_BEATS;
@@ -279,7 +318,9 @@ impl State {
             }
             BeatKind::Online => (users.difference(&peer.users).copied().collect(), HashSet::new()),
             BeatKind::Offline => (HashSet::new(), users.intersection(&peer.users).copied().collect()),
-            BeatKind::Hello | BeatKind::Goodbye | BeatKind::Lost => (HashSet::new(), HashSet::new()),
+            BeatKind::Hello | BeatKind::Goodbye | BeatKind::Lost | BeatKind::Rejoined => {
+                (HashSet::new(), HashSet::new())
+            }
         };
         if added.is_empty() && removed.is_empty() {
             return Vec::new();
@@ -295,21 +336,32 @@ impl State {
         })
     }
 
-    /// Drops the peers silent for longer than their expiry at `now`: their
-    /// users go offline as of each peer's last word.
+    /// Drops the peers silent for longer than their expiry at `now`, and
+    /// those the bus lost and not heard within their grace until `now`:
+    /// their users go offline as of each peer's last word.
     fn expire(&mut self, now: Instant) -> Vec<Change> {
-        let dead: Vec<Uuid> =
-            self.peers.iter().filter(|(_, p)| now.duration_since(p.heard) > p.expiry).map(|(id, _)| *id).collect();
+        let dead: Vec<Uuid> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.heard) > p.expiry || (p.lost.is_some() && now >= p.dead_at()))
+            .map(|(id, _)| *id)
+            .collect();
         let mut changes = Vec::new();
         for replica in dead {
             let peer = self.peers.remove(&replica).expect("listed above");
-            tracing::info!(replica = %replica, users = peer.users.len(), "presence: replica gone silent; its users are offline");
+            tracing::info!(replica = %replica, users = peer.users.len(), lost = peer.lost.is_some(), "presence: replica gone silent; its users are offline");
             let gone = peer.users;
             changes.extend(
                 self.flips(&gone.clone(), peer.alive_at, |s| gone.into_iter().for_each(|u| s.remote_remove(u))),
             );
         }
         changes
+    }
+
+    /// The first time a peer the bus lost is due to be taken as dead, if
+    /// any is (a silent one not lost waits for this replica's heartbeat).
+    fn due(&self) -> Option<Instant> {
+        self.peers.values().filter(|p| p.lost.is_some()).map(Peer::dead_at).min()
     }
 }
 
@@ -432,6 +484,9 @@ impl Presence {
             }
             return;
         }
+        if event.beat.is_some_and(|b| b.kind == BeatKind::Rejoined) {
+            return self.rejoined();
+        }
         let Some(beat) = event.beat.filter(|b| b.replica != self.replica) else { return };
         let users: HashSet<Uuid> = event.users.iter().map(|u| u.0).collect();
         let mut state = self.lock();
@@ -444,10 +499,34 @@ impl Presence {
         self.hand_over(changes);
     }
 
+    /// This replica's bus is connected again after a cut: its peers may
+    /// have lost it (and keep its users for their grace only) and it
+    /// missed their beats. A heartbeat now has them keep (or take back) its
+    /// users, and a hello has them answer with theirs.
+    fn rejoined(&self) {
+        let state = self.lock();
+        let now = now_micros();
+        tracing::info!(users = state.local.len(), "presence: back on the bus; announcing this replica's users");
+        self.publish(BeatKind::Heartbeat, state.local.keys().copied().collect(), now);
+        self.publish(BeatKind::Hello, Vec::new(), now);
+    }
+
     /// The periodic work: a heartbeat, and the peers that fell silent.
     fn tick(&self) {
         let mut state = self.lock();
         self.publish(BeatKind::Heartbeat, state.local.keys().copied().collect(), now_micros());
+        let changes = state.expire(Instant::now());
+        self.hand_over(changes);
+    }
+
+    /// When [`Presence::expire`] is next due (a lost peer's grace ends).
+    fn due(&self) -> Option<Instant> {
+        self.lock().due()
+    }
+
+    /// Takes the peers due to be dead as dead now.
+    fn expire(&self) {
+        let mut state = self.lock();
         let changes = state.expire(Instant::now());
         self.hand_over(changes);
     }
@@ -499,10 +578,16 @@ async fn listen(presence: Weak<Presence>, mut beats: Subscription, stop: Cancell
     let mut timer = tokio::time::interval_at(Instant::now() + interval, interval);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let due = presence.upgrade().and_then(|p| p.due());
         tokio::select! {
             () = stop.cancelled() => return,
             _ = timer.tick() => match presence.upgrade() {
                 Some(p) => p.tick(),
+                None => return,
+            },
+            // A lost peer's grace is over.
+            () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => match presence.upgrade() {
+                Some(p) => p.expire(),
                 None => return,
             },
             beat = beats.recv() => match (beat, presence.upgrade()) {
@@ -684,17 +769,48 @@ mod tests {
     }
 
     #[test]
-    fn a_replica_the_bus_lost_takes_its_users_offline_at_once_as_of_its_last_word_unless_online_elsewhere() {
+    fn a_replica_the_bus_lost_takes_its_users_offline_after_its_grace_as_of_its_last_word_unless_online_elsewhere() {
         let mut s = State::default();
         let (only_there, also_here, dead, now) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Instant::now());
-        s.heard(&beat(dead, BeatKind::Heartbeat, 100), [only_there, also_here].into(), now, SECOND);
-        s.heard(&beat(dead, BeatKind::Online, 150), HashSet::new(), now, SECOND);
+        let slow = |kind, time| Beat { interval: 60_000_000, ..beat(dead, kind, time) };
+        s.heard(&slow(BeatKind::Heartbeat, 100), [only_there, also_here].into(), now, SECOND);
+        s.heard(&slow(BeatKind::Online, 150), HashSet::new(), now, SECOND);
         assert!(s.open(also_here, 160).1.is_empty(), "already online there");
         let lost = BusEvent::process_lost(dead).beat.expect("a beat");
-        assert_eq!(flipped(&s.heard(&lost, HashSet::new(), now, SECOND)), [(only_there, false, 150)]);
-        assert!(s.peers.is_empty() && s.remote.is_empty());
+        assert!(s.heard(&lost, HashSet::new(), now, SECOND).is_empty(), "online for the grace");
+        assert_eq!(s.due(), Some(now + LOST_GRACE), "the grace, not the minutes of its heartbeats");
+        assert!(s.expire(now + LOST_GRACE - Duration::from_millis(1)).is_empty(), "still within the grace");
+        assert!(s.heard(&lost, HashSet::new(), now + SECOND, SECOND).is_empty(), "lost again: the grace runs on");
+        assert_eq!(flipped(&s.expire(now + LOST_GRACE)), [(only_there, false, 150)]);
+        assert!(s.peers.is_empty() && s.remote.is_empty() && s.due().is_none());
         assert!(s.online(&also_here), "still has a stream here");
         assert!(s.heard(&lost, HashSet::new(), now, SECOND).is_empty(), "lost once");
+    }
+
+    #[test]
+    fn a_lost_replica_heard_again_within_its_grace_keeps_its_users_online() {
+        let mut s = State::default();
+        let (u, peer, now) = (Uuid::now_v7(), Uuid::now_v7(), Instant::now());
+        let slow = |kind, time| Beat { interval: 60_000_000, ..beat(peer, kind, time) };
+        s.heard(&slow(BeatKind::Heartbeat, 100), [u].into(), now, SECOND);
+        let lost = BusEvent::process_lost(peer).beat.expect("a beat");
+        assert!(s.heard(&lost, HashSet::new(), now, SECOND).is_empty());
+        // Back on the bus: its heartbeat at once.
+        assert!(s.heard(&slow(BeatKind::Heartbeat, 200), [u].into(), now + SECOND, SECOND).is_empty());
+        assert!(s.due().is_none(), "no grace running");
+        assert!(s.expire(now + 2 * LOST_GRACE).is_empty(), "heard within its expiry");
+        assert!(s.online(&u));
+    }
+
+    #[test]
+    fn a_lost_replica_s_grace_is_at_most_its_heartbeat_expiry() {
+        let mut s = State::default();
+        let (u, peer, now) = (Uuid::now_v7(), Uuid::now_v7(), Instant::now());
+        s.heard(&beat(peer, BeatKind::Heartbeat, 100), [u].into(), now, SECOND);
+        let lost = BusEvent::process_lost(peer).beat.expect("a beat");
+        s.heard(&lost, HashSet::new(), now + SECOND, SECOND);
+        assert_eq!(s.due(), Some(now + 3 * SECOND), "its last word plus three of its 1 s intervals");
+        assert_eq!(flipped(&s.expire(now + 3 * SECOND)), [(u, false, 100)]);
     }
 
     #[test]

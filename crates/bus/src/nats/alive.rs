@@ -20,9 +20,9 @@
 //! Each silent peer is also delivered, before the hints, to this process's
 //! presence topic ([`Event::process_lost`], never published): the messages
 //! service's presence, whose replica id is this bus's process id, takes the
-//! users who held streams only on that peer offline at once, rather than
-//! after missing its heartbeats (`--presence-heartbeat`, 30-40 s by
-//! default). A clean goodbye (everything it published confirmed) is
+//! users who held streams only on that peer offline unless it is back
+//! within a grace (10 s), rather than after missing its heartbeats
+//! (`--presence-heartbeat`, 30-40 s by default). A clean goodbye (everything it published confirmed) is
 //! forgotten silently.
 //!
 //! Only the processes of one deployment hear each other: the subject is
@@ -271,7 +271,8 @@ impl Liveness {
 
     /// Loses the peers silent too long and, if any, tells this process's
     /// presence of each ([`Event::process_lost`] on [`Topic::Presence`]:
-    /// its users go offline now, not after its missed heartbeats), then
+    /// its users go offline after a grace, not after its missed
+    /// heartbeats), then
     /// hints the local topics once. Not while this process is cut off (it
     /// cannot hear them; its own reconnect resyncs), and after a reconnect
     /// it counts every peer as just heard.

@@ -1188,3 +1188,23 @@ fn metric(text: &str, name: &str) -> f64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+/// A bus whose connection drops tells its own process's presence once it
+/// is connected again ([`Event::rejoined`] on the presence topic, local
+/// only): the presence re-announces its users to peers that may have taken
+/// the process as dead meanwhile.
+#[tokio::test]
+async fn a_reconnected_bus_tells_its_presence() {
+    let Some(server) = NatsServer::start().await else { return };
+    let relay = Relay::to(&server.url).await;
+    let stop = CancellationToken::new();
+    let a = natter_bus_through(&relay, &server, &stop).await;
+    let mut presence = a.subscribe(Topic::Presence);
+    relay.cut();
+    // Reconnecting may take a few of the client's back-off steps.
+    match tokio::time::timeout(Duration::from_secs(20), presence.recv()).await {
+        Ok(Some(Ok(e))) => assert_eq!(*e, Event::rejoined(), "the presence topic's first news after the cut"),
+        other => panic!("a's presence heard nothing of the reconnect: {other:?}"),
+    }
+    stop.cancel();
+}

@@ -26,6 +26,52 @@ async fn next_presence(stream: &mut tonic::codec::Streaming<mpb::StreamEventsRes
     }
 }
 
+/// The next presence change of the stream within `wait` (other events
+/// skipped), however long the stream stays quiet meanwhile.
+async fn presence_within(
+    stream: &mut tonic::codec::Streaming<mpb::StreamEventsResponse>,
+    wait: Duration,
+) -> mpb::Presence {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let next = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("a presence change within {wait:?}"));
+        if let Some(Event::PresenceChanged(p)) = next.expect("the stream stays open").expect("not ended").event {
+            return p;
+        }
+    }
+}
+
+/// A subscription to the presence beats of the deployment on the schemas of
+/// `prefix` (`<prefix>.events.presence`).
+async fn presence_beats(nats: &str, prefix: &str) -> async_nats::Subscriber {
+    let client = async_nats::connect(nats).await.expect("connect to NATS");
+    let subject = format!("{}.events.presence", super::nats_subjects(prefix));
+    let beats = client.subscribe(subject).await.expect("subscribe to the beats");
+    // (The beats waited for come seconds later.)
+    client.flush().await.expect("the subscription reached NATS");
+    beats
+}
+
+/// Waits (10 s at most) for the next heartbeat on `beats` that lists `user`.
+async fn heartbeat_with(beats: &mut async_nats::Subscriber, user: &str, what: &str) {
+    use futures::StreamExt as _;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let message = tokio::time::timeout_at(deadline, beats.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what} within 10 s"))
+            .expect("the subscription stays open");
+        let Ok(event) = natter_bus::Event::from_wire(message.payload) else { continue };
+        if event.beat.is_some_and(|b| b.kind == natter_bus::BeatKind::Heartbeat)
+            && event.users.iter().any(|u| u.to_string() == user)
+        {
+            return;
+        }
+    }
+}
+
 /// Returns once `replicas` processes of the deployment on the schemas of
 /// `prefix` each announced themselves on the bus after this was called,
 /// so every replica started before it has heard every other: the bus finds
@@ -64,14 +110,14 @@ fn replica_with_env(db: &str, prefix: &str, nats: &str, heartbeat: &str, env: su
     Node::start_with_env("serve", free_port(), args, env)
 }
 
-/// Alice and bob, who share a direct chat: (alice's token, bob's id, bob's
-/// token).
-async fn pair(channel: &Channel) -> (String, String, String) {
-    let (_, alice) = user(channel, "alice").await;
+/// Alice and bob, who share a direct chat: ((alice's id, alice's token),
+/// bob's id, bob's token).
+async fn pair(channel: &Channel) -> ((String, String), String, String) {
+    let (alice_id, alice) = user(channel, "alice").await;
     let (bob_id, bob) = user(channel, "bob").await;
     let create = cpb::CreateChatRequest { member_ids: vec![bob_id.clone()], ..Default::default() };
     ChatServiceClient::new(channel.clone()).create_chat(authed(&alice, create)).await.unwrap();
-    (alice, bob_id, bob)
+    ((alice_id, alice), bob_id, bob)
 }
 
 /// A stream of every chat of the holder of `token`.
@@ -90,8 +136,9 @@ async fn presence_of(channel: &Channel, token: &str, user_id: &str) -> mpb::Pres
 /// heartbeating every `heartbeat` (the first has migrated the schemas when
 /// the second starts); bob streams on `one`, alice watches on `two` and has
 /// seen bob come online there. None (test skipped) without PostgreSQL and
-/// NATS.
+/// NATS. With a relay, `one` reaches NATS through it.
 struct Scene {
+    relay: Option<Relay>,
     db: String,
     nats: String,
     prefix: String,
@@ -99,29 +146,37 @@ struct Scene {
     two: Node,
     on_two: Channel,
     alice: String,
+    alice_id: String,
     bob_id: String,
+    bob: String,
     watching: tonic::codec::Streaming<mpb::StreamEventsResponse>,
     _held: tonic::codec::Streaming<mpb::StreamEventsResponse>,
 }
 
 impl Scene {
     async fn start(heartbeat: &str) -> Option<Self> {
+        Self::start_with(heartbeat, false).await
+    }
+
+    /// As [`Scene::start`], replica one behind a [`Relay`] if `relayed`.
+    async fn start_with(heartbeat: &str, relayed: bool) -> Option<Self> {
         let (Some(db), Some(nats)) = (env("NATTER_TEST_DATABASE_URL"), env("NATTER_TEST_NATS_URL")) else {
             eprintln!("skipped: NATTER_TEST_DATABASE_URL and NATTER_TEST_NATS_URL are not set");
             return None;
         };
         let prefix = format!("p{}_", uuid::Uuid::new_v4().simple());
-        let one = replica(&db, &prefix, &nats, heartbeat);
+        let relay = if relayed { Some(Relay::to(&nats).await) } else { None };
+        let one = replica(&db, &prefix, relay.as_ref().map_or(&nats, |r| &r.url), heartbeat);
         let on_one = one.channel().await;
         let two = replica(&db, &prefix, &nats, heartbeat);
         let on_two = two.channel().await;
-        let (alice, bob_id, bob) = pair(&on_one).await;
+        let ((alice_id, alice), bob_id, bob) = pair(&on_one).await;
         let mut watching = stream(&on_two, &alice).await;
         let _held = stream(&on_one, &bob).await;
         let online = next_presence(&mut watching).await;
         assert_eq!((online.user_id.as_str(), online.state), (bob_id.as_str(), mpb::PresenceState::Online as i32));
         assert_eq!(presence_of(&on_two, &alice, &bob_id).await.state, mpb::PresenceState::Online as i32);
-        Some(Self { db, nats, prefix, one, two, on_two, alice, bob_id, watching, _held })
+        Some(Self { relay, db, nats, prefix, one, two, on_two, alice, alice_id, bob_id, bob, watching, _held })
     }
 
     /// Alice's next presence change, which must be bob going offline: its
@@ -170,10 +225,11 @@ async fn a_killed_replica_s_users_go_offline_after_its_missed_heartbeats() {
 
 /// With heartbeats a minute apart, a replica killed with SIGKILL takes its
 /// users offline once the bus finds its process dead (its liveness
-/// announcements stop: seconds), not when its heartbeats would have expired
-/// (3-4 minutes), with a `presence_changed` to those who share a chat, as
-/// of its last word. A user who also streams on a live replica stays
-/// online.
+/// announcements stop: seconds) and the grace in which a replica only cut
+/// off could come back is over (10 s), not when its heartbeats would have
+/// expired (3-4 minutes), with a `presence_changed` to those who share a
+/// chat, as of its last word. A user who also streams on a live replica
+/// stays online.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replica_s_users_go_offline_once_the_bus_finds_it_dead_not_after_its_heartbeats() {
     let started = now_micros();
@@ -198,11 +254,13 @@ async fn a_killed_replica_s_users_go_offline_once_the_bus_finds_it_dead_not_afte
     all_heard(&s.nats, &s.prefix, 3).await;
 
     let killed_at = now_micros();
+    let killed = Instant::now();
     s.one.kill();
     // Alice's stream may tell of carol coming online (the chat is new to
-    // it), never of her going offline; then bob goes offline.
+    // it), never of her going offline; then bob goes offline, about 4 s
+    // (the bus) and 10 s (the grace) after the kill.
     let offline = loop {
-        let p = next_presence(&mut s.watching).await;
+        let p = presence_within(&mut s.watching, Duration::from_secs(25)).await;
         if p.user_id == carol_id {
             assert_eq!(p.state, mpb::PresenceState::Online as i32, "carol still streams on replica three");
             continue;
@@ -210,6 +268,8 @@ async fn a_killed_replica_s_users_go_offline_once_the_bus_finds_it_dead_not_afte
         break p;
     };
     assert_eq!((offline.user_id.as_str(), offline.state), (s.bob_id.as_str(), mpb::PresenceState::Offline as i32));
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(20), "offline {took:?} after the kill, not after its heartbeats' minutes");
     let last_seen = micros(offline.last_seen_time.as_ref().expect("a last_seen_time"));
     assert!(
         (started..=killed_at).contains(&last_seen),
@@ -297,7 +357,7 @@ async fn renames_made_through_replicas_whose_clocks_disagree_reach_a_stream_in_o
     let on_one = one.channel().await;
     let ahead = replica_with_env(&db, &prefix, &nats, "60s", skewed);
     let on_ahead = ahead.channel().await;
-    let (alice, _, bob) = pair(&on_one).await;
+    let ((_, alice), _, bob) = pair(&on_one).await;
     let (mut bobs, mut alices) = (stream(&on_one, &bob).await, stream(&on_one, &alice).await);
 
     rename(&on_ahead, &alice, "Alice, an hour ahead").await;
@@ -409,7 +469,7 @@ async fn a_stream_whose_replica_lost_the_bus_is_told_that_ephemeral_events_may_h
     let on_one = one.channel().await;
     let two = replica(&db, &prefix, &nats, "60s");
     let on_two = two.channel().await;
-    let (alice, _, bob) = pair(&on_one).await;
+    let ((_, alice), _, bob) = pair(&on_one).await;
     let mut bobs = stream(&on_one, &bob).await;
     // The bus works: a rename through two reaches bob on one.
     let alice_id = rename(&on_two, &alice, "Alice").await;
@@ -441,4 +501,54 @@ async fn a_stream_whose_replica_lost_the_bus_is_told_that_ephemeral_events_may_h
     drop(bobs);
     drop((one, two));
     drop_schemas(&db, &prefix).await;
+}
+
+/// Replica one, which holds bob's stream, is cut off from NATS long enough
+/// for replica two's bus to take its process as dead (3 s without its
+/// liveness announcements), then comes back: bob, whose stream never
+/// closed, stays online for alice on replica two throughout (no
+/// `presence_changed`, GetPresence online), and replica one tells the
+/// others its users as soon as it is back, not at its next heartbeat (a
+/// minute later). Before, two took bob offline at once and back online
+/// only at one's next heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_from_nats_for_seconds_keeps_its_users_online() {
+    let Some(mut s) = Scene::start_with("60s", true).await else { return };
+    // Replica two's bus finds dead only a peer it heard.
+    all_heard(&s.nats, &s.prefix, 2).await;
+    let mut beats = presence_beats(&s.nats, &s.prefix).await;
+    let relay = s.relay.take().expect("a relay");
+
+    relay.cut();
+    // Two's bus takes one as dead: its streams are told that ephemeral news
+    // may be lost (after its presence heard of it).
+    loop {
+        match next_any(&mut s.watching).await.expect("the stream stays open").event {
+            Some(Event::EphemeralLost(_)) => break,
+            Some(Event::PresenceChanged(p)) => panic!("bob shown {p:?} while his replica was cut off"),
+            _ => {}
+        }
+    }
+    let asked = presence_of(&s.on_two, &s.alice, &s.bob_id).await;
+    assert_eq!(asked.state, mpb::PresenceState::Online as i32, "a cut of seconds showed bob offline: {asked:?}");
+
+    relay.mend();
+    // One, back, announces bob at once; two answers its hello (after
+    // taking in its heartbeat) with alice.
+    heartbeat_with(&mut beats, &s.bob_id, "replica one's heartbeat with bob once back").await;
+    heartbeat_with(&mut beats, &s.alice_id, "replica two's answer with alice").await;
+
+    // Nothing of bob's presence reached alice before a rename of bob made
+    // through two (handed to her stream after any presence change two saw
+    // before it).
+    rename(&s.on_two, &s.bob, "Bob, never away").await;
+    loop {
+        match next_any(&mut s.watching).await.expect("the stream stays open").event {
+            Some(Event::UserUpdated(u)) if u.display_name == "Bob, never away" => break,
+            Some(Event::PresenceChanged(p)) => panic!("bob shown {p:?} around his replica's cut"),
+            _ => {}
+        }
+    }
+    assert_eq!(presence_of(&s.on_two, &s.alice, &s.bob_id).await.state, mpb::PresenceState::Online as i32);
+    s.finish().await;
 }

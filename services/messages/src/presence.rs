@@ -37,9 +37,10 @@
 //! heartbeat expiry). A peer's silence is checked too, at each of this
 //! replica's own heartbeats, so a peer the bus does not find (one of a
 //! build before it, whose replica id is not its process's, or one that
-//! died before this process's bus heard it announce itself, within about a
-//! second of one of them starting) goes 3 to 4 intervals after its last
-//! word (30-40 s by default). A starting replica knows its peers' users
+//! died before this process's bus heard it announce itself: the bus asks
+//! its peers to announce themselves at once when it starts, so that takes
+//! a death within a round trip of its start) goes 3 to 4 intervals after
+//! its last word (30-40 s by default). A starting replica knows its peers' users
 //! once they answer its hello (a round trip), at the latest after one
 //! heartbeat interval; until then it may take a user online only elsewhere
 //! as offline. A heartbeat of

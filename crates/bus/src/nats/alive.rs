@@ -4,7 +4,11 @@
 //! Every process announces itself on `<prefix>.events.alive` (the
 //! deployment's `--nats-subject-prefix`, `natter` by default) once per
 //! [`ANNOUNCE_EVERY`] (its id, new at every start, and that interval) and
-//! tracks the peers it hears. A peer that falls silent for [`MISSED`] of
+//! tracks the peers it hears. Its first announcement says hello
+//! ([`Say::Hello`]), which every peer answers with an announcement at once:
+//! a process that just started knows its peers within a round trip, so one
+//! that dies a moment later is found dead as any other (its presence hears
+//! the peers' users as soon, from their answers to its presence's hello). A peer that falls silent for [`MISSED`] of
 //! its intervals (it crashed, lost power, or was cut off from NATS that
 //! long) or that says goodbye admitting it lost events (its `close()` gave
 //! up with events unconfirmed or queued), or that says it lost more than it
@@ -46,7 +50,7 @@
 //! ```proto
 //! message Alive {
 //!   bytes process = 1;  // 16 bytes (UUID), new at every start
-//!   int32 kind = 2;     // Say: 1 alive .. 4 lost
+//!   int32 kind = 2;     // Say: 1 alive .. 4 lost, 5 hello
 //!   int64 interval = 3; // µs between the sender's announcements
 //! }
 //! ```
@@ -62,7 +66,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message as _;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -95,12 +99,20 @@ pub(super) enum Say {
     /// It runs, but lost events on more topics than it keeps to hint one
     /// by one.
     Lost = 4,
+    /// It has just started (its first announcement): every peer announces
+    /// itself at once, so it hears them within a round trip, not up to an
+    /// interval later (a peer dying meanwhile would go unnoticed by it).
+    /// A build from before it takes it as `Alive` and does not answer.
+    Hello = 5,
 }
 
 impl Say {
     /// A kind this build does not know counts as alive: the peer is there.
     fn from_wire(kind: i32) -> Self {
-        [Self::Goodbye, Self::GoodbyeLost, Self::Lost].into_iter().find(|s| *s as i32 == kind).unwrap_or(Self::Alive)
+        [Self::Goodbye, Self::GoodbyeLost, Self::Lost, Self::Hello]
+            .into_iter()
+            .find(|s| *s as i32 == kind)
+            .unwrap_or(Self::Alive)
     }
 }
 
@@ -127,7 +139,7 @@ impl Peers {
     /// resync (the peer lost events).
     fn heard(&mut self, process: Uuid, say: Say, every: Duration, now: Instant) -> bool {
         match say {
-            Say::Alive | Say::Lost => {
+            Say::Alive | Say::Lost | Say::Hello => {
                 self.heard.insert(process, (now, every));
             }
             Say::Goodbye | Say::GoodbyeLost => {
@@ -171,12 +183,14 @@ pub(super) struct Liveness {
     peers: Mutex<Peers>,
     /// Expiry checks made (for tests).
     checks: AtomicU64,
+    /// A peer said hello: announce this process now.
+    answer: Notify,
 }
 
 impl Liveness {
     /// A new process id, announced on `subject`, no peers heard.
     pub(super) fn new(subject: String) -> Self {
-        Self { me: Uuid::new_v4(), subject, peers: Mutex::default(), checks: AtomicU64::new(0) }
+        Self { me: Uuid::new_v4(), subject, peers: Mutex::default(), checks: AtomicU64::new(0), answer: Notify::new() }
     }
 
     fn lock(&self) -> MutexGuard<'_, Peers> {
@@ -206,8 +220,9 @@ impl Liveness {
     }
 
     /// Takes in a peer's announcement (from the subscriber task, until the
-    /// shutdown token) and hints the local topics of `hub` if the peer lost
-    /// events. An undecodable one is passed over: it
+    /// shutdown token), hints the local topics of `hub` if the peer lost
+    /// events, and has this process announce itself at once if the peer
+    /// said hello. An undecodable one is passed over: it
     /// comes from no natter of this wire form.
     pub(super) fn heard(&self, hub: &Hub, payload: Bytes) {
         let Ok(wire) = Wire::decode(payload) else { return };
@@ -221,9 +236,13 @@ impl Liveness {
             tracing::info!(peer = %process, ?say, "nats: a peer lost events; resync streams from the store");
             resync_after_loss(hub);
         }
+        if say == Say::Hello {
+            self.answer.notify_one();
+        }
     }
 
-    /// Announces this process every [`ANNOUNCE_EVERY`] until its goodbye
+    /// Says hello, then announces this process every [`ANNOUNCE_EVERY`]
+    /// and whenever a peer says hello, until its goodbye
     /// (`goodbye`: what to say, and whom to answer once it is written) or
     /// `closed` (the bus dropped without `close()`: no goodbye, as after a
     /// crash); and until `shutdown` (when the subscriber stops hearing
@@ -241,6 +260,8 @@ impl Liveness {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut connection = client.statistics().connects.load(Ordering::SeqCst);
         tokio::pin!(goodbye);
+        // The first tick is at once.
+        let mut say = Say::Hello;
         loop {
             tokio::select! {
                 biased;
@@ -254,11 +275,12 @@ impl Liveness {
                 }
                 () = closed.cancelled() => return,
                 _ = tick.tick() => {
-                    self.announce(&client, Say::Alive).await;
+                    self.announce(&client, std::mem::replace(&mut say, Say::Alive)).await;
                     if !shutdown.is_cancelled() {
                         self.check(&client, &hub, &mut connection);
                     }
                 }
+                () = self.answer.notified() => self.announce(&client, Say::Alive).await,
             }
         }
     }
@@ -361,9 +383,21 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_s_hello_is_heard_and_answered_at_once_and_an_alive_is_not() {
+        let (me, newcomer, running) = (Liveness::new("a".into()), Liveness::new("a".into()), Liveness::new("a".into()));
+        let hub = Hub::new();
+        let answered = || futures::FutureExt::now_or_never(me.answer.notified()).is_some();
+        me.heard(&hub, running.payload(Say::Alive));
+        assert!(!answered(), "an alive is not answered");
+        me.heard(&hub, newcomer.payload(Say::Hello));
+        assert_eq!(me.peers(), 2, "the newcomer is heard");
+        assert!(answered(), "a hello is answered");
+    }
+
+    #[test]
     fn announcements_cross_the_wire() {
         let live = Liveness::new("natter.events.alive".to_owned());
-        for say in [Say::Alive, Say::Goodbye, Say::GoodbyeLost, Say::Lost] {
+        for say in [Say::Alive, Say::Goodbye, Say::GoodbyeLost, Say::Lost, Say::Hello] {
             let wire = Wire::decode(live.payload(say)).unwrap();
             assert_eq!(Uuid::from_slice(&wire.process).unwrap(), live.me);
             assert_eq!(Say::from_wire(wire.kind), say);

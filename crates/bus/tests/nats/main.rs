@@ -1189,6 +1189,39 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A bus that starts hears the others within a round trip: its first
+/// announcement says hello and they answer at once, where before it heard
+/// each at its next announcement, up to a second later (a peer dying
+/// meanwhile went unnoticed by it, and the messages service's presence took
+/// that peer's users offline only after its missed heartbeats). b starts
+/// just after one of a's announcements, a second before the next.
+#[tokio::test]
+async fn a_starting_replica_hears_the_others_within_a_round_trip() {
+    use futures::StreamExt as _;
+    let Some(server) = NatsServer::start().await else { return };
+    let stop = CancellationToken::new();
+    let a = natter_bus(&server, Routing::Interest, &stop).await;
+    let listener = async_nats::ConnectOptions::with_user_and_password(NATTER_USER.into(), server.password.clone())
+        .connect(server.url.as_str())
+        .await
+        .expect("connect to NATS");
+    let mut announcements = listener.subscribe("natter.events.alive").await.expect("subscribe");
+    listener.flush().await.expect("the subscription reached NATS");
+    // One of a's, then b starts.
+    let heard = tokio::time::timeout(DELIVERY, announcements.next()).await.expect("a announces itself");
+    assert!(heard.is_some());
+    let announced = tokio::time::Instant::now();
+    let b = natter_bus(&server, Routing::Interest, &stop).await;
+    let within = Duration::from_millis(500);
+    let waited = announced.elapsed();
+    assert!(
+        until(within.saturating_sub(waited), || b.peers() == 1).await,
+        "b did not hear a within {within:?} of a's announcement (b's start took {waited:?}; a's next is due a second after it)"
+    );
+    drop(a);
+    stop.cancel();
+}
+
 /// A bus whose connection drops tells its own process's presence once it
 /// is connected again ([`Event::rejoined`] on the presence topic, local
 /// only): the presence re-announces its users to peers that may have taken

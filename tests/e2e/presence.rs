@@ -189,6 +189,42 @@ async fn a_server_stopped_with_streams_open_records_their_users_last_seen_time(m
     c.stop().await;
 }
 
+crate::each_mode!(a_user_just_gone_offline_has_a_last_seen_time_before_the_store_records_it);
+
+/// GetPresence right after bob's last stream closed, while the store has
+/// not recorded his last-seen time yet (its writes held back), answers
+/// Offline with the time all the same, not Offline with none; the
+/// `presence_changed` that follows once it is recorded, and GetPresence
+/// then, carry the same time.
+async fn a_user_just_gone_offline_has_a_last_seen_time_before_the_store_records_it(mode: natter_testkit::Mode) {
+    let Some(c) = Cluster::start_with(mode, Flags::default()).await else { return };
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    direct(&c, &alice, &bob).await;
+    let mut alices = open(&c, &alice, &[], &[]).await;
+    let bobs = open(&c, &bob, &[], &[]).await;
+    let (_, online) = next_presence(&mut alices).await;
+    assert_eq!((online.user_id.as_str(), state(&online)), (bob.id.as_str(), Online));
+
+    let held = c.hold_writes("messages", "user_presence").await;
+    let closing = now_micros();
+    drop(bobs);
+    let offline = wait_for(|| async {
+        let seen = presence(&c, &alice, &[&bob.id]).await.remove(0);
+        (state(&seen) == Offline).then_some(seen)
+    })
+    .await;
+    let last_seen = micros(offline.last_seen_time.as_ref().expect("a last_seen_time while the store has none yet"));
+    assert!((closing..=now_micros()).contains(&last_seen), "last seen as his last stream closed");
+
+    held.release().await;
+    let (_, told) = next_presence(&mut alices).await;
+    assert_eq!((told.user_id.as_str(), state(&told)), (bob.id.as_str(), Offline));
+    assert_eq!(told.last_seen_time.as_ref().map(micros), Some(last_seen), "the time GetPresence gave");
+    let seen = presence(&c, &alice, &[&bob.id]).await;
+    assert_eq!((state(&seen[0]), seen[0].last_seen_time.as_ref().map(micros)), (Offline, Some(last_seen)));
+    c.stop().await;
+}
+
 /// `user_updated` and `account_updated`: what others see of a user, and
 /// their own account, reach open streams live.
 mod live_profile {

@@ -169,6 +169,10 @@ struct State {
     remote: HashMap<Uuid, usize>,
     /// The last serial handed out.
     serial: i64,
+    /// Users taken offline whose last-seen time the store may not hold yet
+    /// (the announcing task records it after the flip): the time, µs,
+    /// until [`State::recorded`] (or until they come online again).
+    unrecorded: HashMap<Uuid, i64>,
 }
 
 #[derive(Debug)]
@@ -237,11 +241,35 @@ impl State {
         for (user, was) in before {
             let online = self.online(&user);
             if online != was {
+                if online {
+                    self.unrecorded.remove(&user);
+                } else {
+                    self.unrecorded.insert(user, at);
+                }
                 self.serial += 1;
                 out.push(Change { user, online, at, serial: self.serial });
             }
         }
         out
+    }
+
+    /// The last-seen times in `seen` are in the store: forgets those no
+    /// newer than what is recorded.
+    fn recorded(&mut self, seen: &[(UserId, i64)]) {
+        for (user, at) in seen {
+            if self.unrecorded.get(&user.0).is_some_and(|pending| pending <= at) {
+                self.unrecorded.remove(&user.0);
+            }
+        }
+    }
+
+    /// `user`'s presence as known here: [`Seen::Offline`] carries the
+    /// last-seen time while it is [unrecorded](State::unrecorded).
+    fn seen(&self, user: &Uuid) -> Seen {
+        match self.online(user) {
+            true => Seen::Online,
+            false => Seen::Offline(self.unrecorded.get(user).copied()),
+        }
     }
 
     fn remote_add(&mut self, user: Uuid) {
@@ -466,10 +494,14 @@ impl Presence {
     }
 
     /// Whether each of `users` is online on any replica, as far as this one
-    /// knows.
-    pub fn online(&self, users: &[UserId]) -> Vec<bool> {
+    /// knows: [`Seen::Online`], or [`Seen::Offline`] with the time they
+    /// went offline while the store may not hold it yet (None otherwise:
+    /// read the store's, which a caller should do after this call, so that
+    /// a time recorded meanwhile is found in one of the two). Never
+    /// [`Seen::Hidden`].
+    pub fn seen(&self, users: &[UserId]) -> Vec<Seen> {
         let state = self.lock();
-        users.iter().map(|u| state.online(&u.0)).collect()
+        users.iter().map(|u| state.seen(&u.0)).collect()
     }
 
     /// A peer's beat, or news of a user for the streams of their chats.
@@ -625,8 +657,15 @@ async fn announce(
             .collect();
         // Recorded before the streams hear of it: a client told "offline"
         // that asks GetPresence finds the time.
-        if let Err(e) = store.record_last_seen(&seen).await {
-            tracing::warn!(error = %e, users = seen.len(), "presence: recording last-seen times failed");
+        match store.record_last_seen(&seen).await {
+            Ok(()) => {
+                if let Some(p) = presence.upgrade() {
+                    p.lock().recorded(&seen);
+                }
+            }
+            // Kept in memory meanwhile: GetPresence on this replica still
+            // answers the time.
+            Err(e) => tracing::warn!(error = %e, users = seen.len(), "presence: recording last-seen times failed"),
         }
         for work in batch.drain(..) {
             match work {
@@ -721,6 +760,27 @@ mod tests {
         assert_eq!(flipped(&off), [(u, false, 13)]);
         assert_eq!(s.close(u, 14), (false, Vec::new()), "a close too many is ignored");
         assert!(off[0].serial > on[0].serial, "serials grow");
+    }
+
+    #[test]
+    fn a_user_gone_offline_has_their_time_until_the_store_holds_it() {
+        let mut s = State::default();
+        let (u, peer, now) = (Uuid::now_v7(), Uuid::now_v7(), Instant::now());
+        s.open(u, 10);
+        assert_eq!(s.seen(&u), Seen::Online);
+        s.close(u, 13);
+        assert_eq!(s.seen(&u), Seen::Offline(Some(13)), "not recorded yet: known here");
+        s.recorded(&[(UserId(u), 12)]);
+        assert_eq!(s.seen(&u), Seen::Offline(Some(13)), "an older time recorded: still the newer one");
+        s.recorded(&[(UserId(u), 13)]);
+        assert_eq!(s.seen(&u), Seen::Offline(None), "recorded: the store's to tell");
+        // Offline as a peer says goodbye, online again before its record.
+        s.heard(&beat(peer, BeatKind::Online, 20), [u].into(), now, SECOND);
+        s.heard(&beat(peer, BeatKind::Goodbye, 21), HashSet::new(), now, SECOND);
+        assert_eq!(s.seen(&u), Seen::Offline(Some(21)));
+        s.open(u, 22);
+        assert_eq!(s.seen(&u), Seen::Online);
+        assert!(s.unrecorded.is_empty(), "nothing kept of a user online");
     }
 
     #[test]

@@ -216,17 +216,24 @@ impl Messages {
         };
         let mut visible: HashSet<UserId> = peers.iter().filter_map(|p| p.parse().ok()).collect();
         visible.insert(caller);
-        let online = self.presence.online(users);
-        let offline: Vec<UserId> =
-            users.iter().zip(&online).filter(|(u, on)| !**on && visible.contains(u)).map(|(u, _)| *u).collect();
+        // Before the store's times: a time recorded after this read is in
+        // the store's, one not recorded yet (a user who has just gone
+        // offline) comes from here.
+        let known = self.presence.seen(users);
+        let offline: Vec<UserId> = users
+            .iter()
+            .zip(&known)
+            .filter(|(u, seen)| **seen != Seen::Online && visible.contains(u))
+            .map(|(u, _)| *u)
+            .collect();
         let last_seen = self.store.last_seen(&offline).await?;
         Ok(users
             .iter()
-            .zip(online)
-            .map(|(user, online)| match (visible.contains(user), online) {
+            .zip(known)
+            .map(|(user, known)| match (visible.contains(user), known) {
                 (false, _) => Seen::Hidden,
-                (true, true) => Seen::Online,
-                (true, false) => Seen::Offline(last_seen.get(user).copied()),
+                (true, Seen::Offline(unrecorded)) => Seen::Offline(last_seen.get(user).copied().max(unrecorded)),
+                (true, seen) => seen,
             })
             .collect())
     }

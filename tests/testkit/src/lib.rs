@@ -692,9 +692,50 @@ impl Cluster {
         count
     }
 
+    /// Holds back every write to `table` of service `service`'s store
+    /// (`sessions`, `chats` or `messages`) until [`HeldWrites::release`],
+    /// leaving reads free: a transaction of the test's own that holds the
+    /// all-in-one's SQLite write lock (`BEGIN IMMEDIATE`: the service's
+    /// writes wait in its busy handler, 5 s at most) or, on PostgreSQL,
+    /// the table in `EXCLUSIVE` mode. For what a service answers while a
+    /// write of its own has not committed yet.
+    pub async fn hold_writes(&self, service: &str, table: &str) -> HeldWrites {
+        use sqlx::Connection as _;
+        sqlx::any::install_default_drivers();
+        let (url, sqls) = match &self.pg {
+            Some((url, prefix)) => (
+                url.clone(),
+                vec!["BEGIN".to_owned(), format!("LOCK TABLE {prefix}{service}.{table} IN EXCLUSIVE MODE")],
+            ),
+            None => (
+                format!("sqlite://{}", self._dir.path().join(format!("{service}.db")).display()),
+                vec!["BEGIN IMMEDIATE".to_owned()],
+            ),
+        };
+        let mut conn = sqlx::AnyConnection::connect(&url).await.expect("connect to the store");
+        for sql in sqls {
+            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.expect("hold the store's writes");
+        }
+        HeldWrites { conn }
+    }
+
     /// The shutdown token (to test graceful shutdown).
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+}
+
+/// A store's writes held back by [`Cluster::hold_writes`].
+pub struct HeldWrites {
+    conn: sqlx::AnyConnection,
+}
+
+impl HeldWrites {
+    /// Lets the held writes go (rolls the holding transaction back).
+    pub async fn release(mut self) {
+        use sqlx::Connection as _;
+        sqlx::query("ROLLBACK").execute(&mut self.conn).await.expect("release the store's writes");
+        self.conn.close().await.expect("close");
     }
 }
 

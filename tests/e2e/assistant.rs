@@ -91,6 +91,9 @@ crate::with_scripted_server!(
     the_conversation_sent_opens_with_a_person_s_turn ["--assistant-context-messages", "2"],
     the_conversation_sent_alternates_user_and_assistant_turns [],
     the_assistant_is_never_made_owner_or_admin [],
+    removing_the_assistant_stops_its_reply_being_written [],
+    a_regenerate_checked_before_the_assistant_s_removal_starts_no_reply [],
+    a_prompt_checked_before_its_author_s_removal_gets_no_reply [],
 );
 crate::each_mode!(a_prompt_the_classifier_flags_never_reaches_the_model_however_late_its_verdict);
 mod off {
@@ -1623,4 +1626,106 @@ async fn the_assistant_is_never_made_owner_or_admin(c: &Cluster, _: &ScriptedSer
         .update_member(authed(&alice, role_of(&bob.id, cpb::MemberRole::Owner)))
         .await
         .expect("a person may own it");
+}
+
+/// The assistant removed from a group while a reply there is being
+/// written: the reply ends STOPPED with its text so far, as a
+/// StopGeneration would end it, and the model's stream is closed. Before,
+/// it went on writing (deltas to the chat, checkpoints into the reply) as
+/// long as the model did.
+async fn removing_the_assistant_stops_its_reply_being_written(c: &Cluster, server: &ScriptedServer) {
+    use natter_proto::chats::v1 as cpb;
+    server.push(Script::hang_after("partial"));
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let (bot, team) = team_with_the_assistant(c, &alice, &bob).await;
+    let chat = team.id;
+    let mut stream = events(c, &alice, &chat).await;
+    send(c, &alice, &chat, "@assistant talk forever").await;
+    let reply = busy_reply(&mut stream).await;
+    let remove = cpb::RemoveMemberRequest { chat_id: chat.clone(), user_id: bot };
+    c.chats().remove_member(authed(&alice, remove)).await.unwrap();
+    let ended = until_finished(&mut stream, Some(&reply)).await.finished.unwrap();
+    assert_eq!((status(&ended), ended.text.as_str()), (mpb::GenerationStatus::Stopped, "partial"));
+    assert!(server.disconnected(0, Duration::from_secs(5)).await.is_some(), "the model's stream was closed");
+    let stored = history(c, &alice, &chat, false).await.into_iter().find(|m| m.id == reply).expect("the reply stays");
+    assert_eq!((status(&stored), stored.text.as_str()), (mpb::GenerationStatus::Stopped, "partial"));
+}
+
+/// A Regenerate whose checks (its caller's, the assistant's) passed before
+/// the assistant's removal answered, and whose start comes after it: the
+/// start is refused where it is written (the members version the checks
+/// saw is older than the removal's), checked again, afresh, and refused
+/// again here (the chats store says, as of before the removal, that the
+/// assistant is a member: `undo_departure_silently`), so the Regenerate is
+/// ABORTED. No reply is started, the replaced one stays, and nothing goes
+/// to the model. Before, the reply was started in the chat the assistant
+/// had been removed from, and generated.
+async fn a_regenerate_checked_before_the_assistant_s_removal_starts_no_reply(c: &Cluster, server: &ScriptedServer) {
+    use natter_proto::chats::v1 as cpb;
+    server.set_fallback(Script::reply("ok"));
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let (bot, chat) = team_with_the_assistant(c, &alice, &bob).await;
+    let chat = chat.id;
+    let ask = apb::AskRequest { chat_id: chat.clone(), text: "@assistant hello".into(), ..Default::default() };
+    let asked = c.assistant().ask(authed(&alice, ask)).await.unwrap().into_inner();
+    let (prompt, reply) = (asked.prompt.unwrap(), asked.reply.unwrap());
+    assert_eq!(status(&reply), mpb::GenerationStatus::Complete);
+    let remove = cpb::RemoveMemberRequest { chat_id: chat.clone(), user_id: bot.clone() };
+    c.chats().remove_member(authed(&alice, remove)).await.unwrap();
+    c.undo_departure_silently(&chat, &bot).await;
+    let refused = c.assistant().regenerate(authed(&alice, reload_of(&chat))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    let listed: Vec<(String, bool)> =
+        history(c, &alice, &chat, true).await.into_iter().map(|m| (m.id, m.superseded)).collect();
+    assert_eq!(listed, [(prompt.id, false), (reply.id, false)], "no reply started, none replaced");
+    assert_eq!(server.requests().len(), 1, "only the question asked reached the model");
+}
+
+/// A prompt waits its turn behind the reply being written; its author is
+/// removed after the turn's checks (its author's, the assistant's) but
+/// before its reply starts (here: the chats store says, as of before the
+/// removal, that the author is a member, `undo_departure_silently`). The
+/// start is refused where it is written, checked again, afresh, refused
+/// again, and the prompt left unread: no reply is started, its Ask runs out
+/// of time, and nothing of it reaches the model. Before, it was answered.
+async fn a_prompt_checked_before_its_author_s_removal_gets_no_reply(c: &Cluster, server: &ScriptedServer) {
+    use natter_proto::chats::v1 as cpb;
+    server.push(Script::hang_after("busy"));
+    server.set_fallback(Script::reply("never asked"));
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let (_, team) = team_with_the_assistant(c, &alice, &bob).await;
+    let chat = team.id;
+    let mut stream = events(c, &alice, &chat).await;
+    send(c, &alice, &chat, "@assistant first").await;
+    let busy = busy_reply(&mut stream).await;
+    let ask = apb::AskRequest {
+        chat_id: chat.clone(),
+        text: "@assistant what about my raise?".into(),
+        timeout_seconds: 5,
+        ..Default::default()
+    };
+    let (mut assistant, request) = (c.assistant(), authed(&bob, ask));
+    let asking = tokio::spawn(async move { assistant.ask(request).await });
+    let bobs = loop {
+        if let Some(Event::MessageCreated(m)) = next(&mut stream).await.event
+            && m.author_id == bob.id
+        {
+            break m;
+        }
+    };
+    let remove = cpb::RemoveMemberRequest { chat_id: chat.clone(), user_id: bob.id.clone() };
+    c.chats().remove_member(authed(&alice, remove)).await.unwrap();
+    c.undo_departure_silently(&chat, &bob.id).await;
+    let stop = apb::StopGenerationRequest { message_id: busy };
+    c.assistant().stop_generation(authed(&alice, stop)).await.unwrap();
+    let refused = asking.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::DeadlineExceeded, "{refused:?}");
+    let replies: Vec<i64> = history(c, &alice, &chat, true)
+        .await
+        .into_iter()
+        .filter(|m| m.role == mpb::MessageRole::Assistant as i32)
+        .map(|m| m.reply_to_seq)
+        .collect();
+    assert!(!replies.contains(&bobs.seq), "bob's prompt got no reply: {replies:?}");
+    assert_eq!(server.requests().len(), 1, "bob's prompt never reached the model");
 }

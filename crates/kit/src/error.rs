@@ -102,6 +102,33 @@ pub fn invalid_argument(field: &str, description: impl Into<String>) -> Status {
     v.into_status()
 }
 
+/// The `google.rpc.ErrorInfo` reason of [`members_changed`]'s ABORTED.
+pub const MEMBERS_CHANGED: &str = "MEMBERS_CHANGED";
+
+/// The `google.rpc.ErrorInfo` domain of natter's own reasons.
+pub const ERROR_DOMAIN: &str = "natter.dev";
+
+/// ABORTED with a `google.rpc.ErrorInfo` whose reason is
+/// [`MEMBERS_CHANGED`]: a write whose caller made the membership checks
+/// itself and sent the members version they saw (StartReply's
+/// `members_version`) found a departure, a loss of rights or the chat's
+/// deletion recorded since. The caller checks again, afresh, and writes
+/// again with the version it then sees. Told apart from any other ABORTED
+/// (a busy chat) by [`is_members_changed`].
+pub fn members_changed(message: impl Into<String>) -> Status {
+    let details = ErrorDetails::with_error_info(MEMBERS_CHANGED, ERROR_DOMAIN, std::collections::HashMap::new());
+    Status::with_error_details(Code::Aborted, message, details)
+}
+
+/// Whether `status` is a [`members_changed`] refusal (ABORTED, reason
+/// [`MEMBERS_CHANGED`]).
+pub fn is_members_changed(status: &Status) -> bool {
+    status.code() == Code::Aborted
+        && status
+            .get_details_error_info()
+            .is_some_and(|info| info.reason == MEMBERS_CHANGED && info.domain == ERROR_DOMAIN)
+}
+
 /// INVALID_ARGUMENT on `update_mask.paths[i]` (AIP-134): `path` is none of
 /// `fields`, the paths the update takes, listed in the message. The path is
 /// quoted and cut to 64 characters, as the message goes back in a header.
@@ -163,6 +190,15 @@ pub fn store_failure_at(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_members_changed_refusal_is_told_from_any_other_aborted() {
+        let stale = members_changed("the chat's members changed");
+        assert_eq!(stale.code(), Code::Aborted);
+        assert!(is_members_changed(&stale));
+        assert!(!is_members_changed(&Status::aborted("another reply of this chat is being generated")));
+        assert!(!is_members_changed(&Status::failed_precondition("the chat's members changed")));
+    }
 
     #[test]
     fn violations_name_every_field() {

@@ -346,10 +346,11 @@ struct State {
     lanes: HashMap<String, Lane>,
     /// Prompts queued or being answered here.
     prompts: HashSet<String>,
-    /// Replies being generated here, with what stops each.
-    running: HashMap<String, CancellationToken>,
-    /// Those of `running` deleted meanwhile: none of their text goes out
-    /// any more (not even what was held back for pacing).
+    /// Replies being generated here, with their chat and what stops each.
+    running: HashMap<String, Running>,
+    /// Those of `running` deleted meanwhile, or whose chat the bot was
+    /// taken out of: none of their text goes out any more (not even what
+    /// was held back for pacing).
     deleted: HashSet<String>,
     /// Chats seen: which of their messages are prompts (kept current by
     /// the chat_updated events of the bot's stream, in stream order; a
@@ -366,6 +367,23 @@ struct State {
     /// Per chat, the newest message that is not a prompt, to move the
     /// read position past ([`Assistant::pass`]).
     passing: HashMap<String, i64>,
+}
+
+/// A reply being generated here ([`State::running`]).
+struct Running {
+    /// Its chat: the bot's removal from it stops the reply.
+    chat: String,
+    /// Stops its generation (STOPPED).
+    stop: CancellationToken,
+}
+
+/// Whether a prompt's turn may be taken, by [`Assistant::turn_refused`].
+enum Turn {
+    /// It may be answered: the members version its checks saw (the lowest
+    /// of the author's and the bot's), which StartReply compares.
+    May(i64),
+    /// It may no longer be answered (why, for the log).
+    Refused(String),
 }
 
 /// How a generation ended.
@@ -597,9 +615,15 @@ impl Assistant {
             // The bot left, was removed or added (back), or changed role:
             // the chat's setting may have been switched while it was not a
             // member, whose stream carried none of that chat's changes.
-            // Read it again at the next message, as after a reset.
+            // Read it again at the next message, as after a reset. Taken
+            // out (removed, left, or the chat deleted, which removes every
+            // member first), its replies being written there stop now.
             Some(Event::MembershipChanged(m)) if m.user_id == self.bot.id => {
                 self.state().chats.remove(&event.chat_id);
+                let out = [mpb::MembershipChange::Left as i32, mpb::MembershipChange::Removed as i32];
+                if out.contains(&m.change) {
+                    self.taken_out_of(&event.chat_id).await;
+                }
                 return;
             }
             Some(Event::ChatUpdated(u)) => {
@@ -629,7 +653,7 @@ impl Assistant {
             Some(Event::MessageDeleted(m)) if m.role == mpb::MessageRole::Assistant as i32 => {
                 let running = {
                     let mut state = self.state();
-                    let running = state.running.get(&m.id).cloned();
+                    let running = state.running.get(&m.id).map(|r| r.stop.clone());
                     if running.is_some() {
                         state.deleted.insert(m.id.clone());
                     }
@@ -656,6 +680,55 @@ impl Assistant {
             Err(status) => {
                 tracing::warn!(chat_id = %message.chat_id, message = %message.id, error = %status.message(), "cannot tell whether a message is a prompt");
             }
+        }
+    }
+
+    /// Stops the replies being generated here in `chat`, which the bot was
+    /// taken out of (removed, left, or the chat deleted), as StopGeneration
+    /// stops one: each ends STOPPED with its text so far, its model stream
+    /// closed, and none of its text goes out any more (not even what pacing
+    /// held back). STOPPED, not FAILED: nothing went wrong with the reply,
+    /// a member with the right to took the assistant out, as one may stop
+    /// a reply; its text so far stays, as a stopped reply's does, and a
+    /// Regenerate's replaced reply is not brought back. A replica that
+    /// missed the event (or a reply started meanwhile) learns it at the
+    /// reply's next checkpoint: UpdateReply answers the stop once the
+    /// reply's author is no member (the messages service checks it there).
+    ///
+    /// Where replies are being generated in the chat, the bot's membership
+    /// is read first (one CheckMembership): a removal replayed on a
+    /// reconnect may be older than the bot's return to the chat. A check
+    /// that fails stops nothing; the replies' next checkpoint tells.
+    async fn taken_out_of(&self, chat: &str) {
+        if !self.state().running.values().any(|r| r.chat == chat) {
+            return;
+        }
+        match self.links.chats.check_membership(chat, &self.bot.id).await {
+            Ok(m) if m.member => return,
+            Ok(_) => {}
+            Err(status) => {
+                tracing::info!(chat_id = %chat, error = %status.message(), "cannot check the assistant's membership; its replies there stop at their next checkpoint if it is out");
+                return;
+            }
+        }
+        let stops: Vec<CancellationToken> = {
+            let mut state = self.state();
+            let stopped: Vec<(String, CancellationToken)> = state
+                .running
+                .iter()
+                .filter(|(_, r)| r.chat == chat)
+                .map(|(id, r)| (id.clone(), r.stop.clone()))
+                .collect();
+            for (id, _) in &stopped {
+                state.deleted.insert(id.clone());
+            }
+            stopped.into_iter().map(|(_, stop)| stop).collect()
+        };
+        if !stops.is_empty() {
+            tracing::info!(chat_id = %chat, replies = stops.len(), "the assistant was taken out of a chat: stopping its replies there");
+        }
+        for stop in stops {
+            stop.cancel();
         }
     }
 
@@ -854,13 +927,18 @@ impl Assistant {
     /// a restart (this one then finds its reply and is skipped).
     async fn refuse(&self, prompt: &mpb::Message, why: &str) {
         let info = mpb::GenerationInfo { error: why.into(), ..Default::default() };
-        self.answer_at_once(prompt, mpb::GenerationStatus::Failed, String::new(), info, false).await;
+        // Its turn never came (no check here but is_prompt's, kept per
+        // chat): compared with nothing.
+        self.answer_at_once(prompt, mpb::GenerationStatus::Failed, String::new(), info, false, None).await;
     }
 
     /// Creates `prompt`'s reply already finished (`status`, `text`, `info`),
     /// tells the waiting Ask calls and, with `advance`, moves the bot's read
     /// position past the prompt (only in the prompt's turn: never past
     /// prompts still waiting). A reply that exists already is left as it is.
+    /// `members_version`, the one the prompt's turn was checked at (None:
+    /// none), goes with the StartReply: refused as stale, the turn is
+    /// checked again, afresh, once ([`Assistant::recheck`]).
     async fn answer_at_once(
         &self,
         prompt: &mpb::Message,
@@ -868,14 +946,27 @@ impl Assistant {
         text: String,
         info: mpb::GenerationInfo,
         advance: bool,
+        members_version: Option<i64>,
     ) {
-        let request = mpb::StartReplyRequest {
+        let mut request = mpb::StartReplyRequest {
             status: status as i32,
             text,
             generation: Some(info),
+            members_version,
             ..self.start_request(prompt, String::new(), "")
         };
-        let started = self.start_first_reply(request).await;
+        let mut rechecked = false;
+        let started = loop {
+            match self.start_first_reply(request.clone()).await {
+                Err(status) if natter_kit::error::is_members_changed(&status) => {
+                    match self.recheck(prompt, &mut rechecked, None).await {
+                        Some(checked) => request.members_version = Some(checked),
+                        None => return,
+                    }
+                }
+                started => break started,
+            }
+        };
         if started.is_ok() {
             // Answered (a refused prompt replayed after it was held).
             self.release(prompt);
@@ -994,6 +1085,12 @@ impl Assistant {
     /// by its lease, so only the job that made the token may adopt. A
     /// restart replaying a prompt whose start committed unanswered thus
     /// still finds the reply taken; the sweeper ends it INTERRUPTED.
+    ///
+    /// The start carries the members version the turn's checks saw
+    /// ([`Assistant::turn_refused`]): one that the messages service finds
+    /// older than a departure recorded since (the bot's removal, the
+    /// author's, the chat's deletion: MEMBERS_CHANGED) started nothing, and
+    /// the turn is checked again, afresh, once ([`Assistant::recheck`]).
     async fn run(&self, mut job: Job) {
         if self.shutdown.is_cancelled() && job.started.is_none() {
             return;
@@ -1001,6 +1098,9 @@ impl Assistant {
         // The token of a dropped job of this prompt, in this process: that
         // job ended, so its start (if one committed) is this job's to go on.
         let mut owner = None;
+        // The members version the prompt's turn was checked at (a new
+        // prompt's; a Regenerate's reply is started already).
+        let mut version = None;
         if job.started.is_none() {
             // Replayed after it was dropped: held again if it fails again.
             // (This chat's other prompts wait in its lane meanwhile: none
@@ -1033,20 +1133,9 @@ impl Assistant {
             // Its author removed from the chat (or gone) while it waited, or
             // the assistant no longer to answer there: not answered, nothing
             // of it sent to the model.
-            match self.turn_refused(&job.prompt).await {
-                Ok(None) => {}
-                Ok(Some(why)) => {
-                    tracing::info!(chat_id = %job.prompt.chat_id, prompt = %job.prompt.id, why = %why, "a prompt may no longer be answered at its turn; not answered");
-                    return self.read_past(&job.prompt).await;
-                }
-                Err(status) if is_transient(&status) => {
-                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot check a prompt's chat; left unread");
-                    return self.hold(&job.prompt, owner);
-                }
-                Err(status) => {
-                    tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot check a prompt's chat");
-                    return;
-                }
+            match self.take_turn(&job.prompt, owner.clone()).await {
+                Some(checked) => version = Some(checked),
+                None => return,
             }
         }
         // The external classifier's verdict, before anything of the prompt
@@ -1066,7 +1155,7 @@ impl Assistant {
                 match job.started {
                     // A Regenerate's: the replaced reply comes back.
                     Some(reply) => self.finish(&reply, Outcome { text: String::new(), status, info }, true).await,
-                    None => self.answer_at_once(&job.prompt, status, String::new(), info, true).await,
+                    None => self.answer_at_once(&job.prompt, status, String::new(), info, true, version).await,
                 }
                 return;
             }
@@ -1088,13 +1177,15 @@ impl Assistant {
                 Some(reply) => {
                     self.finish(&reply, Outcome { text: REFUSAL.into(), status, info }, false).await;
                 }
-                None => self.answer_at_once(&job.prompt, status, REFUSAL.into(), info, true).await,
+                None => self.answer_at_once(&job.prompt, status, REFUSAL.into(), info, true, version).await,
             }
             return;
         }
         // Regenerate counted its reply against the rate already.
         let counted = job.started.is_some();
         let owner = owner.unwrap_or_else(|| Uuid::new_v4().to_string());
+        // Whether a start refused as stale was followed by a fresh check.
+        let mut rechecked = false;
         let reply = match job.started {
             Some(reply) => reply,
             None => loop {
@@ -1106,6 +1197,7 @@ impl Assistant {
                 let mut ended = self.finished.subscribe();
                 let request = mpb::StartReplyRequest {
                     owner: owner.clone(),
+                    members_version: version,
                     ..self.start_request(&job.prompt, String::new(), "")
                 };
                 match self.start_first_reply(request).await {
@@ -1115,6 +1207,20 @@ impl Assistant {
                     // Answered already (here before a restart, or by another
                     // replica): nothing to do.
                     Ok((_, false)) => return,
+                    // The bot or the prompt's author (or any member) was
+                    // taken out, or the chat deleted, after the turn's
+                    // checks: nothing started; checked again, afresh.
+                    Err(status) if natter_kit::error::is_members_changed(&status) => {
+                        match self.recheck(&job.prompt, &mut rechecked, Some(owner.clone())).await {
+                            Some(checked) => version = Some(checked),
+                            None => return,
+                        }
+                    }
+                    // A direct chat closed by a block takes no reply.
+                    Err(status) if status.code() == tonic::Code::PermissionDenied => {
+                        tracing::info!(prompt = %job.prompt.id, error = %status.message(), "a reply may not start in its chat; not answered");
+                        return self.read_past(&job.prompt).await;
+                    }
                     // Another replica is answering in this chat: try again
                     // once a reply of the chat ends (seen on the stream), or
                     // in a second.
@@ -1161,7 +1267,8 @@ impl Assistant {
             return self.finish(&reply, outcome, false).await;
         }
         let stop = CancellationToken::new();
-        self.state().running.insert(reply.id.clone(), stop.clone());
+        let running = Running { chat: reply.chat_id.clone(), stop: stop.clone() };
+        self.state().running.insert(reply.id.clone(), running);
         let outcome = self.generate(&job.prompt, &reply, &stop).await;
         {
             let mut state = self.state();
@@ -1288,6 +1395,12 @@ impl Assistant {
                     if is_finished(&done) {
                         let _ = self.finished.send(done);
                     }
+                    return;
+                }
+                // Gone with its chat (deleted while it was written): nothing
+                // to finish.
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    tracing::debug!(reply = %reply.id, "a reply gone with its chat; nothing to finish");
                     return;
                 }
                 Err(status) => {
@@ -1870,34 +1983,86 @@ impl Assistant {
         Ok(bot)
     }
 
-    /// Why `prompt`, whose turn came, may no longer be answered (None: it
-    /// may): its author left the chat (or is gone), or the chat's owner
+    /// Whether `prompt`, whose turn came, may still be answered: refused
+    /// when its author left the chat (or is gone), or the chat's owner
     /// removed the bot, turned it off or archived the chat while it waited
     /// ([`Assistant::may_regenerate`]; the chats known to is_prompt may be
-    /// older). Each check is tried again after a transient failure
-    /// ([`Settings::retry`]); the error is the last one's.
-    async fn turn_refused(&self, prompt: &mpb::Message) -> Result<Option<String>, Status> {
+    /// older); else the lowest members version the two checks saw, which
+    /// the reply's StartReply carries (`members_version`): a departure
+    /// recorded after these checks (the bot's, the author's) refuses the
+    /// start in its write. Each check is tried again after a transient
+    /// failure ([`Settings::retry`]); the error is the last one's.
+    async fn turn_refused(&self, prompt: &mpb::Message) -> Result<Turn, Status> {
         let author = || self.links.chats.check_membership(&prompt.chat_id, &prompt.author_id);
-        if !self.settings.retry.run(&self.shutdown, "CheckMembership", author).await?.member {
-            return Ok(Some("its author left the chat".into()));
+        let author = self.settings.retry.run(&self.shutdown, "CheckMembership", author).await?;
+        if !author.member {
+            return Ok(Turn::Refused("its author left the chat".into()));
         }
         let assistant = || self.may_regenerate(&prompt.chat_id);
         match self.settings.retry.run(&self.shutdown, "CheckMembership", assistant).await {
-            Ok(()) => Ok(None),
-            Err(refused) if refused.code() == tonic::Code::FailedPrecondition => Ok(Some(refused.message().to_owned())),
+            Ok(bot) => Ok(Turn::May(bot.min(author.members_version))),
+            Err(refused) if refused.code() == tonic::Code::FailedPrecondition => {
+                Ok(Turn::Refused(refused.message().to_owned()))
+            }
             Err(status) => Err(status),
         }
+    }
+
+    /// Takes `prompt`'s turn ([`Assistant::turn_refused`]): the members
+    /// version to start its reply with, or None when it is not to be
+    /// answered, which is done here: a prompt refused is read past (not
+    /// answered, nothing of it sent to the model), one whose checks failed
+    /// transiently is held (`owner`, its StartReply calls' token if any, with
+    /// it), one whose checks failed otherwise is dropped (logged).
+    async fn take_turn(&self, prompt: &mpb::Message, owner: Option<String>) -> Option<i64> {
+        match self.turn_refused(prompt).await {
+            Ok(Turn::May(version)) => Some(version),
+            Ok(Turn::Refused(why)) => {
+                tracing::info!(chat_id = %prompt.chat_id, prompt = %prompt.id, why = %why, "a prompt may no longer be answered at its turn; not answered");
+                self.read_past(prompt).await;
+                None
+            }
+            Err(status) if is_transient(&status) => {
+                tracing::warn!(prompt = %prompt.id, error = %status.message(), "cannot check a prompt's chat; left unread");
+                self.hold(prompt, owner);
+                None
+            }
+            Err(status) => {
+                tracing::warn!(prompt = %prompt.id, error = %status.message(), "cannot check a prompt's chat");
+                None
+            }
+        }
+    }
+
+    /// After a StartReply of `prompt` refused as stale (MEMBERS_CHANGED: a
+    /// departure, a loss of rights or the chat's deletion was recorded
+    /// after the checks whose version it carried): the first time
+    /// (`rechecked` false, then set), takes the prompt's turn again,
+    /// afresh ([`Assistant::take_turn`]: the bot or the author taken out
+    /// meanwhile, the prompt is read past, not answered); the second time
+    /// the members changed again meanwhile, and the prompt is held
+    /// (`owner` with it), to be replayed. Some: the version to start again
+    /// with.
+    async fn recheck(&self, prompt: &mpb::Message, rechecked: &mut bool, owner: Option<String>) -> Option<i64> {
+        if std::mem::replace(rechecked, true) {
+            tracing::info!(chat_id = %prompt.chat_id, prompt = %prompt.id, "the chat's members changed again while a reply was starting; left unread");
+            self.hold(prompt, owner);
+            return None;
+        }
+        self.take_turn(prompt, owner).await
     }
 
     /// Refuses a Regenerate in `chat` (FAILED_PRECONDITION) where Ask would
     /// refuse a prompt ([`Assistant::answering_in`]), and in an archived
     /// chat, where nobody may send: the owner who removed the bot or
     /// turned it off meant the chat's messages to stop going to the model.
-    async fn may_regenerate(&self, chat: &str) -> Result<(), Status> {
-        if self.answering_in(chat).await?.archived {
+    /// Returns the chat's members version the bot's check saw.
+    async fn may_regenerate(&self, chat: &str) -> Result<i64, Status> {
+        let bot = self.answering_in(chat).await?;
+        if bot.archived {
             return Err(Status::failed_precondition("the chat is archived"));
         }
-        Ok(())
+        Ok(bot.members_version)
     }
 
     /// The message with id `id`, if any.
@@ -1924,13 +2089,16 @@ impl Assistant {
     ) -> Result<(mpb::Message, mpb::Message), Status> {
         let membership = self.member(chat, caller).await?;
         let sight = Sight::of(&membership);
-        let Some(request_id) = request_id else { return self.regenerate_anew(caller, chat, edit, None, sight).await };
+        let checked = membership.members_version;
+        let Some(request_id) = request_id else {
+            return self.regenerate_anew(caller, chat, edit, None, sight, checked).await;
+        };
         let reply_id = self.settings.reply_ids.regenerated(chat, caller, request_id);
         // A retry: what the first call started, whatever happened since.
         if let Some((reply, prompt)) = self.regenerated(chat, &reply_id).await? {
             return Ok((moderated(reply, caller, sight), prompt));
         }
-        match self.regenerate_anew(caller, chat, edit, Some(&reply_id), sight).await {
+        match self.regenerate_anew(caller, chat, edit, Some(&reply_id), sight, checked).await {
             // Refused (the reply generating, a newer reply, the lane busy,
             // the rate spent) because the first call started it meanwhile:
             // a retry that raced it gets what it started.
@@ -1943,7 +2111,8 @@ impl Assistant {
     }
 
     /// [`Assistant::regenerate`] once no reply of its request id
-    /// (`reply_id`) has been started: checks and starts one.
+    /// (`reply_id`) has been started: checks and starts one. `checked` is
+    /// the members version the caller's membership check saw.
     async fn regenerate_anew(
         self: &Arc<Self>,
         caller: &str,
@@ -1951,8 +2120,9 @@ impl Assistant {
         edit: Option<String>,
         reply_id: Option<&str>,
         sight: Sight,
+        checked: i64,
     ) -> Result<(mpb::Message, mpb::Message), Status> {
-        self.may_regenerate(chat).await?;
+        let checked = self.may_regenerate(chat).await?.min(checked);
         self.reply_rate.check(&caller.to_owned())?;
         let recent = self.links.messages.recent_messages(chat, 50, 0).await?;
         let latest = recent
@@ -2026,6 +2196,7 @@ impl Assistant {
             reply_id.map(str::to_owned),
             prompt,
             latest,
+            checked,
         );
         match self.tasks.spawn(start).await {
             Ok(started) => started.map(|(reply, prompt)| (moderated(reply, caller, sight), prompt)),
@@ -2038,6 +2209,16 @@ impl Assistant {
     /// prompt (`edit`), starts the new reply (id `reply_id`, else a new
     /// one) and hands the lane to its generation, or gives the lane back
     /// when nothing started. Answers (reply, prompt), the reply unmoderated.
+    ///
+    /// The start carries `checked`, the lowest members version the caller's
+    /// and the bot's checks saw: refused as stale (the bot, the caller or
+    /// any member taken out, or the chat deleted, since), both are checked
+    /// again, afresh, once, and the start tried again with the version they
+    /// see; a check that refuses now (the bot removed: FAILED_PRECONDITION;
+    /// the caller: PERMISSION_DENIED) fails the Regenerate, and the members
+    /// changed again meanwhile ABORTED. Nothing was started then: the
+    /// replaced reply stays as it was.
+    #[expect(clippy::too_many_arguments, reason = "the state Regenerate carries from its checks to its start")]
     async fn start_regenerated(
         self: Arc<Self>,
         chat: String,
@@ -2046,6 +2227,7 @@ impl Assistant {
         reply_id: Option<String>,
         prompt: mpb::Message,
         latest: mpb::Message,
+        checked: i64,
     ) -> Result<(mpb::Message, mpb::Message), Status> {
         let chat = chat.as_str();
         let prompt_id = prompt.id.clone();
@@ -2074,13 +2256,28 @@ impl Assistant {
             // token: one that committed with its answer lost is then
             // answered as created (GENERATING, this call's own start), and
             // generated here, not left to the sweeper.
-            let request = mpb::StartReplyRequest {
+            let mut request = mpb::StartReplyRequest {
                 owner: Uuid::new_v4().to_string(),
+                members_version: Some(checked),
                 ..self.start_request(&prompt, id, &latest.id)
             };
-            let start = || self.links.messages.start_reply(request.clone());
-            let (reply, created) = self.settings.retry.run(&self.shutdown, "StartReply", start).await?;
-            Ok::<_, Status>((reply, prompt, created))
+            let mut rechecked = false;
+            loop {
+                let start = || self.links.messages.start_reply(request.clone());
+                match self.settings.retry.run(&self.shutdown, "StartReply", start).await {
+                    Ok((reply, created)) => return Ok::<_, Status>((reply, prompt, created)),
+                    Err(status) if natter_kit::error::is_members_changed(&status) => {
+                        if std::mem::replace(&mut rechecked, true) {
+                            return Err(Status::aborted(
+                                "the chat's members changed while the reply was starting: regenerate again",
+                            ));
+                        }
+                        let caller_checked = self.member(chat, &caller).await?.members_version;
+                        request.members_version = Some(self.may_regenerate(chat).await?.min(caller_checked));
+                    }
+                    Err(status) => return Err(status),
+                }
+            }
         }
         .await;
         match started {
@@ -2173,7 +2370,7 @@ impl Assistant {
             return Ok(moderated(reply, caller, sight));
         }
         let mut finished = self.finished.subscribe();
-        let local = self.state().running.get(reply_id).cloned();
+        let local = self.state().running.get(reply_id).map(|r| r.stop.clone());
         let flagged = self.links.messages.stop_reply(reply_id).await?;
         if is_finished(&flagged) {
             return Ok(moderated(flagged, caller, sight));

@@ -76,6 +76,13 @@ pub enum MessagesError {
         /// Where the failure became a service error (the `?` that converted it).
         origin: &'static std::panic::Location<'static>,
     },
+    /// A write whose caller checked the memberships itself and sent the
+    /// members version it saw (StartReply) found a departure, a loss of
+    /// rights or the chat's deletion recorded since: ABORTED with the
+    /// ErrorInfo reason `MEMBERS_CHANGED` ([`natter_kit::error::members_changed`]),
+    /// so the caller checks again, afresh, and writes again.
+    #[error("{0}")]
+    MembersChanged(&'static str),
     /// The caller holds as many open streams as allowed on this process
     /// (RESOURCE_EXHAUSTED with RetryInfo).
     #[error("too many open streams (at most {limit} per user)")]
@@ -120,6 +127,7 @@ impl From<MessagesError> for Status {
                 quota(format!("chat:{chat}"), "holds the most pinned messages allowed", &e)
             }
             MessagesError::Aborted(_) => Status::aborted(e.to_string()),
+            MessagesError::MembersChanged(why) => natter_kit::error::members_changed(why),
             MessagesError::Limited(limited) => limited.into(),
             MessagesError::MessageIdTaken => Status::already_exists(e.to_string()),
             MessagesError::TooManyStreams { retry_after, .. } => {

@@ -1228,6 +1228,8 @@ impl MessageInternalService for MessageInternalApi {
                 }
             },
             owner: start_owner(&r.owner)?,
+            // Unset: a caller of an earlier release, which compares nothing.
+            members_version: r.members_version,
         };
         let (message, created) = self.messages.start_reply(reply).await?;
         Ok(Response::new(pb::StartReplyResponse { message: Some(message_pb(message, Vec::new())), created }))

@@ -323,6 +323,12 @@ impl Messages {
     /// changed again after it was checked afresh.
     pub const MEMBERS_CHANGED: &'static str = "the chat's members changed while the change was on its way: retry";
 
+    /// The refusal of a reply's start whose checks (the caller's) came
+    /// before a departure, a loss of rights or the chat's deletion recorded
+    /// since ([`Started::Stale`]).
+    pub const REPLY_MEMBERS_CHANGED: &'static str =
+        "the chat's members changed after the reply's membership checks: check again";
+
     /// The refusal of a send, an edit, a reaction, a pin or a typing
     /// indicator in a direct chat closed by a block (as checked, or as read
     /// in the write).
@@ -1425,7 +1431,10 @@ impl Messages {
     /// Errors: NOT_FOUND (no such prompt in the chat), FAILED_PRECONDITION
     /// (the prompt is deleted), FAILED_PRECONDITION
     /// (the replaced message is no reply of the chat), ALREADY_EXISTS (the
-    /// id is another message's).
+    /// id is another message's), [`MessagesError::MembersChanged`] (the
+    /// chat's members changed after the caller's checks,
+    /// [`NewReply::members_version`]: nothing written), PERMISSION_DENIED (a
+    /// direct chat closed by a block, [`Messages::BLOCKED`]).
     pub async fn start_reply(&self, reply: NewReply) -> Result<(Message, bool), MessagesError> {
         let (chat, author) = (reply.chat_id, reply.author_id);
         match self.store.start_reply(&reply).await? {
@@ -1453,12 +1462,25 @@ impl Messages {
             Started::PromptDeleted => Err(MessagesError::Precondition("prompt is deleted")),
             Started::NotAReply => Err(MessagesError::Precondition("the replaced message is no reply of this chat")),
             Started::Busy(_) => Err(MessagesError::Aborted("another reply of this chat is being generated")),
+            // A departure (the assistant's own, the prompt author's, any
+            // member's), a loss of rights or the chat's purge recorded after
+            // the caller's checks: the caller checks again (it made them).
+            Started::Stale => Err(MessagesError::MembersChanged(Self::REPLY_MEMBERS_CHANGED)),
+            Started::Closed => Err(MessagesError::Denied(Self::BLOCKED)),
         }
     }
 
     /// Internal: publishes pieces of a reply being generated to its chat's
     /// streams (not its author's) and, with `checkpoint`, stores the text so
-    /// far; answers whether a stop was asked for.
+    /// far; answers whether a stop was asked for, or, at a checkpoint,
+    /// whether the reply's author may no longer write in the chat
+    /// (the reply's author removed or left, the chat deleted, or a
+    /// direct chat closed by a block), whose stop flag is then set as
+    /// [`Messages::stop_reply`] sets it. So a reply whose assistant is
+    /// taken out of the chat while it is written ends STOPPED at its next
+    /// checkpoint (about a second), whichever replica generates it and
+    /// whether or not that replica heard of the removal; the assistant
+    /// that hears it stops at once.
     ///
     /// Errors: FAILED_PRECONDITION when a checkpoint finds the reply no
     /// longer GENERATING.
@@ -1474,13 +1496,35 @@ impl Messages {
             let event = BusEvent::new(chat, grpc::delta_event(chat, delta)).concerning(author);
             self.bus.publish(Topic::Chat(chat.0), Arc::new(event));
         }
-        match checkpoint {
-            Some(text) => self
-                .checkpoints
-                .checkpoint(crate::store::Checkpoint { id, text: Some(text) })
-                .await?
-                .ok_or(MessagesError::Precondition("the reply is no longer generating")),
-            None => Ok(false),
+        let Some(text) = checkpoint else { return Ok(false) };
+        let stop = self
+            .checkpoints
+            .checkpoint(crate::store::Checkpoint { id, text: Some(text) })
+            .await?
+            .ok_or(MessagesError::Precondition("the reply is no longer generating"))?;
+        if stop {
+            return Ok(true);
+        }
+        if self.author_gone(chat, author).await {
+            tracing::info!(chat_id = %chat, reply = %id, "a reply's author is no longer a member of its chat: stopping it");
+            self.store.stop_reply(id).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Whether `author` may no longer write in `chat`: no member of it (or
+    /// the chat deleted), or the chat is a direct chat closed by a block,
+    /// by the same kept CheckMembership a send reads (any change of the
+    /// chat drops it). A check that fails (the chats service out of reach)
+    /// says no: the reply goes on, and the next checkpoint asks again.
+    async fn author_gone(&self, chat: ChatId, author: UserId) -> bool {
+        match self.chats.check_membership(&chat.to_string(), &author.to_string()).await {
+            Ok(m) => !m.chat_exists || !m.member || m.blocked,
+            Err(status) => {
+                tracing::debug!(chat_id = %chat, error = %status.message(), "cannot check a reply's author");
+                false
+            }
         }
     }
 

@@ -2075,6 +2075,7 @@ mod tests {
             now: natter_kit::time::now_micros(),
             finished: None,
             owner: None,
+            members_version: None,
         };
         store.insert_batch(&[prompt]).await.unwrap();
         assert!(matches!(store.start_reply(&reply).await.unwrap(), crate::store::Started::Created(..)));
@@ -2091,6 +2092,43 @@ mod tests {
             Some(false)
         );
         reply.id
+    }
+
+    /// A reply whose author (the assistant) is taken out of its chat while
+    /// it is written is told to stop at its next checkpoint, whichever
+    /// replica generates it and whether or not that one heard of the
+    /// removal: the stop flag is set as StopReply sets it, so every later
+    /// checkpoint answers it too. An update without a checkpoint (deltas
+    /// only) asks nothing.
+    #[tokio::test]
+    async fn a_checkpoint_of_a_reply_whose_author_was_taken_out_answers_stop() {
+        let h = Harness::start().await;
+        let store = h.messages.store();
+        let prompt = h.unannounced("prompt");
+        store.insert_batch(std::slice::from_ref(&prompt)).await.unwrap();
+        let (chat, author) = (ChatId(h.chat), UserId(h.member));
+        let reply = crate::store::NewReply {
+            id: MessageId::new_v7(),
+            chat_id: chat,
+            author_id: author,
+            prompt: prompt.id,
+            replaces: None,
+            now: natter_kit::time::now_micros(),
+            finished: None,
+            owner: None,
+            members_version: Some(0),
+        };
+        assert!(matches!(store.start_reply(&reply).await.unwrap(), crate::store::Started::Created(..)));
+        let update =
+            |text: Option<&str>| h.messages.update_reply(chat, reply.id, author, Vec::new(), text.map(str::to_owned));
+        assert!(!update(Some("so far")).await.unwrap(), "a member's reply goes on");
+        h.directory.members.lock().unwrap().remove(&(h.chat, h.member));
+        assert!(!update(None).await.unwrap(), "deltas only: nothing asked");
+        assert!(update(Some("so far, and more")).await.unwrap(), "its author is no member: stop");
+        let stored = store.message(reply.id).await.unwrap().unwrap();
+        assert!(stored.reply.as_ref().is_some_and(|r| r.stop_requested), "the stop flag is set: {stored:?}");
+        assert_eq!(stored.text, "so far, and more", "the text so far is kept");
+        assert!(update(Some("so far, and more")).await.unwrap(), "and answered again");
     }
 
     /// The reply among `events`: its text and status.

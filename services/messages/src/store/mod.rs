@@ -690,6 +690,16 @@ pub struct NewReply {
     /// same owner while the reply is GENERATING is [`Started::Resumed`].
     /// None never matches.
     pub owner: Option<String>,
+    /// The chat's members version the caller's membership checks saw
+    /// (StartReplyRequest.members_version: the lowest of the assistant's
+    /// and the prompt author's CheckMembership `members_version`): the
+    /// start is refused ([`Started::Stale`]) when a later departure, loss
+    /// of rights or the chat's purge is recorded
+    /// ([`MessageStore::record_departure`], [`DELETED_MEMBERS_VERSION`]),
+    /// as a send's write refuses one ([`NewMessage::members_version`]).
+    /// None (a caller of an earlier release, which sends none) compares
+    /// nothing.
+    pub members_version: Option<i64>,
 }
 
 /// Outcome of [`MessageStore::delete_with_replies`].
@@ -746,6 +756,18 @@ pub enum Started {
     /// Another reply of the chat is GENERATING (its id): one at a time per
     /// chat, whichever assistant replica starts it. Nothing written.
     Busy(MessageId),
+    /// A member left the chat or was removed (the assistant itself, or the
+    /// prompt's author), someone lost rights, or the chat was deleted,
+    /// after the caller's membership checks ([`NewReply::members_version`]
+    /// is below the version recorded, as read where the start takes its
+    /// seq); nothing written, no seq taken. Check again, afresh, and start
+    /// again.
+    Stale,
+    /// The chat is a direct chat closed by a block
+    /// ([`MessageStore::close_direct_chat`]), as read where the start takes
+    /// its seq: it takes no new messages, replies included. Nothing
+    /// written.
+    Closed,
 }
 
 /// A member's report of a message (`message_reports`).
@@ -1634,7 +1656,14 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// does a chat with another reply GENERATING
     /// ([`Started::Busy`]), checked under the chat's heads lock so two
     /// replicas cannot both start one. A reply created finished
-    /// ([`NewReply::finished`]) skips that check.
+    /// ([`NewReply::finished`]) skips that check. Nor does a start whose
+    /// [members version](NewReply::members_version) is below the chat's
+    /// recorded one ([`Started::Stale`]), or one in a direct chat closed
+    /// by a block ([`Started::Closed`]): both read on the heads row where
+    /// the seq is taken (PostgreSQL: after its lock, on its latest
+    /// version; SQLite: in the writer's transaction), as a send's write
+    /// reads them, so a departure or a purge recorded before the start
+    /// commits is seen, and one recorded after it waits for it.
     async fn start_reply(&self, reply: &NewReply) -> Result<Started, StoreError>;
 
     /// Stores the text so far of GENERATING replies, in ONE transaction

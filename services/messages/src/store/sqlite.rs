@@ -910,11 +910,20 @@ fn start_reply(conn: &mut Connection, r: &NewReply) -> rusqlite::Result<Started>
         // checkpoint.
         None => ("", Generation::Generating, String::new(), Some(natter_kit::time::now_micros())),
     };
-    let (last_seq, last_change): (i64, i64) = tx
-        .prepare_cached("SELECT last_seq, last_change FROM chat_heads WHERE chat_id = ?1")?
-        .query_row([&chat], |row| Ok((row.get(0)?, row.get(1)?)))
+    // The chat's recorded members version and closure, read in the
+    // writer's transaction: none is recorded between this read and the
+    // commit.
+    let (last_seq, last_change, departed, closed): (i64, i64, i64, bool) = tx
+        .prepare_cached("SELECT last_seq, last_change, members_version, closed FROM chat_heads WHERE chat_id = ?1")?
+        .query_row([&chat], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
         .optional()?
-        .unwrap_or((0, 0));
+        .unwrap_or((0, 0, 0, false));
+    if closed {
+        return Ok(Started::Closed);
+    }
+    if r.members_version.is_some_and(|checked| departed > checked) {
+        return Ok(Started::Stale);
+    }
     let (seq, change) = (last_seq + 1, last_change + 1);
     let reply = tx
         .prepare_cached(concat!(
@@ -2061,6 +2070,7 @@ mod tests {
             now: 2,
             finished: Some((Generation::Complete, "needle reply".into(), GenerationInfo::default())),
             owner: None,
+            members_version: None,
         };
         assert!(matches!(store.start_reply(&reply).await.unwrap(), Started::Created(..)));
         let chats: HashSet<String> = [chat.to_string(), purged.to_string()].into();

@@ -98,6 +98,8 @@ message_store_suite!(
     stale_replies_are_those_whose_checkpoint_is_old_and_checkpoints_renew_them,
     one_reply_generates_at_a_time_per_chat_and_a_refusal_is_not_held_up,
     a_start_retried_by_its_owner_resumes_its_reply_while_it_generates,
+    a_reply_whose_checks_came_before_a_departure_or_a_closure_is_refused_in_its_start,
+    a_start_waiting_on_a_departure_being_recorded_is_refused_once_it_commits,
     read_positions_are_read_in_order,
     a_chat_s_read_positions_are_listed_by_user_a_page_at_a_time,
     a_retry_with_the_same_id_creates_nothing,
@@ -1389,6 +1391,7 @@ fn reply(n: u32, c: u8, prompt: u32, replaces: Option<u32>) -> NewReply {
         now: 5_000 + i64::from(n),
         finished: None,
         owner: None,
+        members_version: None,
     }
 }
 
@@ -1493,6 +1496,67 @@ async fn one_reply_generates_at_a_time_per_chat_and_a_refusal_is_not_held_up(h: 
     // Once the first ends, the next may start.
     h.store.finish_reply(first.id, &fin("", Generation::Complete, &GenerationInfo::default(), false)).await.unwrap();
     assert!(matches!(h.store.start_reply(&reply(13, 1, 2, None)).await.unwrap(), Started::Created(..)));
+}
+
+/// [`reply`] as checked at members version `version` (None: by a caller
+/// of an earlier release, which sends none).
+fn reply_checked_at(r: NewReply, version: Option<i64>) -> NewReply {
+    NewReply { members_version: version, ..r }
+}
+
+/// A reply whose start carries a members version below the one a
+/// departure (the assistant's, its prompt author's, anyone's) or a purge's
+/// mark recorded since is refused where the start takes its seq, finished
+/// refusals too: nothing written, no seq, no change number; one checked at
+/// the recorded version or later starts, and so does one that carries no
+/// version (a caller of an earlier release). A direct chat closed by a
+/// block takes no reply, whatever its version.
+async fn a_reply_whose_checks_came_before_a_departure_or_a_closure_is_refused_in_its_start(h: &Harness) {
+    send(h, &[by(msg(1, 20, 0), 1), by(msg(2, 21, 0), 1), by(msg(3, 22, 0), 1)]).await;
+    let before = h.store.heads(chat(20)).await.unwrap();
+    h.store.record_departure(chat(20), 2).await.unwrap();
+    let stale = reply_checked_at(reply(10, 20, 1, None), Some(1));
+    assert_eq!(h.store.start_reply(&stale).await.unwrap(), Started::Stale);
+    let refusal = GenerationInfo { error: "refused".into(), ..Default::default() };
+    let finished = NewReply { finished: Some((Generation::Failed, "no".into(), refusal)), ..stale.clone() };
+    assert_eq!(h.store.start_reply(&finished).await.unwrap(), Started::Stale, "a refusal created finished too");
+    assert_eq!(h.store.message(id(10)).await.unwrap(), None, "nothing written");
+    assert_eq!(h.store.heads(chat(20)).await.unwrap(), before, "no seq, no change number taken");
+    let (started, _) = created(h.store.start_reply(&reply_checked_at(stale, Some(2))).await.unwrap());
+    assert_eq!(started.seq, Seq(2), "checked at the recorded version: started, no gap");
+
+    // No version: compared with nothing (a rolling upgrade's older caller).
+    h.store.record_departure(chat(21), 5).await.unwrap();
+    assert!(matches!(h.store.start_reply(&reply(11, 21, 2, None)).await.unwrap(), Started::Created(..)));
+    // The chat deleted (a purge's mark, above any version).
+    h.store.record_departure(chat(21), DELETED_MEMBERS_VERSION).await.unwrap();
+    let late = reply_checked_at(reply(12, 21, 2, None), Some(5));
+    let late = NewReply { finished: Some((Generation::Failed, String::new(), GenerationInfo::default())), ..late };
+    assert_eq!(h.store.start_reply(&late).await.unwrap(), Started::Stale, "a deleted chat's mark");
+
+    h.store.close_direct_chat(chat(22), true, 1).await.unwrap();
+    let before = h.store.heads(chat(22)).await.unwrap();
+    assert_eq!(h.store.start_reply(&reply_checked_at(reply(13, 22, 3, None), Some(0))).await.unwrap(), Started::Closed);
+    assert_eq!(h.store.start_reply(&reply(13, 22, 3, None)).await.unwrap(), Started::Closed, "with no version too");
+    assert_eq!(h.store.heads(chat(22)).await.unwrap(), before);
+    h.store.close_direct_chat(chat(22), false, 2).await.unwrap();
+    assert!(matches!(h.store.start_reply(&reply(13, 22, 3, None)).await.unwrap(), Started::Created(..)), "reopened");
+}
+
+/// PostgreSQL, two transactions by hand: a reply's start that reaches the
+/// chat's heads while a departure from the chat is being recorded (its
+/// transaction holds the heads row) waits for it, then reads the
+/// committed members version and is refused: no seq taken.
+async fn a_start_waiting_on_a_departure_being_recorded_is_refused_once_it_commits(h: &Harness) {
+    send(h, &[by(msg(1, 23, 0), 1)]).await;
+    let departure = sqlx::query(RECORD_DEPARTURE).bind(chat(23).to_string()).bind(1_i64);
+    let start = reply_checked_at(reply(2, 23, 1, None), Some(0));
+    let Some(out) = write_behind(h, departure, |store| async move { store.start_reply(&start).await.unwrap() }).await
+    else {
+        return;
+    };
+    assert_eq!(out, Started::Stale, "the start read the departure committed while it waited");
+    assert_eq!(h.store.head(chat(23)).await.unwrap(), Seq(1));
 }
 
 async fn a_start_retried_by_its_owner_resumes_its_reply_while_it_generates(h: &Harness) {

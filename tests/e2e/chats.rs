@@ -27,6 +27,8 @@ crate::both_modes!(
     a_pin_or_a_moderation_checked_before_a_demotion_is_refused_where_it_is_written,
     a_deletion_read_marker_or_report_checked_before_a_removal_is_refused_where_it_is_written,
     an_edit_reaction_or_pin_checked_before_a_block_is_refused_where_it_is_written,
+    a_send_edit_reaction_or_pin_checked_before_an_archive_is_refused_where_it_is_written,
+    a_resolve_checked_before_a_demotion_is_refused_where_it_is_written,
 );
 
 pub(crate) async fn direct(c: &Cluster, a: &TestUser, b: &TestUser) -> cpb::Chat {
@@ -492,7 +494,7 @@ async fn a_send_checked_before_a_removal_is_refused_where_it_is_written(c: &Clus
     c.undo_departure_silently(&chat.id, &bob.id).await;
     let refused = try_send(c, &bob, &chat.id, "still here?").await.unwrap_err();
     assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
-    assert_eq!(refused.message(), "the chat's members changed while the message was on its way: retry");
+    assert_eq!(refused.message(), "the chat's members or their roles changed while the message was on its way: retry");
     let listed = mpb::ListMessagesRequest { chat_id: chat.id.clone(), ..Default::default() };
     let listed = c.messages().list_messages(authed(&alice, listed)).await.unwrap().into_inner().messages;
     assert_eq!(listed.len(), 1, "nothing stored after the removal");
@@ -527,6 +529,19 @@ async fn a_send_checked_before_a_chat_s_deletion_is_refused_where_it_is_written(
     c.undo_deletion_silently(&chat).await;
     let refused = try_send(c, &bob, &chat, "anyone?").await.unwrap_err();
     assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    // A reply, or a thread reply, to a message the purge took: the
+    // deleted chat answers first, not the missing message.
+    let replies = [(1, 0), (0, 1)].map(|(reply_to_seq, thread_root_seq)| mpb::SendMessageRequest {
+        chat_id: chat.clone(),
+        text: "re: hello".into(),
+        reply_to_seq,
+        thread_root_seq,
+        ..Default::default()
+    });
+    for reply in replies {
+        let refused = c.messages().send_message(authed(&bob, reply)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    }
     assert_eq!(c.count_in_store("messages", &stored).await, 0, "nothing stored in the deleted chat");
 
     // Deleted again through the API: the store tells the truth.
@@ -560,7 +575,7 @@ async fn remove_then_undo(c: &Cluster, owner: &TestUser, chat: &str, user: &Test
 /// afresh, both came before a departure the messages service recorded.
 fn assert_members_changed(refused: &tonic::Status) {
     assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
-    assert_eq!(refused.message(), "the chat's members changed while the change was on its way: retry");
+    assert_eq!(refused.message(), "the chat's members or their roles changed while the change was on its way: retry");
 }
 
 /// An edit whose membership check (a member) came before RemoveMember and
@@ -765,6 +780,90 @@ async fn an_edit_reaction_or_pin_checked_before_a_block_is_refused_where_it_is_w
 
 /// Removes `user` from `chat` through the API (by `owner`); after
 /// [`remove_then_undo`], the store tells the truth again.
+/// ArchiveChat (`archive`) or UnarchiveChat of `chat` by `user`.
+async fn set_archived(c: &Cluster, user: &TestUser, chat: &str, archive: bool) {
+    if archive {
+        c.chats().archive_chat(authed(user, cpb::ArchiveChatRequest { chat_id: chat.to_owned() })).await.unwrap();
+    } else {
+        c.chats().unarchive_chat(authed(user, cpb::UnarchiveChatRequest { chat_id: chat.to_owned() })).await.unwrap();
+    }
+}
+
+/// A send, an edit, a reaction added or a pin whose membership check (not
+/// archived) came before ArchiveChat and whose write comes after it
+/// answered is refused in the write, as one checked after the archive is:
+/// the messages service has the chat archived before ArchiveChat answers,
+/// and those writes read it where they take their seq or change number.
+/// The check is made to answer "not archived" by taking the archive back
+/// behind the services' backs (what a check taken before the archive
+/// answered). A reaction taken back goes through (it adds nothing), and so
+/// does a deletion (open in an archived chat). Unarchived through the API,
+/// the chat takes messages again.
+async fn a_send_edit_reaction_or_pin_checked_before_an_archive_is_refused_where_it_is_written(c: &Cluster) {
+    let (alice, bob, _, chat, [hello, hi]) = group_with_bob(c).await;
+    let thumbs = || mpb::AddReactionRequest { message_id: hi.id.clone(), emoji: "👍".into() };
+    c.messages().add_reaction(authed(&bob, thumbs())).await.unwrap();
+
+    set_archived(c, &alice, &chat, true).await;
+    c.unarchive_silently(&chat).await;
+    let assert_archived = |refused: tonic::Status| {
+        assert_eq!((refused.code(), refused.message()), (Code::FailedPrecondition, "chat is archived"), "{refused:?}");
+    };
+    assert_archived(try_send(c, &bob, &chat, "anyone?").await.unwrap_err());
+    let edit = mpb::EditMessageRequest { message_id: hello.id.clone(), text: "edited after the archive".into() };
+    assert_archived(c.messages().edit_message(authed(&bob, edit)).await.unwrap_err());
+    let party = mpb::AddReactionRequest { message_id: hi.id.clone(), emoji: "🎉".into() };
+    assert_archived(c.messages().add_reaction(authed(&bob, party)).await.unwrap_err());
+    let pin = mpb::PinMessageRequest { message_id: hi.id.clone() };
+    assert_archived(c.messages().pin_message(authed(&alice, pin)).await.unwrap_err());
+    let take_back = mpb::RemoveReactionRequest { message_id: hi.id.clone(), emoji: "👍".into() };
+    c.messages().remove_reaction(authed(&bob, take_back)).await.expect("a reaction taken back");
+    let listed = mpb::ListMessagesRequest { chat_id: chat.clone(), ..Default::default() };
+    let listed = c.messages().list_messages(authed(&alice, listed)).await.unwrap().into_inner().messages;
+    let texts: Vec<_> = listed.iter().map(|m| (m.text.as_str(), m.revision, m.pin_time.is_some())).collect();
+    assert_eq!(texts, [("hi bob", 1, false), ("hello all", 1, false)], "nothing stored, edited or pinned");
+    assert!(listed[0].reactions.is_empty(), "no reaction added");
+
+    // Archived again and unarchived through the API: open again.
+    set_archived(c, &alice, &chat, true).await;
+    set_archived(c, &alice, &chat, false).await;
+    assert_eq!(send(c, &bob, &chat, "back again").await.seq, 3, "no seq taken by the refused send");
+}
+
+/// A ResolveReport by an admin whose check came before an UpdateMember
+/// that demoted them, and whose write comes after it answered, is refused
+/// in the write: the report stays open. Made as
+/// `a_pin_or_a_moderation_checked_before_a_demotion_is_refused_where_it_is_written`
+/// (the check kept saying "admin, as of before", also afresh: ABORTED);
+/// once the store tells the truth, the demoted member is told what any
+/// plain member is, and the owner resolves the report still open.
+async fn a_resolve_checked_before_a_demotion_is_refused_where_it_is_written(c: &Cluster) {
+    let (alice, bob, carol, chat, _) = group_with_bob(c).await;
+    let spam = send(c, &carol, &chat, "spam").await;
+    let report = mpb::ReportMessageRequest {
+        message_id: spam.id.clone(),
+        reason: mpb::ReportReason::Spam as i32,
+        comment: String::new(),
+    };
+    c.messages().report_message(authed(&alice, report)).await.unwrap();
+    set_role(c, &alice, &chat, &bob, cpb::MemberRole::Admin).await;
+
+    set_role(c, &alice, &chat, &bob, cpb::MemberRole::Member).await;
+    c.undo_demotion_silently(&chat, &bob.id, "admin").await;
+    let resolve = || mpb::ResolveReportRequest { message_id: spam.id.clone() };
+    assert_members_changed(&c.messages().resolve_report(authed(&bob, resolve())).await.unwrap_err());
+    let open = "SELECT COUNT(*) FROM message_reports WHERE resolve_time IS NULL";
+    assert_eq!(c.count_in_store("messages", open).await, 1, "the report stays open");
+
+    // Demoted again through the API: the store tells the truth.
+    set_role(c, &alice, &chat, &bob, cpb::MemberRole::Member).await;
+    let refused = c.messages().resolve_report(authed(&bob, resolve())).await.unwrap_err();
+    let only_moderators = "only the chat's owner, an admin or staff may resolve reports";
+    assert_eq!((refused.code(), refused.message()), (Code::PermissionDenied, only_moderators));
+    let resolved = c.messages().resolve_report(authed(&alice, resolve())).await.unwrap().into_inner();
+    assert_eq!(resolved.resolved, 1, "still open for the owner");
+}
+
 async fn remove_again(c: &Cluster, owner: &TestUser, chat: &str, user: &TestUser) {
     let remove = cpb::RemoveMemberRequest { chat_id: chat.to_owned(), user_id: user.id.clone() };
     c.chats().remove_member(authed(owner, remove)).await.unwrap();

@@ -93,6 +93,26 @@ pub(crate) type Deps = (Arc<dyn UserDirectory>, Arc<dyn MessageDirectory>);
 /// Outbox entries read at a time.
 const RELAY_BATCH: u32 = 100;
 
+/// What an earlier release left without a version, which the relay's start
+/// versions once ([`Chats::version_old`]).
+#[derive(Clone, Copy, Debug)]
+enum Old {
+    /// Direct chats blocked before closures ([`ChatStore::version_old_blocks`]).
+    Blocks,
+    /// Chats archived before archived states ([`ChatStore::version_old_archives`]).
+    Archives,
+}
+
+impl Old {
+    /// What its states are, for the logs.
+    fn what(self) -> &'static str {
+        match self {
+            Self::Blocks => "closures of direct chats blocked before closures",
+            Self::Archives => "archived states of chats archived before archived states",
+        }
+    }
+}
+
 /// How often the relay looks for outbox entries left behind (by a failed
 /// call, a crash, or another replica): one indexed read of an (almost
 /// always) empty table.
@@ -475,10 +495,11 @@ impl Chats {
     /// error: repeating it would block the chat's later changes for good.
     /// Neither failure reaches the caller: its change is committed, and an
     /// error would only make it retry into a no-op. (BlockUser,
-    /// UnblockUser, RemoveMember and UpdateMember are the exception: their
-    /// callers hear of an entry left for later, see `deliver_now`, as a
-    /// block, a departure or a loss of rights must hold for writes on their
-    /// way once it answers.)
+    /// UnblockUser, RemoveMember, UpdateMember, ArchiveChat and
+    /// UnarchiveChat are the exception: their callers hear of an entry left
+    /// for later, see `deliver_now`, as a block, a departure, a loss of
+    /// rights or an archive must hold for writes on their way once it
+    /// answers.)
     #[tracing::instrument(skip_all, fields(chat_id = %chat_id))]
     async fn deliver(&self, chat_id: ChatId) -> bool {
         loop {
@@ -583,12 +604,15 @@ impl Chats {
     /// the current tokio runtime, until [`Chats::close`] (or the last
     /// `Arc` is dropped). First, once, it puts in the outbox the closures
     /// of direct chats blocked under an earlier release
-    /// ([`ChatStore::version_old_blocks`]), which its first round records.
+    /// ([`ChatStore::version_old_blocks`]) and the archived states of chats
+    /// archived under one ([`ChatStore::version_old_archives`]), which its
+    /// first round records.
     pub fn start_relay(self: &Arc<Self>, every: std::time::Duration) {
         let chats = Arc::downgrade(self);
         let task = tokio::spawn(async move {
             if let Some(chats) = chats.upgrade() {
-                chats.version_old_blocks().await;
+                chats.version_old(Old::Blocks).await;
+                chats.version_old(Old::Archives).await;
             }
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -606,13 +630,20 @@ impl Chats {
 
     /// Puts in the outbox, for the relay to record, the closures of the
     /// direct chats blocked under a release before closures existed
-    /// ([`ChatStore::version_old_blocks`]), so that their blocks hold for
-    /// sends on their way as new ones do. Once at the relay's start; a
-    /// failure is logged (those chats' sends are still checked as before).
-    async fn version_old_blocks(&self) {
+    /// ([`ChatStore::version_old_blocks`]), or the archived states of the
+    /// chats archived under a release before those
+    /// ([`ChatStore::version_old_archives`]), so that their blocks (their
+    /// archives) hold for writes on their way as new ones do. Once at the
+    /// relay's start; a failure is logged (those chats' writes are still
+    /// checked as before).
+    async fn version_old(&self, old: Old) {
         let mut total = 0;
         loop {
-            match self.store.version_old_blocks(now_micros(), RELAY_BATCH).await {
+            let found = match old {
+                Old::Blocks => self.store.version_old_blocks(now_micros(), RELAY_BATCH).await,
+                Old::Archives => self.store.version_old_archives(now_micros(), RELAY_BATCH).await,
+            };
+            match found {
                 Ok(found) => {
                     total += found;
                     if found < RELAY_BATCH as usize {
@@ -620,13 +651,13 @@ impl Chats {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "recording the closures of chats blocked before closures failed");
+                    tracing::warn!(error = %e, what = old.what(), "putting old states in the outbox failed");
                     return;
                 }
             }
         }
         if total > 0 {
-            tracing::info!(chats = total, "closures of direct chats blocked before closures put in the outbox");
+            tracing::info!(chats = total, what = old.what(), "old states put in the outbox");
         }
     }
 
@@ -726,7 +757,15 @@ impl Chats {
     }
 
     /// ArchiveChat / UnarchiveChat (owner or admin; either member of a
-    /// direct chat). Idempotent.
+    /// direct chat). Idempotent. It answers once the messages service has
+    /// recorded the chat's archived state, which the writes that add to the
+    /// chat read (a send, an edit, a reaction added, a pin): none whose
+    /// membership check came before the archive is stored after it answers.
+    ///
+    /// Errors: as ArchiveChat in chats.proto, and UNAVAILABLE when the
+    /// change is committed but could not be recorded yet (the relay
+    /// records it later; a retry, which changes nothing more, records it
+    /// now).
     pub async fn set_archived(&self, caller: UserId, chat_id: ChatId, archived: bool) -> Result<ChatView, ChatsError> {
         self.change_rate.check(&caller)?;
         let (chat, role) = self.manager(caller, chat_id).await?;
@@ -743,9 +782,8 @@ impl Chats {
             chat
         };
         self.evict(chat.id).await;
-        if changes {
-            self.deliver(chat.id).await;
-        }
+        // A repeat too: a retry after UNAVAILABLE records what is left.
+        self.deliver_now(chat.id).await?;
         self.view(caller, ChatAccess { chat, role: Some(role) }).await
     }
 
@@ -1469,7 +1507,8 @@ impl Chats {
 
     /// After a change every write of the messages service must see once
     /// its call answers (the members version of a departure or of a loss of
-    /// rights, a block's closure: committed, in the outbox): records
+    /// rights, a block's closure, an archived state: committed, in the
+    /// outbox): records
     /// `chat_id`'s outbox with the messages service ([`Chats::deliver`]), so
     /// a write whose membership was checked before the change is refused.
     ///
@@ -1839,7 +1878,7 @@ mod tests {
 
     use super::*;
     use crate::store::sqlite::SqliteChatStore;
-    use crate::store::{OUTBOX_ENTRY_CHANGES, direct_chat_closed, members_departed, membership};
+    use crate::store::{OUTBOX_ENTRY_CHANGES, chat_archived, direct_chat_closed, members_departed, membership};
 
     /// Every user asked about exists.
     struct AnyUser;
@@ -2360,15 +2399,17 @@ mod tests {
 
         h.chats.set_archived(b, chat.id, true).await.unwrap();
         let calls = h.messages.take();
-        let [(_, changes)] = &calls[..] else { panic!("one call: {calls:?}") };
+        let [(_, changes), (_, state)] = &calls[..] else { panic!("two calls: {calls:?}") };
         let (u, mask) = updated(&changes[0]);
         assert_eq!((mask, u.archived, u.title.as_str(), u.public), (vec!["archived"], true, "Renamed", true));
+        assert_eq!(state, &[chat_archived(true, 1)], "then the archived state, in an entry of its own");
         h.chats.set_archived(b, chat.id, true).await.unwrap();
         assert_eq!(h.messages.take(), [], "archiving an archived chat changes nothing");
         h.chats.set_archived(b, chat.id, false).await.unwrap();
         let calls = h.messages.take();
-        let [(_, changes)] = &calls[..] else { panic!("one call: {calls:?}") };
+        let [(_, changes), (_, state)] = &calls[..] else { panic!("two calls: {calls:?}") };
         assert_eq!((updated(&changes[0]).1, updated(&changes[0]).0.archived), (vec!["archived"], false));
+        assert_eq!(state, &[chat_archived(false, 2)]);
         h.chats.set_archived(b, chat.id, false).await.unwrap();
         assert_eq!(h.messages.take(), []);
 
@@ -2524,19 +2565,24 @@ mod tests {
         let added = h.chats.add_members(owner, chat.id, vec![b]).await.expect("the join is committed");
         assert_eq!(added.iter().map(|m| m.user_id).collect::<Vec<_>>(), [b]);
         assert!(h.chats.membership(chat.id, b).await.unwrap().unwrap().access.role.is_some(), "b is a member");
-        let archived = h.chats.set_archived(owner, chat.id, true).await.expect("the archive is committed");
-        assert!(archived.chat.archive_time.is_some());
+        // The archive must hold for writes on their way once it answers:
+        // committed, but not answered as done.
+        let failed = h.chats.set_archived(owner, chat.id, true).await.unwrap_err();
+        assert_eq!(tonic::Status::from(failed).code(), tonic::Code::Unavailable);
+        let archived = h.chats.store().chat(chat.id).await.unwrap().unwrap();
+        assert!(archived.archive_time.is_some(), "the archive is committed");
         assert_eq!(h.messages.take(), [], "nothing recorded while messages is down");
-        assert_eq!(h.chats.store().pending(Some(chat.id), 10).await.unwrap().len(), 2, "both kept in the outbox");
+        assert_eq!(h.chats.store().pending(Some(chat.id), 10).await.unwrap().len(), 3, "all kept in the outbox");
 
         h.messages.down.store(false, Ordering::SeqCst);
         h.chats.remove_member(owner, chat.id, b).await.unwrap();
         let calls = h.messages.take();
         let changes: Vec<&mpb::ChatChange> = calls.iter().flat_map(|(_, c)| c).collect();
-        assert_eq!(changes.len(), 4, "{calls:?}");
+        assert_eq!(changes.len(), 5, "{calls:?}");
         assert_eq!(changes[0], &joined(b), "the join first");
         assert_eq!(updated(changes[1]).1, ["archived"], "then the archive");
-        assert_eq!(changes[2], &membership(b, mpb::MembershipChange::Removed), "then the removal");
+        assert_eq!(changes[2], &chat_archived(true, 1), "and its state");
+        assert_eq!(changes[3], &membership(b, mpb::MembershipChange::Removed), "then the removal");
         assert_eq!(h.chats.store().pending(None, 10).await.unwrap(), [], "the outbox is empty");
     }
 

@@ -505,17 +505,27 @@ pub(crate) fn replay_event(chat: ChatId, change: Change, since: i64) -> pb::Stre
 }
 
 /// A change of a RecordChatChanges request kept on the chat's heads row,
-/// not logged: a direct chat's closure (`direct_chat_closed`) or a
-/// departure's members version (`members_departed`).
+/// not logged: a direct chat's closure (`direct_chat_closed`), a
+/// departure's members version (`members_departed`) or a chat's archived
+/// state (`chat_archived`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeadsChange {
     /// The change's place among the request's changes.
     pub index: usize,
     /// 1 or more.
     pub version: i64,
-    /// Some(whether the chat is closed) for a closure, None for a
-    /// departure.
-    pub closed: Option<bool>,
+    pub kind: HeadsKind,
+}
+
+/// What a [`HeadsChange`] records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadsKind {
+    /// Whether the direct chat is closed by a block.
+    Closed(bool),
+    /// Whether the chat is archived.
+    Archived(bool),
+    /// A departure's (or a loss of rights') members version.
+    Departed,
 }
 
 /// The validated chat changes of a RecordChatChanges request: those logged,
@@ -523,8 +533,8 @@ pub struct HeadsChange {
 ///
 /// Errors: INVALID_ARGUMENT for no changes, more than
 /// [`domain::CHAT_CHANGES_MAX`], a change with no event or an unknown
-/// membership change, a malformed user id, a closure's or a departure's
-/// version below 1, or an idempotency key longer than
+/// membership change, a malformed user id, a closure's, a departure's or
+/// an archived state's version below 1, or an idempotency key longer than
 /// [`domain::IDEMPOTENCY_KEY_MAX`] (each naming its field).
 pub fn chat_changes_request(
     r: &pb::RecordChatChangesRequest,
@@ -545,24 +555,31 @@ pub fn chat_changes_request(
         let field = format!("changes[{i}]");
         let heads_change = match &c.change {
             Some(pb::chat_change::Change::DirectChatClosed(c)) => {
-                Some(("direct_chat_closed", HeadsChange { index: i, version: c.version, closed: Some(c.closed) }))
+                Some(("direct_chat_closed", c.version, HeadsKind::Closed(c.closed)))
             }
             Some(pb::chat_change::Change::MembersDeparted(d)) => {
-                Some(("members_departed", HeadsChange { index: i, version: d.version, closed: None }))
+                Some(("members_departed", d.version, HeadsKind::Departed))
+            }
+            Some(pb::chat_change::Change::ChatArchived(a)) => {
+                Some(("chat_archived", a.version, HeadsKind::Archived(a.archived)))
             }
             _ => None,
         };
-        if let Some((name, change)) = heads_change {
-            if change.version < 1 {
+        if let Some((name, version, kind)) = heads_change {
+            if version < 1 {
                 return Err(
                     FieldViolations::single(format!("{field}.{name}.version"), "must be 1 or more").into_status()
                 );
             }
-            kept.push(change);
+            kept.push(HeadsChange { index: i, version, kind });
             continue;
         }
         let change = match &c.change {
-            Some(pb::chat_change::Change::DirectChatClosed(_) | pb::chat_change::Change::MembersDeparted(_)) => {
+            Some(
+                pb::chat_change::Change::DirectChatClosed(_)
+                | pb::chat_change::Change::MembersDeparted(_)
+                | pb::chat_change::Change::ChatArchived(_),
+            ) => {
                 continue;
             }
             Some(pb::chat_change::Change::MembershipChanged(m)) => {
@@ -1094,9 +1111,10 @@ impl MessageInternalService for MessageInternalApi {
         let key = &request.get_ref().idempotency_key;
         let committed = request.get_ref().change_time.as_ref().map(natter_kit::time::micros);
         for change in &kept {
-            match change.closed {
-                Some(closed) => self.messages.close_direct_chat(chat, closed, change.version).await?,
-                None => self.messages.record_departure(chat, change.version).await?,
+            match change.kind {
+                HeadsKind::Closed(closed) => self.messages.close_direct_chat(chat, closed, change.version).await?,
+                HeadsKind::Archived(archived) => self.messages.archive_chat(chat, archived, change.version).await?,
+                HeadsKind::Departed => self.messages.record_departure(chat, change.version).await?,
             }
         }
         let logged = if changes.is_empty() {
@@ -1602,7 +1620,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(changes, [ChatChange::Joined(user)], "a closure is not logged");
-        assert_eq!(kept, [HeadsChange { index: 0, version: 3, closed: Some(true) }]);
+        assert_eq!(kept, [HeadsChange { index: 0, version: 3, kind: HeadsKind::Closed(true) }]);
         assert_eq!(
             fields(&chat_changes_request(&request(vec![closed(false, 0)])).unwrap_err()),
             ["changes[0].direct_chat_closed.version"]
@@ -1614,10 +1632,20 @@ mod tests {
             chat_changes_request(&request(vec![member(&user.to_string(), pb::MembershipChange::Removed), departed(4)]))
                 .unwrap();
         assert_eq!(changes, [ChatChange::Removed(user)], "a departure's version is not logged");
-        assert_eq!(kept, [HeadsChange { index: 1, version: 4, closed: None }]);
+        assert_eq!(kept, [HeadsChange { index: 1, version: 4, kind: HeadsKind::Departed }]);
         assert_eq!(
             fields(&chat_changes_request(&request(vec![departed(0)])).unwrap_err()),
             ["changes[0].members_departed.version"]
+        );
+        let archived = |archived, version| pb::ChatChange {
+            change: Some(pb::chat_change::Change::ChatArchived(pb::ChatArchived { archived, version })),
+        };
+        let (_, changes, kept) = chat_changes_request(&request(vec![archived(true, 2)])).unwrap();
+        assert_eq!(changes, [], "an archived state is not logged");
+        assert_eq!(kept, [HeadsChange { index: 0, version: 2, kind: HeadsKind::Archived(true) }]);
+        assert_eq!(
+            fields(&chat_changes_request(&request(vec![archived(false, 0)])).unwrap_err()),
+            ["changes[0].chat_archived.version"]
         );
         assert_eq!(fields(&chat_changes_request(&request(Vec::new())).unwrap_err()), ["changes"]);
         assert_eq!(

@@ -25,7 +25,7 @@ use crate::registry::StreamLimits;
 use crate::search::{Found, SearchMessages};
 use crate::store::{
     ChatChange, Deleted, Deletion, Edited, Finish, Flags, Marked, Membership, Message, MessageStore, NewMessage,
-    NewReply, Pinned, QueueCursor, QueueFilter, Range, Reacted, ReadState, Reported, Revision, SearchCursor,
+    NewReply, Pinned, QueueCursor, QueueFilter, Range, Reacted, ReadState, Reported, Resolved, Revision, SearchCursor,
     SearchFilter, Sent, Seq, Started, StoreError, StoredReport, Summary, Timeline,
 };
 use crate::stream::Resume;
@@ -318,10 +318,22 @@ impl Messages {
         ))
     }
 
-    /// The refusal of an edit, a reaction, a pin, a deletion, a read move or
-    /// a report whose write found the chat's members (or their roles)
-    /// changed again after it was checked afresh.
-    pub const MEMBERS_CHANGED: &'static str = "the chat's members changed while the change was on its way: retry";
+    /// The refusal of an edit, a reaction, a pin, a deletion, a read move, a
+    /// report or a resolve whose write found the chat's members changed
+    /// again (a departure, or someone's loss of rights: a demotion, a
+    /// hand-over) after it was checked afresh.
+    pub const MEMBERS_CHANGED: &'static str =
+        "the chat's members or their roles changed while the change was on its way: retry";
+
+    /// [`Messages::MEMBERS_CHANGED`] for a send.
+    pub const MEMBERS_CHANGED_SENDING: &'static str =
+        "the chat's members or their roles changed while the message was on its way: retry";
+
+    /// The refusal of a send, an edit, a reaction, a pin, taking a
+    /// reaction back, an unpin or a typing indicator in an archived chat
+    /// (as checked, or, for those that add to the chat, as read in the
+    /// write).
+    pub const ARCHIVED: &'static str = "chat is archived";
 
     /// The refusal of a reply's start whose checks (the caller's) came
     /// before a departure, a loss of rights or the chat's deletion recorded
@@ -355,7 +367,7 @@ impl Messages {
         let mut rechecked = false;
         let message = loop {
             let allowed = match self.member_with(req.chat_id, caller, mentioned.clone(), false).await {
-                Ok(m) if m.archived => Err(MessagesError::Precondition("chat is archived")),
+                Ok(m) if m.archived => Err(MessagesError::Precondition(Self::ARCHIVED)),
                 Ok(m) if m.blocked => Err(MessagesError::Denied(Self::BLOCKED)),
                 Ok(m) => mentions_of_members(&req.mentions, &m.other_members).map(|()| m.members_version),
                 Err(e) => Err(e),
@@ -390,8 +402,7 @@ impl Messages {
                 // caller is then refused as any non-member; a member whose
                 // check was merely old sends.
                 Sent::Stale => {
-                    let why = "the chat's members changed while the message was on its way: retry";
-                    self.check_again(req.chat_id, caller, &mut rechecked, why)?;
+                    self.check_again(req.chat_id, caller, &mut rechecked, Self::MEMBERS_CHANGED_SENDING)?;
                     continue;
                 }
                 Sent::NoSuchReply => {
@@ -404,6 +415,12 @@ impl Messages {
                 // (a send in flight as BlockUser answered): refused as a send
                 // checked after it is.
                 Sent::Closed => return self.refused_send(caller, &req, MessagesError::Denied(Self::BLOCKED)).await,
+                // Archived after the membership check above (a send in flight
+                // as ArchiveChat answered): refused as a send checked after
+                // it is.
+                Sent::Archived => {
+                    return self.refused_send(caller, &req, MessagesError::Precondition(Self::ARCHIVED)).await;
+                }
                 Sent::ThreadRootDeleted => {
                     // A retry of a reply sent before its root was deleted still
                     // answers the original.
@@ -543,7 +560,7 @@ impl Messages {
                     return self.as_it_is(message, caller).await;
                 }
                 if membership.archived {
-                    return Err(MessagesError::Precondition("chat is archived"));
+                    return Err(MessagesError::Precondition(Self::ARCHIVED));
                 }
                 return Err(MessagesError::Denied(Self::BLOCKED));
             }
@@ -563,6 +580,9 @@ impl Messages {
                 // on its way as BlockUser answered): refused as one checked
                 // after it is.
                 Edited::Closed => return Err(MessagesError::Denied(Self::BLOCKED)),
+                // Archived after the check above (an edit on its way as
+                // ArchiveChat answered): likewise.
+                Edited::Archived => return Err(MessagesError::Precondition(Self::ARCHIVED)),
             }
         };
         let unannounced = Unannounced::new(&self.bus, edited.chat_id);
@@ -797,7 +817,11 @@ impl Messages {
                         self.bus.publish(Topic::Chat(chat.0), Arc::new(BusEvent::new(chat, event)));
                     }
                     Reacted::Stale => stale = true,
-                    Reacted::Unchanged(_) | Reacted::Gone | Reacted::TooManyEmoji | Reacted::Closed => {}
+                    Reacted::Unchanged(_)
+                    | Reacted::Gone
+                    | Reacted::TooManyEmoji
+                    | Reacted::Closed
+                    | Reacted::Archived => {}
                 }
             }
             let reacted = if stale {
@@ -823,6 +847,8 @@ impl Messages {
                 // An add in a direct chat closed by a block recorded after
                 // the check above: refused as one checked after it is.
                 Reacted::Closed => Err(MessagesError::Denied(Self::BLOCKED)),
+                // An add in a chat archived after the check above: likewise.
+                Reacted::Archived => Err(MessagesError::Precondition(Self::ARCHIVED)),
                 // A member left or was removed after the check above: checked
                 // again, afresh, once.
                 Reacted::Stale => {
@@ -883,6 +909,8 @@ impl Messages {
                 // A pin in a direct chat closed by a block recorded after
                 // the check above: refused as one checked after it is.
                 Pinned::Closed => return Err(MessagesError::Denied(Self::BLOCKED)),
+                // A pin in a chat archived after the check above: likewise.
+                Pinned::Archived => return Err(MessagesError::Precondition(Self::ARCHIVED)),
             }
         };
         let unannounced = changed.then(|| Unannounced::new(&self.bus, message.chat_id));
@@ -1110,7 +1138,7 @@ impl Messages {
         self.typing_rate.check(&caller)?;
         let m = self.member(chat, caller).await?;
         if m.archived {
-            return Err(MessagesError::Precondition("chat is archived"));
+            return Err(MessagesError::Precondition(Self::ARCHIVED));
         }
         if m.blocked && typing {
             return Err(MessagesError::Denied(Self::BLOCKED));
@@ -1141,6 +1169,18 @@ impl Messages {
     pub async fn record_departure(&self, chat: ChatId, version: i64) -> Result<(), MessagesError> {
         self.store.record_departure(chat, version).await?;
         tracing::debug!(chat_id = %chat, version, "members version recorded");
+        Ok(())
+    }
+
+    /// Internal: records whether chat `chat` is archived (RecordChatChanges'
+    /// chat_archived, sent by the chats service for an ArchiveChat or an
+    /// UnarchiveChat before it answers), at `version`, where the writes
+    /// that add to the chat read it ([`MessageStore::archive_chat`]).
+    /// Announces nothing: the chat's members hear of it by the archive's
+    /// own chat_updated.
+    pub async fn archive_chat(&self, chat: ChatId, archived: bool, version: i64) -> Result<(), MessagesError> {
+        self.store.archive_chat(chat, archived, version).await?;
+        tracing::debug!(chat_id = %chat, archived, version, "chat's archived state recorded");
         Ok(())
     }
 
@@ -1316,13 +1356,36 @@ impl Messages {
 
     /// ResolveReport: the chat's owner or an admin, or staff, resolves a
     /// message's open reports; returns how many.
+    ///
+    /// An owner's or admin's resolve whose membership check came before a
+    /// departure or a loss of rights the store recorded since (a resolve
+    /// on its way as RemoveMember or a demotion answered) is refused in its
+    /// write ([`Resolved::Stale`]) and checked again, afresh, once, as an
+    /// edit is ([`Messages::edit`]): a demoted admin is then refused
+    /// (PERMISSION_DENIED); ABORTED if the members changed again meanwhile.
+    /// Staff are no members: theirs compares nothing.
     pub async fn resolve_reports(&self, caller: UserId, message_id: MessageId) -> Result<u64, MessagesError> {
         self.moderation_rate.check(&caller)?;
         let message = self.store.message(message_id).await?.ok_or(MessagesError::MessageNotFound)?;
-        if !self.staff.contains(&caller) && !natter_links::manages(&self.member(message.chat_id, caller).await?) {
-            return Err(MessagesError::Denied("only the chat's owner, an admin or staff may resolve reports"));
+        // Whether the membership check below is one made after the store
+        // found the last one older than a departure (Resolved::Stale).
+        let mut rechecked = false;
+        loop {
+            let members_version = if self.staff.contains(&caller) {
+                None
+            } else {
+                let membership = self.member(message.chat_id, caller).await?;
+                if !natter_links::manages(&membership) {
+                    return Err(MessagesError::Denied("only the chat's owner, an admin or staff may resolve reports"));
+                }
+                Some(membership.members_version)
+            };
+            let now = now_micros();
+            match self.store.resolve_reports(message_id, message.chat_id, caller, now, members_version).await? {
+                Resolved::Done(resolved) => return Ok(resolved),
+                Resolved::Stale => self.check_again(message.chat_id, caller, &mut rechecked, Self::MEMBERS_CHANGED)?,
+            }
         }
-        Ok(self.store.resolve_reports(message_id, caller, now_micros()).await?)
     }
 
     /// ListFlaggedMessages: flagged or reported messages that `filter`
@@ -1654,7 +1717,7 @@ fn mentions_of_members(mentions: &[crate::domain::Mention], members: &[bool]) ->
 /// the chat is archived, or (to add one) a direct chat closed by a block.
 fn refusal(membership: &cpb::CheckMembershipResponse, adds: bool) -> Option<MessagesError> {
     if membership.archived {
-        Some(MessagesError::Precondition("chat is archived"))
+        Some(MessagesError::Precondition(Messages::ARCHIVED))
     } else if membership.blocked && adds {
         Some(MessagesError::Denied(Messages::BLOCKED))
     } else {

@@ -648,6 +648,23 @@ impl Cluster {
         assert_eq!(done[0], 1, "the role given back");
     }
 
+    /// Takes `chat`'s archive back straight in the chats store, telling
+    /// nobody: the chats service's membership checks say it is not archived
+    /// (once nothing cached says otherwise), while the messages service
+    /// still has it archived. That is where a send whose membership was
+    /// checked just before ArchiveChat stands when it reaches its write
+    /// after ArchiveChat answered.
+    pub async fn unarchive_silently(&self, chat: &str) {
+        let done = self
+            .write_chats_store(|schema| {
+                vec![format!(
+                    "UPDATE {schema}chats SET archive_time = NULL WHERE id = '{chat}' AND archive_time IS NOT NULL"
+                )]
+            })
+            .await;
+        assert_eq!(done[0], 1, "the archive taken back");
+    }
+
     /// Runs the statements `sqls` makes (given the chats store's table
     /// prefix: a split cluster's schema and a dot, or nothing) on the chats
     /// store, behind the service's back, and answers the rows each touched.

@@ -444,6 +444,28 @@ pub(crate) const FIRST_BLOCK_VERSION: &str =
 pub(crate) const BLOCKS_WITHIN: &str = "SELECT EXISTS (SELECT 1 FROM members m JOIN blocks b ON b.user_id = m.user_id \
      JOIN members o ON o.chat_id = m.chat_id AND o.user_id = b.blocked_user_id WHERE m.chat_id = $1)";
 
+/// Up to `$1` chats, by id, archived while no archived state was recorded
+/// for them (`archive_version` 0: archived under a release before archived
+/// states): see [`ChatStore::version_old_archives`] (the same text on both
+/// engines).
+pub(crate) const OLD_ARCHIVED_CHATS: &str =
+    "SELECT id FROM chats WHERE archive_time IS NOT NULL AND archive_version = 0 ORDER BY id LIMIT $1";
+
+/// Archive version 1 for chat `$1` if it is still archived with none,
+/// taking its row lock on PostgreSQL; answers its id if so (an unarchive
+/// or an archive meanwhile raised it and put its own state in the outbox).
+pub(crate) const FIRST_ARCHIVE_VERSION: &str = "UPDATE chats SET archive_version = 1 \
+     WHERE id = $1 AND archive_version = 0 AND archive_time IS NOT NULL RETURNING id";
+
+/// The outbox change of a chat's archived state (ArchiveChat,
+/// UnarchiveChat): whether it is archived, at `version`
+/// (`chats.archive_version`). It goes in an entry of its own, after the
+/// archive's `chat_updated`, so that a messages service of an earlier
+/// release, which refuses it, still records the update.
+pub fn chat_archived(archived: bool, version: i64) -> mpb::ChatChange {
+    mpb::ChatChange { change: Some(mpb::chat_change::Change::ChatArchived(mpb::ChatArchived { archived, version })) }
+}
+
 /// The outbox entries of `user`'s `departure` at members version
 /// `version` (`chats.members_version` raised by it,
 /// [`RAISE_MEMBERS_VERSION`]): the departure, then the version
@@ -665,6 +687,15 @@ pub trait ChatStore: Send + Sync + 'static {
     /// many it found (fewer than `limit`: none is left).
     async fn version_old_blocks(&self, now: i64, limit: u32) -> Result<usize, StoreError>;
 
+    /// Gives up to `limit` chats archived under an earlier release (archived,
+    /// but archive version 0: no archived state recorded) archive version 1
+    /// and their state ([`chat_archived`], archived) in the outbox, at `now`
+    /// (µs), each in a transaction of its own under its row lock; a chat
+    /// unarchived or archived again meanwhile (its version raised) is left
+    /// as it is. Answers how many it found (fewer than `limit`: none is
+    /// left).
+    async fn version_old_archives(&self, now: i64, limit: u32) -> Result<usize, StoreError>;
+
     /// Up to `limit` users `user` blocked, by id, after `after`, each with
     /// its block time (µs).
     async fn blocked_users(
@@ -755,8 +786,10 @@ pub trait ChatStore: Send + Sync + 'static {
 
     /// Sets (Some) or clears (None) a chat's archive time, and the update
     /// time to `now`, with the chat's details (mask "archived") in the
-    /// outbox, unless the chat was archived (unarchived) already: then
-    /// nothing changes. Returns the chat, None if there is no such chat.
+    /// outbox, and raises its archive version with its archived state
+    /// ([`chat_archived`]) in an outbox entry of its own after them,
+    /// unless the chat was archived (unarchived) already: then nothing
+    /// changes. Returns the chat, None if there is no such chat.
     /// `by` is checked as [`ChatStore::update_chat`] checks it.
     async fn set_archived(
         &self,

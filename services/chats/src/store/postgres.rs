@@ -13,11 +13,12 @@ use natter_kit::time::now_micros;
 use natter_proto::messages::v1 as mpb;
 
 use super::{
-    Added, Adder, BLOCKS_WITHIN, Backoff, Blocked, ChatStore, Checked, Created, FIRST_BLOCK_VERSION, MIGRATOR,
-    OLD_BLOCKED_DIRECT_CHATS, PAIR_BLOCKED, Pending, RAISE_BLOCK_VERSION, RAISE_MEMBERS_VERSION, ROLE_TARGETS, Removal,
-    StoreError, blocks_between_refused, changes_to, chat_columns, chat_updated, check_roles, departed,
-    direct_chat_closed, direct_key, joined, loses_rights, may_change, may_delete, members_departed, membership,
-    order_column, outbox_rows, parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
+    Added, Adder, BLOCKS_WITHIN, Backoff, Blocked, ChatStore, Checked, Created, FIRST_ARCHIVE_VERSION,
+    FIRST_BLOCK_VERSION, MIGRATOR, OLD_ARCHIVED_CHATS, OLD_BLOCKED_DIRECT_CHATS, PAIR_BLOCKED, Pending,
+    RAISE_BLOCK_VERSION, RAISE_MEMBERS_VERSION, ROLE_TARGETS, Removal, StoreError, blocks_between_refused, changes_to,
+    chat_archived, chat_columns, chat_updated, check_roles, departed, direct_chat_closed, direct_key, joined,
+    loses_rights, may_change, may_delete, members_departed, membership, order_column, outbox_rows, parse_enum,
+    parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -552,6 +553,21 @@ impl ChatStore for PostgresChatStore {
         Ok(chats.len())
     }
 
+    async fn version_old_archives(&self, now: i64, limit: u32) -> Result<usize, StoreError> {
+        let chats: Vec<String> =
+            sqlx::query_scalar(OLD_ARCHIVED_CHATS).bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        for chat in &chats {
+            let mut tx = self.pool.begin().await?;
+            let first: Option<String> =
+                sqlx::query_scalar(FIRST_ARCHIVE_VERSION).bind(chat).fetch_optional(&mut *tx).await?;
+            if first.is_some() {
+                push_outbox(&mut tx, chat, &[chat_archived(true, 1)], now).await?;
+            }
+            tx.commit().await?;
+        }
+        Ok(chats.len())
+    }
+
     async fn blocked_users(
         &self,
         user: UserId,
@@ -859,8 +875,8 @@ impl ChatStore for PostgresChatStore {
             return Ok(refused);
         }
         let row = sqlx::query(concat!(
-            "UPDATE chats c SET archive_time = $1, update_time = $2 \
-             WHERE c.id = $3 AND (c.archive_time IS NULL) <> ($1::bigint IS NULL) RETURNING ",
+            "UPDATE chats c SET archive_time = $1, update_time = $2, archive_version = archive_version + 1 \
+             WHERE c.id = $3 AND (c.archive_time IS NULL) <> ($1::bigint IS NULL) RETURNING c.archive_version, ",
             chat_columns!()
         ))
         .bind(archive_time)
@@ -874,7 +890,9 @@ impl ChatStore for PostgresChatStore {
             return Ok(self.chat(id).await?.map(Checked::Done));
         };
         let chat = chat_row(&row)?;
+        let version: i64 = row.try_get("archive_version")?;
         push_outbox(&mut tx, &id.to_string(), &[chat_updated(&chat, vec!["archived"])], now).await?;
+        push_outbox(&mut tx, &id.to_string(), &[chat_archived(archive_time.is_some(), version)], now).await?;
         tx.commit().await?;
         Ok(Some(Checked::Done(chat)))
     }

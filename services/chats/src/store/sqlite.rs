@@ -22,11 +22,12 @@ use natter_kit::time::now_micros;
 use natter_proto::messages::v1 as mpb;
 
 use super::{
-    Added, Adder, BLOCKS_WITHIN, Backoff, Blocked, ChatStore, Checked, Created, FIRST_BLOCK_VERSION, MIGRATOR,
-    OLD_BLOCKED_DIRECT_CHATS, PAIR_BLOCKED, Pending, RAISE_BLOCK_VERSION, RAISE_MEMBERS_VERSION, ROLE_TARGETS, Removal,
-    StoreError, blocks_between_refused, changes_to, chat_columns, chat_updated, check_roles, departed,
-    direct_chat_closed, direct_key, joined, loses_rights, may_change, may_delete, members_departed, membership,
-    order_column, outbox_rows, parse_enum, parse_id, pending_row, role_changes, time_bounds, updated_by,
+    Added, Adder, BLOCKS_WITHIN, Backoff, Blocked, ChatStore, Checked, Created, FIRST_ARCHIVE_VERSION,
+    FIRST_BLOCK_VERSION, MIGRATOR, OLD_ARCHIVED_CHATS, OLD_BLOCKED_DIRECT_CHATS, PAIR_BLOCKED, Pending,
+    RAISE_BLOCK_VERSION, RAISE_MEMBERS_VERSION, ROLE_TARGETS, Removal, StoreError, blocks_between_refused, changes_to,
+    chat_archived, chat_columns, chat_updated, check_roles, departed, direct_chat_closed, direct_key, joined,
+    loses_rights, may_change, may_delete, members_departed, membership, order_column, outbox_rows, parse_enum,
+    parse_id, pending_row, role_changes, time_bounds, updated_by,
 };
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatUpdate, DirectChats, GroupAdds, Kind,
@@ -629,6 +630,24 @@ impl ChatStore for SqliteChatStore {
         found.await.map_err(unwrap)
     }
 
+    async fn version_old_archives(&self, now: i64, limit: u32) -> Result<usize, StoreError> {
+        let found = self.db.write(move |conn| {
+            let chats: Vec<String> = conn
+                .prepare_cached(OLD_ARCHIVED_CHATS)?
+                .query_map([limit], |row| row.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for chat in &chats {
+                let tx = conn.transaction()?;
+                if tx.prepare_cached(FIRST_ARCHIVE_VERSION)?.exists([chat])? {
+                    push_outbox(&tx, chat, &[chat_archived(true, 1)], now)?;
+                }
+                tx.commit()?;
+            }
+            Ok(chats.len())
+        });
+        found.await.map_err(unwrap)
+    }
+
     async fn blocked_users(
         &self,
         user: UserId,
@@ -883,15 +902,17 @@ impl ChatStore for SqliteChatStore {
             if let Some(refused) = refused_change(&tx, id, by, may_change)? {
                 return Ok(refused); // the guard rolls back
             }
-            let changed = tx
+            let version: Option<i64> = tx
                 .prepare_cached(
-                    "UPDATE chats SET archive_time = ?1, update_time = ?2 \
-                     WHERE id = ?3 AND (archive_time IS NULL) <> (?1 IS NULL)",
+                    "UPDATE chats SET archive_time = ?1, update_time = ?2, archive_version = archive_version + 1 \
+                     WHERE id = ?3 AND (archive_time IS NULL) <> (?1 IS NULL) RETURNING archive_version",
                 )?
-                .execute(params![archive_time, now, id.to_string()])?;
+                .query_row(params![archive_time, now, id.to_string()], |row| row.get(0))
+                .optional()?;
             let chat = select_chat(&tx, id)?;
-            if let Some(chat) = chat.as_ref().filter(|_| changed == 1) {
+            if let (Some(chat), Some(version)) = (chat.as_ref(), version) {
                 push_outbox(&tx, &id.to_string(), &[chat_updated(chat, vec!["archived"])], now)?;
+                push_outbox(&tx, &id.to_string(), &[chat_archived(archive_time.is_some(), version)], now)?;
             }
             tx.commit()?;
             Ok(chat.map(Checked::Done))

@@ -132,6 +132,7 @@ chat_store_suite!(
     blocks_racing_each_other_at_the_limit_pass_it_by_none,
     a_privacy_update_beside_a_forgetting_leaves_no_row,
     a_change_of_a_pairs_blocks_puts_their_direct_chats_closure_in_the_outbox,
+    an_archive_puts_the_chats_archived_state_in_the_outbox_after_its_update,
     an_add_or_a_creation_checks_blocks_in_its_write,
 );
 
@@ -194,6 +195,40 @@ async fn closures(store: &dyn ChatStore, chat: ChatId) -> Vec<(bool, i64)> {
             _ => None,
         })
         .collect()
+}
+
+/// The archived states in `chat`'s outbox, in order: (archived, version).
+async fn archived_states(store: &dyn ChatStore, chat: ChatId) -> Vec<(bool, i64)> {
+    let pending = store.pending(Some(chat), 100).await.unwrap();
+    let changes = pending.into_iter().flat_map(|p| p.changes);
+    changes
+        .filter_map(|c| match c.change {
+            Some(mpb::chat_change::Change::ChatArchived(a)) => Some((a.archived, a.version)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Each archive and unarchive raises the chat's archive version, with its
+/// state in an outbox entry of its own after the update's; a repeat
+/// changes nothing.
+async fn an_archive_puts_the_chats_archived_state_in_the_outbox_after_its_update(store: &dyn ChatStore) {
+    let [alice, bob] = std::array::from_fn(|_| UserId::new_v7());
+    let group = create(store, chat(alice, 1), &[bob]).await;
+    let mut seen = 0;
+    outbox_after(store, group.id, &mut seen).await;
+    let title = &group.title;
+    store.set_archived(group.id, Some(2), 2, Some(alice)).await.unwrap().unwrap().done();
+    let entries = store.pending(Some(group.id), 100).await.unwrap().len();
+    let archived = [format!("updated archived {title} archived=true"), "archived=true 1".to_owned()];
+    assert_eq!(outbox_after(store, group.id, &mut seen).await, archived);
+    store.set_archived(group.id, Some(3), 3, Some(alice)).await.unwrap().unwrap().done();
+    assert_eq!(outbox_after(store, group.id, &mut seen).await, Vec::<String>::new(), "a repeat puts nothing");
+    store.set_archived(group.id, None, 4, None).await.unwrap().unwrap().done();
+    let unarchived = [format!("updated archived {title} archived=false"), "archived=false 2".to_owned()];
+    assert_eq!(outbox_after(store, group.id, &mut seen).await, unarchived);
+    let after = store.pending(Some(group.id), 100).await.unwrap().len();
+    assert_eq!(after - entries, 2, "the state in an entry of its own, after the update's");
 }
 
 async fn a_change_of_a_pairs_blocks_puts_their_direct_chats_closure_in_the_outbox(store: &dyn ChatStore) {
@@ -300,6 +335,43 @@ async fn chats_blocked_before_closures_get_theirs_once_postgres() {
         return;
     };
     chats_blocked_before_closures_get_theirs_once(fixture).await;
+}
+
+/// Chats archived under a release before archived states (archive version
+/// 0, nothing in the outbox) get theirs once, at version 1; chats not
+/// archived, or versioned already, none.
+async fn chats_archived_before_archived_states_get_theirs_once(fixture: Fixture) {
+    let store = &*fixture.store;
+    let [alice, bob] = std::array::from_fn(|_| UserId::new_v7());
+    let old = create(store, chat(alice, 1), &[bob]).await;
+    let open = create(store, chat(alice, 2), &[bob]).await;
+    store.set_archived(old.id, Some(3), 3, None).await.unwrap().unwrap().done();
+    fixture.execute("UPDATE chats SET archive_version = 0; DELETE FROM chat_outbox").await;
+    let versioned = create(store, chat(bob, 4), &[alice]).await;
+    store.set_archived(versioned.id, Some(5), 5, None).await.unwrap().unwrap().done();
+
+    assert_eq!(store.version_old_archives(6, 100).await.unwrap(), 1);
+    assert_eq!(archived_states(store, old.id).await, [(true, 1)]);
+    assert_eq!(archived_states(store, versioned.id).await, [(true, 1)], "its own archive's, not a second");
+    assert_eq!(archived_states(store, open.id).await, []);
+    assert_eq!(store.version_old_archives(7, 100).await.unwrap(), 0, "once");
+    store.set_archived(old.id, None, 8, None).await.unwrap().unwrap().done();
+    assert_eq!(archived_states(store, old.id).await, [(true, 1), (false, 2)], "then raised as any");
+    fixture.done().await;
+}
+
+#[tokio::test]
+async fn chats_archived_before_archived_states_get_theirs_once_sqlite() {
+    chats_archived_before_archived_states_get_theirs_once(Fixture::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn chats_archived_before_archived_states_get_theirs_once_postgres() {
+    let Some(fixture) = Fixture::postgres().await else {
+        eprintln!("skipped: NATTER_TEST_DATABASE_URL is not set");
+        return;
+    };
+    chats_archived_before_archived_states_get_theirs_once(fixture).await;
 }
 
 /// A new direct chat of `creator` and `other`, as CreateChat writes it.
@@ -1482,7 +1554,7 @@ async fn members_page_in_join_order(store: &dyn ChatStore) {
 
 /// A change as "joined <user>", "left <user>", "removed <user>", "role_changed
 /// <user>", "updated <mask> <title> archived=<bool>", "closed=<bool>
-/// <version>" or "members_version=<version>".
+/// <version>", "members_version=<version>" or "archived=<bool> <version>".
 fn show(change: &mpb::ChatChange) -> String {
     match change.change.as_ref().unwrap() {
         mpb::chat_change::Change::MembershipChanged(m) => {
@@ -1501,6 +1573,7 @@ fn show(change: &mpb::ChatChange) -> String {
         }
         mpb::chat_change::Change::DirectChatClosed(c) => format!("closed={} {}", c.closed, c.version),
         mpb::chat_change::Change::MembersDeparted(d) => format!("members_version={}", d.version),
+        mpb::chat_change::Change::ChatArchived(a) => format!("archived={} {}", a.archived, a.version),
     }
 }
 
@@ -1565,7 +1638,7 @@ async fn every_change_leaves_its_outbox_entry_in_commit_order_and_no_change_none
     assert_eq!((again.archive_time, again.update_time), (Some(8), 8), "archived already: unchanged");
     assert_eq!(
         outbox_after(store, id, &mut seen).await,
-        ["updated title Renamed archived=false", "updated archived Renamed archived=true"]
+        ["updated title Renamed archived=false", "updated archived Renamed archived=true", "archived=true 1"]
     );
 
     // A recorded entry is forgotten (by position and key); the rest stay, in

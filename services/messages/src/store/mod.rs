@@ -474,6 +474,10 @@ pub enum Pinned {
     /// ([`MessageStore::close_direct_chat`]), as read in the write (an
     /// unpin is never refused so); nothing written, no change number taken.
     Closed,
+    /// A pin in an archived chat ([`MessageStore::archive_chat`]), as read
+    /// in the write (an unpin is not refused so: see
+    /// [`MessageStore::pin`]); nothing written, no change number taken.
+    Archived,
 }
 
 /// Outcome of [`MessageStore::react`].
@@ -501,6 +505,11 @@ pub enum Reacted {
     /// one back is never refused so); nothing written, no change number
     /// taken.
     Closed,
+    /// A reaction added in an archived chat
+    /// ([`MessageStore::archive_chat`]), as read in the write (taking one
+    /// back is not refused so: see [`MessageStore::react`]); nothing
+    /// written, no change number taken.
+    Archived,
 }
 
 /// What an assistant's reply has besides a message's fields.
@@ -915,6 +924,9 @@ pub enum Sent {
     /// ([`MessageStore::close_direct_chat`]), as read in the batch's write;
     /// nothing was written and no seq taken.
     Closed,
+    /// The chat is archived ([`MessageStore::archive_chat`]), as read in
+    /// the batch's write; nothing was written and no seq taken.
+    Archived,
     /// A member left the chat or was removed after the membership check of
     /// this message, or of another of the batch's messages to its chat
     /// (their lowest [`NewMessage::members_version`] is below the version
@@ -945,6 +957,10 @@ pub enum Edited {
     /// ([`MessageStore::close_direct_chat`]), as read in the write: nothing
     /// written, no revision, no change number taken.
     Closed,
+    /// The message's chat is archived ([`MessageStore::archive_chat`]), as
+    /// read in the write: nothing written, no revision, no change number
+    /// taken.
+    Archived,
 }
 
 /// An earlier text of an edited message.
@@ -1015,6 +1031,75 @@ pub enum Reported {
     /// membership check (see [`Sent::Stale`]), and the reporter had not
     /// reported the message before; nothing written. Check again, afresh,
     /// and report again.
+    Stale,
+}
+
+/// What the write of a member's change (an edit, a reaction, a pin) reads
+/// on its chat's heads row, under the row's lock (PostgreSQL) or the one
+/// writer (SQLite), with the change number it takes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct HeadsState {
+    /// [`MessageStore::record_departure`]'s version (0: none recorded).
+    pub members_version: i64,
+    /// Archived ([`MessageStore::archive_chat`]).
+    pub archived: bool,
+    /// A direct chat closed by a block ([`MessageStore::close_direct_chat`]).
+    pub closed: bool,
+}
+
+/// Why a write of a member's change is refused by its chat's heads
+/// ([`HeadsState::refusal`]): each outcome enum has a variant of each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    Stale,
+    Archived,
+    Closed,
+}
+
+impl HeadsState {
+    /// The refusal of a change whose membership check saw members version
+    /// `checked`: stale first (a departure, a loss of rights, the chat's
+    /// deletion: the caller checks again, afresh), then, for a change that
+    /// `adds` to the chat (a message, an edit, a reaction or a pin; not
+    /// one taken back), an archive, then a block's closure.
+    pub(crate) fn refusal(&self, checked: i64, adds: bool) -> Option<Refusal> {
+        if self.members_version > checked {
+            Some(Refusal::Stale)
+        } else if adds && self.archived {
+            Some(Refusal::Archived)
+        } else if adds && self.closed {
+            Some(Refusal::Closed)
+        } else {
+            None
+        }
+    }
+}
+
+/// One `From<Refusal>` for each write's outcome enum.
+macro_rules! refused_as {
+    ($($outcome:ident),*) => {$(
+        impl From<Refusal> for $outcome {
+            fn from(refusal: Refusal) -> Self {
+                match refusal {
+                    Refusal::Stale => Self::Stale,
+                    Refusal::Archived => Self::Archived,
+                    Refusal::Closed => Self::Closed,
+                }
+            }
+        }
+    )*};
+}
+refused_as!(Sent, Edited, Reacted, Pinned);
+
+/// Outcome of [`MessageStore::resolve_reports`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolved {
+    /// Resolved: how many open reports there were (0: none).
+    Done(u64),
+    /// A member left the chat or was removed, or someone lost rights (a
+    /// demotion, a hand-over), after the resolver's membership check (see
+    /// [`Sent::Stale`]); nothing written. Check again, afresh, and resolve
+    /// again.
     Stale,
 }
 
@@ -1200,6 +1285,15 @@ pub(crate) const CLOSE_DIRECT_CHAT: &str = "INSERT INTO chat_heads (chat_id, las
      closed_version) VALUES ($1, 0, 0, $2, $3) ON CONFLICT (chat_id) DO UPDATE SET closed = excluded.closed, \
      closed_version = excluded.closed_version WHERE chat_heads.closed_version < excluded.closed_version";
 
+/// [`MessageStore::archive_chat`]: chat `$1` archived (`$2`) at version
+/// `$3`, its heads row created if need be (no seq, no change number),
+/// unless it holds that version or a higher one (the same text on both
+/// engines, as [`CLOSE_DIRECT_CHAT`]). On PostgreSQL the upsert takes the
+/// row's lock, as a send's write does.
+pub(crate) const ARCHIVE_CHAT: &str = "INSERT INTO chat_heads (chat_id, last_seq, last_change, archived, \
+     archived_version) VALUES ($1, 0, 0, $2, $3) ON CONFLICT (chat_id) DO UPDATE SET archived = excluded.archived, \
+     archived_version = excluded.archived_version WHERE chat_heads.archived_version < excluded.archived_version";
+
 /// [`MessageStore::record_departure`]: chat `$1`'s members version is `$2`,
 /// its heads row created if need be (no seq, no change number), unless it
 /// holds that version or a higher one (the same text on both engines). On
@@ -1217,15 +1311,16 @@ pub(crate) const RECORD_DEPARTURE: &str = "INSERT INTO chat_heads (chat_id, last
 pub const DELETED_MEMBERS_VERSION: i64 = i64::MAX;
 
 /// [`MessageStore::purge_chat`]'s last statement: chat `$1`'s heads row as
-/// a new chat's (no seq, no change number, open) but with members version
+/// a new chat's (no seq, no change number, open, not archived) but with members version
 /// [`DELETED_MEMBERS_VERSION`] (the same text on both engines). On
 /// PostgreSQL the upsert takes the row's lock, as a send's write does, so
 /// a write under way commits first (and its message is purged with the
 /// rest) or waits and reads the mark.
 pub(crate) const PURGE_HEADS: &str = "INSERT INTO chat_heads (chat_id, last_seq, last_change, log_floor, closed, \
-     closed_version, members_version) VALUES ($1, 0, 0, 0, FALSE, 0, 9223372036854775807) ON CONFLICT (chat_id) \
+     closed_version, archived, archived_version, members_version) \
+     VALUES ($1, 0, 0, 0, FALSE, 0, FALSE, 0, 9223372036854775807) ON CONFLICT (chat_id) \
      DO UPDATE SET last_seq = 0, last_change = 0, log_floor = 0, closed = FALSE, closed_version = 0, \
-     members_version = excluded.members_version";
+     archived = FALSE, archived_version = 0, members_version = excluded.members_version";
 
 /// A chat's heads: where its timeline and its changes stand.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1328,14 +1423,22 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// Inserts `batch` in ONE transaction (group commit); the outcomes are
     /// in the batch's order. Each chat's messages take its next seqs in
     /// batch order, gap-free: a refused message ([`Sent::Duplicate`],
-    /// [`Sent::NoSuchReply`], [`Sent::Closed`], [`Sent::Stale`]) takes
-    /// none. Whether a chat is closed ([`MessageStore::close_direct_chat`])
-    /// and its members version ([`MessageStore::record_departure`]) are
-    /// read on its heads row in the write that takes its seqs: a closure
-    /// recorded before the batch's transaction reads it refuses the chat's
+    /// [`Sent::NoSuchReply`], [`Sent::Closed`], [`Sent::Archived`],
+    /// [`Sent::Stale`]) takes none. Whether a chat is closed
+    /// ([`MessageStore::close_direct_chat`]) or archived
+    /// ([`MessageStore::archive_chat`]) and its members version
+    /// ([`MessageStore::record_departure`]) are read on its heads row in
+    /// the write that takes its seqs: a closure or an archive recorded
+    /// before the batch's transaction reads it refuses the chat's
     /// messages, whenever their membership was checked, and so does a
     /// departure recorded after the lowest version the checks of the
-    /// chat's messages saw ([`Sent::Stale`], one comparison per chat). A message's mentions
+    /// chat's messages saw ([`Sent::Stale`], one comparison per chat; it
+    /// comes first: a departure, or the chat's deletion, is checked
+    /// afresh, then an archive, then a closure). A message whose reply or
+    /// thread root is missing is refused for its chat's state first when
+    /// that refuses it (a purged chat: [`Sent::Stale`], whose check afresh
+    /// finds no chat), and only then [`Sent::NoSuchReply`] or
+    /// [`Sent::NoSuchThreadRoot`]. A message's mentions
     /// ([`NewMessage::mentions`]) are written with it; a batch without any
     /// costs nothing for them. A thread reply ([`NewMessage::thread_root`])
     /// is checked against its root before any of the batch is inserted
@@ -1354,9 +1457,10 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// edited `max_edits` times already; `now` in µs. Refused
     /// ([`Edited::Stale`]) when the chat's members version recorded by
     /// [`MessageStore::record_departure`] is above `members_version` (the
-    /// one the editor's membership check saw), and ([`Edited::Closed`])
-    /// when the chat is a direct chat closed by a block
-    /// ([`MessageStore::close_direct_chat`]), both read on the heads row the
+    /// one the editor's membership check saw), then ([`Edited::Archived`])
+    /// when the chat is archived ([`MessageStore::archive_chat`]), then
+    /// ([`Edited::Closed`]) when it is a direct chat closed by a block
+    /// ([`MessageStore::close_direct_chat`]), all read on the heads row the
     /// edit locks for its change number (PostgreSQL: after the message's
     /// row), so a departure or a closure recorded before the edit commits is
     /// seen. An edit to the text the message has (a retry) is answered
@@ -1504,6 +1608,20 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// reads the row after this commits refuses the chat's messages
     /// ([`Sent::Closed`]).
     async fn close_direct_chat(&self, chat: ChatId, closed: bool, version: i64) -> Result<(), StoreError>;
+
+    /// Records whether chat `chat` is archived (ArchiveChat, UnarchiveChat:
+    /// RecordChatChanges' chat_archived) at `version` (1 or more), on its
+    /// heads row (created if need be, with no seq and no change number
+    /// taken), unless the row holds this version or a higher one already:
+    /// then nothing changes, so a repeated or late call never undoes a
+    /// newer state. Takes no change number and logs nothing (the archive's
+    /// own `ChatUpdated` is logged as any change). Serialized with the
+    /// writes that read it on the heads row as
+    /// [`MessageStore::close_direct_chat`] is: a batch that reads the row
+    /// after this commits refuses the chat's messages ([`Sent::Archived`]),
+    /// and so do an edit, a reaction added and a pin ([`Edited::Archived`],
+    /// [`Reacted::Archived`], [`Pinned::Archived`]).
+    async fn archive_chat(&self, chat: ChatId, archived: bool, version: i64) -> Result<(), StoreError>;
 
     /// Records that chat `chat`'s members version is `version` (1 or more)
     /// after a departure or a loss of rights (RecordChatChanges'
@@ -1720,7 +1838,11 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// orders the emoji. A real change is refused ([`Reacted::Stale`]) as
     /// an edit is ([`MessageStore::edit`]) when a departure recorded since
     /// is above `members_version`, the one `user`'s check saw, and a real
-    /// add ([`Reacted::Closed`]) in a direct chat closed by a block.
+    /// add in an archived chat ([`Reacted::Archived`]) or in a direct chat
+    /// closed by a block ([`Reacted::Closed`]). Taking a reaction back
+    /// reads neither (the service refuses it in an archived chat as it
+    /// checks membership, as before: a removal checked before the archive
+    /// adds nothing to the chat).
     #[expect(clippy::too_many_arguments, reason = "one reaction's fields, as the request has them")]
     async fn react(
         &self,
@@ -1743,7 +1865,9 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// concurrent pins. A real change is refused ([`Pinned::Stale`]) as an
     /// edit is ([`MessageStore::edit`]) when a departure recorded since is
     /// above `members_version`, the one `user`'s check saw, and a real pin
-    /// ([`Pinned::Closed`]) in a direct chat closed by a block.
+    /// in an archived chat ([`Pinned::Archived`]) or in a direct chat
+    /// closed by a block ([`Pinned::Closed`]). An unpin reads neither (as
+    /// taking a reaction back: see [`MessageStore::react`]).
     async fn pin(
         &self,
         id: MessageId,
@@ -1774,9 +1898,24 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// recorded after waits for the insert; SQLite: the one writer).
     async fn report(&self, report: &StoredReport, members_version: i64) -> Result<Reported, StoreError>;
 
-    /// Resolves the open reports of `message` by `resolver` at `now` (µs);
-    /// returns how many there were.
-    async fn resolve_reports(&self, message: MessageId, resolver: UserId, now: i64) -> Result<u64, StoreError>;
+    /// Resolves the open reports of `message` (of chat `chat`) by
+    /// `resolver` at `now` (µs); returns how many there were
+    /// ([`Resolved::Done`]). With `members_version` (the one a resolving
+    /// owner's or admin's check saw; None for staff, who are no members and
+    /// compare nothing), nothing is resolved ([`Resolved::Stale`]) when the
+    /// chat's members version recorded by
+    /// [`MessageStore::record_departure`] is above it (the resolver may
+    /// have been demoted or removed since), read in the update's own
+    /// statement on the chat's heads row as [`MessageStore::report`] reads
+    /// it (PostgreSQL: under a share lock; SQLite: the one writer).
+    async fn resolve_reports(
+        &self,
+        message: MessageId,
+        chat: ChatId,
+        resolver: UserId,
+        now: i64,
+        members_version: Option<i64>,
+    ) -> Result<Resolved, StoreError>;
 
     /// The moderation queue: up to `limit` live messages that `filter`
     /// admits, newest first (send time, then id) after `from`, each with its

@@ -27,14 +27,14 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row as _};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Deletion, Edited, Finish,
-    Finished, Flags, Generation, GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Marked,
-    Membership, Message, MessageStore, NewMessage, NewReply, PURGE_HEADS, Pin, Pinned, QueueCursor, QueueFilter,
-    RECORD_DEPARTURE, Range, Reacted, Reaction, ReadState, Reply, Reported, Revision, Role, SearchCursor, SearchFilter,
-    SearchHit, SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary,
-    aggregates_sql, chat_change_of, chat_change_row, decode_mentions, encode_mentions, list_sql, mention_count_sql,
-    merge_changes, message_columns, parse_id, pinned_sql, report_columns, stop_generating_sql, thread_root_of,
-    unread_count_sql,
+    ARCHIVE_CHAT, Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Deletion,
+    Edited, Finish, Finished, Flags, Generation, GenerationInfo, Heads, HeadsState, LATEST_MEMBERSHIP_SQL, Logged,
+    MESSAGE_COLUMNS, Marked, Membership, Message, MessageStore, NewMessage, NewReply, PURGE_HEADS, Pin, Pinned,
+    QueueCursor, QueueFilter, RECORD_DEPARTURE, Range, Reacted, Reaction, ReadState, Reply, Reported, Resolved,
+    Revision, Role, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError, StoredReport,
+    Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, decode_mentions,
+    encode_mentions, list_sql, mention_count_sql, merge_changes, message_columns, parse_id, pinned_sql, report_columns,
+    stop_generating_sql, thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -51,9 +51,15 @@ macro_rules! db_clock_micros {
     };
 }
 
+/// Then the state of each message's chat as its heads row holds it now
+/// (members version, archived, closed; a chat without one: 0, false,
+/// false), read without a lock: it only decides why a message refused
+/// anyway (a missing reply or thread root) is refused.
 const CHECK_BATCH: &str = "SELECT EXISTS (SELECT 1 FROM messages m WHERE m.id = i.id) AS taken, \
-     (i.reply = 0 OR EXISTS (SELECT 1 FROM messages m WHERE m.chat_id = i.chat_id AND m.seq = i.reply)) AS reply_ok \
-     FROM UNNEST($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS i (id, chat_id, reply, ord) ORDER BY i.ord";
+     (i.reply = 0 OR EXISTS (SELECT 1 FROM messages m WHERE m.chat_id = i.chat_id AND m.seq = i.reply)) AS reply_ok, \
+     COALESCE(h.members_version, 0), COALESCE(h.archived, FALSE), COALESCE(h.closed, FALSE) \
+     FROM UNNEST($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS i (id, chat_id, reply, ord) \
+     LEFT JOIN chat_heads h ON h.chat_id = i.chat_id ORDER BY i.ord";
 
 /// The batch insert's SQL, `$extra` a further common table expression
 /// ("" for none) between the messages' insert and the answer.
@@ -66,11 +72,11 @@ macro_rules! insert_batch_sql {
                FROM UNNEST($1::text[], $2::bigint[], $16::bigint[]) WITH ORDINALITY AS c (chat_id, n, v, ord) \
                ORDER BY c.ord \
                ON CONFLICT (chat_id) DO UPDATE SET \
-                 last_seq = chat_heads.last_seq + CASE WHEN chat_heads.closed \
+                 last_seq = chat_heads.last_seq + CASE WHEN chat_heads.closed OR chat_heads.archived \
                    OR chat_heads.members_version > excluded.members_version THEN 0 ELSE excluded.last_seq END, \
-                 last_change = chat_heads.last_change + CASE WHEN chat_heads.closed \
+                 last_change = chat_heads.last_change + CASE WHEN chat_heads.closed OR chat_heads.archived \
                    OR chat_heads.members_version > excluded.members_version THEN 0 ELSE excluded.last_change END \
-               RETURNING chat_id, last_seq, last_change, closed, members_version), \
+               RETURNING chat_id, last_seq, last_change, closed, members_version, archived), \
              inserted AS ( \
                INSERT INTO messages (id, chat_id, seq, author_id, text, attachments, reply_to_seq, send_time, edit_time, \
                                      revision, delete_time, change_seq, create_change, flag_severity, flags, mentions, \
@@ -82,11 +88,11 @@ macro_rules! insert_batch_sql {
                            $10::bigint[], $11::int[], $12::text[], $13::text[], $14::text[], $15::bigint[]) \
                     AS i (id, chat_id, k, author_id, text, attachments, reply, send_time, flag_severity, flags, mentions, \
                           search_vector, thread_root) \
-               JOIN heads h ON h.chat_id = i.chat_id AND NOT h.closed \
+               JOIN heads h ON h.chat_id = i.chat_id AND NOT h.closed AND NOT h.archived \
                JOIN UNNEST($1::text[], $2::bigint[], $16::bigint[]) AS c (chat_id, n, v) \
                  ON c.chat_id = i.chat_id AND h.members_version <= c.v)",
             $extra,
-            " SELECT chat_id, last_seq, last_change, closed, members_version FROM heads"
+            " SELECT chat_id, last_seq, last_change, closed, members_version, archived FROM heads"
         )
     };
 }
@@ -99,11 +105,12 @@ macro_rules! insert_batch_sql {
 /// attachments, reply, send time, flags, mentions, the text's words
 /// as a `tsvector` literal, and the thread root's seq or 0) with seq `head - count + position` and change
 /// number likewise; returns every chat's new heads (chat id, seq, change
-/// number, closed, members version). A closed direct chat's heads stay as
-/// they are and its messages are not inserted, and so do those of a chat
-/// whose recorded members version is above the one its messages' checks
-/// saw: `closed` and the version are read in the upsert that locks the
-/// heads row, so a closure or a departure committed before it is seen
+/// number, closed, members version, archived). A closed direct chat's
+/// heads stay as they are and its messages are not inserted, and so do
+/// those of an archived chat and of a chat whose recorded members version
+/// is above the one its messages' checks saw: `closed`, `archived` and the
+/// version are read in the upsert that locks the heads row, so a closure,
+/// an archive or a departure committed before it is seen
 /// (under READ COMMITTED, ON CONFLICT DO UPDATE locks and works on the
 /// row's latest version, even one its snapshot does not see), and one
 /// recorded after it waits for this transaction. A new heads row takes the
@@ -122,7 +129,7 @@ const INSERT_BATCH_MENTIONS: &str = insert_batch_sql!(
        INSERT INTO message_mentions (chat_id, user_id, seq) \
        SELECT n.chat_id, n.user_id, h.last_seq - c.n + n.k \
        FROM UNNEST($17::text[], $18::bigint[], $19::text[]) AS n (chat_id, k, user_id) \
-       JOIN heads h ON h.chat_id = n.chat_id AND NOT h.closed \
+       JOIN heads h ON h.chat_id = n.chat_id AND NOT h.closed AND NOT h.archived \
        JOIN UNNEST($1::text[], $2::bigint[], $16::bigint[]) AS c (chat_id, n, v) \
          ON c.chat_id = n.chat_id AND h.members_version <= c.v \
        WHERE NOT EXISTS (SELECT 1 FROM forgotten_users f WHERE f.user_id = n.user_id) \
@@ -135,13 +142,23 @@ const INDEX_BATCH: i64 = 1000;
 /// Takes the next change number of chat `$1` (creating its heads row if
 /// need be), locking the row until the transaction ends; returns it, then
 /// the chat's members version ([`MessageStore::record_departure`], 0 for
-/// none) and whether it is closed ([`MessageStore::close_direct_chat`]),
-/// read on the row's latest version after its lock (so a departure or a
-/// closure committed meanwhile is seen; one recorded after waits for this
-/// transaction). Callers that need neither read the first column only.
+/// none), whether it is closed ([`MessageStore::close_direct_chat`]) and
+/// whether it is archived ([`MessageStore::archive_chat`]), read on the
+/// row's latest version after its lock (so a departure, a closure or an
+/// archive committed meanwhile is seen; one recorded after waits for this
+/// transaction). Callers that need none of them read the first column only
+/// ([`next_change_of_members`] reads them all).
 const NEXT_CHANGE: &str = "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES ($1, 0, 1) \
      ON CONFLICT (chat_id) DO UPDATE SET last_change = chat_heads.last_change + 1 \
-     RETURNING last_change, members_version, closed";
+     RETURNING last_change, members_version, closed, archived";
+
+/// [`NEXT_CHANGE`] of chat `chat` in `tx`: its next change number and what
+/// its heads row holds then.
+async fn next_change_of_members(tx: &mut sqlx::PgConnection, chat: &str) -> Result<(i64, HeadsState), sqlx::Error> {
+    let (change, members_version, closed, archived): (i64, i64, bool, bool) =
+        sqlx::query_as(NEXT_CHANGE).bind(chat).fetch_one(&mut *tx).await?;
+    Ok((change, HeadsState { members_version, archived, closed }))
+}
 
 /// `SELECT` of one message by id (`$1`).
 const MESSAGE_BY_ID: &str = concat!("SELECT ", message_columns!(), " FROM messages WHERE id = $1");
@@ -449,7 +466,7 @@ impl PostgresStore {
                 other => return other,
             }
         }
-        let checks = check_batch(&self.pool, &ids, &chats, &replies).await?;
+        let (checks, _) = check_batch(&self.pool, batch, &ids, &chats, &replies).await?;
         self.insert_holding_off_forgets(batch, &ids, &chats, &replies, &checks).await
     }
 
@@ -528,7 +545,7 @@ impl PostgresStore {
         let ids: Vec<String> = batch.iter().map(|m| m.id.to_string()).collect();
         let chats: Vec<String> = batch.iter().map(|m| m.chat_id.to_string()).collect();
         let replies: Vec<i64> = batch.iter().map(|m| m.reply_to.map_or(0, |s| s.0)).collect();
-        let mut checks = check_batch(&mut *tx, &ids, &chats, &replies).await?;
+        let (mut checks, chat_refusals) = check_batch(&mut *tx, batch, &ids, &chats, &replies).await?;
         for (i, root) in roots.into_iter().enumerate() {
             let refusal = match root {
                 Ok(0) => continue,
@@ -542,8 +559,9 @@ impl PostgresStore {
                 },
                 Err(refusal) => refusal,
             };
+            // The chat's state first, as for a missing reply.
             if checks[i].is_ok() {
-                checks[i] = Err(refusal);
+                checks[i] = Err(chat_refusals[i].clone().unwrap_or(refusal));
             }
         }
         let outcomes = insert_checked(&mut *tx, &normalized, &ids, &chats, &replies, &checks).await?;
@@ -582,24 +600,36 @@ impl PostgresStore {
     }
 }
 
-/// [`CHECK_BATCH`] of a batch's messages: per message, whether its id is
-/// taken (`Ok`), or [`Sent::NoSuchReply`].
+/// [`CHECK_BATCH`] of `batch`'s messages: per message, whether its id is
+/// taken (`Ok`), or its refusal: [`Sent::NoSuchReply`], unless its chat's
+/// state refuses it already (see below); and per message, the refusal its
+/// chat's state makes as read now ([`HeadsState::refusal`] with the
+/// version its check saw: a purged chat's is [`Sent::Stale`]), which the
+/// write makes again under the heads row's lock for a message it inserts,
+/// and which a message refused for its reply or its thread root gets
+/// instead, so that a deleted chat answers NOT_FOUND (checked afresh), not
+/// INVALID_ARGUMENT.
 async fn check_batch<'e>(
     executor: impl sqlx::PgExecutor<'e>,
+    batch: &[NewMessage],
     ids: &[String],
     chats: &[String],
     replies: &[i64],
-) -> Result<Vec<Result<bool, Sent>>, sqlx::Error> {
+) -> Result<(Vec<Result<bool, Sent>>, Vec<Option<Sent>>), sqlx::Error> {
     let rows = sqlx::query(CHECK_BATCH).bind(ids).bind(chats).bind(replies).fetch_all(executor).await?;
     if rows.len() != ids.len() {
         return Err(sqlx::Error::Protocol("batch check returned the wrong number of rows".into()));
     }
-    rows.iter()
-        .map(|r| {
-            let (taken, reply_ok): (bool, bool) = (r.try_get(0)?, r.try_get(1)?);
-            Ok(if reply_ok { Ok(taken) } else { Err(Sent::NoSuchReply) })
-        })
-        .collect()
+    let mut checks = Vec::with_capacity(rows.len());
+    let mut chat_refusals = Vec::with_capacity(rows.len());
+    for (r, m) in rows.iter().zip(batch) {
+        let (taken, reply_ok): (bool, bool) = (r.try_get(0)?, r.try_get(1)?);
+        let heads = HeadsState { members_version: r.try_get(2)?, archived: r.try_get(3)?, closed: r.try_get(4)? };
+        let chat_refusal = heads.refusal(m.members_version, true).map(Sent::from);
+        checks.push(if reply_ok { Ok(taken) } else { Err(chat_refusal.clone().unwrap_or(Sent::NoSuchReply)) });
+        chat_refusals.push(chat_refusal);
+    }
+    Ok((checks, chat_refusals))
 }
 
 /// Inserts the messages of `batch` that `checks` (per message: whether its
@@ -668,21 +698,19 @@ async fn insert_checked<'e>(
             .bind(&head_versions);
         let query =
             if mentions.0.is_empty() { query } else { query.bind(&mentions.0).bind(&mentions.1).bind(&mentions.2) };
-        let heads: Vec<(String, i64, i64, bool, i64)> = query.fetch_all(executor).await?;
-        let heads: HashMap<String, (i64, i64, bool, i64)> = heads
+        let heads: Vec<(String, i64, i64, bool, i64, bool)> = query.fetch_all(executor).await?;
+        let heads: HashMap<String, (i64, i64, HeadsState)> = heads
             .into_iter()
-            .map(|(chat, seq, change, closed, version)| (chat, (seq, change, closed, version)))
+            .map(|(chat, seq, change, closed, members_version, archived)| {
+                (chat, (seq, change, HeadsState { members_version, archived, closed }))
+            })
             .collect();
         for (i, k) in positions {
-            let &(seq, change, closed, version) = heads
+            let &(seq, change, state) = heads
                 .get(&chats[i])
                 .ok_or_else(|| sqlx::Error::Protocol("chat head missing from the batch insert".into()))?;
-            if closed {
-                outcomes[i] = Some(Sent::Closed);
-                continue;
-            }
-            if version > checked[chats[i].as_str()] {
-                outcomes[i] = Some(Sent::Stale);
+            if let Some(refusal) = state.refusal(checked[chats[i].as_str()], true) {
+                outcomes[i] = Some(refusal.into());
                 continue;
             }
             let n = counts[chats[i].as_str()];
@@ -732,8 +760,8 @@ async fn tombstone(
     }
     // A departure (or a loss of rights) recorded after the deleting
     // user's check refuses the deletion.
-    let (change, departed): (i64, i64) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
-    if departed > members_version {
+    let (change, heads) = next_change_of_members(tx, &chat).await?;
+    if heads.refusal(members_version, false).is_some() {
         return Ok(false);
     }
     if root > 0 {
@@ -1101,15 +1129,12 @@ impl MessageStore for PostgresStore {
         .execute(&mut *tx)
         .await?;
         // Lock order everywhere: a message row, then its chat's heads. A
-        // departure recorded after the editor's check, or a block's closure,
-        // refuses the edit (the revision above rolls back with the rest).
-        let (change, departed, closed): (i64, i64, bool) =
-            sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
-        if departed > members_version {
-            return Ok(Edited::Stale);
-        }
-        if closed {
-            return Ok(Edited::Closed);
+        // departure recorded after the editor's check, an archive or a
+        // block's closure refuses the edit (the revision above rolls back
+        // with the rest).
+        let (change, heads) = next_change_of_members(&mut tx, &chat).await?;
+        if let Some(refusal) = heads.refusal(members_version, true) {
+            return Ok(refusal.into());
         }
         let row = sqlx::query(concat!(
             "UPDATE messages SET text = $1, revision = revision + 1, edit_time = $2, change_seq = $4, \
@@ -1188,6 +1213,11 @@ impl MessageStore for PostgresStore {
         .iter()
         .map(message_row)
         .collect()
+    }
+
+    async fn archive_chat(&self, chat: ChatId, archived: bool, version: i64) -> Result<(), StoreError> {
+        sqlx::query(ARCHIVE_CHAT).bind(chat.to_string()).bind(archived).bind(version).execute(&self.pool).await?;
+        Ok(())
     }
 
     async fn close_direct_chat(&self, chat: ChatId, closed: bool, version: i64) -> Result<(), StoreError> {
@@ -1296,8 +1326,8 @@ impl MessageStore for PostgresStore {
         hold_off_forgets(&mut tx).await?;
         // A departure recorded after the user's check refuses the move
         // (rolled back when dropped).
-        let (change, departed): (i64, i64) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
-        if departed > members_version {
+        let (change, heads) = next_change_of_members(&mut tx, &chat).await?;
+        if heads.refusal(members_version, false).is_some() {
             return Ok(Marked::Stale);
         }
         let moved: Option<(i64,)> = sqlx::query_as(
@@ -1867,15 +1897,11 @@ impl MessageStore for PostgresStore {
         let written = done.rows_affected() > 0;
         let row = if written {
             // A departure recorded after the reacting user's check refuses
-            // the change, and a block's closure an add (rolled back with the
-            // rest).
-            let (change, departed, closed): (i64, i64, bool) =
-                sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
-            if departed > members_version {
-                return Ok(Reacted::Stale);
-            }
-            if closed && add {
-                return Ok(Reacted::Closed);
+            // the change, and an archive or a block's closure an add (rolled
+            // back with the rest).
+            let (change, heads) = next_change_of_members(&mut tx, &chat).await?;
+            if let Some(refusal) = heads.refusal(members_version, add) {
+                return Ok(refusal.into());
             }
             sqlx::query(concat!(
                 "UPDATE messages SET change_seq = $2, reaction_rows = reaction_rows + $3 WHERE id = $1 RETURNING ",
@@ -1920,14 +1946,10 @@ impl MessageStore for PostgresStore {
         // chat's other pins behind this one: the count below is theirs too.
         // A refusal rolls the number back with the rest, as one for a
         // departure recorded after the pinning user's check, or for a pin
-        // in a chat a block closed.
-        let (change, departed, closed): (i64, i64, bool) =
-            sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
-        if departed > members_version {
-            return Ok(Pinned::Stale);
-        }
-        if closed && pin {
-            return Ok(Pinned::Closed);
+        // in a chat archived or closed by a block.
+        let (change, heads) = next_change_of_members(&mut tx, &chat).await?;
+        if let Some(refusal) = heads.refusal(members_version, pin) {
+            return Ok(refusal.into());
         }
         if pin {
             let (pins,): (i64,) =
@@ -2002,17 +2024,35 @@ impl MessageStore for PostgresStore {
         row.as_ref().map_or(Ok(Reported::Stale), |row| Ok(Reported::Stored(report_row(row)?)))
     }
 
-    async fn resolve_reports(&self, message: MessageId, resolver: UserId, now: i64) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "UPDATE message_reports SET resolve_time = $3, resolver_id = $2 \
-             WHERE message_id = $1 AND resolve_time IS NULL",
+    async fn resolve_reports(
+        &self,
+        message: MessageId,
+        chat: ChatId,
+        resolver: UserId,
+        now: i64,
+        members_version: Option<i64>,
+    ) -> Result<Resolved, StoreError> {
+        // As a report's insert: the chat's members version read on its heads
+        // row under a share lock, in the update's own statement (a departure
+        // or a demotion being recorded is waited for, then read as
+        // committed; one recorded after waits for this statement). Staff
+        // (no version) compare nothing.
+        let (current, done): (bool, i64) = sqlx::query_as(
+            "WITH heads AS (SELECT 1 FROM chat_heads WHERE chat_id = $4 \
+               AND members_version <= COALESCE($5, members_version) FOR SHARE), \
+             done AS (UPDATE message_reports SET resolve_time = $3, resolver_id = $2 \
+               WHERE message_id = $1 AND resolve_time IS NULL AND ($5::bigint IS NULL OR EXISTS (SELECT 1 FROM heads)) \
+               RETURNING 1) \
+             SELECT $5::bigint IS NULL OR EXISTS (SELECT 1 FROM heads), (SELECT COUNT(*) FROM done)",
         )
         .bind(message.to_string())
         .bind(resolver.to_string())
         .bind(now)
-        .execute(&self.pool)
+        .bind(chat.to_string())
+        .bind(members_version)
+        .fetch_one(&self.pool)
         .await?;
-        Ok(done.rows_affected())
+        Ok(if current { Resolved::Done(u64::try_from(done).unwrap_or_default()) } else { Resolved::Stale })
     }
 
     async fn flagged(

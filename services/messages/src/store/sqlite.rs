@@ -18,14 +18,15 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, params};
 
 use super::{
-    Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Deletion, Edited, Finish,
-    Finished, Flags, Generation, GenerationInfo, Heads, LATEST_MEMBERSHIP_SQL, Logged, MESSAGE_COLUMNS, Marked,
-    Membership, Message, MessageStore, NewMessage, NewReply, PURGE_HEADS, Pin, Pinned, QueueCursor, QueueFilter,
-    RECENT_ACTIVITY_ROWS, RECORD_DEPARTURE, Range, Reacted, Reaction, ReadState, Reply, Reported, Revision, Role,
-    SEARCH_RANK_MAX, SEARCH_SCAN, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError,
-    StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row,
-    created_after_bounds, decode_mentions, encode_mentions, first_seq_created_after, list_sql, mention_count_sql,
-    merge_changes, message_columns, pinned_sql, report_columns, stop_generating_sql, thread_root_of, unread_count_sql,
+    ARCHIVE_CHAT, Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Deletion,
+    Edited, Finish, Finished, Flags, Generation, GenerationInfo, Heads, HeadsState, LATEST_MEMBERSHIP_SQL, Logged,
+    MESSAGE_COLUMNS, Marked, Membership, Message, MessageStore, NewMessage, NewReply, PURGE_HEADS, Pin, Pinned,
+    QueueCursor, QueueFilter, RECENT_ACTIVITY_ROWS, RECORD_DEPARTURE, Range, Reacted, Reaction, ReadState, Reply,
+    Reported, Resolved, Revision, Role, SEARCH_RANK_MAX, SEARCH_SCAN, SearchCursor, SearchFilter, SearchHit,
+    SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql,
+    chat_change_of, chat_change_row, created_after_bounds, decode_mentions, encode_mentions, first_seq_created_after,
+    list_sql, mention_count_sql, merge_changes, message_columns, pinned_sql, report_columns, stop_generating_sql,
+    thread_root_of, unread_count_sql,
 };
 use crate::domain::{decode_attachments, encode_attachments};
 
@@ -319,21 +320,24 @@ fn report_row(row: &Row<'_>) -> rusqlite::Result<StoredReport> {
 /// Takes the next change number of chat `chat` (creating its heads row if
 /// need be), inside the caller's transaction.
 fn next_change(tx: &Connection, chat: &str) -> rusqlite::Result<i64> {
-    next_change_of_members(tx, chat).map(|(change, _, _)| change)
+    next_change_of_members(tx, chat).map(|(change, _)| change)
 }
 
 /// [`next_change`], with the chat's members version
-/// ([`MessageStore::record_departure`], 0 for none) and whether it is
-/// closed ([`MessageStore::close_direct_chat`]) read in the same
-/// statement: the one writer records no departure or closure between it
-/// and the commit.
-fn next_change_of_members(tx: &Connection, chat: &str) -> rusqlite::Result<(i64, i64, bool)> {
+/// ([`MessageStore::record_departure`], 0 for none), whether it is closed
+/// ([`MessageStore::close_direct_chat`]) and whether it is archived
+/// ([`MessageStore::archive_chat`]) read in the same statement: the one
+/// writer records no departure, closure or archive between it and the
+/// commit.
+fn next_change_of_members(tx: &Connection, chat: &str) -> rusqlite::Result<(i64, HeadsState)> {
     tx.prepare_cached(
         "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES (?1, 0, 1) \
          ON CONFLICT (chat_id) DO UPDATE SET last_change = chat_heads.last_change + 1 \
-         RETURNING last_change, members_version, closed",
+         RETURNING last_change, members_version, closed, archived",
     )?
-    .query_row([chat], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+    .query_row([chat], |row| {
+        Ok((row.get(0)?, HeadsState { members_version: row.get(1)?, closed: row.get(2)?, archived: row.get(3)? }))
+    })
 }
 
 /// A row of `change_seq, kind, user_id, details, seq, change_time` of
@@ -390,6 +394,10 @@ fn thread_root(
     Ok(Ok(root))
 }
 
+/// A chat's heads as a batch moves them: its id as text, last seq, last
+/// change number, and the last change number as stored.
+type OpenHeads = (String, i64, i64, i64);
+
 /// Inserts `batch` in one transaction (see the module docs).
 fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Result<Vec<Sent>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -420,7 +428,7 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
             checked.entry(m.chat_id).and_modify(|v| *v = (*v).min(m.members_version)).or_insert(m.members_version);
         }
         let mut read_head = tx.prepare_cached(
-            "SELECT last_seq, last_change, closed, members_version FROM chat_heads WHERE chat_id = ?1",
+            "SELECT last_seq, last_change, closed, members_version, archived FROM chat_heads WHERE chat_id = ?1",
         )?;
         // A stored id (a retry, or one earlier in the batch) inserts
         // nothing: one index lookup, where a SELECT first would walk the id
@@ -431,12 +439,41 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, 1, NULL, ?9, ?9, ?10, ?11, ?12, ?13) \
              ON CONFLICT (id) DO NOTHING",
         )?;
-        // chat -> (its id as text, last seq, last change number), or the
-        // refusal of its messages: a closed direct chat, a departure after
-        // their checks (read in this transaction: the one writer records
-        // none between this read and the commit).
-        let mut heads: HashMap<ChatId, Result<(String, i64, i64), Sent>> = HashMap::new();
+        // chat -> (its id as text, last seq, last change number, the last
+        // change number as stored), or the refusal of its messages: a
+        // departure after their checks (or the chat's deletion), an
+        // archive, a closed direct chat (read in this transaction: the one
+        // writer records none between this read and the commit).
+        let mut heads: HashMap<ChatId, Result<OpenHeads, Sent>> = HashMap::new();
         for ((mut m, reply_ok), root) in batch.into_iter().zip(replies_ok).zip(roots) {
+            let open = match heads.entry(m.chat_id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let chat = m.chat_id.to_string();
+                    let stored: Option<(i64, i64, HeadsState)> = read_head
+                        .query_row([&chat], |row| {
+                            let state =
+                                HeadsState { closed: row.get(2)?, members_version: row.get(3)?, archived: row.get(4)? };
+                            Ok((row.get(0)?, row.get(1)?, state))
+                        })
+                        .optional()?;
+                    let (seq, change, state) = stored.unwrap_or_default();
+                    e.insert(match state.refusal(checked[&m.chat_id], true) {
+                        Some(refusal) => Err(refusal.into()),
+                        None => Ok((chat, seq, change, change)),
+                    })
+                }
+            };
+            // The chat's state first: a message whose reply or root is
+            // missing from a purged chat is refused as stale (checked
+            // afresh, the chat is not found), not for its reply.
+            let (chat, head, change, _) = match open {
+                Ok(open) => open,
+                Err(refused) => {
+                    outcomes.push(refused.clone());
+                    continue;
+                }
+            };
             if !reply_ok {
                 outcomes.push(Sent::NoSuchReply);
                 continue;
@@ -448,30 +485,6 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
                     continue;
                 }
             }
-            let open = match heads.entry(m.chat_id) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    let chat = m.chat_id.to_string();
-                    let stored: Option<(i64, i64, bool, i64)> = read_head
-                        .query_row([&chat], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
-                        .optional()?;
-                    let (seq, change, closed, version) = stored.unwrap_or((0, 0, false, 0));
-                    e.insert(if closed {
-                        Err(Sent::Closed)
-                    } else if version > checked[&m.chat_id] {
-                        Err(Sent::Stale)
-                    } else {
-                        Ok((chat, seq, change))
-                    })
-                }
-            };
-            let (chat, head, change) = match open {
-                Ok(open) => open,
-                Err(refused) => {
-                    outcomes.push(refused.clone());
-                    continue;
-                }
-            };
             let (seq, next_change) = (*head + 1, *change + 1);
             let (flag_severity, flags) = Flags::columns(m.flags.as_ref());
             let inserted = insert.execute(params![
@@ -516,7 +529,7 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
         // Each root replied to: the next change number after the batch's
         // messages of its chat, and its summary.
         for ((chat, root), bump) in bumps.iter().filter(|(_, b)| b.replies > 0) {
-            let Some(Ok((chat, _, change))) = heads.get_mut(chat) else { continue };
+            let Some(Ok((chat, _, change, _))) = heads.get_mut(chat) else { continue };
             *change += 1;
             tx.prepare_cached(
                 "UPDATE messages SET reply_count = reply_count + ?3, \
@@ -536,8 +549,12 @@ fn insert_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> rusqlite::Resu
             "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES (?1, ?2, ?3) \
              ON CONFLICT (chat_id) DO UPDATE SET last_seq = excluded.last_seq, last_change = excluded.last_change",
         )?;
-        for (chat, head, change) in heads.values().flatten() {
-            write_head.execute(params![chat, head, change])?;
+        // Only the heads the batch moved: a chat whose messages were all
+        // refused (or retries) keeps its row as it is, or gets none.
+        for (chat, head, change, stored) in heads.values().flatten() {
+            if change != stored {
+                write_head.execute(params![chat, head, change])?;
+            }
         }
     }
     tx.commit()?;
@@ -581,15 +598,12 @@ fn edit(
          SELECT id, revision, text, COALESCE(edit_time, send_time) FROM messages WHERE id = ?1",
     )?
     .execute([id])?;
-    // A departure recorded after the editor's check, or a block's
-    // closure, refuses the edit (the revision above rolls back with the
-    // rest).
-    let (change, departed, closed) = next_change_of_members(&tx, &chat)?;
-    if departed > members_version {
-        return Ok(Edited::Stale);
-    }
-    if closed {
-        return Ok(Edited::Closed);
+    // A departure recorded after the editor's check, an archive or a
+    // block's closure refuses the edit (the revision above rolls back with
+    // the rest).
+    let (change, heads) = next_change_of_members(&tx, &chat)?;
+    if let Some(refusal) = heads.refusal(members_version, true) {
+        return Ok(refusal.into());
     }
     let message = tx
         .prepare_cached(concat!(
@@ -652,8 +666,8 @@ fn tombstone(tx: &Connection, id: &str, by: &str, now: i64, members_version: i64
     let Some((chat, seq, mentions, root)) = live else { return Ok(true) };
     // A departure (or a loss of rights) recorded after the deleting user's
     // check refuses the deletion.
-    let (change, departed, _) = next_change_of_members(tx, &chat)?;
-    if departed > members_version {
+    let (change, heads) = next_change_of_members(tx, &chat)?;
+    if heads.refusal(members_version, false).is_some() {
         return Ok(false);
     }
     if root > 0 {
@@ -746,13 +760,11 @@ fn react(
     };
     let mut message = if written > 0 {
         // A departure recorded after the reacting user's check refuses the
-        // change, and a block's closure an add (rolled back with the rest).
-        let (change, departed, closed) = next_change_of_members(&tx, &chat)?;
-        if departed > members_version {
-            return Ok(Reacted::Stale);
-        }
-        if closed && add {
-            return Ok(Reacted::Closed);
+        // change, and an archive or a block's closure an add (rolled back
+        // with the rest).
+        let (change, heads) = next_change_of_members(&tx, &chat)?;
+        if let Some(refusal) = heads.refusal(members_version, add) {
+            return Ok(refusal.into());
         }
         let rows = if add { 1 } else { -1 };
         tx.prepare_cached(concat!(
@@ -831,13 +843,10 @@ fn pin_message(
         }
     }
     // A departure recorded after the pinning user's check refuses the
-    // change, and a block's closure a pin.
-    let (change, departed, closed) = next_change_of_members(&tx, &chat)?;
-    if departed > members_version {
-        return Ok(Pinned::Stale);
-    }
-    if closed && pin {
-        return Ok(Pinned::Closed);
+    // change, and an archive or a block's closure a pin.
+    let (change, heads) = next_change_of_members(&tx, &chat)?;
+    if let Some(refusal) = heads.refusal(members_version, pin) {
+        return Ok(refusal.into());
     }
     let (time, by) = if pin { (Some(now), Some(user)) } else { (None, None) };
     let message = tx
@@ -1396,8 +1405,8 @@ impl MessageStore for SqliteStore {
             let (read_seq, change_seq) = if target > read_seq && !forgotten {
                 // A departure recorded after the user's check refuses the
                 // move (dropped, the transaction rolls back).
-                let (change, departed, _) = next_change_of_members(&tx, &chat)?;
-                if departed > members_version {
+                let (change, heads) = next_change_of_members(&tx, &chat)?;
+                if heads.refusal(members_version, false).is_some() {
                     return Ok(Marked::Stale);
                 }
                 tx.prepare_cached(
@@ -1435,6 +1444,17 @@ impl MessageStore for SqliteStore {
         self.db
             .write(move |conn| {
                 conn.prepare_cached(CLOSE_DIRECT_CHAT)?.execute(params![chat, closed, version])?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn archive_chat(&self, chat: ChatId, archived: bool, version: i64) -> Result<(), StoreError> {
+        let chat = chat.to_string();
+        self.db
+            .write(move |conn| {
+                conn.prepare_cached(ARCHIVE_CHAT)?.execute(params![chat, archived, version])?;
                 Ok(())
             })
             .await?;
@@ -1755,16 +1775,37 @@ impl MessageStore for SqliteStore {
         Ok(stored.await?.map_or(Reported::Stale, Reported::Stored))
     }
 
-    async fn resolve_reports(&self, message: MessageId, resolver: UserId, now: i64) -> Result<u64, StoreError> {
-        let (message, resolver) = (message.to_string(), resolver.to_string());
+    async fn resolve_reports(
+        &self,
+        message: MessageId,
+        chat: ChatId,
+        resolver: UserId,
+        now: i64,
+        members_version: Option<i64>,
+    ) -> Result<Resolved, StoreError> {
+        let (message, chat, resolver) = (message.to_string(), chat.to_string(), resolver.to_string());
         let resolved = self.db.write(move |conn| {
-            conn.prepare_cached(
-                "UPDATE message_reports SET resolve_time = ?3, resolver_id = ?2 \
-                 WHERE message_id = ?1 AND resolve_time IS NULL",
-            )?
-            .execute(params![message, resolver, now])
+            // The chat's members version read in the update's statement, on
+            // its heads row (which every message's chat has); the one writer
+            // records no departure meanwhile. Staff compare nothing.
+            let done = conn
+                .prepare_cached(
+                    "UPDATE message_reports SET resolve_time = ?3, resolver_id = ?2 \
+                     WHERE message_id = ?1 AND resolve_time IS NULL AND (?5 IS NULL OR EXISTS \
+                       (SELECT 1 FROM chat_heads WHERE chat_id = ?4 AND members_version <= ?5))",
+                )?
+                .execute(params![message, resolver, now, chat, members_version])?;
+            if done > 0 || members_version.is_none() {
+                return Ok(Resolved::Done(done as u64));
+            }
+            let current = conn
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM chat_heads WHERE chat_id = ?1 AND members_version <= ?2)",
+                )?
+                .query_row(params![chat, members_version], |row| row.get(0))?;
+            Ok(if current { Resolved::Done(0) } else { Resolved::Stale })
         });
-        Ok(resolved.await? as u64)
+        Ok(resolved.await?)
     }
 
     async fn flagged(

@@ -106,6 +106,11 @@ message_store_suite!(
     a_batch_assigns_gap_free_seqs_per_chat_and_skips_retries,
     a_batch_without_replies_skips_retries_too,
     a_closed_direct_chat_takes_no_message_written_after_its_closure,
+    an_archived_chat_takes_no_message_edit_reaction_or_pin_written_after_its_archive,
+    a_send_waiting_on_an_archive_being_recorded_is_refused_once_it_commits,
+    a_resolve_checked_before_a_departure_or_demotion_is_refused_in_its_write,
+    a_resolve_waiting_on_a_departure_being_recorded_is_refused_once_it_commits,
+    a_message_naming_a_reply_or_root_in_a_purged_chat_is_refused_as_stale,
     a_send_waiting_on_a_closure_being_recorded_is_refused_once_it_commits,
     a_departure_recorded_after_a_messages_check_refuses_it_in_the_write,
     a_send_waiting_on_a_departure_being_recorded_is_refused_once_it_commits,
@@ -652,6 +657,124 @@ async fn a_closed_direct_chat_takes_no_edit_reaction_or_pin_written_after_its_cl
     assert!(matches!(h.store.edit(id(1), "changed", None, 3_000, 5, 0).await.unwrap(), Edited::Done(_)));
     assert!(matches!(h.store.react(id(1), user(1), "🎉", true, 3_001, 20, 0).await.unwrap(), Reacted::Changed(_)));
     assert!(matches!(h.store.pin(id(2), user(1), true, 3_002, 10, 0).await.unwrap(), Pinned::Changed(_)));
+}
+
+/// In an archived chat, written after the archive was recorded (whenever
+/// the membership was checked): a message, an edit, a reaction added and a
+/// pin are refused ([`Sent::Archived`], [`Edited::Archived`],
+/// [`Reacted::Archived`], [`Pinned::Archived`]), take no seq and no change
+/// number and change nothing; an edit to the text the message has (a
+/// retry) is answered as it is, and taking a reaction or a pin back,
+/// deleting and a read move go through. A lower or equal version (late,
+/// repeated) changes nothing; unarchived, the chat takes them again.
+async fn an_archived_chat_takes_no_message_edit_reaction_or_pin_written_after_its_archive(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(1, 1, 0), msg(2, 1, 0), msg(3, 1, 0)]).await), [Some(1), Some(2), Some(3)]);
+    assert!(matches!(h.store.react(id(1), user(1), "👍", true, 1_500, 20, 0).await.unwrap(), Reacted::Changed(_)));
+    assert!(matches!(h.store.pin(id(1), user(1), true, 1_501, 10, 0).await.unwrap(), Pinned::Changed(_)));
+    h.store.archive_chat(chat(1), true, 1).await.unwrap();
+    let heads = h.store.heads(chat(1)).await.unwrap();
+    let out = send(h, &[msg(4, 1, 0), msg(5, 2, 0)]).await;
+    assert_eq!((&out[0], seqs(&out)[1]), (&Sent::Archived, Some(1)), "refused in the write; the other chat goes on");
+    assert_eq!(send(h, &[msg(6, 1, 1), msg(7, 2, 1)]).await[0], Sent::Archived, "with replies");
+    assert_eq!(send(h, &[mentioning(msg(8, 1, 0), &[1])]).await, [Sent::Archived], "with mentions");
+    assert_eq!(send(h, &[in_thread(msg(9, 1, 0), 1)]).await, [Sent::Archived], "in a thread");
+    assert_eq!(h.store.edit(id(1), "changed", None, 2_000, 5, 0).await.unwrap(), Edited::Archived);
+    assert_eq!(h.store.react(id(1), user(1), "🎉", true, 2_001, 20, 0).await.unwrap(), Reacted::Archived);
+    assert_eq!(h.store.pin(id(2), user(1), true, 2_002, 10, 0).await.unwrap(), Pinned::Archived);
+    assert_eq!(h.store.heads(chat(1)).await.unwrap(), heads, "no seq, no change number taken");
+    let first = at(h, 1, 1).await;
+    assert_eq!((first.text.as_str(), first.revision), ("text of 1", 1), "not edited");
+    assert_eq!(h.store.revisions(&[id(1)]).await.unwrap(), [], "no revision kept");
+    assert_eq!(h.store.reactions(&[id(1)], None).await.unwrap()[&id(1)].len(), 1, "no reaction added");
+    assert_eq!(at(h, 1, 2).await.pin, None, "not pinned");
+
+    assert!(matches!(h.store.edit(id(1), "text of 1", None, 2_003, 5, 0).await.unwrap(), Edited::Unchanged(_)));
+    assert!(matches!(h.store.react(id(1), user(1), "👍", false, 2_005, 20, 0).await.unwrap(), Reacted::Changed(_)));
+    assert!(matches!(h.store.pin(id(1), user(1), false, 2_006, 10, 0).await.unwrap(), Pinned::Changed(_)));
+    assert!(matches!(h.store.delete_with_replies(id(3), user(0), 2_007, 0).await.unwrap(), Deletion::Done(_)));
+    assert_eq!(mark_read(h.store.as_ref(), chat(1), user(1), Seq(3)).await.unwrap().read_seq, Seq(3));
+
+    h.store.archive_chat(chat(1), false, 1).await.unwrap();
+    assert_eq!(send(h, &[msg(10, 1, 0)]).await, [Sent::Archived], "version 1 again: still archived");
+    h.store.archive_chat(chat(1), false, 2).await.unwrap();
+    assert_eq!(seqs(&send(h, &[msg(10, 1, 0)]).await), [Some(4)], "unarchived, no gap");
+    assert!(matches!(h.store.edit(id(1), "changed", None, 3_000, 5, 0).await.unwrap(), Edited::Done(_)));
+    assert!(matches!(h.store.react(id(1), user(1), "🎉", true, 3_001, 20, 0).await.unwrap(), Reacted::Changed(_)));
+    assert!(matches!(h.store.pin(id(2), user(1), true, 3_002, 10, 0).await.unwrap(), Pinned::Changed(_)));
+    h.store.archive_chat(chat(1), true, 1).await.unwrap();
+    assert_eq!(seqs(&send(h, &[msg(11, 1, 0)]).await), [Some(5)], "a late archive undoes no unarchive");
+
+    // A chat archived before its first message, and a departure's stale
+    // refusal before the archive's (the sender is checked afresh first).
+    h.store.archive_chat(chat(3), true, 1).await.unwrap();
+    assert_eq!(send(h, &[msg(12, 3, 0)]).await, [Sent::Archived]);
+    h.store.record_departure(chat(3), 1).await.unwrap();
+    assert_eq!(send(h, &[msg(12, 3, 0)]).await, [Sent::Stale]);
+    assert_eq!(h.store.heads(chat(3)).await.unwrap(), Heads::default());
+}
+
+/// PostgreSQL: a send whose write reaches the chat's heads while an
+/// archive of the chat is being recorded (its transaction holds the heads
+/// row) waits for it, then reads the committed archive and is refused.
+async fn a_send_waiting_on_an_archive_being_recorded_is_refused_once_it_commits(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(30, 9, 0)]).await), [Some(1)]);
+    let archive = sqlx::query(ARCHIVE_CHAT).bind(chat(9).to_string()).bind(true).bind(1_i64);
+    let Some(out) = insert_behind(h, archive, vec![msg(31, 9, 0)]).await else { return };
+    assert_eq!(out, [Sent::Archived], "the write read the archive committed while it waited");
+    assert_eq!(h.store.head(chat(9)).await.unwrap(), Seq(1));
+}
+
+/// A resolve by an owner or admin checked before a departure or a loss of
+/// rights (a lower members version) and written after it was recorded is
+/// refused ([`Resolved::Stale`]) and resolves nothing; one checked at the
+/// recorded version resolves, and staff (no version) compare nothing.
+async fn a_resolve_checked_before_a_departure_or_demotion_is_refused_in_its_write(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(1, 1, 0), msg(2, 1, 0)]).await), [Some(1), Some(2)]);
+    reported(h, &report_of(1, 7, 1, 5_000)).await;
+    reported(h, &report_of(2, 7, 1, 5_001)).await;
+    h.store.record_departure(chat(1), 1).await.unwrap();
+    let resolve = |message, version| h.store.resolve_reports(id(message), chat(1), user(9), 6_000, version);
+    assert_eq!(resolve(1, Some(0)).await.unwrap(), Resolved::Stale);
+    let open = || async {
+        let queue = h.store.flagged(&QueueFilter::default(), None, 10).await.unwrap();
+        queue.iter().map(|(_, reports)| reports.len()).sum::<usize>()
+    };
+    assert_eq!(open().await, 2, "nothing resolved");
+    assert_eq!(resolve(1, Some(1)).await.unwrap(), Resolved::Done(1), "checked after it");
+    assert_eq!(resolve(2, None).await.unwrap(), Resolved::Done(1), "staff compare nothing");
+    assert_eq!(resolve(2, Some(0)).await.unwrap(), Resolved::Stale, "refused, even with nothing left to resolve");
+    assert_eq!(open().await, 0);
+}
+
+/// PostgreSQL: a resolve whose update reaches the chat's heads while a
+/// departure (or a demotion) is being recorded waits for it, then reads
+/// the committed members version and is refused.
+async fn a_resolve_waiting_on_a_departure_being_recorded_is_refused_once_it_commits(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(1, 1, 0)]).await), [Some(1)]);
+    reported(h, &report_of(1, 7, 1, 5_000)).await;
+    let departure = sqlx::query(RECORD_DEPARTURE).bind(chat(1).to_string()).bind(1_i64);
+    let resolve = |store: Arc<dyn MessageStore>| async move {
+        store.resolve_reports(id(1), chat(1), user(9), 6_000, Some(0)).await.unwrap()
+    };
+    let Some(out) = write_behind(h, departure, resolve).await else { return };
+    assert_eq!(out, Resolved::Stale, "the resolve read the departure committed while it waited");
+}
+
+/// A message naming a reply or a thread root in a purged (deleted) chat,
+/// checked before the deletion, is refused as stale (checked afresh, the
+/// chat is not found), not for its reply or its root, which the purge took
+/// with the rest: the deleted chat answers first, as for a plain message.
+async fn a_message_naming_a_reply_or_root_in_a_purged_chat_is_refused_as_stale(h: &Harness) {
+    assert_eq!(seqs(&send(h, &[msg(1, 1, 0), msg(2, 1, 0)]).await), [Some(1), Some(2)]);
+    h.store.purge_chat(chat(1)).await.unwrap();
+    let out = send(h, &[msg(3, 1, 1), msg(4, 2, 0)]).await;
+    assert_eq!((&out[0], seqs(&out)[1]), (&Sent::Stale, Some(1)), "a reply; the other chat goes on");
+    assert_eq!(send(h, &[in_thread(msg(5, 1, 0), 2)]).await, [Sent::Stale], "in a thread");
+    assert_eq!(send(h, &[in_thread(msg(6, 1, 2), 2)]).await, [Sent::Stale], "both");
+    assert_eq!(send(h, &[msg(7, 2, 9)]).await, [Sent::NoSuchReply], "a live chat's missing reply as before");
+    assert_eq!(send(h, &[in_thread(msg(8, 2, 0), 9)]).await, [Sent::NoSuchThreadRoot]);
+    assert!(stored(h, 1).await.is_empty(), "nothing stored in the deleted chat");
+    assert_eq!(h.store.heads(chat(1)).await.unwrap(), Heads::default());
 }
 
 async fn a_reply_names_a_message_stored_before_its_batch(h: &Harness) {
@@ -1739,8 +1862,8 @@ async fn reports_are_once_per_user_and_the_queue_lists_flagged_and_reported_mess
     assert_eq!(seqs(h.store.flagged(&sent(Some(1_002), None), None, 10).await.unwrap()), [id(3), id(2)]);
     assert_eq!(seqs(h.store.flagged(&sent(None, Some(1_002)), None, 10).await.unwrap()), [id(1)]);
     // Resolving empties its reports; it leaves the queue (not flagged).
-    assert_eq!(h.store.resolve_reports(id(2), user(9), 7_000).await.unwrap(), 2);
-    assert_eq!(h.store.resolve_reports(id(2), user(9), 7_100).await.unwrap(), 0);
+    assert_eq!(h.store.resolve_reports(id(2), chat(1), user(9), 7_000, None).await.unwrap(), Resolved::Done(2));
+    assert_eq!(h.store.resolve_reports(id(2), chat(1), user(9), 7_100, Some(0)).await.unwrap(), Resolved::Done(0));
     assert_eq!(queue(Some(vec![chat(1)]), 2, None, 10).await, [(1, chat(1), 0)]);
     // The chats' aggregates: chat 1 has seqs 1..=3 with 3 deleted; its
     // worst live flag is HIGH (4); chat 2's LOW (2).

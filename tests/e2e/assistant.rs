@@ -93,6 +93,8 @@ crate::with_scripted_server!(
     the_assistant_is_never_made_owner_or_admin [],
     removing_the_assistant_stops_its_reply_being_written [],
     a_regenerate_checked_before_the_assistant_s_removal_starts_no_reply [],
+    a_regenerate_checked_before_an_archive_starts_no_reply [],
+    a_prompt_checked_before_an_archive_gets_no_reply [],
     a_prompt_checked_before_its_author_s_removal_gets_no_reply [],
 );
 crate::each_mode!(a_prompt_the_classifier_flags_never_reaches_the_model_however_late_its_verdict);
@@ -1681,6 +1683,50 @@ async fn a_regenerate_checked_before_the_assistant_s_removal_starts_no_reply(c: 
     assert_eq!(server.requests().len(), 1, "only the question asked reached the model");
 }
 
+/// A Regenerate whose checks (its caller's, the assistant's) passed before
+/// the chat's archive, and whose start comes after ArchiveChat answered
+/// (here: the chats store says, as of before the archive, that the chat is
+/// not archived: `unarchive_silently`), is refused where the reply would
+/// take its seq, as a send is: FAILED_PRECONDITION "chat is archived". No
+/// reply is started, the replaced one stays, and nothing goes to the
+/// model. Before, a reply was started and generated in the archived chat.
+async fn a_regenerate_checked_before_an_archive_starts_no_reply(c: &Cluster, server: &ScriptedServer) {
+    use natter_proto::chats::v1 as cpb;
+    server.set_fallback(Script::reply("ok"));
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let (_, team) = team_with_the_assistant(c, &alice, &bob).await;
+    let chat = team.id;
+    let ask = apb::AskRequest { chat_id: chat.clone(), text: "@assistant hello".into(), ..Default::default() };
+    let asked = c.assistant().ask(authed(&alice, ask)).await.unwrap().into_inner();
+    let (prompt, reply) = (asked.prompt.unwrap(), asked.reply.unwrap());
+    assert_eq!(status(&reply), mpb::GenerationStatus::Complete);
+    let archive = cpb::ArchiveChatRequest { chat_id: chat.clone() };
+    c.chats().archive_chat(authed(&alice, archive)).await.unwrap();
+    c.unarchive_silently(&chat).await;
+    let refused = c.assistant().regenerate(authed(&alice, reload_of(&chat))).await.unwrap_err();
+    assert_eq!((refused.code(), refused.message()), (Code::FailedPrecondition, "chat is archived"), "{refused:?}");
+    let listed: Vec<(String, bool)> =
+        history(c, &alice, &chat, true).await.into_iter().map(|m| (m.id, m.superseded)).collect();
+    assert_eq!(listed, [(prompt.id, false), (reply.id, false)], "no reply started, none replaced");
+    assert_eq!(server.requests().len(), 1, "only the question asked reached the model");
+}
+
+/// A prompt waits its turn behind the reply being written; the chat is
+/// archived, and its turn's checks still find it open (the chats store
+/// says, as of before the archive, that it is not archived:
+/// `unarchive_silently`). Its start is refused where the reply would take
+/// its seq, as a send is, and the prompt is not answered: its Ask runs out
+/// of time, no reply is stored, and nothing of it reaches the model.
+/// Before, it was answered in the archived chat.
+async fn a_prompt_checked_before_an_archive_gets_no_reply(c: &Cluster, server: &ScriptedServer) {
+    use natter_proto::chats::v1 as cpb;
+    let queued = queued_behind_a_busy_reply(c, server, "@assistant and then?").await;
+    let archive = cpb::ArchiveChatRequest { chat_id: queued.chat.clone() };
+    c.chats().archive_chat(authed(&queued.alice, archive)).await.unwrap();
+    c.unarchive_silently(&queued.chat).await;
+    queued.stop_busy_and_find_bobs_prompt_unanswered(c, server).await;
+}
+
 /// A prompt waits its turn behind the reply being written; its author is
 /// removed after the turn's checks (its author's, the assistant's) but
 /// before its reply starts (here: the chats store says, as of before the
@@ -1690,6 +1736,27 @@ async fn a_regenerate_checked_before_the_assistant_s_removal_starts_no_reply(c: 
 /// of time, and nothing of it reaches the model. Before, it was answered.
 async fn a_prompt_checked_before_its_author_s_removal_gets_no_reply(c: &Cluster, server: &ScriptedServer) {
     use natter_proto::chats::v1 as cpb;
+    let queued = queued_behind_a_busy_reply(c, server, "@assistant what about my raise?").await;
+    let (alice, bob, chat) = (&queued.alice, &queued.bob, &queued.chat);
+    let remove = cpb::RemoveMemberRequest { chat_id: chat.clone(), user_id: bob.id.clone() };
+    c.chats().remove_member(authed(alice, remove)).await.unwrap();
+    c.undo_departure_silently(chat, &bob.id).await;
+    queued.stop_busy_and_find_bobs_prompt_unanswered(c, server).await;
+}
+
+/// Bob's prompt (`text`, by Ask with a 5 s timeout, running in the
+/// background) queued in a group with the assistant behind alice's, whose
+/// reply is being written and hangs (`busy`).
+struct Queued {
+    alice: TestUser,
+    bob: TestUser,
+    chat: String,
+    busy: String,
+    bobs: mpb::Message,
+    asking: tokio::task::JoinHandle<Result<tonic::Response<apb::AskResponse>, tonic::Status>>,
+}
+
+async fn queued_behind_a_busy_reply(c: &Cluster, server: &ScriptedServer, text: &str) -> Queued {
     server.push(Script::hang_after("busy"));
     server.set_fallback(Script::reply("never asked"));
     let (alice, bob) = (c.user("alice").await, c.user("bob").await);
@@ -1698,12 +1765,7 @@ async fn a_prompt_checked_before_its_author_s_removal_gets_no_reply(c: &Cluster,
     let mut stream = events(c, &alice, &chat).await;
     send(c, &alice, &chat, "@assistant first").await;
     let busy = busy_reply(&mut stream).await;
-    let ask = apb::AskRequest {
-        chat_id: chat.clone(),
-        text: "@assistant what about my raise?".into(),
-        timeout_seconds: 5,
-        ..Default::default()
-    };
+    let ask = apb::AskRequest { chat_id: chat.clone(), text: text.into(), timeout_seconds: 5, ..Default::default() };
     let (mut assistant, request) = (c.assistant(), authed(&bob, ask));
     let asking = tokio::spawn(async move { assistant.ask(request).await });
     let bobs = loop {
@@ -1713,19 +1775,25 @@ async fn a_prompt_checked_before_its_author_s_removal_gets_no_reply(c: &Cluster,
             break m;
         }
     };
-    let remove = cpb::RemoveMemberRequest { chat_id: chat.clone(), user_id: bob.id.clone() };
-    c.chats().remove_member(authed(&alice, remove)).await.unwrap();
-    c.undo_departure_silently(&chat, &bob.id).await;
-    let stop = apb::StopGenerationRequest { message_id: busy };
-    c.assistant().stop_generation(authed(&alice, stop)).await.unwrap();
-    let refused = asking.await.unwrap().unwrap_err();
-    assert_eq!(refused.code(), Code::DeadlineExceeded, "{refused:?}");
-    let replies: Vec<i64> = history(c, &alice, &chat, true)
-        .await
-        .into_iter()
-        .filter(|m| m.role == mpb::MessageRole::Assistant as i32)
-        .map(|m| m.reply_to_seq)
-        .collect();
-    assert!(!replies.contains(&bobs.seq), "bob's prompt got no reply: {replies:?}");
-    assert_eq!(server.requests().len(), 1, "bob's prompt never reached the model");
+    Queued { alice, bob, chat, busy, bobs, asking }
+}
+
+impl Queued {
+    /// Stops the busy reply, which gives bob's prompt its turn, and checks
+    /// that the prompt gets no answer: its Ask runs out of time, no reply
+    /// to it is stored, and only alice's prompt reached the model.
+    async fn stop_busy_and_find_bobs_prompt_unanswered(self, c: &Cluster, server: &ScriptedServer) {
+        let stop = apb::StopGenerationRequest { message_id: self.busy };
+        c.assistant().stop_generation(authed(&self.alice, stop)).await.unwrap();
+        let refused = self.asking.await.unwrap().unwrap_err();
+        assert_eq!(refused.code(), Code::DeadlineExceeded, "{refused:?}");
+        let replies: Vec<i64> = history(c, &self.alice, &self.chat, true)
+            .await
+            .into_iter()
+            .filter(|m| m.role == mpb::MessageRole::Assistant as i32)
+            .map(|m| m.reply_to_seq)
+            .collect();
+        assert!(!replies.contains(&self.bobs.seq), "bob's prompt got no reply: {replies:?}");
+        assert_eq!(server.requests().len(), 1, "bob's prompt never reached the model");
+    }
 }

@@ -983,9 +983,12 @@ impl Assistant {
                 tracing::warn!(prompt = %prompt.id, error = %status.message(), "cannot refuse a prompt; left unread");
                 self.hold(prompt, None);
             }
-            // Deleted meanwhile: nothing to refuse.
+            // Deleted, or its chat archived, meanwhile: nothing to refuse.
             Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                tracing::debug!(prompt = %prompt.id, error = %status.message(), "a prompt deleted before its refusal");
+                tracing::info!(prompt = %prompt.id, error = %status.message(), "a prompt deleted, or its chat archived, before its refusal");
+                if advance {
+                    self.read_past(prompt).await;
+                }
             }
             Err(status) => tracing::warn!(prompt = %prompt.id, error = %status.message(), "cannot refuse a prompt"),
         }
@@ -1245,9 +1248,10 @@ impl Assistant {
                         tracing::warn!(prompt = %job.prompt.id, error = %status.message(), "cannot start a reply; the prompt is left unread");
                         return self.hold(&job.prompt, Some(owner));
                     }
-                    // Deleted since it was re-read: nothing to answer.
+                    // Deleted since it was re-read, or its chat archived
+                    // since the turn's checks: nothing to answer.
                     Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                        tracing::debug!(prompt = %job.prompt.id, error = %status.message(), "a prompt deleted before its reply started");
+                        tracing::info!(prompt = %job.prompt.id, error = %status.message(), "a prompt deleted, or its chat archived, before its reply started; not answered");
                         return self.read_past(&job.prompt).await;
                     }
                     Err(status) => {

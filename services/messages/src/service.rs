@@ -1496,7 +1496,8 @@ impl Messages {
     /// (the replaced message is no reply of the chat), ALREADY_EXISTS (the
     /// id is another message's), [`MessagesError::MembersChanged`] (the
     /// chat's members changed after the caller's checks,
-    /// [`NewReply::members_version`]: nothing written), PERMISSION_DENIED (a
+    /// [`NewReply::members_version`]: nothing written), FAILED_PRECONDITION
+    /// (an archived chat, [`Messages::ARCHIVED`]), PERMISSION_DENIED (a
     /// direct chat closed by a block, [`Messages::BLOCKED`]).
     pub async fn start_reply(&self, reply: NewReply) -> Result<(Message, bool), MessagesError> {
         let (chat, author) = (reply.chat_id, reply.author_id);
@@ -1529,6 +1530,7 @@ impl Messages {
             // member's), a loss of rights or the chat's purge recorded after
             // the caller's checks: the caller checks again (it made them).
             Started::Stale => Err(MessagesError::MembersChanged(Self::REPLY_MEMBERS_CHANGED)),
+            Started::Archived => Err(MessagesError::Precondition(Self::ARCHIVED)),
             Started::Closed => Err(MessagesError::Denied(Self::BLOCKED)),
         }
     }

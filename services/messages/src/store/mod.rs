@@ -772,6 +772,12 @@ pub enum Started {
     /// seq); nothing written, no seq taken. Check again, afresh, and start
     /// again.
     Stale,
+    /// The chat is archived ([`MessageStore::archive_chat`]), as read where
+    /// the start takes its seq: like a send, a reply (a refusal created
+    /// finished included) is refused there. Nothing written. Read after
+    /// [`Started::Stale`] and before [`Started::Closed`], as a send's
+    /// write reads them.
+    Archived,
     /// The chat is a direct chat closed by a block
     /// ([`MessageStore::close_direct_chat`]), as read where the start takes
     /// its seq: it takes no new messages, replies included. Nothing
@@ -1089,7 +1095,7 @@ macro_rules! refused_as {
         }
     )*};
 }
-refused_as!(Sent, Edited, Reacted, Pinned);
+refused_as!(Sent, Edited, Reacted, Pinned, Started);
 
 /// Outcome of [`MessageStore::resolve_reports`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1776,12 +1782,14 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// replicas cannot both start one. A reply created finished
     /// ([`NewReply::finished`]) skips that check. Nor does a start whose
     /// [members version](NewReply::members_version) is below the chat's
-    /// recorded one ([`Started::Stale`]), or one in a direct chat closed
-    /// by a block ([`Started::Closed`]): both read on the heads row where
-    /// the seq is taken (PostgreSQL: after its lock, on its latest
-    /// version; SQLite: in the writer's transaction), as a send's write
-    /// reads them, so a departure or a purge recorded before the start
-    /// commits is seen, and one recorded after it waits for it.
+    /// recorded one ([`Started::Stale`]), one in an archived chat
+    /// ([`Started::Archived`]) or one in a direct chat closed by a block
+    /// ([`Started::Closed`]), refused in that order, as a send's write
+    /// refuses: each read on
+    /// the heads row where the seq is taken (PostgreSQL: after its lock, on
+    /// its latest version; SQLite: in the writer's transaction), so a
+    /// departure, an archive or a purge recorded before the start commits
+    /// is seen, and one recorded after it waits for it.
     async fn start_reply(&self, reply: &NewReply) -> Result<Started, StoreError>;
 
     /// Stores the text so far of GENERATING replies, in ONE transaction

@@ -364,24 +364,24 @@ impl PostgresStore {
                 return Ok(Started::NotAReply);
             }
         }
-        // The chat's members version and closure, read on the heads row's
-        // latest version after its lock (READ COMMITTED's ON CONFLICT DO
-        // UPDATE): a departure, a closure or a purge committed before is
-        // seen, one recorded after waits for this transaction. Returning
-        // drops the transaction (rolled back): no seq taken.
-        let (seq, change, departed, closed): (i64, i64, i64, bool) = sqlx::query_as(
+        // The chat's members version, archive and closure, read on the
+        // heads row's latest version after its lock (READ COMMITTED's ON
+        // CONFLICT DO UPDATE): a departure, an archive, a closure or a
+        // purge committed before is seen, one recorded after waits for this
+        // transaction. Returning drops the transaction (rolled back): no
+        // seq taken.
+        let (seq, change, members_version, archived, closed): (i64, i64, i64, bool, bool) = sqlx::query_as(
             "INSERT INTO chat_heads (chat_id, last_seq, last_change) VALUES ($1, 1, 1) \
              ON CONFLICT (chat_id) DO UPDATE SET last_seq = chat_heads.last_seq + 1, \
-             last_change = chat_heads.last_change + 1 RETURNING last_seq, last_change, members_version, closed",
+             last_change = chat_heads.last_change + 1 \
+             RETURNING last_seq, last_change, members_version, archived, closed",
         )
         .bind(&chat)
         .fetch_one(&mut *tx)
         .await?;
-        if closed {
-            return Ok(Started::Closed);
-        }
-        if r.members_version.is_some_and(|checked| departed > checked) {
-            return Ok(Started::Stale);
+        let heads = HeadsState { members_version, archived, closed };
+        if let Some(refusal) = heads.refusal(r.members_version.unwrap_or(i64::MAX), true) {
+            return Ok(refusal.into());
         }
         // Under the heads lock: a reply another replica started is
         // committed and seen. Returning drops the transaction (rolled back).

@@ -919,19 +919,21 @@ fn start_reply(conn: &mut Connection, r: &NewReply) -> rusqlite::Result<Started>
         // checkpoint.
         None => ("", Generation::Generating, String::new(), Some(natter_kit::time::now_micros())),
     };
-    // The chat's recorded members version and closure, read in the
-    // writer's transaction: none is recorded between this read and the
+    // The chat's recorded members version, archive and closure, read in
+    // the writer's transaction: none is recorded between this read and the
     // commit.
-    let (last_seq, last_change, departed, closed): (i64, i64, i64, bool) = tx
-        .prepare_cached("SELECT last_seq, last_change, members_version, closed FROM chat_heads WHERE chat_id = ?1")?
-        .query_row([&chat], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
+    let (last_seq, last_change, heads) = tx
+        .prepare_cached(
+            "SELECT last_seq, last_change, members_version, archived, closed FROM chat_heads WHERE chat_id = ?1",
+        )?
+        .query_row([&chat], |row| {
+            let heads = HeadsState { members_version: row.get(2)?, archived: row.get(3)?, closed: row.get(4)? };
+            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, heads))
+        })
         .optional()?
-        .unwrap_or((0, 0, 0, false));
-    if closed {
-        return Ok(Started::Closed);
-    }
-    if r.members_version.is_some_and(|checked| departed > checked) {
-        return Ok(Started::Stale);
+        .unwrap_or_default();
+    if let Some(refusal) = heads.refusal(r.members_version.unwrap_or(i64::MAX), true) {
+        return Ok(refusal.into());
     }
     let (seq, change) = (last_seq + 1, last_change + 1);
     let reply = tx

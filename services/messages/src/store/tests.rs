@@ -99,6 +99,7 @@ message_store_suite!(
     one_reply_generates_at_a_time_per_chat_and_a_refusal_is_not_held_up,
     a_start_retried_by_its_owner_resumes_its_reply_while_it_generates,
     a_reply_whose_checks_came_before_a_departure_or_a_closure_is_refused_in_its_start,
+    a_reply_started_after_its_chat_s_archive_is_refused_in_its_start,
     a_start_waiting_on_a_departure_being_recorded_is_refused_once_it_commits,
     read_positions_are_read_in_order,
     a_chat_s_read_positions_are_listed_by_user_a_page_at_a_time,
@@ -1664,6 +1665,37 @@ async fn a_reply_whose_checks_came_before_a_departure_or_a_closure_is_refused_in
     assert_eq!(h.store.heads(chat(22)).await.unwrap(), before);
     h.store.close_direct_chat(chat(22), false, 2).await.unwrap();
     assert!(matches!(h.store.start_reply(&reply(13, 22, 3, None)).await.unwrap(), Started::Created(..)), "reopened");
+}
+
+/// A reply (a refusal created finished too) started after its chat's
+/// archive was recorded is refused where the start takes its seq, as a
+/// send is, whatever members version its checks saw: nothing written, no
+/// seq, no change number. A Regenerate's start supersedes nothing. A
+/// stale start is told so first (its caller checks afresh, and finds the
+/// archive). Unarchived, the chat takes the reply with no gap.
+async fn a_reply_started_after_its_chat_s_archive_is_refused_in_its_start(h: &Harness) {
+    send(h, &[by(msg(1, 24, 0), 1)]).await;
+    let (first, _) = created(h.store.start_reply(&reply(2, 24, 1, None)).await.unwrap());
+    let done = fin("an answer", Generation::Complete, &GenerationInfo::default(), false);
+    h.store.finish_reply(first.id, &done).await.unwrap();
+    h.store.archive_chat(chat(24), true, 1).await.unwrap();
+    let before = h.store.heads(chat(24)).await.unwrap();
+    let late = reply_checked_at(reply(3, 24, 1, Some(2)), Some(0));
+    assert_eq!(h.store.start_reply(&late).await.unwrap(), Started::Archived, "a Regenerate's");
+    assert_eq!(h.store.start_reply(&reply(3, 24, 1, None)).await.unwrap(), Started::Archived, "with no version");
+    let refusal = GenerationInfo { error: "refused".into(), ..Default::default() };
+    let finished = NewReply { finished: Some((Generation::Complete, "no".into(), refusal)), ..reply(4, 24, 1, None) };
+    assert_eq!(h.store.start_reply(&finished).await.unwrap(), Started::Archived, "a refusal created finished");
+    assert_eq!(h.store.message(id(3)).await.unwrap(), None, "nothing written");
+    assert_eq!(h.store.message(id(4)).await.unwrap(), None, "nothing written");
+    assert!(!h.store.message(id(2)).await.unwrap().unwrap().superseded(), "the replaced reply stays");
+    assert_eq!(h.store.heads(chat(24)).await.unwrap(), before, "no seq, no change number taken");
+    h.store.record_departure(chat(24), 3).await.unwrap();
+    assert_eq!(h.store.start_reply(&late).await.unwrap(), Started::Stale, "stale first");
+
+    h.store.archive_chat(chat(24), false, 2).await.unwrap();
+    let (started, superseded) = created(h.store.start_reply(&reply(3, 24, 1, Some(2))).await.unwrap());
+    assert_eq!((started.seq, superseded.map(|m| m.id)), (Seq(3), Some(id(2))), "unarchived: started, no gap");
 }
 
 /// PostgreSQL, two transactions by hand: a reply's start that reaches the

@@ -166,10 +166,19 @@ pub struct MessagesArgs {
     /// How often this replica tells the others (over the bus) which users
     /// hold StreamEvents streams on it; a replica silent for 3 intervals is
     /// taken as dead and its users go offline (sooner, within about 14 s,
-    /// when the bus finds its process dead: 4 s, and a 10 s grace for a
-    /// replica only cut off from NATS). Give every replica the same.
+    /// when the bus finds its process dead: 4 s, and the
+    /// --presence-lost-grace). Give every replica the same.
     #[arg(long, env = "NATTER_PRESENCE_HEARTBEAT", default_value = "10s", value_parser = positive_duration)]
     pub presence_heartbeat: std::time::Duration,
+    /// How long the users of a replica whose process the bus finds dead
+    /// (NATS: its liveness announcements stopped for 3 s) stay online
+    /// unless it is heard again: a replica only cut off from NATS (a
+    /// network blip, a NATS restart, a long pause) that is back within it
+    /// never shows its users offline. Longer hides more blips and delays
+    /// a real death's offline by as much; at most 3 --presence-heartbeat
+    /// intervals count; 0s: offline as soon as the bus finds the death.
+    #[arg(long, env = "NATTER_PRESENCE_LOST_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub presence_lost_grace: std::time::Duration,
     /// GetPresence calls per user: N/PERIOD, or `off`.
     #[arg(long, env = "NATTER_PRESENCE_RATE", default_value = "120/1m")]
     pub presence_rate: Rate,
@@ -229,6 +238,7 @@ impl Default for MessagesArgs {
             classifier_url: None,
             classifier_timeout: std::time::Duration::from_secs(2),
             presence_heartbeat: std::time::Duration::from_secs(10),
+            presence_lost_grace: crate::presence::LOST_GRACE,
             presence_rate: Rate::parse("120/1m").expect("valid rate"),
         }
     }

@@ -12,8 +12,9 @@
 //! as of its last word, unless online elsewhere. So is, sooner, a peer
 //! whose process the bus finds dead (NATS: its liveness announcements, one
 //! a second, stopped for 3 s; [`BeatKind::Lost`], delivered by this
-//! process's bus only) and that is not heard again within [`LOST_GRACE`]
-//! (10 s, or its heartbeat expiry if shorter): a replica's id is its bus's
+//! process's bus only) and that is not heard again within its grace
+//! (`--presence-lost-grace`, [`LOST_GRACE`] by default, or its heartbeat
+//! expiry if shorter): a replica's id is its bus's
 //! process id ([`EventBus::process`]; random within one process). A
 //! replica that starts says `Hello` and its peers answer with a heartbeat
 //! at once; one that stops says `Goodbye`; one whose bus reconnects after a
@@ -89,10 +90,20 @@ use crate::store::MessageStore;
 pub const MISSED_BEATS: u32 = 3;
 
 /// How long a peer the bus lost ([`BeatKind::Lost`]) keeps its users online
-/// (at most its heartbeat expiry): a replica only cut off from NATS for a
-/// few seconds comes back within it, and its users never show offline
-/// (module docs).
+/// by default (`--presence-lost-grace`; at most its heartbeat expiry): a
+/// replica only cut off from NATS for a few seconds comes back within it,
+/// and its users never show offline (module docs).
 pub const LOST_GRACE: Duration = Duration::from_secs(10);
+
+/// A lost peer's grace as configured ([`LOST_GRACE`] unless set).
+#[derive(Clone, Copy, Debug)]
+struct Grace(Duration);
+
+impl Default for Grace {
+    fn default() -> Self {
+        Self(LOST_GRACE)
+    }
+}
 
 /// Most users in one beat: about 300 KB on the wire, well within NATS's
 /// default 1 MB payload limit (a longer heartbeat goes in parts).
@@ -173,6 +184,8 @@ struct State {
     /// (the announcing task records it after the flip): the time, µs,
     /// until [`State::recorded`] (or until they come online again).
     unrecorded: HashMap<Uuid, i64>,
+    /// How long a peer the bus lost keeps its users (at most its expiry).
+    lost_grace: Grace,
 }
 
 #[derive(Debug)]
@@ -188,6 +201,8 @@ struct Peer {
     /// When the bus lost its process ([`BeatKind::Lost`]), if it has not
     /// been heard since: it is taken as dead after [`Peer::grace`].
     lost: Option<Instant>,
+    /// The grace configured on this replica ([`State::lost_grace`]).
+    lost_grace: Duration,
     /// The parts of a heartbeat sent in several: its time, how many came,
     /// their users.
     gathering: Option<(i64, u32, HashSet<Uuid>)>,
@@ -195,9 +210,10 @@ struct Peer {
 
 impl Peer {
     /// How long after the bus lost it, unheard meanwhile, it is taken as
-    /// dead: [`LOST_GRACE`], or its heartbeat expiry if shorter.
+    /// dead: the configured grace ([`LOST_GRACE`] by default), or its
+    /// heartbeat expiry if shorter.
     fn grace(&self) -> Duration {
-        LOST_GRACE.min(self.expiry)
+        self.lost_grace.min(self.expiry)
     }
 
     /// When it is taken as dead unless heard before.
@@ -326,12 +342,14 @@ impl State {
             return self.flips(&gone.clone(), beat.time, |s| gone.into_iter().for_each(|u| s.remote_remove(u)));
         }
         let interval = u64::try_from(beat.interval).ok().filter(|i| *i > 0).map_or(own_interval, Duration::from_micros);
+        let lost_grace = self.lost_grace.0;
         let peer = self.peers.entry(beat.replica).or_insert_with(|| Peer {
             users: HashSet::new(),
             heard: now,
             alive_at: beat.time,
             expiry: interval * MISSED_BEATS,
             lost: None,
+            lost_grace,
             gathering: None,
         });
         if peer.lost.take().is_some() {
@@ -410,9 +428,10 @@ impl Drop for Online {
 impl Presence {
     /// Starts presence on this replica: subscribes to the presence topic,
     /// says hello, then heartbeats every `interval` (which must not be
-    /// zero) until [`Presence::close`] (or until dropped). Changes are
-    /// recorded in `store` and announced to local streams through the
-    /// chats `chats` lists.
+    /// zero) until [`Presence::close`] (or until dropped). A peer the bus
+    /// loses keeps its users online for `lost_grace` (at most its
+    /// heartbeat expiry; zero: none). Changes are recorded in `store` and
+    /// announced to local streams through the chats `chats` lists.
     ///
     /// Panics outside a Tokio runtime.
     pub fn start(
@@ -420,6 +439,7 @@ impl Presence {
         chats: Arc<dyn ChatDirectory>,
         store: Arc<dyn MessageStore>,
         interval: Duration,
+        lost_grace: Duration,
     ) -> Arc<Self> {
         let (work, queue) = mpsc::unbounded_channel();
         let presence = Arc::new(Self {
@@ -428,7 +448,7 @@ impl Presence {
             replica: bus.process().unwrap_or_else(Uuid::new_v4),
             interval,
             bus: bus.clone(),
-            state: Mutex::default(),
+            state: Mutex::new(State { lost_grace: Grace(lost_grace), ..State::default() }),
             work,
             news_lost: watch::channel(0).0,
             stop: CancellationToken::new(),
@@ -872,6 +892,26 @@ mod tests {
         s.heard(&lost, HashSet::new(), now + SECOND, SECOND);
         assert_eq!(s.due(), Some(now + 3 * SECOND), "its last word plus three of its 1 s intervals");
         assert_eq!(flipped(&s.expire(now + 3 * SECOND)), [(u, false, 100)]);
+    }
+
+    #[test]
+    fn a_lost_replica_s_grace_is_the_one_configured() {
+        let (u, peer, now) = (Uuid::now_v7(), Uuid::now_v7(), Instant::now());
+        let slow = |kind, time| Beat { interval: 60_000_000, ..beat(peer, kind, time) };
+        let lost = BusEvent::process_lost(peer).beat.expect("a beat");
+        for grace in [Duration::from_secs(30), Duration::from_secs(2)] {
+            let mut s = State { lost_grace: Grace(grace), ..State::default() };
+            s.heard(&slow(BeatKind::Heartbeat, 100), [u].into(), now, SECOND);
+            s.heard(&lost, HashSet::new(), now, SECOND);
+            assert_eq!(s.due(), Some(now + grace), "{grace:?}");
+            assert!(s.expire(now + grace - Duration::from_millis(1)).is_empty(), "{grace:?}: still within it");
+            assert_eq!(flipped(&s.expire(now + grace)), [(u, false, 100)], "{grace:?}");
+        }
+        // None: offline as soon as the bus finds the death.
+        let mut s = State { lost_grace: Grace(Duration::ZERO), ..State::default() };
+        s.heard(&slow(BeatKind::Heartbeat, 100), [u].into(), now, SECOND);
+        s.heard(&lost, HashSet::new(), now, SECOND);
+        assert_eq!(flipped(&s.expire(now)), [(u, false, 100)], "no grace");
     }
 
     #[test]

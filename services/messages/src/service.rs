@@ -117,7 +117,13 @@ impl Messages {
                 .ok()
                 .map(Arc::new)
         });
-        let presence = Presence::start(bus.clone(), chats.clone(), store.clone(), args.presence_heartbeat);
+        let presence = Presence::start(
+            bus.clone(),
+            chats.clone(),
+            store.clone(),
+            args.presence_heartbeat,
+            args.presence_lost_grace,
+        );
         // A send cancelled while its message was being committed announced
         // nothing: its chat's streams are told to re-read the store (which
         // also brings a thread root's new counts), and it is classified.

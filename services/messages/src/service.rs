@@ -1064,11 +1064,15 @@ impl Messages {
 
     /// ListReadPositions: up to `page_size` read positions of the chat's
     /// members after user `after` (a page token's key), by user id, with
-    /// the key of the next page while the store has more. Read positions
-    /// kept for users who have left, those of other users whose read
-    /// receipts are private, and the other member's in a direct chat closed
-    /// by a block, are dropped from the page (so it may be short), by the
-    /// same call to the chats service that checks the caller is a member.
+    /// the key of the next page while a position after the page is to be
+    /// listed. Read positions kept for users who have left, those of other
+    /// users whose read receipts are private, and the other member's in a
+    /// direct chat closed by a block, are left out, by the same call to the
+    /// chats service that checks the caller is a member; the page is
+    /// filled from the store's next rows instead, for up to
+    /// [`READ_POSITION_ROUNDS`] store reads a call (past that a page may be
+    /// short, with a next key: AIP-158 allows it). So a page is empty, or
+    /// has a next key, only when that many reads found nothing to list.
     ///
     /// Errors: NOT_FOUND (no such chat), PERMISSION_DENIED (not a member).
     pub async fn chat_read_positions(
@@ -1076,26 +1080,38 @@ impl Messages {
         caller: UserId,
         req: ListReadPositions,
     ) -> Result<(Vec<(UserId, Seq)>, Option<UserId>), MessagesError> {
-        let mut positions = self.store.chat_read_positions(req.chat_id, req.after, req.page_size + 1).await?;
-        let next = if positions.len() > req.page_size as usize {
-            positions.truncate(req.page_size as usize);
-            positions.last().map(|(user, _)| *user)
-        } else {
-            None
-        };
-        let users = positions.iter().map(|(user, _)| user.to_string()).collect();
-        let m = self.member_with(req.chat_id, caller, users, true).await?;
-        // A chats service of a build before private read receipts answers
-        // none: taken as private (only the caller's own is listed) until it
-        // is upgraded. In a direct chat closed by a block, neither sees the
-        // other's.
-        let mut private = m.other_private_read_receipts.iter().chain(std::iter::repeat(&true));
-        let mut members = m.other_members.iter();
-        positions.retain(|(user, _)| {
-            let (member, private) = (members.next().copied().unwrap_or(false), *private.next().unwrap_or(&true));
-            member && (*user == caller || !(private || m.blocked))
-        });
-        Ok((positions, next))
+        let want = req.page_size as usize;
+        let (mut page, mut after) = (Vec::with_capacity(want), req.after);
+        for _ in 0..READ_POSITION_ROUNDS {
+            // One row past what the page still needs: whether a next page
+            // has anything to list is known by the same check.
+            let need = want - page.len();
+            let fetched = self.store.chat_read_positions(req.chat_id, after, need as u32 + 1).await?;
+            let exhausted = fetched.len() <= need;
+            after = fetched.last().map(|(user, _)| *user);
+            let users = fetched.iter().map(|(user, _)| user.to_string()).collect();
+            let m = self.member_with(req.chat_id, caller, users, true).await?;
+            // A chats service of a build before private read receipts
+            // answers none: taken as private (only the caller's own is
+            // listed) until it is upgraded. In a direct chat closed by a
+            // block, neither sees the other's.
+            let mut private = m.other_private_read_receipts.iter().chain(std::iter::repeat(&true));
+            let mut members = m.other_members.iter();
+            page.extend(fetched.into_iter().filter(|(user, _)| {
+                let (member, private) = (members.next().copied().unwrap_or(false), *private.next().unwrap_or(&true));
+                member && (*user == caller || !(private || m.blocked))
+            }));
+            if page.len() > want {
+                page.truncate(want);
+                let next = page.last().map(|(user, _)| *user);
+                return Ok((page, next));
+            }
+            if exhausted || after.is_none() {
+                return Ok((page, None));
+            }
+        }
+        // Rounds spent on positions nobody may see: the rest next time.
+        Ok((page, after))
     }
 
     /// Internal MarkReadAs (the assistant, for its bot):
@@ -1629,6 +1645,12 @@ impl Messages {
         Ok(self.store.stale_replies(before, limit).await?)
     }
 }
+
+/// Most store reads one ListReadPositions call makes to fill its page
+/// past positions it may not list (users who left, private read receipts):
+/// each read is one indexed range of the chat's positions and one
+/// membership call.
+pub const READ_POSITION_ROUNDS: usize = 4;
 
 /// Tells the streams of `chat` to re-read the store (a resync hint): for a
 /// change committed that nobody announced, so that it is not left for the

@@ -96,6 +96,7 @@ crate::with_scripted_server!(
     a_regenerate_checked_before_an_archive_starts_no_reply [],
     a_prompt_checked_before_an_archive_gets_no_reply [],
     a_prompt_checked_before_its_author_s_removal_gets_no_reply [],
+    a_reply_finished_after_the_assistant_s_unheard_removal_ends_stopped [],
 );
 crate::each_mode!(a_prompt_the_classifier_flags_never_reaches_the_model_however_late_its_verdict);
 mod off {
@@ -1797,3 +1798,60 @@ impl Queued {
         assert_eq!(server.requests().len(), 1, "bob's prompt never reached the model");
     }
 }
+
+/// Polls the chat's history (every 20 ms, 5 s at most) until reply `id`,
+/// still GENERATING, has `text` stored: a checkpoint stored it, and the
+/// next is about a checkpoint period (a second) away.
+async fn until_checkpointed(c: &Cluster, user: &TestUser, chat: &str, id: &str, text: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let listed = history(c, user, chat, false).await;
+        let reply = listed.iter().find(|m| m.id == id).expect("the reply is listed");
+        assert_eq!(status(reply), mpb::GenerationStatus::Generating, "{reply:?}");
+        if reply.text == text {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no checkpoint stored {text:?}: {reply:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The assistant taken out of a group while its reply there is written,
+/// and the model ending the reply before its next checkpoint, on an
+/// assistant that did not hear of the removal (here nobody did: it is made
+/// in the chats store, `remove_member_silently`, and a rename then drops
+/// what any replica kept of the chat's members): the reply ends STOPPED
+/// with all its text, as a removal heard, or seen at a checkpoint, ends
+/// it, not COMPLETE as if answered to a chat the assistant is no member
+/// of. Its info is the model's (finish_reason `stop`), with no error.
+/// Before, the finish stored it COMPLETE: only checkpoints asked whether
+/// its author was still a member.
+async fn a_reply_finished_after_the_assistant_s_unheard_removal_ends_stopped(c: &Cluster, server: &ScriptedServer) {
+    use natter_proto::chats::v1 as cpb;
+    server.push(Script::held_after("partial", ", and the rest"));
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let (bot, team) = team_with_the_assistant(c, &alice, &bob).await;
+    let chat = team.id;
+    let mut stream = events(c, &alice, &chat).await;
+    send(c, &alice, &chat, "@assistant talk").await;
+    let reply = busy_reply(&mut stream).await;
+    // Right after a checkpoint, so that the model's end comes before the
+    // next one (which would stop the reply with its text so far).
+    until_checkpointed(c, &alice, &chat, &reply, "partial").await;
+    c.remove_member_silently(&chat, &bot).await;
+    let renamed = cpb::Chat { id: chat.clone(), title: "team, renamed".into(), ..Default::default() };
+    let rename = cpb::UpdateChatRequest {
+        chat_id: chat.clone(),
+        chat: Some(renamed),
+        update_mask: Some(natter_proto::FieldMask { paths: vec!["title".into()] }),
+    };
+    c.chats().update_chat(authed(&alice, rename)).await.unwrap();
+    server.release();
+    let ended = until_finished(&mut stream, Some(&reply)).await.finished.unwrap();
+    assert_eq!((status(&ended), ended.text.as_str()), (mpb::GenerationStatus::Stopped, "partial, and the rest"));
+    let info = ended.generation.expect("generation info");
+    assert_eq!((info.finish_reason.as_str(), info.error.as_str()), ("stop", ""));
+    let stored = history(c, &alice, &chat, false).await.into_iter().find(|m| m.id == reply).expect("the reply stays");
+    assert_eq!((status(&stored), stored.text.as_str()), (mpb::GenerationStatus::Stopped, "partial, and the rest"));
+}
+

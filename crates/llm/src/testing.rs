@@ -33,6 +33,9 @@ pub enum Step {
     Wait(Duration),
     /// Nothing more, ever, until the client goes away.
     Hang,
+    /// Nothing more until [`ScriptedServer::release`] (or the client goes
+    /// away), then the steps after it.
+    Held,
     /// A chunk whose text is the time it is written, in µs since the Unix
     /// epoch, then `|`: a load test's token that carries when the provider
     /// emitted it.
@@ -111,6 +114,17 @@ impl Script {
             body: String::new(),
             steps: vec![Step::Bytes(content(text)), Step::Hang],
         }
+    }
+
+    /// The first `text`, then nothing until [`ScriptedServer::release`],
+    /// then `rest` and the end of a well-behaved reply ([`Script::reply`]:
+    /// finish reason `stop`, usage, `[DONE]`): a model that ends its
+    /// answer exactly when a test says.
+    pub fn held_after(text: &str, rest: &str) -> Self {
+        let mut script = Self::reply(rest);
+        // After the role-only first chunk and the keep-alive comment.
+        script.steps.splice(2..2, [Step::Bytes(content(text)), Step::Held]);
+        script
     }
 
     /// `text`, then an error object inside the stream (what llama.cpp's
@@ -220,6 +234,8 @@ struct Shared {
 pub struct ScriptedServer {
     shared: Arc<Mutex<Shared>>,
     disconnects: Arc<tokio::sync::Notify>,
+    /// True once [`ScriptedServer::release`]d.
+    released: Arc<tokio::sync::watch::Sender<bool>>,
     url: String,
 }
 
@@ -229,12 +245,13 @@ impl ScriptedServer {
     pub async fn start(seed: u64) -> Self {
         let shared = Arc::new(Mutex::new(Shared { seed, ..Shared::default() }));
         let disconnects = Arc::new(tokio::sync::Notify::new());
-        let state = (shared.clone(), disconnects.clone());
+        let released = Arc::new(tokio::sync::watch::channel(false).0);
+        let state = (shared.clone(), disconnects.clone(), released.clone());
         let app = Router::new().route("/v1/chat/completions", post(complete)).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
-        Self { shared, disconnects, url }
+        Self { shared, disconnects, released, url }
     }
 
     /// The base URL (`http://127.0.0.1:port`, an `--assistant-base-url`).
@@ -256,6 +273,11 @@ impl ScriptedServer {
     /// Every request so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.lock().unwrap().requests.clone()
+    }
+
+    /// Lets every answer held at a [`Step::Held`] go on, now and for good.
+    pub fn release(&self) {
+        self.released.send_replace(true);
     }
 
     /// Waits until the client of request `index` (0: the first) has gone
@@ -291,9 +313,13 @@ impl Drop for Watch {
     }
 }
 
-type AppState = (Arc<Mutex<Shared>>, Arc<tokio::sync::Notify>);
+type AppState = (Arc<Mutex<Shared>>, Arc<tokio::sync::Notify>, Arc<tokio::sync::watch::Sender<bool>>);
 
-async fn complete(State((shared, disconnects)): State<AppState>, headers: HeaderMap, body: String) -> Response {
+async fn complete(
+    State((shared, disconnects, released)): State<AppState>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
     let (script, index, seed, system) = {
         let mut state = shared.lock().unwrap();
         let body: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
@@ -344,6 +370,13 @@ async fn complete(State((shared, disconnects)): State<AppState>, headers: Header
                 Step::Hang => {
                     tx.closed().await;
                     return;
+                }
+                Step::Held => {
+                    let mut release = released.subscribe();
+                    tokio::select! {
+                        _ = release.wait_for(|released| *released) => {}
+                        () = tx.closed() => return,
+                    }
                 }
                 Step::Stamp | Step::EchoSystem => unreachable!("turned into bytes above"),
             }

@@ -24,9 +24,9 @@ use crate::presence::{Presence, Seen};
 use crate::registry::StreamLimits;
 use crate::search::{Found, SearchMessages};
 use crate::store::{
-    ChatChange, Deleted, Deletion, Edited, Finish, Flags, Marked, Membership, Message, MessageStore, NewMessage,
-    NewReply, Pinned, QueueCursor, QueueFilter, Range, Reacted, ReadState, Reported, Resolved, Revision, SearchCursor,
-    SearchFilter, Sent, Seq, Started, StoreError, StoredReport, Summary, Timeline,
+    ChatChange, Deleted, Deletion, Edited, Finish, Flags, Generation, Marked, Membership, Message, MessageStore,
+    NewMessage, NewReply, Pinned, QueueCursor, QueueFilter, Range, Reacted, ReadState, Reported, Resolved, Revision,
+    SearchCursor, SearchFilter, Sent, Seq, Started, StoreError, StoredReport, Summary, Timeline,
 };
 use crate::stream::Resume;
 use crate::writer::Writer;
@@ -1617,7 +1617,33 @@ impl Messages {
 
     /// Internal: finishes a reply (see [`MessageStore::finish_reply`]) and
     /// announces the change (and the reply it un-superseded).
+    ///
+    /// A COMPLETE finish of a reply still GENERATING whose author may no
+    /// longer write in its chat (the assistant removed or gone, the chat
+    /// deleted, a direct chat closed by a block: the check
+    /// [`Messages::update_reply`] makes at a checkpoint, of the chat and
+    /// author the stored reply names) is stored STOPPED instead, with the
+    /// text and info sent: the model's name, finish_reason and token counts
+    /// as the server reported them, and no error (STOPPED is no failure).
+    /// That is how the reply would have ended had its generation reached
+    /// one more checkpoint first, and how StopGeneration ends one (the
+    /// text so far, the info gathered by then); its stop flag is not set
+    /// (the reply is finished: nothing reads it any more). So a reply that
+    /// finishes between the removal and its next checkpoint, on a replica
+    /// that did not hear of the removal, does not end as if answered to a
+    /// chat the assistant is no member of. A removal after this check and
+    /// before the write is not seen (as one just after a checkpoint's).
+    ///
+    /// Errors: NOT_FOUND (no such message).
     pub async fn finish_reply(&self, id: MessageId, finish: &Finish) -> Result<Message, MessagesError> {
+        let stopped;
+        let finish = if finish.status == Generation::Complete && self.written_by_one_gone(id).await? {
+            tracing::info!(reply = %id, "a reply finished after its author was taken out of its chat: stopped");
+            stopped = Finish { status: Generation::Stopped, ..finish.clone() };
+            &stopped
+        } else {
+            finish
+        };
         let finished = self.store.finish_reply(id, finish).await?.ok_or(MessagesError::MessageNotFound)?;
         if finished.changed {
             let chat = finished.reply.chat_id;
@@ -1631,6 +1657,18 @@ impl Messages {
             unannounced.announced();
         }
         Ok(finished.reply)
+    }
+
+    /// Whether reply `id` is still GENERATING and its author may no longer
+    /// write in its chat ([`Messages::author_gone`]); false for no such
+    /// message (the finish answers NOT_FOUND) or a finished one (the finish
+    /// answers it as it is).
+    async fn written_by_one_gone(&self, id: MessageId) -> Result<bool, MessagesError> {
+        let Some(reply) = self.store.message(id).await? else { return Ok(false) };
+        if reply.reply.as_ref().is_none_or(|r| r.generation != Generation::Generating) {
+            return Ok(false);
+        }
+        Ok(self.author_gone(reply.chat_id, reply.author_id).await)
     }
 
     /// Internal: asks a GENERATING reply to stop (a durable flag the

@@ -580,6 +580,31 @@ impl Cluster {
         assert_eq!(done, [1, 1], "back in, as of before");
     }
 
+    /// Takes `user` out of group `chat` straight in the chats store (its
+    /// membership gone, the chat's members version raised as a RemoveMember
+    /// raises it), telling nobody: no change recorded in the messages
+    /// service, no event on any stream, nothing kept dropped. The chats
+    /// service's membership checks say `user` is no member once nothing
+    /// cached says otherwise (a change of the chat through the chats
+    /// service drops what is kept of it everywhere). That is where a
+    /// replica stands that missed the news of a removal: a service that
+    /// hears of departures by events (the assistant) goes on as if `user`
+    /// were a member, while a check afresh says otherwise.
+    pub async fn remove_member_silently(&self, chat: &str, user: &str) {
+        let done = self
+            .write_chats_store(|schema| {
+                vec![
+                    format!("DELETE FROM {schema}members WHERE chat_id = '{chat}' AND user_id = '{user}'"),
+                    format!(
+                        "UPDATE {schema}chats SET members_version = members_version + 1, \
+                         member_count = member_count - 1 WHERE id = '{chat}'"
+                    ),
+                ]
+            })
+            .await;
+        assert_eq!(done, [1, 1], "taken out");
+    }
+
     /// Copies chat `chat`'s row and memberships aside in the chats store
     /// (tables of their own), behind the service's back, for
     /// [`Cluster::undo_deletion_silently`].

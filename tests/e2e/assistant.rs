@@ -97,6 +97,7 @@ crate::with_scripted_server!(
     a_prompt_checked_before_an_archive_gets_no_reply [],
     a_prompt_checked_before_its_author_s_removal_gets_no_reply [],
     a_reply_finished_after_the_assistant_s_unheard_removal_ends_stopped [],
+    deleting_a_chat_while_its_reply_is_written_stops_the_generation [],
 );
 crate::each_mode!(a_prompt_the_classifier_flags_never_reaches_the_model_however_late_its_verdict);
 mod off {
@@ -1855,3 +1856,28 @@ async fn a_reply_finished_after_the_assistant_s_unheard_removal_ends_stopped(c: 
     assert_eq!((status(&stored), stored.text.as_str()), (mpb::GenerationStatus::Stopped, "partial, and the rest"));
 }
 
+/// The chat deleted by its owner while the assistant's reply there is
+/// written: the model's stream is closed, the prompt is not asked again,
+/// the assistant goes on answering in another chat, and the deleted chat's
+/// messages are gone (NOT_FOUND, as for any chat that does not exist).
+async fn deleting_a_chat_while_its_reply_is_written_stops_the_generation(c: &Cluster, server: &ScriptedServer) {
+    use natter_proto::chats::v1 as cpb;
+    server.push(Script::hang_after("partial"));
+    server.set_fallback(Script::reply("still here"));
+    let (alice, bob) = (c.user("alice").await, c.user("bob").await);
+    let (_, team) = team_with_the_assistant(c, &alice, &bob).await;
+    let chat = team.id;
+    let mut stream = events(c, &alice, &chat).await;
+    send(c, &alice, &chat, "@assistant talk forever").await;
+    busy_reply(&mut stream).await;
+    c.chats().delete_chat(authed(&alice, cpb::DeleteChatRequest { chat_id: chat.clone() })).await.unwrap();
+    assert!(server.disconnected(0, Duration::from_secs(5)).await.is_some(), "the model's stream was closed");
+    let other = assistant_chat(c, &alice).await.chat_id;
+    let ask = apb::AskRequest { chat_id: other, text: "still there?".into(), ..Default::default() };
+    let answered = c.assistant().ask(authed(&alice, ask)).await.unwrap().into_inner().reply.unwrap();
+    assert_eq!((status(&answered), answered.text.as_str()), (mpb::GenerationStatus::Complete, "still here"));
+    let asked: Vec<String> = server.requests().iter().map(|r| last_user_text(&r.body)).collect();
+    assert_eq!(asked, ["@assistant talk forever", "still there?"], "the deleted chat's prompt was asked once");
+    let list = mpb::ListMessagesRequest { chat_id: chat.clone(), ..Default::default() };
+    assert_eq!(code(c.messages().list_messages(authed(&alice, list)).await), Code::NotFound);
+}

@@ -344,8 +344,7 @@ impl Messages {
     /// The refusal of a reply's start whose checks (the caller's) came
     /// before a departure, a loss of rights or the chat's deletion recorded
     /// since ([`Started::Stale`]).
-    pub const REPLY_MEMBERS_CHANGED: &'static str =
-        "the chat's members changed after the reply's membership checks: check again";
+    pub const REPLY_MEMBERS_CHANGED: &'static str = "the chat's members or their roles changed, or the chat was deleted, after the reply's membership checks: check again";
 
     /// The refusal of a send, an edit, a reaction, a pin or a typing
     /// indicator in a direct chat closed by a block (as checked, or as read

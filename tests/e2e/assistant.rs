@@ -1849,11 +1849,18 @@ async fn a_reply_finished_after_the_assistant_s_unheard_removal_ends_stopped(c: 
     c.chats().update_chat(authed(&alice, rename)).await.unwrap();
     server.release();
     let ended = until_finished(&mut stream, Some(&reply)).await.finished.unwrap();
-    assert_eq!((status(&ended), ended.text.as_str()), (mpb::GenerationStatus::Stopped, "partial, and the rest"));
-    let info = ended.generation.expect("generation info");
-    assert_eq!((info.finish_reason.as_str(), info.error.as_str()), ("stop", ""));
+    // The model's end comes well before the next checkpoint (a second
+    // away) unless the machine stalls; then that checkpoint sees the
+    // removal first and stops the reply with its text so far. Either way
+    // it ends STOPPED, never COMPLETE.
+    assert_eq!(status(&ended), mpb::GenerationStatus::Stopped, "{ended:?}");
+    if ended.text != "partial" {
+        assert_eq!(ended.text, "partial, and the rest", "the model's whole answer");
+        let info = ended.generation.clone().expect("generation info");
+        assert_eq!((info.finish_reason.as_str(), info.error.as_str()), ("stop", ""));
+    }
     let stored = history(c, &alice, &chat, false).await.into_iter().find(|m| m.id == reply).expect("the reply stays");
-    assert_eq!((status(&stored), stored.text.as_str()), (mpb::GenerationStatus::Stopped, "partial, and the rest"));
+    assert_eq!((status(&stored), stored.text.as_str()), (mpb::GenerationStatus::Stopped, ended.text.as_str()));
 }
 
 /// The chat deleted by its owner while the assistant's reply there is

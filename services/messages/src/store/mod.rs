@@ -1785,11 +1785,11 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// recorded one ([`Started::Stale`]), one in an archived chat
     /// ([`Started::Archived`]) or one in a direct chat closed by a block
     /// ([`Started::Closed`]), refused in that order, as a send's write
-    /// refuses: each read on
-    /// the heads row where the seq is taken (PostgreSQL: after its lock, on
-    /// its latest version; SQLite: in the writer's transaction), so a
-    /// departure, an archive or a purge recorded before the start commits
-    /// is seen, and one recorded after it waits for it.
+    /// refuses: each read on the heads row where the seq is taken
+    /// (PostgreSQL: after its lock, on its latest version; SQLite: in the
+    /// writer's transaction), so a departure, an archive or a purge
+    /// recorded before the start commits is seen, and one recorded after it
+    /// waits for it.
     async fn start_reply(&self, reply: &NewReply) -> Result<Started, StoreError>;
 
     /// Stores the text so far of GENERATING replies, in ONE transaction

@@ -15,6 +15,7 @@ crate::both_modes!(
     unread_counts_match_a_brute_force_model,
     unread_counts_stop_at_a_thousand,
     read_positions_are_listed_for_members_to_members_a_page_at_a_time,
+    read_positions_past_many_who_left_all_come_through_once,
     private_read_receipts_reach_only_the_readers_own_streams_and_list,
     a_block_hides_read_receipts_both_ways,
     a_private_readers_join_tells_no_one_else_how_far_they_have_read,
@@ -312,6 +313,29 @@ async fn read_positions_are_listed_for_members_to_members_a_page_at_a_time(c: &C
             (tonic::Code::InvalidArgument, vec!["page_token".to_owned()])
         );
     }
+}
+
+/// Eight of ten members leave (their positions are kept for a return).
+/// Listed a page of one at a time, the two left come through, each once
+/// and in order, in at most three pages, wherever the eight fall in
+/// user-id order: a page reads on past them for up to four store reads
+/// (`READ_POSITION_ROUNDS`), and its next token picks up where those
+/// reads stopped.
+async fn read_positions_past_many_who_left_all_come_through_once(c: &Cluster) {
+    let names = ["ann", "ben", "cat", "dan", "eve", "fay", "gus", "hal", "ivy", "jon"];
+    let users = futures::future::join_all(names.map(|n| c.user(n))).await;
+    let (ann, others) = (&users[0], &users[1..]);
+    let chat = crate::mentions::group(c, ann, &others.iter().collect::<Vec<_>>()).await;
+    let stays = others.iter().max_by(|a, b| a.id.cmp(&b.id)).expect("nine others");
+    for user in others.iter().filter(|u| u.id != stays.id) {
+        let leave = cpb::RemoveMemberRequest { chat_id: chat.clone(), user_id: user.id.clone() };
+        c.chats().remove_member(authed(user, leave)).await.unwrap();
+    }
+    let mut expected = vec![(ann.id.clone(), 0), (stays.id.clone(), 0)];
+    expected.sort();
+    let (listed, pages) = read_positions(c, ann, &chat, 1).await;
+    assert_eq!(listed, expected, "each member listed once, none who left");
+    assert!(pages <= 3, "{pages} pages for two");
 }
 
 /// Sets `user`'s privacy setting read_receipts.

@@ -201,8 +201,6 @@ struct Peer {
     /// When the bus lost its process ([`BeatKind::Lost`]), if it has not
     /// been heard since: it is taken as dead after [`Peer::grace`].
     lost: Option<Instant>,
-    /// The grace configured on this replica ([`State::lost_grace`]).
-    lost_grace: Duration,
     /// The parts of a heartbeat sent in several: its time, how many came,
     /// their users.
     gathering: Option<(i64, u32, HashSet<Uuid>)>,
@@ -210,16 +208,17 @@ struct Peer {
 
 impl Peer {
     /// How long after the bus lost it, unheard meanwhile, it is taken as
-    /// dead: the configured grace ([`LOST_GRACE`] by default), or its
+    /// dead: the `configured` grace ([`State::lost_grace`]), or its
     /// heartbeat expiry if shorter.
-    fn grace(&self) -> Duration {
-        self.lost_grace.min(self.expiry)
+    fn grace(&self, configured: Grace) -> Duration {
+        configured.0.min(self.expiry)
     }
 
-    /// When it is taken as dead unless heard before.
-    fn dead_at(&self) -> Instant {
+    /// When it is taken as dead unless heard before, with the `configured`
+    /// grace.
+    fn dead_at(&self, configured: Grace) -> Instant {
         let silent = self.heard + self.expiry;
-        self.lost.map_or(silent, |lost| silent.min(lost + self.grace()))
+        self.lost.map_or(silent, |lost| silent.min(lost + self.grace(configured)))
     }
 
     /// The users of a whole heartbeat, once its last part (of `beat.parts`)
@@ -332,7 +331,7 @@ impl State {
                 && peer.lost.is_none()
             {
                 peer.lost = Some(now);
-                tracing::info!(replica = %beat.replica, users = peer.users.len(), grace = ?peer.grace(), "presence: replica's process lost; its users go offline unless it is back within the grace");
+                tracing::info!(replica = %beat.replica, users = peer.users.len(), grace = ?peer.grace(self.lost_grace), "presence: replica's process lost; its users go offline unless it is back within the grace");
             }
             return Vec::new();
         }
@@ -342,14 +341,12 @@ impl State {
             return self.flips(&gone.clone(), beat.time, |s| gone.into_iter().for_each(|u| s.remote_remove(u)));
         }
         let interval = u64::try_from(beat.interval).ok().filter(|i| *i > 0).map_or(own_interval, Duration::from_micros);
-        let lost_grace = self.lost_grace.0;
         let peer = self.peers.entry(beat.replica).or_insert_with(|| Peer {
             users: HashSet::new(),
             heard: now,
             alive_at: beat.time,
             expiry: interval * MISSED_BEATS,
             lost: None,
-            lost_grace,
             gathering: None,
         });
         if peer.lost.take().is_some() {
@@ -390,7 +387,9 @@ impl State {
         let dead: Vec<Uuid> = self
             .peers
             .iter()
-            .filter(|(_, p)| now.duration_since(p.heard) > p.expiry || (p.lost.is_some() && now >= p.dead_at()))
+            .filter(|(_, p)| {
+                now.duration_since(p.heard) > p.expiry || (p.lost.is_some() && now >= p.dead_at(self.lost_grace))
+            })
             .map(|(id, _)| *id)
             .collect();
         let mut changes = Vec::new();
@@ -408,7 +407,7 @@ impl State {
     /// The first time a peer the bus lost is due to be taken as dead, if
     /// any is (a silent one not lost waits for this replica's heartbeat).
     fn due(&self) -> Option<Instant> {
-        self.peers.values().filter(|p| p.lost.is_some()).map(Peer::dead_at).min()
+        self.peers.values().filter(|p| p.lost.is_some()).map(|p| p.dead_at(self.lost_grace)).min()
     }
 }
 

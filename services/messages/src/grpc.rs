@@ -1286,6 +1286,8 @@ impl MessageInternalService for MessageInternalApi {
                     r.stale_before.as_ref()
                 })?)
                 .await?,
+            // Set by the service's check of the reply's author.
+            members_version: None,
         };
         let message = self.messages.finish_reply(id, &finish).await?;
         Ok(Response::new(pb::FinishReplyResponse { message: Some(message_pb(message, Vec::new())) }))

@@ -24,9 +24,9 @@ use crate::presence::{Presence, Seen};
 use crate::registry::StreamLimits;
 use crate::search::{Found, SearchMessages};
 use crate::store::{
-    ChatChange, Deleted, Deletion, Edited, Finish, Flags, Generation, Marked, Membership, Message, MessageStore,
-    NewMessage, NewReply, Pinned, QueueCursor, QueueFilter, Range, Reacted, ReadState, Reported, Resolved, Revision,
-    SearchCursor, SearchFilter, Sent, Seq, Started, StoreError, StoredReport, Summary, Timeline,
+    ChatChange, Deleted, Deletion, Edited, Finish, Finishing, Flags, Generation, Marked, Membership, Message,
+    MessageStore, NewMessage, NewReply, Pinned, QueueCursor, QueueFilter, Range, Reacted, ReadState, Reported,
+    Resolved, Revision, SearchCursor, SearchFilter, Sent, Seq, Started, StoreError, StoredReport, Summary, Timeline,
 };
 use crate::stream::Resume;
 use crate::writer::Writer;
@@ -48,6 +48,17 @@ pub const PAGE_BYTES: usize = 3 << 20;
 /// Roughly the bytes revision `r` takes in a response.
 fn revision_weight(r: &Revision) -> usize {
     32 + r.text.len()
+}
+
+/// What [`Messages::check_author`] found of a reply's author.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AuthorCheck {
+    /// A member who may write, as of this members version.
+    May(i64),
+    /// No member (or the chat deleted), or a direct chat closed by a block.
+    Gone,
+    /// The check failed (the chats service out of reach).
+    Unknown,
 }
 
 /// A ListMessages page with its messages' earlier revisions
@@ -1599,17 +1610,25 @@ impl Messages {
         Ok(false)
     }
 
-    /// Whether `author` may no longer write in `chat`: no member of it (or
-    /// the chat deleted), or the chat is a direct chat closed by a block,
-    /// by the same kept CheckMembership a send reads (any change of the
-    /// chat drops it). A check that fails (the chats service out of reach)
-    /// says no: the reply goes on, and the next checkpoint asks again.
+    /// Whether `author` may no longer write in `chat`
+    /// ([`Messages::check_author`] says [`AuthorCheck::Gone`]).
     async fn author_gone(&self, chat: ChatId, author: UserId) -> bool {
+        self.check_author(chat, author).await == AuthorCheck::Gone
+    }
+
+    /// Whether `author` may still write in `chat`, by the same kept
+    /// CheckMembership a send reads (any change of the chat drops it): no
+    /// member of it (or the chat deleted), or the chat is a direct chat
+    /// closed by a block, is [`AuthorCheck::Gone`]. A check that fails (the
+    /// chats service out of reach) is [`AuthorCheck::Unknown`]: the reply
+    /// goes on, and the next checkpoint asks again.
+    async fn check_author(&self, chat: ChatId, author: UserId) -> AuthorCheck {
         match self.chats.check_membership(&chat.to_string(), &author.to_string()).await {
-            Ok(m) => !m.chat_exists || !m.member || m.blocked,
+            Ok(m) if !m.chat_exists || !m.member || m.blocked => AuthorCheck::Gone,
+            Ok(m) => AuthorCheck::May(m.members_version),
             Err(status) => {
                 tracing::debug!(chat_id = %chat, error = %status.message(), "cannot check a reply's author");
-                false
+                AuthorCheck::Unknown
             }
         }
     }
@@ -1630,20 +1649,34 @@ impl Messages {
     /// (the reply is finished: nothing reads it any more). So a reply that
     /// finishes between the removal and its next checkpoint, on a replica
     /// that did not hear of the removal, does not end as if answered to a
-    /// chat the assistant is no member of. A removal after this check and
-    /// before the write is not seen (as one just after a checkpoint's).
+    /// chat the assistant is no member of.
     ///
-    /// Errors: NOT_FOUND (no such message).
+    /// The check's members version goes with the write
+    /// ([`Finish::members_version`]): a removal recorded after the check
+    /// and before the write (a finish on its way as RemoveMember answered)
+    /// refuses the write, and the author is checked again, afresh, once,
+    /// as a send's is; a block recorded meanwhile stores it STOPPED. FAILED
+    /// and INTERRUPTED finishes are stored as sent: they end no answer.
+    ///
+    /// Errors: NOT_FOUND (no such message); ABORTED when the chat's
+    /// members changed again after the second check (the caller finishes
+    /// again).
     pub async fn finish_reply(&self, id: MessageId, finish: &Finish) -> Result<Message, MessagesError> {
-        let stopped;
-        let finish = if finish.status == Generation::Complete && self.written_by_one_gone(id).await? {
-            tracing::info!(reply = %id, "a reply finished after its author was taken out of its chat: stopped");
-            stopped = Finish { status: Generation::Stopped, ..finish.clone() };
-            &stopped
-        } else {
-            finish
+        // Whether the check below is one made after the store found the
+        // last one older than a departure (Finishing::Stale).
+        let mut rechecked = false;
+        let finished = loop {
+            let mut finish = finish.clone();
+            let checked = self.check_finish(id, &mut finish).await?;
+            match self.store.finish_reply(id, &finish).await? {
+                Finishing::Done(finished) => break finished,
+                Finishing::NotFound => return Err(MessagesError::MessageNotFound),
+                Finishing::Stale => {
+                    let (chat, author) = checked.expect("only a finish checked at a members version is stale");
+                    self.check_again(chat, author, &mut rechecked, Self::REPLY_MEMBERS_CHANGED)?;
+                }
+            }
         };
-        let finished = self.store.finish_reply(id, finish).await?.ok_or(MessagesError::MessageNotFound)?;
         if finished.changed {
             let chat = finished.reply.chat_id;
             let unannounced = Unannounced::new(&self.bus, chat);
@@ -1658,16 +1691,36 @@ impl Messages {
         Ok(finished.reply)
     }
 
-    /// Whether reply `id` is still GENERATING and its author may no longer
-    /// write in its chat ([`Messages::author_gone`]); false for no such
-    /// message (the finish answers NOT_FOUND) or a finished one (the finish
-    /// answers it as it is).
-    async fn written_by_one_gone(&self, id: MessageId) -> Result<bool, MessagesError> {
-        let Some(reply) = self.store.message(id).await? else { return Ok(false) };
-        if reply.reply.as_ref().is_none_or(|r| r.generation != Generation::Generating) {
-            return Ok(false);
+    /// Checks the author of reply `id` for a COMPLETE `finish` of it while
+    /// it is GENERATING ([`Messages::check_author`]): one who may no longer
+    /// write makes it STOPPED; one who may sets the version the check saw
+    /// ([`Finish::members_version`]) and is returned with the reply's chat.
+    /// Nothing is checked for another status, no such message (the finish
+    /// answers NOT_FOUND) or a finished one (it answers it as it is).
+    async fn check_finish(
+        &self,
+        id: MessageId,
+        finish: &mut Finish,
+    ) -> Result<Option<(ChatId, UserId)>, MessagesError> {
+        if finish.status != Generation::Complete {
+            return Ok(None);
         }
-        Ok(self.author_gone(reply.chat_id, reply.author_id).await)
+        let Some(reply) = self.store.message(id).await? else { return Ok(None) };
+        if reply.reply.as_ref().is_none_or(|r| r.generation != Generation::Generating) {
+            return Ok(None);
+        }
+        match self.check_author(reply.chat_id, reply.author_id).await {
+            AuthorCheck::Gone => {
+                tracing::info!(reply = %id, "a reply finished after its author was taken out of its chat: stopped");
+                finish.status = Generation::Stopped;
+                Ok(None)
+            }
+            AuthorCheck::May(version) => {
+                finish.members_version = Some(version);
+                Ok(Some((reply.chat_id, reply.author_id)))
+            }
+            AuthorCheck::Unknown => Ok(None),
+        }
     }
 
     /// Internal: asks a GENERATING reply to stop (a durable flag the

@@ -1269,7 +1269,7 @@ mod tests {
     use crate::MessagesArgs;
     use crate::domain::{EditMessage, React, SendMessage};
     use crate::registry::StreamRegistry;
-    use crate::store::{CHAT_LOG_KEEP, ChatChange, Message};
+    use crate::store::{CHAT_LOG_KEEP, ChatChange, Message, Started};
 
     #[test]
     fn a_follow_s_debug_leaves_its_token_out() {
@@ -1516,6 +1516,66 @@ mod tests {
         assert!(matches!(refused, MessagesError::Denied("not a member of this chat")), "{refused:?}");
         let stored = h.messages.store().message(mine.id).await.unwrap().unwrap();
         assert_eq!((stored.text.as_str(), stored.revision), ("mine", 1), "not edited");
+    }
+
+    /// A COMPLETE finish of a reply (here by the member, as an assistant
+    /// writes one) whose author's check is older than a departure recorded
+    /// since is refused in its write and checked again, afresh, once: an
+    /// author still a member (someone else left) ends it COMPLETE; one
+    /// whose check answered "member" just before their removal was
+    /// recorded ends it STOPPED, with the text sent, as a checkpoint after
+    /// the removal would have. Before, the check and the write were apart:
+    /// the removal between them was not seen, and the reply was stored
+    /// COMPLETE in a chat its author had left.
+    #[tokio::test]
+    async fn a_finish_checked_before_a_departure_is_checked_again_after_its_write_refused_it() {
+        use crate::store::{Finish, Generation, GenerationInfo, NewReply};
+        let h = Harness::start().await;
+        let store = h.messages.store().clone();
+        let start = |prompt: MessageId| NewReply {
+            id: MessageId(Uuid::now_v7()),
+            chat_id: h.chat.into(),
+            author_id: UserId(h.member),
+            prompt,
+            replaces: None,
+            now: 1,
+            finished: None,
+            owner: None,
+            members_version: None,
+        };
+        let info = GenerationInfo { model: "m".into(), finish_reason: "stop".into(), ..Default::default() };
+        let finish = Finish {
+            text: "the whole answer".into(),
+            status: Generation::Complete,
+            info: info.clone(),
+            flags: None,
+            restore_replaced: false,
+            stale_before: None,
+            members_version: None,
+        };
+        let ended =
+            |reply: &Message| (reply.generation(), reply.text.clone(), reply.reply.as_ref().unwrap().info.clone());
+
+        // Someone else left: version 1 recorded; the author's check, kept
+        // from before, says 0.
+        let prompt = h.owner_sends("@assistant one").await.unwrap();
+        let Started::Created(reply, _) = store.start_reply(&start(prompt.id)).await.unwrap() else { panic!("started") };
+        *h.directory.members_version.lock().unwrap() = 1;
+        *h.directory.kept_version.lock().unwrap() = Some(0);
+        h.messages.record_departure(h.chat.into(), 1).await.unwrap();
+        let done = h.messages.finish_reply(reply.id, &finish).await.unwrap();
+        let complete = (Some(Generation::Complete), "the whole answer".to_owned(), Some(info.clone()));
+        assert_eq!((ended(&done), *h.directory.forgotten.lock().unwrap()), (complete, 1), "checked again, then stored");
+
+        // The author's check answers "member", then their removal is
+        // recorded before the write.
+        let prompt = h.owner_sends("@assistant two").await.unwrap();
+        let Started::Created(reply, _) = store.start_reply(&start(prompt.id)).await.unwrap() else { panic!("started") };
+        *h.directory.remove_after_answer.lock().unwrap() = Some((h.chat, h.member));
+        let done = h.messages.finish_reply(reply.id, &finish).await.unwrap();
+        let stopped = (Some(Generation::Stopped), "the whole answer".to_owned(), Some(info.clone()));
+        assert_eq!(ended(&done), stopped);
+        assert_eq!(ended(&store.message(reply.id).await.unwrap().unwrap()), stopped, "as stored");
     }
 
     /// The next event of `stream` (ten seconds at most: a bound, not a wait).

@@ -892,9 +892,57 @@ pub struct Finish {
     /// The sweeper's condition (µs): finish only if the reply's checkpoint
     /// is older than this, keeping its stored text instead of `text`.
     pub stale_before: Option<i64>,
+    /// The chat's members version the check that the reply's author may
+    /// still write in its chat saw (CheckMembership's `members_version`;
+    /// [`Messages::finish_reply`](crate::service::Messages::finish_reply)
+    /// checks a COMPLETE finish). Read where the finish takes its change
+    /// number, as a send's write reads it: a departure, a loss of rights or
+    /// the chat's purge recorded above it refuses the finish
+    /// ([`Finishing::Stale`]: check again, afresh); a direct chat closed by
+    /// a block ([`MessageStore::close_direct_chat`]) stores the reply
+    /// [`Generation::Stopped`] instead of `status`, as a checkpoint after
+    /// the block would have ended it. None (no check made) reads neither.
+    pub members_version: Option<i64>,
+}
+
+impl Finish {
+    /// The status this finish stores in a chat whose heads read `heads`
+    /// where it takes its change number (see [`Finish::members_version`]):
+    /// None when stale, [`Generation::Stopped`] in a direct chat closed by
+    /// a block, else [`Finish::status`]; always the latter without a
+    /// members version.
+    pub(crate) fn status_under(&self, heads: HeadsState) -> Option<Generation> {
+        let Some(checked) = self.members_version else { return Some(self.status) };
+        if heads.refusal(checked, false) == Some(Refusal::Stale) {
+            None
+        } else if heads.closed {
+            Some(Generation::Stopped)
+        } else {
+            Some(self.status)
+        }
+    }
 }
 
 /// Outcome of [`MessageStore::finish_reply`].
+#[expect(
+    clippy::large_enum_variant,
+    reason = "an outcome lives on the stack for one call; boxing its reply would cost an allocation per finish"
+)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finishing {
+    /// Finished by this call, or answered as it is.
+    Done(Finished),
+    /// No such message.
+    NotFound,
+    /// The reply is GENERATING, and a member left the chat or was removed,
+    /// someone lost rights, or the chat was purged, after the check of its
+    /// author ([`Finish::members_version`] is below the version recorded,
+    /// as read where the finish takes its change number); nothing written,
+    /// no change number taken. Check again, afresh, and finish again.
+    Stale,
+}
+
+/// A reply as [`MessageStore::finish_reply`] leaves it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finished {
     /// The reply as it is now (as it was, if it was finished already).
@@ -1812,8 +1860,14 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// the reply it replaced (the next change number). A finished reply is
     /// answered as it is (`changed` false), and so is one whose checkpoint
     /// is not older than [`Finish::stale_before`] when that is set (its
-    /// stored text is then kept). None: no such message.
-    async fn finish_reply(&self, id: MessageId, finish: &Finish) -> Result<Option<Finished>, StoreError>;
+    /// stored text is then kept). A finish checked at a members version
+    /// ([`Finish::members_version`]) is refused ([`Finishing::Stale`]) when
+    /// a later one is recorded, and stored STOPPED in a direct chat closed
+    /// by a block, both read on the chat's heads row where the change
+    /// number is taken (PostgreSQL: under its lock; SQLite: the one
+    /// writer), so a removal or a block recorded before the commit is
+    /// never missed.
+    async fn finish_reply(&self, id: MessageId, finish: &Finish) -> Result<Finishing, StoreError>;
 
     /// Sets the stop flag of a GENERATING reply (a no-op otherwise) and
     /// returns the message as it is (None: no such message).

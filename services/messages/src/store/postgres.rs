@@ -28,8 +28,8 @@ use sqlx::{PgPool, Row as _};
 
 use super::{
     ARCHIVE_CHAT, Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Deletion,
-    Edited, Finish, Finished, Flags, Generation, GenerationInfo, Heads, HeadsState, LATEST_MEMBERSHIP_SQL, Logged,
-    MESSAGE_COLUMNS, Marked, Membership, Message, MessageStore, NewMessage, NewReply, PURGE_HEADS, Pin, Pinned,
+    Edited, Finish, Finished, Finishing, Flags, Generation, GenerationInfo, Heads, HeadsState, LATEST_MEMBERSHIP_SQL,
+    Logged, MESSAGE_COLUMNS, Marked, Membership, Message, MessageStore, NewMessage, NewReply, PURGE_HEADS, Pin, Pinned,
     QueueCursor, QueueFilter, RECORD_DEPARTURE, Range, Reacted, Reaction, ReadState, Reply, Reported, Resolved,
     Revision, Role, SearchCursor, SearchFilter, SearchHit, SearchPage, Sent, Seq, Started, StoreError, StoredReport,
     Summary, ThreadBump, ThreadSummary, aggregates_sql, chat_change_of, chat_change_row, decode_mentions,
@@ -1726,18 +1726,18 @@ impl MessageStore for PostgresStore {
         Ok(ids.iter().map(|id| stops.get(id).copied()).collect())
     }
 
-    async fn finish_reply(&self, id: MessageId, finish: &Finish) -> Result<Option<Finished>, StoreError> {
+    async fn finish_reply(&self, id: MessageId, finish: &Finish) -> Result<Finishing, StoreError> {
         let id = id.to_string();
-        let (status, restore_replaced) = (finish.status, finish.restore_replaced);
+        let restore_replaced = finish.restore_replaced;
         let (flag_severity, flags) = Flags::columns(finish.flags.as_ref());
         let mut tx = self.pool.begin().await?;
         // Lock order everywhere: message rows, then the chat's heads.
         let Some(row) = sqlx::query(MESSAGE_FOR_UPDATE).bind(&id).fetch_optional(&mut *tx).await? else {
-            return Ok(None);
+            return Ok(Finishing::NotFound);
         };
         let reply = message_row(&row)?;
         if reply.generation() != Some(Generation::Generating) {
-            return Ok(Some(Finished { reply, changed: false, restored: None }));
+            return Ok(Finishing::Done(Finished { reply, changed: false, restored: None }));
         }
         let text = match finish.stale_before {
             None => finish.text.clone(),
@@ -1748,18 +1748,25 @@ impl MessageStore for PostgresStore {
                         .fetch_one(&mut *tx)
                         .await?;
                 if checkpoint.is_some_and(|t| t >= before) {
-                    return Ok(Some(Finished { reply, changed: false, restored: None }));
+                    return Ok(Finishing::Done(Finished { reply, changed: false, restored: None }));
                 }
                 reply.text.clone()
             }
         };
+        // The replaced reply is locked before the heads (the lock order),
+        // on the status asked for, and restored on the status stored.
         let restore =
-            reply.replaces().filter(|_| restore_replaced && status == Generation::Failed).map(|m| m.to_string());
+            reply.replaces().filter(|_| restore_replaced && finish.status == Generation::Failed).map(|m| m.to_string());
         if let Some(old) = &restore {
             sqlx::query("SELECT 1 FROM messages WHERE id = $1 FOR UPDATE").bind(old).execute(&mut *tx).await?;
         }
         let chat = reply.chat_id.to_string();
-        let (change,): (i64,) = sqlx::query_as(NEXT_CHANGE).bind(&chat).fetch_one(&mut *tx).await?;
+        let (change, heads) = next_change_of_members(&mut tx, &chat).await?;
+        let Some(status) = finish.status_under(heads) else {
+            // Dropped, the transaction rolls back: no change number taken.
+            return Ok(Finishing::Stale);
+        };
+        let restore = restore.filter(|_| status == Generation::Failed);
         let row = sqlx::query(concat!(
             "UPDATE messages SET text = $2, generation = $3, generation_info = $4, change_seq = $5, \
              checkpoint_time = NULL, flag_severity = $6, flags = $7, search_vector = $8::tsvector WHERE id = $1 \
@@ -1791,7 +1798,7 @@ impl MessageStore for PostgresStore {
             restored = row.as_ref().map(message_row).transpose()?;
         }
         tx.commit().await?;
-        Ok(Some(Finished { reply, changed: true, restored }))
+        Ok(Finishing::Done(Finished { reply, changed: true, restored }))
     }
 
     async fn stop_reply(&self, id: MessageId) -> Result<Option<Message>, StoreError> {

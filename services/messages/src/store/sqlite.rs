@@ -19,8 +19,8 @@ use rusqlite::{Connection, OptionalExtension as _, Row, TransactionBehavior, par
 
 use super::{
     ARCHIVE_CHAT, Activity, CHAT_LOG_KEEP, CLOSE_DIRECT_CHAT, Change, ChatChange, Checkpoint, Deleted, Deletion,
-    Edited, Finish, Finished, Flags, Generation, GenerationInfo, Heads, HeadsState, LATEST_MEMBERSHIP_SQL, Logged,
-    MESSAGE_COLUMNS, Marked, Membership, Message, MessageStore, NewMessage, NewReply, PURGE_HEADS, Pin, Pinned,
+    Edited, Finish, Finished, Finishing, Flags, Generation, GenerationInfo, Heads, HeadsState, LATEST_MEMBERSHIP_SQL,
+    Logged, MESSAGE_COLUMNS, Marked, Membership, Message, MessageStore, NewMessage, NewReply, PURGE_HEADS, Pin, Pinned,
     QueueCursor, QueueFilter, RECENT_ACTIVITY_ROWS, RECORD_DEPARTURE, Range, Reacted, Reaction, ReadState, Reply,
     Reported, Resolved, Revision, Role, SEARCH_RANK_MAX, SEARCH_SCAN, SearchCursor, SearchFilter, SearchHit,
     SearchPage, Sent, Seq, Started, StoreError, StoredReport, Summary, ThreadBump, ThreadSummary, aggregates_sql,
@@ -985,15 +985,15 @@ fn start_reply(conn: &mut Connection, r: &NewReply) -> rusqlite::Result<Started>
 }
 
 /// Finishes a reply in one transaction (see [`MessageStore::finish_reply`]).
-fn finish_reply(conn: &mut Connection, id: &str, finish: &Finish) -> rusqlite::Result<Option<Finished>> {
-    let (status, info) = (finish.status, GenerationInfo::encode(Some(&finish.info)));
+fn finish_reply(conn: &mut Connection, id: &str, finish: &Finish) -> rusqlite::Result<Finishing> {
+    let info = GenerationInfo::encode(Some(&finish.info));
     let (flag_severity, flags) = Flags::columns(finish.flags.as_ref());
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let Some(reply) = tx.prepare_cached(MESSAGE_BY_ID)?.query_row([id], message_row).optional()? else {
-        return Ok(None);
+        return Ok(Finishing::NotFound);
     };
     if reply.generation() != Some(Generation::Generating) {
-        return Ok(Some(Finished { reply, changed: false, restored: None }));
+        return Ok(Finishing::Done(Finished { reply, changed: false, restored: None }));
     }
     let text = match finish.stale_before {
         None => finish.text.as_str(),
@@ -1002,13 +1002,17 @@ fn finish_reply(conn: &mut Connection, id: &str, finish: &Finish) -> rusqlite::R
                 .prepare_cached("SELECT checkpoint_time FROM messages WHERE id = ?1")?
                 .query_row([id], |row| row.get(0))?;
             if checkpoint.is_some_and(|t| t >= before) {
-                return Ok(Some(Finished { reply, changed: false, restored: None }));
+                return Ok(Finishing::Done(Finished { reply, changed: false, restored: None }));
             }
             reply.text.as_str()
         }
     };
     let chat = reply.chat_id.to_string();
-    let change = next_change(&tx, &chat)?;
+    let (change, heads) = next_change_of_members(&tx, &chat)?;
+    let Some(status) = finish.status_under(heads) else {
+        // Dropped, the transaction rolls back: no change number taken.
+        return Ok(Finishing::Stale);
+    };
     let reply = tx
         .prepare_cached(concat!(
             "UPDATE messages SET text = ?2, generation = ?3, generation_info = ?4, change_seq = ?5, \
@@ -1029,7 +1033,7 @@ fn finish_reply(conn: &mut Connection, id: &str, finish: &Finish) -> rusqlite::R
         _ => None,
     };
     tx.commit()?;
-    Ok(Some(Finished { reply, changed: true, restored }))
+    Ok(Finishing::Done(Finished { reply, changed: true, restored }))
 }
 
 /// Records a chat's membership and detail changes in one transaction (see
@@ -1651,7 +1655,7 @@ impl MessageStore for SqliteStore {
         Ok(stops.await?)
     }
 
-    async fn finish_reply(&self, id: MessageId, finish: &Finish) -> Result<Option<Finished>, StoreError> {
+    async fn finish_reply(&self, id: MessageId, finish: &Finish) -> Result<Finishing, StoreError> {
         let (id, finish) = (id.to_string(), finish.clone());
         Ok(self.db.write(move |conn| finish_reply(conn, &id, &finish)).await?)
     }

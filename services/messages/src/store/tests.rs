@@ -100,6 +100,7 @@ message_store_suite!(
     a_start_retried_by_its_owner_resumes_its_reply_while_it_generates,
     a_reply_whose_checks_came_before_a_departure_or_a_closure_is_refused_in_its_start,
     a_reply_started_after_its_chat_s_archive_is_refused_in_its_start,
+    a_finish_checked_before_a_departure_or_a_block_is_refused_or_stopped_in_its_write,
     a_start_waiting_on_a_departure_being_recorded_is_refused_once_it_commits,
     read_positions_are_read_in_order,
     a_chat_s_read_positions_are_listed_by_user_a_page_at_a_time,
@@ -1556,7 +1557,7 @@ async fn a_reply_takes_the_next_seq_streams_by_checkpoints_and_finishes_as_a_cha
     assert_eq!(h.store.checkpoint_reply(r.id, None, 6_100).await.unwrap(), Some(true));
     let info =
         GenerationInfo { model: "m".into(), finish_reason: "stop".into(), completion_tokens: 3, ..Default::default() };
-    let done = h.store.finish_reply(r.id, &fin("Hello", Generation::Stopped, &info, false)).await.unwrap().unwrap();
+    let done = h.store.finish_reply(r.id, &fin("Hello", Generation::Stopped, &info, false)).await.unwrap().done();
     assert!(done.changed);
     assert_eq!((done.reply.text.as_str(), done.reply.revision, done.reply.change_seq), ("Hello", 1, 3));
     assert_eq!(
@@ -1564,11 +1565,14 @@ async fn a_reply_takes_the_next_seq_streams_by_checkpoints_and_finishes_as_a_cha
         (Some(Generation::Stopped), Some(&info))
     );
     // Finished: a second finish, a checkpoint or a stop changes nothing.
-    let again = h.store.finish_reply(r.id, &fin("other", Generation::Failed, &info, true)).await.unwrap().unwrap();
+    let again = h.store.finish_reply(r.id, &fin("other", Generation::Failed, &info, true)).await.unwrap().done();
     assert_eq!((again.changed, again.reply), (false, done.reply.clone()));
     assert_eq!(h.store.checkpoint_reply(r.id, Some("x"), 7_000).await.unwrap(), None);
     assert_eq!(h.store.stop_reply(r.id).await.unwrap(), Some(done.reply.clone()));
-    assert_eq!(h.store.finish_reply(id(99), &fin("", Generation::Failed, &info, false)).await.unwrap(), None);
+    assert_eq!(
+        h.store.finish_reply(id(99), &fin("", Generation::Failed, &info, false)).await.unwrap(),
+        Finishing::NotFound
+    );
     // A client resuming after the start sees the finished reply once.
     let (page, _) = h.store.changes(chat(1), user(1), 2, 100).await.unwrap();
     assert_eq!(page, [Change::Message(done.reply)]);
@@ -1597,7 +1601,7 @@ async fn a_replacement_supersedes_the_old_reply_and_a_failed_one_restores_it(h: 
         Some(second.id)
     );
     // A replacement that fails gives the old one back.
-    let failed = h.store.finish_reply(second.id, &fin("", Generation::Failed, &info, true)).await.unwrap().unwrap();
+    let failed = h.store.finish_reply(second.id, &fin("", Generation::Failed, &info, true)).await.unwrap().done();
     assert_eq!(failed.reply.generation(), Some(Generation::Failed));
     let restored = failed.restored.expect("restored");
     assert_eq!((restored.id, restored.superseded(), restored.change_seq), (first.id, false, 7));
@@ -1624,6 +1628,17 @@ async fn one_reply_generates_at_a_time_per_chat_and_a_refusal_is_not_held_up(h: 
 
 /// [`reply`] as checked at members version `version` (None: by a caller
 /// of an earlier release, which sends none).
+impl Finishing {
+    /// The finished reply (panics on another outcome).
+    #[track_caller]
+    fn done(self) -> Finished {
+        match self {
+            Finishing::Done(finished) => finished,
+            other => panic!("not finished: {other:?}"),
+        }
+    }
+}
+
 fn reply_checked_at(r: NewReply, version: Option<i64>) -> NewReply {
     NewReply { members_version: version, ..r }
 }
@@ -1673,6 +1688,46 @@ async fn a_reply_whose_checks_came_before_a_departure_or_a_closure_is_refused_in
 /// seq, no change number. A Regenerate's start supersedes nothing. A
 /// stale start is told so first (its caller checks afresh, and finds the
 /// archive). Unarchived, the chat takes the reply with no gap.
+/// A COMPLETE finish whose check of the reply's author saw a members
+/// version below one a departure recorded since is refused where it takes
+/// its change number: nothing written, no change number taken, the reply
+/// still GENERATING; finished again at the version now recorded (a check
+/// afresh that finds its author still a member), it is stored. In a direct
+/// chat closed by a block since its check, it is stored STOPPED with the
+/// text and info sent. An archive ends no reply, and a finish with no
+/// version (no check made) reads neither departures nor blocks.
+async fn a_finish_checked_before_a_departure_or_a_block_is_refused_or_stopped_in_its_write(h: &Harness) {
+    let info = GenerationInfo { model: "m".into(), completion_tokens: 2, ..Default::default() };
+    let checked_at =
+        |version| Finish { members_version: version, ..fin("the answer", Generation::Complete, &info, false) };
+    let ended =
+        |done: Finished| (done.changed, done.reply.generation(), done.reply.text, done.reply.reply.unwrap().info);
+    let complete = (true, Some(Generation::Complete), "the answer".to_owned(), Some(info.clone()));
+
+    send(h, &[by(msg(1, 25, 0), 1)]).await;
+    let (r, _) = created(h.store.start_reply(&reply(2, 25, 1, None)).await.unwrap());
+    h.store.record_departure(chat(25), 3).await.unwrap();
+    let before = h.store.heads(chat(25)).await.unwrap();
+    assert_eq!(h.store.finish_reply(r.id, &checked_at(Some(2))).await.unwrap(), Finishing::Stale);
+    assert_eq!(h.store.heads(chat(25)).await.unwrap(), before, "no change number taken");
+    let still = h.store.message(r.id).await.unwrap().unwrap();
+    assert_eq!((still.generation(), still.text.as_str()), (Some(Generation::Generating), ""), "nothing written");
+    h.store.archive_chat(chat(25), true, 1).await.unwrap();
+    assert_eq!(ended(h.store.finish_reply(r.id, &checked_at(Some(3))).await.unwrap().done()), complete);
+
+    send(h, &[by(msg(3, 26, 0), 1)]).await;
+    let (r, _) = created(h.store.start_reply(&reply(4, 26, 3, None)).await.unwrap());
+    h.store.close_direct_chat(chat(26), true, 1).await.unwrap();
+    let stopped = (true, Some(Generation::Stopped), "the answer".to_owned(), Some(info.clone()));
+    assert_eq!(ended(h.store.finish_reply(r.id, &checked_at(Some(0))).await.unwrap().done()), stopped);
+
+    send(h, &[by(msg(5, 27, 0), 1)]).await;
+    let (r, _) = created(h.store.start_reply(&reply(6, 27, 5, None)).await.unwrap());
+    h.store.record_departure(chat(27), 1).await.unwrap();
+    h.store.close_direct_chat(chat(27), true, 1).await.unwrap();
+    assert_eq!(ended(h.store.finish_reply(r.id, &checked_at(None)).await.unwrap().done()), complete, "unchecked");
+}
+
 async fn a_reply_started_after_its_chat_s_archive_is_refused_in_its_start(h: &Harness) {
     send(h, &[by(msg(1, 24, 0), 1)]).await;
     let (first, _) = created(h.store.start_reply(&reply(2, 24, 1, None)).await.unwrap());
@@ -1742,7 +1797,7 @@ async fn a_start_retried_by_its_owner_resumes_its_reply_while_it_generates(h: &H
 
     // Finished, the reply is never restarted, not even by its owner.
     let info = GenerationInfo::default();
-    let done = h.store.finish_reply(r.id, &fin("done", Generation::Complete, &info, false)).await.unwrap().unwrap();
+    let done = h.store.finish_reply(r.id, &fin("done", Generation::Complete, &info, false)).await.unwrap().done();
     assert_eq!(h.store.start_reply(&owned(11, 1, 1, "job-a")).await.unwrap(), Started::Exists(done.reply.clone()));
     assert_eq!(h.store.message(r.id).await.unwrap(), Some(done.reply));
 
@@ -1790,9 +1845,9 @@ async fn stale_replies_are_those_whose_checkpoint_is_old_and_checkpoints_renew_t
         stale_before: Some(before),
         ..fin("what the sweeper read", Generation::Interrupted, &GenerationInfo::default(), false)
     };
-    let alive = h.store.finish_reply(a.id, &interrupt(t1 + 9_500)).await.unwrap().unwrap();
+    let alive = h.store.finish_reply(a.id, &interrupt(t1 + 9_500)).await.unwrap().done();
     assert_eq!((alive.changed, alive.reply.generation()), (false, Some(Generation::Generating)));
-    let ended = h.store.finish_reply(a.id, &interrupt(t1 + 10_001)).await.unwrap().unwrap();
+    let ended = h.store.finish_reply(a.id, &interrupt(t1 + 10_001)).await.unwrap().done();
     assert!(ended.changed);
     assert_eq!((ended.reply.generation(), ended.reply.text.as_str()), (Some(Generation::Interrupted), "Hi"));
 }
@@ -1908,7 +1963,15 @@ async fn reports_are_once_per_user_and_the_queue_lists_flagged_and_reported_mess
 
 /// How a reply ends, without flags.
 fn fin(text: &str, status: Generation, info: &GenerationInfo, restore_replaced: bool) -> Finish {
-    Finish { text: text.into(), status, info: info.clone(), flags: None, restore_replaced, stale_before: None }
+    Finish {
+        text: text.into(),
+        status,
+        info: info.clone(),
+        flags: None,
+        restore_replaced,
+        stale_before: None,
+        members_version: None,
+    }
 }
 
 async fn an_external_verdict_only_raises_the_flags_of_the_revision_it_saw(h: &Harness) {
@@ -2628,8 +2691,9 @@ async fn deleting_a_reply_being_written_ends_it_and_no_later_write_restores_its_
     // finish changes nothing: the tombstone keeps no text.
     assert_eq!(h.store.checkpoint_reply(r.id, Some("Hello wor"), 7_000).await.unwrap(), None);
     let info = GenerationInfo { model: "m".into(), ..Default::default() };
-    let done = h.store.finish_reply(r.id, &fin("Hello world", Generation::Complete, &info, false)).await.unwrap();
-    assert_eq!(done.map(|d| (d.changed, d.reply)), Some((false, gone.clone())));
+    let done =
+        h.store.finish_reply(r.id, &fin("Hello world", Generation::Complete, &info, false)).await.unwrap().done();
+    assert_eq!((done.changed, done.reply), (false, gone.clone()));
     assert_eq!(h.store.message(r.id).await.unwrap(), Some(gone.clone()));
     assert!(h.store.stale_replies(i64::MAX, 10).await.unwrap().is_empty(), "no sweeper takes it up");
     // The chat is free for the next reply.

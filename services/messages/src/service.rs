@@ -109,6 +109,8 @@ pub struct Messages {
     presence: Arc<Presence>,
     /// GetPresence calls per user.
     presence_rate: RateLimiter<UserId>,
+    /// The turns of its streams' resyncs.
+    resyncs: crate::stream::Resyncs,
 }
 
 impl Messages {
@@ -169,6 +171,7 @@ impl Messages {
             classifier,
             presence,
             presence_rate: RateLimiter::new("presence queries", args.presence_rate),
+            resyncs: crate::stream::Resyncs::new(crate::stream::RESYNC_READS),
         }
     }
 
@@ -195,6 +198,11 @@ impl Messages {
             self.chats.record_activity(chunk.to_vec()).await.map_err(MessagesError::Upstream)?;
         }
         Ok(chats)
+    }
+
+    /// The turns of this replica's streams' resyncs.
+    pub fn resyncs(&self) -> &crate::stream::Resyncs {
+        &self.resyncs
     }
 
     /// The store.

@@ -65,6 +65,15 @@
 //! sent of that chat) and nothing after the cursor, and stops following the
 //! chat.
 //!
+//! A resync (a hint on a stream's user, chat or session topic, or a lag
+//! there) has a stream re-read what it may have missed; a peer replica's
+//! death hints every topic of every surviving replica, so all their
+//! streams would re-read at once: a burst of store reads and calls to the
+//! chats and sessions services as large as the streams held, in the pool
+//! sends wait on too. [`Resyncs`] lets [`RESYNC_READS`] of a replica's
+//! streams do so at a time; the others wait their turn, each with the
+//! events it queued.
+//!
 //! A live event that arrives in order costs no membership check. In split
 //! mode a removal reaches a replica over NATS, so a message sent right after
 //! a removal can reach that replica's streams before the removal does; the
@@ -102,6 +111,50 @@ const REPLAY_PAGE: u32 = 256;
 /// client that stops reading holds its stream at the page it was sent, and
 /// 256 messages of 32 KiB with attachments would be 14 MiB.
 const REPLAY_PAGE_BYTES: usize = 1 << 20;
+
+/// Most resyncs a replica's streams run at once ([`Resyncs`]): store
+/// reads after a hint or a lag, re-reads of a user's chats from the chats
+/// service, and session checks with the sessions service. Half the
+/// default PostgreSQL pool (16 connections): a burst of resyncs (a peer
+/// replica's death hints every stream) leaves the other half to sends.
+pub const RESYNC_READS: usize = 8;
+
+/// A replica's bound on its streams' resyncs ([`RESYNC_READS`] at a time,
+/// first come, first served), so that a hint to every stream is a queue of
+/// cheap waiting tasks rather than a burst of reads as large as the
+/// streams held.
+#[derive(Debug)]
+pub struct Resyncs {
+    permits: tokio::sync::Semaphore,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Resyncs {
+    /// Up to `permits` resyncs at a time.
+    pub fn new(permits: usize) -> Self {
+        Self { permits: tokio::sync::Semaphore::new(permits), waiting: Default::default() }
+    }
+
+    /// Waits for a turn; the resync runs while the permit is held.
+    pub async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
+        use std::sync::atomic::Ordering::Relaxed;
+        /// Counts a waiter out however its wait ends (a dropped stream too).
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Relaxed);
+            }
+        }
+        self.waiting.fetch_add(1, Relaxed);
+        let _waiting = Waiting(&self.waiting);
+        self.permits.acquire().await.expect("the resync semaphore is never closed")
+    }
+
+    /// How many resyncs wait for a turn now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
 
 /// The response stream of StreamEvents.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::StreamEventsResponse, Status>> + Send + 'static>>;
@@ -332,6 +385,8 @@ pub async fn open(
     let online = follow.presence.then(|| follower.messages.presence().enter(UserId(user)));
     // News of users this replica lost before it reached the stream.
     let news_lost = follow.presence.then(|| follower.messages.presence().news_lost());
+    // Its resyncs take their turns (Resyncs).
+    let messages = follower.messages.clone();
     let stream = async_stream::try_stream! {
         // Counted in natter_active_streams and against the user's cap until
         // the stream is dropped, however it ends.
@@ -367,7 +422,12 @@ pub async fn open(
             // read (and membership checked) only once it reads on.
             while let Some(refill) = refills.front_mut() {
                 let chat = refill.chat;
+                let turn = match refill.resync {
+                    true => Some(messages.resyncs().permit().await),
+                    false => None,
+                };
                 let (mut events, more) = follower.refill(refill).await?;
+                drop(turn);
                 if !more {
                     refills.pop_front();
                     events.extend(follower.held_receipts(chat));
@@ -428,6 +488,7 @@ pub async fn open(
                     // Revoked, or lagged behind what may be a revocation
                     // (a bot's stream has no session to check).
                     if let Some(auth) = &auth {
+                        let _turn = messages.resyncs().permit().await;
                         auth.recheck(&token).await?;
                     }
                     Step::default()
@@ -439,12 +500,18 @@ pub async fn open(
                 // A hint (the bus may have lost announcements: a reconnect,
                 // or the user's topic only just subscribed on NATS) is like
                 // a lag: re-read the user's chats.
-                Wake::User(Some(Ok(event))) if event.is_hint() => follower.reconcile().await?,
+                Wake::User(Some(Ok(event))) if event.is_hint() => {
+                    let _turn = messages.resyncs().permit().await;
+                    follower.reconcile().await?
+                }
                 Wake::User(Some(Ok(event))) => follower.on_user_event(&event),
-                Wake::User(Some(Err(Lagged(_)))) => follower.reconcile().await?,
+                Wake::User(Some(Err(Lagged(_)))) => {
+                    let _turn = messages.resyncs().permit().await;
+                    follower.reconcile().await?
+                }
                 Wake::Chat(chat, Ok(event)) => follower.on_chat_event(chat, &event),
                 // Fell behind the bus: the store has everything.
-                Wake::Chat(chat, Err(Lagged(_))) => Step::refill(Refill::all(chat)),
+                Wake::Chat(chat, Err(Lagged(_))) => Step::refill(Refill::resync(chat)),
             };
             refills.extend(step.refill);
             let mut events = step.events;
@@ -527,6 +594,9 @@ struct Refill {
     /// A bot's stream was told that this read passes over changes its log
     /// no longer holds (its `chat_reset` went with the first page).
     told_pruned: bool,
+    /// A resync's read (a hint or a lag): each page waits its turn
+    /// ([`Resyncs`]).
+    resync: bool,
 }
 
 impl Refill {
@@ -539,11 +609,17 @@ impl Refill {
             departure: 0,
             skips_pruned: false,
             told_pruned: false,
+            resync: false,
         }
     }
 
     fn all(chat: Uuid) -> Self {
-        Self { chat, until: None, since: None, absent: false, departure: 0, skips_pruned: false, told_pruned: false }
+        Self { until: None, ..Self::to(chat, 0) }
+    }
+
+    /// [`Refill::all`] for a resync (a hint or a lag on the chat's topic).
+    fn resync(chat: Uuid) -> Self {
+        Self { resync: true, ..Self::all(chat) }
     }
 }
 
@@ -936,7 +1012,7 @@ impl Follower {
         // a kind this build does not know: whatever the store has beyond the
         // cursor is missed.
         let Some(payload) = event.payload.as_ref().filter(|p| p.event.is_some() && event.change_seq > 0) else {
-            return Step::refill(Refill::all(chat));
+            return Step::refill(Refill::resync(chat));
         };
         let n = event.change_seq;
         // Another member's read receipt is no change of this stream's user,
@@ -1301,6 +1377,14 @@ mod tests {
         kept_version: Mutex<Option<i64>>,
         /// How often `forget_membership` was called.
         forgotten: Mutex<usize>,
+        /// Held for writing, listings of a user's chats wait (the chats
+        /// service slow to answer).
+        listing_gate: tokio::sync::RwLock<()>,
+        /// Listings of a user's chats under way (waiting at the gate
+        /// included).
+        listings_under_way: std::sync::atomic::AtomicUsize,
+        /// Listings of a user's chats answered.
+        listings_answered: std::sync::atomic::AtomicUsize,
         messages: OnceLock<Weak<Messages>>,
     }
 
@@ -1346,6 +1430,11 @@ mod tests {
         }
 
         async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.listings_under_way.fetch_add(1, SeqCst);
+            drop(self.listing_gate.read().await);
+            self.listings_under_way.fetch_sub(1, SeqCst);
+            self.listings_answered.fetch_add(1, SeqCst);
             let user = Uuid::parse_str(user_id).unwrap();
             if *self.unlistable.lock().unwrap() == Some(user) {
                 return Err(Status::unavailable("chats service out of reach"));
@@ -1576,6 +1665,54 @@ mod tests {
         let stopped = (Some(Generation::Stopped), "the whole answer".to_owned(), Some(info.clone()));
         assert_eq!(ended(&done), stopped);
         assert_eq!(ended(&store.message(reply.id).await.unwrap().unwrap()), stopped, "as stored");
+    }
+
+    /// A resync hint on the user's topic (what a peer replica's death
+    /// sends every stream) has each of the user's streams re-read their
+    /// chats from the chats service, [`RESYNC_READS`] at a time: the
+    /// others wait their turn, and all have re-read once the service
+    /// answers. Before, every stream asked at once.
+    #[tokio::test]
+    async fn a_hint_to_every_stream_has_them_re_read_their_chats_a_few_at_a_time() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let h = Harness::start().await;
+        let streams = RESYNC_READS + 4;
+        let mut polled = Vec::new();
+        for _ in 0..streams {
+            let mut stream = h.stream_of_member(Vec::new()).await;
+            polled.push(tokio::spawn(async move { while stream.next().await.is_some() {} }));
+        }
+        let answered = h.directory.listings_answered.load(SeqCst);
+        let slow = h.directory.listing_gate.write().await;
+        let hint = Arc::new(natter_bus::Event::resync_hint(Topic::User(h.member)).unwrap());
+        h.messages.bus().publish(Topic::User(h.member), hint);
+        // Every stream has either asked or is waiting its turn.
+        let (asking, waiting) = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                let seen = (h.directory.listings_under_way.load(SeqCst), h.messages.resyncs().waiting());
+                if seen.0 + seen.1 >= streams {
+                    return seen;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("every stream took the hint");
+        assert_eq!((asking, waiting), (RESYNC_READS, streams - RESYNC_READS), "asking at once, waiting their turn");
+
+        drop(slow);
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while h.directory.listings_answered.load(SeqCst) < answered + streams {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("all have re-read");
+        assert_eq!(h.messages.resyncs().waiting(), 0);
+        for task in polled {
+            assert!(!task.is_finished(), "the streams go on");
+            task.abort();
+        }
     }
 
     /// The next event of `stream` (ten seconds at most: a bound, not a wait).

@@ -1345,6 +1345,31 @@ step("carol renames herself in Settings: a name over 100 characters is refused i
   for (const page of [carolPage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
 });
 
+step("a click on a chat whose item is redrawn between the press and the release opens it: bob presses on carol's chat just after a reload, and her presence arrives before he lets go", async () => {
+  // A loaded page lists its chats before it has read presence (each dot
+  // "unknown"), then redraws them with it: the press lands on the first
+  // drawing, the release on the second.
+  const presenceCalls = "**/natter.messages.v1.MessageService/GetPresence";
+  const { atServer, release } = await holdAnswers(bobPage, presenceCalls);
+  try {
+    await bobPage.reload();
+    const item = chatItem(bobPage, carolRenamed);
+    await item.locator('[data-testid="presence"][data-state="unknown"]').waitFor();
+    await atServer;
+    const box = await item.boundingBox();
+    await bobPage.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+    await bobPage.mouse.down();
+    release();
+    await item.locator('[data-testid="presence"][data-state="online"]').waitFor();
+    await bobPage.mouse.up();
+  } finally {
+    release();
+    await bobPage.unroute(presenceCalls);
+  }
+  await bobPage.locator("#chat-title", { hasText: carolRenamed }).waitFor();
+  await bobPage.locator("#messages .message .meta", { hasText: carolRenamed }).first().waitFor();
+});
+
 step("carol changes her password: a wrong current one changes nothing; the right one signs out her other page, hers goes on, and only the new password logs in", async () => {
   // A second page of carol's, logged in with her password: another session.
   const other = await newPerson("carol-2");

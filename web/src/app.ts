@@ -349,10 +349,12 @@ function chatsByActivity(): Chat[] {
 function renderChatList() {
   const ul = el("chat-list");
   const sorted = chatsByActivity();
-  // A chat whose item shows the same keeps its element, left where it is
-  // while the order holds: a click under way (mouse down, not yet up) on an
-  // element replaced or moved meanwhile is lost, and the list is redrawn
-  // often (a stream event, presence read afresh).
+  // A chat keeps its item's element, and the elements inside it, changed in
+  // place (patchElement), and an item moves only when its place in the order
+  // does: Chromium fires no click whose mouse went down on an element removed
+  // before it came up, and the list is redrawn often (a stream event;
+  // presence read afresh, which after a load turns every dot from unknown to
+  // online or offline just as a person may be clicking a chat).
   const held = new Map([...ul.querySelectorAll<HTMLLIElement>(".chat-item")].map((li) => [li.dataset.chatId, li]));
   const items = sorted.map((chat) => {
     const li = document.createElement("li");
@@ -385,16 +387,39 @@ function renderChatList() {
       li.append(badge);
     }
     const same = held.get(chat.id);
-    if (same?.outerHTML === li.outerHTML) return same;
+    if (same) {
+      patchElement(same, li);
+      return same;
+    }
     li.addEventListener("click", () => act(() => openChat(chat.id)));
     return li;
   });
-  const shown = [...ul.children] as HTMLElement[];
-  if (items.length === shown.length && items.every((li, i) => li.dataset.chatId === shown[i].dataset.chatId)) {
-    for (const [i, li] of items.entries()) if (li !== shown[i]) shown[i].replaceWith(li);
-  } else {
-    ul.replaceChildren(...items);
+  // Each item into its place, moving only those out of it; then the chats gone.
+  for (const [i, li] of items.entries()) if (ul.children[i] !== li) ul.insertBefore(li, ul.children[i] ?? null);
+  while (ul.children.length > items.length) ul.lastElementChild?.remove();
+}
+
+/**
+ * Makes `held` look as `fresh` does (`fresh`, not in the document, is used
+ * up), keeping `held` and each node inside it whose kind (tag, or text)
+ * matches the new one at its place: attributes and text change in place, and
+ * only nodes of another kind, or past the end of either, are replaced, added
+ * or removed. Listeners are not compared: `held`'s and those of the nodes
+ * it keeps stay, and a node taken from `fresh` brings its own.
+ */
+function patchElement(held: Element, fresh: Element) {
+  for (const a of [...held.attributes]) if (!fresh.hasAttribute(a.name)) held.removeAttribute(a.name);
+  for (const a of [...fresh.attributes]) if (held.getAttribute(a.name) !== a.value) held.setAttribute(a.name, a.value);
+  const have = [...held.childNodes];
+  const want = [...fresh.childNodes];
+  for (const [i, node] of want.entries()) {
+    const old = have[i];
+    if (!old) held.append(node);
+    else if (old.nodeName !== node.nodeName) old.replaceWith(node);
+    else if (old instanceof Element) patchElement(old, node as Element);
+    else if (old.nodeValue !== node.nodeValue) old.nodeValue = node.nodeValue;
   }
+  for (const old of have.slice(want.length)) old.remove();
 }
 
 /** How `userId` stands, for people: "online", "last seen 14:02", or "" when unknown. */

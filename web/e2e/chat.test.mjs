@@ -6,10 +6,13 @@
 //
 // Environment: NATTER_BIN (default target/debug/natter of this repo), CHROMIUM
 // (default /usr/bin/chromium), NATTER_UPDATE_SCREENSHOT=1 to refresh
-// web/screenshot.png from this run.
+// web/screenshot.png from this run, NATTER_TEST_NATS_URL (nats://host:port)
+// for the step that cuts natter's NATS connection (skipped without it, but
+// required under CI).
 import { after, before } from "node:test";
 import assert from "node:assert/strict";
 import http from "node:http";
+import net from "node:net";
 import { execFile } from "node:child_process";
 import { copyFile, cp, mkdir, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -136,6 +139,30 @@ const waitForPinCount = (page, n) => page.locator(`[data-testid="open-pinned"][d
 /** Runs `fn` over `items`, `n` at a time (each buf curl is a process; CPU is scarce). */
 async function inBatches(items, n, fn) {
   for (let i = 0; i < items.length; i += n) await Promise.all(items.slice(i, i + n).map(fn));
+}
+
+/**
+ * A TCP proxy on a free port of 127.0.0.1 to `target` (a URL: its host and
+ * port): { port, cut(), close() }. `cut` drops every connection made through
+ * it so far, as a network would, and it goes on taking new ones.
+ */
+async function tcpProxy(target) {
+  const { hostname, port } = new URL(target);
+  const sockets = new Set();
+  const srv = net.createServer((client) => {
+    const upstream = net.connect(Number(port), hostname);
+    for (const socket of [client, upstream]) {
+      sockets.add(socket);
+      socket.on("close", () => sockets.delete(socket));
+      socket.on("error", () => {}); // a cut one
+    }
+    client.pipe(upstream).pipe(client);
+  });
+  await new Promise((resolve) => srv.listen(0, "127.0.0.1", resolve));
+  const cut = () => {
+    for (const socket of sockets) socket.destroy();
+  };
+  return { port: srv.address().port, cut, close: () => (srv.close(), cut()) };
 }
 
 /** Marks a page, so that `assertNotReloaded` can tell it was not reloaded since. */
@@ -1314,6 +1341,76 @@ step("bob hides his read receipts in Settings: alice's message he reads in Satur
   await bobPage.locator('[data-testid="read-receipts-note"]', { hasText: "Saved" }).waitFor();
   await bobPage.click('[data-testid="close-settings"]');
   await assertNotReloaded(alicePage, "alice's page");
+  for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
+});
+
+step("news lost while alice's stream stays open (natter's NATS connection cut): told so (ephemeral_lost), her page reads the read receipts afresh, and bob's, hidden meanwhile, go", async (t) => {
+  // natter sends ephemeral_lost when its bus may have lost what it tells
+  // only as it happens: here it reconnects to NATS (through a proxy the
+  // test cuts) and hints every topic. Nothing else of natter's loses such
+  // news on its own; only NATS, which CI runs.
+  const natsUrl = process.env.NATTER_TEST_NATS_URL;
+  if (!natsUrl) {
+    if (process.env.CI) throw new Error("NATTER_TEST_NATS_URL is required under CI");
+    return t.skip("NATTER_TEST_NATS_URL is unset");
+  }
+  const proxy = await tcpProxy(natsUrl);
+  let anchor;
+  let countStreams;
+  try {
+    await stopNatter(server);
+    server = await startNatter(dataDir, server.port, [
+      "--nats-url", `nats://127.0.0.1:${proxy.port}`, "--nats-subject-prefix", `e2e${suffix}`,
+    ]);
+    // Another tab of alice's streams first: the bus hints the topic of a
+    // user the process had no stream of (ephemeral_lost to that stream), so
+    // her page, loaded after it, hears none of its own before the cut.
+    anchor = await alicePage.context().newPage();
+    await anchor.goto(pageUrl);
+    await anchor.locator("#status", { hasText: "live" }).waitFor({ timeout: 2 * WAIT });
+    await alicePage.reload();
+    await alicePage.locator("#status", { hasText: "live" }).waitFor();
+    await openChatWith(alicePage, "Saturday hike");
+    await bobPage.bringToFront();
+    await bobPage.locator("#status", { hasText: "live" }).waitFor({ timeout: 2 * WAIT });
+    await markPage(alicePage);
+    let streams = 0;
+    countStreams = (r) => (streams += r.url().endsWith("/natter.messages.v1.MessageService/StreamEvents"));
+    alicePage.on("request", countStreams);
+
+    // Bob reads alice's message (his receipts shown), then hides them: her
+    // page hears of his read, and of nothing taking it back.
+    const seen = messageOn(alicePage, "Lift at 7?").locator('[data-testid="seen"]', { hasText: `Seen by ${bob.name}` });
+    await send(alicePage, "Lift at 7?");
+    await waitForMessage(bobPage, "Lift at 7?");
+    await seen.waitFor();
+    const readReceipts = '[data-testid="read-receipts"]';
+    await openSettings(bobPage);
+    await bobPage.selectOption(readReceipts, "nobody");
+    await bobPage.locator('[data-testid="read-receipts-note"]', { hasText: "Saved" }).waitFor();
+    await bobPage.click('[data-testid="close-settings"]');
+
+    // Her page drops his receipt only when it reads the receipts afresh:
+    // not reloaded, the chat not opened again, the stream not reconnected,
+    // that is ephemeral_lost (without it, "Seen by" stays: checked by hand).
+    proxy.cut();
+    await seen.waitFor({ state: "detached" });
+    assert.equal(streams, 0, "her stream stayed open: the re-read came from ephemeral_lost, not a reconnect");
+    await assertNotReloaded(alicePage, "alice's page");
+
+    await openSettings(bobPage);
+    await bobPage.selectOption(readReceipts, "everyone");
+    await bobPage.locator('[data-testid="read-receipts-note"]', { hasText: "Saved" }).waitFor();
+    await bobPage.click('[data-testid="close-settings"]');
+  } finally {
+    if (countStreams) alicePage.off("request", countStreams);
+    await anchor?.close();
+    // The steps after this one on natter as before, without NATS.
+    await stopNatter(server);
+    server = await startNatter(dataDir, server.port);
+    proxy.close();
+  }
+  for (const page of [alicePage, bobPage]) await page.locator("#status", { hasText: "live" }).waitFor({ timeout: 2 * WAIT });
   for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
 });
 

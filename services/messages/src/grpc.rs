@@ -907,8 +907,14 @@ impl MessageService for MessageApi {
             None => None,
         };
         let mut page = self.messages.flagged(caller, filter, from, size + 1).await?;
-        let next = if page.len() > size as usize {
-            page.truncate(size as usize);
+        // A page ends at page_size, or before its bytes pass PAGE_BYTES, as
+        // a ListMessages page does: its open reports count too.
+        let weight = |(m, reports): &(_, Vec<StoredReport>)| {
+            Message::weight(m) + reports.iter().map(|r| 128 + r.comment.len()).sum::<usize>()
+        };
+        let fit = crate::service::fitting(&page, weight).0.min(size as usize);
+        let next = if page.len() > fit {
+            page.truncate(fit);
             page.last().map(|(m, _)| paging::encode(&(m.send_time, m.id.to_string()), fingerprint))
         } else {
             None

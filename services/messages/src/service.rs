@@ -45,6 +45,24 @@ pub const RECOVERY_WINDOW_US: i64 = natter_links::activity::REANNOUNCE_WINDOW_US
 /// text and 100 earlier revisions of as much).
 pub const PAGE_BYTES: usize = 3 << 20;
 
+/// How many of `items` (a page, in order) fit in [`PAGE_BYTES`] by
+/// `weight` (at least the first), and their bytes.
+pub(crate) fn fitting<T>(items: &[T], weight: impl Fn(&T) -> usize) -> (usize, usize) {
+    let mut bytes = 0;
+    let fit = items
+        .iter()
+        .take_while(|item| {
+            let weight = weight(item);
+            let fits = bytes == 0 || bytes + weight <= PAGE_BYTES;
+            if fits {
+                bytes += weight;
+            }
+            fits
+        })
+        .count();
+    (fit, bytes)
+}
+
 /// Roughly the bytes revision `r` takes in a response.
 fn revision_weight(r: &Revision) -> usize {
     32 + r.text.len()
@@ -1004,18 +1022,7 @@ impl Messages {
         };
         // The page ends where its bytes would pass PAGE_BYTES (its first
         // message always comes); `bytes` is what it keeps.
-        let mut bytes = 0;
-        let fit = messages
-            .iter()
-            .take_while(|m| {
-                let weight = m.weight();
-                let fits = bytes == 0 || bytes + weight <= PAGE_BYTES;
-                if fits {
-                    bytes += weight;
-                }
-                fits
-            })
-            .count();
+        let (fit, bytes) = fitting(&messages, Message::weight);
         if fit < messages.len() {
             messages.truncate(fit);
             next = messages.last().map(|m| m.seq);
@@ -1310,7 +1317,9 @@ impl Messages {
 
     /// Internal: a chat's newest messages of its main timeline (those with
     /// a seq below `before`, if given), newest first (superseded replies
-    /// and thread replies left out, as ListMessages by default).
+    /// and thread replies left out, as ListMessages by default), at most
+    /// `page_size` and, as a ListMessages page, no more than fit in
+    /// [`PAGE_BYTES`] (the newest always).
     pub async fn recent(
         &self,
         chat: ChatId,
@@ -1320,6 +1329,9 @@ impl Messages {
     ) -> Result<Vec<Message>, MessagesError> {
         let range = Range { timeline: Timeline::Main, before, ..Range::default() };
         let mut messages = self.store.list(chat, range, None, page_size).await?;
+        // GetChat's screen, as a ListMessages page: no more than a client
+        // can take, the newest first.
+        messages.truncate(fitting(&messages, Message::weight).0);
         if viewer.is_some() {
             with_reactions(self.store.as_ref(), &mut messages, viewer).await?;
         }
@@ -1485,9 +1497,13 @@ impl Messages {
         }
         let mut hits = page.hits;
         // A page cut short by the store's share of work goes on where it
-        // stopped: fewer hits than asked, and a next page.
-        let next = if hits.len() > req.page_size as usize {
-            hits.truncate(req.page_size as usize);
+        // stopped: fewer hits than asked, and a next page. One ends before
+        // its bytes pass PAGE_BYTES too, as a ListMessages page does (a
+        // snippet is a few words of the text, but a word may be long).
+        let weight = |h: &crate::store::SearchHit| h.message.weight() + h.message.text.len();
+        let fit = fitting(&hits, weight).0.min(req.page_size as usize);
+        let next = if hits.len() > fit {
+            hits.truncate(fit);
             hits.last().map(|h| h.cursor)
         } else {
             page.scanned_to

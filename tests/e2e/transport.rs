@@ -1562,6 +1562,7 @@ mod cut_grpc_web_bodies {
     crate::both_modes!(
         a_truncated_frame_is_invalid_argument,
         truncated_base64_is_invalid_argument,
+        a_message_that_does_not_decode_is_invalid_argument,
         a_client_gone_mid_body_is_counted_cancelled_not_internal,
     );
 
@@ -1623,6 +1624,18 @@ mod cut_grpc_web_bodies {
         let body = b"AAAAAAVhYmM";
         let response = exchange(c, "application/grpc-web-text", body.len(), body, false).await;
         assert_eq!(grpc_status(&response), Some("3"), "INVALID_ARGUMENT: {response}");
+    }
+
+    /// Whole frames whose message is no CreateUserRequest: a username that
+    /// is not UTF-8 (which a browser's client cannot rule out), and a
+    /// field of a wire type no field of it has.
+    async fn a_message_that_does_not_decode_is_invalid_argument(c: &Cluster) {
+        for message in [&[0x0a, 0x02, 0xff, 0xfe][..], &[0x0b, 0x01]] {
+            let mut body = vec![0, 0, 0, 0, message.len() as u8];
+            body.extend_from_slice(message);
+            let response = exchange(c, "application/grpc-web+proto", body.len(), &body, false).await;
+            assert_eq!(grpc_status(&response), Some("3"), "INVALID_ARGUMENT: {response}");
+        }
     }
 
     /// `natter_rpc_requests_total` of CreateUser with `code`, of this

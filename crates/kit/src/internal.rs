@@ -214,6 +214,14 @@ impl Link {
             Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
                 tonic::Status::unavailable(format!("the {} service refused this service's credential", self.service))
             }
+            // The callee's answer did not decode here (tonic's INTERNAL, in
+            // the words a request that does not decode has, which the
+            // server answers INVALID_ARGUMENT: `crate::serve`): no client's
+            // fault, so said in other words.
+            Ok(Err(status)) if status.code() == tonic::Code::Internal && status.message().starts_with(UNDECODED) => {
+                let detail = status.message().trim_start_matches(UNDECODED);
+                tonic::Status::internal(format!("the {} service's answer could not be read{detail}", self.service))
+            }
             Ok(Err(status)) => status,
             Err(_elapsed) => late(),
         };
@@ -269,6 +277,9 @@ pub(crate) fn require_credential(
     }
 }
 
+/// How tonic's message of a message that does not decode begins.
+const UNDECODED: &str = "failed to decode Protobuf message";
+
 /// Whether a call to another natter service failed on the callee's or the
 /// network's side, so that the same call may succeed later: UNAVAILABLE
 /// (down, unreachable), DEADLINE_EXCEEDED (slow), INTERNAL (failed inside,
@@ -292,6 +303,26 @@ mod tests {
         assert!(!credential.matches(Some(&HeaderValue::from_static("0123456789abcdef"))));
         assert!(!credential.matches(None));
         assert_eq!(format!("{credential:?}"), "ServiceCredential(..)", "the secret never reaches a log");
+    }
+
+    /// An answer of another service that does not decode here is INTERNAL
+    /// in words of the link's own, never in those of a request that does
+    /// not decode, which a server answers INVALID_ARGUMENT (`crate::serve`).
+    #[tokio::test]
+    async fn an_answer_that_does_not_decode_is_internal_in_other_words() {
+        let credential = ServiceCredential::new("0123456789abcdef0123456789abcdef").unwrap();
+        let link = Link::connect("chats", "http://127.0.0.1:1", &credential, Duration::from_secs(1)).unwrap();
+        let undecoded = tonic::Status::internal(
+            "failed to decode Protobuf message: CheckMembershipResponse.chat_id: invalid string value",
+        );
+        let status = link.call(async { Err::<tonic::Response<()>, _>(undecoded) }).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(
+            status.message(),
+            "the chats service's answer could not be read: CheckMembershipResponse.chat_id: invalid string value"
+        );
+        let own = link.call(async { Err::<tonic::Response<()>, _>(tonic::Status::internal("database down")) }).await;
+        assert_eq!(own.unwrap_err().message(), "database down", "the callee's own INTERNAL goes as it is");
     }
 
     /// A credential file too short (a typo, a secret cut off) is refused

@@ -689,8 +689,13 @@ struct TonicAnswer {
 /// - a request body that ends inside a gRPC frame, and gRPC-web text that
 ///   ends inside a base64 quantum, are INTERNAL in tonic and tonic-web:
 ///   the client's fault, INVALID_ARGUMENT (a body that failed as it came
-///   off the connection is answered by its cause before, `crate::cut_body`).
-const TONIC_ANSWERS: [TonicAnswer; 3] = [
+///   off the connection is answered by its cause before, `crate::cut_body`);
+/// - so is a request message that does not decode (a string that is not
+///   UTF-8, a field of the wrong wire type), whose message names the field
+///   (`CreateUserRequest.username: invalid string value: ...`). A response
+///   of another natter service that does not decode is no client's fault:
+///   [`crate::internal::Link::call`] answers it INTERNAL in words of its own.
+const TONIC_ANSWERS: [TonicAnswer; 4] = [
     TonicAnswer { code: b"11", message_has: &[b"length%20too%", b"length too la"], by_the_table: "8", message: None },
     TonicAnswer {
         code: b"13",
@@ -703,6 +708,12 @@ const TONIC_ANSWERS: [TonicAnswer; 3] = [
         message_has: &[b"malformed%20base64", b"malformed base64"],
         by_the_table: "3",
         message: Some("the gRPC-web text request body is not whole base64"),
+    },
+    TonicAnswer {
+        code: b"13",
+        message_has: &[b"failed%20to%20decode%20Protobuf%20message", b"failed to decode Protobuf message"],
+        by_the_table: "3",
+        message: None,
     },
 ];
 
@@ -1042,9 +1053,10 @@ pub fn shutdown_token() -> CancellationToken {
 mod tests {
     use super::*;
 
-    /// tonic's answers to a body that ended inside a frame, or to gRPC-web
-    /// text that ended inside a base64 quantum, are the client's fault;
-    /// a server's own INTERNAL goes as it is.
+    /// tonic's answers to a body that ended inside a frame, to gRPC-web
+    /// text that ended inside a base64 quantum, and to a message that does
+    /// not decode, are the client's fault; a server's own INTERNAL goes as
+    /// it is.
     #[test]
     fn tonic_s_answers_to_truncated_bodies_are_invalid_argument() {
         let answer = |code: &'static str, message: &'static str| {
@@ -1059,6 +1071,17 @@ mod tests {
         assert_eq!(status(&truncated).code(), tonic::Code::InvalidArgument);
         let text = answer("13", "tonic-web:%20malformed%20base64%20request");
         assert_eq!(status(&text).code(), tonic::Code::InvalidArgument);
+        let undecoded = answer(
+            "13",
+            "failed%20to%20decode%20Protobuf%20message:%20CreateUserRequest.username:%20invalid%20string%20value",
+        );
+        assert_eq!(
+            (status(&undecoded).code(), status(&undecoded).message()),
+            (
+                tonic::Code::InvalidArgument,
+                "failed to decode Protobuf message: CreateUserRequest.username: invalid string value"
+            )
+        );
         let own = answer("13", "database%20down");
         assert_eq!((status(&own).code(), status(&own).message()), (tonic::Code::Internal, "database down"));
     }

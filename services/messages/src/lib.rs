@@ -69,7 +69,9 @@ fn with_engine_migrations(engine: &sqlx::migrate::Migrator) -> sqlx::migrate::Mi
 /// times a limit.
 #[derive(Clone, Debug, clap::Args)]
 pub struct MessagesArgs {
-    /// Longest message text, in bytes of UTF-8.
+    /// Longest message text, in bytes of UTF-8. Times one more than
+    /// --max-message-edits, at most 3.5 MiB: a message with all its
+    /// revisions fits one response.
     #[arg(long, env = "NATTER_MAX_TEXT_BYTES", default_value_t = 32 * 1024)]
     pub max_text_bytes: usize,
     /// Most attachments per message.
@@ -94,7 +96,8 @@ pub struct MessagesArgs {
     #[arg(long, env = "NATTER_STREAM_SESSION_RECHECK_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub stream_session_recheck_interval: std::time::Duration,
     /// Most edits of one message; EditMessage is RESOURCE_EXHAUSTED (with a
-    /// QuotaFailure) after.
+    /// QuotaFailure) after. Plus one, times --max-text-bytes, at most
+    /// 3.5 MiB.
     #[arg(long, env = "NATTER_MAX_MESSAGE_EDITS", default_value_t = 100)]
     pub max_message_edits: usize,
     /// SendMessage calls per user (retries too): N/PERIOD admits N at once
@@ -182,6 +185,36 @@ pub struct MessagesArgs {
     /// GetPresence calls per user: N/PERIOD, or `off`.
     #[arg(long, env = "NATTER_PRESENCE_RATE", default_value = "120/1m")]
     pub presence_rate: Rate,
+}
+
+/// The most bytes a message with all its revisions may take
+/// (`--max-text-bytes` times `--max-message-edits` + 1, checked at start by
+/// [`MessagesArgs::check`]): ListMessages with `include_history` sends a
+/// message and every earlier revision in one response, which must stay
+/// under the 4 MiB gRPC clients accept by default (grpc-go's and tonic's
+/// default largest message received), with room left for its attachments
+/// and fields. The defaults (32 KiB, 100 edits) take 3.16 MiB.
+pub const MESSAGE_WITH_REVISIONS_BYTES: usize = 3584 * 1024;
+
+impl MessagesArgs {
+    /// Checks what each flag's parser cannot check alone.
+    ///
+    /// Errors: `--max-text-bytes` and `--max-message-edits` that let one
+    /// message with its revisions pass [`MESSAGE_WITH_REVISIONS_BYTES`]
+    /// (no client could read it with its history), naming both flags and
+    /// the fix.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let (text, edits) = (self.max_text_bytes, self.max_message_edits);
+        let whole = text.saturating_mul(edits.saturating_add(1));
+        if whole > MESSAGE_WITH_REVISIONS_BYTES {
+            anyhow::bail!(
+                "--max-text-bytes {text} with --max-message-edits {edits}: a message with all its revisions could \
+                 take {whole} bytes, more than the {MESSAGE_WITH_REVISIONS_BYTES} one response may carry (gRPC \
+                 clients accept 4 MiB); lower either flag"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// A duration above zero (humantime), for a flag.
@@ -275,6 +308,7 @@ pub async fn open(
     bus: Arc<dyn EventBus>,
     args: &MessagesArgs,
 ) -> anyhow::Result<Arc<Messages>> {
+    args.check()?;
     let store = store::open(db).await?;
     let messages = Arc::new(Messages::new(store, chats, bus, args));
     announce_recent_activity(&messages).await;
@@ -421,6 +455,21 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A message and its revisions must fit one response: the defaults
+    /// do, and so do more edits of shorter texts; more edits of the
+    /// longest text do not.
+    #[test]
+    fn text_and_edit_limits_are_checked_together() {
+        let with = |text: usize, edits: usize| {
+            MessagesArgs { max_text_bytes: text, max_message_edits: edits, ..MessagesArgs::default() }.check()
+        };
+        assert!(with(32 * 1024, 100).is_ok(), "the defaults");
+        assert!(with(16 * 1024, 200).is_ok());
+        let refused = with(32 * 1024, 200).unwrap_err().to_string();
+        assert!(refused.starts_with("--max-text-bytes 32768 with --max-message-edits 200: "), "{refused}");
+        assert!(with(usize::MAX, usize::MAX).is_err(), "no overflow");
+    }
 
     /// [`open`] is awaited inside spawned server futures: it must be `Send`
     /// for every lifetime (checked at compile time).

@@ -552,3 +552,17 @@ fn a_listen_address_in_use_is_named_with_its_flag() {
         assert!(stderr.contains(&format!("stop it, or give {flag} another address")), "{stderr}");
     }
 }
+
+/// Text and edit limits that would let one message with its revisions
+/// pass what one response may carry (ListMessages' `include_history`,
+/// which no client could then read) stop `natter serve` at start, naming
+/// both flags: more edits than the default of the longest text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_and_edit_limits_past_one_response_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().to_str().expect("utf-8 path");
+    let (ok, stderr) = exits(&["--data-dir", data_dir, "--max-message-edits", "200"]).await.expect("it exits");
+    assert!(!ok, "started: {stderr}");
+    assert!(stderr.contains("--max-text-bytes 32768 with --max-message-edits 200: "), "{stderr}");
+    assert!(stderr.contains("lower either flag"), "{stderr}");
+}

@@ -21,6 +21,7 @@ crate::both_modes!(
     a_guest_deletes_its_account_without_a_password,
     a_deleted_account_leaves_no_row_under_its_id_in_the_messages_store,
     people_change_their_display_name_and_only_their_own,
+    names_that_hide_or_reorder_text_are_refused,
     a_password_change_ends_every_other_session,
     a_retried_password_change_is_answered_as_it_went,
 );
@@ -66,6 +67,65 @@ async fn people_change_their_display_name_and_only_their_own(c: &Cluster) {
     assert_eq!(bob_name(c).await, before, "bob's name untouched");
     let alice_now = c.sessions().get_current_session(authed(&alice, spb::GetCurrentSessionRequest {})).await.unwrap();
     assert_eq!(alice_now.into_inner().user.unwrap().display_name, alice.username, "no refused rename landed");
+}
+
+/// A display name or a chat title holding a character that hides or
+/// reorders text where it is shown (a right-to-left override that makes
+/// "alice" of "al\u{202E}ecila", a zero-width space that makes a second
+/// "bob", a Hangul filler that looks empty) is refused INVALID_ARGUMENT
+/// naming the field, in CreateUser, UpdateUser, CreateChat and
+/// UpdateChat, and nothing is stored; an emoji sequence joined by U+200D
+/// and a name in a right-to-left script are kept as given. Before, only
+/// control characters were refused.
+async fn names_that_hide_or_reorder_text_are_refused(c: &Cluster) {
+    let alice = c.user("alice").await;
+    let bob = c.user("bob").await;
+    let create = |name: &str| spb::CreateUserRequest {
+        username: format!("sp{}", &uuid::Uuid::now_v7().simple().to_string()[20..]),
+        password: "long enough".into(),
+        display_name: name.into(),
+    };
+    for name in ["al\u{202E}ecila", "b\u{200B}ob", "\u{3164}", "a\u{2066}b\u{2069}"] {
+        let refused = c.sessions().create_user(create(name)).await.unwrap_err();
+        assert_eq!(violated_fields(&refused), ["display_name"], "{name:?}");
+        let rename = spb::UpdateUserRequest {
+            user: Some(spb::User { display_name: name.into(), ..Default::default() }),
+            update_mask: Some(natter_proto::FieldMask { paths: vec!["display_name".into()] }),
+        };
+        let refused = c.sessions().update_user(authed(&alice, rename)).await.unwrap_err();
+        assert_eq!(violated_fields(&refused), ["user.display_name"], "{name:?}");
+        let titled = cpb::CreateChatRequest {
+            kind: cpb::ChatKind::Group as i32,
+            title: format!("team {name}"),
+            member_ids: vec![bob.id.clone()],
+            ..Default::default()
+        };
+        let refused = c.chats().create_chat(authed(&alice, titled)).await.unwrap_err();
+        assert_eq!(violated_fields(&refused), ["title"], "{name:?}");
+    }
+    let shown = "👩\u{200D}💻 مریم";
+    let made = c.sessions().create_user(create(shown)).await.unwrap().into_inner();
+    assert_eq!(made.user.unwrap().display_name, shown, "kept as given");
+    let group = cpb::CreateChatRequest {
+        kind: cpb::ChatKind::Group as i32,
+        title: shown.into(),
+        member_ids: vec![bob.id.clone()],
+        ..Default::default()
+    };
+    let chat = c.chats().create_chat(authed(&alice, group)).await.unwrap().into_inner().chat.unwrap();
+    assert_eq!(chat.title, shown);
+    let retitle = cpb::UpdateChatRequest {
+        chat_id: chat.id.clone(),
+        chat: Some(cpb::Chat { id: chat.id.clone(), title: "al\u{202E}ecila".into(), ..Default::default() }),
+        update_mask: Some(natter_proto::FieldMask { paths: vec!["title".into()] }),
+    };
+    let refused = c.chats().update_chat(authed(&alice, retitle)).await.unwrap_err();
+    assert_eq!(violated_fields(&refused), ["chat.title"]);
+    let get = cpb::GetChatRequest { chat_id: chat.id.clone(), ..Default::default() };
+    let now = c.chats().get_chat(authed(&alice, get)).await.unwrap().into_inner().chat.unwrap();
+    assert_eq!(now.title, shown, "nothing stored");
+    let me = c.sessions().get_current_session(authed(&alice, spb::GetCurrentSessionRequest {})).await.unwrap();
+    assert_eq!(me.into_inner().user.unwrap().display_name, "alice", "no refused rename landed");
 }
 
 /// ChangePassword: confirmed with the current password (a wrong one is

@@ -540,9 +540,74 @@ pub fn check_str(value: &str, max: MaxLen) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a name others are shown (a display name, a chat title): no
+/// control characters (Unicode category Cc), and none of the invisible or
+/// direction-changing characters ([`hidden_in_names`]). The error
+/// describes the rule broken, with the character's code point; the caller
+/// names the field.
+pub fn check_shown_name(value: &str) -> Result<(), String> {
+    if value.chars().any(char::is_control) {
+        return Err("must not contain control characters".to_owned());
+    }
+    match value.chars().find(|c| hidden_in_names(*c)) {
+        Some(c) => {
+            Err(format!("must not contain U+{:04X} (an invisible or direction-changing character)", u32::from(c)))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Whether `c` is one of the invisible or direction-changing characters
+/// that let one name pass for another or reorder the text around it where
+/// it is shown, which [`check_shown_name`] refuses:
+/// - the bidirectional embeddings, overrides and isolates, U+202A..=U+202E
+///   and U+2066..=U+2069 (Unicode UAX #9, section 2; "Trojan Source",
+///   CVE-2021-42574);
+/// - the zero-width space U+200B, the word joiner and invisible operators
+///   U+2060..=U+2064, the byte-order mark U+FEFF, the soft hyphen U+00AD,
+///   the combining grapheme joiner U+034F, the Mongolian vowel separator
+///   U+180E, and the Hangul fillers U+115F, U+1160, U+3164 and U+FFA0
+///   (blank letters that make a name look empty).
+///
+/// The zero-width joiner and non-joiner (U+200D, U+200C: emoji sequences,
+/// Persian and Indic scripts), variation selectors (emoji presentation)
+/// and the left-to-right and right-to-left marks (U+200E, U+200F: weak,
+/// they reorder nothing past the name) are not among them.
+pub fn hidden_in_names(c: char) -> bool {
+    matches!(
+        c,
+        '\u{202A}'..='\u{202E}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{200B}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{FEFF}'
+            | '\u{00AD}'
+            | '\u{034F}'
+            | '\u{180E}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{3164}'
+            | '\u{FFA0}'
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_names_refuse_invisible_and_direction_changing_characters() {
+        for name in ["Alice Liddell", "👩\u{200D}💻 Ann", "مریم\u{200C}ی", "❤\u{FE0F} Bob", "\u{200F}שרה"]
+        {
+            assert_eq!(check_shown_name(name), Ok(()), "{name:?}");
+        }
+        let refused = check_shown_name("al\u{202E}ecila").unwrap_err();
+        assert_eq!(refused, "must not contain U+202E (an invisible or direction-changing character)");
+        for name in ["a\u{2066}b", "al\u{200B}ice", "\u{3164}", "x\u{FEFF}", "soft\u{AD}hyphen", "a\u{2069}"] {
+            assert!(check_shown_name(name).is_err(), "{name:?}");
+        }
+        assert_eq!(check_shown_name("a\u{7}b"), Err("must not contain control characters".to_owned()));
+    }
 
     #[test]
     fn unproven_tokens_beyond_the_rate_are_refused_from_that_address_only() {

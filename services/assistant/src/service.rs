@@ -2524,7 +2524,15 @@ const TITLE_CHARS: usize = 60;
 /// collapsed, cut after a whole word at about [`TITLE_CHARS`] characters
 /// with an ellipsis; None for a prompt without words.
 fn title_of(prompt: &str) -> Option<String> {
-    let line = prompt.lines().find(|l| !l.trim().is_empty())?;
+    // What a chat title may not hold (natter_kit::limits::check_shown_name)
+    // is left out: a prompt may hold direction marks a title may not, and
+    // controls (a tab) part words as blanks do.
+    let shown: String = prompt
+        .chars()
+        .filter(|c| !natter_kit::limits::hidden_in_names(*c))
+        .map(|c| if c.is_control() && c != '\n' { ' ' } else { c })
+        .collect();
+    let line = shown.lines().find(|l| !l.trim().is_empty())?;
     let words: Vec<&str> = line.split_whitespace().collect();
     let mut title = String::new();
     for word in &words {
@@ -2698,6 +2706,8 @@ mod tests {
         let one = "x".repeat(200);
         assert_eq!(title_of(&one).unwrap().chars().count(), TITLE_CHARS + 1);
         assert_eq!(title_of(" \n\t"), None);
+        let marked = "\u{2067}مرحبا\u{2069}\tworld\u{200B}!";
+        assert_eq!(title_of(marked).as_deref(), Some("مرحبا world!"), "what a title may not hold is left out");
     }
 
     #[test]

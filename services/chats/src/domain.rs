@@ -457,10 +457,7 @@ pub fn title_key(title: &str) -> String {
 /// Checks a title against the limit; the error describes the rule broken.
 pub fn check_title(title: &str, limits: &Limits) -> Result<(), String> {
     check_str(title, MaxLen::Chars(limits.title_chars))?;
-    if title.chars().any(char::is_control) {
-        return Err("must not contain control characters".to_owned());
-    }
-    Ok(())
+    natter_kit::limits::check_shown_name(title)
 }
 
 /// Checks a description against the limit (and for NUL).

@@ -62,13 +62,12 @@ pub fn check_password(p: &str) -> Result<(), String> {
     }
 }
 
-/// Validates a display name: at most 100 characters, no control characters.
+/// Validates a display name: at most 100 characters, no control,
+/// invisible or direction-changing characters
+/// ([`natter_kit::limits::check_shown_name`]).
 pub fn check_display_name(s: &str) -> Result<(), String> {
     check_str(s, MaxLen::Chars(DISPLAY_NAME_MAX))?;
-    if s.chars().any(char::is_control) {
-        return Err("must not contain control characters".to_owned());
-    }
-    Ok(())
+    natter_kit::limits::check_shown_name(s)
 }
 
 /// A validated CreateUser or ClaimAccount request.

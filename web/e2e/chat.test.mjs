@@ -852,7 +852,7 @@ step("a guest keeps its chats by claiming an account: a taken username is refuse
   guestPage = undefined;
 });
 
-step("a claim whose answer is lost: one that never reached the server leaves the guest as it was; one that did goes on as the account, not signed out", async () => {
+step("a claim whose answer is lost: one that never reached the server leaves the guest as it was; one that did goes on as the account, not signed out. The first is typed and pressed while the page still loads: the chat's messages, come late, leave the focus in the form, and whom the guest blocked, come between the press and the release, does not move the button away", async () => {
   const erin = { name: `erin-${suffix}`, displayName: `Erin ${suffix}`, password: "erin's long pass phrase" };
   const page = await newPerson("erin");
   // The first claim is cut before it reaches the server; the second reaches it, and its answer is cut.
@@ -862,6 +862,13 @@ step("a claim whose answer is lost: one that never reached the server leaves the
     await route.fetch();
     await route.abort("failed");
   });
+  // Two answers of the loading page are held until we let them through: the open chat's messages
+  // (the chat focuses its composer once they are shown) and whom the guest blocked (Settings' Blocked
+  // people, above the form, shows "You have blocked nobody" then).
+  const messagesCalls = "**/natter.messages.v1.MessageService/ListMessages";
+  const blockedCalls = "**/natter.chats.v1.ChatService/ListBlockedUsers";
+  const messagesHeld = await holdAnswers(page, messagesCalls);
+  const blockedHeld = await holdAnswers(page, blockedCalls);
   try {
     await page.evaluate(([key, token]) => localStorage.setItem(key, token),
       [`natter.token:http://127.0.0.1:${server.port}`, lostClaimGuest.token]);
@@ -877,8 +884,30 @@ step("a claim whose answer is lost: one that never reached the server leaves the
     };
 
     // Never reached: the error in the form, the guest live as before, its token still a guest's.
-    await claim();
+    // The guest types its username while the chat's messages are on their way; they come in mid-word.
+    await messagesHeld.atServer;
+    await page.click('[data-testid="claim-username"]');
+    await page.keyboard.type(erin.name.slice(0, 4));
+    messagesHeld.release();
+    await waitForMessage(page, "Thanks, I am dana now");
+    await page.keyboard.type(erin.name.slice(4));
+    assert.equal(await page.inputValue("#composer"), "", "nothing typed lands in the composer");
+    assert.equal(await page.inputValue('[data-testid="claim-username"]'), erin.name, "the username as typed");
+    await page.fill('[data-testid="claim-password"]', erin.password);
+    await page.fill('[data-testid="claim-display-name"]', erin.displayName);
+    // Create account pressed before whom it blocked is read, and let go after.
+    await blockedHeld.atServer;
+    assert.equal(await page.locator('[data-testid="blocked-empty"]').isHidden(), true, "whom it blocked is not read yet");
+    const button = page.locator('[data-testid="claim-account"]');
+    await button.scrollIntoViewIfNeeded();
+    const box = await button.boundingBox();
+    await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+    await page.mouse.down();
+    blockedHeld.release();
+    await page.locator('[data-testid="blocked-empty"]').waitFor();
+    await page.mouse.up();
     await page.locator('[data-testid="claim-note"]').filter({ hasText: /\S/ }).waitFor();
+    assert.equal(claims, 1);
     assert.match(await page.textContent("#me"), /\(guest\)$/, "still a guest");
     assert.equal(await page.locator("#auth-view").isHidden(), true, "not signed out");
     const before = await call(lostClaimGuest.token, "sessions.v1.SessionService/GetCurrentSession", {});
@@ -898,6 +927,10 @@ step("a claim whose answer is lost: one that never reached the server leaves the
     await send(bobPage, "Hello erin");
     await waitForMessage(page, "Hello erin"); // live, on the account's stream
   } finally {
+    messagesHeld.release();
+    blockedHeld.release();
+    await page.unroute(messagesCalls);
+    await page.unroute(blockedCalls);
     await page.unroute("**/natter.sessions.v1.SessionService/ClaimAccount");
     await page.context().close();
   }

@@ -900,6 +900,7 @@ async function openChat(chatId: string) {
   if (!chat) return;
   const state: OpenChat = { id: chatId, messages: new Map(), olderToken: "", loadingOlder: false, heard: new Map() };
   open = state;
+  const focused = document.activeElement;
   if (thread && thread.chatId !== chatId) closeThread();
   if (membersPanel && membersPanel.chatId !== chatId) closeMembers();
   if (pins?.chatId !== chatId) {
@@ -932,9 +933,22 @@ async function openChat(chatId: string) {
   state.olderToken = res.nextPageToken;
   renderMessages("bottom");
   renderPins(); // Unpin in the panel, now that our role is known
-  input("composer").focus();
+  focusAfterLoad(input("composer"), focused);
   await markRead();
   await pinsRead;
+}
+
+/**
+ * Focuses `box` as a load ends, unless the person has put the focus
+ * elsewhere since it began (`focused`: the document's activeElement then,
+ * the body after a click on a chat): what they go on typing stays where
+ * they type it. A chat's messages and members take a while to read; a guest
+ * who opened Settings meanwhile and typed its username there had the rest
+ * of it, or its password, land in the composer.
+ */
+function focusAfterLoad(box: HTMLElement, focused: Element | null) {
+  const now = document.activeElement;
+  if (now === focused || now === null || now === document.body) box.focus();
 }
 
 async function loadOlder() {
@@ -1756,6 +1770,7 @@ el("delete-form").addEventListener("submit", (e) => {
 async function openThread(chatId: string, rootSeq: bigint) {
   const state = { chatId, rootSeq, replies: new Map<bigint, Message>() };
   thread = state;
+  const focused = document.activeElement;
   closeMembers(); // one side panel at a time
   closeSettings();
   closePinned();
@@ -1770,7 +1785,7 @@ async function openThread(chatId: string, rootSeq: bigint) {
     pageToken = res.nextPageToken;
   } while (pageToken && state.replies.size < 1000);
   renderThread();
-  input("thread-composer").focus();
+  focusAfterLoad(input("thread-composer"), focused);
 }
 
 function closeThread() {
@@ -2653,10 +2668,18 @@ function blockedNote(text: string) {
   el("blocked-error").hidden = !text;
 }
 
-/** Redraws Settings' Blocked people: each user we blocked by username, with Unblock. */
+/**
+ * Redraws Settings' Blocked people: each user we blocked by username, with
+ * Unblock. Until the first read answers, a line says it is under way, and
+ * "You have blocked nobody" then takes its place: the sections below do
+ * not move down under a pointer as the read ends (a guest about to press
+ * Create account had its press land on the button and its release above
+ * it, and no click).
+ */
 function renderBlockedPanel() {
   if (!settingsOpen) return;
   const ids = [...(blocked ?? [])];
+  el("blocked-reading").hidden = !!blocked;
   el("blocked-empty").hidden = !blocked || ids.length > 0;
   el("blocked-list").replaceChildren(...ids.map((id) => {
     const li = document.createElement("li");

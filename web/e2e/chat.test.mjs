@@ -287,6 +287,10 @@ step("presence: alice sees bob online, offline with a last-seen time while he is
   await chatItem(alicePage, bob.name).locator('[data-testid="presence"][data-state="offline"]').waitFor();
   await alicePage.locator("#chat-presence", { hasText: "last seen" }).waitFor();
   assert.match(await dot.getAttribute("title"), /^last seen /);
+  // Beside the Settings panel the header is narrow, and "last seen" with a date is long: the title still shows.
+  await openSettings(alicePage);
+  await alicePage.locator("#chat-title", { hasText: bob.name }).waitFor();
+  await alicePage.click('[data-testid="close-settings"]');
   await bobPage.unroute("**/natter.messages.v1.MessageService/StreamEvents");
   await chatItem(alicePage, bob.name).locator('[data-testid="presence"][data-state="online"]').waitFor();
   await bobPage.locator("#status", { hasText: "live" }).waitFor();

@@ -441,10 +441,12 @@ function presenceDot(userId: string): HTMLSpanElement {
   return dot;
 }
 
-/** Shows the open direct chat's other member's presence under its title. */
+/** Shows the open direct chat's other member's presence beside its title (in full in its tooltip, as it may be cut). */
 function renderPresence() {
   const peer = open ? peers.get(open.id) : undefined;
-  el("chat-presence").textContent = peer && !isBot(peer) ? presenceText(peer) : "";
+  const text = peer && !isBot(peer) ? presenceText(peer) : "";
+  el("chat-presence").textContent = text;
+  el("chat-presence").title = text;
 }
 
 /** Notes a Presence (GetPresence's or an event's); UNSPECIFIED tells nothing. */

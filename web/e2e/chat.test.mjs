@@ -1684,6 +1684,36 @@ step("alice's Block in one tab stays disabled until its own call answers, though
   for (const page of [alicePage, aliceTab]) assert.equal(await page.locator("#error").isHidden(), true);
 });
 
+step("an Unblock pressed in Blocked people while the list is redrawn takes its click: alice presses Unblock on bob's row in her other tab, her other device blocks carol before she lets go, and bob is unblocked, carol not", async () => {
+  // Her other tab's chat with bob and Settings are open; she blocks nobody.
+  const token = await tokenOf(alicePage);
+  const idOf = async (person) => (await call(token, "sessions.v1.SessionService/GetUser", { username: person.name })).user.id;
+  const [bobId, carolId] = [await idOf(bob), await idOf(carol)];
+  const blockedNames = () => aliceTab.locator('[data-testid="blocked-user"] .blocked-name').allTextContents();
+  const rowOf = (person) => aliceTab.locator('[data-testid="blocked-user"]', { has: aliceTab.locator(".blocked-name", { hasText: person.name }) });
+  await aliceTab.bringToFront(); // she acts there
+  await call(token, "chats.v1.ChatService/BlockUser", { userId: bobId }); // on another device: the tab re-reads
+  const unblock = rowOf(bob).locator('[data-testid="unblock-user"]:enabled');
+  await unblock.waitFor();
+  const box = await unblock.boundingBox();
+  await aliceTab.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+  await aliceTab.mouse.down();
+  // A re-read redraws the list: bob's row, and carol's below it (the server lists them by user id, made in
+  // sign-up order), so nothing moves under the pointer.
+  await call(token, "chats.v1.ChatService/BlockUser", { userId: carolId });
+  await rowOf(carol).waitFor();
+  assert.deepEqual(await blockedNames(), [bob.name, carol.name]);
+  await aliceTab.mouse.up();
+  await aliceTab.waitForFunction((name) =>
+    [...document.querySelectorAll('[data-testid="blocked-user"] .blocked-name')].every((n) => n.textContent !== name), bob.name);
+  assert.deepEqual(await blockedNames(), [carol.name]);
+  const { blockedUsers = [] } = await call(token, "chats.v1.ChatService/ListBlockedUsers", {});
+  assert.deepEqual(blockedUsers.map((b) => b.userId), [carolId], "bob unblocked on the server, carol not");
+  await call(token, "chats.v1.ChatService/UnblockUser", { userId: carolId });
+  await aliceTab.locator('[data-testid="blocked-empty"]').waitFor();
+  for (const page of [alicePage, aliceTab]) assert.equal(await page.locator("#error").isHidden(), true);
+});
+
 step("alice changes who can start a chat with her in one tab: her other tab's Settings shows it, live, saying it changed; and back from there", async () => {
   const directChats = '[data-testid="direct-chats"]';
   /** Waits until `page`'s select shows `value` with `note` beside it. */

@@ -394,9 +394,41 @@ function renderChatList() {
     li.addEventListener("click", () => act(() => openChat(chat.id)));
     return li;
   });
-  // Each item into its place, moving only those out of it; then the chats gone.
-  for (const [i, li] of items.entries()) if (ul.children[i] !== li) ul.insertBefore(li, ul.children[i] ?? null);
-  while (ul.children.length > items.length) ul.lastElementChild?.remove();
+  placeChildren(ul, items);
+}
+
+/**
+ * Makes `items` the children of `list`, in order, moving only those out of
+ * their place and then removing the rest: an element kept where it was
+ * never leaves the document (replaceChildren takes each out and back), so
+ * a press on it still ends in a click.
+ */
+function placeChildren(list: Element, items: Element[]) {
+  for (const [i, item] of items.entries()) if (list.children[i] !== item) list.insertBefore(item, list.children[i] ?? null);
+  while (list.children.length > items.length) list.lastElementChild?.remove();
+}
+
+/** The children of `list` by their `data-{key}`: the items a redraw patches in place rather than replaces. */
+function heldItems(list: Element, key: string): Map<string, HTMLElement> {
+  const held = new Map<string, HTMLElement>();
+  for (const item of list.children) {
+    if (!(item instanceof HTMLElement)) continue;
+    const id = item.dataset[key];
+    if (id !== undefined) held.set(id, item);
+  }
+  return held;
+}
+
+/**
+ * `held` made to look as `fresh` does (patchElement) and returned, if there
+ * is one; else `fresh`. A kept item keeps its listeners and those of the
+ * elements inside it that it keeps: they must look up what they act on
+ * when they run, not hold what was drawn first.
+ */
+function keptOr(held: HTMLElement | undefined, fresh: HTMLElement): HTMLElement {
+  if (!held) return fresh;
+  patchElement(held, fresh);
+  return held;
 }
 
 /**
@@ -2676,14 +2708,18 @@ function blockedNote(text: string) {
  * "You have blocked nobody" then takes its place: the sections below do
  * not move down under a pointer as the read ends (a guest about to press
  * Create account had its press land on the button and its release above
- * it, and no click).
+ * it, and no click). A user's row is kept and patched in place: it is
+ * redrawn with each re-read (another tab's or device's block) and each
+ * chat opened, and an Unblock pressed just then lost its click.
  */
 function renderBlockedPanel() {
   if (!settingsOpen) return;
   const ids = [...(blocked ?? [])];
   el("blocked-reading").hidden = !!blocked;
   el("blocked-empty").hidden = !blocked || ids.length > 0;
-  el("blocked-list").replaceChildren(...ids.map((id) => {
+  const ul = el("blocked-list");
+  const held = heldItems(ul, "userId");
+  placeChildren(ul, ids.map((id) => {
     const li = document.createElement("li");
     li.className = "blocked-user";
     li.dataset.testid = "blocked-user";
@@ -2694,7 +2730,7 @@ function renderBlockedPanel() {
     const unblock = smallButton("Unblock", "unblock-user", () => unblockUser(id), blockedAct);
     unblock.disabled = blockCalls.has(id);
     li.append(name, unblock);
-    return li;
+    return keptOr(held.get(id), li);
   }));
 }
 

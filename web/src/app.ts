@@ -1990,11 +1990,22 @@ function renderPins() {
   button.title = pins?.read ? `${list.length} pinned ${list.length === 1 ? "message" : "messages"}` : "reading the pins…";
   if (!pinnedOpen) return;
   el("pinned-empty").hidden = !pins?.read || list.length > 0;
-  el("pinned-list").replaceChildren(...list.map(pinnedItem));
+  // A message's item is kept and patched in place: the panel is redrawn
+  // with each change of the chat's messages, and a click pressed on an item
+  // (or its Unpin) just then was lost.
+  const ul = el("pinned-list");
+  const held = heldItems(ul, "id");
+  placeChildren(ul, list.map((m) => keptOr(held.get(m.id), pinnedItem(m))));
 }
 
-/** A pinned message in the panel: who wrote it and when, its text, who pinned it, and Unpin for those who may. */
+/**
+ * A pinned message in the panel: who wrote it and when, its text, who
+ * pinned it, and Unpin for those who may. Its listeners act on the message
+ * as the panel holds it when they run (a kept item outlives the drawing
+ * that made it).
+ */
 function pinnedItem(m: Message): HTMLLIElement {
+  const now = () => pins?.known.get(m.id)?.m ?? m;
   const li = document.createElement("li");
   li.className = "pinned-item";
   li.dataset.testid = "pinned-item";
@@ -2011,11 +2022,11 @@ function pinnedItem(m: Message): HTMLLIElement {
   text.append(...withMentions(m.text, m.mentionUserIds));
   li.append(meta, text, pinnedBy(m));
   if (mayPin(m.chatId)) {
-    const unpin = smallButton("Unpin", "unpin", () => setPin(m, false));
+    const unpin = smallButton("Unpin", "unpin", () => setPin(now(), false));
     unpin.addEventListener("click", (e) => e.stopPropagation()); // not a click on the item
     li.append(unpin);
   }
-  li.addEventListener("click", () => void act(() => showPinned(m)));
+  li.addEventListener("click", () => void act(() => showPinned(now())));
   return li;
 }
 
@@ -2218,13 +2229,31 @@ async function moreMembers() {
   renderMembers();
 }
 
-/** Redraws the members panel: each member with their role, and what we may do (by our role). */
+/**
+ * Redraws the members panel: each member with their role, and what we may
+ * do (by our role). A member's item is kept and patched in place while the
+ * panel shows the same group: it is redrawn with each member's change and
+ * each rename, and a Remove or a role pressed just then lost its click.
+ */
 function renderMembers() {
   if (!membersPanel) return;
   const { chatId } = membersPanel;
   const role = myRole(chatId);
   el("add-members-form").hidden = role !== MemberRole.OWNER && role !== MemberRole.ADMIN;
-  el("member-list").replaceChildren(...membersPanel.members.map((m) => memberItem(chatId, m, role)));
+  const ul = el("member-list");
+  if (ul.dataset.chatId !== chatId) {
+    ul.replaceChildren(); // another group's items act on that group
+    ul.dataset.chatId = chatId;
+  }
+  const held = heldItems(ul, "userId");
+  placeChildren(ul, membersPanel.members.map((m) => {
+    const fresh = memberItem(chatId, m, role);
+    const li = keptOr(held.get(m.userId), fresh);
+    // A select's choice is no attribute, so patchElement leaves it: the role as now known.
+    const select = li.querySelector("select");
+    if (li !== fresh && select) select.value = roleName(m.role);
+    return li;
+  }));
   el("more-members").hidden = !membersPanel.nextPageToken;
 }
 
@@ -2259,6 +2288,8 @@ function memberItem(chatId: string, m: Member, role: MemberRole): HTMLLIElement 
 
 /** The owner's control of another member's role (UpdateMember); "owner" hands ownership over. */
 function roleSelect(chatId: string, m: Member): HTMLSelectElement {
+  // The member as the panel holds them when the select changes (a kept select outlives this drawing).
+  const now = () => membersPanel?.members.find((x) => x.userId === m.userId) ?? m;
   const select = document.createElement("select");
   select.dataset.testid = "member-role";
   select.autocomplete = "off";
@@ -2270,7 +2301,7 @@ function roleSelect(chatId: string, m: Member): HTMLSelectElement {
     if (wanted === undefined) return;
     if (wanted === MemberRole.OWNER &&
         !window.confirm(`Make ${userName(m.userId)} the owner of this group? You become an admin.`)) {
-      select.value = roleName(m.role);
+      select.value = roleName(now().role);
       return;
     }
     select.disabled = true;

@@ -1131,6 +1131,35 @@ step("pins and an unpin made while bob's stream was cut (one of a message sent m
   for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
 });
 
+step("a click on a pin whose item is redrawn between the press and the release shows it: bob presses on a pin in his Pinned panel, and alice's reaction to another message redraws the panel before he lets go", async () => {
+  const pinned = "Note 3 of 5"; // alice's, in their chat, open on both pages
+  const other = "Note 4 of 5";
+  const token = await tokenOf(alicePage);
+  const pinnedId = await messageOn(alicePage, pinned).getAttribute("data-id");
+  const otherId = await messageOn(alicePage, other).getAttribute("data-id");
+  await call(token, "messages.v1.MessageService/PinMessage", { messageId: pinnedId });
+  await bobPage.bringToFront();
+  await bobPage.click('[data-testid="open-pinned"]');
+  const text = pinnedItem(bobPage, pinned).locator(".text");
+  await text.waitFor();
+  const box = await text.boundingBox();
+  await bobPage.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+  await bobPage.mouse.down();
+  // Every change of the chat's messages redraws the panel (its pins may be among them).
+  await call(token, "messages.v1.MessageService/AddReaction", { messageId: otherId, emoji: "👍" });
+  await messageOn(bobPage, other).locator('.reaction[data-emoji="👍"]').waitFor();
+  await bobPage.mouse.up();
+  await bobPage.locator(`#messages [data-testid="message"].flash[data-id="${pinnedId}"]`).waitFor();
+
+  // Back as it was, live, for the steps after.
+  await call(token, "messages.v1.MessageService/RemoveReaction", { messageId: otherId, emoji: "👍" });
+  await call(token, "messages.v1.MessageService/UnpinMessage", { messageId: pinnedId });
+  await bobPage.locator('[data-testid="pinned-empty"]').waitFor();
+  await messageOn(bobPage, other).locator(".reaction").waitFor({ state: "detached" });
+  await bobPage.click('[data-testid="close-pinned"]');
+  for (const page of [alicePage, bobPage]) assert.equal(await page.locator("#error").isHidden(), true);
+});
+
 step("a group alice makes with bob while his stream is cut shows in his chat list once it reconnects, his page not reloaded", async () => {
   await markPage(bobPage);
   // Bob's page may not reconnect; the server's restart ends every stream.

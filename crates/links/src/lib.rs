@@ -160,9 +160,20 @@ pub trait ChatDirectory: Send + Sync + 'static {
     async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status>;
     /// Every chat `user_id` owns or administers.
     async fn managed_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status>;
+    /// ListMemberChatIds with `with_blocks`: every chat `user_id` is a
+    /// member of (`chat_ids`), and the users who share a chat with it and
+    /// whom it blocked or who blocked it (`blocked_peer_user_ids`), in one
+    /// call: where presence tells a change of the user's, and whom it must
+    /// not reach. The default lists the chats and no blocks, for
+    /// directories that keep none (test stand-ins); so does a chats service
+    /// of a release before it.
+    async fn member_chats_and_blocks(&self, user_id: &str) -> Result<chats::ListMemberChatIdsResponse, Status> {
+        Ok(chats::ListMemberChatIdsResponse { chat_ids: self.member_chat_ids(user_id).await?, ..Default::default() })
+    }
     /// FilterPeers: which of `candidates` (at most 1,000) are members now of
-    /// a chat `user_id` is a member of now, each once, in no set order. The
-    /// default asks for each one's chats ([`peers_by_listing`]), for
+    /// a chat `user_id` is a member of now, with no block either way between
+    /// them and `user_id` (presence's peers), each once, in no set order.
+    /// The default asks for each one's chats ([`peers_by_listing`]), for
     /// directories without the call.
     async fn peers_among(&self, user_id: &str, candidates: Vec<String>) -> Result<Vec<String>, Status> {
         peers_by_listing(self, user_id, candidates).await
@@ -181,7 +192,8 @@ pub trait ChatDirectory: Send + Sync + 'static {
 
 /// [`ChatDirectory::peers_among`] by a listing of `user_id`'s chats and one
 /// of each candidate's, a few at a time: what a chats service without
-/// FilterPeers (a replica of an earlier release) can answer.
+/// FilterPeers (a replica of an earlier release) can answer. It knows no
+/// blocks: a candidate with a block either way with `user_id` passes.
 pub async fn peers_by_listing<D: ChatDirectory + ?Sized>(
     directory: &D,
     user_id: &str,
@@ -271,6 +283,10 @@ impl<D: ChatDirectory> ChatDirectory for CachingChatDirectory<D> {
         self.inner.managed_chat_ids(user_id).await
     }
 
+    async fn member_chats_and_blocks(&self, user_id: &str) -> Result<chats::ListMemberChatIdsResponse, Status> {
+        self.inner.member_chats_and_blocks(user_id).await
+    }
+
     async fn peers_among(&self, user_id: &str, candidates: Vec<String>) -> Result<Vec<String>, Status> {
         self.inner.peers_among(user_id, candidates).await
     }
@@ -346,27 +362,35 @@ pub struct Grpc(pub natter_kit::Link);
 /// Calls another service's internal API in the same process.
 pub struct InProcess<S>(pub Arc<S>);
 
+/// A ListMemberChatIdsRequest: every chat of `user_id`, or (`managed_only`)
+/// those it owns or administers; `with_blocks`, with its blocked peers.
+fn member_chats_request(user_id: &str, managed_only: bool, with_blocks: bool) -> chats::ListMemberChatIdsRequest {
+    chats::ListMemberChatIdsRequest { user_id: user_id.to_owned(), managed_only, with_blocks }
+}
+
 impl Grpc {
-    /// ListMemberChatIds: every chat of `user_id`, or (`managed_only`)
-    /// those it owns or administers.
-    async fn list_member_chat_ids(&self, user_id: &str, managed_only: bool) -> Result<Vec<String>, Status> {
-        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned(), managed_only };
+    /// ListMemberChatIds.
+    async fn list_member_chat_ids(
+        &self,
+        request: chats::ListMemberChatIdsRequest,
+    ) -> Result<chats::ListMemberChatIdsResponse, Status> {
         let mut client = ChatInternalServiceClient::new(self.0.channel());
-        Ok(self.0.call(client.list_member_chat_ids(self.0.request(request))).await?.chat_ids)
+        self.0.call(client.list_member_chat_ids(self.0.request(request))).await
     }
 }
 
 impl<S: ChatInternalService> InProcess<S> {
     /// As [`Grpc::list_member_chat_ids`], in process.
-    async fn list_member_chat_ids(&self, user_id: &str, managed_only: bool) -> Result<Vec<String>, Status> {
-        let request = chats::ListMemberChatIdsRequest { user_id: user_id.to_owned(), managed_only };
+    async fn list_member_chat_ids(
+        &self,
+        request: chats::ListMemberChatIdsRequest,
+    ) -> Result<chats::ListMemberChatIdsResponse, Status> {
         Ok(in_process(
             "/natter.chats.v1.ChatInternalService/ListMemberChatIds",
             self.0.list_member_chat_ids(Request::new(request)),
         )
         .await?
-        .into_inner()
-        .chat_ids)
+        .into_inner())
     }
 }
 
@@ -380,11 +404,15 @@ impl ChatDirectory for Grpc {
     }
 
     async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
-        self.list_member_chat_ids(user_id, false).await
+        Ok(self.list_member_chat_ids(member_chats_request(user_id, false, false)).await?.chat_ids)
     }
 
     async fn managed_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
-        self.list_member_chat_ids(user_id, true).await
+        Ok(self.list_member_chat_ids(member_chats_request(user_id, true, false)).await?.chat_ids)
+    }
+
+    async fn member_chats_and_blocks(&self, user_id: &str) -> Result<chats::ListMemberChatIdsResponse, Status> {
+        self.list_member_chat_ids(member_chats_request(user_id, false, true)).await
     }
 
     async fn peers_among(&self, user_id: &str, candidates: Vec<String>) -> Result<Vec<String>, Status> {
@@ -442,11 +470,15 @@ impl<S: ChatInternalService> ChatDirectory for InProcess<S> {
     }
 
     async fn member_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
-        self.list_member_chat_ids(user_id, false).await
+        Ok(self.list_member_chat_ids(member_chats_request(user_id, false, false)).await?.chat_ids)
     }
 
     async fn managed_chat_ids(&self, user_id: &str) -> Result<Vec<String>, Status> {
-        self.list_member_chat_ids(user_id, true).await
+        Ok(self.list_member_chat_ids(member_chats_request(user_id, true, false)).await?.chat_ids)
+    }
+
+    async fn member_chats_and_blocks(&self, user_id: &str) -> Result<chats::ListMemberChatIdsResponse, Status> {
+        self.list_member_chat_ids(member_chats_request(user_id, false, true)).await
     }
 
     async fn peers_among(&self, user_id: &str, candidates: Vec<String>) -> Result<Vec<String>, Status> {

@@ -774,7 +774,11 @@ impl ChatInternalService for ChatInternalApi {
             return Ok(Response::new(pb::ListMemberChatIdsResponse::default()));
         };
         let chat_ids = self.chats.member_chat_ids(user_id, r.managed_only).await?;
-        Ok(Response::new(pb::ListMemberChatIdsResponse { chat_ids: chat_ids.iter().map(ChatId::to_string).collect() }))
+        let blocked = if r.with_blocks { self.chats.blocked_peers(user_id).await? } else { Vec::new() };
+        Ok(Response::new(pb::ListMemberChatIdsResponse {
+            chat_ids: chat_ids.iter().map(ChatId::to_string).collect(),
+            blocked_peer_user_ids: blocked.iter().map(UserId::to_string).collect(),
+        }))
     }
 
     async fn filter_peers(

@@ -20,7 +20,7 @@ use crate::domain::{
     StoredPrivacy, Visibility,
 };
 use crate::error::ChatsError;
-use crate::store::{Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, Departure, Pending, Removal};
+use crate::store::{Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, Departure, Peers, Pending, Removal};
 
 /// A chat's newest message and the caller's unread count, as the messages
 /// service reports them.
@@ -1198,7 +1198,8 @@ impl Chats {
         let mut refused: HashSet<UserId> = users.iter().copied().filter(|u| adds(u) == GroupAdds::Nobody).collect();
         let peers_only: Vec<UserId> = users.iter().copied().filter(|u| adds(u) == GroupAdds::Peers).collect();
         if !peers_only.is_empty() {
-            let peers: HashSet<UserId> = self.store.peers_among(caller, &peers_only, true).await?.into_iter().collect();
+            let peers: HashSet<UserId> =
+                self.store.peers_among(caller, &peers_only, Peers::Privacy).await?.into_iter().collect();
             refused.extend(peers_only.into_iter().filter(|user| !peers.contains(user)));
         }
         match users.iter().find(|user| refused.contains(user)) {
@@ -1268,7 +1269,7 @@ impl Chats {
         let set = self.store.privacy_settings(other).await?.and_then(|s| s.choices.direct_chats);
         let allowed = match set.unwrap_or(self.default_direct_chats) {
             DirectChats::Everyone => true,
-            DirectChats::Peers => !self.store.peers_among(caller, &[other], true).await?.is_empty(),
+            DirectChats::Peers => !self.store.peers_among(caller, &[other], Peers::Privacy).await?.is_empty(),
             DirectChats::Nobody => false,
         };
         if allowed { Ok(()) } else { Err(ChatsError::DirectRefused(other.to_string())) }
@@ -1849,11 +1850,19 @@ impl Chats {
         Ok(self.store.member_chat_ids(user_id, managed_only).await?)
     }
 
-    /// Internal: the peers of `user_id` among `candidates` (see
-    /// [`ChatStore::peers_among`]; the caller bounds them: FilterPeers to
-    /// [`PEER_CANDIDATES_MAX`]).
+    /// Internal: the peers of `user_id` among `candidates` for presence
+    /// (see [`ChatStore::peers_among`], [`Peers::Presence`]: a user with a
+    /// block either way with `user_id` is none; the caller bounds them:
+    /// FilterPeers to [`PEER_CANDIDATES_MAX`]).
     pub async fn peers_among(&self, user_id: UserId, candidates: &[UserId]) -> Result<Vec<UserId>, ChatsError> {
-        Ok(self.store.peers_among(user_id, candidates, false).await?)
+        Ok(self.store.peers_among(user_id, candidates, Peers::Presence).await?)
+    }
+
+    /// Internal: the users who share a chat with `user_id` and whom it
+    /// blocked or who blocked it ([`ChatStore::blocked_peers`]): those its
+    /// presence changes must not reach, nor theirs it.
+    pub async fn blocked_peers(&self, user_id: UserId) -> Result<Vec<UserId>, ChatsError> {
+        Ok(self.store.blocked_peers(user_id).await?)
     }
 
     /// Internal: newest messages of chats, for ordering by activity.

@@ -159,6 +159,19 @@ pub enum Blocked {
     Forgotten(UserId),
 }
 
+/// Which shared chats make two users peers ([`ChatStore::peers_among`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peers {
+    /// For presence: any chat, public ones included, unless either of the
+    /// two blocked the other (a block hides presence both ways, BlockUser).
+    Presence,
+    /// For the privacy settings' PEERS: only chats that are not public (a
+    /// stranger who joined a public group anyone may join must not pass a
+    /// PEERS setting of everyone there). Blocks do not count: the caller
+    /// checks them on their own, with their own refusal.
+    Privacy,
+}
+
 /// Outcome of adding members.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Added {
@@ -722,22 +735,21 @@ pub trait ChatStore: Send + Sync + 'static {
     /// Every chat `user` is a member of.
     async fn member_chat_ids(&self, user: UserId, managed_only: bool) -> Result<Vec<ChatId>, StoreError>;
 
-    /// The peers of `user` among `candidates`: those who are members of at
-    /// least one chat `user` is a member of, each once, in no set order
-    /// (`user` itself if a candidate and a member of any chat). A deleted
-    /// user ([`ChatStore::record_forgotten`]) is no one's peer, though a
-    /// direct chat with a person keeps them as a member. With
-    /// `private_only`, only chats that are not public count: a public group
-    /// anyone may join makes its members peers for presence, not for the
-    /// privacy settings (a stranger who joined it must not pass a PEERS
-    /// setting of everyone there). One query, whatever the number of chats
-    /// either side is in.
-    async fn peers_among(
-        &self,
-        user: UserId,
-        candidates: &[UserId],
-        private_only: bool,
-    ) -> Result<Vec<UserId>, StoreError>;
+    /// The peers of `user` among `candidates`, `by` the rule of
+    /// [`Peers`]: those who are members of at least one chat `user` is a
+    /// member of, each once, in no set order (`user` itself if a candidate
+    /// and a member of any chat). A deleted user
+    /// ([`ChatStore::record_forgotten`]) is no one's peer, though a direct
+    /// chat with a person keeps them as a member. One query, whatever the
+    /// number of chats either side is in or of blocks either has.
+    async fn peers_among(&self, user: UserId, candidates: &[UserId], by: Peers) -> Result<Vec<UserId>, StoreError>;
+
+    /// The users who share a chat with `user` and whom `user` blocked or
+    /// who blocked `user`, each once, in no set order: those who must not
+    /// hear of `user`'s presence, nor `user` of theirs (the presence of
+    /// others reaches only those who share a chat with them, so no one
+    /// else matters). One read, bounded by `user`'s peers.
+    async fn blocked_peers(&self, user: UserId) -> Result<Vec<UserId>, StoreError>;
 
     /// Up to `limit` chats by last activity or creation time (then id), as
     /// `filter` orders them, after `after` (a cursor of that order): `user`'s

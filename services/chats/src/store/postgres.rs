@@ -14,7 +14,7 @@ use natter_proto::messages::v1 as mpb;
 
 use super::{
     Added, Adder, BLOCKS_WITHIN, Backoff, Blocked, ChatStore, Checked, Created, FIRST_ARCHIVE_VERSION,
-    FIRST_BLOCK_VERSION, MIGRATOR, OLD_ARCHIVED_CHATS, OLD_BLOCKED_DIRECT_CHATS, PAIR_BLOCKED, Pending,
+    FIRST_BLOCK_VERSION, MIGRATOR, OLD_ARCHIVED_CHATS, OLD_BLOCKED_DIRECT_CHATS, PAIR_BLOCKED, Peers, Pending,
     RAISE_BLOCK_VERSION, RAISE_MEMBERS_VERSION, ROLE_TARGETS, Removal, StoreError, blocks_between_refused, changes_to,
     chat_archived, chat_columns, chat_updated, check_roles, departed, direct_chat_closed, direct_key, joined,
     loses_rights, may_change, may_delete, members_departed, membership, order_column, outbox_rows, parse_enum,
@@ -638,26 +638,39 @@ impl ChatStore for PostgresChatStore {
         ids.iter().map(|id| parse_id("members.chat_id", id)).collect()
     }
 
-    async fn peers_among(
-        &self,
-        user: UserId,
-        candidates: &[UserId],
-        private_only: bool,
-    ) -> Result<Vec<UserId>, StoreError> {
+    async fn peers_among(&self, user: UserId, candidates: &[UserId], by: Peers) -> Result<Vec<UserId>, StoreError> {
         let candidates: Vec<String> = candidates.iter().map(UserId::to_string).collect();
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT o.user_id FROM members o \
              WHERE o.user_id = ANY($2) \
              AND EXISTS (SELECT 1 FROM members m WHERE m.chat_id = o.chat_id AND m.user_id = $1) \
              AND (NOT $3 OR EXISTS (SELECT 1 FROM chats c WHERE c.id = o.chat_id AND c.visibility <> 'public')) \
+             AND (NOT $4 OR NOT EXISTS (SELECT 1 FROM blocks b WHERE \
+                 (b.user_id = $1 AND b.blocked_user_id = o.user_id) \
+                 OR (b.user_id = o.user_id AND b.blocked_user_id = $1))) \
              AND NOT EXISTS (SELECT 1 FROM forgotten_users f WHERE f.user_id = o.user_id)",
         )
         .bind(user.to_string())
         .bind(&candidates)
-        .bind(private_only)
+        .bind(by == Peers::Privacy)
+        .bind(by == Peers::Presence)
         .fetch_all(&self.pool)
         .await?;
         ids.iter().map(|id| parse_id("members.user_id", id)).collect()
+    }
+
+    async fn blocked_peers(&self, user: UserId) -> Result<Vec<UserId>, StoreError> {
+        // Each direction by its own index (the key, blocks_by_blocked).
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT r.other FROM (SELECT blocked_user_id AS other FROM blocks WHERE user_id = $1 \
+             UNION SELECT user_id FROM blocks WHERE blocked_user_id = $1) r \
+             WHERE EXISTS (SELECT 1 FROM members m JOIN members o ON o.chat_id = m.chat_id \
+             WHERE m.user_id = $1 AND o.user_id = r.other)",
+        )
+        .bind(user.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        ids.iter().map(|id| parse_id("blocks.user_id", id)).collect()
     }
 
     async fn list_chats(

@@ -23,7 +23,7 @@ use natter_proto::messages::v1 as mpb;
 
 use super::{
     Added, Adder, BLOCKS_WITHIN, Backoff, Blocked, ChatStore, Checked, Created, FIRST_ARCHIVE_VERSION,
-    FIRST_BLOCK_VERSION, MIGRATOR, OLD_ARCHIVED_CHATS, OLD_BLOCKED_DIRECT_CHATS, PAIR_BLOCKED, Pending,
+    FIRST_BLOCK_VERSION, MIGRATOR, OLD_ARCHIVED_CHATS, OLD_BLOCKED_DIRECT_CHATS, PAIR_BLOCKED, Peers, Pending,
     RAISE_BLOCK_VERSION, RAISE_MEMBERS_VERSION, ROLE_TARGETS, Removal, StoreError, blocks_between_refused, changes_to,
     chat_archived, chat_columns, chat_updated, check_roles, departed, direct_chat_closed, direct_key, joined,
     loses_rights, may_change, may_delete, members_departed, membership, order_column, outbox_rows, parse_enum,
@@ -723,22 +723,36 @@ impl ChatStore for SqliteChatStore {
         ids.await.map_err(unwrap)
     }
 
-    async fn peers_among(
-        &self,
-        user: UserId,
-        candidates: &[UserId],
-        private_only: bool,
-    ) -> Result<Vec<UserId>, StoreError> {
+    async fn peers_among(&self, user: UserId, candidates: &[UserId], by: Peers) -> Result<Vec<UserId>, StoreError> {
         let candidates = json_ids(candidates);
+        let (private_only, unblocked) = (by == Peers::Privacy, by == Peers::Presence);
         let ids = self.db.read(move |conn| {
             let mut select = conn.prepare_cached(
                 "SELECT DISTINCT o.user_id FROM members o \
                  WHERE o.user_id IN (SELECT value FROM json_each(?2)) \
                  AND EXISTS (SELECT 1 FROM members m WHERE m.chat_id = o.chat_id AND m.user_id = ?1) \
                  AND (?3 = 0 OR EXISTS (SELECT 1 FROM chats c WHERE c.id = o.chat_id AND c.visibility <> 'public')) \
-             AND NOT EXISTS (SELECT 1 FROM forgotten_users f WHERE f.user_id = o.user_id)",
+                 AND (?4 = 0 OR NOT EXISTS (SELECT 1 FROM blocks b WHERE \
+                     (b.user_id = ?1 AND b.blocked_user_id = o.user_id) \
+                     OR (b.user_id = o.user_id AND b.blocked_user_id = ?1))) \
+                 AND NOT EXISTS (SELECT 1 FROM forgotten_users f WHERE f.user_id = o.user_id)",
             )?;
-            let ids = select.query_map((user.to_string(), candidates, private_only), id_of)?;
+            let ids = select.query_map((user.to_string(), candidates, private_only, unblocked), id_of)?;
+            ids.collect()
+        });
+        ids.await.map_err(unwrap)
+    }
+
+    async fn blocked_peers(&self, user: UserId) -> Result<Vec<UserId>, StoreError> {
+        let ids = self.db.read(move |conn| {
+            // Each direction by its own index (the key, blocks_by_blocked).
+            let mut select = conn.prepare_cached(
+                "SELECT r.other FROM (SELECT blocked_user_id AS other FROM blocks WHERE user_id = ?1 \
+                 UNION SELECT user_id FROM blocks WHERE blocked_user_id = ?1) r \
+                 WHERE EXISTS (SELECT 1 FROM members m JOIN members o ON o.chat_id = m.chat_id \
+                 WHERE m.user_id = ?1 AND o.user_id = r.other)",
+            )?;
+            let ids = select.query_map([user.to_string()], id_of)?;
             ids.collect()
         });
         ids.await.map_err(unwrap)

@@ -17,7 +17,7 @@ use natter_proto::messages::v1 as mpb;
 
 use super::postgres::PostgresChatStore;
 use super::sqlite::SqliteChatStore;
-use super::{Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, Departure, Removal};
+use super::{Added, Adder, Backoff, Blocked, ChatStore, Checked, Created, Departure, Peers, Removal};
 use crate::domain::{
     Activity, AssistantReplies, Chat, ChatAccess, ChatCursor, ChatFilter, ChatOrder, ChatUpdate, DirectChats,
     GroupAdds, Kind, Limits, Member, MemberCursor, PrivacyChoices, ReadReceipts, Role, StoredPrivacy, Visibility,
@@ -120,6 +120,7 @@ chat_store_suite!(
     a_title_made_from_a_prompt_is_taken_back_with_it_and_a_persons_never,
     a_followed_position_only_moves_forward,
     peers_are_members_now_of_a_chat_shared_now,
+    blocked_peers_are_those_sharing_a_chat_with_a_block_either_way,
     failed_items_of_a_log_wait_once_each_until_retried,
     a_forgotten_user_is_never_made_a_member_again,
     a_membership_write_beside_a_forgetting_is_refused_or_seen,
@@ -780,13 +781,22 @@ async fn peers_are_members_now_of_a_chat_shared_now(store: &dyn ChatStore) {
     create(store, public, &[]).await;
 
     let candidates = [bob, carol, dave, erin, stranger, alice, bob];
-    let peers: HashSet<UserId> = store.peers_among(alice, &candidates, false).await.unwrap().into_iter().collect();
+    let peers: HashSet<UserId> =
+        store.peers_among(alice, &candidates, Peers::Presence).await.unwrap().into_iter().collect();
     assert_eq!(peers, HashSet::from([bob, dave, alice]), "carol and erin share only chats left; stranger none");
-    let peers = store.peers_among(alice, &candidates, false).await.unwrap();
+    let peers = store.peers_among(alice, &candidates, Peers::Presence).await.unwrap();
     assert_eq!(peers.len(), 3, "each peer once: {peers:?}");
-    assert_eq!(store.peers_among(carol, &[alice, erin], false).await.unwrap(), [erin], "carol is still in erin's chat");
-    assert_eq!(store.peers_among(alice, &[], false).await.unwrap(), []);
-    assert_eq!(store.peers_among(UserId::new_v7(), &[alice], false).await.unwrap(), [], "a user in no chat has none");
+    assert_eq!(
+        store.peers_among(carol, &[alice, erin], Peers::Presence).await.unwrap(),
+        [erin],
+        "carol is still in erin's chat"
+    );
+    assert_eq!(store.peers_among(alice, &[], Peers::Presence).await.unwrap(), []);
+    assert_eq!(
+        store.peers_among(UserId::new_v7(), &[alice], Peers::Presence).await.unwrap(),
+        [],
+        "a user in no chat has none"
+    );
 
     // A deleted account stays in a direct chat with a person (its history
     // stays theirs) but is no one's peer.
@@ -794,21 +804,61 @@ async fn peers_are_members_now_of_a_chat_shared_now(store: &dyn ChatStore) {
     direct.kind = Kind::Direct;
     direct.title = String::new();
     let direct = create(store, direct, &[erin]).await;
-    assert_eq!(store.peers_among(alice, &[erin], false).await.unwrap(), [erin]);
+    assert_eq!(store.peers_among(alice, &[erin], Peers::Presence).await.unwrap(), [erin]);
     store.record_forgotten(erin, 8).await.unwrap();
     assert!(store.member_chat_ids(erin, false).await.unwrap().contains(&direct.id), "still a member");
-    assert_eq!(store.peers_among(alice, &[erin], false).await.unwrap(), [], "deleted: no one's peer");
+    assert_eq!(store.peers_among(alice, &[erin], Peers::Presence).await.unwrap(), [], "deleted: no one's peer");
 
     // A public group makes its members peers for presence, not for the
     // privacy settings: anyone may join one.
     let mut open_group = chat(stranger, 9);
     open_group.visibility = Visibility::Public;
     create(store, open_group, &[alice]).await;
-    assert_eq!(store.peers_among(alice, &[stranger], false).await.unwrap(), [stranger]);
-    assert_eq!(store.peers_among(alice, &[stranger], true).await.unwrap(), [], "a public chat aside");
+    assert_eq!(store.peers_among(alice, &[stranger], Peers::Presence).await.unwrap(), [stranger]);
+    assert_eq!(store.peers_among(alice, &[stranger], Peers::Privacy).await.unwrap(), [], "a public chat aside");
     let peers: HashSet<UserId> =
-        store.peers_among(alice, &[bob, dave, stranger], true).await.unwrap().into_iter().collect();
+        store.peers_among(alice, &[bob, dave, stranger], Peers::Privacy).await.unwrap().into_iter().collect();
     assert_eq!(peers, HashSet::from([bob, dave]), "private chats still count");
+
+    // A block either way makes no peers for presence, and leaves the
+    // privacy settings' peers (blocks are checked on their own there).
+    assert_eq!(store.block(alice, bob, 10, 10).await.unwrap(), Blocked::Done);
+    assert_eq!(store.block(dave, alice, 11, 10).await.unwrap(), Blocked::Done);
+    let peers = store.peers_among(alice, &[bob, dave, stranger], Peers::Presence).await.unwrap();
+    assert_eq!(peers, [stranger], "alice blocked bob, dave blocked alice");
+    assert_eq!(store.peers_among(bob, &[alice], Peers::Presence).await.unwrap(), [], "both ways");
+    assert_eq!(store.peers_among(dave, &[alice], Peers::Presence).await.unwrap(), []);
+    let peers: HashSet<UserId> =
+        store.peers_among(alice, &[bob, dave], Peers::Privacy).await.unwrap().into_iter().collect();
+    assert_eq!(peers, HashSet::from([bob, dave]), "not the privacy settings'");
+    store.unblock(alice, bob, 12).await.unwrap();
+    assert_eq!(store.peers_among(alice, &[bob], Peers::Presence).await.unwrap(), [bob], "unblocked: a peer again");
+}
+
+/// The peers a user blocked or who blocked them, each once: no one they
+/// share no chat with, nor anyone after an unblock.
+async fn blocked_peers_are_those_sharing_a_chat_with_a_block_either_way(store: &dyn ChatStore) {
+    let [alice, bob, carol, dave, stranger] = std::array::from_fn(|_| UserId::new_v7());
+    create(store, chat(alice, 1), &[bob, carol, dave]).await;
+    let mut direct = chat(alice, 2);
+    direct.kind = Kind::Direct;
+    direct.title = String::new();
+    create(store, direct, &[bob]).await;
+    assert_eq!(store.blocked_peers(alice).await.unwrap(), [], "no blocks");
+    for (blocker, blocked, time) in [(alice, bob, 3), (bob, alice, 4), (carol, alice, 5), (alice, stranger, 6)] {
+        assert_eq!(store.block(blocker, blocked, time, 10).await.unwrap(), Blocked::Done);
+    }
+    let blocked: HashSet<UserId> = store.blocked_peers(alice).await.unwrap().into_iter().collect();
+    assert_eq!(blocked, HashSet::from([bob, carol]), "both ways; the stranger shares no chat");
+    assert_eq!(store.blocked_peers(alice).await.unwrap().len(), 2, "bob once, blocked both ways");
+    assert_eq!(store.blocked_peers(carol).await.unwrap(), [alice]);
+    assert_eq!(store.blocked_peers(dave).await.unwrap(), []);
+    assert_eq!(store.blocked_peers(stranger).await.unwrap(), [], "in no chat with alice");
+    store.unblock(alice, bob, 7).await.unwrap();
+    store.unblock(carol, alice, 8).await.unwrap();
+    assert_eq!(store.blocked_peers(alice).await.unwrap(), [bob], "bob still blocks alice");
+    store.unblock(bob, alice, 9).await.unwrap();
+    assert_eq!(store.blocked_peers(bob).await.unwrap(), []);
 }
 
 /// A group chat created by `owner` at `time` µs, titled by its id.

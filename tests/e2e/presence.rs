@@ -18,6 +18,7 @@ crate::both_modes!(
     flags = natter_testkit::Flags { messages: &["--max-streams-per-user", "2"], ..natter_testkit::Flags::default() };
     presence_reaches_those_who_share_a_chat_once_per_change_and_nobody_else,
     get_presence_refuses_bad_ids_by_field_and_too_many_calls,
+    a_block_hides_presence_both_ways_until_it_is_taken_back,
 );
 
 /// A group chat of `owner` with `members`.
@@ -166,6 +167,92 @@ async fn get_presence_refuses_bad_ids_by_field_and_too_many_calls(c: &Cluster) {
     let refused = refused.expect("refused within 200 calls");
     assert_eq!(refused.code(), Code::ResourceExhausted);
     crate::retry_delay(&refused);
+}
+
+/// The next presence change on `stream` as (user id, state), passing over
+/// any other event (an account_updated, a chat's closure).
+async fn next_change(stream: &mut Streaming<mpb::StreamEventsResponse>) -> (String, mpb::PresenceState) {
+    loop {
+        if let Some(Event::PresenceChanged(p)) = next(stream).await.event {
+            return (p.user_id.clone(), state(&p));
+        }
+    }
+}
+
+/// Reads `stream` up to `user`'s change to `to`, passing over any other
+/// event: a stream that hears every change (dave's, below) shows that the
+/// server has handed that one out, so a change made after this is handed
+/// out after it.
+async fn until_change(stream: &mut Streaming<mpb::StreamEventsResponse>, user: &TestUser, to: mpb::PresenceState) {
+    while next_change(stream).await != (user.id.clone(), to) {}
+}
+
+/// (user id, state, whether a last_seen_time is set) of each presence.
+fn states(seen: &[mpb::Presence]) -> Vec<(String, mpb::PresenceState, bool)> {
+    seen.iter().map(|p| (p.user_id.clone(), state(p), p.last_seen_time.is_some())).collect()
+}
+
+/// While either of two users has blocked the other, neither sees the
+/// other's presence: GetPresence answers UNSPECIFIED (as for a user one
+/// shares no chat with), and no presence_changed of one reaches the other's
+/// stream, though they share a group; a third member's still does. An
+/// unblock shows it again at once. The absence of a change is shown by a
+/// later change, carol's, that goes through the same group chat after it
+/// (one replica hands changes out in order), reaching alice first.
+async fn a_block_hides_presence_both_ways_until_it_is_taken_back(c: &Cluster) {
+    let (alice, bob, carol, dave) =
+        (c.user("alice").await, c.user("bob").await, c.user("carol").await, c.user("dave").await);
+    group(c, &alice, &[&bob, &carol, &dave], "club").await;
+    direct(c, &alice, &bob).await;
+    // Dave hears every change, in the order the server hands them out.
+    let mut daves = open(c, &dave, &[], &[]).await;
+    let mut alices = open(c, &alice, &[], &[]).await;
+    let bobs = open(c, &bob, &[], &[]).await;
+    // (Alice may hear dave come online first.)
+    until_change(&mut alices, &bob, Online).await;
+    until_change(&mut daves, &bob, Online).await;
+
+    let block = cpb::BlockUserRequest { user_id: bob.id.clone() };
+    c.chats().block_user(authed(&alice, block)).await.expect("BlockUser");
+    // Hidden both ways; carol, who shares the group, is still seen (offline:
+    // never online yet), and so is dave.
+    let seen = presence(c, &alice, &[&bob.id, &carol.id]).await;
+    assert_eq!(states(&seen), [(bob.id.clone(), Unspecified, false), (carol.id.clone(), Offline, false)]);
+    let seen = presence(c, &bob, &[&alice.id, &dave.id]).await;
+    assert_eq!(states(&seen), [(alice.id.clone(), Unspecified, false), (dave.id.clone(), Online, false)]);
+
+    // Bob goes offline, then carol comes online: alice hears only carol.
+    drop(bobs);
+    until_change(&mut daves, &bob, Offline).await;
+    let carols = open(c, &carol, &[], &[]).await;
+    let heard = next_change(&mut alices).await;
+    assert_eq!(heard, (carol.id.clone(), Online), "bob going offline is not alice's to hear");
+    // Bob comes back (counted as his stream opens), carol goes: again only
+    // carol for alice.
+    let mut bobs = open(c, &bob, &[], &[]).await;
+    drop(carols);
+    assert_eq!(next_change(&mut alices).await, (carol.id.clone(), Offline), "bob coming back is not alice's either");
+    assert_eq!(next_change(&mut bobs).await, (carol.id.clone(), Offline));
+
+    // The other way: alice goes offline, then carol comes online: bob hears
+    // only carol, and GetPresence gives him no last_seen_time of alice's.
+    drop(alices);
+    until_change(&mut daves, &alice, Offline).await;
+    let _carols = open(c, &carol, &[], &[]).await;
+    let heard = next_change(&mut bobs).await;
+    assert_eq!(heard, (carol.id.clone(), Online), "alice going offline is not bob's to hear");
+    let seen = presence(c, &bob, &[&alice.id]).await;
+    assert_eq!(states(&seen), [(alice.id.clone(), Unspecified, false)]);
+
+    // Unblocked: each sees the other again, at once and from the next change.
+    let unblock = cpb::UnblockUserRequest { user_id: bob.id.clone() };
+    c.chats().unblock_user(authed(&alice, unblock)).await.expect("UnblockUser");
+    assert_eq!(states(&presence(c, &alice, &[&bob.id]).await), [(bob.id.clone(), Online, false)]);
+    assert_eq!(states(&presence(c, &bob, &[&alice.id]).await), [(alice.id.clone(), Offline, true)]);
+    let mut alices = open(c, &alice, &[], &[]).await;
+    assert_eq!(next_change(&mut bobs).await, (alice.id.clone(), Online));
+    drop(bobs);
+    assert_eq!(next_change(&mut alices).await, (bob.id.clone(), Offline));
 }
 
 crate::each_mode!(a_server_stopped_with_streams_open_records_their_users_last_seen_time);

@@ -74,6 +74,13 @@ pub struct Event {
     /// change number as sent and send nothing. A replica of a build from
     /// before it delivers the payload to every stream.
     pub private: bool,
+    /// Users whose streams deliver nothing of it: for a presence change,
+    /// those with a block either way with its user (BlockUser hides
+    /// presence both ways). Never on the wire: only events published to
+    /// this process's subscribers ([`EventBus::publish_local`]) carry it.
+    ///
+    /// [`EventBus::publish_local`]: crate::EventBus::publish_local
+    pub unseen_by: Vec<UserId>,
 }
 
 /// What a replica announces about the users holding streams on it (the
@@ -343,7 +350,9 @@ impl Event {
                 parts: b.parts,
             }),
         };
-        Ok(Self { chat, users, change_seq: wire.change_seq, payload: wire.payload, beat, private: wire.private })
+        // `unseen_by` is never on the wire (local events only).
+        let (change_seq, payload, private) = (wire.change_seq, wire.payload, wire.private);
+        Ok(Self { chat, users, change_seq, payload, beat, private, unseen_by: Vec::new() })
     }
 }
 

@@ -54,7 +54,9 @@
 //!
 //! Streams learn of a change through the chats they follow: the change is
 //! published locally on the topic of each chat of the user (one lookup of
-//! the user's chats per change, only when this replica has streams), and a
+//! the user's chats per change, only when this replica has streams; the
+//! same call names the users with a block either way with the user, whose
+//! streams drop it: a block hides presence both ways), and a
 //! stream keeps, per user, the serial of the last change it passed on, so a
 //! change reaching it through several shared chats goes out once (and an
 //! older one arriving late is dropped). Nothing of this touches sends or
@@ -119,7 +121,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Seen {
     /// Not the caller's to know: the user shares no chat with them (or does
-    /// not exist).
+    /// not exist), or either of the two blocked the other.
     Hidden,
     /// A stream of the user is open on some replica.
     Online,
@@ -720,17 +722,26 @@ fn is_profile(event: &BusEvent) -> bool {
 }
 
 /// Publishes `change` on this process's topic of each chat of its user,
-/// where the streams that follow them pick it up. False as for
-/// [`tell_chats`].
+/// where the streams that follow them pick it up, except those of users
+/// with a block either way with its user (`unseen_by`, read in the same
+/// call as the chats: a block or an unblock holds from the next change
+/// on). False as for [`tell_chats`].
 async fn tell_streams(change: Change, chats: &dyn ChatDirectory, bus: &dyn EventBus) -> bool {
+    let user = UserId(change.user);
+    let listed = match chats.member_chats_and_blocks(&user.to_string()).await {
+        Ok(listed) => listed,
+        Err(e) => return not_listed(user, &e),
+    };
     let seen = if change.online { Seen::Online } else { Seen::Offline(Some(change.at)) };
     let event = Arc::new(BusEvent {
-        users: vec![UserId(change.user)],
+        users: vec![user],
         change_seq: change.serial,
-        payload: Some(grpc::presence_event(UserId(change.user), seen)),
+        payload: Some(grpc::presence_event(user, seen)),
+        unseen_by: listed.blocked_peer_user_ids.iter().filter_map(|u| u.parse().ok()).collect(),
         ..BusEvent::default()
     });
-    tell_chats(event, chats, bus).await
+    publish_to_chats(&event, &listed.chat_ids, bus);
+    true
 }
 
 /// Publishes `event`, about its one user, on this process's topic of each
@@ -738,17 +749,25 @@ async fn tell_streams(change: Change, chats: &dyn ChatDirectory, bus: &dyn Event
 /// event is lost, logged).
 async fn tell_chats(event: Arc<BusEvent>, chats: &dyn ChatDirectory, bus: &dyn EventBus) -> bool {
     let Some(user) = event.users.first().copied() else { return true };
-    let ids = match chats.member_chat_ids(&user.to_string()).await {
-        Ok(ids) => ids,
-        Err(e) => {
-            tracing::warn!(user_id = %user, error = %e, "presence: cannot list the user's chats; change not announced");
-            return false;
-        }
-    };
+    match chats.member_chat_ids(&user.to_string()).await {
+        Ok(ids) => publish_to_chats(&event, &ids, bus),
+        Err(e) => return not_listed(user, &e),
+    }
+    true
+}
+
+/// Logs that `user`'s chats could not be listed; false: a change of theirs
+/// is lost.
+fn not_listed(user: UserId, error: &tonic::Status) -> bool {
+    tracing::warn!(user_id = %user, error = %error, "presence: cannot list the user's chats; change not announced");
+    false
+}
+
+/// Publishes `event` on this process's topic of each of the chats `ids`.
+fn publish_to_chats(event: &Arc<BusEvent>, ids: &[String], bus: &dyn EventBus) {
     for chat in ids.iter().filter_map(|c| Uuid::try_parse(c).ok()) {
         bus.publish_local(Topic::Chat(chat), event.clone());
     }
-    true
 }
 
 #[cfg(test)]

@@ -244,7 +244,8 @@ impl Messages {
 
     /// GetPresence: the presence of each of `users`, in order, as `caller`
     /// may see it: their own, and that of users who share a chat with them
-    /// ([`Seen::Hidden`] for anyone else, existing or not).
+    /// with no block either way between the two (the chats service's
+    /// FilterPeers); [`Seen::Hidden`] for anyone else, existing or not.
     ///
     /// Errors: RESOURCE_EXHAUSTED (`--presence-rate`), UNAVAILABLE (the
     /// chats service), the store's.

@@ -962,9 +962,10 @@ impl Follower {
     /// A presence change of a user of `chat` (ephemeral, like typing): sent
     /// once, with this chat and the stream's last change number of it,
     /// unless it is the stream's own user's or already sent (through
-    /// another shared chat), or older than one sent.
+    /// another shared chat), or older than one sent, or unseen by the
+    /// stream's user (a block either way between the two: BlockUser).
     fn on_presence(&mut self, chat: Uuid, cursor: i64, event: &BusEvent, payload: &pb::StreamEventsResponse) -> Step {
-        if !news_of_another(self.presence.as_mut(), self.user, event) {
+        if event.unseen_by.contains(&UserId(self.user)) || !news_of_another(self.presence.as_mut(), self.user, event) {
             return Step::default();
         }
         Step::send(pb::StreamEventsResponse { chat_id: chat.to_string(), change_seq: cursor, ..payload.clone() })

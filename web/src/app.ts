@@ -355,7 +355,7 @@ function renderChatList() {
   // before it came up, and the list is redrawn often (a stream event;
   // presence read afresh, which after a load turns every dot from unknown to
   // online or offline just as a person may be clicking a chat).
-  const held = new Map([...ul.querySelectorAll<HTMLLIElement>(".chat-item")].map((li) => [li.dataset.chatId, li]));
+  const held = heldItems(ul, "chatId");
   const items = sorted.map((chat) => {
     const li = document.createElement("li");
     li.className = "chat-item" + (open?.id === chat.id ? " active" : "");
@@ -386,13 +386,8 @@ function renderChatList() {
       badge.textContent = chat.unreadCount >= 1000n ? "999+" : String(chat.unreadCount);
       li.append(badge);
     }
-    const same = held.get(chat.id);
-    if (same) {
-      patchElement(same, li);
-      return same;
-    }
     li.addEventListener("click", () => act(() => openChat(chat.id)));
-    return li;
+    return keptOr(held.get(chat.id), li);
   });
   placeChildren(ul, items);
 }

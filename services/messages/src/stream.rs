@@ -422,10 +422,7 @@ pub async fn open(
             // read (and membership checked) only once it reads on.
             while let Some(refill) = refills.front_mut() {
                 let chat = refill.chat;
-                let turn = match refill.resync {
-                    true => Some(messages.resyncs().permit().await),
-                    false => None,
-                };
+                let turn = if refill.resync { Some(messages.resyncs().permit().await) } else { None };
                 let (mut events, more) = follower.refill(refill).await?;
                 drop(turn);
                 if !more {
